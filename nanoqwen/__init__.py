@@ -1,0 +1,1 @@
+"""nanoqwen: a small, fast, OpenAI-compatible inference server for Qwen3."""

@@ -1,0 +1,132 @@
+"""Model shape (from config.json) and engine settings (from arguments or NANOQWEN_* variables)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    torch_dtype: str  # the checkpoint's dtype
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelConfig:
+        raw = json.loads(Path(path).read_text())
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{path}: rope type {rope_type!r} is not supported (only the default RoPE)")
+        rope_theta = raw.get("rope_theta", rope.get("rope_theta"))
+        if rope_theta is None:
+            raise ValueError(f"{path}: neither rope_theta nor rope_parameters.rope_theta is set")
+        heads = raw["num_attention_heads"]
+        return cls(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads", heads),
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=raw.get("max_position_embeddings", 32768),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
+        )
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KERNELS = ("auto", "torch", "triton")
+GRAPHS = ("auto", "none", "compile", "cudagraph")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "Qwen/Qwen3-0.6B"  # local checkpoint directory or Hub repo id
+    device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
+    dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
+    kernels: str = "auto"  # auto | torch | triton
+    graph: str = "auto"  # auto | none | compile | cudagraph
+    max_batch: int = 32  # sequences decoded together
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_queue: int = 256  # waiting requests before submit() refuses
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: float = 0.0  # bytes for the KV pool; 0 = derive from the device
+    num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step
+    enable_prefix_caching: bool = True
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
+        for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> EngineConfig:
+        """Settings from NANOQWEN_<FIELD> variables (e.g. NANOQWEN_MAX_BATCH=16)."""
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            raw = environ.get(f"NANOQWEN_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = f.type.split("|")[0].strip()
+            try:
+                if kind == "int":
+                    values[f.name] = int(raw)
+                elif kind == "float":
+                    values[f.name] = float(raw)
+                elif kind == "bool":
+                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[f.name] = raw
+            except ValueError:
+                raise ValueError(f"NANOQWEN_{f.name.upper()}={raw!r} is not a valid {kind}") from None
+        values.update(overrides)
+        return cls(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    dtype = DTYPES.get(checkpoint_dtype, torch.bfloat16)
+    if device.type == "mps" and dtype == torch.bfloat16 and not torch.backends.mps.is_macos_or_newer(14, 0):
+        return torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return dtype

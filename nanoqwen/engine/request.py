@@ -1,0 +1,78 @@
+"""What goes into the engine (sampling parameters) and what comes out (events)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None = up to the context limit
+    ignore_eos: bool = False
+    stop: list[str] = field(default_factory=list)  # up to 4 stop strings
+    stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+    n: int = 1
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Event:
+    """One step's output for one choice of one request.
+
+    A request's stream ends with exactly one event whose `usage` is set (after every choice
+    has finished) or whose `error` is set.
+    """
+
+    index: int = 0  # choice index (0..n-1)
+    text: str = ""  # content delta
+    reasoning: str = ""  # reasoning (<think>) delta
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.usage is not None or self.error is not None

@@ -1,0 +1,65 @@
+"""A request and its sequences (one per choice) as the scheduler sees them."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from nanoqwen.engine.request import SamplingParams
+from nanoqwen.engine.stream import EventStream
+
+_seq_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    params: SamplingParams
+    stream: EventStream
+    num_prompt_tokens: int
+    split_reasoning: bool
+    arrival: float = field(default_factory=time.monotonic)
+    sequences: list[Sequence] = field(default_factory=list)
+    started: bool = False  # first prefill scheduled (no longer queued)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first prefill
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.sequences)
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, prompt: list[int], seed: int, max_tokens: int) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index  # choice index
+        self.token_ids = list(prompt)  # prompt + generated
+        self.num_prompt_tokens = len(prompt)
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full block, in order
+        self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
+        self.num_computed_tokens = 0  # tokens whose k/v are in the cache
+        self.finish_reason: str | None = None
+        self.text = None  # nanoqwen.text.TextPipeline, set by the engine
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]

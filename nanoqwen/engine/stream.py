@@ -1,0 +1,50 @@
+"""Per-request event channel from the engine thread to whoever consumes the request.
+
+The engine only calls `put` (from its own OS thread). `EventStream` is the plain-thread
+consumer; the server passes a gevent-aware subclass whose `get` parks the greenlet instead
+of blocking the hub.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+from nanoqwen.engine.request import Event
+from nanoqwen.engine.threads import NativeEvent
+
+
+class EventStream:
+    def __init__(self) -> None:
+        self._events: collections.deque[Event] = collections.deque()
+        self._ready = NativeEvent()
+
+    def put(self, event: Event) -> None:
+        """Called by the engine thread."""
+        self._events.append(event)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._ready.set()
+
+    def _clear(self) -> None:
+        self._ready.clear()
+
+    def _wait(self, timeout: float | None) -> bool:
+        return self._ready.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Event:
+        """Next event; raises TimeoutError if none arrives within `timeout` seconds."""
+        while not self._events:
+            self._clear()
+            if self._events:
+                break
+            if not self._wait(timeout):
+                raise TimeoutError("no event from the engine")
+        return self._events.popleft()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self.get()
+            yield event
+            if event.is_last:
+                return

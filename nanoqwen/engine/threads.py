@@ -1,0 +1,53 @@
+"""Real OS threads and locks, even when gevent has monkey-patched `threading`.
+
+After `gevent.monkey.patch_all()`, `threading.Thread` (and even
+`get_original("threading", "Thread")`) make greenlets, and `threading.Lock` is a gevent lock.
+The engine must run torch in a real thread, so it builds on the original `_thread` primitives.
+"""
+from __future__ import annotations
+
+import _thread
+from collections.abc import Callable
+
+
+def _original(name: str):
+    try:
+        from gevent import monkey
+    except ImportError:
+        return getattr(_thread, name)
+    return monkey.get_original("_thread", name)
+
+
+def start_native_thread(target: Callable[[], None]) -> int:
+    return _original("start_new_thread")(target, ())
+
+
+def native_lock():
+    return _original("allocate_lock")()
+
+
+class NativeEvent:
+    """A set/wait flag that works across real threads whatever gevent has patched.
+
+    Waiting blocks the calling OS thread: use it from real threads only, never from a greenlet.
+    """
+
+    def __init__(self) -> None:
+        self._lock = native_lock()
+        self._lock.acquire()  # held = not set
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already set
+            pass
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set (and leaves it set); False on timeout."""
+        if self._lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            self._lock.release()
+            return True
+        return False

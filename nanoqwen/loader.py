@@ -1,0 +1,170 @@
+"""Checkpoint directory or Hub id -> a Qwen3 model with its weights, tokenizer and generation config."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nanoqwen.config import ModelConfig
+from nanoqwen.model import Qwen3ForCausalLM
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.tiktoken", "*.jinja"]
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerationDefaults:
+    eos_token_ids: list[int]
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+
+
+def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hub repo id fetched through huggingface_hub's cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model directory {model!r} does not exist (NANOQWEN_MODEL must be a local "
+                             f"checkpoint directory or a Hub repo id such as Qwen/Qwen3-0.6B)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated, interrupted download: one clear message
+        raise ModelLoadError(
+            f"could not get {model!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            f"Without network access, download the checkpoint elsewhere and point NANOQWEN_MODEL at "
+            f"its local directory (it needs config.json, *.safetensors and the tokenizer files)."
+        ) from None
+
+
+def check_files(path: Path) -> list[Path]:
+    """The safetensors shards, after checking that every file the runtime needs is present."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+        missing += [s.name for s in shards if not s.is_file()]
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            missing.append("model.safetensors (or model.safetensors.index.json with its shards)")
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if missing:
+        raise ModelLoadError(
+            f"checkpoint directory {str(path)!r} is missing {', '.join(missing)}; point NANOQWEN_MODEL at a "
+            f"complete Qwen3 checkpoint directory or a Hub repo id"
+        )
+    return shards
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    try:
+        config = ModelConfig.from_file(path / "config.json")
+    except (KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'} is not a usable Qwen3 config: {exc}") from None
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("attention_bias"):
+        raise ModelLoadError(f"{path}: attention_bias=true is not supported (Qwen3 has none)")
+    return config
+
+
+def load_generation_defaults(path: Path, tokenizer) -> GenerationDefaults:
+    raw = {}
+    if (path / "generation_config.json").is_file():
+        raw = json.loads((path / "generation_config.json").read_text())
+    eos = raw.get("eos_token_id", [])
+    eos_ids = list(eos) if isinstance(eos, list) else [eos]
+    if tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    return GenerationDefaults(
+        eos_token_ids=sorted(set(eos_ids)),
+        temperature=raw.get("temperature"),
+        top_p=raw.get("top_p"),
+        top_k=raw.get("top_k"),
+        min_p=raw.get("min_p"),
+    )
+
+
+def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
+    """Copies each checkpoint tensor straight into its (preallocated) parameter slice."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    pending = {name: p for name, p in params.items()}
+    pending_shards: dict[str, set[int]] = {}
+    tied = model.config.tie_word_embeddings
+    for shard in shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if tied and key == "lm_head.weight":
+                    continue
+                module_path, _, leaf = key.rpartition(".")
+                parent, _, module = module_path.rpartition(".")
+                if module in Qwen3ForCausalLM.packed:
+                    target, shard_id = Qwen3ForCausalLM.packed[module]
+                    name = f"{parent}.{target}.{leaf}"
+                else:
+                    name, shard_id = key, None
+                param = params.get(name)
+                if param is None:
+                    continue  # e.g. rotary inv_freq buffers in old checkpoints
+                tensor = f.get_tensor(key)
+                dest = param.data
+                if shard_id is not None:
+                    sizes = packed_sizes(model, name)
+                    start = sum(sizes[:shard_id])
+                    dest = dest.narrow(0, start, sizes[shard_id])
+                    pending_shards.setdefault(name, set()).add(shard_id)
+                    if len(pending_shards[name]) == len(sizes):
+                        pending.pop(name, None)
+                else:
+                    pending.pop(name, None)
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ModelLoadError(f"{shard.name}: {key} has shape {tuple(tensor.shape)}, "
+                                         f"the model expects {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                del tensor
+    if tied:
+        pending.pop("lm_head.weight", None)
+    if pending:
+        raise ModelLoadError(f"checkpoint lacks weights for: {', '.join(sorted(pending)[:8])}")
+
+
+def packed_sizes(model: Qwen3ForCausalLM, name: str) -> list[int]:
+    if name.endswith("qkv_proj.weight"):
+        return model.model.layers[0].self_attn.qkv_sizes
+    intermediate = model.config.intermediate_size
+    return [intermediate, intermediate]
+
+
+def build_model(config: ModelConfig, shards: list[Path], max_positions: int, device: torch.device,
+                dtype: torch.dtype) -> Qwen3ForCausalLM:
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config, max_positions)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty() breaks the sharing; restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, shards)
+    model.rotary.build(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer from {path}: {exc}") from None

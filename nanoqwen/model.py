@@ -1,0 +1,52 @@
+"""Qwen3 for causal LM, assembled from the layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoqwen.config import ModelConfig
+from nanoqwen.layers.decoder import DecoderLayer
+from nanoqwen.layers.embedding import Embedding, LMHead
+from nanoqwen.layers.metadata import AttentionMetadata
+from nanoqwen.layers.norm import RMSNorm
+from nanoqwen.layers.rotary import RotaryEmbedding
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        return self.norm(x, residual)[0]
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter, shard) for the packed projections
+    packed = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta)
+        self.model = Qwen3Model(config, self.rotary)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)  # [N, H]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [S, V] fp32
