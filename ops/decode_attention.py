@@ -1,8 +1,16 @@
 """Attention of one new query token per sequence over the paged KV cache."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: without it only the torch reference exists
+    triton = None
 
 
 def decode_attention_torch(
@@ -26,13 +34,7 @@ def decode_attention_torch(
     return out.squeeze(2)
 
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: without it only the torch reference exists
-    triton = None
-
-# Each split-K program covers at least this many tokens of a full-length sequence.
+# A full-length sequence gets at least this many tokens per split-K program.
 MIN_SPLIT_TOKENS = 128
 MAX_SPLITS = 64
 
@@ -42,14 +44,14 @@ if triton is not None:
     def _dot(a, b, UPCAST: tl.constexpr):
         if UPCAST:  # the CPU interpreter multiplies bf16 as raw integer bits
             a, b = a.to(tl.float32), b.to(tl.float32)
-        # "ieee" only changes fp32 operands: exact fp32 instead of tf32 tensor cores.
+        # "ieee" only affects fp32 operands: exact fp32 products instead of tf32.
         return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
     def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-        out_ptr,  # [B, Hq, S, D] fp32 partials; [B, Hq, D] in q's dtype when S == 1
-        max_ptr, sum_ptr,  # [B, Hq, S] fp32, log2 domain; unused when S == 1
+        out_ptr,  # [B, Hq, S, D] fp32 partials; the final [B, Hq, D] in q's dtype when S == 1
+        max_ptr, sum_ptr,  # [B, Hq, S] fp32 (max in the log2 domain); unused when S == 1
         qk_scale,  # softmax scale * log2(e)
         q_batch_stride, q_head_stride,
         k_block_stride, k_slot_stride, k_head_stride,
@@ -60,18 +62,18 @@ if triton is not None:
     ):
         """One (sequence, kv head, split): all GROUP query heads against one share of the context.
 
-        The group is padded to BLOCK_GROUP >= 16 rows so both products run on tensor cores; each
-        kv head's cache is read once per split for the whole group.
+        The group is padded to BLOCK_GROUP >= 16 rows so both products run on tensor cores, and
+        the kv head's cache is read once for the whole group.
         """
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        rows = tl.arange(0, BLOCK_GROUP)[:, None]
+        group = tl.arange(0, BLOCK_GROUP)
+        q_heads = kv_head * GROUP + group  # [BLOCK_GROUP]
         cols = tl.arange(0, BLOCK_D)[None, :]
-        q_heads = kv_head * GROUP + rows
-        row_mask = rows < GROUP
         col_mask = cols < HEAD_DIM
-        q = tl.load(q_ptr + seq * q_batch_stride + q_heads * q_head_stride + cols, mask=row_mask & col_mask, other=0.0)
+        head_mask = (group < GROUP)[:, None] & col_mask  # [BLOCK_GROUP, BLOCK_D]
+        q = tl.load(q_ptr + seq * q_batch_stride + q_heads[:, None] * q_head_stride + cols, mask=head_mask, other=0.0)
 
         # Equal shares of the actual length, in whole tiles: the grid is static (CUDA graphs), the
         # work per program is not. Splits past the end run no iterations and leave the neutral
@@ -94,24 +96,102 @@ if triton is not None:
             blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
             slots = tokens % BLOCK_SIZE
             kv_mask = token_mask[:, None] & col_mask
-            k = tl.load(k_head + (blocks * k_block_stride + slots * k_slot_stride)[:, None] + cols, mask=kv_mask, other=0.0)
+            k_rows = (blocks * k_block_stride + slots * k_slot_stride)[:, None]
+            k = tl.load(k_head + k_rows + cols, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
             scores = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale  # [BLOCK_GROUP, BLOCK_N]
             scores = tl.where(token_mask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             p = tl.exp2(scores - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l = l * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_head + (blocks * v_block_stride + slots * v_slot_stride)[:, None] + cols, mask=kv_mask, other=0.0)
+            v_rows = (blocks * v_block_stride + slots * v_slot_stride)[:, None]
+            v = tl.load(v_head + v_rows + cols, mask=kv_mask, other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
             m = m_new
 
-        # Flat [B, Hq, S] index; with S == 1 it is the final [B, Hq] index.
-        part = (seq * GROUP * tl.num_programs(1) + q_heads) * NUM_SPLITS + split  # [BLOCK_GROUP, 1]
-        out_mask = row_mask & col_mask
+        part = (seq * GROUP * tl.num_programs(1) + q_heads) * NUM_SPLITS + split  # flat [B, Hq, S] index
+        out_ptrs = out_ptr + part[:, None] * HEAD_DIM + cols
         if NUM_SPLITS == 1:
-            out = acc / l[:, None]
-            tl.store(out_ptr + part * HEAD_DIM + cols, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask)
         else:
-            tl.store(out_ptr + part * HEAD_DIM + cols, acc, mask=out_mask)
-            part = tl.reshape(part, [BLOCK_GROUP])
-            tl.store(max_ptr + part, m, mask=part < (part - rows.reshape([BLOCK_GROUP]) + GROUP))
+            tl.store(out_ptrs, acc, mask=head_mask)
+            tl.store(max_ptr + part, m, mask=group < GROUP)
+            tl.store(sum_ptr + part, l, mask=group < GROUP)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        partial_ptr, max_ptr, sum_ptr,  # as written by _decode_split_kernel
+        out_ptr,  # [B, Hq, D] contiguous
+        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One (sequence, query head): rescale each split's partial to the global max and sum them."""
+        row = tl.program_id(0).to(tl.int64)  # flat [B, Hq] index
+        splits = tl.arange(0, BLOCK_SPLITS)
+        cols = tl.arange(0, BLOCK_D)
+        split_mask = splits < NUM_SPLITS
+        m = tl.load(max_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+        l = tl.load(sum_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=0.0)
+        # Split 0 always holds the first token, so the max is finite; neutral splits weigh 0.
+        weight = tl.exp2(m - tl.max(m, axis=0))
+        partial_ptrs = partial_ptr + (row * NUM_SPLITS + splits[:, None]) * HEAD_DIM + cols[None, :]
+        partial = tl.load(partial_ptrs, mask=split_mask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+        out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+        tl.store(out_ptr + row * HEAD_DIM + cols, out.to(out_ptr.dtype.element_ty), mask=cols < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: plan as for an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Split-K factor from static shapes only (CUDA graphs): about two programs per SM, but no
+    more splits than a full-length (`max_context`) sequence fills with MIN_SPLIT_TOKENS each."""
+    wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def decode_attention_triton(
+    q: torch.Tensor,  # [B, Hq, D], any batch/head strides, unit stride along D
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, W] int32
+    context_lens: torch.Tensor,  # [B] int32, >= 1
+    scale: float,
+    num_splits: int | None = None,  # split-K factor; default from the static shapes
+) -> torch.Tensor:  # [B, Hq, D]
+    """Triton version of `decode_attention_torch`: flash-decoding over the paged cache, GQA-grouped."""
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    assert 1 <= num_splits <= MAX_SPLITS
+    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1, "the head dim must be contiguous"
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        partial = out
+        maxes = sums = out  # unused
+    else:
+        partial = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        maxes = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+        sums = torch.empty_like(maxes)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, partial, maxes, sums,
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_GROUP=max(16, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_D=block_d, UPCAST_DOT=q.device.type == "cpu",
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_combine_kernel[(batch * num_q_heads,)](
+            partial, maxes, sums, out,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=4,
+        )
+    return out

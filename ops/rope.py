@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: without it only the torch reference exists
+    triton = None
+
 from ops.rms_norm import rms_norm_torch
 
 
@@ -36,13 +42,6 @@ def qk_norm_rope_store_torch(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional: without it only the torch reference exists
-    triton = None
-
 if triton is not None:
     from ops.rms_norm import rms_normalize
 
@@ -56,7 +55,8 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)[None, :]
         mask = (heads < NUM_HEADS) & (cols < HEAD_DIM)
         # rotate_half(x) reads the other half of each head: load it a second time, permuted
-        # (an L1 hit), rather than shuffling registers.
+        # (an L1 hit), rather than shuffling registers. Writing in place is safe: every store
+        # waits for its row's reductions, which wait for all of that row's loads.
         partner = (cols + HEAD_DIM // 2) % HEAD_DIM
         head_ptrs = ptr + tl.program_id(0).to(tl.int64) * token_stride + heads * head_stride
         x = tl.load(head_ptrs + cols, mask=mask, other=0.0).to(tl.float32)
@@ -99,15 +99,15 @@ if triton is not None:
             NUM_KV_HEADS, HEAD_DIM, BLOCK_KV_HEADS, BLOCK_D,
         )
         heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
-        v = tl.load(v_ptr + token * v_token_stride + heads * v_head_stride + cols, mask=(heads < NUM_KV_HEADS) & col_mask)
+        kv_mask = (heads < NUM_KV_HEADS) & col_mask
+        v = tl.load(v_ptr + token * v_token_stride + heads * v_head_stride + cols, mask=kv_mask)
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:  # slot -1 is a padded lane: no cache write
             block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            store_mask = (heads < NUM_KV_HEADS) & col_mask
             k_dst = k_cache_ptr + block * k_cache_block_stride + offset * k_cache_slot_stride
             v_dst = v_cache_ptr + block * v_cache_block_stride + offset * v_cache_slot_stride
-            tl.store(k_dst + heads * k_cache_head_stride + cols, k.to(k_cache_ptr.dtype.element_ty), mask=store_mask)
-            tl.store(v_dst + heads * v_cache_head_stride + cols, v.to(v_cache_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(k_dst + heads * k_cache_head_stride + cols, k.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(v_dst + heads * v_cache_head_stride + cols, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def qk_norm_rope_store_triton(

@@ -1,0 +1,80 @@
+"""Drive an Engine synchronously in the test thread (no engine thread): deterministic steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.engine.stream import EventStream
+
+
+def load_engine(path: Path, **overrides) -> Engine:
+    config = dict(model=str(path), device="cpu", dtype="float32", graph="none", kernels="torch", max_batch=8)
+    config.update(overrides)
+    engine = Engine(EngineConfig(**config))
+    engine.load()
+    return engine
+
+
+@dataclass
+class Choice:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    choices: list[Choice]
+    usage: object = None
+    error: str | None = None
+
+
+def collect(stream: EventStream, n: int = 1) -> Result:
+    result = Result([Choice() for _ in range(n)])
+    while stream._events:
+        event = stream.get(timeout=0)
+        if event.error:
+            result.error = event.error
+        if event.usage:
+            result.usage = event.usage
+            continue
+        choice = result.choices[event.index]
+        choice.token_ids += event.token_ids
+        choice.text += event.text
+        choice.reasoning += event.reasoning
+        choice.logprobs += event.logprobs or []
+        choice.finish_reason = event.finish_reason or choice.finish_reason
+    return result
+
+
+def run(engine: Engine, max_steps: int = 10_000) -> None:
+    with torch.inference_mode():
+        for _ in range(max_steps):
+            engine._drain_inbox()
+            if not engine.scheduler.has_work:
+                return
+            engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[Result]:
+    streams = [engine.submit(p, params)[1] for p in prompts]
+    run(engine)
+    return [collect(s, params.n) for s in streams]
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,243 @@
+"""The runtime core against transformers: greedy equality, batching, prefix cache, preemption,
+sampling, stop strings, aborts."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from checkpoints import load_hf_model, make_checkpoint
+from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+
+from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+
+PROMPTS = [
+    [9707, 1879, 11, 358, 1079],  # "Hello world, I am"
+    [151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198],  # ChatML turn
+    list(range(1000, 1037)),  # crosses two block boundaries
+    [42] * 16,  # exactly one block
+    [7] * 17,  # a block + 1
+    [100, 200, 300],
+    list(range(5000, 5100, 3)),
+    [151643],
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return load_hf_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return load_engine(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def references(hf):
+    return [hf_greedy(hf, p, 24) for p in PROMPTS]
+
+
+def test_single_request_matches_transformers(engine, references):
+    for prompt, ref in zip(PROMPTS[:4], references):
+        [result] = generate(engine, [prompt], greedy(24))
+        assert result.choices[0].token_ids == ref
+        assert result.choices[0].finish_reason == "length"
+        assert result.usage.prompt_tokens == len(prompt)
+        assert result.usage.completion_tokens == 24
+
+
+def test_concurrent_requests_joining_at_different_steps(engine, references):
+    """8 requests of different lengths; each joins while the earlier ones are mid-decode."""
+    streams = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            streams.append(engine.submit(prompt, greedy(24))[1])
+            for _ in range(3):  # a prefill step, then decode steps with the batch so far
+                engine._drain_inbox()
+                engine.step()
+    run(engine)
+    for stream, ref in zip(streams, references):
+        assert collect(stream).choices[0].token_ids == ref
+
+
+def test_logprobs_match_transformers(engine, hf):
+    prompt = PROMPTS[0]
+    [result] = generate(engine, [prompt], greedy(6, logprobs=True, top_logprobs=5))
+    tokens = result.choices[0].token_ids
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+    ref = logits.log_softmax(-1)
+    for step, lp in enumerate(result.choices[0].logprobs):
+        assert lp.token_id == tokens[step]
+        assert lp.logprob == pytest.approx(ref[step, tokens[step]].item(), abs=1e-4)
+        top = ref[step].topk(5)
+        assert [t.token_id for t in lp.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in lp.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert bytes(lp.bytes) == engine.token_bytes.bytes(lp.token_id)
+
+
+def test_prefix_cache_hits_give_identical_output(checkpoint, hf):
+    engine = load_engine(checkpoint)
+    system = list(range(2000, 2050))  # 3 full blocks of a shared "system prompt"
+    first = system + [9707, 1879]
+    second = system + [100, 200, 300]
+    [a] = generate(engine, [first], greedy(10))
+    [b] = generate(engine, [second], greedy(10))
+    assert a.usage.cached_tokens == 0
+    assert b.usage.cached_tokens == 48
+    assert b.choices[0].token_ids == hf_greedy(hf, second, 10)
+    # a multi-turn resend: prompt + the answer + a new turn reuses the answer's full blocks too
+    resend = first + a.choices[0].token_ids + [13, 14, 15]
+    [c] = generate(engine, [resend], greedy(5))
+    assert c.usage.cached_tokens == (len(first) + 10 - 1) // 16 * 16
+    assert c.choices[0].token_ids == hf_greedy(hf, resend, 5)
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
+
+
+def test_prefix_cache_rejects_hash_collisions(checkpoint, hf):
+    engine = load_engine(checkpoint)
+    blocks = engine.block_manager
+    prompt = list(range(3000, 3040))
+    generate(engine, [prompt], greedy(2))
+    # Corrupt the recorded tokens of the cached first block: equality must reject the hit.
+    first_block = blocks.hash_to_block[hash((None, tuple(prompt[:16])))]
+    blocks.block_tokens[first_block] = tuple([0] * 16)
+    [result] = generate(engine, [prompt], greedy(4))
+    assert result.usage.cached_tokens == 0
+    assert result.choices[0].token_ids == hf_greedy(hf, prompt, 4)
+
+
+def test_preemption_under_a_tiny_pool(checkpoint, references):
+    # 9 usable blocks (144 tokens) for 8 requests that need up to 61 tokens each.
+    engine = load_engine(checkpoint, num_kv_blocks=10, max_model_len=128)
+    results = generate(engine, PROMPTS, greedy(24))
+    assert engine.scheduler.preemptions > 0
+    for result, ref in zip(results, references):
+        assert result.choices[0].token_ids == ref
+    assert engine.block_manager.usage == 0.0
+
+
+def test_seeded_sampling_is_independent_of_the_batch(engine):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    [alone] = generate(engine, [PROMPTS[2]], params)
+    others = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.5, min_p=0.05, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.7, presence_penalty=1.0, frequency_penalty=0.5, max_tokens=18, ignore_eos=True),
+    ]
+    streams = [engine.submit(PROMPTS[i], p)[1] for i, p in enumerate(others)]
+    seeded = engine.submit(PROMPTS[2], params)[1]
+    run(engine)
+    assert collect(seeded).choices[0].token_ids == alone.choices[0].token_ids
+    assert all(collect(s).choices[0].token_ids for s in streams)
+    [again] = generate(engine, [PROMPTS[2]], params)
+    assert again.choices[0].token_ids == alone.choices[0].token_ids
+    [other_seed] = generate(engine, [PROMPTS[2]], SamplingParams(**{**params.__dict__, "seed": 99}))
+    assert other_seed.choices[0].token_ids != alone.choices[0].token_ids
+
+
+def test_n_choices_share_the_prompt(engine):
+    prompt = list(range(4000, 4040))
+    before = engine.stats()["prefix_cache_hits"]
+    [result] = generate(engine, [prompt], SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=8, ignore_eos=True))
+    outputs = [c.token_ids for c in result.choices]
+    assert all(len(o) == 8 for o in outputs)
+    assert len({tuple(o) for o in outputs}) == 3
+    assert engine.stats()["prefix_cache_hits"] - before == 2 * 2  # choices 2 and 3 reuse 2 full blocks
+    assert result.usage.completion_tokens == 24
+
+
+def test_max_tokens_absent_runs_to_the_context_limit(checkpoint):
+    engine = load_engine(checkpoint, max_model_len=40)
+    [result] = generate(engine, [PROMPTS[0]], SamplingParams(temperature=0.0, ignore_eos=True))
+    assert len(result.choices[0].token_ids) == 40 - len(PROMPTS[0])
+    assert result.choices[0].finish_reason == "length"
+
+
+def test_eos_and_stop_token_ids_finish_with_stop(engine, references):
+    ref = references[2]
+    stop_id = ref[5]
+    [result] = generate(engine, [PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_id]))
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.token_ids == ref[: ref.index(stop_id) + 1]
+
+
+def test_text_deltas_equal_the_decoded_output(engine):
+    """Random weights emit byte tokens that are not valid UTF-8 alone: deltas stay consistent."""
+    for prompt in PROMPTS[:4]:
+        _, stream = engine.submit(prompt, greedy(30), split_reasoning=False)
+        run(engine)
+        choice = collect(stream).choices[0]
+        assert choice.reasoning == ""
+        assert choice.text == engine.tokenizer.decode(choice.token_ids, skip_special_tokens=True)
+
+
+def test_stop_string_split_across_tokens(engine):
+    prompt = PROMPTS[2]
+    [full] = generate(engine, [prompt], greedy(30))
+    pieces = [engine.tokenizer.decode([t]) for t in full.choices[0].token_ids]
+    # a stop string made of the end of one token's text and the start of the next one's
+    k = next(i for i in range(3, len(pieces) - 1) if pieces[i].isprintable() and pieces[i + 1].isprintable()
+             and len(pieces[i]) >= 1 and len(pieces[i + 1]) >= 1 and "\ufffd" not in pieces[i] + pieces[i + 1])
+    stop = pieces[k][-1:] + pieces[k + 1][:1]
+    text = full.choices[0].text
+    [stopped] = generate(engine, [prompt], greedy(30, stop=[stop]))
+    choice = stopped.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == text[: text.index(stop)]
+    assert stop not in choice.text
+
+
+def test_abort_frees_blocks(engine):
+    request_id, stream = engine.submit(PROMPTS[2], greedy(1000))
+    with torch.inference_mode():
+        for _ in range(4):
+            engine._drain_inbox()
+            engine.step()
+    assert engine.block_manager.usage > 0
+    assert engine.stats()["active_requests"] == 1
+    engine.abort(request_id)
+    run(engine)
+    result = collect(stream)
+    assert result.choices[0].finish_reason == "abort"
+    assert result.usage is not None
+    assert engine.block_manager.usage == 0.0
+    assert engine.stats()["active_requests"] == 0
+
+
+def test_untied_sharded_rope_parameters_checkpoint():
+    path = make_checkpoint(tie_word_embeddings=False, rope_style="parameters", max_shard_size="2MB", seed=3)
+    assert (path / "model.safetensors.index.json").exists()
+    engine = load_engine(path)
+    hf = load_hf_model(path)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    results = generate(engine, prompts, greedy(12))
+    for prompt, result in zip(prompts, results):
+        assert result.choices[0].token_ids == hf_greedy(hf, prompt, 12)
+
+
+def test_engine_thread_serves_concurrent_submitters(checkpoint, references):
+    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=4))
+    threaded.start()
+    streams = []
+    order = list(range(len(PROMPTS)))
+    random.Random(0).shuffle(order)
+    deadline = time.monotonic() + 60
+    while not threaded.ready:
+        assert threaded.load_error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    for i in order:
+        streams.append((i, threaded.submit(PROMPTS[i], greedy(24))[1]))
+    for i, stream in streams:
+        tokens = [t for event in stream for t in event.token_ids]
+        assert tokens == references[i]
+    threaded.shutdown()

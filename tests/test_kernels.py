@@ -1,0 +1,282 @@
+"""The Triton kernels against their torch references: on CUDA, or on the CPU under the interpreter."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import ops  # noqa: E402
+from ops.decode_attention import (  # noqa: E402
+    MAX_SPLITS,
+    decode_attention_torch,
+    decode_attention_triton,
+    default_num_splits,
+)
+from ops.rms_norm import rms_norm_torch, rms_norm_triton  # noqa: E402
+from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without CUDA, Triton runs only under TRITON_INTERPRET=1", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, **TOLERANCE[expected.dtype])
+
+
+def rope_table(head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)  # [P, D]
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 96), (2, 3, 128)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(shape, dtype, with_residual):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    residual = torch.randn(shape, generator=g).to(DEVICE, dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(DEVICE, dtype)
+    out, new_residual = rms_norm_triton(x, weight, 1e-6, residual)
+    expected, expected_residual = rms_norm_torch(x, weight, 1e-6, residual)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert_close(out, expected)
+    assert_close(new_residual, expected_residual)
+    if residual is None:
+        assert new_residual is x
+
+
+def test_rms_norm_strided_rows():
+    x = torch.randn(5, 160, device=DEVICE)[:, 16:112]  # row stride 160
+    residual = torch.randn(5, 96, device=DEVICE)
+    weight = torch.randn(96, device=DEVICE)
+    for actual, expected in zip(rms_norm_triton(x, weight, 1e-5, residual), rms_norm_torch(x, weight, 1e-5, residual)):
+        assert_close(actual, expected)
+
+
+# ---------------------------------------------------------------- q/k norm + RoPE + cache store
+
+
+def make_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype, seed=0):
+    """Strided q/k/v views of one fused projection output, as the attention layer makes them."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (
+        qkv,
+        q.view(num_tokens, num_q_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+    )
+
+
+def run_qk_norm_rope_store(impl, num_q_heads, num_kv_heads, head_dim, block_size, slots, positions, dtype):
+    num_tokens = len(slots)
+    qkv, q, k, v = make_qkv(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype)
+    g = torch.Generator().manual_seed(1)
+    q_weight = (1 + 0.1 * torch.randn(head_dim, generator=g)).to(DEVICE, dtype)
+    k_weight = (1 + 0.1 * torch.randn(head_dim, generator=g)).to(DEVICE, dtype)
+    # Random, not zero: a cache slot that must stay untouched is then recognisable.
+    k_cache = torch.randn(6, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(6, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    initial = k_cache.clone(), v_cache.clone()
+    impl(
+        q, k, v, q_weight, k_weight, 1e-6, rope_table(head_dim, 4096, DEVICE),
+        torch.tensor(positions, device=DEVICE), k_cache, v_cache,
+        torch.tensor(slots, dtype=torch.int32, device=DEVICE),
+    )
+    return qkv, k_cache, v_cache, initial
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_q_heads, num_kv_heads, head_dim, block_size",
+    [(2, 2, 16, 16), (4, 2, 32, 16), (8, 2, 128, 32), (6, 2, 32, 32)],
+)
+def test_qk_norm_rope_store(num_q_heads, num_kv_heads, head_dim, block_size, dtype):
+    # Tokens of a batch: two padded lanes (slot -1), slots across blocks, block 0 never used.
+    slots = [block_size, block_size + 1, -1, 3 * block_size - 1, 5 * block_size + 2, -1, 2 * block_size]
+    positions = [0, 1, 0, 4095, 17, 0, block_size]
+    args = num_q_heads, num_kv_heads, head_dim, block_size, slots, positions, dtype
+    qkv, k_cache, v_cache, (k_initial, v_initial) = run_qk_norm_rope_store(qk_norm_rope_store_triton, *args)
+    expected_qkv, expected_k, expected_v, _ = run_qk_norm_rope_store(qk_norm_rope_store_torch, *args)
+    assert_close(qkv, expected_qkv)  # q, k in place; v untouched
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE).view(-1)
+    written[[s for s in slots if s >= 0]] = True
+    written = written.view(k_cache.shape[:2])
+    assert_close(k_cache[written], expected_k[written])
+    assert_close(v_cache[written], expected_v[written])
+    # Everything else, the padded lanes' slot 0 included, is untouched.
+    assert torch.equal(k_cache[~written], k_initial[~written])
+    assert torch.equal(v_cache[~written], v_initial[~written])
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+def make_decode_inputs(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, width=None, seed=0):
+    """A shuffled paged cache. Length-1 lanes are padded lanes: they read the null block 0."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_needed = [0 if n == 1 else -(-n // block_size) for n in context_lens]
+    width = width or max(max(blocks_needed), 1)
+    num_blocks = 1 + sum(blocks_needed)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    order = (1 + torch.randperm(num_blocks - 1, generator=g)).tolist()
+    block_tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    for row, needed in enumerate(blocks_needed):
+        block_tables[row, :needed] = torch.tensor([order.pop() for _ in range(needed)], dtype=torch.int32)
+    # A strided q, as the decode step's view of the fused qkv output is.
+    q = torch.randn(len(context_lens), num_q_heads, 2 * head_dim, generator=g).to(DEVICE, dtype)[..., :head_dim]
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, block_tables.to(DEVICE), lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "context_lens, num_q_heads, num_kv_heads, head_dim, block_size",
+    [
+        ([1], 2, 2, 16, 16),  # batch 1, length 1, MHA
+        ([16, 17, 1], 4, 2, 128, 16),  # exactly a block, a block + 1, a padded lane; Qwen3 head_dim
+        ([5, 32, 33, 1, 64, 31, 1, 100], 8, 2, 16, 32),  # batch 8, GQA 4, block size 32
+    ],
+)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_decode_attention(context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, num_splits):
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs(
+        context_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype
+    )
+    out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, head_dim**-0.5, num_splits=num_splits)
+    expected = decode_attention_torch(q, k_cache, v_cache, block_tables, lens, head_dim**-0.5)
+    assert out.shape == expected.shape and out.dtype == dtype
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_decode_attention_split_boundaries(num_splits):
+    # Splits are whole 64-token tiles: lengths on either side of one and two tiles per split,
+    # and lengths too short to reach the last splits (their partials stay neutral).
+    context_lens = [63, 64, 65, 127, 128, 129, 192, 1]
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs(context_lens, 4, 2, 16, 16, torch.float32)
+    out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 0.25, num_splits=num_splits)
+    assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 0.25))
+
+
+def test_decode_attention_reads_only_the_context():
+    """Cache past a sequence's length, in its last block and in table entries past it, is never read."""
+    context_lens = [20, 1, 40]
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs(context_lens, 4, 2, 16, 16, torch.float32, width=5)
+    expected = decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 0.25)
+    poisoned = k_cache.shape[0]
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
+    for row, length in enumerate(context_lens):
+        used = -(-length // 16)
+        last = block_tables[row, used - 1]
+        k_cache[last, (length - 1) % 16 + 1 :] = float("nan")
+        v_cache[last, (length - 1) % 16 + 1 :] = float("nan")
+        block_tables[row, used:] = poisoned
+    for num_splits in (1, 4):
+        out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 0.25, num_splits=num_splits)
+        assert_close(out, expected)
+
+
+def test_default_num_splits():
+    """The split-K plan for an H100 (the interpreter plans as for one): about two programs per SM."""
+    cpu = torch.device("cpu")
+    assert default_num_splits(1, 8, 4096, cpu) == 32  # 256 programs of 128 tokens at full length
+    assert default_num_splits(8, 8, 4096, cpu) == 5
+    assert default_num_splits(64, 8, 4096, cpu) == 1  # the batch alone fills the GPU
+    assert default_num_splits(1, 8, 100, cpu) == 1  # short tables are not split
+    assert default_num_splits(1, 1, 1 << 20, cpu) == MAX_SPLITS
+
+
+def test_dispatcher_runs_the_triton_kernels():
+    """ops.* with the triton backend call these kernels with the reference signatures."""
+    previous = ops.backend()
+    ops.set_backend("triton", DEVICE)
+    try:
+        q, k_cache, v_cache, block_tables, lens = make_decode_inputs([3, 18], 4, 2, 16, 16, torch.float32)
+        out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
+        assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 0.25))
+        x = torch.randn(3, 32, device=DEVICE)
+        weight = torch.randn(32, device=DEVICE)
+        assert_close(ops.rms_norm(x, weight, 1e-6, x)[0], rms_norm_torch(x, weight, 1e-6, x)[0])
+        _, q, k, v = make_qkv(2, 4, 2, 16, torch.float32)
+        k_cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
+        args = (torch.ones(16, device=DEVICE), torch.ones(16, device=DEVICE), 1e-6, rope_table(16, 8, DEVICE),
+                torch.tensor([0, 3], device=DEVICE))
+        ops.qk_norm_rope_store(q, k, v, *args, k_cache, torch.zeros_like(k_cache),
+                               torch.tensor([16, 17], dtype=torch.int32, device=DEVICE))
+        assert torch.equal(k_cache[1, :2], k)
+    finally:
+        ops.set_backend(previous, DEVICE)
+
+
+# ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16
+
+
+@pytest.mark.parametrize("batch, max_context", [(1, 4096), (8, 512), (64, 1024)])
+@pytest.mark.gpu
+@requires_cuda
+def test_decode_attention_qwen3_shapes_gpu(batch, max_context):
+    g = torch.Generator().manual_seed(batch)
+    context_lens = torch.randint(1, max_context + 1, (batch,), generator=g).tolist()
+    context_lens[0] = max_context
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs(
+        context_lens, 16, 8, 128, 16, torch.bfloat16, width=max_context // 16
+    )
+    out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 128**-0.5)
+    assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 128**-0.5))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_decode_attention_cuda_graph_gpu():
+    """Captured once, replayed with other lengths in the same buffers: nothing is data-dependent."""
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs(
+        [300, 1, 17, 1024], 16, 8, 128, 16, torch.bfloat16, width=64
+    )
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm up (compile) outside the capture
+        decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 128**-0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 128**-0.5)
+    for new_lens in ([1024, 16, 1, 999], [2, 700, 65, 1]):
+        lens.copy_(torch.tensor(new_lens))
+        graph.replay()
+        assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 128**-0.5))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_norm_and_rope_qwen3_shapes_gpu():
+    x = torch.randn(64, 1024, device=DEVICE, dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    weight = torch.randn(1024, device=DEVICE, dtype=torch.bfloat16)
+    for actual, expected in zip(rms_norm_triton(x, weight, 1e-6, residual), rms_norm_torch(x, weight, 1e-6, residual)):
+        assert_close(actual, expected)
+    slots = list(range(16, 16 + 62)) + [-1, -1]
+    positions = list(range(100, 164))
+    args = 16, 8, 128, 16, slots, positions, torch.bfloat16
+    qkv, k_cache, v_cache, (k_initial, _) = run_qk_norm_rope_store(qk_norm_rope_store_triton, *args)
+    expected_qkv, expected_k, _, _ = run_qk_norm_rope_store(qk_norm_rope_store_torch, *args)
+    assert_close(qkv, expected_qkv)
+    assert_close(k_cache.view(-1, 8, 128)[16:78], expected_k.view(-1, 8, 128)[16:78])
+    assert torch.equal(k_cache[0], k_initial[0])
