@@ -241,3 +241,18 @@ def test_engine_thread_serves_concurrent_submitters(checkpoint, references):
         tokens = [t for event in stream for t in event.token_ids]
         assert tokens == references[i]
     threaded.shutdown()
+
+
+def test_template_opened_thinking_goes_to_reasoning(engine):
+    """A prompt ending inside <think> (some templates open it): output before </think> is reasoning."""
+    think, end_think = engine._think_ids
+    prompt = PROMPTS[1] + [think, 198]
+    _, stream = engine.submit(prompt, greedy(6))
+    run(engine)
+    choice = collect(stream).choices[0]
+    assert choice.text == "" and choice.reasoning == engine.tokenizer.decode(choice.token_ids)
+    closed = PROMPTS[1] + [think, 198, end_think, 198]
+    _, stream = engine.submit(closed, greedy(6))
+    run(engine)
+    choice = collect(stream).choices[0]
+    assert choice.reasoning == "" and choice.text == engine.tokenizer.decode(choice.token_ids)

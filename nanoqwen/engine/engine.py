@@ -85,6 +85,8 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(path)
         self.generation = loader.load_generation_defaults(path, self.tokenizer)
         self.token_bytes = TokenBytes(self.tokenizer)
+        vocab = self.tokenizer.get_vocab()
+        self._think_ids = (vocab.get("<think>"), vocab.get("</think>"))
         model = loader.build_model(model_config, shards, max_model_len, device, dtype)
 
         per_block = kv_bytes_per_token(model_config, dtype) * cfg.block_size
@@ -197,9 +199,12 @@ class Engine:
         )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        think_in_prompt = split_reasoning and self._prompt_opens_thinking(prompt_ids)
         for i in range(params.n):
             seq = Sequence(request, i, prompt_ids, seed=base_seed + i * 0x9E3779B9, max_tokens=max_tokens)
-            seq.text = TextPipeline(self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning)
+            seq.text = TextPipeline(
+                self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt
+            )
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:
@@ -209,6 +214,15 @@ class Engine:
         self._inbox.append(("submit", request))
         self._wakeup.set()
         return request.request_id, stream
+
+    def _prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the template already opened <think> for this turn (the output then starts in reasoning)."""
+        think, end_think = self._think_ids
+
+        def last(token: int | None) -> int:
+            return max((i for i, t in enumerate(prompt_ids) if t == token), default=-1)
+
+        return think is not None and last(think) > last(end_think)
 
     def abort(self, request_id: str) -> None:
         self._inbox.append(("abort", request_id))

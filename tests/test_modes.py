@@ -1,0 +1,68 @@
+"""Greedy equality with transformers in the other execution modes: Triton kernels under the
+interpreter, and torch.compile of the decode step."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from checkpoints import load_hf_model, make_checkpoint
+from engine_util import generate, greedy, hf_greedy, load_engine
+
+import ops
+
+PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint):
+    hf = load_hf_model(checkpoint)
+    return [hf_greedy(hf, p, 6) for p in PROMPTS]
+
+
+@pytest.fixture
+def restore_backend():
+    yield
+    ops.set_backend("torch", torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
+def test_triton_interpreted_model_matches_transformers(checkpoint, references, restore_backend):
+    engine = load_engine(checkpoint, kernels="triton", max_batch=4)
+    assert engine.info()["kernels"] == "triton"
+    results = generate(engine, PROMPTS, greedy(6))
+    for result, ref in zip(results, references):
+        assert result.choices[0].token_ids == ref
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_transformers(checkpoint, references, restore_backend):
+    engine = load_engine(checkpoint, graph="compile", max_batch=4)
+    assert engine.info()["graph"] == "compile"
+    results = generate(engine, PROMPTS, greedy(6))  # batch bucket 4 (3 rows + 1 padded lane)
+    for result, ref in zip(results, references):
+        assert result.choices[0].token_ids == ref
+    [single] = generate(engine, PROMPTS[:1], greedy(6))  # bucket 1
+    assert single.choices[0].token_ids == references[0]
+
+
+def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="Triton"):
+        ops.set_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        ops.set_backend("cuda-magic", torch.device("cpu"))
+
+
+def test_cudagraph_mode_needs_cuda(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="cudagraph"):
+        load_engine(checkpoint, graph="cudagraph")
