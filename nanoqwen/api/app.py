@@ -1,0 +1,134 @@
+"""The Flask app: routes, API-key check, CORS and OpenAI-style error responses."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
+
+from nanoqwen.api.chat import ChatService, unavailable
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.metrics import ServerStats
+from nanoqwen.engine import Engine
+
+log = logging.getLogger(__name__)
+OWNED_BY = "nano-qwen3-serving"
+
+
+def _error_response(error: APIError) -> Response:
+    response = jsonify(error.body())
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def _http_error(exc: HTTPException) -> APIError:
+    if exc.code == 404:
+        return APIError(404, f"Unknown endpoint: {request.method} {request.path}", code="not_found")
+    if exc.code == 405:
+        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or []))
+        return APIError(405, f"Method {request.method} is not allowed on {request.path}",
+                        code="method_not_allowed", headers={"Allow": allowed} if allowed else None)
+    if exc.code == 413:
+        return APIError(413, f"The request body is too large (limit {request.max_content_length} bytes)",
+                        code="request_too_large")
+    return APIError(exc.code or 500, exc.description or exc.name,
+                    type="server_error" if (exc.code or 500) >= 500 else "invalid_request_error")
+
+
+def _json_body() -> Any:
+    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise APIError(400, "We could not parse the JSON body of your request.") from None
+
+
+def create_app(engine: Engine, config: ServerConfig) -> Flask:
+    app = Flask("nanoqwen")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    stats = ServerStats(lambda: engine.stats() if engine.ready else None)
+    chat = ChatService(engine, config, stats)
+    started = time.time()
+
+    @app.before_request
+    def check_api_key() -> None:
+        if config.api_key is None or not request.path.startswith("/v1/") or request.method == "OPTIONS":
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    @app.after_request
+    def add_cors_headers(response: Response) -> Response:
+        origin = request.headers.get("Origin")
+        if origin and ("*" in config.cors_origins or origin in config.cors_origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in config.cors_origins else origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.vary.add("Origin")
+        return response
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Response | dict[str, Any]:
+        return chat.handle(_json_body(), request.environ)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/<path:model>")
+    def retrieve_model(model: str) -> dict[str, Any]:
+        if not config.accepts_model(model):
+            raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/health")
+    def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
+        uptime = time.time() - started
+        if (error := unavailable(engine)) is not None:
+            status = "loading" if error.code == "model_loading" else "error"
+            body = {"status": status, "uptime": uptime}
+            if status == "error":
+                body["error"] = engine.load_error
+            return body, 503
+        info = chat.info
+        model_info = {"model_name": config.served_model_name, "model_path": info["model_path"]}
+        model_info |= {key: info[key] for key in ("device", "dtype", "kernels", "graph", "max_batch", "max_model_len")}
+        return {"status": "ok", "uptime": uptime, "model_info": model_info}
+
+    @app.get("/stats")
+    def serving_stats() -> dict[str, Any]:
+        return stats.snapshot()
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(stats.prometheus(), content_type=CONTENT_TYPE_LATEST)
+
+    @app.errorhandler(APIError)
+    def api_error(exc: APIError) -> Response:
+        return _error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        return _error_response(_http_error(exc))
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(APIError(500, "Internal server error", type="server_error"))
+
+    return app

@@ -1,0 +1,180 @@
+"""Serving statistics for `/stats` (JSON) and `/metrics` (Prometheus text format).
+
+Everything here is touched only by request greenlets of one worker, so it needs no locks.
+Engine-side numbers (queue, KV usage, prefix cache) are read from `engine.stats()` on demand.
+"""
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from nanoqwen.engine.request import Event, Usage
+
+SAMPLES = 10_000  # latency samples kept for the percentiles
+RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+EngineStats = Callable[[], dict[str, Any] | None]
+
+
+def percentile(values: Collection[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0.0 for no samples."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+class _EngineCollector(Collector):
+    def __init__(self, read: EngineStats) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        yield GaugeMetricFamily("nanoqwen_model_ready", "1 once the model is loaded", value=float(stats is not None))
+        if stats is None:
+            return
+        yield GaugeMetricFamily("nanoqwen_queue_length", "Requests waiting for a batch slot",
+                                value=stats["queue_length"])
+        yield GaugeMetricFamily("nanoqwen_active_requests", "Requests being generated",
+                                value=stats["active_requests"])
+        yield GaugeMetricFamily("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)",
+                                value=stats["kv_usage"])
+        yield GaugeMetricFamily("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries",
+                                value=stats["prefix_cache_hit_rate"])
+        yield CounterMetricFamily("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks",
+                                  value=stats["preemptions"])
+
+
+class RequestTrace:
+    """Timing of one request, fed with its events as the request greenlet reads them."""
+
+    def __init__(self, stats: ServerStats, start: float) -> None:
+        self._stats = stats
+        self.start = start
+        self.first_token: float | None = None
+        self.tokens = 0
+        self._last_token: dict[int, float] = {}  # choice index -> arrival of its latest token
+
+    def on_event(self, event: Event) -> None:
+        if not event.token_ids:
+            return
+        now = time.perf_counter()
+        count = len(event.token_ids)
+        if self.first_token is None:
+            self.first_token = now
+            self._stats.record_ttft(now - self.start)
+        last = self._last_token.get(event.index)
+        if last is not None:
+            self._stats.record_itl((now - last) / count)
+        self._last_token[event.index] = now
+        self.tokens += count
+        self._stats.record_tokens(count, now)
+
+
+class ServerStats:
+    def __init__(self, engine_stats: EngineStats) -> None:
+        self._engine_stats = engine_stats
+        self.started = time.time()
+        self.requests_served = 0
+        self.requests_aborted = 0
+        self.requests_failed = 0
+        self.total_tokens_generated = 0
+        self.total_prompt_tokens = 0
+        self._response_time_total = 0.0
+        self._ttft: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self._itl: collections.deque[float] = collections.deque(maxlen=SAMPLES)
+        self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
+
+        self.registry = CollectorRegistry()
+        self._m_requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
+                                   registry=self.registry)
+        self._m_prompt = Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests",
+                                 registry=self.registry)
+        self._m_generated = Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry)
+        self._m_ttft = Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._m_itl = Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
+                                buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._m_e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
+                                buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine_stats))
+
+    def begin(self) -> RequestTrace:
+        return RequestTrace(self, time.perf_counter())
+
+    def record_ttft(self, seconds: float) -> None:
+        self._ttft.append(seconds)
+        self._m_ttft.observe(seconds)
+
+    def record_itl(self, seconds: float) -> None:
+        self._itl.append(seconds)
+        self._m_itl.observe(seconds)
+
+    def record_tokens(self, count: int, now: float) -> None:
+        self._recent_tokens.append((now, count))
+        self._m_generated.inc(count)
+        self._drop_old_tokens(now)
+
+    def _drop_old_tokens(self, now: float) -> None:
+        while self._recent_tokens and self._recent_tokens[0][0] < now - RATE_WINDOW_S:
+            self._recent_tokens.popleft()
+
+    def finish(self, trace: RequestTrace, usage: Usage) -> None:
+        elapsed = time.perf_counter() - trace.start
+        self.requests_served += 1
+        self.total_tokens_generated += usage.completion_tokens
+        self.total_prompt_tokens += usage.prompt_tokens
+        self._response_time_total += elapsed
+        self._m_requests.labels("served").inc()
+        self._m_prompt.inc(usage.prompt_tokens)
+        self._m_e2e.observe(elapsed)
+
+    def abort(self, trace: RequestTrace) -> None:
+        self.requests_aborted += 1
+        self.total_tokens_generated += trace.tokens
+        self._m_requests.labels("aborted").inc()
+
+    def fail(self, trace: RequestTrace) -> None:
+        self.requests_failed += 1
+        self.total_tokens_generated += trace.tokens
+        self._m_requests.labels("failed").inc()
+
+    def tokens_per_second(self) -> float:
+        now = time.perf_counter()
+        self._drop_old_tokens(now)
+        return sum(count for _, count in self._recent_tokens) / RATE_WINDOW_S
+
+    def snapshot(self) -> dict[str, Any]:
+        engine = self._engine_stats() or {}
+        ms = 1000.0
+        return {
+            "requests_served": self.requests_served,
+            "total_tokens_generated": self.total_tokens_generated,
+            "average_response_time": (self._response_time_total / self.requests_served
+                                      if self.requests_served else 0.0),
+            "queue_length": engine.get("queue_length", 0),
+            "active_requests": engine.get("active_requests", 0),
+            "requests_aborted": self.requests_aborted,
+            "requests_failed": self.requests_failed,
+            "total_prompt_tokens": self.total_prompt_tokens,
+            "tokens_per_second": self.tokens_per_second(),
+            "ttft_p50_ms": percentile(self._ttft, 50) * ms,
+            "ttft_p99_ms": percentile(self._ttft, 99) * ms,
+            "itl_p50_ms": percentile(self._itl, 50) * ms,
+            "itl_p99_ms": percentile(self._itl, 99) * ms,
+            "kv_cache_usage": engine.get("kv_usage", 0.0),
+            "prefix_cache_hit_rate": engine.get("prefix_cache_hit_rate", 0.0),
+            "preemptions": engine.get("preemptions", 0),
+            "engine_tokens_generated": engine.get("tokens_generated", 0),  # aborted requests' included
+            "uptime": time.time() - self.started,
+        }
+
+    def prometheus(self) -> bytes:
+        return generate_latest(self.registry)

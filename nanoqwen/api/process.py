@@ -1,0 +1,70 @@
+"""`gunicorn server:app` in a subprocess on a free loopback port (for tests and benchmarks)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GunicornServer:
+    def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self._env = {**os.environ, **env}
+        self._cmd = [sys.executable, "-m", "gunicorn", "-k", worker_class, "-b", f"127.0.0.1:{self.port}",
+                     "server:app"]
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> GunicornServer:
+        """Starts gunicorn and waits for /health to answer 200; raises with the server log otherwise."""
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self._cmd, cwd=REPO_ROOT, env=self._env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not become healthy; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # quick shutdown of master and worker
+        try:
+            self._proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> GunicornServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,234 @@
+"""Decode throughput: our engine vs transformers.generate, same random weights, dtype and shapes.
+
+    python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
+        [--prompt-len 32] [--graph auto|none|compile|cudagraph] [--kernels auto|torch|triton]
+        [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
+
+Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
+2-layer test model), loaded by both engines in each --dtypes entry. Both decode greedily from the
+same B distinct random prompts of --prompt-len tokens, --new-tokens each, ignoring EOS.
+
+Method: decode is timed apart from prefill, step by step. Ours: the prefill step (which yields the
+first token) is not timed; each later `Engine.step()` is. transformers: a streamer stamps the time
+each token reaches the host; the intervals after the first token are its decode steps. Tokens/s =
+B / median step time, robust to a shared machine's noise (the JSON also has the mean). Before
+timing, each batch runs once (in full where a compiled shape depends on the context length).
+transformers runs with its default (dynamic) cache and with a static cache (auto-compiled on CUDA);
+`best` reports the faster per row and names it.
+
+Bandwidth: the best of 7 sums over a 1 GiB fp32 tensor. The batch-1 limit is that bandwidth over
+the bytes one token must read: every weight once (a tied embedding once, by the LM head) plus one
+embedding row; the KV cache read is left out (under 1% at these contexts).
+Writes bench_decode.{json,md} and, if matplotlib imports, bench_decode.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+TARGET_VS_HF, TARGET_OF_LIMIT, TARGET_BATCH8 = 2.0, 0.70, 4.0
+WARMUP_TOKENS = 4
+
+
+class _Stamps:
+    """A transformers streamer that records when each generated token reaches the host."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:  # the first put is the prompt
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def bench_ours(model: Path, device: torch.device, dtype: str, prompts: dict, args) -> tuple[dict, int, str]:
+    """({batch: DecodeRun}, weight bytes per token, graph mode used)."""
+    engine = common.load_engine(
+        model, device=str(device), dtype=dtype, graph=args.graph, kernels=args.kernels,
+        max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens,
+    )
+    graph = engine.info()["graph"]
+    # A compiled step is specialised on the block-table width, which grows with the context.
+    warmup = args.new_tokens if graph == "compile" else WARMUP_TOKENS
+    runs = {}
+    for batch, (warm, timed) in prompts.items():
+        common.engine_decode(engine, warm, warmup)
+        runs[batch] = common.engine_decode(engine, timed, args.new_tokens)
+        print(f"  nanoqwen {dtype} batch {batch}: {runs[batch].tokens_per_s:.1f} tok/s", flush=True)
+    weights = common.weight_bytes_per_token(engine.runner.model)
+    del engine
+    common.release(device)
+    return runs, weights, graph
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cache: str, pad_id: int) -> common.DecodeRun:
+    ids = torch.tensor(prompts, device=hf.device)
+    stamps = _Stamps()
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, streamer=stamps, pad_token_id=pad_id,
+        **({"cache_implementation": "static"} if cache == "static" else {}),
+    )
+    steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])]
+    return common.DecodeRun(len(prompts), steps, out[:, ids.shape[1]:].tolist())
+
+
+def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args) -> dict:
+    """{(cache, batch): DecodeRun} for each cache implementation asked for."""
+    from transformers import AutoModelForCausalLM
+
+    # Cast after loading: the dtype keyword's name differs between transformers 4 and 5.
+    hf = AutoModelForCausalLM.from_pretrained(model).to(device=device, dtype=getattr(torch, dtype)).eval()
+    pad_id = hf.generation_config.pad_token_id or 0
+    caches = ("dynamic", "static") if args.hf_cache == "best" else (args.hf_cache,)
+    runs = {}
+    for cache in caches:
+        # On CUDA transformers compiles the forward for a static cache of the full length.
+        full = cache == "static" and device.type == "cuda"
+        for batch, (warm, timed) in prompts.items():
+            hf_generate(hf, warm, args.new_tokens if full else WARMUP_TOKENS, cache, pad_id)
+            runs[cache, batch] = hf_generate(hf, timed, args.new_tokens, cache, pad_id)
+            print(f"  transformers {dtype} {cache} cache batch {batch}: "
+                  f"{runs[cache, batch].tokens_per_s:.1f} tok/s", flush=True)
+    del hf
+    common.release(device)
+    return runs
+
+
+def measure(args) -> dict:
+    device = common.resolve_device(args.device)
+    model = common.checkpoint(args.small)
+    info = common.machine_info(device)
+    bandwidth = common.read_bandwidth(device)
+    print(f"{common.machine_line(info)}\nread bandwidth {bandwidth / 1e9:.1f} GB/s\ncheckpoint {model}", flush=True)
+    prompts = {
+        b: (common.random_prompts(b, args.prompt_len, 1000 + b), common.random_prompts(b, args.prompt_len, b))
+        for b in args.batches
+    }
+    rows, summaries = [], []
+    for dtype in args.dtypes:
+        ours, weights, graph = bench_ours(model, device, dtype, prompts, args)
+        theirs = bench_hf(model, device, dtype, prompts, args)
+        for batch, run in ours.items():
+            cache, hf = max(((c, r) for (c, b), r in theirs.items() if b == batch), key=lambda cr: cr[1].tokens_per_s)
+            rows.append({
+                "dtype": dtype, "batch": batch, "graph": graph,
+                "ours_tok_s": run.tokens_per_s, "ours_mean_tok_s": run.mean_tokens_per_s,
+                "ours_ms_step": run.median_step_s * 1e3,
+                "hf_cache": cache, "hf_tok_s": hf.tokens_per_s, "hf_mean_tok_s": hf.mean_tokens_per_s,
+                "hf_ms_step": hf.median_step_s * 1e3,
+                "hf_all_tok_s": {c: r.tokens_per_s for (c, b), r in theirs.items() if b == batch},
+                "ratio": run.tokens_per_s / hf.tokens_per_s,
+                "greedy_match": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
+            })
+        limit = bandwidth / weights
+        summary = {"dtype": dtype, "weight_bytes_per_token": weights, "batch1_limit_tok_s": limit}
+        if 1 in ours:
+            summary |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
+                        "batch1_vs_hf": next(r["ratio"] for r in rows if r["dtype"] == dtype and r["batch"] == 1)}
+        if 1 in ours and 8 in ours:
+            summary["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
+        summaries.append(summary)
+    return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
+            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "rows": rows, "summary": summaries}
+
+
+def markdown(result: dict) -> str:
+    rows = [[r["dtype"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
+             f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
+             f"{r['greedy_match']}/{r['batch']}"] for r in result["rows"]]
+    table = common.markdown_table(
+        ["dtype", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
+         "same greedy tokens"], rows)
+
+    def fmt(s: dict, key: str, spec: str) -> str:
+        return format(s[key], spec) if key in s else "–"
+
+    limits = common.markdown_table(
+        ["dtype", "weights read/token", "batch-1 limit tok/s", "batch-1 tok/s", "of limit",
+         f"batch-1 vs HF (≥{TARGET_VS_HF:g}×)", f"batch-8 / batch-1 (≥{TARGET_BATCH8:g}×)"],
+        [[s["dtype"], f"{s['weight_bytes_per_token'] / 1e9:.3f} GB", f"{s['batch1_limit_tok_s']:.1f}",
+          fmt(s, "batch1_tok_s", ".1f"), fmt(s, "batch1_of_limit", ".0%"), fmt(s, "batch1_vs_hf", ".2f") + "×",
+          fmt(s, "batch8_over_batch1", ".2f") + "×"] for s in result["summary"]])
+    graph = result["rows"][0]["graph"] if result["rows"] else "?"
+    return "\n".join([
+        "### Decode throughput: nanoqwen vs transformers",
+        "",
+        f"- Machine: {common.machine_line(result['machine'])}",
+        f"- Command: `{result['command']}`",
+        f"- Prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
+        f"`{graph}`. Tokens/s = batch / median decode-step time (prefill excluded).",
+        f"- Memory read bandwidth: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s (best of 7 sums of a 1 GiB "
+        f"fp32 tensor); batch-1 limit = bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",
+        "",
+        table,
+        "",
+        limits,
+    ])
+
+
+def plot(result: dict, path: Path) -> bool:
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for dtype in dict.fromkeys(r["dtype"] for r in result["rows"]):
+        mine = [r for r in result["rows"] if r["dtype"] == dtype]
+        batches = [r["batch"] for r in mine]
+        ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", label=f"nanoqwen {dtype}")
+        ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", label=f"transformers {dtype}")
+    for s in result["summary"]:
+        ax.axhline(s["batch1_limit_tok_s"], color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(f"batch-1 limit {s['dtype']}", (ax.get_xlim()[0], s["batch1_limit_tok_s"]), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("decode tokens/s (aggregate)")
+    ax.set_title("Qwen3-0.6B-shaped decode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static"])
+    parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
+    parser.add_argument("--out", type=Path, default=common.OUT)
+    args = parser.parse_args()
+    if args.new_tokens < 3:
+        parser.error("--new-tokens must be at least 3 (two decode steps after the prefill's token)")
+
+    result = measure(args)
+    text = markdown(result)
+    print("\n" + text)
+    common.write_outputs(args.out, "bench_decode", result, text)
+    if plot(result, args.out / "bench_decode.png"):
+        print(f"\nplot: {args.out / 'bench_decode.png'}")
+    print(f"results: {args.out / 'bench_decode.json'}, {args.out / 'bench_decode.md'}")
+
+
+if __name__ == "__main__":
+    main()

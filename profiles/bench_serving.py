@@ -1,0 +1,222 @@
+"""Serving benchmark: N concurrent streaming clients over HTTP, and the same load on the bare engine.
+
+    python profiles/bench_serving.py [--model DIR | --shape {0.6b,tiny}] [--clients 1 8 32]
+        [--max-tokens 128] [--prompt-words 64] [--device auto] [--dtype auto] [--out DIR]
+
+For each N, N distinct prompts are submitted at once (greedy, ignore_eos, max_tokens each): first
+straight to `Engine` in this process, then as streaming chat completions to `gunicorn -k gevent
+server:app` on a loopback port. Reports time to first token and inter-token latency (p50/p99, per
+content delta), output throughput, and the HTTP layer's overhead (engine throughput / server
+throughput - 1). Without --model it builds a random checkpoint of Qwen3-0.6B's shape (cached
+under .cache/). Prints a markdown table and writes bench_serving.{json,md}, the server's log and,
+if matplotlib is installed, bench_serving.png into --out (default: the git-ignored profiles/out/).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from nanoqwen.api.metrics import percentile  # noqa: E402
+from nanoqwen.api.process import GunicornServer  # noqa: E402
+from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+FILLER = "the quick brown fox jumps over the lazy dog while a robot counts the stars".split()
+
+
+@dataclass
+class Trace:
+    """One client's request: when it was sent, when each content delta arrived, when it ended."""
+
+    start: float
+    deltas: list[float]
+    completion_tokens: int
+    end: float
+
+
+@dataclass
+class Row:
+    path: str  # "engine" | "http"
+    clients: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    tokens_per_s: float
+    overhead_pct: float | None = None  # http rows: engine throughput / http throughput - 1
+
+
+def prompt(run: str, client: int, words: int) -> list[dict[str, str]]:
+    text = " ".join(FILLER[i % len(FILLER)] for i in range(words))
+    return [{"role": "user", "content": f"[{run} client {client}] {text}"}]
+
+
+def summarize(path: str, clients: int, traces: list[Trace]) -> Row:
+    ttft = [t.deltas[0] - t.start for t in traces if t.deltas]
+    itl = [b - a for t in traces for a, b in zip(t.deltas, t.deltas[1:])]
+    wall = max(t.end for t in traces) - min(t.start for t in traces)
+    ms = 1000.0
+    return Row(path, clients, percentile(ttft, 50) * ms, percentile(ttft, 99) * ms, percentile(itl, 50) * ms,
+               percentile(itl, 99) * ms, sum(t.completion_tokens for t in traces) / wall)
+
+
+def run_concurrently(clients: int, one: Callable[[int], Trace]) -> list[Trace]:
+    traces: list[Trace | None] = [None] * clients
+    barrier = threading.Barrier(clients)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        traces[i] = one(i)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return traces  # type: ignore[return-value]
+
+
+def engine_client(engine: Engine, messages: list[dict[str, str]], max_tokens: int) -> Trace:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    # Tokenizing is part of the request in both paths: the server does it per request too.
+    _, stream = engine.submit(engine.encode_messages(messages), params)
+    deltas, tokens = [], 0
+    for event in stream:
+        if event.text or event.reasoning:  # what the server would send as a chunk
+            deltas.append(time.perf_counter())
+        if event.usage is not None:
+            tokens = event.usage.completion_tokens
+        if event.error is not None:
+            raise RuntimeError(event.error)
+    return Trace(start, deltas, tokens, time.perf_counter())
+
+
+def http_client(url: str, messages: list[dict[str, str]], max_tokens: int) -> Trace:
+    body = {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    deltas, tokens = [], 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=3600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines(chunk_size=None):
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[len(b"data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and (chunk["choices"][0]["delta"].get("content")
+                                     or chunk["choices"][0]["delta"].get("reasoning_content")):
+                deltas.append(time.perf_counter())
+    return Trace(start, deltas, tokens, time.perf_counter())
+
+
+def bench_engine(env: dict[str, str], client_counts: list[int], max_tokens: int, words: int) -> list[Row]:
+    engine = Engine(EngineConfig.from_env(env))
+    engine.start()
+    while not engine.ready:
+        if engine.load_error is not None:
+            raise RuntimeError(engine.load_error)
+        time.sleep(0.1)
+    try:
+        engine_client(engine, prompt("warmup", 0, words), 4)
+        return [summarize("engine", n, run_concurrently(
+            n, lambda i, n=n: engine_client(engine, prompt(f"n{n}", i, words), max_tokens))) for n in client_counts]
+    finally:
+        engine.shutdown()
+
+
+def bench_http(env: dict[str, str], client_counts: list[int], max_tokens: int, words: int, log: Path) -> list[Row]:
+    with GunicornServer(env, log) as server:
+        http_client(server.url, prompt("warmup", 0, words), 4)
+        return [summarize("http", n, run_concurrently(
+            n, lambda i, n=n: http_client(server.url, prompt(f"n{n}", i, words), max_tokens))) for n in client_counts]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| clients | path | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tok/s | HTTP overhead |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r.clients, r.path)):
+        overhead = "" if r.overhead_pct is None else f"{r.overhead_pct:+.1f}%"
+        lines.append(f"| {r.clients} | {r.path} | {r.ttft_p50_ms:.1f} | {r.ttft_p99_ms:.1f} | {r.itl_p50_ms:.1f} | "
+                     f"{r.itl_p99_ms:.1f} | {r.tokens_per_s:.1f} | {overhead} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metrics = [("ttft_p50_ms", "TTFT p50 (ms)"), ("itl_p50_ms", "ITL p50 (ms)"), ("tokens_per_s", "output tok/s")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    for ax, (key, label) in zip(axes, metrics):
+        for name in ("engine", "http"):
+            mine = sorted((r for r in rows if r.path == name), key=lambda r: r.clients)
+            ax.plot([r.clients for r in mine], [getattr(r, key) for r in mine], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="checkpoint directory or Hub id (default: a random checkpoint, see --shape)")
+    source.add_argument("--shape", choices=("0.6b", "tiny"), default="0.6b", help="random checkpoint to build")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-words", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
+    args = parser.parse_args()
+
+    model = args.model
+    if model is None:
+        import torch
+        from checkpoints import make_checkpoint, qwen3_0_6b_shape
+
+        shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {}
+        model = str(make_checkpoint(**shape, dtype=torch.bfloat16 if args.shape == "0.6b" else torch.float32))
+    env = {"NANOQWEN_MODEL": model, "NANOQWEN_DEVICE": args.device, "NANOQWEN_DTYPE": args.dtype,
+           "NANOQWEN_MAX_BATCH": str(max(args.clients)), "NANOQWEN_MAX_QUEUE": str(max(args.clients))}
+
+    rows = bench_engine(env, args.clients, args.max_tokens, args.prompt_words)
+    gc.collect()  # the engine's model and KV pool go before the server loads its own
+    args.out.mkdir(parents=True, exist_ok=True)
+    http_rows = bench_http(env, args.clients, args.max_tokens, args.prompt_words, args.out / "gunicorn.log")
+    engine_tput = {r.clients: r.tokens_per_s for r in rows}
+    for r in http_rows:
+        r.overhead_pct = (engine_tput[r.clients] / r.tokens_per_s - 1) * 100
+    rows += http_rows
+
+    table = markdown(rows)
+    print(f"model {model} ({args.shape if args.model is None else 'given'}), {args.max_tokens} tokens per client\n")
+    print(table)
+    (args.out / "bench_serving.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (args.out / "bench_serving.md").write_text(table + "\n")
+    if plot(rows, args.out / "bench_serving.png"):
+        print(f"\nplot: {args.out / 'bench_serving.png'}")
+
+
+if __name__ == "__main__":
+    main()

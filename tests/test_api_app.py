@@ -1,0 +1,53 @@
+"""The Flask app around an engine that is not serving (yet): no gunicorn, no model load."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flask.testing import FlaskClient
+
+from nanoqwen.api.app import create_app
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.engine import Engine, EngineConfig
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def _client(engine: Engine, **config: object) -> FlaskClient:
+    return create_app(engine, ServerConfig(**config)).test_client()
+
+
+def test_loading(tmp_path: Path) -> None:
+    client = _client(Engine(EngineConfig(model=str(tmp_path))))  # never started: still loading
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "loading"
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.json["error"]["code"] == "model_loading"
+    assert client.post("/v1/chat/completions", json={"messages": []}).status_code == 400  # validated first
+    assert client.get("/stats").json["active_requests"] == 0
+    assert "nanoqwen_model_ready 0.0" in client.get("/metrics").text
+
+
+def test_load_failure(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+    engine.start()
+    deadline = time.monotonic() + 30
+    while engine.load_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client = _client(engine)
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "error" and "missing" in health.json["error"]
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 503 and response.json["error"]["code"] == "model_load_failed"
+
+
+def test_api_key_and_cors_apply_before_the_engine(tmp_path: Path) -> None:
+    client = _client(Engine(EngineConfig(model=str(tmp_path))), api_key="k", cors_origins=("*",))
+    denied = client.post("/v1/chat/completions", json=CHAT, headers={"Origin": "http://x"})
+    assert denied.status_code == 401 and denied.json["error"]["code"] == "invalid_api_key"
+    assert denied.headers["Access-Control-Allow-Origin"] == "*"  # browsers can read the error
+    allowed = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"})
+    assert allowed.status_code == 503  # past the key check; the model is not loaded
+    assert client.get("/health").status_code == 503  # open without a key

@@ -1,0 +1,182 @@
+"""The API layer without an engine: request validation, response builders, SSE, stats."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.metrics import ServerStats, percentile
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, fingerprint
+from nanoqwen.api.schemas import parse_chat_request
+from nanoqwen.api.sse import DONE, sse
+from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _bad(body: object) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body)
+    assert info.value.status == 400 and info.value.type == "invalid_request_error"
+    return info.value
+
+
+def test_minimal_request_defaults() -> None:
+    req = parse_chat_request({"messages": USER, "unknown_field": {"x": 1}})
+    params = req.sampling_params()
+    assert req.model is None and not req.stream
+    assert (params.temperature, params.top_p, params.max_tokens, params.n, params.stop) == (1.0, 1.0, None, 1, [])
+    assert req.split_reasoning
+
+
+def test_every_field_maps_to_sampling_params() -> None:
+    req = parse_chat_request({
+        "model": "m", "messages": USER, "temperature": 0, "top_p": 0.5, "max_tokens": 9,
+        "max_completion_tokens": 7, "stream": True, "stream_options": {"include_usage": True}, "stop": "###",
+        "n": 3, "seed": 11, "presence_penalty": 0.5, "frequency_penalty": -0.5, "logprobs": True,
+        "top_logprobs": 20, "user": "u", "response_format": {"type": "text"}, "top_k": 20, "min_p": 0.1,
+        "repetition_penalty": 1.1, "ignore_eos": True, "stop_token_ids": [5],
+        "chat_template_kwargs": {"enable_thinking": False},
+    })
+    p = req.sampling_params()
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.n) == (0, 0.5, 20, 0.1, 11, 3)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
+    assert p.max_tokens == 7  # max_completion_tokens wins over the deprecated max_tokens
+    assert p.stop == ["###"] and p.stop_token_ids == [5] and p.ignore_eos
+    assert p.logprobs and p.top_logprobs == 20
+    assert req.include_usage and not req.split_reasoning
+
+
+def test_messages_for_the_template() -> None:
+    req = parse_chat_request({"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None},
+    ]})
+    assert req.template_messages() == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages.[0]"),
+    ({"messages": USER, "temperature": 2.5}, "temperature"),
+    ({"messages": USER, "top_p": 1.5}, "top_p"),
+    ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ({"messages": USER, "n": 0}, "n"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": USER, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": USER, "stop": 3}, "stop"),
+    ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_invalid_requests_name_the_param(body: dict, param: str) -> None:
+    error = _bad(body)
+    assert error.param == param
+    assert error.body()["error"]["param"] == param
+
+
+def test_non_object_body() -> None:
+    assert _bad([1, 2]).param is None
+
+
+def _logprob(token: str, logprob: float) -> TokenLogprob:
+    return TokenLogprob(token_id=1, token=token, logprob=logprob, bytes=list(token.encode()),
+                        top_logprobs=[TopLogprob(token_id=1, token=token, logprob=logprob, bytes=list(token.encode()))])
+
+
+def test_completion_builder() -> None:
+    builder = CompletionBuilder("qwen3-0.6b", "fp_x", n=2, want_logprobs=True)
+    builder.add(Event(index=0, reasoning="hmm", token_ids=[1], logprobs=[_logprob("hmm", -0.1)]))
+    builder.add(Event(index=1, text="B", token_ids=[2], logprobs=[_logprob("B", -0.2)], finish_reason="length"))
+    builder.add(Event(index=0, text="A", token_ids=[3], logprobs=[_logprob("A", -0.3)], finish_reason="stop"))
+    out = builder.build(Usage(prompt_tokens=5, completion_tokens=3, cached_tokens=2))
+    assert out["id"].startswith("chatcmpl-") and out["object"] == "chat.completion"
+    assert out["model"] == "qwen3-0.6b" and out["system_fingerprint"] == "fp_x"
+    first, second = out["choices"]
+    assert first["message"] == {"role": "assistant", "content": "A", "refusal": None,
+                                "reasoning_content": "hmm", "reasoning": "hmm"}
+    assert first["finish_reason"] == "stop" and second["finish_reason"] == "length"
+    assert second["message"] == {"role": "assistant", "content": "B", "refusal": None}  # no reasoning keys
+    assert [t["token"] for t in first["logprobs"]["content"]] == ["hmm", "A"]
+    assert first["logprobs"]["content"][1] == {"token": "A", "logprob": -0.3, "bytes": [65],
+                                               "top_logprobs": [{"token": "A", "logprob": -0.3, "bytes": [65]}]}
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                            "prompt_tokens_details": {"cached_tokens": 2}}
+
+
+def test_chunk_builder() -> None:
+    chunks = ChunkBuilder("m", "fp_x", include_usage=True)
+    role = chunks.role(1)
+    assert role["object"] == "chat.completion.chunk" and role["usage"] is None
+    assert role["choices"] == [{"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]
+    assert chunks.delta(Event(index=0, token_ids=[1])) is None  # nothing to send (e.g. held-back text)
+    delta = chunks.delta(Event(index=0, text="x", reasoning="r", token_ids=[1]))
+    assert delta["choices"][0]["delta"] == {"content": "x", "reasoning_content": "r", "reasoning": "r"}
+    assert {c["id"] for c in (role, delta)} == {chunks.id} and delta["created"] == role["created"]
+    assert chunks.finish(0, "stop")["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                                      "finish_reason": "stop"}
+    usage = chunks.usage(Usage(prompt_tokens=1, completion_tokens=2))
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
+    assert "usage" not in ChunkBuilder("m", "fp", include_usage=False).role(0)
+
+
+def test_sse_framing() -> None:
+    assert sse({"a": "é"}) == 'data: {"a":"é"}\n\n'
+    assert DONE == "data: [DONE]\n\n"
+    assert json.loads(sse([1])[len("data: "):]) == [1]
+
+
+def test_fingerprint_tracks_the_configuration() -> None:
+    assert fingerprint({"kernels": "torch"}) == fingerprint({"kernels": "torch"})
+    assert fingerprint({"kernels": "torch"}) != fingerprint({"kernels": "triton"})
+
+
+def test_server_config_from_env() -> None:
+    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/ckpt", "NANOQWEN_API_KEY": "k",
+                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
+    assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k"
+    assert config.cors_origins == ("http://a", "http://b")
+    assert config.accepts_model("qwen3-0.6b") and config.accepts_model("/ckpt") and not config.accepts_model("x")
+    default = ServerConfig.from_env({})
+    assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) == 0.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(range(1, 101), 99) == 99
+
+
+def test_stats_counters() -> None:
+    engine_stats = {"queue_length": 2, "active_requests": 1, "kv_usage": 0.5, "prefix_cache_hit_rate": 0.25,
+                    "preemptions": 0}
+    stats = ServerStats(lambda: engine_stats)
+    served = stats.begin()
+    served.on_event(Event(token_ids=[1]))
+    served.on_event(Event(token_ids=[2, 3]))
+    stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3))
+    aborted = stats.begin()
+    aborted.on_event(Event(token_ids=[1]))
+    stats.abort(aborted)
+    snap = stats.snapshot()
+    assert (snap["requests_served"], snap["requests_aborted"], snap["total_tokens_generated"]) == (1, 1, 4)
+    assert (snap["queue_length"], snap["active_requests"], snap["kv_cache_usage"]) == (2, 1, 0.5)
+    assert snap["average_response_time"] > 0 and snap["tokens_per_second"] == pytest.approx(0.4)
+    assert snap["ttft_p50_ms"] > 0 and snap["itl_p99_ms"] >= 0
+    text = stats.prometheus().decode()
+    assert 'nanoqwen_requests_total{outcome="served"} 1.0' in text
+    assert "nanoqwen_generation_tokens_total 4.0" in text and "nanoqwen_queue_length 2.0" in text
+    assert "nanoqwen_time_to_first_token_seconds_count 2.0" in text
