@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import ops
 from nanoqwen.config import ModelConfig
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.layers.metadata import AttentionMetadata
@@ -67,10 +68,12 @@ class ModelRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._compiled = None
         if graph == "compile":
+            # CUDA: static shapes, each captured as a CUDA graph by reduce-overhead. CPU: automatic
+            # dynamic shapes, so a new batch bucket or table width recompiles once into a dynamic
+            # kernel instead of once per shape (a cold compile of Qwen3-0.6B takes minutes on 2 cores).
+            cuda = device.type == "cuda"
             self._compiled = torch.compile(
-                self._decode_forward,
-                mode="reduce-overhead" if device.type == "cuda" else None,
-                dynamic=False,
+                self._decode_forward, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None,
                 fullgraph=True,
             )
         elif graph == "cudagraph":
@@ -122,10 +125,11 @@ class ModelRunner:
     def _table_width(self, max_len: int) -> int:
         """Block-table columns a step passes to attention.
 
-        Graphs and Triton read the full width (the kernel stops at each context length); the torch
-        reference gathers every column, so eager and compiled CPU steps pass a power-of-two width.
+        The Triton kernel reads each row only up to its context length, so it gets the full
+        (static) width; the torch reference gathers every column it is given, so it gets the
+        power of two that covers the longest sequence.
         """
-        if self.graph == "cudagraph":
+        if ops.backend() == "triton":
             return self.max_blocks_per_seq
         needed = -(-max_len // self.block_size)
         width = 4
@@ -177,7 +181,8 @@ class ModelRunner:
         d_slots.fill_(-1)
         d_ctx.fill_(1)
         for bucket in reversed(self.buckets):
-            args = (d_ids[:bucket], d_pos[:bucket], d_slots[:bucket], d_ctx[:bucket], d_tables[:bucket])
+            width = self._table_width(self.max_blocks_per_seq * self.block_size)
+            args = (d_ids[:bucket], d_pos[:bucket], d_slots[:bucket], d_ctx[:bucket], d_tables[:bucket, :width])
             self._logits[:bucket] = self._decode_forward(*args)  # warm-up: Triton autotune, allocator
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from ops.cpu_linear import linear
 from ops.decode_attention import decode_attention_torch
 from ops.prefill_attention import prefill_attention_torch
 from ops.rms_norm import rms_norm_torch
@@ -50,6 +51,9 @@ def set_backend(name: str, device: torch.device) -> None:
 
 def backend() -> str:
     return _backend
+
+
+__all__ = ["linear", "rms_norm", "qk_norm_rope_store", "decode_attention", "prefill_attention"]
 
 
 def rms_norm(

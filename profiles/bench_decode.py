@@ -14,7 +14,9 @@ each token reaches the host; the intervals after the first token are its decode 
 B / median step time, robust to a shared machine's noise (the JSON also has the mean). Before
 timing, each batch runs once (in full where a compiled shape depends on the context length).
 transformers runs with its default (dynamic) cache and with a static cache (auto-compiled on CUDA);
-`best` reports the faster per row and names it.
+`best` reports the faster per row and names it. The last column compares the two greedy outputs:
+sequences identical, and the mean number of leading tokens they share (in bf16 the two round
+differently, so near-tied logits of random weights can diverge).
 
 Bandwidth: the best of 7 sums over a 1 GiB fp32 tensor. The batch-1 limit is that bandwidth over
 the bytes one token must read: every weight once (a tied embedding once, by the LM head) plus one
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.config import resolve_device  # noqa: E402
 
 TARGET_VS_HF, TARGET_OF_LIMIT, TARGET_BATCH8 = 2.0, 0.70, 4.0
 WARMUP_TOKENS = 4
@@ -61,7 +64,7 @@ def bench_ours(model: Path, device: torch.device, dtype: str, prompts: dict, arg
         max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens,
     )
     graph = engine.info()["graph"]
-    # A compiled step is specialised on the block-table width, which grows with the context.
+    # A compiled step may recompile as the block-table width grows with the context: warm up in full.
     warmup = args.new_tokens if graph == "compile" else WARMUP_TOKENS
     runs = {}
     for batch, (warm, timed) in prompts.items():
@@ -108,8 +111,12 @@ def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args)
     return runs
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def measure(args) -> dict:
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device)
     model = common.checkpoint(args.small)
     info = common.machine_info(device)
     bandwidth = common.read_bandwidth(device)
@@ -132,7 +139,8 @@ def measure(args) -> dict:
                 "hf_ms_step": hf.median_step_s * 1e3,
                 "hf_all_tok_s": {c: r.tokens_per_s for (c, b), r in theirs.items() if b == batch},
                 "ratio": run.tokens_per_s / hf.tokens_per_s,
-                "greedy_match": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
+                "greedy_identical": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
+                "greedy_shared_prefix": sum(map(shared_prefix, run.tokens, hf.tokens)) / batch,
             })
         limit = bandwidth / weights
         summary = {"dtype": dtype, "weight_bytes_per_token": weights, "batch1_limit_tok_s": limit}
@@ -143,6 +151,7 @@ def measure(args) -> dict:
             summary["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
         summaries.append(summary)
     return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
+            "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
             "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "rows": rows, "summary": summaries}
 
@@ -150,27 +159,27 @@ def measure(args) -> dict:
 def markdown(result: dict) -> str:
     rows = [[r["dtype"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
              f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
-             f"{r['greedy_match']}/{r['batch']}"] for r in result["rows"]]
+             f"{r['greedy_identical']}/{r['batch']} · {r['greedy_shared_prefix']:.1f}"] for r in result["rows"]]
     table = common.markdown_table(
         ["dtype", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
-         "same greedy tokens"], rows)
+         "identical outputs · mean shared prefix"], rows)
 
-    def fmt(s: dict, key: str, spec: str) -> str:
-        return format(s[key], spec) if key in s else "–"
+    def fmt(s: dict, key: str, spec: str, suffix: str = "") -> str:
+        return format(s[key], spec) + suffix if key in s else "–"
 
     limits = common.markdown_table(
         ["dtype", "weights read/token", "batch-1 limit tok/s", "batch-1 tok/s", "of limit",
          f"batch-1 vs HF (≥{TARGET_VS_HF:g}×)", f"batch-8 / batch-1 (≥{TARGET_BATCH8:g}×)"],
         [[s["dtype"], f"{s['weight_bytes_per_token'] / 1e9:.3f} GB", f"{s['batch1_limit_tok_s']:.1f}",
-          fmt(s, "batch1_tok_s", ".1f"), fmt(s, "batch1_of_limit", ".0%"), fmt(s, "batch1_vs_hf", ".2f") + "×",
-          fmt(s, "batch8_over_batch1", ".2f") + "×"] for s in result["summary"]])
+          fmt(s, "batch1_tok_s", ".1f"), fmt(s, "batch1_of_limit", ".0%"), fmt(s, "batch1_vs_hf", ".2f", "×"),
+          fmt(s, "batch8_over_batch1", ".2f", "×")] for s in result["summary"]])
     graph = result["rows"][0]["graph"] if result["rows"] else "?"
     return "\n".join([
         "### Decode throughput: nanoqwen vs transformers",
         "",
         f"- Machine: {common.machine_line(result['machine'])}",
         f"- Command: `{result['command']}`",
-        f"- Prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
+        f"- {result['model']}, random weights; prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
         f"`{graph}`. Tokens/s = batch / median decode-step time (prefill excluded).",
         f"- Memory read bandwidth: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s (best of 7 sums of a 1 GiB "
         f"fp32 tensor); batch-1 limit = bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",
@@ -186,19 +195,21 @@ def plot(result: dict, path: Path) -> bool:
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for dtype in dict.fromkeys(r["dtype"] for r in result["rows"]):
+    for i, dtype in enumerate(dict.fromkeys(r["dtype"] for r in result["rows"])):
         mine = [r for r in result["rows"] if r["dtype"] == dtype]
-        batches = [r["batch"] for r in mine]
-        ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", label=f"nanoqwen {dtype}")
-        ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", label=f"transformers {dtype}")
-    for s in result["summary"]:
-        ax.axhline(s["batch1_limit_tok_s"], color="grey", linewidth=0.8, linestyle=":")
-        ax.annotate(f"batch-1 limit {s['dtype']}", (ax.get_xlim()[0], s["batch1_limit_tok_s"]), fontsize=7)
+        batches, color = [r["batch"] for r in mine], f"C{i}"
+        ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", color=color, label=f"nanoqwen {dtype}")
+        ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", color=color,
+                label=f"transformers {dtype}")
+        limit = next(s["batch1_limit_tok_s"] for s in result["summary"] if s["dtype"] == dtype)
+        ax.axhline(limit, color=color, linewidth=0.8, linestyle=":")
+        ax.text(0.01, limit, f"batch-1 weight-read limit, {dtype}", color=color, fontsize=7, va="bottom",
+                transform=ax.get_yaxis_transform())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch")
     ax.set_ylabel("decode tokens/s (aggregate)")
-    ax.set_title("Qwen3-0.6B-shaped decode")
+    ax.set_title(f"Decode, {result['model']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,7 +219,8 @@ def plot(result: dict, path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                        choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)

@@ -32,7 +32,6 @@ TESTS = REPO / "tests"
 OUT = REPO / "profiles" / "out"  # git-ignored default for --out
 sys.path[:0] = [str(REPO), str(TESTS)]
 
-from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
 
@@ -180,13 +179,17 @@ def machine_info(device: torch.device) -> dict:
         info["transformers"] = transformers.__version__
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError, AttributeError):
+        # Other busy processes stall torch's CPU threads: timings under load are not comparable.
+        info["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 
 def machine_line(info: dict) -> str:
     gpu = f"{info['gpu']}; " if "gpu" in info else ""
     libs = ", ".join(f"{k} {info[k]}" for k in ("torch", "transformers") if k in info)
-    return f"{gpu}{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads); {libs}"
+    load = f"; load average {info['load_avg_1m']} at start" if "load_avg_1m" in info else ""
+    return f"{gpu}{info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads); {libs}{load}"
 
 
 def command_line() -> str:

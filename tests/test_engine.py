@@ -256,3 +256,17 @@ def test_template_opened_thinking_goes_to_reasoning(engine):
     run(engine)
     choice = collect(stream).choices[0]
     assert choice.reasoning == "" and choice.text == engine.tokenizer.decode(choice.token_ids)
+
+
+def test_bfloat16_engine_tracks_transformers(checkpoint):
+    """bf16 weights through the CPU bf16 kernels: the distribution stays close to transformers'."""
+    engine = load_engine(checkpoint, dtype="bfloat16")
+    hf = load_hf_model(checkpoint)
+    prompt = PROMPTS[2]
+    [result] = generate(engine, [prompt], greedy(8, logprobs=True, top_logprobs=3))
+    tokens = result.choices[0].token_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    for step, lp in enumerate(result.choices[0].logprobs):
+        assert lp.logprob == pytest.approx(ref[step, tokens[step]].item(), abs=0.15)
+        assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]

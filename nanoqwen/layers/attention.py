@@ -33,7 +33,7 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = ops.linear(x, self.qkv_proj.weight).split(self.qkv_sizes, dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -48,4 +48,4 @@ class Attention(nn.Module):
             )
         else:
             out = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
-        return self.o_proj(out.reshape(n, -1))
+        return ops.linear(out.reshape(n, -1), self.o_proj.weight)

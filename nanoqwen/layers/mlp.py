@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
+
 
 class MLP(nn.Module):
     """SwiGLU with gate and up projections packed into one matrix."""
@@ -14,5 +16,5 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = ops.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return ops.linear(F.silu(gate) * up, self.down_proj.weight)

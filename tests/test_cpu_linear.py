@@ -1,0 +1,49 @@
+"""The compiled bf16 CPU matmul against torch, and its dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops import cpu_linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler or no AVX2 on this CPU")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 16), (2, 13, 24), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 8), (5, 151, 64)])
+def test_matches_fp32_reference(m, n, k):
+    torch.manual_seed(m * n + k)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), w.float())
+    out = cpu_linear.linear_bf16_cpu(x, w)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    # only the final rounding to bf16 differs from an exact fp32 product
+    torch.testing.assert_close(out.float(), ref, atol=1e-3 * k**0.5, rtol=8e-3)
+    assert torch.equal(out, ref.to(torch.bfloat16)) or (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_special_values_survive():
+    x = torch.tensor([[1.0] * 8], dtype=torch.bfloat16)
+    w = torch.zeros(3, 8, dtype=torch.bfloat16)
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -3.0e38
+    out = cpu_linear.linear_bf16_cpu(x, w)
+    assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 2] == torch.tensor(-3.0e38, dtype=torch.bfloat16)
+
+
+def test_dispatch(monkeypatch):
+    torch.manual_seed(0)
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    calls = []
+    real = cpu_linear.linear_bf16_cpu
+    monkeypatch.setattr(cpu_linear, "linear_bf16_cpu", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)
+    x3 = torch.randn(2, 3, 32, dtype=torch.bfloat16)  # leading dims are flattened and restored
+    assert cpu_linear.linear(x3, w).shape == (2, 3, 48)
+    assert calls == [(6, 32)]
+    big = torch.randn(cpu_linear.MAX_ROWS + 1, 32, dtype=torch.bfloat16)  # prefill-sized: fp32 GEMM
+    torch.testing.assert_close(cpu_linear.linear(big, w), F.linear(big.float(), w.float()).bfloat16())
+    assert len(calls) == 1
+    x32 = torch.randn(4, 32)
+    assert torch.equal(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
+    assert len(calls) == 1
