@@ -65,6 +65,9 @@ class ModelRunner:
         self.buckets = batch_buckets(max_batch)
         self._allocate_kv_cache()
         self._allocate_decode_inputs()
+        c = self.config
+        query = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=dtype, device=device)
+        self._narrow_tables = ops.decode_attention_gathers(query, self.k_cache[0])
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._compiled = None
         if graph == "compile":
@@ -125,11 +128,11 @@ class ModelRunner:
     def _table_width(self, max_len: int) -> int:
         """Block-table columns a step passes to attention.
 
-        The Triton kernel reads each row only up to its context length, so it gets the full
-        (static) width; the torch reference gathers every column it is given, so it gets the
+        The Triton and CPU kernels read each row only up to its context length, so they get the
+        full (static) width; the torch reference gathers every column it is given, so it gets the
         power of two that covers the longest sequence.
         """
-        if ops.backend() == "triton":
+        if not self._narrow_tables:
             return self.max_blocks_per_seq
         needed = -(-max_len // self.block_size)
         width = 4

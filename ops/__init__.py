@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from ops import cpu_attention, cpu_linear
 from ops.cpu_linear import linear
 from ops.decode_attention import decode_attention_torch
 from ops.prefill_attention import prefill_attention_torch
@@ -47,6 +48,9 @@ def set_backend(name: str, device: torch.device) -> None:
                 f"Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1; not on {device.type}"
             )
     _backend = name
+    if device.type == "cpu":
+        cpu_linear.prepare()
+        cpu_attention.prepare()
 
 
 def backend() -> str:
@@ -81,7 +85,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
         from ops.decode_attention import decode_attention_triton
 
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if cpu_attention.supports(q, k_cache):
+        kernel = cpu_attention.decode_attention_cpu_op if torch.compiler.is_compiling() else cpu_attention.decode_attention_cpu
+        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
     return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def decode_attention_gathers(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode attention copies every block-table column it is given (the torch reference)
+    rather than stopping at each context length (the Triton and CPU kernels)."""
+    return _backend == "torch" and not cpu_attention.supports(q, k_cache)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, block_tables, query_lens, context_lens, scale: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from ops import cpu_linear
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler or no AVX2 on this CPU")
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 64, 16), (2, 13, 24), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 8), (5, 151, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64)])
 def test_matches_fp32_reference(m, n, k):
     torch.manual_seed(m * n + k)
     x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -24,8 +24,8 @@ def test_matches_fp32_reference(m, n, k):
 
 
 def test_special_values_survive():
-    x = torch.tensor([[1.0] * 8], dtype=torch.bfloat16)
-    w = torch.zeros(3, 8, dtype=torch.bfloat16)
+    x = torch.tensor([[1.0] * 32], dtype=torch.bfloat16)
+    w = torch.zeros(3, 32, dtype=torch.bfloat16)
     w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -3.0e38
     out = cpu_linear.linear_bf16_cpu(x, w)
     assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 2] == torch.tensor(-3.0e38, dtype=torch.bfloat16)
@@ -37,7 +37,8 @@ def test_dispatch(monkeypatch):
     calls = []
     real = cpu_linear.linear_bf16_cpu
     monkeypatch.setattr(cpu_linear, "linear_bf16_cpu", lambda x, w: calls.append(x.shape) or real(x, w))
-    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_linear, "NATIVE_BF16", False)
+    monkeypatch.setattr(cpu_linear, "_use_kernel", True)
     x3 = torch.randn(2, 3, 32, dtype=torch.bfloat16)  # leading dims are flattened and restored
     assert cpu_linear.linear(x3, w).shape == (2, 3, 48)
     assert calls == [(6, 32)]
@@ -46,4 +47,7 @@ def test_dispatch(monkeypatch):
     assert len(calls) == 1
     x32 = torch.randn(4, 32)
     assert torch.equal(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
+    monkeypatch.setattr(cpu_linear, "_use_kernel", False)  # no compiler: rows are widened to fp32
+    small = torch.randn(3, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(cpu_linear.linear(small, w), F.linear(small.float(), w.float()).bfloat16())
     assert len(calls) == 1
