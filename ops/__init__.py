@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from ops import cpu_attention, cpu_linear
+from ops import cpu_attention, cpu_linear, cpu_norm_rope
 from ops.cpu_linear import linear
 from ops.decode_attention import decode_attention_torch
 from ops.prefill_attention import prefill_attention_torch
@@ -51,6 +51,7 @@ def set_backend(name: str, device: torch.device) -> None:
     if device.type == "cpu":
         cpu_linear.prepare()
         cpu_attention.prepare()
+        cpu_norm_rope.prepare()
 
 
 def backend() -> str:
@@ -68,6 +69,8 @@ def rms_norm(
         from ops.rms_norm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
+    if cpu_norm_rope.rms_norm_supported(x, weight, residual):
+        return cpu_norm_rope.rms_norm_cpu(x, weight, eps, residual)
     return rms_norm_torch(x, weight, eps, residual)
 
 
@@ -75,6 +78,8 @@ def qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_c
     """In place: q, k <- rope(rmsnorm(q|k)); k/v written into the paged cache at slot_mapping."""
     if _backend == "triton":
         from ops.rope import qk_norm_rope_store_triton as impl
+    elif cpu_norm_rope.qk_norm_rope_store_supported(q, k, v, k_cache):
+        impl = cpu_norm_rope.qk_norm_rope_store_cpu
     else:
         impl = qk_norm_rope_store_torch
     impl(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping)

@@ -1,0 +1,60 @@
+"""The compiled CPU RMSNorm and q/k-norm + RoPE + KV-store kernels against the torch references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoqwen.layers.rotary import RotaryEmbedding
+from ops import cpu_norm_rope
+from ops.rms_norm import rms_norm_torch
+from ops.rope import qk_norm_rope_store_torch
+
+pytestmark = pytest.mark.skipif(cpu_norm_rope._library() is None, reason="no C compiler or no AVX2 on this CPU")
+cpu_norm_rope.prepare()
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (3, 1024), (40, 96)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, rows, hidden, with_residual):
+    torch.manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, dtype=dtype)
+    residual = torch.randn(rows, hidden, dtype=dtype) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    ref_out, ref_res = rms_norm_torch(x, weight, 1e-6, residual)
+    out, res = cpu_norm_rope.rms_norm_cpu(x, weight, 1e-6, residual)
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)  # the add rounds exactly like torch
+    torch.testing.assert_close(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 4, 2, 16), (5, 16, 8, 128), (20, 8, 8, 32)])
+def test_qk_norm_rope_store(dtype, tokens, heads, kv_heads, head_dim):
+    torch.manual_seed(tokens * heads + head_dim)
+    block_size, num_blocks = 16, 8
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    rotary = RotaryEmbedding(head_dim, 4096, 1_000_000.0)
+    rotary.build(torch.device("cpu"))
+    positions = torch.randint(0, 4096, (tokens,))
+    slots = torch.randperm(num_blocks * block_size)[:tokens].int()
+    slots[0] = -1  # a padded lane
+    q_w, k_w = (1 + 0.1 * torch.randn(head_dim)).to(dtype), (1 + 0.1 * torch.randn(head_dim)).to(dtype)
+    results = []
+    for impl in (qk_norm_rope_store_torch, cpu_norm_rope.qk_norm_rope_store_cpu):
+        fused = qkv.clone()
+        q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+        k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0, dtype=dtype)
+        v_cache = torch.full_like(k_cache, 7.0)
+        assert impl is qk_norm_rope_store_torch or cpu_norm_rope.qk_norm_rope_store_supported(q, k, v, k_cache)
+        impl(q, k, v, q_w, k_w, 1e-6, rotary.cos_sin, positions, k_cache, v_cache, slots)
+        results.append((fused, k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)))
+    (ref, ref_k, ref_v), (out, out_k, out_v) = results
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    real = slots[1:].long()
+    torch.testing.assert_close(out_k[real], ref_k[real], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out_v[real], ref_v[real], atol=0, rtol=0)
+    untouched = torch.ones(out_k.shape[0], dtype=torch.bool)
+    untouched[real] = False
+    assert (out_k[untouched] == 7).all() and (out_v[untouched] == 7).all()  # slot -1 wrote nothing
