@@ -218,17 +218,14 @@ def plot(result: dict, path: Path) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
-    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static"])
-    parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
-    parser.add_argument("--out", type=Path, default=common.OUT)
+    common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()
     if args.new_tokens < 3:
         parser.error("--new-tokens must be at least 3 (two decode steps after the prefill's token)")

@@ -37,6 +37,16 @@ from nanoqwen.engine.stream import EventStream  # noqa: E402
 
 
 # -- checkpoints and engines --------------------------------------------------------------
+def add_engine_args(parser, dtype: bool = True) -> None:
+    """The options every profile shares: where and how the engine runs, and where results go."""
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
+    parser.add_argument("--out", type=Path, default=OUT)
+
+
 def checkpoint(small: bool) -> Path:
     """Qwen3-0.6B's shape in bf16 (built once, ~1.2 GB under .cache/), or the 2-layer test model."""
     from checkpoints import make_checkpoint, qwen3_0_6b_shape

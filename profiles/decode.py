@@ -86,11 +86,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--small", action="store_true", help="the 2-layer test model")
-    parser.add_argument("--out", type=Path, default=common.OUT)
+    common.add_engine_args(parser)
     args = parser.parse_args()
     if args.new_tokens < 3:
         parser.error("--new-tokens must be at least 3 (two decode steps after the prefill's token)")

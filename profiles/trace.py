@@ -30,11 +30,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="decode steps before the traced one")
     parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--small", action="store_true", help="the 2-layer test model")
-    parser.add_argument("--out", type=Path, default=common.OUT)
+    common.add_engine_args(parser)
     args = parser.parse_args()
 
     device = resolve_device(args.device)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import time
 import uuid
 
 import torch
