@@ -1,4 +1,4 @@
-"""The compiled bf16 CPU matmul against torch, and its dispatch."""
+"""The compiled CPU matmul (bf16 and fp32 weights) against torch, and its dispatch."""
 from __future__ import annotations
 
 import pytest
@@ -10,24 +10,36 @@ from ops import cpu_linear
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler or no AVX2 on this CPU")
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64)])
-def test_matches_fp32_reference(m, n, k):
+SHAPES = [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_bf16_matches_fp32_reference(m, n, k):
     torch.manual_seed(m * n + k)
     x = torch.randn(m, k, dtype=torch.bfloat16)
     w = torch.randn(n, k, dtype=torch.bfloat16)
     ref = F.linear(x.float(), w.float())
-    out = cpu_linear.linear_bf16_cpu(x, w)
+    out = cpu_linear.linear_cpu(x, w)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    # only the final rounding to bf16 differs from an exact fp32 product
+    # fp32 accumulation: only the final rounding to bf16 differs from the fp32 product
     torch.testing.assert_close(out.float(), ref, atol=1e-3 * k**0.5, rtol=8e-3)
-    assert torch.equal(out, ref.to(torch.bfloat16)) or (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_fp32_matches_reference(m, n, k):
+    torch.manual_seed(m + n * k)
+    x = torch.randn(m, k)
+    w = torch.randn(n, k)
+    out = cpu_linear.linear_cpu(x, w)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, w), atol=1e-5 * k**0.5, rtol=1e-5)
 
 
 def test_special_values_survive():
     x = torch.tensor([[1.0] * 32], dtype=torch.bfloat16)
     w = torch.zeros(3, 32, dtype=torch.bfloat16)
     w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -3.0e38
-    out = cpu_linear.linear_bf16_cpu(x, w)
+    out = cpu_linear.linear_cpu(x, w)
     assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 2] == torch.tensor(-3.0e38, dtype=torch.bfloat16)
 
 
@@ -35,8 +47,8 @@ def test_dispatch(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(48, 32, dtype=torch.bfloat16)
     calls = []
-    real = cpu_linear.linear_bf16_cpu
-    monkeypatch.setattr(cpu_linear, "linear_bf16_cpu", lambda x, w: calls.append(x.shape) or real(x, w))
+    real = cpu_linear.linear_cpu
+    monkeypatch.setattr(cpu_linear, "linear_cpu", lambda x, w: calls.append(x.shape) or real(x, w))
     monkeypatch.setattr(cpu_linear, "NATIVE_BF16", False)
     monkeypatch.setattr(cpu_linear, "_use_kernel", True)
     x3 = torch.randn(2, 3, 32, dtype=torch.bfloat16)  # leading dims are flattened and restored
@@ -45,9 +57,10 @@ def test_dispatch(monkeypatch):
     big = torch.randn(cpu_linear.MAX_ROWS + 1, 32, dtype=torch.bfloat16)  # prefill-sized: fp32 GEMM
     torch.testing.assert_close(cpu_linear.linear(big, w), F.linear(big.float(), w.float()).bfloat16())
     assert len(calls) == 1
-    x32 = torch.randn(4, 32)
-    assert torch.equal(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
+    x32 = torch.randn(4, 32)  # fp32 weights take the kernel too
+    torch.testing.assert_close(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
+    assert calls[-1] == (4, 32)
     monkeypatch.setattr(cpu_linear, "_use_kernel", False)  # no compiler: rows are widened to fp32
     small = torch.randn(3, 32, dtype=torch.bfloat16)
     torch.testing.assert_close(cpu_linear.linear(small, w), F.linear(small.float(), w.float()).bfloat16())
-    assert len(calls) == 1
+    assert len(calls) == 2

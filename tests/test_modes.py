@@ -66,3 +66,33 @@ def test_cudagraph_mode_needs_cuda(checkpoint):
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="cudagraph"):
         load_engine(checkpoint, graph="cudagraph")
+
+
+@pytest.fixture
+def without_cpu_kernels(monkeypatch):
+    from ops import cpu_attention, cpu_build, cpu_linear, cpu_norm_rope
+
+    libraries = [cpu_build.load, cpu_linear._library, cpu_attention._library, cpu_norm_rope._library]
+    monkeypatch.setenv("NANOQWEN_CPU_KERNELS", "0")
+    for library in libraries:
+        library.cache_clear()
+    yield
+    monkeypatch.delenv("NANOQWEN_CPU_KERNELS")
+    for library in libraries:
+        library.cache_clear()
+    ops.set_backend("torch", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_reference_ops_alone(checkpoint, references, without_cpu_kernels, dtype):
+    """NANOQWEN_CPU_KERNELS=0 (or no C compiler): the torch reference path serves on its own."""
+    from ops import cpu_linear
+
+    engine = load_engine(checkpoint, dtype=dtype)
+    assert not cpu_linear._use_kernel and engine.runner._narrow_tables
+    results = generate(engine, PROMPTS, greedy(6))
+    if dtype == "float32":
+        for result, ref in zip(results, references):
+            assert result.choices[0].token_ids == ref
+    else:
+        assert all(len(r.choices[0].token_ids) == 6 for r in results)
