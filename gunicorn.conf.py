@@ -24,6 +24,9 @@ def post_fork(server, worker) -> None:
     from gevent.monkey import MonkeyPatchWarning
 
     import nanoqwen.engine  # noqa: F401
+    import ops
+
+    ops.build_cpu_kernels()  # runs the C compiler: must happen before gevent patches subprocess
 
     # Expected after the import above: httpx's TLS modules keep the unpatched ssl (fine: Hub
     # downloads run in the engine thread), and gevent's scan of live objects trips a torch alias.

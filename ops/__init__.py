@@ -34,6 +34,14 @@ def default_backend(device: torch.device) -> str:
     return "torch"
 
 
+def build_cpu_kernels() -> None:
+    """Compiles the CPU kernels now (or loads them from the cache). gunicorn's worker calls it before
+    gevent patches `subprocess`, which then cannot run the compiler from the engine's thread."""
+    cpu_linear.available()
+    cpu_attention._library()
+    cpu_norm_rope._library()
+
+
 def set_backend(name: str, device: torch.device) -> None:
     """Select the kernels; raises ValueError when `name` cannot run on `device`."""
     global _backend

@@ -67,6 +67,18 @@ def profiled(name: str):
     return contextlib.nullcontext()
 
 
+def _compile(compiler: str, text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / path.with_suffix(".c").name
+        src.write_text(text)
+        out = Path(tmp) / path.name
+        result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, compiler, stderr=result.stderr)
+        os.replace(out, path)  # atomic: concurrent processes never load a half-written file
+
+
 def cache_dir() -> Path:
     root = os.environ.get("NANOQWEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanoqwen")
     return Path(root)
@@ -86,16 +98,11 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
     text = PRELUDE + source
     digest = hashlib.sha256((text + " ".join(FLAGS)).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / f"{name}.c"
-            src.write_text(text)
-            out = Path(tmp) / path.name
-            result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("could not compile %s (%s): using torch", name, result.stderr.strip()[:500])
-                return None
-            os.replace(out, path)  # atomic: concurrent processes never load a half-written file
-    # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: one shared thread pool.
-    return ctypes.CDLL(str(path))
+    try:
+        if not path.exists():
+            _compile(compiler, text, path)
+        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: one shared thread pool.
+        return ctypes.CDLL(str(path))
+    except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
+        log.warning("could not build %s (%s): using torch", name, (getattr(exc, "stderr", None) or repr(exc))[:500])
+        return None

@@ -3,7 +3,7 @@
 Decode is a matrix-vector product bounded by reading the weights. Without native bf16 matrix units
 (no AVX-512-BF16/AMX) torch's bf16 GEMM converts element by element and reaches ~1 GB/s with more
 than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once
-(bf16 widened to fp32 in registers by a 16-bit shift) and FMAs it against every activation row held
+(bf16 widened to fp32 in registers by a shift or a mask) and FMAs it against every activation row held
 in cache, parallel over output rows in torch's own OpenMP pool.
 Built by ops/cpu_build.py; where it cannot be, `linear` falls back to torch.
 """
@@ -20,18 +20,28 @@ from ops import cpu_build
 MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM
 
 _SOURCE = r"""
-static inline __m256 load_w(const void *r, int k, int bf16) {
-    return bf16 ? widen((const uint16_t *)r + k) : _mm256_loadu_ps((const float *)r + k);
-}
-
-/* dot products of one weight row with one or two fp32 activation rows; K % 32 == 0.
-   Always inlined with a constant `bf16`, so each dtype gets its own branch-free loop. */
+/* Dot products of one weight row with one or two fp32 activation rows; K % 32 == 0. Always inlined
+   with a constant `bf16`, so each dtype gets its own branch-free loop. A bf16 row is read 16 values
+   (32 bytes) at a time and widened without shuffles: `v << 16` holds the even-indexed values as
+   fp32 and `v & 0xffff0000` the odd-indexed ones, so the activations are pre-split to match
+   (evens then odds in each group of 16, see `split_even_odd`). */
 static inline __attribute__((always_inline)) void row_dot2(const void *r, const float *x0, const float *x1, int K,
                                                            float *o0, float *o1, int bf16) {
+    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (int k = 0; k < K; k += 32) {
-        __m256 w0 = load_w(r, k, bf16), w1 = load_w(r, k + 8, bf16);
-        __m256 w2 = load_w(r, k + 16, bf16), w3 = load_w(r, k + 24, bf16);
+        __m256 w0, w1, w2, w3;
+        if (bf16) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k));
+            __m256i u = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k + 16));
+            w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            w1 = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+            w2 = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+            w3 = _mm256_castsi256_ps(_mm256_and_si256(u, odd_mask));
+        } else {
+            const float *f = (const float *)r + k;
+            w0 = _mm256_loadu_ps(f), w1 = _mm256_loadu_ps(f + 8), w2 = _mm256_loadu_ps(f + 16), w3 = _mm256_loadu_ps(f + 24);
+        }
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), w0, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), w1, a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 16), w2, a2);
@@ -47,16 +57,25 @@ static inline __attribute__((always_inline)) void row_dot2(const void *r, const 
     if (x1) *o1 = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
 }
 
+/* bf16 activations -> fp32, each group of 16 reordered as its 8 even-indexed then 8 odd-indexed values. */
+static void split_even_odd(const uint16_t *x, float *out, long n) {
+    for (long g = 0; g < n; g += 16)
+        for (int j = 0; j < 8; j++) {
+            out[g + j] = bf16_to_f32(x[g + 2 * j]);
+            out[g + 8 + j] = bf16_to_f32(x[g + 2 * j + 1]);
+        }
+}
+
 /* y[m, n] = sum_k x[m, k] * w[n, k];  x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0.
    One weight row at a time keeps each thread's reads one sequential stream (what the hardware
    prefetcher follows best); the row stays in L1 while every activation row uses it. */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
-    float *widened = 0;
+    float *split = 0;
     const float *xf = (const float *)x;
     if (bf16) {
-        widened = (float *)malloc((size_t)M * K * sizeof(float));
-        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        xf = widened;
+        split = (float *)malloc((size_t)M * K * sizeof(float));
+        split_even_odd((const uint16_t *)x, split, (long)M * K);
+        xf = split;
     }
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
     #pragma omp parallel for schedule(static)
@@ -74,7 +93,7 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
             }
         }
     }
-    free(widened);
+    free(split);
 }
 """
 

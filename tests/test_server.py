@@ -39,7 +39,8 @@ def guarded(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """API key, CORS, a custom model name, and room for one running plus one waiting request."""
     srv = _serve(tiny_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
                  NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
-                 NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny")
+                 NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
+                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")))
     yield srv
     srv.stop()
 
@@ -329,6 +330,15 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
 
 
 # -- API key, CORS, model name, queue limit ------------------------------------------------
+
+def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> None:
+    """An empty kernel cache: the worker compiles the CPU kernels before gevent patches subprocess."""
+    cache = Path(guarded._env["NANOQWEN_CACHE_DIR"])
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == ["cpu_attention", "cpu_linear", "cpu_norm_rope"]
+    assert "could not build" not in guarded.log()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    assert _post(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
+
 
 def test_api_key(guarded: GunicornServer) -> None:
     body = {**GREEDY, "model": "tiny", "max_tokens": 2}
