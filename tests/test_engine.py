@@ -270,3 +270,23 @@ def test_bfloat16_engine_tracks_transformers(checkpoint):
     for step, lp in enumerate(result.choices[0].logprobs):
         assert lp.logprob == pytest.approx(ref[step, tokens[step]].item(), abs=0.15)
         assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]
+
+
+def test_engine_thread_survives_a_failing_step(checkpoint, monkeypatch):
+    """A bug in a step fails the requests in flight with an error event; later requests are served."""
+    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=4))
+    threaded.start()
+    deadline = time.monotonic() + 60
+    while not threaded.ready:
+        assert threaded.load_error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    real_schedule = threaded.scheduler.schedule
+    monkeypatch.setattr(threaded.scheduler, "schedule", lambda: 1 / 0)
+    _, stream = threaded.submit(PROMPTS[0], greedy(4))
+    last = stream.get(timeout=30)  # raises TimeoutError if the engine thread died instead
+    assert last.error and "ZeroDivisionError" in last.error
+    assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
+    monkeypatch.setattr(threaded.scheduler, "schedule", real_schedule)
+    _, stream = threaded.submit(PROMPTS[0], greedy(4))
+    assert sum(len(e.token_ids) for e in stream) == 4
+    threaded.shutdown()

@@ -136,12 +136,16 @@ class Engine:
                 return
             with torch.inference_mode():
                 while not self._stopping:
-                    self._drain_inbox()
-                    if not self.scheduler.has_work:
-                        self._wakeup.wait()
-                        self._wakeup.clear()
-                        continue
-                    self.step()
+                    try:
+                        self._drain_inbox()
+                        if not self.scheduler.has_work:
+                            self._wakeup.wait()
+                            self._wakeup.clear()
+                            continue
+                        self.step()
+                    except Exception as exc:  # a bug must cost the requests in flight, not the server
+                        log.exception("engine loop failed")
+                        self._fail_all(f"internal error in the engine: {type(exc).__name__}: {exc}")
         finally:
             self._stopped.set()
 
@@ -340,6 +344,13 @@ class Engine:
                 self.scheduler.finish(seq)
         self._close(request)
         request.stream.put(Event(error=message))
+
+    def _fail_all(self, message: str) -> None:
+        self.block_manager.reset_prefix_cache()
+        with self._lock:
+            requests = list(self._requests.values())
+        for request in requests:
+            self._fail(request, message)
 
     def _close(self, request: Request) -> None:
         with self._lock:
