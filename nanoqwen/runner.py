@@ -16,7 +16,7 @@ from nanoqwen.config import ModelConfig
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
-from nanoqwen.sampler import SamplingBatch, sample, seed_key, top_logprobs
+from nanoqwen.sampler import SamplingBatch, sample, top_logprobs
 
 log = logging.getLogger("nanoqwen")
 
@@ -219,8 +219,8 @@ class ModelRunner:
             query_lens=query_lens,
             context_lens_host=context_lens,
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids = torch.tensor(ids, dtype=torch.int32).to(dev, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.int32).to(dev, non_blocking=True)
         hidden = self.model(input_ids, positions, meta)
         last = torch.tensor(query_lens).cumsum(0).sub_(1).to(dev)
         logits = self.model.compute_logits(hidden[last])
@@ -239,7 +239,7 @@ class ModelRunner:
             top_p=column([p.top_p for p in params], torch.float32),
             top_k=column([p.top_k for p in params], torch.int64),
             min_p=column([p.min_p for p in params], torch.float32),
-            keys=column([seed_key(s.seed) for s in seqs], torch.int64),
+            keys=column([s.seed_key for s in seqs], torch.int64),
             steps=column([s.num_output_tokens for s in seqs], torch.int64),
             all_greedy=all(p.temperature == 0 for p in params),
             needs_filter=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),

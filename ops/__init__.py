@@ -37,9 +37,8 @@ def default_backend(device: torch.device) -> str:
 def build_cpu_kernels() -> None:
     """Compiles the CPU kernels now (or loads them from the cache). gunicorn's worker calls it before
     gevent patches `subprocess`, which then cannot run the compiler from the engine's thread."""
-    cpu_linear.available()
-    cpu_attention._library()
-    cpu_norm_rope._library()
+    for module in (cpu_linear, cpu_attention, cpu_norm_rope):
+        module.KERNEL.build()
 
 
 def set_backend(name: str, device: torch.device) -> None:
@@ -57,9 +56,7 @@ def set_backend(name: str, device: torch.device) -> None:
             )
     _backend = name
     if device.type == "cpu":
-        cpu_linear.prepare()
-        cpu_attention.prepare()
-        cpu_norm_rope.prepare()
+        build_cpu_kernels()
 
 
 def backend() -> str:

@@ -9,7 +9,6 @@ Built by ops/cpu_build.py; where it cannot be, the dispatcher keeps the torch re
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
@@ -79,22 +78,10 @@ void decode_attention(const void *q, const void *kc, const void *vc, const int32
 """
 
 
-@cache
-def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load("cpu_attention", _SOURCE)
-    if lib is not None:
-        lib.decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
-        lib.decode_attention.restype = None
-    return lib
-
-
-_use_kernel = False  # set by prepare(); a plain global so torch.compile can read it
-
-
-def prepare() -> None:
-    """Builds the kernel; call before compiling a model that uses it."""
-    global _use_kernel
-    _use_kernel = _library() is not None
+KERNEL = cpu_build.CKernel(
+    "cpu_attention", _SOURCE,
+    {"decode_attention": [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]},
+)
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -106,7 +93,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         and head_dim % 8 == 0
         and head_dim <= MAX_HEAD_DIM
         and num_heads // k_cache.shape[2] <= MAX_GROUP
-        and _use_kernel
+        and KERNEL.ready
     )
 
 
@@ -124,7 +111,7 @@ def decode_attention_cpu(
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     with cpu_build.profiled("nanoqwen::decode_attention_cpu"):
-        _library().decode_attention(
+        KERNEL.lib.decode_attention(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
             out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale,
             int(q.dtype == torch.bfloat16),

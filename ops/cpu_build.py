@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -84,9 +83,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-@cache
 def load(name: str, source: str) -> ctypes.CDLL | None:
-    """The compiled library for `source`, or None where it cannot run (logged once per kernel)."""
+    """The compiled library for `source`, or None where it cannot run (logged)."""
     if os.environ.get("NANOQWEN_CPU_KERNELS", "1") == "0":
         return None
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -106,3 +104,28 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
     except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
         log.warning("could not build %s (%s): using torch", name, (getattr(exc, "stderr", None) or repr(exc))[:500])
         return None
+
+
+class CKernel:
+    """The functions of one C source, built at most once. `ready` is a plain attribute, so code
+    that torch.compile traces can branch on it."""
+
+    def __init__(self, name: str, source: str, signatures: dict[str, list]) -> None:
+        self.name = name
+        self.source = source
+        self.signatures = signatures  # function name -> ctypes argument types
+        self.lib: ctypes.CDLL | None = None
+        self.ready = False
+        self._tried = False
+
+    def build(self) -> bool:
+        """Compiles (or loads from the cache) on the first call; whether the kernel can run."""
+        if not self._tried:
+            self._tried = True
+            self.lib = load(self.name, self.source)
+            if self.lib is not None:
+                for function, argtypes in self.signatures.items():
+                    getattr(self.lib, function).argtypes = argtypes
+                    getattr(self.lib, function).restype = None
+            self.ready = self.lib is not None
+        return self.ready

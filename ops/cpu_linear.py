@@ -10,7 +10,6 @@ Built by ops/cpu_build.py; where it cannot be, `linear` falls back to torch.
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -98,17 +97,7 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
 """
 
 
-@cache
-def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load("cpu_linear", _SOURCE)
-    if lib is not None:
-        lib.linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
-        lib.linear.restype = None
-    return lib
-
-
-def available() -> bool:
-    return _library() is not None
+KERNEL = cpu_build.CKernel("cpu_linear", _SOURCE, {"linear": [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4})
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -116,7 +105,7 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     with cpu_build.profiled("nanoqwen::linear_cpu"):
-        _library().linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
+        KERNEL.lib.linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
                           int(x.dtype == torch.bfloat16))
     return out
 
@@ -133,22 +122,13 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX): then torch's
 # own bf16 GEMM is fast and the bf16 kernel is not needed.
 NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-_use_kernel = False  # set by prepare(); a plain global so torch.compile can read it
-
-
-def prepare() -> None:
-    """Builds the kernel; call before compiling a model that uses `linear`."""
-    global _use_kernel
-    _use_kernel = available()
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear without bias, with the CPU decode fast path (bf16 or fp32 weights, up to MAX_ROWS rows)."""
     bf16 = weight.dtype == torch.bfloat16
     if weight.device.type != "cpu" or not (bf16 or weight.dtype == torch.float32) or (bf16 and NATIVE_BF16):
         return F.linear(x, weight)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if _use_kernel and rows.shape[0] <= MAX_ROWS and rows.shape[1] % 32 == 0 and weight.is_contiguous():
+    if KERNEL.ready and rows.shape[0] <= MAX_ROWS and rows.shape[1] % 32 == 0 and weight.is_contiguous():
         out = (linear_cpu_op if torch.compiler.is_compiling() else linear_cpu)(rows, weight)
     elif bf16 and rows.shape[0] > 1:  # widen the weights once and let the fp32 GEMM run at full speed
         out = F.linear(rows.float(), weight.float()).to(torch.bfloat16)

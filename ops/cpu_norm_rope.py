@@ -9,7 +9,6 @@ Built by ops/cpu_build.py; where they cannot be, the dispatcher keeps the torch 
 from __future__ import annotations
 
 import ctypes
-from functools import cache
 
 import torch
 
@@ -54,13 +53,13 @@ void rms_norm(const void *x, const void *res, const void *w, void *out, void *re
 }
 
 /* q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous); cos_sin: [P, D] fp32;
-   positions: [N] int64; caches: [blocks * bs, Hkv, D]; slots: [N] int32 (-1: write nothing). */
+   positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32 (-1: write nothing). */
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
-                        const float *cos_sin, const int64_t *positions, void *kc, void *vc, const int32_t *slots,
+                        const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16) {
     #pragma omp parallel for schedule(static) if (N >= 16)
     for (int n = 0; n < N; n++) {
-        const float *cs = cos_sin + positions[n] * D;
+        const float *cs = cos_sin + (long)positions[n] * D;
         const int half = D / 2;
         float normed[512];
         for (int h = 0; h < Hq + Hkv; h++) {
@@ -86,31 +85,20 @@ void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const v
 """
 
 
-@cache
-def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load("cpu_norm_rope", _SOURCE)
-    if lib is not None:
-        lib.rms_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
-        lib.qk_norm_rope_store.argtypes = (
-            [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
-            + [ctypes.c_long] * 3 + [ctypes.c_int]
-        )
-    return lib
-
-
-_use_kernel = False  # set by prepare(); a plain global so torch.compile can read it
+KERNEL = cpu_build.CKernel("cpu_norm_rope", _SOURCE, {
+    "rms_norm": [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int],
+    "qk_norm_rope_store": (
+        [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        + [ctypes.c_long] * 3 + [ctypes.c_int]
+    ),
+})
 MAX_HIDDEN = 8192
 MAX_HEAD_DIM = 256
 
 
-def prepare() -> None:
-    global _use_kernel
-    _use_kernel = _library() is not None
-
-
 def _eligible(x: torch.Tensor) -> bool:
     return (
-        _use_kernel
+        KERNEL.ready
         and x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float32)
         and not torch.compiler.is_compiling()
@@ -135,7 +123,7 @@ def rms_norm_cpu(
     out = torch.empty_like(x)
     new_residual = torch.empty_like(x) if residual is not None else x
     with cpu_build.profiled("nanoqwen::rms_norm_cpu"):
-        _library().rms_norm(
+        KERNEL.lib.rms_norm(
             x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
             new_residual.data_ptr() if residual is not None else None, x.shape[0], x.shape[1], eps,
             int(x.dtype == torch.bfloat16),
@@ -157,12 +145,12 @@ def qk_norm_rope_store_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def qk_norm_rope_store_cpu(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping) -> None:
     """Same contract as ops.rope.qk_norm_rope_store_torch."""
     n, num_heads, head_dim = q.shape
-    positions = positions if positions.dtype == torch.int64 else positions.long()
-    slots = slot_mapping if slot_mapping.dtype == torch.int32 else slot_mapping.int()
+    # The runner's inputs are int32 already: these convert only for other callers.
+    positions = positions.to(torch.int32).contiguous()
+    slots = slot_mapping.to(torch.int32).contiguous()
     with cpu_build.profiled("nanoqwen::qk_norm_rope_store_cpu"):
-        _library().qk_norm_rope_store(
+        KERNEL.lib.qk_norm_rope_store(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), q_weight.data_ptr(), k_weight.data_ptr(), eps,
-            cos_sin.data_ptr(), positions.contiguous().data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            slots.contiguous().data_ptr(), n, num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0),
-            v.stride(0), int(q.dtype == torch.bfloat16),
+            cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            n, num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0), int(q.dtype == torch.bfloat16),
         )

@@ -374,24 +374,7 @@ def make_checkpoint(
 
     With out_dir=None the checkpoint is cached under .cache/fixtures/ckpt-<hash of args>/ and reused.
     """
-    args = dict(
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        intermediate_size=intermediate_size,
-        vocab_size=vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
-        rms_norm_eps=rms_norm_eps,
-        dtype=dtype,
-        seed=seed,
-        max_shard_size=max_shard_size,
-        rope_style=rope_style,
-        with_tokenizer=with_tokenizer,
-    )
+    args = {name: value for name, value in locals().items() if name != "out_dir"}  # every keyword above
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

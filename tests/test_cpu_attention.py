@@ -8,7 +8,7 @@ import ops
 from ops import cpu_attention
 from ops.decode_attention import decode_attention_torch
 
-pytestmark = pytest.mark.skipif(cpu_attention._library() is None, reason="no C compiler or no AVX2 on this CPU")
+pytestmark = pytest.mark.skipif(not cpu_attention.KERNEL.build(), reason="no C compiler or no AVX2 on this CPU")
 
 
 def test_dispatcher_uses_it_on_the_cpu():

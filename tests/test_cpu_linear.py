@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ops import cpu_linear
 
-pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler or no AVX2 on this CPU")
+pytestmark = pytest.mark.skipif(not cpu_linear.KERNEL.build(), reason="no C compiler or no AVX2 on this CPU")
 
 
 SHAPES = [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64)]
@@ -50,7 +50,6 @@ def test_dispatch(monkeypatch):
     real = cpu_linear.linear_cpu
     monkeypatch.setattr(cpu_linear, "linear_cpu", lambda x, w: calls.append(x.shape) or real(x, w))
     monkeypatch.setattr(cpu_linear, "NATIVE_BF16", False)
-    monkeypatch.setattr(cpu_linear, "_use_kernel", True)
     x3 = torch.randn(2, 3, 32, dtype=torch.bfloat16)  # leading dims are flattened and restored
     assert cpu_linear.linear(x3, w).shape == (2, 3, 48)
     assert calls == [(6, 32)]
@@ -60,7 +59,7 @@ def test_dispatch(monkeypatch):
     x32 = torch.randn(4, 32)  # fp32 weights take the kernel too
     torch.testing.assert_close(cpu_linear.linear(x32, w.float()), F.linear(x32, w.float()))
     assert calls[-1] == (4, 32)
-    monkeypatch.setattr(cpu_linear, "_use_kernel", False)  # no compiler: rows are widened to fp32
+    monkeypatch.setattr(cpu_linear.KERNEL, "ready", False)  # no compiler: rows are widened to fp32
     small = torch.randn(3, 32, dtype=torch.bfloat16)
     torch.testing.assert_close(cpu_linear.linear(small, w), F.linear(small.float(), w.float()).bfloat16())
     assert len(calls) == 2

@@ -9,8 +9,7 @@ from ops import cpu_norm_rope
 from ops.rms_norm import rms_norm_torch
 from ops.rope import qk_norm_rope_store_torch
 
-pytestmark = pytest.mark.skipif(cpu_norm_rope._library() is None, reason="no C compiler or no AVX2 on this CPU")
-cpu_norm_rope.prepare()
+pytestmark = pytest.mark.skipif(not cpu_norm_rope.KERNEL.build(), reason="no C compiler or no AVX2 on this CPU")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

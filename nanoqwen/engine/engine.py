@@ -196,9 +196,10 @@ class Engine:
     ) -> tuple[str, EventStream]:
         self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
+        stop_ids = params.stop_token_ids if params.ignore_eos else [*self.generation.eos_token_ids, *params.stop_token_ids]
         request = Request(
-            request_id=uuid.uuid4().hex, params=params, stream=stream,
-            num_prompt_tokens=len(prompt_ids), split_reasoning=split_reasoning,
+            request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
+            split_reasoning=split_reasoning, stop_ids=frozenset(stop_ids),
         )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -296,8 +297,8 @@ class Engine:
         if params.logprobs:
             event.logprobs = [self._logprob(token, output, row, params.top_logprobs)]
         finish = None
-        stop_ids = params.stop_token_ids if params.ignore_eos else [*self.generation.eos_token_ids, *params.stop_token_ids]
-        if token in stop_ids:
+        stopped_by_token = token in seq.request.stop_ids
+        if stopped_by_token:
             finish = "stop"
         else:
             event.reasoning, event.text, stopped = seq.text.add(token)
@@ -308,7 +309,7 @@ class Engine:
         if finish is None:
             seq.request.stream.put(event)
             return
-        if finish == "length" or token in stop_ids:
+        if finish == "length" or stopped_by_token:
             reasoning, text = seq.text.finish()
             event.reasoning += reasoning
             event.text += text

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from nanoqwen.engine.request import SamplingParams
+from nanoqwen.sampler import seed_key
 from nanoqwen.engine.stream import EventStream
 
 _seq_ids = itertools.count()
@@ -27,6 +28,7 @@ class Request:
     split_reasoning: bool
     arrival: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # token ids that end a choice (EOS unless ignore_eos)
     started: bool = False  # first prefill scheduled (no longer queued)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first prefill
 
@@ -42,7 +44,7 @@ class Sequence:
         self.index = index  # choice index
         self.token_ids = list(prompt)  # prompt + generated
         self.num_prompt_tokens = len(prompt)
-        self.seed = seed
+        self.seed_key = seed_key(seed)  # what the sampler's noise is keyed on
         self.max_tokens = max_tokens
         self.status = Status.WAITING
         self.block_table: list[int] = []
