@@ -1,14 +1,17 @@
 """One device step: inputs -> model (eager | torch.compile | CUDA graphs) -> sampled tokens.
 
-Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input lives
-in one preallocated int32 buffer, so a step allocates nothing on the host side, copies its inputs
-with one (non-blocking, pinned) transfer, and can be replayed from a CUDA graph.
+Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input, the
+sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
+nothing on the host side, copies its inputs with one (non-blocking, pinned) transfer, and runs the
+model and the sampler as one function that can be compiled or replayed from a CUDA graph.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 import ops
@@ -16,7 +19,7 @@ from nanoqwen.config import ModelConfig
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
-from nanoqwen.sampler import SamplingBatch, sample, top_logprobs
+from nanoqwen.sampler import MODES, Penalties, SamplingRows, sample, top_logprobs
 
 log = logging.getLogger("nanoqwen")
 
@@ -27,6 +30,50 @@ class StepOutput:
     logprobs: list[float] | None = None  # chosen token's logprob, when any sequence asked
     top_values: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
+
+
+class StepInputs(NamedTuple):
+    """The static inputs of a decode step: views of one flat buffer of 4-byte words, a row of
+    max_batch words per field, then the block tables. The same views exist over the pinned host
+    staging buffer (numpy, written by the engine thread) and over its device copy (torch)."""
+
+    input_ids: torch.Tensor  # [mb] int32
+    positions: torch.Tensor  # [mb] int32
+    slots: torch.Tensor  # [mb] int32 cache slot of the new token; -1 = padded lane
+    context_lens: torch.Tensor  # [mb] int32
+    top_k: torch.Tensor  # [mb] int32; <= 0 = off
+    seed_keys: torch.Tensor  # [mb] 32-bit keys: uint32 on the host, their int32 bit patterns on the device
+    steps: torch.Tensor  # [mb] int32 output index of the token being sampled
+    temperature: torch.Tensor  # [mb] fp32
+    top_p: torch.Tensor  # [mb] fp32
+    min_p: torch.Tensor  # [mb] fp32
+    block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
+
+    def sampling(self) -> SamplingRows:
+        return SamplingRows(self.temperature, self.top_p, self.top_k, self.min_p, self.seed_keys, self.steps)
+
+
+ROW_FIELDS = StepInputs._fields[:-1]
+FIRST_SAMPLING_ROW = ROW_FIELDS.index("top_k")  # sampling rows come last: prefill uploads only those
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
+    host = isinstance(words, np.ndarray)
+    rows = dict(zip(ROW_FIELDS, words[: len(ROW_FIELDS) * max_batch].reshape(len(ROW_FIELDS), max_batch)))
+    for name in FLOAT_FIELDS:
+        rows[name] = rows[name].view(np.float32 if host else torch.float32)
+    if host:
+        rows["seed_keys"] = rows["seed_keys"].view(np.uint32)
+    return StepInputs(**rows, block_tables=words[len(ROW_FIELDS) * max_batch :].reshape(max_batch, width))
+
+
+def sampling_mode(seqs: list[Sequence]) -> str:
+    """The cheapest of sampler.MODES that serves every row."""
+    sampled = [s.request.params for s in seqs if not s.request.params.greedy]
+    if not sampled:
+        return "greedy"
+    return "filter" if any(p.filters for p in sampled) else "sample"
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -64,11 +111,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_batch)
         self._allocate_kv_cache()
-        self._allocate_decode_inputs()
+        self._allocate_step_inputs()
         c = self.config
         query = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=dtype, device=device)
         self._narrow_tables = ops.decode_attention_gathers(query, self.k_cache[0])
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # (bucket, sampling mode) -> the graph and its output buffers (logits [bucket, V], tokens [bucket])
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._compiled = None
         if graph == "compile":
             # CUDA: static shapes, each captured as a CUDA graph by reduce-overhead. CPU: automatic
@@ -76,7 +124,7 @@ class ModelRunner:
             # kernel instead of once per shape (a cold compile of Qwen3-0.6B takes minutes on 2 cores).
             cuda = device.type == "cuda"
             self._compiled = torch.compile(
-                self._decode_forward, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None,
+                self._decode_step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None,
                 fullgraph=True,
             )
         elif graph == "cudagraph":
@@ -92,35 +140,37 @@ class ModelRunner:
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
 
-    def _allocate_decode_inputs(self) -> None:
-        # One int32 buffer: rows [ids, positions, slots, context lens] of length max_batch,
-        # then the [max_batch, max_blocks_per_seq] block tables, so that a bucket's inputs are a
-        # prefix of it and travel in one copy.
+    def _allocate_step_inputs(self) -> None:
         mb, width = self.max_batch, self.max_blocks_per_seq
-        size = 4 * mb + mb * width
+        size = len(ROW_FIELDS) * mb + mb * width
         pin = self.device.type == "cuda"
-        self._host_inputs = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
-        self._inputs = self._host_inputs if self.device.type == "cpu" else torch.zeros(size, dtype=torch.int32, device=self.device)
-        self._host_views = self._views(self._host_inputs.numpy())
+        self._host_words = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
+        on_host = self.device.type == "cpu"
+        self._words = self._host_words if on_host else torch.zeros(size, dtype=torch.int32, device=self.device)
+        self._host = step_input_views(self._host_words.numpy(), mb, width)
+        self._inputs = step_input_views(self._words, mb, width)
+        # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
+        # read, greedy and unfiltered.
+        self._host.slots[:] = -1
+        self._host.context_lens[:] = 1
+        self._host.top_p[:] = 1.0
+        self._upload(0, size)
         self._row_tables: list[tuple[int, int] | None] = [None] * mb  # (allocation epoch, blocks) each row holds
-        self._views_dev = self._views(self._inputs)
-        vocab = self.config.vocab_size
-        self._logits = torch.zeros(mb, vocab, dtype=torch.float32, device=self.device)
 
-    def _views(self, buf):  # works on the torch buffer and on its numpy view
-        mb = self.max_batch
-        rows = buf[: 4 * mb].reshape(4, mb)
-        tables = buf[4 * mb :].reshape(mb, self.max_blocks_per_seq)
-        return rows[0], rows[1], rows[2], rows[3], tables
+    def _upload(self, start: int, end: int) -> None:
+        """Host staging words [start, end) -> the device buffer, in one non-blocking copy."""
+        if self._words is not self._host_words:
+            self._words[start:end].copy_(self._host_words[start:end], non_blocking=True)
 
     # -- decode ---------------------------------------------------------------------------
-    def _decode_forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-        context_lens: torch.Tensor, block_tables: torch.Tensor,
-    ) -> torch.Tensor:
-        meta = AttentionMetadata(prefill=False, slot_mapping=slots, block_tables=block_tables, context_lens=context_lens)
-        hidden = self.model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden)
+    def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured or compiled unit: the model, then the sampler. -> (logits [B, V] fp32, tokens [B])."""
+        meta = AttentionMetadata(
+            prefill=False, slot_mapping=inputs.slots, block_tables=inputs.block_tables,
+            context_lens=inputs.context_lens,
+        )
+        logits = self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
+        return logits, sample(logits, inputs.sampling(), mode)
 
     def _bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
@@ -140,58 +190,87 @@ class ModelRunner:
             width *= 2
         return min(width, self.max_blocks_per_seq)
 
+    def _bucket_inputs(self, bucket: int, width: int) -> StepInputs:
+        rows = [t[:bucket] for t in self._inputs[:-1]]
+        return StepInputs(*rows, block_tables=self._inputs.block_tables[:bucket, :width])
+
+    def _stage_decode(self, seqs: list[Sequence], bucket: int) -> int:
+        """Writes the model's inputs for `seqs`, padded to `bucket`, into the host staging; -> longest length."""
+        h = self._host
+        n = len(seqs)
+        lengths = [len(seq) for seq in seqs]
+        h.input_ids[:n] = [seq.token_ids[-1] for seq in seqs]
+        h.positions[:n] = [length - 1 for length in lengths]
+        h.slots[:n] = [
+            seq.block_table[(length - 1) // self.block_size] * self.block_size + (length - 1) % self.block_size
+            for seq, length in zip(seqs, lengths)
+        ]
+        h.context_lens[:n] = lengths
+        for i, seq in enumerate(seqs):
+            if self._row_tables[i] != (seq.alloc_epoch, len(seq.block_table)):
+                h.block_tables[i, : len(seq.block_table)] = seq.block_table
+                self._row_tables[i] = (seq.alloc_epoch, len(seq.block_table))
+        # Padded lanes: write nothing, attend to one slot of the never-allocated block 0.
+        h.input_ids[n:bucket] = 0
+        h.positions[n:bucket] = 0
+        h.slots[n:bucket] = -1
+        h.context_lens[n:bucket] = 1
+        h.block_tables[n:bucket, 0] = 0
+        self._row_tables[n:bucket] = [None] * (bucket - n)
+        return max(lengths)
+
+    def _stage_sampling(self, seqs: list[Sequence], bucket: int) -> None:
+        """Writes each row's sampling settings into the host staging; padded lanes are greedy."""
+        h = self._host
+        n = len(seqs)
+        params = [seq.request.params for seq in seqs]
+        vocab = self.config.vocab_size
+        h.temperature[:n] = [p.temperature for p in params]
+        h.top_p[:n] = [p.top_p for p in params]
+        h.top_k[:n] = [min(p.top_k, vocab) for p in params]
+        h.min_p[:n] = [p.min_p for p in params]
+        h.seed_keys[:n] = [seq.seed_key for seq in seqs]
+        h.steps[:n] = [seq.num_output_tokens for seq in seqs]
+        h.temperature[n:bucket] = 0.0
+        h.top_p[n:bucket] = 1.0
+        h.top_k[n:bucket] = 0
+        h.min_p[n:bucket] = 0.0
+
     def decode(self, seqs: list[Sequence]) -> StepOutput:
         n = len(seqs)
         bucket = self._bucket(n)
-        ids, pos, slots, ctx, tables = self._host_views
-        max_len = 0
-        for i, seq in enumerate(seqs):
-            length = len(seq)
-            ids[i] = seq.token_ids[-1]
-            pos[i] = length - 1
-            slots[i] = seq.block_table[(length - 1) // self.block_size] * self.block_size + (length - 1) % self.block_size
-            ctx[i] = length
-            if self._row_tables[i] != (seq.alloc_epoch, len(seq.block_table)):
-                tables[i, : len(seq.block_table)] = seq.block_table
-                self._row_tables[i] = (seq.alloc_epoch, len(seq.block_table))
-            max_len = max(max_len, length)
-        # Padded lanes: write nothing, attend to one slot of the never-allocated block 0.
-        ids[n:bucket] = 0
-        pos[n:bucket] = 0
-        slots[n:bucket] = -1
-        ctx[n:bucket] = 1
-        tables[n:bucket, 0] = 0
-        self._row_tables[n:bucket] = [None] * (bucket - n)
-        if self._inputs is not self._host_inputs:
-            used = 4 * self.max_batch + bucket * self.max_blocks_per_seq
-            self._inputs[:used].copy_(self._host_inputs[:used], non_blocking=True)
-        width = self._table_width(max_len)
-        d_ids, d_pos, d_slots, d_ctx, d_tables = self._views_dev
-        args = (d_ids[:bucket], d_pos[:bucket], d_slots[:bucket], d_ctx[:bucket], d_tables[:bucket, :width])
+        max_len = self._stage_decode(seqs, bucket)
+        self._stage_sampling(seqs, bucket)
+        self._upload(0, len(ROW_FIELDS) * self.max_batch + bucket * self.max_blocks_per_seq)
+        mode = sampling_mode(seqs)
+        penalized = any(seq.request.params.penalized for seq in seqs)
+        # Penalties need every row's token history: the step samples greedily (cheapest) and the
+        # penalised distribution is sampled afterwards from its logits.
+        step_mode = "greedy" if penalized else mode
         if self.graph == "cudagraph":
-            self._graphs[bucket].replay()
-            logits = self._logits[:n]
-        elif self._compiled is not None:
-            logits = self._compiled(*args)[:n]
+            graph, logits, tokens = self._graphs[bucket, step_mode]
+            graph.replay()
         else:
-            logits = self._decode_forward(*args)[:n]
-        return self._sample(logits, seqs)
+            step = self._compiled or self._decode_step
+            logits, tokens = step(step_mode, self._bucket_inputs(bucket, self._table_width(max_len)))
+        logits, tokens = logits[:n], tokens[:n]
+        if penalized:
+            tokens = sample(logits, self._inputs.sampling()[:n], mode, self._penalties(seqs))
+        return self._output(seqs, logits, tokens)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         pool = None
-        d_ids, d_pos, d_slots, d_ctx, d_tables = self._views_dev
-        d_slots.fill_(-1)
-        d_ctx.fill_(1)
-        for bucket in reversed(self.buckets):
-            width = self._table_width(self.max_blocks_per_seq * self.block_size)
-            args = (d_ids[:bucket], d_pos[:bucket], d_slots[:bucket], d_ctx[:bucket], d_tables[:bucket, :width])
-            self._logits[:bucket] = self._decode_forward(*args)  # warm-up: Triton autotune, allocator
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._logits[:bucket] = self._decode_forward(*args)
-            pool = graph.pool()
-            self._graphs[bucket] = graph
+        width = self._table_width(self.max_blocks_per_seq * self.block_size)
+        for bucket in reversed(self.buckets):  # the largest first: smaller ones reuse its pool memory
+            inputs = self._bucket_inputs(bucket, width)
+            for mode in MODES:
+                self._decode_step(mode, inputs)  # warm-up: Triton compiles, the allocator grows
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, tokens = self._decode_step(mode, inputs)
+                pool = graph.pool()
+                self._graphs[bucket, mode] = graph, logits, tokens
         torch.cuda.synchronize()
 
     # -- prefill --------------------------------------------------------------------------
@@ -221,46 +300,47 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, dtype=torch.int32).to(dev, non_blocking=True)
         positions = torch.tensor(pos, dtype=torch.int32).to(dev, non_blocking=True)
+        n = len(seqs)
+        self._stage_sampling(seqs, n)
+        self._upload(FIRST_SAMPLING_ROW * self.max_batch, len(ROW_FIELDS) * self.max_batch)
         hidden = self.model(input_ids, positions, meta)
         last = torch.tensor(query_lens).cumsum(0).sub_(1).to(dev)
         logits = self.model.compute_logits(hidden[last])
-        return self._sample(logits, seqs)
+        penalties = self._penalties(seqs) if any(seq.request.params.penalized for seq in seqs) else None
+        tokens = sample(logits, self._inputs.sampling()[:n], sampling_mode(seqs), penalties)
+        return self._output(seqs, logits, tokens)
 
     # -- sampling -------------------------------------------------------------------------
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        params = [s.request.params for s in seqs]
+    def _penalties(self, seqs: list[Sequence]) -> Penalties:
+        """Every row's token history as counts and a seen-mask, built on the device from the ids."""
+        params = [seq.request.params for seq in seqs]
+        vocab = self.config.vocab_size
+        longest = max(len(seq) for seq in seqs)
+        # Column `vocab` is where the padding lands; it is cut off below.
+        history = np.full((len(seqs), longest), vocab, dtype=np.int64)
+        generated = np.zeros((len(seqs), longest), dtype=np.float32)
+        for i, seq in enumerate(seqs):
+            history[i, : len(seq)] = seq.token_ids
+            generated[i, seq.num_prompt_tokens : len(seq)] = 1.0
         dev = self.device
+        history_dev = torch.from_numpy(history).to(dev, non_blocking=True)
+        counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=dev)
+        counts.scatter_add_(1, history_dev, torch.from_numpy(generated).to(dev, non_blocking=True))
+        seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool, device=dev)
+        seen.scatter_(1, history_dev, True)
 
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
 
-        batch = SamplingBatch(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_p=column([p.top_p for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
-            min_p=column([p.min_p for p in params], torch.float32),
-            keys=column([s.seed_key for s in seqs], torch.int64),
-            steps=column([s.num_output_tokens for s in seqs], torch.int64),
-            all_greedy=all(p.temperature == 0 for p in params),
-            needs_filter=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),
+        return Penalties(
+            presence=column([p.presence_penalty for p in params]),
+            frequency=column([p.frequency_penalty for p in params]),
+            repetition=column([p.repetition_penalty for p in params]),
+            output_counts=counts[:, :vocab],
+            seen=seen[:, :vocab],
         )
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in params):
-            vocab = self.config.vocab_size
-            counts = torch.zeros(len(seqs), vocab, dtype=torch.float32)
-            seen = torch.zeros(len(seqs), vocab, dtype=torch.bool)
-            for i, seq in enumerate(seqs):
-                out = torch.tensor(seq.output_ids, dtype=torch.int64)
-                counts[i].index_add_(0, out, torch.ones(len(out)))
-                seen[i, torch.tensor(seq.token_ids, dtype=torch.int64)] = True
-            batch.output_counts = counts.to(dev, non_blocking=True)
-            batch.seen_mask = seen.to(dev, non_blocking=True)
-            batch.presence = column([p.presence_penalty for p in params], torch.float32)
-            batch.frequency = column([p.frequency_penalty for p in params], torch.float32)
-            batch.repetition = column([p.repetition_penalty for p in params], torch.float32)
-        return batch
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepOutput:
-        tokens = sample(logits, self._sampling_batch(seqs))
+    def _output(self, seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> StepOutput:
         want = [s.request.params for s in seqs if s.request.params.logprobs]
         if not want:
             return StepOutput(tokens=tokens.tolist())

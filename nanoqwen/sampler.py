@@ -4,6 +4,10 @@ Randomness is a counter-based hash of (request seed, output index, token id) rat
 generator's stream, so a seeded request samples the same tokens whatever else shares its batch,
 and the whole step stays static-shaped (capturable) with no per-row generator objects.
 Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws token i with probability p_i.
+
+What a step has to do is one of MODES, chosen on the host from the batch's parameters (no sync):
+each mode is a separate capture, and a row that does not need a mode's extra work gets exactly the
+result it would get in the cheaper mode, so a row's tokens never depend on its batch-mates.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
+MODES = ("greedy", "sample", "filter")  # argmax only | + temperature and noise | + top-k/top-p/min-p
 
 
 def seed_key(seed: int) -> int:
@@ -32,8 +37,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [B, V] determined by (key, step, token id) alone; keys/steps: [B] int64."""
-    row = _mix32(keys ^ _mix32(steps & _MASK32))  # [B]
+    """Exp(1) noise [B, V] determined by (key, step, token id) alone; keys/steps: [B], any int dtype
+    (int32 keys hold the 32-bit key's bit pattern)."""
+    keys, steps = keys.long() & _MASK32, steps.long() & _MASK32
+    row = _mix32(keys ^ _mix32(steps))  # [B]
     token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     bits = _mix32((row.unsqueeze(1) + token.unsqueeze(0) * 0x2545F491) & _MASK32)  # [B, V]
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
@@ -41,63 +48,76 @@ def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) 
 
 
 @dataclass
-class SamplingBatch:
-    """Per-row sampling inputs on the device ([B] each) and host-side flags that skip work."""
+class SamplingRows:
+    """Per-row sampling settings on the device, [B] each: views of the runner's static inputs."""
 
     temperature: torch.Tensor  # fp32; 0 = greedy
     top_p: torch.Tensor  # fp32
-    top_k: torch.Tensor  # int64; <= 0 = off
+    top_k: torch.Tensor  # int; <= 0 = off
     min_p: torch.Tensor  # fp32
-    keys: torch.Tensor  # int64 seed keys
-    steps: torch.Tensor  # int64 output index of the token being sampled
-    all_greedy: bool
-    needs_filter: bool  # any row with top_p < 1, top_k > 0 or min_p > 0
-    # Penalties (None when no row uses them)
-    presence: torch.Tensor | None = None  # fp32 [B]
-    frequency: torch.Tensor | None = None  # fp32 [B]
-    repetition: torch.Tensor | None = None  # fp32 [B]
-    output_counts: torch.Tensor | None = None  # fp32 [B, V]: generated-token counts
-    seen_mask: torch.Tensor | None = None  # bool [B, V]: prompt or generated
+    keys: torch.Tensor  # int32 bit patterns of the 32-bit seed keys (int64 values work too)
+    steps: torch.Tensor  # int; output index of the token being sampled
+
+    def __getitem__(self, rows: slice) -> SamplingRows:
+        return SamplingRows(self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows],
+                            self.keys[rows], self.steps[rows])
+
+    @property
+    def filtered(self) -> torch.Tensor:  # [B] bool: rows with any of top-k, top-p, min-p
+        return (self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0)
 
 
-def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+@dataclass
+class Penalties:
+    """Presence/frequency/repetition penalties of every row ([B] each; neutral rows: 0, 0, 1)."""
+
+    presence: torch.Tensor  # fp32
+    frequency: torch.Tensor  # fp32
+    repetition: torch.Tensor  # fp32
+    output_counts: torch.Tensor  # fp32 [B, V]: generated-token counts
+    seen: torch.Tensor  # bool [B, V]: in the prompt or generated
+
+
+def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     """OpenAI presence/frequency penalties on generated tokens; repetition penalty (as in
-    transformers and vLLM) on every token seen in the prompt or output."""
-    rep = batch.repetition.unsqueeze(1)
+    transformers and vLLM) on every token seen in the prompt or output. Neutral rows are unchanged."""
+    rep = penalties.repetition.unsqueeze(1)
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(batch.seen_mask, penalised, logits)
-    counts = batch.output_counts
-    return logits - batch.frequency.unsqueeze(1) * counts - batch.presence.unsqueeze(1) * (counts > 0).float()
+    logits = torch.where(penalties.seen, penalised, logits)
+    counts = penalties.output_counts
+    presence = penalties.presence.unsqueeze(1) * (counts > 0).float()
+    return logits - penalties.frequency.unsqueeze(1) * counts - presence
 
 
-def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Top-k, then top-p (nucleus), then min-p, each per row; removed tokens get -inf."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
     rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
-    drop = (batch.top_k.unsqueeze(1) > 0) & (rank >= batch.top_k.unsqueeze(1))
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    top_k = rows.top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-    drop = before >= batch.top_p.unsqueeze(1)
-    drop |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]
+    drop = before >= rows.top_p.unsqueeze(1)
+    drop |= probs < rows.min_p.unsqueeze(1) * probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """logits: [B, V] fp32 -> next tokens [B] int64."""
-    if batch.output_counts is not None:
-        logits = apply_penalties(logits, batch)
+def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None) -> torch.Tensor:
+    """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
+    "greedy" when all temperatures are 0, "filter" when any sampled row filters."""
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     greedy = logits.argmax(dim=-1)
-    if batch.all_greedy:
+    if mode == "greedy":
         return greedy
-    scaled = logits / batch.temperature.clamp(min=1e-5).unsqueeze(1)
-    if batch.needs_filter:
-        scaled = filter_logits(scaled, batch)
+    scaled = logits / rows.temperature.clamp(min=1e-5).unsqueeze(1)
+    if mode == "filter":
+        scaled = torch.where(rows.filtered.unsqueeze(1), filter_logits(scaled, rows), scaled)
     probs = scaled.softmax(dim=-1)
-    sampled = (probs / exponential_noise(batch.keys, batch.steps, logits.shape[-1])).argmax(dim=-1)
-    return torch.where(batch.temperature == 0, greedy, sampled)
+    sampled = (probs / exponential_noise(rows.keys, rows.steps, logits.shape[-1])).argmax(dim=-1)
+    return torch.where(rows.temperature == 0, greedy, sampled)
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -144,6 +144,23 @@ def test_seeded_sampling_is_independent_of_the_batch(engine):
     assert other_seed.choices[0].token_ids != alone.choices[0].token_ids
 
 
+def test_repetition_penalty_matches_transformers(engine, hf):
+    """Greedy with a repetition penalty on every prompt and output token, as transformers applies it;
+    in a batch with an unpenalised request, which must keep its plain greedy tokens."""
+    prompts = [[7] * 17, list(range(1000, 1037))]
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.8, max_tokens=16, ignore_eos=True)
+    plain = engine.submit(PROMPTS[0], greedy(16))[1]
+    streams = [engine.submit(p, penalised)[1] for p in prompts]
+    run(engine)
+    for prompt, stream in zip(prompts, streams):
+        expected = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.8,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt):].tolist()
+        assert collect(stream).choices[0].token_ids == expected
+    assert collect(plain).choices[0].token_ids == hf_greedy(hf, PROMPTS[0], 16)
+
+
 def test_n_choices_share_the_prompt(engine):
     prompt = list(range(4000, 4040))
     before = engine.stats()["prefix_cache_hits"]

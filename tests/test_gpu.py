@@ -1,11 +1,14 @@
 """Execution modes on CUDA (skipped without a GPU): CUDA-graph replay and torch.compile must give
-the eager step's greedy tokens for every batch bucket, with Triton kernels and with torch ops."""
+the eager step's tokens for every batch bucket, with Triton kernels and with torch ops, greedy and
+with sampling (which runs inside the captured step)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import generate, greedy, hf_greedy, load_engine
+from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+
+from nanoqwen.engine import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -25,12 +28,41 @@ def outputs(checkpoint, batch: int, **mode) -> list[list[int]]:
     return [r.choices[0].token_ids for r in results]
 
 
+MIXED = [
+    greedy(12),
+    SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=1.2, top_p=0.8, top_k=30, min_p=0.01, seed=2, max_tokens=12, ignore_eos=True),
+    SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, seed=3, max_tokens=12,
+                   ignore_eos=True),
+]
+# The captured sampler modes: "sample", "filter", a penalised batch (greedy step, then eager
+# penalties), and the same in bucket 8 with padded lanes.
+MIXED_BATCHES = [MIXED[:2], MIXED[:3], MIXED, MIXED + MIXED[:3]]
+
+
+def sampled_outputs(checkpoint, **mode) -> list[list[int]]:
+    engine = load_engine(checkpoint, device="cuda", max_batch=MAX_BATCH, max_model_len=256, **mode)
+    tokens = []
+    for batch in MIXED_BATCHES:
+        streams = [engine.submit(PROMPTS[i], params)[1] for i, params in enumerate(batch)]
+        run(engine)
+        tokens += [collect(s).choices[0].token_ids for s in streams]
+    return tokens
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_graph_replay_equals_eager_for_every_bucket(checkpoint, kernels):
     for batch in (1, 2, 3, 4, 5, 8):  # every bucket, and padded lanes inside 4 and 8
         eager = outputs(checkpoint, batch, kernels=kernels, graph="none")
         graph = outputs(checkpoint, batch, kernels=kernels, graph="cudagraph")
         assert graph == eager, f"batch {batch}"
+
+
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_graph_sampling_equals_eager(checkpoint, kernels):
+    eager = sampled_outputs(checkpoint, kernels=kernels, graph="none")
+    assert sampled_outputs(checkpoint, kernels=kernels, graph="cudagraph") == eager
+    assert eager[1] != eager[0]  # sampled, not greedy
 
 
 def test_compiled_equals_eager(checkpoint):

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import generate, greedy, hf_greedy, load_engine
+from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+
+from nanoqwen.engine import SamplingParams
 
 import ops
 
@@ -51,6 +53,32 @@ def test_compiled_decode_matches_transformers(checkpoint, references, restore_ba
         assert result.choices[0].token_ids == ref
     [single] = generate(engine, PROMPTS[:1], greedy(6))  # bucket 1
     assert single.choices[0].token_ids == references[0]
+
+
+def sampled_tokens(engine, batches: list[list[SamplingParams]]) -> list[list[int]]:
+    """Each batch's requests submitted together (PROMPTS cycled), run to the end; every choice's tokens."""
+    tokens = []
+    for batch in batches:
+        streams = [engine.submit(PROMPTS[i % len(PROMPTS)], params)[1] for i, params in enumerate(batch)]
+        run(engine)
+        tokens += [collect(s).choices[0].token_ids for s in streams]
+    return tokens
+
+
+SAMPLED = SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
+FILTERED = SamplingParams(temperature=1.2, top_p=0.8, top_k=30, min_p=0.01, seed=2, max_tokens=6, ignore_eos=True)
+# The step's sampler mode: "sample" for the first batch, "filter" for the second.
+MIXED_BATCHES = [[greedy(6), SAMPLED, SAMPLED], [greedy(6), SAMPLED, FILTERED]]
+
+
+@pytest.mark.slow
+def test_compiled_sampling_modes_match_eager(checkpoint, restore_backend):
+    """Sampling runs inside the compiled step: seeded and filtered rows give the eager step's tokens."""
+    eager = sampled_tokens(load_engine(checkpoint, max_batch=4), MIXED_BATCHES)
+    compiled = sampled_tokens(load_engine(checkpoint, graph="compile", max_batch=4), MIXED_BATCHES)
+    assert compiled == eager
+    assert eager[1] == eager[4]  # same seed and prompt, batch-mates in another mode: the same tokens
+    assert eager[1] != eager[0]  # and they are sampled, not the greedy ones
 
 
 def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):

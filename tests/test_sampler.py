@@ -10,21 +10,26 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from nanoqwen.sampler import SamplingBatch, apply_penalties, exponential_noise, filter_logits, sample, seed_key
+from nanoqwen.sampler import Penalties, SamplingRows, apply_penalties, exponential_noise, filter_logits, sample, seed_key
 
 
-def batch(rows: int, **kw) -> SamplingBatch:
+def rows(count: int, **kw) -> SamplingRows:
     def col(name, default, dtype):
-        return torch.tensor(kw.get(name, [default] * rows), dtype=dtype)
+        return torch.tensor(kw.get(name, [default] * count), dtype=dtype)
 
-    b = SamplingBatch(
+    return SamplingRows(
         temperature=col("temperature", 1.0, torch.float32), top_p=col("top_p", 1.0, torch.float32),
-        top_k=col("top_k", 0, torch.int64), min_p=col("min_p", 0.0, torch.float32),
-        keys=torch.tensor([seed_key(s) for s in kw.get("seeds", range(rows))]),
-        steps=col("steps", 0, torch.int64), all_greedy=kw.get("all_greedy", False),
-        needs_filter=kw.get("needs_filter", True),
+        top_k=col("top_k", 0, torch.int32), min_p=col("min_p", 0.0, torch.float32),
+        keys=torch.tensor([seed_key(s) for s in kw.get("seeds", range(count))], dtype=torch.int64),
+        steps=col("steps", 0, torch.int32),
     )
-    return b
+
+
+def penalties(vocab: int, repetition=1.0, presence=0.0, frequency=0.0) -> Penalties:
+    return Penalties(
+        presence=torch.tensor([presence]), frequency=torch.tensor([frequency]), repetition=torch.tensor([repetition]),
+        output_counts=torch.zeros(1, vocab), seen=torch.zeros(1, vocab, dtype=torch.bool),
+    )
 
 
 def test_filters_match_transformers_warpers():
@@ -35,7 +40,7 @@ def test_filters_match_transformers_warpers():
         ({"top_p": [0.7] * 3}, TopPLogitsWarper(0.7)),
         ({"min_p": [0.1] * 3}, MinPLogitsWarper(0.1)),
     ]:
-        ours = filter_logits(logits, batch(3, **kw))
+        ours = filter_logits(logits, rows(3, **kw))
         ref = warper(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), kw
         kept = ~torch.isinf(ref)
@@ -46,26 +51,17 @@ def test_repetition_penalty_matches_transformers():
     torch.manual_seed(1)
     logits = torch.randn(1, 100)
     seen = torch.tensor([[3, 7, 7, 50]])
-    b = batch(1, needs_filter=False)
-    b.repetition = torch.tensor([1.3])
-    b.presence = torch.zeros(1)
-    b.frequency = torch.zeros(1)
-    b.output_counts = torch.zeros(1, 100)
-    b.seen_mask = torch.zeros(1, 100, dtype=torch.bool)
-    b.seen_mask[0, seen[0]] = True
+    b = penalties(100, repetition=1.3)
+    b.seen[0, seen[0]] = True
     ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
     torch.testing.assert_close(apply_penalties(logits, b), ref)
 
 
 def test_presence_and_frequency_penalties():
     logits = torch.zeros(1, 10)
-    b = batch(1)
-    b.repetition = torch.ones(1)
-    b.presence = torch.tensor([0.5])
-    b.frequency = torch.tensor([0.25])
-    b.output_counts = torch.zeros(1, 10)
+    b = penalties(10, presence=0.5, frequency=0.25)
     b.output_counts[0, 2] = 3
-    b.seen_mask = b.output_counts > 0
+    b.seen = b.output_counts > 0
     out = apply_penalties(logits, b)
     assert out[0, 2].item() == pytest.approx(-(0.5 + 0.75))
     assert out[0, 3].item() == 0
@@ -74,8 +70,9 @@ def test_presence_and_frequency_penalties():
 def test_greedy_rows_and_top_k_1_take_the_argmax():
     torch.manual_seed(2)
     logits = torch.randn(4, 1000)
-    b = batch(4, temperature=[0.0, 1.0, 0.0, 2.0], top_k=[0, 1, 0, 1])
-    assert torch.equal(sample(logits, b), logits.argmax(-1))
+    b = rows(4, temperature=[0.0, 1.0, 0.0, 2.0], top_k=[0, 1, 0, 1])
+    assert torch.equal(sample(logits, b, "filter"), logits.argmax(-1))
+    assert torch.equal(sample(logits, b, "greedy"), logits.argmax(-1))
 
 
 def test_sampling_follows_the_distribution():
@@ -84,7 +81,7 @@ def test_sampling_follows_the_distribution():
     probs = logits.softmax(-1)[0]
     counts = torch.zeros(20)
     for step in range(4000):
-        counts[sample(logits, batch(1, steps=[step], needs_filter=False))] += 1
+        counts[sample(logits, rows(1, steps=[step]), "sample")] += 1
     assert (counts / 4000 - probs).abs().max() < 0.03
 
 
@@ -95,3 +92,40 @@ def test_noise_depends_only_on_key_and_step():
     assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
     assert not torch.equal(noise[0], exponential_noise(keys[:1], torch.tensor([1]), 1000)[0])
     assert 0.9 < noise.mean().item() < 1.1 and (noise > 0).all()
+
+
+def test_a_row_samples_the_same_in_every_mode_that_serves_it():
+    """A batch-mate's settings pick the step's mode; a row's own tokens must not depend on it."""
+    torch.manual_seed(4)
+    logits = torch.randn(4, 3000) * 2
+    settings = dict(temperature=[0.8, 0.0, 1.0, 1.3], top_p=[1.0, 1.0, 0.5, 1.0], top_k=[0, 0, 20, 0],
+                    seeds=[11, 12, 13, 14])
+    for step in range(20):
+        b = rows(4, steps=[step] * 4, **settings)
+        filtered = sample(logits, b, "filter")
+        plain = [0, 1, 3]  # rows that do not filter
+        alone = sample(logits[plain], rows(3, steps=[step] * 3, **{k: [v[i] for i in plain] for k, v in settings.items()}),
+                       "sample")
+        assert torch.equal(filtered[plain], alone)
+        assert filtered[1] == logits[1].argmax()
+        assert torch.isin(filtered[2], logits[2].topk(20).indices)
+
+
+def test_int32_key_bit_patterns_give_the_same_noise():
+    keys = torch.tensor([seed_key(s) for s in range(8)], dtype=torch.int64)
+    assert (keys >= 1 << 31).any()  # some keys only fit int32 as negative bit patterns
+    as_int32 = torch.from_numpy(keys.numpy().astype("uint32").view("int32"))
+    steps = torch.arange(8, dtype=torch.int32)
+    assert torch.equal(exponential_noise(keys, steps, 500), exponential_noise(as_int32, steps, 500))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["greedy", "sample", "filter"])
+def test_compiled_sampler_matches_eager(mode):
+    """The sampler as the compiled and captured decode step runs it (inductor here, fullgraph)."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, 4000) * 3
+    b = rows(3, temperature=[0.7, 0.0, 1.2], top_p=[0.9, 1.0, 1.0], top_k=[0, 0, 40], min_p=[0.0, 0.0, 0.02],
+             steps=[3, 4, 5])
+    compiled = torch.compile(sample, fullgraph=True)
+    assert torch.equal(compiled(logits, b, mode), sample(logits, b, mode))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,18 +125,15 @@ class ChatService:
         return request_id
 
     def _events(self, channel: EventStream, environ: dict[str, Any]) -> Iterator[Event]:
-        """The request's events, checking every poll interval that the client is still connected."""
-        poll = self.config.disconnect_poll_s
-        next_check = time.monotonic() + poll
+        """The request's events, checking at each one (each engine step) and every poll interval
+        while none comes (queued) that the client is still connected: one non-blocking select."""
         while True:
             try:
-                event = channel.get(timeout=poll)
+                event = channel.get(timeout=self.config.disconnect_poll_s)
             except TimeoutError:
                 event = None
-            if time.monotonic() >= next_check:
-                if client_disconnected(environ):
-                    raise ClientGone
-                next_check = time.monotonic() + poll
+            if client_disconnected(environ):
+                raise ClientGone
             if event is None:
                 continue
             yield event
