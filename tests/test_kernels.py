@@ -1,6 +1,7 @@
 """The Triton kernels against their torch references: on CUDA, or on the CPU under the interpreter."""
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -33,7 +34,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **TOLERANCE[expected.dtype])
 
 
+@functools.cache
 def rope_table(head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
+    """One table per shape, shared by a kernel and its reference: torch's CPU `cos` of the same input
+    has come out differently (by ~1e-4 at angles in the thousands) from one call to the next."""
     inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)  # [P, D]
