@@ -5,7 +5,7 @@
 #
 # Made for a bare CUDA machine without network: it needs only torch, triton, transformers and
 # safetensors. Server tests are not run. Without pytest, the gpu-marked tests run under the
-# fallback runner in profiles/common.py. A failing step does not stop the others; OUTDIR/summary.txt
+# fallback runner profiles/testrunner.py. A failing step does not stop the others; OUTDIR/summary.txt
 # lists every step's outcome and the exit status is 1 if any failed. Set PYTHON to pick the interpreter.
 set -u
 
@@ -58,9 +58,8 @@ step_tests() {
     if "$PY" -c "import pytest" 2>/dev/null; then
         "$PY" -m pytest -q -rs -m gpu "${files[@]}"
     else
-        echo "pytest is not installed: running the gpu-marked tests with the fallback runner in profiles/common.py"
-        "$PY" -c 'import sys; sys.path.insert(0, "profiles"); import common
-sys.exit(common.run_marked_tests(sys.argv[1:], "gpu"))' "${files[@]}"
+        echo "pytest is not installed: running the gpu-marked tests with the fallback runner profiles/testrunner.py"
+        "$PY" profiles/testrunner.py gpu "${files[@]}"
     fi
 }
 
