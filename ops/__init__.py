@@ -54,6 +54,10 @@ def set_backend(name: str, device: torch.device) -> None:
             raise ValueError(
                 f"Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1; not on {device.type}"
             )
+        if device.type == "cuda":
+            from ops.decode_attention import num_sms
+
+            num_sms(device)  # queried now, outside any torch.compile trace
     _backend = name
     if device.type == "cpu":
         build_cpu_kernels()

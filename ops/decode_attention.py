@@ -1,8 +1,6 @@
 """Attention of one new query token per sequence over the paged KV cache."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -139,17 +137,24 @@ if triton is not None:
         tl.store(out_ptr + row * HEAD_DIM + cols, out.to(out_ptr.dtype.element_ty), mask=cols < HEAD_DIM)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
+# CUDA device index -> multiprocessor count. Filled when the backend is chosen (ops.set_backend), so
+# that a torch.compile trace of the decode step reads a dict and never queries the driver.
+_SM_COUNTS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # the interpreter: plan as for an H100
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Split-K factor from static shapes only (CUDA graphs): about two programs per SM, but no
     more splits than a full-length (`max_context`) sequence fills with MIN_SPLIT_TOKENS each."""
-    wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+    wanted = triton.cdiv(2 * num_sms(device), batch * num_kv_heads)
     return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 

@@ -3,6 +3,10 @@ interpreter, and torch.compile of the decode step."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +83,47 @@ def test_compiled_sampling_modes_match_eager(checkpoint, restore_backend):
     assert compiled == eager
     assert eager[1] == eager[4]  # same seed and prompt, batch-mates in another mode: the same tokens
     assert eager[1] != eager[0]  # and they are sampled, not the greedy ones
+
+
+# Run in a fresh process: triton must be imported without TRITON_INTERPRET, so that the kernels are
+# JIT functions that dynamo records as kernel calls, and dynamo's "has triton" check (a GPU) is faked.
+TRACE_SCRIPT = textwrap.dedent("""
+    import torch, torch.utils._triton
+    torch.utils._triton.has_triton = lambda: True
+    import ops
+    from checkpoints import make_checkpoint
+    from engine_util import load_engine
+    engine = load_engine(make_checkpoint(), max_batch=4)
+    ops._backend = "triton"  # what set_backend picks on CUDA; it refuses the CPU without the interpreter
+    runner = engine.runner
+    runner._narrow_tables = False
+    def backend(gm, example_inputs):
+        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        print("kernels", sum("triton_kernel_wrapper" in c for c in calls))
+        return lambda *args: None  # record only: there is no GPU to launch on
+    for mode in ("greedy", "sample", "filter"):
+        torch._dynamo.reset()
+        try:
+            with torch.inference_mode():
+                torch.compile(runner._decode_step, backend=backend, fullgraph=True)(
+                    mode, runner._bucket_inputs(4, runner.max_blocks_per_seq))
+        except TypeError:  # the recording backend returns no outputs
+            pass
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ops.triton_available(), reason="needs triton")
+def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
+    """What NANOQWEN_GRAPH=compile runs on CUDA: model, Triton kernels and sampler in one fullgraph
+    trace for every sampler mode (a graph break there would be an error)."""
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 2 layers x (2 RMSNorms, q/k norm + RoPE + store, split-K attention + combine) + the final norm
+    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 11"] * 3
 
 
 def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
