@@ -110,6 +110,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.buckets = batch_buckets(max_batch)
+        # CUDA stages a pageable source before a non-blocking copy returns; MPS may read it later,
+        # after a temporary is freed (pytorch/pytorch#139550), so copies there block.
+        self._non_blocking = device.type == "cuda"
         self._allocate_kv_cache()
         self._allocate_step_inputs()
         c = self.config
@@ -158,9 +161,12 @@ class ModelRunner:
         self._row_tables: list[tuple[int, int] | None] = [None] * mb  # (allocation epoch, blocks) each row holds
 
     def _upload(self, start: int, end: int) -> None:
-        """Host staging words [start, end) -> the device buffer, in one non-blocking copy."""
+        """Host staging words [start, end) -> the device buffer, in one copy (non-blocking on CUDA)."""
         if self._words is not self._host_words:
-            self._words[start:end].copy_(self._host_words[start:end], non_blocking=True)
+            self._words[start:end].copy_(self._host_words[start:end], non_blocking=self._non_blocking)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=self._non_blocking)
 
     # -- decode ---------------------------------------------------------------------------
     def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,22 +295,21 @@ class ModelRunner:
         tables = torch.zeros(len(seqs), width, dtype=torch.int32)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        dev = self.device
         meta = AttentionMetadata(
             prefill=True,
-            slot_mapping=torch.tensor(slots, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=self._to_device(torch.tensor(slots, dtype=torch.int32)),
+            block_tables=self._to_device(tables),
+            context_lens=self._to_device(torch.tensor(context_lens, dtype=torch.int32)),
             query_lens=query_lens,
             context_lens_host=context_lens,
         )
-        input_ids = torch.tensor(ids, dtype=torch.int32).to(dev, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.int32).to(dev, non_blocking=True)
+        input_ids = self._to_device(torch.tensor(ids, dtype=torch.int32))
+        positions = self._to_device(torch.tensor(pos, dtype=torch.int32))
         n = len(seqs)
         self._stage_sampling(seqs, n)
         self._upload(FIRST_SAMPLING_ROW * self.max_batch, len(ROW_FIELDS) * self.max_batch)
         hidden = self.model(input_ids, positions, meta)
-        last = torch.tensor(query_lens).cumsum(0).sub_(1).to(dev)
+        last = self._to_device(torch.tensor(query_lens).cumsum(0).sub_(1))
         logits = self.model.compute_logits(hidden[last])
         penalties = self._penalties(seqs) if any(seq.request.params.penalized for seq in seqs) else None
         tokens = sample(logits, self._inputs.sampling()[:n], sampling_mode(seqs), penalties)
@@ -323,14 +328,14 @@ class ModelRunner:
             history[i, : len(seq)] = seq.token_ids
             generated[i, seq.num_prompt_tokens : len(seq)] = 1.0
         dev = self.device
-        history_dev = torch.from_numpy(history).to(dev, non_blocking=True)
+        history_dev = self._to_device(torch.from_numpy(history))
         counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=dev)
-        counts.scatter_add_(1, history_dev, torch.from_numpy(generated).to(dev, non_blocking=True))
+        counts.scatter_add_(1, history_dev, self._to_device(torch.from_numpy(generated)))
         seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool, device=dev)
         seen.scatter_(1, history_dev, True)
 
         def column(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32).to(dev, non_blocking=True)
+            return self._to_device(torch.tensor(values, dtype=torch.float32))
 
         return Penalties(
             presence=column([p.presence_penalty for p in params]),
