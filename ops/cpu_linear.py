@@ -122,12 +122,13 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-# Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX): then torch's
-# own bf16 GEMM wins from 8 rows on, but below that this kernel reads the weights faster (a Qwen3-0.6B
-# pass at 1 / 4 / 8 rows: 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129 ms on a 2-core AVX-512-BF16
-# Xeon), so it keeps the rows up to NATIVE_BF16_MAX_ROWS.
+# Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX). Such CPUs run
+# torch's own GEMMs with AVX-512, which win from a few rows on; below that this kernel still reads the
+# weights faster. Measured on a 2-core AVX-512-BF16 Xeon, a Qwen3-0.6B pass of linears at 1 / 4 / 8 rows:
+# bf16 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129; fp32 at 4 / 8 / 16 rows 134 / 186 / 373 ms
+# against MKL's 155 / 220 / 198. So there the kernel keeps only the rows up to these limits.
 NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-NATIVE_BF16_MAX_ROWS = 6
+NATIVE_BF16_MAX_ROWS = {torch.bfloat16: 6, torch.float32: 8}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.device.type != "cpu" or not (bf16 or weight.dtype == torch.float32):
         return F.linear(x, weight)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    max_rows = NATIVE_BF16_MAX_ROWS if bf16 and NATIVE_BF16 else MAX_ROWS
+    max_rows = NATIVE_BF16_MAX_ROWS[weight.dtype] if NATIVE_BF16 else MAX_ROWS
     if KERNEL.ready and rows.shape[0] <= max_rows and rows.shape[1] % 32 == 0 and weight.is_contiguous():
         out = (linear_cpu_op if torch.compiler.is_compiling() else linear_cpu)(rows, weight)
     elif bf16 and rows.shape[0] > 1 and not NATIVE_BF16:  # widen the weights once: the fp32 GEMM runs at full speed

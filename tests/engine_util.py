@@ -68,6 +68,13 @@ def generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -
     return [collect(s, params.n) for s in streams]
 
 
+def generate_together(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Prompt i with params i, all submitted before the engine runs (one batch); each first choice's tokens."""
+    streams = [engine.submit(prompt, p)[1] for prompt, p in zip(prompts, params)]
+    run(engine)
+    return [collect(s).choices[0].token_ids for s in streams]
+
+
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+from engine_util import collect, generate, generate_together, greedy, hf_greedy, load_engine, run
 
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 
@@ -149,16 +149,14 @@ def test_repetition_penalty_matches_transformers(engine, hf):
     in a batch with an unpenalised request, which must keep its plain greedy tokens."""
     prompts = [[7] * 17, list(range(1000, 1037))]
     penalised = SamplingParams(temperature=0.0, repetition_penalty=1.8, max_tokens=16, ignore_eos=True)
-    plain = engine.submit(PROMPTS[0], greedy(16))[1]
-    streams = [engine.submit(p, penalised)[1] for p in prompts]
-    run(engine)
-    for prompt, stream in zip(prompts, streams):
+    plain, *outputs = generate_together(engine, [PROMPTS[0], *prompts], [greedy(16), penalised, penalised])
+    for prompt, tokens in zip(prompts, outputs):
         expected = hf.generate(
             torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False, repetition_penalty=1.8,
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )[0, len(prompt):].tolist()
-        assert collect(stream).choices[0].token_ids == expected
-    assert collect(plain).choices[0].token_ids == hf_greedy(hf, PROMPTS[0], 16)
+        assert tokens == expected
+    assert plain == hf_greedy(hf, PROMPTS[0], 16)
 
 
 def test_n_choices_share_the_prompt(engine):

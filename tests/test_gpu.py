@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
 
 from nanoqwen.engine import SamplingParams
 
@@ -42,12 +42,7 @@ MIXED_BATCHES = [MIXED[:2], MIXED[:3], MIXED, MIXED + MIXED[:3]]
 
 def sampled_outputs(checkpoint, **mode) -> list[list[int]]:
     engine = load_engine(checkpoint, device="cuda", max_batch=MAX_BATCH, max_model_len=256, **mode)
-    tokens = []
-    for batch in MIXED_BATCHES:
-        streams = [engine.submit(PROMPTS[i], params)[1] for i, params in enumerate(batch)]
-        run(engine)
-        tokens += [collect(s).choices[0].token_ids for s in streams]
-    return tokens
+    return [t for batch in MIXED_BATCHES for t in generate_together(engine, PROMPTS[: len(batch)], batch)]
 
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])

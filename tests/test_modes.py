@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import collect, generate, greedy, hf_greedy, load_engine, run
+from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
 
 from nanoqwen.engine import SamplingParams
 
@@ -60,13 +60,8 @@ def test_compiled_decode_matches_transformers(checkpoint, references, restore_ba
 
 
 def sampled_tokens(engine, batches: list[list[SamplingParams]]) -> list[list[int]]:
-    """Each batch's requests submitted together (PROMPTS cycled), run to the end; every choice's tokens."""
-    tokens = []
-    for batch in batches:
-        streams = [engine.submit(PROMPTS[i % len(PROMPTS)], params)[1] for i, params in enumerate(batch)]
-        run(engine)
-        tokens += [collect(s).choices[0].token_ids for s in streams]
-    return tokens
+    """Each batch's requests run together on the first prompts; all their tokens, batch after batch."""
+    return [t for batch in batches for t in generate_together(engine, PROMPTS[: len(batch)], batch)]
 
 
 SAMPLED = SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
