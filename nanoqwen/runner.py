@@ -126,6 +126,10 @@ class ModelRunner:
             # dynamic shapes, so a new batch bucket or table width recompiles once into a dynamic
             # kernel instead of once per shape (a cold compile of Qwen3-0.6B takes minutes on 2 cores).
             cuda = device.type == "cuda"
+            # One compile per (bucket, sampler mode, table width) on CUDA: past dynamo's default of 8
+            # per function it would silently run the step eagerly.
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 16 * len(self.buckets) * len(MODES))
             self._compiled = torch.compile(
                 self._decode_step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None,
                 fullgraph=True,
