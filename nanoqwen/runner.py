@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 import ops
 from nanoqwen.config import ModelConfig
-from nanoqwen.engine.sequence import Sequence
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.sampler import MODES, Penalties, SamplingRows, sample, top_logprobs
+
+if TYPE_CHECKING:  # annotations only: the engine package imports this module
+    from nanoqwen.engine.request import SamplingParams
+    from nanoqwen.engine.sequence import Sequence
 
 log = logging.getLogger("nanoqwen")
 
@@ -68,9 +71,9 @@ def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: in
     return StepInputs(**rows, block_tables=words[len(ROW_FIELDS) * max_batch :].reshape(max_batch, width))
 
 
-def sampling_mode(seqs: list[Sequence]) -> str:
+def sampling_mode(params: list[SamplingParams]) -> str:
     """The cheapest of sampler.MODES that serves every row."""
-    sampled = [s.request.params for s in seqs if not s.request.params.greedy]
+    sampled = [p for p in params if not p.greedy]
     if not sampled:
         return "greedy"
     return "filter" if any(p.filters for p in sampled) else "sample"
@@ -229,8 +232,9 @@ class ModelRunner:
         self._row_tables[n:bucket] = [None] * (bucket - n)
         return max(lengths)
 
-    def _stage_sampling(self, seqs: list[Sequence], bucket: int) -> None:
-        """Writes each row's sampling settings into the host staging; padded lanes are greedy."""
+    def _stage_sampling(self, seqs: list[Sequence], bucket: int) -> tuple[str, bool]:
+        """Writes each row's sampling settings into the host staging; padded lanes are greedy.
+        -> (the sampler mode that serves every row, whether any row is penalised)."""
         h = self._host
         n = len(seqs)
         params = [seq.request.params for seq in seqs]
@@ -245,15 +249,14 @@ class ModelRunner:
         h.top_p[n:bucket] = 1.0
         h.top_k[n:bucket] = 0
         h.min_p[n:bucket] = 0.0
+        return sampling_mode(params), any(p.penalized for p in params)
 
     def decode(self, seqs: list[Sequence]) -> StepOutput:
         n = len(seqs)
         bucket = self._bucket(n)
         max_len = self._stage_decode(seqs, bucket)
-        self._stage_sampling(seqs, bucket)
+        mode, penalized = self._stage_sampling(seqs, bucket)
         self._upload(0, len(ROW_FIELDS) * self.max_batch + bucket * self.max_blocks_per_seq)
-        mode = sampling_mode(seqs)
-        penalized = any(seq.request.params.penalized for seq in seqs)
         # Penalties need every row's token history: the step samples greedily (cheapest) and the
         # penalised distribution is sampled afterwards from its logits.
         step_mode = "greedy" if penalized else mode
@@ -310,13 +313,13 @@ class ModelRunner:
         input_ids = self._to_device(torch.tensor(ids, dtype=torch.int32))
         positions = self._to_device(torch.tensor(pos, dtype=torch.int32))
         n = len(seqs)
-        self._stage_sampling(seqs, n)
+        mode, penalized = self._stage_sampling(seqs, n)
         self._upload(FIRST_SAMPLING_ROW * self.max_batch, len(ROW_FIELDS) * self.max_batch)
         hidden = self.model(input_ids, positions, meta)
         last = self._to_device(torch.tensor(query_lens).cumsum(0).sub_(1))
         logits = self.model.compute_logits(hidden[last])
-        penalties = self._penalties(seqs) if any(seq.request.params.penalized for seq in seqs) else None
-        tokens = sample(logits, self._inputs.sampling()[:n], sampling_mode(seqs), penalties)
+        penalties = self._penalties(seqs) if penalized else None
+        tokens = sample(logits, self._inputs.sampling()[:n], mode, penalties)
         return self._output(seqs, logits, tokens)
 
     # -- sampling -------------------------------------------------------------------------
