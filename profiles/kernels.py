@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, EPS = 1024, 16, 8, 128, 16, 1e-6
+HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, EPS = 1024, 3072, 16, 8, 128, 16, 1e-6
 TOKENS = (1, 8, 64, 512, 4096)  # decode batches and prefill chunks
 BATCHES, CONTEXTS = (1, 8, 64), (512, 4096)
 ROTATION_BYTES, MAX_COPIES = 256 << 20, 64
@@ -70,6 +70,15 @@ def rms_norm_bench(tokens: int) -> Bench:
         "rms_norm+residual", f"N={tokens} H={HIDDEN}", (4 * tokens + 1) * HIDDEN * BF16,
         make_args, lambda impl, args: impl(*args)[0],
     )
+
+
+def silu_mul_bench(tokens: int) -> Bench:
+    def make_args(seed: int) -> tuple:
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        return (torch.randn(tokens, 2 * INTER, generator=g, device=DEVICE, dtype=DTYPE),)
+
+    return Bench("silu_mul", f"N={tokens} I={INTER}", 3 * tokens * INTER * BF16, make_args,
+                 lambda impl, args: impl(*args))
 
 
 def rope_bench(tokens: int, cos_sin: torch.Tensor) -> Bench:
@@ -196,6 +205,7 @@ def main() -> None:
     except ImportError:
         sys.exit("profiles/kernels.py needs triton (pip install triton).")
 
+    from ops.activation import silu_mul_torch, silu_mul_triton
     from ops.decode_attention import decode_attention_torch, decode_attention_triton
     from ops.rms_norm import rms_norm_torch, rms_norm_triton
     from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton
@@ -206,6 +216,7 @@ def main() -> None:
     decode = dict(triton=decode_attention_triton, torch=decode_attention_torch)
     benches = [
         *((rms_norm_bench(n), norm) for n in TOKENS),
+        *((silu_mul_bench(n), dict(triton=silu_mul_triton, torch=silu_mul_torch)) for n in TOKENS),
         *((rope_bench(n, cos_sin), rope) for n in TOKENS),
         *((decode_bench(b, c), decode) for c in CONTEXTS for b in BATCHES),
     ]
