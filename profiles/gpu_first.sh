@@ -144,18 +144,25 @@ cd "$REPO" || exit 2
 START=$SECONDS
 LINES=()
 
+# The device returns no file over 16 MiB: an output over BIG_MIB stays out of the archive, named.
+BIG_MIB=8
+
+too_big() { (cd "$RESULTS" && find . -type f -size +${BIG_MIB}M); }
+
 write_summary() {  # $1: the line for the step in progress, if any
     {
         echo "gpu_first.sh deadline ${DEADLINE_S}s, elapsed $((SECONDS - START))s, time scale ${PERCENT}%"
         printf '%-10s %-20s %6s %6s\n' step status secs limit
         printf '%s\n' "${LINES[@]}"
         if [ $# -gt 0 ]; then echo "$1"; fi
+        too_big | sed "s|^|left out of the archive (over ${BIG_MIB} MiB): |"
     } >"$OUTDIR/.summary.txt" && mv -f "$OUTDIR/.summary.txt" "$OUTDIR/summary.txt"
 }
 
 pack() {
     cp "$OUTDIR/summary.txt" "$RESULTS/summary.txt"
-    tar -czf "$OUTDIR/.results.tar.gz" -C "$RESULTS" . && mv -f "$OUTDIR/.results.tar.gz" "$OUTDIR/results.tar.gz"
+    too_big >"$WORK/too_big"
+    tar -czf "$OUTDIR/.results.tar.gz" --exclude-from="$WORK/too_big" -C "$RESULTS" . && mv -f "$OUTDIR/.results.tar.gz" "$OUTDIR/results.tar.gz"
 }
 
 scaled() { echo $(( ($1 * PERCENT + 99) / 100 )); }

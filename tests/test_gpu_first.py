@@ -24,6 +24,7 @@ echo "$GPU_FIRST_STEP" > "$GPU_FIRST_STEP_DIR/out.txt"
 case " ${STUB_PLAN:-} " in
     *" $GPU_FIRST_STEP:hang "*) exec sleep 1000 ;;
     *" $GPU_FIRST_STEP:fail "*) exit 3 ;;
+    *" $GPU_FIRST_STEP:big "*) head -c 9000000 /dev/zero > "$GPU_FIRST_STEP_DIR/big.json" ;;
 esac
 """
 
@@ -47,7 +48,7 @@ def run(env: dict[str, str], out: Path, deadline: int, plan: str, percent: int) 
 
 def statuses(out: Path) -> dict[str, str]:
     lines = (out / "summary.txt").read_text().splitlines()[2:]
-    return {line.split()[0]: line.split()[1] for line in lines}
+    return {line.split()[0]: line.split()[1] for line in lines if not line.startswith("left out")}
 
 
 def archived(out: Path) -> set[str]:
@@ -74,6 +75,13 @@ def test_a_hung_step_times_out_a_failed_one_is_recorded_and_the_rest_run(stub_en
         assert {f"{step}/log.txt", f"{step}/out.txt"} <= names
     with tarfile.open(out / "results.tar.gz") as tar:
         assert b"profiles/decode.py --modes none cudagraph --max-batch 64" in tar.extractfile("./decode/log.txt").read()
+
+
+def test_an_output_too_big_to_come_back_stays_out_of_the_archive_and_is_named(stub_env, tmp_path):
+    out = tmp_path / "out"
+    assert run(stub_env, out, deadline=100, plan="trace:big", percent=2).returncode == 0
+    assert "trace/big.json" not in archived(out) and "trace/log.txt" in archived(out)
+    assert "left out of the archive (over 8 MiB): ./trace/big.json" in (out / "summary.txt").read_text()
 
 
 def test_the_deadline_cuts_the_running_step_and_skips_the_rest(stub_env, tmp_path):
