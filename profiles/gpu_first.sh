@@ -23,7 +23,7 @@
 set -u
 
 usage() {
-    sed -n '3,4p' "$0" | sed 's/^# \{0,3\}//'
+    sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # name, limit (s), minimum (s): a step runs only when at least its minimum is left.

