@@ -132,6 +132,7 @@ PERCENT=${GPU_FIRST_TIME_PERCENT:-100}
 mkdir -p "$1" || exit 2
 OUTDIR=$(cd "$1" && pwd)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+SELF=$REPO/profiles/$(basename "$0")
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_first.XXXXXX")
 SITE=$WORK/site  # the wheelhouse is installed here (outside what is packed)
 RESULTS=$WORK/results
@@ -187,7 +188,7 @@ for entry in "${STEPS[@]}"; do
     echo "=== $name (limit ${limit}s, $((DEADLINE_S - (SECONDS - START)))s of the deadline left)"
     began=$SECONDS
     GPU_FIRST_RUN_STEP=$name GPU_FIRST_STEP=$name GPU_FIRST_STEP_DIR=$dir \
-        timeout -k 5 "$limit" bash "$0" "$OUTDIR" >"$dir/log.txt" 2>&1 </dev/null
+        timeout -k 5 "$limit" bash "$SELF" "$OUTDIR" >"$dir/log.txt" 2>&1 </dev/null
     rc=$?
     case $rc in
         0) status=ok ;;
