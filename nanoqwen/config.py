@@ -121,6 +121,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bind_device(device: torch.device) -> torch.device:
+    """Makes a CUDA device the calling thread's current one and names its index.
+
+    Triton launches, CUDA-graph capture and replay, and torch.cuda.synchronize() act on the
+    current device, not on the device the tensors live on: without this, NANOQWEN_DEVICE=cuda:1
+    would run them on device 0. The engine loads and steps in one thread, which calls this.
+    """
+    if device.type != "cuda":
+        return device
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]

@@ -10,6 +10,7 @@ import os
 import torch
 
 from ops import cpu_attention, cpu_linear, cpu_norm_rope
+from ops.activation import silu_mul_torch
 from ops.cpu_linear import linear
 from ops.decode_attention import decode_attention_torch
 from ops.prefill_attention import prefill_attention_torch
@@ -67,7 +68,7 @@ def backend() -> str:
     return _backend
 
 
-__all__ = ["linear", "rms_norm", "qk_norm_rope_store", "decode_attention", "prefill_attention"]
+__all__ = ["linear", "rms_norm", "silu_mul", "qk_norm_rope_store", "decode_attention", "prefill_attention"]
 
 
 def rms_norm(
@@ -81,6 +82,15 @@ def rms_norm(
     if cpu_norm_rope.rms_norm_supported(x, weight, residual):
         return cpu_norm_rope.rms_norm_cpu(x, weight, eps, residual)
     return rms_norm_torch(x, weight, eps, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) * up: [..., I]."""
+    if _backend == "triton":
+        from ops.activation import silu_mul_triton
+
+        return silu_mul_triton(x)
+    return silu_mul_torch(x)
 
 
 def qk_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping) -> None:

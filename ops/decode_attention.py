@@ -39,11 +39,35 @@ MAX_SPLITS = 64
 if triton is not None:
 
     @triton.jit
-    def _dot(a, b, UPCAST: tl.constexpr):
-        if UPCAST:  # the CPU interpreter multiplies bf16 as raw integer bits
+    def _dot(a, b, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr):
+        if INTERPRETED:  # the CPU interpreter multiplies bf16 as raw integer bits
             a, b = a.to(tl.float32), b.to(tl.float32)
-        # "ieee" only affects fp32 operands: exact fp32 products instead of tf32.
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _attend_tile(
+        q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+        k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Online softmax over the BLOCK_N tokens from `tile` (up to `end`): -> the updated (m, l, acc)."""
+        tokens = tile + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        slots = tokens % BLOCK_SIZE
+        kv_mask = token_mask[:, None] & col_mask
+        k_rows = (blocks * k_block_stride + slots * k_slot_stride)[:, None]
+        k = tl.load(k_head + k_rows + cols, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        scores = _dot(q, tl.trans(k), INTERPRETED, PRECISION) * qk_scale  # [BLOCK_GROUP, BLOCK_N]
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        v_rows = (blocks * v_block_stride + slots * v_slot_stride)[:, None]
+        v = tl.load(v_head + v_rows + cols, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INTERPRETED, PRECISION)
+        return m_new, l, acc
 
     @triton.jit
     def _decode_split_kernel(
@@ -56,7 +80,9 @@ if triton is not None:
         v_block_stride, v_slot_stride, v_head_stride,
         block_table_stride,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        BLOCK_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        INTERPRETED: tl.constexpr,  # the CPU interpreter
+        PRECISION: tl.constexpr,  # tl.dot's input_precision
     ):
         """One (sequence, kv head, split): all GROUP query heads against one share of the context.
 
@@ -84,28 +110,27 @@ if triton is not None:
         m = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_GROUP], tl.float32)
         acc = tl.zeros([BLOCK_GROUP, BLOCK_D], tl.float32)
-        offsets = tl.arange(0, BLOCK_N)
         block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
         k_head = k_cache_ptr + kv_head * k_head_stride
         v_head = v_cache_ptr + kv_head * v_head_stride
-        for tile in range(start, end, BLOCK_N):
-            tokens = tile + offsets
-            token_mask = tokens < end
-            blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-            slots = tokens % BLOCK_SIZE
-            kv_mask = token_mask[:, None] & col_mask
-            k_rows = (blocks * k_block_stride + slots * k_slot_stride)[:, None]
-            k = tl.load(k_head + k_rows + cols, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-            scores = _dot(q, tl.trans(k), UPCAST_DOT) * qk_scale  # [BLOCK_GROUP, BLOCK_N]
-            scores = tl.where(token_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            v_rows = (blocks * v_block_stride + slots * v_slot_stride)[:, None]
-            v = tl.load(v_head + v_rows + cols, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
-            m = m_new
+        if INTERPRETED:
+            # Triton 3.6's interpreter cannot take tensor bounds in range(): its __index__ is
+            # int() of a 1-element array, which NumPy >= 2.4 refuses. A while loop needs only bool().
+            tile = start
+            while tile < end:
+                m, l, acc = _attend_tile(
+                    q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+                    k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+                    BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+                )
+                tile += BLOCK_N
+        else:  # a for loop, which the compiler software-pipelines
+            for tile in range(start, end, BLOCK_N):
+                m, l, acc = _attend_tile(
+                    q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+                    k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+                    BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+                )
 
         part = (seq * GROUP * tl.num_programs(1) + q_heads) * NUM_SPLITS + split  # flat [B, Hq, S] index
         out_ptrs = out_ptr + part[:, None] * HEAD_DIM + cols
@@ -190,7 +215,10 @@ def decode_attention_triton(
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_GROUP=max(16, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
-        BLOCK_D=block_d, UPCAST_DOT=q.device.type == "cpu",
+        BLOCK_D=block_d, INTERPRETED=q.device.type == "cpu",
+        # fp32: exact products, not tf32. bf16/fp16 run on tensor cores either way, except that
+        # "ieee" turns their dots into FMA loops (no mma in the PTX): leave them the default.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
     if num_splits > 1:

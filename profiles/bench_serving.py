@@ -10,6 +10,10 @@ content delta), output throughput, and the HTTP layer's overhead (engine through
 throughput - 1). Without --model it builds a random checkpoint of Qwen3-0.6B's shape (cached
 under .cache/). Prints a markdown table and writes bench_serving.{json,md}, the server's log and,
 if matplotlib is installed, bench_serving.png into --out (default: the git-ignored profiles/out/).
+
+With --check-greedy it first starts the server in fp32 and asks it, through the `openai` client, for
+a greedy completion with logprobs; its tokens must equal transformers' fp32 greedy tokens on the
+same weights and prompt (exit 1 otherwise), written to greedy_check.json.
 """
 from __future__ import annotations
 
@@ -144,6 +148,44 @@ def bench_http(env: dict[str, str], client_counts: list[int], max_tokens: int, w
             n, lambda i, n=n: http_client(server.url, prompt(f"n{n}", i, words), max_tokens))) for n in client_counts]
 
 
+def check_greedy(env: dict[str, str], words: int, max_tokens: int, out: Path) -> bool:
+    """The server's fp32 greedy tokens (openai client, logprobs bytes) against transformers' in fp32."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nanoqwen.text import TokenBytes
+
+    messages = prompt("greedy", 0, words)
+    fp32 = {**env, "NANOQWEN_DTYPE": "float32"}
+    with GunicornServer(fp32, out / "gunicorn-greedy.log") as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="qwen3-0.6b", messages=messages, temperature=0, max_tokens=max_tokens, logprobs=True,
+            extra_body={"ignore_eos": True},
+        )
+    served = [bytes(entry.bytes) for entry in reply.choices[0].logprobs.content]
+    tokenizer = AutoTokenizer.from_pretrained(env["NANOQWEN_MODEL"])
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(env["NANOQWEN_MODEL"], dtype=torch.float32).to(device).eval()
+    expected_ids = hf.generate(
+        torch.tensor([ids], device=device), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+    )[0, len(ids):].tolist()
+    del hf
+    table = TokenBytes(tokenizer)
+    expected = [table.bytes(i) for i in expected_ids]
+    same = served == expected
+    (out / "greedy_check.json").write_text(json.dumps(
+        {"equal": same, "prompt_tokens": len(ids), "served": [b.hex() for b in served],
+         "transformers": [b.hex() for b in expected], "transformers_ids": expected_ids}, indent=1))
+    print(f"greedy through the server (fp32, openai client) {'equals' if same else 'DIFFERS FROM'} "
+          f"transformers over {max_tokens} tokens")
+    return same
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| clients | path | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | tok/s | HTTP overhead |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -188,6 +230,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
+    parser.add_argument("--check-greedy", action="store_true",
+                        help="first check the server's fp32 greedy tokens against transformers")
     args = parser.parse_args()
 
     model = args.model
@@ -200,9 +244,11 @@ def main() -> None:
     env = {"NANOQWEN_MODEL": model, "NANOQWEN_DEVICE": args.device, "NANOQWEN_DTYPE": args.dtype,
            "NANOQWEN_MAX_BATCH": str(max(args.clients)), "NANOQWEN_MAX_QUEUE": str(max(args.clients))}
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    greedy_ok = not args.check_greedy or check_greedy(env, args.prompt_words, 16, args.out)
+    gc.collect()
     rows = bench_engine(env, args.clients, args.max_tokens, args.prompt_words)
     gc.collect()  # the engine's model and KV pool go before the server loads its own
-    args.out.mkdir(parents=True, exist_ok=True)
     http_rows = bench_http(env, args.clients, args.max_tokens, args.prompt_words, args.out / "gunicorn.log")
     engine_tput = {r.clients: r.tokens_per_s for r in rows}
     for r in http_rows:
@@ -216,6 +262,8 @@ def main() -> None:
     (args.out / "bench_serving.md").write_text(table + "\n")
     if plot(rows, args.out / "bench_serving.png"):
         print(f"\nplot: {args.out / 'bench_serving.png'}")
+    if not greedy_ok:
+        sys.exit("the server's greedy tokens differ from transformers': see greedy_check.json")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,10 @@ def main() -> None:
     header = (f"decode step: batch {args.batch}, context {args.prompt_len + args.warmup + 1}, {info['dtype']}, "
               f"graph {info['graph']}, kernels {info['kernels']}, {info['device']}\n"
               f"{common.machine_line(common.machine_info(device))}\ncommand: {common.command_line()}\n")
+    if device.type == "cuda":  # to hold against tests/test_launches.py's count (10 per layer + 5)
+        on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        copies = sum(e.name.startswith(("Memcpy", "Memset")) for e in on_device)
+        header += f"on the device in the step: {len(on_device) - copies} kernels, {copies} copies/memsets\n"
     print(header + table)
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / "trace.json"))

@@ -53,6 +53,14 @@ def test_graph_replay_equals_eager_for_every_bucket(checkpoint, kernels):
         assert graph == eager, f"batch {batch}"
 
 
+def test_bf16_graph_replay_equals_eager_with_triton(checkpoint):
+    """The served configuration: bf16 weights and activations, Triton kernels, replayed graphs."""
+    for batch in (1, 3, 8):
+        eager = outputs(checkpoint, batch, kernels="triton", graph="none", dtype="bfloat16")
+        graph = outputs(checkpoint, batch, kernels="triton", graph="cudagraph", dtype="bfloat16")
+        assert graph == eager, f"batch {batch}"
+
+
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_graph_sampling_equals_eager(checkpoint, kernels):
     eager = sampled_outputs(checkpoint, kernels=kernels, graph="none")

@@ -16,6 +16,7 @@ from ops.decode_attention import (  # noqa: E402
     decode_attention_triton,
     default_num_splits,
 )
+from ops.activation import silu_mul_torch, silu_mul_triton  # noqa: E402
 from ops.rms_norm import rms_norm_torch, rms_norm_triton  # noqa: E402
 from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton  # noqa: E402
 
@@ -41,6 +42,18 @@ def rope_table(head_dim: int, max_positions: int, device: torch.device) -> torch
     inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     freqs = torch.outer(torch.arange(max_positions).float(), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)  # [P, D]
+
+
+# ---------------------------------------------------------------- SiLU * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2 * 48), (3, 2 * 600), (2, 2, 2 * 64)])  # 600: two column blocks, masked
+def test_silu_mul(shape, dtype):
+    x = (3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))).to(DEVICE, dtype)
+    out = silu_mul_triton(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert_close(out, silu_mul_torch(x))
 
 
 # ---------------------------------------------------------------- RMSNorm

@@ -117,8 +117,8 @@ def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
     env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 2 layers x (2 RMSNorms, q/k norm + RoPE + store, split-K attention + combine) + the final norm
-    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 11"] * 3
+    # 2 layers x (2 RMSNorms, q/k norm + RoPE + store, split-K attention + combine, SiLU * up) + the final norm
+    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * 3
 
 
 def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):

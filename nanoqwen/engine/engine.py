@@ -13,7 +13,7 @@ import torch
 
 import ops
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig, resolve_device, resolve_dtype
+from nanoqwen.config import EngineConfig, bind_device, resolve_device, resolve_dtype
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, TopLogprob, Usage
 from nanoqwen.engine.scheduler import Scheduler
@@ -72,7 +72,7 @@ class Engine:
         path = loader.resolve_checkpoint(cfg.model, cfg.revision)
         shards = loader.check_files(path)
         model_config = loader.load_model_config(path)
-        device = resolve_device(cfg.device)
+        device = bind_device(resolve_device(cfg.device))
         dtype = resolve_dtype(cfg.dtype, model_config.torch_dtype, device)
         kernels = ops.default_backend(device) if cfg.kernels == "auto" else cfg.kernels
         ops.set_backend(kernels, device)
