@@ -32,7 +32,7 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     )
 
 
-def decode_attention_cpu(
+def _decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], contiguous
     v_cache: torch.Tensor,
@@ -54,12 +54,8 @@ def decode_attention_cpu(
     return out
 
 
-# The same kernel as an opaque op for torch.compile (the dispatcher costs tens of µs in eager).
-decode_attention_cpu_op = torch.library.custom_op(
-    "nanoqwen::decode_attention_cpu", decode_attention_cpu, mutates_args=()
-)
-
-
-@decode_attention_cpu_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+def _decode_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale):
     return torch.empty_like(q)
+
+
+decode_attention_cpu = cpu_build.kernel_op("decode_attention_cpu", _decode_attention, _decode_attention_fake)

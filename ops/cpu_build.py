@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +46,20 @@ def profiled(name: str):
     if torch.autograd.profiler._is_profiler_enabled:
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+def kernel_op(name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = ()) -> Callable:
+    """The one torch.compile policy of every C kernel: `impl` is registered as the custom op
+    nanoqwen::`name` (traced through `fake`), which compiled code calls; eager code calls `impl`
+    directly, as the dispatcher would cost tens of µs a call. Both run the same C function."""
+    op = torch.library.custom_op(f"nanoqwen::{name}", impl, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+
+    @functools.wraps(impl)
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
 
 
 def compiler() -> str | None:

@@ -19,7 +19,7 @@ MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weight
 KERNEL = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",))
 
 
-def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, K % 32 == 0), weight: [N, K] contiguous, both bf16 or both fp32 -> [M, N]."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
@@ -29,13 +29,11 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The same kernel as an opaque op for torch.compile (the dispatcher costs tens of µs in eager).
-linear_cpu_op = torch.library.custom_op("nanoqwen::linear_cpu", linear_cpu, mutates_args=())
-
-
-@linear_cpu_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+linear_cpu = cpu_build.kernel_op("linear_cpu", _linear, _linear_fake)
 
 
 # Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX). Such CPUs run
@@ -55,7 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     max_rows = NATIVE_BF16_MAX_ROWS[weight.dtype] if NATIVE_BF16 else MAX_ROWS
     if KERNEL.ready and rows.shape[0] <= max_rows and rows.shape[1] % 32 == 0 and weight.is_contiguous():
-        out = (linear_cpu_op if torch.compiler.is_compiling() else linear_cpu)(rows, weight)
+        out = linear_cpu(rows, weight)
     elif bf16 and rows.shape[0] > 1 and not NATIVE_BF16:  # widen the weights once: the fp32 GEMM runs at full speed
         out = F.linear(rows.float(), weight.float()).to(torch.bfloat16)
     else:

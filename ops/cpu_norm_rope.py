@@ -23,7 +23,6 @@ def _eligible(x: torch.Tensor) -> bool:
         KERNEL.ready
         and x.device.type == "cpu"
         and x.dtype in (torch.bfloat16, torch.float32)
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -38,19 +37,52 @@ def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, residual: torch.Te
     )
 
 
+def _rms_norm_into(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor,
+    new_residual: torch.Tensor | None,
+) -> None:
+    with cpu_build.profiled("nanoqwen::rms_norm_cpu"):
+        KERNEL.lib.rms_norm(
+            x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
+            new_residual.data_ptr() if new_residual is not None else None, x.shape[0], x.shape[1], eps,
+            int(x.dtype == torch.bfloat16),
+        )
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _rms_norm_into(x, None, weight, eps, out, None)
+    return out
+
+
+def _add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, new_residual = torch.empty_like(x), torch.empty_like(x)
+    _rms_norm_into(x, residual, weight, eps, out, new_residual)
+    return out, new_residual
+
+
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x)
+
+
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+# Two ops, as a custom op's output may not alias its input (the norm without residual returns x).
+_rms_norm_op = cpu_build.kernel_op("rms_norm_cpu", _rms_norm, _rms_norm_fake)
+_add_rms_norm_op = cpu_build.kernel_op("add_rms_norm_cpu", _add_rms_norm, _add_rms_norm_fake)
+
+
 def rms_norm_cpu(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ops.rms_norm.rms_norm_torch, for [N, H] contiguous inputs."""
-    out = torch.empty_like(x)
-    new_residual = torch.empty_like(x) if residual is not None else x
-    with cpu_build.profiled("nanoqwen::rms_norm_cpu"):
-        KERNEL.lib.rms_norm(
-            x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
-            new_residual.data_ptr() if residual is not None else None, x.shape[0], x.shape[1], eps,
-            int(x.dtype == torch.bfloat16),
-        )
-    return out, new_residual
+    if residual is None:
+        return _rms_norm_op(x, weight, eps), x
+    return _add_rms_norm_op(x, residual, weight, eps)
 
 
 def qk_norm_rope_store_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -64,7 +96,11 @@ def qk_norm_rope_store_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     )
 
 
-def qk_norm_rope_store_cpu(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping) -> None:
+def _qk_norm_rope_store(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+    cos_sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Same contract as ops.rope.qk_norm_rope_store_torch."""
     n, num_heads, head_dim = q.shape
     # The runner's inputs are int32 already: these convert only for other callers.
@@ -76,3 +112,13 @@ def qk_norm_rope_store_cpu(q, k, v, q_weight, k_weight, eps, cos_sin, positions,
             cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
             n, num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0), int(q.dtype == torch.bfloat16),
         )
+
+
+def _qk_norm_rope_store_fake(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping):
+    return None
+
+
+qk_norm_rope_store_cpu = cpu_build.kernel_op(
+    "qk_norm_rope_store_cpu", _qk_norm_rope_store, _qk_norm_rope_store_fake,
+    mutates_args=("q", "k", "k_cache", "v_cache"),
+)
