@@ -37,6 +37,9 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-Wall", "-We
 C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}
 
 
+NO_COMPILER = "no C compiler found (cc, $CC or gcc)"
+
+
 class BuildError(RuntimeError):
     """The compiler rejected a kernel source; the message is its output (file:line: error ...)."""
 
@@ -73,7 +76,7 @@ def unavailable() -> str | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "no AVX2 on this CPU"
     if compiler() is None:
-        return "no C compiler found (cc, $CC or gcc)"
+        return NO_COMPILER
     return None
 
 
@@ -152,8 +155,9 @@ class CKernel:
 
     def _load(self) -> ctypes.CDLL | None:
         reason = unavailable()
-        if reason is not None:
-            log.info("%s: %s, using torch", self.name, reason)
+        if reason is not None:  # only a missing compiler is news: the rest is the user's choice or the CPU
+            level = logging.WARNING if reason == NO_COMPILER else logging.INFO
+            log.log(level, "%s: %s, using torch", self.name, reason)
             return None
         cc = compiler()
         path = cache_dir() / f"{self.name}-{_digest(self.csrc, cc)}.so"

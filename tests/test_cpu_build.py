@@ -96,3 +96,18 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path, monkeypatch):
     assert built() == first  # a second load reuses the cached object
     (csrc / "simd.h").write_text((csrc / "simd.h").read_text() + "\n/* edited */\n")
     assert len(built()) == 2  # a header edit builds anew
+
+
+def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.delenv("NANOQWEN_CPU_KERNELS", raising=False)
+    kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",))
+    if cpu_build.unavailable() == "no AVX2 on this CPU":
+        pytest.skip("no AVX2: the compiler is never looked for")
+    assert cpu_build.unavailable() == cpu_build.NO_COMPILER
+    with caplog.at_level("WARNING", logger="nanoqwen"):
+        assert not kernel.build()
+    assert kernel.lib is None and kernel.error is None and "no C compiler" in caplog.text
+    assert not (tmp_path / "cache").exists()
