@@ -1,3 +1,4 @@
+/* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu_linear.py. */
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 
