@@ -110,8 +110,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
 
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     if cpu_attention.supports(q, k_cache):
-        kernel = cpu_attention.decode_attention_cpu_op if torch.compiler.is_compiling() else cpu_attention.decode_attention_cpu
-        return kernel(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return cpu_attention.decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, scale)
     return decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 

@@ -1,62 +1,47 @@
-"""Compiles a kernel's C source with the system compiler on first use and loads it with ctypes.
+"""Compiles a kernel's C file (ops/csrc/) with the system compiler on first use and loads it with ctypes.
 
 The CPU kernels (AVX2 + FMA, OpenMP) need no torch headers, so building one takes about a second.
-The shared object is cached by a hash of its source; without a compiler, on another CPU, or with
-NANOQWEN_CPU_KERNELS=0, `load` returns None and callers fall back to torch.
+The shared object is cached by a hash of every file in the source folder, the compiler and the
+flags; without a compiler, on another CPU, or with NANOQWEN_CPU_KERNELS=0, a kernel does not build
+and callers fall back to torch. The ctypes argument types come from the prototypes in
+csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks each definition against its
+prototype and Python reads the same prototype, so neither side can drift from the other.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("nanoqwen")
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+CSRC = Path(__file__).parent / "csrc"
+HEADER = "nanoqwen_cpu.h"
+# -Wmissing-prototypes: an exported function without a prototype in the header is a warning.
+# No -Werror: a new compiler's new warning must not turn a working kernel into the torch fallback;
+# tests/test_cpu_build.py requires a build without warnings instead.
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wmissing-prototypes"]
 
-# Helpers every kernel source may use.
-PRELUDE = r"""
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+# The C parameter types the header may use, as ctypes sees them (any pointer is a c_void_p).
+C_TYPES = {"int": ctypes.c_int, "long": ctypes.c_long, "float": ctypes.c_float}
 
-static inline __m256 widen(const uint16_t *p) {  /* 8 bf16 -> 8 fp32: a 16-bit shift */
-    __m128i v = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+NO_COMPILER = "no C compiler found (cc, $CC or gcc)"
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-"""
+class BuildError(RuntimeError):
+    """The compiler rejected a kernel source; the message is its output (file:line: error ...)."""
 
 
 def profiled(name: str):
@@ -66,16 +51,54 @@ def profiled(name: str):
     return contextlib.nullcontext()
 
 
-def _compile(compiler: str, text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / path.with_suffix(".c").name
-        src.write_text(text)
-        out = Path(tmp) / path.name
-        result = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, compiler, stderr=result.stderr)
-        os.replace(out, path)  # atomic: concurrent processes never load a half-written file
+def kernel_op(name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = ()) -> Callable:
+    """The one torch.compile policy of every C kernel: `impl` is registered as the custom op
+    nanoqwen::`name` (traced through `fake`), which compiled code calls; eager code calls `impl`
+    directly, as the dispatcher would cost tens of µs a call. Both run the same C function."""
+    op = torch.library.custom_op(f"nanoqwen::{name}", impl, mutates_args=tuple(mutates_args))
+    op.register_fake(fake)
+
+    @functools.wraps(impl)
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def unavailable() -> str | None:
+    """Why the C kernels cannot run here (then they fall back to torch), or None where they must build."""
+    if os.environ.get("NANOQWEN_CPU_KERNELS", "1") == "0":
+        return "NANOQWEN_CPU_KERNELS=0"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "no AVX2 on this CPU"
+    if compiler() is None:
+        return NO_COMPILER
+    return None
+
+
+def prototypes(header: str) -> dict[str, list]:
+    """{function: ctypes argument types} for every `void name(params);` prototype in the header text."""
+    text = re.sub(r"/\*.*?\*/|//[^\n]*|^\s*#[^\n]*", "", header, flags=re.S | re.M)
+    found = {}
+    for statement in filter(str.strip, text.split(";")):
+        match = re.fullmatch(r"\s*void\s+(\w+)\s*\(([^()]*)\)\s*", statement)
+        if match is None:
+            raise ValueError(f"{HEADER}: not a `void name(params)` prototype: {' '.join(statement.split())!r}")
+        found[match[1]] = [_ctype(param, match[1]) for param in match[2].split(",")]
+    return found
+
+
+def _ctype(param: str, function: str):
+    if "*" in param:
+        return ctypes.c_void_p
+    words = [w for w in param.split() if w != "const"]
+    if len(words) != 2 or words[0] not in C_TYPES:
+        raise ValueError(f"{HEADER}: {function}: unsupported parameter {param.strip()!r}")
+    return C_TYPES[words[0]]
 
 
 def cache_dir() -> Path:
@@ -83,49 +106,71 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load(name: str, source: str) -> ctypes.CDLL | None:
-    """The compiled library for `source`, or None where it cannot run (logged)."""
-    if os.environ.get("NANOQWEN_CPU_KERNELS", "1") == "0":
-        return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler found: %s falls back to torch", name)
-        return None
-    text = PRELUDE + source
-    digest = hashlib.sha256((text + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{name}-{digest}.so"
-    try:
-        if not path.exists():
-            _compile(compiler, text, path)
-        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: one shared thread pool.
-        return ctypes.CDLL(str(path))
-    except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
-        log.warning("could not build %s (%s): using torch", name, (getattr(exc, "stderr", None) or repr(exc))[:500])
-        return None
+def compile_library(cc: str, source: Path, path: Path) -> str:
+    """Compiles `source` (by its path, so diagnostics name it) into the shared object `path`;
+    -> the compiler's warnings. Raises BuildError with its output when it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        command = [cc, *FLAGS, f"-I{source.parent}", str(source), "-o", str(out), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(result.stderr.strip() or f"{cc} exited with {result.returncode}")
+        os.replace(out, path)  # atomic: concurrent processes never load a half-written file
+    return result.stderr.strip()
+
+
+def _digest(csrc: Path, cc: str) -> str:
+    h = hashlib.sha256(" ".join([cc, *FLAGS]).encode())
+    for file in sorted(csrc.glob("*.[ch]")):  # every source and header: an edit to any rebuilds all
+        h.update(file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()[:16]
 
 
 class CKernel:
-    """The functions of one C source, built at most once. `ready` is a plain attribute, so code
-    that torch.compile traces can branch on it."""
+    """The functions of one C file, built at most once. `ready` is a plain attribute, so code that
+    torch.compile traces can branch on it; `error` holds why a build failed."""
 
-    def __init__(self, name: str, source: str, signatures: dict[str, list]) -> None:
+    def __init__(self, name: str, source: str, functions: tuple[str, ...], csrc: Path = CSRC) -> None:
         self.name = name
-        self.source = source
-        self.signatures = signatures  # function name -> ctypes argument types
+        self.source = csrc / source
+        self.functions = functions
+        self.csrc = csrc
         self.lib: ctypes.CDLL | None = None
         self.ready = False
+        self.error: str | None = None
         self._tried = False
 
     def build(self) -> bool:
         """Compiles (or loads from the cache) on the first call; whether the kernel can run."""
         if not self._tried:
             self._tried = True
-            self.lib = load(self.name, self.source)
-            if self.lib is not None:
-                for function, argtypes in self.signatures.items():
-                    getattr(self.lib, function).argtypes = argtypes
-                    getattr(self.lib, function).restype = None
+            try:
+                self.lib = self._load()
+            except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
+                self.error = str(exc) or repr(exc)
+                log.warning("could not build %s: using torch\n%s", self.name, self.error[:2000])
             self.ready = self.lib is not None
         return self.ready
+
+    def _load(self) -> ctypes.CDLL | None:
+        reason = unavailable()
+        if reason is not None:  # only a missing compiler is news: the rest is the user's choice or the CPU
+            level = logging.WARNING if reason == NO_COMPILER else logging.INFO
+            log.log(level, "%s: %s, using torch", self.name, reason)
+            return None
+        cc = compiler()
+        path = cache_dir() / f"{self.name}-{_digest(self.csrc, cc)}.so"
+        if not path.exists():
+            warnings = compile_library(cc, self.source, path)
+            if warnings:
+                log.warning("%s built with warnings:\n%s", self.name, warnings)
+        signatures = prototypes((self.csrc / HEADER).read_text())
+        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: one shared thread pool.
+        lib = ctypes.CDLL(str(path))
+        for function in self.functions:
+            if function not in signatures:
+                raise BuildError(f"{self.name}: {function} has no prototype in {self.csrc / HEADER}")
+            getattr(lib, function).argtypes = signatures[function]
+            getattr(lib, function).restype = None
+        return lib

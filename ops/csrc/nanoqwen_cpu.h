@@ -1,0 +1,30 @@
+/* Every function the CPU kernels export, declared once: ops/cpu_build.py reads the ctypes argument
+   types from these prototypes, and each .c file includes this header, so the compiler rejects a
+   definition that drifts from it. Keep to one prototype per statement, returning void, with
+   parameter types from: pointers, int, long, float. */
+#ifndef NANOQWEN_CPU_H
+#define NANOQWEN_CPU_H
+
+#include <stdint.h>
+
+/* linear.c: y = x @ w.T; x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0. */
+void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16);
+
+/* attention.c: paged decode attention, one query token per sequence.
+   q: [B, Hq, D]; k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32;
+   out: [B, Hq, D]. D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
+void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
+                      void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16);
+
+/* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192; res and res_out may be NULL. */
+void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
+              int bf16);
+
+/* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous), D <= 256;
+   cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32
+   (-1: write nothing). */
+void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
+                        const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
+                        int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
+
+#endif

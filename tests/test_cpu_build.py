@@ -1,0 +1,113 @@
+"""Building the C kernels: warnings, diagnostics that name the real file, the header as the one
+declaration of the ctypes signatures, and the cache key."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ops import cpu_attention, cpu_build, cpu_linear, cpu_norm_rope
+
+KERNELS = [cpu_linear.KERNEL, cpu_attention.KERNEL, cpu_norm_rope.KERNEL]
+needs_compiler = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+
+def copy_sources(tmp_path: Path) -> Path:
+    csrc = tmp_path / "csrc"
+    shutil.copytree(cpu_build.CSRC, csrc)
+    return csrc
+
+
+def test_header_declares_every_function_the_kernels_load():
+    signatures = cpu_build.prototypes((cpu_build.CSRC / cpu_build.HEADER).read_text())
+    assert sorted(signatures) == sorted(f for kernel in KERNELS for f in kernel.functions)
+
+
+def test_prototype_parser():
+    header = """
+        #include <stdint.h>
+        /* a comment; with a semicolon */
+        void f(const void *x, int32_t *y, int n,
+               long stride, float eps);  // trailing
+        void g(int a);
+    """
+    assert cpu_build.prototypes(header) == {
+        "f": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float],
+        "g": [ctypes.c_int],
+    }
+    with pytest.raises(ValueError, match="unsupported parameter 'double x'"):
+        cpu_build.prototypes("void f(double x);")
+    with pytest.raises(ValueError, match="not a `void name"):
+        cpu_build.prototypes("int f(int x);")
+
+
+@needs_compiler
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_builds_without_warnings(tmp_path, kernel):
+    """-Wall -Wextra -Wmissing-prototypes stay quiet: the tests' stand-in for -Werror."""
+    assert cpu_build.compile_library(cpu_build.compiler(), kernel.source, tmp_path / "k.so") == ""
+
+
+@needs_compiler
+def test_loaded_functions_take_the_header_signatures():
+    signatures = cpu_build.prototypes((cpu_build.CSRC / cpu_build.HEADER).read_text())
+    for kernel in KERNELS:
+        assert kernel.build(), kernel.error
+        for function in kernel.functions:
+            assert getattr(kernel.lib, function).argtypes == signatures[function]
+
+
+@needs_compiler
+def test_a_broken_source_names_its_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+    csrc = copy_sources(tmp_path)
+    lines = (csrc / "linear.c").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.startswith("void linear("))
+    lines.insert(line, "    int broken = ;")  # the new line `line + 1`, inside the function
+    (csrc / "linear.c").write_text("\n".join(lines) + "\n")
+    kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",), csrc=csrc)
+    assert not kernel.build() and kernel.lib is None
+    assert f"{csrc / 'linear.c'}:{line + 1}:" in kernel.error and "error" in kernel.error
+    assert not list((tmp_path / "cache").glob("*.so"))
+
+
+@needs_compiler
+def test_a_definition_that_drifts_from_the_header_does_not_build(tmp_path):
+    csrc = copy_sources(tmp_path)
+    source = csrc / "linear.c"
+    source.write_text(source.read_text().replace("int M, int N, int K, int bf16)", "long M, int N, int K, int bf16)"))
+    with pytest.raises(cpu_build.BuildError, match=rf"{source}:\d+:.*conflicting types for .linear"):
+        cpu_build.compile_library(cpu_build.compiler(), source, tmp_path / "k.so")
+
+
+@needs_compiler
+def test_the_cache_is_keyed_by_every_source_and_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+    csrc = copy_sources(tmp_path)
+
+    def built() -> set[str]:
+        kernel = cpu_build.CKernel("cpu_attention", "attention.c", ("decode_attention",), csrc=csrc)
+        assert kernel.build(), kernel.error
+        return {p.name for p in (tmp_path / "cache").glob("*.so")}
+
+    first = built()
+    assert built() == first  # a second load reuses the cached object
+    (csrc / "simd.h").write_text((csrc / "simd.h").read_text() + "\n/* edited */\n")
+    assert len(built()) == 2  # a header edit builds anew
+
+
+def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    monkeypatch.delenv("NANOQWEN_CPU_KERNELS", raising=False)
+    kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",))
+    if cpu_build.unavailable() == "no AVX2 on this CPU":
+        pytest.skip("no AVX2: the compiler is never looked for")
+    assert cpu_build.unavailable() == cpu_build.NO_COMPILER
+    with caplog.at_level("WARNING", logger="nanoqwen"):
+        assert not kernel.build()
+    assert kernel.lib is None and kernel.error is None and "no C compiler" in caplog.text
+    assert not (tmp_path / "cache").exists()

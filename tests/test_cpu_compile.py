@@ -1,0 +1,81 @@
+"""The one torch.compile policy of the C kernels: under torch.compile every one of them is its
+custom op (the mutating one included), and the compiled code computes what eager code does."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+from nanoqwen.layers.rotary import RotaryEmbedding
+from ops import cpu_attention, cpu_build, cpu_linear, cpu_norm_rope
+
+pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+TOKENS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 2, 64, 4, 2, 16, 16
+C_OPS = {f"nanoqwen.{name}.default" for name in (
+    "rms_norm_cpu", "add_rms_norm_cpu", "linear_cpu", "qk_norm_rope_store_cpu", "decode_attention_cpu",
+)}
+
+
+def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
+    for kernel in (cpu_linear.KERNEL, cpu_attention.KERNEL, cpu_norm_rope.KERNEL):
+        assert kernel.build(), kernel.error
+
+
+def layer(x, residual, norm_w, qkv_w, q_w, k_w, cos_sin, positions, k_cache, v_cache, slots, tables, lens):
+    """A decode layer's kernels in order, through the dispatcher the model uses."""
+    first, _ = ops.rms_norm(x, norm_w, 1e-6)
+    h, residual = ops.rms_norm(x, norm_w, 1e-6, residual)
+    qkv = ops.linear(h, qkv_w)
+    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    q, k, v = (t.view(TOKENS, -1, HEAD_DIM) for t in (q, k, v))
+    ops.qk_norm_rope_store(q, k, v, q_w, k_w, 1e-6, cos_sin, positions, k_cache, v_cache, slots)
+    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
+    return first, residual, qkv, out
+
+
+def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(HEAD_DIM, 64, 1_000_000.0)
+    rotary.build(torch.device("cpu"))
+    positions = torch.tensor([3, 7], dtype=torch.int32)
+    tables = torch.tensor([[1], [2]], dtype=torch.int32)
+    return [
+        torch.randn(TOKENS, HIDDEN, dtype=dtype), torch.randn(TOKENS, HIDDEN, dtype=dtype),
+        (1 + 0.1 * torch.randn(HIDDEN)).to(dtype), torch.randn((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, dtype=dtype),
+        (1 + 0.1 * torch.randn(HEAD_DIM)).to(dtype), (1 + 0.1 * torch.randn(HEAD_DIM)).to(dtype),
+        rotary.cos_sin, positions,
+        torch.randn(4, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype), torch.randn(4, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype),
+        tables[:, 0] * BLOCK + positions, tables, positions + 1,
+    ]
+
+
+@pytest.fixture
+def torch_backend():
+    previous = ops.backend()
+    ops.set_backend("torch", torch.device("cpu"))
+    yield
+    ops.set_backend(previous, torch.device("cpu"))
+
+
+def test_every_kernel_traces_as_its_custom_op(torch_backend):
+    targets = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(layer, backend=record, fullgraph=True)(*inputs(torch.float32))
+    assert C_OPS <= set(targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_matches_eager_to_the_bit(torch_backend, dtype):
+    """aot_eager functionalizes the in-place q/k-norm + RoPE + store (views of qkv, the caches)."""
+    eager_args, compiled_args = inputs(dtype), inputs(dtype)
+    eager = layer(*eager_args)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(*compiled_args)
+    for a, b in zip([*eager, *eager_args[8:10]], [*compiled, *compiled_args[8:10]]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
