@@ -38,9 +38,11 @@ def test_load_failure(tmp_path: Path) -> None:
         time.sleep(0.01)
     client = _client(engine)
     health = client.get("/health")
-    assert health.status_code == 503 and health.json["status"] == "error" and "missing" in health.json["error"]
+    assert health.status_code == 503 and health.json["status"] == "error" and health.json["error"]
+    assert str(tmp_path) not in health.text  # /health is public: no local paths
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 503 and response.json["error"]["code"] == "model_load_failed"
+    assert "missing" in response.json["error"]["message"]
 
 
 def test_api_key_and_cors_apply_before_the_engine(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def _bad(body: object) -> APIError:
 
 
 def test_minimal_request_defaults() -> None:
-    req = parse_chat_request({"messages": USER, "unknown_field": {"x": 1}})
+    req = parse_chat_request({"messages": USER, "user": "u", "metadata": {"x": "1"}, "store": False})
     params = req.sampling_params()
     assert req.model is None and not req.stream
     assert (params.temperature, params.top_p, params.max_tokens, params.n, params.stop) == (1.0, 1.0, None, 1, [])
@@ -145,13 +145,19 @@ def test_fingerprint_tracks_the_configuration() -> None:
 
 
 def test_server_config_from_env() -> None:
-    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/ckpt", "NANOQWEN_API_KEY": "k",
-                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
-    assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k"
+    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/models/ckpt", "NANOQWEN_API_KEY": "k",
+                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b", "NANOQWEN_BODY_TIMEOUT": "2.5"})
+    assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k" and config.body_timeout_s == 2.5
     assert config.cors_origins == ("http://a", "http://b")
-    assert config.accepts_model("qwen3-0.6b") and config.accepts_model("/ckpt") and not config.accepts_model("x")
+    assert config.model_name == "ckpt" and config.hub_id is None  # a local directory: no path, no Hub id
+    assert config.accepts_model("qwen3-0.6b") and not config.accepts_model("/models/ckpt")
+    assert not config.accepts_model("Qwen/Qwen3-0.6B") and not config.accepts_model("x")
     default = ServerConfig.from_env({})
     assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
+    assert default.model_name == "Qwen/Qwen3-0.6B"
+    snapshot = ServerConfig.from_env({"NANOQWEN_MODEL": "/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc"})
+    assert snapshot.model_name == "Qwen/Qwen3-0.6B" and snapshot.accepts_model("Qwen/Qwen3-0.6B")
+    assert not snapshot.accepts_model("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc")
 
 
 def test_percentile() -> None:

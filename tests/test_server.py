@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 import requests
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 
 from nanoqwen.api.process import GunicornServer
 
@@ -29,8 +31,14 @@ def _serve(checkpoint: Path, log: Path, **env: str) -> GunicornServer:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = _serve(tiny_checkpoint, tmp_path_factory.mktemp("server") / "gunicorn.log")
+def server_checkpoint() -> Path:
+    """The tiny checkpoint with Qwen3's sampling defaults in its generation_config.json."""
+    return make_checkpoint(generation=QWEN3_GENERATION)
+
+
+@pytest.fixture(scope="module")
+def server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("server") / "gunicorn.log")
     yield srv
     srv.stop()
 
@@ -99,13 +107,15 @@ def _assert_error(response: requests.Response, status: int, *, param: str | None
 
 # -- informational endpoints ---------------------------------------------------------------
 
-def test_health_models_stats_metrics(server: GunicornServer) -> None:
-    health = requests.get(f"{server.url}/health", timeout=10).json()
-    assert health["status"] == "ok" and health["uptime"] > 0
-    info = health["model_info"]
-    assert {k: info[k] for k in ("model_name", "device", "dtype", "max_model_len")} == {
-        "model_name": MODEL, "device": "cpu", "dtype": "float32", "max_model_len": MAX_MODEL_LEN}
+def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: Path) -> None:
+    health = requests.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "healthy" and health.json()["uptime"] > 0
+    info = health.json()["model_info"]
+    assert {k: info[k] for k in ("model_name", "served_model_name", "device", "dtype", "max_model_len")} == {
+        "model_name": server_checkpoint.name, "served_model_name": MODEL, "device": "cpu", "dtype": "float32",
+        "max_model_len": MAX_MODEL_LEN}  # a local directory: its name, never its path
     assert info["kernels"] in ("torch", "triton") and info["graph"] and info["max_batch"] >= 1
+    assert str(server_checkpoint.parent) not in health.text
 
     models = requests.get(f"{server.url}/v1/models", timeout=10).json()
     assert models["object"] == "list"
@@ -210,7 +220,7 @@ def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
     assert no_thinking["usage"]["prompt_tokens"] > thinking  # the template added an empty think block
 
     parts = [{"role": "user", "content": [{"type": "text", "text": USER[0]["content"]}]}]
-    as_parts = _post(server, {**GREEDY, "messages": parts, "user": "u1", "some_future_field": 1}).json()
+    as_parts = _post(server, {**GREEDY, "messages": parts, "user": "u1", "metadata": {"k": "v"}}).json()
     assert as_parts["choices"][0]["message"] == _post(server, GREEDY).json()["choices"][0]["message"]
 
 
@@ -293,18 +303,64 @@ def test_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, 400)
 
 
+def _raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, data = out + data[:size], data[size + 2:]
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST rather than a FIN, as a killed client or a proxy timing out does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
-    """The client hangs up once generation has started (not after a fixed time: the tiny model
-    finishes hundreds of tokens in well under a second on a fast machine)."""
+    """The client resets the connection once generation has started (not after a fixed time: the
+    tiny model finishes hundreds of tokens in well under a second on a fast machine)."""
     before = _stats(server)
     max_tokens = MAX_MODEL_LEN - 64
-    body = json.dumps({**GREEDY, "max_tokens": max_tokens}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        _wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(_raw_request({**GREEDY, "max_tokens": max_tokens}))
+    _wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    _reset(sock)
     _assert_aborted_early(server, before, max_tokens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream: bool) -> None:
+    """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect."""
+    body = {**GREEDY, "max_tokens": 24, "stream": stream, "ignore_eos": True}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(_raw_request(body))
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(2 * 0.5)  # past the server's disconnect poll interval while queued or generating
+        head, _, payload = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    if not stream:
+        assert json.loads(payload)["usage"]["completion_tokens"] == 24
+        return
+    assert b"Transfer-Encoding: chunked" in head
+    text = _dechunk(payload).decode()
+    assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text, text[-500:]
 
 
 def test_health_is_fast_while_generating(server: GunicornServer) -> None:
