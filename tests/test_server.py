@@ -44,12 +44,14 @@ def server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    """API key, CORS, a custom model name, and room for one running plus one waiting request."""
-    srv = _serve(tiny_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
+def guarded(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """API key, CORS, a custom model name, room for one running plus one waiting request, a 1 s
+    request body deadline, and the checkpoint's generation_config switched off."""
+    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
                  NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
                  NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
-                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")))
+                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")),
+                 NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
     yield srv
     srv.stop()
 
@@ -252,6 +254,119 @@ def test_invalid_json_and_transport_errors(server: GunicornServer) -> None:
     _assert_error(response, 405)
     assert "POST" in response.headers["Allow"]
     _assert_error(requests.get(f"{server.url}/v1/nothing", timeout=10), 404)
+
+
+BODY = json.dumps({**GREEDY, "max_tokens": 1})
+
+
+@pytest.mark.parametrize("raw, param", [
+    (BODY.replace("robot.", "a\\ud800b").encode(), "messages.[0].content"),  # a JSON escape
+    (BODY.replace("robot.", "a\udfffb").encode("utf-8", "surrogatepass"), None),  # raw ED A0 80-style bytes
+    (BODY.replace('"qwen3-0.6b"', '"\\ud800"').encode(), "model"),
+    (BODY[:-1].encode() + b', "response_format": {"type": "\\udc00"}}', "response_format.type"),
+    (BODY[:-1].encode() + b', "stop": ["x", "\\ud83d"]}', "stop.[1]"),
+    (BODY[:-1].encode() + b', "metadata": {"\\ud800": "v"}}', "metadata"),
+    (BODY[:-1].encode() + b', "stop": ' + b"[" * 1000 + b"]" * 1000 + b"}", None),  # RecursionError
+    (BODY[:-1].encode() + b', "metadata": ' + b'{"a":' * 100 + b'"v"' + b"}" * 100 + b"}", None),
+    (BODY[:-1].encode() + b', "temperature": NaN}', None),
+    (b"\xff" + BODY.encode(), None),
+])
+def test_hostile_json(server: GunicornServer, raw: bytes, param: str | None) -> None:
+    response = requests.post(f"{server.url}/v1/chat/completions", data=raw, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    error = _assert_error(response, 400)
+    assert error["param"] == param
+
+
+def test_malformed_chunked_body(server: GunicornServer) -> None:
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    for body in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"5\r\n{}\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert answer.count(b"HTTP/1.1") == 1 and b'"invalid_request_error"' in answer, answer
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stream", "true"), ("max_tokens", "5"), ("n", "2"), ("temperature", "0.5"), ("max_tokens", True),
+    ("temperature", True), ("logprobs", 1), ("seed", 1.5), ("top_k", "20"), ("user", 5), ("stop", [1]),
+    ("n", 129), ("seed", 2**64),
+])
+def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
+    _assert_error(_post(server, {**GREEDY, field: value}), 400, param=field if field != "stop" else None)
+
+
+@pytest.mark.parametrize("extra, param, code", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
+    ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"function_call": "auto"}, "function_call", "unsupported_parameter"),
+    ({"logit_bias": {"100": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice", "unsupported_parameter"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
+     "unsupported_parameter"),
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function"}]},
+                   *USER]}, "messages.[0].tool_calls", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.[0].content", None),
+    ({"best_of": 2}, "best_of", None),
+    ({"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages.[0].weight", None),
+    ({"chat_template_kwargs": {"chat_template": "{{ range(10**9) }}"}}, "chat_template_kwargs.chat_template", None),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools", None),
+    ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking", None),
+])
+def test_fields_that_would_change_the_answer_are_refused(server: GunicornServer, extra: dict[str, Any], param: str,
+                                                         code: str | None) -> None:
+    error = _assert_error(_post(server, {**GREEDY, **extra}), 400, param=param, code=code)
+    if code is None and "best_of" in extra:
+        assert error["message"] == "Unrecognized request argument supplied: best_of"
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(server).chat.completions.create(**GREEDY, extra_body=extra)
+    assert info.value.body["param"] == param
+
+
+def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
+    plain = _post(server, GREEDY).json()["choices"]
+    messages = [{"role": "system", "content": "Be brief.", "name": "sys"},
+                {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": [], "reasoning_content": "hm"},
+                {**USER[0], "name": "alice"}]
+    extras = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "p",
+              "safety_identifier": "s", "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+              "logit_bias": {}, "modalities": ["text"], "response_format": {"type": "text"},
+              "prediction": {"type": "content", "content": "x"}}
+    answer = _post(server, {**GREEDY, **extras})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"] == plain
+    assert _post(server, {**GREEDY, "messages": messages}).status_code == 200
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer) -> None:
+    """An ~8 MB prompt (just under the body limit) takes seconds to tokenise: never on the event loop."""
+    body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 530_000}]}
+    result: dict[str, requests.Response] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", _post(server, body, timeout=300)))
+    session = requests.Session()
+    session.get(f"{server.url}/health", timeout=10)
+    worker.start()
+    timings = []
+    while worker.is_alive():
+        t0 = time.perf_counter()
+        assert session.get(f"{server.url}/health", timeout=30).status_code == 200
+        timings.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    worker.join()
+    error = _assert_error(result["r"], 400, code="context_length_exceeded")
+    assert int(error["message"].split("requested ")[1].split(" ")[0]) > 1_000_000  # tokenised in full
+    assert len(timings) >= 10, timings  # it really was in flight meanwhile
+    assert max(timings) < 1.0, sorted(timings)[-5:]
 
 
 def test_unknown_model(server: GunicornServer) -> None:
