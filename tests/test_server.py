@@ -1,6 +1,7 @@
 """End to end: `gunicorn -k gevent server:app` serving a small random checkpoint on the CPU."""
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
@@ -540,6 +541,70 @@ def test_served_model_name_and_cors(guarded: GunicornServer) -> None:
     other = requests.get(f"{guarded.url}/v1/models", headers={**auth, "Origin": "http://evil.example"}, timeout=10)
     assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
     assert "Access-Control-Allow-Origin" not in requests.get(f"{guarded.url}/health", timeout=10).headers
+
+
+def test_cors_preflight_reflects_requested_headers(guarded: GunicornServer) -> None:
+    """openai-node in a browser sends x-stainless-* headers: its preflight must be allowed."""
+    wanted = "authorization, content-type, x-stainless-arch, x-stainless-lang, x-stainless-retry-count"
+    preflight = requests.options(f"{guarded.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://allowed.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": wanted})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://allowed.example"
+    assert preflight.headers["Access-Control-Allow-Headers"] == wanted
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert {"Origin", "Access-Control-Request-Headers"} <= {v.strip() for v in preflight.headers["Vary"].split(",")}
+    refused = requests.options(f"{guarded.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": wanted})
+    assert "Access-Control-Allow-Headers" not in refused.headers
+
+
+def test_stalled_request_bodies_time_out(guarded: GunicornServer) -> None:
+    """Headers sent, the body never completes: each connection gets 408 after the 1 s deadline and
+    is closed, so such clients cannot hold worker connections forever."""
+    sockets = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": [")
+        sockets.append(sock)
+    t0 = time.monotonic()
+    try:
+        for sock in sockets:
+            answer = _read_all(sock)  # returns at EOF: the server closed the connection
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b'"request_timeout"' in answer
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert time.monotonic() - t0 < 15
+    ok = _post(guarded, {**GREEDY, "model": "tiny", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
+    assert ok.status_code == 200
+
+
+def _seeded(srv: GunicornServer, **sampling: Any) -> list[dict[str, Any]]:
+    body = {"model": MODEL, "messages": USER, "max_tokens": 6, "ignore_eos": True, "seed": 5, **sampling}
+    response = _post(srv, body, headers={"Authorization": "Bearer secret"})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"]
+
+
+def test_generation_config_supplies_sampling_defaults(server: GunicornServer) -> None:
+    """Qwen3's generation_config.json (temperature 0.6, top_p 0.95, top_k 20) fills the fields a
+    request leaves out, as vLLM's --generation-config auto does."""
+    defaults = _seeded(server)
+    assert defaults == _seeded(server, temperature=0.6, top_p=0.95, top_k=20)
+    assert defaults != _seeded(server, temperature=1.0, top_p=1.0, top_k=0)  # OpenAI's defaults
+    assert defaults != _seeded(server, temperature=0)
+    assert _seeded(server, top_k=0) == _seeded(server, temperature=0.6, top_p=0.95, top_k=0)  # per field
+
+
+def test_generation_config_switched_off(guarded: GunicornServer) -> None:
+    """NANOQWEN_GENERATION_CONFIG=none: OpenAI's defaults (temperature 1, no top-k/top-p)."""
+    tiny = functools.partial(_seeded, guarded, model="tiny")
+    assert tiny() == tiny(temperature=1.0, top_p=1.0, top_k=0)
+    assert tiny() != tiny(temperature=0.6, top_p=0.95, top_k=20)
 
 
 def test_queue_full(guarded: GunicornServer) -> None:
