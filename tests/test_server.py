@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 import pytest
+import fuzz_bodies
 import requests
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 
@@ -368,6 +369,22 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer)
     assert int(error["message"].split("requested ")[1].split(" ")[0]) > 1_000_000  # tokenised in full
     assert len(timings) >= 10, timings  # it really was in flight meanwhile
     assert max(timings) < 1.0, sorted(timings)[-5:]
+
+
+def test_fuzzed_bodies(server: GunicornServer) -> None:
+    """A short seeded pass of random and mutated bodies (tests/fuzz_bodies.py): each gets a proper
+    answer or a 4xx with OpenAI's error envelope, never a 5xx; the server stays healthy."""
+    deadline = time.monotonic() + 60
+    checked, problems = 0, []
+    for body in fuzz_bodies.bodies(MODEL, seed=9, count=200):  # seed 9: 4 of these answered 500 before
+        if time.monotonic() > deadline:
+            break
+        if (problem := fuzz_bodies.check(server.url, body)) is not None:
+            problems.append((problem, body[:200]))
+        checked += 1
+    assert not problems, problems
+    assert checked >= 50
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
 def test_unknown_model(server: GunicornServer) -> None:
