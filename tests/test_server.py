@@ -387,8 +387,11 @@ def test_fuzzed_bodies(server: GunicornServer) -> None:
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
-def test_unknown_model(server: GunicornServer) -> None:
+def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
     _assert_error(_post(server, {**GREEDY, "model": "gpt-4"}), 404, param="model", code="model_not_found")
+    for local in (str(server_checkpoint), "Qwen/Qwen3-0.6B"):  # serving a local directory: neither is a name
+        _assert_error(_post(server, {**GREEDY, "model": local}), 404, param="model", code="model_not_found")
+        _assert_error(requests.get(f"{server.url}/v1/models/{local}", timeout=10), 404, code="model_not_found")
     with pytest.raises(openai.NotFoundError):
         _client(server).chat.completions.create(**{**GREEDY, "model": "gpt-4"})
 
