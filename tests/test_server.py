@@ -371,6 +371,23 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer)
     assert max(timings) < 1.0, sorted(timings)[-5:]
 
 
+def test_long_prompts_do_not_hold_up_short_ones(server: GunicornServer) -> None:
+    """Prompts over 64 Ki characters are tokenised in a lane of their own: while two of them take
+    seconds each, short requests are answered at once."""
+    long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 135_000}]}  # 2 MB
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_post, server, long_body, 300) for _ in range(2)]
+        time.sleep(0.3)
+        timings = []
+        while not all(f.done() for f in futures):
+            t0 = time.perf_counter()
+            assert _post(server, {**GREEDY, "max_tokens": 1}).status_code == 200
+            timings.append(time.perf_counter() - t0)
+        for future in futures:
+            _assert_error(future.result(), 400, code="context_length_exceeded")
+    assert len(timings) >= 3 and max(timings) < 2.0, timings
+
+
 def test_fuzzed_bodies(server: GunicornServer) -> None:
     """A short seeded pass of random and mutated bodies (tests/fuzz_bodies.py): each gets a proper
     answer or a 4xx with OpenAI's error envelope, never a 5xx; the server stays healthy."""

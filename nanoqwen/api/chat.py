@@ -72,6 +72,7 @@ class ChatService:
         self.config = config
         self.stats = stats
         self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
+        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
         self._info: dict[str, Any] | None = None
 
     @property
@@ -108,9 +109,11 @@ class ChatService:
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
         longest = self.info["max_model_len"] - (max_tokens or 1)
+        messages = req.template_messages()
+        chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
+        pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
         try:
-            return self.tokenizing.run(self.engine.encode_messages, req.template_messages(), req.template_kwargs(),
-                                       longest)
+            return pool.run(self.engine.encode_messages, messages, req.template_kwargs(), longest)
         except PromptTooLongError as exc:
             raise self._context_error(exc.num_tokens, max_tokens) from None
         except PoolFullError as exc:

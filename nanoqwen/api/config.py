@@ -20,8 +20,13 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
     disconnect_poll_s: float = 0.5  # how often a waiting request checks that its client is there
-    tokenizer_threads: int = 2  # native threads that template and tokenise prompts
-    max_pending_prompts: int = 64  # prompts being or waiting to be tokenised before 503
+    # Prompts are templated and tokenised in native threads, in two lanes so that long prompts
+    # (seconds each) never hold up short ones; past max_pending in a lane, 503.
+    tokenizer_threads: int = 2
+    max_pending_prompts: int = 64
+    long_prompt_chars: int = 1 << 16  # message text from which a prompt takes the long lane
+    long_prompt_threads: int = 1
+    max_pending_long_prompts: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerConfig:
