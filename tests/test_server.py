@@ -119,6 +119,7 @@ def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: 
         "model_name": server_checkpoint.name, "served_model_name": MODEL, "device": "cpu", "dtype": "float32",
         "max_model_len": MAX_MODEL_LEN}  # a local directory: its name, never its path
     assert info["kernels"] in ("torch", "triton") and info["graph"] and info["max_batch"] >= 1
+    assert info["sampling_defaults"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
     assert str(server_checkpoint.parent) not in health.text
 
     models = requests.get(f"{server.url}/v1/models", timeout=10).json()
@@ -639,6 +640,7 @@ def test_generation_config_supplies_sampling_defaults(server: GunicornServer) ->
 
 def test_generation_config_switched_off(guarded: GunicornServer) -> None:
     """NANOQWEN_GENERATION_CONFIG=none: OpenAI's defaults (temperature 1, no top-k/top-p)."""
+    assert requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]["sampling_defaults"] == {}
     tiny = functools.partial(_seeded, guarded, model="tiny")
     assert tiny() == tiny(temperature=1.0, top_p=1.0, top_k=0)
     assert tiny() != tiny(temperature=0.6, top_p=0.95, top_k=20)
