@@ -93,7 +93,8 @@ def test_messages_for_the_template() -> None:
     ({"messages": USER, "foo": 1}, "foo"),
     ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
     ({"messages": USER, "logit_bias": {"1": 2}}, "logit_bias"),
-    ({"messages": [{"role": "assistant", "content": "", "function_call": {"name": "f"}}]}, "messages.[0].function_call"),
+    ({"messages": [{"role": "assistant", "content": "", "function_call": {"name": "f"}}]},
+     "messages.[0].function_call"),
     ({"messages": USER, "chat_template_kwargs": {"chat_template": "x"}}, "chat_template_kwargs.chat_template"),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": 0}}, "chat_template_kwargs.enable_thinking"),
 ])
