@@ -264,7 +264,7 @@ BODY = json.dumps({**GREEDY, "max_tokens": 1})
 
 @pytest.mark.parametrize("raw, param", [
     (BODY.replace("robot.", "a\\ud800b").encode(), "messages.[0].content"),  # a JSON escape
-    (BODY.replace("robot.", "a\udfffb").encode("utf-8", "surrogatepass"), None),  # raw ED A0 80-style bytes
+    (BODY.replace("robot.", "a\ud800b").encode("utf-8", "surrogatepass"), None),  # raw bytes ED A0 80
     (BODY.replace('"qwen3-0.6b"', '"\\ud800"').encode(), "model"),
     (BODY[:-1].encode() + b', "response_format": {"type": "\\udc00"}}', "response_format.type"),
     (BODY[:-1].encode() + b', "stop": ["x", "\\ud83d"]}', "stop.[1]"),
