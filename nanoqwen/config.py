@@ -54,6 +54,7 @@ class ModelConfig:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KERNELS = ("auto", "torch", "triton")
 GRAPHS = ("auto", "none", "compile", "cudagraph")
+GENERATION_CONFIGS = ("auto", "none")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class EngineConfig:
     num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step
     enable_prefix_caching: bool = True
+    # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
+    # (as vLLM's --generation-config auto); none: from the OpenAI defaults (temperature 1, no top-k/p)
+    generation_config: str = "auto"
     revision: str | None = None
 
     def __post_init__(self) -> None:
@@ -80,6 +84,9 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
+        if self.generation_config not in GENERATION_CONFIGS:
+            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}; "
+                             f"got {self.generation_config!r}")
         for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

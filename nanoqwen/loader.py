@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from nanoqwen.model import Qwen3ForCausalLM
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.tiktoken", "*.jinja"]
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# huggingface_hub's cache layout: <cache>/models--<org>--<name>/snapshots/<revision>
+HUB_SNAPSHOT = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/[^/]+/?$")
 
 
 class ModelLoadError(RuntimeError):
@@ -26,6 +29,32 @@ class GenerationDefaults:
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def sampling(self) -> dict[str, float | int]:
+        """The sampling defaults the checkpoint sets (what vLLM's `--generation-config auto` applies)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def _is_local(model: str) -> bool:
+    """Whether `model` names a filesystem path rather than a Hub repo id."""
+    path = Path(model).expanduser()
+    return path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+
+
+def hub_repo_id(model: str) -> str | None:
+    """The Hub repo `model` (NANOQWEN_MODEL) serves: itself when it is a repo id, the repo of a Hub
+    cache snapshot directory, or None for any other local directory."""
+    if _is_local(model):
+        match = HUB_SNAPSHOT.search(str(Path(model).expanduser().absolute()))
+        return f"{match[1]}/{match[2]}" if match else None
+    return model
+
+
+def checkpoint_name(model: str) -> str:
+    """A public name for the checkpoint, never its path: the Hub repo id, else the directory's name."""
+    return hub_repo_id(model) or Path(model).expanduser().absolute().name
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
@@ -33,7 +62,7 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if _is_local(model):
         raise ModelLoadError(f"model directory {model!r} does not exist (NANOQWEN_MODEL must be a local "
                              f"checkpoint directory or a Hub repo id such as Qwen/Qwen3-0.6B)")
     try:
@@ -96,6 +125,7 @@ def load_generation_defaults(path: Path, tokenizer) -> GenerationDefaults:
         top_p=raw.get("top_p"),
         top_k=raw.get("top_k"),
         min_p=raw.get("min_p"),
+        repetition_penalty=raw.get("repetition_penalty"),
     )
 
 

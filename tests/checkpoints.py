@@ -124,6 +124,9 @@ CHAT_TEMPLATE = r"""{%- macro text_of(content) -%}
     {%- endif %}
 {%- endif %}"""
 
+# The sampling defaults of Qwen3's generation_config.json.
+QWEN3_GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
 TokenizerKind = Literal["qwen", "bytes"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -311,6 +314,7 @@ def _build_checkpoint(
     max_shard_size: str | int | None,
     rope_style: Literal["top", "parameters"],
     with_tokenizer: bool,
+    generation: dict | None,
 ) -> None:
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -344,7 +348,8 @@ def _build_checkpoint(
     model.save_pretrained(out_dir, **save_kwargs)
     _write_config(out_dir / "config.json", rope_theta, rope_style)
     GenerationConfig(
-        bos_token_id=ENDOFTEXT_ID, eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID
+        bos_token_id=ENDOFTEXT_ID, eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID,
+        **(generation or {}),
     ).save_pretrained(out_dir)
     if with_tokenizer:
         write_tokenizer(out_dir)
@@ -369,8 +374,11 @@ def make_checkpoint(
     max_shard_size: str | int | None = None,
     rope_style: Literal["top", "parameters"] = "top",
     with_tokenizer: bool = True,
+    generation: dict | None = None,
 ) -> Path:
     """Writes a random-weight Qwen3 HF checkpoint (safetensors, config, generation config, tokenizer).
+
+    `generation` adds sampling defaults to generation_config.json (e.g. QWEN3_GENERATION).
 
     With out_dir=None the checkpoint is cached under .cache/fixtures/ckpt-<hash of args>/ and reused.
     """

@@ -8,6 +8,7 @@ from flask.testing import FlaskClient
 
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
 from nanoqwen.engine import Engine, EngineConfig
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -38,9 +39,11 @@ def test_load_failure(tmp_path: Path) -> None:
         time.sleep(0.01)
     client = _client(engine)
     health = client.get("/health")
-    assert health.status_code == 503 and health.json["status"] == "error" and "missing" in health.json["error"]
+    assert health.status_code == 503 and health.json["status"] == "error" and health.json["error"]
+    assert str(tmp_path) not in health.text  # /health is public: no local paths
     response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 503 and response.json["error"]["code"] == "model_load_failed"
+    assert "missing" in response.json["error"]["message"]
 
 
 def test_api_key_and_cors_apply_before_the_engine(tmp_path: Path) -> None:
@@ -51,3 +54,15 @@ def test_api_key_and_cors_apply_before_the_engine(tmp_path: Path) -> None:
     allowed = client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"})
     assert allowed.status_code == 503  # past the key check; the model is not loaded
     assert client.get("/health").status_code == 503  # open without a key
+
+
+def test_error_messages_always_encode(tmp_path: Path) -> None:
+    """An error quoting a request value with a lone surrogate still becomes a valid JSON response."""
+    app = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig())
+
+    @app.get("/echo")
+    def echo() -> None:
+        raise APIError(400, "bad value 'a\ud800b'", param="x")
+
+    response = app.test_client().get("/echo")
+    assert response.status_code == 400 and response.json["error"]["message"] == "bad value 'a?b'"

@@ -24,7 +24,7 @@ def _bad(body: object) -> APIError:
 
 
 def test_minimal_request_defaults() -> None:
-    req = parse_chat_request({"messages": USER, "unknown_field": {"x": 1}})
+    req = parse_chat_request({"messages": USER, "user": "u", "metadata": {"x": "1"}, "store": False})
     params = req.sampling_params()
     assert req.model is None and not req.stream
     assert (params.temperature, params.top_p, params.max_tokens, params.n, params.stop) == (1.0, 1.0, None, 1, [])
@@ -80,11 +80,52 @@ def test_messages_for_the_template() -> None:
     ({"messages": USER, "stop": 3}, "stop"),
     ({"messages": USER, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    # strict types, as OpenAI: no coercion from strings or booleans
+    ({"messages": USER, "stream": "true"}, "stream"),
+    ({"messages": USER, "max_tokens": "5"}, "max_tokens"),
+    ({"messages": USER, "n": "2"}, "n"),
+    ({"messages": USER, "n": 129}, "n"),
+    ({"messages": USER, "temperature": "0.5"}, "temperature"),
+    ({"messages": USER, "max_tokens": True}, "max_tokens"),
+    ({"messages": USER, "seed": 2**63}, "seed"),
+    ({"messages": USER, "stream_options": {"include_usage": "yes"}, "stream": True}, "stream_options.include_usage"),
+    # unknown and unimplemented fields
+    ({"messages": USER, "foo": 1}, "foo"),
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": USER, "logit_bias": {"1": 2}}, "logit_bias"),
+    ({"messages": [{"role": "assistant", "content": "", "function_call": {"name": "f"}}]},
+     "messages.[0].function_call"),
+    ({"messages": USER, "chat_template_kwargs": {"chat_template": "x"}}, "chat_template_kwargs.chat_template"),
+    ({"messages": USER, "chat_template_kwargs": {"enable_thinking": 0}}, "chat_template_kwargs.enable_thinking"),
 ])
 def test_invalid_requests_name_the_param(body: dict, param: str) -> None:
     error = _bad(body)
     assert error.param == param
     assert error.body()["error"]["param"] == param
+
+
+def test_error_kinds() -> None:
+    assert _bad({"messages": USER, "foo": 1}).message == "Unrecognized request argument supplied: foo"
+    unsupported = _bad({"messages": USER, "tool_choice": "required"})
+    assert unsupported.code == "unsupported_parameter" and "tool_choice" in unsupported.message
+    assert "enable_thinking" in _bad({"messages": USER, "chat_template_kwargs": {"documents": []}}).message
+    accepted = parse_chat_request({"messages": USER, "temperature": 1, "tools": [], "tool_choice": "none",
+                                   "response_format": {"type": "text"}, "modalities": ["text"]})
+    assert accepted.sampling_params().temperature == 1.0  # an int is a fine float
+
+
+def test_model_defaults_fill_only_missing_fields() -> None:
+    qwen3 = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    params = parse_chat_request({"messages": USER, "top_k": 0}).sampling_params(qwen3)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.6, 0.95, 0, 0.0)
+    greedy = parse_chat_request({"messages": USER, "temperature": 0}).sampling_params(qwen3)
+    assert greedy.temperature == 0 and greedy.greedy
+
+
+def test_earlier_reasoning_reaches_the_template() -> None:
+    req = parse_chat_request({"messages": [*USER, {"role": "assistant", "content": "4", "reasoning_content": "2+2",
+                                                   "refusal": None, "tool_calls": None, "name": "bot"}, *USER]})
+    assert req.template_messages()[1] == {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
 
 
 def test_non_object_body() -> None:
@@ -145,13 +186,19 @@ def test_fingerprint_tracks_the_configuration() -> None:
 
 
 def test_server_config_from_env() -> None:
-    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/ckpt", "NANOQWEN_API_KEY": "k",
-                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
-    assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k"
+    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/models/ckpt", "NANOQWEN_API_KEY": "k",
+                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b", "NANOQWEN_BODY_TIMEOUT": "2.5"})
+    assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k" and config.body_timeout_s == 2.5
     assert config.cors_origins == ("http://a", "http://b")
-    assert config.accepts_model("qwen3-0.6b") and config.accepts_model("/ckpt") and not config.accepts_model("x")
+    assert config.model_name == "ckpt" and config.hub_id is None  # a local directory: no path, no Hub id
+    assert config.accepts_model("qwen3-0.6b") and not config.accepts_model("/models/ckpt")
+    assert not config.accepts_model("Qwen/Qwen3-0.6B") and not config.accepts_model("x")
     default = ServerConfig.from_env({})
     assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
+    assert default.model_name == "Qwen/Qwen3-0.6B"
+    snapshot = ServerConfig.from_env({"NANOQWEN_MODEL": "/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc"})
+    assert snapshot.model_name == "Qwen/Qwen3-0.6B" and snapshot.accepts_model("Qwen/Qwen3-0.6B")
+    assert not snapshot.accepts_model("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc")
 
 
 def test_percentile() -> None:

@@ -11,6 +11,7 @@ from checkpoints import load_hf_model, make_checkpoint
 from engine_util import collect, generate, generate_together, greedy, hf_greedy, load_engine, run
 
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.engine.engine import PromptTooLongError
 
 PROMPTS = [
     [9707, 1879, 11, 358, 1079],  # "Hello world, I am"
@@ -305,3 +306,21 @@ def test_engine_thread_survives_a_failing_step(checkpoint, monkeypatch):
     _, stream = threaded.submit(PROMPTS[0], greedy(4))
     assert sum(len(e.token_ids) for e in stream) == 4
     threaded.shutdown()
+
+
+def test_encode_messages_matches_the_tokenizer(engine, checkpoint):
+    """The prompt goes through the Rust tokenizer's encode_batch (it releases the GIL): same ids as
+    transformers, and a too-long prompt is refused before its ids become a Python list."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Héllo <think> 12345 <|im_end|> \U0001f600  spaces\n\nend"}]
+    for kwargs in ({"enable_thinking": False}, {}):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        expected = tokenizer.encode(text, add_special_tokens=False)
+        assert engine.encode_messages(messages, kwargs) == expected
+    assert engine.encode_messages(messages, {}, max_tokens=len(expected)) == expected
+    with pytest.raises(PromptTooLongError) as info:
+        engine.encode_messages(messages, {}, max_tokens=len(expected) - 1)
+    assert info.value.num_tokens == len(expected)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import make_checkpoint
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, ModelConfig, resolve_dtype
@@ -129,3 +129,27 @@ def test_engine_config_from_env():
         EngineConfig.from_env({"NANOQWEN_MAX_BATCH": "many"})
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig.from_env({"NANOQWEN_DTYPE": "int3"})
+    assert EngineConfig.from_env({}).generation_config == "auto"
+    assert EngineConfig.from_env({"NANOQWEN_GENERATION_CONFIG": "none"}).generation_config == "none"
+    with pytest.raises(ValueError, match="generation_config"):
+        EngineConfig.from_env({"NANOQWEN_GENERATION_CONFIG": "vllm"})
+
+
+def test_generation_config_sampling_defaults():
+    from transformers import AutoTokenizer
+
+    path = make_checkpoint(generation=QWEN3_GENERATION)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    defaults = loader.load_generation_defaults(path, tokenizer)
+    assert defaults.sampling() == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # not do_sample, not eos
+    assert loader.load_generation_defaults(make_checkpoint(), tokenizer).sampling() == {}
+
+
+@pytest.mark.parametrize("model, hub_id, name", [
+    ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
+    ("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/c1899de2", "Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
+    ("/srv/models/my-qwen/", None, "my-qwen"),
+    ("./my-qwen", None, "my-qwen"),
+])
+def test_checkpoint_names_are_never_paths(model, hub_id, name):
+    assert loader.hub_repo_id(model) == hub_id and loader.checkpoint_name(model) == name

@@ -1,8 +1,10 @@
 """End to end: `gunicorn -k gevent server:app` serving a small random checkpoint on the CPU."""
 from __future__ import annotations
 
+import functools
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +14,9 @@ from typing import Any
 
 import openai
 import pytest
+import fuzz_bodies
 import requests
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 
 from nanoqwen.api.process import GunicornServer
 
@@ -29,19 +33,27 @@ def _serve(checkpoint: Path, log: Path, **env: str) -> GunicornServer:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = _serve(tiny_checkpoint, tmp_path_factory.mktemp("server") / "gunicorn.log")
+def server_checkpoint() -> Path:
+    """The tiny checkpoint with Qwen3's sampling defaults in its generation_config.json."""
+    return make_checkpoint(generation=QWEN3_GENERATION)
+
+
+@pytest.fixture(scope="module")
+def server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("server") / "gunicorn.log")
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    """API key, CORS, a custom model name, and room for one running plus one waiting request."""
-    srv = _serve(tiny_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
+def guarded(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """API key, CORS, a custom model name, room for one running plus one waiting request, a 1 s
+    request body deadline, and the checkpoint's generation_config switched off."""
+    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
                  NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
                  NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
-                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")))
+                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")),
+                 NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
     yield srv
     srv.stop()
 
@@ -99,13 +111,16 @@ def _assert_error(response: requests.Response, status: int, *, param: str | None
 
 # -- informational endpoints ---------------------------------------------------------------
 
-def test_health_models_stats_metrics(server: GunicornServer) -> None:
-    health = requests.get(f"{server.url}/health", timeout=10).json()
-    assert health["status"] == "ok" and health["uptime"] > 0
-    info = health["model_info"]
-    assert {k: info[k] for k in ("model_name", "device", "dtype", "max_model_len")} == {
-        "model_name": MODEL, "device": "cpu", "dtype": "float32", "max_model_len": MAX_MODEL_LEN}
+def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: Path) -> None:
+    health = requests.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "healthy" and health.json()["uptime"] > 0
+    info = health.json()["model_info"]
+    assert {k: info[k] for k in ("model_name", "served_model_name", "device", "dtype", "max_model_len")} == {
+        "model_name": server_checkpoint.name, "served_model_name": MODEL, "device": "cpu", "dtype": "float32",
+        "max_model_len": MAX_MODEL_LEN}  # a local directory: its name, never its path
     assert info["kernels"] in ("torch", "triton") and info["graph"] and info["max_batch"] >= 1
+    assert info["sampling_defaults"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert str(server_checkpoint.parent) not in health.text
 
     models = requests.get(f"{server.url}/v1/models", timeout=10).json()
     assert models["object"] == "list"
@@ -210,7 +225,7 @@ def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
     assert no_thinking["usage"]["prompt_tokens"] > thinking  # the template added an empty think block
 
     parts = [{"role": "user", "content": [{"type": "text", "text": USER[0]["content"]}]}]
-    as_parts = _post(server, {**GREEDY, "messages": parts, "user": "u1", "some_future_field": 1}).json()
+    as_parts = _post(server, {**GREEDY, "messages": parts, "user": "u1", "metadata": {"k": "v"}}).json()
     assert as_parts["choices"][0]["message"] == _post(server, GREEDY).json()["choices"][0]["message"]
 
 
@@ -244,8 +259,157 @@ def test_invalid_json_and_transport_errors(server: GunicornServer) -> None:
     _assert_error(requests.get(f"{server.url}/v1/nothing", timeout=10), 404)
 
 
-def test_unknown_model(server: GunicornServer) -> None:
+BODY = json.dumps({**GREEDY, "max_tokens": 1})
+
+
+@pytest.mark.parametrize("raw, param", [
+    (BODY.replace("robot.", "a\\ud800b").encode(), "messages.[0].content"),  # a JSON escape
+    (BODY.replace("robot.", "a\ud800b").encode("utf-8", "surrogatepass"), None),  # raw bytes ED A0 80
+    (BODY.replace('"qwen3-0.6b"', '"\\ud800"').encode(), "model"),
+    (BODY[:-1].encode() + b', "response_format": {"type": "\\udc00"}}', "response_format.type"),
+    (BODY[:-1].encode() + b', "stop": ["x", "\\ud83d"]}', "stop.[1]"),
+    (BODY[:-1].encode() + b', "metadata": {"\\ud800": "v"}}', "metadata"),
+    (BODY[:-1].encode() + b', "stop": ' + b"[" * 1000 + b"]" * 1000 + b"}", None),  # RecursionError
+    (BODY[:-1].encode() + b', "metadata": ' + b'{"a":' * 100 + b'"v"' + b"}" * 100 + b"}", None),
+    (BODY[:-1].encode() + b', "temperature": NaN}', None),
+    (b"\xff" + BODY.encode(), None),
+])
+def test_hostile_json(server: GunicornServer, raw: bytes, param: str | None) -> None:
+    response = requests.post(f"{server.url}/v1/chat/completions", data=raw, timeout=30,
+                             headers={"Content-Type": "application/json"})
+    error = _assert_error(response, 400)
+    assert error["param"] == param
+
+
+def test_malformed_chunked_body(server: GunicornServer) -> None:
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    for body in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n", b"5\r\n{}\r\n"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert answer.count(b"HTTP/1.1") == 1 and b'"invalid_request_error"' in answer, answer
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stream", "true"), ("max_tokens", "5"), ("n", "2"), ("temperature", "0.5"), ("max_tokens", True),
+    ("temperature", True), ("logprobs", 1), ("seed", 1.5), ("top_k", "20"), ("user", 5), ("stop", [1]),
+    ("n", 129), ("seed", 2**64),
+])
+def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
+    _assert_error(_post(server, {**GREEDY, field: value}), 400, param=field if field != "stop" else None)
+
+
+@pytest.mark.parametrize("extra, param, code", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
+    ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
+    ({"function_call": "auto"}, "function_call", "unsupported_parameter"),
+    ({"logit_bias": {"100": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"guided_json": {"type": "object"}}, "guided_json", "unsupported_parameter"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice", "unsupported_parameter"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "unsupported_parameter"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
+     "unsupported_parameter"),
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function"}]},
+                   *USER]}, "messages.[0].tool_calls", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.[0].content", None),
+    ({"best_of": 2}, "best_of", None),
+    ({"messages": [{"role": "user", "content": "hi", "weight": 1}]}, "messages.[0].weight", None),
+    ({"chat_template_kwargs": {"chat_template": "{{ range(10**9) }}"}}, "chat_template_kwargs.chat_template", None),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools", None),
+    ({"chat_template_kwargs": {"enable_thinking": "no"}}, "chat_template_kwargs.enable_thinking", None),
+])
+def test_fields_that_would_change_the_answer_are_refused(server: GunicornServer, extra: dict[str, Any], param: str,
+                                                         code: str | None) -> None:
+    error = _assert_error(_post(server, {**GREEDY, **extra}), 400, param=param, code=code)
+    if code is None and "best_of" in extra:
+        assert error["message"] == "Unrecognized request argument supplied: best_of"
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(server).chat.completions.create(**GREEDY, extra_body=extra)
+    assert info.value.body["param"] == param
+
+
+def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
+    plain = _post(server, GREEDY).json()["choices"]
+    messages = [{"role": "system", "content": "Be brief.", "name": "sys"},
+                {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": [], "reasoning_content": "hm"},
+                {**USER[0], "name": "alice"}]
+    extras = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "p",
+              "safety_identifier": "s", "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+              "logit_bias": {}, "modalities": ["text"], "response_format": {"type": "text"},
+              "prediction": {"type": "content", "content": "x"}}
+    answer = _post(server, {**GREEDY, **extras})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"] == plain
+    assert _post(server, {**GREEDY, "messages": messages}).status_code == 200
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer) -> None:
+    """An ~8 MB prompt (just under the body limit) takes seconds to tokenise: never on the event loop."""
+    body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 530_000}]}
+    result: dict[str, requests.Response] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("r", _post(server, body, timeout=300)))
+    session = requests.Session()
+    session.get(f"{server.url}/health", timeout=10)
+    worker.start()
+    timings = []
+    while worker.is_alive():
+        t0 = time.perf_counter()
+        assert session.get(f"{server.url}/health", timeout=30).status_code == 200
+        timings.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    worker.join()
+    error = _assert_error(result["r"], 400, code="context_length_exceeded")
+    assert int(error["message"].split("requested ")[1].split(" ")[0]) > 1_000_000  # tokenised in full
+    assert len(timings) >= 10, timings  # it really was in flight meanwhile
+    assert max(timings) < 1.0, sorted(timings)[-5:]
+
+
+def test_long_prompts_do_not_hold_up_short_ones(server: GunicornServer) -> None:
+    """Prompts over 64 Ki characters are tokenised in a lane of their own: while two of them take
+    seconds each, short requests are answered at once."""
+    long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 135_000}]}  # 2 MB
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_post, server, long_body, 300) for _ in range(2)]
+        time.sleep(0.3)
+        timings = []
+        while not all(f.done() for f in futures):
+            t0 = time.perf_counter()
+            assert _post(server, {**GREEDY, "max_tokens": 1}).status_code == 200
+            timings.append(time.perf_counter() - t0)
+        for future in futures:
+            _assert_error(future.result(), 400, code="context_length_exceeded")
+    assert len(timings) >= 3 and max(timings) < 2.0, timings
+
+
+def test_fuzzed_bodies(server: GunicornServer) -> None:
+    """A short seeded pass of random and mutated bodies (tests/fuzz_bodies.py): each gets a proper
+    answer or a 4xx with OpenAI's error envelope, never a 5xx; the server stays healthy."""
+    deadline = time.monotonic() + 60
+    checked, problems = 0, []
+    for body in fuzz_bodies.bodies(MODEL, seed=9, count=200):  # seed 9: 4 of these answered 500 before
+        if time.monotonic() > deadline:
+            break
+        if (problem := fuzz_bodies.check(server.url, body)) is not None:
+            problems.append((problem, body[:200]))
+        checked += 1
+    assert not problems, problems
+    assert checked >= 50
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
     _assert_error(_post(server, {**GREEDY, "model": "gpt-4"}), 404, param="model", code="model_not_found")
+    for local in (str(server_checkpoint), "Qwen/Qwen3-0.6B"):  # serving a local directory: neither is a name
+        _assert_error(_post(server, {**GREEDY, "model": local}), 404, param="model", code="model_not_found")
+        _assert_error(requests.get(f"{server.url}/v1/models/{local}", timeout=10), 404, code="model_not_found")
     with pytest.raises(openai.NotFoundError):
         _client(server).chat.completions.create(**{**GREEDY, "model": "gpt-4"})
 
@@ -293,18 +457,64 @@ def test_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, 400)
 
 
+def _raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, data = out + data[:size], data[size + 2:]
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with an RST rather than a FIN, as a killed client or a proxy timing out does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
-    """The client hangs up once generation has started (not after a fixed time: the tiny model
-    finishes hundreds of tokens in well under a second on a fast machine)."""
+    """The client resets the connection once generation has started (not after a fixed time: the
+    tiny model finishes hundreds of tokens in well under a second on a fast machine)."""
     before = _stats(server)
     max_tokens = MAX_MODEL_LEN - 64
-    body = json.dumps({**GREEDY, "max_tokens": max_tokens}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        _wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(_raw_request({**GREEDY, "max_tokens": max_tokens}))
+    _wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    _reset(sock)
     _assert_aborted_early(server, before, max_tokens)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream: bool) -> None:
+    """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect."""
+    body = {**GREEDY, "max_tokens": 24, "stream": stream, "ignore_eos": True}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(_raw_request(body))
+        sock.shutdown(socket.SHUT_WR)
+        time.sleep(2 * 0.5)  # past the server's disconnect poll interval while queued or generating
+        head, _, payload = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    if not stream:
+        assert json.loads(payload)["usage"]["completion_tokens"] == 24
+        return
+    assert b"Transfer-Encoding: chunked" in head
+    text = _dechunk(payload).decode()
+    assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text, text[-500:]
 
 
 def test_health_is_fast_while_generating(server: GunicornServer) -> None:
@@ -369,6 +579,71 @@ def test_served_model_name_and_cors(guarded: GunicornServer) -> None:
     other = requests.get(f"{guarded.url}/v1/models", headers={**auth, "Origin": "http://evil.example"}, timeout=10)
     assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
     assert "Access-Control-Allow-Origin" not in requests.get(f"{guarded.url}/health", timeout=10).headers
+
+
+def test_cors_preflight_reflects_requested_headers(guarded: GunicornServer) -> None:
+    """openai-node in a browser sends x-stainless-* headers: its preflight must be allowed."""
+    wanted = "authorization, content-type, x-stainless-arch, x-stainless-lang, x-stainless-retry-count"
+    preflight = requests.options(f"{guarded.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://allowed.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": wanted})
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://allowed.example"
+    assert preflight.headers["Access-Control-Allow-Headers"] == wanted
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert {"Origin", "Access-Control-Request-Headers"} <= {v.strip() for v in preflight.headers["Vary"].split(",")}
+    refused = requests.options(f"{guarded.url}/v1/chat/completions", timeout=10, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": wanted})
+    assert "Access-Control-Allow-Headers" not in refused.headers
+
+
+def test_stalled_request_bodies_time_out(guarded: GunicornServer) -> None:
+    """Headers sent, the body never completes: each connection gets 408 after the 1 s deadline and
+    is closed, so such clients cannot hold worker connections forever."""
+    sockets = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": [")
+        sockets.append(sock)
+    t0 = time.monotonic()
+    try:
+        for sock in sockets:
+            answer = _read_all(sock)  # returns at EOF: the server closed the connection
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b'"request_timeout"' in answer
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert time.monotonic() - t0 < 15
+    ok = _post(guarded, {**GREEDY, "model": "tiny", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
+    assert ok.status_code == 200
+
+
+def _seeded(srv: GunicornServer, **sampling: Any) -> list[dict[str, Any]]:
+    body = {"model": MODEL, "messages": USER, "max_tokens": 6, "ignore_eos": True, "seed": 5, **sampling}
+    response = _post(srv, body, headers={"Authorization": "Bearer secret"})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"]
+
+
+def test_generation_config_supplies_sampling_defaults(server: GunicornServer) -> None:
+    """Qwen3's generation_config.json (temperature 0.6, top_p 0.95, top_k 20) fills the fields a
+    request leaves out, as vLLM's --generation-config auto does."""
+    defaults = _seeded(server)
+    assert defaults == _seeded(server, temperature=0.6, top_p=0.95, top_k=20)
+    assert defaults != _seeded(server, temperature=1.0, top_p=1.0, top_k=0)  # OpenAI's defaults
+    assert defaults != _seeded(server, temperature=0)
+    assert _seeded(server, top_k=0) == _seeded(server, temperature=0.6, top_p=0.95, top_k=0)  # per field
+
+
+def test_generation_config_switched_off(guarded: GunicornServer) -> None:
+    """NANOQWEN_GENERATION_CONFIG=none: OpenAI's defaults (temperature 1, no top-k/top-p)."""
+    assert requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]["sampling_defaults"] == {}
+    tiny = functools.partial(_seeded, guarded, model="tiny")
+    assert tiny() == tiny(temperature=1.0, top_p=1.0, top_k=0)
+    assert tiny() != tiny(temperature=0.6, top_p=0.95, top_k=20)
 
 
 def test_queue_full(guarded: GunicornServer) -> None:

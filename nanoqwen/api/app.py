@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -11,6 +11,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from nanoqwen.api.body import parse_json, read_body
 from nanoqwen.api.chat import ChatService, unavailable
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
@@ -19,10 +20,16 @@ from nanoqwen.engine import Engine
 
 log = logging.getLogger(__name__)
 OWNED_BY = "nano-qwen3-serving"
+DEFAULT_ALLOWED_HEADERS = "Authorization, Content-Type"
+HEADER_LIST = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*")
+PREFLIGHT_MAX_AGE_S = "600"
 
 
 def _error_response(error: APIError) -> Response:
-    response = jsonify(error.body())
+    body = error.body()
+    # A message may quote a value from the request: never let it fail to encode.
+    body["error"]["message"] = error.message.encode("utf-8", "replace").decode("utf-8")
+    response = jsonify(body)
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
@@ -40,14 +47,6 @@ def _http_error(exc: HTTPException) -> APIError:
                         code="request_too_large")
     return APIError(exc.code or 500, exc.description or exc.name,
                     type="server_error" if (exc.code or 500) >= 500 else "invalid_request_error")
-
-
-def _json_body() -> Any:
-    data = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise APIError(400, "We could not parse the JSON body of your request.") from None
 
 
 def create_app(engine: Engine, config: ServerConfig) -> Flask:
@@ -73,14 +72,22 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         origin = request.headers.get("Origin")
         if origin and ("*" in config.cors_origins or origin in config.cors_origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in config.cors_origins else origin
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
             response.vary.add("Origin")
+            # Clients add their own headers (openai-node sends x-stainless-*): allow what the
+            # preflight asks for rather than a fixed list.
+            requested = request.headers.get("Access-Control-Request-Headers", "").strip()
+            if request.method == "OPTIONS" and HEADER_LIST.fullmatch(requested):
+                response.headers["Access-Control-Allow-Headers"] = requested
+                response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE_S
+                response.vary.add("Access-Control-Request-Headers")
+            else:
+                response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
-        return chat.handle(_json_body(), request.environ)
+        return chat.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
 
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
@@ -101,14 +108,15 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         uptime = time.time() - started
         if (error := unavailable(engine)) is not None:
             status = "loading" if error.code == "model_loading" else "error"
-            body = {"status": status, "uptime": uptime}
-            if status == "error":
-                body["error"] = engine.load_error
+            body = {"status": status, "uptime": uptime, "model_info": {"model_name": config.model_name}}
+            if status == "error":  # the reason (which may name local paths) is in the log
+                body["error"] = "the model failed to load"
             return body, 503
         info = chat.info
-        model_info = {"model_name": config.served_model_name, "model_path": info["model_path"]}
+        model_info = {"model_name": config.model_name, "served_model_name": config.served_model_name}
         model_info |= {key: info[key] for key in ("device", "dtype", "kernels", "graph", "max_batch", "max_model_len")}
-        return {"status": "ok", "uptime": uptime, "model_info": model_info}
+        model_info["sampling_defaults"] = engine.sampling_defaults  # from generation_config.json
+        return {"status": "healthy", "uptime": uptime, "model_info": model_info}
 
     @app.get("/stats")
     def serving_stats() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: validate, tokenize, submit to the engine, stream or collect.
 
-The request greenlet never runs torch: it parks on its GeventEventStream, which the engine
-thread feeds, and the SSE generator pulls one event per engine step.
+The request greenlet never runs torch, nor the chat template and the tokenizer: those run in a
+NativePool worker, and the greenlet parks on its GeventEventStream, which the engine thread
+feeds; the SSE generator pulls one event per engine step.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError, error_body
 from nanoqwen.api.metrics import RequestTrace, ServerStats
+from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, fingerprint
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.sse import DONE, HEADERS, sse
 from nanoqwen.engine import Engine, QueueFullError
+from nanoqwen.engine.engine import PromptTooLongError
 from nanoqwen.engine.request import Event, SamplingParams
 from nanoqwen.engine.stream import EventStream
 
@@ -34,15 +37,22 @@ class ClientGone(Exception):
 
 
 def client_disconnected(environ: dict[str, Any]) -> bool:
-    """True when the client closed its connection (readable socket with nothing to read)."""
+    """True when the client reset its connection.
+
+    End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`)
+    once its request is sent and still read the answer. A client that is really gone shows up
+    as a reset here, or as a failed write of the stream (gunicorn then closes our generator).
+    """
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
+        if readable:
+            sock.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
         return True
+    return False
 
 
 def unavailable(engine: Engine) -> APIError | None:
@@ -61,6 +71,8 @@ class ChatService:
         self.engine = engine
         self.config = config
         self.stats = stats
+        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
+        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
         self._info: dict[str, Any] | None = None
 
     @property
@@ -82,12 +94,8 @@ class ChatService:
                            param="model", code="model_not_found")
         if (error := unavailable(self.engine)) is not None:
             raise error
-        try:
-            prompt_ids = self.engine.encode_messages(req.template_messages(), req.chat_template_kwargs)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        params = req.sampling_params()
-        self._check_context(len(prompt_ids), params.max_tokens)
+        params = req.sampling_params(self.engine.sampling_defaults)
+        prompt_ids = self._encode(req, params.max_tokens)
         channel = GeventEventStream()
         request_id = self._submit(prompt_ids, params, channel, req.split_reasoning)
         if req.stream:
@@ -99,19 +107,32 @@ class ChatService:
             return Response(status=CLIENT_CLOSED)
         return completion
 
-    def _check_context(self, prompt_tokens: int, max_tokens: int | None) -> None:
+    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
+        longest = self.info["max_model_len"] - (max_tokens or 1)
+        messages = req.template_messages()
+        chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
+        pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
+        try:
+            return pool.run(self.engine.encode_messages, messages, req.template_kwargs(), longest)
+        except PromptTooLongError as exc:
+            raise self._context_error(exc.num_tokens, max_tokens) from None
+        except PoolFullError as exc:
+            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+
+    def _context_error(self, prompt_tokens: int, max_tokens: int | None) -> APIError:
         limit = self.info["max_model_len"]
-        if max_tokens is None and prompt_tokens >= limit:
+        if max_tokens is None:
             message = (f"This model's maximum context length is {limit} tokens. However, your messages "
                        f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
                        "Please reduce the length of the messages.")
-        elif max_tokens is not None and prompt_tokens + max_tokens > limit:
+        else:
             message = (f"This model's maximum context length is {limit} tokens. However, you requested "
                        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} "
                        "in the completion). Please reduce the length of the messages or completion.")
-        else:
-            return
-        raise APIError(400, message, param="messages", code="context_length_exceeded")
+        return APIError(400, message, param="messages", code="context_length_exceeded")
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, channel: EventStream,
                 split_reasoning: bool) -> str:

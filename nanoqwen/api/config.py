@@ -5,27 +5,46 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nanoqwen.loader import checkpoint_name, hub_repo_id
+
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     served_model_name: str = "qwen3-0.6b"
-    model_aliases: tuple[str, ...] = (DEFAULT_MODEL,)  # other names a request may use
+    model_name: str = DEFAULT_MODEL  # /health's model_name: the Hub repo id, or the checkpoint directory's name
+    hub_id: str | None = DEFAULT_MODEL  # also accepted as `model` (never a local path)
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     cors_origins: tuple[str, ...] = ()  # empty = no CORS headers; "*" = any origin
     max_body_bytes: int = 8 << 20
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
     disconnect_poll_s: float = 0.5  # how often a waiting request checks that its client is there
+    # Prompts are templated and tokenised in native threads, in two lanes so that long prompts
+    # (seconds each) never hold up short ones; past max_pending in a lane, 503.
+    tokenizer_threads: int = 2
+    max_pending_prompts: int = 64
+    long_prompt_chars: int = 1 << 16  # message text from which a prompt takes the long lane
+    long_prompt_threads: int = 1
+    max_pending_long_prompts: int = 8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerConfig:
         origins = tuple(o.strip() for o in env.get("NANOQWEN_CORS_ORIGINS", "").split(",") if o.strip())
+        model = env.get("NANOQWEN_MODEL", "") or DEFAULT_MODEL
+        body_timeout = env.get("NANOQWEN_BODY_TIMEOUT", "")
+        try:
+            body_timeout_s = float(body_timeout) if body_timeout else cls.body_timeout_s
+        except ValueError:
+            raise ValueError(f"NANOQWEN_BODY_TIMEOUT={body_timeout!r} is not a number of seconds") from None
         return cls(
             served_model_name=env.get("NANOQWEN_SERVED_MODEL_NAME", "") or "qwen3-0.6b",
-            model_aliases=(env.get("NANOQWEN_MODEL", "") or DEFAULT_MODEL,),
+            model_name=checkpoint_name(model),
+            hub_id=hub_repo_id(model),
             api_key=env.get("NANOQWEN_API_KEY") or None,
             cors_origins=origins,
+            body_timeout_s=body_timeout_s,
         )
 
     def accepts_model(self, name: str) -> bool:
-        return name == self.served_model_name or name in self.model_aliases
+        return name == self.served_model_name or (self.hub_id is not None and name == self.hub_id)

@@ -9,6 +9,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def param_name(loc: tuple[int | str, ...]) -> str:
+    """A location in the request body in OpenAI's notation: `messages.[0].content`."""
+    return ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc)
+
+
 class APIError(Exception):
     """Raised anywhere while serving a request; the app turns it into an error response."""
 

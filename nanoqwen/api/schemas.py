@@ -1,27 +1,71 @@
 """Request schema of `POST /v1/chat/completions` (OpenAI's fields plus vLLM's extensions).
 
-Unknown fields are ignored. Validation failures become 400 `invalid_request_error` naming the
-offending `param` in OpenAI's notation (`messages.[0].role`).
+Strict, as OpenAI is: no type coercion ("5" is not an int, true is not a number; ints are fine
+for floats), unknown fields are refused ("Unrecognized request argument supplied"), and fields
+that would change the answer but are not implemented (tools, logit_bias, guided decoding, ...)
+are refused naming the field rather than silently dropped. Harmless metadata is accepted and
+ignored. Failures become 400 `invalid_request_error` naming the offending `param` in OpenAI's
+notation (`messages.[0].role`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 
 MAX_STOP_STRINGS = 4
+INT64 = {"ge": -(2**63), "le": 2**63 - 1}
+# Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
+_UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "functions": ([],), "tool_calls": ([],), "logit_bias": ({},), "tool_choice": ("none",),
+    "function_call": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},),
+}
+UNSUPPORTED_FIELDS = (
+    "tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities",
+    "response_format", "reasoning_effort", "verbosity", "web_search_options",
+    # vLLM's guided decoding
+    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "guided_whitespace_pattern",
+)
+UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call", "audio")
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _check_unsupported(value: Any, info: ValidationInfo) -> None:
+    """None for an absent or "not used" value; raises naming the field otherwise."""
+    if value is None or value in _UNUSED_VALUES.get(info.field_name, ()):
+        return None
+    if info.field_name == "response_format":
+        raise PydanticCustomError("unsupported", "only {\"type\": \"text\"} is supported")
+    raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
-class ChatMessage(_Lenient):
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # Accepted, not shown to the model: Qwen3's chat template has no participant names.
+    name: str | None = None
+    # An earlier assistant turn as clients resend it; the template keeps the recent reasoning.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    refusal: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    audio: Any = None
+
+    @field_validator(*UNSUPPORTED_MESSAGE_FIELDS, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
+        return _check_unsupported(value, info)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -46,18 +90,25 @@ class ChatMessage(_Lenient):
             text = "".join(part["text"] for part in self.content)
         else:
             text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if self.role == "assistant" and reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return message
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks: nothing to pad here
 
 
-class ResponseFormat(_Lenient):
-    type: str
+class ChatTemplateKwargs(_Strict):
+    """The variables Qwen3's chat template reads besides `messages`, `tools` and `add_generation_prompt`."""
+
+    enable_thinking: bool | None = None
 
 
-class ChatCompletionRequest(_Lenient):
+class ChatCompletionRequest(_Strict):
     model: str | None = None  # None = the served model
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -68,21 +119,52 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(1, ge=1, le=128)
-    seed: int | None = None
+    seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    user: str | None = None
-    response_format: ResponseFormat | None = None
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    # Metadata that does not change the answer: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    audio: Any = None
+    modalities: Any = None
+    response_format: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    @field_validator(*UNSUPPORTED_FIELDS, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
+        return _check_unsupported(value, info)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -109,25 +191,35 @@ class ChatCompletionRequest(_Lenient):
     @property
     def split_reasoning(self) -> bool:
         """False when thinking is switched off: the template closed the think block already."""
-        return (self.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        kwargs = self.chat_template_kwargs
+        return kwargs is None or kwargs.enable_thinking is not False
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.to_template() for m in self.messages]
 
-    def sampling_params(self) -> SamplingParams:
-        defaults = SamplingParams()
+    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """The engine's parameters: the request's, else model_defaults (the checkpoint's
+        generation_config, e.g. {"temperature": 0.6}), else the OpenAI defaults."""
+        base = SamplingParams()
+        model_defaults = model_defaults or {}
 
         def pick(value: Any, default: Any) -> Any:
             return default if value is None else value
 
+        def sampling(name: str) -> Any:
+            return pick(getattr(self, name), model_defaults.get(name, getattr(base, name)))
+
         return SamplingParams(
-            temperature=pick(self.temperature, defaults.temperature),
-            top_p=pick(self.top_p, defaults.top_p),
-            top_k=pick(self.top_k, defaults.top_k),
-            min_p=pick(self.min_p, defaults.min_p),
-            presence_penalty=pick(self.presence_penalty, defaults.presence_penalty),
-            frequency_penalty=pick(self.frequency_penalty, defaults.frequency_penalty),
-            repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
+            temperature=sampling("temperature"),
+            top_p=sampling("top_p"),
+            top_k=sampling("top_k"),
+            min_p=sampling("min_p"),
+            presence_penalty=pick(self.presence_penalty, base.presence_penalty),
+            frequency_penalty=pick(self.frequency_penalty, base.frequency_penalty),
+            repetition_penalty=sampling("repetition_penalty"),
             seed=self.seed,
             max_tokens=pick(self.max_completion_tokens, self.max_tokens),
             ignore_eos=bool(self.ignore_eos),
@@ -140,18 +232,26 @@ class ChatCompletionRequest(_Lenient):
         )
 
 
-def _param_name(loc: tuple[int | str, ...]) -> str:
-    return ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc)
-
-
 def _check_combinations(req: ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format type '{req.response_format.type}' is not supported; "
-                            "only 'text' is", param="response_format")
+
+
+def _api_error(err: Any) -> APIError:
+    param = param_name(err["loc"])
+    if err["type"] == "extra_forbidden":
+        if err["loc"][0] == "chat_template_kwargs":
+            accepted = ", ".join(ChatTemplateKwargs.model_fields)
+            return APIError(400, f"'{param}' is not a variable of this model's chat template (accepted: {accepted})",
+                            param=param)
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if err["type"] == "unsupported":
+        return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
+                        code="unsupported_parameter")
+    message = err["msg"].removeprefix("Value error, ")
+    return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -161,10 +261,6 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     try:
         req = ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = _param_name(err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"Invalid value for '{param}': {message}" if param else message,
-                       param=param or None) from None
+        raise _api_error(exc.errors(include_url=False)[0]) from None
     _check_combinations(req)
     return req

@@ -33,6 +33,12 @@ class QueueFullError(RuntimeError):
     pass
 
 
+class PromptTooLongError(ValueError):
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(f"the prompt has {num_tokens} tokens")
+        self.num_tokens = num_tokens
+
+
 def default_graph_mode(device: torch.device) -> str:
     return "cudagraph" if device.type == "cuda" else "none"
 
@@ -61,6 +67,7 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self._info: dict = {}
+        self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,6 +90,7 @@ class Engine:
                             model_config.max_position_embeddings)
         self.tokenizer = loader.load_tokenizer(path)
         self.generation = loader.load_generation_defaults(path, self.tokenizer)
+        self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
         self.token_bytes = TokenBytes(self.tokenizer)
         vocab = self.tokenizer.get_vocab()
         self._think_ids = (vocab.get("<think>"), vocab.get("</think>"))
@@ -150,14 +158,24 @@ class Engine:
             self._stopped.set()
 
     # -- API (any thread) -----------------------------------------------------------------
-    def encode_messages(self, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    def encode_messages(self, messages: list[dict], chat_template_kwargs: dict | None = None,
+                        max_tokens: int | None = None) -> list[int]:
+        """The prompt's token ids; PromptTooLongError past max_tokens.
+
+        CPU-heavy for long prompts: servers call it from a worker thread. The Rust tokenizer runs
+        without the GIL (encode_batch releases it, encode does not), and the ids only become a
+        Python list (which holds the GIL, ~0.1 s per million) once the length is known to fit.
+        """
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
             )
         except Exception as exc:  # jinja errors from the checkpoint's template
             raise ValueError(f"could not apply the chat template: {exc}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        (encoding,) = self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)
+        if max_tokens is not None and len(encoding) > max_tokens:
+            raise PromptTooLongError(len(encoding))
+        return encoding.ids
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError naming the problem; the server maps it to a 400."""

@@ -1,0 +1,90 @@
+"""The request body: read within a deadline, parsed as strict UTF-8 JSON, checked for what the schema cannot see.
+
+Python's json accepts lone UTF-16 surrogates (as `\\ud800` escapes, and as raw `ED A0 80` bytes,
+which it decodes with `surrogatepass`), NaN/Infinity, and recurses once per nesting level; none
+of that may reach the tokenizer, the schema or an error message.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+from typing import Any
+
+import gevent
+from flask import Request
+from gunicorn.http.errors import ParseException
+
+from nanoqwen.api.errors import APIError, param_name
+
+MAX_DEPTH = 64  # the deepest field of a valid request is ~5 levels down
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+def _stop_reading(environ: dict[str, Any]) -> None:
+    """After a failed read the rest of the body is garbage or never comes: EOF the connection's read
+    side so that gunicorn, which drains the body before the next keep-alive request, closes it."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+def read_body(request: Request, timeout_s: float) -> bytes:
+    """The raw body, or 408 when it takes longer than timeout_s to arrive (stalled uploads hold a
+    worker connection each), 400 when it is malformed (bad chunked framing, cut short)."""
+    try:
+        with gevent.Timeout(timeout_s, _BodyTimeout):
+            return request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    except _BodyTimeout:
+        _stop_reading(request.environ)
+        raise APIError(408, f"The request body did not arrive within {timeout_s:g} seconds.",
+                       code="request_timeout") from None
+    except (ParseException, OSError, ValueError):
+        _stop_reading(request.environ)
+        raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_tree(value: Any) -> None:
+    """Iteratively (a recursive walk would hit the recursion limit json.loads just passed)."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)] if isinstance(value, (dict, list)) else []
+    while stack:
+        path, node = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep.")
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                raise APIError(400, "A key in the JSON body contains a lone UTF-16 surrogate.",
+                               param=param_name(path) or None)
+            if isinstance(child, str):
+                if not child.isascii() and _SURROGATE.search(child):
+                    raise APIError(400, f"Invalid value for '{param_name(path + (key,))}': the string contains a "
+                                        "lone UTF-16 surrogate (not valid Unicode).", param=param_name(path + (key,)))
+            elif isinstance(child, (dict, list)):
+                stack.append((path + (key,), child))
+
+
+def parse_json(data: bytes) -> Any:
+    """Decoded JSON; 400 for anything that is not strict JSON in valid Unicode."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "The request body is not valid UTF-8.") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "The JSON body is nested too deeply.") from None
+    except ValueError:
+        raise APIError(400, "We could not parse the JSON body of your request.") from None
+    _check_tree(body)
+    return body

@@ -1,0 +1,88 @@
+"""A small pool of real OS threads for CPU work a request greenlet must not do on the event loop.
+
+Chat templating and tokenisation of a long prompt take seconds; run in a greenlet they would
+freeze every stream and /health. Workers are native threads (see nanoqwen/engine/threads.py);
+the waiting greenlet parks on a gevent Event that the worker sets through the hub's async
+watcher (`send()` is the one thread-safe way to wake a gevent loop; the watcher also keeps the
+loop alive while it waits).
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import gevent.event
+
+from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
+
+
+class PoolFullError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    done: Any  # the waiting hub's async watcher
+    value: Any = None
+    error: BaseException | None = None
+
+
+class NativePool:
+    def __init__(self, workers: int, max_pending: int) -> None:
+        self.workers = workers
+        self.max_pending = max_pending  # running + waiting jobs; past it run() refuses
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._lock = native_lock()  # held only around deque and counter updates
+        self._has_jobs = NativeEvent()
+        self._pending = 0
+        self._started = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in a worker thread; the calling greenlet waits without blocking the loop.
+        Raises PoolFullError when max_pending jobs are already pending, else what fn raises."""
+        finished = gevent.event.Event()
+        job = _Job(fn, args, gevent.get_hub().loop.async_())
+        job.done.start(finished.set)  # before the worker can send()
+        try:
+            self._submit(job)
+            finished.wait()
+        finally:  # stop, not close: a worker may still send() to it if this greenlet was killed
+            job.done.stop()
+        if job.error is not None:
+            raise job.error
+        return job.value
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                raise PoolFullError(f"{self.max_pending} prompts are already being tokenised")
+            self._pending += 1
+            self._jobs.append(job)
+            self._has_jobs.set()
+            if not self._started:  # lazily: apps built in tests that never tokenise start no threads
+                self._started = True
+                for _ in range(self.workers):
+                    start_native_thread(self._work)
+
+    def _work(self) -> None:
+        while True:
+            self._has_jobs.wait()
+            with self._lock:
+                if not self._jobs:
+                    self._has_jobs.clear()
+                    continue
+                job = self._jobs.popleft()
+                if not self._jobs:
+                    self._has_jobs.clear()
+            try:
+                job.value = job.fn(*job.args)
+            except BaseException as exc:  # handed to the waiting greenlet
+                job.error = exc
+            with self._lock:
+                self._pending -= 1
+            job.done.send()

@@ -1,0 +1,53 @@
+"""NativePool: CPU work runs in real OS threads while the greenlet that waits for it lets the hub run."""
+from __future__ import annotations
+
+import threading
+import time
+
+import gevent
+import pytest
+
+from nanoqwen.api.offload import NativePool, PoolFullError
+from nanoqwen.engine.threads import NativeEvent
+
+
+def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running() -> None:
+    pool = NativePool(workers=2, max_pending=4)
+    ticks: list[float] = []
+
+    def busy() -> int:  # blocks its OS thread (a monkey-patched sleep would only yield)
+        NativeEvent().wait(0.3)
+        return threading.get_ident()
+
+    def tick() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            gevent.sleep(0.01)
+
+    ticker = gevent.spawn(tick)
+    t0 = time.perf_counter()
+    idents = [g.get(timeout=10) for g in [gevent.spawn(pool.run, busy) for _ in range(2)]]
+    elapsed = time.perf_counter() - t0
+    ticker.kill()
+    assert threading.get_ident() not in idents and len(set(idents)) == 2  # two workers, in parallel
+    assert elapsed < 0.55
+    assert len(ticks) >= 10  # the hub ran other greenlets meanwhile
+
+
+def test_errors_reach_the_caller() -> None:
+    pool = NativePool(workers=1, max_pending=1)
+    with pytest.raises(ValueError, match="bad prompt"):
+        pool.run(lambda: (_ for _ in ()).throw(ValueError("bad prompt")))
+    assert pool.run(lambda a, b: a + b, 2, 3) == 5
+
+
+def test_pending_jobs_are_bounded() -> None:
+    pool = NativePool(workers=1, max_pending=2)
+    release = NativeEvent()
+    running = [gevent.spawn(pool.run, release.wait, 10) for _ in range(2)]
+    gevent.sleep(0.05)
+    with pytest.raises(PoolFullError):
+        pool.run(lambda: None)
+    release.set()
+    assert [g.get(timeout=10) for g in running] == [True, True]
+    assert pool.run(lambda: "free again") == "free again"
