@@ -72,6 +72,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step
     enable_prefix_caching: bool = True
     revision: str | None = None
+    threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -80,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
+        if self.threads < 0:
+            raise ValueError("threads must be at least 1 (or 0 for the CPUs this process may use)")
         for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -130,3 +133,12 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return torch.float16
     return dtype
+
+
+def resolve_threads(threads: int) -> int:
+    """`threads`, or the CPUs this process may run on (its affinity mask, e.g. under taskset or a cgroup)."""
+    if threads:
+        return threads
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
