@@ -35,4 +35,4 @@ def post_fork(server, worker) -> None:
         worker.__class__ = NanoqwenWorker
     elif not isinstance(worker, NanoqwenWorker):
         server.log.error("nanoqwen needs gunicorn's gevent worker (-k gevent), not %s", type(worker).__name__)
-        sys.exit(worker.WORKER_BOOT_ERROR)
+        sys.exit(server.WORKER_BOOT_ERROR)

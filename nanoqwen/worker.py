@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import gevent
 from gevent import monkey, socket
+from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
 SHUTDOWN_MESSAGE = "the server is shutting down: the stream was cut at the end of the grace period"
@@ -84,7 +85,7 @@ class NanoqwenWorker(GeventWorker):
     def _exit_if_load_fails(self, engine) -> None:
         while not engine.ready:
             if engine.load_error is not None:  # the engine logged why
-                sys.exit(self.WORKER_BOOT_ERROR)  # gevent re-raises SystemExit in the main greenlet
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)  # gevent re-raises SystemExit in the main greenlet
             gevent.sleep(LOAD_POLL_S)
 
     def handle_exit(self, sig, frame) -> None:  # SIGTERM: graceful shutdown
