@@ -10,13 +10,18 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey, socket
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
-SHUTDOWN_MESSAGE = "the server is shutting down: the stream was cut at the end of the grace period"
+if TYPE_CHECKING:
+    from nanoqwen.engine import Engine
+
+SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
 LOAD_POLL_S = 0.2
 
 
@@ -82,13 +87,13 @@ class NanoqwenWorker(GeventWorker):
         gevent.spawn(self._exit_if_load_fails, engine)
         super().run()
 
-    def _exit_if_load_fails(self, engine) -> None:
+    def _exit_if_load_fails(self, engine: Engine) -> None:
         while not engine.ready:
             if engine.load_error is not None:  # the engine logged why
                 sys.exit(Arbiter.WORKER_BOOT_ERROR)  # gevent re-raises SystemExit in the main greenlet
             gevent.sleep(LOAD_POLL_S)
 
-    def handle_exit(self, sig, frame) -> None:  # SIGTERM: graceful shutdown
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # SIGTERM: graceful shutdown
         super().handle_exit(sig, frame)
         gevent.spawn(self._drain)
 

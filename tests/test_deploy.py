@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ def _post(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> requests.
     return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=300, **kwargs)
 
 
-def _sse(response: requests.Response) -> list[str]:
-    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line]
+def _sse(response: requests.Response) -> Iterator[str]:
+    """The `data:` payloads as they arrive."""
+    return (line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line)
 
 
 def _prompt_ids(checkpoint: Path, messages: list[dict[str, str]]) -> list[int]:
@@ -177,8 +179,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
         body = {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}
         with _post(srv, body, stream=True) as response:
-            lines = response.iter_lines(decode_unicode=True)
-            payloads = (line[len("data: "):] for line in lines if line)
+            payloads = _sse(response)
             first = [next(payloads), next(payloads)]
             terminated = time.monotonic()
             srv.terminate()
