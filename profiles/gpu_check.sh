@@ -10,10 +10,10 @@
 set -u
 
 ALL_STEPS=(env tests kernels decode bench trace)
-if [ $# -lt 1 ]; then
-    echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2
-    exit 2
-fi
+case "${1:-}" in
+    -h|--help) sed -n '2,9p' "$0" | cut -c3-; exit 0 ;;
+    ""|-*) echo "usage: $0 OUTDIR [STEP ...]   (steps: ${ALL_STEPS[*]})" >&2; exit 2 ;;
+esac
 mkdir -p "$1" || exit 2
 OUTDIR=$(cd "$1" && pwd)
 shift
