@@ -43,7 +43,10 @@ class NanoqwenWorker(GeventWorker):
       (inductor's compile workers and cc, Triton's ptxas/gcc/ldconfig, the CPU kernels' cc).
       gevent's subprocess needs child watchers, which exist only on the main thread's loop, and its
       threads would be greenlets of a hub nobody runs (joined at exit, they hang the worker).
-      Request greenlets wait only on gevent objects (nanoqwen.api.channel), so the loop stays free.
+      Request greenlets wait only on gevent objects (nanoqwen.api.channel), so the loop stays free:
+      a greenlet must never wait on a `threading` lock, event or `queue.Queue` that another thread
+      holds or feeds (that stops the loop); offload blocking work to native threads and wait on a
+      gevent object (gevent's hub threadpool does both).
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
@@ -51,9 +54,8 @@ class NanoqwenWorker(GeventWorker):
     """
 
     def patch(self) -> None:
-        # Imported before patching: torch/transformers keep the real threading primitives (they run
-        # in the engine's OS thread), and modules that break once patched stay out of reach (trio,
-        # pulled in by httpx, needs select.epoll).
+        # Imported before patching: modules that break once `select` is patched stay out of reach
+        # (trio, pulled in by httpx, needs select.epoll).
         import nanoqwen.engine  # noqa: F401
 
         # Expected after the import above: httpx's TLS modules keep the unpatched ssl (fine: Hub
