@@ -76,6 +76,7 @@ class EngineConfig:
     # (as vLLM's --generation-config auto); none: from the OpenAI defaults (temperature 1, no top-k/p)
     generation_config: str = "auto"
     revision: str | None = None
+    threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -87,6 +88,8 @@ class EngineConfig:
         if self.generation_config not in GENERATION_CONFIGS:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}; "
                              f"got {self.generation_config!r}")
+        if self.threads < 0:
+            raise ValueError("threads must be at least 1 (or 0 for the CPUs this process may use)")
         for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -151,3 +154,12 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return torch.float16
     return dtype
+
+
+def resolve_threads(threads: int) -> int:
+    """`threads`, or the CPUs this process may run on (its affinity mask, e.g. under taskset or a cgroup)."""
+    if threads:
+        return threads
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -36,8 +36,7 @@ def default_backend(device: torch.device) -> str:
 
 
 def build_cpu_kernels() -> None:
-    """Compiles the CPU kernels now (or loads them from the cache). gunicorn's worker calls it before
-    gevent patches `subprocess`, which then cannot run the compiler from the engine's thread."""
+    """Compiles the CPU kernels now (or loads them from the cache), running the C compiler."""
     for module in (cpu_linear, cpu_attention, cpu_norm_rope):
         module.KERNEL.build()
 

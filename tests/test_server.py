@@ -550,7 +550,7 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
 # -- API key, CORS, model name, queue limit ------------------------------------------------
 
 def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> None:
-    """An empty kernel cache: the worker compiles the CPU kernels before gevent patches subprocess."""
+    """An empty kernel cache: the engine thread runs the C compiler through subprocess inside the gevent worker."""
     cache = Path(guarded._env["NANOQWEN_CACHE_DIR"])
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == ["cpu_attention", "cpu_linear", "cpu_norm_rope"]
     assert "could not build" not in guarded.log()

@@ -11,6 +11,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
+from nanoqwen.api import request_id
 from nanoqwen.api.body import parse_json, read_body
 from nanoqwen.api.chat import ChatService, unavailable
 from nanoqwen.api.config import ServerConfig
@@ -57,6 +58,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     stats = ServerStats(lambda: engine.stats() if engine.ready else None)
     chat = ChatService(engine, config, stats)
     started = time.time()
+    request_id.install(app)
 
     @app.before_request
     def check_api_key() -> None:

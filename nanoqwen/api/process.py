@@ -1,4 +1,4 @@
-"""`gunicorn server:app` in a subprocess on a free loopback port (for tests and benchmarks)."""
+"""`gunicorn server:app` (or `nanoqwen serve`) in a subprocess on a free loopback port (for tests and benchmarks)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -22,20 +23,35 @@ def free_port() -> int:
 
 
 class GunicornServer:
-    def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent") -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent",
+                 args: Sequence[str] = ()) -> None:
+        """`args`: more gunicorn options, e.g. ("--graceful-timeout", "2")."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._env = {**os.environ, **env}
         self._cmd = [sys.executable, "-m", "gunicorn", "-k", worker_class, "-b", f"127.0.0.1:{self.port}",
-                     "server:app"]
+                     *args, "server:app"]
+        self._cwd = REPO_ROOT
         self._proc: subprocess.Popen | None = None
+
+    @classmethod
+    def cli(cls, args: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path) -> GunicornServer:
+        """`python -m nanoqwen serve <args> --port <free>` started in `cwd`."""
+        server = cls(env, log_path)
+        server._cmd = [sys.executable, "-m", "nanoqwen", "serve", *args, "--port", str(server.port)]
+        server._cwd = Path(cwd)
+        return server
+
+    def launch(self) -> GunicornServer:
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self._cmd, cwd=self._cwd, env=self._env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self
 
     def start(self, timeout: float = 180.0) -> GunicornServer:
         """Starts gunicorn and waits for /health to answer 200; raises with the server log otherwise."""
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(self._cmd, cwd=REPO_ROOT, env=self._env, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -52,6 +68,16 @@ class GunicornServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        """SIGTERM: gunicorn's graceful shutdown."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        """The master's exit status; raises subprocess.TimeoutExpired if it runs past `timeout`."""
+        assert self._proc is not None
+        return self._proc.wait(timeout)
 
     def stop(self) -> None:
         if self._proc is None or self._proc.poll() is not None:

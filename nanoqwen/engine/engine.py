@@ -7,13 +7,14 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import time
 import uuid
 
 import torch
 
 import ops
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig, bind_device, resolve_device, resolve_dtype
+from nanoqwen.config import EngineConfig, bind_device, resolve_device, resolve_dtype, resolve_threads
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, TopLogprob, Usage
 from nanoqwen.engine.scheduler import Scheduler
@@ -76,6 +77,9 @@ class Engine:
     def load(self) -> None:
         """Loads the model in the calling thread (start() does it in the engine thread)."""
         cfg = self.config
+        started = time.perf_counter()
+        threads = resolve_threads(cfg.threads)
+        torch.set_num_threads(threads)
         path = loader.resolve_checkpoint(cfg.model, cfg.revision)
         shards = loader.check_files(path)
         model_config = loader.load_model_config(path)
@@ -123,8 +127,12 @@ class Engine:
             "max_model_len": max_model_len,
             "block_size": cfg.block_size,
             "num_kv_blocks": num_blocks,
+            "threads": threads,
         }
         self.ready = True
+        log.info("ready: model=%s device=%s dtype=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
+                 "load_time=%.1fs", path, device, self._info["dtype"], kernels, graph,
+                 (num_blocks - 1) * cfg.block_size, threads, time.perf_counter() - started)
 
     def info(self) -> dict:
         return dict(self._info)
@@ -250,6 +258,11 @@ class Engine:
         self._inbox.append(("abort", request_id))
         self._wakeup.set()
 
+    def fail_all(self, message: str) -> None:
+        """Ends every request, queued or running, with an error event carrying `message`."""
+        self._inbox.append(("fail_all", message))
+        self._wakeup.set()
+
     def stats(self) -> dict:
         with self._lock:
             queued = self._num_queued
@@ -276,6 +289,8 @@ class Engine:
             if kind == "submit":
                 for seq in item.sequences:
                     self.scheduler.add(seq)
+            elif kind == "fail_all":
+                self._fail_all(item)
             else:
                 request = self._requests.get(item)
                 if request is not None:

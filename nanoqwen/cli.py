@@ -1,0 +1,144 @@
+"""`nanoqwen serve [MODEL] [options]`: gunicorn with nanoqwen's settings, from any directory.
+
+Each option sets its NANOQWEN_* variable for the server (so the variables still work, and a flag
+overrides them), then the process becomes `gunicorn -c python:nanoqwen.gunicorn_conf nanoqwen.wsgi:app`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+GUNICORN_CONFIG = "python:nanoqwen.gunicorn_conf"
+APP = "nanoqwen.wsgi:app"
+
+
+@dataclass(frozen=True)
+class EnvOption:
+    flag: str
+    env: str
+    help: str
+    type: type = str
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # --x / --no-x, written as 1 / 0
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+
+ENGINE_OPTIONS = (
+    EnvOption("--device", "NANOQWEN_DEVICE", "auto (cuda -> mps -> cpu) or a torch device such as cuda:1, cpu"),
+    EnvOption("--dtype", "NANOQWEN_DTYPE", "weights and activations; auto = the checkpoint's where the device "
+              "computes it", choices=("auto", "bfloat16", "float16", "float32")),
+    EnvOption("--kernels", "NANOQWEN_KERNELS", "auto = Triton on CUDA, torch elsewhere",
+              choices=("auto", "torch", "triton")),
+    EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, none elsewhere",
+              choices=("auto", "none", "compile", "cudagraph")),
+    EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),
+    EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
+              "model's max_position_embeddings)", int),
+    EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503 (default 256)",
+              int),
+    EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA 80%% of "
+              "free memory - 1 GiB, CPU/MPS 2 GiB)", float),
+    EnvOption("--num-kv-blocks", "NANOQWEN_NUM_KV_BLOCKS", "fixed KV pool size in blocks instead of a memory "
+              "budget", int),
+    EnvOption("--block-size", "NANOQWEN_BLOCK_SIZE", "tokens per KV block (default 16)", int),
+    EnvOption("--max-prefill-tokens", "NANOQWEN_MAX_PREFILL_TOKENS", "prompt tokens prefilled together in one "
+              "step (default 8192)", int),
+    EnvOption("--enable-prefix-caching", "NANOQWEN_ENABLE_PREFIX_CACHING", "reuse the KV blocks of identical "
+              "prompt prefixes (default on)", switch=True),
+    EnvOption("--generation-config", "NANOQWEN_GENERATION_CONFIG", "auto = sampling fields a request leaves out "
+              "come from the checkpoint's generation_config.json; none = OpenAI's defaults",
+              choices=("auto", "none")),
+    EnvOption("--revision", "NANOQWEN_REVISION", "Hub revision when MODEL is a repo id"),
+    EnvOption("--threads", "NANOQWEN_THREADS", "torch threads (default: the CPUs this process may use)", int),
+    EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU (default on; off = "
+              "torch ops only)", switch=True),
+    EnvOption("--cache-dir", "NANOQWEN_CACHE_DIR", "where the compiled CPU kernels are cached (default "
+              "~/.cache/nanoqwen)"),
+)
+API_OPTIONS = (
+    EnvOption("--served-model-name", "NANOQWEN_SERVED_MODEL_NAME", "the `model` name clients use (default "
+              "qwen3-0.6b)"),
+    EnvOption("--api-key", "NANOQWEN_API_KEY", "require `Authorization: Bearer <key>` on /v1/* (prefer the "
+              "variable: a flag shows in the process list until gunicorn starts)"),
+    EnvOption("--cors-origins", "NANOQWEN_CORS_ORIGINS", "comma-separated allowed browser origins, or *"),
+    EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds the whole request body may take to arrive "
+              "(default 30; then 408)", float),
+)
+ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
+
+
+def _add(group: argparse._ArgumentGroup, option: EnvOption) -> None:
+    help = f"{option.help} [{option.env}]"
+    if option.switch:
+        group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+    else:
+        group.add_argument(option.flag, type=option.type, choices=option.choices, default=None, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoqwen", description="OpenAI-compatible Qwen3 server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve a model over HTTP (gunicorn, one gevent worker per model copy)",
+        description="Serve MODEL on an OpenAI-compatible HTTP API. Each option overrides the environment "
+                    "variable in brackets. Arguments after `--` go to gunicorn as they are.",
+        epilog="SIGTERM (or Ctrl-C) stops the server: running streams get --graceful-timeout seconds to finish.",
+    )
+    serve.add_argument("model", nargs="?", default=None,
+                       help="local checkpoint directory or Hub repo id (default Qwen/Qwen3-0.6B) [NANOQWEN_MODEL]")
+    http = serve.add_argument_group("HTTP server (gunicorn)")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for every interface "
+                      "(default 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    http.add_argument("--workers", type=int, default=1, help="worker processes, each with its own copy of the "
+                      "model and KV cache (default 1)")
+    http.add_argument("--graceful-timeout", type=int, default=None, help="seconds running streams get to finish "
+                      "on SIGTERM before they end with an error event (default 30)")
+    http.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error", "critical"),
+                      help="gunicorn's and nanoqwen's log level (default info)")
+    http.add_argument("--access-log", default=None, help="access log file, - for stdout (the default)")
+    engine = serve.add_argument_group("engine")
+    for option in ENGINE_OPTIONS:
+        _add(engine, option)
+    api = serve.add_argument_group("API")
+    for option in API_OPTIONS:
+        _add(api, option)
+    return parser
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def serve_command(args: argparse.Namespace, gunicorn_args: Sequence[str] = ()) -> tuple[list[str], dict[str, str]]:
+    """The gunicorn command line and environment `nanoqwen serve` runs."""
+    env = dict(os.environ)
+    for option in ENV_OPTIONS:
+        value = getattr(args, option.dest)
+        if value is not None:
+            env[option.env] = _env_value(value)
+    command = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "--bind", f"{args.host}:{args.port}",
+               "--workers", str(args.workers)]
+    if args.graceful_timeout is not None:
+        command += ["--graceful-timeout", str(args.graceful_timeout)]
+    if args.log_level is not None:
+        command += ["--log-level", args.log_level]
+    if args.access_log is not None:
+        command += ["--access-logfile", args.access_log]
+    return [*command, *gunicorn_args, APP], env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:split])
+    command, env = serve_command(args, argv[split + 1:])
+    os.execve(sys.executable, command, env)

@@ -1,0 +1,111 @@
+"""gunicorn's gevent worker, adapted to a worker whose model runs in a native engine thread.
+
+`nanoqwen.gunicorn_conf.post_fork` turns every gevent worker into this class, so it also holds for
+`gunicorn -k gevent server:app` (a `-k` on the command line overrides the config's worker_class).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent import monkey, socket
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.ggevent import GeventWorker
+
+if TYPE_CHECKING:
+    from nanoqwen.engine import Engine
+
+SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
+LOAD_POLL_S = 0.2
+
+
+def route_logs(worker: GeventWorker) -> None:
+    """nanoqwen's own log lines (the ready line, load errors) go to gunicorn's error log, in its format."""
+    error_log = worker.log.error_log
+    logger = logging.getLogger("nanoqwen")
+    logger.handlers = list(error_log.handlers)
+    logger.setLevel(error_log.level)
+    logger.propagate = False
+
+
+class NanoqwenWorker(GeventWorker):
+    """Differences from GeventWorker:
+
+    - gevent patches network I/O and time only (socket, ssl, dns, select, time). Threads, queues,
+      subprocess, os (fork, posix_spawn, waitpid) and signal stay real: torch runs in native threads
+      (the engine's, and those inductor and Triton start from it) that compile through subprocess
+      (inductor's compile workers and cc, Triton's ptxas/gcc/ldconfig, the CPU kernels' cc).
+      gevent's subprocess needs child watchers, which exist only on the main thread's loop, and its
+      threads would be greenlets of a hub nobody runs (joined at exit, they hang the worker).
+      Request greenlets wait only on gevent objects (nanoqwen.api.channel), so the loop stays free:
+      a greenlet must never wait on a `threading` lock, event or `queue.Queue` that another thread
+      holds or feeds (that stops the loop); offload blocking work to native threads and wait on a
+      gevent object (gevent's hub threadpool does both).
+    - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
+    - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
+    - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
+      the grace period ends are failed so that they end with an error event, not a cut.
+    """
+
+    def patch(self) -> None:
+        # Imported before patching: modules that break once `select` is patched stay out of reach
+        # (trio, pulled in by httpx, needs select.epoll).
+        import nanoqwen.engine  # noqa: F401
+
+        # Expected after the import above: httpx's TLS modules keep the unpatched ssl (fine: Hub
+        # downloads run in the engine thread), and gevent's scan of live objects trips a torch alias.
+        warnings.filterwarnings("ignore", "Monkey-patching ssl after ssl", monkey.MonkeyPatchWarning)
+        warnings.filterwarnings("ignore", ".*torch.distributed.reduce_op", FutureWarning)
+        monkey.patch_all(thread=False, queue=False, subprocess=False, os=False, signal=False)
+        self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
+
+    def init_process(self) -> None:
+        self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        route_logs(self)
+        super().init_process()
+
+    @contextlib.contextmanager
+    def timeout_ctx(self) -> Iterator[None]:
+        """The keep-alive wait for a connection's next request; shutdown ends it early."""
+        timeout = gevent.Timeout(self.cfg.keepalive, False)
+        current = gevent.getcurrent()
+        self._idle[current] = timeout
+        try:
+            with timeout:
+                yield
+        finally:
+            del self._idle[current]
+
+    def run(self) -> None:
+        from nanoqwen.wsgi import engine
+
+        engine.start()
+        gevent.spawn(self._exit_if_load_fails, engine)
+        super().run()
+
+    def _exit_if_load_fails(self, engine: Engine) -> None:
+        while not engine.ready:
+            if engine.load_error is not None:  # the engine logged why
+                sys.exit(Arbiter.WORKER_BOOT_ERROR)  # gevent re-raises SystemExit in the main greenlet
+            gevent.sleep(LOAD_POLL_S)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # SIGTERM: graceful shutdown
+        super().handle_exit(sig, frame)
+        gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        for greenlet, timeout in list(self._idle.items()):
+            greenlet.kill(timeout, block=False)  # the keep-alive wait ends as if it had timed out
+        grace = self.cfg.graceful_timeout
+        # gevent's run loop checks every second whether its connections are done, and the master
+        # kills the worker at `grace`: fail what still runs early enough for both.
+        gevent.sleep(grace - min(1.5, grace / 2))
+        from nanoqwen.wsgi import engine
+
+        engine.fail_all(SHUTDOWN_MESSAGE)

@@ -1,0 +1,19 @@
+"""The WSGI app and its engine, configured from NANOQWEN_* variables (`server.py` re-exports them).
+
+Under nanoqwen's gunicorn config the worker starts the engine thread after the fork (see
+nanoqwen.worker), so `--preload` can import this module in the master. Anywhere else, importing
+it starts the engine: the model loads in that thread while `/health` already answers 503.
+"""
+import atexit
+import sys
+
+from nanoqwen.api.app import create_app
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.engine import Engine, EngineConfig
+
+engine = Engine(EngineConfig.from_env())
+atexit.register(engine.shutdown)
+app = create_app(engine, ServerConfig.from_env())
+
+if "nanoqwen.gunicorn_conf" not in sys.modules:
+    engine.start()

@@ -1,0 +1,252 @@
+"""The server as deployed: real gunicorn started with `-k gevent` (or `python -m nanoqwen serve`),
+compile mode in the worker, boot failures, --preload, logs, SIGTERM, and the command line."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+from engine_util import hf_greedy
+
+from nanoqwen import loader
+from nanoqwen.api.process import REPO_ROOT, GunicornServer
+from nanoqwen.config import EngineConfig, resolve_threads
+from nanoqwen.text import TokenBytes
+
+MODEL = "qwen3-0.6b"
+CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "512"}
+
+
+def _env(checkpoint: Path, **env: str) -> dict[str, str]:
+    return {"NANOQWEN_MODEL": str(checkpoint), **CPU, **env}
+
+
+def _messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _post(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+    return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=300, **kwargs)
+
+
+def _sse(response: requests.Response) -> Iterator[str]:
+    """The `data:` payloads as they arrive."""
+    return (line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line)
+
+
+def _prompt_ids(checkpoint: Path, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt the server builds (the engine's encode_messages)."""
+    tokenizer = loader.load_tokenizer(checkpoint)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _expected_bytes(checkpoint: Path, hf_model: Any, messages: list[dict[str, str]], n: int) -> list[bytes]:
+    token_bytes = TokenBytes(loader.load_tokenizer(checkpoint))
+    return [token_bytes.bytes(t) for t in hf_greedy(hf_model(checkpoint), _prompt_ids(checkpoint, messages), n)]
+
+
+def _logprob_bytes(entries: list[dict[str, Any]]) -> list[bytes]:
+    return [bytes(entry["bytes"]) for entry in entries]
+
+
+# -- 1. compile mode inside the gevent worker ----------------------------------------------
+
+@pytest.mark.slow
+def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_checkpoint, hf_model, tmp_path):
+    """Inductor compiles in the engine thread (cc through subprocess, its compile-worker pool) while
+    another stream is running: the bucket-2 compile happens when B joins A, and A goes on after B is
+    done. Both are transformers' greedy tokens, and /health stays fast meanwhile."""
+    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_GRAPH="compile", NANOQWEN_KERNELS="torch",
+                              NANOQWEN_MAX_BATCH="2"), tmp_path / "gunicorn.log").start()
+    try:
+        long_n, short_n = 400, 6
+        a_messages, b_messages = _messages("Tell me a long story."), _messages("Hi")
+        greedy = {"model": MODEL, "temperature": 0, "ignore_eos": True, "logprobs": True}
+        a_chunks: list[tuple[float, dict[str, Any]]] = []
+        a_started = threading.Event()
+
+        def stream_a() -> None:
+            body = {**greedy, "messages": a_messages, "max_tokens": long_n, "stream": True}
+            with _post(srv, body, stream=True) as response:
+                for payload in _sse(response):
+                    if payload != "[DONE]":
+                        a_chunks.append((time.monotonic(), json.loads(payload)))
+                    if len(a_chunks) == 3:
+                        a_started.set()  # role chunk, then two tokens: bucket 1 is compiled
+
+        a = threading.Thread(target=stream_a)
+        a.start()
+        assert a_started.wait(300)
+        b_result: list[dict[str, Any]] = []
+        b = threading.Thread(target=lambda: b_result.append(
+            _post(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()))
+        b.start()
+        health = []
+        while b.is_alive():
+            t0 = time.perf_counter()
+            assert requests.get(f"{srv.url}/health", timeout=10).status_code == 200
+            health.append(time.perf_counter() - t0)
+            time.sleep(0.1)
+        b_done = time.monotonic()
+        a.join()
+    finally:
+        srv.stop()
+    assert "InductorError" not in srv.log() and "graph=compile" in srv.log()
+    [b_body] = b_result
+    assert _logprob_bytes(b_body["choices"][0]["logprobs"]["content"]) == _expected_bytes(
+        tiny_checkpoint, hf_model, b_messages, short_n)
+    a_tokens = [e for _, c in a_chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert _logprob_bytes(a_tokens) == _expected_bytes(tiny_checkpoint, hf_model, a_messages, long_n)
+    assert any(t > b_done for t, _ in a_chunks), "A should still stream after B (and its compile) ended"
+    assert max(health) < 1.0, health
+
+
+# -- 3. lifecycle --------------------------------------------------------------------------
+
+def test_failed_load_stops_gunicorn_with_the_reason(tmp_path):
+    srv = GunicornServer(_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log").launch()
+    try:
+        status = srv.wait(120)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert status == 3, log  # gunicorn's WORKER_BOOT_ERROR, passed on by the master
+    assert "missing-checkpoint" in log and "does not exist" in log
+    assert "Worker failed to boot" in log
+
+
+def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
+    srv = GunicornServer(_env(tiny_checkpoint), tmp_path / "gunicorn.log", worker_class="sync").launch()
+    try:
+        status = srv.wait(120)
+    finally:
+        srv.stop()
+    assert status == 3 and "needs gunicorn's gevent worker" in srv.log()
+
+
+@pytest.fixture(scope="module")
+def preloaded(tiny_checkpoint, tmp_path_factory):
+    """--preload, one torch thread."""
+    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_THREADS="1"),
+                         tmp_path_factory.mktemp("preload") / "gunicorn.log", args=["--preload"]).start()
+    yield srv
+    srv.stop()
+
+
+def test_preload_serves(preloaded):
+    reply = _post(preloaded, {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 3})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_ready_and_access_log_lines(preloaded):
+    secret = "my private prompt text"
+    given = _post(preloaded, {"model": MODEL, "messages": _messages(secret), "max_tokens": 2},
+                  headers={"X-Request-Id": "client-id-42"})
+    assert given.headers["X-Request-Id"] == "client-id-42"
+    generated = requests.get(f"{preloaded.url}/health", timeout=10, headers={"X-Request-Id": "bad id with spaces"})
+    request_id = generated.headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    log = preloaded.log()
+    ready = re.findall(r"^\[[^]]+\] \[\d+\] \[INFO\] ready: (.*)$", log, re.MULTILINE)
+    assert len(ready) == 1, log
+    fields = dict(item.split("=", 1) for item in ready[0].split())
+    assert fields["device"] == "cpu" and fields["dtype"] == "float32" and fields["threads"] == "1"
+    assert fields["kernels"] == "torch" and fields["graph"] == "none" and int(fields["kv_cache_tokens"]) >= 512
+    assert fields["model"] and re.fullmatch(r"\d+\.\ds", fields["load_time"])
+    assert re.search(r'"POST /v1/chat/completions" 200 \d+ \d+ms request_id=client-id-42$', log, re.MULTILINE), log
+    assert re.search(rf'"GET /health" 200 \d+ \d+ms request_id={request_id}$', log, re.MULTILINE), log
+    assert secret not in log
+
+
+def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
+    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
+                         tmp_path / "gunicorn.log", args=["--graceful-timeout", "3"]).start()
+    try:
+        body = {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 4000, "ignore_eos": True,
+                "stream": True}
+        with _post(srv, body, stream=True) as response:
+            payloads = _sse(response)
+            first = [next(payloads), next(payloads)]
+            terminated = time.monotonic()
+            srv.terminate()
+            rest = list(payloads)
+        ended = time.monotonic() - terminated
+        status = srv.wait(30)
+    finally:
+        srv.stop()
+    assert rest[-1] == "[DONE]", rest[-3:]
+    error = json.loads(rest[-2])["error"]
+    assert "shutting down" in error["message"] and error["type"] == "server_error"
+    drained = [p for p in rest[:-2] if json.loads(p)["choices"][0]["delta"].get("content")]
+    assert 1 < len(drained) < 4000  # it went on streaming during the grace period, and was cut
+    assert 1.0 < ended < 3.0, ended
+    assert status == 0
+
+
+def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_path):
+    srv = GunicornServer(_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the connection stays open, idle
+            t0 = time.monotonic()
+            srv.terminate()
+            status = srv.wait(25)
+            elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert status == 0 and elapsed < 10, elapsed
+
+
+def test_threads_default_to_the_affinity_mask():
+    assert resolve_threads(0) == len(os.sched_getaffinity(0))
+    assert resolve_threads(3) == 3
+    assert EngineConfig.from_env({"NANOQWEN_THREADS": "2"}).threads == 2
+    with pytest.raises(ValueError):
+        EngineConfig(threads=-1)
+
+
+# -- 5. nanoqwen serve ---------------------------------------------------------------------
+
+def test_serve_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--help"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=True).stdout
+    for field in fields(EngineConfig):
+        if field.name != "model":
+            assert f"--{field.name.replace('_', '-')}" in out, field.name
+    for flag in ("--host", "--port", "--workers", "--api-key", "--served-model-name", "--cors-origins",
+                 "--graceful-timeout", "--log-level", "MODEL", "NANOQWEN_THREADS"):
+        assert flag.lower() in out.lower(), flag
+
+
+def test_serve_from_another_directory(tiny_checkpoint, tmp_path):
+    """cwd outside the repository (no gunicorn.conf.py there): the flags override the environment,
+    the gevent worker serves, and the openai client gets a completion."""
+    env = {"PYTHONPATH": str(REPO_ROOT), "NANOQWEN_DTYPE": "bfloat16", "NANOQWEN_SERVED_MODEL_NAME": "from-env"}
+    srv = GunicornServer.cli([str(tiny_checkpoint), "--device", "cpu", "--dtype", "float32", "--max-model-len",
+                              "256", "--served-model-name", "tiny", "--api-key", "k", "--threads", "1"],
+                             env, tmp_path / "serve.log", cwd=tmp_path).start()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="k", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="tiny", messages=_messages("Hi"), max_tokens=3)
+        health = requests.get(f"{srv.url}/health", timeout=10).json()
+    finally:
+        srv.stop()
+    assert reply.usage.completion_tokens == 3 and reply.model == "tiny"
+    assert health["model_info"]["dtype"] == "float32" and health["model_info"]["max_model_len"] == 256
+    log = srv.log()
+    assert "Using worker: nanoqwen.worker.NanoqwenWorker" in log and "threads=1" in log
