@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from nanoqwen.api.metrics import percentile  # noqa: E402
-from nanoqwen.api.process import GunicornServer  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
 
-FILLER = "the quick brown fox jumps over the lazy dog while a robot counts the stars".split()
+FILLER = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "robot", "counts",
+          "the", "stars"]
 
 
 @dataclass
@@ -237,6 +238,7 @@ def main() -> None:
     model = args.model
     if model is None:
         import torch
+
         from checkpoints import make_checkpoint, qwen3_0_6b_shape
 
         shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {}

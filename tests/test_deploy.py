@@ -18,12 +18,12 @@ from typing import Any
 import openai
 import pytest
 import requests
-from engine_util import hf_greedy
 
+from engine_util import hf_greedy
 from nanoqwen import loader
-from nanoqwen.api.process import REPO_ROOT, GunicornServer
 from nanoqwen.config import EngineConfig, resolve_threads
 from nanoqwen.text import TokenBytes
+from server_process import REPO_ROOT, GunicornServer
 
 MODEL = "qwen3-0.6b"
 CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "512"}
@@ -180,7 +180,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
                 "stream": True}
         with _post(srv, body, stream=True) as response:
             payloads = _sse(response)
-            first = [next(payloads), next(payloads)]
+            started = [json.loads(next(payloads)) for _ in range(2)]
             terminated = time.monotonic()
             srv.terminate()
             rest = list(payloads)
@@ -188,6 +188,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
         status = srv.wait(30)
     finally:
         srv.stop()
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in started), started
     assert rest[-1] == "[DONE]", rest[-3:]
     error = json.loads(rest[-2])["error"]
     assert "shutting down" in error["message"] and error["type"] == "server_error"

@@ -14,11 +14,11 @@ from typing import Any
 
 import openai
 import pytest
-import fuzz_bodies
 import requests
-from checkpoints import QWEN3_GENERATION, make_checkpoint
 
-from nanoqwen.api.process import GunicornServer
+import fuzz_bodies
+from checkpoints import QWEN3_GENERATION, make_checkpoint
+from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"
 MAX_MODEL_LEN = 512
