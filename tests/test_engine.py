@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+
 from checkpoints import load_hf_model, make_checkpoint
 from engine_util import collect, generate, generate_together, greedy, hf_greedy, load_engine, run
-
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.engine import PromptTooLongError
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import QWEN3_GENERATION, make_checkpoint
 
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, ModelConfig, resolve_dtype
 from nanoqwen.engine import Engine
