@@ -155,6 +155,7 @@ def check_greedy(env: dict[str, str], words: int, max_tokens: int, out: Path) ->
     from openai import OpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine_util import hf_greedy
     from nanoqwen.text import TokenBytes
 
     messages = prompt("greedy", 0, words)
@@ -171,10 +172,7 @@ def check_greedy(env: dict[str, str], words: int, max_tokens: int, out: Path) ->
                            add_special_tokens=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(env["NANOQWEN_MODEL"], dtype=torch.float32).to(device).eval()
-    expected_ids = hf.generate(
-        torch.tensor([ids], device=device), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-    )[0, len(ids):].tolist()
+    expected_ids = hf_greedy(hf, ids, max_tokens)
     del hf
     table = TokenBytes(tokenizer)
     expected = [table.bytes(i) for i in expected_ids]
