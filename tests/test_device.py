@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_util import load_engine
 
 import nanoqwen.engine.engine as engine_module
+from engine_util import load_engine
 from nanoqwen.config import bind_device
 
 
