@@ -141,7 +141,7 @@ class Engine:
         stop_ids = params.stop_token_ids if params.ignore_eos else [*self.generation.eos_token_ids, *params.stop_token_ids]
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
-            split_reasoning=split_reasoning, stop_ids=frozenset(stop_ids),
+            stop_ids=frozenset(stop_ids),
         )
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -249,7 +249,6 @@ class Engine:
         self.scheduler.finish(seq)
         event = event or Event(index=seq.index)
         event.finish_reason = reason
-        seq.finish_reason = reason
         request = seq.request
         request.stream.put(event)
         if request.finished:
