@@ -60,7 +60,6 @@ class Engine:
         loaded = load_model(cfg)
         runtime = self.runtime = loaded.runtime
         self.model_config = loaded.model_config
-        self.max_model_len = runtime.max_model_len
         self.tokenizer = loaded.tokenizer
         self.token_bytes = loaded.token_bytes
         self.generation = loaded.generation
@@ -130,7 +129,7 @@ class Engine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises validation.InvalidRequest naming the problem and its parameter (the server's 400)."""
         validate_request(prompt_ids, params, vocab_size=self.model_config.vocab_size,
-                         max_model_len=self.max_model_len, max_batch=self.config.max_batch)
+                         max_model_len=self.runtime.max_model_len, max_batch=self.runtime.max_batch)
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, *, stream: EventStream | None = None,
@@ -143,7 +142,8 @@ class Engine:
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
             stop_ids=frozenset(stop_ids),
         )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        room = self.runtime.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         think_in_prompt = split_reasoning and self._prompt_opens_thinking(prompt_ids)
         for i in range(params.n):
@@ -238,7 +238,7 @@ class Engine:
             self._append_token(seq, i, output)
 
     def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> None:
-        event, finish = token_event(seq, row, output, self.token_bytes, self.max_model_len)
+        event, finish = token_event(seq, row, output, self.token_bytes, self.runtime.max_model_len)
         self.tokens_generated += 1
         if finish is None:
             seq.request.stream.put(event)
