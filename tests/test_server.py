@@ -389,6 +389,14 @@ def test_fuzzed_bodies(server: GunicornServer) -> None:
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
+def test_engine_limits_are_400s_naming_the_param(guarded: GunicornServer) -> None:
+    """A limit only the loaded engine knows (n up to NANOQWEN_MAX_BATCH=1 here) is refused by the
+    engine's validation and reported as the schema's refusals are: 400 naming the parameter."""
+    auth = {"Authorization": "Bearer secret"}
+    error = _assert_error(_post(guarded, {**GREEDY, "model": "tiny", "n": 2}, headers=auth), 400, param="n")
+    assert "n must be between 1 and 1" in error["message"]
+
+
 def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
     _assert_error(post_chat(server, {**GREEDY, "model": "gpt-4"}), 404, param="model", code="model_not_found")
     for local in (str(server_checkpoint), "Qwen/Qwen3-0.6B"):  # serving a local directory: neither is a name

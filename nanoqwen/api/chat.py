@@ -23,9 +23,11 @@ from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, fingerprint
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.sse import DONE, HEADERS, sse
 from nanoqwen.engine import Engine, QueueFullError
-from nanoqwen.engine.engine import PromptTooLongError
 from nanoqwen.engine.request import Event, SamplingParams
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.validation import (
+    InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit,
+)
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
@@ -64,6 +66,10 @@ def unavailable(engine: Engine) -> APIError | None:
         return APIError(503, "the model is still loading", type="server_error", code="model_loading",
                         headers={"Retry-After": RETRY_AFTER_S})
     return None
+
+
+def invalid_request(exc: InvalidRequest) -> APIError:
+    return APIError(400, str(exc), param=exc.param, code=exc.code)
 
 
 class ChatService:
@@ -108,31 +114,20 @@ class ChatService:
         return completion
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
-        longest = self.info["max_model_len"] - (max_tokens or 1)
+        limit = self.info["max_model_len"]
         messages = req.template_messages()
         chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
         pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
         try:
-            return pool.run(self.engine.encode_messages, messages, req.template_kwargs(), longest)
+            return pool.run(self.engine.encode_messages, messages, req.template_kwargs(),
+                            prompt_token_limit(limit, max_tokens))
         except PromptTooLongError as exc:
-            raise self._context_error(exc.num_tokens, max_tokens) from None
+            raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens)) from None
         except PoolFullError as exc:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-
-    def _context_error(self, prompt_tokens: int, max_tokens: int | None) -> APIError:
-        limit = self.info["max_model_len"]
-        if max_tokens is None:
-            message = (f"This model's maximum context length is {limit} tokens. However, your messages "
-                       f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
-                       "Please reduce the length of the messages.")
-        else:
-            message = (f"This model's maximum context length is {limit} tokens. However, you requested "
-                       f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} "
-                       "in the completion). Please reduce the length of the messages or completion.")
-        return APIError(400, message, param="messages", code="context_length_exceeded")
+        except InvalidRequest as exc:
+            raise invalid_request(exc) from None
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams, channel: EventStream,
                 split_reasoning: bool) -> str:
@@ -141,8 +136,8 @@ class ChatService:
         except QueueFullError as exc:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+        except InvalidRequest as exc:
+            raise invalid_request(exc) from None
         return request_id
 
     def _events(self, channel: EventStream, environ: dict[str, Any]) -> Iterator[Event]:

@@ -17,8 +17,8 @@ from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
+from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
-MAX_STOP_STRINGS = 4
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
 _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -123,7 +123,7 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
