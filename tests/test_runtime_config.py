@@ -10,7 +10,11 @@ import torch
 from nanoqwen.config import EngineConfig, ModelConfig, kv_bytes_per_token, resolve_runtime
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import (
-    MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, InvalidRequest, PromptTooLongError, validate_request,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    InvalidRequest,
+    PromptTooLongError,
+    validate_request,
 )
 
 CPU = torch.device("cpu")

@@ -393,7 +393,7 @@ def test_engine_limits_are_400s_naming_the_param(guarded: GunicornServer) -> Non
     """A limit only the loaded engine knows (n up to NANOQWEN_MAX_BATCH=1 here) is refused by the
     engine's validation and reported as the schema's refusals are: 400 naming the parameter."""
     auth = {"Authorization": "Bearer secret"}
-    error = _assert_error(_post(guarded, {**GREEDY, "model": "tiny", "n": 2}, headers=auth), 400, param="n")
+    error = _assert_error(post_chat(guarded, {**GREEDY, "model": "tiny", "n": 2}, headers=auth), 400, param="n")
     assert "n must be between 1 and 1" in error["message"]
 
 

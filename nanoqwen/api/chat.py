@@ -26,7 +26,10 @@ from nanoqwen.engine import Engine, QueueFullError
 from nanoqwen.engine.request import Event, SamplingParams
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.validation import (
-    InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit,
+    InvalidRequest,
+    PromptTooLongError,
+    context_length_error,
+    prompt_token_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -192,8 +195,7 @@ class ChatService:
                         self.stats.fail(trace)
                     else:
                         self.stats.finish(trace, event.usage)
-                for text in out:
-                    yield text
+                yield from out
             yield DONE
         except ClientGone:
             return

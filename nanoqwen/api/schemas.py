@@ -86,10 +86,8 @@ class ChatMessage(_Strict):
 
     def to_template(self) -> dict[str, str]:
         """The `{"role", "content": str}` form the chat template takes."""
-        if isinstance(self.content, list):
-            text = "".join(part["text"] for part in self.content)
-        else:
-            text = self.content or ""
+        parts = self.content if isinstance(self.content, list) else [{"text": self.content or ""}]
+        text = "".join(part["text"] for part in parts)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:

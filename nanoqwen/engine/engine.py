@@ -137,7 +137,8 @@ class Engine:
     ) -> tuple[str, EventStream]:
         self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
-        stop_ids = params.stop_token_ids if params.ignore_eos else [*self.generation.eos_token_ids, *params.stop_token_ids]
+        eos_ids = [] if params.ignore_eos else self.generation.eos_token_ids
+        stop_ids = [*eos_ids, *params.stop_token_ids]
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
             stop_ids=frozenset(stop_ids),

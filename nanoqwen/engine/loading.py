@@ -9,7 +9,13 @@ import torch
 import ops
 from nanoqwen import loader
 from nanoqwen.config import (
-    EngineConfig, ModelConfig, RuntimeConfig, bind_device, model_positions, resolve_device, resolve_dtype,
+    EngineConfig,
+    ModelConfig,
+    RuntimeConfig,
+    bind_device,
+    model_positions,
+    resolve_device,
+    resolve_dtype,
     resolve_runtime,
 )
 from nanoqwen.loader import GenerationDefaults

@@ -5,8 +5,8 @@ import enum
 from dataclasses import dataclass, field
 
 from nanoqwen.engine.request import SamplingParams
-from nanoqwen.sampler import seed_key
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.sampler import seed_key
 
 
 class Status(enum.Enum):
