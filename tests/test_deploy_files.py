@@ -1,4 +1,4 @@
-"""deploy/k8s.yaml against the Kubernetes API schemas, and the wiring between its objects and the
+"""deploy/nginx.conf's rendering, deploy/k8s.yaml against the Kubernetes API schemas, and the wiring between its objects and the
 images (Dockerfile, Dockerfile.cuda): ports, probes, selectors, entry points."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from nanoqwen.api.balancer import SNIPPET, render
 from nanoqwen.api.process import REPO_ROOT
 
 K8S_VERSION = "1.30.0"
@@ -62,3 +63,11 @@ def test_images_serve_on_the_probed_port_with_a_healthcheck(name: str) -> None:
     packages = re.search(r"include =\n((?:    .*\n)+)", (REPO_ROOT / "setup.cfg").read_text()).group(1).split()
     assert {"pyproject.toml", "setup.cfg", "README.md", "server.py"} | {p for p in packages if "*" not in p
                                                                           and "." not in p} <= copied
+
+
+def test_nginx_config_renders_the_replicas_into_both_upstreams() -> None:
+    text = render(SNIPPET.read_text(), ["127.0.0.1:9001", "127.0.0.1:9002"], 9000)
+    for upstream in ("nanoqwen", "nanoqwen_affinity"):
+        block = re.search(rf"upstream {upstream} \{{\n(.*?)\n\}}", text, re.S).group(1)
+        assert re.findall(r"server (\S+) max_fails=1 fail_timeout=10s;", block) == ["127.0.0.1:9001", "127.0.0.1:9002"]
+    assert "listen 127.0.0.1:9000;" in text and "10.0.0." not in text

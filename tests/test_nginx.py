@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from nanoqwen.api.process import REPO_ROOT, GunicornServer, free_port
+from nanoqwen.api.balancer import Nginx
+from nanoqwen.api.process import GunicornServer
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs the nginx binary (apt-get install nginx-light)")
 
@@ -27,69 +26,6 @@ MODEL = "qwen3-0.6b"
 STREAMS = 6
 STREAM_TOKENS = 400
 TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
-MAIN_CONF = """\
-worker_processes 1;
-pid nginx.pid;
-error_log {tmp}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp}/access.log;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    include {tmp}/nanoqwen.conf;
-}}
-"""
-
-
-def render_config(tmp: Path, replicas: list[str], port: int) -> Path:
-    """deploy/nginx.conf with the replicas' addresses and the listening port; returns the main config."""
-    snippet = (REPO_ROOT / "deploy" / "nginx.conf").read_text()
-    upstream = re.compile(r"(upstream \w+ \{\n(?:    (?!server ).*\n)*)((?:    server .*\n)+)")
-    options = re.search(r"    server \S+ (.*);", snippet).group(1)
-    servers = "".join(f"    server {addr} {options};\n" for addr in replicas)
-    snippet, count = upstream.subn(lambda m: m.group(1) + servers, snippet)
-    assert count == 2
-    snippet = re.sub(r"listen \d+;", f"listen 127.0.0.1:{port};", snippet)
-    (tmp / "nanoqwen.conf").write_text(snippet)
-    main = tmp / "main.conf"
-    main.write_text(MAIN_CONF.format(tmp=tmp))
-    return main
-
-
-class Nginx:
-    def __init__(self, tmp: Path, replicas: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.tmp = tmp
-        self.conf = render_config(tmp, replicas, self.port)
-
-    def __enter__(self) -> Nginx:
-        with open(self.tmp / "stderr.log", "wb") as stderr:
-            self._proc = subprocess.Popen(["nginx", "-p", str(self.tmp), "-c", str(self.conf), "-g", "daemon off;"],
-                                          stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:  # not listening yet, or busy loading
-                time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"nginx did not start: {(self.tmp / 'stderr.log').read_text()}"
-                           f"{(self.tmp / 'error.log').read_text()}")
-
-    def __exit__(self, *exc: object) -> None:
-        self._proc.send_signal(signal.SIGQUIT)  # graceful: ends once the open streams are gone
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-
-
 @pytest.fixture
 def replicas(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[list[GunicornServer]]:
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
