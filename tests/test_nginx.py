@@ -32,24 +32,12 @@ def replicas(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[list[GunicornSer
            "NANOQWEN_MAX_MODEL_LEN": "512", "NANOQWEN_THREADS": "1"}
     servers = [GunicornServer(env, tmp_path / f"replica{i}.log").launch() for i in range(2)]
     try:
-        for server in servers:  # launched together, loading in parallel
-            _wait_healthy(server)
+        for server in servers:
+            server.wait_healthy()
         yield servers
     finally:
         for server in servers:
             server.stop()
-
-
-def _wait_healthy(server: GunicornServer, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:  # not listening yet, or busy loading
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"replica not healthy; log:\n{server.log()}")
 
 
 def _served(server: GunicornServer) -> int:
