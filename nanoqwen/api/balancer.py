@@ -46,7 +46,7 @@ class Nginx:
     def __init__(self, run_dir: Path, replicas: Sequence[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.dir = Path(run_dir)
+        self.dir = Path(run_dir).resolve()  # nginx reads -c relative to its -p prefix
         (self.dir / "nanoqwen.conf").write_text(render(SNIPPET.read_text(), replicas, self.port))
         self.conf = self.dir / "main.conf"
         self.conf.write_text(MAIN_CONF.format(dir=self.dir))
