@@ -126,3 +126,14 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
         assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
         assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
+
+
+def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_path: Path):
+    """--preload builds the app in the master, before any worker has a slot."""
+    cpus = sorted(os.sched_getaffinity(0))
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--preload")) as srv:
+        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
+            {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
+        assert _chat(srv, 0) == MAX_TOKENS
