@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs the
 
 MODEL = "qwen3-0.6b"
 STREAMS = 6
-STREAM_TOKENS = 400
+STREAM_TOKENS = 1500  # long enough that no stream of the doomed replica ends before the kill
 TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
 @pytest.fixture
 def replicas(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[list[GunicornServer]]:
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
-           "NANOQWEN_MAX_MODEL_LEN": "512", "NANOQWEN_THREADS": "1"}
+           "NANOQWEN_MAX_MODEL_LEN": "2048", "NANOQWEN_THREADS": "1"}
     servers = [GunicornServer(env, tmp_path / f"replica{i}.log").launch() for i in range(2)]
     try:
         for server in servers:
