@@ -21,6 +21,7 @@ def lowest_free_slot(taken: Collection[int]) -> int:
 def cpu_share(cpus: Sequence[int], slot: int, workers: int) -> list[int]:
     """Slot's contiguous share of `cpus`; with more workers than CPUs, workers share single CPUs."""
     cpus = sorted(cpus)
+    slot %= workers  # after a TTOU the live workers may hold the higher slots
     if workers >= len(cpus):
         return [cpus[slot % len(cpus)]]
     per, extra = divmod(len(cpus), workers)

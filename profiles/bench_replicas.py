@@ -7,7 +7,8 @@ Each replica is `gunicorn -k gevent server:app` on a loopback port; with two, ea
 --threads torch threads (the cores are shared, not added). The load is bench_serving's: N
 concurrent greedy streaming chat completions, --repeat times per path (medians reported). nginx's
 cost is the "nginx, 1 replica" row against "direct" (the same replica, runs interleaved); the "2
-replicas" row is what a second replica buys on the same cores. Prints a markdown table and writes bench_replicas.{json,md} and the logs into --out.
+replicas" row is what a second replica buys on the same cores. Prints a markdown table and writes
+bench_replicas.{json,md} and the logs into --out.
 """
 from __future__ import annotations
 

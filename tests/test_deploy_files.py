@@ -1,5 +1,6 @@
-"""deploy/nginx.conf's rendering, deploy/k8s.yaml against the Kubernetes API schemas, and the wiring between its objects and the
-images (Dockerfile, Dockerfile.cuda): ports, probes, selectors, entry points."""
+"""deploy/nginx.conf's rendering, deploy/k8s.yaml against the Kubernetes API schemas, and the wiring
+between its objects and the images (Dockerfile, Dockerfile.cuda): ports, probes, selectors, entry
+points."""
 from __future__ import annotations
 
 import re

@@ -20,7 +20,8 @@ import requests
 from nanoqwen.api.balancer import Nginx
 from nanoqwen.api.process import GunicornServer
 
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs the nginx binary (apt-get install nginx-light)")
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None,
+                                reason="needs the nginx binary (apt-get install nginx-light)")
 
 MODEL = "qwen3-0.6b"
 STREAMS = 6
