@@ -17,6 +17,7 @@ from nanoqwen.api.chat import ChatService, unavailable
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.shared_stats import SharedStats
 from nanoqwen.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    stats = ServerStats(lambda: engine.stats() if engine.ready else None)
+    stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env())
+    app.extensions["nanoqwen.stats"] = stats  # the gunicorn worker publishes it periodically
     chat = ChatService(engine, config, stats)
     started = time.time()
     request_id.install(app)
@@ -122,7 +124,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/stats")
     def serving_stats() -> dict[str, Any]:
-        return stats.snapshot()
+        return stats.report()
 
     @app.get("/metrics")
     def metrics() -> Response:
