@@ -25,10 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "profiles"), str(REPO / "tests")]
 
+from balancer import Nginx  # noqa: E402
 from bench_serving import Row, http_client, prompt, run_concurrently, summarize  # noqa: E402
-
-from nanoqwen.api.balancer import Nginx  # noqa: E402
-from nanoqwen.api.process import GunicornServer  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
 
 
 def measure(path: str, url: str, client_counts: list[int], max_tokens: int, words: int) -> list[Row]:
@@ -87,6 +86,7 @@ def main() -> None:
     model = args.model
     if model is None:
         import torch
+
         from checkpoints import make_checkpoint, qwen3_0_6b_shape
 
         shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {}

@@ -10,8 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from nanoqwen.api.balancer import SNIPPET, render
-from nanoqwen.api.process import REPO_ROOT
+from balancer import SNIPPET, render
+from server_process import REPO_ROOT
 
 K8S_VERSION = "1.30.0"
 PORT = 8000

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from nanoqwen.api.balancer import Nginx
-from nanoqwen.api.process import GunicornServer
+from balancer import Nginx
+from server_process import GunicornServer
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None,
                                 reason="needs the nginx binary (apt-get install nginx-light)")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import requests
 
-from nanoqwen.api.process import GunicornServer
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
+from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"
 CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "256"}

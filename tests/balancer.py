@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from nanoqwen.api.process import REPO_ROOT, free_port
+from server_process import REPO_ROOT, free_port
 
 SNIPPET = REPO_ROOT / "deploy" / "nginx.conf"
 # Everything nginx writes stays in the run's directory: it runs unprivileged and in the foreground.
