@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-import ops
 from nanoqwen.config import ModelConfig
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
@@ -118,9 +117,7 @@ class ModelRunner:
         self._non_blocking = device.type == "cuda"
         self._allocate_kv_cache()
         self._allocate_step_inputs()
-        c = self.config
-        query = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=dtype, device=device)
-        self._narrow_tables = ops.decode_attention_gathers(query, self.k_cache[0])
+        self._narrow_tables = model.kernels.decode_attention_gathers
         # (bucket, sampling mode) -> the graph and its output buffers (logits [bucket, V], tokens [bucket])
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._compiled = None

@@ -85,8 +85,10 @@ class Engine:
         model_config = loader.load_model_config(path)
         device = bind_device(resolve_device(cfg.device))
         dtype = resolve_dtype(cfg.dtype, model_config.torch_dtype, device)
-        kernels = ops.default_backend(device) if cfg.kernels == "auto" else cfg.kernels
-        ops.set_backend(kernels, device)
+        kernels = ops.select_kernels(
+            cfg.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
+            num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
+        )
         graph = default_graph_mode(device) if cfg.graph == "auto" else cfg.graph
         if graph == "cudagraph" and device.type != "cuda":
             raise ValueError(f"NANOQWEN_GRAPH=cudagraph needs a CUDA device, not {device.type}")
@@ -98,7 +100,7 @@ class Engine:
         self.token_bytes = TokenBytes(self.tokenizer)
         vocab = self.tokenizer.get_vocab()
         self._think_ids = (vocab.get("<think>"), vocab.get("</think>"))
-        model = loader.build_model(model_config, shards, max_model_len, device, dtype)
+        model = loader.build_model(model_config, shards, max_model_len, device, dtype, kernels)
 
         per_block = kv_bytes_per_token(model_config, dtype) * cfg.block_size
         num_blocks = cfg.num_kv_blocks or kv_pool_bytes(cfg, device) // per_block
@@ -121,7 +123,7 @@ class Engine:
             "model_path": str(path),
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
-            "kernels": kernels,
+            "kernels": kernels.name,
             "graph": graph,
             "max_batch": cfg.max_batch,
             "max_model_len": max_model_len,
@@ -131,7 +133,7 @@ class Engine:
         }
         self.ready = True
         log.info("ready: model=%s device=%s dtype=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "load_time=%.1fs", path, device, self._info["dtype"], kernels, graph,
+                 "load_time=%.1fs", path, device, self._info["dtype"], kernels.name, graph,
                  (num_blocks - 1) * cfg.block_size, threads, time.perf_counter() - started)
 
     def info(self) -> dict:
