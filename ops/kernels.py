@@ -15,7 +15,7 @@ class RmsNorm(Protocol):
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual: [N, H] -> (norm(x + residual) * weight, x + residual); without residual the second is x."""
+        """x, residual: [..., H] -> (norm(x + residual) * weight, x + residual); without residual the second is x."""
         ...
 
 
