@@ -43,9 +43,8 @@ class Qwen3ForCausalLM(nn.Module):
         self.kernels = kernels  # chosen once (ops.select_kernels); every layer holds the same set
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta)
         self.model = Qwen3Model(config, self.rotary, kernels)
-        self.lm_head = LMHead(
-            config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None, kernels
-        )
+        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [N, H]

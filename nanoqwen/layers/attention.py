@@ -3,11 +3,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ops import Kernels
 from nanoqwen.config import ModelConfig
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.layers.norm import RMSNorm
 from nanoqwen.layers.rotary import RotaryEmbedding
+from ops import Kernels
 
 
 class Attention(nn.Module):

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import torch
-
 import triton
 import triton.language as tl
-
 
 # A full-length sequence gets at least this many tokens per split-K program.
 MIN_SPLIT_TOKENS = 128
