@@ -120,6 +120,22 @@ def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
     assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * 3
 
 
+@pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
+def test_each_engine_keeps_the_kernels_it_selected(checkpoint, references, monkeypatch):
+    """The kernel set belongs to the model: loading a Triton engine leaves a torch engine on its own kernels."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    torch_engine = load_engine(checkpoint, max_batch=4)
+    triton_engine = load_engine(checkpoint, kernels="triton", max_batch=4)
+    assert (torch_engine.info()["kernels"], triton_engine.info()["kernels"]) == ("torch", "triton")
+    launches = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self) or run(self, *a, **k))
+    results = generate(torch_engine, PROMPTS, greedy(6))
+    assert [r.choices[0].token_ids for r in results] == references and not launches
+
+
 def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     sizes = dict(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2)
