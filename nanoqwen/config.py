@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-import ops
-
 log = logging.getLogger("nanoqwen")
 
 
@@ -171,13 +169,6 @@ def resolve_threads(threads: int) -> int:
     return os.cpu_count() or 1
 
 
-def resolve_kernels(name: str, device: torch.device) -> str:
-    """"auto": Triton on CUDA where it is installed, the torch ops elsewhere."""
-    if name != "auto":
-        return name
-    return "triton" if device.type == "cuda" and ops.triton_available() else "torch"
-
-
 def resolve_graph(name: str, device: torch.device) -> str:
     graph = ("cudagraph" if device.type == "cuda" else "none") if name == "auto" else name
     if graph == "cudagraph" and device.type != "cuda":
@@ -228,9 +219,10 @@ def model_positions(config: EngineConfig, model: ModelConfig) -> int:
 
 
 def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, device: torch.device,
-                    dtype: torch.dtype) -> RuntimeConfig:
+                    dtype: torch.dtype, kernels: str) -> RuntimeConfig:
     """Called once the weights are on `device` (resolved and bound, see bind_device, and `dtype`
     from resolve_dtype): the default KV pool takes a share of the memory they leave free.
+    `kernels` is the name of the set ops.select_kernels chose (the one home of that "auto").
     Raises ValueError for a setting this device or memory budget cannot serve."""
     max_model_len = model_positions(config, model)
     per_block = kv_bytes_per_token(model, dtype) * config.block_size
@@ -242,7 +234,7 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         max_model_len = (num_blocks - 1) * config.block_size
         log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
     return RuntimeConfig(
-        model_path=model_path, device=device, dtype=dtype, kernels=resolve_kernels(config.kernels, device),
+        model_path=model_path, device=device, dtype=dtype, kernels=kernels,
         graph=resolve_graph(config.graph, device), max_batch=config.max_batch, max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
     )

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from nanoqwen.config import ModelConfig
 from nanoqwen.model import Qwen3ForCausalLM
+from ops import Kernels
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.tiktoken", "*.jinja"]
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -180,9 +181,9 @@ def packed_sizes(model: Qwen3ForCausalLM, name: str) -> list[int]:
 
 
 def build_model(config: ModelConfig, shards: list[Path], max_positions: int, device: torch.device,
-                dtype: torch.dtype) -> Qwen3ForCausalLM:
+                dtype: torch.dtype, kernels: Kernels) -> Qwen3ForCausalLM:
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config, max_positions)
+        model = Qwen3ForCausalLM(config, max_positions, kernels)
     model = model.to(dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty() breaks the sharing; restore it
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -10,14 +10,15 @@ from nanoqwen.layers.embedding import Embedding, LMHead
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.layers.norm import RMSNorm
 from nanoqwen.layers.rotary import RotaryEmbedding
+from ops import Kernels
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, kernels) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
@@ -36,14 +37,14 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, kernels: Kernels) -> None:
         super().__init__()
         self.config = config
+        self.kernels = kernels  # chosen once (ops.select_kernels); every layer holds the same set
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta)
-        self.model = Qwen3Model(config, self.rotary)
-        self.lm_head = LMHead(
-            config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
-        )
+        self.model = Qwen3Model(config, self.rotary, kernels)
+        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [N, H]

@@ -206,10 +206,14 @@ def main() -> None:
     except ImportError:
         sys.exit("profiles/kernels.py needs triton (pip install triton).")
 
-    from ops.activation import silu_mul_torch, silu_mul_triton
-    from ops.decode_attention import decode_attention_torch, decode_attention_triton
-    from ops.rms_norm import rms_norm_torch, rms_norm_triton
-    from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton
+    from ops.torch_ref.activation import silu_mul_torch
+    from ops.torch_ref.decode_attention import decode_attention_torch
+    from ops.torch_ref.rms_norm import rms_norm_torch
+    from ops.torch_ref.rope import qk_norm_rope_store_torch
+    from ops.triton.activation import silu_mul_triton
+    from ops.triton.decode_attention import decode_attention_triton
+    from ops.triton.rms_norm import rms_norm_triton
+    from ops.triton.rope import qk_norm_rope_store_triton
 
     cos_sin = rope_table()
     norm = dict(triton=rms_norm_triton, torch=rms_norm_torch)

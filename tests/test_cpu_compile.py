@@ -7,7 +7,8 @@ import torch
 
 import ops
 from nanoqwen.layers.rotary import RotaryEmbedding
-from ops import cpu_attention, cpu_build, cpu_linear, cpu_norm_rope
+from ops import cpu
+from ops.cpu import build as cpu_build
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -18,20 +19,24 @@ C_OPS = {f"nanoqwen.{name}.default" for name in (
 
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
-    for kernel in (cpu_linear.KERNEL, cpu_attention.KERNEL, cpu_norm_rope.KERNEL):
+    for kernel in cpu.C_KERNELS:
         assert kernel.build(), kernel.error
 
 
-def layer(x, residual, norm_w, qkv_w, q_w, k_w, cos_sin, positions, k_cache, v_cache, slots, tables, lens):
-    """A decode layer's kernels in order, through the dispatcher the model uses."""
-    first, _ = ops.rms_norm(x, norm_w, 1e-6)
-    h, residual = ops.rms_norm(x, norm_w, 1e-6, residual)
-    qkv = ops.linear(h, qkv_w)
-    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
-    q, k, v = (t.view(TOKENS, -1, HEAD_DIM) for t in (q, k, v))
-    ops.qk_norm_rope_store(q, k, v, q_w, k_w, 1e-6, cos_sin, positions, k_cache, v_cache, slots)
-    out = ops.decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
-    return first, residual, qkv, out
+def decode_layer(kernels: ops.Kernels):
+    """A decode layer's kernels in order, from the kernel set the model would hold."""
+
+    def layer(x, residual, norm_w, qkv_w, q_w, k_w, cos_sin, positions, k_cache, v_cache, slots, tables, lens):
+        first, _ = kernels.rms_norm(x, norm_w, 1e-6)
+        h, residual = kernels.rms_norm(x, norm_w, 1e-6, residual)
+        qkv = kernels.linear(h, qkv_w)
+        q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+        q, k, v = (t.view(TOKENS, -1, HEAD_DIM) for t in (q, k, v))
+        kernels.qk_norm_rope_store(q, k, v, q_w, k_w, 1e-6, cos_sin, positions, k_cache, v_cache, slots)
+        out = kernels.decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
+        return first, residual, qkv, out
+
+    return layer
 
 
 def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -50,15 +55,14 @@ def inputs(dtype: torch.dtype) -> list[torch.Tensor]:
     ]
 
 
-@pytest.fixture
-def torch_backend():
-    previous = ops.backend()
-    ops.set_backend("torch", torch.device("cpu"))
-    yield
-    ops.set_backend(previous, torch.device("cpu"))
+def cpu_kernels(dtype: torch.dtype) -> ops.Kernels:
+    kernels = ops.select_kernels("torch", torch.device("cpu"), dtype, hidden_size=HIDDEN, head_dim=HEAD_DIM,
+                                 num_heads=HEADS, num_kv_heads=KV_HEADS)
+    assert not kernels.decode_attention_gathers  # the C kernels, not the references
+    return kernels
 
 
-def test_every_kernel_traces_as_its_custom_op(torch_backend):
+def test_every_kernel_traces_as_its_custom_op():
     targets = []
 
     def record(gm: torch.fx.GraphModule, example_inputs):
@@ -66,13 +70,14 @@ def test_every_kernel_traces_as_its_custom_op(torch_backend):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(layer, backend=record, fullgraph=True)(*inputs(torch.float32))
+    torch.compile(decode_layer(cpu_kernels(torch.float32)), backend=record, fullgraph=True)(*inputs(torch.float32))
     assert set(targets) >= C_OPS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_matches_eager_to_the_bit(torch_backend, dtype):
+def test_compiled_matches_eager_to_the_bit(dtype):
     """aot_eager functionalizes the in-place q/k-norm + RoPE + store (views of qkv, the caches)."""
+    layer = decode_layer(cpu_kernels(dtype))
     eager_args, compiled_args = inputs(dtype), inputs(dtype)
     eager = layer(*eager_args)
     torch._dynamo.reset()

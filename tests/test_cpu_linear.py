@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops import cpu_build, cpu_linear
+from ops.cpu import build as cpu_build
+from ops.cpu import linear as cpu_linear
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 

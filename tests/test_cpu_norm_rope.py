@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from nanoqwen.layers.rotary import RotaryEmbedding
-from ops import cpu_build, cpu_norm_rope
-from ops.rms_norm import rms_norm_torch
-from ops.rope import qk_norm_rope_store_torch
+from ops.cpu import build as cpu_build
+from ops.cpu import norm_rope as cpu_norm_rope
+from ops.torch_ref.rms_norm import rms_norm_torch
+from ops.torch_ref.rope import qk_norm_rope_store_torch
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -52,7 +53,7 @@ def test_qk_norm_rope_store(dtype, tokens, heads, kv_heads, head_dim):
         q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
         k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), 7.0, dtype=dtype)
         v_cache = torch.full_like(k_cache, 7.0)
-        assert impl is qk_norm_rope_store_torch or cpu_norm_rope.qk_norm_rope_store_supported(q, k, v, k_cache)
+        assert impl is qk_norm_rope_store_torch or cpu_norm_rope.qk_layout(q, k, v, k_cache)  # the C kernel runs
         impl(q, k, v, q_w, k_w, 1e-6, rotary.cos_sin, positions, k_cache, v_cache, slots)
         results.append((fused, k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)))
     (ref, ref_k, ref_v), (out, out_k, out_v) = results
@@ -63,3 +64,27 @@ def test_qk_norm_rope_store(dtype, tokens, heads, kv_heads, head_dim):
     untouched = torch.ones(out_k.shape[0], dtype=torch.bool)
     untouched[real] = False
     assert (out_k[untouched] == 7).all() and (out_v[untouched] == 7).all()  # slot -1 wrote nothing
+
+
+def test_other_layouts_take_the_references():
+    """The model passes contiguous rows; anything else gets the torch reference's result exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 6).t()  # [6, 64], not contiguous
+    weight = 1 + 0.1 * torch.randn(64)
+    assert not cpu_norm_rope.rms_norm_layout(x, None)
+    for a, b in zip(cpu_norm_rope.rms_norm_cpu(x, weight, 1e-6, x), rms_norm_torch(x, weight, 1e-6, x)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    rotary = RotaryEmbedding(16, 64, 1_000_000.0)
+    rotary.build(torch.device("cpu"))
+    positions, slots = torch.tensor([3, 9]), torch.tensor([17, -1], dtype=torch.int32)
+    weights = (1 + 0.1 * torch.randn(16), 1 + 0.1 * torch.randn(16))
+    results = []
+    for impl in (qk_norm_rope_store_torch, cpu_norm_rope.qk_norm_rope_store_cpu):
+        torch.manual_seed(1)
+        q, k, v = torch.randn(4, 2, 16).transpose(0, 1), torch.randn(2, 2, 16), torch.randn(2, 2, 16)  # q: heads apart
+        k_cache, v_cache = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+        assert not cpu_norm_rope.qk_layout(q, k, v, k_cache)
+        impl(q, k, v, *weights, 1e-6, rotary.cos_sin, positions, k_cache, v_cache, slots)
+        results.append((q, k, k_cache, v_cache))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -9,16 +9,15 @@ import torch
 
 pytest.importorskip("triton")
 
-import ops  # noqa: E402
-from ops.activation import silu_mul_torch, silu_mul_triton  # noqa: E402
-from ops.decode_attention import (  # noqa: E402
-    MAX_SPLITS,
-    decode_attention_torch,
-    decode_attention_triton,
-    default_num_splits,
-)
-from ops.rms_norm import rms_norm_torch, rms_norm_triton  # noqa: E402
-from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton  # noqa: E402
+from ops import select_kernels  # noqa: E402
+from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
+from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
+from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
+from ops.torch_ref.rope import qk_norm_rope_store_torch  # noqa: E402
+from ops.triton.activation import silu_mul_triton  # noqa: E402
+from ops.triton.decode_attention import MAX_SPLITS, decode_attention_triton, default_num_splits  # noqa: E402
+from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
+from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -221,26 +220,24 @@ def test_default_num_splits():
     assert default_num_splits(1, 1, 1 << 20, cpu) == MAX_SPLITS
 
 
-def test_dispatcher_runs_the_triton_kernels():
-    """ops.* with the triton backend call these kernels with the reference signatures."""
-    previous = ops.backend()
-    ops.set_backend("triton", DEVICE)
-    try:
-        q, k_cache, v_cache, block_tables, lens = make_decode_inputs([3, 18], 4, 2, 16, 16, torch.float32)
-        out = ops.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
-        assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 0.25))
-        x = torch.randn(3, 32, device=DEVICE)
-        weight = torch.randn(32, device=DEVICE)
-        assert_close(ops.rms_norm(x, weight, 1e-6, x)[0], rms_norm_torch(x, weight, 1e-6, x)[0])
-        _, q, k, v = make_qkv(2, 4, 2, 16, torch.float32)
-        k_cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
-        args = (torch.ones(16, device=DEVICE), torch.ones(16, device=DEVICE), 1e-6, rope_table(16, 8, DEVICE),
-                torch.tensor([0, 3], device=DEVICE))
-        ops.qk_norm_rope_store(q, k, v, *args, k_cache, torch.zeros_like(k_cache),
+def test_the_triton_kernel_set_runs_these_kernels():
+    """The set ops.select_kernels makes for "triton" calls these kernels with the reference signatures."""
+    kernels = select_kernels("triton", DEVICE, torch.float32, hidden_size=32, head_dim=16, num_heads=4, num_kv_heads=2)
+    assert kernels.name == "triton" and not kernels.decode_attention_gathers
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs([3, 18], 4, 2, 16, 16, torch.float32)
+    out = kernels.decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25)
+    assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 0.25))
+    x = torch.randn(3, 32, device=DEVICE)
+    weight = torch.randn(32, device=DEVICE)
+    assert_close(kernels.rms_norm(x, weight, 1e-6, x)[0], rms_norm_torch(x, weight, 1e-6, x)[0])
+    assert_close(kernels.silu_mul(x), silu_mul_torch(x))
+    _, q, k, v = make_qkv(2, 4, 2, 16, torch.float32)
+    k_cache = torch.zeros(2, 16, 2, 16, device=DEVICE)
+    args = (torch.ones(16, device=DEVICE), torch.ones(16, device=DEVICE), 1e-6, rope_table(16, 8, DEVICE),
+            torch.tensor([0, 3], device=DEVICE))
+    kernels.qk_norm_rope_store(q, k, v, *args, k_cache, torch.zeros_like(k_cache),
                                torch.tensor([16, 17], dtype=torch.int32, device=DEVICE))
-        assert torch.equal(k_cache[1, :2], k)
-    finally:
-        ops.set_backend(previous, DEVICE)
+    assert torch.equal(k_cache[1, :2], k)
 
 
 # ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16

@@ -2,11 +2,12 @@
 
 On a GPU, decode at small batches is launch-bound: each launch costs a few microseconds whatever
 it computes. Here the step runs with the Triton backend under TRITON_INTERPRET=1 and every launch
-it would make on CUDA is counted: each Triton kernel launch, each ops.linear (one cuBLAS GEMM), and
+it would make on CUDA is counted: each Triton kernel launch, each linear (one cuBLAS GEMM), and
 each other aten op torch dispatches that computes something (views and allocations launch nothing).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 
@@ -14,8 +15,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
-import ops
 
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -71,17 +70,20 @@ class LaunchCounter(TorchDispatchMode):
 def engine(tiny_checkpoint):
     engine = load_engine(tiny_checkpoint, kernels="triton", dtype="bfloat16", max_batch=4)  # as served
     generate(engine, [[1000, 1001, 1002]], greedy(2))  # compiled and warm
-    yield engine
-    ops.set_backend("torch", torch.device("cpu"))
+    return engine
 
 
 def count_decode_step(engine, monkeypatch) -> Counter[str]:
     counter = LaunchCounter()
-    run, linear = InterpretedFunction.run, ops.linear
+    run = InterpretedFunction.run
     monkeypatch.setattr(InterpretedFunction, "run",
                         lambda self, *a, **k: counter.launch(f"triton:{self.fn.__name__}", run, self, *a, **k))
-    monkeypatch.setattr(ops, "linear", lambda *a: counter.launch("linear", linear, *a))
     runner = engine.runner
+    kernels = runner.model.kernels
+    counted = dataclasses.replace(kernels, linear=lambda *a: counter.launch("linear", kernels.linear, *a))
+    for module in runner.model.modules():  # every layer holds the model's kernel set
+        if getattr(module, "kernels", None) is kernels:
+            monkeypatch.setattr(module, "kernels", counted)
     inputs = runner._bucket_inputs(1, runner._table_width(64))
     with torch.inference_mode(), counter:
         runner._decode_step("greedy", inputs)

@@ -30,16 +30,10 @@ def references(checkpoint):
     return [hf_greedy(hf, p, 6) for p in PROMPTS]
 
 
-@pytest.fixture
-def restore_backend():
-    yield
-    ops.set_backend("torch", torch.device("cpu"))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
-def test_triton_interpreted_model_matches_transformers(checkpoint, references, restore_backend):
+def test_triton_interpreted_model_matches_transformers(checkpoint, references):
     engine = load_engine(checkpoint, kernels="triton", max_batch=4)
     assert engine.info()["kernels"] == "triton"
     results = generate(engine, PROMPTS, greedy(6))
@@ -48,7 +42,7 @@ def test_triton_interpreted_model_matches_transformers(checkpoint, references, r
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_transformers(checkpoint, references, restore_backend):
+def test_compiled_decode_matches_transformers(checkpoint, references):
     engine = load_engine(checkpoint, graph="compile", max_batch=4)
     assert engine.info()["graph"] == "compile"
     results = generate(engine, PROMPTS, greedy(6))  # batch bucket 4 (3 rows + 1 padded lane)
@@ -70,7 +64,7 @@ MIXED_BATCHES = [[greedy(6), SAMPLED, SAMPLED], [greedy(6), SAMPLED, FILTERED]]
 
 
 @pytest.mark.slow
-def test_compiled_sampling_modes_match_eager(checkpoint, restore_backend):
+def test_compiled_sampling_modes_match_eager(checkpoint):
     """Sampling runs inside the compiled step: seeded and filtered rows give the eager step's tokens."""
     eager = sampled_tokens(load_engine(checkpoint, max_batch=4), MIXED_BATCHES)
     compiled = sampled_tokens(load_engine(checkpoint, graph="compile", max_batch=4), MIXED_BATCHES)
@@ -84,12 +78,17 @@ def test_compiled_sampling_modes_match_eager(checkpoint, restore_backend):
 TRACE_SCRIPT = textwrap.dedent("""
     import torch, torch.utils._triton
     torch.utils._triton.has_triton = lambda: True
-    import ops
     from checkpoints import make_checkpoint
     from engine_util import load_engine
+    from ops import triton as triton_kernels
     engine = load_engine(make_checkpoint(), max_batch=4)
-    ops._backend = "triton"  # what set_backend picks on CUDA; it refuses the CPU without the interpreter
     runner = engine.runner
+    # The Triton set, as ops.select_kernels makes it on CUDA (it refuses the CPU without the interpreter).
+    cpu_set = runner.model.kernels
+    kernels = triton_kernels.kernels(cpu_set, torch.device("cpu"))
+    for module in runner.model.modules():
+        if getattr(module, "kernels", None) is cpu_set:
+            module.kernels = kernels
     runner._narrow_tables = False
     def backend(gm, example_inputs):
         calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -120,12 +119,29 @@ def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
     assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * 3
 
 
+@pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
+def test_each_engine_keeps_the_kernels_it_selected(checkpoint, references, monkeypatch):
+    """The kernel set belongs to the model: loading a Triton engine leaves a torch engine on its own kernels."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    torch_engine = load_engine(checkpoint, max_batch=4)
+    triton_engine = load_engine(checkpoint, kernels="triton", max_batch=4)
+    assert (torch_engine.info()["kernels"], triton_engine.info()["kernels"]) == ("torch", "triton")
+    launches = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: launches.append(self) or run(self, *a, **k))
+    results = generate(torch_engine, PROMPTS, greedy(6))
+    assert [r.choices[0].token_ids for r in results] == references and not launches
+
+
 def test_triton_backend_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sizes = dict(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2)
     with pytest.raises(ValueError, match="Triton"):
-        ops.set_backend("triton", torch.device("cpu"))
+        ops.select_kernels("triton", torch.device("cpu"), torch.float32, **sizes)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        ops.set_backend("cuda-magic", torch.device("cpu"))
+        ops.select_kernels("cuda-magic", torch.device("cpu"), torch.float32, **sizes)
 
 
 def test_cudagraph_mode_needs_cuda(checkpoint):
@@ -137,22 +153,26 @@ def test_cudagraph_mode_needs_cuda(checkpoint):
 
 @pytest.fixture
 def without_cpu_kernels(monkeypatch):
-    from ops import cpu_attention, cpu_linear, cpu_norm_rope
+    from ops import cpu
 
     monkeypatch.setenv("NANOQWEN_CPU_KERNELS", "0")
-    for module in (cpu_linear, cpu_attention, cpu_norm_rope):  # unbuilt: the next build() sees the variable
+    for kernel in cpu.C_KERNELS:  # unbuilt: the next build() sees the variable
         for attribute, value in (("lib", None), ("ready", False), ("_tried", False)):
-            monkeypatch.setattr(module.KERNEL, attribute, value)
+            monkeypatch.setattr(kernel, attribute, value)
     yield
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_reference_ops_alone(checkpoint, references, without_cpu_kernels, dtype):
     """NANOQWEN_CPU_KERNELS=0 (or no C compiler): the torch reference path serves on its own."""
-    from ops import cpu_linear
+    from ops import torch_ref
+    from ops.cpu import linear
 
     engine = load_engine(checkpoint, dtype=dtype)
-    assert not cpu_linear.KERNEL.ready and engine.runner._narrow_tables
+    kernels = engine.runner.model.kernels
+    assert not linear.KERNEL.ready and engine.runner._narrow_tables
+    reference = torch_ref.KERNELS
+    assert kernels.rms_norm is reference.rms_norm and kernels.decode_attention is reference.decode_attention
     results = generate(engine, PROMPTS, greedy(6))
     if dtype == "float32":
         for result, ref in zip(results, references):

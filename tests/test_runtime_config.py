@@ -25,7 +25,7 @@ MODEL = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_
 
 
 def resolve(**settings):
-    return resolve_runtime(EngineConfig(model="unused", **settings), MODEL, "/ckpt", CPU, torch.float32)
+    return resolve_runtime(EngineConfig(model="unused", **settings), MODEL, "/ckpt", CPU, torch.float32, "torch")
 
 
 def test_auto_settings_on_the_cpu():

@@ -24,10 +24,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from ops.activation import silu_mul_triton  # noqa: E402
-from ops.decode_attention import decode_attention_triton  # noqa: E402
-from ops.rms_norm import rms_norm_triton  # noqa: E402
-from ops.rope import qk_norm_rope_store_triton  # noqa: E402
+from ops.triton.activation import silu_mul_triton  # noqa: E402
+from ops.triton.decode_attention import decode_attention_triton  # noqa: E402
+from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
+from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

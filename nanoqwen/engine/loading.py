@@ -44,10 +44,13 @@ def load_model(config: EngineConfig) -> LoadedModel:
     tokenizer = loader.load_tokenizer(path)
     generation = loader.load_generation_defaults(path, tokenizer)
     vocab = tokenizer.get_vocab()
-    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype)
-    runtime = resolve_runtime(config, model_config, str(path), device, dtype)
+    kernels = ops.select_kernels(
+        config.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
+        num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
+    )
+    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels)
+    runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name)
     torch.set_num_threads(runtime.threads)
-    ops.set_backend(runtime.kernels, device)
     return LoadedModel(
         runtime=runtime, model_config=model_config, model=model, tokenizer=tokenizer,
         token_bytes=TokenBytes(tokenizer), generation=generation,

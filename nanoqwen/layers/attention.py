@@ -3,17 +3,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import ops
 from nanoqwen.config import ModelConfig
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.layers.norm import RMSNorm
 from nanoqwen.layers.rotary import RotaryEmbedding
+from ops import Kernels
 
 
 class Attention(nn.Module):
     """GQA self-attention with per-head q/k RMSNorm, RoPE and a paged KV cache."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -24,15 +24,16 @@ class Attention(nn.Module):
         self.qkv_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.rotary = rotary
+        self.kernels = kernels
         # Views into the runner's KV pool: [num_blocks, block_size, Hkv, D] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n = x.shape[0]
+        ops, n = self.kernels, x.shape[0]
         q, k, v = ops.linear(x, self.qkv_proj.weight).split(self.qkv_sizes, dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ops
+from ops import Kernels
 
 
 class Embedding(nn.Module):
@@ -19,12 +19,13 @@ class Embedding(nn.Module):
 class LMHead(nn.Module):
     """Projects hidden states to vocabulary logits; shares the embedding matrix when tied."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, kernels: Kernels) -> None:
         super().__init__()
+        self.kernels = kernels
         if tied_to is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         else:
             self.weight = tied_to.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.weight).float()  # [S, V] fp32
+        return self.kernels.linear(hidden, self.weight).float()  # [S, V] fp32

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import ops
 from nanoqwen.config import RuntimeConfig
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
@@ -33,9 +32,7 @@ class ModelRunner:
         self.buckets = batch_buckets(self.max_batch)
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
-        c = self.config
-        query = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=self.dtype, device=device)
-        self._narrow_tables = ops.decode_attention_gathers(query, self.k_cache[0])
+        self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self.graph, device, self.buckets, self._bucket_inputs,
                                   self._table_width(self.max_blocks_per_seq * self.block_size))
 

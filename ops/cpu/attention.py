@@ -4,32 +4,24 @@ The torch reference gathers every block of the padded table into a new tensor an
 it; at decode sizes that costs far more than the arithmetic. This kernel walks each sequence's
 block table up to its context length, one (sequence, kv head) per task, with the GQA group's
 query heads sharing each K/V row, an online softmax and fp32 accumulation (bf16 or fp32 cache).
-Source: ops/csrc/attention.c, built by ops/cpu_build.py; where it cannot be, the dispatcher keeps the
-torch reference.
+Source: csrc/attention.c, built by build.py; where it cannot be, or for shapes it does not take, the
+CPU kernel set keeps the torch reference.
 """
 from __future__ import annotations
 
 import torch
 
-from ops import cpu_build
+from ops.cpu import build
 
 MAX_GROUP = 16  # query heads per kv head
 MAX_HEAD_DIM = 256
 
-KERNEL = cpu_build.CKernel("cpu_attention", "attention.c", ("decode_attention",))
+KERNEL = build.CKernel("cpu_attention", "attention.c", ("decode_attention",))
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    num_heads, head_dim = q.shape[1:]
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float32)
-        and k_cache.dtype == q.dtype
-        and head_dim % 8 == 0
-        and head_dim <= MAX_HEAD_DIM
-        and num_heads // k_cache.shape[2] <= MAX_GROUP
-        and KERNEL.ready
-    )
+def takes(head_dim: int, group: int) -> bool:
+    """Whether the kernel serves these shapes; q and the cache must also be bf16 or fp32, of one dtype."""
+    return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
 
 
 def _decode_attention(
@@ -45,7 +37,7 @@ def _decode_attention(
     out = torch.empty_like(q)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    with cpu_build.profiled("nanoqwen::decode_attention_cpu"):
+    with build.profiled("nanoqwen::decode_attention_cpu"):
         KERNEL.lib.decode_attention(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
             out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale,
@@ -58,4 +50,4 @@ def _decode_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scal
     return torch.empty_like(q)
 
 
-decode_attention_cpu = cpu_build.kernel_op("decode_attention_cpu", _decode_attention, _decode_attention_fake)
+decode_attention_cpu = build.kernel_op("decode_attention_cpu", _decode_attention, _decode_attention_fake)

@@ -1,4 +1,4 @@
-"""Causal attention of each sequence's new tokens over its cached prefix and itself."""
+"""The torch reference of prefill attention: each sequence's new tokens over its cached prefix and itself."""
 from __future__ import annotations
 
 import torch

@@ -1,11 +1,12 @@
-"""Compiles a kernel's C file (ops/csrc/) with the system compiler on first use and loads it with ctypes.
+"""Compiles a kernel's C file (ops/cpu/csrc/) with the system compiler on first use and loads it with ctypes.
 
 The CPU kernels (AVX2 + FMA, OpenMP) need no torch headers, so building one takes about a second.
 The shared object is cached by a hash of every file in the source folder, the compiler and the
 flags; without a compiler, on another CPU, or with NANOQWEN_CPU_KERNELS=0, a kernel does not build
-and callers fall back to torch. The ctypes argument types come from the prototypes in
-csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks each definition against its
-prototype and Python reads the same prototype, so neither side can drift from the other.
+and the CPU kernel set (ops/cpu/__init__.py) keeps the torch reference. The ctypes argument types
+come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
+each definition against its prototype and Python reads the same prototype, so neither side can
+drift from the other.
 """
 from __future__ import annotations
 

@@ -4,44 +4,32 @@ At decode sizes each of these is ~10 tiny torch ops per layer, and on a 2-core C
 dispatch costs more than their arithmetic. The kernels reproduce the torch references' rounding
 step by step (statistics in fp32, each intermediate rounded to the model dtype where torch rounds
 it), so they match them to the bit in fp32 and bf16 alike; padded lanes (slot -1) write nothing.
-Source: ops/csrc/norm_rope.c, built by ops/cpu_build.py; where they cannot be, the dispatcher keeps
-the torch references.
+Source: csrc/norm_rope.c, built by build.py; where they cannot be, or for shapes they do not take,
+the CPU kernel set keeps the torch references; for layouts they do not take (never the model's), they
+call the references themselves.
 """
 from __future__ import annotations
 
 import torch
 
-from ops import cpu_build
+from ops.cpu import build
+from ops.torch_ref.rms_norm import rms_norm_torch
+from ops.torch_ref.rope import qk_norm_rope_store_torch
 
-KERNEL = cpu_build.CKernel("cpu_norm_rope", "norm_rope.c", ("rms_norm", "qk_norm_rope_store"))
+KERNEL = build.CKernel("cpu_norm_rope", "norm_rope.c", ("rms_norm", "qk_norm_rope_store"))
 MAX_HIDDEN = 8192
 MAX_HEAD_DIM = 256
 
 
-def _eligible(x: torch.Tensor) -> bool:
-    return (
-        KERNEL.ready
-        and x.device.type == "cpu"
-        and x.dtype in (torch.bfloat16, torch.float32)
-    )
-
-
-def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (
-        _eligible(x)
-        and x.dim() == 2
-        and x.shape[-1] <= MAX_HIDDEN
-        and x.is_contiguous()
-        and weight.dtype == x.dtype
-        and (residual is None or (residual.is_contiguous() and residual.dtype == x.dtype))
-    )
+def rms_norm_layout(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    return x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous())
 
 
 def _rms_norm_into(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out: torch.Tensor,
     new_residual: torch.Tensor | None,
 ) -> None:
-    with cpu_build.profiled("nanoqwen::rms_norm_cpu"):
+    with build.profiled("nanoqwen::rms_norm_cpu"):
         KERNEL.lib.rms_norm(
             x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
             new_residual.data_ptr() if new_residual is not None else None, x.shape[0], x.shape[1], eps,
@@ -72,28 +60,24 @@ def _add_rms_norm_fake(x, residual, weight, eps):
 
 
 # Two ops, as a custom op's output may not alias its input (the norm without residual returns x).
-_rms_norm_op = cpu_build.kernel_op("rms_norm_cpu", _rms_norm, _rms_norm_fake)
-_add_rms_norm_op = cpu_build.kernel_op("add_rms_norm_cpu", _add_rms_norm, _add_rms_norm_fake)
+_rms_norm_op = build.kernel_op("rms_norm_cpu", _rms_norm, _rms_norm_fake)
+_add_rms_norm_op = build.kernel_op("add_rms_norm_cpu", _add_rms_norm, _add_rms_norm_fake)
 
 
 def rms_norm_cpu(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ops.rms_norm.rms_norm_torch, for [N, H] contiguous inputs."""
+    """Same contract as ops.torch_ref.rms_norm.rms_norm_torch; x, residual and weight of one dtype."""
+    if not rms_norm_layout(x, residual):
+        return rms_norm_torch(x, weight, eps, residual)
     if residual is None:
         return _rms_norm_op(x, weight, eps), x
     return _add_rms_norm_op(x, residual, weight, eps)
 
 
-def qk_norm_rope_store_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return (
-        _eligible(q)
-        and q.shape[-1] <= MAX_HEAD_DIM
-        and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.dtype == q.dtype for t in (k, v, k_cache))
-        and q.stride(-1) == 1
-        and q.stride(-2) == q.shape[-1]
-        and k_cache.is_contiguous()
-    )
+def qk_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Heads dense in each token (q, k, v may be views of the fused qkv rows), the cache contiguous."""
+    return all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v)) and k_cache.is_contiguous()
 
 
 def _qk_norm_rope_store(
@@ -101,12 +85,11 @@ def _qk_norm_rope_store(
     cos_sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Same contract as ops.rope.qk_norm_rope_store_torch."""
     n, num_heads, head_dim = q.shape
     # The runner's inputs are int32 already: these convert only for other callers.
     positions = positions.to(torch.int32).contiguous()
     slots = slot_mapping.to(torch.int32).contiguous()
-    with cpu_build.profiled("nanoqwen::qk_norm_rope_store_cpu"):
+    with build.profiled("nanoqwen::qk_norm_rope_store_cpu"):
         KERNEL.lib.qk_norm_rope_store(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), q_weight.data_ptr(), k_weight.data_ptr(), eps,
             cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
@@ -118,7 +101,17 @@ def _qk_norm_rope_store_fake(q, k, v, q_weight, k_weight, eps, cos_sin, position
     return None
 
 
-qk_norm_rope_store_cpu = cpu_build.kernel_op(
+_qk_norm_rope_store_op = build.kernel_op(
     "qk_norm_rope_store_cpu", _qk_norm_rope_store, _qk_norm_rope_store_fake,
     mutates_args=("q", "k", "k_cache", "v_cache"),
 )
+
+
+def qk_norm_rope_store_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+    cos_sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same contract as ops.torch_ref.rope.qk_norm_rope_store_torch; q, k, v and the caches of one dtype."""
+    impl = _qk_norm_rope_store_op if qk_layout(q, k, v, k_cache) else qk_norm_rope_store_torch
+    impl(q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache, slot_mapping)

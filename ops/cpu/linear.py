@@ -5,25 +5,25 @@ Decode is a matrix-vector product bounded by reading the weights. Without native
 than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once
 (bf16 widened to fp32 in registers by a shift or a mask) and FMAs it against every activation row held
 in cache, parallel over output rows in torch's own OpenMP pool.
-Source: ops/csrc/linear.c, built by ops/cpu_build.py; where it cannot be, `linear` falls back to torch.
+Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ops import cpu_build
+from ops.cpu import build
 
 MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM
 
-KERNEL = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",))
+KERNEL = build.CKernel("cpu_linear", "linear.c", ("linear",))
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, K % 32 == 0), weight: [N, K] contiguous, both bf16 or both fp32 -> [M, N]."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    with cpu_build.profiled("nanoqwen::linear_cpu"):
+    with build.profiled("nanoqwen::linear_cpu"):
         KERNEL.lib.linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
                           int(x.dtype == torch.bfloat16))
     return out
@@ -33,7 +33,7 @@ def _linear_fake(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-linear_cpu = cpu_build.kernel_op("linear_cpu", _linear, _linear_fake)
+linear_cpu = build.kernel_op("linear_cpu", _linear, _linear_fake)
 
 
 # Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX). Such CPUs run
@@ -46,10 +46,9 @@ NATIVE_BF16_MAX_ROWS = {torch.bfloat16: 6, torch.float32: 8}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear without bias, with the CPU decode fast path (bf16 or fp32 weights, up to MAX_ROWS rows)."""
+    """F.linear without bias, with the decode fast path up to MAX_ROWS rows; for bf16 or fp32 weights
+    (the CPU kernel set takes it for those dtypes only)."""
     bf16 = weight.dtype == torch.bfloat16
-    if weight.device.type != "cpu" or not (bf16 or weight.dtype == torch.float32):
-        return F.linear(x, weight)
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     max_rows = NATIVE_BF16_MAX_ROWS[weight.dtype] if NATIVE_BF16 else MAX_ROWS
     if KERNEL.ready and rows.shape[0] <= max_rows and rows.shape[1] % 32 == 0 and weight.is_contiguous():

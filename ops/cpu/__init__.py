@@ -1,0 +1,33 @@
+"""The CPU kernels: small C kernels (csrc/, AVX2 + OpenMP) built on first use, each taken where it
+built and serves the model's dtype and shapes, the torch reference elsewhere."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ops import torch_ref
+from ops.cpu import attention, linear, norm_rope
+from ops.kernels import Kernels
+
+C_KERNELS = (linear.KERNEL, attention.KERNEL, norm_rope.KERNEL)
+
+
+def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int) -> Kernels:
+    """Builds the C kernels now (or loads them from the cache), running the C compiler."""
+    for kernel in C_KERNELS:
+        kernel.build()
+    ref = torch_ref.KERNELS
+    if dtype not in (torch.bfloat16, torch.float32):
+        return ref
+    norms = norm_rope.KERNEL.ready and hidden_size <= norm_rope.MAX_HIDDEN
+    ropes = norm_rope.KERNEL.ready and head_dim <= norm_rope.MAX_HEAD_DIM
+    attends = attention.KERNEL.ready and attention.takes(head_dim, num_heads // num_kv_heads)
+    return dataclasses.replace(
+        ref,
+        rms_norm=norm_rope.rms_norm_cpu if norms else ref.rms_norm,
+        qk_norm_rope_store=norm_rope.qk_norm_rope_store_cpu if ropes else ref.qk_norm_rope_store,
+        decode_attention=attention.decode_attention_cpu if attends else ref.decode_attention,
+        linear=linear.linear,
+        decode_attention_gathers=not attends,
+    )

@@ -1,0 +1,94 @@
+"""The op signatures, and the kernel set that implements them for one (device, dtype, backend).
+
+Every backend implements the torch reference's contract (ops/torch_ref/): same arguments, same
+results up to rounding. A set is chosen once, by ops.select_kernels, and held by the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class RmsNorm(Protocol):
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [..., H] -> (norm(x + residual) * weight, x + residual); without residual the second is x."""
+        ...
+
+
+class QkNormRopeStore(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,  # [N, Hq, D], may be a strided view of the fused qkv output
+        k: torch.Tensor,  # [N, Hkv, D]
+        v: torch.Tensor,  # [N, Hkv, D]
+        q_weight: torch.Tensor,  # [D]
+        k_weight: torch.Tensor,  # [D]
+        eps: float,
+        cos_sin: torch.Tensor,  # [max_pos, D] fp32: cos | sin
+        positions: torch.Tensor,  # [N] int
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        slot_mapping: torch.Tensor,  # [N] int; -1 = padded lane, writes nothing
+    ) -> None:
+        """In place: q, k <- rope(rmsnorm(q|k)); k/v written into the paged cache at slot_mapping."""
+        ...
+
+
+class DecodeAttention(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,  # [B, Hq, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        block_tables: torch.Tensor,  # [B, W] int32
+        context_lens: torch.Tensor,  # [B] int32, >= 1 (padded lanes: 1, reading the null block)
+        scale: float,
+    ) -> torch.Tensor:  # [B, Hq, D]
+        ...
+
+
+class PrefillAttention(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
+        k: torch.Tensor,  # [N, Hkv, D]
+        v: torch.Tensor,  # [N, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [S, W] int32
+        query_lens: list[int],  # new tokens per sequence
+        context_lens: list[int],  # cached + new tokens per sequence
+        scale: float,
+    ) -> torch.Tensor:  # [N, Hq, D]
+        ...
+
+
+class Linear(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x: [..., K], weight: [N, K] -> [..., N]: F.linear without bias."""
+        ...
+
+
+class SiluMul(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., 2I] (gate | up) -> silu(gate) * up: [..., I]."""
+        ...
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str  # the backend setting it was selected for: "torch" or "triton"
+    rms_norm: RmsNorm
+    qk_norm_rope_store: QkNormRopeStore
+    decode_attention: DecodeAttention
+    prefill_attention: PrefillAttention
+    linear: Linear
+    silu_mul: SiluMul
+    # Whether decode attention copies every block-table column it is given (the torch reference),
+    # rather than stopping at each context length (the Triton and CPU kernels): the runner then
+    # passes it only the columns the longest sequence needs.
+    decode_attention_gathers: bool

@@ -1,0 +1,23 @@
+"""The torch references of every op: the contract each backend matches, and the kernels wherever no
+other backend runs (MPS, CUDA without Triton, shapes the CPU kernels do not take)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ops.kernels import Kernels
+from ops.torch_ref.activation import silu_mul_torch
+from ops.torch_ref.decode_attention import decode_attention_torch
+from ops.torch_ref.prefill_attention import prefill_attention_torch
+from ops.torch_ref.rms_norm import rms_norm_torch
+from ops.torch_ref.rope import qk_norm_rope_store_torch
+
+KERNELS = Kernels(
+    name="torch",
+    rms_norm=rms_norm_torch,
+    qk_norm_rope_store=qk_norm_rope_store_torch,
+    decode_attention=decode_attention_torch,
+    prefill_attention=prefill_attention_torch,
+    linear=F.linear,
+    silu_mul=silu_mul_torch,
+    decode_attention_gathers=True,
+)

@@ -1,0 +1,28 @@
+"""The Triton kernels: on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ops.kernels import Kernels
+from ops.triton.activation import silu_mul_triton
+from ops.triton.decode_attention import decode_attention_triton, num_sms
+from ops.triton.rms_norm import rms_norm_triton
+from ops.triton.rope import qk_norm_rope_store_triton
+
+
+def kernels(base: Kernels, device: torch.device) -> Kernels:
+    """`base` (the device's own set) with the ops Triton implements replaced; linears stay `base`'s
+    (cuBLAS on CUDA) and so does prefill attention (SDPA)."""
+    if device.type == "cuda":
+        num_sms(device)  # queried now, outside any torch.compile trace
+    return dataclasses.replace(
+        base,
+        name="triton",
+        rms_norm=rms_norm_triton,
+        qk_norm_rope_store=qk_norm_rope_store_triton,
+        decode_attention=decode_attention_triton,
+        silu_mul=silu_mul_triton,
+        decode_attention_gathers=False,
+    )
