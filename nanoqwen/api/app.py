@@ -17,6 +17,7 @@ from nanoqwen.api.chat import ChatService, unavailable
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.json.ensure_ascii = False
     stats = ServerStats(lambda: engine.stats() if engine.ready else None)
     chat = ChatService(engine, config, stats)
+    tokens = TokenizeService(chat)
     started = time.time()
     request_id.install(app)
 
@@ -90,6 +92,14 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
         return chat.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+
+    @app.post("/tokenize")
+    def tokenize() -> dict[str, Any]:
+        return tokens.tokenize(parse_json(read_body(request, config.body_timeout_s)))
+
+    @app.post("/detokenize")
+    def detokenize() -> dict[str, Any]:
+        return tokens.detokenize(parse_json(read_body(request, config.body_timeout_s)))
 
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}

@@ -6,10 +6,11 @@ feeds; the SSE generator pulls one event per engine step.
 """
 from __future__ import annotations
 
+import json
 import logging
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Response
@@ -19,7 +20,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError, error_body
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
-from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, fingerprint
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.sse import DONE, HEADERS, sse
 from nanoqwen.engine import Engine, QueueFullError
@@ -66,6 +67,12 @@ def unavailable(engine: Engine) -> APIError | None:
     return None
 
 
+def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """A cheap measure of a chat prompt's size."""
+    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
+    return chars + (len(json.dumps(tools)) if tools else 0)
+
+
 class ChatService:
     def __init__(self, engine: Engine, config: ServerConfig, stats: ServerStats) -> None:
         self.engine = engine
@@ -89,36 +96,47 @@ class ChatService:
     def handle(self, body: Any, environ: dict[str, Any]) -> Response | dict[str, Any]:
         trace = self.stats.begin()
         req = parse_chat_request(body)
-        if req.model is not None and not self.config.accepts_model(req.model):
-            raise APIError(404, f"The model `{req.model}` does not exist or you do not have access to it.",
-                           param="model", code="model_not_found")
-        if (error := unavailable(self.engine)) is not None:
-            raise error
+        self.check_serving(req.model)
         params = req.sampling_params(self.engine.sampling_defaults)
         prompt_ids = self._encode(req, params.max_tokens)
         channel = GeventEventStream()
         request_id = self._submit(prompt_ids, params, channel, req.split_reasoning)
+        tools = ToolParsing(req.shows_tools, req.max_tool_calls)
         if req.stream:
-            chunks = ChunkBuilder(self.config.served_model_name, self.fingerprint, req.include_usage)
+            chunks = ChunkBuilder(self.config.served_model_name, self.fingerprint, req.include_usage, tools)
             events = self._stream(request_id, channel, chunks, params.n, trace, environ)
             return Response(events, mimetype="text/event-stream", headers=HEADERS)
-        completion = self._collect(request_id, channel, req, trace, environ)
+        completion = self._collect(request_id, channel, req, tools, trace, environ)
         if completion is None:
             return Response(status=CLIENT_CLOSED)
         return completion
 
-    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
-        longest = self.info["max_model_len"] - (max_tokens or 1)
-        messages = req.template_messages()
-        chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
+    def check_serving(self, model: str | None) -> None:
+        """404 for a model name this server does not serve, 503 while the model does not serve."""
+        if model is not None and not self.config.accepts_model(model):
+            raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+        if (error := unavailable(self.engine)) is not None:
+            raise error
+
+    def off_loop(self, chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) (templating, tokenising) in a native thread; prompts of `chars` characters or
+        more go to their own pool, so a few long ones cannot hold up every short one."""
         pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
         try:
-            return pool.run(self.engine.encode_messages, messages, req.template_kwargs(), longest)
-        except PromptTooLongError as exc:
-            raise self._context_error(exc.num_tokens, max_tokens) from None
+            return pool.run(fn, *args)
         except PoolFullError as exc:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
+        longest = self.info["max_model_len"] - (max_tokens or 1)
+        messages, tools = req.template_messages(), req.template_tools()
+        try:
+            return self.off_loop(template_chars(messages, tools), self.engine.encode_messages, messages,
+                                 req.template_kwargs(), longest, tools)
+        except PromptTooLongError as exc:
+            raise self._context_error(exc.num_tokens, max_tokens) from None
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
@@ -161,9 +179,10 @@ class ChatService:
             if event.is_last:
                 return
 
-    def _collect(self, request_id: str, channel: EventStream, req: ChatCompletionRequest, trace: RequestTrace,
-                 environ: dict[str, Any]) -> dict[str, Any] | None:
-        builder = CompletionBuilder(self.config.served_model_name, self.fingerprint, req.n or 1, bool(req.logprobs))
+    def _collect(self, request_id: str, channel: EventStream, req: ChatCompletionRequest, tools: ToolParsing,
+                 trace: RequestTrace, environ: dict[str, Any]) -> dict[str, Any] | None:
+        builder = CompletionBuilder(self.config.served_model_name, self.fingerprint, req.n or 1, bool(req.logprobs),
+                                    tools)
         finished = False
         try:
             for event in self._events(channel, environ):  # its last event is the `is_last` one
@@ -214,9 +233,7 @@ class ChatService:
     @staticmethod
     def _chunks(event: Event, chunks: ChunkBuilder) -> list[str]:
         """The SSE events one engine event turns into."""
-        out = []
-        if (chunk := chunks.delta(event)) is not None:
-            out.append(sse(chunk))
+        out = [sse(chunk) for chunk in chunks.deltas(event)]
         if event.finish_reason is not None:
             out.append(sse(chunks.finish(event.index, event.finish_reason)))
         if event.error is not None:

@@ -38,6 +38,9 @@ class Parsed:
     content: str = ""
     calls: list[ToolCall] = field(default_factory=list)
 
+    def __add__(self, other: Parsed) -> Parsed:
+        return Parsed(self.content + other.content, self.calls + other.calls)
+
 
 def parse_call(block: str) -> ToolCall | None:
     """The call in a block's inner text, or None when it is not one."""
