@@ -13,10 +13,11 @@ from werkzeug.exceptions import HTTPException
 
 from nanoqwen.api import request_id
 from nanoqwen.api.body import parse_json, read_body
-from nanoqwen.api.chat import ChatService, unavailable
+from nanoqwen.api.chat import ChatService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
@@ -57,8 +58,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     stats = ServerStats(lambda: engine.stats() if engine.ready else None)
-    chat = ChatService(engine, config, stats)
-    tokens = TokenizeService(chat)
+    serving = Serving(engine, config, stats)
+    chat = ChatService(serving)
+    tokens = TokenizeService(serving)
     started = time.time()
     request_id.install(app)
 
@@ -124,7 +126,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
             if status == "error":  # the reason (which may name local paths) is in the log
                 body["error"] = "the model failed to load"
             return body, 503
-        info = chat.info
+        info = serving.info
         model_info = {"model_name": config.model_name, "served_model_name": config.served_model_name}
         model_info |= {key: info[key] for key in ("device", "dtype", "kernels", "graph", "max_batch", "max_model_len")}
         model_info["sampling_defaults"] = engine.sampling_defaults  # from generation_config.json

@@ -134,6 +134,7 @@ class ChunkBuilder:
     fingerprint: str
     include_usage: bool
     tools: ToolParsing = ToolParsing()
+    n: int = 1
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -152,6 +153,18 @@ class ChunkBuilder:
         if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last
             chunk["usage"] = None
         return chunk
+
+    def opening(self) -> list[Json]:
+        return [self.role(index) for index in range(self.n)]
+
+    def chunks(self, event: Event) -> list[Json]:
+        """The chunks one engine event turns into (an error is the server's to send)."""
+        out = self.deltas(event)
+        if event.finish_reason is not None:
+            out.append(self.finish(event.index, event.finish_reason))
+        if event.usage is not None and self.include_usage:
+            out.append(self.usage(event.usage))
+        return out
 
     def role(self, index: int) -> Json:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},

@@ -2,15 +2,16 @@
 
 lm-eval-harness and agents use them to count and cut prompts; the ids are exactly those a
 completion or chat request with the same input gets. The templating and the tokenizer run in the
-chat service's native threads, never on the event loop.
+server's native threads, never on the event loop.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from nanoqwen.api.chat import ChatService, template_chars
+from nanoqwen.api.chat import template_chars
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
+from nanoqwen.api.serving import Serving
 
 
 class TokenizePromptRequest(Strict):
@@ -31,20 +32,20 @@ class DetokenizeRequest(Strict):
 
 
 class TokenizeService:
-    def __init__(self, chat: ChatService) -> None:
-        self.chat = chat
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
 
     def tokenize(self, body: Any) -> dict[str, Any]:
         chat_form = isinstance(body, dict) and "messages" in body
         req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body)
-        self.chat.check_serving(req.model)
-        ids = self.chat.off_loop(*self._job(req))
-        strs = self.chat.off_loop(len(ids), self.chat.engine.tokenizer.convert_ids_to_tokens, ids) \
+        self.serving.check_serving(req.model)
+        ids = self.serving.off_loop(*self._job(req))
+        strs = self.serving.off_loop(len(ids), self.serving.engine.tokenizer.convert_ids_to_tokens, ids) \
             if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": self.chat.info["max_model_len"], "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": self.serving.info["max_model_len"], "tokens": ids, "token_strs": strs}
 
     def _job(self, req: TokenizePromptRequest | TokenizeChatRequest) -> tuple[Any, ...]:
-        engine = self.chat.engine
+        engine = self.serving.engine
         if isinstance(req, TokenizePromptRequest):
             return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
         messages, tools = req.template_messages(), req.template_tools()
@@ -53,13 +54,13 @@ class TokenizeService:
 
     def detokenize(self, body: Any) -> dict[str, Any]:
         req = validate_body(DetokenizeRequest, body)
-        self.chat.check_serving(req.model)
-        tokenizer = self.chat.engine.tokenizer
+        self.serving.check_serving(req.model)
+        tokenizer = self.serving.engine.tokenizer
         vocab = len(tokenizer)
         if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
             raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
                            param=f"tokens.[{bad}]")
-        return {"prompt": self.chat.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
+        return {"prompt": self.serving.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
 
 
 def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[int]:
