@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from nanoqwen.api import request_id
 from nanoqwen.api.body import parse_json, read_body
 from nanoqwen.api.chat import ChatService
+from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
@@ -60,6 +61,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     stats = ServerStats(lambda: engine.stats() if engine.ready else None)
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
+    completions = CompletionService(serving)
     tokens = TokenizeService(serving)
     started = time.time()
     request_id.install(app)
@@ -94,6 +96,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
         return chat.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+
+    @app.post("/v1/completions")
+    def text_completions() -> Response | dict[str, Any]:
+        return completions.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
 
     @app.post("/tokenize")
     def tokenize() -> dict[str, Any]:

@@ -20,6 +20,7 @@ from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
 _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -29,7 +30,7 @@ UNSUPPORTED_FIELDS = (
     "functions", "function_call", "logit_bias", "audio", "modalities",
     "response_format", "reasoning_effort", "verbosity", "web_search_options",
     # vLLM's guided decoding
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "suffix", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "guided_decoding_backend", "guided_whitespace_pattern",
 )
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
@@ -182,20 +183,18 @@ class ChatPrompt(Strict):
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
 
 
-class ChatCompletionRequest(ChatPrompt):
+class SamplingFields(Strict):
+    """The sampling fields chat and legacy completions share, OpenAI's and vLLM's."""
+
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(1, ge=1, le=128)
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -203,50 +202,13 @@ class ChatCompletionRequest(ChatPrompt):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
-    # Metadata that does not change the answer: accepted and ignored.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
-    # "none" | "auto"; "required" and a named function need constrained decoding: refused.
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
-    functions: Any = None
-    function_call: Any = None
-    logit_bias: Any = None
-    audio: Any = None
-    modalities: Any = None
-    response_format: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
+    user: str | None = None  # does not change the answer: accepted and ignored
+    logit_bias: Any = None  # refused unless absent or empty
 
-    @field_validator(*UNSUPPORTED_FIELDS, mode="before")
+    @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
         return _check_unsupported(value, info)
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _check_tool_choice(cls, value: Any) -> Any:
-        if value is None or value in ("none", "auto"):
-            return value
-        if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
-            raise PydanticCustomError("unsupported", "only \"none\" and \"auto\" are supported (\"required\" "
-                                                     "and a named function need constrained decoding)")
-        raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
-                         "{\"type\": \"function\", \"function\": {\"name\": ...}}")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -270,24 +232,11 @@ class ChatCompletionRequest(ChatPrompt):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    @property
-    def split_reasoning(self) -> bool:
-        """False when thinking is switched off: the template closed the think block already."""
-        kwargs = self.chat_template_kwargs
-        return kwargs is None or kwargs.enable_thinking is not False
-
-    @property
-    def shows_tools(self) -> bool:
-        """Tools are shown to the model and its answers parsed for calls (`tool_choice: "none"`: neither)."""
-        return bool(self.tools) and self.tool_choice != "none"
-
-    @property
-    def max_tool_calls(self) -> int | None:
-        return 1 if self.parallel_tool_calls is False else None
-
-    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    def _sampling_params(self, model_defaults: Mapping[str, Any] | None, max_tokens: int | None,
+                         top_logprobs: int | None) -> SamplingParams:
         """The engine's parameters: the request's, else model_defaults (the checkpoint's
-        generation_config, e.g. {"temperature": 0.6}), else the OpenAI defaults."""
+        generation_config, e.g. {"temperature": 0.6}), else the OpenAI defaults.
+        top_logprobs None: no logprobs."""
         base = SamplingParams()
         model_defaults = model_defaults or {}
 
@@ -306,15 +255,129 @@ class ChatCompletionRequest(ChatPrompt):
             frequency_penalty=pick(self.frequency_penalty, base.frequency_penalty),
             repetition_penalty=sampling("repetition_penalty"),
             seed=self.seed,
-            max_tokens=pick(self.max_completion_tokens, self.max_tokens),
+            max_tokens=max_tokens,
             ignore_eos=bool(self.ignore_eos),
             stop=self.stop_list,
             stop_token_ids=list(self.stop_token_ids or []),
-            logprobs=bool(self.logprobs),
-            top_logprobs=pick(self.top_logprobs, 0),
+            logprobs=top_logprobs is not None,
+            top_logprobs=top_logprobs or 0,
             n=pick(self.n, 1),
             skip_special_tokens=pick(self.skip_special_tokens, True),
         )
+
+
+class ChatCompletionRequest(ChatPrompt, SamplingFields):
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Metadata that does not change the answer: accepted and ignored.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    # "none" | "auto"; "required" and a named function need constrained decoding: refused.
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    response_format: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if value is None or value in ("none", "auto"):
+            return value
+        if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
+            raise PydanticCustomError("unsupported", "only \"none\" and \"auto\" are supported (\"required\" "
+                                                     "and a named function need constrained decoding)")
+        raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+    @property
+    def split_reasoning(self) -> bool:
+        """False when thinking is switched off: the template closed the think block already."""
+        kwargs = self.chat_template_kwargs
+        return kwargs is None or kwargs.enable_thinking is not False
+
+    @property
+    def shows_tools(self) -> bool:
+        """Tools are shown to the model and its answers parsed for calls (`tool_choice: "none"`: neither)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def max_tool_calls(self) -> int | None:
+        return 1 if self.parallel_tool_calls is False else None
+
+    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling_params(model_defaults, max_tokens,
+                                     (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`: OpenAI's legacy completions (what lm-eval-harness's `local-completions` sends)."""
+
+    model: str | None = None
+    # A text, token ids, or a batch of either: one answer (n choices) per prompt.
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null = up to the context limit
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: Any = None  # insertion needs a fill-in-the-middle prompt format: refused
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(value, str) or ids(value):
+            return value
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value) or all(map(ids, value))):
+            return value
+        raise ValueError("prompt must be a string, a non-empty list of token ids, or a non-empty list of either")
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
+
+    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        return self._sampling_params(model_defaults, self.max_tokens, self.logprobs)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    req = validate_body(CompletionRequest, body)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    n = req.n or 1
+    if req.best_of is not None and req.best_of not in (1, n):
+        raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
+                            "their whole logprob)", param="best_of", code="unsupported_parameter")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
+                            "compute", param="echo", code="unsupported_parameter")
+    if n * len(req.prompts) > MAX_CHOICES:
+        raise APIError(400, f"n × the number of prompts must be at most {MAX_CHOICES}", param="prompt")
+    return req
 
 
 def _check_combinations(req: ChatCompletionRequest) -> None:

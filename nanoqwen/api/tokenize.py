@@ -63,8 +63,13 @@ class TokenizeService:
         return {"prompt": self.serving.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
 
 
+def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of plain texts (no chat template), as completions and /tokenize see them."""
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[int]:
-    return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    return encode_texts(tokenizer, [prompt], add_special_tokens)[0]
 
 
 def _encode_messages(encode: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any],
