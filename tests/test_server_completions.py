@@ -124,3 +124,10 @@ def test_bad_token_ids_and_unknown_model(server: GunicornServer) -> None:
     assert response.status_code == 400 and "token ids" in response.json()["error"]["message"]
     missing = _post(server, {"model": "gpt-3.5-turbo-instruct", "prompt": PROMPT})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_openapi_json(server: GunicornServer) -> None:
+    doc = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    assert doc["openapi"].startswith("3.1") and {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(doc["paths"])
+    completion = doc["components"]["schemas"]["CompletionRequest"]
+    assert completion["required"] == ["prompt"] and completion["properties"]["max_tokens"]["default"] == 16

@@ -5,6 +5,7 @@ import hmac
 import logging
 import re
 import time
+from importlib.metadata import version
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -18,6 +19,7 @@ from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
@@ -122,6 +124,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
             raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
         return model_card()
+
+    @app.get("/openapi.json")
+    def openapi() -> dict[str, Any]:
+        return openapi_document("nanoqwen", version("nanoqwen"))
 
     @app.get("/health")
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
