@@ -14,10 +14,10 @@ from typing import Any
 from flask import Response
 
 from nanoqwen.api.chat import context_error
+from nanoqwen.api.responses import Choice, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving
 from nanoqwen.api.tokenize import encode_texts
-from nanoqwen.api.responses import usage_json
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 
 Json = dict[str, Any]
@@ -38,16 +38,6 @@ def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> Json:
 
 
 @dataclass
-class _Text:
-    """One choice: its text so far (after any echoed prompt) and its logprobs."""
-
-    text: str
-    offset: int  # where the next token's text starts, for text_offset
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-@dataclass
 class TextCompletion:
     """Both the collected `text_completion` and its stream chunks (one id, one `created`)."""
 
@@ -60,28 +50,26 @@ class TextCompletion:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._choices = [_Text(echo, len(echo)) for echo in self.echoes]
+        self._choices = [Choice() for _ in self.echoes]
+        self._offsets = [len(echo) for echo in self.echoes]  # streamed: where the next token's text starts
 
     def _object(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def _logprobs(self, choice: _Text, logprobs: list[TokenLogprob] | None) -> Json | None:
+    def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> Json | None:
         if not self.want_logprobs:
             return None
-        start = choice.offset
-        choice.offset += sum(len(lp.token) for lp in logprobs or [])
+        start = self._offsets[index]
+        self._offsets[index] += sum(len(lp.token) for lp in logprobs or [])
         return legacy_logprobs(logprobs or [], start)
 
     def add(self, event: Event) -> None:
-        choice = self._choices[event.index]
-        choice.text += event.text
-        choice.logprobs += event.logprobs or []
-        choice.finish_reason = event.finish_reason or choice.finish_reason
+        self._choices[event.index].add(event)
 
     def build(self, usage: Usage) -> Json:
         completion = self._object([
-            {"index": i, "text": c.text,
+            {"index": i, "text": self.echoes[i] + "".join(c.text),
              "logprobs": legacy_logprobs(c.logprobs, len(self.echoes[i])) if self.want_logprobs else None,
              "finish_reason": c.finish_reason}
             for i, c in enumerate(self._choices)])
@@ -95,9 +83,8 @@ class TextCompletion:
     def chunks(self, event: Event) -> list[Json]:
         out = []
         if event.text or event.logprobs or event.finish_reason:
-            choice = self._choices[event.index]
             out.append(self._object([{"index": event.index, "text": event.text,
-                                      "logprobs": self._logprobs(choice, event.logprobs),
+                                      "logprobs": self._logprobs(event.index, event.logprobs),
                                       "finish_reason": event.finish_reason}]))
         if event.usage is not None and self.include_usage:
             chunk = self._object([])

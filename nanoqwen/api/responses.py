@@ -66,11 +66,21 @@ def finish_reason(reason: str, called: bool) -> str:
 
 
 @dataclass
-class _Choice:
+class Choice:
+    """One choice's output, accumulated event by event."""
+
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+
+    def add(self, event: Event) -> None:
+        self.text.append(event.text)
+        self.reasoning.append(event.reasoning)
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
 
 
 @dataclass
@@ -86,18 +96,12 @@ class CompletionBuilder:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._choices = [_Choice() for _ in range(self.n)]
+        self._choices = [Choice() for _ in range(self.n)]
 
     def add(self, event: Event) -> None:
-        choice = self._choices[event.index]
-        choice.text.append(event.text)
-        choice.reasoning.append(event.reasoning)
-        if event.logprobs:
-            choice.logprobs.extend(event.logprobs)
-        if event.finish_reason is not None:
-            choice.finish_reason = event.finish_reason
+        self._choices[event.index].add(event)
 
-    def _choice(self, index: int, choice: _Choice) -> Json:
+    def _choice(self, index: int, choice: Choice) -> Json:
         message: Json = {"role": "assistant", "content": "".join(choice.text), "refusal": None}
         reason = choice.finish_reason
         parser = self.tools.parser()
