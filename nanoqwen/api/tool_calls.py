@@ -80,10 +80,13 @@ class ToolCallParser:
 
     def feed(self, text: str) -> Parsed:
         out = Parsed()
+        # Inside a long block only the new text (and a tag cut at its start) needs searching.
+        searched = max(0, len(self._pending) - len(CLOSE) + 1) if self._in_block else 0
         self._pending += text
         while True:
             if self._in_block:
-                end = self._pending.find(CLOSE)
+                end = self._pending.find(CLOSE, searched)
+                searched = 0
                 if end < 0:
                     return out
                 block, self._pending = self._pending[:end], self._pending[end + len(CLOSE):]
