@@ -70,3 +70,26 @@ def test_arguments_are_a_json_object_string() -> None:
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
     for deltas in _splits(WEATHER + "\n" + TIME, random.Random(0)):
         assert _run(ToolCallParser(max_calls=1), deltas) == (None, [("get_weather", {"city": "Paris", "unit": "°C"})])
+
+
+def test_calls_survive_the_engines_detokenisation() -> None:
+    """<tool_call>/</tool_call> are not special tokens in Qwen3: with skip_special_tokens the
+    engine's text pipeline (after the think block) still carries them, one token each."""
+    from checkpoints import make_checkpoint
+    from transformers import AutoTokenizer
+
+    from nanoqwen.text import TextPipeline, TokenBytes
+
+    tokenizer = AutoTokenizer.from_pretrained(make_checkpoint())
+    answer = "<think>\nweather\n</think>\n\nLet me check.\n" + WEATHER + "\n" + TIME
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert ids.count(151657) == ids.count(151658) == 2
+    pipeline, parser = TextPipeline(TokenBytes(tokenizer), [], skip_special_tokens=True), ToolCallParser()
+    content, calls = "", []
+    for token_id in [*ids, tokenizer.convert_tokens_to_ids("<|im_end|>")]:
+        _, text, _ = pipeline.add(token_id)
+        out = parser.feed(text)
+        content, calls = content + out.content, calls + out.calls
+    out = parser.feed(pipeline.finish()[1]) + parser.finish()
+    content, calls = content + out.content, calls + out.calls
+    assert content == "\n\nLet me check." and [c.name for c in calls] == ["get_weather", "get_time"]
