@@ -1,12 +1,18 @@
-"""Model shape (from config.json) and engine settings (from arguments or NANOQWEN_* variables)."""
+"""Model shape (from config.json), engine settings (from arguments or NANOQWEN_* variables), and
+their resolution: every "auto" and every derived size is decided here, once, into a RuntimeConfig."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+import ops
+
+log = logging.getLogger("nanoqwen")
 
 
 @dataclass(frozen=True)
@@ -163,3 +169,80 @@ def resolve_threads(threads: int) -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def resolve_kernels(name: str, device: torch.device) -> str:
+    """"auto": Triton on CUDA where it is installed, the torch ops elsewhere."""
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" and ops.triton_available() else "torch"
+
+
+def resolve_graph(name: str, device: torch.device) -> str:
+    graph = ("cudagraph" if device.type == "cuda" else "none") if name == "auto" else name
+    if graph == "cudagraph" and device.type != "cuda":
+        raise ValueError(f"NANOQWEN_GRAPH=cudagraph needs a CUDA device, not {device.type}")
+    return graph
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
+    if kv_cache_memory > 0:
+        return int(kv_cache_memory)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.8) - (1 << 30)  # leave room for activations, graphs and sampling
+    return 2 << 30
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What the engine runs with: EngineConfig with every "auto" and derived size decided."""
+
+    model_path: str
+    device: torch.device
+    dtype: torch.dtype
+    kernels: str  # torch | triton
+    graph: str  # none | compile | cudagraph
+    max_batch: int
+    max_model_len: int  # the KV pool may hold fewer tokens than the model's positions
+    block_size: int
+    num_kv_blocks: int  # block 0 is never allocated (padded decode lanes read it)
+    threads: int
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return (self.num_kv_blocks - 1) * self.block_size
+
+    def info(self) -> dict:
+        """The engine's info(): plain values, as /health and the system fingerprint show them."""
+        return asdict(self) | {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def model_positions(config: EngineConfig, model: ModelConfig) -> int:
+    """The context the model is built for: the setting, capped at the model's positions."""
+    return min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+
+def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, device: torch.device,
+                    dtype: torch.dtype) -> RuntimeConfig:
+    """Called once the weights are on `device` (resolved and bound, see bind_device, and `dtype`
+    from resolve_dtype): the default KV pool takes a share of the memory they leave free.
+    Raises ValueError for a setting this device or memory budget cannot serve."""
+    max_model_len = model_positions(config, model)
+    per_block = kv_bytes_per_token(model, dtype) * config.block_size
+    num_blocks = config.num_kv_blocks or kv_pool_bytes(config.kv_cache_memory, device) // per_block
+    num_blocks = min(num_blocks, 1 + config.max_batch * -(-max_model_len // config.block_size))
+    if num_blocks < 2:
+        raise ValueError("the KV cache budget is too small for even one block")
+    if (num_blocks - 1) * config.block_size < max_model_len:
+        max_model_len = (num_blocks - 1) * config.block_size
+        log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
+    return RuntimeConfig(
+        model_path=model_path, device=device, dtype=dtype, kernels=resolve_kernels(config.kernels, device),
+        graph=resolve_graph(config.graph, device), max_batch=config.max_batch, max_model_len=max_model_len,
+        block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
+    )

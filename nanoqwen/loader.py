@@ -137,7 +137,7 @@ def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
     tied = model.config.tie_word_embeddings
     for shard in shards:
         with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping: no __iter__)
                 if tied and key == "lm_head.weight":
                     continue
                 module_path, _, leaf = key.rpartition(".")

@@ -179,7 +179,8 @@ def markdown(result: dict) -> str:
         "",
         f"- Machine: {common.machine_line(result['machine'])}",
         f"- Command: `{result['command']}`",
-        f"- {result['model']}, random weights; prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
+        f"- {result['model']}, random weights; prompt {result['prompt_len']} tokens, "
+        f"{result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
         f"`{graph}`. Tokens/s = batch / median decode-step time (prefill excluded).",
         f"- Memory read bandwidth: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s (best of 7 sums of a 1 GiB "
         f"fp32 tensor); batch-1 limit = bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",

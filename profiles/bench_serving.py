@@ -33,10 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from nanoqwen.api.metrics import percentile  # noqa: E402
-from nanoqwen.api.process import GunicornServer  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
 
-FILLER = "the quick brown fox jumps over the lazy dog while a robot counts the stars".split()
+FILLER = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a", "robot", "counts",
+          "the", "stars"]
 
 
 @dataclass
@@ -154,6 +155,7 @@ def check_greedy(env: dict[str, str], words: int, max_tokens: int, out: Path) ->
     from openai import OpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine_util import hf_greedy
     from nanoqwen.text import TokenBytes
 
     messages = prompt("greedy", 0, words)
@@ -170,10 +172,7 @@ def check_greedy(env: dict[str, str], words: int, max_tokens: int, out: Path) ->
                            add_special_tokens=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(env["NANOQWEN_MODEL"], dtype=torch.float32).to(device).eval()
-    expected_ids = hf.generate(
-        torch.tensor([ids], device=device), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-    )[0, len(ids):].tolist()
+    expected_ids = hf_greedy(hf, ids, max_tokens)
     del hf
     table = TokenBytes(tokenizer)
     expected = [table.bytes(i) for i in expected_ids]
@@ -237,6 +236,7 @@ def main() -> None:
     model = args.model
     if model is None:
         import torch
+
         from checkpoints import make_checkpoint, qwen3_0_6b_shape
 
         shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {}

@@ -50,10 +50,9 @@ def main() -> None:
         if len(engine.scheduler.running) != args.batch:
             raise RuntimeError("not every sequence is decoding: the traced step would not be a full batch")
         common.synchronize(device)
-        with profile(activities=activities, record_shapes=True) as prof:
-            with record_function("decode_step"):
-                engine.step()
-                common.synchronize(device)
+        with profile(activities=activities, record_shapes=True) as prof, record_function("decode_step"):
+            engine.step()
+            common.synchronize(device)
 
     info = engine.info()
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

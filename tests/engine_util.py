@@ -36,8 +36,11 @@ class Result:
 
 def collect(stream: EventStream, n: int = 1) -> Result:
     result = Result([Choice() for _ in range(n)])
-    while stream._events:
-        event = stream.get(timeout=0)
+    while True:
+        try:
+            event = stream.get(timeout=0)
+        except TimeoutError:  # every event the steps so far produced is in
+            break
         if event.error:
             result.error = event.error
         if event.usage:
@@ -52,13 +55,19 @@ def collect(stream: EventStream, n: int = 1) -> Result:
     return result
 
 
+def engine_step(engine: Engine) -> None:
+    """One engine-loop iteration in the calling thread: take in submits and aborts, then one step."""
+    # Engine has no public entry point for taking in its inbox outside the engine thread.
+    engine._drain_inbox()
+    engine.step()
+
+
 def run(engine: Engine, max_steps: int = 10_000) -> None:
     with torch.inference_mode():
         for _ in range(max_steps):
-            engine._drain_inbox()
+            engine_step(engine)
             if not engine.scheduler.has_work:
                 return
-            engine.step()
     raise AssertionError("engine did not finish")
 
 
@@ -80,8 +89,9 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 
 def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy tokens after `prompt`, exactly `max_tokens` of them (EOS does not stop it)."""
     out = hf_model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        torch.tensor([prompt], device=hf_model.device), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+        do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf_model.device),
     )
     return out[0, len(prompt):].tolist()

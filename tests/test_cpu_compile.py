@@ -67,7 +67,7 @@ def test_every_kernel_traces_as_its_custom_op(torch_backend):
 
     torch._dynamo.reset()
     torch.compile(layer, backend=record, fullgraph=True)(*inputs(torch.float32))
-    assert C_OPS <= set(targets)
+    assert set(targets) >= C_OPS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,32 +17,17 @@ from typing import Any
 import openai
 import pytest
 import requests
-from engine_util import hf_greedy
 
+from chat_http import MODEL, cpu_env, post_chat, sse_payloads
+from engine_util import hf_greedy
 from nanoqwen import loader
-from nanoqwen.api.process import REPO_ROOT, GunicornServer
 from nanoqwen.config import EngineConfig, resolve_threads
 from nanoqwen.text import TokenBytes
-
-MODEL = "qwen3-0.6b"
-CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "512"}
-
-
-def _env(checkpoint: Path, **env: str) -> dict[str, str]:
-    return {"NANOQWEN_MODEL": str(checkpoint), **CPU, **env}
+from server_process import REPO_ROOT, GunicornServer
 
 
 def _messages(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
-
-
-def _post(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> requests.Response:
-    return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=300, **kwargs)
-
-
-def _sse(response: requests.Response) -> Iterator[str]:
-    """The `data:` payloads as they arrive."""
-    return (line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line)
 
 
 def _prompt_ids(checkpoint: Path, messages: list[dict[str, str]]) -> list[int]:
@@ -69,8 +53,8 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
     """Inductor compiles in the engine thread (cc through subprocess, its compile-worker pool) while
     another stream is running: the bucket-2 compile happens when B joins A, and A goes on after B is
     done. Both are transformers' greedy tokens, and /health stays fast meanwhile."""
-    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_GRAPH="compile", NANOQWEN_KERNELS="torch",
-                              NANOQWEN_MAX_BATCH="2"), tmp_path / "gunicorn.log").start()
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_GRAPH="compile", NANOQWEN_KERNELS="torch",
+                                 NANOQWEN_MAX_BATCH="2"), tmp_path / "gunicorn.log").start()
     try:
         long_n, short_n = 400, 6
         a_messages, b_messages = _messages("Tell me a long story."), _messages("Hi")
@@ -80,8 +64,8 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
 
         def stream_a() -> None:
             body = {**greedy, "messages": a_messages, "max_tokens": long_n, "stream": True}
-            with _post(srv, body, stream=True) as response:
-                for payload in _sse(response):
+            with post_chat(srv, body, stream=True) as response:
+                for payload in sse_payloads(response):
                     if payload != "[DONE]":
                         a_chunks.append((time.monotonic(), json.loads(payload)))
                     if len(a_chunks) == 3:
@@ -92,7 +76,7 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
         assert a_started.wait(300)
         b_result: list[dict[str, Any]] = []
         b = threading.Thread(target=lambda: b_result.append(
-            _post(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()))
+            post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()))
         b.start()
         health = []
         while b.is_alive():
@@ -118,7 +102,7 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
 # -- 3. lifecycle --------------------------------------------------------------------------
 
 def test_failed_load_stops_gunicorn_with_the_reason(tmp_path):
-    srv = GunicornServer(_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log").launch()
+    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log").launch()
     try:
         status = srv.wait(120)
     finally:
@@ -130,7 +114,7 @@ def test_failed_load_stops_gunicorn_with_the_reason(tmp_path):
 
 
 def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
-    srv = GunicornServer(_env(tiny_checkpoint), tmp_path / "gunicorn.log", worker_class="sync").launch()
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log", worker_class="sync").launch()
     try:
         status = srv.wait(120)
     finally:
@@ -141,20 +125,20 @@ def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def preloaded(tiny_checkpoint, tmp_path_factory):
     """--preload, one torch thread."""
-    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_THREADS="1"),
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_THREADS="1"),
                          tmp_path_factory.mktemp("preload") / "gunicorn.log", args=["--preload"]).start()
     yield srv
     srv.stop()
 
 
 def test_preload_serves(preloaded):
-    reply = _post(preloaded, {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 3})
+    reply = post_chat(preloaded, {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 3})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
 
 
 def test_ready_and_access_log_lines(preloaded):
     secret = "my private prompt text"
-    given = _post(preloaded, {"model": MODEL, "messages": _messages(secret), "max_tokens": 2},
+    given = post_chat(preloaded, {"model": MODEL, "messages": _messages(secret), "max_tokens": 2},
                   headers={"X-Request-Id": "client-id-42"})
     assert given.headers["X-Request-Id"] == "client-id-42"
     generated = requests.get(f"{preloaded.url}/health", timeout=10, headers={"X-Request-Id": "bad id with spaces"})
@@ -173,14 +157,14 @@ def test_ready_and_access_log_lines(preloaded):
 
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
-    srv = GunicornServer(_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
                          tmp_path / "gunicorn.log", args=["--graceful-timeout", "3"]).start()
     try:
         body = {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}
-        with _post(srv, body, stream=True) as response:
-            payloads = _sse(response)
-            first = [next(payloads), next(payloads)]
+        with post_chat(srv, body, stream=True) as response:
+            payloads = sse_payloads(response)
+            started = [json.loads(next(payloads)) for _ in range(2)]
             terminated = time.monotonic()
             srv.terminate()
             rest = list(payloads)
@@ -188,6 +172,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
         status = srv.wait(30)
     finally:
         srv.stop()
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in started), started
     assert rest[-1] == "[DONE]", rest[-3:]
     error = json.loads(rest[-2])["error"]
     assert "shutting down" in error["message"] and error["type"] == "server_error"
@@ -198,7 +183,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
 
 
 def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_path):
-    srv = GunicornServer(_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_util import load_engine
 
-import nanoqwen.engine.engine as engine_module
+import nanoqwen.engine.loading as loading_module
+from engine_util import load_engine
 from nanoqwen.config import bind_device
 
 
@@ -40,6 +40,6 @@ def test_engine_load_binds_its_device(tiny_checkpoint, monkeypatch):
         bound.append(device)
         return bind_device(device)
 
-    monkeypatch.setattr(engine_module, "bind_device", record)
+    monkeypatch.setattr(loading_module, "bind_device", record)
     engine = load_engine(tiny_checkpoint)
     assert bound == [torch.device("cpu")] and engine.info()["device"] == "cpu"

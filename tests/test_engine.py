@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
-from checkpoints import load_hf_model, make_checkpoint
-from engine_util import collect, generate, generate_together, greedy, hf_greedy, load_engine, run
 
+from checkpoints import load_hf_model, make_checkpoint
+from engine_util import collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine, run
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.engine import PromptTooLongError
 
@@ -26,18 +26,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return make_checkpoint()
+def hf(tiny_checkpoint, hf_model):
+    return hf_model(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    return load_hf_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint):
-    return load_engine(checkpoint)
+def engine(tiny_checkpoint):
+    return load_engine(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +56,7 @@ def test_concurrent_requests_joining_at_different_steps(engine, references):
         for prompt in PROMPTS:
             streams.append(engine.submit(prompt, greedy(24))[1])
             for _ in range(3):  # a prefill step, then decode steps with the batch so far
-                engine._drain_inbox()
-                engine.step()
+                engine_step(engine)
     run(engine)
     for stream, ref in zip(streams, references):
         assert collect(stream).choices[0].token_ids == ref
@@ -84,8 +78,8 @@ def test_logprobs_match_transformers(engine, hf):
         assert bytes(lp.bytes) == engine.token_bytes.bytes(lp.token_id)
 
 
-def test_prefix_cache_hits_give_identical_output(checkpoint, hf):
-    engine = load_engine(checkpoint)
+def test_prefix_cache_hits_give_identical_output(tiny_checkpoint, hf):
+    engine = load_engine(tiny_checkpoint)
     system = list(range(2000, 2050))  # 3 full blocks of a shared "system prompt"
     first = system + [9707, 1879]
     second = system + [100, 200, 300]
@@ -103,8 +97,8 @@ def test_prefix_cache_hits_give_identical_output(checkpoint, hf):
     assert stats["prefix_cache_hits"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
 
 
-def test_prefix_cache_rejects_hash_collisions(checkpoint, hf):
-    engine = load_engine(checkpoint)
+def test_prefix_cache_rejects_hash_collisions(tiny_checkpoint, hf):
+    engine = load_engine(tiny_checkpoint)
     blocks = engine.block_manager
     prompt = list(range(3000, 3040))
     generate(engine, [prompt], greedy(2))
@@ -116,9 +110,9 @@ def test_prefix_cache_rejects_hash_collisions(checkpoint, hf):
     assert result.choices[0].token_ids == hf_greedy(hf, prompt, 4)
 
 
-def test_preemption_under_a_tiny_pool(checkpoint, references):
+def test_preemption_under_a_tiny_pool(tiny_checkpoint, references):
     # 9 usable blocks (144 tokens) for 8 requests that need up to 61 tokens each.
-    engine = load_engine(checkpoint, num_kv_blocks=10, max_model_len=128)
+    engine = load_engine(tiny_checkpoint, num_kv_blocks=10, max_model_len=128)
     results = generate(engine, PROMPTS, greedy(24))
     assert engine.scheduler.preemptions > 0
     for result, ref in zip(results, references):
@@ -171,8 +165,8 @@ def test_n_choices_share_the_prompt(engine):
     assert result.usage.completion_tokens == 24
 
 
-def test_max_tokens_absent_runs_to_the_context_limit(checkpoint):
-    engine = load_engine(checkpoint, max_model_len=40)
+def test_max_tokens_absent_runs_to_the_context_limit(tiny_checkpoint):
+    engine = load_engine(tiny_checkpoint, max_model_len=40)
     [result] = generate(engine, [PROMPTS[0]], SamplingParams(temperature=0.0, ignore_eos=True))
     assert len(result.choices[0].token_ids) == 40 - len(PROMPTS[0])
     assert result.choices[0].finish_reason == "length"
@@ -217,8 +211,7 @@ def test_abort_frees_blocks(engine):
     request_id, stream = engine.submit(PROMPTS[2], greedy(1000))
     with torch.inference_mode():
         for _ in range(4):
-            engine._drain_inbox()
-            engine.step()
+            engine_step(engine)
     assert engine.block_manager.usage > 0
     assert engine.stats()["active_requests"] == 1
     engine.abort(request_id)
@@ -241,8 +234,8 @@ def test_untied_sharded_rope_parameters_checkpoint():
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
-def test_engine_thread_serves_concurrent_submitters(checkpoint, references):
-    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=4))
+def test_engine_thread_serves_concurrent_submitters(tiny_checkpoint, references):
+    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=4))
     threaded.start()
     streams = []
     order = list(range(len(PROMPTS)))
@@ -261,7 +254,7 @@ def test_engine_thread_serves_concurrent_submitters(checkpoint, references):
 
 def test_template_opened_thinking_goes_to_reasoning(engine):
     """A prompt ending inside <think> (some templates open it): output before </think> is reasoning."""
-    think, end_think = engine._think_ids
+    think, end_think = engine.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     prompt = PROMPTS[1] + [think, 198]
     _, stream = engine.submit(prompt, greedy(6))
     run(engine)
@@ -274,10 +267,9 @@ def test_template_opened_thinking_goes_to_reasoning(engine):
     assert choice.reasoning == "" and choice.text == engine.tokenizer.decode(choice.token_ids)
 
 
-def test_bfloat16_engine_tracks_transformers(checkpoint):
+def test_bfloat16_engine_tracks_transformers(tiny_checkpoint, hf):
     """bf16 weights through the CPU bf16 kernels: the distribution stays close to transformers'."""
-    engine = load_engine(checkpoint, dtype="bfloat16")
-    hf = load_hf_model(checkpoint)
+    engine = load_engine(tiny_checkpoint, dtype="bfloat16")
     prompt = PROMPTS[2]
     [result] = generate(engine, [prompt], greedy(8, logprobs=True, top_logprobs=3))
     tokens = result.choices[0].token_ids
@@ -288,9 +280,9 @@ def test_bfloat16_engine_tracks_transformers(checkpoint):
         assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]
 
 
-def test_engine_thread_survives_a_failing_step(checkpoint, monkeypatch):
+def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
     """A bug in a step fails the requests in flight with an error event; later requests are served."""
-    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=4))
+    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=4))
     threaded.start()
     deadline = time.monotonic() + 60
     while not threaded.ready:
@@ -308,12 +300,12 @@ def test_engine_thread_survives_a_failing_step(checkpoint, monkeypatch):
     threaded.shutdown()
 
 
-def test_encode_messages_matches_the_tokenizer(engine, checkpoint):
+def test_encode_messages_matches_the_tokenizer(engine, tiny_checkpoint):
     """The prompt goes through the Rust tokenizer's encode_batch (it releases the GIL): same ids as
     transformers, and a too-long prompt is refused before its ids become a Python list."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Héllo <think> 12345 <|im_end|> \U0001f600  spaces\n\nend"}]
     for kwargs in ({"enable_thinking": False}, {}):

@@ -1,6 +1,6 @@
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -45,7 +45,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     shapes = {}
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 t = f.get_slice(key)
                 shapes[key] = (tuple(t.get_shape()), t.get_dtype())
     return shapes
@@ -144,7 +144,8 @@ def test_template_tools(tokenizer) -> None:
     assert '<tools>\n{"type": "function", "function": {"name": "weather", "parameters": {}}}\n</tools>' in text
     assert text.endswith(
         "<|im_start|>user\nWeather?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>assistant\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n'
+        "</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n20C\n</tool_response><|im_end|>\n"
     )
 
@@ -191,7 +192,7 @@ def test_checkpoint_is_deterministic(tmp_path: Path, tiny_checkpoint: Path) -> N
         safe_open(str(other / "model.safetensors"), framework="pt") as c,
     ):
         assert set(a.keys()) == set(b.keys()) == set(c.keys())
-        for key in a.keys():
+        for key in a.keys():  # noqa: SIM118 (safe_open is not a dict)
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
             assert not torch.equal(a.get_tensor(key), c.get_tensor(key)), key
         norm = a.get_tensor("model.layers.0.input_layernorm.weight")

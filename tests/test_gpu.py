@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from checkpoints import load_hf_model, make_checkpoint
 from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
-
 from nanoqwen.engine import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -10,13 +10,13 @@ import torch
 pytest.importorskip("triton")
 
 import ops  # noqa: E402
+from ops.activation import silu_mul_torch, silu_mul_triton  # noqa: E402
 from ops.decode_attention import (  # noqa: E402
     MAX_SPLITS,
     decode_attention_torch,
     decode_attention_triton,
     default_num_splits,
 )
-from ops.activation import silu_mul_torch, silu_mul_triton  # noqa: E402
 from ops.rms_norm import rms_norm_torch, rms_norm_triton  # noqa: E402
 from ops.rope import qk_norm_rope_store_torch, qk_norm_rope_store_triton  # noqa: E402
 

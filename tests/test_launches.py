@@ -21,8 +21,9 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("counts launches on the CPU under TRITON_INTERPRET=1", allow_module_level=True)
 
-from engine_util import generate, greedy, load_engine  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from engine_util import generate, greedy, load_engine  # noqa: E402
 
 # Allocations: no kernel on CUDA.
 SILENT = {"empty.memory_format", "empty_strided.default", "empty_like.default"}
@@ -51,7 +52,8 @@ class LaunchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.inside and func._opname + "." + func._overloadname not in SILENT and computes(func, args, kwargs, out):
+        name = f"{func._opname}.{func._overloadname}"
+        if not self.inside and name not in SILENT and computes(func, args, kwargs, out):
             self.launches[f"aten:{func._opname}"] += 1
         return out
 

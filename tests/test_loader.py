@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
-from checkpoints import QWEN3_GENERATION, make_checkpoint
 
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, ModelConfig, resolve_dtype
 from nanoqwen.engine import Engine
@@ -83,7 +84,9 @@ def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path):
 def test_engine_thread_reports_load_errors(tmp_path):
     engine = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
     engine.start()
-    engine._stopped.wait(30)
+    deadline = time.monotonic() + 30
+    while engine.load_error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not engine.ready and "does not exist" in engine.load_error
 
 

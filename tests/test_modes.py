@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import load_hf_model, make_checkpoint
-from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
-
-from nanoqwen.engine import SamplingParams
 
 import ops
+from checkpoints import load_hf_model, make_checkpoint
+from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
+from nanoqwen.engine import SamplingParams
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 

@@ -10,7 +10,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from nanoqwen.sampler import Penalties, SamplingRows, apply_penalties, exponential_noise, filter_logits, sample, seed_key
+from nanoqwen.sampler import (
+    Penalties,
+    SamplingRows,
+    apply_penalties,
+    exponential_noise,
+    filter_logits,
+    sample,
+    seed_key,
+)
 
 
 def rows(count: int, **kw) -> SamplingRows:
@@ -104,8 +112,8 @@ def test_a_row_samples_the_same_in_every_mode_that_serves_it():
         b = rows(4, steps=[step] * 4, **settings)
         filtered = sample(logits, b, "filter")
         plain = [0, 1, 3]  # rows that do not filter
-        alone = sample(logits[plain], rows(3, steps=[step] * 3, **{k: [v[i] for i in plain] for k, v in settings.items()}),
-                       "sample")
+        own = {k: [v[i] for i in plain] for k, v in settings.items()}
+        alone = sample(logits[plain], rows(3, steps=[step] * 3, **own), "sample")
         assert torch.equal(filtered[plain], alone)
         assert filtered[1] == logits[1].argmax()
         assert torch.isin(filtered[2], logits[2].topk(20).indices)

@@ -14,22 +14,19 @@ from typing import Any
 
 import openai
 import pytest
-import fuzz_bodies
 import requests
+
+import fuzz_bodies
+from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, post_chat, sse_payloads
 from checkpoints import QWEN3_GENERATION, make_checkpoint
+from server_process import GunicornServer
 
-from nanoqwen.api.process import GunicornServer
-
-MODEL = "qwen3-0.6b"
-MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 8}
 
 
 def _serve(checkpoint: Path, log: Path, **env: str) -> GunicornServer:
-    base = {"NANOQWEN_MODEL": str(checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
-            "NANOQWEN_MAX_MODEL_LEN": str(MAX_MODEL_LEN)}
-    return GunicornServer({**base, **env}, log).start()
+    return GunicornServer(cpu_env(checkpoint, **env), log).start()
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +59,15 @@ def _client(srv: GunicornServer, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
-def _post(srv: GunicornServer, body: Any, timeout: float = 120, **kwargs: Any) -> requests.Response:
-    return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=timeout, **kwargs)
-
-
 def _stats(srv: GunicornServer) -> dict[str, Any]:
     return requests.get(f"{srv.url}/stats", timeout=10).json()
 
 
-def _sse_payloads(response: requests.Response) -> Iterator[str]:
-    """The `data:` payloads of an SSE response, checking the framing (one line, then a blank one)."""
-    lines = response.iter_lines(decode_unicode=True)
-    for line in lines:
-        assert line.startswith("data: "), line
-        assert next(lines) == ""
-        yield line[len("data: "):]
-
-
 def _stream(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
     """All chunks of a streamed completion (ending with [DONE])."""
-    with _post(srv, {**body, "stream": True}, stream=True, **kwargs) as response:
+    with post_chat(srv, {**body, "stream": True}, stream=True, **kwargs) as response:
         assert response.status_code == 200, response.text
-        payloads = list(_sse_payloads(response))
+        payloads = list(sse_payloads(response))
     assert payloads[-1] == "[DONE]"
     return [json.loads(p) for p in payloads[:-1]]
 
@@ -168,11 +152,11 @@ def test_greedy_stream_equals_non_stream(server: GunicornServer) -> None:
 
 
 def test_raw_sse(server: GunicornServer) -> None:
-    with _post(server, {**GREEDY, "stream": True}, stream=True) as response:
+    with post_chat(server, {**GREEDY, "stream": True}, stream=True) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Accel-Buffering"] == "no"
-        payloads = list(_sse_payloads(response))
+        payloads = list(sse_payloads(response))
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -183,7 +167,7 @@ def test_raw_sse(server: GunicornServer) -> None:
 
 def test_n_choices(server: GunicornServer) -> None:
     body = {**GREEDY, "n": 2, "temperature": 1.0, "seed": 3, "max_tokens": 5}
-    whole = _post(server, body).json()
+    whole = post_chat(server, body).json()
     assert [c["index"] for c in whole["choices"]] == [0, 1]
     assert whole["usage"]["completion_tokens"] == 10
 
@@ -199,7 +183,7 @@ def test_n_choices(server: GunicornServer) -> None:
 
 def test_logprobs(server: GunicornServer) -> None:
     body = {**GREEDY, "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
-    whole = _post(server, body).json()
+    whole = post_chat(server, body).json()
     content = whole["choices"][0]["logprobs"]["content"]
     assert len(content) == 4
     for entry in content:
@@ -212,21 +196,21 @@ def test_logprobs(server: GunicornServer) -> None:
 
 
 def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
-    whole = _post(server, {**GREEDY, "max_tokens": 12}).json()["choices"][0]["message"]["content"]
+    whole = post_chat(server, {**GREEDY, "max_tokens": 12}).json()["choices"][0]["message"]["content"]
     stop = whole[len(whole) // 2:][:3]
-    stopped = _post(server, {**GREEDY, "max_tokens": 12, "stop": [stop]}).json()["choices"][0]
+    stopped = post_chat(server, {**GREEDY, "max_tokens": 12, "stop": [stop]}).json()["choices"][0]
     assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] == whole[:whole.index(stop)]
 
     seeded = {**GREEDY, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 7, "max_completion_tokens": 6}
-    assert _post(server, seeded).json()["choices"] == _post(server, seeded).json()["choices"]
+    assert post_chat(server, seeded).json()["choices"] == post_chat(server, seeded).json()["choices"]
 
-    thinking = _post(server, GREEDY).json()["usage"]["prompt_tokens"]
-    no_thinking = _post(server, {**GREEDY, "chat_template_kwargs": {"enable_thinking": False}}).json()
+    thinking = post_chat(server, GREEDY).json()["usage"]["prompt_tokens"]
+    no_thinking = post_chat(server, {**GREEDY, "chat_template_kwargs": {"enable_thinking": False}}).json()
     assert no_thinking["usage"]["prompt_tokens"] > thinking  # the template added an empty think block
 
     parts = [{"role": "user", "content": [{"type": "text", "text": USER[0]["content"]}]}]
-    as_parts = _post(server, {**GREEDY, "messages": parts, "user": "u1", "metadata": {"k": "v"}}).json()
-    assert as_parts["choices"][0]["message"] == _post(server, GREEDY).json()["choices"][0]["message"]
+    as_parts = post_chat(server, {**GREEDY, "messages": parts, "user": "u1", "metadata": {"k": "v"}}).json()
+    assert as_parts["choices"][0]["message"] == post_chat(server, GREEDY).json()["choices"][0]["message"]
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -245,7 +229,7 @@ def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
     ({**GREEDY, "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_invalid_request(server: GunicornServer, body: dict[str, Any], param: str) -> None:
-    _assert_error(_post(server, body), 400, param=param)
+    _assert_error(post_chat(server, body), 400, param=param)
 
 
 def test_invalid_json_and_transport_errors(server: GunicornServer) -> None:
@@ -299,7 +283,7 @@ def test_malformed_chunked_body(server: GunicornServer) -> None:
     ("n", 129), ("seed", 2**64),
 ])
 def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
-    _assert_error(_post(server, {**GREEDY, field: value}), 400, param=field if field != "stop" else None)
+    _assert_error(post_chat(server, {**GREEDY, field: value}), 400, param=field if field != "stop" else None)
 
 
 @pytest.mark.parametrize("extra, param, code", [
@@ -333,7 +317,7 @@ def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
 ])
 def test_fields_that_would_change_the_answer_are_refused(server: GunicornServer, extra: dict[str, Any], param: str,
                                                          code: str | None) -> None:
-    error = _assert_error(_post(server, {**GREEDY, **extra}), 400, param=param, code=code)
+    error = _assert_error(post_chat(server, {**GREEDY, **extra}), 400, param=param, code=code)
     if code is None and "best_of" in extra:
         assert error["message"] == "Unrecognized request argument supplied: best_of"
     with pytest.raises(openai.BadRequestError) as info:
@@ -342,7 +326,7 @@ def test_fields_that_would_change_the_answer_are_refused(server: GunicornServer,
 
 
 def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
-    plain = _post(server, GREEDY).json()["choices"]
+    plain = post_chat(server, GREEDY).json()["choices"]
     messages = [{"role": "system", "content": "Be brief.", "name": "sys"},
                 {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": [], "reasoning_content": "hm"},
                 {**USER[0], "name": "alice"}]
@@ -350,17 +334,17 @@ def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
               "safety_identifier": "s", "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
               "logit_bias": {}, "modalities": ["text"], "response_format": {"type": "text"},
               "prediction": {"type": "content", "content": "x"}}
-    answer = _post(server, {**GREEDY, **extras})
+    answer = post_chat(server, {**GREEDY, **extras})
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"] == plain
-    assert _post(server, {**GREEDY, "messages": messages}).status_code == 200
+    assert post_chat(server, {**GREEDY, "messages": messages}).status_code == 200
 
 
 def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer) -> None:
     """An ~8 MB prompt (just under the body limit) takes seconds to tokenise: never on the event loop."""
     body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 530_000}]}
     result: dict[str, requests.Response] = {}
-    worker = threading.Thread(target=lambda: result.setdefault("r", _post(server, body, timeout=300)))
+    worker = threading.Thread(target=lambda: result.setdefault("r", post_chat(server, body, timeout=300)))
     session = requests.Session()
     session.get(f"{server.url}/health", timeout=10)
     worker.start()
@@ -382,12 +366,12 @@ def test_long_prompts_do_not_hold_up_short_ones(server: GunicornServer) -> None:
     seconds each, short requests are answered at once."""
     long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 135_000}]}  # 2 MB
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_post, server, long_body, 300) for _ in range(2)]
+        futures = [pool.submit(post_chat, server, long_body, 300) for _ in range(2)]
         time.sleep(0.3)
         timings = []
         while not all(f.done() for f in futures):
             t0 = time.perf_counter()
-            assert _post(server, {**GREEDY, "max_tokens": 1}).status_code == 200
+            assert post_chat(server, {**GREEDY, "max_tokens": 1}).status_code == 200
             timings.append(time.perf_counter() - t0)
         for future in futures:
             _assert_error(future.result(), 400, code="context_length_exceeded")
@@ -410,10 +394,18 @@ def test_fuzzed_bodies(server: GunicornServer) -> None:
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
+def test_engine_limits_are_400s_naming_the_param(guarded: GunicornServer) -> None:
+    """A limit only the loaded engine knows (n up to NANOQWEN_MAX_BATCH=1 here) is refused by the
+    engine's validation and reported as the schema's refusals are: 400 naming the parameter."""
+    auth = {"Authorization": "Bearer secret"}
+    error = _assert_error(post_chat(guarded, {**GREEDY, "model": "tiny", "n": 2}, headers=auth), 400, param="n")
+    assert "n must be between 1 and 1" in error["message"]
+
+
 def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
-    _assert_error(_post(server, {**GREEDY, "model": "gpt-4"}), 404, param="model", code="model_not_found")
+    _assert_error(post_chat(server, {**GREEDY, "model": "gpt-4"}), 404, param="model", code="model_not_found")
     for local in (str(server_checkpoint), "Qwen/Qwen3-0.6B"):  # serving a local directory: neither is a name
-        _assert_error(_post(server, {**GREEDY, "model": local}), 404, param="model", code="model_not_found")
+        _assert_error(post_chat(server, {**GREEDY, "model": local}), 404, param="model", code="model_not_found")
         _assert_error(requests.get(f"{server.url}/v1/models/{local}", timeout=10), 404, code="model_not_found")
     with pytest.raises(openai.NotFoundError):
         _client(server).chat.completions.create(**{**GREEDY, "model": "gpt-4"})
@@ -421,12 +413,12 @@ def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
-    response = _post(server, {**GREEDY, "max_tokens": MAX_MODEL_LEN, "stream": stream})
+    response = post_chat(server, {**GREEDY, "max_tokens": MAX_MODEL_LEN, "stream": stream})
     error = _assert_error(response, 400, code="context_length_exceeded")
-    prompt_tokens = _post(server, {**GREEDY, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+    prompt_tokens = post_chat(server, {**GREEDY, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
     assert str(MAX_MODEL_LEN) in error["message"] and str(prompt_tokens + MAX_MODEL_LEN) in error["message"]
     long_prompt = [{"role": "user", "content": "word " * (2 * MAX_MODEL_LEN)}]
-    _assert_error(_post(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
+    _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
 # -- concurrency ---------------------------------------------------------------------------
@@ -455,8 +447,8 @@ def _assert_aborted_early(srv: GunicornServer, before: dict[str, Any], max_token
 
 def test_stream_disconnect_aborts(server: GunicornServer) -> None:
     before = _stats(server)
-    with _post(server, {**GREEDY, "max_tokens": 400, "stream": True}, stream=True) as response:
-        payloads = _sse_payloads(response)
+    with post_chat(server, {**GREEDY, "max_tokens": 400, "stream": True}, stream=True) as response:
+        payloads = sse_payloads(response)
         for _ in range(3):
             next(payloads)
     _assert_aborted_early(server, before, 400)
@@ -527,8 +519,8 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
     stop = threading.Event()
 
     def generate() -> None:
-        with _post(server, {**GREEDY, "max_tokens": 400, "stream": True}, stream=True) as response:
-            for i, _ in enumerate(_sse_payloads(response)):
+        with post_chat(server, {**GREEDY, "max_tokens": 400, "stream": True}, stream=True) as response:
+            for i, _ in enumerate(sse_payloads(response)):
                 if i == 2:
                     started.set()
                 if stop.is_set():
@@ -556,17 +548,17 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
 
 def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> None:
     """An empty kernel cache: the engine thread runs the C compiler through subprocess inside the gevent worker."""
-    cache = Path(guarded._env["NANOQWEN_CACHE_DIR"])
+    cache = Path(guarded.env["NANOQWEN_CACHE_DIR"])
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == ["cpu_attention", "cpu_linear", "cpu_norm_rope"]
     assert "could not build" not in guarded.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
-    assert _post(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
+    assert post_chat(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
 
 
 def test_api_key(guarded: GunicornServer) -> None:
     body = {**GREEDY, "model": "tiny", "max_tokens": 2}
-    _assert_error(_post(guarded, body), 401, code="invalid_api_key")
-    _assert_error(_post(guarded, body, headers={"Authorization": "Bearer wrong"}), 401)
+    _assert_error(post_chat(guarded, body), 401, code="invalid_api_key")
+    _assert_error(post_chat(guarded, body, headers={"Authorization": "Bearer wrong"}), 401)
     with pytest.raises(openai.AuthenticationError):
         _client(guarded, "wrong").models.list()
     completion = _client(guarded, "secret").chat.completions.create(**body)
@@ -576,7 +568,7 @@ def test_api_key(guarded: GunicornServer) -> None:
 
 def test_served_model_name_and_cors(guarded: GunicornServer) -> None:
     auth = {"Authorization": "Bearer secret"}
-    _assert_error(_post(guarded, {**GREEDY, "model": MODEL}, headers=auth), 404, code="model_not_found")
+    _assert_error(post_chat(guarded, {**GREEDY, "model": MODEL}, headers=auth), 404, code="model_not_found")
     preflight = requests.options(f"{guarded.url}/v1/chat/completions", timeout=10, headers={
         "Origin": "http://allowed.example", "Access-Control-Request-Method": "POST"})
     assert preflight.status_code == 200
@@ -622,13 +614,13 @@ def test_stalled_request_bodies_time_out(guarded: GunicornServer) -> None:
         for sock in sockets:
             sock.close()
     assert time.monotonic() - t0 < 15
-    ok = _post(guarded, {**GREEDY, "model": "tiny", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
+    ok = post_chat(guarded, {**GREEDY, "model": "tiny", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
     assert ok.status_code == 200
 
 
 def _seeded(srv: GunicornServer, **sampling: Any) -> list[dict[str, Any]]:
     body = {"model": MODEL, "messages": USER, "max_tokens": 6, "ignore_eos": True, "seed": 5, **sampling}
-    response = _post(srv, body, headers={"Authorization": "Bearer secret"})
+    response = post_chat(srv, body, headers={"Authorization": "Bearer secret"})
     assert response.status_code == 200, response.text
     return response.json()["choices"]
 
@@ -654,13 +646,13 @@ def test_generation_config_switched_off(guarded: GunicornServer) -> None:
 def test_queue_full(guarded: GunicornServer) -> None:
     auth = {"Authorization": "Bearer secret"}
     long = {**GREEDY, "model": "tiny", "max_tokens": 400, "stream": True}
-    with _post(guarded, long, headers=auth, stream=True) as running:
-        payloads = _sse_payloads(running)
+    with post_chat(guarded, long, headers=auth, stream=True) as running:
+        payloads = sse_payloads(running)
         next(payloads), next(payloads)  # role, then a token: it holds the only batch slot
-        with _post(guarded, long, headers=auth, stream=True) as waiting:
+        with post_chat(guarded, long, headers=auth, stream=True) as waiting:
             assert waiting.status_code == 200
             _wait_for(lambda: _stats(guarded)["queue_length"] == 1)
-            refused = _post(guarded, {**long, "stream": False}, headers=auth)
+            refused = post_chat(guarded, {**long, "stream": False}, headers=auth)
             _assert_error(refused, 503, code="queue_full")
             assert int(refused.headers["Retry-After"]) >= 1
     _wait_for(lambda: (s := _stats(guarded))["queue_length"] == 0 and s["active_requests"] == 0)

@@ -7,11 +7,11 @@ from typing import Any
 import openai
 import pytest
 import requests
+
+from chat_http import MODEL, cpu_env
 from checkpoints import make_checkpoint
+from server_process import GunicornServer
 
-from nanoqwen.api.process import GunicornServer
-
-MODEL = "qwen3-0.6b"
 MAX_MODEL_LEN = 256
 PROMPT = "Once upon a time, a small robot"
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
@@ -19,8 +19,7 @@ GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": {"ign
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = {"NANOQWEN_MODEL": str(make_checkpoint()), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
-           "NANOQWEN_MAX_MODEL_LEN": str(MAX_MODEL_LEN)}
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
     srv = GunicornServer(env, tmp_path_factory.mktemp("completions") / "gunicorn.log").start()
     yield srv
     srv.stop()
@@ -128,6 +127,7 @@ def test_bad_token_ids_and_unknown_model(server: GunicornServer) -> None:
 
 def test_openapi_json(server: GunicornServer) -> None:
     doc = requests.get(f"{server.url}/openapi.json", timeout=10).json()
-    assert doc["openapi"].startswith("3.1") and {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(doc["paths"])
+    assert doc["openapi"].startswith("3.1")
+    assert {"/v1/completions", "/v1/chat/completions", "/tokenize"} <= set(doc["paths"])
     completion = doc["components"]["schemas"]["CompletionRequest"]
     assert completion["required"] == ["prompt"] and completion["properties"]["max_tokens"]["default"] == 16

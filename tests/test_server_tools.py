@@ -13,11 +13,11 @@ from typing import Any
 import openai
 import pytest
 import requests
+
+from chat_http import MODEL, cpu_env
 from checkpoints import make_checkpoint
+from server_process import GunicornServer
 
-from nanoqwen.api.process import GunicornServer
-
-MODEL = "qwen3-0.6b"
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -35,8 +35,7 @@ CLIENT_GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = {"NANOQWEN_MODEL": str(make_checkpoint()), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
-           "NANOQWEN_MAX_MODEL_LEN": "1024"}
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
     srv = GunicornServer(env, tmp_path_factory.mktemp("tools") / "gunicorn.log").start()
     yield srv
     srv.stop()

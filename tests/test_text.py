@@ -4,10 +4,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from checkpoints import ENDOFTEXT_ID, END_THINK_ID, IM_END_ID, THINK_ID, TOKEN_IDS, write_tokenizer
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, write_tokenizer
 from nanoqwen.text import Detokenizer, ReasoningParser, StopMatcher, TextPipeline, TokenBytes
 
 

@@ -17,12 +17,14 @@ CASES = [
     (WEATHER, None, [("get_weather", {"city": "Paris", "unit": "°C"})]),
     ("Let me check.\n\n" + WEATHER, "Let me check.", [("get_weather", {"city": "Paris", "unit": "°C"})]),
     (WEATHER + "\n" + TIME + "\n", None,
-     [("get_weather", {"city": "Paris", "unit": "°C"}), ("get_time", {"tz": "Europe/Paris", "nested": {"a": [1, "}"]}})]),
+     [("get_weather", {"city": "Paris", "unit": "°C"}),
+      ("get_time", {"tz": "Europe/Paris", "nested": {"a": [1, "}"]}})]),
     (WEATHER + "\nDone.", "Done.", [("get_weather", {"city": "Paris", "unit": "°C"})]),
     ('<tool_call>\n{"name": "f"}\n</tool_call>', None, [("f", {})]),
     # malformed blocks stay content as the model wrote them
     ("<tool_call>\n{not json}\n</tool_call>", "<tool_call>\n{not json}\n</tool_call>", []),
-    ('<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>', '<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>', []),
+    ('<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>',
+     '<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>', []),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
     ('<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut off by max_tokens
     ("a <tool_ca b", "a <tool_ca b", []),
@@ -75,9 +77,9 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
 def test_calls_survive_the_engines_detokenisation() -> None:
     """<tool_call>/</tool_call> are not special tokens in Qwen3: with skip_special_tokens the
     engine's text pipeline (after the think block) still carries them, one token each."""
-    from checkpoints import make_checkpoint
     from transformers import AutoTokenizer
 
+    from checkpoints import make_checkpoint
     from nanoqwen.text import TextPipeline, TokenBytes
 
     tokenizer = AutoTokenizer.from_pretrained(make_checkpoint())

@@ -6,6 +6,7 @@ of that may reach the tokenizer, the schema or an error message.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -30,10 +31,8 @@ def _stop_reading(environ: dict[str, Any]) -> None:
     side so that gunicorn, which drains the body before the next keep-alive request, closes it."""
     sock = environ.get("gunicorn.socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
 
 
 def read_body(request: Request, timeout_s: float) -> bytes:

@@ -6,29 +6,16 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
-from nanoqwen.api.serving import Serving
-from nanoqwen.engine.engine import PromptTooLongError
+from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
 
 def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
     """A cheap measure of a chat prompt's size."""
     chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
     return chars + (len(json.dumps(tools)) if tools else 0)
-
-
-def context_error(limit: int, prompt_tokens: int, max_tokens: int | None, what: str = "messages") -> APIError:
-    if max_tokens is None:
-        message = (f"This model's maximum context length is {limit} tokens. However, your {what} "
-                   f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
-                   f"Please reduce the length of the {what}.")
-    else:
-        message = (f"This model's maximum context length is {limit} tokens. However, you requested "
-                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} "
-                   f"in the completion). Please reduce the length of the {what} or completion.")
-    return APIError(400, message, param=what, code="context_length_exceeded")
 
 
 class ChatService:
@@ -50,12 +37,12 @@ class ChatService:
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
         serving = self.serving
-        longest = serving.info["max_model_len"] - (max_tokens or 1)
+        limit = serving.info["max_model_len"]
         messages, tools = req.template_messages(), req.template_tools()
         try:
             return serving.off_loop(template_chars(messages, tools), serving.engine.encode_messages, messages,
-                                    req.template_kwargs(), longest, tools)
+                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
         except PromptTooLongError as exc:
-            raise context_error(serving.info["max_model_len"], exc.num_tokens, max_tokens) from None
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens)) from None
+        except InvalidRequest as exc:
+            raise invalid_request(exc) from None

@@ -13,12 +13,12 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.chat import context_error
 from nanoqwen.api.responses import Choice, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
-from nanoqwen.api.serving import Serving
+from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.tokenize import encode_texts
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
+from nanoqwen.engine.validation import context_length_error, prompt_token_limit
 
 Json = dict[str, Any]
 
@@ -107,7 +107,7 @@ class CompletionService:
         echoes = [""] * len(prompts)
         if req.echo:
             echoes = req.prompts if isinstance(req.prompts[0], str) else self._decode(prompts)
-        batch = serving.submit(prompts, params, split_reasoning=False)
+        batch = serving.submit(prompts, params, split_reasoning=False, prompt_param="prompt")
         builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
                                  [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
                                  req.include_usage)
@@ -120,8 +120,8 @@ class CompletionService:
             prompts = serving.off_loop(sum(map(len, prompts)), encode_texts, serving.engine.tokenizer, prompts)
         limit = serving.info["max_model_len"]
         for ids in prompts:
-            if len(ids) + (max_tokens or 1) > limit:
-                raise context_error(limit, len(ids), max_tokens, "prompt")
+            if len(ids) > prompt_token_limit(limit, max_tokens):
+                raise invalid_request(context_length_error(limit, len(ids), max_tokens, "prompt"))
         return prompts
 
     def _decode(self, prompts: list[list[int]]) -> list[str]:

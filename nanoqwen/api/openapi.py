@@ -37,11 +37,10 @@ def _operation(summary: str, models: tuple[type[BaseModel], ...], streams: bool)
     if streams:
         ok["text/event-stream"] = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, "
                                                                                 "then `data: [DONE]`"}}
-    operation: dict[str, Any] = {"summary": summary, "responses": {
-        "200": {"description": "OK", "content": ok},
-        "4XX": {"description": "OpenAI-style error", "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}},
-        "5XX": {"description": "OpenAI-style error", "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}},
-    }}
+    error = {"description": "OpenAI-style error",
+             "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+    operation: dict[str, Any] = {"summary": summary,
+                                 "responses": {"200": {"description": "OK", "content": ok}, "4XX": error, "5XX": error}}
     if models:
         refs = [{"$ref": REF.format(model=m.__name__)} for m in models]
         operation["requestBody"] = {"required": True, "content": {"application/json": {

@@ -18,13 +18,14 @@ from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
+from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
-MAX_STOP_STRINGS = 4
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
 _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
-    "functions": ([],), "logit_bias": ({},), "function_call": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},),
+    "functions": ([],), "logit_bias": ({},), "function_call": ("none",), "modalities": (["text"],),
+    "response_format": ({"type": "text"},),
 }
 UNSUPPORTED_FIELDS = (
     "functions", "function_call", "logit_bias", "audio", "modalities",
@@ -133,10 +134,8 @@ class ChatMessage(Strict):
 
     def to_template(self) -> dict[str, Any]:
         """The `{"role", "content": str, ...}` form the chat template takes."""
-        if isinstance(self.content, list):
-            text = "".join(part["text"] for part in self.content)
-        else:
-            text = self.content or ""
+        parts = self.content if isinstance(self.content, list) else [{"text": self.content or ""}]
+        text = "".join(part["text"] for part in parts)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:
@@ -270,7 +269,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Metadata that does not change the answer: accepted and ignored.
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -384,7 +383,8 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.tool_choice == "auto" and not req.tools:
-        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                            "specified.",
                        param="tool_choice")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")

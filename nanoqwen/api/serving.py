@@ -24,6 +24,7 @@ from nanoqwen.api.responses import fingerprint
 from nanoqwen.api.sse import DONE, HEADERS, sse
 from nanoqwen.engine import Engine, QueueFullError
 from nanoqwen.engine.request import Event, SamplingParams, Usage
+from nanoqwen.engine.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
@@ -62,6 +63,12 @@ def client_disconnected(environ: dict[str, Any]) -> bool:
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
         return True
     return False
+
+
+def invalid_request(exc: InvalidRequest, prompt_param: str = "messages") -> APIError:
+    """The 400 of an engine refusal; `prompt_param` is where this endpoint's prompt is (the engine says messages)."""
+    param = prompt_param if exc.param == "messages" else exc.param
+    return APIError(400, str(exc), param=param, code=exc.code)
 
 
 def unavailable(engine: Engine) -> APIError | None:
@@ -152,7 +159,8 @@ class Serving:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool) -> Batch:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
+               prompt_param: str = "messages") -> Batch:
         """Every prompt as one engine request with params.n choices, all on one stream."""
         batch = Batch(params.n)
         try:
@@ -160,12 +168,13 @@ class Serving:
                 request_id, _ = self.engine.submit(prompt_ids, params, stream=batch.part(i * params.n),
                                                    split_reasoning=split_reasoning)
                 batch.request_ids.append(request_id)
-        except (QueueFullError, ValueError) as exc:
+        except QueueFullError as exc:
             self._abort(batch)
-            if isinstance(exc, QueueFullError):
-                raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
-                               code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
-            raise APIError(400, str(exc)) from None
+            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except InvalidRequest as exc:
+            self._abort(batch)
+            raise invalid_request(exc, prompt_param) from None
         return batch
 
     def respond(self, batch: Batch, stream: Streamer | None, collector: Collector, trace: RequestTrace,
@@ -235,8 +244,7 @@ class Serving:
                         self.stats.fail(trace)
                     else:
                         self.stats.finish(trace, event.usage)
-                for text in out:
-                    yield text
+                yield from out
             yield DONE
         except ClientGone:
             return

@@ -11,7 +11,8 @@ from typing import Any
 from nanoqwen.api.chat import template_chars
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
-from nanoqwen.api.serving import Serving
+from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.engine.validation import InvalidRequest
 
 
 class TokenizePromptRequest(Strict):
@@ -42,7 +43,8 @@ class TokenizeService:
         ids = self.serving.off_loop(*self._job(req))
         strs = self.serving.off_loop(len(ids), self.serving.engine.tokenizer.convert_ids_to_tokens, ids) \
             if req.return_token_strs else None
-        return {"count": len(ids), "max_model_len": self.serving.info["max_model_len"], "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": self.serving.info["max_model_len"], "tokens": ids,
+                "token_strs": strs}
 
     def _job(self, req: TokenizePromptRequest | TokenizeChatRequest) -> tuple[Any, ...]:
         engine = self.serving.engine
@@ -76,5 +78,5 @@ def _encode_messages(encode: Any, messages: list[dict[str, Any]], kwargs: dict[s
                      tools: list[dict[str, Any]] | None, add_generation_prompt: bool) -> list[int]:
     try:
         return encode(messages, kwargs, None, tools, add_generation_prompt)
-    except ValueError as exc:  # raised in the worker; the greenlet maps it
-        raise APIError(400, str(exc), param="messages") from None
+    except InvalidRequest as exc:  # raised in the worker, where the greenlet's mapping cannot see it
+        raise invalid_request(exc) from None

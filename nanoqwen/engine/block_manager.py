@@ -125,7 +125,6 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> None:
         self.hash_to_block.clear()

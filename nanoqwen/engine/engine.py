@@ -12,45 +12,25 @@ import uuid
 
 import torch
 
-import ops
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig, bind_device, resolve_device, resolve_dtype, resolve_threads
+from nanoqwen.config import EngineConfig
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, TopLogprob, Usage
+from nanoqwen.engine.loading import load_model
+from nanoqwen.engine.output import token_event, usage_event
+from nanoqwen.engine.request import Event, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
-from nanoqwen.runner import ModelRunner, StepOutput, kv_bytes_per_token
-from nanoqwen.text import TextPipeline, TokenBytes
+from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, validate_request
+from nanoqwen.runner import ModelRunner, StepOutput
+from nanoqwen.text import TextPipeline
 
 log = logging.getLogger("nanoqwen")
-
-MAX_STOP_STRINGS = 4
-MAX_TOP_LOGPROBS = 20
 
 
 class QueueFullError(RuntimeError):
     pass
-
-
-class PromptTooLongError(ValueError):
-    def __init__(self, num_tokens: int) -> None:
-        super().__init__(f"the prompt has {num_tokens} tokens")
-        self.num_tokens = num_tokens
-
-
-def default_graph_mode(device: torch.device) -> str:
-    return "cudagraph" if device.type == "cuda" else "none"
-
-
-def kv_pool_bytes(config: EngineConfig, device: torch.device) -> int:
-    if config.kv_cache_memory > 0:
-        return int(config.kv_cache_memory)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8) - (1 << 30)  # leave room for activations, graphs and sampling
-    return 2 << 30
 
 
 class Engine:
@@ -67,7 +47,6 @@ class Engine:
         self._stopped = NativeEvent()
         self.tokens_generated = 0
         self.requests_finished = 0
-        self._info: dict = {}
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -78,64 +57,26 @@ class Engine:
         """Loads the model in the calling thread (start() does it in the engine thread)."""
         cfg = self.config
         started = time.perf_counter()
-        threads = resolve_threads(cfg.threads)
-        torch.set_num_threads(threads)
-        path = loader.resolve_checkpoint(cfg.model, cfg.revision)
-        shards = loader.check_files(path)
-        model_config = loader.load_model_config(path)
-        device = bind_device(resolve_device(cfg.device))
-        dtype = resolve_dtype(cfg.dtype, model_config.torch_dtype, device)
-        kernels = ops.default_backend(device) if cfg.kernels == "auto" else cfg.kernels
-        ops.set_backend(kernels, device)
-        graph = default_graph_mode(device) if cfg.graph == "auto" else cfg.graph
-        if graph == "cudagraph" and device.type != "cuda":
-            raise ValueError(f"NANOQWEN_GRAPH=cudagraph needs a CUDA device, not {device.type}")
-        max_model_len = min(cfg.max_model_len or model_config.max_position_embeddings,
-                            model_config.max_position_embeddings)
-        self.tokenizer = loader.load_tokenizer(path)
-        self.generation = loader.load_generation_defaults(path, self.tokenizer)
+        loaded = load_model(cfg)
+        runtime = self.runtime = loaded.runtime
+        self.model_config = loaded.model_config
+        self.tokenizer = loaded.tokenizer
+        self.token_bytes = loaded.token_bytes
+        self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
-        self.token_bytes = TokenBytes(self.tokenizer)
-        vocab = self.tokenizer.get_vocab()
-        self._think_ids = (vocab.get("<think>"), vocab.get("</think>"))
-        model = loader.build_model(model_config, shards, max_model_len, device, dtype)
-
-        per_block = kv_bytes_per_token(model_config, dtype) * cfg.block_size
-        num_blocks = cfg.num_kv_blocks or kv_pool_bytes(cfg, device) // per_block
-        num_blocks = min(num_blocks, 1 + cfg.max_batch * -(-max_model_len // cfg.block_size))
-        if num_blocks < 2:
-            raise ValueError("the KV cache budget is too small for even one block")
-        if (num_blocks - 1) * cfg.block_size < max_model_len:
-            max_model_len = (num_blocks - 1) * cfg.block_size
-            log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
-        self.max_model_len = max_model_len
-        self.model_config = model_config
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_batch, cfg.max_prefill_tokens)
+        self._think_ids = loaded.think_ids
+        self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens)
         with torch.inference_mode():
-            self.runner = ModelRunner(
-                model, device=device, dtype=dtype, graph=graph, max_batch=cfg.max_batch,
-                max_model_len=max_model_len, block_size=cfg.block_size, num_blocks=num_blocks,
-            )
-        self._info = {
-            "model_path": str(path),
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "kernels": kernels,
-            "graph": graph,
-            "max_batch": cfg.max_batch,
-            "max_model_len": max_model_len,
-            "block_size": cfg.block_size,
-            "num_kv_blocks": num_blocks,
-            "threads": threads,
-        }
+            self.runner = ModelRunner(loaded.model, runtime)
         self.ready = True
+        info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "load_time=%.1fs", path, device, self._info["dtype"], kernels, graph,
-                 (num_blocks - 1) * cfg.block_size, threads, time.perf_counter() - started)
+                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.kernels,
+                 runtime.graph, runtime.kv_cache_tokens, runtime.threads, time.perf_counter() - started)
 
     def info(self) -> dict:
-        return dict(self._info)
+        return self.runtime.info() if self.ready else {}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -181,42 +122,16 @@ class Engine:
                 **(chat_template_kwargs or {})
             )
         except Exception as exc:  # jinja errors from the checkpoint's template
-            raise ValueError(f"could not apply the chat template: {exc}") from None
+            raise InvalidRequest(f"could not apply the chat template: {exc}", param="messages") from None
         (encoding,) = self.tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)
         if max_tokens is not None and len(encoding) > max_tokens:
             raise PromptTooLongError(len(encoding))
         return encoding.ids
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError naming the problem; the server maps it to a 400."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        max_tokens = params.max_tokens if params.max_tokens is not None else 1
-        if len(prompt_ids) + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
-                f"completion). Please reduce the length of the messages or completion."
-            )
-        if params.max_tokens is not None and params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if params.temperature < 0:
-            raise ValueError("temperature must be non-negative")
-        if not 0 < params.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0 <= params.min_p <= 1:
-            raise ValueError("min_p must be in [0, 1]")
-        if params.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
-        if not 1 <= params.n <= self.config.max_batch:
-            raise ValueError(f"n must be between 1 and {self.config.max_batch}")
-        if len(params.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
-        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        """Raises validation.InvalidRequest naming the problem and its parameter (the server's 400)."""
+        validate_request(prompt_ids, params, vocab_size=self.model_config.vocab_size,
+                         max_model_len=self.runtime.max_model_len, max_batch=self.runtime.max_batch)
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, *, stream: EventStream | None = None,
@@ -224,12 +139,14 @@ class Engine:
     ) -> tuple[str, EventStream]:
         self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
-        stop_ids = params.stop_token_ids if params.ignore_eos else [*self.generation.eos_token_ids, *params.stop_token_ids]
+        eos_ids = [] if params.ignore_eos else self.generation.eos_token_ids
+        stop_ids = [*eos_ids, *params.stop_token_ids]
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
-            split_reasoning=split_reasoning, stop_ids=frozenset(stop_ids),
+            stop_ids=frozenset(stop_ids),
         )
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        room = self.runtime.max_model_len - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         think_in_prompt = split_reasoning and self._prompt_opens_thinking(prompt_ids)
         for i in range(params.n):
@@ -324,55 +241,22 @@ class Engine:
             self._append_token(seq, i, output)
 
     def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> None:
-        token = output.tokens[row]
-        params = seq.request.params
-        seq.token_ids.append(token)
+        event, finish = token_event(seq, row, output, self.token_bytes, self.runtime.max_model_len)
         self.tokens_generated += 1
-        event = Event(index=seq.index, token_ids=[token])
-        if params.logprobs:
-            event.logprobs = [self._logprob(token, output, row, params.top_logprobs)]
-        finish = None
-        stopped_by_token = token in seq.request.stop_ids
-        if stopped_by_token:
-            finish = "stop"
-        else:
-            event.reasoning, event.text, stopped = seq.text.add(token)
-            if stopped:
-                finish = "stop"
-            elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len:
-                finish = "length"
         if finish is None:
             seq.request.stream.put(event)
-            return
-        if finish == "length" or stopped_by_token:
-            reasoning, text = seq.text.finish()
-            event.reasoning += reasoning
-            event.text += text
-        self._finish(seq, finish, event)
-
-    def _logprob(self, token: int, output: StepOutput, row: int, k: int) -> TokenLogprob:
-        tb = self.token_bytes
-        top = [
-            TopLogprob(token_id=t, token=tb.piece(t), logprob=v, bytes=list(tb.bytes(t)))
-            for t, v in zip(output.top_ids[row][:k], output.top_values[row][:k])
-        ]
-        return TokenLogprob(token_id=token, token=tb.piece(token), logprob=output.logprobs[row],
-                            bytes=list(tb.bytes(token)), top_logprobs=top)
+        else:
+            self._finish(seq, finish, event)
 
     def _finish(self, seq: Sequence, reason: str, event: Event | None = None) -> None:
         self.scheduler.finish(seq)
         event = event or Event(index=seq.index)
         event.finish_reason = reason
-        seq.finish_reason = reason
         request = seq.request
         request.stream.put(event)
         if request.finished:
             self._close(request)
-            request.stream.put(Event(index=0, usage=Usage(
-                prompt_tokens=request.num_prompt_tokens,
-                completion_tokens=sum(s.num_output_tokens for s in request.sequences),
-                cached_tokens=request.cached_tokens,
-            )))
+            request.stream.put(usage_event(request))
 
     def _fail(self, request: Request, message: str) -> None:
         for seq in request.sequences:

@@ -2,15 +2,11 @@
 from __future__ import annotations
 
 import enum
-import itertools
-import time
 from dataclasses import dataclass, field
 
 from nanoqwen.engine.request import SamplingParams
-from nanoqwen.sampler import seed_key
 from nanoqwen.engine.stream import EventStream
-
-_seq_ids = itertools.count()
+from nanoqwen.sampler import seed_key
 
 
 class Status(enum.Enum):
@@ -25,8 +21,6 @@ class Request:
     params: SamplingParams
     stream: EventStream
     num_prompt_tokens: int
-    split_reasoning: bool
-    arrival: float = field(default_factory=time.monotonic)
     sequences: list[Sequence] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # token ids that end a choice (EOS unless ignore_eos)
     started: bool = False  # first prefill scheduled (no longer queued)
@@ -39,7 +33,6 @@ class Request:
 
 class Sequence:
     def __init__(self, request: Request, index: int, prompt: list[int], seed: int, max_tokens: int) -> None:
-        self.seq_id = next(_seq_ids)
         self.request = request
         self.index = index  # choice index
         self.token_ids = list(prompt)  # prompt + generated
@@ -51,8 +44,6 @@ class Sequence:
         self.block_hashes: list[int] = []  # hash of each full block, in order
         self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
-        self.num_computed_tokens = 0  # tokens whose k/v are in the cache
-        self.finish_reason: str | None = None
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
 
     def __len__(self) -> int:
@@ -61,7 +52,3 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]

@@ -7,6 +7,7 @@ The engine must run torch in a real thread, so it builds on the original `_threa
 from __future__ import annotations
 
 import _thread
+import contextlib
 from collections.abc import Callable
 
 
@@ -37,10 +38,8 @@ class NativeEvent:
         self._lock.acquire()  # held = not set
 
     def set(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # already set
             self._lock.release()
-        except RuntimeError:  # already set
-            pass
 
     def clear(self) -> None:
         self._lock.acquire(False)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -29,7 +29,7 @@ class GunicornServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self._env = {**os.environ, **env}
+        self.env = {**os.environ, **env}  # what the server runs with
         self._cmd = [sys.executable, "-m", "gunicorn", "-k", worker_class, "-b", f"127.0.0.1:{self.port}",
                      *args, "server:app"]
         self._cwd = REPO_ROOT
@@ -45,7 +45,7 @@ class GunicornServer:
 
     def launch(self) -> GunicornServer:
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(self._cmd, cwd=self._cwd, env=self._env, stdout=log,
+            self._proc = subprocess.Popen(self._cmd, cwd=self._cwd, env=self.env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 

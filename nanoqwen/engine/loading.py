@@ -1,0 +1,55 @@
+"""Checkpoint -> everything the engine serves with: the resolved runtime settings, the model on its
+device, the tokenizer and the checkpoint's generation defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import ops
+from nanoqwen import loader
+from nanoqwen.config import (
+    EngineConfig,
+    ModelConfig,
+    RuntimeConfig,
+    bind_device,
+    model_positions,
+    resolve_device,
+    resolve_dtype,
+    resolve_runtime,
+)
+from nanoqwen.loader import GenerationDefaults
+from nanoqwen.model import Qwen3ForCausalLM
+from nanoqwen.text import TokenBytes
+
+
+@dataclass
+class LoadedModel:
+    runtime: RuntimeConfig
+    model_config: ModelConfig
+    model: Qwen3ForCausalLM
+    tokenizer: object  # transformers' fast tokenizer of the checkpoint
+    token_bytes: TokenBytes
+    generation: GenerationDefaults
+    think_ids: tuple[int | None, int | None]  # <think>, </think> (None where the vocabulary lacks them)
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Runs in the thread that will step the model: a CUDA device becomes that thread's current one."""
+    path = loader.resolve_checkpoint(config.model, config.revision)
+    shards = loader.check_files(path)
+    model_config = loader.load_model_config(path)
+    device = bind_device(resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
+    tokenizer = loader.load_tokenizer(path)
+    generation = loader.load_generation_defaults(path, tokenizer)
+    vocab = tokenizer.get_vocab()
+    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype)
+    runtime = resolve_runtime(config, model_config, str(path), device, dtype)
+    torch.set_num_threads(runtime.threads)
+    ops.set_backend(runtime.kernels, device)
+    return LoadedModel(
+        runtime=runtime, model_config=model_config, model=model, tokenizer=tokenizer,
+        token_bytes=TokenBytes(tokenizer), generation=generation,
+        think_ids=(vocab.get("<think>"), vocab.get("</think>")),
+    )

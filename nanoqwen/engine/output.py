@@ -1,0 +1,52 @@
+"""A step's sampled token -> the Event of its choice: text and reasoning deltas, logprobs, and
+whether (and why) the choice finished."""
+from __future__ import annotations
+
+from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
+from nanoqwen.engine.sequence import Request, Sequence
+from nanoqwen.runner import StepOutput
+from nanoqwen.text import TokenBytes
+
+
+def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenBytes,
+                max_model_len: int) -> tuple[Event, str | None]:
+    """Appends row `row`'s token to `seq`; -> (its event, the finish reason or None)."""
+    token = output.tokens[row]
+    params = seq.request.params
+    seq.token_ids.append(token)
+    event = Event(index=seq.index, token_ids=[token])
+    if params.logprobs:
+        event.logprobs = [token_logprob(token, output, row, params.top_logprobs, token_bytes)]
+    finish = None
+    stopped_by_token = token in seq.request.stop_ids
+    if stopped_by_token:
+        finish = "stop"
+    else:
+        event.reasoning, event.text, stopped = seq.text.add(token)
+        if stopped:
+            finish = "stop"
+        elif seq.num_output_tokens >= seq.max_tokens or len(seq) >= max_model_len:
+            finish = "length"
+    if finish == "length" or stopped_by_token:  # text held back for a possible stop string is final
+        reasoning, text = seq.text.finish()
+        event.reasoning += reasoning
+        event.text += text
+    return event, finish
+
+
+def token_logprob(token: int, output: StepOutput, row: int, k: int, tb: TokenBytes) -> TokenLogprob:
+    top = [
+        TopLogprob(token_id=t, token=tb.piece(t), logprob=v, bytes=list(tb.bytes(t)))
+        for t, v in zip(output.top_ids[row][:k], output.top_values[row][:k])
+    ]
+    return TokenLogprob(token_id=token, token=tb.piece(token), logprob=output.logprobs[row],
+                        bytes=list(tb.bytes(token)), top_logprobs=top)
+
+
+def usage_event(request: Request) -> Event:
+    """The request's last event, once every choice has finished."""
+    return Event(index=0, usage=Usage(
+        prompt_tokens=request.num_prompt_tokens,
+        completion_tokens=sum(s.num_output_tokens for s in request.sequences),
+        cached_tokens=request.cached_tokens,
+    ))

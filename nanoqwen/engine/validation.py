@@ -1,0 +1,71 @@
+"""The limits of a request and their one check: the engine refuses what breaks them, the API maps
+the refusal to a 400 naming the parameter, and the request schema takes its bounds from here."""
+from __future__ import annotations
+
+from nanoqwen.engine.request import SamplingParams
+
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `param` names the field in the API's notation."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class PromptTooLongError(InvalidRequest):
+    """The prompt alone leaves no room in the context (raised while tokenising, before the ids exist)."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(f"the prompt has {num_tokens} tokens", param="messages", code="context_length_exceeded")
+        self.num_tokens = num_tokens
+
+
+def prompt_token_limit(max_model_len: int, max_tokens: int | None) -> int:
+    """The most prompt tokens that leave room for `max_tokens` (None: at least one) in the context."""
+    return max_model_len - (max_tokens or 1)
+
+
+def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,
+                         what: str = "messages") -> InvalidRequest:
+    """`what`: the request field that holds the prompt (`messages`, or `prompt` for completions)."""
+    if max_tokens is None:
+        message = (f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+                   f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
+                   f"Please reduce the length of the {what}.")
+    else:
+        message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} "
+                   f"in the completion). Please reduce the length of the {what} or completion.")
+    return InvalidRequest(message, param=what, code="context_length_exceeded")
+
+
+def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
+                     max_batch: int) -> None:
+    """Raises InvalidRequest naming the first problem."""
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param="messages")
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})", param="messages")
+    if params.max_tokens is not None and params.max_tokens < 1:
+        raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+    if len(prompt_ids) > prompt_token_limit(max_model_len, params.max_tokens):
+        raise context_length_error(max_model_len, len(prompt_ids), params.max_tokens)
+    if params.temperature < 0:
+        raise InvalidRequest("temperature must be non-negative", param="temperature")
+    if not 0 < params.top_p <= 1:
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    if not 0 <= params.min_p <= 1:
+        raise InvalidRequest("min_p must be in [0, 1]", param="min_p")
+    if params.repetition_penalty <= 0:
+        raise InvalidRequest("repetition_penalty must be positive", param="repetition_penalty")
+    if not 1 <= params.n <= max_batch:
+        raise InvalidRequest(f"n must be between 1 and {max_batch}", param="n")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are supported", param="stop")
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")

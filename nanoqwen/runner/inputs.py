@@ -1,0 +1,175 @@
+"""The model's inputs for a step.
+
+Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input, the
+sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
+nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. Prefill
+packs its sequences' new tokens into one flat batch, built per step.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+from nanoqwen.layers.metadata import AttentionMetadata
+from nanoqwen.sampler import SamplingRows
+
+if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.sequence import Sequence
+
+
+class StepInputs(NamedTuple):
+    """The static inputs of a decode step: views of one flat buffer of 4-byte words, a row of
+    max_batch words per field, then the block tables. The same views exist over the pinned host
+    staging buffer (numpy, written by the engine thread) and over its device copy (torch)."""
+
+    input_ids: torch.Tensor  # [mb] int32
+    positions: torch.Tensor  # [mb] int32
+    slots: torch.Tensor  # [mb] int32 cache slot of the new token; -1 = padded lane
+    context_lens: torch.Tensor  # [mb] int32
+    top_k: torch.Tensor  # [mb] int32; <= 0 = off
+    seed_keys: torch.Tensor  # [mb] 32-bit keys: uint32 on the host, their int32 bit patterns on the device
+    steps: torch.Tensor  # [mb] int32 output index of the token being sampled
+    temperature: torch.Tensor  # [mb] fp32
+    top_p: torch.Tensor  # [mb] fp32
+    min_p: torch.Tensor  # [mb] fp32
+    block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
+
+    def sampling(self) -> SamplingRows:
+        return SamplingRows(self.temperature, self.top_p, self.top_k, self.min_p, self.seed_keys, self.steps)
+
+
+ROW_FIELDS = StepInputs._fields[:-1]
+FIRST_SAMPLING_ROW = ROW_FIELDS.index("top_k")  # sampling rows come last: prefill uploads only those
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
+    host = isinstance(words, np.ndarray)
+    rows = dict(zip(ROW_FIELDS, words[: len(ROW_FIELDS) * max_batch].reshape(len(ROW_FIELDS), max_batch)))
+    for name in FLOAT_FIELDS:
+        rows[name] = rows[name].view(np.float32 if host else torch.float32)
+    if host:
+        rows["seed_keys"] = rows["seed_keys"].view(np.uint32)
+    return StepInputs(**rows, block_tables=words[len(ROW_FIELDS) * max_batch :].reshape(max_batch, width))
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    buckets = [1]
+    while buckets[-1] < max_batch:
+        buckets.append(min(buckets[-1] * 2, max_batch))
+    return buckets
+
+
+def slot(seq: Sequence, position: int, block_size: int) -> int:
+    """The KV cache slot of `seq`'s token at `position`."""
+    return seq.block_table[position // block_size] * block_size + position % block_size
+
+
+class StepInputBuffer:
+    """The host staging words and their device copy (the same tensor on the CPU), with StepInputs
+    views over both: `host` is written by the engine thread, `device` is what the step reads."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+        self.max_batch = max_batch
+        self.width = max_blocks_per_seq
+        self.block_size = block_size
+        self.device = device
+        # CUDA stages a pageable source before a non-blocking copy returns; MPS may read it later,
+        # after a temporary is freed (pytorch/pytorch#139550), so copies there block.
+        self.non_blocking = device.type == "cuda"
+        size = len(ROW_FIELDS) * max_batch + max_batch * max_blocks_per_seq
+        self._host_words = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        on_host = device.type == "cpu"
+        self._words = self._host_words if on_host else torch.zeros(size, dtype=torch.int32, device=device)
+        self.host = step_input_views(self._host_words.numpy(), max_batch, max_blocks_per_seq)
+        self.device_views = step_input_views(self._words, max_batch, max_blocks_per_seq)
+        # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
+        # read, greedy and unfiltered.
+        self.host.slots[:] = -1
+        self.host.context_lens[:] = 1
+        self.host.top_p[:] = 1.0
+        self.upload(0, size)
+        self._row_tables: list[tuple[int, int] | None] = [None] * max_batch  # (allocation epoch, blocks) each row holds
+
+    def upload(self, start: int, end: int) -> None:
+        """Host staging words [start, end) -> the device buffer, in one copy (non-blocking on CUDA)."""
+        if self._words is not self._host_words:
+            self._words[start:end].copy_(self._host_words[start:end], non_blocking=self.non_blocking)
+
+    def upload_decode(self, bucket: int) -> None:
+        """Every row field, and the block tables of the bucket's rows."""
+        self.upload(0, len(ROW_FIELDS) * self.max_batch + bucket * self.width)
+
+    def upload_sampling(self) -> None:
+        self.upload(FIRST_SAMPLING_ROW * self.max_batch, len(ROW_FIELDS) * self.max_batch)
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        return host.to(self.device, non_blocking=self.non_blocking)
+
+    def bucket(self, bucket: int, width: int) -> StepInputs:
+        """The device views of the first `bucket` rows, with `width` block-table columns."""
+        inputs = self.device_views
+        return StepInputs(*[t[:bucket] for t in inputs[:-1]], block_tables=inputs.block_tables[:bucket, :width])
+
+    def stage_decode(self, seqs: list[Sequence], bucket: int) -> int:
+        """Writes the model's inputs for `seqs`, padded to `bucket`, into the host staging; -> longest length."""
+        h = self.host
+        n = len(seqs)
+        lengths = [len(seq) for seq in seqs]
+        h.input_ids[:n] = [seq.token_ids[-1] for seq in seqs]
+        h.positions[:n] = [length - 1 for length in lengths]
+        h.slots[:n] = [slot(seq, length - 1, self.block_size) for seq, length in zip(seqs, lengths)]
+        h.context_lens[:n] = lengths
+        for i, seq in enumerate(seqs):
+            if self._row_tables[i] != (seq.alloc_epoch, len(seq.block_table)):
+                h.block_tables[i, : len(seq.block_table)] = seq.block_table
+                self._row_tables[i] = (seq.alloc_epoch, len(seq.block_table))
+        # Padded lanes: write nothing, attend to one slot of the never-allocated block 0.
+        h.input_ids[n:bucket] = 0
+        h.positions[n:bucket] = 0
+        h.slots[n:bucket] = -1
+        h.context_lens[n:bucket] = 1
+        h.block_tables[n:bucket, 0] = 0
+        self._row_tables[n:bucket] = [None] * (bucket - n)
+        return max(lengths)
+
+
+class PrefillInputs(NamedTuple):
+    input_ids: torch.Tensor  # [T] int32: every sequence's uncached tokens, packed
+    positions: torch.Tensor  # [T] int32
+    meta: AttentionMetadata
+    last: torch.Tensor  # [B] int64: each sequence's last token in the packed batch
+
+
+def prefill_inputs(seqs: list[Sequence], buffer: StepInputBuffer) -> PrefillInputs:
+    block_size = buffer.block_size
+    ids, pos, slots, query_lens, context_lens = [], [], [], [], []
+    for seq in seqs:
+        start = seq.num_cached_tokens
+        length = len(seq)
+        ids += seq.token_ids[start:]
+        pos += range(start, length)
+        slots += [slot(seq, p, block_size) for p in range(start, length)]
+        query_lens.append(length - start)
+        context_lens.append(length)
+    width = max(len(s.block_table) for s in seqs)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    for i, seq in enumerate(seqs):
+        tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+    to_device = buffer.to_device
+    meta = AttentionMetadata(
+        prefill=True,
+        slot_mapping=to_device(torch.tensor(slots, dtype=torch.int32)),
+        block_tables=to_device(tables),
+        context_lens=to_device(torch.tensor(context_lens, dtype=torch.int32)),
+        query_lens=query_lens,
+        context_lens_host=context_lens,
+    )
+    return PrefillInputs(
+        input_ids=to_device(torch.tensor(ids, dtype=torch.int32)),
+        positions=to_device(torch.tensor(pos, dtype=torch.int32)),
+        meta=meta,
+        last=to_device(torch.tensor(query_lens).cumsum(0).sub_(1)),
+    )

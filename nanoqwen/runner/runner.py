@@ -1,0 +1,110 @@
+"""The device steps in order: stage inputs, run the model (prefill eagerly; decode through the
+GraphRunner), sample, bring the tokens back. Owns the KV cache."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+import ops
+from nanoqwen.config import RuntimeConfig
+from nanoqwen.layers.metadata import AttentionMetadata
+from nanoqwen.model import Qwen3ForCausalLM
+from nanoqwen.runner.graphs import GraphRunner
+from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
+from nanoqwen.runner.sampling import StepOutput, penalties, stage_sampling, step_output
+from nanoqwen.sampler import Penalties, sample
+
+if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: Qwen3ForCausalLM, runtime: RuntimeConfig) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = device = runtime.device
+        self.dtype = runtime.dtype
+        self.graph = runtime.graph
+        self.max_batch = runtime.max_batch
+        self.block_size = runtime.block_size
+        self.num_blocks = runtime.num_kv_blocks
+        self.max_blocks_per_seq = -(-runtime.max_model_len // runtime.block_size)
+        self.buckets = batch_buckets(self.max_batch)
+        self._allocate_kv_cache()
+        self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
+        c = self.config
+        query = torch.empty(1, c.num_attention_heads, c.head_dim, dtype=self.dtype, device=device)
+        self._narrow_tables = ops.decode_attention_gathers(query, self.k_cache[0])
+        self.graphs = GraphRunner(self._decode_step, self.graph, device, self.buckets, self._bucket_inputs,
+                                  self._table_width(self.max_blocks_per_seq * self.block_size))
+
+    def _allocate_kv_cache(self) -> None:
+        c = self.config
+        shape = (c.num_hidden_layers, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache = self.k_cache[i]
+            layer.self_attn.v_cache = self.v_cache[i]
+
+    # -- decode ---------------------------------------------------------------------------
+    def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured or compiled unit: the model, then the sampler. -> (logits [B, V] fp32, tokens [B])."""
+        meta = AttentionMetadata(
+            prefill=False, slot_mapping=inputs.slots, block_tables=inputs.block_tables,
+            context_lens=inputs.context_lens,
+        )
+        logits = self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
+        return logits, sample(logits, inputs.sampling(), mode)
+
+    def _bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _table_width(self, max_len: int) -> int:
+        """Block-table columns a step passes to attention.
+
+        The Triton and CPU kernels read each row only up to its context length, so they get the
+        full (static) width; the torch reference gathers every column it is given, so it gets the
+        power of two that covers the longest sequence.
+        """
+        if not self._narrow_tables:
+            return self.max_blocks_per_seq
+        needed = -(-max_len // self.block_size)
+        width = 4
+        while width < needed:
+            width *= 2
+        return min(width, self.max_blocks_per_seq)
+
+    def _bucket_inputs(self, bucket: int, width: int) -> StepInputs:
+        return self.inputs.bucket(bucket, width)
+
+    def decode(self, seqs: list[Sequence]) -> StepOutput:
+        n = len(seqs)
+        bucket = self._bucket(n)
+        max_len = self.inputs.stage_decode(seqs, bucket)
+        mode, penalized = stage_sampling(self.inputs.host, seqs, bucket, self.config.vocab_size)
+        self.inputs.upload_decode(bucket)
+        # Penalties need every row's token history: the step samples greedily (cheapest) and the
+        # penalised distribution is sampled afterwards from its logits.
+        step_mode = "greedy" if penalized else mode
+        logits, tokens = self.graphs.run(bucket, step_mode, self._table_width(max_len))
+        logits, tokens = logits[:n], tokens[:n]
+        if penalized:
+            tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode, self._penalties(seqs))
+        return step_output(seqs, logits, tokens)
+
+    # -- prefill --------------------------------------------------------------------------
+    def prefill(self, seqs: list[Sequence]) -> StepOutput:
+        packed = prefill_inputs(seqs, self.inputs)
+        n = len(seqs)
+        mode, penalized = stage_sampling(self.inputs.host, seqs, n, self.config.vocab_size)
+        self.inputs.upload_sampling()
+        hidden = self.model(packed.input_ids, packed.positions, packed.meta)
+        logits = self.model.compute_logits(hidden[packed.last])
+        tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
+                        self._penalties(seqs) if penalized else None)
+        return step_output(seqs, logits, tokens)
+
+    def _penalties(self, seqs: list[Sequence]) -> Penalties:
+        return penalties(seqs, self.config.vocab_size, self.device, self.inputs.to_device)

@@ -1,0 +1,95 @@
+"""The sampler's side of a step: each row's settings staged into the static inputs, the sampler
+mode the batch needs, penalties built from the token histories, and the step's output (tokens,
+logprobs) brought to the host. The sampling itself is nanoqwen/sampler.py."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from nanoqwen.runner.inputs import StepInputs
+from nanoqwen.sampler import Penalties, top_logprobs
+
+if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.request import SamplingParams
+    from nanoqwen.engine.sequence import Sequence
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # one per sequence
+    logprobs: list[float] | None = None  # chosen token's logprob, when any sequence asked
+    top_values: list[list[float]] | None = None
+    top_ids: list[list[int]] | None = None
+
+
+def sampling_mode(params: list[SamplingParams]) -> str:
+    """The cheapest of sampler.MODES that serves every row."""
+    sampled = [p for p in params if not p.greedy]
+    if not sampled:
+        return "greedy"
+    return "filter" if any(p.filters for p in sampled) else "sample"
+
+
+def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_size: int) -> tuple[str, bool]:
+    """Writes each row's sampling settings into the host staging; padded lanes are greedy.
+    -> (the sampler mode that serves every row, whether any row is penalised)."""
+    h = host
+    n = len(seqs)
+    params = [seq.request.params for seq in seqs]
+    h.temperature[:n] = [p.temperature for p in params]
+    h.top_p[:n] = [p.top_p for p in params]
+    h.top_k[:n] = [min(p.top_k, vocab_size) for p in params]
+    h.min_p[:n] = [p.min_p for p in params]
+    h.seed_keys[:n] = [seq.seed_key for seq in seqs]
+    h.steps[:n] = [seq.num_output_tokens for seq in seqs]
+    h.temperature[n:bucket] = 0.0
+    h.top_p[n:bucket] = 1.0
+    h.top_k[n:bucket] = 0
+    h.min_p[n:bucket] = 0.0
+    return sampling_mode(params), any(p.penalized for p in params)
+
+
+def penalties(seqs: list[Sequence], vocab_size: int, device: torch.device,
+              to_device: Callable[[torch.Tensor], torch.Tensor]) -> Penalties:
+    """Every row's token history as counts and a seen-mask, built on the device from the ids."""
+    params = [seq.request.params for seq in seqs]
+    vocab = vocab_size
+    longest = max(len(seq) for seq in seqs)
+    # Column `vocab` is where the padding lands; it is cut off below.
+    history = np.full((len(seqs), longest), vocab, dtype=np.int64)
+    generated = np.zeros((len(seqs), longest), dtype=np.float32)
+    for i, seq in enumerate(seqs):
+        history[i, : len(seq)] = seq.token_ids
+        generated[i, seq.num_prompt_tokens : len(seq)] = 1.0
+    history_dev = to_device(torch.from_numpy(history))
+    counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, history_dev, to_device(torch.from_numpy(generated)))
+    seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool, device=device)
+    seen.scatter_(1, history_dev, True)
+
+    def column(values: list[float]) -> torch.Tensor:
+        return to_device(torch.tensor(values, dtype=torch.float32))
+
+    return Penalties(
+        presence=column([p.presence_penalty for p in params]),
+        frequency=column([p.frequency_penalty for p in params]),
+        repetition=column([p.repetition_penalty for p in params]),
+        output_counts=counts[:, :vocab],
+        seen=seen[:, :vocab],
+    )
+
+
+def step_output(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> StepOutput:
+    """The step's one host sync: the tokens, with logprobs when any row asked for them."""
+    want = [s.request.params for s in seqs if s.request.params.logprobs]
+    if not want:
+        return StepOutput(tokens=tokens.tolist())
+    k = max(p.top_logprobs for p in want)
+    chosen, values, ids = top_logprobs(logits, tokens, k)
+    return StepOutput(
+        tokens=tokens.tolist(), logprobs=chosen.tolist(), top_values=values.tolist(), top_ids=ids.tolist()
+    )
