@@ -86,9 +86,8 @@ class Batch(GeventEventStream):
     """One stream for several engine requests (the prompts of a batched completion): choice
     indices follow on from request to request, and the end is one event with the usage summed."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.n = n  # choices per engine request
         self.request_ids: list[str] = []
         self._open = 0
         self._usage = Usage(0, 0)
@@ -162,7 +161,7 @@ class Serving:
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages") -> Batch:
         """Every prompt as one engine request with params.n choices, all on one stream."""
-        batch = Batch(params.n)
+        batch = Batch()
         try:
             for i, prompt_ids in enumerate(prompts):
                 request_id, _ = self.engine.submit(prompt_ids, params, stream=batch.part(i * params.n),
