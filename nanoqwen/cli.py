@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     http.add_argument("--workers", type=int, default=1, help="worker processes, each with its own copy of the "
-                      "model and KV cache (default 1)")
+                      "model and KV cache on its own device: cuda:0..N-1 (round-robin past the GPU count) or, on "
+                      "the CPU, its share of the cores (default 1)")
     http.add_argument("--graceful-timeout", type=int, default=None, help="seconds running streams get to finish "
                       "on SIGTERM before they end with an error event (default 30)")
     http.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error", "critical"),

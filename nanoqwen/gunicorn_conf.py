@@ -3,14 +3,24 @@
 Read by `gunicorn server:app` in the repository root (gunicorn.conf.py imports this module) and by
 `nanoqwen serve` (`gunicorn -c python:nanoqwen.gunicorn_conf`). One gevent worker holds the model;
 the engine runs in its own OS thread inside that worker and request greenlets only wait on it, so
-one worker serves many concurrent streams.
+one worker serves many concurrent streams. With `--workers N` each worker takes a slot 0..N-1 and
+with it a device (cuda:<slot>) or, on the CPU, a share of the cores (nanoqwen.placement); a
+respawned worker takes its dead predecessor's slot.
 """
+import os
 import sys
+
+from nanoqwen.api.shared_stats import forget_worker, make_run_dir, remove_run_dir
+from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
-    "keepalive", "control_socket_disable", "accesslog", "access_log_format", "post_fork",
+    "keepalive", "control_socket_disable", "accesslog", "access_log_format", "pre_fork", "post_fork",
+    "child_exit", "on_exit",
 ]
+# Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
+# multiprocess directory once, at import) before gunicorn runs any hook.
+make_run_dir()
 
 bind = "127.0.0.1:8000"
 worker_class = "nanoqwen.worker.NanoqwenWorker"
@@ -26,6 +36,10 @@ accesslog = "-"
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
 
 
+def pre_fork(server, worker) -> None:
+    worker.nanoqwen_slot = lowest_free_slot({w.nanoqwen_slot for w in server.WORKERS.values()})
+
+
 def post_fork(server, worker) -> None:
     from gunicorn.workers.ggevent import GeventWorker
 
@@ -36,3 +50,18 @@ def post_fork(server, worker) -> None:
     elif not isinstance(worker, NanoqwenWorker):
         server.log.error("nanoqwen needs gunicorn's gevent worker (-k gevent), not %s", type(worker).__name__)
         sys.exit(server.WORKER_BOOT_ERROR)
+
+    os.environ[SLOT_ENV] = str(worker.nanoqwen_slot)
+    device, placed = place_worker(worker.nanoqwen_slot, server.num_workers, os.environ.get("NANOQWEN_DEVICE", "auto"))
+    os.environ["NANOQWEN_DEVICE"] = device
+    if "nanoqwen.wsgi" in sys.modules:  # --preload built the engine's config in the master
+        sys.modules["nanoqwen.wsgi"].engine.config.device = device
+    server.log.info("worker %s: slot %s, %s", worker.pid, worker.nanoqwen_slot, placed)
+
+
+def child_exit(server, worker) -> None:
+    forget_worker(worker.nanoqwen_slot, worker.pid)
+
+
+def on_exit(server) -> None:
+    remove_run_dir()

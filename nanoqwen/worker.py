@@ -18,7 +18,10 @@ from gevent import monkey, socket
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from nanoqwen.api.shared_stats import PUBLISH_S
+
 if TYPE_CHECKING:
+    from nanoqwen.api.metrics import ServerStats
     from nanoqwen.engine import Engine
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
@@ -83,11 +86,18 @@ class NanoqwenWorker(GeventWorker):
             del self._idle[current]
 
     def run(self) -> None:
-        from nanoqwen.wsgi import engine
+        from nanoqwen.wsgi import app, engine
 
         engine.start()
         gevent.spawn(self._exit_if_load_fails, engine)
+        gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
         super().run()
+
+    def _publish_stats(self, stats: ServerStats) -> None:
+        """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes."""
+        while True:
+            stats.publish()
+            gevent.sleep(PUBLISH_S)
 
     def _exit_if_load_fails(self, engine: Engine) -> None:
         while not engine.ready:

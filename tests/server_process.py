@@ -51,7 +51,10 @@ class GunicornServer:
 
     def start(self, timeout: float = 180.0) -> GunicornServer:
         """Starts gunicorn and waits for /health to answer 200; raises with the server log otherwise."""
-        self.launch()
+        return self.launch().wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 180.0) -> GunicornServer:
+        """After launch(): waits for /health to answer 200 (servers launched together load in parallel)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

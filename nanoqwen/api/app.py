@@ -21,6 +21,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.serving import Serving, unavailable
+from nanoqwen.api.shared_stats import SharedStats
 from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
@@ -60,7 +61,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    stats = ServerStats(lambda: engine.stats() if engine.ready else None)
+    stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env())
+    app.extensions["nanoqwen.stats"] = stats  # the gunicorn worker publishes it periodically
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
     completions = CompletionService(serving)
@@ -146,7 +148,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/stats")
     def serving_stats() -> dict[str, Any]:
-        return stats.snapshot()
+        return stats.report()
 
     @app.get("/metrics")
     def metrics() -> Response:

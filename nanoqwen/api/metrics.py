@@ -1,19 +1,22 @@
 """Serving statistics for `/stats` (JSON) and `/metrics` (Prometheus text format).
 
-Everything here is touched only by request greenlets of one worker, so it needs no locks.
-Engine-side numbers (queue, KV usage, prefix cache) are read from `engine.stats()` on demand.
+Everything here is touched only by greenlets of one worker, so it needs no locks. Engine-side
+numbers (queue, KV usage, prefix cache) are read from `engine.stats()` into gauges whenever the
+worker publishes (on each scrape, and every PUBLISH_S under gunicorn, where other workers' scrapes
+read them: see nanoqwen.api.shared_stats).
 """
 from __future__ import annotations
 
 import collections
+import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from nanoqwen.api.shared_stats import MULTIPROC_ENV, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 
 SAMPLES = 10_000  # latency samples kept for the percentiles
@@ -29,27 +32,6 @@ def percentile(values: Collection[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))  # ceil
     return ordered[int(rank) - 1]
-
-
-class _EngineCollector(Collector):
-    def __init__(self, read: EngineStats) -> None:
-        self._read = read
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self._read()
-        yield GaugeMetricFamily("nanoqwen_model_ready", "1 once the model is loaded", value=float(stats is not None))
-        if stats is None:
-            return
-        yield GaugeMetricFamily("nanoqwen_queue_length", "Requests waiting for a batch slot",
-                                value=stats["queue_length"])
-        yield GaugeMetricFamily("nanoqwen_active_requests", "Requests being generated",
-                                value=stats["active_requests"])
-        yield GaugeMetricFamily("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)",
-                                value=stats["kv_usage"])
-        yield GaugeMetricFamily("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries",
-                                value=stats["prefix_cache_hit_rate"])
-        yield CounterMetricFamily("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks",
-                                  value=stats["preemptions"])
 
 
 class RequestTrace:
@@ -79,8 +61,9 @@ class RequestTrace:
 
 
 class ServerStats:
-    def __init__(self, engine_stats: EngineStats) -> None:
+    def __init__(self, engine_stats: EngineStats, shared: SharedStats | None = None) -> None:
         self._engine_stats = engine_stats
+        self._shared = shared
         self.started = time.time()
         self.requests_served = 0
         self.requests_aborted = 0
@@ -104,7 +87,19 @@ class ServerStats:
                                 buckets=LATENCY_BUCKETS, registry=self.registry)
         self._m_e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_EngineCollector(engine_stats))
+        # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
+        self._m_ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
+                              multiprocess_mode="livesum")
+        self._m_queue = Gauge("nanoqwen_queue_length", "Requests waiting for a batch slot", registry=self.registry,
+                              multiprocess_mode="livesum")
+        self._m_active = Gauge("nanoqwen_active_requests", "Requests being generated", registry=self.registry,
+                               multiprocess_mode="livesum")
+        self._m_preempt = Gauge("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks (live workers)",
+                                registry=self.registry, multiprocess_mode="livesum")
+        self._m_kv = Gauge("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1), per worker",
+                           registry=self.registry, multiprocess_mode="liveall")
+        self._m_hit = Gauge("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries, per worker",
+                            registry=self.registry, multiprocess_mode="liveall")
 
     def begin(self) -> RequestTrace:
         return RequestTrace(self, time.perf_counter())
@@ -174,7 +169,33 @@ class ServerStats:
             "preemptions": engine.get("preemptions", 0),
             "engine_tokens_generated": engine.get("tokens_generated", 0),  # aborted requests' included
             "uptime": time.time() - self.started,
+            "pid": os.getpid(),
+            "slot": 0 if self._shared is None else self._shared.slot,
         }
 
+    def publish(self) -> None:
+        """Engine numbers into the gauges, and this worker's snapshot to the other workers."""
+        engine = self._engine_stats()
+        self._m_ready.set(float(engine is not None))
+        engine = engine or {}
+        self._m_queue.set(engine.get("queue_length", 0))
+        self._m_active.set(engine.get("active_requests", 0))
+        self._m_preempt.set(engine.get("preemptions", 0))
+        self._m_kv.set(engine.get("kv_usage", 0.0))
+        self._m_hit.set(engine.get("prefix_cache_hit_rate", 0.0))
+        if self._shared is not None:
+            self._shared.publish(self.snapshot())
+
+    def report(self) -> dict[str, Any]:
+        """`/stats`: the server's totals and a per-worker list."""
+        self.publish()
+        workers = [self.snapshot()] if self._shared is None else self._shared.read()
+        return {**aggregate(workers), "workers": workers}
+
     def prometheus(self) -> bytes:
-        return generate_latest(self.registry)
+        self.publish()
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)

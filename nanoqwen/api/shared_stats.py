@@ -1,0 +1,93 @@
+"""`/stats` and `/metrics` across the workers of one gunicorn server.
+
+The master makes a fresh run directory per server (nanoqwen.gunicorn_conf) before anything imports
+prometheus_client: its `metrics/` subdirectory is prometheus-client's multiprocess directory (counters
+and histograms of every worker, dead ones' included, summed at scrape time) and in `stats/` each live
+worker publishes its `/stats` snapshot as `<slot>.json`, replaced atomically. The master removes a
+dead worker's snapshot and live gauges (`child_exit`), so totals cover the live workers only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nanoqwen.placement import SLOT_ENV
+
+RUN_DIR_ENV = "NANOQWEN_RUN_DIR"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PUBLISH_S = 0.5  # how stale another worker's /stats entry and gauges may be
+SUMMED = ("requests_served", "total_tokens_generated", "queue_length", "active_requests", "requests_aborted",
+          "requests_failed", "total_prompt_tokens", "tokens_per_second", "preemptions", "engine_tokens_generated")
+WORST = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "uptime")  # percentiles don't add up
+AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the same pool size
+
+
+def make_run_dir() -> Path:
+    """A fresh directory for one server, announced to its workers through the environment."""
+    run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-"))
+    (run_dir / "metrics").mkdir()
+    (run_dir / "stats").mkdir()
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    os.environ[MULTIPROC_ENV] = str(run_dir / "metrics")
+    return run_dir
+
+
+def remove_run_dir() -> None:
+    if RUN_DIR_ENV in os.environ:
+        shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
+
+
+def forget_worker(slot: int, pid: int) -> None:
+    """In the master, once a worker has exited: its snapshot and live gauges go."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+    Path(os.environ[RUN_DIR_ENV], "stats", f"{slot}.json").unlink(missing_ok=True)
+
+
+def aggregate(workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Server totals from per-worker snapshots (sums; worst-worker percentiles; request-weighted mean time)."""
+    total: dict[str, Any] = {key: sum(w[key] for w in workers) for key in SUMMED}
+    total |= {key: max((w[key] for w in workers), default=0.0) for key in WORST}
+    total |= {key: sum(w[key] for w in workers) / len(workers) if workers else 0.0 for key in AVERAGED}
+    served = total["requests_served"]
+    total["average_response_time"] = (sum(w["average_response_time"] * w["requests_served"] for w in workers)
+                                      / served if served else 0.0)
+    return total
+
+
+class SharedStats:
+    """One worker's side of the run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._dir = run_dir / "stats"
+
+    @classmethod
+    def from_env(cls) -> SharedStats | None:
+        """None outside nanoqwen's gunicorn config (in-process apps keep their own numbers)."""
+        return cls(Path(os.environ[RUN_DIR_ENV])) if RUN_DIR_ENV in os.environ else None
+
+    @property
+    def slot(self) -> int:
+        # Read when used: with --preload the app (and this object) is built in the master, before
+        # post_fork gives each worker its slot.
+        return int(os.environ.get(SLOT_ENV, "0"))
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        path = self._dir / f"{self.slot}.json"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, path)  # readers see the old snapshot or the new one, never half of one
+
+    def read(self) -> list[dict[str, Any]]:
+        workers = []
+        for path in sorted(self._dir.glob("*.json"), key=lambda p: int(p.stem)):
+            try:
+                workers.append(json.loads(path.read_text()))
+            except FileNotFoundError:  # its worker died between the listing and the read
+                continue
+        return workers

@@ -1,0 +1,132 @@
+"""deploy/nginx.conf in front of two replicas of the tiny checkpoint, through a real nginx: streams
+spread over both, a replica killed mid-run fails its streams cleanly (no hang) while the others
+finish, new requests all go to the survivor, and the affinity header pins a conversation."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from balancer import Nginx
+from server_process import GunicornServer
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None,
+                                reason="needs the nginx binary (apt-get install nginx-light)")
+
+MODEL = "qwen3-0.6b"
+STREAMS = 6
+STREAM_TOKENS = 1500  # long enough that no stream of the doomed replica ends before the kill
+TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
+@pytest.fixture
+def replicas(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[list[GunicornServer]]:
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
+           "NANOQWEN_MAX_MODEL_LEN": "2048", "NANOQWEN_THREADS": "1"}
+    servers = [GunicornServer(env, tmp_path / f"replica{i}.log").launch() for i in range(2)]
+    try:
+        for server in servers:
+            server.wait_healthy()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _served(server: GunicornServer) -> int:
+    return requests.get(f"{server.url}/stats", timeout=5).json()["requests_served"]
+
+
+@dataclass
+class Outcome:
+    chunks: int = 0
+    completion_tokens: int = 0  # from the final usage chunk
+    done: bool = False  # reached `data: [DONE]`
+    error: str | None = None
+
+
+def _stream(url: str, started: threading.Event | None = None) -> Outcome:
+    outcome = Outcome()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "stream": True,
+            "max_tokens": STREAM_TOKENS, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    try:
+        with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=TIMEOUT) as response:
+            response.raise_for_status()
+            for line in response.iter_lines(decode_unicode=True):
+                if not line:
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    outcome.done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    outcome.completion_tokens = chunk["usage"]["completion_tokens"]
+                outcome.chunks += 1
+                if started is not None:
+                    started.set()
+    except (requests.RequestException, ValueError) as exc:
+        outcome.error = type(exc).__name__
+    return outcome
+
+
+def _kill(server: GunicornServer) -> None:
+    """The whole replica at once, as a crashed host: worker and master, no graceful shutdown."""
+    worker = requests.get(f"{server.url}/stats", timeout=5).json()["workers"][0]["pid"]
+    os.kill(worker, signal.SIGKILL)
+    os.kill(server._proc.pid, signal.SIGKILL)
+    server.wait(10)
+
+
+def test_replica_killed_mid_stream_fails_cleanly_and_the_survivor_takes_over(replicas, tmp_path):
+    alive, doomed = replicas
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        served_before = [_served(s) for s in replicas]
+        events = [threading.Event() for _ in range(STREAMS)]
+        with ThreadPoolExecutor(STREAMS) as pool:
+            futures = [pool.submit(_stream, lb.url, event) for event in events]
+            assert all(event.wait(60) for event in events), "every stream gets its first token"
+            _kill(doomed)
+            outcomes = [future.result(timeout=120) for future in futures]  # bounded: no hang
+
+        assert all(o.done != (o.error is not None) for o in outcomes), outcomes  # done or failed, never both
+        completed = [o for o in outcomes if o.done]
+        failed = [o for o in outcomes if not o.done]
+        assert all(o.completion_tokens == STREAM_TOKENS for o in completed), outcomes
+        # least_conn put half the streams on each replica: the doomed one's broke, the others finished.
+        assert len(completed) == len(failed) == STREAMS // 2, outcomes
+        assert _served(alive) == served_before[0] + len(completed)
+
+        with requests.Session() as session:  # new requests: the first may hit the dead replica and be retried
+            for i in range(6):
+                response = session.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT, json={
+                    "model": MODEL, "messages": [{"role": "user", "content": f"after {i}"}], "max_tokens": 2})
+                assert response.status_code == 200, response.text
+        assert _served(alive) == served_before[0] + len(completed) + 6
+
+        # With no replica left, clients get an OpenAI-style error, not nginx's HTML page.
+        alive.stop()
+        response = requests.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT,
+                                 json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "no_replica"
+
+
+def test_conversation_id_pins_a_replica(replicas, tmp_path):
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        before = [_served(s) for s in replicas]
+        for i in range(4):
+            response = requests.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT,
+                                     headers={"X-Conversation-Id": "conversation-42"},
+                                     json={"model": MODEL, "messages": [{"role": "user", "content": f"turn {i}"}],
+                                           "max_tokens": 2})
+            assert response.status_code == 200, response.text
+        gained = sorted(_served(s) - b for s, b in zip(replicas, before))
+        assert gained == [0, 4]

@@ -1,0 +1,139 @@
+"""`--workers N` on one host: a slot (device / CPU share) per worker kept across respawns, and /stats
+and /metrics that add up every worker, through a real gunicorn."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from nanoqwen.api.shared_stats import aggregate
+from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
+from server_process import GunicornServer
+
+MODEL = "qwen3-0.6b"
+CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "256"}
+REQUESTS = 12
+MAX_TOKENS = 6
+
+
+def test_lowest_free_slot_reuses_a_dead_workers_slot():
+    assert lowest_free_slot(set()) == 0
+    assert lowest_free_slot({1, 2}) == 0
+    assert lowest_free_slot({0, 2}) == 1
+
+
+def test_cpu_share_splits_the_cores_contiguously():
+    cpus = [0, 1, 2, 3, 4, 5, 6]
+    shares = [cpu_share(cpus, slot, 3) for slot in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [cpu_share([4, 7], slot, 3) for slot in range(3)] == [[4], [7], [4]]  # more workers than cores
+
+
+def test_worker_device_round_robin_on_cuda_only_when_not_pinned():
+    assert [worker_device("auto", slot, 2) for slot in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device("cuda", 1, 4) == "cuda:1"
+    assert worker_device("cuda:3", 0, 4) == "cuda:3" and worker_device("cpu", 1, 4) == "cpu"
+    assert worker_device("auto", 1, 0) == "auto"
+
+
+def test_aggregate_sums_counts_and_weights_the_mean():
+    base = {"ttft_p50_ms": 0.0, "ttft_p99_ms": 0.0, "itl_p50_ms": 0.0, "itl_p99_ms": 0.0, "uptime": 1.0,
+            "kv_cache_usage": 0.0, "prefix_cache_hit_rate": 0.0, "queue_length": 0, "active_requests": 0,
+            "requests_aborted": 0, "requests_failed": 0, "total_prompt_tokens": 0, "tokens_per_second": 0.0,
+            "preemptions": 0, "engine_tokens_generated": 0}
+    a = base | {"requests_served": 1, "total_tokens_generated": 5, "average_response_time": 1.0, "ttft_p99_ms": 9.0,
+                "kv_cache_usage": 0.2}
+    b = base | {"requests_served": 3, "total_tokens_generated": 7, "average_response_time": 3.0, "ttft_p99_ms": 4.0,
+                "kv_cache_usage": 0.4}
+    total = aggregate([a, b])
+    assert (total["requests_served"], total["total_tokens_generated"]) == (4, 12)
+    assert total["average_response_time"] == pytest.approx(2.5) and total["ttft_p99_ms"] == 9.0
+    assert total["kv_cache_usage"] == pytest.approx(0.3)
+
+
+def _get(srv: GunicornServer, path: str) -> requests.Response:
+    response = requests.get(f"{srv.url}{path}", timeout=10)
+    response.raise_for_status()
+    return response
+
+
+def _wait_for(predicate, what: str, srv: GunicornServer, timeout: float = 180.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; log:\n{srv.log()}")
+
+
+def _workers(srv: GunicornServer) -> dict[int, dict[str, Any]]:
+    return {w["slot"]: w for w in _get(srv, "/stats").json()["workers"]}
+
+
+def _metric(srv: GunicornServer, sample: str) -> float:
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", _get(srv, "/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _chat(srv: GunicornServer, i: int) -> int:
+    # A connection per request: gunicorn's workers share the listening socket and take turns accepting.
+    with requests.Session() as session:
+        response = session.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": [{"role": "user", "content": f"request {i}"}],
+            "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0})
+    response.raise_for_status()
+    return response.json()["usage"]["completion_tokens"]
+
+
+def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_checkpoint: Path, tmp_path: Path):
+    cpus = sorted(os.sched_getaffinity(0))
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        assert sorted(workers) == [0, 1]
+        shares = {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()}
+        assert shares == {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
+
+        with ThreadPoolExecutor(REQUESTS) as pool:
+            assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
+
+        stats = _wait_for(lambda: (s := _get(srv, "/stats").json())["requests_served"] == REQUESTS and s,
+                          "every worker's snapshot to include its requests", srv, timeout=10)
+        per_worker = stats["workers"]
+        assert all(w["requests_served"] > 0 for w in per_worker), per_worker  # both took requests
+        for key in ("requests_served", "total_tokens_generated", "total_prompt_tokens"):
+            assert stats[key] == sum(w[key] for w in per_worker)
+        assert stats["total_tokens_generated"] == REQUESTS * MAX_TOKENS
+        assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+        assert _metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
+
+        dead = workers[0]
+        os.kill(dead["pid"], signal.SIGKILL)
+        respawned = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w[0]["pid"] != dead["pid"] and w,
+                              "slot 0 to come back", srv)
+        assert sorted(os.sched_getaffinity(respawned[0]["pid"])) == shares[0]
+        assert respawned[1]["pid"] == workers[1]["pid"]
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "the respawned worker loaded", srv)
+        # /stats covers the live workers; Prometheus counters keep what the dead one served.
+        assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
+        assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+        assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
+
+
+def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_path: Path):
+    """--preload builds the app in the master, before any worker has a slot."""
+    cpus = sorted(os.sched_getaffinity(0))
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--preload")) as srv:
+        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
+            {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
+        assert _chat(srv, 0) == MAX_TOKENS
