@@ -1,6 +1,7 @@
 """The Flask app around an engine that is not serving (yet): no gunicorn, no model load."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -66,3 +67,22 @@ def test_error_messages_always_encode(tmp_path: Path) -> None:
 
     response = app.test_client().get("/echo")
     assert response.status_code == 400 and response.json["error"]["message"] == "bad value 'a?b'"
+
+
+def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Path) -> None:
+    import jsonschema
+
+    app = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig())
+    doc = app.test_client().get("/openapi.json").json  # served while the model still loads
+    routes = {(m.lower(), re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)) for rule in app.url_map.iter_rules()
+              for m in rule.methods - {"HEAD", "OPTIONS"} if rule.endpoint != "static"}
+    assert routes == {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    jsonschema.Draft202012Validator.check_schema(doc)
+    body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = {**body, "components": doc["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert validator.is_valid({**CHAT, "tools": tools, "temperature": 0.5})
+    assert not validator.is_valid({**CHAT, "foo": 1})  # extra fields: refused by both
+    assert not validator.is_valid({**CHAT, "max_tokens": 0})
+    assert not validator.is_valid({**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]})

@@ -8,7 +8,7 @@ import pytest
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
-from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, fingerprint
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request
 from nanoqwen.api.sse import DONE, sse
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
@@ -76,7 +76,27 @@ def test_messages_for_the_template() -> None:
     ({"messages": USER, "seed": 2**63}, "seed"),
     ({"messages": USER, "stream_options": {"include_usage": "yes"}, "stream": True}, "stream_options.include_usage"),
     # unknown and unimplemented fields
-    ({"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools.[0].function"),
+    ({"messages": USER, "tools": [{"type": "code", "function": {"name": "f"}}]}, "tools.[0].type"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.[0].function.name"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]},
+     "tools.[0].function.parameters"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "params": {}}}]},
+     "tools.[0].function.params"),
+    ({"messages": USER, "tools": {"type": "function"}}, "tools"),
+    ({"messages": USER, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": USER, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}]},
+     "messages.[0].tool_calls.[0].function"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages.[0].tool_calls.[0].function.arguments"),
+    ({"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
+     "messages.[0].tool_calls.[0].function.arguments"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.[0]"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.[0]"),
     ({"messages": [{"role": "assistant", "content": "", "function_call": {"name": "f"}}]},
      "messages.[0].function_call"),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": 0}}, "chat_template_kwargs.enable_thinking"),
@@ -106,7 +126,8 @@ def test_model_defaults_fill_only_missing_fields() -> None:
 def test_earlier_reasoning_reaches_the_template() -> None:
     req = parse_chat_request({"messages": [*USER, {"role": "assistant", "content": "4", "reasoning_content": "2+2",
                                                    "refusal": None, "tool_calls": None, "name": "bot"}, *USER]})
-    assert req.template_messages()[1] == {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+    assert req.template_messages()[1] == {"role": "assistant", "content": "4", "reasoning_content": "2+2",
+                                          "name": "bot"}
 
 
 def test_non_object_body() -> None:
@@ -144,8 +165,8 @@ def test_chunk_builder() -> None:
     assert role["object"] == "chat.completion.chunk" and role["usage"] is None
     assert role["choices"] == [{"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}]
-    assert chunks.delta(Event(index=0, token_ids=[1])) is None  # nothing to send (e.g. held-back text)
-    delta = chunks.delta(Event(index=0, text="x", reasoning="r", token_ids=[1]))
+    assert chunks.deltas(Event(index=0, token_ids=[1])) == []  # nothing to send (e.g. held-back text)
+    (delta,) = chunks.deltas(Event(index=0, text="x", reasoning="r", token_ids=[1]))
     assert delta["choices"][0]["delta"] == {"content": "x", "reasoning_content": "r", "reasoning": "r"}
     assert {c["id"] for c in (role, delta)} == {chunks.id} and delta["created"] == role["created"]
     assert chunks.finish(0, "stop")["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
@@ -208,3 +229,76 @@ def test_stats_counters() -> None:
     assert 'nanoqwen_requests_total{outcome="served"} 1.0' in text
     assert "nanoqwen_generation_tokens_total 4.0" in text and "nanoqwen_queue_length 2.0" in text
     assert "nanoqwen_time_to_first_token_seconds_count 2.0" in text
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function",
+          "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_tool_history_reaches_the_template() -> None:
+    req = parse_chat_request({"messages": [
+        *USER,
+        {"role": "assistant", "content": None, "reasoning_content": "need weather", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"},
+    ], "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False})
+    assert req.template_messages()[1:] == [
+        {"role": "assistant", "content": "", "reasoning_content": "need weather", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "get_weather"},
+    ]
+    assert req.template_tools() == TOOLS and req.shows_tools and req.max_tool_calls == 1
+    unused = parse_chat_request({"messages": USER, "tools": TOOLS, "tool_choice": "none"})
+    assert unused.template_tools() is None and not unused.shows_tools  # "none": not shown, not parsed
+
+
+def _answer(builder: CompletionBuilder, *texts: str, reason: str = "stop") -> dict:
+    for text in texts[:-1]:
+        builder.add(Event(index=0, text=text, token_ids=[1]))
+    builder.add(Event(index=0, text=texts[-1], token_ids=[1], finish_reason=reason))
+    return builder.build(Usage(prompt_tokens=1, completion_tokens=len(texts)))["choices"][0]
+
+
+def test_completion_builder_parses_tool_calls() -> None:
+    tools = ToolParsing(enabled=True)
+    choice = _answer(CompletionBuilder("m", "fp", 1, False, tools), "Checking.\n", CALL[:20], CALL[20:])
+    (call,) = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert choice["message"]["content"] == "Checking." and choice["finish_reason"] == "tool_calls"
+    only_calls = _answer(CompletionBuilder("m", "fp", 1, False, tools), CALL + "\n" + CALL)
+    assert only_calls["message"]["content"] is None and len(only_calls["message"]["tool_calls"]) == 2
+    one = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True, max_calls=1)), CALL + "\n" + CALL)
+    assert len(one["message"]["tool_calls"]) == 1
+    cut = _answer(CompletionBuilder("m", "fp", 1, False, tools), CALL, "<tool_call>\n{", reason="length")
+    assert cut["finish_reason"] == "length" and cut["message"]["content"] == "<tool_call>\n{"
+    plain = _answer(CompletionBuilder("m", "fp", 1, False), CALL)  # no tools in the request: text as it is
+    assert plain["message"]["content"] == CALL and "tool_calls" not in plain["message"]
+    assert plain["finish_reason"] == "stop"
+
+
+def test_streamed_tool_calls_reassemble_to_the_completion() -> None:
+    text = "Checking.\n" + CALL + "\n" + CALL.replace("Paris", "Oslo")
+    whole = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text)
+    for step in (1, 3, 7, len(text)):
+        chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+        pieces = [text[i:i + step] for i in range(0, len(text), step)]
+        deltas = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            deltas += chunks.deltas(Event(index=0, text=piece, token_ids=[1], finish_reason="stop" if last else None))
+        content, calls = "", {}
+        for chunk in deltas:
+            delta = chunk["choices"][0]["delta"]
+            content += delta.get("content", "")
+            for call in delta.get("tool_calls", []):
+                if "id" in call:  # the first delta of a call: index, id, type, name
+                    assert call["type"] == "function" and call["function"]["arguments"] == ""
+                    calls[call["index"]] = {"name": call["function"]["name"], "arguments": ""}
+                calls[call["index"]]["arguments"] += call["function"]["arguments"]
+        assert content == whole["message"]["content"]
+        assert [calls[i] for i in sorted(calls)] == [c["function"] for c in whole["message"]["tool_calls"]]
+        assert chunks.finish(0, "stop")["choices"][0]["finish_reason"] == "tool_calls"

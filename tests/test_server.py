@@ -287,8 +287,13 @@ def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize("extra, param, code", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "unsupported_parameter"),
-    ({"tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required"},
+     "tool_choice", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+     "tools.[0].function.parameters", None),
+    ({"tool_choice": "auto"}, "tool_choice", None),
     ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     ({"function_call": "auto"}, "function_call", "unsupported_parameter"),
     ({"logit_bias": {"100": 5}}, "logit_bias", "unsupported_parameter"),
@@ -301,7 +306,7 @@ def test_strict_types(server: GunicornServer, field: str, value: Any) -> None:
     ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
     ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c", "type": "function"}]},
-                   *USER]}, "messages.[0].tool_calls", "unsupported_parameter"),
+                   *USER]}, "messages.[0].tool_calls.[0].function", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.[0].content", None),
     ({"best_of": 2}, "best_of", None),

@@ -5,6 +5,7 @@ import hmac
 import logging
 import re
 import time
+from importlib.metadata import version
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -13,11 +14,15 @@ from werkzeug.exceptions import HTTPException
 
 from nanoqwen.api import request_id
 from nanoqwen.api.body import parse_json, read_body
-from nanoqwen.api.chat import ChatService, unavailable
+from nanoqwen.api.chat import ChatService
+from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.openapi import openapi_document
+from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.shared_stats import SharedStats
+from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.json.ensure_ascii = False
     stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env())
     app.extensions["nanoqwen.stats"] = stats  # the gunicorn worker publishes it periodically
-    chat = ChatService(engine, config, stats)
+    serving = Serving(engine, config, stats)
+    chat = ChatService(serving)
+    completions = CompletionService(serving)
+    tokens = TokenizeService(serving)
     started = time.time()
     request_id.install(app)
 
@@ -93,6 +101,18 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def chat_completions() -> Response | dict[str, Any]:
         return chat.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
 
+    @app.post("/v1/completions")
+    def text_completions() -> Response | dict[str, Any]:
+        return completions.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+
+    @app.post("/tokenize")
+    def tokenize() -> dict[str, Any]:
+        return tokens.tokenize(parse_json(read_body(request, config.body_timeout_s)))
+
+    @app.post("/detokenize")
+    def detokenize() -> dict[str, Any]:
+        return tokens.detokenize(parse_json(read_body(request, config.body_timeout_s)))
+
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
 
@@ -107,6 +127,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                            param="model", code="model_not_found")
         return model_card()
 
+    @app.get("/openapi.json")
+    def openapi() -> dict[str, Any]:
+        return openapi_document("nanoqwen", version("nanoqwen"))
+
     @app.get("/health")
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
         uptime = time.time() - started
@@ -116,7 +140,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
             if status == "error":  # the reason (which may name local paths) is in the log
                 body["error"] = "the model failed to load"
             return body, 503
-        info = chat.info
+        info = serving.info
         model_info = {"model_name": config.model_name, "served_model_name": config.served_model_name}
         model_info |= {key: info[key] for key in ("device", "dtype", "kernels", "graph", "max_batch", "max_model_len")}
         model_info["sampling_defaults"] = engine.sampling_defaults  # from generation_config.json

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoqwen.api.tool_calls import Parsed, ToolCallParser
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 
 Json = dict[str, Any]
@@ -48,12 +49,38 @@ def _with_reasoning(obj: Json, reasoning: str) -> Json:
     return obj
 
 
+@dataclass(frozen=True)
+class ToolParsing:
+    """Whether a request's answers are parsed for tool calls, and how many are kept."""
+
+    enabled: bool = False
+    max_calls: int | None = None
+
+    def parser(self) -> ToolCallParser | None:
+        return ToolCallParser(self.max_calls) if self.enabled else None
+
+
+def finish_reason(reason: str, called: bool) -> str:
+    """OpenAI ends an answer that calls tools with "tool_calls"; one cut short stays "length"."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
 @dataclass
-class _Choice:
+class Choice:
+    """One choice's output, accumulated event by event."""
+
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+
+    def add(self, event: Event) -> None:
+        self.text.append(event.text)
+        self.reasoning.append(event.reasoning)
+        if event.logprobs:
+            self.logprobs.extend(event.logprobs)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
 
 
 @dataclass
@@ -64,20 +91,32 @@ class CompletionBuilder:
     fingerprint: str
     n: int
     want_logprobs: bool
+    tools: ToolParsing = ToolParsing()
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._choices = [_Choice() for _ in range(self.n)]
+        self._choices = [Choice() for _ in range(self.n)]
 
     def add(self, event: Event) -> None:
-        choice = self._choices[event.index]
-        choice.text.append(event.text)
-        choice.reasoning.append(event.reasoning)
-        if event.logprobs:
-            choice.logprobs.extend(event.logprobs)
-        if event.finish_reason is not None:
-            choice.finish_reason = event.finish_reason
+        self._choices[event.index].add(event)
+
+    def _choice(self, index: int, choice: Choice) -> Json:
+        message: Json = {"role": "assistant", "content": "".join(choice.text), "refusal": None}
+        reason = choice.finish_reason
+        parser = self.tools.parser()
+        if parser is not None:
+            parsed = parser.feed(message["content"]) + parser.finish()
+            if parsed.calls:
+                message["content"] = parsed.content or None
+                message["tool_calls"] = [call.to_json() for call in parsed.calls]
+                reason = finish_reason(reason, True) if reason is not None else None
+        return {
+            "index": index,
+            "message": _with_reasoning(message, "".join(choice.reasoning)),
+            "logprobs": logprobs_json(choice.logprobs) if self.want_logprobs else None,
+            "finish_reason": reason,
+        }
 
     def build(self, usage: Usage) -> Json:
         return {
@@ -86,16 +125,7 @@ class CompletionBuilder:
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.fingerprint,
-            "choices": [
-                {
-                    "index": i,
-                    "message": _with_reasoning(
-                        {"role": "assistant", "content": "".join(c.text), "refusal": None}, "".join(c.reasoning)),
-                    "logprobs": logprobs_json(c.logprobs) if self.want_logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(self._choices)
-            ],
+            "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
             "usage": usage_json(usage),
         }
 
@@ -107,8 +137,13 @@ class ChunkBuilder:
     model: str
     fingerprint: str
     include_usage: bool
+    tools: ToolParsing = ToolParsing()
+    n: int = 1
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -123,20 +158,55 @@ class ChunkBuilder:
             chunk["usage"] = None
         return chunk
 
+    def opening(self) -> list[Json]:
+        return [self.role(index) for index in range(self.n)]
+
+    def chunks(self, event: Event) -> list[Json]:
+        """The chunks one engine event turns into (an error is the server's to send)."""
+        out = self.deltas(event)
+        if event.finish_reason is not None:
+            out.append(self.finish(event.index, event.finish_reason))
+        if event.usage is not None and self.include_usage:
+            out.append(self.usage(event.usage))
+        return out
+
     def role(self, index: int) -> Json:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}])
 
-    def delta(self, event: Event) -> Json | None:
-        """The content/reasoning chunk of an event, or None when it carries nothing to send."""
-        if not (event.text or event.reasoning or event.logprobs):
-            return None
-        delta = _with_reasoning({"content": event.text} if event.text else {}, event.reasoning)
-        return self._chunk([{"index": event.index, "delta": delta,
-                             "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
+    def deltas(self, event: Event) -> list[Json]:
+        """The content/reasoning chunk of an event (none when it carries nothing to send), then one
+        chunk per tool call it completes: index, id, type and name, then the arguments."""
+        parsed = Parsed(event.text)
+        if (parser := self._parser(event.index)) is not None:
+            parsed = parser.feed(event.text)
+            if event.finish_reason is not None:
+                parsed += parser.finish()
+        chunks = []
+        if parsed.content or event.reasoning or event.logprobs:
+            delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, event.reasoning)
+            chunks.append(self._chunk([{"index": event.index, "delta": delta,
+                                        "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
+                                        "finish_reason": None}]))
+        first = parser.num_calls - len(parsed.calls) if parser is not None else 0
+        for index, call in enumerate(parsed.calls, first):
+            chunks += [self._tool_delta(event.index, {"index": index, "id": call.id, "type": "function",
+                                                      "function": {"name": call.name, "arguments": ""}}),
+                       self._tool_delta(event.index, {"index": index, "function": {"arguments": call.arguments}})]
+        return chunks
+
+    def _parser(self, index: int) -> ToolCallParser | None:
+        if index not in self._parsers and (parser := self.tools.parser()) is not None:
+            self._parsers[index] = parser
+        return self._parsers.get(index)
+
+    def _tool_delta(self, index: int, call: Json) -> Json:
+        return self._chunk([{"index": index, "delta": {"tool_calls": [call]}, "logprobs": None,
                              "finish_reason": None}])
 
     def finish(self, index: int, reason: str) -> Json:
+        parser = self._parsers.get(index)
+        reason = finish_reason(reason, parser is not None and parser.num_calls > 0)
         return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: Usage) -> Json:

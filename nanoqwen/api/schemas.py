@@ -9,8 +9,9 @@ notation (`messages.[0].role`).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -19,20 +20,22 @@ from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
+MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
 _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
-    "tools": ([],), "functions": ([],), "tool_calls": ([],), "logit_bias": ({},), "tool_choice": ("none",),
-    "function_call": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},),
+    "functions": ([],), "logit_bias": ({},), "function_call": ("none",), "modalities": (["text"],),
+    "response_format": ({"type": "text"},),
 }
 UNSUPPORTED_FIELDS = (
-    "tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities",
+    "functions", "function_call", "logit_bias", "audio", "modalities",
     "response_format", "reasoning_effort", "verbosity", "web_search_options",
     # vLLM's guided decoding
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "suffix", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "guided_decoding_backend", "guided_whitespace_pattern",
 )
-UNSUPPORTED_MESSAGE_FIELDS = ("tool_calls", "function_call", "audio")
+UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
 def _check_unsupported(value: Any, info: ValidationInfo) -> None:
@@ -44,21 +47,62 @@ def _check_unsupported(value: Any, info: ValidationInfo) -> None:
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
-class ChatMessage(_Strict):
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema, shown to the model as it is
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # a JSON object, as OpenAI returns it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object encoded as a string")
+        return value
+
+
+class ToolCallMessage(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+    def to_template(self) -> dict[str, Any]:
+        # Qwen3's template writes `arguments | tojson`: it wants the object, not its encoding.
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": json.loads(self.function.arguments)}}
+
+
+Request = TypeVar("Request", bound=Strict)
+
+
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    # Accepted, not shown to the model: Qwen3's chat template has no participant names.
-    name: str | None = None
+    name: str | None = None  # passed to the template (Qwen3's ignores it)
     # An earlier assistant turn as clients resend it; the template keeps the recent reasoning.
     reasoning_content: str | None = None
     reasoning: str | None = None
     refusal: str | None = None
     tool_call_id: str | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCallMessage] | None = None
     function_call: Any = None
     audio: Any = None
 
@@ -82,46 +126,74 @@ class ChatMessage(_Strict):
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for role '{self.role}'")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self
 
-    def to_template(self) -> dict[str, str]:
-        """The `{"role", "content": str}` form the chat template takes."""
+    def to_template(self) -> dict[str, Any]:
+        """The `{"role", "content": str, ...}` form the chat template takes."""
         parts = self.content if isinstance(self.content, list) else [{"text": self.content or ""}]
         text = "".join(part["text"] for part in parts)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:
             message["reasoning_content"] = reasoning
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_template() for call in self.tool_calls]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
         return message
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks: nothing to pad here
 
 
-class ChatTemplateKwargs(_Strict):
+class ChatTemplateKwargs(Strict):
     """The variables Qwen3's chat template reads besides `messages`, `tools` and `add_generation_prompt`."""
 
     enable_thinking: bool | None = None
 
 
-class ChatCompletionRequest(_Strict):
+class ChatPrompt(Strict):
+    """What the chat template renders: the fields chat completions and /tokenize share."""
+
     model: str | None = None  # None = the served model
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    @property
+    def shows_tools(self) -> bool:
+        return bool(self.tools)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template() for m in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
+
+
+class SamplingFields(Strict):
+    """The sampling fields chat and legacy completions share, OpenAI's and vLLM's."""
+
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(1, ge=1, le=128)
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -129,37 +201,10 @@ class ChatCompletionRequest(_Strict):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
-    chat_template_kwargs: ChatTemplateKwargs | None = None
-    # Metadata that does not change the answer: accepted and ignored.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
-    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
-    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    logit_bias: Any = None
-    audio: Any = None
-    modalities: Any = None
-    response_format: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
+    user: str | None = None  # does not change the answer: accepted and ignored
+    logit_bias: Any = None  # refused unless absent or empty
 
-    @field_validator(*UNSUPPORTED_FIELDS, mode="before")
+    @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
         return _check_unsupported(value, info)
@@ -186,21 +231,11 @@ class ChatCompletionRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    @property
-    def split_reasoning(self) -> bool:
-        """False when thinking is switched off: the template closed the think block already."""
-        kwargs = self.chat_template_kwargs
-        return kwargs is None or kwargs.enable_thinking is not False
-
-    def template_kwargs(self) -> dict[str, Any]:
-        return {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
-
-    def template_messages(self) -> list[dict[str, str]]:
-        return [m.to_template() for m in self.messages]
-
-    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    def _sampling_params(self, model_defaults: Mapping[str, Any] | None, max_tokens: int | None,
+                         top_logprobs: int | None) -> SamplingParams:
         """The engine's parameters: the request's, else model_defaults (the checkpoint's
-        generation_config, e.g. {"temperature": 0.6}), else the OpenAI defaults."""
+        generation_config, e.g. {"temperature": 0.6}), else the OpenAI defaults.
+        top_logprobs None: no logprobs."""
         base = SamplingParams()
         model_defaults = model_defaults or {}
 
@@ -219,20 +254,138 @@ class ChatCompletionRequest(_Strict):
             frequency_penalty=pick(self.frequency_penalty, base.frequency_penalty),
             repetition_penalty=sampling("repetition_penalty"),
             seed=self.seed,
-            max_tokens=pick(self.max_completion_tokens, self.max_tokens),
+            max_tokens=max_tokens,
             ignore_eos=bool(self.ignore_eos),
             stop=self.stop_list,
             stop_token_ids=list(self.stop_token_ids or []),
-            logprobs=bool(self.logprobs),
-            top_logprobs=pick(self.top_logprobs, 0),
+            logprobs=top_logprobs is not None,
+            top_logprobs=top_logprobs or 0,
             n=pick(self.n, 1),
             skip_special_tokens=pick(self.skip_special_tokens, True),
         )
 
 
+class ChatCompletionRequest(ChatPrompt, SamplingFields):
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Metadata that does not change the answer: accepted and ignored.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    # "none" | "auto"; "required" and a named function need constrained decoding: refused.
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    response_format: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if value is None or value in ("none", "auto"):
+            return value
+        if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
+            raise PydanticCustomError("unsupported", "only \"none\" and \"auto\" are supported (\"required\" "
+                                                     "and a named function need constrained decoding)")
+        raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+    @property
+    def split_reasoning(self) -> bool:
+        """False when thinking is switched off: the template closed the think block already."""
+        kwargs = self.chat_template_kwargs
+        return kwargs is None or kwargs.enable_thinking is not False
+
+    @property
+    def shows_tools(self) -> bool:
+        """Tools are shown to the model and its answers parsed for calls (`tool_choice: "none"`: neither)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def max_tool_calls(self) -> int | None:
+        return 1 if self.parallel_tool_calls is False else None
+
+    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling_params(model_defaults, max_tokens,
+                                     (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`: OpenAI's legacy completions (what lm-eval-harness's `local-completions` sends)."""
+
+    model: str | None = None
+    # A text, token ids, or a batch of either: one answer (n choices) per prompt.
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null = up to the context limit
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: Any = None  # insertion needs a fill-in-the-middle prompt format: refused
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value: Any) -> Any:
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+        if isinstance(value, str) or ids(value):
+            return value
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value) or all(map(ids, value))):
+            return value
+        raise ValueError("prompt must be a string, a non-empty list of token ids, or a non-empty list of either")
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
+
+    def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        return self._sampling_params(model_defaults, self.max_tokens, self.logprobs)
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    req = validate_body(CompletionRequest, body)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    n = req.n or 1
+    if req.best_of is not None and req.best_of not in (1, n):
+        raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
+                            "their whole logprob)", param="best_of", code="unsupported_parameter")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
+                            "compute", param="echo", code="unsupported_parameter")
+    if n * len(req.prompts) > MAX_CHOICES:
+        raise APIError(400, f"n × the number of prompts must be at most {MAX_CHOICES}", param="prompt")
+    return req
+
+
 def _check_combinations(req: ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.tool_choice == "auto" and not req.tools:
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                            "specified.",
+                       param="tool_choice")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
@@ -252,13 +405,17 @@ def _api_error(err: Any) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; raises APIError(400) naming the first bad parameter."""
+def validate_body(schema: type[Request], body: Any) -> Request:
+    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        req = ChatCompletionRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
         raise _api_error(exc.errors(include_url=False)[0]) from None
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    req = validate_body(ChatCompletionRequest, body)
     _check_combinations(req)
     return req

@@ -30,16 +30,18 @@ def prompt_token_limit(max_model_len: int, max_tokens: int | None) -> int:
     return max_model_len - (max_tokens or 1)
 
 
-def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> InvalidRequest:
+def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,
+                         what: str = "messages") -> InvalidRequest:
+    """`what`: the request field that holds the prompt (`messages`, or `prompt` for completions)."""
     if max_tokens is None:
-        message = (f"This model's maximum context length is {max_model_len} tokens. However, your messages "
+        message = (f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
                    f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
-                   "Please reduce the length of the messages.")
+                   f"Please reduce the length of the {what}.")
     else:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} "
-                   "in the completion). Please reduce the length of the messages or completion.")
-    return InvalidRequest(message, param="messages", code="context_length_exceeded")
+                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} "
+                   f"in the completion). Please reduce the length of the {what} or completion.")
+    return InvalidRequest(message, param=what, code="context_length_exceeded")
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,

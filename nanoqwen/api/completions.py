@@ -1,0 +1,131 @@
+"""`POST /v1/completions`: OpenAI's legacy text completions, on the chat path's machinery.
+
+A batch of prompts is one engine request per prompt on one stream (serving.Batch): choice
+`i * n + j` is the j-th answer to prompt i, as OpenAI numbers them. No chat template, no
+reasoning split: the text is the model's, `<think>` included.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Response
+
+from nanoqwen.api.responses import Choice, usage_json
+from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
+from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.api.tokenize import encode_texts
+from nanoqwen.engine.request import Event, TokenLogprob, Usage
+from nanoqwen.engine.validation import context_length_error, prompt_token_limit
+
+Json = dict[str, Any]
+
+
+def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> Json:
+    """The legacy shape; `top_logprobs` always has the sampled token, as OpenAI's does."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{lp.token: lp.logprob} | {t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class TextCompletion:
+    """Both the collected `text_completion` and its stream chunks (one id, one `created`)."""
+
+    model: str
+    fingerprint: str
+    echoes: list[str]  # per choice: the prompt text echoed before the answer, or ""
+    want_logprobs: bool
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self._choices = [Choice() for _ in self.echoes]
+        self._offsets = [len(echo) for echo in self.echoes]  # streamed: where the next token's text starts
+
+    def _object(self, choices: list[Json]) -> Json:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint, "choices": choices}
+
+    def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> Json | None:
+        if not self.want_logprobs:
+            return None
+        start = self._offsets[index]
+        self._offsets[index] += sum(len(lp.token) for lp in logprobs or [])
+        return legacy_logprobs(logprobs or [], start)
+
+    def add(self, event: Event) -> None:
+        self._choices[event.index].add(event)
+
+    def build(self, usage: Usage) -> Json:
+        completion = self._object([
+            {"index": i, "text": self.echoes[i] + "".join(c.text),
+             "logprobs": legacy_logprobs(c.logprobs, len(self.echoes[i])) if self.want_logprobs else None,
+             "finish_reason": c.finish_reason}
+            for i, c in enumerate(self._choices)])
+        completion["usage"] = usage_json(usage)
+        return completion
+
+    def opening(self) -> list[Json]:
+        return [self._object([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
+                for i, echo in enumerate(self.echoes) if echo]
+
+    def chunks(self, event: Event) -> list[Json]:
+        out = []
+        if event.text or event.logprobs or event.finish_reason:
+            out.append(self._object([{"index": event.index, "text": event.text,
+                                      "logprobs": self._logprobs(event.index, event.logprobs),
+                                      "finish_reason": event.finish_reason}]))
+        if event.usage is not None and self.include_usage:
+            chunk = self._object([])
+            chunk["usage"] = usage_json(event.usage)
+            out.append(chunk)
+        return out
+
+
+class CompletionService:
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def handle(self, body: Any, environ: dict[str, Any]) -> Response | Json:
+        serving = self.serving
+        trace = serving.stats.begin()
+        req = parse_completion_request(body)
+        serving.check_serving(req.model)
+        params = req.sampling_params(serving.engine.sampling_defaults)
+        prompts = self._encode(req, params.max_tokens)
+        echoes = [""] * len(prompts)
+        if req.echo:
+            echoes = req.prompts if isinstance(req.prompts[0], str) else self._decode(prompts)
+        batch = serving.submit(prompts, params, split_reasoning=False, prompt_param="prompt")
+        builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
+                                 [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
+                                 req.include_usage)
+        return serving.respond(batch, builder if req.stream else None, builder, trace, environ)
+
+    def _encode(self, req: CompletionRequest, max_tokens: int | None) -> list[list[int]]:
+        serving = self.serving
+        prompts = req.prompts
+        if isinstance(prompts[0], str):
+            prompts = serving.off_loop(sum(map(len, prompts)), encode_texts, serving.engine.tokenizer, prompts)
+        limit = serving.info["max_model_len"]
+        for ids in prompts:
+            if len(ids) > prompt_token_limit(limit, max_tokens):
+                raise invalid_request(context_length_error(limit, len(ids), max_tokens, "prompt"))
+        return prompts
+
+    def _decode(self, prompts: list[list[int]]) -> list[str]:
+        tokenizer = self.serving.engine.tokenizer
+        vocab = len(tokenizer)  # an id past it is the engine's 400, not an echo to write
+        known = [[t for t in ids if 0 <= t < vocab] for ids in prompts]
+        return self.serving.off_loop(sum(map(len, known)), tokenizer.batch_decode, known)

@@ -1,0 +1,257 @@
+"""What every generating endpoint shares: the model checks, off-loop tokenising, submitting to the
+engine, and turning its events into one JSON answer or an SSE stream with disconnect handling.
+
+The request greenlet never runs torch, nor the chat template and the tokenizer: those run in a
+NativePool worker, and the greenlet parks on its GeventEventStream, which the engine thread
+feeds; the SSE generator pulls one event per engine step.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from flask import Response
+
+from nanoqwen.api.channel import GeventEventStream
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError, error_body
+from nanoqwen.api.metrics import RequestTrace, ServerStats
+from nanoqwen.api.offload import NativePool, PoolFullError
+from nanoqwen.api.responses import fingerprint
+from nanoqwen.api.sse import DONE, HEADERS, sse
+from nanoqwen.engine import Engine, QueueFullError
+from nanoqwen.engine.request import Event, SamplingParams, Usage
+from nanoqwen.engine.validation import InvalidRequest
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = "1"
+CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
+Json = dict[str, Any]
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Collector(Protocol):
+    def add(self, event: Event) -> None: ...
+    def build(self, usage: Usage) -> Json: ...
+
+
+class Streamer(Protocol):
+    def opening(self) -> list[Json]: ...
+    def chunks(self, event: Event) -> list[Json]: ...
+
+
+def client_disconnected(environ: dict[str, Any]) -> bool:
+    """True when the client reset its connection.
+
+    End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`)
+    once its request is sent and still read the answer. A client that is really gone shows up
+    as a reset here, or as a failed write of the stream (gunicorn then closes our generator).
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if readable:
+            sock.recv(1, socket.MSG_PEEK)
+    except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
+        return True
+    return False
+
+
+def invalid_request(exc: InvalidRequest, prompt_param: str = "messages") -> APIError:
+    """The 400 of an engine refusal; `prompt_param` is where this endpoint's prompt is (the engine says messages)."""
+    param = prompt_param if exc.param == "messages" else exc.param
+    return APIError(400, str(exc), param=param, code=exc.code)
+
+
+def unavailable(engine: Engine) -> APIError | None:
+    """The 503 to answer while the model is not serving, else None."""
+    if engine.load_error is not None:
+        return APIError(503, f"the model failed to load: {engine.load_error}", type="server_error",
+                        code="model_load_failed")
+    if not engine.ready:
+        return APIError(503, "the model is still loading", type="server_error", code="model_loading",
+                        headers={"Retry-After": RETRY_AFTER_S})
+    return None
+
+
+class Batch(GeventEventStream):
+    """One stream for several engine requests (the prompts of a batched completion): choice
+    indices follow on from request to request, and the end is one event with the usage summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.request_ids: list[str] = []
+        self._open = 0
+        self._usage = Usage(0, 0)
+
+    def part(self, offset: int) -> _Part:
+        self._open += 1
+        return _Part(self, offset)
+
+    def put_part(self, event: Event, offset: int) -> None:
+        """Called by the engine thread, the only writer."""
+        event.index += offset
+        if event.usage is not None:
+            total = self._usage
+            self._usage = Usage(total.prompt_tokens + event.usage.prompt_tokens,
+                                total.completion_tokens + event.usage.completion_tokens,
+                                total.cached_tokens + event.usage.cached_tokens)
+            self._open -= 1
+            if self._open:
+                return
+            event.usage = self._usage
+        self.put(event)
+
+
+class _Part:
+    def __init__(self, batch: Batch, offset: int) -> None:
+        self.batch = batch
+        self.offset = offset
+
+    def put(self, event: Event) -> None:
+        self.batch.put_part(event, self.offset)
+
+
+class Serving:
+    def __init__(self, engine: Engine, config: ServerConfig, stats: ServerStats) -> None:
+        self.engine = engine
+        self.config = config
+        self.stats = stats
+        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
+        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
+        self._info: dict[str, Any] | None = None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """engine.info(), fixed once the model is loaded."""
+        if self._info is None:
+            self._info = self.engine.info()
+        return self._info
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.info)
+
+    def check_serving(self, model: str | None) -> None:
+        """404 for a model name this server does not serve, 503 while the model does not serve."""
+        if model is not None and not self.config.accepts_model(model):
+            raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
+        if (error := unavailable(self.engine)) is not None:
+            raise error
+
+    def off_loop(self, chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) (templating, tokenising) in a native thread; prompts of `chars` characters or
+        more go to their own pool, so a few long ones cannot hold up every short one."""
+        pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
+        try:
+            return pool.run(fn, *args)
+        except PoolFullError as exc:
+            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
+               prompt_param: str = "messages") -> Batch:
+        """Every prompt as one engine request with params.n choices, all on one stream."""
+        batch = Batch()
+        try:
+            for i, prompt_ids in enumerate(prompts):
+                request_id, _ = self.engine.submit(prompt_ids, params, stream=batch.part(i * params.n),
+                                                   split_reasoning=split_reasoning)
+                batch.request_ids.append(request_id)
+        except QueueFullError as exc:
+            self._abort(batch)
+            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
+                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+        except InvalidRequest as exc:
+            self._abort(batch)
+            raise invalid_request(exc, prompt_param) from None
+        return batch
+
+    def respond(self, batch: Batch, stream: Streamer | None, collector: Collector, trace: RequestTrace,
+                environ: dict[str, Any]) -> Response | Json:
+        """An SSE response from `stream` when given, else the collected JSON answer."""
+        if stream is not None:
+            return Response(self._stream(batch, stream, trace, environ), mimetype="text/event-stream",
+                            headers=HEADERS)
+        answer = self._collect(batch, collector, trace, environ)
+        return Response(status=CLIENT_CLOSED) if answer is None else answer
+
+    def _abort(self, batch: Batch) -> None:
+        for request_id in batch.request_ids:
+            self.engine.abort(request_id)
+
+    def _events(self, batch: Batch, environ: dict[str, Any]) -> Iterator[Event]:
+        """The request's events, checking at each one (each engine step) and every poll interval
+        while none comes (queued) that the client is still connected: one non-blocking select."""
+        while True:
+            try:
+                event = batch.get(timeout=self.config.disconnect_poll_s)
+            except TimeoutError:
+                event = None
+            if client_disconnected(environ):
+                raise ClientGone
+            if event is None:
+                continue
+            yield event
+            if event.is_last:
+                return
+
+    def _collect(self, batch: Batch, builder: Collector, trace: RequestTrace,
+                 environ: dict[str, Any]) -> Json | None:
+        finished = False
+        try:
+            for event in self._events(batch, environ):  # its last event is the `is_last` one
+                trace.on_event(event)
+                builder.add(event)
+            finished = True
+        except ClientGone:
+            return None
+        finally:
+            if not finished:
+                self._abort(batch)
+                self.stats.abort(trace)
+        if event.error is not None:
+            self._abort(batch)  # the other prompts of a batch
+            self.stats.fail(trace)
+            raise APIError(500, event.error, type="server_error")
+        self.stats.finish(trace, event.usage)
+        return builder.build(event.usage)
+
+    def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
+        finished = False
+        try:
+            for chunk in chunks.opening():
+                yield sse(chunk)
+            for event in self._events(batch, environ):
+                trace.on_event(event)
+                out = [sse(chunk) for chunk in chunks.chunks(event)]
+                if event.error is not None:
+                    out.append(sse(error_body(event.error, type="server_error")))
+                if event.is_last:  # account for it before a failing write can cut the generator short
+                    finished = True
+                    if event.error is not None:
+                        self._abort(batch)  # the other prompts of a batch
+                        self.stats.fail(trace)
+                    else:
+                        self.stats.finish(trace, event.usage)
+                yield from out
+            yield DONE
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("stream of %s failed", batch.request_ids)
+            yield sse(error_body("internal server error", type="server_error"))
+            yield DONE
+        finally:
+            if not finished:
+                self._abort(batch)
+                self.stats.abort(trace)

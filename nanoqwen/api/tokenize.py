@@ -1,0 +1,82 @@
+"""vLLM's `POST /tokenize` and `POST /detokenize`: a prompt or chat messages → token ids, and back.
+
+lm-eval-harness and agents use them to count and cut prompts; the ids are exactly those a
+completion or chat request with the same input gets. The templating and the tokenizer run in the
+server's native threads, never on the event loop.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from nanoqwen.api.chat import template_chars
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
+from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.engine.validation import InvalidRequest
+
+
+class TokenizePromptRequest(Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatPrompt):
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeService:
+    def __init__(self, serving: Serving) -> None:
+        self.serving = serving
+
+    def tokenize(self, body: Any) -> dict[str, Any]:
+        chat_form = isinstance(body, dict) and "messages" in body
+        req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body)
+        self.serving.check_serving(req.model)
+        ids = self.serving.off_loop(*self._job(req))
+        strs = self.serving.off_loop(len(ids), self.serving.engine.tokenizer.convert_ids_to_tokens, ids) \
+            if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.serving.info["max_model_len"], "tokens": ids,
+                "token_strs": strs}
+
+    def _job(self, req: TokenizePromptRequest | TokenizeChatRequest) -> tuple[Any, ...]:
+        engine = self.serving.engine
+        if isinstance(req, TokenizePromptRequest):
+            return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
+        messages, tools = req.template_messages(), req.template_tools()
+        return (template_chars(messages, tools), _encode_messages, engine.encode_messages, messages,
+                req.template_kwargs(), tools, req.add_generation_prompt)
+
+    def detokenize(self, body: Any) -> dict[str, Any]:
+        req = validate_body(DetokenizeRequest, body)
+        self.serving.check_serving(req.model)
+        tokenizer = self.serving.engine.tokenizer
+        vocab = len(tokenizer)
+        if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
+            raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
+                           param=f"tokens.[{bad}]")
+        return {"prompt": self.serving.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
+
+
+def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of plain texts (no chat template), as completions and /tokenize see them."""
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[int]:
+    return encode_texts(tokenizer, [prompt], add_special_tokens)[0]
+
+
+def _encode_messages(encode: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any],
+                     tools: list[dict[str, Any]] | None, add_generation_prompt: bool) -> list[int]:
+    try:
+        return encode(messages, kwargs, None, tools, add_generation_prompt)
+    except InvalidRequest as exc:  # raised in the worker, where the greenlet's mapping cannot see it
+        raise invalid_request(exc) from None

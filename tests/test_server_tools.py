@@ -1,0 +1,156 @@
+"""Tool calls and /tokenize, /detokenize through `gunicorn -k gevent server:app` and the `openai` client.
+
+The random-weight checkpoint never emits a call by itself: that the answers' calls are parsed and
+streamed is tested on crafted events (tests/test_api_protocol.py, tests/test_tool_calls.py); here,
+that tools and the tool history reach the real chat template, and the shape of what comes back.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from chat_http import MODEL, cpu_env
+from checkpoints import make_checkpoint
+from server_process import GunicornServer
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ROUND_TRIP = [
+    *USER,
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, **NO_THINKING}
+CLIENT_GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": NO_THINKING}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    srv = GunicornServer(env, tmp_path_factory.mktemp("tools") / "gunicorn.log").start()
+    yield srv
+    srv.stop()
+
+
+def _client(srv: GunicornServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _post(srv: GunicornServer, path: str, body: Any) -> requests.Response:
+    return requests.post(f"{srv.url}{path}", json=body, timeout=120)
+
+
+def _chat(srv: GunicornServer, **body: Any) -> dict[str, Any]:
+    response = _post(srv, "/v1/chat/completions", {**GREEDY, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _templated(srv: GunicornServer, **body: Any) -> tuple[list[int], str]:
+    tokens = _post(srv, "/tokenize", {"model": MODEL, **body})
+    assert tokens.status_code == 200, tokens.text
+    ids = tokens.json()["tokens"]
+    text = _post(srv, "/detokenize", {"model": MODEL, "tokens": ids})
+    assert text.status_code == 200, text.text
+    return ids, text.json()["prompt"]
+
+
+def _error(response: requests.Response, param: str) -> dict[str, Any]:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    return error
+
+
+def test_tools_reach_the_chat_template(server: GunicornServer) -> None:
+    plain = _chat(server, messages=USER)["usage"]["prompt_tokens"]
+    with_tools = _chat(server, messages=USER, tools=TOOLS)
+    assert with_tools["usage"]["prompt_tokens"] > plain + 20
+    assert with_tools["choices"][0]["finish_reason"] in ("stop", "length")  # the random model calls nothing
+    # tool_choice "none": the tools are not shown (and answers not parsed), as if there were none
+    assert _chat(server, messages=USER, tools=TOOLS, tool_choice="none")["usage"]["prompt_tokens"] == plain
+    ids, text = _templated(server, messages=USER, tools=TOOLS, chat_template_kwargs={"enable_thinking": False})
+    assert len(ids) == with_tools["usage"]["prompt_tokens"]
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_tool_round_trip_with_the_openai_client(server: GunicornServer) -> None:
+    client = _client(server)
+    answer = client.chat.completions.create(messages=ROUND_TRIP, tools=TOOLS, tool_choice="auto",
+                                            parallel_tool_calls=True, **CLIENT_GREEDY)
+    assert answer.choices[0].message.role == "assistant"
+    ids, text = _templated(server, messages=ROUND_TRIP, tools=TOOLS, chat_template_kwargs={"enable_thinking": False})
+    assert answer.usage.prompt_tokens == len(ids)
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny, 21 °C\n</tool_response><|im_end|>\n'
+            in text)
+
+
+def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: GunicornServer) -> None:
+    client = _client(server)
+    body = {**CLIENT_GREEDY, "max_tokens": 12, "messages": USER, "tools": TOOLS}
+    whole = client.chat.completions.create(**body)
+    stream = client.chat.completions.create(**body, stream=True)
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == whole.choices[0].message.content and reasons == [whole.choices[0].finish_reason]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.[0].function.name"),
+    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"messages": [*USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": "city=Paris"}}]}]}, "messages.[1].tool_calls.[0].function.arguments"),
+    ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),
+])
+def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: str) -> None:
+    _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, **body}), param)
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(server).chat.completions.create(**{"messages": USER, **CLIENT_GREEDY, **body})
+    assert info.value.body["param"] == param
+
+
+def test_tokenize_and_detokenize(server: GunicornServer) -> None:
+    prompt = "Hello world, <tool_call> héllo"
+    tokens = _post(server, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) and tokens["max_model_len"] == 1024
+    assert 151657 in tokens["tokens"]  # <tool_call> is one token
+    assert _post(server, "/detokenize", {"model": MODEL, "tokens": tokens["tokens"]}).json() == {"prompt": prompt}
+    no_gen = _post(server, "/tokenize", {"messages": USER, "add_generation_prompt": False}).json()
+    gen = _post(server, "/tokenize", {"messages": USER}).json()
+    assert gen["tokens"][:no_gen["count"]] == no_gen["tokens"] and gen["count"] > no_gen["count"]
+    assert gen["token_strs"] is None
+    chat = _chat(server, messages=USER, chat_template_kwargs=None)
+    assert chat["usage"]["prompt_tokens"] == gen["count"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"prompt": "x", "messages": USER}, "prompt"),
+    ("/tokenize", {"prompt": "x", "extra": 1}, "extra"),
+    ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
+    ("/tokenize", {"messages": USER, "add_generation_prompt": "yes"}, "add_generation_prompt"),
+    ("/detokenize", {"tokens": [1, -1]}, "tokens.[1]"),
+    ("/detokenize", {"tokens": [0, 10**9]}, "tokens.[1]"),
+    ("/detokenize", {"tokens": ["1"]}, "tokens.[0]"),
+    ("/detokenize", {}, "tokens"),
+])
+def test_tokenize_validation(server: GunicornServer, path: str, body: dict[str, Any], param: str) -> None:
+    _error(_post(server, path, body), param)
+
+
+def test_tokenize_unknown_model(server: GunicornServer) -> None:
+    response = _post(server, "/tokenize", {"model": "gpt-4", "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
