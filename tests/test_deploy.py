@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, post_chat, sse_payloads
+from chat_http import MODEL, cpu_env, health_latencies, post_chat, sse_payloads
 from engine_util import hf_greedy
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, resolve_threads
@@ -78,12 +78,7 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
         b = threading.Thread(target=lambda: b_result.append(
             post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()))
         b.start()
-        health = []
-        while b.is_alive():
-            t0 = time.perf_counter()
-            assert requests.get(f"{srv.url}/health", timeout=10).status_code == 200
-            health.append(time.perf_counter() - t0)
-            time.sleep(0.1)
+        health = health_latencies(srv, b, interval=0.1)
         b_done = time.monotonic()
         a.join()
     finally:
