@@ -16,7 +16,13 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
-MODES = ("greedy", "sample", "filter")  # argmax only | + temperature and noise | + top-k/top-p/min-p
+# argmax only | + temperature and noise, every row's top-k within TOP_K_CANDIDATES | + temperature
+# and noise over the vocabulary | + top-k/top-p/min-p over the vocabulary.
+MODES = ("greedy", "top_k", "sample", "filter")
+# A row whose top-k is at most this samples among the logits' top candidates only (torch.topk, then
+# noise for those alone): Gumbel-max over the surviving candidates is exact sampling, at a cost close
+# to greedy's argmax instead of hashing the whole vocabulary.
+TOP_K_CANDIDATES = 64
 
 
 def seed_key(seed: int) -> int:
@@ -28,23 +34,32 @@ def seed_key(seed: int) -> int:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # int64 lanes holding 32-bit values; multipliers < 2^31 keep every product below 2^63.
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _MASK32
-    return x ^ (x >> 16)
+    # int32 lanes: products wrap mod 2^32; right shifts are arithmetic, so the mask makes them logical.
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x5BD1E995
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
-def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [B, V] determined by (key, step, token id) alone; keys/steps: [B], any int dtype
-    (int32 keys hold the 32-bit key's bit pattern)."""
-    keys, steps = keys.long() & _MASK32, steps.long() & _MASK32
-    row = _mix32(keys ^ _mix32(steps))  # [B]
-    token = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    bits = _mix32((row.unsqueeze(1) + token.unsqueeze(0) * 0x2545F491) & _MASK32)  # [B, V]
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+def _as_int32(values: torch.Tensor) -> torch.Tensor:
+    """[B] ints holding 32-bit patterns (int32, or int64 in [0, 2^32)) -> int32 with those bits."""
+    return (((values.long() + (1 << 31)) & _MASK32) - (1 << 31)).int()
+
+
+def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [B, N] determined by (key, step, token id) alone. keys/steps: [B], any int dtype
+    (int32 keys hold the 32-bit key's bit pattern); token_ids: [B, N] or [N] (broadcast to every row)."""
+    row = _mix32(_as_int32(keys) ^ _mix32(_as_int32(steps)))  # [B]
+    bits = _mix32(row.unsqueeze(1) + token_ids.int() * 0x2545F491)  # [B, N]
+    uniform = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     return -torch.log(uniform)
+
+
+def _race(scaled: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race argmax(p / E) in log space, argmax(logit - log E): no softmax, so the
+    winner depends on each candidate's own logit and noise only, not on which others are scored."""
+    return (scaled - noise.log()).argmax(dim=-1)
 
 
 @dataclass
@@ -65,6 +80,10 @@ class SamplingRows:
     @property
     def filtered(self) -> torch.Tensor:  # [B] bool: rows with any of top-k, top-p, min-p
         return (self.top_k > 0) | (self.top_p < 1) | (self.min_p > 0)
+
+    @property
+    def few_candidates(self) -> torch.Tensor:  # [B] bool: rows sampled among the top candidates only
+        return (self.top_k > 0) & (self.top_k <= TOP_K_CANDIDATES)
 
 
 @dataclass
@@ -89,10 +108,10 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return logits - penalties.frequency.unsqueeze(1) * counts - presence
 
 
-def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """Top-k, then top-p (nucleus), then min-p, each per row; removed tokens get -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-    rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+def _filter_sorted(sorted_logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """sorted_logits: [B, N] descending (N: the vocabulary, or a row's top candidates when N >= its
+    top-k) -> the same with the tokens that top-k, then top-p, then min-p remove set to -inf."""
+    rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device).unsqueeze(0)
     top_k = rows.top_k.unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill((top_k > 0) & (rank >= top_k), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
@@ -100,23 +119,43 @@ def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     drop = before >= rows.top_p.unsqueeze(1)
     drop |= probs < rows.min_p.unsqueeze(1) * probs[:, :1]
     drop[:, 0] = False  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return sorted_logits.masked_fill(drop, float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Top-k, then top-p (nucleus), then min-p, each per row; removed tokens get -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    return torch.full_like(logits, float("-inf")).scatter(1, order, _filter_sorted(sorted_logits, rows))
+
+
+def _sample_candidates(logits: torch.Tensor, rows: SamplingRows, temperature: torch.Tensor) -> torch.Tensor:
+    """Rows whose top-k is within TOP_K_CANDIDATES: filter and race their top candidates only. -> [B]"""
+    values, ids = logits.topk(min(TOP_K_CANDIDATES, logits.shape[-1]), dim=-1)  # [B, K], descending
+    scaled = _filter_sorted(values / temperature, rows)
+    winner = _race(scaled, exponential_noise(rows.keys, rows.steps, ids))  # [B]
+    return ids.gather(1, winner.unsqueeze(1)).squeeze(1)
 
 
 def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None) -> torch.Tensor:
     """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
-    "greedy" when all temperatures are 0, "filter" when any sampled row filters."""
+    "greedy" when all temperatures are 0, "top_k" when every sampled row is `few_candidates`, "filter"
+    when any sampled row filters. A `few_candidates` row is sampled the same way in every mode."""
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
     greedy = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy
-    scaled = logits / rows.temperature.clamp(min=1e-5).unsqueeze(1)
-    if mode == "filter":
-        scaled = torch.where(rows.filtered.unsqueeze(1), filter_logits(scaled, rows), scaled)
-    probs = scaled.softmax(dim=-1)
-    sampled = (probs / exponential_noise(rows.keys, rows.steps, logits.shape[-1])).argmax(dim=-1)
+    temperature = rows.temperature.clamp(min=1e-5).unsqueeze(1)
+    if mode == "top_k":
+        sampled = _sample_candidates(logits, rows, temperature)
+    else:
+        scaled = logits / temperature
+        if mode == "filter":
+            scaled = torch.where(rows.filtered.unsqueeze(1), filter_logits(scaled, rows), scaled)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        sampled = _race(scaled, exponential_noise(rows.keys, rows.steps, vocab))
+        if mode == "filter":
+            sampled = torch.where(rows.few_candidates, _sample_candidates(logits, rows, temperature), sampled)
     return torch.where(rows.temperature == 0, greedy, sampled)
 
 

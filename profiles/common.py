@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -91,14 +92,16 @@ class DecodeRun:
         return self.batch * len(self.step_s) / sum(self.step_s)
 
 
-def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> DecodeRun:
-    """Prefills every prompt in one step (untimed), then times each decode step of the whole batch.
+def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int,
+                  params: SamplingParams | None = None) -> DecodeRun:
+    """Prefills every prompt in one step (untimed), then times each decode step of the whole batch;
+    `params` (greedy by default) get max_tokens=new_tokens and ignore EOS.
 
     Each step is the engine's real `step()`: scheduling, input staging, the model, sampling and
     detokenisation; it ends with the sampled tokens on the host, so the wall time is the step's.
     """
     device = engine.runner.device
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    params = dataclasses.replace(params or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
     streams = [engine.submit(p, params)[1] for p in prompts]
     step_s = []
     with torch.inference_mode():

@@ -35,9 +35,9 @@ MIXED = [
     SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, seed=3, max_tokens=12,
                    ignore_eos=True),
 ]
-# The captured sampler modes: "sample", "filter", a penalised batch (greedy step, then eager
-# penalties), and the same in bucket 8 with padded lanes.
-MIXED_BATCHES = [MIXED[:2], MIXED[:3], MIXED, MIXED + MIXED[:3]]
+# The captured sampler modes: "sample", "filter", "top_k", a penalised batch (greedy step, then
+# eager penalties), and the same in bucket 8 with padded lanes.
+MIXED_BATCHES = [MIXED[:2], MIXED[:3], [MIXED[0], MIXED[2]], MIXED, MIXED + MIXED[:3]]
 
 
 def sampled_outputs(checkpoint, **mode) -> list[list[int]]:

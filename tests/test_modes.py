@@ -15,6 +15,7 @@ import ops
 from checkpoints import load_hf_model, make_checkpoint
 from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
 from nanoqwen.engine import SamplingParams
+from nanoqwen.sampler import MODES
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
@@ -59,8 +60,9 @@ def sampled_tokens(engine, batches: list[list[SamplingParams]]) -> list[list[int
 
 SAMPLED = SamplingParams(temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
 FILTERED = SamplingParams(temperature=1.2, top_p=0.8, top_k=30, min_p=0.01, seed=2, max_tokens=6, ignore_eos=True)
-# The step's sampler mode: "sample" for the first batch, "filter" for the second.
-MIXED_BATCHES = [[greedy(6), SAMPLED, SAMPLED], [greedy(6), SAMPLED, FILTERED]]
+# The step's sampler mode: "sample" for the first batch, "filter" for the second, "top_k" for the third.
+MIXED_BATCHES = [[greedy(6), SAMPLED, SAMPLED], [greedy(6), SAMPLED, FILTERED],
+                 [greedy(6), greedy(6), FILTERED]]
 
 
 @pytest.mark.slow
@@ -71,6 +73,7 @@ def test_compiled_sampling_modes_match_eager(checkpoint):
     assert compiled == eager
     assert eager[1] == eager[4]  # same seed and prompt, batch-mates in another mode: the same tokens
     assert eager[1] != eager[0]  # and they are sampled, not the greedy ones
+    assert eager[5] == eager[8]  # a small top-k row: the same tokens in the "filter" and "top_k" steps
 
 
 # Run in a fresh process: triton must be imported without TRITON_INTERPRET, so that the kernels are
@@ -81,6 +84,7 @@ TRACE_SCRIPT = textwrap.dedent("""
     from checkpoints import make_checkpoint
     from engine_util import load_engine
     from ops import triton as triton_kernels
+    from nanoqwen.sampler import MODES
     engine = load_engine(make_checkpoint(), max_batch=4)
     runner = engine.runner
     # The Triton set, as ops.select_kernels makes it on CUDA (it refuses the CPU without the interpreter).
@@ -94,7 +98,7 @@ TRACE_SCRIPT = textwrap.dedent("""
         calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         print("kernels", sum("triton_kernel_wrapper" in c for c in calls))
         return lambda *args: None  # record only: there is no GPU to launch on
-    for mode in ("greedy", "sample", "filter"):
+    for mode in MODES:
         torch._dynamo.reset()
         try:
             with torch.inference_mode():
@@ -116,7 +120,7 @@ def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
     done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # 2 layers x (2 RMSNorms, q/k norm + RoPE + store, split-K attention + combine, SiLU * up) + the final norm
-    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * 3
+    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * len(MODES)
 
 
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",

@@ -10,7 +10,12 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from nanoqwen import sampler
+from nanoqwen.engine.request import SamplingParams
+from nanoqwen.runner.sampling import sampling_mode
 from nanoqwen.sampler import (
+    MODES,
+    TOP_K_CANDIDATES,
     Penalties,
     SamplingRows,
     apply_penalties,
@@ -96,9 +101,12 @@ def test_sampling_follows_the_distribution():
 def test_noise_depends_only_on_key_and_step():
     keys = torch.tensor([seed_key(1), seed_key(2), seed_key(1)])
     steps = torch.tensor([0, 0, 0])
-    noise = exponential_noise(keys, steps, 1000)
+    vocab = torch.arange(1000)
+    noise = exponential_noise(keys, steps, vocab)
     assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
-    assert not torch.equal(noise[0], exponential_noise(keys[:1], torch.tensor([1]), 1000)[0])
+    assert not torch.equal(noise[0], exponential_noise(keys[:1], torch.tensor([1]), vocab)[0])
+    ids = torch.tensor([[5, 999, 0], [7, 7, 300], [0, 1, 2]])  # a row's noise for chosen ids: the same values
+    assert torch.equal(exponential_noise(keys, steps, ids), noise.gather(1, ids))
     assert 0.9 < noise.mean().item() < 1.1 and (noise > 0).all()
 
 
@@ -119,16 +127,65 @@ def test_a_row_samples_the_same_in_every_mode_that_serves_it():
         assert torch.isin(filtered[2], logits[2].topk(20).indices)
 
 
+QWEN_DEFAULTS = dict(temperature=0.7, top_p=0.95, top_k=20)
+
+
+def test_top_k_mode_serves_batches_whose_sampled_rows_all_have_a_small_top_k():
+    def params(**kw):
+        return SamplingParams(**{"temperature": 1.0, **kw})
+
+    assert sampling_mode([params(**QWEN_DEFAULTS), params(temperature=0.0), params(top_k=TOP_K_CANDIDATES)]) == "top_k"
+    assert sampling_mode([params(**QWEN_DEFAULTS), params()]) == "filter"  # a row without top-k: the vocabulary
+    assert sampling_mode([params(top_k=TOP_K_CANDIDATES + 1)]) == "filter"
+    assert sampling_mode([params(), params(temperature=0.0, top_k=5)]) == "sample"
+
+
+def test_top_k_mode_scores_only_the_candidates(monkeypatch):
+    """The cheap path: noise for the top candidates of each row, never the [B, V] vocabulary."""
+    shapes = []
+    noise = sampler.exponential_noise
+    monkeypatch.setattr(sampler, "exponential_noise", lambda k, s, ids: shapes.append(ids.shape) or noise(k, s, ids))
+    sample(torch.randn(3, 5000), rows(3, **{k: [v] * 3 for k, v in QWEN_DEFAULTS.items()}), "top_k")
+    assert shapes == [(3, TOP_K_CANDIDATES)]
+
+
+def test_a_small_top_k_row_samples_the_same_in_top_k_and_filter_modes():
+    """Its batch-mates decide whether the step runs "top_k" or "filter": its tokens must not change."""
+    torch.manual_seed(6)
+    logits = torch.randn(4, 3000) * 3
+    settings = dict(temperature=[0.7, 1.0, 1.5, 0.0], top_p=[0.95, 1.0, 0.5, 1.0], top_k=[20, 1, 64, 20],
+                    min_p=[0.0, 0.0, 0.05, 0.0], seeds=[21, 22, 23, 24])
+    mate = dict(temperature=[1.0], top_p=[0.9], top_k=[0], min_p=[0.0], seeds=[25])  # forces "filter"
+    for step in range(50):
+        alone = sample(logits, rows(4, steps=[step] * 4, **settings), "top_k")
+        together = rows(5, steps=[step] * 5, **{k: v + mate[k] for k, v in settings.items()})
+        with_mate = sample(torch.cat([logits, torch.randn(1, 3000)]), together, "filter")
+        assert torch.equal(alone, with_mate[:4])
+        assert alone[1] == logits[1].argmax() and alone[3] == logits[3].argmax()
+
+
+def test_top_k_mode_follows_the_filtered_distribution():
+    torch.manual_seed(7)
+    logits = torch.randn(1, 200) * 2
+    top = logits[0].topk(5)
+    probs = torch.zeros(200).index_put_((top.indices,), (top.values / 0.7).softmax(-1))
+    counts = torch.zeros(200)
+    for step in range(4000):
+        counts[sample(logits, rows(1, temperature=[0.7], top_k=[5], steps=[step]), "top_k")] += 1
+    assert (counts / 4000 - probs).abs().max() < 0.03
+
+
 def test_int32_key_bit_patterns_give_the_same_noise():
     keys = torch.tensor([seed_key(s) for s in range(8)], dtype=torch.int64)
     assert (keys >= 1 << 31).any()  # some keys only fit int32 as negative bit patterns
     as_int32 = torch.from_numpy(keys.numpy().astype("uint32").view("int32"))
     steps = torch.arange(8, dtype=torch.int32)
-    assert torch.equal(exponential_noise(keys, steps, 500), exponential_noise(as_int32, steps, 500))
+    vocab = torch.arange(500)
+    assert torch.equal(exponential_noise(keys, steps, vocab), exponential_noise(as_int32, steps, vocab))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["greedy", "sample", "filter"])
+@pytest.mark.parametrize("mode", MODES)
 def test_compiled_sampler_matches_eager(mode):
     """The sampler as the compiled and captured decode step runs it (inductor here, fullgraph)."""
     torch.manual_seed(5)

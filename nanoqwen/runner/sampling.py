@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nanoqwen.runner.inputs import StepInputs
-from nanoqwen.sampler import Penalties, top_logprobs
+from nanoqwen.sampler import TOP_K_CANDIDATES, Penalties, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.request import SamplingParams
@@ -31,6 +31,8 @@ def sampling_mode(params: list[SamplingParams]) -> str:
     sampled = [p for p in params if not p.greedy]
     if not sampled:
         return "greedy"
+    if all(0 < p.top_k <= TOP_K_CANDIDATES for p in sampled):
+        return "top_k"
     return "filter" if any(p.filters for p in sampled) else "sample"
 
 

@@ -1,0 +1,132 @@
+"""What sampling adds to a decode step: greedy against sampled and filtered, at several batch sizes.
+
+    python profiles/bench_sampler.py [--batches 1 8 32] [--repeats 30] [--new-tokens 16]
+        [--threads N] [--no-engine] [--device auto] [--small] [--out DIR]
+
+1. The sampler alone (`nanoqwen.sampler.sample`) on random fp32 logits [B, V] of Qwen3-0.6B's
+   151,936-token vocabulary, for each setting below, in the sampler mode the engine would pick
+   (`runner.sampling.sampling_mode`). The settings take turns within each repeat, so a shared
+   machine's load falls on all of them alike; ms = the median over --repeats.
+2. Unless --no-engine: whole engine decode steps (`Engine.step()`, as bench_decode.py times them) on
+   the random 0.6B-shaped bf16 checkpoint (--small: the 2-layer test model, whose vocabulary is
+   small), all rows greedy against all rows with Qwen3's sampling defaults, and their ratio
+   (target: at most 1.15 at every batch).
+--threads sets torch's intra-op threads for both (on a shared CPU, 1 stalls least).
+Writes bench_sampler.{json,md} into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from nanoqwen.config import resolve_device  # noqa: E402
+from nanoqwen.engine import SamplingParams  # noqa: E402
+from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
+from nanoqwen.sampler import SamplingRows, sample, seed_key  # noqa: E402
+
+VOCAB = 151_936  # Qwen3-0.6B
+TARGET_RATIO = 1.15
+SETTINGS = {
+    "greedy": SamplingParams(temperature=0.0),
+    "qwen defaults (T 0.7, top-p 0.95, top-k 20)": SamplingParams(temperature=0.7, top_p=0.95, top_k=20),
+    "temperature 1.0": SamplingParams(temperature=1.0),
+    "top-p 0.95 (no top-k)": SamplingParams(temperature=0.7, top_p=0.95),
+}
+QWEN = SETTINGS["qwen defaults (T 0.7, top-p 0.95, top-k 20)"]
+
+
+def rows(params: SamplingParams, batch: int, device: torch.device) -> SamplingRows:
+    def col(value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((batch,), value, dtype=dtype, device=device)
+
+    return SamplingRows(
+        temperature=col(params.temperature, torch.float32), top_p=col(params.top_p, torch.float32),
+        top_k=col(params.top_k, torch.int32), min_p=col(params.min_p, torch.float32),
+        keys=torch.tensor([seed_key(i) for i in range(batch)], dtype=torch.int64, device=device),
+        steps=col(3, torch.int32),
+    )
+
+
+@torch.inference_mode()
+def sampler_ms(batch: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median ms of one `sample` call per setting, the settings interleaved within each repeat."""
+    logits = torch.randn(batch, VOCAB, device=device) * 3
+    calls = {name: (rows(p, batch, device), sampling_mode([p])) for name, p in SETTINGS.items()}
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, (settings, mode) in calls.items():
+            common.synchronize(device)
+            start = time.perf_counter()
+            sample(logits, settings, mode)
+            common.synchronize(device)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def engine_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    engine = common.load_engine(common.checkpoint(args.small), device=args.device, dtype="auto", graph="auto",
+                                kernels="auto", max_batch=max(args.batches), max_model_len=256)
+    set_threads(args.threads)  # loading set the engine's own
+    out = []
+    for batch in args.batches:
+        prompts = common.random_prompts(batch, 16, seed=batch)
+        runs = {}
+        for name in ("greedy", "sampled"):  # each twice, alternating: the second of each is kept
+            for _ in range(2):
+                params = SETTINGS["greedy"] if name == "greedy" else QWEN
+                runs[name] = common.engine_decode(engine, prompts, args.new_tokens, params)
+        greedy, sampled = runs["greedy"].median_step_s * 1000, runs["sampled"].median_step_s * 1000
+        out.append({"batch": batch, "greedy_ms": greedy, "sampled_ms": sampled, "ratio": sampled / greedy})
+    return out
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_engine_args(parser, dtype=False)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--no-engine", action="store_true")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    info = common.machine_info(device)
+    print(common.machine_line(info))
+    sampler = {batch: sampler_ms(batch, args.repeats, device) for batch in args.batches}
+    header = ["setting (sampler mode)", *[f"B={b} ms" for b in args.batches]]
+    table = common.markdown_table(header, [
+        [f"{name} ({sampling_mode([p])})", *[f"{sampler[b][name]:.2f}" for b in args.batches]]
+        for name, p in SETTINGS.items()
+    ])
+    steps = [] if args.no_engine else engine_steps(args, device)
+    if steps:
+        table += "\n\n" + common.markdown_table(
+            ["batch", "greedy step ms", "Qwen-defaults step ms", f"ratio (target <= {TARGET_RATIO})"],
+            [[str(s["batch"]), f"{s['greedy_ms']:.1f}", f"{s['sampled_ms']:.1f}", f"{s['ratio']:.2f}"] for s in steps],
+        )
+    report = f"{common.machine_line(info)}\n\n`{common.command_line()}`\n\n{table}\n"
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_sampler.md").write_text(report)
+    (args.out / "bench_sampler.json").write_text(json.dumps(
+        {"machine": info, "command": common.command_line(), "sampler_ms": sampler, "engine_steps": steps}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
