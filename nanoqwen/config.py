@@ -81,6 +81,8 @@ class EngineConfig:
     generation_config: str = "auto"
     revision: str | None = None
     threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
+    cpu_kernels: bool = True  # the compiled C kernels on the CPU (False: the torch references alone)
+    cache_dir: str = ""  # where the C kernels are cached; "" = ~/.cache/nanoqwen
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):

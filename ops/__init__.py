@@ -8,6 +8,7 @@ ops/triton/        Triton kernels: CUDA, or the CPU under TRITON_INTERPRET=1 (te
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -30,9 +31,11 @@ def triton_available() -> bool:
 def select_kernels(
     setting: str, device: torch.device, dtype: torch.dtype, *,
     hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+    cpu_kernels: bool = True, cache_dir: Path = cpu.build.DEFAULT_CACHE_DIR,
 ) -> Kernels:
     """The kernels for a model of these sizes on `device` in `dtype`. `setting` is "torch", "triton"
-    or "auto" (Triton on CUDA where installed, else torch); on the CPU this builds the C kernels.
+    or "auto" (Triton on CUDA where installed, else torch); on the CPU this builds the C kernels
+    into `cache_dir`, unless `cpu_kernels` is off.
     Raises ValueError when the setting cannot run on `device`."""
     name = ("triton" if device.type == "cuda" and triton_available() else "torch") if setting == "auto" else setting
     if name not in BACKENDS:
@@ -47,7 +50,7 @@ def select_kernels(
             )
     if device.type == "cpu":
         base = cpu.kernels(dtype, hidden_size=hidden_size, head_dim=head_dim, num_heads=num_heads,
-                           num_kv_heads=num_kv_heads)
+                           num_kv_heads=num_kv_heads, enabled=cpu_kernels, cache_dir=cache_dir)
     else:
         base = torch_ref.KERNELS
     if name == "triton":

@@ -63,15 +63,14 @@ def test_loaded_functions_take_the_header_signatures():
 
 
 @needs_compiler
-def test_a_broken_source_names_its_file_and_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+def test_a_broken_source_names_its_file_and_line(tmp_path):
     csrc = copy_sources(tmp_path)
     lines = (csrc / "linear.c").read_text().splitlines()
     line = next(i for i, text in enumerate(lines, 1) if text.startswith("void linear("))
     lines.insert(line, "    int broken = ;")  # the new line `line + 1`, inside the function
     (csrc / "linear.c").write_text("\n".join(lines) + "\n")
     kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",), csrc=csrc)
-    assert not kernel.build() and kernel.lib is None
+    assert not kernel.build(tmp_path / "cache") and kernel.lib is None
     assert f"{csrc / 'linear.c'}:{line + 1}:" in kernel.error and "error" in kernel.error
     assert not list((tmp_path / "cache").glob("*.so"))
 
@@ -86,13 +85,12 @@ def test_a_definition_that_drifts_from_the_header_does_not_build(tmp_path):
 
 
 @needs_compiler
-def test_the_cache_is_keyed_by_every_source_and_header(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
+def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
     csrc = copy_sources(tmp_path)
 
     def built() -> set[str]:
         kernel = cpu_build.CKernel("cpu_attention", "attention.c", ("decode_attention",), csrc=csrc)
-        assert kernel.build(), kernel.error
+        assert kernel.build(tmp_path / "cache"), kernel.error
         return {p.name for p in (tmp_path / "cache").glob("*.so")}
 
     first = built()
@@ -102,15 +100,13 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path, monkeypatch):
 
 
 def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("NANOQWEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
-    monkeypatch.delenv("NANOQWEN_CPU_KERNELS", raising=False)
     kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",))
     if cpu_build.unavailable() == "no AVX2 on this CPU":
         pytest.skip("no AVX2: the compiler is never looked for")
     assert cpu_build.unavailable() == cpu_build.NO_COMPILER
     with caplog.at_level("WARNING", logger="nanoqwen"):
-        assert not kernel.build()
+        assert not kernel.build(tmp_path / "cache")
     assert kernel.lib is None and kernel.error is None and "no C compiler" in caplog.text
     assert not (tmp_path / "cache").exists()

@@ -155,28 +155,13 @@ def test_cudagraph_mode_needs_cuda(checkpoint):
         load_engine(checkpoint, graph="cudagraph")
 
 
-@pytest.fixture
-def without_cpu_kernels(monkeypatch):
-    from ops import cpu
-
-    monkeypatch.setenv("NANOQWEN_CPU_KERNELS", "0")
-    for kernel in cpu.C_KERNELS:  # unbuilt: the next build() sees the variable
-        for attribute, value in (("lib", None), ("ready", False), ("_tried", False)):
-            monkeypatch.setattr(kernel, attribute, value)
-    yield
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_torch_reference_ops_alone(checkpoint, references, without_cpu_kernels, dtype):
+def test_torch_reference_ops_alone(checkpoint, references, dtype):
     """NANOQWEN_CPU_KERNELS=0 (or no C compiler): the torch reference path serves on its own."""
     from ops import torch_ref
-    from ops.cpu import linear
 
-    engine = load_engine(checkpoint, dtype=dtype)
-    kernels = engine.runner.model.kernels
-    assert not linear.KERNEL.ready and engine.runner._narrow_tables
-    reference = torch_ref.KERNELS
-    assert kernels.rms_norm is reference.rms_norm and kernels.decode_attention is reference.decode_attention
+    engine = load_engine(checkpoint, dtype=dtype, cpu_kernels=False)
+    assert engine.runner.model.kernels is torch_ref.KERNELS and engine.runner._narrow_tables
     results = generate(engine, PROMPTS, greedy(6))
     if dtype == "float32":
         for result, ref in zip(results, references):

@@ -85,3 +85,9 @@ def test_the_context_check_counts_prompt_and_completion():
     with pytest.raises(InvalidRequest, match="leaving none for the completion"):
         validate_request([1] * 64, SamplingParams(), **LIMITS)
     assert isinstance(PromptTooLongError(70), InvalidRequest)
+
+
+def test_the_cpu_kernel_settings_come_from_the_engine_config():
+    config = EngineConfig.from_env({"NANOQWEN_CPU_KERNELS": "0", "NANOQWEN_CACHE_DIR": "/tmp/kernels"})
+    assert (config.cpu_kernels, config.cache_dir) == (False, "/tmp/kernels")
+    assert EngineConfig.from_env({}).cpu_kernels

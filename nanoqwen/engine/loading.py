@@ -3,6 +3,7 @@ device, the tokenizer and the checkpoint's generation defaults."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     kernels = ops.select_kernels(
         config.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
         num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
+        cpu_kernels=config.cpu_kernels,
+        cache_dir=Path(config.cache_dir).expanduser() if config.cache_dir else ops.cpu.build.DEFAULT_CACHE_DIR,
     )
     model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels)
     runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name)

@@ -3,21 +3,26 @@ built and serves the model's dtype and shapes, the torch reference elsewhere."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, linear, norm_rope
+from ops.cpu import attention, build, linear, norm_rope
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, attention.KERNEL, norm_rope.KERNEL)
 
 
-def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int) -> Kernels:
-    """Builds the C kernels now (or loads them from the cache), running the C compiler."""
-    for kernel in C_KERNELS:
-        kernel.build()
+def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+            enabled: bool = True, cache_dir: Path = build.DEFAULT_CACHE_DIR) -> Kernels:
+    """Builds the C kernels now (or loads them from `cache_dir`), running the C compiler; with
+    `enabled` False, the torch references alone."""
     ref = torch_ref.KERNELS
+    if not enabled:
+        return ref
+    for kernel in C_KERNELS:
+        kernel.build(cache_dir)
     if dtype not in (torch.bfloat16, torch.float32):
         return ref
     norms = norm_rope.KERNEL.ready and hidden_size <= norm_rope.MAX_HIDDEN

@@ -2,8 +2,9 @@
 
 The CPU kernels (AVX2 + FMA, OpenMP) need no torch headers, so building one takes about a second.
 The shared object is cached by a hash of every file in the source folder, the compiler and the
-flags; without a compiler, on another CPU, or with NANOQWEN_CPU_KERNELS=0, a kernel does not build
-and the CPU kernel set (ops/cpu/__init__.py) keeps the torch reference. The ctypes argument types
+flags, under the cache directory the engine's configuration names (EngineConfig.cache_dir); without
+a compiler or on another CPU a kernel does not build, and the CPU kernel set (ops/cpu/__init__.py)
+keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The ctypes argument types
 come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
 each definition against its prototype and Python reads the same prototype, so neither side can
 drift from the other.
@@ -72,8 +73,6 @@ def compiler() -> str | None:
 
 def unavailable() -> str | None:
     """Why the C kernels cannot run here (then they fall back to torch), or None where they must build."""
-    if os.environ.get("NANOQWEN_CPU_KERNELS", "1") == "0":
-        return "NANOQWEN_CPU_KERNELS=0"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return "no AVX2 on this CPU"
     if compiler() is None:
@@ -102,9 +101,7 @@ def _ctype(param: str, function: str):
     return C_TYPES[words[0]]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("NANOQWEN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanoqwen")
-    return Path(root)
+DEFAULT_CACHE_DIR = Path("~/.cache/nanoqwen").expanduser()
 
 
 def compile_library(cc: str, source: Path, path: Path) -> str:
@@ -142,26 +139,26 @@ class CKernel:
         self.error: str | None = None
         self._tried = False
 
-    def build(self) -> bool:
-        """Compiles (or loads from the cache) on the first call; whether the kernel can run."""
+    def build(self, cache_dir: Path = DEFAULT_CACHE_DIR) -> bool:
+        """Compiles into `cache_dir` (or loads from there) on the first call; whether the kernel can run."""
         if not self._tried:
             self._tried = True
             try:
-                self.lib = self._load()
+                self.lib = self._load(cache_dir)
             except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
                 self.error = str(exc) or repr(exc)
                 log.warning("could not build %s: using torch\n%s", self.name, self.error[:2000])
             self.ready = self.lib is not None
         return self.ready
 
-    def _load(self) -> ctypes.CDLL | None:
+    def _load(self, cache_dir: Path) -> ctypes.CDLL | None:
         reason = unavailable()
         if reason is not None:  # only a missing compiler is news: the rest is the user's choice or the CPU
             level = logging.WARNING if reason == NO_COMPILER else logging.INFO
             log.log(level, "%s: %s, using torch", self.name, reason)
             return None
         cc = compiler()
-        path = cache_dir() / f"{self.name}-{_digest(self.csrc, cc)}.so"
+        path = cache_dir / f"{self.name}-{_digest(self.csrc, cc)}.so"
         if not path.exists():
             warnings = compile_library(cc, self.source, path)
             if warnings:
