@@ -48,7 +48,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         config.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
         num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
     )
-    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels)
+    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels,
+                               config.quant)
     runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name)
     torch.set_num_threads(runtime.threads)
     return LoadedModel(
