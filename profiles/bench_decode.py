@@ -135,10 +135,23 @@ def measure(args) -> dict:
         for b in args.batches
     }
     rows, summaries = [], []
-    for dtype, quant in ((d, q) for d in args.dtypes for q in args.quant):
-        ours, weights, resident, graph = bench_ours(model, device, dtype, quant, prompts, args)
-        if quant == args.quant[0]:
-            theirs = bench_hf(model, device, dtype, prompts, args)
+    for dtype in args.dtypes:
+        # each weight format back to back, transformers after them (int8 once ran at a tenth of its speed
+        # right after transformers in the same process)
+        ours_by_quant = {quant: bench_ours(model, device, dtype, quant, prompts, args) for quant in args.quant}
+        theirs = bench_hf(model, device, dtype, prompts, args)
+        rows += dtype_rows(dtype, ours_by_quant, theirs)
+        summaries += [summary(dtype, quant, ours, weights, resident, theirs, bandwidth)
+                      for quant, (ours, weights, resident, _) in ours_by_quant.items()]
+    return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
+            "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
+            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "rows": rows, "summary": summaries}
+
+
+def dtype_rows(dtype: str, ours_by_quant: dict, theirs: dict) -> list[dict]:
+    rows = []
+    for quant, (ours, _, _, graph) in ours_by_quant.items():
         for batch, run in ours.items():
             cache, hf = max(((c, r) for (c, b), r in theirs.items() if b == batch), key=lambda cr: cr[1].tokens_per_s)
             rows.append({
@@ -152,19 +165,19 @@ def measure(args) -> dict:
                 "greedy_identical": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
                 "greedy_shared_prefix": sum(map(shared_prefix, run.tokens, hf.tokens)) / batch,
             })
-        limit = bandwidth / weights
-        summary = {"dtype": dtype, "quant": quant, "weight_bytes_per_token": weights, "resident_weight_bytes": resident,
-                   "batch1_limit_tok_s": limit}
-        if 1 in ours:
-            summary |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
-                        "batch1_vs_hf": ours[1].tokens_per_s / theirs_best(theirs, 1)}
-        if 1 in ours and 8 in ours:
-            summary["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
-        summaries.append(summary)
-    return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
-            "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
-            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "rows": rows, "summary": summaries}
+    return rows
+
+
+def summary(dtype: str, quant: str, ours: dict, weights: int, resident: int, theirs: dict, bandwidth: float) -> dict:
+    limit = bandwidth / weights
+    result = {"dtype": dtype, "quant": quant, "weight_bytes_per_token": weights, "resident_weight_bytes": resident,
+              "batch1_limit_tok_s": limit}
+    if 1 in ours:
+        result |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
+                   "batch1_vs_hf": ours[1].tokens_per_s / theirs_best(theirs, 1)}
+    if 1 in ours and 8 in ours:
+        result["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
+    return result
 
 
 def markdown(result: dict) -> str:
