@@ -136,8 +136,7 @@ def measure(args) -> dict:
     }
     rows, summaries = [], []
     for dtype in args.dtypes:
-        # each weight format back to back, transformers after them (int8 once ran at a tenth of its speed
-        # right after transformers in the same process)
+        # the weight formats back to back: their ratios are what a shared machine's drift would blur
         ours_by_quant = {quant: bench_ours(model, device, dtype, quant, prompts, args) for quant in args.quant}
         theirs = bench_hf(model, device, dtype, prompts, args)
         rows += dtype_rows(dtype, ours_by_quant, theirs)
