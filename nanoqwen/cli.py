@@ -35,6 +35,8 @@ ENGINE_OPTIONS = (
               "computes it", choices=("auto", "bfloat16", "float16", "float32")),
     EnvOption("--kernels", "NANOQWEN_KERNELS", "auto = Triton on CUDA, torch elsewhere",
               choices=("auto", "torch", "triton")),
+    EnvOption("--quant", "NANOQWEN_QUANT", "weight format: none = the dtype's; int8 = int8 weights with a "
+              "scale per output channel, quantised at load time", choices=("none", "int8")),
     EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, none elsewhere",
               choices=("auto", "none", "compile", "cudagraph")),
     EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),

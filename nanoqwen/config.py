@@ -59,6 +59,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 KERNELS = ("auto", "torch", "triton")
 GRAPHS = ("auto", "none", "compile", "cudagraph")
 GENERATION_CONFIGS = ("auto", "none")
+QUANTS = ("none", "int8")  # weight formats, nanoqwen/quant.py
 
 
 @dataclass
@@ -67,6 +68,7 @@ class EngineConfig:
     device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
     dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
     kernels: str = "auto"  # auto | torch | triton
+    quant: str = "none"  # none | int8: linear weights (LM head, embedding) quantised at load time
     graph: str = "auto"  # auto | none | compile | cudagraph
     max_batch: int = 32  # sequences decoded together
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -89,6 +91,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
         if self.generation_config not in GENERATION_CONFIGS:
@@ -199,6 +203,7 @@ class RuntimeConfig:
     device: torch.device
     dtype: torch.dtype
     kernels: str  # torch | triton
+    quant: str  # none | int8
     graph: str  # none | compile | cudagraph
     max_batch: int
     max_model_len: int  # the KV pool may hold fewer tokens than the model's positions
@@ -236,7 +241,7 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         max_model_len = (num_blocks - 1) * config.block_size
         log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
     return RuntimeConfig(
-        model_path=model_path, device=device, dtype=dtype, kernels=kernels,
+        model_path=model_path, device=device, dtype=dtype, kernels=kernels, quant=config.quant,
         graph=resolve_graph(config.graph, device), max_batch=config.max_batch, max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
     )

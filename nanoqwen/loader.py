@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from nanoqwen.config import ModelConfig
 from nanoqwen.model import Qwen3ForCausalLM
+from nanoqwen.quant import quantize_int8_into
 from ops import Kernels
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.tiktoken", "*.jinja"]
@@ -131,9 +132,11 @@ def load_generation_defaults(path: Path, tokenizer) -> GenerationDefaults:
 
 
 def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
-    """Copies each checkpoint tensor straight into its (preallocated) parameter slice."""
+    """Copies each checkpoint tensor straight into its (preallocated) parameter slice; into an int8
+    parameter it is quantised on the way, its scales going to the sibling `scale` parameter, so no
+    more than one checkpoint tensor is ever held beside the model."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    pending = {name: p for name, p in params.items()}
+    pending = {name: p for name, p in params.items() if not name.endswith(".scale")}  # filled with their weight
     pending_shards: dict[str, set[int]] = {}
     tied = model.config.tie_word_embeddings
     for shard in shards:
@@ -153,10 +156,13 @@ def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
                     continue  # e.g. rotary inv_freq buffers in old checkpoints
                 tensor = f.get_tensor(key)
                 dest = param.data
+                scale = params[name.removesuffix("weight") + "scale"].data if dest.dtype == torch.int8 else None
                 if shard_id is not None:
                     sizes = packed_sizes(model, name)
                     start = sum(sizes[:shard_id])
                     dest = dest.narrow(0, start, sizes[shard_id])
+                    if scale is not None:  # per-row scales: a shard quantises alone as it would in the packed matrix
+                        scale = scale.narrow(0, start, sizes[shard_id])
                     pending_shards.setdefault(name, set()).add(shard_id)
                     if len(pending_shards[name]) == len(sizes):
                         pending.pop(name, None)
@@ -165,7 +171,10 @@ def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
                 if tuple(tensor.shape) != tuple(dest.shape):
                     raise ModelLoadError(f"{shard.name}: {key} has shape {tuple(tensor.shape)}, "
                                          f"the model expects {tuple(dest.shape)}")
-                dest.copy_(tensor)
+                if scale is None:
+                    dest.copy_(tensor)
+                else:
+                    quantize_int8_into(tensor, dest, scale)
                 del tensor
     if tied:
         pending.pop("lm_head.weight", None)
@@ -181,12 +190,11 @@ def packed_sizes(model: Qwen3ForCausalLM, name: str) -> list[int]:
 
 
 def build_model(config: ModelConfig, shards: list[Path], max_positions: int, device: torch.device,
-                dtype: torch.dtype, kernels: Kernels) -> Qwen3ForCausalLM:
+                dtype: torch.dtype, kernels: Kernels, quant: str = "none") -> Qwen3ForCausalLM:
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config, max_positions, kernels)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty() breaks the sharing; restore it
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model = Qwen3ForCausalLM(config, max_positions, kernels, quant)
+    model = model.to(dtype=dtype).to_empty(device=device)  # int8 weights stay int8
+    model.tie_weights()  # to_empty() breaks the sharing; restore it
     load_weights(model, shards)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)

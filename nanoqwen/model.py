@@ -6,7 +6,8 @@ from torch import nn
 
 from nanoqwen.config import ModelConfig
 from nanoqwen.layers.decoder import DecoderLayer
-from nanoqwen.layers.embedding import Embedding, LMHead
+from nanoqwen.layers.embedding import EMBEDDINGS, tie
+from nanoqwen.layers.linear import LINEARS
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.layers.norm import RMSNorm
 from nanoqwen.layers.rotary import RotaryEmbedding
@@ -14,10 +15,12 @@ from ops import Kernels
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels, quant: str) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, kernels) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = EMBEDDINGS[quant](config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary, kernels, quant) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -37,17 +40,23 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, max_positions: int, kernels: Kernels) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, kernels: Kernels, quant: str = "none") -> None:
+        """`quant`: the linear layers' (LM head and embedding included) weight format, nanoqwen/quant.py."""
         super().__init__()
         self.config = config
         self.kernels = kernels  # chosen once (ops.select_kernels); every layer holds the same set
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta)
-        self.model = Qwen3Model(config, self.rotary, kernels)
-        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to, kernels)
+        self.model = Qwen3Model(config, self.rotary, kernels, quant)
+        self.lm_head = LINEARS[quant](config.hidden_size, config.vocab_size, kernels)
+        self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [N, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [S, V] fp32
+        return self.lm_head(hidden).float()  # [S, V] fp32
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the LM head where the checkpoint ties them (again after to_empty())."""
+        if self.config.tie_word_embeddings:
+            tie(self.lm_head, self.model.embed_tokens)

@@ -73,6 +73,13 @@ class Linear(Protocol):
         ...
 
 
+class LinearInt8(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x: [..., K], weight: [N, K] int8, scale: [N] in x's dtype -> [..., N] = (x @ weight.T) * scale:
+        int8 weight-only linear, symmetric per output channel, accumulated in fp32."""
+        ...
+
+
 class SiluMul(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[..., 2I] (gate | up) -> silu(gate) * up: [..., I]."""
@@ -87,6 +94,7 @@ class Kernels:
     decode_attention: DecodeAttention
     prefill_attention: PrefillAttention
     linear: Linear
+    linear_int8: LinearInt8
     silu_mul: SiluMul
     # Whether decode attention copies every block-table column it is given (the torch reference),
     # rather than stopping at each context length (the Triton and CPU kernels): the runner then

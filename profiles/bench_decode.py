@@ -2,7 +2,7 @@
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
         [--prompt-len 32] [--graph auto|none|compile|cudagraph] [--kernels auto|torch|triton]
-        [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
+        [--quant none int8] [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
 
 Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
 2-layer test model), loaded by both engines in each --dtypes entry. Both decode greedily from the
@@ -21,6 +21,8 @@ differently, so near-tied logits of random weights can diverge).
 Bandwidth: the best of 7 sums over a 1 GiB fp32 tensor. The batch-1 limit is that bandwidth over
 the bytes one token must read: every weight once (a tied embedding once, by the LM head) plus one
 embedding row; the KV cache read is left out (under 1% at these contexts).
+--quant: nanoqwen runs once per weight format in each dtype (transformers runs its dtype's weights);
+the limits table has a row per (dtype, quant) with its resident weight bytes.
 Writes bench_decode.{json,md} and, if matplotlib imports, bench_decode.png into --out.
 """
 from __future__ import annotations
@@ -57,11 +59,12 @@ class _Stamps:
         pass
 
 
-def bench_ours(model: Path, device: torch.device, dtype: str, prompts: dict, args) -> tuple[dict, int, str]:
-    """({batch: DecodeRun}, weight bytes per token, graph mode used)."""
+def bench_ours(model: Path, device: torch.device, dtype: str, quant: str, prompts: dict,
+               args) -> tuple[dict, int, int, str]:
+    """({batch: DecodeRun}, weight bytes per token, resident weight bytes, graph mode used)."""
     engine = common.load_engine(
         model, device=str(device), dtype=dtype, graph=args.graph, kernels=args.kernels,
-        max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens,
+        max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens, quant=quant,
     )
     graph = engine.info()["graph"]
     # A compiled step may recompile as the block-table width grows with the context: warm up in full.
@@ -70,11 +73,13 @@ def bench_ours(model: Path, device: torch.device, dtype: str, prompts: dict, arg
     for batch, (warm, timed) in prompts.items():
         common.engine_decode(engine, warm, warmup)
         runs[batch] = common.engine_decode(engine, timed, args.new_tokens)
-        print(f"  nanoqwen {dtype} batch {batch}: {runs[batch].tokens_per_s:.1f} tok/s", flush=True)
+        print(f"  nanoqwen {dtype} quant={quant} batch {batch}: {runs[batch].tokens_per_s:.1f} tok/s", flush=True)
     weights = common.weight_bytes_per_token(engine.runner.model)
+    resident = common.resident_weight_bytes(engine.runner.model)
+    engine.shutdown()
     del engine
     common.release(device)
-    return runs, weights, graph
+    return runs, weights, resident, graph
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cache: str, pad_id: int) -> common.DecodeRun:
@@ -111,6 +116,10 @@ def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args)
     return runs
 
 
+def theirs_best(theirs: dict, batch: int) -> float:
+    return max(r.tokens_per_s for (c, b), r in theirs.items() if b == batch)
+
+
 def shared_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -127,12 +136,25 @@ def measure(args) -> dict:
     }
     rows, summaries = [], []
     for dtype in args.dtypes:
-        ours, weights, graph = bench_ours(model, device, dtype, prompts, args)
+        # the weight formats back to back: their ratios are what a shared machine's drift would blur
+        ours_by_quant = {quant: bench_ours(model, device, dtype, quant, prompts, args) for quant in args.quant}
         theirs = bench_hf(model, device, dtype, prompts, args)
+        rows += dtype_rows(dtype, ours_by_quant, theirs)
+        summaries += [summary(dtype, quant, ours, weights, resident, theirs, bandwidth)
+                      for quant, (ours, weights, resident, _) in ours_by_quant.items()]
+    return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
+            "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
+            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "rows": rows, "summary": summaries}
+
+
+def dtype_rows(dtype: str, ours_by_quant: dict, theirs: dict) -> list[dict]:
+    rows = []
+    for quant, (ours, _, _, graph) in ours_by_quant.items():
         for batch, run in ours.items():
             cache, hf = max(((c, r) for (c, b), r in theirs.items() if b == batch), key=lambda cr: cr[1].tokens_per_s)
             rows.append({
-                "dtype": dtype, "batch": batch, "graph": graph,
+                "dtype": dtype, "quant": quant, "batch": batch, "graph": graph,
                 "ours_tok_s": run.tokens_per_s, "ours_mean_tok_s": run.mean_tokens_per_s,
                 "ours_ms_step": run.median_step_s * 1e3,
                 "hf_cache": cache, "hf_tok_s": hf.tokens_per_s, "hf_mean_tok_s": hf.mean_tokens_per_s,
@@ -142,35 +164,37 @@ def measure(args) -> dict:
                 "greedy_identical": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
                 "greedy_shared_prefix": sum(map(shared_prefix, run.tokens, hf.tokens)) / batch,
             })
-        limit = bandwidth / weights
-        summary = {"dtype": dtype, "weight_bytes_per_token": weights, "batch1_limit_tok_s": limit}
-        if 1 in ours:
-            summary |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
-                        "batch1_vs_hf": next(r["ratio"] for r in rows if r["dtype"] == dtype and r["batch"] == 1)}
-        if 1 in ours and 8 in ours:
-            summary["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
-        summaries.append(summary)
-    return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
-            "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
-            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "rows": rows, "summary": summaries}
+    return rows
+
+
+def summary(dtype: str, quant: str, ours: dict, weights: int, resident: int, theirs: dict, bandwidth: float) -> dict:
+    limit = bandwidth / weights
+    result = {"dtype": dtype, "quant": quant, "weight_bytes_per_token": weights, "resident_weight_bytes": resident,
+              "batch1_limit_tok_s": limit}
+    if 1 in ours:
+        result |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
+                   "batch1_vs_hf": ours[1].tokens_per_s / theirs_best(theirs, 1)}
+    if 1 in ours and 8 in ours:
+        result["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
+    return result
 
 
 def markdown(result: dict) -> str:
-    rows = [[r["dtype"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
+    rows = [[r["dtype"], r["quant"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
              f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
              f"{r['greedy_identical']}/{r['batch']} · {r['greedy_shared_prefix']:.1f}"] for r in result["rows"]]
     table = common.markdown_table(
-        ["dtype", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
+        ["dtype", "quant", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
          "identical outputs · mean shared prefix"], rows)
 
     def fmt(s: dict, key: str, spec: str, suffix: str = "") -> str:
         return format(s[key], spec) + suffix if key in s else "–"
 
     limits = common.markdown_table(
-        ["dtype", "weights read/token", "batch-1 limit tok/s", "batch-1 tok/s", "of limit",
+        ["dtype", "quant", "resident weights", "weights read/token", "batch-1 limit tok/s", "batch-1 tok/s", "of limit",
          f"batch-1 vs HF (≥{TARGET_VS_HF:g}×)", f"batch-8 / batch-1 (≥{TARGET_BATCH8:g}×)"],
-        [[s["dtype"], f"{s['weight_bytes_per_token'] / 1e9:.3f} GB", f"{s['batch1_limit_tok_s']:.1f}",
+        [[s["dtype"], s["quant"], f"{s['resident_weight_bytes'] / 1e9:.3f} GB",
+          f"{s['weight_bytes_per_token'] / 1e9:.3f} GB", f"{s['batch1_limit_tok_s']:.1f}",
           fmt(s, "batch1_tok_s", ".1f"), fmt(s, "batch1_of_limit", ".0%"), fmt(s, "batch1_vs_hf", ".2f", "×"),
           fmt(s, "batch8_over_batch1", ".2f", "×")] for s in result["summary"]])
     graph = result["rows"][0]["graph"] if result["rows"] else "?"
@@ -196,15 +220,16 @@ def plot(result: dict, path: Path) -> bool:
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, dtype in enumerate(dict.fromkeys(r["dtype"] for r in result["rows"])):
-        mine = [r for r in result["rows"] if r["dtype"] == dtype]
-        batches, color = [r["batch"] for r in mine], f"C{i}"
-        ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", color=color, label=f"nanoqwen {dtype}")
-        ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", color=color,
-                label=f"transformers {dtype}")
-        limit = next(s["batch1_limit_tok_s"] for s in result["summary"] if s["dtype"] == dtype)
+    for i, (dtype, quant) in enumerate(dict.fromkeys((r["dtype"], r["quant"]) for r in result["rows"])):
+        mine = [r for r in result["rows"] if (r["dtype"], r["quant"]) == (dtype, quant)]
+        batches, color, name = [r["batch"] for r in mine], f"C{i}", dtype if quant == "none" else f"{dtype} {quant}"
+        ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", color=color, label=f"nanoqwen {name}")
+        if quant == "none":
+            ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", color=color,
+                    label=f"transformers {dtype}")
+        limit = next(s["batch1_limit_tok_s"] for s in result["summary"] if (s["dtype"], s["quant"]) == (dtype, quant))
         ax.axhline(limit, color=color, linewidth=0.8, linestyle=":")
-        ax.text(0.01, limit, f"batch-1 weight-read limit, {dtype}", color=color, fontsize=7, va="bottom",
+        ax.text(0.01, limit, f"batch-1 weight-read limit, {name}", color=color, fontsize=7, va="bottom",
                 transform=ax.get_yaxis_transform())
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -225,6 +250,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8"])
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static"])
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()

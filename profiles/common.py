@@ -44,11 +44,12 @@ def checkpoint(small: bool) -> Path:
 
 
 def load_engine(
-    model: Path, *, device: str, dtype: str, graph: str, kernels: str, max_batch: int, max_model_len: int
+    model: Path, *, device: str, dtype: str, graph: str, kernels: str, max_batch: int, max_model_len: int,
+    quant: str = "none",
 ) -> Engine:
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
-        max_queue=max_batch, max_model_len=max_model_len,
+        max_queue=max_batch, max_model_len=max_model_len, quant=quant,
     ))
     engine.load()
     return engine
@@ -142,6 +143,12 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total + embedding.shape[1] * embedding.element_size()
+
+
+def resident_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters occupy (shared ones once): what the weight format changes in memory."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 7) -> float:

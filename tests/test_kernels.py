@@ -12,10 +12,12 @@ pytest.importorskip("triton")
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
+from ops.torch_ref.linear_int8 import linear_int8_torch  # noqa: E402
 from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
 from ops.torch_ref.rope import qk_norm_rope_store_torch  # noqa: E402
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import MAX_SPLITS, decode_attention_triton, default_num_splits  # noqa: E402
+from ops.triton.linear_int8 import linear_int8_triton  # noqa: E402
 from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
 from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
@@ -238,6 +240,25 @@ def test_the_triton_kernel_set_runs_these_kernels():
     kernels.qk_norm_rope_store(q, k, v, *args, k_cache, torch.zeros_like(k_cache),
                                torch.tensor([16, 17], dtype=torch.int32, device=DEVICE))
     assert torch.equal(k_cache[1, :2], k)
+    w8, scale = torch.randint(-127, 128, (40, 32), dtype=torch.int8, device=DEVICE), torch.rand(40, device=DEVICE)
+    assert_close(kernels.linear_int8(x, w8, scale), linear_int8_torch(x, w8, scale))
+
+
+# ---------------------------------------------------------------- int8 weight-only linear
+
+
+# (rows, N, K): decode tiles (1, 3 rows; N = 600 over column blocks even in the interpreter's 512; K of
+# two k-blocks, one partial), prefill tiles (40 rows), a 3-d input
+@pytest.mark.parametrize("x_shape, n", [((1, 96), 40), ((3, 200), 600), ((40, 64), 72), ((2, 3, 32), 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_int8(x_shape, n, dtype):
+    torch.manual_seed(n)
+    x = torch.randn(x_shape, device=DEVICE).to(dtype)
+    weight = torch.randint(-127, 128, (n, x_shape[-1]), dtype=torch.int8, device=DEVICE)
+    scale = (torch.rand(n, device=DEVICE) / 64).to(dtype)
+    out = linear_int8_triton(x, weight, scale)
+    assert out.shape == (*x_shape[:-1], n) and out.dtype == dtype
+    assert_close(out, linear_int8_torch(x, weight, scale))
 
 
 # ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16

@@ -71,8 +71,8 @@ class Engine:
             self.runner = ModelRunner(loaded.model, runtime)
         self.ready = True
         info = runtime.info()
-        log.info("ready: model=%s device=%s dtype=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.kernels,
+        log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
+                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels,
                  runtime.graph, runtime.kv_cache_tokens, runtime.threads, time.perf_counter() - started)
 
     def info(self) -> dict:

@@ -51,7 +51,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         cpu_kernels=config.cpu_kernels,
         cache_dir=Path(config.cache_dir).expanduser() if config.cache_dir else ops.cpu.build.DEFAULT_CACHE_DIR,
     )
-    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels)
+    model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels,
+                               config.quant)
     runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name)
     torch.set_num_threads(runtime.threads)
     return LoadedModel(

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from nanoqwen.config import ModelConfig
+from nanoqwen.layers.linear import LINEARS
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.layers.norm import RMSNorm
 from nanoqwen.layers.rotary import RotaryEmbedding
@@ -13,7 +14,7 @@ from ops import Kernels
 class Attention(nn.Module):
     """GQA self-attention with per-head q/k RMSNorm, RoPE and a paged KV cache."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels, quant: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -22,8 +23,8 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv_proj = LINEARS[quant](config.hidden_size, q_size + 2 * kv_size, kernels)
+        self.o_proj = LINEARS[quant](q_size, config.hidden_size, kernels)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.rotary = rotary
@@ -34,7 +35,7 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         ops, n = self.kernels, x.shape[0]
-        q, k, v = ops.linear(x, self.qkv_proj.weight).split(self.qkv_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
@@ -49,4 +50,4 @@ class Attention(nn.Module):
             )
         else:
             out = ops.decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
-        return ops.linear(out.reshape(n, -1), self.o_proj.weight)
+        return self.o_proj(out.reshape(n, -1))

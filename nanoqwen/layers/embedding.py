@@ -4,8 +4,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import Kernels
-
 
 class Embedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -16,16 +14,23 @@ class Embedding(nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
-class LMHead(nn.Module):
-    """Projects hidden states to vocabulary logits; shares the embedding matrix when tied."""
+class Int8Embedding(nn.Module):
+    """The table quantised per row (each row one output channel of a tied LM head); rows dequantised on lookup."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, kernels: Kernels) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.kernels = kernels
-        if tied_to is None:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        else:
-            self.weight = tied_to.weight
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(torch.empty(vocab_size))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.kernels.linear(hidden, self.weight).float()  # [S, V] fp32
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = F.embedding(input_ids, self.scale.unsqueeze(1))  # [N, 1]
+        return F.embedding(input_ids, self.weight).to(scale.dtype) * scale
+
+
+EMBEDDINGS: dict[str, type[nn.Module]] = {"none": Embedding, "int8": Int8Embedding}
+
+
+def tie(head: nn.Module, embedding: nn.Module) -> None:
+    """Makes the LM head share the embedding's parameters (weight, and scale when quantised)."""
+    for name, param in embedding.named_parameters(recurse=False):
+        setattr(head, name, param)

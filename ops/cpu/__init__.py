@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, build, linear, norm_rope
+from ops.cpu import attention, build, linear, linear_int8, norm_rope
 from ops.kernels import Kernels
 
-C_KERNELS = (linear.KERNEL, attention.KERNEL, norm_rope.KERNEL)
+C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, attention.KERNEL, norm_rope.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -34,5 +34,6 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         qk_norm_rope_store=norm_rope.qk_norm_rope_store_cpu if ropes else ref.qk_norm_rope_store,
         decode_attention=attention.decode_attention_cpu if attends else ref.decode_attention,
         linear=linear.linear,
+        linear_int8=linear_int8.linear_int8,
         decode_attention_gathers=not attends,
     )

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ops.kernels import Kernels
 from ops.torch_ref.activation import silu_mul_torch
 from ops.torch_ref.decode_attention import decode_attention_torch
+from ops.torch_ref.linear_int8 import linear_int8_torch
 from ops.torch_ref.prefill_attention import prefill_attention_torch
 from ops.torch_ref.rms_norm import rms_norm_torch
 from ops.torch_ref.rope import qk_norm_rope_store_torch
@@ -18,6 +19,7 @@ KERNELS = Kernels(
     decode_attention=decode_attention_torch,
     prefill_attention=prefill_attention_torch,
     linear=F.linear,
+    linear_int8=linear_int8_torch,
     silu_mul=silu_mul_torch,
     decode_attention_gathers=True,
 )

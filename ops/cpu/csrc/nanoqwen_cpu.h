@@ -10,6 +10,10 @@
 /* linear.c: y = x @ w.T; x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0. */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16);
 
+/* linear_int8.c: y = (x @ w.T) * scale; x: [M, K], w: [N, K] int8, scale: [N], y: [M, N]; x, scale and y
+   all bf16 or all fp32; K % 32 == 0. */
+void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16);
+
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D]; k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32;
    out: [B, Hq, D]. D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
