@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ops.cpu import attention as cpu_attention
+from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
-from ops.cpu import linear as cpu_linear
-from ops.cpu import norm_rope as cpu_norm_rope
 
-KERNELS = [cpu_linear.KERNEL, cpu_attention.KERNEL, cpu_norm_rope.KERNEL]
+KERNELS = list(C_KERNELS)
 needs_compiler = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 

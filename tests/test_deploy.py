@@ -139,7 +139,9 @@ def test_ready_and_access_log_lines(preloaded):
     generated = requests.get(f"{preloaded.url}/health", timeout=10, headers={"X-Request-Id": "bad id with spaces"})
     request_id = generated.headers["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    log = preloaded.log()
+    deadline = time.monotonic() + 10  # gunicorn writes an access line after its response has gone out
+    while f"request_id={request_id}" not in (log := preloaded.log()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     ready = re.findall(r"^\[[^]]+\] \[\d+\] \[INFO\] ready: (.*)$", log, re.MULTILINE)
     assert len(ready) == 1, log
     fields = dict(item.split("=", 1) for item in ready[0].split())

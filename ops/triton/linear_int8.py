@@ -13,7 +13,8 @@ from ops.triton.decode_attention import _dot
 @triton.jit
 def _linear_int8_kernel(
     x_ptr, w_ptr, scale_ptr, out_ptr,
-    M, N, K, x_stride, out_stride,
+    M, N, x_stride, out_stride,
+    K: tl.constexpr,  # a layer's width (a few per model): constant loop bounds, which Triton 3.6's interpreter needs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -49,8 +50,8 @@ def linear_int8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if interpreted:  # the interpreter's time goes per program: a 150k-row LM head in 32-row blocks takes minutes
         block_n = 512
     _linear_int8_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
-        rows, weight, scale, out, m, n, k, rows.stride(0), n,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        rows, weight, scale, out, m, n, rows.stride(0), n,
+        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         INTERPRETED=interpreted, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=4,
     )

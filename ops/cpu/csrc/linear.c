@@ -1,4 +1,4 @@
-/* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu_linear.py. */
+/* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu/linear.py. */
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 
