@@ -1,4 +1,4 @@
-/* Paged decode attention, one query token per sequence: the why is in ops/cpu_attention.py. */
+/* Paged decode attention, one query token per sequence: the why is in ops/cpu/attention.py. */
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 

@@ -1,5 +1,5 @@
 /* RMSNorm (+ residual) and q/k-norm + RoPE + KV store, rounding as the torch references do: the
-   why is in ops/cpu_norm_rope.py. */
+   why is in ops/cpu/norm_rope.py. */
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 
