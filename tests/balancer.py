@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from server_process import REPO_ROOT, free_port
+from server_process import REPO_ROOT, free_port, stop_process
 
 SNIPPET = REPO_ROOT / "deploy" / "nginx.conf"
 # Everything nginx writes stays in the run's directory: it runs unprivileged and in the foreground.
@@ -75,12 +75,7 @@ class Nginx:
     def stop(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             return
-        self._proc.send_signal(signal.SIGQUIT)  # graceful: ends once the open streams are gone
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, signal.SIGQUIT, timeout=10)  # SIGQUIT: graceful, ends once the open streams are gone
 
     def __enter__(self) -> Nginx:
         return self.start()

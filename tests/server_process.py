@@ -22,6 +22,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Sends `sig`, then kills the process if it has not exited within `timeout` seconds."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class GunicornServer:
     def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent",
                  args: Sequence[str] = ()) -> None:
@@ -85,12 +95,7 @@ class GunicornServer:
     def stop(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             return
-        self._proc.send_signal(signal.SIGINT)  # quick shutdown of master and worker
-        try:
-            self._proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        stop_process(self._proc, signal.SIGINT, timeout=20)  # SIGINT: quick shutdown of master and worker
 
     def __enter__(self) -> GunicornServer:
         return self.start()
