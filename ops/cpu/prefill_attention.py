@@ -1,0 +1,97 @@
+"""Paged prefill attention on the CPU: every sequence's new tokens over its cached prefix and itself,
+read straight from the blocks, in one call.
+
+The torch reference loops over sequences in Python, gathers each context out of the blocks into a
+new tensor, and runs SDPA per sequence (masked chunks of rows after a long prefix). This kernel is
+flash attention over the block table: tasks of 64 query vectors (a run of new tokens times the GQA
+group of one kv head) walk the context in tiles of 64 keys up to their last token's position, with
+an online softmax and fp32 accumulation; memory is a fixed scratch per thread, whatever the context.
+Source: csrc/prefill_attention.c, built by build.py. `prefill_attention` dispatches: SDPA's fused
+kernels (oneDNN's AMX/AVX-512 bf16 GEMMs) win large prefill tiles where the CPU has them; see
+`uses_kernel`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ops.cpu import build
+
+MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at least one token's group
+MAX_HEAD_DIM = 256
+
+KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention",))
+
+
+def takes(head_dim: int, group: int) -> bool:
+    """Whether the kernel serves these shapes; q and the cache must also be bf16 or fp32, of one dtype."""
+    return head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+
+
+def _prefill_attention(
+    q: torch.Tensor,  # [N, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], contiguous
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, W] int32
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:  # [N, Hq, D]
+    q = q.contiguous()
+    tables = block_tables.contiguous()
+    lens = torch.tensor([query_lens, context_lens], dtype=torch.int32)  # [2, S]
+    out = torch.empty_like(q)
+    _, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    with build.profiled("nanoqwen::prefill_attention_cpu"):
+        KERNEL.lib.prefill_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens[0].data_ptr(),
+            lens[1].data_ptr(), out.data_ptr(), len(query_lens), num_heads, num_kv_heads, head_dim, block_size,
+            tables.shape[1], scale, int(q.dtype == torch.bfloat16),
+        )
+    return out
+
+
+def _prefill_attention_fake(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale):
+    return torch.empty_like(q)
+
+
+prefill_attention_kernel = build.kernel_op("prefill_attention_cpu", _prefill_attention, _prefill_attention_fake)
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
+    k: torch.Tensor,  # [N, Hkv, D]
+    v: torch.Tensor,  # [N, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, W] int32
+    query_lens: list[int],  # new tokens per sequence
+    context_lens: list[int],  # cached + new tokens per sequence
+    scale: float,
+) -> torch.Tensor:  # [N, Hq, D]
+    return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+    """q: [1, H, n, D], k/v: [1, H, m, D] -> (out [1, H, n, D], natural-log logsumexp [1, H, n] fp32)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, scale=scale)
+
+
+def _split_sdpa(q, k_new, v_new, k_prefix, v_prefix, scale):
+    """q: [n, Hq, D] over a prefix k/v [c, Hkv, D] (all visible) and its own k/v [n, Hkv, D] (causal): two
+    fused SDPA calls merged by their logsumexps -> [n, Hq, D]."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k_new.shape[1]
+    group = num_heads // num_kv_heads
+    heads = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+    # The prefix masks nothing: a group's query heads are rows of one kv head's problem.
+    grouped = heads.reshape(1, num_kv_heads, group * n, head_dim)
+    o1, lse1 = _flash(grouped, k_prefix.transpose(0, 1).unsqueeze(0), v_prefix.transpose(0, 1).unsqueeze(0),
+                      scale, False)
+    o1, lse1 = o1.reshape(1, num_heads, n, head_dim), lse1.reshape(1, num_heads, n)
+    kn = k_new.transpose(0, 1).unsqueeze(0).repeat_interleave(group, 1)  # [1, Hq, n, D]
+    vn = v_new.transpose(0, 1).unsqueeze(0).repeat_interleave(group, 1)
+    o2, lse2 = _flash(heads, kn, vn, scale, True)
+    w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1)  # exp(lse1) / (exp(lse1) + exp(lse2))
+    out = torch.lerp(o2.float(), o1.float(), w1)
+    return out.squeeze(0).transpose(0, 1).to(q.dtype)
