@@ -6,25 +6,35 @@ new tensor, and runs SDPA per sequence (masked chunks of rows after a long prefi
 flash attention over the block table: tasks of 64 query vectors (a run of new tokens times the GQA
 group of one kv head) walk the context in tiles of 64 keys up to their last token's position, with
 an online softmax and fp32 accumulation; memory is a fixed scratch per thread, whatever the context.
-Source: csrc/prefill_attention.c, built by build.py. `prefill_attention` dispatches: SDPA's fused
-kernels (oneDNN's AMX/AVX-512 bf16 GEMMs) win large prefill tiles where the CPU has them; see
-`uses_kernel`.
+Source: csrc/prefill_attention.c, built by build.py.
+
+`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel the sequences it wins (C_MAX_NEW)
+and the rest to SDPA's fused kernels: causal for a sequence with nothing cached; after a cached
+prefix, one unmasked call over the prefix and one causal call over the new tokens merged by their
+logsumexps, so no [new, context] mask exists and no score is computed twice.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ops.cpu import build
 
 MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at least one token's group
 MAX_HEAD_DIM = 256
+# New tokens per sequence up to which the C kernel takes a sequence with a cached prefix: it reads
+# the context in place where SDPA first gathers it out of the blocks (decode rows of a chunked batch,
+# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to SDPA's fused
+# kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 kernel does not match (profiles/RESULTS.md,
+# "Paged prefill attention").
+C_MAX_NEW = 16
 
 KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention",))
 
 
 def takes(head_dim: int, group: int) -> bool:
     """Whether the kernel serves these shapes; q and the cache must also be bf16 or fp32, of one dtype."""
-    return head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+    return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
 
 
 def _prefill_attention(
@@ -58,20 +68,6 @@ def _prefill_attention_fake(q, k_cache, v_cache, block_tables, query_lens, conte
 prefill_attention_kernel = build.kernel_op("prefill_attention_cpu", _prefill_attention, _prefill_attention_fake)
 
 
-def prefill_attention_cpu(
-    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
-    k: torch.Tensor,  # [N, Hkv, D]
-    v: torch.Tensor,  # [N, Hkv, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [S, W] int32
-    query_lens: list[int],  # new tokens per sequence
-    context_lens: list[int],  # cached + new tokens per sequence
-    scale: float,
-) -> torch.Tensor:  # [N, Hq, D]
-    return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
-
-
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
     """q: [1, H, n, D], k/v: [1, H, m, D] -> (out [1, H, n, D], natural-log logsumexp [1, H, n] fp32)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, scale=scale)
@@ -95,3 +91,50 @@ def _split_sdpa(q, k_new, v_new, k_prefix, v_prefix, scale):
     w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1)  # exp(lse1) / (exp(lse1) + exp(lse2))
     out = torch.lerp(o2.float(), o1.float(), w1)
     return out.squeeze(0).transpose(0, 1).to(q.dtype)
+
+
+def _sdpa(q, k, v, k_cache, v_cache, table, cached: int, scale: float) -> torch.Tensor:
+    """One sequence through SDPA's fused kernels: q, k, v: [n, H, D] of its new tokens -> [n, Hq, D]."""
+    if cached == 0:
+        heads = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*heads, scale=scale, is_causal=True, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)
+    blocks = table[: -(-cached // k_cache.shape[1])].long()
+    k_prefix = k_cache[blocks].flatten(0, 1)[:cached]  # [cached, Hkv, D]
+    v_prefix = v_cache[blocks].flatten(0, 1)[:cached]
+    return _split_sdpa(q, k, v, k_prefix, v_prefix, scale)
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,  # [N, Hq, D], the new tokens of all sequences, concatenated
+    k: torch.Tensor,  # [N, Hkv, D]
+    v: torch.Tensor,  # [N, Hkv, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], already holding k/v of the new tokens
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, W] int32
+    query_lens: list[int],  # new tokens per sequence
+    context_lens: list[int],  # cached + new tokens per sequence
+    scale: float,
+) -> torch.Tensor:  # [N, Hq, D]
+    """The C kernel for every sequence of at most C_MAX_NEW new tokens after a cached prefix, in one
+    call; SDPA's fused kernels for each other one."""
+    small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
+    if all(small):
+        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+    out = torch.empty_like(q)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    if any(small):
+        seqs = [s for s, take in enumerate(small) if take]
+        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs])
+        out[rows] = prefill_attention_kernel(
+            q[rows], k_cache, v_cache, block_tables[seqs], [query_lens[s] for s in seqs],
+            [context_lens[s] for s in seqs], scale,
+        )
+    for s, take in enumerate(small):
+        if not take:
+            rows = slice(starts[s], starts[s + 1])
+            cached = context_lens[s] - query_lens[s]
+            out[rows] = _sdpa(q[rows], k[rows], v[rows], k_cache, v_cache, block_tables[s], cached, scale)
+    return out

@@ -22,7 +22,7 @@ void decode_attention(const void *q, const void *kc, const void *vc, const int32
 
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
-   tables: [S, W] int32; qlens, ctx: [S] int32. D % 32 == 0, D <= 256, Hq / Hkv <= 64. */
+   tables: [S, W] int32; qlens, ctx: [S] int32. D % 8 == 0, D <= 256, Hq / Hkv <= 64. */
 void prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
                        const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
                        int bf16);

@@ -38,11 +38,21 @@ typedef struct {
     int visible[ROWS];       /* keys a row sees: its position + 1; 0 for padding rows */
 } Scratch;
 
-/* Keys [t0, t0 + n) of kv head h into the tile (transposed K, V), zeros past n. */
-static void load_tile(Scratch *w, const void *kc, const void *vc, const int32_t *table, int t0, int n, int h, int Hkv,
-                      int D, int bs, int bf16) {
+/* Keys [t0, t0 + n) of kv head h into the tile (transposed K, V), zeros past n; prefetches the next
+   tile's rows up to `end`: one head's rows are Hkv * D apart, too far for the hardware prefetcher. */
+static void load_tile(Scratch *w, const void *kc, const void *vc, const int32_t *table, int t0, int n, int end, int h,
+                      int Hkv, int D, int bs, int bf16) {
     float row[MAXD];
+    const int size = bf16 ? 2 : 4;
     for (int j = 0; j < KEYS; j++) {
+        if (t0 + KEYS + j < end) {
+            int t = t0 + KEYS + j;
+            long next = ((((long)table[t / bs] * bs + t % bs) * Hkv + h) * D) * size;
+            for (int b = 0; b < D * size; b += 64) {
+                _mm_prefetch((const char *)kc + next + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)vc + next + b, _MM_HINT_T0);
+            }
+        }
         if (j < n) {
             int t = t0 + j;
             long base = (((long)table[t / bs] * bs + t % bs) * Hkv + h) * D;
@@ -55,6 +65,7 @@ static void load_tile(Scratch *w, const void *kc, const void *vc, const int32_t 
             for (int d = 0; d < D; d++) w->kt[d][j] = 0.0f;
             memset(w->v[j], 0, sizeof(float) * D);
         }
+        memset(w->v[j] + D, 0, sizeof(float) * (((D + 31) & ~31) - D));  /* the 32-column blocks' padding */
     }
 }
 
@@ -126,11 +137,11 @@ static inline void accumulate_2x32(Scratch *w, int r, int c, int n, const float 
 static void attend_task(Scratch *w, const void *q, const void *kc, const void *vc, const int32_t *table, void *out,
                         long q0, int i0, int count, int cached, int h, int Hq, int Hkv, int D, int bs, float qk_scale,
                         int bf16) {
-    const int G = Hq / Hkv, rows = count * G, padded = (rows + 3) & ~3;
+    const int G = Hq / Hkv, rows = count * G, padded = (rows + 3) & ~3, width = (D + 31) & ~31;
     for (int r = 0; r < padded; r++) {
         w->m[r] = -INFINITY;
         w->l[r] = 0.0f;
-        memset(w->acc[r], 0, sizeof(float) * D);
+        memset(w->acc[r], 0, sizeof(float) * width);
         if (r < rows) {
             long base = ((q0 + i0 + r / G) * Hq + h * G + r % G) * D;
             for (int i = 0; i < D; i += 8)
@@ -144,7 +155,7 @@ static void attend_task(Scratch *w, const void *q, const void *kc, const void *v
     const int end = cached + i0 + count;  /* the last row sees keys [0, end) */
     for (int t0 = 0; t0 < end; t0 += KEYS) {
         const int n = end - t0 < KEYS ? end - t0 : KEYS;
-        load_tile(w, kc, vc, table, t0, n, h, Hkv, D, bs, bf16);
+        load_tile(w, kc, vc, table, t0, n, end, h, Hkv, D, bs, bf16);
         for (int r = 0; r < padded; r += 4)
             for (int c = 0; c < n; c += 16) scores_4x16(w, r, c, D);
         float alpha[ROWS];
@@ -159,7 +170,7 @@ static void attend_task(Scratch *w, const void *q, const void *kc, const void *v
         for (int r = 0; r < padded; r += 2) {
             int k = seen[r] > seen[r + 1] ? seen[r] : seen[r + 1];
             if (k == 0) continue;
-            for (int c = 0; c < D; c += 32) accumulate_2x32(w, r, c, k, alpha + r);
+            for (int c = 0; c < width; c += 32) accumulate_2x32(w, r, c, k, alpha + r);
         }
     }
     for (int r = 0; r < rows; r++) {
