@@ -333,6 +333,15 @@ def test_decode_attention_qwen3_shapes_gpu(batch, max_context):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_prefill_attention_qwen3_shapes_gpu():
+    """A chunked-prefill step at 0.6B's shapes in bf16: a long prompt, a chunk after a long prefix, decode rows."""
+    seqs = [(1000, 1000), (512, 3000), (1, 4096), (1, 17), (37, 40)]
+    args, _, _ = paged_inputs.paged(seqs, 16, 8, 128, 16, torch.bfloat16, device=DEVICE)
+    assert_close(prefill_attention_triton(*args), prefill_attention_torch(*args))
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_decode_attention_cuda_graph_gpu():
     """Captured once, replayed with other lengths in the same buffers: nothing is data-dependent."""
     q, k_cache, v_cache, block_tables, lens = make_decode_inputs(
