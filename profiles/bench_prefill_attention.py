@@ -1,17 +1,18 @@
 """Prefill attention over the paged cache with and without a cached prefix: time and peak memory.
 
     python profiles/bench_prefill_attention.py [--tokens 16384] [--cached 0 32 8192] [--threads N]
-        [--kernels torch cpu c] [--dtype bfloat16] [--out DIR]
+        [--kernels torch cpu c] [--dtype bfloat16] [--decode-rows N] [--repeats N] [--out DIR]
 
 One layer of Qwen3-0.6B's attention (16 query heads, 8 KV heads, head dim 128, bf16 by default) over
 a prompt of --tokens tokens of which the first --cached are already in the paged cache (16-token
 blocks), so the call gets --tokens minus --cached new tokens. --kernels names the implementations:
 `torch` (ops.torch_ref's prefill_attention_torch), `cpu` (the CPU kernel set's op: the C kernel or
 SDPA per sequence), `c` (the C kernel alone, for every sequence), `triton` (the Triton kernel on
-CUDA). Each (kernels, case) runs in a fresh process; peak memory = the growth of its maximum RSS over
-the call (on CUDA: the peak allocated over the inputs), inputs excluded. A prefix hit should never be
-slower than no hit, and its memory should stay linear in the context. Writes
-bench_prefill_attention.{json,md} into --out.
+CUDA). --decode-rows adds that many query_len-1 sequences over the same context to the call, as a
+chunked-prefill step mixes them in. Each (kernels, case) runs in a fresh process; peak memory = the
+growth of its maximum RSS over the call (on CUDA: the peak allocated over the inputs), inputs
+excluded. A prefix hit should never be slower than no hit, and its memory should stay linear in the
+context. With --repeats, the fastest of that many calls (the first one warms up). Writes bench_prefill_attention.{json,md} into --out.
 """
 from __future__ import annotations
 
@@ -51,18 +52,20 @@ def implementation(kernels: str):
         q, k_cache, v_cache, *rest)
 
 
-def one_case(kernels: str, dtype: torch.dtype, tokens: int, cached: int) -> dict:
+def one_case(kernels: str, dtype: torch.dtype, tokens: int, cached: int, decode_rows: int, repeats: int) -> dict:
     attend = implementation(kernels)
     device = torch.device("cuda" if kernels == "triton" else "cpu")
     new = tokens - cached
     blocks = -(-tokens // BLOCK)
     k_cache = torch.randn(blocks, BLOCK, HKV, D, dtype=dtype, device=device)
     v_cache = torch.randn_like(k_cache)
-    table = torch.arange(blocks, dtype=torch.int32, device=device).unsqueeze(0)
-    k = k_cache.flatten(0, 1)[cached:tokens]
-    v = v_cache.flatten(0, 1)[cached:tokens]
-    q = torch.randn(new, HQ, D, dtype=dtype, device=device)
-    args = (q, k, v, k_cache, v_cache, table, [new], [tokens], D**-0.5)
+    # Decode rows share the prompt's blocks (as prefix-cache hits would): no cache memory of their own.
+    table = torch.arange(blocks, dtype=torch.int32, device=device).expand(1 + decode_rows, blocks)
+    rows = [*range(cached, tokens), *[tokens - 1] * decode_rows]
+    k = k_cache.flatten(0, 1)[rows]
+    v = v_cache.flatten(0, 1)[rows]
+    q = torch.randn(len(rows), HQ, D, dtype=dtype, device=device)
+    args = (q, k, v, k_cache, v_cache, table, [new] + [1] * decode_rows, [tokens] * (1 + decode_rows), D**-0.5)
     if device.type == "cuda":
         attend(*args)  # compile
         torch.cuda.synchronize()
@@ -70,15 +73,17 @@ def one_case(kernels: str, dtype: torch.dtype, tokens: int, cached: int) -> dict
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    attend(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        attend(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"kernels": kernels, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "cached": cached,
-            "new": new, "seconds": seconds, "peak_mib": (peak - base) / 2**20}
+            "new": new, "decode_rows": decode_rows, "seconds": min(seconds), "peak_mib": (peak - base) / 2**20}
 
 
 def main() -> None:
@@ -88,6 +93,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch", "cpu", "c"])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--decode-rows", type=int, default=0,
+                        help="query_len-1 sequences over the same context in the call, as a chunked-prefill step has")
+    parser.add_argument("--repeats", type=int, default=1, help="calls per case; the fastest is reported")
     parser.add_argument("--out", type=Path, default=common.OUT)
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
@@ -95,21 +103,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.case is not None:
         with torch.inference_mode():
-            print(json.dumps(one_case(args.kernels[0], getattr(torch, args.dtype), args.tokens, args.case)))
+            print(json.dumps(one_case(args.kernels[0], getattr(torch, args.dtype), args.tokens, args.case,
+                                      args.decode_rows, args.repeats)))
         return
     info = common.machine_info(torch.device("cuda" if "triton" in args.kernels else "cpu"))
     results = []
     for cached in args.cached:
         for kernels in args.kernels:  # side by side per case: the load moves less between them
             command = [sys.executable, __file__, "--tokens", str(args.tokens), "--threads", str(args.threads),
-                       "--kernels", kernels, "--dtype", args.dtype, "--case", str(cached)]
+                       "--kernels", kernels, "--dtype", args.dtype, "--decode-rows", str(args.decode_rows),
+                       "--repeats", str(args.repeats),
+                       "--case", str(cached)]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             results.append(json.loads(done.stdout.splitlines()[-1]))
             print(results[-1], flush=True)
     table = common.markdown_table(
-        ["kernels", "dtype", "prompt tokens", "cached", "new", "seconds", "peak MiB over inputs"],
-        [[r["kernels"], r["dtype"], str(r["tokens"]), str(r["cached"]), str(r["new"]), f"{r['seconds']:.2f}",
-          f"{r['peak_mib']:.0f}"] for r in results],
+        ["kernels", "dtype", "prompt tokens", "cached", "new", "decode rows", "seconds", "peak MiB over inputs"],
+        [[r["kernels"], r["dtype"], str(r["tokens"]), str(r["cached"]), str(r["new"]), str(r["decode_rows"]),
+          f"{r['seconds']:.3f}", f"{r['peak_mib']:.0f}"] for r in results],
     )
     report = f"{common.machine_line(info)}\n\n`{common.command_line()}`\n\n{table}\n"
     print(report)
