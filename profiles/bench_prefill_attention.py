@@ -12,7 +12,8 @@ CUDA). --decode-rows adds that many query_len-1 sequences over the same context 
 chunked-prefill step mixes them in. Each (kernels, case) runs in a fresh process; peak memory = the
 growth of its maximum RSS over the call (on CUDA: the peak allocated over the inputs), inputs
 excluded. A prefix hit should never be slower than no hit, and its memory should stay linear in the
-context. With --repeats, the fastest of that many calls (the first one warms up). Writes bench_prefill_attention.{json,md} into --out.
+context. With --repeats, the fastest of that many calls (the first one warms up). Writes
+bench_prefill_attention.{json,md} into --out.
 """
 from __future__ import annotations
 
