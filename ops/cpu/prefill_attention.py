@@ -72,12 +72,17 @@ def _prefill_attention_fake(q, k_cache, v_cache, block_tables, query_lens, conte
 prefill_attention_kernel = build.kernel_op("prefill_attention_cpu", _prefill_attention, _prefill_attention_fake)
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool):
+def _flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [1, H, n, D], k/v: [1, H, m, D] -> (out [1, H, n, D], natural-log logsumexp [1, H, n] fp32)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal, scale=scale)
 
 
-def _split_sdpa(q, k_new, v_new, k_prefix, v_prefix, scale):
+def _split_sdpa(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """q: [n, Hq, D] over a prefix k/v [c, Hkv, D] (all visible) and its own k/v [n, Hkv, D] (causal): two
     fused SDPA calls merged by their logsumexps -> [n, Hq, D]."""
     n, num_heads, head_dim = q.shape
@@ -97,8 +102,11 @@ def _split_sdpa(q, k_new, v_new, k_prefix, v_prefix, scale):
     return out.squeeze(0).transpose(0, 1).to(q.dtype)
 
 
-def _sdpa(q, k, v, k_cache, v_cache, table, context_len: int, scale: float) -> torch.Tensor:
-    """One sequence through SDPA's fused kernels: q, k, v: [n, H, D] of its new tokens -> [n, Hq, D]."""
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    table: torch.Tensor, context_len: int, scale: float,
+) -> torch.Tensor:
+    """One sequence through SDPA's fused kernels: q, k, v: [n, H, D] of its new tokens, table: [W] -> [n, Hq, D]."""
     n = q.shape[0]
     cached = context_len - n
     if cached * SPLIT_MIN_PREFIX < n:  # the reference: one causal call, the short prefix's rows padded
