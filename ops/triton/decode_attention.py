@@ -34,12 +34,10 @@ def _attend_tile(
     k = tl.load(k_head + k_rows + cols, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     scores = _dot(q, tl.trans(k), INTERPRETED, PRECISION) * qk_scale  # [BLOCK_ROWS, BLOCK_N]
     scores = tl.where(tokens[None, :] < visible[:, None], scores, float("-inf"))
+    # Finite: every row sees the first token of the first tile it runs (token 0 for prefill's causal rows).
     m_new = tl.maximum(m, tl.max(scores, axis=1))
-    # A row that has seen no token yet (a causal row before its first visible tile) keeps m = -inf:
-    # subtracting 0 instead leaves its p and alpha 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
     l = l * alpha + tl.sum(p, axis=1)
     v_rows = (blocks * v_block_stride + slots * v_slot_stride)[:, None]
     v = tl.load(v_head + v_rows + cols, mask=kv_mask, other=0.0)
