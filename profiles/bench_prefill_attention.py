@@ -1,7 +1,7 @@
 """Prefill attention over the paged cache with and without a cached prefix: time and peak memory.
 
     python profiles/bench_prefill_attention.py [--tokens 16384] [--cached 0 32 8192] [--threads N]
-        [--kernels torch cpu c] [--dtype bfloat16] [--decode-rows N] [--repeats N] [--out DIR]
+        [--kernels torch cpu] [--dtype bfloat16] [--decode-rows N] [--repeats N] [--out DIR]
 
 One layer of Qwen3-0.6B's attention (16 query heads, 8 KV heads, head dim 128, bf16 by default) over
 a prompt of --tokens tokens of which the first --cached are already in the paged cache (16-token
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--cached", type=int, nargs="+", default=[0, 32, 8192])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch", "cpu", "c"])
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=["torch", "cpu"])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--decode-rows", type=int, default=0,
                         help="query_len-1 sequences over the same context in the call, as a chunked-prefill step has")
