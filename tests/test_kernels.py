@@ -7,17 +7,21 @@ import os
 import pytest
 import torch
 
+import paged_inputs
+
 pytest.importorskip("triton")
 
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
 from ops.torch_ref.linear_int8 import linear_int8_torch  # noqa: E402
+from ops.torch_ref.prefill_attention import prefill_attention_torch  # noqa: E402
 from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
 from ops.torch_ref.rope import qk_norm_rope_store_torch  # noqa: E402
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import MAX_SPLITS, decode_attention_triton, default_num_splits  # noqa: E402
 from ops.triton.linear_int8 import linear_int8_triton  # noqa: E402
+from ops.triton.prefill_attention import prefill_attention_triton, tile_list  # noqa: E402
 from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
 from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
@@ -242,6 +246,55 @@ def test_the_triton_kernel_set_runs_these_kernels():
     assert torch.equal(k_cache[1, :2], k)
     w8, scale = torch.randint(-127, 128, (40, 32), dtype=torch.int8, device=DEVICE), torch.rand(40, device=DEVICE)
     assert_close(kernels.linear_int8(x, w8, scale), linear_int8_torch(x, w8, scale))
+    assert kernels.prefill_attention is prefill_attention_triton
+    args, _, _ = paged_inputs.paged([(3, 7), (1, 4)], 4, 2, 16, 4, device=DEVICE)
+    assert_close(kernels.prefill_attention(*args), prefill_attention_torch(*args))
+
+
+# ---------------------------------------------------------------- paged prefill attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_q_heads, num_kv_heads, head_dim, block_size, block_rows",
+    [
+        (4, 2, 16, 4, 16),  # GQA 2: 8 tokens a tile, so long rows span several tiles
+        (6, 2, 32, 16, 32),  # GQA 3, padded to 4 rows a token
+        (2, 2, 16, 4, 16),  # MHA
+    ],
+)
+def test_prefill_attention(num_q_heads, num_kv_heads, head_dim, block_size, block_rows, dtype):
+    args, _, _ = paged_inputs.paged(paged_inputs.MIXED, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+                                    device=DEVICE)
+    out = prefill_attention_triton(*args, block_rows=block_rows)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    assert_close(out, prefill_attention_torch(*args))
+
+
+def test_prefill_attention_strided_q_reads_only_the_context():
+    """q as the strided view of the fused qkv output; cache past each context (its last block's tail,
+    unused table entries) is never read."""
+    seqs = [(3, 10), (1, 5), (9, 9)]
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4, device=DEVICE)
+    q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
+    expected = prefill_attention_torch(*args)
+    wide = torch.zeros(q.shape[0], q.shape[1], 2 * q.shape[2], device=DEVICE)
+    wide[..., : q.shape[2]] = q
+    poison = k_cache.shape[0]
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
+    tables = torch.cat((tables, torch.full_like(tables[:, :2], poison)), dim=1)
+    for row, ctx in enumerate(context_lens):
+        last = tables[row, (ctx - 1) // 4]
+        k_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+        v_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+    out = prefill_attention_triton(wide[..., : q.shape[2]], k, v, k_cache, v_cache, tables, query_lens,
+                                   context_lens, scale, block_rows=16)
+    assert_close(out, expected)
+
+
+def test_prefill_tiles_longest_context_first():
+    assert tile_list([3, 10, 1], [3, 14, 20], block_m=4) == [(2, 0), (1, 8), (1, 4), (1, 0), (0, 0)]
 
 
 # ---------------------------------------------------------------- int8 weight-only linear
@@ -276,6 +329,15 @@ def test_decode_attention_qwen3_shapes_gpu(batch, max_context):
     )
     out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 128**-0.5)
     assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 128**-0.5))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_prefill_attention_qwen3_shapes_gpu():
+    """A chunked-prefill step at 0.6B's shapes in bf16: a long prompt, a chunk after a long prefix, decode rows."""
+    seqs = [(1000, 1000), (512, 3000), (1, 4096), (1, 17), (37, 40)]
+    args, _, _ = paged_inputs.paged(seqs, 16, 8, 128, 16, torch.bfloat16, device=DEVICE)
+    assert_close(prefill_attention_triton(*args), prefill_attention_torch(*args))
 
 
 @pytest.mark.gpu

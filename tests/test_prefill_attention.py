@@ -4,36 +4,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import paged_inputs
 from ops.torch_ref import prefill_attention as ref
 
 HQ, HKV, D, BLOCK = 4, 2, 8, 4
 
 
 def paged(seqs: list[tuple[int, int]], seed: int = 0):
-    """(new tokens, context) per sequence -> the kernel's arguments with a random paged cache, and
-    each sequence's full-context k/v [ctx, Hkv, D] for the reference."""
-    g = torch.Generator().manual_seed(seed)
-    widths = [-(-ctx // BLOCK) for _, ctx in seqs]
-    k_cache = torch.randn(sum(widths) + 1, BLOCK, HKV, D, generator=g)
-    v_cache = torch.randn(sum(widths) + 1, BLOCK, HKV, D, generator=g)
-    order = torch.randperm(sum(widths), generator=g) + 1  # scattered blocks, block 0 unused
-    tables = torch.zeros(len(seqs), max(widths), dtype=torch.int32)
-    full_k, full_v, k, v = [], [], [], []
-    used = 0
-    for i, ((q_len, ctx), width) in enumerate(zip(seqs, widths)):
-        tables[i, :width] = order[used : used + width]
-        used += width
-        blocks = tables[i, :width].long()
-        full_k.append(k_cache[blocks].flatten(0, 1)[:ctx])
-        full_v.append(v_cache[blocks].flatten(0, 1)[:ctx])
-        k.append(full_k[-1][ctx - q_len :])
-        v.append(full_v[-1][ctx - q_len :])
-    q = torch.randn(sum(q for q, _ in seqs), HQ, D, generator=g)
-    args = (q, torch.cat(k), torch.cat(v), k_cache, v_cache, tables, [q for q, _ in seqs], [c for _, c in seqs], 0.3)
-    return args, full_k, full_v
+    return paged_inputs.paged(seqs, HQ, HKV, D, BLOCK, seed=seed)
 
 
-def explicit_mask_attention(q, full_k, full_v, seqs) -> torch.Tensor:
+def explicit_mask_attention(q, full_k, full_v, seqs, scale: float) -> torch.Tensor:
     """Every new token over its whole visible context, one [new, ctx] mask per sequence, in fp64."""
     outs, start = [], 0
     for (q_len, ctx), ks, vs in zip(seqs, full_k, full_v):
@@ -41,7 +22,7 @@ def explicit_mask_attention(q, full_k, full_v, seqs) -> torch.Tensor:
         ks = ks.double().transpose(0, 1).repeat_interleave(HQ // HKV, 0)
         vs = vs.double().transpose(0, 1).repeat_interleave(HQ // HKV, 0)
         visible = torch.arange(ctx - q_len, ctx)[:, None] >= torch.arange(ctx)[None, :]
-        scores = (qs @ ks.transpose(1, 2) * 0.3).masked_fill(~visible, float("-inf"))
+        scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
         outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
         start += q_len
     return torch.cat(outs).float()
@@ -52,7 +33,8 @@ def test_cached_prefixes_short_and_long_match_an_explicit_mask(monkeypatch):
     seqs = [(5, 5), (7, 12), (3, 40), (10, 50), (1, 9)]  # none cached | short prefix (padded) | long (masked)
     args, full_k, full_v = paged(seqs)
     out = ref.prefill_attention_torch(*args)
-    torch.testing.assert_close(out, explicit_mask_attention(args[0], full_k, full_v, seqs), atol=1e-5, rtol=1e-5)
+    expected = explicit_mask_attention(args[0], full_k, full_v, seqs, args[-1])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_no_attention_call_is_new_by_context_sized(monkeypatch):

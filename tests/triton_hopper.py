@@ -26,6 +26,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import decode_attention_triton  # noqa: E402
+from ops.triton.prefill_attention import prefill_attention_triton  # noqa: E402
 from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
 from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
@@ -34,7 +35,7 @@ OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK, EPS = 1024, 3072, 16, 8, 128, 16, 1e-6
 # Kernels whose tl.dot must run on tensor cores in bf16/fp16 (mma in the PTX, not an FMA loop).
-TENSOR_CORE_KERNELS = {"_decode_split_kernel"}
+TENSOR_CORE_KERNELS = {"_decode_split_kernel", "_prefill_kernel"}
 compiled: list[str] = []
 
 
@@ -86,6 +87,7 @@ def launch_all(dtype: torch.dtype, tokens: int) -> None:
     tables = torch.zeros(tokens, 32, dtype=torch.int32)
     lens = torch.ones(tokens, dtype=torch.int32)
     decode_attention_triton(q, cache, cache, tables, lens, HEAD_DIM**-0.5, num_splits=4)  # split + combine
+    prefill_attention_triton(q, k, v, cache, cache, tables[:1], [tokens], [tokens + 16], HEAD_DIM**-0.5)
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, build, linear, linear_int8, norm_rope
+from ops.cpu import attention, build, linear, linear_int8, norm_rope, prefill_attention
 from ops.kernels import Kernels
 
-C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, attention.KERNEL, norm_rope.KERNEL)
+C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, attention.KERNEL, norm_rope.KERNEL, prefill_attention.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -28,11 +28,13 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
     norms = norm_rope.KERNEL.ready and hidden_size <= norm_rope.MAX_HIDDEN
     ropes = norm_rope.KERNEL.ready and head_dim <= norm_rope.MAX_HEAD_DIM
     attends = attention.KERNEL.ready and attention.takes(head_dim, num_heads // num_kv_heads)
+    prefills = prefill_attention.KERNEL.ready and prefill_attention.takes(head_dim, num_heads // num_kv_heads)
     return dataclasses.replace(
         ref,
         rms_norm=norm_rope.rms_norm_cpu if norms else ref.rms_norm,
         qk_norm_rope_store=norm_rope.qk_norm_rope_store_cpu if ropes else ref.qk_norm_rope_store,
         decode_attention=attention.decode_attention_cpu if attends else ref.decode_attention,
+        prefill_attention=prefill_attention.prefill_attention_cpu if prefills else ref.prefill_attention,
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
         decode_attention_gathers=not attends,

@@ -19,11 +19,12 @@ def _dot(a, b, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+    q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
     k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Online softmax over the BLOCK_N tokens from `tile` (up to `end`): -> the updated (m, l, acc)."""
+    """Online softmax over the BLOCK_N tokens from `tile` (up to `end`), row i seeing the tokens before
+    visible[i] (decode: all of them; prefill: causal): -> the updated (m, l, acc)."""
     tokens = tile + tl.arange(0, BLOCK_N)
     token_mask = tokens < end
     blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
@@ -31,8 +32,9 @@ def _attend_tile(
     kv_mask = token_mask[:, None] & col_mask
     k_rows = (blocks * k_block_stride + slots * k_slot_stride)[:, None]
     k = tl.load(k_head + k_rows + cols, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    scores = _dot(q, tl.trans(k), INTERPRETED, PRECISION) * qk_scale  # [BLOCK_GROUP, BLOCK_N]
-    scores = tl.where(token_mask[None, :], scores, float("-inf"))
+    scores = _dot(q, tl.trans(k), INTERPRETED, PRECISION) * qk_scale  # [BLOCK_ROWS, BLOCK_N]
+    scores = tl.where(tokens[None, :] < visible[:, None], scores, float("-inf"))
+    # Finite: every row sees the first token of the first tile it runs (token 0 for prefill's causal rows).
     m_new = tl.maximum(m, tl.max(scores, axis=1))
     p = tl.exp2(scores - m_new[:, None])
     alpha = tl.exp2(m - m_new)
@@ -87,13 +89,14 @@ def _decode_split_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     k_head = k_cache_ptr + kv_head * k_head_stride
     v_head = v_cache_ptr + kv_head * v_head_stride
+    visible = tl.zeros([BLOCK_GROUP], tl.int32) + end
     if INTERPRETED:
         # Triton 3.6's interpreter cannot take tensor bounds in range(): its __index__ is
         # int() of a 1-element array, which NumPy >= 2.4 refuses. A while loop needs only bool().
         tile = start
         while tile < end:
             m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
                 k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
                 BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
             )
@@ -101,7 +104,7 @@ def _decode_split_kernel(
     else:  # a for loop, which the compiler software-pipelines
         for tile in range(start, end, BLOCK_N):
             m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, tile, end, m, l, acc, qk_scale, cols, col_mask,
+                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
                 k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
                 BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
             )

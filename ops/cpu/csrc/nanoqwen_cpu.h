@@ -20,6 +20,13 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
 void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
                       void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16);
 
+/* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
+   tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
+   tables: [S, W] int32; qlens, ctx: [S] int32. D % 8 == 0, D <= 256, Hq / Hkv <= 64. */
+void prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
+                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
+                       int bf16);
+
 /* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192; res and res_out may be NULL. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16);

@@ -1,0 +1,108 @@
+"""The CPU paged prefill attention (C kernel, and the CPU set's dispatch between it and SDPA) against the
+torch reference, and through the engine after a prefix-cache hit against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ops
+import paged_inputs
+from engine_util import generate, greedy, hf_greedy, load_engine
+from ops.cpu import build as cpu_build
+from ops.cpu import prefill_attention as cpu_prefill
+from ops.torch_ref.prefill_attention import prefill_attention_torch
+
+pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+SHAPES = [  # num_q_heads, num_kv_heads, head_dim, block_size
+    (4, 2, 16, 4),  # GQA 2, the tiny checkpoint's head dim: 32-column blocks padded
+    (6, 1, 64, 16),  # GQA 6: a 64-row task holds 10 tokens and 4 padding rows
+    (4, 4, 40, 16),  # MHA, a head dim off the 32-column blocks
+    (16, 8, 128, 16),  # Qwen3-0.6B
+]
+
+
+def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
+    assert cpu_prefill.KERNEL.build(), cpu_prefill.KERNEL.error
+
+
+def kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale) -> torch.Tensor:
+    return cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_matches_reference(shape, dtype):
+    # several sequences: nothing cached, short and long prefixes, query_len 1 rows, a chunk after
+    # earlier chunks, contexts off the block size; plus one long enough for many 64-key tiles
+    seqs = [*paged_inputs.MIXED, (70, 200)]
+    args, _, _ = paged_inputs.paged(seqs, *shape, dtype=dtype)
+    out = kernel(*args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
+
+
+def test_kernel_reads_nothing_past_the_context():
+    seqs = [(3, 10), (1, 5), (9, 9)]
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4)
+    q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
+    before = kernel(*args)
+    poison = k_cache.shape[0]
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
+    tables = torch.cat((tables, torch.full_like(tables[:, :2], poison)), dim=1)
+    for row, ctx in enumerate(context_lens):
+        last = tables[row, (ctx - 1) // 4]
+        k_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+        v_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+    after = kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_new", [0, 16, 10_000])  # all SDPA | the split | all C kernel
+def test_dispatch_matches_reference(monkeypatch, dtype, max_new):
+    """Every sequence to the C kernel or to SDPA (one causal call, or prefix and new tokens merged by
+    their logsumexps), by C_MAX_NEW; the C kernel gets only cached sequences, in one call."""
+    monkeypatch.setattr(cpu_prefill, "C_MAX_NEW", max_new)
+    calls = []
+    real = cpu_prefill.prefill_attention_kernel
+    monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append(a[4]) or real(*a))
+    seqs = [*paged_inputs.MIXED, (40, 300), (40, 44)]  # a long prefix (split) | a short one (padded)
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4, dtype=dtype)
+    out = cpu_prefill.prefill_attention_cpu(*args)
+    torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
+    expected = [n for n, c in seqs if n < c and n <= max_new]
+    assert calls == ([expected] if expected else [])
+
+
+def select(dtype: torch.dtype, head_dim: int = 16, num_heads: int = 4) -> ops.Kernels:
+    return ops.select_kernels("torch", torch.device("cpu"), dtype, hidden_size=64, head_dim=head_dim,
+                              num_heads=num_heads, num_kv_heads=2)
+
+
+def test_the_cpu_kernel_set_takes_it_where_it_serves():
+    assert select(torch.float32).prefill_attention is cpu_prefill.prefill_attention_cpu
+    assert select(torch.bfloat16).prefill_attention is cpu_prefill.prefill_attention_cpu
+    # fp16, a head dim not a multiple of 8, a GQA group over MAX_GROUP: the torch reference
+    for other in (select(torch.float16), select(torch.float32, head_dim=12), select(torch.float32, num_heads=130)):
+        assert other.prefill_attention is prefill_attention_torch
+
+
+def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint, hf_model, monkeypatch):
+    """A short and a long prompt after a cached system prompt: the C kernel and the split SDPA each
+    serve a prefix hit, and greedy tokens stay transformers'."""
+    calls = []
+    real = cpu_prefill.prefill_attention_kernel
+    monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append(a[4]) or real(*a))
+    hf = hf_model(tiny_checkpoint)
+    engine = load_engine(tiny_checkpoint)
+    assert engine.runner.model.kernels.prefill_attention is cpu_prefill.prefill_attention_cpu
+    system = list(range(3000, 3040))  # 2 full blocks of 16 cached after the first request
+    prompts = [system + [9707, 1879], system + [100, 200, 300], system + list(range(500, 560))]
+    results = [generate(engine, [prompt], greedy(8))[0] for prompt in prompts]
+    assert [r.usage.cached_tokens for r in results] == [0, 32, 32]
+    for prompt, result in zip(prompts, results):
+        assert result.choices[0].token_ids == hf_greedy(hf, prompt, 8)
+    assert [11] in calls  # the short prompt's 11 new tokens went to the C kernel
