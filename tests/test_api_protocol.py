@@ -323,3 +323,4 @@ def test_logit_bias_keys_become_token_ids() -> None:
     assert params.logit_bias == {7: -100.0, 42: 12.5}
     assert _bad({"messages": USER, "logit_bias": {"-1": 1}}).param == "logit_bias"
     assert _bad({"messages": USER, "logit_bias": {"7": True}}).param == "logit_bias.7"
+    assert _bad({"messages": USER, "logit_bias": {"7": 100.5}}).param == "logit_bias.7"

@@ -231,7 +231,7 @@ def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
     ({**GREEDY, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "wizard"}}}}}}, "response_format"),
     ({**GREEDY, "logit_bias": {"151936": 5}}, "logit_bias"),
-    ({**GREEDY, "logit_bias": {"12": 101}}, "logit_bias"),
+    ({**GREEDY, "logit_bias": {"12": 101}}, "logit_bias.12"),
     ({**GREEDY, "logit_bias": {"x": 1}}, "logit_bias"),
     ({**GREEDY, "reasoning_effort": "extreme"}, "reasoning_effort"),
 ])

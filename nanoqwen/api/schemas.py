@@ -233,22 +233,13 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
-    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> [-100, 100], added to its logit
+    # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
         return _check_unsupported(value, info)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (value or {}).items():
-            if not token.isascii() or not token.isdigit():
-                raise ValueError(f"keys must be token ids, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"values must be between -100 and 100, got {bias} for token {token}")
-        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -475,6 +466,9 @@ def _api_error(err: Any) -> APIError:
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
+    if err["loc"][-1] == "[key]":  # a dict's key: the dict is the parameter
+        param = param_name(err["loc"][:-2])
+        return APIError(400, f"Invalid key {err['loc'][-2]!r} in '{param}': {message}", param=param)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
