@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, post_chat
+from chat_http import MODEL, cpu_env, health_latencies, post_chat
 from checkpoints import END_THINK_ID, make_checkpoint
 from server_process import GunicornServer
 
@@ -79,6 +79,19 @@ def _streamed(srv: GunicornServer, **body: Any) -> list[dict[str, Any]]:
 
 def _calls(message: Any) -> list[dict[str, str]]:
     return [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
+
+
+def test_health_answers_while_the_first_grammar_compiles(server: GunicornServer) -> None:
+    """The first constrained request builds llguidance's tokenizer (seconds): never on the event loop."""
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(r=_create(server, response_format=PERSON_FORMAT,
+                                                                      temperature=0, max_tokens=1)))
+    worker.start()
+    timings = health_latencies(server, worker, interval=0.02)
+    worker.join()
+    assert result["r"].choices[0].finish_reason == "length"
+    assert len(timings) >= 10, timings  # it really was in flight meanwhile
+    assert max(timings) < 1.0, sorted(timings)[-5:]
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import llguidance.torch
 import torch
 from llguidance import LLMatcher
@@ -69,15 +68,17 @@ class Grammars:
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
-        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use: ~1-4 s
+        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use: seconds
         self._lock = native_lock()
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
 
     def _ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
-                                                               eos_token=self.eos_ids)
+                # Not llguidance.hf.from_tokenizer: its copy of the backend holds the GIL for seconds
+                # (it pickles the whole tokenizer); to_str and LLTokenizer release it.
+                self._tokenizer = llguidance.LLTokenizer(self._hf.backend_tokenizer.to_str(), n_vocab=self.vocab_size,
+                                                         eos_token=self.eos_ids)
             return self._tokenizer
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
