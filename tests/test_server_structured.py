@@ -82,7 +82,7 @@ def _calls(message: Any) -> list[dict[str, str]]:
 
 
 def test_health_answers_while_the_first_grammar_compiles(server: GunicornServer) -> None:
-    """The first constrained request builds llguidance's tokenizer (seconds): never on the event loop."""
+    """llguidance's tokenizer (seconds, holding the GIL) is built with the model, not by the first request."""
     result: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: result.update(r=_create(server, response_format=PERSON_FORMAT,
                                                                       temperature=0, max_tokens=1)))

@@ -68,18 +68,12 @@ class Grammars:
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
-        self._tokenizer: llguidance.LLTokenizer | None = None  # built on first use: seconds
+        # Built here, with the model (1-10 s): LLTokenizer holds the GIL throughout, which on first
+        # use would freeze the server's event loop.
+        self._tokenizer = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab_size,
+                                                 eos_token=self.eos_ids)
         self._lock = native_lock()
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
-
-    def _ll_tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
-            if self._tokenizer is None:
-                # Not llguidance.hf.from_tokenizer: its copy of the backend holds the GIL for seconds
-                # (it pickles the whole tokenizer); to_str and LLTokenizer release it.
-                self._tokenizer = llguidance.LLTokenizer(self._hf.backend_tokenizer.to_str(), n_vocab=self.vocab_size,
-                                                         eos_token=self.eos_ids)
-            return self._tokenizer
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
         """Output that is one JSON value matching `schema`; InvalidRequest naming `param` if it is not one."""
@@ -104,7 +98,7 @@ class Grammars:
             if grammar is not None:
                 self._cache.move_to_end(text)
                 return grammar
-        template = LLMatcher(self._ll_tokenizer(), text, log_level=0)  # drops the GIL while it compiles
+        template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
         if template.is_error():
             raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
         grammar = Grammar(text, template)
