@@ -27,9 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from bench_sampler import rows as sampling_rows  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
-from nanoqwen.engine.grammar import RowGrammar  # noqa: E402
+from nanoqwen.engine.grammar import Grammar, RowGrammar  # noqa: E402
+from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
+from nanoqwen.sampler import LogitAdjust, sample  # noqa: E402
 
 TARGET_RATIO = 1.10
 QWEN = SamplingParams(temperature=0.7, top_p=0.95, top_k=20)
@@ -47,6 +50,26 @@ def _timed_fill(fill):  # noqa: ANN001, ANN202 - wraps RowGrammar.fill to time i
         fill(self, bitmask, row)
         FILL_S.append(time.perf_counter() - start)
     return timed
+
+
+@torch.inference_mode()
+def sampler_ms(batch: int, vocab: int, grammar: Grammar, repeats: int = 30) -> dict[str, float]:
+    """Median ms of `sample` on [batch, vocab] logits (Qwen's defaults): plain, and with one row
+    masked by the grammar's first step and ten biases on another, interleaved."""
+    logits = torch.randn(batch, vocab) * 3
+    settings, mode = sampling_rows(QWEN, batch, torch.device("cpu")), sampling_mode([QWEN])
+    bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+    RowGrammar(grammar.matcher(), None, []).fill(bitmask, 0)
+    adjust = LogitAdjust(torch.zeros(10, dtype=torch.int64), torch.arange(10), torch.full((10,), 5.0),
+                         torch.tensor([batch - 1]), bitmask)
+    times: dict[str, list[float]] = {"plain": [], "adjusted": []}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name in times:
+            start = time.perf_counter()
+            sample(logits, settings, mode, adjust=adjust if name == "adjusted" else None)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: SamplingParams | None) -> list[float]:
@@ -98,17 +121,19 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, special in cases.items():
             steps[name] += decode(engine, prompts, args.new_tokens, special)
+    sampler = sampler_ms(args.batch, engine.model_config.vocab_size, grammar)
     base = statistics.median(steps["no constrained row"]) * 1000
     rows = [{"case": name, "step_ms": statistics.median(s) * 1000, "ratio": statistics.median(s) * 1000 / base}
             for name, s in steps.items()]
     result = {"machine": info, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "grammar_compile_s_first": compile_s, "mask_fill_ms_median": statistics.median(FILL_S) * 1000,
-              "mask_fill_ms_max": max(FILL_S) * 1000, "cases": rows}
+              "mask_fill_ms_max": max(FILL_S) * 1000, "sampler_ms": sampler, "cases": rows}
     table = common.markdown_table(["batch-8 decode step", "median ms", f"ratio (target <= {TARGET_RATIO})"],
                                   [[r["case"], f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows])
     table += (f"\n\nmask fill per constrained row per step: median {result['mask_fill_ms_median']:.2f} ms, "
-              f"max {result['mask_fill_ms_max']:.2f} ms; first grammar compile (with the tokenizer) "
-              f"{compile_s:.1f} s")
+              f"max {result['mask_fill_ms_max']:.2f} ms; first grammar compile "
+              f"{compile_s:.1f} s; the sampler alone (batch {args.batch}, Qwen's defaults): "
+              f"{sampler['plain']:.2f} ms plain, {sampler['adjusted']:.2f} ms with one masked and one biased row")
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_grammar.json").write_text(json.dumps(result, indent=2))
