@@ -77,7 +77,11 @@ class Grammars:
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
         """Output that is one JSON value matching `schema`; InvalidRequest naming `param` if it is not one."""
-        return self.compile(LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict)), param)
+        try:
+            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict))
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+        return self.compile(text, param)
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
@@ -98,7 +102,10 @@ class Grammars:
             if grammar is not None:
                 self._cache.move_to_end(text)
                 return grammar
-        template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
+        try:
+            template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         if template.is_error():
             raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
         grammar = Grammar(text, template)
