@@ -2,7 +2,7 @@
 
 Strict, as OpenAI is: no type coercion ("5" is not an int, true is not a number; ints are fine
 for floats), unknown fields are refused ("Unrecognized request argument supplied"), and fields
-that would change the answer but are not implemented (tools, logit_bias, guided decoding, ...)
+that would change the answer but are not implemented (functions, audio, vLLM's guided decoding, ...)
 are refused naming the field rather than silently dropped. Harmless metadata is accepted and
 ignored. Failures become 400 `invalid_request_error` naming the offending `param` in OpenAI's
 notation (`messages.[0].role`).
