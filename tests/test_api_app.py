@@ -86,3 +86,10 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "foo": 1})  # extra fields: refused by both
     assert not validator.is_valid({**CHAT, "max_tokens": 0})
     assert not validator.is_valid({**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]})
+    json_schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}, "strict": True}}
+    assert validator.is_valid({**CHAT, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}},
+                               "logit_bias": {"11": -100}, "reasoning_effort": "none", "response_format": json_schema})
+    assert validator.is_valid({**CHAT, "tool_choice": "required", "response_format": {"type": "json_object"}})
+    assert not validator.is_valid({**CHAT, "response_format": {"type": "xml"}})
+    assert not validator.is_valid({**CHAT, "reasoning_effort": "extreme"})
+    assert not validator.is_valid({**CHAT, "logit_bias": {"11": "a"}})

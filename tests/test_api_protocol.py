@@ -302,3 +302,25 @@ def test_streamed_tool_calls_reassemble_to_the_completion() -> None:
         assert content == whole["message"]["content"]
         assert [calls[i] for i in sorted(calls)] == [c["function"] for c in whole["message"]["tool_calls"]]
         assert chunks.finish(0, "stop")["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("effort, thinking", [("none", False), ("minimal", True), ("high", True), (None, None)])
+def test_reasoning_effort_switches_thinking(effort: str | None, thinking: bool | None) -> None:
+    req = parse_chat_request({"messages": USER, "reasoning_effort": effort})
+    assert req.template_kwargs().get("enable_thinking") == thinking
+    assert req.split_reasoning == (thinking is not False)
+    agreeing = {"messages": USER, "reasoning_effort": effort, "chat_template_kwargs": {"enable_thinking": thinking}}
+    assert parse_chat_request(agreeing).template_kwargs().get("enable_thinking") == thinking
+
+
+def test_reasoning_effort_contradicting_enable_thinking_is_refused() -> None:
+    body = {"messages": USER, "reasoning_effort": "none", "chat_template_kwargs": {"enable_thinking": True}}
+    assert _bad(body).param == "reasoning_effort"
+
+
+def test_logit_bias_keys_become_token_ids() -> None:
+    params = parse_chat_request({"messages": USER, "logit_bias": {"7": -100, "42": 12.5}}).sampling_params()
+    assert params.logit_bias == {7: -100.0, 42: 12.5}
+    assert _bad({"messages": USER, "logit_bias": {"-1": 1}}).param == "logit_bias"
+    assert _bad({"messages": USER, "logit_bias": {"7": True}}).param == "logit_bias.7"
+    assert _bad({"messages": USER, "logit_bias": {"7": 100.5}}).param == "logit_bias.7"

@@ -16,8 +16,10 @@ from nanoqwen.runner.sampling import sampling_mode
 from nanoqwen.sampler import (
     MODES,
     TOP_K_CANDIDATES,
+    LogitAdjust,
     Penalties,
     SamplingRows,
+    apply_adjust,
     apply_penalties,
     exponential_noise,
     filter_logits,
@@ -108,6 +110,30 @@ def test_noise_depends_only_on_key_and_step():
     ids = torch.tensor([[5, 999, 0], [7, 7, 300], [0, 1, 2]])  # a row's noise for chosen ids: the same values
     assert torch.equal(exponential_noise(keys, steps, ids), noise.gather(1, ids))
     assert 0.9 < noise.mean().item() < 1.1 and (noise > 0).all()
+
+
+def test_noise_is_positive_so_a_banned_token_never_wins():
+    keys, steps = torch.arange(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64)
+    noise = exponential_noise(keys, steps, torch.arange(151936))  # ~0.6 draws of the top 24-bit value per row
+    assert bool((noise > 0).all())
+    logits = torch.full((64, 151936), float("-inf"))
+    logits[:, 7] = 0.0
+    assert sample(logits, rows(64), "sample").eq(7).all()
+
+
+def test_logit_bias_and_grammar_mask_adjust_only_their_rows():
+    logits = torch.randn(3, 70)
+    bitmask = torch.zeros(1, 3, dtype=torch.int32)
+    bitmask[0, 2] = 1 << 3  # row 1 may only take token 67
+    adjust = LogitAdjust(bias_rows=torch.tensor([0, 0]), bias_tokens=torch.tensor([5, 6]),
+                         bias_values=torch.tensor([100.0, -100.0]), mask_rows=torch.tensor([1]), bitmask=bitmask)
+    adjusted = apply_adjust(logits, adjust)
+    assert adjusted[0, 5] == logits[0, 5] + 100 and adjusted[0, 6] == logits[0, 6] - 100
+    assert adjusted[1].isfinite().nonzero().flatten().tolist() == [67]
+    assert torch.equal(adjusted[2], logits[2])
+    for mode in ("greedy", "sample", "filter"):
+        tokens = sample(logits, rows(3, temperature=[0.0, 1.0, 0.0], top_p=[1.0, 0.5, 1.0]), mode, adjust=adjust)
+        assert tokens[:2].tolist() == [5, 67] and tokens[2] == logits[2].argmax()
 
 
 def test_a_row_samples_the_same_in_every_mode_that_serves_it():

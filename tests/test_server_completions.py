@@ -98,7 +98,7 @@ def test_logprobs(server: GunicornServer, client: openai.OpenAI) -> None:
     ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "unsupported_parameter"),
     ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo", "unsupported_parameter"),
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "unsupported_parameter"),
-    ({"prompt": PROMPT, "logit_bias": {"5": 10}}, "logit_bias", "unsupported_parameter"),
+    ({"prompt": PROMPT, "logit_bias": {"5": -101}}, "logit_bias.5", None),
     ({"prompt": PROMPT, "logprobs": 6}, "logprobs", None),
     ({"prompt": PROMPT, "logprobs": True}, "logprobs", None),
     ({"prompt": PROMPT, "max_tokens": "5"}, "max_tokens", None),

@@ -109,8 +109,11 @@ def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: Gunicorn
 
 @pytest.mark.parametrize("body, param", [
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.[0].function.name"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
+      "tool_choice": "required"}, "tools"),
     ({"messages": [*USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "get_weather", "arguments": "city=Paris"}}]}]}, "messages.[1].tool_calls.[0].function.arguments"),
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),

@@ -9,6 +9,7 @@ from flask import Response
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.api.structured import output_grammar
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
 
@@ -28,6 +29,10 @@ class ChatService:
         req = parse_chat_request(body)
         serving.check_serving(req.model)
         params = req.sampling_params(serving.engine.sampling_defaults)
+        try:
+            params.grammar = output_grammar(serving, req)
+        except InvalidRequest as exc:
+            raise invalid_request(exc) from None
         batch = serving.submit([self._encode(req, params.max_tokens)], params, req.split_reasoning)
         tools = ToolParsing(req.shows_tools, req.max_tool_calls)
         model, fp = serving.config.served_model_name, serving.fingerprint

@@ -2,7 +2,7 @@
 
 Strict, as OpenAI is: no type coercion ("5" is not an int, true is not a number; ints are fine
 for floats), unknown fields are refused ("Unrecognized request argument supplied"), and fields
-that would change the answer but are not implemented (tools, logit_bias, guided decoding, ...)
+that would change the answer but are not implemented (functions, audio, vLLM's guided decoding, ...)
 are refused naming the field rather than silently dropped. Harmless metadata is accepted and
 ignored. Failures become 400 `invalid_request_error` naming the offending `param` in OpenAI's
 notation (`messages.[0].role`).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -24,12 +24,10 @@ MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
 _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
-    "functions": ([],), "logit_bias": ({},), "function_call": ("none",), "modalities": (["text"],),
-    "response_format": ({"type": "text"},),
+    "functions": ([],), "function_call": ("none",), "modalities": (["text"],),
 }
 UNSUPPORTED_FIELDS = (
-    "functions", "function_call", "logit_bias", "audio", "modalities",
-    "response_format", "reasoning_effort", "verbosity", "web_search_options",
+    "functions", "function_call", "audio", "modalities", "verbosity", "web_search_options",
     # vLLM's guided decoding
     "suffix", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "guided_decoding_backend", "guided_whitespace_pattern",
@@ -42,8 +40,6 @@ def _check_unsupported(value: Any, info: ValidationInfo) -> None:
     """None for an absent or "not used" value; raises naming the field otherwise."""
     if value is None or value in _UNUSED_VALUES.get(info.field_name, ()):
         return None
-    if info.field_name == "response_format":
-        raise PydanticCustomError("unsupported", "only {\"type\": \"text\"} is supported")
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
@@ -61,6 +57,41 @@ class FunctionDefinition(Strict):
 class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(Strict):
+    """`tool_choice` naming the function the answer must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class TextFormat(Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {} = any JSON value
+    # true: a keyword the grammar engine cannot enforce is a 400; false (OpenAI's default): it is ignored
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class FunctionCall(Strict):
@@ -202,7 +233,8 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
-    logit_bias: Any = None  # refused unless absent or empty
+    # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
@@ -262,6 +294,7 @@ class SamplingFields(Strict):
             top_logprobs=top_logprobs or 0,
             n=pick(self.n, 1),
             skip_special_tokens=pick(self.skip_special_tokens, True),
+            logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
         )
 
 
@@ -277,16 +310,17 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
-    # "none" | "auto"; "required" and a named function need constrained decoding: refused.
-    tool_choice: Any = None
+    # "required" and a named function are enforced by constrained decoding
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # "none": thinking off (as vLLM maps it); any other effort: thinking on (Qwen3 has no effort levels)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
     functions: Any = None
     function_call: Any = None
     audio: Any = None
     modalities: Any = None
-    response_format: Any = None
-    reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
     structured_outputs: Any = None
@@ -300,19 +334,38 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _check_tool_choice(cls, value: Any) -> Any:
-        if value is None or value in ("none", "auto"):
+        if value is None or value in ("none", "auto", "required") or isinstance(value, dict):
             return value
-        if value == "required" or (isinstance(value, dict) and value.get("type") == "function"):
-            raise PydanticCustomError("unsupported", "only \"none\" and \"auto\" are supported (\"required\" "
-                                                     "and a named function need constrained decoding)")
         raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
                          "{\"type\": \"function\", \"function\": {\"name\": ...}}")
 
     @property
+    def enable_thinking(self) -> bool | None:
+        """The template's enable_thinking: chat_template_kwargs', else reasoning_effort's, else unset."""
+        kwargs = self.chat_template_kwargs
+        if kwargs is not None and kwargs.enable_thinking is not None:
+            return kwargs.enable_thinking
+        return None if self.reasoning_effort is None else self.reasoning_effort != "none"
+
+    def template_kwargs(self) -> dict[str, Any]:
+        thinking = self.enable_thinking
+        return {**super().template_kwargs(), **({} if thinking is None else {"enable_thinking": thinking})}
+
+    @property
     def split_reasoning(self) -> bool:
         """False when thinking is switched off: the template closed the think block already."""
-        kwargs = self.chat_template_kwargs
-        return kwargs is None or kwargs.enable_thinking is not False
+        return self.enable_thinking is not False
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
+    def forced_tools(self) -> list[Tool]:
+        """The tools a forced call may use: all of them, or the named one."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or [] if t.function.name == self.tool_choice.function.name]
+        return list(self.tools or []) if self.tool_choice == "required" else []
 
     @property
     def shows_tools(self) -> bool:
@@ -382,10 +435,21 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 def _check_combinations(req: ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-    if req.tool_choice == "auto" and not req.tools:
+    if req.tool_choice not in (None, "none") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
                        param="tool_choice")
+    if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
+        raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
+                            "in 'tools'", param="tool_choice")
+    if req.forces_tool_call and req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
+                            "or a named function): the answer is the call", param="response_format")
+    kwargs = req.chat_template_kwargs
+    if req.reasoning_effort is not None and kwargs is not None and kwargs.enable_thinking is not None \
+            and kwargs.enable_thinking != (req.reasoning_effort != "none"):
+        raise APIError(400, f"reasoning_effort \"{req.reasoning_effort}\" contradicts chat_template_kwargs."
+                            f"enable_thinking={str(kwargs.enable_thinking).lower()}", param="reasoning_effort")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
@@ -402,6 +466,9 @@ def _api_error(err: Any) -> APIError:
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
+    if err["loc"][-1] == "[key]":  # a dict's key: the dict is the parameter
+        param = param_name(err["loc"][:-2])
+        return APIError(400, f"Invalid key {err['loc'][-2]!r} in '{param}': {message}", param=param)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 

@@ -15,6 +15,7 @@ import torch
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig
 from nanoqwen.engine.block_manager import BlockManager
+from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
 from nanoqwen.engine.output import token_event, usage_event
 from nanoqwen.engine.request import Event, SamplingParams
@@ -65,6 +66,7 @@ class Engine:
         self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
         self._think_ids = loaded.think_ids
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens)
         with torch.inference_mode():
@@ -154,6 +156,9 @@ class Engine:
             seq.text = TextPipeline(
                 self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt
             )
+            if params.grammar is not None:  # thinking: the constraint starts after </think>
+                seq.grammar = RowGrammar(params.grammar.matcher(), self._think_ids[1] if split_reasoning else None,
+                                         self.generation.eos_token_ids)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: llguidance is imported where grammars are compiled
+    from nanoqwen.engine.grammar import Grammar
 
 
 @dataclass
@@ -22,6 +26,8 @@ class SamplingParams:
     top_logprobs: int = 0  # 0..20
     n: int = 1
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: Grammar | None = None  # the output's constraint (structured outputs, forced tool calls)
 
     @property
     def greedy(self) -> bool:

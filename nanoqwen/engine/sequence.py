@@ -45,6 +45,7 @@ class Sequence:
         self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
+        self.grammar = None  # nanoqwen.engine.grammar.RowGrammar of a constrained request, set by the engine
 
     def __len__(self) -> int:
         return len(self.token_ids)

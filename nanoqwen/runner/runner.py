@@ -11,7 +11,7 @@ from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
-from nanoqwen.runner.sampling import StepOutput, penalties, stage_sampling, step_output
+from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, penalties, stage_sampling, step_output
 from nanoqwen.sampler import Penalties, sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
@@ -32,6 +32,7 @@ class ModelRunner:
         self.buckets = batch_buckets(self.max_batch)
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
+        self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self.graph, device, self.buckets, self._bucket_inputs,
                                   self._table_width(self.max_blocks_per_seq * self.block_size))
@@ -82,13 +83,17 @@ class ModelRunner:
         max_len = self.inputs.stage_decode(seqs, bucket)
         mode, penalized = stage_sampling(self.inputs.host, seqs, bucket, self.config.vocab_size)
         self.inputs.upload_decode(bucket)
-        # Penalties need every row's token history: the step samples greedily (cheapest) and the
-        # penalised distribution is sampled afterwards from its logits.
-        step_mode = "greedy" if penalized else mode
-        logits, tokens = self.graphs.run(bucket, step_mode, self._table_width(max_len))
+        # Penalties need every row's token history, biases and grammar masks change per step: the
+        # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
+        # its logits, every row with the same mode and noise as in the step.
+        adjusted = self.adjuster.wanted(seqs)
+        resample = penalized or adjusted
+        logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
-        if penalized:
-            tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode, self._penalties(seqs))
+        if resample:  # the grammar masks are filled on the host while the device runs the step
+            tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
+                            self._penalties(seqs) if penalized else None,
+                            self.adjuster.build(seqs) if adjusted else None)
         return step_output(seqs, logits, tokens)
 
     # -- prefill --------------------------------------------------------------------------
@@ -100,7 +105,7 @@ class ModelRunner:
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
         logits = self.model.compute_logits(hidden[packed.last])
         tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                        self._penalties(seqs) if penalized else None)
+                        self._penalties(seqs) if penalized else None, self.adjuster.build(seqs))
         return step_output(seqs, logits, tokens)
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nanoqwen.runner.inputs import StepInputs
-from nanoqwen.sampler import TOP_K_CANDIDATES, Penalties, top_logprobs
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, Penalties, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.request import SamplingParams
@@ -83,6 +83,48 @@ def penalties(seqs: list[Sequence], vocab_size: int, device: torch.device,
         output_counts=counts[:, :vocab],
         seen=seen[:, :vocab],
     )
+
+
+class LogitAdjuster:
+    """Each step's logit biases and grammar masks. The engine thread brings every constrained row's
+    matcher up to date with the tokens sampled since its last step, then fills its bitmask row."""
+
+    def __init__(self, max_batch: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.to_device = to_device
+        self.host_bitmask = torch.zeros(max_batch, (vocab_size + 31) // 32, dtype=torch.int32)
+
+    @staticmethod
+    def wanted(seqs: list[Sequence]) -> bool:
+        """Whether any row has a logit bias or a grammar (active or not yet)."""
+        return any(seq.request.params.logit_bias or seq.grammar is not None for seq in seqs)
+
+    def build(self, seqs: list[Sequence]) -> LogitAdjust | None:
+        """None when no row has a logit bias or an active grammar (the step then needs nothing)."""
+        bias_rows: list[int] = []
+        bias_tokens: list[int] = []
+        bias_values: list[float] = []
+        mask_rows: list[int] = []
+        for row, seq in enumerate(seqs):
+            if seq.request.params.logit_bias:
+                bias = seq.request.params.logit_bias
+                bias_rows += [row] * len(bias)
+                bias_tokens += bias.keys()
+                bias_values += bias.values()
+            grammar = seq.grammar
+            if grammar is not None:
+                grammar.sync(seq.token_ids, seq.num_prompt_tokens)
+                if grammar.active:
+                    grammar.fill(self.host_bitmask, len(mask_rows))
+                    mask_rows.append(row)
+        if not bias_rows and not mask_rows:
+            return None
+
+        def ids(values: list[int]) -> torch.Tensor:
+            return self.to_device(torch.tensor(values, dtype=torch.int64))
+
+        values = self.to_device(torch.tensor(bias_values, dtype=torch.float32))
+        return LogitAdjust(ids(bias_rows), ids(bias_tokens), values, ids(mask_rows),
+                           self.to_device(self.host_bitmask[: len(mask_rows)]))
 
 
 def step_output(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> StepOutput:

@@ -1,0 +1,152 @@
+"""Constrained decoding with llguidance: grammars compiled (and cached) off the engine thread, one
+matcher per constrained choice advanced by the engine thread, and each step's allowed tokens as a
+bitmask row the sampler applies to the logits.
+
+llguidance, not xgrammar: it has no dependencies (xgrammar requires torch, transformers, triton and
+apache-tvm-ffi, which would make the CPU install pull triton), and both cost well under a
+millisecond per constrained row per step against a decode step of ~100 ms (profiles/RESULTS.md).
+
+JSON is generated compactly with json.dumps' separators (", " and ": "), Qwen3's own tool-call
+layout: flexible whitespace would let a model pad forever without ever finishing the object.
+"""
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+import llguidance.torch
+import torch
+from llguidance import LLMatcher
+from transformers import PreTrainedTokenizerFast
+
+from nanoqwen.engine.threads import native_lock
+from nanoqwen.engine.validation import InvalidRequest
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+CACHE_SIZE = 128  # compiled grammars kept (keyed by their text)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    parameters: dict[str, Any] | None  # the tool's JSON schema (None: no arguments)
+    strict: bool = False
+
+
+@dataclass
+class Grammar:
+    """A compiled grammar: a matcher in its start state, copied for each choice."""
+
+    text: str
+    template: LLMatcher
+
+    def matcher(self) -> LLMatcher:
+        return self.template.deep_copy()
+
+
+def _schema_with_options(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """The schema with llguidance's compile options; not strict: keywords it cannot enforce are ignored."""
+    return {**schema, "x-guidance": {**JSON_OPTIONS, "lenient": not strict}}
+
+
+def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+    arguments = tool.parameters if tool.parameters else {"type": "object", "properties": {},
+                                                          "additionalProperties": False}
+    return _schema_with_options({"type": "object", "properties": {"name": {"const": tool.name}, "arguments": arguments},
+                                 "required": ["name", "arguments"], "additionalProperties": False}, tool.strict)
+
+
+class Grammars:
+    """Compiles grammars for one tokenizer; thread-safe (called from the API's worker threads)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, vocab_size: int, eos_ids: list[int]) -> None:
+        self._hf = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_ids = list(eos_ids)
+        # Built here, with the model (1-10 s): LLTokenizer holds the GIL throughout, which on first
+        # use would freeze the server's event loop.
+        self._tokenizer = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab_size,
+                                                 eos_token=self.eos_ids)
+        self._lock = native_lock()
+        self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
+
+    def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
+        """Output that is one JSON value matching `schema`; InvalidRequest naming `param` if it is not one."""
+        try:
+            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict))
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+        return self.compile(text, param)
+
+    def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str) -> Grammar:
+        """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
+        of the given tools: one, or with `parallel` one or more separated by newlines."""
+        ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
+        if any(i is None or i == self._hf.unk_token_id for i in ids):
+            raise InvalidRequest("this model has no <tool_call> tokens", param=param)
+        calls = " | ".join(f"call_{i}" for i in range(len(tools)))
+        more = ' ("\\n" call)*' if parallel else ""
+        rules = [f"start: call{more}",
+                 f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>']
+        rules += [f"call_{i}: %json {json.dumps(_call_schema(tool))}" for i, tool in enumerate(tools)]
+        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param)
+
+    def compile(self, text: str, param: str) -> Grammar:
+        with self._lock:
+            grammar = self._cache.get(text)
+            if grammar is not None:
+                self._cache.move_to_end(text)
+                return grammar
+        try:
+            template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+        if template.is_error():
+            raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
+        grammar = Grammar(text, template)
+        with self._lock:
+            self._cache[text] = grammar
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return grammar
+
+
+@dataclass
+class RowGrammar:
+    """One choice's matcher. It follows the output tokens from `start_after` (the `</think>` token
+    while the model may still be thinking) or from the first token when that is None."""
+
+    matcher: LLMatcher
+    start_after: int | None
+    eos_ids: list[int]
+    _seen: int = field(default=0)  # output tokens looked at
+
+    @property
+    def active(self) -> bool:
+        return self.start_after is None
+
+    def sync(self, token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Feeds the output tokens (token_ids past the prompt) not seen yet: those sampled since the last step."""
+        for token in token_ids[num_prompt_tokens + self._seen:]:
+            if self.start_after is not None:
+                if token == self.start_after:
+                    self.start_after = None
+            else:
+                self.matcher.consume_token(token)  # a refused token leaves the matcher in its error state
+        self._seen = len(token_ids) - num_prompt_tokens
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next.
+        A matcher in error (it cannot happen with the mask applied) allows only EOS: the choice ends."""
+        if self.matcher.is_error():
+            bitmask[row] = 0
+            for token in self.eos_ids:
+                bit = 1 << (token % 32)
+                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 bits
+            return
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)

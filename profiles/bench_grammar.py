@@ -1,0 +1,144 @@
+"""What a constrained row costs a decode step: batch 8 with no constrained row against one row under a
+JSON-schema grammar (and one with a logit_bias), the other rows sampled with Qwen3's defaults.
+
+    python profiles/bench_grammar.py [--batch 8] [--new-tokens 24] [--rounds 3] [--threads N]
+        [--device auto] [--small] [--out DIR]
+
+Whole engine decode steps (`Engine.step()`, as bench_decode.py times them) on the random 0.6B-shaped
+bf16 checkpoint (--small: the 2-layer test model). The cases take turns within each round, so a
+shared machine's load falls on all alike; ms = the median step over every round. The constrained
+row's schema (an array of at least 1000 small objects) keeps it under the grammar for the whole run,
+cycling through keys, numbers, enums and short strings. Also timed: llguidance's mask fill per
+constrained row per step. Target: one constrained row adds at most 10% to the step.
+Writes bench_grammar.{json,md} into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from bench_sampler import rows as sampling_rows  # noqa: E402
+from nanoqwen.config import resolve_device  # noqa: E402
+from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
+from nanoqwen.engine.grammar import Grammar, RowGrammar  # noqa: E402
+from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
+from nanoqwen.sampler import LogitAdjust, sample  # noqa: E402
+
+TARGET_RATIO = 1.10
+QWEN = SamplingParams(temperature=0.7, top_p=0.95, top_k=20)
+ITEM = {"type": "object", "properties": {
+    "id": {"type": "integer", "minimum": 0, "maximum": 10_000}, "name": {"type": "string", "maxLength": 8},
+    "kind": {"enum": ["a", "b", "c"]}, "ok": {"type": "boolean"}},
+    "required": ["id", "name", "kind", "ok"], "additionalProperties": False}
+SCHEMA = {"type": "array", "items": ITEM, "minItems": 1000}
+FILL_S: list[float] = []
+
+
+def _timed_fill(fill):  # noqa: ANN001, ANN202 - wraps RowGrammar.fill to time it
+    def timed(self: RowGrammar, bitmask: torch.Tensor, row: int) -> None:
+        start = time.perf_counter()
+        fill(self, bitmask, row)
+        FILL_S.append(time.perf_counter() - start)
+    return timed
+
+
+@torch.inference_mode()
+def sampler_ms(batch: int, vocab: int, grammar: Grammar, repeats: int = 30) -> dict[str, float]:
+    """Median ms of `sample` on [batch, vocab] logits (Qwen's defaults): plain, and with one row
+    masked by the grammar's first step and ten biases on another, interleaved."""
+    logits = torch.randn(batch, vocab) * 3
+    settings, mode = sampling_rows(QWEN, batch, torch.device("cpu")), sampling_mode([QWEN])
+    bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+    RowGrammar(grammar.matcher(), None, []).fill(bitmask, 0)
+    adjust = LogitAdjust(torch.zeros(10, dtype=torch.int64), torch.arange(10), torch.full((10,), 5.0),
+                         torch.tensor([batch - 1]), bitmask)
+    times: dict[str, list[float]] = {"plain": [], "adjusted": []}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name in times:
+            start = time.perf_counter()
+            sample(logits, settings, mode, adjust=adjust if name == "adjusted" else None)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: SamplingParams | None) -> list[float]:
+    """Step times of a batch whose last row uses `special` (None: like the others)."""
+    free = dataclasses.replace(QWEN, max_tokens=new_tokens, ignore_eos=True, seed=1)
+    last = free if special is None else dataclasses.replace(special, max_tokens=new_tokens, seed=1)
+    for i, prompt in enumerate(prompts):
+        engine.submit(prompt, last if i == len(prompts) - 1 else free, split_reasoning=False)
+    steps = []
+    with torch.inference_mode():
+        engine._drain_inbox()
+        engine.step()  # prefill
+        while engine.scheduler.has_work:
+            if len(engine.scheduler.running) != len(prompts):
+                raise RuntimeError("a row finished early or was preempted")
+            common.synchronize(engine.runner.device)
+            start = time.perf_counter()
+            engine.step()
+            common.synchronize(engine.runner.device)
+            steps.append(time.perf_counter() - start)
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_engine_args(parser, dtype=False)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    info = common.machine_info(device)
+    print(common.machine_line(info))
+    engine = common.load_engine(common.checkpoint(args.small), device=args.device, dtype="auto", graph="auto",
+                                kernels="auto", max_batch=args.batch, max_model_len=256)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    grammar = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    compile_s = time.perf_counter() - start
+    cases = {"no constrained row": None,
+             "one JSON-schema row": dataclasses.replace(QWEN, grammar=grammar),
+             "one logit_bias row (10 entries)": dataclasses.replace(QWEN, logit_bias={i: 5.0 for i in range(10)})}
+    RowGrammar.fill = _timed_fill(RowGrammar.fill)
+    prompts = common.random_prompts(args.batch, 16, seed=0)
+    decode(engine, prompts, 4, None)  # warm-up
+    steps: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, special in cases.items():
+            steps[name] += decode(engine, prompts, args.new_tokens, special)
+    sampler = sampler_ms(args.batch, engine.model_config.vocab_size, grammar)
+    base = statistics.median(steps["no constrained row"]) * 1000
+    rows = [{"case": name, "step_ms": statistics.median(s) * 1000, "ratio": statistics.median(s) * 1000 / base}
+            for name, s in steps.items()]
+    result = {"machine": info, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "grammar_compile_s": compile_s, "mask_fill_ms_median": statistics.median(FILL_S) * 1000,
+              "mask_fill_ms_max": max(FILL_S) * 1000, "sampler_ms": sampler, "cases": rows}
+    table = common.markdown_table(["batch-8 decode step", "median ms", f"ratio (target <= {TARGET_RATIO})"],
+                                  [[r["case"], f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}"] for r in rows])
+    table += (f"\n\nmask fill per constrained row per step: median {result['mask_fill_ms_median']:.2f} ms, "
+              f"max {result['mask_fill_ms_max']:.2f} ms; the schema's compile {compile_s * 1000:.1f} ms; "
+              f"the sampler alone (batch {args.batch}, Qwen's defaults): "
+              f"{sampler['plain']:.2f} ms plain, {sampler['adjusted']:.2f} ms with one masked and one biased row")
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_grammar.json").write_text(json.dumps(result, indent=2))
+    (args.out / "bench_grammar.md").write_text(common.machine_line(info) + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Constrained decoding and logit_bias through `gunicorn -k gevent server:app` and the `openai` client.
+
+The random-weight checkpoint writes garbage, but under a grammar only garbage the grammar accepts:
+so its answers must validate against their schemas, whatever the seed. The schemas bound every
+string, number and array, or a random model would fill them forever.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+import requests
+
+from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from checkpoints import END_THINK_ID, make_checkpoint
+from server_process import GunicornServer
+
+USER = [{"role": "user", "content": "Describe a person as JSON."}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", None]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+    },
+    "required": ["name", "age", "pet", "tags"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer",
+           "minimum": 1, "maximum": 7}}, "required": ["city", "days"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME}}]
+PARAMETERS = {"get_weather": WEATHER, "get_time": TIME}
+CHOICES = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    srv = GunicornServer(env, tmp_path_factory.mktemp("structured") / "gunicorn.log").start()
+    yield srv
+    srv.stop()
+
+
+def _client(srv: GunicornServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _create(srv: GunicornServer, **body: Any) -> Any:
+    body = {"model": MODEL, "messages": USER, "max_tokens": 80, **body}
+    body["extra_body"] = {**NO_THINKING, **body.get("extra_body", {})}
+    return _client(srv).chat.completions.create(**body)
+
+
+def _streamed(srv: GunicornServer, **body: Any) -> list[dict[str, Any]]:
+    """Each choice's message reassembled from the stream, as the SDKs do: content, and tool calls by index."""
+    messages: dict[int, dict[str, Any]] = {}
+    for chunk in _create(srv, stream=True, **body):
+        for choice in chunk.choices:
+            message = messages.setdefault(choice.index, {"content": "", "tool_calls": {}, "finish_reason": None})
+            message["content"] += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                slot = message["tool_calls"].setdefault(call.index, {"name": "", "arguments": ""})
+                slot["name"] += call.function.name or ""
+                slot["arguments"] += call.function.arguments or ""
+            message["finish_reason"] = choice.finish_reason or message["finish_reason"]
+    return [messages[i] for i in sorted(messages)]
+
+
+def _calls(message: Any) -> list[dict[str, str]]:
+    return [{"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or []]
+
+
+def test_health_answers_while_the_first_grammar_compiles(server: GunicornServer) -> None:
+    """llguidance's tokenizer (seconds, holding the GIL) is built with the model, not by the first request."""
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(r=_create(server, response_format=PERSON_FORMAT,
+                                                                      temperature=0, max_tokens=1)))
+    worker.start()
+    timings = health_latencies(server, worker, interval=0.02)
+    worker.join()
+    assert result["r"].choices[0].finish_reason == "length"
+    assert len(timings) >= 10, timings  # it really was in flight meanwhile
+    assert max(timings) < 1.0, sorted(timings)[-5:]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_json_schema_answers_validate_whatever_the_seed(server: GunicornServer, seed: int) -> None:
+    answer = _create(server, response_format=PERSON_FORMAT, n=CHOICES, seed=seed, temperature=1.0)
+    streamed = _streamed(server, response_format=PERSON_FORMAT, n=CHOICES, seed=seed, temperature=1.0)
+    for choice, stream in zip(answer.choices, streamed, strict=True):
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+        assert stream["content"] == choice.message.content and stream["finish_reason"] == "stop"
+    assert len({c.message.content for c in answer.choices}) > 1  # n choices sample independently
+
+
+def _token_ids(srv: GunicornServer, text: str) -> list[int]:
+    return requests.post(f"{srv.url}/tokenize", json={"model": MODEL, "prompt": text}, timeout=30).json()["tokens"]
+
+
+def test_greedy_json_schema_and_json_object(server: GunicornServer) -> None:
+    greedy = _create(server, response_format=PERSON_FORMAT, temperature=0)
+    jsonschema.validate(json.loads(greedy.choices[0].message.content), PERSON)
+    # any JSON object; biasing `{}` makes the random model close it at once (the grammar then allows only EOS)
+    (empty,) = _token_ids(server, "{}")
+    answer = _create(server, response_format={"type": "json_object"}, temperature=1.0, seed=1,
+                     logit_bias={str(empty): 100})
+    assert answer.choices[0].message.content == "{}" and answer.choices[0].finish_reason == "stop"
+
+
+def test_the_constraint_starts_after_thinking(server: GunicornServer) -> None:
+    # Thinking on: the random model thinks freely until </think> (forced first here), then follows the schema.
+    # (Without an opening <think> the text pipeline leaves the </think> in the content.)
+    answer = _create(server, response_format=PERSON_FORMAT, temperature=1.0, seed=3,
+                     logit_bias={str(END_THINK_ID): 100}, extra_body={"chat_template_kwargs": {}})
+    thought, answer_text = answer.choices[0].message.content.split("</think>")
+    assert thought == ""
+    jsonschema.validate(json.loads(answer_text), PERSON)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_calls_always_call(server: GunicornServer, tool_choice: Any) -> None:
+    named = isinstance(tool_choice, dict)
+    for seed in range(2):
+        body = {"tools": TOOLS, "tool_choice": tool_choice, "n": CHOICES, "seed": seed, "temperature": 1.0,
+                "max_tokens": 120}
+        answer = _create(server, **body)
+        streamed = _streamed(server, **body)
+        for choice, stream in zip(answer.choices, streamed, strict=True):
+            calls = _calls(choice.message)
+            assert choice.finish_reason == "tool_calls" and calls, choice
+            assert len(calls) == 1 or not named
+            for call in calls:
+                assert call["name"] == "get_time" or not named
+                jsonschema.validate(json.loads(call["arguments"]), PARAMETERS[call["name"]])
+            assert list(stream["tool_calls"].values()) == calls and stream["finish_reason"] == "tool_calls"
+            assert not choice.message.content and not stream["content"]
+
+
+def test_forced_single_call_and_the_round_trip(server: GunicornServer) -> None:
+    answer = _create(server, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0.8,
+                     seed=5, max_tokens=120)
+    message = answer.choices[0].message
+    (call,) = message.tool_calls
+    history = [*USER, message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 °C"}]
+    final = _create(server, messages=history, tools=TOOLS, temperature=0, max_tokens=8)
+    assert final.choices[0].message.role == "assistant" and final.choices[0].finish_reason in ("stop", "length")
+    # the call went back to the template as the model wrote it
+    ids = requests.post(f"{server.url}/tokenize", json={"messages": history, "tools": TOOLS, **NO_THINKING},
+                        timeout=30).json()["tokens"]
+    assert final.usage.prompt_tokens == len(ids)
+
+
+def _generated(answer: Any) -> list[list[int]]:
+    return [t.bytes for t in answer.choices[0].logprobs.content]
+
+
+def test_logit_bias_bans_and_forces(server: GunicornServer) -> None:
+    plain = _generated(_create(server, temperature=0, max_tokens=6, logprobs=True))
+    first = _token_ids(server, bytes(plain[0]).decode())
+    assert len(first) == 1
+    banned = _generated(_create(server, temperature=0, max_tokens=6, logprobs=True, logit_bias={str(first[0]): -100}))
+    assert plain[0] not in banned and banned != plain
+    forced_bytes = list(requests.post(f"{server.url}/detokenize", json={"tokens": [1234]}, timeout=30).json()[
+        "prompt"].encode())
+    for temperature in (0, 1.0):
+        forced = _create(server, temperature=temperature, seed=0, max_tokens=6, logprobs=True, logit_bias={"1234": 100})
+        assert _generated(forced) == [forced_bytes] * 6
+
+
+def test_constrained_and_free_rows_share_a_batch_without_affecting_each_other(server: GunicornServer) -> None:
+    free = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 1.0, "seed": 11, "ignore_eos": True,
+            **NO_THINKING}
+    constrained = {**free, "seed": 12, "ignore_eos": False, "response_format": PERSON_FORMAT, "n": 2}
+    alone = [post_chat(server, body).json() for body in (free, constrained)]
+    together: list[Any] = [None, None]
+
+    def send(i: int, body: dict[str, Any]) -> None:
+        together[i] = post_chat(server, body).json()
+
+    threads = [threading.Thread(target=send, args=(i, body)) for i, body in enumerate((free, constrained))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for a, b in zip(alone, together, strict=True):
+        assert [c["message"]["content"] for c in a["choices"]] == [c["message"]["content"] for c in b["choices"]]
+    for choice in together[1]["choices"]:
+        jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+
+
+def test_invalid_schema_is_a_400_unless_not_strict(server: GunicornServer) -> None:
+    schema = {"type": "string", "format": "no-such-format", "maxLength": 3}
+    strict = {"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": schema}}
+    with pytest.raises(openai.BadRequestError) as info:
+        _create(server, response_format=strict)
+    assert info.value.body["param"] == "response_format" and "no-such-format" in info.value.body["message"]
+    lenient = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}  # strict: OpenAI's default false
+    answer = _create(server, response_format=lenient, temperature=1.0, seed=0)
+    assert len(json.loads(answer.choices[0].message.content)) <= 3
