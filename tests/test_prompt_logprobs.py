@@ -41,7 +41,16 @@ def check(scored, prompt: list[int], ref: torch.Tensor, engine) -> None:
 
 def test_prompt_logprobs_in_slices_match_transformers(engine, hf, monkeypatch):
     monkeypatch.setattr(prompt_logprobs, "SLICE", 5)  # 36 scored positions: 8 slices, the last short
+    model, rows = engine.runner.model, []
+    compute_logits = model.compute_logits
+
+    def recording(hidden: torch.Tensor) -> torch.Tensor:
+        rows.append(len(hidden))
+        return compute_logits(hidden)
+
+    monkeypatch.setattr(model, "compute_logits", recording)
     [result] = generate(engine, [PROMPT], greedy(3, prompt_logprobs=K))
+    assert max(rows) == 5 and sum(rows) == len(PROMPT) - 1 + 3  # the slices, then a row per sampled token
     check(result.choices[0].prompt_logprobs, PROMPT, reference(hf, PROMPT), engine)
     # the answer is the same as without them
     [plain] = generate(engine, [PROMPT], greedy(3))
