@@ -42,25 +42,26 @@ def prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torc
     return tuple(torch.cat(part) for part in zip(*parts))  # type: ignore[return-value]
 
 
-def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs: list[Sequence],
+def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int],
                             query_lens: list[int], to_device: Callable[[torch.Tensor], torch.Tensor],
                             ) -> list[PromptLogprobsOutput | None] | None:
-    """Per sequence of a packed prefill (hidden: [sum(query_lens), H], each sequence's new tokens
-    in turn), the logprobs of the prompt tokens its new positions predict, for those that want them.
-    None when none does (the usual prefill: nothing is computed)."""
+    """Per sequence of a packed prefill step (hidden: [sum(query_lens), H], sequence i's positions
+    starts[i] .. starts[i] + query_lens[i] in turn: a whole prefill or a chunk of one), the logprobs
+    of the prompt tokens those positions predict, for the sequences that want them. None when none
+    does (the usual prefill: nothing is computed)."""
     if not any(seq.wants_prompt_logprobs for seq in seqs):
         return None
     out: list[PromptLogprobsOutput | None] = []
-    end = 0
-    for seq, query_len in zip(seqs, query_lens):
-        end += query_len
-        start = len(seq) - query_len  # the first position computed this step
-        stop = min(len(seq), seq.num_prompt_tokens - 1)  # the last prompt token is predicted by position P - 2
+    row = 0
+    for seq, start, query_len in zip(seqs, starts, query_lens):
+        # the last prompt token is predicted by position P - 2; later positions score the answer
+        stop = min(start + query_len, seq.num_prompt_tokens - 1)
         if not seq.wants_prompt_logprobs or stop <= start:
             out.append(None)
-            continue
-        rows = hidden[end - query_len : end - query_len + stop - start]
-        targets = to_device(torch.tensor(seq.token_ids[start + 1 : stop + 1], dtype=torch.int64))
-        chosen, values, ids = prompt_logprobs(model, rows, targets, seq.request.params.prompt_logprobs or 0)
-        out.append(PromptLogprobsOutput(start, chosen.tolist(), values.tolist(), ids.tolist()))
+        else:
+            targets = to_device(torch.tensor(seq.token_ids[start + 1 : stop + 1], dtype=torch.int64))
+            chosen, values, ids = prompt_logprobs(model, hidden[row : row + stop - start], targets,
+                                                  seq.request.params.prompt_logprobs or 0)
+            out.append(PromptLogprobsOutput(start, chosen.tolist(), values.tolist(), ids.tolist()))
+        row += query_len
     return out

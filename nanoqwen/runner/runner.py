@@ -103,8 +103,9 @@ class ModelRunner:
         tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
                         self._penalties(seqs) if penalized else None)
         output = step_output(seqs, logits, tokens)
-        output.prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs, packed.meta.query_lens,
-                                                         self.inputs.to_device)
+        output.prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs,
+                                                         [seq.num_cached_tokens for seq in seqs],
+                                                         packed.meta.query_lens, self.inputs.to_device)
         return output
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:
