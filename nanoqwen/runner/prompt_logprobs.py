@@ -37,9 +37,9 @@ def prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torc
         torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden: [T, H] of consecutive positions; targets: [T] int64, the token each one predicts.
     -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k])."""
-    parts = [top_logprobs(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k)
-             for i in range(0, len(targets), SLICE)]
-    return tuple(torch.cat(part) for part in zip(*parts))  # type: ignore[return-value]
+    chosen, values, ids = zip(*(top_logprobs(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k)
+                                for i in range(0, len(targets), SLICE)))
+    return torch.cat(chosen), torch.cat(values), torch.cat(ids)
 
 
 def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int],
