@@ -33,7 +33,7 @@ class PromptLogprobsOutput:
     top_ids: list[list[int]]
 
 
-def prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[
+def score_positions(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden: [T, H] of consecutive positions; targets: [T] int64, the token each one predicts.
     -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k])."""
@@ -60,7 +60,7 @@ def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs:
             out.append(None)
         else:
             targets = to_device(torch.tensor(seq.token_ids[start + 1 : stop + 1], dtype=torch.int64))
-            chosen, values, ids = prompt_logprobs(model, hidden[row : row + stop - start], targets,
+            chosen, values, ids = score_positions(model, hidden[row : row + stop - start], targets,
                                                   seq.request.params.prompt_logprobs or 0)
             out.append(PromptLogprobsOutput(start, chosen.tolist(), values.tolist(), ids.tolist()))
         row += query_len
