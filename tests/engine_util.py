@@ -25,6 +25,7 @@ class Choice:
     reasoning: str = ""
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: object = None  # request.PromptLogprobs, from the choice's first event
 
 
 @dataclass
@@ -51,6 +52,7 @@ def collect(stream: EventStream, n: int = 1) -> Result:
         choice.text += event.text
         choice.reasoning += event.reasoning
         choice.logprobs += event.logprobs or []
+        choice.prompt_logprobs = event.prompt_logprobs or choice.prompt_logprobs
         choice.finish_reason = event.finish_reason or choice.finish_reason
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
@@ -290,17 +291,25 @@ def test_streamed_tool_calls_reassemble_to_the_completion() -> None:
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             deltas += chunks.deltas(Event(index=0, text=piece, token_ids=[1], finish_reason="stop" if last else None))
-        content, calls = "", {}
+        content, calls, pieces = "", {}, {}
         for chunk in deltas:
+            ChatCompletionChunk.model_validate(chunk)  # as the openai client reads it
             delta = chunk["choices"][0]["delta"]
             content += delta.get("content", "")
             for call in delta.get("tool_calls", []):
                 if "id" in call:  # the first delta of a call: index, id, type, name
                     assert call["type"] == "function" and call["function"]["arguments"] == ""
                     calls[call["index"]] = {"name": call["function"]["name"], "arguments": ""}
+                else:
+                    pieces[call["index"]] = pieces.get(call["index"], 0) + 1
                 calls[call["index"]]["arguments"] += call["function"]["arguments"]
         assert content == whole["message"]["content"]
         assert [calls[i] for i in sorted(calls)] == [c["function"] for c in whole["message"]["tool_calls"]]
+        # the arguments as they are decoded: a piece per delta of text inside them
+        if step == len(text):
+            assert pieces == {0: 1, 1: 1}
+        else:  # `{"city": "Oslo"}`: 16 characters
+            assert min(pieces.values()) >= 16 // step
         assert chunks.finish(0, "stop")["choices"][0]["finish_reason"] == "tool_calls"
 
 

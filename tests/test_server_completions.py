@@ -7,9 +7,10 @@ from typing import Any
 import openai
 import pytest
 import requests
+import torch
 
 from chat_http import MODEL, cpu_env
-from checkpoints import make_checkpoint
+from checkpoints import load_hf_model, make_checkpoint
 from server_process import GunicornServer
 
 MAX_MODEL_LEN = 256
@@ -94,9 +95,106 @@ def test_logprobs(server: GunicornServer, client: openai.OpenAI) -> None:
     assert tokens == lp.tokens and offsets == lp.text_offset
 
 
+def _reference(prompt: list[int]) -> torch.Tensor:
+    """transformers' log_softmax after each prompt position: [len(prompt), V]."""
+    with torch.no_grad():
+        return load_hf_model(make_checkpoint())(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+
+
+def _check_prompt_logprobs(lp: Any, prompt: list[int], ref: torch.Tensor, k: int) -> None:
+    """The first len(prompt) entries of legacy logprobs against transformers'."""
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+        top = lp.top_logprobs[i]
+        assert top[lp.tokens[i]] == lp.token_logprobs[i]
+        # the prompt token and the top k (fewer keys when they coincide or two ids share a piece)
+        assert len(top) <= k + 1
+        if k:
+            assert sorted(top.values(), reverse=True)[:k] == pytest.approx(ref[i - 1].topk(k).values.tolist(),
+                                                                           abs=1e-4)
+
+
+def test_echo_with_logprobs_scores_the_prompt(server: GunicornServer, client: openai.OpenAI) -> None:
+    ids = _ids(server, PROMPT)
+    ref = _reference(ids)
+    for prompt in (PROMPT, ids):
+        answer = client.completions.create(prompt=prompt, echo=True, logprobs=2, **GREEDY)
+        (choice,) = answer.choices
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 6
+        _check_prompt_logprobs(lp, ids, ref, 2)
+        assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        # the answer's first token follows on from the prompt's: transformers' greedy choice
+        assert lp.token_logprobs[len(ids)] == pytest.approx(ref[-1].max().item(), abs=1e-4)
+        assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 6
+
+
+def test_echo_with_max_tokens_zero_is_the_prompt_alone(server: GunicornServer, client: openai.OpenAI) -> None:
+    ids = _ids(server, PROMPT)
+    answer = client.completions.create(prompt=ids, echo=True, logprobs=0, **{**GREEDY, "max_tokens": 0})
+    (choice,) = answer.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length" and answer.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == len(ids) and all(top is None or len(top) == 1
+                                                           for top in choice.logprobs.top_logprobs)
+    _check_prompt_logprobs(choice.logprobs, ids, _reference(ids), 0)
+    plain = client.completions.create(prompt=PROMPT, echo=True, **{**GREEDY, "max_tokens": 0})
+    assert plain.choices[0].text == PROMPT and plain.choices[0].logprobs is None
+    streamed = list(client.completions.create(prompt=ids, echo=True, logprobs=0, stream=True,
+                                              **{**GREEDY, "max_tokens": 0}))
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == \
+        choice.logprobs.token_logprobs
+
+
+def test_loglikelihood_as_lm_eval_computes_it(server: GunicornServer) -> None:
+    """lm-eval-harness `local-completions`: context + continuation as token ids, echo, max_tokens 1,
+    logprobs 1; the sum of token_logprobs[ctxlen:-1], and whether each is the top one."""
+    from engine_util import hf_greedy
+
+    hf = load_hf_model(make_checkpoint())
+    context = _ids(server, "Question: what is the capital of France? Answer:")
+    continuations = [hf_greedy(hf, context, 4), _ids(server, " Paris, of course")]
+    body = {"model": MODEL, "prompt": [context + c for c in continuations], "max_tokens": 1, "logprobs": 1,
+            "echo": True, "temperature": 0, "seed": 1234}
+    choices = _post(server, body).json()["choices"]
+    for choice, continuation in zip(choices, continuations):
+        logprobs = choice["logprobs"]["token_logprobs"][len(context):-1]
+        tops = choice["logprobs"]["top_logprobs"][len(context):-1]
+        is_greedy = all(lp == max(top.values()) for lp, top in zip(logprobs, tops))
+        ref = _reference(context + continuation)[len(context) - 1 : -1]
+        expected = ref.gather(1, torch.tensor(continuation)[:, None]).sum().item()
+        assert sum(logprobs) == pytest.approx(expected, abs=1e-3)
+        assert is_greedy == (ref.argmax(-1).tolist() == continuation)
+    first = choices[0]["logprobs"]  # the first continuation is transformers' greedy one
+    assert all(lp == max(top.values()) for lp, top in zip(first["token_logprobs"][len(context):-1],
+                                                          first["top_logprobs"][len(context):-1]))
+
+
+def test_echo_with_logprobs_streams_as_a_whole(server: GunicornServer, client: openai.OpenAI) -> None:
+    prompts = [PROMPT, "The capital of France"]
+    whole = client.completions.create(prompt=prompts, echo=True, logprobs=1, n=2, **GREEDY)
+    chunks = list(client.completions.create(prompt=prompts, echo=True, logprobs=1, n=2, stream=True, **GREEDY))
+    texts, fields = [""] * 4, [{"tokens": [], "token_logprobs": [], "text_offset": []} for _ in range(4)]
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        if not texts[choice.index]:  # a choice's first chunk: the echo and the answer's first token
+            assert choice.text.startswith(prompts[choice.index // 2]) and choice.logprobs.token_logprobs[0] is None
+        texts[choice.index] += choice.text
+        for name, values in fields[choice.index].items():
+            values += getattr(choice.logprobs, name) if choice.logprobs else []
+    assert texts == [c.text for c in whole.choices]
+    for got, choice in zip(fields, whole.choices):  # logprobs to rounding: the batches' packing differs
+        assert got["tokens"] == choice.logprobs.tokens and got["text_offset"] == choice.logprobs.text_offset
+        assert got["token_logprobs"][0] is None and choice.logprobs.token_logprobs[0] is None
+        assert got["token_logprobs"][1:] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-4)
+
+
 @pytest.mark.parametrize("body, param, code", [
     ({"prompt": PROMPT, "suffix": "The end."}, "suffix", "unsupported_parameter"),
-    ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo", "unsupported_parameter"),
+    ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens", None),
+    ({"prompt": PROMPT, "echo": True, "max_tokens": -1}, "max_tokens", None),
     ({"prompt": PROMPT, "best_of": 3}, "best_of", "unsupported_parameter"),
     ({"prompt": PROMPT, "logit_bias": {"5": -101}}, "logit_bias.5", None),
     ({"prompt": PROMPT, "logprobs": 6}, "logprobs", None),

@@ -1,4 +1,5 @@
-"""The Hermes tool-call parser: every split of an answer into deltas gives the same content and calls."""
+"""The Hermes tool-call parser: every split of an answer into deltas gives the same content and calls,
+and a call's arguments stream as they are decoded."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-from nanoqwen.api.tool_calls import ToolCallParser
+from nanoqwen.api.tool_calls import CLOSE, ToolCallParser, assemble
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "°C"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "Europe/Paris", "nested": {"a": [1, "}"]}}}\n</tool_call>'
@@ -30,20 +31,31 @@ CASES = [
     ("a <tool_ca b", "a <tool_ca b", []),
     ("ends with <tool_c", "ends with <tool_c", []),
     ("x < y and x <= z <", "x < y and x <= z <", []),
+    # `<` and a partial closing tag inside the arguments
+    ('<tool_call>{"name": "cmp", "arguments": {"expr": "x < y", "tag": "</tool_c"}}</tool_call>', None,
+     [("cmp", {"expr": "x < y", "tag": "</tool_c"})]),
+    # not in Qwen3's order: judged, and sent whole, when the block closes
+    ('<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>', None, [("f", {"x": 1})]),
 ]
 
 
-def _run(parser: ToolCallParser, deltas: list[str]) -> tuple[str | None, list[tuple[str, dict]]]:
-    content, calls = "", []
+def _raw(parser: ToolCallParser, deltas: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content, [(name, arguments as sent)])."""
+    content, pieces = "", []
     for delta in deltas:
         out = parser.feed(delta)
         content += out.content
-        calls += out.calls
+        pieces += out.calls
     out = parser.finish()
     content += out.content
-    calls += out.calls
+    calls = assemble(pieces + out.calls)
     assert len({c.id for c in calls}) == len(calls) and all(c.id.startswith("call_") for c in calls)
-    return content or None, [(c.name, json.loads(c.arguments)) for c in calls]
+    return content or None, [(c.name, c.arguments) for c in calls]
+
+
+def _run(parser: ToolCallParser, deltas: list[str]) -> tuple[str | None, list[tuple[str, dict]]]:
+    content, calls = _raw(parser, deltas)
+    return content, [(name, json.loads(arguments)) for name, arguments in calls]
 
 
 def _splits(text: str, rng: random.Random) -> list[list[str]]:
@@ -59,12 +71,14 @@ def _splits(text: str, rng: random.Random) -> list[list[str]]:
 @pytest.mark.parametrize("answer, content, calls", CASES)
 def test_every_split_gives_the_same_calls(answer: str, content: str | None, calls: list) -> None:
     rng = random.Random(answer)
+    whole = _raw(ToolCallParser(), [answer])
     for deltas in _splits(answer, rng):
-        assert _run(ToolCallParser(), deltas) == (content, calls), deltas
+        assert _raw(ToolCallParser(), deltas) == whole, deltas  # the arguments' very text, too
+    assert _run(ToolCallParser(), [answer]) == (content, calls)
 
 
 def test_arguments_are_a_json_object_string() -> None:
-    (call,) = ToolCallParser().feed(WEATHER).calls
+    (call,) = assemble(ToolCallParser().feed(WEATHER).calls)
     assert call.to_json() == {"id": call.id, "type": "function",
                               "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "°C"}'}}
 
@@ -93,5 +107,33 @@ def test_calls_survive_the_engines_detokenisation() -> None:
         out = parser.feed(text)
         content, calls = content + out.content, calls + out.calls
     out = parser.feed(pipeline.finish()[1]) + parser.finish()
-    content, calls = content + out.content, calls + out.calls
+    content, calls = content + out.content, assemble(calls + out.calls)
     assert content == "\n\nLet me check." and [c.name for c in calls] == ["get_weather", "get_time"]
+
+
+def test_arguments_stream_as_they_are_decoded() -> None:
+    """Token by token: the call's id and name as soon as they are known, then its arguments in many
+    pieces, all before the block closes; the pieces make up the non-streamed arguments exactly."""
+    arguments = json.dumps({"query": "a long question about the weather " * 4, "days": [1, 2, 3]})
+    answer = f'Sure.\n<tool_call>\n{{"name": "search", "arguments": {arguments}}}\n</tool_call>'
+    parser = ToolCallParser()
+    events = []  # (pieces, whether the closing tag had been fed)
+    fed = ""
+    for i in range(0, len(answer), 3):
+        fed += answer[i:i + 3]
+        events.append((parser.feed(answer[i:i + 3]).calls, CLOSE in fed))
+    events.append((parser.finish().calls, True))
+    pieces = [(piece, closed) for calls, closed in events for piece in calls]
+    assert pieces[0][0].name == "search" and pieces[0][0].id and not pieces[0][1]
+    fragments = [piece.arguments for piece, _ in pieces[1:]]
+    assert len(fragments) > 10 and all(not closed for _, closed in pieces)
+    assert "".join(fragments) == arguments == assemble([p for p, _ in pieces])[0].arguments
+    assert _raw(ToolCallParser(), [answer])[1] == [("search", arguments)]
+
+
+def test_a_call_cut_short_keeps_its_arguments_so_far() -> None:
+    """Cut by max_tokens inside the arguments: streamed pieces cannot be taken back, so the whole
+    answer has the call too, with the arguments as far as they got (as OpenAI's may be)."""
+    answer = '<tool_call>\n{"name": "f", "arguments": {"a": [1, "x<'
+    for deltas in _splits(answer, random.Random(1)):
+        assert _raw(ToolCallParser(), deltas) == (None, [("f", '{"a": [1, "x<')]), deltas

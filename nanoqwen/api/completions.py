@@ -17,24 +17,34 @@ from nanoqwen.api.responses import Choice, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.tokenize import encode_texts
-from nanoqwen.engine.request import Event, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 from nanoqwen.engine.validation import context_length_error, prompt_token_limit
 
 Json = dict[str, Any]
 
 
-def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> Json:
-    """The legacy shape; `top_logprobs` always has the sampled token, as OpenAI's does."""
-    offsets = []
+def legacy_logprobs(logprobs: list[TokenLogprob], offset: int, prompt: PromptLogprobs | None = None) -> Json:
+    """The legacy shape; `top_logprobs` always has the sampled token, as OpenAI's does. `offset`: where
+    the first of `logprobs` starts in the text. With `prompt` (echo), the prompt's tokens come first,
+    from offset 0, the first one with null logprobs (nothing predicts it), as OpenAI and vLLM send it."""
+    out: Json = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def append(token: str, logprob: float | None, top: dict[str, float] | None, at: int) -> int:
+        for key, value in zip(out, (token, logprob, top, at)):
+            out[key].append(value)
+        return at + len(token)
+
+    if prompt is not None:
+        at = append(prompt.first_token, None, None, 0)
+        for lp in prompt.tokens:
+            at = append(lp.token, lp.logprob, _top(lp), at)
     for lp in logprobs:
-        offsets.append(offset)
-        offset += len(lp.token)
-    return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{lp.token: lp.logprob} | {t.token: t.logprob for t in lp.top_logprobs} for lp in logprobs],
-        "text_offset": offsets,
-    }
+        offset = append(lp.token, lp.logprob, _top(lp), offset)
+    return out
+
+
+def _top(lp: TokenLogprob) -> dict[str, float]:
+    return {lp.token: lp.logprob} | {t.token: t.logprob for t in lp.top_logprobs}
 
 
 @dataclass
@@ -52,25 +62,31 @@ class TextCompletion:
     def __post_init__(self) -> None:
         self._choices = [Choice() for _ in self.echoes]
         self._offsets = [len(echo) for echo in self.echoes]  # streamed: where the next token's text starts
+        # With logprobs an echo waits for the prompt's logprobs, which come with the choice's first event.
+        self._prompts: list[PromptLogprobs | None] = [None] * len(self.echoes)
+        self._echo_pending = [bool(echo) and self.want_logprobs for echo in self.echoes]
 
     def _object(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> Json | None:
+    def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None, prompt: PromptLogprobs | None) -> Json | None:
         if not self.want_logprobs:
             return None
         start = self._offsets[index]
         self._offsets[index] += sum(len(lp.token) for lp in logprobs or [])
-        return legacy_logprobs(logprobs or [], start)
+        return legacy_logprobs(logprobs or [], start, prompt)
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
+        if self.echoes[event.index] and event.prompt_logprobs is not None:
+            self._prompts[event.index] = event.prompt_logprobs
 
     def build(self, usage: Usage) -> Json:
         completion = self._object([
             {"index": i, "text": self.echoes[i] + "".join(c.text),
-             "logprobs": legacy_logprobs(c.logprobs, len(self.echoes[i])) if self.want_logprobs else None,
+             "logprobs": legacy_logprobs(c.logprobs, len(self.echoes[i]), self._prompts[i])
+             if self.want_logprobs else None,
              "finish_reason": c.finish_reason}
             for i, c in enumerate(self._choices)])
         completion["usage"] = usage_json(usage)
@@ -78,13 +94,18 @@ class TextCompletion:
 
     def opening(self) -> list[Json]:
         return [self._object([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
-                for i, echo in enumerate(self.echoes) if echo]
+                for i, echo in enumerate(self.echoes) if echo and not self._echo_pending[i]]
 
     def chunks(self, event: Event) -> list[Json]:
         out = []
-        if event.text or event.logprobs or event.finish_reason:
-            out.append(self._object([{"index": event.index, "text": event.text,
-                                      "logprobs": self._logprobs(event.index, event.logprobs),
+        i = event.index
+        echo = ""
+        if self._echo_pending[i] and event.prompt_logprobs is not None:  # the echo and the first token, as vLLM
+            echo, self._echo_pending[i] = self.echoes[i], False
+        if echo or event.text or event.logprobs or event.finish_reason:
+            out.append(self._object([{"index": i, "text": echo + event.text,
+                                      "logprobs": self._logprobs(i, event.logprobs, event.prompt_logprobs if echo
+                                                                 else None),
                                       "finish_reason": event.finish_reason}]))
         if event.usage is not None and self.include_usage:
             chunk = self._object([])

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoqwen.api.tool_calls import Parsed, ToolCallParser
+from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 
 Json = dict[str, Any]
@@ -109,7 +109,7 @@ class CompletionBuilder:
             parsed = parser.feed(message["content"]) + parser.finish()
             if parsed.calls:
                 message["content"] = parsed.content or None
-                message["tool_calls"] = [call.to_json() for call in parsed.calls]
+                message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
         return {
             "index": index,
@@ -175,8 +175,9 @@ class ChunkBuilder:
                              "logprobs": None, "finish_reason": None}])
 
     def deltas(self, event: Event) -> list[Json]:
-        """The content/reasoning chunk of an event (none when it carries nothing to send), then one
-        chunk per tool call it completes: index, id, type and name, then the arguments."""
+        """The content/reasoning chunk of an event (none when it carries nothing to send), then a
+        chunk per piece of a tool call it decodes: a call's index, id, type and name first, then
+        each new stretch of its arguments."""
         parsed = Parsed(event.text)
         if (parser := self._parser(event.index)) is not None:
             parsed = parser.feed(event.text)
@@ -188,11 +189,13 @@ class ChunkBuilder:
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
                                         "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
                                         "finish_reason": None}]))
-        first = parser.num_calls - len(parsed.calls) if parser is not None else 0
-        for index, call in enumerate(parsed.calls, first):
-            chunks += [self._tool_delta(event.index, {"index": index, "id": call.id, "type": "function",
-                                                      "function": {"name": call.name, "arguments": ""}}),
-                       self._tool_delta(event.index, {"index": index, "function": {"arguments": call.arguments}})]
+        for call in parsed.calls:
+            if call.id is not None:
+                chunks.append(self._tool_delta(event.index, {"index": call.index, "id": call.id, "type": "function",
+                                                             "function": {"name": call.name, "arguments": ""}}))
+            if call.arguments:
+                chunks.append(self._tool_delta(event.index, {"index": call.index,
+                                                             "function": {"arguments": call.arguments}}))
         return chunks
 
     def _parser(self, index: int) -> ToolCallParser | None:

@@ -388,7 +388,8 @@ class CompletionRequest(SamplingFields):
     model: str | None = None
     # A text, token ids, or a batch of either: one answer (n choices) per prompt.
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default; null = up to the context limit
+    # OpenAI's default; null = up to the context limit; 0 with `echo`: the prompt (and its logprobs) only
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
@@ -413,7 +414,11 @@ class CompletionRequest(SamplingFields):
         return self.prompt
 
     def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
-        return self._sampling_params(model_defaults, self.max_tokens, self.logprobs)
+        params = self._sampling_params(model_defaults, self.max_tokens, self.logprobs)
+        # echo with logprobs: the prompt's too; max_tokens 0 is the engine's prompt-scoring mode either way
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            params.prompt_logprobs = self.logprobs or 0
+        return params
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
@@ -424,9 +429,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     if req.best_of is not None and req.best_of not in (1, n):
         raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
                             "their whole logprob)", param="best_of", code="unsupported_parameter")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs the prompt's logprobs, which this server does not "
-                            "compute", param="echo", code="unsupported_parameter")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 only with echo: the prompt alone)", param="max_tokens")
     if n * len(req.prompts) > MAX_CHOICES:
         raise APIError(400, f"n × the number of prompts must be at most {MAX_CHOICES}", param="prompt")
     return req

@@ -2,16 +2,22 @@
 
 Qwen3 is trained to emit them (the `<tool_call>`/`</tool_call>` tokens, ids 151657/151658, are not
 special tokens, so they reach the decoded text). The parser is incremental: it takes the text
-deltas of one choice as the engine emits them and returns the content to send and the calls
-completed so far, and every split of the same text gives the same content and calls, so a
-streamed answer reassembles to the non-streamed one. A call is returned once its block is closed
-and parses (a JSON object with a string `name` and an object `arguments`); a block that does not
-stays in the content as the model wrote it. Whitespace next to a block (Qwen3 puts a newline
-between calls) is layout, not content.
+deltas of one choice as the engine emits them and returns the content to send and the pieces of
+calls decoded so far, and every split of the same text gives the same content and calls, so a
+streamed answer reassembles to the non-streamed one.
+
+A block that starts as Qwen3 writes one, `{"name": "<name>", "arguments": {`, is a call from
+there on: its id and name go out at once and its arguments, the model's raw JSON text of the
+object, as they are decoded (up to the object's closing brace, or the block's end when cut short),
+as OpenAI streams them. Any other block is judged when it closes: a call if it parses (a JSON
+object with a string `name` and an object `arguments`), sent whole; else it stays in the content
+as the model wrote it. Whitespace next to a block (Qwen3 puts a newline between calls) is layout,
+not content.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -34,12 +40,83 @@ class ToolCall:
 
 
 @dataclass
+class CallDelta:
+    """A piece of the call at `index`: its first piece has the id and name, the rest argument text."""
+
+    index: int
+    arguments: str = ""
+    name: str | None = None
+    id: str | None = None
+
+
+@dataclass
 class Parsed:
     content: str = ""
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[CallDelta] = field(default_factory=list)
 
     def __add__(self, other: Parsed) -> Parsed:
         return Parsed(self.content + other.content, self.calls + other.calls)
+
+
+def assemble(deltas: list[CallDelta]) -> list[ToolCall]:
+    """The whole calls that a list of pieces makes up, in order."""
+    calls: dict[int, ToolCall] = {}
+    for delta in deltas:
+        if delta.id is not None:
+            calls[delta.index] = ToolCall(delta.name or "", "", delta.id)
+        calls[delta.index].arguments += delta.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+# A block's start as Qwen3 writes it; the arguments object starts where it ends.
+HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\{)', re.DOTALL)
+
+
+def _header_name(block: str, end: int) -> tuple[str, int] | None:
+    """(name, where the arguments start) when block[:end] starts as a streamable call."""
+    match = HEADER.match(block, 0, end)
+    if match is None:
+        return None
+    try:
+        name = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return (name, match.end()) if name else None
+
+
+@dataclass
+class _Arguments:
+    """The scan of a streamed call's arguments object through the block text."""
+
+    index: int | None  # the call's; None: a call past max_calls, dropped
+    pos: int  # next character to scan
+    sent: int  # arguments text sent up to here
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    done: bool = False
+
+    def advance(self, block: str, end: int) -> str:
+        """Scans block[pos:end]; -> the arguments text that is new."""
+        while self.pos < end and not self.done:
+            ch = block[self.pos]
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                self.done = self.depth == 0
+        text, self.sent = block[self.sent : self.pos], self.pos
+        return text if self.index is not None else ""
 
 
 def parse_call(block: str) -> ToolCall | None:
@@ -77,6 +154,7 @@ class ToolCallParser:
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
         self._in_block = False
         self._after_block = False  # leading whitespace here is layout
+        self._streamed: _Arguments | None = None  # the block's call, once its start shows it is one
 
     def feed(self, text: str) -> Parsed:
         out = Parsed()
@@ -87,12 +165,17 @@ class ToolCallParser:
             if self._in_block:
                 end = self._pending.find(CLOSE, searched)
                 searched = 0
+                # Up to `known` the text is surely the block's (not the start of its closing tag).
+                known = end if end >= 0 else len(self._pending) - _partial_tag(self._pending, CLOSE)
+                self._stream(known, out)
                 if end < 0:
                     return out
                 block, self._pending = self._pending[:end], self._pending[end + len(CLOSE):]
                 self._in_block = False
                 self._after_block = True
-                self._close(block, out)
+                if self._streamed is None:
+                    self._close(block, out)
+                self._streamed = None
                 continue
             start = self._pending.find(OPEN)
             if start >= 0:
@@ -119,17 +202,41 @@ class ToolCallParser:
         """What is left at the end of the answer: an unclosed block or a partial tag is content."""
         out = Parsed()
         if self._in_block:
-            out.content = OPEN + self._pending
+            self._stream(len(self._pending), out)
+            if self._streamed is None:
+                out.content = OPEN + self._pending
         elif not (self.num_calls and not self._pending.strip()):
             out.content = self._text(self._pending)
         self._pending = ""
         self._in_block = False
+        self._streamed = None
         return out
+
+    def _stream(self, known: int, out: Parsed) -> None:
+        """The call in the open block's first `known` characters: its start once it shows, then the
+        arguments text that is new."""
+        if self._streamed is None:
+            header = _header_name(self._pending, known)
+            if header is None:
+                return
+            name, start = header
+            index = self._keep_call()
+            self._streamed = _Arguments(index, start, start)
+            if index is not None:
+                out.calls.append(CallDelta(index, name=name, id=call_id()))
+        if arguments := self._streamed.advance(self._pending, known):
+            out.calls.append(CallDelta(self._streamed.index, arguments))
+
+    def _keep_call(self) -> int | None:
+        """The index of a new call, or None past max_calls."""
+        if self.max_calls is not None and self.num_calls >= self.max_calls:
+            return None
+        self.num_calls += 1
+        return self.num_calls - 1
 
     def _close(self, block: str, out: Parsed) -> None:
         call = parse_call(block)
         if call is None:
             out.content += OPEN + block + CLOSE
-        elif self.max_calls is None or self.num_calls < self.max_calls:
-            self.num_calls += 1
-            out.calls.append(call)
+        elif (index := self._keep_call()) is not None:
+            out.calls.append(CallDelta(index, call.arguments, call.name, call.id))

@@ -39,10 +39,11 @@ class BlockManager:
     def lookup(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block) of the leading prompt blocks found in the cache.
 
-        At least the last token is always recomputed, so the model yields logits for it.
+        At least the last token is always recomputed, so the model yields logits for it; a sequence
+        that scores its prompt recomputes all of it (as vLLM does).
         """
         hits: list[tuple[int, int]] = []
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return hits
         prev = None
         for i in range((len(seq) - 1) // self.block_size):

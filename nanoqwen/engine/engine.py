@@ -17,8 +17,8 @@ from nanoqwen.config import EngineConfig
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
-from nanoqwen.engine.output import token_event, usage_event
-from nanoqwen.engine.request import Event, SamplingParams
+from nanoqwen.engine.output import first_event, prompt_token_logprobs, token_event, usage_event
+from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
 from nanoqwen.engine.stream import EventStream
@@ -147,6 +147,8 @@ class Engine:
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
             stop_ids=frozenset(stop_ids),
         )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = PromptLogprobs(self.token_bytes.piece(prompt_ids[0]), [])
         room = self.runtime.max_model_len - len(prompt_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -243,7 +245,12 @@ class Engine:
             return
         for i, seq in enumerate(seqs):
             self.block_manager.register_full_blocks(seq, len(seq))
-            self._append_token(seq, i, output)
+            if output.prompt_logprobs and (scored := output.prompt_logprobs[i]) is not None:
+                seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
+            if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
+                self._finish(seq, "length", first_event(seq))
+            else:
+                self._append_token(seq, i, output)
 
     def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> None:
         event, finish = token_event(seq, row, output, self.token_bytes, self.runtime.max_model_len)

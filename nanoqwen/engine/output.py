@@ -5,6 +5,7 @@ from __future__ import annotations
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.runner import StepOutput
+from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.text import TokenBytes
 
 
@@ -13,8 +14,9 @@ def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenB
     """Appends row `row`'s token to `seq`; -> (its event, the finish reason or None)."""
     token = output.tokens[row]
     params = seq.request.params
+    event = first_event(seq) if seq.num_output_tokens == 0 else Event(index=seq.index)
     seq.token_ids.append(token)
-    event = Event(index=seq.index, token_ids=[token])
+    event.token_ids = [token]
     if params.logprobs:
         event.logprobs = [token_logprob(token, output, row, params.top_logprobs, token_bytes)]
     finish = None
@@ -32,6 +34,22 @@ def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenB
         event.reasoning += reasoning
         event.text += text
     return event, finish
+
+
+def first_event(seq: Sequence) -> Event:
+    """The start of a choice's first event: it carries the prompt's logprobs when they were asked for."""
+    return Event(index=seq.index, prompt_logprobs=seq.request.prompt_logprobs)
+
+
+def prompt_token_logprobs(seq: Sequence, scored: PromptLogprobsOutput, tb: TokenBytes) -> list[TokenLogprob]:
+    """The runner's scores of prompt tokens scored.start + 1 .. as TokenLogprobs."""
+    targets = seq.token_ids[scored.start + 1 : scored.start + 1 + len(scored.logprobs)]
+    return [
+        TokenLogprob(token_id=t, token=tb.piece(t), logprob=lp, bytes=list(tb.bytes(t)), top_logprobs=[
+            TopLogprob(token_id=i, token=tb.piece(i), logprob=v, bytes=list(tb.bytes(i))) for i, v in zip(ids, values)
+        ])
+        for t, lp, values, ids in zip(targets, scored.logprobs, scored.top_values, scored.top_ids)
+    ]
 
 
 def token_logprob(token: int, output: StepOutput, row: int, k: int, tb: TokenBytes) -> TokenLogprob:

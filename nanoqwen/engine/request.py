@@ -24,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
+    prompt_logprobs: int | None = None  # k: each prompt token's logprob and the top k (vLLM's); None = off
     n: int = 1
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
@@ -60,6 +61,12 @@ class TokenLogprob:
 
 
 @dataclass
+class PromptLogprobs:
+    first_token: str  # the prompt's first token, which nothing predicts: its logprob is null
+    tokens: list[TokenLogprob]  # prompt tokens 1.., each given the ones before it
+
+
+@dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -83,6 +90,7 @@ class Event:
     reasoning: str = ""  # reasoning (<think>) delta
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on each choice's first event, when asked for
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
     error: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from nanoqwen.engine.request import SamplingParams
+from nanoqwen.engine.request import PromptLogprobs, SamplingParams
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.sampler import seed_key
 
@@ -25,6 +25,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # token ids that end a choice (EOS unless ignore_eos)
     started: bool = False  # first prefill scheduled (no longer queued)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first prefill
+    prompt_logprobs: PromptLogprobs | None = None  # when asked for: filled by the prefill of choice 0
 
     @property
     def finished(self) -> bool:
@@ -49,6 +50,13 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether its prefill must score prompt tokens: once per request, by its first choice,
+        which therefore computes its whole prompt (no prefix-cache hits)."""
+        scored = self.request.prompt_logprobs
+        return self.index == 0 and scored is not None and len(scored.tokens) < self.num_prompt_tokens - 1
 
     @property
     def num_output_tokens(self) -> int:

@@ -51,7 +51,8 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
         raise InvalidRequest("the prompt is empty", param="messages")
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})", param="messages")
-    if params.max_tokens is not None and params.max_tokens < 1:
+    if params.max_tokens is not None and params.max_tokens < (0 if params.prompt_logprobs is not None else 1):
+        # 0: score the prompt only (`echo` with `max_tokens: 0`)
         raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
     if len(prompt_ids) > prompt_token_limit(max_model_len, params.max_tokens):
         raise context_length_error(max_model_len, len(prompt_ids), params.max_tokens)
@@ -73,3 +74,5 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
         raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+    if params.prompt_logprobs is not None and not 0 <= params.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="prompt_logprobs")

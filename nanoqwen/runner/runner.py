@@ -11,6 +11,7 @@ from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
+from nanoqwen.runner.prompt_logprobs import prefill_prompt_logprobs
 from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, penalties, stage_sampling, step_output
 from nanoqwen.sampler import Penalties, sample
 
@@ -106,7 +107,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[packed.last])
         tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
                         self._penalties(seqs) if penalized else None, self.adjuster.build(seqs))
-        return step_output(seqs, logits, tokens)
+        output = step_output(seqs, logits, tokens)
+        output.prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs,
+                                                         [seq.num_cached_tokens for seq in seqs],
+                                                         packed.meta.query_lens, self.inputs.to_device)
+        return output
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:
         return penalties(seqs, self.config.vocab_size, self.device, self.inputs.to_device)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nanoqwen.runner.inputs import StepInputs
+from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, Penalties, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
@@ -24,6 +25,7 @@ class StepOutput:
     logprobs: list[float] | None = None  # chosen token's logprob, when any sequence asked
     top_values: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
+    prompt_logprobs: list[PromptLogprobsOutput | None] | None = None  # per sequence, when a prefill scored prompts
 
 
 def sampling_mode(params: list[SamplingParams]) -> str:
