@@ -1,6 +1,7 @@
 """Checkpoint directory or Hub id -> a Qwen3 model with its weights, tokenizer and generation config."""
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from dataclasses import dataclass
@@ -202,6 +203,18 @@ def build_model(config: ModelConfig, shards: list[Path], max_positions: int, dev
     load_weights(model, shards)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)
+
+
+def release_freed_heap() -> None:
+    """Returns the heap that loading freed (the tokenizer's JSON parse, quantisation chunks) to the OS:
+    glibc keeps freed blocks in its arenas, ~0.1 GB of resident memory after a load. Elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
 
 
 def load_tokenizer(path: Path):
