@@ -36,7 +36,8 @@ ENGINE_OPTIONS = (
     EnvOption("--kernels", "NANOQWEN_KERNELS", "auto = Triton on CUDA, torch elsewhere",
               choices=("auto", "torch", "triton")),
     EnvOption("--quant", "NANOQWEN_QUANT", "weight format: none = the dtype's; int8 = int8 weights with a "
-              "scale per output channel, quantised at load time", choices=("none", "int8")),
+              "scale per output channel; int4 = 4-bit weights with a scale and offset per 64 input columns; "
+              "quantised at load time", choices=("none", "int8", "int4")),
     EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, none elsewhere",
               choices=("auto", "none", "compile", "cudagraph")),
     EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),

@@ -59,7 +59,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 KERNELS = ("auto", "torch", "triton")
 GRAPHS = ("auto", "none", "compile", "cudagraph")
 GENERATION_CONFIGS = ("auto", "none")
-QUANTS = ("none", "int8")  # weight formats, nanoqwen/quant.py
+QUANTS = ("none", "int8", "int4")  # weight formats, nanoqwen/quant.py
 
 
 @dataclass
@@ -68,7 +68,7 @@ class EngineConfig:
     device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
     dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
     kernels: str = "auto"  # auto | torch | triton
-    quant: str = "none"  # none | int8: linear weights (LM head, embedding) quantised at load time
+    quant: str = "none"  # none | int8 | int4: linear weights (LM head, embedding) quantised at load time
     graph: str = "auto"  # auto | none | compile | cudagraph
     max_batch: int = 32  # sequences decoded together
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -203,7 +203,7 @@ class RuntimeConfig:
     device: torch.device
     dtype: torch.dtype
     kernels: str  # torch | triton
-    quant: str  # none | int8
+    quant: str  # none | int8 | int4
     graph: str  # none | compile | cudagraph
     max_batch: int
     max_model_len: int  # the KV pool may hold fewer tokens than the model's positions

@@ -80,6 +80,16 @@ class LinearInt8(Protocol):
         ...
 
 
+class LinearInt4(Protocol):
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [..., K], weight: [N, K / 2] uint8 (two 4-bit q per byte, ops/torch_ref/linear_int4.py), scale,
+        offset: [N, K / G] in x's dtype -> [..., N] = x @ (q * scale + offset).T per group of G columns,
+        accumulated in fp32."""
+        ...
+
+
 class SiluMul(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[..., 2I] (gate | up) -> silu(gate) * up: [..., I]."""
@@ -95,6 +105,7 @@ class Kernels:
     prefill_attention: PrefillAttention
     linear: Linear
     linear_int8: LinearInt8
+    linear_int4: LinearInt4
     silu_mul: SiluMul
     # Whether decode attention copies every block-table column it is given (the torch reference),
     # rather than stopping at each context length (the Triton and CPU kernels): the runner then

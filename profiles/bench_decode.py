@@ -2,7 +2,7 @@
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
         [--prompt-len 32] [--graph auto|none|compile|cudagraph] [--kernels auto|torch|triton]
-        [--quant none int8] [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
+        [--quant none int8 int4] [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
 
 Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
 2-layer test model), loaded by both engines in each --dtypes entry. Both decode greedily from the
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
-    parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8"])
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"])
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static"])
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Quantisation quality: each weight format's logits against the unquantised model's, same inputs.
 
-    python profiles/quant_quality.py [--positions 320] [--quant int8] [--out DIR]
+    python profiles/quant_quality.py [--positions 320] [--quant int8 int4] [--out DIR]
 
 Models: the test checkpoints (the 2-layer tied and untied test models, random weights) in fp32, as
 transformers' Qwen3 with the weights nanoqwen quantises replaced by their dequantised values; with
@@ -22,16 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
-from quant_reference import load_int8_hf_model  # noqa: E402
-
-QUANTISED = {"int8": load_int8_hf_model}
+from quant_reference import DEQUANTISED, load_quantised_hf_model  # noqa: E402
 
 
 @torch.no_grad()
 def compare(path: Path, quant: str, positions: int) -> dict:
     ids = torch.tensor([common.random_prompts(1, positions, 0)[0]])
     original = load_hf_model(path)(ids).logits[0].float()  # [P, V]
-    quantised = QUANTISED[quant](path)(ids).logits[0].float()
+    quantised = load_quantised_hf_model(path, quant)(ids).logits[0].float()
     rel = (quantised - original).norm(dim=-1) / original.norm(dim=-1)
     return {"rel_error_mean": rel.mean().item(), "rel_error_max": rel.max().item(),
             "top1_agreement": (quantised.argmax(-1) == original.argmax(-1)).float().mean().item()}
@@ -40,7 +38,7 @@ def compare(path: Path, quant: str, positions: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--positions", type=int, default=320)
-    parser.add_argument("--quant", nargs="+", default=list(QUANTISED), choices=list(QUANTISED))
+    parser.add_argument("--quant", nargs="+", default=list(DEQUANTISED), choices=list(DEQUANTISED))
     parser.add_argument("--out", type=Path, default=common.OUT)
     args = parser.parse_args()
     rows = []

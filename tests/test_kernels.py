@@ -14,12 +14,14 @@ pytest.importorskip("triton")
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
+from ops.torch_ref.linear_int4 import linear_int4_torch  # noqa: E402
 from ops.torch_ref.linear_int8 import linear_int8_torch  # noqa: E402
 from ops.torch_ref.prefill_attention import prefill_attention_torch  # noqa: E402
 from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
 from ops.torch_ref.rope import qk_norm_rope_store_torch  # noqa: E402
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import MAX_SPLITS, decode_attention_triton, default_num_splits  # noqa: E402
+from ops.triton.linear_int4 import linear_int4_triton  # noqa: E402
 from ops.triton.linear_int8 import linear_int8_triton  # noqa: E402
 from ops.triton.prefill_attention import prefill_attention_triton, tile_list  # noqa: E402
 from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
@@ -249,6 +251,10 @@ def test_the_triton_kernel_set_runs_these_kernels():
     assert kernels.prefill_attention is prefill_attention_triton
     args, _, _ = paged_inputs.paged([(3, 7), (1, 4)], 4, 2, 16, 4, device=DEVICE)
     assert_close(kernels.prefill_attention(*args), prefill_attention_torch(*args))
+    w4 = torch.randint(0, 256, (40, 32), dtype=torch.uint8, device=DEVICE)
+    x4, s4, o4 = torch.randn(3, 64, device=DEVICE), torch.rand(40, 1, device=DEVICE) / 8, torch.randn(40, 1,
+                                                                                              device=DEVICE)
+    assert_close(kernels.linear_int4(x4, w4, s4, o4), linear_int4_torch(x4, w4, s4, o4))
 
 
 # ---------------------------------------------------------------- paged prefill attention
@@ -312,6 +318,26 @@ def test_linear_int8(x_shape, n, dtype):
     out = linear_int8_triton(x, weight, scale)
     assert out.shape == (*x_shape[:-1], n) and out.dtype == dtype
     assert_close(out, linear_int8_torch(x, weight, scale))
+
+
+# ---------------------------------------------------------------- int4 weight-only linear
+
+
+# (rows, N, K, group): decode tiles (1, 3 rows; N = 600 over column blocks even in the interpreter's 512;
+# two groups of one block, one group of two), prefill tiles (40 rows), a 3-d input
+@pytest.mark.parametrize("x_shape, n, group", [((1, 128), 40, 64), ((3, 128), 600, 128), ((40, 64), 72, 64),
+                                               ((2, 3, 192), 33, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_int4(x_shape, n, group, dtype):
+    torch.manual_seed(n)
+    k = x_shape[-1]
+    x = torch.randn(x_shape, device=DEVICE).to(dtype)
+    weight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    scale = (torch.rand(n, k // group, device=DEVICE) / 64).to(dtype)
+    offset = (-8 * scale + torch.randn(n, k // group, device=DEVICE).to(dtype) / 256).to(dtype)
+    out = linear_int4_triton(x, weight, scale, offset)
+    assert out.shape == (*x_shape[:-1], n) and out.dtype == dtype
+    assert_close(out, linear_int4_torch(x, weight, scale, offset))
 
 
 # ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16

@@ -1,5 +1,5 @@
-"""NANOQWEN_QUANT=int8: weights quantised at load time, and greedy output equal to the torch reference
-of the same quantised model (transformers with dequantised weights) in every execution mode."""
+"""NANOQWEN_QUANT=int8|int4: weights quantised at load time, and greedy output equal to the torch
+reference of the same quantised model (transformers with dequantised weights) in every execution mode."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,9 @@ import ops
 from checkpoints import make_checkpoint
 from engine_util import generate, greedy, hf_greedy, load_engine
 from nanoqwen.config import EngineConfig
-from quant_reference import load_int8_hf_model
+from nanoqwen.quant import GROUP_SIZE, quantize_int4_into
+from ops.torch_ref.linear_int4 import dequantize_int4, pack_int4, unpack_int4
+from quant_reference import load_quantised_hf_model
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
@@ -22,26 +24,31 @@ def checkpoint(request):
     return make_checkpoint(tie_word_embeddings=request.param)
 
 
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quant(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def references(checkpoint):
-    hf = load_int8_hf_model(checkpoint)
+def references(checkpoint, quant):
+    hf = load_quantised_hf_model(checkpoint, quant)
     return [hf_greedy(hf, p, 6) for p in PROMPTS]
 
 
-def assert_matches(engine, references) -> None:
-    assert engine.info()["quant"] == "int8"
+def assert_matches(engine, quant, references) -> None:
+    assert engine.info()["quant"] == quant
     results = generate(engine, PROMPTS, greedy(6))
     assert [r.choices[0].token_ids for r in results] == references
 
 
-def test_eager_int8_matches_reference(checkpoint, references):
-    assert_matches(load_engine(checkpoint, quant="int8", max_batch=4), references)
+def test_eager_matches_reference(checkpoint, quant, references):
+    assert_matches(load_engine(checkpoint, quant=quant, max_batch=4), quant, references)
 
 
 @pytest.mark.slow
-def test_compiled_int8_matches_reference(checkpoint, references):
-    engine = load_engine(checkpoint, quant="int8", graph="compile", max_batch=4)
-    assert_matches(engine, references)
+def test_compiled_matches_reference(checkpoint, quant, references):
+    engine = load_engine(checkpoint, quant=quant, graph="compile", max_batch=4)
+    assert_matches(engine, quant, references)
     [single] = generate(engine, PROMPTS[:1], greedy(6))  # batch bucket 1
     assert single.choices[0].token_ids == references[0]
 
@@ -49,8 +56,8 @@ def test_compiled_int8_matches_reference(checkpoint, references):
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
-def test_triton_interpreted_int8_matches_reference(checkpoint, references):
-    assert_matches(load_engine(checkpoint, quant="int8", kernels="triton", max_batch=4), references)
+def test_triton_interpreted_matches_reference(checkpoint, quant, references):
+    assert_matches(load_engine(checkpoint, quant=quant, kernels="triton", max_batch=4), quant, references)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,7 +79,45 @@ def test_weights_are_int8_with_a_scale_per_row(checkpoint, dtype):
     assert (model.lm_head.weight is embed.weight) == tied and (model.lm_head.scale is embed.scale) == tied
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_weights_are_packed_nibbles_with_a_scale_and_offset_per_group(checkpoint, dtype):
+    engine = load_engine(checkpoint, quant="int4", dtype=str(dtype).removeprefix("torch."))
+    model, raw = engine.runner.model, load_file(checkpoint / "model.safetensors")
+    mlp = model.model.layers[1].mlp
+    hidden = model.config.hidden_size
+    assert mlp.gate_up_proj.weight.dtype == torch.uint8 and mlp.gate_up_proj.weight.shape[1] == hidden // 2
+    assert mlp.gate_up_proj.scale.shape[1] == hidden // GROUP_SIZE and mlp.gate_up_proj.offset.dtype == dtype
+    gate, up = dequantize_int4(mlp.gate_up_proj.weight, mlp.gate_up_proj.scale, mlp.gate_up_proj.offset).chunk(2)
+    expected = raw["model.layers.1.mlp.up_proj.weight"].float()
+    groups = expected.view(expected.shape[0], -1, GROUP_SIZE)
+    step = ((groups.amax(dim=2) - groups.amin(dim=2)) / 15).repeat_interleave(GROUP_SIZE, dim=1)
+    # each value rounded to the nearest of 16 levels spanning its group (plus bf16's rounding of scale and offset)
+    slack = 0.5 if dtype == torch.float32 else 0.5 + 16 * 2**-8
+    assert ((up - expected).abs() <= step * slack + 1e-6).all()
+    q = unpack_int4(mlp.gate_up_proj.weight)
+    assert q.max() == 15 and q.min() == 0
+    embed = model.model.embed_tokens
+    assert embed.weight.dtype == torch.uint8 and model.lm_head.weight.dtype == torch.uint8
+    tied = "lm_head.weight" not in raw
+    assert (model.lm_head.weight is embed.weight) == tied and (model.lm_head.offset is embed.offset) == tied
+
+
+def test_int4_layout_round_trips_and_a_constant_group_is_exact():
+    q = torch.randint(0, 16, (3, 128), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 64) and torch.equal(unpack_int4(packed), q)
+    # block layout: byte 2i = q[i] | q[16 + i] << 4, byte 2i + 1 = q[32 + i] | q[48 + i] << 4
+    assert packed[0, 2].item() == q[0, 1].item() | q[0, 17].item() << 4
+    assert packed[2, 35].item() == q[2, 64 + 33].item() | q[2, 64 + 49].item() << 4
+    weight = torch.randn(2, 128)
+    weight[1, :GROUP_SIZE] = 0.25
+    scale, offset = torch.empty(2, 128 // GROUP_SIZE), torch.empty(2, 128 // GROUP_SIZE)
+    quantize_int4_into(weight, packed[:2], scale, offset)
+    assert scale[1, 0] == 0 and torch.equal(dequantize_int4(packed[:2], scale, offset)[1, :GROUP_SIZE],
+                                            weight[1, :GROUP_SIZE])
+
+
 def test_unknown_quant_is_refused():
-    with pytest.raises(ValueError, match="quant must be one of none, int8"):
+    with pytest.raises(ValueError, match="quant must be one of none, int8, int4"):
         EngineConfig(quant="int3")
-    assert EngineConfig.from_env({"NANOQWEN_QUANT": "int8"}).quant == "int8"
+    assert EngineConfig.from_env({"NANOQWEN_QUANT": "int4"}).quant == "int4"

@@ -26,13 +26,16 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import decode_attention_triton  # noqa: E402
+from ops.triton.linear_int4 import linear_int4_triton  # noqa: E402
+from ops.triton.linear_int8 import linear_int8_triton  # noqa: E402
 from ops.triton.prefill_attention import prefill_attention_triton  # noqa: E402
 from ops.triton.rms_norm import rms_norm_triton  # noqa: E402
 from ops.triton.rope import qk_norm_rope_store_triton  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64",
+         torch.int8: "i8", torch.int16: "i16"}
 HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK, EPS = 1024, 3072, 16, 8, 128, 16, 1e-6
 # Kernels whose tl.dot must run on tensor cores in bf16/fp16 (mma in the PTX, not an FMA loop).
 TENSOR_CORE_KERNELS = {"_decode_split_kernel", "_prefill_kernel"}
@@ -88,6 +91,9 @@ def launch_all(dtype: torch.dtype, tokens: int) -> None:
     lens = torch.ones(tokens, dtype=torch.int32)
     decode_attention_triton(q, cache, cache, tables, lens, HEAD_DIM**-0.5, num_splits=4)  # split + combine
     prefill_attention_triton(q, k, v, cache, cache, tables[:1], [tokens], [tokens + 16], HEAD_DIM**-0.5)
+    linear_int8_triton(x, torch.zeros(INTER, HIDDEN, dtype=torch.int8), torch.ones(INTER, dtype=dtype))
+    groups = torch.ones(INTER, HIDDEN // 64, dtype=dtype)
+    linear_int4_triton(x, torch.zeros(INTER, HIDDEN // 2, dtype=torch.uint8), groups, groups)
 
 
 def main() -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, build, linear, linear_int8, norm_rope, prefill_attention
+from ops.cpu import attention, build, linear, linear_int4, linear_int8, norm_rope, prefill_attention
 from ops.kernels import Kernels
 
-C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, attention.KERNEL, norm_rope.KERNEL, prefill_attention.KERNEL)
+C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
+             prefill_attention.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -37,5 +38,6 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         prefill_attention=prefill_attention.prefill_attention_cpu if prefills else ref.prefill_attention,
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
+        linear_int4=linear_int4.linear_int4 if linear_int4.supported() else ref.linear_int4,
         decode_attention_gathers=not attends,
     )

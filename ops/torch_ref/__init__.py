@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ops.kernels import Kernels
 from ops.torch_ref.activation import silu_mul_torch
 from ops.torch_ref.decode_attention import decode_attention_torch
+from ops.torch_ref.linear_int4 import linear_int4_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
 from ops.torch_ref.prefill_attention import prefill_attention_torch
 from ops.torch_ref.rms_norm import rms_norm_torch
@@ -20,6 +21,7 @@ KERNELS = Kernels(
     prefill_attention=prefill_attention_torch,
     linear=F.linear,
     linear_int8=linear_int8_torch,
+    linear_int4=linear_int4_torch,
     silu_mul=silu_mul_torch,
     decode_attention_gathers=True,
 )

@@ -8,6 +8,7 @@ import torch
 from ops.kernels import Kernels
 from ops.triton.activation import silu_mul_triton
 from ops.triton.decode_attention import decode_attention_triton, num_sms
+from ops.triton.linear_int4 import linear_int4_triton
 from ops.triton.linear_int8 import linear_int8_triton
 from ops.triton.prefill_attention import prefill_attention_triton
 from ops.triton.rms_norm import rms_norm_triton
@@ -16,7 +17,7 @@ from ops.triton.rope import qk_norm_rope_store_triton
 
 def kernels(base: Kernels, device: torch.device) -> Kernels:
     """`base` (the device's own set) with the ops Triton implements replaced; bf16/fp32 linears stay
-    `base`'s (cuBLAS on CUDA). The int8 linear and paged prefill attention are Triton's."""
+    `base`'s (cuBLAS on CUDA). The int8 and int4 linears and paged prefill attention are Triton's."""
     if device.type == "cuda":
         num_sms(device)  # queried now, outside any torch.compile trace
     return dataclasses.replace(
@@ -28,5 +29,6 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         prefill_attention=prefill_attention_triton,
         silu_mul=silu_mul_triton,
         linear_int8=linear_int8_triton,
+        linear_int4=linear_int4_triton,
         decode_attention_gathers=False,
     )

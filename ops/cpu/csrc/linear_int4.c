@@ -1,0 +1,125 @@
+/* int4 weight-only linear layers (asymmetric groups along K): the why is in ops/cpu/linear_int4.py, the
+   packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL) for this file alone, checked at run time. */
+#include "nanoqwen_cpu.h"
+#include "simd.h"
+
+void linear_int4_supported(int *ok) {
+    __builtin_cpu_init();
+    *ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl");
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+#define ROWS 8  /* activation rows sharing one unpacking of a weight block */
+
+/* The four 16-column slices of a 64-column block (32 bytes: nibble j of word i = q[16j + i]) as fp32 q
+   (exact), 16 lanes each: one widening, then a shift and mask per slice. */
+static inline void unpack_f32(const uint8_t *p, __m512 out[4]) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i nib = _mm512_set1_epi32(0xf);
+    out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(w, nib));
+    out[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 4), nib));
+    out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 8), nib));
+    out[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 12));
+}
+
+static inline float load_f(const void *p, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Up to 16 values (count) from p[i...], bf16 or fp32, as fp32 lanes; the rest 0. */
+static inline __m512 load16(const void *p, long i, int count, int bf16) {
+    const __mmask16 mask = (__mmask16)((1u << count) - 1u);
+    if (!bf16) return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* sum_g xsum[g] * offset[i + g] over the groups of one weight row. */
+static inline float group_terms(const void *offset, long i, const float *xsum, int groups, int bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g += 16) {
+        const int count = groups - g < 16 ? groups - g : 16;
+        const __m512 sums = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1u), xsum + g);
+        acc = _mm512_fmadd_ps(load16(offset, i + g, count, bf16), sums, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* sums[r] = sum over the row's groups g of scale[g] * sum_{k in g} x[r][k] * q[k] for R <= ROWS fp32
+   activation rows; fp32 products, as the reference's. R is a constant where this is inlined. */
+static inline __attribute__((always_inline)) void
+row_dots_f32(const uint8_t *w, const void *scale, long n, const float *x, int K, int G, int R, int bf16,
+             float *sums) {
+    __m512 acc[ROWS];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const int per_group = G / 64;
+    for (int b = 0; b < K / 64; b++) {
+        __builtin_prefetch(w + (long)b * 32 + 4096);
+        __m512 q[4];
+        unpack_f32(w + (long)b * 32, q);
+        const __m512 s = _mm512_set1_ps(load_f(scale, n * (K / G) + b / per_group, bf16));
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            const float *xr = x + (long)r * K + b * 64;
+            __m512 t = _mm512_mul_ps(q[0], _mm512_loadu_ps(xr));
+            t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(xr + 16), t);
+            t = _mm512_fmadd_ps(q[2], _mm512_loadu_ps(xr + 32), t);
+            t = _mm512_fmadd_ps(q[3], _mm512_loadu_ps(xr + 48), t);
+            acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void row_dots(const uint8_t *w, const void *scale, long n, const float *x, int K, int G, int R, int bf16,
+                     float *sums) {
+    /* one specialisation per row count: the row loops unroll and the accumulators stay in registers */
+#define CASE(r) case r: row_dots_f32(w, scale, n, x, K, G, r, bf16, sums); break;
+    switch (R) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
+#undef CASE
+}
+
+/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g]. bf16 activations
+   are widened to fp32 first (exactly): fp32 FMAs on 16 lanes outrun VDPBF16PS on 8 here, and the products
+   stay the reference's. */
+void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
+                 int K, int G, int bf16) {
+    const int groups = K / G;
+    float *widened = 0;
+    const float *xf = (const float *)x;
+    if (bf16) {
+        widened = (float *)malloc((size_t)M * K * sizeof(float));
+        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xf = widened;
+    }
+    float *xsum = (float *)malloc((size_t)M * groups * sizeof(float));  /* [M, groups] */
+    for (int m = 0; m < M; m++) {
+        for (int g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int k = g * G; k < (g + 1) * G; k++) s += xf[(long)m * K + k];
+            xsum[m * groups + g] = s;
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *wn = w + (long)n * (K / 2);
+        for (int m0 = 0; m0 < M; m0 += ROWS) {
+            const int R = M - m0 < ROWS ? M - m0 : ROWS;
+            float sums[ROWS];
+            row_dots(wn, scale, n, xf + (long)m0 * K, K, G, R, bf16, sums);
+            for (int r = 0; r < R; r++) {
+                const int m = m0 + r;
+                const float o = sums[r] + group_terms(offset, (long)n * groups, xsum + (long)m * groups,
+                                                      groups, bf16);
+                const long at = (long)m * N + n;
+                if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(o); else ((float *)y)[at] = o;
+            }
+        }
+    }
+    free(xsum);
+    free(widened);
+}
+
+#pragma GCC pop_options
