@@ -1,6 +1,7 @@
 /* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu/linear.py. */
 #include "nanoqwen_cpu.h"
 #include "gemv.h"
+#include "pool.h"
 
 /* bf16 activations -> fp32, each group of 16 reordered as its 8 even-indexed then 8 odd-indexed values. */
 static void split_even_odd(const uint16_t *x, float *out, long n) {
@@ -15,56 +16,73 @@ static inline void store(void *y, long at, float v, int bf16) {
     if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v); else ((float *)y)[at] = v;
 }
 
+struct linear_args {
+    const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
+    void *y;
+    int M, N, K, bf16;
+    long rows;  /* per chunk */
+};
+
 /* AVX2: two activation rows per pass over a weight row. */
-static void linear_avx2(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
-    float *split = 0;
-    const float *xf = (const float *)x;
-    if (bf16) {
-        split = (float *)malloc((size_t)M * K * sizeof(float));
-        split_even_odd((const uint16_t *)x, split, (long)M * K);
-        xf = split;
-    }
+static void linear_avx2(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
+    const float *xf = a->x;
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const void *r = (const char *)w + n * row_bytes;
+    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    for (long n = chunk * a->rows; n < end; n++) {
+        const void *r = (const char *)a->w + n * row_bytes;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
             const float *x1 = m + 1 < M ? xf + (long)(m + 1) * K : 0;
             if (bf16) dot2_avx2(r, W_BF16, xf + (long)m * K, x1, K, &o0, &o1);
             else dot2_avx2(r, W_F32, xf + (long)m * K, x1, K, &o0, &o1);
-            store(y, (long)m * N + n, o0, bf16);
-            if (x1) store(y, (long)(m + 1) * N + n, o1, bf16);
+            store(a->y, (long)m * N + n, o0, bf16);
+            if (x1) store(a->y, (long)(m + 1) * N + n, o1, bf16);
         }
     }
-    free(split);
 }
 
 AVX512_BEGIN
 /* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row; bf16 x bf16 by vdpbf16ps. */
-static void linear_avx512(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
+static void linear_avx512(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const void *r = (const char *)w + n * row_bytes;
+    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    for (long n = chunk * a->rows; n < end; n++) {
+        const void *r = (const char *)a->w + n * row_bytes;
         for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
 #define BODY(R) \
-            if (bf16) dot_rows_bf16((const uint16_t *)r, (const uint16_t *)x + (long)m0 * K, R, K, o); \
-            else dot_rows_avx512(r, W_F32, (const float *)x + (long)m0 * K, R, K, o)
+            if (bf16) dot_rows_bf16((const uint16_t *)r, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
+            else dot_rows_avx512(r, W_F32, (const float *)a->x + (long)m0 * K, R, K, o)
             WITH_CONST_ROWS(rows, BODY)
 #undef BODY
-            for (int m = 0; m < rows; m++) store(y, (long)(m0 + m) * N + n, o[m], bf16);
+            for (int m = 0; m < rows; m++) store(a->y, (long)(m0 + m) * N + n, o[m], bf16);
         }
     }
 }
 AVX512_END
 
-/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time keeps each thread's reads one
-   sequential stream (what the hardware prefetcher follows best); the row stays in L1 while every
-   activation row uses it. */
+/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time keeps each thread's reads sequential
+   streams (what the hardware prefetcher follows best); the row stays in L1 while every activation row
+   uses it. Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
-    if (bf16 ? has_avx512_bf16() : has_avx512()) linear_avx512(x, w, y, M, N, K, bf16);
-    else linear_avx2(x, w, y, M, N, K, bf16);
+    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    struct linear_args a = {x, w, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
+    const long chunks = (N + a.rows - 1) / a.rows;
+    if (bf16 ? has_avx512_bf16() : has_avx512()) {
+        pool_run(linear_avx512, &a, chunks);
+        return;
+    }
+    float *split = 0;
+    if (bf16) {
+        split = (float *)malloc((size_t)M * K * sizeof(float));
+        split_even_odd((const uint16_t *)x, split, (long)M * K);
+        a.x = split;
+    }
+    pool_run(linear_avx2, &a, chunks);
+    free(split);
 }
