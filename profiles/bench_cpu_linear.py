@@ -1,7 +1,7 @@
 """The C linear kernels (ops/cpu/) alone, on every linear of a Qwen3-0.6B-shaped decode step.
 
     python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8] [--repeats 5] [--threads N]
-        [--baseline GIT_REV]
+        [--baseline GIT_REV] [--torch]
 
 Each weight format holds a full model's distinct weights (28 layers of qkv, o, gate_up and down,
 and the 151936-row LM head; random values), so a pass streams them from memory as a decode step
@@ -10,7 +10,8 @@ model order with bf16 activations of --rows rows; its time is the median of --re
 one warm-up. Prints per-shape time and read bandwidth, the pass's tokens/s at those rows and its
 fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measured in the same run).
 --baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
-working tree's kernels pass by pass, so both see the same machine load.
+working tree's kernels pass by pass, so both see the same machine load. --torch: torch's own GEMM
+(F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="a git revision whose kernels to time as well")
+    parser.add_argument("--torch", action="store_true", help="time torch's F.linear on bf16 weights as well")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +101,8 @@ def main() -> None:
     versions = {"working tree": callers(sources(None, tmp), tmp / "cache")}
     if args.baseline:
         versions = {args.baseline: callers(sources(args.baseline, tmp), tmp / "cache")} | versions
+    if args.torch:
+        versions["torch F.linear"] = {"none": F.linear}
     bandwidth = common.read_bandwidth(torch.device("cpu"))
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}; threads {torch.get_num_threads()}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -107,14 +112,15 @@ def main() -> None:
         total = sum(sum(t.numel() * t.element_size() for t in a) for _, a in ws)
         for rows in args.rows:
             xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (HIDDEN, 2048, INTER)}
-            times = {v: dict.fromkeys(names, 0.0) for v in versions}
-            passes = {v: [] for v in versions}
-            for kernels in versions.values():  # warm-up
-                run_pass(kernels[quant], ws, xs, dict.fromkeys(names, 0.0))
+            timed = {v: kernels[quant] for v, kernels in versions.items() if quant in kernels}
+            times = {v: dict.fromkeys(names, 0.0) for v in timed}
+            passes = {v: [] for v in timed}
+            for kernel in timed.values():  # warm-up
+                run_pass(kernel, ws, xs, dict.fromkeys(names, 0.0))
             for _ in range(args.repeats):
-                for v, kernels in versions.items():
-                    passes[v].append(run_pass(kernels[quant], ws, xs, times[v]))
-            for v in versions:
+                for v, kernel in timed.items():
+                    passes[v].append(run_pass(kernel, ws, xs, times[v]))
+            for v in timed:
                 step = statistics.median(passes[v])
                 print(f"{v}: {quant} rows {rows}: pass {step * 1e3:.1f} ms (best {min(passes[v]) * 1e3:.1f}), "
                       f"{total / step / 1e9:.1f} GB/s = {total / step / bandwidth:.0%} of read bandwidth, "

@@ -1,10 +1,11 @@
-"""Decode-sized linear layers on x86 CPUs (AVX2): bf16 or fp32 weights, up to 32 activation rows.
+"""Decode-sized linear layers on x86 CPUs (AVX2, AVX-512): bf16 or fp32 weights, up to 32 activation rows.
 
 Decode is a matrix-vector product bounded by reading the weights. Without native bf16 matrix units
 (no AVX-512-BF16/AMX) torch's bf16 GEMM converts element by element and reaches ~1 GB/s with more
-than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once
-(bf16 widened to fp32 in registers by a shift or a mask) and FMAs it against every activation row held
-in cache, parallel over output rows in torch's own OpenMP pool.
+than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once and
+multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
+(exact products, fp32 sums); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then
+FMAs. Parallel over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """
 from __future__ import annotations
