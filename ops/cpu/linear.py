@@ -39,11 +39,14 @@ linear_cpu = build.kernel_op("linear_cpu", _linear, _linear_fake)
 
 # Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX). Such CPUs run
 # torch's own GEMMs with AVX-512, which win from a few rows on; below that this kernel still reads the
-# weights faster. Measured on a 2-core AVX-512-BF16 Xeon, a Qwen3-0.6B pass of linears at 1 / 4 / 8 rows:
-# bf16 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129; fp32 at 4 / 8 / 16 rows 134 / 186 / 373 ms
-# against MKL's 155 / 220 / 198. So there the kernel keeps only the rows up to these limits.
+# weights faster. Measured on a 2-core AVX-512-BF16 Xeon, a Qwen3-0.6B pass of linears at 1 / 4 / 8 rows,
+# with the AVX2 loops: bf16 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129; fp32 at 4 / 8 / 16 rows
+# 134 / 186 / 373 ms against MKL's 155 / 220 / 198. So there the kernel keeps only the rows up to these
+# limits, except bf16 with AVX-512-BF16: one vdpbf16ps per 32 weights and row keeps the kernel bound by
+# the weight reads up to MAX_ROWS (profiles/RESULTS.md, "C linear kernels at the bandwidth limit").
 NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-NATIVE_BF16_MAX_ROWS = {torch.bfloat16: 6, torch.float32: 8}
+AVX512_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+NATIVE_BF16_MAX_ROWS = {torch.bfloat16: MAX_ROWS if AVX512_BF16 else 6, torch.float32: 8}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
