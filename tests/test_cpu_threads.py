@@ -1,4 +1,4 @@
-"""The C linear kernels' thread pool (csrc/pool.h) and their AVX2 loops on a CPU that would take AVX-512."""
+"""The C kernels' thread pool (csrc/pool.h) and the linear kernels' AVX2 loops on a CPU that would take AVX-512."""
 from __future__ import annotations
 
 import multiprocessing
@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int8 as cpu_int8
+from ops.torch_ref.decode_attention import decode_attention_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -102,3 +104,19 @@ def test_a_forked_child_still_computes():
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 0 and done.get(timeout=5)
+
+
+def test_attention_over_long_contexts_runs_on_the_pool_and_matches():
+    """Past attention.c's PARALLEL_MIN_PAIRS (token, kv head) pairs the tasks go to the pool."""
+    assert cpu_attention.KERNEL.build(), cpu_attention.KERNEL.error
+    torch.manual_seed(7)
+    batch, heads, kv_heads, head_dim, block_size, width = 3, 16, 8, 64, 16, 32
+    k_cache = torch.randn(batch * width + 1, block_size, kv_heads, head_dim)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, heads, head_dim)
+    tables = (torch.randperm(batch * width) + 1).view(batch, width).int()
+    context_lens = torch.tensor([width * block_size, 300, 257], dtype=torch.int32)  # 8,552 pairs
+    scale = head_dim**-0.5
+    out = cpu_attention.decode_attention_cpu(q, k_cache, v_cache, tables, context_lens, scale)
+    ref = decode_attention_torch(q, k_cache, v_cache, tables, context_lens, scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

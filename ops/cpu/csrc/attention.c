@@ -68,9 +68,17 @@ static void attend(const void *args, long task) {
     }
 }
 
+/* Below this many (token, kv head) pairs in the batch the whole call takes a few µs: one thread does it,
+   as a helper that claimed a task and was then descheduled would cost far more. */
+#define PARALLEL_MIN_PAIRS 4096
+
 /* Shapes: see nanoqwen_cpu.h. One task per (sequence, kv head), on the thread pool (pool.h). */
 void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
                       void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16) {
     struct attention_args a = {q, kc, vc, tables, ctx, out, Hq, Hkv, D, bs, W, bf16, scale};
-    pool_run(attend, &a, (long)B * Hkv);
+    long pairs = 0;
+    for (int b = 0; b < B; b++) pairs += (long)ctx[b] * Hkv;
+    if (pairs < PARALLEL_MIN_PAIRS)
+        for (long task = 0; task < (long)B * Hkv; task++) attend(&a, task);
+    else pool_run(attend, &a, (long)B * Hkv);
 }
