@@ -44,6 +44,7 @@ static struct {
     struct pool_job jobs[2];  /* generation g's job is jobs[g & 1]: a late helper reads a finished job, never a half-written one */
     uint32_t generation;
     int started;          /* helpers running (reset in a forked child, which has none) */
+    int atfork;           /* pool_forked is registered */
     pthread_mutex_t lock;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -106,7 +107,7 @@ static void pool_forked(void) {  /* the child of a fork has no helpers and an un
 }
 
 static void pool_start(int helpers) {
-    if (pool.started == 0) pthread_atfork(0, 0, pool_forked);
+    if (!pool.atfork) pool.atfork = pthread_atfork(0, 0, pool_forked) == 0;
     for (; pool.started < helpers; pool.started++) {
         pthread_t t;
         if (pthread_create(&t, 0, pool_helper, (void *)(long)pool.started) != 0) break;
