@@ -56,7 +56,7 @@ static void linear_avx512(const void *ctx, long chunk) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
 #define BODY(R) \
-            if (bf16) dot_rows_bf16((const uint16_t *)r, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
+            if (bf16) dot_rows_bf16(r, W_BF16, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
             else dot_rows_avx512(r, W_F32, (const float *)a->x + (long)m0 * K, R, K, o)
             WITH_CONST_ROWS(rows, BODY)
 #undef BODY

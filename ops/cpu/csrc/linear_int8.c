@@ -9,7 +9,7 @@ static inline void store_scaled(void *y, long at, float v, const void *scale, in
 }
 
 struct linear_int8_args {
-    const float *x;  /* fp32 */
+    const void *x;  /* fp32, or bf16 for linear_int8_bf16 */
     const int8_t *w;
     const void *scale;
     void *y;
@@ -26,8 +26,8 @@ static void linear_int8_avx2(const void *ctx, long chunk) {
         const int8_t *r = a->w + n * K;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
-            const float *x1 = m + 1 < M ? a->x + (long)(m + 1) * K : 0;
-            dot2_avx2(r, W_I8, a->x + (long)m * K, x1, K, &o0, &o1);
+            const float *x0 = (const float *)a->x + (long)m * K, *x1 = m + 1 < M ? x0 + K : 0;
+            dot2_avx2(r, W_I8, x0, x1, K, &o0, &o1);
             store_scaled(a->y, (long)m * N + n, o0, a->scale, n, a->bf16);
             if (x1) store_scaled(a->y, (long)(m + 1) * N + n, o1, a->scale, n, a->bf16);
         }
@@ -45,18 +45,42 @@ static void linear_int8_avx512(const void *ctx, long chunk) {
         for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
-#define BODY(R) dot_rows_avx512(r, W_I8, a->x + (long)m0 * K, R, K, o)
+#define BODY(R) dot_rows_avx512(r, W_I8, (const float *)a->x + (long)m0 * K, R, K, o)
             WITH_CONST_ROWS(rows, BODY)
 #undef BODY
             for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, a->bf16);
         }
     }
 }
+
+/* AVX-512-BF16, bf16 activations: int8 weights converted to bf16 (exactly) and multiplied by vdpbf16ps. */
+static void linear_int8_bf16(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    const int M = a->M, N = a->N, K = a->K;
+    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    for (long n = chunk * a->rows; n < end; n++) {
+        const int8_t *r = a->w + n * K;
+        for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
+            const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
+            float o[GEMV_MAX_ROWS];
+#define BODY(R) dot_rows_bf16(r, W_I8, (const uint16_t *)a->x + (long)m0 * K, R, K, o)
+            WITH_CONST_ROWS(rows, BODY)
+#undef BODY
+            for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, 1);
+        }
+    }
+}
 AVX512_END
 
-/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c; the
-   products are fp32 for bf16 activations too, so both dtypes sum the same values. */
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c; every
+   product is exact in fp32 (fp32 activations are never rounded to bf16). */
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16) {
+    const long rows = pool_rows_per_chunk(K), chunks = (N + rows - 1) / rows;
+    if (bf16 && has_avx512_bf16()) {
+        struct linear_int8_args a = {x, w, scale, y, M, N, K, bf16, rows};
+        pool_run(linear_int8_bf16, &a, chunks);
+        return;
+    }
     float *widened = 0;
     const float *xf = (const float *)x;
     if (bf16) {
@@ -64,7 +88,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         xf = widened;
     }
-    struct linear_int8_args a = {xf, w, scale, y, M, N, K, bf16, pool_rows_per_chunk(K)};
-    pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, (N + a.rows - 1) / a.rows);
+    struct linear_int8_args a = {xf, w, scale, y, M, N, K, bf16, rows};
+    pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, chunks);
     free(widened);
 }
