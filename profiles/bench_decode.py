@@ -2,7 +2,7 @@
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
         [--prompt-len 32] [--graph auto|none|compile|cudagraph] [--kernels auto|torch|triton]
-        [--quant none int8 int4] [--hf-cache best|dynamic|static] [--device auto] [--small] [--out DIR]
+        [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--device auto] [--small] [--out DIR]
 
 Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
 2-layer test model), loaded by both engines in each --dtypes entry. Both decode greedily from the
@@ -14,7 +14,8 @@ each token reaches the host; the intervals after the first token are its decode 
 B / median step time, robust to a shared machine's noise (the JSON also has the mean). Before
 timing, each batch runs once (in full where a compiled shape depends on the context length).
 transformers runs with its default (dynamic) cache and with a static cache (auto-compiled on CUDA);
-`best` reports the faster per row and names it. The last column compares the two greedy outputs:
+`best` reports the faster per row and names it; `none` skips transformers (its columns stay empty),
+for quick before/after runs of our own kernels. The last column compares the two greedy outputs:
 sequences identical, and the mean number of leading tokens they share (in bf16 the two round
 differently, so near-tied logits of random weights can diverge).
 
@@ -101,6 +102,8 @@ def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args)
     # Cast after loading: the dtype keyword's name differs between transformers 4 and 5.
     hf = AutoModelForCausalLM.from_pretrained(model).to(device=device, dtype=getattr(torch, dtype)).eval()
     pad_id = hf.generation_config.pad_token_id or 0
+    if args.hf_cache == "none":
+        return {}
     caches = ("dynamic", "static") if args.hf_cache == "best" else (args.hf_cache,)
     runs = {}
     for cache in caches:
@@ -116,8 +119,8 @@ def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args)
     return runs
 
 
-def theirs_best(theirs: dict, batch: int) -> float:
-    return max(r.tokens_per_s for (c, b), r in theirs.items() if b == batch)
+def theirs_best(theirs: dict, batch: int) -> float | None:
+    return max((r.tokens_per_s for (c, b), r in theirs.items() if b == batch), default=None)
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -152,18 +155,20 @@ def dtype_rows(dtype: str, ours_by_quant: dict, theirs: dict) -> list[dict]:
     rows = []
     for quant, (ours, _, _, graph) in ours_by_quant.items():
         for batch, run in ours.items():
-            cache, hf = max(((c, r) for (c, b), r in theirs.items() if b == batch), key=lambda cr: cr[1].tokens_per_s)
-            rows.append({
-                "dtype": dtype, "quant": quant, "batch": batch, "graph": graph,
-                "ours_tok_s": run.tokens_per_s, "ours_mean_tok_s": run.mean_tokens_per_s,
-                "ours_ms_step": run.median_step_s * 1e3,
-                "hf_cache": cache, "hf_tok_s": hf.tokens_per_s, "hf_mean_tok_s": hf.mean_tokens_per_s,
-                "hf_ms_step": hf.median_step_s * 1e3,
-                "hf_all_tok_s": {c: r.tokens_per_s for (c, b), r in theirs.items() if b == batch},
-                "ratio": run.tokens_per_s / hf.tokens_per_s,
-                "greedy_identical": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
-                "greedy_shared_prefix": sum(map(shared_prefix, run.tokens, hf.tokens)) / batch,
-            })
+            row = {"dtype": dtype, "quant": quant, "batch": batch, "graph": graph,
+                   "ours_tok_s": run.tokens_per_s, "ours_mean_tok_s": run.mean_tokens_per_s,
+                   "ours_ms_step": run.median_step_s * 1e3}
+            mine = [(c, r) for (c, b), r in theirs.items() if b == batch]
+            if mine:
+                cache, hf = max(mine, key=lambda cr: cr[1].tokens_per_s)
+                row |= {
+                    "hf_cache": cache, "hf_tok_s": hf.tokens_per_s, "hf_mean_tok_s": hf.mean_tokens_per_s,
+                    "hf_ms_step": hf.median_step_s * 1e3, "hf_all_tok_s": {c: r.tokens_per_s for c, r in mine},
+                    "ratio": run.tokens_per_s / hf.tokens_per_s,
+                    "greedy_identical": sum(a == b for a, b in zip(run.tokens, hf.tokens)),
+                    "greedy_shared_prefix": sum(map(shared_prefix, run.tokens, hf.tokens)) / batch,
+                }
+            rows.append(row)
     return rows
 
 
@@ -172,17 +177,23 @@ def summary(dtype: str, quant: str, ours: dict, weights: int, resident: int, the
     result = {"dtype": dtype, "quant": quant, "weight_bytes_per_token": weights, "resident_weight_bytes": resident,
               "batch1_limit_tok_s": limit}
     if 1 in ours:
-        result |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit,
-                   "batch1_vs_hf": ours[1].tokens_per_s / theirs_best(theirs, 1)}
+        result |= {"batch1_tok_s": ours[1].tokens_per_s, "batch1_of_limit": ours[1].tokens_per_s / limit}
+        if theirs_best(theirs, 1):
+            result["batch1_vs_hf"] = ours[1].tokens_per_s / theirs_best(theirs, 1)
     if 1 in ours and 8 in ours:
         result["batch8_over_batch1"] = ours[8].tokens_per_s / ours[1].tokens_per_s
     return result
 
 
 def markdown(result: dict) -> str:
-    rows = [[r["dtype"], r["quant"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
-             f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
-             f"{r['greedy_identical']}/{r['batch']} · {r['greedy_shared_prefix']:.1f}"] for r in result["rows"]]
+    def hf(r: dict) -> list[str]:
+        if "hf_tok_s" not in r:
+            return ["–"] * 5
+        return [f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
+                f"{r['greedy_identical']}/{r['batch']} · {r['greedy_shared_prefix']:.1f}"]
+
+    rows = [[r["dtype"], r["quant"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}", *hf(r)]
+            for r in result["rows"]]
     table = common.markdown_table(
         ["dtype", "quant", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
          "identical outputs · mean shared prefix"], rows)
@@ -224,7 +235,7 @@ def plot(result: dict, path: Path) -> bool:
         mine = [r for r in result["rows"] if (r["dtype"], r["quant"]) == (dtype, quant)]
         batches, color, name = [r["batch"] for r in mine], f"C{i}", dtype if quant == "none" else f"{dtype} {quant}"
         ax.plot(batches, [r["ours_tok_s"] for r in mine], marker="o", color=color, label=f"nanoqwen {name}")
-        if quant == "none":
+        if quant == "none" and all("hf_tok_s" in r for r in mine):
             ax.plot(batches, [r["hf_tok_s"] for r in mine], marker="s", linestyle="--", color=color,
                     label=f"transformers {dtype}")
         limit = next(s["batch1_limit_tok_s"] for s in result["summary"] if (s["dtype"], s["quant"]) == (dtype, quant))
@@ -251,7 +262,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
     parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"])
-    parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static"])
+    parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()
     if args.new_tokens < 3:

@@ -1,6 +1,6 @@
 """Compiles a kernel's C file (ops/cpu/csrc/) with the system compiler on first use and loads it with ctypes.
 
-The CPU kernels (AVX2 + FMA, OpenMP) need no torch headers, so building one takes about a second.
+The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers, so building one takes about a second.
 The shared object is cached by a hash of every file in the source folder, the compiler and the
 flags, under the cache directory the engine's configuration names (EngineConfig.cache_dir); without
 a compiler or on another CPU a kernel does not build, and the CPU kernel set (ops/cpu/__init__.py)
@@ -164,7 +164,8 @@ class CKernel:
             if warnings:
                 log.warning("%s built with warnings:\n%s", self.name, warnings)
         signatures = prototypes((self.csrc / HEADER).read_text())
-        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: one shared thread pool.
+        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: the kernels' thread pools
+        # (csrc/pool.h) size themselves by its thread count (torch.set_num_threads).
         lib = ctypes.CDLL(str(path))
         for function in self.functions:
             if function not in signatures:

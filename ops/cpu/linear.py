@@ -1,10 +1,11 @@
-"""Decode-sized linear layers on x86 CPUs (AVX2): bf16 or fp32 weights, up to 32 activation rows.
+"""Decode-sized linear layers on x86 CPUs (AVX2, AVX-512): bf16 or fp32 weights, up to 32 activation rows.
 
 Decode is a matrix-vector product bounded by reading the weights. Without native bf16 matrix units
 (no AVX-512-BF16/AMX) torch's bf16 GEMM converts element by element and reaches ~1 GB/s with more
-than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once
-(bf16 widened to fp32 in registers by a shift or a mask) and FMAs it against every activation row held
-in cache, parallel over output rows in torch's own OpenMP pool.
+than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once and
+multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
+(exact products, fp32 sums); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then
+FMAs. Parallel over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """
 from __future__ import annotations
@@ -38,11 +39,14 @@ linear_cpu = build.kernel_op("linear_cpu", _linear, _linear_fake)
 
 # Whether this CPU has bf16 matrix instructions that oneDNN uses (AVX-512-BF16, AMX). Such CPUs run
 # torch's own GEMMs with AVX-512, which win from a few rows on; below that this kernel still reads the
-# weights faster. Measured on a 2-core AVX-512-BF16 Xeon, a Qwen3-0.6B pass of linears at 1 / 4 / 8 rows:
-# bf16 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129; fp32 at 4 / 8 / 16 rows 134 / 186 / 373 ms
-# against MKL's 155 / 220 / 198. So there the kernel keeps only the rows up to these limits.
+# weights faster. Measured on a 2-core AVX-512-BF16 Xeon, a Qwen3-0.6B pass of linears at 1 / 4 / 8 rows,
+# with the AVX2 loops: bf16 50 / 70 / 136 ms against oneDNN's 76 / 96 / 129; fp32 at 4 / 8 / 16 rows
+# 134 / 186 / 373 ms against MKL's 155 / 220 / 198. So there the kernel keeps only the rows up to these
+# limits, except bf16 with AVX-512-BF16: one vdpbf16ps per 32 weights and row keeps the kernel bound by
+# the weight reads up to MAX_ROWS (profiles/RESULTS.md, "C linear kernels at the bandwidth limit").
 NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-NATIVE_BF16_MAX_ROWS = {torch.bfloat16: 6, torch.float32: 8}
+AVX512_BF16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+NATIVE_BF16_MAX_ROWS = {torch.bfloat16: MAX_ROWS if AVX512_BF16 else 6, torch.float32: 8}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
-"""int8 weight-only linear layers on x86 CPUs (AVX2), up to linear.MAX_ROWS activation rows.
+"""int8 weight-only linear layers on x86 CPUs (AVX2, AVX-512), up to linear.MAX_ROWS activation rows.
 
 Decode reads every weight once a step, so a weight in one byte instead of two halves the step's
 memory traffic: this kernel streams each int8 weight row once, widens it to fp32 in registers
-(`cvtepi8_epi32` + `cvtepi32_ps`) and FMAs it against every activation row, then applies the row's
-scale; parallel over output rows in torch's OpenMP pool, as linear.py's kernel. More rows (prefill)
-are compute-bound: the torch reference's fp32 GEMM on dequantised weights serves them.
+(`cvtepi8_epi32` + `cvtepi32_ps`, 16 at a time with AVX-512) and FMAs it against every activation row
+(up to 8 per pass), then applies the row's scale. With AVX-512-BF16 and 2+ bf16 activation rows the widened
+weights are rounded to bf16 (exact for int8) and multiplied by `vdpbf16ps`. Every product is exact
+(no int8 activation dots), so fp32 activations give the torch reference's sums up to their order.
+Parallel over chunks of output rows on the thread pool, as linear.py's kernel. More rows (prefill) are
+compute-bound: the torch reference's fp32 GEMM on dequantised weights serves them.
 Source: csrc/linear_int8.c, built by build.py.
 """
 from __future__ import annotations

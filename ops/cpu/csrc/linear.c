@@ -1,46 +1,7 @@
 /* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu/linear.py. */
 #include "nanoqwen_cpu.h"
-#include "simd.h"
-
-/* Dot products of one weight row with one or two fp32 activation rows; K % 32 == 0. Always inlined
-   with a constant `bf16`, so each dtype gets its own branch-free loop. A bf16 row is read 16 values
-   (32 bytes) at a time and widened without shuffles: `v << 16` holds the even-indexed values as
-   fp32 and `v & 0xffff0000` the odd-indexed ones, so the activations are pre-split to match
-   (evens then odds in each group of 16, see `split_even_odd`). */
-static inline __attribute__((always_inline)) void row_dot2(const void *r, const float *x0, const float *x1, int K,
-                                                           float *o0, float *o1, int bf16) {
-    const __m256i odd_mask = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int k = 0; k < K; k += 32) {
-        __m256 w0, w1, w2, w3;
-        /* A few rows ahead of the loads: the hardware prefetcher alone left a quarter of the
-           memory bandwidth unused (measured 18.4 -> 24.1 GB/s at batch 1 on a 2-core Xeon). */
-        __builtin_prefetch((const char *)r + (bf16 ? 2 : 4) * k + 4096);
-        if (bf16) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k));
-            __m256i u = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k + 16));
-            w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-            w1 = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
-            w2 = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-            w3 = _mm256_castsi256_ps(_mm256_and_si256(u, odd_mask));
-        } else {
-            const float *f = (const float *)r + k;
-            w0 = _mm256_loadu_ps(f), w1 = _mm256_loadu_ps(f + 8), w2 = _mm256_loadu_ps(f + 16), w3 = _mm256_loadu_ps(f + 24);
-        }
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), w0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), w1, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 16), w2, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 24), w3, a3);
-        if (x1) {
-            b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), w0, b0);
-            b1 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 8), w1, b1);
-            b2 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 16), w2, b2);
-            b3 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 24), w3, b3);
-        }
-    }
-    *o0 = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    if (x1) *o1 = hsum(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
-}
+#include "gemv.h"
+#include "pool.h"
 
 /* bf16 activations -> fp32, each group of 16 reordered as its 8 even-indexed then 8 odd-indexed values. */
 static void split_even_odd(const uint16_t *x, float *out, long n) {
@@ -51,32 +12,77 @@ static void split_even_odd(const uint16_t *x, float *out, long n) {
         }
 }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time keeps each thread's reads one
-   sequential stream (what the hardware prefetcher follows best); the row stays in L1 while every
-   activation row uses it. */
-void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
-    float *split = 0;
-    const float *xf = (const float *)x;
-    if (bf16) {
-        split = (float *)malloc((size_t)M * K * sizeof(float));
-        split_even_odd((const uint16_t *)x, split, (long)M * K);
-        xf = split;
-    }
+static inline void store(void *y, long at, float v, int bf16) {
+    if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v); else ((float *)y)[at] = v;
+}
+
+struct linear_args {
+    const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
+    void *y;
+    int M, N, K, bf16;
+    long rows;  /* per chunk */
+};
+
+/* AVX2: two activation rows per pass over a weight row. */
+static void linear_avx2(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
+    const float *xf = a->x;
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const void *r = (const char *)w + n * row_bytes;
+    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    for (long n = chunk * a->rows; n < end; n++) {
+        const void *r = (const char *)a->w + n * row_bytes;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
             const float *x1 = m + 1 < M ? xf + (long)(m + 1) * K : 0;
-            if (bf16) row_dot2(r, xf + (long)m * K, x1, K, &o0, &o1, 1);
-            else row_dot2(r, xf + (long)m * K, x1, K, &o0, &o1, 0);
-            const long at = (long)m * N + n;
-            if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(o0); else ((float *)y)[at] = o0;
-            if (x1) {
-                if (bf16) ((uint16_t *)y)[at + N] = f32_to_bf16(o1); else ((float *)y)[at + N] = o1;
-            }
+            if (bf16) dot2_avx2(r, W_BF16, xf + (long)m * K, x1, K, &o0, &o1);
+            else dot2_avx2(r, W_F32, xf + (long)m * K, x1, K, &o0, &o1);
+            store(a->y, (long)m * N + n, o0, bf16);
+            if (x1) store(a->y, (long)(m + 1) * N + n, o1, bf16);
         }
     }
+}
+
+AVX512_BEGIN
+/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row; bf16 x bf16 by vdpbf16ps. */
+static void linear_avx512(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
+    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    for (long n = chunk * a->rows; n < end; n++) {
+        const void *r = (const char *)a->w + n * row_bytes;
+        for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
+            const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
+            float o[GEMV_MAX_ROWS];
+#define BODY(R) \
+            if (bf16) dot_rows_bf16(r, W_BF16, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
+            else dot_rows_avx512(r, W_F32, (const float *)a->x + (long)m0 * K, R, K, o)
+            WITH_CONST_ROWS(rows, BODY)
+#undef BODY
+            for (int m = 0; m < rows; m++) store(a->y, (long)(m0 + m) * N + n, o[m], bf16);
+        }
+    }
+}
+AVX512_END
+
+/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time keeps each thread's reads sequential
+   streams (what the hardware prefetcher follows best); the row stays in L1 while every activation row
+   uses it. Parallel over chunks of output rows (pool.h). */
+void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
+    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    struct linear_args a = {x, w, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
+    const long chunks = (N + a.rows - 1) / a.rows;
+    if (bf16 ? has_avx512_bf16() : has_avx512()) {
+        pool_run(linear_avx512, &a, chunks);
+        return;
+    }
+    float *split = 0;
+    if (bf16) {
+        split = (float *)malloc((size_t)M * K * sizeof(float));
+        split_even_odd((const uint16_t *)x, split, (long)M * K);
+        a.x = split;
+    }
+    pool_run(linear_avx2, &a, chunks);
     free(split);
 }

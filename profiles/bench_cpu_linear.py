@@ -1,0 +1,137 @@
+"""The C linear kernels (ops/cpu/) alone, on every linear of a Qwen3-0.6B-shaped decode step.
+
+    python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8] [--repeats 5] [--threads N]
+        [--baseline GIT_REV] [--torch]
+
+Each weight format holds a full model's distinct weights (28 layers of qkv, o, gate_up and down,
+and the 151936-row LM head; random values), so a pass streams them from memory as a decode step
+does: bf16 1.19 GB, int8 0.60 GB (its LM head int8 too). A pass calls the kernel on each weight in
+model order with bf16 activations of --rows rows; its time is the median of --repeats passes after
+one warm-up. Prints per-shape time and read bandwidth, the pass's tokens/s at those rows and its
+fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measured in the same run).
+--baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
+working tree's kernels pass by pass, so both see the same machine load. --torch: torch's own GEMM
+(F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from ops.cpu import build  # noqa: E402
+
+LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
+SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+
+
+def weights(quant: str) -> list[tuple[str, tuple]]:
+    """[(shape name, kernel arguments after x)] in model order."""
+    def make(n: int, k: int) -> tuple:
+        if quant == "int8":
+            return (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16) / 100)
+        return (torch.randn(n, k, dtype=torch.bfloat16),)
+
+    out = [(name, make(*shape)) for _ in range(LAYERS) for name, shape in SHAPES.items()]
+    return out + [("lm_head", make(VOCAB, HIDDEN))]
+
+
+def sources(rev: str | None, into: Path) -> Path:
+    """ops/cpu/csrc of the working tree, or as of git revision `rev` (exported under `into`)."""
+    if rev is None:
+        return build.CSRC
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", rev, "ops/cpu/csrc"], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "ops/cpu/csrc"
+
+
+def callers(csrc: Path, cache: Path) -> dict:
+    """{quant: kernel(x, *weights) -> y} for the C sources in `csrc`."""
+    dense = build.CKernel(f"bench_linear_{csrc.parent.parent.parent.name}", "linear.c", ("linear",), csrc=csrc)
+    int8 = build.CKernel(f"bench_int8_{csrc.parent.parent.parent.name}", "linear_int8.c", ("linear_int8",), csrc=csrc)
+    assert dense.build(cache) and int8.build(cache), dense.error or int8.error
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+        dense.lib.linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], w.shape[0], x.shape[1], 1)
+        return out
+
+    def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+        int8.lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0], w.shape[0],
+                             x.shape[1], 1)
+        return out
+
+    return {"none": linear, "int8": linear_int8}
+
+
+def run_pass(kernel, ws: list, xs: dict, times: dict) -> float:
+    start = time.perf_counter()
+    for name, args in ws:
+        t = time.perf_counter()
+        kernel(xs[args[0].shape[1]], *args)
+        times[name] += time.perf_counter() - t
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=["none", "int8"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--baseline", default=None, help="a git revision whose kernels to time as well")
+    parser.add_argument("--torch", action="store_true", help="time torch's F.linear on bf16 weights as well")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cpu_linear_"))
+    versions = {"working tree": callers(sources(None, tmp), tmp / "cache")}
+    if args.baseline:
+        versions = {args.baseline: callers(sources(args.baseline, tmp), tmp / "cache")} | versions
+    if args.torch:
+        versions["torch F.linear"] = {"none": F.linear}
+    bandwidth = common.read_bandwidth(torch.device("cpu"))
+    print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}; threads {torch.get_num_threads()}")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    names = [*SHAPES, "lm_head"]
+    for quant in args.quant:
+        ws = weights(quant)
+        total = sum(sum(t.numel() * t.element_size() for t in a) for _, a in ws)
+        for rows in args.rows:
+            xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (HIDDEN, 2048, INTER)}
+            timed = {v: kernels[quant] for v, kernels in versions.items() if quant in kernels}
+            times = {v: dict.fromkeys(names, 0.0) for v in timed}
+            passes = {v: [] for v in timed}
+            for kernel in timed.values():  # warm-up
+                run_pass(kernel, ws, xs, dict.fromkeys(names, 0.0))
+            for _ in range(args.repeats):
+                for v, kernel in timed.items():
+                    passes[v].append(run_pass(kernel, ws, xs, times[v]))
+            for v in timed:
+                step = statistics.median(passes[v])
+                print(f"{v}: {quant} rows {rows}: pass {step * 1e3:.1f} ms (best {min(passes[v]) * 1e3:.1f}), "
+                      f"{total / step / 1e9:.1f} GB/s = {total / step / bandwidth:.0%} of read bandwidth, "
+                      f"{rows / step:.1f} tok/s (linears only)", flush=True)
+                for name, t in times[v].items():
+                    n_calls = sum(1 for nm, _ in ws if nm == name)
+                    nbytes = sum(sum(x.numel() * x.element_size() for x in a) for nm, a in ws if nm == name)
+                    print(f"    {name:8s} {t / args.repeats / n_calls * 1e6:8.0f} µs/call "
+                          f"{nbytes * args.repeats / t / 1e9:5.1f} GB/s")
+        del ws
+
+
+if __name__ == "__main__":
+    main()
