@@ -66,7 +66,7 @@ class Engine:
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
         self._think_ids = loaded.think_ids
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens)
         with torch.inference_mode():
             self.runner = ModelRunner(loaded.model, runtime)
         self.ready = True
@@ -218,26 +218,27 @@ class Engine:
                             self._finish(seq, "abort")
 
     def step(self) -> None:
-        seqs, prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if not batch:
             return
-        if prefill:
-            for seq in seqs:
-                if not seq.request.started:
-                    seq.request.started = True
-                    seq.request.cached_tokens = seq.num_cached_tokens
-                    with self._lock:
-                        self._num_queued -= 1
+        for seq, _ in batch.prefill:
+            if not seq.request.started:
+                seq.request.started = True
+                seq.request.cached_tokens = seq.num_cached_tokens
+                with self._lock:
+                    self._num_queued -= 1
+        sampled = batch.sampled
         try:
-            output = self.runner.prefill(seqs) if prefill else self.runner.decode(seqs)
+            output = self.runner.step(batch.decode, batch.prefill, sampled)
         except Exception as exc:  # fail this batch, keep serving the rest
             log.exception("engine step failed")
             self.block_manager.reset_prefix_cache()
-            for request in {id(s.request): s.request for s in seqs}.values():
+            for request in {id(s.request): s.request for s, _ in batch.rows}.values():
                 self._fail(request, f"internal error during generation: {type(exc).__name__}: {exc}")
             return
-        for i, seq in enumerate(seqs):
-            self.block_manager.register_full_blocks(seq, len(seq))
+        for seq, n in batch.rows:
+            seq.num_computed_tokens += n
+        for i, seq in enumerate(sampled):
             self._append_token(seq, i, output)
 
     def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> None:

@@ -44,10 +44,16 @@ class Sequence:
         self.block_hashes: list[int] = []  # hash of each full block, in order
         self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
+        self.num_computed_tokens = 0  # tokens whose k/v are in the cache (cached + computed so far)
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model before the next one is sampled (1 when decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,5 +1,6 @@
-"""The device steps in order: stage inputs, run the model (prefill eagerly; decode through the
-GraphRunner), sample, bring the tokens back. Owns the KV cache."""
+"""The device steps in order: stage inputs, run the model (a step with prefill chunks eagerly, its
+decode rows included; a decode-only step through the GraphRunner), sample, bring the tokens back.
+Owns the KV cache."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -91,17 +92,27 @@ class ModelRunner:
             tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode, self._penalties(seqs))
         return step_output(seqs, logits, tokens)
 
-    # -- prefill --------------------------------------------------------------------------
-    def prefill(self, seqs: list[Sequence]) -> StepOutput:
-        packed = prefill_inputs(seqs, self.inputs)
-        n = len(seqs)
-        mode, penalized = stage_sampling(self.inputs.host, seqs, n, self.config.vocab_size)
-        self.inputs.upload_sampling()
+    # -- steps with prefill chunks -------------------------------------------------------
+    def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
+        """One step: `decode` rows one token each, `prefill` rows (sequence, tokens) a chunk each;
+        -> a token for each of `sampled` (the rows that reach their sequence's last token)."""
+        if not prefill:
+            return self.decode(decode)
+        return self.prefill([(seq, 1) for seq in decode] + prefill, sampled)
+
+    def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
+        """Every row's next tokens as one packed batch (decode rows are one-token chunks), run eagerly."""
+        packed = prefill_inputs(rows, self.inputs)
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
+        n = len(sampled)
+        if not n:  # only chunks before a prompt's last: their k/v are the step's whole result
+            return StepOutput(tokens=[])
+        mode, penalized = stage_sampling(self.inputs.host, sampled, n, self.config.vocab_size)
+        self.inputs.upload_sampling()
         logits = self.model.compute_logits(hidden[packed.last])
         tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                        self._penalties(seqs) if penalized else None)
-        return step_output(seqs, logits, tokens)
+                        self._penalties(sampled) if penalized else None)
+        return step_output(sampled, logits, tokens)
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:
         return penalties(seqs, self.config.vocab_size, self.device, self.inputs.to_device)
