@@ -46,6 +46,8 @@ def test_budget_must_leave_room_for_a_chunk():
     with pytest.raises(ValueError, match="max_step_tokens"):
         EngineConfig(max_batch=8, max_step_tokens=8)
     assert EngineConfig.from_env({"NANOQWEN_MAX_STEP_TOKENS": "0"}).max_step_tokens == 0
+    assert EngineConfig(max_batch=8).max_step_tokens == 64
+    assert EngineConfig(max_batch=48).max_step_tokens == 96
 
 
 def test_chunked_mixed_steps_match_transformers(tiny_checkpoint, hf):
@@ -121,7 +123,7 @@ def test_prefix_hits_with_chunking(tiny_checkpoint, hf):
 def test_n_choices_share_the_prompt_and_sample_as_unchunked(tiny_checkpoint):
     prompt = list(range(4000, 4040))
     params = SamplingParams(temperature=1.0, n=3, seed=5, max_tokens=8, ignore_eos=True)
-    [whole] = generate(load_engine(tiny_checkpoint, max_batch=4), [prompt], params)
+    [whole] = generate(load_engine(tiny_checkpoint, max_batch=4, max_step_tokens=0), [prompt], params)
     engine = chunked_engine(tiny_checkpoint)
     [chunked] = generate(engine, [prompt], params)
     assert [c.token_ids for c in chunked.choices] == [c.token_ids for c in whole.choices]

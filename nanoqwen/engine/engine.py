@@ -72,8 +72,9 @@ class Engine:
         self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels,
-                 runtime.graph, runtime.kv_cache_tokens, runtime.threads, time.perf_counter() - started)
+                 "max_step_tokens=%d load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant,
+                 runtime.kernels, runtime.graph, runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens,
+                 time.perf_counter() - started)
 
     def info(self) -> dict:
         return self.runtime.info() if self.ready else {}
