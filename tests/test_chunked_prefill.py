@@ -165,3 +165,17 @@ def test_abort_mid_prefill_keeps_only_computed_blocks(tiny_checkpoint, hf):
     [again] = generate(engine, [prompt], greedy(4))
     assert again.usage.cached_tokens == 16
     assert again.choices[0].token_ids == hf_greedy(hf, prompt, 4)
+
+
+def test_budget_off_prefills_a_whole_prompt_alone(tiny_checkpoint, hf):
+    engine = chunked_engine(tiny_checkpoint, max_step_tokens=0)
+    first = engine.submit(PROMPTS[0], greedy(8))[1]
+    with torch.inference_mode():
+        engine_step(engine)
+    steps = record_batches(engine)
+    second = engine.submit(PROMPTS[1], greedy(4))[1]
+    run(engine)
+    assert [(n, left) for _, n, left in steps[0]] == [(37, 37)]  # the stream waits a step
+    assert len(steps[1]) == 2
+    assert collect(first).choices[0].token_ids == hf_greedy(hf, PROMPTS[0], 8)
+    assert collect(second).choices[0].token_ids == hf_greedy(hf, PROMPTS[1], 4)
