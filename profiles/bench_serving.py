@@ -304,14 +304,17 @@ def mixed(env: dict[str, str], args: argparse.Namespace, model: str) -> None:
     machine = machine_info(torch.device("cpu") if args.device in ("auto", "cpu") else torch.device(args.device))
     rows = serving_workloads.run_budgets(env, args.max_step_tokens, settings, args.out)
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    server_env = {k: v for k, v in os.environ.items() if k.startswith("NANOQWEN_")}  # what the servers inherit
     header = (f"{machine_line(machine)}, {machine['load_avg_1m_end']} at the end\n`{command_line()}`\n"
+              f"server environment {server_env or 'none'} (+ max_batch, max_queue, max_step_tokens per row)\n"
               f"model {model} ({args.shape if args.model is None else 'given'}); "
               f"sampled {serving_workloads.QWEN_SAMPLING}; "
               f"settings {asdict(settings)}\n")
     table = header + "\n" + serving_workloads.markdown(rows, settings)
     print(table)
-    write_outputs(args.out, "bench_serving_mixed", {"machine": machine, "command": command_line(), "model": model,
-                                                   "settings": asdict(settings), "rows": rows}, table)
+    data = {"machine": machine, "command": command_line(), "model": model, "server_env": server_env,
+            "settings": asdict(settings), "rows": rows}
+    write_outputs(args.out, "bench_serving_mixed", data, table)
 
 
 if __name__ == "__main__":
