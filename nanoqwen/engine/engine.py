@@ -228,9 +228,9 @@ class Engine:
                 seq.request.cached_tokens = seq.num_cached_tokens
                 with self._lock:
                     self._num_queued -= 1
-        sampled = batch.sampled
+        sampled = batch.sampled  # before the step moves the computed counts
         try:
-            output = self.runner.step(batch.decode, batch.prefill, sampled)
+            output = self.runner.step(batch)
         except Exception as exc:  # fail this batch, keep serving the rest
             log.exception("engine step failed")
             self.block_manager.reset_prefix_cache()

@@ -16,6 +16,7 @@ from nanoqwen.runner.sampling import StepOutput, penalties, stage_sampling, step
 from nanoqwen.sampler import Penalties, sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.scheduler import Batch
     from nanoqwen.engine.sequence import Sequence
 
 
@@ -93,12 +94,11 @@ class ModelRunner:
         return step_output(seqs, logits, tokens)
 
     # -- steps with prefill chunks -------------------------------------------------------
-    def step(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
-        """One step: `decode` rows one token each, `prefill` rows (sequence, tokens) a chunk each;
-        -> a token for each of `sampled` (the rows that reach their sequence's last token)."""
-        if not prefill:
-            return self.decode(decode)
-        return self.prefill([(seq, 1) for seq in decode] + prefill, sampled)
+    def step(self, batch: Batch) -> StepOutput:
+        """One step of the scheduler's batch -> a token for each of batch.sampled, in order."""
+        if not batch.prefill:
+            return self.decode(batch.decode)
+        return self.prefill(batch.rows, batch.sampled)
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks), run eagerly."""
