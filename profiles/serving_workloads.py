@@ -2,8 +2,8 @@
 
 - long: `streams` streaming clients decode (sampled with Qwen's defaults, a shared system prompt);
   once each has its first tokens, a `long_tokens`-token prompt arrives. Reports the streams'
-  inter-token latency p50/p99/max (per content delta, over their whole streams) and the
-  newcomer's time to first token.
+  inter-token latency p50/p99/max (per token, over their whole streams) and the newcomer's time
+  to first token.
 - ttft: `clients` streaming clients at once, each the shared system prompt + its own question.
   Reports TTFT p50/p99 and output tokens/s.
 
@@ -52,8 +52,10 @@ def token_ids(seed: int, n: int) -> list[int]:
 
 def stream_completion(url: str, prompt: list[int], max_tokens: int, seed: int,
                       on_delta: Callable[[int], None] = lambda n: None) -> Stream:
+    # logprobs: every token gets its own chunk (a token without text of its own otherwise has none), so
+    # the deltas are per token.
     body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "seed": seed, "stream": True,
-            "stream_options": {"include_usage": True}, **QWEN_SAMPLING}
+            "logprobs": 0, "stream_options": {"include_usage": True}, **QWEN_SAMPLING}
     start = time.perf_counter()
     deltas, tokens = [], 0
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=3600) as response:
@@ -64,7 +66,7 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int, seed: int,
             chunk = json.loads(line[len(b"data: "):])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0].get("text"):
+            if chunk["choices"] and chunk["choices"][0].get("logprobs"):
                 deltas.append(time.perf_counter())
                 on_delta(len(deltas))
     return Stream(start, deltas, tokens)
