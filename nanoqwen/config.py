@@ -76,7 +76,11 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: float = 0.0  # bytes for the KV pool; 0 = derive from the device
     num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
-    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step, without chunking
+    # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
+    # chunks (a long prompt split across steps); 0 = off (whole prompts prefilled alone in a step);
+    # None = 2 × max_batch, at least 64 (profiles/RESULTS.md, "Chunked prefill").
+    max_step_tokens: int | None = None
     enable_prefix_caching: bool = True
     # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
     # (as vLLM's --generation-config auto); none: from the OpenAI defaults (temperature 1, no top-k/p)
@@ -103,6 +107,11 @@ class EngineConfig:
         for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_step_tokens is None:
+            self.max_step_tokens = max(64, 2 * self.max_batch)
+        if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
+            raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
+                             "a step with every sequence decoding still has room for a prefill chunk")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 

@@ -2,6 +2,8 @@
 
     python profiles/bench_serving.py [--model DIR | --shape {0.6b,tiny}] [--clients 1 8 32]
         [--max-tokens 128] [--prompt-words 64] [--device auto] [--dtype auto] [--out DIR]
+        [--workloads uniform mixed] [--max-step-tokens 0 256] [--long-tokens 4096] [--streams 8]
+        [--ttft-clients 32] [--system-tokens 256]
 
 For each N, N distinct prompts are submitted at once (greedy, ignore_eos, max_tokens each): first
 straight to `Engine` in this process, then as streaming chat completions to `gunicorn -k gevent
@@ -10,6 +12,12 @@ content delta), output throughput, and the HTTP layer's overhead (engine through
 throughput - 1). Without --model it builds a random checkpoint of Qwen3-0.6B's shape (cached
 under .cache/). Prints a markdown table and writes bench_serving.{json,md}, the server's log and,
 if matplotlib is installed, bench_serving.png into --out (default: the git-ignored profiles/out/).
+
+The `mixed` workloads (profiles/serving_workloads.py) run through the server once per
+--max-step-tokens value (0 = chunked prefill off), sampled with Qwen3's defaults behind a shared
+system prompt: a --long-tokens prompt arriving into --streams running streams (their ITL p50/p99,
+its TTFT), and TTFT with --ttft-clients concurrent clients. bench_serving_mixed.{json,md} records
+the machine, command, settings and load average with the figures.
 
 With --check-greedy it first starts the server in fp32 and asks it, through the `openai` client, for
 a greedy completion with logprobs; its tokens must equal transformers' fp32 greedy tokens on the
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import threading
 import time
@@ -32,6 +41,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+import serving_workloads  # noqa: E402
+from common import command_line, machine_info, machine_line, write_outputs  # noqa: E402
 from nanoqwen.api.metrics import percentile  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
@@ -231,6 +242,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
     parser.add_argument("--check-greedy", action="store_true",
                         help="first check the server's fp32 greedy tokens against transformers")
+    parser.add_argument("--workloads", nargs="+", choices=("uniform", "mixed"), default=["uniform", "mixed"])
+    defaults = serving_workloads.WorkloadSettings()
+    parser.add_argument("--max-step-tokens", type=int, nargs="+", default=[0, 256],
+                        help="step token budgets the mixed workloads compare (0 = chunked prefill off)")
+    parser.add_argument("--long-tokens", type=int, default=defaults.long_tokens)
+    parser.add_argument("--streams", type=int, default=defaults.streams)
+    parser.add_argument("--stream-tokens", type=int, default=defaults.stream_tokens)
+    parser.add_argument("--ttft-clients", type=int, default=defaults.clients)
+    parser.add_argument("--system-tokens", type=int, default=defaults.system_tokens)
     args = parser.parse_args()
 
     model = args.model
@@ -239,13 +259,23 @@ def main() -> None:
 
         from checkpoints import make_checkpoint, qwen3_0_6b_shape
 
-        shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {}
+        # The tiny model at 0.6B's context limit, so the mixed workloads' 4,096-token prompt fits.
+        shape = qwen3_0_6b_shape() if args.shape == "0.6b" else {"max_position_embeddings": 40960}
         model = str(make_checkpoint(**shape, dtype=torch.bfloat16 if args.shape == "0.6b" else torch.float32))
     env = {"NANOQWEN_MODEL": model, "NANOQWEN_DEVICE": args.device, "NANOQWEN_DTYPE": args.dtype,
            "NANOQWEN_MAX_BATCH": str(max(args.clients)), "NANOQWEN_MAX_QUEUE": str(max(args.clients))}
 
     args.out.mkdir(parents=True, exist_ok=True)
     greedy_ok = not args.check_greedy or check_greedy(env, args.prompt_words, 16, args.out)
+    if "uniform" in args.workloads:
+        uniform(env, args, model)
+    if "mixed" in args.workloads:
+        mixed(env, args, model)
+    if not greedy_ok:
+        sys.exit("the server's greedy tokens differ from transformers': see greedy_check.json")
+
+
+def uniform(env: dict[str, str], args: argparse.Namespace, model: str) -> None:
     gc.collect()
     rows = bench_engine(env, args.clients, args.max_tokens, args.prompt_words)
     gc.collect()  # the engine's model and KV pool go before the server loads its own
@@ -262,8 +292,29 @@ def main() -> None:
     (args.out / "bench_serving.md").write_text(table + "\n")
     if plot(rows, args.out / "bench_serving.png"):
         print(f"\nplot: {args.out / 'bench_serving.png'}")
-    if not greedy_ok:
-        sys.exit("the server's greedy tokens differ from transformers': see greedy_check.json")
+
+
+def mixed(env: dict[str, str], args: argparse.Namespace, model: str) -> None:
+    import torch
+
+    settings = serving_workloads.WorkloadSettings(
+        system_tokens=args.system_tokens, stream_tokens=args.stream_tokens,
+        streams=args.streams, long_tokens=args.long_tokens, clients=args.ttft_clients,
+    )
+    machine = machine_info(torch.device("cpu") if args.device in ("auto", "cpu") else torch.device(args.device))
+    rows = serving_workloads.run_budgets(env, args.max_step_tokens, settings, args.out)
+    machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    server_env = {k: v for k, v in os.environ.items() if k.startswith("NANOQWEN_")}  # what the servers inherit
+    header = (f"{machine_line(machine)}, {machine['load_avg_1m_end']} at the end\n`{command_line()}`\n"
+              f"server environment {server_env or 'none'} (+ max_batch, max_queue, max_step_tokens per row)\n"
+              f"model {model} ({args.shape if args.model is None else 'given'}); "
+              f"sampled {serving_workloads.QWEN_SAMPLING}; "
+              f"settings {asdict(settings)}\n")
+    table = header + "\n" + serving_workloads.markdown(rows, settings)
+    print(table)
+    data = {"machine": machine, "command": command_line(), "model": model, "server_env": server_env,
+            "settings": asdict(settings), "rows": rows}
+    write_outputs(args.out, "bench_serving_mixed", data, table)
 
 
 if __name__ == "__main__":

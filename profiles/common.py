@@ -50,6 +50,7 @@ def load_engine(
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
         max_queue=max_batch, max_model_len=max_model_len, quant=quant,
+        max_step_tokens=0,  # every prompt prefilled in one step: the timed steps are the batch's decode
     ))
     engine.load()
     return engine

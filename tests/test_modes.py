@@ -43,8 +43,9 @@ def test_triton_interpreted_model_matches_transformers(checkpoint, references):
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_transformers(checkpoint, references):
-    engine = load_engine(checkpoint, graph="compile", max_batch=4)
+@pytest.mark.parametrize("max_step_tokens", [None, 5])  # 5: prompts split, decode rows beside chunks
+def test_compiled_decode_matches_transformers(checkpoint, references, max_step_tokens):
+    engine = load_engine(checkpoint, graph="compile", max_batch=4, max_step_tokens=max_step_tokens)
     assert engine.info()["graph"] == "compile"
     results = generate(engine, PROMPTS, greedy(6))  # batch bucket 4 (3 rows + 1 padded lane)
     for result, ref in zip(results, references):

@@ -89,15 +89,17 @@ class BlockManager:
             self.ref_counts[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)
-        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         for _ in range(len(hits), -(-len(seq) // self.block_size)):
             seq.block_table.append(self._take_free_block())
-        # Register the full blocks this prefill computes, so sequences prefilled in the same step
-        # (n choices of one prompt) and later requests find them.
-        self.register_full_blocks(seq, len(seq))
 
     def register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
-        """Hash every full block among the first num_tokens tokens not hashed yet."""
+        """Hash every full block among the first num_tokens tokens not hashed yet.
+
+        The scheduler calls it for the tokens a step computes, as it schedules them: a block is
+        found by later lookups only once its k/v are written (by that step, whose layers store every
+        new token's k/v before any attention reads them), never while a later chunk is pending.
+        """
         if not self.enable_prefix_caching:
             return
         while len(seq.block_hashes) < num_tokens // self.block_size:
@@ -126,6 +128,7 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table = []
         seq.block_hashes = []
+        seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> None:
         self.hash_to_block.clear()

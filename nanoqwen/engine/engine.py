@@ -68,14 +68,15 @@ class Engine:
         self._think_ids = loaded.think_ids
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens)
         with torch.inference_mode():
             self.runner = ModelRunner(loaded.model, runtime)
         self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels,
-                 runtime.graph, runtime.kv_cache_tokens, runtime.threads, time.perf_counter() - started)
+                 "max_step_tokens=%d load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant,
+                 runtime.kernels, runtime.graph, runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens,
+                 time.perf_counter() - started)
 
     def info(self) -> dict:
         return self.runtime.info() if self.ready else {}
@@ -225,28 +226,30 @@ class Engine:
                             self._finish(seq, "abort")
 
     def step(self) -> None:
-        seqs, prefill = self.scheduler.schedule()
-        if not seqs:
+        batch = self.scheduler.schedule()
+        if not batch:
             return
-        if prefill:
-            for seq in seqs:
-                if not seq.request.started:
-                    seq.request.started = True
-                    seq.request.cached_tokens = seq.num_cached_tokens
-                    with self._lock:
-                        self._num_queued -= 1
+        for seq, _ in batch.prefill:
+            if not seq.request.started:
+                seq.request.started = True
+                seq.request.cached_tokens = seq.num_cached_tokens
+                with self._lock:
+                    self._num_queued -= 1
+        sampled = batch.sampled  # before the step moves the computed counts
         try:
-            output = self.runner.prefill(seqs) if prefill else self.runner.decode(seqs)
+            output = self.runner.step(batch)
         except Exception as exc:  # fail this batch, keep serving the rest
             log.exception("engine step failed")
             self.block_manager.reset_prefix_cache()
-            for request in {id(s.request): s.request for s in seqs}.values():
+            for request in {id(s.request): s.request for s, _ in batch.rows}.values():
                 self._fail(request, f"internal error during generation: {type(exc).__name__}: {exc}")
             return
-        for i, seq in enumerate(seqs):
-            self.block_manager.register_full_blocks(seq, len(seq))
-            if output.prompt_logprobs and (scored := output.prompt_logprobs[i]) is not None:
+        for seq, n in batch.rows:
+            seq.num_computed_tokens += n
+        for (seq, _), scored in zip(batch.rows, output.prompt_logprobs or ()):
+            if scored is not None:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
+        for i, seq in enumerate(sampled):
             if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
                 self._finish(seq, "length", first_event(seq))
             else:

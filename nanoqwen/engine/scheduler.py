@@ -1,22 +1,51 @@
-"""Continuous batching: which sequences run this step, prefill or decode.
+"""Continuous batching: which sequences run this step, and how many of their tokens.
 
-Waiting sequences are prefilled as soon as they fit; otherwise every running sequence decodes one
-token (lock-step). When the KV pool runs dry during decode, the newest running sequence is
-preempted: its blocks are freed and it is recomputed (prompt + output so far) later.
+A running sequence with one uncomputed token decodes it; one with more is still prefilling (a
+prompt, or prompt + output when recomputed after preemption). With a step token budget (chunked
+prefill) every step first decodes every running sequence, then spends what is left of the budget
+on prefill chunks: sequences already part-way through their prompt first, then waiting ones, so a
+long prompt is split across steps and never stalls the streams. Without one, waiting sequences
+are prefilled whole, alone in their step, as soon as they fit. When the KV pool runs dry during
+decode, the newest running sequence is preempted: its blocks are freed and it is recomputed later.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.sequence import Sequence, Status
 
 
+@dataclass
+class Batch:
+    """One step: every row runs its sequence's next `num_tokens` uncomputed tokens."""
+
+    decode: list[Sequence] = field(default_factory=list)  # one token each
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+
+    @property
+    def rows(self) -> list[tuple[Sequence, int]]:
+        return [(seq, 1) for seq in self.decode] + self.prefill
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences whose rows reach their last token: each gets a new token, in row order."""
+        return [seq for seq, n in self.rows if n == seq.num_uncomputed_tokens]
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill)
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch: int, max_prefill_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_batch: int, max_prefill_tokens: int,
+                 max_step_tokens: int = 0) -> None:
+        """max_step_tokens: the token budget of a step (decode tokens + prefill chunks); 0 = no
+        chunking, whole prefills of up to max_prefill_tokens tokens."""
         self.blocks = block_manager
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_step_tokens = max_step_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -28,29 +57,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """(sequences, is_prefill) for the next step; empty when nothing can run."""
-        prefill: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) < self.max_batch:
-            seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
-                break
-            new_tokens = len(seq) - len(self.blocks.lookup(seq)) * self.blocks.block_size
-            if prefill and tokens + new_tokens > self.max_prefill_tokens:
-                break
-            self.blocks.allocate(seq)
-            tokens += len(seq) - seq.num_cached_tokens
-            seq.status = Status.RUNNING
-            self.waiting.popleft()
-            self.running.append(seq)
-            prefill.append(seq)
-        if prefill:
-            return prefill, True
+    def schedule(self) -> Batch:
+        """The next step; empty when nothing can run."""
+        if not self.max_step_tokens:
+            prefill = self._schedule_prefill(self.max_prefill_tokens, chunked=False)
+            return Batch(prefill=prefill) if prefill else Batch(decode=self._schedule_decode())
+        decode = self._schedule_decode()
+        return Batch(decode, self._schedule_prefill(self.max_step_tokens - len(decode), chunked=True))
 
+    def _schedule_decode(self) -> list[Sequence]:
         decode: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING:  # preempted below while making room
+            if seq.status is not Status.RUNNING or seq.num_uncomputed_tokens > 1:  # preempted below; prefilling
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
@@ -59,8 +77,47 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 self.blocks.append_slot(seq)
+                self.blocks.register_full_blocks(seq, len(seq))
                 decode.append(seq)
-        return decode, False
+        return decode
+
+    def _schedule_prefill(self, budget: int, chunked: bool) -> list[tuple[Sequence, int]]:
+        """Chunks of part-prefilled sequences, then of newly admitted ones, within `budget` tokens.
+        Unchunked, whole prompts only, the first one whatever its length."""
+        prefill: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget <= 0:
+                return prefill
+            if seq.num_uncomputed_tokens > 1:
+                budget -= self._add_chunk(prefill, seq, budget)
+        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            if self._sibling_prefilling(seq) or not self.blocks.can_allocate(seq):
+                break
+            new_tokens = len(seq) - len(self.blocks.lookup(seq)) * self.blocks.block_size
+            if not chunked and prefill and new_tokens > budget:
+                break
+            self.blocks.allocate(seq)
+            seq.status = Status.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            budget -= self._add_chunk(prefill, seq, budget if chunked else new_tokens)
+        return prefill
+
+    def _add_chunk(self, prefill: list[tuple[Sequence, int]], seq: Sequence, budget: int) -> int:
+        n = min(budget, seq.num_uncomputed_tokens)
+        self.blocks.register_full_blocks(seq, seq.num_computed_tokens + n)
+        prefill.append((seq, n))
+        return n
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """Whether another choice of the request has prompt blocks not yet scheduled: they become
+        prefix-cache hits for this one once that choice's last chunk is scheduled, so it waits for
+        that rather than computing them again."""
+        if not self.blocks.enable_prefix_caching:
+            return False
+        full_blocks = (seq.num_prompt_tokens - 1) // self.blocks.block_size
+        return any(s.status is Status.RUNNING and len(s.block_hashes) < full_blocks for s in seq.request.sequences)
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

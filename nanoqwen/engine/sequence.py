@@ -45,6 +45,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # hash of each full block, in order
         self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
+        self.num_computed_tokens = 0  # tokens whose k/v are in the cache (cached + computed so far)
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
         self.grammar = None  # nanoqwen.engine.grammar.RowGrammar of a constrained request, set by the engine
 
@@ -57,6 +58,11 @@ class Sequence:
         which therefore computes its whole prompt (no prefix-cache hits)."""
         scored = self.request.prompt_logprobs
         return self.index == 0 and scored is not None and len(scored.tokens) < self.num_prompt_tokens - 1
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model before the next one is sampled (1 when decoding)."""
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def num_output_tokens(self) -> int:

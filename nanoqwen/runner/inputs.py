@@ -2,8 +2,9 @@
 
 Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input, the
 sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
-nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. Prefill
-packs its sequences' new tokens into one flat batch, built per step.
+nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. A step
+with prefill chunks packs every row's new tokens (a decode row's one) into one flat batch, built
+per step.
 """
 from __future__ import annotations
 
@@ -137,26 +138,29 @@ class StepInputBuffer:
 
 
 class PrefillInputs(NamedTuple):
-    input_ids: torch.Tensor  # [T] int32: every sequence's uncached tokens, packed
+    input_ids: torch.Tensor  # [T] int32: every row's new tokens, packed
     positions: torch.Tensor  # [T] int32
     meta: AttentionMetadata
-    last: torch.Tensor  # [B] int64: each sequence's last token in the packed batch
+    last: torch.Tensor  # [S] int64: the last token in the packed batch of each row that samples
 
 
-def prefill_inputs(seqs: list[Sequence], buffer: StepInputBuffer) -> PrefillInputs:
+def prefill_inputs(rows: list[tuple[Sequence, int]], buffer: StepInputBuffer) -> PrefillInputs:
+    """Each row's next `n` uncomputed tokens, after its computed (cached or earlier-chunk) ones."""
     block_size = buffer.block_size
-    ids, pos, slots, query_lens, context_lens = [], [], [], [], []
-    for seq in seqs:
-        start = seq.num_cached_tokens
-        length = len(seq)
-        ids += seq.token_ids[start:]
-        pos += range(start, length)
-        slots += [slot(seq, p, block_size) for p in range(start, length)]
-        query_lens.append(length - start)
-        context_lens.append(length)
-    width = max(len(s.block_table) for s in seqs)
-    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
-    for i, seq in enumerate(seqs):
+    ids, pos, slots, query_lens, context_lens, last = [], [], [], [], [], []
+    for seq, n in rows:
+        start = seq.num_computed_tokens
+        end = start + n
+        ids += seq.token_ids[start:end]
+        pos += range(start, end)
+        slots += [slot(seq, p, block_size) for p in range(start, end)]
+        query_lens.append(n)
+        context_lens.append(end)
+        if end == len(seq):
+            last.append(len(ids) - 1)
+    width = max(len(seq.block_table) for seq, _ in rows)
+    tables = torch.zeros(len(rows), width, dtype=torch.int32)
+    for i, (seq, _) in enumerate(rows):
         tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
     to_device = buffer.to_device
     meta = AttentionMetadata(
@@ -171,5 +175,5 @@ def prefill_inputs(seqs: list[Sequence], buffer: StepInputBuffer) -> PrefillInpu
         input_ids=to_device(torch.tensor(ids, dtype=torch.int32)),
         positions=to_device(torch.tensor(pos, dtype=torch.int32)),
         meta=meta,
-        last=to_device(torch.tensor(query_lens).cumsum(0).sub_(1)),
+        last=to_device(torch.tensor(last, dtype=torch.int64)),
     )

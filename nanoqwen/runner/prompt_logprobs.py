@@ -56,12 +56,14 @@ def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs:
     for seq, start, query_len in zip(seqs, starts, query_lens):
         # the last prompt token is predicted by position P - 2; later positions score the answer
         stop = min(start + query_len, seq.num_prompt_tokens - 1)
-        if not seq.wants_prompt_logprobs or stop <= start:
+        # positions scored before a preemption are recomputed, not scored twice
+        first = max(start, len(seq.request.prompt_logprobs.tokens)) if seq.wants_prompt_logprobs else stop
+        if stop <= first:
             out.append(None)
         else:
-            targets = to_device(torch.tensor(seq.token_ids[start + 1 : stop + 1], dtype=torch.int64))
-            chosen, values, ids = score_positions(model, hidden[row : row + stop - start], targets,
+            targets = to_device(torch.tensor(seq.token_ids[first + 1 : stop + 1], dtype=torch.int64))
+            chosen, values, ids = score_positions(model, hidden[row + first - start : row + stop - start], targets,
                                                   seq.request.params.prompt_logprobs or 0)
-            out.append(PromptLogprobsOutput(start, chosen.tolist(), values.tolist(), ids.tolist()))
+            out.append(PromptLogprobsOutput(first, chosen.tolist(), values.tolist(), ids.tolist()))
         row += query_len
     return out

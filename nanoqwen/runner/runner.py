@@ -1,5 +1,6 @@
-"""The device steps in order: stage inputs, run the model (prefill eagerly; decode through the
-GraphRunner), sample, bring the tokens back. Owns the KV cache."""
+"""The device steps in order: stage inputs, run the model (a step with prefill chunks eagerly, its
+decode rows included; a decode-only step through the GraphRunner), sample, bring the tokens back.
+Owns the KV cache."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, penalties, stage
 from nanoqwen.sampler import Penalties, sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.scheduler import Batch
     from nanoqwen.engine.sequence import Sequence
 
 
@@ -97,20 +99,30 @@ class ModelRunner:
                             self.adjuster.build(seqs) if adjusted else None)
         return step_output(seqs, logits, tokens)
 
-    # -- prefill --------------------------------------------------------------------------
-    def prefill(self, seqs: list[Sequence]) -> StepOutput:
-        packed = prefill_inputs(seqs, self.inputs)
-        n = len(seqs)
-        mode, penalized = stage_sampling(self.inputs.host, seqs, n, self.config.vocab_size)
-        self.inputs.upload_sampling()
+    # -- steps with prefill chunks -------------------------------------------------------
+    def step(self, batch: Batch) -> StepOutput:
+        """One step of the scheduler's batch -> a token for each of batch.sampled, in order."""
+        if not batch.prefill:
+            return self.decode(batch.decode)
+        return self.prefill(batch.rows, batch.sampled)
+
+    def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
+        """Every row's next tokens as one packed batch (decode rows are one-token chunks), run eagerly."""
+        packed = prefill_inputs(rows, self.inputs)
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
+        seqs = [seq for seq, _ in rows]
+        prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs, [seq.num_computed_tokens for seq in seqs],
+                                                  packed.meta.query_lens, self.inputs.to_device)
+        n = len(sampled)
+        if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
+            return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
+        mode, penalized = stage_sampling(self.inputs.host, sampled, n, self.config.vocab_size)
+        self.inputs.upload_sampling()
         logits = self.model.compute_logits(hidden[packed.last])
         tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                        self._penalties(seqs) if penalized else None, self.adjuster.build(seqs))
-        output = step_output(seqs, logits, tokens)
-        output.prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs,
-                                                         [seq.num_cached_tokens for seq in seqs],
-                                                         packed.meta.query_lens, self.inputs.to_device)
+                        self._penalties(sampled) if penalized else None, self.adjuster.build(sampled))
+        output = step_output(sampled, logits, tokens)
+        output.prompt_logprobs = prompt_logprobs
         return output
 
     def _penalties(self, seqs: list[Sequence]) -> Penalties:

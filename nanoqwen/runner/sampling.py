@@ -25,7 +25,7 @@ class StepOutput:
     logprobs: list[float] | None = None  # chosen token's logprob, when any sequence asked
     top_values: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
-    prompt_logprobs: list[PromptLogprobsOutput | None] | None = None  # per sequence, when a prefill scored prompts
+    prompt_logprobs: list[PromptLogprobsOutput | None] | None = None  # per row; set when a row scored its prompt
 
 
 def sampling_mode(params: list[SamplingParams]) -> str:
