@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_util import generate, greedy, load_engine
+from engine_util import collect, engine_step, generate, greedy, hf_greedy, load_engine, run
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.runner import prompt_logprobs
 
@@ -80,3 +80,20 @@ def test_max_tokens_zero_scores_the_prompt_only(engine, hf):
     assert single.choices[0].prompt_logprobs.tokens == [] and len(single.choices[0].token_ids) == 1
     with pytest.raises(InvalidRequest, match="max_tokens"):
         engine.submit(prompt, greedy(0))
+
+
+def test_prompt_scored_chunk_by_chunk_and_once_after_preemption(tiny_checkpoint, hf):
+    """With chunked prefill each chunk scores its positions; a preemption mid-prompt recomputes the
+    prompt without scoring its positions twice."""
+    engine = load_engine(tiny_checkpoint, max_batch=4, max_step_tokens=7)  # 36 positions: 6 chunks
+    stream = engine.submit(PROMPT, greedy(3, prompt_logprobs=K))[1]
+    with torch.inference_mode():
+        for _ in range(3):
+            engine_step(engine)
+    [seq] = engine.scheduler.running
+    assert 0 < len(seq.request.prompt_logprobs.tokens) < len(PROMPT) - 1  # part-way through its prompt
+    engine.scheduler.preempt(seq)
+    run(engine)
+    result = collect(stream)
+    check(result.choices[0].prompt_logprobs, PROMPT, reference(hf, PROMPT), engine)
+    assert result.choices[0].token_ids == hf_greedy(hf, PROMPT, 3)
