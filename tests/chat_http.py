@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import requests
+import torch
 
+from engine_util import hf_greedy
+from nanoqwen import loader
 from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"  # the served model name when NANOQWEN_SERVED_MODEL_NAME is unset
@@ -19,6 +23,23 @@ def cpu_env(checkpoint: Path, **env: str) -> dict[str, str]:
     """A server for `checkpoint` on the CPU in fp32 (exact against transformers), plus `env`."""
     return {"NANOQWEN_MODEL": str(checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
             "NANOQWEN_MAX_MODEL_LEN": str(MAX_MODEL_LEN), **env}
+
+
+def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], env: dict[str, str],
+                         log_path: Path, log_marker: str, prompts: list[list[int]], new_tokens: int) -> None:
+    """A real server started with `env` (its `ready:` line showing `log_marker`) answers a batch of
+    greedy /v1/completions through the openai client with transformers' tokens, fp32."""
+    with GunicornServer(env, log_path) as srv:
+        assert log_marker in srv.log()
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        completion = client.completions.create(
+            model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
+            extra_body={"ignore_eos": True, "skip_special_tokens": False},
+        )
+    tokenizer = loader.load_tokenizer(checkpoint)
+    hf = hf_model(checkpoint)
+    expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
+    assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == expected
 
 
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:

@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
-from chat_http import MODEL, cpu_env
-from engine_util import hf_greedy
-from nanoqwen import loader
-from server_process import GunicornServer
+from chat_http import assert_serves_greedy, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,14 +20,5 @@ def test_chunked_prefill_serves_transformers_greedy_tokens(
     tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
 ) -> None:
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", NANOQWEN_MAX_STEP_TOKENS="5")
-    with GunicornServer(env, tmp_path / "server.log") as srv:
-        assert " max_step_tokens=5 " in srv.log()
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600)
-        completion = client.completions.create(
-            model=MODEL, prompt=PROMPTS, temperature=0, max_tokens=NEW_TOKENS,
-            extra_body={"ignore_eos": True, "skip_special_tokens": False},
-        )
-    tokenizer = loader.load_tokenizer(tiny_checkpoint)
-    hf = hf_model(tiny_checkpoint)
-    expected = [tokenizer.decode(hf_greedy(hf, p, NEW_TOKENS), skip_special_tokens=False) for p in PROMPTS]
-    assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == expected
+    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log",
+                         " max_step_tokens=5 ", PROMPTS, NEW_TOKENS)
