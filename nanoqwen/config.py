@@ -79,7 +79,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step, without chunking
     # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
     # chunks (a long prompt split across steps); 0 = off (whole prompts prefilled alone in a step);
-    # None = 2 × max_batch, at least 64 (profiles/RESULTS.md, "Chunked prefill").
+    # None = 2 × max_batch, at least 128 (profiles/RESULTS.md, "Chunked prefill").
     max_step_tokens: int | None = None
     enable_prefix_caching: bool = True
     # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
@@ -108,7 +108,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_step_tokens is None:
-            self.max_step_tokens = max(64, 2 * self.max_batch)
+            self.max_step_tokens = max(128, 2 * self.max_batch)
         if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
             raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
                              "a step with every sequence decoding still has room for a prefill chunk")
