@@ -9,11 +9,11 @@ static inline void store_scaled(void *y, long at, float v, const void *scale, in
 }
 
 struct linear_int8_args {
-    const void *x;  /* fp32, or bf16 for linear_int8_bf16 */
+    const void *x;  /* fp32, or bf16 when bf16_dot */
     const int8_t *w;
     const void *scale;
     void *y;
-    int M, N, K, bf16;
+    int M, N, K, bf16, bf16_dot;
     long rows;  /* per chunk */
 };
 
@@ -35,7 +35,8 @@ static void linear_int8_avx2(const void *ctx, long chunk) {
 }
 
 AVX512_BEGIN
-/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row, each 16 weights widened once. */
+/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row. fp32 activations: each 16
+   weights widened once; bf16 activations (bf16_dot): weights converted to bf16 (exactly), vdpbf16ps. */
 static void linear_int8_avx512(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K;
@@ -45,28 +46,16 @@ static void linear_int8_avx512(const void *ctx, long chunk) {
         for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
-#define BODY(R) dot_rows_avx512(r, W_I8, (const float *)a->x + (long)m0 * K, R, K, o)
-            WITH_CONST_ROWS(rows, BODY)
-#undef BODY
-            for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, a->bf16);
-        }
-    }
-}
-
-/* AVX-512-BF16, bf16 activations: int8 weights converted to bf16 (exactly) and multiplied by vdpbf16ps. */
-static void linear_int8_bf16(const void *ctx, long chunk) {
-    const struct linear_int8_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K;
-    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
-    for (long n = chunk * a->rows; n < end; n++) {
-        const int8_t *r = a->w + n * K;
-        for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
-            const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
-            float o[GEMV_MAX_ROWS];
+            if (a->bf16_dot) {
 #define BODY(R) dot_rows_bf16(r, W_I8, (const uint16_t *)a->x + (long)m0 * K, R, K, o)
-            WITH_CONST_ROWS(rows, BODY)
+                WITH_CONST_ROWS(rows, BODY)
 #undef BODY
-            for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, 1);
+            } else {
+#define BODY(R) dot_rows_avx512(r, W_I8, (const float *)a->x + (long)m0 * K, R, K, o)
+                WITH_CONST_ROWS(rows, BODY)
+#undef BODY
+            }
+            for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, a->bf16);
         }
     }
 }
@@ -79,8 +68,8 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     /* One row streams faster through the fp32 loop (measured 75 vs 80 ms for a 0.6B step's linears);
        from 2 rows on vdpbf16ps wins (8 rows: 162 vs 197 ms). */
     if (bf16 && M > 1 && has_avx512_bf16()) {
-        struct linear_int8_args a = {x, w, scale, y, M, N, K, bf16, rows};
-        pool_run(linear_int8_bf16, &a, chunks);
+        struct linear_int8_args a = {x, w, scale, y, M, N, K, bf16, 1, rows};
+        pool_run(linear_int8_avx512, &a, chunks);
         return;
     }
     float *widened = 0;
@@ -90,7 +79,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         xf = widened;
     }
-    struct linear_int8_args a = {xf, w, scale, y, M, N, K, bf16, rows};
+    struct linear_int8_args a = {xf, w, scale, y, M, N, K, bf16, 0, rows};
     pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, chunks);
     free(widened);
 }
