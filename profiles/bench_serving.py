@@ -36,13 +36,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import requests
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import serving_workloads  # noqa: E402
-from common import command_line, machine_info, machine_line, write_outputs  # noqa: E402
+from common import command_line, machine_info, machine_line, sse_chunks, write_outputs  # noqa: E402
 from nanoqwen.api.metrics import percentile  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
@@ -124,17 +122,12 @@ def http_client(url: str, messages: list[dict[str, str]], max_tokens: int) -> Tr
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     deltas, tokens = [], 0
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=3600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines(chunk_size=None):
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[len(b"data: "):])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and (chunk["choices"][0]["delta"].get("content")
-                                     or chunk["choices"][0]["delta"].get("reasoning_content")):
-                deltas.append(time.perf_counter())
+    for chunk in sse_chunks(f"{url}/v1/chat/completions", body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and (chunk["choices"][0]["delta"].get("content")
+                                 or chunk["choices"][0]["delta"].get("reasoning_content")):
+            deltas.append(time.perf_counter())
     return Trace(start, deltas, tokens, time.perf_counter())
 
 

@@ -11,6 +11,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,3 +227,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def sse_chunks(url: str, body: dict) -> Iterator[dict]:
+    """POSTs a streaming request and yields each `data:` chunk of the answer, parsed, up to `[DONE]`."""
+    import requests  # the HTTP benchmarks only
+
+    with requests.post(url, json=body, stream=True, timeout=3600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines(chunk_size=None):
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                yield json.loads(line[len(b"data: "):])

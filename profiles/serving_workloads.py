@@ -11,7 +11,6 @@ Prompts are token ids sent to /v1/completions, so their lengths are exact on any
 """
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -19,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
+from common import sse_chunks
 from nanoqwen.api.metrics import percentile
 from server_process import GunicornServer
 
@@ -58,17 +56,12 @@ def stream_completion(url: str, prompt: list[int], max_tokens: int, seed: int,
             "logprobs": 0, "stream_options": {"include_usage": True}, **QWEN_SAMPLING}
     start = time.perf_counter()
     deltas, tokens = [], 0
-    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=3600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines(chunk_size=None):
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[len(b"data: "):])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0].get("logprobs"):
-                deltas.append(time.perf_counter())
-                on_delta(len(deltas))
+    for chunk in sse_chunks(f"{url}/v1/completions", body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and chunk["choices"][0].get("logprobs"):
+            deltas.append(time.perf_counter())
+            on_delta(len(deltas))
     return Stream(start, deltas, tokens)
 
 
