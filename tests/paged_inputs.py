@@ -34,3 +34,18 @@ def paged(seqs: list[tuple[int, int]], num_q_heads: int = 4, num_kv_heads: int =
     args = (q, torch.cat(k), torch.cat(v), k_cache, v_cache, tables.to(device), [q for q, _ in seqs],
             [c for _, c in seqs], head_dim**-0.5 * 0.8)
     return args, full_k, full_v
+
+
+def poisoned(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, context_lens: list[int]):
+    """The cache and tables with NaN wherever no sequence may read: the tail of each last block past its
+    context, and a NaN block behind two extra table columns. -> (k_cache, v_cache, tables)."""
+    block_size = k_cache.shape[1]
+    poison = k_cache.shape[0]
+    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
+    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
+    tables = torch.cat((tables, torch.full_like(tables[:, :2], poison)), dim=1)
+    for row, ctx in enumerate(context_lens):
+        last = tables[row, (ctx - 1) // block_size]
+        k_cache[last, (ctx - 1) % block_size + 1 :] = float("nan")
+        v_cache[last, (ctx - 1) % block_size + 1 :] = float("nan")
+    return k_cache, v_cache, tables

@@ -48,14 +48,7 @@ def test_kernel_reads_nothing_past_the_context():
     args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4)
     q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
     before = kernel(*args)
-    poison = k_cache.shape[0]
-    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
-    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
-    tables = torch.cat((tables, torch.full_like(tables[:, :2], poison)), dim=1)
-    for row, ctx in enumerate(context_lens):
-        last = tables[row, (ctx - 1) // 4]
-        k_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
-        v_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+    k_cache, v_cache, tables = paged_inputs.poisoned(k_cache, v_cache, tables, context_lens)
     after = kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale)
     assert torch.equal(before, after)
 

@@ -286,14 +286,7 @@ def test_prefill_attention_strided_q_reads_only_the_context():
     expected = prefill_attention_torch(*args)
     wide = torch.zeros(q.shape[0], q.shape[1], 2 * q.shape[2], device=DEVICE)
     wide[..., : q.shape[2]] = q
-    poison = k_cache.shape[0]
-    k_cache = torch.cat((k_cache, torch.full_like(k_cache[:1], float("nan"))))
-    v_cache = torch.cat((v_cache, torch.full_like(v_cache[:1], float("nan"))))
-    tables = torch.cat((tables, torch.full_like(tables[:, :2], poison)), dim=1)
-    for row, ctx in enumerate(context_lens):
-        last = tables[row, (ctx - 1) // 4]
-        k_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
-        v_cache[last, (ctx - 1) % 4 + 1 :] = float("nan")
+    k_cache, v_cache, tables = paged_inputs.poisoned(k_cache, v_cache, tables, context_lens)
     out = prefill_attention_triton(wide[..., : q.shape[2]], k, v, k_cache, v_cache, tables, query_lens,
                                    context_lens, scale, block_rows=16)
     assert_close(out, expected)
