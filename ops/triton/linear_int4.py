@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.decode_attention import _dot
+from ops.triton.linear_int8 import weight_only_launch
 
 
 @triton.jit
@@ -51,16 +52,9 @@ def linear_int4_triton(
 ) -> torch.Tensor:
     """Triton version of `linear_int4_torch`. x: [..., K], weight: [N, K / 2] uint8 contiguous, scale,
     offset: [N, K / G] contiguous, G % 64 == 0."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m, k = rows.shape
     n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    interpreted = x.device.type == "cpu"
-    block_m, block_n = (16, 32) if m <= 16 else (64, 64)
-    if interpreted:  # the interpreter's time goes per program: a 150k-row LM head in 32-row blocks takes minutes
-        block_n = 512
+    rows, out, block_m, block_n, interpreted = weight_only_launch(x, n)
+    m, k = rows.shape
     _linear_int4_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         rows, weight.view(torch.int16), scale, offset, out, m, n, rows.stride(0), n,
         K=k, GROUP=k // scale.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,

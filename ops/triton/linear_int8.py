@@ -3,6 +3,8 @@ scale applied to the sums. One kernel: a GEMV-shaped tiling (16-row tiles, narro
 decode step has enough programs to stream the weights) for decode, a square one for prefill."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -37,21 +39,36 @@ def _linear_int8_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def linear_int8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Triton version of `linear_int8_torch`. x: [..., K], weight: [N, K] int8 contiguous, scale: [N]."""
+class WeightOnlyLaunch(NamedTuple):
+    rows: torch.Tensor  # [M, K], unit stride along K
+    out: torch.Tensor  # [M, N] in x's dtype
+    block_m: int
+    block_n: int
+    interpreted: bool
+
+
+def weight_only_launch(x: torch.Tensor, n: int) -> WeightOnlyLaunch:
+    """The shared setup of the weight-only linears: x's rows, the output, and the tile sizes (small
+    tiles for decode-sized batches)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    m, k = rows.shape
-    n = weight.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m = rows.shape[0]
     interpreted = x.device.type == "cpu"
-    block_m, block_n, block_k = (16, 32, 128) if m <= 16 else (64, 64, 64)
+    block_m, block_n = (16, 32) if m <= 16 else (64, 64)
     if interpreted:  # the interpreter's time goes per program: a 150k-row LM head in 32-row blocks takes minutes
         block_n = 512
+    return WeightOnlyLaunch(rows, torch.empty(m, n, dtype=x.dtype, device=x.device), block_m, block_n, interpreted)
+
+
+def linear_int8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Triton version of `linear_int8_torch`. x: [..., K], weight: [N, K] int8 contiguous, scale: [N]."""
+    n = weight.shape[0]
+    rows, out, block_m, block_n, interpreted = weight_only_launch(x, n)
+    m, k = rows.shape
     _linear_int8_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         rows, weight, scale, out, m, n, rows.stride(0), n,
-        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128 if m <= 16 else 64,
         INTERPRETED=interpreted, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=4,
     )
