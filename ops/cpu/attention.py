@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 
 MAX_GROUP = 16  # query heads per kv head
 MAX_HEAD_DIM = 256
@@ -38,10 +38,9 @@ def _decode_attention(
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     with build.profiled("nanoqwen::decode_attention_cpu"):
-        KERNEL.lib.decode_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
-            out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale,
-            int(q.dtype == torch.bfloat16),
+        graph.call(
+            KERNEL.lib.decode_attention, q, k_cache, v_cache, tables, context_lens, out, batch, num_heads,
+            num_kv_heads, head_dim, block_size, tables.shape[1], scale, int(q.dtype == torch.bfloat16),
         )
     return out
 

@@ -46,4 +46,19 @@ void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const v
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
 
+/* embedding.c: out[n] = table[ids[n]]; ids: [N] int32 (in range), out: [N, H]. `embedding`: any dtype of
+   elem_size bytes. `embedding_int8`: table [V, H] int8, scale [V], out = q * scale. `embedding_int4`: table
+   [V, H / 2] uint8 in linear_int4's block layout, scale and offset [V, H / G], out = q * scale + offset
+   (rounded in fp32, then to the out dtype). Scales, offsets and out all bf16 or all fp32; H % 64 == 0. */
+void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size);
+void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, void *out, int N, int H, int bf16);
+void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
+                    int N, int H, int G, int bf16);
+
+/* pointwise.c: x: [N, 2I] (gate | up), out: [N, I] = silu(gate) * up, bf16 or fp32, I % 8 == 0. */
+void silu_mul(const void *x, void *out, int N, int I, int bf16);
+
+/* pointwise.c: out[i] = x[i], bf16 -> fp32, n elements. */
+void bf16_to_fp32(const uint16_t *x, float *out, long n);
+
 #endif
