@@ -142,3 +142,6 @@ class Kernels:
     # rather than stopping at each context length (the Triton and CPU kernels): the runner then
     # passes it only the columns the longest sequence needs.
     decode_attention_gathers: bool
+    # Whether every op of a decode step is a C call that ops/cpu/graph.py records (the CPU set, with every
+    # C kernel built), so that NANOQWEN_GRAPH=cpugraph can replay it.
+    cpu_graph: bool

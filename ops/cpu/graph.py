@@ -53,13 +53,14 @@ def _storages(values: object) -> list[int]:
 
 
 class _AllocationsAndViewsOnly(TorchDispatchMode):
-    """Raises NotCapturable for a torch op whose result is neither new empty memory nor a view of its inputs."""
+    """Raises NotCapturable for a torch op that writes (in place or into new memory) rather than
+    allocating or viewing its inputs."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func not in ALLOCATIONS:
             inputs = set(_storages(list(args) + list((kwargs or {}).values())))
-            if not set(_storages(out)) <= inputs:
+            if func._schema.is_mutable or not set(_storages(out)) <= inputs:
                 raise NotCapturable(f"the step computes with torch op {func}, outside a C kernel")
         return out
 

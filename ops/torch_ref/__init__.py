@@ -30,4 +30,5 @@ KERNELS = Kernels(
     embedding_int4=embedding_int4_torch,
     to_fp32=to_fp32_torch,
     decode_attention_gathers=True,
+    cpu_graph=False,
 )

@@ -31,4 +31,5 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         linear_int8=linear_int8_triton,
         linear_int4=linear_int4_triton,
         decode_attention_gathers=False,
+        cpu_graph=False,
     )

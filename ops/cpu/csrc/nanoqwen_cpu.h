@@ -23,10 +23,12 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
 void linear_int4_supported(int *ok);
 
 /* attention.c: paged decode attention, one query token per sequence.
-   q: [B, Hq, D]; k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32;
-   out: [B, Hq, D]. D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
-void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
-                      void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16);
+   q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
+   k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32; out: [B, Hq, D] contiguous.
+   D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
+void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
+                      const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
+                      int bf16);
 
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
