@@ -11,6 +11,7 @@ import torch
 from nanoqwen.runner.inputs import StepInputs
 from nanoqwen.sampler import MODES, sample
 from ops.cpu import graph as cpu_graph
+from ops.cpu.build import profiled
 
 log = logging.getLogger("nanoqwen")
 
@@ -88,6 +89,7 @@ class GraphRunner:
             return logits, tokens
         if bucket in self._cpu_graphs:
             recording, logits, inputs = self._cpu_graphs[bucket]
-            recording.replay()
+            with profiled("nanoqwen::cpugraph_replay"):
+                recording.replay()
             return logits, sample(logits, inputs.sampling(), mode)
         return self._step(mode, self._inputs(bucket, width))

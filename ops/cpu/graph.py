@@ -40,7 +40,9 @@ def call(fn: Callable, *args: torch.Tensor | int | float | None) -> None:
     raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
     fn(*raw)
     if _recording is not None:
-        _recording.calls.append((fn, raw))
+        # as ctypes objects of the prototype's types: a replay does not convert them again
+        types = getattr(fn, "argtypes", None) or [None] * len(raw)
+        _recording.calls.append((fn, tuple(a if t is None else t(a) for t, a in zip(types, raw))))
         _recording.tensors.extend(a for a in args if isinstance(a, torch.Tensor))
 
 
