@@ -3,6 +3,8 @@ replayed (ops/cpu/graph.py, nanoqwen/runner/graphs.py); greedy tokens as transfo
 tokens and logprobs as the eager step in every weight format."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -50,6 +52,16 @@ def test_capture_records_c_calls_and_keeps_their_tensors():
     assert calls == [(y.data_ptr(), None, 3, 0.5)] * 2
     cpu_graph.call(lambda *args: calls.append(args), y)  # no capture active: called, not recorded
     assert len(recording.calls) == 1
+
+
+def test_a_capture_records_only_its_own_thread():
+    calls = []
+    with cpu_graph.capture() as recording:
+        other = threading.Thread(target=cpu_graph.call, args=(lambda *args: calls.append(args), 1))
+        other.start()
+        other.join()
+        cpu_graph.call(lambda *args: calls.append(args), 2)
+    assert calls == [(1,), (2,)] and [args for _, args in recording.calls] == [(2,)]
 
 
 @pytest.mark.parametrize("op,work", [

@@ -10,6 +10,7 @@ allocations and views may run beside the recorded calls.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,18 +33,21 @@ class Recording:
             fn(*args)
 
 
-_recording: Recording | None = None
+# The capture of the calling thread (torch's dispatch modes are per thread too): an engine capturing
+# never records another thread's kernel calls.
+_capturing = threading.local()
 
 
 def call(fn: Callable, *args: torch.Tensor | int | float | None) -> None:
     """fn(*args), each tensor passed as its data pointer (None as NULL); recorded during a capture."""
     raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
     fn(*raw)
-    if _recording is not None:
+    recording = getattr(_capturing, "recording", None)
+    if recording is not None:
         # as ctypes objects of the prototype's types: a replay does not convert them again
         types = getattr(fn, "argtypes", None) or [None] * len(raw)
-        _recording.calls.append((fn, tuple(a if t is None else t(a) for t, a in zip(types, raw))))
-        _recording.tensors.extend(a for a in args if isinstance(a, torch.Tensor))
+        recording.calls.append((fn, tuple(a if t is None else t(a) for t, a in zip(types, raw))))
+        recording.tensors.extend(a for a in args if isinstance(a, torch.Tensor))
 
 
 ALLOCATIONS = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default)
@@ -70,12 +74,11 @@ class _AllocationsAndViewsOnly(TorchDispatchMode):
 @contextlib.contextmanager
 def capture() -> Iterator[Recording]:
     """Records the C calls of the code run inside; raises NotCapturable if that code computes with torch."""
-    global _recording
-    if _recording is not None:
+    if getattr(_capturing, "recording", None) is not None:
         raise RuntimeError("a CPU graph capture is already active")
-    _recording = recording = Recording()
+    _capturing.recording = recording = Recording()
     try:
         with _AllocationsAndViewsOnly():
             yield recording
     finally:
-        _recording = None
+        _capturing.recording = None
