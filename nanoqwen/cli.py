@@ -38,8 +38,8 @@ ENGINE_OPTIONS = (
     EnvOption("--quant", "NANOQWEN_QUANT", "weight format: none = the dtype's; int8 = int8 weights with a "
               "scale per output channel; int4 = 4-bit weights with a scale and offset per 64 input columns; "
               "quantised at load time", choices=("none", "int8", "int4")),
-    EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, none elsewhere",
-              choices=("auto", "none", "compile", "cudagraph")),
+    EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, cpugraph on the CPU "
+              "with the C kernels, none elsewhere", choices=("auto", "none", "compile", "cudagraph", "cpugraph")),
     EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),
     EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
               "model's max_position_embeddings)", int),

@@ -57,7 +57,7 @@ class ModelConfig:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KERNELS = ("auto", "torch", "triton")
-GRAPHS = ("auto", "none", "compile", "cudagraph")
+GRAPHS = ("auto", "none", "compile", "cudagraph", "cpugraph")
 GENERATION_CONFIGS = ("auto", "none")
 QUANTS = ("none", "int8", "int4")  # weight formats, nanoqwen/quant.py
 
@@ -69,7 +69,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
     kernels: str = "auto"  # auto | torch | triton
     quant: str = "none"  # none | int8 | int4: linear weights (LM head, embedding) quantised at load time
-    graph: str = "auto"  # auto | none | compile | cudagraph
+    graph: str = "auto"  # auto | none | compile | cudagraph | cpugraph
     max_batch: int = 32  # sequences decoded together
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_queue: int = 256  # waiting requests before submit() refuses
@@ -184,11 +184,16 @@ def resolve_threads(threads: int) -> int:
     return os.cpu_count() or 1
 
 
-def resolve_graph(name: str, device: torch.device) -> str:
-    graph = ("cudagraph" if device.type == "cuda" else "none") if name == "auto" else name
-    if graph == "cudagraph" and device.type != "cuda":
+def resolve_graph(name: str, device: torch.device, cpu_graph: bool) -> str:
+    """`cpu_graph`: whether the kernel set's decode step is C calls alone (Kernels.cpu_graph)."""
+    if name == "auto":
+        return "cudagraph" if device.type == "cuda" else "cpugraph" if cpu_graph else "none"
+    if name == "cudagraph" and device.type != "cuda":
         raise ValueError(f"NANOQWEN_GRAPH=cudagraph needs a CUDA device, not {device.type}")
-    return graph
+    if name == "cpugraph" and not cpu_graph:
+        raise ValueError("NANOQWEN_GRAPH=cpugraph needs the C kernels: the CPU, bfloat16 or float32, an AVX2 CPU "
+                         "with a C compiler, NANOQWEN_CPU_KERNELS on and the torch kernel set")
+    return name
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -213,7 +218,7 @@ class RuntimeConfig:
     dtype: torch.dtype
     kernels: str  # torch | triton
     quant: str  # none | int8 | int4
-    graph: str  # none | compile | cudagraph
+    graph: str  # none | compile | cudagraph | cpugraph
     max_batch: int
     max_model_len: int  # the KV pool may hold fewer tokens than the model's positions
     block_size: int
@@ -235,10 +240,11 @@ def model_positions(config: EngineConfig, model: ModelConfig) -> int:
 
 
 def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, device: torch.device,
-                    dtype: torch.dtype, kernels: str) -> RuntimeConfig:
+                    dtype: torch.dtype, kernels: str, cpu_graph: bool = False) -> RuntimeConfig:
     """Called once the weights are on `device` (resolved and bound, see bind_device, and `dtype`
     from resolve_dtype): the default KV pool takes a share of the memory they leave free.
-    `kernels` is the name of the set ops.select_kernels chose (the one home of that "auto").
+    `kernels` is the name of the set ops.select_kernels chose (the one home of that "auto"), `cpu_graph`
+    whether that set can be replayed as a CPU graph (Kernels.cpu_graph).
     Raises ValueError for a setting this device or memory budget cannot serve."""
     max_model_len = model_positions(config, model)
     per_block = kv_bytes_per_token(model, dtype) * config.block_size
@@ -251,6 +257,6 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
     return RuntimeConfig(
         model_path=model_path, device=device, dtype=dtype, kernels=kernels, quant=config.quant,
-        graph=resolve_graph(config.graph, device), max_batch=config.max_batch, max_model_len=max_model_len,
+        graph=resolve_graph(config.graph, device, cpu_graph), max_batch=config.max_batch, max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
     )

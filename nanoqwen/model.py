@@ -17,7 +17,7 @@ from ops import Kernels
 class Qwen3Model(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, kernels: Kernels, quant: str) -> None:
         super().__init__()
-        self.embed_tokens = EMBEDDINGS[quant](config.vocab_size, config.hidden_size)
+        self.embed_tokens = EMBEDDINGS[quant](config.vocab_size, config.hidden_size, kernels)
         self.layers = nn.ModuleList(
             DecoderLayer(config, rotary, kernels, quant) for _ in range(config.num_hidden_layers)
         )
@@ -54,7 +54,7 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)  # [N, H]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [S, V] fp32
+        return self.kernels.to_fp32(self.lm_head(hidden))  # [S, V] fp32
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head where the checkpoint ties them (again after to_empty())."""

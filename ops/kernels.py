@@ -96,6 +96,33 @@ class SiluMul(Protocol):
         ...
 
 
+class Embedding(Protocol):
+    def __call__(self, input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """input_ids: [...] int, weight: [V, H] -> [..., H]: F.embedding."""
+        ...
+
+
+class EmbeddingInt8(Protocol):
+    def __call__(self, input_ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """weight: [V, H] int8, scale: [V] -> [..., H] = q * scale per row, in scale's dtype (LinearInt8's format)."""
+        ...
+
+
+class EmbeddingInt4(Protocol):
+    def __call__(
+        self, input_ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+    ) -> torch.Tensor:
+        """weight: [V, H / 2] uint8, scale, offset: [V, H / G] (LinearInt4's format) -> [..., H] = q * scale +
+        offset, rounded in fp32, then to scale's dtype."""
+        ...
+
+
+class ToFp32(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [...] float -> fp32 (x itself when fp32): the LM head's logits as the sampler takes them."""
+        ...
+
+
 @dataclass(frozen=True)
 class Kernels:
     name: str  # the backend setting it was selected for: "torch" or "triton"
@@ -107,7 +134,14 @@ class Kernels:
     linear_int8: LinearInt8
     linear_int4: LinearInt4
     silu_mul: SiluMul
+    embedding: Embedding
+    embedding_int8: EmbeddingInt8
+    embedding_int4: EmbeddingInt4
+    to_fp32: ToFp32
     # Whether decode attention copies every block-table column it is given (the torch reference),
     # rather than stopping at each context length (the Triton and CPU kernels): the runner then
     # passes it only the columns the longest sequence needs.
     decode_attention_gathers: bool
+    # Whether every op of a decode step is a C call that ops/cpu/graph.py records (the CPU set, with every
+    # C kernel built), so that NANOQWEN_GRAPH=cpugraph can replay it.
+    cpu_graph: bool

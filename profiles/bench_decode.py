@@ -1,7 +1,7 @@
 """Decode throughput: our engine vs transformers.generate, same random weights, dtype and shapes.
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
-        [--prompt-len 32] [--graph auto|none|compile|cudagraph] [--kernels auto|torch|triton]
+        [--prompt-len 32] [--graph auto|none|compile|cudagraph|cpugraph] [--kernels auto|torch|triton]
         [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--device auto] [--small] [--out DIR]
 
 Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
+    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph", "cpugraph"])
     parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"])
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
     common.add_engine_args(parser, dtype=False)

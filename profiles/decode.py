@@ -1,14 +1,14 @@
-"""Decode tokens/s per batch bucket in each execution mode: eager, torch.compile, CUDA graphs.
+"""Decode tokens/s per batch bucket in each execution mode: eager, torch.compile, CUDA or CPU graphs.
 
-    python profiles/decode.py [--modes none compile cudagraph] [--max-batch 32] [--new-tokens 32]
+    python profiles/decode.py [--modes none compile cudagraph cpugraph] [--max-batch 32] [--new-tokens 32]
         [--prompt-len 32] [--dtype auto] [--kernels auto] [--device auto] [--small] [--out DIR]
 
 For each mode one engine (NANOQWEN_GRAPH=mode) decodes, at every bucket 1, 2, 4, ... --max-batch,
 that many random prompts greedily; each bucket runs once untimed first (for `compile` in full, so
 every shape it meets is compiled: cold, that takes minutes on a small CPU), then timed step by step
 as in bench_decode.py: tokens/s = bucket / median decode-step time. Modes default to none and
-compile, plus cudagraph on CUDA. The table also says whether each mode's greedy tokens equal the
-eager ones. Writes decode.{json,md} into --out.
+compile, plus cudagraph on CUDA or cpugraph on the CPU. The table also says whether each mode's
+greedy tokens equal the eager ones. Writes decode.{json,md} into --out.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", choices=["none", "compile", "cudagraph"])
+    parser.add_argument("--modes", nargs="+", choices=["none", "compile", "cudagraph", "cpugraph"])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -91,7 +91,7 @@ def main() -> None:
     if args.new_tokens < 3:
         parser.error("--new-tokens must be at least 3 (two decode steps after the prefill's token)")
     device = resolve_device(args.device)
-    modes = args.modes or ["none", "compile"] + (["cudagraph"] if device.type == "cuda" else [])
+    modes = args.modes or ["none", "compile", "cudagraph" if device.type == "cuda" else "cpugraph"]
 
     model = common.checkpoint(args.small)
     info = common.machine_info(device)

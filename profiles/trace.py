@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="decode steps before the traced one")
-    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph"])
+    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph", "cpugraph"])
     common.add_engine_args(parser)
     args = parser.parse_args()
 

@@ -48,6 +48,11 @@ def test_matches_reference(dtype, tol, batch, heads, kv_heads, head_dim, block_s
     ref = decode_attention_torch(q, k_cache, v_cache, tables, context_lens, scale)
     out = cpu_attention.decode_attention_cpu(q, k_cache, v_cache, tables, context_lens, scale)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    # q as the model passes it: a view of the fused qkv rows, read in place
+    qkv = torch.cat([q.view(batch, -1), torch.randn(batch, 2 * kv_heads * head_dim, dtype=dtype)], dim=1)
+    view = qkv[:, : heads * head_dim].view(batch, heads, head_dim)
+    assert batch == 1 or not view.is_contiguous()
+    assert torch.equal(cpu_attention.decode_attention_cpu(view, k_cache, v_cache, tables, context_lens, scale), out)
 
 
 def test_reads_nothing_past_the_context():

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 TOKENS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 2, 64, 4, 2, 16, 16
 C_OPS = {f"nanoqwen.{name}.default" for name in (
     "rms_norm_cpu", "add_rms_norm_cpu", "linear_cpu", "qk_norm_rope_store_cpu", "decode_attention_cpu",
+    "embedding_cpu", "silu_mul_cpu",
 )}
 
 
@@ -24,9 +25,10 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
 
 
 def decode_layer(kernels: ops.Kernels):
-    """A decode layer's kernels in order, from the kernel set the model would hold."""
+    """A decode layer's kernels in order, from the kernel set the model would hold (and the embedding)."""
 
     def layer(x, residual, norm_w, qkv_w, q_w, k_w, cos_sin, positions, k_cache, v_cache, slots, tables, lens):
+        embedded = kernels.embedding(positions, qkv_w)  # qkv_w as a table of 128 rows
         first, _ = kernels.rms_norm(x, norm_w, 1e-6)
         h, residual = kernels.rms_norm(x, norm_w, 1e-6, residual)
         qkv = kernels.linear(h, qkv_w)
@@ -34,7 +36,7 @@ def decode_layer(kernels: ops.Kernels):
         q, k, v = (t.view(TOKENS, -1, HEAD_DIM) for t in (q, k, v))
         kernels.qk_norm_rope_store(q, k, v, q_w, k_w, 1e-6, cos_sin, positions, k_cache, v_cache, slots)
         out = kernels.decode_attention(q, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
-        return first, residual, qkv, out
+        return embedded, first, residual, qkv, out, kernels.silu_mul(qkv)
 
     return layer
 

@@ -24,14 +24,18 @@ MODEL = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_
                     torch_dtype="bfloat16")
 
 
-def resolve(**settings):
-    return resolve_runtime(EngineConfig(model="unused", **settings), MODEL, "/ckpt", CPU, torch.float32, "torch")
+def resolve(cpu_graph: bool = False, **settings):
+    return resolve_runtime(EngineConfig(model="unused", **settings), MODEL, "/ckpt", CPU, torch.float32, "torch",
+                           cpu_graph)
 
 
 def test_auto_settings_on_the_cpu():
     runtime = resolve(threads=3)
     assert (runtime.kernels, runtime.graph, runtime.threads) == ("torch", "none", 3)
     assert runtime.max_model_len == MODEL.max_position_embeddings
+    # where the kernel set's decode step is C calls alone, auto replays it as a CPU graph
+    assert resolve(cpu_graph=True).graph == "cpugraph"
+    assert resolve(cpu_graph=True, graph="none").graph == "none"
 
 
 def test_the_pool_is_capped_at_what_max_batch_sequences_can_use():
@@ -50,6 +54,8 @@ def test_a_small_pool_lowers_max_model_len(caplog):
 def test_settings_the_device_cannot_serve_are_refused():
     with pytest.raises(ValueError, match="cudagraph needs a CUDA device"):
         resolve(graph="cudagraph")
+    with pytest.raises(ValueError, match="cpugraph needs the C kernels"):
+        resolve(graph="cpugraph")
     with pytest.raises(ValueError, match="too small"):
         resolve(num_kv_blocks=1)
 

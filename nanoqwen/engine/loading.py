@@ -52,7 +52,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     )
     model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels,
                                config.quant)
-    runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name)
+    runtime = resolve_runtime(config, model_config, str(path), device, dtype, kernels.name, kernels.cpu_graph)
     torch.set_num_threads(runtime.threads)
     backend = tokenizer.backend_tokenizer  # a lookup, not get_vocab(): a 151k-entry dict leaves ~30 MB behind
     loaded = LoadedModel(

@@ -1,28 +1,39 @@
-"""How the decode step runs: eagerly, through torch.compile, or replayed from CUDA graphs captured
-once per (batch bucket, sampler mode), mini-sglang's graph runner in small."""
+"""How the decode step runs: eagerly, through torch.compile, replayed from CUDA graphs captured
+once per (batch bucket, sampler mode), mini-sglang's graph runner in small, or on the CPU replayed
+from the C kernel calls recorded once per batch bucket (ops/cpu/graph.py), the sampler after them."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from nanoqwen.runner.inputs import StepInputs
-from nanoqwen.sampler import MODES
+from nanoqwen.sampler import MODES, sample
+from ops.cpu import graph as cpu_graph
+from ops.cpu.build import profiled
+
+log = logging.getLogger("nanoqwen")
 
 # (sampler mode, inputs) -> (logits [B, V] fp32, tokens [B])
 DecodeStep = Callable[[str, StepInputs], tuple[torch.Tensor, torch.Tensor]]
+# inputs -> logits [B, V] fp32: the decode step without its sampler
+DecodeLogits = Callable[[StepInputs], torch.Tensor]
 
 
 class GraphRunner:
-    def __init__(self, step: DecodeStep, graph: str, device: torch.device, buckets: list[int],
+    def __init__(self, step: DecodeStep, logits: DecodeLogits, graph: str, device: torch.device, buckets: list[int],
                  inputs: Callable[[int, int], StepInputs], capture_width: int) -> None:
-        """`inputs(bucket, width)` -> the static inputs of `bucket` rows with `width` block-table
-        columns; CUDA graphs are captured over `capture_width` columns."""
+        """`step` = `logits`, then the sampler. `inputs(bucket, width)` -> the static inputs of `bucket`
+        rows with `width` block-table columns; graphs are captured over `capture_width` columns."""
         self.graph = graph
         self._step = step
+        self._logits = logits
         self._inputs = inputs
         # (bucket, sampling mode) -> the graph and its output buffers (logits [bucket, V], tokens [bucket])
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # bucket -> the recorded C calls, their logits [bucket, V] and the static inputs they read
+        self._cpu_graphs: dict[int, tuple[cpu_graph.Recording, torch.Tensor, StepInputs]] = {}
         if graph == "compile":
             # CUDA: static shapes, each captured as a CUDA graph by reduce-overhead. CPU: automatic
             # dynamic shapes, so a new batch bucket or table width recompiles once into a dynamic
@@ -37,6 +48,8 @@ class GraphRunner:
             )
         elif graph == "cudagraph":
             self._capture(buckets, capture_width)
+        elif graph == "cpugraph":
+            self._capture_cpu(buckets, capture_width)
 
     @torch.inference_mode()
     def _capture(self, buckets: list[int], width: int) -> None:
@@ -52,6 +65,21 @@ class GraphRunner:
                 self._graphs[bucket, mode] = graph, logits, tokens
         torch.cuda.synchronize()
 
+    @torch.inference_mode()
+    def _capture_cpu(self, buckets: list[int], width: int) -> None:
+        """One recording per bucket, whatever the sampler mode: the C kernels read the block tables only
+        up to each row's context length, so the full width serves every step. A bucket whose step
+        computes with torch (more rows than a C linear takes) stays eager."""
+        for bucket in buckets:
+            inputs = self._inputs(bucket, width)
+            try:
+                with cpu_graph.capture() as recording:
+                    logits = self._logits(inputs)
+            except cpu_graph.NotCapturable as exc:
+                log.info("cpugraph: batch bucket %d runs eagerly: %s", bucket, exc)
+                continue
+            self._cpu_graphs[bucket] = recording, logits, inputs
+
     def run(self, bucket: int, mode: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step over the staged inputs of `bucket` rows and `width` table columns (a
         replay reads the captured width). -> (logits [bucket, V], tokens [bucket])."""
@@ -59,4 +87,9 @@ class GraphRunner:
             graph, logits, tokens = self._graphs[bucket, mode]
             graph.replay()
             return logits, tokens
+        if bucket in self._cpu_graphs:
+            recording, logits, inputs = self._cpu_graphs[bucket]
+            with profiled("nanoqwen::cpugraph_replay"):
+                recording.replay()
+            return logits, sample(logits, inputs.sampling(), mode)
         return self._step(mode, self._inputs(bucket, width))

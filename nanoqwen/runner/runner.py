@@ -37,8 +37,8 @@ class ModelRunner:
         self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
-        self.graphs = GraphRunner(self._decode_step, self.graph, device, self.buckets, self._bucket_inputs,
-                                  self._table_width(self.max_blocks_per_seq * self.block_size))
+        self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
+                                  self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))
 
     def _allocate_kv_cache(self) -> None:
         c = self.config
@@ -52,12 +52,16 @@ class ModelRunner:
     # -- decode ---------------------------------------------------------------------------
     def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured or compiled unit: the model, then the sampler. -> (logits [B, V] fp32, tokens [B])."""
+        logits = self._decode_logits(inputs)
+        return logits, sample(logits, inputs.sampling(), mode)
+
+    def _decode_logits(self, inputs: StepInputs) -> torch.Tensor:
+        """The model's part of the step, what a CPU graph records. -> logits [B, V] fp32."""
         meta = AttentionMetadata(
             prefill=False, slot_mapping=inputs.slots, block_tables=inputs.block_tables,
             context_lens=inputs.context_lens,
         )
-        logits = self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
-        return logits, sample(logits, inputs.sampling(), mode)
+        return self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
 
     def _bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)

@@ -8,11 +8,21 @@ from pathlib import Path
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, build, linear, linear_int4, linear_int8, norm_rope, prefill_attention
+from ops.cpu import (
+    attention,
+    build,
+    embedding,
+    linear,
+    linear_int4,
+    linear_int8,
+    norm_rope,
+    pointwise,
+    prefill_attention,
+)
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
-             prefill_attention.KERNEL)
+             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
@@ -29,6 +39,7 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
     norms = norm_rope.KERNEL.ready and hidden_size <= norm_rope.MAX_HIDDEN
     ropes = norm_rope.KERNEL.ready and head_dim <= norm_rope.MAX_HEAD_DIM
     attends = attention.KERNEL.ready and attention.takes(head_dim, num_heads // num_kv_heads)
+    embeds = embedding.KERNEL.ready
     prefills = prefill_attention.KERNEL.ready and prefill_attention.takes(head_dim, num_heads // num_kv_heads)
     return dataclasses.replace(
         ref,
@@ -39,5 +50,13 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
         linear_int4=linear_int4.linear_int4 if linear_int4.supported() else ref.linear_int4,
+        silu_mul=pointwise.silu_mul_cpu if pointwise.KERNEL.ready else ref.silu_mul,
+        to_fp32=pointwise.to_fp32_cpu if pointwise.KERNEL.ready else ref.to_fp32,
+        embedding=embedding.embedding_cpu if embeds else ref.embedding,
+        embedding_int8=embedding.embedding_int8_cpu if embeds else ref.embedding_int8,
+        embedding_int4=embedding.embedding_int4_cpu if embeds else ref.embedding_int4,
         decode_attention_gathers=not attends,
+        # int4 on a CPU without AVX-512 keeps the reference: its steps stay eager (GraphRunner)
+        cpu_graph=norms and ropes and attends and embeds and pointwise.KERNEL.ready and linear.KERNEL.ready
+        and linear_int8.KERNEL.ready,
     )

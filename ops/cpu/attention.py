@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 
 MAX_GROUP = 16  # query heads per kv head
 MAX_HEAD_DIM = 256
@@ -32,22 +32,22 @@ def _decode_attention(
     context_lens: torch.Tensor,  # [B] int32
     scale: float,
 ) -> torch.Tensor:  # [B, Hq, D]
-    q = q.contiguous()
-    tables = block_tables.contiguous()
-    out = torch.empty_like(q)
     batch, num_heads, head_dim = q.shape
+    if q.stride(-1) != 1 or q.stride(-2) != head_dim:  # the model's q, a view of the qkv rows, is read in place
+        q = q.contiguous()
+    tables = block_tables.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype)
     _, block_size, num_kv_heads, _ = k_cache.shape
     with build.profiled("nanoqwen::decode_attention_cpu"):
-        KERNEL.lib.decode_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), context_lens.data_ptr(),
-            out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale,
-            int(q.dtype == torch.bfloat16),
+        graph.call(
+            KERNEL.lib.decode_attention, q, q.stride(0), k_cache, v_cache, tables, context_lens, out, batch,
+            num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, int(q.dtype == torch.bfloat16),
         )
     return out
 
 
 def _decode_attention_fake(q, k_cache, v_cache, block_tables, context_lens, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 decode_attention_cpu = build.kernel_op("decode_attention_cpu", _decode_attention, _decode_attention_fake)

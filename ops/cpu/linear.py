@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ops.cpu import build
+from ops.cpu import build, graph
 
 MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM
 
@@ -25,8 +25,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     with build.profiled("nanoqwen::linear_cpu"):
-        KERNEL.lib.linear(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
-                          int(x.dtype == torch.bfloat16))
+        graph.call(KERNEL.lib.linear, x, weight, out, x.shape[0], weight.shape[0], x.shape[1],
+                   int(x.dtype == torch.bfloat16))
     return out
 
 

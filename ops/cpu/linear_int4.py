@@ -15,7 +15,7 @@ import ctypes
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
 
@@ -38,8 +38,8 @@ def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, off
     m, k = x.shape
     out = torch.empty(m, weight.shape[0], dtype=x.dtype)
     with build.profiled("nanoqwen::linear_int4_cpu"):
-        KERNEL.lib.linear_int4(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
-                               m, weight.shape[0], k, k // scale.shape[1], int(x.dtype == torch.bfloat16))
+        graph.call(KERNEL.lib.linear_int4, x, weight, scale, offset, out, m, weight.shape[0], k, k // scale.shape[1],
+                   int(x.dtype == torch.bfloat16))
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int8 import linear_int8_torch
 
@@ -27,8 +27,8 @@ def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     with build.profiled("nanoqwen::linear_int8_cpu"):
-        KERNEL.lib.linear_int8(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0],
-                               weight.shape[0], x.shape[1], int(x.dtype == torch.bfloat16))
+        graph.call(KERNEL.lib.linear_int8, x, weight, scale, out, x.shape[0], weight.shape[0], x.shape[1],
+                   int(x.dtype == torch.bfloat16))
     return out
 
 

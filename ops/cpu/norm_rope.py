@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 from ops.torch_ref.rms_norm import rms_norm_torch
 from ops.torch_ref.rope import qk_norm_rope_store_torch
 
@@ -30,11 +30,8 @@ def _rms_norm_into(
     new_residual: torch.Tensor | None,
 ) -> None:
     with build.profiled("nanoqwen::rms_norm_cpu"):
-        KERNEL.lib.rms_norm(
-            x.data_ptr(), residual.data_ptr() if residual is not None else None, weight.data_ptr(), out.data_ptr(),
-            new_residual.data_ptr() if new_residual is not None else None, x.shape[0], x.shape[1], eps,
-            int(x.dtype == torch.bfloat16),
-        )
+        graph.call(KERNEL.lib.rms_norm, x, residual, weight, out, new_residual, x.shape[0], x.shape[1], eps,
+                   int(x.dtype == torch.bfloat16))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,10 +87,10 @@ def _qk_norm_rope_store(
     positions = positions.to(torch.int32).contiguous()
     slots = slot_mapping.to(torch.int32).contiguous()
     with build.profiled("nanoqwen::qk_norm_rope_store_cpu"):
-        KERNEL.lib.qk_norm_rope_store(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), q_weight.data_ptr(), k_weight.data_ptr(), eps,
-            cos_sin.data_ptr(), positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-            n, num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0), int(q.dtype == torch.bfloat16),
+        graph.call(
+            KERNEL.lib.qk_norm_rope_store, q, k, v, q_weight, k_weight, eps, cos_sin, positions, k_cache, v_cache,
+            slots, n, num_heads, k.shape[1], head_dim, q.stride(0), k.stride(0), v.stride(0),
+            int(q.dtype == torch.bfloat16),
         )
 
 

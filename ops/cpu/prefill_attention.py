@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.cpu import build
+from ops.cpu import build, graph
 from ops.torch_ref.prefill_attention import prefill_attention_torch
 
 MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at least one token's group
@@ -58,10 +58,9 @@ def _prefill_attention(
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     with build.profiled("nanoqwen::prefill_attention_cpu"):
-        KERNEL.lib.prefill_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens[0].data_ptr(),
-            lens[1].data_ptr(), out.data_ptr(), len(query_lens), num_heads, num_kv_heads, head_dim, block_size,
-            tables.shape[1], scale, int(q.dtype == torch.bfloat16),
+        graph.call(
+            KERNEL.lib.prefill_attention, q, k_cache, v_cache, tables, lens[0], lens[1], out, len(query_lens),
+            num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, int(q.dtype == torch.bfloat16),
         )
     return out
 

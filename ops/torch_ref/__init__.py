@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from ops.kernels import Kernels
 from ops.torch_ref.activation import silu_mul_torch
+from ops.torch_ref.convert import to_fp32_torch
 from ops.torch_ref.decode_attention import decode_attention_torch
+from ops.torch_ref.embedding import embedding_int4_torch, embedding_int8_torch, embedding_torch
 from ops.torch_ref.linear_int4 import linear_int4_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
 from ops.torch_ref.prefill_attention import prefill_attention_torch
@@ -23,5 +25,10 @@ KERNELS = Kernels(
     linear_int8=linear_int8_torch,
     linear_int4=linear_int4_torch,
     silu_mul=silu_mul_torch,
+    embedding=embedding_torch,
+    embedding_int8=embedding_int8_torch,
+    embedding_int4=embedding_int4_torch,
+    to_fp32=to_fp32_torch,
     decode_attention_gathers=True,
+    cpu_graph=False,
 )

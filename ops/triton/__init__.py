@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 
+from ops import torch_ref
 from ops.kernels import Kernels
 from ops.triton.activation import silu_mul_triton
 from ops.triton.decode_attention import decode_attention_triton, num_sms
@@ -30,5 +31,11 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         silu_mul=silu_mul_triton,
         linear_int8=linear_int8_triton,
         linear_int4=linear_int4_triton,
+        # no Triton kernels for these: the references, also where `base` is the CPU set (under the interpreter)
+        embedding=torch_ref.KERNELS.embedding,
+        embedding_int8=torch_ref.KERNELS.embedding_int8,
+        embedding_int4=torch_ref.KERNELS.embedding_int4,
+        to_fp32=torch_ref.KERNELS.to_fp32,
         decode_attention_gathers=False,
+        cpu_graph=False,
     )

@@ -9,6 +9,7 @@ static inline __m256 load8(const void *p, long i, int bf16) {
 
 struct attention_args {
     const void *q, *kc, *vc;
+    long sq;  /* q's token stride */
     const int32_t *tables, *ctx;
     void *out;
     int Hq, Hkv, D, bs, W, bf16;
@@ -28,7 +29,7 @@ static void attend(const void *args, long task) {
     float m[16], l[16];
     const int nv = D / 8;
     for (int g = 0; g < G; g++) {
-        long base = ((long)b * Hq + h * G + g) * D;
+        long base = b * a->sq + (long)(h * G + g) * D;
         for (int i = 0; i < nv; i++) {
             qv[g][i] = _mm256_mul_ps(load8(q, base + 8 * i, bf16), _mm256_set1_ps(scale));
             acc[g][i] = _mm256_setzero_ps();
@@ -73,9 +74,10 @@ static void attend(const void *args, long task) {
 #define PARALLEL_MIN_PAIRS 4096
 
 /* Shapes: see nanoqwen_cpu.h. One task per (sequence, kv head), on the thread pool (pool.h). */
-void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
-                      void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16) {
-    struct attention_args a = {q, kc, vc, tables, ctx, out, Hq, Hkv, D, bs, W, bf16, scale};
+void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
+                      const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
+                      int bf16) {
+    struct attention_args a = {q, kc, vc, sq, tables, ctx, out, Hq, Hkv, D, bs, W, bf16, scale};
     long pairs = 0;
     for (int b = 0; b < B; b++) pairs += (long)ctx[b] * Hkv;
     if (pairs < PARALLEL_MIN_PAIRS)

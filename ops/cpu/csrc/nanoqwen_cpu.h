@@ -23,10 +23,12 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
 void linear_int4_supported(int *ok);
 
 /* attention.c: paged decode attention, one query token per sequence.
-   q: [B, Hq, D]; k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32;
-   out: [B, Hq, D]. D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
-void decode_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *ctx,
-                      void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale, int bf16);
+   q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
+   k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32; out: [B, Hq, D] contiguous.
+   D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
+void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
+                      const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
+                      int bf16);
 
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
@@ -45,5 +47,20 @@ void rms_norm(const void *x, const void *res, const void *w, void *out, void *re
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
+
+/* embedding.c: out[n] = table[ids[n]]; ids: [N] int32 (in range), out: [N, H]. `embedding`: any dtype of
+   elem_size bytes. `embedding_int8`: table [V, H] int8, scale [V], out = q * scale. `embedding_int4`: table
+   [V, H / 2] uint8 in linear_int4's block layout, scale and offset [V, H / G], out = q * scale + offset
+   (rounded in fp32, then to the out dtype). Scales, offsets and out all bf16 or all fp32; H % 64 == 0. */
+void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size);
+void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, void *out, int N, int H, int bf16);
+void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
+                    int N, int H, int G, int bf16);
+
+/* pointwise.c: x: [N, 2I] (gate | up), out: [N, I] = silu(gate) * up, bf16 or fp32, I % 8 == 0. */
+void silu_mul(const void *x, void *out, int N, int I, int bf16);
+
+/* pointwise.c: out[i] = x[i], bf16 -> fp32, n elements. */
+void bf16_to_fp32(const uint16_t *x, float *out, long n);
 
 #endif

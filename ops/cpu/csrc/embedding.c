@@ -1,0 +1,46 @@
+/* Embedding lookups for every weight format, rounding as the torch references do: the why is in
+   ops/cpu/embedding.py. */
+#include "nanoqwen_cpu.h"
+#include "simd.h"
+
+static inline void st(void *p, long i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
+}
+static inline float ld(const void *p, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size) {
+    const size_t row = (size_t)H * elem_size;
+    for (int n = 0; n < N; n++) memcpy((char *)out + n * row, (const char *)table + ids[n] * row, row);
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, void *out, int N, int H, int bf16) {
+    for (int n = 0; n < N; n++) {
+        const int8_t *q = table + (long)ids[n] * H;
+        const float s = ld(scale, ids[n], bf16);
+        for (int i = 0; i < H; i++) st(out, (long)n * H + i, (float)q[i] * s, bf16);
+    }
+}
+
+/* Shapes: see nanoqwen_cpu.h. Column c of a 64-column block is nibble (c / 16) of its 16-bit word c % 16
+   (ops/torch_ref/linear_int4.py). */
+void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
+                    int N, int H, int G, int bf16) {
+    const int groups = H / G;
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = table + (long)ids[n] * (H / 2);
+        for (int c = 0; c < H; c++) {
+            const uint8_t *block = row + (c / 64) * 32;
+            const int i = c % 16, j = (c % 64) / 16;
+            const uint8_t byte = block[2 * i + (j >> 1)];
+            const long g = (long)ids[n] * groups + c / G;
+            float v = (float)(j & 1 ? byte >> 4 : byte & 15) * ld(scale, g, bf16);
+            /* the reference rounds the product before adding the offset: no FMA contraction */
+            __asm__("" : "+x"(v));
+            st(out, (long)n * H + c, v + ld(offset, g, bf16), bf16);
+        }
+    }
+}

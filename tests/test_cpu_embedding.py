@@ -1,0 +1,56 @@
+"""The compiled CPU embedding lookups (bf16/fp32, int8, int4 tables) against the torch references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoqwen.quant import quantize_int4_into, quantize_int8_into
+from ops.cpu import build as cpu_build
+from ops.cpu import embedding as cpu_embedding
+from ops.torch_ref.embedding import embedding_int4_torch, embedding_int8_torch, embedding_torch
+
+pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+
+def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
+    assert cpu_embedding.KERNEL.build(), cpu_embedding.KERNEL.error
+
+
+VOCAB, HIDDEN = 300, 256
+IDS = [torch.tensor([7], dtype=torch.int32), torch.tensor([[0, 299, 5], [5, 17, 3]]), torch.tensor([1, 1, 250])]
+
+
+def table(dtype: torch.dtype) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(VOCAB, HIDDEN).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
+def test_embedding(dtype, ids):
+    weight = table(dtype)
+    out = cpu_embedding.embedding_cpu(ids, weight)
+    assert out.shape == (*ids.shape, HIDDEN) and out.dtype == dtype
+    assert torch.equal(out, embedding_torch(ids, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
+def test_embedding_int8(dtype, ids):
+    q, scale = torch.empty(VOCAB, HIDDEN, dtype=torch.int8), torch.empty(VOCAB, dtype=dtype)
+    quantize_int8_into(table(torch.float32), q, scale)
+    out = cpu_embedding.embedding_int8_cpu(ids, q, scale)
+    assert out.shape == (*ids.shape, HIDDEN) and out.dtype == dtype
+    assert torch.equal(out, embedding_int8_torch(ids, q, scale))  # one rounding of an exact product
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
+def test_embedding_int4(dtype, group, ids):
+    packed = torch.empty(VOCAB, HIDDEN // 2, dtype=torch.uint8)
+    scale, offset = torch.empty(VOCAB, HIDDEN // group, dtype=dtype), torch.empty(VOCAB, HIDDEN // group, dtype=dtype)
+    quantize_int4_into(table(torch.float32), packed, scale, offset)
+    out = cpu_embedding.embedding_int4_cpu(ids, packed, scale, offset)
+    assert out.shape == (*ids.shape, HIDDEN) and out.dtype == dtype
+    assert torch.equal(out, embedding_int4_torch(ids, packed, scale, offset))  # the reference's roundings, in order

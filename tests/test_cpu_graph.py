@@ -1,0 +1,160 @@
+"""NANOQWEN_GRAPH=cpugraph: the decode step's C kernel calls recorded once per batch bucket and
+replayed (ops/cpu/graph.py, nanoqwen/runner/graphs.py); greedy tokens as transformers', the same
+tokens and logprobs as the eager step in every weight format."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from checkpoints import load_hf_model, make_checkpoint
+from engine_util import collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine, run
+from nanoqwen.engine import SamplingParams
+from nanoqwen.runner.graphs import GraphRunner
+from nanoqwen.runner.inputs import StepInputBuffer
+from ops.cpu import build as cpu_build
+from ops.cpu import graph as cpu_graph
+from quant_reference import load_quantised_hf_model
+
+needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+# Different lengths: a batch of them replays with each row at its own context length, and a padded lane.
+PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint):
+    hf = load_hf_model(checkpoint)
+    return [hf_greedy(hf, p, 9) for p in PROMPTS + [list(range(2000, 2011))]]
+
+
+def cpugraph_engine(checkpoint, **overrides):
+    engine = load_engine(checkpoint, graph="cpugraph", max_batch=4, **overrides)
+    assert engine.info()["graph"] == "cpugraph"
+    assert sorted(engine.runner.graphs._cpu_graphs) == engine.runner.buckets  # every bucket replays
+    return engine
+
+
+def test_capture_records_c_calls_and_keeps_their_tensors():
+    calls = []
+    with cpu_graph.capture() as recording:
+        x = torch.empty(4)
+        y = x.view(2, 2)[1:]  # views and allocations may run beside the calls
+        cpu_graph.call(lambda *args: calls.append(args), y, None, 3, 0.5)
+    assert calls == [(y.data_ptr(), None, 3, 0.5)] and recording.tensors == [y]
+    recording.replay()
+    assert calls == [(y.data_ptr(), None, 3, 0.5)] * 2
+    cpu_graph.call(lambda *args: calls.append(args), y)  # no capture active: called, not recorded
+    assert len(recording.calls) == 1
+
+
+def test_a_capture_records_only_its_own_thread():
+    calls = []
+    with cpu_graph.capture() as recording:
+        other = threading.Thread(target=cpu_graph.call, args=(lambda *args: calls.append(args), 1))
+        other.start()
+        other.join()
+        cpu_graph.call(lambda *args: calls.append(args), 2)
+    assert calls == [(1,), (2,)] and [args for _, args in recording.calls] == [(2,)]
+
+
+@pytest.mark.parametrize("op,work", [
+    ("aten.add", lambda x: x + 1),
+    ("aten.mul_", lambda x: x.mul_(2)),  # in place: its output is its input, still work
+    ("aten.clone", lambda x: x.view(2, 2).t().contiguous()),
+    ("aten.ones", lambda x: torch.ones(2)),
+])
+def test_capture_refuses_a_step_that_computes_with_torch(op, work):
+    x = torch.ones(4)
+    with pytest.raises(cpu_graph.NotCapturable, match=op), cpu_graph.capture():
+        work(x)
+
+
+def test_a_bucket_that_computes_with_torch_runs_eagerly():
+    buffer = StepInputBuffer(max_batch=2, max_blocks_per_seq=4, block_size=16, device=torch.device("cpu"))
+    kernel_calls = []
+
+    def logits(inputs):
+        out = torch.empty(inputs.input_ids.shape[0], 8)
+        if out.shape[0] == 2:
+            out.zero_()  # torch work: not recordable
+        cpu_graph.call(lambda ptr: kernel_calls.append(ptr), out)
+        return out
+
+    def step(mode, inputs):
+        return logits(inputs), torch.zeros(inputs.input_ids.shape[0], dtype=torch.int64)
+
+    runner = GraphRunner(step, logits, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, 4)
+    assert list(runner._cpu_graphs) == [1]
+    captured = len(kernel_calls)
+    with torch.inference_mode():
+        runner.run(1, "greedy", 4)
+        assert kernel_calls[-1] == kernel_calls[0] and len(kernel_calls) == captured + 1  # replayed
+        logits_2, _ = runner.run(2, "greedy", 4)
+    assert logits_2.shape == (2, 8) and len(kernel_calls) == captured + 2
+
+
+@needs_c_kernels
+def test_greedy_matches_transformers(checkpoint, references):
+    engine = cpugraph_engine(checkpoint)
+    results = generate(engine, PROMPTS, greedy(9))  # bucket 4: 3 rows and a padded lane
+    assert [r.choices[0].token_ids for r in results] == references[:3]
+    [single] = generate(engine, PROMPTS[1:2], greedy(9))  # bucket 1
+    assert single.choices[0].token_ids == references[1]
+
+
+@needs_c_kernels
+def test_sequences_that_finish_and_join_keep_the_recorded_buffers(checkpoint, references):
+    """Rows leave (bucket 4 -> 2 -> 1) and a new prompt joins mid-run: the replays read the new rows."""
+    engine = cpugraph_engine(checkpoint)
+    lengths = [3, 9, 5]
+    streams = [engine.submit(p, greedy(n))[1] for p, n in zip(PROMPTS, lengths)]
+    with torch.inference_mode():
+        for _ in range(5):
+            engine_step(engine)
+    late = engine.submit(list(range(2000, 2011)), greedy(9))[1]
+    run(engine)
+    got = [collect(s).choices[0].token_ids for s in [*streams, late]]
+    assert got == [ref[:n] for ref, n in zip(references, [*lengths, 9])]
+
+
+@needs_c_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_replay_gives_the_eager_tokens_and_logprobs(checkpoint, quant, dtype):
+    """The replay calls the eager step's kernels with the same arguments: its logits are the eager ones."""
+    params = greedy(6, logprobs=True, top_logprobs=3)
+    outputs = []
+    for engine in (cpugraph_engine(checkpoint, quant=quant, dtype=dtype),
+                   load_engine(checkpoint, graph="none", max_batch=4, quant=quant, dtype=dtype)):
+        outputs.append([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(engine, PROMPTS, params)])
+    assert outputs[0] == outputs[1]
+
+
+@needs_c_kernels
+def test_int8_matches_the_quantised_reference(checkpoint):
+    hf = load_quantised_hf_model(checkpoint, "int8")
+    results = generate(cpugraph_engine(checkpoint, quant="int8"), PROMPTS, greedy(6))
+    assert [r.choices[0].token_ids for r in results] == [hf_greedy(hf, p, 6) for p in PROMPTS]
+
+
+@needs_c_kernels
+def test_rows_with_penalties_and_logit_bias_resample_the_replayed_logits(checkpoint, references):
+    forced = 4242
+    batch = [
+        greedy(8),
+        greedy(8, presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3),
+        greedy(8, logit_bias={forced: 100.0}),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=8, ignore_eos=True, presence_penalty=1.0),
+    ]
+    prompts = PROMPTS + [PROMPTS[0]]
+    graphed = generate_together(cpugraph_engine(checkpoint), prompts, batch)
+    eager = generate_together(load_engine(checkpoint, graph="none", max_batch=4), prompts, batch)
+    assert graphed == eager
+    assert graphed[0] == references[0][:8] and graphed[2] == [forced] * 8

@@ -1,0 +1,45 @@
+"""The compiled CPU silu * up and bf16 -> fp32 logits kernels against the torch references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops.cpu import build as cpu_build
+from ops.cpu import pointwise as cpu_pointwise
+from ops.torch_ref.activation import silu_mul_torch
+
+pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+
+def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
+    assert cpu_pointwise.KERNEL.build(), cpu_pointwise.KERNEL.error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,size", [(1, 16), (3, 6144), (8, 96)])
+def test_silu_mul(dtype, rows, size):
+    torch.manual_seed(rows + size)
+    x = (torch.randn(rows, size) * 6).to(dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp saturates on both sides; silu(0) = 0
+    out = cpu_pointwise.silu_mul_cpu(x)
+    ref = silu_mul_torch(x)
+    assert out.dtype == dtype and out.shape == ref.shape
+    if dtype == torch.float32:  # the exp polynomial within ~2 ulp of torch's
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=3e-7)
+    else:  # the same bf16 roundings; an fp32 ulp of silu may round the other way
+        torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=2**-7)
+        assert (out != ref).float().mean() < 0.01
+
+
+def test_silu_mul_other_layouts_take_the_reference():
+    x = torch.randn(2, 3, 32)  # 3-d: not the kernel's
+    torch.testing.assert_close(cpu_pointwise.silu_mul_cpu(x), silu_mul_torch(x))
+
+
+@pytest.mark.parametrize("shape", [(1, 151936), (3, 37)])
+def test_to_fp32(shape):
+    x = torch.randn(shape).to(torch.bfloat16)
+    out = cpu_pointwise.to_fp32_cpu(x)
+    assert out.dtype == torch.float32 and torch.equal(out, x.float())
+    f = torch.randn(shape)
+    assert cpu_pointwise.to_fp32_cpu(f) is f
