@@ -80,7 +80,7 @@ class EngineConfig:
     # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
     # (prompts that finish within the budget whole, longer ones in chunks across steps); 0 = off (whole
     # prompts prefilled alone in a step); None = 2 × max_batch, at least 512 (profiles/RESULTS.md,
-    # "Chunked prefill: a latency bound").
+    # "Chunked prefill: paced chunks").
     max_step_tokens: int | None = None
     # While streams decode, a chunk that leaves its prompt unfinished may add this many decode-only
     # steps' time to a step (measured): 1.0 = a step at most twice a decode step; 0 = no pacing.

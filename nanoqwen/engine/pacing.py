@@ -23,7 +23,9 @@ class ChunkPacer:
         self.stall = stall
         self.max_tokens = max_tokens
         self.decode_s: float | None = None  # a decode-only step, averaged
-        self.floor_s: float | None = None  # a step carrying a MIN_CHUNK-token paced chunk, averaged
+        # A step carrying a MIN_CHUNK-token paced chunk and no other prefill, in decode-only steps
+        # (averaged): a ratio, so that it holds as the machine's load moves both.
+        self.floor: float | None = None
         self.tokens = min(MIN_CHUNK, max_tokens)  # the paced chunk; grows at most 2x a step from here
 
     def observe(self, decode_rows: int, prefill_tokens: int, paced_tokens: int, seconds: float) -> None:
@@ -34,9 +36,9 @@ class ChunkPacer:
             return
         if not (paced_tokens and decode_rows and self.decode_s):
             return
-        if paced_tokens == self.tokens == MIN_CHUNK:
-            self.floor_s = _average(self.floor_s, seconds)
-        target = (self.floor_s or self.decode_s) + self.stall * self.decode_s
+        if paced_tokens == prefill_tokens == self.tokens == MIN_CHUNK:
+            self.floor = _average(self.floor, seconds / self.decode_s)
+        target = ((self.floor or 1.0) + self.stall) * self.decode_s
         if seconds <= target and paced_tokens < self.tokens:  # the prompt ended short of the allowance
             return
         scaled = int(self.tokens * target / seconds)
