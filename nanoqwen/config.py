@@ -82,8 +82,9 @@ class EngineConfig:
     # prompts prefilled alone in a step); None = 2 × max_batch, at least 512 (profiles/RESULTS.md,
     # "Chunked prefill: paced chunks").
     max_step_tokens: int | None = None
-    # While streams decode, a chunk that leaves its prompt unfinished may add this many decode-only
-    # steps' time to a step (measured): 1.0 = a step at most twice a decode step; 0 = no pacing.
+    # While streams decode, a chunk that leaves its prompt unfinished may make its step this many
+    # decode-only steps longer than a step with the smallest chunk (measured, nanoqwen/engine/pacing.py):
+    # 1.0 = about twice a decode step where prefill rows add little of their own; 0 = no pacing.
     prefill_stall: float = 1.0
     enable_prefix_caching: bool = True
     # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
