@@ -6,11 +6,11 @@ prefill) every step first decodes every running sequence, then spends what is le
 on prefill: sequences already part-way through their prompt first, then waiting ones. A prompt
 that finishes within what is left goes whole: its client gets a first token this step. A longer
 one is split across steps, and while streams decode, its chunks are paced by time: sized so that a
-step carrying one takes (1 + `prefill_stall`) × a decode-only step (measured, ChunkPacer), so a
-long prompt slows the streams by no more than that. Without a budget, waiting
-sequences are prefilled whole, alone in their step, as soon as they fit. When the KV pool runs dry
-during decode, the newest running sequence is preempted: its blocks are freed and it is recomputed
-later.
+step carrying one takes `prefill_stall` decode-only steps longer than a step carrying the smallest
+chunk (measured, ChunkPacer), so a long prompt slows the streams by no more than that. Without a
+budget, waiting sequences are prefilled whole, alone in their step, as soon as they fit. When the
+KV pool runs dry during decode, the newest running sequence is preempted: its blocks are freed and
+it is recomputed later.
 """
 from __future__ import annotations
 
