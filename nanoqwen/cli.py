@@ -53,7 +53,10 @@ ENGINE_OPTIONS = (
     EnvOption("--max-prefill-tokens", "NANOQWEN_MAX_PREFILL_TOKENS", "prompt tokens prefilled together in one "
               "step when chunking is off (default 8192)", int),
     EnvOption("--max-step-tokens", "NANOQWEN_MAX_STEP_TOKENS", "chunked prefill: tokens per step, running "
-              "streams' decode tokens first, then prefill chunks; 0 = off (default: 2 × max batch, at least 128)", int),
+              "streams' decode tokens first, then prefill chunks; 0 = off (default: 2 × max batch, at least 512)", int),
+    EnvOption("--prefill-stall", "NANOQWEN_PREFILL_STALL", "chunked prefill: while streams decode, the time a "
+              "chunk of a long prompt may add to a step with the smallest chunk, in decode steps (default 1.0; "
+              "0 = no pacing)", float),
     EnvOption("--enable-prefix-caching", "NANOQWEN_ENABLE_PREFIX_CACHING", "reuse the KV blocks of identical "
               "prompt prefixes (default on)", switch=True),
     EnvOption("--generation-config", "NANOQWEN_GENERATION_CONFIG", "auto = sampling fields a request leaves out "

@@ -78,9 +78,14 @@ class EngineConfig:
     num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step, without chunking
     # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
-    # chunks (a long prompt split across steps); 0 = off (whole prompts prefilled alone in a step);
-    # None = 2 × max_batch, at least 128 (profiles/RESULTS.md, "Chunked prefill").
+    # (prompts that finish within the budget whole, longer ones in chunks across steps); 0 = off (whole
+    # prompts prefilled alone in a step); None = 2 × max_batch, at least 512 (profiles/RESULTS.md,
+    # "Chunked prefill: paced chunks").
     max_step_tokens: int | None = None
+    # While streams decode, a chunk that leaves its prompt unfinished may make its step this many
+    # decode-only steps longer than a step with the smallest chunk (measured, nanoqwen/engine/pacing.py):
+    # 1.0 = about twice a decode step where prefill rows add little of their own; 0 = no pacing.
+    prefill_stall: float = 1.0
     enable_prefix_caching: bool = True
     # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
     # (as vLLM's --generation-config auto); none: from the OpenAI defaults (temperature 1, no top-k/p)
@@ -108,10 +113,12 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_step_tokens is None:
-            self.max_step_tokens = max(128, 2 * self.max_batch)
+            self.max_step_tokens = max(512, 2 * self.max_batch)
         if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
             raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
                              "a step with every sequence decoding still has room for a prefill chunk")
+        if self.prefill_stall < 0:
+            raise ValueError("prefill_stall must be 0 (no pacing) or more")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
 

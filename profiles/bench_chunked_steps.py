@@ -4,7 +4,8 @@
     python profiles/bench_chunked_steps.py [--budgets 24 64 256] [--streams 8] [--long-tokens 4096]
         [--threads N] [--small] [--out DIR]
 
-Each budget loads its own engine (0.6B shape, bf16; --small: the 2-layer test model). Reports the
+Each budget loads its own engine (0.6B shape, bf16; --small: the 2-layer test model), chunks not
+paced by time (prefill_stall 0): every chunk fills the budget. Reports the
 median wall time of decode-only steps and of steps carrying the newcomer's chunks, and their ratio:
 the streams' ITL p99 / p50 while a long prompt prefills. Writes bench_chunked_steps.{json,md}.
 """
@@ -34,7 +35,7 @@ def step_times(engine: Engine, steps: int) -> list[float]:
 def measure(args: argparse.Namespace, budget: int) -> dict:
     engine = Engine(EngineConfig(
         model=str(common.checkpoint(args.small)), device=args.device, dtype=args.dtype, kernels=args.kernels,
-        max_batch=args.streams + 1, max_step_tokens=budget, threads=args.threads,
+        max_batch=args.streams + 1, max_step_tokens=budget, prefill_stall=0.0, threads=args.threads,
         max_model_len=args.long_tokens + 64, num_kv_blocks=(args.long_tokens + 64 * (args.streams + 1)) // 16 + 2,
     ))
     engine.load()

@@ -3,7 +3,7 @@
     python profiles/bench_serving.py [--model DIR | --shape {0.6b,tiny}] [--clients 1 8 32]
         [--max-tokens 128] [--prompt-words 64] [--device auto] [--dtype auto] [--out DIR]
         [--workloads uniform mixed] [--max-step-tokens 0 256] [--long-tokens 4096] [--streams 8]
-        [--ttft-clients 32] [--system-tokens 256]
+        [--prefill-stall 1.0] [--ttft-clients 32] [--system-tokens 256]
 
 For each N, N distinct prompts are submitted at once (greedy, ignore_eos, max_tokens each): first
 straight to `Engine` in this process, then as streaming chat completions to `gunicorn -k gevent
@@ -14,10 +14,10 @@ under .cache/). Prints a markdown table and writes bench_serving.{json,md}, the 
 if matplotlib is installed, bench_serving.png into --out (default: the git-ignored profiles/out/).
 
 The `mixed` workloads (profiles/serving_workloads.py) run through the server once per
---max-step-tokens value (0 = chunked prefill off), sampled with Qwen3's defaults behind a shared
-system prompt: a --long-tokens prompt arriving into --streams running streams (their ITL p50/p99,
-its TTFT), and TTFT with --ttft-clients concurrent clients. bench_serving_mixed.{json,md} records
-the machine, command, settings and load average with the figures.
+--max-step-tokens value (0 = chunked prefill off) and --prefill-stall value, sampled with Qwen3's
+defaults behind a shared system prompt: a --long-tokens prompt arriving into --streams running
+streams (their ITL p50/p99, its TTFT), and TTFT with --ttft-clients concurrent clients.
+bench_serving_mixed.{json,md} records the machine, command, settings and load average with the figures.
 
 With --check-greedy it first starts the server in fp32 and asks it, through the `openai` client, for
 a greedy completion with logprobs; its tokens must equal transformers' fp32 greedy tokens on the
@@ -239,6 +239,8 @@ def main() -> None:
     defaults = serving_workloads.WorkloadSettings()
     parser.add_argument("--max-step-tokens", type=int, nargs="+", default=[0, 256],
                         help="step token budgets the mixed workloads compare (0 = chunked prefill off)")
+    parser.add_argument("--prefill-stall", type=float, nargs="+", default=[1.0],
+                        help="prefill stalls each nonzero budget runs with (0 = chunks not paced)")
     parser.add_argument("--long-tokens", type=int, default=defaults.long_tokens)
     parser.add_argument("--streams", type=int, default=defaults.streams)
     parser.add_argument("--stream-tokens", type=int, default=defaults.stream_tokens)
@@ -295,11 +297,12 @@ def mixed(env: dict[str, str], args: argparse.Namespace, model: str) -> None:
         streams=args.streams, long_tokens=args.long_tokens, clients=args.ttft_clients,
     )
     machine = machine_info(torch.device("cpu") if args.device in ("auto", "cpu") else torch.device(args.device))
-    rows = serving_workloads.run_budgets(env, args.max_step_tokens, settings, args.out)
+    rows = serving_workloads.run_budgets(env, args.max_step_tokens, args.prefill_stall, settings, args.out)
     machine["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     server_env = {k: v for k, v in os.environ.items() if k.startswith("NANOQWEN_")}  # what the servers inherit
     header = (f"{machine_line(machine)}, {machine['load_avg_1m_end']} at the end\n`{command_line()}`\n"
-              f"server environment {server_env or 'none'} (+ max_batch, max_queue, max_step_tokens per row)\n"
+              f"server environment {server_env or 'none'} "
+              "(+ max_batch, max_queue, max_step_tokens, prefill_stall per row)\n"
               f"model {model} ({args.shape if args.model is None else 'given'}); "
               f"sampled {serving_workloads.QWEN_SAMPLING}; "
               f"settings {asdict(settings)}\n")

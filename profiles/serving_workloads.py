@@ -118,27 +118,31 @@ def concurrent_ttft(url: str, s: WorkloadSettings) -> dict:
             "tokens_per_s": sum(st.tokens for st in streams) / wall}
 
 
-def run_budgets(env: dict[str, str], budgets: list[int], s: WorkloadSettings, out: Path) -> list[dict]:
-    """Each budget's server in turn (0 = chunking off): a warm-up request, then both workloads."""
+def run_budgets(env: dict[str, str], budgets: list[int], stalls: list[float], s: WorkloadSettings,
+                out: Path) -> list[dict]:
+    """A server per budget (0 = chunking off) and, chunking on, per prefill stall, in turn: a warm-up
+    request, then both workloads."""
     rows = []
-    for budget in budgets:
-        budget_env = {**env, "NANOQWEN_MAX_STEP_TOKENS": str(budget),
+    for budget, stall in [(b, st) for b in budgets for st in (stalls if b else [0.0])]:
+        budget_env = {**env, "NANOQWEN_MAX_STEP_TOKENS": str(budget), "NANOQWEN_PREFILL_STALL": str(stall),
                       "NANOQWEN_MAX_BATCH": str(max(s.clients, s.streams + 1)),
                       "NANOQWEN_MAX_QUEUE": str(max(s.clients, s.streams + 1))}
-        with GunicornServer(budget_env, out / f"gunicorn-budget{budget}.log") as server:
+        with GunicornServer(budget_env, out / f"gunicorn-budget{budget}-stall{stall:g}.log") as server:
             stream_completion(server.url, token_ids(7, s.system_tokens + s.question_tokens), 4, 7)
-            rows.append({"max_step_tokens": budget, **long_prompt_into_streams(server.url, s),
+            rows.append({"max_step_tokens": budget, "prefill_stall": stall, **long_prompt_into_streams(server.url, s),
                          **concurrent_ttft(server.url, s)})
     return rows
 
 
 def markdown(rows: list[dict], s: WorkloadSettings) -> str:
-    lines = [f"| max_step_tokens | streams' ITL p50 ms | ITL p99 ms | p99/p50 | ITL max ms | {s.long_tokens}-token "
-             f"newcomer TTFT ms | TTFT p50 ms ({s.clients} clients) | TTFT p99 ms | tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| max_step_tokens | prefill_stall | streams' ITL p50 ms | ITL p99 ms | p99/p50 | ITL max ms | "
+             f"{s.long_tokens}-token newcomer TTFT ms | TTFT p50 ms ({s.clients} clients) | TTFT p99 ms | tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        stall = f"{r['prefill_stall']:g}" if r["max_step_tokens"] else "–"
         lines.append(
-            f"| {r['max_step_tokens'] or 'off'} | {r['streams_itl_p50_ms']:.1f} | {r['streams_itl_p99_ms']:.1f} | "
+            f"| {r['max_step_tokens'] or 'off'} | {stall} | {r['streams_itl_p50_ms']:.1f} | "
+            f"{r['streams_itl_p99_ms']:.1f} | "
             f"{r['streams_itl_p99_ms'] / r['streams_itl_p50_ms']:.2f} | {r['streams_itl_max_ms']:.1f} | "
             f"{r['newcomer_ttft_ms']:.1f} | {r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} | "
             f"{r['tokens_per_s']:.1f} |")

@@ -10,15 +10,17 @@ MIXED = [(5, 5), (7, 12), (1, 9), (3, 40), (20, 45), (1, 1), (33, 33), (1, 64), 
 
 
 def paged(seqs: list[tuple[int, int]], num_q_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 8,
-          block_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"):
+          block_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu",
+          scattered: bool = True):
     """(new tokens, context) per sequence -> the kernel's arguments with a random paged cache (blocks
-    scattered, block 0 unused), and each sequence's full-context k/v [ctx, Hkv, D]."""
+    scattered, else each sequence's a consecutive run; block 0 unused), and each sequence's full-context
+    k/v [ctx, Hkv, D]."""
     g = torch.Generator().manual_seed(seed)
     widths = [-(-ctx // block_size) for _, ctx in seqs]
     shape = (sum(widths) + 1, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=g).to(device, dtype)
     v_cache = torch.randn(shape, generator=g).to(device, dtype)
-    order = torch.randperm(sum(widths), generator=g) + 1
+    order = (torch.randperm(sum(widths), generator=g) if scattered else torch.arange(sum(widths))) + 1
     tables = torch.zeros(len(seqs), max(widths), dtype=torch.int32)
     full_k, full_v, k, v = [], [], [], []
     used = 0

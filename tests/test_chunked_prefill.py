@@ -46,8 +46,8 @@ def test_budget_must_leave_room_for_a_chunk():
     with pytest.raises(ValueError, match="max_step_tokens"):
         EngineConfig(max_batch=8, max_step_tokens=8)
     assert EngineConfig.from_env({"NANOQWEN_MAX_STEP_TOKENS": "0"}).max_step_tokens == 0
-    assert EngineConfig(max_batch=8).max_step_tokens == 128
-    assert EngineConfig(max_batch=80).max_step_tokens == 160
+    assert EngineConfig(max_batch=8).max_step_tokens == 512
+    assert EngineConfig(max_batch=300).max_step_tokens == 600
 
 
 def test_chunked_mixed_steps_match_transformers(tiny_checkpoint, hf):

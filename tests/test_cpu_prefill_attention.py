@@ -55,7 +55,8 @@ def test_kernel_reads_nothing_past_the_context():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_new", [0, 16, 10_000])  # all SDPA | the split | all C kernel
-def test_dispatch_matches_reference(monkeypatch, dtype, max_new):
+@pytest.mark.parametrize("scattered", [True, False])  # the split copies a prefix out of its blocks | views them
+def test_dispatch_matches_reference(monkeypatch, dtype, max_new, scattered):
     """Every sequence to the C kernel or to SDPA (one causal call, or prefix and new tokens merged by
     their logsumexps), by C_MAX_NEW; the C kernel gets only cached sequences, in one call."""
     monkeypatch.setattr(cpu_prefill, "C_MAX_NEW", max_new)
@@ -63,7 +64,7 @@ def test_dispatch_matches_reference(monkeypatch, dtype, max_new):
     real = cpu_prefill.prefill_attention_kernel
     monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append(a[4]) or real(*a))
     seqs = [*paged_inputs.MIXED, (40, 300), (40, 44)]  # a long prefix (split) | a short one (padded)
-    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4, dtype=dtype)
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4, dtype=dtype, scattered=scattered)
     out = cpu_prefill.prefill_attention_cpu(*args)
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
     expected = [n for n, c in seqs if n < c and n <= max_new]

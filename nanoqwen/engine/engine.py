@@ -68,15 +68,16 @@ class Engine:
         self._think_ids = loaded.think_ids
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens)
+        self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens,
+                                   cfg.prefill_stall)
         with torch.inference_mode():
             self.runner = ModelRunner(loaded.model, runtime)
         self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "max_step_tokens=%d load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant,
-                 runtime.kernels, runtime.graph, runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens,
-                 time.perf_counter() - started)
+                 "max_step_tokens=%d prefill_stall=%g load_time=%.1fs", runtime.model_path, info["device"],
+                 info["dtype"], runtime.quant, runtime.kernels, runtime.graph, runtime.kv_cache_tokens, runtime.threads,
+                 cfg.max_step_tokens, cfg.prefill_stall, time.perf_counter() - started)
 
     def info(self) -> dict:
         return self.runtime.info() if self.ready else {}
@@ -236,6 +237,7 @@ class Engine:
                 with self._lock:
                     self._num_queued -= 1
         sampled = batch.sampled  # before the step moves the computed counts
+        started = time.perf_counter()
         try:
             output = self.runner.step(batch)
         except Exception as exc:  # fail this batch, keep serving the rest
@@ -244,6 +246,8 @@ class Engine:
             for request in {id(s.request): s.request for s, _ in batch.rows}.values():
                 self._fail(request, f"internal error during generation: {type(exc).__name__}: {exc}")
             return
+        if sampled:  # its tokens are on the host: the device work is done, the step timed whole
+            self.scheduler.observe(batch, time.perf_counter() - started)
         for seq, n in batch.rows:
             seq.num_computed_tokens += n
         for (seq, _), scored in zip(batch.rows, output.prompt_logprobs or ()):

@@ -3,10 +3,14 @@
 A running sequence with one uncomputed token decodes it; one with more is still prefilling (a
 prompt, or prompt + output when recomputed after preemption). With a step token budget (chunked
 prefill) every step first decodes every running sequence, then spends what is left of the budget
-on prefill chunks: sequences already part-way through their prompt first, then waiting ones, so a
-long prompt is split across steps and never stalls the streams. Without one, waiting sequences
-are prefilled whole, alone in their step, as soon as they fit. When the KV pool runs dry during
-decode, the newest running sequence is preempted: its blocks are freed and it is recomputed later.
+on prefill: sequences already part-way through their prompt first, then waiting ones. A prompt
+that finishes within what is left goes whole: its client gets a first token this step. A longer
+one is split across steps, and while streams decode, its chunks are paced by time: sized so that a
+step carrying one takes `prefill_stall` decode-only steps longer than a step carrying the smallest
+chunk (measured, ChunkPacer), so a long prompt slows the streams by no more than that. Without a
+budget, waiting sequences are prefilled whole, alone in their step, as soon as they fit. When the
+KV pool runs dry during decode, the newest running sequence is preempted: its blocks are freed and
+it is recomputed later.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanoqwen.engine.block_manager import BlockManager
+from nanoqwen.engine.pacing import ChunkPacer
 from nanoqwen.engine.sequence import Sequence, Status
 
 
@@ -39,13 +44,17 @@ class Batch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch: int, max_prefill_tokens: int,
-                 max_step_tokens: int = 0) -> None:
+                 max_step_tokens: int = 0, prefill_stall: float = 0.0) -> None:
         """max_step_tokens: the token budget of a step (decode tokens + prefill chunks); 0 = no
-        chunking, whole prefills of up to max_prefill_tokens tokens."""
+        chunking, whole prefills of up to max_prefill_tokens tokens. prefill_stall: with streams
+        decoding, the time a chunk of an unfinished prompt may add to a step, in decode-only steps;
+        0 = none of that pacing (chunks fill the budget)."""
         self.blocks = block_manager
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.max_step_tokens = max_step_tokens
+        self.pacer = ChunkPacer(prefill_stall, max_step_tokens) if max_step_tokens and prefill_stall else None
+        self._paced = 0  # tokens of the scheduled step's paced chunks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -60,10 +69,20 @@ class Scheduler:
     def schedule(self) -> Batch:
         """The next step; empty when nothing can run."""
         if not self.max_step_tokens:
-            prefill = self._schedule_prefill(self.max_prefill_tokens, chunked=False)
+            prefill = self._schedule_prefill(self.max_prefill_tokens, self.max_prefill_tokens, chunked=False)
             return Batch(prefill=prefill) if prefill else Batch(decode=self._schedule_decode())
         decode = self._schedule_decode()
-        return Batch(decode, self._schedule_prefill(self.max_step_tokens - len(decode), chunked=True))
+        budget = self.max_step_tokens - len(decode)
+        return Batch(decode, self._schedule_prefill(budget, self._partial_budget(decode, budget), chunked=True))
+
+    def observe(self, batch: Batch, seconds: float) -> None:
+        """The wall time of the step last scheduled, once its tokens are back (its device work done)."""
+        if self.pacer is not None:
+            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill), self._paced, seconds)
+
+    def _partial_budget(self, decode: list[Sequence], budget: int) -> int:
+        """Tokens this step may spend on chunks that leave their prompt unfinished."""
+        return budget if self.pacer is None or not decode else min(budget, self.pacer.tokens)
 
     def _schedule_decode(self) -> list[Sequence]:
         decode: list[Sequence] = []
@@ -81,27 +100,41 @@ class Scheduler:
                 decode.append(seq)
         return decode
 
-    def _schedule_prefill(self, budget: int, chunked: bool) -> list[tuple[Sequence, int]]:
-        """Chunks of part-prefilled sequences, then of newly admitted ones, within `budget` tokens.
-        Unchunked, whole prompts only, the first one whatever its length."""
+    def _schedule_prefill(self, budget: int, partial: int, chunked: bool) -> list[tuple[Sequence, int]]:
+        """Chunks of part-prefilled sequences, then of newly admitted ones, within `budget` tokens,
+        of which at most `partial` go to chunks that leave their prompt unfinished. A part-prefilled
+        sequence always takes a paced chunk (its last one included); a new prompt goes whole if it
+        fits what is left, else starts with a paced chunk. Unchunked, whole prompts only, the first
+        one whatever its length."""
         prefill: list[tuple[Sequence, int]] = []
+        allowed = partial
         for seq in self.running:
-            if budget <= 0:
-                return prefill
+            if budget <= 0 or partial <= 0:
+                break
             if seq.num_uncomputed_tokens > 1:
-                budget -= self._add_chunk(prefill, seq, budget)
+                n = self._add_chunk(prefill, seq, min(budget, partial))
+                budget -= n
+                partial -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             if self._sibling_prefilling(seq) or not self.blocks.can_allocate(seq):
                 break
             new_tokens = len(seq) - len(self.blocks.lookup(seq)) * self.blocks.block_size
-            if not chunked and prefill and new_tokens > budget:
+            if chunked:
+                n = new_tokens if new_tokens <= budget else min(partial, budget)
+            else:
+                n = 0 if prefill and new_tokens > budget else new_tokens
+            if n <= 0:
                 break
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
             self.waiting.popleft()
             self.running.append(seq)
-            budget -= self._add_chunk(prefill, seq, budget if chunked else new_tokens)
+            n = self._add_chunk(prefill, seq, n)
+            budget -= n
+            if n < new_tokens:
+                partial -= n
+        self._paced = allowed - partial
         return prefill
 
     def _add_chunk(self, prefill: list[tuple[Sequence, int]], seq: Sequence, budget: int) -> int:

@@ -111,10 +111,17 @@ def _sdpa(
     cached = context_len - n
     if cached * SPLIT_MIN_PREFIX < n:  # the reference: one causal call, the short prefix's rows padded
         return prefill_attention_torch(q, k, v, k_cache, v_cache, table[None], [n], [context_len], scale)
-    blocks = table[: -(-cached // k_cache.shape[1])].long()
-    k_prefix = k_cache[blocks].flatten(0, 1)[:cached]  # [cached, Hkv, D]
-    v_prefix = v_cache[blocks].flatten(0, 1)[:cached]
-    return _split_sdpa(q, k, v, k_prefix, v_prefix, scale)
+    blocks = table[: -(-cached // k_cache.shape[1])]
+    return _split_sdpa(q, k, v, _prefix(k_cache, blocks, cached), _prefix(v_cache, blocks, cached), scale)
+
+
+def _prefix(cache: torch.Tensor, blocks: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first `tokens` cached rows of a sequence whose prefix is in `blocks` -> [tokens, Hkv, D]: a view
+    when the blocks are consecutive (a fresh pool hands a long prompt a run of them), else a copy."""
+    first = int(blocks[0])
+    if int(blocks[-1]) - first == len(blocks) - 1 and bool((blocks.diff() == 1).all()):
+        return cache[first : first + len(blocks)].flatten(0, 1)[:tokens]
+    return cache.index_select(0, blocks).flatten(0, 1)[:tokens]
 
 
 def prefill_attention_cpu(
