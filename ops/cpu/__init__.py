@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from ops import torch_ref
-from ops.cpu import attention, build, linear, linear_int4, linear_int8, norm_rope, prefill_attention
+from ops.cpu import attention, build, linear, linear_int4, linear_int8, norm_rope, prefill_attention, sample
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
-             prefill_attention.KERNEL)
+             prefill_attention.KERNEL, sample.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,

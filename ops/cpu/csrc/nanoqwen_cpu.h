@@ -46,4 +46,10 @@ void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const v
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
 
+/* sample.c: one token per row of logits [B, V] fp32: argmax where temperature is 0, else the exponential race
+   over logits / max(temperature, 1e-5) after top-k (<= 0: off), top-p and min-p, with noise hashed from
+   (keys, steps, token id). temperature, top_p, min_p: [B] fp32; top_k, keys, steps: [B] int32; tokens: [B]. */
+void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
+                 const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V);
+
 #endif
