@@ -12,6 +12,8 @@
    takes everything further (and -inf). */
 #define BINS_PER_UNIT 16
 #define BINS 1024
+/* Up to this top-k, a row with top-p takes its masses from the sorted top-k alone, skipping an exp a token. */
+#define WEIGH_TOP_K 256
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -96,13 +98,6 @@ static inline __m256 scaled8(const float *x, int i, int V, __m256 t) {
     return _mm256_div_ps(_mm256_loadu_ps(pad), t);
 }
 
-static int argmax(const float *x, int V) {  /* the first maximum, as torch.argmax */
-    int best = 0;
-    for (int i = 1; i < V; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
 /* Per-lane race leaders: a lane keeps its first maximum; the winner is the lowest id among the best. */
 struct race {
     __m256 value;
@@ -115,7 +110,7 @@ static inline void race_add(struct race *r, __m256 value, __m256i id) {
     r->id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r->id), _mm256_castsi256_ps(id), better));
 }
 
-static int race_winner(const struct race *r, int fallback) {
+static int race_winner(const struct race *r) {  /* -1 when every value was -inf */
     float value[8];
     int32_t id[8];
     _mm256_storeu_ps(value, r->value);
@@ -124,48 +119,17 @@ static int race_winner(const struct race *r, int fallback) {
     for (int j = 0; j < 8; j++)
         if (value[j] > -INFINITY && (best < 0 || value[j] > value[best] || (value[j] == value[best] && id[j] < id[best])))
             best = j;
-    return best < 0 ? fallback : id[best];
+    return best < 0 ? -1 : id[best];
 }
 
-/* An unfiltered row: the race over the whole vocabulary, skipping blocks of tokens that cannot
-   beat the maximum logit's own race value. */
-static int race_vocabulary(const float *x, int V, float t, uint32_t row) {
-    const int top = argmax(x, V);
-    const __m256 tv = _mm256_set1_ps(t);
+/* The first maximum of x / t, as torch.argmax: with t = 1 the greedy token; else the first token of the
+   filters' order (scaled logit descending, id ascending), which survives every filter. */
+static int argmax(const float *x, int V, float t) {
     struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
-    __m256 first = _mm256_set1_ps(x[top] / t);
-    first = _mm256_sub_ps(first, log_noise8(row, _mm256_set1_epi32(top)));
-    const __m256 floor = _mm256_sub_ps(first, _mm256_set1_ps(NOISE_BOUND));
-    for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
-        if (!_mm256_movemask_ps(_mm256_cmp_ps(s, floor, _CMP_GT_OQ))) continue;
-        __m256i ids = iota8(i);
-        race_add(&r, _mm256_sub_ps(s, log_noise8(row, ids)), ids);
-    }
-    return race_winner(&r, top);
-}
-
-struct candidate {
-    float s, w;  /* scaled logit, exp(s - the row's maximum) */
-    int32_t id;
-};
-
-static int by_logit(const void *a, const void *b) {  /* descending, ties by ascending id */
-    const struct candidate *x = a, *y = b;
-    if (x->s != y->s) return x->s < y->s ? 1 : -1;
-    return (x->id > y->id) - (x->id < y->id);
-}
-
-static __thread struct candidate *scratch;
-static __thread long scratch_size;
-
-static struct candidate *candidates(long n) {  /* this thread's buffer, grown but never shrunk */
-    if (n > scratch_size) {
-        free(scratch);
-        scratch = malloc((size_t)n * sizeof *scratch);
-        scratch_size = scratch ? n : 0;
-    }
-    return scratch;
+    const __m256 tv = _mm256_set1_ps(t);
+    for (int i = 0; i < V; i += 8) race_add(&r, scaled8(x, i, V, tv), iota8(i));
+    const int best = race_winner(&r);
+    return best < 0 ? 0 : best;
 }
 
 static inline __m256i bins8(__m256 s, __m256 smax) {
@@ -173,104 +137,227 @@ static inline __m256i bins8(__m256 s, __m256 smax) {
     return _mm256_cvttps_epi32(_mm256_min_ps(d, _mm256_set1_ps((float)(BINS - 1))));  /* +inf, NaN -> last */
 }
 
+/* The tokens that survive the filters: a prefix of the order (scaled logit descending, id ascending), so
+   all of bins < lo, then either everything up to bin `hi` (drop_id < 0) or what comes before the first
+   dropped token (drop_s, drop_id). An unfiltered row: lo = BINS. */
+struct survivors {
+    int lo, hi;
+    float drop_s;
+    int32_t drop_id;
+};
+
+static inline int members8(__m256 s, __m256i ids, __m256 smax, const struct survivors *k) {
+    __m256i bin = bins8(s, smax);
+    __m256i bulk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k->lo), bin);
+    __m256i in;
+    if (k->drop_id < 0) {
+        in = _mm256_cmpgt_epi32(_mm256_set1_epi32(k->hi + 1), bin);
+    } else {
+        __m256 ds = _mm256_set1_ps(k->drop_s);
+        __m256 above = _mm256_cmp_ps(s, ds, _CMP_GT_OQ);
+        __m256 tied = _mm256_and_ps(_mm256_cmp_ps(s, ds, _CMP_EQ_OQ),
+                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k->drop_id), ids)));
+        in = _mm256_castps_si256(_mm256_or_ps(above, tied));
+    }
+    return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(bulk, in)));
+}
+
+/* The exponential race over the survivors, skipping blocks with none or whose logits cannot beat the
+   top token's own race value (the top token always survives). */
+static int race(const float *x, int V, float t, uint32_t row, int top, const struct survivors *k) {
+    const __m256 tv = _mm256_set1_ps(t);
+    const __m256 smax = _mm256_set1_ps(x[top] / t);
+    const __m256 floor = _mm256_sub_ps(_mm256_sub_ps(smax, log_noise8(row, _mm256_set1_epi32(top))),
+                                       _mm256_set1_ps(NOISE_BOUND));
+    struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        int live = _mm256_movemask_ps(_mm256_cmp_ps(s, floor, _CMP_GT_OQ));
+        if (!live) continue;
+        __m256i ids = iota8(i);
+        if (k->lo < BINS && !(live &= members8(s, ids, smax, k))) continue;
+        __m256 value = _mm256_sub_ps(s, log_noise8(row, ids));
+        __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+            _mm256_and_si256(_mm256_set1_epi32(live), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)), _mm256_setzero_si256()));
+        race_add(&r, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), value, mask), ids);
+    }
+    const int winner = race_winner(&r);
+    return winner < 0 ? top : winner;
+}
+
+struct candidate {
+    float s, w;  /* scaled logit, exp(s - the row's maximum) */
+    int32_t id;
+};
+
+/* A candidate as one integer that sorts ascending in the filters' order: scaled logit descending
+   (-0 taken as +0, as a float comparison does), then id ascending. */
+static inline uint64_t order_key(float s, int32_t id) {
+    s += 0.0f;
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    u = u >> 31 ? ~u : u | 0x80000000u;  /* ascending with s */
+    return (uint64_t)~u << 32 | (uint32_t)id;
+}
+
+static inline struct candidate from_key(uint64_t key) {
+    uint32_t u = ~(uint32_t)(key >> 32);
+    u = u >> 31 ? u & 0x7FFFFFFFu : ~u;
+    struct candidate c = {0, 0, (int32_t)(uint32_t)key};
+    memcpy(&c.s, &u, 4);
+    return c;
+}
+
+/* LSD radix sort, a byte at a time, skipping bytes every key shares; -> a or tmp, whichever holds the result. */
+static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, long n) {
+    for (int shift = 0; shift < 64 && n > 1; shift += 8) {
+        long count[256] = {0};
+        for (long i = 0; i < n; i++) count[a[i] >> shift & 255]++;
+        if (count[a[0] >> shift & 255] == n) continue;
+        for (long d = 0, pos = 0; d < 256; d++) {
+            long c = count[d];
+            count[d] = pos;
+            pos += c;
+        }
+        for (long i = 0; i < n; i++) tmp[count[a[i] >> shift & 255]++] = a[i];
+        uint64_t *t = a;
+        a = tmp;
+        tmp = t;
+    }
+    return a;
+}
+
+static __thread void *scratch;
+static __thread size_t scratch_bytes;
+
+static void *scratch_buffer(size_t bytes) {  /* this thread's buffer, grown but never shrunk */
+    if (bytes > scratch_bytes) {
+        free(scratch);
+        scratch = malloc(bytes);
+        scratch_bytes = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
 struct row_filter {
     int top_k;  /* 0 = off */
     float top_p, min_p;  /* 1 / 0 = off */
 };
 
-/* The last bin the sort needs: with top-k, the one holding the k-th token (top-p and min-p then cut
-   among those k, whose masses they need); else the one past top-p's mass (the next token may still
-   survive, as it does when the mass before it is below top_p), or min-p's cut, whichever comes first. */
-static int last_bin(const struct row_filter *f, const int *count, const double *mass, double total) {
-    long n = 0;
-    if (f->top_k) {
-        for (int b = 0; b < BINS - 1; b++)
-            if ((n += count[b]) >= f->top_k) return b;
-        return BINS - 1;
-    }
-    int last = BINS - 1;
-    if (f->min_p > 0) {  /* exp(s - smax) < min_p is dropped; one bin more for rounding */
-        float d = -logf(f->min_p) * BINS_PER_UNIT + 1;
-        last = d < 0 ? 0 : d < last ? (int)d : last;
-    }
+/* The first bin whose cumulative mass reaches `target`. */
+static int mass_bin(const double *mass, double target) {
     double cum = 0;
-    for (int b = 0; b < last && f->top_p < 1; b++) {
-        if ((cum += mass[b]) >= f->top_p * total) {
-            while (b + 1 < last && !count[b + 1]) b++;
-            return b + 1;
-        }
-    }
-    return last;
+    for (int b = 0; b < BINS - 1; b++)
+        if ((cum += mass[b]) >= target) return b;
+    return BINS - 1;
 }
 
-/* A filtered row: bins every token by its distance below the maximum, sorts only the bins the filters can
-   keep, cuts top-k, then top-p, then min-p on them exactly as sampler._filter_sorted does, and races the rest. */
-static int race_filtered(const float *x, int V, float t, uint32_t row, const struct row_filter *f) {
+/* The window of bins [lo, hi] where the filters' cut can fall: every token before it survives, none
+   after it does. With top-k, hi is the bin of the k-th token (top-p then needs the masses of all k). */
+static void cut_window(const struct row_filter *f, const int *count, const double *mass, int weighed, int *lo, int *hi) {
+    *lo = *hi = BINS - 1;
+    long n = 0;
+    if (f->top_k) {
+        for (*hi = 0; *hi < BINS - 1 && (n += count[*hi]) < f->top_k; ++*hi) {}
+        *lo = *hi;
+    }
+    if (f->min_p > 0) {  /* exp(s - smax) >= min_p: bins two past either side of -log(min_p) are certain */
+        float edge = -logf(f->min_p) * BINS_PER_UNIT;
+        int sure = edge < 2 ? 0 : edge - 2 < BINS - 1 ? (int)edge - 2 : BINS - 1;
+        int none = edge + 2 < BINS - 1 ? (int)edge + 2 : BINS - 1;
+        *lo = sure < *lo ? sure : *lo;
+        if (!(f->top_k && f->top_p < 1)) *hi = none < *hi ? none : *hi;
+    }
+    if (f->top_p < 1 && !weighed) *lo = 0;  /* a small top-k: its masses come from the sorted window */
+    if (f->top_p < 1 && weighed) {
+        double inside = 0, below = 0;  /* mass of bins < hi and of bins <= hi: the top-k's total lies between */
+        for (int b = 0; b < BINS; b++) {
+            if (b < *hi || !f->top_k) inside += mass[b];
+            if (b <= *hi || !f->top_k) below += mass[b];
+        }
+        int first = mass_bin(mass, f->top_p * inside);
+        *lo = first < *lo ? first : *lo;
+        if (!f->top_k) {
+            int last = mass_bin(mass, f->top_p * below);
+            while (last < BINS - 1 && !count[last + 1]) last++;
+            last = last < BINS - 1 ? last + 1 : last;  /* the token after the mass: its before may be < top_p */
+            *hi = last < *hi ? last : *hi;
+        }
+    }
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Top-k, then top-p, then min-p, as sampler._filter_sorted defines them on the sorted row: binning by
+   distance below the maximum (with the softmax masses where top-p needs them) finds the window of bins
+   where the cut falls; only those are sorted. -> the survivors. */
+static struct survivors filter_row(const float *x, int V, float t, int top, const struct row_filter *f) {
     const __m256 tv = _mm256_set1_ps(t);
-    const __m256 smax = _mm256_set1_ps(x[argmax(x, V)] / t);
+    const __m256 smax = _mm256_set1_ps(x[top] / t);
     int count[BINS] = {0};
     double mass[BINS] = {0};
-    const int weigh = f->top_p < 1 && !f->top_k;  /* masses over the whole vocabulary */
+    const int weighed = f->top_p < 1 && (!f->top_k || f->top_k > WEIGH_TOP_K);
     for (int i = 0; i < V; i += 8) {
         __m256 s = scaled8(x, i, V, tv);
         int32_t bin[8];
         float w[8];
         _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
-        if (weigh) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
+        if (weighed) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
         for (int j = 0; j < 8 && i + j < V; j++) {
             count[bin[j]]++;
-            if (weigh) mass[bin[j]] += w[j];
+            if (weighed) mass[bin[j]] += w[j];
         }
     }
-    double total = 0;
-    for (int b = 0; b < BINS; b++) total += mass[b];
-    const int last = last_bin(f, count, mass, total);
-    long n = 0;
-    for (int b = 0; b <= last; b++) n += count[b];
-    struct candidate *c = candidates(n);
-    if (!c) return argmax(x, V);
+    struct survivors k = {0, 0, 0, -1};
+    cut_window(f, count, mass, weighed, &k.lo, &k.hi);
+    long n = 0, base = 0;
+    double base_mass = 0, total = 0;
+    for (int b = 0; b < BINS; b++) {
+        if (b < k.lo) base += count[b], base_mass += mass[b];
+        else if (b <= k.hi) n += count[b];
+        total += mass[b];
+    }
+    uint64_t *keys = scratch_buffer((size_t)(n + 1) * (2 * sizeof *keys + sizeof(struct candidate)));
+    if (!keys) return (struct survivors){BINS, 0, 0, -1};  /* out of memory: unfiltered */
     n = 0;
-    const __m256i lastv = _mm256_set1_epi32(last);
+    const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
     for (int i = 0; i < V; i += 8) {
         __m256 s = scaled8(x, i, V, tv);
-        int keep = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_add_epi32(lastv, _mm256_set1_epi32(1)),
-                                                                              bins8(s, smax))));
-        if (!keep) continue;
+        __m256i bin = bins8(s, smax);
+        int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
+                                                                          _mm256_cmpgt_epi32(hi, bin))));
+        if (!in) continue;
         float sv[8];
         _mm256_storeu_ps(sv, s);
         for (int j = 0; j < 8; j++)
-            if (keep >> j & 1) c[n++] = (struct candidate){sv[j], 0, i + j};
+            if (in >> j & 1) keys[n++] = order_key(sv[j], i + j);
     }
-    qsort(c, (size_t)n, sizeof *c, by_logit);
-    if (f->top_k && n > f->top_k) n = f->top_k;
+    const uint64_t *sorted = radix_sort(keys, keys + n, n);
+    struct candidate *c = (struct candidate *)(keys + 2 * n);
+    for (long r = 0; r < n; r++) c[r] = from_key(sorted[r]);
     for (long r = 0; r < n; r += 8) {
         float sv[8], w[8];
         for (int j = 0; j < 8; j++) sv[j] = r + j < n ? c[r + j].s : -INFINITY;
-        _mm256_storeu_ps(w, exp8(_mm256_sub_ps(_mm256_loadu_ps(sv), _mm256_set1_ps(c[0].s))));
+        _mm256_storeu_ps(w, exp8(_mm256_sub_ps(_mm256_loadu_ps(sv), smax)));
         for (int j = 0; j < 8 && r + j < n; j++) c[r + j].w = w[j];
     }
-    if (f->top_k) {
-        total = 0;
-        for (long r = 0; r < n; r++) total += c[r].w;
+    if (f->top_k) {  /* the softmax is over the top-k alone */
+        total = base_mass;
+        for (long r = 0; r < n && base + r < f->top_k; r++) total += c[r].w;
     }
-    long kept = n;
-    double before = 0;
-    for (long r = 1; r < n && kept == n; r++) {
-        before += c[r - 1].w;
-        if ((f->top_p < 1 && before >= f->top_p * total) || c[r].w < f->min_p * c[0].w) kept = r;
-    }
-    struct race race = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
-    for (long r = 0; r < kept; r += 8) {
-        float sv[8];
-        int32_t ids[8];
-        for (int j = 0; j < 8; j++) {
-            sv[j] = r + j < kept ? c[r + j].s : -INFINITY;
-            ids[j] = r + j < kept ? c[r + j].id : 0;
+    double before = base_mass;
+    for (long r = 0; r < n; r++) {
+        const long rank = base + r;
+        int drop = f->top_k && rank >= f->top_k;
+        drop |= rank > 0 && f->top_p < 1 && before >= f->top_p * total;
+        drop |= rank > 0 && c[r].w < f->min_p;  /* min_p times the top token's exp(0) = 1 */
+        if (drop) {
+            k.drop_s = c[r].s;
+            k.drop_id = c[r].id;
+            return k;
         }
-        __m256i idv = _mm256_loadu_si256((const __m256i *)ids);
-        race_add(&race, _mm256_sub_ps(_mm256_loadu_ps(sv), log_noise8(row, idv)), idv);
+        before += c[r].w;
     }
-    return race_winner(&race, c[0].id);
+    return k;
 }
 
 struct sample_args {
@@ -285,14 +372,16 @@ static void sample_row(const void *args, long b) {
     const float *x = a->logits + b * a->V;
     const int V = a->V;
     if (a->temperature[b] == 0) {
-        a->tokens[b] = argmax(x, V);
+        a->tokens[b] = argmax(x, V, 1.0f);
         return;
     }
     const float t = a->temperature[b] > MIN_TEMPERATURE ? a->temperature[b] : MIN_TEMPERATURE;
     const uint32_t row = mix32((uint32_t)a->keys[b] ^ mix32((uint32_t)a->steps[b]));
     const struct row_filter f = {a->top_k[b] > 0 && a->top_k[b] < V ? a->top_k[b] : 0, a->top_p[b], a->min_p[b]};
-    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, &f);
-    else a->tokens[b] = race_vocabulary(x, V, t, row);
+    const int top = argmax(x, V, t);
+    const struct survivors all = {BINS, 0, 0, -1};
+    const struct survivors k = f.top_k || f.top_p < 1 || f.min_p > 0 ? filter_row(x, V, t, top, &f) : all;
+    a->tokens[b] = race(x, V, t, row, top, &k);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
