@@ -5,15 +5,12 @@
 
 #define TOKEN_STRIDE 0x2545F491u
 #define MIN_TEMPERATURE 1e-5f
-/* -log(E) <= -log(-log(1 - 2^-24)) = 16.64 for every token (E: its Exp(1) noise): a token whose
-   scaled logit is this far below a race value already scored can never win the race. */
-#define NOISE_BOUND 17.0f
+/* What log8's rounding may add to a race value beyond noise_bound8's exact bound. */
+#define BOUND_MARGIN 0.01f
 /* Logits binned by their distance below the row's maximum, in 1/BINS_PER_UNIT steps; the last bin
    takes everything further (and -inf). */
-#define BINS_PER_UNIT 16
-#define BINS 1024
-/* Up to this top-k, a row with top-p takes its masses from the sorted top-k alone, skipping an exp a token. */
-#define WEIGH_TOP_K 256
+#define BINS_PER_UNIT 32
+#define BINS 2048
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -75,15 +72,27 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), live);
 }
 
-/* log E of 8 tokens' Exp(1) noise: the formulas of nanoqwen/sampler.py's exponential_noise. */
-static inline __m256 log_noise8(uint32_t row, __m256i ids) {
-    __m256i bits = mix32_8(_mm256_add_epi32(_mm256_set1_epi32((int)row),
-                                            _mm256_mullo_epi32(ids, _mm256_set1_epi32((int)TOKEN_STRIDE))));
+/* 8 tokens' noise bits: the hash of nanoqwen/sampler.py's exponential_noise. */
+static inline __m256i noise_bits8(uint32_t row, __m256i ids) {
+    return mix32_8(_mm256_add_epi32(_mm256_set1_epi32((int)row), _mm256_mullo_epi32(ids, _mm256_set1_epi32((int)TOKEN_STRIDE))));
+}
+
+/* log E of their Exp(1) noise E = -log u, u from the top 24 bits: exponential_noise's formulas. */
+static inline __m256 log_noise8(__m256i bits) {
     __m256 top24 = _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8));
     __m256 uniform = _mm256_min_ps(_mm256_mul_ps(_mm256_add_ps(top24, _mm256_set1_ps(0.5f)),
                                                  _mm256_set1_ps(1.0f / (1 << 24))),
                                    _mm256_set1_ps(1.0f - 1.0f / (1 << 24)));
     return log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(uniform)));
+}
+
+/* An upper bound of -log E at a third of its cost: E = -log u >= 1 - u >= q / 2^25 with
+   q = 2^24 - (u's 24 bits) >= 1, so -log E <= (25 - floor(log2 q)) ln 2 (+ BOUND_MARGIN). */
+static inline __m256 noise_bound8(__m256i bits) {
+    __m256i q = _mm256_sub_epi32(_mm256_set1_epi32(1 << 24), _mm256_srli_epi32(bits, 8));
+    __m256i log2q = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(q)), 23);  /* + 127 */
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(log2q), _mm256_set1_ps(0.693147181f),
+                            _mm256_set1_ps((25 + 127) * 0.693147181f + BOUND_MARGIN));
 }
 
 static inline __m256i iota8(int first) {
@@ -146,7 +155,7 @@ struct survivors {
     int32_t drop_id;
 };
 
-static inline int members8(__m256 s, __m256i ids, __m256 smax, const struct survivors *k) {
+static inline __m256 members8(__m256 s, __m256i ids, __m256 smax, const struct survivors *k) {
     __m256i bin = bins8(s, smax);
     __m256i bulk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k->lo), bin);
     __m256i in;
@@ -159,27 +168,26 @@ static inline int members8(__m256 s, __m256i ids, __m256 smax, const struct surv
                                     _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k->drop_id), ids)));
         in = _mm256_castps_si256(_mm256_or_ps(above, tied));
     }
-    return _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(bulk, in)));
+    return _mm256_castsi256_ps(_mm256_or_si256(bulk, in));
 }
 
-/* The exponential race over the survivors, skipping blocks with none or whose logits cannot beat the
-   top token's own race value (the top token always survives). */
+/* The exponential race over the survivors. A token's exact noise is computed only where its bound
+   reaches the best race value its lane has seen, starting from the top token's (which always survives). */
 static int race(const float *x, int V, float t, uint32_t row, int top, const struct survivors *k) {
     const __m256 tv = _mm256_set1_ps(t);
     const __m256 smax = _mm256_set1_ps(x[top] / t);
-    const __m256 floor = _mm256_sub_ps(_mm256_sub_ps(smax, log_noise8(row, _mm256_set1_epi32(top))),
-                                       _mm256_set1_ps(NOISE_BOUND));
+    __m256 bar = _mm256_sub_ps(smax, log_noise8(noise_bits8(row, _mm256_set1_epi32(top))));
     struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
     for (int i = 0; i < V; i += 8) {
         __m256 s = scaled8(x, i, V, tv);
-        int live = _mm256_movemask_ps(_mm256_cmp_ps(s, floor, _CMP_GT_OQ));
-        if (!live) continue;
         __m256i ids = iota8(i);
-        if (k->lo < BINS && !(live &= members8(s, ids, smax, k))) continue;
-        __m256 value = _mm256_sub_ps(s, log_noise8(row, ids));
-        __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-            _mm256_and_si256(_mm256_set1_epi32(live), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)), _mm256_setzero_si256()));
-        race_add(&r, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), value, mask), ids);
+        __m256i bits = noise_bits8(row, ids);
+        __m256 live = _mm256_cmp_ps(_mm256_add_ps(s, noise_bound8(bits)), bar, _CMP_GE_OQ);
+        if (k->lo < BINS) live = _mm256_and_ps(live, members8(s, ids, smax, k));
+        if (!_mm256_movemask_ps(live)) continue;
+        __m256 value = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_sub_ps(s, log_noise8(bits)), live);
+        race_add(&r, value, ids);
+        bar = _mm256_max_ps(bar, value);
     }
     const int winner = race_winner(&r);
     return winner < 0 ? top : winner;
@@ -244,96 +252,11 @@ struct row_filter {
     float top_p, min_p;  /* 1 / 0 = off */
 };
 
-/* The first bin whose cumulative mass reaches `target`. */
-static int mass_bin(const double *mass, double target) {
-    double cum = 0;
-    for (int b = 0; b < BINS - 1; b++)
-        if ((cum += mass[b]) >= target) return b;
-    return BINS - 1;
-}
-
-/* The window of bins [lo, hi] where the filters' cut can fall: every token before it survives, none
-   after it does. With top-k, hi is the bin of the k-th token (top-p then needs the masses of all k). */
-static void cut_window(const struct row_filter *f, const int *count, const double *mass, int weighed, int *lo, int *hi) {
-    *lo = *hi = BINS - 1;
-    long n = 0;
-    if (f->top_k) {
-        for (*hi = 0; *hi < BINS - 1 && (n += count[*hi]) < f->top_k; ++*hi) {}
-        *lo = *hi;
-    }
-    if (f->min_p > 0) {  /* exp(s - smax) >= min_p: bins two past either side of -log(min_p) are certain */
-        float edge = -logf(f->min_p) * BINS_PER_UNIT;
-        int sure = edge < 2 ? 0 : edge - 2 < BINS - 1 ? (int)edge - 2 : BINS - 1;
-        int none = edge + 2 < BINS - 1 ? (int)edge + 2 : BINS - 1;
-        *lo = sure < *lo ? sure : *lo;
-        if (!(f->top_k && f->top_p < 1)) *hi = none < *hi ? none : *hi;
-    }
-    if (f->top_p < 1 && !weighed) *lo = 0;  /* a small top-k: its masses come from the sorted window */
-    if (f->top_p < 1 && weighed) {
-        double inside = 0, below = 0;  /* mass of bins < hi and of bins <= hi: the top-k's total lies between */
-        for (int b = 0; b < BINS; b++) {
-            if (b < *hi || !f->top_k) inside += mass[b];
-            if (b <= *hi || !f->top_k) below += mass[b];
-        }
-        int first = mass_bin(mass, f->top_p * inside);
-        *lo = first < *lo ? first : *lo;
-        if (!f->top_k) {
-            int last = mass_bin(mass, f->top_p * below);
-            while (last < BINS - 1 && !count[last + 1]) last++;
-            last = last < BINS - 1 ? last + 1 : last;  /* the token after the mass: its before may be < top_p */
-            *hi = last < *hi ? last : *hi;
-        }
-    }
-    if (*hi < *lo) *hi = *lo;
-}
-
-/* Top-k, then top-p, then min-p, as sampler._filter_sorted defines them on the sorted row: binning by
-   distance below the maximum (with the softmax masses where top-p needs them) finds the window of bins
-   where the cut falls; only those are sorted. -> the survivors. */
-static struct survivors filter_row(const float *x, int V, float t, int top, const struct row_filter *f) {
-    const __m256 tv = _mm256_set1_ps(t);
-    const __m256 smax = _mm256_set1_ps(x[top] / t);
-    int count[BINS] = {0};
-    double mass[BINS] = {0};
-    const int weighed = f->top_p < 1 && (!f->top_k || f->top_k > WEIGH_TOP_K);
-    for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
-        int32_t bin[8];
-        float w[8];
-        _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
-        if (weighed) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
-        for (int j = 0; j < 8 && i + j < V; j++) {
-            count[bin[j]]++;
-            if (weighed) mass[bin[j]] += w[j];
-        }
-    }
-    struct survivors k = {0, 0, 0, -1};
-    cut_window(f, count, mass, weighed, &k.lo, &k.hi);
-    long n = 0, base = 0;
-    double base_mass = 0, total = 0;
-    for (int b = 0; b < BINS; b++) {
-        if (b < k.lo) base += count[b], base_mass += mass[b];
-        else if (b <= k.hi) n += count[b];
-        total += mass[b];
-    }
-    uint64_t *keys = scratch_buffer((size_t)(n + 1) * (2 * sizeof *keys + sizeof(struct candidate)));
-    if (!keys) return (struct survivors){BINS, 0, 0, -1};  /* out of memory: unfiltered */
-    n = 0;
-    const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
-    for (int i = 0; i < V; i += 8) {
-        __m256 s = scaled8(x, i, V, tv);
-        __m256i bin = bins8(s, smax);
-        int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
-                                                                          _mm256_cmpgt_epi32(hi, bin))));
-        if (!in) continue;
-        float sv[8];
-        _mm256_storeu_ps(sv, s);
-        for (int j = 0; j < 8; j++)
-            if (in >> j & 1) keys[n++] = order_key(sv[j], i + j);
-    }
-    const uint64_t *sorted = radix_sort(keys, keys + n, n);
-    struct candidate *c = (struct candidate *)(keys + 2 * n);
-    for (long r = 0; r < n; r++) c[r] = from_key(sorted[r]);
+/* The filters' cut on n candidates sorted in their order, after `base` surviving tokens of softmax mass
+   base_mass (exp(s - smax) each) out of `total` (with top-k: the top-k's, summed here); fills their w.
+   -> how many of them survive: a prefix, as in sampler._filter_sorted. */
+static long cut(struct candidate *c, long n, long base, double base_mass, double total, const struct row_filter *f,
+                __m256 smax) {
     for (long r = 0; r < n; r += 8) {
         float sv[8], w[8];
         for (int j = 0; j < 8; j++) sv[j] = r + j < n ? c[r + j].s : -INFINITY;
@@ -350,14 +273,165 @@ static struct survivors filter_row(const float *x, int V, float t, int top, cons
         int drop = f->top_k && rank >= f->top_k;
         drop |= rank > 0 && f->top_p < 1 && before >= f->top_p * total;
         drop |= rank > 0 && c[r].w < f->min_p;  /* min_p times the top token's exp(0) = 1 */
-        if (drop) {
-            k.drop_s = c[r].s;
-            k.drop_id = c[r].id;
-            return k;
-        }
+        if (drop) return r;
         before += c[r].w;
     }
-    return k;
+    return n;
+}
+
+/* The race over the first n sorted candidates, which are all the survivors. */
+static int race_list(const struct candidate *c, long n, uint32_t row) {
+    struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
+    for (long i = 0; i < n; i += 8) {
+        float sv[8];
+        int32_t ids[8];
+        for (int j = 0; j < 8; j++) {
+            sv[j] = i + j < n ? c[i + j].s : -INFINITY;
+            ids[j] = i + j < n ? c[i + j].id : 0;
+        }
+        __m256i idv = _mm256_loadu_si256((const __m256i *)ids);
+        race_add(&r, _mm256_sub_ps(_mm256_loadu_ps(sv), log_noise8(noise_bits8(row, idv))), idv);
+    }
+    const int winner = race_winner(&r);
+    return winner < 0 ? c[0].id : winner;
+}
+
+/* Up to this top-k, a row's candidates are its top-k, kept by a streaming selection (no histogram). */
+#define SMALL_TOP_K 256
+#define STREAM_CAPACITY 2048
+
+/* A small top-k's candidates, sorted: every token better than the current k-th best joins a buffer;
+   a full buffer is sorted and cut back to k, raising the bar. -> how many (k, or V if fewer). */
+static long top_candidates(const float *x, int V, __m256 tv, int k, struct candidate **out) {
+    uint64_t *keys = scratch_buffer(2 * STREAM_CAPACITY * sizeof *keys + SMALL_TOP_K * sizeof **out);
+    if (!keys) return 0;
+    uint64_t *tmp = keys + STREAM_CAPACITY, bar = UINT64_MAX;
+    __m256 bar_s = _mm256_set1_ps(-INFINITY);
+    long n = 0;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        int in = _mm256_movemask_ps(_mm256_cmp_ps(s, bar_s, _CMP_GE_OQ));
+        if (!in) continue;
+        float sv[8];
+        _mm256_storeu_ps(sv, s);
+        for (int j = 0; j < 8; j++) {
+            uint64_t key = order_key(sv[j], i + j);
+            if (in >> j & 1 && key < bar && i + j < V) keys[n++] = key;
+        }
+        if (n > STREAM_CAPACITY - 8) {
+            const uint64_t *sorted = radix_sort(keys, tmp, n);
+            if (sorted != keys) memcpy(keys, sorted, (size_t)k * sizeof *keys);
+            n = k;
+            bar = keys[k - 1];
+            bar_s = _mm256_set1_ps(from_key(bar).s);
+        }
+    }
+    const uint64_t *sorted = radix_sort(keys, tmp, n);
+    n = n < k ? n : k;
+    *out = (struct candidate *)(tmp + STREAM_CAPACITY);
+    for (long r = 0; r < n; r++) (*out)[r] = from_key(sorted[r]);
+    return n;
+}
+
+/* The first bin whose cumulative mass reaches `target`. */
+static int mass_bin(const double *mass, double target) {
+    double cum = 0;
+    for (int b = 0; b < BINS - 1; b++)
+        if ((cum += mass[b]) >= target) return b;
+    return BINS - 1;
+}
+
+/* The window of bins [lo, hi] where the filters' cut can fall: every token before it survives, none
+   after it does. With top-k, hi is the bin of the k-th token (top-p then needs the masses of all k). */
+static void cut_window(const struct row_filter *f, const int *count, const double *mass, int *lo, int *hi) {
+    *lo = *hi = BINS - 1;
+    long n = 0;
+    if (f->top_k) {
+        for (*hi = 0; *hi < BINS - 1 && (n += count[*hi]) < f->top_k; ++*hi) {}
+        *lo = *hi;
+    }
+    if (f->min_p > 0) {  /* exp(s - smax) >= min_p: bins two past either side of -log(min_p) are certain */
+        float edge = -logf(f->min_p) * BINS_PER_UNIT;
+        int sure = edge < 2 ? 0 : edge - 2 < BINS - 1 ? (int)edge - 2 : BINS - 1;
+        int none = edge + 2 < BINS - 1 ? (int)edge + 2 : BINS - 1;
+        *lo = sure < *lo ? sure : *lo;
+        if (!(f->top_k && f->top_p < 1)) *hi = none < *hi ? none : *hi;
+    }
+    if (f->top_p < 1) {
+        double least = 0, most = 0;  /* the top-k's mass lies between the bins before hi's and those up to it */
+        for (int b = 0; b < BINS; b++) {
+            if (b < *hi || !f->top_k) least += mass[b];
+            if (b <= *hi || !f->top_k) most += mass[b];
+        }
+        int first = mass_bin(mass, f->top_p * least * (1 - 1e-9));  /* the margins: summation order */
+        *lo = first < *lo ? first : *lo;
+        if (!f->top_k) {  /* the token after the mass: the first whose mass before it reaches top_p */
+            int last = mass_bin(mass, f->top_p * most * (1 + 1e-9));
+            while (last < BINS - 1 && !count[last + 1]) last++;
+            last = last < BINS - 1 ? last + 1 : last;
+            *hi = last < *hi ? last : *hi;
+        }
+    }
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Top-k, then top-p, then min-p on a row's tokens, as sampler._filter_sorted defines them, and the race
+   over the survivors. A small top-k's candidates come from a streaming selection; otherwise binning by
+   distance below the maximum (with the softmax's masses for top-p) finds the window of bins where the
+   cut falls, and only that is sorted. */
+static int race_filtered(const float *x, int V, float t, uint32_t row, int top, const struct row_filter *f) {
+    const __m256 tv = _mm256_set1_ps(t);
+    const __m256 smax = _mm256_set1_ps(x[top] / t);
+    struct candidate *c;
+    if (f->top_k && f->top_k <= SMALL_TOP_K) {
+        long n = top_candidates(x, V, tv, f->top_k, &c);
+        return n ? race_list(c, cut(c, n, 0, 0, 0, f, smax), row) : top;
+    }
+    int count[BINS] = {0};
+    double mass[BINS] = {0};
+    const int weighed = f->top_p < 1;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        int32_t bin[8];
+        float w[8];
+        _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
+        if (weighed) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
+        for (int j = 0; j < 8 && i + j < V; j++) {
+            count[bin[j]]++;
+            if (weighed) mass[bin[j]] += w[j];
+        }
+    }
+    struct survivors k = {0, 0, 0, -1};
+    cut_window(f, count, mass, &k.lo, &k.hi);
+    long n = 0, base = 0;
+    double base_mass = 0, total = 0;
+    for (int b = 0; b < BINS; b++) {
+        if (b < k.lo) base += count[b], base_mass += mass[b];
+        else if (b <= k.hi) n += count[b];
+        total += mass[b];
+    }
+    uint64_t *keys = scratch_buffer((size_t)(n + 1) * (2 * sizeof *keys + sizeof *c));
+    if (!keys) return race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});  /* out of memory: unfiltered */
+    const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
+    n = 0;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        __m256i bin = bins8(s, smax);
+        int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
+                                                                          _mm256_cmpgt_epi32(hi, bin))));
+        if (!in) continue;
+        float sv[8];
+        _mm256_storeu_ps(sv, s);
+        for (int j = 0; j < 8; j++)
+            if (in >> j & 1) keys[n++] = order_key(sv[j], i + j);
+    }
+    const uint64_t *sorted = radix_sort(keys, keys + n, n);
+    c = (struct candidate *)(keys + 2 * n);
+    for (long r = 0; r < n; r++) c[r] = from_key(sorted[r]);
+    const long kept = cut(c, n, base, base_mass, total, f, smax);
+    if (!k.lo) return race_list(c, kept, row);
+    if (kept < n) k.drop_s = c[kept].s, k.drop_id = c[kept].id;
+    return race(x, V, t, row, top, &k);
 }
 
 struct sample_args {
@@ -379,9 +453,8 @@ static void sample_row(const void *args, long b) {
     const uint32_t row = mix32((uint32_t)a->keys[b] ^ mix32((uint32_t)a->steps[b]));
     const struct row_filter f = {a->top_k[b] > 0 && a->top_k[b] < V ? a->top_k[b] : 0, a->top_p[b], a->min_p[b]};
     const int top = argmax(x, V, t);
-    const struct survivors all = {BINS, 0, 0, -1};
-    const struct survivors k = f.top_k || f.top_p < 1 || f.min_p > 0 ? filter_row(x, V, t, top, &f) : all;
-    a->tokens[b] = race(x, V, t, row, top, &k);
+    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, top, &f);
+    else a->tokens[b] = race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
