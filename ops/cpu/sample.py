@@ -2,14 +2,17 @@
 
 The torch sampler (nanoqwen/sampler.py) hashes noise for the whole vocabulary as several [B, V]
 temporaries and sorts the vocabulary for top-p: 10-30x a greedy step's argmax on the CPU. Here each
-row reads its logits a few times with nothing materialised: an unfiltered row races only the blocks
-whose logits come within the noise's bound of the best race value; a filtered row bins its tokens by
-distance below the maximum (with their softmax mass for top-p), sorts only the bins that top-k, top-p
-and min-p can keep, cuts them as sampler._filter_sorted does and races the survivors.
+row is read a few times with nothing materialised:
+- the race: every token's hash, but its two logs only where a cheap upper bound of its race value
+  (from the hash's bits: -log E <= -log(1 - u)) reaches the best value its lane has scored;
+- a small top-k (<= 256): a streaming selection keeps the best k, which are sorted and filtered;
+- otherwise: the tokens are binned by distance below the maximum (with their softmax mass for
+  top-p); the filters' cut falls in a window of a few bins, and only those are sorted. The survivors
+  are a prefix of the filters' order (logit descending, id ascending), as sampler._filter_sorted keeps.
 
-The noise is the torch sampler's hash and formulas, but its logs are this kernel's polynomial, which
-can differ from torch's by an ulp: so on the CPU every sampled mode runs this kernel, and a seeded
-row's token depends on its own settings alone whatever its batch-mates and the step's mode.
+The hash and formulas are exponential_noise's, but the logs are this kernel's polynomials, which can
+differ from torch's by an ulp: so on the CPU every sampled mode runs this kernel, and a seeded row's
+token depends on its own settings alone, whatever its batch-mates and the step's mode.
 Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
 """
 from __future__ import annotations

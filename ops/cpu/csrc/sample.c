@@ -1,4 +1,4 @@
-/* Seeded sampling of whole rows of logits in one or two passes: the why is in ops/cpu/sample.py. */
+/* Seeded sampling of whole rows of logits, a few passes a row: the why is in ops/cpu/sample.py. */
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 #include "pool.h"
