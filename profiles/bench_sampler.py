@@ -1,6 +1,6 @@
 """What sampling adds to a decode step: greedy against sampled and filtered, at several batch sizes.
 
-    python profiles/bench_sampler.py [--batches 1 8 32] [--repeats 30] [--new-tokens 16]
+    python profiles/bench_sampler.py [--batches 1 8 32] [--repeats 30] [--new-tokens 16] [--rounds 2]
         [--threads N] [--no-engine] [--device auto] [--small] [--out DIR]
 
 1. The sampler alone (`nanoqwen.sampler.sample`) on random fp32 logits [B, V] of Qwen3-0.6B's
@@ -92,7 +92,7 @@ def engine_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for batch in args.batches:
         prompts = common.random_prompts(batch, 16, seed=batch)
         ms: dict[str, list[float]] = {name: [] for name in SETTINGS}
-        for _ in range(2):  # the settings take turns, twice: each one's faster run is kept
+        for _ in range(args.rounds):  # the settings take turns: each one's fastest run is kept
             for name, params in SETTINGS.items():
                 ms[name].append(common.engine_decode(engine, prompts, args.new_tokens, params).median_step_s * 1000)
         greedy = min(ms["greedy"])
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="engine runs of each setting, taking turns")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--no-engine", action="store_true")
     args = parser.parse_args()
