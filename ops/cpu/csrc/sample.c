@@ -172,11 +172,13 @@ static inline __m256 members8(__m256 s, __m256i ids, __m256 smax, const struct s
 }
 
 /* The exponential race over the survivors. A token's exact noise is computed only where its bound
-   reaches the best race value its lane has seen, starting from the top token's (which always survives). */
+   reaches the best race value its lane has seen, starting from the top token's (which always survives)
+   where the caller found it (top >= 0: a filtered row, whose survivors are binned below it). */
 static int race(const float *x, int V, float t, uint32_t row, int top, const struct survivors *k) {
     const __m256 tv = _mm256_set1_ps(t);
-    const __m256 smax = _mm256_set1_ps(x[top] / t);
-    __m256 bar = _mm256_sub_ps(smax, log_noise8(noise_bits8(row, _mm256_set1_epi32(top))));
+    const __m256 smax = _mm256_set1_ps(top < 0 ? 0 : x[top] / t);
+    __m256 bar = top < 0 ? _mm256_set1_ps(-INFINITY)
+                         : _mm256_sub_ps(smax, log_noise8(noise_bits8(row, _mm256_set1_epi32(top))));
     struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
     for (int i = 0; i < V; i += 8) {
         __m256 s = scaled8(x, i, V, tv);
@@ -190,7 +192,7 @@ static int race(const float *x, int V, float t, uint32_t row, int top, const str
         bar = _mm256_max_ps(bar, value);
     }
     const int winner = race_winner(&r);
-    return winner < 0 ? top : winner;
+    return winner >= 0 ? winner : top >= 0 ? top : argmax(x, V, t);  /* every logit -inf */
 }
 
 struct candidate {
@@ -379,14 +381,15 @@ static void cut_window(const struct row_filter *f, const int *count, const doubl
    over the survivors. A small top-k's candidates come from a streaming selection; otherwise binning by
    distance below the maximum (with the softmax's masses for top-p) finds the window of bins where the
    cut falls, and only that is sorted. */
-static int race_filtered(const float *x, int V, float t, uint32_t row, int top, const struct row_filter *f) {
+static int race_filtered(const float *x, int V, float t, uint32_t row, const struct row_filter *f) {
     const __m256 tv = _mm256_set1_ps(t);
-    const __m256 smax = _mm256_set1_ps(x[top] / t);
     struct candidate *c;
     if (f->top_k && f->top_k <= SMALL_TOP_K) {
         long n = top_candidates(x, V, tv, f->top_k, &c);
-        return n ? race_list(c, cut(c, n, 0, 0, 0, f, smax), row) : top;
+        return n ? race_list(c, cut(c, n, 0, 0, 0, f, _mm256_set1_ps(c[0].s)), row) : argmax(x, V, t);
     }
+    const int top = argmax(x, V, t);
+    const __m256 smax = _mm256_set1_ps(x[top] / t);
     int count[BINS] = {0};
     double mass[BINS] = {0};
     const int weighed = f->top_p < 1;
@@ -452,9 +455,8 @@ static void sample_row(const void *args, long b) {
     const float t = a->temperature[b] > MIN_TEMPERATURE ? a->temperature[b] : MIN_TEMPERATURE;
     const uint32_t row = mix32((uint32_t)a->keys[b] ^ mix32((uint32_t)a->steps[b]));
     const struct row_filter f = {a->top_k[b] > 0 && a->top_k[b] < V ? a->top_k[b] : 0, a->top_p[b], a->min_p[b]};
-    const int top = argmax(x, V, t);
-    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, top, &f);
-    else a->tokens[b] = race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});
+    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, &f);
+    else a->tokens[b] = race(x, V, t, row, -1, &(struct survivors){BINS, 0, 0, -1});
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
