@@ -8,12 +8,16 @@ Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws token i 
 What a step has to do is one of MODES, chosen on the host from the batch's parameters (no sync):
 each mode is a separate capture, and a row that does not need a mode's extra work gets exactly the
 result it would get in the cheaper mode, so a row's tokens never depend on its batch-mates.
+On the CPU every sampled mode is one C kernel call (ops/cpu/sample.py) where it built: the same
+distributions and hash, its own logs, so all CPU modes share that kernel's noise.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ops.cpu import sample as cpu_sample
 
 _MASK32 = 0xFFFFFFFF
 # argmax only | + temperature and noise, every row's top-k within TOP_K_CANDIDATES | + temperature
@@ -44,6 +48,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def _as_int32(values: torch.Tensor) -> torch.Tensor:
     """[B] ints holding 32-bit patterns (int32, or int64 in [0, 2^32)) -> int32 with those bits."""
+    if values.dtype == torch.int32:
+        return values
     return (((values.long() + (1 << 31)) & _MASK32) - (1 << 31)).int()
 
 
@@ -172,9 +178,12 @@ def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penal
         logits = apply_penalties(logits, penalties)
     if adjust is not None:
         logits = apply_adjust(logits, adjust)
-    greedy = logits.argmax(dim=-1)
     if mode == "greedy":
-        return greedy
+        return logits.argmax(dim=-1)
+    if logits.device.type == "cpu" and cpu_sample.KERNEL.ready:
+        return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,
+                                          _as_int32(rows.keys), _as_int32(rows.steps))
+    greedy = logits.argmax(dim=-1)
     temperature = rows.temperature.clamp(min=1e-5).unsqueeze(1)
     if mode == "top_k":
         sampled = _sample_candidates(logits, rows, temperature)

@@ -1,16 +1,17 @@
 """What sampling adds to a decode step: greedy against sampled and filtered, at several batch sizes.
 
-    python profiles/bench_sampler.py [--batches 1 8 32] [--repeats 30] [--new-tokens 16]
+    python profiles/bench_sampler.py [--batches 1 8 32] [--repeats 30] [--new-tokens 16] [--rounds 2]
         [--threads N] [--no-engine] [--device auto] [--small] [--out DIR]
 
 1. The sampler alone (`nanoqwen.sampler.sample`) on random fp32 logits [B, V] of Qwen3-0.6B's
    151,936-token vocabulary, for each setting below, in the sampler mode the engine would pick
-   (`runner.sampling.sampling_mode`). The settings take turns within each repeat, so a shared
-   machine's load falls on all of them alike; ms = the median over --repeats.
+   (`runner.sampling.sampling_mode`); on the CPU both as the torch sampler and as the C kernel
+   (ops/cpu/sample.py). The settings take turns within each repeat, so a shared machine's load falls
+   on all of them alike; ms = the median over --repeats.
 2. Unless --no-engine: whole engine decode steps (`Engine.step()`, as bench_decode.py times them) on
    the random 0.6B-shaped bf16 checkpoint (--small: the 2-layer test model, whose vocabulary is
-   small), all rows greedy against all rows with Qwen3's sampling defaults, and their ratio
-   (target: at most 1.15 at every batch).
+   small), all rows greedy against all rows with each sampled setting, and their ratio (target: at
+   most 1.15 at every batch).
 --threads sets torch's intra-op threads for both (on a shared CPU, 1 stalls least).
 Writes bench_sampler.{json,md} into --out.
 """
@@ -32,6 +33,7 @@ from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
 from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
 from nanoqwen.sampler import SamplingRows, sample, seed_key  # noqa: E402
+from ops.cpu import sample as cpu_sample  # noqa: E402
 
 VOCAB = 151_936  # Qwen3-0.6B
 TARGET_RATIO = 1.15
@@ -41,7 +43,7 @@ SETTINGS = {
     "temperature 1.0": SamplingParams(temperature=1.0),
     "top-p 0.95 (no top-k)": SamplingParams(temperature=0.7, top_p=0.95),
 }
-QWEN = SETTINGS["qwen defaults (T 0.7, top-p 0.95, top-k 20)"]
+SAMPLED = [name for name in SETTINGS if name != "greedy"]
 
 
 def rows(params: SamplingParams, batch: int, device: torch.device) -> SamplingRows:
@@ -56,21 +58,30 @@ def rows(params: SamplingParams, batch: int, device: torch.device) -> SamplingRo
     )
 
 
+def sampler_backends(device: torch.device) -> list[str]:
+    """The samplers `sample` can run here: on a CPU where the C kernel builds, it and the torch sampler."""
+    return ["torch", "kernel"] if device.type == "cpu" and cpu_sample.KERNEL.build() else ["torch"]
+
+
 @torch.inference_mode()
-def sampler_ms(batch: int, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median ms of one `sample` call per setting, the settings interleaved within each repeat."""
+def sampler_ms(batch: int, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """{backend: {setting: median ms of one `sample` call}}, the calls interleaved within each repeat."""
     logits = torch.randn(batch, VOCAB, device=device) * 3
     calls = {name: (rows(p, batch, device), sampling_mode([p])) for name, p in SETTINGS.items()}
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    backends = sampler_backends(device)
+    times: dict[str, dict[str, list[float]]] = {b: {name: [] for name in calls} for b in backends}
     for repeat in range(repeats + 1):  # the first round warms up
-        for name, (settings, mode) in calls.items():
-            common.synchronize(device)
-            start = time.perf_counter()
-            sample(logits, settings, mode)
-            common.synchronize(device)
-            if repeat:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+        for backend in backends:
+            cpu_sample.KERNEL.ready = backend == "kernel"  # `sample`'s own switch between the two
+            for name, (settings, mode) in calls.items():
+                common.synchronize(device)
+                start = time.perf_counter()
+                sample(logits, settings, mode)
+                common.synchronize(device)
+                if repeat:
+                    times[backend][name].append(time.perf_counter() - start)
+    cpu_sample.KERNEL.ready = "kernel" in backends
+    return {b: {name: 1000 * statistics.median(t) for name, t in by_name.items()} for b, by_name in times.items()}
 
 
 def engine_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -80,13 +91,13 @@ def engine_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
     out = []
     for batch in args.batches:
         prompts = common.random_prompts(batch, 16, seed=batch)
-        runs = {}
-        for name in ("greedy", "sampled"):  # each twice, alternating: the second of each is kept
-            for _ in range(2):
-                params = SETTINGS["greedy"] if name == "greedy" else QWEN
-                runs[name] = common.engine_decode(engine, prompts, args.new_tokens, params)
-        greedy, sampled = runs["greedy"].median_step_s * 1000, runs["sampled"].median_step_s * 1000
-        out.append({"batch": batch, "greedy_ms": greedy, "sampled_ms": sampled, "ratio": sampled / greedy})
+        ms: dict[str, list[float]] = {name: [] for name in SETTINGS}
+        for _ in range(args.rounds):  # the settings take turns: each one's fastest run is kept
+            for name, params in SETTINGS.items():
+                ms[name].append(common.engine_decode(engine, prompts, args.new_tokens, params).median_step_s * 1000)
+        greedy = min(ms["greedy"])
+        out.append({"batch": batch, "greedy_ms": greedy,
+                    "sampled": {name: {"ms": min(ms[name]), "ratio": min(ms[name]) / greedy} for name in SAMPLED}})
     return out
 
 
@@ -101,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2, help="engine runs of each setting, taking turns")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--no-engine", action="store_true")
     args = parser.parse_args()
@@ -109,16 +121,18 @@ def main() -> None:
     info = common.machine_info(device)
     print(common.machine_line(info))
     sampler = {batch: sampler_ms(batch, args.repeats, device) for batch in args.batches}
-    header = ["setting (sampler mode)", *[f"B={b} ms" for b in args.batches]]
-    table = common.markdown_table(header, [
-        [f"{name} ({sampling_mode([p])})", *[f"{sampler[b][name]:.2f}" for b in args.batches]]
+    backends = list(sampler[args.batches[0]])
+    columns = [(b, backend) for b in args.batches for backend in backends]
+    table = common.markdown_table(["setting (sampler mode)", *[f"B={b} {backend} ms" for b, backend in columns]], [
+        [f"{name} ({sampling_mode([p])})", *[f"{sampler[b][backend][name]:.2f}" for b, backend in columns]]
         for name, p in SETTINGS.items()
     ])
     steps = [] if args.no_engine else engine_steps(args, device)
     if steps:
         table += "\n\n" + common.markdown_table(
-            ["batch", "greedy step ms", "Qwen-defaults step ms", f"ratio (target <= {TARGET_RATIO})"],
-            [[str(s["batch"]), f"{s['greedy_ms']:.1f}", f"{s['sampled_ms']:.1f}", f"{s['ratio']:.2f}"] for s in steps],
+            ["batch", "greedy step ms", *[f"{name}: ms, ratio (target <= {TARGET_RATIO})" for name in SAMPLED]],
+            [[str(s["batch"]), f"{s['greedy_ms']:.1f}",
+              *[f"{s['sampled'][n]['ms']:.1f}, {s['sampled'][n]['ratio']:.2f}" for n in SAMPLED]] for s in steps],
         )
     report = f"{common.machine_line(info)}\n\n`{common.command_line()}`\n\n{table}\n"
     print(report)

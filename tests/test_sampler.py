@@ -26,6 +26,14 @@ from nanoqwen.sampler import (
     sample,
     seed_key,
 )
+from ops.cpu import sample as cpu_sample
+
+
+@pytest.fixture(autouse=True)
+def torch_sampler(monkeypatch):
+    """The torch sampler, the reference on every device (tests/test_cpu_sample.py: the CPU kernel),
+    even where an earlier test built the kernel."""
+    monkeypatch.setattr(cpu_sample.KERNEL, "ready", False)
 
 
 def rows(count: int, **kw) -> SamplingRows:

@@ -628,6 +628,34 @@ def test_generation_config_supplies_sampling_defaults(server: GunicornServer) ->
     assert _seeded(server, top_k=0) == _seeded(server, temperature=0.6, top_p=0.95, top_k=0)  # per field
 
 
+# One setting per CPU sampler mode: `top_k` (Qwen3's defaults), `sample`, and `filter` (top-p alone,
+# then top-k above the candidates with min-p), each seeded.
+SAMPLED_SETTINGS = [
+    {"temperature": 0.6, "top_p": 0.95, "seed": 21, "extra_body": {"top_k": 20}},
+    {"temperature": 1.0, "top_p": 1.0, "seed": 22, "extra_body": {"top_k": 0}},
+    {"temperature": 0.8, "top_p": 0.9, "seed": 23, "extra_body": {"top_k": 0}},
+    {"temperature": 1.2, "top_p": 1.0, "seed": 24, "extra_body": {"top_k": 100, "min_p": 0.05}},
+]
+
+
+def test_seeded_samples_are_the_same_alone_and_in_a_batch(server: GunicornServer) -> None:
+    """Through the openai client: each seeded request answers the same alone and while the others
+    (whose settings switch the step's sampler mode) share its batch."""
+    client = _client(server)
+
+    def answer(setting: dict[str, Any]) -> list[str]:
+        extra = {"ignore_eos": True, **setting["extra_body"]}
+        completion = client.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=10, n=2, **{**setting, "extra_body": extra})
+        return [choice.message.content for choice in completion.choices]
+
+    alone = [answer(setting) for setting in SAMPLED_SETTINGS]
+    assert len({tuple(a) for a in alone}) == len(SAMPLED_SETTINGS)  # the settings do sample differently
+    with ThreadPoolExecutor(len(SAMPLED_SETTINGS) * 2) as pool:
+        together = list(pool.map(answer, SAMPLED_SETTINGS * 2))
+    assert together == alone * 2
+
+
 def test_generation_config_switched_off(guarded: GunicornServer) -> None:
     """NANOQWEN_GENERATION_CONFIG=none: OpenAI's defaults (temperature 1, no top-k/top-p)."""
     assert requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]["sampling_defaults"] == {}

@@ -18,11 +18,12 @@ from ops.cpu import (
     norm_rope,
     pointwise,
     prefill_attention,
+    sample,
 )
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
-             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL)
+             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL, sample.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,

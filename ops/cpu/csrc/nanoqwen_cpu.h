@@ -63,4 +63,10 @@ void silu_mul(const void *x, void *out, int N, int I, int bf16);
 /* pointwise.c: out[i] = x[i], bf16 -> fp32, n elements. */
 void bf16_to_fp32(const uint16_t *x, float *out, long n);
 
+/* sample.c: one token per row of logits [B, V] fp32: argmax where temperature is 0, else the exponential race
+   over logits / max(temperature, 1e-5) after top-k (<= 0: off), top-p and min-p, with noise hashed from
+   (keys, steps, token id). temperature, top_p, min_p: [B] fp32; top_k, keys, steps: [B] int32; tokens: [B]. */
+void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
+                 const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V);
+
 #endif

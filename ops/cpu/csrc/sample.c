@@ -1,0 +1,467 @@
+/* Seeded sampling of whole rows of logits, a few passes a row: the why is in ops/cpu/sample.py. */
+#include "nanoqwen_cpu.h"
+#include "simd.h"
+#include "pool.h"
+
+#define TOKEN_STRIDE 0x2545F491u
+#define MIN_TEMPERATURE 1e-5f
+/* What log8's rounding may add to a race value beyond noise_bound8's exact bound. */
+#define BOUND_MARGIN 0.01f
+/* Logits binned by their distance below the row's maximum, in 1/BINS_PER_UNIT steps; the last bin
+   takes everything further (and -inf). */
+#define BINS_PER_UNIT 32
+#define BINS 2048
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x5BD1E995u;
+    return x ^ (x >> 16);
+}
+
+static inline __m256i mix32_8(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x5BD1E995));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+/* Natural log of positive normal floats (Cephes logf). */
+static inline __m256 log8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256i bits = _mm256_castps_si256(x);
+    __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                   _mm256_set1_epi32(0x3F000000)));  /* [0.5, 1) */
+    __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
+    m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(m, small));
+    __m256 z = _mm256_mul_ps(m, m);
+    __m256 y = _mm256_set1_ps(7.0376836292E-2f);
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993E-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174E-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+/* exp(x) for x <= 0 (Cephes expf); below -87 (and -inf): 0. */
+static inline __m256 exp8(__m256 x) {
+    __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), live);
+}
+
+/* 8 tokens' noise bits: the hash of nanoqwen/sampler.py's exponential_noise. */
+static inline __m256i noise_bits8(uint32_t row, __m256i ids) {
+    return mix32_8(_mm256_add_epi32(_mm256_set1_epi32((int)row), _mm256_mullo_epi32(ids, _mm256_set1_epi32((int)TOKEN_STRIDE))));
+}
+
+/* log E of their Exp(1) noise E = -log u, u from the top 24 bits: exponential_noise's formulas. */
+static inline __m256 log_noise8(__m256i bits) {
+    __m256 top24 = _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8));
+    __m256 uniform = _mm256_min_ps(_mm256_mul_ps(_mm256_add_ps(top24, _mm256_set1_ps(0.5f)),
+                                                 _mm256_set1_ps(1.0f / (1 << 24))),
+                                   _mm256_set1_ps(1.0f - 1.0f / (1 << 24)));
+    return log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(uniform)));
+}
+
+/* An upper bound of -log E at a third of its cost: E = -log u >= 1 - u >= q / 2^25 with
+   q = 2^24 - (u's 24 bits) >= 1, so -log E <= (25 - floor(log2 q)) ln 2 (+ BOUND_MARGIN). */
+static inline __m256 noise_bound8(__m256i bits) {
+    __m256i q = _mm256_sub_epi32(_mm256_set1_epi32(1 << 24), _mm256_srli_epi32(bits, 8));
+    __m256i log2q = _mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(q)), 23);  /* + 127 */
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(log2q), _mm256_set1_ps(0.693147181f),
+                            _mm256_set1_ps((25 + 127) * 0.693147181f + BOUND_MARGIN));
+}
+
+static inline __m256i iota8(int first) {
+    return _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* 8 scaled logits from token i on; lanes past V read -inf. */
+static inline __m256 scaled8(const float *x, int i, int V, __m256 t) {
+    if (i + 8 <= V) return _mm256_div_ps(_mm256_loadu_ps(x + i), t);
+    float pad[8];
+    for (int j = 0; j < 8; j++) pad[j] = i + j < V ? x[i + j] : -INFINITY;
+    return _mm256_div_ps(_mm256_loadu_ps(pad), t);
+}
+
+/* Per-lane race leaders: a lane keeps its first maximum; the winner is the lowest id among the best. */
+struct race {
+    __m256 value;
+    __m256i id;
+};
+
+static inline void race_add(struct race *r, __m256 value, __m256i id) {
+    __m256 better = _mm256_cmp_ps(value, r->value, _CMP_GT_OQ);
+    r->value = _mm256_blendv_ps(r->value, value, better);
+    r->id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r->id), _mm256_castsi256_ps(id), better));
+}
+
+static int race_winner(const struct race *r) {  /* -1 when every value was -inf */
+    float value[8];
+    int32_t id[8];
+    _mm256_storeu_ps(value, r->value);
+    _mm256_storeu_si256((__m256i *)id, r->id);
+    int best = -1;
+    for (int j = 0; j < 8; j++)
+        if (value[j] > -INFINITY && (best < 0 || value[j] > value[best] || (value[j] == value[best] && id[j] < id[best])))
+            best = j;
+    return best < 0 ? -1 : id[best];
+}
+
+/* The first maximum of x / t, as torch.argmax: with t = 1 the greedy token; else the first token of the
+   filters' order (scaled logit descending, id ascending), which survives every filter. */
+static int argmax(const float *x, int V, float t) {
+    struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
+    const __m256 tv = _mm256_set1_ps(t);
+    for (int i = 0; i < V; i += 8) race_add(&r, scaled8(x, i, V, tv), iota8(i));
+    const int best = race_winner(&r);
+    return best < 0 ? 0 : best;
+}
+
+static inline __m256i bins8(__m256 s, __m256 smax) {
+    __m256 d = _mm256_mul_ps(_mm256_sub_ps(smax, s), _mm256_set1_ps((float)BINS_PER_UNIT));
+    return _mm256_cvttps_epi32(_mm256_min_ps(d, _mm256_set1_ps((float)(BINS - 1))));  /* +inf, NaN -> last */
+}
+
+/* The tokens that survive the filters: a prefix of the order (scaled logit descending, id ascending), so
+   all of bins < lo, then either everything up to bin `hi` (drop_id < 0) or what comes before the first
+   dropped token (drop_s, drop_id). An unfiltered row: lo = BINS. */
+struct survivors {
+    int lo, hi;
+    float drop_s;
+    int32_t drop_id;
+};
+
+static inline __m256 members8(__m256 s, __m256i ids, __m256 smax, const struct survivors *k) {
+    __m256i bin = bins8(s, smax);
+    __m256i bulk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k->lo), bin);
+    __m256i in;
+    if (k->drop_id < 0) {
+        in = _mm256_cmpgt_epi32(_mm256_set1_epi32(k->hi + 1), bin);
+    } else {
+        __m256 ds = _mm256_set1_ps(k->drop_s);
+        __m256 above = _mm256_cmp_ps(s, ds, _CMP_GT_OQ);
+        __m256 tied = _mm256_and_ps(_mm256_cmp_ps(s, ds, _CMP_EQ_OQ),
+                                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k->drop_id), ids)));
+        in = _mm256_castps_si256(_mm256_or_ps(above, tied));
+    }
+    return _mm256_castsi256_ps(_mm256_or_si256(bulk, in));
+}
+
+/* The exponential race over the survivors. A token's exact noise is computed only where its bound
+   reaches the best race value its lane has seen, starting from the top token's (which always survives)
+   where the caller found it (top >= 0: a filtered row, whose survivors are binned below it). */
+static int race(const float *x, int V, float t, uint32_t row, int top, const struct survivors *k) {
+    const __m256 tv = _mm256_set1_ps(t);
+    const __m256 smax = _mm256_set1_ps(top < 0 ? 0 : x[top] / t);
+    __m256 bar = top < 0 ? _mm256_set1_ps(-INFINITY)
+                         : _mm256_sub_ps(smax, log_noise8(noise_bits8(row, _mm256_set1_epi32(top))));
+    struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        __m256i ids = iota8(i);
+        __m256i bits = noise_bits8(row, ids);
+        __m256 live = _mm256_cmp_ps(_mm256_add_ps(s, noise_bound8(bits)), bar, _CMP_GE_OQ);
+        if (k->lo < BINS) live = _mm256_and_ps(live, members8(s, ids, smax, k));
+        if (!_mm256_movemask_ps(live)) continue;
+        __m256 value = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_sub_ps(s, log_noise8(bits)), live);
+        race_add(&r, value, ids);
+        bar = _mm256_max_ps(bar, value);
+    }
+    const int winner = race_winner(&r);
+    return winner >= 0 ? winner : top >= 0 ? top : argmax(x, V, t);  /* every logit -inf */
+}
+
+struct candidate {
+    float s, w;  /* scaled logit, exp(s - the row's maximum) */
+    int32_t id;
+};
+
+/* A candidate as one integer that sorts ascending in the filters' order: scaled logit descending
+   (-0 taken as +0, as a float comparison does), then id ascending. */
+static inline uint64_t order_key(float s, int32_t id) {
+    s += 0.0f;
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    u = u >> 31 ? ~u : u | 0x80000000u;  /* ascending with s */
+    return (uint64_t)~u << 32 | (uint32_t)id;
+}
+
+static inline struct candidate from_key(uint64_t key) {
+    uint32_t u = ~(uint32_t)(key >> 32);
+    u = u >> 31 ? u & 0x7FFFFFFFu : ~u;
+    struct candidate c = {0, 0, (int32_t)(uint32_t)key};
+    memcpy(&c.s, &u, 4);
+    return c;
+}
+
+/* LSD radix sort, a byte at a time, skipping bytes every key shares; -> a or tmp, whichever holds the result. */
+static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, long n) {
+    for (int shift = 0; shift < 64 && n > 1; shift += 8) {
+        long count[256] = {0};
+        for (long i = 0; i < n; i++) count[a[i] >> shift & 255]++;
+        if (count[a[0] >> shift & 255] == n) continue;
+        for (long d = 0, pos = 0; d < 256; d++) {
+            long c = count[d];
+            count[d] = pos;
+            pos += c;
+        }
+        for (long i = 0; i < n; i++) tmp[count[a[i] >> shift & 255]++] = a[i];
+        uint64_t *t = a;
+        a = tmp;
+        tmp = t;
+    }
+    return a;
+}
+
+static __thread void *scratch;
+static __thread size_t scratch_bytes;
+
+static void *scratch_buffer(size_t bytes) {  /* this thread's buffer, grown but never shrunk */
+    if (bytes > scratch_bytes) {
+        free(scratch);
+        scratch = malloc(bytes);
+        scratch_bytes = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+struct row_filter {
+    int top_k;  /* 0 = off */
+    float top_p, min_p;  /* 1 / 0 = off */
+};
+
+/* The filters' cut on n candidates sorted in their order, after `base` surviving tokens of softmax mass
+   base_mass (exp(s - smax) each) out of `total` (with top-k: the top-k's, summed here); fills their w.
+   -> how many of them survive: a prefix, as in sampler._filter_sorted. */
+static long cut(struct candidate *c, long n, long base, double base_mass, double total, const struct row_filter *f,
+                __m256 smax) {
+    for (long r = 0; r < n; r += 8) {
+        float sv[8], w[8];
+        for (int j = 0; j < 8; j++) sv[j] = r + j < n ? c[r + j].s : -INFINITY;
+        _mm256_storeu_ps(w, exp8(_mm256_sub_ps(_mm256_loadu_ps(sv), smax)));
+        for (int j = 0; j < 8 && r + j < n; j++) c[r + j].w = w[j];
+    }
+    if (f->top_k) {  /* the softmax is over the top-k alone */
+        total = base_mass;
+        for (long r = 0; r < n && base + r < f->top_k; r++) total += c[r].w;
+    }
+    double before = base_mass;
+    for (long r = 0; r < n; r++) {
+        const long rank = base + r;
+        int drop = f->top_k && rank >= f->top_k;
+        drop |= rank > 0 && f->top_p < 1 && before >= f->top_p * total;
+        drop |= rank > 0 && c[r].w < f->min_p;  /* min_p times the top token's exp(0) = 1 */
+        if (drop) return r;
+        before += c[r].w;
+    }
+    return n;
+}
+
+/* The race over the first n sorted candidates, which are all the survivors. */
+static int race_list(const struct candidate *c, long n, uint32_t row) {
+    struct race r = {_mm256_set1_ps(-INFINITY), _mm256_setzero_si256()};
+    for (long i = 0; i < n; i += 8) {
+        float sv[8];
+        int32_t ids[8];
+        for (int j = 0; j < 8; j++) {
+            sv[j] = i + j < n ? c[i + j].s : -INFINITY;
+            ids[j] = i + j < n ? c[i + j].id : 0;
+        }
+        __m256i idv = _mm256_loadu_si256((const __m256i *)ids);
+        race_add(&r, _mm256_sub_ps(_mm256_loadu_ps(sv), log_noise8(noise_bits8(row, idv))), idv);
+    }
+    const int winner = race_winner(&r);
+    return winner < 0 ? c[0].id : winner;
+}
+
+/* Up to this top-k, a row's candidates are its top-k, kept by a streaming selection (no histogram). */
+#define SMALL_TOP_K 256
+#define STREAM_CAPACITY 2048
+
+/* A small top-k's candidates, sorted: every token better than the current k-th best joins a buffer;
+   a full buffer is sorted and cut back to k, raising the bar. -> how many (k, or V if fewer). */
+static long top_candidates(const float *x, int V, __m256 tv, int k, struct candidate **out) {
+    uint64_t *keys = scratch_buffer(2 * STREAM_CAPACITY * sizeof *keys + SMALL_TOP_K * sizeof **out);
+    if (!keys) return 0;
+    uint64_t *tmp = keys + STREAM_CAPACITY, bar = UINT64_MAX;
+    __m256 bar_s = _mm256_set1_ps(-INFINITY);
+    long n = 0;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        int in = _mm256_movemask_ps(_mm256_cmp_ps(s, bar_s, _CMP_GE_OQ));
+        if (!in) continue;
+        float sv[8];
+        _mm256_storeu_ps(sv, s);
+        for (int j = 0; j < 8; j++) {
+            uint64_t key = order_key(sv[j], i + j);
+            if (in >> j & 1 && key < bar && i + j < V) keys[n++] = key;
+        }
+        if (n > STREAM_CAPACITY - 8) {
+            const uint64_t *sorted = radix_sort(keys, tmp, n);
+            if (sorted != keys) memcpy(keys, sorted, (size_t)k * sizeof *keys);
+            n = k;
+            bar = keys[k - 1];
+            bar_s = _mm256_set1_ps(from_key(bar).s);
+        }
+    }
+    const uint64_t *sorted = radix_sort(keys, tmp, n);
+    n = n < k ? n : k;
+    *out = (struct candidate *)(tmp + STREAM_CAPACITY);
+    for (long r = 0; r < n; r++) (*out)[r] = from_key(sorted[r]);
+    return n;
+}
+
+/* The first bin whose cumulative mass reaches `target`. */
+static int mass_bin(const double *mass, double target) {
+    double cum = 0;
+    for (int b = 0; b < BINS - 1; b++)
+        if ((cum += mass[b]) >= target) return b;
+    return BINS - 1;
+}
+
+/* The window of bins [lo, hi] where the filters' cut can fall: every token before it survives, none
+   after it does. With top-k, hi is the bin of the k-th token (top-p then needs the masses of all k). */
+static void cut_window(const struct row_filter *f, const int *count, const double *mass, int *lo, int *hi) {
+    *lo = *hi = BINS - 1;
+    long n = 0;
+    if (f->top_k) {
+        for (*hi = 0; *hi < BINS - 1 && (n += count[*hi]) < f->top_k; ++*hi) {}
+        *lo = *hi;
+    }
+    if (f->min_p > 0) {  /* exp(s - smax) >= min_p: bins two past either side of -log(min_p) are certain */
+        float edge = -logf(f->min_p) * BINS_PER_UNIT;
+        int sure = edge < 2 ? 0 : edge - 2 < BINS - 1 ? (int)edge - 2 : BINS - 1;
+        int none = edge + 2 < BINS - 1 ? (int)edge + 2 : BINS - 1;
+        *lo = sure < *lo ? sure : *lo;
+        if (!(f->top_k && f->top_p < 1)) *hi = none < *hi ? none : *hi;
+    }
+    if (f->top_p < 1) {
+        double least = 0, most = 0;  /* the top-k's mass lies between the bins before hi's and those up to it */
+        for (int b = 0; b < BINS; b++) {
+            if (b < *hi || !f->top_k) least += mass[b];
+            if (b <= *hi || !f->top_k) most += mass[b];
+        }
+        int first = mass_bin(mass, f->top_p * least * (1 - 1e-9));  /* the margins: summation order */
+        *lo = first < *lo ? first : *lo;
+        if (!f->top_k) {  /* the token after the mass: the first whose mass before it reaches top_p */
+            int last = mass_bin(mass, f->top_p * most * (1 + 1e-9));
+            while (last < BINS - 1 && !count[last + 1]) last++;
+            last = last < BINS - 1 ? last + 1 : last;
+            *hi = last < *hi ? last : *hi;
+        }
+    }
+    if (*hi < *lo) *hi = *lo;
+}
+
+/* Top-k, then top-p, then min-p on a row's tokens, as sampler._filter_sorted defines them, and the race
+   over the survivors. A small top-k's candidates come from a streaming selection; otherwise binning by
+   distance below the maximum (with the softmax's masses for top-p) finds the window of bins where the
+   cut falls, and only that is sorted. */
+static int race_filtered(const float *x, int V, float t, uint32_t row, const struct row_filter *f) {
+    const __m256 tv = _mm256_set1_ps(t);
+    struct candidate *c;
+    if (f->top_k && f->top_k <= SMALL_TOP_K) {
+        long n = top_candidates(x, V, tv, f->top_k, &c);
+        return n ? race_list(c, cut(c, n, 0, 0, 0, f, _mm256_set1_ps(c[0].s)), row) : argmax(x, V, t);
+    }
+    const int top = argmax(x, V, t);
+    const __m256 smax = _mm256_set1_ps(x[top] / t);
+    int count[BINS] = {0};
+    double mass[BINS] = {0};
+    const int weighed = f->top_p < 1;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        int32_t bin[8];
+        float w[8];
+        _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
+        if (weighed) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
+        for (int j = 0; j < 8 && i + j < V; j++) {
+            count[bin[j]]++;
+            if (weighed) mass[bin[j]] += w[j];
+        }
+    }
+    struct survivors k = {0, 0, 0, -1};
+    cut_window(f, count, mass, &k.lo, &k.hi);
+    long n = 0, base = 0;
+    double base_mass = 0, total = 0;
+    for (int b = 0; b < BINS; b++) {
+        if (b < k.lo) base += count[b], base_mass += mass[b];
+        else if (b <= k.hi) n += count[b];
+        total += mass[b];
+    }
+    uint64_t *keys = scratch_buffer((size_t)(n + 1) * (2 * sizeof *keys + sizeof *c));
+    if (!keys) return race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});  /* out of memory: unfiltered */
+    const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
+    n = 0;
+    for (int i = 0; i < V; i += 8) {
+        __m256 s = scaled8(x, i, V, tv);
+        __m256i bin = bins8(s, smax);
+        int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
+                                                                          _mm256_cmpgt_epi32(hi, bin))));
+        if (!in) continue;
+        float sv[8];
+        _mm256_storeu_ps(sv, s);
+        for (int j = 0; j < 8; j++)
+            if (in >> j & 1) keys[n++] = order_key(sv[j], i + j);
+    }
+    const uint64_t *sorted = radix_sort(keys, keys + n, n);
+    c = (struct candidate *)(keys + 2 * n);
+    for (long r = 0; r < n; r++) c[r] = from_key(sorted[r]);
+    const long kept = cut(c, n, base, base_mass, total, f, smax);
+    if (!k.lo) return race_list(c, kept, row);
+    if (kept < n) k.drop_s = c[kept].s, k.drop_id = c[kept].id;
+    return race(x, V, t, row, top, &k);
+}
+
+struct sample_args {
+    const float *logits, *temperature, *top_p, *min_p;
+    const int32_t *top_k, *keys, *steps;
+    int64_t *tokens;
+    int V;
+};
+
+static void sample_row(const void *args, long b) {
+    const struct sample_args *a = args;
+    const float *x = a->logits + b * a->V;
+    const int V = a->V;
+    if (a->temperature[b] == 0) {
+        a->tokens[b] = argmax(x, V, 1.0f);
+        return;
+    }
+    const float t = a->temperature[b] > MIN_TEMPERATURE ? a->temperature[b] : MIN_TEMPERATURE;
+    const uint32_t row = mix32((uint32_t)a->keys[b] ^ mix32((uint32_t)a->steps[b]));
+    const struct row_filter f = {a->top_k[b] > 0 && a->top_k[b] < V ? a->top_k[b] : 0, a->top_p[b], a->min_p[b]};
+    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, &f);
+    else a->tokens[b] = race(x, V, t, row, -1, &(struct survivors){BINS, 0, 0, -1});
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
+                 const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V) {
+    const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps, tokens, V};
+    pool_run(sample_row, &a, B);
+}

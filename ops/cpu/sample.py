@@ -1,0 +1,50 @@
+"""Seeded sampling of every row of a step's logits in one kernel call.
+
+The torch sampler (nanoqwen/sampler.py) hashes noise for the whole vocabulary as several [B, V]
+temporaries and sorts the vocabulary for top-p: 10-30x a greedy step's argmax on the CPU. Here each
+row is read a few times with nothing materialised:
+- the race: every token's hash, but its two logs only where a cheap upper bound of its race value
+  (from the hash's bits: -log E <= -log(1 - u)) reaches the best value its lane has scored;
+- a small top-k (<= 256): a streaming selection keeps the best k, which are sorted and filtered;
+- otherwise: the tokens are binned by distance below the maximum (with their softmax mass for
+  top-p); the filters' cut falls in a window of a few bins, and only those are sorted. The survivors
+  are a prefix of the filters' order (logit descending, id ascending), as sampler._filter_sorted keeps.
+
+The hash and formulas are exponential_noise's, but the logs are this kernel's polynomials, which can
+differ from torch's by an ulp: so on the CPU every sampled mode runs this kernel, and a seeded row's
+token depends on its own settings alone, whatever its batch-mates and the step's mode.
+Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ops.cpu import build, graph
+
+KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows",))
+
+
+def _sample_rows(
+    logits: torch.Tensor,  # [B, V] fp32
+    temperature: torch.Tensor,  # [B] fp32; 0 = greedy
+    top_p: torch.Tensor,  # [B] fp32
+    top_k: torch.Tensor,  # [B] int32; <= 0 = off
+    min_p: torch.Tensor,  # [B] fp32
+    keys: torch.Tensor,  # [B] int32 bit patterns of the seed keys
+    steps: torch.Tensor,  # [B] int32
+) -> torch.Tensor:  # [B] int64
+    logits = logits.contiguous()
+    rows = (temperature, top_p, top_k, min_p, keys, steps)
+    temperature, top_p, top_k, min_p, keys, steps = (t.contiguous() for t in rows)
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    with build.profiled("nanoqwen::sample_rows_cpu"):
+        graph.call(KERNEL.lib.sample_rows, logits, temperature, top_p, top_k, min_p, keys, steps, tokens,
+                   logits.shape[0], logits.shape[1])
+    return tokens
+
+
+def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+sample_rows_cpu = build.kernel_op("sample_rows_cpu", _sample_rows, _sample_rows_fake)

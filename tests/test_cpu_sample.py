@@ -1,0 +1,165 @@
+"""The CPU sampling kernel (ops/cpu/sample.py) against the torch sampler: the same tokens where no
+near-tie exists, the same distributions, every filter's edge cases, and a row's tokens independent of
+its batch-mates and of the step's mode."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, filter_logits, sample, seed_key
+from ops.cpu import build
+from ops.cpu import sample as cpu_sample
+
+pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """use(backend): `sample` runs the C kernel ("kernel") or the torch sampler ("torch") on the CPU."""
+    assert cpu_sample.KERNEL.build(), cpu_sample.KERNEL.error
+
+    def switch(backend: str) -> None:
+        monkeypatch.setattr(cpu_sample.KERNEL, "ready", backend == "kernel")
+
+    switch("kernel")
+    return switch
+
+
+def rows(count: int, step: int = 0, seeds=None, **kw) -> SamplingRows:
+    def col(name, default, dtype):
+        return torch.tensor(kw.get(name, [default] * count), dtype=dtype)
+
+    return SamplingRows(
+        temperature=col("temperature", 1.0, torch.float32), top_p=col("top_p", 1.0, torch.float32),
+        top_k=col("top_k", 0, torch.int32), min_p=col("min_p", 0.0, torch.float32),
+        keys=torch.tensor([seed_key(s) for s in (seeds or range(count))], dtype=torch.int64),
+        steps=torch.full((count,), step, dtype=torch.int32),
+    )
+
+
+# One row per filter and combination: (temperature, top_p, top_k, min_p).
+SETTINGS = [
+    (1.0, 1.0, 0, 0.0), (0.7, 0.95, 20, 0.0), (0.7, 0.95, 0, 0.0), (1.0, 1.0, 0, 0.05), (1.3, 0.5, 100, 0.0),
+    (0.5, 0.01, 0, 0.0), (1.0, 0.999, 0, 0.1), (0.7, 0.9, 1000, 0.0), (2.0, 0.95, 0, 0.01), (0.3, 0.8, 300, 0.0),
+    (1.0, 1.0, 64, 0.2), (0.7, 0.6, 3000, 0.02), (0.0, 0.9, 20, 0.0), (1e-6, 1.0, 0, 0.0),
+]
+
+
+def settings_rows(step: int, seed: int) -> SamplingRows:
+    t, p, k, m = zip(*SETTINGS)
+    return rows(len(SETTINGS), step, seeds=[seed * 100 + i for i in range(len(SETTINGS))],
+                temperature=list(t), top_p=list(p), top_k=list(k), min_p=list(m))
+
+
+@pytest.mark.parametrize("vocab", [37, 4000, 151936])
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0])
+def test_kernel_samples_the_torch_samplers_tokens(use, vocab, scale):
+    """Distinct logits (no exact ties): on these seeds no race or filter cut is within rounding of a
+    tie, so the kernel's own logs and sums give the torch sampler's tokens, every row and step."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(len(SETTINGS), vocab, generator=g) * scale
+    logits[3, ::3] = float("-inf")  # a grammar's mask
+    for step in range(3):
+        r = settings_rows(step, seed=vocab)
+        use("kernel")
+        ours = sample(logits, r, "filter")
+        use("torch")
+        assert torch.equal(ours, sample(logits, r, "filter")), step
+        assert logits.gather(1, ours.unsqueeze(1)).isfinite().all()
+
+
+def test_a_row_samples_the_same_whatever_its_batch_mates_and_mode(use):
+    torch.manual_seed(1)
+    logits = torch.randn(len(SETTINGS), 3000) * 2
+    for step in range(10):
+        together = sample(logits, settings_rows(step, seed=3), "filter")
+        for i in range(len(SETTINGS)):
+            alone = settings_rows(step, seed=3)[i:i + 1]
+            modes = ["filter"] + (["top_k"] if 0 < alone.top_k.item() <= TOP_K_CANDIDATES else [])
+            modes += ["sample"] if not bool(alone.filtered) else []
+            mate = torch.randn(1, 3000)
+            for mode in modes:
+                assert sample(logits[i:i + 1], alone, mode) == together[i], (step, i, mode)
+                padded = SamplingRows(*(torch.cat([getattr(alone, f), getattr(alone, f)]) for f in
+                                        ("temperature", "top_p", "top_k", "min_p", "keys", "steps")))
+                assert sample(torch.cat([mate, logits[i:i + 1]]), padded, mode)[1] == together[i]
+
+
+def chi2_critical(df: int, z: float = 3.72) -> float:
+    """The chi-square quantile at p = 1e-4 (z: the normal's), by Wilson and Hilferty's approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("setting", [(1.0, 1.0, 0, 0.0), (0.7, 1.0, 5, 0.0), (0.8, 0.7, 0, 0.0), (1.2, 1.0, 0, 0.15),
+                                     (1.0, 0.9, 8, 0.05)])
+def test_kernel_follows_the_filtered_distribution(use, setting):
+    """Chi-square of 6000 draws against softmax(filter(logits / T)) over 12 tokens."""
+    temperature, top_p, top_k, min_p = setting
+    logits = torch.linspace(-2.0, 1.5, 12)[torch.randperm(12, generator=torch.Generator().manual_seed(2))].unsqueeze(0)
+    one = rows(1, temperature=[temperature], top_p=[top_p], top_k=[top_k], min_p=[min_p])
+    probs = filter_logits(logits / temperature, one).softmax(-1)[0]
+    draws = 6000
+    counts = torch.zeros(12)
+    for step in range(draws):
+        one.steps.fill_(step)
+        counts[sample(logits, one, "filter")] += 1
+    assert counts[probs == 0].sum() == 0
+    kept = probs > 0
+    expected = probs[kept] * draws
+    chi2 = ((counts[kept] - expected) ** 2 / expected).sum().item()
+    assert chi2 < chi2_critical(int(kept.sum()) - 1), (counts, expected)
+
+
+def test_filter_edges(use):
+    torch.manual_seed(3)
+    logits = torch.randn(1, 5000) * 2
+    order = logits[0].argsort(descending=True)
+    for step in range(30):
+        # top_p 1.0 keeps the whole top-k; a tiny top_p or top-k 1 keeps the maximum alone
+        token = sample(logits, rows(1, step, top_k=[40], top_p=[1.0]), "filter")
+        assert token in order[:40]
+        for kw in ({"top_p": [1e-6]}, {"top_k": [1]}, {"min_p": [1.0]}):
+            assert sample(logits, rows(1, step, **kw), "filter") == order[0]
+    hits = {sample(logits, rows(1, step, top_k=[40], top_p=[1.0]), "filter").item() for step in range(300)}
+    assert len(hits) > 20  # top_p 1.0 cut nothing within the top-k
+
+
+def test_banned_tokens_never_win(use):
+    """-inf logits (a grammar's mask, a -100 bias pushed to -inf) are never sampled, whatever the filters,
+    even when nearly every token is banned."""
+    vocab = 151936
+    logits = torch.randn(4, vocab)
+    allowed = [7, 151935, 4096]
+    bitmask = torch.zeros(4, (vocab + 31) // 32, dtype=torch.int32)
+    for token in allowed:
+        bitmask[:, token // 32] |= 1 << (token % 32)
+    adjust = LogitAdjust(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                         torch.arange(4), bitmask)
+    for step in range(20):
+        r = rows(4, step, temperature=[1.0, 0.7, 2.0, 1.0], top_p=[1.0, 0.95, 1.0, 0.99], top_k=[0, 20, 0, 5000],
+                 min_p=[0.0, 0.0, 1e-9, 0.0])
+        for mode in ("sample", "filter"):
+            assert all(t in allowed for t in sample(logits, r, mode, adjust=adjust).tolist())
+    only = torch.full((2, vocab), float("-inf"))
+    only[:, 123] = -50.0
+    assert sample(only, rows(2, top_p=[1.0, 0.5], min_p=[0.0, 0.3]), "filter").eq(123).all()
+
+
+def test_greedy_rows_take_torchs_argmax(use):
+    logits = torch.randn(3, 1000)
+    logits[1, [10, 500]] = 9.0  # a tie: the first index, as torch.argmax
+    tokens = sample(logits, rows(3, temperature=[0.0, 0.0, 1.0]), "sample")
+    assert tokens[:2].tolist() == [logits[0].argmax().item(), 10]
+
+
+@pytest.mark.slow
+def test_compiled_sampler_calls_the_kernel(use):
+    """torch.compile (fullgraph, as the compiled decode step) runs the same kernel as eager code."""
+    torch.manual_seed(5)
+    logits = torch.randn(len(SETTINGS), 4000) * 3
+    r = settings_rows(step=2, seed=4)
+    compiled = torch.compile(sample, fullgraph=True)
+    for mode in ("top_k", "sample", "filter"):
+        assert torch.equal(compiled(logits, r, mode), sample(logits, r, mode))
