@@ -11,7 +11,7 @@ void linear_int4_supported(int *ok) {
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")  /* bf16: only where the CPU has it */
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 
 #define ROWS 8  /* activation rows sharing one unpacking of a weight block */
 
@@ -24,31 +24,6 @@ static inline void unpack_f32(const uint8_t *p, __m512 out[4]) {
     out[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 4), nib));
     out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 8), nib));
     out[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 12));
-}
-
-/* bf16(q) for q < 16: the lookup table of unpack_bf16. */
-static const uint16_t BF16_OF_NIBBLE[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                            0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-
-/* A 64-column block as two vectors of 32 bf16 q (exact): its bytes widened to words, then the low and the high
-   nibble of each looked up. Word 2i of the block's bytes holds q[i] and q[16 + i], word 2i + 1 q[32 + i] and
-   q[48 + i], so out[0] holds columns i, 32 + i in lanes 2i, 2i + 1 and out[1] columns 16 + i, 48 + i: the
-   order pair_columns puts the activations in. */
-static inline void unpack_bf16(const uint8_t *p, __m512bh out[2]) {
-    const __m512i table = _mm512_loadu_si512(BF16_OF_NIBBLE);
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    out[0] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xf)), table);
-    out[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-}
-
-/* x: [n / 64 blocks of 64] bf16 -> out in unpack_bf16's column order: per block, columns
-   0, 32, 1, 33, ... 15, 47, then 16, 48, 17, 49, ... 31, 63. */
-static void pair_columns(const uint16_t *x, uint16_t *out, long n) {
-    for (long b = 0; b < n; b += 64)
-        for (int i = 0; i < 16; i++) {
-            out[b + 2 * i] = x[b + i], out[b + 2 * i + 1] = x[b + 32 + i];
-            out[b + 32 + 2 * i] = x[b + 16 + i], out[b + 32 + 2 * i + 1] = x[b + 48 + i];
-        }
 }
 
 static inline float load_f(const void *p, long i, int bf16) {
@@ -99,47 +74,21 @@ row_dots_f32(const uint8_t *w, const void *scale, long n, const float *x, int K,
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* As row_dots_f32 for bf16 activations in pair_columns' order (and bf16 scales): each block's q unpacked to
-   bf16 once, two vdpbf16ps a row (exact products, fp32 sums) where fp32 takes four FMAs and a multiply. */
-static inline __attribute__((always_inline)) void
-row_dots_bf16(const uint8_t *w, const uint16_t *scale, long n, const uint16_t *x, int K, int G, int R, float *sums) {
-    __m512 acc[ROWS];
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    const int per_group = G / 64;
-    for (int b = 0; b < K / 64; b++) {
-        __builtin_prefetch(w + (long)b * 32 + 4096);
-        __m512bh q[2];
-        unpack_bf16(w + (long)b * 32, q);
-        const __m512 s = _mm512_set1_ps(bf16_to_f32(scale[n * (K / G) + b / per_group]));
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-            const uint16_t *xr = x + (long)r * K + b * 64;
-            __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(xr), q[0]);
-            t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_loadu_si512(xr + 32), q[1]);
-            acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
-        }
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-/* x: fp32, or bf16 in pair_columns' order when `paired`. */
-static void row_dots(const uint8_t *w, const void *scale, long n, const void *x, int paired, int K, int G, int R,
-                     int bf16, float *sums) {
+static void row_dots(const uint8_t *w, const void *scale, long n, const float *x, int K, int G, int R, int bf16,
+                     float *sums) {
     /* one specialisation per row count: the row loops unroll and the accumulators stay in registers */
-#define CASE(r) case r: \
-    if (paired) row_dots_bf16(w, (const uint16_t *)scale, n, (const uint16_t *)x, K, G, r, sums); \
-    else row_dots_f32(w, scale, n, (const float *)x, K, G, r, bf16, sums); \
-    break;
+#define CASE(r) case r: row_dots_f32(w, scale, n, x, K, G, r, bf16, sums); break;
     switch (R) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
 #undef CASE
 }
 
 struct linear_int4_args {
-    const void *x;      /* [M, K] fp32, or bf16 in pair_columns' order when `paired` */
+    const float *x;     /* [M, K] fp32 */
     const float *xsum;  /* [M, groups]: each group's activation sum, which the offsets multiply */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
-    int M, N, K, G, bf16, paired;
+    int M, N, K, G, bf16;
     long rows;  /* per chunk */
 };
 
@@ -152,8 +101,7 @@ static void linear_int4_chunk(const void *ctx, long chunk) {
         for (int m0 = 0; m0 < M; m0 += ROWS) {
             const int R = M - m0 < ROWS ? M - m0 : ROWS;
             float sums[ROWS];
-            const void *x = (const char *)a->x + (long)m0 * K * (a->paired ? 2 : 4);
-            row_dots(wn, a->scale, n, x, a->paired, K, a->G, R, a->bf16, sums);
+            row_dots(wn, a->scale, n, a->x + (long)m0 * K, K, a->G, R, a->bf16, sums);
             for (int r = 0; r < R; r++) {
                 const int m = m0 + r;
                 const float o = sums[r] + group_terms(a->offset, n * groups, a->xsum + (long)m * groups, groups,
@@ -165,36 +113,32 @@ static void linear_int4_chunk(const void *ctx, long chunk) {
     }
 }
 
-/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g]. fp32 activations:
-   fp32 products, as the reference's; bf16 ones with AVX-512-BF16: vdpbf16ps (row_dots_bf16), otherwise widened to
-   fp32 (exactly). Parallel over chunks of output rows (pool.h). */
+/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g]. bf16 activations
+   are widened to fp32 first (exactly): fp32 FMAs on 16 lanes outrun VDPBF16PS here (a full vdpbf16ps variant,
+   the nibbles looked up as bf16, measured no faster at 1, 2 or 8 rows: profiles/RESULTS.md, "gemv"), and the
+   products stay the reference's. Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16) {
     const int groups = K / G;
-    const long size = (long)M * K;
-    const int paired = bf16 && __builtin_cpu_supports("avx512bf16");
-    void *xk = 0;  /* the activations as the kernel reads them, where they are not x itself */
-    if (paired) {
-        xk = malloc((size_t)size * sizeof(uint16_t));
-        pair_columns((const uint16_t *)x, (uint16_t *)xk, size);
-    } else if (bf16) {
-        xk = malloc((size_t)size * sizeof(float));
-        for (long i = 0; i < size; i++) ((float *)xk)[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    float *widened = 0;
+    const float *xf = (const float *)x;
+    if (bf16) {
+        widened = (float *)malloc((size_t)M * K * sizeof(float));
+        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xf = widened;
     }
     float *xsum = (float *)malloc((size_t)M * groups * sizeof(float));  /* [M, groups] */
     for (int m = 0; m < M; m++) {
         for (int g = 0; g < groups; g++) {
             float s = 0.0f;
-            for (long k = (long)m * K + g * G; k < (long)m * K + (g + 1) * G; k++)
-                s += bf16 ? bf16_to_f32(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+            for (int k = g * G; k < (g + 1) * G; k++) s += xf[(long)m * K + k];
             xsum[m * groups + g] = s;
         }
     }
-    struct linear_int4_args a = {xk ? xk : x, xsum, w, scale, offset, y, M, N, K, G, bf16, paired,
-                                 pool_rows_per_chunk(K / 2)};
+    struct linear_int4_args a = {xf, xsum, w, scale, offset, y, M, N, K, G, bf16, pool_rows_per_chunk(K / 2)};
     pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     free(xsum);
-    free(xk);
+    free(widened);
 }
 
 #pragma GCC pop_options
