@@ -20,6 +20,10 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+/* Before a tileloadd of memory this code wrote: GCC's _tile_loadd is an asm without a memory operand, so
+   without this the compiler may drop or sink the stores it cannot see being read (it did, at -O3). */
+#define AMX_STORES_VISIBLE() __asm__ volatile("" ::: "memory")
+
 struct tile_config {  /* ldtilecfg's operand, palette 1 */
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
@@ -28,7 +32,7 @@ struct tile_config {  /* ldtilecfg's operand, palette 1 */
 
 /* Whether this CPU has AMX-BF16 and Linux lets this process use the tiles (asked on the first call; the
    permission is the process's, so the pool's helpers have it too). */
-static int amx_ready(void) {
+static inline int amx_ready(void) {
     static int ready = -1;
     int r = __atomic_load_n(&ready, __ATOMIC_ACQUIRE);
     if (r < 0) {
@@ -41,7 +45,7 @@ static int amx_ready(void) {
 
 /* x: [M, K] bf16 -> out: [K / 2, M] pairs (x[m, 2i], x[m, 2i + 1]): tdpbf16ps's B operand, 16 pairs of
    columns a tile. */
-static void pair_rows(const uint16_t *x, uint32_t *out, int M, int K) {
+static inline void pair_rows(const uint16_t *x, uint32_t *out, int M, int K) {
     for (int i = 0; i < K / 2; i++)
         for (int m = 0; m < M; m++)
             out[(long)i * M + m] = x[(long)m * K + 2 * i] | (uint32_t)x[(long)m * K + 2 * i + 1] << 16;
@@ -78,6 +82,7 @@ INLINE void amx_block(const void *w, int kind, const uint32_t *pairs, int M, int
         for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(r + (long)i * size * K + PREFETCH_BYTES / 2);
         if (kind == W_I8) {
             for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(tile[i], (__m512i)bf16x32(r + (long)i * K, 0, W_I8));
+            AMX_STORES_VISIBLE();
             _tile_loadd(0, tile, 64);
         } else {
             _tile_loadd(0, r, size * K);
