@@ -2,7 +2,8 @@
 
 A decode step streams every weight once. In 4 KB pages that is a TLB miss every 4 KB, and the hardware
 prefetcher stops at each page boundary; in 2 MB pages neither happens: the C linear kernels ran a
-0.6B step's int8 linears in 57 ms instead of 84 (profiles/RESULTS.md, "Linear kernels in huge pages").
+0.6B step's int8 linears in 57 ms instead of 84 (profiles/RESULTS.md, "CPU linears: huge pages, AMX
+from 2 rows, int4 on the pool").
 Linux gives huge pages to a region advised MADV_HUGEPAGE when it is first touched (transparent_hugepage
 `madvise` mode, the common default; `always` gives them anyway), so the buffer is advised before the
 weights are written into it. Elsewhere (no madvise, `never`) it is an ordinary buffer.

@@ -206,9 +206,10 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 AMX_END
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g]. bf16 activations
-   are widened to fp32 first (exactly): fp32 FMAs on 16 lanes outrun VDPBF16PS here (a full vdpbf16ps variant,
-   the nibbles looked up as bf16, measured no faster at 1, 2 or 8 rows: profiles/RESULTS.md, "gemv"), and the
-   products stay the reference's. Parallel over chunks of output rows (pool.h). */
+   are widened to fp32 first (exactly): fp32 FMAs on 16 lanes outrun VDPBF16PS here (a vdpbf16ps variant, the
+   nibbles looked up as bf16, measured no faster at 1, 2 or 8 rows: profiles/RESULTS.md, "CPU linears: huge
+   pages, AMX from 2 rows, int4 on the pool"), and the products stay the reference's; from 2 rows, AMX where
+   the CPU has it. Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16) {
     const int groups = K / G;
