@@ -10,36 +10,26 @@ weights are written into it. Elsewhere (no madvise, `never`) it is an ordinary b
 """
 from __future__ import annotations
 
-import ctypes
-import functools
+import mmap
 
 import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each tensor starts on a cache line
-MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise():
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # not a Unix libc
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:
-    """An untouched CPU buffer of `nbytes` uint8 starting on a huge page and advised MADV_HUGEPAGE."""
+    """An untouched CPU buffer of `nbytes` uint8 starting on a huge page and advised MADV_HUGEPAGE. Mapped
+    afresh: memory from the allocator may be a heap block whose pages an earlier use already made."""
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    raw = torch.empty(size + HUGE_PAGE, dtype=torch.uint8)  # large: glibc maps it fresh, no page touched yet
+    # private: Python's default for anonymous maps is shared, which the kernel backs by shmem, not anonymous THP
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
-    madvise = _madvise()
-    if madvise is not None:
-        madvise(raw.data_ptr() + start, size, MADV_HUGEPAGE)  # a refusal (old kernel, `never`) leaves 4 KB pages
-    return raw[start:start + nbytes]
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; a refusal (transparent huge pages `never`) leaves 4 KB pages
+        region.madvise(mmap.MADV_HUGEPAGE, start, size)
+    return raw[start:start + nbytes]  # the mapping is unmapped when the last tensor on it goes
 
 
 def move_into_huge_pages(module: nn.Module) -> None:
