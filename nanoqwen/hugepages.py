@@ -36,6 +36,8 @@ def move_into_huge_pages(module: nn.Module) -> None:
     """Rebinds every parameter of `module` (on the CPU, not yet written) to a slice of one huge-page buffer;
     parameters shared between modules stay shared."""
     params = [p for p in module.parameters() if p.device.type == "cpu"]
+    if not params:  # a model on a GPU
+        return
     offsets, total = [], 0
     for p in params:
         offsets.append(total)
