@@ -1,5 +1,5 @@
-/* AMX tiles for the decode-sized linears (linear.c, linear_int8.c): 16 weight rows x 32 columns against up
-   to 32 activation rows in one tdpbf16ps. Internal, not exported.
+/* AMX tiles for the decode-sized linears (linear.c, linear_int8.c, linear_int4.c): 16 weight rows x 32 columns
+   against up to 32 activation rows in one tdpbf16ps. Internal, not exported. Needs GCC 11+ or clang 12+.
 
    Why: from 2 activation rows on, the AVX-512 loops stop being bound by the weight reads and are bound by
    vdpbf16ps (one per 32 weights and row; measured ~0.7 ns each on the 2-core Xeon), so 8 rows ran at 63% of
