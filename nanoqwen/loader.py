@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from nanoqwen.config import ModelConfig
+from nanoqwen.hugepages import move_into_huge_pages
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.quant import quantize_int4_into, quantize_int8_into
 from ops import Kernels
@@ -200,6 +201,7 @@ def build_model(config: ModelConfig, shards: list[Path], max_positions: int, dev
         model = Qwen3ForCausalLM(config, max_positions, kernels, quant)
     model = model.to(dtype=dtype).to_empty(device=device)  # int8/uint8 weights stay integers
     model.tie_weights()  # to_empty() breaks the sharing; restore it
+    move_into_huge_pages(model)  # before the weights are written: their first touch makes the huge pages
     load_weights(model, shards)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)

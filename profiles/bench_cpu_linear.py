@@ -1,16 +1,18 @@
 """The C linear kernels (ops/cpu/) alone, on every linear of a Qwen3-0.6B-shaped decode step.
 
-    python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8] [--repeats 5] [--threads N]
-        [--baseline GIT_REV] [--torch]
+    python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8 int4] [--repeats 5] [--threads N]
+        [--baseline GIT_REV] [--torch] [--pages huge 4k]
 
 Each weight format holds a full model's distinct weights (28 layers of qkv, o, gate_up and down,
 and the 151936-row LM head; random values), so a pass streams them from memory as a decode step
-does: bf16 1.19 GB, int8 0.60 GB (its LM head int8 too). A pass calls the kernel on each weight in
+does: bf16 1.19 GB, int8 0.60 GB, int4 0.34 GB (their LM heads quantised too; int4 in groups of
+64 with bf16 scales and offsets, as NANOQWEN_QUANT=int4). A pass calls the kernel on each weight in
 model order with bf16 activations of --rows rows; its time is the median of --repeats passes after
 one warm-up. Prints per-shape time and read bandwidth, the pass's tokens/s at those rows and its
 fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measured in the same run).
 --baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
-working tree's kernels pass by pass, so both see the same machine load. --torch: torch's own GEMM
+working tree's kernels pass by pass, so both see the same machine load. --pages huge 4k: the
+weights in huge pages and in 4 KB pages, timed interleaved. --torch: torch's own GEMM
 (F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it.
 """
 from __future__ import annotations
@@ -25,26 +27,47 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
 from ops.cpu import build  # noqa: E402
 
 LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
+INT4_GROUP = 64
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+INPUTS = {name: k for name, (_, k) in SHAPES.items()} | {"lm_head": HIDDEN}  # each weight's input columns
 
 
-def weights(quant: str) -> list[tuple[str, tuple]]:
-    """[(shape name, kernel arguments after x)] in model order."""
+def weights(quant: str, pages: str) -> list[tuple[str, tuple]]:
+    """[(shape name, kernel arguments after x)] in model order, in huge pages as the engine loads them
+    (nanoqwen/hugepages.py) or in 4 KB pages."""
     def make(n: int, k: int) -> tuple:
         if quant == "int8":
-            return (torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n, dtype=torch.bfloat16) / 100)
-        return (torch.randn(n, k, dtype=torch.bfloat16),)
+            return torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.bfloat16)
+        if quant == "int4":
+            groups = k // INT4_GROUP
+            return (torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, groups, dtype=torch.bfloat16),
+                    torch.empty(n, groups, dtype=torch.bfloat16))
+        return (torch.empty(n, k, dtype=torch.bfloat16),)
 
     out = [(name, make(*shape)) for _ in range(LAYERS) for name, shape in SHAPES.items()]
-    return out + [("lm_head", make(VOCAB, HIDDEN))]
+    out = [(name, tuple(nn.Parameter(t, requires_grad=False) for t in args))
+           for name, args in [*out, ("lm_head", make(VOCAB, HIDDEN))]]
+    if pages == "huge":
+        move_into_huge_pages(nn.ParameterList(t for _, args in out for t in args))
+    with torch.no_grad():  # written after the move, as the loader does: the first touch makes the pages
+        for _, (w, *scales) in out:
+            if w.dtype == torch.bfloat16:
+                w.normal_()
+            else:  # int4 nibble pairs, int8 values
+                w.random_(0, 256) if w.dtype == torch.uint8 else w.random_(-127, 128)
+            for i, t in enumerate(scales):  # int8 and int4 scales, int4 offsets
+                t.uniform_(0, 0.01) if i == 0 else t.normal_(0, 0.1)
+    return out
 
 
 def sources(rev: str | None, into: Path) -> Path:
@@ -61,7 +84,8 @@ def callers(csrc: Path, cache: Path) -> dict:
     """{quant: kernel(x, *weights) -> y} for the C sources in `csrc`."""
     dense = build.CKernel(f"bench_linear_{csrc.parent.parent.parent.name}", "linear.c", ("linear",), csrc=csrc)
     int8 = build.CKernel(f"bench_int8_{csrc.parent.parent.parent.name}", "linear_int8.c", ("linear_int8",), csrc=csrc)
-    assert dense.build(cache) and int8.build(cache), dense.error or int8.error
+    int4 = build.CKernel(f"bench_int4_{csrc.parent.parent.parent.name}", "linear_int4.c", ("linear_int4",), csrc=csrc)
+    assert dense.build(cache) and int8.build(cache) and int4.build(cache), dense.error or int8.error or int4.error
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
@@ -74,14 +98,20 @@ def callers(csrc: Path, cache: Path) -> dict:
                              x.shape[1], 1)
         return out
 
-    return {"none": linear, "int8": linear_int8}
+    def linear_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+        int4.lib.linear_int4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
+                             x.shape[0], w.shape[0], x.shape[1], INT4_GROUP, 1)
+        return out
+
+    return {"none": linear, "int8": linear_int8, "int4": linear_int4}
 
 
 def run_pass(kernel, ws: list, xs: dict, times: dict) -> float:
     start = time.perf_counter()
     for name, args in ws:
         t = time.perf_counter()
-        kernel(xs[args[0].shape[1]], *args)
+        kernel(xs[INPUTS[name]], *args)
         times[name] += time.perf_counter() - t
     return time.perf_counter() - start
 
@@ -89,11 +119,13 @@ def run_pass(kernel, ws: list, xs: dict, times: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=["none", "int8"])
+    parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=["none", "int8", "int4"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="a git revision whose kernels to time as well")
     parser.add_argument("--torch", action="store_true", help="time torch's F.linear on bf16 weights as well")
+    parser.add_argument("--pages", nargs="+", default=["huge"], choices=["huge", "4k"],
+                        help="the weights' pages; two: both timed, interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,18 +140,20 @@ def main() -> None:
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
     names = [*SHAPES, "lm_head"]
     for quant in args.quant:
-        ws = weights(quant)
-        total = sum(sum(t.numel() * t.element_size() for t in a) for _, a in ws)
+        sets = {pages: weights(quant, pages) for pages in args.pages}
+        total = sum(sum(t.numel() * t.element_size() for t in a) for _, a in sets[args.pages[0]])
         for rows in args.rows:
             xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (HIDDEN, 2048, INTER)}
-            timed = {v: kernels[quant] for v, kernels in versions.items() if quant in kernels}
+            timed = {(f"{v}, {pages} pages" if len(sets) > 1 else v): (kernels[quant], ws)
+                     for v, kernels in versions.items() if quant in kernels for pages, ws in sets.items()}
             times = {v: dict.fromkeys(names, 0.0) for v in timed}
             passes = {v: [] for v in timed}
-            for kernel in timed.values():  # warm-up
+            for kernel, ws in timed.values():  # warm-up
                 run_pass(kernel, ws, xs, dict.fromkeys(names, 0.0))
             for _ in range(args.repeats):
-                for v, kernel in timed.items():
+                for v, (kernel, ws) in timed.items():
                     passes[v].append(run_pass(kernel, ws, xs, times[v]))
+            ws = sets[args.pages[0]]
             for v in timed:
                 step = statistics.median(passes[v])
                 print(f"{v}: {quant} rows {rows}: pass {step * 1e3:.1f} ms (best {min(passes[v]) * 1e3:.1f}), "
@@ -130,8 +164,7 @@ def main() -> None:
                     nbytes = sum(sum(x.numel() * x.element_size() for x in a) for nm, a in ws if nm == name)
                     print(f"    {name:8s} {t / args.repeats / n_calls * 1e6:8.0f} µs/call "
                           f"{nbytes * args.repeats / t / 1e9:5.1f} GB/s")
-        del ws
-
+        del sets
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
     assert cpu_linear.KERNEL.build(), cpu_linear.KERNEL.error
 
 
-SHAPES = [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64)]
+SHAPES = [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64), (20, 100, 96)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)

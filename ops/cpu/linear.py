@@ -4,8 +4,9 @@ Decode is a matrix-vector product bounded by reading the weights. Without native
 (no AVX-512-BF16/AMX) torch's bf16 GEMM converts element by element and reaches ~1 GB/s with more
 than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once and
 multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
-(exact products, fp32 sums); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then
-FMAs. Parallel over chunks of output rows on csrc/pool.h's work-claiming threads.
+(exact products, fp32 sums), and from 2 rows with AMX, 16 weight rows at a time by `tdpbf16ps`
+(csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs. Parallel
+over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """
 from __future__ import annotations

@@ -6,8 +6,10 @@ in registers: one widening of 16 words, then a shift and mask per 16 columns (th
 ops/torch_ref/linear_int4.py), converted to fp32 and FMA'd against fp32 activations (bf16 ones are
 widened once per call: 16-lane fp32 FMAs measured faster than 8-lane VDPBF16PS here, 0.26 vs 0.33 ms
 for 4096 x 1024 on one thread); each group's sum is scaled once, and the offsets enter through
-per-group activation sums. Unpacked once per 8 activation rows; parallel over output rows in torch's
-OpenMP pool. More rows (prefill) and CPUs without AVX-512 take the torch reference.
+per-group activation sums. Unpacked once per 8 activation rows. With AMX and 2 to 16 bf16 activation
+rows, 16 weight rows at a time are unpacked to bf16 tiles and multiplied by tdpbf16ps (csrc/amx.h),
+which the FMAs could not keep up with at 8 rows. Parallel over chunks of output rows on the kernels'
+thread pool (csrc/pool.h). More rows (prefill) and CPUs without AVX-512 take the torch reference.
 """
 from __future__ import annotations
 

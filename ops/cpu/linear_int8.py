@@ -3,8 +3,9 @@
 Decode reads every weight once a step, so a weight in one byte instead of two halves the step's
 memory traffic: this kernel streams each int8 weight row once, widens it to fp32 in registers
 (`cvtepi8_epi32` + `cvtepi32_ps`, 16 at a time with AVX-512) and FMAs it against every activation row
-(up to 8 per pass), then applies the row's scale. With AVX-512-BF16 and 2+ bf16 activation rows the widened
-weights are rounded to bf16 (exact for int8) and multiplied by `vdpbf16ps`. Every product is exact
+(up to 8 per pass), then applies the row's scale. With 2+ bf16 activation rows the widened weights are
+rounded to bf16 (exact for int8) and multiplied by AMX's `tdpbf16ps`, 16 weight rows at a time, where the CPU
+has AMX (csrc/amx.h), else by `vdpbf16ps`. Every product is exact
 (no int8 activation dots), so fp32 activations give the torch reference's sums up to their order.
 Parallel over chunks of output rows on the thread pool, as linear.py's kernel. More rows (prefill) are
 compute-bound: the torch reference's fp32 GEMM on dequantised weights serves them.

@@ -1,5 +1,6 @@
 /* Decode-sized linear layers (bf16/fp32 weights): the why is in ops/cpu/linear.py. */
 #include "nanoqwen_cpu.h"
+#include "amx.h"
 #include "gemv.h"
 #include "pool.h"
 
@@ -18,6 +19,7 @@ static inline void store(void *y, long at, float v, int bf16) {
 
 struct linear_args {
     const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
+    const uint32_t *pairs;  /* for linear_amx: x as pair_rows (amx.h) makes it */
     void *y;
     int M, N, K, bf16;
     long rows;  /* per chunk */
@@ -44,13 +46,12 @@ static void linear_avx2(const void *ctx, long chunk) {
 }
 
 AVX512_BEGIN
-/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row; bf16 x bf16 by vdpbf16ps. */
-static void linear_avx512(const void *ctx, long chunk) {
-    const struct linear_args *a = ctx;
+/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row; bf16 x bf16 by vdpbf16ps. Weight
+   rows start..end - 1. */
+static void linear_avx512_rows(const struct linear_args *a, long start, long end) {
     const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
-    for (long n = chunk * a->rows; n < end; n++) {
+    for (long n = start; n < end; n++) {
         const void *r = (const char *)a->w + n * row_bytes;
         for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
@@ -64,15 +65,49 @@ static void linear_avx512(const void *ctx, long chunk) {
         }
     }
 }
+
+static void linear_avx512(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    linear_avx512_rows(a, chunk * a->rows, (chunk + 1) * a->rows < a->N ? (chunk + 1) * a->rows : a->N);
+}
 AVX512_END
+
+AMX_BEGIN
+/* AMX (amx.h): 16 weight rows at a time; the rows past the last whole 16 take the AVX-512 loop. */
+static void linear_amx(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const int M = a->M, N = a->N;
+    const long start = chunk * a->rows, end = start + a->rows < N ? start + a->rows : N;
+    const long whole = N / AMX_ROWS * AMX_ROWS;
+    if (start < whole) {
+        amx_configure(M);
+        for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
+            float sums[AMX_MAX_ROWS][AMX_ROWS];
+            amx_block((const uint16_t *)a->w + n0 * a->K, W_BF16, a->pairs, M, a->K, sums);
+            for (int m = 0; m < M; m++)
+                for (int i = 0; i < AMX_ROWS; i++) store(a->y, (long)m * N + n0 + i, sums[m][i], 1);
+        }
+        _tile_release();
+    }
+    if (end > whole) linear_avx512_rows(a, start > whole ? start : whole, end);
+}
+AMX_END
 
 /* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time keeps each thread's reads sequential
    streams (what the hardware prefetcher follows best); the row stays in L1 while every activation row
-   uses it. Parallel over chunks of output rows (pool.h). */
+   uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    struct linear_args a = {x, w, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
+    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
     const long chunks = (N + a.rows - 1) / a.rows;
+    if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_MAX_ROWS && amx_ready()) {
+        uint32_t *pairs = (uint32_t *)malloc((size_t)K / 2 * M * sizeof(uint32_t));
+        pair_rows((const uint16_t *)x, pairs, M, K);
+        a.pairs = pairs, a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+        pool_run(linear_amx, &a, (N + a.rows - 1) / a.rows);
+        free(pairs);
+        return;
+    }
     if (bf16 ? has_avx512_bf16() : has_avx512()) {
         pool_run(linear_avx512, &a, chunks);
         return;
