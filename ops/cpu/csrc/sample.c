@@ -54,22 +54,9 @@ static inline __m256 log8(__m256 x) {
     return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
 }
 
-/* exp(x) for x <= 0 (Cephes expf); below -87 (and -inf): 0. */
-static inline __m256 exp8(__m256 x) {
-    __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
-    __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)), live);
+/* exp(x) for x <= 0 (simd.h's exp8); below -87 (and -inf): exactly 0. */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    return _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GT_OQ));
 }
 
 /* 8 tokens' noise bits: the hash of nanoqwen/sampler.py's exponential_noise. */
@@ -262,7 +249,7 @@ static long cut(struct candidate *c, long n, long base, double base_mass, double
     for (long r = 0; r < n; r += 8) {
         float sv[8], w[8];
         for (int j = 0; j < 8; j++) sv[j] = r + j < n ? c[r + j].s : -INFINITY;
-        _mm256_storeu_ps(w, exp8(_mm256_sub_ps(_mm256_loadu_ps(sv), smax)));
+        _mm256_storeu_ps(w, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sv), smax)));
         for (int j = 0; j < 8 && r + j < n; j++) c[r + j].w = w[j];
     }
     if (f->top_k) {  /* the softmax is over the top-k alone */
@@ -398,7 +385,7 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
         int32_t bin[8];
         float w[8];
         _mm256_storeu_si256((__m256i *)bin, bins8(s, smax));
-        if (weighed) _mm256_storeu_ps(w, exp8(_mm256_sub_ps(s, smax)));
+        if (weighed) _mm256_storeu_ps(w, exp8_nonpositive(_mm256_sub_ps(s, smax)));
         for (int j = 0; j < 8 && i + j < V; j++) {
             count[bin[j]]++;
             if (weighed) mass[bin[j]] += w[j];

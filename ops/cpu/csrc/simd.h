@@ -1,4 +1,4 @@
-/* Helpers every kernel uses: bf16 <-> fp32 and AVX2 reductions. Internal, not exported. */
+/* Helpers the kernels share: bf16 <-> fp32, AVX2 reductions, a vector exp. Internal, not exported. */
 #ifndef NANOQWEN_SIMD_H
 #define NANOQWEN_SIMD_H
 
@@ -33,6 +33,30 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for 8 floats, Cephes' expf: x = n ln2 + r (ln2 in two parts), exp(r) by a degree-6
+   polynomial, times 2^n; about 1 ulp. x is clamped to [-88.4, 89]: 89 overflows to inf, as expf does. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(89.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field */
+    __m256i e = _mm256_cvtps_epi32(n);
+    __m256i half = _mm256_srai_epi32(e, 1);
+    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+    __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, half),
+                                                                      _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
 }
 
 #endif
