@@ -19,9 +19,9 @@ for quick before/after runs of our own kernels. The last column compares the two
 sequences identical, and the mean number of leading tokens they share (in bf16 the two round
 differently, so near-tied logits of random weights can diverge).
 
-Bandwidth: the best of 7 sums over a 1 GiB fp32 tensor (on the CPU in huge pages, as the weights are). The batch-1 limit is that bandwidth over
-the bytes one token must read: every weight once (a tied embedding once, by the LM head) plus one
-embedding row; the KV cache read is left out (under 1% at these contexts).
+Bandwidth: the best of 7 sums over a 1 GiB fp32 tensor (on the CPU in huge pages, as the weights are).
+The batch-1 limit is that bandwidth over the bytes one token must read: every weight once (a tied
+embedding once, by the LM head) plus one embedding row; the KV cache read is left out (under 1% at these contexts).
 --quant: nanoqwen runs once per weight format in each dtype (transformers runs its dtype's weights);
 the limits table has a row per (dtype, quant) with its resident weight bytes.
 Writes bench_decode.{json,md} and, if matplotlib imports, bench_decode.png into --out.
