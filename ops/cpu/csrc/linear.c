@@ -31,7 +31,7 @@ static void linear_avx2(const void *ctx, long chunk) {
     const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
     const float *xf = a->x;
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    const long end = pool_chunk_end(chunk, a->rows, N);
     for (long n = chunk * a->rows; n < end; n++) {
         const void *r = (const char *)a->w + n * row_bytes;
         for (int m = 0; m < M; m += 2) {
@@ -68,7 +68,7 @@ static void linear_avx512_rows(const struct linear_args *a, long start, long end
 
 static void linear_avx512(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
-    linear_avx512_rows(a, chunk * a->rows, (chunk + 1) * a->rows < a->N ? (chunk + 1) * a->rows : a->N);
+    linear_avx512_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
 }
 AVX512_END
 
@@ -77,7 +77,7 @@ AMX_BEGIN
 static void linear_amx(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
     const int M = a->M, N = a->N;
-    const long start = chunk * a->rows, end = start + a->rows < N ? start + a->rows : N;
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
     if (start < whole) {
         amx_configure(M);

@@ -134,7 +134,7 @@ static void linear_int4_rows(const struct linear_int4_args *a, long start, long 
 
 static void linear_int4_chunk(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
-    linear_int4_rows(a, chunk * a->rows, (chunk + 1) * a->rows < a->N ? (chunk + 1) * a->rows : a->N);
+    linear_int4_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
 }
 
 /* x: [M, K] bf16 -> out: [K / 2, M] pairs (x[m, b + i], x[m, b + 32 + i]) for each block b of 64 columns and
@@ -153,7 +153,7 @@ AMX_BEGIN
 static void linear_int4_amx(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K, G = a->G, groups = K / G;
-    const long start = chunk * a->rows, end = start + a->rows < N ? start + a->rows : N;
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
     const __mmask16 cols = (__mmask16)((1u << M) - 1u);
     if (start < whole) {

@@ -23,7 +23,7 @@ struct linear_int8_args {
 static void linear_int8_avx2(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K;
-    const long end = (chunk + 1) * a->rows < N ? (chunk + 1) * a->rows : N;
+    const long end = pool_chunk_end(chunk, a->rows, N);
     for (long n = chunk * a->rows; n < end; n++) {
         const int8_t *r = a->w + n * K;
         for (int m = 0; m < M; m += 2) {
@@ -62,7 +62,7 @@ static void linear_int8_avx512_rows(const struct linear_int8_args *a, long start
 
 static void linear_int8_avx512(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
-    linear_int8_avx512_rows(a, chunk * a->rows, (chunk + 1) * a->rows < a->N ? (chunk + 1) * a->rows : a->N);
+    linear_int8_avx512_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
 }
 AVX512_END
 
@@ -71,7 +71,7 @@ AMX_BEGIN
 static void linear_int8_amx(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K;
-    const long start = chunk * a->rows, end = start + a->rows < N ? start + a->rows : N;
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
     if (start < whole) {
         amx_configure(M);

@@ -151,4 +151,9 @@ static inline long pool_rows_per_chunk(long row_bytes) {
     return rows > 0 ? rows : 1;
 }
 
+/* The end (exclusive) of chunk `chunk`'s rows, `rows` per chunk out of `n`; it starts at chunk * rows. */
+static inline long pool_chunk_end(long chunk, long rows, long n) {
+    return (chunk + 1) * rows < n ? (chunk + 1) * rows : n;
+}
+
 #endif
