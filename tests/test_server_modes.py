@@ -1,5 +1,7 @@
-"""Chunked prefill through a real `gunicorn -k gevent server:app`: with a 5-token step budget, prompts
-split across steps beside decode rows, the official openai client gets transformers' greedy tokens."""
+"""Each CPU execution mode through a real `gunicorn -k gevent server:app`: the official openai client gets
+transformers' greedy tokens for a batch of different lengths at once. Chunked prefill with a 5-token step
+budget (prompts split across steps beside decode rows) in the default mode and under torch.compile, and
+the decode steps replayed as recorded C calls (cpugraph)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,16 +11,27 @@ import pytest
 import torch
 
 from chat_http import assert_serves_greedy, cpu_env
+from ops.cpu import build as cpu_build
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1037)), [151644, 872, 198]]
 NEW_TOKENS = 8
+needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+# (server environment beyond cpu_env's, a marker its ready line must hold)
+MODES = {
+    "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, " max_step_tokens=5 "),
+    "chunked-compile": ({"NANOQWEN_MAX_STEP_TOKENS": "5", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"},
+                        " graph=compile "),
+    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph"}, " graph=cpugraph "),
+}
 
 
-def test_chunked_prefill_serves_transformers_greedy_tokens(
-    tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_c_kernels) if m == "cpugraph" else m for m in MODES])
+def test_mode_serves_transformers_greedy_tokens(
+    mode: str, tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
 ) -> None:
-    env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", NANOQWEN_MAX_STEP_TOKENS="5")
-    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log",
-                         " max_step_tokens=5 ", PROMPTS, NEW_TOKENS)
+    extra, marker = MODES[mode]
+    env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
+    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, PROMPTS, NEW_TOKENS)
