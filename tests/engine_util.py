@@ -9,6 +9,10 @@ import torch
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.stream import EventStream
 
+# Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
+# context length, and a bucket of 4 has a padded lane.
+MIXED_PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
+
 
 def load_engine(path: Path, **overrides) -> Engine:
     config = dict(model=str(path), device="cpu", dtype="float32", graph="none", kernels="torch", max_batch=8)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from checkpoints import load_hf_model, make_checkpoint
+from engine_util import MIXED_PROMPTS as PROMPTS
 from engine_util import collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine, run
 from nanoqwen.engine import SamplingParams
 from nanoqwen.runner.graphs import GraphRunner
@@ -19,18 +19,11 @@ from quant_reference import load_quantised_hf_model
 
 needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
-# Different lengths: a batch of them replays with each row at its own context length, and a padded lane.
-PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
 
 @pytest.fixture(scope="module")
-def checkpoint():
-    return make_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def references(checkpoint):
-    hf = load_hf_model(checkpoint)
+def references(tiny_checkpoint, hf_model):
+    hf = hf_model(tiny_checkpoint)
     return [hf_greedy(hf, p, 9) for p in PROMPTS + [list(range(2000, 2011))]]
 
 
@@ -101,8 +94,8 @@ def test_a_bucket_that_computes_with_torch_runs_eagerly():
 
 
 @needs_c_kernels
-def test_greedy_matches_transformers(checkpoint, references):
-    engine = cpugraph_engine(checkpoint)
+def test_greedy_matches_transformers(tiny_checkpoint, references):
+    engine = cpugraph_engine(tiny_checkpoint)
     results = generate(engine, PROMPTS, greedy(9))  # bucket 4: 3 rows and a padded lane
     assert [r.choices[0].token_ids for r in results] == references[:3]
     [single] = generate(engine, PROMPTS[1:2], greedy(9))  # bucket 1
@@ -110,9 +103,9 @@ def test_greedy_matches_transformers(checkpoint, references):
 
 
 @needs_c_kernels
-def test_sequences_that_finish_and_join_keep_the_recorded_buffers(checkpoint, references):
+def test_sequences_that_finish_and_join_keep_the_recorded_buffers(tiny_checkpoint, references):
     """Rows leave (bucket 4 -> 2 -> 1) and a new prompt joins mid-run: the replays read the new rows."""
-    engine = cpugraph_engine(checkpoint)
+    engine = cpugraph_engine(tiny_checkpoint)
     lengths = [3, 9, 5]
     streams = [engine.submit(p, greedy(n))[1] for p, n in zip(PROMPTS, lengths)]
     with torch.inference_mode():
@@ -127,25 +120,25 @@ def test_sequences_that_finish_and_join_keep_the_recorded_buffers(checkpoint, re
 @needs_c_kernels
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
-def test_replay_gives_the_eager_tokens_and_logprobs(checkpoint, quant, dtype):
+def test_replay_gives_the_eager_tokens_and_logprobs(tiny_checkpoint, quant, dtype):
     """The replay calls the eager step's kernels with the same arguments: its logits are the eager ones."""
     params = greedy(6, logprobs=True, top_logprobs=3)
     outputs = []
-    for engine in (cpugraph_engine(checkpoint, quant=quant, dtype=dtype),
-                   load_engine(checkpoint, graph="none", max_batch=4, quant=quant, dtype=dtype)):
+    for engine in (cpugraph_engine(tiny_checkpoint, quant=quant, dtype=dtype),
+                   load_engine(tiny_checkpoint, graph="none", max_batch=4, quant=quant, dtype=dtype)):
         outputs.append([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(engine, PROMPTS, params)])
     assert outputs[0] == outputs[1]
 
 
 @needs_c_kernels
-def test_int8_matches_the_quantised_reference(checkpoint):
-    hf = load_quantised_hf_model(checkpoint, "int8")
-    results = generate(cpugraph_engine(checkpoint, quant="int8"), PROMPTS, greedy(6))
+def test_int8_matches_the_quantised_reference(tiny_checkpoint):
+    hf = load_quantised_hf_model(tiny_checkpoint, "int8")
+    results = generate(cpugraph_engine(tiny_checkpoint, quant="int8"), PROMPTS, greedy(6))
     assert [r.choices[0].token_ids for r in results] == [hf_greedy(hf, p, 6) for p in PROMPTS]
 
 
 @needs_c_kernels
-def test_rows_with_penalties_and_logit_bias_resample_the_replayed_logits(checkpoint, references):
+def test_rows_with_penalties_and_logit_bias_resample_the_replayed_logits(tiny_checkpoint, references):
     forced = 4242
     batch = [
         greedy(8),
@@ -154,7 +147,7 @@ def test_rows_with_penalties_and_logit_bias_resample_the_replayed_logits(checkpo
         SamplingParams(temperature=0.9, seed=3, max_tokens=8, ignore_eos=True, presence_penalty=1.0),
     ]
     prompts = PROMPTS + [PROMPTS[0]]
-    graphed = generate_together(cpugraph_engine(checkpoint), prompts, batch)
-    eager = generate_together(load_engine(checkpoint, graph="none", max_batch=4), prompts, batch)
+    graphed = generate_together(cpugraph_engine(tiny_checkpoint), prompts, batch)
+    eager = generate_together(load_engine(tiny_checkpoint, graph="none", max_batch=4), prompts, batch)
     assert graphed == eager
     assert graphed[0] == references[0][:8] and graphed[2] == [forced] * 8

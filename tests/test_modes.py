@@ -13,11 +13,10 @@ import torch
 
 import ops
 from checkpoints import load_hf_model, make_checkpoint
+from engine_util import MIXED_PROMPTS as PROMPTS
 from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
 from nanoqwen.engine import SamplingParams
 from nanoqwen.sampler import MODES
-
-PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from safetensors.torch import load_file
 
 import ops
 from checkpoints import make_checkpoint
+from engine_util import MIXED_PROMPTS as PROMPTS
 from engine_util import generate, greedy, hf_greedy, load_engine
 from nanoqwen.config import EngineConfig
 from nanoqwen.quant import GROUP_SIZE, quantize_int4_into
 from ops.torch_ref.linear_int4 import dequantize_int4, pack_int4, unpack_int4
 from quant_reference import load_quantised_hf_model
-
-PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
