@@ -180,17 +180,31 @@ static void amx_int8_block(const struct linear_int8_args *a, long n0, int wrows,
             _tile_dpbssd(6, 0, 3);
         }
     }
-    int32_t c[3][AMX_ROWS][16];
+    __attribute__((aligned(64))) int32_t c[3][AMX_ROWS][16];
     _tile_stored(4, c[0], 64);
     if (cols > 16) _tile_stored(5, c[1], 64);
     if (cols > 32) _tile_stored(6, c[2], 64);
+    /* per activation row: its pieces' columns gathered across the weight rows, so that its outputs for the
+       block's weight rows (contiguous in y) are summed and stored 16 at a time */
+    const __mmask16 live = (__mmask16)((1u << wrows) - 1u);
+    const __m512i rows16 = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    const __m512 wscale = a->bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                              _mm256_maskz_loadu_epi16(live, (const uint16_t *)a->scale + n0)), 16))
+                                  : _mm512_maskz_loadu_ps(live, (const float *)a->scale + n0);
     const float *s = a->qscale + m0 * P;
-    for (int j = 0; j < cols / P; j++)
-        for (int i = 0; i < wrows; i++) {
-            float o = 0.0f;
-            for (int p = 0; p < P; p++) o += s[j * P + p] * (float)c[(j * P + p) / 16][i][(j * P + p) % 16];
-            store_scaled(a->y, (long)(m0 + j) * a->N + n0 + i, o, a->scale, (int)(n0 + i), a->bf16);
+    for (int j = 0; j < cols / P; j++) {
+        __m512 o = _mm512_setzero_ps();
+        for (int p = 0; p < P; p++) {
+            const int col = j * P + p;
+            const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                _mm512_add_epi32(rows16, _mm512_set1_epi32(col % 16)), c[col / 16], 4);
+            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s[col]), o);
         }
+        o = _mm512_mul_ps(o, wscale);
+        const long at = (long)(m0 + j) * a->N + n0;
+        if (a->bf16) _mm256_mask_storeu_epi16((uint16_t *)a->y + at, live, (__m256i)_mm512_cvtneps_pbh(o));
+        else _mm512_mask_storeu_ps((float *)a->y + at, live, o);
+    }
 }
 
 static void linear_int8_amx(const void *ctx, long chunk) {
