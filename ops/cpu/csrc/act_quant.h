@@ -6,9 +6,9 @@
        x[m, k] ~= sum_{p < P} scale[m * P + p] * q[m * P + p][k],   q in [-127, 127]
    scale[m * P] = max_k |x[m, k]| / 127; each next piece quantises the previous residual (|r| <= scale / 2)
    with scale / ACT_PIECE_RATIO, so |x[m, k] - sum| <= max_k |x[m, k]| / 127 / 254^(P - 1) / 2
-   plus fp32 rounding: P = 2: 1.55e-5 (~2^-16) of the row's largest element, P = 3: 6.1e-8 (~2^-24; measured
-   up to 7.0e-8 with the rounding of the residuals). An all-zero row (or a piece
-   whose scale falls below FLT_MIN) has scale 0 and q 0.
+   plus fp32 rounding (~2^-24 of the row's largest element): P = 2: 1.55e-5 (~2^-16) of the row's largest
+   element, P = 3: 6.1e-8 (~2^-24; measured up to 7.0e-8 with the rounding), P = 4: 2.4e-10 (the rounding
+   alone). An all-zero row (or a piece whose scale falls below FLT_MIN) has scale 0 and q 0.
 
    API (stable):
    act_quant_rows(x, bf16, M, K, P, G, u8, q, scale, sums)
@@ -31,7 +31,7 @@
 
 #include "simd.h"
 
-#define ACT_MAX_PIECES 3
+#define ACT_MAX_PIECES 4
 #define ACT_PIECE_RATIO 254.0f  /* 2 * 127: a residual of at most half the previous scale fills [-127, 127] */
 
 #pragma GCC push_options
