@@ -69,6 +69,19 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype):
         assert (out - exact).abs().max() <= 1.5 * reference
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 40, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype):
+    x, w, scale = operands(m, n, k, dtype)
+    x[0, 5] = float("nan")
+    x[-1, 7] = float("inf")
+    out = cpu_int8.linear_int8_cpu(x, w, scale)
+    assert not out[0].isfinite().any() and not out[-1].isfinite().any()
+    if m > 2:  # the other rows keep their values
+        torch.testing.assert_close(out[1:-1].float(), linear_int8_torch(x[1:-1], w, scale).float(), atol=1e-3 * k**0.5,
+                                   rtol=8e-3)
+
+
 def test_dispatch_by_rows(monkeypatch):
     calls = []
     real = cpu_int8.linear_int8_cpu
