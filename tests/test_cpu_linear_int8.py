@@ -32,9 +32,9 @@ def test_matches_reference(m, n, k, dtype):
     out = cpu_int8.linear_int8_cpu(x, w, scale)
     assert out.dtype == dtype and out.shape == (m, n)
     ref = linear_int8_torch(x, w, scale)
-    if dtype == torch.float32:  # fp32 sums in another order: rounding only
+    if dtype == torch.float32:  # fp32 sums in another order (and 4 activation pieces): rounding only
         torch.testing.assert_close(out, ref, atol=1e-5 * k**0.5, rtol=1e-5)
-    else:  # one bf16 rounding of the same fp32 result, at most one ulp apart
+    else:  # one bf16 rounding of fp32 results within 2^-16 of each other: at most one ulp apart
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-3 * k**0.5, rtol=8e-3)
 
 
