@@ -1,4 +1,4 @@
-"""The compiled CPU int8 weight-only matmul against the torch reference, and its dispatch."""
+"""The compiled CPU int8 weight-only matmul against the torch reference and the exact product, and its dispatch."""
 from __future__ import annotations
 
 import pytest
@@ -32,10 +32,54 @@ def test_matches_reference(m, n, k, dtype):
     out = cpu_int8.linear_int8_cpu(x, w, scale)
     assert out.dtype == dtype and out.shape == (m, n)
     ref = linear_int8_torch(x, w, scale)
-    if dtype == torch.float32:  # fp32 sums in another order: rounding only
+    if dtype == torch.float32:  # fp32 sums in another order (and 4 activation pieces): rounding only
         torch.testing.assert_close(out, ref, atol=1e-5 * k**0.5, rtol=1e-5)
-    else:  # one bf16 rounding of the same fp32 result, at most one ulp apart
+    else:  # one bf16 rounding of fp32 results within 2^-16 of each other: at most one ulp apart
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-3 * k**0.5, rtol=8e-3)
+
+
+# Activation pieces per dtype (csrc/linear_int8.c's PIECES_BF16, PIECES_F32) and the bound act_quant.h gives
+# for their sum: |x - sum of pieces| <= max|x| * PIECE_ERROR[P], fp32 rounding of the residuals included.
+PIECES = {torch.bfloat16: 2, torch.float32: 4}
+PIECE_ERROR = {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4)}
+# 1 row: vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
+# vpdpbusd in groups of 4 / 2 rows; odd N leaves AMX a partial block of weight rows.
+PIECE_SHAPES = [(1, 151, 1024), (1, 13, 96), (2, 77, 1024), (3, 13, 96), (8, 151, 3072), (16, 33, 2048),
+                (32, 40, 64), (5, 9, 32)]
+
+
+@pytest.mark.parametrize("m,n,k", PIECE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype):
+    """Against the exact product with the same int8 weights: the activation pieces' bound (one fewer piece
+    exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output."""
+    x, w, scale = operands(m, n, k, dtype)
+    x[:, ::37] *= 30  # outliers: the pieces' scales follow each row's largest element
+    out = cpu_int8.linear_int8_cpu(x, w, scale).double()
+    xd, wd, sd = x.double(), w.double(), scale.double()
+    exact = (xd @ wd.T) * sd
+    pieces = xd.abs().amax(dim=1, keepdim=True) * PIECE_ERROR[PIECES[dtype]] * wd.abs().sum(dim=1)
+    bound = (pieces + 2**-21 * (xd.abs() @ wd.abs().T)) * sd.abs()
+    if dtype == torch.bfloat16:
+        bound = bound + 2**-8 * (exact.abs() + bound)  # half a bf16 ulp
+    excess = (out - exact).abs() / bound
+    assert excess.max() <= 1, f"error {excess.max():.3g}x the bound"
+    if dtype == torch.float32:  # the last piece is below fp32 rounding: as close as the reference's own sums
+        reference = (linear_int8_torch(x, w, scale).double() - exact).abs().max()
+        assert (out - exact).abs().max() <= 1.5 * reference
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 40, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype):
+    x, w, scale = operands(m, n, k, dtype)
+    x[0, 5] = float("nan")
+    x[-1, 7] = float("inf")
+    out = cpu_int8.linear_int8_cpu(x, w, scale)
+    assert not out[0].isfinite().any() and not out[-1].isfinite().any()
+    if m > 2:  # the other rows keep their values
+        torch.testing.assert_close(out[1:-1].float(), linear_int8_torch(x[1:-1], w, scale).float(), atol=1e-3 * k**0.5,
+                                   rtol=8e-3)
 
 
 def test_dispatch_by_rows(monkeypatch):
@@ -48,3 +92,18 @@ def test_dispatch_by_rows(monkeypatch):
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int8_torch(rows, w, scale), atol=1e-4, rtol=1e-5)
     assert calls == [1, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_widening_loop_without_vnni(tmp_path, monkeypatch, dtype):
+    """CPUs with AVX-512 but no VNNI widen every weight to fp32 (tests/test_cpu_threads.py checks AVX2's)."""
+    monkeypatch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_NO_VNNI"])
+    kernel = cpu_build.CKernel("no_vnni_linear_int8", "linear_int8.c", ("linear_int8",))
+    assert kernel.build(tmp_path), kernel.error
+    for m, n, k in [(1, 151, 1024), (3, 13, 96), (9, 40, 64)]:
+        x, w, scale = operands(m, n, k, dtype)
+        out = torch.empty(m, n, dtype=dtype)
+        kernel.lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k,
+                               int(dtype == torch.bfloat16))
+        tol = {"atol": 1e-5 * k**0.5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3 * k**0.5, "rtol": 8e-3}
+        torch.testing.assert_close(out.float(), linear_int8_torch(x, w, scale).float(), **tol)

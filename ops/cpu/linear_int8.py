@@ -1,14 +1,23 @@
-"""int8 weight-only linear layers on x86 CPUs (AVX2, AVX-512), up to linear.MAX_ROWS activation rows.
+"""int8 weight-only linear layers on x86 CPUs (AVX2, AVX-512, VNNI, AMX), up to linear.MAX_ROWS activation rows.
 
-Decode reads every weight once a step, so a weight in one byte instead of two halves the step's
-memory traffic: this kernel streams each int8 weight row once, widens it to fp32 in registers
-(`cvtepi8_epi32` + `cvtepi32_ps`, 16 at a time with AVX-512) and FMAs it against every activation row
-(up to 8 per pass), then applies the row's scale. With 2+ bf16 activation rows the widened weights are
-rounded to bf16 (exact for int8) and multiplied by AMX's `tdpbf16ps`, 16 weight rows at a time, where the CPU
-has AMX (csrc/amx.h), else by `vdpbf16ps`. Every product is exact
-(no int8 activation dots), so fp32 activations give the torch reference's sums up to their order.
-Parallel over chunks of output rows on the thread pool, as linear.py's kernel. More rows (prefill) are
-compute-bound: the torch reference's fp32 GEMM on dequantised weights serves them.
+Decode reads every weight once a step, so a weight in one byte instead of two halves the step's memory
+traffic. Where the CPU has AVX512-VNNI the kernel never widens a weight (widening cost ~12 uops per 64
+weights and kept one core below the memory's pace): each activation row is split into int8 pieces,
+x ~= a1 * q1 + a2 * q2 (+ ...), one fp32 scale per piece and row (csrc/act_quant.h), and the pieces
+meet the int8 weights in integer dot products, 64 multiply-adds an instruction:
+- 1 row: `vpdpbusd`, the pieces as u8 (q + 128) against the s8 weights; one more `vpdpbusd` against
+  ones gives the weight row's sum, which takes the 128s back out.
+- 2+ rows (K % 64 == 0, AMX-INT8): `tdpbssd`, 16 weight rows x 64 columns against up to 48 pieces.
+The int32 sums are exact; y[n] = scale[n] * sum_p a_p * dot_p in fp32. The weights stay the only lossy
+step: 2 pieces for bf16 activations, 4 for fp32. Measured against the exact product with the same int8
+weights (random rows with every 37th column x30, K 1024 and 3072, 1 and 8 rows; profiles/RESULTS.md):
+bf16, 2 pieces: rms error 1.0002-1.005x the torch reference's (its bf16 rounding), 2.3-8.6% of outputs
+one bf16 ulp from the reference's (3 pieces: 0.02-0.09%, the exact-product kernel 0.01%); fp32, 4
+pieces: largest error 0.9-1.6e-7 of the largest output, within the reference's own 1.7-3.1e-7 (3
+pieces: up to 6.1e-7). Without VNNI each weight is widened to fp32 and FMA'd into up to 8 rows per
+pass (AVX-512) or 2 (AVX2): exact products. Parallel over chunks of output rows on the thread pool, as
+linear.py's kernel. More rows (prefill) are compute-bound: the torch reference's fp32 GEMM on
+dequantised weights serves them.
 Source: csrc/linear_int8.c, built by build.py.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
-/* AMX tiles for the decode-sized linears (linear.c, linear_int8.c, linear_int4.c): 16 weight rows x 32 columns
-   against up to 32 activation rows in one tdpbf16ps. Internal, not exported. Needs GCC 11+ or clang 12+.
+/* AMX tiles for the decode-sized linears (linear.c, linear_int4.c; linear_int8.c has its own, by tdpbssd): 16
+   weight rows x 32 columns against up to 32 activation rows in one tdpbf16ps. Internal, not exported. Needs
+   GCC 11+ or clang 12+.
 
    Why: from 2 activation rows on, the AVX-512 loops stop being bound by the weight reads and are bound by
    vdpbf16ps (one per 32 weights and row; measured ~0.7 ns each on the 2-core Xeon), so 8 rows ran at 63% of
-   the read bandwidth (bf16) and 33% (int8). One tdpbf16ps does 16 x 16 x 32 multiply-adds. One activation row
+   the read bandwidth (bf16). One tdpbf16ps does 16 x 16 x 32 multiply-adds. One activation row
    streams as fast through the AVX-512 loops, so AMX starts at AMX_MIN_ROWS. */
 #ifndef NANOQWEN_AMX_H
 #define NANOQWEN_AMX_H
@@ -69,24 +70,14 @@ static inline void amx_configure(int M) {
 }
 
 /* sums[m][i] = the fp32 dot product of activation row m < M (pairs: pair_rows') with weight row i < 16 of
-   the block at w (rows of K weights, bf16 or int8: `kind` a constant), exact products. int8 weights are
-   converted to bf16 (exactly) 16 x 32 at a time into a tile in memory. */
-INLINE void amx_block(const void *w, int kind, const uint32_t *pairs, int M, int K,
-                      float sums[AMX_MAX_ROWS][AMX_ROWS]) {
-    const int size = kind == W_I8 ? 1 : 2, split = M > AMX_ROWS;
-    __attribute__((aligned(64))) uint16_t tile[AMX_ROWS][32];
+   the bf16 block at w (rows of K weights), exact products. */
+INLINE void amx_block(const uint16_t *w, const uint32_t *pairs, int M, int K, float sums[AMX_MAX_ROWS][AMX_ROWS]) {
+    const int split = M > AMX_ROWS;
     _tile_zero(2);
     if (split) _tile_zero(4);
     for (int k = 0; k < K; k += 32) {
-        const char *r = (const char *)w + (long)size * k;
-        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(r + (long)i * size * K + PREFETCH_BYTES / 2);
-        if (kind == W_I8) {
-            for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(tile[i], (__m512i)bf16x32(r + (long)i * K, 0, W_I8));
-            AMX_STORES_VISIBLE();
-            _tile_loadd(0, tile, 64);
-        } else {
-            _tile_loadd(0, r, size * K);
-        }
+        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 4);
+        _tile_loadd(0, w + k, 2 * K);
         _tile_loadd(1, pairs + (long)k / 2 * M, M * 4);
         _tile_dpbf16ps(2, 0, 1);
         if (split) {

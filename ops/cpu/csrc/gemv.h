@@ -1,4 +1,4 @@
-/* The inner loops of the decode-sized linear kernels (linear.c, linear_int8.c): one weight row against a
+/* The inner loops of the decode-sized linear kernels (linear.c; linear_int8.c without VNNI): one weight row against a
    few activation rows, the weights widened in registers as they stream. Internal, not exported. */
 #ifndef NANOQWEN_GEMV_H
 #define NANOQWEN_GEMV_H
@@ -91,37 +91,24 @@ INLINE void dot_rows_avx512(const void *r, int kind, const float *x, int rows, i
     for (int m = 0; m < rows; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
 }
 
-/* Weights k..k+31 of row r as bf16: bf16 as stored, int8 converted exactly (8 significant bits). */
-INLINE __m512bh bf16x32(const void *r, int k, int kind) {
-    if (kind == W_I8) {
-        const int8_t *p = (const int8_t *)r + k;
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-        return _mm512_cvtne2ps_pbh(hi, lo);
-    }
-    return (__m512bh)_mm512_loadu_si512((const uint16_t *)r + k);
-}
-
-/* As dot_rows_avx512 for bf16 activations (x: rows of K bf16) and bf16 or int8 weights: vdpbf16ps
-   multiplies pairs of bf16 exactly and accumulates them in fp32, so the activations are not widened
-   and each activation row costs one instruction per 32 weights (int8 weights: plus 5 to convert them,
-   once for all rows, where the fp32 loop spends 2 FMAs per row). */
-INLINE void dot_rows_bf16(const void *r, int kind, const uint16_t *x, int rows, int K, float *out) {
-    const int size = kind == W_I8 ? 1 : 2;
+/* As dot_rows_avx512 for bf16 activations (x: rows of K bf16) and bf16 weights: vdpbf16ps multiplies
+   pairs of bf16 exactly and accumulates them in fp32, so neither side is widened and each activation row
+   costs one instruction per 32 weights. */
+INLINE void dot_rows_bf16(const uint16_t *r, const uint16_t *x, int rows, int K, float *out) {
     __m512 a[GEMV_MAX_ROWS][2];
     for (int m = 0; m < rows; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
-        __builtin_prefetch((const char *)r + size * k + PREFETCH_BYTES);
-        if (size == 2) __builtin_prefetch((const char *)r + size * k + 64 + PREFETCH_BYTES);
-        __m512bh w0 = bf16x32(r, k, kind), w1 = bf16x32(r, k + 32, kind);
+        __builtin_prefetch(r + k + PREFETCH_BYTES / 2);
+        __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k), w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
         for (int m = 0; m < rows; m++) {
             a[m][0] = _mm512_dpbf16_ps(a[m][0], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k), w0);
             a[m][1] = _mm512_dpbf16_ps(a[m][1], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k + 32), w1);
         }
     }
     if (k < K) {  /* K % 64 == 32 */
-        __m512bh w0 = bf16x32(r, k, kind);
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k);
         for (int m = 0; m < rows; m++)
             a[m][0] = _mm512_dpbf16_ps(a[m][0], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k), w0);
     }

@@ -57,7 +57,7 @@ static void linear_avx512_rows(const struct linear_args *a, long start, long end
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
 #define BODY(R) \
-            if (bf16) dot_rows_bf16(r, W_BF16, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
+            if (bf16) dot_rows_bf16((const uint16_t *)r, (const uint16_t *)a->x + (long)m0 * K, R, K, o); \
             else dot_rows_avx512(r, W_F32, (const float *)a->x + (long)m0 * K, R, K, o)
             WITH_CONST_ROWS(rows, BODY)
 #undef BODY
@@ -83,7 +83,7 @@ static void linear_amx(const void *ctx, long chunk) {
         amx_configure(M);
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
             float sums[AMX_MAX_ROWS][AMX_ROWS];
-            amx_block((const uint16_t *)a->w + n0 * a->K, W_BF16, a->pairs, M, a->K, sums);
+            amx_block((const uint16_t *)a->w + n0 * a->K, a->pairs, M, a->K, sums);
             for (int m = 0; m < M; m++)
                 for (int i = 0; i < AMX_ROWS; i++) store(a->y, (long)m * N + n0 + i, sums[m][i], 1);
         }

@@ -1,23 +1,50 @@
 /* int8 weight-only linear layers (symmetric per output channel): the why is in ops/cpu/linear_int8.py. */
 #include "nanoqwen_cpu.h"
+#include "act_quant.h"
 #include "amx.h"
 #include "gemv.h"
 #include "pool.h"
+
+/* int8 pieces per activation row (act_quant.h; measured in ops/cpu/linear_int8.py): bf16 outputs carry 2^-9
+   of rounding, beside which 2 pieces' 2^-16 of the row's largest activation is noise; fp32 outputs take 4
+   (2^-32), with which the error is fp32 rounding alone (3 left up to 3x the reference's). */
+#define PIECES_BF16 2
+#define PIECES_F32 4
+#define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves: 8 accumulators + the row sum */
+_Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F32 == 2, "linear_int8_vnni's cases");
+#define TILE_PIECES 48     /* activation pieces one AMX pass serves: three tiles of 16 columns */
+#define AMX_INT8_MIN_ROWS 2  /* 1 row streams faster by vpdpbusd (bench_cpu_linear, 1 thread: 48.7 vs 51.7 ms by AMX) */
+
+struct linear_int8_args {
+    const void *x;         /* the fallbacks: fp32 rows */
+    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd) or act_quads (AMX) */
+    const float *qscale;   /* [M * P]: each piece's scale */
+    const int8_t *w;
+    const void *scale;
+    void *y;
+    int M, N, K, P, bf16;
+    long rows;  /* per chunk */
+};
 
 static inline void store_scaled(void *y, long at, float v, const void *scale, int n, int bf16) {
     if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v * bf16_to_f32(((const uint16_t *)scale)[n]));
     else ((float *)y)[at] = v * ((const float *)scale)[n];
 }
 
-struct linear_int8_args {
-    const void *x;  /* fp32, or bf16 when bf16_dot */
-    const uint32_t *pairs;  /* for linear_int8_amx: x as pair_rows (amx.h) makes it */
-    const int8_t *w;
-    const void *scale;
-    void *y;
-    int M, N, K, bf16, bf16_dot;
-    long rows;  /* per chunk */
-};
+/* The calling thread's scratch (pieces, scales, widened rows): grown when a call needs more and never freed,
+   so a decode step does not allocate. The pool's helpers only read what the caller wrote before pool_run. */
+static void *scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t size;
+    if (bytes > size) {
+        free(buf);
+        size = (bytes + 63) / 64 * 64;
+        buf = aligned_alloc(64, size);
+    }
+    return buf;
+}
+
+/* ---- Without AVX512-VNNI: fp32 activations, each weight widened to fp32 ---- */
 
 /* AVX2: two activation rows per pass over a weight row. */
 static void linear_int8_avx2(const void *ctx, long chunk) {
@@ -37,84 +64,207 @@ static void linear_int8_avx2(const void *ctx, long chunk) {
 }
 
 AVX512_BEGIN
-/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row. fp32 activations: each 16
-   weights widened once; bf16 activations (bf16_dot): weights converted to bf16 (exactly), vdpbf16ps. */
-static void linear_int8_avx512_rows(const struct linear_int8_args *a, long start, long end) {
+/* AVX-512: up to GEMV_MAX_ROWS activation rows per pass over a weight row, each 16 weights widened once. */
+static void linear_int8_avx512(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K;
-    for (long n = start; n < end; n++) {
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, N); n++) {
         const int8_t *r = a->w + n * K;
         for (int m0 = 0; m0 < M; m0 += GEMV_MAX_ROWS) {
             const int rows = M - m0 < GEMV_MAX_ROWS ? M - m0 : GEMV_MAX_ROWS;
             float o[GEMV_MAX_ROWS];
-            if (a->bf16_dot) {
-#define BODY(R) dot_rows_bf16(r, W_I8, (const uint16_t *)a->x + (long)m0 * K, R, K, o)
-                WITH_CONST_ROWS(rows, BODY)
-#undef BODY
-            } else {
 #define BODY(R) dot_rows_avx512(r, W_I8, (const float *)a->x + (long)m0 * K, R, K, o)
-                WITH_CONST_ROWS(rows, BODY)
+            WITH_CONST_ROWS(rows, BODY)
 #undef BODY
-            }
             for (int m = 0; m < rows; m++) store_scaled(a->y, (long)(m0 + m) * N + n, o[m], a->scale, n, a->bf16);
         }
     }
 }
-
-static void linear_int8_avx512(const void *ctx, long chunk) {
-    const struct linear_int8_args *a = ctx;
-    linear_int8_avx512_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
-}
 AVX512_END
 
-AMX_BEGIN
-/* AMX (amx.h), bf16 activations: 16 weight rows at a time; the rows past the last whole 16 take the AVX-512 loop. */
+/* ---- AVX512-VNNI: activation pieces (act_quant.h) against the int8 weights, int32 sums ---- */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+/* acc[r] += the u8 piece row q + r * K (q + 128) against the 64 weights at w (`mask`: which bytes count), r < R;
+   wsum += their sum, with which the caller takes the 128s out. */
+INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc, __m512i *wsum) {
+    const __m512i v = _mm512_maskz_loadu_epi8(mask, w);
+    *wsum = _mm512_dpbusd_epi32(*wsum, _mm512_set1_epi8(1), v);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(mask, q + (long)r * K), v);
+}
+
+/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= VNNI_MAX_PIECES):
+   weight row n against their pieces (a->q: u8 rows of K, q + 128), one vpdpbusd per piece and 64 weights,
+   plus one against ones for the weight row's sum. Two sets of accumulators, for even and odd blocks of 64,
+   so that fewer vpdpbusd wait on the one before (1 row, a 1024 x 1024 weight hot in L2: 20-22 vs 23 µs). */
+INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
+    const int R = rows * P, K = a->K;
+    const int8_t *w = a->w + n * K, *q = a->q + (long)m0 * P * K;
+    const float *s = a->qscale + m0 * P;
+    const __mmask64 all = ~0ull;
+    __m512i acc[2][VNNI_MAX_PIECES], wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
+    int k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __builtin_prefetch(w + k + PREFETCH_BYTES);
+        __builtin_prefetch(w + k + 64 + PREFETCH_BYTES);
+        dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]);
+        dpbusd64(w + k + 64, q + k + 64, R, K, all, acc[1], &wsum[1]);
+    }
+    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]), k += 64;
+    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1], &wsum[1]);  /* K % 64 == 32 */
+    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(wsum[0], wsum[1]), 7);
+    for (int j = 0; j < rows; j++) {
+        __m512 f = _mm512_setzero_ps();
+        for (int p = 0; p < P; p++) {
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][j * P + p], acc[1][j * P + p]), offset);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[j * P + p]), f);
+        }
+        store_scaled(a->y, (long)(m0 + j) * a->N + n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
+    }
+}
+
+static void linear_int8_vnni(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    const int M = a->M, per = VNNI_MAX_PIECES / a->P;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (int m0 = 0; m0 < M; m0 += per) {
+            const int rows = M - m0 < per ? M - m0 : per;
+            switch (a->P == PIECES_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
+                case 1: dot_pieces(a, n, m0, 1, PIECES_BF16); break;
+                case 2: dot_pieces(a, n, m0, 2, PIECES_BF16); break;
+                case 3: dot_pieces(a, n, m0, 3, PIECES_BF16); break;
+                case 4: dot_pieces(a, n, m0, 4, PIECES_BF16); break;
+                case -1: dot_pieces(a, n, m0, 1, PIECES_F32); break;
+                default: dot_pieces(a, n, m0, 2, PIECES_F32); break;
+            }
+        }
+}
+
+#pragma GCC pop_options
+
+/* ---- AMX-INT8: tdpbssd, 16 weight rows x 64 columns against up to TILE_PIECES pieces ---- */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-int8")
+
+/* Tile 0: `wrows` weight rows x 64 columns; 1-3: pieces' quads, 16 columns each (the last `cols` % 16);
+   4-6: their int32 sums, [weight row][piece]. */
+static void amx_int8_configure(int wrows, int cols) {
+    struct tile_config config = {.palette = 1};
+    config.rows[0] = (uint8_t)wrows, config.colsb[0] = 64;
+    for (int t = 0; t * 16 < cols; t++) {
+        const int c = cols - 16 * t < 16 ? cols - 16 * t : 16;
+        config.rows[1 + t] = 16, config.colsb[1 + t] = (uint16_t)(4 * c);
+        config.rows[4 + t] = (uint8_t)wrows, config.colsb[4 + t] = (uint16_t)(4 * c);
+    }
+    _tile_loadconfig(&config);
+}
+
+/* y rows m0.. of weight rows n0 .. n0 + wrows: the pieces of rows m0 .. (cols / P of them) start at column
+   m0 * P of the quads (a->q, M * P columns). */
+static void amx_int8_block(const struct linear_int8_args *a, long n0, int wrows, int m0, int cols) {
+    const int K = a->K, P = a->P, stride = 4 * a->M * P;
+    const int8_t *w = a->w + n0 * K, *q = a->q + 4 * m0 * P;
+    _tile_zero(4);
+    if (cols > 16) _tile_zero(5);
+    if (cols > 32) _tile_zero(6);
+    for (int k = 0; k < K; k += 64) {
+        for (int i = 0; i < wrows; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 2);
+        _tile_loadd(0, w + k, K);
+        const int8_t *b = q + (long)k / 4 * stride;
+        _tile_loadd(1, b, stride);
+        _tile_dpbssd(4, 0, 1);
+        if (cols > 16) {
+            _tile_loadd(2, b + 64, stride);
+            _tile_dpbssd(5, 0, 2);
+        }
+        if (cols > 32) {
+            _tile_loadd(3, b + 128, stride);
+            _tile_dpbssd(6, 0, 3);
+        }
+    }
+    __attribute__((aligned(64))) int32_t c[3][AMX_ROWS][16];
+    _tile_stored(4, c[0], 64);
+    if (cols > 16) _tile_stored(5, c[1], 64);
+    if (cols > 32) _tile_stored(6, c[2], 64);
+    /* per activation row: its pieces' columns gathered across the weight rows, so that its outputs for the
+       block's weight rows (contiguous in y) are summed and stored 16 at a time */
+    const __mmask16 live = (__mmask16)((1u << wrows) - 1u);
+    const __m512i rows16 = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    const __m512 wscale = a->bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                              _mm256_maskz_loadu_epi16(live, (const uint16_t *)a->scale + n0)), 16))
+                                  : _mm512_maskz_loadu_ps(live, (const float *)a->scale + n0);
+    const float *s = a->qscale + m0 * P;
+    for (int j = 0; j < cols / P; j++) {
+        __m512 o = _mm512_setzero_ps();
+        for (int p = 0; p < P; p++) {
+            const int col = j * P + p;
+            const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                _mm512_add_epi32(rows16, _mm512_set1_epi32(col % 16)), c[col / 16], 4);
+            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(s[col]), o);
+        }
+        o = _mm512_mul_ps(o, wscale);
+        const long at = (long)(m0 + j) * a->N + n0;
+        if (a->bf16) _mm256_mask_storeu_epi16((uint16_t *)a->y + at, live, (__m256i)_mm512_cvtneps_pbh(o));
+        else _mm512_mask_storeu_ps((float *)a->y + at, live, o);
+    }
+}
+
 static void linear_int8_amx(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K;
-    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
-    const long whole = N / AMX_ROWS * AMX_ROWS;
-    if (start < whole) {
-        amx_configure(M);
-        for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
-            float sums[AMX_MAX_ROWS][AMX_ROWS];
-            amx_block(a->w + n0 * K, W_I8, a->pairs, M, K, sums);
-            for (int m = 0; m < M; m++)
-                for (int i = 0; i < AMX_ROWS; i++) store_scaled(a->y, (long)m * N + n0 + i, sums[m][i], a->scale, n0 + i, 1);
+    const int M = a->M, P = a->P, per = TILE_PIECES / P;
+    const long end = pool_chunk_end(chunk, a->rows, a->N);
+    int configured = -1;  /* wrows * 64 + cols of the loaded configuration */
+    for (long n0 = chunk * a->rows; n0 < end; n0 += AMX_ROWS) {
+        const int wrows = end - n0 < AMX_ROWS ? (int)(end - n0) : AMX_ROWS;
+        for (int m0 = 0; m0 < M; m0 += per) {
+            const int cols = (M - m0 < per ? M - m0 : per) * P;
+            if (configured != wrows * 64 + cols) amx_int8_configure(wrows, cols), configured = wrows * 64 + cols;
+            amx_int8_block(a, n0, wrows, m0, cols);
         }
-        _tile_release();
     }
-    if (end > whole) linear_int8_avx512_rows(a, start > whole ? start : whole, end);
+    _tile_release();
 }
-AMX_END
 
-/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c; every
-   product is exact in fp32 (fp32 activations are never rounded to bf16). */
+static inline int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
+
+#pragma GCC pop_options
+
+#ifdef NANOQWEN_NO_VNNI  /* tests build this to check the widening loops on a CPU with VNNI */
+static inline int has_vnni(void) { return 0; }
+#else
+static inline int has_vnni(void) { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#endif
+
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c. */
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16) {
-    const long rows = pool_rows_per_chunk(K), chunks = (N + rows - 1) / rows;
-    /* One row streams faster through the fp32 loop (measured 75 vs 80 ms for a 0.6B step's linears); from
-       2 rows on, bf16: AMX where the CPU has it (amx.h), else vdpbf16ps (8 rows: 162 vs 197 ms). */
-    if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_MAX_ROWS && amx_ready()) {
-        uint32_t *pairs = (uint32_t *)malloc((size_t)K / 2 * M * sizeof(uint32_t));
-        pair_rows((const uint16_t *)x, pairs, M, K);
-        const long amx_rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-        struct linear_int8_args a = {x, pairs, w, scale, y, M, N, K, bf16, 1, amx_rows};
-        pool_run(linear_int8_amx, &a, (N + amx_rows - 1) / amx_rows);
-        free(pairs);
+    const long rows = pool_rows_per_chunk(K);
+    if (has_vnni()) {
+        const int P = bf16 ? PIECES_BF16 : PIECES_F32;
+        const long pieces = (long)M * P;
+        float *qscale = scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K);
+        int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
+        struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows};
+        if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
+            act_quant_rows(x, bf16, M, K, P, K, 0, q, qscale, 0);
+            act_quads(q, (int)pieces, K, quads);
+            a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+            pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
+        } else {
+            act_quant_rows(x, bf16, M, K, P, K, 1, q, qscale, 0);
+            pool_run(linear_int8_vnni, &a, (N + rows - 1) / rows);
+        }
         return;
     }
-    if (bf16 && M > 1 && has_avx512_bf16()) {
-        struct linear_int8_args a = {x, 0, w, scale, y, M, N, K, bf16, 1, rows};
-        pool_run(linear_int8_avx512, &a, chunks);
-        return;
-    }
-    float *widened = 0;
     const float *xf = (const float *)x;
     if (bf16) {
-        widened = (float *)malloc((size_t)M * K * sizeof(float));
+        float *widened = scratch((size_t)M * K * sizeof(float));
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         xf = widened;
     }
-    struct linear_int8_args a = {xf, 0, w, scale, y, M, N, K, bf16, 0, rows};
-    pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, chunks);
-    free(widened);
+    struct linear_int8_args a = {xf, 0, 0, w, scale, y, M, N, K, 0, bf16, rows};
+    pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
 }
