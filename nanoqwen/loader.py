@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,7 @@ def load_weights(model: Qwen3ForCausalLM, shards: list[Path]) -> None:
                     dest.copy_(tensor)
                 else:
                     quantize(tensor, dest, *aux)
+                release_pages(tensor)
                 del tensor
     if tied:
         pending.pop("lm_head.weight", None)
@@ -210,6 +212,19 @@ def build_model(config: ModelConfig, shards: list[Path], max_positions: int, dev
     load_weights(model, shards)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drops the whole pages of a CPU tensor no longer needed from this process. A checkpoint tensor is a view
+    of safetensors' private mapping of the file: each one read stays resident (file-backed) until the file
+    closes, so the load's peak held the whole checkpoint beside the model (+1.19 GB for Qwen3-0.6B in bf16).
+    The pages stay in the page cache; a no-op where madvise is missing."""
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.device.type != "cpu":
+        return
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # inward: neighbours share the edge pages
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def release_freed_heap() -> None:

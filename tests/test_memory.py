@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
 
 import llguidance
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from nanoqwen.engine.grammar import _Vocabulary
-from nanoqwen.loader import load_tokenizer
+from nanoqwen.loader import load_tokenizer, release_pages
 from nanoqwen.text import TokenBytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +78,33 @@ def test_tokenizer_keeps_no_python_vocabulary(tiny_checkpoint):
     ids = tokenizer.encode("hello <think> world")
     assert tokenizer.decode(ids) == "hello <think> world"
     assert tokenizer.eos_token_id == 151645 and 151645 in tokenizer.all_special_ids
+
+
+def _rss_file() -> int:
+    """This process's file-backed resident bytes."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssFile:"))
+
+
+def test_release_pages_drops_only_the_whole_pages_inside_a_tensor():
+    page = mmap.PAGESIZE
+    base = torch.full((6 * page,), 7, dtype=torch.uint8)
+    start = -(-base.data_ptr() // page) * page - base.data_ptr() + 100  # 100 bytes into a page
+    view = base[start:start + 3 * page]  # covers 2 whole pages, and parts of 2 others
+    release_pages(view)  # anonymous memory: a dropped page reads back as zeros
+    dropped = (base == 0).nonzero().flatten()
+    first = start - 100 + page
+    assert dropped.tolist() == list(range(first, first + 2 * page))
+
+
+def test_loading_leaves_no_checkpoint_page_resident(tmp_path):
+    """A checkpoint tensor read and released no longer holds the file's pages in this process."""
+    path = tmp_path / "one.safetensors"
+    save_file({"w": torch.ones(16 << 20, dtype=torch.float32)}, str(path))  # 64 MB
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensor = f.get_tensor("w")
+        before = _rss_file()
+        assert tensor.sum().item() == 16 << 20
+        assert _rss_file() - before > 48 << 20  # read: the file's pages are resident
+        release_pages(tensor)
+        assert _rss_file() - before < 8 << 20
