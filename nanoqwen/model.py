@@ -57,6 +57,6 @@ class Qwen3ForCausalLM(nn.Module):
         return self.kernels.to_fp32(self.lm_head(hidden))  # [S, V] fp32
 
     def tie_weights(self) -> None:
-        """Shares the embedding with the LM head where the checkpoint ties them (again after to_empty())."""
+        """Shares the embedding with the LM head where the checkpoint ties them (again once materialised)."""
         if self.config.tie_word_embeddings:
             tie(self.lm_head, self.model.embed_tokens)

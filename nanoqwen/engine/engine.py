@@ -66,7 +66,8 @@ class Engine:
         self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
         self._think_ids = loaded.think_ids
-        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.generation.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.token_bytes, self.model_config.vocab_size,
+                                 self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens,
                                    cfg.prefill_stall)
@@ -100,6 +101,9 @@ class Engine:
                     try:
                         self._drain_inbox()
                         if not self.scheduler.has_work:
+                            # glibc keeps the heap a prefill freed (its working set: tens of MB) for reuse;
+                            # when idle, resident memory is worth more than the page faults of the next one
+                            loader.release_freed_heap()
                             self._wakeup.wait()
                             self._wakeup.clear()
                             continue

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
-import llguidance.torch
 import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
+from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_CALL_OPEN = "<tool_call>"
@@ -61,17 +61,39 @@ def _call_schema(tool: ToolSpec) -> dict[str, Any]:
                                  "required": ["name", "arguments"], "additionalProperties": False}, tool.strict)
 
 
+class _Vocabulary:
+    """The tokenizer as llguidance.TokenizerWrapper reads it: each id's bytes and the special ids, as
+    LLTokenizer(tokenizer.json) derives them (every added token is special: a grammar emits it only by id,
+    `<[id]>`; so is each id the tokenizer lacks, named `<[id]>`), and text -> ids by our own Rust tokenizer.
+    LLTokenizer(tokenizer.json) would hold a second one: ~70 MB resident for Qwen3's 151k tokens."""
+
+    bos_token_id = None
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, token_bytes: TokenBytes, vocab_size: int,
+                 eos_ids: list[int]) -> None:
+        self._backend = tokenizer.backend_tokenizer
+        added = tokenizer.added_tokens_decoder
+        known = [self._backend.id_to_token(i) is not None for i in range(vocab_size)]
+        self.tokens = [token_bytes.bytes(i) if known[i] else f"<[{i}]>".encode() for i in range(vocab_size)]
+        self.special_token_ids = [i for i in range(vocab_size) if i in added or not known[i]]
+        self.eos_token_id = eos_ids[0]
+
+    def __call__(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+
 class Grammars:
     """Compiles grammars for one tokenizer; thread-safe (called from the API's worker threads)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, vocab_size: int, eos_ids: list[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, token_bytes: TokenBytes, vocab_size: int,
+                 eos_ids: list[int]) -> None:
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
-        # Built here, with the model (1-10 s): LLTokenizer holds the GIL throughout, which on first
+        # Built here, with the model (~1 s): LLTokenizer holds the GIL throughout, which on first
         # use would freeze the server's event loop.
-        self._tokenizer = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab_size,
-                                                 eos_token=self.eos_ids)
+        vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
+        self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
         self._lock = native_lock()
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
 
@@ -149,4 +171,7 @@ class RowGrammar:
                 bit = 1 << (token % 32)
                 bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 bits
             return
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
+        words = bitmask[row]  # [ceil(V/32)] int32, contiguous
+        # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
+        # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())

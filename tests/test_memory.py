@@ -1,0 +1,110 @@
+"""What a serving process keeps resident beside the weights: no module it does not run, no tokenizer leftovers."""
+from __future__ import annotations
+
+import json
+import mmap
+import subprocess
+import sys
+from pathlib import Path
+
+import llguidance
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoqwen.engine.grammar import _Vocabulary
+from nanoqwen.loader import load_tokenizer, release_pages
+from nanoqwen.text import TokenBytes
+
+REPO = Path(__file__).resolve().parents[1]
+# torch.compile's stack: ~0.19 GB resident once imported (dynamo, inductor, sympy, and triton where installed)
+COMPILE_STACK = ("torch._dynamo", "torch._inductor", "sympy", "triton")
+
+SERVE = """
+import json, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import nanoqwen.api.app
+from engine_util import collect, load_engine
+from nanoqwen.engine import SamplingParams
+
+imported = {{"imports": [m for m in {stack!r} if m in sys.modules]}}
+engine = load_engine({path!r}, kernels="auto")
+grammar = engine.grammars.json_schema({{"type": "object"}}, strict=False, param="response_format")
+params = SamplingParams(temperature=0.0, max_tokens=4, grammar=grammar)
+_, stream = engine.submit([9707, 1879], params, split_reasoning=False)  # constrained from the first token
+engine._drain_inbox()
+while engine.scheduler.has_work:
+    engine.step()
+assert collect(stream).choices[0].text.startswith("{{")  # the mask was filled and applied
+imported["served"] = [m for m in {stack!r} if m in sys.modules]
+print(json.dumps(imported))
+"""
+
+
+def test_engine_and_api_import_no_compile_stack(tiny_checkpoint):
+    """Importing the API and the engine, loading a model on the CPU and decoding under a grammar
+    (graph none) never imports torch.compile's machinery: llguidance.torch would (its module runs
+    a torch.compile decorator), and so would Module.to_empty() of a meta model (sympy)."""
+    script = SERVE.format(repo=str(REPO), tests=str(REPO / "tests"), stack=COMPILE_STACK, path=str(tiny_checkpoint))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"imports": [], "served": []}
+
+
+def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkpoint):
+    """The LLTokenizer built from our tokenizer (no second Rust tokenizer) has the token table llguidance
+    derives from tokenizer.json: the same bytes and special flag for every id, the same tokenisation."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    eos_ids = [151645, 151643]
+    vocab_size = 151936  # the model's, past the tokenizer's 151669 ids
+    reference = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab_size, eos_token=eos_ids)
+    wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, TokenBytes(tokenizer), vocab_size, eos_ids))
+    ours = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos_ids)
+    assert (ours.vocab_size, ours.eos_tokens, ours.is_canonical) == (vocab_size, eos_ids, reference.is_canonical)
+    for token_id in range(vocab_size):
+        assert ours.decode_bytes([token_id]) == reference.decode_bytes([token_id]), token_id
+        assert ours.is_special_token(token_id) == reference.is_special_token(token_id), token_id
+    for text in ["hello world <think>", "<|im_end|> x", '{"a": [1, 2.5]}', "  é\n\n\U0001f600"]:
+        assert ours.tokenize_str(text) == reference.tokenize_str(text)
+        assert ours.tokenize_bytes(text.encode()[:-1]) == reference.tokenize_bytes(text.encode()[:-1])
+
+
+def test_tokenizer_keeps_no_python_vocabulary(tiny_checkpoint):
+    """transformers 5 keeps the vocab dict and merge list a Qwen2Tokenizer was built from (~90 MB for
+    151k tokens); the loader drops them, and the tokenizer still encodes, decodes and lists its specials."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    large = [name for name, value in vars(tokenizer).items() if isinstance(value, (dict, list)) and len(value) >= 256]
+    assert large == []
+    ids = tokenizer.encode("hello <think> world")
+    assert tokenizer.decode(ids) == "hello <think> world"
+    assert tokenizer.eos_token_id == 151645 and 151645 in tokenizer.all_special_ids
+
+
+def _rss_file() -> int:
+    """This process's file-backed resident bytes."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssFile:"))
+
+
+def test_release_pages_drops_only_the_whole_pages_inside_a_tensor():
+    page = mmap.PAGESIZE
+    base = torch.full((6 * page,), 7, dtype=torch.uint8)
+    start = -(-base.data_ptr() // page) * page - base.data_ptr() + 100  # 100 bytes into a page
+    view = base[start:start + 3 * page]  # covers 2 whole pages, and parts of 2 others
+    release_pages(view)  # anonymous memory: a dropped page reads back as zeros
+    dropped = (base == 0).nonzero().flatten()
+    first = start - 100 + page
+    assert dropped.tolist() == list(range(first, first + 2 * page))
+
+
+def test_loading_leaves_no_checkpoint_page_resident(tmp_path):
+    """A checkpoint tensor read and released no longer holds the file's pages in this process."""
+    path = tmp_path / "one.safetensors"
+    save_file({"w": torch.ones(16 << 20, dtype=torch.float32)}, str(path))  # 64 MB
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensor = f.get_tensor("w")
+        before = _rss_file()
+        assert tensor.sum().item() == 16 << 20
+        assert _rss_file() - before > 48 << 20  # read: the file's pages are resident
+        release_pages(tensor)
+        assert _rss_file() - before < 8 << 20
