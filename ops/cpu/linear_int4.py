@@ -21,6 +21,7 @@ from ops.cpu import build, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
 
+PIECES = {torch.bfloat16: 2, torch.float32: 3}  # int8 pieces per activation row
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_supported"))
 
 
@@ -41,7 +42,7 @@ def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, off
     out = torch.empty(m, weight.shape[0], dtype=x.dtype)
     with build.profiled("nanoqwen::linear_int4_cpu"):
         graph.call(KERNEL.lib.linear_int4, x, weight, scale, offset, out, m, weight.shape[0], k, k // scale.shape[1],
-                   int(x.dtype == torch.bfloat16))
+                   int(x.dtype == torch.bfloat16), PIECES[x.dtype])
     return out
 
 
