@@ -2,6 +2,7 @@
    ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) for this
    file alone, checked at run time. */
 #include "nanoqwen_cpu.h"
+#include "act_quant.h"
 #include "amx.h"
 #include "pool.h"
 #include "simd.h"
@@ -15,17 +16,19 @@ void linear_int4_supported(int *ok) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-#define MAX_PIECES 3
 #define ROWS 4          /* activation rows sharing one transposition of a span's weights */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
+#define AMX_INT8_MIN_ROWS 2  /* activation rows from which linear_int4_amx serves */
 
-/* ---- the activations: each row as pieces of int8 in the order the weights' nibbles meet them ---- */
+/* ---- the activations: each row as int8 pieces (act_quant.h) in the order the weights' nibbles meet them ---- */
 
 struct acts {
-    int8_t *q;       /* [M][P][len]: piece p of row m, arranged (arrange_row), 0 past K */
+    int8_t *q;       /* [M][P][len]: piece p of row m, arranged (arrange_row; the split is elementwise), 0 past K */
+    int8_t *quads;   /* [K / 4][M * P][4]: for linear_int4_amx, the pieces in unpacked_order as act_quads groups them */
     float *a;        /* [M][P]: each piece's scale */
     float *xsum;     /* [M][len / 64]: each block's fp32 activation sum, which the offsets multiply */
+    float *gsum;     /* [K / G][16]: for linear_int4_amx, each group's sums of rows 0..M - 1, then 0 */
     int32_t *group;  /* [len / 64]: each block's group */
     long len;        /* K rounded up to whole spans */
 };
@@ -69,26 +72,6 @@ static void arrange_row(const float *x, int K, long len, float *out) {
                 _mm512_store_ps(out + t * SPAN + s * 64 + 16 * u,
                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), present, at, x, 4));
             }
-}
-
-/* r: [len] fp32 -> P pieces q[p] (int8) and scales a[p] with r ~= sum_p a[p] * q[p]: each piece the previous
-   remainder rounded to a[p] = max|remainder| / 127. The remainder left is at most a[P - 1] / 2 per element,
-   and a[p + 1] <= a[p] / 254. r is left holding it. */
-static void split_pieces(float *r, long len, int P, int8_t *q, float *a) {
-    for (int p = 0; p < P; p++) {
-        __m512 m = _mm512_setzero_ps();
-        for (long i = 0; i < len; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_load_ps(r + i)));
-        const float amax = _mm512_reduce_max_ps(m), scale = amax / 127.0f;
-        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), s = _mm512_set1_ps(scale);
-        a[p] = scale;
-        for (long i = 0; i < len; i += 16) {
-            const __m512 v = _mm512_load_ps(r + i);
-            __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            n = _mm512_min_ps(_mm512_max_ps(n, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-            _mm512_store_ps(r + i, _mm512_fnmadd_ps(s, n, v));  /* exact: the remainder fits in 24 bits */
-            _mm_store_si128((__m128i *)(q + (long)p * len + i), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(n)));
-        }
-    }
 }
 
 /* x: one row of K activations, bf16 or fp32 -> out: [K] fp32 (exact). */
@@ -161,7 +144,6 @@ static inline __attribute__((always_inline)) void transpose_span(const uint8_t *
 
 struct linear_int4_args {
     struct acts x;
-    const uint32_t *pairs;  /* for linear_int4_amx: bf16 x as pair_int4_columns makes it */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
@@ -184,7 +166,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     __m512 f[ROWS];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
     for (long span = 0; span < len / SPAN; span++) {
-        __m512i o[8], acc[ROWS][MAX_PIECES];
+        __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
         const long b0 = span * SPAN_BLOCKS;
         transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS,
                        t, o);
@@ -239,121 +221,200 @@ static void linear_int4_chunk(const void *ctx, long chunk) {
     linear_int4_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
 }
 
-/* bf16(q) for q < 16: the lookup table of unpack_bf16. */
-static const uint16_t BF16_OF_NIBBLE[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                            0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+/* ---- AMX-INT8: 16 weight rows x one block against every activation row's pieces ---- */
 
-/* A 64-column block as two rows of 32 bf16 q (exact) for AMX: its bytes widened to words, then the low and the
-   high nibble of each looked up. Byte 2i of the block holds q[i] and q[16 + i], byte 2i + 1 q[32 + i] and
-   q[48 + i], so out[0] pairs columns (i, 32 + i) for i < 16 and out[1] the same for 16 <= i < 32: the pairs
-   pair_int4_columns makes of the activations. */
-static inline void unpack_bf16(const uint8_t *p, __m512i out[2]) {
-    const __m512i table = _mm512_loadu_si512(BF16_OF_NIBBLE);
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    out[0] = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xf)), table);
-    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+/* Column of a block at byte t of unpack_u8's 64: byte 2i of the block holds q[i] and q[16 + i], byte 2i + 1
+   q[32 + i] and q[48 + i]; its low nibbles come first, then its high ones. */
+static inline int unpacked_column(int t) { return ((t & 31) >> 1) + 32 * (t & 1) + 16 * (t >> 5); }
+
+/* x: [M, K] fp32 -> out: [M, K] with each block's columns in unpack_u8's order (unpacked_column). */
+static void unpacked_order(const float *x, int M, int K, float *out) {
+    int32_t order[64];
+    for (int t = 0; t < 64; t++) order[t] = unpacked_column(t);
+    for (long b = 0; b < (long)M * K; b += 64)
+        for (int t = 0; t < 64; t += 16)
+            _mm512_storeu_ps(out + b + t, _mm512_i32gather_ps(_mm512_loadu_si512(order + t), x + b, 4));
 }
 
-/* x: [M, K] bf16 -> out: [K / 2, M] pairs (x[m, b + i], x[m, b + 32 + i]) for each block b of 64 columns and
-   i < 32: tdpbf16ps's B operand in unpack_bf16's column order. */
-static void pair_int4_columns(const uint16_t *x, uint32_t *out, int M, int K) {
-    for (int b = 0; b < K; b += 64)
-        for (int i = 0; i < 32; i++)
-            for (int m = 0; m < M; m++)
-                out[(long)(b / 2 + i) * M + m] = x[(long)m * K + b + i] | (uint32_t)x[(long)m * K + b + 32 + i] << 16;
+#define AMX_INT8_BEGIN _Pragma("GCC push_options") \
+    _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,amx-tile,amx-bf16,amx-int8\")")
+#define AMX_INT8_END _Pragma("GCC pop_options")
+
+static int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
+
+AMX_INT8_BEGIN
+/* The 32 packed bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
+static inline __m512i unpack_u8(const uint8_t *p) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0xf));
 }
 
-AMX_BEGIN
-/* AMX (amx.h), 2 to 16 bf16 activation rows: 16 weight rows at a time, each 64-column block unpacked to two
-   tiles of bf16 q; a group's sums (tile 2) scaled per weight row and added, with the offset terms, in fp32.
-   The rows past the last whole 16 take linear_int4_rows. */
+/* Tiles 0 and 1: unpacked weights (16 rows x 64 q), alternately. Up to 16 piece columns: tiles 2 and 3 their
+   quads, alternately, and 4 to 7 the sums of four groups in flight. More (split): tiles 2 and 3 the quads of
+   columns 0-15 and 16-31, and the sums of two groups in flight: 4 and 5, 6 and 7. */
+static void configure_int8_tiles(int C) {
+    const int c0 = C < 16 ? C : 16, c1 = C - c0;
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = AMX_ROWS;
+        config.colsb[t] = (uint16_t)(t < 2 ? 64 : 4 * (c1 && (t == 3 || t == 5 || t == 7) ? c1 : c0));
+    }
+    _tile_loadconfig(&config);
+}
+
+/* The weight tile of block b for 16 rows from w (rows of K / 2 bytes), into tile `at`. */
+#define LOAD_WEIGHTS(at, w, b, K) do { \
+        __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
+        for (int i_ = 0; i_ < AMX_ROWS; i_++) { \
+            const uint8_t *block_ = (w) + (long)i_ * ((K) / 2) + (long)(b) * 32; \
+            __builtin_prefetch(block_ + PREFETCH_BYTES / 2); \
+            _mm512_store_si512(tile_[i_], unpack_u8(block_)); \
+        } \
+        AMX_STORES_VISIBLE(); \
+        _tile_loadd(at, tile_, 64); \
+    } while (0)
+
+/* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
+#define ISSUE(c, c2, wt, qt) do { \
+        _tile_zero(c); \
+        if (split) _tile_zero(c2); \
+        for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
+            const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
+            LOAD_WEIGHTS(wt, w, b_, K); \
+            _tile_loadd(qt, quads_, C * 4); \
+            _tile_dpbusd(c, wt, qt); \
+            if (split) { \
+                _tile_loadd(3, quads_ + 64, C * 4); \
+                _tile_dpbusd(c2, wt, 3); \
+            } \
+        } \
+    } while (0)
+
+#define STORE(c, c2) do { \
+        _tile_stored(c, sums[0], 64); \
+        if (split) _tile_stored(c2, sums[1], 64); \
+    } while (0)
+
+/* 2 or more activation rows with M * P <= 32 pieces: 16 weight rows at a time, each block unpacked into a tile
+   of 16 x 64 q (the unsigned operand of tdpbusd) against the pieces' quads (act_quads, columns m * P + p). A
+   group's int32 sums are scaled per weight row in fp32 two groups later, so that the tile unit's latency is
+   hidden; the pieces' scales apply last. The rows past the last whole 16 take linear_int4_rows. */
 static void linear_int4_amx(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K, G = a->G, groups = K / G;
-    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N), lanes = a->x.len / 64;
+    const int M = a->M, N = a->N, K = a->K, G = a->G, P = a->P, groups = K / G, C = M * P, split = C > 16;
+    const int lag = split ? 1 : 2;  /* groups in flight beyond the one being issued */
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
-    const __mmask16 cols = (__mmask16)((1u << M) - 1u);
     if (start < whole) {
-        amx_configure(M);
+        configure_int8_tiles(C);
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
             const uint8_t *w = a->w + n0 * (K / 2);
-            __m512 acc[AMX_ROWS];  /* [weight row][activation row] */
-            for (int i = 0; i < AMX_ROWS; i++) acc[i] = _mm512_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                _tile_zero(2);
-                for (int b = g * G; b < (g + 1) * G; b += 64) {
-                    __attribute__((aligned(64))) uint16_t tiles[2][AMX_ROWS][32];
-                    for (int i = 0; i < AMX_ROWS; i++) {
-                        const uint8_t *block = w + (long)i * (K / 2) + b / 2;
-                        __builtin_prefetch(block + PREFETCH_BYTES / 2);
-                        __m512i q[2];
-                        unpack_bf16(block, q);
-                        _mm512_store_si512(tiles[0][i], q[0]), _mm512_store_si512(tiles[1][i], q[1]);
+            __m512 acc[AMX_ROWS][2], off[AMX_ROWS];  /* [weight row][piece column | activation row] */
+            for (int i = 0; i < AMX_ROWS; i++) acc[i][0] = acc[i][1] = off[i] = _mm512_setzero_ps();
+            for (int g = 0; g < groups + lag; g++) {
+                if (g < groups) {
+                    if (split) {
+                        if (g & 1) ISSUE(6, 7, 1, 2); else ISSUE(4, 5, 0, 2);
+                    } else {
+                        switch (g & 3) {
+                            case 0: ISSUE(4, 4, 0, 2); break;
+                            case 1: ISSUE(5, 5, 1, 3); break;
+                            case 2: ISSUE(6, 6, 0, 2); break;
+                            default: ISSUE(7, 7, 1, 3); break;
+                        }
                     }
-                    AMX_STORES_VISIBLE();
-                    _tile_loadd(0, tiles[0], 64);
-                    _tile_loadd(1, a->pairs + (long)b / 2 * M, M * 4);
-                    _tile_dpbf16ps(2, 0, 1);
-                    _tile_loadd(0, tiles[1], 64);
-                    _tile_loadd(1, a->pairs + (long)(b / 2 + 16) * M, M * 4);
-                    _tile_dpbf16ps(2, 0, 1);
                 }
-                float sums[AMX_ROWS][AMX_ROWS];
-                _tile_stored(2, sums, sizeof sums[0]);
-                float xsum[AMX_ROWS];
-                for (int m = 0; m < M; m++) {
-                    xsum[m] = 0.0f;
-                    for (int b = g * G / 64; b < (g + 1) * G / 64; b++) xsum[m] += a->x.xsum[m * lanes + b];
+                const int done = g - lag;
+                if (done < 0) continue;
+                int32_t sums[2][AMX_ROWS][16];
+                if (split) {
+                    if (done & 1) STORE(6, 7); else STORE(4, 5);
+                } else {
+                    switch (done & 3) {
+                        case 0: STORE(4, 4); break;
+                        case 1: STORE(5, 5); break;
+                        case 2: STORE(6, 6); break;
+                        default: STORE(7, 7); break;
+                    }
                 }
-                const __m512 xs = _mm512_maskz_loadu_ps(cols, xsum);
+                const __m512 xs = _mm512_load_ps(a->x.gsum + (long)done * 16);
                 for (int i = 0; i < AMX_ROWS; i++) {
-                    const long at = (n0 + i) * groups + g;
-                    const __m512 s = _mm512_set1_ps(bf16_to_f32(((const uint16_t *)a->scale)[at]));
-                    const __m512 o = _mm512_set1_ps(bf16_to_f32(((const uint16_t *)a->offset)[at]));
-                    acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, sums[i]), s, _mm512_fmadd_ps(xs, o, acc[i]));
+                    const long at = (n0 + i) * groups + done;
+                    const __m512 sc = _mm512_set1_ps(a->bf16 ? bf16_to_f32(((const uint16_t *)a->scale)[at])
+                                                             : ((const float *)a->scale)[at]);
+                    const __m512 of = _mm512_set1_ps(a->bf16 ? bf16_to_f32(((const uint16_t *)a->offset)[at])
+                                                             : ((const float *)a->offset)[at]);
+                    acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[0][i])), sc, acc[i][0]);
+                    if (split)
+                        acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[1][i])), sc, acc[i][1]);
+                    off[i] = _mm512_fmadd_ps(xs, of, off[i]);
                 }
             }
             for (int i = 0; i < AMX_ROWS; i++) {
-                float out[AMX_ROWS];
-                _mm512_storeu_ps(out, acc[i]);
-                for (int m = 0; m < M; m++) store_out(a->y, (long)m * N + n0 + i, out[m], 1);
+                float cols[32], rows[16];
+                _mm512_storeu_ps(cols, acc[i][0]), _mm512_storeu_ps(cols + 16, acc[i][1]), _mm512_storeu_ps(rows, off[i]);
+                for (int m = 0; m < M; m++) {
+                    float y = rows[m];
+                    for (int p = 0; p < P; p++) y += a->x.a[m * P + p] * cols[m * P + p];
+                    store_out(a->y, (long)m * N + n0 + i, y, a->bf16);
+                }
             }
         }
         _tile_release();
     }
     if (end > whole) linear_int4_rows(a, start > whole ? start : whole, end);
 }
-AMX_END
+#undef ISSUE
+#undef STORE
+#undef LOAD_WEIGHTS
+AMX_INT8_END
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
-   taken as P int8 pieces (split_pieces): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
+   taken as P int8 pieces (act_quant.h): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
    result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). With
    AMX and 2 to 16 bf16 activation rows, tdpbf16ps on the exact bf16 activations instead. Parallel over chunks of
    output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
-    const int amx = bf16 && M >= AMX_MIN_ROWS && M <= AMX_ROWS && amx_ready();
-    const size_t sizes[] = {(size_t)M * pieces * len, (size_t)M * lanes * 4, (size_t)M * pieces * 4,
-                            (size_t)lanes * 4, (size_t)len * 8, amx ? (size_t)K / 2 * M * 4 : 0};
+    const int amx = M >= AMX_INT8_MIN_ROWS && M * pieces <= 32 && amx_int8_ready();
+    const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
+    /* arranged pieces, pieces and their quads, block sums, the pieces' scales, the blocks' groups, fp32 rows,
+       group sums */
+    const size_t sizes[] = {(size_t)M * pieces * len, (size_t)M * pieces * K * 2, (size_t)M * lanes * 4,
+                            (size_t)M * pieces * 4, (size_t)lanes * 4, (size_t)M * (K + len) * 4,
+                            (size_t)(K / G) * 16 * 4};
+    enum { PARTS = sizeof sizes / sizeof sizes[0] };
     size_t total = 0;
-    for (int i = 0; i < 6; i++) total += (sizes[i] + 63) / 64 * 64;
-    char *part[6];
+    for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
+    char *part[PARTS];
     part[0] = (char *)scratch_buffer(total);
-    for (int i = 1; i < 6; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
-    const struct acts acts = {(int8_t *)part[0], (float *)part[2], (float *)part[1], (int32_t *)part[3], len};
-    float *row = (float *)part[4];
+    for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
+    const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
+                              (float *)part[6], (int32_t *)part[4], len};
+    float *rows = (float *)part[5], *arranged = rows + (long)M * K;
     for (long b = 0; b < lanes; b++) acts.group[b] = (int32_t)(b * 64 / G);
     for (int m = 0; m < M; m++) {
+        float *row = rows + (long)m * K;
         widen_row((const char *)x + (size_t)m * K * (bf16 ? 2 : 4), K, bf16, row);
         block_sums(row, K, lanes, acts.xsum + m * lanes);
-        arrange_row(row, K, len, row + len);
-        split_pieces(row + len, len, pieces, acts.q + (long)m * pieces * len, acts.a + m * pieces);
+        if (vnni) {
+            arrange_row(row, K, len, arranged);
+            act_quant_rows(arranged, 0, 1, (int)len, pieces, (int)len, 0, acts.q + (long)m * pieces * len,
+                           acts.a + m * pieces, 0);
+        }
     }
-    struct linear_int4_args a = {acts, 0, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2)};
-    if (amx) {
-        a.pairs = (const uint32_t *)part[5];
-        pair_int4_columns((const uint16_t *)x, (uint32_t *)part[5], M, K);
+    struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2)};
+    if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
+        int8_t *q = acts.quads + (size_t)M * pieces * K;
+        for (int g = 0; g < K / G; g++)
+            for (int m = 0; m < 16; m++) {
+                acts.gsum[g * 16 + m] = 0.0f;
+                for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
+            }
+        unpacked_order(rows, M, K, arranged);
+        act_quant_rows(arranged, 0, M, K, pieces, K, 0, q, acts.a, 0);
+        act_quads(q, M * pieces, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
     } else {

@@ -1,0 +1,91 @@
+/* Activation rows as short sums of int8 "pieces", for integer dot products (vpdpbusd, tdpbssd) against int8
+   or int4 weights: the weights stay the only lossy step, the activations lose no more than fp32/bf16 rounding.
+   Internal, not exported; AVX-512 F/BW (callers check the CPU). linear_int8.c and linear_int4.c use it.
+
+   Row m of x is split into P pieces (1 <= P <= ACT_MAX_PIECES):
+       x[m, k] ~= sum_{p < P} scale[m * P + p] * q[m * P + p][k],   q in [-127, 127]
+   scale[m * P] = max_k |x[m, k]| / 127; each next piece quantises the previous residual (|r| <= scale / 2)
+   with scale / ACT_PIECE_RATIO, so |x[m, k] - sum| <= max_k |x[m, k]| / 127 / 254^(P - 1) / 2
+   plus fp32 rounding: P = 2: 1.55e-5 (~2^-16) of the row's largest element, P = 3: 6.1e-8 (~2^-24; measured
+   up to 7.0e-8 with the rounding of the residuals). An all-zero row (or a piece
+   whose scale falls below FLT_MIN) has scale 0 and q 0.
+
+   API (stable):
+   act_quant_rows(x, bf16, M, K, P, G, u8, q, scale, sums)
+       x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
+       q:     [M * P, K] int8, written: piece p of row m is row m * P + p. u8 != 0: each byte holds q + 128
+              instead (read it as uint8, in [1, 255]: vpdpbusd's unsigned operand against signed weights;
+              then subtract 128 * sum_k w[k] from each dot product).
+       scale: [M * P] fp32, written.
+       sums:  [M * P, K / G] int32, written unless NULL: the sum of the signed q (never the + 128) over
+              each group of G columns (G % 16 == 0, K % G == 0; G = K: one sum per piece). An asymmetric
+              int4 kernel needs them for its offsets: sum_k x[k] * offset = offset * sum_p scale_p * sums_p.
+   act_quads(q, R, K, out)
+       q: [R, K] int8 -> out: [K / 4, R] groups of 4 bytes (q[r][4i .. 4i + 3] at out + 4 * (i * R + r)):
+       the B operand of AMX's tdpbssd / tdpbusd, 16 groups of 4 columns (64 columns of K) per tile row set,
+       R pieces as the tile's columns. */
+#ifndef NANOQWEN_ACT_QUANT_H
+#define NANOQWEN_ACT_QUANT_H
+
+#include <float.h>
+
+#include "simd.h"
+
+#define ACT_MAX_PIECES 3
+#define ACT_PIECE_RATIO 254.0f  /* 2 * 127: a residual of at most half the previous scale fills [-127, 127] */
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+static inline __m512 act_load16(const void *x, long i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)x + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int G, int u8, int8_t *q,
+                                  float *scale, int32_t *sums) {
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    const int groups = K / G;
+    for (int m = 0; m < M; m++) {
+        const long row = (long)m * K;
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(act_load16(x, row + k, bf16)));
+        float s = _mm512_reduce_max_ps(amax) / 127.0f;
+        __m512 scales[ACT_MAX_PIECES], inverses[ACT_MAX_PIECES];
+        for (int p = 0; p < P; p++, s /= ACT_PIECE_RATIO) {
+            if (!(s >= FLT_MIN)) s = 0.0f;  /* also a NaN row: its pieces are 0 */
+            scale[m * P + p] = s;
+            scales[p] = _mm512_set1_ps(s), inverses[p] = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+        }
+        __m512i acc[ACT_MAX_PIECES];
+        for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_si512();
+        for (int k = 0; k < K; k += 16) {
+            __m512 r = act_load16(x, row + k, bf16);
+            for (int p = 0; p < P; p++) {
+                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(r, inverses[p]));
+                v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+                r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(v), scales[p], r);  /* the exact residual, rounded once */
+                __m128i b = _mm512_cvtepi32_epi8(v);
+                if (u8) b = _mm_xor_si128(b, flip);
+                _mm_storeu_si128((__m128i *)(q + (long)(m * P + p) * K + k), b);
+                acc[p] = _mm512_add_epi32(acc[p], v);
+            }
+            if (sums && (k + 16) % G == 0)
+                for (int p = 0; p < P; p++) {
+                    sums[(long)(m * P + p) * groups + k / G] = _mm512_reduce_add_epi32(acc[p]);
+                    acc[p] = _mm512_setzero_si512();
+                }
+        }
+    }
+}
+
+#pragma GCC pop_options
+
+static inline void act_quads(const int8_t *q, int R, int K, int8_t *out) {
+    for (int i = 0; i < K / 4; i++)
+        for (int r = 0; r < R; r++) memcpy(out + 4 * ((long)i * R + r), q + (long)r * K + 4 * i, 4);
+}
+
+#endif
