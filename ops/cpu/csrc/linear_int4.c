@@ -311,6 +311,14 @@ static void linear_int4_amx(const void *ctx, long chunk) {
             const uint8_t *w = a->w + n0 * (K / 2);
             __m512 acc[AMX_ROWS][2], off[AMX_ROWS];  /* [weight row][piece column | activation row] */
             for (int i = 0; i < AMX_ROWS; i++) acc[i][0] = acc[i][1] = off[i] = _mm512_setzero_ps();
+            float sc[AMX_ROWS][groups], of[AMX_ROWS][groups];  /* fp32: broadcast from memory, a load alone */
+            for (int i = 0; i < AMX_ROWS; i++)
+                for (int g = 0; g < groups; g += 16) {
+                    const int count = groups - g < 16 ? groups - g : 16;
+                    const __mmask16 mask = (__mmask16)((1u << count) - 1u);
+                    _mm512_mask_storeu_ps(sc[i] + g, mask, load16(a->scale, (n0 + i) * groups + g, count, a->bf16));
+                    _mm512_mask_storeu_ps(of[i] + g, mask, load16(a->offset, (n0 + i) * groups + g, count, a->bf16));
+                }
             for (int g = 0; g < groups + lag; g++) {
                 if (g < groups) {
                     if (split) {
@@ -339,15 +347,11 @@ static void linear_int4_amx(const void *ctx, long chunk) {
                 }
                 const __m512 xs = _mm512_load_ps(a->x.gsum + (long)done * 16);
                 for (int i = 0; i < AMX_ROWS; i++) {
-                    const long at = (n0 + i) * groups + done;
-                    const __m512 sc = _mm512_set1_ps(a->bf16 ? bf16_to_f32(((const uint16_t *)a->scale)[at])
-                                                             : ((const float *)a->scale)[at]);
-                    const __m512 of = _mm512_set1_ps(a->bf16 ? bf16_to_f32(((const uint16_t *)a->offset)[at])
-                                                             : ((const float *)a->offset)[at]);
-                    acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[0][i])), sc, acc[i][0]);
+                    const __m512 scale = _mm512_set1_ps(sc[i][done]);
+                    acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[0][i])), scale, acc[i][0]);
                     if (split)
-                        acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[1][i])), sc, acc[i][1]);
-                    off[i] = _mm512_fmadd_ps(xs, of, off[i]);
+                        acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[1][i])), scale, acc[i][1]);
+                    off[i] = _mm512_fmadd_ps(xs, _mm512_set1_ps(of[i][done]), off[i]);
                 }
             }
             for (int i = 0; i < AMX_ROWS; i++) {
