@@ -354,14 +354,22 @@ static void linear_int4_amx(const void *ctx, long chunk) {
                     off[i] = _mm512_fmadd_ps(xs, _mm512_set1_ps(of[i][done]), off[i]);
                 }
             }
+            /* y[m, n0 + i] for the 16 i at once: row m's columns gathered across the weight rows */
+            float cols[AMX_ROWS][32], rows[AMX_ROWS][16];
             for (int i = 0; i < AMX_ROWS; i++) {
-                float cols[32], rows[16];
-                _mm512_storeu_ps(cols, acc[i][0]), _mm512_storeu_ps(cols + 16, acc[i][1]), _mm512_storeu_ps(rows, off[i]);
-                for (int m = 0; m < M; m++) {
-                    float y = rows[m];
-                    for (int p = 0; p < P; p++) y += a->x.a[m * P + p] * cols[m * P + p];
-                    store_out(a->y, (long)m * N + n0 + i, y, a->bf16);
-                }
+                _mm512_storeu_ps(cols[i], acc[i][0]), _mm512_storeu_ps(cols[i] + 16, acc[i][1]);
+                _mm512_storeu_ps(rows[i], off[i]);
+            }
+            const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (int m = 0; m < M; m++) {
+                __m512 y = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_slli_epi32(lane, 4), _mm512_set1_epi32(m)),
+                                               rows, 4);
+                for (int p = 0; p < P; p++)
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(a->x.a[m * P + p]),
+                                        _mm512_i32gather_ps(_mm512_add_epi32(_mm512_slli_epi32(lane, 5),
+                                                                             _mm512_set1_epi32(m * P + p)), cols, 4), y);
+                if (a->bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (long)m * N + n0), (__m256i)_mm512_cvtneps_pbh(y));
+                else _mm512_storeu_ps((float *)a->y + (long)m * N + n0, y);
             }
         }
         _tile_release();
