@@ -13,10 +13,11 @@ below bf16's own 2^-9 rounding), fp32 rows 3 (2^-24, fp32's rounding).
 1 row (and more where AMX is missing): 16 blocks of 64 columns are transposed in registers (three rounds
 of two-source permutes) so that int32 lane b collects block b, and one convert and FMA with 16 group
 scales serves 16 groups: in L2, one thread, 1024 x 1024 at 1 row, 28 µs against 56 for the fp32 unpack
-and FMAs before (which were bound by the unpacking: cvt + 5 FMAs per 64 weights). From 2 rows, with
-AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and multiplied by the pieces' quads
-(tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps (8 rows: 70 vs
-80 µs for AMX-BF16 before, 123 for vpdpbusd). Parallel over chunks of output rows on the kernels' thread
+and FMAs before (which were bound by the unpacking: cvt + 5 FMAs per 64 weights); 2 rows 34 µs. From 3
+rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and multiplied by the pieces'
+quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
+activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
+and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output rows on the kernels' thread
 pool (csrc/pool.h). More rows (prefill) and CPUs without AVX-512 VNNI take the torch reference.
 """
 from __future__ import annotations
