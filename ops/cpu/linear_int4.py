@@ -10,7 +10,7 @@ fp32 rounding) of the reference's (tests/test_cpu_linear_int4.py checks that bou
 of it in fp32, and that one piece fewer breaks it). PIECES: bf16 rows take 2 (2^-16 of the row maximum,
 below bf16's own 2^-9 rounding), fp32 rows 3 (2^-24, fp32's rounding).
 
-1 row (and more where AMX is missing): 16 blocks of 64 columns are transposed in registers (three rounds
+1 or 2 rows (and more where AMX is missing): 16 blocks of 64 columns are transposed in registers (three rounds
 of two-source permutes) so that int32 lane b collects block b, and one convert and FMA with 16 group
 scales serves 16 groups: in L2, one thread, 1024 x 1024 at 1 row, 28 µs against 56 for the fp32 unpack
 and FMAs before (which were bound by the unpacking: cvt + 5 FMAs per 64 weights); 2 rows 34 µs. From 3
