@@ -20,9 +20,11 @@ needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supp
 
 # (rows, output channels, input columns, group size): 1-2 rows and fp32's many pieces take the vpdpbusd loop (4
 # rows at a time, spans of 16 blocks, the last one partial below 1024 columns); 3-16 bf16 rows and 3-10 fp32 rows
-# take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two tiles), its last N % 16 rows the loop
+# take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two tiles), its last N % 16 rows the loop;
+# more rows take it in passes of that many
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
-          (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (5, 151, 1024, 1024), (4, 48, 2048, 256)]
+          (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
+          (4, 48, 2048, 256)]
 
 
 def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

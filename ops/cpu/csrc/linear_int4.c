@@ -19,6 +19,7 @@ void linear_int4_supported(int *ok) {
 #define ROWS 4          /* activation rows sharing one transposition of a span's weights */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
+#define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
 #define AMX_INT8_MIN_ROWS 3  /* activation rows from which linear_int4_amx serves: 2 rows take 34 µs through
                                 the vpdpbusd loop against 48 through AMX, 3 rows 47 against 49 (hot 1024 x 1024) */
 
@@ -296,13 +297,14 @@ static void configure_int8_tiles(int C) {
         if (split) _tile_stored(c2, sums[1], 64); \
     } while (0)
 
-/* 2 or more activation rows with M * P <= 32 pieces: 16 weight rows at a time, each block unpacked into a tile
-   of 16 x 64 q (the unsigned operand of tdpbusd) against the pieces' quads (act_quads, columns m * P + p). A
-   group's int32 sums are scaled per weight row in fp32 two groups later, so that the tile unit's latency is
-   hidden; the pieces' scales apply last. The rows past the last whole 16 take linear_int4_rows. */
+/* AMX_INT8_MIN_ROWS or more activation rows with M * P <= AMX_INT8_COLUMNS pieces: 16 weight rows at a time,
+   each block unpacked into a tile of 16 x 64 q (the unsigned operand of tdpbusd) against the pieces' quads
+   (act_quads, columns m * P + p). A group's int32 sums are scaled per weight row in fp32 two groups later (one
+   with two tiles of sums), so that the tile unit's latency is hidden; the pieces' scales apply last. The rows
+   past the last whole 16 take linear_int4_rows. */
 static void linear_int4_amx(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K, G = a->G, P = a->P, groups = K / G, C = M * P, split = C > 16;
+    const int M = a->M, N = a->N, K = a->K, G = a->G, P = a->P, groups = K / G, C = M * P, split = C > AMX_ROWS;
     const int lag = split ? 1 : 2;  /* groups in flight beyond the one being issued */
     const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
@@ -384,13 +386,21 @@ AMX_INT8_END
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
    taken as P int8 pieces (act_quant.h): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
-   result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). With
-   AMX and 2 to 16 bf16 activation rows, tdpbf16ps on the exact bf16 activations instead. Parallel over chunks of
-   output rows (pool.h). */
+   result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). 1 and
+   2 rows, and every row count without AMX-INT8: vpdpbusd (linear_int4_rows); more: AMX (linear_int4_amx), in
+   passes of AMX_INT8_COLUMNS / P rows. Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
+    const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
+    if (M > most && amx_int8_ready()) {  /* in passes: 32 bf16 rows 168 µs against 598 through vpdpbusd */
+        const size_t size = bf16 ? 2 : 4;
+        for (int m = 0; m < M; m += most)
+            linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
+                        M - m < most ? M - m : most, N, K, G, bf16, pieces);
+        return;
+    }
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
-    const int amx = M >= AMX_INT8_MIN_ROWS && M * pieces <= 32 && amx_int8_ready();
+    const int amx = M >= AMX_INT8_MIN_ROWS && amx_int8_ready();
     const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
     /* arranged pieces, pieces and their quads, block sums, the pieces' scales, the blocks' groups, fp32 rows,
        group sums */
