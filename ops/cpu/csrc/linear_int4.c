@@ -264,17 +264,14 @@ static void configure_int8_tiles(int C) {
     _tile_loadconfig(&config);
 }
 
-/* The weight tile of block b for 16 rows from w (rows of K / 2 bytes), into tile `at`. */
-#define LOAD_WEIGHTS(at, w, b, K) do { \
-        __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
-        for (int i_ = 0; i_ < AMX_ROWS; i_++) { \
-            const uint8_t *block_ = (w) + (long)i_ * ((K) / 2) + (long)(b) * 32; \
-            __builtin_prefetch(block_ + PREFETCH_BYTES / 2); \
-            _mm512_store_si512(tile_[i_], unpack_u8(block_)); \
-        } \
-        AMX_STORES_VISIBLE(); \
-        _tile_loadd(at, tile_, 64); \
-    } while (0)
+/* Block b of 16 weight rows from w (rows of K / 2 bytes) -> t: the tile of their q. */
+static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
+    for (int i = 0; i < AMX_ROWS; i++) {
+        const uint8_t *block = w + (long)i * (K / 2) + b * 32;
+        __builtin_prefetch(block + PREFETCH_BYTES / 2);
+        _mm512_store_si512(t[i], unpack_u8(block));
+    }
+}
 
 /* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
 #define ISSUE(c, c2, wt, qt) do { \
@@ -282,7 +279,10 @@ static void configure_int8_tiles(int C) {
         if (split) _tile_zero(c2); \
         for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
             const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
-            LOAD_WEIGHTS(wt, w, b_, K); \
+            __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
+            unpack_block(w, b_, K, tile_); \
+            AMX_STORES_VISIBLE(); \
+            _tile_loadd(wt, tile_, 64); \
             _tile_loadd(qt, quads_, C * 4); \
             _tile_dpbusd(c, wt, qt); \
             if (split) { \
@@ -381,7 +381,6 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 }
 #undef ISSUE
 #undef STORE
-#undef LOAD_WEIGHTS
 AMX_INT8_END
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
