@@ -6,9 +6,10 @@
        x[m, k] ~= sum_{p < P} scale[m * P + p] * q[m * P + p][k],   q in [-127, 127]
    scale[m * P] = max_k |x[m, k]| / 127; each next piece quantises the previous residual (|r| <= scale / 2)
    with scale / ACT_PIECE_RATIO, so |x[m, k] - sum| <= max_k |x[m, k]| / 127 / 254^(P - 1) / 2
-   plus fp32 rounding: P = 2: 1.55e-5 (~2^-16) of the row's largest element, P = 3: 6.1e-8 (~2^-24; measured
-   up to 7.0e-8 with the rounding of the residuals). An all-zero row (or a piece
-   whose scale falls below FLT_MIN) has scale 0 and q 0.
+   plus fp32 rounding (~2^-24 of the row's largest element): P = 2: 1.55e-5 (~2^-16) of the row's largest
+   element, P = 3: 6.1e-8 (~2^-24; measured up to 7.0e-8 with the rounding), P = 4: 2.4e-10 (the rounding
+   alone). An all-zero row (or a piece whose scale falls below FLT_MIN) has scale 0 and q 0; a row with a NaN
+   or an infinity has NaN scales (and meaningless q), so that its dot products come out NaN.
 
    API (stable):
    act_quant_rows(x, bf16, M, K, P, G, u8, q, scale, sums)
@@ -31,7 +32,7 @@
 
 #include "simd.h"
 
-#define ACT_MAX_PIECES 3
+#define ACT_MAX_PIECES 4
 #define ACT_PIECE_RATIO 254.0f  /* 2 * 127: a residual of at most half the previous scale fills [-127, 127] */
 
 #pragma GCC push_options
@@ -51,12 +52,18 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
     for (int m = 0; m < M; m++) {
         const long row = (long)m * K;
         __m512 amax = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(act_load16(x, row + k, bf16)));
+        __mmask16 nan = 0;
+        for (int k = 0; k < K; k += 16) {
+            const __m512 v = act_load16(x, row + k, bf16);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
         float s = _mm512_reduce_max_ps(amax) / 127.0f;
+        const int finite = !nan && s <= FLT_MAX;
         __m512 scales[ACT_MAX_PIECES], inverses[ACT_MAX_PIECES];
         for (int p = 0; p < P; p++, s /= ACT_PIECE_RATIO) {
-            if (!(s >= FLT_MIN)) s = 0.0f;  /* also a NaN row: its pieces are 0 */
-            scale[m * P + p] = s;
+            if (!(s >= FLT_MIN)) s = 0.0f;
+            scale[m * P + p] = finite ? s : NAN;
             scales[p] = _mm512_set1_ps(s), inverses[p] = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
         }
         __m512i acc[ACT_MAX_PIECES];

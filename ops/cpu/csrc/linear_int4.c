@@ -173,11 +173,11 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
         transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS,
                        t, o);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 3") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
         _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
             const __m512i lo = _mm512_and_si512(o[d], nibble), hi = _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-                _Pragma("GCC unroll 3") for (int p = 0; p < P; p++) {
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
                     const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
                     acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
                     acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
@@ -192,7 +192,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             const float *pa = a->x.a + (long)(m0 + r) * P;
             __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
-            _Pragma("GCC unroll 3") for (int p = 1; p < P; p++)
+            _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
                 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
             f[r] = _mm512_fmadd_ps(sum, s, f[r]);
             f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
@@ -209,10 +209,10 @@ static void linear_int4_rows(const struct linear_int4_args *a, long start, long 
         for (int m0 = 0; m0 < a->M; m0 += ROWS) {
             const int R = a->M - m0 < ROWS ? a->M - m0 : ROWS;
             /* one specialisation per row and piece count: the loops unroll and the sums stay in registers */
-#define CASE(r, p) case (r) * 4 + (p): rows_vnni(a, &t, n, m0, r, p); break;
-            switch (R * 4 + a->P) {
-                CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(2, 1) CASE(2, 2) CASE(2, 3)
-                CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(4, 1) CASE(4, 2) CASE(4, 3)
+#define CASE(r, p) case (r) * 8 + (p): rows_vnni(a, &t, n, m0, r, p); break;
+            switch (R * 8 + a->P) {
+                CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+                CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
             }
 #undef CASE
         }
