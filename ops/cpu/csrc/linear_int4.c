@@ -265,8 +265,8 @@ static void configure_int8_tiles(int C) {
 }
 
 /* Block b of 16 weight rows from w (rows of K / 2 bytes) -> t: the tile of their q. The next 16 rows (K / 8
-   lines) are prefetched 8 lines a block: the hardware's prefetchers left 16 interleaved strided streams at a
-   fifth of the memory bandwidth. */
+   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with
+   each row's block prefetched 2 KB ahead, on a loaded machine). */
 static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
     for (int l = 0; l < 8; l++) __builtin_prefetch(w + (long)AMX_ROWS * (K / 2) + (b * 8 + l) * 64);
     for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(w + (long)i * (K / 2) + b * 32));
