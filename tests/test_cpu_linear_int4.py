@@ -88,6 +88,16 @@ def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g):
 
 
 @needs_vnni
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype):
+    x, w, scale, offset = operands(m, 48, 1024, 64, dtype)
+    x[0, 7] = float("nan")
+    out = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    assert out[0].isnan().all() and out[1:].isfinite().all()
+
+
+@needs_vnni
 def test_dispatch_by_rows(monkeypatch):
     calls = []
     real = cpu_int4.linear_int4_cpu
