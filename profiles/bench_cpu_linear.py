@@ -35,9 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
 from ops.cpu import build  # noqa: E402
+from ops.cpu.linear_int4 import PIECES  # noqa: E402
 
 LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
 INT4_GROUP = 64
+INT4_PIECES = PIECES[torch.bfloat16]  # a revision before the pieces ignores this trailing argument
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
 INPUTS = {name: k for name, (_, k) in SHAPES.items()} | {"lm_head": HIDDEN}  # each weight's input columns
 
@@ -101,7 +103,7 @@ def callers(csrc: Path, cache: Path) -> dict:
     def linear_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
         int4.lib.linear_int4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
-                             x.shape[0], w.shape[0], x.shape[1], INT4_GROUP, 1)
+                             x.shape[0], w.shape[0], x.shape[1], INT4_GROUP, 1, INT4_PIECES)
         return out
 
     return {"none": linear, "int8": linear_int8, "int4": linear_int4}

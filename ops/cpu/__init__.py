@@ -57,7 +57,7 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         embedding_int8=embedding.embedding_int8_cpu if embeds else ref.embedding_int8,
         embedding_int4=embedding.embedding_int4_cpu if embeds else ref.embedding_int4,
         decode_attention_gathers=not attends,
-        # int4 on a CPU without AVX-512 keeps the reference: its steps stay eager (GraphRunner)
+        # int4 on a CPU without AVX-512 VNNI keeps the reference: its steps stay eager (GraphRunner)
         cpu_graph=norms and ropes and attends and embeds and pointwise.KERNEL.ready and linear.KERNEL.ready
         and linear_int8.KERNEL.ready,
     )

@@ -1,15 +1,26 @@
-"""int4 weight-only linear layers on x86 CPUs with AVX-512 (F, BW, VL), up to linear.MAX_ROWS activation rows.
+"""int4 weight-only linear layers on x86 CPUs with AVX-512 (F, BW, VL, VNNI), up to linear.MAX_ROWS activation rows.
 
 A weight takes half a byte plus its group's share of a scale and an offset, so decode reads about a
-quarter of bf16's bytes. The kernel (csrc/linear_int4.c) streams each packed row once and unpacks it
-in registers: one widening of 16 words, then a shift and mask per 16 columns (the block layout of
-ops/torch_ref/linear_int4.py), converted to fp32 and FMA'd against fp32 activations (bf16 ones are
-widened once per call: 16-lane fp32 FMAs measured faster than 8-lane VDPBF16PS here, 0.26 vs 0.33 ms
-for 4096 x 1024 on one thread); each group's sum is scaled once, and the offsets enter through
-per-group activation sums. Unpacked once per 8 activation rows. With AMX and 2 to 16 bf16 activation
-rows, 16 weight rows at a time are unpacked to bf16 tiles and multiplied by tdpbf16ps (csrc/amx.h),
-which the FMAs could not keep up with at 8 rows. Parallel over chunks of output rows on the kernels'
-thread pool (csrc/pool.h). More rows (prefill) and CPUs without AVX-512 take the torch reference.
+quarter of bf16's bytes. The weights are never converted to floats (csrc/linear_int4.c): each activation
+row is split into P int8 pieces, x ~= a1 q1 + ... + aP qP, one scale per piece and row, each piece the
+previous remainder (csrc/act_quant.h), and the nibbles (0..15) multiply the pieces as vpdpbusd's unsigned
+operand, exactly, in int32. Then y = sum_g s_g sum_p a_p (sum_{k in g} n_k q_pk) + o_g sum_{k in g} x_k:
+the offsets take each group's fp32 activation sum. The result is within sum_k |w_k| max|x| / 254^P (plus
+fp32 rounding) of the reference's (tests/test_cpu_linear_int4.py checks that bound, and that fewer pieces
+break it). PIECES: bf16 rows take 2 (2^-16 of the row maximum, noise beside bf16's own 2^-9 rounding;
+1 row of 1024 x 1024 in 27 µs against 25 with one piece); fp32 rows 4: with 3 (2^-24 of the maximum), a
+row with an outlier channel (one activation 100x the rest) came out 0.6-3.5x as far from the exact
+product as the fp32 reference's, with 4 0.15-0.6x.
+
+1 or 2 rows (and more where AMX is missing): 16 blocks of 64 columns are transposed in registers (three rounds
+of two-source permutes) so that int32 lane b collects block b, and one convert and FMA with 16 group
+scales serves 16 groups: in L2, one thread, 1024 x 1024 at 1 row, 28 µs against 56 for the fp32 unpack
+and FMAs before (which were bound by the unpacking: cvt + 5 FMAs per 64 weights); 2 rows 34 µs. From 3
+rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and multiplied by the pieces'
+quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
+activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
+and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output rows on the kernels' thread
+pool (csrc/pool.h). More rows (prefill) and CPUs without AVX-512 VNNI take the torch reference.
 """
 from __future__ import annotations
 
@@ -21,11 +32,12 @@ from ops.cpu import build, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
 
+PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_supported"))
 
 
 def supported() -> bool:
-    """Whether the kernel built and this CPU has the AVX-512 subsets it uses."""
+    """Whether the kernel built and this CPU has the AVX-512 subsets it uses (AMX is optional)."""
     if not KERNEL.ready:
         return False
     ok = ctypes.c_int(0)
@@ -41,7 +53,7 @@ def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, off
     out = torch.empty(m, weight.shape[0], dtype=x.dtype)
     with build.profiled("nanoqwen::linear_int4_cpu"):
         graph.call(KERNEL.lib.linear_int4, x, weight, scale, offset, out, m, weight.shape[0], k, k // scale.shape[1],
-                   int(x.dtype == torch.bfloat16))
+                   int(x.dtype == torch.bfloat16), PIECES[x.dtype])
     return out
 
 

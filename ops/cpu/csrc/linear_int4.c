@@ -1,6 +1,8 @@
-/* int4 weight-only linear layers (asymmetric groups along K): the why is in ops/cpu/linear_int4.py, the
-   packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL) for this file alone, checked at run time. */
+/* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
+   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) for this
+   file alone, checked at run time. */
 #include "nanoqwen_cpu.h"
+#include "act_quant.h"
 #include "amx.h"
 #include "pool.h"
 #include "simd.h"
@@ -8,43 +10,90 @@
 void linear_int4_supported(int *ok) {
     __builtin_cpu_init();
     *ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512vl");
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-#define ROWS 8  /* activation rows sharing one unpacking of a weight block */
+#define ROWS 4          /* activation rows sharing one transposition of a span's weights */
+#define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
+#define SPAN (SPAN_BLOCKS * 64)
+#define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
+#define AMX_INT8_MIN_ROWS 3  /* activation rows from which linear_int4_amx serves: 2 rows take 34 µs through
+                                the vpdpbusd loop against 48 through AMX, 3 rows 47 against 49 (hot 1024 x 1024) */
 
-/* The four 16-column slices of a 64-column block (32 bytes: nibble j of word i = q[16j + i]) as fp32 q
-   (exact), 16 lanes each: one widening, then a shift and mask per slice. */
-static inline void unpack_f32(const uint8_t *p, __m512 out[4]) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i nib = _mm512_set1_epi32(0xf);
-    out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(w, nib));
-    out[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 4), nib));
-    out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, 8), nib));
-    out[3] = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 12));
+/* ---- the activations: each row as int8 pieces (act_quant.h) in the order the weights' nibbles meet them ---- */
+
+struct acts {
+    int8_t *q;       /* [M][P][len]: piece p of row m, arranged (arrange_row; the split is elementwise), 0 past K */
+    int8_t *quads;   /* [K / 4][M * P][4]: for linear_int4_amx, the pieces in unpacked_order as act_quads groups them */
+    float *a;        /* [M][P]: each piece's scale */
+    float *xsum;     /* [M][len / 64]: each block's fp32 activation sum, which the offsets multiply */
+    float *gsum;     /* [K / G][16]: for linear_int4_amx, each group's sums of rows 0..M - 1, then 0 */
+    int32_t *group;  /* [len / 64]: each block's group */
+    long len;        /* K rounded up to whole spans */
+};
+
+static __thread void *scratch;
+static __thread size_t scratch_bytes;
+
+/* This thread's scratch of at least `bytes` (64-byte aligned), grown but never shrunk: the calls of a decode
+   step allocate nothing once the largest has run. */
+static void *scratch_buffer(size_t bytes) {
+    if (bytes > scratch_bytes) {
+        free(scratch);
+        scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_bytes = scratch ? bytes : 0;
+    }
+    return scratch;
 }
 
-/* bf16(q) for q < 16: the lookup table of unpack_bf16. */
-static const uint16_t BF16_OF_NIBBLE[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                            0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-
-/* A 64-column block as two rows of 32 bf16 q (exact) for AMX: its bytes widened to words, then the low and the
-   high nibble of each looked up. Byte 2i of the block holds q[i] and q[16 + i], byte 2i + 1 q[32 + i] and
-   q[48 + i], so out[0] pairs columns (i, 32 + i) for i < 16 and out[1] the same for 16 <= i < 32: the pairs
-   pair_int4_columns makes of the activations. */
-static inline void unpack_bf16(const uint8_t *p, __m512i out[2]) {
-    const __m512i table = _mm512_loadu_si512(BF16_OF_NIBBLE);
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    out[0] = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0xf)), table);
-    out[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+/* Column of a 64-column block at byte j of step s, after transpose_span: dword d of a block holds, low nibbles
+   first, q[2d], q[32 + 2d], q[2d + 1], q[33 + 2d] (step 2d), and 16 columns further in its high nibbles
+   (step 2d + 1). */
+static inline int column_at(int s, int j) {
+    static const int8_t pair[4] = {0, 32, 1, 33};
+    return 16 * (s & 1) + 2 * (s >> 1) + pair[j];
 }
 
-static inline float load_f(const void *p, long i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+/* x: one row of K fp32 activations -> out: [len] fp32, arranged: span t's step s holds at lane b (4 bytes) the
+   columns column_at(s, 0..3) of block 16t + b; 0 past K. */
+static void arrange_row(const float *x, int K, long len, float *out) {
+    int32_t lanes[16];  /* position l of 16 consecutive ones: block l / 4 of a quarter span, byte l % 4 */
+    for (int l = 0; l < 16; l++) lanes[l] = 64 * (l / 4) + column_at(0, l % 4);
+    const __m512i lane = _mm512_loadu_si512(lanes);
+    const int blocks = K / 64;
+    for (long t = 0; t < len / SPAN; t++)
+        for (int s = 0; s < 16; s++)
+            for (int u = 0; u < 4; u++) {  /* blocks 16t + 4u ... + 3 */
+                const long b0 = 16 * t + 4 * u;
+                const int count = blocks - b0 >= 4 ? 4 : blocks - b0 > 0 ? (int)(blocks - b0) : 0;
+                const __mmask16 present = (__mmask16)((1u << (4 * count)) - 1u);
+                const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(64 * b0) + column_at(s, 0)));
+                _mm512_store_ps(out + t * SPAN + s * 64 + 16 * u,
+                                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), present, at, x, 4));
+            }
 }
+
+/* x: one row of K activations, bf16 or fp32 -> out: [K] fp32 (exact). */
+static void widen_row(const void *x, int K, int bf16, float *out) {
+    for (int k = 0; k < K; k += 16)
+        _mm512_store_ps(out + k, bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                            _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + k))), 16))
+                                      : _mm512_loadu_ps((const float *)x + k));
+}
+
+/* Each block's activation sum (fp32), for the offsets; 0 past the K / 64 blocks of x. */
+static void block_sums(const float *x, int K, long lanes, float *out) {
+    for (long b = 0; b < lanes; b++) {
+        __m512 s = _mm512_setzero_ps();
+        for (int c = 0; c < 64 && b < K / 64; c += 16) s = _mm512_add_ps(s, _mm512_load_ps(x + b * 64 + c));
+        out[b] = _mm512_reduce_add_ps(s);
+    }
+}
+
+/* ---- the weights ---- */
 
 /* Up to 16 values (count) from p[i...], bf16 or fp32, as fp32 lanes; the rest 0. */
 static inline __m512 load16(const void *p, long i, int count, int bf16) {
@@ -54,58 +103,53 @@ static inline __m512 load16(const void *p, long i, int count, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* sum_g xsum[g] * offset[i + g] over the groups of one weight row. */
-static inline float group_terms(const void *offset, long i, const float *xsum, int groups, int bf16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < groups; g += 16) {
-        const int count = groups - g < 16 ? groups - g : 16;
-        const __m512 sums = _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1u), xsum + g);
-        acc = _mm512_fmadd_ps(load16(offset, i + g, count, bf16), sums, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
+/* The permutations of transpose_span: stage st (0..2) making output e (0, 1) of a pair of vectors. */
+struct transpose_index {
+    __m512i i[3][2];
+};
 
-/* sums[r] = sum over the row's groups g of scale[g] * sum_{k in g} x[r][k] * q[k] for R <= ROWS fp32
-   activation rows; fp32 products, as the reference's. R is a constant where this is inlined. */
-static inline __attribute__((always_inline)) void
-row_dots_f32(const uint8_t *w, const void *scale, long n, const float *x, int K, int G, int R, int bf16,
-             float *sums) {
-    __m512 acc[ROWS];
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    const int per_group = G / 64;
-    for (int b = 0; b < K / 64; b++) {
-        __builtin_prefetch(w + (long)b * 32 + 4096);
-        __m512 q[4];
-        unpack_f32(w + (long)b * 32, q);
-        const __m512 s = _mm512_set1_ps(load_f(scale, n * (K / G) + b / per_group, bf16));
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-            const float *xr = x + (long)r * K + b * 64;
-            __m512 t = _mm512_mul_ps(q[0], _mm512_loadu_ps(xr));
-            t = _mm512_fmadd_ps(q[1], _mm512_loadu_ps(xr + 16), t);
-            t = _mm512_fmadd_ps(q[2], _mm512_loadu_ps(xr + 32), t);
-            t = _mm512_fmadd_ps(q[3], _mm512_loadu_ps(xr + 48), t);
-            acc[r] = _mm512_fmadd_ps(t, s, acc[r]);
+static struct transpose_index transpose_indices(void) {
+    struct transpose_index t;
+    for (int e = 0; e < 2; e++) {
+        int32_t s0[16], s1[16], s2[16];
+        for (int L = 0; L < 16; L++) {
+            s0[L] = ((L >> 3) & 1) << 4 | ((L >> 2) & 1) << 3 | e << 2 | (L & 3);
+            s1[L] = ((L >> 2) & 1) << 4 | ((L >> 3) & 1) << 3 | ((L >> 1) & 1) << 2 | e << 1 | (L & 1);
+            s2[L] = ((L >> 1) & 1) << 4 | (L & 0xc) | (L & 1) << 1 | e;
         }
+        t.i[0][e] = _mm512_loadu_si512(s0), t.i[1][e] = _mm512_loadu_si512(s1), t.i[2][e] = _mm512_loadu_si512(s2);
     }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+    return t;
 }
 
-static void row_dots(const uint8_t *w, const void *scale, long n, const float *x, int K, int G, int R, int bf16,
-                     float *sums) {
-    /* one specialisation per row count: the row loops unroll and the accumulators stay in registers */
-#define CASE(r) case r: row_dots_f32(w, scale, n, x, K, G, r, bf16, sums); break;
-    switch (R) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
-#undef CASE
+/* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
+   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the
+   lane index (z[k] holds blocks 2k, 2k + 1). */
+static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
+                                                                 const struct transpose_index *t, __m512i o[8]) {
+    __m512i z[8], u[8], v[8];
+    for (int k = 0; k < 8; k++) {
+        __builtin_prefetch(p + 64 * k + PREFETCH_BYTES);
+        const int n = count - 2 * k;
+        z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
+                      : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
+    }
+    for (int k = 0; k < 4; k++)
+        for (int e = 0; e < 2; e++) u[4 * e + k] = _mm512_permutex2var_epi32(z[k], t->i[0][e], z[k + 4]);
+    for (int h = 0; h < 2; h++)
+        for (int k0 = 0; k0 < 2; k0++)
+            for (int e = 0; e < 2; e++)
+                v[4 * h + 2 * e + k0] = _mm512_permutex2var_epi32(u[4 * h + k0], t->i[1][e], u[4 * h + 2 + k0]);
+    for (int h = 0; h < 4; h++)
+        for (int e = 0; e < 2; e++) o[2 * h + e] = _mm512_permutex2var_epi32(v[2 * h], t->i[2][e], v[2 * h + 1]);
 }
 
 struct linear_int4_args {
-    const float *x;     /* [M, K] fp32 */
-    const uint32_t *pairs;  /* for linear_int4_amx: bf16 x as pair_int4_columns makes it */
-    const float *xsum;  /* [M, groups]: each group's activation sum, which the offsets multiply */
+    struct acts x;
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
-    int M, N, K, G, bf16;
+    int M, N, K, G, P, bf16;
     long rows;  /* per chunk */
 };
 
@@ -113,23 +157,65 @@ static inline void store_out(void *y, long at, float v, int bf16) {
     if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v); else ((float *)y)[at] = v;
 }
 
-/* Weight rows start..end - 1, AVX-512. */
-static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
-    const int M = a->M, N = a->N, K = a->K, groups = K / a->G;
-    for (long n = start; n < end; n++) {
-        const uint8_t *wn = a->w + n * (K / 2);
-        for (int m0 = 0; m0 < M; m0 += ROWS) {
-            const int R = M - m0 < ROWS ? M - m0 : ROWS;
-            float sums[ROWS];
-            row_dots(wn, a->scale, n, a->x + (long)m0 * K, K, a->G, R, a->bf16, sums);
-            for (int r = 0; r < R; r++) {
-                const int m = m0 + r;
-                const float o = sums[r] + group_terms(a->offset, n * groups, a->xsum + (long)m * groups, groups,
-                                                      a->bf16);
-                store_out(a->y, (long)m * N + n, o, a->bf16);
-            }
+/* y[m0 + r, n] for r < R (<= ROWS) activation rows of P pieces, both constants where this is inlined. Per span:
+   lane b of the int32 sums collects block b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned
+   operand), then all 16 blocks' sums are converted and scaled at once. */
+static inline __attribute__((always_inline)) void
+rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P) {
+    const int K = a->K, blocks = K / 64, groups = K / a->G;
+    const long len = a->x.len, lanes = len / 64;
+    const __m512i nibble = _mm512_set1_epi8(0xf);
+    __m512 f[ROWS];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+    for (long span = 0; span < len / SPAN; span++) {
+        __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
+        const long b0 = span * SPAN_BLOCKS;
+        transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS,
+                       t, o);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
+            const __m512i lo = _mm512_and_si512(o[d], nibble), hi = _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                    const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
+                    acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
+                    acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
+                }
+        }
+        /* lane b's group scale and offset: each block's group, relative to the span's first */
+        const int g0 = a->x.group[b0];
+        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+        const int count = groups - g0 < 16 ? groups - g0 : 16;
+        const __m512 s = _mm512_permutexvar_ps(idx, load16(a->scale, n * groups + g0, count, a->bf16));
+        const __m512 off = _mm512_permutexvar_ps(idx, load16(a->offset, n * groups + g0, count, a->bf16));
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            const float *pa = a->x.a + (long)(m0 + r) * P;
+            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
+            _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
+                sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
+            f[r] = _mm512_fmadd_ps(sum, s, f[r]);
+            f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
         }
     }
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        store_out(a->y, (long)(m0 + r) * a->N + n, _mm512_reduce_add_ps(f[r]), a->bf16);
+}
+
+/* Weight rows start..end - 1, every activation row, ROWS at a time. */
+static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
+    const struct transpose_index t = transpose_indices();
+    for (long n = start; n < end; n++)
+        for (int m0 = 0; m0 < a->M; m0 += ROWS) {
+            const int R = a->M - m0 < ROWS ? a->M - m0 : ROWS;
+            /* one specialisation per row and piece count: the loops unroll and the sums stay in registers */
+#define CASE(r, p) case (r) * 8 + (p): rows_vnni(a, &t, n, m0, r, p); break;
+            switch (R * 8 + a->P) {
+                CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+                CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
+            }
+#undef CASE
+        }
 }
 
 static void linear_int4_chunk(const void *ctx, long chunk) {
@@ -137,109 +223,224 @@ static void linear_int4_chunk(const void *ctx, long chunk) {
     linear_int4_rows(a, chunk * a->rows, pool_chunk_end(chunk, a->rows, a->N));
 }
 
-/* x: [M, K] bf16 -> out: [K / 2, M] pairs (x[m, b + i], x[m, b + 32 + i]) for each block b of 64 columns and
-   i < 32: tdpbf16ps's B operand in unpack_bf16's column order. */
-static void pair_int4_columns(const uint16_t *x, uint32_t *out, int M, int K) {
-    for (int b = 0; b < K; b += 64)
-        for (int i = 0; i < 32; i++)
-            for (int m = 0; m < M; m++)
-                out[(long)(b / 2 + i) * M + m] = x[(long)m * K + b + i] | (uint32_t)x[(long)m * K + b + 32 + i] << 16;
+/* ---- AMX-INT8: 16 weight rows x one block against every activation row's pieces ---- */
+
+/* Column of a block at byte t of unpack_u8's 64: byte 2i of the block holds q[i] and q[16 + i], byte 2i + 1
+   q[32 + i] and q[48 + i]; its low nibbles come first, then its high ones. */
+static inline int unpacked_column(int t) { return ((t & 31) >> 1) + 32 * (t & 1) + 16 * (t >> 5); }
+
+/* x: [M, K] fp32 -> out: [M, K] with each block's columns in unpack_u8's order (unpacked_column). */
+static void unpacked_order(const float *x, int M, int K, float *out) {
+    int32_t order[64];
+    for (int t = 0; t < 64; t++) order[t] = unpacked_column(t);
+    for (long b = 0; b < (long)M * K; b += 64)
+        for (int t = 0; t < 64; t += 16)
+            _mm512_storeu_ps(out + b + t, _mm512_i32gather_ps(_mm512_loadu_si512(order + t), x + b, 4));
 }
 
-AMX_BEGIN
-/* AMX (amx.h), 2 to 16 bf16 activation rows: 16 weight rows at a time, each 64-column block unpacked to two
-   tiles of bf16 q; a group's sums (tile 2) scaled per weight row and added, with the offset terms, in fp32.
-   The rows past the last whole 16 take linear_int4_rows. */
+#define AMX_INT8_BEGIN _Pragma("GCC push_options") \
+    _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,amx-tile,amx-bf16,amx-int8\")")
+#define AMX_INT8_END _Pragma("GCC pop_options")
+
+static int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
+
+AMX_INT8_BEGIN
+/* The 32 packed bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
+static inline __m512i unpack_u8(const uint8_t *p) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0xf));
+}
+
+/* Tiles 0 and 1: unpacked weights (16 rows x 64 q), alternately. Up to 16 piece columns: tiles 2 and 3 their
+   quads, alternately, and 4 to 7 the sums of four groups in flight. More (split): tiles 2 and 3 the quads of
+   columns 0-15 and 16-31, and the sums of two groups in flight: 4 and 5, 6 and 7. */
+static void configure_int8_tiles(int C) {
+    const int c0 = C < 16 ? C : 16, c1 = C - c0;
+    struct tile_config config = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = AMX_ROWS;
+        config.colsb[t] = (uint16_t)(t < 2 ? 64 : 4 * (c1 && (t == 3 || t == 5 || t == 7) ? c1 : c0));
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Block b of 16 weight rows from w (rows of K / 2 bytes) -> t: the tile of their q. The next 16 rows (K / 8
+   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with
+   each row's block prefetched 2 KB ahead, on a loaded machine). */
+static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
+    for (int l = 0; l < 8; l++) __builtin_prefetch(w + (long)AMX_ROWS * (K / 2) + (b * 8 + l) * 64);
+    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(w + (long)i * (K / 2) + b * 32));
+}
+
+/* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
+#define ISSUE(c, c2, wt, qt) do { \
+        _tile_zero(c); \
+        if (split) _tile_zero(c2); \
+        for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
+            const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
+            __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
+            unpack_block(w, b_, K, tile_); \
+            AMX_STORES_VISIBLE(); \
+            _tile_loadd(wt, tile_, 64); \
+            _tile_loadd(qt, quads_, C * 4); \
+            _tile_dpbusd(c, wt, qt); \
+            if (split) { \
+                _tile_loadd(3, quads_ + 64, C * 4); \
+                _tile_dpbusd(c2, wt, 3); \
+            } \
+        } \
+    } while (0)
+
+#define STORE(c, c2) do { \
+        _tile_stored(c, sums[0], 64); \
+        if (split) _tile_stored(c2, sums[1], 64); \
+    } while (0)
+
+/* AMX_INT8_MIN_ROWS or more activation rows with M * P <= AMX_INT8_COLUMNS pieces: 16 weight rows at a time,
+   each block unpacked into a tile of 16 x 64 q (the unsigned operand of tdpbusd) against the pieces' quads
+   (act_quads, columns m * P + p). A group's int32 sums are scaled per weight row in fp32 two groups later (one
+   with two tiles of sums), so that the tile unit's latency is hidden; the pieces' scales apply last. The rows
+   past the last whole 16 take linear_int4_rows. */
 static void linear_int4_amx(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K, G = a->G, groups = K / G;
+    const int M = a->M, N = a->N, K = a->K, G = a->G, P = a->P, groups = K / G, C = M * P, split = C > AMX_ROWS;
+    const int lag = split ? 1 : 2;  /* groups in flight beyond the one being issued */
     const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
-    const __mmask16 cols = (__mmask16)((1u << M) - 1u);
     if (start < whole) {
-        amx_configure(M);
+        configure_int8_tiles(C);
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
             const uint8_t *w = a->w + n0 * (K / 2);
-            __m512 acc[AMX_ROWS];  /* [weight row][activation row] */
-            for (int i = 0; i < AMX_ROWS; i++) acc[i] = _mm512_setzero_ps();
-            for (int g = 0; g < groups; g++) {
-                _tile_zero(2);
-                for (int b = g * G; b < (g + 1) * G; b += 64) {
-                    __attribute__((aligned(64))) uint16_t tiles[2][AMX_ROWS][32];
-                    for (int i = 0; i < AMX_ROWS; i++) {
-                        const uint8_t *block = w + (long)i * (K / 2) + b / 2;
-                        __builtin_prefetch(block + PREFETCH_BYTES / 2);
-                        __m512i q[2];
-                        unpack_bf16(block, q);
-                        _mm512_store_si512(tiles[0][i], q[0]), _mm512_store_si512(tiles[1][i], q[1]);
-                    }
-                    AMX_STORES_VISIBLE();
-                    _tile_loadd(0, tiles[0], 64);
-                    _tile_loadd(1, a->pairs + (long)b / 2 * M, M * 4);
-                    _tile_dpbf16ps(2, 0, 1);
-                    _tile_loadd(0, tiles[1], 64);
-                    _tile_loadd(1, a->pairs + (long)(b / 2 + 16) * M, M * 4);
-                    _tile_dpbf16ps(2, 0, 1);
+            __m512 acc[AMX_ROWS][2], off[AMX_ROWS];  /* [weight row][piece column | activation row] */
+            for (int i = 0; i < AMX_ROWS; i++) acc[i][0] = acc[i][1] = off[i] = _mm512_setzero_ps();
+            float sc[AMX_ROWS][groups], of[AMX_ROWS][groups];  /* fp32: broadcast from memory, a load alone */
+            for (int i = 0; i < AMX_ROWS; i++)
+                for (int g = 0; g < groups; g += 16) {
+                    const int count = groups - g < 16 ? groups - g : 16;
+                    const __mmask16 mask = (__mmask16)((1u << count) - 1u);
+                    _mm512_mask_storeu_ps(sc[i] + g, mask, load16(a->scale, (n0 + i) * groups + g, count, a->bf16));
+                    _mm512_mask_storeu_ps(of[i] + g, mask, load16(a->offset, (n0 + i) * groups + g, count, a->bf16));
                 }
-                float sums[AMX_ROWS][AMX_ROWS];
-                _tile_stored(2, sums, sizeof sums[0]);
-                float xsum[AMX_ROWS];
-                for (int m = 0; m < M; m++) xsum[m] = a->xsum[(long)m * groups + g];
-                const __m512 xs = _mm512_maskz_loadu_ps(cols, xsum);
+            for (int g = 0; g < groups + lag; g++) {
+                if (g < groups) {
+                    if (split) {
+                        if (g & 1) ISSUE(6, 7, 1, 2); else ISSUE(4, 5, 0, 2);
+                    } else {
+                        switch (g & 3) {
+                            case 0: ISSUE(4, 4, 0, 2); break;
+                            case 1: ISSUE(5, 5, 1, 3); break;
+                            case 2: ISSUE(6, 6, 0, 2); break;
+                            default: ISSUE(7, 7, 1, 3); break;
+                        }
+                    }
+                }
+                const int done = g - lag;
+                if (done < 0) continue;
+                int32_t sums[2][AMX_ROWS][16];
+                if (split) {
+                    if (done & 1) STORE(6, 7); else STORE(4, 5);
+                } else {
+                    switch (done & 3) {
+                        case 0: STORE(4, 4); break;
+                        case 1: STORE(5, 5); break;
+                        case 2: STORE(6, 6); break;
+                        default: STORE(7, 7); break;
+                    }
+                }
+                const __m512 xs = _mm512_load_ps(a->x.gsum + (long)done * 16);
                 for (int i = 0; i < AMX_ROWS; i++) {
-                    const long at = (n0 + i) * groups + g;
-                    const __m512 s = _mm512_set1_ps(bf16_to_f32(((const uint16_t *)a->scale)[at]));
-                    const __m512 o = _mm512_set1_ps(bf16_to_f32(((const uint16_t *)a->offset)[at]));
-                    acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols, sums[i]), s, _mm512_fmadd_ps(xs, o, acc[i]));
+                    const __m512 scale = _mm512_set1_ps(sc[i][done]);
+                    acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[0][i])), scale, acc[i][0]);
+                    if (split)
+                        acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums[1][i])), scale, acc[i][1]);
+                    off[i] = _mm512_fmadd_ps(xs, _mm512_set1_ps(of[i][done]), off[i]);
                 }
             }
+            /* y[m, n0 + i] for the 16 i at once: row m's columns gathered across the weight rows */
+            float cols[AMX_ROWS][32], rows[AMX_ROWS][16];
             for (int i = 0; i < AMX_ROWS; i++) {
-                float out[AMX_ROWS];
-                _mm512_storeu_ps(out, acc[i]);
-                for (int m = 0; m < M; m++) store_out(a->y, (long)m * N + n0 + i, out[m], 1);
+                _mm512_storeu_ps(cols[i], acc[i][0]), _mm512_storeu_ps(cols[i] + 16, acc[i][1]);
+                _mm512_storeu_ps(rows[i], off[i]);
+            }
+            const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (int m = 0; m < M; m++) {
+                __m512 y = _mm512_i32gather_ps(_mm512_add_epi32(_mm512_slli_epi32(lane, 4), _mm512_set1_epi32(m)),
+                                               rows, 4);
+                for (int p = 0; p < P; p++)
+                    y = _mm512_fmadd_ps(_mm512_set1_ps(a->x.a[m * P + p]),
+                                        _mm512_i32gather_ps(_mm512_add_epi32(_mm512_slli_epi32(lane, 5),
+                                                                             _mm512_set1_epi32(m * P + p)), cols, 4), y);
+                if (a->bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (long)m * N + n0), (__m256i)_mm512_cvtneps_pbh(y));
+                else _mm512_storeu_ps((float *)a->y + (long)m * N + n0, y);
             }
         }
         _tile_release();
     }
     if (end > whole) linear_int4_rows(a, start > whole ? start : whole, end);
 }
-AMX_END
+#undef ISSUE
+#undef STORE
+AMX_INT8_END
 
-/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g]. bf16 activations
-   are widened to fp32 first (exactly): fp32 FMAs on 16 lanes outrun VDPBF16PS here (a vdpbf16ps variant, the
-   nibbles looked up as bf16, measured no faster at 1, 2 or 8 rows: profiles/RESULTS.md, "CPU linears: huge
-   pages, AMX from 2 rows, int4 on the pool"), and the products stay the reference's; from 2 rows, AMX where
-   the CPU has it. Parallel over chunks of output rows (pool.h). */
+/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
+   taken as P int8 pieces (act_quant.h): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
+   result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). 1 and
+   2 rows, and every row count without AMX-INT8: vpdpbusd (linear_int4_rows); more: AMX (linear_int4_amx), in
+   passes of AMX_INT8_COLUMNS / P rows. Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
-                 int K, int G, int bf16) {
-    const int groups = K / G;
-    float *widened = 0;
-    const float *xf = (const float *)x;
-    if (bf16) {
-        widened = (float *)malloc((size_t)M * K * sizeof(float));
-        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        xf = widened;
+                 int K, int G, int bf16, int pieces) {
+    const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
+    if (M > most && amx_int8_ready()) {  /* in passes: 32 bf16 rows 168 µs against 598 through vpdpbusd */
+        const size_t size = bf16 ? 2 : 4;
+        for (int m = 0; m < M; m += most)
+            linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
+                        M - m < most ? M - m : most, N, K, G, bf16, pieces);
+        return;
     }
-    float *xsum = (float *)malloc((size_t)M * groups * sizeof(float));  /* [M, groups] */
+    const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
+    const int amx = M >= AMX_INT8_MIN_ROWS && amx_int8_ready();
+    const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
+    /* arranged pieces, pieces and their quads, block sums, the pieces' scales, the blocks' groups, fp32 rows,
+       group sums */
+    const size_t sizes[] = {(size_t)M * pieces * len, (size_t)M * pieces * K * 2, (size_t)M * lanes * 4,
+                            (size_t)M * pieces * 4, (size_t)lanes * 4, (size_t)M * (K + len) * 4,
+                            (size_t)(K / G) * 16 * 4};
+    enum { PARTS = sizeof sizes / sizeof sizes[0] };
+    size_t total = 0;
+    for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
+    char *part[PARTS];
+    part[0] = (char *)scratch_buffer(total);
+    for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
+    const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
+                              (float *)part[6], (int32_t *)part[4], len};
+    float *rows = (float *)part[5], *arranged = rows + (long)M * K;
+    for (long b = 0; b < lanes; b++) acts.group[b] = (int32_t)(b * 64 / G);
     for (int m = 0; m < M; m++) {
-        for (int g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int k = g * G; k < (g + 1) * G; k++) s += xf[(long)m * K + k];
-            xsum[m * groups + g] = s;
+        float *row = rows + (long)m * K;
+        widen_row((const char *)x + (size_t)m * K * (bf16 ? 2 : 4), K, bf16, row);
+        block_sums(row, K, lanes, acts.xsum + m * lanes);
+        if (vnni) {
+            arrange_row(row, K, len, arranged);
+            act_quant_rows(arranged, 0, 1, (int)len, pieces, (int)len, 0, acts.q + (long)m * pieces * len,
+                           acts.a + m * pieces, 0);
         }
     }
-    struct linear_int4_args a = {xf, 0, xsum, w, scale, offset, y, M, N, K, G, bf16, pool_rows_per_chunk(K / 2)};
-    if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_ROWS && amx_ready()) {
-        uint32_t *pairs = (uint32_t *)malloc((size_t)K / 2 * M * sizeof(uint32_t));
-        pair_int4_columns((const uint16_t *)x, pairs, M, K);
-        a.pairs = pairs, a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+    struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2)};
+    if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
+        int8_t *q = acts.quads + (size_t)M * pieces * K;
+        for (int g = 0; g < K / G; g++)
+            for (int m = 0; m < 16; m++) {
+                acts.gsum[g * 16 + m] = 0.0f;
+                for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
+            }
+        unpacked_order(rows, M, K, arranged);
+        act_quant_rows(arranged, 0, M, K, pieces, K, 0, q, acts.a, 0);
+        act_quads(q, M * pieces, K, acts.quads);
+        a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
-        free(pairs);
     } else {
         pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
-    free(xsum);
-    free(widened);
 }
 
 #pragma GCC pop_options
