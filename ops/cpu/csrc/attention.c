@@ -3,10 +3,6 @@
 #include "simd.h"
 #include "pool.h"
 
-static inline __m256 load8(const void *p, long i, int bf16) {
-    return bf16 ? widen((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
-}
-
 struct attention_args {
     const void *q, *kc, *vc;
     long sq;  /* q's token stride */
@@ -16,56 +12,78 @@ struct attention_args {
     float scale;
 };
 
-/* One task: sequence b = task / Hkv, kv head h = task % Hkv; an online softmax in fp32. */
+/* Keys per tile: the online softmax rescales once per tile, and exponentiates a tile's scores 8 at a time. */
+#define TILE 32
+
+/* One task: sequence b = task / Hkv, kv head h = task % Hkv, the GQA group's query heads sharing each K/V
+   row; an online softmax over tiles of keys, in fp32. */
 static void attend(const void *args, long task) {
     const struct attention_args *a = args;
-    const void *q = a->q, *kc = a->kc, *vc = a->vc;
-    const int32_t *tables = a->tables, *ctx = a->ctx;
-    void *out = a->out;
-    const int Hq = a->Hq, Hkv = a->Hkv, D = a->D, bs = a->bs, W = a->W, bf16 = a->bf16, G = Hq / Hkv;
-    const float scale = a->scale;
-    const int b = (int)(task / Hkv), h = (int)(task % Hkv);
+    const int Hq = a->Hq, Hkv = a->Hkv, D = a->D, bs = a->bs, bf16 = a->bf16, G = Hq / Hkv, nv = D / 8;
+    const long size = bf16 ? 2 : 4;
+    const int b = (int)(task / Hkv), h = (int)(task % Hkv), len = a->ctx[b];
+    const int32_t *table = a->tables + (long)b * a->W;
     __m256 qv[16][32], acc[16][32];
-    float m[16], l[16];
-    const int nv = D / 8;
+    float m[16], l[16], p[16][TILE];
+    long rows[TILE];
     for (int g = 0; g < G; g++) {
-        long base = b * a->sq + (long)(h * G + g) * D;
+        const long base = b * a->sq + (long)(h * G + g) * D;
         for (int i = 0; i < nv; i++) {
-            qv[g][i] = _mm256_mul_ps(load8(q, base + 8 * i, bf16), _mm256_set1_ps(scale));
+            qv[g][i] = _mm256_mul_ps(load8(a->q, base + 8 * i, bf16), _mm256_set1_ps(a->scale));
             acc[g][i] = _mm256_setzero_ps();
         }
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    for (int t = 0; t < ctx[b]; t++) {
-        long row = (((long)tables[(long)b * W + t / bs] * bs + t % bs) * Hkv + h) * D;
+    for (int t0 = 0; t0 < len; t0 += TILE) {
+        const int n = len - t0 < TILE ? len - t0 : TILE, n4 = (n + 3) & ~3, padded = (n + 7) & ~7;
+        for (int t = 0; t < n4; t++) {  /* past n: the last key again, its scores unused */
+            const int pos = t0 + (t < n ? t : n - 1);
+            rows[t] = (((long)table[pos / bs] * bs + pos % bs) * Hkv + h) * D;
+        }
+        /* The tile's rows are a head's slice of each token (a few lines, Hkv * D apart), which the hardware
+           prefetchers miss: the cache is cold after the linears streamed their weights. */
+        for (int t = 0; t < n; t++)
+            for (long byte = 0; byte < D * size; byte += 64) {
+                _mm_prefetch((const char *)a->kc + rows[t] * size + byte, _MM_HINT_T0);
+                _mm_prefetch((const char *)a->vc + rows[t] * size + byte, _MM_HINT_T0);
+            }
+        for (int t = 0; t < n; t += 4)  /* 4 keys at once: 4 FMA chains in flight instead of one */
+            for (int g = 0; g < G; g++) {
+                __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                for (int i = 0; i < nv; i++) {
+                    s0 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t] + 8 * i, bf16), s0);
+                    s1 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 1] + 8 * i, bf16), s1);
+                    s2 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 2] + 8 * i, bf16), s2);
+                    s3 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 3] + 8 * i, bf16), s3);
+                }
+                p[g][t] = hsum(s0), p[g][t + 1] = hsum(s1), p[g][t + 2] = hsum(s2), p[g][t + 3] = hsum(s3);
+            }
         for (int g = 0; g < G; g++) {
-            __m256 s = _mm256_setzero_ps();
-            for (int i = 0; i < nv; i++) s = _mm256_fmadd_ps(qv[g][i], load8(kc, row + 8 * i, bf16), s);
-            float score = hsum(s);
-            if (score > m[g]) {  /* new running max: rescale what was accumulated */
-                float c = expf(m[g] - score);
+            float top = m[g];
+            for (int t = 0; t < n; t++) top = p[g][t] > top ? p[g][t] : top;
+            if (top > m[g]) {  /* a new running max: rescale what was accumulated */
+                const float c = expf(m[g] - top);
                 l[g] *= c;
                 for (int i = 0; i < nv; i++) acc[g][i] = _mm256_mul_ps(acc[g][i], _mm256_set1_ps(c));
-                m[g] = score;
+                m[g] = top;
             }
-            float p = expf(score - m[g]);
-            l[g] += p;
-            __m256 pv = _mm256_set1_ps(p);
-            for (int i = 0; i < nv; i++) acc[g][i] = _mm256_fmadd_ps(pv, load8(vc, row + 8 * i, bf16), acc[g][i]);
+            for (int t = n; t < padded; t++) p[g][t] = top;
+            const __m256 mv = _mm256_set1_ps(m[g]);
+            for (int t = 0; t < padded; t += 8)
+                _mm256_storeu_ps(p[g] + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(p[g] + t), mv)));
+            for (int t = 0; t < n; t++) l[g] += p[g][t];
         }
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < nv; i++) {
+                const __m256 v = load8(a->vc, rows[t] + 8 * i, bf16);
+                for (int g = 0; g < G; g++) acc[g][i] = _mm256_fmadd_ps(_mm256_set1_ps(p[g][t]), v, acc[g][i]);
+            }
     }
     for (int g = 0; g < G; g++) {
-        long base = ((long)b * Hq + h * G + g) * D;
-        __m256 inv = _mm256_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
-        for (int i = 0; i < nv; i++) {
-            float tmp[8];
-            _mm256_storeu_ps(tmp, _mm256_mul_ps(acc[g][i], inv));
-            for (int j = 0; j < 8; j++) {
-                if (bf16) ((uint16_t *)out)[base + 8 * i + j] = f32_to_bf16(tmp[j]);
-                else ((float *)out)[base + 8 * i + j] = tmp[j];
-            }
-        }
+        const long base = ((long)b * Hq + h * G + g) * D;
+        const __m256 inv = _mm256_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
+        for (int i = 0; i < nv; i++) store8(a->out, base + 8 * i, round8(_mm256_mul_ps(acc[g][i], inv), bf16), bf16);
     }
 }
 

@@ -37,12 +37,12 @@ void prefill_attention(const void *q, const void *kc, const void *vc, const int3
                        const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
                        int bf16);
 
-/* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192; res and res_out may be NULL. */
+/* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192, H % 8 == 0; res and res_out may be NULL. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16);
 
-/* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous), D <= 256;
-   cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32
+/* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous),
+   D <= 256, D % 16 == 0; cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32
    (-1: write nothing). */
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
