@@ -69,4 +69,7 @@ void bf16_to_fp32(const uint16_t *x, float *out, long n);
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
                  const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V);
 
+/* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
+void argmax_rows(const float *logits, int64_t *tokens, int B, int V);
+
 #endif

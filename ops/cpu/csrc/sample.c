@@ -452,3 +452,14 @@ void sample_rows(const float *logits, const float *temperature, const float *top
     const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps, tokens, V};
     pool_run(sample_row, &a, B);
 }
+
+static void argmax_row(const void *args, long b) {
+    const struct sample_args *a = args;
+    a->tokens[b] = argmax(a->logits + b * a->V, a->V, 1.0f);
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void argmax_rows(const float *logits, int64_t *tokens, int B, int V) {
+    const struct sample_args a = {.logits = logits, .tokens = tokens, .V = V};
+    pool_run(argmax_row, &a, B);
+}
