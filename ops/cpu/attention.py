@@ -25,7 +25,7 @@ KERNEL = build.CKernel("cpu_attention", "attention.c", ("decode_attention",))
 
 def takes(head_dim: int, group: int) -> bool:
     """Whether the kernel serves these shapes; q and the cache must also be bf16 or fp32, of one dtype."""
-    return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+    return head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
 
 
 def _decode_attention(

@@ -12,6 +12,30 @@ struct attention_args {
     float scale;
 };
 
+/* 16 values from index i as two fp32 vectors. bf16 without shuffles: v << 16 holds the even-indexed values
+   and v & 0xffff0000 the odd-indexed ones (a widening by vpmovzxwd took the one shuffle port per 8 values).
+   q, K and V all load this way, so their products pair up; store16 interleaves the output back. */
+static inline void load16(const void *p, long i, int bf16, __m256 v[2]) {
+    if (!bf16) {
+        v[0] = _mm256_loadu_ps((const float *)p + i), v[1] = _mm256_loadu_ps((const float *)p + i + 8);
+        return;
+    }
+    const __m256i u = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* Stores 16 values that load16's layout holds, rounded to the dtype, at p + i. */
+static inline void store16(void *p, long i, const __m256 v[2], int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, v[0]), _mm256_storeu_ps((float *)p + i + 8, v[1]);
+        return;
+    }
+    const __m256i even = _mm256_srli_epi32(_mm256_castps_si256(round8(v[0], 1)), 16);
+    const __m256i odd = _mm256_castps_si256(round8(v[1], 1));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm256_or_si256(even, odd));
+}
+
 /* Keys per tile: the online softmax rescales once per tile, and exponentiates a tile's scores 8 at a time. */
 #define TILE 32
 
@@ -28,9 +52,11 @@ static void attend(const void *args, long task) {
     long rows[TILE];
     for (int g = 0; g < G; g++) {
         const long base = b * a->sq + (long)(h * G + g) * D;
-        for (int i = 0; i < nv; i++) {
-            qv[g][i] = _mm256_mul_ps(load8(a->q, base + 8 * i, bf16), _mm256_set1_ps(a->scale));
-            acc[g][i] = _mm256_setzero_ps();
+        for (int i = 0; i < nv; i += 2) {
+            load16(a->q, base + 8 * i, bf16, qv[g] + i);
+            qv[g][i] = _mm256_mul_ps(qv[g][i], _mm256_set1_ps(a->scale));
+            qv[g][i + 1] = _mm256_mul_ps(qv[g][i + 1], _mm256_set1_ps(a->scale));
+            acc[g][i] = acc[g][i + 1] = _mm256_setzero_ps();
         }
         m[g] = -INFINITY;
         l[g] = 0.0f;
@@ -50,14 +76,14 @@ static void attend(const void *args, long task) {
             }
         for (int t = 0; t < n; t += 4)  /* 4 keys at once: 4 FMA chains in flight instead of one */
             for (int g = 0; g < G; g++) {
-                __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-                for (int i = 0; i < nv; i++) {
-                    s0 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t] + 8 * i, bf16), s0);
-                    s1 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 1] + 8 * i, bf16), s1);
-                    s2 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 2] + 8 * i, bf16), s2);
-                    s3 = _mm256_fmadd_ps(qv[g][i], load8(a->kc, rows[t + 3] + 8 * i, bf16), s3);
-                }
-                p[g][t] = hsum(s0), p[g][t + 1] = hsum(s1), p[g][t + 2] = hsum(s2), p[g][t + 3] = hsum(s3);
+                __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                for (int i = 0; i < nv; i += 2)
+                    for (int j = 0; j < 4; j++) {
+                        __m256 k[2];
+                        load16(a->kc, rows[t + j] + 8 * i, bf16, k);
+                        s[j] = _mm256_fmadd_ps(qv[g][i + 1], k[1], _mm256_fmadd_ps(qv[g][i], k[0], s[j]));
+                    }
+                for (int j = 0; j < 4; j++) p[g][t + j] = hsum(s[j]);
             }
         for (int g = 0; g < G; g++) {
             float top = m[g];
@@ -75,15 +101,23 @@ static void attend(const void *args, long task) {
             for (int t = 0; t < n; t++) l[g] += p[g][t];
         }
         for (int t = 0; t < n; t++)
-            for (int i = 0; i < nv; i++) {
-                const __m256 v = load8(a->vc, rows[t] + 8 * i, bf16);
-                for (int g = 0; g < G; g++) acc[g][i] = _mm256_fmadd_ps(_mm256_set1_ps(p[g][t]), v, acc[g][i]);
+            for (int i = 0; i < nv; i += 2) {
+                __m256 v[2];
+                load16(a->vc, rows[t] + 8 * i, bf16, v);
+                for (int g = 0; g < G; g++) {
+                    const __m256 pv = _mm256_set1_ps(p[g][t]);
+                    acc[g][i] = _mm256_fmadd_ps(pv, v[0], acc[g][i]);
+                    acc[g][i + 1] = _mm256_fmadd_ps(pv, v[1], acc[g][i + 1]);
+                }
             }
     }
     for (int g = 0; g < G; g++) {
         const long base = ((long)b * Hq + h * G + g) * D;
         const __m256 inv = _mm256_set1_ps(l[g] > 0.0f ? 1.0f / l[g] : 0.0f);
-        for (int i = 0; i < nv; i++) store8(a->out, base + 8 * i, round8(_mm256_mul_ps(acc[g][i], inv), bf16), bf16);
+        for (int i = 0; i < nv; i += 2) {
+            const __m256 o[2] = {_mm256_mul_ps(acc[g][i], inv), _mm256_mul_ps(acc[g][i + 1], inv)};
+            store16(a->out, base + 8 * i, o, bf16);
+        }
     }
 }
 

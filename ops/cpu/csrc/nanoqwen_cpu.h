@@ -25,7 +25,7 @@ void linear_int4_supported(int *ok);
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
    k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32; out: [B, Hq, D] contiguous.
-   D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
+   D % 16 == 0, Hq / Hkv <= 16, D <= 256. */
 void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
                       const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
                       int bf16);
