@@ -453,13 +453,8 @@ void sample_rows(const float *logits, const float *temperature, const float *top
     pool_run(sample_row, &a, B);
 }
 
-static void argmax_row(const void *args, long b) {
-    const struct sample_args *a = args;
-    a->tokens[b] = argmax(a->logits + b * a->V, a->V, 1.0f);
-}
-
-/* Shapes: see nanoqwen_cpu.h. */
+/* Shapes: see nanoqwen_cpu.h. On the calling thread, which just wrote the logits: on the pool, 8 rows took
+   0.61 ms against 0.51 here (the other core reading them from this one's cache). */
 void argmax_rows(const float *logits, int64_t *tokens, int B, int V) {
-    const struct sample_args a = {.logits = logits, .tokens = tokens, .V = V};
-    pool_run(argmax_row, &a, B);
+    for (int b = 0; b < B; b++) tokens[b] = argmax(logits + (long)b * V, V, 1.0f);
 }
