@@ -42,8 +42,8 @@ void rms_norm(const void *x, const void *res, const void *w, void *out, void *re
               int bf16);
 
 /* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous),
-   D <= 256, D % 16 == 0; cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32
-   (-1: write nothing). */
+   D <= 256, D % 16 == 0; cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D];
+   slots: [N] int32 (-1: write nothing). */
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
