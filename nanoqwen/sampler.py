@@ -9,7 +9,7 @@ What a step has to do is one of MODES, chosen on the host from the batch's param
 each mode is a separate capture, and a row that does not need a mode's extra work gets exactly the
 result it would get in the cheaper mode, so a row's tokens never depend on its batch-mates.
 On the CPU every sampled mode is one C kernel call (ops/cpu/sample.py) where it built: the same
-distributions and hash, its own logs, so all CPU modes share that kernel's noise.
+distributions and hash, its own logs, so all CPU modes share that kernel's noise; greedy is its argmax.
 """
 from __future__ import annotations
 
@@ -178,9 +178,10 @@ def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penal
         logits = apply_penalties(logits, penalties)
     if adjust is not None:
         logits = apply_adjust(logits, adjust)
+    on_cpu = logits.device.type == "cpu" and cpu_sample.KERNEL.ready
     if mode == "greedy":
-        return logits.argmax(dim=-1)
-    if logits.device.type == "cpu" and cpu_sample.KERNEL.ready:
+        return cpu_sample.argmax_rows_cpu(logits.float()) if on_cpu else logits.argmax(dim=-1)
+    if on_cpu:
         return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,
                                           _as_int32(rows.keys), _as_int32(rows.steps))
     greedy = logits.argmax(dim=-1)

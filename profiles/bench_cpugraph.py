@@ -1,7 +1,7 @@
 """The CPU graph's saving per decode step: eager against replayed, interleaved in one engine.
 
     python profiles/bench_cpugraph.py [--dtype bfloat16] [--quant none int8 int4] [--batches 1 8]
-        [--repeats 20] [--prompt-len 32] [--small]
+        [--repeats 20] [--prompt-len 32] [--small] [--per-call]
 
 One engine per weight format (NANOQWEN_GRAPH=cpugraph) prefills --batch random prompts, then runs the
 model part of the decode step (embedding to fp32 logits; sampling excluded, it is the same in both)
@@ -9,10 +9,17 @@ over the staged inputs --repeats times each way, alternating: eagerly (`ModelRun
 Python, torch allocations and views around the C calls) and as the recorded calls replayed
 (`GraphRunner.run`'s replay). Alternating gives both the same machine load; medians are reported, and
 the replayed logits are checked equal to the eager ones.
+
+--per-call: the replayed step's cost by C function, each call timed alone (median over --repeats of the
+per-step sums): wall time, and the CPU time of the calling thread, which a loaded machine inflates less
+(for kernels on the thread pool it leaves out the helpers' share). Then the replay loop's own cost (256
+ctypes calls of a kernel given no work) and the greedy argmax of the step's logits.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import ctypes
 import os
 import statistics
 import sys
@@ -25,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
+from nanoqwen.sampler import sample  # noqa: E402
+from ops.cpu import graph as cpu_graph  # noqa: E402
+from ops.cpu import pointwise  # noqa: E402
 
 
 def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
@@ -51,9 +61,56 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
             recording.replay()
             times["replay"].append(time.perf_counter() - start)
     assert torch.equal(eager, replayed), "the replay's logits differ from the eager step's"
+    with torch.inference_mode():
+        breakdown = per_call(recording, replayed, inputs, args.repeats) if args.per_call else []
     eager_ms, replay_ms = (1000 * statistics.median(times[k]) for k in ("eager", "replay"))
     return {"quant": quant, "batch": batch, "calls": len(recording.calls), "eager_ms": eager_ms,
-            "replay_ms": replay_ms, "saved_ms": eager_ms - replay_ms}
+            "replay_ms": replay_ms, "saved_ms": eager_ms - replay_ms, "per_call": breakdown}
+
+
+def replay_loop_ms(calls: int, repeats: int) -> float:
+    """A replay's cost outside the kernels: `calls` recorded calls of a kernel given no work."""
+    idle = cpu_graph.Recording()
+    nothing = (ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_long(0))  # bf16_to_fp32 of 0 values
+    idle.calls = [(pointwise.KERNEL.lib.bf16_to_fp32, nothing)] * calls
+    times = []
+    for _ in range(10 * repeats):
+        start = time.perf_counter()
+        idle.replay()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]:
+    """The step's cost by C function, the replay loop's own cost and the greedy argmax's, as lines to print."""
+    wall: dict[str, list[float]] = collections.defaultdict(list)
+    cpu: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(repeats):
+        step_wall: dict[str, float] = collections.defaultdict(float)
+        step_cpu: dict[str, float] = collections.defaultdict(float)
+        for fn, fn_args in recording.calls:
+            c, t = time.thread_time(), time.perf_counter()
+            fn(*fn_args)
+            step_wall[fn.__name__] += time.perf_counter() - t
+            step_cpu[fn.__name__] += time.thread_time() - c
+        for name in step_wall:
+            wall[name].append(step_wall[name])
+            cpu[name].append(step_cpu[name])
+    counts = collections.Counter(fn.__name__ for fn, _ in recording.calls)
+    lines = ["| C function | calls | wall ms/step | µs/call | caller CPU ms/step |", "|---|---:|---:|---:|---:|"]
+    for name in sorted(wall, key=lambda n: -statistics.median(wall[n])):
+        ms = 1000 * statistics.median(wall[name])
+        lines.append(f"| {name} | {counts[name]} | {ms:.2f} | {1000 * ms / counts[name]:.1f} "
+                     f"| {1000 * statistics.median(cpu[name]):.2f} |")
+    loop = replay_loop_ms(len(recording.calls), repeats)
+    argmax = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample(logits, inputs.sampling(), "greedy")
+        argmax.append(time.perf_counter() - start)
+    lines.append(f"replay loop alone ({len(recording.calls)} calls doing nothing): {loop:.3f} ms; "
+                 f"greedy argmax: {1000 * statistics.median(argmax):.3f} ms")
+    return lines
 
 
 def main() -> None:
@@ -64,16 +121,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--small", action="store_true", help="the 2-layer test checkpoint")
+    parser.add_argument("--per-call", action="store_true", help="also the replayed step's cost by C function")
     args = parser.parse_args()
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}\n`{common.command_line()}`", flush=True)
     print("| dtype | quant | batch | C calls | eager ms | replayed ms | saved ms/step |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    breakdowns: list[str] = []
     for quant in args.quant:
         for batch in args.batches:
             r = bench(quant, batch, args)
             print(f"| {args.dtype} | {quant} | {batch} | {r['calls']} | {r['eager_ms']:.1f} | {r['replay_ms']:.1f} "
                   f"| {r['saved_ms']:.1f} |", flush=True)
+            if args.per_call:
+                breakdowns += [f"\n{args.dtype}, quant {quant}, batch {batch}, by C function:", *r["per_call"]]
             common.release(torch.device("cpu"))
+    print("\n".join(breakdowns))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

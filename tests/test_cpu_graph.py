@@ -31,6 +31,7 @@ def cpugraph_engine(checkpoint, **overrides):
     engine = load_engine(checkpoint, graph="cpugraph", max_batch=4, **overrides)
     assert engine.info()["graph"] == "cpugraph"
     assert sorted(engine.runner.graphs._cpu_graphs) == engine.runner.buckets  # every bucket replays
+    assert sorted(engine.runner.graphs._cpu_greedy) == engine.runner.buckets  # greedy steps with their argmax
     return engine
 
 
@@ -45,6 +46,8 @@ def test_capture_records_c_calls_and_keeps_their_tensors():
     assert calls == [(y.data_ptr(), None, 3, 0.5)] * 2
     cpu_graph.call(lambda *args: calls.append(args), y)  # no capture active: called, not recorded
     assert len(recording.calls) == 1
+    joined = recording + recording
+    assert joined.calls == recording.calls * 2 and joined.tensors == [y, y]
 
 
 def test_a_capture_records_only_its_own_thread():

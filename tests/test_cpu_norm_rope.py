@@ -74,6 +74,11 @@ def test_other_layouts_take_the_references():
     assert not cpu_norm_rope.rms_norm_layout(x, None)
     for a, b in zip(cpu_norm_rope.rms_norm_cpu(x, weight, 1e-6, x), rms_norm_torch(x, weight, 1e-6, x)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    rows = torch.randn(3, 60)  # not whole vectors of 8
+    assert not cpu_norm_rope.rms_norm_layout(rows, None)
+    torch.testing.assert_close(cpu_norm_rope.rms_norm_cpu(rows, weight[:60], 1e-6)[0],
+                               rms_norm_torch(rows, weight[:60], 1e-6)[0], atol=0, rtol=0)
+    assert not cpu_norm_rope.qk_layout(*(torch.randn(2, 2, 8) for _ in range(3)), torch.zeros(4, 16, 2, 8))
     rotary = RotaryEmbedding(16, 64, 1_000_000.0)
     rotary.build(torch.device("cpu"))
     positions, slots = torch.tensor([3, 9]), torch.tensor([17, -1], dtype=torch.int32)

@@ -163,3 +163,16 @@ def test_compiled_sampler_calls_the_kernel(use):
     compiled = torch.compile(sample, fullgraph=True)
     for mode in ("top_k", "sample", "filter"):
         assert torch.equal(compiled(logits, r, mode), sample(logits, r, mode))
+
+
+@pytest.mark.parametrize("vocab", [37, 4000, 151936])
+def test_greedy_is_torch_argmax(use, vocab):
+    """The CPU greedy mode runs the kernel's argmax: torch.argmax's tokens, the first of tied maxima included."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(5, vocab)
+    logits[1, 3] = logits[1, vocab - 1] = logits[1].max() + 1  # a tie: the first wins
+    logits[2] = -math.inf  # every token masked (a grammar's dead end): token 0, as torch gives
+    logits[3, vocab - 1] = 100.0  # the last token, past the last whole vector of 8 when vocab % 8
+    expected = logits.argmax(dim=-1)
+    assert torch.equal(cpu_sample.argmax_rows_cpu(logits), expected)
+    assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)

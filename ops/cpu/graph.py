@@ -32,6 +32,13 @@ class Recording:
         for fn, args in self.calls:
             fn(*args)
 
+    def __add__(self, other: Recording) -> Recording:
+        """This recording's calls, then other's."""
+        joined = Recording()
+        joined.calls = self.calls + other.calls
+        joined.tensors = self.tensors + other.tensors
+        return joined
+
 
 # The capture of the calling thread (torch's dispatch modes are per thread too): an engine capturing
 # never records another thread's kernel calls.

@@ -3,7 +3,9 @@
 At decode sizes each of these is ~10 tiny torch ops per layer, and on a 2-core CPU their
 dispatch costs more than their arithmetic. The kernels reproduce the torch references' rounding
 step by step (statistics in fp32, each intermediate rounded to the model dtype where torch rounds
-it), so they match them to the bit in fp32 and bf16 alike; padded lanes (slot -1) write nothing.
+it), so they match them to the bit in fp32 and bf16 alike, up to the order of the fp32 sum of squares;
+padded lanes (slot -1) write nothing. Eight values at a time (AVX2): hidden sizes a multiple of 8, head
+dims a multiple of 16 (each half of the rotation in whole vectors).
 Source: csrc/norm_rope.c, built by build.py; where they cannot be, or for shapes they do not take,
 the CPU kernel set keeps the torch references; for layouts they do not take (never the model's), they
 call the references themselves.
@@ -22,7 +24,9 @@ MAX_HEAD_DIM = 256
 
 
 def rms_norm_layout(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous())
+    """Contiguous rows of a multiple of 8 values (the kernel's vector width)."""
+    return (x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0
+            and (residual is None or residual.is_contiguous()))
 
 
 def _rms_norm_into(
@@ -73,8 +77,10 @@ def rms_norm_cpu(
 
 
 def qk_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Heads dense in each token (q, k, v may be views of the fused qkv rows), the cache contiguous."""
-    return all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v)) and k_cache.is_contiguous()
+    """Heads dense in each token (q, k, v may be views of the fused qkv rows), the cache contiguous, the head
+    dim a multiple of 16 (each half of the rotation in whole vectors)."""
+    dense = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v))
+    return dense and q.shape[-1] % 16 == 0 and k_cache.is_contiguous()
 
 
 def _qk_norm_rope_store(

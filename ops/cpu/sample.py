@@ -1,4 +1,4 @@
-"""Seeded sampling of every row of a step's logits in one kernel call.
+"""Seeded sampling of every row of a step's logits in one kernel call; greedy decoding's argmax in another.
 
 The torch sampler (nanoqwen/sampler.py) hashes noise for the whole vocabulary as several [B, V]
 temporaries and sorts the vocabulary for top-p: 10-30x a greedy step's argmax on the CPU. Here each
@@ -21,7 +21,7 @@ import torch
 
 from ops.cpu import build, graph
 
-KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows",))
+KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows", "argmax_rows"))
 
 
 def _sample_rows(
@@ -48,3 +48,21 @@ def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps):
 
 
 sample_rows_cpu = build.kernel_op("sample_rows_cpu", _sample_rows, _sample_rows_fake)
+
+
+def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] fp32 -> [B] int64, torch.argmax's tokens (greedy decoding). Over 151,936 logits a row on
+    the 2-core CPU, quiet: torch's argmax 0.19 ms at batch 1 and 0.79 ms at batch 8, this kernel 0.06 and 0.57;
+    at load average 5 torch's took 8-16 ms at batch 8 (its threads contending), this kernel 0.5."""
+    logits = logits.contiguous()
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+    with build.profiled("nanoqwen::argmax_rows_cpu"):
+        graph.call(KERNEL.lib.argmax_rows, logits, tokens, logits.shape[0], logits.shape[1])
+    return tokens
+
+
+def _argmax_rows_fake(logits):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+argmax_rows_cpu = build.kernel_op("argmax_rows_cpu", _argmax_rows, _argmax_rows_fake)

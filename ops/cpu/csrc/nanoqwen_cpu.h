@@ -25,7 +25,7 @@ void linear_int4_supported(int *ok);
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
    k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32; out: [B, Hq, D] contiguous.
-   D % 8 == 0, Hq / Hkv <= 16, D <= 256. */
+   D % 16 == 0, Hq / Hkv <= 16, D <= 256. */
 void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
                       const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
                       int bf16);
@@ -37,13 +37,13 @@ void prefill_attention(const void *q, const void *kc, const void *vc, const int3
                        const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
                        int bf16);
 
-/* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192; res and res_out may be NULL. */
+/* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192, H % 8 == 0; res and res_out may be NULL. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16);
 
-/* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous), D <= 256;
-   cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D]; slots: [N] int32
-   (-1: write nothing). */
+/* norm_rope.c: q: [N, Hq, D], k/v: [N, Hkv, D] with token strides sq/sk/sv (heads contiguous),
+   D <= 256, D % 16 == 0; cos_sin: [P, D] fp32; positions: [N] int32; caches: [blocks * bs, Hkv, D];
+   slots: [N] int32 (-1: write nothing). */
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16);
@@ -68,5 +68,8 @@ void bf16_to_fp32(const uint16_t *x, float *out, long n);
    (keys, steps, token id). temperature, top_p, min_p: [B] fp32; top_k, keys, steps: [B] int32; tokens: [B]. */
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
                  const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V);
+
+/* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
+void argmax_rows(const float *logits, int64_t *tokens, int B, int V);
 
 #endif

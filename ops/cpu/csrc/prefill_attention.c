@@ -6,10 +6,6 @@
 #define KEYS 64   /* keys per tile */
 #define MAXD 256
 
-static inline __m256 load8(const void *p, long i, int bf16) {
-    return bf16 ? widen((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
-}
-
 /* 2^x for x <= 0 (x = -inf gives 0): 2^n into the exponent, 2^f for f in [-1/2, 1/2] by its Taylor
    series to degree 6 (relative error ~1e-7). */
 static inline __m256 exp2_neg(__m256 x) {

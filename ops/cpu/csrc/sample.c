@@ -452,3 +452,9 @@ void sample_rows(const float *logits, const float *temperature, const float *top
     const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps, tokens, V};
     pool_run(sample_row, &a, B);
 }
+
+/* Shapes: see nanoqwen_cpu.h. On the calling thread, which just wrote the logits: on the pool, 8 rows took
+   0.61 ms against 0.51 here (the other core reading them from this one's cache). */
+void argmax_rows(const float *logits, int64_t *tokens, int B, int V) {
+    for (int b = 0; b < B; b++) tokens[b] = argmax(logits + (long)b * V, V, 1.0f);
+}

@@ -13,6 +13,36 @@ static inline __m256 widen(const uint16_t *p) {  /* 8 bf16 -> 8 fp32: a 16-bit s
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
+/* 8 values of a bf16 or fp32 array from index i, as fp32. */
+static inline __m256 load8(const void *p, long i, int bf16) {
+    return bf16 ? widen((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
+
+/* v rounded to bf16 (to nearest even; never NaN here), kept in fp32. For fp32, v behind an optimisation
+   barrier: where a torch reference rounds a product before adding it, the compiler must not fuse the two
+   into an FMA. */
+static inline __m256 round8(__m256 v, int bf16) {
+    if (!bf16) {
+        __asm__("" : "+x"(v));
+        return v;
+    }
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* Stores 8 values that round8 rounded at p + i: for bf16, their upper halves. */
+static inline void store8(void *p, long i, __m256 v, int bf16) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)p + i, v);
+        return;
+    }
+    __m256i u = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
