@@ -35,20 +35,6 @@ struct acts {
     long len;        /* K rounded up to whole spans */
 };
 
-static __thread void *scratch;
-static __thread size_t scratch_bytes;
-
-/* This thread's scratch of at least `bytes` (64-byte aligned), grown but never shrunk: the calls of a decode
-   step allocate nothing once the largest has run. */
-static void *scratch_buffer(size_t bytes) {
-    if (bytes > scratch_bytes) {
-        free(scratch);
-        scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        scratch_bytes = scratch ? bytes : 0;
-    }
-    return scratch;
-}
-
 /* Column of a 64-column block at byte j of step s, after transpose_span: dword d of a block holds, low nibbles
    first, q[2d], q[32 + 2d], q[2d + 1], q[33 + 2d] (step 2d), and 16 columns further in its high nibbles
    (step 2d + 1). */
@@ -409,7 +395,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     size_t total = 0;
     for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
     char *part[PARTS];
-    part[0] = (char *)scratch_buffer(total);
+    part[0] = (char *)thread_scratch(total);
     for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
     const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
                               (float *)part[6], (int32_t *)part[4], len};

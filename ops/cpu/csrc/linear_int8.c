@@ -31,19 +31,6 @@ static inline void store_scaled(void *y, long at, float v, const void *scale, in
     else ((float *)y)[at] = v * ((const float *)scale)[n];
 }
 
-/* The calling thread's scratch (pieces, scales, widened rows): grown when a call needs more and never freed,
-   so a decode step does not allocate. The pool's helpers only read what the caller wrote before pool_run. */
-static void *scratch(size_t bytes) {
-    static __thread void *buf;
-    static __thread size_t size;
-    if (bytes > size) {
-        free(buf);
-        size = (bytes + 63) / 64 * 64;
-        buf = aligned_alloc(64, size);
-    }
-    return buf;
-}
-
 /* ---- Without AVX512-VNNI: fp32 activations, each weight widened to fp32 ---- */
 
 /* AVX2: two activation rows per pass over a weight row. */
@@ -245,7 +232,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     if (has_vnni()) {
         const int P = bf16 ? PIECES_BF16 : PIECES_F32;
         const long pieces = (long)M * P;
-        float *qscale = scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K);
+        float *qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K);
         int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
         struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows};
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
@@ -261,7 +248,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     }
     const float *xf = (const float *)x;
     if (bf16) {
-        float *widened = scratch((size_t)M * K * sizeof(float));
+        float *widened = thread_scratch((size_t)M * K * sizeof(float));
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         xf = widened;
     }

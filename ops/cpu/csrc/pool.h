@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -154,6 +155,20 @@ static inline long pool_rows_per_chunk(long row_bytes) {
 /* The end (exclusive) of chunk `chunk`'s rows, `rows` per chunk out of `n`; it starts at chunk * rows. */
 static inline long pool_chunk_end(long chunk, long rows, long n) {
     return (chunk + 1) * rows < n ? (chunk + 1) * rows : n;
+}
+
+/* The calling thread's scratch of at least `bytes` (64-byte aligned), grown when a call needs more and never
+   freed, so a decode step allocates nothing once its largest call has run. A kernel stages its inputs there
+   before pool_run; the helpers only read what the caller wrote. NULL if the allocation fails. */
+static inline void *thread_scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t size;
+    if (bytes > size) {
+        free(buf);
+        buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        size = buf ? bytes : 0;
+    }
+    return buf;
 }
 
 #endif

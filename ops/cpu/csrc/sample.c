@@ -224,18 +224,6 @@ static uint64_t *radix_sort(uint64_t *a, uint64_t *tmp, long n) {
     return a;
 }
 
-static __thread void *scratch;
-static __thread size_t scratch_bytes;
-
-static void *scratch_buffer(size_t bytes) {  /* this thread's buffer, grown but never shrunk */
-    if (bytes > scratch_bytes) {
-        free(scratch);
-        scratch = malloc(bytes);
-        scratch_bytes = scratch ? bytes : 0;
-    }
-    return scratch;
-}
-
 struct row_filter {
     int top_k;  /* 0 = off */
     float top_p, min_p;  /* 1 / 0 = off */
@@ -292,7 +280,7 @@ static int race_list(const struct candidate *c, long n, uint32_t row) {
 /* A small top-k's candidates, sorted: every token better than the current k-th best joins a buffer;
    a full buffer is sorted and cut back to k, raising the bar. -> how many (k, or V if fewer). */
 static long top_candidates(const float *x, int V, __m256 tv, int k, struct candidate **out) {
-    uint64_t *keys = scratch_buffer(2 * STREAM_CAPACITY * sizeof *keys + SMALL_TOP_K * sizeof **out);
+    uint64_t *keys = thread_scratch(2 * STREAM_CAPACITY * sizeof *keys + SMALL_TOP_K * sizeof **out);
     if (!keys) return 0;
     uint64_t *tmp = keys + STREAM_CAPACITY, bar = UINT64_MAX;
     __m256 bar_s = _mm256_set1_ps(-INFINITY);
@@ -400,7 +388,7 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
         else if (b <= k.hi) n += count[b];
         total += mass[b];
     }
-    uint64_t *keys = scratch_buffer((size_t)(n + 1) * (2 * sizeof *keys + sizeof *c));
+    uint64_t *keys = thread_scratch((size_t)(n + 1) * (2 * sizeof *keys + sizeof *c));
     if (!keys) return race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});  /* out of memory: unfiltered */
     const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
     n = 0;
