@@ -28,7 +28,7 @@ from engine_util import collect, load_engine
 from nanoqwen.engine import SamplingParams
 
 imported = {{"imports": [m for m in {stack!r} if m in sys.modules]}}
-engine = load_engine({path!r}, kernels="auto")
+engine = load_engine({path!r}, kernels="auto", graph="auto")  # cpugraph on the CPU, as served
 grammar = engine.grammars.json_schema({{"type": "object"}}, strict=False, param="response_format")
 params = SamplingParams(temperature=0.0, max_tokens=4, grammar=grammar)
 _, stream = engine.submit([9707, 1879], params, split_reasoning=False)  # constrained from the first token
@@ -43,8 +43,9 @@ print(json.dumps(imported))
 
 def test_engine_and_api_import_no_compile_stack(tiny_checkpoint):
     """Importing the API and the engine, loading a model on the CPU and decoding under a grammar
-    (graph none) never imports torch.compile's machinery: llguidance.torch would (its module runs
-    a torch.compile decorator), and so would Module.to_empty() of a meta model (sympy)."""
+    (graph auto: the CPU graphs) never imports torch.compile's machinery: llguidance.torch would (its module runs
+    a torch.compile decorator), and so would Module.to_empty() of a meta model (sympy) and a CPU graph
+    capture's dispatch mode wrapped by torch._disable_dynamo."""
     script = SERVE.format(repo=str(REPO), tests=str(REPO / "tests"), stack=COMPILE_STACK, path=str(tiny_checkpoint))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

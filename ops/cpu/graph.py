@@ -69,6 +69,13 @@ class _AllocationsAndViewsOnly(TorchDispatchMode):
     """Raises NotCapturable for a torch op that writes (in place or into new memory) rather than
     allocating or viewing its inputs."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # False: torch would wrap __torch_dispatch__ in torch._disable_dynamo, whose first call imports dynamo,
+        # inductor and triton (~0.14 GB resident) into a process that never compiles; a capture never runs
+        # under torch.compile (graph modes are exclusive: config.resolve_graph)
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func not in ALLOCATIONS:
