@@ -23,6 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from engine_util import generate, greedy, load_engine  # noqa: E402
+from ops.cpu import sample as cpu_sample  # noqa: E402
 
 # Allocations: no kernel on CUDA.
 SILENT = {"empty.memory_format", "empty_strided.default", "empty_like.default"}
@@ -81,6 +82,8 @@ def count_decode_step(engine, monkeypatch) -> Counter[str]:
     runner = engine.runner
     kernels = runner.model.kernels
     counted = dataclasses.replace(kernels, linear=lambda *a: counter.launch("linear", kernels.linear, *a))
+    argmax = cpu_sample.argmax_rows_cpu  # the CPU sampler's greedy kernel, where CUDA launches torch's argmax
+    monkeypatch.setattr(cpu_sample, "argmax_rows_cpu", lambda *a: counter.launch("argmax", argmax, *a))
     for module in runner.model.modules():  # every layer holds the model's kernel set
         if getattr(module, "kernels", None) is kernels:
             monkeypatch.setattr(module, "kernels", counted)
@@ -101,7 +104,7 @@ def test_a_greedy_decode_step_launches_ten_kernels_per_layer(engine, monkeypatch
                  "triton:_decode_split_kernel": 1, "triton:_decode_combine_kernel": 1, "triton:_silu_mul_kernel": 1}
     # Around the layers: the embedding gather, the final RMSNorm, the LM head GEMM, the logits
     # widened to fp32 (`to`), and greedy sampling's one argmax. Qwen3-0.6B's 28 layers: 285 launches.
-    around = {"aten:embedding": 1, "triton:_rms_norm_kernel": 1, "linear": 1, "aten:to": 1, "aten:argmax": 1}
+    around = {"aten:embedding": 1, "triton:_rms_norm_kernel": 1, "linear": 1, "aten:to": 1, "argmax": 1}
     expected = Counter({name: layers * n for name, n in per_layer.items()}) + Counter(around)
     assert launches == expected, f"{sum(launches.values())} launches: {dict(launches)}"
     assert sum(launches.values()) == 10 * layers + 5
