@@ -76,7 +76,7 @@ INLINE void amx_block(const uint16_t *w, const uint32_t *pairs, int M, int K, fl
     _tile_zero(2);
     if (split) _tile_zero(4);
     for (int k = 0; k < K; k += 32) {
-        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 4);
+        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 2);
         _tile_loadd(0, w + k, 2 * K);
         _tile_loadd(1, pairs + (long)k / 2 * M, M * 4);
         _tile_dpbf16ps(2, 0, 1);

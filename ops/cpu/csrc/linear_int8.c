@@ -159,7 +159,7 @@ static void amx_int8_block(const struct linear_int8_args *a, long n0, int wrows,
     if (cols > 16) _tile_zero(5);
     if (cols > 32) _tile_zero(6);
     for (int k = 0; k < K; k += 64) {
-        for (int i = 0; i < wrows; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 2);
+        for (int i = 0; i < wrows; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES);
         _tile_loadd(0, w + k, K);
         const int8_t *b = q + (long)k / 4 * stride;
         _tile_loadd(1, b, stride);
