@@ -31,13 +31,18 @@ def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.M
     greedy /v1/completions through the openai client with transformers' tokens, fp32."""
     with GunicornServer(env, log_path) as srv:
         assert log_marker in srv.log()
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600)
-        completion = client.completions.create(
-            model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
-            extra_body={"ignore_eos": True, "skip_special_tokens": False},
-        )
+        assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
+
+
+def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.nn.Module, prompts: list[list[int]],
+                              new_tokens: int) -> None:
+    """One batch of greedy /v1/completions through the openai client gives `hf`'s greedy tokens."""
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    completion = client.completions.create(
+        model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
     tokenizer = loader.load_tokenizer(checkpoint)
-    hf = hf_model(checkpoint)
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == expected
 

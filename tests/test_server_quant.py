@@ -1,5 +1,6 @@
 """NANOQWEN_QUANT=int8|int4 through a real `gunicorn -k gevent server:app`: /health names the weight
-format and greedy completions are the torch reference's tokens for the same quantised model."""
+format and greedy completions (the openai client) are the torch reference's tokens for the same
+quantised model."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,14 +9,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env
+from chat_http import assert_completions_greedy, cpu_env
 from checkpoints import make_checkpoint
-from engine_util import hf_greedy
-from nanoqwen import loader
 from quant_reference import load_quantised_hf_model
 from server_process import GunicornServer
 
-PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019))]
+PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +41,6 @@ def test_health_and_ready_line_name_the_quantisation(server: GunicornServer, qua
 
 def test_greedy_completions_are_the_reference_tokens(server: GunicornServer, checkpoint: Path, quant: str) -> None:
     hf = load_quantised_hf_model(checkpoint, quant)
-    tokenizer = loader.load_tokenizer(checkpoint)
-    body = {"model": MODEL, "prompt": PROMPTS, "temperature": 0, "max_tokens": 6, "ignore_eos": True,
-            "skip_special_tokens": False}
-    response = requests.post(f"{server.url}/v1/completions", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    texts = [choice["text"] for choice in sorted(response.json()["choices"], key=lambda c: c["index"])]
-    assert texts == [tokenizer.decode(hf_greedy(hf, prompt, 6), skip_special_tokens=False) for prompt in PROMPTS]
+    # one prompt alone and three at once: the C linears' one-row (VNNI) and several-row (AMX) paths both serve
+    assert_completions_greedy(server, checkpoint, hf, PROMPTS[:1], 6)
+    assert_completions_greedy(server, checkpoint, hf, PROMPTS, 6)
