@@ -12,19 +12,13 @@
    or an infinity has NaN scales (and meaningless q), so that its dot products come out NaN.
 
    API (stable):
-   act_quant_rows(x, bf16, M, K, P, G, u8, q, scale, sums)
+   act_quant_rows(x, bf16, M, K, P, u8, q, scale)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
        q:     [M * P, K] int8, written: piece p of row m is row m * P + p. u8 != 0: each byte holds q + 128
               instead (read it as uint8, in [1, 255]: vpdpbusd's unsigned operand against signed weights;
               then subtract 128 * sum_k w[k] from each dot product).
        scale: [M * P] fp32, written.
-       sums:  [M * P, K / G] int32, written unless NULL: the sum of the signed q (never the + 128) over
-              each group of G columns (G % 16 == 0, K % G == 0; G = K: one sum per piece). An asymmetric
-              int4 kernel needs them for its offsets: sum_k x[k] * offset = offset * sum_p scale_p * sums_p.
-   act_quads(q, R, K, out)
-       q: [R, K] int8 -> out: [K / 4, R] groups of 4 bytes (q[r][4i .. 4i + 3] at out + 4 * (i * R + r)):
-       the B operand of AMX's tdpbssd / tdpbusd, 16 groups of 4 columns (64 columns of K) per tile row set,
-       R pieces as the tile's columns. */
+   AMX takes the pieces grouped in quads: act_quads (amx.h). */
 #ifndef NANOQWEN_ACT_QUANT_H
 #define NANOQWEN_ACT_QUANT_H
 
@@ -44,11 +38,9 @@ static inline __m512 act_load16(const void *x, long i, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int G, int u8, int8_t *q,
-                                  float *scale, int32_t *sums) {
+static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int u8, int8_t *q, float *scale) {
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     const __m128i flip = _mm_set1_epi8((char)0x80);
-    const int groups = K / G;
     for (int m = 0; m < M; m++) {
         const long row = (long)m * K;
         __m512 amax = _mm512_setzero_ps();
@@ -66,8 +58,6 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
             scale[m * P + p] = finite ? s : NAN;
             scales[p] = _mm512_set1_ps(s), inverses[p] = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
         }
-        __m512i acc[ACT_MAX_PIECES];
-        for (int p = 0; p < P; p++) acc[p] = _mm512_setzero_si512();
         for (int k = 0; k < K; k += 16) {
             __m512 r = act_load16(x, row + k, bf16);
             for (int p = 0; p < P; p++) {
@@ -77,22 +67,11 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
                 __m128i b = _mm512_cvtepi32_epi8(v);
                 if (u8) b = _mm_xor_si128(b, flip);
                 _mm_storeu_si128((__m128i *)(q + (long)(m * P + p) * K + k), b);
-                acc[p] = _mm512_add_epi32(acc[p], v);
             }
-            if (sums && (k + 16) % G == 0)
-                for (int p = 0; p < P; p++) {
-                    sums[(long)(m * P + p) * groups + k / G] = _mm512_reduce_add_epi32(acc[p]);
-                    acc[p] = _mm512_setzero_si512();
-                }
         }
     }
 }
 
 #pragma GCC pop_options
-
-static inline void act_quads(const int8_t *q, int R, int K, int8_t *out) {
-    for (int i = 0; i < K / 4; i++)
-        for (int r = 0; r < R; r++) memcpy(out + 4 * ((long)i * R + r), q + (long)r * K + 4 * i, 4);
-}
 
 #endif

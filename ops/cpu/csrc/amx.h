@@ -1,6 +1,7 @@
-/* AMX tiles for the decode-sized linears (linear.c, linear_int4.c; linear_int8.c has its own, by tdpbssd): 16
-   weight rows x 32 columns against up to 32 activation rows in one tdpbf16ps. Internal, not exported. Needs
-   GCC 11+ or clang 12+.
+/* AMX for the decode-sized linears: the tile plumbing every linear shares (permission, configuration, the B
+   operand's quads), and the bf16 block linear.c multiplies: 16 weight rows x 32 columns against up to 32
+   activation rows in one tdpbf16ps (linear_int8.c and linear_int4.c multiply integers, by tdpbssd/tdpbusd).
+   Internal, not exported. Needs GCC 11+ or clang 12+.
 
    Why: from 2 activation rows on, the AVX-512 loops stop being bound by the weight reads and are bound by
    vdpbf16ps (one per 32 weights and row; measured ~0.7 ns each on the 2-core Xeon), so 8 rows ran at 63% of
@@ -9,6 +10,7 @@
 #ifndef NANOQWEN_AMX_H
 #define NANOQWEN_AMX_H
 
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -17,6 +19,9 @@
 #define AMX_ROWS 16      /* weight rows per tile, and activation rows per tile of sums */
 #define AMX_MIN_ROWS 2   /* activation rows from which AMX serves */
 #define AMX_MAX_ROWS 32  /* two tiles of sums */
+/* How far ahead each of a block's 16 weight rows is prefetched (1 KB, half gemv.h's one-row distance, measured 2-5%
+   slower at 8 rows) */
+#define AMX_PREFETCH_BYTES 2048
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
@@ -44,12 +49,15 @@ static inline int amx_ready(void) {
     return r;
 }
 
-/* x: [M, K] bf16 -> out: [K / 2, M] pairs (x[m, 2i], x[m, 2i + 1]): tdpbf16ps's B operand, 16 pairs of
-   columns a tile. */
-static inline void pair_rows(const uint16_t *x, uint32_t *out, int M, int K) {
-    for (int i = 0; i < K / 2; i++)
-        for (int m = 0; m < M; m++)
-            out[(long)i * M + m] = x[(long)m * K + 2 * i] | (uint32_t)x[(long)m * K + 2 * i + 1] << 16;
+/* And AMX-INT8 (tdpbssd, tdpbusd) too. */
+static inline int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
+
+/* q: [R, K] bytes -> out: [K / 4, R] groups of 4 bytes (q[r][4i .. 4i + 3] at out + 4 * (i * R + r)): the B
+   operand of every tile product here, the R rows as the tile's columns. int8 pieces (act_quant.h) for
+   tdpbssd / tdpbusd, 64 columns of K per tile; bf16 rows as 2 K bytes for tdpbf16ps, 32 columns (pairs). */
+static inline void act_quads(const int8_t *q, int R, int K, int8_t *out) {
+    for (int i = 0; i < K / 4; i++)
+        for (int r = 0; r < R; r++) memcpy(out + 4 * ((long)i * R + r), q + (long)r * K + 4 * i, 4);
 }
 
 /* Around every function that uses AMX (callers included): AMX CPUs have the AVX-512 subsets too. */
@@ -69,14 +77,14 @@ static inline void amx_configure(int M) {
     _tile_loadconfig(&config);
 }
 
-/* sums[m][i] = the fp32 dot product of activation row m < M (pairs: pair_rows') with weight row i < 16 of
+/* sums[m][i] = the fp32 dot product of activation row m < M (pairs: its act_quads) with weight row i < 16 of
    the bf16 block at w (rows of K weights), exact products. */
 INLINE void amx_block(const uint16_t *w, const uint32_t *pairs, int M, int K, float sums[AMX_MAX_ROWS][AMX_ROWS]) {
     const int split = M > AMX_ROWS;
     _tile_zero(2);
     if (split) _tile_zero(4);
     for (int k = 0; k < K; k += 32) {
-        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES / 2);
+        for (int i = 0; i < AMX_ROWS; i++) __builtin_prefetch(w + (long)i * K + k + AMX_PREFETCH_BYTES / 2);
         _tile_loadd(0, w + k, 2 * K);
         _tile_loadd(1, pairs + (long)k / 2 * M, M * 4);
         _tile_dpbf16ps(2, 0, 1);

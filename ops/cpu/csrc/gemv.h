@@ -13,8 +13,8 @@ enum { W_F32, W_BF16, W_I8 };
 /* Far enough ahead of the loads for the line to arrive in time: the hardware prefetcher alone left a
    quarter of the memory bandwidth unused (measured 18.4 -> 24.1 GB/s at batch 1 on a 2-core Xeon). 2 KB, not
    4: once the int8 loop stopped widening, one row's linears streamed faster with the nearer distance (a step's
-   linears, idle 2-core Xeon: int8 22.9 vs 23.7-26.4 ms, bf16 42.9-43.9 vs 44.6-46.3 ms); the AMX blocks,
-   16 weight rows at a time, keep their own distances (8 rows measured 2-5% slower at 2 KB there). */
+   linears, idle 2-core Xeon: int8 22.9 vs 23.7-26.4 ms, bf16 42.9-43.9 vs 44.6-46.3 ms). The AMX blocks have
+   their own distance (amx.h). */
 #define PREFETCH_BYTES 2048
 
 /* ---- AVX2 + FMA: every x86 CPU the kernels build for ---- */

@@ -19,7 +19,7 @@ static inline void store(void *y, long at, float v, int bf16) {
 
 struct linear_args {
     const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
-    const uint32_t *pairs;  /* for linear_amx: x as pair_rows (amx.h) makes it */
+    const uint32_t *pairs;  /* for linear_amx: x's pairs of columns, as act_quads (amx.h) groups them */
     void *y;
     int M, N, K, bf16;
     long rows;  /* per chunk */
@@ -101,23 +101,20 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
     struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
     const long chunks = (N + a.rows - 1) / a.rows;
     if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_MAX_ROWS && amx_ready()) {
-        uint32_t *pairs = (uint32_t *)malloc((size_t)K / 2 * M * sizeof(uint32_t));
-        pair_rows((const uint16_t *)x, pairs, M, K);
+        uint32_t *pairs = thread_scratch((size_t)K / 2 * M * sizeof(uint32_t));
+        act_quads((const int8_t *)x, M, 2 * K, (int8_t *)pairs);
         a.pairs = pairs, a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_amx, &a, (N + a.rows - 1) / a.rows);
-        free(pairs);
         return;
     }
     if (bf16 ? has_avx512_bf16() : has_avx512()) {
         pool_run(linear_avx512, &a, chunks);
         return;
     }
-    float *split = 0;
     if (bf16) {
-        split = (float *)malloc((size_t)M * K * sizeof(float));
+        float *split = thread_scratch((size_t)M * K * sizeof(float));
         split_even_odd((const uint16_t *)x, split, (long)M * K);
         a.x = split;
     }
     pool_run(linear_avx2, &a, chunks);
-    free(split);
 }

@@ -228,8 +228,6 @@ static void unpacked_order(const float *x, int M, int K, float *out) {
     _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,amx-tile,amx-bf16,amx-int8\")")
 #define AMX_INT8_END _Pragma("GCC pop_options")
 
-static int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
-
 AMX_INT8_BEGIN
 /* The 32 packed bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
 static inline __m512i unpack_u8(const uint8_t *p) {
@@ -407,8 +405,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
         block_sums(row, K, lanes, acts.xsum + m * lanes);
         if (vnni) {
             arrange_row(row, K, len, arranged);
-            act_quant_rows(arranged, 0, 1, (int)len, pieces, (int)len, 0, acts.q + (long)m * pieces * len,
-                           acts.a + m * pieces, 0);
+            act_quant_rows(arranged, 0, 1, (int)len, pieces, 0, acts.q + (long)m * pieces * len, acts.a + m * pieces);
         }
     }
     struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2)};
@@ -420,7 +417,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                 for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
             }
         unpacked_order(rows, M, K, arranged);
-        act_quant_rows(arranged, 0, M, K, pieces, K, 0, q, acts.a, 0);
+        act_quant_rows(arranged, 0, M, K, pieces, 0, q, acts.a);
         act_quads(q, M * pieces, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);

@@ -159,7 +159,7 @@ static void amx_int8_block(const struct linear_int8_args *a, long n0, int wrows,
     if (cols > 16) _tile_zero(5);
     if (cols > 32) _tile_zero(6);
     for (int k = 0; k < K; k += 64) {
-        for (int i = 0; i < wrows; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES);
+        for (int i = 0; i < wrows; i++) __builtin_prefetch(w + (long)i * K + k + AMX_PREFETCH_BYTES);
         _tile_loadd(0, w + k, K);
         const int8_t *b = q + (long)k / 4 * stride;
         _tile_loadd(1, b, stride);
@@ -216,8 +216,6 @@ static void linear_int8_amx(const void *ctx, long chunk) {
     _tile_release();
 }
 
-static inline int amx_int8_ready(void) { return amx_ready() && __builtin_cpu_supports("amx-int8"); }
-
 #pragma GCC pop_options
 
 #ifdef NANOQWEN_NO_VNNI  /* tests build this to check the widening loops on a CPU with VNNI */
@@ -236,12 +234,12 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
         struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows};
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
-            act_quant_rows(x, bf16, M, K, P, K, 0, q, qscale, 0);
+            act_quant_rows(x, bf16, M, K, P, 0, q, qscale);
             act_quads(q, (int)pieces, K, quads);
             a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
             pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
         } else {
-            act_quant_rows(x, bf16, M, K, P, K, 1, q, qscale, 0);
+            act_quant_rows(x, bf16, M, K, P, 1, q, qscale);
             pool_run(linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
         return;
