@@ -37,8 +37,8 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         kernel.build(cache_dir)
     if dtype not in (torch.bfloat16, torch.float32):
         return ref
-    norms = norm_rope.KERNEL.ready and hidden_size <= norm_rope.MAX_HIDDEN and hidden_size % 8 == 0
-    ropes = norm_rope.KERNEL.ready and head_dim <= norm_rope.MAX_HEAD_DIM and head_dim % 16 == 0
+    norms = norm_rope.KERNEL.ready and norm_rope.takes_norm(hidden_size)
+    ropes = norm_rope.KERNEL.ready and norm_rope.takes_rope(head_dim)
     attends = attention.KERNEL.ready and attention.takes(head_dim, num_heads // num_kv_heads)
     embeds = embedding.KERNEL.ready
     prefills = prefill_attention.KERNEL.ready and prefill_attention.takes(head_dim, num_heads // num_kv_heads)

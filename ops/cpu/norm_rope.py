@@ -23,9 +23,20 @@ MAX_HIDDEN = 8192
 MAX_HEAD_DIM = 256
 
 
+def takes_norm(hidden_size: int) -> bool:
+    """Whether rms_norm serves rows of this size: a multiple of 8 values (the kernel's vector width)."""
+    return hidden_size % 8 == 0 and hidden_size <= MAX_HIDDEN
+
+
+def takes_rope(head_dim: int) -> bool:
+    """Whether qk_norm_rope_store serves this head dim: a multiple of 16 (each half of the rotation in whole
+    vectors)."""
+    return head_dim % 16 == 0 and head_dim <= MAX_HEAD_DIM
+
+
 def rms_norm_layout(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Contiguous rows of a multiple of 8 values (the kernel's vector width)."""
-    return (x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0
+    """Contiguous rows of a size takes_norm serves."""
+    return (x.dim() == 2 and x.is_contiguous() and takes_norm(x.shape[1])
             and (residual is None or residual.is_contiguous()))
 
 
@@ -77,10 +88,10 @@ def rms_norm_cpu(
 
 
 def qk_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Heads dense in each token (q, k, v may be views of the fused qkv rows), the cache contiguous, the head
-    dim a multiple of 16 (each half of the rotation in whole vectors)."""
+    """Heads dense in each token (q, k, v may be views of the fused qkv rows), the cache contiguous, a head dim
+    takes_rope serves."""
     dense = all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (q, k, v))
-    return dense and q.shape[-1] % 16 == 0 and k_cache.is_contiguous()
+    return dense and takes_rope(q.shape[-1]) and k_cache.is_contiguous()
 
 
 def _qk_norm_rope_store(

@@ -3,13 +3,6 @@
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 
-static inline void st(void *p, long i, float v, int bf16) {
-    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
-}
-static inline float ld(const void *p, long i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 /* Shapes: see nanoqwen_cpu.h. */
 void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size) {
     const size_t row = (size_t)H * elem_size;
@@ -20,8 +13,8 @@ void embedding(const int32_t *ids, const void *table, void *out, int N, int H, i
 void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, void *out, int N, int H, int bf16) {
     for (int n = 0; n < N; n++) {
         const int8_t *q = table + (long)ids[n] * H;
-        const float s = ld(scale, ids[n], bf16);
-        for (int i = 0; i < H; i++) st(out, (long)n * H + i, (float)q[i] * s, bf16);
+        const float s = load1(scale, ids[n], bf16);
+        for (int i = 0; i < H; i++) store1(out, (long)n * H + i, (float)q[i] * s, bf16);
     }
 }
 
@@ -37,10 +30,10 @@ void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale,
             const int i = c % 16, j = (c % 64) / 16;
             const uint8_t byte = block[2 * i + (j >> 1)];
             const long g = (long)ids[n] * groups + c / G;
-            float v = (float)(j & 1 ? byte >> 4 : byte & 15) * ld(scale, g, bf16);
+            float v = (float)(j & 1 ? byte >> 4 : byte & 15) * load1(scale, g, bf16);
             /* the reference rounds the product before adding the offset: no FMA contraction */
             __asm__("" : "+x"(v));
-            st(out, (long)n * H + c, v + ld(offset, g, bf16), bf16);
+            store1(out, (long)n * H + c, v + load1(offset, g, bf16), bf16);
         }
     }
 }

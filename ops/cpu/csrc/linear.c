@@ -13,10 +13,6 @@ static void split_even_odd(const uint16_t *x, float *out, long n) {
         }
 }
 
-static inline void store(void *y, long at, float v, int bf16) {
-    if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v); else ((float *)y)[at] = v;
-}
-
 struct linear_args {
     const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
     const uint32_t *pairs;  /* for linear_amx: x's pairs of columns, as act_quads (amx.h) groups them */
@@ -39,8 +35,8 @@ static void linear_avx2(const void *ctx, long chunk) {
             const float *x1 = m + 1 < M ? xf + (long)(m + 1) * K : 0;
             if (bf16) dot2_avx2(r, W_BF16, xf + (long)m * K, x1, K, &o0, &o1);
             else dot2_avx2(r, W_F32, xf + (long)m * K, x1, K, &o0, &o1);
-            store(a->y, (long)m * N + n, o0, bf16);
-            if (x1) store(a->y, (long)(m + 1) * N + n, o1, bf16);
+            store1(a->y, (long)m * N + n, o0, bf16);
+            if (x1) store1(a->y, (long)(m + 1) * N + n, o1, bf16);
         }
     }
 }
@@ -61,7 +57,7 @@ static void linear_avx512_rows(const struct linear_args *a, long start, long end
             else dot_rows_avx512(r, W_F32, (const float *)a->x + (long)m0 * K, R, K, o)
             WITH_CONST_ROWS(rows, BODY)
 #undef BODY
-            for (int m = 0; m < rows; m++) store(a->y, (long)(m0 + m) * N + n, o[m], bf16);
+            for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n, o[m], bf16);
         }
     }
 }
@@ -85,7 +81,7 @@ static void linear_amx(const void *ctx, long chunk) {
             float sums[AMX_MAX_ROWS][AMX_ROWS];
             amx_block((const uint16_t *)a->w + n0 * a->K, a->pairs, M, a->K, sums);
             for (int m = 0; m < M; m++)
-                for (int i = 0; i < AMX_ROWS; i++) store(a->y, (long)m * N + n0 + i, sums[m][i], 1);
+                for (int i = 0; i < AMX_ROWS; i++) store1(a->y, (long)m * N + n0 + i, sums[m][i], 1);
         }
         _tile_release();
     }

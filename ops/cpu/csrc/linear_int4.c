@@ -139,10 +139,6 @@ struct linear_int4_args {
     long rows;  /* per chunk */
 };
 
-static inline void store_out(void *y, long at, float v, int bf16) {
-    if (bf16) ((uint16_t *)y)[at] = f32_to_bf16(v); else ((float *)y)[at] = v;
-}
-
 /* y[m0 + r, n] for r < R (<= ROWS) activation rows of P pieces, both constants where this is inlined. Per span:
    lane b of the int32 sums collects block b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned
    operand), then all 16 blocks' sums are converted and scaled at once. */
@@ -185,7 +181,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
         }
     }
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-        store_out(a->y, (long)(m0 + r) * a->N + n, _mm512_reduce_add_ps(f[r]), a->bf16);
+        store1(a->y, (long)(m0 + r) * a->N + n, _mm512_reduce_add_ps(f[r]), a->bf16);
 }
 
 /* Weight rows start..end - 1, every activation row, ROWS at a time. */

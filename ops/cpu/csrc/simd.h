@@ -65,6 +65,14 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(u >> 16);
 }
 
+/* Element i of a bf16 (bf16 != 0) or fp32 array as fp32, and v stored there (rounded as torch does). */
+static inline float load1(const void *p, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void store1(void *p, long i, float v, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
+}
+
 /* exp(x) for 8 floats, Cephes' expf: x = n ln2 + r (ln2 in two parts), exp(r) by a degree-6
    polynomial, times 2^n; about 1 ulp. x is clamped to [-88.4, 89]: 89 overflows to inf, as expf does. */
 static inline __m256 exp8(__m256 x) {
