@@ -247,7 +247,7 @@ def model_positions(config: EngineConfig, model: ModelConfig) -> int:
 
 
 def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, device: torch.device,
-                    dtype: torch.dtype, kernels: str, cpu_graph: bool = False) -> RuntimeConfig:
+                    dtype: torch.dtype, kernels: str, cpu_graph: bool) -> RuntimeConfig:
     """Called once the weights are on `device` (resolved and bound, see bind_device, and `dtype`
     from resolve_dtype): the default KV pool takes a share of the memory they leave free.
     `kernels` is the name of the set ops.select_kernels chose (the one home of that "auto"), `cpu_graph`

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
+from nanoqwen.quant import GROUP_SIZE as INT4_GROUP  # noqa: E402
 from ops.cpu import build  # noqa: E402
 from ops.cpu.linear_int4 import PIECES  # noqa: E402
 
 LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
-INT4_GROUP = 64
 INT4_PIECES = PIECES[torch.bfloat16]  # a revision before the pieces ignores this trailing argument
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
 INPUTS = {name: k for name, (_, k) in SHAPES.items()} | {"lm_head": HIDDEN}  # each weight's input columns

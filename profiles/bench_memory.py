@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--graph", default="none", choices=["none", "cpugraph"],
-                        help="cpugraph: the CPU server's default (NANOQWEN_GRAPH=auto), one recording per batch bucket")
+                        help="none (default): eager steps; cpugraph: what the CPU server runs by default "
+                             "(NANOQWEN_GRAPH=auto), one recording per batch bucket")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=96)
     parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")

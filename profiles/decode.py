@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.runner import batch_buckets  # noqa: E402
+from ops.cpu import build as cpu_build  # noqa: E402
 
 WARMUP_TOKENS = 4
 
@@ -91,7 +92,8 @@ def main() -> None:
     if args.new_tokens < 3:
         parser.error("--new-tokens must be at least 3 (two decode steps after the prefill's token)")
     device = resolve_device(args.device)
-    modes = args.modes or ["none", "compile", "cudagraph" if device.type == "cuda" else "cpugraph"]
+    cpugraph = [] if cpu_build.unavailable() else ["cpugraph"]  # resolve_graph refuses it without the C kernels
+    modes = args.modes or ["none", "compile"] + (["cudagraph"] if device.type == "cuda" else cpugraph)
 
     model = common.checkpoint(args.small)
     info = common.machine_info(device)

@@ -73,7 +73,7 @@ class _Vocabulary:
                  eos_ids: list[int]) -> None:
         self._backend = tokenizer.backend_tokenizer
         added = tokenizer.added_tokens_decoder
-        known = [self._backend.id_to_token(i) is not None for i in range(vocab_size)]
+        known = [bool(token_bytes.bytes(i)) for i in range(vocab_size)]  # empty exactly where the tokenizer has no id
         self.tokens = [token_bytes.bytes(i) if known[i] else f"<[{i}]>".encode() for i in range(vocab_size)]
         self.special_token_ids = [i for i in range(vocab_size) if i in added or not known[i]]
         self.eos_token_id = eos_ids[0]
