@@ -1,7 +1,8 @@
 """Each CPU execution mode through a real `gunicorn -k gevent server:app`: the official openai client gets
 transformers' greedy tokens for a batch of different lengths at once. Chunked prefill with a 5-token step
-budget (prompts split across steps beside decode rows) in the default mode and under torch.compile, and
-the decode steps replayed as recorded C calls (cpugraph)."""
+budget (prompts split across steps beside decode rows) in the default mode and under torch.compile, paced
+chunks (a 200-token prompt beside decoding streams, its chunks sized from measured step times: the default
+prefill_stall), and the decode steps replayed as recorded C calls (cpugraph)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,12 +20,15 @@ PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1037)), [151644, 872, 1
 NEW_TOKENS = 8
 needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
-# (server environment beyond cpu_env's, a marker its ready line must hold)
+# over the 64-token budget: prefilled in paced chunks (32 tokens and up) while the others decode
+PACED_PROMPTS = [*PROMPTS, list(range(2000, 2200))]
+# (server environment beyond cpu_env's, a marker its ready line must hold, the prompts)
 MODES = {
-    "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, " max_step_tokens=5 "),
+    "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, " max_step_tokens=5 ", PROMPTS),
     "chunked-compile": ({"NANOQWEN_MAX_STEP_TOKENS": "5", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"},
-                        " graph=compile "),
-    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph"}, " graph=cpugraph "),
+                        " graph=compile ", PROMPTS),
+    "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64"}, " max_step_tokens=64 ", PACED_PROMPTS),
+    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph"}, " graph=cpugraph ", PROMPTS),
 }
 
 
@@ -32,6 +36,6 @@ MODES = {
 def test_mode_serves_transformers_greedy_tokens(
     mode: str, tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
 ) -> None:
-    extra, marker = MODES[mode]
+    extra, marker, prompts = MODES[mode]
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
-    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, PROMPTS, NEW_TOKENS)
+    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, prompts, NEW_TOKENS)
