@@ -7,8 +7,8 @@
 # Steps, most valuable first (STEPS below): versions and device, the server's packages from
 # profiles/wheelhouse/, the Triton kernels against fp64 references with the measured copy bandwidth,
 # the GPU tests, the 0.6B fixture, decode tok/s per bucket (eager vs CUDA graphs, to batch 64) and at
-# a 2,048-token context, decode against transformers, the real gunicorn server with the openai
-# client, a profiler trace of one step, and compile mode last.
+# a 2,048-token context, decode against transformers, int8/int4 weight-only decode against bf16, the
+# real gunicorn server with the openai client, a profiler trace of one step, and compile mode last.
 #
 # Every step runs under its own `timeout`, cut to what is left of DEADLINE_S (counted from the
 # start); a step is skipped, and recorded so, when less is left than its minimum. After each step
@@ -36,6 +36,7 @@ STEPS=(
     "decode 100 40"
     "decode_2k 50 20"
     "bench 100 40"
+    "quant 90 40"
     "server 120 50"
     "trace 50 20"
     "compile 120 60"
@@ -97,6 +98,12 @@ step_decode_2k() {
 step_bench() {
     "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --batches 1 8 64 --new-tokens 64 \
         --hf-cache dynamic --out "$D"
+}
+
+step_quant() {
+    # Issue 12's GPU target: int8 and int4 weight-only decode against bf16 in the same run.
+    "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --quant none int8 int4 --batches 1 8 \
+        --new-tokens 64 --hf-cache none --out "$D"
 }
 
 step_server() {

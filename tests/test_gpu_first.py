@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "gpu_first.sh"
-STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode", "decode_2k", "bench", "server", "trace",
+STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode", "decode_2k", "bench", "quant", "server", "trace",
          "compile"]
 STUB = """#!/usr/bin/env bash
 echo "stub python $*"
