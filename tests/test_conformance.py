@@ -346,3 +346,23 @@ def test_prompt_past_the_context_is_a_400(server: GunicornServer) -> None:
     """llama.cpp's and vLLM's case: no max_tokens, a prompt longer than the context."""
     error = _error(post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": "book " * 1200}]}))
     assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {**GREEDY, "n": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["Once upon", "a time"], "max_tokens": 4, "temperature": 0}),
+])
+def test_continuous_usage_stats(server: GunicornServer, path: str, body: dict[str, Any]) -> None:
+    """vLLM's `stream_options.continuous_usage_stats`: with include_usage, every chunk has the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    *chunks, last = _chunks(server, {**body, "stream_options": options}, path)
+    final = last["usage"]
+    assert last["choices"] == [] and final["completion_tokens"] == 2 * 4
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == final["completion_tokens"]
+    for chunk in chunks:
+        usage = chunk["usage"]
+        assert usage["prompt_tokens"] == final["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    without = _chunks(server, {**body, "stream_options": {"continuous_usage_stats": True}}, path)
+    assert all(chunk.get("usage") is None for chunk in without)

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.structured import output_grammar
@@ -33,10 +33,12 @@ class ChatService:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        batch = serving.submit([self._encode(req, params.max_tokens)], params, req.split_reasoning)
+        prompt = self._encode(req, params.max_tokens)
+        batch = serving.submit([prompt], params, req.split_reasoning)
         tools = ToolParsing(req.shows_tools, req.max_tool_calls)
         model, fp = serving.config.served_model_name, serving.fingerprint
-        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n) if req.stream else None
+        running = RunningUsage(len(prompt)) if req.continuous_usage else None
+        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running) if req.stream else None
         return serving.respond(batch, stream, CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools),
                                trace, environ)
 

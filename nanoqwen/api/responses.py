@@ -41,6 +41,21 @@ def usage_json(usage: Usage) -> Json:
     }
 
 
+@dataclass
+class RunningUsage:
+    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, on every chunk of a stream."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def add(self, event: Event) -> None:
+        self.completion_tokens += len(event.token_ids)
+
+    def json(self) -> Json:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
 def _with_reasoning(obj: Json, reasoning: str) -> Json:
     # Both names: `reasoning_content` (DeepSeek/vLLM) and `reasoning` (the newer one).
     if reasoning:
@@ -139,6 +154,7 @@ class ChunkBuilder:
     include_usage: bool
     tools: ToolParsing = ToolParsing()
     n: int = 1
+    running: RunningUsage | None = None
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -155,7 +171,7 @@ class ChunkBuilder:
             "choices": choices,
         }
         if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last
-            chunk["usage"] = None
+            chunk["usage"] = None if self.running is None else self.running.json()
         return chunk
 
     def opening(self) -> list[Json]:
@@ -163,6 +179,8 @@ class ChunkBuilder:
 
     def chunks(self, event: Event) -> list[Json]:
         """The chunks one engine event turns into (an error is the server's to send)."""
+        if self.running is not None:
+            self.running.add(event)
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))

@@ -256,6 +256,7 @@ class ChatMessage(Strict):
 class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks: nothing to pad here
+    continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, the usage so far on every chunk
 
 
 class ChatTemplateKwargs(Strict):
@@ -335,6 +336,10 @@ class SamplingFields(Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def _sampling_params(self, model_defaults: Mapping[str, Any] | None, max_tokens: int | None,
                          top_logprobs: int | None) -> SamplingParams:
