@@ -23,6 +23,8 @@ from openai.types.chat import completion_create_params as chat_params
 
 from chat_http import MODEL, cpu_env, post_chat, sse_payloads
 from checkpoints import make_checkpoint
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
+from nanoqwen.engine.request import Event, Usage
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -366,3 +368,41 @@ def test_continuous_usage_stats(server: GunicornServer, path: str, body: dict[st
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     without = _chunks(server, {**body, "stream_options": {"continuous_usage_stats": True}}, path)
     assert all(chunk.get("usage") is None for chunk in without)
+
+
+def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
+    """`completion_tokens_details.reasoning_tokens`: each choice's tokens before its first content
+    (the think tags included) when it reasoned, summed over the choices."""
+    events = [
+        Event(index=0, token_ids=[1]),  # <think>: no text of its own
+        Event(index=1, text="Hi", token_ids=[5]),  # answers at once: no reasoning
+        Event(index=0, reasoning="hmm", token_ids=[2]),
+        Event(index=0, reasoning=" ok", token_ids=[3]),
+        Event(index=0, token_ids=[4]),  # </think>
+        Event(index=1, text=" there", token_ids=[6], finish_reason="stop"),
+        Event(index=0, text="A", token_ids=[7]),
+        Event(index=0, text="B", token_ids=[8], finish_reason="stop"),
+    ]
+    usage = Usage(prompt_tokens=3, completion_tokens=len(events))
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False)
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2)
+    for event in events:
+        collected.add(event)
+        streamed.chunks(event)
+    details = {"reasoning_tokens": 4}
+    assert collected.build(usage)["usage"]["completion_tokens_details"] == details
+    assert streamed.chunks(Event(usage=usage))[-1]["usage"]["completion_tokens_details"] == details
+
+
+def test_reasoning_tokens_reach_the_usage(server: GunicornServer) -> None:
+    """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is none."""
+    think = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "<think>"}, timeout=60)
+    [think_id] = think.json()["tokens"]
+    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
+    thinking = post_chat(server, {**greedy, "logit_bias": {str(think_id): 100}}).json()
+    assert thinking["choices"][0]["message"]["content"] == ""
+    assert thinking["usage"]["completion_tokens_details"] == {"reasoning_tokens": GREEDY["max_tokens"]}
+    *_, last = _chunks(server, {**greedy, "logit_bias": {str(think_id): 100},
+                                "stream_options": {"include_usage": True}})
+    assert last["usage"] == thinking["usage"]
+    assert _chat(server)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}

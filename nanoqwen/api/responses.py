@@ -32,13 +32,37 @@ def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
     ]}
 
 
-def usage_json(usage: Usage) -> Json:
-    return {
+def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> Json:
+    """`reasoning_tokens`: a chat answer's (None: no reasoning split, as in legacy completions)."""
+    out = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
+
+
+@dataclass
+class ReasoningTokens:
+    """One choice's reasoning tokens: those before its first content, the think tags included,
+    when it reasoned at all (0 otherwise)."""
+
+    _before_content: int = 0
+    _answered: bool = False
+    _reasoned: bool = False
+
+    def add(self, event: Event) -> None:
+        self._answered = self._answered or bool(event.text)
+        self._reasoned = self._reasoned or bool(event.reasoning)
+        if not self._answered:
+            self._before_content += len(event.token_ids)
+
+    @property
+    def count(self) -> int:
+        return self._before_content if self._reasoned else 0
 
 
 @dataclass
@@ -88,8 +112,10 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning_tokens: ReasoningTokens = field(default_factory=ReasoningTokens)
 
     def add(self, event: Event) -> None:
+        self.reasoning_tokens.add(event)
         self.text.append(event.text)
         self.reasoning.append(event.reasoning)
         if event.logprobs:
@@ -141,7 +167,7 @@ class CompletionBuilder:
             "model": self.model,
             "system_fingerprint": self.fingerprint,
             "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
-            "usage": usage_json(usage),
+            "usage": usage_json(usage, sum(c.reasoning_tokens.count for c in self._choices)),
         }
 
 
@@ -160,6 +186,7 @@ class ChunkBuilder:
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
+        self._reasoning = [ReasoningTokens() for _ in range(self.n)]
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -181,6 +208,7 @@ class ChunkBuilder:
         """The chunks one engine event turns into (an error is the server's to send)."""
         if self.running is not None:
             self.running.add(event)
+        self._reasoning[event.index].add(event)
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
@@ -232,5 +260,5 @@ class ChunkBuilder:
 
     def usage(self, usage: Usage) -> Json:
         chunk = self._chunk([])
-        chunk["usage"] = usage_json(usage)
+        chunk["usage"] = usage_json(usage, sum(r.count for r in self._reasoning))
         return chunk
