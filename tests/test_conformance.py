@@ -344,6 +344,11 @@ def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
 
 
+def test_out_of_vocabulary_stop_token_ids_are_named(server: GunicornServer) -> None:
+    error = _error(post_chat(server, {**GREEDY, "stop_token_ids": [5, 10**7, -1]}))
+    assert error["param"] == "stop_token_ids" and f"[{10**7}, -1]" in error["message"]
+
+
 def test_prompt_past_the_context_is_a_400(server: GunicornServer) -> None:
     """llama.cpp's and vLLM's case: no max_tokens, a prompt longer than the context."""
     error = _error(post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": "book " * 1200}]}))
@@ -394,15 +399,24 @@ def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
     assert streamed.chunks(Event(usage=usage))[-1]["usage"]["completion_tokens_details"] == details
 
 
-def test_reasoning_tokens_reach_the_usage(server: GunicornServer) -> None:
-    """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is none."""
+def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
+    """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is
+    none. vLLM's `include_reasoning: false` leaves it out of the answer, not out of the usage."""
     think = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "<think>"}, timeout=60)
     [think_id] = think.json()["tokens"]
     greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
-    thinking = post_chat(server, {**greedy, "logit_bias": {str(think_id): 100}}).json()
-    assert thinking["choices"][0]["message"]["content"] == ""
-    assert thinking["usage"]["completion_tokens_details"] == {"reasoning_tokens": GREEDY["max_tokens"]}
-    *_, last = _chunks(server, {**greedy, "logit_bias": {str(think_id): 100},
-                                "stream_options": {"include_usage": True}})
-    assert last["usage"] == thinking["usage"]
+    thinking = {**greedy, "logit_bias": {str(think_id): 100}}
+    shown = post_chat(server, thinking).json()
+    assert shown["choices"][0]["message"]["content"] == "" and shown["choices"][0]["message"]["reasoning_content"]
+    assert shown["usage"]["completion_tokens_details"] == {"reasoning_tokens": GREEDY["max_tokens"]}
+    *_, last = _chunks(server, {**thinking, "stream_options": {"include_usage": True}})
+    assert last["usage"] == shown["usage"]
     assert _chat(server)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+    hidden = post_chat(server, {**thinking, "include_reasoning": False}).json()
+    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["usage"] == shown["usage"]
+    *streamed, last = _chunks(server, {**thinking, "include_reasoning": False,
+                                       "stream_options": {"include_usage": True}})
+    assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert last["usage"] == shown["usage"]

@@ -133,6 +133,7 @@ class CompletionBuilder:
     n: int
     want_logprobs: bool
     tools: ToolParsing = ToolParsing()
+    include_reasoning: bool = True  # vLLM's `include_reasoning: false`: the model reasons, the answer omits it
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -154,7 +155,7 @@ class CompletionBuilder:
                 reason = finish_reason(reason, True) if reason is not None else None
         return {
             "index": index,
-            "message": _with_reasoning(message, "".join(choice.reasoning)),
+            "message": _with_reasoning(message, "".join(choice.reasoning) if self.include_reasoning else ""),
             "logprobs": logprobs_json(choice.logprobs) if self.want_logprobs else None,
             "finish_reason": reason,
         }
@@ -181,6 +182,7 @@ class ChunkBuilder:
     tools: ToolParsing = ToolParsing()
     n: int = 1
     running: RunningUsage | None = None
+    include_reasoning: bool = True
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -230,8 +232,9 @@ class ChunkBuilder:
             if event.finish_reason is not None:
                 parsed += parser.finish()
         chunks = []
-        if parsed.content or event.reasoning or event.logprobs:
-            delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, event.reasoning)
+        reasoning = event.reasoning if self.include_reasoning else ""
+        if parsed.content or reasoning or event.logprobs:
+            delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, reasoning)
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
                                         "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
                                         "finish_reason": None}]))

@@ -394,6 +394,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    include_reasoning: bool | None = True  # vLLM's: false leaves the reasoning out of the answer (not out of usage)
     # "none": thinking off (as vLLM maps it); any other effort: thinking on (Qwen3 has no effort levels)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
