@@ -344,9 +344,23 @@ def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
 
 
-def test_out_of_vocabulary_stop_token_ids_are_named(server: GunicornServer) -> None:
-    error = _error(post_chat(server, {**GREEDY, "stop_token_ids": [5, 10**7, -1]}))
-    assert error["param"] == "stop_token_ids" and f"[{10**7}, -1]" in error["message"]
+@pytest.mark.parametrize("field,ids", [("stop_token_ids", [5, 10**7, -1]), ("logit_bias", {"5": 1, str(10**7): 1})])
+def test_out_of_vocabulary_token_ids_are_named(server: GunicornServer, field: str, ids: Any) -> None:
+    """vLLM's checks: the message names the bad ids and the vocabulary size."""
+    error = _error(post_chat(server, {**GREEDY, field: ids}))
+    assert error["param"] == field and str(10**7) in error["message"] and "151936" in error["message"]
+
+
+def test_streamed_text_offsets_equal_the_collected_ones(server: GunicornServer) -> None:
+    """vLLM's case: a stop string holds text back while streaming; the offsets follow the tokens all the same."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "logprobs": 0,
+            "ignore_eos": True, "stop": ["\n\n\n\n"]}
+    collected = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]
+    streamed = _chunks(server, body, "/v1/completions")
+    offsets = [o for chunk in streamed if chunk["choices"][0]["logprobs"]
+               for o in chunk["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == collected["logprobs"]["text_offset"] and len(offsets) == 6
+    assert "".join(chunk["choices"][0]["text"] for chunk in streamed) == collected["text"]
 
 
 def test_prompt_past_the_context_is_a_400(server: GunicornServer) -> None:
