@@ -434,3 +434,19 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
                                        "stream_options": {"include_usage": True}})
     assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
     assert last["usage"] == shown["usage"]
+
+
+def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> None:
+    """vLLM's prefill: the last assistant message left open, the answer continues it (llama.cpp
+    continues a final assistant message by itself; here it takes vLLM's two flags)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": "Sure, the best"}],
+               "add_generation_prompt": False, "continue_final_message": True}
+    tokens = requests.post(f"{server.url}/tokenize", json={"model": MODEL, **prefill}, timeout=60).json()["tokens"]
+    text = requests.post(f"{server.url}/detokenize", json={"tokens": tokens}, timeout=60).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the best")  # no <|im_end|>
+    answer = _chat(server, **prefill, max_tokens=6)["choices"][0]["message"]
+    raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    assert answer["content"] == raw
+    for bad in ({**prefill, "add_generation_prompt": True}, {**prefill, "messages": USER}):
+        assert _error(post_chat(server, {**GREEDY, **bad}))["param"] == "continue_final_message"

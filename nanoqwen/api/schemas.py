@@ -272,13 +272,27 @@ class ChatPrompt(Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # vLLM's: continue_final_message (with add_generation_prompt false) leaves the last assistant
+    # message open, so the answer continues it (a prefill)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    def check_ending(self) -> None:
+        """Raises APIError(400) unless the prompt ends one way: a generation prompt, or the last message open."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt false",
+                           param="continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs an assistant message last",
+                           param="continue_final_message")
 
     @property
     def shows_tools(self) -> bool:
         return bool(self.tools)
 
     def template_kwargs(self) -> dict[str, Any]:
-        return {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
+        kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
+        return {**kwargs, "continue_final_message": True} if self.continue_final_message else kwargs
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -522,6 +536,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 
 def _check_combinations(req: ChatCompletionRequest) -> None:
+    req.check_ending()
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.tool_choice not in (None, "none") and not req.tools:
@@ -595,7 +610,7 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
-    if err["loc"][-1] == "[key]":  # a dict's key: the dict is the parameter
+    if err["loc"][-1:] == ("[key]",):  # a dict's key: the dict is the parameter
         param = param_name(err["loc"][:-2])
         return APIError(400, f"Invalid key {err['loc'][-2]!r} in '{param}': {message}", param=param)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
