@@ -207,6 +207,15 @@ def test_parse_and_stream_helpers_with_a_pydantic_response_format(client: openai
     assert final.usage == parsed.usage
 
 
+def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
+    """`openai.pydantic_function_tool`: a strict tool whose forced call's arguments parse as the model."""
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING,
+        tools=[openai.pydantic_function_tool(Verdict)], tool_choice="required", parallel_tool_calls=False)
+    [call] = parsed.choices[0].message.tool_calls
+    assert call.function.name == "Verdict" and isinstance(call.function.parsed_arguments, Verdict)
+
+
 def test_with_raw_response(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=2)
     assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]
