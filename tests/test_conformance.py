@@ -73,7 +73,7 @@ CHAT_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
     "web_search_options": ({}, "refused"),
 }
 # What a field needs beside it to be valid (tool_choice needs tools, ...).
-CHAT_COMPANIONS: dict[str, dict[str, Any]] = {
+COMPANIONS: dict[str, dict[str, Any]] = {
     "top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}, "tool_choice": {"tools": TOOLS},
     "parallel_tool_calls": {"tools": TOOLS},
 }
@@ -135,26 +135,18 @@ def test_the_field_lists_are_the_openai_packages() -> None:
     assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__)
 
 
-@pytest.mark.parametrize("field", sorted(CHAT_FIELDS))
-def test_every_chat_request_field_is_implemented_or_refused_by_name(server: GunicornServer, field: str) -> None:
-    value, outcome = CHAT_FIELDS[field]
-    body = {"model": MODEL, "messages": USER, "max_tokens": 2, **CHAT_COMPANIONS.get(field, {}), field: value}
-    response = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
-    if outcome == "ok":
-        assert response.status_code == 200, response.text
-    else:
-        error = _error(response)
-        assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+ENDPOINTS = {  # path -> (its fields, a minimal body)
+    "/v1/chat/completions": (CHAT_FIELDS, {"model": MODEL, "messages": USER, "max_tokens": 2}),
+    "/v1/completions": (LEGACY_FIELDS, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}),
+}
 
 
-@pytest.mark.parametrize("field", sorted(LEGACY_FIELDS))
-def test_every_completions_request_field_is_implemented_or_refused_by_name(server: GunicornServer,
-                                                                           field: str) -> None:
-    value, outcome = LEGACY_FIELDS[field]
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2, field: value}
-    if field == "stream_options":
-        body["stream"] = True
-    response = requests.post(f"{server.url}/v1/completions", json=body, timeout=120)
+@pytest.mark.parametrize("path,field", [(path, field) for path, (fields, _) in ENDPOINTS.items() for field in fields])
+def test_every_request_field_is_implemented_or_refused_by_name(server: GunicornServer, path: str, field: str) -> None:
+    fields, minimal = ENDPOINTS[path]
+    value, outcome = fields[field]
+    body = {**minimal, **COMPANIONS.get(field, {}), field: value}
+    response = requests.post(f"{server.url}{path}", json=body, timeout=120)
     if outcome == "ok":
         assert response.status_code == 200, response.text
     else:
@@ -327,6 +319,7 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]}]},
      "messages.[0].content.[0].cache", None),
     ({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, "messages.[0]", None),
+    ({"prediction": {"type": "content", "content": [{"type": "text"}]}}, "prediction.content.[0].text", None),
     # OpenAI features this server does not implement
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.[0].content", "unsupported_parameter"),

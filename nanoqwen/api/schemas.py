@@ -187,9 +187,19 @@ def _content_kind(value: Any) -> str:
     return "text" if isinstance(value, str) else "parts"
 
 
-MessageContent = Annotated[
-    Annotated[str, Tag("text")] | Annotated[list[ContentPart], Tag("parts")], Discriminator(_content_kind),
-]
+def _text_or(parts: Any) -> Any:
+    """A string or a list of `parts`: the discriminator reports only the matching form's errors."""
+    return Annotated[Annotated[str, Tag("text")] | Annotated[list[parts], Tag("parts")], Discriminator(_content_kind)]
+
+
+MessageContent = _text_or(ContentPart)
+
+
+class Prediction(Strict):
+    """OpenAI's predicted output: a latency hint, the answer is the same."""
+
+    type: Literal["content"]
+    content: _text_or(TextPart)
 
 
 class ChatMessage(Strict):
@@ -401,7 +411,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    prediction: Prediction | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None  # caching hints: the prefix cache is automatic
     prompt_cache_options: PromptCacheOptions | None = None
     # "required" and a named function are enforced by constrained decoding
