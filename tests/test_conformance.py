@@ -282,6 +282,22 @@ def test_tool_call_round_trip_with_the_clients_message_object(client: openai.Ope
     assert answered.choices[0].message.role == "assistant"
 
 
+def test_a_call_without_arguments_in_the_history(server: GunicornServer) -> None:
+    """vLLM's case: clients send a no-argument call's `arguments` as "" as well as "{}"."""
+    def history(arguments: str) -> list[dict[str, Any]]:
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+    def tokens(messages: list[dict[str, Any]]) -> list[int]:
+        response = requests.post(f"{server.url}/tokenize", json={"messages": messages, "tools": TOOLS}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert tokens(history("")) == tokens(history("{}"))
+    assert _chat(server, messages=history(""), tools=TOOLS)["choices"][0]["finish_reason"] == "length"
+
+
 def test_reasoning_effort_levels(server: GunicornServer) -> None:
     """OpenAI's newer levels switch thinking on as the others do (Qwen3 has no effort levels)."""
     greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
@@ -452,3 +468,16 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
     assert answer["content"] == raw
     for bad in ({**prefill, "add_generation_prompt": True}, {**prefill, "messages": USER}):
         assert _error(post_chat(server, {**GREEDY, **bad}))["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
+    """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,
+    no content, finish_reason "length", streamed or not."""
+    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3}
+    choice = _chat(server, **body)["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
+    assert "tool_calls" not in choice["message"]
+    *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": ""}]
+    assert finish["finish_reason"] == "length"

@@ -35,7 +35,7 @@ class ChatService:
             raise invalid_request(exc) from None
         prompt = self._encode(req, params.max_tokens)
         batch = serving.submit([prompt], params, req.split_reasoning)
-        tools = ToolParsing(req.shows_tools, req.max_tool_calls)
+        tools = ToolParsing(req.shows_tools, req.max_tool_calls, req.forces_tool_call)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning = req.include_reasoning is not False

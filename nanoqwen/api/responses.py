@@ -94,9 +94,10 @@ class ToolParsing:
 
     enabled: bool = False
     max_calls: int | None = None
+    forced: bool = False  # tool_choice "required" or named: the answer is calls only
 
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.max_calls) if self.enabled else None
+        return ToolCallParser(self.max_calls, self.forced) if self.enabled else None
 
 
 def finish_reason(reason: str, called: bool) -> str:
@@ -149,8 +150,9 @@ class CompletionBuilder:
         parser = self.tools.parser()
         if parser is not None:
             parsed = parser.feed(message["content"]) + parser.finish()
-            if parsed.calls:
+            if parsed.calls or self.tools.forced:
                 message["content"] = parsed.content or None
+            if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
         return {

@@ -127,13 +127,17 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 
 class FunctionCall(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str  # a JSON object, as OpenAI returns it
+    arguments: str  # a JSON object, as OpenAI returns it; "" (as clients send a call without any): {}
+
+    @property
+    def parsed_arguments(self) -> dict[str, Any]:
+        return json.loads(self.arguments) if self.arguments.strip() else {}
 
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(value) if value.strip() else {}
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -149,7 +153,7 @@ class ToolCallMessage(Strict):
     def to_template(self) -> dict[str, Any]:
         # Qwen3's template writes `arguments | tojson`: it wants the object, not its encoding.
         return {"id": self.id, "type": "function",
-                "function": {"name": self.function.name, "arguments": json.loads(self.function.arguments)}}
+                "function": {"name": self.function.name, "arguments": self.function.parsed_arguments}}
 
 
 Request = TypeVar("Request", bound=Strict)
