@@ -162,7 +162,7 @@ def test_responses_validate_as_the_openai_types(server: GunicornServer) -> None:
     assert completion.usage.prompt_tokens_details.cached_tokens >= 0
     for chunk in _chunks(server, {**body, "stream_options": {"include_usage": True}}):
         ChatCompletionChunk.model_validate(chunk, strict=True)
-    called = {**GREEDY, "tools": TOOLS, "tool_choice": "required", "max_tokens": 40}
+    called = {**GREEDY, "tools": TOOLS, "tool_choice": "required", "max_tokens": 16}
     ChatCompletion.model_validate(_chat(server, **called), strict=True)
     for chunk in _chunks(server, called):
         ChatCompletionChunk.model_validate(chunk, strict=True)
