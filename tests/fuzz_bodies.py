@@ -22,7 +22,8 @@ FIELDS = (
     "stop", "n", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "top_k", "min_p",
     "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens", "chat_template_kwargs", "user",
     "metadata", "store", "service_tier", "tools", "tool_choice", "logit_bias", "response_format", "modalities",
-    "guided_json", "prediction", "parallel_tool_calls", "reasoning_effort", "unknown_field",
+    "guided_json", "prediction", "parallel_tool_calls", "reasoning_effort", "unknown_field", "include_reasoning",
+    "add_generation_prompt", "continue_final_message", "prompt_cache_retention", "prompt_cache_options", "moderation",
 )
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "refusal", "reasoning_content", "tool_call_id", "extra")
 VALUES: tuple[Any, ...] = (

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.structured import output_grammar
@@ -33,12 +33,15 @@ class ChatService:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        batch = serving.submit([self._encode(req, params.max_tokens)], params, req.split_reasoning)
-        tools = ToolParsing(req.shows_tools, req.max_tool_calls)
+        prompt = self._encode(req, params.max_tokens)
+        batch = serving.submit([prompt], params, req.split_reasoning)
+        tools = ToolParsing(req.shows_tools, req.max_tool_calls, req.forces_tool_call)
         model, fp = serving.config.served_model_name, serving.fingerprint
-        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n) if req.stream else None
-        return serving.respond(batch, stream, CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools),
-                               trace, environ)
+        running = RunningUsage(len(prompt)) if req.continuous_usage else None
+        reasoning = req.include_reasoning is not False
+        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning) if req.stream else None
+        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning)
+        return serving.respond(batch, stream, collect, trace, environ)
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
         serving = self.serving
@@ -46,7 +49,8 @@ class ChatService:
         messages, tools = req.template_messages(), req.template_tools()
         try:
             return serving.off_loop(template_chars(messages, tools), serving.engine.encode_messages, messages,
-                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
+                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools,
+                                    req.add_generation_prompt)
         except PromptTooLongError as exc:
             raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens)) from None
         except InvalidRequest as exc:

@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.responses import Choice, usage_json
+from nanoqwen.api.responses import Choice, RunningUsage, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.tokenize import encode_texts
@@ -56,6 +56,7 @@ class TextCompletion:
     echoes: list[str]  # per choice: the prompt text echoed before the answer, or ""
     want_logprobs: bool
     include_usage: bool = False
+    running: RunningUsage | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -69,6 +70,12 @@ class TextCompletion:
     def _object(self, choices: list[Json]) -> Json:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
+
+    def _chunk(self, choices: list[Json]) -> Json:
+        chunk = self._object(choices)
+        if self.running is not None:
+            chunk["usage"] = self.running.json()
+        return chunk
 
     def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None, prompt: PromptLogprobs | None) -> Json | None:
         if not self.want_logprobs:
@@ -93,17 +100,19 @@ class TextCompletion:
         return completion
 
     def opening(self) -> list[Json]:
-        return [self._object([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
+        return [self._chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
                 for i, echo in enumerate(self.echoes) if echo and not self._echo_pending[i]]
 
     def chunks(self, event: Event) -> list[Json]:
         out = []
         i = event.index
+        if self.running is not None:
+            self.running.add(event)
         echo = ""
         if self._echo_pending[i] and event.prompt_logprobs is not None:  # the echo and the first token, as vLLM
             echo, self._echo_pending[i] = self.echoes[i], False
         if echo or event.text or event.logprobs or event.finish_reason:
-            out.append(self._object([{"index": i, "text": echo + event.text,
+            out.append(self._chunk([{"index": i, "text": echo + event.text,
                                       "logprobs": self._logprobs(i, event.logprobs, event.prompt_logprobs if echo
                                                                  else None),
                                       "finish_reason": event.finish_reason}]))
@@ -129,9 +138,10 @@ class CompletionService:
         if req.echo:
             echoes = req.prompts if isinstance(req.prompts[0], str) else self._decode(prompts)
         batch = serving.submit(prompts, params, split_reasoning=False, prompt_param="prompt")
+        running = RunningUsage(sum(map(len, prompts))) if req.continuous_usage else None
         builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
                                  [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
-                                 req.include_usage)
+                                 req.include_usage, running)
         return serving.respond(batch, builder if req.stream else None, builder, trace, environ)
 
     def _encode(self, req: CompletionRequest, max_tokens: int | None) -> list[list[int]]:

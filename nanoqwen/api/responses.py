@@ -32,13 +32,52 @@ def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
     ]}
 
 
-def usage_json(usage: Usage) -> Json:
-    return {
+def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> Json:
+    """`reasoning_tokens`: a chat answer's (None: no reasoning split, as in legacy completions)."""
+    out = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
+
+
+@dataclass
+class ReasoningTokens:
+    """One choice's reasoning tokens: those before its first content, the think tags included,
+    when it reasoned at all (0 otherwise)."""
+
+    _before_content: int = 0
+    _answered: bool = False
+    _reasoned: bool = False
+
+    def add(self, event: Event) -> None:
+        self._answered = self._answered or bool(event.text)
+        self._reasoned = self._reasoned or bool(event.reasoning)
+        if not self._answered:
+            self._before_content += len(event.token_ids)
+
+    @property
+    def count(self) -> int:
+        return self._before_content if self._reasoned else 0
+
+
+@dataclass
+class RunningUsage:
+    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, on every chunk of a stream."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def add(self, event: Event) -> None:
+        self.completion_tokens += len(event.token_ids)
+
+    def json(self) -> Json:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _with_reasoning(obj: Json, reasoning: str) -> Json:
@@ -55,9 +94,10 @@ class ToolParsing:
 
     enabled: bool = False
     max_calls: int | None = None
+    forced: bool = False  # tool_choice "required" or named: the answer is calls only
 
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.max_calls) if self.enabled else None
+        return ToolCallParser(self.max_calls, self.forced) if self.enabled else None
 
 
 def finish_reason(reason: str, called: bool) -> str:
@@ -73,8 +113,10 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    reasoning_tokens: ReasoningTokens = field(default_factory=ReasoningTokens)
 
     def add(self, event: Event) -> None:
+        self.reasoning_tokens.add(event)
         self.text.append(event.text)
         self.reasoning.append(event.reasoning)
         if event.logprobs:
@@ -92,6 +134,7 @@ class CompletionBuilder:
     n: int
     want_logprobs: bool
     tools: ToolParsing = ToolParsing()
+    include_reasoning: bool = True  # vLLM's `include_reasoning: false`: the model reasons, the answer omits it
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -107,13 +150,14 @@ class CompletionBuilder:
         parser = self.tools.parser()
         if parser is not None:
             parsed = parser.feed(message["content"]) + parser.finish()
-            if parsed.calls:
+            if parsed.calls or self.tools.forced:
                 message["content"] = parsed.content or None
+            if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
         return {
             "index": index,
-            "message": _with_reasoning(message, "".join(choice.reasoning)),
+            "message": _with_reasoning(message, "".join(choice.reasoning) if self.include_reasoning else ""),
             "logprobs": logprobs_json(choice.logprobs) if self.want_logprobs else None,
             "finish_reason": reason,
         }
@@ -126,7 +170,7 @@ class CompletionBuilder:
             "model": self.model,
             "system_fingerprint": self.fingerprint,
             "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
-            "usage": usage_json(usage),
+            "usage": usage_json(usage, sum(c.reasoning_tokens.count for c in self._choices)),
         }
 
 
@@ -139,11 +183,14 @@ class ChunkBuilder:
     include_usage: bool
     tools: ToolParsing = ToolParsing()
     n: int = 1
+    running: RunningUsage | None = None
+    include_reasoning: bool = True
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
+        self._reasoning = [ReasoningTokens() for _ in range(self.n)]
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -155,7 +202,7 @@ class ChunkBuilder:
             "choices": choices,
         }
         if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last
-            chunk["usage"] = None
+            chunk["usage"] = None if self.running is None else self.running.json()
         return chunk
 
     def opening(self) -> list[Json]:
@@ -163,6 +210,9 @@ class ChunkBuilder:
 
     def chunks(self, event: Event) -> list[Json]:
         """The chunks one engine event turns into (an error is the server's to send)."""
+        if self.running is not None:
+            self.running.add(event)
+        self._reasoning[event.index].add(event)
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
@@ -184,8 +234,9 @@ class ChunkBuilder:
             if event.finish_reason is not None:
                 parsed += parser.finish()
         chunks = []
-        if parsed.content or event.reasoning or event.logprobs:
-            delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, event.reasoning)
+        reasoning = event.reasoning if self.include_reasoning else ""
+        if parsed.content or reasoning or event.logprobs:
+            delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, reasoning)
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
                                         "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
                                         "finish_reason": None}]))
@@ -214,5 +265,5 @@ class ChunkBuilder:
 
     def usage(self, usage: Usage) -> Json:
         chunk = self._chunk([])
-        chunk["usage"] = usage_json(usage)
+        chunk["usage"] = usage_json(usage, sum(r.count for r in self._reasoning))
         return chunk

@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError, param_name
@@ -27,12 +38,14 @@ _UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
     "functions": ([],), "function_call": ("none",), "modalities": (["text"],),
 }
 UNSUPPORTED_FIELDS = (
-    "functions", "function_call", "audio", "modalities", "verbosity", "web_search_options",
+    "functions", "function_call", "audio", "modalities", "verbosity", "web_search_options", "moderation",
     # vLLM's guided decoding
     "suffix", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
     "guided_decoding_backend", "guided_whitespace_pattern",
 )
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
+# Content part types of OpenAI's that carry other media than text.
+MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
@@ -58,6 +71,13 @@ class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
+    @field_validator("type", mode="before")
+    @classmethod
+    def _check_type(cls, value: Any) -> Any:
+        if value == "custom":  # OpenAI's free-form (grammar) tools
+            raise PydanticCustomError("unsupported", "custom tools are not implemented (type \"function\" only)")
+        return value
+
 
 class FunctionName(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
@@ -68,6 +88,17 @@ class NamedToolChoice(Strict):
 
     type: Literal["function"]
     function: FunctionName
+
+
+def _tool_choice_kind(value: Any) -> str:
+    return "mode" if isinstance(value, str) else "function"
+
+
+# The discriminator sends an object straight to NamedToolChoice, so its errors are the ones reported.
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("mode")] | Annotated[NamedToolChoice, Tag("function")],
+    Discriminator(_tool_choice_kind),
+]
 
 
 class TextFormat(Strict):
@@ -96,13 +127,17 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 
 class FunctionCall(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str  # a JSON object, as OpenAI returns it
+    arguments: str  # a JSON object, as OpenAI returns it; "" (as clients send a call without any): {}
+
+    @property
+    def parsed_arguments(self) -> dict[str, Any]:
+        return json.loads(self.arguments) if self.arguments.strip() else {}
 
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(value) if value.strip() else {}
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -118,15 +153,62 @@ class ToolCallMessage(Strict):
     def to_template(self) -> dict[str, Any]:
         # Qwen3's template writes `arguments | tojson`: it wants the object, not its encoding.
         return {"id": self.id, "type": "function",
-                "function": {"name": self.function.name, "arguments": json.loads(self.function.arguments)}}
+                "function": {"name": self.function.name, "arguments": self.function.parsed_arguments}}
 
 
 Request = TypeVar("Request", bound=Strict)
 
 
+class PromptCacheBreakpoint(Strict):
+    """OpenAI's explicit prompt-cache marker: a caching hint, the answer is the same (the prefix cache is automatic)."""
+
+    mode: Literal["explicit"]
+    ttl: Literal["30m", "12h"] | None = None
+
+
+class PromptCacheOptions(Strict):
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+    prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
+
+
+class RefusalPart(Strict):
+    """An earlier assistant turn's refusal, as clients resend it: given to the template as text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+def _content_kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else "parts"
+
+
+def _text_or(parts: Any) -> Any:
+    """A string or a list of `parts`: the discriminator reports only the matching form's errors."""
+    return Annotated[Annotated[str, Tag("text")] | Annotated[list[parts], Tag("parts")], Discriminator(_content_kind)]
+
+
+MessageContent = _text_or(ContentPart)
+
+
+class Prediction(Strict):
+    """OpenAI's predicted output: a latency hint, the answer is the same."""
+
+    type: Literal["content"]
+    content: _text_or(TextPart)
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: MessageContent | None = None
     name: str | None = None  # passed to the template (Qwen3's ignores it)
     # An earlier assistant turn as clients resend it; the template keeps the recent reasoning.
     reasoning_content: str | None = None
@@ -147,16 +229,21 @@ class ChatMessage(Strict):
     def _check_content(cls, value: Any) -> Any:
         if value is None or isinstance(value, str):
             return value
-        if isinstance(value, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
-        ):
-            return value
-        raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
+        media = sorted({p["type"] for p in value if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES})
+        if media:
+            raise PydanticCustomError("unsupported", "{types} content parts: this server is text only",
+                                      {"types": ", ".join(media)})
+        return value
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for role '{self.role}'")
+        if isinstance(self.content, list) and self.role != "assistant" \
+                and any(isinstance(part, RefusalPart) for part in self.content):
+            raise ValueError("only assistant messages have refusal content parts")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
         if self.role == "tool" and not self.tool_call_id:
@@ -165,8 +252,8 @@ class ChatMessage(Strict):
 
     def to_template(self) -> dict[str, Any]:
         """The `{"role", "content": str, ...}` form the chat template takes."""
-        parts = self.content if isinstance(self.content, list) else [{"text": self.content or ""}]
-        text = "".join(part["text"] for part in parts)
+        parts = self.content if isinstance(self.content, list) else [TextPart(type="text", text=self.content or "")]
+        text = "".join(part.text if isinstance(part, TextPart) else part.refusal for part in parts)
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:
@@ -183,6 +270,7 @@ class ChatMessage(Strict):
 class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # OpenAI's padding of stream chunks: nothing to pad here
+    continuous_usage_stats: bool | None = None  # vLLM's: with include_usage, the usage so far on every chunk
 
 
 class ChatTemplateKwargs(Strict):
@@ -198,13 +286,27 @@ class ChatPrompt(Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    # vLLM's: continue_final_message (with add_generation_prompt false) leaves the last assistant
+    # message open, so the answer continues it (a prefill)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    def check_ending(self) -> None:
+        """Raises APIError(400) unless the prompt ends one way: a generation prompt, or the last message open."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt false",
+                           param="continue_final_message")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs an assistant message last",
+                           param="continue_final_message")
 
     @property
     def shows_tools(self) -> bool:
         return bool(self.tools)
 
     def template_kwargs(self) -> dict[str, Any]:
-        return {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
+        kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
+        return {**kwargs, "continue_final_message": True} if self.continue_final_message else kwargs
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -263,6 +365,10 @@ class SamplingFields(Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
     def _sampling_params(self, model_defaults: Mapping[str, Any] | None, max_tokens: int | None,
                          top_logprobs: int | None) -> SamplingParams:
         """The engine's parameters: the request's, else model_defaults (the checkpoint's
@@ -309,13 +415,16 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    prediction: dict[str, Any] | None = None  # predicted output: a latency hint, the answer is the same
+    prediction: Prediction | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None  # caching hints: the prefix cache is automatic
+    prompt_cache_options: PromptCacheOptions | None = None
     # "required" and a named function are enforced by constrained decoding
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    include_reasoning: bool | None = True  # vLLM's: false leaves the reasoning out of the answer (not out of usage)
     # "none": thinking off (as vLLM maps it); any other effort: thinking on (Qwen3 has no effort levels)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
     functions: Any = None
     function_call: Any = None
@@ -323,6 +432,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     modalities: Any = None
     verbosity: Any = None
     web_search_options: Any = None
+    moderation: Any = None
     structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -334,6 +444,9 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _check_tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") in ("allowed_tools", "custom"):
+            raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
+                                      {"type": value["type"]})
         if value is None or value in ("none", "auto", "required") or isinstance(value, dict):
             return value
         raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
@@ -437,6 +550,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 
 def _check_combinations(req: ChatCompletionRequest) -> None:
+    req.check_ending()
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.tool_choice not in (None, "none") and not req.tools:
@@ -458,8 +572,48 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
 
-def _api_error(err: Any) -> APIError:
-    param = param_name(err["loc"])
+def _members(annotation: Any) -> list[Any]:
+    """The types a value of `annotation` may take: Annotated and Optional unwrapped, unions flattened."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
+    return [annotation]
+
+
+def _child(annotation: Any, part: int | str) -> Any | None:
+    """The annotation at `part` (a field, list index or dict key) inside a value of `annotation`; None: no such part."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields = {f.alias or name: f for name, f in annotation.model_fields.items()}
+        return fields[part].annotation if part in fields else None
+    args = get_args(annotation)
+    if get_origin(annotation) is list and isinstance(part, int):
+        return args[0]
+    if get_origin(annotation) is dict and args:
+        return args[1]
+    return None
+
+
+def public_loc(schema: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A validation error's location as the client wrote it: without the tags pydantic inserts after a
+    union (`response_format.json_schema.json_schema.name` -> `response_format.json_schema.name`)."""
+    out: list[int | str] = []
+    members: list[Any] = [schema]
+    tagged = False
+    for part in loc:
+        if len(members) > 1 and not tagged:  # pydantic names the union member before going into it
+            tagged = True
+            continue
+        out.append(part)
+        members = [m for parent in members if (child := _child(parent, part)) is not None for m in _members(child)]
+        members, tagged = members or [Any], False
+    return tuple(out)
+
+
+def _api_error(schema: type[BaseModel], err: Any) -> APIError:
+    loc = err["loc"] if err["loc"][-1:] == ("[key]",) else public_loc(schema, err["loc"])
+    err = {**err, "loc": loc}
+    param = param_name(loc)
     if err["type"] == "extra_forbidden":
         if err["loc"][0] == "chat_template_kwargs":
             accepted = ", ".join(ChatTemplateKwargs.model_fields)
@@ -470,7 +624,7 @@ def _api_error(err: Any) -> APIError:
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
-    if err["loc"][-1] == "[key]":  # a dict's key: the dict is the parameter
+    if err["loc"][-1:] == ("[key]",):  # a dict's key: the dict is the parameter
         param = param_name(err["loc"][:-2])
         return APIError(400, f"Invalid key {err['loc'][-2]!r} in '{param}': {message}", param=param)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
@@ -483,7 +637,7 @@ def validate_body(schema: type[Request], body: Any) -> Request:
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        raise _api_error(exc.errors(include_url=False)[0]) from None
+        raise _api_error(schema, exc.errors(include_url=False)[0]) from None
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:

@@ -23,7 +23,6 @@ class TokenizePromptRequest(Strict):
 
 
 class TokenizeChatRequest(ChatPrompt):
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
 
@@ -39,6 +38,8 @@ class TokenizeService:
     def tokenize(self, body: Any) -> dict[str, Any]:
         chat_form = isinstance(body, dict) and "messages" in body
         req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body)
+        if isinstance(req, TokenizeChatRequest):
+            req.check_ending()
         self.serving.check_serving(req.model)
         ids = self.serving.off_loop(*self._job(req))
         strs = self.serving.off_loop(len(ids), self.serving.engine.tokenizer.convert_ids_to_tokens, ids) \

@@ -145,11 +145,13 @@ class ToolCallParser:
     """One choice's answer text → content and tool calls, delta by delta.
 
     max_calls: calls kept (1 when the request sets `parallel_tool_calls: false`); blocks past it
-    are dropped, neither calls nor content.
+    are dropped, neither calls nor content. forced: the answer is calls by constraint (tool_choice
+    "required" or named), so a block cut short before its call shows is dropped, not content.
     """
 
-    def __init__(self, max_calls: int | None = None) -> None:
+    def __init__(self, max_calls: int | None = None, forced: bool = False) -> None:
         self.max_calls = max_calls
+        self.forced = forced
         self.num_calls = 0
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
         self._in_block = False
@@ -199,11 +201,11 @@ class ToolCallParser:
         return text
 
     def finish(self) -> Parsed:
-        """What is left at the end of the answer: an unclosed block or a partial tag is content."""
+        """What is left at the end of the answer: an unclosed block (unless forced) or a partial tag is content."""
         out = Parsed()
         if self._in_block:
             self._stream(len(self._pending), out)
-            if self._streamed is None:
+            if self._streamed is None and not self.forced:
                 out.content = OPEN + self._pending
         elif not (self.num_calls and not self._pending.strip()):
             out.content = self._text(self._pending)

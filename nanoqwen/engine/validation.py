@@ -68,8 +68,10 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
         raise InvalidRequest(f"n must be between 1 and {max_batch}", param="n")
     if len(params.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are supported", param="stop")
-    if any(not 0 <= t < vocab_size for t in params.logit_bias):
-        raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
+    if bad := [t for t in params.logit_bias if not 0 <= t < vocab_size]:
+        raise InvalidRequest(f"logit_bias token ids {bad} are not in [0, {vocab_size})", param="logit_bias")
+    if bad := [t for t in params.stop_token_ids if not 0 <= t < vocab_size]:
+        raise InvalidRequest(f"stop_token_ids {bad} are not in [0, {vocab_size})", param="stop_token_ids")
     if any(not -100 <= v <= 100 for v in params.logit_bias.values()):
         raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:

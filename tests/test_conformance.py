@@ -1,0 +1,487 @@
+"""What the `openai` package's types and helpers, and the cases vLLM's and llama.cpp's server test
+suites check, expect of `gunicorn -k gevent server:app` (the tiny random checkpoint, greedy, fp32).
+
+Every request field of the openai types is either accepted or refused with a 400 naming it: the
+field lists below must match the installed package's, so a field a newer package adds fails here
+until it is decided.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import openai
+import pydantic
+import pytest
+import requests
+from openai.types import Completion, Model
+from openai.types import completion_create_params as legacy_params
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import completion_create_params as chat_params
+
+from chat_http import MODEL, cpu_env, post_chat, sse_payloads
+from checkpoints import make_checkpoint
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
+from nanoqwen.engine.request import Event, Usage
+from server_process import GunicornServer
+
+USER = [{"role": "user", "content": "What is the best book?"}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 4, **NO_THINKING}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}]
+
+# A value for every request field of openai's chat CompletionCreateParams; what it must answer.
+CHAT_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
+    "audio": ({"voice": "alloy", "format": "wav"}, "refused"),
+    "frequency_penalty": (0.5, "ok"),
+    "function_call": ("auto", "refused"),
+    "functions": ([{"name": "f", "parameters": {}}], "refused"),
+    "logit_bias": ({"11": -100}, "ok"),
+    "logprobs": (True, "ok"),
+    "max_completion_tokens": (2, "ok"),
+    "max_tokens": (2, "ok"),
+    "messages": (USER, "ok"),
+    "metadata": ({"k": "v"}, "ok"),
+    "modalities": (["text", "audio"], "refused"),
+    "model": (MODEL, "ok"),
+    "moderation": ({"model": "omni-moderation-latest"}, "refused"),
+    "n": (2, "ok"),
+    "parallel_tool_calls": (False, "ok"),
+    "prediction": ({"type": "content", "content": "a"}, "ok"),
+    "presence_penalty": (0.5, "ok"),
+    "prompt_cache_key": ("k", "ok"),
+    "prompt_cache_options": ({"mode": "explicit", "ttl": "30m"}, "ok"),
+    "prompt_cache_retention": ("24h", "ok"),
+    "reasoning_effort": ("xhigh", "ok"),
+    "response_format": ({"type": "json_object"}, "ok"),
+    "safety_identifier": ("s", "ok"),
+    "seed": (7, "ok"),
+    "service_tier": ("auto", "ok"),
+    "stop": (["\n\n", "END"], "ok"),
+    "store": (False, "ok"),
+    "stream_options": ({"include_usage": True}, "ok"),
+    "temperature": (0.5, "ok"),
+    "tool_choice": ("auto", "ok"),
+    "tools": (TOOLS, "ok"),
+    "top_logprobs": (2, "ok"),
+    "top_p": (0.9, "ok"),
+    "user": ("u", "ok"),
+    "verbosity": ("low", "refused"),
+    "web_search_options": ({}, "refused"),
+}
+# What a field needs beside it to be valid (tool_choice needs tools, ...).
+COMPANIONS: dict[str, dict[str, Any]] = {
+    "top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}, "tool_choice": {"tools": TOOLS},
+    "parallel_tool_calls": {"tools": TOOLS},
+}
+LEGACY_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
+    "best_of": (3, "refused"),  # only 1 or n
+    "echo": (True, "ok"),
+    "frequency_penalty": (0.5, "ok"),
+    "logit_bias": ({"11": -100}, "ok"),
+    "logprobs": (2, "ok"),
+    "max_tokens": (2, "ok"),
+    "model": (MODEL, "ok"),
+    "n": (2, "ok"),
+    "presence_penalty": (0.5, "ok"),
+    "prompt": ("Once upon a time", "ok"),
+    "seed": (7, "ok"),
+    "stop": ("\n", "ok"),
+    "stream_options": ({"include_usage": True}, "ok"),
+    "suffix": ("the end", "refused"),
+    "temperature": (0.5, "ok"),
+    "top_p": (0.9, "ok"),
+    "user": ("u", "ok"),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    srv = GunicornServer(env, tmp_path_factory.mktemp("conformance") / "gunicorn.log").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: GunicornServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(srv: GunicornServer, **body: Any) -> dict[str, Any]:
+    response = post_chat(srv, {**GREEDY, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _chunks(srv: GunicornServer, body: dict[str, Any], path: str = "/v1/chat/completions") -> list[dict[str, Any]]:
+    with requests.post(f"{srv.url}{path}", json={**body, "stream": True}, stream=True, timeout=120) as response:
+        assert response.status_code == 200, response.text
+        payloads = list(sse_payloads(response))
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def _error(response: requests.Response, status: int = 400) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_the_field_lists_are_the_openai_packages() -> None:
+    assert set(CHAT_FIELDS) == set(chat_params.CompletionCreateParamsBase.__annotations__)
+    assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__)
+
+
+ENDPOINTS = {  # path -> (its fields, a minimal body)
+    "/v1/chat/completions": (CHAT_FIELDS, {"model": MODEL, "messages": USER, "max_tokens": 2}),
+    "/v1/completions": (LEGACY_FIELDS, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}),
+}
+
+
+@pytest.mark.parametrize("path,field", [(path, field) for path, (fields, _) in ENDPOINTS.items() for field in fields])
+def test_every_request_field_is_implemented_or_refused_by_name(server: GunicornServer, path: str, field: str) -> None:
+    fields, minimal = ENDPOINTS[path]
+    value, outcome = fields[field]
+    body = {**minimal, **COMPANIONS.get(field, {}), field: value}
+    response = requests.post(f"{server.url}{path}", json=body, timeout=120)
+    if outcome == "ok":
+        assert response.status_code == 200, response.text
+    else:
+        error = _error(response)
+        assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+
+
+def test_responses_validate_as_the_openai_types(server: GunicornServer) -> None:
+    """Strict validation (no coercion): every field the types declare has the declared type."""
+    body = {**GREEDY, "n": 2, "logprobs": True, "top_logprobs": 2}
+    completion = ChatCompletion.model_validate(_chat(server, **body), strict=True)
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert completion.usage.prompt_tokens_details.cached_tokens >= 0
+    for chunk in _chunks(server, {**body, "stream_options": {"include_usage": True}}):
+        ChatCompletionChunk.model_validate(chunk, strict=True)
+    called = {**GREEDY, "tools": TOOLS, "tool_choice": "required", "max_tokens": 16}
+    ChatCompletion.model_validate(_chat(server, **called), strict=True)
+    for chunk in _chunks(server, called):
+        ChatCompletionChunk.model_validate(chunk, strict=True)
+    legacy = requests.post(f"{server.url}/v1/completions", timeout=120,
+                           json={"model": MODEL, "prompt": "Once upon", "max_tokens": 3, "logprobs": 2, "n": 2})
+    Completion.model_validate(legacy.json(), strict=True)
+    # A streamed text_completion's finish_reason is null until the last chunk (the type does not say so)
+    for chunk in _chunks(server, {"model": MODEL, "prompt": "Once upon", "max_tokens": 3, "logprobs": 1},
+                         "/v1/completions"):
+        finished = [{**choice, "finish_reason": choice["finish_reason"] or "length"} for choice in chunk["choices"]]
+        Completion.model_validate({**chunk, "choices": finished}, strict=True)
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    [listed] = client.models.list().data
+    assert listed == client.models.retrieve(MODEL)
+    assert isinstance(listed, Model) and (listed.id, listed.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.code == "model_not_found"
+
+
+class Verdict(pydantic.BaseModel):
+    ok: bool
+    grade: Literal["good", "bad"]
+
+
+def test_parse_and_stream_helpers_with_a_pydantic_response_format(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING}
+    parsed = client.chat.completions.parse(response_format=Verdict, **kwargs)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    with client.chat.completions.stream(response_format=Verdict, stream_options={"include_usage": True},
+                                        **kwargs) as stream:
+        events = Counter(event.type for event in stream)
+        final = stream.get_final_completion()
+    assert events["content.done"] == 1 and events["chunk"] > 3
+    assert final.choices[0].message.parsed == parsed.choices[0].message.parsed
+    assert final.usage == parsed.usage
+
+
+def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
+    """`openai.pydantic_function_tool`: a strict tool whose forced call's arguments parse as the model."""
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING,
+        tools=[openai.pydantic_function_tool(Verdict)], tool_choice="required", parallel_tool_calls=False)
+    [call] = parsed.choices[0].message.tool_calls
+    assert call.function.name == "Verdict" and isinstance(call.function.parsed_arguments, Verdict)
+
+
+def test_with_raw_response(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=2)
+    assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]
+    assert raw.parse().choices[0].message.role == "assistant"
+
+
+def test_streamed_n_choices_and_usage(server: GunicornServer) -> None:
+    chunks = _chunks(server, {**GREEDY, "n": 3, "stream_options": {"include_usage": True}})
+    *choice_chunks, last = chunks
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3 * GREEDY["max_tokens"]
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in choice_chunks)
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for chunk in choice_chunks:
+        by_index.setdefault(chunk["choices"][0]["index"], []).append(chunk["choices"][0])
+    assert sorted(by_index) == [0, 1, 2]
+    for choices in by_index.values():
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        assert [c["finish_reason"] for c in choices].count("length") == 1 and choices[-1]["finish_reason"] == "length"
+        assert all("role" not in c["delta"] for c in choices[1:])
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_logprobs_shapes(server: GunicornServer) -> None:
+    none = _chat(server, logprobs=False)["choices"][0]
+    assert none["logprobs"] is None
+    zero = _chat(server, logprobs=True, top_logprobs=0)["choices"][0]
+    assert [len(t["top_logprobs"]) for t in zero["logprobs"]["content"]] == [0] * GREEDY["max_tokens"]
+    five = _chat(server, logprobs=True, top_logprobs=5)["choices"][0]
+    tokens = five["logprobs"]["content"]
+    assert "".join(t["token"] for t in tokens) == five["message"]["content"]
+    for token in tokens:
+        assert token["logprob"] <= 0 and len(token["top_logprobs"]) == 5
+        assert token["top_logprobs"][0]["logprob"] >= token["logprob"]  # greedy: the sampled token is the top one
+        assert bytes(token["bytes"]).decode(errors="replace") == token["token"]
+    streamed = _chunks(server, {**GREEDY, "logprobs": True, "top_logprobs": 5})
+    assert [t for c in streamed if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]] \
+        == tokens
+    assert _error(post_chat(server, {**GREEDY, "logprobs": True, "top_logprobs": 21}))["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_stop_strings(server: GunicornServer, as_list: bool) -> None:
+    free = _chat(server, max_tokens=8, logprobs=True)["choices"][0]
+    tokens = [t["token"] for t in free["logprobs"]["content"]]
+    stop = tokens[3].strip() or tokens[3]
+    head = free["message"]["content"].split(stop)[0]
+    stopped = _chat(server, max_tokens=8, stop=[stop, "never seen"] if as_list else stop)["choices"][0]
+    assert (stopped["message"]["content"], stopped["finish_reason"]) == (head, "stop")
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server: GunicornServer) -> None:
+    assert _chat(server, max_tokens=2, max_completion_tokens=5)["usage"]["completion_tokens"] == 5
+
+
+def test_seeded_sampling_repeats(server: GunicornServer) -> None:
+    body = {"temperature": 1.0, "max_tokens": 8, "n": 2}
+    first, second = (_chat(server, seed=1234, **body) for _ in range(2))
+    assert [c["message"] for c in first["choices"]] == [c["message"] for c in second["choices"]]
+
+
+def test_tool_call_round_trip_with_the_clients_message_object(client: openai.OpenAI) -> None:
+    """As users write it: the returned message object appended to `messages` as it is."""
+    kwargs = {"model": MODEL, "tools": TOOLS, "temperature": 0, "max_tokens": 60, "extra_body": NO_THINKING}
+    called = client.chat.completions.create(messages=USER, tool_choice="required", parallel_tool_calls=False,
+                                           **kwargs).choices[0]
+    assert called.finish_reason == "tool_calls"
+    [call] = called.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    answered = client.chat.completions.create(
+        messages=[*USER, called.message, {"role": "tool", "tool_call_id": call.id, "content": "sunny"}], **kwargs)
+    assert answered.choices[0].message.role == "assistant"
+
+
+def test_a_call_without_arguments_in_the_history(server: GunicornServer) -> None:
+    """vLLM's case: clients send a no-argument call's `arguments` as "" as well as "{}"."""
+    def history(arguments: str) -> list[dict[str, Any]]:
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+        return [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+
+    def tokens(messages: list[dict[str, Any]]) -> list[int]:
+        response = requests.post(f"{server.url}/tokenize", json={"messages": messages, "tools": TOOLS}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert tokens(history("")) == tokens(history("{}"))
+    assert _chat(server, messages=history(""), tools=TOOLS)["choices"][0]["finish_reason"] == "length"
+
+
+def test_reasoning_effort_levels(server: GunicornServer) -> None:
+    """OpenAI's newer levels switch thinking on as the others do (Qwen3 has no effort levels)."""
+    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
+    answers = [post_chat(server, {**greedy, "reasoning_effort": effort}).json()["choices"][0]["message"]
+               for effort in ("high", "xhigh", "max")]
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0] != _chat(server, reasoning_effort="none")["choices"][0]["message"]
+
+
+def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer) -> None:
+    """An assistant turn's refusal parts reach the template as its text; a text part's
+    prompt_cache_breakpoint is a caching hint that changes nothing."""
+    def tokens(messages: list[dict[str, Any]]) -> list[int]:
+        response = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    plain = [*USER, {"role": "assistant", "content": "I can't."}, {"role": "user", "content": "Why?"}]
+    parts = [{**USER[0], "content": [{"type": "text", "text": USER[0]["content"],
+                                      "prompt_cache_breakpoint": {"mode": "explicit"}}]},
+             {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}, plain[2]]
+    assert tokens(parts) == tokens(plain)
+    answers = [_chat(server, messages=messages)["choices"][0]["message"] for messages in (parts, plain)]
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("body,param,code", [
+    # the client's notation, without pydantic's union tags
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name",
+     None),
+    ({"response_format": {"type": "json_object", "schema": {"const": "42"}}}, "response_format.schema", None),
+    ({"response_format": {"type": "sound"}}, "response_format", None),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}}, "tool_choice.function.name", None),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.[0].content.[0].text", None),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}]}]},
+     "messages.[0].content.[0].cache", None),
+    ({"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, "messages.[0]", None),
+    ({"prediction": {"type": "content", "content": [{"type": "text"}]}}, "prediction.content.[0].text", None),
+    # OpenAI features this server does not implement
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages.[0].content", "unsupported_parameter"),
+    ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools.[0].type", "unsupported_parameter"),
+    ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
+     "tool_choice", "unsupported_parameter"),
+    # vLLM's checks
+    ({"stop_token_ids": [10**7]}, "stop_token_ids", None),
+    ({"logit_bias": {str(10**7): 1}}, "logit_bias", None),
+    ({"seed": 2**63}, "seed", None),
+    ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    # llama.cpp's malformed messages
+    ({"messages": None}, "messages", None),
+    ({"messages": "string"}, "messages", None),
+    ({"messages": [123]}, "messages.[0]", None),
+    ({"messages": [{}]}, "messages.[0].role", None),
+    ({"messages": [{"role": 123}]}, "messages.[0].role", None),
+    ({"messages": [{"role": "system", "content": 123}]}, "messages.[0].content", None),
+    ({"messages": [{"role": "system", "content": "test"}, {}]}, "messages.[1].role", None),
+])
+def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any], param: str,
+                                     code: str | None) -> None:
+    error = _error(post_chat(server, {**GREEDY, **body}))
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+@pytest.mark.parametrize("field,ids", [("stop_token_ids", [5, 10**7, -1]), ("logit_bias", {"5": 1, str(10**7): 1})])
+def test_out_of_vocabulary_token_ids_are_named(server: GunicornServer, field: str, ids: Any) -> None:
+    """vLLM's checks: the message names the bad ids and the vocabulary size."""
+    error = _error(post_chat(server, {**GREEDY, field: ids}))
+    assert error["param"] == field and str(10**7) in error["message"] and "151936" in error["message"]
+
+
+def test_streamed_text_offsets_equal_the_collected_ones(server: GunicornServer) -> None:
+    """vLLM's case: a stop string holds text back while streaming; the offsets follow the tokens all the same."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "logprobs": 0,
+            "ignore_eos": True, "stop": ["\n\n\n\n"]}
+    collected = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]
+    streamed = _chunks(server, body, "/v1/completions")
+    offsets = [o for chunk in streamed if chunk["choices"][0]["logprobs"]
+               for o in chunk["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == collected["logprobs"]["text_offset"] and len(offsets) == 6
+    assert "".join(chunk["choices"][0]["text"] for chunk in streamed) == collected["text"]
+
+
+def test_prompt_past_the_context_is_a_400(server: GunicornServer) -> None:
+    """llama.cpp's and vLLM's case: no max_tokens, a prompt longer than the context."""
+    error = _error(post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": "book " * 1200}]}))
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {**GREEDY, "n": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["Once upon", "a time"], "max_tokens": 4, "temperature": 0}),
+])
+def test_continuous_usage_stats(server: GunicornServer, path: str, body: dict[str, Any]) -> None:
+    """vLLM's `stream_options.continuous_usage_stats`: with include_usage, every chunk has the usage so far."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    *chunks, last = _chunks(server, {**body, "stream_options": options}, path)
+    final = last["usage"]
+    assert last["choices"] == [] and final["completion_tokens"] == 2 * 4
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == final["completion_tokens"]
+    for chunk in chunks:
+        usage = chunk["usage"]
+        assert usage["prompt_tokens"] == final["prompt_tokens"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    without = _chunks(server, {**body, "stream_options": {"continuous_usage_stats": True}}, path)
+    assert all(chunk.get("usage") is None for chunk in without)
+
+
+def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
+    """`completion_tokens_details.reasoning_tokens`: each choice's tokens before its first content
+    (the think tags included) when it reasoned, summed over the choices."""
+    events = [
+        Event(index=0, token_ids=[1]),  # <think>: no text of its own
+        Event(index=1, text="Hi", token_ids=[5]),  # answers at once: no reasoning
+        Event(index=0, reasoning="hmm", token_ids=[2]),
+        Event(index=0, reasoning=" ok", token_ids=[3]),
+        Event(index=0, token_ids=[4]),  # </think>
+        Event(index=1, text=" there", token_ids=[6], finish_reason="stop"),
+        Event(index=0, text="A", token_ids=[7]),
+        Event(index=0, text="B", token_ids=[8], finish_reason="stop"),
+    ]
+    usage = Usage(prompt_tokens=3, completion_tokens=len(events))
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False)
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2)
+    for event in events:
+        collected.add(event)
+        streamed.chunks(event)
+    details = {"reasoning_tokens": 4}
+    assert collected.build(usage)["usage"]["completion_tokens_details"] == details
+    assert streamed.chunks(Event(usage=usage))[-1]["usage"]["completion_tokens_details"] == details
+
+
+def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
+    """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is
+    none. vLLM's `include_reasoning: false` leaves it out of the answer, not out of the usage."""
+    think = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "<think>"}, timeout=60)
+    [think_id] = think.json()["tokens"]
+    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
+    thinking = {**greedy, "logit_bias": {str(think_id): 100}}
+    shown = post_chat(server, thinking).json()
+    assert shown["choices"][0]["message"]["content"] == "" and shown["choices"][0]["message"]["reasoning_content"]
+    assert shown["usage"]["completion_tokens_details"] == {"reasoning_tokens": GREEDY["max_tokens"]}
+    *_, last = _chunks(server, {**thinking, "stream_options": {"include_usage": True}})
+    assert last["usage"] == shown["usage"]
+    assert _chat(server)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+    hidden = post_chat(server, {**thinking, "include_reasoning": False}).json()
+    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["usage"] == shown["usage"]
+    *streamed, last = _chunks(server, {**thinking, "include_reasoning": False,
+                                       "stream_options": {"include_usage": True}})
+    assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert last["usage"] == shown["usage"]
+
+
+def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> None:
+    """vLLM's prefill: the last assistant message left open, the answer continues it (llama.cpp
+    continues a final assistant message by itself; here it takes vLLM's two flags)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": "Sure, the best"}],
+               "add_generation_prompt": False, "continue_final_message": True}
+    tokens = requests.post(f"{server.url}/tokenize", json={"model": MODEL, **prefill}, timeout=60).json()["tokens"]
+    text = requests.post(f"{server.url}/detokenize", json={"tokens": tokens}, timeout=60).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the best")  # no <|im_end|>
+    answer = _chat(server, **prefill, max_tokens=6)["choices"][0]["message"]
+    raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    assert answer["content"] == raw
+    for bad in ({**prefill, "add_generation_prompt": True}, {**prefill, "messages": USER}):
+        assert _error(post_chat(server, {**GREEDY, **bad}))["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
+    """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,
+    no content, finish_reason "length", streamed or not."""
+    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3}
+    choice = _chat(server, **body)["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
+    assert "tool_calls" not in choice["message"]
+    *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": ""}]
+    assert finish["finish_reason"] == "length"
