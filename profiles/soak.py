@@ -225,7 +225,7 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def chat_body(rng: random.Random) -> Json:
+def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
     body: Json = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.randint(1, 60))}],
                   "max_tokens": rng.choice([1, 1, 2, 8, 24, 64]), "stream": rng.random() < 0.5}
     if rng.random() < 0.3:
@@ -250,7 +250,7 @@ def chat_body(rng: random.Random) -> Json:
         body["stream_options"] = {"include_usage": True}
     if rng.random() < 0.1:
         body.pop("max_tokens")  # up to the context
-        body["max_completion_tokens"] = rng.choice([None, 300])
+        body["max_completion_tokens"] = rng.choice([None, long_tokens]) if long_tokens >= 300 else long_tokens
     return body
 
 
@@ -286,13 +286,15 @@ class Soak:
     port: int
     tally: Tally
     probe_answer: str
+    long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def valid(self, rng: random.Random) -> None:
-        path, body = (CHAT, chat_body(rng)) if rng.random() < 0.6 else (COMPLETIONS, completion_body(rng))
+        chat = rng.random() < 0.6
+        path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
         self.tally.record("valid", reply.status, answer_problem(reply, body["stream"], choices_of(body)))
 
@@ -371,7 +373,7 @@ class Soak:
         """A client that goes away at a random point of its request."""
         stream = rng.random() < 0.7
         body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.choice([5, 300]))}],
-                "max_tokens": 300, "ignore_eos": True, "stream": stream, "n": rng.choice([1, 1, 3])}
+                "max_tokens": self.long_tokens, "ignore_eos": True, "stream": stream, "n": rng.choice([1, 1, 3])}
         raw = request_bytes("POST", CHAT, json.dumps(body).encode())
         point = rng.choice(["headers", "body", "prefill", "stream", "last"])
         conn = Connection(self.port, timeout=60)
@@ -409,8 +411,8 @@ class Soak:
 
     def slow_reader(self, rng: random.Random) -> None:
         """A stream whose client stops reading (its receive window fills), then reads on or hangs up."""
-        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 20)}], "max_tokens": 300,
-                "ignore_eos": True, "stream": True, "logprobs": True, "top_logprobs": 20}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 20)}], "stream": True,
+                "max_tokens": self.long_tokens, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
         conn = Connection(self.port, timeout=120, rcvbuf=4096)
         try:
             conn.sock.sendall(request_bytes("POST", CHAT, json.dumps(body).encode()))
@@ -529,9 +531,10 @@ class RoundResult:
     slowest_s: dict[str, float]
 
 
-def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int) -> RoundResult:
+def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int,
+              long_tokens: int = 300) -> RoundResult:
     tally = Tally()
-    soak = Soak(port, tally, probe_answer)
+    soak = Soak(port, tally, probe_answer, long_tokens)
     stop = threading.Event()
     prober = threading.Thread(target=soak.prober, args=(stop,))
     prober.start()

@@ -19,9 +19,11 @@ from typing import Any
 import gevent
 from flask import Request
 from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from nanoqwen.api.errors import APIError, param_name
 
+READ_CHUNK = 64 << 10
 MAX_DEPTH = 64  # the deepest field of a valid request is ~5 levels down
 # `,` and `:` outside strings: a full 40,960-token context as token ids takes 40,959
 MAX_SEPARATORS = 1 << 16
@@ -41,12 +43,27 @@ def _stop_reading(environ: dict[str, Any]) -> None:
             sock.shutdown(socket.SHUT_RD)
 
 
+def _read_yielding(request: Request) -> bytes:
+    """The body in chunks, letting the loop run between them: a recv whose data has already arrived
+    returns without switching greenlets, so reading megabytes in one call held the loop."""
+    stream = request.stream  # raises 413 when the Content-Length is past MAX_CONTENT_LENGTH
+    chunks = []
+    while chunk := stream.read(READ_CHUNK):  # a chunked body past the limit raises 413 here
+        chunks.append(chunk)
+        gevent.sleep(0)
+    return b"".join(chunks)
+
+
 def read_body(request: Request, timeout_s: float) -> bytes:
     """The raw body, or 408 when it takes longer than timeout_s to arrive (stalled uploads hold a
-    worker connection each), 400 when it is malformed (bad chunked framing, cut short)."""
+    worker connection each), 400 when it is malformed (bad chunked framing, cut short), 413 past
+    the size limit (the connection then closes: gunicorn would read the rest to reuse it)."""
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):
-            return request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+            return _read_yielding(request)
+    except RequestEntityTooLarge:
+        _stop_reading(request.environ)
+        raise
     except _BodyTimeout:
         _stop_reading(request.environ)
         raise APIError(408, f"The request body did not arrive within {timeout_s:g} seconds.",
