@@ -17,6 +17,7 @@ from flask import Response
 
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.encode import encode_json
 from nanoqwen.api.errors import APIError, error_body
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
@@ -29,6 +30,7 @@ from nanoqwen.engine.validation import InvalidRequest
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
+LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
 Json = dict[str, Any]
 
 
@@ -63,6 +65,13 @@ def client_disconnected(environ: dict[str, Any]) -> bool:
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
         return True
     return False
+
+
+def answer_weight(event: Event) -> int:
+    """About the JSON objects an event adds to a collected answer: its text, each token's logprob
+    and its alternatives (the prompt's too, with echo)."""
+    scored = [*(event.logprobs or ()), *(event.prompt_logprobs.tokens if event.prompt_logprobs else ())]
+    return 1 + sum(1 + len(lp.top_logprobs) for lp in scored)
 
 
 def invalid_request(exc: InvalidRequest, prompt_param: str = "messages") -> APIError:
@@ -178,7 +187,8 @@ class Serving:
 
     def respond(self, batch: Batch, stream: Streamer | None, collector: Collector, trace: RequestTrace,
                 environ: dict[str, Any]) -> Response | Json:
-        """An SSE response from `stream` when given, else the collected JSON answer."""
+        """An SSE response from `stream` when given, else the collected JSON answer (a large one
+        built and encoded in a native thread: with logprobs it takes seconds)."""
         if stream is not None:
             return Response(self._stream(batch, stream, trace, environ), mimetype="text/event-stream",
                             headers=HEADERS)
@@ -206,12 +216,14 @@ class Serving:
                 return
 
     def _collect(self, batch: Batch, builder: Collector, trace: RequestTrace,
-                 environ: dict[str, Any]) -> Json | None:
+                 environ: dict[str, Any]) -> Response | Json | None:
         finished = False
+        weight = 0
         try:
             for event in self._events(batch, environ):  # its last event is the `is_last` one
                 trace.on_event(event)
                 builder.add(event)
+                weight += answer_weight(event)
             finished = True
         except ClientGone:
             return None
@@ -223,8 +235,12 @@ class Serving:
             self._abort(batch)  # the other prompts of a batch
             self.stats.fail(trace)
             raise APIError(500, event.error, type="server_error")
-        self.stats.finish(trace, event.usage)
-        return builder.build(event.usage)
+        usage = event.usage
+        self.stats.finish(trace, usage)
+        if weight < LARGE_ANSWER:
+            return builder.build(usage)
+        body = self.off_loop(self.config.long_prompt_chars, lambda: encode_json(builder.build(usage)))
+        return Response(body, mimetype="application/json")
 
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
         finished = False

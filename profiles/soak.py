@@ -1,0 +1,617 @@
+"""Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
+
+    python profiles/soak.py [--modes default none int8] [--rounds 3] [--round-seconds 60] [--clients 10]
+        [--seed 0] [--out DIR]
+
+Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8)
+it serves the 2-layer test checkpoint on the CPU in fp32 and runs `--rounds` rounds. In each, `--clients`
+threads pick scenarios at random for `--round-seconds`: streamed and non-streamed chat and legacy
+completions (n>1, logprobs, stop strings, tools, json_schema, seeds, max_tokens edge values), clients
+that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
+before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
+(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, and a fixed
+greedy probe; a prober thread times /health (and reads /stats, /v1/models) throughout.
+
+Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503
+queue_full, every error OpenAI-shaped, the worker pid never changes, /health p99 under
+--health-p99-ms, after each round /stats shows no running or waiting request and kv_cache_usage 0,
+the worker's RSS after the last round within --rss-growth-mb of the first's, and the probe's greedy
+answer always the one the idle server gave. Writes soak.json to --out (default profiles/out/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import fuzz_bodies  # noqa: E402
+from chat_http import MODEL, cpu_env  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+from nanoqwen.api.metrics import percentile  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
+
+MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
+                                    "int8": {"NANOQWEN_QUANT": "int8"}}
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
+PROBE = {"model": MODEL, "prompt": [9707, 11, 1879, 0, 358, 1079, 264, 12305], "max_tokens": 24,
+         "temperature": 0, "ignore_eos": True, "logprobs": 1}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"], "additionalProperties": False}}}
+ERROR_KEYS = {"message", "type", "param", "code"}
+Json = dict[str, Any]
+
+
+@dataclass
+class Reply:
+    status: int  # 0: no status line (we hung up first, or the server closed without an answer)
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Tally:
+    """What one round saw; threads add to it under `lock`."""
+
+    statuses: Counter = field(default_factory=Counter)  # "scenario status" -> count
+    problems: list[str] = field(default_factory=list)
+    health_ms: list[float] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    requests: int = 0
+    slowest_s: dict[str, float] = field(default_factory=dict)  # scenario -> its longest run
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, scenario: str, status: int, problem: str | None = None) -> None:
+        with self.lock:
+            self.requests += 1
+            self.statuses[f"{scenario} {status}"] += 1
+            if problem is not None:
+                self.problems.append(f"{scenario}: {problem}")
+
+
+# -- raw HTTP -------------------------------------------------------------------------------
+
+def request_bytes(method: str, path: str, body: bytes = b"", content_type: str | None = "application/json",
+                  extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST, as a killed client or a proxy timing out does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def hang_up(sock: socket.socket, rng: random.Random) -> None:
+    if rng.random() < 0.5:
+        reset(sock)
+    else:
+        sock.close()
+
+
+class Connection:
+    """One keep-alive connection read with Content-Length or chunked framing."""
+
+    def __init__(self, port: int, timeout: float = 120, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            if not self._fill():
+                raise ConnectionError("closed early")
+        out, self.buf = self.buf.split(marker, 1)
+        return out
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise ConnectionError("closed early")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers
+
+    def chunks(self) -> Any:
+        """The body's chunks as they arrive (chunked framing), ending at the last chunk."""
+        while size := int(self._until(b"\r\n").split(b";")[0], 16):
+            yield self._exactly(size)
+            self._exactly(2)
+        self._until(b"\r\n")
+
+    def reply(self) -> Reply:
+        status, headers = self.head()
+        if headers.get("transfer-encoding") == "chunked":
+            body = b"".join(self.chunks())
+        elif "content-length" in headers:
+            body = self._exactly(int(headers["content-length"]))
+        else:
+            while self._fill():
+                pass
+            body, self.buf = self.buf, b""
+        return Reply(status, headers, body)
+
+    def exchange(self, raw: bytes) -> Reply:
+        self.sock.sendall(raw)
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send(port: int, raw: bytes, timeout: float = 120) -> Reply:
+    conn = Connection(port, timeout)
+    try:
+        return conn.exchange(raw)
+    finally:
+        conn.close()
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+def error_problem(reply: Reply) -> str | None:
+    """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error."""
+    text = reply.body.decode("utf-8", "replace")
+    if reply.status >= 500 and not (reply.status == 503 and '"queue_full"' in text):
+        return f"{reply.status}: {text[:300]}"
+    try:
+        error = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"{reply.status} without an OpenAI error body: {text[:300]}"
+    if set(error) != ERROR_KEYS or not isinstance(error["message"], str) or not error["message"]:
+        return f"{reply.status} with a malformed error: {text[:300]}"
+    return None
+
+
+def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool = True) -> str | None:
+    """None when a reply is well formed: a 200 with every choice (`choices` of them, None: any number)
+    finished, or an allowed error, which a `valid` request may only get as the documented 503."""
+    if reply.status != 200:
+        if (problem := error_problem(reply)) is not None or not valid or reply.status == 503:
+            return problem
+        return f"a valid request got {reply.status}: {reply.body[:300]!r}"
+    text = reply.body.decode("utf-8")
+    if not stream:
+        answer = json.loads(text)
+        done = [c for c in answer["choices"] if c.get("finish_reason") is not None]
+        return None if choices in (None, len(done)) else f"{len(done)} of {choices} choices finished: {text[:300]}"
+    if not text.endswith("data: [DONE]\n\n"):
+        return f"stream without [DONE]: {text[-300:]}"
+    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+    if any("error" in e for e in events):
+        return f"stream with an error event: {text[-300:]}"
+    finished = {(c["index"]) for e in events for c in e.get("choices", []) if c.get("finish_reason") is not None}
+    return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
+    body: Json = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.randint(1, 60))}],
+                  "max_tokens": rng.choice([1, 1, 2, 8, 24, 64]), "stream": rng.random() < 0.5}
+    if rng.random() < 0.3:
+        body["n"] = rng.randint(2, 4)
+    if rng.random() < 0.3:
+        body |= {"logprobs": True, "top_logprobs": rng.randint(0, 5)}
+    if rng.random() < 0.2:
+        body["stop"] = rng.sample(["the", "\n", " robot", "a", "</think>", "."], rng.randint(1, 4))
+    if rng.random() < 0.2:
+        body["tools"] = TOOLS
+        body["tool_choice"] = rng.choice(["auto", "none", "required",
+                                          {"type": "function", "function": {"name": "get_weather"}}])
+    elif rng.random() < 0.15:
+        body["response_format"] = JSON_FORMAT
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    if rng.random() < 0.5:
+        body["seed"] = rng.randint(0, 2**31)
+    body["temperature"] = rng.choice([0, 0.6, 1.0])
+    if rng.random() < 0.2:
+        body["ignore_eos"] = True
+    if body["stream"] and rng.random() < 0.5:
+        body["stream_options"] = {"include_usage": True}
+    if rng.random() < 0.1:
+        body.pop("max_tokens")  # up to the context
+        body["max_completion_tokens"] = rng.choice([None, long_tokens]) if long_tokens >= 300 else long_tokens
+    return body
+
+
+def completion_body(rng: random.Random) -> Json:
+    prompt: Any = rng.choice([words(rng, rng.randint(1, 40)), [rng.randrange(1, 150000) for _ in range(8)],
+                              [words(rng, 5), words(rng, 9)]])
+    body: Json = {"model": MODEL, "prompt": prompt, "max_tokens": rng.choice([1, 4, 16, 48]),
+                  "stream": rng.random() < 0.5, "temperature": rng.choice([0, 0.8])}
+    if rng.random() < 0.3:
+        body["n"] = rng.randint(2, 3)
+    if rng.random() < 0.3:
+        body["logprobs"] = rng.randint(0, 5)
+    if rng.random() < 0.15:
+        body["echo"] = True
+        body["max_tokens"] = rng.choice([0, 2])
+    if rng.random() < 0.2:
+        body["stop"] = rng.choice(["the", ["a", "\n"]])
+    if rng.random() < 0.4:
+        body["seed"] = rng.randint(0, 1000)
+    return body
+
+
+def choices_of(body: Json) -> int:
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return prompts * body.get("n", 1)
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+@dataclass
+class Soak:
+    port: int
+    tally: Tally
+    probe_answer: str
+    long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def valid(self, rng: random.Random) -> None:
+        chat = rng.random() < 0.6
+        path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
+        reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
+        self.tally.record("valid", reply.status, answer_problem(reply, body["stream"], choices_of(body)))
+
+    def probe(self, rng: random.Random) -> None:
+        reply = send(self.port, request_bytes("POST", COMPLETIONS, json.dumps(PROBE).encode()))
+        problem = None
+        if reply.status == 200 and (text := json.loads(reply.body)["choices"][0]["text"]) != self.probe_answer:
+            problem = f"greedy probe changed under load: {text!r} != {self.probe_answer!r}"
+        self.tally.record("probe", reply.status, problem or answer_problem(reply, False, 1))
+
+    def fuzz(self, rng: random.Random) -> None:
+        body = fuzz_bodies.mutate(fuzz_bodies.base_body(MODEL, rng), rng)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8", "surrogatepass")
+        if rng.random() < 0.3:  # the same damage aimed at the legacy endpoint
+            path = COMPLETIONS
+            raw = raw.replace(b'"messages"', b'"prompt"', 1)
+        else:
+            path = CHAT
+        if rng.random() < 0.2:
+            raw = rng.choice([b"[" * 100000, b'{"a":' * 5000 + b"1" + b"}" * 5000, b"1" * 5000,
+                              b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "'
+                              + b"\\ud83d" * 1000 + b'"}], "max_tokens": 1e400}', b"\x00" * 64, b"\xef\xbb\xbf{}"])
+        reply = send(self.port, request_bytes("POST", path, raw))
+        stream = reply.headers.get("content-type", "").startswith("text/event-stream")
+        self.tally.record("fuzz", reply.status, answer_problem(reply, stream, None, valid=False))
+
+    def wrong_request(self, rng: random.Random) -> None:
+        good = json.dumps(chat_body(rng) | {"max_tokens": 1, "stream": False}).encode()
+        method, path, body, ctype = rng.choice([
+            ("GET", CHAT, b"", None), ("PUT", CHAT, good, "application/json"), ("DELETE", COMPLETIONS, b"", None),
+            ("POST", "/v1/models", good, "application/json"), ("POST", "/v1/nope", good, "application/json"),
+            ("POST", CHAT, good, "text/plain"), ("POST", CHAT, b"a=1&b=2", "application/x-www-form-urlencoded"),
+            ("POST", CHAT, good, None), ("POST", CHAT, b"", "application/json"), ("GET", "/health/../stats", b"", None),
+            ("POST", CHAT, good, "application/json; charset=latin-1"), ("PATCH", "/health", b"", None),
+        ])
+        reply = send(self.port, request_bytes(method, path, body, ctype))
+        self.tally.record("wrong", reply.status, error_problem(reply) if reply.status >= 400 else None)
+
+    def oversized(self, rng: random.Random) -> None:
+        if rng.random() < 0.3:  # past the 8 MiB body limit
+            raw = request_bytes("POST", CHAT, b'{"messages": "' + b"x" * (9 << 20) + b'"}')
+        else:  # past the context
+            body = {"model": MODEL, "stream": rng.random() < 0.5, "max_tokens": rng.choice([1, 2000, None])}
+            text = words(rng, rng.choice([600, 3000, 30000]))
+            body |= {"messages": [{"role": "user", "content": text}]} if rng.random() < 0.5 else {"prompt": text}
+            raw = request_bytes("POST", CHAT if "messages" in body else COMPLETIONS, json.dumps(body).encode())
+        try:
+            reply = send(self.port, raw)
+        except (ConnectionError, OSError) as exc:  # the server may answer 413 and close before taking it all
+            self.tally.record("oversized", 0, None if isinstance(exc, (BrokenPipeError, ConnectionResetError))
+                              else f"no answer: {exc!r}")
+            return
+        self.tally.record("oversized", reply.status, error_problem(reply) if reply.status != 200 else
+                          "an oversized request was answered 200")
+
+    def keepalive_after_error(self, rng: random.Random) -> None:
+        """An error answer, then a good request on the same connection."""
+        conn = Connection(self.port)
+        try:
+            bad = rng.choice([request_bytes("POST", CHAT, b"{not json"), request_bytes("GET", "/v1/nope"),
+                              request_bytes("POST", CHAT, json.dumps({"model": "other", "messages": []}).encode()),
+                              request_bytes("PUT", COMPLETIONS, b"{}"),
+                              request_bytes("POST", CHAT, json.dumps({"messages": [{"role": "user"}]}).encode())])
+            first = conn.exchange(bad)
+            self.tally.record("keepalive-error", first.status, error_problem(first))
+            if first.headers.get("connection", "").lower() == "close":
+                return
+            body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 8)}], "max_tokens": 4,
+                    "stream": rng.random() < 0.5}
+            second = conn.exchange(request_bytes("POST", CHAT, json.dumps(body).encode()))
+            self.tally.record("keepalive-reuse", second.status, answer_problem(second, body["stream"], 1))
+        finally:
+            conn.close()
+
+    def disconnect(self, rng: random.Random) -> None:
+        """A client that goes away at a random point of its request."""
+        stream = rng.random() < 0.7
+        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.choice([5, 300]))}],
+                "max_tokens": self.long_tokens, "ignore_eos": True, "stream": stream, "n": rng.choice([1, 1, 3])}
+        raw = request_bytes("POST", CHAT, json.dumps(body).encode())
+        point = rng.choice(["headers", "body", "prefill", "stream", "last"])
+        conn = Connection(self.port, timeout=60)
+        try:
+            if point == "headers":
+                conn.sock.sendall(raw[:rng.randrange(1, raw.index(b"\r\n\r\n"))])
+            elif point == "body":
+                conn.sock.sendall(raw[:rng.randrange(raw.index(b"\r\n\r\n") + 4, len(raw))])
+            else:
+                conn.sock.sendall(raw)
+                if point == "prefill":
+                    time.sleep(rng.choice([0, 0.01, 0.05]))
+                elif stream:
+                    self._read_stream_until(conn, point, rng)
+                else:
+                    time.sleep(rng.uniform(0, 0.5))
+        except (ConnectionError, OSError) as exc:
+            self.tally.record("disconnect", 0, f"{point}: {exc!r}")
+        else:
+            self.tally.record("disconnect", 0)
+        finally:
+            hang_up(conn.sock, rng)
+
+    def _read_stream_until(self, conn: Connection, point: str, rng: random.Random) -> None:
+        status, _ = conn.head()
+        if status != 200:
+            return
+        seen = b""
+        for chunk in conn.chunks():
+            seen += chunk
+            if point == "stream" and seen.count(b"data: ") > rng.randint(1, 30):
+                return
+            if point == "last" and b'"finish_reason":"length"' in seen:
+                return
+
+    def slow_reader(self, rng: random.Random) -> None:
+        """A stream whose client stops reading (its receive window fills), then reads on or hangs up."""
+        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 20)}], "stream": True,
+                "max_tokens": self.long_tokens, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
+        conn = Connection(self.port, timeout=120, rcvbuf=4096)
+        try:
+            conn.sock.sendall(request_bytes("POST", CHAT, json.dumps(body).encode()))
+            time.sleep(rng.uniform(1, 5))
+            if rng.random() < 0.5:
+                hang_up(conn.sock, rng)
+                self.tally.record("slow-reader", 0)
+                return
+            reply = conn.reply()
+            self.tally.record("slow-reader", reply.status, answer_problem(reply, True, 1))
+        finally:
+            conn.close()
+
+    def slow_body(self, rng: random.Random) -> None:
+        """A body trickled in over a second or two (answered), or stalled and abandoned."""
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": words(rng, 10)}],
+                           "max_tokens": 2}).encode()
+        raw = request_bytes("POST", CHAT, body)
+        conn = Connection(self.port, timeout=60)
+        try:
+            if rng.random() < 0.5:
+                cut = rng.randrange(raw.index(b"\r\n\r\n") + 4, len(raw))
+                conn.sock.sendall(raw[:cut])
+                time.sleep(rng.uniform(0.5, 4))
+                hang_up(conn.sock, rng)
+                self.tally.record("stalled-body", 0)
+                return
+            for i in range(0, len(raw), 16):
+                conn.sock.sendall(raw[i:i + 16])
+                time.sleep(0.02)
+            reply = conn.reply()
+            self.tally.record("slow-body", reply.status, answer_problem(reply, False, 1))
+        finally:
+            conn.close()
+
+    def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
+        return [(30, self.valid), (4, self.probe), (14, self.fuzz), (6, self.wrong_request), (3, self.oversized),
+                (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader), (4, self.slow_body)]
+
+    def client(self, seed: int, until: float) -> None:
+        rng = random.Random(seed)
+        weights, actions = zip(*self.scenarios())
+        while time.monotonic() < until:
+            action = rng.choices(actions, weights)[0]
+            t0 = time.monotonic()
+            try:
+                action(rng)
+            except Exception as exc:  # noqa: BLE001 - any failure of the server's side is a finding
+                self.tally.record(action.__name__, 0, f"client failed: {exc!r}")
+            with self.tally.lock:
+                name = action.__name__
+                self.tally.slowest_s[name] = max(self.tally.slowest_s.get(name, 0), time.monotonic() - t0)
+
+    def prober(self, stop: threading.Event, interval: float = 0.05) -> None:
+        """/health timed, /stats's pid and /v1/models read, throughout the round."""
+        session = requests.Session()
+        i = 0
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                health = session.get(f"{self.url}/health", timeout=30)
+                elapsed = time.perf_counter() - t0
+                with self.tally.lock:
+                    self.tally.health_ms.append(elapsed * 1000)
+                if health.status_code != 200:
+                    self.tally.record("health", health.status_code, f"/health answered {health.status_code}")
+                if i % 5 == 0:
+                    stats = session.get(f"{self.url}/stats", timeout=30).json()
+                    self.tally.pids.update(w["pid"] for w in stats["workers"])
+                    if session.get(f"{self.url}/v1/models", timeout=30).status_code != 200:
+                        self.tally.record("models", 0, "/v1/models did not answer 200")
+            except requests.RequestException as exc:
+                self.tally.record("health", 0, f"probe failed: {exc!r}")
+            i += 1
+            stop.wait(interval)
+
+
+# -- rounds ---------------------------------------------------------------------------------
+
+def idle_stats(url: str, timeout: float = 60) -> Json:
+    """/stats once the load has drained (nothing running or waiting, every KV block free), or the last seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = requests.get(f"{url}/stats", timeout=30).json()
+        if (stats["active_requests"] == 0 and stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0) \
+                or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def greedy_probe(url: str) -> str:
+    response = requests.post(f"{url}{COMPLETIONS}", json=PROBE, timeout=120)
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+@dataclass
+class RoundResult:
+    seconds: float
+    requests: int
+    statuses: dict[str, int]
+    problems: list[str]
+    health_p50_ms: float
+    health_p99_ms: float
+    health_max_ms: float
+    pids: list[int]
+    rss_mb: float
+    drained: Json
+    slowest_s: dict[str, float]
+
+
+def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int,
+              long_tokens: int = 300) -> RoundResult:
+    tally = Tally()
+    soak = Soak(port, tally, probe_answer, long_tokens)
+    stop = threading.Event()
+    prober = threading.Thread(target=soak.prober, args=(stop,))
+    prober.start()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=soak.client, args=(seed * 1000 + i, t0 + seconds)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loaded_s = time.monotonic() - t0
+    stop.set()
+    prober.join()
+    stats = idle_stats(soak.url)
+    if stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"]:
+        tally.problems.append(f"not drained: {stats}")
+    pid = stats["workers"][0]["pid"]
+    tally.pids.update(w["pid"] for w in stats["workers"])
+    drained = {k: stats[k] for k in ("requests_served", "requests_aborted", "requests_failed", "active_requests",
+                                     "queue_length", "kv_cache_usage", "preemptions")}
+    health = tally.health_ms
+    return RoundResult(loaded_s, tally.requests, dict(sorted(tally.statuses.items())), tally.problems,
+                       percentile(health, 50), percentile(health, 99), max(health, default=0),
+                       sorted(tally.pids), rss_mb(pid), drained,
+                       {k: round(v, 2) for k, v in sorted(tally.slowest_s.items())})
+
+
+def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb: float) -> list[str]:
+    """Every invariant broken over the rounds of one server."""
+    problems = [p for r in rounds for p in r.problems]
+    pids = {pid for r in rounds for pid in r.pids}
+    if len(pids) != 1:
+        problems.append(f"the worker changed: pids {sorted(pids)}")
+    problems += [f"round {i}: /health p99 {r.health_p99_ms:.0f} ms" for i, r in enumerate(rounds)
+                 if r.health_p99_ms > health_p99_ms]
+    if len(rounds) > 1 and rounds[-1].rss_mb - rounds[0].rss_mb > rss_growth_mb:
+        problems.append(f"RSS grew {rounds[0].rss_mb:.0f} -> {rounds[-1].rss_mb:.0f} MB")
+    return problems
+
+
+def soak_server(port: int, rounds: int, seconds: float, clients: int, seed: int) -> tuple[str, list[RoundResult]]:
+    """The idle greedy probe, then `rounds` rounds of load."""
+    answer = greedy_probe(f"http://127.0.0.1:{port}")
+    return answer, [run_round(port, answer, seconds, clients, seed + i) for i in range(rounds)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["default", "none", "int8"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-seconds", type=float, default=60)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--health-p99-ms", type=float, default=300)
+    parser.add_argument("--rss-growth-mb", type=float, default=48)
+    parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = make_checkpoint()
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "uptime": Path("/proc/loadavg").read_text().strip()}
+    failed = False
+    for mode in args.modes:
+        with GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log") as srv:
+            answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed)
+        problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb)
+        failed |= bool(problems)
+        report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}
+        for i, r in enumerate(rounds):
+            print(f"{mode} round {i}: {r.requests} requests in {r.seconds:.0f} s, /health p50 {r.health_p50_ms:.1f} "
+                  f"p99 {r.health_p99_ms:.1f} max {r.health_max_ms:.0f} ms, RSS {r.rss_mb:.0f} MB, {r.drained}")
+            print("   ", r.statuses)
+            print("    slowest (s):", r.slowest_s)
+        print(f"{mode}: {len(problems)} problems", *problems[:40], sep="\n  ")
+    report["uptime_after"] = Path("/proc/loadavg").read_text().strip()
+    (args.out / "soak.json").write_text(json.dumps(report, indent=1))
+    print("load average:", report["uptime"], "->", report["uptime_after"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Hostile load through a real gunicorn server: what the soak (profiles/soak.py) found, and a short soak."""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from checkpoints import make_checkpoint
+from nanoqwen.api import encode
+from nanoqwen.api.body import MAX_SEPARATORS
+from nanoqwen.worker import NanoqwenWorker
+from server_process import REPO_ROOT, GunicornServer
+
+sys.path.insert(0, str(REPO_ROOT / "profiles"))
+import soak  # noqa: E402
+
+USER = [{"role": "user", "content": "Tell me a story about a robot."}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    srv = GunicornServer(cpu_env(make_checkpoint()), tmp_path_factory.mktemp("robust") / "gunicorn.log").start()
+    yield srv
+    srv.stop()
+
+
+Answers = list[requests.Response]
+
+
+def _while_health_polled(srv: GunicornServer, send: Callable[[], Answers]) -> tuple[Answers, list[float]]:
+    """What send() answers, and the /health latencies polled meanwhile."""
+    answers: Answers = []
+    busy = threading.Thread(target=lambda: answers.extend(send()))
+    busy.start()
+    latencies = health_latencies(srv, busy, 0.005)
+    busy.join()
+    return answers, latencies
+
+
+def test_bodies_of_many_tiny_values_are_refused_before_parsing(server: GunicornServer) -> None:
+    """Under 8 MiB but a million values: parsed and validated on the loop they held it for 1-5 s.
+    Past 8 MiB: gunicorn read the rest of the body after the 413 (to reuse the connection) without
+    letting the loop run, 1.8 s for 9 MiB."""
+    url = server.url
+    wide = json.dumps({f"k{i}": 1 for i in range(400_000)})
+    ids = json.dumps({"model": MODEL, "prompt": [1] * 1_000_000, "max_tokens": 1})
+    messages = json.dumps({"model": MODEL, "messages": USER * 100_000, "max_tokens": 1})
+
+    def send() -> Answers:
+        headers = {"Content-Type": "application/json"}
+        bodies = [("/v1/chat/completions", wide), ("/v1/completions", ids), ("/v1/completions", "1" * (9 << 20)),
+                  ("/detokenize", ids.replace("prompt", "tokens")), ("/v1/chat/completions", messages)]
+        return [requests.post(f"{url}{path}", data=data, headers=headers, timeout=60) for path, data in bodies]
+
+    answers, latencies = _while_health_polled(server, send)
+    for answer in answers:
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["error"]["code"] == "request_too_large"
+    assert max(latencies) < 0.75, latencies
+    # a whole context as token ids is within the limit (here it is past the test model's context)
+    full = {"model": MODEL, "prompt": [1] * (MAX_SEPARATORS - 100), "max_tokens": 1}
+    refused = requests.post(f"{url}/v1/completions", json=full, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+    # commas and colons inside strings are not values
+    text = {"model": MODEL, "messages": [{"role": "user", "content": 'a, "b": \\c, ' * (MAX_SEPARATORS // 2)}],
+            "max_tokens": 1}
+    assert post_chat(server, text).json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_large_answer_is_whole_and_health_stays_fast(server: GunicornServer) -> None:
+    """An answer past serving.LARGE_ANSWER objects is built and encoded off the loop."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 64, "n": 2, "logprobs": True, "top_logprobs": 20,
+            "ignore_eos": True, "temperature": 0}
+    answers, latencies = _while_health_polled(server, lambda: [post_chat(server, body)])
+    (answer,) = answers
+    assert answer.status_code == 200 and answer.headers["Content-Type"] == "application/json"
+    choices = answer.json()["choices"]
+    assert [len(c["logprobs"]["content"]) for c in choices] == [64] * 2
+    assert all(len(t["top_logprobs"]) == 20 for c in choices for t in c["logprobs"]["content"])
+    assert len({c["message"]["content"] for c in choices}) == 1  # greedy: every choice the same
+    assert max(latencies) < 0.5, latencies
+
+
+def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flask import Flask
+
+    app = Flask("t")
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    entry = {"token": "é\u2028", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [{"token": "x"}] * 20}
+    answer = {"id": "x", "choices": [{"index": i, "message": {"content": "ü"}, "logprobs": {"content": [entry] * 50}}
+                                     for i in range(3)], "usage": None, "empty": [], "nested": [[{"a": [{}]}]]}
+    calls: list[str] = []
+    dumps = encode._dumps
+    monkeypatch.setattr(encode, "_dumps", lambda value: calls.append(dumps(value)) or calls[-1])
+    with app.app_context():
+        assert encode.encode_json(answer) == app.json.response(answer).get_data()
+    assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most
+
+
+def test_the_loaded_model_is_frozen_out_of_the_collector() -> None:
+    engine = SimpleNamespace(ready=True, load_error=None)
+    try:
+        NanoqwenWorker._watch_load(None, engine)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_short_soak(server: GunicornServer) -> None:
+    """profiles/soak.py for two short rounds: every invariant it checks holds."""
+    answer = soak.greedy_probe(server.url)
+    rounds = [soak.run_round(server.port, answer, seconds=6, clients=6, seed=seed, long_tokens=24) for seed in range(2)]
+    assert soak.soak_problems(rounds, health_p99_ms=300, rss_growth_mb=48) == []
+    assert sum(r.requests for r in rounds) > 30
+    assert {"valid", "fuzz", "disconnect"} <= {key.split()[0] for r in rounds for key in r.statuses}
