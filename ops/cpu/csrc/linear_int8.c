@@ -10,16 +10,15 @@
    (2^-32), with which the error is fp32 rounding alone (3 left up to 3x the reference's). */
 #define PIECES_BF16 2
 #define PIECES_F32 4
-#define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves */
+#define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves: 8 accumulators + the row sum */
 _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F32 == 2, "linear_int8_vnni's cases");
 #define TILE_PIECES 48     /* activation pieces one AMX pass serves: three tiles of 16 columns */
 #define AMX_INT8_MIN_ROWS 2  /* 1 row streams faster by vpdpbusd (bench_cpu_linear, 1 thread: 48.7 vs 51.7 ms by AMX) */
 
 struct linear_int8_args {
     const void *x;         /* the fallbacks: fp32 rows */
-    const int8_t *q;       /* the integer paths: the pieces, as rows of K (vpdpbusd) or act_quads (AMX) */
+    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd) or act_quads (AMX) */
     const float *qscale;   /* [M * P]: each piece's scale */
-    const __m512i *qsum;   /* vpdpbusd: [M * P], each piece row's sums per lane (piece_sums) */
     const int8_t *w;
     const void *scale;
     void *y;
@@ -75,59 +74,40 @@ AVX512_END
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-/* vpdpbusd multiplies u8 by s8: the weights take the unsigned side as w + 128 (one xor per 64 weights, shared
-   by every piece), the pieces the signed one. sum_k (w + 128) q = sum_k w q + 128 sum_k q, and the pieces' sums
-   (`qsum`, per 32-bit lane, as the accumulators hold them) come from the quantisation, once per call: the old
-   order (u8 pieces against s8 weights) took each weight row's sum by one more vpdpbusd per 64 weights, which
-   bound 8 rows (9 vpdpbusd per 64 weights and 4 rows, now 8). The lanes' integers are the same as before. */
-INLINE __m512i weights_u8(const int8_t *w, __mmask64 mask) {
-    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w), _mm512_set1_epi8((char)0x80));
-}
-
-/* qsum[r]: piece row r of q ([R, K] s8)'s sums per 32-bit lane (bytes 4i..4i+3 of every 64 in lane i), R rows. */
-static void piece_sums(const int8_t *q, int R, int K, __m512i *qsum) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    for (int r = 0; r < R; r++) {
-        __m512i s = _mm512_setzero_si512();
-        for (int k = 0; k < K; k += 64)
-            s = _mm512_dpbusd_epi32(s, ones, _mm512_maskz_loadu_epi8(K - k >= 64 ? ~0ull : 0xffffffffull, q + (long)r * K + k));
-        qsum[r] = s;
-    }
-}
-
-/* acc[r] += the 64 weights at w (taken as u8) against piece row r < R of q (rows of K), over the 64 columns at
-   w and q (`mask`: which bytes count). */
-INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc) {
-    const __m512i v = weights_u8(w, mask);
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_maskz_loadu_epi8(mask, q + (long)r * K));
+/* acc[r] += the u8 piece row q + r * K (q + 128) against the 64 weights at w (`mask`: which bytes count), r < R;
+   wsum += their sum, with which the caller takes the 128s out. */
+INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc, __m512i *wsum) {
+    const __m512i v = _mm512_maskz_loadu_epi8(mask, w);
+    *wsum = _mm512_dpbusd_epi32(*wsum, _mm512_set1_epi8(1), v);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(mask, q + (long)r * K), v);
 }
 
 /* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= VNNI_MAX_PIECES):
-   weight row n against their pieces, one vpdpbusd per piece and 64 weights. Two sets of accumulators, for even
-   and odd blocks of 64, so that fewer vpdpbusd wait on the one before (1 row, a 1024 x 1024 weight hot in L2:
-   20-22 vs 23 µs). */
+   weight row n against their pieces (a->q: u8 rows of K, q + 128), one vpdpbusd per piece and 64 weights,
+   plus one against ones for the weight row's sum. Two sets of accumulators, for even and odd blocks of 64,
+   so that fewer vpdpbusd wait on the one before (1 row, a 1024 x 1024 weight hot in L2: 20-22 vs 23 µs). */
 INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
     const int8_t *w = a->w + n * K, *q = a->q + (long)m0 * P * K;
     const float *s = a->qscale + m0 * P;
-    const __m512i *qsum = a->qsum + m0 * P;
-    __m512i acc[2][VNNI_MAX_PIECES];
+    const __mmask64 all = ~0ull;
+    __m512i acc[2][VNNI_MAX_PIECES], wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
     int k = 0;
     for (; k + 128 <= K; k += 128) {
         __builtin_prefetch(w + k + PREFETCH_BYTES);
         __builtin_prefetch(w + k + 64 + PREFETCH_BYTES);
-        dpbusd64(w + k, q + k, R, K, ~0ull, acc[0]);
-        dpbusd64(w + k + 64, q + k + 64, R, K, ~0ull, acc[1]);
+        dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]);
+        dpbusd64(w + k + 64, q + k + 64, R, K, all, acc[1], &wsum[1]);
     }
-    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, ~0ull, acc[0]), k += 64;
-    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1]);  /* K % 64 == 32 */
+    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]), k += 64;
+    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1], &wsum[1]);  /* K % 64 == 32 */
+    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(wsum[0], wsum[1]), 7);
     for (int j = 0; j < rows; j++) {
         __m512 f = _mm512_setzero_ps();
         for (int p = 0; p < P; p++) {
-            const int r = j * P + p;
-            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][r], acc[1][r]), _mm512_slli_epi32(qsum[r], 7));
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[r]), f);
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][j * P + p], acc[1][j * P + p]), offset);
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[j * P + p]), f);
         }
         store_scaled(a->y, (long)(m0 + j) * a->N + n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
     }
@@ -250,19 +230,16 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     if (has_vnni()) {
         const int P = bf16 ? PIECES_BF16 : PIECES_F32;
         const long pieces = (long)M * P;
-        const long scales = 64 * ((pieces * 4 + 63) / 64);
-        __m512i *qsum = thread_scratch(64 * pieces + scales + 2 * pieces * K);
-        float *qscale = (float *)(qsum + pieces);
-        int8_t *q = (int8_t *)qscale + scales, *quads = q + pieces * K;
-        struct linear_int8_args a = {0, q, qscale, qsum, w, scale, y, M, N, K, P, bf16, rows};
+        float *qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K);
+        int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
+        struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows};
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
             act_quant_rows(x, bf16, M, K, P, 0, q, qscale);
             act_quads(q, (int)pieces, K, quads);
             a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
             pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
         } else {
-            act_quant_rows(x, bf16, M, K, P, 0, q, qscale);
-            piece_sums(q, (int)pieces, K, qsum);
+            act_quant_rows(x, bf16, M, K, P, 1, q, qscale);
             pool_run(linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
         return;
@@ -273,6 +250,6 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         xf = widened;
     }
-    struct linear_int8_args a = {xf, 0, 0, 0, w, scale, y, M, N, K, 0, bf16, rows};
+    struct linear_int8_args a = {xf, 0, 0, w, scale, y, M, N, K, 0, bf16, rows};
     pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
 }
