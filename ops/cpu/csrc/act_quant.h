@@ -39,7 +39,6 @@ static inline __m512 act_load16(const void *x, long i, int bf16) {
 }
 
 static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int u8, int8_t *q, float *scale) {
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     const __m128i flip = _mm_set1_epi8((char)0x80);
     for (int m = 0; m < M; m++) {
         const long row = (long)m * K;
@@ -61,10 +60,11 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
         for (int k = 0; k < K; k += 16) {
             __m512 r = act_load16(x, row + k, bf16);
             for (int p = 0; p < P; p++) {
-                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(r, inverses[p]));
-                v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+                /* |r| * inverse <= 127 up to its rounding, so the conversion's saturation is no clamp; only a
+                   row with a NaN or an infinity (NaN scales) reaches it */
+                const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(r, inverses[p]));
                 r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(v), scales[p], r);  /* the exact residual, rounded once */
-                __m128i b = _mm512_cvtepi32_epi8(v);
+                __m128i b = _mm512_cvtsepi32_epi8(v);
                 if (u8) b = _mm_xor_si128(b, flip);
                 _mm_storeu_si128((__m128i *)(q + (long)(m * P + p) * K + k), b);
             }
