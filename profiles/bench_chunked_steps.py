@@ -42,13 +42,13 @@ def measure(args: argparse.Namespace, budget: int) -> dict:
     with torch.inference_mode():
         for i in range(args.streams):
             engine.submit(common.random_prompts(1, 24, seed=i)[0], QWEN_SAMPLING)
-        engine._drain_inbox()
+        engine.drain_inbox()
         while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
             engine.step()
         decode = step_times(engine, args.steps)
         engine.submit(common.random_prompts(1, args.long_tokens, seed=99)[0],
                       SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-        engine._drain_inbox()
+        engine.drain_inbox()
         mixed = step_times(engine, args.steps)
     d, m = statistics.median(decode) * 1000, statistics.median(mixed) * 1000
     return {"max_step_tokens": budget, "decode_ms": d, "mixed_ms": m, "ratio": m / d}

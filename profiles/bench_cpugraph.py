@@ -43,7 +43,7 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
     runner = engine.runner
     for prompt in common.random_prompts(batch, args.prompt_len, seed=0):
         engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    engine._drain_inbox()
+    engine.drain_inbox()
     with torch.inference_mode():
         engine.step()  # prefill
         engine.step()  # a decode step: the block of the token staged below is allocated

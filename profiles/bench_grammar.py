@@ -80,7 +80,7 @@ def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: S
         engine.submit(prompt, last if i == len(prompts) - 1 else free, split_reasoning=False)
     steps = []
     with torch.inference_mode():
-        engine._drain_inbox()
+        engine.drain_inbox()
         engine.step()  # prefill
         while engine.scheduler.has_work:
             if len(engine.scheduler.running) != len(prompts):

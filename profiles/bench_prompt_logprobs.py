@@ -51,7 +51,7 @@ def request(engine, prompt: list[int], params: SamplingParams) -> tuple[float, f
     engine.submit(prompt, params)
     start = time.perf_counter()
     with torch.inference_mode():
-        engine._drain_inbox()
+        engine.drain_inbox()
         while engine.scheduler.has_work:
             engine.step()
     seconds = time.perf_counter() - start

@@ -109,7 +109,7 @@ def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int,
     streams = [engine.submit(p, params)[1] for p in prompts]
     step_s = []
     with torch.inference_mode():
-        engine._drain_inbox()
+        engine.drain_inbox()
         engine.step()  # prefill: every prompt, and the first new token
         while engine.scheduler.has_work:
             if len(engine.scheduler.running) != len(prompts) or engine.scheduler.waiting:

@@ -44,7 +44,7 @@ def main() -> None:
         engine.submit(prompt, params)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode():
-        engine._drain_inbox()
+        engine.drain_inbox()
         for _ in range(1 + args.warmup):  # prefill, then warm-up decode steps
             engine.step()
         if len(engine.scheduler.running) != args.batch:

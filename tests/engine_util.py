@@ -63,8 +63,7 @@ def collect(stream: EventStream, n: int = 1) -> Result:
 
 def engine_step(engine: Engine) -> None:
     """One engine-loop iteration in the calling thread: take in submits and aborts, then one step."""
-    # Engine has no public entry point for taking in its inbox outside the engine thread.
-    engine._drain_inbox()
+    engine.drain_inbox()
     engine.step()
 
 

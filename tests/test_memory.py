@@ -32,7 +32,7 @@ engine = load_engine({path!r}, kernels="auto", graph="auto")  # cpugraph on the 
 grammar = engine.grammars.json_schema({{"type": "object"}}, strict=False, param="response_format")
 params = SamplingParams(temperature=0.0, max_tokens=4, grammar=grammar)
 _, stream = engine.submit([9707, 1879], params, split_reasoning=False)  # constrained from the first token
-engine._drain_inbox()
+engine.drain_inbox()
 while engine.scheduler.has_work:
     engine.step()
 assert collect(stream).choices[0].text.startswith("{{")  # the mask was filled and applied

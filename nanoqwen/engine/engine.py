@@ -99,7 +99,7 @@ class Engine:
             with torch.inference_mode():
                 while not self._stopping:
                     try:
-                        self._drain_inbox()
+                        self.drain_inbox()
                         if not self.scheduler.has_work:
                             # glibc keeps the heap a prefill freed (its working set: tens of MB) for reuse;
                             # when idle, resident memory is worth more than the page faults of the next one
@@ -215,7 +215,9 @@ class Engine:
         }
 
     # -- engine thread --------------------------------------------------------------------
-    def _drain_inbox(self) -> None:
+    def drain_inbox(self) -> None:
+        """Takes in what other threads queued (submits, aborts, fail_all); runs where step() runs: the engine
+        thread, or a synchronous driver (tests, benchmarks) that has not started it."""
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
