@@ -77,15 +77,19 @@ def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
 @pytest.mark.parametrize("m,n,k,g", [(3, 512, 1024, 64), (8, 256, 3072, 64)])
 def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g):
     """A row whose largest activation is 100x the rest: the pieces' error scales with it, the reference's with the
-    products. Four pieces stay within the fp32 reference's distance from the exact product (measured 0.5-0.6x);
-    three do not (1.6-2.1x)."""
+    products. Four pieces stay within the fp32 reference's distance from the exact product (measured 0.5-0.6x on
+    a Xeon, 0.2-0.25x on an EPYC, whose F.linear sums less exactly); three, within their own bound, are over
+    twice as far as four (3.5-7x; on the Xeon also 1.6-2.1x the reference's distance)."""
     x, w, scale, offset = operands(m, n, k, g, torch.float32)
     x[:, 5] *= 100
     exact = x.double() @ dequantize_int4(w, scale, offset).double().T
     reference = (linear_int4_torch(x, w, scale, offset).double() - exact).abs().max()
-    assert (cpu_int4.linear_int4_cpu(x, w, scale, offset).double() - exact).abs().max() <= reference
+    four = (cpu_int4.linear_int4_cpu(x, w, scale, offset).double() - exact).abs().max()
+    assert four <= reference
     monkeypatch.setitem(cpu_int4.PIECES, torch.float32, cpu_int4.PIECES[torch.float32] - 1)
-    assert (cpu_int4.linear_int4_cpu(x, w, scale, offset).double() - exact).abs().max() > reference
+    three = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    err, bound = error_and_bound(x, w, scale, offset, three, cpu_int4.PIECES[torch.float32])
+    assert (err <= bound).all() and (three.double() - exact).abs().max() > 2 * four
 
 
 @needs_vnni

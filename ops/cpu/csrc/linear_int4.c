@@ -16,8 +16,8 @@ void linear_int4_supported(int *ok) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-#define ROWS 8          /* activation rows sharing one transposition of a span's weights */
-#define ROW_PIECES 16   /* the most sums (activation rows x pieces) a pass keeps in registers */
+#define ROWS 8          /* activation rows sharing one transposition of a span's weights: 8 of 1-2 pieces, 4 of 3-4
+                           (16 sums in registers at most) */
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
@@ -216,10 +216,10 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[i][r]), a->bf16);
 }
 
-/* Weight rows start..end - 1, every activation row, ROW_PIECES / P (at most ROWS) at a time. */
+/* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
 static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
     const struct transpose_index t = transpose_indices();
-    const int most = ROW_PIECES / a->P < ROWS ? ROW_PIECES / a->P : ROWS;
+    const int most = a->P <= 2 ? ROWS : ROWS / 2;
     for (long n0 = start; n0 < end; n0 += ROW_BLOCK) {
         const int count = end - n0 < ROW_BLOCK ? (int)(end - n0) : ROW_BLOCK;
         for (int m0 = 0; m0 < a->M; m0 += most) {
