@@ -16,7 +16,10 @@ void linear_int4_supported(int *ok) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-#define ROWS 4          /* activation rows sharing one transposition of a span's weights */
+#define ROWS 8          /* activation rows sharing one transposition of a span's weights: 8 of 1-2 pieces, 4 of 3-4
+                           (16 sums in registers at most) */
+#define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
+#define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
@@ -109,13 +112,13 @@ static struct transpose_index transpose_indices(void) {
 }
 
 /* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
-   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the
+   d of block b; the 512 bytes at `ahead` are prefetched. Three rounds of two-source permutes, each trading one bit of the vector index for one of the
    lane index (z[k] holds blocks 2k, 2k + 1). */
-static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
+static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count, const uint8_t *ahead,
                                                                  const struct transpose_index *t, __m512i o[8]) {
     __m512i z[8], u[8], v[8];
     for (int k = 0; k < 8; k++) {
-        __builtin_prefetch(p + 64 * k + PREFETCH_BYTES);
+        __builtin_prefetch(ahead + 64 * k);
         const int n = count - 2 * k;
         z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
                       : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
@@ -139,65 +142,99 @@ struct linear_int4_args {
     long rows;  /* per chunk */
 };
 
-/* y[m0 + r, n] for r < R (<= ROWS) activation rows of P pieces, both constants where this is inlined. Per span:
-   lane b of the int32 sums collects block b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned
-   operand), then all 16 blocks' sums are converted and scaled at once. */
+/* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
+   this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
+   b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
+   and scaled at once. */
 static inline __attribute__((always_inline)) void
-rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P) {
+span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P, long span,
+          const uint8_t *ahead, __m512 f[ROWS]) {
     const int K = a->K, blocks = K / 64, groups = K / a->G;
-    const long len = a->x.len, lanes = len / 64;
+    const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf);
-    __m512 f[ROWS];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
-    for (long span = 0; span < len / SPAN; span++) {
-        __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
-        const long b0 = span * SPAN_BLOCKS;
-        transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS,
-                       t, o);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
-        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-            const __m512i lo = _mm512_and_si512(o[d], nibble), hi = _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-                    const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
-                    acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
-                    acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
-                }
-        }
-        /* lane b's group scale and offset: each block's group, relative to the span's first */
-        const int g0 = a->x.group[b0];
-        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
-        const int count = groups - g0 < 16 ? groups - g0 : 16;
-        const __m512 s = _mm512_permutexvar_ps(idx, load16(a->scale, n * groups + g0, count, a->bf16));
-        const __m512 off = _mm512_permutexvar_ps(idx, load16(a->offset, n * groups + g0, count, a->bf16));
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            const float *pa = a->x.a + (long)(m0 + r) * P;
-            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
-            _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
-                sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
-            f[r] = _mm512_fmadd_ps(sum, s, f[r]);
-            f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
-        }
+    __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
+    transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS, ahead,
+                   t, o);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
+        const __m512i lo = _mm512_and_si512(o[d], nibble), hi = _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
+                acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
+                acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
+            }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-        store1(a->y, (long)(m0 + r) * a->N + n, _mm512_reduce_add_ps(f[r]), a->bf16);
+    /* lane b's group scale and offset: each block's group, relative to the span's first */
+    const int g0 = a->x.group[b0];
+    const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+    const int count = groups - g0 < 16 ? groups - g0 : 16;
+    const __m512 s = _mm512_permutexvar_ps(idx, load16(a->scale, n * groups + g0, count, a->bf16));
+    const __m512 off = _mm512_permutexvar_ps(idx, load16(a->offset, n * groups + g0, count, a->bf16));
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        const float *pa = a->x.a + (long)(m0 + r) * P;
+        __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
+        _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
+            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
+        f[r] = _mm512_fmadd_ps(sum, s, f[r]);
+        f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
+    }
 }
 
-/* Weight rows start..end - 1, every activation row, ROWS at a time. */
+/* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
+   (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
+   PREFETCH_BYTES ahead. block: each row's next span is prefetched, ROW_BLOCK rows before it is read; a last
+   span, the same row of the next block. */
+static inline __attribute__((always_inline)) void
+rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
+          int block) {
+    const long spans = a->x.len / SPAN, row = a->K / 2;
+    if (!block) {
+        for (int i = 0; i < count; i++) {
+            const uint8_t *w = a->w + (n0 + i) * row;
+            __m512 f[ROWS];
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
+            for (long span = 0; span < spans; span++)
+                span_vnni(a, t, n0 + i, m0, R, P, span, w + span * SPAN / 2 + PREFETCH_BYTES, f);
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+                store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[r]), a->bf16);
+        }
+        return;
+    }
+    __m512 f[ROW_BLOCK][ROWS];
+    for (int i = 0; i < count; i++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
+    for (long span = 0; span < spans; span++)
+        for (int i = 0; i < count; i++) {
+            const uint8_t *w = a->w + (n0 + i) * row;
+            span_vnni(a, t, n0 + i, m0, R, P, span, span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
+                      f[i]);
+        }
+    for (int i = 0; i < count; i++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[i][r]), a->bf16);
+}
+
+/* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
 static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
     const struct transpose_index t = transpose_indices();
-    for (long n = start; n < end; n++)
-        for (int m0 = 0; m0 < a->M; m0 += ROWS) {
-            const int R = a->M - m0 < ROWS ? a->M - m0 : ROWS;
+    const int most = a->P <= 2 ? ROWS : ROWS / 2;
+    for (long n0 = start; n0 < end; n0 += ROW_BLOCK) {
+        const int count = end - n0 < ROW_BLOCK ? (int)(end - n0) : ROW_BLOCK;
+        for (int m0 = 0; m0 < a->M; m0 += most) {
+            const int R = a->M - m0 < most ? a->M - m0 : most;
+            const int block = a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES;
             /* one specialisation per row and piece count: the loops unroll and the sums stay in registers */
-#define CASE(r, p) case (r) * 8 + (p): rows_vnni(a, &t, n, m0, r, p); break;
+#define CASE(r, p) case (r) * 8 + (p): rows_vnni(a, &t, n0, count, m0, r, p, block); break;
             switch (R * 8 + a->P) {
                 CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
                 CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
+                CASE(5, 1) CASE(5, 2) CASE(6, 1) CASE(6, 2) CASE(7, 1) CASE(7, 2) CASE(8, 1) CASE(8, 2)
             }
 #undef CASE
         }
+    }
 }
 
 static void linear_int4_chunk(const void *ctx, long chunk) {
