@@ -38,6 +38,13 @@ def route_logs(worker: GeventWorker) -> None:
     logger.propagate = False
 
 
+def _freeze_loaded_objects() -> None:
+    """A full collection walks every tracked object with the GIL held: walking the loaded process's
+    stalled every greenlet for 0.3-0.6 s each time a large answer's objects triggered one."""
+    gc.collect()
+    gc.freeze()
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -54,9 +61,8 @@ class NanoqwenWorker(GeventWorker):
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
     - once the model is loaded, what exists then (torch, the tokenizer, the model: ~300k objects) is
-      moved out of the garbage collector's reach (gc.freeze): a full collection walks every tracked
-      object with the GIL held, and walking those stalled every greenlet for 0.3-0.6 s each time a
-      large answer's objects triggered one.
+      moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
+      requests are let in).
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
       the grace period ends are failed so that they end with an error event, not a cut.
     """
@@ -93,8 +99,8 @@ class NanoqwenWorker(GeventWorker):
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine
 
-        engine.start()
-        gevent.spawn(self._watch_load, engine)
+        engine.start(before_ready=_freeze_loaded_objects)
+        gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
         super().run()
 
@@ -104,13 +110,11 @@ class NanoqwenWorker(GeventWorker):
             stats.publish()
             gevent.sleep(PUBLISH_S)
 
-    def _watch_load(self, engine: Engine) -> None:
+    def _exit_if_load_fails(self, engine: Engine) -> None:
         while not engine.ready:
             if engine.load_error is not None:  # the engine logged why
                 sys.exit(Arbiter.WORKER_BOOT_ERROR)  # gevent re-raises SystemExit in the main greenlet
             gevent.sleep(LOAD_POLL_S)
-        gc.collect()
-        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # SIGTERM: graceful shutdown
         super().handle_exit(sig, frame)

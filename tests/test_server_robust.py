@@ -6,16 +6,17 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import requests
 
 from chat_http import MODEL, cpu_env, health_latencies, post_chat
 from checkpoints import make_checkpoint
+from nanoqwen import worker
 from nanoqwen.api import encode
 from nanoqwen.api.body import MAX_SEPARATORS
-from nanoqwen.worker import NanoqwenWorker
+from nanoqwen.engine import Engine, EngineConfig
 from server_process import REPO_ROOT, GunicornServer
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
@@ -95,8 +96,9 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     entry = {"token": "é\u2028", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [{"token": "x"}] * 20}
-    answer = {"id": "x", "choices": [{"index": i, "message": {"content": "ü"}, "logprobs": {"content": [entry] * 50}}
-                                     for i in range(3)], "usage": None, "empty": [], "nested": [[{"a": [{}]}]]}
+    logprobs = {"content": [entry] * 50, "top_logprobs": [None, *[entry] * 30]}  # echo's start with None
+    answer = {"id": "x", "choices": [{"index": i, "message": {"content": "ü"}, "logprobs": logprobs} for i in range(3)],
+              "usage": None, "empty": [], "nested": [[{"a": [{}]}]]}
     calls: list[str] = []
     dumps = encode._dumps
     monkeypatch.setattr(encode, "_dumps", lambda value: calls.append(dumps(value)) or calls[-1])
@@ -105,11 +107,21 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most
 
 
-def test_the_loaded_model_is_frozen_out_of_the_collector() -> None:
-    engine = SimpleNamespace(ready=True, load_error=None)
+def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
+    """The worker's hook freezes what the load left, in the engine thread before requests are let in."""
+    engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
+                                 kernels="torch", cache_dir=str(tmp_path)))
+    ready_at_freeze = []
+
+    def freeze() -> None:
+        ready_at_freeze.append(engine.ready)
+        worker._freeze_loaded_objects()
+
+    gc.unfreeze()
     try:
-        NanoqwenWorker._watch_load(None, engine)
-        assert gc.get_freeze_count() > 0
+        engine.load(before_ready=freeze)
+        assert ready_at_freeze == [False] and engine.ready
+        assert gc.get_freeze_count() > 10_000  # torch, the tokenizer and the model's objects
     finally:
         gc.unfreeze()
 

@@ -48,9 +48,12 @@ def _read_yielding(request: Request) -> bytes:
     returns without switching greenlets, so reading megabytes in one call held the loop."""
     stream = request.stream  # raises 413 when the Content-Length is past MAX_CONTENT_LENGTH
     chunks = []
-    while chunk := stream.read(READ_CHUNK):  # a chunked body past the limit raises 413 here
+    # a read past the limit raises 413 even where the body ended just at it (chunked, exactly 8 MiB)
+    while not stream.is_exhausted and (chunk := stream.read(READ_CHUNK)):
         chunks.append(chunk)
         gevent.sleep(0)
+    if stream.is_exhausted and request.environ["wsgi.input"].read(1):  # a chunked body past the limit
+        raise RequestEntityTooLarge()
     return b"".join(chunks)
 
 

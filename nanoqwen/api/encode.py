@@ -21,7 +21,8 @@ def _pieces(value: Any, depth: int, out: list[str]) -> None:
             out.append(f"{',' if i else ''}{_dumps(key)}:")
             _pieces(item, depth + 1, out)
         out.append("}")
-    elif depth < SPLIT_DEPTH and isinstance(value, list) and value and isinstance(value[0], (dict, list)):
+    elif depth < SPLIT_DEPTH and isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        # not only value[0]: echo's top_logprobs start with None (the prompt's first token)
         out.append("[")
         for i, item in enumerate(value):
             if i:

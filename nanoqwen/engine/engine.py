@@ -9,6 +9,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Callable
 
 import torch
 
@@ -51,10 +52,12 @@ class Engine:
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        start_native_thread(self._main)
+    def start(self, before_ready: Callable[[], None] | None = None) -> None:
+        """Loads the model and serves in the engine thread; `before_ready` runs there once the model is
+        loaded, before `ready` lets requests in."""
+        start_native_thread(lambda: self._main(before_ready))
 
-    def load(self) -> None:
+    def load(self, before_ready: Callable[[], None] | None = None) -> None:
         """Loads the model in the calling thread (start() does it in the engine thread)."""
         cfg = self.config
         started = time.perf_counter()
@@ -73,6 +76,8 @@ class Engine:
                                    cfg.prefill_stall)
         with torch.inference_mode():
             self.runner = ModelRunner(loaded.model, runtime)
+        if before_ready is not None:
+            before_ready()
         self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
@@ -88,10 +93,10 @@ class Engine:
         self._wakeup.set()
         self._stopped.wait(timeout)
 
-    def _main(self) -> None:
+    def _main(self, before_ready: Callable[[], None] | None) -> None:
         try:
             try:
-                self.load()
+                self.load(before_ready)
             except Exception as exc:  # reported by /health; the thread ends
                 self.load_error = str(exc) if isinstance(exc, (loader.ModelLoadError, ValueError)) else repr(exc)
                 log.error("model load failed: %s", self.load_error)
