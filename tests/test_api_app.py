@@ -1,13 +1,20 @@
 """The Flask app around an engine that is not serving (yet): no gunicorn, no model load."""
 from __future__ import annotations
 
+import io
 import re
 import time
 from pathlib import Path
 
+import flask
+import pytest
+from flask import Flask
 from flask.testing import FlaskClient
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.test import EnvironBuilder
 
 from nanoqwen.api.app import create_app
+from nanoqwen.api.body import read_body
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.engine import Engine, EngineConfig
@@ -93,3 +100,20 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "response_format": {"type": "xml"}})
     assert not validator.is_valid({**CHAT, "reasoning_effort": "extreme"})
     assert not validator.is_valid({**CHAT, "logit_bias": {"11": "a"}})
+
+
+@pytest.mark.parametrize("size,too_large", [(4096, False), (4095, False), (4097, True)])
+def test_a_chunked_body_may_fill_the_size_limit(size: int, too_large: bool) -> None:
+    """A chunked body has no Content-Length: werkzeug bounds it by the limit, and one more read at the limit
+    raises 413 even where the body ended there."""
+    app = Flask("t")
+    app.config["MAX_CONTENT_LENGTH"] = 4096
+    environ = EnvironBuilder(method="POST").get_environ()
+    environ.update({"wsgi.input": io.BytesIO(b"x" * size), "wsgi.input_terminated": True})
+    environ.pop("CONTENT_LENGTH", None)
+    with app.request_context(environ):
+        if too_large:
+            with pytest.raises(RequestEntityTooLarge):
+                read_body(flask.request, timeout_s=5)
+        else:
+            assert read_body(flask.request, timeout_s=5) == b"x" * size
