@@ -115,7 +115,8 @@ def parse_json(data: bytes) -> Any:
     """Decoded JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more values
     than a request needs."""
     if _too_many_values(data):
-        raise APIError(413, f"The JSON body has more than {MAX_SEPARATORS} values.", code="request_too_large")
+        raise APIError(413, f"The JSON body has more than {MAX_SEPARATORS} values in all (send a large batch as "
+                       "several requests).", code="request_too_large")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

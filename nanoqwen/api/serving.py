@@ -68,8 +68,8 @@ def client_disconnected(environ: dict[str, Any]) -> bool:
 
 
 def answer_weight(event: Event) -> int:
-    """About the JSON objects an event adds to a collected answer: its text, each token's logprob
-    and its alternatives (the prompt's too, with echo)."""
+    """About the JSON objects an event adds to a collected answer: one for the event (its text), and
+    with logprobs one per token and per alternative (the prompt's too, with echo)."""
     scored = [*(event.logprobs or ()), *(event.prompt_logprobs.tokens if event.prompt_logprobs else ())]
     return 1 + sum(1 + len(lp.top_logprobs) for lp in scored)
 
@@ -136,6 +136,8 @@ class Serving:
         self.stats = stats
         self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
         self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
+        # every job is an answer already generated: waiting beats refusing it, and it shares no lane with prompts
+        self.encoding = NativePool(1, max_pending=1 << 20)
         self._info: dict[str, Any] | None = None
 
     @property
@@ -239,8 +241,7 @@ class Serving:
         self.stats.finish(trace, usage)
         if weight < LARGE_ANSWER:
             return builder.build(usage)
-        body = self.off_loop(self.config.long_prompt_chars, lambda: encode_json(builder.build(usage)))
-        return Response(body, mimetype="application/json")
+        return Response(self.encoding.run(lambda: encode_json(builder.build(usage))), mimetype="application/json")
 
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
         finished = False
