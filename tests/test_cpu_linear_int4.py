@@ -25,7 +25,7 @@ needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supp
 # loop; more rows take it in passes of that many
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
           (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
-          (4, 48, 2048, 256), (6, 37, 2112, 64)]
+          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64)]
 
 
 def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -60,7 +60,7 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype):
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (16, 35, 1024, 64)])
+@pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (16, 35, 1024, 64), (8, 37, 4160, 64)])
 @pytest.mark.parametrize("dtype,fewer", [(torch.float32, 2), (torch.bfloat16, 1)])
 def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
     """The bound above sees a missing piece in bf16 (measured 6-12x over it, 0.7-0.8x of it with both); fp32's
@@ -69,8 +69,11 @@ def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
     x, w, scale, offset = operands(m, n, k, g, dtype)
     pieces = cpu_int4.PIECES[dtype]
     monkeypatch.setitem(cpu_int4.PIECES, dtype, pieces - fewer)
-    err, bound = error_and_bound(x, w, scale, offset, cpu_int4.linear_int4_cpu(x, w, scale, offset), pieces)
+    out = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    err, bound = error_and_bound(x, w, scale, offset, out, pieces)
     assert (err > 2 * bound).any()
+    err, bound = error_and_bound(x, w, scale, offset, out, pieces - fewer)  # and every output written
+    assert (err <= bound).all(), (err / bound).max()
 
 
 @needs_vnni

@@ -112,8 +112,8 @@ static struct transpose_index transpose_indices(void) {
 }
 
 /* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
-   d of block b; the 512 bytes at `ahead` are prefetched. Three rounds of two-source permutes, each trading one bit of the vector index for one of the
-   lane index (z[k] holds blocks 2k, 2k + 1). */
+   d of block b; the 512 bytes at `ahead` are prefetched. Three rounds of two-source permutes, each trading one bit
+   of the vector index for one of the lane index (z[k] holds blocks 2k, 2k + 1). */
 static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count, const uint8_t *ahead,
                                                                  const struct transpose_index *t, __m512i o[8]) {
     __m512i z[8], u[8], v[8];
@@ -184,7 +184,7 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
 
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
-   PREFETCH_BYTES ahead. block: each row's next span is prefetched, ROW_BLOCK rows before it is read; a last
+   PREFETCH_BYTES ahead. block: each row's next span is prefetched, `count` rows before it is read; a last
    span, the same row of the next block. */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
