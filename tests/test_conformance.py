@@ -466,12 +466,20 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
     tokens = requests.post(f"{server.url}/tokenize", json={"model": MODEL, **prefill}, timeout=60).json()["tokens"]
     text = requests.post(f"{server.url}/detokenize", json={"tokens": tokens}, timeout=60).json()["prompt"]
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the best")  # no <|im_end|>
-    answer = _chat(server, **prefill, max_tokens=6)["choices"][0]["message"]
-    raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
-        "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
-    assert answer["content"] == raw
-    for bad in ({**prefill, "add_generation_prompt": True}, {**prefill, "messages": USER}):
-        assert _error(post_chat(server, {**GREEDY, **bad}))["param"] == "continue_final_message"
+    # With thinking on (the default) too, the template closed the message's think block: the
+    # continuation is content, even a `<think>` (forced here) the model writes in it.
+    [think_id] = requests.post(f"{server.url}/tokenize", json={"prompt": "<think>"}, timeout=60).json()["tokens"]
+    for bias in (None, {str(think_id): 100}):
+        raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0,
+            "logit_bias": bias}).json()["choices"][0]["text"]
+        for thinking in (NO_THINKING, {"chat_template_kwargs": None}):
+            answer = _chat(server, **prefill, **thinking, max_tokens=6, logit_bias=bias)["choices"][0]["message"]
+            assert (answer["content"], answer.get("reasoning_content")) == (raw, None)
+    constrained = ({"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": "required"},
+                   {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    for bad in ({"add_generation_prompt": True}, {"messages": USER}, *constrained):
+        assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

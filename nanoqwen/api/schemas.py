@@ -466,8 +466,14 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def split_reasoning(self) -> bool:
-        """False when thinking is switched off: the template closed the think block already."""
-        return self.enable_thinking is not False
+        """False when thinking is switched off or the answer continues the final message: the template
+        closed the think block already (Qwen3's closes a final assistant message's)."""
+        return self.enable_thinking is not False and not self.continue_final_message
+
+    @property
+    def constrains_answer(self) -> bool:
+        """The answer is grammar-constrained: a JSON response_format or a forced tool call."""
+        return self.forces_tool_call or (self.response_format is not None and self.response_format.type != "text")
 
     @property
     def forces_tool_call(self) -> bool:
@@ -560,6 +566,10 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
                             "in 'tools'", param="tool_choice")
+    if req.continue_final_message and req.constrains_answer:
+        raise APIError(400, "continue_final_message cannot be combined with a constrained answer (response_format "
+                            "json_object/json_schema, tool_choice \"required\" or a named function): the grammar "
+                            "would not take the prefilled text into account", param="continue_final_message")
     if req.forces_tool_call and req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
                             "or a named function): the answer is the call", param="response_format")
