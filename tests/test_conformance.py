@@ -418,7 +418,7 @@ def test_continuous_usage_stats(server: GunicornServer, path: str, body: dict[st
 
 
 def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
-    """`completion_tokens_details.reasoning_tokens`: each choice's tokens before its first content
+    """`completion_tokens_details.reasoning_tokens`: each choice's tokens through its `</think>` token
     (the think tags included) when it reasoned, summed over the choices."""
     events = [
         Event(index=0, token_ids=[1]),  # <think>: no text of its own
@@ -426,13 +426,14 @@ def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
         Event(index=0, reasoning="hmm", token_ids=[2]),
         Event(index=0, reasoning=" ok", token_ids=[3]),
         Event(index=0, token_ids=[4]),  # </think>
+        Event(index=0, token_ids=[9]),  # content held back (a stop string's prefix): not reasoning
         Event(index=1, text=" there", token_ids=[6], finish_reason="stop"),
         Event(index=0, text="A", token_ids=[7]),
         Event(index=0, text="B", token_ids=[8], finish_reason="stop"),
     ]
     usage = Usage(prompt_tokens=3, completion_tokens=len(events))
-    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False)
-    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2)
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False, think_end=4)
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2, think_end=4)
     for event in events:
         collected.add(event)
         streamed.chunks(event)

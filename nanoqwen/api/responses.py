@@ -47,22 +47,31 @@ def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> Json:
 
 @dataclass
 class ReasoningTokens:
-    """One choice's reasoning tokens: those before its first content, the think tags included,
-    when it reasoned at all (0 otherwise)."""
+    """One choice's reasoning tokens: those through its `</think>` token (`end_id`), the think tags
+    included, when it reasoned at all (0 otherwise). Content text before any `</think>` token ends
+    the count too (a tag the model wrote in pieces)."""
 
-    _before_content: int = 0
-    _answered: bool = False
+    end_id: int | None = None
+    _count: int = 0
+    _closed: bool = False
     _reasoned: bool = False
 
     def add(self, event: Event) -> None:
-        self._answered = self._answered or bool(event.text)
         self._reasoned = self._reasoned or bool(event.reasoning)
-        if not self._answered:
-            self._before_content += len(event.token_ids)
+        if self._closed:
+            return
+        ids = event.token_ids
+        if self.end_id in ids:
+            self._count += ids.index(self.end_id) + 1
+            self._closed = True
+        elif event.text:
+            self._closed = True
+        else:
+            self._count += len(ids)
 
     @property
     def count(self) -> int:
-        return self._before_content if self._reasoned else 0
+        return self._count if self._reasoned else 0
 
 
 @dataclass
@@ -135,11 +144,12 @@ class CompletionBuilder:
     want_logprobs: bool
     tools: ToolParsing = ToolParsing()
     include_reasoning: bool = True  # vLLM's `include_reasoning: false`: the model reasons, the answer omits it
+    think_end: int | None = None  # `</think>`'s token id: reasoning tokens are counted through it
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._choices = [Choice() for _ in range(self.n)]
+        self._choices = [Choice(reasoning_tokens=ReasoningTokens(self.think_end)) for _ in range(self.n)]
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
@@ -185,12 +195,13 @@ class ChunkBuilder:
     n: int = 1
     running: RunningUsage | None = None
     include_reasoning: bool = True
+    think_end: int | None = None
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
-        self._reasoning = [ReasoningTokens() for _ in range(self.n)]
+        self._reasoning = [ReasoningTokens(self.think_end) for _ in range(self.n)]
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
