@@ -24,7 +24,7 @@ from openai.types.chat import completion_create_params as chat_params
 from chat_http import MODEL, cpu_env, post_chat, sse_payloads
 from checkpoints import make_checkpoint
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
-from nanoqwen.engine.request import Event, Usage
+from nanoqwen.engine.request import Event, TokenLogprob, Usage
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -442,6 +442,29 @@ def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
     assert streamed.chunks(Event(usage=usage))[-1]["usage"]["completion_tokens_details"] == details
 
 
+def test_include_reasoning_false_streams_the_content_tokens_logprobs_only() -> None:
+    """A token not yet known to be reasoning or content (`<think>`, a held-back `<`) waits for the
+    choice to show which."""
+    def event(index: int, token: int, text: str = "", reasoning: str = "", finish: str | None = None) -> Event:
+        return Event(index=index, text=text, reasoning=reasoning, token_ids=[token], finish_reason=finish,
+                     logprobs=[TokenLogprob(token, str(token), -1.0, [], [])])
+
+    events = [event(0, 1), event(1, 10), event(0, 2, reasoning="hmm"), event(1, 11, text="<p"),
+              event(0, 4), event(0, 7, text="A"), event(1, 12), event(0, 8, text="B", finish="stop"),
+              event(1, 13, finish="length")]
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=False, n=2, include_reasoning=False, think_end=4)
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=True, include_reasoning=False, think_end=4)
+    shown: dict[int, list[str]] = {0: [], 1: []}
+    for e in events:
+        collected.add(e)
+        for chunk in streamed.chunks(e):
+            choice = chunk["choices"][0]
+            shown[choice["index"]] += [lp["token"] for lp in (choice["logprobs"] or {}).get("content", [])]
+    assert shown == {0: ["7", "8"], 1: ["10", "11", "12", "13"]}
+    choices = collected.build(Usage(prompt_tokens=1, completion_tokens=len(events)))["choices"]
+    assert [[lp["token"] for lp in c["logprobs"]["content"]] for c in choices] == [shown[0], shown[1]]
+
+
 def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is
     none. vLLM's `include_reasoning: false` leaves it out of the answer, not out of the usage."""
@@ -456,13 +479,20 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     assert last["usage"] == shown["usage"]
     assert _chat(server)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
 
-    hidden = post_chat(server, {**thinking, "include_reasoning": False}).json()
+    # the reasoning tokens' logprobs are left out too (their tokens are its text); the content's stay
+    hide = {"include_reasoning": False, "logprobs": True}
+    hidden = post_chat(server, {**thinking, **hide}).json()
     assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["choices"][0]["logprobs"] == {"content": []}
     assert hidden["usage"] == shown["usage"]
-    *streamed, last = _chunks(server, {**thinking, "include_reasoning": False,
-                                       "stream_options": {"include_usage": True}})
+    *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
     assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert all(c["choices"][0]["logprobs"] is None for c in streamed)
     assert last["usage"] == shown["usage"]
+    answer = _chat(server, **hide)["choices"][0]["logprobs"]["content"]
+    assert len(answer) == GREEDY["max_tokens"]
+    assert [lp for c in _chunks(server, {**GREEDY, **hide}) for lp in (c["choices"][0]["logprobs"] or {}).get(
+        "content", [])] == answer
 
 
 def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> None:

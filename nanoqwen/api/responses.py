@@ -5,7 +5,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
@@ -55,23 +55,38 @@ class ReasoningTokens:
     _count: int = 0
     _closed: bool = False
     _reasoned: bool = False
+    _held: list[TokenLogprob] = field(default_factory=list)
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event) -> int:
+        """How many of the event's tokens are before the content (reasoning, if the choice reasoned)."""
         self._reasoned = self._reasoned or bool(event.reasoning)
         if self._closed:
-            return
+            return 0
         ids = event.token_ids
+        counted = len(ids)
         if self.end_id in ids:
-            self._count += ids.index(self.end_id) + 1
-            self._closed = True
+            counted, self._closed = ids.index(self.end_id) + 1, True
         elif event.text:
-            self._closed = True
-        else:
-            self._count += len(ids)
+            counted, self._closed = 0, True
+        self._count += counted
+        return counted
 
     @property
     def count(self) -> int:
         return self._count if self._reasoned else 0
+
+    def content_logprobs(self, event: Event, counted: int) -> list[TokenLogprob]:
+        """The event's logprobs less the reasoning tokens' (`counted`: what add returned), as
+        `include_reasoning: false` streams them: those of tokens not yet known to be reasoning or
+        content are held until the choice shows which (its first reasoning, content or finish)."""
+        logprobs = event.logprobs or []
+        self._held += logprobs[:counted]
+        out = logprobs[counted:]
+        if self._reasoned:
+            self._held = []
+        elif self._closed or event.finish_reason is not None:
+            out, self._held = self._held + out, []
+        return out
 
 
 @dataclass
@@ -165,10 +180,12 @@ class CompletionBuilder:
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
+        # vLLM's include_reasoning false: the reasoning tokens' logprobs are left out too (they carry its text)
+        logprobs = choice.logprobs if self.include_reasoning else choice.logprobs[choice.reasoning_tokens.count:]
         return {
             "index": index,
             "message": _with_reasoning(message, "".join(choice.reasoning) if self.include_reasoning else ""),
-            "logprobs": logprobs_json(choice.logprobs) if self.want_logprobs else None,
+            "logprobs": logprobs_json(logprobs) if self.want_logprobs else None,
             "finish_reason": reason,
         }
 
@@ -223,7 +240,10 @@ class ChunkBuilder:
         """The chunks one engine event turns into (an error is the server's to send)."""
         if self.running is not None:
             self.running.add(event)
-        self._reasoning[event.index].add(event)
+        reasoning = self._reasoning[event.index]
+        counted = reasoning.add(event)
+        if not self.include_reasoning and event.logprobs is not None:
+            event = replace(event, logprobs=reasoning.content_logprobs(event, counted))
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
