@@ -302,7 +302,8 @@ def test_a_call_without_arguments_in_the_history(server: GunicornServer) -> None
         return response.json()["tokens"]
 
     assert tokens(history("")) == tokens(history("{}"))
-    assert _chat(server, messages=history(""), tools=TOOLS)["choices"][0]["finish_reason"] == "length"
+    answers = [_chat(server, messages=history(arguments), tools=TOOLS)["choices"] for arguments in ("", "{}")]
+    assert answers[0] == answers[1]
 
 
 def test_reasoning_effort_levels(server: GunicornServer) -> None:
