@@ -365,6 +365,7 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"messages": [{}]}, "messages.[0].role", None),
     ({"messages": [{"role": 123}]}, "messages.[0].role", None),
     ({"messages": [{"role": "system", "content": 123}]}, "messages.[0].content", None),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.[0].content", None),  # OpenAI's minimum length
     ({"messages": [{"role": "system", "content": "test"}, {}]}, "messages.[1].role", None),
 ])
 def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any], param: str,

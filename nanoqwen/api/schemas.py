@@ -44,7 +44,7 @@ UNSUPPORTED_FIELDS = (
     "guided_decoding_backend", "guided_whitespace_pattern",
 )
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
-# Content part types of OpenAI's that carry other media than text.
+# Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
@@ -90,14 +90,15 @@ class NamedToolChoice(Strict):
     function: FunctionName
 
 
-def _tool_choice_kind(value: Any) -> str:
-    return "mode" if isinstance(value, str) else "function"
+def _string_or_not(value: Any) -> str:
+    """The tag of a union of a string form and another: the discriminator reports only the matching form's errors."""
+    return "string" if isinstance(value, str) else "other"
 
 
 # The discriminator sends an object straight to NamedToolChoice, so its errors are the ones reported.
 ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("mode")] | Annotated[NamedToolChoice, Tag("function")],
-    Discriminator(_tool_choice_kind),
+    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("other")],
+    Discriminator(_string_or_not),
 ]
 
 
@@ -125,19 +126,24 @@ class JsonSchemaFormat(Strict):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+def _decode_arguments(arguments: str) -> Any:
+    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
+    return json.loads(arguments) if arguments.strip() else {}
+
+
 class FunctionCall(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str  # a JSON object, as OpenAI returns it; "" (as clients send a call without any): {}
+    arguments: str  # a JSON object, as OpenAI returns it
 
     @property
     def parsed_arguments(self) -> dict[str, Any]:
-        return json.loads(self.arguments) if self.arguments.strip() else {}
+        return _decode_arguments(self.arguments)
 
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
         try:
-            parsed = json.loads(value) if value.strip() else {}
+            parsed = _decode_arguments(value)
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -187,13 +193,10 @@ class RefusalPart(Strict):
 ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
-def _content_kind(value: Any) -> str:
-    return "text" if isinstance(value, str) else "parts"
-
-
 def _text_or(parts: Any) -> Any:
-    """A string or a list of `parts`: the discriminator reports only the matching form's errors."""
-    return Annotated[Annotated[str, Tag("text")] | Annotated[list[parts], Tag("parts")], Discriminator(_content_kind)]
+    """A string or a list of `parts`."""
+    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other")],
+                     Discriminator(_string_or_not)]
 
 
 MessageContent = _text_or(ContentPart)
@@ -231,6 +234,8 @@ class ChatMessage(Strict):
             return value
         if not isinstance(value, list):
             raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
+        if not value:  # OpenAI's minimum length
+            raise ValueError("content must not be an empty list")
         media = sorted({p["type"] for p in value if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES})
         if media:
             raise PydanticCustomError("unsupported", "{types} content parts: this server is text only",
