@@ -24,6 +24,7 @@ from openai.types.chat import completion_create_params as chat_params
 from chat_http import MODEL, cpu_env, post_chat, sse_payloads
 from checkpoints import make_checkpoint
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
+from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 from server_process import GunicornServer
 
@@ -372,6 +373,19 @@ def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any
                                      code: str | None) -> None:
     error = _error(post_chat(server, {**GREEDY, **body}))
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+@pytest.mark.parametrize("schema,loc,public", [
+    (CompletionRequest, ("prompt", "list[list[int]]", 0, 0), ("prompt", 0, 0)),  # a union inside a union's member
+    (CompletionRequest, ("prompt", "list[int]", 0), ("prompt", 0)),
+    (ChatCompletionRequest, ("messages", 0, "content", "other", 0, "text", "text"),
+     ("messages", 0, "content", 0, "text")),
+    (ChatCompletionRequest, ("response_format", "json_schema", "json_schema", "name"),
+     ("response_format", "json_schema", "name")),
+])
+def test_public_loc_keeps_the_named_union_member(schema: type[pydantic.BaseModel], loc: tuple[Any, ...],
+                                                 public: tuple[Any, ...]) -> None:
+    assert public_loc(schema, loc) == public
 
 
 @pytest.mark.parametrize("field,ids", [("stop_token_ids", [5, 10**7, -1]), ("logit_bias", {"5": 1, str(10**7): 1})])

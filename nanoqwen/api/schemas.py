@@ -587,13 +587,25 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
 
-def _members(annotation: Any) -> list[Any]:
-    """The types a value of `annotation` may take: Annotated and Optional unwrapped, unions flattened."""
+def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:
+    """The types a value of `annotation` may take (Annotated and Optional unwrapped, unions flattened),
+    each with the tags a discriminator gives it (`Tag`s on the way to it)."""
     if get_origin(annotation) is Annotated:
-        return _members(get_args(annotation)[0])
+        annotation, *metadata = get_args(annotation)
+        return _members(annotation, tags | {m.tag for m in metadata if isinstance(m, Tag)})
     if get_origin(annotation) in (Union, UnionType):
-        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
-    return [annotation]
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg, tags)]
+    return [(annotation, tags)]
+
+
+def _names(member: tuple[Any, frozenset[str]]) -> frozenset[str]:
+    """What pydantic may name a union member in an error's location: its tag, its `type` literal
+    (a `type`-discriminated union), or its type's name (a smart union: `str`, `list[int]`)."""
+    annotation, tags = member
+    names = {*tags, annotation.__name__ if isinstance(annotation, type) else str(annotation)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "type" in annotation.model_fields:
+        names.update(str(v) for v in get_args(annotation.model_fields["type"].annotation))
+    return frozenset(names)
 
 
 def _child(annotation: Any, part: int | str) -> Any | None:
@@ -613,15 +625,16 @@ def public_loc(schema: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[int
     """A validation error's location as the client wrote it: without the tags pydantic inserts after a
     union (`response_format.json_schema.json_schema.name` -> `response_format.json_schema.name`)."""
     out: list[int | str] = []
-    members: list[Any] = [schema]
+    members = _members(schema)
     tagged = False
     for part in loc:
         if len(members) > 1 and not tagged:  # pydantic names the union member before going into it
+            members = [m for m in members if part in _names(m)] or members  # the named one, where it can be told
             tagged = True
             continue
         out.append(part)
-        members = [m for parent in members if (child := _child(parent, part)) is not None for m in _members(child)]
-        members, tagged = members or [Any], False
+        members = [m for parent, _ in members if (child := _child(parent, part)) is not None for m in _members(child)]
+        members, tagged = members or [(Any, frozenset())], False
     return tuple(out)
 
 
