@@ -24,7 +24,8 @@ from openai.types.chat import completion_create_params as chat_params
 from chat_http import MODEL, cpu_env, post_chat, sse_payloads
 from checkpoints import make_checkpoint
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
-from nanoqwen.engine.request import Event, Usage
+from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
+from nanoqwen.engine.request import Event, TokenLogprob, Usage
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -33,6 +34,7 @@ GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 4, *
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}]
 
+OPENAI_VERSION = "3.57.0"  # the version setup.cfg's test extra pins
 # A value for every request field of openai's chat CompletionCreateParams; what it must answer.
 CHAT_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
     "audio": ({"voice": "alloy", "format": "wav"}, "refused"),
@@ -131,8 +133,10 @@ def _error(response: requests.Response, status: int = 400) -> dict[str, Any]:
 
 
 def test_the_field_lists_are_the_openai_packages() -> None:
-    assert set(CHAT_FIELDS) == set(chat_params.CompletionCreateParamsBase.__annotations__)
-    assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__)
+    hint = (f"the field lists are openai {OPENAI_VERSION}'s, {openai.__version__} is installed: install "
+            f"openai=={OPENAI_VERSION} (setup.cfg's test extra), or bump both and list the new fields")
+    assert set(CHAT_FIELDS) == set(chat_params.CompletionCreateParamsBase.__annotations__), hint
+    assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__), hint
 
 
 ENDPOINTS = {  # path -> (its fields, a minimal body)
@@ -299,16 +303,20 @@ def test_a_call_without_arguments_in_the_history(server: GunicornServer) -> None
         return response.json()["tokens"]
 
     assert tokens(history("")) == tokens(history("{}"))
-    assert _chat(server, messages=history(""), tools=TOOLS)["choices"][0]["finish_reason"] == "length"
+    answers = [_chat(server, messages=history(arguments), tools=TOOLS)["choices"] for arguments in ("", "{}")]
+    assert answers[0] == answers[1]
 
 
 def test_reasoning_effort_levels(server: GunicornServer) -> None:
-    """OpenAI's newer levels switch thinking on as the others do (Qwen3 has no effort levels)."""
+    """OpenAI's newer levels switch thinking on as the others do (Qwen3 has no effort levels); "none"
+    switches it off."""
+    for effort in ("xhigh", "max"):  # thinking on: enable_thinking false contradicts it
+        assert _error(post_chat(server, {**GREEDY, "reasoning_effort": effort}))["param"] == "reasoning_effort"
     greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
-    answers = [post_chat(server, {**greedy, "reasoning_effort": effort}).json()["choices"][0]["message"]
-               for effort in ("high", "xhigh", "max")]
-    assert answers[0] == answers[1] == answers[2]
-    assert answers[0] != _chat(server, reasoning_effort="none")["choices"][0]["message"]
+    thinking, none = [post_chat(server, {**greedy, "reasoning_effort": effort}).json()["choices"][0]["message"]
+                      for effort in ("max", "none")]
+    no_thinking = _chat(server)["choices"][0]["message"]
+    assert none == no_thinking != thinking
 
 
 def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer) -> None:
@@ -358,12 +366,26 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"messages": [{}]}, "messages.[0].role", None),
     ({"messages": [{"role": 123}]}, "messages.[0].role", None),
     ({"messages": [{"role": "system", "content": 123}]}, "messages.[0].content", None),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.[0].content", None),  # OpenAI's minimum length
     ({"messages": [{"role": "system", "content": "test"}, {}]}, "messages.[1].role", None),
 ])
 def test_bad_requests_name_the_param(server: GunicornServer, body: dict[str, Any], param: str,
                                      code: str | None) -> None:
     error = _error(post_chat(server, {**GREEDY, **body}))
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+@pytest.mark.parametrize("schema,loc,public", [
+    (CompletionRequest, ("prompt", "list[list[int]]", 0, 0), ("prompt", 0, 0)),  # a union inside a union's member
+    (CompletionRequest, ("prompt", "list[int]", 0), ("prompt", 0)),
+    (ChatCompletionRequest, ("messages", 0, "content", "other", 0, "text", "text"),
+     ("messages", 0, "content", 0, "text")),
+    (ChatCompletionRequest, ("response_format", "json_schema", "json_schema", "name"),
+     ("response_format", "json_schema", "name")),
+])
+def test_public_loc_keeps_the_named_union_member(schema: type[pydantic.BaseModel], loc: tuple[Any, ...],
+                                                 public: tuple[Any, ...]) -> None:
+    assert public_loc(schema, loc) == public
 
 
 @pytest.mark.parametrize("field,ids", [("stop_token_ids", [5, 10**7, -1]), ("logit_bias", {"5": 1, str(10**7): 1})])
@@ -412,7 +434,7 @@ def test_continuous_usage_stats(server: GunicornServer, path: str, body: dict[st
 
 
 def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
-    """`completion_tokens_details.reasoning_tokens`: each choice's tokens before its first content
+    """`completion_tokens_details.reasoning_tokens`: each choice's tokens through its `</think>` token
     (the think tags included) when it reasoned, summed over the choices."""
     events = [
         Event(index=0, token_ids=[1]),  # <think>: no text of its own
@@ -420,19 +442,43 @@ def test_reasoning_tokens_are_counted_per_choice_streamed_or_not() -> None:
         Event(index=0, reasoning="hmm", token_ids=[2]),
         Event(index=0, reasoning=" ok", token_ids=[3]),
         Event(index=0, token_ids=[4]),  # </think>
+        Event(index=0, token_ids=[9]),  # content held back (a stop string's prefix): not reasoning
         Event(index=1, text=" there", token_ids=[6], finish_reason="stop"),
         Event(index=0, text="A", token_ids=[7]),
         Event(index=0, text="B", token_ids=[8], finish_reason="stop"),
     ]
     usage = Usage(prompt_tokens=3, completion_tokens=len(events))
-    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False)
-    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2)
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=False, think_end=4)
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=True, n=2, think_end=4)
     for event in events:
         collected.add(event)
         streamed.chunks(event)
     details = {"reasoning_tokens": 4}
     assert collected.build(usage)["usage"]["completion_tokens_details"] == details
     assert streamed.chunks(Event(usage=usage))[-1]["usage"]["completion_tokens_details"] == details
+
+
+def test_include_reasoning_false_streams_the_content_tokens_logprobs_only() -> None:
+    """A token not yet known to be reasoning or content (`<think>`, a held-back `<`) waits for the
+    choice to show which."""
+    def event(index: int, token: int, text: str = "", reasoning: str = "", finish: str | None = None) -> Event:
+        return Event(index=index, text=text, reasoning=reasoning, token_ids=[token], finish_reason=finish,
+                     logprobs=[TokenLogprob(token, str(token), -1.0, [], [])])
+
+    events = [event(0, 1), event(1, 10), event(0, 2, reasoning="hmm"), event(1, 11, text="<p"),
+              event(0, 4), event(0, 7, text="A"), event(1, 12), event(0, 8, text="B", finish="stop"),
+              event(1, 13, finish="length")]
+    streamed = ChunkBuilder(MODEL, "fp", include_usage=False, n=2, include_reasoning=False, think_end=4)
+    collected = CompletionBuilder(MODEL, "fp", n=2, want_logprobs=True, include_reasoning=False, think_end=4)
+    shown: dict[int, list[str]] = {0: [], 1: []}
+    for e in events:
+        collected.add(e)
+        for chunk in streamed.chunks(e):
+            choice = chunk["choices"][0]
+            shown[choice["index"]] += [lp["token"] for lp in (choice["logprobs"] or {}).get("content", [])]
+    assert shown == {0: ["7", "8"], 1: ["10", "11", "12", "13"]}
+    choices = collected.build(Usage(prompt_tokens=1, completion_tokens=len(events)))["choices"]
+    assert [[lp["token"] for lp in c["logprobs"]["content"]] for c in choices] == [shown[0], shown[1]]
 
 
 def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
@@ -449,13 +495,20 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     assert last["usage"] == shown["usage"]
     assert _chat(server)["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
 
-    hidden = post_chat(server, {**thinking, "include_reasoning": False}).json()
+    # the reasoning tokens' logprobs are left out too (their tokens are its text); the content's stay
+    hide = {"include_reasoning": False, "logprobs": True}
+    hidden = post_chat(server, {**thinking, **hide}).json()
     assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["choices"][0]["logprobs"] == {"content": []}
     assert hidden["usage"] == shown["usage"]
-    *streamed, last = _chunks(server, {**thinking, "include_reasoning": False,
-                                       "stream_options": {"include_usage": True}})
+    *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
     assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert all(c["choices"][0]["logprobs"] is None for c in streamed)
     assert last["usage"] == shown["usage"]
+    answer = _chat(server, **hide)["choices"][0]["logprobs"]["content"]
+    assert len(answer) == GREEDY["max_tokens"]
+    assert [lp for c in _chunks(server, {**GREEDY, **hide}) for lp in (c["choices"][0]["logprobs"] or {}).get(
+        "content", [])] == answer
 
 
 def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> None:
@@ -466,12 +519,20 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
     tokens = requests.post(f"{server.url}/tokenize", json={"model": MODEL, **prefill}, timeout=60).json()["tokens"]
     text = requests.post(f"{server.url}/detokenize", json={"tokens": tokens}, timeout=60).json()["prompt"]
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the best")  # no <|im_end|>
-    answer = _chat(server, **prefill, max_tokens=6)["choices"][0]["message"]
-    raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
-        "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
-    assert answer["content"] == raw
-    for bad in ({**prefill, "add_generation_prompt": True}, {**prefill, "messages": USER}):
-        assert _error(post_chat(server, {**GREEDY, **bad}))["param"] == "continue_final_message"
+    # With thinking on (the default) too, the template closed the message's think block: the
+    # continuation is content, even a `<think>` (forced here) the model writes in it.
+    [think_id] = requests.post(f"{server.url}/tokenize", json={"prompt": "<think>"}, timeout=60).json()["tokens"]
+    for bias in (None, {str(think_id): 100}):
+        raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0,
+            "logit_bias": bias}).json()["choices"][0]["text"]
+        for thinking in (NO_THINKING, {"chat_template_kwargs": None}):
+            answer = _chat(server, **prefill, **thinking, max_tokens=6, logit_bias=bias)["choices"][0]["message"]
+            assert (answer["content"], answer.get("reasoning_content")) == (raw, None)
+    constrained = ({"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": "required"},
+                   {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    for bad in ({"add_generation_prompt": True}, {"messages": USER}, *constrained):
+        assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

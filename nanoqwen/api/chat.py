@@ -38,9 +38,10 @@ class ChatService:
         tools = ToolParsing(req.shows_tools, req.max_tool_calls, req.forces_tool_call)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
-        reasoning = req.include_reasoning is not False
-        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning) if req.stream else None
-        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning)
+        reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
+        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning,
+                              think_end) if req.stream else None
+        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
         return serving.respond(batch, stream, collect, trace, environ)
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:

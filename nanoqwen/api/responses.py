@@ -5,7 +5,7 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
@@ -47,22 +47,46 @@ def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> Json:
 
 @dataclass
 class ReasoningTokens:
-    """One choice's reasoning tokens: those before its first content, the think tags included,
-    when it reasoned at all (0 otherwise)."""
+    """One choice's reasoning tokens: those through its `</think>` token (`end_id`), the think tags
+    included, when it reasoned at all (0 otherwise). Content text before any `</think>` token ends
+    the count too (a tag the model wrote in pieces)."""
 
-    _before_content: int = 0
-    _answered: bool = False
+    end_id: int | None = None
+    _count: int = 0
+    _closed: bool = False
     _reasoned: bool = False
+    _held: list[TokenLogprob] = field(default_factory=list)
 
-    def add(self, event: Event) -> None:
-        self._answered = self._answered or bool(event.text)
+    def add(self, event: Event) -> int:
+        """How many of the event's tokens are before the content (reasoning, if the choice reasoned)."""
         self._reasoned = self._reasoned or bool(event.reasoning)
-        if not self._answered:
-            self._before_content += len(event.token_ids)
+        if self._closed:
+            return 0
+        ids = event.token_ids
+        counted = len(ids)
+        if self.end_id in ids:
+            counted, self._closed = ids.index(self.end_id) + 1, True
+        elif event.text:
+            counted, self._closed = 0, True
+        self._count += counted
+        return counted
 
     @property
     def count(self) -> int:
-        return self._before_content if self._reasoned else 0
+        return self._count if self._reasoned else 0
+
+    def content_logprobs(self, event: Event, counted: int) -> list[TokenLogprob]:
+        """The event's logprobs less the reasoning tokens' (`counted`: what add returned), as
+        `include_reasoning: false` streams them: those of tokens not yet known to be reasoning or
+        content are held until the choice shows which (its first reasoning, content or finish)."""
+        logprobs = event.logprobs or []
+        self._held += logprobs[:counted]
+        out = logprobs[counted:]
+        if self._reasoned:
+            self._held = []
+        elif self._closed or event.finish_reason is not None:
+            out, self._held = self._held + out, []
+        return out
 
 
 @dataclass
@@ -135,11 +159,12 @@ class CompletionBuilder:
     want_logprobs: bool
     tools: ToolParsing = ToolParsing()
     include_reasoning: bool = True  # vLLM's `include_reasoning: false`: the model reasons, the answer omits it
+    think_end: int | None = None  # `</think>`'s token id: reasoning tokens are counted through it
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._choices = [Choice() for _ in range(self.n)]
+        self._choices = [Choice(reasoning_tokens=ReasoningTokens(self.think_end)) for _ in range(self.n)]
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
@@ -155,10 +180,12 @@ class CompletionBuilder:
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
+        # vLLM's include_reasoning false: the reasoning tokens' logprobs are left out too (they carry its text)
+        logprobs = choice.logprobs if self.include_reasoning else choice.logprobs[choice.reasoning_tokens.count:]
         return {
             "index": index,
             "message": _with_reasoning(message, "".join(choice.reasoning) if self.include_reasoning else ""),
-            "logprobs": logprobs_json(choice.logprobs) if self.want_logprobs else None,
+            "logprobs": logprobs_json(logprobs) if self.want_logprobs else None,
             "finish_reason": reason,
         }
 
@@ -185,12 +212,13 @@ class ChunkBuilder:
     n: int = 1
     running: RunningUsage | None = None
     include_reasoning: bool = True
+    think_end: int | None = None
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
-        self._reasoning = [ReasoningTokens() for _ in range(self.n)]
+        self._reasoning = [ReasoningTokens(self.think_end) for _ in range(self.n)]
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -212,7 +240,10 @@ class ChunkBuilder:
         """The chunks one engine event turns into (an error is the server's to send)."""
         if self.running is not None:
             self.running.add(event)
-        self._reasoning[event.index].add(event)
+        reasoning = self._reasoning[event.index]
+        counted = reasoning.add(event)
+        if not self.include_reasoning and event.logprobs is not None:
+            event = replace(event, logprobs=reasoning.content_logprobs(event, counted))
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))

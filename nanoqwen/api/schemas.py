@@ -44,7 +44,7 @@ UNSUPPORTED_FIELDS = (
     "guided_decoding_backend", "guided_whitespace_pattern",
 )
 UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
-# Content part types of OpenAI's that carry other media than text.
+# Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
@@ -90,14 +90,15 @@ class NamedToolChoice(Strict):
     function: FunctionName
 
 
-def _tool_choice_kind(value: Any) -> str:
-    return "mode" if isinstance(value, str) else "function"
+def _string_or_not(value: Any) -> str:
+    """The tag of a union of a string form and another: the discriminator reports only the matching form's errors."""
+    return "string" if isinstance(value, str) else "other"
 
 
 # The discriminator sends an object straight to NamedToolChoice, so its errors are the ones reported.
 ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("mode")] | Annotated[NamedToolChoice, Tag("function")],
-    Discriminator(_tool_choice_kind),
+    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("other")],
+    Discriminator(_string_or_not),
 ]
 
 
@@ -125,19 +126,24 @@ class JsonSchemaFormat(Strict):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+def _decode_arguments(arguments: str) -> Any:
+    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
+    return json.loads(arguments) if arguments.strip() else {}
+
+
 class FunctionCall(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str  # a JSON object, as OpenAI returns it; "" (as clients send a call without any): {}
+    arguments: str  # a JSON object, as OpenAI returns it
 
     @property
     def parsed_arguments(self) -> dict[str, Any]:
-        return json.loads(self.arguments) if self.arguments.strip() else {}
+        return _decode_arguments(self.arguments)
 
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
         try:
-            parsed = json.loads(value) if value.strip() else {}
+            parsed = _decode_arguments(value)
         except ValueError:
             parsed = None
         if not isinstance(parsed, dict):
@@ -187,13 +193,10 @@ class RefusalPart(Strict):
 ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
-def _content_kind(value: Any) -> str:
-    return "text" if isinstance(value, str) else "parts"
-
-
 def _text_or(parts: Any) -> Any:
-    """A string or a list of `parts`: the discriminator reports only the matching form's errors."""
-    return Annotated[Annotated[str, Tag("text")] | Annotated[list[parts], Tag("parts")], Discriminator(_content_kind)]
+    """A string or a list of `parts`."""
+    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other")],
+                     Discriminator(_string_or_not)]
 
 
 MessageContent = _text_or(ContentPart)
@@ -231,6 +234,8 @@ class ChatMessage(Strict):
             return value
         if not isinstance(value, list):
             raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
+        if not value:  # OpenAI's minimum length
+            raise ValueError("content must not be an empty list")
         media = sorted({p["type"] for p in value if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES})
         if media:
             raise PydanticCustomError("unsupported", "{types} content parts: this server is text only",
@@ -466,8 +471,14 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def split_reasoning(self) -> bool:
-        """False when thinking is switched off: the template closed the think block already."""
-        return self.enable_thinking is not False
+        """False when thinking is switched off or the answer continues the final message: the template
+        closed the think block already (Qwen3's closes a final assistant message's)."""
+        return self.enable_thinking is not False and not self.continue_final_message
+
+    @property
+    def constrains_answer(self) -> bool:
+        """The answer is grammar-constrained: a JSON response_format or a forced tool call."""
+        return self.forces_tool_call or (self.response_format is not None and self.response_format.type != "text")
 
     @property
     def forces_tool_call(self) -> bool:
@@ -560,6 +571,10 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
                             "in 'tools'", param="tool_choice")
+    if req.continue_final_message and req.constrains_answer:
+        raise APIError(400, "continue_final_message cannot be combined with a constrained answer (response_format "
+                            "json_object/json_schema, tool_choice \"required\" or a named function): the grammar "
+                            "would not take the prefilled text into account", param="continue_final_message")
     if req.forces_tool_call and req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
                             "or a named function): the answer is the call", param="response_format")
@@ -572,13 +587,25 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
 
-def _members(annotation: Any) -> list[Any]:
-    """The types a value of `annotation` may take: Annotated and Optional unwrapped, unions flattened."""
+def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:
+    """The types a value of `annotation` may take (Annotated and Optional unwrapped, unions flattened),
+    each with the tags a discriminator gives it (`Tag`s on the way to it)."""
     if get_origin(annotation) is Annotated:
-        return _members(get_args(annotation)[0])
+        annotation, *metadata = get_args(annotation)
+        return _members(annotation, tags | {m.tag for m in metadata if isinstance(m, Tag)})
     if get_origin(annotation) in (Union, UnionType):
-        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg)]
-    return [annotation]
+        return [m for arg in get_args(annotation) if arg is not type(None) for m in _members(arg, tags)]
+    return [(annotation, tags)]
+
+
+def _names(member: tuple[Any, frozenset[str]]) -> frozenset[str]:
+    """What pydantic may name a union member in an error's location: its tag, its `type` literal
+    (a `type`-discriminated union), or its type's name (a smart union: `str`, `list[int]`)."""
+    annotation, tags = member
+    names = {*tags, annotation.__name__ if isinstance(annotation, type) else str(annotation)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "type" in annotation.model_fields:
+        names.update(str(v) for v in get_args(annotation.model_fields["type"].annotation))
+    return frozenset(names)
 
 
 def _child(annotation: Any, part: int | str) -> Any | None:
@@ -598,15 +625,16 @@ def public_loc(schema: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[int
     """A validation error's location as the client wrote it: without the tags pydantic inserts after a
     union (`response_format.json_schema.json_schema.name` -> `response_format.json_schema.name`)."""
     out: list[int | str] = []
-    members: list[Any] = [schema]
+    members = _members(schema)
     tagged = False
     for part in loc:
         if len(members) > 1 and not tagged:  # pydantic names the union member before going into it
+            members = [m for m in members if part in _names(m)] or members  # the named one, where it can be told
             tagged = True
             continue
         out.append(part)
-        members = [m for parent in members if (child := _child(parent, part)) is not None for m in _members(child)]
-        members, tagged = members or [Any], False
+        members = [m for parent, _ in members if (child := _child(parent, part)) is not None for m in _members(child)]
+        members, tagged = members or [(Any, frozenset())], False
     return tuple(out)
 
 

@@ -50,6 +50,7 @@ class Engine:
         self.tokens_generated = 0
         self.requests_finished = 0
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
+        self.think_ids: tuple[int | None, int | None] = (None, None)  # <think>, </think>, once loaded
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, before_ready: Callable[[], None] | None = None) -> None:
@@ -68,7 +69,7 @@ class Engine:
         self.token_bytes = loaded.token_bytes
         self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
-        self._think_ids = loaded.think_ids
+        self.think_ids = loaded.think_ids
         self.grammars = Grammars(self.tokenizer, self.token_bytes, self.model_config.vocab_size,
                                  self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
@@ -170,7 +171,7 @@ class Engine:
                 self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt
             )
             if params.grammar is not None:  # thinking: the constraint starts after </think>
-                seq.grammar = RowGrammar(params.grammar.matcher(), self._think_ids[1] if split_reasoning else None,
+                seq.grammar = RowGrammar(params.grammar.matcher(), self.think_ids[1] if split_reasoning else None,
                                          self.generation.eos_token_ids)
             request.sequences.append(seq)
         with self._lock:
@@ -184,7 +185,7 @@ class Engine:
 
     def _prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the template already opened <think> for this turn (the output then starts in reasoning)."""
-        think, end_think = self._think_ids
+        think, end_think = self.think_ids
 
         def last(token: int | None) -> int:
             return max((i for i, t in enumerate(prompt_ids) if t == token), default=-1)

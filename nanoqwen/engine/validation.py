@@ -6,6 +6,7 @@ from nanoqwen.engine.request import SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
+MAX_IDS_SHOWN = 5  # of the out-of-vocabulary ids an error names (a large body could hold millions)
 
 
 class InvalidRequest(ValueError):
@@ -44,6 +45,13 @@ def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int
     return InvalidRequest(message, param=what, code="context_length_exceeded")
 
 
+def _shown(ids: list[int]) -> str:
+    """`ids` for an error message: the first MAX_IDS_SHOWN, then how many there are."""
+    if len(ids) <= MAX_IDS_SHOWN:
+        return str(ids)
+    return f"{str(ids[:MAX_IDS_SHOWN])[:-1]}, … ({len(ids)} ids)]"
+
+
 def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
                      max_batch: int) -> None:
     """Raises InvalidRequest naming the first problem."""
@@ -69,9 +77,9 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
     if len(params.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are supported", param="stop")
     if bad := [t for t in params.logit_bias if not 0 <= t < vocab_size]:
-        raise InvalidRequest(f"logit_bias token ids {bad} are not in [0, {vocab_size})", param="logit_bias")
+        raise InvalidRequest(f"logit_bias token ids {_shown(bad)} are not in [0, {vocab_size})", param="logit_bias")
     if bad := [t for t in params.stop_token_ids if not 0 <= t < vocab_size]:
-        raise InvalidRequest(f"stop_token_ids {bad} are not in [0, {vocab_size})", param="stop_token_ids")
+        raise InvalidRequest(f"stop_token_ids {_shown(bad)} are not in [0, {vocab_size})", param="stop_token_ids")
     if any(not -100 <= v <= 100 for v in params.logit_bias.values()):
         raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
