@@ -7,7 +7,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import openai
 import requests
 import torch
 
@@ -37,7 +36,7 @@ def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.M
 def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.nn.Module, prompts: list[list[int]],
                               new_tokens: int) -> None:
     """One batch of greedy /v1/completions through the openai client gives `hf`'s greedy tokens."""
-    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    client = srv.openai_client(timeout=600)
     completion = client.completions.create(
         model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
         extra_body={"ignore_eos": True, "skip_special_tokens": False},

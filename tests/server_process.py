@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+import openai
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,10 @@ class GunicornServer:
         server._cmd = [sys.executable, "-m", "nanoqwen", "serve", *args, "--port", str(server.port)]
         server._cwd = Path(cwd)
         return server
+
+    def openai_client(self, api_key: str = "unused", timeout: float = 120) -> openai.OpenAI:
+        """The official client on this server, without retries (a retry would hide a failure)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
     def launch(self) -> GunicornServer:
         with open(self.log_path, "wb") as log:

@@ -14,7 +14,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import requests
 
@@ -225,7 +224,7 @@ def test_serve_from_another_directory(tiny_checkpoint, tmp_path):
                               "256", "--served-model-name", "tiny", "--api-key", "k", "--threads", "1"],
                              env, tmp_path / "serve.log", cwd=tmp_path).start()
     try:
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="k", max_retries=0, timeout=120)
+        client = srv.openai_client(api_key="k")
         reply = client.chat.completions.create(model="tiny", messages=_messages("Hi"), max_tokens=3)
         health = requests.get(f"{srv.url}/health", timeout=10).json()
     finally:

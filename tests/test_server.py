@@ -56,10 +56,6 @@ def guarded(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     srv.stop()
 
 
-def _client(srv: GunicornServer, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=api_key, max_retries=0, timeout=120)
-
-
 def _stats(srv: GunicornServer) -> dict[str, Any]:
     return requests.get(f"{srv.url}/stats", timeout=10).json()
 
@@ -111,7 +107,7 @@ def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: 
     assert models["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [(MODEL, "model", "nano-qwen3-serving")]
     assert isinstance(models["data"][0]["created"], int)
-    assert _client(server).models.retrieve(MODEL).id == MODEL
+    assert server.openai_client().models.retrieve(MODEL).id == MODEL
 
     stats = _stats(server)
     for key in ("requests_served", "total_tokens_generated", "average_response_time", "queue_length",
@@ -127,7 +123,7 @@ def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: 
 # -- completions ---------------------------------------------------------------------------
 
 def test_openai_client_non_streaming(server: GunicornServer) -> None:
-    completion = _client(server).chat.completions.create(**GREEDY)
+    completion = server.openai_client().chat.completions.create(**GREEDY)
     assert completion.id.startswith("chatcmpl-") and completion.object == "chat.completion"
     assert completion.model == MODEL and completion.system_fingerprint.startswith("fp_")
     (choice,) = completion.choices
@@ -139,7 +135,7 @@ def test_openai_client_non_streaming(server: GunicornServer) -> None:
 
 
 def test_greedy_stream_equals_non_stream(server: GunicornServer) -> None:
-    client = _client(server)
+    client = server.openai_client()
     whole = client.chat.completions.create(**GREEDY)
     chunks = list(client.chat.completions.create(**GREEDY, stream=True, stream_options={"include_usage": True}))
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
@@ -320,7 +316,7 @@ def test_fields_that_would_change_the_answer_are_refused(server: GunicornServer,
     if code is None and "best_of" in extra:
         assert error["message"] == "Unrecognized request argument supplied: best_of"
     with pytest.raises(openai.BadRequestError) as info:
-        _client(server).chat.completions.create(**GREEDY, extra_body=extra)
+        server.openai_client().chat.completions.create(**GREEDY, extra_body=extra)
     assert info.value.body["param"] == param
 
 
@@ -401,7 +397,7 @@ def test_unknown_model(server: GunicornServer, server_checkpoint: Path) -> None:
         _assert_error(post_chat(server, {**GREEDY, "model": local}), 404, param="model", code="model_not_found")
         _assert_error(requests.get(f"{server.url}/v1/models/{local}", timeout=10), 404, code="model_not_found")
     with pytest.raises(openai.NotFoundError):
-        _client(server).chat.completions.create(**{**GREEDY, "model": "gpt-4"})
+        server.openai_client().chat.completions.create(**{**GREEDY, "model": "gpt-4"})
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -555,8 +551,8 @@ def test_api_key(guarded: GunicornServer) -> None:
     _assert_error(post_chat(guarded, body), 401, code="invalid_api_key")
     _assert_error(post_chat(guarded, body, headers={"Authorization": "Bearer wrong"}), 401)
     with pytest.raises(openai.AuthenticationError):
-        _client(guarded, "wrong").models.list()
-    completion = _client(guarded, "secret").chat.completions.create(**body)
+        guarded.openai_client("wrong").models.list()
+    completion = guarded.openai_client("secret").chat.completions.create(**body)
     assert completion.model == "tiny" and completion.usage.completion_tokens == 2
     assert requests.get(f"{guarded.url}/health", timeout=10).status_code == 200  # open, like /stats
 
@@ -643,7 +639,7 @@ SAMPLED_SETTINGS = [
 def test_seeded_samples_are_the_same_alone_and_in_a_batch(server: GunicornServer) -> None:
     """Through the openai client: each seeded request answers the same alone and while the others
     (whose settings switch the step's sampler mode) share its batch."""
-    client = _client(server)
+    client = server.openai_client()
 
     def answer(setting: dict[str, Any]) -> list[str]:
         extra = {"ignore_eos": True, **setting["extra_body"]}

@@ -28,7 +28,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]
 
 @pytest.fixture(scope="module")
 def client(server: GunicornServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.openai_client()
 
 
 def _post(srv: GunicornServer, body: Any, path: str = "/v1/completions", **kwargs: Any) -> requests.Response:

@@ -52,14 +52,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]
     srv.stop()
 
 
-def _client(srv: GunicornServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def _create(srv: GunicornServer, **body: Any) -> Any:
     body = {"model": MODEL, "messages": USER, "max_tokens": 80, **body}
     body["extra_body"] = {**NO_THINKING, **body.get("extra_body", {})}
-    return _client(srv).chat.completions.create(**body)
+    return srv.openai_client(timeout=300).chat.completions.create(**body)
 
 
 def _streamed(srv: GunicornServer, **body: Any) -> list[dict[str, Any]]:

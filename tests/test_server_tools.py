@@ -41,10 +41,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]
     srv.stop()
 
 
-def _client(srv: GunicornServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 def _post(srv: GunicornServer, path: str, body: Any) -> requests.Response:
     return requests.post(f"{srv.url}{path}", json=body, timeout=120)
 
@@ -85,7 +81,7 @@ def test_tools_reach_the_chat_template(server: GunicornServer) -> None:
 
 
 def test_tool_round_trip_with_the_openai_client(server: GunicornServer) -> None:
-    client = _client(server)
+    client = server.openai_client()
     answer = client.chat.completions.create(messages=ROUND_TRIP, tools=TOOLS, tool_choice="auto",
                                             parallel_tool_calls=True, **CLIENT_GREEDY)
     assert answer.choices[0].message.role == "assistant"
@@ -97,7 +93,7 @@ def test_tool_round_trip_with_the_openai_client(server: GunicornServer) -> None:
 
 
 def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: GunicornServer) -> None:
-    client = _client(server)
+    client = server.openai_client()
     body = {**CLIENT_GREEDY, "max_tokens": 12, "messages": USER, "tools": TOOLS}
     whole = client.chat.completions.create(**body)
     stream = client.chat.completions.create(**body, stream=True)
@@ -121,7 +117,7 @@ def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: Gunicorn
 def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: str) -> None:
     _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, **body}), param)
     with pytest.raises(openai.BadRequestError) as info:
-        _client(server).chat.completions.create(**{"messages": USER, **CLIENT_GREEDY, **body})
+        server.openai_client().chat.completions.create(**{"messages": USER, **CLIENT_GREEDY, **body})
     assert info.value.body["param"] == param
 
 
