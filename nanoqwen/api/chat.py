@@ -50,8 +50,7 @@ class ChatService:
         messages, tools = req.template_messages(), req.template_tools()
         try:
             return serving.off_loop(template_chars(messages, tools), serving.engine.encode_messages, messages,
-                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools,
-                                    req.add_generation_prompt)
+                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
         except PromptTooLongError as exc:
             raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens)) from None
         except InvalidRequest as exc:

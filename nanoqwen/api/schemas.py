@@ -279,7 +279,8 @@ class StreamOptions(Strict):
 
 
 class ChatTemplateKwargs(Strict):
-    """The variables Qwen3's chat template reads besides `messages`, `tools` and `add_generation_prompt`."""
+    """The variables Qwen3's chat template reads besides `messages` and `tools` (the prompt's ending is
+    ChatPrompt's add_generation_prompt / continue_final_message)."""
 
     enable_thinking: bool | None = None
 
@@ -310,8 +311,10 @@ class ChatPrompt(Strict):
         return bool(self.tools)
 
     def template_kwargs(self) -> dict[str, Any]:
+        """apply_chat_template's keyword arguments: the template's variables and how the prompt ends."""
         kwargs = {} if self.chat_template_kwargs is None else self.chat_template_kwargs.model_dump(exclude_none=True)
-        return {**kwargs, "continue_final_message": True} if self.continue_final_message else kwargs
+        return {**kwargs, "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
@@ -476,9 +479,14 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
         return self.enable_thinking is not False and not self.continue_final_message
 
     @property
+    def json_response(self) -> bool:
+        """response_format asks for JSON (json_object or json_schema)."""
+        return self.response_format is not None and self.response_format.type != "text"
+
+    @property
     def constrains_answer(self) -> bool:
         """The answer is grammar-constrained: a JSON response_format or a forced tool call."""
-        return self.forces_tool_call or (self.response_format is not None and self.response_format.type != "text")
+        return self.forces_tool_call or self.json_response
 
     @property
     def forces_tool_call(self) -> bool:
@@ -575,7 +583,7 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "continue_final_message cannot be combined with a constrained answer (response_format "
                             "json_object/json_schema, tool_choice \"required\" or a named function): the grammar "
                             "would not take the prefilled text into account", param="continue_final_message")
-    if req.forces_tool_call and req.response_format is not None and req.response_format.type != "text":
+    if req.forces_tool_call and req.json_response:
         raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
                             "or a named function): the answer is the call", param="response_format")
     kwargs = req.chat_template_kwargs

@@ -53,7 +53,7 @@ class TokenizeService:
             return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
         messages, tools = req.template_messages(), req.template_tools()
         return (template_chars(messages, tools), _encode_messages, engine.encode_messages, messages,
-                req.template_kwargs(), tools, req.add_generation_prompt)
+                req.template_kwargs(), tools)
 
     def detokenize(self, body: Any) -> dict[str, Any]:
         req = validate_body(DetokenizeRequest, body)
@@ -76,8 +76,8 @@ def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[
 
 
 def _encode_messages(encode: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any],
-                     tools: list[dict[str, Any]] | None, add_generation_prompt: bool) -> list[int]:
+                     tools: list[dict[str, Any]] | None) -> list[int]:
     try:
-        return encode(messages, kwargs, None, tools, add_generation_prompt)
+        return encode(messages, kwargs, None, tools)
     except InvalidRequest as exc:  # raised in the worker, where the greenlet's mapping cannot see it
         raise invalid_request(exc) from None

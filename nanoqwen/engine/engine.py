@@ -122,9 +122,9 @@ class Engine:
 
     # -- API (any thread) -----------------------------------------------------------------
     def encode_messages(self, messages: list[dict], chat_template_kwargs: dict | None = None,
-                        max_tokens: int | None = None, tools: list[dict] | None = None,
-                        add_generation_prompt: bool = True) -> list[int]:
-        """The prompt's token ids; PromptTooLongError past max_tokens.
+                        max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids (ending in a generation prompt unless chat_template_kwargs says otherwise);
+        PromptTooLongError past max_tokens.
 
         CPU-heavy for long prompts: servers call it from a worker thread. The Rust tokenizer runs
         without the GIL (encode_batch releases it, encode does not), and the ids only become a
@@ -132,8 +132,7 @@ class Engine:
         """
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {})
+                messages, tools=tools, tokenize=False, **{"add_generation_prompt": True, **(chat_template_kwargs or {})}
             )
         except Exception as exc:  # jinja errors from the checkpoint's template
             raise InvalidRequest(f"could not apply the chat template: {exc}", param="messages") from None
