@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from bench_sampler import rows as sampling_rows  # noqa: E402
-from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
 from nanoqwen.engine.grammar import Grammar, RowGrammar  # noqa: E402
 from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
@@ -100,20 +99,11 @@ def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: S
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_engine_args(parser, dtype=False)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
-    info = common.machine_info(device)
-    print(common.machine_line(info))
-    engine = common.load_engine(common.checkpoint(args.small), device=args.device, dtype="auto", graph="auto",
-                                kernels="auto", max_batch=args.batch, max_model_len=256)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--new-tokens", type=int, default=24)
+        parser.add_argument("--rounds", type=int, default=3)
+
+    args, info, engine = common.batch_bench_setup(__doc__, extra_args)
     start = time.perf_counter()
     grammar = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
     compile_s = time.perf_counter() - start

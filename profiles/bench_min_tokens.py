@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -23,26 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
 
 QWEN = SamplingParams(temperature=0.7, top_p=0.95, top_k=20, ignore_eos=True, seed=1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_engine_args(parser, dtype=False)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40, help="timed decode steps (half of each kind)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
-    info = common.machine_info(device)
-    print(common.machine_line(info))
-    engine = common.load_engine(common.checkpoint(args.small), device=args.device, dtype="auto", graph="auto",
-                                kernels="auto", max_batch=args.batch, max_model_len=256)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, default=40, help="timed decode steps (half of each kind)")
+
+    args, info, engine = common.batch_bench_setup(__doc__, extra_args)
     new_tokens = args.steps + 4
     params = [dataclasses.replace(QWEN, max_tokens=new_tokens) for _ in range(args.batch)]
     for prompt, p in zip(common.random_prompts(args.batch, 16, seed=0), params):
@@ -70,9 +59,7 @@ def main() -> None:
         [f"batch-{args.batch} decode step", "median ms", "ratio", "steps"],
         [[r["case"], f"{r['step_ms']:.1f}", f"{r['ratio']:.3f}", str(r["steps"])] for r in rows])
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_min_tokens.json").write_text(json.dumps(result, indent=2))
-    (args.out / "bench_min_tokens.md").write_text(common.machine_line(info) + "\n\n" + table + "\n")
+    common.write_outputs(args.out, "bench_min_tokens", result, common.machine_line(info) + "\n\n" + table)
 
 
 if __name__ == "__main__":
