@@ -70,12 +70,12 @@ def batch_bench_setup(description: str, extra_args: Callable[[argparse.ArgumentP
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     extra_args(parser)
     args = parser.parse_args()
-    info = machine_info(resolve_device(args.device))
-    print(machine_line(info))
     engine = load_engine(checkpoint(args.small), device=args.device, dtype="auto", graph="auto", kernels="auto",
                          max_batch=args.batch, max_model_len=256)
     if args.threads:  # after loading, which sets the engine's own
         torch.set_num_threads(args.threads)
+    info = machine_info(resolve_device(args.device))
+    print(machine_line(info))
     return args, info, engine
 
 
