@@ -110,14 +110,14 @@ class LogitAdjuster:
         mask_rows: list[int] = []
         for row, seq in enumerate(seqs):
             params = seq.request.params
-            bias = dict(params.logit_bias)
+            bias = params.logit_bias
             masked = self._fill_mask(seq, len(mask_rows))
             if seq.num_output_tokens < params.min_tokens:
                 stops = seq.request.all_stop_ids
                 if masked:
                     self._ban(len(mask_rows), stops)
                 else:
-                    bias |= dict.fromkeys(stops, float("-inf"))
+                    bias = {**bias, **dict.fromkeys(stops, float("-inf"))}
             if masked:
                 mask_rows.append(row)
             bias_rows += [row] * len(bias)
