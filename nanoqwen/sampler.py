@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ops.cpu import sample as cpu_sample
@@ -128,6 +129,14 @@ class LogitAdjust:
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
+
+
+def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
+    """The LogitAdjust.bitmask row that allows `token_ids` only: int32 [ceil(vocab_size/32)]."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    words = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)
+    np.bitwise_or.at(words, ids // 32, np.left_shift(1, ids % 32).astype(np.uint32))
+    return torch.from_numpy(words.view(np.int32))
 
 
 def apply_adjust(logits: torch.Tensor, adjust: LogitAdjust) -> torch.Tensor:

@@ -122,7 +122,9 @@ class StopMatcher:
     """Cuts the stream before the first stop string to complete.
 
     "First to complete" (earliest end, then earliest start) makes the result independent of how
-    the text is split into deltas, also for overlapping stops such as ["abcd", "bc"].
+    the text is split into deltas, also for overlapping stops such as ["abcd", "bc"]. Text added
+    with `check=False` (vLLM's min_tokens) is held as usual but no stop string ends in it: one that
+    completes later may still start in it.
     """
 
     def __init__(self, stops: list[str]) -> None:
@@ -130,14 +132,17 @@ class StopMatcher:
         self._held = ""  # tail that may still grow into a stop string
         self._stopped = False
 
-    def add(self, text: str) -> tuple[str, bool]:
+    def add(self, text: str, check: bool = True) -> tuple[str, bool]:
         """Returns (text safe to release, stopped); after a stop everything else is dropped."""
         if self._stopped:
             return "", True
         if not self._stops:
             return text, False
+        new = len(text)
         text = self._held + text
-        hits = [(i + len(stop), i) for stop in self._stops if (i := text.find(stop)) >= 0]
+        # a match must end in the new text: the held text may hold a stop ignored while not checking
+        hits = [(i + len(stop), i) for stop in self._stops
+                if check and (i := text.find(stop, max(0, len(text) - new - len(stop) + 1))) >= 0]
         if hits:
             self._stopped, self._held = True, ""
             return text[: min(hits)[1]], True
@@ -207,14 +212,18 @@ class TextPipeline:
         skip_special_tokens: bool = True,
         split_reasoning: bool = True,
         think_in_prompt: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._detokenizer = Detokenizer(token_bytes, skip_special_tokens)
         self._stops = StopMatcher(stops)
         self._reasoning = ReasoningParser(think_in_prompt) if split_reasoning else None
+        self._unchecked = min_tokens  # tokens whose text no stop string may end in (vLLM's StopChecker)
 
     def add(self, token_id: int) -> tuple[str, str, bool]:
         """Returns (reasoning_delta, content_delta, stopped_by_string); a stop flushes all."""
-        text, stopped = self._stops.add(self._detokenizer.add(token_id))
+        check = self._unchecked <= 0
+        self._unchecked -= 1
+        text, stopped = self._stops.add(self._detokenizer.add(token_id), check)
         reasoning, content = self._split(text, final=stopped)
         return reasoning, content, stopped
 

@@ -1,5 +1,6 @@
 """What a constrained row costs a decode step: batch 8 with no constrained row against one row under a
-JSON-schema grammar (and one with a logit_bias), the other rows sampled with Qwen3's defaults.
+JSON-schema grammar (and one with a logit_bias, one short of its min_tokens, one with allowed_token_ids),
+the other rows sampled with Qwen3's defaults.
 
     python profiles/bench_grammar.py [--batch 8] [--new-tokens 24] [--rounds 3] [--threads N]
         [--device auto] [--small] [--out DIR]
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from bench_sampler import rows as sampling_rows  # noqa: E402
-from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
 from nanoqwen.engine.grammar import Grammar, RowGrammar  # noqa: E402
 from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
@@ -54,19 +54,24 @@ def _timed_fill(fill):  # noqa: ANN001, ANN202 - wraps RowGrammar.fill to time i
 
 @torch.inference_mode()
 def sampler_ms(batch: int, vocab: int, grammar: Grammar, repeats: int = 30) -> dict[str, float]:
-    """Median ms of `sample` on [batch, vocab] logits (Qwen's defaults): plain, and with one row
-    masked by the grammar's first step and ten biases on another, interleaved."""
+    """Median ms of `sample` on [batch, vocab] logits (Qwen's defaults): plain, with one row masked by
+    the grammar's first step and ten biases on another, and with every row's two EOS ids banned
+    (min_tokens not reached), interleaved."""
     logits = torch.randn(batch, vocab) * 3
     settings, mode = sampling_rows(QWEN, batch, torch.device("cpu")), sampling_mode([QWEN])
     bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
     RowGrammar(grammar.matcher(), None, []).fill(bitmask, 0)
     adjust = LogitAdjust(torch.zeros(10, dtype=torch.int64), torch.arange(10), torch.full((10,), 5.0),
                          torch.tensor([batch - 1]), bitmask)
-    times: dict[str, list[float]] = {"plain": [], "adjusted": []}
+    eos = torch.tensor([151643, 151645] * batch)
+    banned = LogitAdjust(torch.arange(batch).repeat_interleave(2), eos, torch.full((2 * batch,), float("-inf")),
+                         torch.zeros(0, dtype=torch.int64), bitmask[:0])
+    adjusts = {"plain": None, "adjusted": adjust, "min_tokens": banned}
+    times: dict[str, list[float]] = {name: [] for name in adjusts}
     for repeat in range(repeats + 1):  # the first round warms up
         for name in times:
             start = time.perf_counter()
-            sample(logits, settings, mode, adjust=adjust if name == "adjusted" else None)
+            sample(logits, settings, mode, adjust=adjusts[name])
             if repeat:
                 times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
@@ -94,26 +99,19 @@ def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: S
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_engine_args(parser, dtype=False)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
-    info = common.machine_info(device)
-    print(common.machine_line(info))
-    engine = common.load_engine(common.checkpoint(args.small), device=args.device, dtype="auto", graph="auto",
-                                kernels="auto", max_batch=args.batch, max_model_len=256)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    def extra_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--new-tokens", type=int, default=24)
+        parser.add_argument("--rounds", type=int, default=3)
+
+    args, info, engine = common.batch_bench_setup(__doc__, extra_args)
     start = time.perf_counter()
     grammar = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
     compile_s = time.perf_counter() - start
     cases = {"no constrained row": None,
              "one JSON-schema row": dataclasses.replace(QWEN, grammar=grammar),
-             "one logit_bias row (10 entries)": dataclasses.replace(QWEN, logit_bias={i: 5.0 for i in range(10)})}
+             "one logit_bias row (10 entries)": dataclasses.replace(QWEN, logit_bias={i: 5.0 for i in range(10)}),
+             "one row short of its min_tokens": dataclasses.replace(QWEN, min_tokens=args.new_tokens),
+             "one allowed_token_ids row (1000 ids)": dataclasses.replace(QWEN, allowed_token_ids=list(range(1000)))}
     RowGrammar.fill = _timed_fill(RowGrammar.fill)
     prompts = common.random_prompts(args.batch, 16, seed=0)
     decode(engine, prompts, 4, None)  # warm-up
@@ -133,7 +131,8 @@ def main() -> None:
     table += (f"\n\nmask fill per constrained row per step: median {result['mask_fill_ms_median']:.2f} ms, "
               f"max {result['mask_fill_ms_max']:.2f} ms; the schema's compile {compile_s * 1000:.1f} ms; "
               f"the sampler alone (batch {args.batch}, Qwen's defaults): "
-              f"{sampler['plain']:.2f} ms plain, {sampler['adjusted']:.2f} ms with one masked and one biased row")
+              f"{sampler['plain']:.2f} ms plain, {sampler['adjusted']:.2f} ms with one masked and one biased row, "
+              f"{sampler['min_tokens']:.2f} ms with every row's EOS ids banned")
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_grammar.json").write_text(json.dumps(result, indent=2))

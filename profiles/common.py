@@ -1,6 +1,7 @@
 """Shared by the profile scripts: checkpoints, timed engine decode, machine facts, output files."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import gc
@@ -11,7 +12,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ TESTS = REPO / "tests"
 OUT = REPO / "profiles" / "out"  # git-ignored default for --out
 sys.path[:0] = [str(REPO), str(TESTS)]
 
+from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
 from nanoqwen.hugepages import huge_page_buffer  # noqa: E402
@@ -56,6 +58,25 @@ def load_engine(
     ))
     engine.load()
     return engine
+
+
+def batch_bench_setup(description: str, extra_args: Callable[[argparse.ArgumentParser], None],
+                      ) -> tuple[argparse.Namespace, dict, Engine]:
+    """What the batch-step profiles (bench_grammar, bench_min_tokens) start with: their arguments (the
+    engine's, --batch, --threads and `extra_args`'), the machine (printed) and the engine."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(parser, dtype=False)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    extra_args(parser)
+    args = parser.parse_args()
+    engine = load_engine(checkpoint(args.small), device=args.device, dtype="auto", graph="auto", kernels="auto",
+                         max_batch=args.batch, max_model_len=256)
+    if args.threads:  # after loading, which sets the engine's own
+        torch.set_num_threads(args.threads)
+    info = machine_info(resolve_device(args.device))
+    print(machine_line(info))
+    return args, info, engine
 
 
 def release(device: torch.device) -> None:

@@ -157,8 +157,10 @@ def test_completion_builder() -> None:
     assert first["logprobs"]["content"][1] == {"token": "A", "logprob": -0.3, "bytes": [65],
                                                "top_logprobs": [{"token": "A", "logprob": -0.3, "bytes": [65]}]}
     assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
-                            "prompt_tokens_details": {"cached_tokens": 2},
-                            "completion_tokens_details": {"reasoning_tokens": 1}}
+                            "prompt_tokens_details": {"cached_tokens": 2, "audio_tokens": 0},
+                            "completion_tokens_details": {"reasoning_tokens": 1, "audio_tokens": 0,
+                                                          "accepted_prediction_tokens": 0,
+                                                          "rejected_prediction_tokens": 0}}
 
 
 def test_chunk_builder() -> None:

@@ -32,17 +32,18 @@ def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
     ]}
 
 
-def usage_json(usage: Usage, reasoning_tokens: int | None = None) -> Json:
-    """`reasoning_tokens`: a chat answer's (None: no reasoning split, as in legacy completions)."""
-    out = {
+def usage_json(usage: Usage, reasoning_tokens: int = 0) -> Json:
+    """OpenAI's usage object with every detail it sends today; no audio and no predicted output here
+    (`prediction` is only a hint). `reasoning_tokens`: a chat answer's; 0 in legacy completions,
+    which do not split the reasoning off."""
+    return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
+                                      "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }
-    if reasoning_tokens is not None:
-        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
-    return out
 
 
 @dataclass

@@ -341,6 +341,8 @@ class SamplingFields(Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int | None = Field(None, ge=0)  # no EOS, stop id or stop string before this many
+    allowed_token_ids: list[int] | None = None  # the only ids that may be sampled
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
@@ -401,6 +403,7 @@ class SamplingFields(Strict):
             repetition_penalty=sampling("repetition_penalty"),
             seed=self.seed,
             max_tokens=max_tokens,
+            min_tokens=pick(self.min_tokens, base.min_tokens),
             ignore_eos=bool(self.ignore_eos),
             stop=self.stop_list,
             stop_token_ids=list(self.stop_token_ids or []),
@@ -409,6 +412,7 @@ class SamplingFields(Strict):
             n=pick(self.n, 1),
             skip_special_tokens=pick(self.skip_special_tokens, True),
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
+            allowed_token_ids=self.allowed_token_ids,
         )
 
 

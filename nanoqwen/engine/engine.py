@@ -26,6 +26,7 @@ from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, validate_request
 from nanoqwen.runner import ModelRunner, StepOutput
+from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TextPipeline
 
 log = logging.getLogger("nanoqwen")
@@ -152,11 +153,13 @@ class Engine:
     ) -> tuple[str, EventStream]:
         self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
-        eos_ids = [] if params.ignore_eos else self.generation.eos_token_ids
-        stop_ids = [*eos_ids, *params.stop_token_ids]
+        eos_ids = self.generation.eos_token_ids
+        allowed = params.allowed_token_ids
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
-            stop_ids=frozenset(stop_ids),
+            stop_ids=frozenset([*([] if params.ignore_eos else eos_ids), *params.stop_token_ids]),
+            all_stop_ids=tuple(sorted({*eos_ids, *params.stop_token_ids})),
+            allowed_mask=None if allowed is None else token_bitmask(allowed, self.model_config.vocab_size),
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = PromptLogprobs(self.token_bytes.piece(prompt_ids[0]), [])
@@ -167,7 +170,8 @@ class Engine:
         for i in range(params.n):
             seq = Sequence(request, i, prompt_ids, seed=base_seed + i * 0x9E3779B9, max_tokens=max_tokens)
             seq.text = TextPipeline(
-                self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt
+                self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt,
+                params.min_tokens,
             )
             if params.grammar is not None:  # thinking: the constraint starts after </think>
                 seq.grammar = RowGrammar(params.grammar.matcher(), self.think_ids[1] if split_reasoning else None,

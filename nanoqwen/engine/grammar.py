@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
+from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -166,10 +167,7 @@ class RowGrammar:
         """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next.
         A matcher in error (it cannot happen with the mask applied) allows only EOS: the choice ends."""
         if self.matcher.is_error():
-            bitmask[row] = 0
-            for token in self.eos_ids:
-                bit = 1 << (token % 32)
-                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32 bits
+            bitmask[row] = token_bitmask(self.eos_ids, bitmask.shape[1] * 32)
             return
         words = bitmask[row]  # [ceil(V/32)] int32, contiguous
         # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile

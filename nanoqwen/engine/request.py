@@ -19,6 +19,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = None  # None = up to the context limit
+    min_tokens: int = 0  # vLLM's: no EOS, stop token id or stop string ends the output before this many tokens
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)  # up to 4 stop strings
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
@@ -28,6 +29,7 @@ class SamplingParams:
     n: int = 1
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # vLLM's: the only ids that may be sampled (None: any)
     grammar: Grammar | None = None  # the output's constraint (structured outputs, forced tool calls)
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from nanoqwen.engine.request import PromptLogprobs, SamplingParams
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.sampler import seed_key
@@ -23,6 +25,9 @@ class Request:
     num_prompt_tokens: int
     sequences: list[Sequence] = field(default_factory=list)
     stop_ids: frozenset[int] = frozenset()  # token ids that end a choice (EOS unless ignore_eos)
+    # What min_tokens bans: EOS (even with ignore_eos) and stop_token_ids, as vLLM's all_stop_token_ids
+    all_stop_ids: tuple[int, ...] = ()
+    allowed_mask: torch.Tensor | None = None  # allowed_token_ids as a bitmask row (sampler.token_bitmask)
     started: bool = False  # first prefill scheduled (no longer queued)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first prefill
     prompt_logprobs: PromptLogprobs | None = None  # when asked for: filled by the prefill of choice 0

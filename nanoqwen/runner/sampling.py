@@ -88,36 +88,41 @@ def penalties(seqs: list[Sequence], vocab_size: int, device: torch.device,
 
 
 class LogitAdjuster:
-    """Each step's logit biases and grammar masks. The engine thread brings every constrained row's
-    matcher up to date with the tokens sampled since its last step, then fills its bitmask row."""
+    """Each step's logit biases and token masks: a grammar's allowed tokens (the engine thread brings
+    every constrained row's matcher up to date with the tokens sampled since its last step, then
+    fills its bitmask row), allowed_token_ids, and min_tokens' ban on the stop ids."""
 
     def __init__(self, max_batch: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.to_device = to_device
         self.host_bitmask = torch.zeros(max_batch, (vocab_size + 31) // 32, dtype=torch.int32)
+        self._words = self.host_bitmask.numpy().view(np.uint32)  # the same memory, unsigned: plain bit operations
 
     @staticmethod
     def wanted(seqs: list[Sequence]) -> bool:
-        """Whether any row has a logit bias or a grammar (active or not yet)."""
-        return any(seq.request.params.logit_bias or seq.grammar is not None for seq in seqs)
+        """Whether any row has a logit bias, a grammar (active or not yet), allowed ids or min_tokens to reach."""
+        return any(_adjusted(seq) for seq in seqs)
 
     def build(self, seqs: list[Sequence]) -> LogitAdjust | None:
-        """None when no row has a logit bias or an active grammar (the step then needs nothing)."""
+        """None when no row has a logit bias, a mask or a ban (the step then needs nothing)."""
         bias_rows: list[int] = []
         bias_tokens: list[int] = []
         bias_values: list[float] = []
         mask_rows: list[int] = []
         for row, seq in enumerate(seqs):
-            if seq.request.params.logit_bias:
-                bias = seq.request.params.logit_bias
-                bias_rows += [row] * len(bias)
-                bias_tokens += bias.keys()
-                bias_values += bias.values()
-            grammar = seq.grammar
-            if grammar is not None:
-                grammar.sync(seq.token_ids, seq.num_prompt_tokens)
-                if grammar.active:
-                    grammar.fill(self.host_bitmask, len(mask_rows))
-                    mask_rows.append(row)
+            params = seq.request.params
+            bias = params.logit_bias
+            masked = self._fill_mask(seq, len(mask_rows))
+            if seq.num_output_tokens < params.min_tokens:
+                stops = seq.request.all_stop_ids
+                if masked:
+                    self._ban(len(mask_rows), stops)
+                else:
+                    bias = {**bias, **dict.fromkeys(stops, float("-inf"))}
+            if masked:
+                mask_rows.append(row)
+            bias_rows += [row] * len(bias)
+            bias_tokens += bias.keys()
+            bias_values += bias.values()
         if not bias_rows and not mask_rows:
             return None
 
@@ -127,6 +132,36 @@ class LogitAdjuster:
         values = self.to_device(torch.tensor(bias_values, dtype=torch.float32))
         return LogitAdjust(ids(bias_rows), ids(bias_tokens), values, ids(mask_rows),
                            self.to_device(self.host_bitmask[: len(mask_rows)]))
+
+    def _fill_mask(self, seq: Sequence, slot: int) -> bool:
+        """Fills bitmask row `slot` with the tokens `seq` may sample next; False when it may sample any."""
+        grammar = seq.grammar
+        if grammar is not None:
+            grammar.sync(seq.token_ids, seq.num_prompt_tokens)
+            if grammar.active:
+                grammar.fill(self.host_bitmask, slot)
+                return True
+        if seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
+            self.host_bitmask[slot] = seq.request.allowed_mask
+            return True
+        return False
+
+    def _ban(self, slot: int, token_ids: tuple[int, ...]) -> None:
+        """Clears `token_ids` from bitmask row `slot` unless they are all it allows: a grammar that can
+        only end (or an allowed_token_ids of stop ids only) ends the choice before min_tokens."""
+        words = self._words[slot]
+        saved = [(t // 32, words[t // 32]) for t in token_ids]
+        for t in token_ids:
+            words[t // 32] &= ~np.uint32(1 << (t % 32))
+        if not words.any():
+            for word, value in saved:
+                words[word] = value
+
+
+def _adjusted(seq: Sequence) -> bool:
+    params = seq.request.params
+    return bool(params.logit_bias) or seq.grammar is not None or params.allowed_token_ids is not None \
+        or seq.num_output_tokens < params.min_tokens
 
 
 def step_output(seqs: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> StepOutput:
