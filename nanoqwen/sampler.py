@@ -119,12 +119,13 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
 
 @dataclass
 class LogitAdjust:
-    """What a request adds to its rows' logits: `logit_bias` entries and a grammar's allowed tokens."""
+    """What requests add to their rows' logits: `logit_bias` entries (and min_tokens' ban on stop ids, as -inf
+    entries), and the allowed tokens of rows under a grammar or allowed_token_ids."""
 
     bias_rows: torch.Tensor  # int64 [N]: (row, token, value) of every bias entry
     bias_tokens: torch.Tensor  # int64 [N]
     bias_values: torch.Tensor  # fp32 [N]
-    mask_rows: torch.Tensor  # int64 [R]: the rows under a grammar
+    mask_rows: torch.Tensor  # int64 [R]: the rows under a grammar or allowed_token_ids
     bitmask: torch.Tensor  # int32 [R, ceil(V/32)]: bit t % 32 of word t // 32 set = token t allowed
 
 
@@ -133,10 +134,10 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
     """The LogitAdjust.bitmask row that allows `token_ids` only: int32 [ceil(vocab_size/32)]."""
-    ids = np.asarray(token_ids, dtype=np.int64)
-    words = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)
-    np.bitwise_or.at(words, ids // 32, np.left_shift(1, ids % 32).astype(np.uint32))
-    return torch.from_numpy(words.view(np.int32))
+    allowed = np.zeros(-(-vocab_size // 32) * 32, dtype=bool)
+    allowed[np.asarray(token_ids, dtype=np.int64)] = True
+    # little bit order: bit i of byte j is token 8j + i, so each little-endian int32 word w holds tokens 32w..32w+31
+    return torch.from_numpy(np.packbits(allowed, bitorder="little").view("<i4").copy())
 
 
 def apply_adjust(logits: torch.Tensor, adjust: LogitAdjust) -> torch.Tensor:

@@ -229,7 +229,7 @@ class TextPipeline:
 
     def finish(self) -> tuple[str, str]:
         """Flushes held text when generation ends by EOS or length (not after a stop string)."""
-        text, stopped = self._stops.add(self._detokenizer.flush())
+        text, stopped = self._stops.add(self._detokenizer.flush(), self._unchecked <= 0)
         if not stopped:
             text += self._stops.flush()
         return self._split(text, final=True)

@@ -316,6 +316,15 @@ def test_pipeline_stop_matches_raw_text(tokenizer, token_bytes, byte_ids, as_byt
     assert run_pipeline(TextPipeline(token_bytes, ["案 d"]), ids)[:2] == expected
 
 
+def test_pipeline_min_tokens_covers_the_text_flushed_at_the_end(token_bytes, byte_ids):
+    """A choice that ends inside its first min_tokens (a grammar's end, the context's) flushes held bytes
+    unchecked too: a stop string completed there does not cut it."""
+    ids = as_byte_tokens(byte_ids, "a 🙂")[:-1]  # the emoji's last byte missing: flushed as U+FFFD at the end
+    stops = ["\ufffd"]
+    assert run_pipeline(TextPipeline(token_bytes, stops), ids)[1] == "a "
+    assert run_pipeline(TextPipeline(token_bytes, stops, min_tokens=len(ids) + 1), ids)[1] == "a \ufffd"
+
+
 def test_pipeline_without_reasoning_split(tokenizer, token_bytes):
     ids = tokenizer.encode(OUTPUT)
     pipeline = TextPipeline(token_bytes, ["STOP"], split_reasoning=False)

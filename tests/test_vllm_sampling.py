@@ -11,9 +11,11 @@ from typing import Any
 import openai
 import pytest
 import requests
+import torch
 
 from chat_http import MODEL, cpu_env
 from checkpoints import make_checkpoint
+from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import StopMatcher
 from server_process import GunicornServer
 
@@ -125,6 +127,24 @@ def test_allowed_token_ids_restrict_every_token(server: GunicornServer, client: 
     assert len(set("".join(answer.texts))) > 1  # sampled among them, not one forced token
 
 
+def test_allowed_token_ids_hold_for_every_prompt_of_a_batched_completion(server: GunicornServer,
+                                                                         client: openai.OpenAI) -> None:
+    """The engine builds the mask once for the prompts' shared params: each prompt's choices keep to it."""
+    allowed = [_token_ids(server, c)[0] for c in "xy"]
+    out = client.completions.create(model=MODEL, prompt=[PROMPT, "Once upon a time", "1, 2, 3"], max_tokens=6,
+                                    extra_body={"allowed_token_ids": allowed}, **SAMPLED)
+    assert sorted(choice.index for choice in out.choices) == [0, 1, 2]
+    assert all(len(choice.text) == 6 and set(choice.text) <= set("xy") for choice in out.choices)
+
+
+def test_token_bitmask_sets_exactly_the_given_bits() -> None:
+    ids = [0, 1, 31, 32, 33, 100, 151935]
+    words = token_bitmask(ids, 151936)  # int32 [ceil(V / 32)]: bit t % 32 of word t // 32
+    assert words.shape == (4748,) and words.dtype == torch.int32
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    assert bits.flatten().nonzero().flatten().tolist() == ids
+
+
 def test_allowed_token_ids_logprobs_name_only_allowed_tokens(server: GunicornServer, client: openai.OpenAI) -> None:
     allowed = [_token_ids(server, c)[0] for c in "ab"]
     choice = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, logprobs=True,
@@ -165,6 +185,7 @@ def test_min_tokens_with_a_grammar(server: GunicornServer, client: openai.OpenAI
     ("chat", {"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ("chat", {"min_tokens": 5, "max_completion_tokens": 4}, "min_tokens"),
     ("completions", {"min_tokens": 17}, "min_tokens"),  # the legacy max_tokens defaults to 16
+    ("chat", {"min_tokens": 10**6}, "min_tokens"),  # no max_tokens: the context's room is the limit
     ("chat", {"allowed_token_ids": []}, "allowed_token_ids"),
     ("completions", {"allowed_token_ids": []}, "allowed_token_ids"),
     ("chat", {"allowed_token_ids": [1, 10**7]}, "allowed_token_ids"),

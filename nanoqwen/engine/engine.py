@@ -24,7 +24,7 @@ from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
-from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, validate_request
+from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, check_allowed_token_ids, validate_request
 from nanoqwen.runner import ModelRunner, StepOutput
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TextPipeline
@@ -46,6 +46,7 @@ class Engine:
         self._lock = native_lock()
         self._requests: dict[str, Request] = {}
         self._num_queued = 0
+        self._allowed: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # see allowed_mask
         self._stopping = False
         self._stopped = NativeEvent()
         self.tokens_generated = 0
@@ -146,6 +147,18 @@ class Engine:
         """Raises validation.InvalidRequest naming the problem and its parameter (the server's 400)."""
         validate_request(prompt_ids, params, vocab_size=self.model_config.vocab_size,
                          max_model_len=self.runtime.max_model_len, max_batch=self.runtime.max_batch)
+        self.allowed_mask(params)
+
+    def allowed_mask(self, params: SamplingParams) -> torch.Tensor | None:
+        """params.allowed_token_ids checked and as a bitmask row, built once per list: a batched completion
+        submits every prompt with the same params, and the list may hold tens of thousands of ids."""
+        allowed = params.allowed_token_ids
+        if allowed is None:
+            return None
+        if self._allowed[0] is not allowed:  # the memo keeps the list alive, so its identity cannot be reused
+            check_allowed_token_ids(params, self.model_config.vocab_size)
+            self._allowed = (allowed, token_bitmask(allowed, self.model_config.vocab_size))
+        return self._allowed[1]
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, *, stream: EventStream | None = None,
@@ -154,12 +167,11 @@ class Engine:
         self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
         eos_ids = self.generation.eos_token_ids
-        allowed = params.allowed_token_ids
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
             stop_ids=frozenset([*([] if params.ignore_eos else eos_ids), *params.stop_token_ids]),
             all_stop_ids=tuple(sorted({*eos_ids, *params.stop_token_ids})),
-            allowed_mask=None if allowed is None else token_bitmask(allowed, self.model_config.vocab_size),
+            allowed_mask=self.allowed_mask(params),
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = PromptLogprobs(self.token_bytes.piece(prompt_ids[0]), [])

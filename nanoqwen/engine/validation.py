@@ -52,7 +52,7 @@ def _shown(ids: list[int]) -> str:
     return f"{str(ids[:MAX_IDS_SHOWN])[:-1]}, … ({len(ids)} ids)]"
 
 
-def _check_allowed_token_ids(params: SamplingParams, vocab_size: int) -> None:
+def check_allowed_token_ids(params: SamplingParams, vocab_size: int) -> None:
     allowed = params.allowed_token_ids
     if allowed is None:
         return
@@ -79,9 +79,11 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
     if params.min_tokens < 0:
         raise InvalidRequest(f"min_tokens must be greater than or equal to 0, got {params.min_tokens}",
                              param="min_tokens")
-    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
-        raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens={params.max_tokens}, "
-                             f"got {params.min_tokens}", param="min_tokens")
+    # without max_tokens the context's room is the limit, as vLLM sets max_tokens from it before this check
+    most = params.max_tokens if params.max_tokens is not None else max_model_len - len(prompt_ids)
+    if params.min_tokens > most:
+        raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens={most}, got {params.min_tokens}",
+                             param="min_tokens")
     if len(prompt_ids) > prompt_token_limit(max_model_len, params.max_tokens):
         raise context_length_error(max_model_len, len(prompt_ids), params.max_tokens)
     if params.temperature < 0:
@@ -100,7 +102,6 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
         raise InvalidRequest(f"logit_bias token ids {_shown(bad)} are not in [0, {vocab_size})", param="logit_bias")
     if bad := [t for t in params.stop_token_ids if not 0 <= t < vocab_size]:
         raise InvalidRequest(f"stop_token_ids {_shown(bad)} are not in [0, {vocab_size})", param="stop_token_ids")
-    _check_allowed_token_ids(params, vocab_size)
     if any(not -100 <= v <= 100 for v in params.logit_bias.values()):
         raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
