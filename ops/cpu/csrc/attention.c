@@ -37,7 +37,7 @@ struct group {
 /* 16 values from index i as two fp32 vectors. bf16 without shuffles: v << 16 holds the even-indexed values
    and v & 0xffff0000 the odd-indexed ones (a widening by vpmovzxwd took the one shuffle port per 8 values).
    q, K and V all load this way, so their products pair up; store16 interleaves the output back. */
-static inline void load16(const void *p, long i, int bf16, __m256 v[2]) {
+INLINE void load16(const void *p, long i, int bf16, __m256 v[2]) {
     if (!bf16) {
         v[0] = _mm256_loadu_ps((const float *)p + i), v[1] = _mm256_loadu_ps((const float *)p + i + 8);
         return;
@@ -89,13 +89,22 @@ static void prefetch_rows(const struct attention_args *a, const long *rows, int 
         }
 }
 
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* Folds a tile's n scores p[g] into the running max and sum: p becomes exp(score - max), acc is rescaled
    where the max grew. */
 static void softmax_tile(const struct attention_args *a, const struct group *s, int n) {
     const int G = a->Hq / a->Hkv, D = a->D, padded = (n + 7) & ~7;
     for (int g = 0; g < G; g++) {
-        float top = s->m[g];
-        for (int t = 0; t < n; t++) top = s->p[g][t] > top ? s->p[g][t] : top;
+        float *p = s->p[g];
+        for (int t = n; t < padded; t++) p[t] = -INFINITY;  /* their weights: exp8's smallest, ~1e-38 */
+        __m256 top8 = _mm256_set1_ps(s->m[g]);
+        for (int t = 0; t < padded; t += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + t));
+        const float top = hmax(top8);
         if (top > s->m[g]) {  /* a new running max: rescale what was accumulated */
             const float c = expf(s->m[g] - top);
             s->l[g] *= c;
@@ -103,11 +112,14 @@ static void softmax_tile(const struct attention_args *a, const struct group *s, 
                 _mm256_store_ps(s->acc + g * D + i, _mm256_mul_ps(_mm256_load_ps(s->acc + g * D + i), _mm256_set1_ps(c)));
             s->m[g] = top;
         }
-        for (int t = n; t < padded; t++) s->p[g][t] = top;
-        const __m256 mv = _mm256_set1_ps(s->m[g]);
-        for (int t = 0; t < padded; t += 8)
-            _mm256_storeu_ps(s->p[g] + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s->p[g] + t), mv)));
-        for (int t = 0; t < n; t++) s->l[g] += s->p[g][t];
+        const __m256 mv = _mm256_set1_ps(top);
+        __m256 sum = _mm256_setzero_ps();
+        for (int t = 0; t < padded; t += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), mv));
+            _mm256_storeu_ps(p + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        s->l[g] += hsum(sum);
     }
 }
 
@@ -140,26 +152,46 @@ static void scores_avx2(const struct attention_args *a, const struct group *s, c
         }
 }
 
-/* acc[g] += p[g][t] * V[t], 16 dims of up to 4 heads at a time: their accumulators stay in registers. */
+/* acc[g] += p[g][t] * V[t] over n keys, for heads g0 .. g0 + GN - 1 and dims i .. i + 2 * W - 1, V loaded by
+   LOAD (two vectors of W floats). GN and bf16 are constants at each use, so the accumulators stay in registers. */
+#define VALUES_BODY(VEC, W, LOAD, BROADCAST, LOADA, STOREA, FMA) \
+    const int D = a->D; \
+    float *out = s->acc + g0 * D + i; \
+    VEC acc[4][2]; \
+    for (int g = 0; g < GN; g++) acc[g][0] = LOADA(out + g * D), acc[g][1] = LOADA(out + g * D + W); \
+    for (int t = 0; t < n; t++) { \
+        VEC v[2]; \
+        LOAD(a->vc, rows[t] + s->off + i, bf16, v); \
+        for (int g = 0; g < GN; g++) { \
+            const VEC p = BROADCAST(s->p[g0 + g][t]); \
+            acc[g][0] = FMA(p, v[0], acc[g][0]); \
+            acc[g][1] = FMA(p, v[1], acc[g][1]); \
+        } \
+    } \
+    for (int g = 0; g < GN; g++) STOREA(out + g * D, acc[g][0]), STOREA(out + g * D + W, acc[g][1]);
+
+/* Calls FN(..., GN, bf16) with GN = min(4, G - g0) and bf16 as constants. */
+#define VALUES_DISPATCH(FN) \
+    for (int g0 = 0; g0 < G; g0 += 4) { \
+        const int gn = G - g0 < 4 ? G - g0 : 4; \
+        if (a->bf16) switch (gn) { \
+            case 1: FN(a, s, rows, n, i, g0, 1, 1); break; case 2: FN(a, s, rows, n, i, g0, 2, 1); break; \
+            case 3: FN(a, s, rows, n, i, g0, 3, 1); break; default: FN(a, s, rows, n, i, g0, 4, 1); \
+        } \
+        else switch (gn) { \
+            case 1: FN(a, s, rows, n, i, g0, 1, 0); break; case 2: FN(a, s, rows, n, i, g0, 2, 0); break; \
+            case 3: FN(a, s, rows, n, i, g0, 3, 0); break; default: FN(a, s, rows, n, i, g0, 4, 0); \
+        } \
+    }
+
+INLINE void values16(const struct attention_args *a, const struct group *s, const long *rows, int n, int i, int g0,
+                     int GN, int bf16) {
+    VALUES_BODY(__m256, 8, load16, _mm256_set1_ps, _mm256_load_ps, _mm256_store_ps, _mm256_fmadd_ps)
+}
+
 static void values_avx2(const struct attention_args *a, const struct group *s, const long *rows, int n) {
-    const int G = a->Hq / a->Hkv, D = a->D;
-    for (int i = 0; i < D; i += 16)
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int gn = G - g0 < 4 ? G - g0 : 4;
-            float *out = s->acc + g0 * D + i;
-            __m256 acc[4][2];
-            for (int g = 0; g < gn; g++) acc[g][0] = _mm256_load_ps(out + g * D), acc[g][1] = _mm256_load_ps(out + g * D + 8);
-            for (int t = 0; t < n; t++) {
-                __m256 v[2];
-                load16(a->vc, rows[t] + s->off + i, a->bf16, v);
-                for (int g = 0; g < gn; g++) {
-                    const __m256 p = _mm256_set1_ps(s->p[g0 + g][t]);
-                    acc[g][0] = _mm256_fmadd_ps(p, v[0], acc[g][0]);
-                    acc[g][1] = _mm256_fmadd_ps(p, v[1], acc[g][1]);
-                }
-            }
-            for (int g = 0; g < gn; g++) _mm256_store_ps(out + g * D, acc[g][0]), _mm256_store_ps(out + g * D + 8, acc[g][1]);
-        }
+    const int G = a->Hq / a->Hkv;
+    for (int i = 0; i < a->D; i += 16) VALUES_DISPATCH(values16)
 }
 
 /* ---- AVX-512: bf16 q . k by vdpbf16ps (products of bf16 are exact in fp32; the score is scaled after), a
@@ -226,7 +258,7 @@ static void scores_avx512(const struct attention_args *a, const struct group *s,
         }
 }
 
-static inline __attribute__((always_inline)) void load32(const void *p, long i, int bf16, __m512 v[2]) {
+INLINE void load32(const void *p, long i, int bf16, __m512 v[2]) {
     if (!bf16) {
         v[0] = _mm512_loadu_ps((const float *)p + i), v[1] = _mm512_loadu_ps((const float *)p + i + 16);
         return;
@@ -236,27 +268,14 @@ static inline __attribute__((always_inline)) void load32(const void *p, long i, 
     v[1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* As values_avx2, 32 dims at a time. */
+INLINE void values32(const struct attention_args *a, const struct group *s, const long *rows, int n, int i, int g0,
+                     int GN, int bf16) {
+    VALUES_BODY(__m512, 16, load32, _mm512_set1_ps, _mm512_load_ps, _mm512_store_ps, _mm512_fmadd_ps)
+}
+
 static void values_avx512(const struct attention_args *a, const struct group *s, const long *rows, int n) {
-    const int G = a->Hq / a->Hkv, D = a->D;
-    for (int i = 0; i < D; i += 32)
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int gn = G - g0 < 4 ? G - g0 : 4;
-            float *out = s->acc + g0 * D + i;
-            __m512 acc[4][2];
-            for (int g = 0; g < gn; g++) acc[g][0] = _mm512_load_ps(out + g * D), acc[g][1] = _mm512_load_ps(out + g * D + 16);
-            for (int t = 0; t < n; t++) {
-                __m512 v[2];
-                if (a->bf16) load32(a->vc, rows[t] + s->off + i, 1, v);
-                else load32(a->vc, rows[t] + s->off + i, 0, v);
-                for (int g = 0; g < gn; g++) {
-                    const __m512 p = _mm512_set1_ps(s->p[g0 + g][t]);
-                    acc[g][0] = _mm512_fmadd_ps(p, v[0], acc[g][0]);
-                    acc[g][1] = _mm512_fmadd_ps(p, v[1], acc[g][1]);
-                }
-            }
-            for (int g = 0; g < gn; g++) _mm512_store_ps(out + g * D, acc[g][0]), _mm512_store_ps(out + g * D + 16, acc[g][1]);
-        }
+    const int G = a->Hq / a->Hkv;
+    for (int i = 0; i < a->D; i += 32) VALUES_DISPATCH(values32)
 }
 
 AVX512_END
