@@ -7,8 +7,6 @@
 #define MAX_D 256   /* head dim */
 /* Keys per tile: the online softmax rescales once per tile, and exponentiates a tile's scores 8 at a time. */
 #define TILE 32
-/* Where the next tile is prefetched to. */
-#define PREFETCH_HINT _MM_HINT_T0
 
 struct attention_args {
     const void *q, *kc, *vc;
@@ -21,7 +19,7 @@ struct attention_args {
     int half;    /* acc's layout: bf16 values come as the even-indexed then the odd-indexed `half` of 2 * half */
     int split;   /* keys per part of a sequence */
     const int32_t *parts;  /* [B + 1]: the parts before sequence b */
-    float *state;          /* per part: REGION floats (see struct group) */
+    float *state;          /* per part: `region` floats (see struct group) */
     long region;
 };
 
@@ -84,8 +82,8 @@ static void prefetch_rows(const struct attention_args *a, const long *rows, int 
     const long size = a->bf16 ? 2 : 4;
     for (int t = 0; t < n; t++)
         for (long byte = 0; byte < a->Hkv * a->D * size; byte += 64) {
-            _mm_prefetch((const char *)a->kc + rows[t] * size + byte, PREFETCH_HINT);
-            _mm_prefetch((const char *)a->vc + rows[t] * size + byte, PREFETCH_HINT);
+            _mm_prefetch((const char *)a->kc + rows[t] * size + byte, _MM_HINT_T0);
+            _mm_prefetch((const char *)a->vc + rows[t] * size + byte, _MM_HINT_T0);
         }
 }
 
@@ -377,17 +375,18 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
                                bf16 && avx512 ? 16 : 8, INT32_MAX, 0, 0, region};
     long keys = 0;
     for (int b = 0; b < B; b++) keys += ctx[b];
-    const int threads = keys * Hkv < PARALLEL_MIN_PAIRS ? 1 : omp_get_max_threads();
-    /* parts <= keys / split + B <= target + B: the scratch's size depends on the shapes alone */
+    const int threads = omp_get_max_threads(), split = threads > 1 && keys * Hkv >= PARALLEL_MIN_PAIRS;
+    /* parts <= keys / a.split + B <= target + B: the scratch's size depends on the shapes (and threads) alone, so
+       a decode step allocates nothing once its first call has run */
     const long target = (long)PARTS_PER_THREAD * threads, per = (keys + target - 1) / target;
-    if (threads > 1) a.split = per < MIN_SPLIT ? MIN_SPLIT : (int)((per + TILE - 1) / TILE * TILE);
-    const long parts_max = threads > 1 ? target + B : B;
+    if (split) a.split = per < MIN_SPLIT ? MIN_SPLIT : (int)((per + TILE - 1) / TILE * TILE);
+    const long parts_max = target + B;
     a.state = thread_scratch(((size_t)parts_max * region) * sizeof(float) + (size_t)(B + 1) * sizeof(int32_t));
     int32_t *parts = (int32_t *)(a.state + parts_max * region);
     parts[0] = 0;
     for (int b = 0; b < B; b++) parts[b + 1] = parts[b] + (ctx[b] > a.split ? (ctx[b] - 1) / a.split + 1 : 1);
     a.parts = parts;
-    if (threads > 1) pool_run(attend, &a, parts[B]);
+    if (split) pool_run(attend, &a, parts[B]);
     else for (long task = 0; task < B; task++) attend(&a, task);
     combine(&a);
 }
