@@ -4,6 +4,9 @@
         [--prompt-len 32] [--graph auto|none|compile|cudagraph|cpugraph] [--kernels auto|torch|triton]
         [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--device auto] [--small] [--out DIR]
 
+The engine's KV pool and prefill budget hold the whole batch at --prompt-len + --new-tokens, so long
+contexts run too (profiles/common.py, load_engine's hold_batch).
+
 Weights: a random checkpoint of Qwen3-0.6B's shape in bf16 (built once under .cache/; --small: the
 2-layer test model), loaded by both engines in each --dtypes entry. Both decode greedily from the
 same B distinct random prompts of --prompt-len tokens, --new-tokens each, ignoring EOS.
@@ -65,7 +68,7 @@ def bench_ours(model: Path, device: torch.device, dtype: str, quant: str, prompt
     """({batch: DecodeRun}, weight bytes per token, resident weight bytes, graph mode used)."""
     engine = common.load_engine(
         model, device=str(device), dtype=dtype, graph=args.graph, kernels=args.kernels,
-        max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens, quant=quant,
+        max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens, quant=quant, hold_batch=True,
     )
     graph = engine.info()["graph"]
     # A compiled step may recompile as the block-table width grows with the context: warm up in full.

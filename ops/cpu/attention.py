@@ -2,15 +2,20 @@
 
 The torch reference gathers every block of the padded table into a new tensor and runs SDPA on
 it; at decode sizes that costs far more than the arithmetic. This kernel walks each sequence's
-block table up to its context length, one (sequence, kv head) per task, with the GQA group's
-query heads sharing each K/V row, an online softmax over tiles of 32 keys (scored 4 at a time, rescaled
-once per tile, exponentiated 8 at a time) and fp32 accumulation (bf16 or fp32 cache). Each tile's rows
-are prefetched: in a decode step the cache is cold, the linears having streamed their weights through
-it, and a head's rows lie too far apart for the hardware prefetchers (measured in the step at batch 1:
-36 -> 22 us per layer). bf16 is read 16 values at a time by a shift and a mask, as the linears read it,
-so the head dim must be a multiple of 16.
+block table up to its context length with an online softmax over tiles of 32 keys (rescaled once
+per tile) and fp32 accumulation (bf16 or fp32 cache). A task takes every head of its keys, each kv
+head's GQA group sharing its K/V rows, so the cache is read in runs of whole tokens (Hkv * D values)
+rather than a head's slice of each; the next tile is prefetched while one is computed, the cache
+being cold after the linears streamed their weights. Flash-decoding: past a few thousand (token, kv
+head) pairs a sequence's keys are cut into parts, about 4 per thread across the batch, each a task
+on the thread pool leaving its max, sum and unnormalised output, combined at the end; batch 1 and a
+long sequence next to short ones then keep every thread busy. The parts' state lives in a per-thread
+scratch sized from the shapes (grown once, never per call). On AVX-512 (BF16) q . k of bf16 is
+vdpbf16ps on the unscaled q (products of bf16 are exact in fp32; the score is scaled after), 16
+keys' sums reduced together; elsewhere AVX2 + FMA. bf16 is read 16 values at a time by a shift and
+a mask, as the linears read it, so the head dim must be a multiple of 16 (32 for the AVX-512 loops).
 Source: csrc/attention.c, built by build.py; where it cannot be, or for shapes it does not take, the
-CPU kernel set keeps the torch reference.
+CPU kernel set keeps the torch reference. profiles/bench_decode_attention.py times it alone.
 """
 from __future__ import annotations
 
