@@ -122,3 +122,18 @@ def test_the_scratch_is_kept_across_calls(monkeypatch):
     dequant.linear_int8(x, q, scale)
     dequant.linear_int8(x[:, :256].contiguous(), q[:, :256].contiguous(), scale)  # shorter rows: the same buffer
     assert dequant._scratch[torch.bfloat16] is kept and kept.numel() <= dequant.BLOCK_BYTES // 2
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_prefill_sized_prompt_matches_the_quantised_reference(quant):
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
+    output equals transformers on the same dequantised weights token for token."""
+    from checkpoints import make_checkpoint
+    from engine_util import generate, greedy, hf_greedy, load_engine
+    from quant_reference import load_quantised_hf_model
+
+    checkpoint = make_checkpoint()
+    prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
+    expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
+    engine = load_engine(checkpoint, kernels="auto", quant=quant)
+    assert [r.choices[0].token_ids for r in generate(engine, prompts, greedy(4))] == expected
