@@ -111,7 +111,7 @@ def test_dispatch_by_rows(monkeypatch):
     real = cpu_int4.linear_int4_cpu
     monkeypatch.setattr(cpu_int4, "linear_int4_cpu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
     x, w, scale, offset = operands(cpu_int4.MAX_ROWS + 1, 48, 128, 64, torch.float32)
-    for rows in (x[:1], x[:5].view(5, 1, 128), x):  # decode rows: the C kernel; prefill rows: the reference
+    for rows in (x[:1], x[:5].view(5, 1, 128), x):  # decode rows: the C kernel; prefill rows: dequant.py
         out = cpu_int4.linear_int4(rows, w, scale, offset)
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int4_torch(rows, w, scale, offset), atol=1e-4, rtol=1e-5)

@@ -87,7 +87,7 @@ def test_dispatch_by_rows(monkeypatch):
     real = cpu_int8.linear_int8_cpu
     monkeypatch.setattr(cpu_int8, "linear_int8_cpu", lambda x, w, s: calls.append(x.shape[0]) or real(x, w, s))
     x, w, scale = operands(cpu_int8.MAX_ROWS + 1, 48, 64, torch.float32)
-    for rows in (x[:1], x[:5].view(5, 1, 64), x):  # decode rows: the C kernel; prefill rows: the reference
+    for rows in (x[:1], x[:5].view(5, 1, 64), x):  # decode rows: the C kernel; prefill rows: dequant.py
         out = cpu_int8.linear_int8(rows, w, scale)
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int8_torch(rows, w, scale), atol=1e-4, rtol=1e-5)

@@ -11,6 +11,7 @@ from ops import torch_ref
 from ops.cpu import (
     attention,
     build,
+    dequant,
     embedding,
     linear,
     linear_int4,
@@ -23,7 +24,7 @@ from ops.cpu import (
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
-             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL, sample.KERNEL)
+             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL, sample.KERNEL, dequant.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,

@@ -16,15 +16,14 @@ one bf16 ulp from the reference's (3 pieces: 0.02-0.09%, the exact-product kerne
 pieces: largest error 0.9-1.6e-7 of the largest output, within the reference's own 1.7-3.1e-7 (3
 pieces: up to 6.1e-7). Without VNNI each weight is widened to fp32 and FMA'd into up to 8 rows per
 pass (AVX-512) or 2 (AVX2): exact products. Parallel over chunks of output rows on the thread pool, as
-linear.py's kernel. More rows (prefill) are compute-bound: the torch reference's fp32 GEMM on
-dequantised weights serves them.
+linear.py's kernel. More rows (prefill) are compute-bound: dequant.py's blocked GEMM serves them.
 Source: csrc/linear_int8.c, built by build.py.
 """
 from __future__ import annotations
 
 import torch
 
-from ops.cpu import build, graph
+from ops.cpu import build, dequant, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int8 import linear_int8_torch
 
@@ -50,9 +49,13 @@ linear_int8_cpu = build.kernel_op("linear_int8_cpu", _linear_int8, _linear_int8_
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The kernel set's linear_int8: the C kernel up to MAX_ROWS rows, the torch reference beyond."""
+    """The kernel set's linear_int8: the C kernel up to MAX_ROWS rows, dequant.py's blocked GEMM beyond, the
+    torch reference where neither built."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if not (KERNEL.ready and rows.shape[0] <= MAX_ROWS and rows.shape[1] % 32 == 0):
+    if dequant.takes(rows.shape[0]):
+        out = dequant.linear_int8(rows, weight, scale)
+    elif KERNEL.ready and rows.shape[0] <= MAX_ROWS and rows.shape[1] % 32 == 0:
+        out = linear_int8_cpu(rows, weight, scale)
+    else:
         return linear_int8_torch(x, weight, scale)
-    out = linear_int8_cpu(rows, weight, scale)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])

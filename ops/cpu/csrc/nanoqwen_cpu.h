@@ -22,6 +22,11 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                  int K, int G, int bf16, int pieces);
 void linear_int4_supported(int *ok);
 
+/* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
+   w: [N, K / 2] uint8 in linear_int4's block layout, scale and offset: [N, K / G], out: [N, K]; scale, offset
+   and out all bf16 or all fp32; G % 64 == 0. */
+void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16);
+
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
    k/v cache: [blocks, bs, Hkv, D]; tables: [B, W] int32; ctx: [B] int32; out: [B, Hq, D] contiguous.

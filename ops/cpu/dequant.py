@@ -1,0 +1,102 @@
+"""Prefill-sized int8 and int4 linears: weight rows dequantised block by block, each block multiplied by torch's GEMM.
+
+At many activation rows a linear is bound by arithmetic, not by reading the weights. The decode kernels
+(linear_int8.py, linear_int4.py) split each activation row into 2 (bf16) or 4 (fp32) int8 pieces, 2-4x the
+integer work of the rows, and the torch references they left prefill to widen the whole weight to fp32 for
+the fp32 GEMM (2.5x slower than oneDNN's bf16 GEMM on an AVX-512-BF16 CPU). Here a block of weight rows is
+dequantised into a scratch buffer kept for the process and torch.mm writes that block's output columns: only a
+block's worth of dequantised weights ever exists.
+- int8: the q themselves (exact in bf16), then the GEMM's output times the channels' scales, as the reference
+  orders it. Its products are exact and summed in fp32; with bf16 activations the output is rounded to bf16
+  before the scale and after, so it is at most one bf16 ulp from the reference's (which rounds once).
+- int4: q * scale + offset per group (csrc/dequant.c), rounded as the reference rounds, then to the GEMM's dtype:
+  with bf16 activations each weight takes one bf16 rounding (2^-9 relative) the reference does not.
+The GEMM runs in bf16 where the activations are bf16 and oneDNN has native bf16 (linear.NATIVE_BF16), else in
+fp32 (fp32 activations, the exactness mode, always): there it is the reference's arithmetic, block by block.
+Source: csrc/dequant.c, built by build.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ops.cpu import build, graph
+from ops.cpu.linear import MAX_ROWS, NATIVE_BF16
+
+KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4",))
+
+# Activation rows from which the blocked GEMM serves, below them the decode kernels. Measured (1 thread, 6144 x 1024,
+# bf16, CPU ms, decode kernel / blocked GEMM): int8 16 rows 2.4 / 2.8, 32 rows 5.0 / 4.0; int4 32 rows 3.4 / 4.5.
+MIN_ROWS = MAX_ROWS + 1
+# A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
+# each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
+# MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
+BLOCK_BYTES = 4 << 20
+
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def takes(rows: int) -> bool:
+    """Whether a call of `rows` activation rows is prefill-sized and the kernel built."""
+    return KERNEL.ready and rows >= MIN_ROWS
+
+
+def _block(dtype: torch.dtype, k: int) -> tuple[torch.Tensor, int]:
+    """The scratch for `dtype` (kept, grown to the largest block a call has needed) and the weight rows of K
+    a block holds."""
+    rows = max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8))
+    if dtype not in _scratch or _scratch[dtype].numel() < rows * k:
+        _scratch[dtype] = torch.empty(rows * k, dtype=dtype)
+    return _scratch[dtype], rows
+
+
+def blocked_linear(x: torch.Tensor, n: int, dequantise: Callable[[int, int, torch.Tensor], None],
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] = (x @ W.T) * scale (per output channel, if given), where dequantise(n0, n1, out)
+    writes W[n0:n1] into out ([n1 - n0, K] in the GEMM's dtype)."""
+    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and NATIVE_BF16 else torch.float32
+    rows = x.to(dtype).contiguous()
+    k = rows.shape[1]
+    out = torch.empty(rows.shape[0], n, dtype=dtype)
+    scratch, block = _block(dtype, k)
+    for n0 in range(0, n, block):
+        n1 = min(n, n0 + block)
+        weights = scratch[:(n1 - n0) * k].view(n1 - n0, k)
+        dequantise(n0, n1, weights)
+        columns = out[:, n0:n1]
+        torch.mm(rows, weights.t(), out=columns)
+        if scale is not None:
+            columns.mul_(scale[n0:n1])
+    return out.to(x.dtype)
+
+
+def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [M, K] bf16 or fp32, weight: [N, K] int8, scale: [N] in x's dtype -> [M, N]."""
+    def dequantise(n0: int, n1: int, out: torch.Tensor) -> None:
+        out.copy_(weight[n0:n1])
+
+    with build.profiled("nanoqwen::linear_int8_prefill_cpu"):
+        return blocked_linear(x, weight.shape[0], dequantise, scale)
+
+
+def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x: [M, K] bf16 or fp32, weight: [N, K / 2] uint8 contiguous in the block layout, scale, offset: [N, K / G]
+    contiguous in x's dtype, G % 64 == 0 -> [M, N]."""
+    k = 2 * weight.shape[1]
+
+    def dequantise(n0: int, n1: int, out: torch.Tensor) -> None:
+        s, o = scale[n0:n1].to(out.dtype), offset[n0:n1].to(out.dtype)
+        graph.call(KERNEL.lib.dequant_int4, weight[n0:n1], s, o, out, n1 - n0, k, k // scale.shape[1],
+                   int(out.dtype == torch.bfloat16))
+
+    with build.profiled("nanoqwen::linear_int4_prefill_cpu"):
+        return blocked_linear(x, weight.shape[0], dequantise)
+
+
+def _fake(x: torch.Tensor, weight: torch.Tensor, *_: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+linear_int8 = build.kernel_op("linear_int8_prefill_cpu", _linear_int8, _fake)
+linear_int4 = build.kernel_op("linear_int4_prefill_cpu", _linear_int4, _fake)

@@ -1,0 +1,139 @@
+"""Prefill-sized int8 and int4 linears (ops/cpu/dequant.py): the dequantising kernels against the references'
+rounding, the blocked GEMM against the references and the exact product, and the row threshold."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops.cpu import build as cpu_build
+from ops.cpu import dequant, graph
+from ops.cpu import linear_int4 as cpu_int4
+from ops.cpu import linear_int8 as cpu_int8
+from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
+from ops.torch_ref.linear_int8 import linear_int8_torch
+
+pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
+    for kernel in (dequant.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL):
+        assert kernel.build(), kernel.error
+
+
+def int8_operands(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(m * n + k)
+    x = torch.randn(m, k).to(dtype)
+    x[:, ::37] *= 30  # outlier channels, as real activations have
+    return x, torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) / 100).to(dtype)
+
+
+def int4_operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(m * n + k)
+    x = torch.randn(m, k).to(dtype)
+    x[:, ::37] *= 30
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    return x, w, (torch.rand(n, k // g) / 50).to(dtype), (torch.randn(n, k // g) / 10).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype):
+    _, w, scale, offset = int4_operands(1, 37, 384, 128, dtype)
+    out = torch.empty(37, 384, dtype=dtype)
+    graph.call(dequant.KERNEL.lib.dequant_int4, w, scale, offset, out, 37, 384, 128, int(dtype == torch.bfloat16))
+    assert torch.equal(out, dequantize_int4(w, scale, offset).to(dtype))
+
+
+def ulps(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """|out - reference| in bf16 ulps of the reference."""
+    ulp = 2.0 ** (torch.floor(torch.log2(reference.double().abs().clamp_min(2**-100))) - 7)
+    return (out.double() - reference.double()).abs() / ulp
+
+
+# (rows, output channels, input columns): at the threshold and beyond; a small block (monkeypatched) so that N
+# spans whole blocks and a partial last one; odd N
+SHAPES = [(dequant.MIN_ROWS, 37, 256), (dequant.MIN_ROWS + 30, 100, 1024)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
+    monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)  # 8 bf16 or 4 fp32 weight rows a block
+    monkeypatch.setattr(dequant, "NATIVE_BF16", native_bf16)
+    x, q, scale = int8_operands(m, n, k, dtype)
+    out = cpu_int8.linear_int8(x, q, scale)
+    assert out.dtype == dtype and out.shape == (m, n)
+    reference = linear_int8_torch(x, q, scale)
+    if dtype == torch.float32:  # the reference's arithmetic, its sums in another order
+        torch.testing.assert_close(out, reference, atol=1e-5 * k**0.5, rtol=1e-5)
+    else:  # fp32 sums rounded to bf16 (with native bf16: before the scale and after)
+        assert ulps(out, reference).max() <= 1
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int4_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
+    monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)
+    monkeypatch.setattr(dequant, "NATIVE_BF16", native_bf16)
+    x, w, scale, offset = int4_operands(m, n, k, 128, dtype)
+    out = cpu_int4.linear_int4(x, w, scale, offset)
+    assert out.dtype == dtype and out.shape == (m, n)
+    reference = linear_int4_torch(x, w, scale, offset)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, reference, atol=1e-5 * k**0.5, rtol=1e-5)
+        return
+    if not native_bf16:  # the reference's arithmetic, then one rounding to bf16
+        assert ulps(out, reference).max() <= 1
+        return
+    # each weight rounded to bf16 (2^-9 relative), then the output (half an ulp): against the exact product
+    rows, weights = x.double(), dequantize_int4(w, scale, offset).double()
+    exact, magnitude = rows @ weights.T, rows.abs() @ weights.abs().T
+    assert ((out.double() - exact).abs() <= (2**-9 + 2**-22) * magnitude + 2**-8 * exact.abs()).all()
+    assert (ulps(out, reference) > 1).float().mean() < 0.2
+
+
+def test_the_threshold_is_on_the_calls_rows(monkeypatch):
+    """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's mixed steps
+    reach by their row count alone)."""
+    calls = []
+    for module, name in ((dequant, "linear_int8"), (dequant, "linear_int4"), (cpu_int8, "linear_int8_cpu"),
+                         (cpu_int4, "linear_int4_cpu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, real=real, name=name: calls.append((name, a[0].shape[0])) or real(*a))
+    x, q, scale = int8_operands(dequant.MIN_ROWS, 40, 128, torch.bfloat16)
+    _, w, s4, o4 = int4_operands(dequant.MIN_ROWS, 40, 128, 64, torch.bfloat16)
+    for rows in (x, x[:-1]):
+        cpu_int8.linear_int8(rows, q, scale)
+        cpu_int4.linear_int4(rows, w, s4, o4)
+    below = dequant.MIN_ROWS - 1
+    assert calls == [("linear_int8", dequant.MIN_ROWS), ("linear_int4", dequant.MIN_ROWS),
+                     ("linear_int8_cpu", below), ("linear_int4_cpu", below)]
+
+
+def test_the_scratch_is_kept_across_calls(monkeypatch):
+    monkeypatch.setattr(dequant, "_scratch", {})
+    x, q, scale = int8_operands(dequant.MIN_ROWS, 300, 512, torch.bfloat16)
+    dequant.linear_int8(x, q, scale)
+    kept = dequant._scratch[torch.bfloat16]
+    dequant.linear_int8(x, q, scale)
+    dequant.linear_int8(x[:, :256].contiguous(), q[:, :256].contiguous(), scale)  # shorter rows: the same buffer
+    assert dequant._scratch[torch.bfloat16] is kept and kept.numel() <= dequant.BLOCK_BYTES // 2
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_prefill_sized_prompt_matches_the_quantised_reference(quant):
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
+    output equals transformers on the same dequantised weights token for token."""
+    from checkpoints import make_checkpoint
+    from engine_util import generate, greedy, hf_greedy, load_engine
+    from quant_reference import load_quantised_hf_model
+
+    checkpoint = make_checkpoint()
+    prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
+    expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
+    engine = load_engine(checkpoint, kernels="auto", quant=quant)
+    assert [r.choices[0].token_ids for r in generate(engine, prompts, greedy(4))] == expected
