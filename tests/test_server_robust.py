@@ -5,13 +5,12 @@ import gc
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from chat_http import MODEL, health_latencies, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
 from nanoqwen.api import encode
@@ -26,10 +25,8 @@ USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = GunicornServer(cpu_env(make_checkpoint()), tmp_path_factory.mktemp("robust") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 Answers = list[requests.Response]
@@ -107,10 +104,11 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most
 
 
-def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
+def test_the_loaded_model_is_frozen_out_of_the_collector() -> None:
     """The worker's hook freezes what the load left, in the engine thread before requests are let in."""
+    # the default kernel cache, as every engine test's: an empty one cost a minute of C builds, beside this point
     engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
-                                 kernels="torch", cache_dir=str(tmp_path)))
+                                 kernels="torch"))
     ready_at_freeze = []
 
     def freeze() -> None:
