@@ -22,16 +22,29 @@ def checkpoint() -> Path:
     return make_checkpoint()
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+QUANTS = ["int8", "int4"]
+
+
+@pytest.fixture(scope="module", params=QUANTS)
 def quant(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, quant: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    log = tmp_path_factory.mktemp("quant") / "server.log"
-    with GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=quant), log) as srv:
-        yield srv
+def servers(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
+    """One server per format, launched together so that they load in parallel."""
+    logs = tmp_path_factory.mktemp("quant")
+    launched = {q: GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=q), logs / f"{q}.log").launch() for q in QUANTS}
+    try:
+        yield {q: srv.wait_healthy() for q, srv in launched.items()}
+    finally:
+        for srv in launched.values():
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers: dict[str, GunicornServer], quant: str) -> GunicornServer:
+    return servers[quant]
 
 
 def test_health_and_ready_line_name_the_quantisation(server: GunicornServer, quant: str) -> None:
