@@ -12,7 +12,7 @@ import requests
 from chat_http import assert_completions_greedy, cpu_env
 from checkpoints import make_checkpoint
 from quant_reference import load_quantised_hf_model
-from server_process import GunicornServer
+from server_process import GunicornServer, serving_together
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
@@ -33,13 +33,10 @@ def quant(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def servers(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
     """One server per format, launched together so that they load in parallel."""
-    logs = tmp_path_factory.mktemp("quant")
-    launched = {q: GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=q), logs / f"{q}.log").launch() for q in QUANTS}
-    try:
-        yield {q: srv.wait_healthy() for q, srv in launched.items()}
-    finally:
-        for srv in launched.values():
-            srv.stop()
+    log = tmp_path_factory.mktemp("quant")
+    with serving_together({q: GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=q), log / f"{q}.log")
+                           for q in QUANTS}) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
