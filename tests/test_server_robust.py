@@ -6,6 +6,7 @@ import json
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
@@ -104,11 +105,10 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most
 
 
-def test_the_loaded_model_is_frozen_out_of_the_collector() -> None:
+def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
     """The worker's hook freezes what the load left, in the engine thread before requests are let in."""
-    # the default kernel cache, as every engine test's: an empty one cost a minute of C builds, beside this point
     engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
-                                 kernels="torch"))
+                                 kernels="torch", cache_dir=str(tmp_path)))
     ready_at_freeze = []
 
     def freeze() -> None:
