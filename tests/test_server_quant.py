@@ -12,7 +12,7 @@ import requests
 from chat_http import assert_completions_greedy, cpu_env
 from checkpoints import make_checkpoint
 from quant_reference import load_quantised_hf_model
-from server_process import GunicornServer, serving_together
+from server_process import GunicornServer
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 
@@ -22,26 +22,16 @@ def checkpoint() -> Path:
     return make_checkpoint()
 
 
-QUANTS = ["int8", "int4"]
-
-
-@pytest.fixture(scope="module", params=QUANTS)
+@pytest.fixture(scope="module", params=["int8", "int4"])
 def quant(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
-def servers(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
-    """One server per format, launched together so that they load in parallel."""
-    log = tmp_path_factory.mktemp("quant")
-    with serving_together({q: GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=q), log / f"{q}.log")
-                           for q in QUANTS}) as servers:
-        yield servers
-
-
-@pytest.fixture(scope="module")
-def server(servers: dict[str, GunicornServer], quant: str) -> GunicornServer:
-    return servers[quant]
+def server(checkpoint: Path, quant: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    log = tmp_path_factory.mktemp("quant") / "server.log"
+    with GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=quant), log) as srv:
+        yield srv
 
 
 def test_health_and_ready_line_name_the_quantisation(server: GunicornServer, quant: str) -> None:
