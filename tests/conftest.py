@@ -7,12 +7,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from chat_http import cpu_env  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
 
 
 # Checkpoint fixtures are directories in the shared .cache/fixtures/: treat them as read-only.
@@ -32,3 +34,12 @@ def tiny_checkpoint_untied() -> Path:
 def hf_model() -> Callable[[Path], torch.nn.Module]:
     """hf_model(path): transformers' fp32 eval-mode model for a checkpoint, loaded once per path."""
     return load_hf_model
+
+
+@pytest.fixture(scope="session")
+def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
+    no state behind that another's could see (no counters read, no first-request effects)."""
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    with GunicornServer(env, tmp_path_factory.mktemp("chat") / "gunicorn.log") as srv:
+        yield srv

@@ -9,7 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -108,3 +109,15 @@ class GunicornServer:
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+@contextmanager
+def serving_together(servers: Mapping[str, GunicornServer]) -> Iterator[dict[str, GunicornServer]]:
+    """Launches every server at once (they load in parallel), waits until each is healthy, stops them all after."""
+    try:
+        for srv in servers.values():
+            srv.launch()
+        yield {name: srv.wait_healthy() for name, srv in servers.items()}
+    finally:
+        for srv in servers.values():
+            srv.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import openai
@@ -21,8 +20,7 @@ from openai.types import completion_create_params as legacy_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as chat_params
 
-from chat_http import MODEL, cpu_env, post_chat, sse_payloads
-from checkpoints import make_checkpoint
+from chat_http import MODEL, post_chat, sse_payloads
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -101,11 +99,8 @@ LEGACY_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
-    srv = GunicornServer(env, tmp_path_factory.mktemp("conformance") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 @pytest.fixture(scope="module")

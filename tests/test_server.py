@@ -20,14 +20,10 @@ import fuzz_bodies
 from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_latencies, post_chat, sse_payloads
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from ops.cpu import C_KERNELS
-from server_process import GunicornServer
+from server_process import GunicornServer, serving_together
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 8}
-
-
-def _serve(checkpoint: Path, log: Path, **env: str) -> GunicornServer:
-    return GunicornServer(cpu_env(checkpoint, **env), log).start()
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +33,28 @@ def server_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("server") / "gunicorn.log")
-    yield srv
-    srv.stop()
+def servers(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
+    """The plain server, and the guarded one: API key, CORS, a custom model name, room for one running plus
+    one waiting request, a 1 s request body deadline, and the checkpoint's generation_config switched off.
+    Launched together so that they load in parallel."""
+    guarded_env = dict(NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
+                       NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
+                       NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")),
+                       NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
+    log = tmp_path_factory.mktemp("server")
+    with serving_together({name: GunicornServer(cpu_env(server_checkpoint, **env), log / f"{name}.log")
+                           for name, env in (("server", {}), ("guarded", guarded_env))}) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
-def guarded(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    """API key, CORS, a custom model name, room for one running plus one waiting request, a 1 s
-    request body deadline, and the checkpoint's generation_config switched off."""
-    srv = _serve(server_checkpoint, tmp_path_factory.mktemp("guarded") / "gunicorn.log",
-                 NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
-                 NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
-                 NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(tmp_path_factory.mktemp("kernel-cache")),
-                 NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
-    yield srv
-    srv.stop()
+def server(servers: dict[str, GunicornServer]) -> GunicornServer:
+    return servers["server"]
+
+
+@pytest.fixture(scope="module")
+def guarded(servers: dict[str, GunicornServer]) -> GunicornServer:
+    return servers["guarded"]
 
 
 def _stats(srv: GunicornServer) -> dict[str, Any]:

@@ -5,13 +5,13 @@ import gc
 import json
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from chat_http import MODEL, health_latencies, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
 from nanoqwen.api import encode
@@ -26,10 +26,8 @@ USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = GunicornServer(cpu_env(make_checkpoint()), tmp_path_factory.mktemp("robust") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 Answers = list[requests.Response]

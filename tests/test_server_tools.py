@@ -7,15 +7,13 @@ that tools and the tool history reach the real chat template, and the shape of w
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env
-from checkpoints import make_checkpoint
+from chat_http import MODEL
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -34,11 +32,8 @@ CLIENT_GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
-    srv = GunicornServer(env, tmp_path_factory.mktemp("tools") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 def _post(srv: GunicornServer, path: str, body: Any) -> requests.Response:
