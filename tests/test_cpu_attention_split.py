@@ -65,7 +65,7 @@ def slots(table: torch.Tensor, n: int) -> torch.Tensor:  # [n] the cache slots o
 
 def with_padded_lanes(inputs: tuple, lanes: int) -> tuple:
     """`lanes` more lanes padded as nanoqwen/runner/inputs.py pads a batch: context 1, table column 0 = block 0
-    (here holding keys and values), the rest of the row stale (other sequences' blocks)."""
+    (here holding keys and values), the rest of the row stale (a real sequence's blocks)."""
     q, k_cache, v_cache, tables, lens, scale = inputs
     k_cache[0], v_cache[0] = torch.randn(k_cache.shape[1:]), torch.randn(v_cache.shape[1:])
     stale = tables[torch.randint(len(tables), (lanes,))]
@@ -132,8 +132,8 @@ def takes_avx512(lib, head_dim: int, bf16: int) -> bool:
 
 
 def test_the_built_library_takes_avx512_where_the_cpu_has_it(avx2_lib):
-    """So that "built" above tests the AVX-512 (BF16) loops wherever the CPU has them (this one's kernel's view
-    of the CPU, /proc/cpuinfo, against the library's)."""
+    """So that "built" above tests the AVX-512 (BF16) loops wherever the CPU has them: the Linux kernel's view of
+    the CPU (/proc/cpuinfo) against the library's own."""
     flags, lib = cpu_flags(), cpu_attention.KERNEL.lib
     avx512 = {"avx512f", "avx512bw"} <= flags
     assert takes_avx512(lib, D, 0) == avx512
@@ -169,13 +169,14 @@ def test_a_small_batch_after_a_large_one_on_the_same_thread(threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", LIBS)
 def test_without_its_scratch(dtype, loops, avx2_lib):
-    """The scratch is sized by omp_get_max_threads(): at 2^31 - 1 threads it asks for over 2^46 bytes, which no
-    allocation gets, and the kernel runs each sequence whole, a kv head at a time, as one thread does."""
+    """The scratch holds about 4 parts' state (Hq * (2D + 2) floats each) per thread of omp_get_max_threads(): at
+    2^31 - 1 threads, more bytes than a 47-bit address space has, so it cannot be allocated and the kernel runs
+    each sequence whole, a kv head at a time, as one thread does."""
     lib = cpu_attention.KERNEL.lib if loops == "built" else avx2_lib
     inputs = case([3000, 1, 17, 130], dtype, 5)
     libc = ctypes.CDLL(None)
     libc.aligned_alloc.restype, libc.aligned_alloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
-    assert libc.aligned_alloc(64, 1 << 46) is None
+    assert libc.aligned_alloc(64, 4 * (2**31 - 1) * HQ * (2 * D + 2) * 4) is None
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     one_thread = call(lib, *inputs)
