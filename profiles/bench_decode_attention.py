@@ -5,9 +5,11 @@
 
 One call is one layer's attention: Hq 16, Hkv 8, D 128, block size 16, a query token per sequence. A shape
 is BATCHxCONTEXT (every sequence that long) or BATCHxCONTEXT+REST (one sequence of CONTEXT, the others of
-REST: a long sequence next to short ones). Each sequence's blocks are distinct, and a 64 MiB buffer is
-written before every call, so the cache holds none of the KV, as in a decode step after the linears streamed
-their weights. Prints the best call's µs per layer, the KV it read in GB/s and as a fraction of the memory
+REST: a long sequence next to short ones). Each sequence's blocks are distinct and scattered (a random
+permutation of the cache's, as tests/test_cpu_attention_split.py builds them: the engine's blocks are not in
+order either, and blocks in order would flatter the hardware prefetchers), and a 64 MiB buffer is written
+before every call, so the cache holds none of the KV, as in a decode step after the linears streamed their
+weights. Prints the best call's µs per layer, the KV it read in GB/s and as a fraction of the memory
 read bandwidth (profiles/common.py's), and x 28 layers. --baseline: also builds ops/cpu/csrc as of that git
 revision and times it, interleaved call by call with the working tree's kernel.
 """
@@ -54,7 +56,7 @@ def parse_shape(shape: str) -> list[int]:
 def inputs(lengths: list[int], dtype: torch.dtype) -> tuple:
     width = max(-(-n // BLOCK) for n in lengths)
     k_cache = torch.randn(1 + len(lengths) * width, BLOCK, HKV, D, dtype=dtype)  # block 0 unused, as in the engine
-    tables = (1 + torch.arange(len(lengths) * width, dtype=torch.int32)).view(len(lengths), width)
+    tables = (1 + torch.randperm(len(lengths) * width, dtype=torch.int32)).view(len(lengths), width)
     q = torch.randn(len(lengths), HQ, D, dtype=dtype)
     return q, k_cache, torch.randn_like(k_cache), tables, torch.tensor(lengths, dtype=torch.int32), torch.empty_like(q)
 

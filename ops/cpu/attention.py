@@ -10,7 +10,8 @@ being cold after the linears streamed their weights. Flash-decoding: past a few 
 head) pairs a sequence's keys are cut into parts, about 4 per thread across the batch, each a task
 on the thread pool leaving its max, sum and unnormalised output, combined at the end; batch 1 and a
 long sequence next to short ones then keep every thread busy. The parts' state lives in a per-thread
-scratch sized from the shapes (grown once, never per call). On AVX-512 (BF16) q . k of bf16 is
+scratch sized from the shapes (grown once, never per call); should it fail to allocate, each sequence
+runs whole on the calling thread, a kv head at a time, its state on the stack. On AVX-512 (BF16) q . k of bf16 is
 vdpbf16ps on the unscaled q (products of bf16 are exact in fp32; the score is scaled after), 16
 keys' sums reduced together; elsewhere AVX2 + FMA. bf16 is read 16 values at a time by a shift and
 a mask, as the linears read it, so the head dim must be a multiple of 16 (32 for the AVX-512 loops).
@@ -26,7 +27,7 @@ from ops.cpu import build, graph
 MAX_GROUP = 16  # query heads per kv head
 MAX_HEAD_DIM = 256
 
-KERNEL = build.CKernel("cpu_attention", "attention.c", ("decode_attention",))
+KERNEL = build.CKernel("cpu_attention", "attention.c", ("decode_attention", "decode_attention_avx512"))
 
 
 def takes(head_dim: int, group: int) -> bool:

@@ -103,6 +103,10 @@ static void softmax_tile(const struct attention_args *a, const struct group *s, 
         __m256 top8 = _mm256_set1_ps(s->m[g]);
         for (int t = 0; t < padded; t += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + t));
         const float top = hmax(top8);
+        if (!(top > -INFINITY)) {  /* no score above -inf yet (or a NaN): the tile weighs 0, not exp(-inf - -inf) */
+            memset(p, 0, (size_t)padded * sizeof(float));
+            continue;
+        }
         if (top > s->m[g]) {  /* a new running max: rescale what was accumulated */
             const float c = expf(s->m[g] - top);
             s->l[g] *= c;
@@ -123,9 +127,9 @@ static void softmax_tile(const struct attention_args *a, const struct group *s, 
 
 /* ---- AVX2: q scaled in fp32, in load16's layout; 4 keys scored at once (4 FMA chains in flight) ---- */
 
-/* q's Hq heads of the token at q + base into the region's q. */
-static void prepare_avx2(const struct attention_args *a, float *q, long base) {
-    for (long i = 0; i < (long)a->Hq * a->D; i += 16) {
+/* n values of q from q + base (whole heads of a token) into the state's q. */
+static void prepare_avx2(const struct attention_args *a, float *q, long base, long n) {
+    for (long i = 0; i < n; i += 16) {
         __m256 v[2];
         load16(a->q, base + i, a->bf16, v);
         _mm256_store_ps(q + i, _mm256_mul_ps(v[0], _mm256_set1_ps(a->scale)));
@@ -198,8 +202,7 @@ static void values_avx2(const struct attention_args *a, const struct group *s, c
 AVX512_BEGIN
 
 /* As prepare_avx2: bf16 q as it is (two values per float), fp32 q scaled. */
-static void prepare_avx512(const struct attention_args *a, float *q, long base) {
-    const long n = (long)a->Hq * a->D;
+static void prepare_avx512(const struct attention_args *a, float *q, long base, long n) {
     if (a->bf16) {
         memcpy(q, (const uint16_t *)a->q + base, (size_t)n * 2);
         return;
@@ -278,32 +281,24 @@ static void values_avx512(const struct attention_args *a, const struct group *s,
 
 AVX512_END
 
-/* One task: part `task` of a sequence's keys, for all its heads, each kv head's GQA group sharing its K/V rows:
-   an online softmax over tiles of keys, in fp32, its state in the part's region of a->state. Reading every
-   head of a token at once reads the cache in runs of whole blocks, which the prefetchers follow. A sequence in
-   one part is written out; the parts of one in several are combined after (combine). */
-static void attend(const void *args, long task) {
-    const struct attention_args *a = args;
-    const int G = a->Hq / a->Hkv, D = a->D, part = (int)task;
-    int lo = 0, hi = part < a->B - 1 ? part : a->B - 1;  /* b: the last sequence with parts[b] <= part */
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (a->parts[mid] <= part) lo = mid;
-        else hi = mid - 1;
-    }
-    const int b = lo, parts = a->parts[b + 1] - a->parts[b], begin = (part - a->parts[b]) * a->split;
-    const int end = parts > 1 && begin + a->split < a->ctx[b] ? begin + a->split : a->ctx[b];
+/* Keys begin .. end - 1 of sequence b for kv heads h0 .. h1 - 1, each kv head's GQA group sharing its K/V rows:
+   an online softmax over tiles of keys, in fp32, its state at `state` (q, acc, m, l of those kv heads' query
+   heads, as a region of a->state holds all of them); written out when `store`. Reading every head of a token at
+   once reads the cache in runs of whole blocks, which the prefetchers follow. */
+static void attend_heads(const struct attention_args *a, int b, int begin, int end, int h0, int h1, float *state,
+                         int store) {
+    const int G = a->Hq / a->Hkv, D = a->D, heads = (h1 - h0) * G;
     const int32_t *table = a->tables + (long)b * a->W;
     void (*scores)(const struct attention_args *, const struct group *, const long *, int) =
         a->avx512 ? scores_avx512 : scores_avx2;
     void (*values)(const struct attention_args *, const struct group *, const long *, int) =
         a->avx512 ? values_avx512 : values_avx2;
-    float *q = a->state + task * a->region, *acc = q + (long)a->Hq * D, *m = acc + (long)a->Hq * D, *l = m + a->Hq;
+    float *q = state, *acc = q + (long)heads * D, *m = acc + (long)heads * D, *l = m + heads;
     float p[MAX_G][TILE];
     long rows[2][TILE];  /* the current tile's and the next one's */
-    (a->avx512 ? prepare_avx512 : prepare_avx2)(a, q, b * a->sq);
-    memset(acc, 0, (size_t)a->Hq * D * sizeof(float));
-    for (int i = 0; i < a->Hq; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    (a->avx512 ? prepare_avx512 : prepare_avx2)(a, q, b * a->sq + (long)h0 * G * D, (long)heads * D);
+    memset(acc, 0, (size_t)heads * D * sizeof(float));
+    for (int i = 0; i < heads; i++) m[i] = -INFINITY, l[i] = 0.0f;
     if (begin < end) {
         tile_rows(a, table, begin, end, rows[0]);
         prefetch_rows(a, rows[0], end - begin < TILE ? end - begin : TILE);
@@ -314,18 +309,42 @@ static void attend(const void *args, long task) {
             tile_rows(a, table, t0 + TILE, end, rows[cur ^ 1]);
             prefetch_rows(a, rows[cur ^ 1], end - t0 - TILE < TILE ? end - t0 - TILE : TILE);
         }
-        for (int h = 0; h < a->Hkv; h++) {
+        for (int h = h0; h < h1; h++) {
             /* bf16 q on AVX-512 takes half the floats */
-            const long qoff = (long)h * G * D / (a->avx512 && a->bf16 ? 2 : 1);
-            const struct group s = {q + qoff, acc + (long)h * G * D, m + h * G, l + h * G, p, (long)h * D};
+            const long first = (long)(h - h0) * G, qoff = first * D / (a->avx512 && a->bf16 ? 2 : 1);
+            const struct group s = {q + qoff, acc + first * D, m + first, l + first, p, (long)h * D};
             scores(a, &s, rows[cur], n);
             softmax_tile(a, &s, n);
             values(a, &s, rows[cur], n);
         }
     }
-    if (parts == 1)
-        for (int i = 0; i < a->Hq; i++)
-            store_head(a, acc + (long)i * D, l[i] > 0.0f ? 1.0f / l[i] : 0.0f, ((long)b * a->Hq + i) * D);
+    if (store)
+        for (int i = 0; i < heads; i++)
+            store_head(a, acc + (long)i * D, l[i] > 0.0f ? 1.0f / l[i] : 0.0f, ((long)b * a->Hq + h0 * G + i) * D);
+}
+
+/* One task: part `task` of a sequence's keys, for all its heads, its state in the part's region of a->state. A
+   sequence in one part is written out; the parts of one in several are combined after (combine). */
+static void attend(const void *args, long task) {
+    const struct attention_args *a = args;
+    const int part = (int)task;
+    int lo = 0, hi = part < a->B - 1 ? part : a->B - 1;  /* b: the last sequence with parts[b] <= part */
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (a->parts[mid] <= part) lo = mid;
+        else hi = mid - 1;
+    }
+    const int b = lo, parts = a->parts[b + 1] - a->parts[b], begin = (part - a->parts[b]) * a->split;
+    const int end = parts > 1 && begin + a->split < a->ctx[b] ? begin + a->split : a->ctx[b];
+    attend_heads(a, b, begin, end, 0, a->Hkv, a->state + task * a->region, parts == 1);
+}
+
+/* Without a scratch (its allocation failed): each sequence whole on this thread, one kv head at a time, whose
+   state (bounded by MAX_G and MAX_D, where all heads' is not) fits on the stack. */
+static __attribute__((noinline)) void attend_unstaged(const struct attention_args *a) {
+    _Alignas(64) float state[MAX_G * (2 * MAX_D + 2)];
+    for (int b = 0; b < a->B; b++)
+        for (int h = 0; h < a->Hkv; h++) attend_heads(a, b, 0, a->ctx[b], h, h + 1, state, 1);
 }
 
 /* The outputs of the sequences in several parts: each part's sum and output weighted by exp(its max - the
@@ -342,7 +361,7 @@ static void combine(const struct attention_args *a) {
                 top = m > top ? m : top;
             }
             memset(out, 0, (size_t)D * sizeof(float));
-            for (int p = 0; p < parts; p++) {
+            for (int p = 0; p < parts && top > -INFINITY; p++) {  /* all -inf: no key weighs anything, out is 0 */
                 const float *acc = a->state + (first + p) * a->region + (long)Hq * D, *m = acc + (long)Hq * D;
                 const float w = expf(m[i] - top);
                 sum += w * m[Hq + i];
@@ -364,11 +383,15 @@ static void combine(const struct attention_args *a) {
 #define PARTS_PER_THREAD 4
 #define MIN_SPLIT 128
 
+static int takes_avx512(int D, int bf16) { return D % 32 == 0 && (bf16 ? has_avx512_bf16() : has_avx512()); }
+
+void decode_attention_avx512(int D, int bf16, int *avx512) { *avx512 = takes_avx512(D, bf16); }
+
 /* Shapes: see nanoqwen_cpu.h. One task per part of a sequence, on the thread pool (pool.h). */
 void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
                       const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
                       int bf16) {
-    const int avx512 = D % 32 == 0 && (bf16 ? has_avx512_bf16() : has_avx512());
+    const int avx512 = takes_avx512(D, bf16);
     /* a part's region: q, acc, m, l of Hq heads, whole cache lines */
     const long region = ((long)Hq * (2 * D + 2) + 15) / 16 * 16;
     struct attention_args a = {q, kc, vc, sq, tables, ctx, out, B, Hq, Hkv, D, bs, W, bf16, scale, avx512,
@@ -382,6 +405,10 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     if (split) a.split = per < MIN_SPLIT ? MIN_SPLIT : (int)((per + TILE - 1) / TILE * TILE);
     const long parts_max = target + B;
     a.state = thread_scratch(((size_t)parts_max * region) * sizeof(float) + (size_t)(B + 1) * sizeof(int32_t));
+    if (!a.state) {
+        attend_unstaged(&a);
+        return;
+    }
     int32_t *parts = (int32_t *)(a.state + parts_max * region);
     parts[0] = 0;
     for (int b = 0; b < B; b++) parts[b + 1] = parts[b] + (ctx[b] > a.split ? (ctx[b] - 1) / a.split + 1 : 1);

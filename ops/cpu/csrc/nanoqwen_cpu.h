@@ -34,6 +34,8 @@ void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void 
 void decode_attention(const void *q, long sq, const void *kc, const void *vc, const int32_t *tables,
                       const int32_t *ctx, void *out, int B, int Hq, int Hkv, int D, int bs, int W, float scale,
                       int bf16);
+/* Sets *avx512 to whether decode_attention takes its AVX-512 loops at head dim D (else AVX2). */
+void decode_attention_avx512(int D, int bf16, int *avx512);
 
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];

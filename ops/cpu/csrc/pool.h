@@ -158,8 +158,11 @@ static inline long pool_chunk_end(long chunk, long rows, long n) {
 }
 
 /* The calling thread's scratch of at least `bytes` (64-byte aligned), grown when a call needs more and never
-   freed, so a decode step allocates nothing once its largest call has run. A kernel stages its inputs there
-   before pool_run; the helpers only read what the caller wrote. NULL if the allocation fails. */
+   freed, so a decode step allocates nothing once its largest call has run. NULL if the allocation fails (the
+   old one is freed then): a caller must have a way without it. A kernel stages its inputs there before
+   pool_run, and its tasks may write their results there, each its own region: pool_run's finished counter
+   (a helper's release, the caller's acquire) publishes what a helper wrote to the caller once it returns. The
+   contents do not outlive the call: the next one may grow (move) the scratch. */
 static inline void *thread_scratch(size_t bytes) {
     static __thread void *buf;
     static __thread size_t size;
