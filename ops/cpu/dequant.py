@@ -4,7 +4,7 @@ At many activation rows a linear is bound by arithmetic, not by reading the weig
 (linear_int8.py, linear_int4.py) split each activation row into 2 (bf16) or 4 (fp32) int8 pieces, 2-4x the
 integer work of the rows, and the torch references they left prefill to widen the whole weight to fp32 for
 the fp32 GEMM (2.5x slower than oneDNN's bf16 GEMM on an AVX-512-BF16 CPU). Here a block of weight rows is
-dequantised into a scratch buffer kept for the process and torch.mm writes that block's output columns: only a
+dequantised into a scratch buffer kept by each thread and torch.mm writes that block's output columns: only a
 block's worth of dequantised weights ever exists.
 - int8: the q themselves (exact in bf16), then the GEMM's output times the channels' scales, as the reference
   orders it. Its products are exact and summed in fp32; with bf16 activations the output is rounded to bf16
