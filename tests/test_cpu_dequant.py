@@ -2,9 +2,13 @@
 rounding, the blocked GEMM against the references and the exact product, and the row threshold."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
+import ops.cpu
+from call_rows import record_rows
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant, graph
 from ops.cpu import linear_int4 as cpu_int4
@@ -15,6 +19,9 @@ from ops.torch_ref.linear_int8 import linear_int8_torch
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supported(),
+                                reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int4 decode kernel's requirement)")
 
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
@@ -61,7 +68,7 @@ SHAPES = [(dequant.MIN_ROWS, 37, 256), (dequant.MIN_ROWS + 30, 100, 1024)]
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
     monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)  # 8 bf16 or 4 fp32 weight rows a block
-    monkeypatch.setattr(dequant, "NATIVE_BF16", native_bf16)
+    monkeypatch.setattr(dequant, "AVX512_BF16", native_bf16)
     x, q, scale = int8_operands(m, n, k, dtype)
     out = cpu_int8.linear_int8(x, q, scale)
     assert out.dtype == dtype and out.shape == (m, n)
@@ -77,7 +84,7 @@ def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int4_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
     monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)
-    monkeypatch.setattr(dequant, "NATIVE_BF16", native_bf16)
+    monkeypatch.setattr(dequant, "AVX512_BF16", native_bf16)
     x, w, scale, offset = int4_operands(m, n, k, 128, dtype)
     out = cpu_int4.linear_int4(x, w, scale, offset)
     assert out.dtype == dtype and out.shape == (m, n)
@@ -95,37 +102,65 @@ def test_int4_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
     assert (ulps(out, reference) > 1).float().mean() < 0.2
 
 
-def test_the_threshold_is_on_the_calls_rows(monkeypatch):
+def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
+    if quant == "int8":
+        return int8_operands(m, 40, 128, torch.bfloat16)
+    return int4_operands(m, 40, 128, 64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("quant", ["int8", pytest.param("int4", marks=needs_vnni)])
+def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's mixed steps
     reach by their row count alone)."""
+    module = cpu_int8 if quant == "int8" else cpu_int4
     calls = []
-    for module, name in ((dequant, "linear_int8"), (dequant, "linear_int4"), (cpu_int8, "linear_int8_cpu"),
-                         (cpu_int4, "linear_int4_cpu")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name,
-                            lambda *a, real=real, name=name: calls.append((name, a[0].shape[0])) or real(*a))
-    x, q, scale = int8_operands(dequant.MIN_ROWS, 40, 128, torch.bfloat16)
-    _, w, s4, o4 = int4_operands(dequant.MIN_ROWS, 40, 128, 64, torch.bfloat16)
+    record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
+    x, *weights = operands(quant, dequant.MIN_ROWS)
     for rows in (x, x[:-1]):
-        cpu_int8.linear_int8(rows, q, scale)
-        cpu_int4.linear_int4(rows, w, s4, o4)
-    below = dequant.MIN_ROWS - 1
-    assert calls == [("linear_int8", dequant.MIN_ROWS), ("linear_int4", dequant.MIN_ROWS),
-                     ("linear_int8_cpu", below), ("linear_int4_cpu", below)]
+        getattr(module, f"linear_{quant}")(rows, *weights)
+    assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
 
 
-def test_the_scratch_is_kept_across_calls(monkeypatch):
-    monkeypatch.setattr(dequant, "_scratch", {})
-    x, q, scale = int8_operands(dequant.MIN_ROWS, 300, 512, torch.bfloat16)
-    dequant.linear_int8(x, q, scale)
-    kept = dequant._scratch[torch.bfloat16]
-    dequant.linear_int8(x, q, scale)
+def test_int4_without_vnni_takes_the_blocked_gemm_for_prefill(monkeypatch):
+    """The kernel set of a CPU without AVX-512 VNNI: int4 linears of MIN_ROWS rows take the blocked GEMM (AVX2
+    only), fewer rows the torch reference."""
+    monkeypatch.setattr(cpu_int4, "supported", lambda: False)
+    kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
+    calls = []
+    record_rows(monkeypatch, calls, (dequant, "linear_int4"), (cpu_int4, "linear_int4_cpu"),
+                (cpu_int4, "linear_int4_torch"))
+    x, *weights = operands("int4", dequant.MIN_ROWS)
+    for rows in (x, x[:-1]):
+        kernel_set.linear_int4(rows, *weights)
+    assert calls == [("linear_int4", dequant.MIN_ROWS), ("linear_int4_torch", dequant.MIN_ROWS - 1)]
+
+
+def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):
+    """One buffer per thread and GEMM dtype, sized by the largest block a call needed (at most BLOCK_BYTES)."""
+    monkeypatch.setattr(dequant, "_scratch", dequant._Scratch())
+    x, q, scale = int8_operands(dequant.MIN_ROWS, 300, 512, torch.float32)
+    with torch.inference_mode():  # as the engine calls it
+        dequant.linear_int8(x, q, scale)
+    kept = dequant._scratch.by_dtype[torch.float32]
+    dequant.linear_int8(x, q, scale)  # outside inference_mode, as tests and tools call it: still writable
     dequant.linear_int8(x[:, :256].contiguous(), q[:, :256].contiguous(), scale)  # shorter rows: the same buffer
-    assert dequant._scratch[torch.bfloat16] is kept and kept.numel() <= dequant.BLOCK_BYTES // 2
+    assert dequant._scratch.by_dtype[torch.float32] is kept
+    assert kept.numel() == 300 * 512  # the whole weight is one block, smaller than BLOCK_BYTES
+
+    others = {}
+
+    def run() -> None:
+        dequant.linear_int8(x, q, scale)
+        others.update(dequant._scratch.by_dtype)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert others[torch.float32] is not kept and dequant._scratch.by_dtype[torch.float32] is kept
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_a_prefill_sized_prompt_matches_the_quantised_reference(quant):
+def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, quant):
     """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
     output equals transformers on the same dequantised weights token for token."""
     from checkpoints import make_checkpoint
@@ -136,4 +171,7 @@ def test_a_prefill_sized_prompt_matches_the_quantised_reference(quant):
     prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)
+    calls = []
+    record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"))
     assert [r.choices[0].token_ids for r in generate(engine, prompts, greedy(4))] == expected
+    assert calls and all(rows == len(prompts[0]) for _, rows in calls)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from call_rows import record_rows
 from ops.cpu import build as cpu_build
+from ops.cpu import dequant
 from ops.cpu import linear_int4 as cpu_int4
 from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
 
@@ -12,7 +14,8 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
-    assert cpu_int4.KERNEL.build(), cpu_int4.KERNEL.error
+    for kernel in (cpu_int4.KERNEL, dequant.KERNEL):  # dequant.py's: prefill rows
+        assert kernel.build(), kernel.error
 
 
 needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supported(),
@@ -108,11 +111,10 @@ def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype):
 @needs_vnni
 def test_dispatch_by_rows(monkeypatch):
     calls = []
-    real = cpu_int4.linear_int4_cpu
-    monkeypatch.setattr(cpu_int4, "linear_int4_cpu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
+    record_rows(monkeypatch, calls, (cpu_int4, "linear_int4_cpu"), (dequant, "linear_int4"))
     x, w, scale, offset = operands(cpu_int4.MAX_ROWS + 1, 48, 128, 64, torch.float32)
     for rows in (x[:1], x[:5].view(5, 1, 128), x):  # decode rows: the C kernel; prefill rows: dequant.py
         out = cpu_int4.linear_int4(rows, w, scale, offset)
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int4_torch(rows, w, scale, offset), atol=1e-4, rtol=1e-5)
-    assert calls == [1, 5]
+    assert calls == [("linear_int4_cpu", 1), ("linear_int4_cpu", 5), ("linear_int4", cpu_int4.MAX_ROWS + 1)]

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from call_rows import record_rows
 from ops.cpu import build as cpu_build
+from ops.cpu import dequant
 from ops.cpu import linear_int8 as cpu_int8
 from ops.torch_ref.linear_int8 import linear_int8_torch
 
@@ -83,15 +85,15 @@ def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype):
 
 
 def test_dispatch_by_rows(monkeypatch):
+    """Decode rows take the C kernel, prefill rows dequant.py's blocked GEMM, which needs no C kernel for int8."""
     calls = []
-    real = cpu_int8.linear_int8_cpu
-    monkeypatch.setattr(cpu_int8, "linear_int8_cpu", lambda x, w, s: calls.append(x.shape[0]) or real(x, w, s))
+    record_rows(monkeypatch, calls, (cpu_int8, "linear_int8_cpu"), (dequant, "linear_int8"))
     x, w, scale = operands(cpu_int8.MAX_ROWS + 1, 48, 64, torch.float32)
     for rows in (x[:1], x[:5].view(5, 1, 64), x):  # decode rows: the C kernel; prefill rows: dequant.py
         out = cpu_int8.linear_int8(rows, w, scale)
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int8_torch(rows, w, scale), atol=1e-4, rtol=1e-5)
-    assert calls == [1, 5]
+    assert calls == [("linear_int8_cpu", 1), ("linear_int8_cpu", 5), ("linear_int8", cpu_int8.MAX_ROWS + 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -51,7 +51,7 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         prefill_attention=prefill_attention.prefill_attention_cpu if prefills else ref.prefill_attention,
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
-        linear_int4=linear_int4.linear_int4 if linear_int4.supported() else ref.linear_int4,
+        linear_int4=linear_int4.linear_int4 if linear_int4.supported() else linear_int4.linear_int4_without_vnni,
         silu_mul=pointwise.silu_mul_cpu if pointwise.KERNEL.ready else ref.silu_mul,
         to_fp32=pointwise.to_fp32_cpu if pointwise.KERNEL.ready else ref.to_fp32,
         embedding=embedding.embedding_cpu if embeds else ref.embedding,

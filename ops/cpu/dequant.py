@@ -4,62 +4,79 @@ At many activation rows a linear is bound by arithmetic, not by reading the weig
 (linear_int8.py, linear_int4.py) split each activation row into 2 (bf16) or 4 (fp32) int8 pieces, 2-4x the
 integer work of the rows, and the torch references they left prefill to widen the whole weight to fp32 for
 the fp32 GEMM (2.5x slower than oneDNN's bf16 GEMM on an AVX-512-BF16 CPU). Here a block of weight rows is
-dequantised into a scratch buffer kept for the process and torch.mm writes that block's output columns: only a
+dequantised into a scratch buffer kept by each thread and torch.mm writes that block's output columns: only a
 block's worth of dequantised weights ever exists.
 - int8: the q themselves (exact in bf16), then the GEMM's output times the channels' scales, as the reference
   orders it. Its products are exact and summed in fp32; with bf16 activations the output is rounded to bf16
   before the scale and after, so it is at most one bf16 ulp from the reference's (which rounds once).
 - int4: q * scale + offset per group (csrc/dequant.c), rounded as the reference rounds, then to the GEMM's dtype:
   with bf16 activations each weight takes one bf16 rounding (2^-9 relative) the reference does not.
-The GEMM runs in bf16 where the activations are bf16 and oneDNN has native bf16 (linear.NATIVE_BF16), else in
-fp32 (fp32 activations, the exactness mode, always): there it is the reference's arithmetic, block by block.
+The GEMM runs in bf16 where the activations are bf16 and the CPU has AVX512-BF16 (linear.AVX512_BF16; every
+AMX-BF16 CPU has it too), else in fp32 (fp32 activations, the exactness mode, always): there it is the reference's
+arithmetic, block by block. oneDNN also takes bf16 on AVX-512 CPUs without AVX512-BF16 (linear.NATIVE_BF16), but
+there it emulates the bf16 products.
 Source: csrc/dequant.c, built by build.py.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 
 from ops.cpu import build, graph
-from ops.cpu.linear import MAX_ROWS, NATIVE_BF16
+from ops.cpu.linear import AVX512_BF16, MAX_ROWS
 
 KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4",))
 
-# Activation rows from which the blocked GEMM serves, below them the decode kernels. Measured (1 thread, 6144 x 1024,
-# bf16, CPU ms, decode kernel / blocked GEMM): int8 16 rows 2.4 / 2.8, 32 rows 5.0 / 4.0; int4 32 rows 3.4 / 4.5.
+# Activation rows from which the blocked GEMM serves, up to MAX_ROWS the decode kernels. Not where the GEMM starts to
+# win (1 thread, 6144 x 1024, bf16, CPU ms, decode kernel / blocked GEMM: int8 16 rows 2.4 / 2.8, 32 rows 5.0 / 4.0;
+# int4 32 rows 3.4 / 4.5) but where the decode kernels stop: a step of up to MAX_ROWS rows stays a bucket the CPU
+# graph captures (graph.py records C calls, torch.mm is none), and the AMX kernels serve up to MAX_ROWS rows.
 MIN_ROWS = MAX_ROWS + 1
 # A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
 BLOCK_BYTES = 4 << 20
 
-_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+class _Scratch(threading.local):
+    """The calling thread's scratch buffers: concurrent calls never share a block."""
+
+    def __init__(self) -> None:
+        self.by_dtype: dict[torch.dtype, torch.Tensor] = {}
 
 
-def takes(rows: int) -> bool:
-    """Whether a call of `rows` activation rows is prefill-sized and the kernel built."""
-    return KERNEL.ready and rows >= MIN_ROWS
+_scratch = _Scratch()
 
 
-def _block(dtype: torch.dtype, k: int) -> tuple[torch.Tensor, int]:
-    """The scratch for `dtype` (kept, grown to the largest block a call has needed) and the weight rows of K
-    a block holds."""
-    rows = max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8))
-    if dtype not in _scratch or _scratch[dtype].numel() < rows * k:
-        _scratch[dtype] = torch.empty(rows * k, dtype=dtype)
-    return _scratch[dtype], rows
+def takes(rows: int, int4: bool) -> bool:
+    """Whether a call of `rows` activation rows is prefill-sized, and for int4 the dequantising kernel built (int8
+    needs none)."""
+    return rows >= MIN_ROWS and (KERNEL.ready or not int4)
+
+
+def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:
+    """The calling thread's scratch for `dtype` (kept, grown to the largest block a call has needed) and the rows
+    of N (of K weights each) a block holds."""
+    rows = min(n, max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8)))
+    buffers = _scratch.by_dtype
+    if dtype not in buffers or buffers[dtype].numel() < rows * k:
+        # a normal tensor: it outlives the call's inference_mode, outside which an inference tensor is read-only
+        with torch.inference_mode(False):
+            buffers[dtype] = torch.empty(rows * k, dtype=dtype)
+    return buffers[dtype], rows
 
 
 def blocked_linear(x: torch.Tensor, n: int, dequantise: Callable[[int, int, torch.Tensor], None],
                    scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N] = (x @ W.T) * scale (per output channel, if given), where dequantise(n0, n1, out)
     writes W[n0:n1] into out ([n1 - n0, K] in the GEMM's dtype)."""
-    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and NATIVE_BF16 else torch.float32
+    dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and AVX512_BF16 else torch.float32
     rows = x.to(dtype).contiguous()
     k = rows.shape[1]
     out = torch.empty(rows.shape[0], n, dtype=dtype)
-    scratch, block = _block(dtype, k)
+    scratch, block = _block(dtype, n, k)
     for n0 in range(0, n, block):
         n1 = min(n, n0 + block)
         weights = scratch[:(n1 - n0) * k].view(n1 - n0, k)
@@ -81,9 +98,10 @@ def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x: [M, K] bf16 or fp32, weight: [N, K / 2] uint8 contiguous in the block layout, scale, offset: [N, K / G]
-    contiguous in x's dtype, G % 64 == 0 -> [M, N]."""
+    """x: [M, K] bf16 or fp32, weight: [N, K / 2] uint8 in the block layout, scale, offset: [N, K / G] in x's
+    dtype, G % 64 == 0 -> [M, N]."""
     k = 2 * weight.shape[1]
+    weight, scale, offset = weight.contiguous(), scale.contiguous(), offset.contiguous()
 
     def dequantise(n0: int, n1: int, out: torch.Tensor) -> None:
         s, o = scale[n0:n1].to(out.dtype), offset[n0:n1].to(out.dtype)

@@ -20,8 +20,8 @@ rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and 
 quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
 activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
 and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output rows on the kernels' thread
-pool (csrc/pool.h). More rows (prefill) take dequant.py's blocked GEMM, CPUs without AVX-512 VNNI the torch
-reference.
+pool (csrc/pool.h). More rows (prefill) take dequant.py's blocked GEMM, on CPUs without AVX-512 VNNI too (it
+needs AVX2 only), where fewer rows take the torch reference.
 """
 from __future__ import annotations
 
@@ -65,16 +65,30 @@ def _linear_int4_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 linear_int4_cpu = build.kernel_op("linear_int4_cpu", _linear_int4, _linear_int4_fake)
 
 
-def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The kernel set's linear_int4 where `supported()`: the C kernel up to MAX_ROWS rows, dequant.py's blocked
-    GEMM beyond (the torch reference where that did not build)."""
+def _dispatch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+              decode_kernel: bool) -> torch.Tensor:
+    """dequant.py's blocked GEMM from dequant.MIN_ROWS rows; up to MAX_ROWS the C kernel where `decode_kernel`;
+    the torch reference elsewhere."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if (rows.shape[1] // scale.shape[1]) % BLOCK:
         return linear_int4_torch(x, weight, scale, offset)
-    if dequant.takes(rows.shape[0]):
+    if dequant.takes(rows.shape[0], int4=True):
         out = dequant.linear_int4(rows, weight, scale, offset)
-    elif rows.shape[0] <= MAX_ROWS:
+    elif decode_kernel and rows.shape[0] <= MAX_ROWS:
         out = linear_int4_cpu(rows, weight, scale, offset)
     else:
         return linear_int4_torch(x, weight, scale, offset)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The kernel set's linear_int4 where `supported()`: the C kernel up to MAX_ROWS rows, dequant.py's blocked
+    GEMM beyond (the torch reference where that did not build)."""
+    return _dispatch(x, weight, scale, offset, decode_kernel=True)
+
+
+def linear_int4_without_vnni(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                             offset: torch.Tensor) -> torch.Tensor:
+    """The kernel set's linear_int4 where not `supported()`: the torch reference up to MAX_ROWS rows, dequant.py's
+    blocked GEMM (AVX2) beyond, so that prefill does not widen the whole weight."""
+    return _dispatch(x, weight, scale, offset, decode_kernel=False)
