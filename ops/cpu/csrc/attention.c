@@ -211,10 +211,9 @@ static void prepare_avx512(const struct attention_args *a, float *q, long base, 
         _mm512_store_ps(q + i, _mm512_mul_ps(_mm512_loadu_ps((const float *)a->q + base + i), _mm512_set1_ps(a->scale)));
 }
 
-/* The sums of 16 vectors' lanes 0..7 (lo) and 8..15 (hi), vector j's in lane j: pairs of vectors are interleaved
-   and added, halving the count each time (the whole sums, lo + hi, in 45 instructions where 16 horizontal sums take
-   about 130). */
-static inline void reduce16(const __m512 v[16], __m512 *lo, __m512 *hi) {
+/* The sums of 16 vectors' lanes, in one vector: pairs of vectors are interleaved and added, halving the count
+   each time (45 instructions, where 16 horizontal sums take about 130). */
+static inline __m512 reduce16(const __m512 v[16]) {
     __m512 w[8], x[4], y[2];
     for (int i = 0; i < 8; i++)  /* per 128-bit lane: v[2i] and v[2i+1]'s pairs of sums, interleaved */
         w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -223,56 +222,40 @@ static inline void reduce16(const __m512 v[16], __m512 *lo, __m512 *hi) {
         const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(w[2 * i]), _mm512_castps_pd(w[2 * i + 1]));
         x[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
     }
-    for (int i = 0; i < 2; i++)  /* 128-bit lanes 0 + 1 and 2 + 3: v[8i] .. v[8i+3]'s lo, hi, then v[8i+4] .. */
+    for (int i = 0; i < 2; i++)  /* the 128-bit lanes added in pairs */
         y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
                              _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    *lo = _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0));
-    *hi = _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* q . k of 16 keys (rows, plus off) by one query head (PAIR 0: the scores are lo + hi) or two (PAIR 1: q's rows
-   g and g + 1, their scores in lo and hi). A pair loads each K chunk once, into both halves of a vector whose
-   other operand holds a chunk of each head's q: one K load per two products, and a reduction per 32 scores,
-   still over 16 keys at a time (8 slowed the cold calls: fewer rows' misses in flight). PAIR and bf16 are
-   constants at each call, so each gets its own loop. */
-static inline __attribute__((always_inline)) void dot16(const void *q, const void *kc, const long *rows, long off,
-                                                        int D, int PAIR, int bf16, __m512 *lo, __m512 *hi) {
-    const long size = bf16 ? 2 : 4;
-    const char *qb = q, *kb = kc;
+/* q . k of 16 keys (rows, plus off); bf16 is a constant at each call, so each dtype gets its own loop. */
+static inline __attribute__((always_inline)) __m512 dot16(const void *q, const void *kc, const long *rows, long off,
+                                                          int D, int bf16) {
     __m512 acc[16];
     for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
-    for (long i = 0; i < D * size; i += 64 >> PAIR) {  /* i: bytes */
-        const __m512i qv = PAIR ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(qb + i))),
-                                                     _mm256_loadu_si256((const __m256i *)(qb + D * size + i)), 1)
-                                : _mm512_loadu_si512(qb + i);
-        for (int j = 0; j < 16; j++) {
-            const char *k = kb + (rows[j] + off) * size + i;
-            const __m512i kv = PAIR ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)k)) : _mm512_loadu_si512(k);
-            acc[j] = bf16 ? _mm512_dpbf16_ps(acc[j], (__m512bh)qv, (__m512bh)kv)
-                          : _mm512_fmadd_ps(_mm512_castsi512_ps(qv), _mm512_castsi512_ps(kv), acc[j]);
+    for (int i = 0; i < D; i += bf16 ? 32 : 16) {
+        if (bf16) {
+            const __m512bh qv = (__m512bh)_mm512_loadu_si512((const uint16_t *)q + i);
+            for (int j = 0; j < 16; j++)
+                acc[j] = _mm512_dpbf16_ps(acc[j], qv,
+                                          (__m512bh)_mm512_loadu_si512((const uint16_t *)kc + rows[j] + off + i));
+        } else {
+            const __m512 qv = _mm512_load_ps((const float *)q + i);
+            for (int j = 0; j < 16; j++)
+                acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps((const float *)kc + rows[j] + off + i), acc[j]);
         }
     }
-    reduce16(acc, lo, hi);
+    return reduce16(acc);
 }
 
-/* Query heads in pairs where G is even. */
 static void scores_avx512(const struct attention_args *a, const struct group *s, const long *rows, int n) {
-    const int G = a->Hq / a->Hkv, D = a->D, pair = G % 2 == 0;
-    const __m512 scale = _mm512_set1_ps(a->bf16 ? a->scale : 1.0f);  /* fp32 q comes scaled */
-    for (int g = 0; g < G; g += 1 + pair)
+    for (int g = 0; g < a->Hq / a->Hkv; g++)
         for (int t = 0; t < n; t += 16) {
-            const void *q = (const char *)s->q + (long)g * D * (a->bf16 ? 2 : 4);
-            __m512 lo, hi;
-            if (a->bf16) pair ? dot16(q, a->kc, rows + t, s->off, D, 1, 1, &lo, &hi)
-                              : dot16(q, a->kc, rows + t, s->off, D, 0, 1, &lo, &hi);
-            else pair ? dot16(q, a->kc, rows + t, s->off, D, 1, 0, &lo, &hi)
-                      : dot16(q, a->kc, rows + t, s->off, D, 0, 0, &lo, &hi);
-            if (pair) {
-                _mm512_storeu_ps(s->p[g] + t, _mm512_mul_ps(lo, scale));
-                _mm512_storeu_ps(s->p[g + 1] + t, _mm512_mul_ps(hi, scale));
-            } else {
-                _mm512_storeu_ps(s->p[g] + t, _mm512_mul_ps(_mm512_add_ps(lo, hi), scale));
-            }
+            const __m512 sc = a->bf16 ? _mm512_mul_ps(dot16((const uint16_t *)s->q + g * a->D, a->kc, rows + t, s->off,
+                                                            a->D, 1), _mm512_set1_ps(a->scale))
+                                      : dot16(s->q + g * a->D, a->kc, rows + t, s->off, a->D, 0);
+            _mm512_storeu_ps(s->p[g] + t, sc);
         }
 }
 
