@@ -1,7 +1,7 @@
 """The C paged decode attention (ops/cpu/csrc/attention.c) alone, at Qwen3-0.6B's shapes and long contexts.
 
     python profiles/bench_decode_attention.py [--shapes 1x1000 8x1000 8x100 ...] [--dtype bfloat16|float32]
-        [--repeats 20] [--threads N] [--baseline GIT_REV]
+        [--repeats 20] [--threads N] [--baseline GIT_REV] [--warm]
 
 One call is one layer's attention: Hq 16, Hkv 8, D 128, block size 16, a query token per sequence. A shape
 is BATCHxCONTEXT (every sequence that long) or BATCHxCONTEXT+REST (one sequence of CONTEXT, the others of
@@ -11,7 +11,9 @@ order either, and blocks in order would flatter the hardware prefetchers), and a
 before every call, so the cache holds none of the KV, as in a decode step after the linears streamed their
 weights. Prints the best call's µs per layer, the KV it read in GB/s and as a fraction of the memory
 read bandwidth (profiles/common.py's), and x 28 layers. --baseline: also builds ops/cpu/csrc as of that git
-revision and times it, interleaved call by call with the working tree's kernel.
+revision and times it, interleaved call by call with the working tree's kernel. --warm: no buffer written between
+calls, so the KV stays in the caches where it fits (1x1000's 4 MB does): the kernel's compute alone, which a change
+can speed up while it slows the cold calls (profiles/RESULTS.md, lane attn2).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="a git revision whose kernel to time as well")
+    parser.add_argument("--warm", action="store_true", help="leave the KV in the caches between calls")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +91,8 @@ def main() -> None:
         best = dict.fromkeys(versions, float("inf"))
         for _ in range(args.repeats):
             for name, attend in versions.items():
-                junk.add_(1)
+                if not args.warm:
+                    junk.add_(1)
                 start = time.perf_counter()
                 attend(*tensors)
                 best[name] = min(best[name], time.perf_counter() - start)
