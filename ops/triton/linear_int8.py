@@ -39,6 +39,11 @@ def _linear_int8_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# Column blocks of a weight the interpreter runs at most: a 150k-row LM head takes 38 of 4096 rows, where 297 of 512
+# made test_quant's interpreted int8 decode 2x as slow (24.8 s against 52.9, 6 tokens) and 32-row blocks take minutes.
+INTERPRETED_PROGRAMS = 64
+
+
 class WeightOnlyLaunch(NamedTuple):
     rows: torch.Tensor  # [M, K], unit stride along K
     out: torch.Tensor  # [M, N] in x's dtype
@@ -56,8 +61,8 @@ def weight_only_launch(x: torch.Tensor, n: int) -> WeightOnlyLaunch:
     m = rows.shape[0]
     interpreted = x.device.type == "cpu"
     block_m, block_n = (16, 32) if m <= 16 else (64, 64)
-    if interpreted:  # the interpreter's time goes per program: a 150k-row LM head in 32-row blocks takes minutes
-        block_n = 512
+    if interpreted:  # the interpreter's time goes per program: at most INTERPRETED_PROGRAMS column blocks
+        block_n = max(512, triton.next_power_of_2(triton.cdiv(n, INTERPRETED_PROGRAMS)))
     return WeightOnlyLaunch(rows, torch.empty(m, n, dtype=x.dtype, device=x.device), block_m, block_n, interpreted)
 
 

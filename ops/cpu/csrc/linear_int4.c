@@ -216,17 +216,30 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[i][r]), a->bf16);
 }
 
+/* rows_vnni with R activation rows of P pieces, both constants: one function per pair, not one switch over them all
+   inlined into linear_int4_rows, whose single 280 KB function took gcc 26 s to compile (its passes grow faster than
+   the code); apart, 10 s. The permutations are made here, so that they stay in registers. */
+#define ROWS_VNNI(r, p) \
+    static __attribute__((noinline)) void rows_vnni_##r##_##p(const struct linear_int4_args *a, long n0, int count, \
+                                                              int m0, int block) { \
+        const struct transpose_index t = transpose_indices(); \
+        rows_vnni(a, &t, n0, count, m0, r, p, block); \
+    }
+ROWS_VNNI(1, 1) ROWS_VNNI(1, 2) ROWS_VNNI(1, 3) ROWS_VNNI(1, 4) ROWS_VNNI(2, 1) ROWS_VNNI(2, 2) ROWS_VNNI(2, 3)
+ROWS_VNNI(2, 4) ROWS_VNNI(3, 1) ROWS_VNNI(3, 2) ROWS_VNNI(3, 3) ROWS_VNNI(3, 4) ROWS_VNNI(4, 1) ROWS_VNNI(4, 2)
+ROWS_VNNI(4, 3) ROWS_VNNI(4, 4) ROWS_VNNI(5, 1) ROWS_VNNI(5, 2) ROWS_VNNI(6, 1) ROWS_VNNI(6, 2) ROWS_VNNI(7, 1)
+ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
+#undef ROWS_VNNI
+
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
 static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
-    const struct transpose_index t = transpose_indices();
     const int most = a->P <= 2 ? ROWS : ROWS / 2;
     for (long n0 = start; n0 < end; n0 += ROW_BLOCK) {
         const int count = end - n0 < ROW_BLOCK ? (int)(end - n0) : ROW_BLOCK;
         for (int m0 = 0; m0 < a->M; m0 += most) {
             const int R = a->M - m0 < most ? a->M - m0 : most;
             const int block = a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES;
-            /* one specialisation per row and piece count: the loops unroll and the sums stay in registers */
-#define CASE(r, p) case (r) * 8 + (p): rows_vnni(a, &t, n0, count, m0, r, p, block); break;
+#define CASE(r, p) case (r) * 8 + (p): rows_vnni_##r##_##p(a, n0, count, m0, block); break;
             switch (R * 8 + a->P) {
                 CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
                 CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
