@@ -1,4 +1,7 @@
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,9 +15,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from chat_http import cpu_env  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
-from server_process import GunicornServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from server_process import GunicornServer
 
 
 # Checkpoint fixtures are directories in the shared .cache/fixtures/: treat them as read-only.
@@ -40,6 +44,9 @@ def hf_model() -> Callable[[Path], torch.nn.Module]:
 def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
     no state behind that another's could see (no counters read, no first-request effects)."""
+    from chat_http import cpu_env  # here, so that runs without a server do not import openai and the rest
+    from server_process import GunicornServer
+
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
     with GunicornServer(env, tmp_path_factory.mktemp("chat") / "gunicorn.log") as srv:
         yield srv

@@ -5,13 +5,13 @@ import gc
 import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from chat_http import MODEL, health_latencies, post_chat
+from chat_http import MODEL, cpu_env, health_latencies, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
 from nanoqwen.api import encode
@@ -26,8 +26,11 @@ USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 
 
 @pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """Its own server: the soak sizes "past the context" for cpu_env's 512 tokens, reads /stats to see the
+    server drained, and leaves it under hostile load that no other module's tests should inherit."""
+    with GunicornServer(cpu_env(make_checkpoint()), tmp_path_factory.mktemp("robust") / "gunicorn.log") as srv:
+        yield srv
 
 
 Answers = list[requests.Response]

@@ -39,8 +39,9 @@ def _linear_int8_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-# Column blocks of a weight the interpreter runs at most: a 150k-row LM head takes 38 of 4096 rows, where 297 of 512
-# made test_quant's interpreted int8 decode 2x as slow (24.8 s against 52.9, 6 tokens) and 32-row blocks take minutes.
+# Column blocks of a weight the interpreter runs at most: a 150k-row LM head takes 38 blocks of 4096 rows, where
+# 297 of 512 made test_quant's interpreted int8 decode 2x as slow (24.8 s against 52.9, 6 tokens) and 32-row
+# blocks take minutes.
 INTERPRETED_PROGRAMS = 64
 
 
