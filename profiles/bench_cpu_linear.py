@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,15 @@ def sources(rev: str | None, into: Path) -> Path:
     return into / "ops/cpu/csrc"
 
 
+def versions_of(baseline: str | None, prefix: str, make: Callable[[Path, Path], Any]) -> dict:
+    """{label: make(csrc, cache)}: the working tree's C sources and, with `baseline`, that revision's (listed first)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    found = {"working tree": make(sources(None, tmp), tmp / "cache")}
+    if baseline:
+        found = {baseline: make(sources(baseline, tmp), tmp / "cache")} | found
+    return found
+
+
 def callers(csrc: Path, cache: Path) -> dict:
     """{quant: kernel(x, *weights) -> y} for the C sources in `csrc`."""
     dense = build.CKernel(f"bench_linear_{csrc.parent.parent.parent.name}", "linear.c", ("linear",), csrc=csrc)
@@ -131,10 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_cpu_linear_"))
-    versions = {"working tree": callers(sources(None, tmp), tmp / "cache")}
-    if args.baseline:
-        versions = {args.baseline: callers(sources(args.baseline, tmp), tmp / "cache")} | versions
+    versions = versions_of(args.baseline, "bench_cpu_linear_", callers)
     if args.torch:
         versions["torch F.linear"] = {"none": F.linear}
     bandwidth = common.read_bandwidth(torch.device("cpu"))

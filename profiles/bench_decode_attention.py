@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from bench_cpu_linear import sources  # noqa: E402
+from bench_cpu_linear import versions_of  # noqa: E402
 from ops.cpu import build  # noqa: E402
 
 LAYERS, HQ, HKV, D, BLOCK = 28, 16, 8, 128, 16
@@ -75,10 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_decode_attention_"))
-    versions = {"working tree": caller(sources(None, tmp), tmp / "cache")}
-    if args.baseline:
-        versions = {args.baseline: caller(sources(args.baseline, tmp), tmp / "cache")} | versions
+    versions = versions_of(args.baseline, "bench_decode_attention_", caller)
     bandwidth = common.read_bandwidth(torch.device("cpu"))
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}; threads {torch.get_num_threads()}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {args.dtype}, Hq {HQ}, Hkv {HKV}, D {D}, block {BLOCK}")
