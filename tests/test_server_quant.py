@@ -44,3 +44,5 @@ def test_greedy_completions_are_the_reference_tokens(server: GunicornServer, che
     # one prompt alone and three at once: the C linears' one-row (VNNI) and several-row (AMX) paths both serve
     assert_completions_greedy(server, checkpoint, hf, PROMPTS[:1], 6)
     assert_completions_greedy(server, checkpoint, hf, PROMPTS, 6)
+    # 40 prompt tokens: the prefill's linears take 33+ rows, dequant.py's blocked GEMM
+    assert_completions_greedy(server, checkpoint, hf, [list(range(2000, 2040))], 6)
