@@ -207,6 +207,11 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def blocks_to_hold(max_batch: int, max_model_len: int, block_size: int) -> int:
+    """KV blocks for max_batch sequences of max_model_len tokens each: more are never used (block 0 is reserved)."""
+    return 1 + max_batch * -(-max_model_len // block_size)
+
+
 def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
     if kv_cache_memory > 0:
         return int(kv_cache_memory)
@@ -256,7 +261,7 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
     max_model_len = model_positions(config, model)
     per_block = kv_bytes_per_token(model, dtype) * config.block_size
     num_blocks = config.num_kv_blocks or kv_pool_bytes(config.kv_cache_memory, device) // per_block
-    num_blocks = min(num_blocks, 1 + config.max_batch * -(-max_model_len // config.block_size))
+    num_blocks = min(num_blocks, blocks_to_hold(config.max_batch, max_model_len, config.block_size))
     if num_blocks < 2:
         raise ValueError("the KV cache budget is too small for even one block")
     if (num_blocks - 1) * config.block_size < max_model_len:

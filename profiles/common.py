@@ -23,7 +23,7 @@ TESTS = REPO / "tests"
 OUT = REPO / "profiles" / "out"  # git-ignored default for --out
 sys.path[:0] = [str(REPO), str(TESTS)]
 
-from nanoqwen.config import resolve_device  # noqa: E402
+from nanoqwen.config import blocks_to_hold, resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
 from nanoqwen.hugepages import huge_page_buffer  # noqa: E402
@@ -54,7 +54,7 @@ def load_engine(
     """hold_batch: a KV pool and a prefill budget for max_batch prompts of max_model_len tokens, however long
     (else the pool's default bytes, which long contexts outgrow)."""
     held = {"max_prefill_tokens": max(EngineConfig.max_prefill_tokens, max_batch * max_model_len),
-            "num_kv_blocks": 1 + max_batch * -(-max_model_len // EngineConfig.block_size)} if hold_batch else {}
+            "num_kv_blocks": blocks_to_hold(max_batch, max_model_len, EngineConfig.block_size)} if hold_batch else {}
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
         max_queue=max_batch, max_model_len=max_model_len, quant=quant,
