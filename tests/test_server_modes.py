@@ -2,7 +2,7 @@
 transformers' greedy tokens for a batch of different lengths at once. Chunked prefill with a 5-token step
 budget (prompts split across steps beside decode rows) in the default mode and under torch.compile, paced
 chunks (a 200-token prompt beside decoding streams, its chunks sized from measured step times: the default
-prefill_stall), and the decode steps replayed as recorded C calls (cpugraph)."""
+prefill_stall), and the decode steps replayed as recorded C calls (cpugraph), also over a 2100-token context."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,6 +22,9 @@ needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason
 
 # over the 64-token budget: prefilled in paced chunks (32 tokens and up) while the others decode
 PACED_PROMPTS = [*PROMPTS, list(range(2000, 2200))]
+# past 4096 (token, kv head) pairs with the tiny model's 2 kv heads: decode attention splits the context
+# across the threads and combines the parts (ops/cpu/csrc/attention.c), in the replayed CPU graph
+LONG_PROMPTS = [list(range(3000, 5100)), PROMPTS[0]]
 # (server environment beyond cpu_env's, a marker its ready line must hold, the prompts)
 MODES = {
     "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, " max_step_tokens=5 ", PROMPTS),
@@ -29,10 +32,13 @@ MODES = {
                         " graph=compile ", PROMPTS),
     "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64"}, " max_step_tokens=64 ", PACED_PROMPTS),
     "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph"}, " graph=cpugraph ", PROMPTS),
+    "long-context": ({"NANOQWEN_GRAPH": "cpugraph", "NANOQWEN_MAX_MODEL_LEN": "2304"}, " graph=cpugraph ",
+                     LONG_PROMPTS),
 }
 
 
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_c_kernels) if m == "cpugraph" else m for m in MODES])
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_c_kernels) if "graph=cpugraph" in MODES[m][1] else m
+                                  for m in MODES])
 def test_mode_serves_transformers_greedy_tokens(
     mode: str, tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
 ) -> None:
