@@ -97,9 +97,9 @@ class NanoqwenWorker(GeventWorker):
             del self._idle[current]
 
     def run(self) -> None:
-        from nanoqwen.wsgi import app, engine
+        from nanoqwen.wsgi import app, engine, start_engine
 
-        engine.start(before_ready=_freeze_loaded_objects)
+        start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
         super().run()

@@ -6,14 +6,22 @@ it starts the engine: the model loads in that thread while `/health` already ans
 """
 import atexit
 import sys
+from collections.abc import Callable
 
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.engine import Engine, EngineConfig
 
 engine = Engine(EngineConfig.from_env())
-atexit.register(engine.shutdown)
 app = create_app(engine, ServerConfig.from_env())
 
+
+def start_engine(before_ready: Callable[[], None] | None = None) -> None:
+    """Starts the engine thread and stops it at exit. Only where it started: a `--preload` master, which
+    never starts one, waited out shutdown's whole timeout (10 s) for it at exit."""
+    engine.start(before_ready)
+    atexit.register(engine.shutdown)
+
+
 if "nanoqwen.gunicorn_conf" not in sys.modules:
-    engine.start()
+    start_engine()

@@ -154,6 +154,16 @@ def test_ready_and_access_log_lines(preloaded):
     assert secret not in log
 
 
+def test_preloaded_master_exits_without_waiting_for_an_engine(preloaded):
+    """The master imported the app but never started its engine: its exit has nothing to wait for (it used to
+    wait out the engine's 10 s shutdown timeout). Runs last of the fixture's users: the server stops."""
+    stopping = time.monotonic()
+    preloaded.stop()  # SIGINT: gunicorn's quick shutdown
+    assert preloaded.wait(0) == 0  # not killed
+    assert time.monotonic() - stopping < 10  # 1-2 s idle, 7 at load 6; the wait alone was 10
+    assert "Shutting down: Master" in preloaded.log()
+
+
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
                          tmp_path / "gunicorn.log", args=["--graceful-timeout", "3"]).start()
