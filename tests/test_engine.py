@@ -300,6 +300,37 @@ def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
     threaded.shutdown()
 
 
+def test_a_step_that_runs_out_of_memory_fails_only_its_requests(tiny_checkpoint, monkeypatch, references):
+    """A kernel's MemoryError (or any exception) in the runner fails the requests of that step with an error event;
+    a request still waiting, and later ones, are served transformers' tokens (the failed step's KV writes are
+    never reused)."""
+    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=1))
+    threaded.start()
+    deadline = time.monotonic() + 60
+    while not threaded.ready:
+        assert threaded.load_error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    real_step, steps = threaded.runner.step, []
+
+    def step_then_fail_the_third(batch):
+        output = real_step(batch)  # its KV writes done: what a failure late in a step leaves behind
+        steps.append(len(steps))
+        if len(steps) == 3:
+            raise MemoryError("injected")
+        return output
+
+    monkeypatch.setattr(threaded.runner, "step", step_then_fail_the_third)
+    (_, failing), (_, waiting) = (threaded.submit(p, greedy(8)) for p in PROMPTS[:2])
+    events = list(failing)
+    assert events[-1].error == "internal error during generation: MemoryError: injected"
+    assert sum(len(e.token_ids) for e in events) == 2  # the tokens of the two steps before
+    assert [t for e in waiting for t in e.token_ids] == references[1][:8]
+    _, again = threaded.submit(PROMPTS[0], greedy(8))  # its prefix was cached by the failed request
+    assert [t for e in again for t in e.token_ids] == references[0][:8]
+    assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
+    threaded.shutdown()
+
+
 def test_encode_messages_matches_the_tokenizer(engine, tiny_checkpoint):
     """The prompt goes through the Rust tokenizer's encode_batch (it releases the GIL): same ids as
     transformers, and a too-long prompt is refused before its ids become a Python list."""
