@@ -85,6 +85,14 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
               for m in rule.methods - {"HEAD", "OPTIONS"} if rule.endpoint != "static"}
     assert routes == {(m, p) for p, ops in doc["paths"].items() for m in ops}
     jsonschema.Draft202012Validator.check_schema(doc)
+    for path, ops in doc["paths"].items():  # OpenAPI requires each path template's parameter declared
+        for op in ops.values():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"{(\w+)}", path))
+    answer = app.test_client().get("/metrics")  # found by profiles/fuzz_openapi.py: documented as JSON
+    assert answer.mimetype in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    event = doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert jsonschema.Draft202012Validator(event).is_valid({"data": "[DONE]"})  # each event, as schemathesis reads it
     body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     schema = {**body, "components": doc["components"]}
     validator = jsonschema.Draft202012Validator(schema)
