@@ -108,6 +108,16 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "response_format": {"type": "xml"}})
     assert not validator.is_valid({**CHAT, "reasoning_effort": "extreme"})
     assert not validator.is_valid({**CHAT, "logit_bias": {"11": "a"}})
+    # found by profiles/fuzz_openapi.py: the document offered what the server refuses
+    assert not validator.is_valid({**CHAT, "audio": {"voice": "alloy"}})
+    assert validator.is_valid({**CHAT, "function_call": "none", "functions": []})  # "not used": accepted
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user"}]})
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "tool", "content": "4"}]})  # no tool_call_id
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]})
+    assert validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "tool_calls": [call]},
+                                                    {"role": "tool", "content": "4", "tool_call_id": "c"}]})
 
 
 @pytest.mark.parametrize("size,too_large", [(4096, False), (4095, False), (4097, True)])

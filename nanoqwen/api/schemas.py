@@ -56,8 +56,16 @@ def _check_unsupported(value: Any, info: ValidationInfo) -> None:
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
+def _document_refused(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema of a field refused unless absent or unused (typed Any, see UNSUPPORTED_FIELDS): what passes,
+    null or an unused value, so that the OpenAPI document does not offer what the server refuses."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in model.model_fields and model.model_fields[name].annotation is Any:
+            prop["enum"] = [None, *_UNUSED_VALUES.get(name, ())]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_document_refused)
 
 
 class FunctionDefinition(Strict):
@@ -209,7 +217,22 @@ class Prediction(Strict):
     content: _text_or(TextPart)
 
 
+def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """ChatMessage._content_required's rules in its JSON schema (the OpenAPI document's), which pydantic cannot
+    derive from a model validator."""
+    _document_refused(schema, model)
+    schema["allOf"] = [
+        {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}},
+                                                          "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+    ]
+
+
 class ChatMessage(Strict):
+    model_config = ConfigDict(json_schema_extra=_message_schema)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None
     name: str | None = None  # passed to the template (Qwen3's ignores it)
