@@ -31,6 +31,7 @@ from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
+NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
@@ -353,7 +354,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -365,7 +366,7 @@ class SamplingFields(Strict):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = Field(None, ge=0)  # no EOS, stop id or stop string before this many
-    allowed_token_ids: list[int] | None = None  # the only ids that may be sampled
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # the only ids that may be sampled
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
@@ -546,7 +547,11 @@ class CompletionRequest(SamplingFields):
 
     model: str | None = None
     # A text, token ids, or a batch of either: one answer (n choices) per prompt.
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # (the lists' minItems for the OpenAPI document alone: Annotated members would rename the union's, which
+    # error locations name)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, *({"type": "array", "items": item, "minItems": 1} for item in (
+            {"type": "integer"}, {"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}))]})
     # OpenAI's default; null = up to the context limit; 0 with `echo`: the prompt (and its logprobs) only
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
