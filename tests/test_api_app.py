@@ -115,6 +115,8 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "messages": [{"role": "tool", "content": "4"}]})  # no tool_call_id
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]})
+    assert validator.is_valid({**CHAT, "model": "qwen3-0.6b"}) and validator.is_valid({**CHAT, "model": None})
+    assert not validator.is_valid({**CHAT, "model": "gpt-4"})  # a 404: the document names what is served
     assert not validator.is_valid({**CHAT, "stop": [""]}) and not validator.is_valid({**CHAT, "allowed_token_ids": []})
     legacy = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     legacy_validator = jsonschema.Draft202012Validator({**legacy, "components": doc["components"]})

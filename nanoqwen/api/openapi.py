@@ -54,9 +54,14 @@ def _operation(path: str, summary: str, models: tuple[type[BaseModel], ...], ok:
 
 
 @cache
-def openapi_document(title: str, version: str) -> dict[str, Any]:
+def openapi_document(title: str, version: str, served: tuple[str, ...]) -> dict[str, Any]:
+    """`served`: the names a request's `model` may take (any other is a 404)."""
     models = sorted({m for *_, ms, _ in ENDPOINTS for m in ms}, key=lambda m: m.__name__)
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    for schema in schemas["$defs"].values():
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"] = {"anyOf": [{"enum": list(served)}, {"type": "null"}], "default": None,
+                                             "description": "the served model (null: the same)"}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, ms, ok in ENDPOINTS:
         paths.setdefault(path, {})[method] = _operation(path, summary, ms, ok)
