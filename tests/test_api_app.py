@@ -112,6 +112,7 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "audio": {"voice": "alloy"}})
     assert validator.is_valid({**CHAT, "function_call": "none", "functions": []})  # "not used": accepted
     assert not validator.is_valid({**CHAT, "messages": [{"role": "user"}]})
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": []}]})
     assert not validator.is_valid({**CHAT, "messages": [{"role": "tool", "content": "4"}]})  # no tool_call_id
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]})

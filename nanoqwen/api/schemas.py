@@ -203,8 +203,8 @@ ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
 def _text_or(parts: Any) -> Any:
-    """A string or a list of `parts`."""
-    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other")],
+    """A string or a non-empty list of `parts` (OpenAI's minimum)."""
+    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other"), Field(min_length=1)],
                      Discriminator(_string_or_not)]
 
 
