@@ -280,14 +280,20 @@ def test_bfloat16_engine_tracks_transformers(tiny_checkpoint, hf):
         assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]
 
 
-def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
-    """A bug in a step fails the requests in flight with an error event; later requests are served."""
-    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=4))
+def started_engine(checkpoint, max_batch: int) -> Engine:
+    """An engine on its own thread, as the server runs it, once its model is loaded."""
+    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=max_batch))
     threaded.start()
     deadline = time.monotonic() + 60
     while not threaded.ready:
         assert threaded.load_error is None and time.monotonic() < deadline
         time.sleep(0.01)
+    return threaded
+
+
+def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
+    """A bug in a step fails the requests in flight with an error event; later requests are served."""
+    threaded = started_engine(tiny_checkpoint, max_batch=4)
     real_schedule = threaded.scheduler.schedule
     monkeypatch.setattr(threaded.scheduler, "schedule", lambda: 1 / 0)
     _, stream = threaded.submit(PROMPTS[0], greedy(4))
@@ -304,12 +310,7 @@ def test_a_step_that_runs_out_of_memory_fails_only_its_requests(tiny_checkpoint,
     """A kernel's MemoryError (or any exception) in the runner fails the requests of that step with an error event;
     a request still waiting, and later ones, are served transformers' tokens (the failed step's KV writes are
     never reused)."""
-    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=1))
-    threaded.start()
-    deadline = time.monotonic() + 60
-    while not threaded.ready:
-        assert threaded.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    threaded = started_engine(tiny_checkpoint, max_batch=1)
     real_step, steps = threaded.runner.step, []
 
     def step_then_fail_the_third(batch):
