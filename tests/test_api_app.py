@@ -85,6 +85,14 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
               for m in rule.methods - {"HEAD", "OPTIONS"} if rule.endpoint != "static"}
     assert routes == {(m, p) for p, ops in doc["paths"].items() for m in ops}
     jsonschema.Draft202012Validator.check_schema(doc)
+    for path, ops in doc["paths"].items():  # OpenAPI requires each path template's parameter declared
+        for op in ops.values():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"{(\w+)}", path))
+    answer = app.test_client().get("/metrics")  # found by profiles/fuzz_openapi.py: documented as JSON
+    assert answer.mimetype in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    event = doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    assert jsonschema.Draft202012Validator(event).is_valid({"data": "[DONE]"})  # each event, as schemathesis reads it
     body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     schema = {**body, "components": doc["components"]}
     validator = jsonschema.Draft202012Validator(schema)
@@ -100,6 +108,23 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     assert not validator.is_valid({**CHAT, "response_format": {"type": "xml"}})
     assert not validator.is_valid({**CHAT, "reasoning_effort": "extreme"})
     assert not validator.is_valid({**CHAT, "logit_bias": {"11": "a"}})
+    # found by profiles/fuzz_openapi.py: the document offered what the server refuses
+    assert not validator.is_valid({**CHAT, "audio": {"voice": "alloy"}})
+    assert validator.is_valid({**CHAT, "function_call": "none", "functions": []})  # "not used": accepted
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user"}]})
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": []}]})
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "tool", "content": "4"}]})  # no tool_call_id
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    assert not validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi", "tool_calls": [call]}]})
+    assert validator.is_valid({**CHAT, "model": "qwen3-0.6b"}) and validator.is_valid({**CHAT, "model": None})
+    assert not validator.is_valid({**CHAT, "model": "gpt-4"})  # a 404: the document names what is served
+    assert not validator.is_valid({**CHAT, "stop": [""]}) and not validator.is_valid({**CHAT, "allowed_token_ids": []})
+    legacy = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    legacy_validator = jsonschema.Draft202012Validator({**legacy, "components": doc["components"]})
+    assert legacy_validator.is_valid({"prompt": [[1], [2, 3]]}) and not legacy_validator.is_valid({"prompt": [[]]})
+    assert validator.is_valid({**CHAT, "messages": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "tool_calls": [call]},
+                                                    {"role": "tool", "content": "4", "tool_call_id": "c"}]})
 
 
 @pytest.mark.parametrize("size,too_large", [(4096, False), (4095, False), (4097, True)])

@@ -280,14 +280,20 @@ def test_bfloat16_engine_tracks_transformers(tiny_checkpoint, hf):
         assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]
 
 
-def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
-    """A bug in a step fails the requests in flight with an error event; later requests are served."""
-    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=4))
+def started_engine(checkpoint, max_batch: int) -> Engine:
+    """An engine on its own thread, as the server runs it, once its model is loaded."""
+    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=max_batch))
     threaded.start()
     deadline = time.monotonic() + 60
     while not threaded.ready:
         assert threaded.load_error is None and time.monotonic() < deadline
         time.sleep(0.01)
+    return threaded
+
+
+def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
+    """A bug in a step fails the requests in flight with an error event; later requests are served."""
+    threaded = started_engine(tiny_checkpoint, max_batch=4)
     real_schedule = threaded.scheduler.schedule
     monkeypatch.setattr(threaded.scheduler, "schedule", lambda: 1 / 0)
     _, stream = threaded.submit(PROMPTS[0], greedy(4))
@@ -297,6 +303,32 @@ def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(threaded.scheduler, "schedule", real_schedule)
     _, stream = threaded.submit(PROMPTS[0], greedy(4))
     assert sum(len(e.token_ids) for e in stream) == 4
+    threaded.shutdown()
+
+
+def test_a_step_that_runs_out_of_memory_fails_only_its_requests(tiny_checkpoint, monkeypatch, references):
+    """A kernel's MemoryError (or any exception) in the runner fails the requests of that step with an error event;
+    a request still waiting, and later ones, are served transformers' tokens (the failed step's KV writes are
+    never reused)."""
+    threaded = started_engine(tiny_checkpoint, max_batch=1)
+    real_step, steps = threaded.runner.step, []
+
+    def step_then_fail_the_third(batch):
+        output = real_step(batch)  # its KV writes done: what a failure late in a step leaves behind
+        steps.append(len(steps))
+        if len(steps) == 3:
+            raise MemoryError("injected")
+        return output
+
+    monkeypatch.setattr(threaded.runner, "step", step_then_fail_the_third)
+    (_, failing), (_, waiting) = (threaded.submit(p, greedy(8)) for p in PROMPTS[:2])
+    events = list(failing)
+    assert events[-1].error == "internal error during generation: MemoryError: injected"
+    assert sum(len(e.token_ids) for e in events) == 2  # the tokens of the two steps before
+    assert [t for e in waiting for t in e.token_ids] == references[1][:8]
+    _, again = threaded.submit(PROMPTS[0], greedy(8))  # its prefix was cached by the failed request
+    assert [t for e in again for t in e.token_ids] == references[0][:8]
+    assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
     threaded.shutdown()
 
 

@@ -129,7 +129,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/openapi.json")
     def openapi() -> dict[str, Any]:
-        return openapi_document("nanoqwen", version("nanoqwen"))
+        return openapi_document("nanoqwen", version("nanoqwen"), config.model_names)
 
     @app.get("/health")
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:

@@ -46,5 +46,10 @@ class ServerConfig:
             body_timeout_s=body_timeout_s,
         )
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """What a request's `model` may name."""
+        return (self.served_model_name,) if self.hub_id is None else (self.served_model_name, self.hub_id)
+
     def accepts_model(self, name: str) -> bool:
-        return name == self.served_model_name or (self.hub_id is not None and name == self.hub_id)
+        return name in self.model_names

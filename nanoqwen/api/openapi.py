@@ -2,6 +2,7 @@
 pydantic models that validate the requests, so it cannot drift from what the server accepts."""
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import Any
 
@@ -12,19 +13,24 @@ from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
 REF = "#/components/schemas/{model}"
-# (method, path, summary, request models (one of), streams)
-ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], bool]] = [
-    ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), True),
-    ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), True),
+JSON = {"application/json": {"schema": {"type": "object"}}}
+# Per event (what schemathesis and OpenAPI 3.2's itemSchema validate): `data: <chunk JSON>`, `data: [DONE]` last.
+STREAM = {**JSON, "text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chunk's JSON, then `[DONE]`"}}}}}
+PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Prometheus' text format"}}}
+# (method, path, summary, request models (one of), the 200 answer's content)
+ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]]] = [
+    ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), STREAM),
+    ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), STREAM),
     ("post", "/tokenize", "vLLM's tokenize: a prompt or chat messages to token ids",
-     (TokenizePromptRequest, TokenizeChatRequest), False),
-    ("post", "/detokenize", "vLLM's detokenize: token ids to text", (DetokenizeRequest,), False),
-    ("get", "/v1/models", "The served model, as a list", (), False),
-    ("get", "/v1/models/{model}", "One model", (), False),
-    ("get", "/health", "Liveness and model info (503 while loading)", (), False),
-    ("get", "/stats", "Serving statistics", (), False),
-    ("get", "/metrics", "Prometheus metrics", (), False),
-    ("get", "/openapi.json", "This document", (), False),
+     (TokenizePromptRequest, TokenizeChatRequest), JSON),
+    ("post", "/detokenize", "vLLM's detokenize: token ids to text", (DetokenizeRequest,), JSON),
+    ("get", "/v1/models", "The served model, as a list", (), JSON),
+    ("get", "/v1/models/{model}", "One model", (), JSON),
+    ("get", "/health", "Liveness and model info (503 while loading)", (), JSON),
+    ("get", "/stats", "Serving statistics", (), JSON),
+    ("get", "/metrics", "Prometheus metrics", (), PROMETHEUS),
+    ("get", "/openapi.json", "This document", (), JSON),
 ]
 ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
@@ -32,15 +38,14 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
-def _operation(summary: str, models: tuple[type[BaseModel], ...], streams: bool) -> dict[str, Any]:
-    ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
-    if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, "
-                                                                                "then `data: [DONE]`"}}
+def _operation(path: str, summary: str, models: tuple[type[BaseModel], ...], ok: dict[str, Any]) -> dict[str, Any]:
     error = {"description": "OpenAI-style error",
              "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
     operation: dict[str, Any] = {"summary": summary,
                                  "responses": {"200": {"description": "OK", "content": ok}, "4XX": error, "5XX": error}}
+    if names := re.findall(r"\{(\w+)\}", path):
+        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                   for name in names]
     if models:
         refs = [{"$ref": REF.format(model=m.__name__)} for m in models]
         operation["requestBody"] = {"required": True, "content": {"application/json": {
@@ -49,11 +54,16 @@ def _operation(summary: str, models: tuple[type[BaseModel], ...], streams: bool)
 
 
 @cache
-def openapi_document(title: str, version: str) -> dict[str, Any]:
+def openapi_document(title: str, version: str, served: tuple[str, ...]) -> dict[str, Any]:
+    """`served`: the names a request's `model` may take (any other is a 404)."""
     models = sorted({m for *_, ms, _ in ENDPOINTS for m in ms}, key=lambda m: m.__name__)
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    for schema in schemas["$defs"].values():
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"] = {"anyOf": [{"enum": list(served)}, {"type": "null"}], "default": None,
+                                             "description": "the served model (null: the same)"}
     paths: dict[str, dict[str, Any]] = {}
-    for method, path, summary, ms, streams in ENDPOINTS:
-        paths.setdefault(path, {})[method] = _operation(summary, ms, streams)
+    for method, path, summary, ms, ok in ENDPOINTS:
+        paths.setdefault(path, {})[method] = _operation(path, summary, ms, ok)
     return {"openapi": "3.1.0", "info": {"title": title, "version": version}, "paths": paths,
             "components": {"schemas": {**schemas["$defs"], "Error": ERROR}}}

@@ -31,6 +31,7 @@ from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
+NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
@@ -56,8 +57,16 @@ def _check_unsupported(value: Any, info: ValidationInfo) -> None:
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
+def _document_refused(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema of a field refused unless absent or unused (typed Any, see UNSUPPORTED_FIELDS): what passes,
+    null or an unused value, so that the OpenAPI document does not offer what the server refuses."""
+    for name, prop in schema.get("properties", {}).items():
+        if name in model.model_fields and model.model_fields[name].annotation is Any:
+            prop["enum"] = [None, *_UNUSED_VALUES.get(name, ())]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_document_refused)
 
 
 class FunctionDefinition(Strict):
@@ -194,8 +203,8 @@ ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 
 
 def _text_or(parts: Any) -> Any:
-    """A string or a list of `parts`."""
-    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other")],
+    """A string or a non-empty list of `parts` (OpenAI's minimum)."""
+    return Annotated[Annotated[str, Tag("string")] | Annotated[list[parts], Tag("other"), Field(min_length=1)],
                      Discriminator(_string_or_not)]
 
 
@@ -209,7 +218,22 @@ class Prediction(Strict):
     content: _text_or(TextPart)
 
 
+def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """ChatMessage._content_required's rules in its JSON schema (the OpenAPI document's), which pydantic cannot
+    derive from a model validator."""
+    _document_refused(schema, model)
+    schema["allOf"] = [
+        {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}},
+                                                          "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
+        {"if": {"properties": {"role": {"const": "tool"}}},
+         "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+    ]
+
+
 class ChatMessage(Strict):
+    model_config = ConfigDict(json_schema_extra=_message_schema)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None
     name: str | None = None  # passed to the template (Qwen3's ignores it)
@@ -330,7 +354,7 @@ class SamplingFields(Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -342,7 +366,7 @@ class SamplingFields(Strict):
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = Field(None, ge=0)  # no EOS, stop id or stop string before this many
-    allowed_token_ids: list[int] | None = None  # the only ids that may be sampled
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # the only ids that may be sampled
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
@@ -523,7 +547,11 @@ class CompletionRequest(SamplingFields):
 
     model: str | None = None
     # A text, token ids, or a batch of either: one answer (n choices) per prompt.
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # (the lists' minItems for the OpenAPI document alone: Annotated members would rename the union's, which
+    # error locations name)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, *({"type": "array", "items": item, "minItems": 1} for item in (
+            {"type": "integer"}, {"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}))]})
     # OpenAI's default; null = up to the context limit; 0 with `echo`: the prompt (and its logprobs) only
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)

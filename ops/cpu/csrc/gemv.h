@@ -45,17 +45,37 @@ INLINE void widen32(const void *r, int k, int kind, __m256 w[4]) {
     }
 }
 
+/* How an activation row is stored: fp32 (for bf16 weights already split as they are widened), or bf16 rows as
+   they came, widened in registers at each use, which needs no scratch: X_BF16_SPLIT in widen32's order of a bf16
+   weight row, X_BF16 in order (for int8 weights). Bit for bit the same products as fp32 rows widened before. */
+enum { X_F32, X_BF16_SPLIT, X_BF16 };
+
+/* Activations k..k+31 of row x as fp32, in the order widen32 gives a weight row of the kind they meet. */
+INLINE void load_x32(const void *x, int k, int xkind, __m256 v[4]) {
+    if (xkind == X_BF16_SPLIT) {
+        widen32(x, k, W_BF16, v);
+    } else if (xkind == X_BF16) {
+        for (int j = 0; j < 4; j++) v[j] = load8(x, k + 8 * j, 1);
+    } else {
+        for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps((const float *)x + k + 8 * j);
+    }
+}
+
 /* o0 (and o1 when x1 is not NULL) = the fp32 dot products of weight row r with activation rows x0, x1. */
-INLINE void dot2_avx2(const void *r, int kind, const float *x0, const float *x1, int K, float *o0, float *o1) {
+INLINE void dot2_avx2(const void *r, int kind, const void *x0, const void *x1, int xkind, int K, float *o0,
+                      float *o1) {
     const int size = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
-    __m256 a[4], b[4], w[4];
+    __m256 a[4], b[4], w[4], x[4];
     for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 32) {
         __builtin_prefetch((const char *)r + size * k + PREFETCH_BYTES);
         widen32(r, k, kind, w);
-        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8 * j), w[j], a[j]);
-        if (x1)
-            for (int j = 0; j < 4; j++) b[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k + 8 * j), w[j], b[j]);
+        load_x32(x0, k, xkind, x);
+        for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(x[j], w[j], a[j]);
+        if (x1) {
+            load_x32(x1, k, xkind, x);
+            for (int j = 0; j < 4; j++) b[j] = _mm256_fmadd_ps(x[j], w[j], b[j]);
+        }
     }
     *o0 = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
     if (x1) *o1 = hsum(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3])));

@@ -14,27 +14,28 @@ static void split_even_odd(const uint16_t *x, float *out, long n) {
 }
 
 struct linear_args {
-    const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 */
+    const void *x, *w;  /* x: fp32, split as split_even_odd does for bf16 weights on AVX2 (unless unsplit) */
     const uint32_t *pairs;  /* for linear_amx: x's pairs of columns, as act_quads (amx.h) groups them */
     void *y;
     int M, N, K, bf16;
     long rows;  /* per chunk */
+    int unsplit;  /* AVX2, bf16: x as it came, split in registers at each use (no scratch for the split) */
 };
 
 /* AVX2: two activation rows per pass over a weight row. */
 static void linear_avx2(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
-    const float *xf = a->x;
-    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
+    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4), x_bytes = (size_t)K * (a->unsplit ? 2 : 4);
     const long end = pool_chunk_end(chunk, a->rows, N);
     for (long n = chunk * a->rows; n < end; n++) {
         const void *r = (const char *)a->w + n * row_bytes;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
-            const float *x1 = m + 1 < M ? xf + (long)(m + 1) * K : 0;
-            if (bf16) dot2_avx2(r, W_BF16, xf + (long)m * K, x1, K, &o0, &o1);
-            else dot2_avx2(r, W_F32, xf + (long)m * K, x1, K, &o0, &o1);
+            const char *x0 = (const char *)a->x + m * x_bytes, *x1 = m + 1 < M ? x0 + x_bytes : 0;
+            if (a->unsplit) dot2_avx2(r, W_BF16, x0, x1, X_BF16_SPLIT, K, &o0, &o1);
+            else if (bf16) dot2_avx2(r, W_BF16, x0, x1, X_F32, K, &o0, &o1);
+            else dot2_avx2(r, W_F32, x0, x1, X_F32, K, &o0, &o1);
             store1(a->y, (long)m * N + n, o0, bf16);
             if (x1) store1(a->y, (long)(m + 1) * N + n, o1, bf16);
         }
@@ -94,10 +95,12 @@ AMX_END
    uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes)};
+    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0};
     const long chunks = (N + a.rows - 1) / a.rows;
-    if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_MAX_ROWS && amx_ready()) {
-        uint32_t *pairs = thread_scratch((size_t)K / 2 * M * sizeof(uint32_t));
+    uint32_t *pairs;
+    /* out of memory for the pairs: the AVX-512 loop, which every CPU with AMX has */
+    if (bf16 && M >= AMX_MIN_ROWS && M <= AMX_MAX_ROWS && amx_ready() &&
+        (pairs = thread_scratch((size_t)K / 2 * M * sizeof(uint32_t)))) {
         act_quads((const int8_t *)x, M, 2 * K, (int8_t *)pairs);
         a.pairs = pairs, a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_amx, &a, (N + a.rows - 1) / a.rows);
@@ -107,10 +110,11 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         pool_run(linear_avx512, &a, chunks);
         return;
     }
-    if (bf16) {
-        float *split = thread_scratch((size_t)M * K * sizeof(float));
+    float *split = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
+    if (split) {
         split_even_odd((const uint16_t *)x, split, (long)M * K);
         a.x = split;
     }
+    a.unsplit = bf16 && !split;
     pool_run(linear_avx2, &a, chunks);
 }

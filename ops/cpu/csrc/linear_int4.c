@@ -4,8 +4,8 @@
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
 #include "amx.h"
+#include "int4_block.h"
 #include "pool.h"
-#include "simd.h"
 
 void linear_int4_supported(int *ok) {
     __builtin_cpu_init();
@@ -140,6 +140,7 @@ struct linear_int4_args {
     void *y;
     int M, N, K, G, P, bf16;
     long rows;  /* per chunk */
+    const void *raw;  /* x as it came: linear_int4_unstaged's */
 };
 
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
@@ -412,6 +413,29 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 #undef STORE
 AMX_INT8_END
 
+/* Without scratch for the pieces (out of memory): y[m, n] as the reference computes it, each 64-column block of the
+   weight row dequantised in registers in fp32 (int4_block.h), times x in fp32. */
+static void linear_int4_unstaged(const void *ctx, long chunk) {
+    const struct linear_int4_args *a = ctx;
+    const int K = a->K, groups = K / a->G;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (int m = 0; m < a->M; m++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < K / 64; b++) {
+                const long g = n * groups + b * 64 / a->G;
+                const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
+                const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
+                for (int half = 0; half < 2; half++) {
+                    const __m256i words = int4_words(a->w + n * (K / 2) + b * 32, half);
+                    for (int j = 0; j < 4; j++)
+                        acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
+                                              load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
+                }
+            }
+            store1(a->y, (long)m * a->N + n, hsum(acc), a->bf16);
+        }
+}
+
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
    taken as P int8 pieces (act_quant.h): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
    result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). 1 and
@@ -439,7 +463,12 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     size_t total = 0;
     for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
     char *part[PARTS];
-    part[0] = (char *)thread_scratch(total);
+    if (!(part[0] = (char *)thread_scratch(total))) {
+        const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
+                                           .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
+        pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
+        return;
+    }
     for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
     const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
                               (float *)part[6], (int32_t *)part[4], len};
@@ -454,7 +483,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
             act_quant_rows(arranged, 0, 1, (int)len, pieces, 0, acts.q + (long)m * pieces * len, acts.a + m * pieces);
         }
     }
-    struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2)};
+    struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2), x};
     if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
         int8_t *q = acts.quads + (size_t)M * pieces * K;
         for (int g = 0; g < K / G; g++)

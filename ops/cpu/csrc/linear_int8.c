@@ -24,6 +24,7 @@ struct linear_int8_args {
     void *y;
     int M, N, K, P, bf16;
     long rows;  /* per chunk */
+    int x_bf16;  /* linear_int8_avx2: x as it came (bf16), widened in registers (no scratch to widen it into) */
 };
 
 static inline void store_scaled(void *y, long at, float v, const void *scale, int n, int bf16) {
@@ -42,8 +43,10 @@ static void linear_int8_avx2(const void *ctx, long chunk) {
         const int8_t *r = a->w + n * K;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
-            const float *x0 = (const float *)a->x + (long)m * K, *x1 = m + 1 < M ? x0 + K : 0;
-            dot2_avx2(r, W_I8, x0, x1, K, &o0, &o1);
+            const size_t x_bytes = (size_t)K * (a->x_bf16 ? 2 : 4);
+            const char *x0 = (const char *)a->x + m * x_bytes, *x1 = m + 1 < M ? x0 + x_bytes : 0;
+            if (a->x_bf16) dot2_avx2(r, W_I8, x0, x1, X_BF16, K, &o0, &o1);
+            else dot2_avx2(r, W_I8, x0, x1, X_F32, K, &o0, &o1);
             store_scaled(a->y, (long)m * N + n, o0, a->scale, n, a->bf16);
             if (x1) store_scaled(a->y, (long)(m + 1) * N + n, o1, a->scale, n, a->bf16);
         }
@@ -227,12 +230,13 @@ static inline int has_vnni(void) { return has_avx512() && __builtin_cpu_supports
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c. */
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16) {
     const long rows = pool_rows_per_chunk(K);
-    if (has_vnni()) {
-        const int P = bf16 ? PIECES_BF16 : PIECES_F32;
-        const long pieces = (long)M * P;
-        float *qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K);
+    const int P = bf16 ? PIECES_BF16 : PIECES_F32;
+    const long pieces = (long)M * P;
+    float *qscale;
+    /* out of memory for the pieces: the widening loops below */
+    if (has_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K))) {
         int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
-        struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows};
+        struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows, 0};
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
             act_quant_rows(x, bf16, M, K, P, 0, q, qscale);
             act_quads(q, (int)pieces, K, quads);
@@ -244,12 +248,9 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         }
         return;
     }
-    const float *xf = (const float *)x;
-    if (bf16) {
-        float *widened = thread_scratch((size_t)M * K * sizeof(float));
+    float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
+    if (widened)
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        xf = widened;
-    }
-    struct linear_int8_args a = {xf, 0, 0, w, scale, y, M, N, K, 0, bf16, rows};
-    pool_run(has_avx512() ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
+    struct linear_int8_args a = {widened ? widened : x, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
+    pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
 }

@@ -163,6 +163,12 @@ static inline long pool_chunk_end(long chunk, long rows, long n) {
    pool_run, and its tasks may write their results there, each its own region: pool_run's finished counter
    (a helper's release, the caller's acquire) publishes what a helper wrote to the caller once it returns. The
    contents do not outlive the call: the next one may grow (move) the scratch. */
+#ifdef NANOQWEN_NO_SCRATCH  /* tests build this to run every kernel's way without its scratch */
+static inline void *thread_scratch(size_t bytes) {
+    (void)bytes;
+    return 0;
+}
+#else
 static inline void *thread_scratch(size_t bytes) {
     static __thread void *buf;
     static __thread size_t size;
@@ -173,5 +179,6 @@ static inline void *thread_scratch(size_t bytes) {
     }
     return buf;
 }
+#endif
 
 #endif
