@@ -4,9 +4,11 @@ choice ending inside an accepted run, rows that may not draft beside ones that d
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+import ops
 from engine_util import MIXED_PROMPTS, generate, generate_together, greedy, hf_greedy, load_engine
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
@@ -16,7 +18,7 @@ from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +103,40 @@ def test_draft_blocks_come_from_free_ones_and_go_back_first():
     assert list(blocks.free) == taken and all(blocks.ref_counts[b] == 0 for b in taken)  # first in line
 
 
-def test_greedy_matches_transformers_and_drafts_are_accepted(spec_engine, plain_engine, hf, prompts):
+@pytest.fixture(scope="module")
+def references(hf, prompts) -> list[list[int]]:
+    """transformers' greedy answers to the looping prompt and another (its generate is slow)."""
+    return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts[:2]]
+
+
+MODES = {
+    "torch": dict(cpu_kernels=False),  # the torch references alone
+    "cpugraph": dict(graph="auto"),  # the C kernels, decode steps replayed as a CPU graph
+    "triton": dict(kernels="triton"),  # under TRITON_INTERPRET=1: slow, so few tokens
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode):
+    if mode == "triton" and (not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
+    tokens = 8 if mode == "triton" else MAX_TOKENS
+    batch = prompts[:1] if mode == "triton" else prompts[:2]
+    for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
+        assert result.choices[0].token_ids == reference[:tokens]
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    if mode == "cpugraph":
+        assert engine.info()["graph"] == "cpugraph"
+
+
+def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, references, prompts):
     results = generate(spec_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
     plain = generate(plain_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
-    for i, (prompt, result, reference) in enumerate(zip(prompts, results, plain)):
-        if i < 2:  # transformers' generate is slow: the looping prompt and another
-            assert result.choices[0].token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
+    for result, reference, hf_tokens in zip(results, plain, [*references, *[None] * len(prompts)]):
         assert result.choices[0].token_ids == reference.choices[0].token_ids
+        if hf_tokens is not None:
+            assert result.choices[0].token_ids == hf_tokens
         for got, want in zip(result.choices[0].logprobs, reference.choices[0].logprobs, strict=True):
             assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
             assert [t.token_id for t in got.top_logprobs] == [t.token_id for t in want.top_logprobs]
@@ -124,8 +153,8 @@ def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, promp
                    SamplingParams(temperature=0.05, top_k=5, top_p=0.9, min_p=0.05, seed=5, max_tokens=MAX_TOKENS,
                                   ignore_eos=True, n=2),
                    SamplingParams(temperature=0.8, top_k=100, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)):
-        results = generate(spec_engine, prompts, params)
-        plain = generate(plain_engine, prompts, params)
+        results = generate(spec_engine, prompts[:2], params)
+        plain = generate(plain_engine, prompts[:2], params)
         assert [[c.token_ids for c in r.choices] for r in results] == [[c.token_ids for c in r.choices] for r in plain]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
 
