@@ -7,15 +7,19 @@ import json
 import os
 
 import pytest
+import requests
 
 import ops
+from chat_http import MODEL, cpu_env
 from engine_util import MIXED_PROMPTS, generate, generate_together, greedy, hf_greedy, load_engine
+from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramIndex
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
+from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
 MAX_TOKENS = 16
@@ -224,3 +228,29 @@ def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, 
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert stats["preemptions"] == 0
     assert engine.block_manager.usage == 0.0
+
+
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
+    """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
+    transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
+    env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
+    tokenizer = loader.load_tokenizer(tiny_checkpoint)
+    expected = [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in references]
+    body = dict(model=MODEL, prompt=prompts[:2], temperature=0, max_tokens=MAX_TOKENS,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    with GunicornServer(env, tmp_path / "server.log") as srv:
+        assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
+        client = srv.openai_client()
+        answer = client.completions.create(**body)
+        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == expected
+        streamed = ["", ""]
+        for chunk in client.completions.create(**body, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+        assert streamed == expected
+        info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
+        assert info["speculative"] == json.loads(SPEC)
+        stats = requests.get(f"{srv.url}/stats", timeout=10).json()
+        assert stats["spec_decode_num_accepted_tokens"] > 0 and 0 < stats["spec_decode_acceptance_rate"] <= 1
+        metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
+        assert f"nanoqwen_spec_decode_num_accepted_tokens {float(stats['spec_decode_num_accepted_tokens'])}" in metrics
