@@ -37,7 +37,8 @@ def load(args: argparse.Namespace, quant: str, batch: int, spec_k: int = 0) -> E
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": spec_k, "prompt_lookup_max": 4,
                        "prompt_lookup_min": 2}) if spec_k else ""
     engine = Engine(EngineConfig(model=str(common.checkpoint(args.small)), device="cpu", quant=quant, max_batch=batch,
-                                 max_model_len=1024, speculative_config=spec, threads=args.threads))
+                                 max_model_len=1024, speculative_config=spec, threads=args.threads,
+                                 max_step_tokens=0))  # every prompt prefilled in one step, as common.load_engine
     engine.load()
     return engine
 
