@@ -8,10 +8,11 @@ import os
 
 import pytest
 import requests
+import torch
 
 import ops
 from chat_http import MODEL, cpu_env
-from engine_util import MIXED_PROMPTS, generate, generate_together, greedy, hf_greedy, load_engine
+from engine_util import MIXED_PROMPTS, collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
@@ -249,3 +250,26 @@ def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, ref
         assert stats["spec_decode_num_accepted_tokens"] > 0 and 0 < stats["spec_decode_acceptance_rate"] <= 1
         metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
         assert f"nanoqwen_spec_decode_num_accepted_tokens {float(stats['spec_decode_num_accepted_tokens'])}" in metrics
+
+
+def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts):
+    """A pool that holds four prompts and one block more, too few for their answers: rows are preempted
+    and recomputed while others draft, the answers unchanged; a drafting request aborted between steps
+    gives every block back."""
+    blocks = 1 + 4 * -(-len(prompts[0]) // 16) + 1
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=4, num_kv_blocks=blocks,
+                         enable_prefix_caching=False)
+    batch = [prompts[0]] * 4
+    params = greedy(MAX_TOKENS)
+    assert [r.choices[0].token_ids for r in generate(engine, batch, params)] == \
+        [r.choices[0].token_ids for r in generate(plain_engine, batch, params)]
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
+    request_id, stream = engine.submit(prompts[0], params)
+    with torch.inference_mode():
+        while engine.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]:
+            engine_step(engine)
+        engine.abort(request_id)
+        engine_step(engine)
+    assert collect(stream).choices[0].finish_reason == "abort"
+    assert engine.block_manager.usage == 0.0 and not engine.scheduler.has_work
