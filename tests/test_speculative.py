@@ -273,3 +273,13 @@ def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts
         engine_step(engine)
     assert collect(stream).choices[0].finish_reason == "abort"
     assert engine.block_manager.usage == 0.0 and not engine.scheduler.has_work
+
+
+def test_drafts_stop_at_max_model_len(tiny_checkpoint, plain_engine, prompts):
+    """An answer that runs into the context limit: drafts never propose past it (its last slot)."""
+    room = 10
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_model_len=len(prompts[0]) + room)
+    full = generate(plain_engine, prompts[:1], greedy(room))[0].choices[0].token_ids
+    result = generate(engine, prompts[:1], SamplingParams(temperature=0.0, ignore_eos=True))[0].choices[0]
+    assert (result.token_ids, result.finish_reason) == (full, "length")
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
