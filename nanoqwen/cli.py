@@ -66,6 +66,9 @@ ENGINE_OPTIONS = (
     EnvOption("--threads", "NANOQWEN_THREADS", "torch threads (default: the CPUs this process may use)", int),
     EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU (default on; off = "
               "torch ops only)", switch=True),
+    EnvOption("--speculative-config", "NANOQWEN_SPECULATIVE_CONFIG", "n-gram speculative decoding (prompt "
+              "lookup), vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": "
+              "4, \"prompt_lookup_min\": 2} (default off)"),
     EnvOption("--cache-dir", "NANOQWEN_CACHE_DIR", "where the compiled CPU kernels are cached (default "
               "~/.cache/nanoqwen)"),
 )

@@ -60,6 +60,48 @@ KERNELS = ("auto", "torch", "triton")
 GRAPHS = ("auto", "none", "compile", "cudagraph", "cpugraph")
 GENERATION_CONFIGS = ("auto", "none")
 QUANTS = ("none", "int8", "int4")  # weight formats, nanoqwen/quant.py
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """n-gram speculative decoding (prompt lookup), vLLM's `--speculative-config` fields and defaults."""
+
+    method: str  # ngram
+    num_speculative_tokens: int  # drafted tokens a row verifies per step, at most
+    prompt_lookup_max: int  # longest suffix n-gram looked up
+    prompt_lookup_min: int  # shortest
+
+    @classmethod
+    def parse(cls, raw: str) -> SpeculativeConfig | None:
+        """The JSON of NANOQWEN_SPECULATIVE_CONFIG; None when empty. ValueError naming the field at fault."""
+        if not raw.strip():
+            return None
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"speculative_config.{unknown[0]} is not supported (fields: method, "
+                             "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)")
+        if values.get("method") not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}; "
+                             f"got {values.get('method')!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = values.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"speculative_config.{name} must be an integer > 0; got {value!r}")
+        if values.get("num_speculative_tokens") is None:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        # vLLM's defaults: both 5; one given, the other the same
+        low, high = values.get("prompt_lookup_min"), values.get("prompt_lookup_max")
+        low, high = low or high or 5, high or low or 5
+        if low > high:
+            raise ValueError(f"speculative_config.prompt_lookup_min={low} must be <= prompt_lookup_max={high}")
+        return cls("ngram", values["num_speculative_tokens"], high, low)
 
 
 @dataclass
@@ -94,6 +136,8 @@ class EngineConfig:
     threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
     cpu_kernels: bool = True  # the compiled C kernels on the CPU (False: the torch references alone)
     cache_dir: str = ""  # where the C kernels are cached; "" = ~/.cache/nanoqwen
+    # n-gram speculative decoding, vLLM's JSON ({"method": "ngram", "num_speculative_tokens": k, ...}); "" = off
+    speculative_config: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *DTYPES):
@@ -121,6 +165,7 @@ class EngineConfig:
             raise ValueError("prefill_stall must be 0 (no pacing) or more")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
+        SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> EngineConfig:
@@ -236,6 +281,7 @@ class RuntimeConfig:
     block_size: int
     num_kv_blocks: int  # block 0 is never allocated (padded decode lanes read it)
     threads: int
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None = off
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -271,4 +317,5 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         model_path=model_path, device=device, dtype=dtype, kernels=kernels, quant=config.quant,
         graph=resolve_graph(config.graph, device, cpu_graph), max_batch=config.max_batch, max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
+        speculative=SpeculativeConfig.parse(config.speculative_config),
     )

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from nanoqwen.api.shared_stats import MULTIPROC_ENV, SharedStats, aggregate
+from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 
 SAMPLES = 10_000  # latency samples kept for the percentiles
@@ -100,6 +100,8 @@ class ServerStats:
                            registry=self.registry, multiprocess_mode="liveall")
         self._m_hit = Gauge("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries, per worker",
                             registry=self.registry, multiprocess_mode="liveall")
+        self._m_spec = {key: Gauge(f"nanoqwen_{key}", help, registry=self.registry, multiprocess_mode="livesum")
+                        for key, help in SPEC_DECODE_COUNTS.items()}
 
     def begin(self) -> RequestTrace:
         return RequestTrace(self, time.perf_counter())
@@ -167,6 +169,8 @@ class ServerStats:
             "kv_cache_usage": engine.get("kv_usage", 0.0),
             "prefix_cache_hit_rate": engine.get("prefix_cache_hit_rate", 0.0),
             "preemptions": engine.get("preemptions", 0),
+            **{key: engine.get(key, 0) for key in SPEC_DECODE_COUNTS},
+            "spec_decode_acceptance_rate": engine.get("spec_decode_acceptance_rate", 0.0),
             "engine_tokens_generated": engine.get("tokens_generated", 0),  # aborted requests' included
             "uptime": time.time() - self.started,
             "pid": os.getpid(),
@@ -183,6 +187,8 @@ class ServerStats:
         self._m_preempt.set(engine.get("preemptions", 0))
         self._m_kv.set(engine.get("kv_usage", 0.0))
         self._m_hit.set(engine.get("prefix_cache_hit_rate", 0.0))
+        for key, gauge in self._m_spec.items():
+            gauge.set(engine.get(key, 0))
         if self._shared is not None:
             self._shared.publish(self.snapshot())
 

@@ -20,8 +20,15 @@ from nanoqwen.placement import SLOT_ENV
 RUN_DIR_ENV = "NANOQWEN_RUN_DIR"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PUBLISH_S = 0.5  # how stale another worker's /stats entry and gauges may be
+# Speculative decoding's counts, under vLLM's names: (name, help)
+SPEC_DECODE_COUNTS = {
+    "spec_decode_num_drafts": "Verify steps of rows that drafted (live workers)",
+    "spec_decode_num_draft_tokens": "Tokens drafted by n-gram speculative decoding (live workers)",
+    "spec_decode_num_accepted_tokens": "Drafted tokens the sampler agreed with (live workers)",
+}
 SUMMED = ("requests_served", "total_tokens_generated", "queue_length", "active_requests", "requests_aborted",
-          "requests_failed", "total_prompt_tokens", "tokens_per_second", "preemptions", "engine_tokens_generated")
+          "requests_failed", "total_prompt_tokens", "tokens_per_second", "preemptions", "engine_tokens_generated",
+          *SPEC_DECODE_COUNTS)
 WORST = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "uptime")  # percentiles don't add up
 AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the same pool size
 
@@ -54,6 +61,8 @@ def aggregate(workers: list[dict[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {key: sum(w[key] for w in workers) for key in SUMMED}
     total |= {key: max((w[key] for w in workers), default=0.0) for key in WORST}
     total |= {key: sum(w[key] for w in workers) / len(workers) if workers else 0.0 for key in AVERAGED}
+    drafted = total["spec_decode_num_draft_tokens"]
+    total["spec_decode_acceptance_rate"] = total["spec_decode_num_accepted_tokens"] / drafted if drafted else 0.0
     served = total["requests_served"]
     total["average_response_time"] = (sum(w["average_response_time"] * w["requests_served"] for w in workers)
                                       / served if served else 0.0)

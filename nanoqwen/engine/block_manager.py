@@ -121,6 +121,22 @@ class BlockManager:
         if len(seq.block_table) * self.block_size < len(seq):
             seq.block_table.append(self._take_free_block())
 
+    def extend(self, seq: Sequence, num_tokens: int) -> int:
+        """Free blocks for a decoding sequence's slots up to num_tokens (its drafts'), as many as there
+        are. -> the tokens its blocks now hold."""
+        while len(seq.block_table) * self.block_size < num_tokens and self.free:
+            seq.block_table.append(self._take_free_block())
+        return min(num_tokens, len(seq.block_table) * self.block_size)
+
+    def trim(self, seq: Sequence) -> None:
+        """Frees the blocks past the sequence's tokens (those rejected drafts held), for reuse first:
+        they hold nothing a lookup could hit."""
+        while len(seq.block_table) * self.block_size >= len(seq) + self.block_size:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            self.free[block] = None
+            self.free.move_to_end(block, last=False)
+
     def release(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # reversed: a prefix's tail is evicted before its head
             self.ref_counts[block] -= 1

@@ -18,6 +18,7 @@ from nanoqwen.config import EngineConfig
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
+from nanoqwen.engine.ngram import NgramProposer
 from nanoqwen.engine.output import first_event, prompt_token_logprobs, token_event, usage_event
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
@@ -51,6 +52,9 @@ class Engine:
         self._stopped = NativeEvent()
         self.tokens_generated = 0
         self.requests_finished = 0
+        self.spec_drafts = 0  # steps in which a row verified drafts (vLLM's spec_decode_num_drafts)
+        self.spec_draft_tokens = 0  # tokens drafted
+        self.spec_accepted_tokens = 0  # drafts the sampler agreed with
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
         self.think_ids: tuple[int | None, int | None] = (None, None)  # <think>, </think>, once loaded
 
@@ -75,8 +79,10 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, self.token_bytes, self.model_config.vocab_size,
                                  self.generation.eos_token_ids)
         self.block_manager = BlockManager(runtime.num_kv_blocks, runtime.block_size, cfg.enable_prefix_caching)
+        spec = runtime.speculative
         self.scheduler = Scheduler(self.block_manager, runtime.max_batch, cfg.max_prefill_tokens, cfg.max_step_tokens,
-                                   cfg.prefill_stall)
+                                   cfg.prefill_stall,
+                                   NgramProposer(spec, runtime.max_model_len).propose if spec is not None else None)
         with torch.inference_mode():
             self.runner = ModelRunner(loaded.model, runtime)
         if before_ready is not None:
@@ -84,9 +90,10 @@ class Engine:
         self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
-                 "max_step_tokens=%d prefill_stall=%g load_time=%.1fs", runtime.model_path, info["device"],
-                 info["dtype"], runtime.quant, runtime.kernels, runtime.graph, runtime.kv_cache_tokens, runtime.threads,
-                 cfg.max_step_tokens, cfg.prefill_stall, time.perf_counter() - started)
+                 "max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs", runtime.model_path,
+                 info["device"], info["dtype"], runtime.quant, runtime.kernels, runtime.graph, runtime.kv_cache_tokens,
+                 runtime.threads, cfg.max_step_tokens, cfg.prefill_stall, info["speculative"],
+                 time.perf_counter() - started)
 
     def info(self) -> dict:
         return self.runtime.info() if self.ready else {}
@@ -233,6 +240,11 @@ class Engine:
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
             "kv_usage": blocks.usage if blocks else 0.0,
             "preemptions": self.scheduler.preemptions if blocks else 0,
+            "spec_decode_num_drafts": self.spec_drafts,
+            "spec_decode_num_draft_tokens": self.spec_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.spec_accepted_tokens,
+            "spec_decode_acceptance_rate": self.spec_accepted_tokens / self.spec_draft_tokens
+            if self.spec_draft_tokens else 0.0,
         }
 
     # -- engine thread --------------------------------------------------------------------
@@ -276,23 +288,45 @@ class Engine:
         if sampled:  # its tokens are on the host: the device work is done, the step timed whole
             self.scheduler.observe(batch, time.perf_counter() - started)
         for seq, n in batch.rows:
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_ids)  # drafts count once verified
         for (seq, _), scored in zip(batch.rows, output.prompt_logprobs or ()):
             if scored is not None:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
-        for i, seq in enumerate(sampled):
+        row = 0
+        for seq in sampled:
             if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
                 self._finish(seq, "length", first_event(seq))
+            elif seq.draft_ids:
+                self._verify(seq, row, output)
             else:
-                self._append_token(seq, i, output)
+                self._append_token(seq, row, output)
+            row += 1 + len(seq.draft_ids)
+            seq.draft_ids = []
 
-    def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> None:
+    def _verify(self, seq: Sequence, row: int, output: StepOutput) -> None:
+        """Appends a drafting row's tokens: the drafts the sampler agreed with, then its first other token
+        (or the one after the last draft), one by one, until one of them ends the choice."""
+        drafts = seq.draft_ids
+        accepted = next((i for i, draft in enumerate(drafts) if output.tokens[row + i] != draft), len(drafts))
+        self.spec_drafts += 1
+        self.spec_draft_tokens += len(drafts)
+        self.spec_accepted_tokens += accepted
+        for i in range(accepted + 1):
+            if i:
+                seq.num_computed_tokens += 1  # the accepted draft's k/v, written by the step
+            if self._append_token(seq, row + i, output):
+                return
+        self.block_manager.trim(seq)
+
+    def _append_token(self, seq: Sequence, row: int, output: StepOutput) -> bool:
+        """-> whether the token ended the choice."""
         event, finish = token_event(seq, row, output, self.token_bytes, self.runtime.max_model_len)
         self.tokens_generated += 1
         if finish is None:
             seq.request.stream.put(event)
         else:
             self._finish(seq, finish, event)
+        return finish is not None
 
     def _finish(self, seq: Sequence, reason: str, event: Event | None = None) -> None:
         self.scheduler.finish(seq)

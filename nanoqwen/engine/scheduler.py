@@ -10,11 +10,13 @@ step carrying one takes `prefill_stall` decode-only steps longer than a step car
 chunk (measured, ChunkPacer), so a long prompt slows the streams by no more than that. Without a
 budget, waiting sequences are prefilled whole, alone in their step, as soon as they fit. When the
 KV pool runs dry during decode, the newest running sequence is preempted: its blocks are freed and
-it is recomputed later.
+it is recomputed later. With speculative decoding, decode rows then get drafts (engine/ngram.py) from
+what is left of the budget and of the free KV blocks: drafts never preempt anyone.
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanoqwen.engine.block_manager import BlockManager
@@ -26,17 +28,22 @@ from nanoqwen.engine.sequence import Sequence, Status
 class Batch:
     """One step: every row runs its sequence's next `num_tokens` uncomputed tokens."""
 
-    decode: list[Sequence] = field(default_factory=list)  # one token each
+    decode: list[Sequence] = field(default_factory=list)  # one token each, then its drafts
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
 
     @property
     def rows(self) -> list[tuple[Sequence, int]]:
-        return [(seq, 1) for seq in self.decode] + self.prefill
+        return [(seq, 1 + len(seq.draft_ids)) for seq in self.decode] + self.prefill
 
     @property
     def sampled(self) -> list[Sequence]:
-        """The sequences whose rows reach their last token: each gets a new token, in row order."""
-        return [seq for seq, n in self.rows if n == seq.num_uncomputed_tokens]
+        """The sequences whose rows reach their last token (a drafting row goes past it): each gets a new
+        token, a drafting one a token at each of its positions, in row order."""
+        return [seq for seq, n in self.rows if n >= seq.num_uncomputed_tokens]
+
+    @property
+    def num_drafts(self) -> int:
+        return sum(len(seq.draft_ids) for seq in self.decode)
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
@@ -44,11 +51,13 @@ class Batch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch: int, max_prefill_tokens: int,
-                 max_step_tokens: int = 0, prefill_stall: float = 0.0) -> None:
-        """max_step_tokens: the token budget of a step (decode tokens + prefill chunks); 0 = no
+                 max_step_tokens: int = 0, prefill_stall: float = 0.0,
+                 propose: Callable[[Sequence, int], list[int]] | None = None) -> None:
+        """max_step_tokens: the token budget of a step (decode tokens, drafts, prefill chunks); 0 = no
         chunking, whole prefills of up to max_prefill_tokens tokens. prefill_stall: with streams
         decoding, the time a chunk of an unfinished prompt may add to a step, in decode-only steps;
-        0 = none of that pacing (chunks fill the budget)."""
+        0 = none of that pacing (chunks fill the budget). propose: (decoding sequence, most tokens) ->
+        its drafts; None = no speculative decoding."""
         self.blocks = block_manager
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -58,6 +67,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.propose = propose
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,15 +80,32 @@ class Scheduler:
         """The next step; empty when nothing can run."""
         if not self.max_step_tokens:
             prefill = self._schedule_prefill(self.max_prefill_tokens, self.max_prefill_tokens, chunked=False)
-            return Batch(prefill=prefill) if prefill else Batch(decode=self._schedule_decode())
+            if prefill:
+                return Batch(prefill=prefill)
+            decode = self._schedule_decode()
+            self._draft(decode, self.max_prefill_tokens)
+            return Batch(decode=decode)
         decode = self._schedule_decode()
         budget = self.max_step_tokens - len(decode)
+        budget -= self._draft(decode, budget)
         return Batch(decode, self._schedule_prefill(budget, self._partial_budget(decode, budget), chunked=True))
+
+    def _draft(self, decode: list[Sequence], budget: int) -> int:
+        """Drafts for the decode rows, within `budget` tokens and the free blocks, once every row has
+        the slot of its own token (so no draft takes a block a row needed). -> tokens drafted."""
+        drafted = 0
+        for seq in decode if self.propose is not None else ():
+            drafts = self.propose(seq, budget - drafted)
+            if drafts:
+                seq.draft_ids = drafts[: self.blocks.extend(seq, len(seq) + len(drafts)) - len(seq)]
+                drafted += len(seq.draft_ids)
+        return drafted
 
     def observe(self, batch: Batch, seconds: float) -> None:
         """The wall time of the step last scheduled, once its tokens are back (its device work done)."""
-        if self.pacer is not None:
-            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill), self._paced, seconds)
+        if self.pacer is not None:  # drafts count as prefill tokens: that step is no decode-only step
+            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill) + batch.num_drafts, self._paced,
+                               seconds)
 
     def _partial_budget(self, decode: list[Sequence], budget: int) -> int:
         """Tokens this step may spend on chunks that leave their prompt unfinished."""

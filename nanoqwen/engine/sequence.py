@@ -53,6 +53,8 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose k/v are in the cache (cached + computed so far)
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
         self.grammar = None  # nanoqwen.engine.grammar.RowGrammar of a constrained request, set by the engine
+        self.draft_ids: list[int] = []  # speculative tokens the scheduled step verifies after token_ids
+        self.ngram = None  # nanoqwen.engine.ngram.NgramIndex, built at its first draft
 
     def __len__(self) -> int:
         return len(self.token_ids)

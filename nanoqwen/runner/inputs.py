@@ -141,23 +141,24 @@ class PrefillInputs(NamedTuple):
     input_ids: torch.Tensor  # [T] int32: every row's new tokens, packed
     positions: torch.Tensor  # [T] int32
     meta: AttentionMetadata
-    last: torch.Tensor  # [S] int64: the last token in the packed batch of each row that samples
+    last: torch.Tensor  # [S] int64: the positions in the packed batch that sample (a row's last; a drafting row's all)
 
 
 def prefill_inputs(rows: list[tuple[Sequence, int]], buffer: StepInputBuffer) -> PrefillInputs:
-    """Each row's next `n` uncomputed tokens, after its computed (cached or earlier-chunk) ones."""
+    """Each row's next `n` uncomputed tokens, after its computed (cached or earlier-chunk) ones; a
+    drafting row's run on into its drafts."""
     block_size = buffer.block_size
     ids, pos, slots, query_lens, context_lens, last = [], [], [], [], [], []
     for seq, n in rows:
         start = seq.num_computed_tokens
         end = start + n
-        ids += seq.token_ids[start:end]
+        ids += seq.token_ids[start:end] + seq.draft_ids[: max(0, end - len(seq))]
         pos += range(start, end)
         slots += [slot(seq, p, block_size) for p in range(start, end)]
         query_lens.append(n)
         context_lens.append(end)
-        if end == len(seq):
-            last.append(len(ids) - 1)
+        if end >= len(seq):
+            last += range(len(ids) - 1 - (end - len(seq)), len(ids))
     width = max(len(seq.block_table) for seq, _ in rows)
     tables = torch.zeros(len(rows), width, dtype=torch.int32)
     for i, (seq, _) in enumerate(rows):

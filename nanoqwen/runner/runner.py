@@ -105,27 +105,34 @@ class ModelRunner:
 
     # -- steps with prefill chunks -------------------------------------------------------
     def step(self, batch: Batch) -> StepOutput:
-        """One step of the scheduler's batch -> a token for each of batch.sampled, in order."""
-        if not batch.prefill:
+        """One step of the scheduler's batch -> a token for each of batch.sampled, in order (a drafting row:
+        one for each of its positions)."""
+        if not batch.prefill and not batch.num_drafts:
             return self.decode(batch.decode)
         return self.prefill(batch.rows, batch.sampled)
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
-        """Every row's next tokens as one packed batch (decode rows are one-token chunks), run eagerly."""
+        """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
+        their token and drafts), run eagerly. A drafting row samples at every position, each with the output
+        index it would have had without drafts: the token the step would sample there if the drafts before
+        it are accepted."""
         packed = prefill_inputs(rows, self.inputs)
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
         seqs = [seq for seq, _ in rows]
         prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs, [seq.num_computed_tokens for seq in seqs],
                                                   packed.meta.query_lens, self.inputs.to_device)
-        n = len(sampled)
+        positions = [seq for seq in sampled for _ in range(1 + len(seq.draft_ids))]
+        n = len(positions)
         if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
             return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
-        mode, penalized = stage_sampling(self.inputs.host, sampled, n, self.config.vocab_size)
-        self.inputs.upload_sampling()
+        steps = [seq.num_output_tokens + i for seq in sampled for i in range(1 + len(seq.draft_ids))]
+        staging = self.inputs if n <= self.max_batch else StepInputBuffer(n, 1, self.block_size, self.device)
+        mode, penalized = stage_sampling(staging.host, positions, n, self.config.vocab_size, steps)
+        staging.upload_sampling()
         logits = self.model.compute_logits(hidden[packed.last])
-        tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                        self._penalties(sampled) if penalized else None, self.adjuster.build(sampled))
-        output = step_output(sampled, logits, tokens)
+        tokens = sample(logits, staging.device_views.sampling()[:n], mode,
+                        self._penalties(positions) if penalized else None, self.adjuster.build(positions))
+        output = step_output(positions, logits, tokens)
         output.prompt_logprobs = prompt_logprobs
         return output
 

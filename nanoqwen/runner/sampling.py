@@ -38,8 +38,10 @@ def sampling_mode(params: list[SamplingParams]) -> str:
     return "filter" if any(p.filters for p in sampled) else "sample"
 
 
-def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_size: int) -> tuple[str, bool]:
-    """Writes each row's sampling settings into the host staging; padded lanes are greedy.
+def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_size: int,
+                   steps: list[int] | None = None) -> tuple[str, bool]:
+    """Writes each row's sampling settings into the host staging; padded lanes are greedy. `steps`: each
+    row's output index, when not its sequence's next (a verified draft's position).
     -> (the sampler mode that serves every row, whether any row is penalised)."""
     h = host
     n = len(seqs)
@@ -49,7 +51,7 @@ def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_si
     h.top_k[:n] = [min(p.top_k, vocab_size) for p in params]
     h.min_p[:n] = [p.min_p for p in params]
     h.seed_keys[:n] = [seq.seed_key for seq in seqs]
-    h.steps[:n] = [seq.num_output_tokens for seq in seqs]
+    h.steps[:n] = steps if steps is not None else [seq.num_output_tokens for seq in seqs]
     h.temperature[n:bucket] = 0.0
     h.top_p[n:bucket] = 1.0
     h.top_k[n:bucket] = 0
@@ -100,7 +102,7 @@ class LogitAdjuster:
     @staticmethod
     def wanted(seqs: list[Sequence]) -> bool:
         """Whether any row has a logit bias, a grammar (active or not yet), allowed ids or min_tokens to reach."""
-        return any(_adjusted(seq) for seq in seqs)
+        return any(logits_adjusted(seq) for seq in seqs)
 
     def build(self, seqs: list[Sequence]) -> LogitAdjust | None:
         """None when no row has a logit bias, a mask or a ban (the step then needs nothing)."""
@@ -158,7 +160,7 @@ class LogitAdjuster:
                 words[word] = value
 
 
-def _adjusted(seq: Sequence) -> bool:
+def logits_adjusted(seq: Sequence) -> bool:
     params = seq.request.params
     return bool(params.logit_bias) or seq.grammar is not None or params.allowed_token_ids is not None \
         or seq.num_output_tokens < params.min_tokens

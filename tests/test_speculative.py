@@ -1,0 +1,285 @@
+"""n-gram speculative decoding: the config, the proposer's index, and the engine's output with drafts
+against transformers and against the same engine without them (greedy, seeded sampling, logprobs, a
+choice ending inside an accepted run, rows that may not draft beside ones that do, KV blocks)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import requests
+import torch
+
+import ops
+from chat_http import MODEL, cpu_env
+from engine_util import MIXED_PROMPTS, collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine
+from nanoqwen import loader
+from nanoqwen.config import EngineConfig, SpeculativeConfig
+from nanoqwen.engine import SamplingParams
+from nanoqwen.engine.block_manager import BlockManager
+from nanoqwen.engine.ngram import NgramIndex
+from nanoqwen.engine.sequence import Request, Sequence
+from nanoqwen.engine.stream import EventStream
+from server_process import GunicornServer
+
+SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def spec_engine(tiny_checkpoint):
+    return load_engine(tiny_checkpoint, speculative_config=SPEC)
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_checkpoint):
+    return load_engine(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def looping(plain_engine) -> list[int]:
+    """A prompt the random model's greedy answer goes on copying: its own answer to [9, 9], cut three
+    tokens into the answer's longest run of one token (so drafts get accepted; the tests assert that they do)."""
+    start = [9, 9]
+    answer = generate(plain_engine, [start], greedy(60))[0].choices[0].token_ids
+    runs = [i for i in range(len(answer)) if i == 0 or answer[i] != answer[i - 1]]  # where each run starts
+    longest = max(runs, key=lambda i: next((j for j in runs if j > i), len(answer)) - i)
+    return start + answer[: longest + 3]
+
+
+@pytest.fixture(scope="module")
+def prompts(looping) -> list[list[int]]:
+    return [looping, [7, 8, 9, 10, 11] * 4 + [7, 8], *MIXED_PROMPTS]
+
+
+def test_config_follows_vllm():
+    assert SpeculativeConfig.parse("") is None
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3}') == SpeculativeConfig(
+        "ngram", 3, 5, 5)
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}') \
+        == SpeculativeConfig("ngram", 3, 4, 4)
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}') \
+        == SpeculativeConfig("ngram", 3, 2, 2)
+    bad = {
+        '{"method": "eagle", "num_speculative_tokens": 3}': "speculative_config.method",
+        '{"method": "ngram"}': "speculative_config.num_speculative_tokens",
+        '{"method": "ngram", "num_speculative_tokens": 0}': "speculative_config.num_speculative_tokens",
+        '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}':
+            "speculative_config.prompt_lookup_min",
+        '{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}': "speculative_config.model",
+        '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "3"}':
+            "speculative_config.prompt_lookup_max",
+        "ngram": "not valid JSON",
+    }
+    for raw, field in bad.items():
+        with pytest.raises(ValueError, match=field):
+            EngineConfig.from_env({"NANOQWEN_SPECULATIVE_CONFIG": raw})
+
+
+def test_index_proposes_the_longest_latest_match_incrementally():
+    index = NgramIndex(1, 3)
+    tokens = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]
+    # suffix [1, 2] last occurred before at 4..5, followed by 5, 6, 1, 2 (the continuation past the end repeats)
+    assert index.propose(tokens, 6) == [5, 6, 1, 2, 5, 6]
+    assert index.indexed == len(tokens) - 1
+    tokens += [3]  # [2, 3] only matches at 1..2 now; the longer [1, 2, 3] does as well
+    assert index.propose(tokens, 2) == [4, 1]
+    assert index.indexed == len(tokens) - 1
+    assert NgramIndex(2, 3).propose([1, 2, 3, 9], 4) == []  # no earlier [3, 9] or [2, 3, 9]
+
+
+def test_draft_blocks_come_from_free_ones_and_go_back_first():
+    blocks = BlockManager(6, 4)
+    request = Request("r", SamplingParams(), EventStream(), 6)
+    seq = Sequence(request, 0, list(range(6)), seed=0, max_tokens=10)
+    blocks.allocate(seq)  # 2 blocks: 6 tokens
+    assert blocks.extend(seq, 6 + 4) == 10  # drafts to 10 tokens: a third block
+    assert blocks.extend(seq, 100) == 20  # as many as the pool has free: 5 blocks in all
+    assert len(blocks.free) == 0
+    taken = seq.block_table[2:]
+    seq.token_ids += [6, 7]  # 8 tokens verified: blocks 3.. were rejected drafts'
+    blocks.trim(seq)
+    assert len(seq.block_table) == 2
+    assert list(blocks.free) == taken and all(blocks.ref_counts[b] == 0 for b in taken)  # first in line
+
+
+@pytest.fixture(scope="module")
+def references(tiny_checkpoint, hf_model, prompts) -> list[list[int]]:
+    """transformers' greedy answers to the looping prompt and another (its generate is slow)."""
+    return [hf_greedy(hf_model(tiny_checkpoint), prompt, MAX_TOKENS) for prompt in prompts[:2]]
+
+
+MODES = {
+    "torch": dict(cpu_kernels=False),  # the torch references alone
+    "cpugraph": dict(graph="auto"),  # the C kernels, decode steps replayed as a CPU graph
+    "triton": dict(kernels="triton"),  # under TRITON_INTERPRET=1: slow, so few tokens
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode):
+    if mode == "triton" and (not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
+    tokens = 4 if mode == "triton" else MAX_TOKENS
+    batch = prompts[:1] if mode == "triton" else prompts[:2]
+    for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
+        assert result.choices[0].token_ids == reference[:tokens]
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    if mode == "cpugraph":
+        assert engine.info()["graph"] == "cpugraph"
+
+
+def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts):
+    results = generate(spec_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
+    plain = generate(plain_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
+    for result, reference in zip(results, plain, strict=True):
+        assert result.choices[0].token_ids == reference.choices[0].token_ids
+        for got, want in zip(result.choices[0].logprobs, reference.choices[0].logprobs, strict=True):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t.token_id for t in got.top_logprobs] == [t.token_id for t in want.top_logprobs]
+    stats = spec_engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    assert 0 < stats["spec_decode_acceptance_rate"] <= 1
+    assert spec_engine.block_manager.usage == 0.0  # every block back, the drafts' too
+
+
+def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
+    for params in (SamplingParams(temperature=0.05, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True),
+                   SamplingParams(temperature=0.05, top_k=5, top_p=0.9, min_p=0.05, seed=5, max_tokens=MAX_TOKENS,
+                                  ignore_eos=True, n=2),
+                   SamplingParams(temperature=0.8, top_k=100, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)):
+        results = generate(spec_engine, prompts[:2], params)
+        plain = generate(plain_engine, prompts[:2], params)
+        assert [[c.token_ids for c in r.choices] for r in results] == [[c.token_ids for c in r.choices] for r in plain]
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+
+
+def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts):
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    full = generate(plain_engine, prompts[:1], greedy(MAX_TOKENS))[0].choices[0].token_ids
+    # max_tokens: drafts never run past it
+    for max_tokens in range(2, 9):
+        result = generate(spec_engine, prompts[:1], greedy(max_tokens))[0].choices[0]
+        assert (result.token_ids, result.finish_reason) == (full[:max_tokens], "length")
+    # a stop string that the third token completes: the first verify step's second token, with more
+    # accepted drafts after it, which are dropped
+    stop = generate(plain_engine, prompts[:1], greedy(3))[0].choices[0].text
+    accepted = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    got = generate(spec_engine, prompts[:1], greedy(MAX_TOKENS, stop=[stop]))[0].choices[0]
+    assert (got.token_ids, got.finish_reason) == (full[:3], "stop")
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] - accepted >= 2
+    # a stop token: the first token that ends the answer's leading run (a verify step's last)
+    end = next(t for t in full if t != full[0])
+    result = generate(spec_engine, prompts[:1], greedy(MAX_TOKENS, stop_token_ids=[end]))[0].choices[0]
+    assert (result.token_ids, result.finish_reason) == (full[: full.index(end) + 1], "stop")
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    assert spec_engine.block_manager.usage == 0.0
+
+
+def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts):
+    def params(engine) -> list[SamplingParams]:
+        schema = engine.grammars.json_schema({"type": "object"}, strict=False, param="response_format")
+        return [greedy(MAX_TOKENS), greedy(MAX_TOKENS, repetition_penalty=1.3), greedy(MAX_TOKENS, logit_bias={9: 5.0}),
+                greedy(MAX_TOKENS, min_tokens=MAX_TOKENS, stop_token_ids=[8]), greedy(MAX_TOKENS, grammar=schema)]
+
+    batch = [prompts[0]] * 5
+    rows = params(spec_engine)
+    drafting = record_drafting(spec_engine)
+    with_drafts = generate_together(spec_engine, batch, rows)
+    del spec_engine.scheduler.schedule  # the recording wrapper
+    assert with_drafts == generate_together(plain_engine, batch, params(plain_engine))
+    assert drafting and {id(p) for p in drafting} == {id(rows[0])}  # the unadjusted row alone drafts
+
+
+def record_drafting(engine) -> list[SamplingParams]:
+    """The params of every row that drafts in the steps from now on."""
+    drafting: list[SamplingParams] = []
+    schedule = engine.scheduler.schedule
+
+    def recording():
+        batch = schedule()
+        drafting.extend(seq.request.params for seq in batch.decode if seq.draft_ids)
+        return batch
+
+    engine.scheduler.schedule = recording
+    return drafting
+
+
+@pytest.mark.parametrize("limit", ["budget", "blocks"])
+def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit):
+    """A step token budget that runs out; a KV pool that holds the four answers and no block more (a draft
+    taking a block another row needs would preempt it)."""
+    blocks = 1 + 4 * -(-(len(prompts[0]) + MAX_TOKENS) // 16)
+    overrides = dict(max_step_tokens=12) if limit == "budget" else dict(num_kv_blocks=blocks,
+                                                                        enable_prefix_caching=False)
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=4, **overrides)
+    batch = [prompts[0]] * 4
+    params = greedy(MAX_TOKENS)
+    assert [r.choices[0].token_ids for r in generate(engine, batch, params)] == \
+        [r.choices[0].token_ids for r in generate(plain_engine, batch, params)]
+    stats = engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] > 0
+    assert stats["preemptions"] == 0
+    assert engine.block_manager.usage == 0.0
+
+
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
+    """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
+    transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
+    env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
+    tokenizer = loader.load_tokenizer(tiny_checkpoint)
+    expected = [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in references]
+    body = dict(model=MODEL, prompt=prompts[:2], temperature=0, max_tokens=MAX_TOKENS,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    with GunicornServer(env, tmp_path / "server.log") as srv:
+        assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
+        client = srv.openai_client()
+        answer = client.completions.create(**body)
+        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == expected
+        streamed = ["", ""]
+        for chunk in client.completions.create(**body, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+        assert streamed == expected
+        info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
+        assert info["speculative"] == json.loads(SPEC)
+        stats = requests.get(f"{srv.url}/stats", timeout=10).json()
+        assert stats["spec_decode_num_accepted_tokens"] > 0 and 0 < stats["spec_decode_acceptance_rate"] <= 1
+        metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
+        assert f"nanoqwen_spec_decode_num_accepted_tokens {float(stats['spec_decode_num_accepted_tokens'])}" in metrics
+
+
+def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts):
+    """A pool that holds four prompts and one block more, too few for their answers: rows are preempted
+    and recomputed while others draft, the answers unchanged; a drafting request aborted between steps
+    gives every block back."""
+    blocks = 1 + 4 * -(-len(prompts[0]) // 16) + 1
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=4, num_kv_blocks=blocks,
+                         enable_prefix_caching=False)
+    batch = [prompts[0]] * 4
+    params = greedy(MAX_TOKENS)
+    assert [r.choices[0].token_ids for r in generate(engine, batch, params)] == \
+        [r.choices[0].token_ids for r in generate(plain_engine, batch, params)]
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
+    request_id, stream = engine.submit(prompts[0], params)
+    with torch.inference_mode():
+        while engine.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]:
+            engine_step(engine)
+        engine.abort(request_id)
+        engine_step(engine)
+    assert collect(stream).choices[0].finish_reason == "abort"
+    assert engine.block_manager.usage == 0.0 and not engine.scheduler.has_work
+
+
+def test_drafts_stop_at_max_model_len(tiny_checkpoint, plain_engine, prompts):
+    """An answer that runs into the context limit: drafts never propose past it (its last slot)."""
+    room = 10
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_model_len=len(prompts[0]) + room)
+    full = generate(plain_engine, prompts[:1], greedy(room))[0].choices[0].token_ids
+    result = generate(engine, prompts[:1], SamplingParams(temperature=0.0, ignore_eos=True))[0].choices[0]
+    assert (result.token_ids, result.finish_reason) == (full, "length")
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
