@@ -1,0 +1,53 @@
+"""The responses this worker stored (`store: true`), for `previous_response_id` and `GET/DELETE /v1/responses/{id}`.
+
+In memory and per worker process: a response is found only by the worker that made it (run one worker,
+or route a conversation to one), and none survives a restart. Bounded by count and by bytes, the
+oldest dropped first.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+Json = dict[str, Any]
+MAX_RESPONSES = 1024
+MAX_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Stored:
+    response: Json
+    input_items: list[Json]  # this request's input items, with ids
+    history: list[Json]  # the items a continuation starts from: the earlier ones, its input, its output
+    size: int
+
+
+@dataclass
+class ResponseStore:
+    max_responses: int = MAX_RESPONSES
+    max_bytes: int = MAX_BYTES
+    _entries: OrderedDict[str, Stored] = field(default_factory=OrderedDict)
+    _bytes: int = 0
+
+    def put(self, response: Json, input_items: list[Json], earlier: list[Json]) -> None:
+        history = [*earlier, *input_items, *response["output"]]
+        size = len(json.dumps([response, input_items, history]))
+        if size > self.max_bytes:
+            return
+        self.delete(response["id"])
+        self._entries[response["id"]] = Stored(response, input_items, history, size)
+        self._bytes += size
+        while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.size
+
+    def get(self, response_id: str) -> Stored | None:
+        return self._entries.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        stored = self._entries.pop(response_id, None)
+        if stored is not None:
+            self._bytes -= stored.size
+        return stored is not None
