@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nanoqwen.api.responses_schemas import ResponseCreateRequest
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
@@ -16,6 +17,10 @@ REF = "#/components/schemas/{model}"
 ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], bool]] = [
     ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), True),
     ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), True),
+    ("post", "/v1/responses", "OpenAI Responses (stored per worker process, bounded)", (ResponseCreateRequest,), True),
+    ("get", "/v1/responses/{response_id}", "A stored response", (), False),
+    ("delete", "/v1/responses/{response_id}", "Deletes a stored response", (), False),
+    ("get", "/v1/responses/{response_id}/input_items", "A stored response's input items", (), False),
     ("post", "/tokenize", "vLLM's tokenize: a prompt or chat messages to token ids",
      (TokenizePromptRequest, TokenizeChatRequest), False),
     ("post", "/detokenize", "vLLM's detokenize: token ids to text", (DetokenizeRequest,), False),
@@ -35,8 +40,8 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
 def _operation(summary: str, models: tuple[type[BaseModel], ...], streams: bool) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, "
-                                                                                "then `data: [DONE]`"}}
+        ok["text/event-stream"] = {"schema": {"type": "string", "description": "`data: <chunk JSON>` events, then "
+                                                                                "`data: [DONE]` (none for responses)"}}
     error = {"description": "OpenAI-style error",
              "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
     operation: dict[str, Any] = {"summary": summary,

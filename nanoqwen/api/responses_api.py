@@ -19,10 +19,10 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import Choice, ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
     InputItem,
-    JsonSchemaFormat,
     MessageItem,
     NamedFunction,
     ResponseCreateRequest,
+    TextJsonSchemaFormat,
     encode_reasoning,
     parse_responses_request,
 )
@@ -78,7 +78,7 @@ class Draft:
         req = self.req
         fmt = req.text.format if req.text is not None and req.text.format is not None else None
         text_format = {"type": "text"} if fmt is None else fmt.model_dump(exclude_none=True, by_alias=True)
-        if isinstance(fmt, JsonSchemaFormat):
+        if isinstance(fmt, TextJsonSchemaFormat):
             text_format.setdefault("strict", False)
         choice = req.tool_choice
         reasoning = req.reasoning

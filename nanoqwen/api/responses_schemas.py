@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -19,9 +19,11 @@ from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
     FunctionCall,
+    JsonObjectFormat,
     PromptCacheBreakpoint,
     PromptCacheOptions,
     Strict,
+    TextFormat,
     _string_or_not,
     _text_or,
     parse_chat_request,
@@ -72,7 +74,7 @@ class OutputRefusal(Strict):
     refusal: str
 
 
-Part = Annotated[InputText | OutputText | OutputRefusal, Field(discriminator="type")]
+Part = Annotated[InputText | OutputText | OutputRefusal, Field(discriminator="type"), BeforeValidator(_check_part)]
 
 
 class MessageItem(Strict):
@@ -84,14 +86,6 @@ class MessageItem(Strict):
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: Literal["commentary", "final_answer"] | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _check_content(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for part in value:
-                _check_part(part)
-        return value
 
     @property
     def text(self) -> str:
@@ -162,17 +156,27 @@ class ReasoningItem(Strict):
         return "".join(s.text for s in self.summary)
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-                      Field(discriminator="type")]
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 
 
 def _check_item(value: Any) -> Any:
-    if isinstance(value, dict):
-        kind = value.setdefault("type", "message") if "role" in value else value.get("type")
-        if kind not in ITEM_TYPES and isinstance(kind, str):
-            raise PydanticCustomError("unsupported", "input items of type \"{type}\" are not implemented",
-                                      {"type": kind})
+    """An item without a type but with a role is an EasyInputMessage; other item types are refused by name."""
+    if isinstance(value, dict) and "type" not in value and "role" in value:
+        return {**value, "type": "message"}
+    if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] not in ITEM_TYPES:
+        raise PydanticCustomError("unsupported", "input items of type \"{type}\" are not implemented",
+                                  {"type": value["type"]})
+    return value
+
+
+InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                      Field(discriminator="type"), BeforeValidator(_check_item)]
+
+
+def _check_tool(value: Any) -> Any:
+    if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] != "function":
+        raise PydanticCustomError("unsupported", "{type} tools are not implemented (type \"function\" only)",
+                                  {"type": value["type"]})
     return value
 
 
@@ -198,15 +202,9 @@ ToolChoice = Annotated[
 ]
 
 
-class TextFormat(Strict):
-    type: Literal["text"]
+class TextJsonSchemaFormat(Strict):
+    """`text.format` json_schema: chat's `response_format.json_schema`, flat."""
 
-
-class JsonObjectFormat(Strict):
-    type: Literal["json_object"]
-
-
-class JsonSchemaFormat(Strict):
     type: Literal["json_schema"]
     name: str = Field(pattern=FUNCTION_NAME)
     schema_: dict[str, Any] = Field(alias="schema")
@@ -215,7 +213,7 @@ class JsonSchemaFormat(Strict):
 
 
 class TextConfig(Strict):
-    format: Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")] | None = None
+    format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
     verbosity: Any = None  # refused: Qwen3 has no verbosity control
 
     _verbosity = field_validator("verbosity", mode="before")(classmethod(lambda cls, v, info: unsupported(v, info)))
@@ -238,7 +236,7 @@ class ReasoningConfig(Strict):
         return value
 
 
-class StreamOptions(Strict):
+class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
 
@@ -249,7 +247,7 @@ class ResponseCreateRequest(Strict):
     previous_response_id: str | None = None
     store: bool | None = True
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
+    stream_options: ResponseStreamOptions | None = None
     include: list[str] | None = None
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -257,7 +255,7 @@ class ResponseCreateRequest(Strict):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
-    tools: list[FunctionTool] | None = None
+    tools: list[Annotated[FunctionTool, BeforeValidator(_check_tool)]] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(None, ge=1)
@@ -282,23 +280,6 @@ class ResponseCreateRequest(Strict):
 
     _unsupported = field_validator(*UNSUPPORTED_FIELDS, mode="before")(classmethod(
         lambda cls, value, info: unsupported(value, info)))
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _check_input(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for item in value:
-                _check_item(item)
-        return value
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _check_tools(cls, value: Any) -> Any:
-        for tool in value if isinstance(value, list) else []:
-            if isinstance(tool, dict) and isinstance(tool.get("type"), str) and tool["type"] != "function":
-                raise PydanticCustomError("unsupported", "{type} tools are not implemented (type \"function\" only)",
-                                          {"type": tool["type"]})
-        return value
 
     @field_validator("tool_choice", mode="before")
     @classmethod
