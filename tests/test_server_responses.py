@@ -38,7 +38,8 @@ def client(server: GunicornServer) -> openai.OpenAI:
 
 def _comparable(response: Any) -> Json:
     """A response as JSON without what differs between two identical requests (its items' ids, and the cached
-    tokens: the second finds the first's prompt in the prefix cache), nor what the stream helper adds (`parsed`, `parsed_arguments`)."""
+    tokens: the second finds the first's prompt in the prefix cache), nor what the stream helper adds (`parsed`,
+    `parsed_arguments`)."""
     out = {k: v for k, v in response.model_dump().items() if k not in VOLATILE}
     out["output"] = [{k: v for k, v in item.items() if k not in ("id", "call_id", "parsed_arguments")}
                      for item in out["output"]]

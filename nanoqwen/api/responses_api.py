@@ -26,14 +26,13 @@ from nanoqwen.api.responses_schemas import (
     encode_reasoning,
     parse_responses_request,
 )
-from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.sse import sse
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 Json = dict[str, Any]
 ITEMS = TypeAdapter(list[InputItem])
-MAX_LIST_LIMIT = 100
 
 
 def _id(prefix: str) -> str:
@@ -366,21 +365,4 @@ class ResponsesService:
         return {"id": response_id, "object": "response", "deleted": True}
 
     def input_items(self, response_id: str, args: dict[str, str]) -> Json:
-        """OpenAI's list: newest first by default (`order`), `limit` (1-100, 20), `after`/`before` an item id."""
-        items = self._stored(response_id).input_items
-        order = args.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise APIError(400, "Invalid value for 'order': expected 'asc' or 'desc'", param="order")
-        raw_limit = args.get("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-            raise APIError(400, f"Invalid value for 'limit': an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
-        items = items if order == "asc" else items[::-1]
-        ids = [item["id"] for item in items]
-        for name in ("after", "before"):
-            if name in args and args[name] not in ids:
-                raise APIError(400, f"Invalid value for '{name}': no input item '{args[name]}'", param=name)
-        start = ids.index(args["after"]) + 1 if "after" in args else 0
-        end = ids.index(args["before"]) if "before" in args else len(items)
-        page = items[start:end][:int(raw_limit)]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end}
+        return list_page(self._stored(response_id).input_items, args)

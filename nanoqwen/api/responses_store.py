@@ -11,9 +11,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoqwen.api.errors import APIError
+
 Json = dict[str, Any]
 MAX_RESPONSES = 1024
 MAX_BYTES = 64 << 20
+MAX_LIST_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class ResponseStore:
 
     def put(self, response: Json, input_items: list[Json], earlier: list[Json]) -> None:
         history = [*earlier, *input_items, *response["output"]]
-        size = len(json.dumps([response, input_items, history]))
+        # the history's own items are the response's and the input's: counted once
+        size = len(json.dumps([response, input_items, earlier]))
         if size > self.max_bytes:
             return
         self.delete(response["id"])
@@ -51,3 +55,23 @@ class ResponseStore:
         if stored is not None:
             self._bytes -= stored.size
         return stored is not None
+
+
+def list_page(items: list[Json], args: dict[str, str]) -> Json:
+    """OpenAI's list of items: newest first by default (`order`), `limit` (1-100, 20), `after`/`before` an item id."""
+    order = args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, "Invalid value for 'order': expected 'asc' or 'desc'", param="order")
+    limit = args.get("limit", "20")
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        raise APIError(400, f"Invalid value for 'limit': an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
+    items = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in items]
+    for name in ("after", "before"):
+        if name in args and args[name] not in ids:
+            raise APIError(400, f"Invalid value for '{name}': no input item '{args[name]}'", param=name)
+    start = ids.index(args["after"]) + 1 if "after" in args else 0
+    end = ids.index(args["before"]) if "before" in args else len(items)
+    page = items[start:end][:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end}
