@@ -44,7 +44,9 @@ def _logprobs(logprobs: list[TokenLogprob]) -> list[Json]:
 
 
 def usage_json(usage: Usage, reasoning_tokens: int) -> Json:
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+    """`cache_write_tokens`: OpenAI's billed cache writes at breakpoints; the prefix cache here costs nothing."""
+    details = {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0}
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": details,
             "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": usage.total_tokens}
 

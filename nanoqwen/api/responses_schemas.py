@@ -21,7 +21,6 @@ from nanoqwen.api.schemas import (
     FunctionCall,
     JsonObjectFormat,
     PromptCacheBreakpoint,
-    PromptCacheOptions,
     Strict,
     TextFormat,
     _string_or_not,
@@ -36,7 +35,8 @@ REASONING_INCLUDE = "reasoning.encrypted_content"
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
-_UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],)}
+_UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
+                                       "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],)}
 UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "prompt", "context_management", "image",
                       "access_programs", "moderation", "truncation")
 
@@ -186,9 +186,17 @@ class FunctionTool(Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    # Refused unless absent or "not used": tool search, programmatic calling, a schema for the tool's output.
+    defer_loading: Any = None
+    allowed_callers: Any = None
+    output_schema: Any = None
+
+    _unsupported = field_validator("defer_loading", "allowed_callers", "output_schema", mode="before")(classmethod(
+        lambda cls, value, info: unsupported(value, info)))
 
     def to_chat(self) -> dict[str, Any]:
-        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
+        return {"type": "function", "function": self.model_dump(include={"name", "description", "parameters",
+                                                                          "strict"}, exclude_none=True)}
 
 
 class NamedFunction(Strict):
@@ -236,6 +244,18 @@ class ReasoningConfig(Strict):
         return value
 
 
+class ResponsePromptCacheOptions(Strict):
+    """Caching hints (the prefix cache is automatic); `prewarm: true` would generate nothing: refused."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m", "12h"] | None = None
+    comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
+    prewarm: Any = None
+
+    _unsupported = field_validator("prewarm", mode="before")(classmethod(
+        lambda cls, value, info: unsupported(value, info)))
+
+
 class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
@@ -265,7 +285,7 @@ class ResponseCreateRequest(Strict):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    prompt_cache_options: PromptCacheOptions | None = None
+    prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: str | None = None
     # Refused unless absent or "not used".
     background: Any = None
