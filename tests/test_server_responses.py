@@ -197,6 +197,8 @@ def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, para
     ({"tool_choice": "required"}, "tool_choice"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.[0].call_id"),
+    ({"input": "word " * 1100}, "input"),  # past the 1024-token context
+    ({"text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "nothing"}}}}, "text.format"),
 ])
 def test_bad_values_are_400s(server: GunicornServer, field: Json, param: str) -> None:
     answer = requests.post(f"{server.url}/v1/responses", json={**GREEDY, "input": "Hi", **field}, timeout=30)

@@ -33,6 +33,7 @@ from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 Json = dict[str, Any]
 ITEMS = TypeAdapter(list[InputItem])
+CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
 def _id(prefix: str) -> str:
@@ -316,6 +317,13 @@ class ResponseEvents:
         return [self._output[i] for i in sorted(self._output)]
 
 
+def _renamed(error: APIError) -> APIError:
+    """A chat error (the prompt too long, a schema the grammar engine refuses) naming this request's field."""
+    head = (error.param or "").split(".")[0]
+    error.param = CHAT_PARAMS.get(head, error.param)
+    return error
+
+
 def _not_found(response_id: str) -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", code="not_found")
 
@@ -334,9 +342,12 @@ class ResponsesService:
             history = ITEMS.validate_python(earlier)
         except ValidationError:  # stored by this server: cannot happen unless the schema changed
             raise APIError(400, "the previous response cannot be continued", param="previous_response_id") from None
-        chat_req = req.to_chat(history)
         serving.check_serving(req.model)
-        batch, params, _ = self.chat.start(chat_req)
+        try:
+            chat_req = req.to_chat(history)
+            batch, params, _ = self.chat.start(chat_req)
+        except APIError as exc:
+            raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
                       self.store if req.store is not False else None, earlier)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)

@@ -25,6 +25,7 @@ from nanoqwen.api.schemas import (
     TextFormat,
     _string_or_not,
     _text_or,
+    check_unsupported,
     parse_chat_request,
     validate_body,
 )
@@ -42,9 +43,7 @@ UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "promp
 
 
 def unsupported(value: Any, info: ValidationInfo) -> None:
-    if value is None or value in _UNUSED.get(info.field_name, ()):
-        return None
-    raise PydanticCustomError("unsupported", "this server does not implement it")
+    return check_unsupported(value, info, _UNUSED)
 
 
 def _check_part(value: Any) -> Any:
@@ -104,7 +103,7 @@ class FunctionCallItem(FunctionCall):
 class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
     call_id: str
-    output: _text_or(InputText)
+    output: _text_or(Annotated[InputText, BeforeValidator(_check_part)])
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
