@@ -163,13 +163,20 @@ def test_the_store_is_bounded_by_count_and_bytes() -> None:
 
     store = ResponseStore(max_responses=2, max_bytes=1000)
     for i in range(3):
-        store.put(response(i), [], [])
+        store.put(response(i), [], None)
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
-    store.put(response(3, "x" * 900), [], [])  # fits alone: the older ones go
+    store.put(response(3, "x" * 900), [], None)  # fits alone: the older ones go
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
-    store.put(response(4, "x" * 2000), [], [])  # larger than the whole store: not kept
+    store.put(response(4, "x" * 2000), [], None)  # larger than the whole store: not kept
     assert store.get("resp_4") is None and store.get("resp_3") is not None
     assert store.delete("resp_3") and not store.delete("resp_3")
+    # a continuation holds the earlier items too, and is counted with them
+    store = ResponseStore(max_bytes=1500)
+    store.put(response(3, "x" * 900), [], None)
+    first, follow = store.get("resp_3"), response(5)
+    store.put(follow, [{"id": "msg_in"}], first)
+    assert store.get("resp_5").history == [*first.history, {"id": "msg_in"}, *follow["output"]]
+    assert store.get("resp_5").size > first.size and store.get("resp_3") is None  # both: past 1500 bytes
 
 
 def test_input_items_pages() -> None:

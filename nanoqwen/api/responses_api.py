@@ -72,7 +72,7 @@ class Draft:
     model: str
     think_end: int | None
     store: ResponseStore | None  # None: `store: false`
-    earlier: list[Json] = field(default_factory=list)  # the previous response's history
+    previous: Stored | None = None
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -109,7 +109,7 @@ class Draft:
         """The final response, stored when asked to."""
         response = self.response(status, output, usage)
         if self.store is not None:
-            self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.earlier)
+            self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.previous)
         return response
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
@@ -337,9 +337,9 @@ class ResponsesService:
         serving = self.chat.serving
         trace = serving.stats.begin()
         req = parse_responses_request(body)
-        earlier = self._earlier(req.previous_response_id)
+        previous = self._previous(req.previous_response_id)
         try:
-            history = ITEMS.validate_python(earlier)
+            history = ITEMS.validate_python(previous.history if previous is not None else [])
         except ValidationError:  # stored by this server: cannot happen unless the schema changed
             raise APIError(400, "the previous response cannot be continued", param="previous_response_id") from None
         serving.check_serving(req.model)
@@ -349,19 +349,19 @@ class ResponsesService:
         except APIError as exc:
             raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if req.store is not False else None, earlier)
+                      self.store if req.store is not False else None, previous)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
-    def _earlier(self, previous_id: str | None) -> list[Json]:
+    def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:
-            return []
+            return None
         stored = self.store.get(previous_id)
         if stored is None:
             raise APIError(400, f"Previous response with id '{previous_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
-        return stored.history
+        return stored
 
     def _stored(self, response_id: str) -> Stored:
         stored = self.store.get(response_id)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nanoqwen.api.errors import APIError
+from nanoqwen.engine.threads import native_lock
 
 Json = dict[str, Any]
 MAX_RESPONSES = 1024
@@ -27,30 +28,41 @@ class Stored:
     size: int
 
 
-@dataclass
 class ResponseStore:
-    max_responses: int = MAX_RESPONSES
-    max_bytes: int = MAX_BYTES
-    _entries: OrderedDict[str, Stored] = field(default_factory=OrderedDict)
-    _bytes: int = 0
+    """Written by the request greenlets, and by the native thread that builds a large answer: locked."""
 
-    def put(self, response: Json, input_items: list[Json], earlier: list[Json]) -> None:
-        history = [*earlier, *input_items, *response["output"]]
-        # the history's own items are the response's and the input's: counted once
-        size = len(json.dumps([response, input_items, earlier]))
+    def __init__(self, max_responses: int = MAX_RESPONSES, max_bytes: int = MAX_BYTES) -> None:
+        self.max_responses = max_responses
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Stored] = OrderedDict()
+        self._bytes = 0
+        self._lock = native_lock()  # held only around the dict and counter updates
+
+    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> None:
+        """Keeps `response` (its `previous` response's history before it) unless it alone is past max_bytes."""
+        earlier = previous.history if previous is not None else []
+        # the earlier items are counted as the previous entry's whole size, which holds them
+        size = len(json.dumps([response, input_items])) + (previous.size if previous is not None else 0)
         if size > self.max_bytes:
             return
-        self.delete(response["id"])
-        self._entries[response["id"]] = Stored(response, input_items, history, size)
-        self._bytes += size
-        while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.size
+        stored = Stored(response, input_items, [*earlier, *input_items, *response["output"]], size)
+        with self._lock:
+            self._pop(response["id"])
+            self._entries[response["id"]] = stored
+            self._bytes += size
+            while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.size
 
     def get(self, response_id: str) -> Stored | None:
-        return self._entries.get(response_id)
+        with self._lock:
+            return self._entries.get(response_id)
 
     def delete(self, response_id: str) -> bool:
+        with self._lock:
+            return self._pop(response_id)
+
+    def _pop(self, response_id: str) -> bool:
         stored = self._entries.pop(response_id, None)
         if stored is not None:
             self._bytes -= stored.size
