@@ -150,7 +150,8 @@ def test_responses_settings_become_chats() -> None:
     assert (params.max_tokens, params.temperature, params.logprobs, params.top_logprobs) == (20, 0.5, True, 3)
     assert chat.enable_thinking is False and chat.forces_tool_call and chat.max_tool_calls == 1
     text = parse_responses_request({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "p",
-                                                                       "schema": {"type": "object"}}}}).to_chat([])
+                                                                       "schema": {"type": "object"}},
+                                                            "verbosity": "medium"}}).to_chat([])
     assert text.response_format.json_schema.schema_ == {"type": "object"}
     with pytest.raises(APIError) as exc:
         parse_responses_request({"input": []}).to_chat([])

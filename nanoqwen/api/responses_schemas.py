@@ -37,7 +37,8 @@ MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
 _UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
-                                       "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],)}
+                                       "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],),
+                                       "verbosity": ("medium",)}
 UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "prompt", "context_management", "image",
                       "access_programs", "moderation", "truncation")
 
@@ -221,7 +222,7 @@ class TextJsonSchemaFormat(Strict):
 
 class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
-    verbosity: Any = None  # refused: Qwen3 has no verbosity control
+    verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
 
     _verbosity = field_validator("verbosity", mode="before")(classmethod(lambda cls, v, info: unsupported(v, info)))
 
