@@ -144,6 +144,8 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert follow.previous_response_id == first.id
     assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
     assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    replay = requests.get(f"{server.url}/v1/responses/{first.id}?stream=true", timeout=30)
+    assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
     (item,) = client.responses.input_items.list(first.id).data
     assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
     assert item.id.startswith("msg_")

@@ -113,7 +113,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
-        return responses.retrieve(response_id)
+        return responses.retrieve(response_id, request.args.to_dict())
 
     @app.delete("/v1/responses/<response_id>")
     def delete_response(response_id: str) -> dict[str, Any]:

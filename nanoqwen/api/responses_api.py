@@ -369,7 +369,11 @@ class ResponsesService:
             raise _not_found(response_id)
         return stored
 
-    def retrieve(self, response_id: str) -> Json:
+    def retrieve(self, response_id: str, args: dict[str, str]) -> Json:
+        """A stored response; its events replayed (`stream=true`) are not kept, so not offered."""
+        if args.get("stream", "false") != "false":
+            raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",
+                           param="stream", code="unsupported_parameter")
         return self._stored(response_id).response
 
     def delete(self, response_id: str) -> Json:
