@@ -117,14 +117,15 @@ def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     assert [e.type for e in events][2] == "response.output_item.added" and events[2].item.status == "in_progress"
 
 
-def test_tool_loop_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
+def test_tool_loop_and_reasoning_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
     arguments = '{"zone": "UTC"}'
-    items = [{"role": "user", "content": "What time is it?"},
+    thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask the clock."}]}
+    items = [{"role": "user", "content": "What time is it?"}, thought,
              {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": arguments},
              {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}]
     response = client.responses.create(input=items, tools=TOOLS, **GREEDY)
     messages = [{"role": "user", "content": "What time is it?"},
-                {"role": "assistant", "content": None, "tool_calls": [
+                {"role": "assistant", "content": None, "reasoning_content": "Ask the clock.", "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": arguments}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
     chat_tools = [{"type": "function", "function": {k: v for k, v in TOOLS[0].items() if k != "type"}}]
@@ -132,6 +133,9 @@ def test_tool_loop_items_equal_the_chat_history(client: openai.OpenAI, server: G
                               "messages": messages, "tools": chat_tools}).json()
     assert response.usage.input_tokens == chat["usage"]["prompt_tokens"]
     assert response.output_text == chat["choices"][0]["message"]["content"]
+    # the reasoning reached the template (this turn follows the last user message, so Qwen3's keeps it)
+    unthought = client.responses.create(input=[item for item in items if item is not thought], tools=TOOLS, **GREEDY)
+    assert unthought.usage.input_tokens < response.usage.input_tokens
 
 
 def test_previous_response_id_continues_and_the_store_routes(client: openai.OpenAI, server: GunicornServer) -> None:
