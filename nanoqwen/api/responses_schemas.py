@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, ValidationInfo, field_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -43,8 +43,10 @@ UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "promp
                       "access_programs", "moderation", "truncation")
 
 
-def unsupported(value: Any, info: ValidationInfo) -> None:
-    return check_unsupported(value, info, _UNUSED)
+def refused_unless_unused(*fields: str) -> Any:
+    """A validator of `fields`: each absent or "not used" (_UNUSED), else a 400 naming it."""
+    return field_validator(*fields, mode="before")(classmethod(
+        lambda cls, value, info: check_unsupported(value, info, _UNUSED)))
 
 
 def _check_part(value: Any) -> Any:
@@ -191,8 +193,7 @@ class FunctionTool(Strict):
     allowed_callers: Any = None
     output_schema: Any = None
 
-    _unsupported = field_validator("defer_loading", "allowed_callers", "output_schema", mode="before")(classmethod(
-        lambda cls, value, info: unsupported(value, info)))
+    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
         return {"type": "function", "function": self.model_dump(include={"name", "description", "parameters",
@@ -224,7 +225,7 @@ class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
     verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
 
-    _verbosity = field_validator("verbosity", mode="before")(classmethod(lambda cls, v, info: unsupported(v, info)))
+    _unsupported = refused_unless_unused("verbosity")
 
 
 class ReasoningConfig(Strict):
@@ -252,8 +253,7 @@ class ResponsePromptCacheOptions(Strict):
     comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
     prewarm: Any = None
 
-    _unsupported = field_validator("prewarm", mode="before")(classmethod(
-        lambda cls, value, info: unsupported(value, info)))
+    _unsupported = refused_unless_unused("prewarm")
 
 
 class ResponseStreamOptions(Strict):
@@ -298,8 +298,7 @@ class ResponseCreateRequest(Strict):
     moderation: Any = None
     truncation: Any = None
 
-    _unsupported = field_validator(*UNSUPPORTED_FIELDS, mode="before")(classmethod(
-        lambda cls, value, info: unsupported(value, info)))
+    _unsupported = refused_unless_unused(*UNSUPPORTED_FIELDS)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
