@@ -115,6 +115,11 @@ def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(deltas) > 1 and "".join(deltas) == done.arguments == call.arguments and done.name == "get_time"
     assert [e.type for e in events][2] == "response.output_item.added" and events[2].item.status == "in_progress"
+    # the call and its output sent back, the call as the SDK's object dumps (its optional fields null)
+    items = [{"role": "user", "content": "What time is it?"}, call.model_dump(by_alias=True),
+             {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}]
+    loop = client.responses.create(input=items, tools=TOOLS, **GREEDY)
+    assert loop.output[0].type == "message" and loop.usage.input_tokens > response.usage.input_tokens
 
 
 def test_tool_loop_and_reasoning_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
@@ -142,7 +147,8 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     first = client.responses.create(input="Hi", metadata={"session": "a"}, **GREEDY)
     assert first.metadata == {"session": "a"}
     follow = client.responses.create(input="Tell me more.", previous_response_id=first.id, **GREEDY)
-    history = [{"role": "user", "content": "Hi"}, *[item.model_dump(exclude_none=True) for item in first.output],
+    # the output items as the SDK's objects dump (their unset optional fields null)
+    history = [{"role": "user", "content": "Hi"}, *[item.model_dump(by_alias=True) for item in first.output],
                {"role": "user", "content": "Tell me more."}]
     whole = client.responses.create(input=history, **GREEDY)
     assert follow.previous_response_id == first.id

@@ -38,7 +38,7 @@ MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
 _UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
                                        "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],),
-                                       "verbosity": ("medium",)}
+                                       "verbosity": ("medium",), "async_": (False,)}
 UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "prompt", "context_management", "image",
                       "access_programs", "moderation", "truncation")
 
@@ -101,6 +101,12 @@ class FunctionCallItem(FunctionCall):
     call_id: str
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
+    # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
+    namespace: Any = None
+    caller: Any = None
+    async_: Any = Field(None, alias="async")
+
+    _unsupported = refused_unless_unused("namespace", "caller", "async_")
 
 
 class FunctionCallOutputItem(Strict):
@@ -109,6 +115,11 @@ class FunctionCallOutputItem(Strict):
     output: _text_or(Annotated[InputText, BeforeValidator(_check_part)])
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
+    name: str | None = None  # the called function's: the template pairs outputs with calls by order
+    namespace: Any = None
+    caller: Any = None
+
+    _unsupported = refused_unless_unused("namespace", "caller")
 
     @property
     def text(self) -> str:
