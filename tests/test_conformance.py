@@ -19,6 +19,8 @@ from openai.types import Completion, Model
 from openai.types import completion_create_params as legacy_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as chat_params
+from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import response_create_params as response_params
 
 from chat_http import MODEL, post_chat, sse_payloads
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
@@ -77,6 +79,48 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}, "tool_choice": {"tools": TOOLS},
     "parallel_tool_calls": {"tools": TOOLS},
 }
+
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}]
+# openai's responses ResponseCreateParams; previous_response_id is tested on stored responses (test_server_responses)
+RESPONSES_FIELDS: dict[str, tuple[Any, Literal["ok", "refused", "not_found"]]] = {
+    "access_programs": ({"cyber": "standard"}, "refused"),
+    "background": (True, "refused"),
+    "background_options": ({"completion_window": "soonest"}, "refused"),
+    "context_management": ([{"type": "compaction", "compact_threshold": 1000}], "refused"),
+    "conversation": ("conv_1", "refused"),
+    "image": ({"context_compression": "enabled"}, "refused"),
+    "include": (["message.output_text.logprobs", "reasoning.encrypted_content"], "ok"),
+    "input": ([{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}], "ok"),
+    "instructions": ("Be brief.", "ok"),
+    "max_output_tokens": (16, "ok"),
+    "max_tool_calls": (1, "ok"),
+    "metadata": ({"k": "v"}, "ok"),
+    "model": (MODEL, "ok"),
+    "moderation": ({"model": "omni-moderation-latest"}, "refused"),
+    "parallel_tool_calls": (False, "ok"),
+    "previous_response_id": ("resp_unknown", "not_found"),
+    "prompt": ({"id": "pmpt_1"}, "refused"),
+    "prompt_cache_key": ("k", "ok"),
+    "prompt_cache_options": ({"mode": "explicit", "ttl": "12h", "prewarm": False}, "ok"),
+    "prompt_cache_retention": ("24h", "ok"),
+    "reasoning": ({"effort": "low", "summary": "auto"}, "ok"),
+    "safety_identifier": ("s", "ok"),
+    "service_tier": ("auto", "ok"),
+    "store": (False, "ok"),
+    "stream_options": ({"include_obfuscation": False}, "ok"),
+    "temperature": (0.5, "ok"),
+    "text": ({"format": {"type": "json_object"}}, "ok"),
+    "tool_choice": ("required", "ok"),
+    "tools": (RESPONSES_TOOLS, "ok"),
+    "top_logprobs": (2, "ok"),
+    "top_p": (0.9, "ok"),
+    "truncation": ("auto", "refused"),
+    "user": ("u", "ok"),
+}
+RESPONSES_COMPANIONS: dict[str, dict[str, Any]] = {
+    "stream_options": {"stream": True}, "tool_choice": {"tools": RESPONSES_TOOLS},
+    "max_tool_calls": {"tools": RESPONSES_TOOLS}, "parallel_tool_calls": {"tools": RESPONSES_TOOLS},
+}
 LEGACY_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
     "best_of": (3, "refused"),  # only 1 or n
     "echo": (True, "ok"),
@@ -132,25 +176,29 @@ def test_the_field_lists_are_the_openai_packages() -> None:
             f"openai=={OPENAI_VERSION} (setup.cfg's test extra), or bump both and list the new fields")
     assert set(CHAT_FIELDS) == set(chat_params.CompletionCreateParamsBase.__annotations__), hint
     assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__), hint
+    assert set(RESPONSES_FIELDS) == set(response_params.ResponseCreateParamsBase.__annotations__), hint
 
 
-ENDPOINTS = {  # path -> (its fields, a minimal body)
-    "/v1/chat/completions": (CHAT_FIELDS, {"model": MODEL, "messages": USER, "max_tokens": 2}),
-    "/v1/completions": (LEGACY_FIELDS, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}),
+ENDPOINTS = {  # path -> (its fields, a minimal body, the companions its fields need)
+    "/v1/chat/completions": (CHAT_FIELDS, {"model": MODEL, "messages": USER, "max_tokens": 2}, COMPANIONS),
+    "/v1/completions": (LEGACY_FIELDS, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}, COMPANIONS),
+    "/v1/responses": (RESPONSES_FIELDS, {"model": MODEL, "input": "Hi", "max_output_tokens": 16},
+                      RESPONSES_COMPANIONS),
 }
 
 
-@pytest.mark.parametrize("path,field", [(path, field) for path, (fields, _) in ENDPOINTS.items() for field in fields])
+@pytest.mark.parametrize("path,field", [(path, field) for path, (fields, *_) in ENDPOINTS.items() for field in fields])
 def test_every_request_field_is_implemented_or_refused_by_name(server: GunicornServer, path: str, field: str) -> None:
-    fields, minimal = ENDPOINTS[path]
+    fields, minimal, companions = ENDPOINTS[path]
     value, outcome = fields[field]
-    body = {**minimal, **COMPANIONS.get(field, {}), field: value}
+    body = {**minimal, **companions.get(field, {}), field: value}
     response = requests.post(f"{server.url}{path}", json=body, timeout=120)
     if outcome == "ok":
         assert response.status_code == 200, response.text
     else:
         error = _error(response)
-        assert (error["param"], error["code"]) == (field, "unsupported_parameter")
+        code = "unsupported_parameter" if outcome == "refused" else "previous_response_not_found"
+        assert (error["param"], error["code"]) == (field, code)
 
 
 def test_responses_validate_as_the_openai_types(server: GunicornServer) -> None:
@@ -173,6 +221,25 @@ def test_responses_validate_as_the_openai_types(server: GunicornServer) -> None:
                          "/v1/completions"):
         finished = [{**choice, "finish_reason": choice["finish_reason"] or "length"} for choice in chunk["choices"]]
         Completion.model_validate({**chunk, "choices": finished}, strict=True)
+
+
+@pytest.mark.parametrize("body", [
+    {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "instructions": "Be brief."},
+    {"tools": RESPONSES_TOOLS, "tool_choice": "required", "max_output_tokens": 40},
+])
+def test_responses_and_their_events_validate_as_the_openai_types(server: GunicornServer, body: dict[str, Any]) -> None:
+    body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"},
+            **body}
+    answer = requests.post(f"{server.url}/v1/responses", json=body, timeout=120)
+    Response.model_validate(answer.json(), strict=True)
+    with requests.post(f"{server.url}/v1/responses", json={**body, "stream": True}, stream=True,
+                       timeout=120) as streamed:
+        lines = [line for line in streamed.iter_lines(decode_unicode=True) if line]
+    assert [line.split(": ")[0] for line in lines] == ["event", "data"] * (len(lines) // 2)
+    payloads = [json.loads(line.removeprefix("data: ")) for line in lines[1::2]]
+    assert [p["type"] for p in payloads] == [line.removeprefix("event: ") for line in lines[::2]]
+    events = pydantic.TypeAdapter(list[ResponseStreamEvent]).validate_python(payloads, strict=True)
+    assert events[-1].type in ("response.completed", "response.incomplete")
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:

@@ -461,6 +461,16 @@ def test_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, 400)
 
 
+def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
+    before = _stats(server)
+    body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 400, "stream": True}
+    with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(8):  # event and data lines through the first deltas
+            next(lines)
+    _assert_aborted_early(server, before, 400)
+
+
 def _raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"

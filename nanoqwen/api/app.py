@@ -20,6 +20,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats
 from nanoqwen.api.openapi import openapi_document
+from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.shared_stats import SharedStats
 from nanoqwen.api.tokenize import TokenizeService
@@ -66,6 +67,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
     completions = CompletionService(serving)
+    responses = ResponsesService(chat)
     tokens = TokenizeService(serving)
     started = time.time()
     request_id.install(app)
@@ -84,7 +86,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         origin = request.headers.get("Origin")
         if origin and ("*" in config.cors_origins or origin in config.cors_origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in config.cors_origins else origin
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
             response.vary.add("Origin")
             # Clients add their own headers (openai-node sends x-stainless-*): allow what the
             # preflight asks for rather than a fixed list.
@@ -104,6 +106,22 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.post("/v1/completions")
     def text_completions() -> Response | dict[str, Any]:
         return completions.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+
+    @app.post("/v1/responses")
+    def create_response() -> Response | dict[str, Any]:
+        return responses.create(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+
+    @app.get("/v1/responses/<response_id>")
+    def retrieve_response(response_id: str) -> dict[str, Any]:
+        return responses.retrieve(response_id, request.args.to_dict())
+
+    @app.delete("/v1/responses/<response_id>")
+    def delete_response(response_id: str) -> dict[str, Any]:
+        return responses.delete(response_id)
+
+    @app.get("/v1/responses/<response_id>/input_items")
+    def response_input_items(response_id: str) -> dict[str, Any]:
+        return responses.input_items(response_id, request.args.to_dict())
 
     @app.post("/tokenize")
     def tokenize() -> dict[str, Any]:

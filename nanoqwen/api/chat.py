@@ -8,8 +8,9 @@ from flask import Response
 
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
-from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.api.serving import Batch, Serving, invalid_request
 from nanoqwen.api.structured import output_grammar
+from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
 
@@ -28,13 +29,7 @@ class ChatService:
         trace = serving.stats.begin()
         req = parse_chat_request(body)
         serving.check_serving(req.model)
-        params = req.sampling_params(serving.engine.sampling_defaults)
-        try:
-            params.grammar = output_grammar(serving, req)
-        except InvalidRequest as exc:
-            raise invalid_request(exc) from None
-        prompt = self._encode(req, params.max_tokens)
-        batch = serving.submit([prompt], params, req.split_reasoning)
+        batch, params, prompt = self.start(req)
         tools = ToolParsing(req.shows_tools, req.max_tool_calls, req.forces_tool_call)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
@@ -43,6 +38,18 @@ class ChatService:
                               think_end) if req.stream else None
         collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
         return serving.respond(batch, stream, collect, trace, environ)
+
+    def start(self, req: ChatCompletionRequest) -> tuple[Batch, SamplingParams, list[int]]:
+        """Compiles the output grammar and templates the prompt off the loop, then submits: the engine's
+        stream, the sampling parameters and the prompt's ids."""
+        serving = self.serving
+        params = req.sampling_params(serving.engine.sampling_defaults)
+        try:
+            params.grammar = output_grammar(serving, req)
+        except InvalidRequest as exc:
+            raise invalid_request(exc) from None
+        prompt = self._encode(req, params.max_tokens)
+        return serving.submit([prompt], params, req.split_reasoning), params, prompt
 
     def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
         serving = self.serving

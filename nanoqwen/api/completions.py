@@ -16,6 +16,7 @@ from flask import Response
 from nanoqwen.api.responses import Choice, RunningUsage, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.api.sse import DoneFraming
 from nanoqwen.api.tokenize import encode_texts
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 from nanoqwen.engine.validation import context_length_error, prompt_token_limit
@@ -48,7 +49,7 @@ def _top(lp: TokenLogprob) -> dict[str, float]:
 
 
 @dataclass
-class TextCompletion:
+class TextCompletion(DoneFraming):
     """Both the collected `text_completion` and its stream chunks (one id, one `created`)."""
 
     model: str

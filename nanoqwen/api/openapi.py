@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nanoqwen.api.responses_schemas import ResponseCreateRequest
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
@@ -17,11 +18,21 @@ JSON = {"application/json": {"schema": {"type": "object"}}}
 # Per event (what schemathesis and OpenAPI 3.2's itemSchema validate): `data: <chunk JSON>`, `data: [DONE]` last.
 STREAM = {**JSON, "text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
     "data": {"type": "string", "description": "a chunk's JSON, then `[DONE]`"}}}}}
+# Responses' events are named (`event: <type>`) and end with the terminal event, no `[DONE]`.
+RESPONSE_STREAM = {**JSON, "text/event-stream": {"schema": {
+    "type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "description": "the event's type"},
+        "data": {"type": "string", "description": "the event's JSON"}}}}}
 PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Prometheus' text format"}}}
 # (method, path, summary, request models (one of), the 200 answer's content)
 ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]]] = [
     ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), STREAM),
     ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), STREAM),
+    ("post", "/v1/responses", "OpenAI Responses (stored per worker process, bounded)", (ResponseCreateRequest,),
+     RESPONSE_STREAM),
+    ("get", "/v1/responses/{response_id}", "A stored response", (), JSON),
+    ("delete", "/v1/responses/{response_id}", "Deletes a stored response", (), JSON),
+    ("get", "/v1/responses/{response_id}/input_items", "A stored response's input items", (), JSON),
     ("post", "/tokenize", "vLLM's tokenize: a prompt or chat messages to token ids",
      (TokenizePromptRequest, TokenizeChatRequest), JSON),
     ("post", "/detokenize", "vLLM's detokenize: token ids to text", (DetokenizeRequest,), JSON),

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nanoqwen.api.sse import DoneFraming
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 
@@ -203,7 +204,7 @@ class CompletionBuilder:
 
 
 @dataclass
-class ChunkBuilder:
+class ChunkBuilder(DoneFraming):
     """The `chat.completion.chunk` objects of one stream: one id and one `created` throughout."""
 
     model: str

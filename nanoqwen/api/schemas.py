@@ -50,9 +50,11 @@ MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url"
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
-def _check_unsupported(value: Any, info: ValidationInfo) -> None:
-    """None for an absent or "not used" value; raises naming the field otherwise."""
-    if value is None or value in _UNUSED_VALUES.get(info.field_name, ()):
+def check_unsupported(value: Any, info: ValidationInfo,
+                      unused: Mapping[str, tuple[Any, ...]] = _UNUSED_VALUES) -> None:
+    """None for an absent or "not used" value (`unused`: the values besides null, by field); raises naming the
+    field otherwise."""
+    if value is None or value in unused.get(info.field_name, ()):
         return None
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
@@ -249,7 +251,7 @@ class ChatMessage(Strict):
     @field_validator(*UNSUPPORTED_MESSAGE_FIELDS, mode="before")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return _check_unsupported(value, info)
+        return check_unsupported(value, info)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -375,7 +377,7 @@ class SamplingFields(Strict):
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return _check_unsupported(value, info)
+        return check_unsupported(value, info)
 
     @field_validator("stop", mode="before")
     @classmethod

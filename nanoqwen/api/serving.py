@@ -18,11 +18,11 @@ from flask import Response
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
-from nanoqwen.api.errors import APIError, error_body
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
-from nanoqwen.api.sse import DONE, HEADERS, sse
+from nanoqwen.api.sse import HEADERS
 from nanoqwen.engine import Engine, QueueFullError
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 from nanoqwen.engine.validation import InvalidRequest
@@ -44,8 +44,12 @@ class Collector(Protocol):
 
 
 class Streamer(Protocol):
+    ending: str  # sent after the last chunk ("" for none)
+
     def opening(self) -> list[Json]: ...
     def chunks(self, event: Event) -> list[Json]: ...
+    def frame(self, chunk: Json) -> str: ...
+    def failure(self, message: str) -> list[Json]: ...
 
 
 def client_disconnected(environ: dict[str, Any]) -> bool:
@@ -247,12 +251,12 @@ class Serving:
         finished = False
         try:
             for chunk in chunks.opening():
-                yield sse(chunk)
+                yield chunks.frame(chunk)
             for event in self._events(batch, environ):
                 trace.on_event(event)
-                out = [sse(chunk) for chunk in chunks.chunks(event)]
+                out = [chunks.frame(chunk) for chunk in chunks.chunks(event)]
                 if event.error is not None:
-                    out.append(sse(error_body(event.error, type="server_error")))
+                    out.extend(chunks.frame(chunk) for chunk in chunks.failure(event.error))
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
                     if event.error is not None:
@@ -261,13 +265,15 @@ class Serving:
                     else:
                         self.stats.finish(trace, event.usage)
                 yield from out
-            yield DONE
+            if chunks.ending:
+                yield chunks.ending
         except ClientGone:
             return
         except Exception:
             log.exception("stream of %s failed", batch.request_ids)
-            yield sse(error_body("internal server error", type="server_error"))
-            yield DONE
+            yield from (chunks.frame(chunk) for chunk in chunks.failure("internal server error"))
+            if chunks.ending:
+                yield chunks.ending
         finally:
             if not finished:
                 self._abort(batch)

@@ -1,0 +1,385 @@
+"""`POST /v1/responses` (OpenAI's Responses API) and the stored responses' routes, on top of chat.
+
+A request becomes the chat request it amounts to (ResponseCreateRequest.to_chat), which ChatService
+starts; the engine's events become a `response` object (ResponseCollector) or Responses stream
+events (ResponseEvents), with chat's reasoning split, reasoning-token count and tool-call parser.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Response
+from pydantic import TypeAdapter, ValidationError
+
+from nanoqwen.api.chat import ChatService
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.responses import Choice, ReasoningTokens, ToolParsing, logprobs_json
+from nanoqwen.api.responses_schemas import (
+    InputItem,
+    MessageItem,
+    NamedFunction,
+    ResponseCreateRequest,
+    TextJsonSchemaFormat,
+    encode_reasoning,
+    parse_responses_request,
+)
+from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
+from nanoqwen.api.sse import sse
+from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser, assemble
+from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
+
+Json = dict[str, Any]
+ITEMS = TypeAdapter(list[InputItem])
+CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _logprobs(logprobs: list[TokenLogprob]) -> list[Json]:
+    return logprobs_json(logprobs)["content"]
+
+
+def usage_json(usage: Usage, reasoning_tokens: int) -> Json:
+    """`cache_write_tokens`: OpenAI's billed cache writes at breakpoints; the prefix cache here costs nothing."""
+    details = {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0}
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": details,
+            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "total_tokens": usage.total_tokens}
+
+
+def input_item_json(item: Any) -> Json:
+    """An input item as OpenAI lists it back: with an id, a message's content as parts."""
+    out = item.model_dump(exclude_none=True, by_alias=True)
+    if isinstance(item, MessageItem) and isinstance(item.content, str):
+        kind = "output_text" if item.role == "assistant" else "input_text"
+        out["content"] = [{"type": kind, "text": item.content}]
+    if "id" not in out:
+        out["id"] = _id("fc" if item.type == "function_call" else "rs" if item.type == "reasoning" else "msg")
+    return out
+
+
+@dataclass
+class Draft:
+    """One response's identity and the request settings it echoes back."""
+
+    req: ResponseCreateRequest
+    params: SamplingParams
+    model: str
+    think_end: int | None
+    store: ResponseStore | None  # None: `store: false`
+    previous: Stored | None = None
+    id: str = field(default_factory=lambda: _id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def response(self, status: str, output: list[Json], usage: Json | None, error: Json | None = None) -> Json:
+        req = self.req
+        fmt = req.text.format if req.text is not None and req.text.format is not None else None
+        text_format = {"type": "text"} if fmt is None else fmt.model_dump(exclude_none=True, by_alias=True)
+        if isinstance(fmt, TextJsonSchemaFormat):
+            text_format.setdefault("strict", False)
+        choice = req.tool_choice
+        reasoning = req.reasoning
+        return {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+            "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
+            "max_tool_calls": req.max_tool_calls, "model": self.model, "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id, "prompt_cache_key": req.prompt_cache_key,
+            "prompt_cache_retention": req.prompt_cache_retention,
+            "reasoning": {"effort": reasoning.effort if reasoning else None,
+                          "summary": reasoning.summary if reasoning else None},
+            "safety_identifier": req.safety_identifier, "service_tier": "default", "store": self.store is not None,
+            "temperature": self.params.temperature,
+            "text": {"format": text_format, "verbosity": "medium"},
+            "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else choice or "auto",
+            "tools": [tool.model_dump() for tool in req.tools or []],
+            "top_logprobs": req.top_logprobs or 0, "top_p": self.params.top_p, "truncation": "disabled",
+            "usage": usage, "user": req.user, "metadata": req.metadata or {},
+        }
+
+    def finish(self, status: str, output: list[Json], usage: Json) -> Json:
+        """The final response, stored when asked to."""
+        response = self.response(status, output, usage)
+        if self.store is not None:
+            self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.previous)
+        return response
+
+    def reasoning_item(self, item_id: str, text: str) -> Json:
+        item: Json = {"id": item_id, "type": "reasoning", "summary": [],
+                      "content": [{"type": "reasoning_text", "text": text}]}
+        if self.req.wants_encrypted_reasoning:
+            item["encrypted_content"] = encode_reasoning(text)
+        return item
+
+    def text_part(self, text: str, logprobs: list[Json]) -> Json:
+        part: Json = {"type": "output_text", "text": text, "annotations": []}
+        if self.req.wants_logprobs:
+            part["logprobs"] = logprobs
+        return part
+
+
+def _message(item_id: str, status: str, content: list[Json]) -> Json:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _call(item_id: str, call: ToolCall, status: str) -> Json:
+    return {"id": item_id, "type": "function_call", "call_id": call.id, "name": call.name,
+            "arguments": call.arguments, "status": status}
+
+
+def _status(finish_reason: str | None) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+@dataclass
+class ResponseCollector:
+    """The events of a non-streamed request into one `response`."""
+
+    draft: Draft
+    tools: ToolParsing
+
+    def __post_init__(self) -> None:
+        self._choice = Choice(reasoning_tokens=ReasoningTokens(self.draft.think_end))
+
+    def add(self, event: Event) -> None:
+        self._choice.add(event)
+
+    def build(self, usage: Usage) -> Json:
+        choice, draft = self._choice, self.draft
+        status = _status(choice.finish_reason)
+        text, reasoning = "".join(choice.text), "".join(choice.reasoning)
+        parser = self.tools.parser()
+        parsed = Parsed(text) if parser is None else parser.feed(text) + parser.finish()
+        calls = assemble(parsed.calls)
+        output = [draft.reasoning_item(_id("rs"), reasoning)] if reasoning else []
+        if parsed.content or not (calls or reasoning):
+            logprobs = _logprobs(choice.logprobs[choice.reasoning_tokens.count:])
+            output.append(_message(_id("msg"), status, [draft.text_part(parsed.content, logprobs)]))
+        output += [_call(_id("fc"), call, status) for call in calls]
+        return draft.finish(status, output, usage_json(usage, choice.reasoning_tokens.count))
+
+
+@dataclass
+class _Open:
+    """An output item being streamed: where it is and what it has so far."""
+
+    index: int
+    id: str
+    text: list[str] = field(default_factory=list)
+    logprobs: list[Json] = field(default_factory=list)
+    call: ToolCall | None = None
+
+
+@dataclass
+class ResponseEvents:
+    """The Responses stream events of one request, numbered by `sequence_number`; no `[DONE]` after them."""
+
+    draft: Draft
+    tools: ToolParsing
+    ending = ""
+
+    def __post_init__(self) -> None:
+        self._sequence = 0
+        self._output: dict[int, Json] = {}  # the finished items by output_index
+        self._count = 0  # output indices handed out
+        self._reasoning: _Open | None = None
+        self._message: _Open | None = None
+        self._calls: dict[int, _Open] = {}  # by the parser's call index
+        self._tokens = ReasoningTokens(self.draft.think_end)
+        self._parser: ToolCallParser | None = self.tools.parser()
+        self._held: list[TokenLogprob] = []  # content logprobs not sent yet
+        self._finish_reason: str | None = None
+
+    def frame(self, chunk: Json) -> str:
+        return f"event: {chunk['type']}\n{sse(chunk)}"
+
+    def _event(self, kind: str, **fields: Any) -> Json:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+    def opening(self) -> list[Json]:
+        response = self.draft.response("in_progress", [], None)
+        return [self._event("response.created", response=response),
+                self._event("response.in_progress", response=response)]
+
+    def failure(self, message: str) -> list[Json]:
+        error = {"code": "server_error", "message": message}
+        return [self._event("response.failed", response=self.draft.response("failed", self._items(), None, error))]
+
+    def chunks(self, event: Event) -> list[Json]:
+        counted = self._tokens.add(event)
+        self._held += self._tokens.content_logprobs(event, counted)
+        out = self._reason(event.reasoning) if event.reasoning else []
+        parsed = Parsed(event.text)
+        if self._parser is not None:
+            parsed = self._parser.feed(event.text)
+            if event.finish_reason is not None:
+                parsed += self._parser.finish()
+        if parsed.content or (self._message is not None and self._held):
+            out += self._text(parsed.content)
+        for call in parsed.calls:
+            out += self._call_delta(call)
+        if event.finish_reason is not None:
+            self._finish_reason = event.finish_reason
+        if event.usage is not None:
+            out += self._finish(event.usage)
+        return out
+
+    def _open(self, item: Json) -> tuple[_Open, list[Json]]:
+        opened = _Open(self._count, item["id"])
+        self._count += 1
+        return opened, [self._event("response.output_item.added", output_index=opened.index, item=item)]
+
+    def _done(self, opened: _Open, item: Json) -> Json:
+        self._output[opened.index] = item
+        return self._event("response.output_item.done", output_index=opened.index, item=item)
+
+    def _where(self, opened: _Open) -> Json:
+        return {"item_id": opened.id, "output_index": opened.index, "content_index": 0}
+
+    def _reason(self, delta: str) -> list[Json]:
+        out = []
+        if self._reasoning is None:
+            self._reasoning, out = self._open({"id": _id("rs"), "type": "reasoning", "summary": []})
+            out.append(self._event("response.content_part.added", **self._where(self._reasoning),
+                                   part={"type": "reasoning_text", "text": ""}))
+        self._reasoning.text.append(delta)
+        return [*out, self._event("response.reasoning_text.delta", **self._where(self._reasoning), delta=delta)]
+
+    def _close_reasoning(self) -> list[Json]:
+        opened, self._reasoning = self._reasoning, None
+        if opened is None:
+            return []
+        text = "".join(opened.text)
+        part = {"type": "reasoning_text", "text": text}
+        return [self._event("response.reasoning_text.done", **self._where(opened), text=text),
+                self._event("response.content_part.done", **self._where(opened), part=part),
+                self._done(opened, self.draft.reasoning_item(opened.id, text))]
+
+    def _text(self, delta: str) -> list[Json]:
+        out = self._close_reasoning()
+        if self._message is None:
+            self._message, added = self._open(_message(_id("msg"), "in_progress", []))
+            out += [*added, self._event("response.content_part.added", **self._where(self._message),
+                                        part=self.draft.text_part("", []))]
+        logprobs, self._held = _logprobs(self._held), []
+        self._message.text.append(delta)
+        self._message.logprobs += logprobs
+        return [*out, self._event("response.output_text.delta", **self._where(self._message), delta=delta,
+                                  logprobs=logprobs)]
+
+    def _call_delta(self, delta: CallDelta) -> list[Json]:
+        out = self._close_reasoning()
+        if delta.id is not None:
+            call = ToolCall(delta.name or "", "", delta.id)
+            self._calls[delta.index], added = self._open(_call(_id("fc"), call, "in_progress"))
+            self._calls[delta.index].call = call
+            out += added
+        opened = self._calls[delta.index]
+        if delta.arguments:
+            opened.call.arguments += delta.arguments
+            out.append(self._event("response.function_call_arguments.delta", item_id=opened.id,
+                                   output_index=opened.index, delta=delta.arguments))
+        return out
+
+    def _finish(self, usage: Usage) -> list[Json]:
+        status = _status(self._finish_reason)
+        out = self._close_reasoning()
+        if self._message is None and not self._calls and not self._output:
+            out += self._text("")
+        if (opened := self._message) is not None:
+            if self._held:
+                out += self._text("")
+            text = "".join(opened.text)
+            part = self.draft.text_part(text, opened.logprobs)
+            out += [self._event("response.output_text.done", **self._where(opened), text=text,
+                                logprobs=opened.logprobs),
+                    self._event("response.content_part.done", **self._where(opened), part=part),
+                    self._done(opened, _message(opened.id, status, [part]))]
+        for opened in self._calls.values():
+            call = opened.call
+            out += [self._event("response.function_call_arguments.done", item_id=opened.id,
+                                output_index=opened.index, name=call.name, arguments=call.arguments),
+                    self._done(opened, _call(opened.id, call, status))]
+        response = self.draft.finish(status, self._items(), usage_json(usage, self._tokens.count))
+        return [*out, self._event(f"response.{status}", response=response)]
+
+    def _items(self) -> list[Json]:
+        return [self._output[i] for i in sorted(self._output)]
+
+
+def _renamed(error: APIError) -> APIError:
+    """A chat error (the prompt too long, a schema the grammar engine refuses) naming this request's field."""
+    head = (error.param or "").split(".")[0]
+    error.param = CHAT_PARAMS.get(head, error.param)
+    return error
+
+
+def _not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", code="not_found")
+
+
+class ResponsesService:
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
+        self.store = ResponseStore()
+
+    def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
+        serving = self.chat.serving
+        trace = serving.stats.begin()
+        req = parse_responses_request(body)
+        previous = self._previous(req.previous_response_id)
+        try:
+            history = ITEMS.validate_python(previous.history if previous is not None else [])
+        except ValidationError:  # stored by this server: cannot happen unless the schema changed
+            raise APIError(400, "the previous response cannot be continued", param="previous_response_id") from None
+        serving.check_serving(req.model)
+        try:
+            chat_req = req.to_chat(history)
+            batch, params, _ = self.chat.start(chat_req)
+        except APIError as exc:
+            raise _renamed(exc) from None
+        draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
+                      self.store if req.store is not False else None, previous)
+        tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
+        stream = ResponseEvents(draft, tools) if req.stream else None
+        return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
+
+    def _previous(self, previous_id: str | None) -> Stored | None:
+        if previous_id is None:
+            return None
+        stored = self.store.get(previous_id)
+        if stored is None:
+            raise APIError(400, f"Previous response with id '{previous_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        return stored
+
+    def _stored(self, response_id: str) -> Stored:
+        stored = self.store.get(response_id)
+        if stored is None:
+            raise _not_found(response_id)
+        return stored
+
+    def retrieve(self, response_id: str, args: dict[str, str]) -> Json:
+        """A stored response; its events replayed (`stream=true`) are not kept, so not offered."""
+        if args.get("stream", "false") != "false":
+            raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",
+                           param="stream", code="unsupported_parameter")
+        return self._stored(response_id).response
+
+    def delete(self, response_id: str) -> Json:
+        if not self.store.delete(response_id):
+            raise _not_found(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def input_items(self, response_id: str, args: dict[str, str]) -> Json:
+        return list_page(self._stored(response_id).input_items, args)

@@ -1,0 +1,425 @@
+"""Request schema of `POST /v1/responses` (OpenAI's Responses API), strict as chat's is.
+
+A request is translated into the chat request it amounts to (`to_chat`): messages for the input
+items, chat's tools, tool_choice and response_format, so that templating, grammars, sampling and
+tool-call parsing are chat's. Fields that cannot change the answer are accepted and ignored
+(metadata is echoed back); those that would but are not implemented are refused naming them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
+from pydantic_core import PydanticCustomError
+
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.schemas import (
+    FUNCTION_NAME,
+    ChatCompletionRequest,
+    FunctionCall,
+    JsonObjectFormat,
+    PromptCacheBreakpoint,
+    Strict,
+    TextFormat,
+    _string_or_not,
+    _text_or,
+    check_unsupported,
+    parse_chat_request,
+    validate_body,
+)
+from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+REASONING_INCLUDE = "reasoning.encrypted_content"
+MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
+MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+# Fields refused unless absent or "not used": each would change what is generated or where it goes.
+_UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
+                                       "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],),
+                                       "verbosity": ("medium",), "async_": (False,)}
+UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "prompt", "context_management", "image",
+                      "access_programs", "moderation", "truncation")
+
+
+def refused_unless_unused(*fields: str) -> Any:
+    """A validator of `fields`: each absent or "not used" (_UNUSED), else a 400 naming it."""
+    return field_validator(*fields, mode="before")(classmethod(
+        lambda cls, value, info: check_unsupported(value, info, _UNUSED)))
+
+
+def _check_part(value: Any) -> Any:
+    if isinstance(value, dict) and value.get("type") in MEDIA_PARTS:
+        raise PydanticCustomError("unsupported", "{type} content parts: this server is text only",
+                                  {"type": value["type"]})
+    return value
+
+
+class InputText(Strict):
+    type: Literal["input_text"]
+    text: str
+    prompt_cache_breakpoint: PromptCacheBreakpoint | None = None  # a caching hint
+
+
+class OutputText(Strict):
+    """An earlier answer's text, as clients resend it (its annotations and logprobs do not reach the prompt)."""
+
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class OutputRefusal(Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
+Part = Annotated[InputText | OutputText | OutputRefusal, Field(discriminator="type"), BeforeValidator(_check_part)]
+
+
+class MessageItem(Strict):
+    """EasyInputMessage and the `type: "message"` items (input messages, and earlier output messages)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: _text_or(Part)
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    phase: Literal["commentary", "final_answer"] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
+
+
+class FunctionCallItem(FunctionCall):
+    type: Literal["function_call"]
+    call_id: str
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
+    namespace: Any = None
+    caller: Any = None
+    async_: Any = Field(None, alias="async")
+
+    _unsupported = refused_unless_unused("namespace", "caller", "async_")
+
+
+class FunctionCallOutputItem(Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: _text_or(Annotated[InputText, BeforeValidator(_check_part)])
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    name: str | None = None  # the called function's: the template pairs outputs with calls by order
+    namespace: Any = None
+    caller: Any = None
+
+    _unsupported = refused_unless_unused("namespace", "caller")
+
+    @property
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+class SummaryText(Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningText(Strict):
+    type: Literal["reasoning_text"]
+    text: str
+
+
+def encode_reasoning(text: str) -> str:
+    """`encrypted_content`: the reasoning text, opaque to the client (not secret), so that a client that stores
+    nothing (Codex's `store: false`) can send an answer's reasoning back."""
+    return base64.b64encode(text.encode()).decode()
+
+
+class ReasoningItem(Strict):
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[SummaryText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _decodes(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                base64.b64decode(value, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise ValueError("not the encrypted_content of one of this server's answers") from None
+        return value
+
+    @property
+    def text(self) -> str:
+        if self.content:
+            return "".join(c.text for c in self.content)
+        if self.encrypted_content is not None:
+            return base64.b64decode(self.encrypted_content).decode()
+        return "".join(s.text for s in self.summary)
+
+
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
+
+def _check_item(value: Any) -> Any:
+    """An item without a type but with a role is an EasyInputMessage; other item types are refused by name."""
+    if isinstance(value, dict) and "type" not in value and "role" in value:
+        return {**value, "type": "message"}
+    if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] not in ITEM_TYPES:
+        raise PydanticCustomError("unsupported", "input items of type \"{type}\" are not implemented",
+                                  {"type": value["type"]})
+    return value
+
+
+InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                      Field(discriminator="type"), BeforeValidator(_check_item)]
+
+
+def _check_tool(value: Any) -> Any:
+    if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] != "function":
+        raise PydanticCustomError("unsupported", "{type} tools are not implemented (type \"function\" only)",
+                                  {"type": value["type"]})
+    return value
+
+
+class FunctionTool(Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    # Refused unless absent or "not used": tool search, programmatic calling, a schema for the tool's output.
+    defer_loading: Any = None
+    allowed_callers: Any = None
+    output_schema: Any = None
+
+    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
+
+    def to_chat(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.model_dump(include={"name", "description", "parameters",
+                                                                          "strict"}, exclude_none=True)}
+
+
+class NamedFunction(Strict):
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedFunction, Tag("other")],
+    Discriminator(_string_or_not),
+]
+
+
+class TextJsonSchemaFormat(Strict):
+    """`text.format` json_schema: chat's `response_format.json_schema`, flat."""
+
+    type: Literal["json_schema"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Strict):
+    format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
+    verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
+
+    _unsupported = refused_unless_unused("verbosity")
+
+
+class ReasoningConfig(Strict):
+    # "none": thinking off; any other effort: on (Qwen3 has no levels), as chat's reasoning_effort
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    # No summaries: "auto" lets the model give none (`summary: []`); "concise"/"detailed" ask for one we cannot make.
+    summary: Literal["auto"] | None = None
+    generate_summary: Literal["auto"] | None = None
+    context: Literal["auto"] | None = None
+    mode: Literal["standard"] | None = None
+
+    @field_validator("summary", "generate_summary", mode="before")
+    @classmethod
+    def _no_summaries(cls, value: Any) -> Any:
+        if value in ("concise", "detailed"):
+            raise PydanticCustomError("unsupported", "reasoning summaries are not implemented (\"auto\" gives none)")
+        return value
+
+
+class ResponsePromptCacheOptions(Strict):
+    """Caching hints (the prefix cache is automatic); `prewarm: true` would generate nothing: refused."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m", "12h"] | None = None
+    comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
+    prewarm: Any = None
+
+    _unsupported = refused_unless_unused("prewarm")
+
+
+class ResponseStreamOptions(Strict):
+    include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
+
+
+class ResponseCreateRequest(Strict):
+    model: str | None = None
+    input: _text_or(InputItem) = Field(default_factory=list)
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool | None = True
+    stream: bool | None = False
+    stream_options: ResponseStreamOptions | None = None
+    include: list[str] | None = None
+    max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    reasoning: ReasoningConfig | None = None
+    text: TextConfig | None = None
+    tools: list[Annotated[FunctionTool, BeforeValidator(_check_tool)]] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    # Accepted, do not change the answer (metadata is echoed back).
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: ResponsePromptCacheOptions | None = None
+    service_tier: str | None = None
+    # Refused unless absent or "not used".
+    background: Any = None
+    background_options: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    context_management: Any = None
+    image: Any = None
+    access_programs: Any = None
+    moderation: Any = None
+    truncation: Any = None
+
+    _unsupported = refused_unless_unused(*UNSUPPORTED_FIELDS)
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
+                                      {"type": str(value.get("type"))})
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _check_include(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if name not in (LOGPROBS_INCLUDE, REASONING_INCLUDE):
+                raise PydanticCustomError("unsupported", "include \"{name}\": this server does not produce it",
+                                          {"name": name})
+        return value
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or [])
+
+    @property
+    def wants_encrypted_reasoning(self) -> bool:
+        return REASONING_INCLUDE in (self.include or [])
+
+    @property
+    def input_items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem]:
+        if isinstance(self.input, str):
+            return [MessageItem(role="user", content=self.input)]
+        return list(self.input)
+
+    @property
+    def max_calls(self) -> int | None:
+        """How many calls an answer keeps: max_tool_calls, and one without parallel_tool_calls."""
+        limits = [n for n in (self.max_tool_calls, 1 if self.parallel_tool_calls is False else None) if n is not None]
+        return min(limits, default=None)
+
+    def to_chat(self, history: list[Any]) -> ChatCompletionRequest:
+        """The chat request this one amounts to, `history` (earlier items) before its input."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        messages += chat_messages([*history, *self.input_items])
+        if not messages:
+            raise APIError(400, "input must not be empty", param="input")
+        body: dict[str, Any] = {"messages": messages, "max_completion_tokens": self.max_output_tokens,
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "logprobs": self.wants_logprobs,
+                                "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
+                                "parallel_tool_calls": self.parallel_tool_calls}
+        if self.tools:
+            body["tools"] = [tool.to_chat() for tool in self.tools]
+        if isinstance(self.tool_choice, NamedFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        else:
+            body["tool_choice"] = self.tool_choice
+        if self.reasoning is not None:
+            body["reasoning_effort"] = self.reasoning.effort
+        if self.text is not None and self.text.format is not None:
+            fmt = self.text.format
+            schema = fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
+            body["response_format"] = {"type": fmt.type, **({"json_schema": schema} if schema else {})}
+        return parse_chat_request({k: v for k, v in body.items() if v is not None})
+
+
+def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
+    """Chat messages for input items: consecutive function calls (and the reasoning and text before them) make
+    one assistant turn with tool_calls; a reasoning item is the following assistant turn's reasoning_content."""
+    messages: list[dict[str, Any]] = []
+    reasoning: str | None = None
+
+    def assistant(calls: bool) -> dict[str, Any]:
+        """The assistant turn to add to: the last one, unless reasoning starts a new one or text follows calls."""
+        nonlocal reasoning
+        last = messages[-1] if messages else None
+        if reasoning is None and last is not None and last["role"] == "assistant" \
+                and (calls or not last.get("tool_calls")):
+            return last
+        messages.append({"role": "assistant", "content": ""})
+        if reasoning is not None:
+            messages[-1]["reasoning_content"], reasoning = reasoning, None
+        return messages[-1]
+
+    for item in items:
+        if isinstance(item, ReasoningItem):
+            reasoning = (reasoning or "") + item.text
+        elif isinstance(item, MessageItem) and item.role == "assistant":
+            assistant(calls=False)["content"] += item.text
+        elif isinstance(item, MessageItem):
+            messages.append({"role": item.role, "content": item.text})
+        elif isinstance(item, FunctionCallItem):
+            assistant(calls=True).setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}})
+        else:
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+    return messages
+
+
+def parse_responses_request(body: Any) -> ResponseCreateRequest:
+    req = validate_body(ResponseCreateRequest, body)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    if req.tool_choice not in (None, "none", "auto") and not req.tools:
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                            "specified.", param="tool_choice")
+    if isinstance(req.tool_choice, NamedFunction) and req.tool_choice.name not in {t.name for t in req.tools or []}:
+        raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.name}' in 'tools'",
+                       param="tool_choice")
+    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction)
+    if forced and req.text is not None and req.text.format is not None and req.text.format.type != "text":
+        raise APIError(400, "text.format cannot be combined with a forced tool call (tool_choice \"required\" or a "
+                            "named function): the answer is the call", param="text.format")
+    return req
+

@@ -1,0 +1,195 @@
+"""The Responses API's builders on crafted engine events (the random test model neither thinks nor calls by
+itself), its input items' translation to chat messages, and the bounded store."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.responses import ToolParsing
+from nanoqwen.api.responses_api import Draft, ResponseCollector, ResponseEvents
+from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
+from nanoqwen.api.responses_store import ResponseStore, list_page
+from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
+
+THINK_END = 99
+Json = dict[str, Any]
+
+
+def _lp(token: str) -> TokenLogprob:
+    return TokenLogprob(0, token, -0.5, list(token.encode()), [])
+
+
+def _draft(store: ResponseStore | None = None, **body: Any) -> Draft:
+    return Draft(parse_responses_request({"input": "Hi", **body}), SamplingParams(), "m", THINK_END, store)
+
+
+THOUGHT = [Event(reasoning="Let me", token_ids=[1], logprobs=[_lp("Let me")]),
+           Event(reasoning=" think", token_ids=[2], logprobs=[_lp(" think")]),
+           Event(token_ids=[THINK_END], logprobs=[_lp("</think>")]),
+           Event(text="Paris", token_ids=[4], logprobs=[_lp("Paris")]),
+           Event(text=".", token_ids=[5], logprobs=[_lp(".")], finish_reason="stop", usage=Usage(7, 5))]
+CALL_TEXT = ['<tool_call>\n{"name": "get', '_time", "arguments": {"zone', '": "UTC"}}', "\n</tool_call>"]
+CALLS = [Event(text=t, token_ids=[i], finish_reason="stop" if i == 3 else None, usage=Usage(7, 4) if i == 3 else None)
+         for i, t in enumerate(CALL_TEXT)]
+
+
+def _both(events: list[Event], tools: ToolParsing | None = None, **body: Any) -> tuple[Json, list[Json]]:
+    """The collected response and the stream's events for the same engine events."""
+    tools = tools or ToolParsing()
+    collector = ResponseCollector(_draft(**body), tools)
+    stream = ResponseEvents(_draft(**body), tools)
+    out = stream.opening()
+    for event in events:
+        collector.add(event)
+        out += stream.chunks(event)
+    return collector.build(events[-1].usage), out
+
+
+def _without_ids(response: Json) -> Json:
+    output = [{k: v for k, v in item.items() if k != "id"} for item in response["output"]]
+    return {**{k: v for k, v in response.items() if k not in ("id", "created_at", "completed_at")}, "output": output}
+
+
+def test_reasoning_is_its_own_item_and_the_stream_agrees() -> None:
+    response, events = _both(THOUGHT, include=["message.output_text.logprobs"])
+    reasoning, message = response["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_") and reasoning["summary"] == []
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Let me think"}]
+    (part,) = message["content"]
+    assert part["text"] == "Paris." and [lp["token"] for lp in part["logprobs"]] == ["Paris", "."]
+    assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == 3  # through </think>
+    assert response["status"] == "completed" and response["usage"]["total_tokens"] == 12
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    assert [e["output_index"] for e in events[2:-1]] == [0] * 7 + [1] * 7
+    assert [lp["token"] for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]] == \
+        ["Paris", "."]
+    assert _without_ids(events[-1]["response"]) == _without_ids(response)
+
+
+def test_encrypted_reasoning_comes_back_as_the_reasoning() -> None:
+    response, _ = _both(THOUGHT, include=["reasoning.encrypted_content"])
+    reasoning, message = response["output"]
+    assert reasoning["encrypted_content"] == encode_reasoning("Let me think")
+    del reasoning["content"]  # as a client that keeps only the opaque form sends it back
+    chat = parse_responses_request({"input": [*response["output"], {"role": "user", "content": "And?"}]}).to_chat([])
+    assert chat.template_messages()[0] == {"role": "assistant", "content": "Paris.",
+                                           "reasoning_content": "Let me think"}
+
+
+def test_called_functions_are_items_streamed_by_argument_deltas() -> None:
+    response, events = _both(CALLS, ToolParsing(enabled=True))
+    (call,) = response["output"]
+    assert call["type"] == "function_call" and call["name"] == "get_time" and call["arguments"] == '{"zone": "UTC"}'
+    assert call["call_id"].startswith("call_") and call["id"].startswith("fc_") and call["status"] == "completed"
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == call["arguments"]
+    assert not any(e["type"].startswith("response.output_text") for e in events)
+    streamed = events[-1]["response"]["output"][0]
+    assert {**streamed, "id": "", "call_id": ""} == {**call, "id": "", "call_id": ""}
+
+
+def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
+    events = [Event(text="Par", token_ids=[4], finish_reason="length", usage=Usage(7, 1))]
+    response, streamed = _both(events)
+    assert response["status"] == streamed[-1]["response"]["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"} and streamed[-1]["type"] == \
+        "response.incomplete"
+    assert response["output"][0]["status"] == "incomplete"
+    (failed,) = ResponseEvents(_draft(), ToolParsing()).failure("boom")
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"] == {"code": "server_error", "message": "boom"}
+
+
+def test_a_stored_response_keeps_its_input_and_history() -> None:
+    store = ResponseStore()
+    response = ResponseCollector(_draft(store, instructions="Be brief."), ToolParsing()).build(Usage(7, 0))
+    stored = store.get(response["id"])
+    (item,) = stored.input_items
+    assert item["type"] == "message" and item["content"] == [{"type": "input_text", "text": "Hi"}]
+    assert stored.history == [item, *response["output"]] and stored.response == response
+    assert ResponseCollector(_draft(None), ToolParsing()).build(Usage(7, 0))["store"] is False
+
+
+def test_input_items_to_chat_messages() -> None:
+    items = [{"role": "user", "content": "a"},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "r1"}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call", "call_id": "c2", "name": "f", "arguments": '{"x": 1}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "one"},
+             {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "two"}]},
+             {"role": "developer", "content": "d"}]
+    chat = parse_responses_request({"input": items, "instructions": "sys"}).to_chat([])
+    calls = [{"id": c, "type": "function", "function": {"name": "f", "arguments": a}}
+             for c, a in (("c1", {}), ("c2", {"x": 1}))]
+    assert chat.template_messages() == [
+        {"role": "system", "content": "sys"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "reasoning_content": "r1", "tool_calls": calls},
+        {"role": "tool", "content": "one", "tool_call_id": "c1"},
+        {"role": "tool", "content": "two", "tool_call_id": "c2"},
+        {"role": "system", "content": "d"}]
+
+
+def test_responses_settings_become_chats() -> None:
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    chat = parse_responses_request({
+        "input": "Hi", "max_output_tokens": 20, "temperature": 0.5, "top_logprobs": 3,
+        "include": ["message.output_text.logprobs"], "reasoning": {"effort": "none", "summary": "auto"},
+        "tools": tools, "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": False}).to_chat([])
+    params = chat.sampling_params()
+    assert (params.max_tokens, params.temperature, params.logprobs, params.top_logprobs) == (20, 0.5, True, 3)
+    assert chat.enable_thinking is False and chat.forces_tool_call and chat.max_tool_calls == 1
+    text = parse_responses_request({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "p",
+                                                                       "schema": {"type": "object"}},
+                                                            "verbosity": "medium"}}).to_chat([])
+    assert text.response_format.json_schema.schema_ == {"type": "object"}
+    with pytest.raises(APIError) as exc:
+        parse_responses_request({"input": []}).to_chat([])
+    assert exc.value.param == "input"
+
+
+def test_the_store_is_bounded_by_count_and_bytes() -> None:
+    def response(i: int, text: str = "") -> Json:
+        return {"id": f"resp_{i}", "output": [{"id": f"msg_{i}", "text": text}]}
+
+    store = ResponseStore(max_responses=2, max_bytes=1000)
+    for i in range(3):
+        store.put(response(i), [], None)
+    assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
+    store.put(response(3, "x" * 900), [], None)  # fits alone: the older ones go
+    assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
+    store.put(response(4, "x" * 2000), [], None)  # larger than the whole store: not kept
+    assert store.get("resp_4") is None and store.get("resp_3") is not None
+    assert store.delete("resp_3") and not store.delete("resp_3")
+    # a continuation holds the earlier items too, and is counted with them
+    store = ResponseStore(max_bytes=1500)
+    store.put(response(3, "x" * 900), [], None)
+    first, follow = store.get("resp_3"), response(5)
+    store.put(follow, [{"id": "msg_in"}], first)
+    assert store.get("resp_5").history == [*first.history, {"id": "msg_in"}, *follow["output"]]
+    assert store.get("resp_5").size > first.size and store.get("resp_3") is None  # both: past 1500 bytes
+
+
+def test_input_items_pages() -> None:
+    items = [{"id": f"msg_{i}"} for i in range(5)]
+
+    def ids(**args: str) -> list[str]:
+        return [item["id"] for item in list_page(items, args)["data"]]
+
+    assert ids() == ["msg_4", "msg_3", "msg_2", "msg_1", "msg_0"]
+    assert ids(order="asc", limit="2") == ["msg_0", "msg_1"] and list_page(items, {"limit": "2"})["has_more"]
+    assert ids(order="asc", after="msg_1", before="msg_4") == ["msg_2", "msg_3"]
+    for args, param in (({"limit": "0"}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_9"}, "after")):
+        with pytest.raises(APIError) as exc:
+            list_page(items, args)
+        assert exc.value.param == param

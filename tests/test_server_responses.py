@@ -1,0 +1,217 @@
+"""`POST /v1/responses` and the stored responses' routes through `gunicorn -k gevent server:app` and the `openai`
+client (its `responses.stream` helper checks the event order and accumulates the events)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+import requests
+
+from chat_http import MODEL, post_chat
+from server_process import GunicornServer
+
+GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+PERSON_FORMAT = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}
+TOOLS = [{"type": "function", "name": "get_time", "description": "The time", "parameters": TIME, "strict": True}]
+FORCED = {**GREEDY, "max_output_tokens": 60, "tools": TOOLS, "tool_choice": {"type": "function", "name": "get_time"}}
+VOLATILE = ("id", "created_at", "completed_at")  # differ between two identical requests
+Json = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
+
+
+@pytest.fixture(scope="module")
+def client(server: GunicornServer) -> openai.OpenAI:
+    return server.openai_client(timeout=300)
+
+
+def _comparable(response: Any) -> Json:
+    """A response as JSON without what differs between two identical requests (its items' ids, and the cached
+    tokens: the second finds the first's prompt in the prefix cache), nor what the stream helper adds (`parsed`,
+    `parsed_arguments`)."""
+    out = {k: v for k, v in response.model_dump().items() if k not in VOLATILE}
+    out["output"] = [{k: v for k, v in item.items() if k not in ("id", "call_id", "parsed_arguments")}
+                     for item in out["output"]]
+    for item in out["output"]:
+        for part in item.get("content") or []:
+            part.pop("parsed", None)
+    out["usage"]["input_tokens_details"].pop("cached_tokens")
+    return out
+
+
+def test_greedy_text_and_usage_equal_chat(client: openai.OpenAI, server: GunicornServer) -> None:
+    response = client.responses.create(input=[{"role": "user", "content": "Hello there"}],
+                                       instructions="Answer briefly.", **GREEDY)
+    chat = post_chat(server, {"model": MODEL, "temperature": 0, "max_tokens": 16, "reasoning_effort": "none",
+                              "messages": [{"role": "system", "content": "Answer briefly."},
+                                           {"role": "user", "content": "Hello there"}]}).json()
+    assert response.output_text == chat["choices"][0]["message"]["content"] != ""
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
+    (message,) = response.output
+    assert message.type == "message" and message.id.startswith("msg_") and message.role == "assistant"
+    usage = response.usage
+    assert (usage.input_tokens, usage.output_tokens) == (chat["usage"]["prompt_tokens"],
+                                                         chat["usage"]["completion_tokens"])
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert usage.output_tokens_details.reasoning_tokens == 0 and usage.input_tokens_details.cached_tokens >= 0
+    # the random model runs to the limit: incomplete, as OpenAI reports it
+    assert chat["choices"][0]["finish_reason"] == "length"
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert message.status == "incomplete"
+    assert (response.instructions, response.temperature, response.max_output_tokens) == ("Answer briefly.", 0, 16)
+    assert response.reasoning.effort == "none" and response.store is True and response.tool_choice == "auto"
+
+
+def test_logprobs_need_include(client: openai.OpenAI) -> None:
+    plain = client.responses.create(input="Hi", top_logprobs=2, **GREEDY)
+    assert plain.output[0].content[0].logprobs is None
+    scored = client.responses.create(input="Hi", top_logprobs=2, include=["message.output_text.logprobs"], **GREEDY)
+    logprobs = scored.output[0].content[0].logprobs
+    assert "".join(lp.token for lp in logprobs) == scored.output_text == plain.output_text
+    assert len(logprobs) == scored.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+
+
+def test_json_schema_output_streamed_and_not(client: openai.OpenAI) -> None:
+    body = {**GREEDY, "max_output_tokens": 80, "input": "A person as JSON.", "text": PERSON_FORMAT}
+    response = client.responses.create(**body)
+    assert response.status == "completed" and response.completed_at is not None
+    jsonschema.validate(json.loads(response.output_text), PERSON)
+    assert response.text.format.type == "json_schema" and response.text.format.name == "person"
+    with client.responses.stream(**body) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == response.output_text and _comparable(events[-1].response) == _comparable(response)
+    kinds = [event.type for event in events]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+
+
+def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
+    response = client.responses.create(input="What time is it?", **FORCED)
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_time" and call.status == "completed"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), TIME)
+    assert response.status == "completed" and response.output_text == ""
+    with client.responses.stream(input="What time is it?", **FORCED) as stream:
+        events = list(stream)
+    assert _comparable(events[-1].response) == _comparable(response)
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 1 and "".join(deltas) == done.arguments == call.arguments and done.name == "get_time"
+    assert [e.type for e in events][2] == "response.output_item.added" and events[2].item.status == "in_progress"
+    # the call and its output sent back, the call as the SDK's object dumps (its optional fields null)
+    items = [{"role": "user", "content": "What time is it?"}, call.model_dump(by_alias=True),
+             {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}]
+    loop = client.responses.create(input=items, tools=TOOLS, **GREEDY)
+    assert loop.output[0].type == "message" and loop.usage.input_tokens > response.usage.input_tokens
+
+
+def test_tool_loop_and_reasoning_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
+    arguments = '{"zone": "UTC"}'
+    thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask the clock."}]}
+    items = [{"role": "user", "content": "What time is it?"}, thought,
+             {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": arguments},
+             {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}]
+    response = client.responses.create(input=items, tools=TOOLS, **GREEDY)
+    messages = [{"role": "user", "content": "What time is it?"},
+                {"role": "assistant", "content": None, "reasoning_content": "Ask the clock.", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    chat_tools = [{"type": "function", "function": {k: v for k, v in TOOLS[0].items() if k != "type"}}]
+    chat = post_chat(server, {"model": MODEL, "temperature": 0, "max_tokens": 16, "reasoning_effort": "none",
+                              "messages": messages, "tools": chat_tools}).json()
+    assert response.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    assert response.output_text == chat["choices"][0]["message"]["content"]
+    # the reasoning reached the template (this turn follows the last user message, so Qwen3's keeps it)
+    unthought = client.responses.create(input=[item for item in items if item is not thought], tools=TOOLS, **GREEDY)
+    assert unthought.usage.input_tokens < response.usage.input_tokens
+
+
+def test_previous_response_id_continues_and_the_store_routes(client: openai.OpenAI, server: GunicornServer) -> None:
+    first = client.responses.create(input="Hi", metadata={"session": "a"}, **GREEDY)
+    assert first.metadata == {"session": "a"}
+    follow = client.responses.create(input="Tell me more.", previous_response_id=first.id, **GREEDY)
+    # the output items as the SDK's objects dump (their unset optional fields null)
+    history = [{"role": "user", "content": "Hi"}, *[item.model_dump(by_alias=True) for item in first.output],
+               {"role": "user", "content": "Tell me more."}]
+    whole = client.responses.create(input=history, **GREEDY)
+    assert follow.previous_response_id == first.id
+    assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    replay = requests.get(f"{server.url}/v1/responses/{first.id}?stream=true", timeout=30)
+    assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
+    (item,) = client.responses.input_items.list(first.id).data
+    assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
+    assert item.id.startswith("msg_")
+    deleted = requests.delete(f"{server.url}/v1/responses/{first.id}", timeout=30).json()
+    assert deleted == {"id": first.id, "object": "response", "deleted": True}
+    for call in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id),
+                 lambda: client.responses.input_items.list(first.id)):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call()
+        assert exc.value.body["message"] == f"Response with id '{first.id}' not found."
+    unstored = client.responses.create(input="Hi", store=False, **GREEDY)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input="Hi", previous_response_id=first.id, **GREEDY)
+    assert exc.value.status_code == 400 and exc.value.body["param"] == "previous_response_id"
+    assert exc.value.body["code"] == "previous_response_not_found"
+
+
+def test_the_stream_ends_without_done(server: GunicornServer) -> None:
+    body = {**GREEDY, "input": "Hi", "stream": True}
+    with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as answer:
+        lines = [line for line in answer.iter_lines(decode_unicode=True) if line]
+    assert lines[0] == "event: response.created" and lines[-2] == "event: response.incomplete"
+    assert all(line != "data: [DONE]" for line in lines)
+
+
+@pytest.mark.parametrize("field, param", [
+    ({"background": True}, "background"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"tools": [{"type": "web_search"}]}, "tools.[0]"),
+    ({"tools": TOOLS, "tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "input.[0].content.[0]"),
+    ({"input": [{"type": "computer_call_output", "call_id": "c", "output": {}}]}, "input.[0]"),
+    ({"include": ["file_search_call.results"]}, "include"),
+    ({"reasoning": {"summary": "detailed"}}, "reasoning.summary"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity"),
+])
+def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(**{**GREEDY, "input": "Hi", **field})
+    assert exc.value.body["param"] == param and exc.value.body["code"] == "unsupported_parameter"
+
+
+@pytest.mark.parametrize("field, param", [
+    ({"max_output_tokens": 8}, "max_output_tokens"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"frequency_penalty": 1.0}, "frequency_penalty"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.[0].call_id"),
+    ({"input": "word " * 1100}, "input"),  # past the 1024-token context
+    ({"text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "nothing"}}}}, "text.format"),
+])
+def test_bad_values_are_400s(server: GunicornServer, field: Json, param: str) -> None:
+    answer = requests.post(f"{server.url}/v1/responses", json={**GREEDY, "input": "Hi", **field}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
