@@ -1,8 +1,9 @@
 """The WSGI app and its engine, configured from NANOQWEN_* variables (`server.py` re-exports them).
 
-Under nanoqwen's gunicorn config the worker starts the engine thread after the fork (see
-nanoqwen.worker), so `--preload` can import this module in the master. Anywhere else, importing
-it starts the engine: the model loads in that thread while `/health` already answers 503.
+Under nanoqwen's worker (named by nanoqwen's gunicorn config, or by `-k nanoqwen.worker.NanoqwenWorker`
+without it: gunicorn imports the worker class before the app) the worker starts the engine thread
+after the fork, so `--preload` can import this module in the master. Anywhere else, importing it
+starts the engine: the model loads in that thread while `/health` already answers 503.
 """
 import atexit
 import sys
@@ -17,11 +18,10 @@ app = create_app(engine, ServerConfig.from_env())
 
 
 def start_engine(before_ready: Callable[[], None] | None = None) -> None:
-    """Starts the engine thread and stops it at exit. Only where it started: a `--preload` master, which
-    never starts one, waited out shutdown's whole timeout (10 s) for it at exit."""
+    """Starts the engine thread (Engine.start refuses a second) and stops it at exit."""
     engine.start(before_ready)
     atexit.register(engine.shutdown)
 
 
-if "nanoqwen.gunicorn_conf" not in sys.modules:
+if not {"nanoqwen.gunicorn_conf", "nanoqwen.worker"} & sys.modules.keys():
     start_engine()

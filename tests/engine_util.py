@@ -97,19 +97,22 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
 
 
-# model -> {prompt: the longest greedy run generated for it so far}; weak: a freed model's runs go with it
+# model -> {(prompt, dtype, device): the longest greedy run generated for it so far}; weak: a freed model's runs go
+# with it
 _GREEDY_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
-    """transformers' greedy tokens after `prompt`, exactly `max_tokens` of them (EOS does not stop it).
-    Generated once per model and prompt: a shorter run is the start of a longer one (both hold EOS off),
-    and the suite asks for the same references in many tests and files."""
+    """transformers' greedy tokens after `prompt`, exactly `max_tokens` of them: as the engine's `ignore_eos`, EOS
+    may be chosen and does not stop it (`eos_token_id=None`: neither a stop nor min_new_tokens' ban on it).
+    Generated once per model, dtype, device and prompt: a shorter run is the start of a longer one, and the suite
+    asks for the same references in many tests and files."""
     runs = _GREEDY_RUNS.setdefault(hf_model, {})
-    if len(runs.get(tuple(prompt), ())) < max_tokens:
+    key = (tuple(prompt), hf_model.dtype, hf_model.device)
+    if len(runs.get(key, ())) < max_tokens:
         out = hf_model.generate(
-            torch.tensor([prompt], device=hf_model.device), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+            torch.tensor([prompt], device=hf_model.device), max_new_tokens=max_tokens, eos_token_id=None,
             do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=hf_model.device),
         )
-        runs[tuple(prompt)] = out[0, len(prompt):].tolist()
-    return runs[tuple(prompt)][:max_tokens]
+        runs[key] = out[0, len(prompt):].tolist()
+    return runs.get(key, [])[:max_tokens]

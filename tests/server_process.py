@@ -65,6 +65,15 @@ class GunicornServer:
         server._cwd = Path(cwd)
         return server
 
+    @classmethod
+    def without_config(cls, worker_class: str, env: dict[str, str], log_path: Path, cwd: Path) -> GunicornServer:
+        """`gunicorn -k <worker_class> nanoqwen.wsgi:app` started in `cwd`, where no gunicorn.conf.py brings in
+        nanoqwen's settings and hooks (but its control socket, one path per user: concurrent servers would clash)."""
+        server = cls(env, log_path, worker_class, args=["--no-control-socket"])
+        server._cmd[-1] = "nanoqwen.wsgi:app"
+        server._cwd = Path(cwd)
+        return server
+
     def openai_client(self, api_key: str = "unused", timeout: float = 120) -> openai.OpenAI:
         """The official client on this server, without retries (a retry would hide a failure)."""
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
@@ -102,6 +111,11 @@ class GunicornServer:
         """SIGTERM: gunicorn's graceful shutdown."""
         assert self._proc is not None
         self._proc.send_signal(signal.SIGTERM)
+
+    def interrupt(self) -> None:
+        """SIGINT: gunicorn's quick shutdown."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGINT)
 
     def wait(self, timeout: float) -> int:
         """The master's exit status; raises subprocess.TimeoutExpired if it runs past `timeout`."""

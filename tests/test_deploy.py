@@ -117,13 +117,49 @@ def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
     assert status == 3 and "needs gunicorn's gevent worker" in srv.log()
 
 
+def test_nanoqwen_worker_without_the_config_runs_one_engine(tiny_checkpoint, tmp_path):
+    """`gunicorn -k nanoqwen.worker.NanoqwenWorker nanoqwen.wsgi:app` without nanoqwen's gunicorn config: importing
+    the app leaves the engine to the worker (it used to start it too: two engine threads, two ready lines)."""
+    env = {**cpu_env(tiny_checkpoint, NANOQWEN_THREADS="1"), "PYTHONPATH": str(REPO_ROOT)}
+    srv = GunicornServer.without_config("nanoqwen.worker.NanoqwenWorker", env, tmp_path / "gunicorn.log",
+                                        tmp_path).start()
+    try:
+        reply = post_chat(srv, {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 3})
+    finally:
+        srv.stop()
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    log = srv.log()
+    assert len(re.findall(r"\[INFO\] ready: ", log)) == 1 and "Traceback" not in log, log
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def preloaded(tiny_checkpoint, tmp_path_factory):
-    """--preload, one torch thread."""
+    """--preload, one torch thread. Its teardown checks that the master, which imported the app but never started
+    its engine, exits as soon as its worker is gone: it used to wait out Engine.shutdown's 10 s timeout."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_THREADS="1"),
                          tmp_path_factory.mktemp("preload") / "gunicorn.log", args=["--preload"]).start()
     yield srv
-    srv.stop()
+    try:
+        [worker] = re.findall(r"Booting worker with pid: (\d+)", srv.log())
+        srv.interrupt()  # gunicorn's quick shutdown: the worker ends, then the master
+        deadline = time.monotonic() + 30
+        while _pid_alive(int(worker)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reaped = time.monotonic()
+        status = srv.wait(30)
+        lingered = time.monotonic() - reaped  # the worker's own exit (seconds under load) is not counted
+    finally:
+        srv.stop()
+    assert status == 0 and "Shutting down: Master" in srv.log()
+    assert lingered < 8, lingered  # ~1 s (its interpreter exit); the engine wait added 10 s to that
 
 
 def test_preload_serves(preloaded):
@@ -152,16 +188,6 @@ def test_ready_and_access_log_lines(preloaded):
     assert re.search(r'"POST /v1/chat/completions" 200 \d+ \d+ms request_id=client-id-42$', log, re.MULTILINE), log
     assert re.search(rf'"GET /health" 200 \d+ \d+ms request_id={request_id}$', log, re.MULTILINE), log
     assert secret not in log
-
-
-def test_preloaded_master_exits_without_waiting_for_an_engine(preloaded):
-    """The master imported the app but never started its engine: its exit has nothing to wait for (it used to
-    wait out the engine's 10 s shutdown timeout). Runs last of the fixture's users: the server stops."""
-    stopping = time.monotonic()
-    preloaded.stop()  # SIGINT: gunicorn's quick shutdown
-    assert preloaded.wait(0) == 0  # not killed
-    assert time.monotonic() - stopping < 10  # 1-2 s idle, 7 at load 6; the wait alone was 10
-    assert "Shutting down: Master" in preloaded.log()
 
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):

@@ -244,12 +244,14 @@ def test_engine_thread_serves_concurrent_submitters(tiny_checkpoint, references)
     while not threaded.ready:
         assert threaded.load_error is None and time.monotonic() < deadline
         time.sleep(0.01)
-    for i in order:
-        streams.append((i, threaded.submit(PROMPTS[i], greedy(24))[1]))
-    for i, stream in streams:
-        tokens = [t for event in stream for t in event.token_ids]
-        assert tokens == references[i]
-    threaded.shutdown()
+    try:
+        for i in order:
+            streams.append((i, threaded.submit(PROMPTS[i], greedy(24))[1]))
+        for i, stream in streams:
+            tokens = [t for event in stream for t in event.token_ids]
+            assert tokens == references[i]
+    finally:
+        threaded.shutdown()
 
 
 def test_template_opened_thinking_goes_to_reasoning(engine):
@@ -294,42 +296,69 @@ def started_engine(checkpoint, max_batch: int) -> Engine:
 def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
     """A bug in a step fails the requests in flight with an error event; later requests are served."""
     threaded = started_engine(tiny_checkpoint, max_batch=4)
-    real_schedule = threaded.scheduler.schedule
-    monkeypatch.setattr(threaded.scheduler, "schedule", lambda: 1 / 0)
-    _, stream = threaded.submit(PROMPTS[0], greedy(4))
-    last = stream.get(timeout=30)  # raises TimeoutError if the engine thread died instead
-    assert last.error and "ZeroDivisionError" in last.error
-    assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
-    monkeypatch.setattr(threaded.scheduler, "schedule", real_schedule)
-    _, stream = threaded.submit(PROMPTS[0], greedy(4))
-    assert sum(len(e.token_ids) for e in stream) == 4
-    threaded.shutdown()
+    try:
+        real_schedule = threaded.scheduler.schedule
+        monkeypatch.setattr(threaded.scheduler, "schedule", lambda: 1 / 0)
+        _, stream = threaded.submit(PROMPTS[0], greedy(4))
+        last = stream.get(timeout=30)  # raises TimeoutError if the engine thread died instead
+        assert last.error and "ZeroDivisionError" in last.error
+        assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
+        monkeypatch.setattr(threaded.scheduler, "schedule", real_schedule)
+        _, stream = threaded.submit(PROMPTS[0], greedy(4))
+        assert sum(len(e.token_ids) for e in stream) == 4
+    finally:
+        threaded.shutdown()
 
 
 def test_a_step_that_runs_out_of_memory_fails_only_its_requests(tiny_checkpoint, monkeypatch, references):
     """A kernel's MemoryError (or any exception) in the runner fails the requests of that step with an error event;
-    a request still waiting, and later ones, are served transformers' tokens (the failed step's KV writes are
-    never reused)."""
+    a request still waiting, and later ones, are served transformers' tokens: the failed batch's KV blocks, whatever
+    the step left in them, are never reused, not even the prompt blocks an earlier step computed and cached."""
     threaded = started_engine(tiny_checkpoint, max_batch=1)
-    real_step, steps = threaded.runner.step, []
+    try:
+        runner = threaded.runner
+        real_step, steps = runner.step, []
+        noise = torch.Generator().manual_seed(0)
 
-    def step_then_fail_the_third(batch):
-        output = real_step(batch)  # its KV writes done: what a failure late in a step leaves behind
-        steps.append(len(steps))
-        if len(steps) == 3:
-            raise MemoryError("injected")
-        return output
+        def step_then_fail_the_third(batch):
+            output = real_step(batch)
+            steps.append(len(steps))
+            if len(steps) == 3:  # a step that failed part way: garbage in every block of its batch
+                blocks = [b for seq, _ in batch.rows for b in seq.block_table]
+                for cache in (runner.k_cache, runner.v_cache):
+                    cache[:, blocks] = torch.randn(cache[:, blocks].shape, generator=noise) * 10
+                raise MemoryError("injected")
+            return output
 
-    monkeypatch.setattr(threaded.runner, "step", step_then_fail_the_third)
-    (_, failing), (_, waiting) = (threaded.submit(p, greedy(8)) for p in PROMPTS[:2])
-    events = list(failing)
-    assert events[-1].error == "internal error during generation: MemoryError: injected"
-    assert sum(len(e.token_ids) for e in events) == 2  # the tokens of the two steps before
-    assert [t for e in waiting for t in e.token_ids] == references[1][:8]
-    _, again = threaded.submit(PROMPTS[0], greedy(8))  # its prefix was cached by the failed request
-    assert [t for e in again for t in e.token_ids] == references[0][:8]
-    assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
-    threaded.shutdown()
+        monkeypatch.setattr(runner, "step", step_then_fail_the_third)
+        cached = PROMPTS[2]  # 37 tokens: its 2 full blocks are cached by its prefill, the failed step's first
+        (_, failing), (_, waiting) = (threaded.submit(p, greedy(8)) for p in (cached, PROMPTS[1]))
+        events = list(failing)
+        assert events[-1].error == "internal error during generation: MemoryError: injected"
+        assert sum(len(e.token_ids) for e in events) == 2  # the tokens of the two steps before
+        assert [t for e in waiting for t in e.token_ids] == references[1][:8]
+        hits = threaded.block_manager.prefix_hits
+        _, again = threaded.submit(cached, greedy(8))
+        assert [t for e in again for t in e.token_ids] == references[2][:8]
+        assert threaded.block_manager.prefix_hits == hits  # recomputed, not served from the failed blocks
+        assert threaded.stats()["active_requests"] == 0 and threaded.block_manager.usage == 0.0
+    finally:
+        threaded.shutdown()
+
+
+def test_engine_starts_once_and_stops_at_once_when_never_started(tmp_path):
+    """shutdown() of an engine never started has no thread to wait for (it waited out its whole timeout); a second
+    start() is refused: two engine threads would step one scheduler."""
+    idle = Engine(EngineConfig(model=str(tmp_path / "unused"), device="cpu"))
+    began = time.monotonic()
+    idle.shutdown(timeout=60)
+    assert time.monotonic() - began < 1
+    failing = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+    failing.start()  # its thread ends on the load error
+    with pytest.raises(RuntimeError, match="already started"):
+        failing.start()
+    failing.shutdown(timeout=60)
+    assert failing.load_error is not None
 
 
 def test_encode_messages_matches_the_tokenizer(engine, tiny_checkpoint):

@@ -17,6 +17,7 @@ from checkpoints import (
     tokenizer_kind,
     write_tokenizer,
 )
+from engine_util import hf_greedy
 
 KINDS = [
     pytest.param(
@@ -236,3 +237,18 @@ def test_transformers_greedy(
     outputs = [tuple(row) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
     assert len(set(outputs)) == len(PROMPTS)  # the prompt matters
     assert all(len(set(o)) >= 4 for o in outputs)  # no prompt collapses onto one repeated token
+
+
+def test_hf_greedy_emits_exactly_max_tokens_and_eos_like_ignore_eos(
+    tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference helper: none for max_tokens 0 on a prompt never asked before, a shorter run is the start of a
+    longer one, and a forced EOS is emitted and does not stop it, as the engine's ignore_eos does (it used to be
+    banned, as min_new_tokens does)."""
+    model, eos = hf_model(tiny_checkpoint), 151645
+    assert hf_greedy(model, [11, 12, 13], 0) == []
+    run = hf_greedy(model, [11, 12, 13], 5)
+    assert len(run) == 5 and hf_greedy(model, [11, 12, 13], 3) == run[:3]
+    logits = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: logits(x).index_fill(-1, torch.tensor([eos]), 1e4))
+    assert hf_greedy(model, [14, 15, 16], 3) == [eos] * 3  # a prompt of its own: the runs are cached

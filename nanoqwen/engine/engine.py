@@ -49,7 +49,9 @@ class Engine:
         self._num_queued = 0
         self._allowed: tuple[list[int] | None, torch.Tensor | None] = (None, None)  # see allowed_mask
         self._stopping = False
+        self._started = False
         self._stopped = NativeEvent()
+        self._stopped.set()  # until start(): shutdown has no thread to wait for
         self.tokens_generated = 0
         self.requests_finished = 0
         self.spec_drafts = 0  # steps in which a row verified drafts (vLLM's spec_decode_num_drafts)
@@ -61,7 +63,11 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, before_ready: Callable[[], None] | None = None) -> None:
         """Loads the model and serves in the engine thread; `before_ready` runs there once the model is
-        loaded, before `ready` lets requests in."""
+        loaded, before `ready` lets requests in. Once per engine: a second thread would step the same state."""
+        if self._started:
+            raise RuntimeError("the engine is already started")
+        self._started = True
+        self._stopped.clear()
         start_native_thread(lambda: self._main(before_ready))
 
     def load(self, before_ready: Callable[[], None] | None = None) -> None:
