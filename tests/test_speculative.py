@@ -20,6 +20,7 @@ from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramIndex
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.runner import runner as runner_module
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
@@ -142,6 +143,21 @@ def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, pro
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert 0 < stats["spec_decode_acceptance_rate"] <= 1
     assert spec_engine.block_manager.usage == 0.0  # every block back, the drafts' too
+
+
+def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, monkeypatch):
+    """Three rows of 1 + 4 positions, more than max_batch (8): their sampling rows go to the buffer the
+    runner allocated at load, never to one made per step."""
+    def refuse(*args):
+        raise AssertionError("a StepInputBuffer allocated in a step")
+
+    monkeypatch.setattr(runner_module, "StepInputBuffer", refuse)
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    batch = [prompts[0]] * 3
+    assert [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))] == \
+        [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
 
 
 def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
