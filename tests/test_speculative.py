@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramIndex
+from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.runner import runner as runner_module
@@ -195,7 +197,7 @@ def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts
     assert spec_engine.block_manager.usage == 0.0
 
 
-def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts):
+def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts, monkeypatch):
     def params(engine) -> list[SamplingParams]:
         schema = engine.grammars.json_schema({"type": "object"}, strict=False, param="response_format")
         return [greedy(MAX_TOKENS), greedy(MAX_TOKENS, repetition_penalty=1.3), greedy(MAX_TOKENS, logit_bias={9: 5.0}),
@@ -203,43 +205,75 @@ def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_
 
     batch = [prompts[0]] * 5
     rows = params(spec_engine)
-    drafting = record_drafting(spec_engine)
+    steps = record_steps(spec_engine, monkeypatch)
     with_drafts = generate_together(spec_engine, batch, rows)
-    del spec_engine.scheduler.schedule  # the recording wrapper
+    monkeypatch.undo()
     assert with_drafts == generate_together(plain_engine, batch, params(plain_engine))
-    assert drafting and {id(p) for p in drafting} == {id(rows[0])}  # the unadjusted row alone drafts
+    drafting = {id(row.params) for step in steps for row in step.proposals if row.kept}
+    assert drafting == {id(rows[0])}  # the unadjusted row alone drafts
 
 
-def record_drafting(engine) -> list[SamplingParams]:
-    """The params of every row that drafts in the steps from now on."""
-    drafting: list[SamplingParams] = []
-    schedule = engine.scheduler.schedule
+@dataclass
+class Proposal:
+    params: SamplingParams  # its row's
+    offered: int  # the most tokens the scheduler asked for
+    proposed: int
+    kept: int  # drafts the row verifies (the free blocks allowing)
 
-    def recording():
+
+@dataclass
+class Step:
+    decode: int  # decode rows
+    prefill: int  # prompt tokens
+    proposals: list[Proposal]
+
+
+def record_steps(engine, monkeypatch) -> list[Step]:
+    """Every step scheduled from now on (until monkeypatch undoes it), with its drafts."""
+    steps: list[Step] = []
+    proposals: list[tuple[Sequence, int, int]] = []
+    schedule, propose = engine.scheduler.schedule, engine.scheduler.propose
+
+    def proposing(seq: Sequence, most: int) -> list[int]:
+        drafts = propose(seq, most)
+        proposals.append((seq, most, len(drafts)))
+        return drafts
+
+    def scheduling() -> Batch:
         batch = schedule()
-        drafting.extend(seq.request.params for seq in batch.decode if seq.draft_ids)
+        steps.append(Step(len(batch.decode), sum(n for _, n in batch.prefill),
+                          [Proposal(seq.request.params, most, n, len(seq.draft_ids)) for seq, most, n in proposals]))
+        proposals.clear()
         return batch
 
-    engine.scheduler.schedule = recording
-    return drafting
+    monkeypatch.setattr(engine.scheduler, "propose", proposing)
+    monkeypatch.setattr(engine.scheduler, "schedule", scheduling)
+    return steps
 
 
 @pytest.mark.parametrize("limit", ["budget", "blocks"])
-def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit):
+def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit, monkeypatch):
     """A step token budget that runs out; a KV pool that holds the four answers and no block more (a draft
-    taking a block another row needs would preempt it)."""
+    taking a block another row needs would preempt it; drafts cut short by the free blocks:
+    test_spec_scheduling.py, as a row's drafts never reach past its last position, such a pool never cuts them)."""
     blocks = 1 + 4 * -(-(len(prompts[0]) + MAX_TOKENS) // 16)
     overrides = dict(max_step_tokens=12) if limit == "budget" else dict(num_kv_blocks=blocks,
                                                                         enable_prefix_caching=False)
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=4, **overrides)
     batch = [prompts[0]] * 4
     params = greedy(MAX_TOKENS)
+    steps = record_steps(engine, monkeypatch)
     assert [r.choices[0].token_ids for r in generate(engine, batch, params)] == \
         [r.choices[0].token_ids for r in generate(plain_engine, batch, params)]
     stats = engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert stats["preemptions"] == 0
     assert engine.block_manager.usage == 0.0
+    assert sum(p.kept for step in steps for p in step.proposals) == stats["spec_decode_num_draft_tokens"]
+    if limit == "budget":
+        for step in steps:
+            assert step.decode + step.prefill + sum(p.kept for p in step.proposals) <= 12
+        assert any(p.offered < 4 for step in steps for p in step.proposals)  # the budget ran out
 
 
 def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
@@ -283,8 +317,12 @@ def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts
     assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
     request_id, stream = engine.submit(prompts[0], params)
     with torch.inference_mode():
-        while engine.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]:
+        for _ in range(MAX_TOKENS):
+            if engine.stats()["spec_decode_num_drafts"] > stats["spec_decode_num_drafts"]:
+                break
             engine_step(engine)
+        else:
+            pytest.fail(f"no draft in {MAX_TOKENS} steps")
         engine.abort(request_id)
         engine_step(engine)
     assert collect(stream).choices[0].finish_reason == "abort"
