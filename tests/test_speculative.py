@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +19,7 @@ from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.ngram import NgramIndex
+from nanoqwen.engine.ngram import NgramMatcher
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
@@ -79,16 +80,39 @@ def test_config_follows_vllm():
             EngineConfig.from_env({"NANOQWEN_SPECULATIVE_CONFIG": raw})
 
 
-def test_index_proposes_the_longest_latest_match_incrementally():
-    index = NgramIndex(1, 3)
+def test_matcher_proposes_the_longest_latest_match_incrementally():
+    matcher = NgramMatcher(1, 3)
     tokens = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]
     # suffix [1, 2] last occurred before at 4..5, followed by 5, 6, 1, 2 (the continuation past the end repeats)
-    assert index.propose(tokens, 6) == [5, 6, 1, 2, 5, 6]
-    assert index.indexed == len(tokens) - 1
+    assert matcher.propose(tokens, 6) == [5, 6, 1, 2, 5, 6]
     tokens += [3]  # [2, 3] only matches at 1..2 now; the longer [1, 2, 3] does as well
-    assert index.propose(tokens, 2) == [4, 1]
-    assert index.indexed == len(tokens) - 1
-    assert NgramIndex(2, 3).propose([1, 2, 3, 9], 4) == []  # no earlier [3, 9] or [2, 3, 9]
+    assert matcher.propose(tokens, 2) == [4, 1]
+    assert matcher.length == len(tokens)
+    assert NgramMatcher(2, 3).propose([1, 2, 3, 9], 4) == []  # no earlier [3, 9] or [2, 3, 9]
+
+
+def longest_latest_match(tokens: list[int], low: int, high: int, limit: int) -> list[int]:
+    """The proposal, by brute force."""
+    length = len(tokens)
+    for n in range(min(high, length - 1), low - 1, -1):
+        for stop in range(length - 1, n - 1, -1):
+            if tokens[stop - n : stop] == tokens[length - n :]:
+                drafts: list[int] = []
+                for i in range(stop, stop + limit):
+                    drafts.append(tokens[i] if i < length else drafts[i - length])
+                return drafts
+    return []
+
+
+@pytest.mark.parametrize(("low", "high"), [(1, 1), (1, 4), (2, 3), (3, 3)])
+def test_matcher_agrees_with_brute_force(low, high):
+    """Random tokens of a small vocabulary (many matches, of every length), appended a few at a time."""
+    rng = random.Random(low * 10 + high)
+    tokens: list[int] = []
+    matcher = NgramMatcher(low, high)
+    for _ in range(300):
+        tokens += [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
+        assert matcher.propose(tokens, 5) == longest_latest_match(tokens, low, high, 5), tokens
 
 
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
