@@ -222,19 +222,26 @@ def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts
 
 
 def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts, monkeypatch):
+    """Penalties, a grammar and a min_tokens to reach keep a row from drafting; logit_bias and allowed_token_ids
+    (the same at every position, applied at each of a verify step's) do not."""
+    allowed = sorted(set(prompts[0]))  # the looping answer copies its prompt: drafts get accepted
+
     def params(engine) -> list[SamplingParams]:
         schema = engine.grammars.json_schema({"type": "object"}, strict=False, param="response_format")
         return [greedy(MAX_TOKENS), greedy(MAX_TOKENS, repetition_penalty=1.3), greedy(MAX_TOKENS, logit_bias={9: 5.0}),
-                greedy(MAX_TOKENS, min_tokens=MAX_TOKENS, stop_token_ids=[8]), greedy(MAX_TOKENS, grammar=schema)]
+                greedy(MAX_TOKENS, min_tokens=MAX_TOKENS, stop_token_ids=[8]), greedy(MAX_TOKENS, grammar=schema),
+                greedy(MAX_TOKENS, allowed_token_ids=allowed)]
 
-    batch = [prompts[0]] * 5
+    batch = [prompts[0]] * 6
     rows = params(spec_engine)
     steps = record_steps(spec_engine, monkeypatch)
     with_drafts = generate_together(spec_engine, batch, rows)
     monkeypatch.undo()
     assert with_drafts == generate_together(plain_engine, batch, params(plain_engine))
-    drafting = {id(row.params) for step in steps for row in step.proposals if row.kept}
-    assert drafting == {id(rows[0])}  # the unadjusted row alone drafts
+    accepted = {id(rows[0]), id(rows[2]), id(rows[5])}
+    assert {id(p.params) for step in steps for p in step.proposals if p.kept} == accepted
+    # the allowed ids change the answer: the masked drafts were verified, not just the plain ones
+    assert with_drafts[5] != with_drafts[0] and spec_engine.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
 @dataclass

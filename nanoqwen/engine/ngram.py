@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nanoqwen.config import SpeculativeConfig
-from nanoqwen.runner.sampling import logits_adjusted
 
 if TYPE_CHECKING:  # annotations only
     from nanoqwen.engine.sequence import Sequence
@@ -68,11 +67,13 @@ class NgramProposer:
         self.max_model_len = max_model_len
 
     def propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Drafts for a decoding sequence, at most `budget`; none for a row whose logits a penalty or an
-        adjustment changes (its sampling depends on the tokens before it), and never more than can be
-        emitted (max_tokens, max_model_len: the step emits up to one token more than it drafts)."""
+        """Drafts for a decoding sequence, at most `budget`, never more than can be emitted (max_tokens,
+        max_model_len: the step emits up to one token more than it drafts). None for a row whose logits
+        at a position depend on the tokens before it (penalties, a grammar) or on its output index (a
+        min_tokens still to reach bans the stop ids); logit_bias and allowed_token_ids are the same at every
+        position, and the step applies them at each."""
         params = seq.request.params
-        if params.penalized or logits_adjusted(seq):
+        if params.penalized or seq.grammar is not None or seq.num_output_tokens < params.min_tokens:
             return []
         limit = min(self.config.num_speculative_tokens, budget, seq.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - len(seq) - 1)
