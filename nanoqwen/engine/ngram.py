@@ -17,7 +17,7 @@ class NgramMatcher:
     """A sequence's tokens in an int32 array, appended to as they come, searched at each proposal (vLLM's
     way, no index): the latest earlier occurrence of the longest suffix n-gram (min_n..max_n tokens). The
     search is one vectorised pass over the tokens for the last one, then a filter of those positions per
-    token of the n-gram: tens of µs at 32k tokens, where an index of every n-gram took ~14 MB and ~40 ms
+    token of the n-gram: tens of µs at 32k tokens, where an index of every n-gram took ~14 MB and ~50 ms
     to build (profiles/RESULTS.md, "specfix")."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
