@@ -221,6 +221,31 @@ def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts
     assert spec_engine.block_manager.usage == 0.0
 
 
+@pytest.fixture(scope="module")
+def cycling(plain_engine) -> tuple[list[int], list[int]]:
+    """A prompt whose answer goes on round a loop of three different tokens: the random model's answer to
+    [320, 321] (found by a search of starts), cut after the loop's first round. -> (prompt, the loop)"""
+    start = [320, 321]
+    answer = generate(plain_engine, [start], greedy(48))[0].choices[0].token_ids
+    i = next(i for i in range(len(answer) - 6)
+             if answer[i : i + 3] == answer[i + 3 : i + 6] and len(set(answer[i : i + 3])) == 3)
+    return start + answer[: i + 3], answer[i : i + 3]
+
+
+def test_a_stop_token_ends_a_choice_on_an_accepted_draft(spec_engine, plain_engine, cycling):
+    """The loop's second token as a stop token: the first verify step accepts it and the drafts after it
+    (the loop's next round), which are dropped."""
+    prompt, loop = cycling
+    params = greedy(MAX_TOKENS, stop_token_ids=[loop[1]])
+    expected = generate(plain_engine, [prompt], params)[0].choices[0]
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    got = generate(spec_engine, [prompt], params)[0].choices[0]
+    assert (got.token_ids, got.finish_reason) == (expected.token_ids, "stop") and got.token_ids == loop[:2]
+    # the prefill samples the first token: more accepted drafts than the tokens after it
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] - before > len(got.token_ids) - 1
+    assert spec_engine.block_manager.usage == 0.0
+
+
 def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts, monkeypatch):
     """Penalties, a grammar and a min_tokens to reach keep a row from drafting; logit_bias and allowed_token_ids
     (the same at every position, applied at each of a verify step's) do not."""
