@@ -310,8 +310,8 @@ def record_steps(engine, monkeypatch) -> list[Step]:
 @pytest.mark.parametrize("limit", ["budget", "blocks"])
 def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit, monkeypatch):
     """A step token budget that runs out; a KV pool that holds the four answers and no block more (a draft
-    taking a block another row needs would preempt it; drafts cut short by the free blocks:
-    test_spec_scheduling.py, as a row's drafts never reach past its last position, such a pool never cuts them)."""
+    taking a block another row needs would preempt it; a row's drafts never reach past its last position, so
+    such a pool never cuts them: test_drafts_cut_to_the_free_blocks)."""
     blocks = 1 + 4 * -(-(len(prompts[0]) + MAX_TOKENS) // 16)
     overrides = dict(max_step_tokens=12) if limit == "budget" else dict(num_kv_blocks=blocks,
                                                                         enable_prefix_caching=False)
@@ -330,6 +330,24 @@ def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, 
         for step in steps:
             assert step.decode + step.prefill + sum(p.kept for p in step.proposals) <= 12
         assert any(p.offered < 4 for step in steps for p in step.proposals)  # the budget ran out
+
+
+def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, monkeypatch):
+    """8-token blocks and a pool the two prompts fill: B's first drafts reach into a block there is none of
+    while A takes its last token (A may not draft: no room under max_tokens), so they are cut to the slots
+    left in B's last block; A's blocks come back before B needs one for its own token: nobody is preempted."""
+    a, b = prompts[1], prompts[0] + prompts[0][-1:] * 2  # B: two more tokens of the looping run
+    room = -len(b) % 8 - 1  # B's slots left after its first token
+    assert 0 < room < 4  # so that drafts are cut
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, enable_prefix_caching=False,
+                         block_size=8, num_kv_blocks=1 + -(-len(a) // 8) + -(-len(b) // 8))
+    params = [greedy(2), greedy(MAX_TOKENS)]
+    steps = record_steps(engine, monkeypatch)
+    assert generate_together(engine, [a, b], params) == generate_together(plain_engine, [a, b], params)
+    assert engine.stats()["preemptions"] == 0 and engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    cut = [p for step in steps for p in step.proposals if p.kept < p.proposed]
+    assert cut and cut[0].params is params[1] and cut[0].kept == room
+    assert engine.block_manager.usage == 0.0
 
 
 def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
