@@ -1,6 +1,6 @@
-"""n-gram speculative decoding: the config, the proposer's index, and the engine's output with drafts
+"""n-gram speculative decoding: the config, the proposer's search, and the engine's output with drafts
 against transformers and against the same engine without them (greedy, seeded sampling, logprobs, a
-choice ending inside an accepted run, rows that may not draft beside ones that do, KV blocks)."""
+choice ending inside an accepted run, rows that may not draft beside ones that do, the step budget, KV blocks)."""
 from __future__ import annotations
 
 import json
