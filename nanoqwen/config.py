@@ -165,7 +165,8 @@ class EngineConfig:
             raise ValueError("prefill_stall must be 0 (no pacing) or more")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
-        SpeculativeConfig.parse(self.speculative_config)
+        # Parsed once, here; an attribute, not a field: from_env and the CLI take every field as a setting
+        self.speculative: SpeculativeConfig | None = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> EngineConfig:
@@ -317,5 +318,5 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         model_path=model_path, device=device, dtype=dtype, kernels=kernels, quant=config.quant,
         graph=resolve_graph(config.graph, device, cpu_graph), max_batch=config.max_batch, max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
-        speculative=SpeculativeConfig.parse(config.speculative_config),
+        speculative=config.speculative,
     )

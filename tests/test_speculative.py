@@ -1,10 +1,12 @@
-"""n-gram speculative decoding: the config, the proposer's index, and the engine's output with drafts
+"""n-gram speculative decoding: the config, the proposer's search, and the engine's output with drafts
 against transformers and against the same engine without them (greedy, seeded sampling, logprobs, a
-choice ending inside an accepted run, rows that may not draft beside ones that do, KV blocks)."""
+choice ending inside an accepted run, rows that may not draft beside ones that do, the step budget, KV blocks)."""
 from __future__ import annotations
 
 import json
 import os
+import random
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -17,9 +19,11 @@ from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.ngram import NgramIndex
+from nanoqwen.engine.ngram import NgramMatcher
+from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.runner import runner as runner_module
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
@@ -76,16 +80,39 @@ def test_config_follows_vllm():
             EngineConfig.from_env({"NANOQWEN_SPECULATIVE_CONFIG": raw})
 
 
-def test_index_proposes_the_longest_latest_match_incrementally():
-    index = NgramIndex(1, 3)
+def test_matcher_proposes_the_longest_latest_match_incrementally():
+    matcher = NgramMatcher(1, 3)
     tokens = [1, 2, 3, 4, 1, 2, 5, 6, 1, 2]
     # suffix [1, 2] last occurred before at 4..5, followed by 5, 6, 1, 2 (the continuation past the end repeats)
-    assert index.propose(tokens, 6) == [5, 6, 1, 2, 5, 6]
-    assert index.indexed == len(tokens) - 1
+    assert matcher.propose(tokens, 6) == [5, 6, 1, 2, 5, 6]
     tokens += [3]  # [2, 3] only matches at 1..2 now; the longer [1, 2, 3] does as well
-    assert index.propose(tokens, 2) == [4, 1]
-    assert index.indexed == len(tokens) - 1
-    assert NgramIndex(2, 3).propose([1, 2, 3, 9], 4) == []  # no earlier [3, 9] or [2, 3, 9]
+    assert matcher.propose(tokens, 2) == [4, 1]
+    assert matcher.length == len(tokens)
+    assert NgramMatcher(2, 3).propose([1, 2, 3, 9], 4) == []  # no earlier [3, 9] or [2, 3, 9]
+
+
+def longest_latest_match(tokens: list[int], low: int, high: int, limit: int) -> list[int]:
+    """The proposal, by brute force."""
+    length = len(tokens)
+    for n in range(min(high, length - 1), low - 1, -1):
+        for stop in range(length - 1, n - 1, -1):
+            if tokens[stop - n : stop] == tokens[length - n :]:
+                drafts: list[int] = []
+                for i in range(stop, stop + limit):
+                    drafts.append(tokens[i] if i < length else drafts[i - length])
+                return drafts
+    return []
+
+
+@pytest.mark.parametrize(("low", "high"), [(1, 1), (1, 4), (2, 3), (3, 3)])
+def test_matcher_agrees_with_brute_force(low, high):
+    """Random tokens of a small vocabulary (many matches, of every length), appended a few at a time."""
+    rng = random.Random(low * 10 + high)
+    tokens: list[int] = []
+    matcher = NgramMatcher(low, high)
+    for _ in range(300):
+        tokens += [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
+        assert matcher.propose(tokens, 5) == longest_latest_match(tokens, low, high, 5), tokens
 
 
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
@@ -144,6 +171,21 @@ def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, pro
     assert spec_engine.block_manager.usage == 0.0  # every block back, the drafts' too
 
 
+def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, monkeypatch):
+    """Three rows of 1 + 4 positions, more than max_batch (8): their sampling rows go to the buffer the
+    runner allocated at load, never to one made per step."""
+    def refuse(*args):
+        raise AssertionError("a StepInputBuffer allocated in a step")
+
+    monkeypatch.setattr(runner_module, "StepInputBuffer", refuse)
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    batch = [prompts[0]] * 3
+    assert [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))] == \
+        [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
+
+
 def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
@@ -179,50 +221,132 @@ def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts
     assert spec_engine.block_manager.usage == 0.0
 
 
-def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts):
+@pytest.fixture(scope="module")
+def cycling(plain_engine) -> tuple[list[int], list[int]]:
+    """A prompt whose answer goes on round a loop of three different tokens: the random model's answer to
+    [320, 321] (found by a search of starts), cut after the loop's first round. -> (prompt, the loop)"""
+    start = [320, 321]
+    answer = generate(plain_engine, [start], greedy(48))[0].choices[0].token_ids
+    i = next(i for i in range(len(answer) - 6)
+             if answer[i : i + 3] == answer[i + 3 : i + 6] and len(set(answer[i : i + 3])) == 3)
+    return start + answer[: i + 3], answer[i : i + 3]
+
+
+def test_a_stop_token_ends_a_choice_on_an_accepted_draft(spec_engine, plain_engine, cycling):
+    """The loop's second token as a stop token: the first verify step accepts it and the drafts after it
+    (the loop's next round), which are dropped."""
+    prompt, loop = cycling
+    params = greedy(MAX_TOKENS, stop_token_ids=[loop[1]])
+    expected = generate(plain_engine, [prompt], params)[0].choices[0]
+    before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
+    got = generate(spec_engine, [prompt], params)[0].choices[0]
+    assert (got.token_ids, got.finish_reason) == (expected.token_ids, "stop") and got.token_ids == loop[:2]
+    # the prefill samples the first token: more accepted drafts than the tokens after it
+    assert spec_engine.stats()["spec_decode_num_accepted_tokens"] - before > len(got.token_ids) - 1
+    assert spec_engine.block_manager.usage == 0.0
+
+
+def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_engine, prompts, monkeypatch):
+    """Penalties, a grammar and a min_tokens to reach keep a row from drafting; logit_bias and allowed_token_ids
+    (the same at every position, applied at each of a verify step's) do not."""
+    allowed = sorted(set(prompts[0]))  # the looping answer copies its prompt: drafts get accepted
+
     def params(engine) -> list[SamplingParams]:
         schema = engine.grammars.json_schema({"type": "object"}, strict=False, param="response_format")
         return [greedy(MAX_TOKENS), greedy(MAX_TOKENS, repetition_penalty=1.3), greedy(MAX_TOKENS, logit_bias={9: 5.0}),
-                greedy(MAX_TOKENS, min_tokens=MAX_TOKENS, stop_token_ids=[8]), greedy(MAX_TOKENS, grammar=schema)]
+                greedy(MAX_TOKENS, min_tokens=MAX_TOKENS, stop_token_ids=[8]), greedy(MAX_TOKENS, grammar=schema),
+                greedy(MAX_TOKENS, allowed_token_ids=allowed)]
 
-    batch = [prompts[0]] * 5
+    batch = [prompts[0]] * 6
     rows = params(spec_engine)
-    drafting = record_drafting(spec_engine)
+    steps = record_steps(spec_engine, monkeypatch)
     with_drafts = generate_together(spec_engine, batch, rows)
-    del spec_engine.scheduler.schedule  # the recording wrapper
+    monkeypatch.undo()
     assert with_drafts == generate_together(plain_engine, batch, params(plain_engine))
-    assert drafting and {id(p) for p in drafting} == {id(rows[0])}  # the unadjusted row alone drafts
+    accepted = {id(rows[0]), id(rows[2]), id(rows[5])}
+    assert {id(p.params) for step in steps for p in step.proposals if p.kept} == accepted
+    # the allowed ids change the answer: the masked drafts were verified, not just the plain ones
+    assert with_drafts[5] != with_drafts[0] and spec_engine.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
-def record_drafting(engine) -> list[SamplingParams]:
-    """The params of every row that drafts in the steps from now on."""
-    drafting: list[SamplingParams] = []
-    schedule = engine.scheduler.schedule
+@dataclass
+class Proposal:
+    params: SamplingParams  # its row's
+    offered: int  # the most tokens the scheduler asked for
+    proposed: int
+    kept: int  # drafts the row verifies (the free blocks allowing)
 
-    def recording():
+
+@dataclass
+class Step:
+    decode: int  # decode rows
+    prefill: int  # prompt tokens
+    proposals: list[Proposal]
+
+
+def record_steps(engine, monkeypatch) -> list[Step]:
+    """Every step scheduled from now on (until monkeypatch undoes it), with its drafts."""
+    steps: list[Step] = []
+    proposals: list[tuple[Sequence, int, int]] = []
+    schedule, propose = engine.scheduler.schedule, engine.scheduler.propose
+
+    def proposing(seq: Sequence, most: int) -> list[int]:
+        drafts = propose(seq, most)
+        proposals.append((seq, most, len(drafts)))
+        return drafts
+
+    def scheduling() -> Batch:
         batch = schedule()
-        drafting.extend(seq.request.params for seq in batch.decode if seq.draft_ids)
+        steps.append(Step(len(batch.decode), sum(n for _, n in batch.prefill),
+                          [Proposal(seq.request.params, most, n, len(seq.draft_ids)) for seq, most, n in proposals]))
+        proposals.clear()
         return batch
 
-    engine.scheduler.schedule = recording
-    return drafting
+    monkeypatch.setattr(engine.scheduler, "propose", proposing)
+    monkeypatch.setattr(engine.scheduler, "schedule", scheduling)
+    return steps
 
 
 @pytest.mark.parametrize("limit", ["budget", "blocks"])
-def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit):
+def test_budget_and_blocks_limit_drafts(tiny_checkpoint, plain_engine, prompts, limit, monkeypatch):
     """A step token budget that runs out; a KV pool that holds the four answers and no block more (a draft
-    taking a block another row needs would preempt it)."""
+    taking a block another row needs would preempt it; a row's drafts never reach past its last position, so
+    such a pool never cuts them: test_drafts_cut_to_the_free_blocks)."""
     blocks = 1 + 4 * -(-(len(prompts[0]) + MAX_TOKENS) // 16)
     overrides = dict(max_step_tokens=12) if limit == "budget" else dict(num_kv_blocks=blocks,
                                                                         enable_prefix_caching=False)
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=4, **overrides)
     batch = [prompts[0]] * 4
     params = greedy(MAX_TOKENS)
+    steps = record_steps(engine, monkeypatch)
     assert [r.choices[0].token_ids for r in generate(engine, batch, params)] == \
         [r.choices[0].token_ids for r in generate(plain_engine, batch, params)]
     stats = engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert stats["preemptions"] == 0
+    assert engine.block_manager.usage == 0.0
+    assert sum(p.kept for step in steps for p in step.proposals) == stats["spec_decode_num_draft_tokens"]
+    if limit == "budget":
+        for step in steps:
+            assert step.decode + step.prefill + sum(p.kept for p in step.proposals) <= 12
+        assert any(p.offered < 4 for step in steps for p in step.proposals)  # the budget ran out
+
+
+def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, monkeypatch):
+    """8-token blocks and a pool the two prompts fill: B's first drafts reach into a block there is none of
+    while A takes its last token (A may not draft: no room under max_tokens), so they are cut to the slots
+    left in B's last block; A's blocks come back before B needs one for its own token: nobody is preempted."""
+    a, b = prompts[1], prompts[0] + prompts[0][-1:] * 2  # B: two more tokens of the looping run
+    room = -len(b) % 8 - 1  # B's slots left after its first token
+    assert 0 < room < 4  # so that drafts are cut
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, enable_prefix_caching=False,
+                         block_size=8, num_kv_blocks=1 + -(-len(a) // 8) + -(-len(b) // 8))
+    params = [greedy(2), greedy(MAX_TOKENS)]
+    steps = record_steps(engine, monkeypatch)
+    assert generate_together(engine, [a, b], params) == generate_together(plain_engine, [a, b], params)
+    assert engine.stats()["preemptions"] == 0 and engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    cut = [p for step in steps for p in step.proposals if p.kept < p.proposed]
+    assert cut and cut[0].params is params[1] and cut[0].kept == room
     assert engine.block_manager.usage == 0.0
 
 
@@ -267,8 +391,12 @@ def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts
     assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
     request_id, stream = engine.submit(prompts[0], params)
     with torch.inference_mode():
-        while engine.stats()["spec_decode_num_drafts"] == stats["spec_decode_num_drafts"]:
+        for _ in range(MAX_TOKENS):
+            if engine.stats()["spec_decode_num_drafts"] > stats["spec_decode_num_drafts"]:
+                break
             engine_step(engine)
+        else:
+            pytest.fail(f"no draft in {MAX_TOKENS} steps")
         engine.abort(request_id)
         engine_step(engine)
     assert collect(stream).choices[0].finish_reason == "abort"

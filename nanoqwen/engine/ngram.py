@@ -5,44 +5,60 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from nanoqwen.config import SpeculativeConfig
-from nanoqwen.runner.sampling import logits_adjusted
 
 if TYPE_CHECKING:  # annotations only
     from nanoqwen.engine.sequence import Sequence
 
 
-class NgramIndex:
-    """Each n-gram (min_n..max_n tokens) of a token list -> the position just after its latest
-    occurrence, kept up to date as tokens are appended: a step indexes only its new tokens."""
+class NgramMatcher:
+    """A sequence's tokens in an int32 array, appended to as they come, searched at each proposal (vLLM's
+    way, no index): the latest earlier occurrence of the longest suffix n-gram (min_n..max_n tokens). The
+    search is one vectorised pass over the tokens for the last one, then a filter of those positions per
+    token of the n-gram: tens of µs at 32k tokens, where an index of every n-gram took ~14 MB and ~50 ms
+    to build (profiles/RESULTS.md, "specfix")."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         self.min_n = min_n
         self.max_n = max_n
-        self.latest: dict[tuple[int, ...], int] = {}
-        self.indexed = 0  # n-grams ending at positions up to here are in `latest`
+        self.buffer = np.empty(0, dtype=np.int32)  # its first `length` entries are the tokens; grows by doubling
+        self.length = 0
 
-    def extend(self, tokens: list[int], end: int) -> None:
-        """Indexes the n-grams of tokens[:end] not indexed yet."""
-        for stop in range(self.indexed + 1, end + 1):
-            for n in range(self.min_n, min(self.max_n, stop) + 1):
-                self.latest[tuple(tokens[stop - n : stop])] = stop
-        self.indexed = max(self.indexed, end)
+    def _sync(self, tokens: list[int]) -> np.ndarray:
+        """The tokens as an array; copies only those appended since the last call."""
+        if len(tokens) > len(self.buffer):
+            grown = np.empty(max(len(tokens), 2 * len(self.buffer)), dtype=np.int32)
+            grown[: self.length] = self.buffer[: self.length]
+            self.buffer = grown
+        self.buffer[self.length : len(tokens)] = tokens[self.length :]
+        self.length = len(tokens)
+        return self.buffer[: self.length]
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
         """Up to `limit` tokens that followed the latest earlier occurrence of the longest suffix n-gram."""
-        length = len(tokens)
-        self.extend(tokens, length - 1)  # the suffix's own occurrence is not "earlier"
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            start = self.latest.get(tuple(tokens[length - n :]))
-            if start is not None:
-                drafts: list[int] = []
-                # Past the end the continuation repeats what it already proposed: a period-p loop
-                # proposes its next `limit` tokens, not just p.
-                for i in range(start, start + limit):
-                    drafts.append(tokens[i] if i < length else drafts[i - length])
-                return drafts
-        return []
+        ids = self._sync(tokens)
+        length = len(ids)
+        # last: where each earlier occurrence of the suffix's last n tokens ends (its last token's index)
+        last = np.flatnonzero(ids[: length - 1] == ids[-1])
+        start = None
+        for n in range(1, min(self.max_n, length - 1) + 1):
+            if n > 1:
+                last = last[last >= n - 1]
+                last = last[ids[last - (n - 1)] == ids[length - n]]
+            if not len(last):
+                break
+            if n >= self.min_n:
+                start = int(last[-1]) + 1
+        if start is None:
+            return []
+        drafts: list[int] = []
+        # Past the end the continuation repeats what it already proposed: a period-p loop
+        # proposes its next `limit` tokens, not just p.
+        for i in range(start, start + limit):
+            drafts.append(tokens[i] if i < length else drafts[i - length])
+        return drafts
 
 
 class NgramProposer:
@@ -51,16 +67,18 @@ class NgramProposer:
         self.max_model_len = max_model_len
 
     def propose(self, seq: Sequence, budget: int) -> list[int]:
-        """Drafts for a decoding sequence, at most `budget`; none for a row whose logits a penalty or an
-        adjustment changes (its sampling depends on the tokens before it), and never more than can be
-        emitted (max_tokens, max_model_len: the step emits up to one token more than it drafts)."""
+        """Drafts for a decoding sequence, at most `budget`, never more than can be emitted (max_tokens,
+        max_model_len: the step emits up to one token more than it drafts). None for a row whose logits
+        at a position depend on the tokens before it (penalties, a grammar) or on its output index (a
+        min_tokens still to reach bans the stop ids); logit_bias and allowed_token_ids are the same at every
+        position, and the step applies them at each."""
         params = seq.request.params
-        if params.penalized or logits_adjusted(seq):
+        if params.penalized or seq.grammar is not None or seq.num_output_tokens < params.min_tokens:
             return []
         limit = min(self.config.num_speculative_tokens, budget, seq.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - len(seq) - 1)
         if limit <= 0:
             return []
         if seq.ngram is None:
-            seq.ngram = NgramIndex(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+            seq.ngram = NgramMatcher(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
         return seq.ngram.propose(seq.token_ids, limit)

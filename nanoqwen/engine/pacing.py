@@ -22,15 +22,16 @@ class ChunkPacer:
     def __init__(self, stall: float, max_tokens: int) -> None:
         self.stall = stall
         self.max_tokens = max_tokens
-        self.decode_s: float | None = None  # a decode-only step, averaged
+        self.decode_s: float | None = None  # a decode-only step (its rows' drafts included), averaged
         # A step carrying a MIN_CHUNK-token paced chunk and no other prefill, in decode-only steps
         # (averaged): a ratio, so that it holds as the machine's load moves both.
         self.floor: float | None = None
         self.tokens = min(MIN_CHUNK, max_tokens)  # the paced chunk; grows at most 2x a step from here
 
     def observe(self, decode_rows: int, prefill_tokens: int, paced_tokens: int, seconds: float) -> None:
-        """A step's wall time: `decode_rows` one-token rows, `prefill_tokens` other ones, of which
-        `paced_tokens` in chunks that left their prompt unfinished or were its paced last chunk."""
+        """A step's wall time: `decode_rows` decoding rows (one token each, and any drafts), `prefill_tokens`
+        prompt tokens, of which `paced_tokens` in chunks that left their prompt unfinished or were its paced
+        last chunk."""
         if not prefill_tokens:
             self.decode_s = _average(self.decode_s, seconds)
             return

@@ -11,7 +11,8 @@ chunk (measured, ChunkPacer), so a long prompt slows the streams by no more than
 budget, waiting sequences are prefilled whole, alone in their step, as soon as they fit. When the
 KV pool runs dry during decode, the newest running sequence is preempted: its blocks are freed and
 it is recomputed later. With speculative decoding, decode rows then get drafts (engine/ngram.py) from
-what is left of the budget and of the free KV blocks: drafts never preempt anyone.
+what the prefill left of the budget and of the free KV blocks: drafts never preempt anyone nor keep a
+prompt waiting. A step with drafts is the streams' step: the pacer times chunks against it.
 """
 from __future__ import annotations
 
@@ -87,25 +88,25 @@ class Scheduler:
             return Batch(decode=decode)
         decode = self._schedule_decode()
         budget = self.max_step_tokens - len(decode)
-        budget -= self._draft(decode, budget)
-        return Batch(decode, self._schedule_prefill(budget, self._partial_budget(decode, budget), chunked=True))
+        prefill = self._schedule_prefill(budget, self._partial_budget(decode, budget), chunked=True)
+        self._draft(decode, budget - sum(n for _, n in prefill))
+        return Batch(decode, prefill)
 
-    def _draft(self, decode: list[Sequence], budget: int) -> int:
+    def _draft(self, decode: list[Sequence], budget: int) -> None:
         """Drafts for the decode rows, within `budget` tokens and the free blocks, once every row has
-        the slot of its own token (so no draft takes a block a row needed). -> tokens drafted."""
+        the slot of its own token and the step's prefill its blocks (so no draft takes a block a row or
+        a waiting prompt needed)."""
         drafted = 0
         for seq in decode if self.propose is not None else ():
             drafts = self.propose(seq, budget - drafted)
             if drafts:
                 seq.draft_ids = drafts[: self.blocks.extend(seq, len(seq) + len(drafts)) - len(seq)]
                 drafted += len(seq.draft_ids)
-        return drafted
 
     def observe(self, batch: Batch, seconds: float) -> None:
         """The wall time of the step last scheduled, once its tokens are back (its device work done)."""
-        if self.pacer is not None:  # drafts count as prefill tokens: that step is no decode-only step
-            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill) + batch.num_drafts, self._paced,
-                               seconds)
+        if self.pacer is not None:  # drafts are the streams' step: a chunk is paced against what that costs
+            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill), self._paced, seconds)
 
     def _partial_budget(self, decode: list[Sequence], budget: int) -> int:
         """Tokens this step may spend on chunks that leave their prompt unfinished."""

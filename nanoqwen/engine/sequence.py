@@ -54,7 +54,7 @@ class Sequence:
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
         self.grammar = None  # nanoqwen.engine.grammar.RowGrammar of a constrained request, set by the engine
         self.draft_ids: list[int] = []  # speculative tokens the scheduled step verifies after token_ids
-        self.ngram = None  # nanoqwen.engine.ngram.NgramIndex, built at its first draft
+        self.ngram = None  # nanoqwen.engine.ngram.NgramMatcher, made at its first proposal
 
     def __len__(self) -> int:
         return len(self.token_ids)

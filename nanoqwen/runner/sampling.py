@@ -94,9 +94,10 @@ class LogitAdjuster:
     every constrained row's matcher up to date with the tokens sampled since its last step, then
     fills its bitmask row), allowed_token_ids, and min_tokens' ban on the stop ids."""
 
-    def __init__(self, max_batch: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, rows: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """rows: the most positions a step samples (with drafts, more than its sequences)."""
         self.to_device = to_device
-        self.host_bitmask = torch.zeros(max_batch, (vocab_size + 31) // 32, dtype=torch.int32)
+        self.host_bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)
         self._words = self.host_bitmask.numpy().view(np.uint32)  # the same memory, unsigned: plain bit operations
 
     @staticmethod
