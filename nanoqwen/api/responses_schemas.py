@@ -44,9 +44,10 @@ UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "promp
 
 
 def refused_unless_unused(*fields: str) -> Any:
-    """A validator of `fields`: each absent or "not used" (_UNUSED), else a 400 naming it."""
+    """A validator of `fields`: each absent or "not used" (the model's unused_values, _UNUSED), else a 400 naming
+    it."""
     return field_validator(*fields, mode="before")(classmethod(
-        lambda cls, value, info: check_unsupported(value, info, _UNUSED)))
+        lambda cls, value, info: check_unsupported(value, info, cls.unused_values)))
 
 
 def _check_part(value: Any) -> Any:
@@ -106,6 +107,7 @@ class FunctionCallItem(FunctionCall):
     caller: Any = None
     async_: Any = Field(None, alias="async")
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("namespace", "caller", "async_")
 
 
@@ -119,6 +121,7 @@ class FunctionCallOutputItem(Strict):
     namespace: Any = None
     caller: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("namespace", "caller")
 
     @property
@@ -204,6 +207,7 @@ class FunctionTool(Strict):
     allowed_callers: Any = None
     output_schema: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
@@ -236,6 +240,7 @@ class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
     verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("verbosity")
 
 
@@ -264,6 +269,7 @@ class ResponsePromptCacheOptions(Strict):
     comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
     prewarm: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("prewarm")
 
 
@@ -309,6 +315,7 @@ class ResponseCreateRequest(Strict):
     moderation: Any = None
     truncation: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused(*UNSUPPORTED_FIELDS)
 
     @field_validator("tool_choice", mode="before")
