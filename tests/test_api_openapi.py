@@ -10,7 +10,7 @@ import pytest
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
-from nanoqwen.api.responses_schemas import parse_responses_request
+from nanoqwen.api.responses_schemas import INCLUDES, parse_responses_request
 from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request
 
@@ -67,20 +67,27 @@ def _validator(path: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator({**body, "components": DOC["components"]})
 
 
-@pytest.mark.parametrize("body", [
-    {"messages": HI, "stop": ["s"] * MAX_STOP_STRINGS},
-    {"messages": HI, "stop": ["s"] * (MAX_STOP_STRINGS + 1)},
-    {"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]},
-    {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
-    {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+# What the server does with a body, past the model's validation, before generating.
+SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "/v1/chat/completions": parse_chat_request,
+    "/v1/responses": lambda body: parse_responses_request(body).to_chat([]),
+}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": HI, "stop": ["s"] * MAX_STOP_STRINGS}),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["s"] * (MAX_STOP_STRINGS + 1)}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+    # found by profiles/fuzz_openapi.py: schema-valid, refused
+    ("/v1/responses", {}),
+    ("/v1/responses", {"instructions": "be brief"}),
+    ("/v1/responses", {"input": "hi", "include": [""]}),
+    ("/v1/responses", {"input": "hi", "include": list(INCLUDES)}),
 ])
-def test_the_document_encodes_the_validators_rules(body: dict[str, Any]) -> None:
-    try:
-        parse_chat_request(body)
-        accepted = True
-    except APIError:
-        accepted = False
-    assert _validator("/v1/chat/completions").is_valid(body) == accepted
+def test_the_document_encodes_the_validators_rules(path: str, body: dict[str, Any]) -> None:
+    assert _validator(path).is_valid(body) == (_status(SERVER[path], body) == 200)
 
 
 def test_a_served_name_equal_to_the_model_id_is_listed_once() -> None:

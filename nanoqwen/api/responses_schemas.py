@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -23,6 +23,7 @@ from nanoqwen.api.schemas import (
     PromptCacheBreakpoint,
     Strict,
     TextFormat,
+    _document_refused,
     _string_or_not,
     _text_or,
     check_unsupported,
@@ -33,6 +34,7 @@ from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 REASONING_INCLUDE = "reasoning.encrypted_content"
+INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
@@ -277,7 +279,17 @@ class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
 
+def _request_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+    """to_chat's rule in the JSON schema (the OpenAPI document's): a prompt from the input, the instructions or the
+    previous response."""
+    _document_refused(schema, model)
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("input", "instructions", "previous_response_id")]
+
+
 class ResponseCreateRequest(Strict):
+    model_config = ConfigDict(json_schema_extra=_request_schema)
+
     model: str | None = None
     input: _text_or(InputItem) = Field(default_factory=list)
     instructions: str | None = None
@@ -285,7 +297,7 @@ class ResponseCreateRequest(Strict):
     store: bool | None = True
     stream: bool | None = False
     stream_options: ResponseStreamOptions | None = None
-    include: list[str] | None = None
+    include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": list(INCLUDES)}})
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -330,7 +342,7 @@ class ResponseCreateRequest(Strict):
     @classmethod
     def _check_include(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
-            if name not in (LOGPROBS_INCLUDE, REASONING_INCLUDE):
+            if name not in INCLUDES:
                 raise PydanticCustomError("unsupported", "include \"{name}\": this server does not produce it",
                                           {"name": name})
         return value
