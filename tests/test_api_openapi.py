@@ -70,6 +70,7 @@ def _validator(path: str) -> jsonschema.Draft202012Validator:
 # What the server does with a body, past the model's validation, before generating.
 SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     "/v1/chat/completions": parse_chat_request,
+    "/v1/completions": parse_completion_request,
     "/v1/responses": lambda body: parse_responses_request(body).to_chat([]),
 }
 
@@ -85,6 +86,12 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/responses", {"instructions": "be brief"}),
     ("/v1/responses", {"input": "hi", "include": [""]}),
     ("/v1/responses", {"input": "hi", "include": list(INCLUDES)}),
+    ("/v1/responses", {"input": "hi", "stream_options": {}}),
+    ("/v1/responses", {"input": "hi", "stream": True, "stream_options": {}}),
+    ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
+    ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
 ])
 def test_the_document_encodes_the_validators_rules(path: str, body: dict[str, Any]) -> None:
     assert _validator(path).is_valid(body) == (_status(SERVER[path], body) == 200)
@@ -129,3 +136,10 @@ def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None
     service = ResponsesService(chat=None)
     assert _status(service.retrieve, "resp_x", {"stream": "false"}) == 404  # past the query check
     assert _status(service.retrieve, "resp_x", {"stream": "true"}) == 400
+
+
+def test_an_empty_call_id_is_refused_naming_it() -> None:
+    """Found by profiles/fuzz_openapi.py: it passed, and chat's tool message then refused it as 'messages.[0]'."""
+    with pytest.raises(APIError) as refused:
+        parse_responses_request({"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]})
+    assert refused.value.param == "input.[0].call_id"

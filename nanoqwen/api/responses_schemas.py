@@ -23,7 +23,7 @@ from nanoqwen.api.schemas import (
     PromptCacheBreakpoint,
     Strict,
     TextFormat,
-    _document_refused,
+    _sampling_schema,
     _string_or_not,
     _text_or,
     check_unsupported,
@@ -115,7 +115,7 @@ class FunctionCallItem(FunctionCall):
 
 class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
-    call_id: str
+    call_id: str = Field(min_length=1)  # chat's tool message needs one: refused here, naming this field
     output: _text_or(Annotated[InputText, BeforeValidator(_check_part)])
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
@@ -280,9 +280,9 @@ class ResponseStreamOptions(Strict):
 
 
 def _request_schema(schema: dict[str, Any], model: type[Strict]) -> None:
-    """to_chat's rule in the JSON schema (the OpenAPI document's): a prompt from the input, the instructions or the
-    previous response."""
-    _document_refused(schema, model)
+    """to_chat's and parse_responses_request's rules in the JSON schema (the OpenAPI document's): a prompt from the
+    input, the instructions or the previous response; stream_options with stream only."""
+    _sampling_schema(schema, model)
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
                        for name in ("input", "instructions", "previous_response_id")]
 

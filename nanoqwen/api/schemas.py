@@ -357,9 +357,17 @@ class ChatPrompt(Strict):
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
 
 
+def _sampling_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+    """The request's rule that pydantic cannot derive, in its JSON schema: stream_options only with stream true."""
+    _document_refused(schema, model)
+    schema["allOf"] = [{"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}]
+
+
 class SamplingFields(Strict):
     """The sampling fields chat and legacy completions share, OpenAI's and vLLM's."""
 
+    model_config = ConfigDict(json_schema_extra=_sampling_schema)
     unused_values = _UNUSED_VALUES
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
