@@ -122,7 +122,7 @@ def test_int8_without_scratch(m, dtype):
                                    linear_int8_torch(x, w, scale).float(), **tol)
 
 
-@pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supported(),
+@pytest.mark.skipif(cpu_int4.KERNEL.build() and not cpu_int4.supported(),  # a failed build fails the test
                     reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the kernel's requirement)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,g", [(1, 64), (2, 128), (5, 64), (9, 256)])
