@@ -10,6 +10,7 @@ restart).
 
     pip install -e ".[test,fuzz]"   # the tests' checkpoint and server helpers, and schemathesis
     python profiles/fuzz_openapi.py --max-examples 100 --seconds 600
+    python profiles/fuzz_openapi.py --paths '^/v1/responses' --seconds 300   # only the operations of these paths
 
 The server serves the tests' tiny random checkpoint with a short context (--max-model-len), which bounds every
 generation; positive cases' `max_tokens` and `n` are lowered further (to values the schema allows) so that
@@ -60,6 +61,7 @@ class FuzzConfig:
     max_examples: int = 100  # per operation and mode
     seconds: float = 600.0  # the whole run stops starting examples past this
     seed: int = 0
+    paths: str = ""  # a regular expression the operations' paths match (re.search); "": all of them
     max_model_len: int = 128
     max_stall_ms: float = 300.0
     health_interval_s: float = 0.05
@@ -223,6 +225,8 @@ def fuzz(config: FuzzConfig) -> Summary:
     with GunicornServer(env, log_path) as srv:
         summary.worker_pid_before = worker_pid(srv.url)
         schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
+        if config.paths:
+            schema = schema.include(path_regex=config.paths)
         probe = HealthProbe(srv.url, config.health_interval_s)
         probe.start()
         deadline = t0 + config.seconds
@@ -283,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=defaults.max_examples)
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--paths", default=defaults.paths, help="only the operations whose path matches this regex")
     parser.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     parser.add_argument("--max-stall-ms", type=float, default=defaults.max_stall_ms)
     parser.add_argument("--out", type=Path, default=defaults.out)
     args = parser.parse_args(argv)
-    config = FuzzConfig(max_examples=args.max_examples, seconds=args.seconds, seed=args.seed,
+    config = FuzzConfig(max_examples=args.max_examples, seconds=args.seconds, seed=args.seed, paths=args.paths,
                         max_model_len=args.max_model_len, max_stall_ms=args.max_stall_ms, out=args.out)
     summary = fuzz(config)
     problems = verdict(summary, config)

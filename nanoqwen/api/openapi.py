@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from nanoqwen.api.responses_schemas import ResponseCreateRequest
+from nanoqwen.api.responses_store import MAX_LIST_LIMIT
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
@@ -24,6 +25,16 @@ RESPONSE_STREAM = {**JSON, "text/event-stream": {"schema": {
         "event": {"type": "string", "description": "the event's type"},
         "data": {"type": "string", "description": "the event's JSON"}}}}}
 PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Prometheus' text format"}}}
+# The query parameters' schemas by (method, path), as the server reads them (responses_api.py, list_page).
+QUERY: dict[tuple[str, str], dict[str, Any]] = {
+    ("get", "/v1/responses/{response_id}"): {
+        "stream": {"type": "string", "enum": ["false"], "description": "the events are not kept: false only"}},
+    ("get", "/v1/responses/{response_id}/input_items"): {
+        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20},
+        "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+        "after": {"type": "string", "description": "an input item's id"},
+        "before": {"type": "string", "description": "an input item's id"}},
+}
 # (method, path, summary, request models (one of), the 200 answer's content)
 ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]]] = [
     ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), STREAM),
@@ -49,14 +60,18 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
-def _operation(path: str, summary: str, models: tuple[type[BaseModel], ...], ok: dict[str, Any]) -> dict[str, Any]:
+def _operation(method: str, path: str, summary: str, models: tuple[type[BaseModel], ...],
+               ok: dict[str, Any]) -> dict[str, Any]:
     error = {"description": "OpenAI-style error",
              "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
     operation: dict[str, Any] = {"summary": summary,
                                  "responses": {"200": {"description": "OK", "content": ok}, "4XX": error, "5XX": error}}
-    if names := re.findall(r"\{(\w+)\}", path):
-        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                   for name in names]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in re.findall(r"\{(\w+)\}", path)]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+                   for name, schema in QUERY.get((method, path), {}).items()]
+    if parameters:
+        operation["parameters"] = parameters
     if models:
         refs = [{"$ref": REF.format(model=m.__name__)} for m in models]
         operation["requestBody"] = {"required": True, "content": {"application/json": {
@@ -71,10 +86,11 @@ def openapi_document(title: str, version: str, served: tuple[str, ...]) -> dict[
     _, schemas = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     for schema in schemas["$defs"].values():
         if "model" in schema.get("properties", {}):
-            schema["properties"]["model"] = {"anyOf": [{"enum": list(served)}, {"type": "null"}], "default": None,
+            schema["properties"]["model"] = {"anyOf": [{"enum": list(dict.fromkeys(served))}, {"type": "null"}],
+                                             "default": None,
                                              "description": "the served model (null: the same)"}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, ms, ok in ENDPOINTS:
-        paths.setdefault(path, {})[method] = _operation(path, summary, ms, ok)
+        paths.setdefault(path, {})[method] = _operation(method, path, summary, ms, ok)
     return {"openapi": "3.1.0", "info": {"title": title, "version": version}, "paths": paths,
             "components": {"schemas": {**schemas["$defs"], "Error": ERROR}}}

@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -23,6 +23,7 @@ from nanoqwen.api.schemas import (
     PromptCacheBreakpoint,
     Strict,
     TextFormat,
+    _sampling_schema,
     _string_or_not,
     _text_or,
     check_unsupported,
@@ -33,6 +34,7 @@ from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 REASONING_INCLUDE = "reasoning.encrypted_content"
+INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
@@ -44,9 +46,10 @@ UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "promp
 
 
 def refused_unless_unused(*fields: str) -> Any:
-    """A validator of `fields`: each absent or "not used" (_UNUSED), else a 400 naming it."""
+    """A validator of `fields`: each absent or "not used" (the model's unused_values, _UNUSED), else a 400 naming
+    it."""
     return field_validator(*fields, mode="before")(classmethod(
-        lambda cls, value, info: check_unsupported(value, info, _UNUSED)))
+        lambda cls, value, info: check_unsupported(value, info, cls.unused_values)))
 
 
 def _check_part(value: Any) -> Any:
@@ -106,12 +109,13 @@ class FunctionCallItem(FunctionCall):
     caller: Any = None
     async_: Any = Field(None, alias="async")
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("namespace", "caller", "async_")
 
 
 class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
-    call_id: str
+    call_id: str = Field(min_length=1)  # chat's tool message needs one: refused here, naming this field
     output: _text_or(Annotated[InputText, BeforeValidator(_check_part)])
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
@@ -119,6 +123,7 @@ class FunctionCallOutputItem(Strict):
     namespace: Any = None
     caller: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("namespace", "caller")
 
     @property
@@ -204,6 +209,7 @@ class FunctionTool(Strict):
     allowed_callers: Any = None
     output_schema: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
@@ -236,6 +242,7 @@ class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
     verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("verbosity")
 
 
@@ -264,6 +271,7 @@ class ResponsePromptCacheOptions(Strict):
     comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
     prewarm: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused("prewarm")
 
 
@@ -271,7 +279,17 @@ class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
 
+def _request_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+    """to_chat's and parse_responses_request's rules in the JSON schema (the OpenAPI document's): a prompt from the
+    input, the instructions or the previous response; stream_options with stream only."""
+    _sampling_schema(schema, model)
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("input", "instructions", "previous_response_id")]
+
+
 class ResponseCreateRequest(Strict):
+    model_config = ConfigDict(json_schema_extra=_request_schema)
+
     model: str | None = None
     input: _text_or(InputItem) = Field(default_factory=list)
     instructions: str | None = None
@@ -279,7 +297,7 @@ class ResponseCreateRequest(Strict):
     store: bool | None = True
     stream: bool | None = False
     stream_options: ResponseStreamOptions | None = None
-    include: list[str] | None = None
+    include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": list(INCLUDES)}})
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -309,6 +327,7 @@ class ResponseCreateRequest(Strict):
     moderation: Any = None
     truncation: Any = None
 
+    unused_values = _UNUSED
     _unsupported = refused_unless_unused(*UNSUPPORTED_FIELDS)
 
     @field_validator("tool_choice", mode="before")
@@ -323,7 +342,7 @@ class ResponseCreateRequest(Strict):
     @classmethod
     def _check_include(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
-            if name not in (LOGPROBS_INCLUDE, REASONING_INCLUDE):
+            if name not in INCLUDES:
                 raise PydanticCustomError("unsupported", "include \"{name}\": this server does not produce it",
                                           {"name": name})
         return value

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from types import UnionType
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -50,25 +50,28 @@ MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url"
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
-def check_unsupported(value: Any, info: ValidationInfo,
-                      unused: Mapping[str, tuple[Any, ...]] = _UNUSED_VALUES) -> None:
+def check_unsupported(value: Any, info: ValidationInfo, unused: Mapping[str, tuple[Any, ...]]) -> None:
     """None for an absent or "not used" value (`unused`: the values besides null, by field); raises naming the
     field otherwise."""
-    if value is None or value in unused.get(info.field_name, ()):
+    # by type too, as JSON (and the document's enum) tells them apart: 0 is not false
+    if value is None or any(type(value) is type(u) and value == u for u in unused.get(info.field_name, ())):
         return None
     raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
-def _document_refused(schema: dict[str, Any], model: type[BaseModel]) -> None:
+def _document_refused(schema: dict[str, Any], model: type[Strict]) -> None:
     """The JSON schema of a field refused unless absent or unused (typed Any, see UNSUPPORTED_FIELDS): what passes,
-    null or an unused value, so that the OpenAPI document does not offer what the server refuses."""
-    for name, prop in schema.get("properties", {}).items():
-        if name in model.model_fields and model.model_fields[name].annotation is Any:
-            prop["enum"] = [None, *_UNUSED_VALUES.get(name, ())]
+    null or one of the model's unused_values, so that the OpenAPI document does not offer what the server refuses."""
+    for name, field in model.model_fields.items():
+        if field.annotation is Any:
+            schema["properties"][field.alias or name]["enum"] = [None, *model.unused_values.get(name, ())]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_document_refused)
+    # Values besides null that its fields typed Any (refused unless absent or "not used") accept, by field name:
+    # what their validators (check_unsupported) and the document (_document_refused) both read.
+    unused_values: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
 
 
 class FunctionDefinition(Strict):
@@ -220,14 +223,18 @@ class Prediction(Strict):
     content: _text_or(TextPart)
 
 
+REFUSAL_PART = {"type": "object", "required": ["type"], "properties": {"type": {"const": "refusal"}}}
+
+
 def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
     """ChatMessage._content_required's rules in its JSON schema (the OpenAPI document's), which pydantic cannot
     derive from a model validator."""
     _document_refused(schema, model)
     schema["allOf"] = [
         {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
-         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}},
-                                                          "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
+         "then": {"required": ["content"], "properties": {
+             "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
+             "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -235,6 +242,7 @@ def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
 
 class ChatMessage(Strict):
     model_config = ConfigDict(json_schema_extra=_message_schema)
+    unused_values = _UNUSED_VALUES
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None
@@ -251,7 +259,7 @@ class ChatMessage(Strict):
     @field_validator(*UNSUPPORTED_MESSAGE_FIELDS, mode="before")
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return check_unsupported(value, info)
+        return check_unsupported(value, info, cls.unused_values)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -349,14 +357,25 @@ class ChatPrompt(Strict):
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
 
 
+def _sampling_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+    """The request's rule that pydantic cannot derive, in its JSON schema: stream_options only with stream true."""
+    _document_refused(schema, model)
+    schema["allOf"] = [{"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}]
+
+
 class SamplingFields(Strict):
     """The sampling fields chat and legacy completions share, OpenAI's and vLLM's."""
+
+    model_config = ConfigDict(json_schema_extra=_sampling_schema)
+    unused_values = _UNUSED_VALUES
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    # max_length: as NonEmptyStr's min_length, checked by _check_stop first, for the OpenAPI document
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(None, **INT64)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -377,7 +396,7 @@ class SamplingFields(Strict):
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
     def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return check_unsupported(value, info)
+        return check_unsupported(value, info, cls.unused_values)
 
     @field_validator("stop", mode="before")
     @classmethod

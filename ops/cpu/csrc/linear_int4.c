@@ -483,7 +483,8 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
             act_quant_rows(arranged, 0, 1, (int)len, pieces, 0, acts.q + (long)m * pieces * len, acts.a + m * pieces);
         }
     }
-    struct linear_int4_args a = {acts, w, scale, offset, y, M, N, K, G, pieces, bf16, pool_rows_per_chunk(K / 2), x};
+    struct linear_int4_args a = {.x = acts, .w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
+                                 .G = G, .P = pieces, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2)};
     if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
         int8_t *q = acts.quads + (size_t)M * pieces * K;
         for (int g = 0; g < K / G; g++)

@@ -1,0 +1,145 @@
+"""The OpenAPI document agrees with the validators it is generated from, where pydantic cannot derive it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jsonschema
+import pytest
+
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.openapi import openapi_document
+from nanoqwen.api.responses_api import ResponsesService
+from nanoqwen.api.responses_schemas import INCLUDES, parse_responses_request
+from nanoqwen.api.responses_store import list_page
+from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request
+
+DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
+SCHEMAS = DOC["components"]["schemas"]
+HI = [{"role": "user", "content": "hi"}]
+CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+# A valid request putting `fields` in the model named by the key, and the server's validator of its endpoint.
+PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "ChatCompletionRequest": lambda f: parse_chat_request({"messages": HI, **f}),
+    "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}),
+    "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}),
+    "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}),
+    "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}),
+    "FunctionCallOutputItem": lambda f: parse_responses_request(
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": "4", **f}]}),
+    "FunctionTool": lambda f: parse_responses_request({"input": "hi", "tools": [{"type": "function", "name": "f",
+                                                                                  **f}]}),
+    "TextConfig": lambda f: parse_responses_request({"input": "hi", "text": f}),
+    "ResponsePromptCacheOptions": lambda f: parse_responses_request({"input": "hi", "prompt_cache_options": f}),
+}
+# Beside a field's documented values: each is refused unless it is one of them (JSON tells 0 from false).
+OUTSIDE: tuple[Any, ...] = (0, 1, True, False, "other", "none", [], ["text"], {"x": 1})
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _refused_fields() -> list[tuple[str, str, list[Any]]]:
+    """(model, property, documented values) of each field refused unless absent or unused: an enum holding null."""
+    return [(model, name, prop["enum"]) for model, schema in SCHEMAS.items()
+            for name, prop in schema.get("properties", {}).items() if None in prop.get("enum", [])]
+
+
+def test_every_model_with_refused_fields_is_placed() -> None:
+    assert {model for model, _, _ in _refused_fields()} == set(PLACES)
+    assert ("FunctionCallItem", "async", [None, False]) in _refused_fields()  # by its alias
+
+
+@pytest.mark.parametrize("model,name,documented", _refused_fields(), ids=lambda v: str(v))
+def test_the_document_allows_exactly_what_the_validator_accepts(model: str, name: str, documented: list[Any]) -> None:
+    for value in documented:
+        PLACES[model]({name: value})
+    for value in OUTSIDE:
+        if not any(_same(value, d) for d in documented):
+            with pytest.raises(APIError) as refused:
+                PLACES[model]({name: value})
+            assert refused.value.status == 400 and refused.value.param.endswith(name), (value, refused.value.param)
+
+
+def _validator(path: str) -> jsonschema.Draft202012Validator:
+    body = DOC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return jsonschema.Draft202012Validator({**body, "components": DOC["components"]})
+
+
+# What the server does with a body, past the model's validation, before generating.
+SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "/v1/chat/completions": parse_chat_request,
+    "/v1/completions": parse_completion_request,
+    "/v1/responses": lambda body: parse_responses_request(body).to_chat([]),
+}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": HI, "stop": ["s"] * MAX_STOP_STRINGS}),
+    ("/v1/chat/completions", {"messages": HI, "stop": ["s"] * (MAX_STOP_STRINGS + 1)}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
+    # found by profiles/fuzz_openapi.py: schema-valid, refused
+    ("/v1/responses", {}),
+    ("/v1/responses", {"instructions": "be brief"}),
+    ("/v1/responses", {"input": "hi", "include": [""]}),
+    ("/v1/responses", {"input": "hi", "include": list(INCLUDES)}),
+    ("/v1/responses", {"input": "hi", "stream_options": {}}),
+    ("/v1/responses", {"input": "hi", "stream": True, "stream_options": {}}),
+    ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
+    ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
+])
+def test_the_document_encodes_the_validators_rules(path: str, body: dict[str, Any]) -> None:
+    assert _validator(path).is_valid(body) == (_status(SERVER[path], body) == 200)
+
+
+def test_a_served_name_equal_to_the_model_id_is_listed_once() -> None:
+    model = openapi_document("nanoqwen", "0", ("m", "m"))["components"]["schemas"]["ChatCompletionRequest"]
+    assert model["properties"]["model"]["anyOf"][0]["enum"] == ["m"]
+
+
+def _query(path: str) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p["schema"] for p in DOC["paths"][path]["get"]["parameters"] if p["in"] == "query"}
+
+
+def _status(call: Callable[..., Any], *args: Any) -> int:
+    try:
+        call(*args)
+    except APIError as exc:
+        return exc.status
+    return 200
+
+
+def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> None:
+    query = _query("/v1/responses/{response_id}/input_items")
+    assert set(query) == {"limit", "order", "after", "before"}
+    items = [{"id": f"i{n}"} for n in range(3)]
+    limit = query["limit"]
+    for value, valid in [(limit["minimum"], True), (limit["maximum"], True), (limit["minimum"] - 1, False),
+                         (limit["maximum"] + 1, False)]:
+        assert _status(list_page, items, {"limit": str(value)}) == (200 if valid else 400)
+    for order in query["order"]["enum"]:
+        assert _status(list_page, items, {"order": order}) == 200
+    assert _status(list_page, items, {"order": "up"}) == 400
+    assert _status(list_page, items, {"after": "i1", "before": "i0"}) == 200
+    assert _status(list_page, items, {"after": "missing"}) == 400
+
+
+def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
+    query = _query("/v1/responses/{response_id}")
+    assert query == {"stream": {"type": "string", "enum": ["false"],
+                                "description": query["stream"]["description"]}}
+    service = ResponsesService(chat=None)
+    assert _status(service.retrieve, "resp_x", {"stream": "false"}) == 404  # past the query check
+    assert _status(service.retrieve, "resp_x", {"stream": "true"}) == 400
+
+
+def test_an_empty_call_id_is_refused_naming_it() -> None:
+    """Found by profiles/fuzz_openapi.py: it passed, and chat's tool message then refused it as 'messages.[0]'."""
+    with pytest.raises(APIError) as refused:
+        parse_responses_request({"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]})
+    assert refused.value.param == "input.[0].call_id"
