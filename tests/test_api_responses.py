@@ -3,15 +3,19 @@ itself), its input items' translation to chat messages, and the bounded store.""
 from __future__ import annotations
 
 import json
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
 from nanoqwen.api.responses_api import ITEMS, Draft, ResponseCollector, ResponseEvents
 from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, list_page
+from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
@@ -264,3 +268,31 @@ def test_input_items_pages() -> None:
         with pytest.raises(APIError) as exc:
             list_page(items, args)
         assert exc.value.param == param
+
+
+class _ThreadRecordingStore(ResponseStore):
+    def put(self, response: Json, input_items: list[Json], previous: Any) -> bytes | None:
+        self.thread = threading.get_ident()
+        return super().put(response, input_items, previous)
+
+
+def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:
+    """Its `.done` events each repeat the whole answer's logprobs: built, framed and stored in a native thread."""
+    store = _ThreadRecordingStore()
+    top = [_lp("b")] * 20
+    scored = TokenLogprob(0, "a", -0.5, [97], top)
+    events = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[scored] * 120),
+              Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))]
+    batch = Batch()
+    for event in events:
+        batch.put(event)
+    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
+    stream = ResponseEvents(_draft(store, include=[LOGPROBS], top_logprobs=20), ToolParsing())
+    frames = list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    assert store.thread != threading.get_ident()
+    completed = json.loads(frames[-1].split("data: ", 1)[1])
+    assert completed["type"] == "response.completed"
+    (message,) = completed["response"]["output"]
+    assert len(message["content"][0]["logprobs"]) == 121 and message["content"][0]["text"] == "a" * 120 + "!"
+    assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
