@@ -296,3 +296,14 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
     (message,) = completed["response"]["output"]
     assert len(message["content"][0]["logprobs"]) == 121 and message["content"][0]["text"] == "a" * 120 + "!"
     assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
+
+
+def test_settings_are_echoed_as_openai_does() -> None:
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+             {"type": "function", "name": "g", "parameters": {}, "strict": True, "defer_loading": False}]
+    response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
+    assert response["tools"] == [{"type": "function", "name": "f", "description": None,
+                                  "parameters": {"type": "object"}, "strict": None},
+                                 {"type": "function", "name": "g", "description": None, "parameters": {},
+                                  "strict": True}]
+    assert response["service_tier"] == "default"

@@ -221,8 +221,8 @@ class FunctionTool(Strict):
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:
-        """As a response lists it: OpenAI's FunctionTool fields, the others only as they were sent."""
-        return {**self.model_dump(include={"type", *CHAT_TOOL_FIELDS}), **self.model_dump(exclude_unset=True)}
+        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out)."""
+        return self.model_dump(include={"type", *CHAT_TOOL_FIELDS})
 
 
 class NamedFunction(Strict):
