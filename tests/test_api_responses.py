@@ -2,18 +2,24 @@
 itself), its input items' translation to chat messages, and the bounded store."""
 from __future__ import annotations
 
+import json
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
-from nanoqwen.api.responses_api import Draft, ResponseCollector, ResponseEvents
+from nanoqwen.api.responses_api import ITEMS, Draft, ResponseCollector, ResponseEvents
 from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, list_page
+from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
+LOGPROBS = "message.output_text.logprobs"
 Json = dict[str, Any]
 
 
@@ -48,7 +54,7 @@ def _both(events: list[Event], tools: ToolParsing | None = None, **body: Any) ->
 
 
 def _without_ids(response: Json) -> Json:
-    output = [{k: v for k, v in item.items() if k != "id"} for item in response["output"]]
+    output = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in response["output"]]
     return {**{k: v for k, v in response.items() if k not in ("id", "created_at", "completed_at")}, "output": output}
 
 
@@ -98,6 +104,36 @@ def test_called_functions_are_items_streamed_by_argument_deltas() -> None:
     assert {**streamed, "id": "", "call_id": ""} == {**call, "id": "", "call_id": ""}
 
 
+def _one_open_at_a_time(events: list[Json]) -> list[tuple[str, int, str]]:
+    """(added or done, output index, item type) of the stream's items, checking each is done before the next."""
+    items = [(e["type"].rsplit(".", 1)[1], e["output_index"], e["item"]["type"]) for e in events
+             if e["type"] in ("response.output_item.added", "response.output_item.done")]
+    assert [kind for kind, _, _ in items] == ["added", "done"] * (len(items) // 2)
+    assert [index for _, index, _ in items] == [i for i in range(len(items) // 2) for _ in (0, 1)]
+    return items
+
+
+def test_items_are_streamed_one_at_a_time_in_the_order_written() -> None:
+    """Text, a whole call, more text, a call cut short: each item done before the next one opens; only the cut
+    one incomplete; the collected output in the same order; the message's logprobs its text's tokens only."""
+    texts = ["Sure.", '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>', "\nThen",
+             " more.", '\n<tool_call>\n{"name": "get_time", "arguments": {"zo']
+    events = [Event(text=t, token_ids=[i], logprobs=[_lp(t)]) for i, t in enumerate(texts)]
+    events[-1].finish_reason, events[-1].usage = "length", Usage(7, 5)
+    response, streamed = _both(events, ToolParsing(enabled=True), include=[LOGPROBS])
+    items = _one_open_at_a_time(streamed)
+    assert [kind for _, _, kind in items[::2]] == ["message", "function_call", "message", "function_call"]
+    output = response["output"]
+    assert _without_ids(streamed[-1]["response"]) == _without_ids(response) and response["status"] == "incomplete"
+    assert [(item["type"], item["status"]) for item in output] == [
+        ("message", "completed"), ("function_call", "completed"), ("message", "completed"),
+        ("function_call", "incomplete")]
+    assert (output[1]["arguments"], output[3]["arguments"]) == ('{"zone": "UTC"}', '{"zo')
+    assert [[lp["token"] for lp in item["content"][0]["logprobs"]] for item in output[::2]] == [["Sure."],
+                                                                                                ["\nThen", " more."]]
+    assert [item["content"][0]["text"] for item in output[::2]] == ["Sure.", "Then more."]
+
+
 def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
     events = [Event(text="Par", token_ids=[4], finish_reason="length", usage=Usage(7, 1))]
     response, streamed = _both(events)
@@ -110,14 +146,51 @@ def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
     assert failed["response"]["error"] == {"code": "server_error", "message": "boom"}
 
 
-def test_a_stored_response_keeps_its_input_and_history() -> None:
+def _collected(draft: Draft, events: list[Event], tools: ToolParsing | None = None) -> Json | bytes:
+    collector = ResponseCollector(draft, tools or ToolParsing())
+    for event in events:
+        collector.add(event)
+    return collector.build(events[-1].usage)
+
+
+def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs() -> None:
     store = ResponseStore()
-    response = ResponseCollector(_draft(store, instructions="Be brief."), ToolParsing()).build(Usage(7, 0))
+    body = _collected(_draft(store, instructions="Be brief.", include=[LOGPROBS]), THOUGHT)
+    response = json.loads(body)
     stored = store.get(response["id"])
-    (item,) = stored.input_items
+    assert stored.body == body and response["store"] is True
+    (item,) = stored.items()
     assert item["type"] == "message" and item["content"] == [{"type": "input_text", "text": "Hi"}]
-    assert stored.history == [item, *response["output"]] and stored.response == response
-    assert ResponseCollector(_draft(None), ToolParsing()).build(Usage(7, 0))["store"] is False
+    reasoning, message = response["output"]
+    assert [lp["token"] for lp in message["content"][0]["logprobs"]] == ["Paris", "."]
+    del message["content"][0]["logprobs"]
+    assert json.loads(stored.history) == [item, reasoning, message]
+    assert stored.size == len(stored.body) + len(stored.input_items) + len(stored.history)
+    assert _collected(_draft(None), THOUGHT)["store"] is False
+
+
+def test_a_response_the_store_cannot_hold_says_it_is_not_stored() -> None:
+    store = ResponseStore(max_bytes=500)
+    response = _collected(_draft(store), THOUGHT)
+    assert isinstance(response, dict) and response["store"] is False and store.get(response["id"]) is None
+
+
+def test_a_cut_or_malformed_call_continues() -> None:
+    """The model's own call, cut short or named outside OpenAI's rule, continues by previous_response_id and
+    resent as an item; its arguments reach the template as written."""
+    store = ResponseStore()
+    cut = [Event(text='<tool_call>\n{"name": "ns.g", "arguments": {"b": ', token_ids=[1], finish_reason="length",
+                 usage=Usage(7, 1))]
+    response = json.loads(_collected(_draft(store), cut, ToolParsing(enabled=True)))
+    (call,) = response["output"]
+    assert (call["name"], call["arguments"], call["status"]) == ("ns.g", '{"b": ', "incomplete")
+    history = ITEMS.validate_json(store.get(response["id"]).history)
+    resent = parse_responses_request({"input": [{"role": "user", "content": "Hi"}, call,
+                                                {"type": "function_call_output", "call_id": call["call_id"],
+                                                 "output": "ok"}]})
+    for chat in (parse_responses_request({"input": "Go on"}).to_chat(history), resent.to_chat([])):
+        (sent,) = chat.template_messages()[1]["tool_calls"]
+        assert sent["function"] == {"name": "ns.g", "arguments": '{"b": '}
 
 
 def test_input_items_to_chat_messages() -> None:
@@ -158,26 +231,28 @@ def test_responses_settings_become_chats() -> None:
     assert exc.value.param == "input"
 
 
-def test_the_store_is_bounded_by_count_and_bytes() -> None:
+def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
     def response(i: int, text: str = "") -> Json:
         return {"id": f"resp_{i}", "output": [{"id": f"msg_{i}", "text": text}]}
 
-    store = ResponseStore(max_responses=2, max_bytes=1000)
+    store = ResponseStore(max_responses=2, max_bytes=3000)
     for i in range(3):
-        store.put(response(i), [], None)
+        assert json.loads(store.put(response(i), [], None)) == response(i)
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
-    store.put(response(3, "x" * 900), [], None)  # fits alone: the older ones go
+    store.put(response(3, "x" * 1440), [], None)  # fits alone (it and its history): the older ones go
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
-    store.put(response(4, "x" * 2000), [], None)  # larger than the whole store: not kept
+    assert store.put(response(4, "x" * 1600), [], None) is None  # larger than the whole store: not kept
     assert store.get("resp_4") is None and store.get("resp_3") is not None
     assert store.delete("resp_3") and not store.delete("resp_3")
-    # a continuation holds the earlier items too, and is counted with them
-    store = ResponseStore(max_bytes=1500)
-    store.put(response(3, "x" * 900), [], None)
-    first, follow = store.get("resp_3"), response(5)
+    # a continuation holds the earlier items too, counted once in it: the entries' sizes add up to the bound
+    store = ResponseStore()
+    first = store.get(json.loads(store.put(response(3, "x" * 900), [], None))["id"])
+    follow = response(5)
     store.put(follow, [{"id": "msg_in"}], first)
-    assert store.get("resp_5").history == [*first.history, {"id": "msg_in"}, *follow["output"]]
-    assert store.get("resp_5").size > first.size and store.get("resp_3") is None  # both: past 1500 bytes
+    later = store.get("resp_5")
+    assert json.loads(later.history) == [*json.loads(first.history), {"id": "msg_in"}, *follow["output"]]
+    assert later.size == len(later.body) + len(later.input_items) + len(later.history) < 2 * first.size
+    assert store._bytes == first.size + later.size
 
 
 def test_input_items_pages() -> None:
@@ -193,3 +268,42 @@ def test_input_items_pages() -> None:
         with pytest.raises(APIError) as exc:
             list_page(items, args)
         assert exc.value.param == param
+
+
+class _ThreadRecordingStore(ResponseStore):
+    def put(self, response: Json, input_items: list[Json], previous: Any) -> bytes | None:
+        self.thread = threading.get_ident()
+        return super().put(response, input_items, previous)
+
+
+def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:
+    """Its `.done` events each repeat the whole answer's logprobs: built, framed and stored in a native thread."""
+    store = _ThreadRecordingStore()
+    top = [_lp("b")] * 20
+    scored = TokenLogprob(0, "a", -0.5, [97], top)
+    events = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[scored] * 120),
+              Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))]
+    batch = Batch()
+    for event in events:
+        batch.put(event)
+    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
+    stream = ResponseEvents(_draft(store, include=[LOGPROBS], top_logprobs=20), ToolParsing())
+    frames = list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    assert store.thread != threading.get_ident()
+    completed = json.loads(frames[-1].split("data: ", 1)[1])
+    assert completed["type"] == "response.completed"
+    (message,) = completed["response"]["output"]
+    assert len(message["content"][0]["logprobs"]) == 121 and message["content"][0]["text"] == "a" * 120 + "!"
+    assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
+
+
+def test_settings_are_echoed_as_openai_does() -> None:
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
+             {"type": "function", "name": "g", "parameters": {}, "strict": True, "defer_loading": False}]
+    response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
+    assert response["tools"] == [{"type": "function", "name": "f", "description": None,
+                                  "parameters": {"type": "object"}, "strict": None},
+                                 {"type": "function", "name": "g", "description": None, "parameters": {},
+                                  "strict": True}]
+    assert response["service_tier"] == "default"

@@ -468,9 +468,9 @@ def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
     before = _stats(server)
     body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 400, "stream": True}
     with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as response:
-        lines = response.iter_lines()
-        for _ in range(8):  # event and data lines through the first deltas
-            next(lines)
+        lines = response.iter_lines(decode_unicode=True)
+        while next(lines) != "event: response.output_text.delta":  # through the first delta
+            pass
     _assert_aborted_early(server, before, 400)
 
 

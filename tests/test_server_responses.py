@@ -111,6 +111,8 @@ def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     with client.responses.stream(input="What time is it?", **FORCED) as stream:
         events = list(stream)
     assert _comparable(events[-1].response) == _comparable(response)
+    assert [e.type for e in events if e.type.startswith("response.output_item")] == [
+        "response.output_item.added", "response.output_item.done"]
     deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
     (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(deltas) > 1 and "".join(deltas) == done.arguments == call.arguments and done.name == "get_time"
@@ -206,6 +208,9 @@ def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, para
 
 @pytest.mark.parametrize("field, param", [
     ({"max_output_tokens": 8}, "max_output_tokens"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"service_tier": "cheapest"}, "service_tier"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.[0].call_id"),
@@ -215,3 +220,28 @@ def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, para
 def test_bad_values_are_400s(server: GunicornServer, field: Json, param: str) -> None:
     answer = requests.post(f"{server.url}/v1/responses", json={**GREEDY, "input": "Hi", **field}, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:
+    """The model's call cut by max_output_tokens (its arguments not JSON) continues by previous_response_id, and
+    resent as an item by a client that stores nothing."""
+    cut = client.responses.create(input="What time is it?", **{**FORCED, "max_output_tokens": 16})
+    (call,) = cut.output
+    assert cut.status == call.status == "incomplete" and call.type == "function_call"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(call.arguments)
+    answer = {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+    follow = client.responses.create(input=[answer], previous_response_id=cut.id, tools=TOOLS, **GREEDY)
+    resent = client.responses.create(input=[{"role": "user", "content": "What time is it?"},
+                                            call.model_dump(by_alias=True), answer], store=False, tools=TOOLS,
+                                     **GREEDY)
+    assert follow.output_text == resent.output_text and follow.usage.input_tokens == resent.usage.input_tokens
+
+
+def test_a_continuation_past_the_context_blames_the_history(client: openai.OpenAI) -> None:
+    first = client.responses.create(input="word " * 900, **GREEDY)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input="word " * 200, previous_response_id=first.id, **GREEDY)
+    error = exc.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "previous_response_id"
+    assert "the input and the previous responses' items" in error["message"] and "messages" not in error["message"]

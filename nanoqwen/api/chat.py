@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Response
@@ -18,6 +19,14 @@ def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] |
     """A cheap measure of a chat prompt's size."""
     chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
     return chars + (len(json.dumps(tools)) if tools else 0)
+
+
+@dataclass(frozen=True)
+class PromptName:
+    """Where a too long prompt is: in words (the context-length error's message) and its request field."""
+
+    words: str = "messages"
+    param: str = "messages"
 
 
 class ChatService:
@@ -39,7 +48,8 @@ class ChatService:
         collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
         return serving.respond(batch, stream, collect, trace, environ)
 
-    def start(self, req: ChatCompletionRequest) -> tuple[Batch, SamplingParams, list[int]]:
+    def start(self, req: ChatCompletionRequest,
+              prompt_name: PromptName = PromptName()) -> tuple[Batch, SamplingParams, list[int]]:
         """Compiles the output grammar and templates the prompt off the loop, then submits: the engine's
         stream, the sampling parameters and the prompt's ids."""
         serving = self.serving
@@ -48,10 +58,10 @@ class ChatService:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        prompt = self._encode(req, params.max_tokens)
-        return serving.submit([prompt], params, req.split_reasoning), params, prompt
+        prompt = self._encode(req, params.max_tokens, prompt_name)
+        return serving.submit([prompt], params, req.split_reasoning, prompt_name.param), params, prompt
 
-    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None) -> list[int]:
+    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
         serving = self.serving
         limit = serving.info["max_model_len"]
         messages, tools = req.template_messages(), req.template_tools()
@@ -59,6 +69,7 @@ class ChatService:
             return serving.off_loop(template_chars(messages, tools), serving.engine.encode_messages, messages,
                                     req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
         except PromptTooLongError as exc:
-            raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens)) from None
+            error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)
+            raise invalid_request(error) from None
         except InvalidRequest as exc:
             raise invalid_request(exc) from None

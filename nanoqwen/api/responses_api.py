@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
-from nanoqwen.api.chat import ChatService
+from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.responses import Choice, ReasoningTokens, ToolParsing, logprobs_json
+from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
     InputItem,
     MessageItem,
@@ -28,7 +28,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.sse import sse
-from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser, assemble
+from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 Json = dict[str, Any]
@@ -100,17 +100,21 @@ class Draft:
             "temperature": self.params.temperature,
             "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else choice or "auto",
-            "tools": [tool.model_dump() for tool in req.tools or []],
+            "tools": [tool.echo() for tool in req.tools or []],
             "top_logprobs": req.top_logprobs or 0, "top_p": self.params.top_p, "truncation": "disabled",
             "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
 
-    def finish(self, status: str, output: list[Json], usage: Json) -> Json:
-        """The final response, stored when asked to."""
+    def finish(self, status: str, output: list[Json], usage: Json) -> tuple[Json, bytes | None]:
+        """The final response, stored when asked to, and its encoding when stored; one the store cannot hold
+        says `store: false`."""
         response = self.response(status, output, usage)
-        if self.store is not None:
-            self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.previous)
-        return response
+        if self.store is None:
+            return response, None
+        body = self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.previous)
+        if body is None:
+            response["store"] = False
+        return response, body
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -141,30 +145,26 @@ def _status(finish_reason: str | None) -> str:
 
 @dataclass
 class ResponseCollector:
-    """The events of a non-streamed request into one `response`."""
+    """The events of a non-streamed request into one `response`: the stream's (ResponseEvents), so that both have
+    the same items in the same order. The last event is handled in build, off the loop for a large answer."""
 
     draft: Draft
     tools: ToolParsing
 
     def __post_init__(self) -> None:
-        self._choice = Choice(reasoning_tokens=ReasoningTokens(self.draft.think_end))
+        self._events = ResponseEvents(self.draft, self.tools)
+        self._last: Event | None = None
 
     def add(self, event: Event) -> None:
-        self._choice.add(event)
+        if event.is_last:
+            self._last = event
+        else:
+            self._events.chunks(event)
 
-    def build(self, usage: Usage) -> Json:
-        choice, draft = self._choice, self.draft
-        status = _status(choice.finish_reason)
-        text, reasoning = "".join(choice.text), "".join(choice.reasoning)
-        parser = self.tools.parser()
-        parsed = Parsed(text) if parser is None else parser.feed(text) + parser.finish()
-        calls = assemble(parsed.calls)
-        output = [draft.reasoning_item(_id("rs"), reasoning)] if reasoning else []
-        if parsed.content or not (calls or reasoning):
-            logprobs = _logprobs(choice.logprobs[choice.reasoning_tokens.count:])
-            output.append(_message(_id("msg"), status, [draft.text_part(parsed.content, logprobs)]))
-        output += [_call(_id("fc"), call, status) for call in calls]
-        return draft.finish(status, output, usage_json(usage, choice.reasoning_tokens.count))
+    def build(self, usage: Usage) -> Json | bytes:
+        """The response, encoded when the store encoded it."""
+        self._events.chunks(self._last)
+        return self._events.body or self._events.response
 
 
 @dataclass
@@ -180,7 +180,10 @@ class _Open:
 
 @dataclass
 class ResponseEvents:
-    """The Responses stream events of one request, numbered by `sequence_number`; no `[DONE]` after them."""
+    """The Responses stream events of one request, numbered by `sequence_number`; no `[DONE]` after them.
+
+    One item is open at a time, as OpenAI streams them: each is done before the next is added, in the order the
+    model wrote them. A message's logprobs are its text's tokens': those of tokens a call took are left out."""
 
     draft: Draft
     tools: ToolParsing
@@ -188,18 +191,19 @@ class ResponseEvents:
 
     def __post_init__(self) -> None:
         self._sequence = 0
-        self._output: dict[int, Json] = {}  # the finished items by output_index
-        self._count = 0  # output indices handed out
+        self._output: list[Json] = []  # the finished items
         self._reasoning: _Open | None = None
         self._message: _Open | None = None
-        self._calls: dict[int, _Open] = {}  # by the parser's call index
+        self._call: _Open | None = None
         self._tokens = ReasoningTokens(self.draft.think_end)
         self._parser: ToolCallParser | None = self.tools.parser()
-        self._held: list[TokenLogprob] = []  # content logprobs not sent yet
+        self._held: list[TokenLogprob] = []  # content logprobs not sent yet: text's, or a call's when one comes
         self._finish_reason: str | None = None
+        self.response: Json | None = None  # the final one
+        self.body: bytes | None = None  # its encoding, when stored
 
-    def frame(self, chunk: Json) -> str:
-        return f"event: {chunk['type']}\n{sse(chunk)}"
+    def frame(self, chunk: Json, split: bool = False) -> str:
+        return f"event: {chunk['type']}\n{sse(chunk, split)}"
 
     def _event(self, kind: str, **fields: Any) -> Json:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -213,7 +217,7 @@ class ResponseEvents:
 
     def failure(self, message: str) -> list[Json]:
         error = {"code": "server_error", "message": message}
-        return [self._event("response.failed", response=self.draft.response("failed", self._items(), None, error))]
+        return [self._event("response.failed", response=self.draft.response("failed", self._output, None, error))]
 
     def chunks(self, event: Event) -> list[Json]:
         counted = self._tokens.add(event)
@@ -224,10 +228,12 @@ class ResponseEvents:
             parsed = self._parser.feed(event.text)
             if event.finish_reason is not None:
                 parsed += self._parser.finish()
-        if parsed.content or (self._message is not None and self._held):
+        if parsed.content:
             out += self._text(parsed.content)
         for call in parsed.calls:
             out += self._call_delta(call)
+        if parsed.calls:
+            self._held = []
         if event.finish_reason is not None:
             self._finish_reason = event.finish_reason
         if event.usage is not None:
@@ -235,12 +241,11 @@ class ResponseEvents:
         return out
 
     def _open(self, item: Json) -> tuple[_Open, list[Json]]:
-        opened = _Open(self._count, item["id"])
-        self._count += 1
+        opened = _Open(len(self._output), item["id"])
         return opened, [self._event("response.output_item.added", output_index=opened.index, item=item)]
 
     def _done(self, opened: _Open, item: Json) -> Json:
-        self._output[opened.index] = item
+        self._output.append(item)
         return self._event("response.output_item.done", output_index=opened.index, item=item)
 
     def _where(self, opened: _Open) -> Json:
@@ -268,6 +273,7 @@ class ResponseEvents:
     def _text(self, delta: str) -> list[Json]:
         out = self._close_reasoning()
         if self._message is None:
+            out += self._close_call("completed")
             self._message, added = self._open(_message(_id("msg"), "in_progress", []))
             out += [*added, self._event("response.content_part.added", **self._where(self._message),
                                         part=self.draft.text_part("", []))]
@@ -277,44 +283,58 @@ class ResponseEvents:
         return [*out, self._event("response.output_text.delta", **self._where(self._message), delta=delta,
                                   logprobs=logprobs)]
 
+    def _close_message(self, status: str) -> list[Json]:
+        opened, self._message = self._message, None
+        if opened is None:
+            return []
+        text = "".join(opened.text)
+        part = self.draft.text_part(text, opened.logprobs)
+        return [self._event("response.output_text.done", **self._where(opened), text=text, logprobs=opened.logprobs),
+                self._event("response.content_part.done", **self._where(opened), part=part),
+                self._done(opened, _message(opened.id, status, [part]))]
+
     def _call_delta(self, delta: CallDelta) -> list[Json]:
         out = self._close_reasoning()
         if delta.id is not None:
+            out += [*self._close_message("completed"), *self._close_call("completed")]
             call = ToolCall(delta.name or "", "", delta.id)
-            self._calls[delta.index], added = self._open(_call(_id("fc"), call, "in_progress"))
-            self._calls[delta.index].call = call
+            self._call, added = self._open(_call(_id("fc"), call, "in_progress"))
+            self._call.call = call
             out += added
-        opened = self._calls[delta.index]
+        opened = self._call
         if delta.arguments:
             opened.call.arguments += delta.arguments
             out.append(self._event("response.function_call_arguments.delta", item_id=opened.id,
                                    output_index=opened.index, delta=delta.arguments))
         return out
 
+    def _close_call(self, status: str) -> list[Json]:
+        opened, self._call = self._call, None
+        if opened is None:
+            return []
+        call = opened.call
+        return [self._event("response.function_call_arguments.done", item_id=opened.id, output_index=opened.index,
+                            name=call.name, arguments=call.arguments),
+                self._done(opened, _call(opened.id, call, status))]
+
     def _finish(self, usage: Usage) -> list[Json]:
+        """The open item gets the answer's status (incomplete when cut short), the ones before it stay completed."""
         status = _status(self._finish_reason)
         out = self._close_reasoning()
-        if self._message is None and not self._calls and not self._output:
+        if self._message is None and self._call is None and not self._output:
             out += self._text("")
-        if (opened := self._message) is not None:
-            if self._held:
-                out += self._text("")
-            text = "".join(opened.text)
-            part = self.draft.text_part(text, opened.logprobs)
-            out += [self._event("response.output_text.done", **self._where(opened), text=text,
-                                logprobs=opened.logprobs),
-                    self._event("response.content_part.done", **self._where(opened), part=part),
-                    self._done(opened, _message(opened.id, status, [part]))]
-        for opened in self._calls.values():
-            call = opened.call
-            out += [self._event("response.function_call_arguments.done", item_id=opened.id,
-                                output_index=opened.index, name=call.name, arguments=call.arguments),
-                    self._done(opened, _call(opened.id, call, status))]
-        response = self.draft.finish(status, self._items(), usage_json(usage, self._tokens.count))
-        return [*out, self._event(f"response.{status}", response=response)]
+        if self._message is not None and self._held:
+            out += self._text("")
+        out += [*self._close_message(status), *self._close_call(status)]
+        self.response, self.body = self.draft.finish(status, self._output, usage_json(usage, self._tokens.count))
+        return [*out, self._event(f"response.{status}", response=self.response)]
 
-    def _items(self) -> list[Json]:
-        return [self._output[i] for i in sorted(self._output)]
+
+def _prompt_named(continued: bool) -> PromptName:
+    """What a too long prompt blames: a continuation's is mostly the conversation before it."""
+    if continued:
+        return PromptName("the input and the previous responses' items", "previous_response_id")
+    return PromptName("input", "input")
 
 
 def _renamed(error: APIError) -> APIError:
@@ -338,14 +358,11 @@ class ResponsesService:
         trace = serving.stats.begin()
         req = parse_responses_request(body)
         previous = self._previous(req.previous_response_id)
-        try:
-            history = ITEMS.validate_python(previous.history if previous is not None else [])
-        except ValidationError:  # stored by this server: cannot happen unless the schema changed
-            raise APIError(400, "the previous response cannot be continued", param="previous_response_id") from None
+        history = ITEMS.validate_json(previous.history) if previous is not None else []
         serving.check_serving(req.model)
         try:
             chat_req = req.to_chat(history)
-            batch, params, _ = self.chat.start(chat_req)
+            batch, params, _ = self.chat.start(chat_req, _prompt_named(previous is not None))
         except APIError as exc:
             raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
@@ -369,12 +386,12 @@ class ResponsesService:
             raise _not_found(response_id)
         return stored
 
-    def retrieve(self, response_id: str, args: dict[str, str]) -> Json:
+    def retrieve(self, response_id: str, args: dict[str, str]) -> Response:
         """A stored response; its events replayed (`stream=true`) are not kept, so not offered."""
         if args.get("stream", "false") != "false":
             raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",
                            param="stream", code="unsupported_parameter")
-        return self._stored(response_id).response
+        return Response(self._stored(response_id).body, mimetype="application/json")
 
     def delete(self, response_id: str) -> Json:
         if not self.store.delete(response_id):
@@ -382,4 +399,4 @@ class ResponsesService:
         return {"id": response_id, "object": "response", "deleted": True}
 
     def input_items(self, response_id: str, args: dict[str, str]) -> Json:
-        return list_page(self._stored(response_id).input_items, args)
+        return list_page(self._stored(response_id).items(), args)

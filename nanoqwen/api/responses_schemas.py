@@ -18,11 +18,13 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
-    FunctionCall,
+    ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
     Strict,
     TextFormat,
+    ToolCallMessage,
+    _decode_arguments,
     _sampling_schema,
     _string_or_not,
     _text_or,
@@ -36,6 +38,8 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
+# OpenAI's limits of metadata: keys, a key's and a value's characters
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
 _UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
@@ -99,9 +103,13 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
-class FunctionCallItem(FunctionCall):
+class FunctionCallItem(Strict):
+    """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
+
     type: Literal["function_call"]
     call_id: str
+    name: str
+    arguments: str
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
@@ -191,6 +199,9 @@ InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | 
                       Field(discriminator="type"), BeforeValidator(_check_item)]
 
 
+CHAT_TOOL_FIELDS = {"name", "description", "parameters", "strict"}
+
+
 def _check_tool(value: Any) -> Any:
     if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] != "function":
         raise PydanticCustomError("unsupported", "{type} tools are not implemented (type \"function\" only)",
@@ -213,8 +224,11 @@ class FunctionTool(Strict):
     _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
-        return {"type": "function", "function": self.model_dump(include={"name", "description", "parameters",
-                                                                          "strict"}, exclude_none=True)}
+        return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
+
+    def echo(self) -> dict[str, Any]:
+        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out)."""
+        return self.model_dump(include={"type", *CHAT_TOOL_FIELDS})
 
 
 class NamedFunction(Strict):
@@ -315,7 +329,7 @@ class ResponseCreateRequest(Strict):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsePromptCacheOptions | None = None
-    service_tier: str | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
     # Refused unless absent or "not used".
     background: Any = None
     background_options: Any = None
@@ -336,6 +350,15 @@ class ResponseCreateRequest(Strict):
         if isinstance(value, dict) and value.get("type") != "function":
             raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
                                       {"type": str(value.get("type"))})
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and (len(value) > METADATA_KEYS or any(len(k) > METADATA_KEY_CHARS for k in value)
+                                  or any(len(v) > METADATA_VALUE_CHARS for v in value.values())):
+            raise ValueError(f"at most {METADATA_KEYS} keys of at most {METADATA_KEY_CHARS} characters, "
+                             f"values of at most {METADATA_VALUE_CHARS}")
         return value
 
     @field_validator("include")
@@ -390,7 +413,37 @@ class ResponseCreateRequest(Strict):
             fmt = self.text.format
             schema = fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
             body["response_format"] = {"type": fmt.type, **({"json_schema": schema} if schema else {})}
-        return parse_chat_request({k: v for k, v in body.items() if v is not None})
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest)
+
+
+class ItemFunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class ItemToolCall(ToolCallMessage):
+    function: ItemFunctionCall  # type: ignore[assignment]
+
+    def to_template(self) -> dict[str, Any]:
+        """The arguments as an object when they are one, else as the model wrote them: Qwen3's template writes
+        a string as is."""
+        try:
+            arguments = _decode_arguments(self.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
+class ItemsChatMessage(ChatMessage):
+    tool_calls: list[ItemToolCall] | None = None  # type: ignore[assignment]
+
+
+class ItemsChatRequest(ChatCompletionRequest):
+    """The chat request of input items, whose calls may be the model's own cut short or malformed ones."""
+
+    messages: list[ItemsChatMessage] = Field(min_length=1)  # type: ignore[assignment]
 
 
 def chat_messages(items: list[Any]) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """The responses this worker stored (`store: true`), for `previous_response_id` and `GET/DELETE /v1/responses/{id}`.
 
 In memory and per worker process: a response is found only by the worker that made it (run one worker,
-or route a conversation to one), and none survives a restart. Bounded by count and by bytes, the
-oldest dropped first.
+or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
+the bytes the bound counts), bounded by count and by bytes, the oldest dropped first.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.engine.threads import native_lock
 
@@ -22,10 +23,31 @@ MAX_LIST_LIMIT = 100
 
 @dataclass(frozen=True)
 class Stored:
-    response: Json
-    input_items: list[Json]  # this request's input items, with ids
-    history: list[Json]  # the items a continuation starts from: the earlier ones, its input, its output
-    size: int
+    body: bytes  # the response, as GET answers it
+    input_items: bytes  # this request's input items, with ids: a JSON list
+    history: bytes  # the items a continuation starts from (the earlier ones, its input, its output): a JSON list
+
+    def items(self) -> list[Json]:
+        return json.loads(self.input_items)
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.input_items) + len(self.history)
+
+
+def _without_logprobs(item: Json) -> Json:
+    """An item as a continuation needs it: its text parts' logprobs never reach the prompt."""
+    content = item.get("content")
+    if not isinstance(content, list) or not any("logprobs" in part for part in content):
+        return item
+    return {**item, "content": [{k: v for k, v in part.items() if k != "logprobs"} for part in content]}
+
+
+def _concat(earlier: bytes, later: bytes) -> bytes:
+    """Two encoded JSON lists as one."""
+    if earlier == b"[]" or later == b"[]":
+        return later if earlier == b"[]" else earlier
+    return earlier[:-1] + b"," + later[1:]
 
 
 class ResponseStore:
@@ -38,21 +60,23 @@ class ResponseStore:
         self._bytes = 0
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> None:
-        """Keeps `response` (its `previous` response's history before it) unless it alone is past max_bytes."""
-        earlier = previous.history if previous is not None else []
-        # the earlier items are counted as the previous entry's whole size, which holds them
-        size = len(json.dumps([response, input_items])) + (previous.size if previous is not None else 0)
-        if size > self.max_bytes:
-            return
-        stored = Stored(response, input_items, [*earlier, *input_items, *response["output"]], size)
+    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> bytes | None:
+        """Keeps `response` (its `previous` response's history before it) and returns its encoding, unless it alone
+        is past max_bytes: then keeps nothing and returns None. Each entry holds its whole history."""
+        items = [_without_logprobs(item) for item in [*input_items, *response["output"]]]
+        later = encode_text(items).encode()
+        history = _concat(previous.history, later) if previous is not None else later
+        stored = Stored(encode_json(response), encode_text(input_items).encode(), history)
+        if stored.size > self.max_bytes:
+            return None
         with self._lock:
             self._pop(response["id"])
             self._entries[response["id"]] = stored
-            self._bytes += size
+            self._bytes += stored.size
             while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.size
+        return stored.body
 
     def get(self, response_id: str) -> Stored | None:
         with self._lock:

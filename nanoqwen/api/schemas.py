@@ -729,7 +729,7 @@ def validate_body(schema: type[Request], body: Any) -> Request:
         raise _api_error(schema, exc.errors(include_url=False)[0]) from None
 
 
-def parse_chat_request(body: Any) -> ChatCompletionRequest:
-    req = validate_body(ChatCompletionRequest, body)
+def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
+    req = validate_body(schema, body)
     _check_combinations(req)
     return req

@@ -40,7 +40,11 @@ class ClientGone(Exception):
 
 class Collector(Protocol):
     def add(self, event: Event) -> None: ...
-    def build(self, usage: Usage) -> Json: ...
+    def build(self, usage: Usage) -> Json | bytes: ...  # bytes: the answer already encoded (encode_json)
+
+
+def _encoded(answer: Json | bytes) -> bytes:
+    return answer if isinstance(answer, bytes) else encode_json(answer)
 
 
 class Streamer(Protocol):
@@ -48,7 +52,7 @@ class Streamer(Protocol):
 
     def opening(self) -> list[Json]: ...
     def chunks(self, event: Event) -> list[Json]: ...
-    def frame(self, chunk: Json) -> str: ...
+    def frame(self, chunk: Json, split: bool = False) -> str: ...
     def failure(self, message: str) -> list[Json]: ...
 
 
@@ -131,6 +135,13 @@ class _Part:
 
     def put(self, event: Event) -> None:
         self.batch.put_part(event, self.offset)
+
+
+def _frames(chunks: Streamer, event: Event, split: bool = False) -> list[str]:
+    out = [chunks.frame(chunk, split) for chunk in chunks.chunks(event)]
+    if event.error is not None:
+        out.extend(chunks.frame(chunk) for chunk in chunks.failure(event.error))
+    return out
 
 
 class Serving:
@@ -244,19 +255,24 @@ class Serving:
         usage = event.usage
         self.stats.finish(trace, usage)
         if weight < LARGE_ANSWER:
-            return builder.build(usage)
-        return Response(self.encoding.run(lambda: encode_json(builder.build(usage))), mimetype="application/json")
+            answer = builder.build(usage)
+            return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
+        return Response(self.encoding.run(lambda: _encoded(builder.build(usage))), mimetype="application/json")
 
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
         finished = False
+        weight = 0
         try:
             for chunk in chunks.opening():
                 yield chunks.frame(chunk)
             for event in self._events(batch, environ):
                 trace.on_event(event)
-                out = [chunks.frame(chunk) for chunk in chunks.chunks(event)]
-                if event.error is not None:
-                    out.extend(chunks.frame(chunk) for chunk in chunks.failure(event.error))
+                weight += answer_weight(event)
+                # the last chunks may repeat the whole answer (a Responses stream's `.done` events)
+                if event.is_last and weight >= LARGE_ANSWER:
+                    out = self.encoding.run(_frames, chunks, event, True)
+                else:
+                    out = _frames(chunks, event)
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
                     if event.error is not None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import error_body
 
 DONE = "data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(obj: Any, split: bool = False) -> str:
+    """`split`: encoded in small C calls (encode_text), for a large chunk built off the loop."""
+    data = encode_text(obj) if split else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))
+    return f"data: {data}\n\n"
 
 
 class DoneFraming:
@@ -19,8 +22,8 @@ class DoneFraming:
 
     ending: ClassVar[str] = DONE
 
-    def frame(self, chunk: dict[str, Any]) -> str:
-        return sse(chunk)
+    def frame(self, chunk: dict[str, Any], split: bool = False) -> str:
+        return sse(chunk, split)
 
     def failure(self, message: str) -> list[dict[str, Any]]:
         return [error_body(message, type="server_error")]

@@ -32,8 +32,9 @@ def prompt_token_limit(max_model_len: int, max_tokens: int | None) -> int:
 
 
 def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,
-                         what: str = "messages") -> InvalidRequest:
-    """`what`: the request field that holds the prompt (`messages`, or `prompt` for completions)."""
+                         what: str = "messages", param: str | None = None) -> InvalidRequest:
+    """`what`: what holds the prompt, in words; `param`: its request field (None: `what`, as `messages`, or
+    `prompt` for completions)."""
     if max_tokens is None:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
                    f"resulted in {prompt_tokens} tokens, leaving none for the completion. "
@@ -42,7 +43,7 @@ def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int
         message = (f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                    f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {what}, {max_tokens} "
                    f"in the completion). Please reduce the length of the {what} or completion.")
-    return InvalidRequest(message, param=what, code="context_length_exceeded")
+    return InvalidRequest(message, param=param or what, code="context_length_exceeded")
 
 
 def _shown(ids: list[int]) -> str:

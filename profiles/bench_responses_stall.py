@@ -1,0 +1,75 @@
+"""How long a streamed Responses answer with logprobs holds the event loop while its last events (each
+repeating the whole answer's logprobs) are built, framed and stored: the longest gap of a 1 ms ticker greenlet.
+
+In process, without a model: crafted engine events through Serving._stream. Run against another checkout
+with PYTHONPATH=<its root>.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import gevent
+
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.responses import ToolParsing
+from nanoqwen.api.responses_api import Draft, ResponseEvents
+from nanoqwen.api.responses_schemas import parse_responses_request
+from nanoqwen.api.responses_store import ResponseStore
+from nanoqwen.api.serving import Batch, Serving
+from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
+
+
+class _Stats:
+    def finish(self, trace: object, usage: Usage) -> None:
+        pass
+
+
+class _Trace:
+    def on_event(self, event: Event) -> None:
+        pass
+
+
+def longest_gap(tokens: int, top: int) -> tuple[float, int]:
+    """(the ticker's longest gap in seconds, the stream's bytes)."""
+    alternatives = [TokenLogprob(1, "b", -1.0, [98], []) for _ in range(top)]
+    scored = TokenLogprob(0, "a", -0.5, [97], alternatives)
+    events = [Event(text="a", token_ids=[1], logprobs=[scored]) for _ in range(tokens - 1)]
+    events.append(Event(text="!", token_ids=[2], logprobs=[scored], finish_reason="stop", usage=Usage(7, tokens)))
+    batch = Batch()
+    for event in events:
+        batch.put(event)
+    req = parse_responses_request({"input": "Hi", "top_logprobs": top, "include": ["message.output_text.logprobs"]})
+    stream = ResponseEvents(Draft(req, SamplingParams(), "m", None, ResponseStore()), ToolParsing())
+    serving = Serving(None, ServerConfig(), _Stats())  # type: ignore[arg-type]
+    ticks: list[float] = []
+
+    def tick() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            gevent.sleep(0.001)
+
+    ticker = gevent.spawn(tick)
+    gevent.sleep(0.01)
+    size = 0
+    for frame in serving._stream(batch, stream, _Trace(), {}):
+        size += len(frame)
+        gevent.sleep(0)  # as a server's write of each frame lets the loop run
+    gevent.sleep(0.01)
+    ticker.kill()
+    return max(b - a for a, b in zip(ticks, ticks[1:])), size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    for _ in range(args.repeat):
+        gap, size = longest_gap(args.tokens, args.top)
+        print(f"tokens={args.tokens} top={args.top} stream={size / 1e6:.1f} MB longest loop gap={gap * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
