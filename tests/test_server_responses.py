@@ -158,6 +158,9 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
     replay = requests.get(f"{server.url}/v1/responses/{first.id}?stream=true", timeout=30)
     assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
+    for route, name in (("", "include[]"), ("/input_items", "include[]"), ("/input_items", "starting_after")):
+        unread = requests.get(f"{server.url}/v1/responses/{first.id}{route}", params={name: "x"}, timeout=30)
+        assert unread.status_code == 400 and unread.json()["error"]["param"] == name
     (item,) = client.responses.input_items.list(first.id).data
     assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
     assert item.id.startswith("msg_")

@@ -344,6 +344,14 @@ def _renamed(error: APIError) -> APIError:
     return error
 
 
+def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
+    """A query parameter we do not read (include, starting_after, ...) is refused by name, not ignored."""
+    for name in args:
+        if name not in known:
+            raise APIError(400, f"Unsupported parameter '{name}' for this route", param=name,
+                           code="unsupported_parameter")
+
+
 def _not_found(response_id: str) -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", code="not_found")
 
@@ -388,6 +396,7 @@ class ResponsesService:
 
     def retrieve(self, response_id: str, args: dict[str, str]) -> Response:
         """A stored response; its events replayed (`stream=true`) are not kept, so not offered."""
+        _check_query(args, ("stream",))
         if args.get("stream", "false") != "false":
             raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",
                            param="stream", code="unsupported_parameter")
@@ -399,4 +408,5 @@ class ResponsesService:
         return {"id": response_id, "object": "response", "deleted": True}
 
     def input_items(self, response_id: str, args: dict[str, str]) -> Json:
+        _check_query(args, ("order", "limit", "after", "before"))
         return list_page(self._stored(response_id).items(), args)
