@@ -3,7 +3,8 @@
 Under nanoqwen's worker (named by nanoqwen's gunicorn config, or by `-k nanoqwen.worker.NanoqwenWorker`
 without it: gunicorn imports the worker class before the app) the worker starts the engine thread
 after the fork, so `--preload` can import this module in the master. Anywhere else, importing it
-starts the engine: the model loads in that thread while `/health` already answers 503.
+starts the engine: the model loads in that thread while `/health` already answers 503 (a child forked
+after that, `--preload` with a plain worker, has no engine thread: its /health and requests say so).
 """
 import atexit
 import sys

@@ -2,6 +2,7 @@
 sampling, stop strings, aborts."""
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -359,6 +360,21 @@ def test_engine_starts_once_and_stops_at_once_when_never_started(tmp_path):
         failing.start()
     failing.shutdown(timeout=60)
     assert failing.load_error is not None
+
+
+def test_a_forked_child_reports_its_engine_thread_gone(tmp_path):
+    """A fork after start() (gunicorn --preload with a plain worker) leaves the child no engine thread: /health and
+    requests must say why instead of waiting for a model forever."""
+    started = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
+    started.start()
+    started.shutdown(timeout=60)
+    lost = "started before this process forked"
+    assert lost not in started.load_error
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only, never return into pytest
+        os._exit(0 if lost in (started.load_error or "") and not started.ready else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert lost not in started.load_error  # the parent's own engine is untouched
 
 
 def test_encode_messages_matches_the_tokenizer(engine, tiny_checkpoint):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -68,7 +70,18 @@ class Engine:
             raise RuntimeError("the engine is already started")
         self._started = True
         self._stopped.clear()
+        engine = weakref.ref(self)  # the hook outlives engines (tests make many): it must not keep one alive
+        os.register_at_fork(after_in_child=lambda: (e := engine()) is not None and e._lost_in_fork())
         start_native_thread(lambda: self._main(before_ready))
+
+    def _lost_in_fork(self) -> None:
+        """A forked child has no engine thread (`gunicorn -k gevent --preload nanoqwen.wsgi:app` without
+        nanoqwen's worker): /health and every request say so rather than wait for a model forever."""
+        self.ready = False
+        self.load_error = ("the engine was started before this process forked (gunicorn --preload without "
+                           "nanoqwen's worker): serve with `nanoqwen serve` or -k nanoqwen.worker.NanoqwenWorker")
+        self._lock = native_lock()  # the parent's engine thread may have held it at the fork
+        self._stopped.set()
 
     def load(self, before_ready: Callable[[], None] | None = None) -> None:
         """Loads the model in the calling thread (start() does it in the engine thread)."""
