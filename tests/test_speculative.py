@@ -180,9 +180,12 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     monkeypatch.setattr(runner_module, "StepInputBuffer", refuse)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     batch = [prompts[0]] * 3
-    assert [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))] == \
-        [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
+    steps = record_steps(spec_engine, monkeypatch)
+    with_drafts = [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))]
+    monkeypatch.undo()
+    assert with_drafts == [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    assert max(positions(step) for step in steps) > 8
     assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
 
 
@@ -269,6 +272,20 @@ def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_
     assert with_drafts[5] != with_drafts[0] and spec_engine.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
+def test_masked_rows_drafting_past_max_batch_positions(tiny_checkpoint, plain_engine, prompts, cycling, monkeypatch):
+    """Two allowed_token_ids rows, each its own ids, drafting with max_batch=2: a step samples at more masked
+    positions than max_batch, each with its own sequence's mask (the bitmask holds one row per sequence)."""
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2)
+    batch = [prompts[0], cycling[0]]
+    params = [greedy(MAX_TOKENS, allowed_token_ids=sorted(set(prompt))) for prompt in batch]
+    steps = record_steps(engine, monkeypatch)
+    with_drafts = generate_together(engine, batch, params)
+    monkeypatch.undo()
+    assert with_drafts == generate_together(plain_engine, batch, params)
+    assert max(positions(step) for step in steps) > 2
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
 @dataclass
 class Proposal:
     params: SamplingParams  # its row's
@@ -282,6 +299,11 @@ class Step:
     decode: int  # decode rows
     prefill: int  # prompt tokens
     proposals: list[Proposal]
+
+
+def positions(step: Step) -> int:
+    """The positions a step's decode rows sample at: each row's token and its kept drafts."""
+    return step.decode + sum(p.kept for p in step.proposals)
 
 
 def record_steps(engine, monkeypatch) -> list[Step]:
