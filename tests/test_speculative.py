@@ -115,6 +115,16 @@ def test_matcher_agrees_with_brute_force(low, high):
         assert matcher.propose(tokens, 5) == longest_latest_match(tokens, low, high, 5), tokens
 
 
+@pytest.mark.parametrize(("low", "high"), [(1, 4), (5, 5)])
+def test_matcher_on_runs_and_loops(low, high):
+    """Runs of one token and short loops: the latest position of the last token ends the longest match."""
+    matcher = NgramMatcher(low, high)
+    tokens: list[int] = []
+    for token in [5] * 30 + [1, 2, 3] * 10 + [5] * 3 + [1, 2] * 8:
+        tokens.append(token)
+        assert matcher.propose(tokens, 4) == longest_latest_match(tokens, low, high, 4), tokens
+
+
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
     blocks = BlockManager(6, 4)
     request = Request("r", SamplingParams(), EventStream(), 6)
