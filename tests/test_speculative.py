@@ -19,11 +19,12 @@ from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.ngram import NgramMatcher
+from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.runner import runner as runner_module
+from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
@@ -123,6 +124,25 @@ def test_matcher_on_runs_and_loops(low, high):
     for token in [5] * 30 + [1, 2, 3] * 10 + [5] * 3 + [1, 2] * 8:
         tokens.append(token)
         assert matcher.propose(tokens, 4) == longest_latest_match(tokens, low, high, 4), tokens
+
+
+def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
+    """A draft outside allowed_token_ids or with a logit_bias of -100 could never be accepted: the row's drafts
+    end before it (a bias above -100 bans nothing)."""
+    proposer = NgramProposer(SpeculativeConfig("ngram", 4, 3, 1), max_model_len=100)
+
+    def drafts(**params) -> list[int]:
+        request = Request("r", SamplingParams(**params), EventStream(), 6)
+        if request.params.allowed_token_ids is not None:
+            request.allowed_mask = token_bitmask(request.params.allowed_token_ids, 1000)
+        return proposer.propose(Sequence(request, 0, [1, 2, 3, 40, 1, 2], seed=0, max_tokens=10), 10)
+
+    assert drafts() == [3, 40, 1, 2]
+    assert drafts(logit_bias={40: -100.0}) == [3]
+    assert drafts(logit_bias={40: -99.0, 3: 5.0}) == [3, 40, 1, 2]
+    assert drafts(allowed_token_ids=[1, 2, 3]) == [3]
+    assert drafts(allowed_token_ids=[2, 3, 40]) == [3, 40]
+    assert drafts(allowed_token_ids=[1, 2, 3, 40]) == [3, 40, 1, 2]
 
 
 def test_draft_blocks_come_from_free_ones_and_go_back_first():

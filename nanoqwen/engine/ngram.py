@@ -97,4 +97,18 @@ class NgramProposer:
             return []
         if seq.ngram is None:
             seq.ngram = NgramMatcher(self.config.prompt_lookup_min, self.config.prompt_lookup_max)
-        return seq.ngram.propose(seq.token_ids, limit)
+        return _cut_at_banned(seq, seq.ngram.propose(seq.token_ids, limit))
+
+
+def _cut_at_banned(seq: Sequence, drafts: list[int]) -> list[int]:
+    """The drafts before the first one the row may not sample (outside its allowed_token_ids, or a logit_bias
+    of -100, OpenAI's ban): it would never be accepted, and it and those after it would take budget and blocks."""
+    bias = seq.request.params.logit_bias
+    mask = seq.request.allowed_mask
+    if not bias and mask is None:
+        return drafts
+    words = None if mask is None else mask.numpy().view(np.uint32)  # sampler.token_bitmask's layout
+    for i, token in enumerate(drafts):
+        if bias.get(token, 0.0) <= -100 or (words is not None and not words[token // 32] >> (token % 32) & 1):
+            return drafts[:i]
+    return drafts
