@@ -117,7 +117,7 @@ class LogitAdjuster:
         for row, seq in enumerate(seqs):
             params = seq.request.params
             bias = params.logit_bias
-            # Only sequences that never draft have a min_tokens to reach: the ban is one row's.
+            # A sequence with a min_tokens to reach never drafts: its stop ids are banned in one row.
             banned = seq.num_output_tokens < params.min_tokens
             if row and seq is seqs[row - 1]:
                 masked = bool(mask_rows) and mask_rows[-1] == row - 1
