@@ -3,8 +3,8 @@
     python profiles/bench_ngram.py [--lengths 8192 32768] [--lookup 1 4] [--steps 200] [--draw zipf]
         [--baseline GIT_REV] [--out DIR]
 
-Tokens: a Zipf-like draw over Qwen3's vocabulary (seeded), so common tokens recur as in text, or a uniform
-one. Per length:
+Tokens: a Zipf-like draw over Qwen3's vocabulary (seeded), so common tokens recur as in text, a uniform
+one, or one token throughout (`run`: "\n\n\n...", every position a match of every n-gram). Per length:
 the bytes the proposer holds (tracemalloc, after its first proposal), that first proposal's time (what the
 engine thread spends in schedule() when a long prompt's sequence first decodes), then the median of `--steps`
 decode steps (one token appended, one proposal). --baseline: the same for engine/ngram.py as of that
@@ -28,6 +28,7 @@ import common
 
 VOCAB = 151936
 K = 4
+NEWLINE = 198  # Qwen3's "\n"
 
 
 def proposer_module(rev: str | None, tmp: Path) -> ModuleType:
@@ -49,6 +50,8 @@ def make_proposer(module: ModuleType, low: int, high: int):
 
 
 def tokens(length: int, seed: int, draw: str) -> list[int]:
+    if draw == "run":
+        return [NEWLINE] * length
     rng = np.random.default_rng(seed)
     return (rng.zipf(1.3, length) % VOCAB if draw == "zipf" else rng.integers(0, VOCAB, length)).tolist()
 
@@ -80,8 +83,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--lookup", type=int, nargs=2, default=[1, 4], metavar=("MIN", "MAX"))
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--draw", choices=["zipf", "uniform"], default="zipf",
-                        help="uniform: nearly every n-gram new (an index's worst case)")
+    parser.add_argument("--draw", choices=["zipf", "uniform", "run"], default="zipf",
+                        help="uniform: nearly every n-gram new (an index's worst case); run: one token throughout")
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--out", type=Path, default=common.OUT)
     args = parser.parse_args()

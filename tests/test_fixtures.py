@@ -17,7 +17,7 @@ from checkpoints import (
     tokenizer_kind,
     write_tokenizer,
 )
-from engine_util import hf_greedy
+from engine_util import _GREEDY_RUNS, hf_greedy
 
 KINDS = [
     pytest.param(
@@ -251,4 +251,7 @@ def test_hf_greedy_emits_exactly_max_tokens_and_eos_like_ignore_eos(
     assert len(run) == 5 and hf_greedy(model, [11, 12, 13], 3) == run[:3]
     logits = model.lm_head.forward
     monkeypatch.setattr(model.lm_head, "forward", lambda x: logits(x).index_fill(-1, torch.tensor([eos]), 1e4))
-    assert hf_greedy(model, [14, 15, 16], 3) == [eos] * 3  # a prompt of its own: the runs are cached
+    monkeypatch.setitem(_GREEDY_RUNS, model, {})  # the forced run must not stay in the session's cache
+    assert hf_greedy(model, [14, 15, 16], 3) == [eos] * 3
+    monkeypatch.undo()
+    assert hf_greedy(model, [14, 15, 16], 3) != [eos] * 3 and hf_greedy(model, [11, 12, 13], 5) == run

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from nanoqwen.config import EngineConfig, ModelConfig, kv_bytes_per_token, resolve_runtime
+from nanoqwen.config import EngineConfig, ModelConfig, SpeculativeConfig, kv_bytes_per_token, resolve_runtime
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import (
     MAX_STOP_STRINGS,
@@ -68,8 +68,9 @@ def test_info_is_what_health_and_the_fingerprint_read():
     spec = '{"method": "ngram", "num_speculative_tokens": 3}'
     assert resolve(speculative_config=spec).info()["speculative"] == {
         "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 5}
-    config = EngineConfig(model="unused", speculative_config=spec)  # parsed once, when the settings are made
-    assert resolve_runtime(config, MODEL, "/ckpt", CPU, torch.float32, "torch", False).speculative is config.speculative
+    config = EngineConfig(model="unused", speculative_config=spec)
+    assert resolve_runtime(config, MODEL, "/ckpt", CPU, torch.float32, "torch", False).speculative == \
+        SpeculativeConfig("ngram", 3, 5, 5)
 
 
 LIMITS = {"vocab_size": 1000, "max_model_len": 64, "max_batch": 4}

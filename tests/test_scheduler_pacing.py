@@ -78,7 +78,7 @@ def test_a_slow_smallest_chunk_sets_the_floor():
     s = with_streams()
     submit(s, 4000, 50_000)
     assert chunks(step(s, 0.3)) == [MIN_CHUNK]
-    assert s.pacer.floor == pytest.approx(3.0)
+    assert s.pacer.plain.floor == pytest.approx(3.0)
     assert chunks(step(s, 0.32)) == [42]  # 32 × 0.4 / 0.3
     assert s.pacer.tokens == 52  # 42 × 0.4 / 0.32
 
@@ -88,7 +88,7 @@ def test_only_a_step_with_nothing_but_the_smallest_chunk_sets_the_floor():
     submit(s, 4000, 50_000)
     submit(s, 100, 60_000)
     assert chunks(step(s, 3.0)) == [MIN_CHUNK, 100]  # a whole prompt beside it: a slow step, no floor
-    assert s.pacer.floor is None
+    assert s.pacer.plain.floor is None
     assert s.pacer.tokens == MIN_CHUNK
 
 

@@ -2,9 +2,11 @@
 times a prompt's chunks against the streams' verify steps (drafts are no prefill)."""
 from __future__ import annotations
 
+import pytest
+
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.pacing import MIN_CHUNK
+from nanoqwen.engine.pacing import MIN_CHUNK, ChunkPacer
 from nanoqwen.engine.scheduler import Batch, Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
 from nanoqwen.engine.stream import EventStream
@@ -85,7 +87,7 @@ def test_chunks_are_paced_against_the_verify_step():
         seconds = step_seconds(batch)
         scheduler.observe(batch, seconds)
         complete(scheduler, batch)
-    assert scheduler.pacer.decode_s == seconds
+    assert scheduler.pacer.drafting.decode_s == seconds and scheduler.pacer.plain.decode_s is None
     scheduler.add(sequence(3000))
     chunks = []
     for _ in range(6):
@@ -94,3 +96,19 @@ def test_chunks_are_paced_against_the_verify_step():
         scheduler.observe(batch, step_seconds(batch))
         complete(scheduler, batch)
     assert chunks[0] == MIN_CHUNK and chunks[-1] >= 8 * MIN_CHUNK, chunks
+
+
+def test_the_pacer_times_steps_against_their_own_kind():
+    """Streams that draft on some steps (eager, 3 s) and not on others (a graph, 1 s): the two averages stay
+    apart, and a chunk is judged against the decode-only step of its own step's kind."""
+    pacer = ChunkPacer(1.0, 1024)
+    for _ in range(4):
+        pacer.observe(decode_rows=2, prefill_tokens=0, paced_tokens=0, seconds=1.0)
+        pacer.observe(decode_rows=2, prefill_tokens=0, paced_tokens=0, seconds=3.0, drafts=K)
+    assert (pacer.plain.decode_s, pacer.drafting.decode_s) == (1.0, 3.0)
+    pacer.observe(decode_rows=2, prefill_tokens=MIN_CHUNK, paced_tokens=MIN_CHUNK, seconds=3.3, drafts=K)
+    assert pacer.drafting.floor == pytest.approx(1.1) and pacer.plain.floor is None
+    assert pacer.tokens == 61  # 32 × (1.1 + 1) × 3 / 3.3
+    # a chunk step without drafts at (1 + stall) × its decode-only step: on target, the chunk holds
+    pacer.observe(decode_rows=2, prefill_tokens=61, paced_tokens=61, seconds=2.0)
+    assert pacer.tokens == 61

@@ -19,11 +19,12 @@ from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
-from nanoqwen.engine.ngram import NgramMatcher
+from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.runner import runner as runner_module
+from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
@@ -115,6 +116,35 @@ def test_matcher_agrees_with_brute_force(low, high):
         assert matcher.propose(tokens, 5) == longest_latest_match(tokens, low, high, 5), tokens
 
 
+@pytest.mark.parametrize(("low", "high"), [(1, 4), (5, 5)])
+def test_matcher_on_runs_and_loops(low, high):
+    """Runs of one token and short loops: the latest position of the last token ends the longest match."""
+    matcher = NgramMatcher(low, high)
+    tokens: list[int] = []
+    for token in [5] * 30 + [1, 2, 3] * 10 + [5] * 3 + [1, 2] * 8:
+        tokens.append(token)
+        assert matcher.propose(tokens, 4) == longest_latest_match(tokens, low, high, 4), tokens
+
+
+def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
+    """A draft outside allowed_token_ids or with a logit_bias of -100 could never be accepted: the row's drafts
+    end before it (a bias above -100 bans nothing)."""
+    proposer = NgramProposer(SpeculativeConfig("ngram", 4, 3, 1), max_model_len=100)
+
+    def drafts(**params) -> list[int]:
+        request = Request("r", SamplingParams(**params), EventStream(), 6)
+        if request.params.allowed_token_ids is not None:
+            request.allowed_mask = token_bitmask(request.params.allowed_token_ids, 1000)
+        return proposer.propose(Sequence(request, 0, [1, 2, 3, 40, 1, 2], seed=0, max_tokens=10), 10)
+
+    assert drafts() == [3, 40, 1, 2]
+    assert drafts(logit_bias={40: -100.0}) == [3]
+    assert drafts(logit_bias={40: -99.0, 3: 5.0}) == [3, 40, 1, 2]
+    assert drafts(allowed_token_ids=[1, 2, 3]) == [3]
+    assert drafts(allowed_token_ids=[2, 3, 40]) == [3, 40]
+    assert drafts(allowed_token_ids=[1, 2, 3, 40]) == [3, 40, 1, 2]
+
+
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
     blocks = BlockManager(6, 4)
     request = Request("r", SamplingParams(), EventStream(), 6)
@@ -180,9 +210,12 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     monkeypatch.setattr(runner_module, "StepInputBuffer", refuse)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     batch = [prompts[0]] * 3
-    assert [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))] == \
-        [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
+    steps = record_steps(spec_engine, monkeypatch)
+    with_drafts = [r.choices[0].token_ids for r in generate(spec_engine, batch, greedy(MAX_TOKENS))]
+    monkeypatch.undo()
+    assert with_drafts == [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    assert max(positions(step) for step in steps) > 8
     assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
 
 
@@ -269,6 +302,20 @@ def test_rows_that_may_not_draft_decode_beside_drafting_ones(spec_engine, plain_
     assert with_drafts[5] != with_drafts[0] and spec_engine.stats()["spec_decode_num_accepted_tokens"] > 0
 
 
+def test_masked_rows_drafting_past_max_batch_positions(tiny_checkpoint, plain_engine, prompts, cycling, monkeypatch):
+    """Two allowed_token_ids rows, each its own ids, drafting with max_batch=2: a step samples at more masked
+    positions than max_batch, each with its own sequence's mask (the bitmask holds one row per sequence)."""
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2)
+    batch = [prompts[0], cycling[0]]
+    params = [greedy(MAX_TOKENS, allowed_token_ids=sorted(set(prompt))) for prompt in batch]
+    steps = record_steps(engine, monkeypatch)
+    with_drafts = generate_together(engine, batch, params)
+    monkeypatch.undo()
+    assert with_drafts == generate_together(plain_engine, batch, params)
+    assert max(positions(step) for step in steps) > 2
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+
+
 @dataclass
 class Proposal:
     params: SamplingParams  # its row's
@@ -282,6 +329,11 @@ class Step:
     decode: int  # decode rows
     prefill: int  # prompt tokens
     proposals: list[Proposal]
+
+
+def positions(step: Step) -> int:
+    """The positions a step's decode rows sample at: each row's token and its kept drafts."""
+    return step.decode + sum(p.kept for p in step.proposals)
 
 
 def record_steps(engine, monkeypatch) -> list[Step]:

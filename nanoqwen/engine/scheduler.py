@@ -12,7 +12,8 @@ budget, waiting sequences are prefilled whole, alone in their step, as soon as t
 KV pool runs dry during decode, the newest running sequence is preempted: its blocks are freed and
 it is recomputed later. With speculative decoding, decode rows then get drafts (engine/ngram.py) from
 what the prefill left of the budget and of the free KV blocks: drafts never preempt anyone nor keep a
-prompt waiting. A step with drafts is the streams' step: the pacer times chunks against it.
+prompt waiting. A step with drafts is the streams' step: the pacer times a chunk that rides with drafts
+against drafting steps, one without against steps without (ChunkPacer).
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class Scheduler:
     def observe(self, batch: Batch, seconds: float) -> None:
         """The wall time of the step last scheduled, once its tokens are back (its device work done)."""
         if self.pacer is not None:  # drafts are the streams' step: a chunk is paced against what that costs
-            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill), self._paced, seconds)
+            self.pacer.observe(len(batch.decode), sum(n for _, n in batch.prefill), self._paced, seconds,
+                               batch.num_drafts)
 
     def _partial_budget(self, decode: list[Sequence], budget: int) -> int:
         """Tokens this step may spend on chunks that leave their prompt unfinished."""

@@ -35,12 +35,12 @@ class ModelRunner:
         self.buckets = batch_buckets(self.max_batch)
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
-        # A verify step samples at each row's token and drafts, masked or biased at each: up to
-        # max_batch × (1 + k) positions.
+        # A verify step samples at each row's token and drafts: up to max_batch × (1 + k) positions (a
+        # few numbers each); the positions of a sequence share its bitmask row.
         positions = self.max_batch * (1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0))
         self.verify_inputs = StepInputBuffer(positions, 1, self.block_size, device) \
             if positions > self.max_batch else self.inputs
-        self.adjuster = LogitAdjuster(positions, self.config.vocab_size, self.inputs.to_device)
+        self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
                                   self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))

@@ -95,7 +95,7 @@ class LogitAdjuster:
     fills its bitmask row), allowed_token_ids, and min_tokens' ban on the stop ids."""
 
     def __init__(self, rows: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """rows: the most positions a step samples (with drafts, more than its sequences)."""
+        """rows: the most sequences a step samples (a drafting sequence's positions share its row)."""
         self.to_device = to_device
         self.host_bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)
         self._words = self.host_bitmask.numpy().view(np.uint32)  # the same memory, unsigned: plain bit operations
@@ -106,23 +106,31 @@ class LogitAdjuster:
         return any(logits_adjusted(seq) for seq in seqs)
 
     def build(self, seqs: list[Sequence]) -> LogitAdjust | None:
-        """None when no row has a logit bias, a mask or a ban (the step then needs nothing)."""
+        """None when no row has a logit bias, a mask or a ban (the step then needs nothing). A sequence may
+        fill several rows in a row (a drafting one's positions): its mask is filled once, in one bitmask slot."""
         bias_rows: list[int] = []
         bias_tokens: list[int] = []
         bias_values: list[float] = []
         mask_rows: list[int] = []
+        mask_slots: list[int] = []  # each masked row's bitmask slot
+        slots = 0
         for row, seq in enumerate(seqs):
             params = seq.request.params
             bias = params.logit_bias
-            masked = self._fill_mask(seq, len(mask_rows))
-            if seq.num_output_tokens < params.min_tokens:
-                stops = seq.request.all_stop_ids
-                if masked:
-                    self._ban(len(mask_rows), stops)
-                else:
-                    bias = {**bias, **dict.fromkeys(stops, float("-inf"))}
+            # A sequence with a min_tokens to reach never drafts: its stop ids are banned in one row.
+            banned = seq.num_output_tokens < params.min_tokens
+            if row and seq is seqs[row - 1]:
+                masked = bool(mask_rows) and mask_rows[-1] == row - 1
+            else:
+                masked = self._fill_mask(seq, slots)
+                slots += masked
+                if masked and banned:
+                    self._ban(slots - 1, seq.request.all_stop_ids)
+            if banned and not masked:
+                bias = {**bias, **dict.fromkeys(seq.request.all_stop_ids, float("-inf"))}
             if masked:
                 mask_rows.append(row)
+                mask_slots.append(slots - 1)
             bias_rows += [row] * len(bias)
             bias_tokens += bias.keys()
             bias_values += bias.values()
@@ -133,8 +141,10 @@ class LogitAdjuster:
             return self.to_device(torch.tensor(values, dtype=torch.int64))
 
         values = self.to_device(torch.tensor(bias_values, dtype=torch.float32))
-        return LogitAdjust(ids(bias_rows), ids(bias_tokens), values, ids(mask_rows),
-                           self.to_device(self.host_bitmask[: len(mask_rows)]))
+        bitmask = self.to_device(self.host_bitmask[:slots])
+        if len(mask_rows) > slots:  # drafting rows: each position gets its sequence's mask
+            bitmask = bitmask[ids(mask_slots)]
+        return LogitAdjust(ids(bias_rows), ids(bias_tokens), values, ids(mask_rows), bitmask)
 
     def _fill_mask(self, seq: Sequence, slot: int) -> bool:
         """Fills bitmask row `slot` with the tokens `seq` may sample next; False when it may sample any."""
