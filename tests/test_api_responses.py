@@ -307,3 +307,15 @@ def test_settings_are_echoed_as_openai_does() -> None:
                                  {"type": "function", "name": "g", "description": None, "parameters": {},
                                   "strict": True}]
     assert response["service_tier"] == "default"
+
+
+def test_one_event_ending_a_call_and_starting_text() -> None:
+    """The call's tail goes to the call before the text after it closes the call."""
+    texts = ['<tool_call>\n{"name": "get_time", "arguments": {"zone": "UT', 'C"}}\n</tool_call>\nThen more.']
+    events = [Event(text=t, token_ids=[i]) for i, t in enumerate(texts)]
+    events[-1].finish_reason, events[-1].usage = "stop", Usage(7, 2)
+    response, streamed = _both(events, ToolParsing(enabled=True))
+    assert [kind for _, _, kind in _one_open_at_a_time(streamed)[::2]] == ["function_call", "message"]
+    call, message = response["output"]
+    assert call["arguments"] == '{"zone": "UTC"}' and message["content"][0]["text"] == "Then more."
+    assert _without_ids(streamed[-1]["response"]) == _without_ids(response)

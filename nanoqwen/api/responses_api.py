@@ -228,9 +228,13 @@ class ResponseEvents:
             parsed = self._parser.feed(event.text)
             if event.finish_reason is not None:
                 parsed += self._parser.finish()
+        # the open call's tail, then text after it (which closes it), then new calls
+        tail = next((i for i, call in enumerate(parsed.calls) if call.id is not None), len(parsed.calls))
+        for call in parsed.calls[:tail]:
+            out += self._call_delta(call)
         if parsed.content:
             out += self._text(parsed.content)
-        for call in parsed.calls:
+        for call in parsed.calls[tail:]:
             out += self._call_delta(call)
         if parsed.calls:
             self._held = []
