@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from flask import Response
 from pydantic import TypeAdapter
@@ -187,7 +187,8 @@ class ResponseEvents:
 
     draft: Draft
     tools: ToolParsing
-    ending = ""
+    ending: ClassVar[str] = ""
+    repeats_answer: ClassVar[bool] = True  # `response.completed` and the last item's `.done` events
 
     def __post_init__(self) -> None:
         self._sequence = 0
@@ -204,6 +205,10 @@ class ResponseEvents:
 
     def frame(self, chunk: Json, split: bool = False) -> str:
         return f"event: {chunk['type']}\n{sse(chunk, split)}"
+
+    def repeats(self, chunk: Json) -> bool:
+        """An item's `.done` events repeat its text and logprobs."""
+        return chunk["type"].endswith(".done")
 
     def _event(self, kind: str, **fields: Any) -> Json:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
