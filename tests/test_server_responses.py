@@ -241,10 +241,17 @@ def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServe
     assert follow.output_text == resent.output_text and follow.usage.input_tokens == resent.usage.input_tokens
 
 
-def test_a_continuation_past_the_context_blames_the_history(client: openai.OpenAI) -> None:
+def test_a_continuation_past_the_context_blames_the_history_or_the_input(client: openai.OpenAI) -> None:
     first = client.responses.create(input="word " * 900, **GREEDY)
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(input="word " * 200, previous_response_id=first.id, **GREEDY)
     error = exc.value.body
     assert error["code"] == "context_length_exceeded" and error["param"] == "previous_response_id"
-    assert "the input and the previous responses' items" in error["message"] and "messages" not in error["message"]
+    assert "in the input and previous responses' items, 16 in the completion" in error["message"]
+    assert "reduce the length of the input and previous responses' items or" in error["message"]
+    assert "messages" not in error["message"]
+    with pytest.raises(openai.BadRequestError) as exc:  # the new input alone is too long
+        client.responses.create(input="word " * 1100, previous_response_id=first.id, **GREEDY)
+    error = exc.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert "in the input, 16 in the completion" in error["message"] and "previous" not in error["message"]
