@@ -161,6 +161,9 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     for route, name in (("", "include[]"), ("/input_items", "include[]"), ("/input_items", "starting_after")):
         unread = requests.get(f"{server.url}/v1/responses/{first.id}{route}", params={name: "x"}, timeout=30)
         assert unread.status_code == 400 and unread.json()["error"]["param"] == name
+    for limit in ("²", "0", "101", "-1"):  # "²".isdigit(), but int("²") fails
+        refused = requests.get(f"{server.url}/v1/responses/{first.id}/input_items", params={"limit": limit}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "limit"
     (item,) = client.responses.input_items.list(first.id).data
     assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
     assert item.id.startswith("msg_")
