@@ -10,7 +10,13 @@ import pytest
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
-from nanoqwen.api.responses_schemas import INCLUDES, parse_responses_request
+from nanoqwen.api.responses_schemas import (
+    INCLUDES,
+    METADATA_KEY_CHARS,
+    METADATA_KEYS,
+    METADATA_VALUE_CHARS,
+    parse_responses_request,
+)
 from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request
 
@@ -92,6 +98,10 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
+    *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
+        {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},
+        {"k" * METADATA_KEY_CHARS: "v" * METADATA_VALUE_CHARS}, {"k" * (METADATA_KEY_CHARS + 1): "v"},
+        {"k": "v" * (METADATA_VALUE_CHARS + 1)})],
 ])
 def test_the_document_encodes_the_validators_rules(path: str, body: dict[str, Any]) -> None:
     assert _validator(path).is_valid(body) == (_status(SERVER[path], body) == 200)

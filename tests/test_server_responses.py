@@ -215,7 +215,8 @@ def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, para
 @pytest.mark.parametrize("field, param", [
     ({"max_output_tokens": 8}, "max_output_tokens"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
-    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata"),
     ({"service_tier": "cheapest"}, "service_tier"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
