@@ -346,12 +346,13 @@ def test_a_large_chat_streams_last_chunk_stays_on_the_loop() -> None:
 
 def test_settings_are_echoed_as_openai_does() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
-             {"type": "function", "name": "g", "parameters": {}, "strict": True, "defer_loading": False}]
+             {"type": "function", "name": "g", "parameters": {}, "strict": False, "defer_loading": False,
+              "async": False}]
     response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
     assert response["tools"] == [{"type": "function", "name": "f", "description": None,
-                                  "parameters": {"type": "object"}, "strict": None},
+                                  "parameters": {"type": "object"}, "strict": True},
                                  {"type": "function", "name": "g", "description": None, "parameters": {},
-                                  "strict": True}]
+                                  "strict": False}]
     assert response["service_tier"] == "default"
 
 

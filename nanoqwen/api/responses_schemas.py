@@ -218,20 +218,25 @@ class FunctionTool(Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-    # Refused unless absent or "not used": tool search, programmatic calling, a schema for the tool's output.
+    # Refused unless absent or "not used": tool search, programmatic and asynchronous calling, a schema for the
+    # tool's output.
     defer_loading: Any = None
     allowed_callers: Any = None
+    async_: Any = Field(None, alias="async")
     output_schema: Any = None
 
     unused_values = _UNUSED
-    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
+    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "async_", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
+        """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default,
+        the nearest to OpenAI's Responses default (the schema made strict where it can be, not refused)."""
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:
-        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out)."""
-        return self.model_dump(include={"type", *CHAT_TOOL_FIELDS})
+        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out),
+        `strict` true when omitted, OpenAI's Responses default."""
+        return {**self.model_dump(include={"type", *CHAT_TOOL_FIELDS}), "strict": self.strict is not False}
 
 
 class NamedFunction(Strict):
