@@ -58,6 +58,11 @@ def test_every_model_with_refused_fields_is_placed() -> None:
         assert (model, "async", [None, False]) in _refused_fields()  # by its alias
 
 
+def test_a_message_has_no_unused_values_of_a_request() -> None:
+    """A request's `function_call: "none"` means no function call; a message's function_call is a call."""
+    assert ("ChatMessage", "function_call", [None]) in _refused_fields()
+
+
 @pytest.mark.parametrize("model,name,documented", _refused_fields(), ids=lambda v: str(v))
 def test_the_document_allows_exactly_what_the_validator_accepts(model: str, name: str, documented: list[Any]) -> None:
     for value in documented:
