@@ -288,7 +288,10 @@ def _served(stream: Any, events: list[Event]) -> list[str]:
         batch.put(event)
     stats = SimpleNamespace(finish=lambda trace, usage: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
-    return list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    try:
+        return list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    finally:
+        serving.encoding.stop()
 
 
 def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:
