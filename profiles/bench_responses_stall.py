@@ -1,5 +1,6 @@
 """How long a streamed Responses answer with logprobs holds the event loop while its last events (each
 repeating the whole answer's logprobs) are built, framed and stored: the longest gap of a 1 ms ticker greenlet.
+With --call the long text ends in a function call: the message's `.done` events come mid-stream, as the call starts.
 
 In process, without a model: crafted engine events through Serving._stream. Run against another checkout
 with PYTHONPATH=<its root>.
@@ -30,17 +31,22 @@ class _Trace:
         pass
 
 
-def longest_gap(tokens: int, top: int) -> tuple[float, int]:
+CALL = ['<tool_call>\n{"name": "f", "arguments": {"a', '": 1}}\n</tool_call>']
+
+
+def longest_gap(tokens: int, top: int, call: bool) -> tuple[float, int]:
     """(the ticker's longest gap in seconds, the stream's bytes)."""
     alternatives = [TokenLogprob(1, "b", -1.0, [98], []) for _ in range(top)]
     scored = TokenLogprob(0, "a", -0.5, [97], alternatives)
-    events = [Event(text="a", token_ids=[1], logprobs=[scored]) for _ in range(tokens - 1)]
-    events.append(Event(text="!", token_ids=[2], logprobs=[scored], finish_reason="stop", usage=Usage(7, tokens)))
+    ending = CALL if call else ["!"]
+    events = [Event(text="a", token_ids=[1], logprobs=[scored]) for _ in range(tokens - len(ending))]
+    events += [Event(text=text, token_ids=[2], logprobs=[scored]) for text in ending]
+    events[-1].finish_reason, events[-1].usage = "stop", Usage(7, tokens)
     batch = Batch()
     for event in events:
         batch.put(event)
     req = parse_responses_request({"input": "Hi", "top_logprobs": top, "include": ["message.output_text.logprobs"]})
-    stream = ResponseEvents(Draft(req, SamplingParams(), "m", None, ResponseStore()), ToolParsing())
+    stream = ResponseEvents(Draft(req, SamplingParams(), "m", None, ResponseStore()), ToolParsing(enabled=call))
     serving = Serving(None, ServerConfig(), _Stats())  # type: ignore[arg-type]
     ticks: list[float] = []
 
@@ -65,10 +71,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--call", action="store_true", help="the text ends in a function call")
     args = parser.parse_args()
     for _ in range(args.repeat):
-        gap, size = longest_gap(args.tokens, args.top)
-        print(f"tokens={args.tokens} top={args.top} stream={size / 1e6:.1f} MB longest loop gap={gap * 1e3:.0f} ms")
+        gap, size = longest_gap(args.tokens, args.top, args.call)
+        print(f"tokens={args.tokens} top={args.top} call={args.call} stream={size / 1e6:.1f} MB "
+              f"longest loop gap={gap * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """NativePool: CPU work runs in real OS threads while the greenlet that waits for it lets the hub run."""
 from __future__ import annotations
 
+import _thread
 import threading
 import time
 
@@ -51,3 +52,21 @@ def test_pending_jobs_are_bounded() -> None:
     release.set()
     assert [g.get(timeout=10) for g in running] == [True, True]
     assert pool.run(lambda: "free again") == "free again"
+
+
+def _threads_become(count: int) -> bool:
+    """Whether the live native threads become `count` within seconds (a thread counts once it runs)."""
+    deadline = time.monotonic() + 5
+    while _thread._count() != count and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    return _thread._count() == count
+
+
+def test_stop_ends_the_workers() -> None:
+    before = _thread._count()
+    pool = NativePool(workers=2, max_pending=2)
+    assert pool.run(lambda: 1) == 1 and _threads_become(before + 2)
+    pool.stop()
+    assert _threads_become(before)
+    assert pool.run(lambda: 2) == 2  # new workers
+    pool.stop()

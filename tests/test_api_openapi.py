@@ -10,7 +10,13 @@ import pytest
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
-from nanoqwen.api.responses_schemas import INCLUDES, parse_responses_request
+from nanoqwen.api.responses_schemas import (
+    INCLUDES,
+    METADATA_KEY_CHARS,
+    METADATA_KEYS,
+    METADATA_VALUE_CHARS,
+    parse_responses_request,
+)
 from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request
 
@@ -48,7 +54,13 @@ def _refused_fields() -> list[tuple[str, str, list[Any]]]:
 
 def test_every_model_with_refused_fields_is_placed() -> None:
     assert {model for model, _, _ in _refused_fields()} == set(PLACES)
-    assert ("FunctionCallItem", "async", [None, False]) in _refused_fields()  # by its alias
+    for model in ("FunctionCallItem", "FunctionTool"):
+        assert (model, "async", [None, False]) in _refused_fields()  # by its alias
+
+
+def test_a_message_has_no_unused_values_of_a_request() -> None:
+    """A request's `function_call: "none"` means no function call; a message's function_call is a call."""
+    assert ("ChatMessage", "function_call", [None]) in _refused_fields()
 
 
 @pytest.mark.parametrize("model,name,documented", _refused_fields(), ids=lambda v: str(v))
@@ -92,6 +104,10 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
+    *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
+        {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},
+        {"k" * METADATA_KEY_CHARS: "v" * METADATA_VALUE_CHARS}, {"k" * (METADATA_KEY_CHARS + 1): "v"},
+        {"k": "v" * (METADATA_VALUE_CHARS + 1)})],
 ])
 def test_the_document_encodes_the_validators_rules(path: str, body: dict[str, Any]) -> None:
     assert _validator(path).is_valid(body) == (_status(SERVER[path], body) == 200)

@@ -11,11 +11,12 @@ import pytest
 
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.responses import ToolParsing
+from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import ITEMS, Draft, ResponseCollector, ResponseEvents
 from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, list_page
 from nanoqwen.api.serving import Batch, Serving
+from nanoqwen.api.sse import DONE
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
@@ -276,20 +277,28 @@ class _ThreadRecordingStore(ResponseStore):
         return super().put(response, input_items, previous)
 
 
-def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:
-    """Its `.done` events each repeat the whole answer's logprobs: built, framed and stored in a native thread."""
-    store = _ThreadRecordingStore()
-    top = [_lp("b")] * 20
-    scored = TokenLogprob(0, "a", -0.5, [97], top)
-    events = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[scored] * 120),
-              Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))]
+SCORED = TokenLogprob(0, "a", -0.5, [97], [_lp("b")] * 20)
+LONG = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[SCORED] * 120)]  # past LARGE_ANSWER
+
+
+def _served(stream: Any, events: list[Event]) -> list[str]:
+    """The frames of `stream` for `events` through Serving._stream, as the server sends them."""
     batch = Batch()
     for event in events:
         batch.put(event)
     stats = SimpleNamespace(finish=lambda trace, usage: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
-    stream = ResponseEvents(_draft(store, include=[LOGPROBS], top_logprobs=20), ToolParsing())
-    frames = list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    try:
+        return list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+    finally:
+        serving.encoding.stop()
+
+
+def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:
+    """Its `.done` events each repeat the whole answer's logprobs: built, framed and stored in a native thread."""
+    store = _ThreadRecordingStore()
+    events = [*LONG, Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))]
+    frames = _served(ResponseEvents(_draft(store, include=[LOGPROBS], top_logprobs=20), ToolParsing()), events)
     assert store.thread != threading.get_ident()
     completed = json.loads(frames[-1].split("data: ", 1)[1])
     assert completed["type"] == "response.completed"
@@ -298,12 +307,65 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
     assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
 
 
+class _ThreadRecordingEvents(ResponseEvents):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.threads: dict[str, int] = {}  # by chunk type, the thread that framed the last one
+
+    def frame(self, chunk: Json, split: bool = False) -> str:
+        self.threads[chunk["type"]] = threading.get_ident()
+        return super().frame(chunk, split)
+
+
+def test_a_large_message_closed_mid_stream_is_framed_off_the_loop() -> None:
+    """A call starting after a long text closes the message: its `.done` events, repeating its logprobs, are
+    framed in a native thread; the deltas stay on the loop."""
+    calls = [Event(text=t, token_ids=[i], logprobs=[_lp(t)]) for i, t in enumerate(CALL_TEXT)]
+    calls[-1].finish_reason, calls[-1].usage = "stop", Usage(7, 124)
+    stream = _ThreadRecordingEvents(_draft(include=[LOGPROBS], top_logprobs=20), ToolParsing(enabled=True))
+    frames = _served(stream, [*LONG, *calls])
+    here = threading.get_ident()
+    assert stream.threads["response.output_text.done"] != here and stream.threads["response.content_part.done"] \
+        != here
+    assert stream.threads["response.output_text.delta"] == stream.threads["response.function_call_arguments.delta"]\
+        == here
+    message, call = json.loads(frames[-1].split("data: ", 1)[1])["response"]["output"]
+    assert len(message["content"][0]["logprobs"]) == 120 and call["arguments"] == '{"zone": "UTC"}'
+
+
+def test_a_large_chat_streams_last_chunk_stays_on_the_loop() -> None:
+    """Chat's last chunk has the usage, not the answer: it does not wait behind other answers' encoding."""
+
+    class Recording(ChunkBuilder):
+        def frame(self, chunk: Json, split: bool = False) -> str:
+            self.thread = threading.get_ident()
+            return super().frame(chunk, split)
+
+    stream = Recording("m", "fp", include_usage=True)
+    frames = _served(stream, [*LONG, Event(token_ids=[2], finish_reason="stop", usage=Usage(7, 121))])
+    assert stream.thread == threading.get_ident() and frames[-1] == DONE
+    assert json.loads(frames[-2].split("data: ", 1)[1])["usage"]["completion_tokens"] == 121
+
+
 def test_settings_are_echoed_as_openai_does() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
-             {"type": "function", "name": "g", "parameters": {}, "strict": True, "defer_loading": False}]
+             {"type": "function", "name": "g", "parameters": {}, "strict": False, "defer_loading": False,
+              "async": False}]
     response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
     assert response["tools"] == [{"type": "function", "name": "f", "description": None,
-                                  "parameters": {"type": "object"}, "strict": None},
+                                  "parameters": {"type": "object"}, "strict": True},
                                  {"type": "function", "name": "g", "description": None, "parameters": {},
-                                  "strict": True}]
+                                  "strict": False}]
     assert response["service_tier"] == "default"
+
+
+def test_one_event_ending_a_call_and_starting_text() -> None:
+    """The call's tail goes to the call before the text after it closes the call."""
+    texts = ['<tool_call>\n{"name": "get_time", "arguments": {"zone": "UT', 'C"}}\n</tool_call>\nThen more.']
+    events = [Event(text=t, token_ids=[i]) for i, t in enumerate(texts)]
+    events[-1].finish_reason, events[-1].usage = "stop", Usage(7, 2)
+    response, streamed = _both(events, ToolParsing(enabled=True))
+    assert [kind for _, _, kind in _one_open_at_a_time(streamed)[::2]] == ["function_call", "message"]
+    call, message = response["output"]
+    assert call["arguments"] == '{"zone": "UTC"}' and message["content"][0]["text"] == "Then more."
+    assert _without_ids(streamed[-1]["response"]) == _without_ids(response)

@@ -161,6 +161,9 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     for route, name in (("", "include[]"), ("/input_items", "include[]"), ("/input_items", "starting_after")):
         unread = requests.get(f"{server.url}/v1/responses/{first.id}{route}", params={name: "x"}, timeout=30)
         assert unread.status_code == 400 and unread.json()["error"]["param"] == name
+    for limit in ("²", "0", "101", "-1"):  # "²".isdigit(), but int("²") fails
+        refused = requests.get(f"{server.url}/v1/responses/{first.id}/input_items", params={"limit": limit}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "limit"
     (item,) = client.responses.input_items.list(first.id).data
     assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
     assert item.id.startswith("msg_")
@@ -212,7 +215,8 @@ def test_refused_fields_name_themselves(client: openai.OpenAI, field: Json, para
 @pytest.mark.parametrize("field, param", [
     ({"max_output_tokens": 8}, "max_output_tokens"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
-    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata"),
     ({"service_tier": "cheapest"}, "service_tier"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
@@ -241,10 +245,17 @@ def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServe
     assert follow.output_text == resent.output_text and follow.usage.input_tokens == resent.usage.input_tokens
 
 
-def test_a_continuation_past_the_context_blames_the_history(client: openai.OpenAI) -> None:
+def test_a_continuation_past_the_context_blames_the_history_or_the_input(client: openai.OpenAI) -> None:
     first = client.responses.create(input="word " * 900, **GREEDY)
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(input="word " * 200, previous_response_id=first.id, **GREEDY)
     error = exc.value.body
     assert error["code"] == "context_length_exceeded" and error["param"] == "previous_response_id"
-    assert "the input and the previous responses' items" in error["message"] and "messages" not in error["message"]
+    assert "in the input and previous responses' items, 16 in the completion" in error["message"]
+    assert "reduce the length of the input and previous responses' items or" in error["message"]
+    assert "messages" not in error["message"]
+    with pytest.raises(openai.BadRequestError) as exc:  # the new input alone is too long
+        client.responses.create(input="word " * 1100, previous_response_id=first.id, **GREEDY)
+    error = exc.value.body
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert "in the input, 16 in the completion" in error["message"] and "previous" not in error["message"]

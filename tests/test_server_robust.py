@@ -106,6 +106,8 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     with app.app_context():
         assert encode.encode_json(answer) == app.json.response(answer).get_data()
     assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most
+    with pytest.raises(TypeError):  # not `{1:[{}]}`, which is not JSON
+        encode.encode_text({1: [{}]})
 
 
 def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:

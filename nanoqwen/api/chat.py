@@ -58,10 +58,11 @@ class ChatService:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        prompt = self._encode(req, params.max_tokens, prompt_name)
+        prompt = self.encode(req, params.max_tokens, prompt_name)
         return serving.submit([prompt], params, req.split_reasoning, prompt_name.param), params, prompt
 
-    def _encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
+    def encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
+        """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""
         serving = self.serving
         limit = serving.info["max_model_len"]
         messages, tools = req.template_messages(), req.template_tools()

@@ -30,6 +30,8 @@ def _pieces(value: Any, out: list[str]) -> None:
     elif isinstance(value, dict):
         out.append("{")
         for i, (key, item) in enumerate(value.items()):
+            if not isinstance(key, str):  # json.dumps would write 1 as "1": _dumps(1) writes 1, not JSON
+                raise TypeError(f"keys must be str, not {type(key).__name__}")
             out.append(f"{',' if i else ''}{_dumps(key)}:")
             _pieces(item, out)
         out.append("}")

@@ -36,7 +36,7 @@ class NativePool:
     def __init__(self, workers: int, max_pending: int) -> None:
         self.workers = workers
         self.max_pending = max_pending  # running + waiting jobs; past it run() refuses
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self._jobs: collections.deque[_Job | None] = collections.deque()  # None: a worker's end
         self._lock = native_lock()  # held only around deque and counter updates
         self._has_jobs = NativeEvent()
         self._pending = 0
@@ -69,6 +69,14 @@ class NativePool:
                 for _ in range(self.workers):
                     start_native_thread(self._work)
 
+    def stop(self) -> None:
+        """Ends the workers once the jobs before are done (a test's pool); a later run() starts new ones."""
+        with self._lock:
+            if self._started:
+                self._started = False
+                self._jobs.extend([None] * self.workers)
+                self._has_jobs.set()
+
     def _work(self) -> None:
         while True:
             self._has_jobs.wait()
@@ -79,6 +87,8 @@ class NativePool:
                 job = self._jobs.popleft()
                 if not self._jobs:
                     self._has_jobs.clear()
+            if job is None:
+                return
             try:
                 job.value = job.fn(*job.args)
             except BaseException as exc:  # handed to the waiting greenlet

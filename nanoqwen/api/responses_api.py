@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from flask import Response
 from pydantic import TypeAdapter
@@ -187,7 +187,8 @@ class ResponseEvents:
 
     draft: Draft
     tools: ToolParsing
-    ending = ""
+    ending: ClassVar[str] = ""
+    repeats_answer: ClassVar[bool] = True  # `response.completed` and the last item's `.done` events
 
     def __post_init__(self) -> None:
         self._sequence = 0
@@ -204,6 +205,10 @@ class ResponseEvents:
 
     def frame(self, chunk: Json, split: bool = False) -> str:
         return f"event: {chunk['type']}\n{sse(chunk, split)}"
+
+    def repeats(self, chunk: Json) -> bool:
+        """An item's `.done` events repeat its text and logprobs."""
+        return chunk["type"].endswith(".done")
 
     def _event(self, kind: str, **fields: Any) -> Json:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -228,9 +233,13 @@ class ResponseEvents:
             parsed = self._parser.feed(event.text)
             if event.finish_reason is not None:
                 parsed += self._parser.finish()
+        # the open call's tail, then text after it (which closes it), then new calls
+        tail = next((i for i, call in enumerate(parsed.calls) if call.id is not None), len(parsed.calls))
+        for call in parsed.calls[:tail]:
+            out += self._call_delta(call)
         if parsed.content:
             out += self._text(parsed.content)
-        for call in parsed.calls:
+        for call in parsed.calls[tail:]:
             out += self._call_delta(call)
         if parsed.calls:
             self._held = []
@@ -330,11 +339,8 @@ class ResponseEvents:
         return [*out, self._event(f"response.{status}", response=self.response)]
 
 
-def _prompt_named(continued: bool) -> PromptName:
-    """What a too long prompt blames: a continuation's is mostly the conversation before it."""
-    if continued:
-        return PromptName("the input and the previous responses' items", "previous_response_id")
-    return PromptName("input", "input")
+INPUT = PromptName("input", "input")
+HISTORY = PromptName("input and previous responses' items", "previous_response_id")
 
 
 def _renamed(error: APIError) -> APIError:
@@ -370,14 +376,27 @@ class ResponsesService:
         serving.check_serving(req.model)
         try:
             chat_req = req.to_chat(history)
-            batch, params, _ = self.chat.start(chat_req, _prompt_named(previous is not None))
+            batch, params, _ = self.chat.start(chat_req, INPUT if previous is None else HISTORY)
         except APIError as exc:
+            if previous is not None and exc.code == "context_length_exceeded":
+                self._check_input_alone(req)
             raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
                       self.store if req.store is not False else None, previous)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
+
+    def _check_input_alone(self, req: ResponseCreateRequest) -> None:
+        """A continuation too long for the context blames `input` when the new input alone is too long (the
+        history aside), else previous_response_id: templated again, on this error only."""
+        chat_req = req.to_chat([])
+        max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
+        try:
+            self.chat.encode(chat_req, max_tokens, INPUT)
+        except APIError as exc:
+            if exc.code == "context_length_exceeded":
+                raise _renamed(exc) from None
 
     def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:

@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -38,8 +38,11 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
-# OpenAI's limits of metadata: keys, a key's and a value's characters
+# OpenAI's limits of metadata: keys, a key's and a value's characters, on the type so that the document has them
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
+                          Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
+                     Field(max_length=METADATA_KEYS)]
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 # Fields refused unless absent or "not used": each would change what is generated or where it goes.
 _UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
@@ -215,20 +218,25 @@ class FunctionTool(Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-    # Refused unless absent or "not used": tool search, programmatic calling, a schema for the tool's output.
+    # Refused unless absent or "not used": tool search, programmatic and asynchronous calling, a schema for the
+    # tool's output.
     defer_loading: Any = None
     allowed_callers: Any = None
+    async_: Any = Field(None, alias="async")
     output_schema: Any = None
 
     unused_values = _UNUSED
-    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "output_schema")
+    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "async_", "output_schema")
 
     def to_chat(self) -> dict[str, Any]:
+        """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default,
+        the nearest to OpenAI's Responses default (the schema made strict where it can be, not refused)."""
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:
-        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out)."""
-        return self.model_dump(include={"type", *CHAT_TOOL_FIELDS})
+        """As a response lists it: OpenAI's FunctionTool fields (the refused ones accepted as "not used" left out),
+        `strict` true when omitted, OpenAI's Responses default."""
+        return {**self.model_dump(include={"type", *CHAT_TOOL_FIELDS}), "strict": self.strict is not False}
 
 
 class NamedFunction(Strict):
@@ -323,7 +331,7 @@ class ResponseCreateRequest(Strict):
     parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(None, ge=1)
     # Accepted, do not change the answer (metadata is echoed back).
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -350,15 +358,6 @@ class ResponseCreateRequest(Strict):
         if isinstance(value, dict) and value.get("type") != "function":
             raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
                                       {"type": str(value.get("type"))})
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and (len(value) > METADATA_KEYS or any(len(k) > METADATA_KEY_CHARS for k in value)
-                                  or any(len(v) > METADATA_VALUE_CHARS for v in value.values())):
-            raise ValueError(f"at most {METADATA_KEYS} keys of at most {METADATA_KEY_CHARS} characters, "
-                             f"values of at most {METADATA_VALUE_CHARS}")
         return value
 
     @field_validator("include")

@@ -99,7 +99,7 @@ def list_page(items: list[Json], args: dict[str, str]) -> Json:
     if order not in ("asc", "desc"):
         raise APIError(400, "Invalid value for 'order': expected 'asc' or 'desc'", param="order")
     limit = args.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
         raise APIError(400, f"Invalid value for 'limit': an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
     items = items if order == "asc" else items[::-1]
     ids = [item["id"] for item in items]

@@ -242,7 +242,6 @@ def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
 
 class ChatMessage(Strict):
     model_config = ConfigDict(json_schema_extra=_message_schema)
-    unused_values = _UNUSED_VALUES
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None

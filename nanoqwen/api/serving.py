@@ -49,6 +49,10 @@ def _encoded(answer: Json | bytes) -> bytes:
 
 class Streamer(Protocol):
     ending: str  # sent after the last chunk ("" for none)
+    # its final chunks, and those repeats() names, repeat the answer so far: a large one's are framed off the loop
+    repeats_answer: bool
+
+    def repeats(self, chunk: Json) -> bool: ...
 
     def opening(self) -> list[Json]: ...
     def chunks(self, event: Event) -> list[Json]: ...
@@ -259,6 +263,14 @@ class Serving:
             return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
         return Response(self.encoding.run(lambda: _encoded(builder.build(usage))), mimetype="application/json")
 
+    def _frames_large(self, chunks: Streamer, event: Event) -> list[str]:
+        """A large answer's event before its last: those that repeat the answer (an item's `.done` events as
+        the next item starts) framed in the encoding thread."""
+        built = chunks.chunks(event)
+        if not any(chunks.repeats(chunk) for chunk in built):
+            return [chunks.frame(chunk) for chunk in built]
+        return self.encoding.run(lambda: [chunks.frame(chunk, True) for chunk in built])
+
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
         finished = False
         weight = 0
@@ -268,9 +280,11 @@ class Serving:
             for event in self._events(batch, environ):
                 trace.on_event(event)
                 weight += answer_weight(event)
-                # the last chunks may repeat the whole answer (a Responses stream's `.done` events)
-                if event.is_last and weight >= LARGE_ANSWER:
+                large = chunks.repeats_answer and weight >= LARGE_ANSWER
+                if large and event.is_last:
                     out = self.encoding.run(_frames, chunks, event, True)
+                elif large:
+                    out = self._frames_large(chunks, event)
                 else:
                     out = _frames(chunks, event)
                 if event.is_last:  # account for it before a failing write can cut the generator short

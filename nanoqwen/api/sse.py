@@ -21,6 +21,10 @@ class DoneFraming:
     """Chat and legacy completions' streams: `data:` chunks, a failure as an error object, `data: [DONE]` last."""
 
     ending: ClassVar[str] = DONE
+    repeats_answer: ClassVar[bool] = False  # its last chunk has the usage, not the answer
+
+    def repeats(self, chunk: dict[str, Any]) -> bool:
+        return False
 
     def frame(self, chunk: dict[str, Any], split: bool = False) -> str:
         return sse(chunk, split)
