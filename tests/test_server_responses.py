@@ -259,3 +259,7 @@ def test_a_continuation_past_the_context_blames_the_history_or_the_input(client:
     error = exc.value.body
     assert error["code"] == "context_length_exceeded" and error["param"] == "input"
     assert "in the input, 16 in the completion" in error["message"] and "previous" not in error["message"]
+    # no new input at all (the history and a longer answer than before): nothing of its own to blame
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(previous_response_id=first.id, **{**GREEDY, "max_output_tokens": 200})
+    assert (exc.value.body["code"], exc.value.body["param"]) == ("context_length_exceeded", "previous_response_id")

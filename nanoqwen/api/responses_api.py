@@ -389,10 +389,11 @@ class ResponsesService:
 
     def _check_input_alone(self, req: ResponseCreateRequest) -> None:
         """A continuation too long for the context blames `input` when the new input alone is too long (the
-        history aside), else previous_response_id: templated again, on this error only."""
-        chat_req = req.to_chat([])
-        max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
+        history aside), else previous_response_id: templated again, on this error only. The input alone may not
+        make a prompt (a continuation with no input of its own): then it is not what is too long."""
         try:
+            chat_req = req.to_chat([])
+            max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
             self.chat.encode(chat_req, max_tokens, INPUT)
         except APIError as exc:
             if exc.code == "context_length_exceeded":
