@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: what 
 import torch  # noqa: E402
 
 import common
-from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.engine import Engine, SamplingParams
 from nanoqwen.engine.scheduler import Batch
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
@@ -37,11 +37,9 @@ CONTEXT = 64
 def load(args: argparse.Namespace, quant: str, batch: int, spec_k: int = 0) -> Engine:
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": spec_k, "prompt_lookup_max": 4,
                        "prompt_lookup_min": 2}) if spec_k else ""
-    engine = Engine(EngineConfig(model=str(common.checkpoint(args.small)), device="cpu", quant=quant, max_batch=batch,
-                                 max_model_len=1024, speculative_config=spec, threads=args.threads,
-                                 max_step_tokens=0))  # every prompt prefilled in one step, as common.load_engine
-    engine.load()
-    return engine
+    return common.load_engine(common.checkpoint(args.small), device="cpu", dtype="auto", graph="auto", kernels="auto",
+                              max_batch=batch, max_model_len=1024, quant=quant, speculative_config=spec,
+                              threads=args.threads)
 
 
 def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
@@ -113,10 +111,10 @@ def main() -> None:
     machine = common.machine_line(common.machine_info(torch.device("cpu")))
     print(machine, flush=True)
     results = []
-    lines = ["| quant | batch | decode ms | eager 1-token ms | " + " | ".join(f"k={k} ms" for k in args.ks)
-             + " | speedup at acceptance " + "/".join(map(str, ACCEPTANCE)) + " (largest k) | e2e tok/s off → on "
-             "(repetitive, acceptance) | e2e tok/s off → on (ordinary, acceptance) | load |",
-             "|" + "---|" * (6 + len(args.ks))]
+    header = ["quant", "batch", "decode ms", "eager 1-token ms", *(f"k={k} ms" for k in args.ks),
+              "speedup at acceptance " + "/".join(map(str, ACCEPTANCE)) + " (largest k)",
+              "e2e tok/s off → on (repetitive, acceptance)", "e2e tok/s off → on (ordinary, acceptance)", "load"]
+    rows = []
     for quant in args.quant:
         for batch in args.batches:
             costs = step_costs(args, quant, batch)
@@ -129,15 +127,13 @@ def main() -> None:
             best = gains[f"k={max(args.ks)}"]
             e2e = [f"{off[w]['tokens_per_s']:.1f} → {on[w]['tokens_per_s']:.1f} ({on[w]['acceptance']:.2f})"
                    for w in ("repetitive", "ordinary")]
-            lines.append(f"| {quant} | {batch} | {costs['decode'] * 1e3:.1f} | {costs['eager'] * 1e3:.1f} | "
-                         + " | ".join(f"{costs[f'k={k}'] * 1e3:.1f}" for k in args.ks) + " | "
-                         + "/".join(f"{best[str(a)]:.2f}" for a in ACCEPTANCE) + f" | {e2e[0]} | {e2e[1]} | "
-                         f"{load_avg:.2f} |")
-            print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_speculative.json").write_text(json.dumps(results, indent=1))
-    (args.out / "bench_speculative.md").write_text("\n".join([machine, common.command_line(), "", *lines]) + "\n")
-    print("\n".join(lines))
+            rows.append([quant, str(batch), f"{costs['decode'] * 1e3:.1f}", f"{costs['eager'] * 1e3:.1f}",
+                         *(f"{costs[f'k={k}'] * 1e3:.1f}" for k in args.ks),
+                         "/".join(f"{best[str(a)]:.2f}" for a in ACCEPTANCE), *e2e, f"{load_avg:.2f}"])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    table = common.markdown_table(header, rows)
+    common.write_outputs(args.out, "bench_speculative", results, "\n".join([machine, common.command_line(), "", table]))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,17 +50,17 @@ def checkpoint(small: bool) -> Path:
 
 def load_engine(
     model: Path, *, device: str, dtype: str, graph: str, kernels: str, max_batch: int, max_model_len: int,
-    quant: str = "none", hold_batch: bool = False,
+    quant: str = "none", hold_batch: bool = False, **config: Any,
 ) -> Engine:
     """hold_batch: a KV pool and a prefill budget for max_batch prompts of max_model_len tokens, however long
-    (else the pool's default bytes, which long contexts outgrow)."""
+    (else the pool's default bytes, which long contexts outgrow); config: other EngineConfig fields."""
     held = {"max_prefill_tokens": max(EngineConfig.max_prefill_tokens, max_batch * max_model_len),
             "num_kv_blocks": blocks_to_hold(max_batch, max_model_len, EngineConfig.block_size)} if hold_batch else {}
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
         max_queue=max_batch, max_model_len=max_model_len, quant=quant,
         max_step_tokens=0,  # every prompt prefilled in one step: the timed steps are the batch's decode
-        **held,
+        **held, **config,
     ))
     engine.load()
     return engine
