@@ -279,7 +279,8 @@ class Serving:
                 yield chunks.frame(chunk)
             for event in self._events(batch, environ):
                 trace.on_event(event)
-                weight += answer_weight(event)
+                if chunks.repeats_answer:  # only a stream whose last events repeat the answer weighs it
+                    weight += answer_weight(event)
                 large = chunks.repeats_answer and weight >= LARGE_ANSWER
                 if large and event.is_last:
                     out = self.encoding.run(_frames, chunks, event, True)

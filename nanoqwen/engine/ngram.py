@@ -84,7 +84,7 @@ class NgramProposer:
 
     def propose(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a decoding sequence, at most `budget`, never more than can be emitted (max_tokens,
-        max_model_len: the step emits up to one token more than it drafts). None for a row whose logits
+        max_model_len: the step emits up to one token more than it drafts). No drafts for a row whose logits
         at a position depend on the tokens before it (penalties, a grammar) or on its output index (a
         min_tokens still to reach bans the stop ids); logit_bias and allowed_token_ids are the same at every
         position, and the step applies them at each."""

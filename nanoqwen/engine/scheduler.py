@@ -97,8 +97,10 @@ class Scheduler:
         """Drafts for the decode rows, within `budget` tokens and the free blocks, once every row has
         the slot of its own token and the step's prefill its blocks (so no draft takes a block a row or
         a waiting prompt needed)."""
+        if self.propose is None:
+            return
         drafted = 0
-        for seq in decode if self.propose is not None else ():
+        for seq in decode:
             drafts = self.propose(seq, budget - drafted)
             if drafts:
                 seq.draft_ids = drafts[: self.blocks.extend(seq, len(seq) + len(drafts)) - len(seq)]
