@@ -3,6 +3,7 @@ client (its `responses.stream` helper checks the event order and accumulates the
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import jsonschema
@@ -10,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, post_chat
+from chat_http import MODEL, health_latencies, post_chat
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -263,3 +264,31 @@ def test_a_continuation_past_the_context_blames_the_history_or_the_input(client:
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(previous_response_id=first.id, **{**GREEDY, "max_output_tokens": 200})
     assert (exc.value.body["code"], exc.value.body["param"]) == ("context_length_exceeded", "previous_response_id")
+
+
+def test_a_large_answer_streamed_and_not_keeps_health_fast(client: openai.OpenAI, server: GunicornServer) -> None:
+    """Past serving.LARGE_ANSWER (128 tokens with 20 alternatives each): the stored entry and the stream's last
+    events, each repeating the answer, are encoded off the event loop; /health stays fast meanwhile."""
+    body = {**GREEDY, "max_output_tokens": 128, "input": "Tell me a story about a robot.",
+            "include": ["message.output_text.logprobs"], "top_logprobs": 20}
+    answers: list[Any] = []
+
+    def send() -> None:
+        answers.append(client.responses.create(**body))
+        with client.responses.stream(**body) as stream:  # cut at max_output_tokens: no response.completed
+            answers.append(list(stream)[-1])
+
+    busy = threading.Thread(target=send)
+    busy.start()
+    latencies = health_latencies(server, busy, 0.005)
+    busy.join()
+    whole, last = answers
+    streamed = last.response
+    assert last.type == "response.incomplete" and whole.usage.output_tokens == 128
+    logprobs = whole.output[-1].content[0].logprobs
+    assert [len(t.top_logprobs) for t in logprobs] == [20] * 128
+    # the same tokens (the second request's prompt comes from the prefix cache: logprobs equal to ~1e-7)
+    assert streamed.output_text == whole.output_text
+    assert [t.token for t in streamed.output[-1].content[0].logprobs] == [t.token for t in logprobs]
+    assert client.responses.retrieve(streamed.id).model_dump() == streamed.model_dump()
+    assert max(latencies) < 0.5, latencies
