@@ -235,16 +235,22 @@ def test_untied_sharded_rope_parameters_checkpoint():
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, 12)
 
 
-def test_engine_thread_serves_concurrent_submitters(tiny_checkpoint, references):
-    threaded = Engine(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_batch=4))
+def started_engine(checkpoint, max_batch: int) -> Engine:
+    """An engine on its own thread, as the server runs it, once its model is loaded."""
+    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=max_batch))
     threaded.start()
-    streams = []
-    order = list(range(len(PROMPTS)))
-    random.Random(0).shuffle(order)
     deadline = time.monotonic() + 60
     while not threaded.ready:
         assert threaded.load_error is None and time.monotonic() < deadline
         time.sleep(0.01)
+    return threaded
+
+
+def test_engine_thread_serves_concurrent_submitters(tiny_checkpoint, references):
+    threaded = started_engine(tiny_checkpoint, max_batch=4)
+    streams = []
+    order = list(range(len(PROMPTS)))
+    random.Random(0).shuffle(order)
     try:
         for i in order:
             streams.append((i, threaded.submit(PROMPTS[i], greedy(24))[1]))
@@ -281,17 +287,6 @@ def test_bfloat16_engine_tracks_transformers(tiny_checkpoint, hf):
     for step, lp in enumerate(result.choices[0].logprobs):
         assert lp.logprob == pytest.approx(ref[step, tokens[step]].item(), abs=0.15)
         assert ref[step].argmax().item() in [t.token_id for t in lp.top_logprobs]
-
-
-def started_engine(checkpoint, max_batch: int) -> Engine:
-    """An engine on its own thread, as the server runs it, once its model is loaded."""
-    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=max_batch))
-    threaded.start()
-    deadline = time.monotonic() + 60
-    while not threaded.ready:
-        assert threaded.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    return threaded
 
 
 def test_engine_thread_survives_a_failing_step(tiny_checkpoint, monkeypatch):
