@@ -16,15 +16,24 @@ import torch
 
 import ops
 from chat_http import MODEL, cpu_env
-from engine_util import MIXED_PROMPTS, collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine
+from engine_util import (
+    MIXED_PROMPTS,
+    collect,
+    engine_step,
+    generate,
+    generate_together,
+    greedy,
+    hf_greedy,
+    load_engine,
+    sequence,
+)
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
-from nanoqwen.engine.sequence import Request, Sequence
-from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.sequence import Sequence
 from nanoqwen.runner import runner as runner_module
 from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
@@ -146,10 +155,10 @@ def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
     proposer = NgramProposer(SpeculativeConfig("ngram", 4, 3, 1), max_model_len=100)
 
     def drafts(**params) -> list[int]:
-        request = Request("r", SamplingParams(**params), EventStream(), 6)
-        if request.params.allowed_token_ids is not None:
-            request.allowed_mask = token_bitmask(request.params.allowed_token_ids, 1000)
-        return proposer.propose(Sequence(request, 0, [1, 2, 3, 40, 1, 2], seed=0, max_tokens=10), 10)
+        seq = sequence([1, 2, 3, 40, 1, 2], params=SamplingParams(**params), max_tokens=10)
+        if seq.request.params.allowed_token_ids is not None:
+            seq.request.allowed_mask = token_bitmask(seq.request.params.allowed_token_ids, 1000)
+        return proposer.propose(seq, 10)
 
     assert drafts() == [3, 40, 1, 2]
     assert drafts(logit_bias={40: -100.0}) == [3]
@@ -161,8 +170,7 @@ def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
 
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
     blocks = BlockManager(6, 4)
-    request = Request("r", SamplingParams(), EventStream(), 6)
-    seq = Sequence(request, 0, list(range(6)), seed=0, max_tokens=10)
+    seq = sequence(list(range(6)), max_tokens=10)
     blocks.allocate(seq)  # 2 blocks: 6 tokens
     assert blocks.extend(seq, 6 + 4) == 10  # drafts to 10 tokens: a third block
     assert blocks.extend(seq, 100) == 20  # as many as the pool has free: 5 blocks in all
