@@ -15,7 +15,7 @@ import requests
 import torch
 
 import ops
-from chat_http import MODEL, cpu_env
+from chat_http import assert_completions_greedy, cpu_env
 from engine_util import (
     MIXED_PROMPTS,
     collect,
@@ -27,7 +27,6 @@ from engine_util import (
     load_engine,
     sequence,
 )
-from nanoqwen import loader
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
@@ -424,24 +423,14 @@ def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, m
     assert engine.block_manager.usage == 0.0
 
 
-def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf_model, prompts, tmp_path):
     """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
     transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
-    tokenizer = loader.load_tokenizer(tiny_checkpoint)
-    expected = [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in references]
-    body = dict(model=MODEL, prompt=prompts[:2], temperature=0, max_tokens=MAX_TOKENS,
-                extra_body={"ignore_eos": True, "skip_special_tokens": False})
     with GunicornServer(env, tmp_path / "server.log") as srv:
         assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
-        client = srv.openai_client()
-        answer = client.completions.create(**body)
-        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == expected
-        streamed = ["", ""]
-        for chunk in client.completions.create(**body, stream=True):
-            for choice in chunk.choices:
-                streamed[choice.index] += choice.text
-        assert streamed == expected
+        for stream in (False, True):
+            assert_completions_greedy(srv, tiny_checkpoint, hf_model(tiny_checkpoint), prompts[:2], MAX_TOKENS, stream)
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
         stats = requests.get(f"{srv.url}/stats", timeout=10).json()
