@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -27,10 +27,10 @@ from nanoqwen.api.schemas import (
     ToolCallMessage,
     _decode_arguments,
     _sampling_schema,
-    _string_or_not,
     _text_or,
     parse_chat_request,
     refused,
+    tool_choice_of,
     validate_body,
 )
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
@@ -223,10 +223,7 @@ class NamedFunction(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
 
 
-ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedFunction, Tag("other")],
-    Discriminator(_string_or_not),
-]
+ToolChoice = tool_choice_of(NamedFunction)
 
 
 class TextJsonSchemaFormat(Strict):

@@ -110,11 +110,14 @@ def _string_or_not(value: Any) -> str:
     return "string" if isinstance(value, str) else "other"
 
 
-# The discriminator sends an object straight to NamedToolChoice, so its errors are the ones reported.
-ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("other")],
-    Discriminator(_string_or_not),
-]
+def tool_choice_of(named: type[BaseModel]) -> Any:
+    """tool_choice's type: "none", "auto", "required", or the `named` object naming the function to call. The
+    discriminator sends an object straight to `named`, so its errors are the ones reported."""
+    return Annotated[Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[named, Tag("other")],
+                     Discriminator(_string_or_not)]
+
+
+ToolChoice = tool_choice_of(NamedToolChoice)
 
 
 class TextFormat(Strict):
