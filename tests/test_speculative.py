@@ -182,9 +182,9 @@ def test_draft_blocks_come_from_free_ones_and_go_back_first():
 
 
 @pytest.fixture(scope="module")
-def references(tiny_checkpoint, hf_model, prompts) -> list[list[int]]:
+def references(hf, prompts) -> list[list[int]]:
     """transformers' greedy answers to the looping prompt and another (its generate is slow)."""
-    return [hf_greedy(hf_model(tiny_checkpoint), prompt, MAX_TOKENS) for prompt in prompts[:2]]
+    return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts[:2]]
 
 
 MODES = {
@@ -423,14 +423,14 @@ def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, m
     assert engine.block_manager.usage == 0.0
 
 
-def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf_model, prompts, tmp_path):
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts, tmp_path):
     """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
     transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
     with GunicornServer(env, tmp_path / "server.log") as srv:
         assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
         for stream in (False, True):
-            assert_completions_greedy(srv, tiny_checkpoint, hf_model(tiny_checkpoint), prompts[:2], MAX_TOKENS, stream)
+            assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, stream)
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
         stats = requests.get(f"{srv.url}/stats", timeout=10).json()
