@@ -28,6 +28,7 @@ from nanoqwen.api.schemas import (
     _decode_arguments,
     _sampling_schema,
     _text_or,
+    check_stream_options,
     parse_chat_request,
     refused,
     tool_choice_of,
@@ -447,8 +448,7 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
 
 def parse_responses_request(body: Any) -> ResponseCreateRequest:
     req = validate_body(ResponseCreateRequest, body)
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(req)
     if req.tool_choice not in (None, "none", "auto") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.", param="tool_choice")

@@ -597,10 +597,15 @@ class CompletionRequest(SamplingFields):
         return params
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    req = validate_body(CompletionRequest, body)
+def check_stream_options(req: Any) -> None:
+    """OpenAI's rule (the document's too, see _sampling_schema): stream_options only with stream true."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    req = validate_body(CompletionRequest, body)
+    check_stream_options(req)
     n = req.n or 1
     if req.best_of is not None and req.best_of not in (1, n):
         raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
@@ -614,8 +619,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 def _check_combinations(req: ChatCompletionRequest) -> None:
     req.check_ending()
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(req)
     if req.tool_choice not in (None, "none") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
