@@ -34,16 +34,20 @@ def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.M
 
 
 def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.nn.Module, prompts: list[list[int]],
-                              new_tokens: int) -> None:
-    """One batch of greedy /v1/completions through the openai client gives `hf`'s greedy tokens."""
+                              new_tokens: int, stream: bool = False) -> None:
+    """One batch of greedy /v1/completions through the openai client, streamed or not, gives `hf`'s greedy tokens."""
     client = srv.openai_client(timeout=600)
-    completion = client.completions.create(
-        model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
-        extra_body={"ignore_eos": True, "skip_special_tokens": False},
-    )
+    body = dict(model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    if stream:
+        texts = [""] * len(prompts)
+        for chunk in client.completions.create(**body, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+    else:
+        texts = [c.text for c in sorted(client.completions.create(**body).choices, key=lambda c: c.index)]
     tokenizer = loader.load_tokenizer(checkpoint)
-    expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
-    assert [c.text for c in sorted(completion.choices, key=lambda c: c.index)] == expected
+    assert texts == [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
 
 
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:
@@ -70,3 +74,15 @@ def sse_payloads(response: requests.Response) -> Iterator[str]:
         assert line.startswith("data: "), line
         assert next(lines) == ""
         yield line[len("data: "):]
+
+
+def sse_events(response: requests.Response) -> Iterator[tuple[str, str]]:
+    """The (`event:`, `data:`) pairs of a named-event SSE response (Responses') as they arrive, checking the framing
+    (the two lines, then a blank one)."""
+    lines = response.iter_lines(decode_unicode=True)
+    for line in lines:
+        assert line.startswith("event: "), line
+        data = next(lines)
+        assert data.startswith("data: "), data
+        assert next(lines) == ""
+        yield line[len("event: "):], data[len("data: "):]

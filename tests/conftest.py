@@ -41,6 +41,12 @@ def hf_model() -> Callable[[Path], torch.nn.Module]:
 
 
 @pytest.fixture(scope="session")
+def hf(tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module]) -> torch.nn.Module:
+    """transformers' model of the tiny checkpoint: the reference of the engine tests."""
+    return hf_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
 def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
     no state behind that another's could see (no counters read, no first-request effects)."""

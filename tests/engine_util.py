@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 
 # Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
@@ -91,6 +92,15 @@ def generate_together(engine: Engine, prompts: list[list[int]], params: list[Sam
     streams = [engine.submit(prompt, p)[1] for prompt, p in zip(prompts, params)]
     run(engine)
     return [collect(s).choices[0].token_ids for s in streams]
+
+
+def sequence(prompt: list[int], request_id: str = "r", params: SamplingParams | None = None,
+             max_tokens: int = 1000) -> Sequence:
+    """A request's one sequence (choice 0, seed 0), as the engine gives it to the scheduler: no model needed."""
+    request = Request(request_id, params or SamplingParams(), EventStream(), len(prompt))
+    seq = Sequence(request, 0, list(prompt), seed=0, max_tokens=max_tokens)
+    request.sequences.append(seq)
+    return seq
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:

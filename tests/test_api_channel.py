@@ -6,6 +6,7 @@ import time
 import gevent
 import pytest
 
+from hub_util import hub_ticks
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.threads import start_native_thread
@@ -13,7 +14,6 @@ from nanoqwen.engine.threads import start_native_thread
 
 def test_native_thread_wakes_the_greenlet_and_the_hub_keeps_running() -> None:
     stream = GeventEventStream()
-    ticks: list[float] = []
 
     def produce() -> None:  # plays the engine thread: real OS thread, blocking sleeps
         for i in range(5):
@@ -21,15 +21,9 @@ def test_native_thread_wakes_the_greenlet_and_the_hub_keeps_running() -> None:
             stream.put(Event(text=str(i), token_ids=[i]))
         stream.put(Event(usage=Usage(prompt_tokens=1, completion_tokens=5)))
 
-    def tick() -> None:
-        while True:
-            ticks.append(time.perf_counter())
-            gevent.sleep(0.01)
-
-    ticker = gevent.spawn(tick)
-    start_native_thread(produce)
-    events = gevent.spawn(lambda: list(stream)).get(timeout=5)
-    ticker.kill()
+    with hub_ticks() as ticks:
+        start_native_thread(produce)
+        events = gevent.spawn(lambda: list(stream)).get(timeout=5)
     assert "".join(e.text for e in events) == "01234" and events[-1].is_last
     assert len(ticks) >= 10  # the hub ran other greenlets while this one waited
 

@@ -8,28 +8,22 @@ import time
 import gevent
 import pytest
 
+from hub_util import hub_ticks
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.engine.threads import NativeEvent
 
 
 def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running() -> None:
     pool = NativePool(workers=2, max_pending=4)
-    ticks: list[float] = []
 
     def busy() -> int:  # blocks its OS thread (a monkey-patched sleep would only yield)
         NativeEvent().wait(0.3)
         return threading.get_ident()
 
-    def tick() -> None:
-        while True:
-            ticks.append(time.perf_counter())
-            gevent.sleep(0.01)
-
-    ticker = gevent.spawn(tick)
-    t0 = time.perf_counter()
-    idents = [g.get(timeout=10) for g in [gevent.spawn(pool.run, busy) for _ in range(2)]]
-    elapsed = time.perf_counter() - t0
-    ticker.kill()
+    with hub_ticks() as ticks:
+        t0 = time.perf_counter()
+        idents = [g.get(timeout=10) for g in [gevent.spawn(pool.run, busy) for _ in range(2)]]
+        elapsed = time.perf_counter() - t0
     assert threading.get_ident() not in idents and len(set(idents)) == 2  # two workers, in parallel
     assert elapsed < 0.55
     assert len(ticks) >= 10  # the hub ran other greenlets meanwhile

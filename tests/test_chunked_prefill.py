@@ -19,11 +19,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf(tiny_checkpoint, hf_model):
-    return hf_model(tiny_checkpoint)
-
-
 def chunked_engine(checkpoint, **overrides):
     return load_engine(checkpoint, **{"max_batch": 4, "max_step_tokens": BUDGET, **overrides})
 

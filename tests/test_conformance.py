@@ -22,7 +22,7 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses import response_create_params as response_params
 
-from chat_http import MODEL, post_chat, sse_payloads
+from chat_http import MODEL, post_chat, sse_events, sse_payloads
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -234,10 +234,9 @@ def test_responses_and_their_events_validate_as_the_openai_types(server: Gunicor
     Response.model_validate(answer.json(), strict=True)
     with requests.post(f"{server.url}/v1/responses", json={**body, "stream": True}, stream=True,
                        timeout=120) as streamed:
-        lines = [line for line in streamed.iter_lines(decode_unicode=True) if line]
-    assert [line.split(": ")[0] for line in lines] == ["event", "data"] * (len(lines) // 2)
-    payloads = [json.loads(line.removeprefix("data: ")) for line in lines[1::2]]
-    assert [p["type"] for p in payloads] == [line.removeprefix("event: ") for line in lines[::2]]
+        named = list(sse_events(streamed))
+    payloads = [json.loads(data) for _, data in named]
+    assert [p["type"] for p in payloads] == [name for name, _ in named]
     events = pydantic.TypeAdapter(list[ResponseStreamEvent]).validate_python(payloads, strict=True)
     assert events[-1].type in ("response.completed", "response.incomplete")
 

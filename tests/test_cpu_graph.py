@@ -22,8 +22,7 @@ needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason
 
 
 @pytest.fixture(scope="module")
-def references(tiny_checkpoint, hf_model):
-    hf = hf_model(tiny_checkpoint)
+def references(hf):
     return [hf_greedy(hf, p, 9) for p in PROMPTS + [list(range(2000, 2011))]]
 
 

@@ -24,8 +24,7 @@ ROWS = [1, 2, 5, 9]  # 1 and 2: one pass of the AVX2 loops; 5 and 9: several, th
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-FUNCTIONS = {"linear.c": ("linear",), "linear_int8.c": ("linear_int8",), "linear_int4.c": ("linear_int4",)}
-BUILT = {"linear.c": cpu_linear.KERNEL, "linear_int8.c": cpu_int8.KERNEL, "linear_int4.c": cpu_int4.KERNEL}
+BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL)}  # by source
 # "built": the kernel set's own; "loops": the AVX2 loops a CPU without AVX-512 (so without VNNI or AMX) takes
 VARIANTS = {"built": (), "built, no scratch": ("-DNANOQWEN_NO_SCRATCH",), "loops": ("-DNANOQWEN_AVX2_ONLY",),
             "loops, no scratch": ("-DNANOQWEN_AVX2_ONLY", "-DNANOQWEN_NO_SCRATCH")}
@@ -42,7 +41,7 @@ def lib(source: str, variant: str) -> ctypes.CDLL:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, *defines])
         name = "_".join([source.removesuffix(".c"), *(d.removeprefix("-DNANOQWEN_").lower() for d in defines)])
-        kernel = cpu_build.CKernel(name, source, FUNCTIONS[source])
+        kernel = cpu_build.CKernel(name, source, BUILT[source].functions)
         assert kernel.build(), kernel.error
     return kernel.lib
 

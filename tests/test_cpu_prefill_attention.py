@@ -84,13 +84,12 @@ def test_the_cpu_kernel_set_takes_it_where_it_serves():
         assert other.prefill_attention is prefill_attention_torch
 
 
-def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint, hf_model, monkeypatch):
+def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint, hf, monkeypatch):
     """A short and a long prompt after a cached system prompt: the C kernel and the split SDPA each
     serve a prefix hit, and greedy tokens stay transformers'."""
     calls = []
     real = cpu_prefill.prefill_attention_kernel
     monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append(a[4]) or real(*a))
-    hf = hf_model(tiny_checkpoint)
     engine = load_engine(tiny_checkpoint)
     assert engine.runner.model.kernels.prefill_attention is cpu_prefill.prefill_attention_cpu
     system = list(range(3000, 3040))  # 2 full blocks of 16 cached after the first request

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, filter_logits, sample, seed_key
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, filter_logits, sample
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
+from sampler_util import rows
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -25,18 +26,6 @@ def use(monkeypatch):
 
     switch("kernel")
     return switch
-
-
-def rows(count: int, step: int = 0, seeds=None, **kw) -> SamplingRows:
-    def col(name, default, dtype):
-        return torch.tensor(kw.get(name, [default] * count), dtype=dtype)
-
-    return SamplingRows(
-        temperature=col("temperature", 1.0, torch.float32), top_p=col("top_p", 1.0, torch.float32),
-        top_k=col("top_k", 0, torch.int32), min_p=col("min_p", 0.0, torch.float32),
-        keys=torch.tensor([seed_key(s) for s in (seeds or range(count))], dtype=torch.int64),
-        steps=torch.full((count,), step, dtype=torch.int32),
-    )
 
 
 # One row per filter and combination: (temperature, top_p, top_k, min_p).

@@ -27,11 +27,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_checkpoint, hf_model):
-    return hf_model(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     return load_engine(tiny_checkpoint)
 

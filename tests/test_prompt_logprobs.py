@@ -14,11 +14,6 @@ K = 3
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_checkpoint, hf_model):
-    return hf_model(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     return load_engine(tiny_checkpoint)
 

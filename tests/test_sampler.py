@@ -18,7 +18,6 @@ from nanoqwen.sampler import (
     TOP_K_CANDIDATES,
     LogitAdjust,
     Penalties,
-    SamplingRows,
     apply_adjust,
     apply_penalties,
     exponential_noise,
@@ -27,6 +26,7 @@ from nanoqwen.sampler import (
     seed_key,
 )
 from ops.cpu import sample as cpu_sample
+from sampler_util import rows
 
 
 @pytest.fixture(autouse=True)
@@ -34,18 +34,6 @@ def torch_sampler(monkeypatch):
     """The torch sampler, the reference on every device (tests/test_cpu_sample.py: the CPU kernel),
     even where an earlier test built the kernel."""
     monkeypatch.setattr(cpu_sample.KERNEL, "ready", False)
-
-
-def rows(count: int, **kw) -> SamplingRows:
-    def col(name, default, dtype):
-        return torch.tensor(kw.get(name, [default] * count), dtype=dtype)
-
-    return SamplingRows(
-        temperature=col("temperature", 1.0, torch.float32), top_p=col("top_p", 1.0, torch.float32),
-        top_k=col("top_k", 0, torch.int32), min_p=col("min_p", 0.0, torch.float32),
-        keys=torch.tensor([seed_key(s) for s in kw.get("seeds", range(count))], dtype=torch.int64),
-        steps=col("steps", 0, torch.int32),
-    )
 
 
 def penalties(vocab: int, repetition=1.0, presence=0.0, frequency=0.0) -> Penalties:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from engine_util import sequence
 from nanoqwen.engine import EngineConfig, SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.pacing import MIN_CHUNK, ChunkPacer
 from nanoqwen.engine.scheduler import Batch, Scheduler
-from nanoqwen.engine.sequence import Request, Sequence
-from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.sequence import Sequence
 
 BUDGET = 512
 DECODE_S = 0.1  # a decode-only step: with stall 1.0 a step carrying a paced chunk aims at 0.2 s
@@ -22,9 +22,8 @@ def scheduler(stall: float = 1.0) -> Scheduler:
 
 
 def submit(s: Scheduler, length: int, first_token: int) -> Sequence:
-    request = Request(f"r{first_token}", SamplingParams(max_tokens=100), EventStream(), length)
-    seq = Sequence(request, 0, list(range(first_token, first_token + length)), seed=0, max_tokens=100)
-    request.sequences.append(seq)
+    seq = sequence(list(range(first_token, first_token + length)), f"r{first_token}", SamplingParams(max_tokens=100),
+                   max_tokens=100)
     s.add(seq)
     return seq
 

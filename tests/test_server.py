@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import fuzz_bodies
-from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_latencies, post_chat, sse_payloads
+from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_latencies, post_chat, sse_events, sse_payloads
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from ops.cpu import C_KERNELS, build, dequant
 from server_process import GunicornServer, serving_together
@@ -468,9 +468,9 @@ def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
     before = _stats(server)
     body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 400, "stream": True}
     with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as response:
-        lines = response.iter_lines(decode_unicode=True)
-        while next(lines) != "event: response.output_text.delta":  # through the first delta
-            pass
+        for name, _ in sse_events(response):
+            if name == "response.output_text.delta":  # through the first delta
+                break
     _assert_aborted_early(server, before, 400)
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from nanoqwen.engine import SamplingParams
+from engine_util import sequence
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.pacing import MIN_CHUNK, ChunkPacer
 from nanoqwen.engine.scheduler import Batch, Scheduler
-from nanoqwen.engine.sequence import Request, Sequence, Status
-from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.sequence import Sequence, Status
 
 BLOCK = 4
 K = 8  # drafts every decoding row proposes
@@ -19,11 +18,8 @@ def propose(seq: Sequence, most: int) -> list[int]:
     return [1] * min(K, most)
 
 
-def sequence(prompt_len: int) -> Sequence:
-    request = Request(f"r{prompt_len}", SamplingParams(), EventStream(), prompt_len)
-    seq = Sequence(request, 0, list(range(prompt_len)), seed=0, max_tokens=1000)
-    request.sequences.append(seq)
-    return seq
+def prompt_of(prompt_len: int) -> Sequence:
+    return sequence(list(range(prompt_len)), f"r{prompt_len}")
 
 
 def complete(scheduler: Scheduler, batch: Batch) -> None:
@@ -38,7 +34,7 @@ def complete(scheduler: Scheduler, batch: Batch) -> None:
 
 def decoding(scheduler: Scheduler, prompt_len: int) -> Sequence:
     """A sequence admitted, prefilled and now decoding (one token sampled)."""
-    seq = sequence(prompt_len)
+    seq = prompt_of(prompt_len)
     scheduler.add(seq)
     complete(scheduler, scheduler.schedule())
     assert seq.status is Status.RUNNING and seq.num_uncomputed_tokens == 1
@@ -51,7 +47,7 @@ def test_waiting_prompt_gets_the_blocks_before_drafts():
     blocks = BlockManager(1 + 3 + 2 + 1, BLOCK, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_batch=2, max_prefill_tokens=64, max_step_tokens=64, propose=propose)
     running = decoding(scheduler, 8)  # 9 tokens: its slot takes a third block
-    waiting = sequence(8)  # 2 blocks
+    waiting = prompt_of(8)  # 2 blocks
     scheduler.add(waiting)
     batch = scheduler.schedule()
     assert batch.decode == [running] and batch.prefill == [(waiting, 8)]
@@ -63,7 +59,7 @@ def test_budget_left_by_prefill_goes_to_drafts():
     scheduler = Scheduler(BlockManager(64, BLOCK, False), max_batch=2, max_prefill_tokens=64, max_step_tokens=12,
                           propose=propose)
     running = decoding(scheduler, 8)
-    scheduler.add(sequence(9))
+    scheduler.add(prompt_of(9))
     batch = scheduler.schedule()
     assert [n for _, n in batch.prefill] == [9] and len(running.draft_ids) == 12 - 1 - 9
 
@@ -88,7 +84,7 @@ def test_chunks_are_paced_against_the_verify_step():
         scheduler.observe(batch, seconds)
         complete(scheduler, batch)
     assert scheduler.pacer.drafting.decode_s == seconds and scheduler.pacer.plain.decode_s is None
-    scheduler.add(sequence(3000))
+    scheduler.add(prompt_of(3000))
     chunks = []
     for _ in range(6):
         batch = scheduler.schedule()

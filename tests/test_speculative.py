@@ -15,16 +15,24 @@ import requests
 import torch
 
 import ops
-from chat_http import MODEL, cpu_env
-from engine_util import MIXED_PROMPTS, collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine
-from nanoqwen import loader
+from chat_http import assert_completions_greedy, cpu_env
+from engine_util import (
+    MIXED_PROMPTS,
+    collect,
+    engine_step,
+    generate,
+    generate_together,
+    greedy,
+    hf_greedy,
+    load_engine,
+    sequence,
+)
 from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
-from nanoqwen.engine.sequence import Request, Sequence
-from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.sequence import Sequence
 from nanoqwen.runner import runner as runner_module
 from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
@@ -146,10 +154,10 @@ def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
     proposer = NgramProposer(SpeculativeConfig("ngram", 4, 3, 1), max_model_len=100)
 
     def drafts(**params) -> list[int]:
-        request = Request("r", SamplingParams(**params), EventStream(), 6)
-        if request.params.allowed_token_ids is not None:
-            request.allowed_mask = token_bitmask(request.params.allowed_token_ids, 1000)
-        return proposer.propose(Sequence(request, 0, [1, 2, 3, 40, 1, 2], seed=0, max_tokens=10), 10)
+        seq = sequence([1, 2, 3, 40, 1, 2], params=SamplingParams(**params), max_tokens=10)
+        if seq.request.params.allowed_token_ids is not None:
+            seq.request.allowed_mask = token_bitmask(seq.request.params.allowed_token_ids, 1000)
+        return proposer.propose(seq, 10)
 
     assert drafts() == [3, 40, 1, 2]
     assert drafts(logit_bias={40: -100.0}) == [3]
@@ -161,8 +169,7 @@ def test_drafts_stop_at_the_first_token_the_row_may_not_sample():
 
 def test_draft_blocks_come_from_free_ones_and_go_back_first():
     blocks = BlockManager(6, 4)
-    request = Request("r", SamplingParams(), EventStream(), 6)
-    seq = Sequence(request, 0, list(range(6)), seed=0, max_tokens=10)
+    seq = sequence(list(range(6)), max_tokens=10)
     blocks.allocate(seq)  # 2 blocks: 6 tokens
     assert blocks.extend(seq, 6 + 4) == 10  # drafts to 10 tokens: a third block
     assert blocks.extend(seq, 100) == 20  # as many as the pool has free: 5 blocks in all
@@ -175,9 +182,9 @@ def test_draft_blocks_come_from_free_ones_and_go_back_first():
 
 
 @pytest.fixture(scope="module")
-def references(tiny_checkpoint, hf_model, prompts) -> list[list[int]]:
+def references(hf, prompts) -> list[list[int]]:
     """transformers' greedy answers to the looping prompt and another (its generate is slow)."""
-    return [hf_greedy(hf_model(tiny_checkpoint), prompt, MAX_TOKENS) for prompt in prompts[:2]]
+    return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts[:2]]
 
 
 MODES = {
@@ -416,24 +423,14 @@ def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, m
     assert engine.block_manager.usage == 0.0
 
 
-def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, prompts, references, tmp_path):
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts, tmp_path):
     """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
     transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
     env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
-    tokenizer = loader.load_tokenizer(tiny_checkpoint)
-    expected = [tokenizer.decode(tokens, skip_special_tokens=False) for tokens in references]
-    body = dict(model=MODEL, prompt=prompts[:2], temperature=0, max_tokens=MAX_TOKENS,
-                extra_body={"ignore_eos": True, "skip_special_tokens": False})
     with GunicornServer(env, tmp_path / "server.log") as srv:
         assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
-        client = srv.openai_client()
-        answer = client.completions.create(**body)
-        assert [c.text for c in sorted(answer.choices, key=lambda c: c.index)] == expected
-        streamed = ["", ""]
-        for chunk in client.completions.create(**body, stream=True):
-            for choice in chunk.choices:
-                streamed[choice.index] += choice.text
-        assert streamed == expected
+        for stream in (False, True):
+            assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, stream)
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
         stats = requests.get(f"{srv.url}/stats", timeout=10).json()

@@ -99,17 +99,21 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                 response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
+    def json_body() -> Any:
+        """The request's JSON body, read within body_timeout_s and decoded (else a 400, 408 or 413)."""
+        return parse_json(read_body(request, config.body_timeout_s))
+
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
-        return chat.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+        return chat.handle(json_body(), request.environ)
 
     @app.post("/v1/completions")
     def text_completions() -> Response | dict[str, Any]:
-        return completions.handle(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+        return completions.handle(json_body(), request.environ)
 
     @app.post("/v1/responses")
     def create_response() -> Response | dict[str, Any]:
-        return responses.create(parse_json(read_body(request, config.body_timeout_s)), request.environ)
+        return responses.create(json_body(), request.environ)
 
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
@@ -125,11 +129,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/tokenize")
     def tokenize() -> dict[str, Any]:
-        return tokens.tokenize(parse_json(read_body(request, config.body_timeout_s)))
+        return tokens.tokenize(json_body())
 
     @app.post("/detokenize")
     def detokenize() -> dict[str, Any]:
-        return tokens.detokenize(parse_json(read_body(request, config.body_timeout_s)))
+        return tokens.detokenize(json_body())
 
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}

@@ -11,7 +11,7 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -21,15 +21,17 @@ from nanoqwen.api.schemas import (
     ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
+    Refused,
     Strict,
     TextFormat,
     ToolCallMessage,
     _decode_arguments,
     _sampling_schema,
-    _string_or_not,
     _text_or,
-    check_unsupported,
+    check_stream_options,
     parse_chat_request,
+    refused,
+    tool_choice_of,
     validate_body,
 )
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
@@ -44,19 +46,6 @@ Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_K
                           Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
                      Field(max_length=METADATA_KEYS)]
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
-# Fields refused unless absent or "not used": each would change what is generated or where it goes.
-_UNUSED: dict[str, tuple[Any, ...]] = {"background": (False,), "truncation": ("disabled",), "context_management": ([],),
-                                       "prewarm": (False,), "defer_loading": (False,), "allowed_callers": (["direct"],),
-                                       "verbosity": ("medium",), "async_": (False,)}
-UNSUPPORTED_FIELDS = ("background", "background_options", "conversation", "prompt", "context_management", "image",
-                      "access_programs", "moderation", "truncation")
-
-
-def refused_unless_unused(*fields: str) -> Any:
-    """A validator of `fields`: each absent or "not used" (the model's unused_values, _UNUSED), else a 400 naming
-    it."""
-    return field_validator(*fields, mode="before")(classmethod(
-        lambda cls, value, info: check_unsupported(value, info, cls.unused_values)))
 
 
 def _check_part(value: Any) -> Any:
@@ -116,12 +105,9 @@ class FunctionCallItem(Strict):
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
-    namespace: Any = None
-    caller: Any = None
-    async_: Any = Field(None, alias="async")
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused("namespace", "caller", "async_")
+    namespace: Refused = None
+    caller: Refused = None
+    async_: refused(False) = Field(None, alias="async")
 
 
 class FunctionCallOutputItem(Strict):
@@ -131,11 +117,8 @@ class FunctionCallOutputItem(Strict):
     id: str | None = None
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     name: str | None = None  # the called function's: the template pairs outputs with calls by order
-    namespace: Any = None
-    caller: Any = None
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused("namespace", "caller")
+    namespace: Refused = None
+    caller: Refused = None
 
     @property
     def text(self) -> str:
@@ -220,13 +203,10 @@ class FunctionTool(Strict):
     strict: bool | None = None
     # Refused unless absent or "not used": tool search, programmatic and asynchronous calling, a schema for the
     # tool's output.
-    defer_loading: Any = None
-    allowed_callers: Any = None
-    async_: Any = Field(None, alias="async")
-    output_schema: Any = None
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused("defer_loading", "allowed_callers", "async_", "output_schema")
+    defer_loading: refused(False) = None
+    allowed_callers: refused(["direct"]) = None
+    async_: refused(False) = Field(None, alias="async")
+    output_schema: Refused = None
 
     def to_chat(self) -> dict[str, Any]:
         """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default,
@@ -244,10 +224,7 @@ class NamedFunction(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
 
 
-ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedFunction, Tag("other")],
-    Discriminator(_string_or_not),
-]
+ToolChoice = tool_choice_of(NamedFunction)
 
 
 class TextJsonSchemaFormat(Strict):
@@ -262,10 +239,7 @@ class TextJsonSchemaFormat(Strict):
 
 class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
-    verbosity: Any = None  # Qwen3 has no verbosity control: only OpenAI's default, "medium", is accepted
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused("verbosity")
+    verbosity: refused("medium") = None  # Qwen3 has no verbosity control: only OpenAI's default is accepted
 
 
 class ReasoningConfig(Strict):
@@ -291,20 +265,17 @@ class ResponsePromptCacheOptions(Strict):
     mode: Literal["implicit", "explicit"] | None = None
     ttl: Literal["30m", "12h"] | None = None
     comparison_response_id: str | None = None  # asks for cache diagnostics where offered: none here
-    prewarm: Any = None
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused("prewarm")
+    prewarm: refused(False) = None
 
 
 class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
 
-def _request_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+def _request_schema(schema: dict[str, Any]) -> None:
     """to_chat's and parse_responses_request's rules in the JSON schema (the OpenAPI document's): a prompt from the
     input, the instructions or the previous response; stream_options with stream only."""
-    _sampling_schema(schema, model)
+    _sampling_schema(schema)
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
                        for name in ("input", "instructions", "previous_response_id")]
 
@@ -338,19 +309,16 @@ class ResponseCreateRequest(Strict):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
-    # Refused unless absent or "not used".
-    background: Any = None
-    background_options: Any = None
-    conversation: Any = None
-    prompt: Any = None
-    context_management: Any = None
-    image: Any = None
-    access_programs: Any = None
-    moderation: Any = None
-    truncation: Any = None
-
-    unused_values = _UNUSED
-    _unsupported = refused_unless_unused(*UNSUPPORTED_FIELDS)
+    # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
+    background: refused(False) = None
+    background_options: Refused = None
+    conversation: Refused = None
+    prompt: Refused = None
+    context_management: refused([]) = None
+    image: Refused = None
+    access_programs: Refused = None
+    moderation: Refused = None
+    truncation: refused("disabled") = None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -480,8 +448,7 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
 
 def parse_responses_request(body: Any) -> ResponseCreateRequest:
     req = validate_body(ResponseCreateRequest, body)
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(req)
     if req.tool_choice not in (None, "none", "auto") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.", param="tool_choice")

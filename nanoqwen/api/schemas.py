@@ -12,20 +12,22 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from types import UnionType
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     Tag,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
@@ -34,44 +36,43 @@ from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
-# Values besides null that mean "not used": clients (and SDKs) often send these explicitly.
-_UNUSED_VALUES: dict[str, tuple[Any, ...]] = {
-    "functions": ([],), "function_call": ("none",), "modalities": (["text"],),
-}
-UNSUPPORTED_FIELDS = (
-    "functions", "function_call", "audio", "modalities", "verbosity", "web_search_options", "moderation",
-    # vLLM's guided decoding
-    "suffix", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "guided_whitespace_pattern",
-)
-UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
-def check_unsupported(value: Any, info: ValidationInfo, unused: Mapping[str, tuple[Any, ...]]) -> None:
-    """None for an absent or "not used" value (`unused`: the values besides null, by field); raises naming the
-    field otherwise."""
-    # by type too, as JSON (and the document's enum) tells them apart: 0 is not false
-    if value is None or any(type(value) is type(u) and value == u for u in unused.get(info.field_name, ())):
-        return None
-    raise PydanticCustomError("unsupported", "this server does not implement it")
+class Refusal:
+    """Marks a field this server refuses (a 400 naming it) unless absent or "not used": null, or one of `unused`,
+    the values besides null that mean so (clients and SDKs often send them explicitly). Its validator and its JSON
+    schema (the OpenAPI document's enum) read the same values, so the document does not offer what is refused."""
+
+    def __init__(self, *unused: Any) -> None:
+        self.unused = unused
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_before_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), "enum": [None, *self.unused]}
+
+    def check(self, value: Any) -> None:
+        # by type too, as JSON (and the document's enum) tells them apart: 0 is not false
+        if value is None or any(type(value) is type(u) and value == u for u in self.unused):
+            return None
+        raise PydanticCustomError("unsupported", "this server does not implement it")
 
 
-def _document_refused(schema: dict[str, Any], model: type[Strict]) -> None:
-    """The JSON schema of a field refused unless absent or unused (typed Any, see UNSUPPORTED_FIELDS): what passes,
-    null or one of the model's unused_values, so that the OpenAPI document does not offer what the server refuses."""
-    for name, field in model.model_fields.items():
-        if field.annotation is Any:
-            schema["properties"][field.alias or name]["enum"] = [None, *model.unused_values.get(name, ())]
+def refused(*unused: Any) -> Any:
+    """The type of a field refused unless absent or one of `unused` (see Refusal). A validator does not run on
+    a default: an absent field costs nothing."""
+    return Annotated[Any, Refusal(*unused)]
+
+
+Refused = refused()  # refused unless absent (or null)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_document_refused)
-    # Values besides null that its fields typed Any (refused unless absent or "not used") accept, by field name:
-    # what their validators (check_unsupported) and the document (_document_refused) both read.
-    unused_values: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class FunctionDefinition(Strict):
@@ -109,11 +110,14 @@ def _string_or_not(value: Any) -> str:
     return "string" if isinstance(value, str) else "other"
 
 
-# The discriminator sends an object straight to NamedToolChoice, so its errors are the ones reported.
-ToolChoice = Annotated[
-    Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[NamedToolChoice, Tag("other")],
-    Discriminator(_string_or_not),
-]
+def tool_choice_of(named: type[BaseModel]) -> Any:
+    """tool_choice's type: "none", "auto", "required", or the `named` object naming the function to call. The
+    discriminator sends an object straight to `named`, so its errors are the ones reported."""
+    return Annotated[Annotated[Literal["none", "auto", "required"], Tag("string")] | Annotated[named, Tag("other")],
+                     Discriminator(_string_or_not)]
+
+
+ToolChoice = tool_choice_of(NamedToolChoice)
 
 
 class TextFormat(Strict):
@@ -226,10 +230,9 @@ class Prediction(Strict):
 REFUSAL_PART = {"type": "object", "required": ["type"], "properties": {"type": {"const": "refusal"}}}
 
 
-def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+def _message_schema(schema: dict[str, Any]) -> None:
     """ChatMessage._content_required's rules in its JSON schema (the OpenAPI document's), which pydantic cannot
     derive from a model validator."""
-    _document_refused(schema, model)
     schema["allOf"] = [
         {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
          "then": {"required": ["content"], "properties": {
@@ -252,13 +255,8 @@ class ChatMessage(Strict):
     refusal: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallMessage] | None = None
-    function_call: Any = None
-    audio: Any = None
-
-    @field_validator(*UNSUPPORTED_MESSAGE_FIELDS, mode="before")
-    @classmethod
-    def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return check_unsupported(value, info, cls.unused_values)
+    function_call: Refused = None  # a call: a request's "none" means none, a message's is a call
+    audio: Refused = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -356,9 +354,8 @@ class ChatPrompt(Strict):
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
 
 
-def _sampling_schema(schema: dict[str, Any], model: type[Strict]) -> None:
+def _sampling_schema(schema: dict[str, Any]) -> None:
     """The request's rule that pydantic cannot derive, in its JSON schema: stream_options only with stream true."""
-    _document_refused(schema, model)
     schema["allOf"] = [{"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
                         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}]
 
@@ -367,7 +364,6 @@ class SamplingFields(Strict):
     """The sampling fields chat and legacy completions share, OpenAI's and vLLM's."""
 
     model_config = ConfigDict(json_schema_extra=_sampling_schema)
-    unused_values = _UNUSED_VALUES
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -391,11 +387,6 @@ class SamplingFields(Strict):
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
-
-    @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
-    @classmethod
-    def _unsupported(cls, value: Any, info: ValidationInfo) -> None:
-        return check_unsupported(value, info, cls.unused_values)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -481,21 +472,22 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     include_reasoning: bool | None = True  # vLLM's: false leaves the reasoning out of the answer (not out of usage)
     # "none": thinking off (as vLLM maps it); any other effort: thinking on (Qwen3 has no effort levels)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
-    # Refused unless absent or "not used" (see UNSUPPORTED_FIELDS).
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    verbosity: Any = None
-    web_search_options: Any = None
-    moderation: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    guided_decoding_backend: Any = None
-    guided_whitespace_pattern: Any = None
+    # Would change the answer, not implemented: refused unless absent or "not used".
+    functions: refused([]) = None
+    function_call: refused("none") = None
+    audio: Refused = None
+    modalities: refused(["text"]) = None
+    verbosity: Refused = None
+    web_search_options: Refused = None
+    moderation: Refused = None
+    # vLLM's guided decoding
+    structured_outputs: Refused = None
+    guided_json: Refused = None
+    guided_regex: Refused = None
+    guided_choice: Refused = None
+    guided_grammar: Refused = None
+    guided_decoding_backend: Refused = None
+    guided_whitespace_pattern: Refused = None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -577,7 +569,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
-    suffix: Any = None  # insertion needs a fill-in-the-middle prompt format: refused
+    suffix: Refused = None  # insertion needs a fill-in-the-middle prompt format
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -605,10 +597,15 @@ class CompletionRequest(SamplingFields):
         return params
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    req = validate_body(CompletionRequest, body)
+def check_stream_options(req: Any) -> None:
+    """OpenAI's rule (the document's too, see _sampling_schema): stream_options only with stream true."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    req = validate_body(CompletionRequest, body)
+    check_stream_options(req)
     n = req.n or 1
     if req.best_of is not None and req.best_of not in (1, n):
         raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
@@ -622,8 +619,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
 
 def _check_combinations(req: ChatCompletionRequest) -> None:
     req.check_ending()
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    check_stream_options(req)
     if req.tool_choice not in (None, "none") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
