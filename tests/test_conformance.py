@@ -457,6 +457,18 @@ def test_out_of_vocabulary_token_ids_are_named(server: GunicornServer, field: st
     assert error["param"] == field and str(10**7) in error["message"] and "151936" in error["message"]
 
 
+@pytest.mark.parametrize("path,body,param,named", [
+    ("/v1/chat/completions", {**GREEDY, "logit_bias": {"bad1": 50, "7": 1, "bad2": 20}}, "logit_bias",
+     ["'bad1'", "'bad2'"]),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, 10**7, -1]}, "prompt", [str(10**7), "-1", "out of vocabulary"]),
+])
+def test_every_bad_key_or_prompt_id_is_named(server: GunicornServer, path: str, body: dict[str, Any], param: str,
+                                             named: list[str]) -> None:
+    """vLLM's checks: all the logit_bias keys that are not token ids, the prompt ids out of the vocabulary."""
+    error = _error(requests.post(f"{server.url}{path}", json=body, timeout=60))
+    assert error["param"] == param and all(word in error["message"] for word in named), error
+
+
 def test_streamed_text_offsets_equal_the_collected_ones(server: GunicornServer) -> None:
     """vLLM's case: a stop string holds text back while streaming; the offsets follow the tokens all the same."""
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "logprobs": 0,

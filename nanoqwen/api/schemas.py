@@ -10,6 +10,7 @@ notation (`messages.[0].role`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -29,7 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
-from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
@@ -48,6 +49,7 @@ UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+TOKEN_ID = r"^[0-9]+$"  # a logit_bias key
 
 
 def check_unsupported(value: Any, info: ValidationInfo, unused: Mapping[str, tuple[Any, ...]]) -> None:
@@ -390,7 +392,7 @@ class SamplingFields(Strict):
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     @field_validator(*UNSUPPORTED_FIELDS, mode="before", check_fields=False)
     @classmethod
@@ -407,6 +409,14 @@ class SamplingFields(Strict):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} sequences, got {len(stops)}")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias_keys(cls, value: Any) -> Any:
+        """Names every key that is not a token id, as vLLM does (the pattern check stops at the first)."""
+        if isinstance(value, dict) and (bad := [key for key in value if not re.fullmatch(TOKEN_ID, key)]):
+            raise ValueError(f"keys must be token ids (decimal strings), not {shown(bad)}")
         return value
 
     @property
