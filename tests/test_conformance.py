@@ -421,6 +421,9 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"logit_bias": {str(10**7): 1}}, "logit_bias", None),
     ({"seed": 2**63}, "seed", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    # a field this server lacks is named before the errors that follow from its absence
+    ({"messages": [], "prompt_token_ids": [1, 2]}, "prompt_token_ids", None),
+    ({"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     # llama.cpp's malformed messages
     ({"messages": None}, "messages", None),
     ({"messages": "string"}, "messages", None),

@@ -50,6 +50,7 @@ UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio")
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 TOKEN_ID = r"^[0-9]+$"  # a logit_bias key
+LACKING = ("extra_forbidden", "unsupported")  # the error types of a field this server does not have
 
 
 def check_unsupported(value: Any, info: ValidationInfo, unused: Mapping[str, tuple[Any, ...]]) -> None:
@@ -735,7 +736,10 @@ def validate_body(schema: type[Request], body: Any) -> Request:
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        raise _api_error(schema, exc.errors(include_url=False)[0]) from None
+        # A field this server lacks first: the request's other errors may only follow from it
+        # (vLLM's `prompt_token_ids` with empty `messages`)
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] not in LACKING)
+        raise _api_error(schema, errors[0]) from None
 
 
 def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
