@@ -413,6 +413,8 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     # OpenAI features this server does not implement
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.[0].content", "unsupported_parameter"),
+    ({"messages": [{"role": "system", "content": [{"video_url": {"url": "data:,"}}]}]}, "messages.[0].content",
+     "unsupported_parameter"),  # vLLM's typeless media part
     ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools.[0].type", "unsupported_parameter"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
      "tool_choice", "unsupported_parameter"),

@@ -243,6 +243,13 @@ def _message_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
     ]
 
 
+def _part_type(part: Any) -> Any:
+    """A content part's type; a part without one (as vLLM takes them: `{"image_url": ...}`) by its media key."""
+    if not isinstance(part, dict):
+        return None
+    return part["type"] if "type" in part else next((key for key in MEDIA_PART_TYPES if key in part), None)
+
+
 class ChatMessage(Strict):
     model_config = ConfigDict(json_schema_extra=_message_schema)
 
@@ -272,7 +279,7 @@ class ChatMessage(Strict):
             raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
         if not value:  # OpenAI's minimum length
             raise ValueError("content must not be an empty list")
-        media = sorted({p["type"] for p in value if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES})
+        media = sorted({kind for part in value if (kind := _part_type(part)) in MEDIA_PART_TYPES})
         if media:
             raise PydanticCustomError("unsupported", "{types} content parts: this server is text only",
                                       {"types": ", ".join(media)})
