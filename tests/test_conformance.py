@@ -412,6 +412,8 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     # OpenAI features this server does not implement
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.[0].content", "unsupported_parameter"),
+    ({"messages": [{"role": "system", "content": [{"video_url": {"url": "data:,"}}]}]}, "messages.[0].content",
+     "unsupported_parameter"),  # vLLM's typeless media part
     ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools.[0].type", "unsupported_parameter"),
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
      "tool_choice", "unsupported_parameter"),
@@ -420,6 +422,9 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"logit_bias": {str(10**7): 1}}, "logit_bias", None),
     ({"seed": 2**63}, "seed", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    # a field this server lacks is named before the errors that follow from its absence
+    ({"messages": [], "prompt_token_ids": [1, 2]}, "prompt_token_ids", None),
+    ({"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
     # llama.cpp's malformed messages
     ({"messages": None}, "messages", None),
     ({"messages": "string"}, "messages", None),
@@ -454,6 +459,18 @@ def test_out_of_vocabulary_token_ids_are_named(server: GunicornServer, field: st
     """vLLM's checks: the message names the bad ids and the vocabulary size."""
     error = _error(post_chat(server, {**GREEDY, field: ids}))
     assert error["param"] == field and str(10**7) in error["message"] and "151936" in error["message"]
+
+
+@pytest.mark.parametrize("path,body,param,named", [
+    ("/v1/chat/completions", {**GREEDY, "logit_bias": {"bad1": 50, "7": 1, "bad2": 20}}, "logit_bias",
+     ["'bad1'", "'bad2'"]),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, 10**7, -1]}, "prompt", [str(10**7), "-1", "out of vocabulary"]),
+])
+def test_every_bad_key_or_prompt_id_is_named(server: GunicornServer, path: str, body: dict[str, Any], param: str,
+                                             named: list[str]) -> None:
+    """vLLM's checks: all the logit_bias keys that are not token ids, the prompt ids out of the vocabulary."""
+    error = _error(requests.post(f"{server.url}{path}", json=body, timeout=60))
+    assert error["param"] == param and all(word in error["message"] for word in named), error
 
 
 def test_streamed_text_offsets_equal_the_collected_ones(server: GunicornServer) -> None:
@@ -606,3 +623,20 @@ def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServ
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
     assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": ""}]
     assert finish["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("constraint,answer", [
+    ({"tools": TOOLS, "tool_choice": "required"}, lambda m: [c["function"]["name"] for c in m["tool_calls"]]),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["yes", "no"]}}}},
+     lambda m: json.loads(m["content"]) in ("yes", "no")),
+])
+def test_a_constraint_holds_when_a_thinking_model_answers_without_thinking(server: GunicornServer,
+                                                                          constraint: dict[str, Any],
+                                                                          answer: Any) -> None:
+    """Thinking on (the default) and no `<think>` written first (banned here): the answer starts at
+    once and follows the grammar from its first token (it was free text, a 200 with no call)."""
+    [think_id] = requests.post(f"{server.url}/tokenize", json={"prompt": "<think>"}, timeout=60).json()["tokens"]
+    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
+    body = {**greedy, **constraint, "max_tokens": 40, "logit_bias": {str(think_id): -100}}
+    message = post_chat(server, body).json()["choices"][0]["message"]
+    assert answer(message) in (["get_weather"], True) and "reasoning_content" not in message

@@ -10,6 +10,7 @@ notation (`messages.[0].role`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -31,7 +32,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
-from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
@@ -39,6 +40,8 @@ INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
 MEDIA_PART_TYPES = ("image_url", "input_audio", "file", "video_url", "audio_url")
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+TOKEN_ID = r"^[0-9]+$"  # a logit_bias key
+LACKING = ("extra_forbidden", "unsupported")  # the error types of a field this server does not have
 
 
 class Refusal:
@@ -243,6 +246,13 @@ def _message_schema(schema: dict[str, Any]) -> None:
     ]
 
 
+def _part_type(part: Any) -> Any:
+    """A content part's type; a part without one (as vLLM takes them: `{"image_url": ...}`) by its media key."""
+    if not isinstance(part, dict):
+        return None
+    return part["type"] if "type" in part else next((key for key in MEDIA_PART_TYPES if key in part), None)
+
+
 class ChatMessage(Strict):
     model_config = ConfigDict(json_schema_extra=_message_schema)
 
@@ -267,7 +277,7 @@ class ChatMessage(Strict):
             raise ValueError("content must be a string or a list of text parts ({\"type\": \"text\", \"text\": ...})")
         if not value:  # OpenAI's minimum length
             raise ValueError("content must not be an empty list")
-        media = sorted({p["type"] for p in value if isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES})
+        media = sorted({kind for part in value if (kind := _part_type(part)) in MEDIA_PART_TYPES})
         if media:
             raise PydanticCustomError("unsupported", "{types} content parts: this server is text only",
                                       {"types": ", ".join(media)})
@@ -386,7 +396,7 @@ class SamplingFields(Strict):
     skip_special_tokens: bool | None = True
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]] | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -398,6 +408,14 @@ class SamplingFields(Strict):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} sequences, got {len(stops)}")
+        return value
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias_keys(cls, value: Any) -> Any:
+        """Names every key that is not a token id, as vLLM does (the pattern check stops at the first)."""
+        if isinstance(value, dict) and (bad := [key for key in value if not re.fullmatch(TOKEN_ID, key)]):
+            raise ValueError(f"keys must be token ids (decimal strings), not {shown(bad)}")
         return value
 
     @property
@@ -721,7 +739,10 @@ def validate_body(schema: type[Request], body: Any) -> Request:
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        raise _api_error(schema, exc.errors(include_url=False)[0]) from None
+        # A field this server lacks first: the request's other errors may only follow from it
+        # (vLLM's `prompt_token_ids` with empty `messages`)
+        errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] not in LACKING)
+        raise _api_error(schema, errors[0]) from None
 
 
 def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:

@@ -212,8 +212,9 @@ class Engine:
                 params.min_tokens,
             )
             if params.grammar is not None:  # thinking: the constraint starts after </think>
-                seq.grammar = RowGrammar(params.grammar.matcher(), self.think_ids[1] if split_reasoning else None,
-                                         self.generation.eos_token_ids)
+                think, end_think = self.think_ids if split_reasoning else (None, None)
+                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids,
+                                         None if think_in_prompt else think)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:

@@ -142,20 +142,29 @@ class Grammars:
 @dataclass
 class RowGrammar:
     """One choice's matcher. It follows the output tokens from `start_after` (the `</think>` token
-    while the model may still be thinking) or from the first token when that is None."""
+    while the model may still be thinking) or from the first token when that is None. `may_open`
+    (`<think>` when thinking is on but the prompt did not open it): the first token is that one, and
+    the constraint then starts after `start_after`, or one the grammar allows, and it starts there
+    (a model that answers without thinking is constrained all the same)."""
 
     matcher: LLMatcher
     start_after: int | None
     eos_ids: list[int]
+    may_open: int | None = None
     _seen: int = field(default=0)  # output tokens looked at
 
     @property
     def active(self) -> bool:
-        return self.start_after is None
+        return self.start_after is None or self.may_open is not None
 
     def sync(self, token_ids: list[int], num_prompt_tokens: int) -> None:
         """Feeds the output tokens (token_ids past the prompt) not seen yet: those sampled since the last step."""
         for token in token_ids[num_prompt_tokens + self._seen:]:
+            if self.may_open is not None:
+                opened, self.may_open = token == self.may_open, None
+                if opened:
+                    continue
+                self.start_after = None
             if self.start_after is not None:
                 if token == self.start_after:
                     self.start_after = None
@@ -173,3 +182,5 @@ class RowGrammar:
         # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
         # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        if self.may_open is not None:
+            words |= token_bitmask([self.may_open], words.numel() * 32)

@@ -2,6 +2,8 @@
 the refusal to a 400 naming the parameter, and the request schema takes its bounds from here."""
 from __future__ import annotations
 
+from typing import Any
+
 from nanoqwen.engine.request import SamplingParams
 
 MAX_STOP_STRINGS = 4
@@ -46,8 +48,8 @@ def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int
     return InvalidRequest(message, param=param or what, code="context_length_exceeded")
 
 
-def _shown(ids: list[int]) -> str:
-    """`ids` for an error message: the first MAX_IDS_SHOWN, then how many there are."""
+def shown(ids: list[Any]) -> str:
+    """`ids` (or keys) for an error message: the first MAX_IDS_SHOWN, then how many there are."""
     if len(ids) <= MAX_IDS_SHOWN:
         return str(ids)
     return f"{str(ids[:MAX_IDS_SHOWN])[:-1]}, … ({len(ids)} ids)]"
@@ -60,7 +62,7 @@ def check_allowed_token_ids(params: SamplingParams, vocab_size: int) -> None:
     if not allowed:
         raise InvalidRequest("allowed_token_ids must not be empty", param="allowed_token_ids")
     if bad := [t for t in allowed if not 0 <= t < vocab_size]:
-        raise InvalidRequest(f"allowed_token_ids {_shown(bad)} are not in [0, {vocab_size})", param="allowed_token_ids")
+        raise InvalidRequest(f"allowed_token_ids {shown(bad)} are not in [0, {vocab_size})", param="allowed_token_ids")
     if params.grammar is not None:  # their intersection may be empty: nothing left to sample
         raise InvalidRequest("allowed_token_ids cannot be combined with a constrained answer (response_format "
                              "json_object/json_schema, tool_choice \"required\" or a named function)",
@@ -72,8 +74,9 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
     """Raises InvalidRequest naming the first problem."""
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param="messages")
-    if any(not 0 <= t < vocab_size for t in prompt_ids):
-        raise InvalidRequest(f"prompt token ids must be in [0, {vocab_size})", param="messages")
+    if bad := [t for t in prompt_ids if not 0 <= t < vocab_size]:
+        raise InvalidRequest(f"prompt token ids {shown(bad)} are out of vocabulary (not in [0, {vocab_size}))",
+                             param="messages")
     if params.max_tokens is not None and params.max_tokens < (0 if params.prompt_logprobs is not None else 1):
         # 0: score the prompt only (`echo` with `max_tokens: 0`)
         raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
@@ -100,9 +103,9 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
     if len(params.stop) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are supported", param="stop")
     if bad := [t for t in params.logit_bias if not 0 <= t < vocab_size]:
-        raise InvalidRequest(f"logit_bias token ids {_shown(bad)} are not in [0, {vocab_size})", param="logit_bias")
+        raise InvalidRequest(f"logit_bias token ids {shown(bad)} are not in [0, {vocab_size})", param="logit_bias")
     if bad := [t for t in params.stop_token_ids if not 0 <= t < vocab_size]:
-        raise InvalidRequest(f"stop_token_ids {_shown(bad)} are not in [0, {vocab_size})", param="stop_token_ids")
+        raise InvalidRequest(f"stop_token_ids {shown(bad)} are not in [0, {vocab_size})", param="stop_token_ids")
     if any(not -100 <= v <= 100 for v in params.logit_bias.values()):
         raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
