@@ -30,6 +30,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
+from nanoqwen.api.serving import Batch
 from nanoqwen.api.sse import sse
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -378,10 +379,7 @@ class ResponsesService:
         serving.check_serving(req.model)
         prompt_name = INPUT if previous is None else HISTORY
         try:
-            chat_req = req.to_chat(items)
-            if req.truncation == "auto":
-                chat_req = self._truncated(req, items, chat_req, prompt_name)
-            batch, params, _ = self.chat.start(chat_req, prompt_name)
+            chat_req, batch, params = self._start(req, items, prompt_name)
         except APIError as exc:
             if previous is not None and exc.code == "context_length_exceeded":
                 self._check_input_alone(req)
@@ -416,13 +414,24 @@ class ResponsesService:
             return False
         return True
 
-    def _truncated(self, req: ResponseCreateRequest, items: list[Item], chat_req: ChatCompletionRequest,
-                   prompt_name: PromptName) -> ChatCompletionRequest:
-        """`truncation: "auto"`: the chat request without the fewest first items (never a system or developer
-        message, nor the last item) that fits the context; `chat_req` itself when it fits or nothing does (its
-        start then says it is too long). Searched by bisection: a prompt only gets shorter as items go."""
-        if self._fits(chat_req, prompt_name):
-            return chat_req
+    def _start(self, req: ResponseCreateRequest, items: list[Item],
+               prompt_name: PromptName) -> tuple[ChatCompletionRequest, Batch, SamplingParams]:
+        """The chat request of `items` started; with `truncation: "auto"`, one too long for the context is
+        started again without its first items."""
+        chat_req = req.to_chat(items)
+        try:
+            batch, params, _ = self.chat.start(chat_req, prompt_name)
+        except APIError as exc:
+            if req.truncation != "auto" or exc.code != "context_length_exceeded":
+                raise
+            chat_req = self._truncated(req, items, prompt_name) or chat_req
+            batch, params, _ = self.chat.start(chat_req, prompt_name)
+        return chat_req, batch, params
+
+    def _truncated(self, req: ResponseCreateRequest, items: list[Item],
+                   prompt_name: PromptName) -> ChatCompletionRequest | None:
+        """The chat request without the fewest first items (never a system or developer message, nor the last
+        item) that fits the context, if any. Searched by bisection: a prompt only gets shorter as items go."""
         droppable = [i for i, item in enumerate(items[:-1])
                      if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
 
@@ -430,7 +439,7 @@ class ResponsesService:
             dropped = set(droppable[:count])
             return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
 
-        low, high, best = 1, len(droppable), chat_req
+        low, high, best = 1, len(droppable), None
         while low <= high:
             mid = (low + high) // 2
             candidate = without(mid)
