@@ -28,15 +28,15 @@ class Stored:
     body: bytes  # the response, as GET answers it
     input_items: bytes  # this request's input items, with ids: a JSON list
     history: bytes  # the items a continuation starts from (the earlier ones, its input, its output): a JSON list
-    item_ids: frozenset[str]  # of its input and output items
+    own_at: int  # where in history its own items (input and output) start, after a "[" or ","
+    item_ids: frozenset[str]  # of its own items
 
     def items(self) -> list[Json]:
         return json.loads(self.input_items)
 
     def item(self, item_id: str) -> Json | None:
-        """One of its input or output items, as a continuation needs it (no logprobs)."""
-        output = json.loads(self.body)["output"]
-        return next((_without_logprobs(item) for item in [*self.items(), *output] if item["id"] == item_id), None)
+        """One of its own items, as a continuation needs it (no logprobs)."""
+        return next((item for item in json.loads(b"[" + self.history[self.own_at:]) if item["id"] == item_id), None)
 
     @property
     def size(self) -> int:
@@ -76,7 +76,7 @@ class ResponseStore:
         later = encode_text(items).encode()
         history = _concat(previous.history, later) if previous is not None else later
         stored = Stored(encode_json(response), encode_text(input_items).encode(), history,
-                        frozenset(item["id"] for item in items))
+                        len(history) - len(later) + 1, frozenset(item["id"] for item in items))
         response_id = response["id"]
         with self._lock:
             self._pop(response_id)
