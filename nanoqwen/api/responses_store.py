@@ -111,10 +111,6 @@ class ResponseStore:
                 del self._items[item_id]
         return True
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
 
 def list_page(items: list[Json], args: dict[str, str]) -> Json:
     """OpenAI's list of items: newest first by default (`order`), `limit` (1-100, 20), `after`/`before` an item id."""
