@@ -515,6 +515,9 @@ class Soak:
                 hang_up(conn.sock, rng)
                 self.tally.record("slow-reader", 0)
                 return
+            # reading on at a 4 KiB window takes minutes for a Responses stream (~2 MB: its `.done` events repeat
+            # the logprobs): the rest is read with a normal buffer
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             reply = conn.reply()
             problem = response_problem(reply, True)[0] if responses else answer_problem(reply, True, 1)
             self.tally.record("slow-reader", reply.status, problem)
