@@ -208,9 +208,10 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
 def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
     (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}).input_items
     assert (ref.type, ref.id) == ("item_reference", "msg_1")
-    with pytest.raises(APIError) as exc:
-        parse_responses_request({"input": [{"type": "item_reference"}]})
-    assert exc.value.param == "input.[0].id"
+    for item, param in (({"type": "item_reference"}, "input.[0].id"), ({"content": "hi"}, "input.[0].role")):
+        with pytest.raises(APIError) as exc:
+            parse_responses_request({"input": [item]})
+        assert exc.value.param == param
 
 
 def test_a_cut_or_malformed_call_continues() -> None:

@@ -196,10 +196,10 @@ ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "
 
 
 def _check_item(value: Any) -> Any:
-    """An item without a type is an EasyInputMessage with a role, an item reference without one (OpenAI's type is
-    optional for both); other item types are refused by name."""
+    """An item without a type is an EasyInputMessage (with a role or content), else an item reference (OpenAI's type
+    is optional for both); other item types are refused by name."""
     if isinstance(value, dict) and "type" not in value:
-        return {**value, "type": "message" if "role" in value else "item_reference"}
+        return {**value, "type": "message" if "role" in value or "content" in value else "item_reference"}
     if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] not in ITEM_TYPES:
         raise PydanticCustomError("unsupported", "input items of type \"{type}\" are not implemented",
                                   {"type": value["type"]})
