@@ -12,7 +12,7 @@ import pytest
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
-from nanoqwen.api.responses_api import ITEMS, Draft, ResponseCollector, ResponseEvents
+from nanoqwen.api.responses_api import INPUT, ITEMS, Draft, ResponseCollector, ResponseEvents, ResponsesService
 from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
@@ -251,6 +251,32 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "tool", "content": "one", "tool_call_id": "c1"},
         {"role": "tool", "content": "two", "tool_call_id": "c2"},
         {"role": "system", "content": "d"}]
+
+
+def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
+    """A conversation 20x the context: the candidates templated stay about twice its size (a fake 1000-character
+    context here)."""
+    sizes = []
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        sizes.append(sum(len(m["content"]) for m in chat.template_messages()))
+        if sizes[-1] > 1000:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return []
+
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
+                                               encode=encode))
+    items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
+                                                        for i in range(200)), {"role": "user", "content": "last"}]
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    chat = service._truncated(req, req.input_items, INPUT)
+    # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
+    kept = [items[0], *items[-9:]]
+    assert [m["content"] for m in chat.template_messages()] == [item["content"] for item in kept]
+    assert max(sizes) < 2000
+    too_long = {"role": "user", "content": "y" * 1000}
+    req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
+    assert service._truncated(req, req.input_items, INPUT) is None  # the last item alone is too long
 
 
 def test_responses_settings_become_chats() -> None:

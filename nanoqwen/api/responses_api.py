@@ -431,22 +431,33 @@ class ResponsesService:
     def _truncated(self, req: ResponseCreateRequest, items: list[Item],
                    prompt_name: PromptName) -> ChatCompletionRequest | None:
         """The chat request without the fewest first items (never a system or developer message, nor the last
-        item) that fits the context, if any. Searched by bisection: a prompt only gets shorter as items go."""
+        item) that fits the context, if any. Searched from the end, keeping 0, 1, 3, 7, ... of the droppable
+        items, then by bisection: each prompt templated is at most about twice the one that fits, however long
+        the conversation (a prompt only gets shorter as items go)."""
         droppable = [i for i, item in enumerate(items[:-1])
                      if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
 
-        def without(count: int) -> ChatCompletionRequest:
-            dropped = set(droppable[:count])
+        def keeping(count: int) -> ChatCompletionRequest:
+            dropped = set(droppable[:len(droppable) - count])
             return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
 
-        low, high, best = 1, len(droppable), None
-        while low <= high:
-            mid = (low + high) // 2
-            candidate = without(mid)
+        fits, best = 0, keeping(0)
+        if not self._fits(best, prompt_name):
+            return None
+        too_many = len(droppable)  # keeping them all does not fit: the whole prompt did not
+        while (count := 2 * fits + 1) < too_many:
+            candidate = keeping(count)
+            if not self._fits(candidate, prompt_name):
+                too_many = count
+                break
+            fits, best = count, candidate
+        while too_many - fits > 1:
+            count = (fits + too_many) // 2
+            candidate = keeping(count)
             if self._fits(candidate, prompt_name):
-                high, best = mid - 1, candidate
+                fits, best = count, candidate
             else:
-                low = mid + 1
+                too_many = count
         return best
 
     def _check_input_alone(self, req: ResponseCreateRequest) -> None:
