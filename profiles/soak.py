@@ -1,12 +1,14 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
-    python profiles/soak.py [--modes default none int8] [--rounds 3] [--round-seconds 60] [--clients 10]
+    python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
         [--seed 0] [--out DIR]
 
-Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8)
-it serves the 2-layer test checkpoint on the CPU in fp32 and runs `--rounds` rounds. In each, `--clients`
-threads pick scenarios at random for `--round-seconds`: streamed and non-streamed chat and legacy
-completions (n>1, logprobs, stop strings, tools, json_schema, seeds, max_tokens edge values), clients
+Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
+`spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG) it serves the 2-layer test checkpoint on
+the CPU in fp32 and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
+`--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
+json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
+previous_response_id or item references, truncation "auto", stored or not, disconnected, read slowly), clients
 that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
 (tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, and a fixed
@@ -15,8 +17,9 @@ greedy probe; a prober thread times /health (and reads /stats, /v1/models) throu
 Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503
 queue_full, every error OpenAI-shaped, the worker pid never changes, /health p99 under
 --health-p99-ms, after each round /stats shows no running or waiting request and kv_cache_usage 0,
-the worker's RSS after the last round within --rss-growth-mb of the first's, and the probe's greedy
-answer always the one the idle server gave. Writes soak.json to --out (default profiles/out/).
+the worker's RSS after the last round within --rss-growth-mb of the first's, the probe's greedy
+answer always the one the idle server gave, and every Responses answer that says it is stored retrievable
+as it was answered, right after. Writes soak.json to --out (default profiles/out/).
 """
 from __future__ import annotations
 
@@ -45,10 +48,13 @@ from checkpoints import make_checkpoint  # noqa: E402
 from nanoqwen.api.metrics import percentile  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
-                                    "int8": {"NANOQWEN_QUANT": "int8"}}
+                                    "int8": {"NANOQWEN_QUANT": "int8"},
+                                    "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE}}
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
 PROBE = {"model": MODEL, "prompt": [9707, 11, 1879, 0, 358, 1079, 264, 12305], "max_tokens": 24,
          "temperature": 0, "ignore_eos": True, "logprobs": 1}
@@ -58,6 +64,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {
     "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"], "additionalProperties": False}}}
+RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}]
+ENDED = ("response.completed", "response.incomplete")
 ERROR_KEYS = {"message", "type", "param", "code"}
 Json = dict[str, Any]
 
@@ -79,6 +87,7 @@ class Tally:
     pids: set[int] = field(default_factory=set)
     requests: int = 0
     slowest_s: dict[str, float] = field(default_factory=dict)  # scenario -> its longest run
+    stored: list[Json] = field(default_factory=list)  # the last stored Responses answers, for continuations
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, scenario: str, status: int, problem: str | None = None) -> None:
@@ -219,6 +228,40 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
 
 
+def response_events(text: str) -> list[Json]:
+    """A Responses stream's events, each checked to carry its `event:` line's type."""
+    events = []
+    for block in text.split("\n\n"):
+        if block:
+            head, data = block.split("\n", 1)
+            event = json.loads(data.removeprefix("data: "))
+            if head != f"event: {event['type']}":
+                raise ValueError(f"event line {head!r} for a {event['type']} event")
+            events.append(event)
+    return events
+
+
+def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
+    """As answer_problem, for a valid Responses request, and its final response: streamed, numbered events
+    from response.created to response.completed/incomplete, whose opening ones say what the last does of
+    `store`."""
+    if reply.status != 200:
+        return answer_problem(reply, stream, None), None
+    text = reply.body.decode("utf-8")
+    if not stream:
+        answer = json.loads(text)
+        return None if answer["status"] in ("completed", "incomplete") else f"status {answer['status']}", answer
+    events = response_events(text)
+    final = events[-1]["response"] if events and events[-1]["type"] in ENDED else None
+    if final is None or events[0]["type"] != "response.created":
+        return f"stream not from response.created to its end: {text[:200]!r} ... {text[-300:]!r}", None
+    if [e["sequence_number"] for e in events] != list(range(len(events))):
+        return "sequence numbers out of order", None
+    if {events[0]["response"]["store"], events[1]["response"]["store"]} != {final["store"]}:
+        return f"store {events[0]['response']['store']} opening, {final['store']} at the end", None
+    return None, final
+
+
 # -- request bodies -------------------------------------------------------------------------
 
 def words(rng: random.Random, n: int) -> str:
@@ -273,6 +316,29 @@ def completion_body(rng: random.Random) -> Json:
     return body
 
 
+def response_body(rng: random.Random, earlier: Json | None) -> Json:
+    """A Responses request; one continuing `earlier` (a stored response) by its id or by item references."""
+    body: Json = {"model": MODEL, "input": words(rng, rng.randint(1, 60)), "stream": rng.random() < 0.5,
+                  "max_output_tokens": rng.choice([16, 24, 64]), "temperature": rng.choice([0, 0.8]),
+                  "store": rng.random() < 0.8}
+    if rng.random() < 0.3:
+        body["input"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": words(rng, 600)},
+                         {"role": "user", "content": body["input"]}]
+        body["truncation"] = "auto"  # the 600 words go when the answer would not fit
+    if earlier is not None and rng.random() < 0.5:
+        body |= {"previous_response_id": earlier["id"], "truncation": "auto"}
+    elif earlier is not None:
+        refs = [{"type": "item_reference", "id": item["id"]} for item in earlier["output"]]
+        body["input"] = [*refs, {"role": "user", "content": words(rng, 8)}]
+    if rng.random() < 0.3:
+        body |= {"include": ["message.output_text.logprobs"], "top_logprobs": rng.randint(0, 20)}
+    if rng.random() < 0.2:
+        body |= {"tools": RESPONSES_TOOLS, "tool_choice": rng.choice(["auto", "required"])}
+    if rng.random() < 0.5:
+        body["reasoning"] = {"effort": "none"}
+    return body
+
+
 def choices_of(body: Json) -> int:
     prompt = body.get("prompt")
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
@@ -297,6 +363,21 @@ class Soak:
         path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
         self.tally.record("valid", reply.status, answer_problem(reply, body["stream"], choices_of(body)))
+
+    def responses(self, rng: random.Random) -> None:
+        """A Responses request, perhaps continuing a stored one; a stored answer is then retrieved as answered."""
+        with self.tally.lock:
+            earlier = rng.choice(self.tally.stored) if self.tally.stored and rng.random() < 0.5 else None
+        body = response_body(rng, earlier)
+        reply = send(self.port, request_bytes("POST", RESPONSES, json.dumps(body).encode()))
+        problem, final = response_problem(reply, body["stream"])
+        if problem is None and final is not None and final["store"]:
+            kept = send(self.port, request_bytes("GET", f"{RESPONSES}/{final['id']}"))
+            if kept.status != 200 or json.loads(kept.body) != final:
+                problem = f"stored response {final['id']} retrieved as {kept.status}: {kept.body[:300]!r}"
+            with self.tally.lock:
+                self.tally.stored = [*self.tally.stored[-63:], final]
+        self.tally.record("responses", reply.status, problem)
 
     def probe(self, rng: random.Random) -> None:
         reply = send(self.port, request_bytes("POST", COMPLETIONS, json.dumps(PROBE).encode()))
@@ -370,11 +451,18 @@ class Soak:
             conn.close()
 
     def disconnect(self, rng: random.Random) -> None:
-        """A client that goes away at a random point of its request."""
+        """A client that goes away at a random point of its request (chat's, or a Responses one)."""
         stream = rng.random() < 0.7
-        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.choice([5, 300]))}],
-                "max_tokens": self.long_tokens, "ignore_eos": True, "stream": stream, "n": rng.choice([1, 1, 3])}
-        raw = request_bytes("POST", CHAT, json.dumps(body).encode())
+        prompt = words(rng, rng.choice([5, 300]))
+        if rng.random() < 0.4:
+            body = {"model": MODEL, "input": prompt, "max_output_tokens": self.long_tokens, "stream": stream,
+                    "include": ["message.output_text.logprobs"], "top_logprobs": rng.choice([0, 20])}
+            path = RESPONSES
+        else:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": self.long_tokens,
+                    "ignore_eos": True, "stream": stream, "n": rng.choice([1, 1, 3])}
+            path = CHAT
+        raw = request_bytes("POST", path, json.dumps(body).encode())
         point = rng.choice(["headers", "body", "prefill", "stream", "last"])
         conn = Connection(self.port, timeout=60)
         try:
@@ -406,23 +494,33 @@ class Soak:
             seen += chunk
             if point == "stream" and seen.count(b"data: ") > rng.randint(1, 30):
                 return
-            if point == "last" and b'"finish_reason":"length"' in seen:
+            if point == "last" and (b'"finish_reason":"length"' in seen or b"event: response.output_item.done" in seen):
                 return
 
     def slow_reader(self, rng: random.Random) -> None:
         """A stream whose client stops reading (its receive window fills), then reads on or hangs up."""
-        body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 20)}], "stream": True,
-                "max_tokens": self.long_tokens, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
+        responses = rng.random() < 0.5
+        body: Json = {"model": MODEL, "stream": True}
+        if responses:
+            body |= {"input": words(rng, 20), "max_output_tokens": self.long_tokens,
+                     "include": ["message.output_text.logprobs"], "top_logprobs": 20}
+        else:
+            body |= {"messages": [{"role": "user", "content": words(rng, 20)}], "max_tokens": self.long_tokens,
+                     "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
         conn = Connection(self.port, timeout=120, rcvbuf=4096)
         try:
-            conn.sock.sendall(request_bytes("POST", CHAT, json.dumps(body).encode()))
+            conn.sock.sendall(request_bytes("POST", RESPONSES if responses else CHAT, json.dumps(body).encode()))
             time.sleep(rng.uniform(1, 5))
             if rng.random() < 0.5:
                 hang_up(conn.sock, rng)
                 self.tally.record("slow-reader", 0)
                 return
+            # reading on at a 4 KiB window takes minutes for a Responses stream (~2 MB: its `.done` events repeat
+            # the logprobs): the rest is read with a normal buffer
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             reply = conn.reply()
-            self.tally.record("slow-reader", reply.status, answer_problem(reply, True, 1))
+            problem = response_problem(reply, True)[0] if responses else answer_problem(reply, True, 1)
+            self.tally.record("slow-reader", reply.status, problem)
         finally:
             conn.close()
 
@@ -449,8 +547,9 @@ class Soak:
             conn.close()
 
     def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
-        return [(30, self.valid), (4, self.probe), (14, self.fuzz), (6, self.wrong_request), (3, self.oversized),
-                (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader), (4, self.slow_body)]
+        return [(30, self.valid), (12, self.responses), (4, self.probe), (14, self.fuzz), (6, self.wrong_request),
+                (3, self.oversized), (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader),
+                (4, self.slow_body)]
 
     def client(self, seed: int, until: float) -> None:
         rng = random.Random(seed)

@@ -83,7 +83,7 @@ def _validator(path: str) -> jsonschema.Draft202012Validator:
 SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     "/v1/chat/completions": parse_chat_request,
     "/v1/completions": parse_completion_request,
-    "/v1/responses": lambda body: parse_responses_request(body).to_chat([]),
+    "/v1/responses": lambda body: (req := parse_responses_request(body)).to_chat(req.input_items),
 }
 
 

@@ -12,9 +12,10 @@ import pytest
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
-from nanoqwen.api.responses_api import ITEMS, Draft, ResponseCollector, ResponseEvents
+from nanoqwen.api.responses_api import INPUT, ITEMS, Draft, ResponseCollector, ResponseEvents, ResponsesService
 from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, list_page
+from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -22,6 +23,11 @@ from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 THINK_END = 99
 LOGPROBS = "message.output_text.logprobs"
 Json = dict[str, Any]
+
+
+def _chat(body: Json) -> ChatCompletionRequest:
+    req = parse_responses_request(body)
+    return req.to_chat(req.input_items)
 
 
 def _lp(token: str) -> TokenLogprob:
@@ -88,7 +94,7 @@ def test_encrypted_reasoning_comes_back_as_the_reasoning() -> None:
     reasoning, message = response["output"]
     assert reasoning["encrypted_content"] == encode_reasoning("Let me think")
     del reasoning["content"]  # as a client that keeps only the opaque form sends it back
-    chat = parse_responses_request({"input": [*response["output"], {"role": "user", "content": "And?"}]}).to_chat([])
+    chat = _chat({"input": [*response["output"], {"role": "user", "content": "And?"}]})
     assert chat.template_messages()[0] == {"role": "assistant", "content": "Paris.",
                                            "reasoning_content": "Let me think"}
 
@@ -170,10 +176,42 @@ def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs
     assert _collected(_draft(None), THOUGHT)["store"] is False
 
 
-def test_a_response_the_store_cannot_hold_says_it_is_not_stored() -> None:
+def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> None:
     store = ResponseStore(max_bytes=500)
-    response = _collected(_draft(store), THOUGHT)
-    assert isinstance(response, dict) and response["store"] is False and store.get(response["id"]) is None
+    store.put({"id": "resp_old", "output": []}, [], None)
+    events = ResponseEvents(_draft(store), ToolParsing())
+    opening = events.opening()
+    for event in THOUGHT:
+        events.chunks(event)
+    assert [e["response"]["store"] for e in opening] == [True, True] and events.response["store"] is True
+    assert store.get(events.response["id"]).body == events.body and len(events.body) > store.max_bytes
+    assert store.get("resp_old") is None
+    store.put({"id": "resp_new", "output": []}, [], None)  # the next one is kept: the large one goes
+    assert store.get(events.response["id"]) is None and store.get("resp_new") is not None
+
+
+def test_items_are_found_by_id_while_their_response_is_kept() -> None:
+    store = ResponseStore(max_responses=2)
+    logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]
+    said = {"id": "msg_out", "type": "message", "content": [{"type": "output_text", "text": "a", "logprobs": logprobs}]}
+    store.put({"id": "resp_0", "output": [said]}, [{"id": "msg_in", "type": "message"}], None)
+    assert store.item("msg_in") == {"id": "msg_in", "type": "message"}
+    assert store.item("msg_out") == {**said, "content": [{"type": "output_text", "text": "a"}]}
+    assert store.item("msg_unknown") is None
+    store.put({"id": "resp_1", "output": []}, [{"id": "msg_in", "type": "message", "role": "user"}], None)
+    assert store.item("msg_in") == {"id": "msg_in", "type": "message", "role": "user"}  # the latest response's
+    store.put({"id": "resp_2", "output": []}, [], None)  # resp_0 goes, and its items with it
+    assert store.item("msg_out") is None and store.item("msg_in") is not None
+    assert store.delete("resp_1") and store.item("msg_in") is None and store._items == {}
+
+
+def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
+    (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}).input_items
+    assert (ref.type, ref.id) == ("item_reference", "msg_1")
+    for item, param in (({"type": "item_reference"}, "input.[0].id"), ({"content": "hi"}, "input.[0].role")):
+        with pytest.raises(APIError) as exc:
+            parse_responses_request({"input": [item]})
+        assert exc.value.param == param
 
 
 def test_a_cut_or_malformed_call_continues() -> None:
@@ -189,7 +227,8 @@ def test_a_cut_or_malformed_call_continues() -> None:
     resent = parse_responses_request({"input": [{"role": "user", "content": "Hi"}, call,
                                                 {"type": "function_call_output", "call_id": call["call_id"],
                                                  "output": "ok"}]})
-    for chat in (parse_responses_request({"input": "Go on"}).to_chat(history), resent.to_chat([])):
+    go_on = parse_responses_request({"input": "Go on"})
+    for chat in (go_on.to_chat([*history, *go_on.input_items]), resent.to_chat(resent.input_items)):
         (sent,) = chat.template_messages()[1]["tool_calls"]
         assert sent["function"] == {"name": "ns.g", "arguments": '{"b": '}
 
@@ -203,7 +242,7 @@ def test_input_items_to_chat_messages() -> None:
              {"type": "function_call_output", "call_id": "c1", "output": "one"},
              {"type": "function_call_output", "call_id": "c2", "output": [{"type": "input_text", "text": "two"}]},
              {"role": "developer", "content": "d"}]
-    chat = parse_responses_request({"input": items, "instructions": "sys"}).to_chat([])
+    chat = _chat({"input": items, "instructions": "sys"})
     calls = [{"id": c, "type": "function", "function": {"name": "f", "arguments": a}}
              for c, a in (("c1", {}), ("c2", {"x": 1}))]
     assert chat.template_messages() == [
@@ -214,21 +253,47 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
+def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
+    """A conversation 20x the context: the candidates templated stay about twice its size (a fake 1000-character
+    context here)."""
+    sizes = []
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        sizes.append(sum(len(m["content"]) for m in chat.template_messages()))
+        if sizes[-1] > 1000:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return []
+
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
+                                               encode=encode))
+    items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
+                                                        for i in range(200)), {"role": "user", "content": "last"}]
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    chat = service._truncated(req, req.input_items, INPUT)
+    # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
+    kept = [items[0], *items[-9:]]
+    assert [m["content"] for m in chat.template_messages()] == [item["content"] for item in kept]
+    assert max(sizes) < 2000
+    too_long = {"role": "user", "content": "y" * 1000}
+    req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
+    assert service._truncated(req, req.input_items, INPUT) is None  # the last item alone is too long
+
+
 def test_responses_settings_become_chats() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
-    chat = parse_responses_request({
+    chat = _chat({
         "input": "Hi", "max_output_tokens": 20, "temperature": 0.5, "top_logprobs": 3,
         "include": ["message.output_text.logprobs"], "reasoning": {"effort": "none", "summary": "auto"},
-        "tools": tools, "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": False}).to_chat([])
+        "tools": tools, "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": False})
     params = chat.sampling_params()
     assert (params.max_tokens, params.temperature, params.logprobs, params.top_logprobs) == (20, 0.5, True, 3)
     assert chat.enable_thinking is False and chat.forces_tool_call and chat.max_tool_calls == 1
-    text = parse_responses_request({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "p",
+    text = _chat({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "p",
                                                                        "schema": {"type": "object"}},
-                                                            "verbosity": "medium"}}).to_chat([])
+                                                            "verbosity": "medium"}})
     assert text.response_format.json_schema.schema_ == {"type": "object"}
     with pytest.raises(APIError) as exc:
-        parse_responses_request({"input": []}).to_chat([])
+        _chat({"input": []})
     assert exc.value.param == "input"
 
 
@@ -242,9 +307,9 @@ def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
     store.put(response(3, "x" * 1440), [], None)  # fits alone (it and its history): the older ones go
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
-    assert store.put(response(4, "x" * 1600), [], None) is None  # larger than the whole store: not kept
-    assert store.get("resp_4") is None and store.get("resp_3") is not None
-    assert store.delete("resp_3") and not store.delete("resp_3")
+    store.put(response(4, "x" * 1600), [], None)  # larger than the whole store: kept alone
+    assert store.get("resp_4") is not None and store.get("resp_3") is None
+    assert store.delete("resp_4") and not store.delete("resp_4") and store._bytes == 0
     # a continuation holds the earlier items too, counted once in it: the entries' sizes add up to the bound
     store = ResponseStore()
     first = store.get(json.loads(store.put(response(3, "x" * 900), [], None))["id"])

@@ -114,7 +114,7 @@ RESPONSES_FIELDS: dict[str, tuple[Any, Literal["ok", "refused", "not_found"]]] =
     "tools": (RESPONSES_TOOLS, "ok"),
     "top_logprobs": (2, "ok"),
     "top_p": (0.9, "ok"),
-    "truncation": ("auto", "refused"),
+    "truncation": ("auto", "ok"),
     "user": ("u", "ok"),
 }
 RESPONSES_COMPANIONS: dict[str, dict[str, Any]] = {

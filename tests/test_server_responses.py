@@ -185,6 +185,52 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert exc.value.body["code"] == "previous_response_not_found"
 
 
+def _streamed(client: openai.OpenAI, **body: Any) -> Any:
+    """The final response of a stream, after checking that its opening events agree with it on `store`."""
+    events = list(client.responses.create(stream=True, **body))
+    assert [e.response.store for e in events[:2]] == [events[-1].response.store] * 2
+    return events[-1].response
+
+
+def test_item_references_resolve_to_stored_items(client: openai.OpenAI) -> None:
+    first = client.responses.create(input="Hi", **GREEDY)
+    (said,) = client.responses.input_items.list(first.id).data
+    refs = [{"type": "item_reference", "id": said.id}, {"id": first.output[0].id}]  # the type may be omitted
+    follow = client.responses.create(input="Tell me more.", previous_response_id=first.id, **GREEDY)
+    for create in (client.responses.create, lambda **body: _streamed(client, **body)):
+        resolved = create(input=[*refs, {"role": "user", "content": "Tell me more."}], **GREEDY)
+        assert (resolved.output_text, resolved.usage.input_tokens) == (follow.output_text, follow.usage.input_tokens)
+        listed = client.responses.input_items.list(resolved.id, order="asc").data
+        assert [item.id for item in listed[:2]] == [said.id, first.output[0].id]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{"role": "user", "content": "a"}, {"type": "item_reference", "id": "msg_x"}],
+                                **GREEDY)
+    assert exc.value.body["param"] == "input.[1].id" and "msg_x" in exc.value.body["message"]
+
+
+def test_truncation_auto_drops_the_first_items_but_not_system_ones(client: openai.OpenAI) -> None:
+    first = client.responses.create(input="word " * 600, instructions="Be brief.", **GREEDY)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input="word " * 500, previous_response_id=first.id, truncation="disabled", **GREEDY)
+    assert exc.value.body["code"] == "context_length_exceeded"
+    # its first input item goes; its answer fits
+    kept = client.responses.create(input=[{"id": first.output[0].id}, {"role": "user", "content": "word " * 500}],
+                                   instructions="Be brief.", **GREEDY)
+    for create in (client.responses.create, lambda **body: _streamed(client, **body)):
+        cut = create(input="word " * 500, instructions="Be brief.", previous_response_id=first.id,
+                     truncation="auto", **GREEDY)
+        assert (cut.output_text, cut.usage.input_tokens) == (kept.output_text, kept.usage.input_tokens)
+        assert cut.truncation == "auto" and cut.store is True
+    items = [{"role": "system", "content": "S"}, {"role": "user", "content": "word " * 1100},
+             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Hi"}]
+    kept = client.responses.create(input=[items[0], *items[2:]], **GREEDY)
+    cut = client.responses.create(input=items, truncation="auto", **GREEDY)
+    assert (cut.output_text, cut.usage.input_tokens) == (kept.output_text, kept.usage.input_tokens)
+    with pytest.raises(openai.BadRequestError) as exc:  # the last item alone is too long: never dropped
+        client.responses.create(input=items[:2], truncation="auto", **GREEDY)
+    assert exc.value.body["code"] == "context_length_exceeded"
+
+
 def test_the_stream_ends_without_done(server: GunicornServer) -> None:
     body = {**GREEDY, "input": "Hi", "stream": True}
     with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as answer:

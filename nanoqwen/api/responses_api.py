@@ -19,6 +19,8 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
     InputItem,
+    Item,
+    ItemReference,
     MessageItem,
     NamedFunction,
     ResponseCreateRequest,
@@ -27,12 +29,15 @@ from nanoqwen.api.responses_schemas import (
     parse_responses_request,
 )
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
+from nanoqwen.api.schemas import ChatCompletionRequest
+from nanoqwen.api.serving import Batch
 from nanoqwen.api.sse import sse
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 Json = dict[str, Any]
 ITEMS = TypeAdapter(list[InputItem])
+ITEM = TypeAdapter(InputItem)
 CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
@@ -101,20 +106,18 @@ class Draft:
             "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else choice or "auto",
             "tools": [tool.echo() for tool in req.tools or []],
-            "top_logprobs": req.top_logprobs or 0, "top_p": self.params.top_p, "truncation": "disabled",
+            "top_logprobs": req.top_logprobs or 0, "top_p": self.params.top_p,
+            "truncation": req.truncation or "disabled",
             "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
 
     def finish(self, status: str, output: list[Json], usage: Json) -> tuple[Json, bytes | None]:
-        """The final response, stored when asked to, and its encoding when stored; one the store cannot hold
-        says `store: false`."""
+        """The final response, stored when asked to, and its encoding when stored."""
         response = self.response(status, output, usage)
         if self.store is None:
             return response, None
-        body = self.store.put(response, [input_item_json(item) for item in self.req.input_items], self.previous)
-        if body is None:
-            response["store"] = False
-        return response, body
+        return response, self.store.put(response, [input_item_json(item) for item in self.req.input_items],
+                                        self.previous)
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -370,13 +373,13 @@ class ResponsesService:
     def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        req = parse_responses_request(body)
+        req = self._resolved(parse_responses_request(body))
         previous = self._previous(req.previous_response_id)
-        history = ITEMS.validate_json(previous.history) if previous is not None else []
+        items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         serving.check_serving(req.model)
+        prompt_name = INPUT if previous is None else HISTORY
         try:
-            chat_req = req.to_chat(history)
-            batch, params, _ = self.chat.start(chat_req, INPUT if previous is None else HISTORY)
+            chat_req, batch, params = self._start(req, items, prompt_name)
         except APIError as exc:
             if previous is not None and exc.code == "context_length_exceeded":
                 self._check_input_alone(req)
@@ -387,12 +390,82 @@ class ResponsesService:
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
+    def _resolved(self, req: ResponseCreateRequest) -> ResponseCreateRequest:
+        """`req` with its item references replaced by the stored items they name."""
+        if not any(isinstance(item, ItemReference) for item in req.input_items):
+            return req
+        items = []
+        for i, item in enumerate(req.input_items):
+            if isinstance(item, ItemReference):
+                found = self.store.item(item.id)
+                if found is None:
+                    raise APIError(400, f"Item with id '{item.id}' not found.", param=f"input.[{i}].id")
+                item = ITEM.validate_python(found)
+            items.append(item)
+        return req.model_copy(update={"input": items})
+
+    def _fits(self, chat_req: ChatCompletionRequest, prompt_name: PromptName) -> bool:
+        max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
+        try:
+            self.chat.encode(chat_req, max_tokens, prompt_name)
+        except APIError as exc:
+            if exc.code != "context_length_exceeded":
+                raise
+            return False
+        return True
+
+    def _start(self, req: ResponseCreateRequest, items: list[Item],
+               prompt_name: PromptName) -> tuple[ChatCompletionRequest, Batch, SamplingParams]:
+        """The chat request of `items` started; with `truncation: "auto"`, one too long for the context is
+        started again without its first items."""
+        chat_req = req.to_chat(items)
+        try:
+            batch, params, _ = self.chat.start(chat_req, prompt_name)
+        except APIError as exc:
+            if req.truncation != "auto" or exc.code != "context_length_exceeded":
+                raise
+            chat_req = self._truncated(req, items, prompt_name) or chat_req
+            batch, params, _ = self.chat.start(chat_req, prompt_name)
+        return chat_req, batch, params
+
+    def _truncated(self, req: ResponseCreateRequest, items: list[Item],
+                   prompt_name: PromptName) -> ChatCompletionRequest | None:
+        """The chat request without the fewest first items (never a system or developer message, nor the last
+        item) that fits the context, if any. Searched from the end, keeping 0, 1, 3, 7, ... of the droppable
+        items, then by bisection: each prompt templated is at most about twice the one that fits, however long
+        the conversation (a prompt only gets shorter as items go)."""
+        droppable = [i for i, item in enumerate(items[:-1])
+                     if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
+
+        def keeping(count: int) -> ChatCompletionRequest:
+            dropped = set(droppable[:len(droppable) - count])
+            return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
+
+        fits, best = 0, keeping(0)
+        if not self._fits(best, prompt_name):
+            return None
+        too_many = len(droppable)  # keeping them all does not fit: the whole prompt did not
+        while (count := 2 * fits + 1) < too_many:
+            candidate = keeping(count)
+            if not self._fits(candidate, prompt_name):
+                too_many = count
+                break
+            fits, best = count, candidate
+        while too_many - fits > 1:
+            count = (fits + too_many) // 2
+            candidate = keeping(count)
+            if self._fits(candidate, prompt_name):
+                fits, best = count, candidate
+            else:
+                too_many = count
+        return best
+
     def _check_input_alone(self, req: ResponseCreateRequest) -> None:
         """A continuation too long for the context blames `input` when the new input alone is too long (the
         history aside), else previous_response_id: templated again, on this error only. The input alone may not
         make a prompt (a continuation with no input of its own): then it is not what is too long."""
         try:
-            chat_req = req.to_chat([])
+            chat_req = req.to_chat(req.input_items)
             max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
             self.chat.encode(chat_req, max_tokens, INPUT)
         except APIError as exc:

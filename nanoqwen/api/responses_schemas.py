@@ -168,21 +168,29 @@ class ReasoningItem(Strict):
         return "".join(s.text for s in self.summary)
 
 
-ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+class ItemReference(Strict):
+    """An input or output item of a stored response, by id: replaced by that item before templating."""
+
+    type: Literal["item_reference"]
+    id: str
+
+
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference")
 
 
 def _check_item(value: Any) -> Any:
-    """An item without a type but with a role is an EasyInputMessage; other item types are refused by name."""
-    if isinstance(value, dict) and "type" not in value and "role" in value:
-        return {**value, "type": "message"}
+    """An item without a type is an EasyInputMessage (with a role or content), else an item reference (OpenAI's type
+    is optional for both); other item types are refused by name."""
+    if isinstance(value, dict) and "type" not in value:
+        return {**value, "type": "message" if "role" in value or "content" in value else "item_reference"}
     if isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] not in ITEM_TYPES:
         raise PydanticCustomError("unsupported", "input items of type \"{type}\" are not implemented",
                                   {"type": value["type"]})
     return value
 
 
-InputItem = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-                      Field(discriminator="type"), BeforeValidator(_check_item)]
+Item = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+InputItem = Annotated[Item | ItemReference, Field(discriminator="type"), BeforeValidator(_check_item)]
 
 
 CHAT_TOOL_FIELDS = {"name", "description", "parameters", "strict"}
@@ -309,6 +317,8 @@ class ResponseCreateRequest(Strict):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
+    # "auto": a prompt past the context loses whole items from the start (never a system or developer message)
+    truncation: Literal["auto", "disabled"] | None = None
     # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
     background: refused(False) = None
     background_options: Refused = None
@@ -318,7 +328,6 @@ class ResponseCreateRequest(Strict):
     image: Refused = None
     access_programs: Refused = None
     moderation: Refused = None
-    truncation: refused("disabled") = None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -346,7 +355,7 @@ class ResponseCreateRequest(Strict):
         return REASONING_INCLUDE in (self.include or [])
 
     @property
-    def input_items(self) -> list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem]:
+    def input_items(self) -> list[Item | ItemReference]:
         if isinstance(self.input, str):
             return [MessageItem(role="user", content=self.input)]
         return list(self.input)
@@ -357,10 +366,11 @@ class ResponseCreateRequest(Strict):
         limits = [n for n in (self.max_tool_calls, 1 if self.parallel_tool_calls is False else None) if n is not None]
         return min(limits, default=None)
 
-    def to_chat(self, history: list[Any]) -> ChatCompletionRequest:
-        """The chat request this one amounts to, `history` (earlier items) before its input."""
+    def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
+        """The chat request this one amounts to for `items` (the earlier items, then its input, references
+        resolved)."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        messages += chat_messages([*history, *self.input_items])
+        messages += chat_messages(items)
         if not messages:
             raise APIError(400, "input must not be empty", param="input")
         body: dict[str, Any] = {"messages": messages, "max_completion_tokens": self.max_output_tokens,

@@ -2,7 +2,9 @@
 
 In memory and per worker process: a response is found only by the worker that made it (run one worker,
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
-the bytes the bound counts), bounded by count and by bytes, the oldest dropped first.
+the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. A response is always
+kept, as its stream said from its first event (`store: true`): one larger than the bound alone is kept alone.
+Items are found by id too (`item_reference`): a response's input and output items.
 """
 from __future__ import annotations
 
@@ -26,9 +28,15 @@ class Stored:
     body: bytes  # the response, as GET answers it
     input_items: bytes  # this request's input items, with ids: a JSON list
     history: bytes  # the items a continuation starts from (the earlier ones, its input, its output): a JSON list
+    own_at: int  # where in history its own items (input and output) start, after a "[" or ","
+    item_ids: frozenset[str]  # of its own items
 
     def items(self) -> list[Json]:
         return json.loads(self.input_items)
+
+    def item(self, item_id: str) -> Json | None:
+        """One of its own items, as a continuation needs it (no logprobs)."""
+        return next((item for item in json.loads(b"[" + self.history[self.own_at:]) if item["id"] == item_id), None)
 
     @property
     def size(self) -> int:
@@ -57,30 +65,37 @@ class ResponseStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Stored] = OrderedDict()
+        self._items: dict[str, str] = {}  # item id -> the id of the response holding it (the latest one)
         self._bytes = 0
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> bytes | None:
-        """Keeps `response` (its `previous` response's history before it) and returns its encoding, unless it alone
-        is past max_bytes: then keeps nothing and returns None. Each entry holds its whole history."""
+    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> bytes:
+        """Keeps `response` (its `previous` response's history before it) and returns its encoding; the oldest
+        entries go until the bounds hold, or until it is the only one. Each entry holds its whole history."""
         items = [_without_logprobs(item) for item in [*input_items, *response["output"]]]
         later = encode_text(items).encode()
         history = _concat(previous.history, later) if previous is not None else later
-        stored = Stored(encode_json(response), encode_text(input_items).encode(), history)
-        if stored.size > self.max_bytes:
-            return None
+        stored = Stored(encode_json(response), encode_text(input_items).encode(), history,
+                        len(history) - len(later) + 1, frozenset(item["id"] for item in items))
+        response_id = response["id"]
         with self._lock:
-            self._pop(response["id"])
-            self._entries[response["id"]] = stored
+            self._pop(response_id)
+            self._entries[response_id] = stored
+            self._items.update(dict.fromkeys(stored.item_ids, response_id))
             self._bytes += stored.size
-            while len(self._entries) > self.max_responses or self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.size
+            while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
+                self._pop(next(iter(self._entries)))
         return stored.body
 
     def get(self, response_id: str) -> Stored | None:
         with self._lock:
             return self._entries.get(response_id)
+
+    def item(self, item_id: str) -> Json | None:
+        """The input or output item of a kept response with this id (the latest response's, when several)."""
+        with self._lock:
+            stored = self._entries.get(self._items.get(item_id, ""))
+        return stored.item(item_id) if stored is not None else None
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
@@ -88,9 +103,13 @@ class ResponseStore:
 
     def _pop(self, response_id: str) -> bool:
         stored = self._entries.pop(response_id, None)
-        if stored is not None:
-            self._bytes -= stored.size
-        return stored is not None
+        if stored is None:
+            return False
+        self._bytes -= stored.size
+        for item_id in stored.item_ids:
+            if self._items.get(item_id) == response_id:
+                del self._items[item_id]
+        return True
 
 
 def list_page(items: list[Json], args: dict[str, str]) -> Json:
