@@ -188,17 +188,34 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode):
+def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode, monkeypatch):
+    """A verify step is a decode step over its positions (the packed path runs prompts only), replayed from
+    its bucket's CPU graph in cpugraph mode."""
     if mode == "triton" and (not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
+    runner = engine.runner
+    packed, buckets = [], []
+    prefill, run = runner.prefill, runner.graphs.run
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])  # each row's drafts, as the step starts
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
     tokens = 4 if mode == "triton" else MAX_TOKENS
     batch = prompts[:1] if mode == "triton" else prompts[:2]
     for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
         assert result.choices[0].token_ids == reference[:tokens]
     assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert packed and not any(drafts for rows in packed for drafts in rows)
+    assert max(buckets) > 2  # verify steps: more positions than max_batch
     if mode == "cpugraph":
         assert engine.info()["graph"] == "cpugraph"
+        # fp32 rows past 8 go to torch's GEMM: bucket 10 runs eagerly, bucket 8 (a row's 1 + 4 positions) replays
+        assert runner.buckets == [1, 2, 4, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 4, 8]
+        assert 8 in buckets
+        assert runner.inputs.max_batch == 10
 
 
 def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts):
@@ -230,7 +247,7 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert with_drafts == [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
     assert max(positions(step) for step in steps) > 8
-    assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
+    assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
 
 
 def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
