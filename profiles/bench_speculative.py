@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 6])
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=48, help="end to end; 0: step costs only")
     parser.add_argument("--context", type=int, default=64, help="each sequence's tokens before the steps")
     parser.add_argument("--threads", type=int, default=0, help="torch and C kernel threads (0: the CPUs')")
     parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
@@ -122,14 +122,14 @@ def main() -> None:
         for batch in args.batches:
             costs = step_costs(args, quant, batch)
             gains = speedups(costs, args.ks)
-            off = end_to_end(args, quant, batch, 0)
-            on = end_to_end(args, quant, batch, max(args.ks))
+            off = end_to_end(args, quant, batch, 0) if args.new_tokens else None
+            on = end_to_end(args, quant, batch, max(args.ks)) if args.new_tokens else None
             load_avg = os.getloadavg()[0]
             results.append({"quant": quant, "batch": batch, "step_s": costs, "speedup": gains, "off": off, "on": on,
                             "load": load_avg})
             best = gains[f"k={max(args.ks)}"]
             e2e = [f"{off[w]['tokens_per_s']:.1f} → {on[w]['tokens_per_s']:.1f} ({on[w]['acceptance']:.2f})"
-                   for w in ("repetitive", "ordinary")]
+                   if off and on else "-" for w in ("repetitive", "ordinary")]
             rows.append([quant, str(batch), f"{costs['decode'] * 1e3:.1f}", f"{costs['eager'] * 1e3:.1f}",
                          *(f"{costs[f'k={k}'] * 1e3:.1f}" for k in args.ks),
                          *(f"{costs[f'k={k} packed'] * 1e3:.1f}" for k in args.ks),
