@@ -218,7 +218,25 @@ def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, ref
         assert runner.inputs.max_batch == 10
 
 
-def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts):
+def packed_drafts(runner, monkeypatch) -> list[list[int]]:
+    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
+    packed: list[list[int]] = []
+    prefill = runner.prefill
+
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    return packed
+
+
+@pytest.mark.parametrize("path", ["decode", "packed"])
+def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts, path, monkeypatch):
+    """Verify steps as decode steps over their positions, and (past VERIFY_MAX_DRAFT_KEYS) as packed steps."""
+    if path == "packed":
+        monkeypatch.setattr(runner_module, "VERIFY_MAX_DRAFT_KEYS", 0)
+    packed = packed_drafts(spec_engine.runner, monkeypatch)
     results = generate(spec_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
     plain = generate(plain_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
     for result, reference in zip(results, plain, strict=True):
@@ -230,6 +248,7 @@ def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, pro
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert 0 < stats["spec_decode_acceptance_rate"] <= 1
     assert spec_engine.block_manager.usage == 0.0  # every block back, the drafts' too
+    assert any(drafts for rows in packed for drafts in rows) == (path == "packed")
 
 
 def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, monkeypatch):

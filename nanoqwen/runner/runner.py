@@ -20,6 +20,11 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.scheduler import Batch
     from nanoqwen.engine.sequence import Sequence
 
+# A verify step run as a decode step reads a sequence's keys once per position, the packed path's prefill
+# attention once per sequence: past about this many (draft, context token) pairs in the step the extra reads
+# cost more than the packed path's own overhead (profiles/RESULTS.md, "vgraph").
+VERIFY_MAX_DRAFT_KEYS = 8192
+
 
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, runtime: RuntimeConfig) -> None:
@@ -118,9 +123,12 @@ class ModelRunner:
     def step(self, batch: Batch) -> StepOutput:
         """One step of the scheduler's batch -> a token for each of batch.sampled, in order (a drafting row:
         one for each of its positions)."""
-        if not batch.prefill and (self.verify_as_decode or not batch.num_drafts):
+        if not batch.prefill and (not batch.num_drafts or self._verify_as_decode(batch.decode)):
             return self.decode(batch.decode)
         return self.prefill(batch.rows, batch.sampled)
+
+    def _verify_as_decode(self, seqs: list[Sequence]) -> bool:
+        return self.verify_as_decode and sum(len(seq.draft_ids) * len(seq) for seq in seqs) <= VERIFY_MAX_DRAFT_KEYS
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
