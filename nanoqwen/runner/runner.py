@@ -39,12 +39,14 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-runtime.max_model_len // runtime.block_size)
         # A verify step runs and samples each row's token and drafts: up to max_batch × (1 + k) positions, a
         # row of the static inputs each; the positions of a sequence share its bitmask row.
-        positions = self.max_batch * (1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0))
+        per_row = 1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0)
+        positions = self.max_batch * per_row
         # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
-        # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them.
+        # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them, and
+        # one row's every size has its own (each padded row costs a few % of a step: profiles/RESULTS.md, "vgraph").
         self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
         self.buckets = sorted(set(batch_buckets(self.max_batch)) | set(
-            batch_buckets(positions) if self.verify_as_decode else []))
+            batch_buckets(positions) + list(range(1, per_row + 1)) if self.verify_as_decode else []))
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(positions, self.max_blocks_per_seq, self.block_size, device)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
