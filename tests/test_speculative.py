@@ -269,7 +269,11 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
 
 
-def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
+@pytest.mark.parametrize("graph", ["none", "cpugraph"])
+def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, graph):
+    """Verify steps sampled after an eager step and after a CPU graph's replay."""
+    if graph == "cpugraph":
+        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=graph)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
     for params in (SamplingParams(temperature=0.05, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True),
