@@ -2,12 +2,13 @@
 with it on and off.
 
     python profiles/bench_speculative.py [--quant none int8] [--batches 1 8] [--ks 1 2 4 6] [--reps 7]
-        [--new-tokens 48] [--threads N] [--small] [--out DIR]
+        [--new-tokens 48] [--context 64] [--threads N] [--small] [--out DIR]
 
 Per weight format and batch: the median wall time of the runner's step for B decoding sequences
-(64-token contexts) with k drafts each (k + 1 tokens a row, the eager packed path), against the
-decode-only step (the CPU graph) and the same 1-token rows through the eager path, the runs
-interleaved rep by rep. From those, the tokens/s speedup at a per-token acceptance rate a: a verify
+(--context-token contexts) with k drafts each (k + 1 positions a row: a decode step over them, the CPU
+graph of their bucket), against the decode-only step (the CPU graph), the same 1-token rows through the
+eager packed path, and the verify step through that packed path ("k=K packed"), the runs interleaved
+rep by rep. From those, the tokens/s speedup at a per-token acceptance rate a: a verify
 step of k drafts emits (1 - a^(k+1)) / (1 - a) tokens on average. Then end to end (engine steps, greedy,
 batch B, 0.6B shape with random weights) with speculation on (k = the largest --ks) and off, on a
 repetitive prompt (a span repeated) and an ordinary one, with the measured acceptance: random weights do
@@ -31,14 +32,13 @@ from nanoqwen.engine import Engine, SamplingParams
 from nanoqwen.engine.scheduler import Batch
 
 ACCEPTANCE = (0.3, 0.5, 0.7, 0.9)
-CONTEXT = 64
 
 
 def load(args: argparse.Namespace, quant: str, batch: int, spec_k: int = 0) -> Engine:
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": spec_k, "prompt_lookup_max": 4,
                        "prompt_lookup_min": 2}) if spec_k else ""
     return common.load_engine(common.checkpoint(args.small), device="cpu", dtype="auto", graph="auto", kernels="auto",
-                              max_batch=batch, max_model_len=1024, quant=quant, speculative_config=spec,
+                              max_batch=batch, max_model_len=args.context + 1024, quant=quant, speculative_config=spec,
                               threads=args.threads)
 
 
@@ -46,7 +46,7 @@ def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
     """Median seconds of a decode-only step (graph), an eager 1-token step and a verify step per k."""
     engine = load(args, quant, batch, max(args.ks))  # speculation on: the runner holds its verify staging
     params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
-    for prompt in common.random_prompts(batch, CONTEXT, seed=1):
+    for prompt in common.random_prompts(batch, args.context, seed=1):
         engine.submit(prompt, params)
     with torch.inference_mode():
         engine.drain_inbox()
@@ -69,6 +69,7 @@ def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
                 for seq in seqs:
                     seq.draft_ids = [1] * k
                 timed(f"k={k}", lambda: runner.step(Batch(decode=seqs)))
+                timed(f"k={k} packed", lambda: runner.prefill(Batch(decode=seqs).rows, seqs))
                 for seq in seqs:
                     seq.draft_ids = []
     return {name: statistics.median(values) for name, values in times.items()}
@@ -103,7 +104,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4, 6])
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=48, help="end to end; 0: step costs only")
+    parser.add_argument("--context", type=int, default=64, help="each sequence's tokens before the steps")
     parser.add_argument("--threads", type=int, default=0, help="torch and C kernel threads (0: the CPUs')")
     parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
     parser.add_argument("--out", type=Path, default=common.OUT)
@@ -112,6 +114,7 @@ def main() -> None:
     print(machine, flush=True)
     results = []
     header = ["quant", "batch", "decode ms", "eager 1-token ms", *(f"k={k} ms" for k in args.ks),
+              *(f"k={k} packed ms" for k in args.ks),
               "speedup at acceptance " + "/".join(map(str, ACCEPTANCE)) + " (largest k)",
               "e2e tok/s off → on (repetitive, acceptance)", "e2e tok/s off → on (ordinary, acceptance)", "load"]
     rows = []
@@ -119,16 +122,17 @@ def main() -> None:
         for batch in args.batches:
             costs = step_costs(args, quant, batch)
             gains = speedups(costs, args.ks)
-            off = end_to_end(args, quant, batch, 0)
-            on = end_to_end(args, quant, batch, max(args.ks))
+            off = end_to_end(args, quant, batch, 0) if args.new_tokens else None
+            on = end_to_end(args, quant, batch, max(args.ks)) if args.new_tokens else None
             load_avg = os.getloadavg()[0]
             results.append({"quant": quant, "batch": batch, "step_s": costs, "speedup": gains, "off": off, "on": on,
                             "load": load_avg})
             best = gains[f"k={max(args.ks)}"]
             e2e = [f"{off[w]['tokens_per_s']:.1f} → {on[w]['tokens_per_s']:.1f} ({on[w]['acceptance']:.2f})"
-                   for w in ("repetitive", "ordinary")]
+                   if off and on else "-" for w in ("repetitive", "ordinary")]
             rows.append([quant, str(batch), f"{costs['decode'] * 1e3:.1f}", f"{costs['eager'] * 1e3:.1f}",
                          *(f"{costs[f'k={k}'] * 1e3:.1f}" for k in args.ks),
+                         *(f"{costs[f'k={k} packed'] * 1e3:.1f}" for k in args.ks),
                          "/".join(f"{best[str(a)]:.2f}" for a in ACCEPTANCE), *e2e, f"{load_avg:.2f}"])
             print("| " + " | ".join(rows[-1]) + " |", flush=True)
     table = common.markdown_table(header, rows)

@@ -195,20 +195,55 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode):
+def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode, monkeypatch):
+    """A verify step is a decode step over its positions (the packed path runs prompts only), replayed from
+    its bucket's CPU graph in cpugraph mode."""
     if mode == "triton" and (not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
+    runner = engine.runner
+    packed, buckets = [], []
+    prefill, run = runner.prefill, runner.graphs.run
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])  # each row's drafts, as the step starts
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
     tokens = 4 if mode == "triton" else MAX_TOKENS
     batch = prompts[:1] if mode == "triton" else prompts[:2]
     for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
         assert result.choices[0].token_ids == reference[:tokens]
     assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert packed and not any(drafts for rows in packed for drafts in rows)
+    assert max(buckets) > 2  # verify steps: more positions than max_batch
     if mode == "cpugraph":
         assert engine.info()["graph"] == "cpugraph"
+        # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 runs eagerly
+        assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
+        assert any(2 < bucket <= 8 for bucket in buckets)  # verify steps replayed
+        assert runner.inputs.max_batch == 10
 
 
-def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts):
+def packed_drafts(runner, monkeypatch) -> list[list[int]]:
+    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
+    packed: list[list[int]] = []
+    prefill = runner.prefill
+
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    return packed
+
+
+@pytest.mark.parametrize("path", ["decode", "packed"])
+def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, prompts, path, monkeypatch):
+    """Verify steps as decode steps over their positions, and (past VERIFY_MAX_DRAFT_KEYS) as packed steps."""
+    if path == "packed":
+        monkeypatch.setattr(runner_module, "VERIFY_MAX_DRAFT_KEYS", 0)
+    packed = packed_drafts(spec_engine.runner, monkeypatch)
     results = generate(spec_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
     plain = generate(plain_engine, prompts, greedy(MAX_TOKENS, logprobs=True, top_logprobs=2))
     for result, reference in zip(results, plain, strict=True):
@@ -220,6 +255,7 @@ def test_greedy_and_logprobs_match_without_drafts(spec_engine, plain_engine, pro
     assert stats["spec_decode_num_accepted_tokens"] > 0
     assert 0 < stats["spec_decode_acceptance_rate"] <= 1
     assert spec_engine.block_manager.usage == 0.0  # every block back, the drafts' too
+    assert any(drafts for rows in packed for drafts in rows) == (path == "packed")
 
 
 def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, monkeypatch):
@@ -237,10 +273,14 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert with_drafts == [r.choices[0].token_ids for r in generate(plain_engine, batch, greedy(MAX_TOKENS))]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
     assert max(positions(step) for step in steps) > 8
-    assert spec_engine.runner.verify_inputs.max_batch == 8 * (1 + 4)
+    assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
 
 
-def test_seeded_sampling_matches_without_drafts(spec_engine, plain_engine, prompts):
+@pytest.mark.parametrize("graph", ["none", "cpugraph"])
+def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, graph):
+    """Verify steps sampled after an eager step and after a CPU graph's replay."""
+    if graph == "cpugraph":
+        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=graph)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
     for params in (SamplingParams(temperature=0.05, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True),

@@ -115,15 +115,17 @@ class StepInputBuffer:
         return StepInputs(*[t[:bucket] for t in inputs[:-1]], block_tables=inputs.block_tables[:bucket, :width])
 
     def stage_decode(self, seqs: list[Sequence], bucket: int) -> int:
-        """Writes the model's inputs for `seqs`, padded to `bucket`, into the host staging; -> longest length."""
+        """Writes the model's inputs for `seqs`, padded to `bucket`, into the host staging; -> longest length.
+        A drafting sequence fills a row per position, its last token's then each draft's, each attending to
+        the positions up to its own: a verify step is a decode step over its positions."""
         h = self.host
-        n = len(seqs)
-        lengths = [len(seq) for seq in seqs]
-        h.input_ids[:n] = [seq.token_ids[-1] for seq in seqs]
-        h.positions[:n] = [length - 1 for length in lengths]
-        h.slots[:n] = [slot(seq, length - 1, self.block_size) for seq, length in zip(seqs, lengths)]
-        h.context_lens[:n] = lengths
-        for i, seq in enumerate(seqs):
+        rows = [(seq, p) for seq in seqs for p in range(len(seq) - 1, len(seq) + len(seq.draft_ids))]
+        n = len(rows)
+        h.input_ids[:n] = [t for seq in seqs for t in (seq.token_ids[-1], *seq.draft_ids)]
+        h.positions[:n] = [p for _, p in rows]
+        h.slots[:n] = [slot(seq, p, self.block_size) for seq, p in rows]
+        h.context_lens[:n] = h.positions[:n] + 1
+        for i, (seq, _) in enumerate(rows):
             if self._row_tables[i] != (seq.alloc_epoch, len(seq.block_table)):
                 h.block_tables[i, : len(seq.block_table)] = seq.block_table
                 self._row_tables[i] = (seq.alloc_epoch, len(seq.block_table))
@@ -134,7 +136,7 @@ class StepInputBuffer:
         h.context_lens[n:bucket] = 1
         h.block_tables[n:bucket, 0] = 0
         self._row_tables[n:bucket] = [None] * (bucket - n)
-        return max(lengths)
+        return max(p for _, p in rows) + 1
 
 
 class PrefillInputs(NamedTuple):

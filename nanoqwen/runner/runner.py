@@ -1,6 +1,6 @@
 """The device steps in order: stage inputs, run the model (a step with prefill chunks eagerly, its
-decode rows included; a decode-only step through the GraphRunner), sample, bring the tokens back.
-Owns the KV cache."""
+decode rows included; a decode-only step through the GraphRunner, a verify step too where it replays CPU
+graphs or runs eagerly), sample, bring the tokens back. Owns the KV cache."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -20,6 +20,11 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.scheduler import Batch
     from nanoqwen.engine.sequence import Sequence
 
+# A verify step run as a decode step reads a sequence's keys once per position, the packed path's prefill
+# attention once per sequence: past about this many (draft, context token) pairs in the step the extra reads
+# cost more than the packed path's own overhead (profiles/RESULTS.md, "vgraph").
+VERIFY_MAX_DRAFT_KEYS = 8192
+
 
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, runtime: RuntimeConfig) -> None:
@@ -32,14 +37,18 @@ class ModelRunner:
         self.block_size = runtime.block_size
         self.num_blocks = runtime.num_kv_blocks
         self.max_blocks_per_seq = -(-runtime.max_model_len // runtime.block_size)
-        self.buckets = batch_buckets(self.max_batch)
+        # A verify step runs and samples each row's token and drafts: up to max_batch × (1 + k) positions, a
+        # row of the static inputs each; the positions of a sequence share its bitmask row.
+        per_row = 1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0)
+        positions = self.max_batch * per_row
+        # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
+        # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them, and
+        # one row's every size has its own (each padded row costs a few % of a step: profiles/RESULTS.md, "vgraph").
+        self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
+        self.buckets = sorted(set(batch_buckets(self.max_batch)) | set(
+            batch_buckets(positions) + list(range(1, per_row + 1)) if self.verify_as_decode else []))
         self._allocate_kv_cache()
-        self.inputs = StepInputBuffer(self.max_batch, self.max_blocks_per_seq, self.block_size, device)
-        # A verify step samples at each row's token and drafts: up to max_batch × (1 + k) positions (a
-        # few numbers each); the positions of a sequence share its bitmask row.
-        positions = self.max_batch * (1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0))
-        self.verify_inputs = StepInputBuffer(positions, 1, self.block_size, device) \
-            if positions > self.max_batch else self.inputs
+        self.inputs = StepInputBuffer(positions, self.max_blocks_per_seq, self.block_size, device)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
@@ -90,10 +99,14 @@ class ModelRunner:
         return self.inputs.bucket(bucket, width)
 
     def decode(self, seqs: list[Sequence]) -> StepOutput:
-        n = len(seqs)
+        """One token for each of `seqs`; a drafting one's positions are rows of their own (stage_decode), each
+        sampled with the output index it would have had without drafts. -> a token per position, in order."""
+        rows = [seq for seq in seqs for _ in range(1 + len(seq.draft_ids))]
+        n = len(rows)
         bucket = self._bucket(n)
         max_len = self.inputs.stage_decode(seqs, bucket)
-        mode, penalized = stage_sampling(self.inputs.host, seqs, bucket, self.config.vocab_size)
+        steps = [seq.num_output_tokens + i for seq in seqs for i in range(1 + len(seq.draft_ids))]
+        mode, penalized = stage_sampling(self.inputs.host, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
@@ -104,17 +117,20 @@ class ModelRunner:
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
             tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                            self._penalties(seqs) if penalized else None,
-                            self.adjuster.build(seqs) if adjusted else None)
-        return step_output(seqs, logits, tokens)
+                            self._penalties(rows) if penalized else None,
+                            self.adjuster.build(rows) if adjusted else None)
+        return step_output(rows, logits, tokens)
 
     # -- steps with prefill chunks -------------------------------------------------------
     def step(self, batch: Batch) -> StepOutput:
         """One step of the scheduler's batch -> a token for each of batch.sampled, in order (a drafting row:
         one for each of its positions)."""
-        if not batch.prefill and not batch.num_drafts:
+        if not batch.prefill and (not batch.num_drafts or self._verify_as_decode(batch.decode)):
             return self.decode(batch.decode)
         return self.prefill(batch.rows, batch.sampled)
+
+    def _verify_as_decode(self, seqs: list[Sequence]) -> bool:
+        return self.verify_as_decode and sum(len(seq.draft_ids) * len(seq) for seq in seqs) <= VERIFY_MAX_DRAFT_KEYS
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
@@ -131,11 +147,10 @@ class ModelRunner:
         if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
             return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
         steps = [seq.num_output_tokens + i for seq in sampled for i in range(1 + len(seq.draft_ids))]
-        staging = self.inputs if n <= self.max_batch else self.verify_inputs
-        mode, penalized = stage_sampling(staging.host, positions, n, self.config.vocab_size, steps)
-        staging.upload_sampling()
+        mode, penalized = stage_sampling(self.inputs.host, positions, n, self.config.vocab_size, steps)
+        self.inputs.upload_sampling()
         logits = self.model.compute_logits(hidden[packed.last])
-        tokens = sample(logits, staging.device_views.sampling()[:n], mode,
+        tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
                         self._penalties(positions) if penalized else None, self.adjuster.build(positions))
         output = step_output(positions, logits, tokens)
         output.prompt_logprobs = prompt_logprobs
