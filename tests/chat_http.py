@@ -33,21 +33,28 @@ def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.M
         assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
 
 
-def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.nn.Module, prompts: list[list[int]],
-                              new_tokens: int, stream: bool = False) -> None:
-    """One batch of greedy /v1/completions through the openai client, streamed or not, gives `hf`'s greedy tokens."""
+def _completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool) -> list[str]:
+    """Each choice's text of one /v1/completions through the openai client, reassembled when streamed."""
     client = srv.openai_client(timeout=600)
+    if not stream:
+        return [c.text for c in sorted(client.completions.create(**body).choices, key=lambda c: c.index)]
+    texts = [""] * len(body["prompt"])
+    for chunk in client.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    return texts
+
+
+def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.nn.Module, prompts: list[list[int]],
+                              new_tokens: int, streams: tuple[bool, ...] = (False,)) -> None:
+    """One batch of greedy /v1/completions through the openai client, once per mode in `streams` (streamed or
+    not), gives `hf`'s greedy tokens (computed once)."""
     body = dict(model=MODEL, prompt=prompts, temperature=0, max_tokens=new_tokens,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
-    if stream:
-        texts = [""] * len(prompts)
-        for chunk in client.completions.create(**body, stream=True):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.text
-    else:
-        texts = [c.text for c in sorted(client.completions.create(**body).choices, key=lambda c: c.index)]
     tokenizer = loader.load_tokenizer(checkpoint)
-    assert texts == [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
+    expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
+    for stream in streams:
+        assert _completion_texts(srv, body, stream) == expected, f"stream={stream}"
 
 
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:

@@ -334,5 +334,7 @@ def test_logit_bias_keys_become_token_ids() -> None:
     params = parse_chat_request({"messages": USER, "logit_bias": {"7": -100, "42": 12.5}}).sampling_params()
     assert params.logit_bias == {7: -100.0, 42: 12.5}
     assert _bad({"messages": USER, "logit_bias": {"-1": 1}}).param == "logit_bias"
+    many = _bad({"messages": USER, "logit_bias": {f"x{i}": 1 for i in range(100)}})
+    assert "not ['x0', 'x1', 'x2', 'x3', 'x4', … (100 in all)]" in many.message
     assert _bad({"messages": USER, "logit_bias": {"7": True}}).param == "logit_bias.7"
     assert _bad({"messages": USER, "logit_bias": {"7": 100.5}}).param == "logit_bias.7"

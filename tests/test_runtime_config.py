@@ -92,7 +92,7 @@ def test_each_limit_names_its_parameter(param, params):
 def test_an_out_of_vocabulary_error_names_at_most_five_ids():
     with pytest.raises(InvalidRequest) as info:
         validate_request([1], SamplingParams(stop_token_ids=[5, *range(1000, 1000 + 10**5)]), **LIMITS)
-    assert str(info.value) == "stop_token_ids [1000, 1001, 1002, 1003, 1004, … (100000 ids)] are not in [0, 1000)"
+    assert str(info.value) == "stop_token_ids [1000, 1001, 1002, 1003, 1004, … (100000 in all)] are not in [0, 1000)"
     with pytest.raises(InvalidRequest, match=r"logit_bias token ids \[1000, 1001\] are"):
         validate_request([1], SamplingParams(logit_bias={1000: 1, 5: 1, 1001: 1}), **LIMITS)
 

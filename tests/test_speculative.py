@@ -469,8 +469,7 @@ def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts,
     env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
     with GunicornServer(env, tmp_path / "server.log") as srv:
         assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
-        for stream in (False, True):
-            assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, stream)
+        assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, streams=(False, True))
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
         stats = requests.get(f"{srv.url}/stats", timeout=10).json()

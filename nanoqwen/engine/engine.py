@@ -211,8 +211,11 @@ class Engine:
                 self.token_bytes, params.stop, params.skip_special_tokens, split_reasoning, think_in_prompt,
                 params.min_tokens,
             )
-            if params.grammar is not None:  # thinking: the constraint starts after </think>
-                think, end_think = self.think_ids if split_reasoning else (None, None)
+            if params.grammar is not None:
+                # After </think> if the prompt or the first token opens a thought, else from the first token
+                # (a vocabulary without both tokens has no thought that could close).
+                thinks = split_reasoning and None not in self.think_ids
+                think, end_think = self.think_ids if thinks else (None, None)
                 seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids,
                                          None if think_in_prompt else think)
             request.sequences.append(seq)

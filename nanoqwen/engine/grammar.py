@@ -142,10 +142,10 @@ class Grammars:
 @dataclass
 class RowGrammar:
     """One choice's matcher. It follows the output tokens from `start_after` (the `</think>` token
-    while the model may still be thinking) or from the first token when that is None. `may_open`
-    (`<think>` when thinking is on but the prompt did not open it): the first token is that one, and
-    the constraint then starts after `start_after`, or one the grammar allows, and it starts there
-    (a model that answers without thinking is constrained all the same)."""
+    while the model may still be thinking) or from the first token when that is None.
+    `may_open`: the first token may also be this one (`<think>`, when thinking is on and the prompt did
+    not open it). If it is, the thought is free and the constraint starts after `start_after`.
+    Otherwise the constraint starts at the first token."""
 
     matcher: LLMatcher
     start_after: int | None

@@ -52,7 +52,7 @@ def shown(ids: list[Any]) -> str:
     """`ids` (or keys) for an error message: the first MAX_IDS_SHOWN, then how many there are."""
     if len(ids) <= MAX_IDS_SHOWN:
         return str(ids)
-    return f"{str(ids[:MAX_IDS_SHOWN])[:-1]}, … ({len(ids)} ids)]"
+    return f"{str(ids[:MAX_IDS_SHOWN])[:-1]}, … ({len(ids)} in all)]"
 
 
 def check_allowed_token_ids(params: SamplingParams, vocab_size: int) -> None:

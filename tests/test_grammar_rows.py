@@ -1,0 +1,77 @@
+"""RowGrammar on the tiny tokenizer: where one choice's constraint starts when its first token may open a thought."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from checkpoints import END_THINK_ID, THINK_ID
+from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.sampler import token_bitmask
+from nanoqwen.text import TokenBytes
+
+EOS_IDS = [151645, 151643]
+VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
+PROMPT = [9707, 1879]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
+    return load_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def grammar(tokenizer: PreTrainedTokenizerFast) -> Grammar:
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
+    return grammars.json_schema({"type": "object"}, strict=False, param="response_format")
+
+
+@pytest.fixture(scope="module")
+def brace(tokenizer: PreTrainedTokenizerFast) -> int:
+    (token,) = tokenizer.encode("{")
+    return token
+
+
+def _mask(row: RowGrammar) -> torch.Tensor:
+    bitmask = torch.zeros(1, -(-VOCAB_SIZE // 32), dtype=torch.int32)  # [1, ceil(V/32)]
+    row.fill(bitmask, 0)
+    return bitmask[0]
+
+
+def _allows(mask: torch.Tensor, token: int) -> bool:
+    return bool((mask[token // 32] >> (token % 32)) & 1)
+
+
+def _plain_mask(grammar: Grammar, tokens: list[int]) -> torch.Tensor:
+    """The grammar's own mask after `tokens`: a row constrained from its first token."""
+    row = RowGrammar(grammar.matcher(), None, EOS_IDS)
+    row.sync(PROMPT + tokens, len(PROMPT))
+    return _mask(row)
+
+
+def test_a_first_think_frees_the_thought_until_end_think(grammar: Grammar, brace: int) -> None:
+    row = RowGrammar(grammar.matcher(), END_THINK_ID, EOS_IDS, may_open=THINK_ID)
+    start = _plain_mask(grammar, [])
+    assert row.active and not _allows(start, THINK_ID) and _allows(start, brace)
+    assert torch.equal(_mask(row), start | token_bitmask([THINK_ID], VOCAB_SIZE))  # the grammar's, and <think>
+
+    row.sync(PROMPT + [THINK_ID], len(PROMPT))
+    assert not row.active
+    row.sync(PROMPT + [THINK_ID, 9707, THINK_ID, brace], len(PROMPT))  # the thought is free text
+    assert not row.active
+    row.sync(PROMPT + [THINK_ID, 9707, THINK_ID, brace, END_THINK_ID], len(PROMPT))
+    assert row.active and not row.matcher.is_error()
+    after = _mask(row)
+    assert torch.equal(after, start) and not _allows(after, THINK_ID)  # the grammar's start, <think> no more
+
+
+def test_a_first_token_other_than_think_is_constrained_at_once(grammar: Grammar, brace: int) -> None:
+    row = RowGrammar(grammar.matcher(), END_THINK_ID, EOS_IDS, may_open=THINK_ID)
+    row.sync(PROMPT + [brace], len(PROMPT))
+    assert row.active and not row.matcher.is_error()
+    after = _mask(row)
+    assert torch.equal(after, _plain_mask(grammar, [brace]))
+    assert not torch.equal(after, _plain_mask(grammar, []))  # the brace was consumed: past the grammar's start
