@@ -205,6 +205,16 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     assert store.delete("resp_1") and store.item("msg_in") is None and store._items == {}
 
 
+def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
+    store = ResponseStore()
+    said = {"id": "msg_o", "type": "message", "role": "assistant"}
+    store.put({"id": "resp_a", "output": [said]}, [], None)
+    store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None)
+    assert store.item("msg_o")["role"] == "user"
+    assert store.delete("resp_b") and store.item("msg_o") == said
+    assert store.delete("resp_a") and store.item("msg_o") is None and store._items == {}
+
+
 def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
     (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}).input_items
     assert (ref.type, ref.id) == ("item_reference", "msg_1")
