@@ -215,6 +215,25 @@ def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
     assert store.delete("resp_a") and store.item("msg_o") is None and store._items == {}
 
 
+def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() -> None:
+    store = ResponseStore()
+    said = {"id": "msg_o", "type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": "x" * 90}]}
+    store.put({"id": "resp_a", "output": [said]}, [], None)
+    parsed = []
+    stored = store.get("resp_a")
+    own_items = type(stored).own_items
+    object.__setattr__(stored, "own_items", lambda: parsed.append(1) or own_items(stored))
+    config = SimpleNamespace(max_body_bytes=len(json.dumps(said, separators=(",", ":"))) * 3)
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
+    service.store = store
+    refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3})
+    assert [item.id for item in service._resolved(refs).input_items] == ["msg_o"] * 3 and parsed == [1]
+    with pytest.raises(APIError) as exc:
+        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}))
+    assert (exc.value.status, exc.value.param) == (400, "input")
+
+
 def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
     (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}).input_items
     assert (ref.type, ref.id) == ("item_reference", "msg_1")

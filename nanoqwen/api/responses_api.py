@@ -15,6 +15,7 @@ from flask import Response
 from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
+from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
@@ -391,15 +392,27 @@ class ResponsesService:
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
     def _resolved(self, req: ResponseCreateRequest) -> ResponseCreateRequest:
-        """`req` with its item references replaced by the stored items they name."""
+        """`req` with its item references replaced by the stored items they name. Each response referred to is
+        parsed once, and the items resolved are bounded like a request body: many references to a large item
+        would otherwise cost many times its size."""
         if not any(isinstance(item, ItemReference) for item in req.input_items):
             return req
-        items = []
+        max_bytes = self.chat.serving.config.max_body_bytes
+        parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
+        items, resolved_bytes = [], 0
         for i, item in enumerate(req.input_items):
             if isinstance(item, ItemReference):
-                found = self.store.item(item.id)
-                if found is None:
+                holder = self.store.holder(item.id)
+                if holder is None:
                     raise APIError(400, f"Item with id '{item.id}' not found.", param=f"input.[{i}].id")
+                response_id, stored = holder
+                if response_id not in parsed:
+                    parsed[response_id] = stored.own_items()
+                found = parsed[response_id][item.id]
+                resolved_bytes += len(encode_text(found).encode())
+                if resolved_bytes > max_bytes:
+                    raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
+                                   "together.", param="input")
                 item = ITEM.validate_python(found)
             items.append(item)
         return req.model_copy(update={"input": items})
