@@ -190,6 +190,21 @@ def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> 
     assert store.get(events.response["id"]) is None and store.get("resp_new") is not None
 
 
+def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation_past_it_is_refused() -> None:
+    service = ResponsesService(SimpleNamespace())
+    service.store = store = ResponseStore(max_bytes=4000)
+    small = parse_responses_request({"input": "x" * 800})
+    assert service._keeps(small, None) and not service._keeps(small.model_copy(update={"store": False}), None)
+    assert not service._keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
+    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None)
+    long = store.get("resp_long")
+    assert service._previous("resp_long") is long and not service._keeps(small, long)
+    store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long)  # its output
+    with pytest.raises(APIError) as exc:
+        service._previous("resp_huge")
+    assert (exc.value.status, exc.value.param) == (400, "previous_response_id")
+
+
 def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     store = ResponseStore(max_responses=2)
     logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]

@@ -386,7 +386,7 @@ class ResponsesService:
                 self._check_input_alone(req)
             raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if req.store is not False else None, previous)
+                      self.store if self._keeps(req, previous) else None, previous)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
@@ -485,6 +485,13 @@ class ResponsesService:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
 
+    def _keeps(self, req: ResponseCreateRequest, previous: Stored | None) -> bool:
+        """`store` asked for and the store's rule met: decided before the first event, which says it."""
+        if req.store is False:
+            return False
+        known = len(encode_text([input_item_json(item) for item in req.input_items]).encode())
+        return self.store.keeps(known + (len(previous.history) if previous is not None else 0))
+
     def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:
             return None
@@ -492,6 +499,9 @@ class ResponsesService:
         if stored is None:
             raise APIError(400, f"Previous response with id '{previous_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
+        if len(stored.history) > self.store.max_bytes:  # truncation "auto" would let it grow without bound
+            raise APIError(400, f"The conversation of previous response '{previous_id}' is larger than "
+                           f"{self.store.max_bytes} bytes: start a new one.", param="previous_response_id")
         return stored
 
     def _stored(self, response_id: str) -> Stored:

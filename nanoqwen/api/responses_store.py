@@ -2,8 +2,10 @@
 
 In memory and per worker process: a response is found only by the worker that made it (run one worker,
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
-the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. A response is always
-kept, as its stream said from its first event (`store: true`): one larger than the bound alone is kept alone.
+the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. Whether a response is
+kept is decided before its first event (which says `store`): not when its history and input already reach a
+quarter of the bound, so that one entry cannot empty the store; once said, it is kept (alone, if its output
+made it larger than the bound).
 Items are found by id too (`item_reference`): a response's input and output items.
 """
 from __future__ import annotations
@@ -87,6 +89,10 @@ class ResponseStore:
             while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
                 self._pop(next(iter(self._entries)))
         return stored.body
+
+    def keeps(self, known_bytes: int) -> bool:
+        """Whether a response is kept whose history and input (its output still to come) are this large."""
+        return known_bytes < self.max_bytes // 4
 
     def get(self, response_id: str) -> Stored | None:
         with self._lock:
