@@ -321,6 +321,11 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
     too_long = {"role": "user", "content": "y" * 1000}
     req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
     assert service._truncated(req, req.input_items, INPUT) is None  # the last item alone is too long
+    sizes.clear()
+    service.chat.start = lambda chat, prompt_name: encode(chat, None, prompt_name)
+    with pytest.raises(APIError) as exc:
+        service._start(req, req.input_items, INPUT)
+    assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
 def test_responses_settings_become_chats() -> None:

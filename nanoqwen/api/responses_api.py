@@ -437,7 +437,10 @@ class ResponsesService:
         except APIError as exc:
             if req.truncation != "auto" or exc.code != "context_length_exceeded":
                 raise
-            chat_req = self._truncated(req, items, prompt_name) or chat_req
+            truncated = self._truncated(req, items, prompt_name)
+            if truncated is None:  # not even the fewest items fit: the same error, without templating it all again
+                raise
+            chat_req = truncated
             batch, params, _ = self.chat.start(chat_req, prompt_name)
         return chat_req, batch, params
 
