@@ -328,6 +328,23 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
+def test_truncation_drops_an_output_with_its_call() -> None:
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        if len(chat.template_messages()) > 3:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return []
+
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
+                                               encode=encode))
+    items = [{"role": "user", "content": "a"},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "one"}, {"role": "user", "content": "b"},
+             {"role": "user", "content": "c"}]
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    # keeping 3 items would keep the output without its call: the output goes too
+    assert [m["content"] for m in service._truncated(req, req.input_items, INPUT).template_messages()] == ["b", "c"]
+
+
 def test_responses_settings_become_chats() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     chat = _chat({

@@ -19,6 +19,8 @@ from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
     InputItem,
     Item,
     ItemReference,
@@ -455,6 +457,10 @@ class ResponsesService:
 
         def keeping(count: int) -> ChatCompletionRequest:
             dropped = set(droppable[:len(droppable) - count])
+            # an output whose call was dropped would reach the template alone: it goes with its call
+            calls = {items[i].call_id for i in dropped if isinstance(items[i], FunctionCallItem)}
+            dropped |= {i for i in droppable
+                        if isinstance(items[i], FunctionCallOutputItem) and items[i].call_id in calls}
             return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
 
         fits, best = 0, keeping(0)
