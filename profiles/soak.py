@@ -516,7 +516,8 @@ class Soak:
                 self.tally.record("slow-reader", 0)
                 return
             # reading on at a 4 KiB window takes minutes for a Responses stream (~2 MB: its `.done` events repeat
-            # the logprobs): the rest is read with a normal buffer
+            # the logprobs): the rest is read with a larger buffer, whose window stays under 64 KiB (the window
+            # scale was settled from the 4 KiB buffer at connect and cannot grow now), fast enough
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             reply = conn.reply()
             problem = response_problem(reply, True)[0] if responses else answer_problem(reply, True, 1)

@@ -190,6 +190,21 @@ def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> 
     assert store.get(events.response["id"]) is None and store.get("resp_new") is not None
 
 
+def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation_past_it_is_refused() -> None:
+    service = ResponsesService(SimpleNamespace())
+    service.store = store = ResponseStore(max_bytes=4000)
+    small = parse_responses_request({"input": "x" * 800})
+    assert service._keeps(small, None) and not service._keeps(small.model_copy(update={"store": False}), None)
+    assert not service._keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
+    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None)
+    long = store.get("resp_long")
+    assert service._previous("resp_long") is long and not service._keeps(small, long)
+    store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long)  # its output
+    with pytest.raises(APIError) as exc:
+        service._previous("resp_huge")
+    assert (exc.value.status, exc.value.param) == (400, "previous_response_id")
+
+
 def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     store = ResponseStore(max_responses=2)
     logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]
@@ -203,6 +218,35 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     store.put({"id": "resp_2", "output": []}, [], None)  # resp_0 goes, and its items with it
     assert store.item("msg_out") is None and store.item("msg_in") is not None
     assert store.delete("resp_1") and store.item("msg_in") is None and store._items == {}
+
+
+def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
+    store = ResponseStore()
+    said = {"id": "msg_o", "type": "message", "role": "assistant"}
+    store.put({"id": "resp_a", "output": [said]}, [], None)
+    store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None)
+    assert store.item("msg_o")["role"] == "user"
+    assert store.delete("resp_b") and store.item("msg_o") == said
+    assert store.delete("resp_a") and store.item("msg_o") is None and store._items == {}
+
+
+def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() -> None:
+    store = ResponseStore()
+    said = {"id": "msg_o", "type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": "x" * 90}]}
+    store.put({"id": "resp_a", "output": [said]}, [], None)
+    parsed = []
+    stored = store.get("resp_a")
+    own_items = type(stored).own_items
+    object.__setattr__(stored, "own_items", lambda: parsed.append(1) or own_items(stored))
+    config = SimpleNamespace(max_body_bytes=len(json.dumps(said, separators=(",", ":"))) * 3)
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
+    service.store = store
+    refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3})
+    assert [item.id for item in service._resolved(refs).input_items] == ["msg_o"] * 3 and parsed == [1]
+    with pytest.raises(APIError) as exc:
+        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}))
+    assert (exc.value.status, exc.value.param) == (400, "input")
 
 
 def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
@@ -277,6 +321,28 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
     too_long = {"role": "user", "content": "y" * 1000}
     req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
     assert service._truncated(req, req.input_items, INPUT) is None  # the last item alone is too long
+    sizes.clear()
+    service.chat.start = lambda chat, prompt_name: encode(chat, None, prompt_name)
+    with pytest.raises(APIError) as exc:
+        service._start(req, req.input_items, INPUT)
+    assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
+
+
+def test_truncation_drops_an_output_with_its_call() -> None:
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        if len(chat.template_messages()) > 3:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return []
+
+    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
+                                               encode=encode))
+    items = [{"role": "user", "content": "a"},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "one"}, {"role": "user", "content": "b"},
+             {"role": "user", "content": "c"}]
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    # keeping 3 items would keep the output without its call: the output goes too
+    assert [m["content"] for m in service._truncated(req, req.input_items, INPUT).template_messages()] == ["b", "c"]
 
 
 def test_responses_settings_become_chats() -> None:

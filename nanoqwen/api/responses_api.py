@@ -15,9 +15,12 @@ from flask import Response
 from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
+from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
     InputItem,
     Item,
     ItemReference,
@@ -385,21 +388,33 @@ class ResponsesService:
                 self._check_input_alone(req)
             raise _renamed(exc) from None
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if req.store is not False else None, previous)
+                      self.store if self._keeps(req, previous) else None, previous)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
     def _resolved(self, req: ResponseCreateRequest) -> ResponseCreateRequest:
-        """`req` with its item references replaced by the stored items they name."""
+        """`req` with its item references replaced by the stored items they name. Each response referred to is
+        parsed once, and the items resolved are bounded like a request body: many references to a large item
+        would otherwise cost many times its size."""
         if not any(isinstance(item, ItemReference) for item in req.input_items):
             return req
-        items = []
+        max_bytes = self.chat.serving.config.max_body_bytes
+        parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
+        items, resolved_bytes = [], 0
         for i, item in enumerate(req.input_items):
             if isinstance(item, ItemReference):
-                found = self.store.item(item.id)
-                if found is None:
+                holder = self.store.holder(item.id)
+                if holder is None:
                     raise APIError(400, f"Item with id '{item.id}' not found.", param=f"input.[{i}].id")
+                response_id, stored = holder
+                if response_id not in parsed:
+                    parsed[response_id] = stored.own_items()
+                found = parsed[response_id][item.id]
+                resolved_bytes += len(encode_text(found).encode())
+                if resolved_bytes > max_bytes:
+                    raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
+                                   "together.", param="input")
                 item = ITEM.validate_python(found)
             items.append(item)
         return req.model_copy(update={"input": items})
@@ -424,7 +439,10 @@ class ResponsesService:
         except APIError as exc:
             if req.truncation != "auto" or exc.code != "context_length_exceeded":
                 raise
-            chat_req = self._truncated(req, items, prompt_name) or chat_req
+            truncated = self._truncated(req, items, prompt_name)
+            if truncated is None:  # not even the fewest items fit: the same error, without templating it all again
+                raise
+            chat_req = truncated
             batch, params, _ = self.chat.start(chat_req, prompt_name)
         return chat_req, batch, params
 
@@ -439,6 +457,10 @@ class ResponsesService:
 
         def keeping(count: int) -> ChatCompletionRequest:
             dropped = set(droppable[:len(droppable) - count])
+            # an output whose call was dropped would reach the template alone: it goes with its call
+            calls = {items[i].call_id for i in dropped if isinstance(items[i], FunctionCallItem)}
+            dropped |= {i for i in droppable
+                        if isinstance(items[i], FunctionCallOutputItem) and items[i].call_id in calls}
             return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
 
         fits, best = 0, keeping(0)
@@ -472,6 +494,13 @@ class ResponsesService:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
 
+    def _keeps(self, req: ResponseCreateRequest, previous: Stored | None) -> bool:
+        """`store` asked for and the store's rule met: decided before the first event, which says it."""
+        if req.store is False:
+            return False
+        known = len(encode_text([input_item_json(item) for item in req.input_items]).encode())
+        return self.store.keeps(known + (len(previous.history) if previous is not None else 0))
+
     def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:
             return None
@@ -479,6 +508,9 @@ class ResponsesService:
         if stored is None:
             raise APIError(400, f"Previous response with id '{previous_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
+        if len(stored.history) > self.store.max_bytes:  # truncation "auto" would let it grow without bound
+            raise APIError(400, f"The conversation of previous response '{previous_id}' is larger than "
+                           f"{self.store.max_bytes} bytes: start a new one.", param="previous_response_id")
         return stored
 
     def _stored(self, response_id: str) -> Stored:

@@ -2,8 +2,10 @@
 
 In memory and per worker process: a response is found only by the worker that made it (run one worker,
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
-the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. A response is always
-kept, as its stream said from its first event (`store: true`): one larger than the bound alone is kept alone.
+the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. Whether a response is
+kept is decided before its first event (which says `store`): not when its history and input already reach a
+quarter of the bound, so that one entry cannot empty the store; once said, it is kept (alone, if its output
+made it larger than the bound).
 Items are found by id too (`item_reference`): a response's input and output items.
 """
 from __future__ import annotations
@@ -34,9 +36,9 @@ class Stored:
     def items(self) -> list[Json]:
         return json.loads(self.input_items)
 
-    def item(self, item_id: str) -> Json | None:
-        """One of its own items, as a continuation needs it (no logprobs)."""
-        return next((item for item in json.loads(b"[" + self.history[self.own_at:]) if item["id"] == item_id), None)
+    def own_items(self) -> dict[str, Json]:
+        """Its own items by id, as a continuation needs them (no logprobs)."""
+        return {item["id"]: item for item in json.loads(b"[" + self.history[self.own_at:])}
 
     @property
     def size(self) -> int:
@@ -65,7 +67,7 @@ class ResponseStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Stored] = OrderedDict()
-        self._items: dict[str, str] = {}  # item id -> the id of the response holding it (the latest one)
+        self._items: dict[str, list[str]] = {}  # item id -> the ids of the responses holding it, oldest first
         self._bytes = 0
         self._lock = native_lock()  # held only around the dict and counter updates
 
@@ -81,21 +83,31 @@ class ResponseStore:
         with self._lock:
             self._pop(response_id)
             self._entries[response_id] = stored
-            self._items.update(dict.fromkeys(stored.item_ids, response_id))
+            for item_id in stored.item_ids:
+                self._items.setdefault(item_id, []).append(response_id)
             self._bytes += stored.size
             while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
                 self._pop(next(iter(self._entries)))
         return stored.body
 
+    def keeps(self, known_bytes: int) -> bool:
+        """Whether a response is kept whose history and input (its output still to come) are this large."""
+        return known_bytes < self.max_bytes // 4
+
     def get(self, response_id: str) -> Stored | None:
         with self._lock:
             return self._entries.get(response_id)
 
+    def holder(self, item_id: str) -> tuple[str, Stored] | None:
+        """The id and entry of the latest kept response holding the item with this id (as input or output)."""
+        with self._lock:
+            holders = self._items.get(item_id)
+            return (holders[-1], self._entries[holders[-1]]) if holders else None
+
     def item(self, item_id: str) -> Json | None:
         """The input or output item of a kept response with this id (the latest response's, when several)."""
-        with self._lock:
-            stored = self._entries.get(self._items.get(item_id, ""))
-        return stored.item(item_id) if stored is not None else None
+        found = self.holder(item_id)
+        return found[1].own_items()[item_id] if found is not None else None
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
@@ -107,7 +119,9 @@ class ResponseStore:
             return False
         self._bytes -= stored.size
         for item_id in stored.item_ids:
-            if self._items.get(item_id) == response_id:
+            holders = self._items[item_id]
+            holders.remove(response_id)
+            if not holders:
                 del self._items[item_id]
         return True
 
