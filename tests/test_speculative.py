@@ -34,6 +34,7 @@ from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.runner import runner as runner_module
+from nanoqwen.runner.inputs import StepInputBuffer
 from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
 
@@ -179,6 +180,30 @@ def test_draft_blocks_come_from_free_ones_and_go_back_first():
     blocks.trim(seq)
     assert len(seq.block_table) == 2
     assert list(blocks.free) == taken and all(blocks.ref_counts[b] == 0 for b in taken)  # first in line
+
+
+def test_a_rejected_drafts_block_taken_by_another_sequence_is_restaged():
+    """A's rejected draft block goes to B; A's next drafts get another block at the same table length,
+    which its staged rows must hold (the buffer rewrites a row's table only when the sequence's epoch or
+    its table's length changed)."""
+    blocks = BlockManager(8, 4, enable_prefix_caching=False)
+    buffer = StepInputBuffer(max_batch=8, max_blocks_per_seq=4, block_size=4, device=torch.device("cpu"))
+    a, b = sequence(list(range(6)), "a"), sequence(list(range(4)), "b")
+    blocks.allocate(a)
+    blocks.allocate(b)
+    a.draft_ids = [7, 7, 7, 7][: blocks.extend(a, 6 + 4) - 6]
+    assert (a.block_table, b.block_table) == ([1, 2, 4], [3])
+    buffer.stage_decode([a], 8)
+    a.token_ids.append(6)  # every draft rejected
+    a.draft_ids = []
+    blocks.trim(a)
+    b.token_ids.append(4)
+    blocks.append_slot(b)
+    assert b.block_table == [3, 4]
+    a.draft_ids = [7, 7, 7][: blocks.extend(a, 7 + 3) - 7]
+    assert a.block_table == [1, 2, 5]
+    buffer.stage_decode([a], 8)
+    assert buffer.host.block_tables[:4, :3].tolist() == [[1, 2, 5]] * 4
 
 
 @pytest.fixture(scope="module")
