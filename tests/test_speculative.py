@@ -212,6 +212,19 @@ def references(hf, prompts) -> list[list[int]]:
     return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts[:2]]
 
 
+def packed_drafts(runner, monkeypatch) -> list[list[int]]:
+    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
+    packed: list[list[int]] = []
+    prefill = runner.prefill
+
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    return packed
+
+
 MODES = {
     "torch": dict(cpu_kernels=False),  # the torch references alone
     "cpugraph": dict(graph="auto"),  # the C kernels, decode steps replayed as a CPU graph
@@ -227,40 +240,27 @@ def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, ref
         pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
     runner = engine.runner
-    packed, buckets = [], []
-    prefill, run = runner.prefill, runner.graphs.run
-    def packing(rows, sampled):
-        packed.append([len(seq.draft_ids) for seq, _ in rows])  # each row's drafts, as the step starts
-        return prefill(rows, sampled)
-
-    monkeypatch.setattr(runner, "prefill", packing)
+    packed, buckets, run = packed_drafts(runner, monkeypatch), [], runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
     tokens = 4 if mode == "triton" else MAX_TOKENS
     batch = prompts[:1] if mode == "triton" else prompts[:2]
     for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
         assert result.choices[0].token_ids == reference[:tokens]
     assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
-    assert packed and not any(drafts for rows in packed for drafts in rows)
     assert max(buckets) > 2  # verify steps: more positions than max_batch
-    if mode == "cpugraph":
-        assert engine.info()["graph"] == "cpugraph"
-        # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 runs eagerly
-        assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
-        assert any(2 < bucket <= 8 for bucket in buckets)  # verify steps replayed
-        assert runner.inputs.max_batch == 10
-
-
-def packed_drafts(runner, monkeypatch) -> list[list[int]]:
-    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
-    packed: list[list[int]] = []
-    prefill = runner.prefill
-
-    def packing(rows, sampled):
-        packed.append([len(seq.draft_ids) for seq, _ in rows])
-        return prefill(rows, sampled)
-
-    monkeypatch.setattr(runner, "prefill", packing)
-    return packed
+    if mode != "cpugraph":
+        assert packed and not any(drafts for rows in packed for drafts in rows)
+        return
+    assert engine.info()["graph"] == "cpugraph"
+    for result in generate(engine, [prompts[0]] * 2, greedy(tokens)):  # both rows draft: 10 positions
+        assert result.choices[0].token_ids == references[0][:tokens]
+    verifying = [sum(1 + drafts for drafts in rows) for rows in packed if any(rows)]  # positions of each
+    # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 is not
+    # recorded, and a verify step of 9 or 10 positions takes the packed path instead of padding to it
+    assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
+    assert any(2 < bucket <= 8 for bucket in buckets) and 10 not in buckets  # verify steps replayed
+    assert verifying and min(verifying) > 8
+    assert runner.inputs.max_batch == 10
 
 
 @pytest.mark.parametrize("path", ["decode", "packed"])

@@ -130,7 +130,11 @@ class ModelRunner:
         return self.prefill(batch.rows, batch.sampled)
 
     def _verify_as_decode(self, seqs: list[Sequence]) -> bool:
-        return self.verify_as_decode and sum(len(seq.draft_ids) * len(seq) for seq in seqs) <= VERIFY_MAX_DRAFT_KEYS
+        """On cpugraph, only a step its bucket replays: past the C linears' row limit the decode step would run
+        its padded bucket (68 positions: 128 rows) through torch's GEMMs, the packed path only its positions."""
+        if not self.verify_as_decode or sum(len(seq.draft_ids) * len(seq) for seq in seqs) > VERIFY_MAX_DRAFT_KEYS:
+            return False
+        return self.graph != "cpugraph" or self.graphs.replays(self._bucket(sum(1 + len(s.draft_ids) for s in seqs)))
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
