@@ -43,7 +43,8 @@ class ModelRunner:
         positions = self.max_batch * per_row
         # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
         # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them, and
-        # one row's every size has its own (each padded row costs a few % of a step: profiles/RESULTS.md, "vgraph").
+        # one row's every size has its own (a padded row costs what a real one does, ~10% of a 1-row step bf16 and
+        # 10-45% int8: profiles/RESULTS.md, "vgraph").
         self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
         self.buckets = sorted(set(batch_buckets(self.max_batch)) | set(
             batch_buckets(positions) + list(range(1, per_row + 1)) if self.verify_as_decode else []))
