@@ -301,11 +301,16 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
 
 
-@pytest.mark.parametrize("graph", ["none", "cpugraph"])
-def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, graph):
-    """Verify steps sampled after an eager step and after a CPU graph's replay."""
-    if graph == "cpugraph":
-        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=graph)
+@pytest.mark.parametrize("path", ["none", "cpugraph", "packed"])
+def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, path,
+                                                monkeypatch):
+    """Verify steps sampled after an eager step, after a CPU graph's replay and (past VERIFY_MAX_DRAFT_KEYS)
+    after the packed path."""
+    if path == "cpugraph":
+        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=path)
+    if path == "packed":
+        monkeypatch.setattr(runner_module, "VERIFY_MAX_DRAFT_KEYS", 0)
+    packed = packed_drafts(spec_engine.runner, monkeypatch)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
     for params in (SamplingParams(temperature=0.05, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True),
@@ -316,6 +321,11 @@ def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, pl
         plain = generate(plain_engine, prompts[:2], params)
         assert [[c.token_ids for c in r.choices] for r in results] == [[c.token_ids for c in r.choices] for r in plain]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    verifying = [sum(1 + drafts for drafts in rows) for rows in packed if any(rows)]  # positions of each
+    if path == "cpugraph":  # fp32: only a step past the 8 rows a C linear takes
+        assert all(n > 8 for n in verifying)
+    else:
+        assert bool(verifying) == (path == "packed")
 
 
 def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts):
