@@ -44,7 +44,8 @@ def load(args: argparse.Namespace, quant: str, batch: int, spec_k: int = 0) -> E
 
 def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
     """Median seconds of a decode-only step (graph), an eager 1-token step and a verify step per k."""
-    engine = load(args, quant, batch, max(args.ks))  # speculation on: the runner holds its verify staging
+    # speculation on: the static inputs and CPU-graph buckets are sized for max_batch × (1 + k) positions
+    engine = load(args, quant, batch, max(args.ks))
     params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
     for prompt in common.random_prompts(batch, args.context, seed=1):
         engine.submit(prompt, params)

@@ -34,6 +34,7 @@ from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.runner import runner as runner_module
+from nanoqwen.runner.inputs import StepInputBuffer
 from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
 
@@ -181,10 +182,47 @@ def test_draft_blocks_come_from_free_ones_and_go_back_first():
     assert list(blocks.free) == taken and all(blocks.ref_counts[b] == 0 for b in taken)  # first in line
 
 
+def test_a_rejected_drafts_block_taken_by_another_sequence_is_restaged():
+    """A's rejected draft block goes to B; A's next drafts get another block at the same table length,
+    which its staged rows must hold (the buffer rewrites a row's table only when the sequence's epoch or
+    its table's length changed)."""
+    blocks = BlockManager(8, 4, enable_prefix_caching=False)
+    buffer = StepInputBuffer(max_batch=8, max_blocks_per_seq=4, block_size=4, device=torch.device("cpu"))
+    a, b = sequence(list(range(6)), "a"), sequence(list(range(4)), "b")
+    blocks.allocate(a)
+    blocks.allocate(b)
+    a.draft_ids = [7, 7, 7, 7][: blocks.extend(a, 6 + 4) - 6]
+    assert (a.block_table, b.block_table) == ([1, 2, 4], [3])
+    buffer.stage_decode([a], 8)
+    a.token_ids.append(6)  # every draft rejected
+    a.draft_ids = []
+    blocks.trim(a)
+    b.token_ids.append(4)
+    blocks.append_slot(b)
+    assert b.block_table == [3, 4]
+    a.draft_ids = [7, 7, 7][: blocks.extend(a, 7 + 3) - 7]
+    assert a.block_table == [1, 2, 5]
+    buffer.stage_decode([a], 8)
+    assert buffer.host.block_tables[:4, :3].tolist() == [[1, 2, 5]] * 4
+
+
 @pytest.fixture(scope="module")
 def references(hf, prompts) -> list[list[int]]:
     """transformers' greedy answers to the looping prompt and another (its generate is slow)."""
     return [hf_greedy(hf, prompt, MAX_TOKENS) for prompt in prompts[:2]]
+
+
+def packed_drafts(runner, monkeypatch) -> list[list[int]]:
+    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
+    packed: list[list[int]] = []
+    prefill = runner.prefill
+
+    def packing(rows, sampled):
+        packed.append([len(seq.draft_ids) for seq, _ in rows])
+        return prefill(rows, sampled)
+
+    monkeypatch.setattr(runner, "prefill", packing)
+    return packed
 
 
 MODES = {
@@ -202,40 +240,27 @@ def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, ref
         pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
     runner = engine.runner
-    packed, buckets = [], []
-    prefill, run = runner.prefill, runner.graphs.run
-    def packing(rows, sampled):
-        packed.append([len(seq.draft_ids) for seq, _ in rows])  # each row's drafts, as the step starts
-        return prefill(rows, sampled)
-
-    monkeypatch.setattr(runner, "prefill", packing)
+    packed, buckets, run = packed_drafts(runner, monkeypatch), [], runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
     tokens = 4 if mode == "triton" else MAX_TOKENS
     batch = prompts[:1] if mode == "triton" else prompts[:2]
     for result, reference in zip(generate(engine, batch, greedy(tokens)), references, strict=False):
         assert result.choices[0].token_ids == reference[:tokens]
     assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
-    assert packed and not any(drafts for rows in packed for drafts in rows)
     assert max(buckets) > 2  # verify steps: more positions than max_batch
-    if mode == "cpugraph":
-        assert engine.info()["graph"] == "cpugraph"
-        # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 runs eagerly
-        assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
-        assert any(2 < bucket <= 8 for bucket in buckets)  # verify steps replayed
-        assert runner.inputs.max_batch == 10
-
-
-def packed_drafts(runner, monkeypatch) -> list[list[int]]:
-    """Each step the packed path runs from now on: its rows' drafts, as the step starts."""
-    packed: list[list[int]] = []
-    prefill = runner.prefill
-
-    def packing(rows, sampled):
-        packed.append([len(seq.draft_ids) for seq, _ in rows])
-        return prefill(rows, sampled)
-
-    monkeypatch.setattr(runner, "prefill", packing)
-    return packed
+    if mode != "cpugraph":
+        assert packed and not any(drafts for rows in packed for drafts in rows)
+        return
+    assert engine.info()["graph"] == "cpugraph"
+    for result in generate(engine, [prompts[0]] * 2, greedy(tokens)):  # both rows draft: 10 positions
+        assert result.choices[0].token_ids == references[0][:tokens]
+    verifying = [sum(1 + drafts for drafts in rows) for rows in packed if any(rows)]  # positions of each
+    # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 is not
+    # recorded, and a verify step of 9 or 10 positions takes the packed path instead of padding to it
+    assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
+    assert any(2 < bucket <= 8 for bucket in buckets) and 10 not in buckets  # verify steps replayed
+    assert verifying and min(verifying) > 8
+    assert runner.inputs.max_batch == 10
 
 
 @pytest.mark.parametrize("path", ["decode", "packed"])
@@ -276,11 +301,16 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
 
 
-@pytest.mark.parametrize("graph", ["none", "cpugraph"])
-def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, graph):
-    """Verify steps sampled after an eager step and after a CPU graph's replay."""
-    if graph == "cpugraph":
-        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=graph)
+@pytest.mark.parametrize("path", ["none", "cpugraph", "packed"])
+def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, path,
+                                                monkeypatch):
+    """Verify steps sampled after an eager step, after a CPU graph's replay and (past VERIFY_MAX_DRAFT_KEYS)
+    after the packed path."""
+    if path == "cpugraph":
+        spec_engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph=path)
+    if path == "packed":
+        monkeypatch.setattr(runner_module, "VERIFY_MAX_DRAFT_KEYS", 0)
+    packed = packed_drafts(spec_engine.runner, monkeypatch)
     before = spec_engine.stats()["spec_decode_num_accepted_tokens"]
     # A random model's distribution is nearly flat: only a low temperature samples the loop's drafts
     for params in (SamplingParams(temperature=0.05, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True),
@@ -291,6 +321,11 @@ def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, pl
         plain = generate(plain_engine, prompts[:2], params)
         assert [[c.token_ids for c in r.choices] for r in results] == [[c.token_ids for c in r.choices] for r in plain]
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
+    verifying = [sum(1 + drafts for drafts in rows) for rows in packed if any(rows)]  # positions of each
+    if path == "cpugraph":  # fp32: only a step past the 8 rows a C linear takes
+        assert all(n > 8 for n in verifying)
+    else:
+        assert bool(verifying) == (path == "packed")
 
 
 def test_a_choice_ends_inside_an_accepted_run(spec_engine, plain_engine, prompts):

@@ -130,8 +130,12 @@ class BlockManager:
 
     def trim(self, seq: Sequence) -> None:
         """Frees the blocks past the sequence's tokens (those rejected drafts held), for reuse first:
-        they hold nothing a lookup could hit."""
-        while len(seq.block_table) * self.block_size >= len(seq) + self.block_size:
+        they hold nothing a lookup could hit. A new epoch when it frees one: the table may grow back to the
+        same length with another block, which the runner's staged rows must not miss."""
+        keep = -(-len(seq) // self.block_size)
+        if len(seq.block_table) > keep:
+            seq.alloc_epoch = next(self._epochs)
+        while len(seq.block_table) > keep:
             block = seq.block_table.pop()
             self.ref_counts[block] -= 1
             self.free[block] = None

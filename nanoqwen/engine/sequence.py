@@ -48,7 +48,9 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash of each full block, in order
-        self.alloc_epoch = 0  # unique per allocation: the runner's cue that the block table changed
+        # new at each allocation and each trim that frees a block: with the table's length, the runner's cue
+        # that the block table changed (an append only lengthens it)
+        self.alloc_epoch = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
         self.num_computed_tokens = 0  # tokens whose k/v are in the cache (cached + computed so far)
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine

@@ -90,6 +90,10 @@ class GraphRunner:
                 continue
             self._cpu_greedy[bucket] = recording + argmax, tokens
 
+    def replays(self, bucket: int) -> bool:
+        """Whether `bucket`'s step replays a CPU graph (no bucket past the C linears' row limit does)."""
+        return bucket in self._cpu_graphs
+
     def run(self, bucket: int, mode: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step over the staged inputs of `bucket` rows and `width` table columns (a
         replay reads the captured width). -> (logits [bucket, V], tokens [bucket])."""

@@ -43,7 +43,8 @@ class ModelRunner:
         positions = self.max_batch * per_row
         # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
         # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them, and
-        # one row's every size has its own (each padded row costs a few % of a step: profiles/RESULTS.md, "vgraph").
+        # one row's every size has its own (a padded row costs what a real one does, ~10% of a 1-row step bf16 and
+        # 10-45% int8: profiles/RESULTS.md, "vgraph").
         self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
         self.buckets = sorted(set(batch_buckets(self.max_batch)) | set(
             batch_buckets(positions) + list(range(1, per_row + 1)) if self.verify_as_decode else []))
@@ -130,7 +131,11 @@ class ModelRunner:
         return self.prefill(batch.rows, batch.sampled)
 
     def _verify_as_decode(self, seqs: list[Sequence]) -> bool:
-        return self.verify_as_decode and sum(len(seq.draft_ids) * len(seq) for seq in seqs) <= VERIFY_MAX_DRAFT_KEYS
+        """On cpugraph, only a step its bucket replays: past the C linears' row limit the decode step would run
+        its padded bucket (68 positions: 128 rows) through torch's GEMMs, the packed path only its positions."""
+        if not self.verify_as_decode or sum(len(seq.draft_ids) * len(seq) for seq in seqs) > VERIFY_MAX_DRAFT_KEYS:
+            return False
+        return self.graph != "cpugraph" or self.graphs.replays(self._bucket(sum(1 + len(s.draft_ids) for s in seqs)))
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
