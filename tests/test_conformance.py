@@ -23,6 +23,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses import response_create_params as response_params
 
 from chat_http import MODEL, post_chat, sse_events, sse_payloads
+from checkpoints import THINK_ID
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -31,6 +32,7 @@ from server_process import GunicornServer
 USER = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 4, **NO_THINKING}
+GREEDY_THINKING = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}]
 
@@ -373,8 +375,7 @@ def test_reasoning_effort_levels(server: GunicornServer) -> None:
     switches it off."""
     for effort in ("xhigh", "max"):  # thinking on: enable_thinking false contradicts it
         assert _error(post_chat(server, {**GREEDY, "reasoning_effort": effort}))["param"] == "reasoning_effort"
-    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
-    thinking, none = [post_chat(server, {**greedy, "reasoning_effort": effort}).json()["choices"][0]["message"]
+    thinking, none = [post_chat(server, {**GREEDY_THINKING, "reasoning_effort": effort}).json()["choices"][0]["message"]
                       for effort in ("max", "none")]
     no_thinking = _chat(server)["choices"][0]["message"]
     assert none == no_thinking != thinking
@@ -561,10 +562,7 @@ def test_include_reasoning_false_streams_the_content_tokens_logprobs_only() -> N
 def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     """Forcing `<think>` at every step keeps the whole answer in reasoning; with thinking off there is
     none. vLLM's `include_reasoning: false` leaves it out of the answer, not out of the usage."""
-    think = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": "<think>"}, timeout=60)
-    [think_id] = think.json()["tokens"]
-    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
-    thinking = {**greedy, "logit_bias": {str(think_id): 100}}
+    thinking = {**GREEDY_THINKING, "logit_bias": {str(THINK_ID): 100}}
     shown = post_chat(server, thinking).json()
     assert shown["choices"][0]["message"]["content"] == "" and shown["choices"][0]["message"]["reasoning_content"]
     assert shown["usage"]["completion_tokens_details"]["reasoning_tokens"] == GREEDY["max_tokens"]
@@ -598,8 +596,7 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSure, the best")  # no <|im_end|>
     # With thinking on (the default) too, the template closed the message's think block: the
     # continuation is content, even a `<think>` (forced here) the model writes in it.
-    [think_id] = requests.post(f"{server.url}/tokenize", json={"prompt": "<think>"}, timeout=60).json()["tokens"]
-    for bias in (None, {str(think_id): 100}):
+    for bias in (None, {str(THINK_ID): 100}):
         raw = requests.post(f"{server.url}/v1/completions", timeout=120, json={
             "model": MODEL, "prompt": tokens, "max_tokens": 6, "temperature": 0,
             "logit_bias": bias}).json()["choices"][0]["text"]
@@ -636,8 +633,6 @@ def test_a_constraint_holds_when_a_thinking_model_answers_without_thinking(serve
                                                                           answer: Any, expected: Any) -> None:
     """Thinking on (the default) and no `<think>` written first (banned here): the answer starts at
     once and follows the grammar from its first token (it was free text, a 200 with no call)."""
-    [think_id] = requests.post(f"{server.url}/tokenize", json={"prompt": "<think>"}, timeout=60).json()["tokens"]
-    greedy = {key: value for key, value in GREEDY.items() if key != "chat_template_kwargs"}
-    body = {**greedy, **constraint, "max_tokens": 40, "logit_bias": {str(think_id): -100}}
+    body = {**GREEDY_THINKING, **constraint, "max_tokens": 40, "logit_bias": {str(THINK_ID): -100}}
     message = post_chat(server, body).json()["choices"][0]["message"]
     assert answer(message) == expected and "reasoning_content" not in message
