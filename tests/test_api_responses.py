@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,9 +13,17 @@ import pytest
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
-from nanoqwen.api.responses_api import INPUT, ITEMS, Draft, ResponseCollector, ResponseEvents, ResponsesService
-from nanoqwen.api.responses_schemas import encode_reasoning, parse_responses_request
-from nanoqwen.api.responses_store import ResponseStore, list_page
+from nanoqwen.api.responses_api import (
+    INPUT,
+    ITEMS,
+    Draft,
+    ResponseCollector,
+    ResponseEvents,
+    ResponsesService,
+    input_item_json,
+)
+from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
+from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.api.sse import DONE
@@ -35,7 +44,15 @@ def _lp(token: str) -> TokenLogprob:
 
 
 def _draft(store: ResponseStore | None = None, **body: Any) -> Draft:
-    return Draft(parse_responses_request({"input": "Hi", **body}), SamplingParams(), "m", THINK_END, store)
+    req = parse_responses_request({"input": "Hi", **body})
+    inputs = [input_item_json(item) for item in req.input_items]
+    return Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs)
+
+
+def _item(store: ResponseStore, item_id: str) -> Json | None:
+    """The item an item_reference to `item_id` resolves to, as the server finds it."""
+    found = store.holder(item_id)
+    return found[1].own_items()[item_id] if found is not None else None
 
 
 THOUGHT = [Event(reasoning="Let me", token_ids=[1], logprobs=[_lp("Let me")]),
@@ -194,11 +211,15 @@ def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation
     service = ResponsesService(SimpleNamespace())
     service.store = store = ResponseStore(max_bytes=4000)
     small = parse_responses_request({"input": "x" * 800})
-    assert service._keeps(small, None) and not service._keeps(small.model_copy(update={"store": False}), None)
-    assert not service._keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
+
+    def keeps(req: ResponseCreateRequest, previous: Stored | None) -> bool:
+        return service._keeps(req, [input_item_json(item) for item in req.input_items], previous)
+
+    assert keeps(small, None) and not keeps(small.model_copy(update={"store": False}), None)
+    assert not keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
     store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None)
     long = store.get("resp_long")
-    assert service._previous("resp_long") is long and not service._keeps(small, long)
+    assert service._previous("resp_long") is long and not keeps(small, long)
     store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long)  # its output
     with pytest.raises(APIError) as exc:
         service._previous("resp_huge")
@@ -210,14 +231,14 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]
     said = {"id": "msg_out", "type": "message", "content": [{"type": "output_text", "text": "a", "logprobs": logprobs}]}
     store.put({"id": "resp_0", "output": [said]}, [{"id": "msg_in", "type": "message"}], None)
-    assert store.item("msg_in") == {"id": "msg_in", "type": "message"}
-    assert store.item("msg_out") == {**said, "content": [{"type": "output_text", "text": "a"}]}
-    assert store.item("msg_unknown") is None
+    assert _item(store, "msg_in") == {"id": "msg_in", "type": "message"}
+    assert _item(store, "msg_out") == {**said, "content": [{"type": "output_text", "text": "a"}]}
+    assert _item(store, "msg_unknown") is None
     store.put({"id": "resp_1", "output": []}, [{"id": "msg_in", "type": "message", "role": "user"}], None)
-    assert store.item("msg_in") == {"id": "msg_in", "type": "message", "role": "user"}  # the latest response's
+    assert _item(store, "msg_in") == {"id": "msg_in", "type": "message", "role": "user"}  # the latest response's
     store.put({"id": "resp_2", "output": []}, [], None)  # resp_0 goes, and its items with it
-    assert store.item("msg_out") is None and store.item("msg_in") is not None
-    assert store.delete("resp_1") and store.item("msg_in") is None and store._items == {}
+    assert _item(store, "msg_out") is None and _item(store, "msg_in") is not None
+    assert store.delete("resp_1") and _item(store, "msg_in") is None and store._items == {}
 
 
 def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
@@ -225,9 +246,9 @@ def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
     said = {"id": "msg_o", "type": "message", "role": "assistant"}
     store.put({"id": "resp_a", "output": [said]}, [], None)
     store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None)
-    assert store.item("msg_o")["role"] == "user"
-    assert store.delete("resp_b") and store.item("msg_o") == said
-    assert store.delete("resp_a") and store.item("msg_o") is None and store._items == {}
+    assert _item(store, "msg_o")["role"] == "user"
+    assert store.delete("resp_b") and _item(store, "msg_o") == said
+    assert store.delete("resp_a") and _item(store, "msg_o") is None and store._items == {}
 
 
 def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() -> None:
@@ -297,6 +318,12 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
+def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]]) -> ResponsesService:
+    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it."""
+    return ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
+                                            encode=encode))
+
+
 def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
     """A conversation 20x the context: the candidates templated stay about twice its size (a fake 1000-character
     context here)."""
@@ -308,8 +335,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
             raise APIError(400, "too long", code="context_length_exceeded")
         return []
 
-    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
-                                               encode=encode))
+    service = _service(encode)
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(200)), {"role": "user", "content": "last"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
@@ -334,8 +360,7 @@ def test_truncation_drops_an_output_with_its_call() -> None:
             raise APIError(400, "too long", code="context_length_exceeded")
         return []
 
-    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
-                                               encode=encode))
+    service = _service(encode)
     items = [{"role": "user", "content": "a"},
              {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
              {"type": "function_call_output", "call_id": "c1", "output": "one"}, {"role": "user", "content": "b"},

@@ -81,6 +81,7 @@ class Draft:
     think_end: int | None
     store: ResponseStore | None  # None: `store: false`
     previous: Stored | None = None
+    inputs: list[Json] = field(default_factory=list)  # the input items as stored (input_item_json), when stored
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -119,8 +120,7 @@ class Draft:
         response = self.response(status, output, usage)
         if self.store is None:
             return response, None
-        return response, self.store.put(response, [input_item_json(item) for item in self.req.input_items],
-                                        self.previous)
+        return response, self.store.put(response, self.inputs, self.previous)
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -387,8 +387,9 @@ class ResponsesService:
             if previous is not None and exc.code == "context_length_exceeded":
                 self._check_input_alone(req)
             raise _renamed(exc) from None
+        inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if self._keeps(req, previous) else None, previous)
+                      self.store if self._keeps(req, inputs, previous) else None, previous, inputs)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
@@ -494,11 +495,11 @@ class ResponsesService:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
 
-    def _keeps(self, req: ResponseCreateRequest, previous: Stored | None) -> bool:
+    def _keeps(self, req: ResponseCreateRequest, inputs: list[Json], previous: Stored | None) -> bool:
         """`store` asked for and the store's rule met: decided before the first event, which says it."""
         if req.store is False:
             return False
-        known = len(encode_text([input_item_json(item) for item in req.input_items]).encode())
+        known = len(encode_text(inputs).encode())
         return self.store.keeps(known + (len(previous.history) if previous is not None else 0))
 
     def _previous(self, previous_id: str | None) -> Stored | None:

@@ -104,11 +104,6 @@ class ResponseStore:
             holders = self._items.get(item_id)
             return (holders[-1], self._entries[holders[-1]]) if holders else None
 
-    def item(self, item_id: str) -> Json | None:
-        """The input or output item of a kept response with this id (the latest response's, when several)."""
-        found = self.holder(item_id)
-        return found[1].own_items()[item_id] if found is not None else None
-
     def delete(self, response_id: str) -> bool:
         with self._lock:
             return self._pop(response_id)
