@@ -205,6 +205,10 @@ class Engine:
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         think_in_prompt = split_reasoning and self._prompt_opens_thinking(prompt_ids)
+        # A grammar starts after </think> if the prompt or the first token opens a thought, else from the first
+        # token (a vocabulary without both tokens has no thought that could close).
+        think, end_think = self.think_ids if split_reasoning and None not in self.think_ids else (None, None)
+        may_open = None if think_in_prompt else think
         for i in range(params.n):
             seq = Sequence(request, i, prompt_ids, seed=base_seed + i * 0x9E3779B9, max_tokens=max_tokens)
             seq.text = TextPipeline(
@@ -212,12 +216,7 @@ class Engine:
                 params.min_tokens,
             )
             if params.grammar is not None:
-                # After </think> if the prompt or the first token opens a thought, else from the first token
-                # (a vocabulary without both tokens has no thought that could close).
-                thinks = split_reasoning and None not in self.think_ids
-                think, end_think = self.think_ids if thinks else (None, None)
-                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids,
-                                         None if think_in_prompt else think)
+                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids, may_open)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:

@@ -13,7 +13,14 @@ from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
 from nanoqwen.runner.prompt_logprobs import prefill_prompt_logprobs
-from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, penalties, stage_sampling, step_output
+from nanoqwen.runner.sampling import (
+    LogitAdjuster,
+    StepOutput,
+    penalties,
+    sampled_positions,
+    stage_sampling,
+    step_output,
+)
 from nanoqwen.sampler import Penalties, sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
@@ -46,8 +53,10 @@ class ModelRunner:
         # one row's every size has its own (a padded row costs what a real one does, ~10% of a 1-row step bf16 and
         # 10-45% int8: profiles/RESULTS.md, "vgraph").
         self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
-        self.buckets = sorted(set(batch_buckets(self.max_batch)) | set(
-            batch_buckets(positions) + list(range(1, per_row + 1)) if self.verify_as_decode else []))
+        buckets = set(batch_buckets(self.max_batch))
+        if self.verify_as_decode:
+            buckets |= {*batch_buckets(positions), *range(1, per_row + 1)}
+        self.buckets = sorted(buckets)
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(positions, self.max_blocks_per_seq, self.block_size, device)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
@@ -102,11 +111,10 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> StepOutput:
         """One token for each of `seqs`; a drafting one's positions are rows of their own (stage_decode), each
         sampled with the output index it would have had without drafts. -> a token per position, in order."""
-        rows = [seq for seq in seqs for _ in range(1 + len(seq.draft_ids))]
+        rows, steps = sampled_positions(seqs)
         n = len(rows)
         bucket = self._bucket(n)
         max_len = self.inputs.stage_decode(seqs, bucket)
-        steps = [seq.num_output_tokens + i for seq in seqs for i in range(1 + len(seq.draft_ids))]
         mode, penalized = stage_sampling(self.inputs.host, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
@@ -147,11 +155,10 @@ class ModelRunner:
         seqs = [seq for seq, _ in rows]
         prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs, [seq.num_computed_tokens for seq in seqs],
                                                   packed.meta.query_lens, self.inputs.to_device)
-        positions = [seq for seq in sampled for _ in range(1 + len(seq.draft_ids))]
+        positions, steps = sampled_positions(sampled)
         n = len(positions)
         if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
             return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
-        steps = [seq.num_output_tokens + i for seq in sampled for i in range(1 + len(seq.draft_ids))]
         mode, penalized = stage_sampling(self.inputs.host, positions, n, self.config.vocab_size, steps)
         self.inputs.upload_sampling()
         logits = self.model.compute_logits(hidden[packed.last])

@@ -38,6 +38,14 @@ def sampling_mode(params: list[SamplingParams]) -> str:
     return "filter" if any(p.filters for p in sampled) else "sample"
 
 
+def sampled_positions(seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+    """Each sequence once per position it samples at (its token, then each draft), and each position's output
+    index: the one it would have had without drafts."""
+    rows = [seq for seq in seqs for _ in range(1 + len(seq.draft_ids))]
+    steps = [seq.num_output_tokens + i for seq in seqs for i in range(1 + len(seq.draft_ids))]
+    return rows, steps
+
+
 def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_size: int,
                    steps: list[int] | None = None) -> tuple[str, bool]:
     """Writes each row's sampling settings into the host staging; padded lanes are greedy. `steps`: each
