@@ -498,12 +498,15 @@ def test_drafts_cut_to_the_free_blocks(tiny_checkpoint, plain_engine, prompts, m
     assert engine.block_manager.usage == 0.0
 
 
-def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts, tmp_path):
-    """A real gunicorn server with speculative decoding: the openai client, streamed and not, gets
-    transformers' greedy answers; /health shows the setting, /stats and /metrics the accepted drafts."""
-    env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4")
+@pytest.mark.parametrize("graph", ["cpugraph", "none"])
+def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts, tmp_path, graph):
+    """A real gunicorn server with speculative decoding, its verify steps replayed from CPU graphs or run
+    eagerly: the openai client, streamed and not, gets transformers' greedy answers; /health shows the
+    setting, /stats and /metrics the accepted drafts."""
+    env = cpu_env(tiny_checkpoint, NANOQWEN_SPECULATIVE_CONFIG=SPEC, NANOQWEN_MAX_BATCH="4", NANOQWEN_GRAPH=graph)
     with GunicornServer(env, tmp_path / "server.log") as srv:
         assert " speculative={'method': 'ngram', 'num_speculative_tokens': 4" in srv.log()
+        assert f" graph={graph} " in srv.log()
         assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, streams=(False, True))
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
