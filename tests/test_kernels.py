@@ -230,6 +230,7 @@ def test_default_num_splits():
 
 def test_the_triton_kernel_set_runs_these_kernels():
     """The set ops.select_kernels makes for "triton" calls these kernels with the reference signatures."""
+    torch.manual_seed(0)  # the inputs, not whatever tests ran before, decide fp32 rounding against the tolerance
     kernels = select_kernels("triton", DEVICE, torch.float32, hidden_size=32, head_dim=16, num_heads=4, num_kv_heads=2)
     assert kernels.name == "triton" and not kernels.decode_attention_gathers
     q, k_cache, v_cache, block_tables, lens = make_decode_inputs([3, 18], 4, 2, 16, 16, torch.float32)
@@ -246,7 +247,7 @@ def test_the_triton_kernel_set_runs_these_kernels():
     kernels.qk_norm_rope_store(q, k, v, *args, k_cache, torch.zeros_like(k_cache),
                                torch.tensor([16, 17], dtype=torch.int32, device=DEVICE))
     assert torch.equal(k_cache[1, :2], k)
-    w8, scale = torch.randint(-127, 128, (40, 32), dtype=torch.int8, device=DEVICE), torch.rand(40, device=DEVICE)
+    w8, scale = torch.randint(-127, 128, (40, 32), dtype=torch.int8, device=DEVICE), torch.rand(40, device=DEVICE) / 64
     assert_close(kernels.linear_int8(x, w8, scale), linear_int8_torch(x, w8, scale))
     assert kernels.prefill_attention is prefill_attention_triton
     args, _, _ = paged_inputs.paged([(3, 7), (1, 4)], 4, 2, 16, 4, device=DEVICE)
