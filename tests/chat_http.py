@@ -1,8 +1,10 @@
 """What the end-to-end tests share: a CPU server's environment and the chat-completion requests they send it."""
 from __future__ import annotations
 
-import threading
-import time
+import contextlib
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,17 +63,24 @@ def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: An
     return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=timeout, **kwargs)
 
 
-def health_latencies(srv: GunicornServer, busy: threading.Thread, interval: float) -> list[float]:
-    """Seconds each `GET /health` took, polled every `interval` while `busy` (already started) runs:
-    the event loop's responsiveness meanwhile. Every answer must be 200."""
-    session = requests.Session()
-    latencies = []
-    while busy.is_alive():
-        t0 = time.perf_counter()
-        assert session.get(f"{srv.url}/health", timeout=30).status_code == 200
-        latencies.append(time.perf_counter() - t0)
-        time.sleep(interval)
-    return latencies
+@contextlib.contextmanager
+def health_polled(srv: GunicornServer, interval: float) -> Iterator[list[float]]:
+    """The seconds each `GET /health` took, polled every `interval` from a process of its own (tests/health_poll.py)
+    while the body runs: the event loop's responsiveness meanwhile. Polling has started when the body starts; the
+    list is filled as it ends. Every answer must be 200."""
+    latencies: list[float] = []
+    script = Path(__file__).with_name("health_poll.py")
+    poller = subprocess.Popen([sys.executable, str(script), f"{srv.url}/health", str(interval)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if poller.stdout.readline() != "polling\n":
+            raise AssertionError(f"the poller stopped before its first answer: {poller.communicate()[1]}")
+        yield latencies
+        out, err = poller.communicate(timeout=60)  # closes its stdin: the poller's stop
+    finally:
+        poller.kill()
+    assert poller.returncode == 0, err
+    latencies.extend(json.loads(out))
 
 
 def sse_payloads(response: requests.Response) -> Iterator[str]:

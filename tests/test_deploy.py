@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_latencies, post_chat, sse_payloads
+from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_payloads
 from engine_util import hf_greedy
 from nanoqwen import loader
 from nanoqwen.config import EngineConfig, resolve_threads
@@ -74,17 +74,13 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
         a = threading.Thread(target=stream_a)
         a.start()
         assert a_started.wait(300)
-        b_result: list[dict[str, Any]] = []
-        b = threading.Thread(target=lambda: b_result.append(
-            post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()))
-        b.start()
-        health = health_latencies(srv, b, interval=0.1)
+        with health_polled(srv, interval=0.1) as health:
+            b_body = post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()
         b_done = time.monotonic()
         a.join()
     finally:
         srv.stop()
     assert "InductorError" not in srv.log() and "graph=compile" in srv.log()
-    [b_body] = b_result
     assert _logprob_bytes(b_body["choices"][0]["logprobs"]["content"]) == _expected_bytes(
         tiny_checkpoint, hf_model, b_messages, short_n)
     a_tokens = [e for _, c in a_chunks if c["choices"] and c["choices"][0]["logprobs"]

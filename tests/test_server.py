@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import fuzz_bodies
-from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_latencies, post_chat, sse_events, sse_payloads
+from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from ops.cpu import C_KERNELS, build, dequant
 from server_process import GunicornServer, serving_together
@@ -359,13 +359,9 @@ def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
 def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer) -> None:
     """An ~8 MB prompt (just under the body limit) takes seconds to tokenise: never on the event loop."""
     body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 530_000}]}
-    result: dict[str, requests.Response] = {}
-    worker = threading.Thread(target=lambda: result.setdefault("r", post_chat(server, body, timeout=300)))
-    requests.get(f"{server.url}/health", timeout=10)  # the server is up before the clock starts
-    worker.start()
-    timings = health_latencies(server, worker, interval=0.02)
-    worker.join()
-    error = _assert_error(result["r"], 400, code="context_length_exceeded")
+    with health_polled(server, interval=0.02) as timings:
+        answer = post_chat(server, body, timeout=300)
+    error = _assert_error(answer, 400, code="context_length_exceeded")
     assert int(error["message"].split("requested ")[1].split(" ")[0]) > 1_000_000  # tokenised in full
     assert len(timings) >= 10, timings  # it really was in flight meanwhile
     assert max(timings) < 1.0, sorted(timings)[-5:]

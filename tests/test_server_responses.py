@@ -3,7 +3,6 @@ client (its `responses.stream` helper checks the event order and accumulates the
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import jsonschema
@@ -11,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, health_latencies, post_chat, sse_events
+from chat_http import MODEL, health_polled, post_chat, sse_events
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -314,18 +313,10 @@ def test_a_large_answer_streamed_and_not_keeps_health_fast(client: openai.OpenAI
     events, each repeating the answer, are encoded off the event loop; /health stays fast meanwhile."""
     body = {**GREEDY, "max_output_tokens": 128, "input": "Tell me a story about a robot.",
             "include": ["message.output_text.logprobs"], "top_logprobs": 20}
-    answers: list[Any] = []
-
-    def send() -> None:
-        answers.append(client.responses.create(**body))
+    with health_polled(server, 0.005) as latencies:
+        whole = client.responses.create(**body)
         with client.responses.stream(**body) as stream:  # cut at max_output_tokens: no response.completed
-            answers.append(list(stream)[-1])
-
-    busy = threading.Thread(target=send)
-    busy.start()
-    latencies = health_latencies(server, busy, 0.005)
-    busy.join()
-    whole, last = answers
+            last = list(stream)[-1]
     streamed = last.response
     assert last.type == "response.incomplete" and whole.usage.output_tokens == 128
     logprobs = whole.output[-1].content[0].logprobs

@@ -4,14 +4,13 @@ from __future__ import annotations
 import gc
 import json
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from chat_http import MODEL, cpu_env, health_polled, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
 from nanoqwen.api import encode
@@ -38,11 +37,8 @@ Answers = list[requests.Response]
 
 def _while_health_polled(srv: GunicornServer, send: Callable[[], Answers]) -> tuple[Answers, list[float]]:
     """What send() answers, and the /health latencies polled meanwhile."""
-    answers: Answers = []
-    busy = threading.Thread(target=lambda: answers.extend(send()))
-    busy.start()
-    latencies = health_latencies(srv, busy, 0.005)
-    busy.join()
+    with health_polled(srv, 0.005) as latencies:
+        answers = send()
     return answers, latencies
 
 

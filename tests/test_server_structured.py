@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_latencies, post_chat
+from chat_http import MODEL, cpu_env, health_polled, post_chat
 from checkpoints import END_THINK_ID, THINK_ID, make_checkpoint
 from server_process import GunicornServer
 
@@ -79,13 +79,9 @@ def _calls(message: Any) -> list[dict[str, str]]:
 
 def test_health_answers_while_the_first_grammar_compiles(server: GunicornServer) -> None:
     """llguidance's tokenizer (seconds, holding the GIL) is built with the model, not by the first request."""
-    result: dict[str, Any] = {}
-    worker = threading.Thread(target=lambda: result.update(r=_create(server, response_format=PERSON_FORMAT,
-                                                                      temperature=0, max_tokens=64)))
-    worker.start()
-    timings = health_latencies(server, worker, interval=0.01)
-    worker.join()
-    assert result["r"].choices[0].finish_reason in ("stop", "length")
+    with health_polled(server, interval=0.01) as timings:
+        answer = _create(server, response_format=PERSON_FORMAT, temperature=0, max_tokens=64)
+    assert answer.choices[0].finish_reason in ("stop", "length")
     assert len(timings) >= 3, timings  # it really was in flight meanwhile
     assert max(timings) < 1.0, sorted(timings)[-5:]
 
