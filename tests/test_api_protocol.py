@@ -15,6 +15,7 @@ from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, sse
+from nanoqwen.api.structured import closed_objects
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 
 USER = [{"role": "user", "content": "hi"}]
@@ -381,8 +382,6 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
     ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "structured_outputs.backend", "\"guidance\""),
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern",
      "Unsupported"),
-    ({"structured_outputs": {"json": {}, "disable_additional_properties": True}},
-     "structured_outputs.disable_additional_properties", "Unsupported"),
     ({"guided_decoding_backend": "outlines"}, "guided_decoding_backend", "\"auto\""),
 ])
 def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param: str, words: str) -> None:
@@ -393,7 +392,7 @@ def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param
 def test_structured_outputs_kinds() -> None:
     """Each kind as its constraint, a JSON schema's encoding decoded; the options honoured whatever their value."""
     options = {"backend": "guidance", "disable_fallback": True, "disable_any_whitespace": True,
-               "disable_additional_properties": False}
+               "disable_additional_properties": True}
     cases = [({"structured_outputs": {"json": '{"type": "integer"}', **options}},
               ("json", {"type": "integer"}, "structured_outputs.json")),
              ({"structured_outputs": {"json_object": True, "regex": None}},
@@ -407,3 +406,19 @@ def test_structured_outputs_kinds() -> None:
         assert req.constrains_answer
     assert parse_completion_request({"prompt": "x", "guided_regex": "a+"}).constraint.param == "guided_regex"
     assert parse_chat_request({"messages": USER}).constraint is None
+
+
+def test_closed_objects_closes_every_object_schema_that_does_not_say() -> None:
+    open_object = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    schema = {"$defs": {"o": open_object}, "properties": {"properties": open_object, "items": {"type": "array",
+              "items": open_object, "prefixItems": [open_object]}}, "anyOf": [open_object, {"type": "string"}],
+              "additionalProperties": open_object, "patternProperties": {"^x": {"type": "object",
+                                                                                "additionalProperties": True}}}
+    closed = {**open_object, "additionalProperties": False}
+    assert closed_objects(schema) == {
+        "$defs": {"o": closed}, "properties": {"properties": closed, "items": {"type": "array", "items": closed,
+                                                                               "prefixItems": [closed]}},
+        "anyOf": [closed, {"type": "string"}], "additionalProperties": closed,
+        "patternProperties": {"^x": {"type": "object", "additionalProperties": True}}}
+    assert closed_objects(open_object) == closed and open_object == {"type": "object", "properties": {"a": {
+        "type": "integer"}}}  # a copy

@@ -301,3 +301,15 @@ def test_vllm_fields_at_their_defaults_change_nothing(server: GunicornServer, pa
     text = (lambda answer: answer["choices"][0]["message"]["content"]) if chat else \
         (lambda answer: answer["choices"][0]["text"])
     assert text(plain) and text(with_defaults) == text(plain), (plain, with_defaults)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_disable_additional_properties_closes_the_schemas_objects(server: GunicornServer, closed: bool) -> None:
+    """vLLM's option: an object schema that does not set additionalProperties takes no other properties. `,` is
+    biased, so that an open object goes on past its one property (to max_tokens, or closed with others)."""
+    digit = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}
+    (comma,) = _token_ids(server, ",")
+    answer = _create(server, n=CHOICES, seed=0, temperature=1.0, max_tokens=24, logit_bias={str(comma): 100},
+                     extra_body={"structured_outputs": {"json": digit, "disable_additional_properties": closed}})
+    only_a = [c.finish_reason == "stop" and list(json.loads(c.message.content)) == ["a"] for c in answer.choices]
+    assert only_a == [closed] * CHOICES, answer.choices

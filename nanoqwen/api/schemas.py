@@ -218,7 +218,7 @@ class StructuredOutputs(Strict):
     # generated compactly (see nanoqwen/engine/grammar.py), which any-whitespace JSON allows too.
     disable_fallback: bool | None = None
     disable_any_whitespace: bool | None = None
-    disable_additional_properties: refused(False) = None
+    disable_additional_properties: bool | None = None  # true: `json`'s objects take only the properties it names
     whitespace_pattern: Refused = None
     structural_tag: Refused = None
 

@@ -39,9 +39,36 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         return None
     if constraint.kind in ("json", "json_object"):
         schema = constraint.value if constraint.kind == "json" else {"type": "object"}
+        if req.structured_outputs is not None and req.structured_outputs.disable_additional_properties:
+            schema = closed_objects(schema)
         return _json(serving, schema, True, constraint.param)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
     return serving.off_loop(len(text), serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
+
+
+# JSON Schema's keywords whose value is a schema, a list of schemas, or a map of them ("items": either of the first two)
+SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties",
+             "propertyNames")
+SUBSCHEMA_LISTS = ("items", "anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """vLLM's `disable_additional_properties`: the schema with `"additionalProperties": false` in each object
+    schema that does not set it (llguidance, as JSON Schema, allows other properties by default)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed_objects(sub) for sub in value]
+        elif key in SUBSCHEMA:
+            out[key] = closed_objects(value)
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
