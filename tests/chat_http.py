@@ -18,6 +18,18 @@ from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"  # the served model name when NANOQWEN_SERVED_MODEL_NAME is unset
 MAX_MODEL_LEN = 512
+# vLLM's request fields this server does not implement, at vLLM's defaults (the values that change nothing), as
+# clients built for vLLM send them; any other value is a 400 naming the field.
+VLLM_COMMON_DEFAULTS: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
+    "spaces_between_special_tokens": True, "bad_words": [], "truncate_prompt_tokens": None, "prompt_logprobs": None,
+    "priority": 0, "request_id": None, "return_token_ids": False, "return_tokens_as_token_ids": False,
+    "logits_processors": None, "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
+    "guided_decoding_backend": "auto", "guided_whitespace_pattern": None, "structural_tag": None,
+}
+VLLM_CHAT_DEFAULTS = {**VLLM_COMMON_DEFAULTS, "echo": False, "add_special_tokens": False, "documents": None,
+                      "chat_template": None, "mm_processor_kwargs": None, "media_io_kwargs": None}
+VLLM_COMPLETION_DEFAULTS = {**VLLM_COMMON_DEFAULTS, "add_special_tokens": True, "prompt_embeds": None}
 
 
 def cpu_env(checkpoint: Path, **env: str) -> dict[str, str]:

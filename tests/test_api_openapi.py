@@ -18,7 +18,7 @@ from nanoqwen.api.responses_schemas import (
     parse_responses_request,
 )
 from nanoqwen.api.responses_store import list_page
-from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request
+from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request, same_json
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
 SCHEMAS = DOC["components"]["schemas"]
@@ -29,6 +29,7 @@ PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "ChatCompletionRequest": lambda f: parse_chat_request({"messages": HI, **f}),
     "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}),
     "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}),
+    "StructuredOutputs": lambda f: parse_chat_request({"messages": HI, "structured_outputs": {"regex": "a", **f}}),
     "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}),
     "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}),
     "FunctionCallOutputItem": lambda f: parse_responses_request(
@@ -38,12 +39,9 @@ PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "TextConfig": lambda f: parse_responses_request({"input": "hi", "text": f}),
     "ResponsePromptCacheOptions": lambda f: parse_responses_request({"input": "hi", "prompt_cache_options": f}),
 }
-# Beside a field's documented values: each is refused unless it is one of them (JSON tells 0 from false).
-OUTSIDE: tuple[Any, ...] = (0, 1, True, False, "other", "none", [], ["text"], {"x": 1})
-
-
-def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
+# Beside a field's documented values: each is refused unless it is one of them (JSON tells 0 from false, not 1
+# from 1.0).
+OUTSIDE: tuple[Any, ...] = (0, 1, 1.0, 1.5, True, False, "other", "none", [], ["text"], {"x": 1})
 
 
 def _refused_fields() -> list[tuple[str, str, list[Any]]]:
@@ -68,7 +66,7 @@ def test_the_document_allows_exactly_what_the_validator_accepts(model: str, name
     for value in documented:
         PLACES[model]({name: value})
     for value in OUTSIDE:
-        if not any(_same(value, d) for d in documented):
+        if not any(same_json(value, d) for d in documented):
             with pytest.raises(APIError) as refused:
                 PLACES[model]({name: value})
             assert refused.value.status == 400 and refused.value.param.endswith(name), (value, refused.value.param)
@@ -103,6 +101,10 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/chat/completions", {"messages": HI, "stream_options": {"include_usage": True}}),
     ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
+    *[(path, {**base, "structured_outputs": so}) for path, base in (
+        ("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "x"})) for so in (
+        {}, {"regex": "a"}, {"regex": None}, {"regex": "a", "choice": ["a"]}, {"json_object": False},
+        {"json_object": True}, {"json": {}, "json_object": False}, {"grammar": "start: \"a\"", "json_object": True})],
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
     *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
         {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
+from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
-from nanoqwen.api.schemas import parse_chat_request
+from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, sse
+from nanoqwen.api.structured import closed_objects
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 
 USER = [{"role": "user", "content": "hi"}]
@@ -338,3 +342,83 @@ def test_logit_bias_keys_become_token_ids() -> None:
     assert "not ['x0', 'x1', 'x2', 'x3', 'x4', … (100 in all)]" in many.message
     assert _bad({"messages": USER, "logit_bias": {"7": True}}).param == "logit_bias.7"
     assert _bad({"messages": USER, "logit_bias": {"7": 100.5}}).param == "logit_bias.7"
+
+
+def _other(value: Any) -> Any:
+    """A value other than vLLM's default `value`, of the field's type where it has one."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    return ["x"] if isinstance(value, list) else {None: "x", "auto": "xgrammar"}[value]
+
+
+@pytest.mark.parametrize("parse, defaults", [
+    (lambda f: parse_chat_request({"messages": USER, **f}), VLLM_CHAT_DEFAULTS),
+    (lambda f: parse_completion_request({"prompt": "x", **f}), VLLM_COMPLETION_DEFAULTS),
+], ids=["chat", "completions"])
+def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict], Any], defaults: dict) -> None:
+    assert parse(defaults).sampling_params() == parse({}).sampling_params()
+    for name, value in defaults.items():
+        with pytest.raises(APIError) as info:
+            parse({name: _other(value)})
+        assert (info.value.status, info.value.param, info.value.code) == (400, name, "unsupported_parameter")
+        assert "accepted: null" in str(info.value) or value is None
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "got none"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not JSON"),
+    ({"guided_json": "[]"}, "guided_json", "an object"),
+    ({"guided_choice": []}, "guided_choice", "at least 1"),
+    ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "guided_regex", "structured_outputs"),
+    ({"guided_choice": ["a"], "guided_grammar": "start: \"a\""}, "guided_grammar", "guided_choice"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "response_format"),
+    ({"structured_outputs": {"regex": "a"}, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": "required"}, "structured_outputs", "forced tool call"),
+    ({"guided_regex": "a", "add_generation_prompt": False, "continue_final_message": True,
+      "messages": [*USER, {"role": "assistant", "content": "b"}]}, "continue_final_message", "structured outputs"),
+    ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "structured_outputs.backend", "\"guidance\""),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern",
+     "Unsupported"),
+    ({"guided_decoding_backend": "outlines"}, "guided_decoding_backend", "\"auto\""),
+])
+def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param: str, words: str) -> None:
+    error = _bad({"messages": USER, **extra})
+    assert error.param == param and words in str(error), str(error)
+
+
+def test_structured_outputs_kinds() -> None:
+    """Each kind as its constraint, a JSON schema's encoding decoded; the options honoured whatever their value."""
+    options = {"backend": "guidance", "disable_fallback": True, "disable_any_whitespace": True,
+               "disable_additional_properties": True}
+    cases = [({"structured_outputs": {"json": '{"type": "integer"}', **options}},
+              ("json", {"type": "integer"}, "structured_outputs.json")),
+             ({"structured_outputs": {"json_object": True, "regex": None}},
+              ("json_object", True, "structured_outputs.json_object")),
+             ({"guided_choice": ["a", "b"], "guided_decoding_backend": "auto"},
+              ("choice", ["a", "b"], "guided_choice")),
+             ({"guided_grammar": "root ::= \"a\""}, ("grammar", "root ::= \"a\"", "guided_grammar"))]
+    for extra, expected in cases:
+        req = parse_chat_request({"messages": USER, **extra})
+        assert (req.constraint.kind, req.constraint.value, req.constraint.param) == expected
+        assert req.constrains_answer
+    assert parse_completion_request({"prompt": "x", "guided_regex": "a+"}).constraint.param == "guided_regex"
+    assert parse_chat_request({"messages": USER}).constraint is None
+
+
+def test_closed_objects_closes_every_object_schema_that_does_not_say() -> None:
+    open_object = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    schema = {"$defs": {"o": open_object}, "properties": {"properties": open_object, "items": {"type": "array",
+              "items": open_object, "prefixItems": [open_object]}}, "anyOf": [open_object, {"type": "string"}],
+              "additionalProperties": open_object, "patternProperties": {"^x": {"type": "object",
+                                                                                "additionalProperties": True}}}
+    closed = {**open_object, "additionalProperties": False}
+    assert closed_objects(schema) == {
+        "$defs": {"o": closed}, "properties": {"properties": closed, "items": {"type": "array", "items": closed,
+                                                                               "prefixItems": [closed]}},
+        "anyOf": [closed, {"type": "string"}], "additionalProperties": closed,
+        "patternProperties": {"^x": {"type": "object", "additionalProperties": True}}}
+    assert closed_objects(open_object) == closed and open_object == {"type": "object", "properties": {"a": {
+        "type": "integer"}}}  # a copy

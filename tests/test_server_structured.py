@@ -7,8 +7,9 @@ string, number and array, or a random model would fill them forever.
 from __future__ import annotations
 
 import json
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jsonschema
@@ -16,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_polled, post_chat
+from chat_http import MODEL, VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS, cpu_env, health_polled, post_chat
 from checkpoints import END_THINK_ID, THINK_ID, make_checkpoint
 from server_process import GunicornServer
 
@@ -203,3 +204,112 @@ def test_invalid_schema_is_a_400_unless_not_strict(server: GunicornServer) -> No
     lenient = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}  # strict: OpenAI's default false
     answer = _create(server, response_format=lenient, temperature=1.0, seed=0)
     assert len(json.loads(answer.choices[0].message.content)) <= 3
+
+
+# vLLM's structured outputs: each kind, its check of an answer, and the bodies asking for it (structured_outputs,
+# the older guided_* field)
+REGEX = r"[a-z]{2,5}( [0-9]{1,3})?"
+CHOICES_OF = ["yes", "no", "maybe so", 'a "quote"']
+LARK = 'start: greeting " " NAME ("!" | ".")\ngreeting: "hi" | "hello"\nNAME: /[A-Z][a-z]{0,5}/'
+GBNF = 'root ::= ("hi" | "hello") " " [A-Z] [a-z]{0,5} ("!" | ".")'
+GREETING = r"(hi|hello) [A-Z][a-z]{0,5}[!.]"  # both grammars' language
+KINDS: dict[str, tuple[Any, Callable[[str], bool], str]] = {
+    "regex": (REGEX, lambda text: re.fullmatch(REGEX, text) is not None, "guided_regex"),
+    "choice": (CHOICES_OF, lambda text: text in CHOICES_OF, "guided_choice"),
+    "json": (PERSON, lambda text: jsonschema.validate(json.loads(text), PERSON) is None, "guided_json"),
+    "grammar": (LARK, lambda text: re.fullmatch(GREETING, text) is not None, "guided_grammar"),
+}
+
+
+def _structured_bodies(kind: str) -> list[dict[str, Any]]:
+    value, _, guided = KINDS[kind]
+    return [{"structured_outputs": {kind: value}}, {guided: value, "guided_decoding_backend": "guidance"}]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_structured_outputs_answers_follow_the_constraint(server: GunicornServer, kind: str) -> None:
+    """Through the openai client's extra_body, streamed and not, temperature 1: every answer follows it."""
+    valid = KINDS[kind][1]
+    for seed, extra in enumerate(_structured_bodies(kind)):
+        answer = _create(server, n=CHOICES, seed=seed, temperature=1.0, extra_body=extra)
+        streamed = _streamed(server, n=CHOICES, seed=seed, temperature=1.0, extra_body=extra)
+        for choice, stream in zip(answer.choices, streamed, strict=True):
+            assert choice.finish_reason == "stop" and valid(choice.message.content), choice
+            assert stream["content"] == choice.message.content and stream["finish_reason"] == "stop"
+
+
+def test_gbnf_grammar_and_json_object(server: GunicornServer) -> None:
+    answer = _create(server, n=CHOICES, seed=0, temperature=1.0, extra_body={"guided_grammar": GBNF})
+    assert all(re.fullmatch(GREETING, c.message.content) for c in answer.choices), answer
+    (empty,) = _token_ids(server, "{}")  # biased: the random model closes the object at once
+    answer = _create(server, temperature=1.0, seed=1, logit_bias={str(empty): 100},
+                     extra_body={"structured_outputs": {"json_object": True, "disable_any_whitespace": True}})
+    assert answer.choices[0].message.content == "{}" and answer.choices[0].finish_reason == "stop"
+
+
+def test_structured_outputs_start_after_thinking(server: GunicornServer) -> None:
+    """The same rule as response_format: a thought opened by the first token is free, the answer after it is not."""
+    answer = _create(server, temperature=1.0, seed=3, logit_bias={str(THINK_ID): 100, str(END_THINK_ID): 100},
+                     extra_body={"chat_template_kwargs": {}, "structured_outputs": {"regex": REGEX}})
+    message = answer.choices[0].message
+    assert (message.reasoning_content or "").replace("<think>", "").strip() == ""
+    assert re.fullmatch(REGEX, message.content), message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_on_completions(server: GunicornServer, stream: bool) -> None:
+    client = server.openai_client(timeout=300)
+    for seed, (kind, extra) in enumerate([("choice", {"structured_outputs": {"choice": CHOICES_OF}}),
+                                          ("regex", {"guided_regex": REGEX})]):
+        valid = KINDS[kind][1]
+        body = {"model": MODEL, "prompt": "Answer:", "max_tokens": 40, "n": CHOICES, "seed": seed,
+                "temperature": 1.0, "extra_body": extra}
+        texts = [""] * CHOICES
+        finish: list[str | None] = [None] * CHOICES
+        for part in client.completions.create(**body, stream=True) if stream else [client.completions.create(**body)]:
+            for choice in part.choices:
+                texts[choice.index] += choice.text
+                finish[choice.index] = choice.finish_reason or finish[choice.index]
+        assert all(map(valid, texts)) and finish == ["stop"] * CHOICES, (texts, finish)
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "a(("}}, "structured_outputs.regex"),
+    ("/v1/chat/completions", {"guided_grammar": "start: ::"}, "guided_grammar"),
+    ("/v1/chat/completions", {"guided_json": {"type": "string", "format": "no-such-format"}}, "guided_json"),
+    ("/v1/completions", {"structured_outputs": {"grammar": "root ::= (("}}, "structured_outputs.grammar"),
+    ("/v1/completions", {"guided_regex": "[z-a]"}, "guided_regex"),
+])
+def test_invalid_structured_outputs_are_400s_naming_the_field(server: GunicornServer, path: str,
+                                                              extra: dict[str, Any], param: str) -> None:
+    prompt = {"messages": USER} if path == "/v1/chat/completions" else {"prompt": "x"}
+    answer = requests.post(f"{server.url}{path}", json={"model": MODEL, "max_tokens": 4, **prompt, **extra},
+                           timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_vllm_fields_at_their_defaults_change_nothing(server: GunicornServer, path: str) -> None:
+    chat = path == "/v1/chat/completions"
+    base = {"model": MODEL, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            **({"messages": USER, **NO_THINKING} if chat else {"prompt": "Once upon a time"})}
+    defaults = VLLM_CHAT_DEFAULTS if chat else VLLM_COMPLETION_DEFAULTS
+    plain, with_defaults = (requests.post(f"{server.url}{path}", json=body, timeout=120).json()
+                            for body in (base, {**base, **defaults}))
+    text = (lambda answer: answer["choices"][0]["message"]["content"]) if chat else \
+        (lambda answer: answer["choices"][0]["text"])
+    assert text(plain) and text(with_defaults) == text(plain), (plain, with_defaults)
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_disable_additional_properties_closes_the_schemas_objects(server: GunicornServer, closed: bool) -> None:
+    """vLLM's option: an object schema that does not set additionalProperties takes no other properties. `,` is
+    biased, so that an open object goes on past its one property (to max_tokens, or closed with others)."""
+    digit = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["a"]}
+    (comma,) = _token_ids(server, ",")
+    answer = _create(server, n=CHOICES, seed=0, temperature=1.0, max_tokens=24, logit_bias={str(comma): 100},
+                     extra_body={"structured_outputs": {"json": digit, "disable_additional_properties": closed}})
+    only_a = [c.finish_reason == "stop" and list(json.loads(c.message.content)) == ["a"] for c in answer.choices]
+    assert only_a == [closed] * CHOICES, answer.choices

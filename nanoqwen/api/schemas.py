@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -24,6 +26,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     Tag,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -59,15 +62,26 @@ class Refusal:
         return {**handler(schema), "enum": [None, *self.unused]}
 
     def check(self, value: Any) -> None:
-        # by type too, as JSON (and the document's enum) tells them apart: 0 is not false
-        if value is None or any(type(value) is type(u) and value == u for u in self.unused):
+        if value is None or any(same_json(value, u) for u in self.unused):
             return None
-        raise PydanticCustomError("unsupported", "this server does not implement it")
+        if not self.unused:
+            raise PydanticCustomError("unsupported", "this server does not implement it")
+        raise PydanticCustomError("unsupported", "this server does not implement it; accepted: {accepted}",
+                                  {"accepted": ", ".join(json.dumps(u) for u in (None, *self.unused))})
+
+
+def same_json(value: Any, unused: Any) -> bool:
+    """Equal as JSON values: by type too, as JSON (and the document's enum) tells them apart (0 is not false),
+    but 1 is 1.0 (ints are fine for floats)."""
+    def number(x: Any) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    return value == unused and (type(value) is type(unused) or number(value) and number(unused))
 
 
 def refused(*unused: Any) -> Any:
-    """The type of a field refused unless absent or one of `unused` (see Refusal). A validator does not run on
-    a default: an absent field costs nothing."""
+    """The type of a field refused unless absent or one of `unused` (see Refusal): the field accepted at the
+    values that change nothing. A validator does not run on a default: an absent field costs nothing."""
     return Annotated[Any, Refusal(*unused)]
 
 
@@ -145,6 +159,85 @@ class JsonSchemaFormat(Strict):
 
 
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+GuidanceBackend = refused("auto", "guidance")  # vLLM's backend names: llguidance's is "guidance"
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _schema_or_encoded(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("a string must be a JSON schema's JSON encoding, and this one is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON schema: an object, or its JSON encoding")
+    return value
+
+
+# vLLM's `json`: a JSON schema, or its JSON encoding
+SchemaOrEncoded = Annotated[dict[str, Any], BeforeValidator(_schema_or_encoded),
+                            WithJsonSchema({"anyOf": [{"type": "object"}, {"type": "string"}]})]
+Choices = Annotated[list[str], Field(min_length=1)]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One kind of vLLM structured output, as the request asked for it."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    value: Any  # json: the schema; regex, grammar: the text; choice: the strings; json_object: True
+    param: str  # the field that holds it: its compile errors' param (`structured_outputs.regex`, `guided_regex`)
+
+    @property
+    def field(self) -> str:
+        """The request's top-level field."""
+        return self.param.split(".")[0]
+
+
+def _one_kind_schema(schema: dict[str, Any]) -> None:
+    """StructuredOutputs._one_kind in its JSON schema (the OpenAPI document's)."""
+    schema["oneOf"] = [{"required": [kind], "properties": {kind: {"const": True} if kind == "json_object" else
+                                                           {"not": {"type": "null"}}}} for kind in STRUCTURED_KINDS]
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one kind of constraint, and its options."""
+
+    model_config = ConfigDict(json_schema_extra=_one_kind_schema)
+
+    json_: SchemaOrEncoded | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = None  # Lark, or llama.cpp's GBNF
+    json_object: bool | None = None  # true: any JSON object; false asks for nothing
+    backend: GuidanceBackend = None
+    # Honoured whatever their value: llguidance never falls back to another backend, and JSON is always
+    # generated compactly (see nanoqwen/engine/grammar.py), which any-whitespace JSON allows too.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None  # true: `json`'s objects take only the properties it names
+    whitespace_pattern: Refused = None
+    structural_tag: Refused = None
+
+    def _value(self, kind: str) -> Any:
+        value = getattr(self, "json_" if kind == "json" else kind)
+        return None if kind == "json_object" and not value else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        kinds = [kind for kind in STRUCTURED_KINDS if self._value(kind) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"exactly one kind of constraint is needed ({', '.join(STRUCTURED_KINDS)}), "
+                             f"got {', '.join(kinds) or 'none'}")
+        return self
+
+    @property
+    def constraint(self) -> Constraint:
+        kind = next(kind for kind in STRUCTURED_KINDS if self._value(kind) is not None)
+        return Constraint(kind, self._value(kind), f"structured_outputs.{kind}")
 
 
 def _decode_arguments(arguments: str) -> Any:
@@ -397,6 +490,31 @@ class SamplingFields(Strict):
     user: str | None = None  # does not change the answer: accepted and ignored
     # token id (a decimal string) -> added to its logit: -100 bans the token, 100 forces it
     logit_bias: dict[Annotated[str, Field(pattern=TOKEN_ID)], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # vLLM's structured outputs (nanoqwen/api/structured.py): structured_outputs or the older guided_* fields
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: SchemaOrEncoded | None = None
+    guided_regex: str | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: GuidanceBackend = None
+    guided_whitespace_pattern: Refused = None
+    structural_tag: Refused = None
+    # vLLM's, not implemented: accepted at the value that changes nothing (vLLM's default), else refused
+    use_beam_search: refused(False) = None
+    length_penalty: refused(1.0) = None
+    include_stop_str_in_output: refused(False) = None
+    spaces_between_special_tokens: refused(True) = None
+    bad_words: refused([]) = None
+    truncate_prompt_tokens: Refused = None
+    prompt_logprobs: Refused = None
+    priority: refused(0) = None
+    request_id: Refused = None
+    return_token_ids: refused(False) = None
+    return_tokens_as_token_ids: refused(False) = None
+    logits_processors: Refused = None
+    cache_salt: Refused = None
+    kv_transfer_params: Refused = None
+    vllm_xargs: Refused = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -417,6 +535,17 @@ class SamplingFields(Strict):
         if isinstance(value, dict) and (bad := [key for key in value if not re.fullmatch(TOKEN_ID, key)]):
             raise ValueError(f"keys must be token ids (decimal strings), not {shown(bad)}")
         return value
+
+    @property
+    def constraints(self) -> list[Constraint]:
+        """The structured outputs asked for (check_structured allows one at most)."""
+        found = [] if self.structured_outputs is None else [self.structured_outputs.constraint]
+        return found + [Constraint(kind, value, name) for name, kind in GUIDED_KINDS.items()
+                        if (value := getattr(self, name)) is not None]
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return next(iter(self.constraints), None)
 
     @property
     def stop_list(self) -> list[str]:
@@ -498,14 +627,13 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     verbosity: Refused = None
     web_search_options: Refused = None
     moderation: Refused = None
-    # vLLM's guided decoding
-    structured_outputs: Refused = None
-    guided_json: Refused = None
-    guided_regex: Refused = None
-    guided_choice: Refused = None
-    guided_grammar: Refused = None
-    guided_decoding_backend: Refused = None
-    guided_whitespace_pattern: Refused = None
+    # vLLM's, not implemented: accepted at the value that changes nothing (vLLM's default), else refused
+    echo: refused(False) = None
+    add_special_tokens: refused(False) = None
+    documents: Refused = None
+    chat_template: Refused = None
+    mm_processor_kwargs: Refused = None
+    media_io_kwargs: Refused = None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -543,8 +671,8 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def constrains_answer(self) -> bool:
-        """The answer is grammar-constrained: a JSON response_format or a forced tool call."""
-        return self.forces_tool_call or self.json_response
+        """The answer is grammar-constrained: a JSON response_format, a forced tool call or a structured output."""
+        return self.forces_tool_call or self.json_response or self.constraint is not None
 
     @property
     def forces_tool_call(self) -> bool:
@@ -588,6 +716,8 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     suffix: Refused = None  # insertion needs a fill-in-the-middle prompt format
+    add_special_tokens: refused(True) = None  # vLLM's, at its default
+    prompt_embeds: Refused = None  # vLLM's
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -621,9 +751,18 @@ def check_stream_options(req: Any) -> None:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
 
+def check_structured(req: SamplingFields) -> None:
+    """One structured output at most (vLLM's rule)."""
+    if len(constraints := req.constraints) > 1:
+        first, second = constraints[:2]
+        raise APIError(400, f"{second.field} cannot be combined with {first.field}: one structured output per "
+                            "request", param=second.field)
+
+
 def parse_completion_request(body: Any) -> CompletionRequest:
     req = validate_body(CompletionRequest, body)
     check_stream_options(req)
+    check_structured(req)
     n = req.n or 1
     if req.best_of is not None and req.best_of not in (1, n):
         raise APIError(400, "best_of other than 1 or n is not supported (it needs the choices ranked by "
@@ -645,10 +784,17 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
                             "in 'tools'", param="tool_choice")
+    check_structured(req)
+    if (constraint := req.constraint) is not None and (req.json_response or req.forces_tool_call):
+        other = "response_format" if req.json_response else "a forced tool call (tool_choice \"required\" or a " \
+                                                               "named function)"
+        raise APIError(400, f"{constraint.field} cannot be combined with {other}: one constraint per answer",
+                       param=constraint.field)
     if req.continue_final_message and req.constrains_answer:
         raise APIError(400, "continue_final_message cannot be combined with a constrained answer (response_format "
-                            "json_object/json_schema, tool_choice \"required\" or a named function): the grammar "
-                            "would not take the prefilled text into account", param="continue_final_message")
+                            "json_object/json_schema, tool_choice \"required\" or a named function, structured "
+                            "outputs): the grammar would not take the prefilled text into account",
+                       param="continue_final_message")
     if req.forces_tool_call and req.json_response:
         raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
                             "or a named function): the answer is the call", param="response_format")

@@ -119,6 +119,15 @@ class Grammars:
         rules += [f"call_{i}: %json {json.dumps(_call_schema(tool))}" for i, tool in enumerate(tools)]
         return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param)
 
+    def from_text(self, kind: str, text: str, param: str) -> Grammar:
+        """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
+        strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one."""
+        try:
+            grammar = llguidance.grammar_from(kind, text)
+        except ValueError as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+        return self.compile(grammar, param)
+
     def compile(self, text: str, param: str) -> Grammar:
         with self._lock:
             grammar = self._cache.get(text)
