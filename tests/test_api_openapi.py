@@ -15,6 +15,7 @@ from nanoqwen.api.responses_schemas import (
     METADATA_KEY_CHARS,
     METADATA_KEYS,
     METADATA_VALUE_CHARS,
+    parse_count_request,
     parse_responses_request,
 )
 from nanoqwen.api.responses_store import list_page
@@ -30,6 +31,7 @@ PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}),
     "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}),
     "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}),
+    "ResponseCountRequest": lambda f: parse_count_request({"input": "hi", **f}),
     "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}),
     "FunctionCallOutputItem": lambda f: parse_responses_request(
         {"input": [{"type": "function_call_output", "call_id": "c", "output": "4", **f}]}),
@@ -84,6 +86,7 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     "/v1/chat/completions": parse_chat_request,
     "/v1/completions": parse_completion_request,
     "/v1/responses": lambda body: (req := parse_responses_request(body)).to_chat(req.input_items),
+    "/v1/responses/input_tokens": lambda body: (req := parse_count_request(body)).to_chat(req.input_items),
 }
 
 
@@ -104,6 +107,10 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/completions", {"prompt": "x", "stream": False, "stream_options": {}}),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {}}),
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
+    ("/v1/responses/input_tokens", {}),
+    ("/v1/responses/input_tokens", {"instructions": "be brief", "truncation": "auto"}),
+    ("/v1/responses/input_tokens", {"input": "hi", "stream": False}),  # create's fields are not the count's
+    ("/v1/responses/input_tokens", {"input": "hi", "personality": "friendly"}),
     *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
         {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},
         {"k" * METADATA_KEY_CHARS: "v" * METADATA_VALUE_CHARS}, {"k" * (METADATA_KEY_CHARS + 1): "v"},
