@@ -24,6 +24,10 @@ NO_THINKING = {"reasoning": {"effort": "none"}}
 # past the 1024-token context whole; without the long item it fits, with room for create's 16 tokens
 LONG = [{"role": "system", "content": "S"}, {"role": "user", "content": "word " * 1100},
         {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Hi"}]
+# past responses_api.LONG_CHARS_PER_TOKEN characters per token of the context: searched at once, never tokenised
+# whole; the first tokenises to ~4,000 tokens an item, the second's spaces to 157 (the search keeps it whole)
+FAR_TOO_LONG = [*[{"role": "user", "content": "word " * 4000}] * 3, {"role": "user", "content": "Hi"}]
+LOOKS_TOO_LONG = [{"role": "user", "content": " " * 20000}, {"role": "user", "content": "Hi"}]
 Json = dict[str, Any]
 
 
@@ -61,9 +65,23 @@ def test_the_body_is_the_openai_packages() -> None:
     {"input": [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "A time, as JSON."}],
      "text": {"format": {"type": "json_schema", "name": "t", "schema": TIME, "strict": True}}, **NO_THINKING},
     {"input": LONG, "truncation": "auto", **NO_THINKING},
-], ids=["instructions", "thinking", "tool loop", "json schema", "truncated"])
+    {"input": FAR_TOO_LONG, "truncation": "auto", **NO_THINKING},
+    {"input": LOOKS_TOO_LONG, "truncation": "auto", **NO_THINKING},
+], ids=["instructions", "thinking", "tool loop", "json schema", "truncated", "far too long", "looks too long"])
 def test_the_count_is_creates_usage(client: openai.OpenAI, fields: Json) -> None:
     assert _count(client, **fields) == _created(client, **fields).usage.input_tokens
+
+
+@pytest.mark.parametrize("items, kept", [(LONG, [LONG[0], *LONG[2:]]), (FAR_TOO_LONG, FAR_TOO_LONG[-1:]),
+                                         (LOOKS_TOO_LONG, LOOKS_TOO_LONG)])
+def test_truncation_keeps_the_most_items_that_fit(client: openai.OpenAI, items: list[Json], kept: list[Json]) -> None:
+    assert _count(client, input=items, truncation="auto") == _count(client, input=kept)
+
+
+def test_nothing_fitting_is_the_whole_prompts_error(client: openai.OpenAI) -> None:
+    """Searched at once or after the whole was tried, the error counts the whole prompt, as without truncation."""
+    for items in (LONG[:2], FAR_TOO_LONG[:2]):
+        assert _error(client, 400, input=items, truncation="auto") == _error(client, 400, input=items)
 
 
 def test_thinking_and_tools_change_the_count(client: openai.OpenAI) -> None:
@@ -109,6 +127,7 @@ def test_previous_responses_and_item_references_count_as_in_create(client: opena
     ({"input": [{"type": "item_reference", "id": "msg_unknown"}]}, 400, "input.[0].id", None),
     ({"input": LONG}, 400, "input", "context_length_exceeded"),  # truncation "disabled", the default
     ({"input": LONG[:2], "truncation": "auto"}, 400, "input", "context_length_exceeded"),  # the last item alone
+    ({"input": FAR_TOO_LONG[:2], "truncation": "auto"}, 400, "input", "context_length_exceeded"),
     ({"input": None}, 400, "input", None),  # nothing to count
     ({"model": "gpt-4o"}, 404, "model", "model_not_found"),
 ])
