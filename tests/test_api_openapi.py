@@ -15,6 +15,7 @@ from nanoqwen.api.responses_schemas import (
     METADATA_KEY_CHARS,
     METADATA_KEYS,
     METADATA_VALUE_CHARS,
+    parse_count_request,
     parse_responses_request,
 )
 from nanoqwen.api.responses_store import list_page
@@ -31,6 +32,7 @@ PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}),
     "StructuredOutputs": lambda f: parse_chat_request({"messages": HI, "structured_outputs": {"regex": "a", **f}}),
     "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}),
+    "ResponseCountRequest": lambda f: parse_count_request({"input": "hi", **f}),
     "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}),
     "FunctionCallOutputItem": lambda f: parse_responses_request(
         {"input": [{"type": "function_call_output", "call_id": "c", "output": "4", **f}]}),
@@ -82,6 +84,7 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     "/v1/chat/completions": parse_chat_request,
     "/v1/completions": parse_completion_request,
     "/v1/responses": lambda body: (req := parse_responses_request(body)).to_chat(req.input_items),
+    "/v1/responses/input_tokens": lambda body: (req := parse_count_request(body)).to_chat(req.input_items),
 }
 
 
@@ -106,6 +109,10 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
         {}, {"regex": "a"}, {"regex": None}, {"regex": "a", "choice": ["a"]}, {"json_object": False},
         {"json_object": True}, {"json": {}, "json_object": False}, {"grammar": "start: \"a\"", "json_object": True})],
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
+    ("/v1/responses/input_tokens", {}),
+    ("/v1/responses/input_tokens", {"instructions": "be brief", "truncation": "auto"}),
+    ("/v1/responses/input_tokens", {"input": "hi", "stream": False}),  # create's fields are not the count's
+    ("/v1/responses/input_tokens", {"input": "hi", "personality": "friendly"}),
     *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
         {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},
         {"k" * METADATA_KEY_CHARS: "v" * METADATA_VALUE_CHARS}, {"k" * (METADATA_KEY_CHARS + 1): "v"},

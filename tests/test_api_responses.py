@@ -318,39 +318,42 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
-def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]]) -> ResponsesService:
-    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it."""
-    return ResponsesService(SimpleNamespace(serving=SimpleNamespace(engine=SimpleNamespace(sampling_defaults={})),
-                                            encode=encode))
+def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]],
+             max_model_len: int = 10**6) -> ResponsesService:
+    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it; `max_model_len`
+    only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
+    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len})
+    return ResponsesService(SimpleNamespace(serving=serving, encode=encode))
 
 
-def test_truncation_keeps_the_latest_items_that_fit_templating_little() -> None:
+@pytest.mark.parametrize("looks_too_long", [False, True])
+def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_long: bool) -> None:
     """A conversation 20x the context: the candidates templated stay about twice its size (a fake 1000-character
-    context here)."""
+    context here), and the one kept is templated once. One that looks too long is not templated whole first."""
     sizes = []
 
     def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
         sizes.append(sum(len(m["content"]) for m in chat.template_messages()))
         if sizes[-1] > 1000:
             raise APIError(400, "too long", code="context_length_exceeded")
-        return []
+        return [sizes[-1]]
 
-    service = _service(encode)
+    service = _service(encode, 10 if looks_too_long else 10**6)
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(200)), {"role": "user", "content": "last"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
-    chat = service._truncated(req, req.input_items, INPUT)
+    chat, ids = service._encoded(req, req.input_items, INPUT)
     # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
     kept = [items[0], *items[-9:]]
     assert [m["content"] for m in chat.template_messages()] == [item["content"] for item in kept]
-    assert max(sizes) < 2000
+    assert ids == [904] and sizes.count(904) == 1
+    whole = sum(len(item["content"]) for item in items)
+    assert sizes.count(whole) == (not looks_too_long) and max(size for size in sizes if size != whole) < 2000
     too_long = {"role": "user", "content": "y" * 1000}
     req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
-    assert service._truncated(req, req.input_items, INPUT) is None  # the last item alone is too long
     sizes.clear()
-    service.chat.start = lambda chat, prompt_name: encode(chat, None, prompt_name)
-    with pytest.raises(APIError) as exc:
-        service._start(req, req.input_items, INPUT)
+    with pytest.raises(APIError) as exc:  # the last item alone is too long: the whole prompt's error
+        service._encoded(req, req.input_items, INPUT)
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
@@ -367,7 +370,8 @@ def test_truncation_drops_an_output_with_its_call() -> None:
              {"role": "user", "content": "c"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
     # keeping 3 items would keep the output without its call: the output goes too
-    assert [m["content"] for m in service._truncated(req, req.input_items, INPUT).template_messages()] == ["b", "c"]
+    chat, _ = service._encoded(req, req.input_items, INPUT)
+    assert [m["content"] for m in chat.template_messages()] == ["b", "c"]
 
 
 def test_responses_settings_become_chats() -> None:

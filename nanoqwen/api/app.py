@@ -115,6 +115,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def create_response() -> Response | dict[str, Any]:
         return responses.create(json_body(), request.environ)
 
+    @app.post("/v1/responses/input_tokens")
+    def count_input_tokens() -> dict[str, Any]:
+        return responses.count(json_body())
+
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
         return responses.retrieve(response_id, request.args.to_dict())

@@ -48,17 +48,18 @@ class ChatService:
         collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
         return serving.respond(batch, stream, collect, trace, environ)
 
-    def start(self, req: ChatCompletionRequest,
-              prompt_name: PromptName = PromptName()) -> tuple[Batch, SamplingParams, list[int]]:
-        """Compiles the output grammar and templates the prompt off the loop, then submits: the engine's
-        stream, the sampling parameters and the prompt's ids."""
+    def start(self, req: ChatCompletionRequest, prompt_name: PromptName = PromptName(),
+              prompt: list[int] | None = None) -> tuple[Batch, SamplingParams, list[int]]:
+        """Compiles the output grammar and templates the prompt off the loop (unless its ids are given: `encode`'s
+        for the same request), then submits: the engine's stream, the sampling parameters and the prompt's ids."""
         serving = self.serving
         params = req.sampling_params(serving.engine.sampling_defaults)
         try:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        prompt = self.encode(req, params.max_tokens, prompt_name)
+        if prompt is None:
+            prompt = self.encode(req, params.max_tokens, prompt_name)
         return serving.submit([prompt], params, req.split_reasoning, prompt_name.param), params, prompt
 
     def encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:

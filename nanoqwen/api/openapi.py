@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from nanoqwen.api.responses_schemas import ResponseCreateRequest
+from nanoqwen.api.responses_schemas import ResponseCountRequest, ResponseCreateRequest
 from nanoqwen.api.responses_store import MAX_LIST_LIMIT
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
@@ -41,6 +41,8 @@ ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]
     ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), STREAM),
     ("post", "/v1/responses", "OpenAI Responses (stored per worker process, bounded)", (ResponseCreateRequest,),
      RESPONSE_STREAM),
+    ("post", "/v1/responses/input_tokens", "OpenAI Responses input token count: the prompt create would start",
+     (ResponseCountRequest,), JSON),
     ("get", "/v1/responses/{response_id}", "A stored response", (), JSON),
     ("delete", "/v1/responses/{response_id}", "Deletes a stored response", (), JSON),
     ("get", "/v1/responses/{response_id}/input_items", "A stored response's input items", (), JSON),

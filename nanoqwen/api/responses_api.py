@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from flask import Response
 from pydantic import TypeAdapter
 
-from nanoqwen.api.chat import ChatService, PromptName
+from nanoqwen.api.chat import ChatService, PromptName, template_chars
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
@@ -27,13 +27,14 @@ from nanoqwen.api.responses_schemas import (
     MessageItem,
     NamedFunction,
     ResponseCreateRequest,
+    ResponsePromptFields,
     TextJsonSchemaFormat,
     encode_reasoning,
+    parse_count_request,
     parse_responses_request,
 )
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch
 from nanoqwen.api.sse import sse
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -41,6 +42,9 @@ from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 Json = dict[str, Any]
 ITEMS = TypeAdapter(list[InputItem])
 ITEM = TypeAdapter(InputItem)
+# Past this many characters per token of the context a prompt is taken for too long at once (Qwen3's tokenizer:
+# ~4 in English prose, 5 for "word word ..."; only long runs of spaces or symbols make more)
+LONG_CHARS_PER_TOKEN = 16
 CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
@@ -347,6 +351,18 @@ class ResponseEvents:
 
 INPUT = PromptName("input", "input")
 HISTORY = PromptName("input and previous responses' items", "previous_response_id")
+Fields = TypeVar("Fields", bound=ResponsePromptFields)
+
+
+@dataclass
+class Prompt(Generic[Fields]):
+    """What a request's fields make: the prompt create starts, and the count counts."""
+
+    req: Fields  # its item references resolved
+    previous: Stored | None
+    name: PromptName
+    chat: ChatCompletionRequest  # of the items kept
+    ids: list[int]
 
 
 def _renamed(error: APIError) -> APIError:
@@ -376,16 +392,11 @@ class ResponsesService:
     def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        req = self._resolved(parse_responses_request(body))
-        previous = self._previous(req.previous_response_id)
-        items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
-        serving.check_serving(req.model)
-        prompt_name = INPUT if previous is None else HISTORY
+        prompt = self._prompt(parse_responses_request(body))
+        req, previous, chat_req = prompt.req, prompt.previous, prompt.chat
         try:
-            chat_req, batch, params = self._start(req, items, prompt_name)
+            batch, params, _ = self.chat.start(chat_req, prompt.name, prompt.ids)
         except APIError as exc:
-            if previous is not None and exc.code == "context_length_exceeded":
-                self._check_input_alone(req)
             raise _renamed(exc) from None
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
@@ -394,7 +405,28 @@ class ResponsesService:
         stream = ResponseEvents(draft, tools) if req.stream else None
         return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
-    def _resolved(self, req: ResponseCreateRequest) -> ResponseCreateRequest:
+    def count(self, body: Any) -> Json:
+        """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
+        prompt = self._prompt(parse_count_request(body))
+        return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
+
+    def _prompt(self, req: Fields) -> Prompt[Fields]:
+        """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
+        response's items before its input, and with `truncation: "auto"` its first items dropped as needed."""
+        req = self._resolved(req)
+        previous = self._previous(req.previous_response_id)
+        items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
+        self.chat.serving.check_serving(req.model)
+        name = INPUT if previous is None else HISTORY
+        try:
+            chat_req, ids = self._encoded(req, items, name)
+        except APIError as exc:
+            if previous is not None and exc.code == "context_length_exceeded":
+                self._check_input_alone(req)
+            raise _renamed(exc) from None
+        return Prompt(req, previous, name, chat_req, ids)
+
+    def _resolved(self, req: Fields) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
         parsed once, and the items resolved are bounded like a request body: many references to a large item
         would otherwise cost many times its size."""
@@ -420,77 +452,89 @@ class ResponsesService:
             items.append(item)
         return req.model_copy(update={"input": items})
 
-    def _fits(self, chat_req: ChatCompletionRequest, prompt_name: PromptName) -> bool:
-        max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
+    def _max_tokens(self, chat_req: ChatCompletionRequest) -> int | None:
+        """The answer's budget: the same for every candidate of a truncation (the items aside, the same fields)."""
+        return chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
+
+    def _fitting(self, chat_req: ChatCompletionRequest, max_tokens: int | None,
+                 prompt_name: PromptName) -> list[int] | None:
+        """The prompt's ids, or None when it does not fit the context."""
         try:
-            self.chat.encode(chat_req, max_tokens, prompt_name)
+            return self.chat.encode(chat_req, max_tokens, prompt_name)
         except APIError as exc:
             if exc.code != "context_length_exceeded":
                 raise
-            return False
-        return True
+            return None
 
-    def _start(self, req: ResponseCreateRequest, items: list[Item],
-               prompt_name: PromptName) -> tuple[ChatCompletionRequest, Batch, SamplingParams]:
-        """The chat request of `items` started; with `truncation: "auto"`, one too long for the context is
-        started again without its first items."""
+    def _encoded(self, req: ResponsePromptFields, items: list[Item],
+                 prompt_name: PromptName) -> tuple[ChatCompletionRequest, list[int]]:
+        """The chat request of `items` and its prompt's ids; with `truncation: "auto"`, one too long for the
+        context is cut to the fewest first items dropped that make it fit, whose ids were made finding it. One
+        that looks far too long is searched at once: tokenising it whole would be most of the work (a 6 MB
+        conversation: 5.6 of 6 CPU seconds), and where the look is wrong the search ends keeping it whole."""
         chat_req = req.to_chat(items)
-        try:
-            batch, params, _ = self.chat.start(chat_req, prompt_name)
+        max_tokens = self._max_tokens(chat_req)
+        searched = req.truncation == "auto" and self._looks_too_long(chat_req)
+        if searched and (truncated := self._truncated(req, items, max_tokens, prompt_name, whole_tried=False)):
+            return truncated
+        try:  # after a search that found nothing: the whole's error
+            return chat_req, self.chat.encode(chat_req, max_tokens, prompt_name)
         except APIError as exc:
-            if req.truncation != "auto" or exc.code != "context_length_exceeded":
+            if searched or req.truncation != "auto" or exc.code != "context_length_exceeded":
                 raise
-            truncated = self._truncated(req, items, prompt_name)
+            truncated = self._truncated(req, items, max_tokens, prompt_name, whole_tried=True)
             if truncated is None:  # not even the fewest items fit: the same error, without templating it all again
                 raise
-            chat_req = truncated
-            batch, params, _ = self.chat.start(chat_req, prompt_name)
-        return chat_req, batch, params
+            return truncated
 
-    def _truncated(self, req: ResponseCreateRequest, items: list[Item],
-                   prompt_name: PromptName) -> ChatCompletionRequest | None:
+    def _looks_too_long(self, chat_req: ChatCompletionRequest) -> bool:
+        limit = self.chat.serving.info["max_model_len"]
+        return template_chars(chat_req.template_messages(), chat_req.template_tools()) > LONG_CHARS_PER_TOKEN * limit
+
+    def _truncated(self, req: ResponsePromptFields, items: list[Item], max_tokens: int | None,
+                   prompt_name: PromptName, whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:
         """The chat request without the fewest first items (never a system or developer message, nor the last
-        item) that fits the context, if any. Searched from the end, keeping 0, 1, 3, 7, ... of the droppable
-        items, then by bisection: each prompt templated is at most about twice the one that fits, however long
-        the conversation (a prompt only gets shorter as items go)."""
+        item) that fits the context, if any, and its prompt's ids. Searched from the end, keeping 0, 1, 3, 7, ...
+        of the droppable items, then by bisection: each prompt templated is at most about twice the one that fits,
+        however long the conversation (a prompt only gets shorter as items go). `whole_tried`: keeping them all
+        is known not to fit (else it is a candidate)."""
         droppable = [i for i, item in enumerate(items[:-1])
                      if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
 
-        def keeping(count: int) -> ChatCompletionRequest:
+        def keeping(count: int) -> tuple[ChatCompletionRequest, list[int]] | None:
             dropped = set(droppable[:len(droppable) - count])
             # an output whose call was dropped would reach the template alone: it goes with its call
             calls = {items[i].call_id for i in dropped if isinstance(items[i], FunctionCallItem)}
             dropped |= {i for i in droppable
                         if isinstance(items[i], FunctionCallOutputItem) and items[i].call_id in calls}
-            return req.to_chat([item for i, item in enumerate(items) if i not in dropped])
+            chat_req = req.to_chat([item for i, item in enumerate(items) if i not in dropped])
+            ids = self._fitting(chat_req, max_tokens, prompt_name)
+            return None if ids is None else (chat_req, ids)
 
         fits, best = 0, keeping(0)
-        if not self._fits(best, prompt_name):
+        if best is None:
             return None
-        too_many = len(droppable)  # keeping them all does not fit: the whole prompt did not
+        too_many = len(droppable) + (not whole_tried)  # the fewest kept known not to fit
         while (count := 2 * fits + 1) < too_many:
-            candidate = keeping(count)
-            if not self._fits(candidate, prompt_name):
+            if (candidate := keeping(count)) is None:
                 too_many = count
                 break
             fits, best = count, candidate
         while too_many - fits > 1:
             count = (fits + too_many) // 2
-            candidate = keeping(count)
-            if self._fits(candidate, prompt_name):
-                fits, best = count, candidate
-            else:
+            if (candidate := keeping(count)) is None:
                 too_many = count
+            else:
+                fits, best = count, candidate
         return best
 
-    def _check_input_alone(self, req: ResponseCreateRequest) -> None:
+    def _check_input_alone(self, req: ResponsePromptFields) -> None:
         """A continuation too long for the context blames `input` when the new input alone is too long (the
         history aside), else previous_response_id: templated again, on this error only. The input alone may not
         make a prompt (a continuation with no input of its own): then it is not what is too long."""
         try:
             chat_req = req.to_chat(req.input_items)
-            max_tokens = chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
-            self.chat.encode(chat_req, max_tokens, INPUT)
+            self.chat.encode(chat_req, self._max_tokens(chat_req), INPUT)
         except APIError as exc:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None

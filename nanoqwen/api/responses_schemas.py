@@ -280,21 +280,88 @@ class ResponseStreamOptions(Strict):
     include_obfuscation: bool | None = None  # padding of the events: nothing to pad here
 
 
-def _request_schema(schema: dict[str, Any]) -> None:
-    """to_chat's and parse_responses_request's rules in the JSON schema (the OpenAPI document's): a prompt from the
-    input, the instructions or the previous response; stream_options with stream only."""
-    _sampling_schema(schema)
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    """to_chat's rule in the JSON schema (the OpenAPI document's): a prompt from the input, the instructions or
+    the previous response."""
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
                        for name in ("input", "instructions", "previous_response_id")]
 
 
-class ResponseCreateRequest(Strict):
-    model_config = ConfigDict(json_schema_extra=_request_schema)
+def _request_schema(schema: dict[str, Any]) -> None:
+    """parse_responses_request's rules too: stream_options with stream only."""
+    _sampling_schema(schema)
+    _prompt_schema(schema)
+
+
+class ResponsePromptFields(Strict):
+    """The fields that make a response's prompt: the input token count's body, and create's first."""
+
+    model_config = ConfigDict(json_schema_extra=_prompt_schema)
 
     model: str | None = None
     input: _text_or(InputItem) = Field(default_factory=list)
     instructions: str | None = None
     previous_response_id: str | None = None
+    reasoning: ReasoningConfig | None = None
+    text: TextConfig | None = None
+    tools: list[Annotated[FunctionTool, BeforeValidator(_check_tool)]] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # "auto": a prompt past the context loses whole items from the start (never a system or developer message)
+    truncation: Literal["auto", "disabled"] | None = None
+    conversation: Refused = None  # would add a stored conversation's items: not implemented
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _check_tool_choice(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
+                                      {"type": str(value.get("type"))})
+        return value
+
+    @property
+    def input_items(self) -> list[Item | ItemReference]:
+        if isinstance(self.input, str):
+            return [MessageItem(role="user", content=self.input)]
+        return list(self.input)
+
+    def chat_fields(self) -> dict[str, Any]:
+        """The chat request's fields besides its messages (None: unset)."""
+        body: dict[str, Any] = {"parallel_tool_calls": self.parallel_tool_calls}
+        if self.tools:
+            body["tools"] = [tool.to_chat() for tool in self.tools]
+        if isinstance(self.tool_choice, NamedFunction):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        else:
+            body["tool_choice"] = self.tool_choice
+        if self.reasoning is not None:
+            body["reasoning_effort"] = self.reasoning.effort
+        if self.text is not None and self.text.format is not None:
+            fmt = self.text.format
+            schema = fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
+            body["response_format"] = {"type": fmt.type, **({"json_schema": schema} if schema else {})}
+        return body
+
+    def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
+        """The chat request this one amounts to for `items` (the earlier items, then its input, references
+        resolved)."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        messages += chat_messages(items)
+        if not messages:
+            raise APIError(400, "input must not be empty", param="input")
+        body = {"messages": messages, **self.chat_fields()}
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest)
+
+
+class ResponseCountRequest(ResponsePromptFields):
+    """`POST /v1/responses/input_tokens`: OpenAI's body is the prompt's fields; any other field is refused."""
+
+    personality: Refused = None  # a style preset (a system prompt of OpenAI's): not implemented
+
+
+class ResponseCreateRequest(ResponsePromptFields):
+    model_config = ConfigDict(json_schema_extra=_request_schema)
+
     store: bool | None = True
     stream: bool | None = False
     stream_options: ResponseStreamOptions | None = None
@@ -303,11 +370,6 @@ class ResponseCreateRequest(Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    reasoning: ReasoningConfig | None = None
-    text: TextConfig | None = None
-    tools: list[Annotated[FunctionTool, BeforeValidator(_check_tool)]] | None = None
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     max_tool_calls: int | None = Field(None, ge=1)
     # Accepted, do not change the answer (metadata is echoed back).
     metadata: Metadata | None = None
@@ -317,25 +379,14 @@ class ResponseCreateRequest(Strict):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
-    # "auto": a prompt past the context loses whole items from the start (never a system or developer message)
-    truncation: Literal["auto", "disabled"] | None = None
     # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
     background: refused(False) = None
     background_options: Refused = None
-    conversation: Refused = None
     prompt: Refused = None
     context_management: refused([]) = None
     image: Refused = None
     access_programs: Refused = None
     moderation: Refused = None
-
-    @field_validator("tool_choice", mode="before")
-    @classmethod
-    def _check_tool_choice(cls, value: Any) -> Any:
-        if isinstance(value, dict) and value.get("type") != "function":
-            raise PydanticCustomError("unsupported", "tool_choice of type \"{type}\" is not implemented",
-                                      {"type": str(value.get("type"))})
-        return value
 
     @field_validator("include")
     @classmethod
@@ -355,42 +406,15 @@ class ResponseCreateRequest(Strict):
         return REASONING_INCLUDE in (self.include or [])
 
     @property
-    def input_items(self) -> list[Item | ItemReference]:
-        if isinstance(self.input, str):
-            return [MessageItem(role="user", content=self.input)]
-        return list(self.input)
-
-    @property
     def max_calls(self) -> int | None:
         """How many calls an answer keeps: max_tool_calls, and one without parallel_tool_calls."""
         limits = [n for n in (self.max_tool_calls, 1 if self.parallel_tool_calls is False else None) if n is not None]
         return min(limits, default=None)
 
-    def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
-        """The chat request this one amounts to for `items` (the earlier items, then its input, references
-        resolved)."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        messages += chat_messages(items)
-        if not messages:
-            raise APIError(400, "input must not be empty", param="input")
-        body: dict[str, Any] = {"messages": messages, "max_completion_tokens": self.max_output_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p,
-                                "logprobs": self.wants_logprobs,
-                                "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
-                                "parallel_tool_calls": self.parallel_tool_calls}
-        if self.tools:
-            body["tools"] = [tool.to_chat() for tool in self.tools]
-        if isinstance(self.tool_choice, NamedFunction):
-            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        else:
-            body["tool_choice"] = self.tool_choice
-        if self.reasoning is not None:
-            body["reasoning_effort"] = self.reasoning.effort
-        if self.text is not None and self.text.format is not None:
-            fmt = self.text.format
-            schema = fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
-            body["response_format"] = {"type": fmt.type, **({"json_schema": schema} if schema else {})}
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest)
+    def chat_fields(self) -> dict[str, Any]:
+        return {**super().chat_fields(), "max_completion_tokens": self.max_output_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "logprobs": self.wants_logprobs,
+                "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
 
 
 class ItemFunctionCall(Strict):
@@ -456,9 +480,7 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def parse_responses_request(body: Any) -> ResponseCreateRequest:
-    req = validate_body(ResponseCreateRequest, body)
-    check_stream_options(req)
+def _check_prompt_fields(req: ResponsePromptFields) -> None:
     if req.tool_choice not in (None, "none", "auto") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.", param="tool_choice")
@@ -469,5 +491,18 @@ def parse_responses_request(body: Any) -> ResponseCreateRequest:
     if forced and req.text is not None and req.text.format is not None and req.text.format.type != "text":
         raise APIError(400, "text.format cannot be combined with a forced tool call (tool_choice \"required\" or a "
                             "named function): the answer is the call", param="text.format")
+
+
+def parse_responses_request(body: Any) -> ResponseCreateRequest:
+    req = validate_body(ResponseCreateRequest, body)
+    check_stream_options(req)
+    _check_prompt_fields(req)
     return req
 
+
+def parse_count_request(body: Any) -> ResponseCountRequest:
+    """A count's body is refused where a create's with the same fields would be, so that it counts the prompt
+    that create would start."""
+    req = validate_body(ResponseCountRequest, body)
+    _check_prompt_fields(req)
+    return req
