@@ -4,7 +4,7 @@ Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and e
 sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
 nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. A step
 with prefill chunks packs every row's new tokens (a decode row's one) into one flat batch, built
-per step.
+per step; its sampling settings (a verify step's: one per position) have a static staging of their own.
 """
 from __future__ import annotations
 
