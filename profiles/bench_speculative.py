@@ -64,7 +64,7 @@ def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
             times.setdefault(name, []).append(time.perf_counter() - start)
 
         for _ in range(args.reps):  # the runner alone: the sequences' state never moves
-            timed("decode", lambda: runner.decode(seqs))
+            timed("decode", lambda: runner.decode(seqs, runner.step_rows(Batch(decode=seqs))))
             timed("eager", lambda: runner.prefill([(seq, 1) for seq in seqs], seqs))
             for k in args.ks:
                 for seq in seqs:

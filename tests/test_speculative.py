@@ -3,6 +3,7 @@ against transformers and against the same engine without them (greedy, seeded sa
 choice ending inside an accepted run, rows that may not draft beside ones that do, the step budget, KV blocks)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,7 +35,9 @@ from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.engine.sequence import Sequence
 from nanoqwen.runner import runner as runner_module
-from nanoqwen.runner.inputs import StepInputBuffer
+from nanoqwen.runner.graphs import GraphRunner
+from nanoqwen.runner.inputs import ROW_FIELDS, StepInputBuffer
+from nanoqwen.runner.runner import ModelRunner
 from nanoqwen.sampler import token_bitmask
 from server_process import GunicornServer
 
@@ -299,6 +302,29 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
     assert spec_engine.stats()["spec_decode_num_accepted_tokens"] > before
     assert max(positions(step) for step in steps) > 8
     assert spec_engine.runner.inputs.max_batch == 8 * (1 + 4)
+
+
+def test_packed_verify_modes_stage_a_decode_steps_rows(tiny_checkpoint, prompts, references, monkeypatch):
+    """CUDA's modes (torch.compile here, on the CPU; CUDA graphs only constructed) run verify steps packed: the
+    static inputs hold max_batch rows, a decode step uploads those, a verify step's positions go packed."""
+    engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph="compile", max_batch=2)
+    runner = engine.runner
+    monkeypatch.setattr(runner.graphs, "_step", runner._decode_step)  # uncompiled: a cold compile takes minutes
+    uploads, upload = [], runner.inputs.upload
+    monkeypatch.setattr(runner.inputs, "upload", lambda start, end: uploads.append((start, end)) or upload(start, end))
+    packed = packed_drafts(runner, monkeypatch)
+    for result, reference in zip(generate(engine, prompts[:2], greedy(MAX_TOKENS)), references, strict=True):
+        assert result.choices[0].token_ids == reference
+    assert engine.stats()["spec_decode_num_accepted_tokens"] > 0
+    assert max(sum(1 + drafts for drafts in rows) for rows in packed) > 2  # verify steps past the rows, packed
+    assert (runner.verify_as_decode, runner.buckets, runner.inputs.max_batch) == (False, [1, 2], 2)
+    assert len(runner.inputs.host.input_ids) == len(runner.inputs.device_views.steps) == 2
+    decode_uploads = {(0, len(ROW_FIELDS) * 2 + rows * runner.inputs.width) for rows in (1, 2)}
+    assert uploads and set(uploads) <= decode_uploads
+    captured = []
+    monkeypatch.setattr(GraphRunner, "_capture", lambda self, buckets, width: captured.append(buckets))
+    cuda = ModelRunner(runner.model, dataclasses.replace(engine.runtime, graph="cudagraph"))
+    assert (cuda.verify_as_decode, captured, cuda.inputs.max_batch) == (False, [[1, 2]], 2)
 
 
 @pytest.mark.parametrize("path", ["none", "cpugraph", "packed"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
@@ -191,5 +192,6 @@ class RowGrammar:
         # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
         # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
-        if self.may_open is not None:
-            words |= token_bitmask([self.may_open], words.numel() * 32)
+        if self.may_open is not None:  # its one bit set in place, not a vocabulary-sized mask built per call
+            word, bit = divmod(self.may_open, 32)
+            words.numpy().view(np.uint32)[word] |= np.uint32(1 << bit)

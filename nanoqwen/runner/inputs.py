@@ -4,7 +4,7 @@ Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and e
 sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
 nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. A step
 with prefill chunks packs every row's new tokens (a decode row's one) into one flat batch, built
-per step.
+per step; its sampling settings (a verify step's: one per position) have a static staging of their own.
 """
 from __future__ import annotations
 
@@ -38,22 +38,34 @@ class StepInputs(NamedTuple):
     block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
 
     def sampling(self) -> SamplingRows:
-        return SamplingRows(self.temperature, self.top_p, self.top_k, self.min_p, self.seed_keys, self.steps)
+        return sampling_rows(self._asdict())
 
 
 ROW_FIELDS = StepInputs._fields[:-1]
-FIRST_SAMPLING_ROW = ROW_FIELDS.index("top_k")  # sampling rows come last: prefill uploads only those
+SAMPLING_FIELDS = ROW_FIELDS[ROW_FIELDS.index("top_k"):]  # sampling rows come last
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 
 
-def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
+def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows: int) -> dict:
+    """`fields` as consecutive runs of `rows` words from words[0]: the float ones as fp32, the seed keys uint32 on
+    the host."""
     host = isinstance(words, np.ndarray)
-    rows = dict(zip(ROW_FIELDS, words[: len(ROW_FIELDS) * max_batch].reshape(len(ROW_FIELDS), max_batch)))
+    views = dict(zip(fields, words[: len(fields) * rows].reshape(len(fields), rows)))
     for name in FLOAT_FIELDS:
-        rows[name] = rows[name].view(np.float32 if host else torch.float32)
+        views[name] = views[name].view(np.float32 if host else torch.float32)
     if host:
-        rows["seed_keys"] = rows["seed_keys"].view(np.uint32)
-    return StepInputs(**rows, block_tables=words[len(ROW_FIELDS) * max_batch :].reshape(max_batch, width))
+        views["seed_keys"] = views["seed_keys"].view(np.uint32)
+    return views
+
+
+def sampling_rows(fields: dict) -> SamplingRows:
+    return SamplingRows(fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"], fields["seed_keys"],
+                        fields["steps"])
+
+
+def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
+    return StepInputs(**_field_views(words, ROW_FIELDS, max_batch),
+                      block_tables=words[len(ROW_FIELDS) * max_batch :].reshape(max_batch, width))
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -70,9 +82,11 @@ def slot(seq: Sequence, position: int, block_size: int) -> int:
 
 class StepInputBuffer:
     """The host staging words and their device copy (the same tensor on the CPU), with StepInputs
-    views over both: `host` is written by the engine thread, `device` is what the step reads."""
+    views over both: `host` is written by the engine thread, `device` is what the step reads.
+    Apart, a packed step's sampling settings: up to `packed_rows` positions (every drafting row's)."""
 
-    def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 packed_rows: int | None = None) -> None:
         self.max_batch = max_batch
         self.width = max_blocks_per_seq
         self.block_size = block_size
@@ -81,11 +95,11 @@ class StepInputBuffer:
         # after a temporary is freed (pytorch/pytorch#139550), so copies there block.
         self.non_blocking = device.type == "cuda"
         size = len(ROW_FIELDS) * max_batch + max_batch * max_blocks_per_seq
-        self._host_words = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        on_host = device.type == "cpu"
-        self._words = self._host_words if on_host else torch.zeros(size, dtype=torch.int32, device=device)
+        self._host_words, self._words = self._staging(size)
         self.host = step_input_views(self._host_words.numpy(), max_batch, max_blocks_per_seq)
         self.device_views = step_input_views(self._words, max_batch, max_blocks_per_seq)
+        # A packed step stages n words per field, so that one copy of its first 6n words uploads them.
+        self._packed_host, self._packed = self._staging(len(SAMPLING_FIELDS) * (packed_rows or max_batch))
         # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
         # read, greedy and unfiltered.
         self.host.slots[:] = -1
@@ -94,17 +108,31 @@ class StepInputBuffer:
         self.upload(0, size)
         self._row_tables: list[tuple[int, int] | None] = [None] * max_batch  # (allocation epoch, blocks) each row holds
 
+    def _staging(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` words of host staging (pinned for CUDA) and their device copy: the same tensor on the CPU."""
+        host = torch.zeros(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        return host, host if self.device.type == "cpu" else torch.zeros(size, dtype=torch.int32, device=self.device)
+
+    def _copy(self, device: torch.Tensor, host: torch.Tensor, start: int, end: int) -> None:
+        if device is not host:
+            device[start:end].copy_(host[start:end], non_blocking=self.non_blocking)
+
     def upload(self, start: int, end: int) -> None:
         """Host staging words [start, end) -> the device buffer, in one copy (non-blocking on CUDA)."""
-        if self._words is not self._host_words:
-            self._words[start:end].copy_(self._host_words[start:end], non_blocking=self.non_blocking)
+        self._copy(self._words, self._host_words, start, end)
 
     def upload_decode(self, bucket: int) -> None:
         """Every row field, and the block tables of the bucket's rows."""
         self.upload(0, len(ROW_FIELDS) * self.max_batch + bucket * self.width)
 
-    def upload_sampling(self) -> None:
-        self.upload(FIRST_SAMPLING_ROW * self.max_batch, len(ROW_FIELDS) * self.max_batch)
+    def packed_sampling_host(self, n: int) -> SamplingRows:
+        """The host staging of a packed step's `n` sampling positions."""
+        return sampling_rows(_field_views(self._packed_host.numpy(), SAMPLING_FIELDS, n))
+
+    def upload_packed_sampling(self, n: int) -> SamplingRows:
+        """A packed step's `n` staged sampling positions -> the device, in one copy; their device views."""
+        self._copy(self._packed, self._packed_host, 0, len(SAMPLING_FIELDS) * n)
+        return sampling_rows(_field_views(self._packed, SAMPLING_FIELDS, n))
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=self.non_blocking)

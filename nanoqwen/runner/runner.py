@@ -44,21 +44,23 @@ class ModelRunner:
         self.block_size = runtime.block_size
         self.num_blocks = runtime.num_kv_blocks
         self.max_blocks_per_seq = -(-runtime.max_model_len // runtime.block_size)
-        # A verify step runs and samples each row's token and drafts: up to max_batch × (1 + k) positions, a
-        # row of the static inputs each; the positions of a sequence share its bitmask row.
+        # A verify step runs and samples each row's token and drafts: up to max_batch × (1 + k) positions; the
+        # positions of a sequence share its bitmask row.
         per_row = 1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0)
         positions = self.max_batch * per_row
         # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
-        # a verify step is a decode step over its positions: the CPU graphs' buckets go up to all of them, and
-        # one row's every size has its own (a padded row costs what a real one does, ~10% of a 1-row step bf16 and
-        # 10-45% int8: profiles/RESULTS.md, "vgraph").
-        self.verify_as_decode = positions > self.max_batch and self.graph in ("none", "cpugraph")
+        # a verify step is a decode step over its positions: the static inputs have a row for each, the CPU
+        # graphs' buckets go up to all of them, and one row's every size has its own (a padded row costs what a
+        # real one does, ~10% of a 1-row step bf16 and 10-45% int8: profiles/RESULTS.md, "vgraph"). Elsewhere
+        # verify steps run packed and a decode step has max_batch rows.
+        self.verify_as_decode = per_row > 1 and self.graph in ("none", "cpugraph")
         buckets = set(batch_buckets(self.max_batch))
         if self.verify_as_decode:
             buckets |= {*batch_buckets(positions), *range(1, per_row + 1)}
         self.buckets = sorted(buckets)
         self._allocate_kv_cache()
-        self.inputs = StepInputBuffer(positions, self.max_blocks_per_seq, self.block_size, device)
+        self.inputs = StepInputBuffer(positions if self.verify_as_decode else self.max_batch, self.max_blocks_per_seq,
+                                      self.block_size, device, packed_rows=positions)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
@@ -87,9 +89,6 @@ class ModelRunner:
         )
         return self.model.compute_logits(self.model(inputs.input_ids, inputs.positions, meta))
 
-    def _bucket(self, batch: int) -> int:
-        return next(b for b in self.buckets if b >= batch)
-
     def _table_width(self, max_len: int) -> int:
         """Block-table columns a step passes to attention.
 
@@ -108,14 +107,14 @@ class ModelRunner:
     def _bucket_inputs(self, bucket: int, width: int) -> StepInputs:
         return self.inputs.bucket(bucket, width)
 
-    def decode(self, seqs: list[Sequence]) -> StepOutput:
-        """One token for each of `seqs`; a drafting one's positions are rows of their own (stage_decode), each
-        sampled with the output index it would have had without drafts. -> a token per position, in order."""
+    def decode(self, seqs: list[Sequence], bucket: int) -> StepOutput:
+        """One token for each of `seqs`, their positions padded to `bucket` rows (step_rows); a drafting one's
+        positions are rows of their own (stage_decode), each sampled with the output index it would have had
+        without drafts. -> a token per position, in order."""
         rows, steps = sampled_positions(seqs)
         n = len(rows)
-        bucket = self._bucket(n)
         max_len = self.inputs.stage_decode(seqs, bucket)
-        mode, penalized = stage_sampling(self.inputs.host, rows, bucket, self.config.vocab_size, steps)
+        mode, penalized = stage_sampling(self.inputs.host.sampling(), rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
@@ -134,16 +133,26 @@ class ModelRunner:
     def step(self, batch: Batch) -> StepOutput:
         """One step of the scheduler's batch -> a token for each of batch.sampled, in order (a drafting row:
         one for each of its positions)."""
-        if not batch.prefill and (not batch.num_drafts or self._verify_as_decode(batch.decode)):
-            return self.decode(batch.decode)
-        return self.prefill(batch.rows, batch.sampled)
+        bucket = self.step_rows(batch)
+        return self.prefill(batch.rows, batch.sampled) if bucket is None else self.decode(batch.decode, bucket)
 
-    def _verify_as_decode(self, seqs: list[Sequence]) -> bool:
-        """On cpugraph, only a step its bucket replays: past the C linears' row limit the decode step would run
-        its padded bucket (68 positions: 128 rows) through torch's GEMMs, the packed path only its positions."""
-        if not self.verify_as_decode or sum(len(seq.draft_ids) * len(seq) for seq in seqs) > VERIFY_MAX_DRAFT_KEYS:
-            return False
-        return self.graph != "cpugraph" or self.graphs.replays(self._bucket(sum(1 + len(s.draft_ids) for s in seqs)))
+    def step_rows(self, batch: Batch) -> int | None:
+        """The rows `batch` runs as a decode step, None where it runs packed (prefill chunks; drafts a decode step
+        does not take). Its positions pad to a bucket only where a graph replays it or torch.compile specialises
+        on it: run eagerly, a padded row costs what a real one does. On cpugraph a verify step runs only a bucket
+        that replays: past the C linears' row limit the decode step would run its positions through torch's
+        GEMMs, each reading its sequence's keys (the packed path reads them once per sequence)."""
+        seqs = batch.decode
+        draft_keys = sum(len(seq.draft_ids) * len(seq) for seq in seqs)
+        if batch.prefill or batch.num_drafts and (not self.verify_as_decode or draft_keys > VERIFY_MAX_DRAFT_KEYS):
+            return None
+        n = sum(1 + len(seq.draft_ids) for seq in seqs)
+        if self.graph == "none":
+            return n
+        bucket = next(b for b in self.buckets if b >= n)
+        if self.graph != "cpugraph" or self.graphs.replays(bucket):
+            return bucket
+        return None if batch.num_drafts else n
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
@@ -159,11 +168,12 @@ class ModelRunner:
         n = len(positions)
         if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
             return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
-        mode, penalized = stage_sampling(self.inputs.host, positions, n, self.config.vocab_size, steps)
-        self.inputs.upload_sampling()
+        mode, penalized = stage_sampling(self.inputs.packed_sampling_host(n), positions, n, self.config.vocab_size,
+                                         steps)
+        sampling = self.inputs.upload_packed_sampling(n)
         logits = self.model.compute_logits(hidden[packed.last])
-        tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
-                        self._penalties(positions) if penalized else None, self.adjuster.build(positions))
+        tokens = sample(logits, sampling, mode, self._penalties(positions) if penalized else None,
+                        self.adjuster.build(positions))
         output = step_output(positions, logits, tokens)
         output.prompt_logprobs = prompt_logprobs
         return output

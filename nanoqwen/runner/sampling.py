@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from nanoqwen.runner.inputs import StepInputs
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
-from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, Penalties, top_logprobs
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, Penalties, SamplingRows, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.request import SamplingParams
@@ -46,19 +45,18 @@ def sampled_positions(seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
     return rows, steps
 
 
-def stage_sampling(host: StepInputs, seqs: list[Sequence], bucket: int, vocab_size: int,
+def stage_sampling(h: SamplingRows, seqs: list[Sequence], bucket: int, vocab_size: int,
                    steps: list[int] | None = None) -> tuple[str, bool]:
-    """Writes each row's sampling settings into the host staging; padded lanes are greedy. `steps`: each
-    row's output index, when not its sequence's next (a verified draft's position).
+    """Writes each row's sampling settings into the host staging `h` (numpy views); padded lanes are greedy.
+    `steps`: each row's output index, when not its sequence's next (a verified draft's position).
     -> (the sampler mode that serves every row, whether any row is penalised)."""
-    h = host
     n = len(seqs)
     params = [seq.request.params for seq in seqs]
     h.temperature[:n] = [p.temperature for p in params]
     h.top_p[:n] = [p.top_p for p in params]
     h.top_k[:n] = [min(p.top_k, vocab_size) for p in params]
     h.min_p[:n] = [p.min_p for p in params]
-    h.seed_keys[:n] = [seq.seed_key for seq in seqs]
+    h.keys[:n] = [seq.seed_key for seq in seqs]
     h.steps[:n] = steps if steps is not None else [seq.num_output_tokens for seq in seqs]
     h.temperature[n:bucket] = 0.0
     h.top_p[n:bucket] = 1.0
