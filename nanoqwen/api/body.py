@@ -57,13 +57,41 @@ def _read_yielding(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _check_content_encoding(request: Request) -> None:
+    """A compressed body is refused, not parsed as if it were plain: we decode no Content-Encoding."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        _stop_reading(request.environ)
+        raise APIError(415, f"Unsupported Content-Encoding '{encoding}': send the body uncompressed.",
+                       code="unsupported_media_type")
+
+
+def _as_utf8(request: Request, data: bytes) -> bytes:
+    """The body re-encoded from the charset its Content-Type declares (UTF-8 when it declares none)."""
+    charset = request.mimetype_params.get("charset", "utf-8").strip().lower()
+    if charset in ("utf-8", "utf8"):
+        return data
+    try:
+        return data.decode(charset).encode("utf-8")
+    except LookupError:
+        raise APIError(415, f"Unsupported charset '{charset}' in the Content-Type (send UTF-8).",
+                       code="unsupported_media_type") from None
+    except (UnicodeError, ValueError):
+        raise APIError(400, f"The request body is not valid {charset}.") from None
+
+
 def read_body(request: Request, timeout_s: float) -> bytes:
-    """The raw body, or 408 when it takes longer than timeout_s to arrive (stalled uploads hold a
-    worker connection each), 400 when it is malformed (bad chunked framing, cut short), 413 past
-    the size limit (the connection then closes: gunicorn would read the rest to reuse it)."""
+    """The body as UTF-8 bytes, or 408 when it takes longer than timeout_s to arrive (stalled uploads
+    hold a worker connection each), 400 when it is malformed (bad chunked framing, cut short: the
+    client closed before its Content-Length), 413 past the size limit (the connection then closes:
+    gunicorn would read the rest to reuse it), 415 for a Content-Encoding or charset we do not decode."""
+    _check_content_encoding(request)
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):
-            return _read_yielding(request)
+            data = _read_yielding(request)
+        if request.content_length is not None and len(data) < request.content_length:
+            raise ValueError("the body ended before its Content-Length")
+        return _as_utf8(request, data)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise
