@@ -157,3 +157,19 @@ def parse_json(data: bytes) -> Any:
         raise APIError(400, "We could not parse the JSON body of your request.") from None
     _check_tree(body)
     return body
+
+
+def loads_strict(text: str) -> Any:
+    """JSON inside a string (a tool call's arguments, from a client or the model) held to the body's rules;
+    ValueError for anything parse_json refuses: json.loads alone raised RecursionError past ~1000 levels
+    and passed NaN and lone surrogates on to the template or the answer."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+        _check_tree(value)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except APIError as exc:
+        raise ValueError(exc.message) from None
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise ValueError("a lone UTF-16 surrogate")
+    return value
