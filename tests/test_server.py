@@ -439,7 +439,8 @@ def test_fuzzed_bodies(server: GunicornServer) -> None:
     answer or a 4xx with OpenAI's error envelope, never a 5xx; the server stays healthy."""
     deadline = time.monotonic() + 60
     checked, problems = 0, []
-    for body in fuzz_bodies.bodies(MODEL, seed=9, count=200):  # seed 9: 4 of these answered 500 before
+    # seed 9: 4 of these answered 500 before, and hostile tool-call arguments did later
+    for body in fuzz_bodies.bodies(MODEL, seed=9, count=200):
         if time.monotonic() > deadline:
             break
         if (problem := fuzz_bodies.check(server.url, body)) is not None:
