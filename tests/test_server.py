@@ -319,10 +319,13 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[int, dict[str, An
     (b"GET /health HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
     (b"GET /health?" + b"a" * 8000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
-], ids=["cut-short", "garbage", "http2", "two-lengths", "negative-length", "long-url", "long-header"])
+    (f"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+     f"{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n".encode(), 415),
+], ids=["cut-short", "garbage", "http2", "two-lengths", "negative-length", "long-url", "long-header", "gzip-coding"])
 def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw: bytes, status: int) -> None:
     """gunicorn answers what it cannot parse itself, with an HTML page unless the worker replaces it; a body cut
-    short of its Content-Length was parsed as if whole (it still held complete JSON)."""
+    short of its Content-Length was parsed as if whole (it still held complete JSON), and so was a plain body
+    under a gzip transfer coding (gunicorn decodes only chunked and passes the rest on)."""
     got, body = _raw_exchange(server, raw)
     assert got == status and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert body["error"]["type"] == "invalid_request_error"

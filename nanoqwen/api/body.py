@@ -62,13 +62,15 @@ def _read_yielding(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _check_content_encoding(request: Request) -> None:
-    """A compressed body is refused, not parsed as if it were plain: we decode no Content-Encoding."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        _stop_reading(request.environ)
-        raise APIError(415, f"Unsupported Content-Encoding '{encoding}': send the body uncompressed.",
-                       code="unsupported_media_type")
+def _check_codings(request: Request) -> None:
+    """A compressed body is refused, not parsed as if it were plain: we decode no Content-Encoding, and no
+    transfer coding but chunked (gunicorn passes `Transfer-Encoding: gzip, chunked` on undecoded)."""
+    for header, allowed in (("Content-Encoding", ("", "identity")), ("Transfer-Encoding", ("", "chunked"))):
+        codings = [c.strip() for c in request.headers.get(header, "").lower().split(",")]
+        if unsupported := [c for c in codings if c not in allowed]:
+            _stop_reading(request.environ)
+            raise APIError(415, f"Unsupported {header} '{unsupported[0]}': send the body uncompressed.",
+                           code="unsupported_media_type")
 
 
 def _codec(charset: str) -> str | None:
@@ -97,7 +99,7 @@ def read_body(request: Request, timeout_s: float) -> bytes:
     hold a worker connection each), 400 when it is malformed (bad chunked framing, cut short: the
     client closed before its Content-Length), 413 past the size limit (the connection then closes:
     gunicorn would read the rest to reuse it), 415 for a Content-Encoding or charset we do not decode."""
-    _check_content_encoding(request)
+    _check_codings(request)
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):
             data = _read_yielding(request)
