@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import sys
 import warnings
@@ -16,9 +17,11 @@ from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey, socket
+from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 
 if TYPE_CHECKING:
@@ -45,6 +48,16 @@ def _freeze_loaded_objects() -> None:
     gc.freeze()
 
 
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's own answers (a request line, header or chunk it cannot parse: 400, 414, 431, 501; an
+    error past the app: 500) in OpenAI's envelope, in place of its HTML page."""
+    type = "server_error" if status_int >= 500 else "invalid_request_error"
+    body = json.dumps(error_body(mesg or reason, type)).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -63,6 +76,7 @@ class NanoqwenWorker(GeventWorker):
     - once the model is loaded, what exists then (torch, the tokenizer, the model: ~300k objects) is
       moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
       requests are let in).
+    - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
       the grace period ends are failed so that they end with an error event, not a cut.
     """
@@ -81,6 +95,7 @@ class NanoqwenWorker(GeventWorker):
 
     def init_process(self) -> None:
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
         super().init_process()
 

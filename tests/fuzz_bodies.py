@@ -33,8 +33,17 @@ VALUES: tuple[Any, ...] = (
     {"enable_thinking": False}, {"enable_thinking": "no"}, {"chat_template": "{{ x }}"}, {"include_usage": True},
     [[[[[[]]]]]], {"role": "user", "content": "hi"}, [{"type": "text", "text": "hi"}], [{"type": "image_url"}],
     ["text"], "user", "assistant", "system", "tool", "developer", "qwen3-0.6b", "Qwen/Qwen3-0.6B",
+    2**70, -0.0, 1e-320,
 )
-NOISE = (b"\xed\xa0\x80", b"\xff", b"\\ud800", b"\\u0000", b"[" * 50, b"NaN", b"}", b'"', b",", b"\x00", b"\\")
+# JSON inside a string, as a tool call's arguments carry it
+ARGUMENTS = ("", "{}", '{"city": "Paris"}', "[" * 3000 + "]" * 3000, '{"a": NaN}', '{"a": 1e309}', '{"a": "\\ud800"}',
+             '{"a": 1, "a": 2}', "[1, 2]", '"x"', "{" * 40, "null")
+NOISE = (b"\xed\xa0\x80", b"\xff", b"\\ud800", b"\\u0000", b"[" * 50, b"NaN", b"}", b'"', b",", b"\x00", b"\\",
+         b"1e309", b"-0", b"18446744073709551616")
+# sent with a body by main(): each must be decoded as it says, or refused
+HEADERS = ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/json; charset=latin-1"},
+           {"Content-Type": "application/json; charset=utf-16"}, {"Content-Type": "application/json; charset=bogus"},
+           {"Content-Encoding": "gzip"}, {"Content-Encoding": "identity"}, {"Expect": "100-continue"})
 
 
 def _value(rng: random.Random) -> Any:
@@ -63,9 +72,13 @@ def mutate(body: dict[str, Any], rng: random.Random) -> dict[str, Any] | bytes:
                 message[rng.choice(MESSAGE_FIELDS)] = _value(rng)
             else:
                 body["messages"].append(_value(rng))
-        else:
+        elif kind < 0.93:
             body["messages"] = [{"role": rng.choice(["user", "assistant", "system", "tool", "developer"]),
                                  "content": _value(rng)} for _ in range(rng.randint(0, 4))]
+        else:  # an earlier tool call whose arguments are hostile JSON in a string
+            call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": rng.choice(ARGUMENTS)}}
+            body["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]},
+                                {"role": "tool", "tool_call_id": "c", "content": "ok"}]
     if "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_completion_tokens"] = 2  # else it generates up to the context length
     if rng.random() < 0.2:
@@ -95,6 +108,8 @@ def check(url: str, body: bytes, headers: dict[str, str] | None = None, timeout:
             text = response.content.decode("utf-8", "replace")
     except requests.RequestException as exc:
         return f"no answer: {exc}"
+    if response.status_code < 400 and (headers or {}).get("Content-Encoding", "identity") != "identity":
+        return f"{response.status_code} to a body whose Content-Encoding it ignored"
     if response.status_code >= 500:
         return f"{response.status_code}: {text[:300]}"
     if response.status_code >= 400:
@@ -112,8 +127,9 @@ def check(url: str, body: bytes, headers: dict[str, str] | None = None, timeout:
 
 def main(url: str, count: int, seed: int = 0) -> int:
     t0 = time.monotonic()
+    rng = random.Random(seed)
     failures = [(body, problem) for body in bodies("qwen3-0.6b", seed, count)
-                if (problem := check(url, body)) is not None]
+                if (problem := check(url, body, rng.choice(HEADERS))) is not None]
     for body, problem in failures:
         print(problem, "<-", body[:200])
     print(f"{count} bodies, {len(failures)} failures, {time.monotonic() - t0:.1f} s")

@@ -77,6 +77,17 @@ def test_every_split_gives_the_same_calls(answer: str, content: str | None, call
     assert _run(ToolCallParser(), [answer]) == (content, calls)
 
 
+@pytest.mark.parametrize("block", [
+    '<tool_call>{"arguments": {"a": ' + "[" * 1500 + "]" * 1500 + '}, "name": "f"}</tool_call>',  # RecursionError
+    '<tool_call>{"arguments": {"a": NaN}, "name": "f"}</tool_call>',  # sent on as `{"a": NaN}`, not JSON
+    '<tool_call>{"arguments": {"a": 1}, "name": "f\\ud800"}</tool_call>',  # a name no answer can encode
+    '<tool_call>{"name": "f\\udc00", "arguments": {"a": 1}}</tool_call>',
+], ids=["deep", "nan", "surrogate-name-last", "surrogate-name-first"])
+def test_a_block_that_is_not_strict_json_stays_content(block: str) -> None:
+    """What the model writes is held to the request body's JSON rules (json.loads alone raised on the first)."""
+    assert _raw(ToolCallParser(), [block]) == (block, [])
+
+
 def test_arguments_are_a_json_object_string() -> None:
     (call,) = assemble(ToolCallParser().feed(WEATHER).calls)
     assert call.to_json() == {"id": call.id, "type": "function",

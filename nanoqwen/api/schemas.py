@@ -9,7 +9,6 @@ notation (`messages.[0].role`).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from nanoqwen.api.body import loads_strict
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
@@ -242,7 +242,7 @@ class StructuredOutputs(Strict):
 
 def _decode_arguments(arguments: str) -> Any:
     """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
-    return json.loads(arguments) if arguments.strip() else {}
+    return loads_strict(arguments) if arguments.strip() else {}
 
 
 class FunctionCall(Strict):

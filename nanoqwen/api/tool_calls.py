@@ -21,6 +21,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from nanoqwen.api.body import loads_strict
+
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 
@@ -78,7 +80,7 @@ def _header_name(block: str, end: int) -> tuple[str, int] | None:
     if match is None:
         return None
     try:
-        name = json.loads(match.group(1))
+        name = loads_strict(match.group(1))
     except ValueError:
         return None
     return (name, match.end()) if name else None
@@ -122,7 +124,7 @@ class _Arguments:
 def parse_call(block: str) -> ToolCall | None:
     """The call in a block's inner text, or None when it is not one."""
     try:
-        obj = json.loads(block)
+        obj = loads_strict(block)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
