@@ -9,6 +9,7 @@ notation (`messages.[0].role`).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
