@@ -357,6 +357,24 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
+def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() -> None:
+    """Runs of spaces or symbols make up to 128 characters a token: such a prompt is searched at once and found
+    to fit whole, the whole the doubling's last candidate (a bisection up to it would template ~log2(n) prompts
+    near its size: 11 times the whole for these 3000 items)."""
+    sizes = []
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        sizes.append(sum(len(m["content"]) for m in chat.template_messages()))
+        return [sizes[-1]]
+
+    items = [{"role": "user", "content": "-" * 100} for _ in range(3000)]
+    whole = 100 * len(items)
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    chat, ids = _service(encode, 10)._encoded(req, req.input_items, INPUT)
+    assert len(chat.messages) == len(items) and ids == [whole]
+    assert sizes.count(whole) == 1 and sum(sizes) <= 3 * whole, sizes
+
+
 def test_truncation_drops_an_output_with_its_call() -> None:
     def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
         if len(chat.template_messages()) > 3:

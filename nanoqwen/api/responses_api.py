@@ -497,7 +497,9 @@ class ResponsesService:
         item) that fits the context, if any, and its prompt's ids. Searched from the end, keeping 0, 1, 3, 7, ...
         of the droppable items, then by bisection: each prompt templated is at most about twice the one that fits,
         however long the conversation (a prompt only gets shorter as items go). `whole_tried`: keeping them all
-        is known not to fit (else it is a candidate)."""
+        is known not to fit, else it is the doubling's last step: a prompt that looked too long but fits costs
+        the doubling's candidates then the whole (under 3 times the whole for items of like sizes), not a
+        bisection of candidates near the whole."""
         droppable = [i for i, item in enumerate(items[:-1])
                      if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
 
@@ -515,7 +517,7 @@ class ResponsesService:
         if best is None:
             return None
         too_many = len(droppable) + (not whole_tried)  # the fewest kept known not to fit
-        while (count := 2 * fits + 1) < too_many:
+        while (count := min(2 * fits + 1, too_many - 1)) > fits:
             if (candidate := keeping(count)) is None:
                 too_many = count
                 break
