@@ -14,7 +14,6 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
-    INPUT,
     ITEMS,
     Draft,
     ResponseCollector,
@@ -322,8 +321,15 @@ def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int
              max_model_len: int = 10**6) -> ResponsesService:
     """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it; `max_model_len`
     only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len})
+    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len},
+                              check_serving=lambda model: None)
     return ResponsesService(SimpleNamespace(serving=serving, encode=encode))
+
+
+def _counted(service: ResponsesService, req: ResponseCreateRequest) -> tuple[ChatCompletionRequest, list[int]]:
+    """The chat request and ids the count's path makes of `req`'s prompt (create's, but its grammar)."""
+    prompt = service._prompt(req, service._sampling)
+    return prompt.chat, prompt.ids
 
 
 @pytest.mark.parametrize("looks_too_long", [False, True])
@@ -342,7 +348,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(200)), {"role": "user", "content": "last"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
-    chat, ids = service._encoded(req, req.input_items, INPUT)
+    chat, ids = _counted(service, req)
     # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
     kept = [items[0], *items[-9:]]
     assert [m["content"] for m in chat.template_messages()] == [item["content"] for item in kept]
@@ -353,7 +359,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
     sizes.clear()
     with pytest.raises(APIError) as exc:  # the last item alone is too long: the whole prompt's error
-        service._encoded(req, req.input_items, INPUT)
+        _counted(service, req)
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
@@ -370,7 +376,7 @@ def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() 
     items = [{"role": "user", "content": "-" * 100} for _ in range(3000)]
     whole = 100 * len(items)
     req = parse_responses_request({"input": items, "truncation": "auto"})
-    chat, ids = _service(encode, 10)._encoded(req, req.input_items, INPUT)
+    chat, ids = _counted(_service(encode, 10), req)
     assert len(chat.messages) == len(items) and ids == [whole]
     assert sizes.count(whole) == 1 and sum(sizes) <= 3 * whole, sizes
 
@@ -388,7 +394,7 @@ def test_truncation_drops_an_output_with_its_call() -> None:
              {"role": "user", "content": "c"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
     # keeping 3 items would keep the output without its call: the output goes too
-    chat, _ = service._encoded(req, req.input_items, INPUT)
+    chat, _ = _counted(service, req)
     assert [m["content"] for m in chat.template_messages()] == ["b", "c"]
 
 
