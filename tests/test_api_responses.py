@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 
+from nanoqwen.api.chat import template_chars
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
     ITEMS,
+    LONG_CHARS_PER_TOKEN,
     Draft,
     ResponseCollector,
     ResponseEvents,
@@ -379,6 +381,18 @@ def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() 
     chat, ids = _counted(_service(encode, 10), req)
     assert len(chat.messages) == len(items) and ids == [whole]
     assert sizes.count(whole) == 1 and sum(sizes) <= 3 * whole, sizes
+
+
+def test_calls_arguments_count_in_a_prompts_size() -> None:
+    """A conversation of mostly calls' arguments is as long as they are: past LONG_CHARS_PER_TOKEN characters a
+    token of the context it is searched at once, and it is tokenised in the long prompts' pool."""
+    arguments = json.dumps({"text": "x" * 1000})
+    items = [item for i in range(20) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
+        {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
+    chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
+    assert template_chars(chat.template_messages(), None) > 20 * len(arguments)
+    assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 
 def test_truncation_drops_an_output_with_its_call() -> None:

@@ -16,9 +16,15 @@ from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, conte
 
 
 def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """A cheap measure of a chat prompt's size."""
-    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
-    return chars + (len(json.dumps(tools)) if tools else 0)
+    """A cheap measure of a chat prompt's size: its texts, and its calls and tools as JSON (a conversation may be
+    mostly calls' arguments)."""
+    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) + _json_chars(m.get("tool_calls"))
+                for m in messages)
+    return chars + _json_chars(tools)
+
+
+def _json_chars(value: list[dict[str, Any]] | None) -> int:
+    return len(json.dumps(value)) if value else 0
 
 
 @dataclass(frozen=True)
