@@ -365,6 +365,40 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
+@pytest.mark.parametrize("count, kept", [(3, 404), (200, 904)])  # user items of 100 characters: fitting, cut
+def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, kept: int) -> None:
+    """create makes the parameters (its output grammar compiled) before templating anything, then submits the ids
+    of the prompt kept, templated once: the whole's when it fits, else the candidate's found fitting."""
+    calls: list[Any] = []
+
+    def params(chat: ChatCompletionRequest) -> SamplingParams:
+        calls.append("params")
+        return SamplingParams(max_tokens=16)
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        size = sum(len(m["content"]) for m in chat.template_messages())
+        calls.append(("encode", size, max_tokens))
+        if size > 1000:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return [size]
+
+    def submit(chat: ChatCompletionRequest, params: SamplingParams, prompt: list[int], prompt_name: Any) -> Batch:
+        calls.append(("submit", prompt, params.max_tokens))
+        return Batch()
+
+    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
+    serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
+                              respond=lambda batch, stream, collector, trace, environ: collector)
+    service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
+    items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
+                                                        for i in range(count)), {"role": "user", "content": "last"}]
+    collector = service.create({"input": items, "truncation": "auto"}, {})
+    assert calls[0] == "params" and calls[-1] == ("submit", [kept], 16) and calls.count("params") == 1
+    assert calls.count(("encode", kept, 16)) == 1 and all(call[2] == 16 for call in calls[1:])
+    assert collector.draft.params.max_tokens == 16
+
+
 def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() -> None:
     """Runs of spaces or symbols make up to 128 characters a token: such a prompt is searched at once and found
     to fit whole, the whole the doubling's last candidate (a bisection up to it would template ~log2(n) prompts
