@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
+from nanoqwen.api.chat import template_chars
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
-    INPUT,
     ITEMS,
+    LONG_CHARS_PER_TOKEN,
     Draft,
     ResponseCollector,
     ResponseEvents,
@@ -322,8 +323,15 @@ def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int
              max_model_len: int = 10**6) -> ResponsesService:
     """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it; `max_model_len`
     only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len})
+    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len},
+                              check_serving=lambda model: None)
     return ResponsesService(SimpleNamespace(serving=serving, encode=encode))
+
+
+def _counted(service: ResponsesService, req: ResponseCreateRequest) -> tuple[ChatCompletionRequest, list[int]]:
+    """The chat request and ids the count's path makes of `req`'s prompt (create's, but its grammar)."""
+    prompt = service._prompt(req, service._sampling)
+    return prompt.chat, prompt.ids
 
 
 @pytest.mark.parametrize("looks_too_long", [False, True])
@@ -342,7 +350,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(200)), {"role": "user", "content": "last"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
-    chat, ids = service._encoded(req, req.input_items, INPUT)
+    chat, ids = _counted(service, req)
     # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
     kept = [items[0], *items[-9:]]
     assert [m["content"] for m in chat.template_messages()] == [item["content"] for item in kept]
@@ -353,8 +361,72 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
     sizes.clear()
     with pytest.raises(APIError) as exc:  # the last item alone is too long: the whole prompt's error
-        service._encoded(req, req.input_items, INPUT)
+        _counted(service, req)
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
+
+
+@pytest.mark.parametrize("count, kept", [(3, 404), (200, 904)])  # user items of 100 characters: fitting, cut
+def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, kept: int) -> None:
+    """create makes the parameters (its output grammar compiled) before templating anything, then submits the ids
+    of the prompt kept, templated once: the whole's when it fits, else the candidate's found fitting."""
+    calls: list[Any] = []
+
+    def params(chat: ChatCompletionRequest) -> SamplingParams:
+        calls.append("params")
+        return SamplingParams(max_tokens=16)
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        size = sum(len(m["content"]) for m in chat.template_messages())
+        calls.append(("encode", size, max_tokens))
+        if size > 1000:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return [size]
+
+    def submit(chat: ChatCompletionRequest, params: SamplingParams, prompt: list[int], prompt_name: Any) -> Batch:
+        calls.append(("submit", prompt, params.max_tokens))
+        return Batch()
+
+    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
+    serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
+                              respond=lambda batch, stream, collector, trace, environ: collector)
+    service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
+    items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
+                                                        for i in range(count)), {"role": "user", "content": "last"}]
+    collector = service.create({"input": items, "truncation": "auto"}, {})
+    assert calls[0] == "params" and calls[-1] == ("submit", [kept], 16) and calls.count("params") == 1
+    assert calls.count(("encode", kept, 16)) == 1 and all(call[2] == 16 for call in calls[1:])
+    assert collector.draft.params.max_tokens == 16
+
+
+def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() -> None:
+    """Runs of spaces or symbols make up to 128 characters a token: such a prompt is searched at once and found
+    to fit whole, the whole the doubling's last candidate (a bisection up to it would template ~log2(n) prompts
+    near its size: 11 times the whole for these 3000 items)."""
+    sizes = []
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        sizes.append(sum(len(m["content"]) for m in chat.template_messages()))
+        return [sizes[-1]]
+
+    items = [{"role": "user", "content": "-" * 100} for _ in range(3000)]
+    whole = 100 * len(items)
+    req = parse_responses_request({"input": items, "truncation": "auto"})
+    chat, ids = _counted(_service(encode, 10), req)
+    assert len(chat.messages) == len(items) and ids == [whole]
+    assert sizes.count(whole) == 1 and sum(sizes) <= 3 * whole, sizes
+
+
+def test_calls_arguments_count_in_a_prompts_size() -> None:
+    """A conversation of mostly calls' arguments is as long as they are: past LONG_CHARS_PER_TOKEN characters a
+    token of the context it is searched at once, and it is tokenised in the long prompts' pool."""
+    arguments = json.dumps({"text": "x" * 1000})
+    items = [item for i in range(20) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
+        {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
+    chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
+    assert template_chars(chat.template_messages(), None) > 20 * len(arguments)
+    assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 
 def test_truncation_drops_an_output_with_its_call() -> None:
@@ -370,7 +442,7 @@ def test_truncation_drops_an_output_with_its_call() -> None:
              {"role": "user", "content": "c"}]
     req = parse_responses_request({"input": items, "truncation": "auto"})
     # keeping 3 items would keep the output without its call: the output goes too
-    chat, _ = service._encoded(req, req.input_items, INPUT)
+    chat, _ = _counted(service, req)
     assert [m["content"] for m in chat.template_messages()] == ["b", "c"]
 
 

@@ -272,6 +272,21 @@ def test_bad_values_are_400s(server: GunicornServer, field: Json, param: str) ->
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
 
 
+@pytest.mark.parametrize("truncation", ["disabled", "auto"])
+def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: GunicornServer, truncation: str) -> None:
+    """As chat refuses it: a prompt past the context (its one item too: no truncation makes it fit) still gets
+    the schema's error, and a long conversation is not tokenised or searched before it."""
+    schema, text = {"type": "nothing"}, "word " * 1100
+    answer = requests.post(f"{server.url}/v1/responses", timeout=60, json={
+        **GREEDY, "input": text, "truncation": truncation,
+        "text": {"format": {"type": "json_schema", "name": "p", "schema": schema}}})
+    chat = post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": text}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
+    assert answer.status_code == chat.status_code == 400, answer.text
+    assert (answer.json()["error"]["param"], chat.json()["error"]["param"]) == ("text.format", "response_format")
+    assert answer.json()["error"]["message"] == chat.json()["error"]["message"]
+
+
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:
     """The model's call cut by max_output_tokens (its arguments not JSON) continues by previous_response_id, and
     resent as an item by a client that stores nothing."""

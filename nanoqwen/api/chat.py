@@ -16,9 +16,15 @@ from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, conte
 
 
 def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """A cheap measure of a chat prompt's size."""
-    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages)
-    return chars + (len(json.dumps(tools)) if tools else 0)
+    """A cheap measure of a chat prompt's size: its texts, and its calls and tools as JSON (a conversation may be
+    mostly calls' arguments)."""
+    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) + _json_chars(m.get("tool_calls"))
+                for m in messages)
+    return chars + _json_chars(tools)
+
+
+def _json_chars(value: list[dict[str, Any]] | None) -> int:
+    return len(json.dumps(value)) if value else 0
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class ChatService:
         trace = serving.stats.begin()
         req = parse_chat_request(body)
         serving.check_serving(req.model)
-        batch, params, prompt = self.start(req)
+        params = self.params(req)
+        prompt = self.encode(req, params.max_tokens, PromptName())
+        batch = self.submit(req, params, prompt)
         tools = ToolParsing(req.shows_tools, req.max_tool_calls, req.forces_tool_call)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
@@ -48,19 +56,21 @@ class ChatService:
         collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
         return serving.respond(batch, stream, collect, trace, environ)
 
-    def start(self, req: ChatCompletionRequest, prompt_name: PromptName = PromptName(),
-              prompt: list[int] | None = None) -> tuple[Batch, SamplingParams, list[int]]:
-        """Compiles the output grammar and templates the prompt off the loop (unless its ids are given: `encode`'s
-        for the same request), then submits: the engine's stream, the sampling parameters and the prompt's ids."""
+    def params(self, req: ChatCompletionRequest) -> SamplingParams:
+        """The sampling parameters, the output grammar compiled off the loop: before the prompt is templated, so
+        that a schema refused is refused whatever the prompt (too long for the context, or long to tokenise)."""
         serving = self.serving
         params = req.sampling_params(serving.engine.sampling_defaults)
         try:
             params.grammar = output_grammar(serving, req)
         except InvalidRequest as exc:
             raise invalid_request(exc) from None
-        if prompt is None:
-            prompt = self.encode(req, params.max_tokens, prompt_name)
-        return serving.submit([prompt], params, req.split_reasoning, prompt_name.param), params, prompt
+        return params
+
+    def submit(self, req: ChatCompletionRequest, params: SamplingParams, prompt: list[int],
+               prompt_name: PromptName = PromptName()) -> Batch:
+        """Submits the prompt's ids (from `encode`) with the parameters from `params`: the engine's stream."""
+        return self.serving.submit([prompt], params, req.split_reasoning, prompt_name.param)
 
     def encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
         """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""

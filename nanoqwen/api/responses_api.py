@@ -1,13 +1,14 @@
 """`POST /v1/responses` (OpenAI's Responses API) and the stored responses' routes, on top of chat.
 
 A request becomes the chat request it amounts to (ResponseCreateRequest.to_chat), which ChatService
-starts; the engine's events become a `response` object (ResponseCollector) or Responses stream
+submits; the engine's events become a `response` object (ResponseCollector) or Responses stream
 events (ResponseEvents), with chat's reasoning split, reasoning-token count and tool-call parser.
 """
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -363,6 +364,7 @@ class Prompt(Generic[Fields]):
     name: PromptName
     chat: ChatCompletionRequest  # of the items kept
     ids: list[int]
+    params: SamplingParams
 
 
 def _renamed(error: APIError) -> APIError:
@@ -392,10 +394,10 @@ class ResponsesService:
     def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(parse_responses_request(body))
-        req, previous, chat_req = prompt.req, prompt.previous, prompt.chat
+        prompt = self._prompt(parse_responses_request(body), self.chat.params)
+        req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
         try:
-            batch, params, _ = self.chat.start(chat_req, prompt.name, prompt.ids)
+            batch = self.chat.submit(chat_req, params, prompt.ids, prompt.name)
         except APIError as exc:
             raise _renamed(exc) from None
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
@@ -407,24 +409,32 @@ class ResponsesService:
 
     def count(self, body: Any) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
-        prompt = self._prompt(parse_count_request(body))
+        prompt = self._prompt(parse_count_request(body), self._sampling)
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
-    def _prompt(self, req: Fields) -> Prompt[Fields]:
+    def _sampling(self, chat_req: ChatCompletionRequest) -> SamplingParams:
+        """The count's parameters: the output budget alone changes the prompt (whether it fits), not the grammar."""
+        return chat_req.sampling_params(self.chat.serving.engine.sampling_defaults)
+
+    def _prompt(self, req: Fields, sampling: Callable[[ChatCompletionRequest], SamplingParams]) -> Prompt[Fields]:
         """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
-        response's items before its input, and with `truncation: "auto"` its first items dropped as needed."""
+        response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
+        `sampling` makes the parameters (create's: with the output grammar) before the prompt is templated: they
+        depend on the fields besides the items, the same for every candidate of a truncation."""
         req = self._resolved(req)
         previous = self._previous(req.previous_response_id)
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
         name = INPUT if previous is None else HISTORY
         try:
-            chat_req, ids = self._encoded(req, items, name)
+            whole = req.to_chat(items)
+            params = sampling(whole)
+            chat_req, ids = self._encoded(req, items, whole, params.max_tokens, name)
         except APIError as exc:
             if previous is not None and exc.code == "context_length_exceeded":
-                self._check_input_alone(req)
+                self._check_input_alone(req, params.max_tokens)
             raise _renamed(exc) from None
-        return Prompt(req, previous, name, chat_req, ids)
+        return Prompt(req, previous, name, chat_req, ids, params)
 
     def _resolved(self, req: Fields) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
@@ -452,10 +462,6 @@ class ResponsesService:
             items.append(item)
         return req.model_copy(update={"input": items})
 
-    def _max_tokens(self, chat_req: ChatCompletionRequest) -> int | None:
-        """The answer's budget: the same for every candidate of a truncation (the items aside, the same fields)."""
-        return chat_req.sampling_params(self.chat.serving.engine.sampling_defaults).max_tokens
-
     def _fitting(self, chat_req: ChatCompletionRequest, max_tokens: int | None,
                  prompt_name: PromptName) -> list[int] | None:
         """The prompt's ids, or None when it does not fit the context."""
@@ -466,14 +472,13 @@ class ResponsesService:
                 raise
             return None
 
-    def _encoded(self, req: ResponsePromptFields, items: list[Item],
-                 prompt_name: PromptName) -> tuple[ChatCompletionRequest, list[int]]:
-        """The chat request of `items` and its prompt's ids; with `truncation: "auto"`, one too long for the
-        context is cut to the fewest first items dropped that make it fit, whose ids were made finding it. One
-        that looks far too long is searched at once: tokenising it whole would be most of the work (a 6 MB
-        conversation: 5.6 of 6 CPU seconds), and where the look is wrong the search ends keeping it whole."""
-        chat_req = req.to_chat(items)
-        max_tokens = self._max_tokens(chat_req)
+    def _encoded(self, req: ResponsePromptFields, items: list[Item], chat_req: ChatCompletionRequest,
+                 max_tokens: int | None, prompt_name: PromptName) -> tuple[ChatCompletionRequest, list[int]]:
+        """The chat request of `items` (`chat_req`, or one without its first items) and its prompt's ids; with
+        `truncation: "auto"`, one too long for the context is cut to the fewest first items dropped that make it
+        fit, whose ids were made finding it. One that looks far too long is searched at once: tokenising it whole
+        would be most of the work (a 6 MB conversation: 5.6 of 6 CPU seconds), and where the look is wrong the
+        search ends keeping it whole."""
         searched = req.truncation == "auto" and self._looks_too_long(chat_req)
         if searched and (truncated := self._truncated(req, items, max_tokens, prompt_name, whole_tried=False)):
             return truncated
@@ -497,7 +502,9 @@ class ResponsesService:
         item) that fits the context, if any, and its prompt's ids. Searched from the end, keeping 0, 1, 3, 7, ...
         of the droppable items, then by bisection: each prompt templated is at most about twice the one that fits,
         however long the conversation (a prompt only gets shorter as items go). `whole_tried`: keeping them all
-        is known not to fit (else it is a candidate)."""
+        is known not to fit, else it is the doubling's last step: a prompt that looked too long but fits costs
+        the doubling's candidates then the whole (under 3 times the whole for items of like sizes), not a
+        bisection of candidates near the whole."""
         droppable = [i for i, item in enumerate(items[:-1])
                      if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
 
@@ -515,7 +522,7 @@ class ResponsesService:
         if best is None:
             return None
         too_many = len(droppable) + (not whole_tried)  # the fewest kept known not to fit
-        while (count := 2 * fits + 1) < too_many:
+        while (count := min(2 * fits + 1, too_many - 1)) > fits:
             if (candidate := keeping(count)) is None:
                 too_many = count
                 break
@@ -528,13 +535,12 @@ class ResponsesService:
                 fits, best = count, candidate
         return best
 
-    def _check_input_alone(self, req: ResponsePromptFields) -> None:
+    def _check_input_alone(self, req: ResponsePromptFields, max_tokens: int | None) -> None:
         """A continuation too long for the context blames `input` when the new input alone is too long (the
         history aside), else previous_response_id: templated again, on this error only. The input alone may not
         make a prompt (a continuation with no input of its own): then it is not what is too long."""
         try:
-            chat_req = req.to_chat(req.input_items)
-            self.chat.encode(chat_req, self._max_tokens(chat_req), INPUT)
+            self.chat.encode(req.to_chat(req.input_items), max_tokens, INPUT)
         except APIError as exc:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
