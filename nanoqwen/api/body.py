@@ -1,19 +1,8 @@
-"""The request body: read within a deadline, parsed as strict UTF-8 JSON, checked for what the schema cannot see.
-
-Python's json accepts lone UTF-16 surrogates (as `\\ud800` escapes, and as raw `ED A0 80` bytes,
-which it decodes with `surrogatepass`), NaN/Infinity, and recurses once per nesting level; none
-of that may reach the tokenizer, the schema or an error message.
-
-Parsing and validating run on the event loop and cost time per JSON value, not per byte: a body
-of a million tiny values (8 MiB of `1,` or of `"k":0,`) held the loop for seconds. Its values are
-bounded before it is parsed, by counting the separators outside strings (C-speed byte scans).
-"""
+"""The request body: read within a deadline, parsed as strict UTF-8 JSON (nanoqwen.api.strict_json)."""
 from __future__ import annotations
 
 import codecs
 import contextlib
-import json
-import re
 import socket
 from typing import Any
 
@@ -22,13 +11,11 @@ from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name
+from nanoqwen.api.strict_json import JSONError
 
 READ_CHUNK = 64 << 10
-MAX_DEPTH = 64  # the deepest field of a valid request is ~5 levels down
-# `,` and `:` outside strings: a full 40,960-token context as token ids takes 40,959
-MAX_SEPARATORS = 1 << 16
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # Decoded on the loop, so only C-speed codecs (punycode took 0.36 s per 100 kB, idna and the escape codecs are no
 # charsets); Python's names for them, as codecs.lookup normalises.
 CHARSETS = frozenset({"ascii", "iso8859-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
@@ -118,72 +105,17 @@ def read_body(request: Request, timeout_s: float) -> bytes:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _check_tree(value: Any) -> None:
-    """Iteratively (a recursive walk would hit the recursion limit json.loads just passed)."""
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)] if isinstance(value, (dict, list)) else []
-    while stack:
-        path, node = stack.pop()
-        if len(path) >= MAX_DEPTH:
-            raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep.")
-        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                raise APIError(400, "A key in the JSON body contains a lone UTF-16 surrogate.",
-                               param=param_name(path) or None)
-            if isinstance(child, str):
-                if not child.isascii() and _SURROGATE.search(child):
-                    raise APIError(400, f"Invalid value for '{param_name(path + (key,))}': the string contains a "
-                                        "lone UTF-16 surrogate (not valid Unicode).", param=param_name(path + (key,)))
-            elif isinstance(child, (dict, list)):
-                stack.append((path + (key,), child))
-
-
-def _too_many_values(data: bytes) -> bool:
-    """Whether `data` has more than MAX_SEPARATORS separators outside its strings (escaped
-    quotes and backslashes removed first, so that every `"` left opens or closes a string)."""
-    if data.count(b",") + data.count(b":") <= MAX_SEPARATORS:
-        return False
-    data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    if data.count(b'"') > 2 * (MAX_SEPARATORS + 1):  # a value per pair of quotes: more values than the limit
-        return True
-    outside = b"".join(data.split(b'"')[::2])
-    return outside.count(b",") + outside.count(b":") > MAX_SEPARATORS
-
-
 def parse_json(data: bytes) -> Any:
-    """Decoded JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more values
-    than a request needs."""
-    if _too_many_values(data):
-        raise APIError(413, f"The JSON body has more than {MAX_SEPARATORS} values in all (send a large batch as "
-                       "several requests).", code="request_too_large")
+    """The request body decoded; 400 for anything that is not strict JSON in valid Unicode, 413 for more
+    values than a request needs."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "The request body is not valid UTF-8.") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise APIError(400, "The JSON body is nested too deeply.") from None
-    except ValueError:
-        raise APIError(400, "We could not parse the JSON body of your request.") from None
-    _check_tree(body)
-    return body
-
-
-def loads_strict(text: str) -> Any:
-    """JSON inside a string (a tool call's arguments, from a client or the model) held to the body's rules;
-    ValueError for anything parse_json refuses: json.loads alone raised RecursionError past ~1000 levels
-    and passed NaN and lone surrogates on to the template or the answer."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-        _check_tree(value)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except APIError as exc:
-        raise ValueError(exc.message) from None
-    if isinstance(value, str) and _SURROGATE.search(value):
-        raise ValueError("a lone UTF-16 surrogate")
-    return value
+        return strict_json.loads(text, "the JSON body")
+    except JSONError as exc:
+        if exc.status == 413:
+            raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
+        message = str(exc)
+        raise APIError(400, message[0].upper() + message[1:], param=param_name(exc.path) or None) from None

@@ -21,7 +21,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from nanoqwen.api.body import loads_strict
+from nanoqwen.api import strict_json
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -80,7 +80,7 @@ def _header_name(block: str, end: int) -> tuple[str, int] | None:
     if match is None:
         return None
     try:
-        name = loads_strict(match.group(1))
+        name = strict_json.loads(match.group(1))
     except ValueError:
         return None
     return (name, match.end()) if name else None
@@ -124,7 +124,7 @@ class _Arguments:
 def parse_call(block: str) -> ToolCall | None:
     """The call in a block's inner text, or None when it is not one."""
     try:
-        obj = loads_strict(block)
+        obj = strict_json.loads(block)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
