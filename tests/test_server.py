@@ -331,6 +331,14 @@ def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw
     assert body["error"]["type"] == "invalid_request_error"
 
 
+def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
+    """gunicorn reads `Transfer-Encoding: identity, chunked` as chunked; the app answered 415."""
+    raw = (f"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n"
+           f"Content-Type: application/json\r\n\r\n{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n")
+    got, body = _raw_exchange(server, raw.encode())
+    assert got == 200 and body["choices"], body
+
+
 @pytest.mark.parametrize("headers, status, content", [
     ({"Content-Encoding": "gzip"}, 415, "robot"),  # the body is plain: parsed, it answered 200
     ({"Content-Encoding": "br"}, 415, "robot"),

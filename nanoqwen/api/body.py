@@ -58,8 +58,10 @@ def _read_yielding(request: Request) -> bytes:
 
 def _check_codings(request: Request) -> None:
     """A compressed body is refused, not parsed as if it were plain: we decode no Content-Encoding, and no
-    transfer coding but chunked (gunicorn passes `Transfer-Encoding: gzip, chunked` on undecoded)."""
-    for header, allowed in (("Content-Encoding", ("", "identity")), ("Transfer-Encoding", ("", "chunked"))):
+    transfer coding but chunked. gunicorn refuses the other transfer codings itself (400, 501 for an unknown
+    one) but passes `gzip, chunked` (and deflate, compress) on undecoded, and `identity, chunked` as chunked."""
+    for header, allowed in (("Content-Encoding", ("", "identity")),
+                            ("Transfer-Encoding", ("", "identity", "chunked"))):
         codings = [c.strip() for c in request.headers.get(header, "").lower().split(",")]
         if unsupported := [c for c in codings if c not in allowed]:
             _stop_reading(request.environ)
