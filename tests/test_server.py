@@ -461,11 +461,11 @@ def test_fuzzed_bodies(server: GunicornServer) -> None:
     answer or a 4xx with OpenAI's error envelope, never a 5xx; the server stays healthy."""
     deadline = time.monotonic() + 60
     checked, problems = 0, []
-    # seed 9: 4 of these answered 500 before, and hostile tool-call arguments did later
-    for body in fuzz_bodies.bodies(MODEL, seed=9, count=200):
+    # seed 9: each of fuzz_bodies.HEADERS 5+ times in the first 70 cases (17+ in 200), and a call with ARGUMENTS in 9
+    for body, headers in fuzz_bodies.cases(MODEL, seed=9, count=200):
         if time.monotonic() > deadline:
             break
-        if (problem := fuzz_bodies.check(server.url, body)) is not None:
+        if (problem := fuzz_bodies.check(server.url, body, headers)) is not None:
             problems.append((problem, body[:200]))
         checked += 1
     assert not problems, problems
