@@ -9,10 +9,13 @@ streamed answer reassembles to the non-streamed one.
 A block that starts as Qwen3 writes one, `{"name": "<name>", "arguments": {`, is a call from
 there on: its id and name go out at once and its arguments, the model's raw JSON text of the
 object, as they are decoded (up to the object's closing brace, or the block's end when cut short),
-as OpenAI streams them. Any other block is judged when it closes: a call if it parses (a JSON
-object with a string `name` and an object `arguments`), sent whole; else it stays in the content
-as the model wrote it. Whitespace next to a block (Qwen3 puts a newline between calls) is layout,
-not content.
+as OpenAI streams them. Those arguments are not checked: they are out before the object closes, so
+a call cannot turn back into content, and the non-streamed answer (the same parser) carries the
+same text; like OpenAI's, they may be invalid JSON (`{"a": NaN}`) unless a forced tool_choice
+constrained them. Any other block is judged when it closes: a call if it is strict JSON
+(nanoqwen.api.strict_json: an object with a string `name` and an object `arguments`), sent whole;
+else it stays in the content as the model wrote it. Whitespace next to a block (Qwen3 puts a
+newline between calls) is layout, not content.
 """
 from __future__ import annotations
 
