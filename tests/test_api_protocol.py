@@ -9,6 +9,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
+from nanoqwen.api.body import MAX_DEPTH, MAX_SEPARATORS
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
@@ -369,7 +370,7 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
 @pytest.mark.parametrize("extra, param, words", [
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
     ({"structured_outputs": {"json_object": False}}, "structured_outputs", "got none"),
-    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not JSON"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not valid JSON"),
     ({"guided_json": "[]"}, "guided_json", "an object"),
     ({"guided_choice": []}, "guided_choice", "at least 1"),
     ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "guided_regex", "structured_outputs"),
@@ -387,6 +388,23 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
 def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param: str, words: str) -> None:
     error = _bad({"messages": USER, **extra})
     assert error.param == param and words in str(error), str(error)
+
+
+@pytest.mark.parametrize("encoded, words", [
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("[" * 70 + "]" * 70, f"nested more than {MAX_DEPTH} levels"),
+    ('{"const": NaN}', "not valid JSON"),
+    ('{"minimum": -Infinity}', "not valid JSON"),
+    ('{"enum": [' + "0," * MAX_SEPARATORS + "0]}", f"more than {MAX_SEPARATORS} values"),
+    ('{"const": "\\udc00"}', "lone UTF-16 surrogate"),
+], ids=["5000-deep", "65-deep", "NaN", "Infinity", "values", "surrogate"])
+def test_an_encoded_schema_has_the_limits_of_a_body(encoded: str, words: str) -> None:
+    """A schema sent as its JSON encoding escapes body.py's checks on the body: it gets them itself, a 400 naming
+    the field (a string nested 5000 deep was a RecursionError, a 500)."""
+    for extra, param in (({"guided_json": encoded}, "guided_json"),
+                         ({"structured_outputs": {"json": encoded}}, "structured_outputs.json")):
+        error = _bad({"messages": USER, **extra})
+        assert (error.status, error.param) == (400, param) and words in str(error), str(error)
 
 
 def test_structured_outputs_kinds() -> None:

@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from nanoqwen.api.body import load_json
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
@@ -167,11 +168,9 @@ GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice":
 
 
 def _schema_or_encoded(value: Any) -> Any:
+    """A string decoded within the limits of a request body, which it escaped (a JSONError is a ValueError)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError("a string must be a JSON schema's JSON encoding, and this one is not JSON") from None
+        value = load_json(value.encode("utf-8", "surrogatepass"), "the string (a JSON schema's JSON encoding)")
     if not isinstance(value, dict):
         raise ValueError("must be a JSON schema: an object, or its JSON encoding")
     return value
