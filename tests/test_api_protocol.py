@@ -16,7 +16,7 @@ from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, sse
-from nanoqwen.api.structured import closed_objects
+from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 
 USER = [{"role": "user", "content": "hi"}]
@@ -426,17 +426,48 @@ def test_structured_outputs_kinds() -> None:
     assert parse_chat_request({"messages": USER}).constraint is None
 
 
-def test_closed_objects_closes_every_object_schema_that_does_not_say() -> None:
-    open_object = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    schema = {"$defs": {"o": open_object}, "properties": {"properties": open_object, "items": {"type": "array",
-              "items": open_object, "prefixItems": [open_object]}}, "anyOf": [open_object, {"type": "string"}],
-              "additionalProperties": open_object, "patternProperties": {"^x": {"type": "object",
-                                                                                "additionalProperties": True}}}
-    closed = {**open_object, "additionalProperties": False}
+def test_closed_objects_closes_what_vllm_closes() -> None:
+    """vLLM's rule: each object at any depth, under any key, with `properties` or `patternProperties` and no
+    `additionalProperties`; a bare object schema stays open (it was closed to `{}`)."""
+    named = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    patterned = {"patternProperties": {"^x": {"type": "string"}}}
+    bare = {"type": "object"}
+    schema = {"$defs": {"o": named}, "properties": {"p": patterned, "q": bare}, "anyOf": [named, bare],
+              "x-vendor": {"deep": [[named]]}, "if": {"properties": {"b": {"const": 1}}, "additionalProperties": True}}
+    closed, closed_patterns = {**named, "additionalProperties": False}, {**patterned, "additionalProperties": False}
     assert closed_objects(schema) == {
-        "$defs": {"o": closed}, "properties": {"properties": closed, "items": {"type": "array", "items": closed,
-                                                                               "prefixItems": [closed]}},
-        "anyOf": [closed, {"type": "string"}], "additionalProperties": closed,
-        "patternProperties": {"^x": {"type": "object", "additionalProperties": True}}}
-    assert closed_objects(open_object) == closed and open_object == {"type": "object", "properties": {"a": {
-        "type": "integer"}}}  # a copy
+        "$defs": {"o": closed}, "properties": {"p": closed_patterns, "q": bare}, "anyOf": [closed, bare],
+        "x-vendor": {"deep": [[closed]]}, "if": {"properties": {"b": {"const": 1}}, "additionalProperties": True},
+        "additionalProperties": False}
+    assert closed_objects(bare) == bare and closed_objects(named) == closed
+    assert named == {"type": "object", "properties": {"a": {"type": "integer"}}}  # a copy
+
+
+class _Grammars:
+    """The engine's Grammars as structured_grammar calls it: the schemas it is given."""
+
+    def __init__(self) -> None:
+        self.schemas: list[dict[str, Any]] = []
+
+    def json_schema(self, schema: dict[str, Any], *_: Any) -> None:
+        self.schemas.append(schema)
+
+
+class _Serving:
+    def __init__(self) -> None:
+        self.engine = type("Engine", (), {"grammars": _Grammars()})()
+
+    def off_loop(self, _chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+@pytest.mark.parametrize("kind, value, compiled", [
+    ("json_object", True, {"type": "object"}),  # was {"type": "object", "additionalProperties": False}: only {}
+    ("json", {"type": "object", "properties": {}}, {"type": "object", "properties": {}, "additionalProperties": False}),
+])
+def test_disable_additional_properties_applies_to_json_only(kind: str, value: Any, compiled: dict) -> None:
+    serving = _Serving()
+    req = parse_chat_request({"messages": USER, "structured_outputs": {kind: value,
+                                                                       "disable_additional_properties": True}})
+    structured_grammar(serving, req)
+    assert serving.engine.grammars.schemas == [compiled]
