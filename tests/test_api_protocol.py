@@ -369,7 +369,8 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
 
 @pytest.mark.parametrize("extra, param, words", [
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
-    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "got none"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "asks for no constraint"),
+    ({"structured_outputs": {"json_object": False, "regex": "a"}}, "structured_outputs", "got regex, json_object"),
     ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not valid JSON"),
     ({"guided_json": "[]"}, "guided_json", "an object"),
     ({"guided_choice": []}, "guided_choice", "at least 1"),

@@ -198,8 +198,8 @@ class Constraint:
 
 def _one_kind_schema(schema: dict[str, Any]) -> None:
     """StructuredOutputs._one_kind in its JSON schema (the OpenAPI document's)."""
-    schema["oneOf"] = [{"required": [kind], "properties": {kind: {"const": True} if kind == "json_object" else
-                                                           {"not": {"type": "null"}}}} for kind in STRUCTURED_KINDS]
+    schema["oneOf"] = [{"required": [kind], "properties": {kind: {"not": {"type": "null"}}}}
+                       for kind in STRUCTURED_KINDS]
 
 
 class StructuredOutputs(Strict):
@@ -211,7 +211,8 @@ class StructuredOutputs(Strict):
     regex: str | None = None
     choice: Choices | None = None
     grammar: str | None = None  # Lark, or llama.cpp's GBNF
-    json_object: bool | None = None  # true: any JSON object; false asks for nothing
+    # true: any JSON object. false is a kind (vLLM counts it), one that asks for nothing: always refused
+    json_object: Annotated[bool, WithJsonSchema({"const": True})] | None = None
     backend: GuidanceBackend = None
     # Honoured whatever their value: llguidance never falls back to another backend, and JSON is always
     # generated compactly (see nanoqwen/engine/grammar.py), which any-whitespace JSON allows too.
@@ -222,8 +223,7 @@ class StructuredOutputs(Strict):
     structural_tag: Refused = None
 
     def _value(self, kind: str) -> Any:
-        value = getattr(self, "json_" if kind == "json" else kind)
-        return None if kind == "json_object" and not value else value
+        return getattr(self, "json_" if kind == "json" else kind)
 
     @model_validator(mode="after")
     def _one_kind(self) -> StructuredOutputs:
@@ -231,6 +231,8 @@ class StructuredOutputs(Strict):
         if len(kinds) != 1:
             raise ValueError(f"exactly one kind of constraint is needed ({', '.join(STRUCTURED_KINDS)}), "
                              f"got {', '.join(kinds) or 'none'}")
+        if self.json_object is False:
+            raise ValueError("json_object false asks for no constraint: send true, or another kind")
         return self
 
     @property
