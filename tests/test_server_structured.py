@@ -313,3 +313,19 @@ def test_disable_additional_properties_closes_the_schemas_objects(server: Gunico
                      extra_body={"structured_outputs": {"json": digit, "disable_additional_properties": closed}})
     only_a = [c.finish_reason == "stop" and list(json.loads(c.message.content)) == ["a"] for c in answer.choices]
     assert only_a == [closed] * CHOICES, answer.choices
+
+
+@pytest.mark.parametrize("no_space, answer", [(None, '{"a": 1, "b": [2, 2]}'), (False, '{"a": 1, "b": [2, 2]}'),
+                                              (True, '{"a":1,"b":[2,2]}')])
+def test_disable_any_whitespace_takes_the_spaces_out(server: GunicornServer, no_space: bool | None,
+                                                     answer: str) -> None:
+    """Every value is forced, so the answer is the schema's one JSON text with the option's separators (vLLM's
+    guidance backend: "," and ":"), each compiled in turn in one server (the grammar cache keys on the option)."""
+    fixed = {"type": "object", "properties": {"a": {"const": 1}, "b": {"type": "array", "items": {"const": 2},
+             "minItems": 2, "maxItems": 2}}, "required": ["a", "b"], "additionalProperties": False}
+    options = {} if no_space is None else {"disable_any_whitespace": no_space}
+    extra = {"structured_outputs": {"json": fixed, **options}}
+    whole = _create(server, temperature=0, extra_body=extra).choices[0]
+    (streamed,) = _streamed(server, temperature=0, extra_body=extra)
+    assert (whole.message.content, whole.finish_reason) == (answer, "stop")
+    assert (streamed["content"], streamed["finish_reason"]) == (answer, "stop")

@@ -214,9 +214,8 @@ class StructuredOutputs(Strict):
     # true: any JSON object. false is a kind (vLLM counts it), one that asks for nothing: always refused
     json_object: Annotated[bool, WithJsonSchema({"const": True})] | None = None
     backend: GuidanceBackend = None
-    # Honoured whatever their value: llguidance never falls back to another backend, and JSON is always
-    # generated compactly (see nanoqwen/engine/grammar.py), which any-whitespace JSON allows too.
-    disable_fallback: bool | None = None
+    disable_fallback: bool | None = None  # honoured whatever its value: llguidance never falls back
+    # true: JSON's separators "," and ":" (vLLM's guidance backend's); else ", " and ": " (nanoqwen/engine/grammar.py)
     disable_any_whitespace: bool | None = None
     disable_additional_properties: bool | None = None  # true: `json`'s objects take only the properties it names
     whitespace_pattern: Refused = None

@@ -42,7 +42,8 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         options = req.structured_outputs
         if constraint.kind == "json" and options is not None and options.disable_additional_properties:
             schema = closed_objects(schema)
-        return _json(serving, schema, True, constraint.param)
+        no_space = options is not None and bool(options.disable_any_whitespace)
+        return _json(serving, schema, True, constraint.param, no_space)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
     return serving.off_loop(len(text), serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
 
@@ -62,5 +63,6 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
-    return serving.off_loop(len(json.dumps(schema)), serving.engine.grammars.json_schema, schema, strict, param)
+def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
+    return serving.off_loop(len(json.dumps(schema)), serving.engine.grammars.json_schema, schema, strict, param,
+                            no_space)

@@ -8,6 +8,7 @@ millisecond per constrained row per step against a decode step of ~100 ms (profi
 
 JSON is generated compactly with json.dumps' separators (", " and ": "), Qwen3's own tool-call
 layout: flexible whitespace would let a model pad forever without ever finishing the object.
+vLLM's `disable_any_whitespace` asks for "," and ":" (what its guidance backend then generates).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text)
@@ -50,9 +52,9 @@ class Grammar:
         return self.template.deep_copy()
 
 
-def _schema_with_options(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
+def _schema_with_options(schema: dict[str, Any], strict: bool, no_space: bool = False) -> dict[str, Any]:
     """The schema with llguidance's compile options; not strict: keywords it cannot enforce are ignored."""
-    return {**schema, "x-guidance": {**JSON_OPTIONS, "lenient": not strict}}
+    return {**schema, "x-guidance": {**(NO_SPACE_JSON_OPTIONS if no_space else JSON_OPTIONS), "lenient": not strict}}
 
 
 def _call_schema(tool: ToolSpec) -> dict[str, Any]:
@@ -98,10 +100,11 @@ class Grammars:
         self._lock = native_lock()
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
 
-    def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
-        """Output that is one JSON value matching `schema`; InvalidRequest naming `param` if it is not one."""
+    def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
+        """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
+        naming `param` if it is not one. The grammar's text, the cache's key, holds the options."""
         try:
-            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict))
+            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict, no_space))
         except ValueError as exc:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         return self.compile(text, param)
