@@ -31,7 +31,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-CACHE_SIZE = 128  # compiled grammars kept (keyed by their text)
+CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Grammars:
         vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
         self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
         self._lock = native_lock()
-        self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str | tuple[str, str], Grammar] = collections.OrderedDict()
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
@@ -124,18 +124,31 @@ class Grammars:
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
-        strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one."""
+        strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
+        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
+        key = (kind, text)
+        with self._lock:
+            grammar = self._cached(key)
+        if grammar is not None:
+            return grammar
         try:
-            grammar = llguidance.grammar_from(kind, text)
+            converted = llguidance.grammar_from(kind, text)
         except ValueError as exc:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
-        return self.compile(grammar, param)
+        return self.compile(converted, param, key)
 
-    def compile(self, text: str, param: str) -> Grammar:
+    def _cached(self, key: str | tuple[str, str]) -> Grammar | None:
+        grammar = self._cache.get(key)
+        if grammar is not None:
+            self._cache.move_to_end(key)
+        return grammar
+
+    def compile(self, text: str, param: str, key: str | tuple[str, str] | None = None) -> Grammar:
+        """`key`: the cache's (the grammar's text by default)."""
+        key = text if key is None else key
         with self._lock:
-            grammar = self._cache.get(text)
+            grammar = self._cached(key)
             if grammar is not None:
-                self._cache.move_to_end(text)
                 return grammar
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
@@ -145,7 +158,7 @@ class Grammars:
             raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
         grammar = Grammar(text, template)
         with self._lock:
-            self._cache[text] = grammar
+            self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
