@@ -329,3 +329,15 @@ def test_disable_any_whitespace_takes_the_spaces_out(server: GunicornServer, no_
     (streamed,) = _streamed(server, temperature=0, extra_body=extra)
     assert (whole.message.content, whole.finish_reason) == (answer, "stop")
     assert (streamed["content"], streamed["finish_reason"]) == (answer, "stop")
+
+
+@pytest.mark.parametrize("path, extra", [("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}}),
+                                         ("/v1/completions", {"guided_regex": "a"})])
+def test_allowed_token_ids_with_a_structured_output_is_a_400_that_says_so(server: GunicornServer, path: str,
+                                                                          extra: dict[str, Any]) -> None:
+    prompt = {"messages": USER} if path == "/v1/chat/completions" else {"prompt": "x"}
+    answer = requests.post(f"{server.url}{path}", json={"model": MODEL, "max_tokens": 4, "allowed_token_ids": [64],
+                                                        **prompt, **extra}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "allowed_token_ids" and "a structured output" in error["message"], error
