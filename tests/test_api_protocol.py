@@ -475,3 +475,10 @@ def test_disable_additional_properties_applies_to_json_only(kind: str, value: An
                                                                        "disable_additional_properties": True}})
     structured_grammar(serving, req)
     assert serving.engine.grammars.schemas == [compiled]
+
+
+@pytest.mark.parametrize("request_id", ["x" * 257, 7])
+def test_request_id_is_a_string_of_at_most_256(request_id: Any) -> None:
+    """It is repeated in every chunk of a stream: a body's megabytes in each would be an amplifier."""
+    assert _bad({"messages": USER, "request_id": request_id}).param == "request_id"
+    assert parse_completion_request({"prompt": "x", "request_id": "x" * 256}).request_id == "x" * 256

@@ -341,3 +341,25 @@ def test_allowed_token_ids_with_a_structured_output_is_a_400_that_says_so(server
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == "allowed_token_ids" and "a structured output" in error["message"], error
+
+
+@pytest.mark.parametrize("path, prefix", [("/v1/chat/completions", "chatcmpl"), ("/v1/completions", "cmpl")])
+def test_request_id_is_the_answers_id(server: GunicornServer, path: str, prefix: str) -> None:
+    """vLLM's form: `{prefix}-` then the client's X-Request-Id, else the body's request_id, else a new one; streamed
+    in every chunk."""
+    prompt = {"messages": USER, **NO_THINKING} if path == "/v1/chat/completions" else {"prompt": "x"}
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "ignore_eos": True, **prompt}
+
+    def ids(extra: dict[str, Any], headers: dict[str, str]) -> set[str]:
+        whole = requests.post(f"{server.url}{path}", json={**body, **extra}, headers=headers, timeout=60).json()
+        with requests.post(f"{server.url}{path}", json={**body, **extra, "stream": True}, headers=headers,
+                           stream=True, timeout=60) as streamed:
+            chunks = [json.loads(line.removeprefix(b"data: ")) for line in streamed.iter_lines()
+                      if line.startswith(b"data: {")]
+        assert len(chunks) >= 3, chunks
+        return {whole["id"]} | {chunk["id"] for chunk in chunks}
+
+    assert ids({"request_id": "batch-7/item 3"}, {}) == {f"{prefix}-batch-7/item 3"}
+    assert ids({"request_id": "body"}, {"X-Request-Id": "header-1"}) == {f"{prefix}-header-1"}
+    generated = ids({}, {})
+    assert len(generated) == 2 and all(re.fullmatch(f"{prefix}-[0-9a-f]{{32}}", i) for i in generated), generated

@@ -162,6 +162,7 @@ class JsonSchemaFormat(Strict):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+MAX_REQUEST_ID = 256  # characters: it is repeated in every chunk of a stream
 GuidanceBackend = refused("auto", "guidance")  # vLLM's backend names: llguidance's is "guidance"
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
@@ -508,7 +509,7 @@ class SamplingFields(Strict):
     truncate_prompt_tokens: Refused = None
     prompt_logprobs: Refused = None
     priority: refused(0) = None
-    request_id: Refused = None
+    request_id: str | None = Field(None, max_length=MAX_REQUEST_ID)  # vLLM's: the response's id (request_id.py)
     return_token_ids: refused(False) = None
     return_tokens_as_token_ids: refused(False) = None
     logits_processors: Refused = None
