@@ -118,25 +118,35 @@ def read_body(request: Request, timeout_s: float) -> bytes:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
+class JSONError(ValueError):
+    """A JSON text refused: `status` 400, or 413 for more values than a request needs; `path`: the value at fault."""
+
+    def __init__(self, message: str, status: int = 400, path: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.path = path
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _check_tree(value: Any) -> None:
+def _check_tree(value: Any, what: str) -> None:
     """Iteratively (a recursive walk would hit the recursion limit json.loads just passed)."""
+    if isinstance(value, str) and _SURROGATE.search(value):  # a string's JSON alone (a model's call name)
+        raise JSONError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode).")
     stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)] if isinstance(value, (dict, list)) else []
     while stack:
         path, node = stack.pop()
         if len(path) >= MAX_DEPTH:
-            raise APIError(400, f"The JSON body is nested more than {MAX_DEPTH} levels deep.")
+            raise JSONError(f"{what} is nested more than {MAX_DEPTH} levels deep.")
         for key, child in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                raise APIError(400, "A key in the JSON body contains a lone UTF-16 surrogate.",
-                               param=param_name(path) or None)
+                raise JSONError(f"A key in {what} contains a lone UTF-16 surrogate.", path=path)
             if isinstance(child, str):
                 if not child.isascii() and _SURROGATE.search(child):
-                    raise APIError(400, f"Invalid value for '{param_name(path + (key,))}': the string contains a "
-                                        "lone UTF-16 surrogate (not valid Unicode).", param=param_name(path + (key,)))
+                    raise JSONError(f"Invalid value for '{param_name(path + (key,))}' in {what}: the string contains "
+                                    "a lone UTF-16 surrogate (not valid Unicode).", path=path + (key,))
             elif isinstance(child, (dict, list)):
                 stack.append((path + (key,), child))
 
@@ -153,37 +163,39 @@ def _too_many_values(data: bytes) -> bool:
     return outside.count(b",") + outside.count(b":") > MAX_SEPARATORS
 
 
-def parse_json(data: bytes) -> Any:
-    """Decoded JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more values
-    than a request needs."""
+def load_json(data: bytes, what: str) -> Any:
+    """Decoded JSON, within the limits on a request's values and depth; JSONError, its message naming
+    `what` ("the JSON body"), for anything that is not strict JSON in valid Unicode."""
     if _too_many_values(data):
-        raise APIError(413, f"The JSON body has more than {MAX_SEPARATORS} values in all (send a large batch as "
-                       "several requests).", code="request_too_large")
+        raise JSONError(f"{what} has more than {MAX_SEPARATORS} values in all.", status=413)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError(400, "The request body is not valid UTF-8.") from None
+        raise JSONError(f"{what} is not valid UTF-8.") from None
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise APIError(400, "The JSON body is nested too deeply.") from None
+        raise JSONError(f"{what} is nested too deeply.") from None
     except ValueError:
-        raise APIError(400, "We could not parse the JSON body of your request.") from None
-    _check_tree(body)
-    return body
+        raise JSONError(f"{what} is not valid JSON.") from None
+    _check_tree(value, what)
+    return value
+
+
+def parse_json(data: bytes) -> Any:
+    """The request body decoded; 400 for anything that is not strict JSON in valid Unicode, 413 for more
+    values than a request needs."""
+    try:
+        return load_json(data, "the JSON body")
+    except JSONError as exc:
+        if exc.status == 413:
+            raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
+        message = str(exc)
+        raise APIError(400, message[0].upper() + message[1:], param=param_name(exc.path) or None) from None
 
 
 def loads_strict(text: str) -> Any:
-    """JSON inside a string (a tool call's arguments, from a client or the model) held to the body's rules;
-    ValueError for anything parse_json refuses: json.loads alone raised RecursionError past ~1000 levels
-    and passed NaN and lone surrogates on to the template or the answer."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-        _check_tree(value)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    except APIError as exc:
-        raise ValueError(exc.message) from None
-    if isinstance(value, str) and _SURROGATE.search(value):
-        raise ValueError("a lone UTF-16 surrogate")
-    return value
+    """JSON inside a string (a tool call's arguments, from a client or the model) held to a body's rules;
+    ValueError (JSONError) for anything a body is refused for: json.loads alone raised RecursionError past
+    ~1000 levels and passed NaN and lone surrogates on to the template or the answer."""
+    return load_json(text.encode("utf-8", "surrogatepass"), "the string")
