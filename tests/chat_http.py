@@ -23,7 +23,7 @@ MAX_MODEL_LEN = 512
 VLLM_COMMON_DEFAULTS: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
     "spaces_between_special_tokens": True, "bad_words": [], "truncate_prompt_tokens": None, "prompt_logprobs": None,
-    "priority": 0, "request_id": None, "return_token_ids": False, "return_tokens_as_token_ids": False,
+    "priority": 0, "return_token_ids": False, "return_tokens_as_token_ids": False,
     "logits_processors": None, "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
     "guided_decoding_backend": "auto", "guided_whitespace_pattern": None, "structural_tag": None,
 }

@@ -107,7 +107,8 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     *[(path, {**base, "structured_outputs": so}) for path, base in (
         ("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "x"})) for so in (
         {}, {"regex": "a"}, {"regex": None}, {"regex": "a", "choice": ["a"]}, {"json_object": False},
-        {"json_object": True}, {"json": {}, "json_object": False}, {"grammar": "start: \"a\"", "json_object": True})],
+        {"json_object": True}, {"json": {}, "json_object": False}, {"grammar": "start: \"a\"", "json_object": True},
+        {"regex": "a", "json_object": False})],
     ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}),
     ("/v1/responses/input_tokens", {}),
     ("/v1/responses/input_tokens", {"instructions": "be brief", "truncation": "auto"}),

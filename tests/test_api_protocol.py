@@ -15,7 +15,8 @@ from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, sse
-from nanoqwen.api.structured import closed_objects
+from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS
+from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 
 USER = [{"role": "user", "content": "hi"}]
@@ -358,7 +359,10 @@ def _other(value: Any) -> Any:
     (lambda f: parse_completion_request({"prompt": "x", **f}), VLLM_COMPLETION_DEFAULTS),
 ], ids=["chat", "completions"])
 def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict], Any], defaults: dict) -> None:
-    assert parse(defaults).sampling_params() == parse({}).sampling_params()
+    """Accepted as fields of the request, asking for no constraint (that the answer is the same:
+    test_server_structured.py's test_vllm_fields_at_their_defaults_change_nothing); any other value refused."""
+    req = parse(defaults)
+    assert set(defaults) <= req.model_fields_set and req.constraint is None
     for name, value in defaults.items():
         with pytest.raises(APIError) as info:
             parse({name: _other(value)})
@@ -368,8 +372,9 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
 
 @pytest.mark.parametrize("extra, param, words", [
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
-    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "got none"),
-    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not JSON"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "asks for no constraint"),
+    ({"structured_outputs": {"json_object": False, "regex": "a"}}, "structured_outputs", "got regex, json_object"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs.json", "not valid JSON"),
     ({"guided_json": "[]"}, "guided_json", "an object"),
     ({"guided_choice": []}, "guided_choice", "at least 1"),
     ({"structured_outputs": {"regex": "a"}, "guided_regex": "b"}, "guided_regex", "structured_outputs"),
@@ -387,6 +392,23 @@ def test_vllm_fields_are_accepted_at_their_defaults_only(parse: Callable[[dict],
 def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param: str, words: str) -> None:
     error = _bad({"messages": USER, **extra})
     assert error.param == param and words in str(error), str(error)
+
+
+@pytest.mark.parametrize("encoded, words", [
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("[" * 70 + "]" * 70, f"nested more than {MAX_DEPTH} levels"),
+    ('{"const": NaN}', "not valid JSON"),
+    ('{"minimum": -Infinity}', "not valid JSON"),
+    ('{"enum": [' + "0," * MAX_SEPARATORS + "0]}", f"more than {MAX_SEPARATORS} values"),
+    ('{"const": "\\udc00"}', "lone UTF-16 surrogate"),
+], ids=["5000-deep", "65-deep", "NaN", "Infinity", "values", "surrogate"])
+def test_an_encoded_schema_has_the_limits_of_a_body(encoded: str, words: str) -> None:
+    """A schema sent as its JSON encoding escapes body.py's checks on the body: it gets them itself, a 400 naming
+    the field (a string nested 5000 deep was a RecursionError, a 500)."""
+    for extra, param in (({"guided_json": encoded}, "guided_json"),
+                         ({"structured_outputs": {"json": encoded}}, "structured_outputs.json")):
+        error = _bad({"messages": USER, **extra})
+        assert (error.status, error.param) == (400, param) and words in str(error), str(error)
 
 
 def test_structured_outputs_kinds() -> None:
@@ -408,17 +430,55 @@ def test_structured_outputs_kinds() -> None:
     assert parse_chat_request({"messages": USER}).constraint is None
 
 
-def test_closed_objects_closes_every_object_schema_that_does_not_say() -> None:
-    open_object = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    schema = {"$defs": {"o": open_object}, "properties": {"properties": open_object, "items": {"type": "array",
-              "items": open_object, "prefixItems": [open_object]}}, "anyOf": [open_object, {"type": "string"}],
-              "additionalProperties": open_object, "patternProperties": {"^x": {"type": "object",
-                                                                                "additionalProperties": True}}}
-    closed = {**open_object, "additionalProperties": False}
+def test_closed_objects_closes_what_vllm_closes() -> None:
+    """vLLM's rule: each object at any depth, under any key, with `properties` or `patternProperties` and no
+    `additionalProperties`; a bare object schema stays open (it was closed to `{}`)."""
+    named = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    patterned = {"patternProperties": {"^x": {"type": "string"}}}
+    bare = {"type": "object"}
+    schema = {"$defs": {"o": named}, "properties": {"p": patterned, "q": bare}, "anyOf": [named, bare],
+              "x-vendor": {"deep": [[named]]}, "if": {"properties": {"b": {"const": 1}}, "additionalProperties": True}}
+    closed, closed_patterns = {**named, "additionalProperties": False}, {**patterned, "additionalProperties": False}
     assert closed_objects(schema) == {
-        "$defs": {"o": closed}, "properties": {"properties": closed, "items": {"type": "array", "items": closed,
-                                                                               "prefixItems": [closed]}},
-        "anyOf": [closed, {"type": "string"}], "additionalProperties": closed,
-        "patternProperties": {"^x": {"type": "object", "additionalProperties": True}}}
-    assert closed_objects(open_object) == closed and open_object == {"type": "object", "properties": {"a": {
-        "type": "integer"}}}  # a copy
+        "$defs": {"o": closed}, "properties": {"p": closed_patterns, "q": bare}, "anyOf": [closed, bare],
+        "x-vendor": {"deep": [[closed]]}, "if": {"properties": {"b": {"const": 1}}, "additionalProperties": True},
+        "additionalProperties": False}
+    assert closed_objects(bare) == bare and closed_objects(named) == closed
+    assert named == {"type": "object", "properties": {"a": {"type": "integer"}}}  # a copy
+
+
+class _Grammars:
+    """The engine's Grammars as structured_grammar calls it: the schemas it is given."""
+
+    def __init__(self) -> None:
+        self.schemas: list[dict[str, Any]] = []
+
+    def json_schema(self, schema: dict[str, Any], *_: Any) -> None:
+        self.schemas.append(schema)
+
+
+class _Serving:
+    def __init__(self) -> None:
+        self.engine = type("Engine", (), {"grammars": _Grammars()})()
+
+    def off_loop(self, _chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+
+@pytest.mark.parametrize("kind, value, compiled", [
+    ("json_object", True, {"type": "object"}),  # was {"type": "object", "additionalProperties": False}: only {}
+    ("json", {"type": "object", "properties": {}}, {"type": "object", "properties": {}, "additionalProperties": False}),
+])
+def test_disable_additional_properties_applies_to_json_only(kind: str, value: Any, compiled: dict) -> None:
+    serving = _Serving()
+    req = parse_chat_request({"messages": USER, "structured_outputs": {kind: value,
+                                                                       "disable_additional_properties": True}})
+    structured_grammar(serving, req)
+    assert serving.engine.grammars.schemas == [compiled]
+
+
+@pytest.mark.parametrize("request_id", ["x" * 257, 7])
+def test_request_id_is_a_string_of_at_most_256(request_id: Any) -> None:
+    """It is repeated in every chunk of a stream: a body's megabytes in each would be an amplifier."""
+    assert _bad({"messages": USER, "request_id": request_id}).param == "request_id"
+    assert parse_completion_request({"prompt": "x", "request_id": "x" * 256}).request_id == "x" * 256

@@ -313,3 +313,53 @@ def test_disable_additional_properties_closes_the_schemas_objects(server: Gunico
                      extra_body={"structured_outputs": {"json": digit, "disable_additional_properties": closed}})
     only_a = [c.finish_reason == "stop" and list(json.loads(c.message.content)) == ["a"] for c in answer.choices]
     assert only_a == [closed] * CHOICES, answer.choices
+
+
+@pytest.mark.parametrize("no_space, answer", [(None, '{"a": 1, "b": [2, 2]}'), (False, '{"a": 1, "b": [2, 2]}'),
+                                              (True, '{"a":1,"b":[2,2]}')])
+def test_disable_any_whitespace_takes_the_spaces_out(server: GunicornServer, no_space: bool | None,
+                                                     answer: str) -> None:
+    """Every value is forced, so the answer is the schema's one JSON text with the option's separators (vLLM's
+    guidance backend: "," and ":"), each compiled in turn in one server (the grammar cache keys on the option)."""
+    fixed = {"type": "object", "properties": {"a": {"const": 1}, "b": {"type": "array", "items": {"const": 2},
+             "minItems": 2, "maxItems": 2}}, "required": ["a", "b"], "additionalProperties": False}
+    options = {} if no_space is None else {"disable_any_whitespace": no_space}
+    extra = {"structured_outputs": {"json": fixed, **options}}
+    whole = _create(server, temperature=0, extra_body=extra).choices[0]
+    (streamed,) = _streamed(server, temperature=0, extra_body=extra)
+    assert (whole.message.content, whole.finish_reason) == (answer, "stop")
+    assert (streamed["content"], streamed["finish_reason"]) == (answer, "stop")
+
+
+@pytest.mark.parametrize("path, extra", [("/v1/chat/completions", {"structured_outputs": {"choice": ["a"]}}),
+                                         ("/v1/completions", {"guided_regex": "a"})])
+def test_allowed_token_ids_with_a_structured_output_is_a_400_that_says_so(server: GunicornServer, path: str,
+                                                                          extra: dict[str, Any]) -> None:
+    prompt = {"messages": USER} if path == "/v1/chat/completions" else {"prompt": "x"}
+    answer = requests.post(f"{server.url}{path}", json={"model": MODEL, "max_tokens": 4, "allowed_token_ids": [64],
+                                                        **prompt, **extra}, timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "allowed_token_ids" and "a structured output" in error["message"], error
+
+
+@pytest.mark.parametrize("path, prefix", [("/v1/chat/completions", "chatcmpl"), ("/v1/completions", "cmpl")])
+def test_request_id_is_the_answers_id(server: GunicornServer, path: str, prefix: str) -> None:
+    """vLLM's form: `{prefix}-` then the client's X-Request-Id, else the body's request_id, else a new one; streamed
+    in every chunk."""
+    prompt = {"messages": USER, **NO_THINKING} if path == "/v1/chat/completions" else {"prompt": "x"}
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "ignore_eos": True, **prompt}
+
+    def ids(extra: dict[str, Any], headers: dict[str, str]) -> set[str]:
+        whole = requests.post(f"{server.url}{path}", json={**body, **extra}, headers=headers, timeout=60).json()
+        with requests.post(f"{server.url}{path}", json={**body, **extra, "stream": True}, headers=headers,
+                           stream=True, timeout=60) as streamed:
+            chunks = [json.loads(line.removeprefix(b"data: ")) for line in streamed.iter_lines()
+                      if line.startswith(b"data: {")]
+        assert len(chunks) >= 3, chunks
+        return {whole["id"]} | {chunk["id"] for chunk in chunks}
+
+    assert ids({"request_id": "batch-7/item 3"}, {}) == {f"{prefix}-batch-7/item 3"}
+    assert ids({"request_id": "body"}, {"X-Request-Id": "header-1"}) == {f"{prefix}-header-1"}
+    generated = ids({}, {})
+    assert len(generated) == 2 and all(re.fullmatch(f"{prefix}-[0-9a-f]{{32}}", i) for i in generated), generated

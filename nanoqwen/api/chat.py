@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Response
 
+from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
@@ -51,9 +52,10 @@ class ChatService:
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
+        id_ = response_id("chatcmpl", req.request_id)
         stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning,
-                              think_end) if req.stream else None
-        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end)
+                              think_end, id=id_) if req.stream else None
+        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, id=id_)
         return serving.respond(batch, stream, collect, trace, environ)
 
     def params(self, req: ChatCompletionRequest) -> SamplingParams:

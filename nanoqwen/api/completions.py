@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Response
 
+from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import Choice, RunningUsage, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
@@ -147,7 +148,7 @@ class CompletionService:
         running = RunningUsage(sum(map(len, prompts))) if req.continuous_usage else None
         builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
                                  [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
-                                 req.include_usage, running)
+                                 req.include_usage, running, id=response_id("cmpl", req.request_id))
         return serving.respond(batch, builder if req.stream else None, builder, trace, environ)
 
     def _encode(self, req: CompletionRequest, max_tokens: int | None) -> list[list[int]]:

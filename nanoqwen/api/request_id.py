@@ -1,4 +1,5 @@
-"""`X-Request-Id`: the client's (when it is a short plain token) or a new one, echoed on every response.
+"""`X-Request-Id`: the client's (when it is a short plain token) or a new one, echoed on every response;
+the client's is also the completion's `id`, as vLLM's.
 
 gunicorn's access log prints it from the response header (see access_log_format in
 nanoqwen/gunicorn_conf.py), so a client's id ties its request to the log line.
@@ -14,9 +15,22 @@ HEADER = "X-Request-Id"
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # nothing that could forge or break a log line
 
 
-def request_id() -> str:
+def _client_request_id() -> str | None:
     given = request.headers.get(HEADER, "")
-    return given if _ACCEPTED.fullmatch(given) else uuid.uuid4().hex
+    return given if _ACCEPTED.fullmatch(given) else None
+
+
+def request_id() -> str:
+    return _client_request_id() or uuid.uuid4().hex
+
+
+def response_id(prefix: str, body_request_id: str | None) -> str:
+    """A completion's `id` as vLLM forms it (serving_chat/serving_completion's `_base_request_id`): `prefix-`
+    then the client's X-Request-Id, else the body's vLLM `request_id`, else a new one."""
+    base = _client_request_id()
+    if base is None:
+        base = uuid.uuid4().hex if body_request_id is None else body_request_id
+    return f"{prefix}-{base}"
 
 
 def install(app: Flask) -> None:

@@ -162,17 +162,16 @@ class JsonSchemaFormat(Strict):
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
+MAX_REQUEST_ID = 256  # characters: it is repeated in every chunk of a stream
 GuidanceBackend = refused("auto", "guidance")  # vLLM's backend names: llguidance's is "guidance"
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 def _schema_or_encoded(value: Any) -> Any:
+    """A string decoded within the limits of a request body, which it escaped (a JSONError is a ValueError)."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ValueError("a string must be a JSON schema's JSON encoding, and this one is not JSON") from None
+        value = strict_json.loads(value, "the string (a JSON schema's JSON encoding)")
     if not isinstance(value, dict):
         raise ValueError("must be a JSON schema: an object, or its JSON encoding")
     return value
@@ -200,8 +199,8 @@ class Constraint:
 
 def _one_kind_schema(schema: dict[str, Any]) -> None:
     """StructuredOutputs._one_kind in its JSON schema (the OpenAPI document's)."""
-    schema["oneOf"] = [{"required": [kind], "properties": {kind: {"const": True} if kind == "json_object" else
-                                                           {"not": {"type": "null"}}}} for kind in STRUCTURED_KINDS]
+    schema["oneOf"] = [{"required": [kind], "properties": {kind: {"not": {"type": "null"}}}}
+                       for kind in STRUCTURED_KINDS]
 
 
 class StructuredOutputs(Strict):
@@ -213,19 +212,18 @@ class StructuredOutputs(Strict):
     regex: str | None = None
     choice: Choices | None = None
     grammar: str | None = None  # Lark, or llama.cpp's GBNF
-    json_object: bool | None = None  # true: any JSON object; false asks for nothing
+    # true: any JSON object. false is a kind (vLLM counts it), one that asks for nothing: always refused
+    json_object: Annotated[bool, WithJsonSchema({"const": True})] | None = None
     backend: GuidanceBackend = None
-    # Honoured whatever their value: llguidance never falls back to another backend, and JSON is always
-    # generated compactly (see nanoqwen/engine/grammar.py), which any-whitespace JSON allows too.
-    disable_fallback: bool | None = None
+    disable_fallback: bool | None = None  # honoured whatever its value: llguidance never falls back
+    # true: JSON's separators "," and ":" (vLLM's guidance backend's); else ", " and ": " (nanoqwen/engine/grammar.py)
     disable_any_whitespace: bool | None = None
     disable_additional_properties: bool | None = None  # true: `json`'s objects take only the properties it names
     whitespace_pattern: Refused = None
     structural_tag: Refused = None
 
     def _value(self, kind: str) -> Any:
-        value = getattr(self, "json_" if kind == "json" else kind)
-        return None if kind == "json_object" and not value else value
+        return getattr(self, "json_" if kind == "json" else kind)
 
     @model_validator(mode="after")
     def _one_kind(self) -> StructuredOutputs:
@@ -233,6 +231,8 @@ class StructuredOutputs(Strict):
         if len(kinds) != 1:
             raise ValueError(f"exactly one kind of constraint is needed ({', '.join(STRUCTURED_KINDS)}), "
                              f"got {', '.join(kinds) or 'none'}")
+        if self.json_object is False:
+            raise ValueError("json_object false asks for no constraint: send true, or another kind")
         return self
 
     @property
@@ -519,7 +519,7 @@ class SamplingFields(Strict):
     truncate_prompt_tokens: Refused = None
     prompt_logprobs: Refused = None
     priority: refused(0) = None
-    request_id: Refused = None
+    request_id: str | None = Field(None, max_length=MAX_REQUEST_ID)  # vLLM's: the response's id (request_id.py)
     return_token_ids: refused(False) = None
     return_tokens_as_token_ids: refused(False) = None
     logits_processors: Refused = None

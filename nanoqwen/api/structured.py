@@ -39,37 +39,30 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         return None
     if constraint.kind in ("json", "json_object"):
         schema = constraint.value if constraint.kind == "json" else {"type": "object"}
-        if req.structured_outputs is not None and req.structured_outputs.disable_additional_properties:
+        options = req.structured_outputs
+        if constraint.kind == "json" and options is not None and options.disable_additional_properties:
             schema = closed_objects(schema)
-        return _json(serving, schema, True, constraint.param)
+        no_space = options is not None and bool(options.disable_any_whitespace)
+        return _json(serving, schema, True, constraint.param, no_space)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
     return serving.off_loop(len(text), serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
 
 
-# JSON Schema's keywords whose value is a schema, a list of schemas, or a map of them ("items": either of the first two)
-SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties",
-             "propertyNames")
-SUBSCHEMA_LISTS = ("items", "anyOf", "oneOf", "allOf", "prefixItems")
-SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def closed_objects(schema: Any) -> Any:
-    """vLLM's `disable_additional_properties`: the schema with `"additionalProperties": false` in each object
-    schema that does not set it (llguidance, as JSON Schema, allows other properties by default)."""
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key, value in schema.items():
-        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
-        elif key in SUBSCHEMA_LISTS and isinstance(value, list):
-            out[key] = [closed_objects(sub) for sub in value]
-        elif key in SUBSCHEMA:
-            out[key] = closed_objects(value)
-    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
+def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's `disable_additional_properties` (its _walk_json_for_additional_properties): a copy of the schema with
+    `"additionalProperties": false` in each object, at any depth, that has `properties` or `patternProperties` and
+    does not set it; `{"type": "object"}` alone stays open. Iterative: the schema is as deep as a body may be."""
+    out = json.loads(json.dumps(schema))
+    stack: list[Any] = [out]
+    while stack:
+        node = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend(child for child in children if isinstance(child, (dict, list)))
+        if isinstance(node, dict) and ("properties" in node or "patternProperties" in node):
+            node.setdefault("additionalProperties", False)
     return out
 
 
-def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
-    return serving.off_loop(len(json.dumps(schema)), serving.engine.grammars.json_schema, schema, strict, param)
+def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
+    return serving.off_loop(len(json.dumps(schema)), serving.engine.grammars.json_schema, schema, strict, param,
+                            no_space)

@@ -8,6 +8,7 @@ millisecond per constrained row per step against a decode step of ~100 ms (profi
 
 JSON is generated compactly with json.dumps' separators (", " and ": "), Qwen3's own tool-call
 layout: flexible whitespace would let a model pad forever without ever finishing the object.
+vLLM's `disable_any_whitespace` asks for "," and ":" (what its guidance backend then generates).
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
-CACHE_SIZE = 128  # compiled grammars kept (keyed by their text)
+CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class Grammar:
         return self.template.deep_copy()
 
 
-def _schema_with_options(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
+def _schema_with_options(schema: dict[str, Any], strict: bool, no_space: bool = False) -> dict[str, Any]:
     """The schema with llguidance's compile options; not strict: keywords it cannot enforce are ignored."""
-    return {**schema, "x-guidance": {**JSON_OPTIONS, "lenient": not strict}}
+    return {**schema, "x-guidance": {**(NO_SPACE_JSON_OPTIONS if no_space else JSON_OPTIONS), "lenient": not strict}}
 
 
 def _call_schema(tool: ToolSpec) -> dict[str, Any]:
@@ -97,12 +99,13 @@ class Grammars:
         vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
         self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
         self._lock = native_lock()
-        self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str | tuple[str, str], Grammar] = collections.OrderedDict()
 
-    def json_schema(self, schema: dict[str, Any], strict: bool, param: str) -> Grammar:
-        """Output that is one JSON value matching `schema`; InvalidRequest naming `param` if it is not one."""
+    def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
+        """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
+        naming `param` if it is not one. The grammar's text, the cache's key, holds the options."""
         try:
-            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict))
+            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict, no_space))
         except ValueError as exc:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         return self.compile(text, param)
@@ -122,18 +125,31 @@ class Grammars:
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
-        strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one."""
+        strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
+        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
+        key = (kind, text)
+        with self._lock:
+            grammar = self._cached(key)
+        if grammar is not None:
+            return grammar
         try:
-            grammar = llguidance.grammar_from(kind, text)
+            converted = llguidance.grammar_from(kind, text)
         except ValueError as exc:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
-        return self.compile(grammar, param)
+        return self.compile(converted, param, key)
 
-    def compile(self, text: str, param: str) -> Grammar:
+    def _cached(self, key: str | tuple[str, str]) -> Grammar | None:
+        grammar = self._cache.get(key)
+        if grammar is not None:
+            self._cache.move_to_end(key)
+        return grammar
+
+    def compile(self, text: str, param: str, key: str | tuple[str, str] | None = None) -> Grammar:
+        """`key`: the cache's (the grammar's text by default)."""
+        key = text if key is None else key
         with self._lock:
-            grammar = self._cache.get(text)
+            grammar = self._cached(key)
             if grammar is not None:
-                self._cache.move_to_end(text)
                 return grammar
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
@@ -143,7 +159,7 @@ class Grammars:
             raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
         grammar = Grammar(text, template)
         with self._lock:
-            self._cache[text] = grammar
+            self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
