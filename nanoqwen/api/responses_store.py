@@ -124,8 +124,8 @@ class ResponseStore:
 
     def keeps(self, known_bytes: int) -> bool:
         """Whether a response is kept whose history and input (its output still to come) are this large: under a
-        quarter of the bound, and with room among the responses in progress (counted at this size, more than its
-        snapshot holds)."""
+        quarter of the bound, and with room among the responses in progress (this size taken for the newcomer's
+        snapshot and input)."""
         with self._lock:
             room = len(self._running) < self.max_responses and self._running_bytes + known_bytes <= self.max_bytes
         return known_bytes < self.max_bytes // 4 and room
