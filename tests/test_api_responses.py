@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from flask import Response
 
 from nanoqwen.api.chat import template_chars
 from nanoqwen.api.config import ServerConfig
@@ -22,6 +23,7 @@ from nanoqwen.api.responses_api import (
     ResponseEvents,
     ResponsesService,
     input_item_json,
+    kept_in_progress,
 )
 from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
@@ -45,9 +47,13 @@ def _lp(token: str) -> TokenLogprob:
 
 
 def _draft(store: ResponseStore | None = None, **body: Any) -> Draft:
+    """A response's draft, begun in `store` (in progress there) as create begins it."""
     req = parse_responses_request({"input": "Hi", **body})
     inputs = [input_item_json(item) for item in req.input_items]
-    return Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs)
+    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs)
+    if store is not None:
+        store.begin(draft.in_progress(), inputs)
+    return draft
 
 
 def _item(store: ResponseStore, item_id: str) -> Json | None:
@@ -504,9 +510,9 @@ def test_input_items_pages() -> None:
 
 
 class _ThreadRecordingStore(ResponseStore):
-    def put(self, response: Json, input_items: list[Json], previous: Any) -> bytes | None:
+    def put(self, response: Json, input_items: list[Json], previous: Any, begun: bool = False) -> bytes:
         self.thread = threading.get_ident()
-        return super().put(response, input_items, previous)
+        return super().put(response, input_items, previous, begun)
 
 
 SCORED = TokenLogprob(0, "a", -0.5, [97], [_lp("b")] * 20)
@@ -601,3 +607,68 @@ def test_one_event_ending_a_call_and_starting_text() -> None:
     call, message = response["output"]
     assert call["arguments"] == '{"zone": "UTC"}' and message["content"][0]["text"] == "Then more."
     assert _without_ids(streamed[-1]["response"]) == _without_ids(response)
+
+
+def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() -> None:
+    service = ResponsesService(SimpleNamespace())
+    service.store = store = ResponseStore()
+    draft = _draft(store, input="Hello")
+    entry = store.get(draft.id)
+    assert not isinstance(entry, Stored) and json.loads(entry.body) == draft.in_progress()
+    assert entry.items() == draft.inputs and json.loads(entry.body)["status"] == "in_progress"
+    with pytest.raises(APIError) as exc:
+        service._previous(draft.id)
+    assert (exc.value.status, exc.value.param, exc.value.code) == (400, "previous_response_id",
+                                                                  "previous_response_in_progress")
+    assert store.delete(draft.id) and store.get(draft.id) is None
+    finished = json.loads(_collected(draft, THOUGHT))  # answered to its client, not kept
+    assert finished["status"] == "completed" and store.get(draft.id) is None
+    kept = _draft(store)
+    assert isinstance(store.get(json.loads(_collected(kept, THOUGHT))["id"]), Stored)
+    ended = _draft(store)
+    store.end(ended.id)  # its client gone, say: found no more, and a late finish keeps nothing
+    assert store.get(ended.id) is None and not isinstance(_collected(ended, THOUGHT), dict)
+    assert store.get(ended.id) is None and store._running == {} and store._running_bytes == 0
+
+
+def test_the_responses_in_progress_are_bounded_like_the_store() -> None:
+    """By count and by bytes: a response past either says `store: false` up front."""
+    store = ResponseStore(max_responses=2, max_bytes=1000)
+    first = _draft(store)
+    assert store.keeps(0) and store._running_bytes > 1000 // 2  # a snapshot: some 800 bytes
+    assert not store.keeps(1000 - store._running_bytes + 1) and store.keeps(1000 - store._running_bytes)
+    second = _draft(store)
+    assert not store.keeps(0)
+    store.end(first.id)
+    store.end(second.id)
+    assert store.keeps(1000 // 4 - 1) and store._running_bytes == 0
+
+
+def test_a_response_is_in_progress_until_collected_failed_or_its_stream_closed() -> None:
+    store = ResponseStore()
+
+    def begun(respond: Callable[[], Any], streamed: bool) -> tuple[str, Any]:
+        draft = Draft(parse_responses_request({"input": "Hi"}), SamplingParams(), "m", THINK_END, store)
+        seen = []  # whether the response was in progress while answering
+
+        def answering() -> Any:
+            seen.append(store.get(draft.id) is not None)
+            return respond()
+
+        answer = kept_in_progress(draft, store, answering, streamed)
+        assert seen == [True]
+        return draft.id, answer
+
+    _, collected = begun(lambda: {"id": "x"}, streamed=False)  # collected, or its client gone (a 499)
+    assert collected == {"id": "x"} and store._running == {}
+
+    def failing() -> Any:
+        raise APIError(500, "engine error")
+
+    with pytest.raises(APIError):
+        begun(failing, streamed=False)
+    assert store._running == {}
+    response_id, streamed = begun(lambda: Response(iter(["event"])), streamed=True)
+    assert store.get(response_id) is not None  # until the server closes the stream, read or not
+    streamed.close()
+    assert store._running == {} and store._running_bytes == 0

@@ -3,6 +3,7 @@ client (its `responses.stream` helper checks the event order and accumulates the
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import jsonschema
@@ -341,3 +342,48 @@ def test_a_large_answer_streamed_and_not_keeps_health_fast(client: openai.OpenAI
     assert [t.token for t in streamed.output[-1].content[0].logprobs] == [t.token for t in logprobs]
     assert client.responses.retrieve(streamed.id).model_dump() == streamed.model_dump()
     assert max(latencies) < 0.5, latencies
+
+
+# long enough for a few requests meanwhile, as test_server's test_health_is_fast_while_generating needs
+LONG_STREAM = {**GREEDY, "max_output_tokens": 400, "input": "Tell me a long story.", "stream": True}
+
+
+def test_a_stored_response_exists_from_its_first_event_and_a_delete_meanwhile_holds(server: GunicornServer) -> None:
+    """GET answers the `response.created` snapshot while generating, its input items are listed, a continuation
+    waits for it (400); DELETE removes it for good: its client still gets the whole stream, and nothing is kept."""
+    with requests.post(f"{server.url}/v1/responses", json=LONG_STREAM, stream=True, timeout=60) as answer:
+        events = sse_events(answer)
+        name, data = next(events)
+        created = json.loads(data)["response"]
+        url = f"{server.url}/v1/responses/{created['id']}"
+        assert name == "response.created" and requests.get(url, timeout=30).json() == created
+        assert created["status"] == "in_progress" and created["output"] == [] and created["store"] is True
+        (item,) = requests.get(f"{url}/input_items", timeout=30).json()["data"]
+        assert item["content"] == [{"type": "input_text", "text": "Tell me a long story."}]
+        follow = requests.post(f"{server.url}/v1/responses", timeout=30,
+                               json={**GREEDY, "input": "More.", "previous_response_id": created["id"]})
+        error = follow.json()["error"]
+        assert follow.status_code == 400 and error["param"] == "previous_response_id"
+        assert error["code"] == "previous_response_in_progress"  # so it was still in progress until the delete
+        deleted = requests.delete(url, timeout=30)
+        assert deleted.json() == {"id": created["id"], "object": "response", "deleted": True}
+        assert requests.get(url, timeout=30).status_code == 404
+        rest = list(events)
+    last = json.loads(rest[-1][1])["response"]
+    assert rest[-1][0] == "response.incomplete" and last["usage"]["output_tokens"] == 400
+    for route in ("", "/input_items"):
+        assert requests.get(f"{url}{route}", timeout=30).status_code == 404
+    assert requests.delete(url, timeout=30).status_code == 404
+
+
+def test_a_stored_stream_cut_by_its_client_leaves_nothing_behind(server: GunicornServer) -> None:
+    with requests.post(f"{server.url}/v1/responses", json=LONG_STREAM, stream=True, timeout=60) as answer:
+        name, data = next(sse_events(answer))
+        url = f"{server.url}/v1/responses/{json.loads(data)['response']['id']}"
+        assert requests.get(url, timeout=30).json()["status"] == "in_progress"
+    deadline = time.monotonic() + 10
+    while (found := requests.get(url, timeout=30)).status_code != 404:  # aborted, not kept
+        assert found.json()["status"] == "in_progress" and time.monotonic() < deadline, found.text
+        time.sleep(0.05)
+    stats = requests.get(f"{server.url}/stats", timeout=30).json()
+    assert stats["active_requests"] == 0 and stats["queue_length"] == 0

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
 
 from flask import Response
@@ -34,7 +35,7 @@ from nanoqwen.api.responses_schemas import (
     parse_count_request,
     parse_responses_request,
 )
-from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
+from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.sse import sse
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -120,12 +121,16 @@ class Draft:
             "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
 
+    def in_progress(self) -> Json:
+        """The response as `response.created` says it, and GET answers it until it ends."""
+        return self.response("in_progress", [], None)
+
     def finish(self, status: str, output: list[Json], usage: Json) -> tuple[Json, bytes | None]:
-        """The final response, stored when asked to, and its encoding when stored."""
+        """The final response, stored when asked to (unless deleted meanwhile), and its encoding then."""
         response = self.response(status, output, usage)
         if self.store is None:
             return response, None
-        return response, self.store.put(response, self.inputs, self.previous)
+        return response, self.store.put(response, self.inputs, self.previous, begun=True)
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -227,7 +232,7 @@ class ResponseEvents:
         return event
 
     def opening(self) -> list[Json]:
-        response = self.draft.response("in_progress", [], None)
+        response = self.draft.in_progress()
         return [self._event("response.created", response=response),
                 self._event("response.in_progress", response=response)]
 
@@ -350,6 +355,24 @@ class ResponseEvents:
         return [*out, self._event(f"response.{status}", response=self.response)]
 
 
+def kept_in_progress(draft: Draft, store: ResponseStore, respond: Callable[[], Response | Json],
+                     streamed: bool) -> Response | Json:
+    """The answer of a response kept, found in the store from its first event until it ends: once collected,
+    on an error, or when the server closes its stream (at its end, its client gone, even before its first event)."""
+    store.begin(draft.in_progress(), draft.inputs)
+    ended = partial(store.end, draft.id)
+    try:
+        answer = respond()
+    except BaseException:
+        ended()
+        raise
+    if streamed:
+        answer.call_on_close(ended)
+    else:
+        ended()
+    return answer
+
+
 INPUT = PromptName("input", "input")
 HISTORY = PromptName("input and previous responses' items", "previous_response_id")
 Fields = TypeVar("Fields", bound=ResponsePromptFields)
@@ -405,7 +428,8 @@ class ResponsesService:
                       self.store if self._keeps(req, inputs, previous) else None, previous, inputs)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
-        return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
+        respond = partial(serving.respond, batch, stream, ResponseCollector(draft, tools), trace, environ)
+        return respond() if draft.store is None else kept_in_progress(draft, draft.store, respond, stream is not None)
 
     def count(self, body: Any) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
@@ -559,19 +583,23 @@ class ResponsesService:
         if stored is None:
             raise APIError(400, f"Previous response with id '{previous_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")
+        if not isinstance(stored, Stored):  # its history is not known yet
+            raise APIError(400, f"Previous response with id '{previous_id}' is still in progress: continue it once "
+                           "it has finished.", param="previous_response_id", code="previous_response_in_progress")
         if len(stored.history) > self.store.max_bytes:  # truncation "auto" would let it grow without bound
             raise APIError(400, f"The conversation of previous response '{previous_id}' is larger than "
                            f"{self.store.max_bytes} bytes: start a new one.", param="previous_response_id")
         return stored
 
-    def _stored(self, response_id: str) -> Stored:
+    def _stored(self, response_id: str) -> Entry:
         stored = self.store.get(response_id)
         if stored is None:
             raise _not_found(response_id)
         return stored
 
     def retrieve(self, response_id: str, args: dict[str, str]) -> Response:
-        """A stored response; its events replayed (`stream=true`) are not kept, so not offered."""
+        """A stored response, or one in progress as its `response.created` said it; its events replayed
+        (`stream=true`) are not kept, so not offered, finished or not."""
         _check_query(args, ("stream",))
         if args.get("stream", "false") != "false":
             raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",

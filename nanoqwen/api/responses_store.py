@@ -4,9 +4,13 @@ In memory and per worker process: a response is found only by the worker that ma
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
 the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. Whether a response is
 kept is decided before its first event (which says `store`): not when its history and input already reach a
-quarter of the bound, so that one entry cannot empty the store; once said, it is kept (alone, if its output
-made it larger than the bound).
-Items are found by id too (`item_reference`): a response's input and output items.
+quarter of the bound, so that one entry cannot empty the store, nor when the responses in progress fill a bound
+of their own; once said, it is kept (alone, if its output made it larger than the bound).
+A response kept exists from its first event, as on OpenAI: until it ends, GET answers the `response.created`
+snapshot (status "in_progress", no output yet) and its input items are listed. DELETE meanwhile removes it for
+good: the generation goes on for the client that asked (deleting is not cancelling), and the finished response
+is not kept. It cannot be continued (`previous_response_id`) before it ends.
+Items are found by id too (`item_reference`): a finished response's input and output items.
 """
 from __future__ import annotations
 
@@ -26,15 +30,25 @@ MAX_LIST_LIMIT = 100
 
 
 @dataclass(frozen=True)
-class Stored:
+class Entry:
+    """What GET and input_items answer for a response: a finished one (Stored), or one in progress."""
+
     body: bytes  # the response, as GET answers it
     input_items: bytes  # this request's input items, with ids: a JSON list
-    history: bytes  # the items a continuation starts from (the earlier ones, its input, its output): a JSON list
-    own_at: int  # where in history its own items (input and output) start, after a "[" or ","
-    item_ids: frozenset[str]  # of its own items
 
     def items(self) -> list[Json]:
         return json.loads(self.input_items)
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.input_items)
+
+
+@dataclass(frozen=True)
+class Stored(Entry):
+    history: bytes  # the items a continuation starts from (the earlier ones, its input, its output): a JSON list
+    own_at: int  # where in history its own items (input and output) start, after a "[" or ","
+    item_ids: frozenset[str]  # of its own items
 
     def own_items(self) -> dict[str, Json]:
         """Its own items by id, as a continuation needs them (no logprobs)."""
@@ -42,7 +56,7 @@ class Stored:
 
     @property
     def size(self) -> int:
-        return len(self.body) + len(self.input_items) + len(self.history)
+        return super().size + len(self.history)
 
 
 def _without_logprobs(item: Json) -> Json:
@@ -69,11 +83,27 @@ class ResponseStore:
         self._entries: OrderedDict[str, Stored] = OrderedDict()
         self._items: dict[str, list[str]] = {}  # item id -> the ids of the responses holding it, oldest first
         self._bytes = 0
+        # the responses begun and not ended, their `response.created` snapshots: bounded alike, each kept in full
+        self._running: dict[str, Entry] = {}
+        self._running_bytes = 0
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def put(self, response: Json, input_items: list[Json], previous: Stored | None) -> bytes:
+    def begin(self, response: Json, input_items: list[Json]) -> None:
+        """`response` (in progress) found by id until it ends: finished (put with `begun`), deleted or ended."""
+        entry = Entry(encode_json(response), encode_text(input_items).encode())
+        with self._lock:
+            self._running[response["id"]] = entry
+            self._running_bytes += entry.size
+
+    def end(self, response_id: str) -> None:
+        """The response begun no longer in progress (finished, failed, its client gone): not kept if not put."""
+        with self._lock:
+            self._pop_running(response_id)
+
+    def put(self, response: Json, input_items: list[Json], previous: Stored | None, begun: bool = False) -> bytes:
         """Keeps `response` (its `previous` response's history before it) and returns its encoding; the oldest
-        entries go until the bounds hold, or until it is the only one. Each entry holds its whole history."""
+        entries go until the bounds hold, or until it is the only one. Each entry holds its whole history.
+        One `begun` is kept only while still in progress (not deleted meanwhile)."""
         items = [_without_logprobs(item) for item in [*input_items, *response["output"]]]
         later = encode_text(items).encode()
         history = _concat(previous.history, later) if previous is not None else later
@@ -81,6 +111,8 @@ class ResponseStore:
                         len(history) - len(later) + 1, frozenset(item["id"] for item in items))
         response_id = response["id"]
         with self._lock:
+            if begun and not self._pop_running(response_id):
+                return stored.body
             self._pop(response_id)
             self._entries[response_id] = stored
             for item_id in stored.item_ids:
@@ -91,12 +123,17 @@ class ResponseStore:
         return stored.body
 
     def keeps(self, known_bytes: int) -> bool:
-        """Whether a response is kept whose history and input (its output still to come) are this large."""
-        return known_bytes < self.max_bytes // 4
-
-    def get(self, response_id: str) -> Stored | None:
+        """Whether a response is kept whose history and input (its output still to come) are this large: under a
+        quarter of the bound, and with room among the responses in progress (this size taken for the newcomer's
+        snapshot and input)."""
         with self._lock:
-            return self._entries.get(response_id)
+            room = len(self._running) < self.max_responses and self._running_bytes + known_bytes <= self.max_bytes
+        return known_bytes < self.max_bytes // 4 and room
+
+    def get(self, response_id: str) -> Entry | None:
+        """The response finished, else the one in progress (an Entry, not Stored), with this id."""
+        with self._lock:
+            return self._entries.get(response_id) or self._running.get(response_id)
 
     def holder(self, item_id: str) -> tuple[str, Stored] | None:
         """The id and entry of the latest kept response holding the item with this id (as input or output)."""
@@ -106,7 +143,14 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
-            return self._pop(response_id)
+            return self._pop(response_id) or self._pop_running(response_id)
+
+    def _pop_running(self, response_id: str) -> bool:
+        entry = self._running.pop(response_id, None)
+        if entry is None:
+            return False
+        self._running_bytes -= entry.size
+        return True
 
     def _pop(self, response_id: str) -> bool:
         stored = self._entries.pop(response_id, None)
