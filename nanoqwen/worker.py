@@ -12,6 +12,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from http import HTTPStatus
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -48,12 +49,19 @@ def _freeze_loaded_objects() -> None:
     gc.freeze()
 
 
+# gunicorn's refusals that a client can act on without reading the message
+GUNICORN_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large", 501: "unsupported_transfer_coding"}
+
+
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's own answers (a request line, header or chunk it cannot parse: 400, 414, 431, 501; an
-    error past the app: 500) in OpenAI's envelope, in place of its HTML page."""
-    type = "server_error" if status_int >= 500 else "invalid_request_error"
-    body = json.dumps(error_body(mesg or reason, type)).encode()
-    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    error past the app: 500) in OpenAI's envelope, in place of its HTML page. gunicorn's reason for a 501
+    is "Bad Request"; and a 501 is the client's doing (a transfer coding nobody here knows), not a
+    server_error, which clients (openai-python) retry."""
+    type = "server_error" if status_int >= 500 and status_int != 501 else "invalid_request_error"
+    body = json.dumps(error_body(mesg or reason, type, code=GUNICORN_CODES.get(status_int))).encode()
+    head = (f"HTTP/1.1 {status_int} {HTTPStatus(status_int).phrase}\r\nConnection: close\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
     util.write_nonblock(sock, head.encode("latin-1") + body)
 

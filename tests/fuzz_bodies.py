@@ -40,7 +40,7 @@ ARGUMENTS = ("", "{}", '{"city": "Paris"}', "[" * 3000 + "]" * 3000, '{"a": NaN}
              '{"a": 1, "a": 2}', "[1, 2]", '"x"', "{" * 40, "null")
 NOISE = (b"\xed\xa0\x80", b"\xff", b"\\ud800", b"\\u0000", b"[" * 50, b"NaN", b"}", b'"', b",", b"\x00", b"\\",
          b"1e309", b"-0", b"18446744073709551616")
-# sent with a body by main(): each must be decoded as it says, or refused
+# sent with a body (cases()): each must be decoded as it says, or refused
 HEADERS = ({}, {"Content-Type": "text/plain"}, {"Content-Type": "application/json; charset=latin-1"},
            {"Content-Type": "application/json; charset=utf-16"}, {"Content-Type": "application/json; charset=bogus"},
            {"Content-Encoding": "gzip"}, {"Content-Encoding": "identity"}, {"Expect": "100-continue"})
@@ -100,6 +100,13 @@ def bodies(model: str, seed: int, count: int) -> Iterator[bytes]:
         yield body if isinstance(body, bytes) else json.dumps(body).encode("utf-8", "surrogatepass")
 
 
+def cases(model: str, seed: int, count: int) -> Iterator[tuple[bytes, dict[str, str]]]:
+    """`bodies(seed)` with the headers to send each with (drawn from a generator of their own)."""
+    rng = random.Random(seed)
+    for body in bodies(model, seed, count):
+        yield body, rng.choice(HEADERS)
+
+
 def check(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 60) -> str | None:
     """None when the server answered properly, else what was wrong."""
     try:
@@ -127,9 +134,8 @@ def check(url: str, body: bytes, headers: dict[str, str] | None = None, timeout:
 
 def main(url: str, count: int, seed: int = 0) -> int:
     t0 = time.monotonic()
-    rng = random.Random(seed)
-    failures = [(body, problem) for body in bodies("qwen3-0.6b", seed, count)
-                if (problem := check(url, body, rng.choice(HEADERS))) is not None]
+    failures = [(body, problem) for body, headers in cases("qwen3-0.6b", seed, count)
+                if (problem := check(url, body, headers)) is not None]
     for body, problem in failures:
         print(problem, "<-", body[:200])
     print(f"{count} bodies, {len(failures)} failures, {time.monotonic() - t0:.1f} s")

@@ -9,13 +9,13 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
-from nanoqwen.api.body import MAX_DEPTH, MAX_SEPARATORS
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, sse
+from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS
 from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
 

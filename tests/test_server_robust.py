@@ -14,7 +14,7 @@ from chat_http import MODEL, cpu_env, health_polled, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
 from nanoqwen.api import encode
-from nanoqwen.api.body import MAX_SEPARATORS
+from nanoqwen.api.strict_json import MAX_SEPARATORS
 from nanoqwen.engine import Engine, EngineConfig
 from server_process import REPO_ROOT, GunicornServer
 

@@ -118,6 +118,8 @@ def _with_arguments(arguments: str) -> dict[str, Any]:
     (_with_arguments("[" * 5000 + "]" * 5000), ARGUMENTS),  # was a 500: RecursionError
     (_with_arguments('{"city": "\\ud800"}'), ARGUMENTS),  # was a 500: the tokenizer got a lone surrogate
     (_with_arguments('{"city": NaN}'), ARGUMENTS),  # was passed on to the template
+    (_with_arguments('{"city": 1e309}'), ARGUMENTS),  # was inf, as NaN
+    (_with_arguments("[" + "1," * 70_000 + "1]"), ARGUMENTS),  # a string's values were not bounded
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),
 ])
 def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: str) -> None:

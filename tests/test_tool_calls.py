@@ -88,6 +88,14 @@ def test_a_block_that_is_not_strict_json_stays_content(block: str) -> None:
     assert _raw(ToolCallParser(), [block]) == (block, [])
 
 
+def test_streamed_arguments_are_sent_as_written() -> None:
+    """A block in Qwen3's key order is a call once its header shows, its arguments unchecked (the documented
+    choice: they are out before the object closes); the whole answer and every split of it agree."""
+    block = '<tool_call>{"name": "f", "arguments": {"a": NaN}}</tool_call>'
+    for deltas in _splits(block, random.Random(0)):
+        assert _raw(ToolCallParser(), deltas) == (None, [("f", '{"a": NaN}')]), deltas
+
+
 def test_arguments_are_a_json_object_string() -> None:
     (call,) = assemble(ToolCallParser().feed(WEATHER).calls)
     assert call.to_json() == {"id": call.id, "type": "function",

@@ -1,19 +1,7 @@
-"""The request body: read within a deadline, parsed as strict UTF-8 JSON, checked for what the schema cannot see.
-
-Python's json accepts lone UTF-16 surrogates (as `\\ud800` escapes, and as raw `ED A0 80` bytes,
-which it decodes with `surrogatepass`), NaN/Infinity, and recurses once per nesting level; none
-of that may reach the tokenizer, the schema or an error message.
-
-Parsing and validating run on the event loop and cost time per JSON value, not per byte: a body
-of a million tiny values (8 MiB of `1,` or of `"k":0,`) held the loop for seconds. Its values are
-bounded before it is parsed, by counting the separators outside strings (C-speed byte scans).
-"""
+"""The request body: read within a deadline, parsed as strict UTF-8 JSON (nanoqwen.api.strict_json)."""
 from __future__ import annotations
 
-import codecs
 import contextlib
-import json
-import re
 import socket
 from typing import Any
 
@@ -22,17 +10,23 @@ from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name
+from nanoqwen.api.strict_json import JSONError
 
 READ_CHUNK = 64 << 10
-MAX_DEPTH = 64  # the deepest field of a valid request is ~5 levels down
-# `,` and `:` outside strings: a full 40,960-token context as token ids takes 40,959
-MAX_SEPARATORS = 1 << 16
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# Decoded on the loop, so only C-speed codecs (punycode took 0.36 s per 100 kB, idna and the escape codecs are no
-# charsets); Python's names for them, as codecs.lookup normalises.
-CHARSETS = frozenset({"ascii", "iso8859-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
-                      "utf-32-be"})
+# The charsets a body may be in, by the names clients send (lower-cased) -> Python's codec. A fixed table:
+# codecs.lookup caches every name it is asked for, failed ones too (an 8 KB name leaked 8 KB a request), and knows
+# codecs that are no charsets (idna, the escape codecs) or too slow for the loop (punycode: 0.36 s per 100 kB).
+# Decoded once, on the loop: 8 MiB takes milliseconds (UTF-8, latin-1) to tens of them (cp1252, a charmap).
+CHARSETS = {
+    **dict.fromkeys(("utf-8", "utf8"), "utf-8"),
+    **dict.fromkeys(("us-ascii", "ascii"), "ascii"),
+    **dict.fromkeys(("iso-8859-1", "iso8859-1", "iso_8859-1", "latin-1", "latin1"), "latin-1"),
+    **dict.fromkeys(("windows-1252", "cp1252"), "cp1252"),
+    **{name: name for name in ("utf-16", "utf-16le", "utf-16be", "utf-32", "utf-32le", "utf-32be")},
+}
+UTF8_FIRST = frozenset({"ascii", "latin-1", "cp1252"})
 
 
 class _BodyTimeout(Exception):
@@ -64,8 +58,10 @@ def _read_yielding(request: Request) -> bytes:
 
 def _check_codings(request: Request) -> None:
     """A compressed body is refused, not parsed as if it were plain: we decode no Content-Encoding, and no
-    transfer coding but chunked (gunicorn passes `Transfer-Encoding: gzip, chunked` on undecoded)."""
-    for header, allowed in (("Content-Encoding", ("", "identity")), ("Transfer-Encoding", ("", "chunked"))):
+    transfer coding but chunked. gunicorn refuses the other transfer codings itself (400, 501 for an unknown
+    one) but passes `gzip, chunked` (and deflate, compress) on undecoded, and `identity, chunked` as chunked."""
+    for header, allowed in (("Content-Encoding", ("", "identity")),
+                            ("Transfer-Encoding", ("", "identity", "chunked"))):
         codings = [c.strip() for c in request.headers.get(header, "").lower().split(",")]
         if unsupported := [c for c in codings if c not in allowed]:
             _stop_reading(request.environ)
@@ -73,39 +69,42 @@ def _check_codings(request: Request) -> None:
                            code="unsupported_media_type")
 
 
-def _codec(charset: str) -> str | None:
-    with contextlib.suppress(LookupError):
-        return codecs.lookup(charset).name
-    return None
-
-
-def _as_utf8(request: Request, data: bytes) -> bytes:
-    """The body re-encoded from the charset its Content-Type declares (UTF-8 when it declares none)."""
+def _codec(request: Request) -> tuple[str, str]:
+    """(the charset the Content-Type names, lower-cased, UTF-8 when none; its codec), or 415 before the body is read."""
     charset = request.mimetype_params.get("charset", "utf-8").strip().lower()
-    codec = _codec(charset)
-    if codec == "utf-8":
-        return data
-    if codec not in CHARSETS:
-        raise APIError(415, f"Unsupported charset '{charset}' in the Content-Type (send UTF-8).",
+    if (codec := CHARSETS.get(charset)) is None:
+        _stop_reading(request.environ)
+        raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type (send UTF-8).",
                        code="unsupported_media_type")
+    return charset, codec
+
+
+def _decode(data: bytes, charset: str, codec: str) -> str:
+    """The body's text; a body labelled with a single-byte charset but valid UTF-8 is UTF-8 (old Java clients
+    label what they send ISO-8859-1; vLLM and Starlette read UTF-8 there too)."""
+    if codec in UTF8_FIRST:
+        with contextlib.suppress(UnicodeDecodeError):
+            return data.decode("utf-8")
     try:
-        return data.decode(codec).encode("utf-8")
-    except UnicodeError:
+        return data.decode(codec)
+    except UnicodeDecodeError:
         raise APIError(400, f"The request body is not valid {charset}.") from None
 
 
-def read_body(request: Request, timeout_s: float) -> bytes:
-    """The body as UTF-8 bytes, or 408 when it takes longer than timeout_s to arrive (stalled uploads
-    hold a worker connection each), 400 when it is malformed (bad chunked framing, cut short: the
-    client closed before its Content-Length), 413 past the size limit (the connection then closes:
-    gunicorn would read the rest to reuse it), 415 for a Content-Encoding or charset we do not decode."""
+def read_body(request: Request, timeout_s: float) -> str:
+    """The body's text, decoded from the charset its Content-Type names, or 408 when it takes longer than
+    timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
+    chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
+    (the connection then closes: gunicorn would read the rest to reuse it), 415 for a Content-Encoding
+    or charset we do not decode."""
     _check_codings(request)
+    charset, codec = _codec(request)
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):
             data = _read_yielding(request)
         if request.content_length is not None and len(data) < request.content_length:
             raise ValueError("the body ended before its Content-Length")
-        return _as_utf8(request, data)
+        return _decode(data, charset, codec)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise
@@ -118,84 +117,13 @@ def read_body(request: Request, timeout_s: float) -> bytes:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-class JSONError(ValueError):
-    """A JSON text refused: `status` 400, or 413 for more values than a request needs; `path`: the value at fault."""
-
-    def __init__(self, message: str, status: int = 400, path: tuple[str | int, ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.path = path
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _check_tree(value: Any, what: str) -> None:
-    """Iteratively (a recursive walk would hit the recursion limit json.loads just passed)."""
-    if isinstance(value, str) and _SURROGATE.search(value):  # a string's JSON alone (a model's call name)
-        raise JSONError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode).")
-    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)] if isinstance(value, (dict, list)) else []
-    while stack:
-        path, node = stack.pop()
-        if len(path) >= MAX_DEPTH:
-            raise JSONError(f"{what} is nested more than {MAX_DEPTH} levels deep.")
-        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
-                raise JSONError(f"A key in {what} contains a lone UTF-16 surrogate.", path=path)
-            if isinstance(child, str):
-                if not child.isascii() and _SURROGATE.search(child):
-                    raise JSONError(f"Invalid value for '{param_name(path + (key,))}' in {what}: the string contains "
-                                    "a lone UTF-16 surrogate (not valid Unicode).", path=path + (key,))
-            elif isinstance(child, (dict, list)):
-                stack.append((path + (key,), child))
-
-
-def _too_many_values(data: bytes) -> bool:
-    """Whether `data` has more than MAX_SEPARATORS separators outside its strings (escaped
-    quotes and backslashes removed first, so that every `"` left opens or closes a string)."""
-    if data.count(b",") + data.count(b":") <= MAX_SEPARATORS:
-        return False
-    data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
-    if data.count(b'"') > 2 * (MAX_SEPARATORS + 1):  # a value per pair of quotes: more values than the limit
-        return True
-    outside = b"".join(data.split(b'"')[::2])
-    return outside.count(b",") + outside.count(b":") > MAX_SEPARATORS
-
-
-def load_json(data: bytes, what: str) -> Any:
-    """Decoded JSON, within the limits on a request's values and depth; JSONError, its message naming
-    `what` ("the JSON body"), for anything that is not strict JSON in valid Unicode."""
-    if _too_many_values(data):
-        raise JSONError(f"{what} has more than {MAX_SEPARATORS} values in all.", status=413)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise JSONError(f"{what} is not valid UTF-8.") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise JSONError(f"{what} is nested too deeply.") from None
-    except ValueError:
-        raise JSONError(f"{what} is not valid JSON.") from None
-    _check_tree(value, what)
-    return value
-
-
-def parse_json(data: bytes) -> Any:
-    """The request body decoded; 400 for anything that is not strict JSON in valid Unicode, 413 for more
+def parse_json(text: str) -> Any:
+    """The request body's JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more
     values than a request needs."""
     try:
-        return load_json(data, "the JSON body")
+        return strict_json.loads(text, "the JSON body")
     except JSONError as exc:
         if exc.status == 413:
             raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
         message = str(exc)
         raise APIError(400, message[0].upper() + message[1:], param=param_name(exc.path) or None) from None
-
-
-def loads_strict(text: str) -> Any:
-    """JSON inside a string (a tool call's arguments, from a client or the model) held to a body's rules;
-    ValueError (JSONError) for anything a body is refused for: json.loads alone raised RecursionError past
-    ~1000 levels and passed NaN and lone surrogates on to the template or the answer."""
-    return load_json(text.encode("utf-8", "surrogatepass"), "the string")

@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from nanoqwen.api.body import load_json, loads_strict
+from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
@@ -171,7 +171,7 @@ GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice":
 def _schema_or_encoded(value: Any) -> Any:
     """A string decoded within the limits of a request body, which it escaped (a JSONError is a ValueError)."""
     if isinstance(value, str):
-        value = load_json(value.encode("utf-8", "surrogatepass"), "the string (a JSON schema's JSON encoding)")
+        value = strict_json.loads(value, "the string (a JSON schema's JSON encoding)")
     if not isinstance(value, dict):
         raise ValueError("must be a JSON schema: an object, or its JSON encoding")
     return value
@@ -243,7 +243,14 @@ class StructuredOutputs(Strict):
 
 def _decode_arguments(arguments: str) -> Any:
     """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
-    return loads_strict(arguments) if arguments.strip() else {}
+    return strict_json.loads(arguments, "the string") if arguments.strip() else {}
+
+
+class Arguments(str):
+    """A call's arguments string with the object it decodes to: parsed once, by the validator (an 8 MB
+    string cost its parse again when templated)."""
+
+    parsed: dict[str, Any]
 
 
 class FunctionCall(Strict):
@@ -252,18 +259,21 @@ class FunctionCall(Strict):
 
     @property
     def parsed_arguments(self) -> dict[str, Any]:
-        return _decode_arguments(self.arguments)
+        assert isinstance(self.arguments, Arguments)  # as the validator returns it
+        return self.arguments.parsed
 
     @field_validator("arguments")
     @classmethod
-    def _json_object(cls, value: str) -> str:
+    def _json_object(cls, value: str) -> Arguments:
         try:
             parsed = _decode_arguments(value)
-        except ValueError:
-            parsed = None
+        except ValueError as exc:
+            raise ValueError(f"arguments must be a JSON object encoded as a string: {exc}") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be a JSON object encoded as a string")
-        return value
+        arguments = Arguments(value)
+        arguments.parsed = parsed
+        return arguments
 
 
 class ToolCallMessage(Strict):

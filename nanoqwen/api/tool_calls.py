@@ -9,10 +9,13 @@ streamed answer reassembles to the non-streamed one.
 A block that starts as Qwen3 writes one, `{"name": "<name>", "arguments": {`, is a call from
 there on: its id and name go out at once and its arguments, the model's raw JSON text of the
 object, as they are decoded (up to the object's closing brace, or the block's end when cut short),
-as OpenAI streams them. Any other block is judged when it closes: a call if it parses (a JSON
-object with a string `name` and an object `arguments`), sent whole; else it stays in the content
-as the model wrote it. Whitespace next to a block (Qwen3 puts a newline between calls) is layout,
-not content.
+as OpenAI streams them. Those arguments are not checked: they are out before the object closes, so
+a call cannot turn back into content, and the non-streamed answer (the same parser) carries the
+same text; like OpenAI's, they may be invalid JSON (`{"a": NaN}`) unless a forced tool_choice
+constrained them. Any other block is judged when it closes: a call if it is strict JSON
+(nanoqwen.api.strict_json: an object with a string `name` and an object `arguments`), sent whole;
+else it stays in the content as the model wrote it. Whitespace next to a block (Qwen3 puts a
+newline between calls) is layout, not content.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from nanoqwen.api.body import loads_strict
+from nanoqwen.api import strict_json
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -80,7 +83,7 @@ def _header_name(block: str, end: int) -> tuple[str, int] | None:
     if match is None:
         return None
     try:
-        name = loads_strict(match.group(1))
+        name = strict_json.loads(match.group(1))
     except ValueError:
         return None
     return (name, match.end()) if name else None
@@ -124,7 +127,7 @@ class _Arguments:
 def parse_call(block: str) -> ToolCall | None:
     """The call in a block's inner text, or None when it is not one."""
     try:
-        obj = loads_strict(block)
+        obj = strict_json.loads(block)
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:

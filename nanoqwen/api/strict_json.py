@@ -1,0 +1,92 @@
+"""Strict JSON: what a request may hold, in its body or in a string inside it (a tool call's arguments).
+
+Python's json accepts lone UTF-16 surrogates (as `\\ud800` escapes, and as raw `ED A0 80` bytes,
+which it decodes with `surrogatepass`), NaN/Infinity, and recurses once per nesting level; none
+of that may reach the tokenizer, the schema or an error message.
+
+Parsing and checking cost time per JSON value, not per byte, and run on the event loop: a text of
+a million tiny values (8 MiB of `1,` or of `"k":0,`) held the loop for seconds. Its values are
+bounded before it is parsed, by counting the separators outside strings (C-speed scans).
+
+Free of the server's dependencies (flask, gevent, gunicorn): the tool-call parser uses it too.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from nanoqwen.api.errors import param_name
+
+MAX_DEPTH = 64  # the deepest field of a valid request is ~5 levels down
+# `,` and `:` outside strings: a full 40,960-token context as token ids takes 40,959
+MAX_SEPARATORS = 1 << 16
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class JSONError(ValueError):
+    """A JSON text refused: `status` 400, or 413 for more values than a request needs; `path`: the value at fault."""
+
+    def __init__(self, message: str, status: int = 400, path: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.path = path
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    """parse_constant sees only the literals NaN and Infinity: 1e309 parsed to inf."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
+def too_many_values(text: str) -> bool:
+    """Whether `text` has more than MAX_SEPARATORS separators outside its strings (escaped
+    quotes and backslashes removed first, so that every `"` left opens or closes a string)."""
+    if text.count(",") + text.count(":") <= MAX_SEPARATORS:
+        return False
+    text = text.replace("\\\\", "").replace('\\"', "")
+    if text.count('"') > 2 * (MAX_SEPARATORS + 1):  # a value per pair of quotes: more values than the limit
+        return True
+    outside = "".join(text.split('"')[::2])
+    return outside.count(",") + outside.count(":") > MAX_SEPARATORS
+
+
+def _check_tree(value: Any, what: str) -> None:
+    """Iteratively (a recursive walk would hit the recursion limit json.loads just passed)."""
+    if isinstance(value, str) and _SURROGATE.search(value):
+        raise JSONError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode).")
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)] if isinstance(value, (dict, list)) else []
+    while stack:
+        path, node = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            raise JSONError(f"{what} is nested more than {MAX_DEPTH} levels deep.")
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                raise JSONError(f"A key in {what} contains a lone UTF-16 surrogate.", path=path)
+            if isinstance(child, str):
+                if not child.isascii() and _SURROGATE.search(child):
+                    raise JSONError(f"Invalid value for '{param_name(path + (key,))}' in {what}: the string contains "
+                                    "a lone UTF-16 surrogate (not valid Unicode).", path=path + (key,))
+            elif isinstance(child, (dict, list)):
+                stack.append((path + (key,), child))
+
+
+def loads(text: str, what: str = "the JSON") -> Any:
+    """Decoded JSON within a request's limits on values and depth; JSONError, its message naming `what`
+    ("the JSON body"), for anything that is not strict JSON in valid Unicode."""
+    if too_many_values(text):
+        raise JSONError(f"{what} has more than {MAX_SEPARATORS} values in all.", status=413)
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise JSONError(f"{what} is nested too deeply.") from None
+    except ValueError:
+        raise JSONError(f"{what} is not valid JSON.") from None
+    _check_tree(value, what)
+    return value

@@ -1,0 +1,42 @@
+"""nanoqwen.api.strict_json: the one home of a request's JSON rules, for its body and the JSON inside its strings."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nanoqwen.api import strict_json
+from nanoqwen.api.schemas import FunctionCall
+from nanoqwen.api.strict_json import MAX_SEPARATORS, JSONError
+
+
+@pytest.mark.parametrize("text, status", [
+    ('{"a": 1e309}', 400), ('[-1e400]', 400), ('{"a": NaN}', 400), ('"\\ud800"', 400), ("[" * 3000 + "]" * 3000, 400),
+    ("[" + "1," * (MAX_SEPARATORS + 1) + "1]", 413), ('{"a": "' + "," * (2 * MAX_SEPARATORS) + '"}', None),
+], ids=["1e309", "-1e400", "nan", "surrogate", "deep", "too-many-values", "commas-in-a-string"])
+def test_loads_refuses_what_a_request_may_not_hold(text: str, status: int | None) -> None:
+    """1e309 parsed to inf (parse_constant sees only the literals NaN and Infinity)."""
+    if status is None:
+        assert strict_json.loads(text) == {"a": "," * (2 * MAX_SEPARATORS)}
+        return
+    with pytest.raises(JSONError) as info:
+        strict_json.loads(text)
+    assert info.value.status == status
+
+
+def test_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validator parsed them, and templating (parsed_arguments) parsed them again."""
+    calls = []
+    loads = strict_json.loads
+    monkeypatch.setattr(strict_json, "loads", lambda *args: calls.append(args) or loads(*args))
+    call = FunctionCall(name="f", arguments='{"city": "Paris"}')
+    assert call.parsed_arguments == {"city": "Paris"} and call.parsed_arguments == {"city": "Paris"}
+    assert len(calls) == 1 and call.model_dump() == {"name": "f", "arguments": '{"city": "Paris"}'}
+
+
+def test_the_tool_call_parser_imports_no_server() -> None:
+    """It imported nanoqwen.api.body (flask, gevent, gunicorn) for one JSON helper."""
+    code = "import sys, nanoqwen.api.tool_calls; print(sorted({'flask', 'gevent', 'gunicorn'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
