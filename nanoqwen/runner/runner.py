@@ -138,16 +138,19 @@ class ModelRunner:
 
     def step_rows(self, batch: Batch) -> int | None:
         """The rows `batch` runs as a decode step, None where it runs packed (prefill chunks; drafts a decode step
-        does not take). Its positions pad to a bucket only where a graph replays it or torch.compile specialises
-        on it: run eagerly, a padded row costs what a real one does. On cpugraph a verify step runs only a bucket
-        that replays: past the C linears' row limit the decode step would run its positions through torch's
-        GEMMs, each reading its sequence's keys (the packed path reads them once per sequence)."""
+        does not take). Its positions pad to a bucket except where the CPU runs the step eagerly (graph none, or a
+        cpugraph bucket that does not replay): there a padded row costs what a real one does. A graph replays one
+        step per bucket and torch.compile specialises on each; on a GPU an eager step pads too, so that it runs
+        the row counts, and with them the cuBLAS/Triton kernels (split-K included), of the graphed steps it equals
+        token for token. On cpugraph a verify step runs only a bucket that replays: past the C linears' row limit
+        the decode step would run its positions through torch's GEMMs, each reading its sequence's keys (the
+        packed path reads them once per sequence)."""
         seqs = batch.decode
         draft_keys = sum(len(seq.draft_ids) * len(seq) for seq in seqs)
         if batch.prefill or batch.num_drafts and (not self.verify_as_decode or draft_keys > VERIFY_MAX_DRAFT_KEYS):
             return None
         n = sum(1 + len(seq.draft_ids) for seq in seqs)
-        if self.graph == "none":
+        if self.graph == "none" and self.device.type == "cpu":
             return n
         bucket = next(b for b in self.buckets if b >= n)
         if self.graph != "cpugraph" or self.graphs.replays(bucket):
