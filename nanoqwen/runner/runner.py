@@ -114,7 +114,7 @@ class ModelRunner:
         rows, steps = sampled_positions(seqs)
         n = len(rows)
         max_len = self.inputs.stage_decode(seqs, bucket)
-        mode, penalized = stage_sampling(self.inputs.host.sampling(), rows, bucket, self.config.vocab_size, steps)
+        mode, penalized = stage_sampling(self.inputs.host_sampling, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
@@ -124,7 +124,7 @@ class ModelRunner:
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
-            tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
+            tokens = sample(logits, self.inputs.device_sampling[:n], mode,
                             self._penalties(rows) if penalized else None,
                             self.adjuster.build(rows) if adjusted else None)
         return step_output(rows, logits, tokens)
