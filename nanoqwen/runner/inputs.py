@@ -1,8 +1,9 @@
 """The model's inputs for a step.
 
-Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input, the
-sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
-nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. A step
+Every decode input, the sampling settings included, lives in one preallocated buffer of 4-byte words,
+so a step allocates nothing on the host side and copies its inputs with one (non-blocking, pinned)
+transfer. Where a graph replays the step, torch.compile specialises on its shape or a GPU runs it, the
+batch is padded to a bucket (1, 2, 4, 8, ...); an eager CPU step runs its own rows (ModelRunner.step_rows). A step
 with prefill chunks packs every row's new tokens (a decode row's one) into one flat batch, built
 per step; its sampling settings (a verify step's: one per position) have a static staging of their own.
 """
