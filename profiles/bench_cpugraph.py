@@ -50,7 +50,8 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
     seqs = engine.scheduler.running
     runner.inputs.stage_decode(seqs, batch)
     runner.inputs.upload_decode(batch)
-    recording, replayed, inputs = runner.graphs._cpu_graphs[batch]
+    recording, replayed, _ = runner.graphs._cpu_graphs[batch]
+    inputs = runner.inputs.bucket(batch, runner._table_width(runner.max_blocks_per_seq * runner.block_size))
     times: dict[str, list[float]] = {"eager": [], "replay": []}
     with torch.inference_mode():
         for _ in range(args.repeats):

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
+from nanoqwen.runner import batch_buckets  # noqa: E402
 
 
 def bench(args: argparse.Namespace, quant: str, batch: int) -> dict:
@@ -33,7 +34,7 @@ def bench(args: argparse.Namespace, quant: str, batch: int) -> dict:
         seqs = list(engine.scheduler.running)
         for seq in seqs:  # the block of the token the steps below compute
             engine.block_manager.extend(seq, len(seq))
-        padded = next(b for b in runner.buckets if b >= batch)
+        padded = next(b for b in batch_buckets(args.max_batch) if b >= batch)
         for _ in range(args.reps):  # the runner alone: the sequences' state never moves
             tokens = []
             for name, rows in (("padded", padded), ("unpadded", batch)):

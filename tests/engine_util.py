@@ -12,7 +12,7 @@ from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
 
 # Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
-# context length, and where a graph replays buckets (cpugraph, compile, cudagraph) a bucket of 4 has a padded lane.
+# context length, and where steps pad to buckets (graphs, compile, eager on a GPU) a bucket of 4 has a padded lane.
 MIXED_PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198]]
 # Tokens generated for MIXED_PROMPTS under Triton's interpreter, whose steps take seconds each: a prefill and 2 decode
 # steps. 6 tokens ran 3 more decode steps of the same kernels and crossed no further 16-token KV block boundary.

@@ -36,7 +36,8 @@ MIXED = [
                    ignore_eos=True),
 ]
 # The captured sampler modes: "sample", "filter", "top_k", a penalised batch (greedy step, then
-# eager penalties), and the same in bucket 8 with padded lanes.
+# eager penalties), and the same in bucket 8 with padded lanes (the eager reference pads on a GPU too:
+# ModelRunner.step_rows).
 MIXED_BATCHES = [MIXED[:2], MIXED[:3], [MIXED[0], MIXED[2]], MIXED, MIXED + MIXED[:3]]
 
 
@@ -47,7 +48,7 @@ def sampled_outputs(checkpoint, **mode) -> list[list[int]]:
 
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 def test_graph_replay_equals_eager_for_every_bucket(checkpoint, kernels):
-    for batch in (1, 2, 3, 4, 5, 8):  # every bucket, and padded lanes inside 4 and 8
+    for batch in (1, 2, 3, 4, 5, 8):  # every bucket, and padded lanes inside 4 and 8 (eager steps pad on a GPU too)
         eager = outputs(checkpoint, batch, kernels=kernels, graph="none")
         graph = outputs(checkpoint, batch, kernels=kernels, graph="cudagraph")
         assert graph == eager, f"batch {batch}"

@@ -55,7 +55,9 @@ def _plain_mask(grammar: Grammar, tokens: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("opener", [0, THINK_ID, 151679])  # bits 0, 19 and 31 (the int32 word's sign) of a word
 def test_the_opener_adds_its_one_bit_to_the_grammars_mask(grammar: Grammar, opener: int) -> None:
     row = RowGrammar(grammar.matcher(), END_THINK_ID, EOS_IDS, may_open=opener)
-    assert torch.equal(_mask(row), _plain_mask(grammar, []) | token_bitmask([opener], VOCAB_SIZE))
+    plain = _plain_mask(grammar, [])
+    assert not _allows(plain, opener)  # else fill setting the opener's bit would change nothing
+    assert torch.equal(_mask(row), plain | token_bitmask([opener], VOCAB_SIZE))
 
 
 def test_a_first_think_frees_the_thought_until_end_think(grammar: Grammar, brace: int) -> None:

@@ -327,6 +327,24 @@ def test_packed_verify_modes_stage_a_decode_steps_rows(tiny_checkpoint, prompts,
     assert (cuda.verify_as_decode, captured, cuda.inputs.max_batch) == (False, [[1, 2]], 2)
 
 
+def test_packed_sampling_uploads_to_the_device_copy():
+    """A packed (verify) step's sampling positions reach a device copy of their staging in one upload of 6 fields
+    × n words: on the CPU the staging is its own device copy, so a separate tensor stands in for a GPU's here."""
+    buf = StepInputBuffer(2, 4, 16, torch.device("cpu"), packed_rows=10)
+    buf._packed = buf._packed_host.clone().zero_()
+    buf._packed_host[:] = 7  # the words past the 7 positions' 6 × 7 are not uploaded
+    host = buf.packed_sampling_host(7)
+    host.temperature[:], host.top_p[:], host.min_p[:] = 0.5, 0.75, 0.125
+    host.top_k[:], host.keys[:], host.steps[:] = 20, 2**32 - 1, range(7)
+    device = buf.upload_packed_sampling(7)
+    host.steps[:] = 0  # the device views read the copy, not the staging
+    assert [device.temperature.tolist(), device.top_p.tolist(), device.min_p.tolist()] == [[0.5] * 7, [0.75] * 7,
+                                                                                          [0.125] * 7]
+    assert [device.top_k.tolist(), device.keys.tolist()] == [[20] * 7, [-1] * 7]  # the keys' int32 bit patterns
+    assert device.steps.tolist() == list(range(7))
+    assert buf._packed[6 * 7 :].tolist() == [0] * (6 * 10 - 6 * 7)
+
+
 @pytest.mark.parametrize("path", ["none", "cpugraph", "packed"])
 def test_seeded_sampling_matches_without_drafts(tiny_checkpoint, spec_engine, plain_engine, prompts, path,
                                                 monkeypatch):

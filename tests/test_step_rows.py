@@ -1,11 +1,16 @@
-"""The rows a decode step runs (ModelRunner.step_rows): its positions, padded to a bucket only where a graph replays
-it; run eagerly (graph none, or a CPU graph's bucket past the C linears' row limit) a padded row would cost what a
+"""The rows a decode step runs (ModelRunner.step_rows): its positions, padded to a bucket except where the CPU runs it
+eagerly (graph none, or a CPU graph's bucket past the C linears' row limit), where a padded row would cost what a
 real one does. Greedy tokens as transformers' either way."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
-from engine_util import MIXED_PROMPTS, generate, greedy, hf_greedy, load_engine
+import pytest
+import torch
+
+from engine_util import MIXED_PROMPTS, generate, greedy, hf_greedy, load_engine, sequence
+from nanoqwen.engine.scheduler import Batch
+from nanoqwen.runner.runner import ModelRunner
 from ops.cpu import build as cpu_build
 
 MAX_TOKENS = 6
@@ -19,10 +24,20 @@ def test_an_eager_decode_step_runs_its_rows_unpadded(tiny_checkpoint, hf, graph,
         pytest.skip(f"{cpu_build.unavailable()}")
     engine = load_engine(tiny_checkpoint, graph=graph, max_batch=16)
     runner = engine.runner
-    assert runner.buckets == [1, 2, 4, 8, 16] and not runner.graphs.replays(16)
+    assert runner.buckets == ([] if graph == "none" else [1, 2, 4, 8, 16]) and not runner.graphs.replays(16)
     buckets, run = [], runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
     prompts = PROMPTS[:rows]
     for result, prompt in zip(generate(engine, prompts, greedy(MAX_TOKENS)), prompts, strict=True):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
     assert buckets == [rows] * (MAX_TOKENS - 1)  # every decode step: the prefill sampled the first tokens
+
+
+def test_an_eager_decode_step_pads_off_the_cpu(tiny_checkpoint):
+    """Off the CPU an eager step (graph none, the GPU tests' reference) pads to a bucket as the graphed steps do: the
+    same row counts, the same cuBLAS/Triton kernels. The meta device stands for a GPU: a runner builds there."""
+    engine = load_engine(tiny_checkpoint, max_batch=8)
+    batch = Batch(decode=[sequence(prompt, f"r{i}") for i, prompt in enumerate(MIXED_PROMPTS)])
+    assert (engine.runner.buckets, engine.runner.step_rows(batch)) == ([], 3)
+    gpu = ModelRunner(engine.runner.model, dataclasses.replace(engine.runtime, device=torch.device("meta")))
+    assert (gpu.buckets, gpu.step_rows(batch)) == ([1, 2, 4, 8], 4)

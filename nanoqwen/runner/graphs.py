@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from nanoqwen.runner.inputs import StepInputs
-from nanoqwen.sampler import MODES, sample
+from nanoqwen.sampler import MODES, SamplingRows, sample
 from ops.cpu import graph as cpu_graph
 from ops.cpu.build import profiled
 
@@ -32,8 +32,8 @@ class GraphRunner:
         self._inputs = inputs
         # (bucket, sampling mode) -> the graph and its output buffers (logits [bucket, V], tokens [bucket])
         self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        # bucket -> the recorded C calls, their logits [bucket, V] and the static inputs they read
-        self._cpu_graphs: dict[int, tuple[cpu_graph.Recording, torch.Tensor, StepInputs]] = {}
+        # bucket -> the recorded C calls, their logits [bucket, V] and the sampling settings of the static inputs
+        self._cpu_graphs: dict[int, tuple[cpu_graph.Recording, torch.Tensor, SamplingRows]] = {}
         # bucket -> the greedy step recorded whole (the logits' calls, then the argmax's) and its tokens [bucket]:
         # after the weights streamed through the caches the sampler's Python alone took 0.15 ms a step
         self._cpu_greedy: dict[int, tuple[cpu_graph.Recording, torch.Tensor]] = {}
@@ -82,10 +82,11 @@ class GraphRunner:
             except cpu_graph.NotCapturable as exc:
                 log.info("cpugraph: batch bucket %d runs eagerly: %s", bucket, exc)
                 continue
-            self._cpu_graphs[bucket] = recording, logits, inputs
+            sampling = inputs.sampling()
+            self._cpu_graphs[bucket] = recording, logits, sampling
             try:
                 with cpu_graph.capture() as argmax:
-                    tokens = sample(logits, inputs.sampling(), "greedy")
+                    tokens = sample(logits, sampling, "greedy")
             except cpu_graph.NotCapturable:  # torch's argmax: the sampler runs after the replay
                 continue
             self._cpu_greedy[bucket] = recording + argmax, tokens
@@ -102,11 +103,11 @@ class GraphRunner:
             graph.replay()
             return logits, tokens
         if bucket in self._cpu_graphs:
-            recording, logits, inputs = self._cpu_graphs[bucket]
+            recording, logits, sampling = self._cpu_graphs[bucket]
             tokens = None
             if mode == "greedy" and bucket in self._cpu_greedy:
                 recording, tokens = self._cpu_greedy[bucket]
             with profiled("nanoqwen::cpugraph_replay"):
                 recording.replay()
-            return logits, tokens if tokens is not None else sample(logits, inputs.sampling(), mode)
+            return logits, tokens if tokens is not None else sample(logits, sampling, mode)
         return self._step(mode, self._inputs(bucket, width))

@@ -1,8 +1,9 @@
 """The model's inputs for a step.
 
-Decode is static-shaped: the batch is padded to a bucket (1, 2, 4, 8, ...) and every input, the
-sampling settings included, lives in one preallocated buffer of 4-byte words, so a step allocates
-nothing on the host side and copies its inputs with one (non-blocking, pinned) transfer. A step
+Every decode input, the sampling settings included, lives in one preallocated buffer of 4-byte words,
+so a step allocates nothing on the host side and copies its inputs with one (non-blocking, pinned)
+transfer. Where a graph replays the step, torch.compile specialises on its shape or a GPU runs it, the
+batch is padded to a bucket (1, 2, 4, 8, ...); an eager CPU step runs its own rows (ModelRunner.step_rows). A step
 with prefill chunks packs every row's new tokens (a decode row's one) into one flat batch, built
 per step; its sampling settings (a verify step's: one per position) have a static staging of their own.
 """
@@ -38,7 +39,7 @@ class StepInputs(NamedTuple):
     block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
 
     def sampling(self) -> SamplingRows:
-        return sampling_rows(self._asdict())
+        return SamplingRows(self.temperature, self.top_p, self.top_k, self.min_p, self.seed_keys, self.steps)
 
 
 ROW_FIELDS = StepInputs._fields[:-1]
@@ -58,7 +59,7 @@ def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows
     return views
 
 
-def sampling_rows(fields: dict) -> SamplingRows:
+def _sampling_rows(fields: dict) -> SamplingRows:
     return SamplingRows(fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"], fields["seed_keys"],
                         fields["steps"])
 
@@ -98,6 +99,9 @@ class StepInputBuffer:
         self._host_words, self._words = self._staging(size)
         self.host = step_input_views(self._host_words.numpy(), max_batch, max_blocks_per_seq)
         self.device_views = step_input_views(self._words, max_batch, max_blocks_per_seq)
+        # The sampling settings' views over every row, made once: a decode step stages and samples through them.
+        self.host_sampling = self.host.sampling()
+        self.device_sampling = self.device_views.sampling()
         # A packed step stages n words per field, so that one copy of its first 6n words uploads them.
         self._packed_host, self._packed = self._staging(len(SAMPLING_FIELDS) * (packed_rows or max_batch))
         # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
@@ -127,12 +131,12 @@ class StepInputBuffer:
 
     def packed_sampling_host(self, n: int) -> SamplingRows:
         """The host staging of a packed step's `n` sampling positions."""
-        return sampling_rows(_field_views(self._packed_host.numpy(), SAMPLING_FIELDS, n))
+        return _sampling_rows(_field_views(self._packed_host.numpy(), SAMPLING_FIELDS, n))
 
     def upload_packed_sampling(self, n: int) -> SamplingRows:
         """A packed step's `n` staged sampling positions -> the device, in one copy; their device views."""
         self._copy(self._packed, self._packed_host, 0, len(SAMPLING_FIELDS) * n)
-        return sampling_rows(_field_views(self._packed, SAMPLING_FIELDS, n))
+        return _sampling_rows(_field_views(self._packed, SAMPLING_FIELDS, n))
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=self.non_blocking)

@@ -33,6 +33,22 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
 VERIFY_MAX_DRAFT_KEYS = 8192
 
 
+def decode_buckets(graph: str, device: torch.device, max_batch: int, verify_rows: int) -> list[int]:
+    """The row counts a decode step pads its positions to; [] where it runs them as they are: eagerly on the CPU
+    (graph none), where a padded row costs what a real one does. A graph replays one step per bucket and
+    torch.compile specialises on each; on a GPU an eager step pads too, so that it runs the row counts, and with
+    them the cuBLAS/Triton kernels (split-K included), of the graphed steps it equals token for token.
+    `verify_rows` > 1: a verify step of up to that many positions a row runs as a decode step, so the buckets go up
+    to max_batch × verify_rows, and one row's every size has its own (a padded row costs ~10% of a 1-row step
+    bf16 and 10-45% int8 on the CPU: profiles/RESULTS.md, "vgraph")."""
+    if graph == "none" and device.type == "cpu":
+        return []
+    buckets = set(batch_buckets(max_batch))
+    if verify_rows > 1:
+        buckets |= {*batch_buckets(max_batch * verify_rows), *range(1, verify_rows + 1)}
+    return sorted(buckets)
+
+
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, runtime: RuntimeConfig) -> None:
         self.model = model
@@ -49,15 +65,10 @@ class ModelRunner:
         per_row = 1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0)
         positions = self.max_batch * per_row
         # Without CUDA graphs or torch.compile (whose captures and compiles per bucket a GPU lane would size),
-        # a verify step is a decode step over its positions: the static inputs have a row for each, the CPU
-        # graphs' buckets go up to all of them, and one row's every size has its own (a padded row costs what a
-        # real one does, ~10% of a 1-row step bf16 and 10-45% int8: profiles/RESULTS.md, "vgraph"). Elsewhere
+        # a verify step is a decode step over its positions: the static inputs have a row for each. Elsewhere
         # verify steps run packed and a decode step has max_batch rows.
         self.verify_as_decode = per_row > 1 and self.graph in ("none", "cpugraph")
-        buckets = set(batch_buckets(self.max_batch))
-        if self.verify_as_decode:
-            buckets |= {*batch_buckets(positions), *range(1, per_row + 1)}
-        self.buckets = sorted(buckets)
+        self.buckets = decode_buckets(self.graph, device, self.max_batch, per_row if self.verify_as_decode else 1)
         self._allocate_kv_cache()
         self.inputs = StepInputBuffer(positions if self.verify_as_decode else self.max_batch, self.max_blocks_per_seq,
                                       self.block_size, device, packed_rows=positions)
@@ -114,7 +125,7 @@ class ModelRunner:
         rows, steps = sampled_positions(seqs)
         n = len(rows)
         max_len = self.inputs.stage_decode(seqs, bucket)
-        mode, penalized = stage_sampling(self.inputs.host.sampling(), rows, bucket, self.config.vocab_size, steps)
+        mode, penalized = stage_sampling(self.inputs.host_sampling, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
@@ -124,7 +135,7 @@ class ModelRunner:
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
-            tokens = sample(logits, self.inputs.device_views.sampling()[:n], mode,
+            tokens = sample(logits, self.inputs.device_sampling[:n], mode,
                             self._penalties(rows) if penalized else None,
                             self.adjuster.build(rows) if adjusted else None)
         return step_output(rows, logits, tokens)
@@ -138,16 +149,16 @@ class ModelRunner:
 
     def step_rows(self, batch: Batch) -> int | None:
         """The rows `batch` runs as a decode step, None where it runs packed (prefill chunks; drafts a decode step
-        does not take). Its positions pad to a bucket only where a graph replays it or torch.compile specialises
-        on it: run eagerly, a padded row costs what a real one does. On cpugraph a verify step runs only a bucket
-        that replays: past the C linears' row limit the decode step would run its positions through torch's
-        GEMMs, each reading its sequence's keys (the packed path reads them once per sequence)."""
+        does not take). Its positions pad to a bucket (decode_buckets) except where the CPU runs the step eagerly:
+        graph none, or a cpugraph bucket that does not replay. On cpugraph a verify step runs only a bucket that
+        replays: past the C linears' row limit the decode step would run its positions through torch's GEMMs,
+        each reading its sequence's keys (the packed path reads them once per sequence)."""
         seqs = batch.decode
         draft_keys = sum(len(seq.draft_ids) * len(seq) for seq in seqs)
         if batch.prefill or batch.num_drafts and (not self.verify_as_decode or draft_keys > VERIFY_MAX_DRAFT_KEYS):
             return None
         n = sum(1 + len(seq.draft_ids) for seq in seqs)
-        if self.graph == "none":
+        if not self.buckets:
             return n
         bucket = next(b for b in self.buckets if b >= n)
         if self.graph != "cpugraph" or self.graphs.replays(bucket):
