@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from flask import Response
 
-from nanoqwen.api.chat import template_chars
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
@@ -431,7 +430,7 @@ def test_calls_arguments_count_in_a_prompts_size() -> None:
         {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
         {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
     chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
-    assert template_chars(chat.template_messages(), None) > 20 * len(arguments)
+    assert chat.template_chars() > 20 * len(arguments)
     assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from engine_util import MIXED_PROMPTS, generate, greedy, hf_greedy, load_engine, sequence
 from nanoqwen.engine.scheduler import Batch
-from nanoqwen.runner.runner import ModelRunner
+from nanoqwen.runner.runner import ModelRunner, decode_buckets
 from ops.cpu import build as cpu_build
 
 MAX_TOKENS = 6
@@ -39,5 +39,8 @@ def test_an_eager_decode_step_pads_off_the_cpu(tiny_checkpoint):
     engine = load_engine(tiny_checkpoint, max_batch=8)
     batch = Batch(decode=[sequence(prompt, f"r{i}") for i, prompt in enumerate(MIXED_PROMPTS)])
     assert (engine.runner.buckets, engine.runner.step_rows(batch)) == ([], 3)
+    # a runner on meta allocates its KV cache there: `engine` is not used past this point
     gpu = ModelRunner(engine.runner.model, dataclasses.replace(engine.runtime, device=torch.device("meta")))
     assert (gpu.buckets, gpu.step_rows(batch)) == ([1, 2, 4, 8], 4)
+    assert decode_buckets("none", torch.device("cuda"), 8, 1) == [1, 2, 4, 8]
+    assert decode_buckets("none", torch.device("cpu"), 8, 1) == []

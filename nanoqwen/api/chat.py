@@ -1,7 +1,6 @@
 """`POST /v1/chat/completions`: validate, template and tokenize off the loop, submit, stream or collect."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,18 +13,6 @@ from nanoqwen.api.serving import Batch, Serving, invalid_request
 from nanoqwen.api.structured import output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
-
-
-def template_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
-    """A cheap measure of a chat prompt's size: its texts, and its calls and tools as JSON (a conversation may be
-    mostly calls' arguments)."""
-    chars = sum(len(m["content"]) + len(m.get("reasoning_content", "")) + _json_chars(m.get("tool_calls"))
-                for m in messages)
-    return chars + _json_chars(tools)
-
-
-def _json_chars(value: list[dict[str, Any]] | None) -> int:
-    return len(json.dumps(value)) if value else 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +67,7 @@ class ChatService:
         limit = serving.info["max_model_len"]
         messages, tools = req.template_messages(), req.template_tools()
         try:
-            return serving.off_loop(template_chars(messages, tools), serving.engine.encode_messages, messages,
+            return serving.off_loop(req.template_chars(), serving.engine.encode_messages, messages,
                                     req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
         except PromptTooLongError as exc:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)

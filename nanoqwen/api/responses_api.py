@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from flask import Response
 from pydantic import TypeAdapter
 
-from nanoqwen.api.chat import ChatService, PromptName, template_chars
+from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
@@ -453,6 +453,9 @@ class ResponsesService:
         try:
             whole = req.to_chat(items)
             params = sampling(whole)
+        except APIError as exc:
+            raise _renamed(exc) from None
+        try:
             chat_req, ids = self._encoded(req, items, whole, params.max_tokens, name)
         except APIError as exc:
             if previous is not None and exc.code == "context_length_exceeded":
@@ -518,7 +521,7 @@ class ResponsesService:
 
     def _looks_too_long(self, chat_req: ChatCompletionRequest) -> bool:
         limit = self.chat.serving.info["max_model_len"]
-        return template_chars(chat_req.template_messages(), chat_req.template_tools()) > LONG_CHARS_PER_TOKEN * limit
+        return chat_req.template_chars() > LONG_CHARS_PER_TOKEN * limit
 
     def _truncated(self, req: ResponsePromptFields, items: list[Item], max_tokens: int | None,
                    prompt_name: PromptName, whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:

@@ -400,11 +400,19 @@ class ChatMessage(Strict):
             raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self
 
+    def _text(self) -> str:
+        parts = self.content if isinstance(self.content, list) else [TextPart(type="text", text=self.content or "")]
+        return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in parts)
+
+    def template_chars(self) -> int:
+        """The characters it puts in the template, about: its text, reasoning and calls' arguments as sent."""
+        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        calls = sum(len(call.function.arguments) for call in self.tool_calls or ())
+        return len(self._text()) + len(reasoning or "") + calls
+
     def to_template(self) -> dict[str, Any]:
         """The `{"role", "content": str, ...}` form the chat template takes."""
-        parts = self.content if isinstance(self.content, list) else [TextPart(type="text", text=self.content or "")]
-        text = "".join(part.text if isinstance(part, TextPart) else part.refusal for part in parts)
-        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self._text()}
         reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
         if self.role == "assistant" and reasoning is not None:
             message["reasoning_content"] = reasoning
@@ -466,6 +474,13 @@ class ChatPrompt(Strict):
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
+
+    def template_chars(self) -> int:
+        """A cheap measure of the prompt's size, worked out on the event loop (once per truncation candidate): its
+        texts and calls' arguments as sent, never encoded again (a conversation may be mostly calls), its tools as
+        JSON."""
+        tools = self.template_tools()
+        return sum(m.template_chars() for m in self.messages) + (len(json.dumps(tools)) if tools else 0)
 
 
 def _sampling_schema(schema: dict[str, Any]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from nanoqwen.api.chat import template_chars
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
 from nanoqwen.api.serving import Serving, invalid_request
@@ -52,7 +51,7 @@ class TokenizeService:
         if isinstance(req, TokenizePromptRequest):
             return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
         messages, tools = req.template_messages(), req.template_tools()
-        return (template_chars(messages, tools), _encode_messages, engine.encode_messages, messages,
+        return (req.template_chars(), _encode_messages, engine.encode_messages, messages,
                 req.template_kwargs(), tools)
 
     def detokenize(self, body: Any) -> dict[str, Any]:

@@ -39,12 +39,13 @@ class StepInputs(NamedTuple):
     block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
 
     def sampling(self) -> SamplingRows:
-        return SamplingRows(self.temperature, self.top_p, self.top_k, self.min_p, self.seed_keys, self.steps)
+        return SamplingRows(*(getattr(self, name) for name in SAMPLING_ROWS))
 
 
 ROW_FIELDS = StepInputs._fields[:-1]
 SAMPLING_FIELDS = ROW_FIELDS[ROW_FIELDS.index("top_k"):]  # sampling rows come last
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+SAMPLING_ROWS = ("temperature", "top_p", "top_k", "min_p", "seed_keys", "steps")  # SamplingRows' order
 
 
 def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows: int) -> dict:
@@ -60,8 +61,7 @@ def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows
 
 
 def _sampling_rows(fields: dict) -> SamplingRows:
-    return SamplingRows(fields["temperature"], fields["top_p"], fields["top_k"], fields["min_p"], fields["seed_keys"],
-                        fields["steps"])
+    return SamplingRows(*(fields[name] for name in SAMPLING_ROWS))
 
 
 def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
