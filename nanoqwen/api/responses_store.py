@@ -4,12 +4,15 @@ In memory and per worker process: a response is found only by the worker that ma
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
 the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. Whether a response is
 kept is decided before its first event (which says `store`): not when its history and input already reach a
-quarter of the bound, so that one entry cannot empty the store, nor when the responses in progress fill a bound
-of their own; once said, it is kept (alone, if its output made it larger than the bound).
-A response kept exists from its first event, as on OpenAI: until it ends, GET answers the `response.created`
-snapshot (status "in_progress", no output yet) and its input items are listed. DELETE meanwhile removes it for
+quarter of the bound, so that one entry cannot empty the store, nor, a stream, when the streams in progress
+(their snapshots and inputs, as held) would pass bounds of their own; once said, it is kept (alone, if its
+output made it larger than the bound).
+A stream kept exists from its first event, like OpenAI's background responses: until it ends, GET answers the
+`response.created` snapshot (status "in_progress", no output yet) and its input items are listed; a response
+answered whole is found once finished (nobody learns its id before). DELETE meanwhile removes a stream for
 good: the generation goes on for the client that asked (deleting is not cancelling), and the finished response
-is not kept. It cannot be continued (`previous_response_id`) before it ends.
+is not kept. It cannot be continued (`previous_response_id`) before it ends: a 400 with our own code
+`previous_response_in_progress`.
 Items are found by id too (`item_reference`): a finished response's input and output items.
 """
 from __future__ import annotations
