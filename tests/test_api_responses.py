@@ -711,3 +711,11 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
     with pytest.raises(APIError):
         _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
     assert running[-1] == 1 and store._running == {}
+
+    def failing_begin(response: Json, input_items: bytes) -> bool:
+        raise MemoryError
+
+    store.begin = failing_begin  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+    assert len(running) == 3  # nothing submitted: no batch left unaborted, no stats left open
