@@ -576,11 +576,11 @@ class ResponsesService:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
 
-    def _keeps(self, req: ResponseCreateRequest, input_bytes: int, previous: Stored | None) -> bool:
+    def _keeps(self, req: ResponseCreateRequest, input_size: int, previous: Stored | None) -> bool:
         """`store` asked for and the store's rule met: decided before the first event, which says it."""
         if req.store is False:
             return False
-        return self.store.keeps(input_bytes + (len(previous.history) if previous is not None else 0))
+        return self.store.keeps(input_size + (len(previous.history) if previous is not None else 0))
 
     def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:
