@@ -5,6 +5,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     for stream in streams:
         assert _completion_texts(srv, body, stream) == expected, f"stream={stream}"
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(poll)
 
 
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:

@@ -12,6 +12,7 @@ import pytest
 from flask import Response
 
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
@@ -45,13 +46,14 @@ def _lp(token: str) -> TokenLogprob:
     return TokenLogprob(0, token, -0.5, list(token.encode()), [])
 
 
-def _draft(store: ResponseStore | None = None, **body: Any) -> Draft:
-    """A response's draft, begun in `store` (in progress there) as create begins it."""
+def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) -> Draft:
+    """A response's draft kept in `store`, begun there (in progress) as create begins a stream's."""
     req = parse_responses_request({"input": "Hi", **body})
     inputs = [input_item_json(item) for item in req.input_items]
-    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs)
-    if store is not None:
-        store.begin(draft.in_progress(), inputs)
+    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
+    if store is not None and begun:
+        draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
+        assert draft.begun
     return draft
 
 
@@ -185,7 +187,7 @@ def _collected(draft: Draft, events: list[Event], tools: ToolParsing | None = No
 
 def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs() -> None:
     store = ResponseStore()
-    body = _collected(_draft(store, instructions="Be brief.", include=[LOGPROBS]), THOUGHT)
+    body = _collected(_draft(store, begun=False, instructions="Be brief.", include=[LOGPROBS]), THOUGHT)
     response = json.loads(body)
     stored = store.get(response["id"])
     assert stored.body == body and response["store"] is True
@@ -200,8 +202,8 @@ def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs
 
 
 def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> None:
-    store = ResponseStore(max_bytes=500)
-    store.put({"id": "resp_old", "output": []}, [], None)
+    store = ResponseStore(max_bytes=1000)  # room for its snapshot and input, as it begins
+    store.put({"id": "resp_old", "output": []}, [], None, b"[]")
     events = ResponseEvents(_draft(store), ToolParsing())
     opening = events.opening()
     for event in THOUGHT:
@@ -209,7 +211,7 @@ def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> 
     assert [e["response"]["store"] for e in opening] == [True, True] and events.response["store"] is True
     assert store.get(events.response["id"]).body == events.body and len(events.body) > store.max_bytes
     assert store.get("resp_old") is None
-    store.put({"id": "resp_new", "output": []}, [], None)  # the next one is kept: the large one goes
+    store.put({"id": "resp_new", "output": []}, [], None, b"[]")  # the next one is kept: the large one goes
     assert store.get(events.response["id"]) is None and store.get("resp_new") is not None
 
 
@@ -219,14 +221,15 @@ def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation
     small = parse_responses_request({"input": "x" * 800})
 
     def keeps(req: ResponseCreateRequest, previous: Stored | None) -> bool:
-        return service._keeps(req, [input_item_json(item) for item in req.input_items], previous)
+        inputs = encode_text([input_item_json(item) for item in req.input_items]).encode()
+        return service._keeps(req, len(inputs), previous)
 
     assert keeps(small, None) and not keeps(small.model_copy(update={"store": False}), None)
     assert not keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
-    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None)
+    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None, b"[]")
     long = store.get("resp_long")
     assert service._previous("resp_long") is long and not keeps(small, long)
-    store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long)  # its output
+    store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long, b"[]")  # its output
     with pytest.raises(APIError) as exc:
         service._previous("resp_huge")
     assert (exc.value.status, exc.value.param) == (400, "previous_response_id")
@@ -236,13 +239,13 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     store = ResponseStore(max_responses=2)
     logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]
     said = {"id": "msg_out", "type": "message", "content": [{"type": "output_text", "text": "a", "logprobs": logprobs}]}
-    store.put({"id": "resp_0", "output": [said]}, [{"id": "msg_in", "type": "message"}], None)
+    store.put({"id": "resp_0", "output": [said]}, [{"id": "msg_in", "type": "message"}], None, b"[]")
     assert _item(store, "msg_in") == {"id": "msg_in", "type": "message"}
     assert _item(store, "msg_out") == {**said, "content": [{"type": "output_text", "text": "a"}]}
     assert _item(store, "msg_unknown") is None
-    store.put({"id": "resp_1", "output": []}, [{"id": "msg_in", "type": "message", "role": "user"}], None)
+    store.put({"id": "resp_1", "output": []}, [{"id": "msg_in", "type": "message", "role": "user"}], None, b"[]")
     assert _item(store, "msg_in") == {"id": "msg_in", "type": "message", "role": "user"}  # the latest response's
-    store.put({"id": "resp_2", "output": []}, [], None)  # resp_0 goes, and its items with it
+    store.put({"id": "resp_2", "output": []}, [], None, b"[]")  # resp_0 goes, and its items with it
     assert _item(store, "msg_out") is None and _item(store, "msg_in") is not None
     assert store.delete("resp_1") and _item(store, "msg_in") is None and store._items == {}
 
@@ -250,8 +253,8 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
 def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant"}
-    store.put({"id": "resp_a", "output": [said]}, [], None)
-    store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None)
+    store.put({"id": "resp_a", "output": [said]}, [], None, b"[]")
+    store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None, b"[]")
     assert _item(store, "msg_o")["role"] == "user"
     assert store.delete("resp_b") and _item(store, "msg_o") == said
     assert store.delete("resp_a") and _item(store, "msg_o") is None and store._items == {}
@@ -261,7 +264,7 @@ def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() 
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant",
             "content": [{"type": "output_text", "text": "x" * 90}]}
-    store.put({"id": "resp_a", "output": [said]}, [], None)
+    store.put({"id": "resp_a", "output": [said]}, [], None, b"[]")
     parsed = []
     stored = store.get("resp_a")
     own_items = type(stored).own_items
@@ -475,18 +478,18 @@ def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
 
     store = ResponseStore(max_responses=2, max_bytes=3000)
     for i in range(3):
-        assert json.loads(store.put(response(i), [], None)) == response(i)
+        assert json.loads(store.put(response(i), [], None, b"[]")) == response(i)
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
-    store.put(response(3, "x" * 1440), [], None)  # fits alone (it and its history): the older ones go
+    store.put(response(3, "x" * 1440), [], None, b"[]")  # fits alone (it and its history): the older ones go
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
-    store.put(response(4, "x" * 1600), [], None)  # larger than the whole store: kept alone
+    store.put(response(4, "x" * 1600), [], None, b"[]")  # larger than the whole store: kept alone
     assert store.get("resp_4") is not None and store.get("resp_3") is None
     assert store.delete("resp_4") and not store.delete("resp_4") and store._bytes == 0
     # a continuation holds the earlier items too, counted once in it: the entries' sizes add up to the bound
     store = ResponseStore()
-    first = store.get(json.loads(store.put(response(3, "x" * 900), [], None))["id"])
+    first = store.get(json.loads(store.put(response(3, "x" * 900), [], None, b"[]"))["id"])
     follow = response(5)
-    store.put(follow, [{"id": "msg_in"}], first)
+    store.put(follow, [{"id": "msg_in"}], first, b"[]")
     later = store.get("resp_5")
     assert json.loads(later.history) == [*json.loads(first.history), {"id": "msg_in"}, *follow["output"]]
     assert later.size == len(later.body) + len(later.input_items) + len(later.history) < 2 * first.size
@@ -509,9 +512,9 @@ def test_input_items_pages() -> None:
 
 
 class _ThreadRecordingStore(ResponseStore):
-    def put(self, response: Json, input_items: list[Json], previous: Any, begun: bool = False) -> bytes:
+    def put(self, response: Json, items: list[Json], previous: Any, input_items: bytes | None) -> bytes:
         self.thread = threading.get_ident()
-        return super().put(response, input_items, previous, begun)
+        return super().put(response, items, previous, input_items)
 
 
 SCORED = TokenLogprob(0, "a", -0.5, [97], [_lp("b")] * 20)
@@ -588,7 +591,7 @@ def test_settings_are_echoed_as_openai_does() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
              {"type": "function", "name": "g", "parameters": {}, "strict": False, "defer_loading": False,
               "async": False}]
-    response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
+    response = _draft(tools=tools, service_tier="flex").response("completed", [], None, b"[]")
     assert response["tools"] == [{"type": "function", "name": "f", "description": None,
                                   "parameters": {"type": "object"}, "strict": True},
                                  {"type": "function", "name": "g", "description": None, "parameters": {},
@@ -626,48 +629,92 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     assert isinstance(store.get(json.loads(_collected(kept, THOUGHT))["id"]), Stored)
     ended = _draft(store)
     store.end(ended.id)  # its client gone, say: found no more, and a late finish keeps nothing
-    assert store.get(ended.id) is None and not isinstance(_collected(ended, THOUGHT), dict)
+    _collected(ended, THOUGHT)
     assert store.get(ended.id) is None and store._running == {} and store._running_bytes == 0
 
 
 def test_the_responses_in_progress_are_bounded_like_the_store() -> None:
-    """By count and by bytes: a response past either says `store: false` up front."""
-    store = ResponseStore(max_responses=2, max_bytes=1000)
-    first = _draft(store)
-    assert store.keeps(0) and store._running_bytes > 1000 // 2  # a snapshot: some 800 bytes
-    assert not store.keeps(1000 - store._running_bytes + 1) and store.keeps(1000 - store._running_bytes)
-    second = _draft(store)
-    assert not store.keeps(0)
-    store.end(first.id)
-    store.end(second.id)
-    assert store.keeps(1000 // 4 - 1) and store._running_bytes == 0
+    """By count and by the bytes each holds (its snapshot and input), checked as it begins: past either, not begun
+    (it says `store: false`)."""
+    first, second, third = ({**_draft().in_progress(), "id": f"resp_{i:032}"} for i in range(3))
+    entry = len(encode_json(first)) + 2  # its snapshot and "[]"
+    store = ResponseStore(max_responses=2, max_bytes=1 << 20)
+    assert store.begin(first, b"[]") and store.begin(second, b"[]")
+    assert not store.begin(third, b"[]") and store._running_bytes == 2 * entry
+    store = ResponseStore(max_bytes=2 * entry + 1)
+    assert store.begin(first, b"[]") and not store.begin(second, b"[  ]")
+    assert store.begin(second, b"[ ]") and store._running_bytes == 2 * entry + 1
+    store.end(first["id"])
+    store.end(second["id"])
+    assert store._running == {} and store._running_bytes == 0
 
 
-def test_a_response_is_in_progress_until_collected_failed_or_its_stream_closed() -> None:
+def test_a_response_is_in_progress_until_its_stream_closed_or_failed() -> None:
     store = ResponseStore()
 
-    def begun(respond: Callable[[], Any], streamed: bool) -> tuple[str, Any]:
-        draft = Draft(parse_responses_request({"input": "Hi"}), SamplingParams(), "m", THINK_END, store)
+    def begun(respond: Callable[[], Any]) -> tuple[str, Any]:
+        draft = _draft(store)
         seen = []  # whether the response was in progress while answering
 
         def answering() -> Any:
             seen.append(store.get(draft.id) is not None)
             return respond()
 
-        answer = kept_in_progress(draft, store, answering, streamed)
+        answer = kept_in_progress(store, draft.id, answering)
         assert seen == [True]
         return draft.id, answer
-
-    _, collected = begun(lambda: {"id": "x"}, streamed=False)  # collected, or its client gone (a 499)
-    assert collected == {"id": "x"} and store._running == {}
 
     def failing() -> Any:
         raise APIError(500, "engine error")
 
     with pytest.raises(APIError):
-        begun(failing, streamed=False)
+        begun(failing)
     assert store._running == {}
-    response_id, streamed = begun(lambda: Response(iter(["event"])), streamed=True)
+    response_id, streamed = begun(lambda: Response(iter(["event"])))
     assert store.get(response_id) is not None  # until the server closes the stream, read or not
     streamed.close()
     assert store._running == {} and store._running_bytes == 0
+
+
+def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callable[[], Any]) -> ResponsesService:
+    """A service whose create submits and answers with these."""
+    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
+    serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
+                              respond=lambda batch, stream, collector, trace, environ: respond())
+    service = ResponsesService(SimpleNamespace(
+        serving=serving, params=lambda chat: SamplingParams(), encode=lambda chat, max_tokens, name: [1],
+        submit=lambda chat, params, prompt, name: submit()))
+    service.store = store
+    return service
+
+
+def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted() -> None:
+    """A response answered whole is not found before it ends (nobody knows its id): it holds no room among the
+    responses in progress. A stream begins before its request is submitted, and ends if submitting fails."""
+    store = ResponseStore()
+    running: list[int] = []
+
+    def respond() -> Response:
+        running.append(len(store._running))
+        return Response(iter(["event"]))
+
+    _creating(store, Batch, respond).create({"input": "Hi"}, {})
+    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, {}).close()
+    assert running == [0, 1] and store._running == {}
+
+    def refused() -> Batch:
+        running.append(len(store._running))
+        raise APIError(503, "queue full")
+
+    with pytest.raises(APIError):
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+    assert running[-1] == 1 and store._running == {}
+
+    def failing_begin(response: Json, input_items: bytes) -> bool:
+        raise MemoryError
+
+    store.begin = failing_begin  # type: ignore[method-assign]
+    with pytest.raises(MemoryError):
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+    assert len(running) == 3  # nothing submitted: no batch left unaborted, no stats left open

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 import fuzz_bodies
-from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads
+from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads, wait_for
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from ops.cpu import C_KERNELS, build, dequant
 from server_process import GunicornServer, serving_together
@@ -89,13 +89,6 @@ def _stream(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> list[di
         payloads = list(sse_payloads(response))
     assert payloads[-1] == "[DONE]"
     return [json.loads(p) for p in payloads[:-1]]
-
-
-def _wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(poll)
 
 
 def _assert_error(response: requests.Response, status: int, *, param: str | None = None,
@@ -517,8 +510,8 @@ def test_concurrent_streams_and_exact_stats(server: GunicornServer) -> None:
 
 
 def _assert_aborted_early(srv: GunicornServer, before: dict[str, Any], max_tokens: int) -> None:
-    _wait_for(lambda: _stats(srv)["requests_aborted"] == before["requests_aborted"] + 1)
-    _wait_for(lambda: _stats(srv)["active_requests"] == 0)
+    wait_for(lambda: _stats(srv)["requests_aborted"] == before["requests_aborted"] + 1)
+    wait_for(lambda: _stats(srv)["active_requests"] == 0)
     after = _stats(srv)
     assert after["requests_served"] == before["requests_served"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < max_tokens  # cut short
@@ -580,7 +573,7 @@ def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     max_tokens = MAX_MODEL_LEN - 64
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(_raw_request({**GREEDY, "max_tokens": max_tokens}))
-    _wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
     _reset(sock)
     _assert_aborted_early(server, before, max_tokens)
 
@@ -772,8 +765,8 @@ def test_queue_full(guarded: GunicornServer) -> None:
         next(payloads), next(payloads)  # role, then a token: it holds the only batch slot
         with post_chat(guarded, long, headers=auth, stream=True) as waiting:
             assert waiting.status_code == 200
-            _wait_for(lambda: _stats(guarded)["queue_length"] == 1)
+            wait_for(lambda: _stats(guarded)["queue_length"] == 1)
             refused = post_chat(guarded, {**long, "stream": False}, headers=auth)
             _assert_error(refused, 503, code="queue_full")
             assert int(refused.headers["Retry-After"]) >= 1
-    _wait_for(lambda: (s := _stats(guarded))["queue_length"] == 0 and s["active_requests"] == 0)
+    wait_for(lambda: (s := _stats(guarded))["queue_length"] == 0 and s["active_requests"] == 0)

@@ -88,6 +88,8 @@ class Draft:
     store: ResponseStore | None  # None: `store: false`
     previous: Stored | None = None
     inputs: list[Json] = field(default_factory=list)  # the input items as stored (input_item_json), when stored
+    input_bytes: bytes = b"[]"  # their encoding, as input_items lists them
+    begun: bool = False  # in the store from its first event (a stream): the entry in progress holds input_bytes
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -130,7 +132,7 @@ class Draft:
         response = self.response(status, output, usage)
         if self.store is None:
             return response, None
-        return response, self.store.put(response, self.inputs, self.previous, begun=True)
+        return response, self.store.put(response, self.inputs, self.previous, None if self.begun else self.input_bytes)
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -355,21 +357,17 @@ class ResponseEvents:
         return [*out, self._event(f"response.{status}", response=self.response)]
 
 
-def kept_in_progress(draft: Draft, store: ResponseStore, respond: Callable[[], Response | Json],
-                     streamed: bool) -> Response | Json:
-    """The answer of a response kept, found in the store from its first event until it ends: once collected,
-    on an error, or when the server closes its stream (at its end, its client gone, even before its first event)."""
-    store.begin(draft.in_progress(), draft.inputs)
-    ended = partial(store.end, draft.id)
+def kept_in_progress(store: ResponseStore, response_id: str, respond: Callable[[], Response]) -> Response:
+    """The stream of a response begun in the store, found there until it ends: on an error (before it streams,
+    its request submitted or not), or when the server closes its stream (at its end, its client gone, even
+    before its first event)."""
+    ended = partial(store.end, response_id)
     try:
         answer = respond()
     except BaseException:
         ended()
         raise
-    if streamed:
-        answer.call_on_close(ended)
-    else:
-        ended()
+    answer.call_on_close(ended)
     return answer
 
 
@@ -419,17 +417,26 @@ class ResponsesService:
         trace = serving.stats.begin()
         prompt = self._prompt(parse_responses_request(body), self.chat.params)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
-        try:
-            batch = self.chat.submit(chat_req, params, prompt.ids, prompt.name)
-        except APIError as exc:
-            raise _renamed(exc) from None
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
+        input_bytes = encode_text(inputs).encode()
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if self._keeps(req, inputs, previous) else None, previous, inputs)
+                      self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
+                      input_bytes)
+        # only a stream's id is known before it finishes: GET finds it in progress from its first event
+        if req.stream and draft.store is not None:
+            draft.begun = self.store.begin(draft.in_progress(), input_bytes)
+            draft.store = self.store if draft.begun else None
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
-        respond = partial(serving.respond, batch, stream, ResponseCollector(draft, tools), trace, environ)
-        return respond() if draft.store is None else kept_in_progress(draft, draft.store, respond, stream is not None)
+
+        def respond() -> Response | Json:
+            try:
+                batch = self.chat.submit(chat_req, params, prompt.ids, prompt.name)
+            except APIError as exc:
+                raise _renamed(exc) from None
+            return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
+
+        return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
 
     def count(self, body: Any) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
@@ -572,12 +579,11 @@ class ResponsesService:
             if exc.code == "context_length_exceeded":
                 raise _renamed(exc) from None
 
-    def _keeps(self, req: ResponseCreateRequest, inputs: list[Json], previous: Stored | None) -> bool:
+    def _keeps(self, req: ResponseCreateRequest, input_size: int, previous: Stored | None) -> bool:
         """`store` asked for and the store's rule met: decided before the first event, which says it."""
         if req.store is False:
             return False
-        known = len(encode_text(inputs).encode())
-        return self.store.keeps(known + (len(previous.history) if previous is not None else 0))
+        return self.store.keeps(input_size + (len(previous.history) if previous is not None else 0))
 
     def _previous(self, previous_id: str | None) -> Stored | None:
         if previous_id is None:

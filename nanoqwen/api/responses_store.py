@@ -4,12 +4,15 @@ In memory and per worker process: a response is found only by the worker that ma
 or route a conversation to one), and none survives a restart. Kept as encoded JSON (what GET answers,
 the bytes the bound counts), bounded by count and by bytes, the oldest dropped first. Whether a response is
 kept is decided before its first event (which says `store`): not when its history and input already reach a
-quarter of the bound, so that one entry cannot empty the store, nor when the responses in progress fill a bound
-of their own; once said, it is kept (alone, if its output made it larger than the bound).
-A response kept exists from its first event, as on OpenAI: until it ends, GET answers the `response.created`
-snapshot (status "in_progress", no output yet) and its input items are listed. DELETE meanwhile removes it for
+quarter of the bound, so that one entry cannot empty the store, nor, a stream, when the streams in progress
+(their snapshots and inputs, as held) would pass bounds of their own; once said, it is kept (alone, if its
+output made it larger than the bound).
+A stream kept exists from its first event, like OpenAI's background responses: until it ends, GET answers the
+`response.created` snapshot (status "in_progress", no output yet) and its input items are listed; a response
+answered whole is found once finished (nobody learns its id before). DELETE meanwhile removes a stream for
 good: the generation goes on for the client that asked (deleting is not cancelling), and the finished response
-is not kept. It cannot be continued (`previous_response_id`) before it ends.
+is not kept. It cannot be continued (`previous_response_id`) before it ends: a 400 with our own code
+`previous_response_in_progress`.
 Items are found by id too (`item_reference`): a finished response's input and output items.
 """
 from __future__ import annotations
@@ -88,31 +91,41 @@ class ResponseStore:
         self._running_bytes = 0
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def begin(self, response: Json, input_items: list[Json]) -> None:
-        """`response` (in progress) found by id until it ends: finished (put with `begun`), deleted or ended."""
-        entry = Entry(encode_json(response), encode_text(input_items).encode())
+    def begin(self, response: Json, input_items: bytes) -> bool:
+        """`response` (in progress; its input items encoded) found by id until it ends: finished (put without
+        `input_items`), deleted or ended. False, not begun, when the count or the bytes of the responses in
+        progress (their snapshots and inputs, as held) would pass the store's bounds."""
+        entry = Entry(encode_json(response), input_items)
         with self._lock:
+            if len(self._running) >= self.max_responses or self._running_bytes + entry.size > self.max_bytes:
+                return False
             self._running[response["id"]] = entry
             self._running_bytes += entry.size
+        return True
 
     def end(self, response_id: str) -> None:
         """The response begun no longer in progress (finished, failed, its client gone): not kept if not put."""
         with self._lock:
             self._pop_running(response_id)
 
-    def put(self, response: Json, input_items: list[Json], previous: Stored | None, begun: bool = False) -> bytes:
-        """Keeps `response` (its `previous` response's history before it) and returns its encoding; the oldest
-        entries go until the bounds hold, or until it is the only one. Each entry holds its whole history.
-        One `begun` is kept only while still in progress (not deleted meanwhile)."""
-        items = [_without_logprobs(item) for item in [*input_items, *response["output"]]]
-        later = encode_text(items).encode()
+    def put(self, response: Json, items: list[Json], previous: Stored | None, input_items: bytes | None) -> bytes:
+        """Keeps `response` (its `previous` response's history before it, `items` its input items and
+        `input_items` their encoding) and returns its encoding; the oldest entries go until the bounds hold, or
+        until it is the only one. Each entry holds its whole history. One begun (`input_items` None: its entry in
+        progress holds them) is kept only while still in progress (not deleted meanwhile)."""
+        own = [_without_logprobs(item) for item in [*items, *response["output"]]]
+        later = encode_text(own).encode()
         history = _concat(previous.history, later) if previous is not None else later
-        stored = Stored(encode_json(response), encode_text(input_items).encode(), history,
-                        len(history) - len(later) + 1, frozenset(item["id"] for item in items))
+        body = encode_json(response)
         response_id = response["id"]
         with self._lock:
-            if begun and not self._pop_running(response_id):
-                return stored.body
+            if input_items is None:
+                begun = self._pop_running(response_id)
+                if begun is None:
+                    return body
+                input_items = begun.input_items
+            stored = Stored(body, input_items, history, len(history) - len(later) + 1,
+                            frozenset(item["id"] for item in own))
             self._pop(response_id)
             self._entries[response_id] = stored
             for item_id in stored.item_ids:
@@ -120,15 +133,11 @@ class ResponseStore:
             self._bytes += stored.size
             while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
                 self._pop(next(iter(self._entries)))
-        return stored.body
+        return body
 
     def keeps(self, known_bytes: int) -> bool:
-        """Whether a response is kept whose history and input (its output still to come) are this large: under a
-        quarter of the bound, and with room among the responses in progress (this size taken for the newcomer's
-        snapshot and input)."""
-        with self._lock:
-            room = len(self._running) < self.max_responses and self._running_bytes + known_bytes <= self.max_bytes
-        return known_bytes < self.max_bytes // 4 and room
+        """Whether a response is kept whose history and input (its output still to come) are this large."""
+        return known_bytes < self.max_bytes // 4
 
     def get(self, response_id: str) -> Entry | None:
         """The response finished, else the one in progress (an Entry, not Stored), with this id."""
@@ -143,14 +152,13 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
-            return self._pop(response_id) or self._pop_running(response_id)
+            return self._pop(response_id) or self._pop_running(response_id) is not None
 
-    def _pop_running(self, response_id: str) -> bool:
+    def _pop_running(self, response_id: str) -> Entry | None:
         entry = self._running.pop(response_id, None)
-        if entry is None:
-            return False
-        self._running_bytes -= entry.size
-        return True
+        if entry is not None:
+            self._running_bytes -= entry.size
+        return entry
 
     def _pop(self, response_id: str) -> bool:
         stored = self._entries.pop(response_id, None)
