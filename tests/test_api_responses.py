@@ -434,6 +434,10 @@ def test_calls_arguments_count_in_a_prompts_size() -> None:
         {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
     chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
     assert chat.template_chars() > 20 * len(arguments)
+    small = _chat({"input": [*(item for i in range(500) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": f"c{i}", "output": ""})), {"role": "user", "content": "Hi"}]})
+    assert small.template_chars() > 40 * 500  # many small calls are a long prompt too
     assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 
@@ -591,7 +595,8 @@ def test_settings_are_echoed_as_openai_does() -> None:
     tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}},
              {"type": "function", "name": "g", "parameters": {}, "strict": False, "defer_loading": False,
               "async": False}]
-    response = _draft(tools=tools, service_tier="flex").response("completed", [], None, b"[]")
+    response = _draft(tools=tools, service_tier="flex").response("completed", [], None)
+    assert response["error"] is None
     assert response["tools"] == [{"type": "function", "name": "f", "description": None,
                                   "parameters": {"type": "object"}, "strict": True},
                                  {"type": "function", "name": "g", "description": None, "parameters": {},
@@ -626,7 +631,8 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     finished = json.loads(_collected(draft, THOUGHT))  # answered to its client, not kept
     assert finished["status"] == "completed" and store.get(draft.id) is None
     kept = _draft(store)
-    assert isinstance(store.get(json.loads(_collected(kept, THOUGHT))["id"]), Stored)
+    stored = store.get(json.loads(_collected(kept, THOUGHT))["id"])
+    assert isinstance(stored, Stored) and stored.input_items == kept.input_bytes and stored.items() == kept.inputs
     ended = _draft(store)
     store.end(ended.id)  # its client gone, say: found no more, and a late finish keeps nothing
     _collected(ended, THOUGHT)

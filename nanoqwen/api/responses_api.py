@@ -422,10 +422,6 @@ class ResponsesService:
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
                       self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
                       input_bytes)
-        # only a stream's id is known before it finishes: GET finds it in progress from its first event
-        if req.stream and draft.store is not None:
-            draft.begun = self.store.begin(draft.in_progress(), input_bytes)
-            draft.store = self.store if draft.begun else None
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
         stream = ResponseEvents(draft, tools) if req.stream else None
 
@@ -436,6 +432,11 @@ class ResponsesService:
                 raise _renamed(exc) from None
             return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
+        # only a stream's id is known before it finishes: GET finds it in progress from its first event (the
+        # events read draft.store as they open). Begun last: kept_in_progress ends it on every way out.
+        if req.stream and draft.store is not None:
+            draft.begun = self.store.begin(draft.in_progress(), input_bytes)
+            draft.store = self.store if draft.begun else None
         return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
 
     def count(self, body: Any) -> Json:

@@ -404,17 +404,22 @@ class ChatMessage(Strict):
         parts = self.content if isinstance(self.content, list) else [TextPart(type="text", text=self.content or "")]
         return "".join(part.text if isinstance(part, TextPart) else part.refusal for part in parts)
 
+    def _reasoning(self) -> str | None:
+        """What the template shows of its reasoning: an assistant's only."""
+        if self.role != "assistant":
+            return None
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
+
     def template_chars(self) -> int:
-        """The characters it puts in the template, about: its text, reasoning and calls' arguments as sent."""
-        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
-        calls = sum(len(call.function.arguments) for call in self.tool_calls or ())
-        return len(self._text()) + len(reasoning or "") + calls
+        """The characters it puts in the template, about: its text, reasoning and calls (their arguments as sent,
+        plus ~40 for the call's JSON around them: many small calls are a long prompt too)."""
+        calls = sum(len(call.function.arguments) + len(call.function.name) + 40 for call in self.tool_calls or ())
+        return len(self._text()) + len(self._reasoning() or "") + calls
 
     def to_template(self) -> dict[str, Any]:
         """The `{"role", "content": str, ...}` form the chat template takes."""
         message = {"role": "system" if self.role == "developer" else self.role, "content": self._text()}
-        reasoning = self.reasoning_content if self.reasoning_content is not None else self.reasoning
-        if self.role == "assistant" and reasoning is not None:
+        if (reasoning := self._reasoning()) is not None:
             message["reasoning_content"] = reasoning
         if self.tool_calls:
             message["tool_calls"] = [call.to_template() for call in self.tool_calls]

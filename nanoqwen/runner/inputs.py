@@ -39,13 +39,14 @@ class StepInputs(NamedTuple):
     block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
 
     def sampling(self) -> SamplingRows:
-        return SamplingRows(*(getattr(self, name) for name in SAMPLING_ROWS))
+        return SamplingRows(**{row: getattr(self, name) for row, name in SAMPLING_ROWS.items()})
 
 
 ROW_FIELDS = StepInputs._fields[:-1]
 SAMPLING_FIELDS = ROW_FIELDS[ROW_FIELDS.index("top_k"):]  # sampling rows come last
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
-SAMPLING_ROWS = ("temperature", "top_p", "top_k", "min_p", "seed_keys", "steps")  # SamplingRows' order
+# SamplingRows' fields -> the step inputs' (by name: two fp32 fields swapped would go unnoticed)
+SAMPLING_ROWS = {name: name for name in ("temperature", "top_p", "top_k", "min_p", "steps")} | {"keys": "seed_keys"}
 
 
 def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows: int) -> dict:
@@ -61,7 +62,7 @@ def _field_views(words: torch.Tensor | np.ndarray, fields: tuple[str, ...], rows
 
 
 def _sampling_rows(fields: dict) -> SamplingRows:
-    return SamplingRows(*(fields[name] for name in SAMPLING_ROWS))
+    return SamplingRows(**{row: fields[name] for row, name in SAMPLING_ROWS.items()})
 
 
 def step_input_views(words: torch.Tensor | np.ndarray, max_batch: int, width: int) -> StepInputs:
