@@ -73,9 +73,9 @@ def main() -> None:
                 for name, path, body in (("create", "/v1/responses", create),
                                           ("count", "/v1/responses/input_tokens", count)):
                     with health_polled(srv, 0.05) as latencies:
-                        cpu = _cpu_seconds(srv._proc.pid)
+                        cpu = _cpu_seconds(srv.pid)
                         timed = _timed(f"{srv.url}{path}", body)
-                        cpu = _cpu_seconds(srv._proc.pid) - cpu
+                        cpu = _cpu_seconds(srv.pid) - cpu
                     if timed is None:
                         continue
                     elapsed, tokens = timed

@@ -107,6 +107,12 @@ class GunicornServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def pid(self) -> int:
+        """The gunicorn master's."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def terminate(self) -> None:
         """SIGTERM: gunicorn's graceful shutdown."""
         assert self._proc is not None

@@ -10,7 +10,7 @@ from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
-from nanoqwen.api.structured import output_grammar
+from nanoqwen.api.structured import compiled, output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
@@ -50,10 +50,7 @@ class ChatService:
         that a schema refused is refused whatever the prompt (too long for the context, or long to tokenise)."""
         serving = self.serving
         params = req.sampling_params(serving.engine.sampling_defaults)
-        try:
-            params.grammar = output_grammar(serving, req)
-        except InvalidRequest as exc:
-            raise invalid_request(exc) from None
+        params.grammar = compiled(output_grammar, serving, req)
         return params
 
     def submit(self, req: ChatCompletionRequest, params: SamplingParams, prompt: list[int],
@@ -67,7 +64,7 @@ class ChatService:
         limit = serving.info["max_model_len"]
         messages, tools = req.template_messages(), req.template_tools()
         try:
-            return serving.off_loop(req.template_chars(), serving.engine.encode_messages, messages,
+            return serving.off_loop(req.template_chars(tools), serving.engine.encode_messages, messages,
                                     req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
         except PromptTooLongError as exc:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)

@@ -18,10 +18,10 @@ from nanoqwen.api.responses import Choice, RunningUsage, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.sse import DoneFraming
-from nanoqwen.api.structured import structured_grammar
+from nanoqwen.api.structured import compiled, structured_grammar
 from nanoqwen.api.tokenize import encode_texts
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
-from nanoqwen.engine.validation import InvalidRequest, context_length_error, prompt_token_limit
+from nanoqwen.engine.validation import context_length_error, prompt_token_limit
 
 Json = dict[str, Any]
 
@@ -136,10 +136,7 @@ class CompletionService:
         req = parse_completion_request(body)
         serving.check_serving(req.model)
         params = req.sampling_params(serving.engine.sampling_defaults)
-        try:
-            params.grammar = structured_grammar(serving, req)
-        except InvalidRequest as exc:
-            raise invalid_request(exc) from None
+        params.grammar = compiled(structured_grammar, serving, req)
         prompts = self._encode(req, params.max_tokens)
         echoes = [""] * len(prompts)
         if req.echo:

@@ -480,11 +480,10 @@ class ChatPrompt(Strict):
     def template_tools(self) -> list[dict[str, Any]] | None:
         return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
 
-    def template_chars(self) -> int:
+    def template_chars(self, tools: list[dict[str, Any]] | None) -> int:
         """A cheap measure of the prompt's size, worked out on the event loop (once per truncation candidate): its
-        texts and calls' arguments as sent, never encoded again (a conversation may be mostly calls), its tools as
-        JSON."""
-        tools = self.template_tools()
+        texts and calls' arguments as sent, never encoded again (a conversation may be mostly calls), and `tools`
+        (template_tools', made once by the caller) as JSON."""
         return sum(m.template_chars() for m in self.messages) + (len(json.dumps(tools)) if tools else 0)
 
 

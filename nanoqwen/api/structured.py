@@ -5,14 +5,29 @@ of `response_format` json_object / json_schema; for chat and completions vLLM's 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
+from nanoqwen.api.serving import invalid_request
 from nanoqwen.engine.grammar import ToolSpec
+from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
     from nanoqwen.api.serving import Serving
     from nanoqwen.engine.grammar import Grammar
+
+
+Req = TypeVar("Req", bound=SamplingFields)
+
+
+def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, req: Req) -> Grammar | None:
+    """make(serving, req): a request's output grammar (output_grammar, structured_grammar), an invalid one the 400
+    naming its field."""
+    try:
+        return make(serving, req)
+    except InvalidRequest as exc:
+        raise invalid_request(exc) from None
 
 
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:

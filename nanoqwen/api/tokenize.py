@@ -51,7 +51,7 @@ class TokenizeService:
         if isinstance(req, TokenizePromptRequest):
             return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
         messages, tools = req.template_messages(), req.template_tools()
-        return (req.template_chars(), _encode_messages, engine.encode_messages, messages,
+        return (req.template_chars(tools), _encode_messages, engine.encode_messages, messages,
                 req.template_kwargs(), tools)
 
     def detokenize(self, body: Any) -> dict[str, Any]:

@@ -153,17 +153,17 @@ class ModelRunner:
         graph none, or a cpugraph bucket that does not replay. On cpugraph a verify step runs only a bucket that
         replays: past the C linears' row limit the decode step would run its positions through torch's GEMMs,
         each reading its sequence's keys (the packed path reads them once per sequence)."""
-        seqs = batch.decode
-        draft_keys = sum(len(seq.draft_ids) * len(seq) for seq in seqs)
-        if batch.prefill or batch.num_drafts and (not self.verify_as_decode or draft_keys > VERIFY_MAX_DRAFT_KEYS):
+        seqs, drafts = batch.decode, batch.num_drafts
+        if batch.prefill or drafts and (not self.verify_as_decode
+                                        or sum(len(seq.draft_ids) * len(seq) for seq in seqs) > VERIFY_MAX_DRAFT_KEYS):
             return None
-        n = sum(1 + len(seq.draft_ids) for seq in seqs)
+        n = len(seqs) + drafts
         if not self.buckets:
             return n
         bucket = next(b for b in self.buckets if b >= n)
         if self.graph != "cpugraph" or self.graphs.replays(bucket):
             return bucket
-        return None if batch.num_drafts else n
+        return None if drafts else n
 
     def prefill(self, rows: list[tuple[Sequence, int]], sampled: list[Sequence]) -> StepOutput:
         """Every row's next tokens as one packed batch (decode rows are one-token chunks, drafting rows
