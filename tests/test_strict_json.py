@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -40,3 +41,12 @@ def test_the_tool_call_parser_imports_no_server() -> None:
     code = "import sys, nanoqwen.api.tool_calls; print(sorted({'flask', 'gevent', 'gunicorn'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FunctionCall(name="f", arguments="{}").model_copy(update={"arguments": '{"city": "Paris"}'}),
+    lambda: FunctionCall.model_construct(name="f", arguments='{"city": "Paris"}'),
+], ids=["model_copy", "model_construct"])
+def test_arguments_the_validator_skipped_are_decoded(make: Callable[[], FunctionCall]) -> None:
+    """parsed_arguments asserted the validator's Arguments: an AssertionError for a copy or a construct."""
+    assert make().parsed_arguments == {"city": "Paris"}

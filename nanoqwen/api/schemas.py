@@ -259,8 +259,9 @@ class FunctionCall(Strict):
 
     @property
     def parsed_arguments(self) -> dict[str, Any]:
-        assert isinstance(self.arguments, Arguments)  # as the validator returns it
-        return self.arguments.parsed
+        if isinstance(self.arguments, Arguments):  # as the validator returns it
+            return self.arguments.parsed
+        return _decode_arguments(self.arguments)  # a model_copy(update=...) or model_construct skips the validator
 
     @field_validator("arguments")
     @classmethod
