@@ -157,6 +157,13 @@ def _read(data: bytes, content_type: str) -> str:
     ("latin-1", "\u00e9t\u00e9".encode("latin-1"), "\u00e9t\u00e9"),  # not valid UTF-8: latin-1 as labelled
     ("cp1252", "\u20ac".encode("cp1252"), "\u20ac"),
     ("UTF-16LE", "\u00e9t\u00e9".encode("utf-16-le"), "\u00e9t\u00e9"),
+    # Python's aliases, which a fixed table of names dropped (a 415)
+    ("utf_8", "\u00e9t\u00e9".encode(), "\u00e9t\u00e9"),
+    ("utf-16-le", "\u00e9t\u00e9".encode("utf-16-le"), "\u00e9t\u00e9"),
+    ("l1", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("cp819", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("iso_8859-1:1987", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("ANSI_X3.4-1968", b"ete", "ete"),
 ])
 def test_a_body_is_read_in_its_charset_or_as_utf8(charset: str, data: bytes, text: str) -> None:
     assert _read(data, f"application/json; charset={charset}") == text
@@ -169,4 +176,7 @@ def test_an_unknown_charset_is_refused_and_not_remembered() -> None:
         with pytest.raises(APIError) as info:
             _read(b"{}", f"application/json; charset={i}{'x' * 8000}")
         assert info.value.status == 415
+    for name in ("idna", "punycode", "unicode_escape", "rot13", "utf-8-sig"):  # codecs, but no charsets
+        with pytest.raises(APIError):
+            _read(b"{}", f"application/json; charset={name}")
     assert len(encodings._cache) == cached  # type: ignore[attr-defined]
