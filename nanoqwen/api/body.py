@@ -5,7 +5,7 @@ import contextlib
 import encodings
 import socket
 from encodings.aliases import aliases
-from typing import Any
+from typing import Any, NamedTuple
 
 import gevent
 from flask import Request
@@ -25,6 +25,14 @@ READ_CHUNK = 64 << 10
 CODECS = frozenset({"utf_8", "ascii", "latin_1", "cp1252", "utf_16", "utf_16_le", "utf_16_be", "utf_32", "utf_32_le",
                     "utf_32_be"})
 UTF8_FIRST = frozenset({"ascii", "latin_1", "cp1252"})
+ASCII_COMPATIBLE = UTF8_FIRST | {"utf_8"}  # a JSON text's `,` `:` `"` `\\` are its bytes
+
+
+class Body(NamedTuple):
+    text: str
+    raw: bytes | None  # the bytes, where the charset is ASCII-compatible
+
+
 
 
 class _BodyTimeout(Exception):
@@ -96,7 +104,7 @@ def _decode(data: bytes, charset: str, codec: str) -> str:
         raise APIError(400, f"The request body is not valid {charset}.") from None
 
 
-def read_body(request: Request, timeout_s: float) -> str:
+def read_body(request: Request, timeout_s: float) -> Body:
     """The body's text, decoded from the charset its Content-Type names, or 408 when it takes longer than
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
@@ -109,7 +117,7 @@ def read_body(request: Request, timeout_s: float) -> str:
             data = _read_yielding(request)
         if request.content_length is not None and len(data) < request.content_length:
             raise ValueError("the body ended before its Content-Length")
-        return _decode(data, charset, codec)
+        return Body(_decode(data, charset, codec), data if codec in ASCII_COMPATIBLE else None)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise
@@ -122,11 +130,11 @@ def read_body(request: Request, timeout_s: float) -> str:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-def parse_json(text: str) -> Any:
-    """The request body's JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more
-    values than a request needs."""
+def parse_json(text: str, raw: bytes | None = None) -> Any:
+    """The request body's JSON (`raw`: as strict_json.loads); 400 for anything that is not strict JSON in valid
+    Unicode, 413 for more values than a request needs."""
     try:
-        return strict_json.loads(text, "the JSON body")
+        return strict_json.loads(text, "the JSON body", raw)
     except JSONError as exc:
         if exc.status == 413:
             raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
