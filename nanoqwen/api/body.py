@@ -13,7 +13,7 @@ from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.errors import APIError, param_name
+from nanoqwen.api.errors import APIError, param_name, request_too_large
 from nanoqwen.api.strict_json import JSONError
 
 READ_CHUNK = 64 << 10
@@ -137,6 +137,6 @@ def parse_json(text: str, raw: bytes | None = None) -> Any:
         return strict_json.loads(text, "the JSON body", raw)
     except JSONError as exc:
         if exc.status == 413:
-            raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
+            raise request_too_large(str(exc)) from None
         message = str(exc)
         raise APIError(400, message[0].upper() + message[1:], param=param_name(exc.path) or None) from None
