@@ -102,7 +102,7 @@ def bodies(model: str, seed: int, count: int) -> Iterator[bytes]:
 
 def cases(model: str, seed: int, count: int) -> Iterator[tuple[bytes, dict[str, str]]]:
     """`bodies(seed)` with the headers to send each with (drawn from a generator of their own)."""
-    rng = random.Random(seed)
+    rng = random.Random(f"headers-{seed}")
     for body in bodies(model, seed, count):
         yield body, rng.choice(HEADERS)
 

@@ -14,10 +14,12 @@ from flask.testing import FlaskClient
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
+from nanoqwen.api import strict_json
 from nanoqwen.api.app import create_app
-from nanoqwen.api.body import read_body
+from nanoqwen.api.body import Body, parse_json, read_body
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.strict_json import MAX_SEPARATORS
 from nanoqwen.engine import Engine, EngineConfig
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -142,13 +144,17 @@ def test_a_chunked_body_may_fill_the_size_limit(size: int, too_large: bool) -> N
             with pytest.raises(RequestEntityTooLarge):
                 read_body(flask.request, timeout_s=5)
         else:
-            assert read_body(flask.request, timeout_s=5) == "x" * size
+            assert read_body(flask.request, timeout_s=5).text == "x" * size
 
 
-def _read(data: bytes, content_type: str) -> str:
+def _body(data: bytes, content_type: str) -> Body:
     environ = EnvironBuilder(method="POST", data=data, content_type=content_type).get_environ()
     with Flask("t").request_context(environ):
         return read_body(flask.request, timeout_s=5)
+
+
+def _read(data: bytes, content_type: str) -> str:
+    return _body(data, content_type).text
 
 
 @pytest.mark.parametrize("charset, data, text", [
@@ -157,6 +163,13 @@ def _read(data: bytes, content_type: str) -> str:
     ("latin-1", "\u00e9t\u00e9".encode("latin-1"), "\u00e9t\u00e9"),  # not valid UTF-8: latin-1 as labelled
     ("cp1252", "\u20ac".encode("cp1252"), "\u20ac"),
     ("UTF-16LE", "\u00e9t\u00e9".encode("utf-16-le"), "\u00e9t\u00e9"),
+    # Python's aliases, which a fixed table of names dropped (a 415)
+    ("utf_8", "\u00e9t\u00e9".encode(), "\u00e9t\u00e9"),
+    ("utf-16-le", "\u00e9t\u00e9".encode("utf-16-le"), "\u00e9t\u00e9"),
+    ("l1", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("cp819", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("iso_8859-1:1987", b"\xe9t\xe9", "\u00e9t\u00e9"),
+    ("ANSI_X3.4-1968", b"ete", "ete"),
 ])
 def test_a_body_is_read_in_its_charset_or_as_utf8(charset: str, data: bytes, text: str) -> None:
     assert _read(data, f"application/json; charset={charset}") == text
@@ -169,4 +182,24 @@ def test_an_unknown_charset_is_refused_and_not_remembered() -> None:
         with pytest.raises(APIError) as info:
             _read(b"{}", f"application/json; charset={i}{'x' * 8000}")
         assert info.value.status == 415
+    for name in ("idna", "punycode", "unicode_escape", "rot13", "utf-8-sig"):  # codecs, but no charsets
+        with pytest.raises(APIError):
+            _read(b"{}", f"application/json; charset={name}")
     assert len(encodings._cache) == cached  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("charset, counted", [("utf-8", bytes), ("latin-1", bytes), ("utf-16", str)])
+def test_a_body_s_values_are_counted_on_its_bytes_where_they_are_ascii(monkeypatch: pytest.MonkeyPatch, charset: str,
+                                                                       counted: type) -> None:
+    encoding = "utf-16" if charset == "utf-16" else "utf-8"  # UTF-8 labelled latin-1 is read as UTF-8
+    """They were counted on the decoded str: one emoji makes it 4 bytes a character, an 8 MiB body's copies
+    32 MB each."""
+    seen: list[type] = []
+    count = strict_json.too_many_values
+    monkeypatch.setattr(strict_json, "too_many_values", lambda text, *a: seen.append(type(text)) or count(text, *a))
+    fits = '{"a": ["\u00e9\U0001f600", ' + "1," * 1000 + '1], "b": "' + "," * (2 * MAX_SEPARATORS) + '"}'
+    assert parse_json(*_body(fits.encode(encoding), f"application/json; charset={charset}"))["b"].startswith(",")
+    too_many = '["\U0001f600", ' + "1," * MAX_SEPARATORS + "1]"
+    with pytest.raises(APIError) as info:
+        parse_json(*_body(too_many.encode(encoding), f"application/json; charset={charset}"))
+    assert info.value.status == 413 and seen == [counted, counted]

@@ -403,7 +403,7 @@ def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param
     ('{"const": "\\udc00"}', "lone UTF-16 surrogate"),
 ], ids=["5000-deep", "65-deep", "NaN", "Infinity", "values", "surrogate"])
 def test_an_encoded_schema_has_the_limits_of_a_body(encoded: str, words: str) -> None:
-    """A schema sent as its JSON encoding escapes body.py's checks on the body: it gets them itself, a 400 naming
+    """A schema sent as its JSON encoding escapes strict_json's checks on the body: it gets them itself, a 400 naming
     the field (a string nested 5000 deep was a RecursionError, a 500)."""
     for extra, param in (({"guided_json": encoded}, "guided_json"),
                          ({"structured_outputs": {"json": encoded}}, "structured_outputs.json")):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,3 +133,13 @@ def test_short_soak(server: GunicornServer) -> None:
     assert soak.soak_problems(rounds, health_p99_ms=300, rss_growth_mb=48) == []
     assert sum(r.requests for r in rounds) > 30
     assert {"valid", "fuzz", "disconnect"} <= {key.split()[0] for r in rounds for key in r.statuses}
+
+
+def test_an_error_gunicorn_answers_with_an_unknown_status_keeps_its_reason() -> None:
+    """HTTPStatus(599) raised inside gunicorn's error handler: the client got no answer at all."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        worker.write_json_error(ours, 599, "Odd Status", "odd")
+        ours.shutdown(socket.SHUT_WR)
+        head = theirs.recv(65536).split(b"\r\n")[0]
+    assert head == b"HTTP/1.1 599 Odd Status"

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.schemas import FunctionCall
+from nanoqwen.api.body import parse_json
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.responses_schemas import ItemsChatRequest, ItemToolCall
+from nanoqwen.api.schemas import FunctionCall, parse_chat_request
 from nanoqwen.api.strict_json import MAX_SEPARATORS, JSONError
 
 
@@ -25,11 +30,21 @@ def test_loads_refuses_what_a_request_may_not_hold(text: str, status: int | None
     assert info.value.status == status
 
 
+@pytest.mark.parametrize("text, param", [('{"temperature": 1e309}', "temperature"), ('{"a": [0.5, -1e400]}', "a.[1]"),
+                                         ("1e309", None)])
+def test_a_float_out_of_range_is_refused_naming_its_field(text: str, param: str | None) -> None:
+    """A parse_float refused it as "not valid JSON", param null (and made float-heavy bodies ~4x slower to parse)."""
+    with pytest.raises(APIError) as info:
+        parse_json(text)
+    assert (info.value.status, info.value.param) == (400, param), str(info.value)
+    assert "out of a float's range" in str(info.value)
+
+
 def test_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The validator parsed them, and templating (parsed_arguments) parsed them again."""
     calls = []
     loads = strict_json.loads
-    monkeypatch.setattr(strict_json, "loads", lambda *args: calls.append(args) or loads(*args))
+    monkeypatch.setattr(strict_json, "loads", lambda *args, **kw: calls.append(args) or loads(*args, **kw))
     call = FunctionCall(name="f", arguments='{"city": "Paris"}')
     assert call.parsed_arguments == {"city": "Paris"} and call.parsed_arguments == {"city": "Paris"}
     assert len(calls) == 1 and call.model_dump() == {"name": "f", "arguments": '{"city": "Paris"}'}
@@ -40,3 +55,64 @@ def test_the_tool_call_parser_imports_no_server() -> None:
     code = "import sys, nanoqwen.api.tool_calls; print(sorted({'flask', 'gevent', 'gunicorn'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FunctionCall(name="f", arguments="{}").model_copy(update={"arguments": '{"city": "Paris"}'}),
+    lambda: FunctionCall.model_construct(name="f", arguments='{"city": "Paris"}'),
+], ids=["model_copy", "model_construct"])
+def test_arguments_the_validator_skipped_are_decoded(make: Callable[[], FunctionCall]) -> None:
+    """parsed_arguments asserted the validator's Arguments: an AssertionError for a copy or a construct."""
+    assert make().parsed_arguments == {"city": "Paris"}
+
+
+def _conversation(*arguments: str, users: int = 1) -> dict[str, Any]:
+    calls = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": a}}
+             for i, a in enumerate(arguments)]
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}] * users + [
+        {"role": "assistant", "tool_calls": calls}]}
+
+
+ARGUMENTS_40K = '{"a": [' + "1," * 40_000 + "1]}"
+
+
+@pytest.mark.parametrize("schema", [None, ItemsChatRequest], ids=["chat", "responses"])
+@pytest.mark.parametrize("body", [_conversation(ARGUMENTS_40K, ARGUMENTS_40K),
+                                  _conversation(ARGUMENTS_40K, users=7_000)], ids=["two-calls", "body-and-call"])
+def test_a_request_has_one_budget_of_values(schema: type[ItemsChatRequest] | None, body: dict[str, Any]) -> None:
+    """The limit was per string: 64 calls' arguments of 65k values each fit in 8 MiB (4M values, seconds of loop);
+    and past it the answer was a 400 without a code where the body's is a 413 request_too_large."""
+    one = _conversation(ARGUMENTS_40K)
+    assert parse_chat_request(one, schema or ItemsChatRequest).messages  # each alone fits
+    with pytest.raises(APIError) as info:
+        parse_chat_request(body, *([schema] if schema else []))
+    assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
+    assert str(info.value).startswith(strict_json.TOO_MANY_VALUES)
+
+
+def test_a_bad_arguments_message_reads_once() -> None:
+    """It nested one error message in another: "arguments must be a JSON object encoded as a string: Invalid value
+    for 'a' in the string: ..."."""
+    with pytest.raises(APIError) as info:
+        parse_chat_request(_conversation('{"a": "\\ud800"}'))
+    assert str(info.value) == ("Invalid value for 'messages.[1].tool_calls.[0].function.arguments': at 'a', the "
+                               "string contains a lone UTF-16 surrogate (not valid Unicode).")
+
+
+def test_responses_call_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ItemToolCall.to_template decoded them each time it was templated: once per truncation candidate."""
+    calls = []
+    loads = strict_json.loads
+    monkeypatch.setattr(strict_json, "loads", lambda *args, **kw: calls.append(args) or loads(*args, **kw))
+    call, cut = (ItemToolCall.model_validate({"id": "c", "type": "function", "function": {"name": "f", "arguments": a}})
+                 for a in ('{"b": 1}', '{"b": '))
+    for _ in range(3):
+        assert call.to_template()["function"]["arguments"] == {"b": 1}
+        assert cut.to_template()["function"]["arguments"] == '{"b": '
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("text, count", [("1", 0), ("[]", 0), ("{}", 0), ('[1, [2, 3], {"a": [4, {"b": ","}]}]', 6),
+                                         ('{"a": {"b": {}}, "c": [[], [1]]}', 5)])
+def test_separators_counts_those_of_the_text_outside_strings(text: str, count: int) -> None:
+    assert strict_json.separators(strict_json.loads(text)) == count

@@ -101,7 +101,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     def json_body() -> Any:
         """The request's JSON body, read within body_timeout_s and decoded (else a 400, 408 or 413)."""
-        return parse_json(read_body(request, config.body_timeout_s))
+        return parse_json(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import encodings
 import socket
-from typing import Any
+from encodings.aliases import aliases
+from typing import Any, NamedTuple
 
 import gevent
 from flask import Request
@@ -11,22 +13,26 @@ from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.errors import APIError, param_name
+from nanoqwen.api.errors import APIError, param_name, request_too_large
 from nanoqwen.api.strict_json import JSONError
 
 READ_CHUNK = 64 << 10
-# The charsets a body may be in, by the names clients send (lower-cased) -> Python's codec. A fixed table:
-# codecs.lookup caches every name it is asked for, failed ones too (an 8 KB name leaked 8 KB a request), and knows
-# codecs that are no charsets (idna, the escape codecs) or too slow for the loop (punycode: 0.36 s per 100 kB).
+# The codecs a body may be in, by Python's name; a client's charset maps to one through Python's own alias table
+# (utf_8, utf-16-le, l1, cp819, iso_8859-1:1987...) by dict lookups. Never codecs.lookup: it caches every name it
+# is asked for, failed ones too (an 8 KB name leaked 8 KB a request), and knows codecs that are no charsets (idna,
+# the escape codecs) or too slow for the loop (punycode: 0.36 s per 100 kB).
 # Decoded once, on the loop: 8 MiB takes milliseconds (UTF-8, latin-1) to tens of them (cp1252, a charmap).
-CHARSETS = {
-    **dict.fromkeys(("utf-8", "utf8"), "utf-8"),
-    **dict.fromkeys(("us-ascii", "ascii"), "ascii"),
-    **dict.fromkeys(("iso-8859-1", "iso8859-1", "iso_8859-1", "latin-1", "latin1"), "latin-1"),
-    **dict.fromkeys(("windows-1252", "cp1252"), "cp1252"),
-    **{name: name for name in ("utf-16", "utf-16le", "utf-16be", "utf-32", "utf-32le", "utf-32be")},
-}
-UTF8_FIRST = frozenset({"ascii", "latin-1", "cp1252"})
+CODECS = frozenset({"utf_8", "ascii", "latin_1", "cp1252", "utf_16", "utf_16_le", "utf_16_be", "utf_32", "utf_32_le",
+                    "utf_32_be"})
+UTF8_FIRST = frozenset({"ascii", "latin_1", "cp1252"})
+ASCII_COMPATIBLE = UTF8_FIRST | {"utf_8"}  # a JSON text's `,` `:` `"` `\\` are its bytes
+
+
+class Body(NamedTuple):
+    text: str
+    raw: bytes | None  # the bytes, where the charset is ASCII-compatible
+
+
 
 
 class _BodyTimeout(Exception):
@@ -69,10 +75,17 @@ def _check_codings(request: Request) -> None:
                            code="unsupported_media_type")
 
 
+def _codec_of(charset: str) -> str | None:
+    """The codec in CODECS that `charset` (any case) names, as encodings' search function resolves a name."""
+    name = encodings.normalize_encoding(charset.lower())
+    codec = aliases.get(name) or aliases.get(name.replace(".", "_")) or name
+    return codec if codec in CODECS else None
+
+
 def _codec(request: Request) -> tuple[str, str]:
     """(the charset the Content-Type names, lower-cased, UTF-8 when none; its codec), or 415 before the body is read."""
     charset = request.mimetype_params.get("charset", "utf-8").strip().lower()
-    if (codec := CHARSETS.get(charset)) is None:
+    if (codec := _codec_of(charset)) is None:
         _stop_reading(request.environ)
         raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type (send UTF-8).",
                        code="unsupported_media_type")
@@ -91,7 +104,7 @@ def _decode(data: bytes, charset: str, codec: str) -> str:
         raise APIError(400, f"The request body is not valid {charset}.") from None
 
 
-def read_body(request: Request, timeout_s: float) -> str:
+def read_body(request: Request, timeout_s: float) -> Body:
     """The body's text, decoded from the charset its Content-Type names, or 408 when it takes longer than
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
@@ -104,7 +117,7 @@ def read_body(request: Request, timeout_s: float) -> str:
             data = _read_yielding(request)
         if request.content_length is not None and len(data) < request.content_length:
             raise ValueError("the body ended before its Content-Length")
-        return _decode(data, charset, codec)
+        return Body(_decode(data, charset, codec), data if codec in ASCII_COMPATIBLE else None)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise
@@ -117,13 +130,13 @@ def read_body(request: Request, timeout_s: float) -> str:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-def parse_json(text: str) -> Any:
-    """The request body's JSON; 400 for anything that is not strict JSON in valid Unicode, 413 for more
-    values than a request needs."""
+def parse_json(text: str, raw: bytes | None = None) -> Any:
+    """The request body's JSON (`raw`: as strict_json.loads); 400 for anything that is not strict JSON in valid
+    Unicode, 413 for more values than a request needs."""
     try:
-        return strict_json.loads(text, "the JSON body")
+        return strict_json.loads(text, "the JSON body", raw)
     except JSONError as exc:
         if exc.status == 413:
-            raise APIError(413, f"{exc} Send a large batch as several requests.", code="request_too_large") from None
+            raise request_too_large(str(exc)) from None
         message = str(exc)
         raise APIError(400, message[0].upper() + message[1:], param=param_name(exc.path) or None) from None

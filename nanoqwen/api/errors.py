@@ -30,3 +30,8 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
+
+
+def request_too_large(message: str) -> APIError:
+    """A body, or the JSON in its strings, with more values than a request needs (a 413, like the body's size)."""
+    return APIError(413, f"{message} Send a large batch as several requests.", code="request_too_large")

@@ -11,12 +11,13 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
+    Arguments,
     ChatCompletionRequest,
     ChatMessage,
     JsonObjectFormat,
@@ -34,6 +35,7 @@ from nanoqwen.api.schemas import (
     tool_choice_of,
     validate_body,
 )
+from nanoqwen.api.strict_json import JSONError
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -417,9 +419,22 @@ class ResponseCreateRequest(ResponsePromptFields):
                 "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
 
 
+def _as_written(value: str, info: ValidationInfo | None) -> Arguments:
+    """A call's arguments with what they decode to, None where that is not JSON."""
+    arguments = Arguments(value)
+    try:
+        arguments.parsed = _decode_arguments(value, info)
+    except JSONError:
+        arguments.parsed = None
+    return arguments
+
+
 class ItemFunctionCall(Strict):
     name: str
-    arguments: str
+    arguments: str  # as the model wrote it: any string (a call cut short, `{"b": `)
+
+    # Parsed once, here, in the request's budget: templating parsed them again for each truncation candidate.
+    _decoded = field_validator("arguments")(_as_written)
 
 
 class ItemToolCall(ToolCallMessage):
@@ -428,13 +443,11 @@ class ItemToolCall(ToolCallMessage):
     def to_template(self) -> dict[str, Any]:
         """The arguments as an object when they are one, else as the model wrote them: Qwen3's template writes
         a string as is."""
-        try:
-            arguments = _decode_arguments(self.function.arguments)
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):
-            arguments = self.function.arguments
-        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        arguments = self.function.arguments
+        # a model_copy(update=...) or model_construct skips the validator
+        parsed = (arguments if isinstance(arguments, Arguments) else _as_written(arguments, None)).parsed
+        function = {"name": self.function.name, "arguments": parsed if isinstance(parsed, dict) else arguments}
+        return {"id": self.id, "type": "function", "function": function}
 
 
 class ItemsChatMessage(ChatMessage):

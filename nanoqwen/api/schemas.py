@@ -26,6 +26,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     Tag,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -34,7 +35,8 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.errors import APIError, param_name
+from nanoqwen.api.errors import APIError, param_name, request_too_large
+from nanoqwen.api.strict_json import MAX_SEPARATORS, Budget, JSONError, separators
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
@@ -241,16 +243,23 @@ class StructuredOutputs(Strict):
         return Constraint(kind, self._value(kind), f"structured_outputs.{kind}")
 
 
-def _decode_arguments(arguments: str) -> Any:
-    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
-    return strict_json.loads(arguments, "the string") if arguments.strip() else {}
+def _decode_arguments(arguments: str, info: ValidationInfo | None = None) -> Any:
+    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}. Their values are charged to
+    the request's budget (validate_body's context): past it, a 413 as for the body."""
+    budget = (info.context or {}).get("budget") if info is not None else None
+    try:
+        return strict_json.loads(arguments, "the string", budget=budget) if arguments.strip() else {}
+    except JSONError as exc:
+        if exc.status == 413:
+            raise request_too_large(str(exc)) from None
+        raise
 
 
 class Arguments(str):
-    """A call's arguments string with the object it decodes to: parsed once, by the validator (an 8 MB
-    string cost its parse again when templated)."""
+    """A call's arguments string with what it decodes to (None: not JSON): parsed once, by the validator (an 8 MB
+    string cost its parse again each time it was templated)."""
 
-    parsed: dict[str, Any]
+    parsed: Any
 
 
 class FunctionCall(Strict):
@@ -259,16 +268,19 @@ class FunctionCall(Strict):
 
     @property
     def parsed_arguments(self) -> dict[str, Any]:
-        assert isinstance(self.arguments, Arguments)  # as the validator returns it
-        return self.arguments.parsed
+        if isinstance(self.arguments, Arguments):  # as the validator returns it
+            return self.arguments.parsed
+        return _decode_arguments(self.arguments)  # a model_copy(update=...) or model_construct skips the validator
 
     @field_validator("arguments")
     @classmethod
-    def _json_object(cls, value: str) -> Arguments:
+    def _json_object(cls, value: str, info: ValidationInfo) -> Arguments:
         try:
-            parsed = _decode_arguments(value)
-        except ValueError as exc:
-            raise ValueError(f"arguments must be a JSON object encoded as a string: {exc}") from None
+            parsed = _decode_arguments(value, info)
+        except JSONError as exc:
+            if exc.path:  # JSON, but not what a request may hold
+                raise ValueError(f"at '{param_name(exc.path)}', {exc.problem}") from None
+            raise ValueError(f"{exc} arguments must be a JSON object encoded as a string") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be a JSON object encoded as a string")
         arguments = Arguments(value)
@@ -909,11 +921,12 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
 
 
 def validate_body(schema: type[Request], body: Any) -> Request:
-    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter."""
+    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. Its values and those
+    of the JSON in its strings share one budget (what the body leaves)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return schema.model_validate(body)
+        return schema.model_validate(body, context={"budget": Budget(MAX_SEPARATORS - separators(body))})
     except ValidationError as exc:
         # A field this server lacks first: the request's other errors may only follow from it
         # (vLLM's `prompt_token_ids` with empty `messages`)
