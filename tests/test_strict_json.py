@@ -11,7 +11,8 @@ import pytest
 from nanoqwen.api import strict_json
 from nanoqwen.api.body import parse_json
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.responses_schemas import ItemsChatRequest, ItemToolCall
+from nanoqwen.api.responses_api import ITEMS
+from nanoqwen.api.responses_schemas import ItemsChatRequest, ItemToolCall, parse_responses_request
 from nanoqwen.api.schemas import FunctionCall, parse_chat_request
 from nanoqwen.api.strict_json import MAX_SEPARATORS, JSONError
 
@@ -88,6 +89,16 @@ def test_a_request_has_one_budget_of_values(schema: type[ItemsChatRequest] | Non
         parse_chat_request(body, *([schema] if schema else []))
     assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
     assert str(info.value).startswith(strict_json.TOO_MANY_VALUES)
+
+
+def test_a_stored_history_is_not_a_body() -> None:
+    """A continuation's history comes from the store (bounded there), not from the client: a long agent loop's calls
+    may hold more values than a body, and its chat request is not refused for them."""
+    history = [item for i in range(2) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": ARGUMENTS_40K},
+        {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
+    chat = parse_responses_request({"input": "Hi"}).to_chat([*ITEMS.validate_python(history)])
+    assert len(chat.messages) == 4
 
 
 def test_a_bad_arguments_message_reads_once() -> None:

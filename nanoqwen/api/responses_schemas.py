@@ -352,7 +352,9 @@ class ResponsePromptFields(Strict):
         if not messages:
             raise APIError(400, "input must not be empty", param="input")
         body = {"messages": messages, **self.chat_fields()}
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest)
+        # not a client's body: its input was counted as this request's, and a stored history (bounded by the store)
+        # may hold more values than a body, a long agent loop's calls' arguments
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest, counted=False)
 
 
 class ResponseCountRequest(ResponsePromptFields):

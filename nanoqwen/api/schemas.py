@@ -920,13 +920,14 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
-def validate_body(schema: type[Request], body: Any) -> Request:
-    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. Its values and those
-    of the JSON in its strings share one budget (what the body leaves)."""
+def validate_body(schema: type[Request], body: Any, counted: bool = True) -> Request:
+    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. A client's body
+    (`counted`) and the JSON in its strings share one budget of values (what the body leaves)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return schema.model_validate(body, context={"budget": Budget(MAX_SEPARATORS - separators(body))})
+        context = {"budget": Budget(MAX_SEPARATORS - separators(body))} if counted else None
+        return schema.model_validate(body, context=context)
     except ValidationError as exc:
         # A field this server lacks first: the request's other errors may only follow from it
         # (vLLM's `prompt_token_ids` with empty `messages`)
@@ -934,7 +935,8 @@ def validate_body(schema: type[Request], body: Any) -> Request:
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
-    req = validate_body(schema, body)
+def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest,
+                       counted: bool = True) -> ChatCompletionRequest:
+    req = validate_body(schema, body, counted)
     _check_combinations(req)
     return req
