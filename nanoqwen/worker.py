@@ -60,7 +60,10 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     server_error, which clients (openai-python) retry."""
     type = "server_error" if status_int >= 500 and status_int != 501 else "invalid_request_error"
     body = json.dumps(error_body(mesg or reason, type, code=GUNICORN_CODES.get(status_int))).encode()
-    phrase = HTTPStatus(status_int).phrase if status_int in HTTPStatus._value2member_map_ else reason
+    try:
+        phrase = HTTPStatus(status_int).phrase
+    except ValueError:  # a status HTTPStatus does not know: gunicorn's reason
+        phrase = reason
     head = (f"HTTP/1.1 {status_int} {phrase}\r\nConnection: close\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")

@@ -183,17 +183,18 @@ def test_an_unknown_charset_is_refused_and_not_remembered() -> None:
             _read(b"{}", f"application/json; charset={i}{'x' * 8000}")
         assert info.value.status == 415
     for name in ("idna", "punycode", "unicode_escape", "rot13", "utf-8-sig"):  # codecs, but no charsets
-        with pytest.raises(APIError):
+        with pytest.raises(APIError) as info:
             _read(b"{}", f"application/json; charset={name}")
+        assert info.value.status == 415
     assert len(encodings._cache) == cached  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("charset, counted", [("utf-8", bytes), ("latin-1", bytes), ("utf-16", str)])
 def test_a_body_s_values_are_counted_on_its_bytes_where_they_are_ascii(monkeypatch: pytest.MonkeyPatch, charset: str,
                                                                        counted: type) -> None:
-    encoding = "utf-16" if charset == "utf-16" else "utf-8"  # UTF-8 labelled latin-1 is read as UTF-8
     """They were counted on the decoded str: one emoji makes it 4 bytes a character, an 8 MiB body's copies
     32 MB each."""
+    encoding = "utf-16" if charset == "utf-16" else "utf-8"  # UTF-8 labelled latin-1 is read as UTF-8
     seen: list[type] = []
     count = strict_json.too_many_values
     monkeypatch.setattr(strict_json, "too_many_values", lambda text, *a: seen.append(type(text)) or count(text, *a))

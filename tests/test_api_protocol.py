@@ -404,11 +404,15 @@ def test_structured_outputs_refusals_name_the_field(extra: dict[str, Any], param
 ], ids=["5000-deep", "65-deep", "NaN", "Infinity", "values", "surrogate"])
 def test_an_encoded_schema_has_the_limits_of_a_body(encoded: str, words: str) -> None:
     """A schema sent as its JSON encoding escapes strict_json's checks on the body: it gets them itself, a 400 naming
-    the field (a string nested 5000 deep was a RecursionError, a 500)."""
+    the field (a string nested 5000 deep was a RecursionError, a 500); its values are the body's, past them a 413."""
     for extra, param in (({"guided_json": encoded}, "guided_json"),
                          ({"structured_outputs": {"json": encoded}}, "structured_outputs.json")):
-        error = _bad({"messages": USER, **extra})
-        assert (error.status, error.param) == (400, param) and words in str(error), str(error)
+        with pytest.raises(APIError) as info:
+            parse_chat_request({"messages": USER, **extra})
+        error = info.value
+        expected = (413, "request_too_large") if words.startswith("more than") else (400, param)
+        assert (error.status, error.code if error.status == 413 else error.param) == expected, str(error)
+        assert words in str(error), str(error)
 
 
 def test_structured_outputs_kinds() -> None:

@@ -12,7 +12,7 @@ from nanoqwen.api import strict_json
 from nanoqwen.api.body import parse_json
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_api import ITEMS
-from nanoqwen.api.responses_schemas import ItemsChatRequest, ItemToolCall, parse_responses_request
+from nanoqwen.api.responses_schemas import ItemToolCall, parse_responses_request
 from nanoqwen.api.schemas import FunctionCall, parse_chat_request
 from nanoqwen.api.strict_json import MAX_SEPARATORS, JSONError
 
@@ -77,28 +77,45 @@ def _conversation(*arguments: str, users: int = 1) -> dict[str, Any]:
 ARGUMENTS_40K = '{"a": [' + "1," * 40_000 + "1]}"
 
 
-@pytest.mark.parametrize("schema", [None, ItemsChatRequest], ids=["chat", "responses"])
 @pytest.mark.parametrize("body", [_conversation(ARGUMENTS_40K, ARGUMENTS_40K),
                                   _conversation(ARGUMENTS_40K, users=7_000)], ids=["two-calls", "body-and-call"])
-def test_a_request_has_one_budget_of_values(schema: type[ItemsChatRequest] | None, body: dict[str, Any]) -> None:
+def test_a_request_has_one_budget_of_values(body: dict[str, Any]) -> None:
     """The limit was per string: 64 calls' arguments of 65k values each fit in 8 MiB (4M values, seconds of loop);
     and past it the answer was a 400 without a code where the body's is a 413 request_too_large."""
-    one = _conversation(ARGUMENTS_40K)
-    assert parse_chat_request(one, schema or ItemsChatRequest).messages  # each alone fits
+    assert parse_chat_request(_conversation(ARGUMENTS_40K)).messages  # each alone fits
     with pytest.raises(APIError) as info:
-        parse_chat_request(body, *([schema] if schema else []))
+        parse_chat_request(body)
     assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
     assert str(info.value).startswith(strict_json.TOO_MANY_VALUES)
 
 
-def test_a_stored_history_is_not_a_body() -> None:
-    """A continuation's history comes from the store (bounded there), not from the client: a long agent loop's calls
-    may hold more values than a body, and its chat request is not refused for them."""
-    history = [item for i in range(2) for item in (
-        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": ARGUMENTS_40K},
+def _calls(*arguments: str) -> list[dict[str, Any]]:
+    return [item for i, a in enumerate(arguments) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": a},
         {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
-    chat = parse_responses_request({"input": "Hi"}).to_chat([*ITEMS.validate_python(history)])
-    assert len(chat.messages) == 4
+
+
+def test_a_responses_body_has_one_budget_of_values() -> None:
+    """A Responses body's calls share the body's budget, as a chat body's do."""
+    assert parse_responses_request({"input": _calls(ARGUMENTS_40K)}).input_items
+    with pytest.raises(APIError) as info:
+        parse_responses_request({"input": _calls(ARGUMENTS_40K, ARGUMENTS_40K)})
+    assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
+
+
+def test_a_stored_history_is_not_a_body_and_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A continuation's history comes from the store (bounded there), not from the client: a long agent loop's calls
+    may hold more values than a body, and its chat request is not refused for them. Each call's arguments are parsed
+    once, where the history is validated, not again for each chat request built from it (truncation's candidates)."""
+    calls = []
+    loads = strict_json.loads
+    monkeypatch.setattr(strict_json, "loads", lambda *args, **kw: calls.append(args) or loads(*args, **kw))
+    items = ITEMS.validate_python(_calls(ARGUMENTS_40K, ARGUMENTS_40K))
+    req = parse_responses_request({"input": "Hi"})
+    for _ in range(3):
+        chat = req.to_chat(items)
+        assert len(chat.messages) == 4 and chat.messages[0].tool_calls[0].to_template()["function"]["arguments"]
+    assert len(calls) == 2
 
 
 def test_a_bad_arguments_message_reads_once() -> None:

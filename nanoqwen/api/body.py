@@ -33,8 +33,6 @@ class Body(NamedTuple):
     raw: bytes | None  # the bytes, where the charset is ASCII-compatible
 
 
-
-
 class _BodyTimeout(Exception):
     pass
 

@@ -38,6 +38,7 @@ from nanoqwen.api.responses_schemas import (
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.sse import sse
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
@@ -480,6 +481,7 @@ class ResponsesService:
         max_bytes = self.chat.serving.config.max_body_bytes
         parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
         items, resolved_bytes = [], 0
+        values = {"budget": Budget()}  # the calls' arguments they hold, as in a body
         for i, item in enumerate(req.input_items):
             if isinstance(item, ItemReference):
                 holder = self.store.holder(item.id)
@@ -493,7 +495,7 @@ class ResponsesService:
                 if resolved_bytes > max_bytes:
                     raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
                                    "together.", param="input")
-                item = ITEM.validate_python(found)
+                item = ITEM.validate_python(found, context=values)
             items.append(item)
         return req.model_copy(update={"input": items})
 

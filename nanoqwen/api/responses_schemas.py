@@ -11,7 +11,15 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from nanoqwen.api.errors import APIError
@@ -97,6 +105,23 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
+def _as_written(value: str, info: ValidationInfo | None = None) -> Arguments:
+    """A call's arguments with what they decode to, None where that is not JSON; their values charged to a client
+    body's budget (info's context)."""
+    arguments = Arguments(value)
+    try:
+        arguments.parsed = _decode_arguments(value, info)
+    except JSONError:
+        arguments.parsed = None
+    return arguments
+
+
+def _parsed_once(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Arguments:
+    """Arguments parsed where a body or a stored history is validated; those of a chat request built from its items
+    (to_chat, once per truncation candidate) come parsed already and pass as they are."""
+    return value if isinstance(value, Arguments) else _as_written(handler(value), info)
+
+
 class FunctionCallItem(Strict):
     """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
 
@@ -110,6 +135,8 @@ class FunctionCallItem(Strict):
     namespace: Refused = None
     caller: Refused = None
     async_: refused(False) = Field(None, alias="async")
+
+    _decoded = field_validator("arguments", mode="wrap")(_parsed_once)
 
 
 class FunctionCallOutputItem(Strict):
@@ -421,22 +448,11 @@ class ResponseCreateRequest(ResponsePromptFields):
                 "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
 
 
-def _as_written(value: str, info: ValidationInfo | None) -> Arguments:
-    """A call's arguments with what they decode to, None where that is not JSON."""
-    arguments = Arguments(value)
-    try:
-        arguments.parsed = _decode_arguments(value, info)
-    except JSONError:
-        arguments.parsed = None
-    return arguments
-
-
 class ItemFunctionCall(Strict):
     name: str
     arguments: str  # as the model wrote it: any string (a call cut short, `{"b": `)
 
-    # Parsed once, here, in the request's budget: templating parsed them again for each truncation candidate.
-    _decoded = field_validator("arguments")(_as_written)
+    _decoded = field_validator("arguments", mode="wrap")(_parsed_once)
 
 
 class ItemToolCall(ToolCallMessage):

@@ -170,10 +170,22 @@ STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
-def _schema_or_encoded(value: Any) -> Any:
-    """A string decoded within the limits of a request body, which it escaped (a JSONError is a ValueError)."""
+def loads_counted(text: str, what: str, info: ValidationInfo | None) -> Any:
+    """JSON in a string of a request, within a body's limits (a JSONError is a ValueError); its values charged to a
+    client body's budget (validate_body's context, in `info`): past it, a 413 as for the body."""
+    budget = (info.context or {}).get("budget") if info is not None else None
+    try:
+        return strict_json.loads(text, what, budget=budget)
+    except JSONError as exc:
+        if exc.status == 413 and budget is not None:
+            raise request_too_large(str(exc)) from None
+        raise
+
+
+def _schema_or_encoded(value: Any, info: ValidationInfo) -> Any:
+    """A string decoded within the limits of a request body, which it escaped."""
     if isinstance(value, str):
-        value = strict_json.loads(value, "the string (a JSON schema's JSON encoding)")
+        value = loads_counted(value, "the string (a JSON schema's JSON encoding)", info)
     if not isinstance(value, dict):
         raise ValueError("must be a JSON schema: an object, or its JSON encoding")
     return value
@@ -244,15 +256,8 @@ class StructuredOutputs(Strict):
 
 
 def _decode_arguments(arguments: str, info: ValidationInfo | None = None) -> Any:
-    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}. Their values are charged to
-    the request's budget (validate_body's context): past it, a 413 as for the body."""
-    budget = (info.context or {}).get("budget") if info is not None else None
-    try:
-        return strict_json.loads(arguments, "the string", budget=budget) if arguments.strip() else {}
-    except JSONError as exc:
-        if exc.status == 413:
-            raise request_too_large(str(exc)) from None
-        raise
+    """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
+    return loads_counted(arguments, "the string", info) if arguments.strip() else {}
 
 
 class Arguments(str):
@@ -280,7 +285,7 @@ class FunctionCall(Strict):
         except JSONError as exc:
             if exc.path:  # JSON, but not what a request may hold
                 raise ValueError(f"at '{param_name(exc.path)}', {exc.problem}") from None
-            raise ValueError(f"{exc} arguments must be a JSON object encoded as a string") from None
+            raise ValueError(f"arguments must be a JSON object encoded as a string ({exc})") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be a JSON object encoded as a string")
         arguments = Arguments(value)
