@@ -1,13 +1,17 @@
-"""RowGrammar on the tiny tokenizer: where one choice's constraint starts when its first token may open a thought."""
+"""Grammars on the tiny tokenizer: where one choice's constraint starts when its first token may open a thought
+(RowGrammar), and what a request sent again is looked up as (the cache, before any conversion)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import llguidance
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from checkpoints import END_THINK_ID, THINK_ID
+from nanoqwen.engine import grammar as grammar_module
 from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
@@ -83,3 +87,26 @@ def test_a_first_token_other_than_think_is_constrained_at_once(grammar: Grammar,
     after = _mask(row)
     assert torch.equal(after, _plain_mask(grammar, [brace]))
     assert not torch.equal(after, _plain_mask(grammar, []))  # the brace was consumed: past the grammar's start
+
+
+GBNF = 'root ::= "yes" | "no"'
+
+
+def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokenizerFast,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """GBNF -> Lark runs in Python (milliseconds): a cache hit must not pay it, for any kind."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    converted: list[tuple[str, str]] = []
+    convert = llguidance.grammar_from
+
+    def grammar_from(kind: str, text: str) -> Any:
+        converted.append((kind, text))
+        return convert(kind, text)
+
+    monkeypatch.setattr(grammar_module.llguidance, "grammar_from", grammar_from)
+    sent = [("grammar", GBNF), ("regex", "(yes|no)"), ("choice", '["yes", "no"]')]
+    first = [grammars.from_text(kind, text, "p") for kind, text in sent]
+    again = [grammars.from_text(kind, text, "p") for kind, text in sent]
+    assert converted == sent
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert grammars.from_text("grammar", GBNF + " ", "p") is not first[0] and len(converted) == 4
