@@ -388,3 +388,15 @@ def test_a_stored_stream_cut_by_its_client_leaves_nothing_behind(server: Gunicor
     # the engine drops the aborted request at its next step, after the store let it go
     wait_for(lambda: (stats := requests.get(f"{server.url}/stats", timeout=30).json())["active_requests"] == 0
              and stats["queue_length"] == 0)
+
+
+def test_the_calls_of_a_body_share_its_budget_of_values(client: openai.OpenAI) -> None:
+    """Each call's arguments fit alone; together past the body's 65,536 values they are a 413, as on chat (they
+    were parsed on the event loop without a bound: 64 such calls were seconds)."""
+    arguments = '{"a": [' + "1," * 40_000 + "1]}"
+    calls = [item for i in range(2) for item in (
+        {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
+        {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.responses.create(**{**GREEDY, "input": [*calls, {"role": "user", "content": "Hi"}]})
+    assert info.value.status_code == 413 and info.value.body["code"] == "request_too_large", info.value.body

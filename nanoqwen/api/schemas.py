@@ -170,7 +170,7 @@ STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
-def loads_counted(text: str, what: str, info: ValidationInfo | None) -> Any:
+def _loads_counted(text: str, what: str, info: ValidationInfo | None) -> Any:
     """JSON in a string of a request, within a body's limits (a JSONError is a ValueError); its values charged to a
     client body's budget (validate_body's context, in `info`): past it, a 413 as for the body."""
     budget = (info.context or {}).get("budget") if info is not None else None
@@ -185,7 +185,7 @@ def loads_counted(text: str, what: str, info: ValidationInfo | None) -> Any:
 def _schema_or_encoded(value: Any, info: ValidationInfo) -> Any:
     """A string decoded within the limits of a request body, which it escaped."""
     if isinstance(value, str):
-        value = loads_counted(value, "the string (a JSON schema's JSON encoding)", info)
+        value = _loads_counted(value, "the string (a JSON schema's JSON encoding)", info)
     if not isinstance(value, dict):
         raise ValueError("must be a JSON schema: an object, or its JSON encoding")
     return value
@@ -257,7 +257,7 @@ class StructuredOutputs(Strict):
 
 def _decode_arguments(arguments: str, info: ValidationInfo | None = None) -> Any:
     """A call's `arguments`, decoded: "" (as clients send a call without any) is {}."""
-    return loads_counted(arguments, "the string", info) if arguments.strip() else {}
+    return _loads_counted(arguments, "the string", info) if arguments.strip() else {}
 
 
 class Arguments(str):
