@@ -1,16 +1,23 @@
-"""The background responses' bounds (responses_background), in-process: a stream's events kept, the responses
-generating at once, the streams whose events outlive them."""
+"""The background responses (responses_background), in-process: a stream's events kept, the responses
+generating at once, the streams whose events outlive them, how one that fails or is cut off ends in the store."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import gevent
 import gevent.event
 import pytest
 
+from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.responses import ToolParsing
+from nanoqwen.api.responses_api import Draft, ResponseEvents, ResponsesService, input_item_json
 from nanoqwen.api.responses_background import KEPT_FINISHED, MAX_EVENT_BYTES, MAX_RUNNING, Background, Run
-from nanoqwen.api.responses_store import ResponseStore
+from nanoqwen.api.responses_schemas import parse_responses_request
+from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.engine.request import SamplingParams
 
 
 def _run(response_id: str = "resp_1", keeps_events: bool = True) -> Run:
@@ -89,3 +96,30 @@ def test_cancelling_aborts_and_waits_for_the_end() -> None:
     release.clear()
     background.cancel("resp_c")  # ended: nothing to abort
     assert not release.is_set()
+
+
+def test_a_background_response_that_fails_is_kept_failed_and_one_cut_off_is_let_go() -> None:
+    store = ResponseStore()
+    service = ResponsesService(SimpleNamespace())
+    service.store = store
+    failing = _begun(store)
+    events = ResponseEvents(failing, ToolParsing())
+    events.opening()
+    events.failure("internal error during generation")
+    service._ended(failing, events)
+    stored = store.get(failing.id)
+    assert isinstance(stored, Stored) and stored.background and store._running == {}
+    response = json.loads(stored.body)
+    assert (response["status"], response["error"]["message"]) == ("failed", "internal error during generation")
+    cut = _begun(store)  # its greenlet killed before any end (a worker exiting)
+    service._ended(cut, ResponseEvents(cut, ToolParsing()))
+    assert store.get(cut.id) is None and store._running == {}
+
+
+def _begun(store: ResponseStore) -> Draft:
+    req = parse_responses_request({"input": "Hi", "background": True})
+    inputs = [input_item_json(item) for item in req.input_items]
+    draft = Draft(req, SamplingParams(), "m", None, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
+    draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
+    assert draft.begun and store.get(draft.id).background
+    return draft
