@@ -108,16 +108,21 @@ def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI
             call()
 
 
-def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI, chat_server: GunicornServer) -> None:
-    running = client.responses.create(background=True, **LONG)
-    (said,) = client.responses.input_items.list(running.id).data
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.responses.create(input=[{"type": "item_reference", "id": said.id}], **GREEDY)
-    assert (exc.value.body["param"], exc.value.body["code"]) == ("input.[0].id", "response_in_progress")
-    assert running.id in exc.value.body["message"]
-    client.responses.cancel(running.id)
+def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI,
+                                                           chat_server: GunicornServer) -> None:
+    response_id, first = _started(client, 3, **LONG)
+    (said,) = client.responses.input_items.list(response_id).data
+    written = first[2].item  # its message, open
+    assert first[2].type == "response.output_item.added" and written.status == "in_progress"
+    for item_id in (said.id, written.id):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(input=[{"type": "item_reference", "id": item_id}], **GREEDY)
+        assert (exc.value.body["param"], exc.value.body["code"]) == ("input.[0].id", "response_in_progress")
+        assert response_id in exc.value.body["message"]
+    client.responses.cancel(response_id)
     resolved = client.responses.create(input=[{"type": "item_reference", "id": said.id}], **GREEDY)
     assert resolved.usage.input_tokens == client.responses.create(input=LONG["input"], **GREEDY).usage.input_tokens
+    client.responses.create(input=[{"type": "item_reference", "id": written.id}], **GREEDY)  # found once it ended
     wait_for(lambda: _engine_idle(chat_server))
 
 
