@@ -329,16 +329,16 @@ def test_input_items_to_chat_messages() -> None:
 
 def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]],
              max_model_len: int = 10**6) -> ResponsesService:
-    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it; `max_model_len`
-    only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len},
-                              check_serving=lambda model: None)
-    return ResponsesService(SimpleNamespace(serving=serving, encode=encode))
+    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it (no grammar
+    compiled); `max_model_len` only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
+    serving = SimpleNamespace(info={"max_model_len": max_model_len}, check_serving=lambda model: None)
+    chat = SimpleNamespace(serving=serving, encode=encode, params=ChatCompletionRequest.sampling_params)
+    return ResponsesService(chat)
 
 
 def _counted(service: ResponsesService, req: ResponseCreateRequest) -> tuple[ChatCompletionRequest, list[int]]:
-    """The chat request and ids the count's path makes of `req`'s prompt (create's, but its grammar)."""
-    prompt = service._prompt(req, service._sampling)
+    """The chat request and ids the prompt's path (create's and the count's) makes of `req`."""
+    prompt = service._prompt(req)
     return prompt.chat, prompt.ids
 
 

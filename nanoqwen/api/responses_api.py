@@ -416,7 +416,7 @@ class ResponsesService:
     def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(parse_responses_request(body), self.chat.params)
+        prompt = self._prompt(parse_responses_request(body))
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         input_bytes = encode_text(inputs).encode()
@@ -441,18 +441,15 @@ class ResponsesService:
         return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
 
     def count(self, body: Any) -> Json:
-        """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
-        prompt = self._prompt(parse_count_request(body), self._sampling)
+        """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens),
+        refused where create would refuse them (a text.format schema the grammar engine refuses, too)."""
+        prompt = self._prompt(parse_count_request(body))
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
-    def _sampling(self, chat_req: ChatCompletionRequest) -> SamplingParams:
-        """The count's parameters: the output budget alone changes the prompt (whether it fits), not the grammar."""
-        return chat_req.sampling_params(self.chat.serving.engine.sampling_defaults)
-
-    def _prompt(self, req: Fields, sampling: Callable[[ChatCompletionRequest], SamplingParams]) -> Prompt[Fields]:
+    def _prompt(self, req: Fields) -> Prompt[Fields]:
         """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
         response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
-        `sampling` makes the parameters (create's: with the output grammar) before the prompt is templated: they
+        The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation."""
         req = self._resolved(req)
         previous = self._previous(req.previous_response_id)
@@ -461,7 +458,7 @@ class ResponsesService:
         name = INPUT if previous is None else HISTORY
         try:
             whole = req.to_chat(items)
-            params = sampling(whole)
+            params = self.chat.params(whole)
         except APIError as exc:
             raise _renamed(exc) from None
         try:
