@@ -203,7 +203,7 @@ def test_a_body_s_values_are_counted_on_its_bytes_where_they_are_ascii(monkeypat
     count = strict_json.too_many_values
     monkeypatch.setattr(strict_json, "too_many_values", lambda text, *a: seen.append(type(text)) or count(text, *a))
     fits = '{"a": ["\u00e9\U0001f600", ' + "1," * 1000 + '1], "b": "' + "," * (2 * MAX_SEPARATORS) + '"}'
-    assert parse_json(*_body(fits.encode(encoding), f"application/json; charset={charset}"))["b"].startswith(",")
+    assert parse_json(*_body(fits.encode(encoding), f"application/json; charset={charset}")).value["b"][0] == ","
     too_many = '["\U0001f600", ' + "1," * MAX_SEPARATORS + "1]"
     with pytest.raises(APIError) as info:
         parse_json(*_body(too_many.encode(encoding), f"application/json; charset={charset}"))

@@ -9,6 +9,7 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
+from nanoqwen.api.body import parse_json
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
@@ -408,7 +409,7 @@ def test_an_encoded_schema_has_the_limits_of_a_body(encoded: str, words: str) ->
     for extra, param in (({"guided_json": encoded}, "guided_json"),
                          ({"structured_outputs": {"json": encoded}}, "structured_outputs.json")):
         with pytest.raises(APIError) as info:
-            parse_chat_request({"messages": USER, **extra})
+            parse_chat_request(*parse_json(json.dumps({"messages": USER, **extra})))  # as a client sends it
         error = info.value
         expected = (413, "request_too_large") if words.startswith("more than") else (400, param)
         assert (error.status, error.code if error.status == 413 else error.param) == expected, str(error)

@@ -30,6 +30,7 @@ from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.api.sse import DONE
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
@@ -273,9 +274,9 @@ def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() 
     service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
     service.store = store
     refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3})
-    assert [item.id for item in service._resolved(refs).input_items] == ["msg_o"] * 3 and parsed == [1]
+    assert [item.id for item in service._resolved(refs, Budget()).input_items] == ["msg_o"] * 3 and parsed == [1]
     with pytest.raises(APIError) as exc:
-        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}))
+        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}), Budget())
     assert (exc.value.status, exc.value.param) == (400, "input")
 
 
@@ -338,7 +339,7 @@ def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int
 
 def _counted(service: ResponsesService, req: ResponseCreateRequest) -> tuple[ChatCompletionRequest, list[int]]:
     """The chat request and ids the prompt's path (create's and the count's) makes of `req`."""
-    prompt = service._prompt(req)
+    prompt = service._prompt(req, Budget())
     return prompt.chat, prompt.ids
 
 
@@ -401,7 +402,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(count)), {"role": "user", "content": "last"}]
-    collector = service.create({"input": items, "truncation": "auto"}, {})
+    collector = service.create({"input": items, "truncation": "auto"}, Budget(), {})
     assert calls[0] == "params" and calls[-1] == ("submit", [kept], 16) and calls.count("params") == 1
     assert calls.count(("encode", kept, 16)) == 1 and all(call[2] == 16 for call in calls[1:])
     assert collector.draft.params.max_tokens == 16
@@ -705,8 +706,8 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         running.append(len(store._running))
         return Response(iter(["event"]))
 
-    _creating(store, Batch, respond).create({"input": "Hi"}, {})
-    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, {}).close()
+    _creating(store, Batch, respond).create({"input": "Hi"}, Budget(), {})
+    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, Budget(), {}).close()
     assert running == [0, 1] and store._running == {}
 
     def refused() -> Batch:
@@ -714,7 +715,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         raise APIError(503, "queue full")
 
     with pytest.raises(APIError):
-        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
     def failing_begin(response: Json, input_items: bytes) -> bool:
@@ -722,5 +723,5 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
 
     store.begin = failing_begin  # type: ignore[method-assign]
     with pytest.raises(MemoryError):
-        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert len(running) == 3  # nothing submitted: no batch left unaborted, no stats left open

@@ -14,7 +14,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name, request_too_large
-from nanoqwen.api.strict_json import JSONError
+from nanoqwen.api.strict_json import Budget, JSONError
 
 READ_CHUNK = 64 << 10
 # The codecs a body may be in, by Python's name; a client's charset maps to one through Python's own alias table
@@ -31,6 +31,11 @@ ASCII_COMPATIBLE = UTF8_FIRST | {"utf_8"}  # a JSON text's `,` `:` `"` `\\` are 
 class Body(NamedTuple):
     text: str
     raw: bytes | None  # the bytes, where the charset is ASCII-compatible
+
+
+class ParsedBody(NamedTuple):
+    value: Any
+    budget: Budget  # what the body leaves of the request's values, to the JSON in its strings
 
 
 class _BodyTimeout(Exception):
@@ -128,11 +133,12 @@ def read_body(request: Request, timeout_s: float) -> Body:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-def parse_json(text: str, raw: bytes | None = None) -> Any:
-    """The request body's JSON (`raw`: as strict_json.loads); 400 for anything that is not strict JSON in valid
-    Unicode, 413 for more values than a request needs."""
+def parse_json(text: str, raw: bytes | None = None) -> ParsedBody:
+    """The request body's JSON (`raw`: as strict_json.loads) and its values charged, in the parse, to the request's
+    budget; 400 for anything that is not strict JSON in valid Unicode, 413 for more values than a request needs."""
+    budget = Budget()
     try:
-        return strict_json.loads(text, "the JSON body", raw)
+        return ParsedBody(strict_json.loads(text, "the JSON body", raw, budget), budget)
     except JSONError as exc:
         if exc.status == 413:
             raise request_too_large(str(exc)) from None

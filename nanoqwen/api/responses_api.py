@@ -413,10 +413,10 @@ class ResponsesService:
         self.chat = chat
         self.store = ResponseStore()
 
-    def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
+    def create(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(parse_responses_request(body))
+        prompt = self._prompt(parse_responses_request(body, budget), budget)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         input_bytes = encode_text(inputs).encode()
@@ -440,18 +440,19 @@ class ResponsesService:
             draft.store = self.store if draft.begun else None
         return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
 
-    def count(self, body: Any) -> Json:
+    def count(self, body: Any, budget: Budget) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens),
         refused where create would refuse them (a text.format schema the grammar engine refuses, too)."""
-        prompt = self._prompt(parse_count_request(body))
+        prompt = self._prompt(parse_count_request(body, budget), budget)
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
-    def _prompt(self, req: Fields) -> Prompt[Fields]:
+    def _prompt(self, req: Fields, budget: Budget) -> Prompt[Fields]:
         """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
         response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
-        depend on the fields besides the items, the same for every candidate of a truncation."""
-        req = self._resolved(req)
+        depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
+        body left of the request's values, to the items its references resolve to."""
+        req = self._resolved(req, budget)
         previous = self._previous(req.previous_response_id)
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
@@ -469,7 +470,7 @@ class ResponsesService:
             raise _renamed(exc) from None
         return Prompt(req, previous, name, chat_req, ids, params)
 
-    def _resolved(self, req: Fields) -> Fields:
+    def _resolved(self, req: Fields, budget: Budget) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
         parsed once, and the items resolved are bounded like a request body: many references to a large item
         would otherwise cost many times its size."""
