@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, request_too_large
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_schemas import (
     FunctionCallItem,
@@ -38,7 +38,7 @@ from nanoqwen.api.responses_schemas import (
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.sse import sse
-from nanoqwen.api.strict_json import Budget
+from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
@@ -473,13 +473,14 @@ class ResponsesService:
     def _resolved(self, req: Fields, budget: Budget) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
         parsed once, and the items resolved are bounded like a request body: many references to a large item
-        would otherwise cost many times its size."""
+        would otherwise cost many times its size. Their values, and those of the calls' arguments they hold, are
+        charged to what the body left of the request's `budget`, as if the client had sent them in it."""
         if not any(isinstance(item, ItemReference) for item in req.input_items):
             return req
         max_bytes = self.chat.serving.config.max_body_bytes
         parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
         items, resolved_bytes = [], 0
-        values = {"budget": Budget()}  # the calls' arguments they hold, as in a body
+        values = {"budget": budget}
         for i, item in enumerate(req.input_items):
             if isinstance(item, ItemReference):
                 holder = self.store.holder(item.id)
@@ -493,6 +494,11 @@ class ResponsesService:
                 if resolved_bytes > max_bytes:
                     raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
                                    "together.", param="input")
+                count = checked_values(found, "an item referred to")  # stored: valid, only its values counted
+                try:
+                    budget.charge(count)
+                except JSONError as exc:
+                    raise request_too_large(str(exc)) from None
                 item = ITEM.validate_python(found, context=values)
             items.append(item)
         return req.model_copy(update={"input": items})
