@@ -43,7 +43,7 @@ from nanoqwen.api.schemas import (
     tool_choice_of,
     validate_body,
 )
-from nanoqwen.api.strict_json import JSONError
+from nanoqwen.api.strict_json import Budget, JSONError
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -379,9 +379,9 @@ class ResponsePromptFields(Strict):
         if not messages:
             raise APIError(400, "input must not be empty", param="input")
         body = {"messages": messages, **self.chat_fields()}
-        # not a client's body: its input was counted as this request's, and a stored history (bounded by the store)
-        # may hold more values than a body, a long agent loop's calls' arguments
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest, counted=False)
+        # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
+        # the store) may hold more values than a body, a long agent loop's calls' arguments
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, schema=ItemsChatRequest)
 
 
 class ResponseCountRequest(ResponsePromptFields):
@@ -524,16 +524,16 @@ def _check_prompt_fields(req: ResponsePromptFields) -> None:
                             "named function): the answer is the call", param="text.format")
 
 
-def parse_responses_request(body: Any) -> ResponseCreateRequest:
-    req = validate_body(ResponseCreateRequest, body)
+def parse_responses_request(body: Any, budget: Budget | None = None) -> ResponseCreateRequest:
+    req = validate_body(ResponseCreateRequest, body, budget)
     check_stream_options(req)
     _check_prompt_fields(req)
     return req
 
 
-def parse_count_request(body: Any) -> ResponseCountRequest:
+def parse_count_request(body: Any, budget: Budget | None = None) -> ResponseCountRequest:
     """A count's body is refused where a create's with the same fields would be, so that it counts the prompt
     that create would start."""
-    req = validate_body(ResponseCountRequest, body)
+    req = validate_body(ResponseCountRequest, body, budget)
     _check_prompt_fields(req)
     return req

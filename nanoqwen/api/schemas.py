@@ -36,7 +36,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name, request_too_large
-from nanoqwen.api.strict_json import MAX_SEPARATORS, Budget, JSONError, separators
+from nanoqwen.api.strict_json import Budget, JSONError
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
@@ -806,8 +806,8 @@ def check_structured(req: SamplingFields) -> None:
                             "request", param=second.field)
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    req = validate_body(CompletionRequest, body)
+def parse_completion_request(body: Any, budget: Budget | None = None) -> CompletionRequest:
+    req = validate_body(CompletionRequest, body, budget)
     check_stream_options(req)
     check_structured(req)
     n = req.n or 1
@@ -925,14 +925,14 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
-def validate_body(schema: type[Request], body: Any, counted: bool = True) -> Request:
-    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. A client's body
-    (`counted`) and the JSON in its strings share one budget of values (what the body leaves)."""
+def validate_body(schema: type[Request], body: Any, budget: Budget | None = None) -> Request:
+    """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. The JSON in its
+    strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
+    for one no client sent (each string within the limits alone)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        context = {"budget": Budget(MAX_SEPARATORS - separators(body))} if counted else None
-        return schema.model_validate(body, context=context)
+        return schema.model_validate(body, context=None if budget is None else {"budget": budget})
     except ValidationError as exc:
         # A field this server lacks first: the request's other errors may only follow from it
         # (vLLM's `prompt_token_ids` with empty `messages`)
@@ -940,8 +940,8 @@ def validate_body(schema: type[Request], body: Any, counted: bool = True) -> Req
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, schema: type[ChatCompletionRequest] = ChatCompletionRequest,
-                       counted: bool = True) -> ChatCompletionRequest:
-    req = validate_body(schema, body, counted)
+def parse_chat_request(body: Any, budget: Budget | None = None,
+                       schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
+    req = validate_body(schema, body, budget)
     _check_combinations(req)
     return req
