@@ -27,10 +27,16 @@ def test_an_eager_decode_step_runs_its_rows_unpadded(tiny_checkpoint, hf, graph,
     assert runner.buckets == ([] if graph == "none" else [1, 2, 4, 8, 16]) and not runner.graphs.replays(16)
     buckets, run = [], runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
+    views, step = [], runner.graphs._step
+    monkeypatch.setattr(runner.graphs, "_step", lambda mode, inputs: views.append(inputs) or step(mode, inputs))
     prompts = PROMPTS[:rows]
     for result, prompt in zip(generate(engine, prompts, greedy(MAX_TOKENS)), prompts, strict=True):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
     assert buckets == [rows] * (MAX_TOKENS - 1)  # every decode step: the prefill sampled the first tokens
+    # every step read the views of its row count made on the first, none rebuilt
+    first = views[0]
+    assert len(views) == MAX_TOKENS - 1 and all(inputs is first for inputs in views)
+    assert first.input_ids.shape == (rows,) and first is runner.inputs.bucket(rows, first.block_tables.shape[1])
 
 
 def test_an_eager_decode_step_pads_off_the_cpu(tiny_checkpoint):
