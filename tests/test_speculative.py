@@ -574,15 +574,14 @@ def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
     request_id, stream = engine.submit(prompts[0], params)
-    with torch.inference_mode():
-        for _ in range(MAX_TOKENS):
-            if engine.stats()["spec_decode_num_drafts"] > stats["spec_decode_num_drafts"]:
-                break
-            engine_step(engine)
-        else:
-            pytest.fail(f"no draft in {MAX_TOKENS} steps")
-        engine.abort(request_id)
+    for _ in range(MAX_TOKENS):
+        if engine.stats()["spec_decode_num_drafts"] > stats["spec_decode_num_drafts"]:
+            break
         engine_step(engine)
+    else:
+        pytest.fail(f"no draft in {MAX_TOKENS} steps")
+    engine.abort(request_id)
+    engine_step(engine)
     assert collect(stream).choices[0].finish_reason == "abort"
     assert engine.block_manager.usage == 0.0 and not engine.scheduler.has_work
 
