@@ -30,6 +30,7 @@ from nanoqwen.api.schemas import (
     ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
+    ReasoningEffort,
     Refused,
     Strict,
     TextFormat,
@@ -280,8 +281,7 @@ class TextConfig(Strict):
 
 
 class ReasoningConfig(Strict):
-    # "none": thinking off; any other effort: on (Qwen3 has no levels), as chat's reasoning_effort
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    effort: ReasoningEffort | None = None  # as chat's reasoning_effort
     # No summaries: "auto" lets the model give none (`summary: []`); "concise"/"detailed" ask for one we cannot make.
     summary: Literal["auto"] | None = None
     generate_summary: Literal["auto"] | None = None
