@@ -41,6 +41,9 @@ from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
+# OpenAI's sampling ranges, shared by chat, legacy completions and Responses
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
@@ -522,8 +525,8 @@ class SamplingFields(Strict):
 
     model_config = ConfigDict(json_schema_extra=_sampling_schema)
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # max_length: as NonEmptyStr's min_length, checked by _check_stop first, for the OpenAPI document
