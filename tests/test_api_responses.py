@@ -30,6 +30,7 @@ from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.api.sse import DONE
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
@@ -69,8 +70,13 @@ THOUGHT = [Event(reasoning="Let me", token_ids=[1], logprobs=[_lp("Let me")]),
            Event(text="Paris", token_ids=[4], logprobs=[_lp("Paris")]),
            Event(text=".", token_ids=[5], logprobs=[_lp(".")], finish_reason="stop", usage=Usage(7, 5))]
 CALL_TEXT = ['<tool_call>\n{"name": "get', '_time", "arguments": {"zone', '": "UTC"}}', "\n</tool_call>"]
-CALLS = [Event(text=t, token_ids=[i], finish_reason="stop" if i == 3 else None, usage=Usage(7, 4) if i == 3 else None)
-         for i, t in enumerate(CALL_TEXT)]
+
+
+def _calls(texts: list[str]) -> list[Event]:
+    """The engine's events of a call's text in pieces, the last one ending the answer."""
+    last = len(texts) - 1
+    return [Event(text=t, token_ids=[i], finish_reason="stop" if i == last else None,
+                  usage=Usage(7, 4) if i == last else None) for i, t in enumerate(texts)]
 
 
 def _both(events: list[Event], tools: ToolParsing | None = None, **body: Any) -> tuple[Json, list[Json]]:
@@ -124,10 +130,13 @@ def test_encrypted_reasoning_comes_back_as_the_reasoning() -> None:
                                            "reasoning_content": "Let me think"}
 
 
-def test_called_functions_are_items_streamed_by_argument_deltas() -> None:
-    response, events = _both(CALLS, ToolParsing(enabled=True))
+@pytest.mark.parametrize("zone", ['"UTC"', "NaN"], ids=["json", "nan"])
+def test_called_functions_are_items_streamed_by_argument_deltas(zone: str) -> None:
+    """A call in Qwen3's key order: its arguments as the model wrote them, unchecked (tool_calls.py), invalid JSON
+    too, streamed and not alike."""
+    response, events = _both(_calls([*CALL_TEXT[:2], f'": {zone}}}}}', CALL_TEXT[3]]), ToolParsing(enabled=True))
     (call,) = response["output"]
-    assert call["type"] == "function_call" and call["name"] == "get_time" and call["arguments"] == '{"zone": "UTC"}'
+    assert call["type"] == "function_call" and call["name"] == "get_time" and call["arguments"] == f'{{"zone": {zone}}}'
     assert call["call_id"].startswith("call_") and call["id"].startswith("fc_") and call["status"] == "completed"
     deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
     assert len(deltas) > 1 and "".join(deltas) == call["arguments"]
@@ -273,9 +282,9 @@ def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() 
     service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
     service.store = store
     refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3})
-    assert [item.id for item in service._resolved(refs).input_items] == ["msg_o"] * 3 and parsed == [1]
+    assert [item.id for item in service._resolved(refs, Budget()).input_items] == ["msg_o"] * 3 and parsed == [1]
     with pytest.raises(APIError) as exc:
-        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}))
+        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}), Budget())
     assert (exc.value.status, exc.value.param) == (400, "input")
 
 
@@ -329,16 +338,16 @@ def test_input_items_to_chat_messages() -> None:
 
 def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]],
              max_model_len: int = 10**6) -> ResponsesService:
-    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it; `max_model_len`
-    only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(engine=SimpleNamespace(sampling_defaults={}), info={"max_model_len": max_model_len},
-                              check_serving=lambda model: None)
-    return ResponsesService(SimpleNamespace(serving=serving, encode=encode))
+    """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it (no grammar
+    compiled); `max_model_len` only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
+    serving = SimpleNamespace(info={"max_model_len": max_model_len}, check_serving=lambda model: None)
+    chat = SimpleNamespace(serving=serving, encode=encode, params=ChatCompletionRequest.sampling_params)
+    return ResponsesService(chat)
 
 
 def _counted(service: ResponsesService, req: ResponseCreateRequest) -> tuple[ChatCompletionRequest, list[int]]:
-    """The chat request and ids the count's path makes of `req`'s prompt (create's, but its grammar)."""
-    prompt = service._prompt(req, service._sampling)
+    """The chat request and ids the prompt's path (create's and the count's) makes of `req`."""
+    prompt = service._prompt(req, Budget())
     return prompt.chat, prompt.ids
 
 
@@ -401,7 +410,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(count)), {"role": "user", "content": "last"}]
-    collector = service.create({"input": items, "truncation": "auto"}, {})
+    collector = service.create({"input": items, "truncation": "auto"}, Budget(), {})
     assert calls[0] == "params" and calls[-1] == ("submit", [kept], 16) and calls.count("params") == 1
     assert calls.count(("encode", kept, 16)) == 1 and all(call[2] == 16 for call in calls[1:])
     assert collector.draft.params.max_tokens == 16
@@ -705,8 +714,8 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         running.append(len(store._running))
         return Response(iter(["event"]))
 
-    _creating(store, Batch, respond).create({"input": "Hi"}, {})
-    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, {}).close()
+    _creating(store, Batch, respond).create({"input": "Hi"}, Budget(), {})
+    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, Budget(), {}).close()
     assert running == [0, 1] and store._running == {}
 
     def refused() -> Batch:
@@ -714,7 +723,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         raise APIError(503, "queue full")
 
     with pytest.raises(APIError):
-        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
     def failing_begin(response: Json, input_items: bytes, item_ids: frozenset[str]) -> bool:
@@ -722,5 +731,5 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
 
     store.begin = failing_begin  # type: ignore[method-assign]
     with pytest.raises(MemoryError):
-        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, {})
+        _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert len(running) == 3  # nothing submitted: no batch left unaborted, no stats left open

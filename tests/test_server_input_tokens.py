@@ -113,6 +113,26 @@ def test_previous_responses_and_item_references_count_as_in_create(client: opena
     assert (error["code"], error["param"]) == ("context_length_exceeded", "previous_response_id")
 
 
+NOT_A_SCHEMA = {"type": "nothing"}
+
+
+@pytest.mark.parametrize("fields", [
+    {"text": {"format": {"type": "json_schema", "name": "p", "schema": NOT_A_SCHEMA}}},
+    {"text": {"format": {"type": "json_schema", "name": "p", "schema": {"type": "string", "pattern": "(("}}}},
+    # the schema's error whatever the prompt, as create: not the prompt's context_length_exceeded
+    {"input": LONG[:2], "text": {"format": {"type": "json_schema", "name": "p", "schema": NOT_A_SCHEMA}}},
+    {"tools": [{**TOOLS[0], "parameters": {"type": "object", "properties": {"a": NOT_A_SCHEMA}}}],
+     "tool_choice": "required"},
+], ids=["bad type", "bad pattern", "too long too", "forced tool"])
+def test_a_grammar_create_refuses_the_count_refuses(client: openai.OpenAI, fields: Json) -> None:
+    """The count did not compile the output grammar: a schema create refused with a 400 still got a count."""
+    fields = {"input": "Hi", **fields}
+    with pytest.raises(openai.BadRequestError) as created:
+        _created(client, **fields)
+    assert _error(client, 400, model=MODEL, **fields) == created.value.body
+    assert created.value.body["param"] in ("text.format", "tools"), created.value.body
+
+
 @pytest.mark.parametrize("fields, status, param, code", [
     ({"extra_body": {"stream": True}}, 400, "stream", None),
     ({"extra_body": {"max_output_tokens": 16}}, 400, "max_output_tokens", None),

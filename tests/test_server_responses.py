@@ -403,3 +403,31 @@ def test_the_calls_of_a_body_share_its_budget_of_values(client: openai.OpenAI) -
     with pytest.raises(openai.APIStatusError) as info:
         client.responses.create(**{**GREEDY, "input": [*calls, {"role": "user", "content": "Hi"}]})
     assert info.value.status_code == 413 and info.value.body["code"] == "request_too_large", info.value.body
+
+
+def _call(call_id: str, values: int) -> list[Json]:
+    """A call whose arguments hold `values` values, and its output."""
+    arguments = '{"a": [' + "1," * (values - 2) + "1]}"
+    return [{"type": "function_call", "call_id": call_id, "name": "f", "arguments": arguments},
+            {"type": "function_call_output", "call_id": call_id, "output": "ok"}]
+
+
+def test_items_referred_to_share_the_body_s_budget_of_values(client: openai.OpenAI, server: GunicornServer) -> None:
+    """A referenced item's values, and its call's arguments', are the request's as if sent in its body: they got a
+    budget of their own (arguments only), so a body near the limit could add 65k values a reference."""
+    parts = [{"type": "input_text", "text": "a"}] * 9_000  # 4 separators a part: 36k values
+    stored = client.responses.create(**{**GREEDY, "truncation": "auto", "input": [
+        {"role": "user", "content": parts}, *_call("c0", 25_000), {"role": "user", "content": "Hi"}]})
+    message, call = (item.id for item in client.responses.input_items.list(stored.id, order="asc").data[:2])
+    last = {"role": "user", "content": "Hi"}
+    for refs, own, fits in (([message], [], True), ([message, message], [], False),
+                            ([call], _call("c1", 30_000), True), ([call], _call("c1", 45_000), False)):
+        body = {"model": MODEL, "truncation": "auto",
+                "input": [*({"type": "item_reference", "id": ref} for ref in refs), *own, last]}
+        # the count's prompt is create's (one code path): create is asked only what it must refuse
+        for route in ("/v1/responses/input_tokens",) if fits else ("/v1/responses/input_tokens", "/v1/responses"):
+            answer = requests.post(f"{server.url}{route}", json=body, timeout=120)
+            if fits:
+                assert answer.status_code == 200, answer.text
+            else:
+                assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large", answer.text

@@ -1,6 +1,7 @@
 """nanoqwen.api.strict_json: the one home of a request's JSON rules, for its body and the JSON inside its strings."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.body import parse_json
+from nanoqwen.api.body import ParsedBody, parse_json
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_api import ITEMS
 from nanoqwen.api.responses_schemas import ItemToolCall, parse_responses_request
@@ -77,14 +78,19 @@ def _conversation(*arguments: str, users: int = 1) -> dict[str, Any]:
 ARGUMENTS_40K = '{"a": [' + "1," * 40_000 + "1]}"
 
 
+def _sent(body: dict[str, Any]) -> ParsedBody:
+    """`body` as a client's: its values charged to the request's budget as the server parses it."""
+    return parse_json(json.dumps(body))
+
+
 @pytest.mark.parametrize("body", [_conversation(ARGUMENTS_40K, ARGUMENTS_40K),
                                   _conversation(ARGUMENTS_40K, users=7_000)], ids=["two-calls", "body-and-call"])
 def test_a_request_has_one_budget_of_values(body: dict[str, Any]) -> None:
     """The limit was per string: 64 calls' arguments of 65k values each fit in 8 MiB (4M values, seconds of loop);
     and past it the answer was a 400 without a code where the body's is a 413 request_too_large."""
-    assert parse_chat_request(_conversation(ARGUMENTS_40K)).messages  # each alone fits
+    assert parse_chat_request(*_sent(_conversation(ARGUMENTS_40K))).messages  # each alone fits
     with pytest.raises(APIError) as info:
-        parse_chat_request(body)
+        parse_chat_request(*_sent(body))
     assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
     assert str(info.value).startswith(strict_json.TOO_MANY_VALUES)
 
@@ -97,9 +103,9 @@ def _calls(*arguments: str) -> list[dict[str, Any]]:
 
 def test_a_responses_body_has_one_budget_of_values() -> None:
     """A Responses body's calls share the body's budget, as a chat body's do."""
-    assert parse_responses_request({"input": _calls(ARGUMENTS_40K)}).input_items
+    assert parse_responses_request(*_sent({"input": _calls(ARGUMENTS_40K)})).input_items
     with pytest.raises(APIError) as info:
-        parse_responses_request({"input": _calls(ARGUMENTS_40K, ARGUMENTS_40K)})
+        parse_responses_request(*_sent({"input": _calls(ARGUMENTS_40K, ARGUMENTS_40K)}))
     assert (info.value.status, info.value.code) == (413, "request_too_large"), str(info.value)
 
 
@@ -141,6 +147,8 @@ def test_responses_call_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("text, count", [("1", 0), ("[]", 0), ("{}", 0), ('[1, [2, 3], {"a": [4, {"b": ","}]}]', 6),
-                                         ('{"a": {"b": {}}, "c": [[], [1]]}', 5)])
-def test_separators_counts_those_of_the_text_outside_strings(text: str, count: int) -> None:
-    assert strict_json.separators(strict_json.loads(text)) == count
+                                         ('{"a": {"b": {}}, "c": [[], [1]]}', 5), ('{"a": 1, "a": {"b": 2}}', 2)])
+def test_a_body_is_charged_the_separators_of_its_text_outside_strings(text: str, count: int) -> None:
+    """Charged in the parse's walk (validate_body walked the body again to count them: 1-9 ms for 65k values), less
+    any duplicate keys' (json.loads keeps the last)."""
+    assert parse_json(text).budget.left == MAX_SEPARATORS - count

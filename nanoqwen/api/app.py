@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from nanoqwen.api import request_id
-from nanoqwen.api.body import parse_json, read_body
+from nanoqwen.api.body import ParsedBody, parse_json, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
@@ -99,25 +99,26 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                 response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
-    def json_body() -> Any:
-        """The request's JSON body, read within body_timeout_s and decoded (else a 400, 408 or 413)."""
+    def json_body() -> ParsedBody:
+        """The request's JSON body and the values it leaves the JSON in its strings, read within body_timeout_s and
+        decoded (else a 400, 408 or 413)."""
         return parse_json(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
-        return chat.handle(json_body(), request.environ)
+        return chat.handle(*json_body(), request.environ)
 
     @app.post("/v1/completions")
     def text_completions() -> Response | dict[str, Any]:
-        return completions.handle(json_body(), request.environ)
+        return completions.handle(*json_body(), request.environ)
 
     @app.post("/v1/responses")
     def create_response() -> Response | dict[str, Any]:
-        return responses.create(json_body(), request.environ)
+        return responses.create(*json_body(), request.environ)
 
     @app.post("/v1/responses/input_tokens")
     def count_input_tokens() -> dict[str, Any]:
-        return responses.count(json_body())
+        return responses.count(*json_body())
 
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
@@ -137,11 +138,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/tokenize")
     def tokenize() -> dict[str, Any]:
-        return tokens.tokenize(json_body())
+        return tokens.tokenize(*json_body())
 
     @app.post("/detokenize")
     def detokenize() -> dict[str, Any]:
-        return tokens.detokenize(json_body())
+        return tokens.detokenize(*json_body())
 
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}

@@ -14,7 +14,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name, request_too_large
-from nanoqwen.api.strict_json import JSONError
+from nanoqwen.api.strict_json import Budget, JSONError
 
 READ_CHUNK = 64 << 10
 # The codecs a body may be in, by Python's name; a client's charset maps to one through Python's own alias table
@@ -31,6 +31,11 @@ ASCII_COMPATIBLE = UTF8_FIRST | {"utf_8"}  # a JSON text's `,` `:` `"` `\\` are 
 class Body(NamedTuple):
     text: str
     raw: bytes | None  # the bytes, where the charset is ASCII-compatible
+
+
+class ParsedBody(NamedTuple):
+    value: Any
+    budget: Budget  # what the body leaves of the request's values, to the JSON in its strings
 
 
 class _BodyTimeout(Exception):
@@ -80,22 +85,22 @@ def _codec_of(charset: str) -> str | None:
     return codec if codec in CODECS else None
 
 
-def _codec(request: Request) -> tuple[str, str]:
-    """(the charset the Content-Type names, lower-cased, UTF-8 when none; its codec), or 415 before the body is read."""
+def _charset(request: Request) -> tuple[str, str | None]:
+    """(the charset the Content-Type names, lower-cased, UTF-8 when none; its codec, None for one outside CODECS)."""
     charset = request.mimetype_params.get("charset", "utf-8").strip().lower()
-    if (codec := _codec_of(charset)) is None:
-        _stop_reading(request.environ)
-        raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type (send UTF-8).",
-                       code="unsupported_media_type")
-    return charset, codec
+    return charset, _codec_of(charset)
 
 
-def _decode(data: bytes, charset: str, codec: str) -> str:
+def _decode(data: bytes, charset: str, codec: str | None) -> str:
     """The body's text; a body labelled with a single-byte charset but valid UTF-8 is UTF-8 (old Java clients
-    label what they send ISO-8859-1; vLLM and Starlette read UTF-8 there too)."""
-    if codec in UTF8_FIRST:
+    label what they send ISO-8859-1; vLLM and Starlette read UTF-8 there too), and so is one labelled with a charset
+    we do not decode (vLLM ignores the label): unless it is not valid UTF-8, then 415 naming the label."""
+    if codec is None or codec in UTF8_FIRST:
         with contextlib.suppress(UnicodeDecodeError):
             return data.decode("utf-8")
+    if codec is None:
+        raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type, and the body is not valid "
+                       "UTF-8 (send UTF-8).", code="unsupported_media_type")
     try:
         return data.decode(codec)
     except UnicodeDecodeError:
@@ -107,15 +112,15 @@ def read_body(request: Request, timeout_s: float) -> Body:
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
     (the connection then closes: gunicorn would read the rest to reuse it), 415 for a Content-Encoding
-    or charset we do not decode."""
+    we do not decode, or a charset we do not decode on a body that is not valid UTF-8."""
     _check_codings(request)
-    charset, codec = _codec(request)
+    charset, codec = _charset(request)
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):
             data = _read_yielding(request)
         if request.content_length is not None and len(data) < request.content_length:
             raise ValueError("the body ended before its Content-Length")
-        return Body(_decode(data, charset, codec), data if codec in ASCII_COMPATIBLE else None)
+        return Body(_decode(data, charset, codec), data if codec is None or codec in ASCII_COMPATIBLE else None)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise
@@ -128,11 +133,12 @@ def read_body(request: Request, timeout_s: float) -> Body:
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
 
-def parse_json(text: str, raw: bytes | None = None) -> Any:
-    """The request body's JSON (`raw`: as strict_json.loads); 400 for anything that is not strict JSON in valid
-    Unicode, 413 for more values than a request needs."""
+def parse_json(text: str, raw: bytes | None = None) -> ParsedBody:
+    """The request body's JSON (`raw`: as strict_json.loads) and its values charged, in the parse, to the request's
+    budget; 400 for anything that is not strict JSON in valid Unicode, 413 for more values than a request needs."""
+    budget = Budget()
     try:
-        return strict_json.loads(text, "the JSON body", raw)
+        return ParsedBody(strict_json.loads(text, "the JSON body", raw, budget), budget)
     except JSONError as exc:
         if exc.status == 413:
             raise request_too_large(str(exc)) from None

@@ -10,6 +10,7 @@ from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
@@ -27,10 +28,10 @@ class ChatService:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def handle(self, body: Any, environ: dict[str, Any]) -> Response | dict[str, Any]:
+    def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | dict[str, Any]:
         serving = self.serving
         trace = serving.stats.begin()
-        req = parse_chat_request(body)
+        req = parse_chat_request(body, budget)
         serving.check_serving(req.model)
         params = self.params(req)
         prompt = self.encode(req, params.max_tokens, PromptName())

@@ -18,6 +18,7 @@ from nanoqwen.api.responses import Choice, RunningUsage, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.sse import DoneFraming
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, structured_grammar
 from nanoqwen.api.tokenize import encode_texts
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
@@ -130,10 +131,10 @@ class CompletionService:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def handle(self, body: Any, environ: dict[str, Any]) -> Response | Json:
+    def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.serving
         trace = serving.stats.begin()
-        req = parse_completion_request(body)
+        req = parse_completion_request(body, budget)
         serving.check_serving(req.model)
         params = req.sampling_params(serving.engine.sampling_defaults)
         params.grammar = compiled(structured_grammar, serving, req)

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, request_too_large
 from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_background import Background, Run, too_many
@@ -41,7 +41,7 @@ from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, client_disconnected
 from nanoqwen.api.sse import HEADERS, sse
-from nanoqwen.api.strict_json import Budget
+from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
@@ -432,10 +432,10 @@ class ResponsesService:
         self.store = ResponseStore()
         self.background = Background(self.store)
 
-    def create(self, body: Any, environ: dict[str, Any]) -> Response | Json:
+    def create(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(parse_responses_request(body), self.chat.params)
+        prompt = self._prompt(parse_responses_request(body, budget), budget)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         input_bytes = encode_text(inputs).encode()
@@ -499,28 +499,26 @@ class ResponsesService:
         frames = run.follow(after, partial(client_disconnected, environ), poll_s)
         return Response(frames, mimetype="text/event-stream", headers=HEADERS)
 
-    def count(self, body: Any) -> Json:
-        """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens)."""
-        prompt = self._prompt(parse_count_request(body), self._sampling)
+    def count(self, body: Any, budget: Budget) -> Json:
+        """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens),
+        refused where create would refuse them (a text.format schema the grammar engine refuses, too)."""
+        prompt = self._prompt(parse_count_request(body, budget), budget)
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
-    def _sampling(self, chat_req: ChatCompletionRequest) -> SamplingParams:
-        """The count's parameters: the output budget alone changes the prompt (whether it fits), not the grammar."""
-        return chat_req.sampling_params(self.chat.serving.engine.sampling_defaults)
-
-    def _prompt(self, req: Fields, sampling: Callable[[ChatCompletionRequest], SamplingParams]) -> Prompt[Fields]:
+    def _prompt(self, req: Fields, budget: Budget) -> Prompt[Fields]:
         """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
         response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
-        `sampling` makes the parameters (create's: with the output grammar) before the prompt is templated: they
-        depend on the fields besides the items, the same for every candidate of a truncation."""
-        req = self._resolved(req)
+        The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
+        depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
+        body left of the request's values, to the items its references resolve to."""
+        req = self._resolved(req, budget)
         previous = self._previous(req.previous_response_id)
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
         name = INPUT if previous is None else HISTORY
         try:
             whole = req.to_chat(items)
-            params = sampling(whole)
+            params = self.chat.params(whole)
         except APIError as exc:
             raise _renamed(exc) from None
         try:
@@ -531,16 +529,17 @@ class ResponsesService:
             raise _renamed(exc) from None
         return Prompt(req, previous, name, chat_req, ids, params)
 
-    def _resolved(self, req: Fields) -> Fields:
+    def _resolved(self, req: Fields, budget: Budget) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
         parsed once, and the items resolved are bounded like a request body: many references to a large item
-        would otherwise cost many times its size."""
+        would otherwise cost many times its size. Their values, and those of the calls' arguments they hold, are
+        charged to what the body left of the request's `budget`, as if the client had sent them in it."""
         if not any(isinstance(item, ItemReference) for item in req.input_items):
             return req
         max_bytes = self.chat.serving.config.max_body_bytes
         parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
         items, resolved_bytes = [], 0
-        values = {"budget": Budget()}  # the calls' arguments they hold, as in a body
+        values = {"budget": budget}
         for i, item in enumerate(req.input_items):
             if isinstance(item, ItemReference):
                 holder = self.store.holder(item.id)
@@ -554,6 +553,11 @@ class ResponsesService:
                 if resolved_bytes > max_bytes:
                     raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
                                    "together.", param="input")
+                count = checked_values(found, "an item referred to")  # stored: valid, only its values counted
+                try:
+                    budget.charge(count)
+                except JSONError as exc:
+                    raise request_too_large(str(exc)) from None
                 item = ITEM.validate_python(found, context=values)
             items.append(item)
         return req.model_copy(update={"input": items})

@@ -30,10 +30,13 @@ from nanoqwen.api.schemas import (
     ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
+    ReasoningEffort,
     Refused,
     Strict,
+    Temperature,
     TextFormat,
     ToolCallMessage,
+    TopP,
     _decode_arguments,
     _sampling_schema,
     _text_or,
@@ -43,7 +46,7 @@ from nanoqwen.api.schemas import (
     tool_choice_of,
     validate_body,
 )
-from nanoqwen.api.strict_json import JSONError
+from nanoqwen.api.strict_json import Budget, JSONError
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -280,8 +283,7 @@ class TextConfig(Strict):
 
 
 class ReasoningConfig(Strict):
-    # "none": thinking off; any other effort: on (Qwen3 has no levels), as chat's reasoning_effort
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    effort: ReasoningEffort | None = None  # as chat's reasoning_effort
     # No summaries: "auto" lets the model give none (`summary: []`); "concise"/"detailed" ask for one we cannot make.
     summary: Literal["auto"] | None = None
     generate_summary: Literal["auto"] | None = None
@@ -379,9 +381,9 @@ class ResponsePromptFields(Strict):
         if not messages:
             raise APIError(400, "input must not be empty", param="input")
         body = {"messages": messages, **self.chat_fields()}
-        # not a client's body: its input was counted as this request's, and a stored history (bounded by the store)
-        # may hold more values than a body, a long agent loop's calls' arguments
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, ItemsChatRequest, counted=False)
+        # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
+        # the store) may hold more values than a body, a long agent loop's calls' arguments
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, schema=ItemsChatRequest)
 
 
 class ResponseCountRequest(ResponsePromptFields):
@@ -400,8 +402,8 @@ class ResponseCreateRequest(ResponsePromptFields):
     stream_options: ResponseStreamOptions | None = None
     include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": list(INCLUDES)}})
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_tool_calls: int | None = Field(None, ge=1)
     # Accepted, do not change the answer (metadata is echoed back).
@@ -525,8 +527,8 @@ def _check_prompt_fields(req: ResponsePromptFields) -> None:
                             "named function): the answer is the call", param="text.format")
 
 
-def parse_responses_request(body: Any) -> ResponseCreateRequest:
-    req = validate_body(ResponseCreateRequest, body)
+def parse_responses_request(body: Any, budget: Budget | None = None) -> ResponseCreateRequest:
+    req = validate_body(ResponseCreateRequest, body, budget)
     check_stream_options(req)
     _check_prompt_fields(req)
     if req.background and req.store is False:
@@ -534,9 +536,9 @@ def parse_responses_request(body: Any) -> ResponseCreateRequest:
     return req
 
 
-def parse_count_request(body: Any) -> ResponseCountRequest:
+def parse_count_request(body: Any, budget: Budget | None = None) -> ResponseCountRequest:
     """A count's body is refused where a create's with the same fields would be, so that it counts the prompt
     that create would start."""
-    req = validate_body(ResponseCountRequest, body)
+    req = validate_body(ResponseCountRequest, body, budget)
     _check_prompt_fields(req)
     return req

@@ -11,6 +11,7 @@ from typing import Any
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
 from nanoqwen.api.serving import Serving, invalid_request
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.validation import InvalidRequest
 
 
@@ -34,9 +35,9 @@ class TokenizeService:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
 
-    def tokenize(self, body: Any) -> dict[str, Any]:
+    def tokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
         chat_form = isinstance(body, dict) and "messages" in body
-        req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body)
+        req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body, budget)
         if isinstance(req, TokenizeChatRequest):
             req.check_ending()
         self.serving.check_serving(req.model)
@@ -54,8 +55,8 @@ class TokenizeService:
         return (req.template_chars(tools), _encode_messages, engine.encode_messages, messages,
                 req.template_kwargs(), tools)
 
-    def detokenize(self, body: Any) -> dict[str, Any]:
-        req = validate_body(DetokenizeRequest, body)
+    def detokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
+        req = validate_body(DetokenizeRequest, body, budget)
         self.serving.check_serving(req.model)
         tokenizer = self.serving.engine.tokenizer
         vocab = len(tokenizer)
