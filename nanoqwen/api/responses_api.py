@@ -162,7 +162,7 @@ def _call(item_id: str, call: ToolCall, status: str) -> Json:
 
 
 def _status(finish_reason: str | None) -> str:
-    """The response's status; "abort": cancelled (a background response: nobody else aborts one that ends)."""
+    """The response's status. "abort" reaches only a cancelled one: a client gone ends its stream first."""
     return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason or "", "completed")
 
 
