@@ -397,6 +397,8 @@ class ResponseCreateRequest(ResponsePromptFields):
 
     store: bool | None = True
     stream: bool | None = False
+    # generated detached from the request (responses_background): needs `store`, as OpenAI's
+    background: bool | None = None
     stream_options: ResponseStreamOptions | None = None
     include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": list(INCLUDES)}})
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
@@ -413,7 +415,6 @@ class ResponseCreateRequest(ResponsePromptFields):
     prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
     # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
-    background: refused(False) = None
     background_options: Refused = None
     prompt: Refused = None
     context_management: refused([]) = None
@@ -530,6 +531,8 @@ def parse_responses_request(body: Any, budget: Budget | None = None) -> Response
     req = validate_body(ResponseCreateRequest, body, budget)
     check_stream_options(req)
     _check_prompt_fields(req)
+    if req.background and req.store is False:
+        raise APIError(400, "Background mode requires 'store' to be true.", param="background")
     return req
 
 
