@@ -52,7 +52,8 @@ static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P
                     /* the clamp only catches the rounding of |r| * inverse past 32767 (and a NaN row's values) */
                     v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(r[i], inverses[p]));
                     v[i] = _mm256_max_epi32(_mm256_min_epi32(v[i], top), bottom);
-                    r[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(v[i]), scales[p], r[i]);  /* the residual, rounded once */
+                    /* the residual, rounded once */
+                    r[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(v[i]), scales[p], r[i]);
                 }
                 /* packs works within 128-bit lanes: 0-3 8-11 4-7 12-15, put back in order */
                 const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);

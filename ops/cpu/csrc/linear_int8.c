@@ -18,7 +18,8 @@ _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F3
 
 struct linear_int8_args {
     const void *x;         /* the fallbacks: fp32 rows */
-    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd) or act_quads (AMX) */
+    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd; int16: vpmaddwd) or
+                              act_quads (AMX) */
     const float *qscale;   /* [M * P]: each piece's scale */
     const int8_t *w;
     const void *scale;
@@ -80,8 +81,8 @@ AVX512_END
 #define PIECES16_BF16 1
 #define PIECES16_F32 2
 #define AVX2_MAX_PIECES 8  /* piece rows one pass over a weight row serves: 8 accumulators of the 16 ymm registers */
-/* Columns whose int32 sums cannot overflow: each lane adds two products of at most 127 * 32767 per 16 columns,
-   4096 columns 2^31 - 1.7e7 at most. */
+/* Columns whose int32 sums cannot overflow: each lane adds two products of at most 128 * 32767 per 16 columns,
+   4096 columns 2^31 - 65536 at most. */
 #define SPAN16 4096
 _Static_assert(AVX2_MAX_PIECES / PIECES16_BF16 == 8 && AVX2_MAX_PIECES / PIECES16_F32 == 4, "linear_int8_madd's cases");
 
