@@ -1,6 +1,8 @@
 """The compiled CPU int8 weight-only matmul against the torch reference and the exact product, and its dispatch."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -40,27 +42,49 @@ def test_matches_reference(m, n, k, dtype):
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-3 * k**0.5, rtol=8e-3)
 
 
-# Activation pieces per dtype (csrc/linear_int8.c's PIECES_BF16, PIECES_F32) and the bound act_quant.h gives
-# for their sum: |x - sum of pieces| <= max|x| * PIECE_ERROR[P], fp32 rounding of the residuals included.
-PIECES = {torch.bfloat16: 2, torch.float32: 4}
-PIECE_ERROR = {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4)}
-# 1 row: vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
-# vpdpbusd in groups of 4 / 2 rows; odd N leaves AMX a partial block of weight rows.
+# Activation pieces per dtype and the bound their sum keeps: |x - sum of pieces| <= max|x| * PIECE_ERROR[P], fp32
+# rounding of the residuals included. With VNNI int8 pieces (csrc/linear_int8.c's PIECES_BF16, PIECES_F32;
+# act_quant.h), on AVX2 int16 pieces (PIECES16_BF16, PIECES16_F32; act_quant16.h), one of which is as close as
+# two int8 ones.
+PIECES = {"int8": {torch.bfloat16: 2, torch.float32: 4}, "int16": {torch.bfloat16: 1, torch.float32: 2}}
+PIECE_ERROR = {"int8": {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4)},
+               "int16": {p: 0.5 / 32767 / 65534 ** (p - 1) + 2**-23 for p in (1, 2)}}
+# VNNI: 1 row vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
+# vpdpbusd in groups of 4 / 2 rows; odd N leaves AMX a partial block of weight rows. AVX2: vpmaddwd in groups of
+# 8 / 4 rows.
 PIECE_SHAPES = [(1, 151, 1024), (1, 13, 96), (2, 77, 1024), (3, 13, 96), (8, 151, 3072), (16, 33, 2048),
                 (32, 40, 64), (5, 9, 32)]
 
 
+@functools.cache
+def avx2_kernel() -> cpu_build.CKernel:
+    """linear_int8.c as a CPU without AVX-512 runs it (the int16 pieces), built once into the kernel cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
+        kernel = cpu_build.CKernel("avx2_only_linear_int8", "linear_int8.c", ("linear_int8",))
+        assert kernel.build(), kernel.error
+    return kernel
+
+
 @pytest.mark.parametrize("m,n,k", PIECE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype):
-    """Against the exact product with the same int8 weights: the activation pieces' bound (one fewer piece
-    exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output."""
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
+    """Against the exact product with the same int8 weights: the activation pieces' bound (one fewer int8 piece
+    exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output. `built`: the kernel
+    set's own (int8 pieces where the CPU has VNNI, else int16, whose bound is within int8's); `avx2`: int16 pieces."""
     x, w, scale = operands(m, n, k, dtype)
     x[:, ::37] *= 30  # outliers: the pieces' scales follow each row's largest element
-    out = cpu_int8.linear_int8_cpu(x, w, scale).double()
+    if loops == "built":
+        out, kind = cpu_int8.linear_int8_cpu(x, w, scale), "int8"
+    else:
+        out, kind = torch.empty(m, n, dtype=dtype), "int16"
+        avx2_kernel().lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k,
+                                      int(dtype == torch.bfloat16))
+    out = out.double()
     xd, wd, sd = x.double(), w.double(), scale.double()
     exact = (xd @ wd.T) * sd
-    pieces = xd.abs().amax(dim=1, keepdim=True) * PIECE_ERROR[PIECES[dtype]] * wd.abs().sum(dim=1)
+    pieces = xd.abs().amax(dim=1, keepdim=True) * PIECE_ERROR[kind][PIECES[kind][dtype]] * wd.abs().sum(dim=1)
     bound = (pieces + 2**-21 * (xd.abs() @ wd.abs().T)) * sd.abs()
     if dtype == torch.bfloat16:
         bound = bound + 2**-8 * (exact.abs() + bound)  # half a bf16 ulp
