@@ -1,5 +1,6 @@
 """Background responses (`background: true`) through `gunicorn -k gevent server:app` and the `openai` client: polled,
-cancelled, deleted, and a background stream resumed after its client went away."""
+cancelled, deleted, a background stream resumed after its client went away or followed through a last burst of
+events larger than the cap, and the 429 past MAX_RUNNING."""
 from __future__ import annotations
 
 import time

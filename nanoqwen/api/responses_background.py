@@ -120,8 +120,8 @@ class Run:
     def _dropped(self, sequence_number: int) -> str:
         """OpenAI's error event (ResponseErrorEvent), numbered as the next event the follower would have sent."""
         message = (f"The events of response '{self.id}' from sequence number {sequence_number} to {self.first - 1} "
-                   "were dropped before this stream sent them: its client read slower than they were written. "
-                   "GET the response for its output.")
+                   f"were dropped before this stream sent them (more than {MAX_LAG_BYTES} bytes behind). GET the "
+                   "response for its output.")
         return named_event({"type": "error", "code": "events_dropped", "message": message, "param": None,
                             "sequence_number": sequence_number})
 
