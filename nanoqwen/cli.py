@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+
 GUNICORN_CONFIG = "python:nanoqwen.gunicorn_conf"
 APP = "nanoqwen.wsgi:app"
 
@@ -32,14 +34,14 @@ class EnvOption:
 ENGINE_OPTIONS = (
     EnvOption("--device", "NANOQWEN_DEVICE", "auto (cuda -> mps -> cpu) or a torch device such as cuda:1, cpu"),
     EnvOption("--dtype", "NANOQWEN_DTYPE", "weights and activations; auto = the checkpoint's where the device "
-              "computes it", choices=("auto", "bfloat16", "float16", "float32")),
+              "computes it", choices=("auto", *DTYPE_NAMES)),
     EnvOption("--kernels", "NANOQWEN_KERNELS", "auto = Triton on CUDA, torch elsewhere",
-              choices=("auto", "torch", "triton")),
+              choices=KERNELS),
     EnvOption("--quant", "NANOQWEN_QUANT", "weight format: none = the dtype's; int8 = int8 weights with a "
               "scale per output channel; int4 = 4-bit weights with a scale and offset per 64 input columns; "
-              "quantised at load time", choices=("none", "int8", "int4")),
+              "quantised at load time", choices=QUANTS),
     EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, cpugraph on the CPU "
-              "with the C kernels, none elsewhere", choices=("auto", "none", "compile", "cudagraph", "cpugraph")),
+              "with the C kernels, none elsewhere", choices=GRAPHS),
     EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),
     EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
               "model's max_position_embeddings)", int),
@@ -61,7 +63,7 @@ ENGINE_OPTIONS = (
               "prompt prefixes (default on)", switch=True),
     EnvOption("--generation-config", "NANOQWEN_GENERATION_CONFIG", "auto = sampling fields a request leaves out "
               "come from the checkpoint's generation_config.json; none = OpenAI's defaults",
-              choices=("auto", "none")),
+              choices=GENERATION_CONFIGS),
     EnvOption("--revision", "NANOQWEN_REVISION", "Hub revision when MODEL is a repo id"),
     EnvOption("--threads", "NANOQWEN_THREADS", "torch threads (default: the CPUs this process may use)", int),
     EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU (default on; off = "
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="SIGTERM (or Ctrl-C) stops the server: running streams get --graceful-timeout seconds to finish.",
     )
     serve.add_argument("model", nargs="?", default=None,
-                       help="local checkpoint directory or Hub repo id (default Qwen/Qwen3-0.6B) [NANOQWEN_MODEL]")
+                       help=f"local checkpoint directory or Hub repo id (default {DEFAULT_MODEL}) [NANOQWEN_MODEL]")
     http = serve.add_argument_group("HTTP server (gunicorn)")
     http.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for every interface "
                       "(default 127.0.0.1)")

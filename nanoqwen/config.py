@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+
 log = logging.getLogger("nanoqwen")
 
 
@@ -55,11 +57,7 @@ class ModelConfig:
         )
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KERNELS = ("auto", "torch", "triton")
-GRAPHS = ("auto", "none", "compile", "cudagraph", "cpugraph")
-GENERATION_CONFIGS = ("auto", "none")
-QUANTS = ("none", "int8", "int4")  # weight formats, nanoqwen/quant.py
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 SPECULATIVE_METHODS = ("ngram",)
 
 
@@ -106,7 +104,7 @@ class SpeculativeConfig:
 
 @dataclass
 class EngineConfig:
-    model: str = "Qwen/Qwen3-0.6B"  # local checkpoint directory or Hub repo id
+    model: str = DEFAULT_MODEL  # local checkpoint directory or Hub repo id
     device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
     dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
     kernels: str = "auto"  # auto | torch | triton

@@ -66,18 +66,20 @@ def collect(stream: EventStream, n: int = 1) -> Result:
     return result
 
 
-def engine_step(engine: Engine) -> None:
-    """One engine-loop iteration in the calling thread: take in submits and aborts, then one step."""
-    engine.drain_inbox()
-    engine.step()
+def engine_step(engine: Engine, n: int = 1) -> None:
+    """`n` engine-loop iterations in the calling thread, in inference mode as on the engine thread: each takes in
+    submits and aborts, then runs one step."""
+    with torch.inference_mode():
+        for _ in range(n):
+            engine.drain_inbox()
+            engine.step()
 
 
 def run(engine: Engine, max_steps: int = 10_000) -> None:
-    with torch.inference_mode():
-        for _ in range(max_steps):
-            engine_step(engine)
-            if not engine.scheduler.has_work:
-                return
+    for _ in range(max_steps):
+        engine_step(engine)
+        if not engine.scheduler.has_work:
+            return
     raise AssertionError("engine did not finish")
 
 

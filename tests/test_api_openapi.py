@@ -160,11 +160,13 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
 
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
     query = _query("/v1/responses/{response_id}")
-    assert query == {"stream": {"type": "string", "enum": ["false"],
-                                "description": query["stream"]["description"]}}
+    assert set(query) == {"stream", "starting_after"} and query["starting_after"]["minimum"] == 0
     service = ResponsesService(chat=None)
-    assert _status(service.retrieve, "resp_x", {"stream": "false"}) == 404  # past the query check
-    assert _status(service.retrieve, "resp_x", {"stream": "true"}) == 400
+    for stream in query["stream"]["enum"]:  # past the query check: the id is unknown
+        assert _status(service.retrieve, "resp_x", {"stream": stream}, {}) == 404
+    assert _status(service.retrieve, "resp_x", {"stream": "true", "starting_after": "0"}, {}) == 404
+    for refused in ({"stream": "1"}, {"stream": "true", "starting_after": "-1"}, {"starting_after": "0"}):
+        assert _status(service.retrieve, "resp_x", refused, {}) == 400
 
 
 def test_an_empty_call_id_is_refused_naming_it() -> None:

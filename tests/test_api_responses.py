@@ -726,7 +726,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
-    def failing_begin(response: Json, input_items: bytes) -> bool:
+    def failing_begin(response: Json, input_items: bytes, item_ids: frozenset[str]) -> bool:
         raise MemoryError
 
     store.begin = failing_begin  # type: ignore[method-assign]

@@ -77,10 +77,9 @@ def test_long_prompt_chunks_off_block_boundaries(tiny_checkpoint, hf):
 def test_decode_rows_keep_running_during_a_long_prefill(tiny_checkpoint, hf):
     engine = chunked_engine(tiny_checkpoint, max_step_tokens=12)
     streams = [engine.submit(p, greedy(40))[1] for p in PROMPTS[:3]]
-    with torch.inference_mode():
+    engine_step(engine)
+    while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
         engine_step(engine)
-        while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
-            engine_step(engine)
     long_prompt = list(range(6000, 6098))
     steps = record_batches(engine)
     streams.append(engine.submit(long_prompt, greedy(4))[1])
@@ -104,9 +103,7 @@ def test_prefix_hits_with_chunking(tiny_checkpoint, hf):
     # Arriving while the other is mid-prefill, a request waits for its chunks, then hits their blocks.
     third, fourth = [5] * 40 + [1, 2], [5] * 40 + [3, 4]
     stream3 = engine.submit(third, greedy(6))[1]
-    with torch.inference_mode():
-        for _ in range(3):
-            engine_step(engine)
+    engine_step(engine, 3)
     stream4 = engine.submit(fourth, greedy(6))[1]
     run(engine)
     c, d = collect(stream3), collect(stream4)
@@ -134,9 +131,7 @@ def test_preemption_mid_prefill(tiny_checkpoint, hf, monkeypatch):
                         lambda seq: (preempted.append((seq.num_computed_tokens, len(seq))), preempt(seq)))
     short, long_prompt = list(range(300, 315)), list(range(700, 770))
     first = engine.submit(short, greedy(60))[1]
-    with torch.inference_mode():
-        for _ in range(2):
-            engine_step(engine)
+    engine_step(engine, 2)
     second = engine.submit(long_prompt, greedy(5))[1]
     run(engine)
     assert any(0 < computed < length for computed, length in preempted)
@@ -149,9 +144,7 @@ def test_abort_mid_prefill_keeps_only_computed_blocks(tiny_checkpoint, hf):
     engine = chunked_engine(tiny_checkpoint)
     prompt = list(range(8000, 8050))
     request_id, stream = engine.submit(prompt, greedy(4))
-    with torch.inference_mode():
-        for _ in range(3):  # 21 of 50 tokens computed
-            engine_step(engine)
+    engine_step(engine, 3)  # 21 of 50 tokens computed
     engine.abort(request_id)
     run(engine)
     aborted = collect(stream)
@@ -165,8 +158,7 @@ def test_abort_mid_prefill_keeps_only_computed_blocks(tiny_checkpoint, hf):
 def test_budget_off_prefills_a_whole_prompt_alone(tiny_checkpoint, hf):
     engine = chunked_engine(tiny_checkpoint, max_step_tokens=0)
     first = engine.submit(PROMPTS[0], greedy(8))[1]
-    with torch.inference_mode():
-        engine_step(engine)
+    engine_step(engine)
     steps = record_batches(engine)
     second = engine.submit(PROMPTS[1], greedy(4))[1]
     run(engine)

@@ -86,7 +86,7 @@ RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "parameters": TOO
 # openai's responses ResponseCreateParams; previous_response_id is tested on stored responses (test_server_responses)
 RESPONSES_FIELDS: dict[str, tuple[Any, Literal["ok", "refused", "not_found"]]] = {
     "access_programs": ({"cyber": "standard"}, "refused"),
-    "background": (True, "refused"),
+    "background": (True, "ok"),
     "background_options": ({"completion_window": "soonest"}, "refused"),
     "context_management": ([{"type": "compaction", "compact_threshold": 1000}], "refused"),
     "conversation": ("conv_1", "refused"),

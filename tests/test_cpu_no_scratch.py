@@ -108,15 +108,13 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", ROWS)
 def test_int8_without_scratch(m, dtype):
-    """Without the pieces' scratch VNNI CPUs take the widening loops; bf16 rows are widened in registers at each use
-    (the same bits as the AVX2 widening loops with their scratch)."""
+    """Without the pieces' scratch (int8 with VNNI, int16 on AVX2) the CPU takes the widening loops; bf16 rows are
+    widened in registers at each use."""
     torch.manual_seed(m)
     x = torch.randn(m, 320).to(dtype)
     w, scale = torch.randint(-127, 128, (53, 320), dtype=torch.int8), (torch.rand(53) / 100).to(dtype)
-    assert torch.equal(int8(lib("linear_int8.c", "loops, no scratch"), x, w, scale),
-                       int8(lib("linear_int8.c", "loops"), x, w, scale))
     tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 8e-3}
-    for variant in ("built, no scratch", "loops, no scratch"):
+    for variant in ("built, no scratch", "loops, no scratch", "loops"):
         torch.testing.assert_close(int8(lib("linear_int8.c", variant), x, w, scale).float(),
                                    linear_int8_torch(x, w, scale).float(), **tol)
 

@@ -48,11 +48,9 @@ def test_single_request_matches_transformers(engine, references):
 def test_concurrent_requests_joining_at_different_steps(engine, references):
     """8 requests of different lengths; each joins while the earlier ones are mid-decode."""
     streams = []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            streams.append(engine.submit(prompt, greedy(24))[1])
-            for _ in range(3):  # a prefill step, then decode steps with the batch so far
-                engine_step(engine)
+    for prompt in PROMPTS:
+        streams.append(engine.submit(prompt, greedy(24))[1])
+        engine_step(engine, 3)  # a prefill step, then decode steps with the batch so far
     run(engine)
     for stream, ref in zip(streams, references):
         assert collect(stream).choices[0].token_ids == ref
@@ -205,9 +203,7 @@ def test_stop_string_split_across_tokens(engine):
 
 def test_abort_frees_blocks(engine):
     request_id, stream = engine.submit(PROMPTS[2], greedy(1000))
-    with torch.inference_mode():
-        for _ in range(4):
-            engine_step(engine)
+    engine_step(engine, 4)
     assert engine.block_manager.usage > 0
     assert engine.stats()["active_requests"] == 1
     engine.abort(request_id)

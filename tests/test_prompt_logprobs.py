@@ -82,9 +82,7 @@ def test_prompt_scored_chunk_by_chunk_and_once_after_preemption(tiny_checkpoint,
     prompt without scoring its positions twice."""
     engine = load_engine(tiny_checkpoint, max_batch=4, max_step_tokens=7)  # 36 positions: 6 chunks
     stream = engine.submit(PROMPT, greedy(3, prompt_logprobs=K))[1]
-    with torch.inference_mode():
-        for _ in range(3):
-            engine_step(engine)
+    engine_step(engine, 3)
     [seq] = engine.scheduler.running
     assert 0 < len(seq.request.prompt_logprobs.tokens) < len(PROMPT) - 1  # part-way through its prompt
     engine.scheduler.preempt(seq)

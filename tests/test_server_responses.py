@@ -379,9 +379,12 @@ def test_a_stored_response_exists_from_its_first_event_and_a_delete_meanwhile_ho
 
 def test_a_stored_stream_cut_by_its_client_leaves_nothing_behind(server: GunicornServer) -> None:
     with requests.post(f"{server.url}/v1/responses", json=LONG_STREAM, stream=True, timeout=60) as answer:
-        name, data = next(sse_events(answer))
+        # held: a reader dropped mid-stream closes the connection at once (urllib3), before the GET
+        events = sse_events(answer)
+        name, data = next(events)
         url = f"{server.url}/v1/responses/{json.loads(data)['response']['id']}"
-        assert requests.get(url, timeout=30).json()["status"] == "in_progress"
+        found = requests.get(url, timeout=30)
+        assert found.status_code == 200 and found.json()["status"] == "in_progress", found.text
     deadline = time.monotonic() + 10
     while (found := requests.get(url, timeout=30)).status_code != 404:  # aborted, not kept
         assert found.json()["status"] == "in_progress" and time.monotonic() < deadline, found.text

@@ -12,9 +12,11 @@ from engine_util import MIXED_PROMPTS, generate, greedy, hf_greedy, load_engine,
 from nanoqwen.engine.scheduler import Batch
 from nanoqwen.runner.runner import ModelRunner, decode_buckets
 from ops.cpu import build as cpu_build
+from ops.cpu import linear as cpu_linear
 
 MAX_TOKENS = 6
-# 3 rows on graph none; 9 on cpugraph, where fp32 steps past 8 rows compute with torch: bucket 16 is not recorded
+# 3 rows on graph none; 9 on cpugraph, where fp32 steps past 8 rows compute with torch (on a CPU with native bf16, as
+# the test makes every CPU): bucket 16 is not recorded
 PROMPTS = [*MIXED_PROMPTS, *[list(range(100 * i, 100 * i + 4 + i)) for i in range(1, 7)]]
 
 
@@ -22,15 +24,22 @@ PROMPTS = [*MIXED_PROMPTS, *[list(range(100 * i, 100 * i + 4 + i)) for i in rang
 def test_an_eager_decode_step_runs_its_rows_unpadded(tiny_checkpoint, hf, graph, rows, monkeypatch):
     if graph == "cpugraph" and cpu_build.unavailable():
         pytest.skip(f"{cpu_build.unavailable()}")
+    monkeypatch.setattr(cpu_linear, "NATIVE_BF16", True)  # an AVX2 CPU's C linears would take 32 rows
     engine = load_engine(tiny_checkpoint, graph=graph, max_batch=16)
     runner = engine.runner
     assert runner.buckets == ([] if graph == "none" else [1, 2, 4, 8, 16]) and not runner.graphs.replays(16)
     buckets, run = [], runner.graphs.run
     monkeypatch.setattr(runner.graphs, "run", lambda bucket, *args: buckets.append(bucket) or run(bucket, *args))
+    views, step = [], runner.graphs._step
+    monkeypatch.setattr(runner.graphs, "_step", lambda mode, inputs: views.append(inputs) or step(mode, inputs))
     prompts = PROMPTS[:rows]
     for result, prompt in zip(generate(engine, prompts, greedy(MAX_TOKENS)), prompts, strict=True):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, MAX_TOKENS)
     assert buckets == [rows] * (MAX_TOKENS - 1)  # every decode step: the prefill sampled the first tokens
+    # every step read the views of its row count made on the first, none rebuilt
+    first = views[0]
+    assert len(views) == MAX_TOKENS - 1 and all(inputs is first for inputs in views)
+    assert first.input_ids.shape == (rows,) and first is runner.inputs.bucket(rows, first.block_tables.shape[1])
 
 
 def test_an_eager_decode_step_pads_off_the_cpu(tiny_checkpoint):

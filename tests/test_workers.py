@@ -134,6 +134,8 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
     cpus = sorted(os.sched_getaffinity(0))
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2", "--preload")) as srv:
+        # a worker publishes its slot before its model loads: until then it answers 503 "loading"
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
         workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
         assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
             {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}

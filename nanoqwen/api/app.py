@@ -122,7 +122,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
-        return responses.retrieve(response_id, request.args.to_dict())
+        return responses.retrieve(response_id, request.args.to_dict(), request.environ)
+
+    @app.post("/v1/responses/<response_id>/cancel")
+    def cancel_response(response_id: str) -> Response:
+        return responses.cancel(response_id)
 
     @app.delete("/v1/responses/<response_id>")
     def delete_response(response_id: str) -> dict[str, Any]:

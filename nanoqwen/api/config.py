@@ -5,9 +5,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nanoqwen.choices import DEFAULT_MODEL
 from nanoqwen.loader import checkpoint_name, hub_repo_id
-
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class ServerConfig:
         except ValueError:
             raise ValueError(f"NANOQWEN_BODY_TIMEOUT={body_timeout!r} is not a number of seconds") from None
         return cls(
-            served_model_name=env.get("NANOQWEN_SERVED_MODEL_NAME", "") or "qwen3-0.6b",
+            served_model_name=env.get("NANOQWEN_SERVED_MODEL_NAME", "") or cls.served_model_name,
             model_name=checkpoint_name(model),
             hub_id=hub_repo_id(model),
             api_key=env.get("NANOQWEN_API_KEY") or None,

@@ -28,7 +28,10 @@ PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Promet
 # The query parameters' schemas by (method, path), as the server reads them (responses_api.py, list_page).
 QUERY: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/v1/responses/{response_id}"): {
-        "stream": {"type": "string", "enum": ["false"], "description": "the events are not kept: false only"}},
+        "stream": {"type": "string", "enum": ["false", "true"], "default": "false",
+                   "description": "true: a background stream's events (background and stream true), kept and live"},
+        "starting_after": {"type": "integer", "minimum": 0,
+                           "description": "with stream=true: the events after this sequence number"}},
     ("get", "/v1/responses/{response_id}/input_items"): {
         "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20},
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
@@ -43,10 +46,12 @@ ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]
      RESPONSE_STREAM),
     ("post", "/v1/responses/input_tokens", "OpenAI Responses input token count: the prompt create would start",
      (ResponseCountRequest,), JSON),
-    ("get", "/v1/responses/{response_id}", "A stored response (while generated: as response.created said it)",
-     (), JSON),
-    ("delete", "/v1/responses/{response_id}", "Deletes a stored response (while generated: not kept once finished)",
-     (), JSON),
+    ("get", "/v1/responses/{response_id}", "A stored response (while generated: as response.created said it), or a "
+     "background stream's events", (), RESPONSE_STREAM),
+    ("delete", "/v1/responses/{response_id}", "Deletes a stored response (while generated: not kept once finished; "
+     "a background one is cancelled)", (), JSON),
+    ("post", "/v1/responses/{response_id}/cancel", "Cancels a background response (its output so far kept); one "
+     "ended is answered as it is", (), JSON),
     ("get", "/v1/responses/{response_id}/input_items", "A stored response's input items", (), JSON),
     ("post", "/tokenize", "vLLM's tokenize: a prompt or chat messages to token ids",
      (TokenizePromptRequest, TokenizeChatRequest), JSON),

@@ -19,7 +19,9 @@ from pydantic import TypeAdapter
 from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError, request_too_large
+from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
+from nanoqwen.api.responses_background import Background, Run, too_many
 from nanoqwen.api.responses_schemas import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -37,7 +39,8 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.sse import sse
+from nanoqwen.api.serving import Batch, client_disconnected
+from nanoqwen.api.sse import HEADERS, sse
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -104,7 +107,7 @@ class Draft:
         reasoning = req.reasoning
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "background": False, "completed_at": int(time.time()) if status == "completed" else None,
+            "background": req.background is True, "completed_at": int(time.time()) if status == "completed" else None,
             "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
@@ -159,7 +162,8 @@ def _call(item_id: str, call: ToolCall, status: str) -> Json:
 
 
 def _status(finish_reason: str | None) -> str:
-    return "incomplete" if finish_reason == "length" else "completed"
+    """The response's status. "abort" reaches only a cancelled one: a client gone ends its stream first."""
+    return {"length": "incomplete", "abort": "cancelled"}.get(finish_reason or "", "completed")
 
 
 @dataclass
@@ -241,7 +245,14 @@ class ResponseEvents:
 
     def failure(self, message: str) -> list[Json]:
         error = {"code": "server_error", "message": message}
-        return [self._event("response.failed", response=self.draft.response("failed", self._output, None, error))]
+        self.response = self.draft.response("failed", self._output, None, error)
+        return [self._event("response.failed", response=self.response)]
+
+    @property
+    def item_ids(self) -> set[str]:
+        """The ids of the output items so far, finished or open."""
+        opened = (self._reasoning, self._message, self._call)
+        return {item["id"] for item in self._output} | {item.id for item in opened if item is not None}
 
     def chunks(self, event: Event) -> list[Json]:
         counted = self._tokens.add(event)
@@ -346,16 +357,19 @@ class ResponseEvents:
                 self._done(opened, _call(opened.id, call, status))]
 
     def _finish(self, usage: Usage) -> list[Json]:
-        """The open item gets the answer's status (incomplete when cut short), the ones before it stay completed."""
+        """The open item gets the answer's status (incomplete when cut short or cancelled), the ones before it stay
+        completed. A cancelled response has no event of its own (OpenAI's stream events have none): its stream ends
+        after its items' `.done` events, and GET says it."""
         status = _status(self._finish_reason)
         out = self._close_reasoning()
         if self._message is None and self._call is None and not self._output:
             out += self._text("")
         if self._message is not None and self._held:
             out += self._text("")
-        out += [*self._close_message(status), *self._close_call(status)]
+        item_status = "completed" if status == "completed" else "incomplete"
+        out += [*self._close_message(item_status), *self._close_call(item_status)]
         self.response, self.body = self.draft.finish(status, self._output, usage_json(usage, self._tokens.count))
-        return [*out, self._event(f"response.{status}", response=self.response)]
+        return out if status == "cancelled" else [*out, self._event(f"response.{status}", response=self.response)]
 
 
 def kept_in_progress(store: ResponseStore, response_id: str, respond: Callable[[], Response]) -> Response:
@@ -404,6 +418,10 @@ def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
                            code="unsupported_parameter")
 
 
+def _ids(items: list[Json]) -> frozenset[str]:
+    return frozenset(item["id"] for item in items)
+
+
 def _not_found(response_id: str) -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", code="not_found")
 
@@ -412,6 +430,7 @@ class ResponsesService:
     def __init__(self, chat: ChatService) -> None:
         self.chat = chat
         self.store = ResponseStore()
+        self.background = Background(self.store)
 
     def create(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
@@ -424,21 +443,61 @@ class ResponsesService:
                       self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
                       input_bytes)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
-        stream = ResponseEvents(draft, tools) if req.stream else None
+        stream = ResponseEvents(draft, tools) if req.stream or req.background else None
 
-        def respond() -> Response | Json:
+        def submit() -> Batch:
             try:
-                batch = self.chat.submit(chat_req, params, prompt.ids, prompt.name)
+                return self.chat.submit(chat_req, params, prompt.ids, prompt.name)
             except APIError as exc:
                 raise _renamed(exc) from None
-            return serving.respond(batch, stream, ResponseCollector(draft, tools), trace, environ)
 
+        def respond() -> Response | Json:
+            return serving.respond(submit(), stream, ResponseCollector(draft, tools), trace, environ)
+
+        if req.background:
+            return self._background(draft, stream, submit, trace, environ)
         # only a stream's id is known before it finishes: GET finds it in progress from its first event (the
         # events read draft.store as they open). Begun last: kept_in_progress ends it on every way out.
         if req.stream and draft.store is not None:
-            draft.begun = self.store.begin(draft.in_progress(), input_bytes)
+            draft.begun = self.store.begin(draft.in_progress(), input_bytes, _ids(inputs))
             draft.store = self.store if draft.begun else None
         return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
+
+    def _background(self, draft: Draft, events: ResponseEvents, submit: Callable[[], Batch], trace: RequestTrace,
+                    environ: dict[str, Any]) -> Response | Json:
+        """Submits the response and generates it in a greenlet of its own; answers its snapshot at once, or with
+        `stream` its events as they come (a disconnect leaves it generating)."""
+        if draft.store is None:
+            raise APIError(400, "Background mode needs the response stored, and its input and history are too "
+                           f"large for the store ({self.store.max_bytes // 4} bytes).", param="background")
+        self.background.check_room()
+        draft.begun = self.store.begin(draft.in_progress(), draft.input_bytes, _ids(draft.inputs))
+        if not draft.begun:
+            raise too_many("The store holds as many responses in progress as it can")
+        try:
+            batch = submit()
+        except BaseException:
+            self.store.end(draft.id)
+            raise
+        serving = self.chat.serving
+        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream), lambda: events.item_ids)
+        self.background.start(run, serving.detached(batch, events, trace), partial(self._ended, draft, events))
+        if not draft.req.stream:
+            return draft.in_progress()
+        return self._following(run, -1, environ)
+
+    def _ended(self, draft: Draft, events: ResponseEvents) -> None:
+        """A background response's end: a failed one is kept as failed (a finished one was kept as it finished);
+        one that never ended (its greenlet killed) is let go."""
+        response = events.response
+        if response is not None and response["status"] == "failed":
+            self.store.put(response, draft.inputs, draft.previous, None)
+        self.store.end(draft.id)
+
+    def _following(self, run: Run, after: int, environ: dict[str, Any]) -> Response:
+        poll_s = self.chat.serving.config.disconnect_poll_s
+        frames = run.follow(after, partial(client_disconnected, environ), poll_s)
+        return Response(frames, mimetype="text/event-stream", headers=HEADERS)
 
     def count(self, body: Any, budget: Budget) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens),
@@ -485,7 +544,7 @@ class ResponsesService:
             if isinstance(item, ItemReference):
                 holder = self.store.holder(item.id)
                 if holder is None:
-                    raise APIError(400, f"Item with id '{item.id}' not found.", param=f"input.[{i}].id")
+                    raise self._unresolved(item.id, f"input.[{i}].id")
                 response_id, stored = holder
                 if response_id not in parsed:
                     parsed[response_id] = stored.own_items()
@@ -502,6 +561,15 @@ class ResponsesService:
                 item = ITEM.validate_python(found, context=values)
             items.append(item)
         return req.model_copy(update={"input": items})
+
+    def _unresolved(self, item_id: str, param: str) -> APIError:
+        """The 400 of an item reference to no finished response's item: one in progress (its input, or a background
+        response's output so far) is named, to be referred to once it has finished."""
+        running = self.store.running_holder(item_id) or self.background.running_holder(item_id)
+        if running is None:
+            return APIError(400, f"Item with id '{item_id}' not found.", param=param)
+        return APIError(400, f"Item with id '{item_id}' is in response '{running}', still in progress: refer to it "
+                        "once that response has finished.", param=param, code="response_in_progress")
 
     def _fitting(self, chat_req: ChatCompletionRequest, max_tokens: int | None,
                  prompt_name: PromptName) -> list[int] | None:
@@ -613,16 +681,44 @@ class ResponsesService:
             raise _not_found(response_id)
         return stored
 
-    def retrieve(self, response_id: str, args: dict[str, str]) -> Response:
-        """A stored response, or one in progress as its `response.created` said it; its events replayed
-        (`stream=true`) are not kept, so not offered, finished or not."""
-        _check_query(args, ("stream",))
-        if args.get("stream", "false") != "false":
-            raise APIError(400, "Unsupported parameter 'stream': a stored response's events are not kept",
-                           param="stream", code="unsupported_parameter")
+    def retrieve(self, response_id: str, args: dict[str, str], environ: dict[str, Any]) -> Response:
+        """A stored response, or one in progress as its `response.created` said it; with `stream=true` a background
+        stream's events kept, after `starting_after` (a sequence number), followed until it ends."""
+        _check_query(args, ("stream", "starting_after"))
+        stream = args.get("stream", "false")
+        if stream not in ("true", "false"):
+            raise APIError(400, "Invalid value for 'stream': expected 'true' or 'false'", param="stream")
+        if stream == "false":
+            if "starting_after" in args:
+                raise APIError(400, "'starting_after' needs 'stream=true'", param="starting_after")
+            return Response(self._stored(response_id).body, mimetype="application/json")
+        after = args.get("starting_after")
+        if after is not None and not (after.isascii() and after.isdigit()):
+            raise APIError(400, "Invalid value for 'starting_after': a sequence number", param="starting_after")
+        after_number = -1 if after is None else int(after)  # -1: from the first event
+        self._stored(response_id)
+        run = self.background.events(response_id)
+        if run is None:
+            raise APIError(400, f"Response '{response_id}' has no events kept to stream: only a response created "
+                           "with background and stream true has, until it is one of the "
+                           "last streams ended.", param="stream")
+        if after_number + 1 < run.first:
+            raise APIError(400, f"The events of response '{response_id}' before sequence number {run.first} are "
+                           "no longer kept.", param="starting_after")
+        return self._following(run, after_number, environ)
+
+    def cancel(self, response_id: str) -> Response:
+        """A background response cancelled (its output so far kept), or as it is once ended."""
+        if not self._stored(response_id).background:
+            raise APIError(400, "Responses can only be cancelled if they were created with background=true.",
+                           param="response_id")
+        self.background.cancel(response_id)
         return Response(self._stored(response_id).body, mimetype="application/json")
 
     def delete(self, response_id: str) -> Json:
+        """A background response still generating is cancelled as it goes."""
+        self.background.cancel(response_id, wait=False)
+        self.background.forget(response_id)
         if not self.store.delete(response_id):
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}

@@ -30,10 +30,13 @@ from nanoqwen.api.schemas import (
     ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
+    ReasoningEffort,
     Refused,
     Strict,
+    Temperature,
     TextFormat,
     ToolCallMessage,
+    TopP,
     _decode_arguments,
     _sampling_schema,
     _text_or,
@@ -280,8 +283,7 @@ class TextConfig(Strict):
 
 
 class ReasoningConfig(Strict):
-    # "none": thinking off; any other effort: on (Qwen3 has no levels), as chat's reasoning_effort
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    effort: ReasoningEffort | None = None  # as chat's reasoning_effort
     # No summaries: "auto" lets the model give none (`summary: []`); "concise"/"detailed" ask for one we cannot make.
     summary: Literal["auto"] | None = None
     generate_summary: Literal["auto"] | None = None
@@ -396,11 +398,13 @@ class ResponseCreateRequest(ResponsePromptFields):
 
     store: bool | None = True
     stream: bool | None = False
+    # generated detached from the request (responses_background): needs `store`, as OpenAI's
+    background: bool | None = None
     stream_options: ResponseStreamOptions | None = None
     include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": list(INCLUDES)}})
     max_output_tokens: int | None = Field(None, ge=MIN_OUTPUT_TOKENS)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_tool_calls: int | None = Field(None, ge=1)
     # Accepted, do not change the answer (metadata is echoed back).
@@ -412,7 +416,6 @@ class ResponseCreateRequest(ResponsePromptFields):
     prompt_cache_options: ResponsePromptCacheOptions | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
     # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
-    background: refused(False) = None
     background_options: Refused = None
     prompt: Refused = None
     context_management: refused([]) = None
@@ -529,6 +532,8 @@ def parse_responses_request(body: Any, budget: Budget | None) -> ResponseCreateR
     req = validate_body(ResponseCreateRequest, body, budget)
     check_stream_options(req)
     _check_prompt_fields(req)
+    if req.background and req.store is False:
+        raise APIError(400, "Background mode requires 'store' to be true.", param="background")
     return req
 
 

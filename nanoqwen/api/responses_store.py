@@ -7,9 +7,10 @@ kept is decided before its first event (which says `store`): not when its histor
 quarter of the bound, so that one entry cannot empty the store, nor, a stream, when the streams in progress
 (their snapshots and inputs, as held) would pass bounds of their own; once said, it is kept (alone, if its
 output made it larger than the bound).
-A stream kept exists from its first event, like OpenAI's background responses: until it ends, GET answers the
-`response.created` snapshot (status "in_progress", no output yet) and its input items are listed; a response
-answered whole is found once finished (nobody learns its id before). DELETE meanwhile removes a stream for
+A stream kept, or a background response (responses_background), exists from its first event: until it ends, GET
+answers the `response.created` snapshot (status "in_progress", no output yet), its input items are listed, and an
+item reference to one of them is told apart from an unknown one; a response answered whole is found once finished
+(nobody learns its id before). DELETE meanwhile removes a stream for
 good: the generation goes on for the client that asked (deleting is not cancelling), and the finished response
 is not kept. It cannot be continued (`previous_response_id`) before it ends: a 400 with our own code
 `previous_response_in_progress`.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanoqwen.api.encode import encode_json, encode_text
@@ -38,6 +39,7 @@ class Entry:
 
     body: bytes  # the response, as GET answers it
     input_items: bytes  # this request's input items, with ids: a JSON list
+    background: bool = field(default=False, kw_only=True)  # made with `background: true`: it may be cancelled
 
     def items(self) -> list[Json]:
         return json.loads(self.input_items)
@@ -89,18 +91,20 @@ class ResponseStore:
         # the responses begun and not ended, their `response.created` snapshots: bounded alike, each kept in full
         self._running: dict[str, Entry] = {}
         self._running_bytes = 0
+        self._running_items: dict[str, frozenset[str]] = {}  # response id -> its input items' ids
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def begin(self, response: Json, input_items: bytes) -> bool:
-        """`response` (in progress; its input items encoded) found by id until it ends: finished (put without
-        `input_items`), deleted or ended. False, not begun, when the count or the bytes of the responses in
-        progress (their snapshots and inputs, as held) would pass the store's bounds."""
-        entry = Entry(encode_json(response), input_items)
+    def begin(self, response: Json, input_items: bytes, item_ids: frozenset[str] = frozenset()) -> bool:
+        """`response` (in progress; its input items encoded, `item_ids` theirs) found by id until it ends:
+        finished (put without `input_items`), deleted or ended. False, not begun, when the count or the bytes of
+        the responses in progress (their snapshots and inputs, as held) would pass the store's bounds."""
+        entry = Entry(encode_json(response), input_items, background=response.get("background") is True)
         with self._lock:
             if len(self._running) >= self.max_responses or self._running_bytes + entry.size > self.max_bytes:
                 return False
             self._running[response["id"]] = entry
             self._running_bytes += entry.size
+            self._running_items[response["id"]] = item_ids
         return True
 
     def end(self, response_id: str) -> None:
@@ -125,7 +129,7 @@ class ResponseStore:
                     return body
                 input_items = begun.input_items
             stored = Stored(body, input_items, history, len(history) - len(later) + 1,
-                            frozenset(item["id"] for item in own))
+                            frozenset(item["id"] for item in own), background=response.get("background") is True)
             self._pop(response_id)
             self._entries[response_id] = stored
             for item_id in stored.item_ids:
@@ -150,6 +154,11 @@ class ResponseStore:
             holders = self._items.get(item_id)
             return (holders[-1], self._entries[holders[-1]]) if holders else None
 
+    def running_holder(self, item_id: str) -> str | None:
+        """The id of a response in progress whose input holds the item with this id."""
+        with self._lock:
+            return next((rid for rid, ids in self._running_items.items() if item_id in ids), None)
+
     def delete(self, response_id: str) -> bool:
         with self._lock:
             return self._pop(response_id) or self._pop_running(response_id) is not None
@@ -158,6 +167,7 @@ class ResponseStore:
         entry = self._running.pop(response_id, None)
         if entry is not None:
             self._running_bytes -= entry.size
+            del self._running_items[response_id]
         return entry
 
     def _pop(self, response_id: str) -> bool:

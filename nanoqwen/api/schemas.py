@@ -41,6 +41,9 @@ from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
+# OpenAI's sampling ranges, shared by chat, legacy completions and Responses
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
@@ -168,6 +171,13 @@ MAX_REQUEST_ID = 256  # characters: it is repeated in every chunk of a stream
 GuidanceBackend = refused("auto", "guidance")  # vLLM's backend names: llguidance's is "guidance"
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+# OpenAI's reasoning efforts (chat's reasoning_effort, Responses' reasoning.effort): Qwen3 has no levels, see thinks
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def thinks(effort: str) -> bool:
+    """Whether a reasoning effort turns Qwen3's thinking on: "none" off (as vLLM maps it), any other on."""
+    return effort != "none"
 
 
 def _loads_counted(text: str, what: str, info: ValidationInfo | None) -> Any:
@@ -515,8 +525,8 @@ class SamplingFields(Strict):
 
     model_config = ConfigDict(json_schema_extra=_sampling_schema)
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # max_length: as NonEmptyStr's min_length, checked by _check_stop first, for the OpenAPI document
@@ -664,8 +674,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     include_reasoning: bool | None = True  # vLLM's: false leaves the reasoning out of the answer (not out of usage)
-    # "none": thinking off (as vLLM maps it); any other effort: thinking on (Qwen3 has no effort levels)
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     # Would change the answer, not implemented: refused unless absent or "not used".
     functions: refused([]) = None
     function_call: refused("none") = None
@@ -699,7 +708,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
         kwargs = self.chat_template_kwargs
         if kwargs is not None and kwargs.enable_thinking is not None:
             return kwargs.enable_thinking
-        return None if self.reasoning_effort is None else self.reasoning_effort != "none"
+        return None if self.reasoning_effort is None else thinks(self.reasoning_effort)
 
     def template_kwargs(self) -> dict[str, Any]:
         thinking = self.enable_thinking
@@ -847,7 +856,7 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
                             "or a named function): the answer is the call", param="response_format")
     kwargs = req.chat_template_kwargs
     if req.reasoning_effort is not None and kwargs is not None and kwargs.enable_thinking is not None \
-            and kwargs.enable_thinking != (req.reasoning_effort != "none"):
+            and kwargs.enable_thinking != thinks(req.reasoning_effort):
         raise APIError(400, f"reasoning_effort \"{req.reasoning_effort}\" contradicts chat_template_kwargs."
                             f"enable_thinking={str(kwargs.enable_thinking).lower()}", param="reasoning_effort")
     if req.top_logprobs and not req.logprobs:

@@ -198,11 +198,11 @@ class Serving:
                                                    split_reasoning=split_reasoning)
                 batch.request_ids.append(request_id)
         except QueueFullError as exc:
-            self._abort(batch)
+            self.abort(batch)
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
         except InvalidRequest as exc:
-            self._abort(batch)
+            self.abort(batch)
             raise invalid_request(exc, prompt_param) from None
         return batch
 
@@ -216,7 +216,11 @@ class Serving:
         answer = self._collect(batch, collector, trace, environ)
         return Response(status=CLIENT_CLOSED) if answer is None else answer
 
-    def _abort(self, batch: Batch) -> None:
+    def detached(self, batch: Batch, stream: Streamer, trace: RequestTrace) -> Iterator[str]:
+        """The frames of `stream` for a generation no client holds (a background response): no disconnect ends it."""
+        return self._stream(batch, stream, trace, {})
+
+    def abort(self, batch: Batch) -> None:
         for request_id in batch.request_ids:
             self.engine.abort(request_id)
 
@@ -250,10 +254,10 @@ class Serving:
             return None
         finally:
             if not finished:
-                self._abort(batch)
+                self.abort(batch)
                 self.stats.abort(trace)
         if event.error is not None:
-            self._abort(batch)  # the other prompts of a batch
+            self.abort(batch)  # the other prompts of a batch
             self.stats.fail(trace)
             raise APIError(500, event.error, type="server_error")
         usage = event.usage
@@ -291,7 +295,7 @@ class Serving:
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
                     if event.error is not None:
-                        self._abort(batch)  # the other prompts of a batch
+                        self.abort(batch)  # the other prompts of a batch
                         self.stats.fail(trace)
                     else:
                         self.stats.finish(trace, event.usage)
@@ -307,5 +311,5 @@ class Serving:
                 yield chunks.ending
         finally:
             if not finished:
-                self._abort(batch)
+                self.abort(batch)
                 self.stats.abort(trace)

@@ -27,7 +27,13 @@ from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
-from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, check_allowed_token_ids, validate_request
+from nanoqwen.engine.validation import (
+    InvalidRequest,
+    PromptTooLongError,
+    check_allowed_token_ids,
+    completion_limit,
+    validate_request,
+)
 from nanoqwen.runner import ModelRunner, StepOutput
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TextPipeline
@@ -201,8 +207,7 @@ class Engine:
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = PromptLogprobs(self.token_bytes.piece(prompt_ids[0]), [])
-        room = self.runtime.max_model_len - len(prompt_ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        max_tokens = completion_limit(self.runtime.max_model_len, len(prompt_ids), params.max_tokens)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         think_in_prompt = split_reasoning and self._prompt_opens_thinking(prompt_ids)
         # A grammar starts after </think> if the prompt or the first token opens a thought, else from the first

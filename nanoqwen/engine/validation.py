@@ -33,6 +33,12 @@ def prompt_token_limit(max_model_len: int, max_tokens: int | None) -> int:
     return max_model_len - (max_tokens or 1)
 
 
+def completion_limit(max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The most tokens a choice may generate: `max_tokens`, or without it the context's room after the prompt (as
+    vLLM sets it)."""
+    return max_tokens if max_tokens is not None else max_model_len - prompt_tokens
+
+
 def context_length_error(max_model_len: int, prompt_tokens: int, max_tokens: int | None,
                          what: str = "messages", param: str | None = None) -> InvalidRequest:
     """`what`: what holds the prompt, in words; `param`: its request field (None: `what`, as `messages`, or
@@ -82,8 +88,7 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
     if params.min_tokens < 0:
         raise InvalidRequest(f"min_tokens must be greater than or equal to 0, got {params.min_tokens}",
                              param="min_tokens")
-    # without max_tokens the context's room is the limit, as vLLM sets max_tokens from it before this check
-    most = params.max_tokens if params.max_tokens is not None else max_model_len - len(prompt_ids)
+    most = completion_limit(max_model_len, len(prompt_ids), params.max_tokens)  # vLLM's check, after its default
     if params.min_tokens > most:
         raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens={most}, got {params.min_tokens}",
                              param="min_tokens")

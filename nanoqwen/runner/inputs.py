@@ -100,9 +100,13 @@ class StepInputBuffer:
         self._host_words, self._words = self._staging(size)
         self.host = step_input_views(self._host_words.numpy(), max_batch, max_blocks_per_seq)
         self.device_views = step_input_views(self._words, max_batch, max_blocks_per_seq)
-        # The sampling settings' views over every row, made once: a decode step stages and samples through them.
+        # The sampling settings' views over every row, made once: a decode step stages through them.
         self.host_sampling = self.host.sampling()
-        self.device_sampling = self.device_views.sampling()
+        self._device_sampling = self.device_views.sampling()
+        # The device views of each size a step has run, (rows, table columns) and rows: made on its first step and
+        # looked up after, so that a step builds no views (an eager CPU step runs any row count, unpadded).
+        self._buckets: dict[tuple[int, int], StepInputs] = {}
+        self._sampling: dict[int, SamplingRows] = {}
         # A packed step stages n words per field, so that one copy of its first 6n words uploads them.
         self._packed_host, self._packed = self._staging(len(SAMPLING_FIELDS) * (packed_rows or max_batch))
         # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
@@ -143,9 +147,20 @@ class StepInputBuffer:
         return host.to(self.device, non_blocking=self.non_blocking)
 
     def bucket(self, bucket: int, width: int) -> StepInputs:
-        """The device views of the first `bucket` rows, with `width` block-table columns."""
-        inputs = self.device_views
-        return StepInputs(*[t[:bucket] for t in inputs[:-1]], block_tables=inputs.block_tables[:bucket, :width])
+        """The device views of the first `bucket` rows, with `width` block-table columns (made once per size)."""
+        views = self._buckets.get((bucket, width))
+        if views is None:
+            inputs = self.device_views
+            views = StepInputs(*[t[:bucket] for t in inputs[:-1]], block_tables=inputs.block_tables[:bucket, :width])
+            self._buckets[bucket, width] = views
+        return views
+
+    def sampling(self, rows: int) -> SamplingRows:
+        """The device sampling settings of the first `rows` rows (made once per row count)."""
+        views = self._sampling.get(rows)
+        if views is None:
+            views = self._sampling[rows] = self._device_sampling[:rows]
+        return views
 
     def stage_decode(self, seqs: list[Sequence], bucket: int) -> int:
         """Writes the model's inputs for `seqs`, padded to `bucket`, into the host staging; -> longest length.

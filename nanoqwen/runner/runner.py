@@ -135,7 +135,7 @@ class ModelRunner:
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
-            tokens = sample(logits, self.inputs.device_sampling[:n], mode,
+            tokens = sample(logits, self.inputs.sampling(n), mode,
                             self._penalties(rows) if penalized else None,
                             self.adjuster.build(rows) if adjusted else None)
         return step_output(rows, logits, tokens)

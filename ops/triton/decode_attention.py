@@ -46,6 +46,34 @@ def _attend_tile(
 
 
 @triton.jit
+def _attend_tiles(
+    q, k_head, v_head, block_table, start, end, visible, m, l, acc, qk_scale, cols, col_mask,
+    k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """_attend_tile over the tiles of BLOCK_N tokens from `start` to `end`: -> the updated (m, l, acc)."""
+    if INTERPRETED:
+        # Triton 3.6's interpreter cannot take tensor bounds in range(): its __index__ is
+        # int() of a 1-element array, which NumPy >= 2.4 refuses. A while loop needs only bool().
+        tile = start
+        while tile < end:
+            m, l, acc = _attend_tile(
+                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
+                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+            )
+            tile += BLOCK_N
+    else:  # a for loop, which the compiler software-pipelines
+        for tile in range(start, end, BLOCK_N):
+            m, l, acc = _attend_tile(
+                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
+                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+            )
+    return m, l, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr,  # [B, Hq, S, D] fp32 partials; the final [B, Hq, D] in q's dtype when S == 1
@@ -90,24 +118,11 @@ def _decode_split_kernel(
     k_head = k_cache_ptr + kv_head * k_head_stride
     v_head = v_cache_ptr + kv_head * v_head_stride
     visible = tl.zeros([BLOCK_GROUP], tl.int32) + end
-    if INTERPRETED:
-        # Triton 3.6's interpreter cannot take tensor bounds in range(): its __index__ is
-        # int() of a 1-element array, which NumPy >= 2.4 refuses. A while loop needs only bool().
-        tile = start
-        while tile < end:
-            m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
-                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
-                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
-            )
-            tile += BLOCK_N
-    else:  # a for loop, which the compiler software-pipelines
-        for tile in range(start, end, BLOCK_N):
-            m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, tile, end, visible, m, l, acc, qk_scale, cols, col_mask,
-                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
-                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
-            )
+    m, l, acc = _attend_tiles(
+        q, k_head, v_head, block_table, start, end, visible, m, l, acc, qk_scale, cols, col_mask,
+        k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+        BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+    )
 
     part = (seq * GROUP * tl.num_programs(1) + q_heads) * NUM_SPLITS + split  # flat [B, Hq, S] index
     out_ptrs = out_ptr + part[:, None] * HEAD_DIM + cols

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.decode_attention import _attend_tile
+from ops.triton.decode_attention import _attend_tiles
 
 BLOCK_ROWS = 64  # query rows (tokens x padded GQA group) per program
 BLOCK_N = 64  # keys per tile
@@ -61,22 +61,11 @@ def _prefill_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     k_head = k_cache_ptr + kv_head * k_head_stride
     v_head = v_cache_ptr + kv_head * v_head_stride
-    if INTERPRETED:  # Triton 3.6's interpreter takes no tensor bounds in range(): see decode_attention.py
-        key = 0
-        while key < end:
-            m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, key, end, visible, m, l, acc, qk_scale, cols, col_mask,
-                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
-                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
-            )
-            key += BLOCK_N
-    else:
-        for key in range(0, end, BLOCK_N):
-            m, l, acc = _attend_tile(
-                q, k_head, v_head, block_table, key, end, visible, m, l, acc, qk_scale, cols, col_mask,
-                k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
-                BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
-            )
+    m, l, acc = _attend_tiles(
+        q, k_head, v_head, block_table, 0, end, visible, m, l, acc, qk_scale, cols, col_mask,
+        k_block_stride, k_slot_stride, v_block_stride, v_slot_stride,
+        BLOCK_SIZE, BLOCK_N, INTERPRETED, PRECISION,
+    )
     out_rows = ((q_start + token) * (GROUP * tl.num_programs(1)) + heads) * HEAD_DIM
     tl.store(out_ptr + out_rows[:, None] + cols, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=row_mask)
 

@@ -1,6 +1,7 @@
 /* int8 weight-only linear layers (symmetric per output channel): the why is in ops/cpu/linear_int8.py. */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
+#include "act_quant16.h"
 #include "amx.h"
 #include "gemv.h"
 #include "pool.h"
@@ -17,7 +18,8 @@ _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F3
 
 struct linear_int8_args {
     const void *x;         /* the fallbacks: fp32 rows */
-    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd) or act_quads (AMX) */
+    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd; int16: vpmaddwd) or
+                              act_quads (AMX) */
     const float *qscale;   /* [M * P]: each piece's scale */
     const int8_t *w;
     const void *scale;
@@ -71,6 +73,70 @@ static void linear_int8_avx512(const void *ctx, long chunk) {
     }
 }
 AVX512_END
+
+/* ---- AVX2 (no AVX-512): int16 activation pieces (act_quant16.h) against the weights widened to int16 ---- */
+
+/* int16 pieces per activation row: one holds what act_quant.h's two int8 pieces do (PIECES_BF16 = 2, PIECES_F32 = 4
+   above, and the same reasons). */
+#define PIECES16_BF16 1
+#define PIECES16_F32 2
+#define AVX2_MAX_PIECES 8  /* piece rows one pass over a weight row serves: 8 accumulators of the 16 ymm registers */
+/* Columns whose int32 sums cannot overflow: each lane adds two products of at most 128 * 32767 per 16 columns,
+   4096 columns 2^31 - 65536 at most. */
+#define SPAN16 4096
+_Static_assert(AVX2_MAX_PIECES / PIECES16_BF16 == 8 && AVX2_MAX_PIECES / PIECES16_F32 == 4, "linear_int8_madd's cases");
+
+/* acc[r] += the int16 piece row q + r * K against the 16 weights at w, r < R: 16 products a vpmaddwd. */
+INLINE void madd16(const int8_t *w, const int16_t *q, int R, int K, __m256i *acc) {
+    const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    for (int r = 0; r < R; r++)
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(v, _mm256_loadu_si256((const __m256i *)(q + (long)r * K))));
+}
+
+/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= AVX2_MAX_PIECES): weight
+   row n, each 16 weights widened once, against every row's pieces (a->q: int16 rows of K). */
+INLINE void madd_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
+    const int R = rows * P, K = a->K;
+    const int8_t *w = a->w + n * K;
+    const int16_t *q = (const int16_t *)a->q + (long)m0 * P * K;
+    const float *s = a->qscale + m0 * P;
+    __m256 sums[AVX2_MAX_PIECES];
+    for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_ps();
+    for (int k0 = 0; k0 < K; k0 += SPAN16) {
+        const int k1 = K - k0 < SPAN16 ? K : k0 + SPAN16;
+        __m256i acc[AVX2_MAX_PIECES];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+        for (int k = k0; k < k1; k += 32) {
+            __builtin_prefetch(w + k + PREFETCH_BYTES);
+            madd16(w + k, q + k, R, K, acc);
+            madd16(w + k + 16, q + k + 16, R, K, acc);
+        }
+        for (int r = 0; r < R; r++) sums[r] = _mm256_add_ps(sums[r], _mm256_cvtepi32_ps(acc[r]));
+    }
+    for (int j = 0; j < rows; j++) {
+        __m256 o = _mm256_setzero_ps();
+        for (int p = 0; p < P; p++) o = _mm256_fmadd_ps(sums[j * P + p], _mm256_set1_ps(s[j * P + p]), o);
+        store_scaled(a->y, (long)(m0 + j) * a->N + n, hsum(o), a->scale, (int)n, a->bf16);
+    }
+}
+
+static void linear_int8_madd(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    const int M = a->M, per = AVX2_MAX_PIECES / a->P;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (int m0 = 0; m0 < M; m0 += per) {
+            const int rows = M - m0 < per ? M - m0 : per;
+            switch (a->P == PIECES16_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
+#define BF16_CASE(R) case R: madd_pieces(a, n, m0, R, PIECES16_BF16); break;
+                BF16_CASE(1) BF16_CASE(2) BF16_CASE(3) BF16_CASE(4) BF16_CASE(5) BF16_CASE(6) BF16_CASE(7) BF16_CASE(8)
+#undef BF16_CASE
+                case -1: madd_pieces(a, n, m0, 1, PIECES16_F32); break;
+                case -2: madd_pieces(a, n, m0, 2, PIECES16_F32); break;
+                case -3: madd_pieces(a, n, m0, 3, PIECES16_F32); break;
+                default: madd_pieces(a, n, m0, 4, PIECES16_F32); break;
+            }
+        }
+}
 
 /* ---- AVX512-VNNI: activation pieces (act_quant.h) against the int8 weights, int32 sums ---- */
 
@@ -246,6 +312,15 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
             act_quant_rows(x, bf16, M, K, P, 1, q, qscale);
             pool_run(linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
+        return;
+    }
+    const int P16 = bf16 ? PIECES16_BF16 : PIECES16_F32;
+    const long pieces16 = (long)M * P16;
+    if (!has_avx512() && (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K))) {
+        int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
+        act16_quant_rows(x, bf16, M, K, P16, q, qscale);
+        struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, rows, 0};
+        pool_run(linear_int8_madd, &a, (N + rows - 1) / rows);
         return;
     }
     float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;

@@ -1,0 +1,157 @@
+"""Background responses (`background: true`) through `gunicorn -k gevent server:app` and the `openai` client: polled,
+cancelled, deleted, and a background stream resumed after its client went away."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import openai
+import pytest
+import requests
+from openai.types.responses import Response
+
+from chat_http import MODEL, wait_for
+from server_process import GunicornServer
+
+GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
+LONG = {**GREEDY, "max_output_tokens": 400, "input": "Tell me a long story."}  # cancelled long before its end
+RUNNING = ("queued", "in_progress")
+
+
+@pytest.fixture(scope="module")
+def client(chat_server: GunicornServer) -> openai.OpenAI:
+    return chat_server.openai_client(timeout=300)
+
+
+def _polled(client: openai.OpenAI, response_id: str) -> Any:
+    deadline = time.monotonic() + 60
+    while (response := client.responses.retrieve(response_id)).status in RUNNING:
+        assert time.monotonic() < deadline, response
+        time.sleep(0.02)
+    return response
+
+
+def _engine_idle(chat_server: GunicornServer) -> bool:
+    stats = requests.get(f"{chat_server.url}/stats", timeout=30).json()
+    return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def _started(client: openai.OpenAI, events: int, **body: Any) -> tuple[str, list[Any]]:
+    """A background stream's id and its first `events` events, its client gone after them."""
+    with client.responses.create(background=True, stream=True, **body) as stream:
+        seen = [event for _, event in zip(range(events), stream)]
+    return seen[0].response.id, seen
+
+
+def test_a_background_response_is_polled_to_the_foreground_answer(client: openai.OpenAI) -> None:
+    body = {**GREEDY, "input": "Hello there", "instructions": "Answer briefly.", "metadata": {"k": "v"}}
+    queued = client.responses.create(background=True, **body)
+    assert queued.status == "in_progress" and queued.background is True and queued.output == []
+    assert queued.usage is None and queued.store is True and queued.metadata == {"k": "v"}
+    done = _polled(client, queued.id)
+    whole = client.responses.create(**body)
+    assert whole.background is False and done.background is True and done.id == queued.id
+    assert done.output_text == whole.output_text != "" and done.status == whole.status == "incomplete"
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (whole.usage.input_tokens, 16)
+    assert [item.id for item in client.responses.input_items.list(done.id).data] == [
+        item.id for item in client.responses.input_items.list(queued.id).data]
+    # finished: cancelling answers it as it is (OpenAI: idempotent); continued like any stored response
+    assert client.responses.cancel(done.id).model_dump() == done.model_dump()
+    follow = client.responses.create(input="More.", previous_response_id=done.id, background=True, **GREEDY)
+    assert _polled(client, follow.id).usage.input_tokens > done.usage.input_tokens
+
+
+def test_a_background_stream_resumes_after_its_client_left(client: openai.OpenAI, chat_server: GunicornServer) -> None:
+    body = {**GREEDY, "max_output_tokens": 48, "input": "Tell me a story."}
+    response_id, first = _started(client, 6, **body)
+    assert [e.sequence_number for e in first] == list(range(6)) and first[0].response.background is True
+    done = _polled(client, response_id)  # generated to its end without a client
+    assert done.status == "incomplete" and done.usage.output_tokens == 48
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=5))
+    assert [e.sequence_number for e in rest] == list(range(6, 6 + len(rest)))
+    assert rest[-1].type == "response.incomplete" and rest[-1].response.model_dump() == done.model_dump()
+    text = "".join(e.delta for e in [*first, *rest] if e.type == "response.output_text.delta")
+    assert text == done.output_text == client.responses.create(**body).output_text
+    # replayed whole while it generates, and followed live to its end
+    response_id, _ = _started(client, 1, **body)
+    replay = list(client.responses.retrieve(response_id, stream=True))
+    assert [e.sequence_number for e in replay] == list(range(len(replay))) and replay[-1].type == "response.incomplete"
+    assert "".join(e.delta for e in replay if e.type == "response.output_text.delta") == done.output_text
+
+
+def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.OpenAI,
+                                                                 chat_server: GunicornServer) -> None:
+    response_id, first = _started(client, 8, **LONG)
+    assert not _engine_idle(chat_server)  # its client gone, still generating
+    cancelled = client.responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.background is True
+    (message,) = cancelled.output
+    assert message.status == "incomplete" and 0 < cancelled.usage.output_tokens < 400
+    assert len(message.content[0].text) > 0 and cancelled.completed_at is None
+    wait_for(lambda: _engine_idle(chat_server))
+    assert client.responses.cancel(response_id).model_dump() == cancelled.model_dump()  # idempotent
+    raw = requests.get(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()
+    assert Response.model_validate(raw, strict=True).model_dump() == cancelled.model_dump()
+    # its stream ends after its items' `.done` events (OpenAI's stream events have no cancelled one)
+    events = list(client.responses.retrieve(response_id, stream=True, starting_after=7))
+    assert events[-1].type == "response.output_item.done" and events[-1].item.status == "incomplete"
+    text = "".join(e.delta for e in [*first, *events] if e.type == "response.output_text.delta")
+    assert text == message.content[0].text
+
+
+def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI, chat_server: GunicornServer) -> None:
+    running = client.responses.create(background=True, **LONG)
+    assert requests.delete(f"{chat_server.url}/v1/responses/{running.id}", timeout=30).json()["deleted"] is True
+    wait_for(lambda: _engine_idle(chat_server))
+    for call in (lambda: client.responses.retrieve(running.id), lambda: client.responses.cancel(running.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+
+
+def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI,
+                                                           chat_server: GunicornServer) -> None:
+    response_id, first = _started(client, 3, **LONG)
+    (said,) = client.responses.input_items.list(response_id).data
+    written = first[2].item  # its message, open
+    assert first[2].type == "response.output_item.added" and written.status == "in_progress"
+    for item_id in (said.id, written.id):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(input=[{"type": "item_reference", "id": item_id}], **GREEDY)
+        assert (exc.value.body["param"], exc.value.body["code"]) == ("input.[0].id", "response_in_progress")
+        assert response_id in exc.value.body["message"]
+    client.responses.cancel(response_id)
+    resolved = client.responses.create(input=[{"type": "item_reference", "id": said.id}], **GREEDY)
+    assert resolved.usage.input_tokens == client.responses.create(input=LONG["input"], **GREEDY).usage.input_tokens
+    client.responses.create(input=[{"type": "item_reference", "id": written.id}], **GREEDY)  # found once it ended
+    wait_for(lambda: _engine_idle(chat_server))
+
+
+@pytest.mark.parametrize("query, param", [
+    ({"stream": "true"}, "stream"),  # a foreground response: no events kept
+    ({"stream": "yes"}, "stream"),
+    ({"starting_after": "3"}, "starting_after"),  # without stream=true
+    ({"stream": "true", "starting_after": "x"}, "starting_after"),
+    ({"stream": "true", "starting_after": "-1"}, "starting_after"),
+    ({"include_obfuscation": "false"}, "include_obfuscation"),
+])
+def test_bad_retrievals_are_400s(client: openai.OpenAI, chat_server: GunicornServer, query: dict[str, str],
+                                 param: str) -> None:
+    stored = client.responses.create(input="Hi", **GREEDY)
+    answer = requests.get(f"{chat_server.url}/v1/responses/{stored.id}", params=query, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+def test_bad_background_requests(client: openai.OpenAI, chat_server: GunicornServer) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input="Hi", background=True, store=False, **GREEDY)
+    assert exc.value.body["param"] == "background"
+    foreground = client.responses.create(input="Hi", **GREEDY)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.cancel(foreground.id)
+    assert exc.value.body["message"] == "Responses can only be cancelled if they were created with background=true."
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
+    polled = client.responses.create(input="Hi", background=True, **GREEDY)  # not streamed: no events kept
+    _polled(client, polled.id)
+    answer = requests.get(f"{chat_server.url}/v1/responses/{polled.id}", params={"stream": "true"}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"
