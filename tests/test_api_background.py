@@ -17,6 +17,7 @@ from nanoqwen.api.responses_api import Draft, ResponseEvents, ResponsesService, 
 from nanoqwen.api.responses_background import KEPT_FINISHED, MAX_EVENT_BYTES, MAX_RUNNING, Background, Run
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import SamplingParams
 
 
@@ -117,7 +118,7 @@ def test_a_background_response_that_fails_is_kept_failed_and_one_cut_off_is_let_
 
 
 def _begun(store: ResponseStore) -> Draft:
-    req = parse_responses_request({"input": "Hi", "background": True})
+    req = parse_responses_request({"input": "Hi", "background": True}, Budget())
     inputs = [input_item_json(item) for item in req.input_items]
     draft = Draft(req, SamplingParams(), "m", None, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
     draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
