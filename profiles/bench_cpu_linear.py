@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import QUANTS  # noqa: E402
 from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
 from nanoqwen.quant import GROUP_SIZE as INT4_GROUP  # noqa: E402
 from ops.cpu import build  # noqa: E402
@@ -132,7 +133,7 @@ def run_pass(kernel, ws: list, xs: dict, times: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=["none", "int8", "int4"])
+    parser.add_argument("--quant", nargs="+", default=["none", "int8"], choices=QUANTS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="a git revision whose kernels to time as well")

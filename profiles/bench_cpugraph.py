@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import QUANTS  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
 from nanoqwen.sampler import sample  # noqa: E402
 from ops.cpu import graph as cpu_graph  # noqa: E402
@@ -117,7 +118,7 @@ def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--quant", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"])
+    parser.add_argument("--quant", nargs="+", default=list(QUANTS), choices=QUANTS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=32)

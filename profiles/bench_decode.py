@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import DTYPE_NAMES, GRAPHS, QUANTS  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 
 TARGET_VS_HF, TARGET_OF_LIMIT, TARGET_BATCH8 = 2.0, 0.70, 4.0
@@ -259,12 +260,12 @@ def plot(result: dict, path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                        choices=["bfloat16", "float16", "float32"])
+                        choices=DTYPE_NAMES)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph", "cpugraph"])
-    parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "int4"])
+    parser.add_argument("--graph", default="auto", choices=GRAPHS)
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS)
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()

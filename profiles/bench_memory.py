@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from nanoqwen import loader  # noqa: E402
+from nanoqwen.choices import QUANTS  # noqa: E402
 
 DECODE_STEPS = 8
 # RSS after each import group of a server process, in a fresh interpreter (this one has imported them all)
@@ -73,7 +74,7 @@ def child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quant", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"])
+    parser.add_argument("--quant", nargs="+", default=list(QUANTS), choices=QUANTS)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--graph", default="none", choices=["none", "cpugraph"],
                         help="none (default): eager steps; cpugraph: what the CPU server runs by default "

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import QUANTS  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def hf_times(model: Path, dtype: str, lengths: list[int], repeats: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quant", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"])
+    parser.add_argument("--quant", nargs="+", default=list(QUANTS), choices=QUANTS)
     parser.add_argument("--prompt-len", nargs="+", type=int, default=[128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

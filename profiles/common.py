@@ -24,6 +24,7 @@ TESTS = REPO / "tests"
 OUT = REPO / "profiles" / "out"  # git-ignored default for --out
 sys.path[:0] = [str(REPO), str(TESTS)]
 
+from nanoqwen.choices import DTYPE_NAMES, KERNELS  # noqa: E402
 from nanoqwen.config import blocks_to_hold, resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
@@ -34,8 +35,8 @@ from nanoqwen.hugepages import huge_page_buffer  # noqa: E402
 def add_engine_args(parser, dtype: bool = True) -> None:
     """The options every profile shares: where and how the engine runs, and where results go."""
     if dtype:
-        parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES))
+    parser.add_argument("--kernels", default="auto", choices=KERNELS)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--small", action="store_true", help="the 2-layer test model: a quick smoke run")
     parser.add_argument("--out", type=Path, default=OUT)

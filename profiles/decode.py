@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import GRAPHS  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.runner import batch_buckets  # noqa: E402
 from ops.cpu import build as cpu_build  # noqa: E402
@@ -83,7 +84,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", nargs="+", choices=["none", "compile", "cudagraph", "cpugraph"])
+    parser.add_argument("--modes", nargs="+", choices=[graph for graph in GRAPHS if graph != "auto"])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)

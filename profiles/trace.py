@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from nanoqwen.choices import GRAPHS  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
 
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="decode steps before the traced one")
-    parser.add_argument("--graph", default="auto", choices=["auto", "none", "compile", "cudagraph", "cpugraph"])
+    parser.add_argument("--graph", default="auto", choices=GRAPHS)
     common.add_engine_args(parser)
     args = parser.parse_args()
 

@@ -10,6 +10,7 @@ import torch
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
+from ops.cpu import linear as cpu_linear
 
 # Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
 # context length, and where steps pad to buckets (graphs, compile, eager on a GPU) a bucket of 4 has a padded lane.
@@ -17,6 +18,14 @@ MIXED_PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 
 # Tokens generated for MIXED_PROMPTS under Triton's interpreter, whose steps take seconds each: a prefill and 2 decode
 # steps. 6 tokens ran 3 more decode steps of the same kernels and crossed no further 16-token KV block boundary.
 INTERPRETED_TOKENS = 3
+
+
+def c_linear_rows(monkeypatch, native_bf16: bool) -> int:
+    """Makes the C linears split fp32 rows as a CPU with (or without) native bf16 does, whatever this one has (CI's
+    may have it, an AVX2 one has not) -> the most fp32 rows a C linear takes; torch's GEMM, which a CPU graph does
+    not record, takes more."""
+    monkeypatch.setattr(cpu_linear, "NATIVE_BF16", native_bf16)
+    return cpu_linear.NATIVE_BF16_MAX_ROWS[torch.float32] if native_bf16 else cpu_linear.MAX_ROWS
 
 
 def load_engine(path: Path, **overrides) -> Engine:

@@ -27,6 +27,7 @@ from nanoqwen.api.responses_background import (
 )
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import SamplingParams
 
 
@@ -240,7 +241,7 @@ def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> Non
 
 
 def _begun(store: ResponseStore) -> Draft:
-    req = parse_responses_request({"input": "Hi", "background": True})
+    req = parse_responses_request({"input": "Hi", "background": True}, Budget())
     inputs = [input_item_json(item) for item in req.input_items]
     draft = Draft(req, SamplingParams(), "m", None, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
     draft.begun = store.begin(draft.in_progress(), draft.input_bytes)

@@ -20,6 +20,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request, same_json
+from nanoqwen.api.strict_json import Budget
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
 SCHEMAS = DOC["components"]["schemas"]
@@ -27,19 +28,21 @@ HI = [{"role": "user", "content": "hi"}]
 CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
 # A valid request putting `fields` in the model named by the key, and the server's validator of its endpoint.
 PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "ChatCompletionRequest": lambda f: parse_chat_request({"messages": HI, **f}),
-    "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}),
-    "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}),
-    "StructuredOutputs": lambda f: parse_chat_request({"messages": HI, "structured_outputs": {"regex": "a", **f}}),
-    "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}),
-    "ResponseCountRequest": lambda f: parse_count_request({"input": "hi", **f}),
-    "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}),
+    "ChatCompletionRequest": lambda f: parse_chat_request({"messages": HI, **f}, Budget()),
+    "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}, Budget()),
+    "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}, Budget()),
+    "StructuredOutputs": lambda f: parse_chat_request({"messages": HI, "structured_outputs": {"regex": "a", **f}},
+                                                      Budget()),
+    "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}, Budget()),
+    "ResponseCountRequest": lambda f: parse_count_request({"input": "hi", **f}, Budget()),
+    "FunctionCallItem": lambda f: parse_responses_request({"input": [{**CALL, **f}]}, Budget()),
     "FunctionCallOutputItem": lambda f: parse_responses_request(
-        {"input": [{"type": "function_call_output", "call_id": "c", "output": "4", **f}]}),
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": "4", **f}]}, Budget()),
     "FunctionTool": lambda f: parse_responses_request({"input": "hi", "tools": [{"type": "function", "name": "f",
-                                                                                  **f}]}),
-    "TextConfig": lambda f: parse_responses_request({"input": "hi", "text": f}),
-    "ResponsePromptCacheOptions": lambda f: parse_responses_request({"input": "hi", "prompt_cache_options": f}),
+                                                                                  **f}]}, Budget()),
+    "TextConfig": lambda f: parse_responses_request({"input": "hi", "text": f}, Budget()),
+    "ResponsePromptCacheOptions": lambda f: parse_responses_request({"input": "hi", "prompt_cache_options": f},
+                                                                    Budget()),
 }
 # Beside a field's documented values: each is refused unless it is one of them (JSON tells 0 from false, not 1
 # from 1.0).
@@ -81,10 +84,10 @@ def _validator(path: str) -> jsonschema.Draft202012Validator:
 
 # What the server does with a body, past the model's validation, before generating.
 SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "/v1/chat/completions": parse_chat_request,
-    "/v1/completions": parse_completion_request,
-    "/v1/responses": lambda body: (req := parse_responses_request(body)).to_chat(req.input_items),
-    "/v1/responses/input_tokens": lambda body: (req := parse_count_request(body)).to_chat(req.input_items),
+    "/v1/chat/completions": lambda body: parse_chat_request(body, Budget()),
+    "/v1/completions": lambda body: parse_completion_request(body, Budget()),
+    "/v1/responses": lambda body: (req := parse_responses_request(body, Budget())).to_chat(req.input_items),
+    "/v1/responses/input_tokens": lambda body: (req := parse_count_request(body, Budget())).to_chat(req.input_items),
 }
 
 
@@ -172,5 +175,5 @@ def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None
 def test_an_empty_call_id_is_refused_naming_it() -> None:
     """Found by profiles/fuzz_openapi.py: it passed, and chat's tool message then refused it as 'messages.[0]'."""
     with pytest.raises(APIError) as refused:
-        parse_responses_request({"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]})
+        parse_responses_request({"input": [{"type": "function_call_output", "call_id": "", "output": "4"}]}, Budget())
     assert refused.value.param == "input.[0].call_id"

@@ -39,7 +39,7 @@ Json = dict[str, Any]
 
 
 def _chat(body: Json) -> ChatCompletionRequest:
-    req = parse_responses_request(body)
+    req = parse_responses_request(body, Budget())
     return req.to_chat(req.input_items)
 
 
@@ -49,7 +49,7 @@ def _lp(token: str) -> TokenLogprob:
 
 def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) -> Draft:
     """A response's draft kept in `store`, begun there (in progress) as create begins a stream's."""
-    req = parse_responses_request({"input": "Hi", **body})
+    req = parse_responses_request({"input": "Hi", **body}, Budget())
     inputs = [input_item_json(item) for item in req.input_items]
     draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
     if store is not None and begun:
@@ -227,14 +227,14 @@ def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> 
 def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation_past_it_is_refused() -> None:
     service = ResponsesService(SimpleNamespace())
     service.store = store = ResponseStore(max_bytes=4000)
-    small = parse_responses_request({"input": "x" * 800})
+    small = parse_responses_request({"input": "x" * 800}, Budget())
 
     def keeps(req: ResponseCreateRequest, previous: Stored | None) -> bool:
         inputs = encode_text([input_item_json(item) for item in req.input_items]).encode()
         return service._keeps(req, len(inputs), previous)
 
     assert keeps(small, None) and not keeps(small.model_copy(update={"store": False}), None)
-    assert not keeps(parse_responses_request({"input": "x" * 1000}), None)  # said store: false up front
+    assert not keeps(parse_responses_request({"input": "x" * 1000}, Budget()), None)  # said store: false up front
     store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None, b"[]")
     long = store.get("resp_long")
     assert service._previous("resp_long") is long and not keeps(small, long)
@@ -281,19 +281,19 @@ def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() 
     config = SimpleNamespace(max_body_bytes=len(json.dumps(said, separators=(",", ":"))) * 3)
     service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
     service.store = store
-    refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3})
+    refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3}, Budget())
     assert [item.id for item in service._resolved(refs, Budget()).input_items] == ["msg_o"] * 3 and parsed == [1]
     with pytest.raises(APIError) as exc:
-        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}), Budget())
+        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}, Budget()), Budget())
     assert (exc.value.status, exc.value.param) == (400, "input")
 
 
 def test_an_item_reference_needs_an_id_and_may_omit_its_type() -> None:
-    (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}).input_items
+    (ref,) = parse_responses_request({"input": [{"id": "msg_1"}]}, Budget()).input_items
     assert (ref.type, ref.id) == ("item_reference", "msg_1")
     for item, param in (({"type": "item_reference"}, "input.[0].id"), ({"content": "hi"}, "input.[0].role")):
         with pytest.raises(APIError) as exc:
-            parse_responses_request({"input": [item]})
+            parse_responses_request({"input": [item]}, Budget())
         assert exc.value.param == param
 
 
@@ -309,8 +309,8 @@ def test_a_cut_or_malformed_call_continues() -> None:
     history = ITEMS.validate_json(store.get(response["id"]).history)
     resent = parse_responses_request({"input": [{"role": "user", "content": "Hi"}, call,
                                                 {"type": "function_call_output", "call_id": call["call_id"],
-                                                 "output": "ok"}]})
-    go_on = parse_responses_request({"input": "Go on"})
+                                                 "output": "ok"}]}, Budget())
+    go_on = parse_responses_request({"input": "Go on"}, Budget())
     for chat in (go_on.to_chat([*history, *go_on.input_items]), resent.to_chat(resent.input_items)):
         (sent,) = chat.template_messages()[1]["tool_calls"]
         assert sent["function"] == {"name": "ns.g", "arguments": '{"b": '}
@@ -366,7 +366,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     service = _service(encode, 10 if looks_too_long else 10**6)
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(200)), {"role": "user", "content": "last"}]
-    req = parse_responses_request({"input": items, "truncation": "auto"})
+    req = parse_responses_request({"input": items, "truncation": "auto"}, Budget())
     chat, ids = _counted(service, req)
     # the system message, the last item and the 8 items before it: 904 characters (9 would be 1004)
     kept = [items[0], *items[-9:]]
@@ -375,7 +375,7 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     whole = sum(len(item["content"]) for item in items)
     assert sizes.count(whole) == (not looks_too_long) and max(size for size in sizes if size != whole) < 2000
     too_long = {"role": "user", "content": "y" * 1000}
-    req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"})
+    req = parse_responses_request({"input": [*items[:3], too_long], "truncation": "auto"}, Budget())
     sizes.clear()
     with pytest.raises(APIError) as exc:  # the last item alone is too long: the whole prompt's error
         _counted(service, req)
@@ -428,7 +428,7 @@ def test_a_prompt_that_looks_too_long_but_fits_is_templated_under_three_times() 
 
     items = [{"role": "user", "content": "-" * 100} for _ in range(3000)]
     whole = 100 * len(items)
-    req = parse_responses_request({"input": items, "truncation": "auto"})
+    req = parse_responses_request({"input": items, "truncation": "auto"}, Budget())
     chat, ids = _counted(_service(encode, 10), req)
     assert len(chat.messages) == len(items) and ids == [whole]
     assert sizes.count(whole) == 1 and sum(sizes) <= 3 * whole, sizes
@@ -461,7 +461,7 @@ def test_truncation_drops_an_output_with_its_call() -> None:
              {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
              {"type": "function_call_output", "call_id": "c1", "output": "one"}, {"role": "user", "content": "b"},
              {"role": "user", "content": "c"}]
-    req = parse_responses_request({"input": items, "truncation": "auto"})
+    req = parse_responses_request({"input": items, "truncation": "auto"}, Budget())
     # keeping 3 items would keep the output without its call: the output goes too
     chat, _ = _counted(service, req)
     assert [m["content"] for m in chat.template_messages()] == ["b", "c"]

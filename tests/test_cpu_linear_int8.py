@@ -52,8 +52,9 @@ PIECE_ERROR = {"int8": {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4
 # VNNI: 1 row vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
 # vpdpbusd in groups of 4 / 2 rows; odd N leaves AMX a partial block of weight rows. AVX2: vpmaddwd in groups of
 # 8 / 4 rows.
+# 7 rows: AVX2's 5-8-row cases; K 8224: two of AVX2's 4096-column int32 spans and a partial third.
 PIECE_SHAPES = [(1, 151, 1024), (1, 13, 96), (2, 77, 1024), (3, 13, 96), (8, 151, 3072), (16, 33, 2048),
-                (32, 40, 64), (5, 9, 32)]
+                (32, 40, 64), (5, 9, 32), (7, 9, 96), (2, 17, 8224)]
 
 
 @functools.cache
@@ -66,22 +67,26 @@ def avx2_kernel() -> cpu_build.CKernel:
     return kernel
 
 
+def linear_with(loops: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`built`: the kernel set's own (int8 pieces where the CPU has VNNI, else int16); `avx2`: int16 pieces."""
+    if loops == "built":
+        return cpu_int8.linear_int8_cpu(x, w, scale)
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    avx2_kernel().lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0],
+                                  w.shape[0], x.shape[1], int(x.dtype == torch.bfloat16))
+    return out
+
+
 @pytest.mark.parametrize("m,n,k", PIECE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", ["built", "avx2"])
 def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
     """Against the exact product with the same int8 weights: the activation pieces' bound (one fewer int8 piece
-    exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output. `built`: the kernel
-    set's own (int8 pieces where the CPU has VNNI, else int16, whose bound is within int8's); `avx2`: int16 pieces."""
+    exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output; int16 pieces' bound
+    is within int8's."""
     x, w, scale = operands(m, n, k, dtype)
     x[:, ::37] *= 30  # outliers: the pieces' scales follow each row's largest element
-    if loops == "built":
-        out, kind = cpu_int8.linear_int8_cpu(x, w, scale), "int8"
-    else:
-        out, kind = torch.empty(m, n, dtype=dtype), "int16"
-        avx2_kernel().lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k,
-                                      int(dtype == torch.bfloat16))
-    out = out.double()
+    out, kind = linear_with(loops, x, w, scale).double(), "int8" if loops == "built" else "int16"
     xd, wd, sd = x.double(), w.double(), scale.double()
     exact = (xd @ wd.T) * sd
     pieces = xd.abs().amax(dim=1, keepdim=True) * PIECE_ERROR[kind][PIECES[kind][dtype]] * wd.abs().sum(dim=1)
@@ -95,13 +100,25 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
         assert (out - exact).abs().max() <= 1.5 * reference
 
 
+@pytest.mark.parametrize("k", [4096, 8192])
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_the_largest_sums_do_not_overflow(k, loops):
+    """Every activation at its row's largest magnitude (each piece at its limit) against weights of -128 and 127:
+    the int32 sums at their largest, where a span of more columns than SPAN16 (csrc/linear_int8.c) would wrap."""
+    x = -torch.ones(2, k)
+    w = torch.stack([torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8)])
+    out = linear_with(loops, x, w, torch.ones(2))
+    torch.testing.assert_close(out, torch.tensor([[128.0 * k, -127.0 * k]] * 2), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 40, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype):
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype, loops):
     x, w, scale = operands(m, n, k, dtype)
     x[0, 5] = float("nan")
     x[-1, 7] = float("inf")
-    out = cpu_int8.linear_int8_cpu(x, w, scale)
+    out = linear_with(loops, x, w, scale)
     assert not out[0].isfinite().any() and not out[-1].isfinite().any()
     if m > 2:  # the other rows keep their values
         torch.testing.assert_close(out[1:-1].float(), linear_int8_torch(x[1:-1], w, scale).float(), atol=1e-3 * k**0.5,
@@ -122,7 +139,8 @@ def test_dispatch_by_rows(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_widening_loop_without_vnni(tmp_path, monkeypatch, dtype):
-    """CPUs with AVX-512 but no VNNI widen every weight to fp32 (tests/test_cpu_threads.py checks AVX2's)."""
+    """CPUs with AVX-512 but no VNNI widen every weight to fp32 (AVX2's widening loops, without scratch, are
+    tests/test_cpu_no_scratch.py's)."""
     monkeypatch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_NO_VNNI"])
     kernel = cpu_build.CKernel("no_vnni_linear_int8", "linear_int8.c", ("linear_int8",))
     assert kernel.build(tmp_path), kernel.error

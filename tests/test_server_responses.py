@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from chat_http import MODEL, health_polled, post_chat, sse_events, wait_for
+from nanoqwen.api.strict_json import MAX_SEPARATORS
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -405,25 +406,33 @@ def test_the_calls_of_a_body_share_its_budget_of_values(client: openai.OpenAI) -
     assert info.value.status_code == 413 and info.value.body["code"] == "request_too_large", info.value.body
 
 
-def _call(call_id: str, values: int) -> list[Json]:
-    """A call whose arguments hold `values` values, and its output."""
-    arguments = '{"a": [' + "1," * (values - 2) + "1]}"
-    return [{"type": "function_call", "call_id": call_id, "name": "f", "arguments": arguments},
-            {"type": "function_call_output", "call_id": call_id, "output": "ok"}]
+def _values(item: Json) -> int:
+    """The values `item` charges to a request's budget: its `,` and `:`, those of the JSON in its strings too
+    (its call's arguments; no other string here holds one)."""
+    text = json.dumps(item)
+    return text.count(",") + text.count(":")
 
 
-def test_items_referred_to_share_the_body_s_budget_of_values(client: openai.OpenAI, server: GunicornServer) -> None:
-    """A referenced item's values, and its call's arguments', are the request's as if sent in its body: they got a
-    budget of their own (arguments only), so a body near the limit could add 65k values a reference."""
-    parts = [{"type": "input_text", "text": "a"}] * 9_000  # 4 separators a part: 36k values
-    stored = client.responses.create(**{**GREEDY, "truncation": "auto", "input": [
-        {"role": "user", "content": parts}, *_call("c0", 25_000), {"role": "user", "content": "Hi"}]})
-    message, call = (item.id for item in client.responses.input_items.list(stored.id, order="asc").data[:2])
-    last = {"role": "user", "content": "Hi"}
-    for refs, own, fits in (([message], [], True), ([message, message], [], False),
-                            ([call], _call("c1", 30_000), True), ([call], _call("c1", 45_000), False)):
-        body = {"model": MODEL, "truncation": "auto",
-                "input": [*({"type": "item_reference", "id": ref} for ref in refs), *own, last]}
+def test_items_referred_to_share_the_body_s_budget_of_values(server: GunicornServer) -> None:
+    """A referenced item's values, and its call's arguments', are the request's as if sent in its body: the
+    arguments of all the references had a budget of their own (65,536 values beside the body's), and a message's
+    parts were not counted at all (only the 8 MiB the items resolved may hold bounded them: about a million values)."""
+    hi, empty = {"type": "input_text", "text": "Hi"}, {"type": "input_text", "text": ""}  # 4 values, no token
+    arguments = '{"a": [' + "1," * 60 + "1]}"  # 62 values: what the call's values are known within
+    # not through openai: its request transform takes a second for 2,000 parts
+    stored = requests.post(f"{server.url}/v1/responses", timeout=120, json={**GREEDY, "input": [
+        {"role": "user", "content": [hi, *[empty] * 2_000]},
+        {"type": "function_call", "call_id": "c0", "name": "f", "arguments": arguments},
+        {"type": "function_call_output", "call_id": "c0", "output": "ok"}, {"role": "user", "content": "Hi"}]}).json()
+    listed = requests.get(f"{server.url}/v1/responses/{stored['id']}/input_items?order=asc", timeout=30).json()["data"]
+    message, call = listed[:2]
+    assert call["arguments"] == arguments and _values(message) > 8_000, listed[:2]
+    # the body's own values are parts too (cheap to parse, no token), leaving `left` of the budget to its references
+    for refs, left, fits in (([message], _values(message) + 30, True), ([message] * 2, _values(message) + 30, False),
+                             ([call], _values(call) + 30, True), ([call], _values(call) - 30, False)):
+        body = {"model": MODEL, "input": [*({"type": "item_reference", "id": ref["id"]} for ref in refs),
+                                          {"role": "user", "content": [hi]}]}
+        body["input"][-1]["content"] += [empty] * ((MAX_SEPARATORS - left - _values(body)) // 4)
         # the count's prompt is create's (one code path): create is asked only what it must refuse
         for route in ("/v1/responses/input_tokens",) if fits else ("/v1/responses/input_tokens", "/v1/responses"):
             answer = requests.post(f"{server.url}{route}", json=body, timeout=120)

@@ -19,6 +19,7 @@ import ops
 from chat_http import assert_completions_greedy, cpu_env
 from engine_util import (
     MIXED_PROMPTS,
+    c_linear_rows,
     collect,
     engine_step,
     generate,
@@ -39,7 +40,6 @@ from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import ROW_FIELDS, StepInputBuffer
 from nanoqwen.runner.runner import ModelRunner
 from nanoqwen.sampler import token_bitmask
-from ops.cpu import linear as cpu_linear
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
@@ -236,13 +236,16 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode, monkeypatch):
+# (mode, native bf16): the C linears' fp32 row limit (c_linear_rows) matters only in cpugraph mode
+@pytest.mark.parametrize(("mode", "native_bf16"), [("torch", True), ("cpugraph", True), ("cpugraph", False),
+                                                   ("triton", True)])
+def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, references, mode, native_bf16,
+                                                   monkeypatch):
     """A verify step is a decode step over its positions (the packed path runs prompts only), replayed from
     its bucket's CPU graph in cpugraph mode."""
     if mode == "triton" and (not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
-    monkeypatch.setattr(cpu_linear, "NATIVE_BF16", True)  # fp32 rows past 8 to torch's GEMM on any CPU, see below
+    limit = c_linear_rows(monkeypatch, native_bf16)
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, max_batch=2, **MODES[mode])
     runner = engine.runner
     packed, buckets, run = packed_drafts(runner, monkeypatch), [], runner.graphs.run
@@ -260,11 +263,14 @@ def test_greedy_matches_transformers_in_every_mode(tiny_checkpoint, prompts, ref
     for result in generate(engine, [prompts[0]] * 2, greedy(tokens)):  # both rows draft: 10 positions
         assert result.choices[0].token_ids == references[0][:tokens]
     verifying = [sum(1 + drafts for drafts in rows) for rows in packed if any(rows)]  # positions of each
-    # a bucket for each size of one row's verify step; fp32 rows past 8 go to torch's GEMM: bucket 10 is not
-    # recorded, and a verify step of 9 or 10 positions takes the packed path instead of padding to it
-    assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == [1, 2, 3, 4, 5, 8]
-    assert any(2 < bucket <= 8 for bucket in buckets) and 10 not in buckets  # verify steps replayed
-    assert verifying and min(verifying) > 8
+    # a bucket for each size of one row's verify step; bucket 10 is recorded only where the C linears take 10 fp32
+    # rows (no native bf16): a verify step of 9 or 10 positions pads to it and replays, else takes the packed path
+    recorded = [bucket for bucket in runner.buckets if bucket <= limit]
+    assert runner.buckets == [1, 2, 3, 4, 5, 8, 10] and sorted(runner.graphs._cpu_graphs) == recorded
+    assert (10 in recorded) == (not native_bf16)
+    assert any(2 < bucket <= 8 for bucket in buckets)  # verify steps replayed
+    assert set(buckets) <= set(recorded) and (10 in buckets) == (10 in recorded)
+    assert bool(verifying) == (10 not in recorded) and all(positions > 8 for positions in verifying)
     assert runner.inputs.max_batch == 10
 
 

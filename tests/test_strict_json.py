@@ -15,7 +15,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_api import ITEMS
 from nanoqwen.api.responses_schemas import ItemToolCall, parse_responses_request
 from nanoqwen.api.schemas import FunctionCall, parse_chat_request
-from nanoqwen.api.strict_json import MAX_SEPARATORS, JSONError
+from nanoqwen.api.strict_json import MAX_SEPARATORS, Budget, JSONError
 
 
 @pytest.mark.parametrize("text, status", [
@@ -117,7 +117,7 @@ def test_a_stored_history_is_not_a_body_and_is_parsed_once(monkeypatch: pytest.M
     loads = strict_json.loads
     monkeypatch.setattr(strict_json, "loads", lambda *args, **kw: calls.append(args) or loads(*args, **kw))
     items = ITEMS.validate_python(_calls(ARGUMENTS_40K, ARGUMENTS_40K))
-    req = parse_responses_request({"input": "Hi"})
+    req = parse_responses_request({"input": "Hi"}, Budget())
     for _ in range(3):
         chat = req.to_chat(items)
         assert len(chat.messages) == 4 and chat.messages[0].tool_calls[0].to_template()["function"]["arguments"]
@@ -128,7 +128,7 @@ def test_a_bad_arguments_message_reads_once() -> None:
     """It nested one error message in another: "arguments must be a JSON object encoded as a string: Invalid value
     for 'a' in the string: ..."."""
     with pytest.raises(APIError) as info:
-        parse_chat_request(_conversation('{"a": "\\ud800"}'))
+        parse_chat_request(_conversation('{"a": "\\ud800"}'), Budget())
     assert str(info.value) == ("Invalid value for 'messages.[1].tool_calls.[0].function.arguments': at 'a', the "
                                "string contains a lone UTF-16 surrogate (not valid Unicode).")
 
@@ -149,6 +149,6 @@ def test_responses_call_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("text, count", [("1", 0), ("[]", 0), ("{}", 0), ('[1, [2, 3], {"a": [4, {"b": ","}]}]', 6),
                                          ('{"a": {"b": {}}, "c": [[], [1]]}', 5), ('{"a": 1, "a": {"b": 2}}', 2)])
 def test_a_body_is_charged_the_separators_of_its_text_outside_strings(text: str, count: int) -> None:
-    """Charged in the parse's walk (validate_body walked the body again to count them: 1-9 ms for 65k values), less
-    any duplicate keys' (json.loads keeps the last)."""
+    """Charged in the parse's walk (validate_body walked the body again to count them: 0.5-21 ms for 64k-65k values,
+    profiles/RESULTS.md's gaps table), less any duplicate keys' (json.loads keeps the last)."""
     assert parse_json(text).budget.left == MAX_SEPARATORS - count

@@ -1,8 +1,9 @@
-"""The request body: read within a deadline, parsed as strict UTF-8 JSON (nanoqwen.api.strict_json)."""
+"""The request body: read within a deadline, decoded, parsed as strict JSON (nanoqwen.api.strict_json)."""
 from __future__ import annotations
 
 import contextlib
 import encodings
+import json
 import socket
 from encodings.aliases import aliases
 from typing import Any, NamedTuple
@@ -24,13 +25,12 @@ READ_CHUNK = 64 << 10
 # Decoded once, on the loop: 8 MiB takes milliseconds (UTF-8, latin-1) to tens of them (cp1252, a charmap).
 CODECS = frozenset({"utf_8", "ascii", "latin_1", "cp1252", "utf_16", "utf_16_le", "utf_16_be", "utf_32", "utf_32_le",
                     "utf_32_be"})
-UTF8_FIRST = frozenset({"ascii", "latin_1", "cp1252"})
-ASCII_COMPATIBLE = UTF8_FIRST | {"utf_8"}  # a JSON text's `,` `:` `"` `\\` are its bytes
+ASCII_COMPATIBLE = frozenset({"utf_8", "ascii", "latin_1", "cp1252"})  # a JSON text's `,` `:` `"` `\\` are its bytes
 
 
 class Body(NamedTuple):
     text: str
-    raw: bytes | None  # the bytes, where the charset is ASCII-compatible
+    raw: bytes | None  # the bytes, where they are in an ASCII-compatible charset
 
 
 class ParsedBody(NamedTuple):
@@ -91,18 +91,21 @@ def _charset(request: Request) -> tuple[str, str | None]:
     return charset, _codec_of(charset)
 
 
-def _decode(data: bytes, charset: str, codec: str | None) -> str:
-    """The body's text; a body labelled with a single-byte charset but valid UTF-8 is UTF-8 (old Java clients
-    label what they send ISO-8859-1; vLLM and Starlette read UTF-8 there too), and so is one labelled with a charset
-    we do not decode (vLLM ignores the label): unless it is not valid UTF-8, then 415 naming the label."""
-    if codec is None or codec in UTF8_FIRST:
+def _decode(data: bytes, charset: str, codec: str | None) -> Body:
+    """The body's text. vLLM ignores the label and reads the bytes as json.loads does: UTF-8, or UTF-16/32 or
+    UTF-8 with a BOM where json.detect_encoding sees one (or the NULs of UTF-16/32 in the first bytes). So do we
+    where the label is unknown or ASCII-compatible (a JSON text in one never starts with a BOM or a NUL). A body
+    labelled with a single-byte charset but valid UTF-8 is UTF-8 (old Java clients label what they send
+    ISO-8859-1; Starlette reads UTF-8 there too). A body still undecodable: 415 naming an unknown label, else 400."""
+    if codec is None or codec in ASCII_COMPATIBLE:
+        detected = json.detect_encoding(data)
         with contextlib.suppress(UnicodeDecodeError):
-            return data.decode("utf-8")
+            return Body(data.decode(detected), data if detected in ("utf-8", "utf-8-sig") else None)
     if codec is None:
         raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type, and the body is not valid "
                        "UTF-8 (send UTF-8).", code="unsupported_media_type")
     try:
-        return data.decode(codec)
+        return Body(data.decode(codec), data if codec in ASCII_COMPATIBLE else None)
     except UnicodeDecodeError:
         raise APIError(400, f"The request body is not valid {charset}.") from None
 
@@ -120,7 +123,7 @@ def read_body(request: Request, timeout_s: float) -> Body:
             data = _read_yielding(request)
         if request.content_length is not None and len(data) < request.content_length:
             raise ValueError("the body ended before its Content-Length")
-        return Body(_decode(data, charset, codec), data if codec is None or codec in ASCII_COMPATIBLE else None)
+        return _decode(data, charset, codec)
     except RequestEntityTooLarge:
         _stop_reading(request.environ)
         raise

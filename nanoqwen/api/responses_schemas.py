@@ -383,7 +383,8 @@ class ResponsePromptFields(Strict):
         body = {"messages": messages, **self.chat_fields()}
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, schema=ItemsChatRequest)
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
+                                  schema=ItemsChatRequest)
 
 
 class ResponseCountRequest(ResponsePromptFields):
@@ -527,7 +528,7 @@ def _check_prompt_fields(req: ResponsePromptFields) -> None:
                             "named function): the answer is the call", param="text.format")
 
 
-def parse_responses_request(body: Any, budget: Budget | None = None) -> ResponseCreateRequest:
+def parse_responses_request(body: Any, budget: Budget | None) -> ResponseCreateRequest:
     req = validate_body(ResponseCreateRequest, body, budget)
     check_stream_options(req)
     _check_prompt_fields(req)
@@ -536,7 +537,7 @@ def parse_responses_request(body: Any, budget: Budget | None = None) -> Response
     return req
 
 
-def parse_count_request(body: Any, budget: Budget | None = None) -> ResponseCountRequest:
+def parse_count_request(body: Any, budget: Budget | None) -> ResponseCountRequest:
     """A count's body is refused where a create's with the same fields would be, so that it counts the prompt
     that create would start."""
     req = validate_body(ResponseCountRequest, body, budget)

@@ -815,7 +815,7 @@ def check_structured(req: SamplingFields) -> None:
                             "request", param=second.field)
 
 
-def parse_completion_request(body: Any, budget: Budget | None = None) -> CompletionRequest:
+def parse_completion_request(body: Any, budget: Budget | None) -> CompletionRequest:
     req = validate_body(CompletionRequest, body, budget)
     check_stream_options(req)
     check_structured(req)
@@ -934,7 +934,7 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
-def validate_body(schema: type[Request], body: Any, budget: Budget | None = None) -> Request:
+def validate_body(schema: type[Request], body: Any, budget: Budget | None) -> Request:
     """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. The JSON in its
     strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
     for one no client sent (each string within the limits alone)."""
@@ -949,7 +949,7 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None = None
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, budget: Budget | None = None,
+def parse_chat_request(body: Any, budget: Budget | None,
                        schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
     req = validate_body(schema, body, budget)
     _check_combinations(req)

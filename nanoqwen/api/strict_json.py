@@ -75,10 +75,10 @@ def too_many_values(text: str | bytes, limit: int = MAX_SEPARATORS) -> bool:
 
 def checked_values(value: Any, what: str) -> int:
     """The `,` and `:` outside strings in `value`'s JSON text (less any duplicate keys'), counted in the walk that
-    refuses what json.loads passes and a request may not hold (one walk: counting in a second one cost 1-9 ms for
-    65k values). Iteratively (a recursive walk would hit the recursion limit json.loads just passed). Floats are
-    checked here, not by a parse_float: that made float-heavy texts ~4x slower to parse, and its error named no
-    field."""
+    refuses what json.loads passes and a request may not hold (one walk: counting in a second one cost 0.5-21 ms
+    for 64k-65k values, the gaps lane's table in profiles/RESULTS.md). Iteratively (a recursive walk would hit the
+    recursion limit json.loads just passed). Floats are checked here, not by a parse_float: that made float-heavy
+    texts ~4x slower to parse, and its error named no field."""
     if isinstance(value, str) and _SURROGATE.search(value):
         raise JSONError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode).")
     if isinstance(value, float) and not math.isfinite(value):
