@@ -2,8 +2,11 @@
 generating at once, the streams whose events outlive them, how one that fails or is cut off ends in the store."""
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections.abc import Iterator
+from functools import partial
 from types import SimpleNamespace
 
 import gevent
@@ -14,7 +17,14 @@ from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
 from nanoqwen.api.responses_api import Draft, ResponseEvents, ResponsesService, input_item_json
-from nanoqwen.api.responses_background import KEPT_FINISHED, MAX_EVENT_BYTES, MAX_RUNNING, Background, Run
+from nanoqwen.api.responses_background import (
+    KEPT_FINISHED,
+    MAX_EVENT_BYTES,
+    MAX_LAG_BYTES,
+    MAX_RUNNING,
+    Background,
+    Run,
+)
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
 from nanoqwen.api.strict_json import Budget
@@ -33,7 +43,8 @@ def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
     assert (run.first, len(run.frames), run.size) == (0, 3, 3 * len(frame))
     run.add("é")  # counted as encoded: 2 bytes
     assert (run.first, len(run.frames), run.size) == (1, 3, 2 * len(frame) + 2)
-    assert list(run.follow(-1, lambda: False, 0.01)) == []  # fell behind what is kept: nothing more
+    (dropped,) = run.follow(-1, lambda: False, 0.01)  # starts before what is kept: told so, and nothing more
+    assert _error(dropped)["sequence_number"] == 0 and "from sequence number 0 to 0" in _error(dropped)["message"]
 
     def later() -> None:
         run.add("live")
@@ -44,6 +55,50 @@ def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
     gevent.spawn_later(0.01, later)
     assert list(run.follow(2, lambda: False, 0.01)) == ["é".encode(), b"live", b"last"]
     assert list(run.follow(5, lambda: False, 0.01)) == []  # ended: returns at once
+
+
+def _error(frame: bytes) -> dict:
+    name, data = frame.decode().split("\n", 1)
+    event = json.loads(data.removeprefix("data: "))
+    assert name == "event: error" and set(event) == {"type", "code", "message", "param", "sequence_number"}
+    assert (event["type"], event["code"], event["param"]) == ("error", "events_dropped", None)
+    return event
+
+
+def _following(run: Run, after: int = -1) -> tuple[list[bytes], gevent.Greenlet]:
+    """A follower of `run` attached (and caught up), reading into the list as the loop lets it."""
+    got: list[bytes] = []
+    follower = gevent.spawn(lambda: got.extend(run.follow(after, lambda: False, 0.01)))
+    gevent.sleep(0)
+    return got, follower
+
+
+def test_a_last_burst_over_the_cap_reaches_a_follower_then_only_the_cap_is_kept() -> None:
+    run = _run()
+    got, follower = _following(run)
+    run.add("delta")
+    gevent.sleep(0.001)
+    half = "x" * (MAX_EVENT_BYTES // 2)
+    for frame in (half, half, half, "y" * (MAX_EVENT_BYTES + 1)):  # `.done` events and the last: no switch between
+        run.add(frame)
+    run.end()
+    follower.join(timeout=5)
+    assert [len(frame) for frame in got] == [5, *[len(half)] * 3, MAX_EVENT_BYTES + 1]
+    assert (run.first, len(run.frames)) == (4, 1)  # its follower gone: back to the cap (one frame alone larger)
+
+
+def test_a_follower_lagging_past_the_hard_limit_gets_an_error_event_and_ends() -> None:
+    run = _run()
+    got, follower = _following(run)
+    quarter = "x" * (MAX_EVENT_BYTES // 4)
+    for _ in range(MAX_LAG_BYTES // len(quarter) + 3):  # no switch: its follower reads none of them
+        run.add(quarter)
+    assert run.size <= MAX_LAG_BYTES and run.first == 3
+    run.end()
+    follower.join(timeout=5)
+    (error,) = got
+    assert _error(error)["sequence_number"] == 0 and "from sequence number 0 to 2" in _error(error)["message"]
+    assert run.size <= MAX_EVENT_BYTES  # no follower left: back to the cap
 
 
 def test_a_follower_gone_stops_following_and_a_poll_not_kept_keeps_nothing() -> None:
@@ -66,6 +121,7 @@ def test_past_max_running_a_429_and_ended_streams_events_bounded() -> None:
     release = gevent.event.Event()
     ended: list[str] = []
     for i in range(MAX_RUNNING):
+        _begin(background.store, f"resp_{i}")
         background.start(_run(f"resp_{i}"), _blocked(release), lambda i=i: ended.append(f"resp_{i}"))
     with pytest.raises(APIError) as exc:
         background.check_room()
@@ -77,6 +133,7 @@ def test_past_max_running_a_429_and_ended_streams_events_bounded() -> None:
     background.check_room()
     assert len(ended) == MAX_RUNNING and background._running == {}
     for i in range(MAX_RUNNING, MAX_RUNNING + KEPT_FINISHED):  # as many more end: the first ones' events go
+        _begin(background.store, f"resp_{i}")
         background.start(_run(f"resp_{i}"), iter(()), lambda: None)
     gevent.sleep(0.05)
     assert len(background._finished) == KEPT_FINISHED and background.events(f"resp_{MAX_RUNNING - 1}") is None
@@ -84,6 +141,42 @@ def test_past_max_running_a_429_and_ended_streams_events_bounded() -> None:
     assert background.events(f"resp_{MAX_RUNNING + 1}") is not None
     background.forget(f"resp_{MAX_RUNNING}")
     assert background.events(f"resp_{MAX_RUNNING}") is None
+
+
+def test_an_ended_run_lets_go_of_what_only_a_running_one_needs() -> None:
+    background = Background(ResponseStore())
+
+    class Held:  # stands for its ResponseEvents: the response, its request, its history
+        item_ids = {"msg_1"}
+
+    held = Held()
+    run = Run("resp_h", partial(setattr, held, "aborted", True), True, partial(getattr, held, "item_ids"))
+    _begin(background.store, run.id)
+    background.start(run, iter(["frame"]), lambda: background.store.end(run.id))
+    assert background.running_holder("msg_1") == run.id
+    gone = weakref.ref(held)
+    del held
+    gevent.sleep(0.01)
+    gc.collect()
+    assert gone() is None and background.running_holder("msg_1") is None
+
+
+def test_a_stream_deleted_while_it_generates_is_not_kept_once_it_ends() -> None:
+    background = Background(ResponseStore())
+    release = gevent.event.Event()
+    for response_id in ("resp_deleted", "resp_kept"):
+        _begin(background.store, response_id)
+        background.start(_run(response_id), _blocked(release), lambda: None)
+    gevent.sleep(0)
+    assert background.store.delete("resp_deleted")  # as ResponsesService.delete does
+    background.forget("resp_deleted")
+    release.set()
+    gevent.sleep(0.01)
+    assert background.events("resp_deleted") is None and list(background._finished) == ["resp_kept"]
+
+
+def _begin(store: ResponseStore, response_id: str) -> None:
+    assert store.begin({"id": response_id, "background": True}, b"[]")
 
 
 def test_cancelling_aborts_and_waits_for_the_end() -> None:
@@ -115,6 +208,36 @@ def test_a_background_response_that_fails_is_kept_failed_and_one_cut_off_is_let_
     cut = _begun(store)  # its greenlet killed before any end (a worker exiting)
     service._ended(cut, ResponseEvents(cut, ToolParsing()))
     assert store.get(cut.id) is None and store._running == {}
+
+
+def test_a_failed_response_the_store_refuses_still_ends_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ResponseStore()
+    service = ResponsesService(SimpleNamespace())
+    service.store = store
+    failing = _begun(store)
+    events = ResponseEvents(failing, ToolParsing())
+    events.failure("internal error during generation")
+
+    def refused(*args: object) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(store, "put", refused)
+    with pytest.raises(MemoryError):
+        service._ended(failing, events)
+    assert store._running == {}
+
+
+def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> None:
+    service = ResponsesService(SimpleNamespace())
+    _begin(service.store, "resp_r")
+    run = _run("resp_r")
+    for frame in ("x" * (MAX_EVENT_BYTES // 2),) * 3:
+        run.add(frame)
+    service.background._running[run.id] = run
+    with pytest.raises(APIError) as exc:
+        service.retrieve(run.id, {"stream": "true"}, {})
+    assert (exc.value.status, exc.value.param) == (400, "starting_after")
+    assert "before sequence number 1 are no longer kept" in exc.value.message
 
 
 def _begun(store: ResponseStore) -> Draft:

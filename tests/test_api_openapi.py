@@ -160,12 +160,15 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
 
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
     query = _query("/v1/responses/{response_id}")
-    assert set(query) == {"stream", "starting_after"} and query["starting_after"]["minimum"] == 0
+    assert set(query) == {"stream", "starting_after", "include_obfuscation"} and query["starting_after"]["minimum"] == 0
     service = ResponsesService(chat=None)
     for stream in query["stream"]["enum"]:  # past the query check: the id is unknown
         assert _status(service.retrieve, "resp_x", {"stream": stream}, {}) == 404
     assert _status(service.retrieve, "resp_x", {"stream": "true", "starting_after": "0"}, {}) == 404
-    for refused in ({"stream": "1"}, {"stream": "true", "starting_after": "-1"}, {"starting_after": "0"}):
+    for obfuscated in query["include_obfuscation"]["enum"]:
+        assert _status(service.retrieve, "resp_x", {"stream": "true", "include_obfuscation": obfuscated}, {}) == 404
+    for refused in ({"stream": "1"}, {"stream": "true", "starting_after": "-1"}, {"starting_after": "0"},
+                    {"include_obfuscation": "false"}, {"stream": "true", "include_obfuscation": "0"}):
         assert _status(service.retrieve, "resp_x", refused, {}) == 400
 
 

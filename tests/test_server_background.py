@@ -1,5 +1,6 @@
 """Background responses (`background: true`) through `gunicorn -k gevent server:app` and the `openai` client: polled,
-cancelled, deleted, and a background stream resumed after its client went away."""
+cancelled, deleted, a background stream resumed after its client went away or followed through a last burst of
+events larger than the cap, and the 429 past MAX_RUNNING."""
 from __future__ import annotations
 
 import time
@@ -11,6 +12,7 @@ import requests
 from openai.types.responses import Response
 
 from chat_http import MODEL, wait_for
+from nanoqwen.api.responses_background import MAX_RUNNING
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -67,7 +69,7 @@ def test_a_background_stream_resumes_after_its_client_left(client: openai.OpenAI
     assert [e.sequence_number for e in first] == list(range(6)) and first[0].response.background is True
     done = _polled(client, response_id)  # generated to its end without a client
     assert done.status == "incomplete" and done.usage.output_tokens == 48
-    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=5))
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=5, include_obfuscation=False))
     assert [e.sequence_number for e in rest] == list(range(6, 6 + len(rest)))
     assert rest[-1].type == "response.incomplete" and rest[-1].response.model_dump() == done.model_dump()
     text = "".join(e.delta for e in [*first, *rest] if e.type == "response.output_text.delta")
@@ -77,6 +79,21 @@ def test_a_background_stream_resumes_after_its_client_left(client: openai.OpenAI
     replay = list(client.responses.retrieve(response_id, stream=True))
     assert [e.sequence_number for e in replay] == list(range(len(replay))) and replay[-1].type == "response.incomplete"
     assert "".join(e.delta for e in replay if e.type == "response.output_text.delta") == done.output_text
+
+
+def test_a_live_follower_gets_a_last_burst_of_events_larger_than_the_cap(client: openai.OpenAI,
+                                                                         chat_server: GunicornServer) -> None:
+    # its `.done` events and `response.incomplete` each repeat the answer with its logprobs: ~1.2 MB together
+    body = {**GREEDY, "max_output_tokens": 176, "input": "Tell me a story.", "top_logprobs": 20,
+            "include": ["message.output_text.logprobs"]}
+    with client.responses.create(background=True, stream=True, **body) as stream:
+        events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.incomplete" and events[-1].response.usage.output_tokens == 176
+    assert len(events[-1].response.output[0].content[0].logprobs) == 176
+    answer = requests.get(f"{chat_server.url}/v1/responses/{events[0].response.id}", params={"stream": "true"},
+                          timeout=30)  # its follower gone, the kept events are back to the cap: the first dropped
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "starting_after", answer.text
 
 
 def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.OpenAI,
@@ -99,13 +116,29 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     assert text == message.content[0].text
 
 
-def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI, chat_server: GunicornServer) -> None:
-    running = client.responses.create(background=True, **LONG)
-    assert requests.delete(f"{chat_server.url}/v1/responses/{running.id}", timeout=30).json()["deleted"] is True
+@pytest.mark.parametrize("stream", [False, True])
+def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI, chat_server: GunicornServer,
+                                                           stream: bool) -> None:
+    response_id = _started(client, 3, **LONG)[0] if stream else client.responses.create(background=True, **LONG).id
+    assert requests.delete(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()["deleted"] is True
     wait_for(lambda: _engine_idle(chat_server))
-    for call in (lambda: client.responses.retrieve(running.id), lambda: client.responses.cancel(running.id)):
+    for call in (lambda: client.responses.retrieve(response_id), lambda: client.responses.cancel(response_id),
+                 lambda: client.responses.retrieve(response_id, stream=True)):
         with pytest.raises(openai.NotFoundError):
             call()
+
+
+def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.OpenAI,
+                                                             chat_server: GunicornServer) -> None:
+    body = {**GREEDY, "max_output_tokens": 900, "input": "Tell me a long story."}  # none ends before the last create
+    running = [client.responses.create(background=True, **body) for _ in range(MAX_RUNNING)]
+    answer = requests.post(f"{chat_server.url}/v1/responses", json={**body, "background": True}, timeout=30)
+    for response in running:  # cancelled, not waited for one by one
+        assert requests.delete(f"{chat_server.url}/v1/responses/{response.id}", timeout=30).json()["deleted"]
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1", answer.text
+    assert answer.json()["error"]["code"] == "rate_limit_exceeded"
+    wait_for(lambda: _engine_idle(chat_server))
+    assert client.responses.create(background=True, **GREEDY, input="Hi").status == "in_progress"
 
 
 def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI,
@@ -132,7 +165,8 @@ def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenA
     ({"starting_after": "3"}, "starting_after"),  # without stream=true
     ({"stream": "true", "starting_after": "x"}, "starting_after"),
     ({"stream": "true", "starting_after": "-1"}, "starting_after"),
-    ({"include_obfuscation": "false"}, "include_obfuscation"),
+    ({"include_obfuscation": "false"}, "include_obfuscation"),  # without stream=true
+    ({"stream": "true", "include_obfuscation": "no"}, "include_obfuscation"),
 ])
 def test_bad_retrievals_are_400s(client: openai.OpenAI, chat_server: GunicornServer, query: dict[str, str],
                                  param: str) -> None:

@@ -31,7 +31,9 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
         "stream": {"type": "string", "enum": ["false", "true"], "default": "false",
                    "description": "true: a background stream's events (background and stream true), kept and live"},
         "starting_after": {"type": "integer", "minimum": 0,
-                           "description": "with stream=true: the events after this sequence number"}},
+                           "description": "with stream=true: the events after this sequence number"},
+        "include_obfuscation": {"type": "string", "enum": ["false", "true"],
+                                "description": "with stream=true: accepted, nothing to pad (OpenAI's obfuscation)"}},
     ("get", "/v1/responses/{response_id}/input_items"): {
         "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20},
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},

@@ -40,7 +40,7 @@ from nanoqwen.api.responses_schemas import (
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, client_disconnected
-from nanoqwen.api.sse import HEADERS, sse
+from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -227,7 +227,7 @@ class ResponseEvents:
         self.body: bytes | None = None  # its encoding, when stored
 
     def frame(self, chunk: Json, split: bool = False) -> str:
-        return f"event: {chunk['type']}\n{sse(chunk, split)}"
+        return named_event(chunk, split)
 
     def repeats(self, chunk: Json) -> bool:
         """An item's `.done` events repeat its text and logprobs."""
@@ -372,6 +372,13 @@ class ResponseEvents:
         return out if status == "cancelled" else [*out, self._event(f"response.{status}", response=self.response)]
 
 
+class PolledEvents(ResponseEvents):
+    """A background response not streamed: its events make its response, and no one reads their frames."""
+
+    def frame(self, chunk: Json, split: bool = False) -> str:
+        return ""
+
+
 def kept_in_progress(store: ResponseStore, response_id: str, respond: Callable[[], Response]) -> Response:
     """The stream of a response begun in the store, found there until it ends: on an error (before it streams,
     its request submitted or not), or when the server closes its stream (at its end, its client gone, even
@@ -443,7 +450,8 @@ class ResponsesService:
                       self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
                       input_bytes)
         tools = ToolParsing(chat_req.shows_tools, req.max_calls, chat_req.forces_tool_call)
-        stream = ResponseEvents(draft, tools) if req.stream or req.background else None
+        kind = ResponseEvents if req.stream else PolledEvents  # a polled background response's: nothing framed
+        stream = kind(draft, tools) if req.stream or req.background else None
 
         def submit() -> Batch:
             try:
@@ -490,9 +498,11 @@ class ResponsesService:
         """A background response's end: a failed one is kept as failed (a finished one was kept as it finished);
         one that never ended (its greenlet killed) is let go."""
         response = events.response
-        if response is not None and response["status"] == "failed":
-            self.store.put(response, draft.inputs, draft.previous, None)
-        self.store.end(draft.id)
+        try:
+            if response is not None and response["status"] == "failed":
+                self.store.put(response, draft.inputs, draft.previous, None)
+        finally:
+            self.store.end(draft.id)
 
     def _following(self, run: Run, after: int, environ: dict[str, Any]) -> Response:
         poll_s = self.chat.serving.config.disconnect_poll_s
@@ -684,13 +694,14 @@ class ResponsesService:
     def retrieve(self, response_id: str, args: dict[str, str], environ: dict[str, Any]) -> Response:
         """A stored response, or one in progress as its `response.created` said it; with `stream=true` a background
         stream's events kept, after `starting_after` (a sequence number), followed until it ends."""
-        _check_query(args, ("stream", "starting_after"))
-        stream = args.get("stream", "false")
-        if stream not in ("true", "false"):
-            raise APIError(400, "Invalid value for 'stream': expected 'true' or 'false'", param="stream")
-        if stream == "false":
-            if "starting_after" in args:
-                raise APIError(400, "'starting_after' needs 'stream=true'", param="starting_after")
+        _check_query(args, ("stream", "starting_after", "include_obfuscation"))
+        for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
+            if args.get(name, "false") not in ("true", "false"):
+                raise APIError(400, f"Invalid value for '{name}': expected 'true' or 'false'", param=name)
+        if args.get("stream", "false") == "false":
+            for name in ("starting_after", "include_obfuscation"):
+                if name in args:
+                    raise APIError(400, f"'{name}' needs 'stream=true'", param=name)
             return Response(self._stored(response_id).body, mimetype="application/json")
         after = args.get("starting_after")
         if after is not None and not (after.isascii() and after.isdigit()):

@@ -5,14 +5,16 @@ A background response is in the store from its first event (the snapshot `in_pro
 finished there as usual: GET polls it. Cancelling aborts its engine request (its KV blocks freed at the engine's
 next step) and waits for its end: the partial output kept, status `cancelled`. A background stream's events are
 kept, framed, so that GET `?stream=true&starting_after=N` replays them after sequence number N and follows them
-live: at most MAX_EVENT_BYTES of them per response (the oldest dropped past it), and once it has ended those of
-the last KEPT_FINISHED streams. MAX_RUNNING bounds the background responses generating at once (a 429 past it).
+live: at most MAX_EVENT_BYTES of them per response (the oldest dropped past it, once every follower has sent them),
+and once it has ended those of the last KEPT_FINISHED streams. MAX_RUNNING bounds the background responses
+generating at once (a 429 past it).
 """
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import gevent
 import gevent.event
@@ -20,12 +22,19 @@ import gevent.event
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_store import ResponseStore
 from nanoqwen.api.serving import RETRY_AFTER_S
+from nanoqwen.api.sse import named_event
 
 MAX_RUNNING = 32
-# A 16-token greedy answer's stream is ~40 events, ~9 KB framed (~200 B a text delta): ~5,000 tokens of plain text
-# fit, far fewer with logprobs. With MAX_RUNNING and KEPT_FINISHED at most 64 MiB, the store's own bound.
+# A 16-token greedy answer's stream is 23 events, 7.5 KB framed; 400 tokens 251 B a token: ~4,000 tokens of plain text
+# fit, ~115 with 20 top logprobs a token (its last events each repeat the answer with them)
 MAX_EVENT_BYTES = 1 << 20
+# Frames a follower has not sent yet are kept past the cap up to this: its client reads slower than the model
+# writes, or a last burst of events (`.done`, `response.completed`: all added at once) is larger than the cap.
+# Past it the oldest go anyway, and the follower behind them ends with an error event.
+MAX_LAG_BYTES = 8 * MAX_EVENT_BYTES
 KEPT_FINISHED = 32
+# So the events of the MAX_RUNNING + KEPT_FINISHED runs weigh at most 64 MiB while no follower lags (a run's last
+# frame alone may be larger: its response, with logprobs), 512 MiB at worst; an ended run holds nothing else.
 CANCEL_WAIT_S = 30.0  # the engine ends an aborted request at its next step: milliseconds, unless it is stuck
 
 
@@ -33,6 +42,17 @@ def too_many(message: str) -> APIError:
     """OpenAI's 429 shape: room for one more background response comes as one ends."""
     return APIError(429, f"{message}: retry once one has finished.", type="requests", code="rate_limit_exceeded",
                     headers={"Retry-After": RETRY_AFTER_S})
+
+
+@dataclass(eq=False)
+class _Cursor:
+    """Where a follower is: the sequence number of the next frame it sends."""
+
+    next: int
+
+
+def _nothing() -> None:
+    pass
 
 
 class Run:
@@ -49,18 +69,27 @@ class Run:
         self.size = 0
         self.ended = gevent.event.Event()
         self._changed = gevent.event.Event()  # replaced at each change: a follower waits on the one it saw
+        self._cursors: set[_Cursor] = set()  # of its followers
 
     def add(self, frame: str) -> None:
         if self.keeps_events:
             data = frame.encode()
             self.frames.append(data)
             self.size += len(data)
-            while self.size > MAX_EVENT_BYTES and len(self.frames) > 1:
-                self.size -= len(self.frames.popleft())
-                self.first += 1
+            self._trim()
         self._changed_now()
 
+    def _trim(self) -> None:
+        """Past the cap the oldest frames every follower has sent go; past MAX_LAG_BYTES the oldest, sent or not."""
+        behind = min((cursor.next for cursor in self._cursors), default=self.first + len(self.frames))
+        while len(self.frames) > 1 and self.size > MAX_EVENT_BYTES and (
+                self.first < behind or self.size > MAX_LAG_BYTES):
+            self.size -= len(self.frames.popleft())
+            self.first += 1
+
     def end(self) -> None:
+        # what only a response generating is asked for goes: it holds its whole ResponseEvents (response, request)
+        self.abort, self.item_ids = _nothing, set
         self.ended.set()
         self._changed_now()
 
@@ -69,17 +98,32 @@ class Run:
         changed.set()
 
     def follow(self, after: int, gone: Callable[[], bool], poll_s: float) -> Iterator[bytes]:
-        """The frames after sequence number `after`, as they come, until the response ends, its follower is
-        `gone`, or the follower falls behind what is kept (a client reading slower than the model writes)."""
-        sent = after + 1
-        while sent >= self.first:
-            changed = self._changed
-            frames = list(itertools.islice(self.frames, sent - self.first, None))
-            if frames:
-                sent += len(frames)
-                yield from frames
-            elif self.ended.is_set() or (not changed.wait(poll_s) and gone()):
-                return
+        """The frames after sequence number `after`, as they come, until the response ends or its follower is
+        `gone`; one that falls behind what is kept (a client reading slower than the model writes, past
+        MAX_LAG_BYTES) gets an error event saying so, and ends."""
+        cursor = _Cursor(after + 1)
+        self._cursors.add(cursor)
+        try:
+            while cursor.next >= self.first:
+                changed = self._changed
+                frames = list(itertools.islice(self.frames, cursor.next - self.first, None))
+                if frames:
+                    cursor.next += len(frames)
+                    yield from frames
+                elif self.ended.is_set() or (not changed.wait(poll_s) and gone()):
+                    return
+            yield self._dropped(cursor.next).encode()
+        finally:
+            self._cursors.discard(cursor)
+            self._trim()
+
+    def _dropped(self, sequence_number: int) -> str:
+        """OpenAI's error event (ResponseErrorEvent), numbered as the next event the follower would have sent."""
+        message = (f"The events of response '{self.id}' from sequence number {sequence_number} to {self.first - 1} "
+                   f"were dropped before this stream sent them (more than {MAX_LAG_BYTES} bytes behind). GET the "
+                   "response for its output.")
+        return named_event({"type": "error", "code": "events_dropped", "message": message, "param": None,
+                            "sequence_number": sequence_number})
 
 
 class Background:
@@ -109,7 +153,7 @@ class Background:
                 end()
             finally:
                 del self._running[run.id]
-                if run.keeps_events:
+                if run.keeps_events and self.store.get(run.id) is not None:  # not deleted meanwhile
                     self._finished[run.id] = run
                     while len(self._finished) > KEPT_FINISHED:
                         self._finished.popitem(last=False)
@@ -129,7 +173,7 @@ class Background:
                 run.ended.wait(CANCEL_WAIT_S)
 
     def forget(self, response_id: str) -> None:
-        """A deleted response's events kept no more."""
+        """A deleted response's events kept no more (one generating is not kept once it ends: not in the store)."""
         self._finished.pop(response_id, None)
 
     def running_holder(self, item_id: str) -> str | None:

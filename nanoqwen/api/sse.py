@@ -17,6 +17,11 @@ def sse(obj: Any, split: bool = False) -> str:
     return f"data: {data}\n\n"
 
 
+def named_event(chunk: dict[str, Any], split: bool = False) -> str:
+    """A chunk framed with its `type` as the SSE event name (the Responses API's events)."""
+    return f"event: {chunk['type']}\n{sse(chunk, split)}"
+
+
 class DoneFraming:
     """Chat and legacy completions' streams: `data:` chunks, a failure as an error object, `data: [DONE]` last."""
 
