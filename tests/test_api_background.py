@@ -3,6 +3,7 @@ generating at once, the streams whose events outlive them, how one that fails or
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import weakref
 from collections.abc import Iterator
@@ -39,17 +40,17 @@ def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
     run = _run()
     frame = "x" * (MAX_EVENT_BYTES // 3)
     for _ in range(3):
-        run.add(frame)
+        run.add_all([frame])
     assert (run.first, len(run.frames), run.size) == (0, 3, 3 * len(frame))
-    run.add("é")  # counted as encoded: 2 bytes
+    run.add_all(["é"])  # counted as encoded: 2 bytes
     assert (run.first, len(run.frames), run.size) == (1, 3, 2 * len(frame) + 2)
     (dropped,) = run.follow(-1, lambda: False, 0.01)  # starts before what is kept: told so, and nothing more
     assert _error(dropped)["sequence_number"] == 0 and "from sequence number 0 to 0" in _error(dropped)["message"]
 
     def later() -> None:
-        run.add("live")
+        run.add_all(["live"])
         gevent.sleep(0.02)
-        run.add("last")
+        run.add_all(["last"])
         run.end()
 
     gevent.spawn_later(0.01, later)
@@ -73,18 +74,90 @@ def _following(run: Run, after: int = -1) -> tuple[list[bytes], gevent.Greenlet]
     return got, follower
 
 
-def test_a_last_burst_over_the_cap_reaches_a_follower_then_only_the_cap_is_kept() -> None:
+def test_a_last_burst_over_the_lag_limit_reaches_a_follower_that_keeps_up() -> None:
+    background = Background(ResponseStore())
+    _begin(background.store, "resp_1")
     run = _run()
     got, follower = _following(run)
-    run.add("delta")
-    gevent.sleep(0.001)
-    half = "x" * (MAX_EVENT_BYTES // 2)
-    for frame in (half, half, half, "y" * (MAX_EVENT_BYTES + 1)):  # `.done` events and the last: no switch between
-        run.add(frame)
-    run.end()
+    burst = ["x" * (3 * MAX_EVENT_BYTES)] * 3 + ["y" * (MAX_EVENT_BYTES + 1)]  # `.done` events and the last
+    background.start(run, _engine_paced([["delta"], burst]), lambda: None)
     follower.join(timeout=5)
-    assert [len(frame) for frame in got] == [5, *[len(half)] * 3, MAX_EVENT_BYTES + 1]
-    assert (run.first, len(run.frames)) == (4, 1)  # its follower gone: back to the cap (one frame alone larger)
+    assert sum(map(len, burst)) > MAX_LAG_BYTES and [len(frame) for frame in got] == [5, *map(len, burst)]
+    assert (run.first, len(run.frames), run._cursors) == (4, 1, set())  # its follower gone: back to the cap
+
+
+def _engine_paced(events: list[list[str]]) -> Iterator[list[str]]:
+    """Each event's frames as Serving.detached gives them: the loop runs while the engine computes the next."""
+    for frames in events:
+        yield frames
+        gevent.sleep(0.001)
+
+
+def test_a_follower_is_sent_one_frame_at_a_time_from_the_newest_end() -> None:
+    run = _run()
+    quarter = "x" * (MAX_EVENT_BYTES // 4)
+    for frame in ("a", quarter, quarter, quarter):
+        run.add_all([frame])
+    stalled = run.follow(-1, lambda: False, 0.01)
+    assert next(stalled) == b"a"  # its client then reads no more: what it was not sent stays unsent
+    run.add_all([quarter * 2])
+    assert (run.first, [cursor.next for cursor in run._cursors]) == (1, [1])
+    assert list(itertools.islice(stalled, 3)) == [quarter.encode()] * 3
+    stalled.close()
+
+
+def test_two_followers_at_different_places_each_get_the_rest_and_hold_back_only_the_unsent() -> None:
+    run = _run()
+    quarter = "x" * (MAX_EVENT_BYTES // 4)
+    for _ in range(4):
+        run.add_all([quarter])
+    ahead, behind = run.follow(-1, lambda: False, 0.01), run.follow(1, lambda: False, 0.01)
+    assert [len(next(ahead)) for _ in range(4)] == [len(quarter)] * 4 and len(next(behind)) == len(quarter)
+    run.add_all([quarter] * 4)  # past the cap: the frames both were sent go, not those `behind` was not
+    assert (run.first, len(run.frames)) == (3, 5)
+    run.end()
+    assert list(ahead) == [quarter.encode()] * 4 and list(behind) == [quarter.encode()] * 5
+    assert (run.first, run._cursors, run.size) == (4, set(), MAX_EVENT_BYTES)
+
+
+def test_a_follower_killed_while_waiting_or_closed_lets_go_of_its_frames() -> None:
+    run = _run()
+    half = "x" * (MAX_EVENT_BYTES // 2)
+    for _ in range(2):
+        run.add_all([half])
+    closed = run.follow(-1, lambda: False, 0.01)
+    next(closed)
+    got, waiting = _following(run)
+    run.add_all([half, half])  # `closed` was not sent these: kept past the cap
+    gevent.sleep(0.001)
+    assert (run.first, len(run.frames), len(got)) == (1, 3, 4)
+    waiting.kill()  # while it waits for more, as a worker kills a connection's greenlet
+    assert len(run._cursors) == 1 and run.first == 1
+    closed.close()  # as the server closes a response its client left
+    assert (run._cursors, run.size, run.first) == (set(), MAX_EVENT_BYTES, 2)
+
+
+def test_a_run_let_go_goes_back_to_the_cap_and_a_stalled_follower_gets_the_error_event() -> None:
+    background = Background(ResponseStore())
+    half = "x" * (MAX_EVENT_BYTES // 2)
+    runs, stalled = [], []
+    for i in range(KEPT_FINISHED + 2):
+        _begin(background.store, f"resp_{i}")
+        run = _run(f"resp_{i}")
+        follower = run.follow(-1, lambda: False, 0.01)
+        run.add_all(["first"])
+        next(follower)  # a client that took one event, then stopped reading
+        background.start(run, iter([[half]] * 8), lambda: None)
+        runs.append(run)
+        stalled.append(follower)
+    gevent.sleep(0.05)
+    background.forget(runs[-1].id)  # deleted
+    assert [run.id for run in runs if run.id not in background._finished] == ["resp_0", "resp_1", runs[-1].id]
+    assert [run.size for run in runs] == [MAX_EVENT_BYTES] * 2 + [8 * len(half)] * (KEPT_FINISHED - 1) + [
+        MAX_EVENT_BYTES]
+    (dropped,) = stalled[0]
+    assert _error(dropped)["sequence_number"] == 1 and "from sequence number 1 to 6" in _error(dropped)["message"]
+    assert len(list(stalled[2])) == 8  # one still kept: its follower sent the rest
 
 
 def test_a_follower_lagging_past_the_hard_limit_gets_an_error_event_and_ends() -> None:
@@ -92,7 +165,7 @@ def test_a_follower_lagging_past_the_hard_limit_gets_an_error_event_and_ends() -
     got, follower = _following(run)
     quarter = "x" * (MAX_EVENT_BYTES // 4)
     for _ in range(MAX_LAG_BYTES // len(quarter) + 3):  # no switch: its follower reads none of them
-        run.add(quarter)
+        run.add_all([quarter])
     assert run.size <= MAX_LAG_BYTES and run.first == 3
     run.end()
     follower.join(timeout=5)
@@ -103,16 +176,16 @@ def test_a_follower_lagging_past_the_hard_limit_gets_an_error_event_and_ends() -
 
 def test_a_follower_gone_stops_following_and_a_poll_not_kept_keeps_nothing() -> None:
     run = _run()
-    run.add("a")
+    run.add_all(["a"])
     gone = iter([False, True])
     assert list(run.follow(-1, lambda: next(gone), 0.01)) == [b"a"]  # then two polls with nothing new
     unkept = _run(keeps_events=False)
-    unkept.add("a")
+    unkept.add_all(["a"])
     assert (len(unkept.frames), unkept.size) == (0, 0)
 
 
-def _blocked(release: gevent.event.Event) -> Iterator[str]:
-    yield "frame"
+def _blocked(release: gevent.event.Event) -> Iterator[list[str]]:
+    yield ["frame"]
     release.wait()
 
 
@@ -152,7 +225,7 @@ def test_an_ended_run_lets_go_of_what_only_a_running_one_needs() -> None:
     held = Held()
     run = Run("resp_h", partial(setattr, held, "aborted", True), True, partial(getattr, held, "item_ids"))
     _begin(background.store, run.id)
-    background.start(run, iter(["frame"]), lambda: background.store.end(run.id))
+    background.start(run, iter([["frame"]]), lambda: background.store.end(run.id))
     assert background.running_holder("msg_1") == run.id
     gone = weakref.ref(held)
     del held
@@ -232,7 +305,7 @@ def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> Non
     _begin(service.store, "resp_r")
     run = _run("resp_r")
     for frame in ("x" * (MAX_EVENT_BYTES // 2),) * 3:
-        run.add(frame)
+        run.add_all([frame])
     service.background._running[run.id] = run
     with pytest.raises(APIError) as exc:
         service.retrieve(run.id, {"stream": "true"}, {})

@@ -11,7 +11,6 @@ generating at once (a 429 past it).
 """
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,13 +27,15 @@ MAX_RUNNING = 32
 # A 16-token greedy answer's stream is 23 events, 7.5 KB framed; 400 tokens 251 B a token: ~4,000 tokens of plain text
 # fit, ~115 with 20 top logprobs a token (its last events each repeat the answer with them)
 MAX_EVENT_BYTES = 1 << 20
-# Frames a follower has not sent yet are kept past the cap up to this: its client reads slower than the model
-# writes, or a last burst of events (`.done`, `response.completed`: all added at once) is larger than the cap.
-# Past it the oldest go anyway, and the follower behind them ends with an error event.
+# Frames a follower has not sent yet are kept past the cap up to this: its client reads slower than the model writes.
+# Past it the oldest go anyway, and the follower behind them ends with an error event; an event's frames are added
+# together and never dropped for it (the last `.done` events and `response.completed` may weigh more).
 MAX_LAG_BYTES = 8 * MAX_EVENT_BYTES
 KEPT_FINISHED = 32
 # So the events of the MAX_RUNNING + KEPT_FINISHED runs weigh at most 64 MiB while no follower lags (a run's last
-# frame alone may be larger: its response, with logprobs), 512 MiB at worst; an ended run holds nothing else.
+# frame alone may be larger: its response, with logprobs), 512 MiB at worst (or a run's last event's frames, when
+# larger). A run let go (no longer kept, or deleted) keeps at most the cap while a client still follows it, and each
+# follower holds one frame besides; an ended run holds nothing else.
 CANCEL_WAIT_S = 30.0  # the engine ends an aborted request at its next step: milliseconds, unless it is stuck
 
 
@@ -66,26 +67,41 @@ class Run:
         self.item_ids = item_ids  # its output items' so far
         self.frames: deque[bytes] = deque()
         self.first = 0  # the sequence number of frames[0]
+        self._batch = 0  # that of the last event's first frame
         self.size = 0
         self.ended = gevent.event.Event()
         self._changed = gevent.event.Event()  # replaced at each change: a follower waits on the one it saw
         self._cursors: set[_Cursor] = set()  # of its followers
 
-    def add(self, frame: str) -> None:
+    def add_all(self, frames: list[str]) -> None:
+        """An event's frames: followers are woken once they are all in (the loop does not run between them)."""
         if self.keeps_events:
-            data = frame.encode()
-            self.frames.append(data)
-            self.size += len(data)
+            self._batch = self.first + len(self.frames)
+            for frame in frames:
+                data = frame.encode()
+                self.frames.append(data)
+                self.size += len(data)
             self._trim()
         self._changed_now()
 
     def _trim(self) -> None:
-        """Past the cap the oldest frames every follower has sent go; past MAX_LAG_BYTES the oldest, sent or not."""
+        """Past the cap the oldest frames every follower has sent go; past MAX_LAG_BYTES the oldest before the last
+        event's, sent or not."""
+        if self.size <= MAX_EVENT_BYTES:
+            return
         behind = min((cursor.next for cursor in self._cursors), default=self.first + len(self.frames))
         while len(self.frames) > 1 and self.size > MAX_EVENT_BYTES and (
-                self.first < behind or self.size > MAX_LAG_BYTES):
-            self.size -= len(self.frames.popleft())
-            self.first += 1
+                self.first < behind or (self.size > MAX_LAG_BYTES and self.first < self._batch)):
+            self._drop_first()
+
+    def release(self) -> None:
+        """No longer kept: back to the cap, the frames a follower has not sent yet too (it gets the error event)."""
+        while len(self.frames) > 1 and self.size > MAX_EVENT_BYTES:
+            self._drop_first()
+
+    def _drop_first(self) -> None:
+        self.size -= len(self.frames.popleft())
+        self.first += 1
 
     def end(self) -> None:
         # what only a response generating is asked for goes: it holds its whole ResponseEvents (response, request)
@@ -106,10 +122,11 @@ class Run:
         try:
             while cursor.next >= self.first:
                 changed = self._changed
-                frames = list(itertools.islice(self.frames, cursor.next - self.first, None))
-                if frames:
-                    cursor.next += len(frames)
-                    yield from frames
+                unsent = self.first + len(self.frames) - cursor.next
+                if unsent:  # one at a time, counted from the newest: a client not reading holds one frame
+                    frame = self.frames[-unsent]
+                    cursor.next += 1
+                    yield frame
                 elif self.ended.is_set() or (not changed.wait(poll_s) and gone()):
                     return
             yield self._dropped(cursor.next).encode()
@@ -139,15 +156,15 @@ class Background:
         if len(self._running) >= MAX_RUNNING:
             raise too_many(f"{MAX_RUNNING} background responses are already being generated")
 
-    def start(self, run: Run, frames: Iterator[str], end: Callable[[], None]) -> None:
-        """Generates `run` from `frames` in a greenlet; `end` runs once they stop, however."""
+    def start(self, run: Run, events: Iterator[list[str]], end: Callable[[], None]) -> None:
+        """Generates `run` from `events` (each event's frames) in a greenlet; `end` runs once they stop, however."""
         self._running[run.id] = run
-        gevent.spawn(self._produce, run, frames, end)
+        gevent.spawn(self._produce, run, events, end)
 
-    def _produce(self, run: Run, frames: Iterator[str], end: Callable[[], None]) -> None:
+    def _produce(self, run: Run, events: Iterator[list[str]], end: Callable[[], None]) -> None:
         try:
-            for frame in frames:
-                run.add(frame)
+            for frames in events:
+                run.add_all(frames)
         finally:
             try:
                 end()
@@ -156,7 +173,9 @@ class Background:
                 if run.keeps_events and self.store.get(run.id) is not None:  # not deleted meanwhile
                     self._finished[run.id] = run
                     while len(self._finished) > KEPT_FINISHED:
-                        self._finished.popitem(last=False)
+                        self._finished.popitem(last=False)[1].release()
+                else:
+                    run.release()
                 run.end()
 
     def events(self, response_id: str) -> Run | None:
@@ -174,7 +193,9 @@ class Background:
 
     def forget(self, response_id: str) -> None:
         """A deleted response's events kept no more (one generating is not kept once it ends: not in the store)."""
-        self._finished.pop(response_id, None)
+        run = self._finished.pop(response_id, None)
+        if run is not None:
+            run.release()
 
     def running_holder(self, item_id: str) -> str | None:
         """The id of a background response generating whose output so far holds the item with this id."""

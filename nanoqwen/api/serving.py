@@ -11,6 +11,7 @@ import logging
 import select
 import socket
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from typing import Any, Protocol
 
 from flask import Response
@@ -216,9 +217,10 @@ class Serving:
         answer = self._collect(batch, collector, trace, environ)
         return Response(status=CLIENT_CLOSED) if answer is None else answer
 
-    def detached(self, batch: Batch, stream: Streamer, trace: RequestTrace) -> Iterator[str]:
-        """The frames of `stream` for a generation no client holds (a background response): no disconnect ends it."""
-        return self._stream(batch, stream, trace, {})
+    def detached(self, batch: Batch, stream: Streamer, trace: RequestTrace) -> Iterator[list[str]]:
+        """The frames of `stream` for a generation no client holds (a background response), an event's together:
+        no disconnect ends it."""
+        return self._batches(batch, stream, trace, {})
 
     def abort(self, batch: Batch) -> None:
         for request_id in batch.request_ids:
@@ -276,11 +278,18 @@ class Serving:
         return self.encoding.run(lambda: [chunks.frame(chunk, True) for chunk in built])
 
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
+        with closing(self._batches(batch, chunks, trace, environ)) as batches:
+            for out in batches:
+                yield from out
+
+    def _batches(self, batch: Batch, chunks: Streamer, trace: RequestTrace,
+                 environ: dict[str, Any]) -> Iterator[list[str]]:
+        """The stream's frames, each event's in one list (its last event's may be megabytes: a background
+        stream keeps them whole for a follower that keeps up)."""
         finished = False
         weight = 0
         try:
-            for chunk in chunks.opening():
-                yield chunks.frame(chunk)
+            yield [chunks.frame(chunk) for chunk in chunks.opening()]
             for event in self._events(batch, environ):
                 trace.on_event(event)
                 if chunks.repeats_answer:  # only a stream whose last events repeat the answer weighs it
@@ -299,16 +308,15 @@ class Serving:
                         self.stats.fail(trace)
                     else:
                         self.stats.finish(trace, event.usage)
-                yield from out
+                yield out
             if chunks.ending:
-                yield chunks.ending
+                yield [chunks.ending]
         except ClientGone:
             return
         except Exception:
             log.exception("stream of %s failed", batch.request_ids)
-            yield from (chunks.frame(chunk) for chunk in chunks.failure("internal server error"))
-            if chunks.ending:
-                yield chunks.ending
+            failure = [chunks.frame(chunk) for chunk in chunks.failure("internal server error")]
+            yield [*failure, chunks.ending] if chunks.ending else failure
         finally:
             if not finished:
                 self.abort(batch)
