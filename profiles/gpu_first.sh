@@ -161,7 +161,7 @@ write_summary() {  # $1: the line for the step in progress, if any
     {
         echo "gpu_first.sh deadline ${DEADLINE_S}s, elapsed $((SECONDS - START))s, time scale ${PERCENT}%"
         printf '%-10s %-20s %6s %6s\n' step status secs limit
-        printf '%s\n' "${LINES[@]}"
+        if [ ${#LINES[@]} -gt 0 ]; then printf '%s\n' "${LINES[@]}"; fi  # printf of no lines writes an empty one
         if [ $# -gt 0 ]; then echo "$1"; fi
         too_big | sed "s|^|left out of the archive (over ${BIG_MIB} MiB): |"
     } >"$OUTDIR/.summary.txt" && mv -f "$OUTDIR/.summary.txt" "$OUTDIR/summary.txt"

@@ -112,13 +112,13 @@ class Engine:
             self.runner = ModelRunner(loaded.model, runtime)
         if before_ready is not None:
             before_ready()
-        self.ready = True
         info = runtime.info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s graph=%s kv_cache_tokens=%d threads=%d "
                  "max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs", runtime.model_path,
                  info["device"], info["dtype"], runtime.quant, runtime.kernels, runtime.graph, runtime.kv_cache_tokens,
                  runtime.threads, cfg.max_step_tokens, cfg.prefill_stall, info["speculative"],
                  time.perf_counter() - started)
+        self.ready = True  # after the `ready:` line: whoever sees /health answer 200 finds it in the log
 
     def info(self) -> dict:
         return self.runtime.info() if self.ready else {}
