@@ -108,6 +108,17 @@ def test_avx2_fp32_fewer_pieces_break_the_bound(m, n, k, g):
     assert (err <= bound).all(), (err / bound).max()
 
 
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_a_long_group_of_the_largest_products_does_not_overflow(loops):
+    """One group of 36864 columns, every nibble 15 against pieces at their largest: 576 blocks of 3.9e6 an int32 lane,
+    past 2^31, which the AVX2 path sums in spans of 512 blocks (the VNNI path per block)."""
+    k = 36864
+    x = torch.ones(2, k)
+    w = torch.full((3, k // 2), 255, dtype=torch.uint8)
+    out, _ = linear(loops, x, w, torch.ones(3, 1), torch.zeros(3, 1))
+    torch.testing.assert_close(out, torch.full((2, 3), 15.0 * k), rtol=1e-6, atol=0)
+
+
 @needs_vnni
 @pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (16, 35, 1024, 64), (8, 37, 4160, 64)])
 @pytest.mark.parametrize("dtype,fewer", [(torch.float32, 2), (torch.bfloat16, 1)])

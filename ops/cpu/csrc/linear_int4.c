@@ -472,8 +472,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Piece rows one pass over a weight row serves: their int32 and fp32 sums stay in the 16 ymm registers (8 spilled:
    one thread, 512 x 1024 hot in L2, 8 bf16 rows 142-148 µs a call against 132 in two passes of 4) */
 #define MADD_MAX_PIECES 4
-/* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks
-   2^31 at most; a group of more is summed in spans of these. */
+/* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
+   below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
 #define MADD_SPAN_BLOCKS 512
 
 struct linear_int4_madd_args {
