@@ -13,7 +13,9 @@ fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measu
 --baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
 working tree's kernels pass by pass, so both see the same machine load. --pages huge 4k: the
 weights in huge pages and in 4 KB pages, timed interleaved. --torch: torch's own GEMM
-(F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it.
+(F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it, and
+the int4 torch reference (ops/torch_ref/linear_int4.py: what a revision whose int4 kernel needs AVX-512 VNNI ran on a
+CPU without it, where that revision's kernel, as a --baseline, would stop on an illegal instruction).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
 from nanoqwen.quant import GROUP_SIZE as INT4_GROUP  # noqa: E402
 from ops.cpu import build  # noqa: E402
 from ops.cpu.linear_int4 import PIECES  # noqa: E402
+from ops.torch_ref.linear_int4 import linear_int4_torch  # noqa: E402
 
 LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
 INT4_PIECES = PIECES[torch.bfloat16]  # a revision before the pieces ignores this trailing argument
@@ -137,7 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--baseline", default=None, help="a git revision whose kernels to time as well")
-    parser.add_argument("--torch", action="store_true", help="time torch's F.linear on bf16 weights as well")
+    parser.add_argument("--torch", action="store_true",
+                        help="time torch's F.linear on bf16 weights and the int4 torch reference as well")
     parser.add_argument("--pages", nargs="+", default=["huge"], choices=["huge", "4k"],
                         help="the weights' pages; two: both timed, interleaved")
     args = parser.parse_args()
@@ -145,7 +149,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     versions = versions_of(args.baseline, "bench_cpu_linear_", callers)
     if args.torch:
-        versions["torch F.linear"] = {"none": F.linear}
+        versions["torch"] = {"none": F.linear, "int4": linear_int4_torch}
     bandwidth = common.read_bandwidth(torch.device("cpu"))
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}; threads {torch.get_num_threads()}")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")

@@ -20,10 +20,6 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 
 DTYPES = [torch.float32, torch.bfloat16]
 
-needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supported(),
-                                reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int4 decode kernel's requirement)")
-
-
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
     for kernel in (dequant.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL):
         assert kernel.build(), kernel.error
@@ -108,7 +104,7 @@ def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
     return int4_operands(m, 40, 128, 64, torch.bfloat16)
 
 
-@pytest.mark.parametrize("quant", ["int8", pytest.param("int4", marks=needs_vnni)])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's mixed steps
     reach by their row count alone)."""
@@ -121,10 +117,10 @@ def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
 
 
-def test_int4_without_vnni_takes_the_blocked_gemm_for_prefill(monkeypatch):
-    """The kernel set of a CPU without AVX-512 VNNI: int4 linears of MIN_ROWS rows take the blocked GEMM (AVX2
-    only), fewer rows the torch reference."""
-    monkeypatch.setattr(cpu_int4, "supported", lambda: False)
+def test_int4_without_its_kernel_takes_the_blocked_gemm_for_prefill(monkeypatch):
+    """The kernel set where linear_int4.c did not build: int4 linears of MIN_ROWS rows take the blocked GEMM, fewer
+    rows the torch reference."""
+    monkeypatch.setattr(cpu_int4.KERNEL, "ready", False)
     kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
     calls = []
     record_rows(monkeypatch, calls, (dequant, "linear_int4"), (cpu_int4, "linear_int4_cpu"),

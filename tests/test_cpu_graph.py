@@ -16,7 +16,6 @@ from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer
 from ops.cpu import build as cpu_build
 from ops.cpu import graph as cpu_graph
-from ops.cpu import linear_int4 as cpu_int4
 from quant_reference import load_quantised_hf_model
 
 needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -28,13 +27,11 @@ def references(hf):
     return [hf_greedy(hf, p, 9) for p in PROMPTS + [list(range(2000, 2011))]]
 
 
-def cpugraph_engine(checkpoint, replays: bool = True, **overrides):
-    """replays: every bucket's step is C calls alone, recorded (else none is: each step runs eagerly)."""
+def cpugraph_engine(checkpoint, **overrides):
     engine = load_engine(checkpoint, graph="cpugraph", max_batch=4, **overrides)
     assert engine.info()["graph"] == "cpugraph"
-    recorded = engine.runner.buckets if replays else []
-    assert sorted(engine.runner.graphs._cpu_graphs) == recorded
-    assert sorted(engine.runner.graphs._cpu_greedy) == recorded  # greedy steps with their argmax
+    assert sorted(engine.runner.graphs._cpu_graphs) == engine.runner.buckets  # every bucket replays
+    assert sorted(engine.runner.graphs._cpu_greedy) == engine.runner.buckets  # greedy steps with their argmax
     return engine
 
 
@@ -127,10 +124,8 @@ def test_sequences_that_finish_and_join_keep_the_recorded_buffers(tiny_checkpoin
 def test_replay_gives_the_eager_tokens_and_logprobs(tiny_checkpoint, quant, dtype):
     """The replay calls the eager step's kernels with the same arguments: its logits are the eager ones."""
     params = greedy(6, logprobs=True, top_logprobs=3)
-    # int4's C kernel needs AVX-512 (VNNI): on an AVX2 CPU the torch reference runs, which no recording holds
-    replays = quant != "int4" or cpu_int4.supported()
     outputs = []
-    for engine in (cpugraph_engine(tiny_checkpoint, replays, quant=quant, dtype=dtype),
+    for engine in (cpugraph_engine(tiny_checkpoint, quant=quant, dtype=dtype),
                    load_engine(tiny_checkpoint, graph="none", max_batch=4, quant=quant, dtype=dtype)):
         outputs.append([(r.choices[0].token_ids, r.choices[0].logprobs) for r in generate(engine, PROMPTS, params)])
     assert outputs[0] == outputs[1]

@@ -1,6 +1,9 @@
 """The compiled CPU int4 weight-only matmul against the torch reference, and its dispatch."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,14 +21,15 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
         assert kernel.build(), kernel.error
 
 
-needs_vnni = pytest.mark.skipif(not cpu_int4.KERNEL.build() or not cpu_int4.supported(),
-                                reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the kernel's requirement)")
+# With AVX-512 F/BW/VL/VNNI the kernel takes int8 pieces, else (AVX2) int16 ones, (pieces + 1) // 2 of them
+VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(Path("/proc/cpuinfo").read_text().split())
+needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int8 pieces' loops)")
 
-# (rows, output channels, input columns, group size): 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
+# (rows, output channels, input columns, group size). VNNI: 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
 # bf16 or 4 fp32 rows at a time, spans of 16 blocks, the last one partial below 1024 columns; where a pass's pieces
 # outgrow L1, 16 weight rows span by span, the last 16 partial: (6, 37, 2112, 64)); 3-16 bf16 rows and 3-10 fp32
 # rows take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two tiles), its last N % 16 rows the
-# loop; more rows take it in passes of that many
+# loop; more rows take it in passes of that many. AVX2: vpmaddwd, 8 bf16 or 4 fp32 rows a pass over a weight row
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
           (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
           (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64)]
@@ -38,28 +42,81 @@ def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.
     return x, w, (torch.rand(n, k // g) / 50).to(dtype), (torch.randn(n, k // g) / 10).to(dtype)
 
 
-def error_and_bound(x, w, scale, offset, out: torch.Tensor, pieces: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """|out - x @ W.T| (in fp64) and its bound with `pieces` pieces: each row of x is its pieces plus a remainder
-    of at most max|x[m]| / 254^P an element, so y is off by that times sum_k |W[n, k]|; then fp32 rounding,
-    and the output's own rounding to bf16."""
+def piece_error(kind: str, pieces: int) -> float:
+    """How far a row's pieces may be from it, per element, over its largest element: `pieces` int8 ones, or the
+    int16 ones the AVX2 path takes for them (one holds what two int8 ones do)."""
+    return 254.0**-pieces if kind == "int8" else 65534.0 ** -((pieces + 1) // 2)
+
+
+def error_and_bound(x, w, scale, offset, out: torch.Tensor, pieces: int,
+                    kind: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """|out - x @ W.T| (in fp64) and its bound with `pieces` pieces of `kind`: each row of x is its pieces plus a
+    remainder of at most max|x[m]| * piece_error an element, so y is off by that times sum_k |W[n, k]|; then fp32
+    rounding, and the output's own rounding to bf16."""
     weights, rows = dequantize_int4(w, scale, offset).double(), x.double()
     ref = rows @ weights.T
-    pieces_term = rows.abs().amax(dim=1, keepdim=True) * weights.abs().sum(dim=1) / 254.0**pieces
+    pieces_term = rows.abs().amax(dim=1, keepdim=True) * weights.abs().sum(dim=1) * piece_error(kind, pieces)
     bound = 1.01 * pieces_term + 2**-22 * (rows.abs() @ weights.abs().T)
     if out.dtype == torch.bfloat16:
         bound = bound + 2**-8 * ref.abs()
     return (out.double() - ref).abs(), bound
 
 
-@needs_vnni
+@functools.cache
+def avx2_kernel() -> cpu_build.CKernel:
+    """linear_int4.c as a CPU without AVX-512 runs it (int16 pieces), built once into the kernel cache (under
+    tests/test_cpu_no_scratch.py's name for the same build)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
+        kernel = cpu_build.CKernel("linear_int4_avx2_only", "linear_int4.c", cpu_int4.KERNEL.functions)
+        assert kernel.build(), kernel.error
+    return kernel
+
+
+def linear(loops: str, x, w, scale, offset) -> tuple[torch.Tensor, str]:
+    """y and the kind of pieces it took: `built`, the kernel set's kernel; `avx2`, the AVX2 build."""
+    if loops == "built":
+        return cpu_int4.linear_int4_cpu(x, w, scale, offset), "int8" if VNNI else "int16"
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    avx2_kernel().lib.linear_int4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
+                                  x.shape[0], w.shape[0], x.shape[1], x.shape[1] // scale.shape[1],
+                                  int(x.dtype == torch.bfloat16), cpu_int4.PIECES[x.dtype])
+    return out, "int16"
+
+
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype):
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     x, w, scale, offset = operands(m, n, k, g, dtype)
-    out = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    out, kind = linear(loops, x, w, scale, offset)
     assert out.dtype == dtype and out.shape == (m, n)
-    err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[dtype])
+    err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[dtype], kind)
     assert (err <= bound).all(), (err / bound).max()
+
+
+@pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (6, 37, 2112, 64)])
+def test_avx2_fp32_fewer_pieces_break_the_bound(m, n, k, g):
+    """The AVX2 path's fp32 rows: one int16 piece (2 int8 ones asked) breaks two's bound; bf16 takes one already."""
+    x, w, scale, offset = operands(m, n, k, g, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(cpu_int4.PIECES, torch.float32, 2)
+        out, _ = linear("avx2", x, w, scale, offset)
+    err, bound = error_and_bound(x, w, scale, offset, out, 4, "int16")
+    assert (err > 2 * bound).any()
+    err, bound = error_and_bound(x, w, scale, offset, out, 2, "int16")
+    assert (err <= bound).all(), (err / bound).max()
+
+
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_a_long_group_of_the_largest_products_does_not_overflow(loops):
+    """One group of 36864 columns, every nibble 15 against pieces at their largest: 576 blocks of 3.9e6 an int32 lane,
+    past 2^31, which the AVX2 path sums in spans of 512 blocks (the VNNI path per block)."""
+    k = 36864
+    x = torch.ones(2, k)
+    w = torch.full((3, k // 2), 255, dtype=torch.uint8)
+    out, _ = linear(loops, x, w, torch.ones(3, 1), torch.zeros(3, 1))
+    torch.testing.assert_close(out, torch.full((2, 3), 15.0 * k), rtol=1e-6, atol=0)
 
 
 @needs_vnni
@@ -79,36 +136,39 @@ def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
     assert (err <= bound).all(), (err / bound).max()
 
 
-@needs_vnni
 @pytest.mark.parametrize("m,n,k,g", [(3, 512, 1024, 64), (8, 256, 3072, 64)])
-def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g):
+@pytest.mark.parametrize("loops", [pytest.param("built", marks=needs_vnni), "avx2"])
+def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g, loops):
     """A row whose largest activation is 100x the rest: the pieces' error scales with it, the reference's with the
     products. Four pieces stay within the fp32 reference's distance from the exact product (measured 0.5-0.6x on
-    a Xeon, 0.2-0.25x on an EPYC, whose F.linear sums less exactly); three, within their own bound, are over
-    twice as far as four (3.5-7x; on the Xeon also 1.6-2.1x the reference's distance)."""
+    a Xeon, 0.2-0.25x on an EPYC, whose F.linear sums less exactly; AVX2's two int16 pieces 0.2-0.3x on a Zen 3);
+    three int8 ones, within their own bound, are over twice as far as four (3.5-7x; on the Xeon also 1.6-2.1x the
+    reference's distance). AVX2 takes two int16 pieces for three int8 ones too."""
     x, w, scale, offset = operands(m, n, k, g, torch.float32)
     x[:, 5] *= 100
     exact = x.double() @ dequantize_int4(w, scale, offset).double().T
     reference = (linear_int4_torch(x, w, scale, offset).double() - exact).abs().max()
-    four = (cpu_int4.linear_int4_cpu(x, w, scale, offset).double() - exact).abs().max()
+    out, kind = linear(loops, x, w, scale, offset)
+    four = (out.double() - exact).abs().max()
     assert four <= reference
+    if kind == "int16":
+        return
     monkeypatch.setitem(cpu_int4.PIECES, torch.float32, cpu_int4.PIECES[torch.float32] - 1)
-    three = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    three, _ = linear(loops, x, w, scale, offset)
     err, bound = error_and_bound(x, w, scale, offset, three, cpu_int4.PIECES[torch.float32])
     assert (err <= bound).all() and (three.double() - exact).abs().max() > 2 * four
 
 
-@needs_vnni
 @pytest.mark.parametrize("m", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype):
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype, loops):
     x, w, scale, offset = operands(m, 48, 1024, 64, dtype)
     x[0, 7] = float("nan")
-    out = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    out, _ = linear(loops, x, w, scale, offset)
     assert out[0].isnan().all() and out[1:].isfinite().all()
 
 
-@needs_vnni
 def test_dispatch_by_rows(monkeypatch):
     calls = []
     record_rows(monkeypatch, calls, (cpu_int4, "linear_int4_cpu"), (dequant, "linear_int4"))

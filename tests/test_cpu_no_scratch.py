@@ -119,18 +119,18 @@ def test_int8_without_scratch(m, dtype):
                                    linear_int8_torch(x, w, scale).float(), **tol)
 
 
-@pytest.mark.skipif(cpu_int4.KERNEL.build() and not cpu_int4.supported(),  # a failed build fails the test
-                    reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the kernel's requirement)")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,g", [(1, 64), (2, 128), (5, 64), (9, 256)])
 def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
-    """Each block dequantised in fp32 and multiplied in fp32, as the reference does: its result up to the order of
-    the sums and the output's rounding, and exactly unstaged_int4's (so the fallback ran, not the pieces' way)."""
+    """Without the pieces' scratch (int8 with VNNI, int16 on AVX2), each block dequantised in fp32 and multiplied in
+    fp32, as the reference does: its result up to the order of the sums and the output's rounding, and exactly
+    unstaged_int4's (so the fallback ran, not the pieces' way), on either CPU."""
     torch.manual_seed(m)
     x, w = torch.randn(m, 512).to(dtype), torch.randint(0, 256, (37, 256), dtype=torch.uint8)
     scale, offset = (torch.rand(37, 512 // g) / 50).to(dtype), (torch.randn(37, 512 // g) / 10).to(dtype)
     out = int4(lib("linear_int4.c", "built, no scratch"), x, w, scale, offset)
     assert torch.equal(out, unstaged_int4(x, w, scale, offset))
+    assert torch.equal(int4(lib("linear_int4.c", "loops, no scratch"), x, w, scale, offset), out)
     rtol = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: one rounding
     torch.testing.assert_close(out.double(), x.double() @ dequantize_int4(w, scale, offset).double().T, rtol=rtol,
                                atol=1e-5)

@@ -51,14 +51,14 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         prefill_attention=prefill_attention.prefill_attention_cpu if prefills else ref.prefill_attention,
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
-        linear_int4=linear_int4.linear_int4 if linear_int4.supported() else linear_int4.linear_int4_without_vnni,
+        linear_int4=linear_int4.linear_int4,
         silu_mul=pointwise.silu_mul_cpu if pointwise.KERNEL.ready else ref.silu_mul,
         to_fp32=pointwise.to_fp32_cpu if pointwise.KERNEL.ready else ref.to_fp32,
         embedding=embedding.embedding_cpu if embeds else ref.embedding,
         embedding_int8=embedding.embedding_int8_cpu if embeds else ref.embedding_int8,
         embedding_int4=embedding.embedding_int4_cpu if embeds else ref.embedding_int4,
         decode_attention_gathers=not attends,
-        # int4 on a CPU without AVX-512 VNNI keeps the reference: its steps stay eager (GraphRunner)
+        # int4 where its kernel did not build keeps the reference: its steps stay eager (GraphRunner)
         cpu_graph=norms and ropes and attends and embeds and pointwise.KERNEL.ready and linear.KERNEL.ready
         and linear_int8.KERNEL.ready,
     )

@@ -1,4 +1,4 @@
-"""int4 weight-only linear layers on x86 CPUs with AVX-512 (F, BW, VL, VNNI), up to linear.MAX_ROWS activation rows.
+"""int4 weight-only linear layers on x86 CPUs (AVX2; AVX-512 VNNI, AMX), up to linear.MAX_ROWS activation rows.
 
 A weight takes half a byte plus its group's share of a scale and an offset, so decode reads about a
 quarter of bf16's bytes. The weights are never converted to floats (csrc/linear_int4.c): each activation
@@ -20,12 +20,14 @@ rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and 
 quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
 activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
 and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output rows on the kernels' thread
-pool (csrc/pool.h). More rows (prefill) take dequant.py's blocked GEMM, on CPUs without AVX-512 VNNI too (it
-needs AVX2 only), where fewer rows take the torch reference.
+pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the pieces are int16 (csrc/act_quant16.h, as
+linear_int8.py's: one holds what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), and
+vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked to int16 (nibble j of word i is
+column 16j + i: no shuffles), 4 piece rows a pass over a weight row, staged block by block: one thread, 512 x 1024
+hot in L2 on a loaded 2-core Zen 3, 1 row 31 µs and 8 rows 132 against the torch reference's 1883 and 18659, which
+it took before (profiles/RESULTS.md). More rows (prefill) take dequant.py's blocked GEMM.
 """
 from __future__ import annotations
-
-import ctypes
 
 import torch
 
@@ -34,16 +36,7 @@ from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
 
 PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
-KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_supported"))
-
-
-def supported() -> bool:
-    """Whether the kernel built and this CPU has the AVX-512 subsets it uses (AMX is optional)."""
-    if not KERNEL.ready:
-        return False
-    ok = ctypes.c_int(0)
-    KERNEL.lib.linear_int4_supported(ctypes.byref(ok))
-    return bool(ok.value)
+KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4",))
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -65,30 +58,16 @@ def _linear_int4_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 linear_int4_cpu = build.kernel_op("linear_int4_cpu", _linear_int4, _linear_int4_fake)
 
 
-def _dispatch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-              decode_kernel: bool) -> torch.Tensor:
-    """dequant.py's blocked GEMM from dequant.MIN_ROWS rows; up to MAX_ROWS the C kernel where `decode_kernel`;
-    the torch reference elsewhere."""
+def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The kernel set's linear_int4: the C kernel up to MAX_ROWS rows (the torch reference where it did not build),
+    dequant.py's blocked GEMM beyond (the torch reference where that did not build)."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if (rows.shape[1] // scale.shape[1]) % BLOCK:
         return linear_int4_torch(x, weight, scale, offset)
     if dequant.takes(rows.shape[0], int4=True):
         out = dequant.linear_int4(rows, weight, scale, offset)
-    elif decode_kernel and rows.shape[0] <= MAX_ROWS:
+    elif KERNEL.ready and rows.shape[0] <= MAX_ROWS:
         out = linear_int4_cpu(rows, weight, scale, offset)
     else:
         return linear_int4_torch(x, weight, scale, offset)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
-
-
-def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The kernel set's linear_int4 where `supported()`: the C kernel up to MAX_ROWS rows, dequant.py's blocked
-    GEMM beyond (the torch reference where that did not build)."""
-    return _dispatch(x, weight, scale, offset, decode_kernel=True)
-
-
-def linear_int4_without_vnni(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                             offset: torch.Tensor) -> torch.Tensor:
-    """The kernel set's linear_int4 where not `supported()`: the torch reference up to MAX_ROWS rows, dequant.py's
-    blocked GEMM (AVX2) beyond, so that prefill does not widen the whole weight."""
-    return _dispatch(x, weight, scale, offset, decode_kernel=False)

@@ -1,16 +1,16 @@
 /* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
-   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) for this
-   file alone, checked at run time. */
+   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) int8 pieces
+   where the CPU has them (checked at run time), else AVX2 int16 pieces (vpmaddwd). */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
+#include "act_quant16.h"
 #include "amx.h"
 #include "int4_block.h"
 #include "pool.h"
 
-void linear_int4_supported(int *ok) {
-    __builtin_cpu_init();
-    *ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+/* has_avx512 is gemv.h's, which NANOQWEN_AVX2_ONLY turns off (tests build that to run the AVX2 path anywhere) */
+static inline int has_vnni(void) {
+    return has_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 #pragma GCC push_options
@@ -413,44 +413,11 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 #undef STORE
 AMX_INT8_END
 
-/* Without scratch for the pieces (out of memory): y[m, n] as the reference computes it, each 64-column block of the
-   weight row dequantised in registers in fp32 (int4_block.h), times x in fp32. */
-static void linear_int4_unstaged(const void *ctx, long chunk) {
-    const struct linear_int4_args *a = ctx;
-    const int K = a->K, groups = K / a->G;
-    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
-        for (int m = 0; m < a->M; m++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int b = 0; b < K / 64; b++) {
-                const long g = n * groups + b * 64 / a->G;
-                const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
-                const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-                for (int half = 0; half < 2; half++) {
-                    const __m256i words = int4_words(a->w + n * (K / 2) + b * 32, half);
-                    for (int j = 0; j < 4; j++)
-                        acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
-                                              load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
-                }
-            }
-            store1(a->y, (long)m * a->N + n, hsum(acc), a->bf16);
-        }
-}
-
-/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
-   taken as P int8 pieces (act_quant.h): the nibbles times the pieces are exact int32 sums (vpdpbusd), so the
-   result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding). 1 and
-   2 rows, and every row count without AMX-INT8: vpdpbusd (linear_int4_rows); more: AMX (linear_int4_amx), in
-   passes of AMX_INT8_COLUMNS / P rows. Parallel over chunks of output rows (pool.h). */
-void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
-                 int K, int G, int bf16, int pieces) {
-    const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
-    if (M > most && amx_int8_ready()) {  /* in passes: 32 bf16 rows 168 µs against 598 through vpdpbusd */
-        const size_t size = bf16 ? 2 : 4;
-        for (int m = 0; m < M; m += most)
-            linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
-                        M - m < most ? M - m : most, N, K, G, bf16, pieces);
-        return;
-    }
+/* linear_int4 where the CPU has AVX-512 VNNI, each row of x taken as P int8 pieces (act_quant.h): 1 and 2 rows, and
+   every row count without AMX-INT8, vpdpbusd (linear_int4_rows); more AMX (linear_int4_amx). 0: no scratch for the
+   pieces, nothing done. */
+static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
+                            int N, int K, int G, int bf16, int pieces) {
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
     const int amx = M >= AMX_INT8_MIN_ROWS && amx_int8_ready();
     const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
@@ -463,12 +430,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     size_t total = 0;
     for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
     char *part[PARTS];
-    if (!(part[0] = (char *)thread_scratch(total))) {
-        const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
-                                           .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
-        pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
-        return;
-    }
+    if (!(part[0] = (char *)thread_scratch(total))) return 0;
     for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
     const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
                               (float *)part[6], (int32_t *)part[4], len};
@@ -500,6 +462,166 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     } else {
         pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
+    return 1;
 }
 
 #pragma GCC pop_options
+
+/* ---- AVX2 (no AVX-512 VNNI): int16 activation pieces (act_quant16.h) against the nibbles widened to int16 ---- */
+
+/* Piece rows one pass over a weight row serves: their int32 and fp32 sums stay in the 16 ymm registers (8 spilled:
+   one thread, 512 x 1024 hot in L2, 8 bf16 rows 142-148 µs a call against 132 in two passes of 4) */
+#define MADD_MAX_PIECES 4
+/* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
+   below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
+#define MADD_SPAN_BLOCKS 512
+
+struct linear_int4_madd_args {
+    const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
+                           pass's piece rows are constant offsets from one pointer */
+    const float *a;     /* [M * P]: each piece's scale */
+    const float *xsum;  /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
+    const uint8_t *w;
+    const void *scale, *offset;
+    void *y;
+    int M, N, K, G, P, bf16;
+    long rows;  /* per chunk */
+};
+
+/* acc[r] += the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R: the block's 16 words
+   hold, nibble j, columns 16j .. 16j + 15 in order, so 16 products a vpmaddwd. */
+INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *acc) {
+    const __m256i words = _mm256_loadu_si256((const __m256i *)block), nibble = _mm256_set1_epi16(15);
+    for (int j = 0; j < 4; j++) {
+        const __m256i u = j == 3 ? _mm256_srli_epi16(words, 12) : _mm256_and_si256(_mm256_srli_epi16(words, 4 * j), nibble);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(u, _mm256_load_si256((const __m256i *)(q + 64 * r + 16 * j))));
+    }
+}
+
+/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= MADD_MAX_PIECES): weight
+   row n against every row's pieces, each group's int32 sums scaled by its scale, then the pieces' scales and the
+   offsets times the group sums. */
+INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P) {
+    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
+    const long stride = (long)a->M * P * 64;  /* from one block's pieces to the next's */
+    const uint8_t *w = a->w + n * (a->K / 2);
+    const int16_t *q = a->q + (long)m0 * P * 64;
+    __m256 f[MADD_MAX_PIECES];
+    for (int r = 0; r < R; r++) f[r] = _mm256_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        const __m256 s = _mm256_set1_ps(load1(a->scale, n * groups + g, bf16));
+        for (int left = G / 64; left > 0;) {
+            const int count = left < MADD_SPAN_BLOCKS ? left : MADD_SPAN_BLOCKS;
+            __m256i acc[MADD_MAX_PIECES];
+            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+            for (int i = 0; i < count; i++, w += 32, q += stride) {
+                __builtin_prefetch(w + PREFETCH_BYTES);
+                madd_block(w, q, R, acc);
+            }
+            for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
+            left -= count;
+        }
+    }
+    for (int j = 0; j < rows; j++) {
+        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
+        __m256 o = _mm256_setzero_ps();
+        for (int p = 0; p < P; p++) o = _mm256_fmadd_ps(f[j * P + p], _mm256_set1_ps(s[p]), o);
+        int g = 0;
+        for (; g + 8 <= groups; g += 8) o = _mm256_fmadd_ps(load8(a->offset, n * groups + g, bf16), _mm256_loadu_ps(xsum + g), o);
+        float tail = 0.0f;
+        for (; g < groups; g++) tail += load1(a->offset, n * groups + g, bf16) * xsum[g];
+        store1(a->y, (long)(m0 + j) * a->N + n, hsum(o) + tail, bf16);
+    }
+}
+
+static void linear_int4_madd_chunk(const void *ctx, long chunk) {
+    const struct linear_int4_madd_args *a = ctx;
+    const int M = a->M, per = MADD_MAX_PIECES / a->P;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (int m0 = 0; m0 < M; m0 += per) {
+            const int rows = M - m0 < per ? M - m0 : per;
+            switch (a->P == 1 ? rows : -rows) {  /* constants: the accumulators stay in registers */
+                case 1: madd_pieces(a, n, m0, 1, 1); break;
+                case 2: madd_pieces(a, n, m0, 2, 1); break;
+                case 3: madd_pieces(a, n, m0, 3, 1); break;
+                case 4: madd_pieces(a, n, m0, 4, 1); break;
+                case -1: madd_pieces(a, n, m0, 1, 2); break;
+                default: madd_pieces(a, n, m0, 2, 2); break;
+            }
+        }
+}
+_Static_assert(MADD_MAX_PIECES == 4 && ACT16_MAX_PIECES == 2, "linear_int4_madd_chunk's cases");
+
+/* linear_int4 on AVX2: each row of x taken as (pieces + 1) / 2 int16 pieces, one of which holds what two int8
+   pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch for them, nothing done. */
+static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
+                            int N, int K, int G, int bf16, int pieces) {
+    const int P = (pieces + 1) / 2, groups = K / G;
+    const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
+    const size_t piece_rows = (size_t)M * P * K * 2;  /* as act16_quant_rows writes them, then block by block */
+    char *scratch = thread_scratch(scales + sums + 2 * piece_rows);
+    if (!scratch) return 0;
+    int16_t *rows = (int16_t *)(scratch + scales + sums), *blocks = (int16_t *)((char *)rows + piece_rows);
+    float *xsum = (float *)(scratch + scales);
+    act16_quant_rows(x, bf16, M, K, P, rows, (float *)scratch);
+    for (int b = 0; b < K / 64; b++)
+        for (int r = 0; r < M * P; r++) memcpy(blocks + ((long)b * M * P + r) * 64, rows + (long)r * K + b * 64, 128);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < groups; g++) {
+            __m256 v = _mm256_setzero_ps();
+            for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
+            xsum[m * groups + g] = hsum(v);
+        }
+    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y, M, N, K, G, P,
+                                            bf16, pool_rows_per_chunk(K / 2)};
+    pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
+    return 1;
+}
+
+/* Without scratch for the pieces (out of memory): y[m, n] as the reference computes it, each 64-column block of the
+   weight row dequantised in registers in fp32 (int4_block.h), times x in fp32. */
+static void linear_int4_unstaged(const void *ctx, long chunk) {
+    const struct linear_int4_args *a = ctx;
+    const int K = a->K, groups = K / a->G;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (int m = 0; m < a->M; m++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < K / 64; b++) {
+                const long g = n * groups + b * 64 / a->G;
+                const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
+                const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
+                for (int half = 0; half < 2; half++) {
+                    const __m256i words = int4_words(a->w + n * (K / 2) + b * 32, half);
+                    for (int j = 0; j < 4; j++)
+                        acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
+                                              load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
+                }
+            }
+            store1(a->y, (long)m * a->N + n, hsum(acc), a->bf16);
+        }
+}
+
+/* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
+   taken as pieces of integers (act_quant.h, act_quant16.h): the nibbles times the pieces are exact int32 sums, so
+   the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding).
+   With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
+   else int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over chunks of
+   output rows (pool.h). */
+void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
+                 int K, int G, int bf16, int pieces) {
+    const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
+    if (M > most && amx_int8_ready()) {  /* in passes: 32 bf16 rows 168 µs against 598 through vpdpbusd */
+        const size_t size = bf16 ? 2 : 4;
+        for (int m = 0; m < M; m += most)
+            linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
+                        M - m < most ? M - m : most, N, K, G, bf16, pieces);
+        return;
+    }
+    if (has_vnni() ? linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+                   : linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
+        return;
+    const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
+                                       .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
+    pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
+}

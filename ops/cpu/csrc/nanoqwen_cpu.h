@@ -17,10 +17,9 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
 /* linear_int4.c: y = x @ (q * scale + offset).T per group of G columns; x: [M, K], w: [N, K / 2] uint8 in
    the block layout of ops/torch_ref/linear_int4.py, scale and offset: [N, K / G], y: [M, N]; x, scale,
    offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row of x taken as `pieces` (1 to 4) int8
-   pieces. Needs AVX-512 F/BW/VL/VNNI: linear_int4_supported sets *ok to whether this CPU has them. */
+   pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least as close. */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces);
-void linear_int4_supported(int *ok);
 
 /* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
    w: [N, K / 2] uint8 in linear_int4's block layout, scale and offset: [N, K / G], out: [N, K]; scale, offset
