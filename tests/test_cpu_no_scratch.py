@@ -20,12 +20,12 @@ from ops.torch_ref.linear_int8 import linear_int8_torch
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 DTYPES = [torch.float32, torch.bfloat16]
-ROWS = [1, 2, 5, 9]  # 1 and 2: one pass of the AVX2 loops; 5 and 9: several, the last of one row
+ROWS = [1, 2, 5, 9]  # 1 and 2: one pass of the AVX2 paths; 5 and 9: several, the last of one row
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
 BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL)}  # by source
-# "built": the kernel set's own; "loops": the AVX2 loops a CPU without AVX-512 (so without VNNI or AMX) takes
+# "built": the kernel set's own; "loops": what a CPU without AVX-512 (so without VNNI or AMX) takes (int16 pieces)
 VARIANTS = {"built": (), "built, no scratch": ("-DNANOQWEN_NO_SCRATCH",), "loops": ("-DNANOQWEN_AVX2_ONLY",),
             "loops, no scratch": ("-DNANOQWEN_AVX2_ONLY", "-DNANOQWEN_NO_SCRATCH")}
 
