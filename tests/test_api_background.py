@@ -320,3 +320,20 @@ def _begun(store: ResponseStore) -> Draft:
     draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
     assert draft.begun and store.get(draft.id).background
     return draft
+
+
+def test_resuming_past_the_newest_event_waits_for_it_and_past_an_ended_runs_last_is_a_400() -> None:
+    """A follower ahead of the events kept sent older ones again (indexed from the front), then an IndexError."""
+    run = _run("resp_p")
+    run.add_all(["e0", "e1", "e2"])
+    got, follower = _following(run, after=3)  # waits for sequence number 4
+    run.add_all(["e3", "e4"])
+    run.end()
+    follower.join(timeout=5)
+    assert got == [b"e4"]
+    service = ResponsesService(SimpleNamespace())
+    _begin(service.store, run.id)
+    service.background._running[run.id] = run
+    with pytest.raises(APIError) as exc:
+        service.retrieve(run.id, {"stream": "true", "starting_after": "5"}, {})
+    assert (exc.value.status, exc.value.param) == (400, "starting_after")

@@ -355,6 +355,10 @@ def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
     ({"Content-Type": "application/json; charset=utf-8"}, "utf-32-be", 200),
     ({}, "utf-8-sig", 200),
     ({"Content-Type": "application/json; charset=latin-1"}, "utf-16-be", 200),
+    # and so is a body under a UTF-16 label (its codec took no BOM as little-endian, kept a BOM under -le: 400s)
+    ({"Content-Type": "application/json; charset=utf-16"}, "utf-16-be", 200),
+    ({"Content-Type": "application/json; charset=utf-16le"}, "utf-16", 200),
+    ({"Content-Type": "application/json; charset=utf-16"}, "utf-8", 200),
     ({"Content-Type": "application/json; charset=klingon"}, "latin-1", 415),
     ({"Content-Type": "application/json; charset=klingon"}, "utf-16-le-cut", 415),  # no longer UTF-16 (nor UTF-8)
 ])

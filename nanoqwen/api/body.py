@@ -93,21 +93,21 @@ def _charset(request: Request) -> tuple[str, str | None]:
 
 def _decode(data: bytes, charset: str, codec: str | None) -> Body:
     """The body's text. vLLM ignores the label and reads the bytes as json.loads does: UTF-8, or UTF-16/32 or
-    UTF-8 with a BOM where json.detect_encoding sees one (or the NULs of UTF-16/32 in the first bytes). So do we
-    where the label is unknown or ASCII-compatible (a JSON text in one never starts with a BOM or a NUL). A body
-    labelled with a single-byte charset but valid UTF-8 is UTF-8 (old Java clients label what they send
-    ISO-8859-1; Starlette reads UTF-8 there too). A body still undecodable: 415 naming an unknown label, else 400."""
-    if codec is None or codec in ASCII_COMPATIBLE:
-        detected = json.detect_encoding(data)
-        with contextlib.suppress(UnicodeDecodeError):
-            return Body(data.decode(detected), data if detected in ("utf-8", "utf-8-sig") else None)
+    UTF-8 with a BOM where json.detect_encoding sees one (or the NULs of UTF-16/32 in the first bytes); a JSON
+    text starts with an ASCII character, so that reading is unambiguous. So do we, whatever the label; only a
+    body that is not valid there is read in its label's charset (latin-1 text that is not UTF-8, say: old Java
+    clients label UTF-8 ISO-8859-1 too, and Starlette reads UTF-8 there as well). A body still undecodable: 415
+    naming an unknown label, else 400."""
+    detected = json.detect_encoding(data)
+    with contextlib.suppress(UnicodeDecodeError):
+        return Body(data.decode(detected), data if detected in ("utf-8", "utf-8-sig") else None)
     if codec is None:
         raise APIError(415, f"Unsupported charset '{charset[:100]}' in the Content-Type, and the body is not valid "
-                       "UTF-8 (send UTF-8).", code="unsupported_media_type")
-    try:
-        return Body(data.decode(codec), data if codec in ASCII_COMPATIBLE else None)
-    except UnicodeDecodeError:
-        raise APIError(400, f"The request body is not valid {charset}.") from None
+                       "UTF-8, UTF-16 or UTF-32 (send UTF-8).", code="unsupported_media_type")
+    if codec != _codec_of(detected):  # the label's own charset, where it is not the one just tried
+        with contextlib.suppress(UnicodeDecodeError):
+            return Body(data.decode(codec), data if codec in ASCII_COMPATIBLE else None)
+    raise APIError(400, f"The request body is not valid {charset}.")
 
 
 def read_body(request: Request, timeout_s: float) -> Body:
@@ -115,7 +115,7 @@ def read_body(request: Request, timeout_s: float) -> Body:
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
     (the connection then closes: gunicorn would read the rest to reuse it), 415 for a Content-Encoding
-    we do not decode, or a charset we do not decode on a body that is not valid UTF-8."""
+    we do not decode, or a charset we do not decode on a body that is not valid UTF-8, UTF-16 or UTF-32."""
     _check_codings(request)
     charset, codec = _charset(request)
     try:

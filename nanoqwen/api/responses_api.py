@@ -716,6 +716,9 @@ class ResponsesService:
         if after_number + 1 < run.first:
             raise APIError(400, f"The events of response '{response_id}' before sequence number {run.first} are "
                            "no longer kept.", param="starting_after")
+        if run.ended.is_set() and after_number >= run.first + len(run.frames):
+            raise APIError(400, f"Response '{response_id}' ended at sequence number {run.first + len(run.frames) - 1}.",
+                           param="starting_after")
         return self._following(run, after_number, environ)
 
     def cancel(self, response_id: str) -> Response:

@@ -123,7 +123,7 @@ class Run:
             while cursor.next >= self.first:
                 changed = self._changed
                 unsent = self.first + len(self.frames) - cursor.next
-                if unsent:  # one at a time, counted from the newest: a client not reading holds one frame
+                if unsent > 0:  # one at a time, counted from the newest: a client not reading holds one frame
                     frame = self.frames[-unsent]
                     cursor.next += 1
                     yield frame
@@ -137,8 +137,8 @@ class Run:
     def _dropped(self, sequence_number: int) -> str:
         """OpenAI's error event (ResponseErrorEvent), numbered as the next event the follower would have sent."""
         message = (f"The events of response '{self.id}' from sequence number {sequence_number} to {self.first - 1} "
-                   f"were dropped before this stream sent them (more than {MAX_LAG_BYTES} bytes behind). GET the "
-                   "response for its output.")
+                   f"were dropped before this stream sent them (more than {MAX_LAG_BYTES} bytes behind, or the "
+                   "response's events are no longer kept). GET the response for its output.")
         return named_event({"type": "error", "code": "events_dropped", "message": message, "param": None,
                             "sequence_number": sequence_number})
 

@@ -11,7 +11,8 @@ A stream kept, or a background response (responses_background), exists from its 
 answers the `response.created` snapshot (status "in_progress", no output yet), its input items are listed, and an
 item reference to one of them is told apart from an unknown one; a response answered whole is found once finished
 (nobody learns its id before). DELETE meanwhile removes a stream for
-good: the generation goes on for the client that asked (deleting is not cancelling), and the finished response
+good: the generation goes on for the client that asked (deleting is not cancelling; a background response's
+is cancelled), and the finished response
 is not kept. It cannot be continued (`previous_response_id`) before it ends: a 400 with our own code
 `previous_response_in_progress`.
 Items are found by id too (`item_reference`): a finished response's input and output items.

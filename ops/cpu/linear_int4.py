@@ -24,8 +24,8 @@ pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the pieces are int16 (c
 linear_int8.py's: one holds what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), and
 vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked to int16 (nibble j of word i is
 column 16j + i: no shuffles), 4 piece rows a pass over a weight row, staged block by block: one thread, 512 x 1024
-hot in L2 on a loaded 2-core Zen 3, 1 row 31 µs and 8 rows 132 against the torch reference's 1883 and 18659, which
-it took before (profiles/RESULTS.md). More rows (prefill) take dequant.py's blocked GEMM.
+hot in L2 on a loaded 2-core Zen 3, 1 row 31 µs and 8 rows 132 against the torch reference's 1883 and ~2,000-2,100,
+which it took before (profiles/RESULTS.md). More rows (prefill) take dequant.py's blocked GEMM.
 """
 from __future__ import annotations
 

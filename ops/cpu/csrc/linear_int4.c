@@ -604,7 +604,8 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
    taken as pieces of integers (act_quant.h, act_quant16.h): the nibbles times the pieces are exact int32 sums, so
-   the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most (and fp32 rounding).
+   the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8 pieces,
+   / 65534^P with P int16 pieces (and fp32 rounding).
    With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
    else int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over chunks of
    output rows (pool.h). */
