@@ -74,6 +74,11 @@ def test_a_background_stream_resumes_after_its_client_left(client: openai.OpenAI
     assert rest[-1].type == "response.incomplete" and rest[-1].response.model_dump() == done.model_dump()
     text = "".join(e.delta for e in [*first, *rest] if e.type == "response.output_text.delta")
     assert text == done.output_text == client.responses.create(**body).output_text
+    # at its last event: nothing more to send; past it: a 400 (it resent older events, then cut the stream short)
+    assert list(client.responses.retrieve(response_id, stream=True, starting_after=rest[-1].sequence_number)) == []
+    with pytest.raises(openai.BadRequestError) as past:
+        list(client.responses.retrieve(response_id, stream=True, starting_after=rest[-1].sequence_number + 1))
+    assert past.value.body["param"] == "starting_after", past.value.body
     # replayed whole while it generates, and followed live to its end
     response_id, _ = _started(client, 1, **body)
     replay = list(client.responses.retrieve(response_id, stream=True))
