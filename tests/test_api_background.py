@@ -29,11 +29,11 @@ from nanoqwen.api.responses_background import (
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.engine.request import SamplingParams
+from nanoqwen.engine.request import Event, SamplingParams, Usage
 
 
 def _run(response_id: str = "resp_1", keeps_events: bool = True) -> Run:
-    return Run(response_id, lambda: None, keeps_events, set)
+    return Run(response_id, lambda: None, keeps_events)
 
 
 def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
@@ -217,21 +217,23 @@ def test_past_max_running_a_429_and_ended_streams_events_bounded() -> None:
 
 
 def test_an_ended_run_lets_go_of_what_only_a_running_one_needs() -> None:
-    background = Background(ResponseStore())
+    store = ResponseStore()
+    background = Background(store)
 
-    class Held:  # stands for its ResponseEvents: the response, its request, its history
-        item_ids = {"msg_1"}
+    class Held:  # stands for its ResponseEvents and Batch: the response, its request, its history
+        def item_ids(self) -> set[str]:
+            return {"msg_1"}
 
     held = Held()
-    run = Run("resp_h", partial(setattr, held, "aborted", True), True, partial(getattr, held, "item_ids"))
-    _begin(background.store, run.id)
-    background.start(run, iter([["frame"]]), lambda: background.store.end(run.id))
-    assert background.running_holder("msg_1") == run.id
+    run = Run("resp_h", partial(setattr, held, "aborted", True), True)
+    assert store.begin({"id": run.id, "background": True}, b"[]", output_ids=held.item_ids)
+    background.start(run, iter([["frame"]]), lambda: store.end(run.id))
+    assert store.running_holder("msg_1") == run.id
     gone = weakref.ref(held)
     del held
     gevent.sleep(0.01)
     gc.collect()
-    assert gone() is None and background.running_holder("msg_1") is None
+    assert gone() is None and store.running_holder("msg_1") is None
 
 
 def test_a_stream_deleted_while_it_generates_is_not_kept_once_it_ends() -> None:
@@ -255,7 +257,7 @@ def _begin(store: ResponseStore, response_id: str) -> None:
 def test_cancelling_aborts_and_waits_for_the_end() -> None:
     background = Background(ResponseStore())
     release = gevent.event.Event()
-    run = Run("resp_c", release.set, False, set)
+    run = Run("resp_c", release.set, False)
     background.start(run, _blocked(release), lambda: None)
     gevent.sleep(0)
     background.cancel("resp_c")
@@ -317,7 +319,7 @@ def _begun(store: ResponseStore) -> Draft:
     req = parse_responses_request({"input": "Hi", "background": True}, Budget())
     inputs = [input_item_json(item) for item in req.input_items]
     draft = Draft(req, SamplingParams(), "m", None, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
-    draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
+    draft.begun = store.begin(draft.created(), draft.input_bytes)
     assert draft.begun and store.get(draft.id).background
     return draft
 
@@ -337,3 +339,41 @@ def test_resuming_past_the_newest_event_waits_for_it_and_past_an_ended_runs_last
     with pytest.raises(APIError) as exc:
         service.retrieve(run.id, {"stream": "true", "starting_after": "5"}, {})
     assert (exc.value.status, exc.value.param) == (400, "starting_after")
+
+
+def test_a_background_response_is_queued_until_admitted_and_one_cancelled_before_any_output_has_none() -> None:
+    store = ResponseStore()
+    draft = _begun(store)
+    assert json.loads(store.get(draft.id).body)["status"] == "queued"
+    events = ResponseEvents(draft, ToolParsing())
+    opening = events.opening()
+    assert [(e["type"], e["response"]["status"]) for e in opening] == [
+        ("response.created", "queued"), ("response.queued", "queued")]
+    (started,) = events.chunks(Event(admitted=True))
+    assert (started["type"], started["sequence_number"], started["response"]["status"]) == (
+        "response.in_progress", 2, "in_progress")
+    assert json.loads(store.get(draft.id).body) == started["response"]  # GET says it from now on
+    assert events.chunks(Event(finish_reason="abort")) == []
+    assert events.chunks(Event(usage=Usage(5, 0))) == []  # no empty message, and no event of its own
+    assert (events.response["status"], events.response["output"]) == ("cancelled", [])
+    assert json.loads(store.get(draft.id).body) == events.response
+
+
+def test_a_run_let_go_keeps_only_the_frames_its_followers_have_not_sent() -> None:
+    """Once let go (ended, no longer kept) a run held up to the cap of frames every follower had sent."""
+    run = _run()
+    frame = "x" * 1000
+    for _ in range(4):
+        run.add_all([frame])
+    follower = run.follow(-1, lambda: False, 0.01)
+    next(follower)
+    run.release()
+    run.end()
+    assert (run.first, run.size) == (1, 3 * len(frame))
+    next(follower)
+    assert (run.first, run.size) == (2, 2 * len(frame))
+    assert len(list(follower)) == 2 and (len(run.frames), run.size) == (0, 0)
+    unfollowed = _run()
+    unfollowed.add_all([frame])
+    unfollowed.release()
+    assert (len(unfollowed.frames), unfollowed.size) == (0, 0)

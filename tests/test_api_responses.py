@@ -53,7 +53,7 @@ def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) 
     inputs = [input_item_json(item) for item in req.input_items]
     draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
     if store is not None and begun:
-        draft.begun = store.begin(draft.in_progress(), draft.input_bytes)
+        draft.begun = store.begin(draft.created(), draft.input_bytes)
         assert draft.begun
     return draft
 
@@ -399,7 +399,8 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
             raise APIError(400, "too long", code="context_length_exceeded")
         return [size]
 
-    def submit(chat: ChatCompletionRequest, params: SamplingParams, prompt: list[int], prompt_name: Any) -> Batch:
+    def submit(chat: ChatCompletionRequest, params: SamplingParams, prompt: list[int], prompt_name: Any,
+               reports_admission: bool) -> Batch:
         calls.append(("submit", prompt, params.max_tokens))
         return Batch()
 
@@ -630,7 +631,7 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     service.store = store = ResponseStore()
     draft = _draft(store, input="Hello")
     entry = store.get(draft.id)
-    assert not isinstance(entry, Stored) and json.loads(entry.body) == draft.in_progress()
+    assert not isinstance(entry, Stored) and json.loads(entry.body) == draft.created()
     assert entry.items() == draft.inputs and json.loads(entry.body)["status"] == "in_progress"
     with pytest.raises(APIError) as exc:
         service._previous(draft.id)
@@ -651,7 +652,7 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
 def test_the_responses_in_progress_are_bounded_like_the_store() -> None:
     """By count and by the bytes each holds (its snapshot and input), checked as it begins: past either, not begun
     (it says `store: false`)."""
-    first, second, third = ({**_draft().in_progress(), "id": f"resp_{i:032}"} for i in range(3))
+    first, second, third = ({**_draft().created(), "id": f"resp_{i:032}"} for i in range(3))
     entry = len(encode_json(first)) + 2  # its snapshot and "[]"
     store = ResponseStore(max_responses=2, max_bytes=1 << 20)
     assert store.begin(first, b"[]") and store.begin(second, b"[]")
@@ -699,7 +700,7 @@ def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callab
                               respond=lambda batch, stream, collector, trace, environ: respond())
     service = ResponsesService(SimpleNamespace(
         serving=serving, params=lambda chat: SamplingParams(), encode=lambda chat, max_tokens, name: [1],
-        submit=lambda chat, params, prompt, name: submit()))
+        submit=lambda chat, params, prompt, name, admission: submit()))
     service.store = store
     return service
 
@@ -726,7 +727,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
-    def failing_begin(response: Json, input_items: bytes, item_ids: frozenset[str]) -> bool:
+    def failing_begin(response: Json, input_items: bytes, item_ids: frozenset[str], output_ids: object) -> bool:
         raise MemoryError
 
     store.begin = failing_begin  # type: ignore[method-assign]

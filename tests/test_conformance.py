@@ -228,6 +228,7 @@ def test_responses_validate_as_the_openai_types(server: GunicornServer) -> None:
 @pytest.mark.parametrize("body", [
     {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "instructions": "Be brief."},
     {"tools": RESPONSES_TOOLS, "tool_choice": "required", "max_output_tokens": 40},
+    {"background": True},  # queued: `response.queued`, then `response.in_progress`
 ])
 def test_responses_and_their_events_validate_as_the_openai_types(server: GunicornServer, body: dict[str, Any]) -> None:
     body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"},
@@ -241,6 +242,8 @@ def test_responses_and_their_events_validate_as_the_openai_types(server: Gunicor
     assert [p["type"] for p in payloads] == [name for name, _ in named]
     events = pydantic.TypeAdapter(list[ResponseStreamEvent]).validate_python(payloads, strict=True)
     assert events[-1].type in ("response.completed", "response.incomplete")
+    second = "response.queued" if body.get("background") else "response.in_progress"
+    assert [event.type for event in events[:2]] == ["response.created", second]
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:

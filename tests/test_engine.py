@@ -13,6 +13,7 @@ from checkpoints import load_hf_model, make_checkpoint
 from engine_util import collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine, run
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.engine import PromptTooLongError
+from nanoqwen.engine.stream import EventStream
 
 PROMPTS = [
     [9707, 1879, 11, 358, 1079],  # "Hello world, I am"
@@ -213,6 +214,30 @@ def test_abort_frees_blocks(engine):
     assert result.usage is not None
     assert engine.block_manager.usage == 0.0
     assert engine.stats()["active_requests"] == 0
+
+
+class _Admissions(EventStream):
+    """Records, at each admission the engine reports, how many events it had put before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admitted_after: list[int] = []
+
+    def admitted(self) -> None:
+        self.admitted_after.append(len(self._events))
+
+
+def test_a_request_is_reported_admitted_once_as_its_prefill_is_scheduled_not_when_aborted_queued(engine):
+    kept, aborted = _Admissions(), _Admissions()
+    engine.submit(PROMPTS[0], greedy(3, n=2), stream=kept)
+    request_id, _ = engine.submit(PROMPTS[1], greedy(3), stream=aborted)
+    engine.abort(request_id)
+    assert kept.admitted_after == []  # submitted: queued
+    engine_step(engine)
+    assert kept.admitted_after == [0]  # once for its two choices, before any of their events
+    run(engine)
+    assert kept.admitted_after == [0] and aborted.admitted_after == []
+    assert collect(kept, 2).usage is not None and collect(aborted).choices[0].finish_reason == "abort"
 
 
 def test_untied_sharded_rope_parameters_checkpoint():

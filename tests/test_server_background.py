@@ -33,9 +33,19 @@ def _polled(client: openai.OpenAI, response_id: str) -> Any:
     return response
 
 
+def _stats(chat_server: GunicornServer) -> dict[str, Any]:
+    return requests.get(f"{chat_server.url}/stats", timeout=30).json()
+
+
 def _engine_idle(chat_server: GunicornServer) -> bool:
-    stats = requests.get(f"{chat_server.url}/stats", timeout=30).json()
+    stats = _stats(chat_server)
     return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def _outcomes(chat_server: GunicornServer) -> tuple[int, int]:
+    """/stats' counts of requests served and aborted."""
+    stats = _stats(chat_server)
+    return stats["requests_served"], stats["requests_aborted"]
 
 
 def _started(client: openai.OpenAI, events: int, **body: Any) -> tuple[str, list[Any]]:
@@ -48,7 +58,7 @@ def _started(client: openai.OpenAI, events: int, **body: Any) -> tuple[str, list
 def test_a_background_response_is_polled_to_the_foreground_answer(client: openai.OpenAI) -> None:
     body = {**GREEDY, "input": "Hello there", "instructions": "Answer briefly.", "metadata": {"k": "v"}}
     queued = client.responses.create(background=True, **body)
-    assert queued.status == "in_progress" and queued.background is True and queued.output == []
+    assert queued.status == "queued" and queued.background is True and queued.output == []
     assert queued.usage is None and queued.store is True and queued.metadata == {"k": "v"}
     done = _polled(client, queued.id)
     whole = client.responses.create(**body)
@@ -105,7 +115,9 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
                                                                  chat_server: GunicornServer) -> None:
     response_id, first = _started(client, 8, **LONG)
     assert not _engine_idle(chat_server)  # its client gone, still generating
+    served, aborted = _outcomes(chat_server)
     cancelled = client.responses.cancel(response_id)
+    assert _outcomes(chat_server) == (served, aborted + 1)  # counted as aborted (it was served), once it ended
     assert cancelled.status == "cancelled" and cancelled.background is True
     (message,) = cancelled.output
     assert message.status == "incomplete" and 0 < cancelled.usage.output_tokens < 400
@@ -121,12 +133,48 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     assert text == message.content[0].text
 
 
+def test_a_background_response_is_queued_until_the_engine_starts_it(client: openai.OpenAI,
+                                                                    chat_server: GunicornServer) -> None:
+    """Queued while a completion of 32 choices (the engine's max_batch) takes every row: cancelled there it has no
+    output, counts as aborted and leaves the queue; a stream's `response.queued` is followed by
+    `response.in_progress` once the rows are free."""
+    filler = {"model": MODEL, "prompt": "Once", "n": 32, "max_tokens": 1000, "temperature": 0, "stream": True,
+              "extra_body": {"ignore_eos": True}}
+    for _ in range(3):  # tried again where a fast host finished the completion before the cancel was answered
+        with client.completions.create(**filler) as completion:
+            next(iter(completion))  # its rows taken
+            polled = client.responses.create(background=True, **LONG)
+            streamed, opening = _started(client, 2, **LONG)
+            retrieved = client.responses.retrieve(polled.id)
+            served, aborted = _outcomes(chat_server)
+            cancelled = client.responses.cancel(polled.id)
+            outcomes = _outcomes(chat_server)
+            stats = _stats(chat_server)
+        # the completion still generating after the cancel: the other one still queued
+        full = (stats["active_requests"], stats["queue_length"]) == (1, 1)
+        if full:
+            break
+        _polled(client, streamed)
+    assert full, "the completion of 32 × 1000 tokens ended before the cancel, 3 times"
+    assert (polled.status, retrieved.status) == ("queued", "queued") and polled.output == retrieved.output == []
+    assert [(e.type, e.response.status) for e in opening] == [("response.created", "queued"),
+                                                              ("response.queued", "queued")]
+    assert (cancelled.status, cancelled.output, cancelled.usage.output_tokens) == ("cancelled", [], 0)
+    assert outcomes == (served, aborted + 1) and stats["queue_length"] == 1  # the stream's, still queued
+    rest = list(client.responses.retrieve(streamed, stream=True, starting_after=1))  # started once the rows freed
+    assert (rest[0].type, rest[0].sequence_number, rest[0].response.status) == ("response.in_progress", 2,
+                                                                                 "in_progress")
+    assert rest[-1].type in ("response.incomplete", "response.completed") and rest[-1].response.output != []
+    wait_for(lambda: _engine_idle(chat_server))
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI, chat_server: GunicornServer,
                                                            stream: bool) -> None:
     response_id = _started(client, 3, **LONG)[0] if stream else client.responses.create(background=True, **LONG).id
+    served, aborted = _outcomes(chat_server)
     assert requests.delete(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()["deleted"] is True
-    wait_for(lambda: _engine_idle(chat_server))
+    wait_for(lambda: _engine_idle(chat_server) and _outcomes(chat_server) == (served, aborted + 1))
     for call in (lambda: client.responses.retrieve(response_id), lambda: client.responses.cancel(response_id),
                  lambda: client.responses.retrieve(response_id, stream=True)):
         with pytest.raises(openai.NotFoundError):
@@ -149,21 +197,36 @@ def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.Open
     assert full, f"one of {MAX_RUNNING} background responses of 900 tokens ended before the next create, 3 times"
     assert answer.status_code == 429 and answer.headers["Retry-After"] == "1", answer.text
     assert answer.json()["error"]["code"] == "rate_limit_exceeded"
-    assert client.responses.create(background=True, **GREEDY, input="Hi").status == "in_progress"
+    assert client.responses.create(background=True, **GREEDY, input="Hi").status == "queued"
 
 
-def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI,
-                                                           chat_server: GunicornServer) -> None:
-    response_id, first = _started(client, 3, **LONG)
-    (said,) = client.responses.input_items.list(response_id).data
-    written = first[2].item  # its message, open
-    assert first[2].type == "response.output_item.added" and written.status == "in_progress"
-    for item_id in (said.id, written.id):
+@pytest.mark.parametrize("background", [True, False])
+def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenAI, chat_server: GunicornServer,
+                                                           background: bool) -> None:
+    """A background stream's, or a foreground stream's while its client reads it: its input and its output so far."""
+    with client.responses.create(background=background, stream=True, **LONG) as stream:
+        first = []
+        for event in stream:
+            first.append(event)
+            if event.type == "response.output_item.added":
+                break
+        response_id = first[0].response.id
+        (said,) = client.responses.input_items.list(response_id).data
+        written = first[-1].item  # its message, open
+        assert written.status == "in_progress"
+        for item_id in (said.id, written.id):
+            with pytest.raises(openai.BadRequestError) as exc:
+                client.responses.create(input=[{"type": "item_reference", "id": item_id}], **GREEDY)
+            assert (exc.value.body["param"], exc.value.body["code"]) == ("input.[0].id", "response_in_progress")
+            assert response_id in exc.value.body["message"]
         with pytest.raises(openai.BadRequestError) as exc:
-            client.responses.create(input=[{"type": "item_reference", "id": item_id}], **GREEDY)
-        assert (exc.value.body["param"], exc.value.body["code"]) == ("input.[0].id", "response_in_progress")
-        assert response_id in exc.value.body["message"]
-    client.responses.cancel(response_id)
+            client.responses.create(input="Go on.", previous_response_id=response_id, **GREEDY)
+        assert (exc.value.body["param"], exc.value.body["code"]) == ("previous_response_id",
+                                                                     "previous_response_in_progress")
+        if background:
+            client.responses.cancel(response_id)
+        else:
+            list(stream)
     resolved = client.responses.create(input=[{"type": "item_reference", "id": said.id}], **GREEDY)
     assert resolved.usage.input_tokens == client.responses.create(input=LONG["input"], **GREEDY).usage.input_tokens
     client.responses.create(input=[{"type": "item_reference", "id": written.id}], **GREEDY)  # found once it ended

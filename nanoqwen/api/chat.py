@@ -55,9 +55,9 @@ class ChatService:
         return params
 
     def submit(self, req: ChatCompletionRequest, params: SamplingParams, prompt: list[int],
-               prompt_name: PromptName = PromptName()) -> Batch:
+               prompt_name: PromptName = PromptName(), reports_admission: bool = False) -> Batch:
         """Submits the prompt's ids (from `encode`) with the parameters from `params`: the engine's stream."""
-        return self.serving.submit([prompt], params, req.split_reasoning, prompt_name.param)
+        return self.serving.submit([prompt], params, req.split_reasoning, prompt_name.param, reports_admission)
 
     def encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
         """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""

@@ -127,9 +127,18 @@ class Draft:
             "usage": usage, "user": req.user, "metadata": req.metadata or {},
         }
 
-    def in_progress(self) -> Json:
-        """The response as `response.created` says it, and GET answers it until it ends."""
-        return self.response("in_progress", [], None)
+    def created(self) -> Json:
+        """The response as `response.created` says it, and GET answers it until it starts: a background one is
+        queued until the engine schedules its prefill (`started`), a foreground one in progress at once."""
+        return self.response("queued" if self.req.background else "in_progress", [], None)
+
+    def started(self) -> Json:
+        """A background response the engine started on, as `response.in_progress` says it and GET answers it
+        from then on."""
+        response = self.response("in_progress", [], None)
+        if self.store is not None:
+            self.store.progress(response)
+        return response
 
     def finish(self, status: str, output: list[Json], usage: Json) -> tuple[Json, bytes | None]:
         """The final response, stored when asked to (unless deleted meanwhile), and its encoding then."""
@@ -239,22 +248,24 @@ class ResponseEvents:
         return event
 
     def opening(self) -> list[Json]:
-        response = self.draft.in_progress()
-        return [self._event("response.created", response=response),
-                self._event("response.in_progress", response=response)]
+        """A background response is queued until its `admitted` event (OpenAI: `response.queued` in between)."""
+        response = self.draft.created()
+        second = "response.queued" if response["status"] == "queued" else "response.in_progress"
+        return [self._event("response.created", response=response), self._event(second, response=response)]
 
     def failure(self, message: str) -> list[Json]:
         error = {"code": "server_error", "message": message}
         self.response = self.draft.response("failed", self._output, None, error)
         return [self._event("response.failed", response=self.response)]
 
-    @property
     def item_ids(self) -> set[str]:
         """The ids of the output items so far, finished or open."""
         opened = (self._reasoning, self._message, self._call)
         return {item["id"] for item in self._output} | {item.id for item in opened if item is not None}
 
     def chunks(self, event: Event) -> list[Json]:
+        if event.admitted:
+            return [self._event("response.in_progress", response=self.draft.started())]
         counted = self._tokens.add(event)
         self._held += self._tokens.content_logprobs(event, counted)
         out = self._reason(event.reasoning) if event.reasoning else []
@@ -358,11 +369,12 @@ class ResponseEvents:
 
     def _finish(self, usage: Usage) -> list[Json]:
         """The open item gets the answer's status (incomplete when cut short or cancelled), the ones before it stay
-        completed. A cancelled response has no event of its own (OpenAI's stream events have none): its stream ends
-        after its items' `.done` events, and GET says it."""
+        completed; an answer without output gets an empty message, unless cancelled (OpenAI's `output: []`). A
+        cancelled response has no event of its own (OpenAI's stream events have none): its stream ends after its
+        items' `.done` events, and GET says it."""
         status = _status(self._finish_reason)
         out = self._close_reasoning()
-        if self._message is None and self._call is None and not self._output:
+        if self._message is None and self._call is None and not self._output and status != "cancelled":
             out += self._text("")
         if self._message is not None and self._held:
             out += self._text("")
@@ -455,7 +467,7 @@ class ResponsesService:
 
         def submit() -> Batch:
             try:
-                return self.chat.submit(chat_req, params, prompt.ids, prompt.name)
+                return self.chat.submit(chat_req, params, prompt.ids, prompt.name, bool(req.background))
             except APIError as exc:
                 raise _renamed(exc) from None
 
@@ -467,7 +479,7 @@ class ResponsesService:
         # only a stream's id is known before it finishes: GET finds it in progress from its first event (the
         # events read draft.store as they open). Begun last: kept_in_progress ends it on every way out.
         if req.stream and draft.store is not None:
-            draft.begun = self.store.begin(draft.in_progress(), input_bytes, _ids(inputs))
+            draft.begun = self.store.begin(draft.created(), input_bytes, _ids(inputs), stream.item_ids)
             draft.store = self.store if draft.begun else None
         return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
 
@@ -479,7 +491,7 @@ class ResponsesService:
             raise APIError(400, "Background mode needs the response stored, and its input and history are too "
                            f"large for the store ({self.store.max_bytes // 4} bytes).", param="background")
         self.background.check_room()
-        draft.begun = self.store.begin(draft.in_progress(), draft.input_bytes, _ids(draft.inputs))
+        draft.begun = self.store.begin(draft.created(), draft.input_bytes, _ids(draft.inputs), events.item_ids)
         if not draft.begun:
             raise too_many("The store holds as many responses in progress as it can")
         try:
@@ -488,10 +500,10 @@ class ResponsesService:
             self.store.end(draft.id)
             raise
         serving = self.chat.serving
-        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream), lambda: events.item_ids)
+        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream))
         self.background.start(run, serving.detached(batch, events, trace), partial(self._ended, draft, events))
         if not draft.req.stream:
-            return draft.in_progress()
+            return draft.created()
         return self._following(run, -1, environ)
 
     def _ended(self, draft: Draft, events: ResponseEvents) -> None:
@@ -573,9 +585,9 @@ class ResponsesService:
         return req.model_copy(update={"input": items})
 
     def _unresolved(self, item_id: str, param: str) -> APIError:
-        """The 400 of an item reference to no finished response's item: one in progress (its input, or a background
-        response's output so far) is named, to be referred to once it has finished."""
-        running = self.store.running_holder(item_id) or self.background.running_holder(item_id)
+        """The 400 of an item reference to no finished response's item: one in progress (its input or output so far,
+        a stream's or a background response's) is named, to be referred to once it has finished."""
+        running = self.store.running_holder(item_id)
         if running is None:
             return APIError(400, f"Item with id '{item_id}' not found.", param=param)
         return APIError(400, f"Item with id '{item_id}' is in response '{running}', still in progress: refer to it "

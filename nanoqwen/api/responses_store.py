@@ -8,8 +8,9 @@ quarter of the bound, so that one entry cannot empty the store, nor, a stream, w
 (their snapshots and inputs, as held) would pass bounds of their own; once said, it is kept (alone, if its
 output made it larger than the bound).
 A stream kept, or a background response (responses_background), exists from its first event: until it ends, GET
-answers the `response.created` snapshot (status "in_progress", no output yet), its input items are listed, and an
-item reference to one of them is told apart from an unknown one; a response answered whole is found once finished
+answers the `response.created` snapshot (status "in_progress", no output yet; a background response's "queued" until
+the engine starts on it), its input items are listed, and an item reference to one of them or to one of its output
+items so far is told apart from an unknown one; a response answered whole is found once finished
 (nobody learns its id before). DELETE meanwhile removes a stream for
 good: the generation goes on for the client that asked (deleting is not cancelling; a background response's
 is cancelled), and the finished response
@@ -19,8 +20,10 @@ Items are found by id too (`item_reference`): a finished response's input and ou
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ Json = dict[str, Any]
 MAX_RESPONSES = 1024
 MAX_BYTES = 64 << 20
 MAX_LIST_LIMIT = 100
+OutputIds = Callable[[], Collection[str]]
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,34 @@ class ResponseStore:
         # the responses begun and not ended, their `response.created` snapshots: bounded alike, each kept in full
         self._running: dict[str, Entry] = {}
         self._running_bytes = 0
-        self._running_items: dict[str, frozenset[str]] = {}  # response id -> its input items' ids
+        # response id -> its input items' ids, and what gives those of its output items so far
+        self._running_items: dict[str, tuple[frozenset[str], OutputIds]] = {}
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def begin(self, response: Json, input_items: bytes, item_ids: frozenset[str] = frozenset()) -> bool:
-        """`response` (in progress; its input items encoded, `item_ids` theirs) found by id until it ends:
-        finished (put without `input_items`), deleted or ended. False, not begun, when the count or the bytes of
-        the responses in progress (their snapshots and inputs, as held) would pass the store's bounds."""
+    def begin(self, response: Json, input_items: bytes, item_ids: frozenset[str] = frozenset(),
+              output_ids: OutputIds = frozenset) -> bool:
+        """`response` (in progress; its input items encoded, `item_ids` theirs, `output_ids` giving its output
+        items' so far) found by id until it ends: finished (put without `input_items`), deleted or ended. False,
+        not begun, when the count or the bytes of the responses in progress (their snapshots and inputs, as held)
+        would pass the store's bounds."""
         entry = Entry(encode_json(response), input_items, background=response.get("background") is True)
         with self._lock:
             if len(self._running) >= self.max_responses or self._running_bytes + entry.size > self.max_bytes:
                 return False
             self._running[response["id"]] = entry
             self._running_bytes += entry.size
-            self._running_items[response["id"]] = item_ids
+            self._running_items[response["id"]] = (item_ids, output_ids)
         return True
+
+    def progress(self, response: Json) -> None:
+        """The snapshot GET answers for a response in progress replaced (queued, then in progress), if it still is
+        in progress: its size changes by a few bytes, not checked against the bounds."""
+        body = encode_json(response)
+        with self._lock:
+            entry = self._running.get(response["id"])
+            if entry is not None:
+                self._running[response["id"]] = dataclasses.replace(entry, body=body)
+                self._running_bytes += len(body) - len(entry.body)
 
     def end(self, response_id: str) -> None:
         """The response begun no longer in progress (finished, failed, its client gone): not kept if not put."""
@@ -156,9 +173,10 @@ class ResponseStore:
             return (holders[-1], self._entries[holders[-1]]) if holders else None
 
     def running_holder(self, item_id: str) -> str | None:
-        """The id of a response in progress whose input holds the item with this id."""
+        """The id of a response in progress whose input, or output so far, holds the item with this id."""
         with self._lock:
-            return next((rid for rid, ids in self._running_items.items() if item_id in ids), None)
+            running = list(self._running_items.items())
+        return next((rid for rid, (inputs, outputs) in running if item_id in inputs or item_id in outputs()), None)
 
     def delete(self, response_id: str) -> bool:
         with self._lock:

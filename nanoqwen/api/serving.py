@@ -106,13 +106,21 @@ def unavailable(engine: Engine) -> APIError | None:
 
 class Batch(GeventEventStream):
     """One stream for several engine requests (the prompts of a batched completion): choice
-    indices follow on from request to request, and the end is one event with the usage summed."""
+    indices follow on from request to request, and the end is one event with the usage summed.
+    With `reports_admission`, an `admitted` event comes first once the engine starts on one of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, reports_admission: bool = False) -> None:
         super().__init__()
         self.request_ids: list[str] = []
         self._open = 0
         self._usage = Usage(0, 0)
+        self._unreported = reports_admission  # the admission still to report
+
+    def admit_part(self) -> None:
+        """Called by the engine thread, the only writer."""
+        if self._unreported:
+            self._unreported = False
+            self.put(Event(admitted=True))
 
     def part(self, offset: int) -> _Part:
         self._open += 1
@@ -140,6 +148,9 @@ class _Part:
 
     def put(self, event: Event) -> None:
         self.batch.put_part(event, self.offset)
+
+    def admitted(self) -> None:
+        self.batch.admit_part()
 
 
 def _frames(chunks: Streamer, event: Event, split: bool = False) -> list[str]:
@@ -190,9 +201,9 @@ class Serving:
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
-               prompt_param: str = "messages") -> Batch:
-        """Every prompt as one engine request with params.n choices, all on one stream."""
-        batch = Batch()
+               prompt_param: str = "messages", reports_admission: bool = False) -> Batch:
+        """Every prompt as one engine request with params.n choices, all on one stream (Batch)."""
+        batch = Batch(reports_admission)
         try:
             for i, prompt_ids in enumerate(prompts):
                 request_id, _ = self.engine.submit(prompt_ids, params, stream=batch.part(i * params.n),
@@ -286,12 +297,13 @@ class Serving:
                  environ: dict[str, Any]) -> Iterator[list[str]]:
         """The stream's frames, each event's in one list (its last event's may be megabytes: a background
         stream keeps them whole for a follower that keeps up)."""
-        finished = False
+        finished = aborted = False
         weight = 0
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]
             for event in self._events(batch, environ):
                 trace.on_event(event)
+                aborted |= event.finish_reason == "abort"  # cancelled (a background response): no client gone
                 if chunks.repeats_answer:  # only a stream whose last events repeat the answer weighs it
                     weight += answer_weight(event)
                 large = chunks.repeats_answer and weight >= LARGE_ANSWER
@@ -306,6 +318,8 @@ class Serving:
                     if event.error is not None:
                         self.abort(batch)  # the other prompts of a batch
                         self.stats.fail(trace)
+                    elif aborted:
+                        self.stats.abort(trace)
                     else:
                         self.stats.finish(trace, event.usage)
                 yield out

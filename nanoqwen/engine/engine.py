@@ -302,6 +302,7 @@ class Engine:
                 seq.request.cached_tokens = seq.num_cached_tokens
                 with self._lock:
                     self._num_queued -= 1
+                seq.request.stream.admitted()
         sampled = batch.sampled  # before the step moves the computed counts
         started = time.perf_counter()
         try:

@@ -96,6 +96,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
     error: str | None = None
+    admitted: bool = False  # no output: the request left the queue (sent only where asked: api.serving.Batch)
 
     @property
     def is_last(self) -> bool:

@@ -23,6 +23,9 @@ class EventStream:
         self._events.append(event)
         self._notify()
 
+    def admitted(self) -> None:
+        """Called by the engine thread once the request's first prefill is scheduled: it has left the queue."""
+
     def _notify(self) -> None:
         self._ready.set()
 
