@@ -251,9 +251,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """The KV blocks that hold `tokens` tokens of one sequence."""
+    return -(-tokens // block_size)
+
+
 def blocks_to_hold(max_batch: int, max_model_len: int, block_size: int) -> int:
     """KV blocks for max_batch sequences of max_model_len tokens each: more are never used (block 0 is reserved)."""
-    return 1 + max_batch * -(-max_model_len // block_size)
+    return 1 + max_batch * blocks_for(max_model_len, block_size)
 
 
 def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
@@ -281,6 +286,10 @@ class RuntimeConfig:
     num_kv_blocks: int  # block 0 is never allocated (padded decode lanes read it)
     threads: int
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None = off
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return blocks_for(self.max_model_len, self.block_size)
 
     @property
     def kv_cache_tokens(self) -> int:
