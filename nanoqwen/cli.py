@@ -9,9 +9,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+from nanoqwen.api.config import ServerConfig
 from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+from nanoqwen.settings import STEP_TOKENS_FLOOR, EngineConfig
 
 GUNICORN_CONFIG = "python:nanoqwen.gunicorn_conf"
 APP = "nanoqwen.wsgi:app"
@@ -42,32 +44,32 @@ ENGINE_OPTIONS = (
               "quantised at load time", choices=QUANTS),
     EnvOption("--graph", "NANOQWEN_GRAPH", "decode step execution; auto = cudagraph on CUDA, cpugraph on the CPU "
               "with the C kernels, none elsewhere", choices=GRAPHS),
-    EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together (default 32)", int),
+    EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together", int),
     EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
               "model's max_position_embeddings)", int),
-    EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503 (default 256)",
-              int),
+    EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503", int),
     EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA 80%% of "
               "free memory - 1 GiB, CPU/MPS 2 GiB)", float),
     EnvOption("--num-kv-blocks", "NANOQWEN_NUM_KV_BLOCKS", "fixed KV pool size in blocks instead of a memory "
               "budget", int),
-    EnvOption("--block-size", "NANOQWEN_BLOCK_SIZE", "tokens per KV block (default 16)", int),
+    EnvOption("--block-size", "NANOQWEN_BLOCK_SIZE", "tokens per KV block", int),
     EnvOption("--max-prefill-tokens", "NANOQWEN_MAX_PREFILL_TOKENS", "prompt tokens prefilled together in one "
-              "step when chunking is off (default 8192)", int),
+              "step when chunking is off", int),
     EnvOption("--max-step-tokens", "NANOQWEN_MAX_STEP_TOKENS", "chunked prefill: tokens per step, running "
-              "streams' decode tokens first, then prefill chunks; 0 = off (default: 2 × max batch, at least 512)", int),
+              "streams' decode tokens first, then prefill chunks; 0 = off (default: 2 × max batch, at least "
+              f"{STEP_TOKENS_FLOOR})", int),
     EnvOption("--prefill-stall", "NANOQWEN_PREFILL_STALL", "chunked prefill: while streams decode, the time a "
-              "chunk of a long prompt may add to a step with the smallest chunk, in decode steps (default 1.0; "
-              "0 = no pacing)", float),
+              "chunk of a long prompt may add to a step with the smallest chunk, in decode steps; 0 = no pacing",
+              float),
     EnvOption("--enable-prefix-caching", "NANOQWEN_ENABLE_PREFIX_CACHING", "reuse the KV blocks of identical "
-              "prompt prefixes (default on)", switch=True),
+              "prompt prefixes", switch=True),
     EnvOption("--generation-config", "NANOQWEN_GENERATION_CONFIG", "auto = sampling fields a request leaves out "
               "come from the checkpoint's generation_config.json; none = OpenAI's defaults",
               choices=GENERATION_CONFIGS),
     EnvOption("--revision", "NANOQWEN_REVISION", "Hub revision when MODEL is a repo id"),
     EnvOption("--threads", "NANOQWEN_THREADS", "torch threads (default: the CPUs this process may use)", int),
-    EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU (default on; off = "
-              "torch ops only)", switch=True),
+    EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU; off = torch "
+              "ops only", switch=True),
     EnvOption("--speculative-config", "NANOQWEN_SPECULATIVE_CONFIG", "n-gram speculative decoding (prompt "
               "lookup), vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": "
               "4, \"prompt_lookup_min\": 2} (default off)"),
@@ -75,19 +77,30 @@ ENGINE_OPTIONS = (
               "~/.cache/nanoqwen)"),
 )
 API_OPTIONS = (
-    EnvOption("--served-model-name", "NANOQWEN_SERVED_MODEL_NAME", "the `model` name clients use (default "
-              "qwen3-0.6b)"),
+    EnvOption("--served-model-name", "NANOQWEN_SERVED_MODEL_NAME", "the `model` name clients use"),
     EnvOption("--api-key", "NANOQWEN_API_KEY", "require `Authorization: Bearer <key>` on /v1/* (prefer the "
               "variable: a flag shows in the process list until gunicorn starts)"),
     EnvOption("--cors-origins", "NANOQWEN_CORS_ORIGINS", "comma-separated allowed browser origins, or *"),
-    EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds the whole request body may take to arrive "
-              "(default 30; then 408)", float),
+    EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds the whole request body may take to arrive, "
+              "then 408", float),
 )
 ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
+# The defaults --help states, by option: the settings' own (an API option's field is named apart where it differs).
+DEFAULTS = {f.name: f.default for f in fields(EngineConfig)} | {
+    "served_model_name": ServerConfig.served_model_name, "body_timeout": ServerConfig.body_timeout_s}
+
+
+def _default(dest: str) -> str:
+    """" (default X)", or "" where there is none to state: None, "" or 0 stand for a default derived elsewhere (the
+    model's positions, the device's memory...), which the option's help says in words."""
+    value = DEFAULTS.get(dest)
+    if isinstance(value, bool):
+        return f" (default {'on' if value else 'off'})"
+    return "" if value in (None, "", 0) else f" (default {value})"
 
 
 def _add(group: argparse._ArgumentGroup, option: EnvOption) -> None:
-    help = f"{option.help} [{option.env}]"
+    help = f"{option.help}{_default(option.dest)} [{option.env}]"
     if option.switch:
         group.add_argument(option.flag, action=argparse.BooleanOptionalAction, default=None, help=help)
     else:
@@ -107,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"local checkpoint directory or Hub repo id (default {DEFAULT_MODEL}) [NANOQWEN_MODEL]")
     http = serve.add_argument_group("HTTP server (gunicorn)")
     http.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for every interface "
-                      "(default 127.0.0.1)")
-    http.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+                      "(default %(default)s)")
+    http.add_argument("--port", type=int, default=8000, help="port to bind (default %(default)s)")
     http.add_argument("--workers", type=int, default=1, help="worker processes, each with its own copy of the "
                       "model and KV cache on its own device: cuda:0..N-1 (round-robin past the GPU count) or, on "
-                      "the CPU, its share of the cores (default 1)")
+                      "the CPU, its share of the cores (default %(default)s)")
     http.add_argument("--graceful-timeout", type=int, default=None, help="seconds running streams get to finish "
                       "on SIGTERM before they end with an error event (default 30)")
     http.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error", "critical"),

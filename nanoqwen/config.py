@@ -1,16 +1,17 @@
-"""Model shape (from config.json), engine settings (from arguments or NANOQWEN_* variables), and
-their resolution: every "auto" and every derived size is decided here, once, into a RuntimeConfig."""
+"""Model shape (from config.json) and the resolution of the engine's settings (nanoqwen.settings): every
+"auto" and every derived size is decided here, once, into a RuntimeConfig."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+from nanoqwen.choices import DTYPE_NAMES
+from nanoqwen.settings import EngineConfig, SpeculativeConfig
 
 log = logging.getLogger("nanoqwen")
 
@@ -58,137 +59,6 @@ class ModelConfig:
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-SPECULATIVE_METHODS = ("ngram",)
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """n-gram speculative decoding (prompt lookup), vLLM's `--speculative-config` fields and defaults."""
-
-    method: str  # ngram
-    num_speculative_tokens: int  # drafted tokens a row verifies per step, at most
-    prompt_lookup_max: int  # longest suffix n-gram looked up
-    prompt_lookup_min: int  # shortest
-
-    @classmethod
-    def parse(cls, raw: str) -> SpeculativeConfig | None:
-        """The JSON of NANOQWEN_SPECULATIVE_CONFIG; None when empty. ValueError naming the field at fault."""
-        if not raw.strip():
-            return None
-        try:
-            values = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise ValueError("speculative_config must be a JSON object")
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"speculative_config.{unknown[0]} is not supported (fields: method, "
-                             "num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)")
-        if values.get("method") not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)}; "
-                             f"got {values.get('method')!r}")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
-            value = values.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"speculative_config.{name} must be an integer > 0; got {value!r}")
-        if values.get("num_speculative_tokens") is None:
-            raise ValueError("speculative_config.num_speculative_tokens is required")
-        # vLLM's defaults: both 5; one given, the other the same
-        low, high = values.get("prompt_lookup_min"), values.get("prompt_lookup_max")
-        low, high = low or high or 5, high or low or 5
-        if low > high:
-            raise ValueError(f"speculative_config.prompt_lookup_min={low} must be <= prompt_lookup_max={high}")
-        return cls("ngram", values["num_speculative_tokens"], high, low)
-
-
-@dataclass
-class EngineConfig:
-    model: str = DEFAULT_MODEL  # local checkpoint directory or Hub repo id
-    device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
-    dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
-    kernels: str = "auto"  # auto | torch | triton
-    quant: str = "none"  # none | int8 | int4: linear weights (LM head, embedding) quantised at load time
-    graph: str = "auto"  # auto | none | compile | cudagraph | cpugraph
-    max_batch: int = 32  # sequences decoded together
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_queue: int = 256  # waiting requests before submit() refuses
-    block_size: int = 16  # tokens per KV block
-    kv_cache_memory: float = 0.0  # bytes for the KV pool; 0 = derive from the device
-    num_kv_blocks: int = 0  # fixed pool size in blocks (overrides kv_cache_memory); 0 = from memory
-    max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step, without chunking
-    # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
-    # (prompts that finish within the budget whole, longer ones in chunks across steps); 0 = off (whole
-    # prompts prefilled alone in a step); None = 2 × max_batch, at least 512 (profiles/RESULTS.md,
-    # "Chunked prefill: paced chunks").
-    max_step_tokens: int | None = None
-    # While streams decode, a chunk that leaves its prompt unfinished may make its step this many
-    # decode-only steps longer than a step with the smallest chunk (measured, nanoqwen/engine/pacing.py):
-    # 1.0 = about twice a decode step where prefill rows add little of their own; 0 = no pacing.
-    prefill_stall: float = 1.0
-    enable_prefix_caching: bool = True
-    # auto: sampling fields a request leaves out come from the checkpoint's generation_config.json
-    # (as vLLM's --generation-config auto); none: from the OpenAI defaults (temperature 1, no top-k/p)
-    generation_config: str = "auto"
-    revision: str | None = None
-    threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
-    cpu_kernels: bool = True  # the compiled C kernels on the CPU (False: the torch references alone)
-    cache_dir: str = ""  # where the C kernels are cached; "" = ~/.cache/nanoqwen
-    # n-gram speculative decoding, vLLM's JSON ({"method": "ngram", "num_speculative_tokens": k, ...}); "" = off
-    speculative_config: str = ""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in ("auto", *DTYPES):
-            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {self.kernels!r}")
-        if self.quant not in QUANTS:
-            raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
-        if self.graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
-        if self.generation_config not in GENERATION_CONFIGS:
-            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}; "
-                             f"got {self.generation_config!r}")
-        if self.threads < 0:
-            raise ValueError("threads must be at least 1 (or 0 for the CPUs this process may use)")
-        for name in ("max_batch", "max_queue", "block_size", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_step_tokens is None:
-            self.max_step_tokens = max(512, 2 * self.max_batch)
-        if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
-            raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
-                             "a step with every sequence decoding still has room for a prefill chunk")
-        if self.prefill_stall < 0:
-            raise ValueError("prefill_stall must be 0 (no pacing) or more")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError("max_model_len must be at least 2")
-        # Parsed once, here; an attribute, not a field: from_env and the CLI take every field as a setting
-        self.speculative: SpeculativeConfig | None = SpeculativeConfig.parse(self.speculative_config)
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> EngineConfig:
-        """Settings from NANOQWEN_<FIELD> variables (e.g. NANOQWEN_MAX_BATCH=16)."""
-        environ = os.environ if environ is None else environ
-        values: dict = {}
-        for f in fields(cls):
-            raw = environ.get(f"NANOQWEN_{f.name.upper()}")
-            if raw is None or raw == "":
-                continue
-            kind = f.type.split("|")[0].strip()
-            try:
-                if kind == "int":
-                    values[f.name] = int(raw)
-                elif kind == "float":
-                    values[f.name] = float(raw)
-                elif kind == "bool":
-                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
-                else:
-                    values[f.name] = raw
-            except ValueError:
-                raise ValueError(f"NANOQWEN_{f.name.upper()}={raw!r} is not a valid {kind}") from None
-        values.update(overrides)
-        return cls(**values)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -251,9 +121,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """The KV blocks that hold `tokens` tokens of one sequence."""
+    return -(-tokens // block_size)
+
+
 def blocks_to_hold(max_batch: int, max_model_len: int, block_size: int) -> int:
     """KV blocks for max_batch sequences of max_model_len tokens each: more are never used (block 0 is reserved)."""
-    return 1 + max_batch * -(-max_model_len // block_size)
+    return 1 + max_batch * blocks_for(max_model_len, block_size)
 
 
 def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
@@ -281,6 +156,10 @@ class RuntimeConfig:
     num_kv_blocks: int  # block 0 is never allocated (padded decode lanes read it)
     threads: int
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding; None = off
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return blocks_for(self.max_model_len, self.block_size)
 
     @property
     def kv_cache_tokens(self) -> int:

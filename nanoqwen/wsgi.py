@@ -15,7 +15,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.engine import Engine, EngineConfig
 
 engine = Engine(EngineConfig.from_env())
-app = create_app(engine, ServerConfig.from_env())
+app = create_app(engine, ServerConfig.from_env(engine.config.model))
 
 
 def start_engine(before_ready: Callable[[], None] | None = None) -> None:

@@ -108,7 +108,7 @@ def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]
     argmax = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sample(logits, inputs.sampling(), "greedy")
+        sample(logits, inputs.sampling_rows(), "greedy")
         argmax.append(time.perf_counter() - start)
     lines.append(f"replay loop alone ({len(recording.calls)} calls doing nothing): {loop:.3f} ms; "
                  f"greedy argmax: {1000 * statistics.median(argmax):.3f} ms")

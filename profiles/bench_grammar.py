@@ -83,19 +83,7 @@ def decode(engine: Engine, prompts: list[list[int]], new_tokens: int, special: S
     last = free if special is None else dataclasses.replace(special, max_tokens=new_tokens, seed=1)
     for i, prompt in enumerate(prompts):
         engine.submit(prompt, last if i == len(prompts) - 1 else free, split_reasoning=False)
-    steps = []
-    with torch.inference_mode():
-        engine.drain_inbox()
-        engine.step()  # prefill
-        while engine.scheduler.has_work:
-            if len(engine.scheduler.running) != len(prompts):
-                raise RuntimeError("a row finished early or was preempted")
-            common.synchronize(engine.runner.device)
-            start = time.perf_counter()
-            engine.step()
-            common.synchronize(engine.runner.device)
-            steps.append(time.perf_counter() - start)
-    return steps
+    return common.decode_steps(engine, len(prompts))
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,12 +42,9 @@ def main() -> None:
             kind = list(steps)[i % 2]
             for p in params:  # read by the runner each step: switches the ban on or off for the next step
                 p.min_tokens = new_tokens if kind == "min_tokens not reached" else 0
-            common.synchronize(engine.runner.device)
-            start = time.perf_counter()
-            engine.step()
-            common.synchronize(engine.runner.device)
+            seconds = common.timed_step(engine)
             if i >= 3:
-                steps[kind].append(time.perf_counter() - start)
+                steps[kind].append(seconds)
     if len(engine.scheduler.running) != args.batch:
         raise RuntimeError("a row finished early or was preempted")
     base = statistics.median(steps["no min_tokens"]) * 1000

@@ -132,22 +132,31 @@ def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int,
     Each step is the engine's real `step()`: scheduling, input staging, the model, sampling and
     detokenisation; it ends with the sampled tokens on the host, so the wall time is the step's.
     """
-    device = engine.runner.device
     params = dataclasses.replace(params or SamplingParams(temperature=0.0), max_tokens=new_tokens, ignore_eos=True)
     streams = [engine.submit(p, params)[1] for p in prompts]
+    return DecodeRun(len(prompts), decode_steps(engine, len(prompts)), [_generated(s) for s in streams])
+
+
+def decode_steps(engine: Engine, rows: int) -> list[float]:
+    """Prefills the `rows` submitted prompts in one step (untimed), then times each decode step of them all."""
     step_s = []
     with torch.inference_mode():
         engine.drain_inbox()
         engine.step()  # prefill: every prompt, and the first new token
         while engine.scheduler.has_work:
-            if len(engine.scheduler.running) != len(prompts) or engine.scheduler.waiting:
+            if len(engine.scheduler.running) != rows or engine.scheduler.waiting:
                 raise RuntimeError("a sequence was preempted or not prefilled with the others: enlarge the KV pool")
-            synchronize(device)
-            start = time.perf_counter()
-            engine.step()
-            synchronize(device)
-            step_s.append(time.perf_counter() - start)
-    return DecodeRun(len(prompts), step_s, [_generated(s) for s in streams])
+            step_s.append(timed_step(engine))
+    return step_s
+
+
+def timed_step(engine: Engine) -> float:
+    """Seconds of one engine step, its device work included."""
+    synchronize(engine.runner.device)
+    start = time.perf_counter()
+    engine.step()
+    synchronize(engine.runner.device)
+    return time.perf_counter() - start
 
 
 def _generated(stream: EventStream) -> list[int]:

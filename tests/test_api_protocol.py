@@ -19,6 +19,7 @@ from nanoqwen.api.sse import DONE, sse
 from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS, Budget
 from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
+from nanoqwen.settings import EngineConfig
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -199,17 +200,17 @@ def test_fingerprint_tracks_the_configuration() -> None:
 
 
 def test_server_config_from_env() -> None:
-    config = ServerConfig.from_env({"NANOQWEN_MODEL": "/models/ckpt", "NANOQWEN_API_KEY": "k",
-                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b", "NANOQWEN_BODY_TIMEOUT": "2.5"})
+    config = ServerConfig.from_env("/models/ckpt", {"NANOQWEN_API_KEY": "k", "NANOQWEN_BODY_TIMEOUT": "2.5",
+                                                    "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
     assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k" and config.body_timeout_s == 2.5
     assert config.cors_origins == ("http://a", "http://b")
     assert config.model_name == "ckpt" and config.hub_id is None  # a local directory: no path, no Hub id
     assert config.accepts_model("qwen3-0.6b") and not config.accepts_model("/models/ckpt")
     assert not config.accepts_model("Qwen/Qwen3-0.6B") and not config.accepts_model("x")
-    default = ServerConfig.from_env({})
+    default = ServerConfig.from_env(EngineConfig.from_env({}).model, {})
     assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
     assert default.model_name == "Qwen/Qwen3-0.6B"
-    snapshot = ServerConfig.from_env({"NANOQWEN_MODEL": "/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc"})
+    snapshot = ServerConfig.from_env("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc", {})
     assert snapshot.model_name == "Qwen/Qwen3-0.6B" and snapshot.accepts_model("Qwen/Qwen3-0.6B")
     assert not snapshot.accepts_model("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc")
 

@@ -20,7 +20,9 @@ import requests
 from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_payloads
 from engine_util import hf_greedy
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig, resolve_threads
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.config import resolve_threads
+from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 from ops.cpu import build as cpu_build
 from server_process import REPO_ROOT, GunicornServer
@@ -250,6 +252,18 @@ def test_serve_help_lists_every_setting():
     for flag in ("--host", "--port", "--workers", "--api-key", "--served-model-name", "--cors-origins",
                  "--graceful-timeout", "--log-level", "MODEL", "NANOQWEN_THREADS"):
         assert flag.lower() in out.lower(), flag
+    text = " ".join(out.split())  # unwrapped: the defaults stated are the settings' own
+    assert f"sequences decoded together (default {EngineConfig.max_batch}) [NANOQWEN_MAX_BATCH]" in text
+    assert "prompt prefixes (default on) [NANOQWEN_ENABLE_PREFIX_CACHING]" in text
+    assert f"clients use (default {ServerConfig.served_model_name}) [NANOQWEN_SERVED_MODEL_NAME]" in text
+    assert "(default 0)" not in text and "(default None)" not in text
+
+
+def test_serve_imports_no_torch():
+    """`nanoqwen serve` execs gunicorn: the parser, settings' defaults included, must not pay for torch first."""
+    code = "import sys; from nanoqwen.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
 def test_serve_from_another_directory(tiny_checkpoint, tmp_path):

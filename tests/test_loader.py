@@ -10,8 +10,9 @@ import torch
 
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig, ModelConfig, resolve_dtype
+from nanoqwen.config import ModelConfig, resolve_dtype
 from nanoqwen.engine import Engine
+from nanoqwen.settings import EngineConfig
 
 
 @pytest.fixture

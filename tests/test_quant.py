@@ -12,8 +12,8 @@ import ops
 from checkpoints import make_checkpoint
 from engine_util import INTERPRETED_TOKENS, generate, greedy, hf_greedy, load_engine
 from engine_util import MIXED_PROMPTS as PROMPTS
-from nanoqwen.config import EngineConfig
 from nanoqwen.quant import GROUP_SIZE, quantize_int4_into
+from nanoqwen.settings import EngineConfig
 from ops.torch_ref.linear_int4 import dequantize_int4, pack_int4, unpack_int4
 from quant_reference import load_quantised_hf_model
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from nanoqwen.config import EngineConfig, ModelConfig, SpeculativeConfig, kv_bytes_per_token, resolve_runtime
+from nanoqwen.config import ModelConfig, kv_bytes_per_token, resolve_runtime
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import (
     MAX_STOP_STRINGS,
@@ -16,6 +16,7 @@ from nanoqwen.engine.validation import (
     PromptTooLongError,
     validate_request,
 )
+from nanoqwen.settings import EngineConfig, SpeculativeConfig
 
 CPU = torch.device("cpu")
 MODEL = ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

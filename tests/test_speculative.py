@@ -29,7 +29,6 @@ from engine_util import (
     load_engine,
     sequence,
 )
-from nanoqwen.config import EngineConfig, SpeculativeConfig
 from nanoqwen.engine import SamplingParams
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.ngram import NgramMatcher, NgramProposer
@@ -40,6 +39,7 @@ from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import ROW_FIELDS, StepInputBuffer
 from nanoqwen.runner.runner import ModelRunner
 from nanoqwen.sampler import token_bitmask
+from nanoqwen.settings import EngineConfig, SpeculativeConfig
 from server_process import GunicornServer
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})

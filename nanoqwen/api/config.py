@@ -1,4 +1,5 @@
-"""Server settings read from the environment (the engine reads its own, see EngineConfig)."""
+"""Server settings read from the environment (the engine reads its own, see EngineConfig). Torch-free:
+`nanoqwen serve` (nanoqwen/cli.py) shows their defaults."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nanoqwen.choices import DEFAULT_MODEL
-from nanoqwen.loader import checkpoint_name, hub_repo_id
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,11 @@ class ServerConfig:
     max_pending_long_prompts: int = 8
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServerConfig:
+    def from_env(cls, model: str, env: Mapping[str, str] = os.environ) -> ServerConfig:
+        """`model`: the engine's setting (EngineConfig.model, the one reader of NANOQWEN_MODEL)."""
+        from nanoqwen.loader import checkpoint_name, hub_repo_id  # here: the loader imports torch, the CLI this module
+
         origins = tuple(o.strip() for o in env.get("NANOQWEN_CORS_ORIGINS", "").split(",") if o.strip())
-        model = env.get("NANOQWEN_MODEL", "") or DEFAULT_MODEL
         body_timeout = env.get("NANOQWEN_BODY_TIMEOUT", "")
         try:
             body_timeout_s = float(body_timeout) if body_timeout else cls.body_timeout_s

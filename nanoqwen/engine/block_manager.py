@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 
+from nanoqwen.config import blocks_for
 from nanoqwen.engine.sequence import Sequence
 
 
@@ -68,7 +69,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence) -> int:
         hits = self.lookup(seq)
-        total = -(-len(seq) // self.block_size)
+        total = blocks_for(len(seq), self.block_size)
         reused_free = sum(1 for _, b in hits if self.ref_counts[b] == 0)
         return total - len(hits) + reused_free
 
@@ -90,7 +91,7 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
         seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
-        for _ in range(len(hits), -(-len(seq) // self.block_size)):
+        for _ in range(len(hits), blocks_for(len(seq), self.block_size)):
             seq.block_table.append(self._take_free_block())
 
     def register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
@@ -132,7 +133,7 @@ class BlockManager:
         """Frees the blocks past the sequence's tokens (those rejected drafts held), for reuse first:
         they hold nothing a lookup could hit. A new epoch when it frees one: the table may grow back to the
         same length with another block, which the runner's staged rows must not miss."""
-        keep = -(-len(seq) // self.block_size)
+        keep = blocks_for(len(seq), self.block_size)
         if len(seq.block_table) > keep:
             seq.alloc_epoch = next(self._epochs)
         while len(seq.block_table) > keep:

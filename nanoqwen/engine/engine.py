@@ -16,7 +16,6 @@ from collections.abc import Callable
 import torch
 
 from nanoqwen import loader
-from nanoqwen.config import EngineConfig
 from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
@@ -36,6 +35,7 @@ from nanoqwen.engine.validation import (
 )
 from nanoqwen.runner import ModelRunner, StepOutput
 from nanoqwen.sampler import token_bitmask
+from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TextPipeline
 
 log = logging.getLogger("nanoqwen")

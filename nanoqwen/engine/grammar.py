@@ -128,8 +128,7 @@ class Grammars:
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
         Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
         key = (kind, text)
-        with self._lock:
-            grammar = self._cached(key)
+        grammar = self._cached(key)
         if grammar is not None:
             return grammar
         try:
@@ -139,18 +138,19 @@ class Grammars:
         return self.compile(converted, param, key)
 
     def _cached(self, key: str | tuple[str, str]) -> Grammar | None:
-        grammar = self._cache.get(key)
-        if grammar is not None:
-            self._cache.move_to_end(key)
+        """The cached grammar, now the most recently used; None on a miss."""
+        with self._lock:
+            grammar = self._cache.get(key)
+            if grammar is not None:
+                self._cache.move_to_end(key)
         return grammar
 
     def compile(self, text: str, param: str, key: str | tuple[str, str] | None = None) -> Grammar:
         """`key`: the cache's (the grammar's text by default)."""
         key = text if key is None else key
-        with self._lock:
-            grammar = self._cached(key)
-            if grammar is not None:
-                return grammar
+        grammar = self._cached(key)
+        if grammar is not None:
+            return grammar
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:

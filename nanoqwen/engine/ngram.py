@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nanoqwen.config import SpeculativeConfig
+from nanoqwen.settings import SpeculativeConfig
 
 if TYPE_CHECKING:  # annotations only
     from nanoqwen.engine.sequence import Sequence

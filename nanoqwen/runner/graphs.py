@@ -82,7 +82,7 @@ class GraphRunner:
             except cpu_graph.NotCapturable as exc:
                 log.info("cpugraph: batch bucket %d runs eagerly: %s", bucket, exc)
                 continue
-            sampling = inputs.sampling()
+            sampling = inputs.sampling_rows()
             self._cpu_graphs[bucket] = recording, logits, sampling
             try:
                 with cpu_graph.capture() as argmax:

@@ -38,12 +38,13 @@ class StepInputs(NamedTuple):
     min_p: torch.Tensor  # [mb] fp32
     block_tables: torch.Tensor  # [mb, max_blocks_per_seq] int32
 
-    def sampling(self) -> SamplingRows:
-        return SamplingRows(**{row: getattr(self, name) for row, name in SAMPLING_ROWS.items()})
+    def sampling_rows(self) -> SamplingRows:
+        """Every row's sampling settings, as the sampler takes them."""
+        return _sampling_rows(self._asdict())
 
 
 ROW_FIELDS = StepInputs._fields[:-1]
-SAMPLING_FIELDS = ROW_FIELDS[ROW_FIELDS.index("top_k"):]  # sampling rows come last
+SAMPLING_FIELDS = ROW_FIELDS[ROW_FIELDS.index("top_k"):]  # a packed step's run of words: StepInputs declares them last
 FLOAT_FIELDS = ("temperature", "top_p", "min_p")
 # SamplingRows' fields -> the step inputs' (by name: two fp32 fields swapped would go unnoticed)
 SAMPLING_ROWS = {name: name for name in ("temperature", "top_p", "top_k", "min_p", "steps")} | {"keys": "seed_keys"}
@@ -100,13 +101,13 @@ class StepInputBuffer:
         self._host_words, self._words = self._staging(size)
         self.host = step_input_views(self._host_words.numpy(), max_batch, max_blocks_per_seq)
         self.device_views = step_input_views(self._words, max_batch, max_blocks_per_seq)
-        # The sampling settings' views over every row, made once: a decode step stages through them.
-        self.host_sampling = self.host.sampling()
-        self._device_sampling = self.device_views.sampling()
+        # Made once: a decode step stages its sampling settings through the host's, and samples from the device's.
+        self.host_sampling = self.host.sampling_rows()
+        self._device_sampling = self.device_views.sampling_rows()
         # The device views of each size a step has run, (rows, table columns) and rows: made on its first step and
         # looked up after, so that a step builds no views (an eager CPU step runs any row count, unpadded).
         self._buckets: dict[tuple[int, int], StepInputs] = {}
-        self._sampling: dict[int, SamplingRows] = {}
+        self._device_sampling_rows: dict[int, SamplingRows] = {}
         # A packed step stages n words per field, so that one copy of its first 6n words uploads them.
         self._packed_host, self._packed = self._staging(len(SAMPLING_FIELDS) * (packed_rows or max_batch))
         # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
@@ -155,11 +156,11 @@ class StepInputBuffer:
             self._buckets[bucket, width] = views
         return views
 
-    def sampling(self, rows: int) -> SamplingRows:
-        """The device sampling settings of the first `rows` rows (made once per row count)."""
-        views = self._sampling.get(rows)
+    def device_sampling(self, rows: int) -> SamplingRows:
+        """The device sampling settings of a decode step's first `rows` rows (made once per row count)."""
+        views = self._device_sampling_rows.get(rows)
         if views is None:
-            views = self._sampling[rows] = self._device_sampling[:rows]
+            views = self._device_sampling_rows[rows] = self._device_sampling[:rows]
         return views
 
     def stage_decode(self, seqs: list[Sequence], bucket: int) -> int:

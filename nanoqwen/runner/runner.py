@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanoqwen.config import RuntimeConfig
+from nanoqwen.config import RuntimeConfig, blocks_for
 from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.runner.graphs import GraphRunner
@@ -59,7 +59,7 @@ class ModelRunner:
         self.max_batch = runtime.max_batch
         self.block_size = runtime.block_size
         self.num_blocks = runtime.num_kv_blocks
-        self.max_blocks_per_seq = -(-runtime.max_model_len // runtime.block_size)
+        self.max_blocks_per_seq = runtime.max_blocks_per_seq
         # A verify step runs and samples each row's token and drafts: up to max_batch × (1 + k) positions; the
         # positions of a sequence share its bitmask row.
         per_row = 1 + (runtime.speculative.num_speculative_tokens if runtime.speculative else 0)
@@ -90,7 +90,7 @@ class ModelRunner:
     def _decode_step(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured or compiled unit: the model, then the sampler. -> (logits [B, V] fp32, tokens [B])."""
         logits = self._decode_logits(inputs)
-        return logits, sample(logits, inputs.sampling(), mode)
+        return logits, sample(logits, inputs.sampling_rows(), mode)
 
     def _decode_logits(self, inputs: StepInputs) -> torch.Tensor:
         """The model's part of the step, what a CPU graph records. -> logits [B, V] fp32."""
@@ -109,7 +109,7 @@ class ModelRunner:
         """
         if not self._narrow_tables:
             return self.max_blocks_per_seq
-        needed = -(-max_len // self.block_size)
+        needed = blocks_for(max_len, self.block_size)
         width = 4
         while width < needed:
             width *= 2
@@ -135,7 +135,7 @@ class ModelRunner:
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
-            tokens = sample(logits, self.inputs.sampling(n), mode,
+            tokens = sample(logits, self.inputs.device_sampling(n), mode,
                             self._penalties(rows) if penalized else None,
                             self.adjuster.build(rows) if adjusted else None)
         return step_output(rows, logits, tokens)
