@@ -49,7 +49,8 @@ def hf(tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module]) -> to
 @pytest.fixture(scope="session")
 def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
-    no state behind that another's could see (no counters read, no first-request effects)."""
+    no state behind that another's could see (counters read only as deltas around a test's own requests, each
+    test ending with the engine idle; no first-request effects)."""
     from chat_http import cpu_env  # here, so that runs without a server do not import openai and the rest
     from server_process import GunicornServer
 

@@ -377,3 +377,14 @@ def test_a_run_let_go_keeps_only_the_frames_its_followers_have_not_sent() -> Non
     unfollowed.add_all([frame])
     unfollowed.release()
     assert (len(unfollowed.frames), unfollowed.size) == (0, 0)
+
+
+def test_a_run_let_go_with_a_follower_waiting_past_its_newest_frame_ends_it() -> None:
+    """starting_after may be ahead of a run still generating: letting the run go must not trim past its frames."""
+    run = _run()
+    run.add_all(["e0", "e1"])
+    got, follower = _following(run, after=1000)
+    run.release()
+    run.end()
+    follower.join(timeout=5)
+    assert follower.dead and got == [] and (len(run.frames), run.size) == (0, 0)

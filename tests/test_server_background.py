@@ -144,7 +144,7 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
         with client.completions.create(**filler) as completion:
             next(iter(completion))  # its rows taken
             polled = client.responses.create(background=True, **LONG)
-            streamed, opening = _started(client, 2, **LONG)
+            streamed, opening = _started(client, 2, **{**LONG, "max_output_tokens": 16})  # queued, then short
             retrieved = client.responses.retrieve(polled.id)
             served, aborted = _outcomes(chat_server)
             cancelled = client.responses.cancel(polled.id)

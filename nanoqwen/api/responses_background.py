@@ -88,8 +88,8 @@ class Run:
         """Past the cap (once released, at once) the oldest frames every follower has sent go; past MAX_LAG_BYTES
         the oldest before the last event's, sent or not."""
         behind = min((cursor.next for cursor in self._cursors), default=self.first + len(self.frames))
-        if self._released:
-            while self.first < behind:
+        if self._released:  # a follower may wait past the newest frame (starting_after ahead of the run)
+            while self.first < min(behind, self.first + len(self.frames)):
                 self._drop_first()
             return
         if self.size <= MAX_EVENT_BYTES:
@@ -178,13 +178,15 @@ class Background:
                 end()
             finally:
                 del self._running[run.id]
-                if run.keeps_events and self.store.get(run.id) is not None:  # not deleted meanwhile
-                    self._finished[run.id] = run
-                    while len(self._finished) > KEPT_FINISHED:
-                        self._finished.popitem(last=False)[1].release()
-                else:
-                    run.release()
-                run.end()
+                try:
+                    if run.keeps_events and self.store.get(run.id) is not None:  # not deleted meanwhile
+                        self._finished[run.id] = run
+                        while len(self._finished) > KEPT_FINISHED:
+                            self._finished.popitem(last=False)[1].release()
+                    else:
+                        run.release()
+                finally:
+                    run.end()  # followers must return whatever happened above
 
     def events(self, response_id: str) -> Run | None:
         """The background stream with this id whose events are kept, generating or not."""
