@@ -470,10 +470,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
    below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
 #define MADD_SPAN_BLOCKS 512
-/* How far ahead the weights are prefetched: the same column of the row this many rows on */
-#ifndef MADD_AHEAD_ROWS
+/* How far ahead the weights are prefetched: the same column of the row this many rows on (4, 8 and 16 measured alike) */
 #define MADD_AHEAD_ROWS 8
-#endif
 
 struct linear_int4_madd_args {
     const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
@@ -621,8 +619,9 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
+    const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
     const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y, M, N, K, G, P,
-                                            bf16, (pool_rows_per_chunk(K / 2) + 3) / 4 * 4};  /* whole passes of 4 rows */
+                                            bf16, rows};
     pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
     return 1;
 }
