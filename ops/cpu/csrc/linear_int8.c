@@ -76,10 +76,9 @@ AVX512_END
 
 /* ---- AVX2 (no AVX-512): int16 activation pieces (act_quant16.h) against the weights widened to int16 ---- */
 
-/* int16 pieces per activation row: one holds what act_quant.h's two int8 pieces do (PIECES_BF16 = 2, PIECES_F32 = 4
-   above, and the same reasons). */
-#define PIECES16_BF16 1
-#define PIECES16_F32 2
+/* int16 pieces per activation row, for PIECES_BF16 and PIECES_F32 int8 ones above (act_quant16.h), the same reasons */
+#define PIECES16_BF16 ACT16_PIECES(PIECES_BF16)
+#define PIECES16_F32 ACT16_PIECES(PIECES_F32)
 /* Piece rows one pass over a weight row serves. 4, not the 8 accumulators the registers could hold: 8 rows of
    pieces at K 3072 (48 KB) overflow the 32 KB L1 and were reloaded from L2 for every weight row, where each group of
    4 (24 KB) stays in L1 while it runs over the chunk's weight rows, which the next group then finds in L2 (one
@@ -296,12 +295,6 @@ static void linear_int8_amx(const void *ctx, long chunk) {
 
 #pragma GCC pop_options
 
-#ifdef NANOQWEN_NO_VNNI  /* tests build this to check the widening loops on a CPU with VNNI */
-static inline int has_vnni(void) { return 0; }
-#else
-static inline int has_vnni(void) { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
-#endif
-
 /* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c. */
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16) {
     const long rows = pool_rows_per_chunk(K);
@@ -309,7 +302,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     const long pieces = (long)M * P;
     float *qscale;
     /* out of memory for the pieces: the widening loops below */
-    if (has_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K))) {
+    if (has_avx512_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K))) {
         int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
         struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows, 0};
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
@@ -327,7 +320,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     const long pieces16 = (long)M * P16;
     if (!has_avx512() && (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K))) {
         int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
-        act16_quant_rows(x, bf16, M, K, P16, q, qscale);
+        act16_quant_rows(x, bf16, M, K, P16, K, q, qscale);
         struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, rows, 0};
         pool_run(linear_int8_madd, &a, (N + rows - 1) / rows);
         return;
