@@ -56,8 +56,9 @@ PIECE_ERROR = {"int8": {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4
                "int16": {p: 0.5 / 32767 / 65534 ** (p - 1) + 2**-23 for p in (1, 2)}}
 # VNNI: 1 row vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
 # vpdpbusd in groups of 4 / 2 rows; odd N leaves AMX a partial block of weight rows. AVX2: vpmaddwd in groups of
-# 8 / 4 rows.
-# 7 rows: AVX2's 5-8-row cases; K 8224: two of AVX2's 4096-column int32 spans and a partial third.
+# 4 / 2 rows (4 int16 piece rows).
+# 7 rows: AVX2's group of 4 then of 3 (bf16), three of 2 then a row alone (fp32); K 8224: two of AVX2's 4096-column
+# int32 spans and a partial third.
 PIECE_SHAPES = [(1, 151, 1024), (1, 13, 96), (2, 77, 1024), (3, 13, 96), (8, 151, 3072), (16, 33, 2048),
                 (32, 40, 64), (5, 9, 32), (7, 9, 96), (2, 17, 8224)]
 

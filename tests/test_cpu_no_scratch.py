@@ -20,7 +20,7 @@ from ops.torch_ref.linear_int8 import linear_int8_torch
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 DTYPES = [torch.float32, torch.bfloat16]
-ROWS = [1, 2, 5, 9]  # 1 and 2: one pass of the AVX2 paths; 5 and 9: several, the last of one row
+ROWS = [1, 2, 3, 5, 9]  # 1-3: one pass of the AVX2 paths (3: a group of 3); 5 and 9: several, the last of one row
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
@@ -103,6 +103,22 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
     tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     for variant in ("built, no scratch", "loops"):  # "loops": AVX2's multi-row loop on an AVX-512 CPU too
         torch.testing.assert_close(dense(lib("linear.c", variant), x, w).float(), x.float() @ w.float().T, **tol)
+
+
+@pytest.mark.parametrize("variant", ["loops", "loops, no scratch"])
+@pytest.mark.parametrize("n,k", [(1000, 160), (1000, 1024)])
+def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
+    """On AVX2 a bf16 row's outputs are the same bits alone as in a batch of any size (a greedy request decodes the
+    same batched or not): every group size (1-4 rows) sums in one order. K 160: chunks of 409 weight rows, rounded to
+    whole 2-row passes, 3 chunks; K 1024: 1 row through another order differed in 2 of 8000 outputs."""
+    torch.manual_seed(k)
+    x, w = torch.randn(8, k).bfloat16(), torch.randn(n, k).bfloat16()
+    kernel = lib("linear.c", variant)
+    batch = dense(kernel, x, w)
+    torch.testing.assert_close(batch.float(), x.float() @ w.float().T, atol=1e-2, rtol=1e-2)
+    for m in range(1, 8):
+        assert torch.equal(dense(kernel, x[:m], w), batch[:m]), m
+        assert torch.equal(dense(kernel, x[m:m + 1], w), batch[m:m + 1]), m
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@
 #include "simd.h"
 
 /* How a weight row is stored; the loops take it as a constant, so each gets its own branch-free body. */
-enum { W_F32, W_BF16, W_I8 };
+enum { W_F32, W_I8 };
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -25,17 +25,9 @@ INLINE __m256 widen_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* Weights k..k+31 of row r as fp32. A bf16 row is widened without shuffles: `v << 16` holds the
-   even-indexed values and `v & 0xffff0000` the odd-indexed ones, so its activations must be split to
-   match (evens then odds in each group of 16, linear.c's `split_even_odd`). */
+/* Weights k..k+31 of row r as fp32 (bf16 weights take dot_rows_bf16_avx2 instead). */
 INLINE void widen32(const void *r, int k, int kind, __m256 w[4]) {
-    if (kind == W_BF16) {
-        const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
-        __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k));
-        __m256i u = _mm256_loadu_si256((const __m256i *)((const uint16_t *)r + k + 16));
-        w[0] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), w[1] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-        w[2] = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), w[3] = _mm256_castsi256_ps(_mm256_and_si256(u, odd));
-    } else if (kind == W_I8) {
+    if (kind == W_I8) {
         const int8_t *p = (const int8_t *)r + k;
         w[0] = widen_i8(p), w[1] = widen_i8(p + 8), w[2] = widen_i8(p + 16), w[3] = widen_i8(p + 24);
     } else {
@@ -45,16 +37,16 @@ INLINE void widen32(const void *r, int k, int kind, __m256 w[4]) {
     }
 }
 
-/* How an activation row is stored: fp32 (for bf16 weights already split as they are widened), or bf16 rows as
-   they came, widened in registers at each use, which needs no scratch: X_BF16_SPLIT in widen32's order of a bf16
-   weight row, X_BF16 in order (for int8 weights). Bit for bit the same products as fp32 rows widened before. */
+/* How an activation row is stored: fp32 (for bf16 weights split already: evens then odds in each group of 16,
+   linear.c's `split_even_odd`, the order a bf16 weight row widens in without shuffles: `v << 16` holds the
+   even-indexed values and `v & 0xffff0000` the odd-indexed ones), or bf16 rows as they came, widened in registers
+   at each use, which needs no scratch: X_BF16_SPLIT split so (for bf16 weights), X_BF16 in order (for int8
+   weights). Bit for bit the same products as fp32 rows widened before. */
 enum { X_F32, X_BF16_SPLIT, X_BF16 };
 
-/* Activations k..k+31 of row x as fp32, in the order widen32 gives a weight row of the kind they meet. */
+/* Activations k..k+31 of row x as fp32 (X_F32 or X_BF16), in order. */
 INLINE void load_x32(const void *x, int k, int xkind, __m256 v[4]) {
-    if (xkind == X_BF16_SPLIT) {
-        widen32(x, k, W_BF16, v);
-    } else if (xkind == X_BF16) {
+    if (xkind == X_BF16) {
         for (int j = 0; j < 4; j++) v[j] = load8(x, k + 8 * j, 1);
     } else {
         for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps((const float *)x + k + 8 * j);
@@ -64,7 +56,7 @@ INLINE void load_x32(const void *x, int k, int xkind, __m256 v[4]) {
 /* o0 (and o1 when x1 is not NULL) = the fp32 dot products of weight row r with activation rows x0, x1. */
 INLINE void dot2_avx2(const void *r, int kind, const void *x0, const void *x1, int xkind, int K, float *o0,
                       float *o1) {
-    const int size = kind == W_F32 ? 4 : kind == W_BF16 ? 2 : 1;
+    const int size = kind == W_F32 ? 4 : 1;
     __m256 a[4], b[4], w[4], x[4];
     for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 32) {
@@ -81,15 +73,28 @@ INLINE void dot2_avx2(const void *r, int kind, const void *x0, const void *x1, i
     if (x1) *o1 = hsum(_mm256_add_ps(_mm256_add_ps(b[0], b[1]), _mm256_add_ps(b[2], b[3])));
 }
 
+/* Columns k..k+15 of row m of x (rows of K) as fp32: *e the even-indexed, *o the odd-indexed (X_F32: rows split
+   already; X_BF16_SPLIT: bf16, split here by a shift and a mask). */
+INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __m256 *o) {
+    if (xkind == X_F32) {
+        const float *f = (const float *)x + (long)m * K + k;
+        *e = _mm256_loadu_ps(f), *o = _mm256_loadu_ps(f + 8);
+    } else {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + (long)m * K + k));
+        *e = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *o = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    }
+}
+
 #define AVX2_WROWS 2  /* weight rows one pass of dot_rows_bf16_avx2 serves */
 #define AVX2_XROWS 4  /* activation rows it serves: 8 accumulators, 4 weight and 2 activation registers of 16 */
 
 /* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * K (i < W) with activation row m < rows
-   of x (X_F32: fp32 rows split as widen32 orders a bf16 row; X_BF16_SPLIT: bf16 rows, split in registers), W, rows
-   and xkind constants. Each activation vector loaded meets W weight rows: with one weight row a pass, a load per
-   FMA bound the loop as the FMAs do. */
+   of x (X_F32: fp32 rows split as `load_x32` says; X_BF16_SPLIT: bf16 rows, split in registers), W, rows and xkind
+   constants. Each activation vector loaded meets W weight rows: with one weight row a pass, a load per FMA bound
+   the loop as the FMAs do. Each sum is one chain, two FMAs (evens, odds) per 16 columns in column order, whatever
+   W and rows: a row's outputs are the same bits alone as in a batch of any size. */
 INLINE void dot_rows_bf16_avx2(const uint16_t *r, const void *x, int xkind, int W, int rows, int K, float *out) {
-    const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
     __m256 a[AVX2_WROWS][AVX2_XROWS];
     for (int i = 0; i < W; i++)
         for (int m = 0; m < rows; m++) a[i][m] = _mm256_setzero_ps();
@@ -97,17 +102,11 @@ INLINE void dot_rows_bf16_avx2(const uint16_t *r, const void *x, int xkind, int 
         __m256 even[AVX2_WROWS], odds[AVX2_WROWS];
         for (int i = 0; i < W; i++) {
             __builtin_prefetch(r + (long)i * K + k + PREFETCH_BYTES / 2);
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(r + (long)i * K + k));
-            even[i] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), odds[i] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+            split16(r + (long)i * K, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);
         }
         for (int m = 0; m < rows; m++) {
             __m256 xe, xo;
-            if (xkind == X_F32) {
-                xe = _mm256_loadu_ps((const float *)x + (long)m * K + k), xo = _mm256_loadu_ps((const float *)x + (long)m * K + k + 8);
-            } else {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + (long)m * K + k));
-                xe = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xo = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
-            }
+            split16(x, m, K, k, xkind, &xe, &xo);
             __asm__("" : "+x"(xe), "+x"(xo));  /* in registers: GCC would fold a load into each FMA (one hot
                                                   512 x 1024, 8 rows: 155 -> 129 µs) */
             for (int i = 0; i < W; i++) a[i][m] = _mm256_fmadd_ps(xo, odds[i], _mm256_fmadd_ps(xe, even[i], a[i][m]));

@@ -22,22 +22,19 @@ struct linear_args {
     int unsplit;  /* AVX2, bf16: x as it came, split in registers at each use (no scratch for the split) */
 };
 
-/* AVX2: two activation rows per pass over a weight row (fp32 weights, and bf16's one row). */
+/* AVX2, fp32 weights: two activation rows per pass over a weight row. */
 static void linear_avx2(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
-    const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
-    const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4), x_bytes = (size_t)K * (a->unsplit ? 2 : 4);
+    const int M = a->M, N = a->N, K = a->K;
     const long end = pool_chunk_end(chunk, a->rows, N);
     for (long n = chunk * a->rows; n < end; n++) {
-        const void *r = (const char *)a->w + n * row_bytes;
+        const float *r = (const float *)a->w + n * K;
         for (int m = 0; m < M; m += 2) {
             float o0, o1 = 0.0f;  /* o1 is written only when there is a second row */
-            const char *x0 = (const char *)a->x + m * x_bytes, *x1 = m + 1 < M ? x0 + x_bytes : 0;
-            if (a->unsplit) dot2_avx2(r, W_BF16, x0, x1, X_BF16_SPLIT, K, &o0, &o1);
-            else if (bf16) dot2_avx2(r, W_BF16, x0, x1, X_F32, K, &o0, &o1);
-            else dot2_avx2(r, W_F32, x0, x1, X_F32, K, &o0, &o1);
-            store1(a->y, (long)m * N + n, o0, bf16);
-            if (x1) store1(a->y, (long)(m + 1) * N + n, o1, bf16);
+            const float *x0 = (const float *)a->x + (long)m * K, *x1 = m + 1 < M ? x0 + K : 0;
+            dot2_avx2(r, W_F32, x0, x1, X_F32, K, &o0, &o1);
+            store1(a->y, (long)m * N + n, o0, 0);
+            if (x1) store1(a->y, (long)(m + 1) * N + n, o1, 0);
         }
     }
 }
@@ -57,8 +54,8 @@ INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0
     }
 }
 
-/* AVX2, bf16 weights, 2+ activation rows: AVX2_XROWS of them at a time over the chunk's weight rows, which the next
-   group finds in L2 (8 rows, one thread, hot 512 x 1024: 165-220 -> 103-129 µs against two rows a pass). */
+/* AVX2, bf16 weights: AVX2_XROWS activation rows at a time over the chunk's weight rows, which the next group finds
+   in L2 (8 rows, one thread, hot 512 x 1024: 165-220 -> 103-129 µs against two rows a pass). */
 static void linear_bf16_avx2(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
     const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, a->N);
@@ -150,6 +147,12 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         split_even_odd((const uint16_t *)x, split, (long)M * K);
         a.x = split;
     }
-    a.unsplit = bf16 && !split;
-    pool_run(bf16 && M >= 2 ? linear_bf16_avx2 : linear_avx2, &a, chunks);
+    if (!bf16) {
+        pool_run(linear_avx2, &a, chunks);
+        return;
+    }
+    a.unsplit = !split;
+    /* whole passes of weight rows in every chunk but the last */
+    a.rows = (a.rows + AVX2_WROWS - 1) / AVX2_WROWS * AVX2_WROWS;
+    pool_run(linear_bf16_avx2, &a, (N + a.rows - 1) / a.rows);
 }
