@@ -59,7 +59,7 @@ class BackgroundSoak:
     def scenario(self, rng: random.Random) -> None:
         actions: list[tuple[float, Callable[[random.Random], None]]] = [
             (3, self.polled), (3, self.streamed), (4, self.resumed), (4, self.cancelled), (3, self.deleted),
-            (2, self.continued), (1, self.burst)]
+            (2, self.continued), (1, self.burst), (2, self.crowd), (1, self.odd_queries)]
         weights, chosen = zip(*actions)
         rng.choices(chosen, weights)[0](rng)
 
@@ -374,6 +374,49 @@ class BackgroundSoak:
                 with self.tally.lock:
                     self.tally.background[response_id] = True
 
+    def crowd(self, rng: random.Random) -> None:
+        """Many followers of one run at once, from random points, some hanging up or reading slowly; meanwhile the
+        run is cancelled, deleted or left to end: every follower returns."""
+        opened = self._open_stream(rng, "bg-crowd", long=True)
+        if opened is None:
+            return
+        conn, created = opened
+        response_id = created["response"]["id"]
+        conn.close()
+        self.tally.record("bg-crowd", 0)
+        followers = [threading.Thread(target=self.follow, args=(
+            response_id, rng.choice([None, rng.randint(0, 40)]), random.Random(rng.random()), "bg-crowd-follow",
+            rng.choice(["whole", "slow", "hang-up"]))) for _ in range(rng.randint(4, 16))]
+        for follower in followers:
+            follower.start()
+        time.sleep(rng.uniform(0, 1))
+        then = rng.choice(["cancel", "delete", "leave"])
+        if then != "leave":
+            reply = send(self.port, request_bytes("POST" if then == "cancel" else "DELETE",
+                                                  f"{RESPONSES}/{response_id}{'/cancel' if then == 'cancel' else ''}"))
+            if then == "delete" and reply.status == 200:
+                with self.tally.lock:
+                    self.tally.background[response_id] = True
+            self.tally.record(f"bg-crowd-{then}", reply.status, None if reply.status == 200 else
+                              f"{then} of {response_id}: {reply.status} {reply.body[:200]!r}", generates=False)
+        for follower in followers:
+            self._joined(follower, "bg-crowd")
+
+    def odd_queries(self, rng: random.Random) -> None:
+        """GET's query parameters with values it does not take: a 400 naming the parameter."""
+        response_id = rng.choice(list(self.tally.background) or ["resp_none"])
+        query, param = rng.choice([
+            ("stream=true&starting_after=-1", "starting_after"), ("stream=true&starting_after=1e3", "starting_after"),
+            ("stream=true&starting_after=%20", "starting_after"), ("stream=true&starting_after=", "starting_after"),
+            ("stream=yes", "stream"), ("starting_after=3", "starting_after"),
+            ("stream=false&include_obfuscation=true", "include_obfuscation"), ("include=x", "include"),
+            ("stream=true&starting_after=%D9%A3", "starting_after"), ("stream=TRUE", "stream")])
+        reply = send(self.port, request_bytes("GET", f"{RESPONSES}/{response_id}?{query}"))
+        problem = error_problem(reply) if reply.status == 400 else f"GET ?{query}: {reply.status}"
+        if problem is None and _json(reply)["error"]["param"] != param:
+            problem = f"GET ?{query} named {_json(reply)['error']['param']}, not {param}"
+        self.tally.record("bg-odd-query", reply.status, problem, generates=False)
+
     # -- after a round ------------------------------------------------------------------------
 
     def settle(self) -> None:
@@ -382,7 +425,8 @@ class BackgroundSoak:
         for response_id, deleted in list(self.tally.background.items()):
             self._settled(response_id, deleted)
         rng = random.Random(0)
-        room = [self._create_polled(rng, "bg-room") for _ in range(MAX_RUNNING)]
+        bodies = [json.dumps(self._body(rng, False) | {"max_output_tokens": 16}).encode() for _ in range(MAX_RUNNING)]
+        room = [self._created(send(self.port, request_bytes("POST", RESPONSES, body)), "bg-room") for body in bodies]
         if None in room:
             self.tally.problems.append(f"no room for {MAX_RUNNING} background runs once every run ended")
         for response_id in filter(None, room):
