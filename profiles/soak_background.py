@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chat_http import MODEL
@@ -114,6 +115,9 @@ class BackgroundSoak:
         first = next(_events(conn))
         self._made(first["response"]["id"])
         return conn, first
+
+    def cancel(self, response_id: str) -> Reply:
+        return send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
 
     def get(self, response_id: str) -> Reply:
         return send(self.port, request_bytes("GET", f"{RESPONSES}/{response_id}"))
@@ -291,8 +295,7 @@ class BackgroundSoak:
         response_id, streamed = run
         follower = self._with_follower(rng, response_id, streamed)
         stage = self._stage(rng, response_id)
-        answers = [send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
-                   for _ in range(rng.choice([1, 1, 2]))]
+        answers = [self.cancel(response_id) for _ in range(rng.choice([1, 1, 2]))]
         statuses = [_json(a)["status"] if a.status == 200 else a.status for a in answers]
         final = self.status(response_id)
         problem = None
@@ -347,7 +350,7 @@ class BackgroundSoak:
             problem = f"a continuation of a run in progress got {reply.status}: {reply.body[:300]!r}"
         self.tally.record(f"bg-continued-{code}", reply.status, problem)
         if rng.random() < 0.5:
-            send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
+            self.cancel(response_id)
 
     def burst(self, rng: random.Random) -> None:
         """More creates at once than MAX_RUNNING: each made or refused with a 429 (Retry-After); then cancelled,
@@ -368,7 +371,7 @@ class BackgroundSoak:
         then = rng.choice(["cancel", "delete", "leave"])
         for response_id in made:
             if then == "cancel":
-                send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
+                self.cancel(response_id)
             elif then == "delete" and send(self.port, request_bytes("DELETE", f"{RESPONSES}/{response_id}")).status \
                     == 200:
                 with self.tally.lock:
@@ -421,16 +424,20 @@ class BackgroundSoak:
 
     def settle(self) -> None:
         """Every run of the round ended (terminal, or 404 once deleted; its end counted for /stats' check), then
-        room for MAX_RUNNING more, which end too."""
-        for response_id, deleted in list(self.tally.background.items()):
-            self._settled(response_id, deleted)
-        rng = random.Random(0)
-        bodies = [json.dumps(self._body(rng, False) | {"max_output_tokens": 16}).encode() for _ in range(MAX_RUNNING)]
-        room = [self._created(send(self.port, request_bytes("POST", RESPONSES, body)), "bg-room") for body in bodies]
-        if None in room:
-            self.tally.problems.append(f"no room for {MAX_RUNNING} background runs once every run ended")
-        for response_id in filter(None, room):
-            self._settled(response_id, False)
+        room for MAX_RUNNING more, cancelled at once (they end too)."""
+        with ThreadPoolExecutor(8) as pool:
+            made = dict(self.tally.background)
+            list(pool.map(self._settled, made, made.values()))
+            rng = random.Random(0)
+            bodies = [json.dumps(self._body(rng, False) | {"max_output_tokens": 16}).encode()
+                      for _ in range(MAX_RUNNING)]
+            room = list(pool.map(lambda body: self._created(send(self.port, request_bytes("POST", RESPONSES, body)),
+                                                            "bg-room"), bodies))
+            if None in room:
+                self.tally.problems.append(f"no room for {MAX_RUNNING} background runs once every run ended")
+            room = [response_id for response_id in room if response_id is not None]
+            list(pool.map(self.cancel, room))  # their room shown: no need to wait for their answers
+            list(pool.map(self._settled, room, [False] * len(room)))
 
     def _settled(self, response_id: str, deleted: bool) -> None:
         status = self.wait_ended(response_id, timeout=60)
