@@ -175,11 +175,13 @@ class BackgroundSoak:
         self.tally.record(scenario, 200, self._stream_problem(events, after, response_id), generates=False)
 
     def _follow_refusal_problem(self, reply: Reply, response_id: str, after: int) -> str | None:
-        """A follower's refusal, as it may be: 404 once deleted; 400 naming starting_after (before the events
-        kept, or past an ended run's last) or stream (no events kept: polled, or no longer kept)."""
+        """A streamed run's follower's refusal, as it may be: 404 once deleted; 400 naming starting_after (before
+        the events kept, or past an ended run's last) or stream (its events no longer kept: never while it runs)."""
         if (problem := error_problem(reply)) is not None:
             return problem
         param = _json(reply)["error"]["param"]
+        if param == "stream" and (status := self.status(response_id)) in RUNNING:
+            return f"a follower of {response_id}, {status}, told its events are not kept: {reply.body[:300]!r}"
         if reply.status == 404 or reply.status == 400 and param in ("starting_after", "stream"):
             return None
         return f"a follower of {response_id} after {after} got {reply.status}: {reply.body[:300]!r}"
