@@ -1,4 +1,4 @@
-"""The values the engine's named settings take, and the default model: checked by nanoqwen.config, offered by
+"""The values the engine's named settings take, and the default model: checked by nanoqwen.settings, offered by
 `nanoqwen serve` (nanoqwen/cli.py), which never imports torch."""
 from __future__ import annotations
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass, fields
 
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
-from nanoqwen.settings import STEP_TOKENS_FLOOR, EngineConfig
+from nanoqwen.settings import (
+    CUDA_KV_RESERVE_BYTES,
+    CUDA_KV_SHARE,
+    GRACEFUL_TIMEOUT_S,
+    HOST_KV_BYTES,
+    STEP_TOKENS_FLOOR,
+    STEP_TOKENS_PER_ROW,
+    EngineConfig,
+)
 
 GUNICORN_CONFIG = "python:nanoqwen.gunicorn_conf"
 APP = "nanoqwen.wsgi:app"
@@ -48,15 +56,17 @@ ENGINE_OPTIONS = (
     EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
               "model's max_position_embeddings)", int),
     EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503", int),
-    EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA 80%% of "
-              "free memory - 1 GiB, CPU/MPS 2 GiB)", float),
+    EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA "
+              f"{CUDA_KV_SHARE * 100:.0f}%% of free memory - {CUDA_KV_RESERVE_BYTES >> 30} GiB, CPU/MPS "
+              f"{HOST_KV_BYTES >> 30} GiB)", float),
     EnvOption("--num-kv-blocks", "NANOQWEN_NUM_KV_BLOCKS", "fixed KV pool size in blocks instead of a memory "
               "budget", int),
     EnvOption("--block-size", "NANOQWEN_BLOCK_SIZE", "tokens per KV block", int),
     EnvOption("--max-prefill-tokens", "NANOQWEN_MAX_PREFILL_TOKENS", "prompt tokens prefilled together in one "
               "step when chunking is off", int),
     EnvOption("--max-step-tokens", "NANOQWEN_MAX_STEP_TOKENS", "chunked prefill: tokens per step, running "
-              "streams' decode tokens first, then prefill chunks; 0 = off (default: 2 × max batch, at least "
+              "streams' decode tokens first, then prefill chunks; 0 = off (default: "
+              f"{STEP_TOKENS_PER_ROW} × max batch, at least "
               f"{STEP_TOKENS_FLOOR})", int),
     EnvOption("--prefill-stall", "NANOQWEN_PREFILL_STALL", "chunked prefill: while streams decode, the time a "
               "chunk of a long prompt may add to a step with the smallest chunk, in decode steps; 0 = no pacing",
@@ -126,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "model and KV cache on its own device: cuda:0..N-1 (round-robin past the GPU count) or, on "
                       "the CPU, its share of the cores (default %(default)s)")
     http.add_argument("--graceful-timeout", type=int, default=None, help="seconds running streams get to finish "
-                      "on SIGTERM before they end with an error event (default 30)")
+                      f"on SIGTERM before they end with an error event (default {GRACEFUL_TIMEOUT_S})")
     http.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error", "critical"),
                       help="gunicorn's and nanoqwen's log level (default info)")
     http.add_argument("--access-log", default=None, help="access log file, - for stdout (the default)")

@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from nanoqwen.choices import DTYPE_NAMES
-from nanoqwen.settings import EngineConfig, SpeculativeConfig
+from nanoqwen.settings import (
+    CUDA_KV_RESERVE_BYTES,
+    CUDA_KV_SHARE,
+    HOST_KV_BYTES,
+    EngineConfig,
+    SpeculativeConfig,
+)
 
 log = logging.getLogger("nanoqwen")
 
@@ -136,8 +142,8 @@ def kv_pool_bytes(kv_cache_memory: float, device: torch.device) -> int:
         return int(kv_cache_memory)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.8) - (1 << 30)  # leave room for activations, graphs and sampling
-    return 2 << 30
+        return int(free * CUDA_KV_SHARE) - CUDA_KV_RESERVE_BYTES
+    return HOST_KV_BYTES
 
 
 @dataclass(frozen=True)

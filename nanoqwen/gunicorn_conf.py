@@ -12,7 +12,7 @@ import sys
 
 from nanoqwen.api.shared_stats import forget_worker, make_run_dir, remove_run_dir
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
-from nanoqwen.settings import EngineConfig
+from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
@@ -29,7 +29,7 @@ workers = 1  # each worker loads its own copy of the model
 worker_connections = 1000
 preload_app = False  # works too: the worker starts the engine after the fork either way
 timeout = 120  # heartbeat of the worker's loop (and its boot: torch import), not a limit on long streams
-graceful_timeout = 30  # SIGTERM: running streams get this long to finish, then end with an error event
+graceful_timeout = GRACEFUL_TIMEOUT_S
 keepalive = 75  # longer than common proxies' idle timeouts; shutdown closes idle connections at once
 control_socket_disable = True  # its default path is one per user: a second server would clash
 accesslog = "-"
@@ -53,7 +53,7 @@ def post_fork(server, worker) -> None:
         sys.exit(server.WORKER_BOOT_ERROR)
 
     os.environ[SLOT_ENV] = str(worker.nanoqwen_slot)
-    requested = os.environ.get("NANOQWEN_DEVICE") or EngineConfig.device  # unset or empty: the setting's default
+    requested = EngineConfig.env_setting("device") or EngineConfig.device
     device, placed = place_worker(worker.nanoqwen_slot, server.num_workers, requested)
     os.environ["NANOQWEN_DEVICE"] = device
     if "nanoqwen.wsgi" in sys.modules:  # --preload built the engine's config in the master

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
 
 SPECULATIVE_METHODS = ("ngram",)
 STEP_TOKENS_FLOOR = 512  # the smallest default max_step_tokens
+STEP_TOKENS_PER_ROW = 2  # the default max_step_tokens per max_batch row, above the floor
+GRACEFUL_TIMEOUT_S = 30  # SIGTERM: running streams get this long to finish, then end with an error event
+# The KV pool without kv_cache_memory: a share of CUDA's free memory less room for activations, graphs and
+# sampling; elsewhere a fixed size.
+CUDA_KV_SHARE = 0.8
+CUDA_KV_RESERVE_BYTES = 1 << 30
+HOST_KV_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,8 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step, without chunking
     # Chunked prefill: tokens a step runs, every running stream's decode token first, then prefill
     # (prompts that finish within the budget whole, longer ones in chunks across steps); 0 = off (whole
-    # prompts prefilled alone in a step); None = 2 × max_batch, at least STEP_TOKENS_FLOOR (profiles/RESULTS.md,
-    # "Chunked prefill: paced chunks").
+    # prompts prefilled alone in a step); None = STEP_TOKENS_PER_ROW × max_batch, at least STEP_TOKENS_FLOOR
+    # (profiles/RESULTS.md, "Chunked prefill: paced chunks").
     max_step_tokens: int | None = None
     # While streams decode, a chunk that leaves its prompt unfinished may make its step this many
     # decode-only steps longer than a step with the smallest chunk (measured, nanoqwen/engine/pacing.py):
@@ -106,7 +114,7 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_step_tokens is None:
-            self.max_step_tokens = max(STEP_TOKENS_FLOOR, 2 * self.max_batch)
+            self.max_step_tokens = max(STEP_TOKENS_FLOOR, STEP_TOKENS_PER_ROW * self.max_batch)
         if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
             raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
                              "a step with every sequence decoding still has room for a prefill chunk")
@@ -118,13 +126,18 @@ class EngineConfig:
         self.speculative: SpeculativeConfig | None = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> EngineConfig:
+    def env_setting(cls, name: str, environ: Mapping[str, str] | None = None) -> str | None:
+        """NANOQWEN_<NAME>'s raw value; None where it is unset or empty (both mean the field's default)."""
+        raw = (os.environ if environ is None else environ).get(f"NANOQWEN_{name.upper()}")
+        return raw or None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> EngineConfig:
         """Settings from NANOQWEN_<FIELD> variables (e.g. NANOQWEN_MAX_BATCH=16)."""
-        environ = os.environ if environ is None else environ
         values: dict = {}
         for f in fields(cls):
-            raw = environ.get(f"NANOQWEN_{f.name.upper()}")
-            if raw is None or raw == "":
+            raw = cls.env_setting(f.name, environ)
+            if raw is None:
                 continue
             kind = f.type.split("|")[0].strip()
             try:

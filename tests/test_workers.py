@@ -15,6 +15,7 @@ import requests
 
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
+from nanoqwen.settings import EngineConfig
 from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"
@@ -41,6 +42,14 @@ def test_worker_device_round_robin_on_cuda_only_when_not_pinned():
     assert worker_device("cuda", 1, 4) == "cuda:1"
     assert worker_device("cuda:3", 0, 4) == "cuda:3" and worker_device("cpu", 1, 4) == "cpu"
     assert worker_device("auto", 1, 0) == "auto"
+
+
+def test_an_empty_device_setting_is_the_default_as_unset():
+    """post_fork places workers from it: an empty NANOQWEN_DEVICE passed as "" skipped the CUDA round-robin."""
+    assert EngineConfig.env_setting("device", {}) is None
+    assert EngineConfig.env_setting("device", {"NANOQWEN_DEVICE": ""}) is None
+    assert EngineConfig.env_setting("device", {"NANOQWEN_DEVICE": "cpu"}) == "cpu"
+    assert EngineConfig.from_env({"NANOQWEN_DEVICE": ""}).device == EngineConfig.device
 
 
 def test_aggregate_sums_counts_and_weights_the_mean():

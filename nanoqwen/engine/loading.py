@@ -10,7 +10,6 @@ import torch
 import ops
 from nanoqwen import loader
 from nanoqwen.config import (
-    EngineConfig,
     ModelConfig,
     RuntimeConfig,
     bind_device,
@@ -21,6 +20,7 @@ from nanoqwen.config import (
 )
 from nanoqwen.loader import GenerationDefaults
 from nanoqwen.model import Qwen3ForCausalLM
+from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 
 

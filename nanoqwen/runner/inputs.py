@@ -107,7 +107,7 @@ class StepInputBuffer:
         # The device views of each size a step has run, (rows, table columns) and rows: made on its first step and
         # looked up after, so that a step builds no views (an eager CPU step runs any row count, unpadded).
         self._buckets: dict[tuple[int, int], StepInputs] = {}
-        self._device_sampling_rows: dict[int, SamplingRows] = {}
+        self._device_sampling_by_rows: dict[int, SamplingRows] = {}
         # A packed step stages n words per field, so that one copy of its first 6n words uploads them.
         self._packed_host, self._packed = self._staging(len(SAMPLING_FIELDS) * (packed_rows or max_batch))
         # Every row starts as a padded lane (what graph capture runs): no cache write, one null slot
@@ -158,9 +158,9 @@ class StepInputBuffer:
 
     def device_sampling(self, rows: int) -> SamplingRows:
         """The device sampling settings of a decode step's first `rows` rows (made once per row count)."""
-        views = self._device_sampling_rows.get(rows)
+        views = self._device_sampling_by_rows.get(rows)
         if views is None:
-            views = self._device_sampling_rows[rows] = self._device_sampling[:rows]
+            views = self._device_sampling_by_rows[rows] = self._device_sampling[:rows]
         return views
 
     def stage_decode(self, seqs: list[Sequence], bucket: int) -> int:

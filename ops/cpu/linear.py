@@ -5,7 +5,8 @@ Decode is a matrix-vector product bounded by reading the weights. Without native
 than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once and
 multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
 (exact products, fp32 sums), and from 2 rows with AMX, 16 weight rows at a time by `tdpbf16ps`
-(csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs. Parallel
+(csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs; from 2 activation
+rows, 2 weight rows and up to 4 activation rows a pass (each activation vector loaded meets both weight rows). Parallel
 over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """

@@ -23,9 +23,11 @@ and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output row
 pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the pieces are int16 (csrc/act_quant16.h, as
 linear_int8.py's: one holds what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), and
 vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked to int16 (nibble j of word i is
-column 16j + i: no shuffles), 4 piece rows a pass over a weight row, staged block by block: one thread, 512 x 1024
-hot in L2 on a loaded 2-core Zen 3, 1 row 31 µs and 8 rows 132 against the torch reference's 1883 and ~2,000-2,100,
-which it took before (profiles/RESULTS.md). More rows (prefill) take dequant.py's blocked GEMM.
+column 16j + i: no shuffles), the pieces staged block by block; a pass takes 4 weight rows against 1 piece row
+(2 against 2, else 1 against 3-4), so that at one activation row four independent FMA chains scale the groups and the
+rows' ends (lane sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs
+against 30 a weight row at a time, 8 rows 121 against 130 (profiles/RESULTS.md). More rows (prefill) take dequant.py's
+blocked GEMM.
 """
 from __future__ import annotations
 

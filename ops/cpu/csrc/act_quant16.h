@@ -9,9 +9,12 @@
    rounding: P = 1: 1.53e-5 of the row's largest element (act_quant.h's 2 pieces: 1.55e-5), P = 2: 2.3e-10 (its
    4 pieces: 2.4e-10). An all-zero row has scale 0 and q 0; a row with a NaN or an infinity has NaN scales.
 
-   act16_quant_rows(x, bf16, M, K, P, q, scale)
+   ACT16_PIECES(n) int16 pieces are as close as n int8 ones (act_quant.h): the callers' count, in one place.
+
+   act16_quant_rows(x, bf16, M, K, P, block, q, scale)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
-       q:     [M * P, K] int16, written: piece p of row m is row m * P + p.
+       block: columns a block (K % block == 0, block % 16 == 0): K for piece rows of K, 64 for linear_int4's layout.
+       q:     [K / block][M * P][block] int16, written: piece p of row m is row m * P + p of each block.
        scale: [M * P] fp32, written. */
 #ifndef NANOQWEN_ACT_QUANT16_H
 #define NANOQWEN_ACT_QUANT16_H
@@ -21,9 +24,12 @@
 #include "simd.h"
 
 #define ACT16_MAX_PIECES 2
+#define ACT16_PIECES(int8_pieces) (((int8_pieces) + 1) / 2)
 #define ACT16_PIECE_RATIO 65534.0f  /* 2 * 32767: a residual of at most half the previous scale fills the range */
 
-static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P, int16_t *q, float *scale) {
+static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P, int block, int16_t *q,
+                                    float *scale) {
+    const long blocks = (long)M * P * block;  /* from one block's pieces to the next's */
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i top = _mm256_set1_epi32(32767), bottom = _mm256_set1_epi32(-32767);
     for (int m = 0; m < M; m++) {
@@ -57,7 +63,7 @@ static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P
                 }
                 /* packs works within 128-bit lanes: 0-3 8-11 4-7 12-15, put back in order */
                 const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);
-                _mm256_storeu_si256((__m256i *)(q + (long)(m * P + p) * K + k), packed);
+                _mm256_storeu_si256((__m256i *)(q + k / block * blocks + (long)(m * P + p) * block + k % block), packed);
             }
         }
     }

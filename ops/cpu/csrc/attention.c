@@ -375,8 +375,10 @@ static void combine(const struct attention_args *a) {
 }
 
 /* Below this many (token, kv head) pairs in the batch the whole call takes a few µs: one thread does it,
-   as a helper that claimed a task and was then descheduled would cost far more. */
-#define PARALLEL_MIN_PAIRS 4096
+   as a helper that claimed a task and was then descheduled would cost far more. 512, not 4096: a pair read cold
+   costs ~90 ns on a 2-core Zen 3, so batch 8 at 48 keys (3072 pairs) took 350-400 µs a layer on one thread and
+   275-300 on two (profiles/bench_decode_attention.py, load 3.7-4.4). */
+#define PARALLEL_MIN_PAIRS 512
 /* Flash-decoding: the keys of the batch are cut into about this many parts per thread, so that batch 1 and a
    long sequence next to short ones still keep every thread busy, but no part shorter than MIN_SPLIT keys
    (each costs a q load and a combine). */

@@ -22,7 +22,7 @@ struct linear_args {
     int unsplit;  /* AVX2, bf16: x as it came, split in registers at each use (no scratch for the split) */
 };
 
-/* AVX2: two activation rows per pass over a weight row. */
+/* AVX2: two activation rows per pass over a weight row (fp32 weights, and bf16's one row). */
 static void linear_avx2(const void *ctx, long chunk) {
     const struct linear_args *a = ctx;
     const int M = a->M, N = a->N, K = a->K, bf16 = a->bf16;
@@ -38,6 +38,41 @@ static void linear_avx2(const void *ctx, long chunk) {
             else dot2_avx2(r, W_F32, x0, x1, X_F32, K, &o0, &o1);
             store1(a->y, (long)m * N + n, o0, bf16);
             if (x1) store1(a->y, (long)(m + 1) * N + n, o1, bf16);
+        }
+    }
+}
+
+/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows and xkind constants), AVX2_WROWS
+   weight rows a pass. */
+INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind) {
+    const int N = a->N, K = a->K;
+    const char *x = (const char *)a->x + (long)m0 * K * (xkind == X_F32 ? 4 : 2);
+    float o[AVX2_WROWS * AVX2_XROWS];
+    for (; n < end; n += AVX2_WROWS) {
+        const int W = end - n < AVX2_WROWS ? 1 : AVX2_WROWS;
+        if (W == AVX2_WROWS) dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, AVX2_WROWS, rows, K, o);
+        else dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, 1, rows, K, o);
+        for (int i = 0; i < W; i++)
+            for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n + i, o[i * AVX2_XROWS + m], 1);
+    }
+}
+
+/* AVX2, bf16 weights, 2+ activation rows: AVX2_XROWS of them at a time over the chunk's weight rows, which the next
+   group finds in L2 (8 rows, one thread, hot 512 x 1024: 165-220 -> 103-129 µs against two rows a pass). */
+static void linear_bf16_avx2(const void *ctx, long chunk) {
+    const struct linear_args *a = ctx;
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, a->N);
+    for (int m0 = 0; m0 < a->M; m0 += AVX2_XROWS) {
+        const int rows = a->M - m0 < AVX2_XROWS ? a->M - m0 : AVX2_XROWS;
+        switch (a->unsplit ? -rows : rows) {  /* constants: the accumulators stay in registers */
+            case 1: bf16_rows_avx2(a, start, end, m0, 1, X_F32); break;
+            case 2: bf16_rows_avx2(a, start, end, m0, 2, X_F32); break;
+            case 3: bf16_rows_avx2(a, start, end, m0, 3, X_F32); break;
+            case 4: bf16_rows_avx2(a, start, end, m0, 4, X_F32); break;
+            case -1: bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT); break;
+            case -2: bf16_rows_avx2(a, start, end, m0, 2, X_BF16_SPLIT); break;
+            case -3: bf16_rows_avx2(a, start, end, m0, 3, X_BF16_SPLIT); break;
+            default: bf16_rows_avx2(a, start, end, m0, 4, X_BF16_SPLIT); break;
         }
     }
 }
@@ -116,5 +151,5 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         a.x = split;
     }
     a.unsplit = bf16 && !split;
-    pool_run(linear_avx2, &a, chunks);
+    pool_run(bf16 && M >= 2 ? linear_bf16_avx2 : linear_avx2, &a, chunks);
 }

@@ -8,11 +8,6 @@
 #include "int4_block.h"
 #include "pool.h"
 
-/* has_avx512 is gemv.h's, which NANOQWEN_AVX2_ONLY turns off (tests build that to run the AVX2 path anywhere) */
-static inline int has_vnni(void) {
-    return has_avx512() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
@@ -475,6 +470,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
    below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
 #define MADD_SPAN_BLOCKS 512
+/* How far ahead the weights are prefetched: the same column of the row this many rows on (4, 8 and 16 measured alike) */
+#define MADD_AHEAD_ROWS 8
 
 struct linear_int4_madd_args {
     const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
@@ -488,93 +485,143 @@ struct linear_int4_madd_args {
     long rows;  /* per chunk */
 };
 
-/* acc[r] += the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R: the block's 16 words
-   hold, nibble j, columns 16j .. 16j + 15 in order, so 16 products a vpmaddwd. */
+/* acc[r] = the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R: the block's 16 words hold,
+   nibble j, columns 16j .. 16j + 15 in order, so 16 products a vpmaddwd; summed as a tree, not a chain. */
 INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *acc) {
     const __m256i words = _mm256_loadu_si256((const __m256i *)block), nibble = _mm256_set1_epi16(15);
-    for (int j = 0; j < 4; j++) {
-        const __m256i u = j == 3 ? _mm256_srli_epi16(words, 12) : _mm256_and_si256(_mm256_srli_epi16(words, 4 * j), nibble);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(u, _mm256_load_si256((const __m256i *)(q + 64 * r + 16 * j))));
+    const __m256i u[4] = {_mm256_and_si256(words, nibble), _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble),
+                          _mm256_and_si256(_mm256_srli_epi16(words, 8), nibble), _mm256_srli_epi16(words, 12)};
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+        __m256i p[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) p[j] = _mm256_madd_epi16(u[j], _mm256_load_si256((const __m256i *)(q + 64 * r + 16 * j)));
+        acc[r] = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
     }
 }
 
-/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= MADD_MAX_PIECES): weight
-   row n against every row's pieces, each group's int32 sums scaled by its scale, then the pieces' scales and the
-   offsets times the group sums. */
-INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P) {
-    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
-    const long stride = (long)a->M * P * 64;  /* from one block's pieces to the next's */
-    const uint8_t *w = a->w + n * (a->K / 2);
-    const int16_t *q = a->q + (long)m0 * P * 64;
-    __m256 f[MADD_MAX_PIECES];
-    for (int r = 0; r < R; r++) f[r] = _mm256_setzero_ps();
-    for (int g = 0; g < groups; g++) {
-        const __m256 s = _mm256_set1_ps(load1(a->scale, n * groups + g, bf16));
-        for (int left = G / 64; left > 0;) {
-            const int count = left < MADD_SPAN_BLOCKS ? left : MADD_SPAN_BLOCKS;
-            __m256i acc[MADD_MAX_PIECES];
-            for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
-            for (int i = 0; i < count; i++, w += 32, q += stride) {
-                __builtin_prefetch(w + PREFETCH_BYTES);
-                madd_block(w, q, R, acc);
-            }
-            for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
-            left -= count;
-        }
+/* f[r] += one group's int32 sums of piece row r times the group's scale s, r < R: its blocks from w and q, in spans
+   of MADD_SPAN_BLOCKS; `ahead`: what to prefetch, one line a block. one: a group is one block (a constant). */
+INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, const int16_t *q, const uint8_t *ahead,
+                       int R, int one, __m256 s, __m256 *f) {
+    const long stride = (long)a->M * a->P * 64;  /* from one block's pieces to the next's */
+    __m256i acc[MADD_MAX_PIECES];
+    if (one) {
+        __builtin_prefetch(ahead);
+        madd_block(w, q, R, acc);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
+        return;
     }
-    for (int j = 0; j < rows; j++) {
-        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
-        __m256 o = _mm256_setzero_ps();
-        for (int p = 0; p < P; p++) o = _mm256_fmadd_ps(f[j * P + p], _mm256_set1_ps(s[p]), o);
-        int g = 0;
-        for (; g + 8 <= groups; g += 8) o = _mm256_fmadd_ps(load8(a->offset, n * groups + g, bf16), _mm256_loadu_ps(xsum + g), o);
-        float tail = 0.0f;
-        for (; g < groups; g++) tail += load1(a->offset, n * groups + g, bf16) * xsum[g];
-        store1(a->y, (long)(m0 + j) * a->N + n, hsum(o) + tail, bf16);
+    for (int left = a->G / 64; left > 0;) {
+        const int count = left < MADD_SPAN_BLOCKS ? left : MADD_SPAN_BLOCKS;
+        __m256i sum[MADD_MAX_PIECES];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+        for (int i = 0; i < count; i++, w += 32, q += stride, ahead += 32) {
+            __builtin_prefetch(ahead);
+            madd_block(w, q, R, acc);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(sum[r], acc[r]);
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), s, f[r]);
+        left -= count;
     }
 }
+
+/* The sums of o[0..3]'s lanes. */
+INLINE __m128 hsum4(const __m256 o[4]) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(o[0], o[1]), _mm256_hadd_ps(o[2], o[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows and P constants,
+   W * rows * P <= MADD_MAX_PIECES): each block of the W weight rows against every row's pieces, each group's int32
+   sums scaled by its scale (8 groups' scales widened at once, then broadcast from memory), then the pieces' scales
+   and the offsets times the group sums. Several weight rows a pass for few piece rows: their sums are independent
+   FMA chains, and the end of a row (sums across lanes, the offsets) is shared. one: G == 64. */
+INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one) {
+    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
+    const long row = a->K / 2, stride = (long)a->M * P * 64 * (G / 64);  /* the pieces of one group to the next's */
+    const uint8_t *w = a->w + n * row;
+    const int16_t *q = a->q + (long)m0 * P * 64;
+    __m256 f[MADD_MAX_PIECES][MADD_MAX_PIECES];
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = _mm256_setzero_ps();
+    float scales[MADD_MAX_PIECES][8] __attribute__((aligned(32)));
+    for (int g0 = 0; g0 < groups; g0 += 8) {
+        const int count = groups - g0 < 8 ? groups - g0 : 8;
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
+            if (count == 8) _mm256_store_ps(scales[i], load8(a->scale, (n + i) * groups + g0, bf16));
+            else for (int g = 0; g < count; g++) scales[i][g] = load1(a->scale, (n + i) * groups + g0 + g, bf16);
+        }
+        for (int g = 0; g < count; g++, w += G / 2, q += stride)
+            _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+                madd_group(a, w + i * row, q, w + i * row + MADD_AHEAD_ROWS * row, R, one,
+                           _mm256_broadcast_ss(scales[i] + g), f[i]);
+    }
+    _Pragma("GCC unroll 4") for (int j = 0; j < rows; j++) {
+        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
+        __m256 o[4];
+        float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f}, out[4];
+        for (int i = 0; i < 4; i++) o[i] = _mm256_setzero_ps();
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
+            _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[i] = _mm256_fmadd_ps(f[i][j * P + p], _mm256_set1_ps(s[p]), o[i]);
+            int g = 0;
+            for (; g + 8 <= groups; g += 8)
+                o[i] = _mm256_fmadd_ps(load8(a->offset, (n + i) * groups + g, bf16), _mm256_loadu_ps(xsum + g), o[i]);
+            for (; g < groups; g++) tail[i] += load1(a->offset, (n + i) * groups + g, bf16) * xsum[g];
+        }
+        _mm_storeu_ps(out, _mm_add_ps(hsum4(o), _mm_loadu_ps(tail)));
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) store1(a->y, (long)(m0 + j) * a->N + n + i, out[i], bf16);
+    }
+}
+
+/* Weight rows of a pass for `rows` activation rows of P pieces: as many as the accumulators allow. */
+#define MADD_WEIGHT_ROWS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
-    const int M = a->M, per = MADD_MAX_PIECES / a->P;
-    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
-        for (int m0 = 0; m0 < M; m0 += per) {
-            const int rows = M - m0 < per ? M - m0 : per;
-            switch (a->P == 1 ? rows : -rows) {  /* constants: the accumulators stay in registers */
-                case 1: madd_pieces(a, n, m0, 1, 1); break;
-                case 2: madd_pieces(a, n, m0, 2, 1); break;
-                case 3: madd_pieces(a, n, m0, 3, 1); break;
-                case 4: madd_pieces(a, n, m0, 4, 1); break;
-                case -1: madd_pieces(a, n, m0, 1, 2); break;
-                default: madd_pieces(a, n, m0, 2, 2); break;
-            }
+    const int M = a->M, per = MADD_MAX_PIECES / a->P, one = a->G == 64;
+    const long end = pool_chunk_end(chunk, a->rows, a->N);
+    for (int m0 = 0; m0 < M; m0 += per) {
+        const int rows = M - m0 < per ? M - m0 : per, W = MADD_WEIGHT_ROWS(rows * a->P);
+        long n = chunk * a->rows;
+        /* constants: the accumulators stay in registers */
+#define PASS(w, r, p) \
+        if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0)
+#define CASES(w) \
+        switch (a->P == 1 ? rows : -rows) { \
+            case 1: PASS(w, 1, 1); break; \
+            case 2: PASS(w < 2 ? w : 2, 2, 1); break; \
+            case 3: PASS(1, 3, 1); break; \
+            case 4: PASS(1, 4, 1); break; \
+            case -1: PASS(w < 2 ? w : 2, 1, 2); break; \
+            default: PASS(1, 2, 2); break; \
         }
+        for (; n + W <= end; n += W) CASES(4)
+        for (; n < end; n++) CASES(1)
+#undef CASES
+#undef PASS
+    }
 }
 _Static_assert(MADD_MAX_PIECES == 4 && ACT16_MAX_PIECES == 2, "linear_int4_madd_chunk's cases");
 
-/* linear_int4 on AVX2: each row of x taken as (pieces + 1) / 2 int16 pieces, one of which holds what two int8
+/* linear_int4 on AVX2: each row of x taken as ACT16_PIECES(pieces) int16 pieces, one of which holds what two int8
    pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch for them, nothing done. */
 static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
-    const int P = (pieces + 1) / 2, groups = K / G;
+    const int P = ACT16_PIECES(pieces), groups = K / G;
     const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
-    const size_t piece_rows = (size_t)M * P * K * 2;  /* as act16_quant_rows writes them, then block by block */
-    char *scratch = thread_scratch(scales + sums + 2 * piece_rows);
+    char *scratch = thread_scratch(scales + sums + (size_t)M * P * K * 2);
     if (!scratch) return 0;
-    int16_t *rows = (int16_t *)(scratch + scales + sums), *blocks = (int16_t *)((char *)rows + piece_rows);
+    int16_t *blocks = (int16_t *)(scratch + scales + sums);
     float *xsum = (float *)(scratch + scales);
-    act16_quant_rows(x, bf16, M, K, P, rows, (float *)scratch);
-    for (int b = 0; b < K / 64; b++)
-        for (int r = 0; r < M * P; r++) memcpy(blocks + ((long)b * M * P + r) * 64, rows + (long)r * K + b * 64, 128);
+    act16_quant_rows(x, bf16, M, K, P, 64, blocks, (float *)scratch);
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
             __m256 v = _mm256_setzero_ps();
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
+    const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
     const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y, M, N, K, G, P,
-                                            bf16, pool_rows_per_chunk(K / 2)};
+                                            bf16, rows};
     pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
     return 1;
 }
@@ -619,7 +666,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                         M - m < most ? M - m : most, N, K, G, bf16, pieces);
         return;
     }
-    if (has_vnni() ? linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+    if (has_avx512vl_vnni() ? linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
                    : linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
         return;
     const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
