@@ -1,6 +1,8 @@
 """Property-based fuzzing of a live `gunicorn -k gevent server:app` from its own `/openapi.json` (schemathesis).
 
-Every operation of the document, with schema-valid (positive) and schema-invalid (negative) cases. A case fails
+Every operation of the document, with schema-valid (positive) and schema-invalid (negative) cases; every other case
+of an operation on a `{response_id}` names a response that exists (a background stream running, a background
+response polled, a stored one: GET's stream and starting_after, cancel and DELETE reach past the 404). A case fails
 when the answer is a 5xx, an error without OpenAI's envelope `{"error": {"message", "type", "param", "code"}}`,
 an answer the document does not describe (status, content type, body schema), a schema-invalid body accepted,
 or no answer at all. Meanwhile a process of its own polls `/health`: its slowest answer is the longest the event
@@ -170,8 +172,39 @@ def envelope_problem(response: requests.Response) -> str | None:
     return None
 
 
+class LiveResponses:
+    """Ids of responses that exist, for the `{response_id}` of every other case (a random one is only ever a 404, which
+    the query parameters' checks come before): a new one each time (a case may delete or cancel it), in turn a
+    background stream left running (its events kept: GET's `stream=true&starting_after=N` follows it), a background
+    response polled, and a stored one answered whole."""
+
+    KINDS = ({"background": True, "stream": True}, {"background": True}, {})
+
+    def __init__(self, url: str, session: requests.Session) -> None:
+        self.url, self.session = url, session
+        self.cases = self.made = 0
+
+    def substitute(self, case: Any) -> None:
+        if "response_id" in (case.path_parameters or {}):
+            self.cases += 1
+            if self.cases % 2:
+                case.path_parameters["response_id"] = self.fresh()
+
+    def fresh(self) -> str:
+        kind = self.KINDS[self.made % len(self.KINDS)]
+        self.made += 1
+        body = {"input": "Hello there", "max_output_tokens": 16, **kind}
+        with self.session.post(f"{self.url}/v1/responses", json=body, stream=True, timeout=60) as answer:
+            answer.raise_for_status()
+            if kind.get("stream"):  # the id from response.created; then the stream is left, the run goes on
+                line = next(line for line in answer.iter_lines() if line.startswith(b"data: "))
+                return json.loads(line[6:])["response"]["id"]
+            return answer.json()["id"]
+
+
 def fuzz_operation(operation: Any, mode: GenerationMode, config: FuzzConfig, deadline: float,
-                   summary: Summary, session: requests.Session, timeline: list[tuple[float, float, Any]]) -> None:
+                   summary: Summary, session: requests.Session, timeline: list[tuple[float, float, Any]],
+                   live: LiveResponses) -> None:
     """Runs the operation's cases of this mode; appends (sent, answered, case) per request to `timeline`."""
     label = operation.label
 
@@ -184,6 +217,7 @@ def fuzz_operation(operation: Any, mode: GenerationMode, config: FuzzConfig, dea
             raise DeadlinePassed
         if mode is GenerationMode.POSITIVE:
             case.body = capped(case.body)
+        live.substitute(case)
         summary.examples += 1
         sent = time.monotonic()
         summary.by_operation[f"{label} {mode.value}"] = summary.by_operation.get(f"{label} {mode.value}", 0) + 1
@@ -232,11 +266,12 @@ def fuzz(config: FuzzConfig) -> Summary:
         deadline = t0 + config.seconds
         session = requests.Session()
         timeline: list[tuple[float, float, Any]] = []
+        live = LiveResponses(srv.url, requests.Session())
         try:
             for result in schema.get_all_operations():
                 operation = result.ok()
                 for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                    fuzz_operation(operation, mode, config, deadline, summary, session, timeline)
+                    fuzz_operation(operation, mode, config, deadline, summary, session, timeline, live)
         finally:
             probe.stop()
         slowest_s, asked, summary.health_failures = probe.slowest

@@ -1,14 +1,16 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
     python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
-        [--seed 0] [--out DIR]
+        [--seed 0] [--background-weight 10] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
 `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG) it serves the 2-layer test checkpoint on
 the CPU in fp32 and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
 `--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
 json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
-previous_response_id or item references, truncation "auto", stored or not, disconnected, read slowly), clients
+previous_response_id or item references, truncation "auto", stored or not, disconnected, read slowly), background
+Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`, abandoned or read
+slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), clients
 that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
 (tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, and a fixed
@@ -18,8 +20,11 @@ Invariants (violations are listed and make the exit status 1): no 5xx but the do
 queue_full, every error OpenAI-shaped, the worker pid never changes, /health p99 under
 --health-p99-ms, after each round /stats shows no running or waiting request and kv_cache_usage 0,
 the worker's RSS after the last round within --rss-growth-mb of the first's, the probe's greedy
-answer always the one the idle server gave, and every Responses answer that says it is stored retrievable
-as it was answered, right after. Writes soak.json to --out (default profiles/out/).
+answer always the one the idle server gave, every Responses answer that says it is stored retrievable
+as it was answered, right after; once the clients stop every background response has ended (GET: a terminal status,
+404 once deleted) and 32 more fit, and /stats' served, aborted and failed counts are each at least those the
+clients saw end so and together at most the requests that may have reached the engine. Writes soak.json to --out
+(default profiles/out/).
 """
 from __future__ import annotations
 
@@ -27,35 +32,45 @@ import argparse
 import json
 import random
 import socket
-import struct
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "profiles")]
 
 import fuzz_bodies  # noqa: E402
 from chat_http import MODEL, cpu_env  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from nanoqwen.api.metrics import percentile  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
+from soak_background import BackgroundSoak  # noqa: E402
+from soak_http import (  # noqa: E402
+    CHAT,
+    COMPLETIONS,
+    RESPONSES,
+    Connection,
+    Json,
+    Tally,
+    answer_problem,
+    error_problem,
+    hang_up,
+    request_bytes,
+    response_problem,
+    send,
+    words,
+)
 
 SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
                                     "int8": {"NANOQWEN_QUANT": "int8"},
                                     "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE}}
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-RESPONSES = "/v1/responses"
-WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
 PROBE = {"model": MODEL, "prompt": [9707, 11, 1879, 0, 358, 1079, 264, 12305], "max_tokens": 24,
          "temperature": 0, "ignore_eos": True, "logprobs": 1}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -65,207 +80,6 @@ JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "strict": Tru
     "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"], "additionalProperties": False}}}
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}]
-ENDED = ("response.completed", "response.incomplete")
-ERROR_KEYS = {"message", "type", "param", "code"}
-Json = dict[str, Any]
-
-
-@dataclass
-class Reply:
-    status: int  # 0: no status line (we hung up first, or the server closed without an answer)
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Tally:
-    """What one round saw; threads add to it under `lock`."""
-
-    statuses: Counter = field(default_factory=Counter)  # "scenario status" -> count
-    problems: list[str] = field(default_factory=list)
-    health_ms: list[float] = field(default_factory=list)
-    pids: set[int] = field(default_factory=set)
-    requests: int = 0
-    slowest_s: dict[str, float] = field(default_factory=dict)  # scenario -> its longest run
-    stored: list[Json] = field(default_factory=list)  # the last stored Responses answers, for continuations
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def record(self, scenario: str, status: int, problem: str | None = None) -> None:
-        with self.lock:
-            self.requests += 1
-            self.statuses[f"{scenario} {status}"] += 1
-            if problem is not None:
-                self.problems.append(f"{scenario}: {problem}")
-
-
-# -- raw HTTP -------------------------------------------------------------------------------
-
-def request_bytes(method: str, path: str, body: bytes = b"", content_type: str | None = "application/json",
-                  extra: str = "") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
-    if content_type is not None:
-        head += f"Content-Type: {content_type}\r\n"
-    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with an RST, as a killed client or a proxy timing out does."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def hang_up(sock: socket.socket, rng: random.Random) -> None:
-    if rng.random() < 0.5:
-        reset(sock)
-    else:
-        sock.close()
-
-
-class Connection:
-    """One keep-alive connection read with Content-Length or chunked framing."""
-
-    def __init__(self, port: int, timeout: float = 120, rcvbuf: int | None = None) -> None:
-        self.sock = socket.socket()
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect(("127.0.0.1", port))
-        self.buf = b""
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buf += data
-        return bool(data)
-
-    def _until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            if not self._fill():
-                raise ConnectionError("closed early")
-        out, self.buf = self.buf.split(marker, 1)
-        return out
-
-    def _exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                raise ConnectionError("closed early")
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def head(self) -> tuple[int, dict[str, str]]:
-        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        return int(lines[0].split()[1]), headers
-
-    def chunks(self) -> Any:
-        """The body's chunks as they arrive (chunked framing), ending at the last chunk."""
-        while size := int(self._until(b"\r\n").split(b";")[0], 16):
-            yield self._exactly(size)
-            self._exactly(2)
-        self._until(b"\r\n")
-
-    def reply(self) -> Reply:
-        status, headers = self.head()
-        if headers.get("transfer-encoding") == "chunked":
-            body = b"".join(self.chunks())
-        elif "content-length" in headers:
-            body = self._exactly(int(headers["content-length"]))
-        else:
-            while self._fill():
-                pass
-            body, self.buf = self.buf, b""
-        return Reply(status, headers, body)
-
-    def exchange(self, raw: bytes) -> Reply:
-        self.sock.sendall(raw)
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def send(port: int, raw: bytes, timeout: float = 120) -> Reply:
-    conn = Connection(port, timeout)
-    try:
-        return conn.exchange(raw)
-    finally:
-        conn.close()
-
-
-# -- checks ---------------------------------------------------------------------------------
-
-def error_problem(reply: Reply) -> str | None:
-    """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error."""
-    text = reply.body.decode("utf-8", "replace")
-    if reply.status >= 500 and not (reply.status == 503 and '"queue_full"' in text):
-        return f"{reply.status}: {text[:300]}"
-    try:
-        error = json.loads(text)["error"]
-    except (ValueError, KeyError, TypeError):
-        return f"{reply.status} without an OpenAI error body: {text[:300]}"
-    if set(error) != ERROR_KEYS or not isinstance(error["message"], str) or not error["message"]:
-        return f"{reply.status} with a malformed error: {text[:300]}"
-    return None
-
-
-def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool = True) -> str | None:
-    """None when a reply is well formed: a 200 with every choice (`choices` of them, None: any number)
-    finished, or an allowed error, which a `valid` request may only get as the documented 503."""
-    if reply.status != 200:
-        if (problem := error_problem(reply)) is not None or not valid or reply.status == 503:
-            return problem
-        return f"a valid request got {reply.status}: {reply.body[:300]!r}"
-    text = reply.body.decode("utf-8")
-    if not stream:
-        answer = json.loads(text)
-        done = [c for c in answer["choices"] if c.get("finish_reason") is not None]
-        return None if choices in (None, len(done)) else f"{len(done)} of {choices} choices finished: {text[:300]}"
-    if not text.endswith("data: [DONE]\n\n"):
-        return f"stream without [DONE]: {text[-300:]}"
-    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
-    if any("error" in e for e in events):
-        return f"stream with an error event: {text[-300:]}"
-    finished = {(c["index"]) for e in events for c in e.get("choices", []) if c.get("finish_reason") is not None}
-    return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
-
-
-def response_events(text: str) -> list[Json]:
-    """A Responses stream's events, each checked to carry its `event:` line's type."""
-    events = []
-    for block in text.split("\n\n"):
-        if block:
-            head, data = block.split("\n", 1)
-            event = json.loads(data.removeprefix("data: "))
-            if head != f"event: {event['type']}":
-                raise ValueError(f"event line {head!r} for a {event['type']} event")
-            events.append(event)
-    return events
-
-
-def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
-    """As answer_problem, for a valid Responses request, and its final response: streamed, numbered events
-    from response.created to response.completed/incomplete, whose opening ones say what the last does of
-    `store`."""
-    if reply.status != 200:
-        return answer_problem(reply, stream, None), None
-    text = reply.body.decode("utf-8")
-    if not stream:
-        answer = json.loads(text)
-        return None if answer["status"] in ("completed", "incomplete") else f"status {answer['status']}", answer
-    events = response_events(text)
-    final = events[-1]["response"] if events and events[-1]["type"] in ENDED else None
-    if final is None or events[0]["type"] != "response.created":
-        return f"stream not from response.created to its end: {text[:200]!r} ... {text[-300:]!r}", None
-    if [e["sequence_number"] for e in events] != list(range(len(events))):
-        return "sequence numbers out of order", None
-    if {events[0]["response"]["store"], events[1]["response"]["store"]} != {final["store"]}:
-        return f"store {events[0]['response']['store']} opening, {final['store']} at the end", None
-    return None, final
-
-
-# -- request bodies -------------------------------------------------------------------------
-
-def words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
 def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
@@ -353,6 +167,7 @@ class Soak:
     tally: Tally
     probe_answer: str
     long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
+    background_weight: float = 10  # of the background Responses scenarios, against 96 for the others
 
     @property
     def url(self) -> str:
@@ -547,10 +362,17 @@ class Soak:
         finally:
             conn.close()
 
+    @property
+    def background_soak(self) -> BackgroundSoak:
+        return BackgroundSoak(self.port, self.tally, self.long_tokens)
+
+    def background(self, rng: random.Random) -> None:
+        self.background_soak.scenario(rng)
+
     def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
         return [(30, self.valid), (12, self.responses), (4, self.probe), (14, self.fuzz), (6, self.wrong_request),
                 (3, self.oversized), (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader),
-                (4, self.slow_body)]
+                (4, self.slow_body), (self.background_weight, self.background)]
 
     def client(self, seed: int, until: float) -> None:
         rng = random.Random(seed)
@@ -628,13 +450,27 @@ class RoundResult:
     pids: list[int]
     rss_mb: float
     drained: Json
+    seen: dict[str, int]  # requests seen to end served, aborted or failed; "may": at most this many counted
     slowest_s: dict[str, float]
 
 
+def count_problems(before: Json, after: Json, tally: Tally) -> list[str]:
+    """/stats' finished requests over the round against what the clients saw: each count at least those seen to
+    end so, and all of them at most the requests that may have reached the engine."""
+    delta = {k: after[f"requests_{k}"] - before[f"requests_{k}"] for k in ("served", "aborted", "failed")}
+    problems = [f"/stats counted {delta[k]} requests {k}, the clients saw {tally.seen[k]}"
+                for k in delta if delta[k] < tally.seen[k]]
+    if sum(delta.values()) > tally.may_count:
+        problems.append(f"/stats counted {sum(delta.values())} requests finished ({delta}), at most "
+                        f"{tally.may_count} may have reached the engine")
+    return problems
+
+
 def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int,
-              long_tokens: int = 300) -> RoundResult:
+              long_tokens: int = 300, background_weight: float = 10) -> RoundResult:
     tally = Tally()
-    soak = Soak(port, tally, probe_answer, long_tokens)
+    soak = Soak(port, tally, probe_answer, long_tokens, background_weight)
+    before = requests.get(f"{soak.url}/stats", timeout=30).json()
     stop = threading.Event()
     prober = threading.Thread(target=soak.prober, args=(stop,))
     prober.start()
@@ -647,9 +483,11 @@ def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: 
     loaded_s = time.monotonic() - t0
     stop.set()
     prober.join()
+    soak.background_soak.settle()
     stats = idle_stats(soak.url)
     if stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"]:
         tally.problems.append(f"not drained: {stats}")
+    tally.problems += count_problems(before, stats, tally)
     pid = stats["workers"][0]["pid"]
     tally.pids.update(w["pid"] for w in stats["workers"])
     drained = {k: stats[k] for k in ("requests_served", "requests_aborted", "requests_failed", "active_requests",
@@ -657,7 +495,7 @@ def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: 
     health = tally.health_ms
     return RoundResult(loaded_s, tally.requests, dict(sorted(tally.statuses.items())), tally.problems,
                        percentile(health, 50), percentile(health, 99), max(health, default=0),
-                       sorted(tally.pids), rss_mb(pid), drained,
+                       sorted(tally.pids), rss_mb(pid), drained, {**tally.seen, "may": tally.may_count},
                        {k: round(v, 2) for k, v in sorted(tally.slowest_s.items())})
 
 
@@ -674,10 +512,12 @@ def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb
     return problems
 
 
-def soak_server(port: int, rounds: int, seconds: float, clients: int, seed: int) -> tuple[str, list[RoundResult]]:
+def soak_server(port: int, rounds: int, seconds: float, clients: int, seed: int,
+                background_weight: float) -> tuple[str, list[RoundResult]]:
     """The idle greedy probe, then `rounds` rounds of load."""
     answer = greedy_probe(f"http://127.0.0.1:{port}")
-    return answer, [run_round(port, answer, seconds, clients, seed + i) for i in range(rounds)]
+    return answer, [run_round(port, answer, seconds, clients, seed + i, background_weight=background_weight)
+                    for i in range(rounds)]
 
 
 def main() -> int:
@@ -687,6 +527,8 @@ def main() -> int:
     parser.add_argument("--round-seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--background-weight", type=float, default=10,
+                        help="of the background Responses scenarios (the others weigh 96)")
     parser.add_argument("--health-p99-ms", type=float, default=300)
     parser.add_argument("--rss-growth-mb", type=float, default=48)
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
@@ -697,7 +539,8 @@ def main() -> int:
     failed = False
     for mode in args.modes:
         with GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log") as srv:
-            answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed)
+            answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed,
+                                         args.background_weight)
         problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb)
         failed |= bool(problems)
         report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}
@@ -705,6 +548,7 @@ def main() -> int:
             print(f"{mode} round {i}: {r.requests} requests in {r.seconds:.0f} s, /health p50 {r.health_p50_ms:.1f} "
                   f"p99 {r.health_p99_ms:.1f} max {r.health_max_ms:.0f} ms, RSS {r.rss_mb:.0f} MB, {r.drained}")
             print("   ", r.statuses)
+            print("    seen ended (may: at most counted):", r.seen)
             print("    slowest (s):", r.slowest_s)
         print(f"{mode}: {len(problems)} problems", *problems[:40], sep="\n  ")
     report["uptime_after"] = Path("/proc/loadavg").read_text().strip()

@@ -1,0 +1,237 @@
+"""What the soak's scenarios share: raw HTTP over sockets (keep-alive, chunked framing, hang-ups), the tally of a
+round, and the checks of an answer's shape."""
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
+
+ENDED = ("response.completed", "response.incomplete")
+ERROR_KEYS = {"message", "type", "param", "code"}
+Json = dict[str, Any]
+# the scenarios whose 200 without a problem is an answer read whole (the engine's request served)
+SERVED_WHEN_WHOLE = frozenset({"valid", "responses", "probe", "keepalive-reuse", "slow-reader", "slow-body"})
+
+
+@dataclass
+class Reply:
+    status: int  # 0: no status line (we hung up first, or the server closed without an answer)
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Tally:
+    """What one round saw; threads add to it under `lock`."""
+
+    statuses: Counter = field(default_factory=Counter)  # "scenario status" -> count
+    problems: list[str] = field(default_factory=list)
+    health_ms: list[float] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    requests: int = 0
+    slowest_s: dict[str, float] = field(default_factory=dict)  # scenario -> its longest run
+    stored: list[Json] = field(default_factory=list)  # the last stored Responses answers, for continuations
+    background: dict[str, bool] = field(default_factory=dict)  # background responses made: id -> deleted
+    # For /stats' counts, which count a request once it reached the engine: at most the requests that may have
+    # (no status seen, a 200, a 5xx but 503), at least those seen to end as served (a whole answer read), aborted
+    # or failed (a background response GET says cancelled or failed)
+    may_count: int = 0
+    seen: Counter = field(default_factory=Counter)  # "served" / "aborted" / "failed" -> count
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, scenario: str, status: int, problem: str | None = None, generates: bool = True) -> None:
+        """One request's end; `generates`: one to a generating endpoint (a GET, cancel or DELETE does not)."""
+        with self.lock:
+            self.requests += 1
+            self.statuses[f"{scenario} {status}"] += 1
+            if problem is not None:
+                self.problems.append(f"{scenario}: {problem}")
+            if generates and status in (0, 200) or status >= 500 and status != 503:
+                self.may_count += 1
+            if status == 200 and problem is None and scenario in SERVED_WHEN_WHOLE:
+                self.seen["served"] += 1
+
+
+# -- raw HTTP -------------------------------------------------------------------------------
+
+def request_bytes(method: str, path: str, body: bytes = b"", content_type: str | None = "application/json",
+                  extra: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST, as a killed client or a proxy timing out does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def hang_up(sock: socket.socket, rng: random.Random) -> None:
+    if rng.random() < 0.5:
+        reset(sock)
+    else:
+        sock.close()
+
+
+class Connection:
+    """One keep-alive connection read with Content-Length or chunked framing."""
+
+    def __init__(self, port: int, timeout: float = 120, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            if not self._fill():
+                raise ConnectionError("closed early")
+        out, self.buf = self.buf.split(marker, 1)
+        return out
+
+    def _exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise ConnectionError("closed early")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers
+
+    def chunks(self) -> Any:
+        """The body's chunks as they arrive (chunked framing), ending at the last chunk."""
+        while size := int(self._until(b"\r\n").split(b";")[0], 16):
+            data = self._exactly(size)
+            self._exactly(2)  # before the chunk is handed out: a reader may stop at it and read on with a new one
+            yield data
+        self._until(b"\r\n")
+
+    def reply(self) -> Reply:
+        status, headers = self.head()
+        return Reply(status, headers, self.body(headers))
+
+    def body(self, headers: dict[str, str]) -> bytes:
+        """The body after a head with these headers."""
+        if headers.get("transfer-encoding") == "chunked":
+            body = b"".join(self.chunks())
+        elif "content-length" in headers:
+            body = self._exactly(int(headers["content-length"]))
+        else:
+            while self._fill():
+                pass
+            body, self.buf = self.buf, b""
+        return body
+
+    def exchange(self, raw: bytes) -> Reply:
+        self.sock.sendall(raw)
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send(port: int, raw: bytes, timeout: float = 120) -> Reply:
+    conn = Connection(port, timeout)
+    try:
+        return conn.exchange(raw)
+    finally:
+        conn.close()
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+def error_problem(reply: Reply) -> str | None:
+    """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error."""
+    text = reply.body.decode("utf-8", "replace")
+    if reply.status >= 500 and not (reply.status == 503 and '"queue_full"' in text):
+        return f"{reply.status}: {text[:300]}"
+    try:
+        error = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"{reply.status} without an OpenAI error body: {text[:300]}"
+    if set(error) != ERROR_KEYS or not isinstance(error["message"], str) or not error["message"]:
+        return f"{reply.status} with a malformed error: {text[:300]}"
+    return None
+
+
+def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool = True) -> str | None:
+    """None when a reply is well formed: a 200 with every choice (`choices` of them, None: any number)
+    finished, or an allowed error, which a `valid` request may only get as the documented 503."""
+    if reply.status != 200:
+        if (problem := error_problem(reply)) is not None or not valid or reply.status == 503:
+            return problem
+        return f"a valid request got {reply.status}: {reply.body[:300]!r}"
+    text = reply.body.decode("utf-8")
+    if not stream:
+        answer = json.loads(text)
+        done = [c for c in answer["choices"] if c.get("finish_reason") is not None]
+        return None if choices in (None, len(done)) else f"{len(done)} of {choices} choices finished: {text[:300]}"
+    if not text.endswith("data: [DONE]\n\n"):
+        return f"stream without [DONE]: {text[-300:]}"
+    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+    if any("error" in e for e in events):
+        return f"stream with an error event: {text[-300:]}"
+    finished = {(c["index"]) for e in events for c in e.get("choices", []) if c.get("finish_reason") is not None}
+    return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
+
+
+def response_events(text: str) -> list[Json]:
+    """A Responses stream's events, each checked to carry its `event:` line's type."""
+    events = []
+    for block in text.split("\n\n"):
+        if block:
+            head, data = block.split("\n", 1)
+            event = json.loads(data.removeprefix("data: "))
+            if head != f"event: {event['type']}":
+                raise ValueError(f"event line {head!r} for a {event['type']} event")
+            events.append(event)
+    return events
+
+
+def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
+    """As answer_problem, for a valid Responses request, and its final response: streamed, numbered events
+    from response.created to response.completed/incomplete, whose opening ones say what the last does of
+    `store`."""
+    if reply.status != 200:
+        return answer_problem(reply, stream, None), None
+    text = reply.body.decode("utf-8")
+    if not stream:
+        answer = json.loads(text)
+        return None if answer["status"] in ("completed", "incomplete") else f"status {answer['status']}", answer
+    events = response_events(text)
+    final = events[-1]["response"] if events and events[-1]["type"] in ENDED else None
+    if final is None or events[0]["type"] != "response.created":
+        return f"stream not from response.created to its end: {text[:200]!r} ... {text[-300:]!r}", None
+    if [e["sequence_number"] for e in events] != list(range(len(events))):
+        return "sequence numbers out of order", None
+    if {events[0]["response"]["store"], events[1]["response"]["store"]} != {final["store"]}:
+        return f"store {events[0]['response']['store']} opening, {final['store']} at the end", None
+    return None, final
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
