@@ -29,10 +29,12 @@ needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL
 # bf16 or 4 fp32 rows at a time, spans of 16 blocks, the last one partial below 1024 columns; where a pass's pieces
 # outgrow L1, 16 weight rows span by span, the last 16 partial: (6, 37, 2112, 64)); 3-16 bf16 rows and 3-10 fp32
 # rows take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two tiles), its last N % 16 rows the
-# loop; more rows take it in passes of that many. AVX2: vpmaddwd, 4 bf16 or 2 fp32 rows a pass over a weight row
+# loop; more rows take it in passes of that many. AVX2: vpmaddwd, 4 bf16 or 2 fp32 rows a pass over a weight row,
+# 4 weight rows a pass at one piece row, 2 at two, the last N % 4 singly, in pool chunks of whole 4-row passes (88
+# rows at 3072 columns: (1, 301, 3072, 64) ends in a chunk of 37)
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
           (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
-          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64)]
+          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64), (1, 301, 3072, 64)]
 
 
 def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -108,15 +110,17 @@ def test_avx2_fp32_fewer_pieces_break_the_bound(m, n, k, g):
     assert (err <= bound).all(), (err / bound).max()
 
 
+@pytest.mark.parametrize("m,dtype", [(2, torch.float32), (1, torch.float32), (1, torch.bfloat16)])
 @pytest.mark.parametrize("loops", ["built", "avx2"])
-def test_a_long_group_of_the_largest_products_does_not_overflow(loops):
+def test_a_long_group_of_the_largest_products_does_not_overflow(loops, m, dtype):
     """One group of 36864 columns, every nibble 15 against pieces at their largest: 576 blocks of 3.9e6 an int32 lane,
-    past 2^31, which the AVX2 path sums in spans of 512 blocks (the VNNI path per block)."""
-    k = 36864
-    x = torch.ones(2, k)
-    w = torch.full((3, k // 2), 255, dtype=torch.uint8)
-    out, _ = linear(loops, x, w, torch.ones(3, 1), torch.zeros(3, 1))
-    torch.testing.assert_close(out, torch.full((2, 3), 15.0 * k), rtol=1e-6, atol=0)
+    past 2^31, which the AVX2 path sums in spans of 512 blocks (the VNNI path per block): in its passes of 1, 2 and 4
+    weight rows (4, 2 and 1 piece rows), 13 of them with a tail. 15 * 36864 is exact in bf16."""
+    k, n = 36864, 13
+    x = torch.ones(m, k, dtype=dtype)
+    w = torch.full((n, k // 2), 255, dtype=torch.uint8)
+    out, _ = linear(loops, x, w, torch.ones(n, 1, dtype=dtype), torch.zeros(n, 1, dtype=dtype))
+    torch.testing.assert_close(out, torch.full((m, n), 15.0 * k, dtype=dtype), rtol=1e-6, atol=0)
 
 
 @needs_vnni

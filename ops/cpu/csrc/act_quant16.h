@@ -50,22 +50,24 @@ static inline void act16_quant_rows(const void *x, int bf16, int M, int K, int P
             scale[m * P + p] = finite ? s : NAN;
             scales[p] = _mm256_set1_ps(s), inverses[p] = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
         }
-        for (int k = 0; k < K; k += 16) {
-            __m256 r[2] = {load8(x, row + k, bf16), load8(x, row + k + 8, bf16)};
-            for (int p = 0; p < P; p++) {
-                __m256i v[2];
-                for (int i = 0; i < 2; i++) {
-                    /* the clamp only catches the rounding of |r| * inverse past 32767 (and a NaN row's values) */
-                    v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(r[i], inverses[p]));
-                    v[i] = _mm256_max_epi32(_mm256_min_epi32(v[i], top), bottom);
-                    /* the residual, rounded once */
-                    r[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(v[i]), scales[p], r[i]);
+        int16_t *out = q + (long)m * P * block;  /* row m's pieces in the block from k0 */
+        for (int k0 = 0; k0 < K; k0 += block, out += blocks)
+            for (int c = 0; c < block; c += 16) {
+                __m256 r[2] = {load8(x, row + k0 + c, bf16), load8(x, row + k0 + c + 8, bf16)};
+                for (int p = 0; p < P; p++) {
+                    __m256i v[2];
+                    for (int i = 0; i < 2; i++) {
+                        /* the clamp only catches the rounding of |r| * inverse past 32767 (and a NaN row's values) */
+                        v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(r[i], inverses[p]));
+                        v[i] = _mm256_max_epi32(_mm256_min_epi32(v[i], top), bottom);
+                        /* the residual, rounded once */
+                        r[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(v[i]), scales[p], r[i]);
+                    }
+                    /* packs works within 128-bit lanes: 0-3 8-11 4-7 12-15, put back in order */
+                    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);
+                    _mm256_storeu_si256((__m256i *)(out + (long)p * block + c), packed);
                 }
-                /* packs works within 128-bit lanes: 0-3 8-11 4-7 12-15, put back in order */
-                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xd8);
-                _mm256_storeu_si256((__m256i *)(q + k / block * blocks + (long)(m * P + p) * block + k % block), packed);
             }
-        }
     }
 }
 

@@ -189,8 +189,9 @@ static inline int has_avx512(void) { return 0; }
 static inline int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
 #endif
 static inline int has_avx512_bf16(void) { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
-/* AVX-512 VNNI (vpdpbusd), which the int8 pieces' loops need: linear_int8's on 512-bit registers, linear_int4's on
-   256-bit ones too (VL). Tests build NANOQWEN_NO_VNNI to check the loops without it on a CPU with it. */
+/* AVX-512 VNNI (vpdpbusd, on 512-bit registers), which the int8 pieces' loops need; linear_int4's VL too, for the
+   masked 256-bit load of bf16 scales and offsets (load16). Tests build NANOQWEN_NO_VNNI to check the loops without
+   it on a CPU with it. */
 #ifdef NANOQWEN_NO_VNNI
 static inline int has_avx512_vnni(void) { return 0; }
 #else

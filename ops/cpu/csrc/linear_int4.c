@@ -572,8 +572,8 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
     }
 }
 
-/* Weight rows of a pass for `rows` activation rows of P pieces: as many as the accumulators allow. */
-#define MADD_WEIGHT_ROWS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
+/* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
+#define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
@@ -582,20 +582,22 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     for (int m0 = 0; m0 < M; m0 += per) {
         const int rows = M - m0 < per ? M - m0 : per, W = MADD_WEIGHT_ROWS(rows * a->P);
         long n = chunk * a->rows;
-        /* constants: the accumulators stay in registers */
-#define PASS(w, r, p) \
-        if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0)
-#define CASES(w) \
-        switch (a->P == 1 ? rows : -rows) { \
-            case 1: PASS(w, 1, 1); break; \
-            case 2: PASS(w < 2 ? w : 2, 2, 1); break; \
-            case 3: PASS(1, 3, 1); break; \
-            case 4: PASS(1, 4, 1); break; \
-            case -1: PASS(w < 2 ? w : 2, 1, 2); break; \
-            default: PASS(1, 2, 2); break; \
+        /* constants: the accumulators stay in registers. whole: W weight rows a pass (W above), else one (the tail) */
+#define PASS(whole, r, p) { \
+            const int w = whole ? MADD_WEIGHT_ROWS((r) * (p)) : 1; \
+            if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0); \
         }
-        for (; n + W <= end; n += W) CASES(4)
-        for (; n < end; n++) CASES(1)
+#define CASES(whole) \
+        switch (a->P == 1 ? rows : -rows) { \
+            case 1: PASS(whole, 1, 1); break; \
+            case 2: PASS(whole, 2, 1); break; \
+            case 3: PASS(whole, 3, 1); break; \
+            case 4: PASS(whole, 4, 1); break; \
+            case -1: PASS(whole, 1, 2); break; \
+            default: PASS(whole, 2, 2); break; \
+        }
+        for (; n + W <= end; n += W) CASES(1)
+        for (; n < end; n++) CASES(0)
 #undef CASES
 #undef PASS
     }
