@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,10 @@ class Soak:
     probe_answer: str
     long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
     background_weight: float = 10  # of the background Responses scenarios, against 96 for the others
+    background_soak: BackgroundSoak = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.background_soak = BackgroundSoak(self.port, self.tally, self.long_tokens)
 
     @property
     def url(self) -> str:
@@ -361,10 +365,6 @@ class Soak:
             self.tally.record("slow-body", reply.status, answer_problem(reply, False, 1))
         finally:
             conn.close()
-
-    @property
-    def background_soak(self) -> BackgroundSoak:
-        return BackgroundSoak(self.port, self.tally, self.long_tokens)
 
     def background(self, rng: random.Random) -> None:
         self.background_soak.scenario(rng)

@@ -14,13 +14,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chat_http import MODEL
-from soak_http import RESPONSES, Connection, Json, Reply, Tally, error_problem, hang_up, request_bytes, send, words
+from soak_http import (
+    ENDED,
+    RESPONSES,
+    Connection,
+    Json,
+    Reply,
+    Tally,
+    error_problem,
+    hang_up,
+    parse_event,
+    request_bytes,
+    send,
+    words,
+)
 
 MAX_RUNNING = 32  # nanoqwen.api.responses_background's, per worker
 TERMINAL = {"completed": "served", "incomplete": "served", "cancelled": "aborted", "failed": "failed"}
 RUNNING = ("queued", "in_progress")  # in this order
-STREAM_ENDS = ("response.completed", "response.incomplete", "response.failed")
+STREAM_ENDS = (*ENDED, "response.failed")
 FOLLOWER_S = 120  # a follower still reading past this has hung
+ROOM_TOKENS = 256  # the room check's runs: still generating when the last is made (cancelled at once after)
 
 
 def _json(reply: Reply) -> Json:
@@ -28,17 +42,13 @@ def _json(reply: Reply) -> Json:
 
 
 def _events(conn: Connection) -> Iterator[Json]:
-    """A Responses stream's events as they arrive (its `event:` line checked against the type)."""
+    """A Responses stream's events as they arrive."""
     buf = b""
     for chunk in conn.chunks():
         buf += chunk
         *blocks, buf = buf.split(b"\n\n")
         for block in blocks:
-            head, data = block.decode().split("\n", 1)
-            event = json.loads(data.removeprefix("data: "))
-            if head != f"event: {event['type']}":
-                raise ValueError(f"event line {head!r} for a {event['type']} event")
-            yield event
+            yield parse_event(block.decode())
 
 
 def _order_problem(events: list[Json], after: int) -> str | None:
@@ -87,9 +97,11 @@ class BackgroundSoak:
 
     def _refusal_problem(self, reply: Reply) -> str | None:
         if reply.status == 429:
+            if (problem := error_problem(reply)) is not None:
+                return problem
             if reply.headers.get("retry-after") != "1" or _json(reply)["error"]["code"] != "rate_limit_exceeded":
                 return f"429 without Retry-After or its code: {reply.headers} {reply.body[:200]!r}"
-            return error_problem(reply)
+            return None
         if reply.status == 503:
             return error_problem(reply)
         return f"a background create got {reply.status}: {reply.body[:300]!r}"
@@ -105,19 +117,32 @@ class BackgroundSoak:
     def _open_stream(self, rng: random.Random, scenario: str, long: bool = False) -> tuple[Connection, Json] | None:
         """A streamed create read to its response.created event: the connection, and that event."""
         conn = Connection(self.port, timeout=FOLLOWER_S)
-        conn.sock.sendall(request_bytes("POST", RESPONSES, json.dumps(self._body(rng, True, long)).encode()))
-        status, headers = conn.head()
-        if status != 200:
-            reply = Reply(status, headers, conn.body(headers))
+        try:
+            conn.sock.sendall(request_bytes("POST", RESPONSES, json.dumps(self._body(rng, True, long)).encode()))
+            status, headers = conn.head()
+            if status != 200:
+                reply = Reply(status, headers, conn.body(headers))
+                conn.close()
+                self.tally.record(scenario, status, self._refusal_problem(reply))
+                return None
+            if (first := next(_events(conn), None)) is None:
+                raise ConnectionError("a streamed create's 200 ended before its response.created event")
+            self._made(first["response"]["id"])
+        except BaseException:
             conn.close()
-            self.tally.record(scenario, status, self._refusal_problem(reply))
-            return None
-        first = next(_events(conn))
-        self._made(first["response"]["id"])
+            raise
         return conn, first
 
     def cancel(self, response_id: str) -> Reply:
         return send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
+
+    def delete(self, response_id: str) -> Reply:
+        """DELETE, and the response marked deleted once it is (a 404 after is then its due)."""
+        reply = send(self.port, request_bytes("DELETE", f"{RESPONSES}/{response_id}"))
+        if reply.status == 200:
+            with self.tally.lock:
+                self.tally.background[response_id] = True
+        return reply
 
     def get(self, response_id: str) -> Reply:
         return send(self.port, request_bytes("GET", f"{RESPONSES}/{response_id}"))
@@ -145,23 +170,25 @@ class BackgroundSoak:
         return status
 
     def follow(self, response_id: str, after: int | None, rng: random.Random, scenario: str,
-               read: str = "whole") -> None:
-        """GET ?stream=true[&starting_after=N]: read whole, slowly, or hung up on after a few events."""
+               read: str = "whole", may_be_deleted: bool = False) -> None:
+        """GET ?stream=true[&starting_after=N]: read whole, slowly, or hung up on after a few events; a 404 only
+        where the scenario deletes the run (`may_be_deleted`)."""
         query = "stream=true" + ("" if after is None else f"&starting_after={after}")
         conn = Connection(self.port, timeout=FOLLOWER_S, rcvbuf=4096 if read == "slow" else None)
         try:
             conn.sock.sendall(request_bytes("GET", f"{RESPONSES}/{response_id}?{query}"))
-            self._read_follower(conn, response_id, -1 if after is None else after, rng, scenario, read)
+            self._read_follower(conn, response_id, -1 if after is None else after, rng, scenario, read,
+                                may_be_deleted)
         finally:
             conn.close()
 
     def _read_follower(self, conn: Connection, response_id: str, after: int, rng: random.Random, scenario: str,
-                       read: str) -> None:
+                       read: str, may_be_deleted: bool) -> None:
         status, headers = conn.head()
         if status != 200:
             reply = Reply(status, headers, conn.body(headers))
-            self.tally.record(scenario, status, self._follow_refusal_problem(reply, response_id, after),
-                              generates=False)
+            self.tally.record(scenario, status,
+                              self._follow_refusal_problem(reply, response_id, after, may_be_deleted), generates=False)
             return
         events: list[Json] = []
         for event in _events(conn):
@@ -174,7 +201,7 @@ class BackgroundSoak:
                 return
         self.tally.record(scenario, 200, self._stream_problem(events, after, response_id), generates=False)
 
-    def _follow_refusal_problem(self, reply: Reply, response_id: str, after: int) -> str | None:
+    def _follow_refusal_problem(self, reply: Reply, response_id: str, after: int, may_be_deleted: bool) -> str | None:
         """A streamed run's follower's refusal, as it may be: 404 once deleted; 400 naming starting_after (before
         the events kept, or past an ended run's last) or stream (its events no longer kept: never while it runs)."""
         if (problem := error_problem(reply)) is not None:
@@ -182,7 +209,7 @@ class BackgroundSoak:
         param = _json(reply)["error"]["param"]
         if param == "stream" and (status := self.status(response_id)) in RUNNING:
             return f"a follower of {response_id}, {status}, told its events are not kept: {reply.body[:300]!r}"
-        if reply.status == 404 or reply.status == 400 and param in ("starting_after", "stream"):
+        if reply.status == 404 and may_be_deleted or reply.status == 400 and param in ("starting_after", "stream"):
             return None
         return f"a follower of {response_id} after {after} got {reply.status}: {reply.body[:300]!r}"
 
@@ -196,7 +223,7 @@ class BackgroundSoak:
             return None
         if (status := self.wait_ended(response_id)) in ("cancelled", None):  # the events ended with the run
             return None
-        if not events and status in TERMINAL:  # starting_after at or past its last event
+        if not events and after >= 0 and status in TERMINAL:  # starting_after at or past its last event
             return None
         return f"the stream of {response_id} after {after} ended at {last} ({len(events)} events), GET: {status}"
 
@@ -261,14 +288,26 @@ class BackgroundSoak:
             self.wait_ended(response_id)
         return stage
 
-    def _with_follower(self, rng: random.Random, response_id: str, streamed: bool) -> threading.Thread | None:
+    def _thread(self, scenario: str, generates: bool, target: Callable[..., None], *args: object) -> threading.Thread:
+        """`target(*args)` started on a thread of its own, whose failure is recorded as the client threads' are
+        (a timeout included: nothing read for FOLLOWER_S, a hang)."""
+        def run() -> None:
+            try:
+                target(*args)
+            except Exception as exc:  # noqa: BLE001 - any failure of the server's side is a finding
+                self.tally.record(scenario, 0, f"client failed: {exc!r}", generates=generates)
+
+        thread = threading.Thread(target=run, daemon=True)  # a hung one must not keep the soak from exiting
+        thread.start()
+        return thread
+
+    def _with_follower(self, rng: random.Random, response_id: str, streamed: bool,
+                       may_be_deleted: bool) -> threading.Thread | None:
         """A follower reading the run's events meanwhile (a streamed run's), on a thread of its own."""
         if not streamed or rng.random() < 0.5:
             return None
-        thread = threading.Thread(target=self.follow, args=(response_id, None, random.Random(rng.random()),
-                                                            "bg-follow-during"))
-        thread.start()
-        return thread
+        return self._thread("bg-follow-during", False, self.follow, response_id, None, random.Random(rng.random()),
+                            "bg-follow-during", "whole", may_be_deleted)
 
     def _joined(self, follower: threading.Thread | None, scenario: str) -> None:
         if follower is not None:
@@ -295,36 +334,37 @@ class BackgroundSoak:
         if (run := self._run(rng, "bg-cancel-create")) is None:
             return
         response_id, streamed = run
-        follower = self._with_follower(rng, response_id, streamed)
-        stage = self._stage(rng, response_id)
-        answers = [self.cancel(response_id) for _ in range(rng.choice([1, 1, 2]))]
-        statuses = [_json(a)["status"] if a.status == 200 else a.status for a in answers]
-        final = self.status(response_id)
-        problem = None
-        if any(a.status != 200 for a in answers) or len({*statuses, final}) != 1 or final not in TERMINAL:
-            problem = f"cancel {stage} of {response_id}: {statuses}, GET {final}: {answers[0].body[:200]!r}"
-        self.tally.record(f"bg-cancel-{stage}", 200, problem, generates=False)
-        self._joined(follower, "bg-cancel")
+        follower = self._with_follower(rng, response_id, streamed, may_be_deleted=False)
+        try:
+            stage = self._stage(rng, response_id)
+            answers = [self.cancel(response_id) for _ in range(rng.choice([1, 1, 2]))]
+            statuses = [_json(a)["status"] if a.status == 200 else a.status for a in answers]
+            final = self.status(response_id)
+            problem = None
+            if any(a.status != 200 for a in answers) or len({*statuses, final}) != 1 or final not in TERMINAL:
+                problem = f"cancel {stage} of {response_id}: {statuses}, GET {final}: {answers[0].body[:200]!r}"
+            self.tally.record(f"bg-cancel-{stage}", 200, problem, generates=False)
+        finally:
+            self._joined(follower, "bg-cancel")
 
     def deleted(self, rng: random.Random) -> None:
         """Deleted at a random stage, perhaps while a follower reads it: then 404 to GET, cancel and DELETE."""
         if (run := self._run(rng, "bg-delete-create")) is None:
             return
         response_id, streamed = run
-        follower = self._with_follower(rng, response_id, streamed)
-        stage = self._stage(rng, response_id)
-        first = send(self.port, request_bytes("DELETE", f"{RESPONSES}/{response_id}"))
-        if first.status == 200:
-            with self.tally.lock:
-                self.tally.background[response_id] = True
-        after = [send(self.port, request_bytes(method, f"{RESPONSES}/{response_id}{suffix}")).status
-                 for method, suffix in (("GET", ""), ("POST", "/cancel"), ("DELETE", ""))]
-        problem = None
-        if first.status != 200 or _json(first) != {"id": response_id, "object": "response", "deleted": True} \
-                or after != [404, 404, 404]:
-            problem = f"delete {stage} of {response_id}: {first.status} {first.body[:200]!r}, then {after}"
-        self.tally.record(f"bg-delete-{stage}", first.status, problem, generates=False)
-        self._joined(follower, "bg-delete")
+        follower = self._with_follower(rng, response_id, streamed, may_be_deleted=True)
+        try:
+            stage = self._stage(rng, response_id)
+            first = self.delete(response_id)
+            after = [send(self.port, request_bytes(method, f"{RESPONSES}/{response_id}{suffix}")).status
+                     for method, suffix in (("GET", ""), ("POST", "/cancel"), ("DELETE", ""))]
+            problem = None
+            if first.status != 200 or _json(first) != {"id": response_id, "object": "response", "deleted": True} \
+                    or after != [404, 404, 404]:
+                problem = f"delete {stage} of {response_id}: {first.status} {first.body[:200]!r}, then {after}"
+            self.tally.record(f"bg-delete-{stage}", first.status, problem, generates=False)
+        finally:
+            self._joined(follower, "bg-delete")
 
     def continued(self, rng: random.Random) -> None:
         """A run in progress continued by previous_response_id, or referred to by its input items: a 400 naming
@@ -365,19 +405,15 @@ class BackgroundSoak:
             if (response_id := self._create_polled(random.Random(seed), "bg-burst", long=True)) is not None:
                 made.append(response_id)
 
-        threads = [threading.Thread(target=create, args=(seed,)) for seed in seeds]
-        for thread in threads:
-            thread.start()
+        threads = [self._thread("bg-burst", True, create, seed) for seed in seeds]
         for thread in threads:
             thread.join()
         then = rng.choice(["cancel", "delete", "leave"])
         for response_id in made:
             if then == "cancel":
                 self.cancel(response_id)
-            elif then == "delete" and send(self.port, request_bytes("DELETE", f"{RESPONSES}/{response_id}")).status \
-                    == 200:
-                with self.tally.lock:
-                    self.tally.background[response_id] = True
+            elif then == "delete":
+                self.delete(response_id)
 
     def crowd(self, rng: random.Random) -> None:
         """Many followers of one run at once, from random points, some hanging up or reading slowly; meanwhile the
@@ -389,23 +425,20 @@ class BackgroundSoak:
         response_id = created["response"]["id"]
         conn.close()
         self.tally.record("bg-crowd", 0)
-        followers = [threading.Thread(target=self.follow, args=(
-            response_id, rng.choice([None, rng.randint(0, 40)]), random.Random(rng.random()), "bg-crowd-follow",
-            rng.choice(["whole", "slow", "hang-up"]))) for _ in range(rng.randint(4, 16))]
-        for follower in followers:
-            follower.start()
-        time.sleep(rng.uniform(0, 1))
         then = rng.choice(["cancel", "delete", "leave"])
-        if then != "leave":
-            reply = send(self.port, request_bytes("POST" if then == "cancel" else "DELETE",
-                                                  f"{RESPONSES}/{response_id}{'/cancel' if then == 'cancel' else ''}"))
-            if then == "delete" and reply.status == 200:
-                with self.tally.lock:
-                    self.tally.background[response_id] = True
-            self.tally.record(f"bg-crowd-{then}", reply.status, None if reply.status == 200 else
-                              f"{then} of {response_id}: {reply.status} {reply.body[:200]!r}", generates=False)
-        for follower in followers:
-            self._joined(follower, "bg-crowd")
+        followers = [self._thread("bg-crowd-follow", False, self.follow, response_id,
+                                  rng.choice([None, rng.randint(0, 40)]), random.Random(rng.random()),
+                                  "bg-crowd-follow", rng.choice(["whole", "slow", "hang-up"]), then == "delete")
+                     for _ in range(rng.randint(4, 16))]
+        try:
+            time.sleep(rng.uniform(0, 1))
+            if then != "leave":
+                reply = self.cancel(response_id) if then == "cancel" else self.delete(response_id)
+                self.tally.record(f"bg-crowd-{then}", reply.status, None if reply.status == 200 else
+                                  f"{then} of {response_id}: {reply.status} {reply.body[:200]!r}", generates=False)
+        finally:
+            for follower in followers:
+                self._joined(follower, "bg-crowd")
 
     def odd_queries(self, rng: random.Random) -> None:
         """GET's query parameters with values it does not take: a 400 naming the parameter."""
@@ -431,12 +464,12 @@ class BackgroundSoak:
             made = dict(self.tally.background)
             list(pool.map(self._settled, made, made.values()))
             rng = random.Random(0)
-            bodies = [json.dumps(self._body(rng, False) | {"max_output_tokens": 16}).encode()
+            bodies = [json.dumps(self._body(rng, False) | {"max_output_tokens": ROOM_TOKENS}).encode()
                       for _ in range(MAX_RUNNING)]
             room = list(pool.map(lambda body: self._created(send(self.port, request_bytes("POST", RESPONSES, body)),
                                                             "bg-room"), bodies))
             if None in room:
-                self.tally.problems.append(f"no room for {MAX_RUNNING} background runs once every run ended")
+                self._problem(f"no room for {MAX_RUNNING} background runs once every run ended")
             room = [response_id for response_id in room if response_id is not None]
             list(pool.map(self.cancel, room))  # their room shown: no need to wait for their answers
             list(pool.map(self._settled, room, [False] * len(room)))
@@ -444,9 +477,13 @@ class BackgroundSoak:
     def _settled(self, response_id: str, deleted: bool) -> None:
         status = self.wait_ended(response_id, timeout=60)
         if status is None and not deleted:
-            self.tally.problems.append(f"background {response_id} not found, never deleted (dropped from the store?)")
+            self._problem(f"background {response_id} not found, never deleted (dropped from the store?)")
         elif status is not None and status not in TERMINAL:
-            self.tally.problems.append(f"background {response_id} still {status} after the round")
+            self._problem(f"background {response_id} still {status} after the round")
         elif status is not None:
             with self.tally.lock:
                 self.tally.seen[TERMINAL[status]] += 1
+
+    def _problem(self, problem: str) -> None:
+        with self.tally.lock:
+            self.tally.problems.append(problem)

@@ -197,17 +197,18 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
 
 
+def parse_event(block: str) -> Json:
+    """One Responses stream event (`event:` and `data:` lines), checked to carry its `event:` line's type."""
+    head, data = block.split("\n", 1)
+    event = json.loads(data.removeprefix("data: "))
+    if head != f"event: {event['type']}":
+        raise ValueError(f"event line {head!r} for a {event['type']} event")
+    return event
+
+
 def response_events(text: str) -> list[Json]:
-    """A Responses stream's events, each checked to carry its `event:` line's type."""
-    events = []
-    for block in text.split("\n\n"):
-        if block:
-            head, data = block.split("\n", 1)
-            event = json.loads(data.removeprefix("data: "))
-            if head != f"event: {event['type']}":
-                raise ValueError(f"event line {head!r} for a {event['type']} event")
-            events.append(event)
-    return events
+    """A Responses stream's events."""
+    return [parse_event(block) for block in text.split("\n\n") if block]
 
 
 def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
