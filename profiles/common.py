@@ -145,7 +145,7 @@ def decode_steps(engine: Engine, rows: int) -> list[float]:
         engine.step()  # prefill: every prompt, and the first new token
         while engine.scheduler.has_work:
             if len(engine.scheduler.running) != rows or engine.scheduler.waiting:
-                raise RuntimeError("a sequence was preempted or not prefilled with the others: enlarge the KV pool")
+                raise RuntimeError("a row finished early, was preempted or not prefilled with the others")
             step_s.append(timed_step(engine))
     return step_s
 

@@ -184,11 +184,17 @@ class LiveResponses:
         self.url, self.session = url, session
         self.cases = self.made = 0
 
-    def substitute(self, case: Any) -> None:
+    def substitute(self, case: Any) -> str | None:
+        """Every other case's id made fresh; what went wrong making it (the case keeps its random id then: a
+        failure here must not end the fuzzing run)."""
         if "response_id" in (case.path_parameters or {}):
             self.cases += 1
             if self.cases % 2:
-                case.path_parameters["response_id"] = self.fresh()
+                try:
+                    case.path_parameters["response_id"] = self.fresh()
+                except (requests.RequestException, ValueError, KeyError) as exc:
+                    return f"making a response for the case failed: {exc!r}"
+        return None
 
     def fresh(self) -> str:
         kind = self.KINDS[self.made % len(self.KINDS)]
@@ -197,7 +203,9 @@ class LiveResponses:
         with self.session.post(f"{self.url}/v1/responses", json=body, stream=True, timeout=60) as answer:
             answer.raise_for_status()
             if kind.get("stream"):  # the id from response.created; then the stream is left, the run goes on
-                line = next(line for line in answer.iter_lines() if line.startswith(b"data: "))
+                line = next((line for line in answer.iter_lines() if line.startswith(b"data: ")), None)
+                if line is None:
+                    raise ValueError("a background stream's 200 ended without a data: line")
                 return json.loads(line[6:])["response"]["id"]
             return answer.json()["id"]
 
@@ -217,7 +225,8 @@ def fuzz_operation(operation: Any, mode: GenerationMode, config: FuzzConfig, dea
             raise DeadlinePassed
         if mode is GenerationMode.POSITIVE:
             case.body = capped(case.body)
-        live.substitute(case)
+        if (problem := live.substitute(case)) is not None:
+            summary.findings.append(Finding(label, mode.value, problem, case.as_curl_command()))
         summary.examples += 1
         sent = time.monotonic()
         summary.by_operation[f"{label} {mode.value}"] = summary.by_operation.get(f"{label} {mode.value}", 0) + 1

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from chat_http import MODEL
+from nanoqwen.api.responses_background import MAX_RUNNING  # per worker
 from soak_http import (
     ENDED,
     RESPONSES,
@@ -25,11 +26,11 @@ from soak_http import (
     hang_up,
     parse_event,
     request_bytes,
+    response_problem,
     send,
     words,
 )
 
-MAX_RUNNING = 32  # nanoqwen.api.responses_background's, per worker
 TERMINAL = {"completed": "served", "incomplete": "served", "cancelled": "aborted", "failed": "failed"}
 RUNNING = ("queued", "in_progress")  # in this order
 STREAM_ENDS = (*ENDED, "response.failed")
@@ -52,7 +53,10 @@ def _events(conn: Connection) -> Iterator[Json]:
 
 
 def _order_problem(events: list[Json], after: int) -> str | None:
-    """None when the events are numbered on from `after` (-1: from response.created)."""
+    """None when the events are numbered on from `after` (-1: from response.created, never empty: the run's
+    events are kept from its start, so at least response.created is there)."""
+    if after == -1 and not events:
+        return "a stream from the start ended without an event"
     numbers = [e["sequence_number"] for e in events]
     if numbers != list(range(after + 1, after + 1 + len(numbers))):
         return f"sequence numbers {numbers[:5]}... after {after}"
@@ -114,8 +118,10 @@ class BackgroundSoak:
         body = self._body(rng, False, long)
         return self._created(send(self.port, request_bytes("POST", RESPONSES, json.dumps(body).encode())), scenario)
 
-    def _open_stream(self, rng: random.Random, scenario: str, long: bool = False) -> tuple[Connection, Json] | None:
-        """A streamed create read to its response.created event: the connection, and that event."""
+    def _open_stream(self, rng: random.Random, scenario: str,
+                     long: bool = False) -> tuple[Connection, Iterator[Json], Json] | None:
+        """A streamed create read to its response.created event: the connection, its events read on from there (a
+        chunk may hold more than the first), and that event."""
         conn = Connection(self.port, timeout=FOLLOWER_S)
         try:
             conn.sock.sendall(request_bytes("POST", RESPONSES, json.dumps(self._body(rng, True, long)).encode()))
@@ -125,13 +131,13 @@ class BackgroundSoak:
                 conn.close()
                 self.tally.record(scenario, status, self._refusal_problem(reply))
                 return None
-            if (first := next(_events(conn), None)) is None:
+            if (first := next(events := _events(conn), None)) is None:
                 raise ConnectionError("a streamed create's 200 ended before its response.created event")
             self._made(first["response"]["id"])
         except BaseException:
             conn.close()
             raise
-        return conn, first
+        return conn, events, first
 
     def cancel(self, response_id: str) -> Reply:
         return send(self.port, request_bytes("POST", f"{RESPONSES}/{response_id}/cancel"))
@@ -209,7 +215,7 @@ class BackgroundSoak:
         param = _json(reply)["error"]["param"]
         if param == "stream" and (status := self.status(response_id)) in RUNNING:
             return f"a follower of {response_id}, {status}, told its events are not kept: {reply.body[:300]!r}"
-        if reply.status == 404 and may_be_deleted or reply.status == 400 and param in ("starting_after", "stream"):
+        if (reply.status == 404 and may_be_deleted) or (reply.status == 400 and param in ("starting_after", "stream")):
             return None
         return f"a follower of {response_id} after {after} got {reply.status}: {reply.body[:300]!r}"
 
@@ -219,7 +225,7 @@ class BackgroundSoak:
         if (problem := _order_problem(events, after)) is not None:
             return problem
         last = events[-1]["type"] if events else None
-        if last in STREAM_ENDS or last == "error" and events[-1]["code"] == "events_dropped":
+        if last in STREAM_ENDS or (last == "error" and events[-1]["code"] == "events_dropped"):
             return None
         if (status := self.wait_ended(response_id)) in ("cancelled", None):  # the events ended with the run
             return None
@@ -246,14 +252,14 @@ class BackgroundSoak:
         opened = self._open_stream(rng, "bg-stream")
         if opened is None:
             return
-        conn, created = opened
+        conn, rest, created = opened
         response_id = created["response"]["id"]
         try:
             read = rng.choice(["whole", "slow", "hang-up"])
             if read == "slow":
                 time.sleep(rng.uniform(0.5, 3))
             events = [created]
-            for event in _events(conn):
+            for event in rest:
                 events.append(event)
                 if read == "hang-up" and len(events) >= rng.randint(2, 30):
                     hang_up(conn.sock, rng)
@@ -269,7 +275,7 @@ class BackgroundSoak:
         opened = self._open_stream(rng, "bg-stream", long=rng.random() < 0.5)
         if opened is None:
             return
-        conn, created = opened
+        conn, _, created = opened
         response_id = created["response"]["id"]
         hang_up(conn.sock, rng)
         self.tally.record("bg-stream", 0)
@@ -326,7 +332,7 @@ class BackgroundSoak:
             return None
         opened[0].close()
         self.tally.record(scenario, 0)
-        return opened[1]["response"]["id"], True
+        return opened[2]["response"]["id"], True
 
     def cancelled(self, rng: random.Random) -> None:
         """Cancelled at a random stage, perhaps twice, perhaps while a follower reads it: each answer the response
@@ -388,6 +394,8 @@ class BackgroundSoak:
         elif reply.status == 200:  # it ended first: its output is whole then
             if self.status(response_id) not in TERMINAL:
                 problem = f"continued {response_id} while it is in progress"
+            else:
+                problem = response_problem(reply, body["stream"])[0]
         elif reply.status != 503:
             problem = f"a continuation of a run in progress got {reply.status}: {reply.body[:300]!r}"
         self.tally.record(f"bg-continued-{code}", reply.status, problem)
@@ -421,7 +429,7 @@ class BackgroundSoak:
         opened = self._open_stream(rng, "bg-crowd", long=True)
         if opened is None:
             return
-        conn, created = opened
+        conn, _, created = opened
         response_id = created["response"]["id"]
         conn.close()
         self.tally.record("bg-crowd", 0)
@@ -442,7 +450,9 @@ class BackgroundSoak:
 
     def odd_queries(self, rng: random.Random) -> None:
         """GET's query parameters with values it does not take: a 400 naming the parameter."""
-        response_id = rng.choice(list(self.tally.background) or ["resp_none"])
+        with self.tally.lock:
+            made = list(self.tally.background)
+        response_id = rng.choice(made or ["resp_none"])
         query, param = rng.choice([
             ("stream=true&starting_after=-1", "starting_after"), ("stream=true&starting_after=1e3", "starting_after"),
             ("stream=true&starting_after=%20", "starting_after"), ("stream=true&starting_after=", "starting_after"),

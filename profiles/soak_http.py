@@ -43,8 +43,9 @@ class Tally:
     stored: list[Json] = field(default_factory=list)  # the last stored Responses answers, for continuations
     background: dict[str, bool] = field(default_factory=dict)  # background responses made: id -> deleted
     # For /stats' counts, which count a request once it reached the engine: at most the requests that may have
-    # (no status seen, a 200, a 5xx but 503), at least those seen to end as served (a whole answer read), aborted
-    # or failed (a background response GET says cancelled or failed)
+    # (no status seen, a 200, a 5xx but 503), at least those seen to end as served (a whole answer read, or a
+    # background response GET says completed or incomplete), aborted or failed (a background response GET
+    # says cancelled or failed)
     may_count: int = 0
     seen: Counter = field(default_factory=Counter)  # "served" / "aborted" / "failed" -> count
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -56,7 +57,7 @@ class Tally:
             self.statuses[f"{scenario} {status}"] += 1
             if problem is not None:
                 self.problems.append(f"{scenario}: {problem}")
-            if generates and status in (0, 200) or status >= 500 and status != 503:
+            if (generates and status in (0, 200)) or (status >= 500 and status != 503):
                 self.may_count += 1
             if status == 200 and problem is None and scenario in SERVED_WHEN_WHOLE:
                 self.seen["served"] += 1

@@ -1,0 +1,100 @@
+"""The soak's checks can fail: each fed a made-up fault (no server), and the honest case it must pass."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from server_process import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "profiles"))
+import soak  # noqa: E402
+from soak_background import BackgroundSoak, _order_problem  # noqa: E402
+from soak_http import Json, Reply, Tally  # noqa: E402
+
+RESP = "resp_x"
+
+
+def _stats(served: int, aborted: int, failed: int) -> Json:
+    return {"requests_served": served, "requests_aborted": aborted, "requests_failed": failed}
+
+
+def _tally(seen: dict[str, int], may_count: int) -> Tally:
+    return Tally(seen=Counter(seen), may_count=may_count)
+
+
+def _events(types: list[str], after: int = -1) -> list[Json]:
+    return [{"type": t, "sequence_number": after + 1 + i, "code": "events_dropped"} for i, t in enumerate(types)]
+
+
+def _error(status: int, param: str | None) -> Reply:
+    body = {"error": {"message": "no", "type": "invalid_request_error", "param": param, "code": None}}
+    return Reply(status, {}, json.dumps(body).encode())
+
+
+@dataclass
+class MadeUpGets(BackgroundSoak):
+    """A BackgroundSoak whose GETs are made up: the run's status is `state` (None: deleted)."""
+
+    state: str | None = "completed"
+
+    def status(self, response_id: str) -> str | None:
+        return self.state
+
+    def wait_ended(self, response_id: str, timeout: float = 0) -> str | None:
+        return self.state
+
+
+@pytest.fixture
+def background() -> MadeUpGets:
+    return MadeUpGets(port=0, tally=Tally(), long_tokens=16)
+
+
+def test_count_problems_flags_made_up_stats() -> None:
+    tally = _tally({"served": 3, "aborted": 1}, may_count=6)
+    assert soak.count_problems(_stats(10, 0, 0), _stats(13, 1, 0), tally) == []
+    fewer = soak.count_problems(_stats(10, 0, 0), _stats(12, 1, 0), tally)  # one served the clients saw, uncounted
+    assert fewer == ["/stats counted 2 requests served, the clients saw 3"]
+    more = soak.count_problems(_stats(10, 0, 0), _stats(14, 2, 1), tally)  # 7 finished of at most 6 sent
+    assert len(more) == 1 and "7 requests finished" in more[0] and "at most 6" in more[0]
+
+
+def test_order_problem_flags_gaps_and_openings() -> None:
+    assert _order_problem(_events(["response.created", "response.in_progress"]), -1) is None
+    assert _order_problem(_events(["response.output_text.delta"], after=4), 4) is None
+    assert _order_problem([], 4) is None  # starting_after at the run's last event
+    assert _order_problem([], -1) is not None
+    assert _order_problem(_events(["response.in_progress"]), -1) is not None
+    gap = _events(["response.created", "response.in_progress", "response.completed"])
+    gap[2]["sequence_number"] = 3
+    assert _order_problem(gap, -1) is not None
+
+
+def test_stream_problem_flags_a_cut_stream(background: MadeUpGets) -> None:
+    whole = _events(["response.created", "response.output_text.delta", "response.completed"])
+    assert background._stream_problem(whole, -1, RESP) is None
+    assert background._stream_problem(_events(["error"], after=7), 7, RESP) is None  # events_dropped: left behind
+    cut = whole[:2]
+    assert background._stream_problem(cut, -1, RESP) is not None  # completed, yet no end event
+    background.state = "cancelled"
+    assert background._stream_problem(cut, -1, RESP) is None  # a cancelled run has no end event of its own
+    assert background._stream_problem([], -1, RESP) is not None  # not even response.created
+    background.state = "completed"
+    assert background._stream_problem([], 5, RESP) is None  # starting_after at or past its last event
+    background.state = "in_progress"
+    assert background._stream_problem([], 5, RESP) is not None  # ended while the run goes on
+
+
+def test_follow_refusal_problem_flags_wrong_refusals(background: MadeUpGets) -> None:
+    assert background._follow_refusal_problem(_error(404, None), RESP, -1, may_be_deleted=True) is None
+    assert background._follow_refusal_problem(_error(404, None), RESP, -1, may_be_deleted=False) is not None
+    assert background._follow_refusal_problem(_error(400, "starting_after"), RESP, 3, False) is None
+    assert background._follow_refusal_problem(_error(400, "stream"), RESP, 3, False) is None  # ended: events gone
+    background.state = "in_progress"
+    assert background._follow_refusal_problem(_error(400, "stream"), RESP, 3, False) is not None  # kept while it runs
+    assert background._follow_refusal_problem(_error(400, "input"), RESP, 3, False) is not None
+    assert background._follow_refusal_problem(Reply(500, {}, b"Internal Server Error"), RESP, 3, True) is not None
+    assert background._follow_refusal_problem(Reply(404, {}, b"not found"), RESP, 3, True) is not None  # no envelope
