@@ -12,7 +12,7 @@ import sys
 
 from nanoqwen.api.shared_stats import forget_worker, make_run_dir, remove_run_dir
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
-from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig
+from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
@@ -53,7 +53,7 @@ def post_fork(server, worker) -> None:
         sys.exit(server.WORKER_BOOT_ERROR)
 
     os.environ[SLOT_ENV] = str(worker.nanoqwen_slot)
-    requested = EngineConfig.env_setting("device") or EngineConfig.device
+    requested = env_setting("device") or EngineConfig.device
     device, placed = place_worker(worker.nanoqwen_slot, server.num_workers, requested)
     os.environ["NANOQWEN_DEVICE"] = device
     if "nanoqwen.wsgi" in sys.modules:  # --preload built the engine's config in the master

@@ -20,6 +20,13 @@ CUDA_KV_RESERVE_BYTES = 1 << 30
 HOST_KV_BYTES = 2 << 30
 
 
+def env_setting(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """NANOQWEN_<NAME>'s raw value; None where it is unset or empty (both mean the setting's default). The engine's
+    and the server's settings alike."""
+    raw = (os.environ if environ is None else environ).get(f"NANOQWEN_{name.upper()}")
+    return raw or None
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """n-gram speculative decoding (prompt lookup), vLLM's `--speculative-config` fields and defaults."""
@@ -126,17 +133,11 @@ class EngineConfig:
         self.speculative: SpeculativeConfig | None = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
-    def env_setting(cls, name: str, environ: Mapping[str, str] | None = None) -> str | None:
-        """NANOQWEN_<NAME>'s raw value; None where it is unset or empty (both mean the field's default)."""
-        raw = (os.environ if environ is None else environ).get(f"NANOQWEN_{name.upper()}")
-        return raw or None
-
-    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> EngineConfig:
         """Settings from NANOQWEN_<FIELD> variables (e.g. NANOQWEN_MAX_BATCH=16)."""
         values: dict = {}
         for f in fields(cls):
-            raw = cls.env_setting(f.name, environ)
+            raw = env_setting(f.name, environ)
             if raw is None:
                 continue
             kind = f.type.split("|")[0].strip()

@@ -20,7 +20,8 @@ from ops.torch_ref.linear_int8 import linear_int8_torch
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 DTYPES = [torch.float32, torch.bfloat16]
-ROWS = [1, 2, 3, 5, 9]  # 1-3: one pass of the AVX2 paths (3: a group of 3); 5 and 9: several, the last of one row
+# 1-3: one pass of the AVX2 paths (bf16: a group of 3; fp32: 2 + 1); 5 and 9: several, the last of one row
+ROWS = [1, 2, 3, 5, 9]
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
@@ -108,8 +109,8 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
 @pytest.mark.parametrize("variant", ["loops", "loops, no scratch"])
 @pytest.mark.parametrize("n,k", [(999, 160), (1001, 1024)])
 def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
-    """On AVX2 a bf16 row's outputs are the same bits alone as in a batch of any size (a greedy request decodes the
-    same batched or not): every group size (1-4 rows) sums in one order. K 160: chunks of 409 weight rows, rounded to
+    """On AVX2 this kernel's outputs for a bf16 row are the same bits alone as in a batch of any size: every group
+    size (1-4 rows) sums in one order. K 160: chunks of 409 weight rows, rounded to
     whole 2-row passes, 3 chunks, the last ending in a single weight row; K 1024: 1 row through another order
     differed in 2 of 8000 outputs."""
     torch.manual_seed(k)

@@ -13,6 +13,7 @@ from openai.types.responses import Response
 
 from chat_http import MODEL, wait_for
 from nanoqwen.api.responses_background import MAX_RUNNING
+from nanoqwen.settings import EngineConfig
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -117,7 +118,7 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     assert not _engine_idle(chat_server)  # its client gone, still generating
     served, aborted = _outcomes(chat_server)
     cancelled = client.responses.cancel(response_id)
-    assert _outcomes(chat_server) == (served, aborted + 1)  # counted as aborted (it was served), once it ended
+    assert _outcomes(chat_server) == (served, aborted + 1)  # counted as aborted, not served, once it ended
     assert cancelled.status == "cancelled" and cancelled.background is True
     (message,) = cancelled.output
     assert message.status == "incomplete" and 0 < cancelled.usage.output_tokens < 400
@@ -135,11 +136,11 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
 
 def test_a_background_response_is_queued_until_the_engine_starts_it(client: openai.OpenAI,
                                                                     chat_server: GunicornServer) -> None:
-    """Queued while a completion of 32 choices (the engine's max_batch) takes every row: cancelled there it has no
-    output, counts as aborted and leaves the queue; a stream's `response.queued` is followed by
+    """Queued while a completion of max_batch choices (the server runs the default) takes every row: cancelled there
+    it has no output, counts as aborted and leaves the queue; a stream's `response.queued` is followed by
     `response.in_progress` once the rows are free."""
-    filler = {"model": MODEL, "prompt": "Once", "n": 32, "max_tokens": 1000, "temperature": 0, "stream": True,
-              "extra_body": {"ignore_eos": True}}
+    filler = {"model": MODEL, "prompt": "Once", "n": EngineConfig.max_batch, "max_tokens": 1000, "temperature": 0,
+              "stream": True, "extra_body": {"ignore_eos": True}}
     for _ in range(3):  # tried again where a fast host finished the completion before the cancel was answered
         with client.completions.create(**filler) as completion:
             next(iter(completion))  # its rows taken
@@ -155,7 +156,7 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
         if full:
             break
         _polled(client, streamed)
-    assert full, "the completion of 32 × 1000 tokens ended before the cancel, 3 times"
+    assert full, f"the completion of {EngineConfig.max_batch} × 1000 tokens ended before the cancel, 3 times"
     assert (polled.status, retrieved.status) == ("queued", "queued") and polled.output == retrieved.output == []
     assert [(e.type, e.response.status) for e in opening] == [("response.created", "queued"),
                                                               ("response.queued", "queued")]
@@ -197,7 +198,10 @@ def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.Open
     assert full, f"one of {MAX_RUNNING} background responses of 900 tokens ended before the next create, 3 times"
     assert answer.status_code == 429 and answer.headers["Retry-After"] == "1", answer.text
     assert answer.json()["error"]["code"] == "rate_limit_exceeded"
-    assert client.responses.create(background=True, **GREEDY, input="Hi").status == "queued"
+    short = client.responses.create(background=True, **GREEDY, input="Hi")
+    assert short.status == "queued"
+    _polled(client, short.id)  # ended, so the next test finds the engine idle
+    wait_for(lambda: _engine_idle(chat_server))
 
 
 @pytest.mark.parametrize("background", [True, False])

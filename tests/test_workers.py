@@ -15,7 +15,7 @@ import requests
 
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
-from nanoqwen.settings import EngineConfig
+from nanoqwen.settings import EngineConfig, env_setting
 from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"
@@ -46,9 +46,9 @@ def test_worker_device_round_robin_on_cuda_only_when_not_pinned():
 
 def test_an_empty_device_setting_is_the_default_as_unset():
     """post_fork places workers from it: an empty NANOQWEN_DEVICE passed as "" skipped the CUDA round-robin."""
-    assert EngineConfig.env_setting("device", {}) is None
-    assert EngineConfig.env_setting("device", {"NANOQWEN_DEVICE": ""}) is None
-    assert EngineConfig.env_setting("device", {"NANOQWEN_DEVICE": "cpu"}) == "cpu"
+    assert env_setting("device", {}) is None
+    assert env_setting("device", {"NANOQWEN_DEVICE": ""}) is None
+    assert env_setting("device", {"NANOQWEN_DEVICE": "cpu"}) == "cpu"
     assert EngineConfig.from_env({"NANOQWEN_DEVICE": ""}).device == EngineConfig.device
 
 

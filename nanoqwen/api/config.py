@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nanoqwen.choices import DEFAULT_MODEL
+from nanoqwen.settings import env_setting
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,17 @@ class ServerConfig:
         """`model`: the engine's setting (EngineConfig.model, the one reader of NANOQWEN_MODEL)."""
         from nanoqwen.loader import checkpoint_name, hub_repo_id  # here: the loader imports torch, the CLI this module
 
-        origins = tuple(o.strip() for o in env.get("NANOQWEN_CORS_ORIGINS", "").split(",") if o.strip())
-        body_timeout = env.get("NANOQWEN_BODY_TIMEOUT", "")
+        origins = tuple(o.strip() for o in (env_setting("cors_origins", env) or "").split(",") if o.strip())
+        body_timeout = env_setting("body_timeout", env)
         try:
             body_timeout_s = float(body_timeout) if body_timeout else cls.body_timeout_s
         except ValueError:
             raise ValueError(f"NANOQWEN_BODY_TIMEOUT={body_timeout!r} is not a number of seconds") from None
         return cls(
-            served_model_name=env.get("NANOQWEN_SERVED_MODEL_NAME", "") or cls.served_model_name,
+            served_model_name=env_setting("served_model_name", env) or cls.served_model_name,
             model_name=checkpoint_name(model),
             hub_id=hub_repo_id(model),
-            api_key=env.get("NANOQWEN_API_KEY") or None,
+            api_key=env_setting("api_key", env),
             cors_origins=origins,
             body_timeout_s=body_timeout_s,
         )

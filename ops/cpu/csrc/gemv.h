@@ -90,7 +90,7 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
 #define AVX2_XROWS 4  /* activation rows it serves: 8 accumulators, 4 weight and 2 activation registers of 16 */
 
 /* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * K (i < W) with activation row m < rows
-   of x (X_F32: fp32 rows split as `load_x32` says; X_BF16_SPLIT: bf16 rows, split in registers), W, rows and xkind
+   of x (X_F32: fp32 rows split as linear.c's `split_even_odd` leaves them; X_BF16_SPLIT: bf16 rows, split in registers), W, rows and xkind
    constants. Each activation vector loaded meets W weight rows: with one weight row a pass, a load per FMA bound
    the loop as the FMAs do. Each sum is one chain, two FMAs (evens, odds) per 16 columns in column order, whatever
    W and rows: a row's outputs are the same bits alone as in a batch of any size. */
@@ -191,7 +191,7 @@ static inline int has_avx512(void) { return __builtin_cpu_supports("avx512f") &&
 static inline int has_avx512_bf16(void) { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 /* AVX-512 VNNI (vpdpbusd, on 512-bit registers), which the int8 pieces' loops need; linear_int4's VL too, for the
    masked 256-bit load of bf16 scales and offsets (load16). Tests build NANOQWEN_NO_VNNI to check the loops without
-   it on a CPU with it. */
+   it (int8's and int4's) on a CPU with it. */
 #ifdef NANOQWEN_NO_VNNI
 static inline int has_avx512_vnni(void) { return 0; }
 #else

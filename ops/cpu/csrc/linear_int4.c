@@ -464,8 +464,9 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 
 /* ---- AVX2 (no AVX-512 VNNI): int16 activation pieces (act_quant16.h) against the nibbles widened to int16 ---- */
 
-/* Piece rows one pass over a weight row serves: their int32 and fp32 sums stay in the 16 ymm registers (8 spilled:
-   one thread, 512 x 1024 hot in L2, 8 bf16 rows 142-148 µs a call against 132 in two passes of 4) */
+/* Accumulator sets one pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <= MADD_MAX_PIECES):
+   their int32 and fp32 sums stay in the 16 ymm registers (8 spilled: one thread, 512 x 1024 hot in L2, 8 bf16 rows
+   142-148 µs a call against 132 in two passes of 4) */
 #define MADD_MAX_PIECES 4
 /* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
    below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
