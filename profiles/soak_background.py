@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from chat_http import MODEL
@@ -307,13 +308,22 @@ class BackgroundSoak:
         thread.start()
         return thread
 
-    def _with_follower(self, rng: random.Random, response_id: str, streamed: bool,
-                       may_be_deleted: bool) -> threading.Thread | None:
-        """A follower reading the run's events meanwhile (a streamed run's), on a thread of its own."""
-        if not streamed or rng.random() < 0.5:
-            return None
-        return self._thread("bg-follow-during", False, self.follow, response_id, None, random.Random(rng.random()),
-                            "bg-follow-during", "whole", may_be_deleted)
+    @contextmanager
+    def _followed_run(self, rng: random.Random, scenario: str, may_be_deleted: bool) -> Iterator[str | None]:
+        """A run to cancel or delete (None: its create failed), perhaps with a follower reading a streamed run's
+        events meanwhile, on a thread of its own: joined when the block ends, however it ends."""
+        if (run := self._run(rng, f"{scenario}-create")) is None:
+            yield None
+            return
+        response_id, streamed = run
+        follower = None
+        if streamed and rng.random() >= 0.5:
+            follower = self._thread("bg-follow-during", False, self.follow, response_id, None,
+                                    random.Random(rng.random()), "bg-follow-during", "whole", may_be_deleted)
+        try:
+            yield response_id
+        finally:
+            self._joined(follower, scenario)
 
     def _joined(self, follower: threading.Thread | None, scenario: str) -> None:
         if follower is not None:
@@ -337,11 +347,9 @@ class BackgroundSoak:
     def cancelled(self, rng: random.Random) -> None:
         """Cancelled at a random stage, perhaps twice, perhaps while a follower reads it: each answer the response
         as it ended (cancelled, or finished first), the same as GET's."""
-        if (run := self._run(rng, "bg-cancel-create")) is None:
-            return
-        response_id, streamed = run
-        follower = self._with_follower(rng, response_id, streamed, may_be_deleted=False)
-        try:
+        with self._followed_run(rng, "bg-cancel", may_be_deleted=False) as response_id:
+            if response_id is None:
+                return
             stage = self._stage(rng, response_id)
             answers = [self.cancel(response_id) for _ in range(rng.choice([1, 1, 2]))]
             statuses = [_json(a)["status"] if a.status == 200 else a.status for a in answers]
@@ -350,16 +358,12 @@ class BackgroundSoak:
             if any(a.status != 200 for a in answers) or len({*statuses, final}) != 1 or final not in TERMINAL:
                 problem = f"cancel {stage} of {response_id}: {statuses}, GET {final}: {answers[0].body[:200]!r}"
             self.tally.record(f"bg-cancel-{stage}", 200, problem, generates=False)
-        finally:
-            self._joined(follower, "bg-cancel")
 
     def deleted(self, rng: random.Random) -> None:
         """Deleted at a random stage, perhaps while a follower reads it: then 404 to GET, cancel and DELETE."""
-        if (run := self._run(rng, "bg-delete-create")) is None:
-            return
-        response_id, streamed = run
-        follower = self._with_follower(rng, response_id, streamed, may_be_deleted=True)
-        try:
+        with self._followed_run(rng, "bg-delete", may_be_deleted=True) as response_id:
+            if response_id is None:
+                return
             stage = self._stage(rng, response_id)
             first = self.delete(response_id)
             after = [send(self.port, request_bytes(method, f"{RESPONSES}/{response_id}{suffix}")).status
@@ -369,8 +373,6 @@ class BackgroundSoak:
                     or after != [404, 404, 404]:
                 problem = f"delete {stage} of {response_id}: {first.status} {first.body[:200]!r}, then {after}"
             self.tally.record(f"bg-delete-{stage}", first.status, problem, generates=False)
-        finally:
-            self._joined(follower, "bg-delete")
 
     def continued(self, rng: random.Random) -> None:
         """A run in progress continued by previous_response_id, or referred to by its input items: a 400 naming
