@@ -84,7 +84,7 @@ ENGINE_OPTIONS = (
               "lookup), vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": "
               "4, \"prompt_lookup_min\": 2} (default off)"),
     EnvOption("--cache-dir", "NANOQWEN_CACHE_DIR", "where the compiled CPU kernels are cached (default "
-              "~/.cache/nanoqwen)"),
+              "$XDG_CACHE_HOME/nanoqwen, else ~/.cache/nanoqwen)"),
 )
 API_OPTIONS = (
     EnvOption("--served-model-name", "NANOQWEN_SERVED_MODEL_NAME", "the `model` name clients use"),

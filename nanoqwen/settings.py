@@ -99,7 +99,7 @@ class EngineConfig:
     revision: str | None = None
     threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
     cpu_kernels: bool = True  # the compiled C kernels on the CPU (False: the torch references alone)
-    cache_dir: str = ""  # where the C kernels are cached; "" = ~/.cache/nanoqwen
+    cache_dir: str = ""  # where the C kernels are cached; "" = $XDG_CACHE_HOME/nanoqwen, else ~/.cache/nanoqwen
     # n-gram speculative decoding, vLLM's JSON ({"method": "ngram", "num_speculative_tokens": k, ...}); "" = off
     speculative_config: str = ""
 

@@ -31,11 +31,11 @@ def triton_available() -> bool:
 def select_kernels(
     setting: str, device: torch.device, dtype: torch.dtype, *,
     hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-    cpu_kernels: bool = True, cache_dir: Path = cpu.build.DEFAULT_CACHE_DIR,
+    cpu_kernels: bool = True, cache_dir: Path | None = None,
 ) -> Kernels:
     """The kernels for a model of these sizes on `device` in `dtype`. `setting` is "torch", "triton"
     or "auto" (Triton on CUDA where installed, else torch); on the CPU this builds the C kernels
-    into `cache_dir`, unless `cpu_kernels` is off.
+    into `cache_dir` (None: ops.cpu.build.resolve_cache_dir()'s default), unless `cpu_kernels` is off.
     Raises ValueError when the setting cannot run on `device`."""
     name = ("triton" if device.type == "cuda" and triton_available() else "torch") if setting == "auto" else setting
     if name not in BACKENDS:

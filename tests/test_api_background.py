@@ -153,10 +153,10 @@ def test_a_run_let_go_goes_back_to_the_cap_and_a_stalled_follower_gets_the_error
     gevent.sleep(0.05)
     background.forget(runs[-1].id)  # deleted
     assert [run.id for run in runs if run.id not in background._finished] == ["resp_0", "resp_1", runs[-1].id]
-    assert [run.size for run in runs] == [MAX_EVENT_BYTES] * 2 + [8 * len(half)] * (KEPT_FINISHED - 1) + [
-        MAX_EVENT_BYTES]
+    # let go, back to the cap: past their followers (each sent the first frame), which hold nothing back then
+    assert [run.size for run in runs] == [0] * 2 + [8 * len(half)] * (KEPT_FINISHED - 1) + [0]
     (dropped,) = stalled[0]
-    assert _error(dropped)["sequence_number"] == 1 and "from sequence number 1 to 6" in _error(dropped)["message"]
+    assert _error(dropped)["sequence_number"] == 1 and "from sequence number 1 to 8" in _error(dropped)["message"]
     assert len(list(stalled[2])) == 8  # one still kept: its follower sent the rest
 
 
@@ -166,12 +166,37 @@ def test_a_follower_lagging_past_the_hard_limit_gets_an_error_event_and_ends() -
     quarter = "x" * (MAX_EVENT_BYTES // 4)
     for _ in range(MAX_LAG_BYTES // len(quarter) + 3):  # no switch: its follower reads none of them
         run.add_all([quarter])
-    assert run.size <= MAX_LAG_BYTES and run.first == 3
+    # past MAX_LAG_BYTES behind at the 33rd: left behind, it holds nothing back, back to the cap at once
+    assert (run.size, run.first) == (MAX_EVENT_BYTES, 31)
     run.end()
     follower.join(timeout=5)
     (error,) = got
-    assert _error(error)["sequence_number"] == 0 and "from sequence number 0 to 2" in _error(error)["message"]
-    assert run.size <= MAX_EVENT_BYTES  # no follower left: back to the cap
+    assert _error(error)["sequence_number"] == 0 and "from sequence number 0 to 30" in _error(error)["message"]
+    assert run._cursors == set()
+
+
+def test_a_follower_left_behind_holds_no_frame_back_for_itself_or_the_others() -> None:
+    """A follower past MAX_LAG_BYTES behind whose client reads nothing more (its greenlet blocked writing one frame,
+    as a real socket's does) will be sent only the error event: the run goes back to the cap at once, and a follower
+    keeping up still gets every frame; let go, the run keeps none for it."""
+    run = _run()
+    stalled = run.follow(-1, lambda: False, 0.01)
+    run.add_all(["first"])
+    assert next(stalled) == b"first"  # then blocked in its write
+    got, keeping_up = _following(run, after=0)
+    quarter = "x" * (MAX_EVENT_BYTES // 4)
+    frames = MAX_LAG_BYTES // len(quarter) + 2
+    for i in range(frames):
+        run.add_all([quarter])
+        gevent.sleep(0)  # the follower keeping up sends each
+        assert run.size <= (MAX_LAG_BYTES if i < frames - 2 else MAX_EVENT_BYTES), i  # left behind at frames - 2
+    assert run.first > 1 and len(got) == frames
+    run.release()
+    run.end()
+    keeping_up.join(timeout=5)
+    assert got == [quarter.encode()] * frames and (len(run.frames), run.size) == (0, 0)
+    (error,) = stalled
+    assert _error(error)["sequence_number"] == 1
 
 
 def test_a_follower_gone_stops_following_and_a_poll_not_kept_keeps_nothing() -> None:

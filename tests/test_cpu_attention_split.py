@@ -15,10 +15,12 @@ from ops.torch_ref.decode_attention import decode_attention_torch
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 HQ, HKV, D, BLOCK = 16, 8, 128, 16
-# With 2 threads a call cuts the batch's keys into parts of max(128, ceil(keys / 8) rounded up to 32) keys:
-# 1 (one thread), 512 (4 parts), 513 (5, the last of 1 key), 1023 (8, the last of 127), 1025 (7 of 160),
-# a long sequence next to short ones (8 parts of 416 and three whole), eight with one in 6 parts.
-LENGTHS = [[1], [512], [513], [1023], [1025], [3000, 1, 17, 130], [129] * 7 + [2000]]
+# With 2 threads a call from 512 (token, kv head) pairs (64 keys at HKV 8) cuts the batch's keys into parts of
+# max(128, ceil(keys / 8) rounded up to 32) keys: 1 (one thread), 512 (4 parts), 513 (5, the last of 1 key),
+# 1023 (8, the last of 127), 1025 (7 of 160), a long sequence next to short ones (8 parts of 416 and three whole),
+# eight with one in 6 parts; under 4,096 pairs: eight of 8 keys (512 pairs: a task per sequence) and 340 keys (2,720
+# pairs: parts of 128, the first sequence in 3).
+LENGTHS = [[1], [512], [513], [1023], [1025], [3000, 1, 17, 130], [129] * 7 + [2000], [8] * 8, [300, 17, 3, 20]]
 LIBS = ["built", "AVX2"]
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from nanoqwen.cli import ENGINE_OPTIONS
 from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
+from server_process import REPO_ROOT
 
 KERNELS = list(C_KERNELS)
 needs_compiler = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -108,3 +110,33 @@ def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch,
         assert not kernel.build(tmp_path / "cache")
     assert kernel.lib is None and kernel.error is None and "no C compiler" in caplog.text
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_dir_is_the_configured_one_else_under_xdg_cache_home_else_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cpu_build.resolve_cache_dir() == tmp_path / "home" / ".cache" / "nanoqwen"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # set but empty: unset, says the XDG spec
+    assert cpu_build.resolve_cache_dir() == tmp_path / "home" / ".cache" / "nanoqwen"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # relative: ignored, as the spec says
+    assert cpu_build.resolve_cache_dir() == tmp_path / "home" / ".cache" / "nanoqwen"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_build.resolve_cache_dir() == tmp_path / "xdg" / "nanoqwen"
+    assert cpu_build.resolve_cache_dir("~/kernels") == tmp_path / "home" / "kernels"  # NANOQWEN_CACHE_DIR first
+
+
+@needs_compiler
+def test_a_kernel_built_without_a_cache_dir_lands_under_xdg_cache_home(tmp_path, monkeypatch):
+    """Read when it builds, not when ops was imported (the variable set after the import here)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
+    assert kernel.build(), kernel.error
+    assert [p.name.split("-")[0] for p in (tmp_path / "nanoqwen").glob("*.so")] == ["cpu_pointwise"]
+
+
+def test_the_cli_help_and_the_readme_name_the_same_default():
+    [option] = [o for o in ENGINE_OPTIONS if o.env == "NANOQWEN_CACHE_DIR"]
+    [row] = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
+             if line.startswith("| `NANOQWEN_CACHE_DIR` |")]
+    for text in (option.help, row):
+        assert "$XDG_CACHE_HOME/nanoqwen" in text and "~/.cache/nanoqwen" in text

@@ -29,13 +29,14 @@ MAX_RUNNING = 32
 # fit, ~115 with 20 top logprobs a token (its last events each repeat the answer with them)
 MAX_EVENT_BYTES = 1 << 20
 # Frames a follower has not sent yet are kept past the cap up to this: its client reads slower than the model writes.
-# Past it the oldest go anyway, and the follower behind them ends with an error event; an event's frames are added
-# together and never dropped for it (the last `.done` events and `response.completed` may weigh more).
+# Past it the oldest go anyway, and the follower behind them ends with an error event (sent once its client reads
+# again; till then it holds no frame back: the rest go back to the cap); an event's frames are added together and
+# never dropped for it (the last `.done` events and `response.completed` may weigh more).
 MAX_LAG_BYTES = 8 * MAX_EVENT_BYTES
 KEPT_FINISHED = 32
 # So the events of the MAX_RUNNING + KEPT_FINISHED runs weigh at most 64 MiB while no follower lags (a run's last
 # frame alone may be larger: its response, with logprobs), 512 MiB at worst (or a run's last event's frames, when
-# larger). A run let go (no longer kept, or deleted) keeps only the frames a client following it has not been sent, at
+# larger). A run let go (no longer kept, or deleted) keeps only the frames a client following it has yet to be sent, at
 # most the cap, and each follower holds one frame besides; an ended run holds nothing else.
 CANCEL_WAIT_S = 30.0  # the engine ends an aborted request at its next step: milliseconds, unless it is stuck
 
@@ -84,18 +85,21 @@ class Run:
             self._trim()
         self._changed_now()
 
+    def _behind(self) -> int:
+        """The oldest frame a follower has yet to send: one left behind (its next frame dropped: its client stopped
+        reading, its greenlet blocked writing a frame) will send only the error event, and holds none back."""
+        return min((cursor.next for cursor in self._cursors if cursor.next >= self.first),
+                   default=self.first + len(self.frames))
+
     def _trim(self) -> None:
         """Past the cap (once released, at once) the oldest frames every follower has sent go; past MAX_LAG_BYTES
         the oldest before the last event's, sent or not."""
-        behind = min((cursor.next for cursor in self._cursors), default=self.first + len(self.frames))
         if self._released:  # a follower may wait past the newest frame (starting_after ahead of the run)
-            while self.first < min(behind, self.first + len(self.frames)):
+            while self.first < min(self._behind(), self.first + len(self.frames)):
                 self._drop_first()
             return
-        if self.size <= MAX_EVENT_BYTES:
-            return
         while len(self.frames) > 1 and self.size > MAX_EVENT_BYTES and (
-                self.first < behind or (self.size > MAX_LAG_BYTES and self.first < self._batch)):
+                self.first < self._behind() or (self.size > MAX_LAG_BYTES and self.first < self._batch)):
             self._drop_first()
 
     def release(self) -> None:

@@ -3,7 +3,6 @@ device, the tokenizer and the checkpoint's generation defaults."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from nanoqwen.loader import GenerationDefaults
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
+from ops.cpu.build import resolve_cache_dir
 
 
 @dataclass
@@ -48,7 +48,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         config.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
         num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
         cpu_kernels=config.cpu_kernels,
-        cache_dir=Path(config.cache_dir).expanduser() if config.cache_dir else ops.cpu.build.DEFAULT_CACHE_DIR,
+        cache_dir=resolve_cache_dir(config.cache_dir),
     )
     model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels,
                                config.quant)

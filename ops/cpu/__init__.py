@@ -10,7 +10,6 @@ import torch
 from ops import torch_ref
 from ops.cpu import (
     attention,
-    build,
     dequant,
     embedding,
     linear,
@@ -28,7 +27,7 @@ C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KE
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-            enabled: bool = True, cache_dir: Path = build.DEFAULT_CACHE_DIR) -> Kernels:
+            enabled: bool = True, cache_dir: Path | None = None) -> Kernels:
     """Builds the C kernels now (or loads them from `cache_dir`), running the C compiler; with
     `enabled` False, the torch references alone."""
     ref = torch_ref.KERNELS

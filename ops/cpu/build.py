@@ -101,7 +101,14 @@ def _ctype(param: str, function: str):
     return C_TYPES[words[0]]
 
 
-DEFAULT_CACHE_DIR = Path("~/.cache/nanoqwen").expanduser()
+def resolve_cache_dir(configured: str = "") -> Path:
+    """Where the shared objects are cached: `configured` (NANOQWEN_CACHE_DIR, `~` expanded), else nanoqwen/ under
+    $XDG_CACHE_HOME, else under ~/.cache. Read at each call, not at import: a process that sets either variable
+    after importing ops gets what it set. A relative XDG_CACHE_HOME is ignored, as the XDG spec says."""
+    if configured:
+        return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nanoqwen"
 
 
 def compile_library(cc: str, source: Path, path: Path) -> str:
@@ -139,12 +146,13 @@ class CKernel:
         self.error: str | None = None
         self._tried = False
 
-    def build(self, cache_dir: Path = DEFAULT_CACHE_DIR) -> bool:
-        """Compiles into `cache_dir` (or loads from there) on the first call; whether the kernel can run."""
+    def build(self, cache_dir: Path | None = None) -> bool:
+        """Compiles into `cache_dir` (None: resolve_cache_dir()'s default), or loads from there, on the first call;
+        whether the kernel can run."""
         if not self._tried:
             self._tried = True
             try:
-                self.lib = self._load(cache_dir)
+                self.lib = self._load(cache_dir or resolve_cache_dir())
             except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
                 self.error = str(exc) or repr(exc)
                 log.warning("could not build %s: using torch\n%s", self.name, self.error[:2000])
