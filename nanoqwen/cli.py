@@ -91,10 +91,10 @@ API_OPTIONS = (
     EnvOption("--api-key", "NANOQWEN_API_KEY", "require `Authorization: Bearer <key>` on /v1/* (prefer the "
               "variable: a flag shows in the process list until gunicorn starts)"),
     EnvOption("--cors-origins", "NANOQWEN_CORS_ORIGINS", "comma-separated allowed browser origins, or *"),
-    EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds the whole request body may take to arrive, "
-              "then 408", float),
-    EnvOption("--send-timeout", "NANOQWEN_SEND_TIMEOUT", "seconds a response's write may make no progress (its "
-              "client reads nothing), then the connection closes", float),
+    EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds (> 0) the whole request body may take to "
+              "arrive, then 408", float),
+    EnvOption("--send-timeout", "NANOQWEN_SEND_TIMEOUT", "seconds (> 0) a response's write may make no "
+              "progress (its client reads nothing), then the connection closes", float),
 )
 ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
 # The defaults --help states, by option: the settings' own (an API option's field is named apart where it differs).

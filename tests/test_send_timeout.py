@@ -67,3 +67,4 @@ def test_a_reset_is_no_timeout() -> None:
         with pytest.raises(OSError) as raised:
             TimedWrites(writer, TIMEOUT_S).sendall(DATA)
         assert not isinstance(raised.value, SendTimeout) and raised.value.errno in (errno.EPIPE, errno.ECONNRESET)
+        assert writer.gettimeout() is None  # restored on every way out

@@ -27,6 +27,7 @@ from chat_http import (
     health_polled,
     post_chat,
     raw_request,
+    server_stats,
     sse_events,
     sse_payloads,
     wait_for,
@@ -89,10 +90,6 @@ def guarded(servers: dict[str, GunicornServer]) -> GunicornServer:
     return servers["guarded"]
 
 
-def _stats(srv: GunicornServer) -> dict[str, Any]:
-    return requests.get(f"{srv.url}/stats", timeout=10).json()
-
-
 def _stream(srv: GunicornServer, body: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
     """All chunks of a streamed completion (ending with [DONE])."""
     with post_chat(srv, {**body, "stream": True}, stream=True, **kwargs) as response:
@@ -135,7 +132,7 @@ def test_health_models_stats_metrics(server: GunicornServer, server_checkpoint: 
     assert isinstance(models["data"][0]["created"], int)
     assert server.openai_client().models.retrieve(MODEL).id == MODEL
 
-    stats = _stats(server)
+    stats = server_stats(server)
     for key in ("requests_served", "total_tokens_generated", "average_response_time", "queue_length",
                 "active_requests", "tokens_per_second", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
                 "kv_cache_usage", "prefix_cache_hit_rate"):
@@ -521,13 +518,13 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
 # -- concurrency ---------------------------------------------------------------------------
 
 def test_concurrent_streams_and_exact_stats(server: GunicornServer) -> None:
-    before = _stats(server)
+    before = server_stats(server)
     bodies = [{**GREEDY, "max_tokens": 4 + i % 5, "stream_options": {"include_usage": True}} for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda body: _stream(server, body), bodies))
     usages = [chunks[-1]["usage"] for chunks in results]
     assert [u["completion_tokens"] for u in usages] == [b["max_tokens"] for b in bodies]
-    after = _stats(server)
+    after = server_stats(server)
     assert after["requests_served"] - before["requests_served"] == 16
     assert after["total_tokens_generated"] - before["total_tokens_generated"] == sum(b["max_tokens"] for b in bodies)
     assert after["active_requests"] == 0 and after["queue_length"] == 0
@@ -535,15 +532,15 @@ def test_concurrent_streams_and_exact_stats(server: GunicornServer) -> None:
 
 
 def _assert_aborted_early(srv: GunicornServer, before: dict[str, Any], max_tokens: int) -> None:
-    wait_for(lambda: _stats(srv)["requests_aborted"] == before["requests_aborted"] + 1)
-    wait_for(lambda: _stats(srv)["active_requests"] == 0)
-    after = _stats(srv)
+    wait_for(lambda: server_stats(srv)["requests_aborted"] == before["requests_aborted"] + 1)
+    wait_for(lambda: server_stats(srv)["active_requests"] == 0)
+    after = server_stats(srv)
     assert after["requests_served"] == before["requests_served"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < max_tokens  # cut short
 
 
 def test_stream_disconnect_aborts(server: GunicornServer) -> None:
-    before = _stats(server)
+    before = server_stats(server)
     with post_chat(server, {**GREEDY, "max_tokens": 400, "stream": True}, stream=True) as response:
         payloads = sse_payloads(response)
         for _ in range(3):
@@ -552,7 +549,7 @@ def test_stream_disconnect_aborts(server: GunicornServer) -> None:
 
 
 def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
-    before = _stats(server)
+    before = server_stats(server)
     body = {"model": MODEL, "input": "Hi", "temperature": 0, "max_output_tokens": 400, "stream": True}
     with requests.post(f"{server.url}/v1/responses", json=body, stream=True, timeout=60) as response:
         for name, _ in sse_events(response):
@@ -577,11 +574,11 @@ def _reset(sock: socket.socket) -> None:
 def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     """The client resets the connection once generation has started (not after a fixed time: the
     tiny model finishes hundreds of tokens in well under a second on a fast machine)."""
-    before = _stats(server)
+    before = server_stats(server)
     max_tokens = MAX_MODEL_LEN - 64
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens}))
-    wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    wait_for(lambda: server_stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
     _reset(sock)
     _assert_aborted_early(server, before, max_tokens)
 
@@ -626,7 +623,7 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
             t0 = time.perf_counter()
             assert session.get(f"{server.url}/health", timeout=10).status_code == 200
             elapsed = time.perf_counter() - t0
-            if _stats(server)["active_requests"] == 1:  # it really was generating meanwhile
+            if server_stats(server)["active_requests"] == 1:  # it really was generating meanwhile
                 timings.append(elapsed)
             time.sleep(0.01)
     finally:
@@ -773,8 +770,8 @@ def test_queue_full(guarded: GunicornServer) -> None:
         next(payloads), next(payloads)  # role, then a token: it holds the only batch slot
         with post_chat(guarded, long, headers=auth, stream=True) as waiting:
             assert waiting.status_code == 200
-            wait_for(lambda: _stats(guarded)["queue_length"] == 1)
+            wait_for(lambda: server_stats(guarded)["queue_length"] == 1)
             refused = post_chat(guarded, {**long, "stream": False}, headers=auth)
             _assert_error(refused, 503, code="queue_full")
             assert int(refused.headers["Retry-After"]) >= 1
-    wait_for(lambda: (s := _stats(guarded))["queue_length"] == 0 and s["active_requests"] == 0)
+    wait_for(lambda: (s := server_stats(guarded))["queue_length"] == 0 and s["active_requests"] == 0)
