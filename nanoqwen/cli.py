@@ -93,11 +93,14 @@ API_OPTIONS = (
     EnvOption("--cors-origins", "NANOQWEN_CORS_ORIGINS", "comma-separated allowed browser origins, or *"),
     EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds the whole request body may take to arrive, "
               "then 408", float),
+    EnvOption("--send-timeout", "NANOQWEN_SEND_TIMEOUT", "seconds a response's write may make no progress (its "
+              "client reads nothing), then the connection closes", float),
 )
 ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
 # The defaults --help states, by option: the settings' own (an API option's field is named apart where it differs).
 DEFAULTS = {f.name: f.default for f in fields(EngineConfig)} | {
-    "served_model_name": ServerConfig.served_model_name, "body_timeout": ServerConfig.body_timeout_s}
+    "served_model_name": ServerConfig.served_model_name, "body_timeout": ServerConfig.body_timeout_s,
+    "send_timeout": ServerConfig.send_timeout_s}
 
 
 def _default(dest: str) -> str:

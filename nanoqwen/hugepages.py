@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20
-# Each tensor starts on a 4 KB page, not just a cache line: with 64-byte starts a bf16 matrix of 2 KB rows began
-# mid-page, and the AVX2 kernel, which streams two such rows at once, read a decode step's bf16 linears 12-16% slower
-# than from a page-aligned copy of the same bytes (int8, one 1 KB row at a time, alike either way; profiles/RESULTS.md,
-# "stream"). A tensor costs at most 4 KB of padding.
+# Each tensor starts on a 4 KB page, not just a cache line: with 64-byte starts most bf16 matrices began
+# mid-page, and the AVX2 kernel, which streams two rows at once (2 KB each at K 1024), read a decode step's bf16
+# linears 12-16% slower than from a page-aligned copy of the same bytes (int8, one row at a time, alike either way;
+# profiles/RESULTS.md, "stream"). A tensor costs under 4 KB of padding.
 ALIGN = 4096
 
 

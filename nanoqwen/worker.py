@@ -9,6 +9,7 @@ import contextlib
 import gc
 import json
 import logging
+import struct
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,8 +25,11 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
+from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 if TYPE_CHECKING:
+    from gunicorn.http.message import Request
+
     from nanoqwen.api.metrics import ServerStats
     from nanoqwen.engine import Engine
 
@@ -89,6 +93,8 @@ class NanoqwenWorker(GeventWorker):
       moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
       requests are let in).
     - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
+    - a response's write that makes no progress for NANOQWEN_SEND_TIMEOUT closes the connection, as a
+      client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
       the grace period ends are failed so that they end with an error event, not a cut.
     """
@@ -123,9 +129,21 @@ class NanoqwenWorker(GeventWorker):
         finally:
             del self._idle[current]
 
+    def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
+        try:
+            super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
+        except SendTimeout as exc:  # the app's generator is closed by now: as if the client had gone
+            self.log.info("closed the connection of %s %s: %s", req.method, req.path, exc.strerror)
+            # a reset, not a FIN behind the unread data: the kernel would keep the socket and its full send
+            # buffer (up to tcp_wmem's 4 MiB) for as long as it probes the client's shut window
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise StopIteration from None  # gunicorn's way to close a connection without logging an error
+
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine, start_engine
 
+        self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])

@@ -28,8 +28,8 @@ class LiveResponses:
             if self.cases % 2:
                 try:
                     case.path_parameters["response_id"] = self.fresh()
-                # ValueError: not JSON; KeyError: no id; TypeError: JSON, not an object
-                except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+                # ValueError: not JSON, or JSON that is not an object; KeyError: no id
+                except (requests.RequestException, ValueError, KeyError) as exc:
                     return f"making a response for the case failed: {exc!r}"
         return None
 
@@ -43,5 +43,11 @@ class LiveResponses:
                 line = next((line for line in answer.iter_lines() if line.startswith(b"data: ")), None)
                 if line is None:
                     raise ValueError("a background stream's 200 ended without a data: line")
-                return json.loads(line[6:])["response"]["id"]
-            return answer.json()["id"]
+                return _object(json.loads(line[6:]))["response"]["id"]
+            return _object(answer.json())["id"]
+
+
+def _object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"JSON that is not an object: {value!r:.80}")
+    return value

@@ -3,16 +3,16 @@
    the kernels themselves or by a plain loop of vector loads through the same pool and chunking. Not a test.
 
    Build against one kernel's source (its pool is the one measured), from the repository root:
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o /tmp/sc_bf16 -lm
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o /tmp/sc_int8 -lm
-   Run: OMP_NUM_THREADS=2 /tmp/sc_bf16 PASSES MODE
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o sc_bf16 -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o sc_int8 -lm
+   Run: OMP_NUM_THREADS=2 ./sc_bf16 PASSES MODE
      MODE 0: the kernel (linear / linear_int8, 1 bf16 activation row)
           1: plain read, the pool's 128 KB chunks, a software prefetch every 128 bytes, 2 KB ahead
           2: plain read, the pool's chunks, no software prefetch
           3: plain read, each matrix in two contiguous halves (one a thread), no software prefetch
    ROWS=N: N activation rows (mode 0). GAP_US=N: the calling thread busy for N µs before each call (outside the
    timing), as a step's other ops are between its linears. OFFSET=N: each matrix starts N bytes past a 4 KB page
-   (nanoqwen/hugepages.py's ALIGN).
+   (nanoqwen/hugepages.py's ALIGN), N taken modulo 4096 and rounded down to 64 (the loads are aligned).
    Prints ms and GB/s per matrix kind and for the step's linears (minimum and median over the passes). */
 #include KERNEL_C
 #include <stdio.h>
@@ -72,7 +72,10 @@ int main(int argc, char **argv) {
     const int mode = argc > 2 ? atoi(argv[2]) : 0;
     const int M = getenv("ROWS") ? atoi(getenv("ROWS")) : 1, gap_us = getenv("GAP_US") ? atoi(getenv("GAP_US")) : 0;
     const long offset = getenv("OFFSET") ? atol(getenv("OFFSET")) % 4096 / 64 * 64 : 0, page = 4096;
-    if (M < 1 || M > 8) return 2;
+    if (M < 1 || M > 8) {
+        fprintf(stderr, "ROWS must be 1..8\n");
+        return 2;
+    }
     long total = 0, bytes[KINDS];
     for (int s = 0; s < KINDS; s++) total += bytes[s] = shapes[s].N * shapes[s].K * WBYTES * shapes[s].layers;
     const long footprint = total + 29 * 4 * page;  /* room for each matrix's start on a page plus the offset */

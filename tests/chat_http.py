@@ -79,6 +79,34 @@ def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:
         time.sleep(poll)
 
 
+def server_stats(srv: GunicornServer) -> dict[str, Any]:
+    return requests.get(f"{srv.url}/stats", timeout=30).json()
+
+
+def engine_idle(srv: GunicornServer) -> bool:
+    """No request running or queued, no KV block held."""
+    stats = server_stats(srv)
+    return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
+    """A POST's bytes, for a client on a socket of its own."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def dechunk(data: bytes) -> bytes:
+    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, data = out + data[:size], data[size + 2:]
+
+
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:
     return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=timeout, **kwargs)
 

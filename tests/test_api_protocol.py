@@ -201,18 +201,28 @@ def test_fingerprint_tracks_the_configuration() -> None:
 
 def test_server_config_from_env() -> None:
     config = ServerConfig.from_env("/models/ckpt", {"NANOQWEN_API_KEY": "k", "NANOQWEN_BODY_TIMEOUT": "2.5",
+                                                    "NANOQWEN_SEND_TIMEOUT": "7",
                                                     "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
     assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k" and config.body_timeout_s == 2.5
+    assert config.send_timeout_s == 7
     assert config.cors_origins == ("http://a", "http://b")
     assert config.model_name == "ckpt" and config.hub_id is None  # a local directory: no path, no Hub id
     assert config.accepts_model("qwen3-0.6b") and not config.accepts_model("/models/ckpt")
     assert not config.accepts_model("Qwen/Qwen3-0.6B") and not config.accepts_model("x")
     default = ServerConfig.from_env(EngineConfig.from_env({}).model, {})
     assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
+    assert (default.body_timeout_s, default.send_timeout_s) == (30, 60)
     assert default.model_name == "Qwen/Qwen3-0.6B"
     snapshot = ServerConfig.from_env("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc", {})
     assert snapshot.model_name == "Qwen/Qwen3-0.6B" and snapshot.accepts_model("Qwen/Qwen3-0.6B")
     assert not snapshot.accepts_model("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc")
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "inf"])
+@pytest.mark.parametrize("name", ["BODY_TIMEOUT", "SEND_TIMEOUT"])
+def test_server_config_refuses_a_timeout_that_is_no_duration(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"NANOQWEN_{name}='{value}' is not a number of seconds > 0"):
+        ServerConfig.from_env("/models/ckpt", {f"NANOQWEN_{name}": value})
 
 
 def test_percentile() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,17 @@ def test_the_cli_help_and_the_readme_name_the_same_default():
              if line.startswith("| `NANOQWEN_CACHE_DIR` |")]
     for text in (option.help, row):
         assert "$XDG_CACHE_HOME/nanoqwen" in text and "~/.cache/nanoqwen" in text
+
+
+@needs_compiler
+@pytest.mark.parametrize("kernel_c", ["linear.c", "linear_int8.c"])
+def test_the_stream_ceiling_tool_compiles_by_its_documented_build_line(kernel_c):
+    """profiles/stream_ceiling.c includes a kernel's source and calls its pool's internals: a change there must not
+    break the tool silently. Its own header's build line, checked for syntax only."""
+    tool = REPO_ROOT / "profiles" / "stream_ceiling.c"
+    [line] = [line.strip() for line in tool.read_text().splitlines() if f"-DKERNEL_C='\"{kernel_c}\"'" in line]
+    words = [word.replace("'", "") for word in line.split()]
+    flags = [word for word in words[1:] if word.startswith(("-D", "-I", "-m", "-f"))]
+    result = subprocess.run([cpu_build.compiler(), "-fsyntax-only", "-Wall", "-Wextra", *flags, str(tool)],
+                            cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -250,12 +250,13 @@ def test_serve_help_lists_every_setting():
         if field.name != "model":
             assert f"--{field.name.replace('_', '-')}" in out, field.name
     for flag in ("--host", "--port", "--workers", "--api-key", "--served-model-name", "--cors-origins",
-                 "--graceful-timeout", "--log-level", "MODEL", "NANOQWEN_THREADS"):
+                 "--graceful-timeout", "--log-level", "--body-timeout", "--send-timeout", "MODEL", "NANOQWEN_THREADS"):
         assert flag.lower() in out.lower(), flag
     text = " ".join(out.split())  # unwrapped: the defaults stated are the settings' own
     assert f"sequences decoded together (default {EngineConfig.max_batch}) [NANOQWEN_MAX_BATCH]" in text
     assert "prompt prefixes (default on) [NANOQWEN_ENABLE_PREFIX_CACHING]" in text
     assert f"clients use (default {ServerConfig.served_model_name}) [NANOQWEN_SERVED_MODEL_NAME]" in text
+    assert f"connection closes (default {ServerConfig.send_timeout_s}) [NANOQWEN_SEND_TIMEOUT]" in text
     assert "(default 0)" not in text and "(default None)" not in text
 
 

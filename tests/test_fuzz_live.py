@@ -126,7 +126,7 @@ FAILURES = {  # what the server answers making a response: the words the problem
     "stream without data": ((200, SSE, b": keep-alive\n\n"), "without a data: line"),
     "stream data without a response": ((200, SSE, b'data: {"type": "error"}\n\n'), "KeyError"),
     "not JSON": ((200, "application/json", b"<html>oops</html>"), "JSONDecodeError"),
-    "JSON, not an object": (answer(["resp_x"]), "TypeError"),
+    "JSON, not an object": (answer(["resp_x"]), "not an object"),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nanoqwen.hugepages import ALIGN, HUGE_PAGE, huge_page_buffer, move_into_huge_pages
+from nanoqwen.hugepages import HUGE_PAGE, huge_page_buffer, move_into_huge_pages
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -24,7 +24,7 @@ def test_parameters_move_into_one_aligned_buffer_and_stay_shared():
     assert len({p.untyped_storage().data_ptr() for p in params}) == 1
     assert params[0].data_ptr() % HUGE_PAGE == 0
     spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in params)
-    assert all(start % ALIGN == 0 and start % 4096 == 0 for start, _ in spans)  # on a page (hugepages.ALIGN)
+    assert all(start % 4096 == 0 for start, _ in spans)  # page starts, not just ALIGN's: fails if ALIGN regresses
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
     with torch.no_grad():  # each parameter is writable on its own
         for i, p in enumerate(params):

@@ -19,7 +19,18 @@ import pytest
 import requests
 
 import fuzz_bodies
-from chat_http import MAX_MODEL_LEN, MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads, wait_for
+from chat_http import (
+    MAX_MODEL_LEN,
+    MODEL,
+    cpu_env,
+    dechunk,
+    health_polled,
+    post_chat,
+    raw_request,
+    sse_events,
+    sse_payloads,
+    wait_for,
+)
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from ops.cpu import C_KERNELS, build, dequant
 from server_process import GunicornServer, serving_together
@@ -550,28 +561,11 @@ def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, 400)
 
 
-def _raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
-            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
-
-
 def _read_all(sock: socket.socket) -> bytes:
     out = b""
     while chunk := sock.recv(65536):
         out += chunk
     return out
-
-
-def _dechunk(data: bytes) -> bytes:
-    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
-    out = b""
-    while True:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return out
-        out, data = out + data[:size], data[size + 2:]
 
 
 def _reset(sock: socket.socket) -> None:
@@ -586,7 +580,7 @@ def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     before = _stats(server)
     max_tokens = MAX_MODEL_LEN - 64
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(_raw_request({**GREEDY, "max_tokens": max_tokens}))
+    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens}))
     wait_for(lambda: _stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
     _reset(sock)
     _assert_aborted_early(server, before, max_tokens)
@@ -597,7 +591,7 @@ def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream
     """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect."""
     body = {**GREEDY, "max_tokens": 24, "stream": stream, "ignore_eos": True}
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        sock.sendall(_raw_request(body))
+        sock.sendall(raw_request(body))
         sock.shutdown(socket.SHUT_WR)
         time.sleep(2 * 0.5)  # past the server's disconnect poll interval while queued or generating
         head, _, payload = _read_all(sock).partition(b"\r\n\r\n")
@@ -606,7 +600,7 @@ def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream
         assert json.loads(payload)["usage"]["completion_tokens"] == 24
         return
     assert b"Transfer-Encoding: chunked" in head
-    text = _dechunk(payload).decode()
+    text = dechunk(payload).decode()
     assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text, text[-500:]
 
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from chat_http import MODEL, wait_for
+from chat_http import MODEL, engine_idle, server_stats, wait_for
 from nanoqwen.api.responses_background import MAX_RUNNING
 from nanoqwen.settings import EngineConfig
 from server_process import GunicornServer
@@ -34,18 +34,9 @@ def _polled(client: openai.OpenAI, response_id: str) -> Any:
     return response
 
 
-def _stats(chat_server: GunicornServer) -> dict[str, Any]:
-    return requests.get(f"{chat_server.url}/stats", timeout=30).json()
-
-
-def _engine_idle(chat_server: GunicornServer) -> bool:
-    stats = _stats(chat_server)
-    return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
-
-
 def _outcomes(chat_server: GunicornServer) -> tuple[int, int]:
     """/stats' counts of requests served and aborted."""
-    stats = _stats(chat_server)
+    stats = server_stats(chat_server)
     return stats["requests_served"], stats["requests_aborted"]
 
 
@@ -115,7 +106,7 @@ def test_a_live_follower_gets_a_last_burst_of_events_larger_than_the_cap(client:
 def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.OpenAI,
                                                                  chat_server: GunicornServer) -> None:
     response_id, first = _started(client, 8, **LONG)
-    assert not _engine_idle(chat_server)  # its client gone, still generating
+    assert not engine_idle(chat_server)  # its client gone, still generating
     served, aborted = _outcomes(chat_server)
     cancelled = client.responses.cancel(response_id)
     assert _outcomes(chat_server) == (served, aborted + 1)  # counted as aborted, not served, once it ended
@@ -123,7 +114,7 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     (message,) = cancelled.output
     assert message.status == "incomplete" and 0 < cancelled.usage.output_tokens < 400
     assert len(message.content[0].text) > 0 and cancelled.completed_at is None
-    wait_for(lambda: _engine_idle(chat_server))
+    wait_for(lambda: engine_idle(chat_server))
     assert client.responses.cancel(response_id).model_dump() == cancelled.model_dump()  # idempotent
     raw = requests.get(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()
     assert Response.model_validate(raw, strict=True).model_dump() == cancelled.model_dump()
@@ -150,7 +141,7 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
             served, aborted = _outcomes(chat_server)
             cancelled = client.responses.cancel(polled.id)
             outcomes = _outcomes(chat_server)
-            stats = _stats(chat_server)
+            stats = server_stats(chat_server)
         # the completion still generating after the cancel: the other one still queued
         full = (stats["active_requests"], stats["queue_length"]) == (1, 1)
         if full:
@@ -166,7 +157,7 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
     assert (rest[0].type, rest[0].sequence_number, rest[0].response.status) == ("response.in_progress", 2,
                                                                                  "in_progress")
     assert rest[-1].type in ("response.incomplete", "response.completed") and rest[-1].response.output != []
-    wait_for(lambda: _engine_idle(chat_server))
+    wait_for(lambda: engine_idle(chat_server))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -175,7 +166,7 @@ def test_deleting_a_running_background_response_cancels_it(client: openai.OpenAI
     response_id = _started(client, 3, **LONG)[0] if stream else client.responses.create(background=True, **LONG).id
     served, aborted = _outcomes(chat_server)
     assert requests.delete(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()["deleted"] is True
-    wait_for(lambda: _engine_idle(chat_server) and _outcomes(chat_server) == (served, aborted + 1))
+    wait_for(lambda: engine_idle(chat_server) and _outcomes(chat_server) == (served, aborted + 1))
     for call in (lambda: client.responses.retrieve(response_id), lambda: client.responses.cancel(response_id),
                  lambda: client.responses.retrieve(response_id, stream=True)):
         with pytest.raises(openai.NotFoundError):
@@ -192,7 +183,7 @@ def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.Open
         full = all(client.responses.retrieve(response_id).status in RUNNING for response_id in running)
         for response_id in [*running, *([answer.json()["id"]] if answer.status_code == 200 else [])]:
             assert requests.delete(f"{chat_server.url}/v1/responses/{response_id}", timeout=30).json()["deleted"]
-        wait_for(lambda: _engine_idle(chat_server))
+        wait_for(lambda: engine_idle(chat_server))
         if full:
             break
     assert full, f"one of {MAX_RUNNING} background responses of 900 tokens ended before the next create, 3 times"
@@ -201,7 +192,7 @@ def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.Open
     short = client.responses.create(background=True, **GREEDY, input="Hi")
     assert short.status == "queued"
     _polled(client, short.id)  # ended, so the next test finds the engine idle
-    wait_for(lambda: _engine_idle(chat_server))
+    wait_for(lambda: engine_idle(chat_server))
 
 
 @pytest.mark.parametrize("background", [True, False])
@@ -234,7 +225,7 @@ def test_an_item_of_a_response_in_progress_is_named_as_such(client: openai.OpenA
     resolved = client.responses.create(input=[{"type": "item_reference", "id": said.id}], **GREEDY)
     assert resolved.usage.input_tokens == client.responses.create(input=LONG["input"], **GREEDY).usage.input_tokens
     client.responses.create(input=[{"type": "item_reference", "id": written.id}], **GREEDY)  # found once it ended
-    wait_for(lambda: _engine_idle(chat_server))
+    wait_for(lambda: engine_idle(chat_server))
 
 
 @pytest.mark.parametrize("query, param", [

@@ -64,6 +64,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.json.ensure_ascii = False
     stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env())
     app.extensions["nanoqwen.stats"] = stats  # the gunicorn worker publishes it periodically
+    app.extensions["nanoqwen.config"] = config  # the worker's response writes use its send_timeout_s
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
     completions = CompletionService(serving)

@@ -2,6 +2,7 @@
 `nanoqwen serve` (nanoqwen/cli.py) shows their defaults."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()  # empty = no CORS headers; "*" = any origin
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
+    send_timeout_s: float = 60.0  # a response's write that makes no progress for this closes the connection (nginx's)
     disconnect_poll_s: float = 0.5  # how often a waiting request checks that its client is there
     # Prompts are templated and tokenised in native threads, in two lanes so that long prompts
     # (seconds each) never hold up short ones; past max_pending in a lane, 503.
@@ -34,18 +36,14 @@ class ServerConfig:
         from nanoqwen.loader import checkpoint_name, hub_repo_id  # here: the loader imports torch, the CLI this module
 
         origins = tuple(o.strip() for o in (env_setting("cors_origins", env) or "").split(",") if o.strip())
-        body_timeout = env_setting("body_timeout", env)
-        try:
-            body_timeout_s = float(body_timeout) if body_timeout else cls.body_timeout_s
-        except ValueError:
-            raise ValueError(f"NANOQWEN_BODY_TIMEOUT={body_timeout!r} is not a number of seconds") from None
         return cls(
             served_model_name=env_setting("served_model_name", env) or cls.served_model_name,
             model_name=checkpoint_name(model),
             hub_id=hub_repo_id(model),
             api_key=env_setting("api_key", env),
             cors_origins=origins,
-            body_timeout_s=body_timeout_s,
+            body_timeout_s=_seconds("body_timeout", cls.body_timeout_s, env),
+            send_timeout_s=_seconds("send_timeout", cls.send_timeout_s, env),
         )
 
     @property
@@ -55,3 +53,17 @@ class ServerConfig:
 
     def accepts_model(self, name: str) -> bool:
         return name in self.model_names
+
+
+def _seconds(name: str, default: float, env: Mapping[str, str]) -> float:
+    """NANOQWEN_<NAME> as a duration: a number of seconds > 0, `default` where unset."""
+    raw = env_setting(name, env)
+    if raw is None:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds < math.inf):
+        raise ValueError(f"NANOQWEN_{name.upper()}={raw!r} is not a number of seconds > 0")
+    return seconds
