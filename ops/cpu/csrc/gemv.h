@@ -88,8 +88,8 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
 
 #define AVX2_WROWS 2  /* weight rows one pass of dot_rows_bf16_avx2 serves */
 /* ... and with one activation row where K >= AVX2_WIDE_K (4 accumulators, 8 weight and 2 activation registers): a
-   step's 1-row linears at K 2048 (o) and 3072 (down) streamed 8-27% faster, those at K 1024 (qkv, gate_up, LM head)
-   13-25% slower (profiles/RESULTS.md, bf16inflight). */
+   step's 1-row linears at K 2048 (o) and 3072 (down) streamed 6-18% faster, those at K 1024 (qkv, gate_up, LM head)
+   14-32% slower (profiles/RESULTS.md, bf16inflight). */
 #define AVX2_WROWS_WIDE 4
 #define AVX2_WIDE_K 2048
 #define AVX2_XROWS 4  /* activation rows it serves: 8 accumulators, 4 weight and 2 activation registers of 16 */
