@@ -107,12 +107,13 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
 
 
 @pytest.mark.parametrize("variant", ["loops", "loops, no scratch"])
-@pytest.mark.parametrize("n,k", [(999, 160), (1001, 1024)])
+@pytest.mark.parametrize("n,k", [(999, 160), (1001, 1024), (1003, 2048)])
 def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
     """On AVX2 this kernel's outputs for a bf16 row are the same bits alone as in a batch of any size: every group
     size (1-4 rows) sums in one order. K 160: chunks of 409 weight rows, rounded to
     whole 2-row passes, 3 chunks, the last ending in a single weight row; K 1024: 1 row through another order
-    differed in 2 of 8000 outputs."""
+    differed in 2 of 8000 outputs; K 2048: 1 row takes 4 weight rows a pass, the last chunk's 11 rows ending in 3
+    single ones."""
     torch.manual_seed(k)
     x, w = torch.randn(8, k).bfloat16(), torch.randn(n, k).bfloat16()
     kernel = lib("linear.c", variant)

@@ -87,6 +87,11 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
 }
 
 #define AVX2_WROWS 2  /* weight rows one pass of dot_rows_bf16_avx2 serves */
+/* ... and with one activation row where K >= AVX2_WIDE_K (4 accumulators, 8 weight and 2 activation registers): a
+   step's 1-row linears at K 2048 (o) and 3072 (down) streamed 6-18% faster, those at K 1024 (qkv, gate_up, LM head)
+   14-32% slower (profiles/RESULTS.md, bf16inflight). */
+#define AVX2_WROWS_WIDE 4
+#define AVX2_WIDE_K 2048
 #define AVX2_XROWS 4  /* activation rows it serves: 8 accumulators, 4 weight and 2 activation registers of 16 */
 
 /* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * K (i < W) with activation row m < rows
@@ -95,11 +100,11 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    the loop as the FMAs do. Each sum is one chain, two FMAs (evens, odds) per 16 columns in column order, whatever
    W and rows: a row's outputs are the same bits alone as in a batch of any size. */
 INLINE void dot_rows_bf16_avx2(const uint16_t *r, const void *x, int xkind, int W, int rows, int K, float *out) {
-    __m256 a[AVX2_WROWS][AVX2_XROWS];
+    __m256 a[AVX2_WROWS_WIDE][AVX2_XROWS];
     for (int i = 0; i < W; i++)
         for (int m = 0; m < rows; m++) a[i][m] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 16) {
-        __m256 even[AVX2_WROWS], odds[AVX2_WROWS];
+        __m256 even[AVX2_WROWS_WIDE], odds[AVX2_WROWS_WIDE];
         for (int i = 0; i < W; i++) {
             __builtin_prefetch(r + (long)i * K + k + PREFETCH_BYTES / 2);
             split16(r + (long)i * K, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);

@@ -20,6 +20,7 @@ struct linear_args {
     int M, N, K, bf16;
     long rows;  /* per chunk */
     int unsplit;  /* AVX2, bf16: x as it came, split in registers at each use (no scratch for the split) */
+    int wrows;  /* AVX2, bf16, one activation row: weight rows a pass (AVX2_WROWS or AVX2_WROWS_WIDE) */
 };
 
 /* AVX2, fp32 weights: two activation rows per pass over a weight row. */
@@ -39,22 +40,22 @@ static void linear_avx2(const void *ctx, long chunk) {
     }
 }
 
-/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows and xkind constants), AVX2_WROWS
-   weight rows a pass. */
-INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind) {
+/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, xkind and W constants), W weight rows
+   a pass, one at a time for the last < W. */
+INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind, int W) {
     const int N = a->N, K = a->K;
     const char *x = (const char *)a->x + (long)m0 * K * (xkind == X_F32 ? 4 : 2);
-    float o[AVX2_WROWS * AVX2_XROWS];
-    for (; n < end; n += AVX2_WROWS) {
-        const int W = end - n < AVX2_WROWS ? 1 : AVX2_WROWS;
-        if (W == AVX2_WROWS) dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, AVX2_WROWS, rows, K, o);
+    float o[AVX2_WROWS_WIDE * AVX2_XROWS];
+    for (int w; n < end; n += w) {
+        w = end - n < W ? 1 : W;
+        if (w == W) dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, W, rows, K, o);
         else dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, 1, rows, K, o);
-        for (int i = 0; i < W; i++)
+        for (int i = 0; i < w; i++)
             for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n + i, o[i * AVX2_XROWS + m], 1);
     }
 }
 
-_Static_assert(AVX2_WROWS == 2 && AVX2_XROWS == 4, "linear_bf16_avx2's cases, bf16_rows_avx2's 1-row remainder");
+_Static_assert(AVX2_WROWS == 2 && AVX2_WROWS_WIDE == 4 && AVX2_XROWS == 4, "linear_bf16_avx2's cases");
 
 /* AVX2, bf16 weights: AVX2_XROWS activation rows at a time over the chunk's weight rows, which the next group finds
    in L2 (8 rows, one thread, hot 512 x 1024: 165-220 -> 103-129 µs against two rows a pass). */
@@ -64,14 +65,20 @@ static void linear_bf16_avx2(const void *ctx, long chunk) {
     for (int m0 = 0; m0 < a->M; m0 += AVX2_XROWS) {
         const int rows = a->M - m0 < AVX2_XROWS ? a->M - m0 : AVX2_XROWS;
         switch (a->unsplit ? -rows : rows) {  /* constants: the accumulators stay in registers */
-            case 1: bf16_rows_avx2(a, start, end, m0, 1, X_F32); break;
-            case 2: bf16_rows_avx2(a, start, end, m0, 2, X_F32); break;
-            case 3: bf16_rows_avx2(a, start, end, m0, 3, X_F32); break;
-            case 4: bf16_rows_avx2(a, start, end, m0, 4, X_F32); break;
-            case -1: bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT); break;
-            case -2: bf16_rows_avx2(a, start, end, m0, 2, X_BF16_SPLIT); break;
-            case -3: bf16_rows_avx2(a, start, end, m0, 3, X_BF16_SPLIT); break;
-            default: bf16_rows_avx2(a, start, end, m0, 4, X_BF16_SPLIT); break;
+            case 1:
+                if (a->wrows == AVX2_WROWS_WIDE) bf16_rows_avx2(a, start, end, m0, 1, X_F32, AVX2_WROWS_WIDE);
+                else bf16_rows_avx2(a, start, end, m0, 1, X_F32, AVX2_WROWS);
+                break;
+            case 2: bf16_rows_avx2(a, start, end, m0, 2, X_F32, AVX2_WROWS); break;
+            case 3: bf16_rows_avx2(a, start, end, m0, 3, X_F32, AVX2_WROWS); break;
+            case 4: bf16_rows_avx2(a, start, end, m0, 4, X_F32, AVX2_WROWS); break;
+            case -1:
+                if (a->wrows == AVX2_WROWS_WIDE) bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT, AVX2_WROWS_WIDE);
+                else bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT, AVX2_WROWS);
+                break;
+            case -2: bf16_rows_avx2(a, start, end, m0, 2, X_BF16_SPLIT, AVX2_WROWS); break;
+            case -3: bf16_rows_avx2(a, start, end, m0, 3, X_BF16_SPLIT, AVX2_WROWS); break;
+            default: bf16_rows_avx2(a, start, end, m0, 4, X_BF16_SPLIT, AVX2_WROWS); break;
         }
     }
 }
@@ -129,7 +136,7 @@ AMX_END
    uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0};
+    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0, 0};
     const long chunks = (N + a.rows - 1) / a.rows;
     uint32_t *pairs;
     /* out of memory for the pairs: the AVX-512 loop, which every CPU with AMX has */
@@ -154,7 +161,8 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         return;
     }
     a.unsplit = !split;
+    a.wrows = M == 1 && K >= AVX2_WIDE_K ? AVX2_WROWS_WIDE : AVX2_WROWS;
     /* whole passes of weight rows in every chunk but the last */
-    a.rows = (a.rows + AVX2_WROWS - 1) / AVX2_WROWS * AVX2_WROWS;
+    a.rows = (a.rows + a.wrows - 1) / a.wrows * a.wrows;
     pool_run(linear_bf16_avx2, &a, (N + a.rows - 1) / a.rows);
 }
