@@ -210,6 +210,9 @@ def build_model(config: ModelConfig, shards: list[Path], max_positions: int, dev
     model.tie_weights()  # materialising breaks the sharing; restore it
     move_into_huge_pages(model)  # before the weights are written: their first touch makes the huge pages
     load_weights(model, shards)
+    for param in model.parameters():  # each int4 weight whole (after every shard), in place
+        if param.dtype == torch.uint8:
+            kernels.repack_int4(param.data)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)
 

@@ -90,6 +90,13 @@ class LinearInt4(Protocol):
         ...
 
 
+class RepackInt4(Protocol):
+    def __call__(self, weight: torch.Tensor) -> None:
+        """weight: [N, K / 2] uint8 as quantize_int4_into packs it (LinearInt4's format) -> in place, in the row order
+        this set's int4 linears and embedding read (the same bytes; nothing to do for the references)."""
+        ...
+
+
 class SiluMul(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """[..., 2I] (gate | up) -> silu(gate) * up: [..., I]."""
@@ -133,6 +140,7 @@ class Kernels:
     linear: Linear
     linear_int8: LinearInt8
     linear_int4: LinearInt4
+    repack_int4: RepackInt4
     silu_mul: SiluMul
     embedding: Embedding
     embedding_int8: EmbeddingInt8

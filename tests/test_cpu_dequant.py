@@ -9,6 +9,8 @@ import torch
 
 import ops.cpu
 from call_rows import record_rows
+from int4_packing import as_loaded, avx2_only
+from ops import torch_ref
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant, graph
 from ops.cpu import linear_int4 as cpu_int4
@@ -41,11 +43,18 @@ def int4_operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[t
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype):
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
+    """From weights packed as the loader packs them for the build (avx2: quads); rows 0-36 whole, then rows 4-36 (a
+    block of prefill's from a quad's start)."""
     _, w, scale, offset = int4_operands(1, 37, 384, 128, dtype)
-    out = torch.empty(37, 384, dtype=dtype)
-    graph.call(dequant.KERNEL.lib.dequant_int4, w, scale, offset, out, 37, 384, 128, int(dtype == torch.bfloat16))
-    assert torch.equal(out, dequantize_int4(w, scale, offset).to(dtype))
+    lib = dequant.KERNEL.lib if loops == "built" else avx2_only(dequant.KERNEL).lib
+    packed = as_loaded(w, None if loops == "built" else avx2_only(cpu_int4.KERNEL).lib)
+    for n0 in (0, 4):
+        out = torch.empty(37 - n0, 384, dtype=dtype)
+        graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 37 - n0, 384, 128,
+                   int(dtype == torch.bfloat16))
+        assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
 
 
 def ulps(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -79,10 +88,10 @@ def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int4_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
-    monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)
+    monkeypatch.setattr(dequant, "BLOCK_BYTES", 6 * k * 2)  # 6 bf16 or 3 fp32 rows: blocks of whole quads, 4
     monkeypatch.setattr(dequant, "AVX512_BF16", native_bf16)
     x, w, scale, offset = int4_operands(m, n, k, 128, dtype)
-    out = cpu_int4.linear_int4(x, w, scale, offset)
+    out = cpu_int4.linear_int4(x, as_loaded(w), scale, offset)
     assert out.dtype == dtype and out.shape == (m, n)
     reference = linear_int4_torch(x, w, scale, offset)
     if dtype == torch.float32:
@@ -117,18 +126,18 @@ def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
 
 
-def test_int4_without_its_kernel_takes_the_blocked_gemm_for_prefill(monkeypatch):
-    """The kernel set where linear_int4.c did not build: int4 linears of MIN_ROWS rows take the blocked GEMM, fewer
-    rows the torch reference."""
-    monkeypatch.setattr(cpu_int4.KERNEL, "ready", False)
+@pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL])
+def test_int4_without_one_of_its_kernels_takes_the_references(monkeypatch, missing):
+    """The kernel set where linear_int4.c or dequant.c did not build: the int4 linears, the int4 embedding and the
+    repack at load are the torch references' (the C files read one layout, which the references do not)."""
+    monkeypatch.setattr(missing, "ready", False)
     kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
-    calls = []
-    record_rows(monkeypatch, calls, (dequant, "linear_int4"), (cpu_int4, "linear_int4_cpu"),
-                (cpu_int4, "linear_int4_torch"))
-    x, *weights = operands("int4", dequant.MIN_ROWS)
-    for rows in (x, x[:-1]):
-        kernel_set.linear_int4(rows, *weights)
-    assert calls == [("linear_int4", dequant.MIN_ROWS), ("linear_int4_torch", dequant.MIN_ROWS - 1)]
+    ref = torch_ref.KERNELS
+    assert (kernel_set.linear_int4, kernel_set.embedding_int4, kernel_set.repack_int4) == (
+        ref.linear_int4, ref.embedding_int4, ref.repack_int4)
+    monkeypatch.setattr(missing, "ready", True)
+    kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
+    assert (kernel_set.linear_int4, kernel_set.repack_int4) == (cpu_int4.linear_int4, cpu_int4.repack)
 
 
 def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from int4_packing import as_loaded, avx2_only
 from nanoqwen.quant import quantize_int4_into, quantize_int8_into
 from ops.cpu import build as cpu_build
 from ops.cpu import embedding as cpu_embedding
+from ops.cpu import linear_int4 as cpu_int4
 from ops.torch_ref.embedding import embedding_int4_torch, embedding_int8_torch, embedding_torch
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -16,8 +18,8 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
     assert cpu_embedding.KERNEL.build(), cpu_embedding.KERNEL.error
 
 
-VOCAB, HIDDEN = 300, 256
-IDS = [torch.tensor([7], dtype=torch.int32), torch.tensor([[0, 299, 5], [5, 17, 3]]), torch.tensor([1, 1, 250])]
+VOCAB, HIDDEN = 302, 256  # int4 quads: the last 2 rows plain (tests/int4_packing.py)
+IDS = [torch.tensor([7], dtype=torch.int32), torch.tensor([[0, 299, 5], [5, 17, 3]]), torch.tensor([1, 301, 250])]
 
 
 def table(dtype: torch.dtype) -> torch.Tensor:
@@ -47,10 +49,20 @@ def test_embedding_int8(dtype, ids):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
-def test_embedding_int4(dtype, group, ids):
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+def test_embedding_int4(dtype, group, ids, loops):
+    """The table packed as the loader packs it for the build (the LM head's weight where tied; avx2: quads)."""
     packed = torch.empty(VOCAB, HIDDEN // 2, dtype=torch.uint8)
     scale, offset = torch.empty(VOCAB, HIDDEN // group, dtype=dtype), torch.empty(VOCAB, HIDDEN // group, dtype=dtype)
     quantize_int4_into(table(torch.float32), packed, scale, offset)
-    out = cpu_embedding.embedding_int4_cpu(ids, packed, scale, offset)
+    if loops == "built":
+        out = cpu_embedding.embedding_int4_cpu(ids, as_loaded(packed), scale, offset)
+    else:
+        flat, quads = ids.reshape(-1).to(torch.int32), as_loaded(packed, avx2_only(cpu_int4.KERNEL).lib)
+        out = torch.empty(flat.shape[0], HIDDEN, dtype=dtype)
+        avx2_only(cpu_embedding.KERNEL).lib.embedding_int4(
+            flat.data_ptr(), quads.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), flat.shape[0],
+            VOCAB, HIDDEN, group, int(dtype == torch.bfloat16))
+        out = out.view(*ids.shape, HIDDEN)
     assert out.shape == (*ids.shape, HIDDEN) and out.dtype == dtype
     assert torch.equal(out, embedding_int4_torch(ids, packed, scale, offset))  # the reference's roundings, in order

@@ -1,17 +1,17 @@
 """The compiled CPU int4 weight-only matmul against the torch reference, and its dispatch."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 from call_rows import record_rows
+from int4_packing import as_loaded, avx2_only, from_quads
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int4 as cpu_int4
-from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
+from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch, unpack_int4
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -64,26 +64,31 @@ def error_and_bound(x, w, scale, offset, out: torch.Tensor, pieces: int,
     return (out.double() - ref).abs(), bound
 
 
-@functools.cache
-def avx2_kernel() -> cpu_build.CKernel:
-    """linear_int4.c as a CPU without AVX-512 runs it (int16 pieces), built once into the kernel cache (under
-    tests/test_cpu_no_scratch.py's name for the same build)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
-        kernel = cpu_build.CKernel("linear_int4_avx2_only", "linear_int4.c", cpu_int4.KERNEL.functions)
-        assert kernel.build(), kernel.error
-    return kernel
-
-
 def linear(loops: str, x, w, scale, offset) -> tuple[torch.Tensor, str]:
-    """y and the kind of pieces it took: `built`, the kernel set's kernel; `avx2`, the AVX2 build."""
+    """y and the kind of pieces it took: `built`, the kernel set's kernel; `avx2`, the AVX2 build (int16 pieces);
+    w as quantize_int4_into writes it, repacked for the build as the loader does."""
     if loops == "built":
-        return cpu_int4.linear_int4_cpu(x, w, scale, offset), "int8" if VNNI else "int16"
-    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-    avx2_kernel().lib.linear_int4(x.data_ptr(), w.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
-                                  x.shape[0], w.shape[0], x.shape[1], x.shape[1] // scale.shape[1],
-                                  int(x.dtype == torch.bfloat16), cpu_int4.PIECES[x.dtype])
+        return cpu_int4.linear_int4_cpu(x, as_loaded(w), scale, offset), "int8" if VNNI else "int16"
+    lib = avx2_only(cpu_int4.KERNEL).lib
+    out, packed = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype), as_loaded(w, lib)
+    lib.linear_int4(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
+                    x.shape[0], w.shape[0], x.shape[1], x.shape[1] // scale.shape[1], int(x.dtype == torch.bfloat16),
+                    cpu_int4.PIECES[x.dtype])
     return out, "int16"
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 13])
+@pytest.mark.parametrize("k", [64, 192])
+def test_the_repack_at_load_round_trips(n, k):
+    """The AVX2 build reads quads (block b of row 4q + i at 4q * K / 2 + 128 b + 32 i, the last N % 4 rows plain);
+    the built one quads exactly where it takes those loops (without AVX-512 VNNI). Every nibble kept."""
+    torch.manual_seed(n * k)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    quads = as_loaded(w, avx2_only(cpu_int4.KERNEL).lib)
+    assert torch.equal(unpack_int4(from_quads(quads)), unpack_int4(w))
+    assert torch.equal(quads, w) == (n < 4 or k == 64)  # one block a row: quads are the rows in order
+    built = as_loaded(w)
+    assert cpu_int4.quads() == (not VNNI) and torch.equal(built, quads if cpu_int4.quads() else w)
 
 
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
@@ -177,8 +182,9 @@ def test_dispatch_by_rows(monkeypatch):
     calls = []
     record_rows(monkeypatch, calls, (cpu_int4, "linear_int4_cpu"), (dequant, "linear_int4"))
     x, w, scale, offset = operands(cpu_int4.MAX_ROWS + 1, 48, 128, 64, torch.float32)
+    packed = as_loaded(w)
     for rows in (x[:1], x[:5].view(5, 1, 128), x):  # decode rows: the C kernel; prefill rows: dequant.py
-        out = cpu_int4.linear_int4(rows, w, scale, offset)
+        out = cpu_int4.linear_int4(rows, packed, scale, offset)
         assert out.shape == (*rows.shape[:-1], 48)
         torch.testing.assert_close(out, linear_int4_torch(rows, w, scale, offset), atol=1e-4, rtol=1e-5)
     assert calls == [("linear_int4_cpu", 1), ("linear_int4_cpu", 5), ("linear_int4", cpu_int4.MAX_ROWS + 1)]

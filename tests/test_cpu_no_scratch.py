@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from int4_packing import as_loaded
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int4 as cpu_int4
@@ -147,9 +148,10 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
     torch.manual_seed(m)
     x, w = torch.randn(m, 512).to(dtype), torch.randint(0, 256, (37, 256), dtype=torch.uint8)
     scale, offset = (torch.rand(37, 512 // g) / 50).to(dtype), (torch.randn(37, 512 // g) / 10).to(dtype)
-    out = int4(lib("linear_int4.c", "built, no scratch"), x, w, scale, offset)
+    built, loops = lib("linear_int4.c", "built, no scratch"), lib("linear_int4.c", "loops, no scratch")
+    out = int4(built, x, as_loaded(w, built), scale, offset)  # w packed for each build as the loader packs it
     assert torch.equal(out, unstaged_int4(x, w, scale, offset))
-    assert torch.equal(int4(lib("linear_int4.c", "loops, no scratch"), x, w, scale, offset), out)
+    assert torch.equal(int4(loops, x, as_loaded(w, loops), scale, offset), out)
     rtol = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: one rounding
     torch.testing.assert_close(out.double(), x.double() @ dequantize_int4(w, scale, offset).double().T, rtol=rtol,
                                atol=1e-5)

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
-from ops.torch_ref.linear_int4 import linear_int4_torch  # noqa: E402
+from ops.torch_ref.linear_int4 import linear_int4_torch, repack_int4_torch  # noqa: E402
 from ops.torch_ref.linear_int8 import linear_int8_torch  # noqa: E402
 from ops.torch_ref.prefill_attention import prefill_attention_torch  # noqa: E402
 from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
@@ -252,6 +252,7 @@ def test_the_triton_kernel_set_runs_these_kernels():
     assert kernels.prefill_attention is prefill_attention_triton
     args, _, _ = paged_inputs.paged([(3, 7), (1, 4)], 4, 2, 16, 4, device=DEVICE)
     assert_close(kernels.prefill_attention(*args), prefill_attention_torch(*args))
+    assert kernels.repack_int4 is repack_int4_torch  # Triton reads the references' layout, also over the CPU set
     w4 = torch.randint(0, 256, (40, 32), dtype=torch.uint8, device=DEVICE)
     x4, s4, o4 = torch.randn(3, 64, device=DEVICE), torch.rand(40, 1, device=DEVICE) / 8, torch.randn(40, 1,
                                                                                               device=DEVICE)

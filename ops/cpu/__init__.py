@@ -42,6 +42,9 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
     attends = attention.KERNEL.ready and attention.takes(head_dim, num_heads // num_kv_heads)
     embeds = embedding.KERNEL.ready
     prefills = prefill_attention.KERNEL.ready and prefill_attention.takes(head_dim, num_heads // num_kv_heads)
+    # int4 weights are read by three C files (decode, prefill, embedding) in one layout (linear_int4.repack), which the
+    # references do not read: all three, or the references
+    int4 = linear_int4.KERNEL.ready and dequant.KERNEL.ready and embeds
     return dataclasses.replace(
         ref,
         rms_norm=norm_rope.rms_norm_cpu if norms else ref.rms_norm,
@@ -50,12 +53,13 @@ def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: i
         prefill_attention=prefill_attention.prefill_attention_cpu if prefills else ref.prefill_attention,
         linear=linear.linear,
         linear_int8=linear_int8.linear_int8,
-        linear_int4=linear_int4.linear_int4,
+        linear_int4=linear_int4.linear_int4 if int4 else ref.linear_int4,
+        repack_int4=linear_int4.repack if int4 else ref.repack_int4,
         silu_mul=pointwise.silu_mul_cpu if pointwise.KERNEL.ready else ref.silu_mul,
         to_fp32=pointwise.to_fp32_cpu if pointwise.KERNEL.ready else ref.to_fp32,
         embedding=embedding.embedding_cpu if embeds else ref.embedding,
         embedding_int8=embedding.embedding_int8_cpu if embeds else ref.embedding_int8,
-        embedding_int4=embedding.embedding_int4_cpu if embeds else ref.embedding_int4,
+        embedding_int4=embedding.embedding_int4_cpu if int4 else ref.embedding_int4,
         decode_attention_gathers=not attends,
         # int4 where its kernel did not build keeps the reference: its steps stay eager (GraphRunner)
         cpu_graph=norms and ropes and attends and embeds and pointwise.KERNEL.ready and linear.KERNEL.ready

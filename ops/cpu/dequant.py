@@ -60,6 +60,8 @@ def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:
     """The calling thread's scratch for `dtype` (kept, grown to the largest block a call has needed) and the rows
     of N (of K weights each) a block holds."""
     rows = min(n, max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8)))
+    if rows < n:  # whole quads of int4 rows (csrc/int4_block.h): a block's rows read as the tensor's
+        rows = max(4, rows // 4 * 4)
     buffers = _scratch.by_dtype
     if dtype not in buffers or buffers[dtype].numel() < rows * k:
         # a normal tensor: it outlives the call's inference_mode, outside which an inference tensor is read-only
@@ -98,8 +100,8 @@ def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x: [M, K] bf16 or fp32, weight: [N, K / 2] uint8 in the block layout, scale, offset: [N, K / G] in x's
-    dtype, G % 64 == 0 -> [M, N]."""
+    """x: [M, K] bf16 or fp32, weight: [N, K / 2] uint8 in linear_int4's layout (linear_int4.repack), scale,
+    offset: [N, K / G] in x's dtype, G % 64 == 0 -> [M, N]."""
     k = 2 * weight.shape[1]
     weight, scale, offset = weight.contiguous(), scale.contiguous(), offset.contiguous()
 

@@ -42,7 +42,7 @@ def _embedding_int4(input_ids: torch.Tensor, weight: torch.Tensor, scale: torch.
     hidden = 2 * weight.shape[1]
     out = torch.empty(ids.shape[0], hidden, dtype=scale.dtype)
     with build.profiled("nanoqwen::embedding_int4_cpu"):
-        graph.call(KERNEL.lib.embedding_int4, ids, weight, scale, offset, out, ids.shape[0], hidden,
+        graph.call(KERNEL.lib.embedding_int4, ids, weight, scale, offset, out, ids.shape[0], weight.shape[0], hidden,
                    hidden // scale.shape[1], int(scale.dtype == torch.bfloat16))
     return out
 
@@ -76,5 +76,6 @@ def embedding_int8_cpu(input_ids: torch.Tensor, weight: torch.Tensor, scale: tor
 
 def embedding_int4_cpu(input_ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        offset: torch.Tensor) -> torch.Tensor:
-    """Same contract as ops.torch_ref.embedding.embedding_int4_torch; scale and offset bf16 or fp32."""
+    """Same contract as ops.torch_ref.embedding.embedding_int4_torch; scale and offset bf16 or fp32; weight in
+    linear_int4's layout (linear_int4.repack)."""
     return _embedding_int4_op(input_ids, weight, scale, offset).view(*input_ids.shape, 2 * weight.shape[1])

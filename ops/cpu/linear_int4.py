@@ -26,10 +26,13 @@ vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked
 column 16j + i: no shuffles), the pieces staged block by block; a pass takes 4 weight rows against 1 piece row
 (2 against 2, else 1 against 3-4), so that at one activation row four independent FMA chains scale the groups and the
 rows' ends (lane sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs
-against 30 a weight row at a time, 8 rows 121 against 130 (profiles/RESULTS.md). More rows (prefill) take dequant.py's
-blocked GEMM.
+against 30 a weight row at a time, 8 rows 121 against 130 (profiles/RESULTS.md). There the weights are stored in quads
+(csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
+hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -38,12 +41,29 @@ from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
 
 PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
-KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4",))
+KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_pack", "linear_int4_layout"))
+
+
+def quads(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether a build of linear_int4.c (the kernel set's by default), and dequant.c's and embedding.c's with the
+    same flags, read int4 weights in quads: each 4 rows block by block, where linear_int4 takes its AVX2 loops
+    (csrc/int4_block.h decides)."""
+    answer = torch.zeros(1, dtype=torch.int32)
+    (lib or KERNEL.lib).linear_int4_layout(answer.data_ptr())
+    return bool(answer.item())
+
+
+def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
+    """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
+    linear_int4.c (the kernel set's by default) reads: quads where quads(lib), else unchanged. Through 4 rows of
+    scratch: loading holds no second copy."""
+    if quads(lib):
+        (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x: [M, K] (M <= MAX_ROWS), weight: [N, K / 2] uint8 contiguous, scale, offset: [N, K / G] contiguous in
-    x's dtype (bf16 or fp32), G % 64 == 0 -> [M, N]."""
+    """x: [M, K] (M <= MAX_ROWS), weight: [N, K / 2] uint8 contiguous in the kernel's layout (repack), scale,
+    offset: [N, K / G] contiguous in x's dtype (bf16 or fp32), G % 64 == 0 -> [M, N]."""
     x = x.contiguous()
     m, k = x.shape
     out = torch.empty(m, weight.shape[0], dtype=x.dtype)

@@ -9,7 +9,7 @@ from ops.torch_ref.activation import silu_mul_torch
 from ops.torch_ref.convert import to_fp32_torch
 from ops.torch_ref.decode_attention import decode_attention_torch
 from ops.torch_ref.embedding import embedding_int4_torch, embedding_int8_torch, embedding_torch
-from ops.torch_ref.linear_int4 import linear_int4_torch
+from ops.torch_ref.linear_int4 import linear_int4_torch, repack_int4_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
 from ops.torch_ref.prefill_attention import prefill_attention_torch
 from ops.torch_ref.rms_norm import rms_norm_torch
@@ -24,6 +24,7 @@ KERNELS = Kernels(
     linear=F.linear,
     linear_int8=linear_int8_torch,
     linear_int4=linear_int4_torch,
+    repack_int4=repack_int4_torch,
     silu_mul=silu_mul_torch,
     embedding=embedding_torch,
     embedding_int8=embedding_int8_torch,

@@ -4,7 +4,8 @@ and multiplies.
 Weights are asymmetric per group of G input columns (G % 64 == 0): w ~= q * scale + offset, q in [0, 15].
 Packed two per byte, in blocks of 64 columns (32 bytes): little-endian 16-bit word i of a block holds
 q[i], q[16 + i], q[32 + i], q[48 + i] in its four nibbles, low first. One mask or shift of the words
-then yields 16 consecutive columns: the CPU and Triton kernels unpack in registers without shuffles.
+then yields 16 consecutive columns: the CPU and Triton kernels unpack in registers without shuffles. The CPU's
+AVX2 kernels have the rows' blocks reordered at load (Kernels.repack_int4, ops/cpu/linear_int4.repack).
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     n, groups = scale.shape
     q = q.view(n, groups, -1) * scale.float().unsqueeze(2) + offset.float().unsqueeze(2)
     return q.view(n, -1)
+
+
+def repack_int4_torch(weight: torch.Tensor) -> None:
+    """The layout above is every reader's here: nothing to rearrange."""
 
 
 def linear_int4_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

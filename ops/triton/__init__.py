@@ -31,6 +31,7 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         silu_mul=silu_mul_triton,
         linear_int8=linear_int8_triton,
         linear_int4=linear_int4_triton,
+        repack_int4=torch_ref.KERNELS.repack_int4,
         # no Triton kernels for these: the references, also where `base` is the CPU set (under the interpreter)
         embedding=torch_ref.KERNELS.embedding,
         embedding_int8=torch_ref.KERNELS.embedding_int8,

@@ -5,23 +5,23 @@
 #include "pool.h"
 
 struct dequant_args {
-    const uint8_t *w;  /* rows of K / 2 bytes in ops/torch_ref/linear_int4.py's layout */
+    const uint8_t *w;  /* rows of K / 2 bytes in linear_int4's layout (int4_block.h) */
     const void *scale, *offset;
     void *out;
     int N, K, G, bf16;
-    long rows;  /* per chunk */
+    long rows;       /* per chunk */
+    long quad_rows;  /* rows stored in quads */
 };
 
 static void dequant_int4_chunk(const void *ctx, long chunk) {
     const struct dequant_args *a = ctx;
     const int K = a->K, groups = K / a->G;
     for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
-        const uint8_t *row = a->w + n * (K / 2);
         for (int b = 0; b < K / 64; b++) {
             const long g = n * groups + b * 64 / a->G;
             const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16)), o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
             for (int half = 0; half < 2; half++) {
-                const __m256i words = int4_words(row + b * 32, half);
+                const __m256i words = int4_words(a->w + int4_block_at(n, b, K, a->quad_rows), half);
                 for (int j = 0; j < 4; j++)
                     store8(a->out, n * K + b * 64 + j * 16 + half * 8, int4_dequant8(words, j, s, o, a->bf16), a->bf16);
             }
@@ -31,6 +31,6 @@ static void dequant_int4_chunk(const void *ctx, long chunk) {
 
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
-    const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2)};
+    const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
     pool_run(dequant_int4_chunk, &a, (N + a.rows - 1) / a.rows);
 }

@@ -1,7 +1,7 @@
 /* Embedding lookups for every weight format, rounding as the torch references do: the why is in
    ops/cpu/embedding.py. */
 #include "nanoqwen_cpu.h"
-#include "simd.h"
+#include "int4_block.h"
 
 /* Shapes: see nanoqwen_cpu.h. */
 void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size) {
@@ -19,14 +19,14 @@ void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, 
 }
 
 /* Shapes: see nanoqwen_cpu.h. Column c of a 64-column block is nibble (c / 16) of its 16-bit word c % 16
-   (ops/torch_ref/linear_int4.py). */
+   (ops/torch_ref/linear_int4.py); the blocks where linear_int4 reads them (int4_block.h). */
 void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
-                    int N, int H, int G, int bf16) {
+                    int N, int V, int H, int G, int bf16) {
     const int groups = H / G;
+    const long quad_rows = int4_quad_rows(V);
     for (int n = 0; n < N; n++) {
-        const uint8_t *row = table + (long)ids[n] * (H / 2);
         for (int c = 0; c < H; c++) {
-            const uint8_t *block = row + (c / 64) * 32;
+            const uint8_t *block = table + int4_block_at(ids[n], c / 64, H, quad_rows);
             const int i = c % 16, j = (c % 64) / 16;
             const uint8_t byte = block[2 * i + (j >> 1)];
             const long g = (long)ids[n] * groups + c / G;

@@ -483,7 +483,8 @@ struct linear_int4_madd_args {
     const void *scale, *offset;
     void *y;
     int M, N, K, G, P, bf16;
-    long rows;  /* per chunk */
+    long rows;       /* per chunk */
+    long quad_rows;  /* rows stored in quads (int4_block.h) */
 };
 
 /* acc[r] = the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R: the block's 16 words hold,
@@ -499,10 +500,11 @@ INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *a
     }
 }
 
-/* f[r] += one group's int32 sums of piece row r times the group's scale s, r < R: its blocks from w and q, in spans
-   of MADD_SPAN_BLOCKS; `ahead`: what to prefetch, one line a block. one: a group is one block (a constant). */
-INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, const int16_t *q, const uint8_t *ahead,
-                       int R, int one, __m256 s, __m256 *f) {
+/* f[r] += one group's int32 sums of piece row r times the group's scale s, r < R: its blocks from w (each `step`
+   bytes from the last) and q, in spans of MADD_SPAN_BLOCKS; `ahead`: what to prefetch, one line a block. one: a group
+   is one block (a constant). */
+INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, long step, const int16_t *q,
+                       const uint8_t *ahead, int R, int one, __m256 s, __m256 *f) {
     const long stride = (long)a->M * a->P * 64;  /* from one block's pieces to the next's */
     __m256i acc[MADD_MAX_PIECES];
     if (one) {
@@ -515,7 +517,7 @@ INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, 
         const int count = left < MADD_SPAN_BLOCKS ? left : MADD_SPAN_BLOCKS;
         __m256i sum[MADD_MAX_PIECES];
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        for (int i = 0; i < count; i++, w += 32, q += stride, ahead += 32) {
+        for (int i = 0; i < count; i++, w += step, q += stride, ahead += step) {
             __builtin_prefetch(ahead);
             madd_block(w, q, R, acc);
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(sum[r], acc[r]);
@@ -535,11 +537,13 @@ INLINE __m128 hsum4(const __m256 o[4]) {
    W * rows * P <= MADD_MAX_PIECES): each block of the W weight rows against every row's pieces, each group's int32
    sums scaled by its scale (8 groups' scales widened at once, then broadcast from memory), then the pieces' scales
    and the offsets times the group sums. Several weight rows a pass for few piece rows: their sums are independent
-   FMA chains, and the end of a row (sums across lanes, the offsets) is shared. one: G == 64. */
+   FMA chains, and the end of a row (sums across lanes, the offsets) is shared. one: G == 64. The W rows are all in
+   one quad or all plain (int4_block.h): a pass of 4 starts at a multiple of 4, one of 2 at an even row. */
 INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one) {
-    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
+    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16, quad = n < a->quad_rows;
     const long row = a->K / 2, stride = (long)a->M * P * 64 * (G / 64);  /* the pieces of one group to the next's */
-    const uint8_t *w = a->w + n * row;
+    const long step = quad ? 128 : 32, next_row = quad ? 32 : row;  /* to a row's next block; to the next row's */
+    const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows);
     const int16_t *q = a->q + (long)m0 * P * 64;
     __m256 f[MADD_MAX_PIECES][MADD_MAX_PIECES];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
@@ -551,9 +555,9 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
             if (count == 8) _mm256_store_ps(scales[i], load8(a->scale, (n + i) * groups + g0, bf16));
             else for (int g = 0; g < count; g++) scales[i][g] = load1(a->scale, (n + i) * groups + g0 + g, bf16);
         }
-        for (int g = 0; g < count; g++, w += G / 2, q += stride)
-            _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-                madd_group(a, w + i * row, q, w + i * row + MADD_AHEAD_ROWS * row, R, one,
+        for (int g = 0; g < count; g++, w += G / 64 * step, q += stride)
+            _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)  /* MADD_AHEAD_ROWS rows on: the same offset in quads */
+                madd_group(a, w + i * next_row, step, q, w + i * next_row + MADD_AHEAD_ROWS * row, R, one,
                            _mm256_broadcast_ss(scales[i] + g), f[i]);
     }
     _Pragma("GCC unroll 4") for (int j = 0; j < rows; j++) {
@@ -624,7 +628,7 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
         }
     const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
     const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y, M, N, K, G, P,
-                                            bf16, rows};
+                                            bf16, rows, int4_quad_rows(N)};
     pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
     return 1;
 }
@@ -634,6 +638,7 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
 static void linear_int4_unstaged(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
     const int K = a->K, groups = K / a->G;
+    const long quad_rows = int4_quad_rows(a->N);
     for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
         for (int m = 0; m < a->M; m++) {
             __m256 acc = _mm256_setzero_ps();
@@ -642,7 +647,7 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
                 const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
                 const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
                 for (int half = 0; half < 2; half++) {
-                    const __m256i words = int4_words(a->w + n * (K / 2) + b * 32, half);
+                    const __m256i words = int4_words(a->w + int4_block_at(n, b, K, quad_rows), half);
                     for (int j = 0; j < 4; j++)
                         acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
                                               load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
@@ -669,10 +674,27 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                         M - m < most ? M - m : most, N, K, G, bf16, pieces);
         return;
     }
-    if (has_avx512vl_vnni() ? linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
-                   : linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
+    if (int4_quads() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+                     : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
         return;
     const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
                                        .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
     pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
+
+/* Shapes: see nanoqwen_cpu.h. Each 4 rows' blocks interleaved through 4 rows of scratch. */
+void linear_int4_pack(uint8_t *w, int N, int K) {
+    const long row = K / 2, blocks = K / 64;
+    uint8_t *quad = malloc(4 * row);
+    if (!quad) abort();  /* 4 rows: at load, where the model's own allocations came first */
+    for (long q = 0; q < N / 4; q++) {
+        uint8_t *rows = w + 4 * q * row;
+        memcpy(quad, rows, 4 * row);
+        for (long b = 0; b < blocks; b++)
+            for (int i = 0; i < 4; i++) memcpy(rows + int4_block_at(i, b, K, 4), quad + i * row + 32 * b, 32);
+    }
+    free(quad);
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void linear_int4_layout(int32_t *quads) { *quads = int4_quads(); }

@@ -15,15 +15,20 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16);
 
 /* linear_int4.c: y = x @ (q * scale + offset).T per group of G columns; x: [M, K], w: [N, K / 2] uint8 in
-   the block layout of ops/torch_ref/linear_int4.py, scale and offset: [N, K / G], y: [M, N]; x, scale,
-   offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row of x taken as `pieces` (1 to 4) int8
-   pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least as close. */
+   the block layout of ops/torch_ref/linear_int4.py, its rows in the order int4_block.h gives (linear_int4_layout:
+   1 where that is quads, else 0; linear_int4_pack: w's first N / 4 * 4 rows into quads, in place), scale and
+   offset: [N, K / G], y: [M, N]; x, scale, offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row
+   of x taken as `pieces` (1 to 4) int8 pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least
+   as close. */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces);
+void linear_int4_pack(uint8_t *w, int N, int K);
+void linear_int4_layout(int32_t *quads);
 
 /* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
-   w: [N, K / 2] uint8 in linear_int4's block layout, scale and offset: [N, K / G], out: [N, K]; scale, offset
-   and out all bf16 or all fp32; G % 64 == 0. */
+   w: [N, K / 2] uint8 in linear_int4's layout (rows from a multiple of 4 of the tensor's, N to its end or a multiple
+   of 4: whole quads), scale and offset: [N, K / G], out: [N, K]; scale, offset and out all bf16 or all fp32;
+   G % 64 == 0. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16);
 
 /* attention.c: paged decode attention, one query token per sequence.
@@ -56,12 +61,12 @@ void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const v
 
 /* embedding.c: out[n] = table[ids[n]]; ids: [N] int32 (in range), out: [N, H]. `embedding`: any dtype of
    elem_size bytes. `embedding_int8`: table [V, H] int8, scale [V], out = q * scale. `embedding_int4`: table
-   [V, H / 2] uint8 in linear_int4's block layout, scale and offset [V, H / G], out = q * scale + offset
+   [V, H / 2] uint8 in linear_int4's layout, scale and offset [V, H / G], out = q * scale + offset
    (rounded in fp32, then to the out dtype). Scales, offsets and out all bf16 or all fp32; H % 64 == 0. */
 void embedding(const int32_t *ids, const void *table, void *out, int N, int H, int elem_size);
 void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, void *out, int N, int H, int bf16);
 void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
-                    int N, int H, int G, int bf16);
+                    int N, int V, int H, int G, int bf16);
 
 /* pointwise.c: x: [N, 2I] (gate | up), out: [N, I] = silu(gate) * up, bf16 or fp32, I % 8 == 0. */
 void silu_mul(const void *x, void *out, int N, int I, int bf16);
