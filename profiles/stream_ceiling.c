@@ -68,10 +68,14 @@ static void report(const char *name, double *t, int passes, long bytes) {
 }
 
 int main(int argc, char **argv) {
-    const int passes = argc > 1 && atoi(argv[1]) > 0 && atoi(argv[1]) <= MAX_PASSES ? atoi(argv[1]) : 10;
+    const int passes = argc > 1 ? atoi(argv[1]) : 10;
     const int mode = argc > 2 ? atoi(argv[2]) : 0;
     const int M = getenv("ROWS") ? atoi(getenv("ROWS")) : 1, gap_us = getenv("GAP_US") ? atoi(getenv("GAP_US")) : 0;
     const long offset = getenv("OFFSET") ? atol(getenv("OFFSET")) % 4096 / 64 * 64 : 0, page = 4096;
+    if (passes < 1 || passes > MAX_PASSES) {
+        fprintf(stderr, "PASSES must be 1..%d\n", MAX_PASSES);
+        return 2;
+    }
     if (M < 1 || M > 8) {
         fprintf(stderr, "ROWS must be 1..8\n");
         return 2;
