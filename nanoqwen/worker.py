@@ -113,6 +113,7 @@ class NanoqwenWorker(GeventWorker):
 
     def init_process(self) -> None:
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
         super().init_process()

@@ -43,7 +43,7 @@ class LiveResponses:
                 line = next((line for line in answer.iter_lines() if line.startswith(b"data: ")), None)
                 if line is None:
                     raise ValueError("a background stream's 200 ended without a data: line")
-                return _object(json.loads(line[6:]))["response"]["id"]
+                return _object(_object(json.loads(line[6:]))["response"])["id"]
             return _object(answer.json())["id"]
 
 

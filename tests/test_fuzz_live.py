@@ -125,6 +125,7 @@ FAILURES = {  # what the server answers making a response: the words the problem
     "refused": (answer({"error": {"message": "busy"}}, status=429), "429"),
     "stream without data": ((200, SSE, b": keep-alive\n\n"), "without a data: line"),
     "stream data without a response": ((200, SSE, b'data: {"type": "error"}\n\n'), "KeyError"),
+    "stream data with a null response": ((200, SSE, b'data: {"response": null}\n\n'), "not an object"),
     "not JSON": ((200, "application/json", b"<html>oops</html>"), "JSONDecodeError"),
     "JSON, not an object": (answer(["resp_x"]), "not an object"),
 }

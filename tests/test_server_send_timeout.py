@@ -107,7 +107,8 @@ def test_a_stream_whose_client_stops_reading_is_dropped(server: GunicornServer) 
     assert after["requests_served"] - before["requests_served"] == 1  # the slow reader's
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < LONG  # cancelled in the engine
 
-    # longer than the timeout in all; its ~120 KB of frames fit the server's send buffer, so no write of it blocks:
+    # longer than the timeout in all; its ~120 KB of frames about fill the server's send buffer, so few writes of it
+    # block, none for long:
     # that a single write longer than the timeout passes is tests/test_send_timeout.py's
     assert slow_s > SEND_TIMEOUT_S + 0.5
     assert text.endswith("data: [DONE]\n\n"), text[-500:]
@@ -124,6 +125,7 @@ def test_a_background_follower_that_stops_reading_leaves_the_run_generating(serv
     body = {"model": MODEL, "input": "Tell me a long story.", "temperature": 0, "max_output_tokens": LONG,
             "reasoning": {"effort": "none"}, "background": True, "stream": True, "top_logprobs": 20,
             "include": ["message.output_text.logprobs"]}
+    aborted = server_stats(server)["requests_aborted"]
     follower = _narrow_client(server, body, "/v1/responses")
     created = _read_until(follower, b"event: response.in_progress")  # then it reads nothing
     response_id = re.search(rb'"id":"(resp_[^"]+)"', created).group(1).decode()
@@ -132,7 +134,10 @@ def test_a_background_follower_that_stops_reading_leaves_the_run_generating(serv
     cut, ended = _read_rest(follower)
     assert ended in ("reset", "eof") and b"response.completed" not in cut
     client = server.openai_client()
-    assert client.responses.retrieve(response_id).status == "in_progress"  # only its follower left
-    assert client.responses.cancel(response_id).status == "cancelled"
+    # only its follower left: the run goes on (or, on a machine fast enough, has completed), never aborted
+    status = client.responses.retrieve(response_id).status
+    assert status in ("in_progress", "completed") and server_stats(server)["requests_aborted"] == aborted, status
+    if status == "in_progress":
+        assert client.responses.cancel(response_id).status == "cancelled"
     wait_for(lambda: engine_idle(server))
     assert "Traceback" not in server.log()

@@ -30,7 +30,8 @@ MAX_RUNNING = 32
 MAX_EVENT_BYTES = 1 << 20
 # Frames a follower has not sent yet are kept past the cap up to this: its client reads slower than the model writes.
 # Past it the oldest go anyway, and the follower behind them ends with an error event (sent once its client reads
-# again; till then it holds no frame back: the rest go back to the cap); an event's frames are added together and
+# again within NANOQWEN_SEND_TIMEOUT, else its connection is reset; till then it holds no frame back: the rest go back
+# to the cap); an event's frames are added together and
 # never dropped for it (the last `.done` events and `response.completed` may weigh more).
 MAX_LAG_BYTES = 8 * MAX_EVENT_BYTES
 KEPT_FINISHED = 32
