@@ -12,7 +12,7 @@ from call_rows import record_rows
 from int4_packing import as_loaded, avx2_only
 from ops import torch_ref
 from ops.cpu import build as cpu_build
-from ops.cpu import dequant, graph
+from ops.cpu import dequant, embedding, graph
 from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
 from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
@@ -126,10 +126,11 @@ def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
 
 
-@pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL])
+@pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
+                         ids=["linear_int4", "dequant", "embedding"])
 def test_int4_without_one_of_its_kernels_takes_the_references(monkeypatch, missing):
-    """The kernel set where linear_int4.c or dequant.c did not build: the int4 linears, the int4 embedding and the
-    repack at load are the torch references' (the C files read one layout, which the references do not)."""
+    """The kernel set where linear_int4.c, dequant.c or embedding.c did not build: the int4 linears, the int4 embedding
+    and the repack at load are the torch references' (the C files read one layout, which the references do not)."""
     monkeypatch.setattr(missing, "ready", False)
     kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
     ref = torch_ref.KERNELS

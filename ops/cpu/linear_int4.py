@@ -38,7 +38,7 @@ import torch
 
 from ops.cpu import build, dequant, graph
 from ops.cpu.linear import MAX_ROWS
-from ops.torch_ref.linear_int4 import BLOCK, linear_int4_torch
+from ops.torch_ref.linear_int4 import BLOCK
 
 PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_pack", "linear_int4_layout"))
@@ -57,6 +57,9 @@ def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
     linear_int4.c (the kernel set's by default) reads: quads where quads(lib), else unchanged. Through 4 rows of
     scratch: loading holds no second copy."""
+    if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
+        raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
+                         f"contiguous rows of whole {BLOCK}-column blocks")
     if quads(lib):
         (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 
@@ -81,15 +84,17 @@ linear_int4_cpu = build.kernel_op("linear_int4_cpu", _linear_int4, _linear_int4_
 
 
 def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The kernel set's linear_int4: the C kernel up to MAX_ROWS rows (the torch reference where it did not build),
-    dequant.py's blocked GEMM beyond (the torch reference where that did not build)."""
+    """The kernel set's linear_int4, chosen only where linear_int4.c, dequant.c and embedding.c all built (ops/cpu):
+    the weights are then in their layout (repack), which the torch reference does not read, so there is no falling
+    back to it here. The C kernel up to MAX_ROWS rows, dequant.py's blocked GEMM beyond."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if (rows.shape[1] // scale.shape[1]) % BLOCK:
-        return linear_int4_torch(x, weight, scale, offset)
+        raise ValueError(f"int4 groups of {rows.shape[1] // scale.shape[1]} columns: the C kernels take multiples of "
+                         f"{BLOCK} (nanoqwen/quant.py's GROUP_SIZE)")
     if dequant.takes(rows.shape[0], int4=True):
         out = dequant.linear_int4(rows, weight, scale, offset)
-    elif KERNEL.ready and rows.shape[0] <= MAX_ROWS:
+    elif rows.shape[0] <= MAX_ROWS:
         out = linear_int4_cpu(rows, weight, scale, offset)
     else:
-        return linear_int4_torch(x, weight, scale, offset)
+        raise RuntimeError("int4 prefill rows need dequant.c, which did not build (ops/cpu picks the references then)")
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])

@@ -131,7 +131,7 @@ static void linear_amx(const void *ctx, long chunk) {
 }
 AMX_END
 
-/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two) keeps each thread's reads sequential
+/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, four at one activation row from K 2048) keeps each thread's reads sequential
    streams (what the hardware prefetcher follows best); the row stays in L1 while every activation row
    uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
