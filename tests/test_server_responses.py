@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, health_polled, post_chat, sse_events, wait_for
+from chat_http import MODEL, health_polled, post_chat, server_stats, sse_events, wait_for
 from nanoqwen.api.strict_json import MAX_SEPARATORS
 from server_process import GunicornServer
 
@@ -390,7 +390,7 @@ def test_a_stored_stream_cut_by_its_client_leaves_nothing_behind(server: Gunicor
         assert found.json()["status"] == "in_progress" and time.monotonic() < deadline, found.text
         time.sleep(0.05)
     # the engine drops the aborted request at its next step, after the store let it go
-    wait_for(lambda: (stats := requests.get(f"{server.url}/stats", timeout=30).json())["active_requests"] == 0
+    wait_for(lambda: (stats := server_stats(server))["active_requests"] == 0
              and stats["queue_length"] == 0)
 
 

@@ -16,7 +16,7 @@ import requests
 import torch
 
 import ops
-from chat_http import assert_completions_greedy, cpu_env
+from chat_http import assert_completions_greedy, cpu_env, server_stats
 from engine_util import (
     MIXED_PROMPTS,
     c_linear_rows,
@@ -562,7 +562,7 @@ def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts,
         assert_completions_greedy(srv, tiny_checkpoint, hf, prompts[:2], MAX_TOKENS, streams=(False, True))
         info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
         assert info["speculative"] == json.loads(SPEC)
-        stats = requests.get(f"{srv.url}/stats", timeout=10).json()
+        stats = server_stats(srv)
         assert stats["spec_decode_num_accepted_tokens"] > 0 and 0 < stats["spec_decode_acceptance_rate"] <= 1
         metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
         assert f"nanoqwen_spec_decode_num_accepted_tokens {float(stats['spec_decode_num_accepted_tokens'])}" in metrics
