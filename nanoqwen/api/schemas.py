@@ -43,7 +43,7 @@ from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 # OpenAI's sampling ranges, shared by chat, legacy completions and Responses
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0)]  # 0: the most likely token alone (OpenAI takes it)
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
@@ -371,7 +371,8 @@ def _message_schema(schema: dict[str, Any]) -> None:
         {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
          "then": {"required": ["content"], "properties": {
              "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
-             "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
+             "tool_calls": {"type": ["array", "null"], "maxItems": 0},
+             "annotations": {"type": ["array", "null"], "maxItems": 0}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -394,6 +395,8 @@ class ChatMessage(Strict):
     reasoning_content: str | None = None
     reasoning: str | None = None
     refusal: str | None = None
+    # An answer's citations, as the openai client's message object dumps them (null): not part of the prompt.
+    annotations: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallMessage] | None = None
     function_call: Refused = None  # a call: a request's "none" means none, a message's is a call
@@ -423,6 +426,8 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages have refusal content parts")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
+        if self.annotations and self.role != "assistant":
+            raise ValueError("only assistant messages have annotations")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self

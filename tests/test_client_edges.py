@@ -1,0 +1,66 @@
+"""Edge values and round trips an OpenAI client user sends, found by probing the real server (the shared tiny
+checkpoint server, fp32) with the official `openai` client and raw HTTP: each is what OpenAI's API does."""
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from chat_http import MODEL, post_chat
+from server_process import GunicornServer
+
+USER = [{"role": "user", "content": "What is the best book?"}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.fixture(scope="module")
+def client(chat_server: GunicornServer) -> openai.OpenAI:
+    return chat_server.openai_client()
+
+
+def _ok(response: requests.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone(chat_server: GunicornServer) -> None:
+    """OpenAI takes top_p 0 (the spec's range is 0.0-1.0): only the most likely token survives, so a sampled
+    answer is the greedy one; chat, legacy completions and Responses (which echoes it) alike."""
+    greedy = _ok(post_chat(chat_server, {"model": MODEL, "messages": USER, "max_tokens": 8, "temperature": 0,
+                                         **NO_THINKING}))["choices"][0]["message"]["content"]
+    sampled = _ok(post_chat(chat_server, {"model": MODEL, "messages": USER, "max_tokens": 8, "temperature": 1.5,
+                                          "top_p": 0, "n": 3, "seed": 5, **NO_THINKING}))
+    assert [c["message"]["content"] for c in sampled["choices"]] == [greedy] * 3
+    completion = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6}
+    texts = [_ok(requests.post(f"{chat_server.url}/v1/completions", json={**completion, **extra}, timeout=120))
+             ["choices"][0]["text"] for extra in ({"temperature": 0}, {"temperature": 1.0, "top_p": 0, "seed": 9})]
+    assert texts[0] == texts[1]
+    response = _ok(requests.post(f"{chat_server.url}/v1/responses", json={
+        "model": MODEL, "input": "Hi", "max_output_tokens": 16, "temperature": 1.0, "top_p": 0}, timeout=120))
+    assert response["top_p"] == 0 and response["status"] in ("completed", "incomplete")
+    error = post_chat(chat_server, {"model": MODEL, "messages": USER, "top_p": -0.01}).json()["error"]
+    assert error["param"] == "top_p"
+
+
+def test_the_clients_dumped_assistant_message_goes_back_into_the_history(client: openai.OpenAI) -> None:
+    """`messages.append(reply.choices[0].message.model_dump())` sends every field of the client's message type,
+    `annotations: null` among them (and an answer with citations a list): the next turn takes them, as vLLM does;
+    only an assistant message has them."""
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0,
+                                           extra_body=NO_THINKING)
+    dumped = reply.choices[0].message.model_dump()
+    assert dumped["annotations"] is None
+    cited = {**dumped, "annotations": [{"type": "url_citation", "url_citation": {
+        "start_index": 0, "end_index": 1, "title": "t", "url": "https://example.com"}}]}
+    follow_up = {"role": "user", "content": "And the second best?"}
+    answers = [client.chat.completions.create(model=MODEL, messages=[*USER, message, follow_up], max_tokens=3,
+                                              temperature=0, extra_body=NO_THINKING)
+               for message in (dumped, cited, reply.choices[0].message)]
+    assert len({a.choices[0].message.content for a in answers}) == 1  # the annotations are not in the prompt
+    assert len({a.usage.prompt_tokens for a in answers}) == 1
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{**USER[0], "annotations": cited["annotations"]}],
+                                       max_tokens=2)
+    assert info.value.param == "messages.[0]"
