@@ -64,3 +64,40 @@ def test_the_clients_dumped_assistant_message_goes_back_into_the_history(client:
         client.chat.completions.create(model=MODEL, messages=[{**USER[0], "annotations": cited["annotations"]}],
                                        max_tokens=2)
     assert info.value.param == "messages.[0]"
+
+
+def test_a_call_cut_short_goes_back_into_the_history(chat_server: GunicornServer, client: openai.OpenAI) -> None:
+    """A forced call cut by max_tokens keeps its arguments so far (`{"` here): sent back with its tool answer, as an
+    agent loop does, it was a 400 on every later turn; the next turn's prompt shows it as written."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+    reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=12, temperature=0, tools=tools,
+                                           tool_choice="required", extra_body=NO_THINKING)
+    [call] = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "length" and call.function.arguments == '{"'
+    history = [*USER, reply.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "failed"}]
+    assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2, tools=tools).choices
+    ids = _ok(requests.post(f"{chat_server.url}/tokenize", json={"model": MODEL, "messages": history, "tools": tools},
+                            timeout=60))["tokens"]
+    prompt = _ok(requests.post(f"{chat_server.url}/detokenize", json={"model": MODEL, "tokens": ids}, timeout=60))
+    assert '<tool_call>\n{"name": "f", "arguments": {"}\n</tool_call>' in prompt["prompt"]
+
+
+@pytest.mark.parametrize("arguments", [
+    "city=Paris", "[" * 5000 + "]" * 5000,  # was a 500 once: RecursionError
+    '{"city": "\\ud800"}',  # was a 500 once, decoded: the tokenizer got a lone surrogate
+    '{"city": NaN}', '{"city": 1e309}', "[1]",
+])
+def test_malformed_arguments_in_the_history_are_written_as_sent(chat_server: GunicornServer, arguments: str) -> None:
+    """Arguments that are no JSON object (what a model writes, cut short or malformed) are not decoded: the prompt
+    holds them as sent, never a 500."""
+    call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    messages = [*USER, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c",
+                                                                       "content": "sunny"}]
+    ids = _ok(requests.post(f"{chat_server.url}/tokenize", json={"model": MODEL, "messages": messages},
+                            timeout=60))["tokens"]
+    prompt = _ok(requests.post(f"{chat_server.url}/detokenize", json={"model": MODEL, "tokens": ids}, timeout=60))
+    assert f'"arguments": {arguments}}}\n</tool_call>' in prompt["prompt"]
+    if len(ids) < 1000:
+        assert _ok(post_chat(chat_server, {"model": MODEL, "messages": messages, "max_tokens": 2}))["choices"]
