@@ -965,8 +965,7 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None) -> Re
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, budget: Budget | None,
-                       schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
-    req = validate_body(schema, body, budget)
+def parse_chat_request(body: Any, budget: Budget | None) -> ChatCompletionRequest:
+    req = validate_body(ChatCompletionRequest, body, budget)
     _check_combinations(req)
     return req
