@@ -97,9 +97,6 @@ def test_messages_for_the_template() -> None:
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}]},
      "messages.[0].tool_calls.[0].function"),
     ({"messages": [{"role": "assistant", "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]},
-     "messages.[0].tool_calls.[0].function.arguments"),
-    ({"messages": [{"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]},
      "messages.[0].tool_calls.[0].function.arguments"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [

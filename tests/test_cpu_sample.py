@@ -165,3 +165,17 @@ def test_greedy_is_torch_argmax(use, vocab):
     expected = logits.argmax(dim=-1)
     assert torch.equal(cpu_sample.argmax_rows_cpu(logits), expected)
     assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)
+
+
+def test_top_p_0_keeps_the_most_likely_token_alone(use):
+    """OpenAI's top_p 0 (the API takes it): only the maximum survives, in the kernel and the torch sampler, with
+    and without a top-k or min-p beside it, in every mode that serves the rows."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, 151936) * 3
+    for backend in ("kernel", "torch"):
+        use(backend)
+        for step in range(10):
+            r = rows(3, step, temperature=[1.0, 2.0, 0.5], top_p=[0.0] * 3, top_k=[0, 20, 5000], min_p=[0, 0, 0.1])
+            assert torch.equal(sample(logits, r, "filter"), logits.argmax(-1)), (backend, step)
+            small = rows(2, step, temperature=[1.0, 2.0], top_p=[0.0] * 2, top_k=[20, 3])
+            assert torch.equal(sample(logits[:2], small, "top_k"), logits[:2].argmax(-1)), (backend, step)

@@ -82,7 +82,7 @@ LIMITS = {"vocab_size": 1000, "max_model_len": 64, "max_batch": 4}
     ("stop", SamplingParams(stop=["x"] * (MAX_STOP_STRINGS + 1))),
     ("top_logprobs", SamplingParams(top_logprobs=MAX_TOP_LOGPROBS + 1)),
     ("max_tokens", SamplingParams(max_tokens=0)),
-    ("top_p", SamplingParams(top_p=0)),
+    ("top_p", SamplingParams(top_p=-0.1)),
 ])
 def test_each_limit_names_its_parameter(param, params):
     with pytest.raises(InvalidRequest) as info:

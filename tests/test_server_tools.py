@@ -99,9 +99,6 @@ def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: Gunicorn
     assert content == whole.choices[0].message.content and reasons == [whole.choices[0].finish_reason]
 
 
-ARGUMENTS = "messages.[1].tool_calls.[0].function.arguments"
-
-
 def _with_arguments(arguments: str) -> dict[str, Any]:
     """A conversation whose assistant turn called get_weather with `arguments`."""
     call = {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
@@ -124,11 +121,6 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
       "tool_choice": "required"}, "tools"),
-    (_with_arguments("city=Paris"), ARGUMENTS),
-    (_with_arguments("[" * 5000 + "]" * 5000), ARGUMENTS),  # was a 500: RecursionError
-    (_with_arguments('{"city": "\\ud800"}'), ARGUMENTS),  # was a 500: the tokenizer got a lone surrogate
-    (_with_arguments('{"city": NaN}'), ARGUMENTS),  # was passed on to the template
-    (_with_arguments('{"city": 1e309}'), ARGUMENTS),  # was inf, as NaN
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),
 ])
 def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: str) -> None:

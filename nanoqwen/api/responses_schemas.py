@@ -16,8 +16,6 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -25,9 +23,7 @@ from pydantic_core import PydanticCustomError
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
-    Arguments,
     ChatCompletionRequest,
-    ChatMessage,
     JsonObjectFormat,
     PromptCacheBreakpoint,
     ReasoningEffort,
@@ -35,18 +31,17 @@ from nanoqwen.api.schemas import (
     Strict,
     Temperature,
     TextFormat,
-    ToolCallMessage,
     TopP,
-    _decode_arguments,
     _sampling_schema,
     _text_or,
     check_stream_options,
     parse_chat_request,
+    parsed_once,
     refused,
     tool_choice_of,
     validate_body,
 )
-from nanoqwen.api.strict_json import Budget, JSONError
+from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.validation import MAX_TOP_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -108,23 +103,6 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
-def _as_written(value: str, info: ValidationInfo | None = None) -> Arguments:
-    """A call's arguments with what they decode to, None where that is not JSON; their values charged to a client
-    body's budget (info's context)."""
-    arguments = Arguments(value)
-    try:
-        arguments.parsed = _decode_arguments(value, info)
-    except JSONError:
-        arguments.parsed = None
-    return arguments
-
-
-def _parsed_once(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Arguments:
-    """Arguments parsed where a body or a stored history is validated; those of a chat request built from its items
-    (to_chat, once per truncation candidate) come parsed already and pass as they are."""
-    return value if isinstance(value, Arguments) else _as_written(handler(value), info)
-
-
 class FunctionCallItem(Strict):
     """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
 
@@ -139,7 +117,7 @@ class FunctionCallItem(Strict):
     caller: Refused = None
     async_: refused(False) = Field(None, alias="async")
 
-    _decoded = field_validator("arguments", mode="wrap")(_parsed_once)
+    _decoded = field_validator("arguments", mode="wrap")(parsed_once)
 
 
 class FunctionCallOutputItem(Strict):
@@ -383,8 +361,7 @@ class ResponsePromptFields(Strict):
         body = {"messages": messages, **self.chat_fields()}
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
-                                  schema=ItemsChatRequest)
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None)
 
 
 class ResponseCountRequest(ResponsePromptFields):
@@ -450,36 +427,6 @@ class ResponseCreateRequest(ResponsePromptFields):
         return {**super().chat_fields(), "max_completion_tokens": self.max_output_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "logprobs": self.wants_logprobs,
                 "top_logprobs": self.top_logprobs if self.wants_logprobs else None}
-
-
-class ItemFunctionCall(Strict):
-    name: str
-    arguments: str  # as the model wrote it: any string (a call cut short, `{"b": `)
-
-    _decoded = field_validator("arguments", mode="wrap")(_parsed_once)
-
-
-class ItemToolCall(ToolCallMessage):
-    function: ItemFunctionCall  # type: ignore[assignment]
-
-    def to_template(self) -> dict[str, Any]:
-        """The arguments as an object when they are one, else as the model wrote them: Qwen3's template writes
-        a string as is."""
-        arguments = self.function.arguments
-        # a model_copy(update=...) or model_construct skips the validator
-        parsed = (arguments if isinstance(arguments, Arguments) else _as_written(arguments, None)).parsed
-        function = {"name": self.function.name, "arguments": parsed if isinstance(parsed, dict) else arguments}
-        return {"id": self.id, "type": "function", "function": function}
-
-
-class ItemsChatMessage(ChatMessage):
-    tool_calls: list[ItemToolCall] | None = None  # type: ignore[assignment]
-
-
-class ItemsChatRequest(ChatCompletionRequest):
-    """The chat request of input items, whose calls may be the model's own cut short or malformed ones."""
-
-    messages: list[ItemsChatMessage] = Field(min_length=1)  # type: ignore[assignment]
 
 
 def chat_messages(items: list[Any]) -> list[dict[str, Any]]:

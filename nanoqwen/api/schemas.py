@@ -27,6 +27,7 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -43,7 +44,7 @@ from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 NonEmptyStr = Annotated[str, Field(min_length=1)]  # stop's validator checks it first: for the OpenAPI document
 # OpenAI's sampling ranges, shared by chat, legacy completions and Responses
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopP = Annotated[float, Field(ge=0.0, le=1.0)]  # 0: the most likely token alone (OpenAI takes it)
 MAX_CHOICES = 128  # n, and n × prompts of a batched completion
 INT64 = {"ge": -(2**63), "le": 2**63 - 1}
 # Content part types that carry other media than text: OpenAI's, then vLLM's (video_url, audio_url).
@@ -277,30 +278,38 @@ class Arguments(str):
     parsed: Any
 
 
+def _as_written(value: str, info: ValidationInfo | None = None) -> Arguments:
+    """A call's arguments with what they decode to, None where that is not JSON; their values charged to a client
+    body's budget (info's context)."""
+    arguments = Arguments(value)
+    try:
+        arguments.parsed = _decode_arguments(value, info)
+    except JSONError:
+        arguments.parsed = None
+    return arguments
+
+
+def parsed_once(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Arguments:
+    """Arguments parsed where a body or a stored history is validated; those of a chat request built from Responses
+    items (to_chat, once per truncation candidate) come parsed already and pass as they are."""
+    return value if isinstance(value, Arguments) else _as_written(handler(value), info)
+
+
 class FunctionCall(Strict):
-    name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str  # a JSON object, as OpenAI returns it
+    """A call in the history as the model wrote it: OpenAI takes any name and arguments string (a call cut short by
+    max_tokens, `{"b": `, as this server answers one too), so a conversation holding one goes on."""
+
+    name: str
+    arguments: str
+
+    _decoded = field_validator("arguments", mode="wrap")(parsed_once)
 
     @property
-    def parsed_arguments(self) -> dict[str, Any]:
-        if isinstance(self.arguments, Arguments):  # as the validator returns it
-            return self.arguments.parsed
-        return _decode_arguments(self.arguments)  # a model_copy(update=...) or model_construct skips the validator
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, value: str, info: ValidationInfo) -> Arguments:
-        try:
-            parsed = _decode_arguments(value, info)
-        except JSONError as exc:
-            if exc.path:  # JSON, but not what a request may hold
-                raise ValueError(f"at '{param_name(exc.path)}', {exc.problem}") from None
-            raise ValueError(f"arguments must be a JSON object encoded as a string ({exc})") from None
-        if not isinstance(parsed, dict):
-            raise ValueError("arguments must be a JSON object encoded as a string")
-        arguments = Arguments(value)
-        arguments.parsed = parsed
-        return arguments
+    def parsed_arguments(self) -> Any:
+        """What the arguments decode to; None: not JSON."""
+        arguments = self.arguments
+        # a model_copy(update=...) or model_construct skips the validator
+        return (arguments if isinstance(arguments, Arguments) else _as_written(arguments)).parsed
 
 
 class ToolCallMessage(Strict):
@@ -309,9 +318,11 @@ class ToolCallMessage(Strict):
     function: FunctionCall
 
     def to_template(self) -> dict[str, Any]:
-        # Qwen3's template writes `arguments | tojson`: it wants the object, not its encoding.
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.function.name, "arguments": self.function.parsed_arguments}}
+        """The arguments as an object when they are one (Qwen3's template writes `arguments | tojson`), else as the
+        model wrote them: the template writes a string as is."""
+        parsed = self.function.parsed_arguments
+        arguments = parsed if isinstance(parsed, dict) else self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
 
 
 Request = TypeVar("Request", bound=Strict)
@@ -371,7 +382,8 @@ def _message_schema(schema: dict[str, Any]) -> None:
         {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
          "then": {"required": ["content"], "properties": {
              "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
-             "tool_calls": {"type": ["array", "null"], "maxItems": 0}}}},
+             "tool_calls": {"type": ["array", "null"], "maxItems": 0},
+             "annotations": {"type": ["array", "null"], "maxItems": 0}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -394,6 +406,8 @@ class ChatMessage(Strict):
     reasoning_content: str | None = None
     reasoning: str | None = None
     refusal: str | None = None
+    # An answer's citations, as the openai client's message object dumps them (null): not part of the prompt.
+    annotations: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallMessage] | None = None
     function_call: Refused = None  # a call: a request's "none" means none, a message's is a call
@@ -423,6 +437,8 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages have refusal content parts")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages have tool_calls")
+        if self.annotations and self.role != "assistant":
+            raise ValueError("only assistant messages have annotations")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self
@@ -949,8 +965,7 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None) -> Re
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, budget: Budget | None,
-                       schema: type[ChatCompletionRequest] = ChatCompletionRequest) -> ChatCompletionRequest:
-    req = validate_body(schema, body, budget)
+def parse_chat_request(body: Any, budget: Budget | None) -> ChatCompletionRequest:
+    req = validate_body(ChatCompletionRequest, body, budget)
     _check_combinations(req)
     return req

@@ -96,8 +96,8 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_siz
         raise context_length_error(max_model_len, len(prompt_ids), params.max_tokens)
     if params.temperature < 0:
         raise InvalidRequest("temperature must be non-negative", param="temperature")
-    if not 0 < params.top_p <= 1:
-        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    if not 0 <= params.top_p <= 1:
+        raise InvalidRequest("top_p must be in [0, 1]", param="top_p")
     if not 0 <= params.min_p <= 1:
         raise InvalidRequest("min_p must be in [0, 1]", param="min_p")
     if params.repetition_penalty <= 0:
