@@ -48,9 +48,9 @@ def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.M
         assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
 
 
-def _completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool) -> list[str]:
+def completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool, api_key: str = "unused") -> list[str]:
     """Each choice's text of one /v1/completions through the openai client, reassembled when streamed."""
-    client = srv.openai_client(timeout=600)
+    client = srv.openai_client(api_key, timeout=600)
     if not stream:
         return [c.text for c in sorted(client.completions.create(**body).choices, key=lambda c: c.index)]
     texts = [""] * len(body["prompt"])
@@ -69,7 +69,7 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
     tokenizer = loader.load_tokenizer(checkpoint)
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     for stream in streams:
-        assert _completion_texts(srv, body, stream) == expected, f"stream={stream}"
+        assert completion_texts(srv, body, stream) == expected, f"stream={stream}"
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:
