@@ -687,16 +687,20 @@ def test_bf16_wide_pass_serves_the_reference_tokens(guarded: GunicornServer, gua
     info = requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]
     assert (info["dtype"], info["graph"], info["max_batch"]) == ("bfloat16", "cpugraph", 1)  # C kernels, 1 row
     prompts, new_tokens = [[9707, 1879, 11, 358, 1079], list(range(1000, 1013)), [151644, 872, 198]], 12
-    kernel, wide_k = cpu_linear.linear_cpu, avx2_wide_k()
+    kernel, wide_k, doubled = cpu_linear.linear_cpu, avx2_wide_k(), []
 
     def two_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # rows: [M, K], weight: [N, K]
-        wide = rows.shape[0] == 1 and rows.shape[1] >= wide_k
-        return kernel(rows.expand(2, -1), weight)[:1] if wide else kernel(rows, weight)
+        if rows.shape[0] == 1 and rows.shape[1] >= wide_k:
+            doubled.append(weight.shape)
+            return kernel(rows.expand(2, -1), weight)[:1]
+        return kernel(rows, weight)
 
     monkeypatch.setattr(cpu_linear, "linear_cpu", two_rows)
     engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
     expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
                                         skip_special_tokens=False) for p in prompts]
+    # the C kernel took every decode step's down projection (2 layers), by two rows
+    assert doubled == [(config["hidden_size"], wide_k)] * (2 * (new_tokens - 1) * len(prompts))
     body = dict(model="tiny", temperature=0, max_tokens=new_tokens,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
     for stream in (False, True):
