@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import socket
 import struct
@@ -17,11 +18,13 @@ from typing import Any
 import openai
 import pytest
 import requests
+import torch
 
 import fuzz_bodies
 from chat_http import (
     MAX_MODEL_LEN,
     MODEL,
+    completion_texts,
     cpu_env,
     dechunk,
     health_polled,
@@ -32,8 +35,10 @@ from chat_http import (
     sse_payloads,
     wait_for,
 )
-from checkpoints import QWEN3_GENERATION, make_checkpoint
+from checkpoints import QWEN3_GENERATION, REPO_ROOT, make_checkpoint
+from engine_util import generate, greedy, load_engine
 from ops.cpu import C_KERNELS, build, dequant
+from ops.cpu import linear as cpu_linear
 from server_process import GunicornServer, serving_together
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
@@ -64,19 +69,36 @@ def kernel_cache_missing_one(cache: Path) -> Path:
     return cache
 
 
+def avx2_wide_k() -> int:
+    """linear.c's AVX2_WIDE_K, read from its one home (csrc/gemv.h): from this K a bf16 linear of one activation
+    row takes 4 weight rows a pass (AVX2_WROWS_WIDE), below it and at more rows 2 (AVX2_WROWS)."""
+    header = (REPO_ROOT / "ops" / "cpu" / "csrc" / "gemv.h").read_text()
+    return int(re.search(r"^#define AVX2_WIDE_K (\d+)", header, re.M).group(1))
+
+
 @pytest.fixture(scope="module")
-def servers(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
-    """The plain server, and the guarded one: API key, CORS, a custom model name, room for one running plus
-    one waiting request, a 1 s request body deadline, the checkpoint's generation_config switched off, and a
-    kernel cache its worker completes. Launched together so that they load in parallel."""
+def guarded_checkpoint() -> Path:
+    """The tiny checkpoint stored in bf16 with an MLP AVX2_WIDE_K wide (hidden 64 keeps it small): the guarded
+    server's down projection, K = intermediate_size, takes linear.c's wide pass at every decode step."""
+    return make_checkpoint(intermediate_size=avx2_wide_k(), dtype=torch.bfloat16, generation=QWEN3_GENERATION)
+
+
+@pytest.fixture(scope="module")
+def servers(server_checkpoint: Path, guarded_checkpoint: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
+    """The plain server, and the guarded one: bf16 (guarded_checkpoint), API key, CORS, a custom model name,
+    room for one running plus one waiting request (one decode row a step), a 1 s request body deadline, the
+    checkpoint's generation_config switched off, and a kernel cache its worker completes. Launched together so
+    that they load in parallel."""
     kernel_cache = kernel_cache_missing_one(tmp_path_factory.mktemp("kernel-cache"))
     guarded_env = dict(NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
                        NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
                        NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(kernel_cache),
                        NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
     log = tmp_path_factory.mktemp("server")
-    with serving_together({name: GunicornServer(cpu_env(server_checkpoint, **env), log / f"{name}.log")
-                           for name, env in (("server", {}), ("guarded", guarded_env))}) as servers:
+    served = (("server", server_checkpoint, {}), ("guarded", guarded_checkpoint, guarded_env))
+    with serving_together({name: GunicornServer(cpu_env(checkpoint, **env), log / f"{name}.log")
+                           for name, checkpoint, env in served}) as servers:
         yield servers
 
 
@@ -644,6 +666,46 @@ def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> 
     assert "could not build" not in guarded.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     assert post_chat(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+@pytest.mark.skipif(build.unavailable() is not None or cpu_linear.NATIVE_BF16,
+                    reason="linear.c's AVX2 bf16 loops take every C linear's rows only on a CPU without native bf16 "
+                           "(an AVX-512-BF16 or AMX one multiplies by vdpbf16ps or tiles)")
+def test_bf16_wide_pass_serves_the_reference_tokens(guarded: GunicornServer, guarded_checkpoint: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 AVX2 linear's 4-weight-row pass, as deployed: the guarded server (gevent worker, CPU graph of the C
+    kernels, bf16, one decode row a step, so the down projection takes the wide pass at every decode step) answers
+    greedy completions, streamed and not, with the tokens of the engine run eagerly in-process, the same settings
+    but each wide linear given its row twice: 2 rows take the 2-weight-row pass, other code summing in the same
+    order (linear.c), hence the same bits. A reference with the wide pass's plausible faults (its last 16 columns
+    skipped, two rows' outputs swapped, a pass's rows all its first) differed in 21-33 of these 36 tokens
+    (profiles/RESULTS.md, gaps3); with the down projection summed in torch's order instead, in none: the tokens pin
+    the pass's rows, not its order. transformers in bf16 is no reference: greedy tokens part after a few (README).
+    Prompts under a KV block: a prompt sent again (the streamed round) finds no cached prefix."""
+    config = json.loads((guarded_checkpoint / "config.json").read_text())
+    assert config["intermediate_size"] >= avx2_wide_k() > config["hidden_size"]  # only the down projection is wide
+    info = requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]
+    assert (info["dtype"], info["graph"], info["max_batch"]) == ("bfloat16", "cpugraph", 1)  # C kernels, 1 row
+    prompts, new_tokens = [[9707, 1879, 11, 358, 1079], list(range(1000, 1013)), [151644, 872, 198]], 12
+    kernel, wide_k, doubled = cpu_linear.linear_cpu, avx2_wide_k(), []
+
+    def two_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # rows: [M, K], weight: [N, K]
+        if rows.shape[0] == 1 and rows.shape[1] >= wide_k:
+            doubled.append(weight.shape)
+            return kernel(rows.expand(2, -1), weight)[:1]
+        return kernel(rows, weight)
+
+    monkeypatch.setattr(cpu_linear, "linear_cpu", two_rows)
+    engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
+    expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
+                                        skip_special_tokens=False) for p in prompts]
+    # the C kernel took every decode step's down projection (2 layers), by two rows
+    assert doubled == [(config["hidden_size"], wide_k)] * (2 * (new_tokens - 1) * len(prompts))
+    body = dict(model="tiny", temperature=0, max_tokens=new_tokens,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    for stream in (False, True):
+        served = [completion_texts(guarded, {**body, "prompt": p}, stream, api_key="secret")[0] for p in prompts]
+        assert served == expected, f"stream={stream}"
 
 
 def test_api_key(guarded: GunicornServer) -> None:
