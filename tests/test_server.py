@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import shutil
 import socket
 import struct
@@ -35,7 +34,7 @@ from chat_http import (
     sse_payloads,
     wait_for,
 )
-from checkpoints import QWEN3_GENERATION, REPO_ROOT, make_checkpoint
+from checkpoints import QWEN3_GENERATION, make_checkpoint
 from engine_util import generate, greedy, load_engine
 from ops.cpu import C_KERNELS, build, dequant
 from ops.cpu import linear as cpu_linear
@@ -69,18 +68,14 @@ def kernel_cache_missing_one(cache: Path) -> Path:
     return cache
 
 
-def avx2_wide_k() -> int:
-    """linear.c's AVX2_WIDE_K, read from its one home (csrc/gemv.h): from this K a bf16 linear of one activation
-    row takes 4 weight rows a pass (AVX2_WROWS_WIDE), below it and at more rows 2 (AVX2_WROWS)."""
-    header = (REPO_ROOT / "ops" / "cpu" / "csrc" / "gemv.h").read_text()
-    return int(re.search(r"^#define AVX2_WIDE_K (\d+)", header, re.M).group(1))
+WIDE_MLP = 2048  # guarded_checkpoint's intermediate size
 
 
 @pytest.fixture(scope="module")
 def guarded_checkpoint() -> Path:
-    """The tiny checkpoint stored in bf16 with an MLP AVX2_WIDE_K wide (hidden 64 keeps it small): the guarded
-    server's down projection, K = intermediate_size, takes linear.c's wide pass at every decode step."""
-    return make_checkpoint(intermediate_size=avx2_wide_k(), dtype=torch.bfloat16, generation=QWEN3_GENERATION)
+    """The tiny checkpoint stored in bf16 with a wide MLP (hidden 64 keeps it small): the guarded server's down
+    projection reads rows of 2048 columns, as the 0.6B's o projection does."""
+    return make_checkpoint(intermediate_size=WIDE_MLP, dtype=torch.bfloat16, generation=QWEN3_GENERATION)
 
 
 @pytest.fixture(scope="module")
@@ -671,27 +666,27 @@ def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> 
 @pytest.mark.skipif(build.unavailable() is not None or cpu_linear.NATIVE_BF16,
                     reason="linear.c's AVX2 bf16 loops take every C linear's rows only on a CPU without native bf16 "
                            "(an AVX-512-BF16 or AMX one multiplies by vdpbf16ps or tiles)")
-def test_bf16_wide_pass_serves_the_reference_tokens(guarded: GunicornServer, guarded_checkpoint: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The bf16 AVX2 linear's 4-weight-row pass, as deployed: the guarded server (gevent worker, CPU graph of the C
-    kernels, bf16, one decode row a step, so the down projection takes the wide pass at every decode step) answers
-    greedy completions, streamed and not, with the tokens of the engine run eagerly in-process, the same settings
-    but each wide linear given its row twice: 2 rows take the 2-weight-row pass, other code summing in the same
-    order (linear.c), hence the same bits. A reference with the wide pass's plausible faults (its last 16 columns
-    skipped, two rows' outputs swapped, a pass's rows all its first) differed in 21-33 of these 36 tokens
-    (profiles/RESULTS.md, gaps3); with the down projection summed in torch's order instead, in none: the tokens pin
-    the pass's rows, not its order. transformers in bf16 is no reference: greedy tokens part after a few (README).
-    Prompts under a KV block: a prompt sent again (the streamed round) finds no cached prefix."""
+def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, guarded_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 AVX2 linear's 1-row pass (SPREAD_ROWS weight rows a pass, one from each part of a thread's chunk:
+    csrc/gemv.h), as deployed: the guarded server (gevent worker, CPU graph of the C kernels, bf16, one decode row a
+    step, so every linear of a decode step takes that pass) answers greedy completions, streamed and not, with the
+    tokens of the engine run eagerly in-process, the same settings but each 1-row linear given its row twice: 2 rows
+    take the 2-weight-row pass, other code summing in the same order (linear.c), hence the same bits. A reference with
+    the 1-row pass's plausible faults (its last 16 columns skipped, two rows' outputs swapped, a pass's rows all its
+    first) differed in 21-33 of these 36 tokens (profiles/RESULTS.md, gaps3); with the down projection summed in
+    torch's order instead, in none: the tokens pin the pass's rows, not its order. transformers in bf16 is no
+    reference: greedy tokens part after a few (README). Prompts under a KV block: a prompt sent again (the streamed
+    round) finds no cached prefix."""
     config = json.loads((guarded_checkpoint / "config.json").read_text())
-    assert config["intermediate_size"] >= avx2_wide_k() > config["hidden_size"]  # only the down projection is wide
     info = requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]
     assert (info["dtype"], info["graph"], info["max_batch"]) == ("bfloat16", "cpugraph", 1)  # C kernels, 1 row
     prompts, new_tokens = [[9707, 1879, 11, 358, 1079], list(range(1000, 1013)), [151644, 872, 198]], 12
-    kernel, wide_k, doubled = cpu_linear.linear_cpu, avx2_wide_k(), []
+    kernel, doubled = cpu_linear.linear_cpu, []
 
     def two_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # rows: [M, K], weight: [N, K]
-        if rows.shape[0] == 1 and rows.shape[1] >= wide_k:
-            doubled.append(weight.shape)
+        if rows.shape[0] == 1:
+            doubled.append(tuple(weight.shape))
             return kernel(rows.expand(2, -1), weight)[:1]
         return kernel(rows, weight)
 
@@ -699,8 +694,9 @@ def test_bf16_wide_pass_serves_the_reference_tokens(guarded: GunicornServer, gua
     engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
     expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
                                         skip_special_tokens=False) for p in prompts]
-    # the C kernel took every decode step's down projection (2 layers), by two rows
-    assert doubled == [(config["hidden_size"], wide_k)] * (2 * (new_tokens - 1) * len(prompts))
+    # the C kernel took every decode step's down projection (2 layers, K = WIDE_MLP), by two rows
+    down = (config["hidden_size"], WIDE_MLP)
+    assert doubled.count(down) == 2 * (new_tokens - 1) * len(prompts) and len(set(doubled)) > 1, doubled
     body = dict(model="tiny", temperature=0, max_tokens=new_tokens,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
     for stream in (False, True):
