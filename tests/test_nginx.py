@@ -89,6 +89,7 @@ def _kill(server: GunicornServer) -> None:
 
 
 def test_conversation_id_pins_a_replica(replicas, tmp_path):
+    assert all(s._proc.poll() is None for s in replicas), "runs before the test that kills a replica"
     with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
         before = [_served(s) for s in replicas]
         for i in range(4):

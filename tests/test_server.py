@@ -74,7 +74,8 @@ WIDE_MLP = 2048  # guarded_checkpoint's intermediate size
 @pytest.fixture(scope="module")
 def guarded_checkpoint() -> Path:
     """The tiny checkpoint stored in bf16 with a wide MLP (hidden 64 keeps it small): the guarded server's down
-    projection reads rows of 2048 columns, as the 0.6B's o projection does."""
+    projection reads rows of 2048 columns, the only K past 128 the server tests reach (2 KB of prefetch ahead and
+    whole 4 KB pages a row: the 0.6B's o projection's)."""
     return make_checkpoint(intermediate_size=WIDE_MLP, dtype=torch.bfloat16, generation=QWEN3_GENERATION)
 
 
@@ -674,8 +675,9 @@ def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, g
     tokens of the engine run eagerly in-process, the same settings but each 1-row linear given its row twice: 2 rows
     take the 2-weight-row pass, other code summing in the same order (linear.c), hence the same bits. A reference with
     the 1-row pass's plausible faults (its last 16 columns skipped, two rows' outputs swapped, a pass's rows all its
-    first) differed in 21-33 of these 36 tokens (profiles/RESULTS.md, gaps3); with the down projection summed in
-    torch's order instead, in none: the tokens pin the pass's rows, not its order. transformers in bf16 is no
+    first) differed in 21-33 of these 36 tokens when applied to the down projection alone (profiles/RESULTS.md, gaps3,
+    measured on its earlier wide pass); with it summed in torch's order instead, in none: the tokens pin the pass's
+    rows, not its order. transformers in bf16 is no
     reference: greedy tokens part after a few (README). Prompts under a KV block: a prompt sent again (the streamed
     round) finds no cached prefix."""
     config = json.loads((guarded_checkpoint / "config.json").read_text())
@@ -694,9 +696,10 @@ def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, g
     engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
     expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
                                         skip_special_tokens=False) for p in prompts]
-    # the C kernel took every decode step's down projection (2 layers, K = WIDE_MLP), by two rows
+    # the C kernel took every decode step's down projection (K = WIDE_MLP), by two rows, and the other linears
     down = (config["hidden_size"], WIDE_MLP)
-    assert doubled.count(down) == 2 * (new_tokens - 1) * len(prompts) and len(set(doubled)) > 1, doubled
+    steps = config["num_hidden_layers"] * (new_tokens - 1) * len(prompts)
+    assert doubled.count(down) == steps and len(set(doubled)) > 1, doubled
     body = dict(model="tiny", temperature=0, max_tokens=new_tokens,
                 extra_body={"ignore_eos": True, "skip_special_tokens": False})
     for stream in (False, True):

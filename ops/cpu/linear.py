@@ -17,8 +17,7 @@ rows plus the operands, more than AVX2's 16 registers). 4-8 weight rows a pass (
 27-40 µs) but streams slower with more weight rows read at once per thread (6144 x 1024, 1 row 890-1110 vs 683-917
 µs): not kept, decode streams. 4 adjacent weight rows a pass streamed a decode step's 1-row linears 6-18% faster
 at K 2048 and 3072 (o, down), 14-32% slower at K 1024 (bf16inflight); 4 rows a quarter of the chunk apart (streams
-32 KB apart, each in its own pages) took 0.83x the time of that at every K (two threads, one process,
-profiles/RESULTS.md, int8b1).
+32 KB apart, each in its own pages) stream faster than either (csrc/gemv.h's SPREAD_ROWS gives the figures).
 Parallel over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """

@@ -92,9 +92,9 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
 /* One activation row (bf16 weights here, int8 in linear_int8.c): a pass takes SPREAD_ROWS weight rows, one from each
    SPREAD_ROWS-th of the thread's chunk, so that a thread reads SPREAD_ROWS streams 32 KB apart (128 KB chunks), each
    in its own pages; the chunk's last rows % SPREAD_ROWS one at a time. One stream a thread, or 2-4 adjacent rows a
-   pass (streams 1-6 KB apart, sharing pages), read slower (a step's 1-row linears cold, 2 threads, in one process:
-   0.72-0.88x the time of 2-4 adjacent rows for bf16, 0.80-0.88x of one row a pass for int8; profiles/RESULTS.md,
-   int8b1). */
+   pass (streams 1-6 KB apart, sharing pages), read slower: a step's 1-row linears cold, 2 threads, in one process, at
+   load 4-5, took 0.79-0.83x the time of main's 2-4 adjacent rows for bf16, and 0.77-0.83x of one row a pass for int8
+   in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
 #define SPREAD_ROWS 4
 
 /* The rows apart of a spread pass over a chunk's rows start .. end - 1: whole passes cover SPREAD_ROWS * it rows. */

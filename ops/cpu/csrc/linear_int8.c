@@ -335,7 +335,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     if (!has_avx512() && (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K))) {
         int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
         act16_quant_rows(x, bf16, M, K, P16, K, q, qscale);
-        /* whole spread passes in every chunk but the last */
+        /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
         struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, spread, 0};
         pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
