@@ -168,13 +168,16 @@ def _filter_sorted(sorted_logits: torch.Tensor, rows: SamplingRows) -> torch.Ten
 
 def filter_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Top-k, then top-p (nucleus), then min-p, each per row; removed tokens get -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, V]; ties: the lowest id first
     return torch.full_like(logits, float("-inf")).scatter(1, order, _filter_sorted(sorted_logits, rows))
 
 
 def _sample_candidates(logits: torch.Tensor, rows: SamplingRows, temperature: torch.Tensor) -> torch.Tensor:
     """Rows whose top-k is within TOP_K_CANDIDATES: filter and race their top candidates only. -> [B]"""
     values, ids = logits.topk(min(TOP_K_CANDIDATES, logits.shape[-1]), dim=-1)  # [B, K], descending
+    ids, by_id = ids.sort(dim=-1)  # ties ranked the lowest id first, as filter_logits and the C kernel rank them:
+    values, by_value = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)  # a cut keeps the same ids
+    ids = ids.gather(1, by_value)
     scaled = _filter_sorted(values / temperature, rows)
     winner = _race(scaled, exponential_noise(rows.keys, rows.steps, ids))  # [B]
     return ids.gather(1, winner.unsqueeze(1)).squeeze(1)

@@ -19,6 +19,7 @@ from server_process import GunicornServer
 
 MODEL = "qwen3-0.6b"  # the served model name when NANOQWEN_SERVED_MODEL_NAME is unset
 MAX_MODEL_LEN = 512
+CHAT_SERVER_MAX_MODEL_LEN = 1024  # conftest.py's shared chat_server
 # vLLM's request fields this server does not implement, at vLLM's defaults (the values that change nothing), as
 # clients built for vLLM send them; any other value is a 400 naming the field.
 VLLM_COMMON_DEFAULTS: dict[str, Any] = {
@@ -40,17 +41,18 @@ def cpu_env(checkpoint: Path, **env: str) -> dict[str, str]:
 
 
 def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], env: dict[str, str],
-                         log_path: Path, log_marker: str, prompts: list[list[int]], new_tokens: int) -> None:
-    """A real server started with `env` (its `ready:` line showing `log_marker`) answers a batch of
-    greedy /v1/completions through the openai client with transformers' tokens, fp32."""
+                         log_path: Path, log_marker: str, batches: list[list[list[int]]], new_tokens: int) -> None:
+    """A real server started with `env` (its `ready:` line showing `log_marker`) answers each batch of prompts,
+    one after the other, as greedy /v1/completions through the openai client with transformers' tokens, fp32."""
     with GunicornServer(env, log_path) as srv:
         assert log_marker in srv.log()
-        assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
+        for prompts in batches:
+            assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
 
 
-def _completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool) -> list[str]:
+def completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool, api_key: str = "unused") -> list[str]:
     """Each choice's text of one /v1/completions through the openai client, reassembled when streamed."""
-    client = srv.openai_client(timeout=600)
+    client = srv.openai_client(api_key, timeout=600)
     if not stream:
         return [c.text for c in sorted(client.completions.create(**body).choices, key=lambda c: c.index)]
     texts = [""] * len(body["prompt"])
@@ -69,7 +71,7 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
     tokenizer = loader.load_tokenizer(checkpoint)
     expected = [tokenizer.decode(hf_greedy(hf, p, new_tokens), skip_special_tokens=False) for p in prompts]
     for stream in streams:
-        assert _completion_texts(srv, body, stream) == expected, f"stream={stream}"
+        assert completion_texts(srv, body, stream) == expected, f"stream={stream}"
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:

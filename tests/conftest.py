@@ -51,9 +51,9 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornSe
     """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
     no state behind that another's could see (counters read only as deltas around a test's own requests, each
     test ending with the engine idle; no first-request effects)."""
-    from chat_http import cpu_env  # here, so that runs without a server do not import openai and the rest
+    from chat_http import CHAT_SERVER_MAX_MODEL_LEN, cpu_env  # here: runs without a server import no openai
     from server_process import GunicornServer
 
-    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(CHAT_SERVER_MAX_MODEL_LEN))
     with GunicornServer(env, tmp_path_factory.mktemp("chat") / "gunicorn.log") as srv:
         yield srv

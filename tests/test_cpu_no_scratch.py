@@ -112,13 +112,13 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
 
 
 @pytest.mark.parametrize("variant", ["loops", "loops, no scratch"])
-@pytest.mark.parametrize("n,k", [(999, 160), (1001, 1024), (1003, 2048)])
+@pytest.mark.parametrize("n,k", [(3, 160), (999, 160), (1001, 1024), (1003, 2048)])
 def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
     """On AVX2 this kernel's outputs for a bf16 row are the same bits alone as in a batch of any size: every group
-    size (1-4 rows) sums in one order. K 160: chunks of 409 weight rows, rounded to
-    whole 2-row passes, 3 chunks, the last ending in a single weight row; K 1024: 1 row through another order
-    differed in 2 of 8000 outputs; K 2048: 1 row takes 4 weight rows a pass, the last chunk's 11 rows ending in 3
-    single ones."""
+    size (1-4 rows) sums in one order. 1 row takes 4 weight rows a pass spread over the chunk (csrc/gemv.h), 2+ rows 2
+    adjacent ones. K 160: chunks of 409 weight rows, rounded to 410 (2 rows) or 412 (1 row), the last of 179 or 175
+    ending in single weight rows; K 1024: 1 row through another order differed in 2 of 8000 outputs; K 2048: the
+    last chunk's 11 rows 2 spread passes and 3 single rows; N 3: a chunk of fewer rows than a pass, every row single."""
     torch.manual_seed(k)
     x, w = torch.randn(8, k).bfloat16(), torch.randn(n, k).bfloat16()
     kernel = lib("linear.c", variant)
@@ -127,6 +127,22 @@ def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
     for m in range(1, 8):
         assert torch.equal(dense(kernel, x[:m], w), batch[:m]), m
         assert torch.equal(dense(kernel, x[m:m + 1], w), batch[m:m + 1]), m
+
+
+@pytest.mark.parametrize("n,k", [(301, 1024), (37, 8192)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx2_int8_rows_are_batch_invariant(dtype, n, k):
+    """On AVX2 a row's int8 outputs are the same bits alone (4 weight rows a pass spread over each chunk, csrc/gemv.h's
+    SPREAD_ROWS) as in a batch (one weight row a pass): exact int32 sums, the same scaling. K 1024: 128-row chunks, the
+    last chunk's 45 rows 11 passes and a single row; K 8192: chunks of 16, 16 and 5 rows, each pass's 4 rows' sums
+    carried across 4096-column spans."""
+    torch.manual_seed(7)
+    x = torch.randn(4, k).to(dtype)
+    w, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) / 100).to(dtype)
+    kernel = lib("linear_int8.c", "loops")
+    batch = int8(kernel, x, w, scale)
+    for m in range(4):
+        assert torch.equal(int8(kernel, x[m:m + 1], w, scale), batch[m:m + 1]), m
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

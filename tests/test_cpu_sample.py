@@ -197,9 +197,12 @@ def test_greedy_is_torch_argmax(use, vocab):
 
 def test_top_p_0_keeps_the_most_likely_token_alone(use):
     """OpenAI's top_p 0 (the API takes it): only the maximum survives, in the kernel and the torch sampler, with
-    and without a top-k or min-p beside it, in every mode that serves the rows."""
+    and without a top-k or min-p beside it, in every mode that serves the rows; a tie at the top (common in bf16
+    logits) goes to the lowest id, as greedy's."""
     torch.manual_seed(5)
     logits = torch.randn(3, 151936) * 3
+    for row, ids in enumerate(([90000, 100, 150000], [7100, 151935], [20, 21, 22, 140000])):
+        logits[row, ids] = logits[row].max() + 1
     for backend in ("kernel", "torch"):
         use(backend)
         for step in range(10):

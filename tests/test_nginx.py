@@ -26,11 +26,13 @@ MODEL = "qwen3-0.6b"
 STREAMS = 6
 STREAM_TOKENS = 1500  # long enough that no stream of the doomed replica ends before the kill
 TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
-@pytest.fixture
-def replicas(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[list[GunicornServer]]:
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[GunicornServer]]:
+    """Started once for the module: its tests count requests as deltas, and the one that kills a replica runs last."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
            "NANOQWEN_MAX_MODEL_LEN": "2048", "NANOQWEN_THREADS": "1"}
-    servers = [GunicornServer(env, tmp_path / f"replica{i}.log").launch() for i in range(2)]
+    logs = tmp_path_factory.mktemp("replicas")
+    servers = [GunicornServer(env, logs / f"replica{i}.log").launch() for i in range(2)]
     try:
         for server in servers:
             server.wait_healthy()
@@ -86,6 +88,21 @@ def _kill(server: GunicornServer) -> None:
     server.wait(10)
 
 
+def test_conversation_id_pins_a_replica(replicas, tmp_path):
+    assert all(s._proc.poll() is None for s in replicas), "runs before the test that kills a replica"
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        before = [_served(s) for s in replicas]
+        for i in range(4):
+            response = requests.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT,
+                                     headers={"X-Conversation-Id": "conversation-42"},
+                                     json={"model": MODEL, "messages": [{"role": "user", "content": f"turn {i}"}],
+                                           "max_tokens": 2})
+            assert response.status_code == 200, response.text
+        gained = sorted(_served(s) - b for s, b in zip(replicas, before))
+        assert gained == [0, 4]
+
+
+# Last in the module: it ends both replicas.
 def test_replica_killed_mid_stream_fails_cleanly_and_the_survivor_takes_over(replicas, tmp_path):
     alive, doomed = replicas
     with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
@@ -117,16 +134,3 @@ def test_replica_killed_mid_stream_fails_cleanly_and_the_survivor_takes_over(rep
         response = requests.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT,
                                  json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
         assert response.status_code == 503 and response.json()["error"]["code"] == "no_replica"
-
-
-def test_conversation_id_pins_a_replica(replicas, tmp_path):
-    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
-        before = [_served(s) for s in replicas]
-        for i in range(4):
-            response = requests.post(f"{lb.url}/v1/chat/completions", timeout=TIMEOUT,
-                                     headers={"X-Conversation-Id": "conversation-42"},
-                                     json={"model": MODEL, "messages": [{"role": "user", "content": f"turn {i}"}],
-                                           "max_tokens": 2})
-            assert response.status_code == 200, response.text
-        gained = sorted(_served(s) - b for s, b in zip(replicas, before))
-        assert gained == [0, 4]

@@ -17,11 +17,13 @@ from typing import Any
 import openai
 import pytest
 import requests
+import torch
 
 import fuzz_bodies
 from chat_http import (
     MAX_MODEL_LEN,
     MODEL,
+    completion_texts,
     cpu_env,
     dechunk,
     health_polled,
@@ -33,7 +35,9 @@ from chat_http import (
     wait_for,
 )
 from checkpoints import QWEN3_GENERATION, make_checkpoint
+from engine_util import generate, greedy, load_engine
 from ops.cpu import C_KERNELS, build, dequant
+from ops.cpu import linear as cpu_linear
 from server_process import GunicornServer, serving_together
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
@@ -64,19 +68,33 @@ def kernel_cache_missing_one(cache: Path) -> Path:
     return cache
 
 
+WIDE_MLP = 2048  # guarded_checkpoint's intermediate size
+
+
 @pytest.fixture(scope="module")
-def servers(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
-    """The plain server, and the guarded one: API key, CORS, a custom model name, room for one running plus
-    one waiting request, a 1 s request body deadline, the checkpoint's generation_config switched off, and a
-    kernel cache its worker completes. Launched together so that they load in parallel."""
+def guarded_checkpoint() -> Path:
+    """The tiny checkpoint stored in bf16 with a wide MLP (hidden 64 keeps it small): the guarded server's down
+    projection reads rows of 2048 columns, the only K past 128 the server tests reach (2 KB of prefetch ahead and
+    whole 4 KB pages a row: the 0.6B's o projection's)."""
+    return make_checkpoint(intermediate_size=WIDE_MLP, dtype=torch.bfloat16, generation=QWEN3_GENERATION)
+
+
+@pytest.fixture(scope="module")
+def servers(server_checkpoint: Path, guarded_checkpoint: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
+    """The plain server, and the guarded one: bf16 (guarded_checkpoint), API key, CORS, a custom model name,
+    room for one running plus one waiting request (one decode row a step), a 1 s request body deadline, the
+    checkpoint's generation_config switched off, and a kernel cache its worker completes. Launched together so
+    that they load in parallel."""
     kernel_cache = kernel_cache_missing_one(tmp_path_factory.mktemp("kernel-cache"))
     guarded_env = dict(NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
                        NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
                        NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(kernel_cache),
                        NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
     log = tmp_path_factory.mktemp("server")
-    with serving_together({name: GunicornServer(cpu_env(server_checkpoint, **env), log / f"{name}.log")
-                           for name, env in (("server", {}), ("guarded", guarded_env))}) as servers:
+    served = (("server", server_checkpoint, {}), ("guarded", guarded_checkpoint, guarded_env))
+    with serving_together({name: GunicornServer(cpu_env(checkpoint, **env), log / f"{name}.log")
+                           for name, checkpoint, env in served}) as servers:
         yield servers
 
 
@@ -644,6 +662,49 @@ def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> 
     assert "could not build" not in guarded.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     assert post_chat(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
+
+
+@pytest.mark.skipif(build.unavailable() is not None or cpu_linear.NATIVE_BF16,
+                    reason="linear.c's AVX2 bf16 loops take every C linear's rows only on a CPU without native bf16 "
+                           "(an AVX-512-BF16 or AMX one multiplies by vdpbf16ps or tiles)")
+def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, guarded_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 AVX2 linear's 1-row pass (SPREAD_ROWS weight rows a pass, one from each part of a thread's chunk:
+    csrc/gemv.h), as deployed: the guarded server (gevent worker, CPU graph of the C kernels, bf16, one decode row a
+    step, so every linear of a decode step takes that pass) answers greedy completions, streamed and not, with the
+    tokens of the engine run eagerly in-process, the same settings but each 1-row linear given its row twice: 2 rows
+    take the 2-weight-row pass, other code summing in the same order (linear.c), hence the same bits. A reference with
+    the 1-row pass's plausible faults (its last 16 columns skipped, two rows' outputs swapped, a pass's rows all its
+    first) differed in 21-33 of these 36 tokens when applied to the down projection alone (profiles/RESULTS.md, gaps3,
+    measured on its earlier wide pass); with it summed in torch's order instead, in none: the tokens pin the pass's
+    rows, not its order. transformers in bf16 is no
+    reference: greedy tokens part after a few (README). Prompts under a KV block: a prompt sent again (the streamed
+    round) finds no cached prefix."""
+    config = json.loads((guarded_checkpoint / "config.json").read_text())
+    info = requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]
+    assert (info["dtype"], info["graph"], info["max_batch"]) == ("bfloat16", "cpugraph", 1)  # C kernels, 1 row
+    prompts, new_tokens = [[9707, 1879, 11, 358, 1079], list(range(1000, 1013)), [151644, 872, 198]], 12
+    kernel, doubled = cpu_linear.linear_cpu, []
+
+    def two_rows(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # rows: [M, K], weight: [N, K]
+        if rows.shape[0] == 1:
+            doubled.append(tuple(weight.shape))
+            return kernel(rows.expand(2, -1), weight)[:1]
+        return kernel(rows, weight)
+
+    monkeypatch.setattr(cpu_linear, "linear_cpu", two_rows)
+    engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
+    expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
+                                        skip_special_tokens=False) for p in prompts]
+    # the C kernel took every decode step's down projection (K = WIDE_MLP), by two rows, and the other linears
+    down = (config["hidden_size"], WIDE_MLP)
+    steps = config["num_hidden_layers"] * (new_tokens - 1) * len(prompts)
+    assert doubled.count(down) == steps and len(set(doubled)) > 1, doubled
+    body = dict(model="tiny", temperature=0, max_tokens=new_tokens,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    for stream in (False, True):
+        served = [completion_texts(guarded, {**body, "prompt": p}, stream, api_key="secret")[0] for p in prompts]
+        assert served == expected, f"stream={stream}"
 
 
 def test_api_key(guarded: GunicornServer) -> None:

@@ -1,7 +1,6 @@
 """`POST /v1/completions` through `gunicorn -k gevent server:app`, the `openai` client and raw requests."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -9,21 +8,17 @@ import pytest
 import requests
 import torch
 
-from chat_http import MODEL, cpu_env
+from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL
 from checkpoints import load_hf_model, make_checkpoint
 from server_process import GunicornServer
 
-MAX_MODEL_LEN = 256
 PROMPT = "Once upon a time, a small robot"
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
-    srv = GunicornServer(env, tmp_path_factory.mktemp("completions") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +201,7 @@ def test_echo_with_logprobs_streams_as_a_whole(server: GunicornServer, client: o
     ({"prompt": PROMPT, "messages": []}, "messages", None),
     ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options", None),
     ({"prompt": [PROMPT] * 65, "n": 2}, "prompt", None),
-    ({"prompt": "word " * 300}, "prompt", "context_length_exceeded"),
+    ({"prompt": "word " * (CHAT_SERVER_MAX_MODEL_LEN + 1)}, "prompt", "context_length_exceeded"),
     ({}, "prompt", None),
 ])
 def test_bad_requests(server: GunicornServer, body: dict[str, Any], param: str, code: str | None) -> None:

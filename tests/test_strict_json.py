@@ -84,10 +84,14 @@ def _sent(body: dict[str, Any]) -> ParsedBody:
 
 
 @pytest.mark.parametrize("body", [_conversation(ARGUMENTS_40K, ARGUMENTS_40K),
-                                  _conversation(ARGUMENTS_40K, users=7_000)], ids=["two-calls", "body-and-call"])
+                                  _conversation(ARGUMENTS_40K[:-1], ARGUMENTS_40K[:-1]),
+                                  _conversation(ARGUMENTS_40K[:-2] + "1e309]}", ARGUMENTS_40K),
+                                  _conversation(ARGUMENTS_40K, users=7_000)],
+                         ids=["two-calls", "two-cut-short", "no-json-object", "body-and-call"])
 def test_a_request_has_one_budget_of_values(body: dict[str, Any]) -> None:
     """The limit was per string: 64 calls' arguments of 65k values each fit in 8 MiB (4M values, seconds of loop);
-    and past it the answer was a 400 without a code where the body's is a 413 request_too_large."""
+    and past it the answer was a 400 without a code where the body's is a 413 request_too_large. Arguments taken as
+    written (cut short, or no JSON object) count too: they escaped the budget, each parsed in full for nothing."""
     assert parse_chat_request(*_sent(_conversation(ARGUMENTS_40K))).messages  # each alone fits
     with pytest.raises(APIError) as info:
         parse_chat_request(*_sent(body))

@@ -4,7 +4,6 @@ OpenAI's full usage objects."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +12,7 @@ import pytest
 import requests
 import torch
 
-from chat_http import MODEL, cpu_env
-from checkpoints import make_checkpoint
+from chat_http import MODEL
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import StopMatcher
 from server_process import GunicornServer
@@ -30,10 +28,8 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = GunicornServer(cpu_env(make_checkpoint()), tmp_path_factory.mktemp("vllm") / "gunicorn.log").start()
-    yield srv
-    srv.stop()
+def server(chat_server: GunicornServer) -> GunicornServer:
+    return chat_server
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,26 @@ def _reject_constant(name: str) -> Any:
 def too_many_values(text: str | bytes, limit: int = MAX_SEPARATORS) -> bool:
     """Whether `text` has more than `limit` separators outside its strings (escaped
     quotes and backslashes removed first, so that every `"` left opens or closes a string)."""
-    comma, colon, quote, backslash = (",", ":", '"', "\\") if isinstance(text, str) else (b",", b":", b'"', b"\\")
+    comma, colon, quote = (",", ":", '"') if isinstance(text, str) else (b",", b":", b'"')
     if text.count(comma) + text.count(colon) <= limit:
         return False
-    text = text.replace(backslash * 2, text[:0]).replace(backslash + quote, text[:0])
+    text = _unescaped(text)
     if text.count(quote) > 2 * (limit + 1):  # a value per pair of quotes: more values than the limit
         return True
-    outside = text[:0].join(text.split(quote)[::2])
-    return outside.count(comma) + outside.count(colon) > limit
+    return _outside_strings(text) > limit
+
+
+def _unescaped(text: str | bytes) -> str | bytes:
+    """`text` without escaped quotes and backslashes, so that every `"` left opens or closes a string."""
+    quote, backslash = ('"', "\\") if isinstance(text, str) else (b'"', b"\\")
+    return text.replace(backslash * 2, text[:0]).replace(backslash + quote, text[:0])
+
+
+def _outside_strings(unescaped: str | bytes) -> int:
+    """The `,` and `:` outside the strings of an _unescaped text (past an unclosed quote: none)."""
+    comma, colon, quote = (",", ":", '"') if isinstance(unescaped, str) else (b",", b":", b'"')
+    outside = unescaped[:0].join(unescaped.split(quote)[::2])
+    return outside.count(comma) + outside.count(colon)
 
 
 def checked_values(value: Any, what: str) -> int:
@@ -106,6 +118,15 @@ def checked_values(value: Any, what: str) -> int:
     return count
 
 
+def _decoded(text: str, what: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise JSONError(f"{what} is nested too deeply.") from None
+    except ValueError:
+        raise JSONError(f"{what} is not valid JSON.") from None
+
+
 def loads(text: str, what: str = "the JSON", raw: bytes | None = None, budget: Budget | None = None) -> Any:
     """Decoded JSON within a request's limits on values (MAX_SEPARATORS, or what `budget` has left, charged) and depth;
     JSONError, its message naming `what` ("the JSON body"), for anything that is not strict JSON in valid Unicode.
@@ -114,12 +135,12 @@ def loads(text: str, what: str = "the JSON", raw: bytes | None = None, budget: B
     if too_many_values(text if raw is None else raw, MAX_SEPARATORS if budget is None else budget.left):
         raise JSONError(TOO_MANY_VALUES, status=413)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise JSONError(f"{what} is nested too deeply.") from None
-    except ValueError:
-        raise JSONError(f"{what} is not valid JSON.") from None
-    count = checked_values(value, what)
+        value = _decoded(text, what)
+        count = checked_values(value, what)
+    except JSONError:
+        if budget is not None:  # a caller may take what is not JSON as written (a tool call's arguments): counted
+            budget.charge(_outside_strings(_unescaped(text if raw is None else raw)))
+        raise
     if budget is not None:
         budget.charge(count)
     return value

@@ -6,17 +6,18 @@ than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams eac
 multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
 (exact products, fp32 sums), and from 2 rows with AMX, 16 weight rows at a time by `tdpbf16ps`
 (csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs, 2 weight rows and up to 4
-activation rows a pass (each activation vector loaded meets every weight row; 4 weight rows at one activation row
-and K >= 2048), each sum in one order whatever the row count, so a bf16 row's outputs are the same bits alone as
+activation rows a pass (each activation vector loaded meets every weight row; at one activation row 4 weight rows a
+pass, one from each quarter of the thread's chunk: csrc/gemv.h's SPREAD_ROWS), each sum in one order whatever the
+row count, so a bf16 row's outputs are the same bits alone as
 batched (on AVX2 and AVX-512 without AMX; with AMX one row takes vdpbf16ps and more take tiles, two orders). The
 1-row loop of another order (4 accumulators, one weight row) it replaced against it, one thread
 (profiles/RESULTS.md, int8fix): 6144 x 1024 streamed 774-786 vs 736-791 µs, 1024 x 3072 streamed 381-425 vs 402-438,
 hot 512 x 1024 28-42 vs 42-43 (2 FMA chains wait on latency; even/odd chains would need 16 accumulators at 2 x 4
 rows plus the operands, more than AVX2's 16 registers). 4-8 weight rows a pass (8 chains) would be faster hot (1 row
 27-40 µs) but streams slower with more weight rows read at once per thread (6144 x 1024, 1 row 890-1110 vs 683-917
-µs): not kept, decode streams. At K 2048 and 3072 (o, down) the other way: 4 weight rows a pass streamed a decode
-step's 1-row linears 6-18% faster, at K 1024 14-32% slower (two threads, one process, profiles/RESULTS.md,
-bf16inflight).
+µs): not kept, decode streams. 4 adjacent weight rows a pass streamed a decode step's 1-row linears 6-18% faster
+at K 2048 and 3072 (o, down), 14-32% slower at K 1024 (bf16inflight); 4 rows a quarter of the chunk apart (streams
+32 KB apart, each in its own pages) stream faster than either (csrc/gemv.h's SPREAD_ROWS gives the figures).
 Parallel over chunks of output rows on csrc/pool.h's work-claiming threads.
 Source: csrc/linear.c, built by build.py; where it cannot be, `linear` falls back to torch's GEMM.
 """

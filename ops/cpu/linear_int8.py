@@ -18,7 +18,8 @@ pieces: up to 6.1e-7). On AVX2 without AVX-512 (Zen 3) the pieces are int16 (csr
 what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), each 16 weights are widened
 to int16 once and `vpmaddwd` (16 products) meets up to 4 piece rows a pass (a group of them stays in L1 while it runs
 over a chunk's weight rows): one thread, 512 x 1024 hot in L2, 8 rows 80-112 µs against 153 for the fp32 widening
-loop of 2 rows a pass it replaced (profiles/RESULTS.md).
+loop of 2 rows a pass it replaced (profiles/RESULTS.md). At one row, 4 weight rows a pass, one from each quarter of
+the thread's chunk (csrc/gemv.h's SPREAD_ROWS, which gives the figures): faster cold than one row a pass.
 Without the pieces' scratch, and on AVX-512 without VNNI, each weight is widened to fp32 and FMA'd into up
 to 8 rows per pass (AVX-512) or 2 (AVX2): exact products. Parallel over chunks of output rows on the thread pool, as
 linear.py's kernel. More rows (prefill) are compute-bound: dequant.py's blocked GEMM serves them.

@@ -87,27 +87,34 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
 }
 
 #define AVX2_WROWS 2  /* weight rows one pass of dot_rows_bf16_avx2 serves */
-/* ... and with one activation row where K >= AVX2_WIDE_K (4 accumulators, 8 weight and 2 activation registers): a
-   step's 1-row linears at K 2048 (o) and 3072 (down) streamed 6-18% faster, those at K 1024 (qkv, gate_up, LM head)
-   14-32% slower (profiles/RESULTS.md, bf16inflight). */
-#define AVX2_WROWS_WIDE 4
-#define AVX2_WIDE_K 2048
 #define AVX2_XROWS 4  /* activation rows it serves: 8 accumulators, 4 weight and 2 activation registers of 16 */
 
-/* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * K (i < W) with activation row m < rows
-   of x (X_F32: fp32 rows split as linear.c's `split_even_odd` leaves them; X_BF16_SPLIT: bf16 rows, split in registers), W, rows and xkind
-   constants. Each activation vector loaded meets W weight rows: with one weight row a pass, a load per FMA bound
-   the loop as the FMAs do. Each sum is one chain, two FMAs (evens, odds) per 16 columns in column order, whatever
-   W and rows: a row's outputs are the same bits alone as in a batch of any size. */
-INLINE void dot_rows_bf16_avx2(const uint16_t *r, const void *x, int xkind, int W, int rows, int K, float *out) {
-    __m256 a[AVX2_WROWS_WIDE][AVX2_XROWS];
+/* One activation row (bf16 weights here, int8 in linear_int8.c): a pass takes SPREAD_ROWS weight rows, one from each
+   SPREAD_ROWS-th of the thread's chunk, so that a thread reads SPREAD_ROWS streams 32 KB apart (128 KB chunks), each
+   in its own pages; the chunk's last rows % SPREAD_ROWS one at a time. One stream a thread, or 2-4 adjacent rows a
+   pass (streams 1-6 KB apart, sharing pages), read slower: a step's 1-row linears cold, 2 threads, in one process, at
+   load 4-5, took 0.79-0.83x the time of main's 2-4 adjacent rows for bf16, and 0.77-0.83x of one row a pass for int8
+   in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
+#define SPREAD_ROWS 4
+
+/* The rows apart of a spread pass over a chunk's rows start .. end - 1: whole passes cover SPREAD_ROWS * it rows. */
+static inline long spread_stride(long start, long end) { return (end - start) / SPREAD_ROWS; }
+
+/* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * stride (i < W) with activation row m < rows
+   of x (X_F32: fp32 rows split as linear.c's `split_even_odd` leaves them; X_BF16_SPLIT: bf16 rows, split in
+   registers), W, rows and xkind constants. Each activation vector loaded meets W weight rows: with one weight row a
+   pass, a load per FMA bound the loop as the FMAs do. Each sum is one chain, two FMAs (evens, odds) per 16 columns in
+   column order, whatever W and rows: a row's outputs are the same bits alone as in a batch of any size. */
+INLINE void dot_rows_bf16_avx2(const uint16_t *r, long stride, const void *x, int xkind, int W, int rows, int K,
+                               float *out) {
+    __m256 a[SPREAD_ROWS][AVX2_XROWS];
     for (int i = 0; i < W; i++)
         for (int m = 0; m < rows; m++) a[i][m] = _mm256_setzero_ps();
     for (int k = 0; k < K; k += 16) {
-        __m256 even[AVX2_WROWS_WIDE], odds[AVX2_WROWS_WIDE];
+        __m256 even[SPREAD_ROWS], odds[SPREAD_ROWS];
         for (int i = 0; i < W; i++) {
-            __builtin_prefetch(r + (long)i * K + k + PREFETCH_BYTES / 2);
-            split16(r + (long)i * K, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);
+            __builtin_prefetch(r + i * stride + k + PREFETCH_BYTES / 2);
+            split16(r + i * stride, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);
         }
         for (int m = 0; m < rows; m++) {
             __m256 xe, xo;

@@ -20,7 +20,6 @@ struct linear_args {
     int M, N, K, bf16;
     long rows;  /* per chunk */
     int unsplit;  /* AVX2, bf16: x as it came, split in registers at each use (no scratch for the split) */
-    int wrows;  /* AVX2, bf16, one activation row: weight rows a pass (AVX2_WROWS or AVX2_WROWS_WIDE) */
 };
 
 /* AVX2, fp32 weights: two activation rows per pass over a weight row. */
@@ -40,22 +39,29 @@ static void linear_avx2(const void *ctx, long chunk) {
     }
 }
 
-/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, xkind and W constants), W weight rows
-   a pass, one at a time for the last < W. */
-INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind, int W) {
-    const int N = a->N, K = a->K;
+/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows and xkind constants): AVX2_WROWS adjacent
+   weight rows a pass, or with one activation row SPREAD_ROWS rows a pass spread over the chunk (gemv.h); the last rows
+   one at a time. */
+INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind) {
+    const int N = a->N, K = a->K, W = rows == 1 ? SPREAD_ROWS : AVX2_WROWS;
+    const uint16_t *w = a->w;
     const char *x = (const char *)a->x + (long)m0 * K * (xkind == X_F32 ? 4 : 2);
-    float o[AVX2_WROWS_WIDE * AVX2_XROWS];
-    for (int w; n < end; n += w) {
-        w = end - n < W ? 1 : W;
-        if (w == W) dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, W, rows, K, o);
-        else dot_rows_bf16_avx2((const uint16_t *)a->w + n * K, x, xkind, 1, rows, K, o);
-        for (int i = 0; i < w; i++)
-            for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n + i, o[i * AVX2_XROWS + m], 1);
+    const long stride = rows == 1 ? spread_stride(n, end) : 1, passes = rows == 1 ? stride : (end - n) / W;
+    float o[SPREAD_ROWS * AVX2_XROWS];
+    for (long p = 0; p < passes; p++) {
+        const long first = rows == 1 ? n + p : n + W * p;  /* the pass's rows: first + i * stride, i < W */
+        dot_rows_bf16_avx2(w + first * K, stride * K, x, xkind, W, rows, K, o);
+        for (int i = 0; i < W; i++)
+            for (int m = 0; m < rows; m++)
+                store1(a->y, (long)(m0 + m) * N + first + i * stride, o[i * AVX2_XROWS + m], 1);
+    }
+    for (n += W * passes; n < end; n++) {
+        dot_rows_bf16_avx2(w + n * K, 0, x, xkind, 1, rows, K, o);
+        for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n, o[m], 1);
     }
 }
 
-_Static_assert(AVX2_WROWS == 2 && AVX2_WROWS_WIDE == 4 && AVX2_XROWS == 4, "linear_bf16_avx2's cases");
+_Static_assert(AVX2_WROWS <= SPREAD_ROWS, "o and dot_rows_bf16_avx2's sums hold SPREAD_ROWS weight rows");
 
 /* AVX2, bf16 weights: AVX2_XROWS activation rows at a time over the chunk's weight rows, which the next group finds
    in L2 (8 rows, one thread, hot 512 x 1024: 165-220 -> 103-129 µs against two rows a pass). */
@@ -65,20 +71,14 @@ static void linear_bf16_avx2(const void *ctx, long chunk) {
     for (int m0 = 0; m0 < a->M; m0 += AVX2_XROWS) {
         const int rows = a->M - m0 < AVX2_XROWS ? a->M - m0 : AVX2_XROWS;
         switch (a->unsplit ? -rows : rows) {  /* constants: the accumulators stay in registers */
-            case 1:
-                if (a->wrows == AVX2_WROWS_WIDE) bf16_rows_avx2(a, start, end, m0, 1, X_F32, AVX2_WROWS_WIDE);
-                else bf16_rows_avx2(a, start, end, m0, 1, X_F32, AVX2_WROWS);
-                break;
-            case 2: bf16_rows_avx2(a, start, end, m0, 2, X_F32, AVX2_WROWS); break;
-            case 3: bf16_rows_avx2(a, start, end, m0, 3, X_F32, AVX2_WROWS); break;
-            case 4: bf16_rows_avx2(a, start, end, m0, 4, X_F32, AVX2_WROWS); break;
-            case -1:
-                if (a->wrows == AVX2_WROWS_WIDE) bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT, AVX2_WROWS_WIDE);
-                else bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT, AVX2_WROWS);
-                break;
-            case -2: bf16_rows_avx2(a, start, end, m0, 2, X_BF16_SPLIT, AVX2_WROWS); break;
-            case -3: bf16_rows_avx2(a, start, end, m0, 3, X_BF16_SPLIT, AVX2_WROWS); break;
-            default: bf16_rows_avx2(a, start, end, m0, 4, X_BF16_SPLIT, AVX2_WROWS); break;
+            case 1: bf16_rows_avx2(a, start, end, m0, 1, X_F32); break;
+            case 2: bf16_rows_avx2(a, start, end, m0, 2, X_F32); break;
+            case 3: bf16_rows_avx2(a, start, end, m0, 3, X_F32); break;
+            case 4: bf16_rows_avx2(a, start, end, m0, 4, X_F32); break;
+            case -1: bf16_rows_avx2(a, start, end, m0, 1, X_BF16_SPLIT); break;
+            case -2: bf16_rows_avx2(a, start, end, m0, 2, X_BF16_SPLIT); break;
+            case -3: bf16_rows_avx2(a, start, end, m0, 3, X_BF16_SPLIT); break;
+            default: bf16_rows_avx2(a, start, end, m0, 4, X_BF16_SPLIT); break;
         }
     }
 }
@@ -131,12 +131,12 @@ static void linear_amx(const void *ctx, long chunk) {
 }
 AMX_END
 
-/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, four at one activation row from K 2048) keeps each thread's reads sequential
-   streams (what the hardware prefetcher follows best); the row stays in L1 while every activation row
-   uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
+/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, or four far apart at one activation
+   row) keeps each thread's reads sequential streams (what the hardware prefetcher follows best); the row stays in L1
+   while every activation row uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
-    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0, 0};
+    struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0};
     const long chunks = (N + a.rows - 1) / a.rows;
     uint32_t *pairs;
     /* out of memory for the pairs: the AVX-512 loop, which every CPU with AMX has */
@@ -161,8 +161,8 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         return;
     }
     a.unsplit = !split;
-    a.wrows = M == 1 && K >= AVX2_WIDE_K ? AVX2_WROWS_WIDE : AVX2_WROWS;
     /* whole passes of weight rows in every chunk but the last */
-    a.rows = (a.rows + a.wrows - 1) / a.wrows * a.wrows;
+    const int wrows = M == 1 ? SPREAD_ROWS : AVX2_WROWS;
+    a.rows = (a.rows + wrows - 1) / wrows * wrows;
     pool_run(linear_bf16_avx2, &a, (N + a.rows - 1) / a.rows);
 }

@@ -96,36 +96,50 @@ INLINE void madd16(const int8_t *w, const int16_t *q, int R, int K, __m256i *acc
         acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(v, _mm256_loadu_si256((const __m256i *)(q + (long)r * K))));
 }
 
-/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= AVX2_MAX_PIECES): weight
-   row n, each 16 weights widened once, against every row's pieces (a->q: int16 rows of K). */
-INLINE void madd_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
+/* y[m0 + j, n + i * stride] for the `rows` activation rows from m0 and the W weight rows n + i * stride (W, rows and
+   P constants, W * rows * P <= 2 * AVX2_MAX_PIECES): each 16 weights widened once, against every row's pieces (a->q:
+   int16 rows of K). */
+INLINE void madd_pieces(const struct linear_int8_args *a, long n, long stride, int W, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
     const int8_t *w = a->w + n * K;
     const int16_t *q = (const int16_t *)a->q + (long)m0 * P * K;
     const float *s = a->qscale + m0 * P;
-    __m256 sums[AVX2_MAX_PIECES];
-    for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_ps();
+    __m256 sums[SPREAD_ROWS][AVX2_MAX_PIECES];
+    for (int i = 0; i < W; i++)
+        for (int r = 0; r < R; r++) sums[i][r] = _mm256_setzero_ps();
     for (int k0 = 0; k0 < K; k0 += SPAN16) {
         const int k1 = K - k0 < SPAN16 ? K : k0 + SPAN16;
-        __m256i acc[AVX2_MAX_PIECES];
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
-        for (int k = k0; k < k1; k += 32) {
-            __builtin_prefetch(w + k + PREFETCH_BYTES);
-            madd16(w + k, q + k, R, K, acc);
-            madd16(w + k + 16, q + k + 16, R, K, acc);
+        __m256i acc[SPREAD_ROWS][AVX2_MAX_PIECES];
+        for (int i = 0; i < W; i++)
+            for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_si256();
+        for (int k = k0; k < k1; k += 32)
+            for (int i = 0; i < W; i++) {
+                const int8_t *row = w + i * stride * K;
+                __builtin_prefetch(row + k + PREFETCH_BYTES);
+                madd16(row + k, q + k, R, K, acc[i]);
+                madd16(row + k + 16, q + k + 16, R, K, acc[i]);
+            }
+        for (int i = 0; i < W; i++)
+            for (int r = 0; r < R; r++) sums[i][r] = _mm256_add_ps(sums[i][r], _mm256_cvtepi32_ps(acc[i][r]));
+    }
+    for (int i = 0; i < W; i++)
+        for (int j = 0; j < rows; j++) {
+            __m256 o = _mm256_setzero_ps();
+            for (int p = 0; p < P; p++) o = _mm256_fmadd_ps(sums[i][j * P + p], _mm256_set1_ps(s[j * P + p]), o);
+            const long at = n + i * stride;
+            store_scaled(a->y, (long)(m0 + j) * a->N + at, hsum(o), a->scale, (int)at, a->bf16);
         }
-        for (int r = 0; r < R; r++) sums[r] = _mm256_add_ps(sums[r], _mm256_cvtepi32_ps(acc[r]));
-    }
-    for (int j = 0; j < rows; j++) {
-        __m256 o = _mm256_setzero_ps();
-        for (int p = 0; p < P; p++) o = _mm256_fmadd_ps(sums[j * P + p], _mm256_set1_ps(s[j * P + p]), o);
-        store_scaled(a->y, (long)(m0 + j) * a->N + n, hsum(o), a->scale, (int)n, a->bf16);
-    }
 }
 
-/* Weight rows n .. end - 1 against the `rows` activation rows from m0. */
+/* Weight rows n .. end - 1 against the `rows` activation rows from m0: with one activation row SPREAD_ROWS weight
+   rows a pass spread over the chunk (gemv.h), else one; the last rows one at a time. */
 INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0, int rows, int P) {
-    for (; n < end; n++) madd_pieces(a, n, m0, rows, P);
+    if (rows == 1) {
+        const long stride = spread_stride(n, end);
+        for (long p = 0; p < stride; p++) madd_pieces(a, n + p, stride, SPREAD_ROWS, m0, 1, P);
+        n += SPREAD_ROWS * stride;
+    }
+    for (; n < end; n++) madd_pieces(a, n, 0, 1, m0, rows, P);
 }
 
 /* One group of piece rows at a time over the chunk's weight rows (AVX2_MAX_PIECES). */
@@ -321,8 +335,10 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     if (!has_avx512() && (qscale = thread_scratch(64 * ((pieces16 * 4 + 63) / 64) + 2 * pieces16 * K))) {
         int16_t *q = (int16_t *)((char *)qscale + 64 * ((pieces16 * 4 + 63) / 64));
         act16_quant_rows(x, bf16, M, K, P16, K, q, qscale);
-        struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, rows, 0};
-        pool_run(linear_int8_madd, &a, (N + rows - 1) / rows);
+        /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
+        const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
+        struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, spread, 0};
+        pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
         return;
     }
     float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
