@@ -130,6 +130,8 @@ class LogitAdjust:
 
 
 _BITS = torch.arange(32, dtype=torch.int32)
+_NO_IDS = torch.zeros(0, dtype=torch.int64)
+_UNADJUSTED = LogitAdjust(_NO_IDS, _NO_IDS, torch.zeros(0), _NO_IDS, torch.zeros(0, 0, dtype=torch.int32))
 
 
 def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
@@ -186,17 +188,22 @@ def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penal
     """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
     "greedy" when all temperatures are 0, "top_k" when every sampled row is `few_candidates`, "filter"
     when any sampled row filters. A `few_candidates` row is sampled the same way in every mode.
-    Penalties, then logit biases and grammar masks, apply before temperature and filtering."""
+    Penalties, then logit biases and grammar masks, apply before temperature and filtering: on the CPU the
+    biases and masks in the C kernel, on a copy of each row they touch (apply_adjust elsewhere)."""
     if penalties is not None:
         logits = apply_penalties(logits, penalties)
+    on_cpu = logits.device.type == "cpu" and cpu_sample.KERNEL.ready
+    if on_cpu and mode == "greedy" and adjust is None:
+        return cpu_sample.argmax_rows_cpu(logits.float())
+    if on_cpu:  # greedy mode with adjustments too: every temperature is 0, so each row's argmax
+        a = adjust or _UNADJUSTED
+        return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,
+                                          _as_int32(rows.keys), _as_int32(rows.steps), a.bias_rows, a.bias_tokens,
+                                          a.bias_values, a.mask_rows, a.bitmask)
     if adjust is not None:
         logits = apply_adjust(logits, adjust)
-    on_cpu = logits.device.type == "cpu" and cpu_sample.KERNEL.ready
     if mode == "greedy":
-        return cpu_sample.argmax_rows_cpu(logits.float()) if on_cpu else logits.argmax(dim=-1)
-    if on_cpu:
-        return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,
-                                          _as_int32(rows.keys), _as_int32(rows.steps))
+        return logits.argmax(dim=-1)
     greedy = logits.argmax(dim=-1)
     temperature = rows.temperature.clamp(min=1e-5).unsqueeze(1)
     if mode == "top_k":

@@ -8,10 +8,17 @@ import math
 import pytest
 import torch
 
-from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, filter_logits, sample
+from nanoqwen.sampler import (
+    TOP_K_CANDIDATES,
+    LogitAdjust,
+    SamplingRows,
+    apply_adjust,
+    filter_logits,
+    sample,
+)
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
-from sampler_util import rows
+from sampler_util import adjusted_batch, rows
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -134,6 +141,27 @@ def test_banned_tokens_never_win(use):
     only = torch.full((2, vocab), float("-inf"))
     only[:, 123] = -50.0
     assert sample(only, rows(2, top_p=[1.0, 0.5], min_p=[0.0, 0.3]), "filter").eq(123).all()
+
+
+@pytest.mark.parametrize("vocab", [37, 4001, 151936])
+def test_kernel_adjusts_rows_as_apply_adjust(use, vocab):
+    """The kernel applies the biases and masks itself (to a copy of each row they touch): the tokens it samples on
+    apply_adjust's logits, greedy (torch.argmax's, ties included) and seeded in every filter, and the logits it
+    was given untouched."""
+    logits, adjust = adjusted_batch(vocab)
+    given = logits.clone()
+    reference = apply_adjust(logits, adjust)
+    greedy = sample(logits, rows(8, temperature=[0.0] * 8), "greedy", adjust=adjust)
+    assert torch.equal(greedy, reference.argmax(-1))
+    assert greedy[2:5].tolist() == [3, 10, 0] and greedy[1] == vocab - 1  # the ties' first; all masked: token 0
+    for step in range(4):
+        r = rows(8, step, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.0, 1.3, 0.7], top_p=[1, 0.95, 1, 1, 0.9, 1, 0.8, 1],
+                 top_k=[0, 20, 0, 2, 0, 0, 300, 0], min_p=[0, 0, 0.05, 0, 0, 0, 0, 0])
+        tokens = sample(logits, r, "filter", adjust=adjust)
+        assert torch.equal(tokens, sample(reference, r, "filter")), step
+        finite = reference.gather(1, tokens.unsqueeze(1)).isfinite().flatten().tolist()
+        assert finite == [True] * 4 + [False] + [True] * 3  # row 4: no token allowed
+    assert torch.equal(logits, given)
 
 
 def test_greedy_rows_take_torchs_argmax(use):

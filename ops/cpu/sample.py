@@ -13,6 +13,8 @@ row is read a few times with nothing materialised:
 The hash and formulas are exponential_noise's, but the logs are this kernel's polynomials, which can
 differ from torch's by an ulp: so on the CPU every sampled mode runs this kernel, and a seeded row's
 token depends on its own settings alone, whatever its batch-mates and the step's mode.
+A row's logit biases and token mask (sampler.LogitAdjust) are applied to a copy of that row in the kernel:
+torch's full-vocabulary ops for them cost 2-90 ms a step on the 2-core CPU, fighting the kernels' threads.
 Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
 """
 from __future__ import annotations
@@ -32,18 +34,26 @@ def _sample_rows(
     min_p: torch.Tensor,  # [B] fp32
     keys: torch.Tensor,  # [B] int32 bit patterns of the seed keys
     steps: torch.Tensor,  # [B] int32
+    bias_rows: torch.Tensor,  # [N] int64: sampler.LogitAdjust's, applied to a copy of each row it names
+    bias_tokens: torch.Tensor,  # [N] int64
+    bias_values: torch.Tensor,  # [N] fp32
+    mask_rows: torch.Tensor,  # [R] int64
+    bitmask: torch.Tensor,  # [R, ceil(V / 32)] int32
 ) -> torch.Tensor:  # [B] int64
     logits = logits.contiguous()
-    rows = (temperature, top_p, top_k, min_p, keys, steps)
-    temperature, top_p, top_k, min_p, keys, steps = (t.contiguous() for t in rows)
+    rows = (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask)
+    temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask = (
+        t.contiguous() for t in rows)
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     with build.profiled("nanoqwen::sample_rows_cpu"):
-        graph.call(KERNEL.lib.sample_rows, logits, temperature, top_p, top_k, min_p, keys, steps, tokens,
-                   logits.shape[0], logits.shape[1])
+        graph.call(KERNEL.lib.sample_rows, logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows,
+                   bias_tokens, bias_values, len(bias_rows), mask_rows, bitmask, len(mask_rows), bitmask.shape[-1],
+                   tokens, logits.shape[0], logits.shape[1])
     return tokens
 
 
-def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps):
+def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values,
+                      mask_rows, bitmask):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 

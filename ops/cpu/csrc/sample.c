@@ -408,6 +408,7 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
         __m256i bin = bins8(s, smax);
         int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(bin, lo),
                                                                           _mm256_cmpgt_epi32(hi, bin))));
+        if (i + 8 > V) in &= (1 << (V - i)) - 1;  /* the -inf lanes past V, in the last bin, were not counted */
         if (!in) continue;
         float sv[8];
         _mm256_storeu_ps(sv, s);
@@ -423,17 +424,62 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     return race(x, V, t, row, top, &k);
 }
 
+/* What requests add to rows' logits (sampler.LogitAdjust): `biases` entries (row, token, value), and the `masks`
+   rows under a token mask, each with its bitmask row of W words (bit t % 32 of word t / 32: token t allowed). */
+struct adjust {
+    const int64_t *bias_rows, *bias_tokens;
+    const float *bias_values;
+    long biases;
+    const int64_t *mask_rows;
+    const int32_t *bitmask;
+    int masks, W;
+};
+
+/* Row b's x [V] as sampler.apply_adjust leaves it: x itself where no entry names the row, else a copy in the
+   thread's second scratch (the filters use the first while they read it) with the masked-out tokens at -inf and
+   the biases added to the others. Out of memory: x adjusted in place (its step's logprobs then see it). */
+static const float *adjusted_row(const float *x, long b, int V, const struct adjust *a) {
+    const int32_t *words = 0;
+    for (int r = 0; r < a->masks; r++)
+        if (a->mask_rows[r] == b) words = a->bitmask + (long)r * a->W;
+    long first = 0;
+    while (first < a->biases && a->bias_rows[first] != b) first++;
+    if (!words && first == a->biases) return x;
+    float *y = thread_scratch_slot(1, (size_t)V * sizeof *y);
+    if (!y) y = (float *)x;
+    if (words) {
+        const uint8_t *bytes = (const uint8_t *)words;  /* little-endian words: byte i / 8 holds tokens i..i+7 */
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        int i = 0;
+        for (; i + 8 <= V; i += 8) {
+            __m256i allowed = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bytes[i >> 3]), bit), bit);
+            _mm256_storeu_ps(y + i, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(x + i),
+                                                     _mm256_castsi256_ps(allowed)));
+        }
+        for (; i < V; i++) y[i] = bytes[i >> 3] >> (i & 7) & 1 ? x[i] : -INFINITY;
+    } else if (y != x) {
+        memcpy(y, x, (size_t)V * sizeof *y);
+    }
+    for (long j = first; j < a->biases; j++) {  /* in entry order, as index_put accumulates them */
+        const int64_t t = a->bias_tokens[j];
+        if (a->bias_rows[j] == b && t >= 0 && t < V && (!words || words[t >> 5] >> (t & 31) & 1))
+            y[t] += a->bias_values[j];
+    }
+    return y;
+}
+
 struct sample_args {
     const float *logits, *temperature, *top_p, *min_p;
     const int32_t *top_k, *keys, *steps;
+    struct adjust adjust;
     int64_t *tokens;
     int V;
 };
 
 static void sample_row(const void *args, long b) {
     const struct sample_args *a = args;
-    const float *x = a->logits + b * a->V;
     const int V = a->V;
+    const float *x = adjusted_row(a->logits + b * V, b, V, &a->adjust);
     if (a->temperature[b] == 0) {
         a->tokens[b] = argmax(x, V, 1.0f);
         return;
@@ -447,8 +493,12 @@ static void sample_row(const void *args, long b) {
 
 /* Shapes: see nanoqwen_cpu.h. */
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
-                 const float *min_p, const int32_t *keys, const int32_t *steps, int64_t *tokens, int B, int V) {
-    const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps, tokens, V};
+                 const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
+                 const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
+                 const int32_t *bitmask, int masks, int W, int64_t *tokens, int B, int V) {
+    const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps,
+                                  {bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks, W},
+                                  tokens, V};
     pool_run(sample_row, &a, B);
 }
 
