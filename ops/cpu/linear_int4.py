@@ -24,9 +24,11 @@ pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the pieces are int16 (c
 linear_int8.py's: one holds what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), and
 vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked to int16 (nibble j of word i is
 column 16j + i: no shuffles), the pieces staged block by block; a pass takes 4 weight rows against 1 piece row
-(2 against 2, else 1 against 3-4), so that at one activation row four independent FMA chains scale the groups and the
-rows' ends (lane sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs
-against 30 a weight row at a time, 8 rows 121 against 130 (profiles/RESULTS.md). There the weights are stored in quads
+(2 against 2), so that at one activation row four independent FMA chains scale the groups and the rows' ends (lane
+sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs against 30 a weight
+row at a time; from 3 piece rows, 1 weight row against up to 8 of them, each block unpacked once for all, their fp32
+sums in L1 and every row's lanes summed at once: 8 bf16 rows 86-90 µs against 130 in two passes of 4
+(profiles/RESULTS.md, int4b8). There the weights are stored in quads
 (csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
 hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
 """

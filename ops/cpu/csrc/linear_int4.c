@@ -464,10 +464,13 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 
 /* ---- AVX2 (no AVX-512 VNNI): int16 activation pieces (act_quant16.h) against the nibbles widened to int16 ---- */
 
-/* Accumulator sets one pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <= MADD_MAX_PIECES):
-   their int32 and fp32 sums stay in the 16 ymm registers (8 spilled: one thread, 512 x 1024 hot in L2, 8 bf16 rows
-   142-148 µs a call against 132 in two passes of 4) */
+/* Accumulator sets a madd_pieces pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <=
+   MADD_MAX_PIECES): their int32 and fp32 sums stay in the 16 ymm registers; for 1-2 piece rows. */
 #define MADD_MAX_PIECES 4
+/* Piece rows a madd_row pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
+   sums in L1. One thread, 512 x 1024 hot in L2, 8 bf16 rows: 90 µs a call against 130 for two madd_pieces passes of
+   4 (each unpacking every block again), 142 with the sums left to the compiler (spilled); 4 rows 50 against 66. */
+#define MADD_ROW_PIECES 8
 /* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
    below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
 #define MADD_SPAN_BLOCKS 512
@@ -487,16 +490,38 @@ struct linear_int4_madd_args {
     long quad_rows;  /* rows stored in quads (int4_block.h) */
 };
 
-/* acc[r] = the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R: the block's 16 words hold,
-   nibble j, columns 16j .. 16j + 15 in order, so 16 products a vpmaddwd; summed as a tree, not a chain. */
-INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *acc) {
+/* The 64 nibbles of a block as int16: its 16 words hold, nibble j, columns 16j .. 16j + 15 in order (u[j]). */
+INLINE void madd_nibbles(const uint8_t *block, __m256i u[4]) {
     const __m256i words = _mm256_loadu_si256((const __m256i *)block), nibble = _mm256_set1_epi16(15);
-    const __m256i u[4] = {_mm256_and_si256(words, nibble), _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble),
-                          _mm256_and_si256(_mm256_srli_epi16(words, 8), nibble), _mm256_srli_epi16(words, 12)};
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-        __m256i p[4];
-        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) p[j] = _mm256_madd_epi16(u[j], _mm256_load_si256((const __m256i *)(q + 64 * r + 16 * j)));
-        acc[r] = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+    u[0] = _mm256_and_si256(words, nibble), u[1] = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
+    u[2] = _mm256_and_si256(_mm256_srli_epi16(words, 8), nibble), u[3] = _mm256_srli_epi16(words, 12);
+}
+
+/* The block's nibbles (madd_nibbles) times the 64 pieces at q, 16 products a vpmaddwd, summed as a tree, not a chain. */
+INLINE __m256i madd_products(const __m256i u[4], const int16_t *q) {
+    const __m256i *p = (const __m256i *)q;
+    return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(u[0], _mm256_load_si256(p)), _mm256_madd_epi16(u[1], _mm256_load_si256(p + 1))),
+                            _mm256_add_epi32(_mm256_madd_epi16(u[2], _mm256_load_si256(p + 2)), _mm256_madd_epi16(u[3], _mm256_load_si256(p + 3))));
+}
+
+/* acc[r] = the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R. */
+INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *acc) {
+    __m256i u[4];
+    madd_nibbles(block, u);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = madd_products(u, q + 64 * r);
+}
+
+/* sum[r] = the int32 sums of `count` (<= MADD_SPAN_BLOCKS) blocks from w (each `step` bytes from the last) against
+   piece row r of q (each block's pieces `stride` int16 from the last), r < R; `ahead`: what to prefetch, one line a
+   block. */
+INLINE void madd_span(const uint8_t *w, long step, const int16_t *q, long stride, const uint8_t *ahead, int count,
+                      int R, __m256i *sum) {
+    __m256i acc[MADD_ROW_PIECES];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+    for (int i = 0; i < count; i++, w += step, q += stride, ahead += step) {
+        __builtin_prefetch(ahead);
+        madd_block(w, q, R, acc);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(sum[r], acc[r]);
     }
 }
 
@@ -513,17 +538,10 @@ INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, 
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
         return;
     }
-    for (int left = a->G / 64; left > 0;) {
-        const int count = left < MADD_SPAN_BLOCKS ? left : MADD_SPAN_BLOCKS;
-        __m256i sum[MADD_MAX_PIECES];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-        for (int i = 0; i < count; i++, w += step, q += stride, ahead += step) {
-            __builtin_prefetch(ahead);
-            madd_block(w, q, R, acc);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(sum[r], acc[r]);
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), s, f[r]);
-        left -= count;
+    for (int done = 0; done < a->G / 64; done += MADD_SPAN_BLOCKS) {
+        const int count = a->G / 64 - done < MADD_SPAN_BLOCKS ? a->G / 64 - done : MADD_SPAN_BLOCKS;
+        madd_span(w + done * step, step, q + done * stride, stride, ahead + done * step, count, R, acc);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
     }
 }
 
@@ -577,12 +595,90 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
     }
 }
 
+/* Lane j: the sum of o[j]'s lanes. */
+INLINE __m256 hsum8(const __m256 o[8]) {
+    __m256 s[4], t[2];
+    _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
+        s[i] = _mm256_add_ps(_mm256_unpacklo_ps(o[2 * i], o[2 * i + 1]), _mm256_unpackhi_ps(o[2 * i], o[2 * i + 1]));
+    _Pragma("GCC unroll 2") for (int i = 0; i < 2; i++) {
+        const __m256d lo = _mm256_castps_pd(s[2 * i]), hi = _mm256_castps_pd(s[2 * i + 1]);
+        t[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)), _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
+}
+
+/* y[m0 + j, n] for the `rows` activation rows from m0 (rows, P constants, 3 <= rows * P <= MADD_ROW_PIECES): weight
+   row n, each block unpacked once and multiplied by all R = rows * P piece rows, each group's int32 sums scaled
+   into fp32 sums f kept in memory (L1: left to the compiler, they spill worse, above); then the pieces' scales and
+   the offsets times the group sums, every row's lanes summed at once (hsum8). one: G == 64. */
+INLINE void madd_row(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, int one) {
+    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
+    const long step = n < a->quad_rows ? 128 : 32, stride = (long)a->M * P * 64;  /* to the next block's */
+    const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
+    const int16_t *q = a->q + (long)m0 * P * 64;
+    float f[MADD_ROW_PIECES][8] __attribute__((aligned(32))), scales[8] __attribute__((aligned(32)));
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
+    for (int g0 = 0; g0 < groups; g0 += 8) {
+        const int count = groups - g0 < 8 ? groups - g0 : 8;
+        if (count == 8) _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
+        else for (int g = 0; g < count; g++) scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
+        for (int g = 0; g < count; g++) {
+            const __m256 s = _mm256_broadcast_ss(scales + g);
+            if (one) {  /* madd_block, each row's sums scaled and stored before the next's products (no spills) */
+                __m256i u[4];
+                __builtin_prefetch(ahead);
+                madd_nibbles(w, u);
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s, _mm256_load_ps(f[r])));
+                w += step, ahead += step, q += stride;
+                continue;
+            }
+            for (int done = 0; done < G / 64; done += MADD_SPAN_BLOCKS) {
+                const int blocks = G / 64 - done < MADD_SPAN_BLOCKS ? G / 64 - done : MADD_SPAN_BLOCKS;
+                __m256i sum[MADD_ROW_PIECES];
+                madd_span(w, step, q, stride, ahead, blocks, R, sum);
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), s, _mm256_load_ps(f[r])));
+                w += blocks * step, ahead += blocks * step, q += blocks * stride;
+            }
+        }
+    }
+    __m256 o[8];
+    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+        o[j] = _mm256_setzero_ps();
+        if (j >= rows) continue;
+        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
+        float tail = 0.0f;
+        _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[j] = _mm256_fmadd_ps(_mm256_load_ps(f[j * P + p]), _mm256_set1_ps(s[p]), o[j]);
+        int g = 0;
+        for (; g + 8 <= groups; g += 8)
+            o[j] = _mm256_fmadd_ps(load8(a->offset, n * groups + g, bf16), _mm256_loadu_ps(xsum + g), o[j]);
+        for (; g < groups; g++) tail += load1(a->offset, n * groups + g, bf16) * xsum[g];
+        o[j] = _mm256_add_ps(o[j], _mm256_setr_ps(tail, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f));
+    }
+    float out[8] __attribute__((aligned(32)));
+    _mm256_store_ps(out, hsum8(o));
+    _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store1(a->y, (long)(m0 + j) * a->N + n, out[j], bf16);
+}
+
+/* madd_row over weight rows n .. end - 1 with r activation rows of p pieces, both constants: one function each, apart
+   from linear_int4_madd_chunk, whose 1-2 piece-row passes they slowed by 5-8% inlined there (hot, one thread). */
+#define MADD_ROWS(r, p) \
+    static __attribute__((noinline)) void madd_rows_##r##_##p(const struct linear_int4_madd_args *a, long n, long end, \
+                                                              int m0) { \
+        for (; n < end; n++) \
+            if (a->G == 64) madd_row(a, n, m0, r, p, 1); else madd_row(a, n, m0, r, p, 0); \
+    }
+MADD_ROWS(3, 1) MADD_ROWS(4, 1) MADD_ROWS(5, 1) MADD_ROWS(6, 1) MADD_ROWS(7, 1) MADD_ROWS(8, 1) MADD_ROWS(2, 2)
+MADD_ROWS(3, 2) MADD_ROWS(4, 2)
+#undef MADD_ROWS
+
 /* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
 #define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
-    const int M = a->M, per = MADD_MAX_PIECES / a->P, one = a->G == 64;
+    const int M = a->M, per = MADD_ROW_PIECES / a->P, one = a->G == 64;
     const long end = pool_chunk_end(chunk, a->rows, a->N);
     for (int m0 = 0; m0 < M; m0 += per) {
         const int rows = M - m0 < per ? M - m0 : per, W = MADD_WEIGHT_ROWS(rows * a->P);
@@ -592,14 +688,25 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
             const int w = whole ? MADD_WEIGHT_ROWS((r) * (p)) : 1; \
             if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0); \
         }
+        if (rows * a->P > 2) {
+            switch (a->P == 1 ? rows : -rows) {
+                case 3: madd_rows_3_1(a, n, end, m0); break;
+                case 4: madd_rows_4_1(a, n, end, m0); break;
+                case 5: madd_rows_5_1(a, n, end, m0); break;
+                case 6: madd_rows_6_1(a, n, end, m0); break;
+                case 7: madd_rows_7_1(a, n, end, m0); break;
+                case 8: madd_rows_8_1(a, n, end, m0); break;
+                case -2: madd_rows_2_2(a, n, end, m0); break;
+                case -3: madd_rows_3_2(a, n, end, m0); break;
+                default: madd_rows_4_2(a, n, end, m0); break;
+            }
+            continue;
+        }
 #define CASES(whole) \
         switch (a->P == 1 ? rows : -rows) { \
             case 1: PASS(whole, 1, 1); break; \
             case 2: PASS(whole, 2, 1); break; \
-            case 3: PASS(whole, 3, 1); break; \
-            case 4: PASS(whole, 4, 1); break; \
-            case -1: PASS(whole, 1, 2); break; \
-            default: PASS(whole, 2, 2); break; \
+            default: PASS(whole, 1, 2); break; \
         }
         for (; n + W <= end; n += W) CASES(1)
         for (; n < end; n++) CASES(0)
@@ -607,7 +714,7 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
 #undef PASS
     }
 }
-_Static_assert(MADD_MAX_PIECES == 4 && ACT16_MAX_PIECES == 2, "linear_int4_madd_chunk's cases");
+_Static_assert(MADD_MAX_PIECES == 4 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2, "linear_int4_madd_chunk's cases");
 
 /* linear_int4 on AVX2: each row of x taken as ACT16_PIECES(pieces) int16 pieces, one of which holds what two int8
    pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch for them, nothing done. */
