@@ -156,11 +156,12 @@ def test_kernel_adjusts_rows_as_apply_adjust(use, vocab):
     assert greedy[2:5].tolist() == [3, 10, 0] and greedy[1] == vocab - 1  # the ties' first; all masked: token 0
     for step in range(4):
         r = rows(8, step, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.0, 1.3, 0.7], top_p=[1, 0.95, 1, 1, 0.9, 1, 0.8, 1],
-                 top_k=[0, 20, 0, 2, 0, 0, 300, 0], min_p=[0, 0, 0.05, 0, 0, 0, 0, 0])
+                 top_k=[0, 20, 0, 2, 0, 0, 300, 0], min_p=[0, 0, 0.05, 0, 0.05, 0, 0, 0])
         tokens = sample(logits, r, "filter", adjust=adjust)
         assert torch.equal(tokens, sample(reference, r, "filter")), step
         finite = reference.gather(1, tokens.unsqueeze(1)).isfinite().flatten().tolist()
         assert finite == [True] * 4 + [False] + [True] * 3  # row 4: no token allowed
+        assert tokens[4] == 0  # there greedy's token (min_p's window held none: it was the scratch's last one)
     assert torch.equal(logits, given)
 
 

@@ -138,7 +138,8 @@ class LogitAdjuster:
                 mask_slots.append(slots - 1)
             if params.logit_bias:
                 key = id(params.logit_bias)
-                biases[key] = self._biases.get(key) or (params.logit_bias, *_bias_arrays(params.logit_bias))
+                biases[key] = (biases.get(key) or self._biases.get(key)  # n choices share one request's dict
+                               or (params.logit_bias, *_bias_arrays(params.logit_bias)))
                 entries.append((row, *biases[key][1:]))
             if banned and not masked:  # after the bias: -inf whatever a bias added
                 stop = np.array(seq.request.all_stop_ids, dtype=np.int64)

@@ -40,6 +40,10 @@ def _sample_rows(
     mask_rows: torch.Tensor,  # [R] int64
     bitmask: torch.Tensor,  # [R, ceil(V / 32)] int32
 ) -> torch.Tensor:  # [B] int64
+    if (len(mask_rows) and bitmask.shape[-1] * 32 < logits.shape[1]) or bias_values.dtype != torch.float32 \
+            or not bias_rows.dtype == bias_tokens.dtype == mask_rows.dtype == torch.int64:  # what the C code reads
+        raise ValueError(f"sample_rows: a bitmask of {bitmask.shape[-1]} words for {logits.shape[1]} logits, bias "
+                         f"values {bias_values.dtype}, ids {bias_rows.dtype}/{bias_tokens.dtype}/{mask_rows.dtype}")
     logits = logits.contiguous()
     rows = (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask)
     temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask = (

@@ -415,6 +415,8 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
         for (int j = 0; j < 8; j++)
             if (in >> j & 1) keys[n++] = order_key(sv[j], i + j);
     }
+    if (!n && !k.lo) return top;  /* no bin kept whole, none in the window: every token -inf (a mask allowing none,
+                                     in the last bin): greedy's token */
     const uint64_t *sorted = radix_sort(keys, keys + n, n);
     c = (struct candidate *)(keys + 2 * n);
     for (long r = 0; r < n; r++) c[r] = from_key(sorted[r]);
