@@ -34,7 +34,7 @@ def _sample_rows(
     min_p: torch.Tensor,  # [B] fp32
     keys: torch.Tensor,  # [B] int32 bit patterns of the seed keys
     steps: torch.Tensor,  # [B] int32
-    bias_rows: torch.Tensor,  # [N] int64: sampler.LogitAdjust's, applied to a copy of each row it names
+    bias_rows: torch.Tensor,  # [N] int64: sampler.LogitAdjust's, applied to a copy of each row it names (any order)
     bias_tokens: torch.Tensor,  # [N] int64
     bias_values: torch.Tensor,  # [N] fp32
     mask_rows: torch.Tensor,  # [R] int64
@@ -44,6 +44,9 @@ def _sample_rows(
             or not bias_rows.dtype == bias_tokens.dtype == mask_rows.dtype == torch.int64:  # what the C code reads
         raise ValueError(f"sample_rows: a bitmask of {bitmask.shape[-1]} words for {logits.shape[1]} logits, bias "
                          f"values {bias_values.dtype}, ids {bias_rows.dtype}/{bias_tokens.dtype}/{mask_rows.dtype}")
+    if len(bias_rows) > 1 and bool((bias_rows[1:] < bias_rows[:-1]).any()):  # the C code bisects by row
+        bias_rows, order = bias_rows.sort(stable=True)  # each row's entries in their order: the same sums
+        bias_tokens, bias_values = bias_tokens[order], bias_values[order]
     logits = logits.contiguous()
     rows = (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask)
     temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask = (

@@ -545,6 +545,17 @@ INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, 
     }
 }
 
+/* o + weight row n's group offsets times an activation row's group sums (xsum), 8 groups a vector; the groups past
+   the last 8 added to *tail. */
+INLINE __m256 madd_offsets(const struct linear_int4_madd_args *a, long n, const float *xsum, __m256 o, float *tail) {
+    const int groups = a->K / a->G;
+    int g = 0;
+    for (; g + 8 <= groups; g += 8)
+        o = _mm256_fmadd_ps(load8(a->offset, n * groups + g, a->bf16), _mm256_loadu_ps(xsum + g), o);
+    for (; g < groups; g++) *tail += load1(a->offset, n * groups + g, a->bf16) * xsum[g];
+    return o;
+}
+
 /* The sums of o[0..3]'s lanes. */
 INLINE __m128 hsum4(const __m256 o[4]) {
     const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(o[0], o[1]), _mm256_hadd_ps(o[2], o[3]));
@@ -585,10 +596,7 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
         for (int i = 0; i < 4; i++) o[i] = _mm256_setzero_ps();
         _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
             _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[i] = _mm256_fmadd_ps(f[i][j * P + p], _mm256_set1_ps(s[p]), o[i]);
-            int g = 0;
-            for (; g + 8 <= groups; g += 8)
-                o[i] = _mm256_fmadd_ps(load8(a->offset, (n + i) * groups + g, bf16), _mm256_loadu_ps(xsum + g), o[i]);
-            for (; g < groups; g++) tail[i] += load1(a->offset, (n + i) * groups + g, bf16) * xsum[g];
+            o[i] = madd_offsets(a, n + i, xsum, o[i], tail + i);
         }
         _mm_storeu_ps(out, _mm_add_ps(hsum4(o), _mm_loadu_ps(tail)));
         _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) store1(a->y, (long)(m0 + j) * a->N + n + i, out[i], bf16);
@@ -650,10 +658,7 @@ INLINE void madd_row(const struct linear_int4_madd_args *a, long n, int m0, int 
         const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
         float tail = 0.0f;
         _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[j] = _mm256_fmadd_ps(_mm256_load_ps(f[j * P + p]), _mm256_set1_ps(s[p]), o[j]);
-        int g = 0;
-        for (; g + 8 <= groups; g += 8)
-            o[j] = _mm256_fmadd_ps(load8(a->offset, n * groups + g, bf16), _mm256_loadu_ps(xsum + g), o[j]);
-        for (; g < groups; g++) tail += load1(a->offset, n * groups + g, bf16) * xsum[g];
+        o[j] = madd_offsets(a, n, xsum, o[j], &tail);
         o[j] = _mm256_add_ps(o[j], _mm256_setr_ps(tail, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f));
     }
     float out[8] __attribute__((aligned(32)));

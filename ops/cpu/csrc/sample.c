@@ -426,8 +426,8 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     return race(x, V, t, row, top, &k);
 }
 
-/* What requests add to rows' logits (sampler.LogitAdjust): `biases` entries (row, token, value), and the `masks`
-   rows under a token mask, each with its bitmask row of W words (bit t % 32 of word t / 32: token t allowed). */
+/* What requests add to rows' logits (sampler.LogitAdjust): `biases` entries (row, token, value), sorted by row
+   (each row's in their own order: ops/cpu/sample.py sorts them stably), and the `masks` rows under a token mask, each with its bitmask row of W words (bit t % 32 of word t / 32: token t allowed). */
 struct adjust {
     const int64_t *bias_rows, *bias_tokens;
     const float *bias_values;
@@ -444,9 +444,12 @@ static const float *adjusted_row(const float *x, long b, int V, const struct adj
     const int32_t *words = 0;
     for (int r = 0; r < a->masks; r++)
         if (a->mask_rows[r] == b) words = a->bitmask + (long)r * a->W;
-    long first = 0;
-    while (first < a->biases && a->bias_rows[first] != b) first++;
-    if (!words && first == a->biases) return x;
+    long first = 0, last = a->biases;  /* the row's entries: the first not before row b, by bisection */
+    while (first < last) {
+        const long mid = first + (last - first) / 2;
+        if (a->bias_rows[mid] < b) first = mid + 1; else last = mid;
+    }
+    if (!words && (first == a->biases || a->bias_rows[first] != b)) return x;
     float *y = thread_scratch_slot(1, (size_t)V * sizeof *y);
     if (!y) y = (float *)x;
     if (words) {
@@ -462,9 +465,9 @@ static const float *adjusted_row(const float *x, long b, int V, const struct adj
     } else if (y != x) {
         memcpy(y, x, (size_t)V * sizeof *y);
     }
-    for (long j = first; j < a->biases; j++) {  /* in entry order, as index_put accumulates them */
+    for (long j = first; j < a->biases && a->bias_rows[j] == b; j++) {  /* in entry order, as index_put adds them */
         const int64_t t = a->bias_tokens[j];
-        if (a->bias_rows[j] == b && t >= 0 && t < V && (!words || words[t >> 5] >> (t & 31) & 1))
+        if (t >= 0 && t < V && (!words || words[t >> 5] >> (t & 31) & 1))
             y[t] += a->bias_values[j];
     }
     return y;
