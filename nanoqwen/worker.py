@@ -23,11 +23,13 @@ from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from nanoqwen.api.body import CLOSE_CONNECTION
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from gunicorn.http.message import Request
 
     from nanoqwen.api.metrics import ServerStats
@@ -74,6 +76,21 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+def closing_when_told(app: WSGIApplication) -> WSGIApplication:
+    """`app`, whose answer closes the connection (gunicorn writes `Connection: close` and closes after it) where the
+    app set CLOSE_CONNECTION in the environ: gunicorn ignores an app's Connection header and would say keep-alive
+    over a connection the app has shut. `start_response` is gunicorn's response's bound method."""
+    def wsgi(environ: WSGIEnvironment, start_response: StartResponse) -> object:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
+            if environ.get(CLOSE_CONNECTION):
+                start_response.__self__.force_close()
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return wsgi
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -93,6 +110,7 @@ class NanoqwenWorker(GeventWorker):
       moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
       requests are let in).
     - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
+    - an answer after which the app closes the connection (a body it did not read) says `Connection: close`.
     - a response's write that makes no progress for NANOQWEN_SEND_TIMEOUT closes the connection, as a
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
@@ -145,6 +163,7 @@ class NanoqwenWorker(GeventWorker):
         from nanoqwen.wsgi import app, engine, start_engine
 
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
+        self.wsgi = closing_when_told(self.wsgi)
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])

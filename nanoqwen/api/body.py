@@ -18,6 +18,9 @@ from nanoqwen.api.errors import APIError, param_name, request_too_large
 from nanoqwen.api.strict_json import Budget, JSONError
 
 READ_CHUNK = 64 << 10
+# Set in the environ when the app closes the connection after its answer; nanoqwen's worker then makes gunicorn say
+# `Connection: close` (gunicorn drops an app's own Connection header, a hop-by-hop one).
+CLOSE_CONNECTION = "nanoqwen.close_connection"
 # The codecs a body may be in, by Python's name; a client's charset maps to one through Python's own alias table
 # (utf_8, utf-16-le, l1, cp819, iso_8859-1:1987...) by dict lookups. Never codecs.lookup: it caches every name it
 # is asked for, failed ones too (an 8 KB name leaked 8 KB a request), and knows codecs that are no charsets (idna,
@@ -44,7 +47,9 @@ class _BodyTimeout(Exception):
 
 def _stop_reading(environ: dict[str, Any]) -> None:
     """After a failed read the rest of the body is garbage or never comes: EOF the connection's read
-    side so that gunicorn, which drains the body before the next keep-alive request, closes it."""
+    side so that gunicorn, which drains the body before the next keep-alive request, closes it; the
+    answer says so."""
+    environ[CLOSE_CONNECTION] = True
     sock = environ.get("gunicorn.socket")
     if sock is not None:
         with contextlib.suppress(OSError):
