@@ -211,3 +211,12 @@ def test_the_clients_parsed_message_goes_back_into_the_history(client: openai.Op
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(messages=[{**USER[0], "parsed": {"ok": True}}], **kwargs)
     assert info.value.param == "messages.[0]"
+
+
+def test_a_service_tier_openai_does_not_know_is_refused(chat_server: GunicornServer) -> None:
+    """Any string was taken on chat (Responses already checked OpenAI's names): the client's `service_tier="flx"`
+    ran without a word, where OpenAI answers 400."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1}
+    assert _ok(post_chat(chat_server, {**body, "service_tier": "flex"}))["choices"]
+    error = post_chat(chat_server, {**body, "service_tier": "flx"}).json()["error"]
+    assert error["param"] == "service_tier" and error["type"] == "invalid_request_error"

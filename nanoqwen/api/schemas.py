@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    StringConstraints,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -174,6 +175,14 @@ STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 # OpenAI's reasoning efforts (chat's reasoning_effort, Responses' reasoning.effort): Qwen3 has no levels, see thinks
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# OpenAI's metadata limits (chat's and Responses'): 16 pairs, keys of 64 characters at most, values of 512
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
+                          Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
+                     Field(max_length=METADATA_KEYS)]
+# OpenAI's processing tiers (chat's and Responses' service_tier): one tier here, the answer is the same; OpenAI
+# refuses a name it does not know.
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"]
 
 
 def thinks(effort: str) -> bool:
@@ -684,9 +693,9 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Metadata that does not change the answer: accepted and ignored.
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: ServiceTier | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: Prediction | None = None
