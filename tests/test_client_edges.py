@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import requests
 
-from chat_http import MODEL, post_chat, raw_request
+from chat_http import MODEL, health_polled, post_chat, raw_request
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -157,6 +157,21 @@ def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_se
     assert [_status(head) for head, _ in answers] == [404, 400, 200, 200] and closed
     assert all(b"\r\nConnection: keep-alive\r\n" in head for head, _ in answers[:3])
     assert answers[2][1]["tokens"] and answers[3][1]["status"] == "healthy"
+
+
+def test_a_large_body_not_read_is_not_read_on_the_loop(chat_server: GunicornServer) -> None:
+    """An answer before the body was read (a 404, a 405) left gunicorn to read the rest before the next request, in
+    one go: a local client's 96 MB held the loop for ~1 s. Past 64 KiB such a body closes the connection after the
+    answer, read and dropped meanwhile (a lingering close, yielding) so that a client still sending gets the answer,
+    not a reset."""
+    with health_polled(chat_server, 0.005) as latencies:
+        answers = [requests.post(f"{chat_server.url}{path}", data=b" " * (96 << 20), timeout=60)
+                   for path in ("/v1/nothing", "/health")]
+    assert [(a.status_code, a.headers["Connection"]) for a in answers] == [(404, "close"), (405, "close")]
+    assert max(latencies) < 0.5, latencies
+    chunked = raw_request(b"", "/v1/nothing", "Transfer-Encoding: chunked\r\n").replace(b"Content-Length: 0\r\n", b"")
+    [(head, _)], closed = _answers(chat_server, chunked + b"5\r\nabcde\r\n0\r\n\r\n" + HEALTH_CLOSE)
+    assert _status(head) == 404 and b"\r\nConnection: close\r\n" in head and closed
 
 
 @pytest.mark.parametrize("method, path, meant", [

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, NotFound
 
 from nanoqwen.api import request_id
-from nanoqwen.api.body import ParsedBody, parse_json, read_body
+from nanoqwen.api.body import ParsedBody, close_if_unread, parse_json, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
@@ -104,6 +104,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                            code="invalid_api_key")
+
+    @app.after_request
+    def close_after_an_unread_body(response: Response) -> Response:
+        close_if_unread(request)
+        return response
 
     @app.after_request
     def add_cors_headers(response: Response) -> Response:
