@@ -59,7 +59,8 @@ def close_if_unread(request: Request) -> None:
     if environ.get(BODY_READ) or environ.get(CLOSE_CONNECTION):
         return
     length = request.content_length
-    if (length or 0) > READ_CHUNK or (length is None and "chunked" in request.headers.get("Transfer-Encoding", "")):
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if (length or 0) > READ_CHUNK or (length is None and chunked):
         _stop_reading(environ)
 
 
