@@ -11,6 +11,7 @@ import json
 import logging
 import struct
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -23,17 +24,20 @@ from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
 
+from nanoqwen.api.body import CLOSE_CONNECTION
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from gunicorn.http.message import Request
 
     from nanoqwen.api.metrics import ServerStats
     from nanoqwen.engine import Engine
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
+LINGER_S, LINGER_IDLE_S, LINGER_CHUNK = 5.0, 1.0, 64 << 10
 LOAD_POLL_S = 0.2
 
 
@@ -74,6 +78,18 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+def linger(sock: socket.socket) -> None:
+    """nginx's lingering close, after an answer sent before the request's body was read: the answer's FIN, then what
+    the client still sends read and dropped, yielding, for LINGER_S at most. Closing at once, with its data unread,
+    resets the connection, and a client still sending lost the answer (curl: no status)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_IDLE_S)
+        deadline = time.monotonic() + LINGER_S
+        while time.monotonic() < deadline and sock.recv(LINGER_CHUNK):
+            gevent.sleep(0)  # a recv whose data has arrived returns without letting the loop run
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -93,6 +109,9 @@ class NanoqwenWorker(GeventWorker):
       moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
       requests are let in).
     - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
+    - an answer before the request's body was read (the app sets CLOSE_CONNECTION) says `Connection: close` (gunicorn
+      ignores an app's Connection header) and closes the connection after a lingering read (linger): gunicorn would
+      read the rest of the body before the next request in one go, holding the loop.
     - a response's write that makes no progress for NANOQWEN_SEND_TIMEOUT closes the connection, as a
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
@@ -113,6 +132,7 @@ class NanoqwenWorker(GeventWorker):
 
     def init_process(self) -> None:
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
@@ -131,8 +151,13 @@ class NanoqwenWorker(GeventWorker):
             del self._idle[current]
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
+        current = gevent.getcurrent()
         try:
             super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
+        except StopIteration:  # gunicorn closes the connection after this answer
+            if current in self._unread:
+                linger(sock)
+            raise
         except SendTimeout as exc:  # the app's generator is closed by now: as if the client had gone
             self.log.info("closed the connection of %s %s: %s", req.method, req.path, exc.strerror)
             # a reset, not a FIN behind the unread data: the kernel would keep the socket and its full send
@@ -140,11 +165,26 @@ class NanoqwenWorker(GeventWorker):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raise StopIteration from None  # gunicorn's way to close a connection without logging an error
+        finally:
+            self._unread.discard(current)
+
+    def _closing_when_told(self, environ: WSGIEnvironment, start_response: StartResponse) -> object:
+        """The app, whose answer closes the connection where it set CLOSE_CONNECTION. `start_response` is gunicorn's
+        response's bound method."""
+        def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
+            if environ.get(CLOSE_CONNECTION):
+                start_response.__self__.force_close()
+                self._unread.add(gevent.getcurrent())
+            return start_response(status, headers, exc_info)
+
+        return self._app(environ, start)
 
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine, start_engine
 
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
+        self._app: WSGIApplication = self.wsgi
+        self.wsgi = self._closing_when_told
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])

@@ -10,16 +10,17 @@ import pytest
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
-from nanoqwen.api.responses_schemas import (
-    INCLUDES,
+from nanoqwen.api.responses_schemas import INCLUDES, parse_count_request, parse_responses_request
+from nanoqwen.api.responses_store import list_page
+from nanoqwen.api.schemas import (
+    MAX_STOP_STRINGS,
     METADATA_KEY_CHARS,
     METADATA_KEYS,
     METADATA_VALUE_CHARS,
-    parse_count_request,
-    parse_responses_request,
+    parse_chat_request,
+    parse_completion_request,
+    same_json,
 )
-from nanoqwen.api.responses_store import list_page
-from nanoqwen.api.schemas import MAX_STOP_STRINGS, parse_chat_request, parse_completion_request, same_json
 from nanoqwen.api.strict_json import Budget
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
@@ -117,7 +118,8 @@ SERVER: dict[str, Callable[[dict[str, Any]], Any]] = {
     ("/v1/responses/input_tokens", {"instructions": "be brief", "truncation": "auto"}),
     ("/v1/responses/input_tokens", {"input": "hi", "stream": False}),  # create's fields are not the count's
     ("/v1/responses/input_tokens", {"input": "hi", "personality": "friendly"}),
-    *[("/v1/responses", {"input": "hi", "metadata": metadata}) for metadata in (
+    *[(path, {**base, "metadata": metadata}) for path, base in (
+        ("/v1/responses", {"input": "hi"}), ("/v1/chat/completions", {"messages": HI})) for metadata in (
         {f"k{i}": "v" for i in range(METADATA_KEYS)}, {f"k{i}": "v" for i in range(METADATA_KEYS + 1)},
         {"k" * METADATA_KEY_CHARS: "v" * METADATA_VALUE_CHARS}, {"k" * (METADATA_KEY_CHARS + 1): "v"},
         {"k": "v" * (METADATA_VALUE_CHARS + 1)})],

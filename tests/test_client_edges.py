@@ -2,13 +2,16 @@
 checkpoint server, fp32) with the official `openai` client and raw HTTP: each is what OpenAI's API does."""
 from __future__ import annotations
 
-from typing import Any
+import json
+import socket
+from typing import Any, Literal
 
 import openai
+import pydantic
 import pytest
 import requests
 
-from chat_http import MODEL, post_chat
+from chat_http import MODEL, health_polled, post_chat, raw_request
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -101,3 +104,136 @@ def test_malformed_arguments_in_the_history_are_written_as_sent(chat_server: Gun
     assert f'"arguments": {arguments}}}\n</tool_call>' in prompt["prompt"]
     if len(ids) < 1000:
         assert _ok(post_chat(chat_server, {"model": MODEL, "messages": messages, "max_tokens": 2}))["choices"]
+
+
+def _answers(srv: GunicornServer, raw: bytes) -> tuple[list[tuple[bytes, dict[str, Any]]], bool]:
+    """Each (head, JSON body) the server answers `raw` on one connection until it closes it or goes quiet for 5 s,
+    and whether it closed it."""
+    data, closed = b"", False
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(raw)
+        try:
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+            closed = True
+        except TimeoutError:
+            pass
+    answers = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+                     .split(b":")[1])
+        answers.append((head, json.loads(data[:length])))
+        data = data[length:]
+    return answers, closed
+
+
+def _status(head: bytes) -> int:
+    return int(head.split(b" ")[1])
+
+
+HEALTH_CLOSE = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("raw, status", [
+    # a Content-Length past the 8 MiB limit, the body not sent: the 413 comes at once
+    (raw_request(b"{}").replace(b"Content-Length: 2", f"Content-Length: {9 << 20}".encode()), 413),
+    (raw_request({"model": MODEL, "prompt": "hi"}, "/tokenize", "Content-Encoding: gzip\r\n") + HEALTH_CLOSE, 415),
+], ids=["413", "415"])
+def test_an_answer_to_a_body_not_read_says_the_connection_closes(chat_server: GunicornServer, raw: bytes,
+                                                                 status: int) -> None:
+    """gunicorn said `Connection: keep-alive` and then closed the connection (it ignores an app's Connection
+    header): a client that believed it would reuse a closed connection. The request pipelined behind is not read."""
+    [(head, body)], closed = _answers(chat_server, raw)
+    assert _status(head) == status and body["error"]["code"] in ("request_too_large", "unsupported_media_type")
+    assert b"\r\nConnection: close\r\n" in head and closed
+
+
+def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_server: GunicornServer) -> None:
+    """Where the answer says keep-alive (the body was read, or gunicorn reads it), the next requests are served."""
+    raw = (raw_request({"model": MODEL}, "/v1/nothing") + raw_request(b'{"model": ', "/tokenize")
+           + raw_request({"model": MODEL, "prompt": "hi"}, "/tokenize") + HEALTH_CLOSE)
+    answers, closed = _answers(chat_server, raw)
+    assert [_status(head) for head, _ in answers] == [404, 400, 200, 200] and closed
+    assert all(b"\r\nConnection: keep-alive\r\n" in head for head, _ in answers[:3])
+    assert answers[2][1]["tokens"] and answers[3][1]["status"] == "healthy"
+
+
+def test_a_large_body_not_read_is_not_read_on_the_loop(chat_server: GunicornServer) -> None:
+    """An answer before the body was read (a 404, a 405) left gunicorn to read the rest before the next request, in
+    one go: a local client's 96 MB held the loop for ~1 s. Past 64 KiB such a body closes the connection after the
+    answer, read and dropped meanwhile (a lingering close, yielding) so that a client still sending gets the answer,
+    not a reset."""
+    with health_polled(chat_server, 0.005) as latencies:
+        answers = [requests.post(f"{chat_server.url}{path}", data=b" " * (96 << 20), timeout=60)
+                   for path in ("/v1/nothing", "/health")]
+    assert [(a.status_code, a.headers["Connection"]) for a in answers] == [(404, "close"), (405, "close")]
+    assert max(latencies) < 0.5, latencies
+    chunked = raw_request(b"", "/v1/nothing", "Transfer-Encoding: chunked\r\n").replace(b"Content-Length: 0\r\n", b"")
+    [(head, _)], closed = _answers(chat_server, chunked + b"5\r\nabcde\r\n0\r\n\r\n" + HEALTH_CLOSE)
+    assert _status(head) == 404 and b"\r\nConnection: close\r\n" in head and closed
+
+
+@pytest.mark.parametrize("method, path, meant", [
+    ("POST", "/v1//chat/completions", "/v1/chat/completions"),  # a base URL ending in `/`, joined naively
+    ("POST", "//v1/chat/completions", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions/", "/v1/chat/completions"),
+    ("POST", "/v1/completions/", "/v1/completions"),
+    ("GET", "/v1//models", "/v1/models"),
+    ("GET", "/v1/models/", "/v1/models"),
+    ("GET", "//health", "/health"),
+    ("GET", "/v1/responses/resp_1/", "/v1/responses/resp_1"),
+    ("DELETE", "/v1/responses//resp_1", "/v1/responses/resp_1"),
+    ("POST", "/v1/models/", None),  # `/v1/models` takes no POST
+    ("POST", "/v1/nothing/", None),
+])
+def test_a_path_with_an_empty_segment_or_a_trailing_slash_is_a_json_404(chat_server: GunicornServer, method: str,
+                                                                        path: str, meant: str | None) -> None:
+    """`//` was a 308 with an HTML page (werkzeug's redirect), `//` leading it served the route; as OpenAI and vLLM,
+    each is a 404 in OpenAI's envelope, naming the route it likely meant."""
+    [(head, body)], _ = _answers(chat_server, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2"
+                                               "\r\nConnection: close\r\n\r\n{}".encode())
+    assert _status(head) == 404 and b"\r\nContent-Type: application/json\r\n" in head
+    assert body["error"]["code"] == "not_found" and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith(f"Unknown endpoint: {method} {path}")
+    hint = body["error"]["message"].partition(" (did you mean ")[2]
+    assert hint == ("" if meant is None else f"{meant}? Check the client's base URL for a trailing slash.)")
+
+
+class Verdict(pydantic.BaseModel):
+    ok: bool
+    grade: Literal["good", "bad"]
+
+
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings")  # the client's own dump of `parsed`
+def test_the_clients_parsed_message_goes_back_into_the_history(client: openai.OpenAI) -> None:
+    """`.parse()`'s message object sent back as it is carries `parsed` (and a tool call's `parsed_arguments`): the
+    client strips them from Responses input only, and vLLM takes them; a 400 naming `parsed` stopped the loop. They
+    are not part of the prompt; on a message of another role `parsed` is refused."""
+    kwargs: dict[str, Any] = {"model": MODEL, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING}
+    formatted = client.chat.completions.parse(messages=USER, response_format=Verdict, **kwargs).choices[0].message
+    called = client.chat.completions.parse(messages=USER, tools=[openai.pydantic_function_tool(Verdict)],
+                                           tool_choice="required", parallel_tool_calls=False, **kwargs)
+    called = called.choices[0].message
+    assert isinstance(formatted.parsed, Verdict) and isinstance(called.tool_calls[0].function.parsed_arguments, Verdict)
+    follow_up = {"role": "user", "content": "And the second best?"}
+    for message in (formatted, called):
+        plain = message.model_dump(exclude_none=True, exclude={"parsed"})
+        for call in plain.get("tool_calls", ()):
+            del call["function"]["parsed_arguments"]
+        tool_answer = [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in message.tool_calls or ()]
+        usages = [client.chat.completions.create(messages=[*USER, sent, *tool_answer, follow_up], **kwargs).usage
+                  for sent in (message, plain)]
+        assert usages[0].prompt_tokens == usages[1].prompt_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=[{**USER[0], "parsed": {"ok": True}}], **kwargs)
+    assert info.value.param == "messages.[0]"
+
+
+def test_a_service_tier_openai_does_not_know_is_refused(chat_server: GunicornServer) -> None:
+    """Any string was taken on chat (Responses already checked OpenAI's names): the client's `service_tier="flx"`
+    ran without a word, where OpenAI answers 400."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1}
+    assert _ok(post_chat(chat_server, {**body, "service_tier": "flex"}))["choices"]
+    error = post_chat(chat_server, {**body, "service_tier": "flx"}).json()["error"]
+    assert error["param"] == "service_tier" and error["type"] == "invalid_request_error"

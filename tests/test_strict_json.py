@@ -43,13 +43,13 @@ def test_a_float_out_of_range_is_refused_naming_its_field(text: str, param: str 
 
 
 def test_arguments_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The validator parsed them, and templating (parsed_arguments) parsed them again."""
+    """The validator parsed them, and templating (decoded_arguments) parsed them again."""
     calls = []
     loads = strict_json.loads
     monkeypatch.setattr(strict_json, "loads", lambda *args, **kw: calls.append(args) or loads(*args, **kw))
     call = FunctionCall(name="f", arguments='{"city": "Paris"}')
-    assert call.parsed_arguments == {"city": "Paris"} and call.parsed_arguments == {"city": "Paris"}
-    assert len(calls) == 1 and call.model_dump() == {"name": "f", "arguments": '{"city": "Paris"}'}
+    assert call.decoded_arguments == {"city": "Paris"} and call.decoded_arguments == {"city": "Paris"}
+    assert len(calls) == 1 and call.model_dump(exclude_none=True) == {"name": "f", "arguments": '{"city": "Paris"}'}
 
 
 def test_the_tool_call_parser_imports_no_server() -> None:
@@ -64,8 +64,8 @@ def test_the_tool_call_parser_imports_no_server() -> None:
     lambda: FunctionCall.model_construct(name="f", arguments='{"city": "Paris"}'),
 ], ids=["model_copy", "model_construct"])
 def test_arguments_the_validator_skipped_are_decoded(make: Callable[[], FunctionCall]) -> None:
-    """parsed_arguments asserted the validator's Arguments: an AssertionError for a copy or a construct."""
-    assert make().parsed_arguments == {"city": "Paris"}
+    """decoded_arguments asserted the validator's Arguments: an AssertionError for a copy or a construct."""
+    assert make().decoded_arguments == {"city": "Paris"}
 
 
 def _conversation(*arguments: str, users: int = 1) -> dict[str, Any]:

@@ -8,12 +8,12 @@ import time
 from importlib.metadata import version
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from nanoqwen.api import request_id
-from nanoqwen.api.body import ParsedBody, parse_json, read_body
+from nanoqwen.api.body import ParsedBody, close_if_unread, parse_json, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
@@ -43,9 +43,25 @@ def _error_response(error: APIError) -> Response:
     return response
 
 
+def _request_path() -> str:
+    """The path as sent: werkzeug's `request.path` drops a leading run of slashes."""
+    path_info = request.environ.get("PATH_INFO", "")
+    return "/" * (len(path_info) - len(path_info.lstrip("/"))) + request.path.lstrip("/")
+
+
+def _route_hint(path: str) -> str:
+    """What a path with an empty segment (`/v1//chat/completions`: a client's base URL ending in `/`) or a trailing
+    slash likely meant, where that is a route: OpenAI and vLLM answer such a path 404, without a redirect."""
+    canonical = "/" + "/".join(part for part in path.split("/") if part)
+    if canonical == path or not current_app.url_map.bind("localhost").test(canonical, request.method):
+        return ""
+    return f" (did you mean {canonical}? Check the client's base URL for a trailing slash.)"
+
+
 def _http_error(exc: HTTPException) -> APIError:
     if exc.code == 404:
-        return APIError(404, f"Unknown endpoint: {request.method} {request.path}", code="not_found")
+        path = _request_path()
+        return APIError(404, f"Unknown endpoint: {request.method} {path}{_route_hint(path)}", code="not_found")
     if exc.code == 405:
         allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or []))
         return APIError(405, f"Method {request.method} is not allowed on {request.path}",
@@ -74,6 +90,13 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     request_id.install(app)
 
     @app.before_request
+    def refuse_empty_segments() -> None:
+        """`//` anywhere in a path is a 404, as OpenAI's and vLLM's, where werkzeug would answer a redirect (308,
+        an HTML page) or, for a leading one, serve the route."""
+        if "//" in _request_path():
+            raise NotFound()
+
+    @app.before_request
     def check_api_key() -> None:
         if config.api_key is None or not request.path.startswith("/v1/") or request.method == "OPTIONS":
             return
@@ -81,6 +104,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                            code="invalid_api_key")
+
+    @app.after_request
+    def close_after_an_unread_body(response: Response) -> Response:
+        close_if_unread(request)
+        return response
 
     @app.after_request
     def add_cors_headers(response: Response) -> Response:

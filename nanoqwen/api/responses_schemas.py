@@ -15,7 +15,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StringConstraints,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -25,9 +24,11 @@ from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
     JsonObjectFormat,
+    Metadata,
     PromptCacheBreakpoint,
     ReasoningEffort,
     Refused,
+    ServiceTier,
     Strict,
     Temperature,
     TextFormat,
@@ -49,10 +50,6 @@ REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 # OpenAI's limits of metadata: keys, a key's and a value's characters, on the type so that the document has them
-METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
-Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
-                          Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
-                     Field(max_length=METADATA_KEYS)]
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 
 
@@ -391,7 +388,7 @@ class ResponseCreateRequest(ResponsePromptFields):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsePromptCacheOptions | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] | None = None
+    service_tier: ServiceTier | None = None
     # Would change what is generated or where it goes, not implemented: refused unless absent or "not used".
     background_options: Refused = None
     prompt: Refused = None

@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    StringConstraints,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -174,6 +175,14 @@ STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 # OpenAI's reasoning efforts (chat's reasoning_effort, Responses' reasoning.effort): Qwen3 has no levels, see thinks
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+# OpenAI's metadata limits (chat's and Responses'): 16 pairs, keys of 64 characters at most, values of 512
+METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
+                          Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
+                     Field(max_length=METADATA_KEYS)]
+# OpenAI's processing tiers (chat's and Responses' service_tier): one tier here, the answer is the same; OpenAI
+# refuses a name it does not know.
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"]
 
 
 def thinks(effort: str) -> bool:
@@ -301,11 +310,13 @@ class FunctionCall(Strict):
 
     name: str
     arguments: str
+    # What the openai client's `.parse()` decoded them to, as its message object sends it back: not in the prompt.
+    parsed_arguments: Any = None
 
     _decoded = field_validator("arguments", mode="wrap")(parsed_once)
 
     @property
-    def parsed_arguments(self) -> Any:
+    def decoded_arguments(self) -> Any:
         """What the arguments decode to; None: not JSON."""
         arguments = self.arguments
         # a model_copy(update=...) or model_construct skips the validator
@@ -320,7 +331,7 @@ class ToolCallMessage(Strict):
     def to_template(self) -> dict[str, Any]:
         """The arguments as an object when they are one (Qwen3's template writes `arguments | tojson`), else as the
         model wrote them: the template writes a string as is."""
-        parsed = self.function.parsed_arguments
+        parsed = self.function.decoded_arguments
         arguments = parsed if isinstance(parsed, dict) else self.function.arguments
         return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
 
@@ -383,7 +394,7 @@ def _message_schema(schema: dict[str, Any]) -> None:
          "then": {"required": ["content"], "properties": {
              "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
              "tool_calls": {"type": ["array", "null"], "maxItems": 0},
-             "annotations": {"type": ["array", "null"], "maxItems": 0}}}},
+             "annotations": {"type": ["array", "null"], "maxItems": 0}, "parsed": {"type": "null"}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -408,6 +419,9 @@ class ChatMessage(Strict):
     refusal: str | None = None
     # An answer's citations, as the openai client's message object dumps them (null): not part of the prompt.
     annotations: list[dict[str, Any]] | None = None
+    # What the openai client's `.parse()` decoded the content to, as its message object sends it back (vLLM takes it
+    # too): not in the prompt.
+    parsed: Any = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCallMessage] | None = None
     function_call: Refused = None  # a call: a request's "none" means none, a message's is a call
@@ -439,6 +453,8 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages have tool_calls")
         if self.annotations and self.role != "assistant":
             raise ValueError("only assistant messages have annotations")
+        if self.parsed is not None and self.role != "assistant":
+            raise ValueError("only assistant messages have parsed content")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self
@@ -677,9 +693,9 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # Metadata that does not change the answer: accepted and ignored.
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
-    service_tier: str | None = None
+    service_tier: ServiceTier | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: Prediction | None = None
