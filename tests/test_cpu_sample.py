@@ -13,12 +13,14 @@ from nanoqwen.sampler import (
     LogitAdjust,
     SamplingRows,
     apply_adjust,
+    apply_penalties,
     filter_logits,
     sample,
+    token_bitmask,
 )
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
-from sampler_util import adjusted_batch, rows
+from sampler_util import adjusted_batch, penalised_batch, rows
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -162,6 +164,31 @@ def test_kernel_adjusts_rows_as_apply_adjust(use, vocab):
         finite = reference.gather(1, tokens.unsqueeze(1)).isfinite().flatten().tolist()
         assert finite == [True] * 4 + [False] + [True] * 3  # row 4: no token allowed
         assert tokens[4] == 0  # there greedy's token (min_p's window held none: it was the scratch's last one)
+    assert torch.equal(logits, given)
+
+
+@pytest.mark.parametrize("vocab", [37, 4001, 151936])
+def test_kernel_penalises_rows_as_apply_penalties(use, vocab):
+    """The kernel applies the penalties itself (to a copy of each penalised row), then the biases and masks: the
+    tokens it samples on apply_penalties' then apply_adjust's logits, greedy (torch's argmax, as the torch sampler
+    gives) and seeded in every filter, and the logits it was given untouched."""
+    logits, penalties = penalised_batch(vocab)
+    # row 4 also masked (its maximum, token 1, allowed) and biased; row 6 biased only
+    adjust = LogitAdjust(torch.tensor([4, 4, 6]), torch.tensor([2, 3, 1]), torch.tensor([-1.0, 0.5, 0.25]),
+                         torch.tensor([4]), token_bitmask([1, 2, 3, vocab - 1], vocab).unsqueeze(0))
+    given = logits.clone()
+    reference = apply_adjust(apply_penalties(logits, penalties), adjust)
+    greedy = sample(logits, rows(8, temperature=[0.0] * 8), "greedy", penalties, adjust)
+    assert torch.equal(greedy, reference.argmax(-1))
+    assert greedy[:7].tolist() == [2, 2, 6, 1, 1, 2, 1]  # penalties moved rows 0-2 and 5 off their maximum, token 1
+    use("torch")
+    assert torch.equal(sample(logits, rows(8, temperature=[0.0] * 8), "greedy", penalties, adjust), greedy)
+    use("kernel")
+    for step in range(4):
+        r = rows(8, step, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.3, 1.3, 0.7], top_p=[1, 0.95, 1, 1, 0.9, 1, 0.8, 1],
+                 top_k=[0, 20, 0, 2, 0, 0, 300, 0], min_p=[0, 0, 0.05, 0, 0.05, 0, 0, 0])
+        tokens = sample(logits, r, "filter", penalties, adjust)
+        assert torch.equal(tokens, sample(reference, r, "filter")), step
     assert torch.equal(logits, given)
 
 

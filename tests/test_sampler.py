@@ -26,7 +26,7 @@ from nanoqwen.sampler import (
     seed_key,
 )
 from ops.cpu import sample as cpu_sample
-from sampler_util import rows
+from sampler_util import dense_penalties, penalised_batch, rows
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +36,13 @@ def torch_sampler(monkeypatch):
     monkeypatch.setattr(cpu_sample.KERNEL, "ready", False)
 
 
-def penalties(vocab: int, repetition=1.0, presence=0.0, frequency=0.0) -> Penalties:
+def penalties(tokens: list[int], repetition=1.0, presence=0.0, frequency=0.0, counts: list[int] | None = None
+              ) -> Penalties:
+    """One row's penalties: its seen `tokens` (distinct), generated `counts` times each (default: 0, prompt only)."""
     return Penalties(
         presence=torch.tensor([presence]), frequency=torch.tensor([frequency]), repetition=torch.tensor([repetition]),
-        output_counts=torch.zeros(1, vocab), seen=torch.zeros(1, vocab, dtype=torch.bool),
+        rows=torch.zeros(len(tokens), dtype=torch.int64), tokens=torch.tensor(tokens),
+        counts=torch.tensor(counts or [0] * len(tokens), dtype=torch.float32),
     )
 
 
@@ -62,20 +65,22 @@ def test_repetition_penalty_matches_transformers():
     torch.manual_seed(1)
     logits = torch.randn(1, 100)
     seen = torch.tensor([[3, 7, 7, 50]])
-    b = penalties(100, repetition=1.3)
-    b.seen[0, seen[0]] = True
     ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
-    torch.testing.assert_close(apply_penalties(logits, b), ref)
+    torch.testing.assert_close(apply_penalties(logits, penalties([3, 7, 50], repetition=1.3)), ref)
 
 
 def test_presence_and_frequency_penalties():
     logits = torch.zeros(1, 10)
-    b = penalties(10, presence=0.5, frequency=0.25)
-    b.output_counts[0, 2] = 3
-    b.seen = b.output_counts > 0
-    out = apply_penalties(logits, b)
+    out = apply_penalties(logits, penalties([2, 4], presence=0.5, frequency=0.25, counts=[3, 0]))
     assert out[0, 2].item() == pytest.approx(-(0.5 + 0.75))
-    assert out[0, 3].item() == 0
+    assert out[0, 3].item() == out[0, 4].item() == 0  # unseen; seen in the prompt only
+
+
+@pytest.mark.parametrize("vocab", [37, 151936])
+def test_penalties_touch_only_seen_tokens_as_the_dense_definition(vocab):
+    """apply_penalties on its entries' tokens alone gives the [B, V] definition's logits bit for bit, every row."""
+    logits, p = penalised_batch(vocab)
+    assert torch.equal(apply_penalties(logits, p), dense_penalties(logits, p))
 
 
 def test_greedy_rows_and_top_k_1_take_the_argmax():
