@@ -80,7 +80,8 @@ def _by_row(rows: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, .
 
 
 def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values,
-                      mask_rows, bitmask, penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition):
+                      mask_rows, bitmask, penalty_rows, penalty_tokens, penalty_counts, presence, frequency,
+                      repetition):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 
