@@ -8,9 +8,13 @@ import math
 import pytest
 import torch
 
+from engine_util import generate_together, greedy, load_engine
+from nanoqwen.engine import SamplingParams
+from nanoqwen.runner import runner
 from nanoqwen.sampler import (
     TOP_K_CANDIDATES,
     LogitAdjust,
+    Penalties,
     SamplingRows,
     apply_adjust,
     apply_penalties,
@@ -190,6 +194,42 @@ def test_kernel_penalises_rows_as_apply_penalties(use, vocab):
         tokens = sample(logits, r, "filter", penalties, adjust)
         assert torch.equal(tokens, sample(reference, r, "filter")), step
     assert torch.equal(logits, given)
+
+
+def test_kernel_rounds_the_frequency_product_as_torch(use):
+    """logit - frequency x count with the product rounded to fp32 first, as torch's two operations (a fused
+    multiply-subtract rounds once: here 1 ulp higher, above the tie with token 2 set to torch's value)."""
+    logits = torch.full((1, 16), -1.0)
+    logits[0, 5] = 2.2132716
+    p = Penalties(torch.zeros(1), torch.tensor([0.3]), torch.ones(1), torch.tensor([0]), torch.tensor([5]),
+                  torch.tensor([7.0]))
+    logits[0, 2] = apply_penalties(logits, p)[0, 5]
+    assert sample(logits, rows(1, temperature=[0.0]), "greedy", p) == 2
+
+
+def test_engine_penalises_as_apply_penalties_before_the_kernel(use, tiny_checkpoint, monkeypatch):
+    """fp32 engine, one batch: penalised rows (greedy and seeded; prompts that repeat tokens; one with a logit_bias)
+    beside plain ones give the same tokens with the kernel penalising them as with apply_penalties in torch before
+    the kernel (the path before it), the greedy ones also the torch sampler's; the penalties change tokens."""
+    prompts = [[7] * 17, [42, 43] * 8, list(range(1000, 1037)), [9707, 1879, 11, 358, 1079], [100, 200, 300] * 3]
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=3, max_tokens=16, ignore_eos=True,
+                            presence_penalty=1.0, frequency_penalty=0.7, repetition_penalty=1.2)
+    batch = [greedy(16, repetition_penalty=1.8), greedy(16, presence_penalty=1.5, frequency_penalty=0.5), seeded,
+             greedy(16), greedy(16, repetition_penalty=0.7, frequency_penalty=-0.3, logit_bias={300: 0.5})]
+    engine = load_engine(tiny_checkpoint, max_batch=len(batch))
+    ours = generate_together(engine, prompts, batch)
+
+    def torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN202 - sample's
+        return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)
+
+    monkeypatch.setattr(runner, "sample", torch_penalties)
+    assert generate_together(engine, prompts, batch) == ours
+    monkeypatch.setattr(runner, "sample", sample)
+    use("torch")
+    torch_sampler = generate_together(engine, prompts, batch)
+    assert [torch_sampler[i] for i in (0, 1, 3, 4)] == [ours[i] for i in (0, 1, 3, 4)]
+    plain = generate_together(engine, prompts[:2], [greedy(16)] * 2)
+    assert ours[0] != plain[0] and ours[1] != plain[1]
 
 
 def test_greedy_rows_take_torchs_argmax(use):

@@ -10,8 +10,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from engine_util import sequence
 from nanoqwen import sampler
 from nanoqwen.engine.request import SamplingParams
+from nanoqwen.runner.penalties import PenaltyBuilder
 from nanoqwen.runner.sampling import sampling_mode
 from nanoqwen.sampler import (
     MODES,
@@ -44,6 +46,29 @@ def penalties(tokens: list[int], repetition=1.0, presence=0.0, frequency=0.0, co
         rows=torch.zeros(len(tokens), dtype=torch.int64), tokens=torch.tensor(tokens),
         counts=torch.tensor(counts or [0] * len(tokens), dtype=torch.float32),
     )
+
+
+def test_penalty_builder_counts_each_sequences_new_tokens():
+    """Each penalised row's distinct prompt and output tokens with their output counts, kept from step to step (the
+    tokens a step appended counted, a sequence that missed a step counted afresh); unpenalised rows get none."""
+    params = SamplingParams(presence_penalty=0.5, repetition_penalty=1.2)
+    seqs = [sequence([5, 6, 5], "a", params), sequence([9], "b"), sequence([3], "c", params)]
+    builder = PenaltyBuilder(lambda t: t)
+
+    def entries() -> set[tuple[int, int, float]]:
+        p = builder.build(seqs)
+        assert p.presence.tolist() == [0.5, 0.0, 0.5] and p.repetition.tolist() == pytest.approx([1.2, 1.0, 1.2])
+        return set(zip(p.rows.tolist(), p.tokens.tolist(), p.counts.tolist()))
+
+    assert entries() == {(0, 5, 0.0), (0, 6, 0.0), (2, 3, 0.0)}
+    seqs[0].token_ids += [6, 7]
+    seqs[2].token_ids += [3]
+    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 1.0), (2, 3, 1.0)}
+    kept = builder.build(seqs[:1])  # the others miss a step
+    seqs[0].token_ids += [7] * 40  # past the arrays' first capacity
+    seqs[2].token_ids += [4]
+    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 41.0), (2, 3, 1.0), (2, 4, 1.0)}
+    assert kept.tokens.tolist() == [5, 6, 7]  # a step's entries are its own copy
 
 
 def test_filters_match_transformers_warpers():
