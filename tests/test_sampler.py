@@ -65,9 +65,12 @@ def test_penalty_builder_counts_each_sequences_new_tokens():
     seqs[2].token_ids += [3]
     assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 1.0), (2, 3, 1.0)}
     kept = builder.build(seqs[:1])  # the others miss a step
-    seqs[0].token_ids += [7] * 40  # past the arrays' first capacity
-    seqs[2].token_ids += [4]
-    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 41.0), (2, 3, 1.0), (2, 4, 1.0)}
+    seqs[0].token_ids += [7] * 40 + list(range(100, 120))  # past the arrays' first capacity
+    seqs[2].token_ids += [4, 2]  # new tokens above and below the first count's
+    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 41.0), (2, 3, 1.0), (2, 4, 1.0), (2, 2, 1.0),
+                         *((0, t, 1.0) for t in range(100, 120))}
+    seqs[2].token_ids += [2, 3]
+    assert {(t, c) for r, t, c in entries() if r == 2} == {(3, 2.0), (4, 1.0), (2, 2.0)}
     assert kept.tokens.tolist() == [5, 6, 7]  # a step's entries are its own copy
 
 

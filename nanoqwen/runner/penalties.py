@@ -16,17 +16,16 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
 
 
 class TokenCounts:
-    """One sequence's distinct tokens (prompt and output: those it had at first sorted, later ones appended), with
-    how often it generated each."""
+    """One sequence's distinct tokens (prompt and output) with how often it generated each: those it had when first
+    counted sorted (found by bisection: no per-token dict of a long history to build), later ones appended."""
 
     def __init__(self, seq: Sequence) -> None:
         self.seq = seq
         ids = np.asarray(seq.token_ids, dtype=np.int64)
         self.tokens, inverse = np.unique(ids, return_inverse=True)
-        generated = np.bincount(inverse[seq.num_prompt_tokens:], minlength=len(self.tokens))
-        self.counts = generated.astype(np.float32)
-        self.slot = dict(zip(self.tokens.tolist(), range(len(self.tokens))))
-        self.size = len(self.tokens)
+        self.counts = np.bincount(inverse[seq.num_prompt_tokens:], minlength=len(self.tokens)).astype(np.float32)
+        self.sorted = self.size = len(self.tokens)
+        self.appended: dict[int, int] = {}  # token -> slot, past the sorted ones
         self.done = len(ids)  # the tokens of seq.token_ids counted so far
 
     def update(self) -> tuple[np.ndarray, np.ndarray]:
@@ -34,12 +33,14 @@ class TokenCounts:
         ids = self.seq.token_ids
         for pos in range(self.done, len(ids)):  # all generated: the prompt was counted at construction
             token = ids[pos]
-            slot = self.slot.get(token)
-            if slot is None:
-                slot = self.slot[token] = self.size
+            slot = int(np.searchsorted(self.tokens[: self.sorted], token))
+            if slot == self.sorted or self.tokens[slot] != token:
+                slot = self.appended.get(token, self.size)
+            if slot == self.size:
+                self.appended[token] = slot
                 if slot == len(self.tokens):  # doubles: amortised O(1) a token
-                    self.tokens = np.resize(self.tokens, 2 * slot)
-                    self.counts = np.resize(self.counts, 2 * slot)
+                    self.tokens = np.resize(self.tokens, 2 * slot + 8)
+                    self.counts = np.resize(self.counts, 2 * slot + 8)
                 self.tokens[slot], self.counts[slot] = token, 0.0
                 self.size += 1
             self.counts[slot] += 1.0
