@@ -97,24 +97,28 @@ class SamplingRows:
 
 @dataclass
 class Penalties:
-    """Presence/frequency/repetition penalties of every row ([B] each; neutral rows: 0, 0, 1)."""
+    """Presence/frequency/repetition penalties: every row's settings ([B] each; neutral: 0, 0, 1) and each penalised
+    row's history as entries sorted by row, one per distinct token it has seen (in the prompt or generated)."""
 
-    presence: torch.Tensor  # fp32
-    frequency: torch.Tensor  # fp32
-    repetition: torch.Tensor  # fp32
-    output_counts: torch.Tensor  # fp32 [B, V]: generated-token counts
-    seen: torch.Tensor  # bool [B, V]: in the prompt or generated
+    presence: torch.Tensor  # fp32 [B]
+    frequency: torch.Tensor  # fp32 [B]
+    repetition: torch.Tensor  # fp32 [B]
+    rows: torch.Tensor  # int64 [N]: (row, token, output count) of each entry; a row's tokens distinct
+    tokens: torch.Tensor  # int64 [N]
+    counts: torch.Tensor  # fp32 [N]: how often the row generated the token (0: seen in the prompt only)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
-    """OpenAI presence/frequency penalties on generated tokens; repetition penalty (as in
-    transformers and vLLM) on every token seen in the prompt or output. Neutral rows are unchanged."""
-    rep = penalties.repetition.unsqueeze(1)
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
-    logits = torch.where(penalties.seen, penalised, logits)
-    counts = penalties.output_counts
-    presence = penalties.presence.unsqueeze(1) * (counts > 0).float()
-    return logits - penalties.frequency.unsqueeze(1) * counts - presence
+    """logits [B, V] -> a new tensor with the repetition penalty (as in transformers and vLLM) on every token seen
+    in the prompt or output, then OpenAI's frequency and presence penalties on generated tokens. Only the entries'
+    tokens change (an unseen token's penalties are zero), as in the CPU kernel's `penalised` (ops/cpu/csrc/sample.c),
+    which does the same operations in the same order."""
+    p = penalties
+    values = logits[p.rows, p.tokens]  # [N]
+    rep = p.repetition[p.rows]
+    values = torch.where(values > 0, values / rep, values * rep)
+    values = values - p.frequency[p.rows] * p.counts - p.presence[p.rows] * (p.counts > 0).float()
+    return logits.index_put((p.rows, p.tokens), values)
 
 
 @dataclass
@@ -132,6 +136,7 @@ class LogitAdjust:
 _BITS = torch.arange(32, dtype=torch.int32)
 _NO_IDS = torch.zeros(0, dtype=torch.int64)
 _UNADJUSTED = LogitAdjust(_NO_IDS, _NO_IDS, torch.zeros(0), _NO_IDS, torch.zeros(0, 0, dtype=torch.int32))
+_UNPENALISED = Penalties(torch.zeros(0), torch.zeros(0), torch.zeros(0), _NO_IDS, _NO_IDS, torch.zeros(0))
 
 
 def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
@@ -188,18 +193,19 @@ def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penal
     """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:
     "greedy" when all temperatures are 0, "top_k" when every sampled row is `few_candidates`, "filter"
     when any sampled row filters. A `few_candidates` row is sampled the same way in every mode.
-    Penalties, then logit biases and grammar masks, apply before temperature and filtering: on the CPU the
-    biases and masks in the C kernel, on a copy of each row they touch (apply_adjust elsewhere)."""
-    if penalties is not None:
-        logits = apply_penalties(logits, penalties)
+    Penalties, then logit biases and grammar masks, apply before temperature and filtering: on the CPU in the C
+    kernel, on a copy of each row they touch (apply_penalties and apply_adjust elsewhere)."""
     on_cpu = logits.device.type == "cpu" and cpu_sample.KERNEL.ready
-    if on_cpu and mode == "greedy" and adjust is None:
+    if on_cpu and mode == "greedy" and adjust is None and penalties is None:
         return cpu_sample.argmax_rows_cpu(logits.float())
     if on_cpu:  # greedy mode with adjustments too: every temperature is 0, so each row's argmax
-        a = adjust or _UNADJUSTED
+        a, p = adjust or _UNADJUSTED, penalties or _UNPENALISED
         return cpu_sample.sample_rows_cpu(logits.float(), rows.temperature, rows.top_p, rows.top_k.int(), rows.min_p,
                                           _as_int32(rows.keys), _as_int32(rows.steps), a.bias_rows, a.bias_tokens,
-                                          a.bias_values, a.mask_rows, a.bitmask)
+                                          a.bias_values, a.mask_rows, a.bitmask, p.rows, p.tokens, p.counts,
+                                          p.presence, p.frequency, p.repetition)
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     if adjust is not None:
         logits = apply_adjust(logits, adjust)
     if mode == "greedy":

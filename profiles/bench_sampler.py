@@ -8,6 +8,8 @@
    (`runner.sampling.sampling_mode`); on the CPU both as the torch sampler and as the C kernel
    (ops/cpu/sample.py). The settings take turns within each repeat, so a shared machine's load falls
    on all of them alike; ms = the median over --repeats.
+   Then a penalised batch-8 step's sampling (`PenaltyBuilder.build`, one new token a row, then `sample`, Qwen's
+   defaults): 0, 1 and 8 rows with presence, frequency and repetition penalties, histories of 100 and 2000 tokens.
 2. Unless --no-engine: whole engine decode steps (`Engine.step()`, as bench_decode.py times them) on
    the random 0.6B-shaped bf16 checkpoint (--small: the 2-layer test model, whose vocabulary is
    small), all rows greedy against all rows with each sampled setting, and their ratio (target: at
@@ -18,12 +20,14 @@ Writes bench_sampler.{json,md} into --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 from nanoqwen.engine import SamplingParams  # noqa: E402
+from nanoqwen.engine.sequence import Request, Sequence  # noqa: E402
+from nanoqwen.engine.stream import EventStream  # noqa: E402
+from nanoqwen.runner.penalties import PenaltyBuilder  # noqa: E402
 from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
 from nanoqwen.sampler import SamplingRows, sample, seed_key  # noqa: E402
 from ops.cpu import sample as cpu_sample  # noqa: E402
@@ -44,6 +51,10 @@ SETTINGS = {
     "top-p 0.95 (no top-k)": SamplingParams(temperature=0.7, top_p=0.95),
 }
 SAMPLED = [name for name in SETTINGS if name != "greedy"]
+QWEN = SETTINGS["qwen defaults (T 0.7, top-p 0.95, top-k 20)"]
+PENALISED = SamplingParams(temperature=0.7, top_p=0.95, top_k=20, presence_penalty=0.5, frequency_penalty=0.3,
+                           repetition_penalty=1.1)
+PENALTY_BATCH = 8
 
 
 def rows(params: SamplingParams, batch: int, device: torch.device) -> SamplingRows:
@@ -82,6 +93,42 @@ def sampler_ms(batch: int, repeats: int, device: torch.device) -> dict[str, dict
                     times[backend][name].append(time.perf_counter() - start)
     cpu_sample.KERNEL.ready = "kernel" in backends
     return {b: {name: 1000 * statistics.median(t) for name, t in by_name.items()} for b, by_name in times.items()}
+
+
+def penalised_rows(penalised: int, history: int) -> list[Sequence]:
+    """PENALTY_BATCH sequences of `history` random tokens (50 of prompt), the first `penalised` with PENALISED."""
+    rng = np.random.default_rng(history)
+    seqs = []
+    for i in range(PENALTY_BATCH):
+        tokens = rng.integers(0, VOCAB, history).tolist()
+        request = Request(str(i), PENALISED if i < penalised else QWEN, EventStream(), 50)
+        seqs.append(Sequence(request, 0, tokens[:50], seed=i, max_tokens=history))
+        seqs[-1].token_ids = tokens
+    return seqs
+
+
+@torch.inference_mode()
+def penalties_ms(repeats: int, device: torch.device) -> dict[str, float]:
+    """{"penalised rows / history": median ms of a step's PenaltyBuilder.build and `sample`}, the cases interleaved,
+    a plain `sample` just before each (the kernel's threads awake, as in a step)."""
+    logits = torch.randn(PENALTY_BATCH, VOCAB, device=device) * 3
+    settings, mode = rows(QWEN, PENALTY_BATCH, device), sampling_mode([QWEN])
+    to_device = functools.partial(torch.Tensor.to, device=device)
+    cases = {f"{n} / {h}": (penalised_rows(n, h), PenaltyBuilder(to_device)) for n in (0, 1, 8) for h in (100, 2000)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for repeat in range(repeats + 1):  # the first round warms up (and counts every history once)
+        for name, (seqs, builder) in cases.items():
+            for seq in seqs:
+                seq.token_ids.append(repeat)
+            sample(logits, settings, mode)
+            common.synchronize(device)
+            start = time.perf_counter()
+            penalties = builder.build(seqs) if any(s.request.params.penalized for s in seqs) else None
+            sample(logits, settings, mode, penalties)
+            common.synchronize(device)
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def engine_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -127,6 +174,10 @@ def main() -> None:
         [f"{name} ({sampling_mode([p])})", *[f"{sampler[b][backend][name]:.2f}" for b, backend in columns]]
         for name, p in SETTINGS.items()
     ])
+    penalised = penalties_ms(args.repeats, device)
+    table += "\n\n" + common.markdown_table(
+        [f"B={PENALTY_BATCH}, Qwen's defaults: penalised rows / history tokens", "build + sample ms"],
+        [[name, f"{ms:.2f}"] for name, ms in penalised.items()])
     steps = [] if args.no_engine else engine_steps(args, device)
     if steps:
         table += "\n\n" + common.markdown_table(
@@ -139,7 +190,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_sampler.md").write_text(report)
     (args.out / "bench_sampler.json").write_text(json.dumps(
-        {"machine": info, "command": common.command_line(), "sampler_ms": sampler, "engine_steps": steps}, indent=2))
+        {"machine": info, "command": common.command_line(), "sampler_ms": sampler, "penalties_ms": penalised,
+         "engine_steps": steps}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from int4_packing import as_loaded
-from nanoqwen.sampler import apply_adjust, sample
+from nanoqwen.sampler import apply_adjust, apply_penalties, sample
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int4 as cpu_int4
@@ -19,7 +19,7 @@ from ops.cpu import linear_int8 as cpu_int8
 from ops.cpu import sample as cpu_sample
 from ops.torch_ref.linear_int4 import dequantize_int4
 from ops.torch_ref.linear_int8 import linear_int8_torch
-from sampler_util import adjusted_batch, rows
+from sampler_util import adjusted_batch, penalised_batch, rows
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -179,7 +179,8 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
 
 def test_sampler_without_scratch_adjusts_rows_in_place(monkeypatch):
     """Without the scratch for a copy of each adjusted row, the kernel adjusts the logits it was given in place, as
-    apply_adjust would, and samples the same tokens (unfiltered rows: the filters' own ways without scratch differ)."""
+    apply_adjust (after apply_penalties) would, and samples the same tokens (unfiltered rows: the filters' own ways
+    without scratch differ)."""
     assert cpu_sample.KERNEL.build(), cpu_sample.KERNEL.error  # else `sample` takes the torch sampler
     logits, adjust = adjusted_batch(4001)
     r = rows(8, 2, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.0, 1.3, 0.7])
@@ -188,3 +189,8 @@ def test_sampler_without_scratch_adjusts_rows_in_place(monkeypatch):
     given = logits.clone()
     assert torch.equal(sample(given, r, "sample", adjust=adjust), expected)
     assert torch.equal(given, apply_adjust(logits, adjust))
+    logits, penalties = penalised_batch(4001)  # penalties too, then the adjustments
+    expected = sample(apply_penalties(logits, penalties), r, "sample", adjust=adjust)
+    given = logits.clone()
+    assert torch.equal(sample(given, r, "sample", penalties, adjust), expected)
+    assert torch.equal(given, apply_adjust(apply_penalties(logits, penalties), adjust))

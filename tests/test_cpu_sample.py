@@ -8,17 +8,23 @@ import math
 import pytest
 import torch
 
+from engine_util import generate_together, greedy, load_engine
+from nanoqwen.engine import SamplingParams
+from nanoqwen.runner import runner
 from nanoqwen.sampler import (
     TOP_K_CANDIDATES,
     LogitAdjust,
+    Penalties,
     SamplingRows,
     apply_adjust,
+    apply_penalties,
     filter_logits,
     sample,
+    token_bitmask,
 )
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
-from sampler_util import adjusted_batch, rows
+from sampler_util import adjusted_batch, penalised_batch, rows
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -163,6 +169,67 @@ def test_kernel_adjusts_rows_as_apply_adjust(use, vocab):
         assert finite == [True] * 4 + [False] + [True] * 3  # row 4: no token allowed
         assert tokens[4] == 0  # there greedy's token (min_p's window held none: it was the scratch's last one)
     assert torch.equal(logits, given)
+
+
+@pytest.mark.parametrize("vocab", [37, 4001, 151936])
+def test_kernel_penalises_rows_as_apply_penalties(use, vocab):
+    """The kernel applies the penalties itself (to a copy of each penalised row), then the biases and masks: the
+    tokens it samples on apply_penalties' then apply_adjust's logits, greedy (torch's argmax, as the torch sampler
+    gives) and seeded in every filter, and the logits it was given untouched."""
+    logits, penalties = penalised_batch(vocab)
+    # row 4 also masked (its maximum, token 1, allowed) and biased; row 6 biased only
+    adjust = LogitAdjust(torch.tensor([4, 4, 6]), torch.tensor([2, 3, 1]), torch.tensor([-1.0, 0.5, 0.25]),
+                         torch.tensor([4]), token_bitmask([1, 2, 3, vocab - 1], vocab).unsqueeze(0))
+    given = logits.clone()
+    reference = apply_adjust(apply_penalties(logits, penalties), adjust)
+    greedy = sample(logits, rows(8, temperature=[0.0] * 8), "greedy", penalties, adjust)
+    assert torch.equal(greedy, reference.argmax(-1))
+    assert greedy[:7].tolist() == [2, 2, 6, 1, 1, 2, 1]  # penalties moved rows 0-2 and 5 off their maximum, token 1
+    use("torch")
+    assert torch.equal(sample(logits, rows(8, temperature=[0.0] * 8), "greedy", penalties, adjust), greedy)
+    use("kernel")
+    for step in range(4):
+        r = rows(8, step, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.3, 1.3, 0.7], top_p=[1, 0.95, 1, 1, 0.9, 1, 0.8, 1],
+                 top_k=[0, 20, 0, 2, 0, 0, 300, 0], min_p=[0, 0, 0.05, 0, 0.05, 0, 0, 0])
+        tokens = sample(logits, r, "filter", penalties, adjust)
+        assert torch.equal(tokens, sample(reference, r, "filter")), step
+    assert torch.equal(logits, given)
+
+
+def test_kernel_rounds_the_frequency_product_as_torch(use):
+    """logit - frequency x count with the product rounded to fp32 first, as torch's two operations (a fused
+    multiply-subtract rounds once: here 1 ulp higher, above the tie with token 2 set to torch's value)."""
+    logits = torch.full((1, 16), -1.0)
+    logits[0, 5] = 2.2132716
+    p = Penalties(torch.zeros(1), torch.tensor([0.3]), torch.ones(1), torch.tensor([0]), torch.tensor([5]),
+                  torch.tensor([7.0]))
+    logits[0, 2] = apply_penalties(logits, p)[0, 5]
+    assert sample(logits, rows(1, temperature=[0.0]), "greedy", p) == 2
+
+
+def test_engine_penalises_as_apply_penalties_before_the_kernel(use, tiny_checkpoint, monkeypatch):
+    """fp32 engine, one batch: penalised rows (greedy and seeded; prompts that repeat tokens; one with a logit_bias)
+    beside plain ones give the same tokens with the kernel penalising them as with apply_penalties in torch before
+    the kernel (the path before it), the greedy ones also the torch sampler's; the penalties change tokens."""
+    prompts = [[7] * 17, [42, 43] * 8, list(range(1000, 1037)), [9707, 1879, 11, 358, 1079], [100, 200, 300] * 3]
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=3, max_tokens=16, ignore_eos=True,
+                            presence_penalty=1.0, frequency_penalty=0.7, repetition_penalty=1.2)
+    batch = [greedy(16, repetition_penalty=1.8), greedy(16, presence_penalty=1.5, frequency_penalty=0.5), seeded,
+             greedy(16), greedy(16, repetition_penalty=0.7, frequency_penalty=-0.3, logit_bias={300: 0.5})]
+    engine = load_engine(tiny_checkpoint, max_batch=len(batch))
+    ours = generate_together(engine, prompts, batch)
+
+    def torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN202 - sample's
+        return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)
+
+    monkeypatch.setattr(runner, "sample", torch_penalties)
+    assert generate_together(engine, prompts, batch) == ours
+    monkeypatch.setattr(runner, "sample", sample)
+    use("torch")
+    torch_sampler = generate_together(engine, prompts, batch)
+    assert [torch_sampler[i] for i in (0, 1, 3, 4)] == [ours[i] for i in (0, 1, 3, 4)]
+    plain = generate_together(engine, prompts[:2], [greedy(16)] * 2)
+    assert ours[0] != plain[0] and ours[1] != plain[1]
 
 
 def test_greedy_rows_take_torchs_argmax(use):

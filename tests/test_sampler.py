@@ -10,8 +10,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from engine_util import sequence
 from nanoqwen import sampler
 from nanoqwen.engine.request import SamplingParams
+from nanoqwen.runner.penalties import PenaltyBuilder
 from nanoqwen.runner.sampling import sampling_mode
 from nanoqwen.sampler import (
     MODES,
@@ -26,7 +28,7 @@ from nanoqwen.sampler import (
     seed_key,
 )
 from ops.cpu import sample as cpu_sample
-from sampler_util import rows
+from sampler_util import dense_penalties, penalised_batch, rows
 
 
 @pytest.fixture(autouse=True)
@@ -36,11 +38,40 @@ def torch_sampler(monkeypatch):
     monkeypatch.setattr(cpu_sample.KERNEL, "ready", False)
 
 
-def penalties(vocab: int, repetition=1.0, presence=0.0, frequency=0.0) -> Penalties:
+def penalties(tokens: list[int], repetition=1.0, presence=0.0, frequency=0.0, counts: list[int] | None = None
+              ) -> Penalties:
+    """One row's penalties: its seen `tokens` (distinct), generated `counts` times each (default: 0, prompt only)."""
     return Penalties(
         presence=torch.tensor([presence]), frequency=torch.tensor([frequency]), repetition=torch.tensor([repetition]),
-        output_counts=torch.zeros(1, vocab), seen=torch.zeros(1, vocab, dtype=torch.bool),
+        rows=torch.zeros(len(tokens), dtype=torch.int64), tokens=torch.tensor(tokens),
+        counts=torch.tensor(counts or [0] * len(tokens), dtype=torch.float32),
     )
+
+
+def test_penalty_builder_counts_each_sequences_new_tokens():
+    """Each penalised row's distinct prompt and output tokens with their output counts, kept from step to step (the
+    tokens a step appended counted, a sequence that missed a step counted afresh); unpenalised rows get none."""
+    params = SamplingParams(presence_penalty=0.5, repetition_penalty=1.2)
+    seqs = [sequence([5, 6, 5], "a", params), sequence([9], "b"), sequence([3], "c", params)]
+    builder = PenaltyBuilder(lambda t: t)
+
+    def entries() -> set[tuple[int, int, float]]:
+        p = builder.build(seqs)
+        assert p.presence.tolist() == [0.5, 0.0, 0.5] and p.repetition.tolist() == pytest.approx([1.2, 1.0, 1.2])
+        return set(zip(p.rows.tolist(), p.tokens.tolist(), p.counts.tolist()))
+
+    assert entries() == {(0, 5, 0.0), (0, 6, 0.0), (2, 3, 0.0)}
+    seqs[0].token_ids += [6, 7]
+    seqs[2].token_ids += [3]
+    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 1.0), (2, 3, 1.0)}
+    kept = builder.build(seqs[:1])  # the others miss a step
+    seqs[0].token_ids += [7] * 40 + list(range(100, 120))  # past the arrays' first capacity
+    seqs[2].token_ids += [4, 2]  # new tokens above and below the first count's
+    assert entries() == {(0, 5, 0.0), (0, 6, 1.0), (0, 7, 41.0), (2, 3, 1.0), (2, 4, 1.0), (2, 2, 1.0),
+                         *((0, t, 1.0) for t in range(100, 120))}
+    seqs[2].token_ids += [2, 3]
+    assert {(t, c) for r, t, c in entries() if r == 2} == {(3, 2.0), (4, 1.0), (2, 2.0)}
+    assert kept.tokens.tolist() == [5, 6, 7]  # a step's entries are its own copy
 
 
 def test_filters_match_transformers_warpers():
@@ -62,20 +93,22 @@ def test_repetition_penalty_matches_transformers():
     torch.manual_seed(1)
     logits = torch.randn(1, 100)
     seen = torch.tensor([[3, 7, 7, 50]])
-    b = penalties(100, repetition=1.3)
-    b.seen[0, seen[0]] = True
     ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
-    torch.testing.assert_close(apply_penalties(logits, b), ref)
+    torch.testing.assert_close(apply_penalties(logits, penalties([3, 7, 50], repetition=1.3)), ref)
 
 
 def test_presence_and_frequency_penalties():
     logits = torch.zeros(1, 10)
-    b = penalties(10, presence=0.5, frequency=0.25)
-    b.output_counts[0, 2] = 3
-    b.seen = b.output_counts > 0
-    out = apply_penalties(logits, b)
+    out = apply_penalties(logits, penalties([2, 4], presence=0.5, frequency=0.25, counts=[3, 0]))
     assert out[0, 2].item() == pytest.approx(-(0.5 + 0.75))
-    assert out[0, 3].item() == 0
+    assert out[0, 3].item() == out[0, 4].item() == 0  # unseen; seen in the prompt only
+
+
+@pytest.mark.parametrize("vocab", [37, 151936])
+def test_penalties_touch_only_seen_tokens_as_the_dense_definition(vocab):
+    """apply_penalties on its entries' tokens alone gives the [B, V] definition's logits bit for bit, every row."""
+    logits, p = penalised_batch(vocab)
+    assert torch.equal(apply_penalties(logits, p), dense_penalties(logits, p))
 
 
 def test_greedy_rows_and_top_k_1_take_the_argmax():

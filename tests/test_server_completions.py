@@ -8,7 +8,7 @@ import pytest
 import requests
 import torch
 
-from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL
+from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL, completion_texts
 from checkpoints import load_hf_model, make_checkpoint
 from server_process import GunicornServer
 
@@ -75,7 +75,38 @@ def test_stream_equals_non_stream(server: GunicornServer, client: openai.OpenAI)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
-def test_logprobs(server: GunicornServer, client: openai.OpenAI) -> None:
+def test_penalised_tokens_are_the_torch_penalties_paths(server: GunicornServer, client: openai.OpenAI,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Penalised requests (greedy: a repetition penalty on a prompt that repeats, presence and frequency penalties on
+    outputs that repeat without them; seeded: all three), streamed and
+    not, give the tokens of an fp32 engine here that applies the penalties as torch ops before sampling (the path
+    before the CPU sampler applied them itself)."""
+    from engine_util import generate_together, load_engine
+    from nanoqwen.engine import SamplingParams
+    from nanoqwen.runner import runner
+    from nanoqwen.sampler import apply_penalties, sample
+
+    prompts = [[7] * 17, [42, 43] * 8]
+    settings = [{"temperature": 0.0, "repetition_penalty": 1.8}, {"temperature": 0.0, "presence_penalty": 1.5,
+                                                                  "frequency_penalty": 0.5},
+                {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "min_p": 0.0, "seed": 3, "presence_penalty": 1.0,
+                 "frequency_penalty": 0.7, "repetition_penalty": 1.2}]
+
+    def torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN202 - sample's
+        return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)
+
+    monkeypatch.setattr(runner, "sample", torch_penalties)
+    engine = load_engine(make_checkpoint(), max_model_len=CHAT_SERVER_MAX_MODEL_LEN)  # eager: the replay's logits
+    tokenizer = engine.tokenizer
+    for fields in settings:
+        params = SamplingParams(**fields, max_tokens=12, ignore_eos=True)
+        expected = [tokenizer.decode(t, skip_special_tokens=False)
+                    for t in generate_together(engine, prompts, [params] * len(prompts))]
+        body = {"model": MODEL, "prompt": prompts, "max_tokens": 12,
+                "extra_body": {"ignore_eos": True, "skip_special_tokens": False, **fields}}
+        for stream in (False, True):
+            assert completion_texts(server, body, stream) == expected, (fields, stream)
+
     answer = client.completions.create(prompt=PROMPT, logprobs=2, **GREEDY)
     lp = answer.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6

@@ -12,16 +12,10 @@ from nanoqwen.layers.metadata import AttentionMetadata
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, prefill_inputs
+from nanoqwen.runner.penalties import PenaltyBuilder
 from nanoqwen.runner.prompt_logprobs import prefill_prompt_logprobs
-from nanoqwen.runner.sampling import (
-    LogitAdjuster,
-    StepOutput,
-    penalties,
-    sampled_positions,
-    stage_sampling,
-    step_output,
-)
-from nanoqwen.sampler import Penalties, sample
+from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, sampled_positions, stage_sampling, step_output
+from nanoqwen.sampler import sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.scheduler import Batch
@@ -73,6 +67,7 @@ class ModelRunner:
         self.inputs = StepInputBuffer(positions if self.verify_as_decode else self.max_batch, self.max_blocks_per_seq,
                                       self.block_size, device, packed_rows=positions)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
+        self.penalties = PenaltyBuilder(self.inputs.to_device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
                                   self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))
@@ -136,7 +131,7 @@ class ModelRunner:
         logits, tokens = logits[:n], tokens[:n]
         if resample:  # the grammar masks are filled on the host while the device runs the step
             tokens = sample(logits, self.inputs.device_sampling(n), mode,
-                            self._penalties(rows) if penalized else None,
+                            self.penalties.build(rows) if penalized else None,
                             self.adjuster.build(rows) if adjusted else None)
         return step_output(rows, logits, tokens)
 
@@ -183,11 +178,8 @@ class ModelRunner:
                                          steps)
         sampling = self.inputs.upload_packed_sampling(n)
         logits = self.model.compute_logits(hidden[packed.last])
-        tokens = sample(logits, sampling, mode, self._penalties(positions) if penalized else None,
+        tokens = sample(logits, sampling, mode, self.penalties.build(positions) if penalized else None,
                         self.adjuster.build(positions))
         output = step_output(positions, logits, tokens)
         output.prompt_logprobs = prompt_logprobs
         return output
-
-    def _penalties(self, seqs: list[Sequence]) -> Penalties:
-        return penalties(seqs, self.config.vocab_size, self.device, self.inputs.to_device)

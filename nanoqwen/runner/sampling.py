@@ -1,6 +1,6 @@
 """The sampler's side of a step: each row's settings staged into the static inputs, the sampler
-mode the batch needs, penalties built from the token histories, and the step's output (tokens,
-logprobs) brought to the host. The sampling itself is nanoqwen/sampler.py."""
+mode the batch needs, the requests' logit biases and token masks, and the step's output (tokens,
+logprobs) brought to the host (penalties: nanoqwen/runner/penalties.py). The sampling itself is nanoqwen/sampler.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
-from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, Penalties, SamplingRows, top_logprobs
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.request import SamplingParams
@@ -63,36 +63,6 @@ def stage_sampling(h: SamplingRows, seqs: list[Sequence], bucket: int, vocab_siz
     h.top_k[n:bucket] = 0
     h.min_p[n:bucket] = 0.0
     return sampling_mode(params), any(p.penalized for p in params)
-
-
-def penalties(seqs: list[Sequence], vocab_size: int, device: torch.device,
-              to_device: Callable[[torch.Tensor], torch.Tensor]) -> Penalties:
-    """Every row's token history as counts and a seen-mask, built on the device from the ids."""
-    params = [seq.request.params for seq in seqs]
-    vocab = vocab_size
-    longest = max(len(seq) for seq in seqs)
-    # Column `vocab` is where the padding lands; it is cut off below.
-    history = np.full((len(seqs), longest), vocab, dtype=np.int64)
-    generated = np.zeros((len(seqs), longest), dtype=np.float32)
-    for i, seq in enumerate(seqs):
-        history[i, : len(seq)] = seq.token_ids
-        generated[i, seq.num_prompt_tokens : len(seq)] = 1.0
-    history_dev = to_device(torch.from_numpy(history))
-    counts = torch.zeros(len(seqs), vocab + 1, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, history_dev, to_device(torch.from_numpy(generated)))
-    seen = torch.zeros(len(seqs), vocab + 1, dtype=torch.bool, device=device)
-    seen.scatter_(1, history_dev, True)
-
-    def column(values: list[float]) -> torch.Tensor:
-        return to_device(torch.tensor(values, dtype=torch.float32))
-
-    return Penalties(
-        presence=column([p.presence_penalty for p in params]),
-        frequency=column([p.frequency_penalty for p in params]),
-        repetition=column([p.repetition_penalty for p in params]),
-        output_counts=counts[:, :vocab],
-        seen=seen[:, :vocab],
-    )
 
 
 class LogitAdjuster:

@@ -13,8 +13,9 @@ row is read a few times with nothing materialised:
 The hash and formulas are exponential_noise's, but the logs are this kernel's polynomials, which can
 differ from torch's by an ulp: so on the CPU every sampled mode runs this kernel, and a seeded row's
 token depends on its own settings alone, whatever its batch-mates and the step's mode.
-A row's logit biases and token mask (sampler.LogitAdjust) are applied to a copy of that row in the kernel:
-torch's full-vocabulary ops for them cost 2-90 ms a step on the 2-core CPU, fighting the kernels' threads.
+A row's penalties (sampler.Penalties: only the tokens its history holds), logit biases and token mask
+(sampler.LogitAdjust) are applied to a copy of that row in the kernel: torch's full-vocabulary ops for them cost
+2-110 ms a step on the 2-core CPU, fighting the kernels' threads.
 Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
 """
 from __future__ import annotations
@@ -39,28 +40,48 @@ def _sample_rows(
     bias_values: torch.Tensor,  # [N] fp32
     mask_rows: torch.Tensor,  # [R] int64
     bitmask: torch.Tensor,  # [R, ceil(V / 32)] int32
+    penalty_rows: torch.Tensor,  # [N] int64: sampler.Penalties' entries (any order; a row's tokens distinct)
+    penalty_tokens: torch.Tensor,  # [N] int64
+    penalty_counts: torch.Tensor,  # [N] fp32
+    presence: torch.Tensor,  # [B] fp32 (read for the rows an entry names: may be empty without entries)
+    frequency: torch.Tensor,  # [B] fp32
+    repetition: torch.Tensor,  # [B] fp32
 ) -> torch.Tensor:  # [B] int64
-    if (len(mask_rows) and bitmask.shape[-1] * 32 < logits.shape[1]) or bias_values.dtype != torch.float32 \
-            or not bias_rows.dtype == bias_tokens.dtype == mask_rows.dtype == torch.int64:  # what the C code reads
-        raise ValueError(f"sample_rows: a bitmask of {bitmask.shape[-1]} words for {logits.shape[1]} logits, bias "
-                         f"values {bias_values.dtype}, ids {bias_rows.dtype}/{bias_tokens.dtype}/{mask_rows.dtype}")
-    if len(bias_rows) > 1 and bool((bias_rows[1:] < bias_rows[:-1]).any()):  # the C code bisects by row
-        bias_rows, order = bias_rows.sort(stable=True)  # each row's entries in their order: the same sums
-        bias_tokens, bias_values = bias_tokens[order], bias_values[order]
+    floats = (bias_values, penalty_counts, presence, frequency, repetition)
+    ids = (bias_rows, bias_tokens, mask_rows, penalty_rows, penalty_tokens)
+    if (len(mask_rows) and bitmask.shape[-1] * 32 < logits.shape[1]) or any(t.dtype != torch.float32 for t in floats) \
+            or any(t.dtype != torch.int64 for t in ids) or (len(penalty_rows) and len(presence) < logits.shape[0]):
+        raise ValueError(f"sample_rows: a bitmask of {bitmask.shape[-1]} words for {logits.shape[1]} logits, "
+                         f"{len(presence)} penalised rows' settings for {logits.shape[0]}, what the C code reads as "
+                         f"fp32 {[t.dtype for t in floats]}, as int64 {[t.dtype for t in ids]}")
+    bias_rows, bias_tokens, bias_values = _by_row(bias_rows, bias_tokens, bias_values)
+    penalty_rows, penalty_tokens, penalty_counts = _by_row(penalty_rows, penalty_tokens, penalty_counts)
     logits = logits.contiguous()
-    rows = (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask)
-    temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask = (
-        t.contiguous() for t in rows)
+    rows = (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask,
+            penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition)
+    (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask,
+     penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition) = (t.contiguous() for t in rows)
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     with build.profiled("nanoqwen::sample_rows_cpu"):
         graph.call(KERNEL.lib.sample_rows, logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows,
                    bias_tokens, bias_values, len(bias_rows), mask_rows, bitmask, len(mask_rows), bitmask.shape[-1],
+                   penalty_rows, penalty_tokens, penalty_counts, len(penalty_rows), presence, frequency, repetition,
                    tokens, logits.shape[0], logits.shape[1])
     return tokens
 
 
+def _by_row(rows: torch.Tensor, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Entries (rows [N], then columns [N] each) sorted by row, where they are not: the C code bisects by row.
+    Stable: each row's entries in their order (the same sums)."""
+    if len(rows) < 2 or not bool((rows[1:] < rows[:-1]).any()):
+        return rows, *columns
+    rows, order = rows.sort(stable=True)
+    return rows, *(c[order] for c in columns)
+
+
 def _sample_rows_fake(logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values,
-                      mask_rows, bitmask):
+                      mask_rows, bitmask, penalty_rows, penalty_tokens, penalty_counts, presence, frequency,
+                      repetition):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
 

@@ -77,12 +77,16 @@ void bf16_to_fp32(const uint16_t *x, float *out, long n);
 /* sample.c: one token per row of logits [B, V] fp32: argmax where temperature is 0, else the exponential race
    over logits / max(temperature, 1e-5) after top-k (<= 0: off), top-p and min-p, with noise hashed from
    (keys, steps, token id). temperature, top_p, min_p: [B] fp32; top_k, keys, steps: [B] int32; tokens: [B].
-   Each row's logits first adjusted as sampler.apply_adjust does, without writing them: bias_rows, bias_tokens:
-   [biases] int64, bias_values: [biases] fp32; mask_rows: [masks] int64, bitmask: [masks, W] int32. */
+   Each row's logits first adjusted as sampler.apply_penalties then apply_adjust do, without writing them:
+   penalty_rows, penalty_tokens: [penalties] int64, penalty_counts: [penalties] fp32 (sorted by row, a row's tokens
+   distinct), presence, frequency, repetition: [B] fp32 (read for the rows an entry names); bias_rows, bias_tokens:
+   [biases] int64, bias_values: [biases] fp32 (sorted by row); mask_rows: [masks] int64, bitmask: [masks, W] int32. */
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
                  const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
                  const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
-                 const int32_t *bitmask, int masks, int W, int64_t *tokens, int B, int V);
+                 const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
+                 const float *penalty_counts, long penalties, const float *presence, const float *frequency,
+                 const float *repetition, int64_t *tokens, int B, int V);
 
 /* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
 void argmax_rows(const float *logits, int64_t *tokens, int B, int V);

@@ -426,9 +426,15 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     return race(x, V, t, row, top, &k);
 }
 
-/* What requests add to rows' logits (sampler.LogitAdjust): `biases` entries (row, token, value), sorted by row
-   (each row's in their own order: ops/cpu/sample.py sorts them stably), and the `masks` rows under a token mask, each with its bitmask row of W words (bit t % 32 of word t / 32: token t allowed). */
+/* What requests do to rows' logits: their penalties (sampler.Penalties), entries (row, token, output count) sorted by
+   row, a row's tokens distinct, with every row's settings; then what they add (sampler.LogitAdjust): `biases` entries
+   (row, token, value), sorted by row (each row's in their own order: ops/cpu/sample.py sorts them stably), and the
+   `masks` rows under a token mask, each with its bitmask row of W words (bit t % 32 of word t / 32: token t
+   allowed). */
 struct adjust {
+    const int64_t *penalty_rows, *penalty_tokens;
+    const float *penalty_counts, *presence, *frequency, *repetition;
+    long penalties;
     const int64_t *bias_rows, *bias_tokens;
     const float *bias_values;
     long biases;
@@ -437,19 +443,38 @@ struct adjust {
     int masks, W;
 };
 
-/* Row b's x [V] as sampler.apply_adjust leaves it: x itself where no entry names the row, else a copy in the
-   thread's second scratch (the filters use the first while they read it) with the masked-out tokens at -inf and
-   the biases added to the others. Out of memory: x adjusted in place (its step's logprobs then see it). */
+/* The first of n entries sorted by row that is not before row b (n where none is), by bisection. */
+static long first_entry(const int64_t *rows, long n, long b) {
+    long first = 0, last = n;
+    while (first < last) {
+        const long mid = first + (last - first) / 2;
+        if (rows[mid] < b) first = mid + 1; else last = mid;
+    }
+    return first;
+}
+
+/* A seen token's logit penalised as sampler.apply_penalties does it, operation for operation: the repetition
+   penalty, then minus frequency x count, then minus presence where it was generated. The barrier keeps the
+   product a rounded fp32 of its own, as torch's: -O3 with FMA would fuse it into the subtraction. */
+static inline float penalised(float v, float count, float presence, float frequency, float repetition) {
+    v = v > 0 ? v / repetition : v * repetition;
+    float product = frequency * count;
+    __asm__("" : "+x"(product));
+    v -= product;
+    return v - presence * (count > 0 ? 1.0f : 0.0f);
+}
+
+/* Row b's x [V] as sampler.apply_penalties then apply_adjust leave it: x itself where no entry names the row, else
+   a copy in the thread's second scratch (the filters use the first while they read it) with the masked-out tokens
+   at -inf, the seen tokens penalised and the biases added to the allowed ones. Out of memory: x adjusted in place
+   (its step's logprobs then see it). */
 static const float *adjusted_row(const float *x, long b, int V, const struct adjust *a) {
     const int32_t *words = 0;
     for (int r = 0; r < a->masks; r++)
         if (a->mask_rows[r] == b) words = a->bitmask + (long)r * a->W;
-    long first = 0, last = a->biases;  /* the row's entries: the first not before row b, by bisection */
-    while (first < last) {
-        const long mid = first + (last - first) / 2;
-        if (a->bias_rows[mid] < b) first = mid + 1; else last = mid;
-    }
-    if (!words && (first == a->biases || a->bias_rows[first] != b)) return x;
+    const long seen = first_entry(a->penalty_rows, a->penalties, b), first = first_entry(a->bias_rows, a->biases, b);
+    const int penalised_row = seen < a->penalties && a->penalty_rows[seen] == b;
+    if (!words && !penalised_row && (first == a->biases || a->bias_rows[first] != b)) return x;
     float *y = thread_scratch_slot(1, (size_t)V * sizeof *y);
     if (!y) y = (float *)x;
     if (words) {
@@ -464,6 +489,11 @@ static const float *adjusted_row(const float *x, long b, int V, const struct adj
         for (; i < V; i++) y[i] = bytes[i >> 3] >> (i & 7) & 1 ? x[i] : -INFINITY;
     } else if (y != x) {
         memcpy(y, x, (size_t)V * sizeof *y);
+    }
+    for (long j = seen; j < a->penalties && a->penalty_rows[j] == b; j++) {  /* a masked-out token stays -inf */
+        const int64_t t = a->penalty_tokens[j];
+        if (t >= 0 && t < V)
+            y[t] = penalised(y[t], a->penalty_counts[j], a->presence[b], a->frequency[b], a->repetition[b]);
     }
     for (long j = first; j < a->biases && a->bias_rows[j] == b; j++) {  /* in entry order, as index_put adds them */
         const int64_t t = a->bias_tokens[j];
@@ -500,9 +530,13 @@ static void sample_row(const void *args, long b) {
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
                  const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
                  const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
-                 const int32_t *bitmask, int masks, int W, int64_t *tokens, int B, int V) {
+                 const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
+                 const float *penalty_counts, long penalties, const float *presence, const float *frequency,
+                 const float *repetition, int64_t *tokens, int B, int V) {
     const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps,
-                                  {bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks, W},
+                                  {penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition,
+                                   penalties, bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks,
+                                   W},
                                   tokens, V};
     pool_run(sample_row, &a, B);
 }
