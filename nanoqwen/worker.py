@@ -19,12 +19,14 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import gevent
+import gunicorn
 from gevent import monkey, socket
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
+from gunicorn.http.wsgi import Response
 from gunicorn.workers.ggevent import GeventWorker
 
-from nanoqwen.api.body import CLOSE_CONNECTION
+from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from nanoqwen.engine import Engine
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
-LINGER_S, LINGER_IDLE_S, LINGER_CHUNK = 5.0, 1.0, 64 << 10
+LINGER_S, LINGER_IDLE_S = 5.0, 1.0
 LOAD_POLL_S = 0.2
 
 
@@ -84,9 +86,11 @@ def linger(sock: socket.socket) -> None:
     resets the connection, and a client still sending lost the answer (curl: no status)."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_WR)
-        sock.settimeout(LINGER_IDLE_S)
         deadline = time.monotonic() + LINGER_S
-        while time.monotonic() < deadline and sock.recv(LINGER_CHUNK):
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(min(LINGER_IDLE_S, left))  # the deadline holds inside a wait too
+            if not sock.recv(READ_CHUNK):
+                break
             gevent.sleep(0)  # a recv whose data has arrived returns without letting the loop run
 
 
@@ -182,6 +186,8 @@ class NanoqwenWorker(GeventWorker):
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine, start_engine
 
+        if not callable(getattr(Response, "force_close", None)):  # _closing_when_told's one hold on gunicorn
+            raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Response has no force_close")
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told

@@ -209,7 +209,7 @@ class Verdict(pydantic.BaseModel):
 def test_the_clients_parsed_message_goes_back_into_the_history(client: openai.OpenAI) -> None:
     """`.parse()`'s message object sent back as it is carries `parsed` (and a tool call's `parsed_arguments`): the
     client strips them from Responses input only, and vLLM takes them; a 400 naming `parsed` stopped the loop. They
-    are not part of the prompt; on a message of another role `parsed` is refused."""
+    are not part of the prompt; on a message of another role, or without text content, `parsed` is refused."""
     kwargs: dict[str, Any] = {"model": MODEL, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING}
     formatted = client.chat.completions.parse(messages=USER, response_format=Verdict, **kwargs).choices[0].message
     called = client.chat.completions.parse(messages=USER, tools=[openai.pydantic_function_tool(Verdict)],
@@ -225,9 +225,10 @@ def test_the_clients_parsed_message_goes_back_into_the_history(client: openai.Op
         usages = [client.chat.completions.create(messages=[*USER, sent, *tool_answer, follow_up], **kwargs).usage
                   for sent in (message, plain)]
         assert usages[0].prompt_tokens == usages[1].prompt_tokens
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(messages=[{**USER[0], "parsed": {"ok": True}}], **kwargs)
-    assert info.value.param == "messages.[0]"
+    for wrong in ({**USER[0], "parsed": {"ok": True}}, {"role": "assistant", "content": None, "parsed": {"ok": True}}):
+        with pytest.raises(openai.BadRequestError) as info:  # another role; a value with no text it came from
+            client.chat.completions.create(messages=[wrong, *USER], **kwargs)
+        assert info.value.param == "messages.[0]"
 
 
 def test_a_service_tier_openai_does_not_know_is_refused(chat_server: GunicornServer) -> None:

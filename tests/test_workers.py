@@ -10,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 import requests
+from gevent import socket
 
+from nanoqwen import worker
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
@@ -100,6 +103,37 @@ def _chat(srv: GunicornServer, i: int) -> int:
             "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0})
     response.raise_for_status()
     return response.json()["usage"]["completion_tokens"]
+
+
+def _lingered_s(writes_every_s: float | None) -> float:
+    """How long worker.linger holds a connection whose client sends 1 KB every `writes_every_s` (None: once)."""
+    server, client = socket.socketpair()
+
+    def trickle() -> None:
+        while True:
+            client.sendall(b"x" * 1024)
+            if writes_every_s is None:
+                return
+            gevent.sleep(writes_every_s)
+
+    writer = gevent.spawn(trickle)
+    start = time.monotonic()
+    with gevent.Timeout(5, AssertionError("linger did not end")):
+        worker.linger(server)
+    writer.kill()
+    server.close(), client.close()
+    return time.monotonic() - start
+
+
+def test_linger_ends_at_its_deadline_even_inside_a_wait_and_when_the_client_goes_quiet(monkeypatch):
+    """A client trickling data holds the connection LINGER_S at most, also where the wait for its next write would
+    run past the deadline (0.4 s writes against 0.6 s: 0.8 s before); one gone quiet, LINGER_IDLE_S."""
+    monkeypatch.setattr(worker, "LINGER_S", 0.6)
+    monkeypatch.setattr(worker, "LINGER_IDLE_S", 0.5)
+    assert 0.55 < _lingered_s(0.4) < 0.75
+    monkeypatch.setattr(worker, "LINGER_S", 5.0)
+    monkeypatch.setattr(worker, "LINGER_IDLE_S", 0.1)
+    assert 0.08 < _lingered_s(None) < 1.0
 
 
 def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_checkpoint: Path, tmp_path: Path):

@@ -455,6 +455,8 @@ class ChatMessage(Strict):
             raise ValueError("only assistant messages have annotations")
         if self.parsed is not None and self.role != "assistant":
             raise ValueError("only assistant messages have parsed content")
+        if self.parsed is not None and not isinstance(self.content, str):  # .parse()'s message: the text it decoded
+            raise ValueError("parsed is what the client decoded from the message's text content, which is missing")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool messages need the tool_call_id of the call they answer")
         return self
