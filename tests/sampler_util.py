@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nanoqwen.sampler import LogitAdjust, Penalties, SamplingRows, seed_key, token_bitmask
+from nanoqwen.sampler import LogitAdjust, Penalties, SamplingRows, apply_penalties, sample, seed_key, token_bitmask
 
 
 def rows(count: int, step: int = 0, seeds: Sequence[int] | None = None, **columns: list) -> SamplingRows:
@@ -77,3 +77,8 @@ def dense_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     rep = penalties.repetition.unsqueeze(1)
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - penalties.frequency.unsqueeze(1) * counts - penalties.presence.unsqueeze(1) * (counts > 0).float()
+
+
+def sample_with_torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN201 - sample's
+    """runner.sample as it was before the CPU sampler applied penalties: torch's apply_penalties first."""
+    return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)

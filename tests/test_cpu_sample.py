@@ -24,7 +24,7 @@ from nanoqwen.sampler import (
 )
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
-from sampler_util import adjusted_batch, penalised_batch, rows
+from sampler_util import adjusted_batch, penalised_batch, rows, sample_with_torch_penalties
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -219,10 +219,7 @@ def test_engine_penalises_as_apply_penalties_before_the_kernel(use, tiny_checkpo
     engine = load_engine(tiny_checkpoint, max_batch=len(batch))
     ours = generate_together(engine, prompts, batch)
 
-    def torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN202 - sample's
-        return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)
-
-    monkeypatch.setattr(runner, "sample", torch_penalties)
+    monkeypatch.setattr(runner, "sample", sample_with_torch_penalties)
     assert generate_together(engine, prompts, batch) == ours
     monkeypatch.setattr(runner, "sample", sample)
     use("torch")

@@ -1,6 +1,9 @@
 """Sampling: filters, penalties against transformers' logits processors, and the seeded noise."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -50,7 +53,7 @@ def penalties(tokens: list[int], repetition=1.0, presence=0.0, frequency=0.0, co
 
 def test_penalty_builder_counts_each_sequences_new_tokens():
     """Each penalised row's distinct prompt and output tokens with their output counts, kept from step to step (the
-    tokens a step appended counted, a sequence that missed a step counted afresh); unpenalised rows get none."""
+    tokens a step appended counted, also those of steps a sequence missed); unpenalised rows get none."""
     params = SamplingParams(presence_penalty=0.5, repetition_penalty=1.2)
     seqs = [sequence([5, 6, 5], "a", params), sequence([9], "b"), sequence([3], "c", params)]
     builder = PenaltyBuilder(lambda t: t)
@@ -72,6 +75,9 @@ def test_penalty_builder_counts_each_sequences_new_tokens():
     seqs[2].token_ids += [2, 3]
     assert {(t, c) for r, t, c in entries() if r == 2} == {(3, 2.0), (4, 1.0), (2, 2.0)}
     assert kept.tokens.tolist() == [5, 6, 7]  # a step's entries are its own copy
+    finished = weakref.ref(seqs.pop())
+    gc.collect()
+    assert finished() is None  # the builder keeps no sequence (its request, its stream) alive past its end
 
 
 def test_filters_match_transformers_warpers():

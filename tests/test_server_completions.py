@@ -84,7 +84,7 @@ def test_penalised_tokens_are_the_torch_penalties_paths(server: GunicornServer, 
     from engine_util import generate_together, load_engine
     from nanoqwen.engine import SamplingParams
     from nanoqwen.runner import runner
-    from nanoqwen.sampler import apply_penalties, sample
+    from sampler_util import sample_with_torch_penalties
 
     prompts = [[7] * 17, [42, 43] * 8]
     settings = [{"temperature": 0.0, "repetition_penalty": 1.8}, {"temperature": 0.0, "presence_penalty": 1.5,
@@ -92,10 +92,7 @@ def test_penalised_tokens_are_the_torch_penalties_paths(server: GunicornServer, 
                 {"temperature": 0.9, "top_p": 0.9, "top_k": 50, "min_p": 0.0, "seed": 3, "presence_penalty": 1.0,
                  "frequency_penalty": 0.7, "repetition_penalty": 1.2}]
 
-    def torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN202 - sample's
-        return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)
-
-    monkeypatch.setattr(runner, "sample", torch_penalties)
+    monkeypatch.setattr(runner, "sample", sample_with_torch_penalties)
     engine = load_engine(make_checkpoint(), max_model_len=CHAT_SERVER_MAX_MODEL_LEN)  # eager: the replay's logits
     tokenizer = engine.tokenizer
     for fields in settings:
@@ -107,6 +104,8 @@ def test_penalised_tokens_are_the_torch_penalties_paths(server: GunicornServer, 
         for stream in (False, True):
             assert completion_texts(server, body, stream) == expected, (fields, stream)
 
+
+def test_logprobs(server: GunicornServer, client: openai.OpenAI) -> None:
     answer = client.completions.create(prompt=PROMPT, logprobs=2, **GREEDY)
     lp = answer.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6

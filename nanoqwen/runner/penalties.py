@@ -3,6 +3,7 @@ with their output counts, kept up to date from the tokens it gained since its la
 its new tokens and its distinct tokens' copy, not a scan of its whole history (nor [B, V] counts)."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ class TokenCounts:
     counted sorted (found by bisection: no per-token dict of a long history to build), later ones appended."""
 
     def __init__(self, seq: Sequence) -> None:
-        self.seq = seq
+        self.owner = weakref.ref(seq)  # not the sequence itself: a finished one's request and stream go with it
         ids = np.asarray(seq.token_ids, dtype=np.int64)
         self.tokens, inverse = np.unique(ids, return_inverse=True)
         self.counts = np.bincount(inverse[seq.num_prompt_tokens:], minlength=len(self.tokens)).astype(np.float32)
@@ -28,9 +29,10 @@ class TokenCounts:
         self.appended: dict[int, int] = {}  # token -> slot, past the sorted ones
         self.done = len(ids)  # the tokens of seq.token_ids counted so far
 
-    def update(self) -> tuple[np.ndarray, np.ndarray]:
-        """Counts the tokens appended since the last call. -> (tokens int64 [n], output counts fp32 [n]), views."""
-        ids = self.seq.token_ids
+    def update(self, seq: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Counts the tokens appended to seq (the owner) since the last call. -> (tokens int64 [n], output counts fp32
+        [n]), views."""
+        ids = seq.token_ids
         for pos in range(self.done, len(ids)):  # all generated: the prompt was counted at construction
             token = ids[pos]
             slot = int(np.searchsorted(self.tokens[: self.sorted], token))
@@ -49,31 +51,28 @@ class TokenCounts:
 
 
 class PenaltyBuilder:
-    """Each step's Penalties, from a TokenCounts per penalised sequence of the step, kept from one step to the next
-    (one that misses a step is counted afresh when it comes back)."""
+    """Each step's Penalties, from a TokenCounts per penalised sequence, kept from one step to the next while the
+    sequence lives (one that missed steps is brought up to date from the tokens it gained since)."""
 
     def __init__(self, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.to_device = to_device
-        self._counts: dict[int, TokenCounts] = {}  # id(seq) -> its counts (which keep the sequence alive)
+        self._counts: dict[int, TokenCounts] = {}  # id(seq) -> its counts
 
     def build(self, seqs: list[Sequence]) -> Penalties:
         """seqs: the step's rows (a drafting sequence's positions share its history: none is penalised)."""
-        counts: dict[int, TokenCounts] = {}
+        self._counts = {key: kept for key, kept in self._counts.items() if kept.owner() is not None}
         rows, tokens, outputs = [], [], []
         for row, seq in enumerate(seqs):
             params = seq.request.params
             if not params.penalized:
                 continue
-            key = id(seq)
-            kept = counts.get(key) or self._counts.get(key)
-            if kept is None or len(seq) < kept.done:
-                kept = TokenCounts(seq)
-            counts[key] = kept
-            seen, generated = kept.update()
+            kept = self._counts.get(id(seq))
+            if kept is None or kept.owner() is not seq:  # an id reused by a new sequence
+                kept = self._counts[id(seq)] = TokenCounts(seq)
+            seen, generated = kept.update(seq)
             rows.append(np.full(len(seen), row, dtype=np.int64))
             tokens.append(seen)
             outputs.append(generated)
-        self._counts = counts
         params = [seq.request.params for seq in seqs]
 
         def column(values: list[float]) -> torch.Tensor:
