@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 
 HQ, HKV, D, BLOCK = 16, 8, 128, 16
 # With 2 threads a call from 512 (token, kv head) pairs (64 keys at HKV 8) cuts the batch's keys into parts of
-# max(128, ceil(keys / 8) rounded up to 32) keys: 1 (its kv heads in 2 groups, a task each), 512 (4 parts), 513
-# (5, the last of 1 key), 1023 (8, the last of 127), 1025 (7 of 160), a long sequence next to short ones (8 parts of
-# 416 and three whole), eight with one in 6 parts; under 4,096 pairs: eight of 8 keys (512 pairs: a task per
-# sequence) and 340 keys (2,720 pairs: parts of 128, the first sequence in 3).
+# max(128, ceil(keys / 8) rounded up to 32) keys: 1 (one thread), 512 (4 parts), 513 (5, the last of 1 key),
+# 1023 (8, the last of 127), 1025 (7 of 160), a long sequence next to short ones (8 parts of 416 and three whole),
+# eight with one in 6 parts; under 4,096 pairs: eight of 8 keys (512 pairs: a task per sequence) and 340 keys (2,720
+# pairs: parts of 128, the first sequence in 3).
 LENGTHS = [[1], [512], [513], [1023], [1025], [3000, 1, 17, 130], [129] * 7 + [2000], [8] * 8, [300, 17, 3, 20]]
 LIBS = ["built", "AVX2"]
 
@@ -159,22 +159,6 @@ def test_edges(edge, dtype, loops, threads, avx2_lib):
     lengths, hq, hkv, d, lanes = EDGES[edge]
     inputs = with_padded_lanes(case(lengths, dtype, 7, hq, hkv, d), lanes)
     assert_close(call(cpu_attention.KERNEL.lib if loops == "built" else avx2_lib, *inputs), reference64(*inputs))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_head_groups_give_one_threads_bits(dtype):
-    """Under 512 pairs a batch of fewer sequences than threads splits its kv heads between them: the same
-    operations per head as one thread's."""
-    before = torch.get_num_threads()
-    try:
-        for lengths in ([1], [33], [63]):
-            inputs = case(lengths, dtype, lengths[0])
-            torch.set_num_threads(1)
-            one = call(cpu_attention.KERNEL.lib, *inputs)
-            torch.set_num_threads(2)
-            assert torch.equal(call(cpu_attention.KERNEL.lib, *inputs), one)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_small_batch_after_a_large_one_on_the_same_thread(threads):

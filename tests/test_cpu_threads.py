@@ -120,32 +120,3 @@ def test_attention_over_long_contexts_runs_on_the_pool_and_matches():
     out = cpu_attention.decode_attention_cpu(q, k_cache, v_cache, tables, context_lens, scale)
     ref = decode_attention_torch(q, k_cache, v_cache, tables, context_lens, scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-def _threads_after_each_call(done) -> None:
-    """In a fresh process: its thread count after a linear (the first pool call) and then after attention."""
-    import os
-
-    torch.set_num_threads(2)
-    counts = []
-    for kernel in (cpu_linear.KERNEL, cpu_attention.KERNEL):
-        assert kernel.build(), kernel.error
-    x, w, _, _ = operands(1, 4096, 1024, torch.float32)
-    call(cpu_linear.KERNEL.lib, x, w)
-    counts.append(len(os.listdir("/proc/self/task")))
-    q, cache = torch.randn(1, 16, 64), torch.randn(5, 16, 8, 64)
-    tables, lens = torch.arange(1, 5, dtype=torch.int32).view(1, 4), torch.tensor([40], dtype=torch.int32)
-    cpu_attention.decode_attention_cpu(q, cache, cache, tables, lens, 0.125)  # batch 1: its kv heads on the pool
-    counts.append(len(os.listdir("/proc/self/task")))
-    done.put(counts)
-
-
-def test_the_kernels_share_one_pool():
-    """attention.c's calls go to the pool the linears started (build.py's pool_share): no helper of its own."""
-    context = multiprocessing.get_context("spawn")
-    done = context.Queue()
-    child = context.Process(target=_threads_after_each_call, args=(done,))
-    child.start()
-    linear, attention = done.get(timeout=120)
-    child.join(timeout=30)
-    assert child.exitcode == 0 and attention == linear

@@ -180,27 +180,4 @@ class CKernel:
                 raise BuildError(f"{self.name}: {function} has no prototype in {self.csrc / HEADER}")
             getattr(lib, function).argtypes = signatures[function]
             getattr(lib, function).restype = None
-        if hasattr(lib, POOL_FUNCTIONS[0]):  # a library with a thread pool
-            for function in POOL_FUNCTIONS:
-                getattr(lib, function).argtypes = signatures[function]
-                getattr(lib, function).restype = None
-            _share_pool(lib, self.csrc)
         return lib
-
-
-# source folder -> the entry point of the thread pool (csrc/pool.h) that every library built from it runs its
-# parallel calls on: the first library with a pool to load owns it, the others hand their calls to it. A decode step
-# calls several libraries: one set of helpers, kept awake by the linears, then serves them all.
-_POOLS: dict[Path, int] = {}
-# What every library that includes csrc/pool.h exports besides its kernels
-POOL_FUNCTIONS = ("pool_entry", "pool_share")
-
-
-def _share_pool(lib: ctypes.CDLL, csrc: Path) -> None:
-    owner = _POOLS.get(csrc)
-    if owner is None:
-        run = ctypes.c_void_p()
-        lib.pool_entry(ctypes.byref(run))
-        _POOLS[csrc] = run.value
-    else:
-        lib.pool_share(owner)

@@ -18,7 +18,6 @@ struct attention_args {
     int avx512;  /* the AVX-512 loops (else AVX2) */
     int half;    /* acc's layout: bf16 values come as the even-indexed then the odd-indexed `half` of 2 * half */
     int split;   /* keys per part of a sequence */
-    int groups;  /* kv head groups per sequence, each a task (a batch of fewer sequences than threads, each one part) */
     const int32_t *parts;  /* [B + 1]: the parts before sequence b */
     float *state;          /* per part: `region` floats (see struct group) */
     long region;
@@ -340,14 +339,6 @@ static void attend(const void *args, long task) {
     attend_heads(a, b, begin, end, 0, a->Hkv, a->state + task * a->region, parts == 1);
 }
 
-/* One task of a batch whose every sequence is one part: kv head group `task % groups` of sequence `task / groups`,
-   its state in the task's region. The same operations per head as attend's, so the same bits. */
-static void attend_group(const void *args, long task) {
-    const struct attention_args *a = args;
-    const int b = (int)(task / a->groups), group = (int)(task % a->groups), per = a->Hkv / a->groups;
-    attend_heads(a, b, 0, a->ctx[b], group * per, (group + 1) * per, a->state + task * a->region, 1);
-}
-
 /* Without a scratch (its allocation failed): each sequence whole on this thread, one kv head at a time, whose
    state (bounded by MAX_G and MAX_D, where all heads' is not) fits on the stack. */
 static __attribute__((noinline)) void attend_unstaged(const struct attention_args *a) {
@@ -386,10 +377,7 @@ static void combine(const struct attention_args *a) {
 /* Below this many (token, kv head) pairs in the batch the whole call takes at most ~46 µs: one thread does it,
    as a helper that claimed a task and was then descheduled would cost far more. 512, not 4096: a pair read cold
    costs ~90 ns on a 2-core Zen 3, so batch 8 at 48 keys (3072 pairs) took 350-400 µs a layer on one thread and
-   275-300 on two (profiles/bench_decode_attention.py, load 3.7-4.4). Below it, a batch of fewer sequences than
-   threads still splits each sequence's kv heads between the threads: batch 1 at a short context took 40-45 µs a
-   layer on one thread in the decode step, while the linears' helper, which the pool shares, spun idle
-   (profiles/RESULTS.md, step1). */
+   275-300 on two (profiles/bench_decode_attention.py, load 3.7-4.4). */
 #define PARALLEL_MIN_PAIRS 512
 /* Flash-decoding: the keys of the batch are cut into about this many parts per thread, so that batch 1 and a
    long sequence next to short ones still keep every thread busy, but no part shorter than MIN_SPLIT keys
@@ -409,17 +397,15 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     /* a part's region: q, acc, m, l of Hq heads, whole cache lines */
     const long region = ((long)Hq * (2 * D + 2) + 15) / 16 * 16;
     struct attention_args a = {q, kc, vc, sq, tables, ctx, out, B, Hq, Hkv, D, bs, W, bf16, scale, avx512,
-                               bf16 && avx512 ? 16 : 8, INT32_MAX, 1, 0, 0, region};
+                               bf16 && avx512 ? 16 : 8, INT32_MAX, 0, 0, region};
     long keys = 0;
     for (int b = 0; b < B; b++) keys += ctx[b];
     const int threads = omp_get_max_threads(), split = threads > 1 && keys * Hkv >= PARALLEL_MIN_PAIRS;
-    const int groups = threads > 1 && B < threads && Hkv % threads == 0 ? threads : 1;
-    if (!split) a.groups = groups;
-    /* parts <= keys / a.split + B <= target + B, tasks of head groups B * groups: the scratch's size depends on the
-       shapes (and threads) alone, so a decode step allocates nothing once its first call has run */
+    /* parts <= keys / a.split + B <= target + B: the scratch's size depends on the shapes (and threads) alone, so
+       a decode step allocates nothing once its first call has run */
     const long target = (long)PARTS_PER_THREAD * threads, per = (keys + target - 1) / target;
     if (split) a.split = per < MIN_SPLIT ? MIN_SPLIT : (int)((per + TILE - 1) / TILE * TILE);
-    const long parts_max = target + B > (long)B * groups ? target + B : (long)B * groups;
+    const long parts_max = target + B;
     a.state = thread_scratch(((size_t)parts_max * region) * sizeof(float) + (size_t)(B + 1) * sizeof(int32_t));
     if (!a.state) {
         attend_unstaged(&a);
@@ -430,7 +416,6 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     for (int b = 0; b < B; b++) parts[b + 1] = parts[b] + (ctx[b] > a.split ? (ctx[b] - 1) / a.split + 1 : 1);
     a.parts = parts;
     if (split) pool_run(attend, &a, parts[B]);
-    else if (a.groups > 1) pool_run(attend_group, &a, (long)B * a.groups);
     else for (long task = 0; task < B; task++) attend(&a, task);
     combine(&a);
 }

@@ -87,9 +87,4 @@ void sample_rows(const float *logits, const float *temperature, const float *top
 /* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
 void argmax_rows(const float *logits, int64_t *tokens, int B, int V);
 
-/* pool.h, in every library with a thread pool: *run = its pool's entry point (pool_entry); pool_share(run): its
-   kernels' parallel calls go to that entry point, another library's pool, from then on. */
-void pool_entry(void **run);
-void pool_share(void *run);
-
 #endif

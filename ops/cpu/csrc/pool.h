@@ -8,11 +8,8 @@
 
    pool_run(fn, ctx, chunks) calls fn(ctx, c) once for every chunk c < chunks, on the caller and up to
    omp_get_max_threads() - 1 helpers (torch.set_num_threads sets it), and returns when all are done.
-   Callers are serialised by a mutex (ctypes releases the GIL). Each .so that includes this has a pool of its own,
-   but the kernel set points every one of them at one library's (pool_share, ops/cpu/build.py): a decode step
-   calls several libraries, and one set of helpers, kept awake by the linears, then takes every kernel's chunks
-   at once (a second library's helpers would sleep between its calls and compete for the same cores). Helpers
-   spin briefly after a job, then sleep on a futex. */
+   Callers are serialised by a mutex (ctypes releases the GIL). Each .so that includes this has its own
+   pool; helpers spin briefly after a job, then sleep on a futex. */
 #ifndef NANOQWEN_POOL_H
 #define NANOQWEN_POOL_H
 
@@ -119,7 +116,7 @@ static void pool_start(int helpers) {
     }
 }
 
-static void pool_run_own(pool_fn fn, const void *ctx, long chunks) {
+static void pool_run(pool_fn fn, const void *ctx, long chunks) {
     int helpers = omp_get_max_threads() - 1;
     helpers = helpers < POOL_MAX_HELPERS ? helpers : POOL_MAX_HELPERS;
     if (helpers < 1 || chunks < 2) {
@@ -144,17 +141,6 @@ static void pool_run_own(pool_fn fn, const void *ctx, long chunks) {
         if (spins % 1024 == 0) sched_yield();  /* the helper still running a chunk may need this core */
     }
     pthread_mutex_unlock(&pool.lock);
-}
-
-typedef void (*pool_runner)(pool_fn fn, const void *ctx, long chunks);
-static pool_runner pool_shared;  /* another library's pool_run_own, which this one's calls go to; NULL: its own */
-
-void pool_entry(void **run) { *run = (void *)pool_run_own; }
-
-void pool_share(void *run) { pool_shared = (pool_runner)run; }
-
-static void pool_run(pool_fn fn, const void *ctx, long chunks) {
-    (pool_shared ? pool_shared : pool_run_own)(fn, ctx, chunks);
 }
 
 /* Chunks of whole rows, about POOL_CHUNK_BYTES of weights each: small enough that the threads balance and
