@@ -1,7 +1,7 @@
 """The CPU graph's saving per decode step: eager against replayed, interleaved in one engine.
 
     python profiles/bench_cpugraph.py [--dtype bfloat16] [--quant none int8 int4] [--batches 1 8]
-        [--repeats 20] [--prompt-len 32] [--small] [--per-call]
+        [--repeats 20] [--prompt-len 32] [--small] [--per-call] [--host]
 
 One engine per weight format (NANOQWEN_GRAPH=cpugraph) prefills --batch random prompts, then runs the
 model part of the decode step (embedding to fp32 logits; sampling excluded, it is the same in both)
@@ -14,6 +14,10 @@ the replayed logits are checked equal to the eager ones.
 per-step sums): wall time, and the CPU time of the calling thread, which a loaded machine inflates less
 (for kernels on the thread pool it leaves out the helpers' share). Then the replay loop's own cost (256
 ctypes calls of a kernel given no work) and the greedy argmax of the step's logits.
+
+--host: what a whole engine decode step (`Engine.step`: scheduling, staging, the replay, sampling, output) spends
+outside its replay, over --repeats greedy steps of fresh sequences: medians of the step, of its replay and of
+their difference, the step's Python around the kernels.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ from ops.cpu import pointwise  # noqa: E402
 
 def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
     engine = common.load_engine(common.checkpoint(args.small), device="cpu", dtype=args.dtype, graph="cpugraph",
-                                kernels="auto", max_batch=batch, max_model_len=args.prompt_len + 8, quant=quant)
+                                kernels="auto", max_batch=batch, max_model_len=args.prompt_len + 8 + args.repeats,
+                                quant=quant)
     runner = engine.runner
     for prompt in common.random_prompts(batch, args.prompt_len, seed=0):
         engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -65,9 +70,35 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
     assert torch.equal(eager, replayed), "the replay's logits differ from the eager step's"
     with torch.inference_mode():
         breakdown = per_call(recording, replayed, inputs, args.repeats) if args.per_call else []
+    if args.host:
+        breakdown.append(host_side(engine, batch, args.prompt_len, args.repeats))
     eager_ms, replay_ms = (1000 * statistics.median(times[k]) for k in ("eager", "replay"))
     return {"quant": quant, "batch": batch, "calls": len(recording.calls), "eager_ms": eager_ms,
             "replay_ms": replay_ms, "saved_ms": eager_ms - replay_ms, "per_call": breakdown}
+
+
+def host_side(engine, batch: int, prompt_len: int, steps: int) -> str:
+    """`steps` greedy engine decode steps of `batch` fresh sequences, each timed whole and its replay apart."""
+    with torch.inference_mode():
+        while engine.scheduler.has_work:  # the sequences bench() left running
+            engine.step()
+    recording = engine.runner.graphs._cpu_greedy[batch][0]
+    replay_s: list[float] = []
+
+    def timed_replay() -> None:
+        start = time.perf_counter()
+        cpu_graph.Recording.replay(recording)
+        replay_s.append(time.perf_counter() - start)
+
+    recording.replay = timed_replay  # the instance's: the step replays this recording, greedy and whole
+    try:
+        run = common.engine_decode(engine, common.random_prompts(batch, prompt_len, seed=1), steps)
+    finally:
+        del recording.replay
+    step, replay = (1000 * statistics.median(t) for t in (run.step_s, replay_s[-len(run.step_s):]))
+    host = 1000 * statistics.median(s - r for s, r in zip(run.step_s, replay_s[-len(run.step_s):]))
+    return (f"Engine.step {step:.2f} ms, its replay {replay:.2f} ms, the step outside its replay {host:.3f} ms "
+            f"(medians of {len(run.step_s)} steps)")
 
 
 def replay_loop_ms(calls: int, repeats: int) -> float:
@@ -124,6 +155,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--small", action="store_true", help="the 2-layer test checkpoint")
     parser.add_argument("--per-call", action="store_true", help="also the replayed step's cost by C function")
+    parser.add_argument("--host", action="store_true", help="also Engine.step's time outside its replay")
     args = parser.parse_args()
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}\n`{common.command_line()}`", flush=True)
     print("| dtype | quant | batch | C calls | eager ms | replayed ms | saved ms/step |")
@@ -134,7 +166,7 @@ def main() -> None:
             r = bench(quant, batch, args)
             print(f"| {args.dtype} | {quant} | {batch} | {r['calls']} | {r['eager_ms']:.1f} | {r['replay_ms']:.1f} "
                   f"| {r['saved_ms']:.1f} |", flush=True)
-            if args.per_call:
+            if args.per_call or args.host:
                 breakdowns += [f"\n{args.dtype}, quant {quant}, batch {batch}, by C function:", *r["per_call"]]
             common.release(torch.device("cpu"))
     print("\n".join(breakdowns))
