@@ -56,7 +56,13 @@ def test_int4_with_every_row_of_several_blocks_matches_reference():
     assert_matches(load_engine(wide, quant="int4", max_batch=4), "int4", [hf_greedy(hf, p, 6) for p in PROMPTS])
 
 
+TIED_ONLY = pytest.mark.parametrize("checkpoint", [True], ids=["tied"], indirect=True)
+
+
+# Tied only: the loaded model is the same in every mode (the untied checkpoint's own LM head is checked eagerly), and
+# the step traced once holds the packed table twice, as embedding and LM head: the case a trace could get wrong
 @pytest.mark.slow
+@TIED_ONLY
 def test_compiled_matches_reference(checkpoint, quant, references):
     engine = load_engine(checkpoint, quant=quant, graph="compile", max_batch=4)
     assert_matches(engine, quant, references)
@@ -69,8 +75,8 @@ def test_compiled_matches_reference(checkpoint, quant, references):
                     reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
 # Tied only: the Triton kernels hold nothing tied or untied, and a tied table, one packed tensor for the embedding and
 # the LM head, is the case a load could get wrong for them; the untied checkpoint's loading (its own LM head) is
-# checked by the eager and compiled tests (untied: 2 x ~30 s interpreted at load 5)
-@pytest.mark.parametrize("checkpoint", [True], ids=["tied"], indirect=True)
+# checked by the eager test (untied: 2 x ~30 s interpreted at load 5)
+@TIED_ONLY
 def test_triton_interpreted_matches_reference(checkpoint, quant, references):
     # 256 positions: decode attention in 2 splits, not the 32 that the checkpoint's 4096 give, whose 256 programs
     # a step the interpreter runs one by one (int4: 23 s -> 18 s). The combine kernel runs, but contexts of at
