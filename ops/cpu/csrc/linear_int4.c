@@ -622,7 +622,8 @@ INLINE __m256 hsum8(const __m256 o[8]) {
 INLINE void transpose8(const __m256 o[8], __m256 t[8]) {
     __m256 u[8], v[8];
     _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
-        u[2 * i] = _mm256_unpacklo_ps(o[2 * i], o[2 * i + 1]), u[2 * i + 1] = _mm256_unpackhi_ps(o[2 * i], o[2 * i + 1]);
+        u[2 * i] = _mm256_unpacklo_ps(o[2 * i], o[2 * i + 1]),
+        u[2 * i + 1] = _mm256_unpackhi_ps(o[2 * i], o[2 * i + 1]);
     _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)
         _Pragma("GCC unroll 2") for (int e = 0; e < 2; e++) {
             const __m256 lo = u[4 * h + e], hi = u[4 * h + 2 + e];
@@ -660,8 +661,10 @@ INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, in
             _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
             _mm256_store_ps(offsets, load8(a->offset, n * groups + g0, bf16));
         } else {
-            for (int g = 0; g < count; g++)
-                scales[g] = load1(a->scale, n * groups + g0 + g, bf16), offsets[g] = load1(a->offset, n * groups + g0 + g, bf16);
+            for (int g = 0; g < count; g++) {
+                scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
+                offsets[g] = load1(a->offset, n * groups + g0 + g, bf16);
+            }
         }
         for (int g = 0; g < count; g++, xcols += a->xstride) {
             const __m256 s = _mm256_broadcast_ss(scales + g);
@@ -703,7 +706,8 @@ INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, i
         __m256 o[8], t[8];
         for (int i = 0; i < 8; i++) o[i] = madd_row(a, n + i, m0, rows, P, one);
         transpose8(o, t);
-        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
+        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+            store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
     }
     for (; n < end; n++) {
         float out[8] __attribute__((aligned(32)));
