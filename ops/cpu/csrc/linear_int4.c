@@ -789,8 +789,8 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
-    for (long i = 0; cols && i < groups * xstride; i++)
-        xcols[i] = i % xstride < M ? xsum[i % xstride * groups + i / xstride] : 0.0f;
+    for (int g = 0; cols && g < groups; g++)
+        for (int m = 0; m < xstride; m++) xcols[g * xstride + m] = m < M ? xsum[m * groups + g] : 0.0f;
     const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
     const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, xcols, xstride, w, scale, offset, y,
                                             M, N, K, G, P, bf16, rows, int4_quad_rows(N)};
