@@ -482,6 +482,9 @@ struct linear_int4_madd_args {
                            pass's piece rows are constant offsets from one pointer */
     const float *a;     /* [M * P]: each piece's scale */
     const float *xsum;  /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
+    const float *xcols; /* [K / G][xstride]: the same sums group by group, 0 past row M - 1 (madd_row's offsets take a
+                           group's for 8 activation rows in one vector); only where madd_row serves */
+    long xstride;       /* M rounded up to 8, plus 8: a load of 8 from any row of a pass stays within its group's */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
@@ -615,23 +618,57 @@ INLINE __m256 hsum8(const __m256 o[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
 }
 
-/* y[m0 + j, n] for the `rows` activation rows from m0 (rows, P constants, 3 <= rows * P <= MADD_ROW_PIECES): weight
-   row n, each block unpacked once and multiplied by all R = rows * P piece rows, each group's int32 sums scaled
-   into fp32 sums f kept in memory (L1: left to the compiler, they spill worse, above); then the pieces' scales and
-   the offsets times the group sums, every row's lanes summed at once (hsum8). one: G == 64. */
-INLINE void madd_row(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, int one) {
+/* t[j] lane i = o[i] lane j. */
+INLINE void transpose8(const __m256 o[8], __m256 t[8]) {
+    __m256 u[8], v[8];
+    _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
+        u[2 * i] = _mm256_unpacklo_ps(o[2 * i], o[2 * i + 1]),
+        u[2 * i + 1] = _mm256_unpackhi_ps(o[2 * i], o[2 * i + 1]);
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++)
+        _Pragma("GCC unroll 2") for (int e = 0; e < 2; e++) {
+            const __m256 lo = u[4 * h + e], hi = u[4 * h + 2 + e];
+            v[4 * h + 2 * e] = _mm256_shuffle_ps(lo, hi, 0x44), v[4 * h + 2 * e + 1] = _mm256_shuffle_ps(lo, hi, 0xee);
+        }
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
+        t[j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x20), t[4 + j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x31);
+}
+
+/* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
+INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
+    if (bf16) v = _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    store8(y, at, v, bf16);
+}
+
+/* Weight row n's outputs for the `rows` activation rows from m0 (rows, P constants, 3 <= rows * P <= MADD_ROW_PIECES),
+   lane j row m0 + j: each block unpacked once and multiplied by all R = rows * P piece rows, each group's int32 sums
+   scaled into fp32 sums f kept in memory (L1: left to the compiler, they spill worse, above), and the offsets times
+   every row's group sums (xcols) as one vector a group; then every piece row's lanes summed at once (hsum8) and
+   scaled by its piece's scale, a row's pieces added. one: G == 64. */
+INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, int one) {
     const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
     const long step = n < a->quad_rows ? 128 : 32, stride = (long)a->M * P * 64;  /* to the next block's */
     const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
     const int16_t *q = a->q + (long)m0 * P * 64;
+    const float *xcols = a->xcols + m0;
     float f[MADD_ROW_PIECES][8] __attribute__((aligned(32))), scales[8] __attribute__((aligned(32)));
+    float offsets[8] __attribute__((aligned(32)));
+    __m256 off = _mm256_setzero_ps();
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
     for (int g0 = 0; g0 < groups; g0 += 8) {
         const int count = groups - g0 < 8 ? groups - g0 : 8;
-        if (count == 8) _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
-        else for (int g = 0; g < count; g++) scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
-        for (int g = 0; g < count; g++) {
+        if (count == 8) {
+            _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
+            _mm256_store_ps(offsets, load8(a->offset, n * groups + g0, bf16));
+        } else {
+            for (int g = 0; g < count; g++) {
+                scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
+                offsets[g] = load1(a->offset, n * groups + g0 + g, bf16);
+            }
+        }
+        for (int g = 0; g < count; g++, xcols += a->xstride) {
             const __m256 s = _mm256_broadcast_ss(scales + g);
+            off = _mm256_fmadd_ps(_mm256_broadcast_ss(offsets + g), _mm256_loadu_ps(xcols), off);
             if (one) {  /* madd_block, each row's sums scaled and stored before the next's products (no spills) */
                 __m256i u[4];
                 __builtin_prefetch(ahead);
@@ -652,27 +689,39 @@ INLINE void madd_row(const struct linear_int4_madd_args *a, long n, int m0, int 
         }
     }
     __m256 o[8];
-    _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
-        o[j] = _mm256_setzero_ps();
-        if (j >= rows) continue;
-        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
-        float tail = 0.0f;
-        _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[j] = _mm256_fmadd_ps(_mm256_load_ps(f[j * P + p]), _mm256_set1_ps(s[p]), o[j]);
-        o[j] = madd_offsets(a, n, xsum, o[j], &tail);
-        o[j] = _mm256_add_ps(o[j], _mm256_setr_ps(tail, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f));
-    }
-    float out[8] __attribute__((aligned(32)));
-    _mm256_store_ps(out, hsum8(o));
-    _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store1(a->y, (long)(m0 + j) * a->N + n, out[j], bf16);
+    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) o[r] = r < R ? _mm256_load_ps(f[r]) : _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 pieces = _mm256_maskload_ps(a->a + m0 * P, _mm256_cmpgt_epi32(_mm256_set1_epi32(R), lane));
+    __m256 sums = _mm256_mul_ps(hsum8(o), pieces);  /* lane r: piece row r */
+    if (P == 2)  /* lane j: row j's two pieces (lanes 2j, 2j + 1), j < 4 */
+        sums = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(sums, sums)), 0xd8));
+    return _mm256_add_ps(sums, off);
 }
 
-/* madd_row over weight rows n .. end - 1 with r activation rows of p pieces, both constants: one function each, apart
-   from linear_int4_madd_chunk, whose 1-2 piece-row passes they slowed by 5-8% inlined there (hot, one thread). */
+/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants): madd_row, 8
+   weight rows' outputs transposed and stored as 8 contiguous values an activation row; the last (end - n) % 8 one by
+   one. */
+INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one) {
+    for (; n + 8 <= end; n += 8) {
+        __m256 o[8], t[8];
+        for (int i = 0; i < 8; i++) o[i] = madd_row(a, n + i, m0, rows, P, one);
+        transpose8(o, t);
+        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+            store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
+    }
+    for (; n < end; n++) {
+        float out[8] __attribute__((aligned(32)));
+        _mm256_store_ps(out, madd_row(a, n, m0, rows, P, one));
+        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store1(a->y, (long)(m0 + j) * a->N + n, out[j], a->bf16);
+    }
+}
+
+/* madd_rows with r activation rows of p pieces, both constants: one function each, apart from
+   linear_int4_madd_chunk, whose 1-2 piece-row passes they slowed by 5-8% inlined there (hot, one thread). */
 #define MADD_ROWS(r, p) \
     static __attribute__((noinline)) void madd_rows_##r##_##p(const struct linear_int4_madd_args *a, long n, long end, \
                                                               int m0) { \
-        for (; n < end; n++) \
-            if (a->G == 64) madd_row(a, n, m0, r, p, 1); else madd_row(a, n, m0, r, p, 0); \
+        if (a->G == 64) madd_rows(a, n, end, m0, r, p, 1); else madd_rows(a, n, end, m0, r, p, 0); \
     }
 MADD_ROWS(3, 1) MADD_ROWS(4, 1) MADD_ROWS(5, 1) MADD_ROWS(6, 1) MADD_ROWS(7, 1) MADD_ROWS(8, 1) MADD_ROWS(2, 2)
 MADD_ROWS(3, 2) MADD_ROWS(4, 2)
@@ -726,11 +775,13 @@ _Static_assert(MADD_MAX_PIECES == 4 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES 
 static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
     const int P = ACT16_PIECES(pieces), groups = K / G;
+    const long xstride = (M + 7) / 8 * 8 + 8;
     const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
-    char *scratch = thread_scratch(scales + sums + (size_t)M * P * K * 2);
+    const size_t cols = M * P > 2 ? ((size_t)groups * xstride * 4 + 63) / 64 * 64 : 0;  /* madd_row's */
+    char *scratch = thread_scratch(scales + sums + cols + (size_t)M * P * K * 2);
     if (!scratch) return 0;
-    int16_t *blocks = (int16_t *)(scratch + scales + sums);
-    float *xsum = (float *)(scratch + scales);
+    int16_t *blocks = (int16_t *)(scratch + scales + sums + cols);
+    float *xsum = (float *)(scratch + scales), *xcols = (float *)(scratch + scales + sums);
     act16_quant_rows(x, bf16, M, K, P, 64, blocks, (float *)scratch);
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
@@ -738,9 +789,11 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
+    for (int g = 0; cols && g < groups; g++)
+        for (int m = 0; m < xstride; m++) xcols[g * xstride + m] = m < M ? xsum[m * groups + g] : 0.0f;
     const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
-    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y, M, N, K, G, P,
-                                            bf16, rows, int4_quad_rows(N)};
+    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, xcols, xstride, w, scale, offset, y,
+                                            M, N, K, G, P, bf16, rows, int4_quad_rows(N)};
     pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
     return 1;
 }
