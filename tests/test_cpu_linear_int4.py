@@ -109,8 +109,8 @@ def test_avx2_row_pass_stores_every_chunk_end(m, dtype, g):
     """The AVX2 pass of one weight row against 3-8 piece rows: 8 weight rows' outputs transposed and stored together,
     a chunk's last rows % 8 one at a time. K 2112: chunks of 124 rows (128 KB of weights, whole passes of 4), each
     ending 4 rows past its last 8, N 253 a last chunk of 5; 12 bf16 rows take passes of 8 and 4 (lanes past a pass's
-    rows unused), 3 one of 3, 6 fp32 rows (2 pieces each) passes of 4 and 2; 33 groups of one block (the last 8
-    one short), 11 of three (the scales and offsets of the last 3 one by one)."""
+    rows unused), 3 one of 3, 6 fp32 rows (2 pieces each) passes of 4 and 2; 33 groups of one block (8 at a time,
+    the last alone), 11 of three (the scales and offsets of the last 3 one by one)."""
     x, w, scale, offset = operands(m, 253, 2112, g, dtype)
     out, kind = linear("avx2", x, w, scale, offset)
     err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[dtype], kind)

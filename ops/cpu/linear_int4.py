@@ -29,7 +29,9 @@ sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1
 row at a time; from 3 piece rows, 1 weight row against up to 8 of them, each block unpacked once for all, their fp32
 sums in L1 and every row's lanes summed at once: 8 bf16 rows 86-90 µs against 130 in two passes of 4
 (profiles/RESULTS.md, int4b8); the offsets taken a group at a time for all the rows in one vector, and 8 weight rows'
-outputs stored together (the scalar ends were ~20% of that pass; int4ends). There the weights are stored in quads
+outputs stored together (the scalar ends were ~20% of that pass): 79-86 µs (int4ends). The two passes sum in other
+orders, so on AVX2 an fp32 row's outputs can differ in their last bits with the rows it is batched with (bf16 rarely:
+1 of 4096 measured); the int4 tests bound the error, not the bits. There the weights are stored in quads
 (csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
 hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
 """

@@ -729,6 +729,7 @@ MADD_ROWS(3, 2) MADD_ROWS(4, 2)
 
 /* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
 #define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
+#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_row (and needs xcols) */
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
@@ -742,7 +743,7 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
             const int w = whole ? MADD_WEIGHT_ROWS((r) * (p)) : 1; \
             if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0); \
         }
-        if (rows * a->P > 2) {
+        if (MADD_ROW_SERVES(rows * a->P)) {
             switch (a->P == 1 ? rows : -rows) {
                 case 3: madd_rows_3_1(a, n, end, m0); break;
                 case 4: madd_rows_4_1(a, n, end, m0); break;
@@ -777,7 +778,7 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
     const int P = ACT16_PIECES(pieces), groups = K / G;
     const long xstride = (M + 7) / 8 * 8 + 8;
     const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
-    const size_t cols = M * P > 2 ? ((size_t)groups * xstride * 4 + 63) / 64 * 64 : 0;  /* madd_row's */
+    const size_t cols = MADD_ROW_SERVES(M * P) ? ((size_t)groups * xstride * 4 + 63) / 64 * 64 : 0;  /* madd_row's */
     char *scratch = thread_scratch(scales + sums + cols + (size_t)M * P * K * 2);
     if (!scratch) return 0;
     int16_t *blocks = (int16_t *)(scratch + scales + sums + cols);
