@@ -43,6 +43,9 @@ def _error_response(error: APIError) -> Response:
     return response
 
 
+MODEL_ROUTE = "/v1/models/"
+
+
 def _request_path() -> str:
     """The path as sent: werkzeug's `request.path` drops a leading run of slashes."""
     path_info = request.environ.get("PATH_INFO", "")
@@ -92,8 +95,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.before_request
     def refuse_empty_segments() -> None:
         """`//` anywhere in a path is a 404, as OpenAI's and vLLM's, where werkzeug would answer a redirect (308,
-        an HTML page) or, for a leading one, serve the route."""
-        if "//" in _request_path():
+        an HTML page) or, for a leading one, serve the route; but a model id in /v1/models/ may hold any slashes (the
+        client's `models.retrieve("/a/local/dir")` asks for /v1/models//a/local/dir)."""
+        path = _request_path()
+        if "//" in (MODEL_ROUTE if path.startswith(MODEL_ROUTE) else path):
             raise NotFound()
 
     @app.before_request
@@ -180,7 +185,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/<path:model>")
+    @app.get(f"{MODEL_ROUTE}<path:model>")
     def retrieve_model(model: str) -> dict[str, Any]:
         if not config.accepts_model(model):
             raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
