@@ -127,10 +127,10 @@ def _lingered_s(writes_every_s: float | None) -> float:
 
 def test_linger_ends_at_its_deadline_even_inside_a_wait_and_when_the_client_goes_quiet(monkeypatch):
     """A client trickling data holds the connection LINGER_S at most, also where the wait for its next write would
-    run past the deadline (0.4 s writes against 0.6 s: 0.8 s before); one gone quiet, LINGER_IDLE_S."""
-    monkeypatch.setattr(worker, "LINGER_S", 0.6)
-    monkeypatch.setattr(worker, "LINGER_IDLE_S", 0.5)
-    assert 0.55 < _lingered_s(0.4) < 0.75
+    run past the deadline (0.9 s writes against 0.5 s: 0.9 s before); one gone quiet, LINGER_IDLE_S."""
+    monkeypatch.setattr(worker, "LINGER_S", 0.5)
+    monkeypatch.setattr(worker, "LINGER_IDLE_S", 1.0)
+    assert 0.45 < _lingered_s(0.9) < 0.8
     monkeypatch.setattr(worker, "LINGER_S", 5.0)
     monkeypatch.setattr(worker, "LINGER_IDLE_S", 0.1)
     assert 0.08 < _lingered_s(None) < 1.0

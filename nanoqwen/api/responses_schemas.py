@@ -49,7 +49,6 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
-# OpenAI's limits of metadata: keys, a key's and a value's characters, on the type so that the document has them
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
 
 

@@ -180,8 +180,8 @@ METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
                           Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)]],
                      Field(max_length=METADATA_KEYS)]
-# OpenAI's processing tiers (chat's and Responses' service_tier): one tier here, the answer is the same; OpenAI
-# refuses a name it does not know.
+# OpenAI's processing tiers, the names its clients send (chat's; "ultrafast" Responses' only, taken on both): one
+# tier here, the answer is the same; a name OpenAI does not know is a 400, as there.
 ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"]
 
 

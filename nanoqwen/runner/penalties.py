@@ -63,8 +63,7 @@ class PenaltyBuilder:
         self._counts = {key: kept for key, kept in self._counts.items() if kept.owner() is not None}
         rows, tokens, outputs = [], [], []
         for row, seq in enumerate(seqs):
-            params = seq.request.params
-            if not params.penalized:
+            if not seq.request.params.penalized:
                 continue
             kept = self._counts.get(id(seq))
             if kept is None or kept.owner() is not seq:  # an id reused by a new sequence
