@@ -95,6 +95,7 @@ def host_side(engine, batch: int, prompt_len: int, steps: int) -> str:
         run = common.engine_decode(engine, common.random_prompts(batch, prompt_len, seed=1), steps)
     finally:
         del recording.replay
+    assert len(replay_s) >= len(run.step_s), "a step did not replay the timed recording"
     step, replay = (1000 * statistics.median(t) for t in (run.step_s, replay_s[-len(run.step_s):]))
     host = 1000 * statistics.median(s - r for s, r in zip(run.step_s, replay_s[-len(run.step_s):]))
     return (f"Engine.step {step:.2f} ms, its replay {replay:.2f} ms, the step outside its replay {host:.3f} ms "

@@ -41,11 +41,12 @@ def cpu_env(checkpoint: Path, **env: str) -> dict[str, str]:
 
 
 def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], env: dict[str, str],
-                         log_path: Path, log_marker: str, batches: list[list[list[int]]], new_tokens: int) -> None:
-    """A real server started with `env` (its `ready:` line showing `log_marker`) answers each batch of prompts,
+                         log_path: Path, log_markers: tuple[str, ...], batches: list[list[list[int]]],
+                         new_tokens: int) -> None:
+    """A real server started with `env` (its `ready:` line showing each of `log_markers`) answers each batch of prompts,
     one after the other, as greedy /v1/completions through the openai client with transformers' tokens, fp32."""
     with GunicornServer(env, log_path) as srv:
-        assert log_marker in srv.log()
+        assert all(marker in srv.log() for marker in log_markers), log_markers
         for prompts in batches:
             assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
 

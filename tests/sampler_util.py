@@ -79,6 +79,6 @@ def dense_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     return logits - penalties.frequency.unsqueeze(1) * counts - penalties.presence.unsqueeze(1) * (counts > 0).float()
 
 
-def sample_with_torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN201 - sample's
+def sample_with_torch_penalties(logits, rows, mode, penalties=None, adjust=None):  # noqa: ANN001, ANN201 - sample's signature
     """runner.sample as it was before the CPU sampler applied penalties: torch's apply_penalties first."""
     return sample(logits if penalties is None else apply_penalties(logits, penalties), rows, mode, None, adjust)

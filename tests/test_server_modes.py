@@ -29,16 +29,18 @@ LONG_PROMPTS = [list(range(3000, 5100)), PROMPTS[0]]
 # other). cpugraph: PROMPTS (a bucket of 4 with a padded lane), then LONG_PROMPTS on the same server, whose context
 # takes them (one server start, not two: a server per batch was the same code path)
 MODES = {
-    "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, " max_step_tokens=5 ", [PROMPTS]),
+    "chunked": ({"NANOQWEN_MAX_STEP_TOKENS": "5"}, (" max_step_tokens=5 ",), [PROMPTS]),
     "chunked-compile": ({"NANOQWEN_MAX_STEP_TOKENS": "5", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"},
-                        " graph=compile ", [PROMPTS]),
-    "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64"}, " max_step_tokens=64 ", [PACED_PROMPTS]),
-    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph", "NANOQWEN_MAX_MODEL_LEN": "2304"}, " graph=cpugraph ",
+                        (" graph=compile ",), [PROMPTS]),
+    # every step eager with the C kernels (graph none): the one server that serves them so
+    "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64", "NANOQWEN_GRAPH": "none"},
+                      (" max_step_tokens=64 ", " graph=none "), [PACED_PROMPTS]),
+    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph", "NANOQWEN_MAX_MODEL_LEN": "2304"}, (" graph=cpugraph ",),
                  [PROMPTS, LONG_PROMPTS]),
 }
 
 
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_c_kernels) if "graph=cpugraph" in MODES[m][1] else m
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=needs_c_kernels) if " graph=cpugraph " in MODES[m][1] else m
                                   for m in MODES])
 def test_mode_serves_transformers_greedy_tokens(
     mode: str, tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path

@@ -26,4 +26,4 @@ def test_triton_kernels_serve_transformers_greedy_tokens(
 ) -> None:
     env = cpu_env(tiny_checkpoint, NANOQWEN_KERNELS="triton", NANOQWEN_MAX_BATCH="2")
     assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log",
-                         " kernels=triton ", [PROMPTS], NEW_TOKENS)
+                         (" kernels=triton ",), [PROMPTS], NEW_TOKENS)

@@ -231,7 +231,7 @@ def packed_drafts(runner, monkeypatch) -> list[list[int]]:
 
 MODES = {
     "torch": dict(cpu_kernels=False),  # the torch references alone
-    "none": dict(),  # the C kernels, every step eager
+    "none": dict(graph="none"),  # the C kernels, every step eager
     "cpugraph": dict(graph="auto"),  # the C kernels, decode steps replayed as a CPU graph
     # under TRITON_INTERPRET=1: slow, so few tokens; 256 positions: decode attention in 2 splits, not the 32 of the
     # checkpoint's 4096, whose programs the interpreter runs one by one
