@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chat_http import assert_serves_greedy, cpu_env
+from chat_http import MODEL, assert_completions_greedy, assert_serves_greedy, completion_texts, cpu_env
+from nanoqwen import loader
 from ops.cpu import build as cpu_build
+from server_process import GunicornServer
 
 pytestmark = pytest.mark.slow
 
@@ -48,3 +50,28 @@ def test_mode_serves_transformers_greedy_tokens(
     extra, marker, batches = MODES[mode]
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
     assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, batches, NEW_TOKENS)
+
+
+def test_torch_reference_ops_serve_penalised_requests_as_transformers(
+    tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], tmp_path: Path
+) -> None:
+    """NANOQWEN_CPU_KERNELS=0: the torch reference ops serve alone, with the torch sampler, whose apply_penalties
+    changes each row's seen tokens only: greedy with a repetition penalty gives transformers' generate with its
+    RepetitionPenaltyLogitsProcessor (on prompt and output tokens, as ours), streamed and not; plain greedy too."""
+    hf = hf_model(tiny_checkpoint)
+    prompts = [[7] * 17, PROMPTS[0]]
+    tokenizer = loader.load_tokenizer(tiny_checkpoint)
+    penalised = [hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, eos_token_id=None, do_sample=False,
+                             repetition_penalty=1.8, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+                 for p in prompts]
+    expected = [tokenizer.decode(out[0, len(p):].tolist(), skip_special_tokens=False)
+                for out, p in zip(penalised, prompts)]
+    body = dict(model=MODEL, prompt=prompts, temperature=0, max_tokens=NEW_TOKENS,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False, "repetition_penalty": 1.8})
+    env = cpu_env(tiny_checkpoint, NANOQWEN_CPU_KERNELS="0", NANOQWEN_MAX_BATCH="2")
+    with GunicornServer(env, tmp_path / "server.log") as srv:
+        assert_completions_greedy(srv, tiny_checkpoint, hf, prompts, NEW_TOKENS)
+        plain = completion_texts(srv, {**body, "extra_body": {"ignore_eos": True, "skip_special_tokens": False}}, False)
+        assert plain != expected  # the penalty changes the tokens
+        for stream in (False, True):
+            assert completion_texts(srv, body, stream) == expected, f"stream={stream}"
