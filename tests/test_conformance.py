@@ -612,6 +612,21 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
         assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
 
 
+def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None:
+    """vLLM's test_chat_echo: `echo` with continue_final_message puts the assistant message continued before the
+    answer (the collected content, and streamed as the chunk after the role's); a last message of another role adds
+    nothing (echo was refused before)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": [{"type": "text", "text": "Sure, the best"}]}],
+               "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4}
+    plain = _chat(server, **prefill)["choices"][0]["message"]["content"]
+    echoed = _chat(server, **prefill, echo=True)["choices"][0]["message"]["content"]
+    assert echoed == "Sure, the best" + plain
+    deltas = [c["choices"][0]["delta"] for c in _chunks(server, {**GREEDY, **prefill, "echo": True})]
+    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Sure, the best"}]
+    assert "".join(d.get("content", "") for d in deltas) == echoed
+    assert _chat(server, echo=True)["choices"] == _chat(server)["choices"]
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
     """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,
@@ -621,8 +636,23 @@ def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServ
     assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
     assert "tool_calls" not in choice["message"]
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
-    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": ""}]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None}]
     assert finish["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_calls_first_delta_has_no_content(server: GunicornServer, tool_choice: Any) -> None:
+    """OpenAI's recorded stream of a call (openai-python's snapshot of `get_weather`) opens with `role: assistant,
+    content: null`, the collected message's content; a forced call's opened with `content: ""`. Every chunk and the
+    collected answer name the tier that served them ("default")."""
+    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 40, "service_tier": "auto"}
+    collected = _chat(server, **body)
+    assert collected["choices"][0]["message"]["content"] is None and collected["service_tier"] == "default"
+    chunks = _chunks(server, body)
+    first, *rest = [c["choices"][0]["delta"] for c in chunks]
+    assert first == {"role": "assistant", "content": None}
+    assert all("content" not in d for d in rest) and any("tool_calls" in d for d in rest)
+    assert {c["service_tier"] for c in chunks} == {"default"}
 
 
 @pytest.mark.parametrize("constraint,answer,expected", [
