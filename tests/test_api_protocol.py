@@ -296,6 +296,17 @@ def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: s
     assert (whole is None) == (content is None)
 
 
+def test_tool_choice_autos_role_delta_before_reasoning_says_no_content() -> None:
+    """Qwen3 reasons first: whether a call or text follows is not known when the role delta goes, which then has
+    no content, so that a call's streamed message has none (null), as the collected one."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+    out = chunks.chunks(Event(index=0, reasoning="hm", token_ids=[1]))
+    out += chunks.chunks(Event(index=0, text=CALL, token_ids=[2], finish_reason="stop"))
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert deltas[:2] == [{"role": "assistant"}, {"reasoning_content": "hm", "reasoning": "hm"}]
+    assert all("content" not in d for d in deltas) and any("tool_calls" in d for d in deltas)
+
+
 def test_completion_builder_parses_tool_calls() -> None:
     tools = ToolParsing(enabled=True)
     choice = _answer(CompletionBuilder("m", "fp", 1, False, tools), "Checking.\n", CALL[:20], CALL[20:])

@@ -268,8 +268,7 @@ class ChunkBuilder(DoneFraming):
             out.append(self.finish(event.index, event.finish_reason))
         if out and event.index in self._unopened:
             self._unopened.discard(event.index)
-            calls = "tool_calls" in out[0]["choices"][0]["delta"]
-            out.insert(0, self.role(event.index, None if calls else ""))
+            out.insert(0, self._opened(event.index, out[0]["choices"][0]))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
@@ -277,6 +276,15 @@ class ChunkBuilder(DoneFraming):
     def role(self, index: int, content: str | None = "") -> Json:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": None}])
+
+    def _opened(self, index: int, first: Json) -> Json:
+        """The role delta of a choice that waited for its first chunk (`first`): `content: null` before a call, `""`
+        before text or the end; before reasoning (or text held back) what follows is not known yet: no content."""
+        delta = first["delta"]
+        role = self.role(index, None if "tool_calls" in delta else "")
+        if "tool_calls" not in delta and "content" not in delta and first["finish_reason"] is None:
+            del role["choices"][0]["delta"]["content"]
+        return role
 
     def deltas(self, event: Event) -> list[Json]:
         """The content/reasoning chunk of an event (none when it carries nothing to send), then a
