@@ -448,7 +448,20 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"stop_token_ids": [10**7]}, "stop_token_ids", None),
     ({"logit_bias": {str(10**7): 1}}, "logit_bias", None),
     ({"seed": 2**63}, "seed", None),
+    ({"seed": -(2**63) - 1}, "seed", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", None),
+    ({"structured_outputs": {"regex": {"1": "Python"}}}, "structured_outputs.regex", None),
+    ({"structured_outputs": {"regex": "[.*"}}, "structured_outputs.regex", None),
+    ({"tools": TOOLS, "tool_choice": {}}, "tool_choice.type", None),
+    ({"tools": TOOLS, "tool_choice": "bogus"}, "tool_choice", None),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens", None),
+    ({"thinking_token_budget": 10}, "thinking_token_budget", None),
+    # llama.cpp's own fields
+    ({"json_schema": {"const": "42"}}, "json_schema", None),
+    ({"grammar": 'root ::= "a"'}, "grammar", None),
+    ({"timings_per_token": True}, "timings_per_token", None),
+    ({"return_progress": True}, "return_progress", None),
     # a field this server lacks is named before the errors that follow from its absence
     ({"messages": [], "prompt_token_ids": [1, 2]}, "prompt_token_ids", None),
     ({"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
@@ -633,6 +646,13 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
                    {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     for bad in ({"add_generation_prompt": True}, {"messages": USER}, *constrained):
         assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
+
+
+def test_a_null_tool_choice_is_an_absent_one(server: GunicornServer) -> None:
+    """vLLM's test_tool_choice_null: clients that send their unset fields send `"tool_choice": null`, which is
+    `auto` with tools (the answer parsed for calls) and nothing without."""
+    for extra in ({"tools": TOOLS}, {}):
+        assert _chat(server, **extra, tool_choice=None)["choices"] == _chat(server, **extra)["choices"]
 
 
 def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None:
