@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gunicorn
@@ -94,6 +94,38 @@ def linger(sock: socket.socket) -> None:
             gevent.sleep(0)  # a recv whose data has arrived returns without letting the loop run
 
 
+class ContinueOnRead:
+    """The `wsgi.input` of a request that expects `100 Continue`: sent at the app's first read of the body, as
+    uvicorn's h11 does, where gunicorn sends it before the app has seen the request, so that a client sent a whole
+    body to a request the app then refused (401, 404, 413). `sent` stays False when the app answers unread."""
+
+    def __init__(self, body: Any, sock: Any) -> None:
+        self._body = body
+        self._sock = sock
+        self.sent = False
+
+    def _continue(self) -> None:
+        if not self.sent:
+            self.sent = True
+            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def read(self, size: int | None = None) -> bytes:
+        self._continue()
+        return self._body.read(size)
+
+    def readline(self, size: int | None = None) -> bytes:
+        self._continue()
+        return self._body.readline(size)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        self._continue()
+        return self._body.readlines(size)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._continue()
+        return iter(self._body)
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -118,6 +150,8 @@ class NanoqwenWorker(GeventWorker):
       read the rest of the body before the next request in one go, holding the loop.
     - a response's write that makes no progress for NANOQWEN_SEND_TIMEOUT closes the connection, as a
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
+    - `Expect: 100-continue` is answered at the app's first read of the body (ContinueOnRead); an answer before it
+      closes the connection, as one before a large body does: the client sends the body or not, as it likes.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
       the grace period ends are failed so that they end with an error event, not a cut.
     """
@@ -137,6 +171,7 @@ class NanoqwenWorker(GeventWorker):
     def init_process(self) -> None:
         self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
+        self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
@@ -156,6 +191,9 @@ class NanoqwenWorker(GeventWorker):
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
+        if req._expected_100_continue:  # gunicorn's wsgi.create would send it before the app sees the request
+            req._expected_100_continue = False
+            self._expecting.add(current)
         try:
             super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
         except StopIteration:  # gunicorn closes the connection after this answer
@@ -171,12 +209,17 @@ class NanoqwenWorker(GeventWorker):
             raise StopIteration from None  # gunicorn's way to close a connection without logging an error
         finally:
             self._unread.discard(current)
+            self._expecting.discard(current)
 
     def _closing_when_told(self, environ: WSGIEnvironment, start_response: StartResponse) -> object:
         """The app, whose answer closes the connection where it set CLOSE_CONNECTION. `start_response` is gunicorn's
         response's bound method."""
+        body = None
+        if gevent.getcurrent() in self._expecting:
+            body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
+
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
-            if environ.get(CLOSE_CONNECTION):
+            if environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent):
                 start_response.__self__.force_close()
                 self._unread.add(gevent.getcurrent())
             return start_response(status, headers, exc_info)

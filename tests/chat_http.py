@@ -29,7 +29,7 @@ VLLM_COMMON_DEFAULTS: dict[str, Any] = {
     "logits_processors": None, "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
     "guided_decoding_backend": "auto", "guided_whitespace_pattern": None, "structural_tag": None,
 }
-VLLM_CHAT_DEFAULTS = {**VLLM_COMMON_DEFAULTS, "echo": False, "add_special_tokens": False, "documents": None,
+VLLM_CHAT_DEFAULTS = {**VLLM_COMMON_DEFAULTS, "add_special_tokens": False, "documents": None,
                       "chat_template": None, "mm_processor_kwargs": None, "media_io_kwargs": None}
 VLLM_COMPLETION_DEFAULTS = {**VLLM_COMMON_DEFAULTS, "add_special_tokens": True, "prompt_embeds": None}
 

@@ -281,6 +281,32 @@ def _answer(builder: CompletionBuilder, *texts: str, reason: str = "stop") -> di
     return builder.build(Usage(prompt_tokens=1, completion_tokens=len(texts)))["choices"][0]
 
 
+@pytest.mark.parametrize("text, content", [(CALL, None), ("Sunny." + CALL, ""), ("Sunny.", "")])
+def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: str | None) -> None:
+    """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` (its
+    recorded stream) and one that says something first with `content: ""`: each choice's role delta comes with its
+    first chunk, its content what the collected message's content starts as."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
+    assert chunks.opening() == []
+    out = [c["choices"][0] for c in chunks.chunks(Event(index=1, text=text, token_ids=[1], finish_reason="stop"))]
+    assert out[0] == {"index": 1, "delta": {"role": "assistant", "content": content}, "logprobs": None,
+                      "finish_reason": None}
+    assert all("role" not in c["delta"] for c in out[1:]) and out[-1]["finish_reason"] in ("stop", "tool_calls")
+    whole = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text)["message"]["content"]
+    assert (whole is None) == (content is None)
+
+
+def test_tool_choice_autos_role_delta_before_reasoning_says_no_content() -> None:
+    """Qwen3 reasons first: whether a call or text follows is not known when the role delta goes, which then has
+    no content, so that a call's streamed message has none (null), as the collected one."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+    out = chunks.chunks(Event(index=0, reasoning="hm", token_ids=[1]))
+    out += chunks.chunks(Event(index=0, text=CALL, token_ids=[2], finish_reason="stop"))
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert deltas[:2] == [{"role": "assistant"}, {"reasoning_content": "hm", "reasoning": "hm"}]
+    assert all("content" not in d for d in deltas) and any("tool_calls" in d for d in deltas)
+
+
 def test_completion_builder_parses_tool_calls() -> None:
     tools = ToolParsing(enabled=True)
     choice = _answer(CompletionBuilder("m", "fp", 1, False, tools), "Checking.\n", CALL[:20], CALL[20:])

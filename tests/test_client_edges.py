@@ -235,6 +235,57 @@ def test_a_service_tier_openai_does_not_know_is_refused(chat_server: GunicornSer
     """Any string was taken on chat (Responses already checked OpenAI's names): the client's `service_tier="flx"`
     ran without a word, where OpenAI answers 400."""
     body = {"model": MODEL, "messages": USER, "max_tokens": 1}
-    assert _ok(post_chat(chat_server, {**body, "service_tier": "flex"}))["choices"]
+    assert _ok(post_chat(chat_server, {**body, "service_tier": "flex"}))["service_tier"] == "default"
     error = post_chat(chat_server, {**body, "service_tier": "flx"}).json()["error"]
     assert error["param"] == "service_tier" and error["type"] == "invalid_request_error"
+
+
+def test_the_served_tier_is_named_in_the_answer_and_every_chunk(client: openai.OpenAI) -> None:
+    """OpenAI answers with the tier that served the request ("default" for `auto` or none), in the completion and
+    in each chunk of a stream, usage chunk included; the client's types read it."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 2}
+    assert client.chat.completions.create(**kwargs).service_tier == "default"
+    chunks = list(client.chat.completions.create(**kwargs, service_tier="auto", stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and {c.service_tier for c in chunks} == {"default"}
+
+
+def _expecting(srv: GunicornServer, path: str, length: int, headers: str = "") -> socket.socket:
+    """A connection that sent a POST's head with `Expect: 100-continue` and no body yet."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+                  f"Expect: 100-continue\r\nContent-Length: {length}\r\n\r\n").encode())
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("path, length, status", [
+    ("/v1/nothing", 100, 404),  # a route that does not exist
+    ("/v1/chat/completions", 9 << 20, 413),  # past the 8 MiB limit
+    ("/health", 10, 405),
+])
+def test_a_request_refused_before_its_body_gets_no_100_continue(chat_server: GunicornServer, path: str, length: int,
+                                                               status: int) -> None:
+    """gunicorn sent `100 Continue` before the app saw the request, so a client sent a whole body to a request the
+    app then refused. As uvicorn (h11, vLLM's server) does, it comes at the app's first read of the body: a refusal
+    before it is the only answer, and it closes the connection (the client, told no 100, sends no body)."""
+    with _expecting(chat_server, path, length) as sock:
+        answer = _read_all(sock)  # returns: the server closes the connection, no body sent
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"\r\nConnection: close\r\n" in head, answer
+    assert json.loads(body)["error"]["message"]
+
+
+def test_a_request_read_gets_100_continue_first(chat_server: GunicornServer) -> None:
+    body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": 1}).encode()
+    with _expecting(chat_server, "/v1/chat/completions", len(body), "Connection: close\r\n") as sock:
+        assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        head, _, answer = _read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(answer)["choices"]

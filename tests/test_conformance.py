@@ -270,7 +270,9 @@ def test_parse_and_stream_helpers_with_a_pydantic_response_format(client: openai
         final = stream.get_final_completion()
     assert events["content.done"] == 1 and events["chunk"] > 3
     assert final.choices[0].message.parsed == parsed.choices[0].message.parsed
-    assert final.usage == parsed.usage
+    # cached_tokens aside: the stream's prompt may hit the prefix cache that parse's filled
+    assert final.usage.model_dump(exclude={"prompt_tokens_details"}) == parsed.usage.model_dump(
+        exclude={"prompt_tokens_details"})
 
 
 def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
@@ -280,6 +282,27 @@ def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
         tools=[openai.pydantic_function_tool(Verdict)], tool_choice="required", parallel_tool_calls=False)
     [call] = parsed.choices[0].message.tool_calls
     assert call.function.name == "Verdict" and isinstance(call.function.parsed_arguments, Verdict)
+
+
+class Trial(pydantic.BaseModel):  # a nested model: its schema refers to Verdict's in `$defs`
+    verdict: Verdict
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "Trial"}}])
+def test_a_forced_call_whose_schema_has_references(client: openai.OpenAI, tool_choice: Any) -> None:
+    """vLLM's tools (test_completion_with_function_calling) and pydantic's nested models refer to `#/$defs/...`:
+    the call's grammar held the arguments' schema inside its own, where `#` is no longer the arguments' (400 "Pointer
+    '/$defs/Verdict' does not exist"); a schema referring to itself (`#`) compiles too."""
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING,
+        tools=[openai.pydantic_function_tool(Trial)], tool_choice=tool_choice)
+    [call] = parsed.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Trial)
+    tree = {"type": "object", "properties": {"leaf": {"type": "boolean"}, "next": {"$ref": "#"}}, "required": ["leaf"]}
+    tools = [{"type": "function", "function": {"name": "tree", "parameters": tree}}]
+    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, tools=tools,
+                                            tool_choice="required", extra_body=NO_THINKING)
+    assert answer.choices[0].finish_reason in ("tool_calls", "length")
 
 
 def test_with_raw_response(client: openai.OpenAI) -> None:
@@ -425,7 +448,20 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"stop_token_ids": [10**7]}, "stop_token_ids", None),
     ({"logit_bias": {str(10**7): 1}}, "logit_bias", None),
     ({"seed": 2**63}, "seed", None),
+    ({"seed": -(2**63) - 1}, "seed", None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", None),
+    ({"structured_outputs": {"regex": {"1": "Python"}}}, "structured_outputs.regex", None),
+    ({"structured_outputs": {"regex": "[.*"}}, "structured_outputs.regex", None),
+    ({"tools": TOOLS, "tool_choice": {}}, "tool_choice.type", None),
+    ({"tools": TOOLS, "tool_choice": "bogus"}, "tool_choice", None),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens", None),
+    ({"thinking_token_budget": 10}, "thinking_token_budget", None),
+    # llama.cpp's own fields
+    ({"json_schema": {"const": "42"}}, "json_schema", None),
+    ({"grammar": 'root ::= "a"'}, "grammar", None),
+    ({"timings_per_token": True}, "timings_per_token", None),
+    ({"return_progress": True}, "return_progress", None),
     # a field this server lacks is named before the errors that follow from its absence
     ({"messages": [], "prompt_token_ids": [1, 2]}, "prompt_token_ids", None),
     ({"messages": [], "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
@@ -612,6 +648,28 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
         assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
 
 
+def test_a_null_tool_choice_is_an_absent_one(server: GunicornServer) -> None:
+    """vLLM's test_tool_choice_null: clients that send their unset fields send `"tool_choice": null`, which is
+    `auto` with tools (the answer parsed for calls) and nothing without."""
+    for extra in ({"tools": TOOLS}, {}):
+        assert _chat(server, **extra, tool_choice=None)["choices"] == _chat(server, **extra)["choices"]
+
+
+def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None:
+    """vLLM's test_chat_echo: `echo` with continue_final_message puts the assistant message continued before the
+    answer (the collected content, and streamed as the chunk after the role's); a last message of another role adds
+    nothing (echo was refused before)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": [{"type": "text", "text": "Sure, the best"}]}],
+               "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4}
+    plain = _chat(server, **prefill)["choices"][0]["message"]["content"]
+    echoed = _chat(server, **prefill, echo=True)["choices"][0]["message"]["content"]
+    assert echoed == "Sure, the best" + plain
+    deltas = [c["choices"][0]["delta"] for c in _chunks(server, {**GREEDY, **prefill, "echo": True})]
+    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Sure, the best"}]
+    assert "".join(d.get("content", "") for d in deltas) == echoed
+    assert _chat(server, echo=True)["choices"] == _chat(server)["choices"]
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
     """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,
@@ -621,8 +679,23 @@ def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServ
     assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
     assert "tool_calls" not in choice["message"]
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
-    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": ""}]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None}]
     assert finish["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_calls_first_delta_has_no_content(server: GunicornServer, tool_choice: Any) -> None:
+    """OpenAI's recorded stream of a call (openai-python's snapshot of `get_weather`) opens with `role: assistant,
+    content: null`, the collected message's content; a forced call's opened with `content: ""`. Every chunk and the
+    collected answer name the tier that served them ("default")."""
+    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 40, "service_tier": "auto"}
+    collected = _chat(server, **body)
+    assert collected["choices"][0]["message"]["content"] is None and collected["service_tier"] == "default"
+    chunks = _chunks(server, body)
+    first, *rest = [c["choices"][0]["delta"] for c in chunks]
+    assert first == {"role": "assistant", "content": None}
+    assert all("content" not in d for d in rest) and any("tool_calls" in d for d in rest)
+    assert {c["service_tier"] for c in chunks} == {"default"}
 
 
 @pytest.mark.parametrize("constraint,answer,expected", [

@@ -41,9 +41,11 @@ class ChatService:
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
         id_ = response_id("chatcmpl", req.request_id)
+        echo = req.echo_text
         stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning,
-                              think_end, id=id_) if req.stream else None
-        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, id=id_)
+                              think_end, echo, id=id_) if req.stream else None
+        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, echo,
+                                    id=id_)
         return serving.respond(batch, stream, collect, trace, environ)
 
     def params(self, req: ChatCompletionRequest) -> SamplingParams:

@@ -13,6 +13,9 @@ from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 
 Json = dict[str, Any]
+# The tier that served the request, which OpenAI names in every answer and chunk: "default" for `auto`, none, or any
+# tier asked for (one model, one queue: no tier is faster or cheaper than another).
+SERVICE_TIER = "default"
 
 
 def completion_id() -> str:
@@ -162,6 +165,7 @@ class CompletionBuilder:
     tools: ToolParsing = ToolParsing()
     include_reasoning: bool = True  # vLLM's `include_reasoning: false`: the model reasons, the answer omits it
     think_end: int | None = None  # `</think>`'s token id: reasoning tokens are counted through it
+    echo: str = ""  # vLLM's echo: the text before each choice's content (ChatCompletionRequest.echo_text)
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -172,13 +176,14 @@ class CompletionBuilder:
         self._choices[event.index].add(event)
 
     def _choice(self, index: int, choice: Choice) -> Json:
-        message: Json = {"role": "assistant", "content": "".join(choice.text), "refusal": None}
+        text = "".join(choice.text)
+        message: Json = {"role": "assistant", "content": self.echo + text, "refusal": None}
         reason = choice.finish_reason
         parser = self.tools.parser()
         if parser is not None:
-            parsed = parser.feed(message["content"]) + parser.finish()
+            parsed = parser.feed(text) + parser.finish()
             if parsed.calls or self.tools.forced:
-                message["content"] = parsed.content or None
+                message["content"] = self.echo + parsed.content or None
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
@@ -197,6 +202,7 @@ class CompletionBuilder:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
+            "service_tier": SERVICE_TIER,
             "system_fingerprint": self.fingerprint,
             "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
             "usage": usage_json(usage, sum(c.reasoning_tokens.count for c in self._choices)),
@@ -215,12 +221,17 @@ class ChunkBuilder(DoneFraming):
     running: RunningUsage | None = None
     include_reasoning: bool = True
     think_end: int | None = None
+    echo: str = ""
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
         self._reasoning = [ReasoningTokens(self.think_end) for _ in range(self.n)]
+        # With tools and tool_choice auto, a choice's role delta waits for its first chunk: OpenAI's says
+        # `content: null` before a call, `""` before text, as the collected message's content is then.
+        waits = self.tools.enabled and not self.tools.forced and not self.echo
+        self._unopened = set(range(self.n)) if waits else set()
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -228,6 +239,7 @@ class ChunkBuilder(DoneFraming):
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
+            "service_tier": SERVICE_TIER,
             "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
@@ -236,7 +248,12 @@ class ChunkBuilder(DoneFraming):
         return chunk
 
     def opening(self) -> list[Json]:
-        return [self.role(index) for index in range(self.n)]
+        """The role deltas known before any output (a forced call's answer has no content: null), each followed by
+        the echo, as vLLM sends it."""
+        content = None if self.tools.forced and not self.echo else ""
+        opened = [index for index in range(self.n) if index not in self._unopened]
+        echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
+        return [self.role(index, content) for index in opened] + echoes
 
     def chunks(self, event: Event) -> list[Json]:
         """The chunks one engine event turns into (an error is the server's to send)."""
@@ -249,13 +266,25 @@ class ChunkBuilder(DoneFraming):
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
+        if out and event.index in self._unopened:
+            self._unopened.discard(event.index)
+            out.insert(0, self._opened(event.index, out[0]["choices"][0]))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
 
-    def role(self, index: int) -> Json:
-        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+    def role(self, index: int, content: str | None = "") -> Json:
+        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": None}])
+
+    def _opened(self, index: int, first: Json) -> Json:
+        """The role delta of a choice that waited for its first chunk (`first`): `content: null` before a call, `""`
+        before text or the end; before reasoning (or text held back) what follows is not known yet: no content."""
+        delta = first["delta"]
+        role = self.role(index, None if "tool_calls" in delta else "")
+        if "tool_calls" not in delta and "content" not in delta and first["finish_reason"] is None:
+            del role["choices"][0]["delta"]["content"]
+        return role
 
     def deltas(self, event: Event) -> list[Json]:
         """The content/reasoning chunk of an event (none when it carries nothing to send), then a
@@ -288,8 +317,10 @@ class ChunkBuilder(DoneFraming):
         return self._parsers.get(index)
 
     def _tool_delta(self, index: int, call: Json) -> Json:
-        return self._chunk([{"index": index, "delta": {"tool_calls": [call]}, "logprobs": None,
-                             "finish_reason": None}])
+        return self._delta(index, {"tool_calls": [call]})
+
+    def _delta(self, index: int, delta: Json) -> Json:
+        return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def finish(self, index: int, reason: str) -> Json:
         parser = self._parsers.get(index)

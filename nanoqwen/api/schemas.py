@@ -717,8 +717,10 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     verbosity: Refused = None
     web_search_options: Refused = None
     moderation: Refused = None
+    # vLLM's: the answer starts with the last message's text where that message is the assistant's (what
+    # continue_final_message continues), as vLLM's echo; else it adds nothing
+    echo: bool | None = False
     # vLLM's, not implemented: accepted at the value that changes nothing (vLLM's default), else refused
-    echo: refused(False) = None
     add_special_tokens: refused(False) = None
     documents: Refused = None
     chat_template: Refused = None
@@ -763,6 +765,12 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     def constrains_answer(self) -> bool:
         """The answer is grammar-constrained: a JSON response_format, a forced tool call or a structured output."""
         return self.forces_tool_call or self.json_response or self.constraint is not None
+
+    @property
+    def echo_text(self) -> str:
+        """What `echo` puts before the answer's content."""
+        last = self.messages[-1]
+        return last._text() if self.echo and last.role == "assistant" else ""
 
     @property
     def forces_tool_call(self) -> bool:

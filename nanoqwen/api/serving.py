@@ -290,6 +290,8 @@ class Serving:
 
     def _stream(self, batch: Batch, chunks: Streamer, trace: RequestTrace, environ: dict[str, Any]) -> Iterator[str]:
         with closing(self._batches(batch, chunks, trace, environ)) as batches:
+            # an opening of no chunk (a role delta that waits for the choice's output) still sends the headers now
+            yield from next(batches) or [""]
             for out in batches:
                 yield from out
 

@@ -58,11 +58,14 @@ def _schema_with_options(schema: dict[str, Any], strict: bool, no_space: bool = 
     return {**schema, "x-guidance": {**(NO_SPACE_JSON_OPTIONS if no_space else JSON_OPTIONS), "lenient": not strict}}
 
 
-def _call_schema(tool: ToolSpec) -> dict[str, Any]:
+def _call_rules(i: int, tool: ToolSpec) -> list[str]:
+    """The Lark rules of one tool's call, `{"name": ..., "arguments": ...}` in Qwen3's layout: the arguments' schema a
+    root of its own, so that its references (`#/$defs/...`, as pydantic writes nested models; `#`) resolve in it."""
     arguments = tool.parameters if tool.parameters else {"type": "object", "properties": {},
                                                           "additionalProperties": False}
-    return _schema_with_options({"type": "object", "properties": {"name": {"const": tool.name}, "arguments": arguments},
-                                 "required": ["name", "arguments"], "additionalProperties": False}, tool.strict)
+    head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "arguments": ')
+    return [f'call_{i}: {head} arguments_{i} "}}"',
+            f"arguments_{i}: %json {json.dumps(_schema_with_options(arguments, tool.strict))}"]
 
 
 class _Vocabulary:
@@ -120,7 +123,7 @@ class Grammars:
         more = ' ("\\n" call)*' if parallel else ""
         rules = [f"start: call{more}",
                  f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>']
-        rules += [f"call_{i}: %json {json.dumps(_call_schema(tool))}" for i, tool in enumerate(tools)]
+        rules += [rule for i, tool in enumerate(tools) for rule in _call_rules(i, tool)]
         return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
