@@ -23,6 +23,8 @@ import gunicorn
 from gevent import monkey, socket
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
+from gunicorn.http.body import ChunkedReader, LengthReader
+from gunicorn.http.message import Request
 from gunicorn.http.wsgi import Response
 from gunicorn.workers.ggevent import GeventWorker
 
@@ -92,6 +94,11 @@ def linger(sock: socket.socket) -> None:
             if not sock.recv(READ_CHUNK):
                 break
             gevent.sleep(0)  # a recv whose data has arrived returns without letting the loop run
+
+
+def _body_follows(req: Request) -> bool:
+    reader = req.body.reader
+    return isinstance(reader, ChunkedReader) or (isinstance(reader, LengthReader) and reader.length > 0)
 
 
 class ContinueOnRead:
@@ -193,7 +200,8 @@ class NanoqwenWorker(GeventWorker):
         current = gevent.getcurrent()
         if req._expected_100_continue:  # gunicorn's wsgi.create would send it before the app sees the request
             req._expected_100_continue = False
-            self._expecting.add(current)
+            if _body_follows(req):  # none to wait for: the request is whole (RFC 9110 10.1.1: no 100 is needed)
+                self._expecting.add(current)
         try:
             super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
         except StopIteration:  # gunicorn closes the connection after this answer
@@ -229,8 +237,11 @@ class NanoqwenWorker(GeventWorker):
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine, start_engine
 
-        if not callable(getattr(Response, "force_close", None)):  # _closing_when_told's one hold on gunicorn
+        # _closing_when_told's and handle_request's holds on gunicorn: fail here, not by answering as gunicorn would
+        if not callable(getattr(Response, "force_close", None)):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Response has no force_close")
+        if not hasattr(Request, "_expected_100_continue"):
+            raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Request has no _expected_100_continue")
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told

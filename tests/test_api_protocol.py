@@ -296,6 +296,17 @@ def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: s
     assert (whole is None) == (content is None)
 
 
+def test_tool_choice_autos_role_delta_before_a_call_with_logprobs_says_null() -> None:
+    """With logprobs the choice's first chunk carries them with an empty delta, the call's chunks after it: the role
+    delta still says `content: null`, as without logprobs."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+    logprobs = [_logprob("<tool_call>", -0.5)]
+    out = [c["choices"][0] for c in chunks.chunks(Event(index=0, text=CALL, token_ids=[1], logprobs=logprobs,
+                                                       finish_reason="stop"))]
+    assert out[0]["delta"] == {"role": "assistant", "content": None}
+    assert any("tool_calls" in c["delta"] for c in out[1:]) and any(c["logprobs"] for c in out[1:])
+
+
 def test_tool_choice_autos_role_delta_before_reasoning_says_no_content() -> None:
     """Qwen3 reasons first: whether a call or text follows is not known when the role delta goes, which then has
     no content, so that a call's streamed message has none (null), as the collected one."""

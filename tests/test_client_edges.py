@@ -282,10 +282,37 @@ def test_a_request_refused_before_its_body_gets_no_100_continue(chat_server: Gun
     assert json.loads(body)["error"]["message"]
 
 
-def test_a_request_read_gets_100_continue_first(chat_server: GunicornServer) -> None:
+def _answer_on(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One answer with a Content-Length read off a kept connection: its head, its body, and what came after it."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(1 << 16)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+    while len(rest) < length:
+        rest += sock.recv(1 << 16)
+    return head, rest[:length], rest[length:]
+
+
+def test_requests_read_get_100_continue_first_and_keep_the_connection(chat_server: GunicornServer) -> None:
+    """Each of two `Expect: 100-continue` requests on one connection gets its 100 when the app reads its body, then
+    its answer, and the connection stays open; so does a GET whose Expect has no body to wait for (it needs no 100,
+    and is no refusal before a body)."""
     body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": 1}).encode()
-    with _expecting(chat_server, "/v1/chat/completions", len(body), "Connection: close\r\n") as sock:
-        assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
-        sock.sendall(body)
-        head, _, answer = _read_all(sock).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(answer)["choices"]
+    head_of_post = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", chat_server.port), timeout=10) as sock:
+        rest = b""
+        for _ in range(2):
+            sock.sendall(head_of_post)
+            assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body)
+            head, answer, rest = _answer_on(sock, rest)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head
+            assert json.loads(answer)["choices"]
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n\r\n")
+        head, _, rest = _answer_on(sock, rest)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # the connection still serves
+        assert _answer_on(sock, rest)[0].startswith(b"HTTP/1.1 200 ")

@@ -295,14 +295,16 @@ def test_a_forced_call_whose_schema_has_references(client: openai.OpenAI, tool_c
     '/$defs/Verdict' does not exist"); a schema referring to itself (`#`) compiles too."""
     parsed = client.chat.completions.parse(
         model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING,
-        tools=[openai.pydantic_function_tool(Trial)], tool_choice=tool_choice)
+        tools=[openai.pydantic_function_tool(Trial)], tool_choice=tool_choice, parallel_tool_calls=False)
     [call] = parsed.choices[0].message.tool_calls
     assert isinstance(call.function.parsed_arguments, Trial)
-    tree = {"type": "object", "properties": {"leaf": {"type": "boolean"}, "next": {"$ref": "#"}}, "required": ["leaf"]}
+    tree = {"type": "object", "properties": {"leaf": {"type": "boolean"}, "next": {"$ref": "#"}}, "required": ["leaf"],
+            "additionalProperties": False}
     tools = [{"type": "function", "function": {"name": "tree", "parameters": tree}}]
-    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, tools=tools,
-                                            tool_choice="required", extra_body=NO_THINKING)
-    assert answer.choices[0].finish_reason in ("tool_calls", "length")
+    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=60, tools=tools,
+                                            tool_choice="required", parallel_tool_calls=False, extra_body=NO_THINKING)
+    [call] = answer.choices[0].message.tool_calls  # arguments as the schema allows: `#` was the wrapper's before
+    assert call.function.name == "tree" and "leaf" in json.loads(call.function.arguments)
 
 
 def test_with_raw_response(client: openai.OpenAI) -> None:
@@ -650,9 +652,14 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
 
 def test_a_null_tool_choice_is_an_absent_one(server: GunicornServer) -> None:
     """vLLM's test_tool_choice_null: clients that send their unset fields send `"tool_choice": null`, which is
-    `auto` with tools (the answer parsed for calls) and nothing without."""
+    `auto` with tools (shown to the model, the answer parsed for calls; "none" would not show them) and nothing
+    without."""
     for extra in ({"tools": TOOLS}, {}):
-        assert _chat(server, **extra, tool_choice=None)["choices"] == _chat(server, **extra)["choices"]
+        null, absent = _chat(server, **extra, tool_choice=None), _chat(server, **extra)
+        assert null["choices"] == absent["choices"]
+        assert null["usage"]["prompt_tokens"] == absent["usage"]["prompt_tokens"]
+    shown = _chat(server, tools=TOOLS, tool_choice=None)["usage"]["prompt_tokens"]
+    assert shown > _chat(server, tools=TOOLS, tool_choice="none")["usage"]["prompt_tokens"]
 
 
 def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None:

@@ -183,7 +183,7 @@ class CompletionBuilder:
         if parser is not None:
             parsed = parser.feed(text) + parser.finish()
             if parsed.calls or self.tools.forced:
-                message["content"] = self.echo + parsed.content or None
+                message["content"] = (self.echo + parsed.content) or None
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, True) if reason is not None else None
@@ -268,7 +268,7 @@ class ChunkBuilder(DoneFraming):
             out.append(self.finish(event.index, event.finish_reason))
         if out and event.index in self._unopened:
             self._unopened.discard(event.index)
-            out.insert(0, self._opened(event.index, out[0]["choices"][0]))
+            out.insert(0, self._opened(event.index, [chunk["choices"][0] for chunk in out]))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
@@ -277,13 +277,18 @@ class ChunkBuilder(DoneFraming):
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": content},
                              "logprobs": None, "finish_reason": None}])
 
-    def _opened(self, index: int, first: Json) -> Json:
-        """The role delta of a choice that waited for its first chunk (`first`): `content: null` before a call, `""`
-        before text or the end; before reasoning (or text held back) what follows is not known yet: no content."""
-        delta = first["delta"]
-        role = self.role(index, None if "tool_calls" in delta else "")
-        if "tool_calls" not in delta and "content" not in delta and first["finish_reason"] is None:
-            del role["choices"][0]["delta"]["content"]
+    def _opened(self, index: int, first: list[Json]) -> Json:
+        """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,
+        with empty deltas, may come before what decides): `content: null` before a call, `""` before text or the end;
+        before reasoning (or text held back) what follows is not known yet: no content."""
+        role = self.role(index)
+        for choice in first:
+            if "tool_calls" in choice["delta"]:
+                role["choices"][0]["delta"]["content"] = None
+                return role
+            if "content" in choice["delta"] or choice["finish_reason"] is not None:
+                return role
+        del role["choices"][0]["delta"]["content"]
         return role
 
     def deltas(self, event: Event) -> list[Json]:
