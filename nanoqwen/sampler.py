@@ -188,6 +188,13 @@ def _sample_candidates(logits: torch.Tensor, rows: SamplingRows, temperature: to
     return ids.gather(1, winner.unsqueeze(1)).squeeze(1)
 
 
+def reserve(vocab_size: int, device: torch.device) -> None:
+    """Allocates now (at the engine's setup) what `sample` needs for rows of vocab_size logits on `device`: on the CPU,
+    the kernel's scratch (ops/cpu/sample.py), so that no step allocates it and a failure raises here."""
+    if device.type == "cpu" and cpu_sample.KERNEL.ready:
+        cpu_sample.reserve(vocab_size)
+
+
 def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penalties | None = None,
            adjust: LogitAdjust | None = None) -> torch.Tensor:
     """logits: [B, V] fp32 -> next tokens [B] int64. `mode` must cover every row's settings:

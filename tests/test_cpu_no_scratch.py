@@ -1,6 +1,7 @@
-"""The linear and sampling kernels when their per-thread scratch cannot be allocated (csrc/pool.h's thread_scratch
-returns NULL, forced by building with -DNANOQWEN_NO_SCRATCH): each takes a way that needs none, with the same results
-(bit for bit where the products and their order are the same) instead of writing through NULL."""
+"""The linear kernels when their per-thread scratch cannot be allocated (csrc/pool.h's thread_scratch returns NULL,
+forced by building with -DNANOQWEN_NO_SCRATCH): each takes a way that needs none, with the same results (bit for bit
+where the products and their order are the same) instead of writing through NULL. (The sampling kernel has no such
+way: its scratch is reserved at setup, tests/test_cpu_sample.py.)"""
 from __future__ import annotations
 
 import ctypes
@@ -11,15 +12,12 @@ import pytest
 import torch
 
 from int4_packing import as_loaded
-from nanoqwen.sampler import apply_adjust, apply_penalties, sample
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
-from ops.cpu import sample as cpu_sample
 from ops.torch_ref.linear_int4 import dequantize_int4
 from ops.torch_ref.linear_int8 import linear_int8_torch
-from sampler_util import adjusted_batch, penalised_batch, rows
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -29,8 +27,7 @@ ROWS = [1, 2, 3, 5, 9]
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL,
-                                                   cpu_sample.KERNEL)}  # by source
+BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL)}  # by source
 # "built": the kernel set's own; "loops": what a CPU without AVX-512 (so without VNNI or AMX) takes (int16 pieces)
 VARIANTS = {"built": (), "built, no scratch": ("-DNANOQWEN_NO_SCRATCH",), "loops": ("-DNANOQWEN_AVX2_ONLY",),
             "loops, no scratch": ("-DNANOQWEN_AVX2_ONLY", "-DNANOQWEN_NO_SCRATCH")}
@@ -176,21 +173,3 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
     torch.testing.assert_close(out.double(), x.double() @ dequantize_int4(w, scale, offset).double().T, rtol=rtol,
                                atol=1e-5)
 
-
-def test_sampler_without_scratch_adjusts_rows_in_place(monkeypatch):
-    """Without the scratch for a copy of each adjusted row, the kernel adjusts the logits it was given in place, as
-    apply_adjust (after apply_penalties) would, and samples the same tokens (unfiltered rows: the filters' own ways
-    without scratch differ)."""
-    assert cpu_sample.KERNEL.build(), cpu_sample.KERNEL.error  # else `sample` takes the torch sampler
-    logits, adjust = adjusted_batch(4001)
-    r = rows(8, 2, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.0, 1.3, 0.7])
-    expected = sample(logits, r, "sample", adjust=adjust)
-    monkeypatch.setattr(cpu_sample.KERNEL, "lib", lib("sample.c", "built, no scratch"))
-    given = logits.clone()
-    assert torch.equal(sample(given, r, "sample", adjust=adjust), expected)
-    assert torch.equal(given, apply_adjust(logits, adjust))
-    logits, penalties = penalised_batch(4001)  # penalties too, then the adjustments
-    expected = sample(apply_penalties(logits, penalties), r, "sample", adjust=adjust)
-    given = logits.clone()
-    assert torch.equal(sample(given, r, "sample", penalties, adjust), expected)
-    assert torch.equal(given, apply_adjust(apply_penalties(logits, penalties), adjust))

@@ -3,12 +3,13 @@ near-tie exists, the same distributions, every filter's edge cases, and a row's 
 its batch-mates and of the step's mode."""
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
 import torch
 
-from engine_util import generate_together, greedy, load_engine
+from engine_util import generate, generate_together, greedy, load_engine
 from nanoqwen.engine import SamplingParams
 from nanoqwen.runner import runner
 from nanoqwen.sampler import (
@@ -227,6 +228,66 @@ def test_engine_penalises_as_apply_penalties_before_the_kernel(use, tiny_checkpo
     assert [torch_sampler[i] for i in (0, 1, 3, 4)] == [ours[i] for i in (0, 1, 3, 4)]
     plain = generate_together(engine, prompts[:2], [greedy(16)] * 2)
     assert ours[0] != plain[0] and ours[1] != plain[1]
+
+
+def scratch_bytes(vocab: int, threads: int) -> int:
+    size = ctypes.c_int64()
+    cpu_sample.KERNEL.lib.sample_scratch_bytes(vocab, threads, ctypes.addressof(size))
+    return size.value
+
+
+@pytest.mark.parametrize("vocab", [37, 4001])
+@pytest.mark.parametrize("scratches", [1, 2])
+def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
+    """Every row's working memory is its row scratch (sample_scratch_bytes' size, one per thread at once): the largest
+    filter window (every token tied at the maximum: all of them sorted, then cut by top-p or min-p), a small top-k's
+    stream and adjusted rows (penalised, biased, masked) sample as the torch sampler does, and the bytes past the
+    scratch are never written."""
+    size = scratch_bytes(vocab, scratches)
+    memory = torch.full((size + 4096,), 0xA5, dtype=torch.uint8)
+    monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory[:size], vocab))
+    logits, penalties = penalised_batch(vocab)
+    logits[3] = 1.0
+    _, adjust = adjusted_batch(vocab)
+    r = rows(8, 1, temperature=[1.0, 0.7, 1.0, 0.5, 1.0, 0.0, 1.3, 0.7], top_p=[1, 0.95, 1, 0.5, 0.9, 1, 0.8, 1],
+             top_k=[0, 20, 0, 0, 0, 0, 300, 5], min_p=[0, 0, 0.05, 0, 0.05, 0, 0, 0.1])
+    for p, a in ((None, None), (penalties, None), (penalties, adjust)):
+        tokens = sample(logits, r, "filter", p, a)
+        use("torch")
+        assert torch.equal(tokens, sample(logits, r, "filter", p, a))
+        use("kernel")
+    assert bool((memory[size:] == 0xA5).all())
+
+
+def test_engine_reserves_the_kernels_scratch_at_setup(use, tiny_checkpoint, hf, monkeypatch):
+    """The engine reserves the kernel's scratch (a row scratch for each of its threads, for its vocabulary) when it is
+    set up: its steps, penalised, biased and filtered, run with `reserve` failing; a failure there fails the load.
+    The kernel adjusts a copy of each row, never the logits: a penalised row's logprobs are the model's own,
+    transformers' log_softmax, though the penalty chose other tokens than the model's greedy ones."""
+    monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(torch.empty(0, dtype=torch.uint8), 0))
+    engine = load_engine(tiny_checkpoint, max_batch=4)
+    vocab = engine.runner.config.vocab_size
+    assert cpu_sample._scratch.vocab_size == vocab
+    assert cpu_sample._scratch.memory.numel() == scratch_bytes(vocab, torch.get_num_threads())
+
+    def reserve(vocab_size: int) -> None:
+        raise MemoryError("the sampler's scratch")
+
+    monkeypatch.setattr(cpu_sample, "reserve", reserve)
+    prompt = [7] * 17
+    penalised = greedy(8, repetition_penalty=1.8, logprobs=True)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, min_p=0.01, seed=3, max_tokens=8, ignore_eos=True,
+                            presence_penalty=1.0, frequency_penalty=0.7, logit_bias={300: 0.5})
+    result, sampled = generate(engine, [prompt], penalised)[0], generate(engine, [prompt], seeded)[0]
+    assert result.error is None and sampled.error is None and len(sampled.choices[0].token_ids) == 8
+    tokens = result.choices[0].token_ids
+    with torch.no_grad():
+        model = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    assert tokens != model.argmax(-1).tolist()
+    for step, lp in enumerate(result.choices[0].logprobs):
+        assert lp.logprob == pytest.approx(model[step, tokens[step]].item(), abs=1e-4), step
+    with pytest.raises(MemoryError, match="scratch"):
+        load_engine(tiny_checkpoint, max_batch=4)
 
 
 def test_greedy_rows_take_torchs_argmax(use):

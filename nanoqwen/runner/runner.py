@@ -15,6 +15,7 @@ from nanoqwen.runner.inputs import StepInputBuffer, StepInputs, batch_buckets, p
 from nanoqwen.runner.penalties import PenaltyBuilder
 from nanoqwen.runner.prompt_logprobs import prefill_prompt_logprobs
 from nanoqwen.runner.sampling import LogitAdjuster, StepOutput, sampled_positions, stage_sampling, step_output
+from nanoqwen.sampler import reserve as reserve_sampler
 from nanoqwen.sampler import sample
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
@@ -68,6 +69,7 @@ class ModelRunner:
                                       self.block_size, device, packed_rows=positions)
         self.adjuster = LogitAdjuster(self.max_batch, self.config.vocab_size, self.inputs.to_device)
         self.penalties = PenaltyBuilder(self.inputs.to_device)
+        reserve_sampler(self.config.vocab_size, device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
                                   self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))

@@ -16,15 +16,44 @@ token depends on its own settings alone, whatever its batch-mates and the step's
 A row's penalties (sampler.Penalties: only the tokens its history holds), logit biases and token mask
 (sampler.LogitAdjust) are applied to a copy of that row in the kernel: torch's full-vocabulary ops for them cost
 2-110 ms a step on the 2-core CPU, fighting the kernels' threads.
+Its only working memory is a scratch reserved here (`reserve`: at the engine's setup, for its vocabulary and threads),
+a row scratch for each thread: a step allocates nothing, and no row has a way without it (before, a failed allocation
+adjusted the logits in place, into that step's logprobs, or sampled a row unfiltered).
 Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
 """
 from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
 
 import torch
 
 from ops.cpu import build, graph
 
-KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows", "argmax_rows"))
+KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows", "sample_scratch_bytes", "argmax_rows"))
+
+
+@dataclass
+class _Scratch:
+    memory: torch.Tensor  # uint8, 64-byte aligned (torch's CPU allocator): sample_rows' scratch
+    vocab_size: int  # the longest rows it serves
+
+
+_scratch = _Scratch(torch.empty(0, dtype=torch.uint8), 0)
+
+
+def reserve(vocab_size: int) -> None:
+    """Allocates the kernel's scratch for rows of vocab_size logits on torch.get_num_threads() threads (~5 MB a thread
+    at 151,936), unless what it has covers them: the engine calls this at setup, so that its steps allocate nothing
+    and running out of memory raises there. A scratch replaced stays alive while a CPU graph's recording holds it."""
+    global _scratch
+    vocab_size = max(vocab_size, _scratch.vocab_size)
+    size = ctypes.c_int64()
+    KERNEL.lib.sample_scratch_bytes(vocab_size, torch.get_num_threads(), ctypes.addressof(size))
+    memory = _scratch.memory
+    if size.value > memory.numel():
+        memory = torch.zeros(size.value, dtype=torch.uint8)  # its pages touched: committed now, not in a step
+    _scratch = _Scratch(memory, vocab_size)
 
 
 def _sample_rows(
@@ -61,12 +90,15 @@ def _sample_rows(
             penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition)
     (temperature, top_p, top_k, min_p, keys, steps, bias_rows, bias_tokens, bias_values, mask_rows, bitmask,
      penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition) = (t.contiguous() for t in rows)
+    if logits.shape[1] > _scratch.vocab_size:  # a caller other than an engine, which reserved at setup
+        reserve(logits.shape[1])
+    scratch = _scratch.memory
     tokens = torch.empty(logits.shape[0], dtype=torch.int64)
     with build.profiled("nanoqwen::sample_rows_cpu"):
         graph.call(KERNEL.lib.sample_rows, logits, temperature, top_p, top_k, min_p, keys, steps, bias_rows,
                    bias_tokens, bias_values, len(bias_rows), mask_rows, bitmask, len(mask_rows), bitmask.shape[-1],
                    penalty_rows, penalty_tokens, penalty_counts, len(penalty_rows), presence, frequency, repetition,
-                   tokens, logits.shape[0], logits.shape[1])
+                   tokens, logits.shape[0], logits.shape[1], scratch, scratch.numel())
     return tokens
 
 

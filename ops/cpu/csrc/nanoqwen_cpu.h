@@ -80,13 +80,18 @@ void bf16_to_fp32(const uint16_t *x, float *out, long n);
    Each row's logits first adjusted as sampler.apply_penalties then apply_adjust do, without writing them:
    penalty_rows, penalty_tokens: [penalties] int64, penalty_counts: [penalties] fp32 (sorted by row, a row's tokens
    distinct), presence, frequency, repetition: [B] fp32 (read for the rows an entry names); bias_rows, bias_tokens:
-   [biases] int64, bias_values: [biases] fp32 (sorted by row); mask_rows: [masks] int64, bitmask: [masks, W] int32. */
+   [biases] int64, bias_values: [biases] fp32 (sorted by row); mask_rows: [masks] int64, bitmask: [masks, W] int32.
+   scratch: scratch_bytes, 64-byte aligned, at least sample_scratch_bytes(V, 1)'s: the rows' only working memory
+   (nothing is allocated), one row scratch for each thread that samples at once. */
 void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
                  const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
                  const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
                  const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
                  const float *penalty_counts, long penalties, const float *presence, const float *frequency,
-                 const float *repetition, int64_t *tokens, int B, int V);
+                 const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes);
+
+/* sample.c: *bytes = the scratch of sample_rows for rows of V logits on `threads` threads. */
+void sample_scratch_bytes(int V, int threads, int64_t *bytes);
 
 /* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
 void argmax_rows(const float *logits, int64_t *tokens, int B, int V);

@@ -162,29 +162,23 @@ static inline long pool_chunk_end(long chunk, long rows, long n) {
    old one is freed then): a caller must have a way without it. A kernel stages its inputs there before
    pool_run, and its tasks may write their results there, each its own region: pool_run's finished counter
    (a helper's release, the caller's acquire) publishes what a helper wrote to the caller once it returns. The
-   contents do not outlive the call: the next one may grow (move) the scratch. `slot` (< SCRATCH_SLOTS) picks one
-   of the thread's independent scratches: a kernel holding one while it calls code that uses another. */
-#define SCRATCH_SLOTS 2
+   contents do not outlive the call: the next one may grow (move) the scratch. */
 #ifdef NANOQWEN_NO_SCRATCH  /* tests build this to run every kernel's way without its scratch */
-static inline void *thread_scratch_slot(int slot, size_t bytes) {
-    (void)slot, (void)bytes;
+static inline void *thread_scratch(size_t bytes) {
+    (void)bytes;
     return 0;
 }
 #else
-static inline void *thread_scratch_slot(int slot, size_t bytes) {
-    static __thread void *buf[SCRATCH_SLOTS];
-    static __thread size_t size[SCRATCH_SLOTS];
-    if (bytes > size[slot]) {
-        free(buf[slot]);
-        buf[slot] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        size[slot] = buf[slot] ? bytes : 0;
+static inline void *thread_scratch(size_t bytes) {
+    static __thread void *buf;
+    static __thread size_t size;
+    if (bytes > size) {
+        free(buf);
+        buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        size = buf ? bytes : 0;
     }
-    return buf[slot];
+    return buf;
 }
 #endif
-
-static inline void *thread_scratch(size_t bytes) {
-    return thread_scratch_slot(0, bytes);
-}
 
 #endif

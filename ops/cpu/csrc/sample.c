@@ -289,10 +289,9 @@ static int race_list(const struct candidate *c, long n, uint32_t row) {
 #define STREAM_CAPACITY 2048
 
 /* A small top-k's candidates, sorted: every token better than the current k-th best joins a buffer;
-   a full buffer is sorted and cut back to k, raising the bar. -> how many (k, or V if fewer). */
-static long top_candidates(const float *x, int V, __m256 tv, int k, struct candidate **out) {
-    uint64_t *keys = thread_scratch(2 * STREAM_CAPACITY * sizeof *keys + SMALL_TOP_K * sizeof **out);
-    if (!keys) return 0;
+   a full buffer is sorted and cut back to k, raising the bar. keys: the row's filter scratch (filter_bytes).
+   -> how many (k, or V if fewer). */
+static long top_candidates(const float *x, int V, __m256 tv, int k, uint64_t *keys, struct candidate **out) {
     uint64_t *tmp = keys + STREAM_CAPACITY, bar = UINT64_MAX;
     __m256 bar_s = _mm256_set1_ps(-INFINITY);
     long n = 0;
@@ -366,13 +365,13 @@ static void cut_window(const struct row_filter *f, const int *count, const doubl
 /* Top-k, then top-p, then min-p on a row's tokens, as sampler._filter_sorted defines them, and the race
    over the survivors. A small top-k's candidates come from a streaming selection; otherwise binning by
    distance below the maximum (with the softmax's masses for top-p) finds the window of bins where the
-   cut falls, and only that is sorted. */
-static int race_filtered(const float *x, int V, float t, uint32_t row, const struct row_filter *f) {
+   cut falls, and only that is sorted. keys: the row's filter scratch (filter_bytes). */
+static int race_filtered(const float *x, int V, float t, uint32_t row, const struct row_filter *f, uint64_t *keys) {
     const __m256 tv = _mm256_set1_ps(t);
     struct candidate *c;
     if (f->top_k && f->top_k <= SMALL_TOP_K) {
-        long n = top_candidates(x, V, tv, f->top_k, &c);
-        return n ? race_list(c, cut(c, n, 0, 0, 0, f, _mm256_set1_ps(c[0].s)), row) : argmax(x, V, t);
+        long n = top_candidates(x, V, tv, f->top_k, keys, &c);
+        return n ? race_list(c, cut(c, n, 0, 0, 0, f, _mm256_set1_ps(c[0].s)), row) : argmax(x, V, t);  /* 0: all NaN */
     }
     const int top = argmax(x, V, t);
     const __m256 smax = _mm256_set1_ps(x[top] / t);
@@ -396,13 +395,9 @@ static int race_filtered(const float *x, int V, float t, uint32_t row, const str
     double base_mass = 0, total = 0;
     for (int b = 0; b < BINS; b++) {
         if (b < k.lo) base += count[b], base_mass += mass[b];
-        else if (b <= k.hi) n += count[b];
         total += mass[b];
     }
-    uint64_t *keys = thread_scratch((size_t)(n + 1) * (2 * sizeof *keys + sizeof *c));
-    if (!keys) return race(x, V, t, row, top, &(struct survivors){BINS, 0, 0, -1});  /* out of memory: unfiltered */
     const __m256i lo = _mm256_set1_epi32(k.lo - 1), hi = _mm256_set1_epi32(k.hi + 1);
-    n = 0;
     for (int i = 0; i < V; i += 8) {
         __m256 s = scaled8(x, i, V, tv);
         __m256i bin = bins8(s, smax);
@@ -465,18 +460,15 @@ static inline float penalised(float v, float count, float presence, float freque
 }
 
 /* Row b's x [V] as sampler.apply_penalties then apply_adjust leave it: x itself where no entry names the row, else
-   a copy in the thread's second scratch (the filters use the first while they read it) with the masked-out tokens
-   at -inf, the seen tokens penalised and the biases added to the allowed ones. Out of memory: x adjusted in place
-   (its step's logprobs then see it). */
-static const float *adjusted_row(const float *x, long b, int V, const struct adjust *a) {
+   y [V] (the row's own scratch) with the masked-out tokens at -inf, the seen tokens penalised and the biases added to
+   the allowed ones. */
+static const float *adjusted_row(const float *x, long b, int V, const struct adjust *a, float *y) {
     const int32_t *words = 0;
     for (int r = 0; r < a->masks; r++)
         if (a->mask_rows[r] == b) words = a->bitmask + (long)r * a->W;
     const long seen = first_entry(a->penalty_rows, a->penalties, b), first = first_entry(a->bias_rows, a->biases, b);
     const int penalised_row = seen < a->penalties && a->penalty_rows[seen] == b;
     if (!words && !penalised_row && (first == a->biases || a->bias_rows[first] != b)) return x;
-    float *y = thread_scratch_slot(1, (size_t)V * sizeof *y);
-    if (!y) y = (float *)x;
     if (words) {
         const uint8_t *bytes = (const uint8_t *)words;  /* little-endian words: byte i / 8 holds tokens i..i+7 */
         const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -487,7 +479,7 @@ static const float *adjusted_row(const float *x, long b, int V, const struct adj
                                                      _mm256_castsi256_ps(allowed)));
         }
         for (; i < V; i++) y[i] = bytes[i >> 3] >> (i & 7) & 1 ? x[i] : -INFINITY;
-    } else if (y != x) {
+    } else {
         memcpy(y, x, (size_t)V * sizeof *y);
     }
     for (long j = seen; j < a->penalties && a->penalty_rows[j] == b; j++) {  /* a masked-out token stays -inf */
@@ -503,18 +495,36 @@ static const float *adjusted_row(const float *x, long b, int V, const struct adj
     return y;
 }
 
+/* A row's scratch, the filters' then the adjusted row's: bytes for V logits, whole cache lines each. The filters hold
+   top_candidates' buffers or race_filtered's keys, their sorting's and candidates, for as many tokens as the row. */
+static size_t filter_bytes(int V) {
+    const size_t small = 2 * STREAM_CAPACITY * sizeof(uint64_t) + SMALL_TOP_K * sizeof(struct candidate);
+    const size_t window = (size_t)V * (2 * sizeof(uint64_t) + sizeof(struct candidate));
+    return ((small > window ? small : window) + 63) / 64 * 64;
+}
+
+static size_t row_scratch_bytes(int V) {
+    return filter_bytes(V) + ((size_t)V * sizeof(float) + 63) / 64 * 64;
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void sample_scratch_bytes(int V, int threads, int64_t *bytes) {
+    *bytes = (int64_t)threads * (int64_t)row_scratch_bytes(V);
+}
+
 struct sample_args {
     const float *logits, *temperature, *top_p, *min_p;
     const int32_t *top_k, *keys, *steps;
     struct adjust adjust;
     int64_t *tokens;
-    int V;
+    int V, B;
+    char *scratch;
+    long next;  /* the next row a task claims */
 };
 
-static void sample_row(const void *args, long b) {
-    const struct sample_args *a = args;
+static void sample_row(const struct sample_args *a, long b, char *scratch) {
     const int V = a->V;
-    const float *x = adjusted_row(a->logits + b * V, b, V, &a->adjust);
+    const float *x = adjusted_row(a->logits + b * V, b, V, &a->adjust, (float *)(scratch + filter_bytes(V)));
     if (a->temperature[b] == 0) {
         a->tokens[b] = argmax(x, V, 1.0f);
         return;
@@ -522,8 +532,27 @@ static void sample_row(const void *args, long b) {
     const float t = a->temperature[b] > MIN_TEMPERATURE ? a->temperature[b] : MIN_TEMPERATURE;
     const uint32_t row = mix32((uint32_t)a->keys[b] ^ mix32((uint32_t)a->steps[b]));
     const struct row_filter f = {a->top_k[b] > 0 && a->top_k[b] < V ? a->top_k[b] : 0, a->top_p[b], a->min_p[b]};
-    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, &f);
+    if (f.top_k || f.top_p < 1 || f.min_p > 0) a->tokens[b] = race_filtered(x, V, t, row, &f, (uint64_t *)scratch);
     else a->tokens[b] = race(x, V, t, row, -1, &(struct survivors){BINS, 0, 0, -1});
+}
+
+/* Task `task` owns the task'th row scratch and samples the rows it claims, one at a time, until none is left: a thread
+   never waits on rows a descheduled one has not claimed. */
+static void sample_task(const void *args, long task) {
+    struct sample_args *a = (struct sample_args *)args;
+    char *scratch = a->scratch + task * row_scratch_bytes(a->V);
+    for (long b; (b = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED)) < a->B;) sample_row(a, b, scratch);
+}
+
+/* One sample_rows at a time: its callers share the scratch (the pool serialises their threaded steps anyway). */
+static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void scratch_lock_forked(void) {  /* the child of a fork has no other thread to hold it */
+    pthread_mutex_init(&scratch_lock, 0);
+}
+
+__attribute__((constructor)) static void register_scratch_lock_forked(void) {
+    pthread_atfork(0, 0, scratch_lock_forked);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
@@ -532,13 +561,15 @@ void sample_rows(const float *logits, const float *temperature, const float *top
                  const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
                  const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
                  const float *penalty_counts, long penalties, const float *presence, const float *frequency,
-                 const float *repetition, int64_t *tokens, int B, int V) {
-    const struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps,
-                                  {penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition,
-                                   penalties, bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks,
-                                   W},
-                                  tokens, V};
-    pool_run(sample_row, &a, B);
+                 const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes) {
+    struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps,
+                            {penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition,
+                             penalties, bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks, W},
+                            tokens, V, B, scratch, 0};
+    const long scratches = scratch_bytes / (long)row_scratch_bytes(V);
+    pthread_mutex_lock(&scratch_lock);
+    pool_run(sample_task, &a, B < scratches ? B : scratches);
+    pthread_mutex_unlock(&scratch_lock);
 }
 
 /* Shapes: see nanoqwen_cpu.h. On the calling thread, which just wrote the logits: on the pool, 8 rows took
