@@ -112,7 +112,7 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     "avx2"])
 def test_a_rows_outputs_do_not_depend_on_its_batch_mates(loops, dtype, n, k, g):
     """A row's outputs are the same bits alone as in a batch of 2, 3, 5, 8 or 9: on AVX2 1-2 piece rows (1-2 bf16
-    rows, 1 fp32 row) take madd_pieces, 3-8 madd_row (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose int32
+    rows, 1 fp32 row) take madd_pieces, 3-8 madd_rows (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose int32
     sums, group scaling and ends (madd_ends) are the same for a row. The kernel before madd_ends failed every fp32
     case at 2 rows (1367 of 2048 outputs at 1024 x 1024) and bf16's 1024 x 1024 at 8 rows (1 output). 33 and 9
     groups: one past the offsets' 8-group vectors; N 253 and 61: passes of fewer weight rows at each chunk's end and

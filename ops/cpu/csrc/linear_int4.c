@@ -467,7 +467,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Accumulator sets a madd_pieces pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <=
    MADD_MAX_PIECES): their int32 and fp32 sums stay in the 16 ymm registers; for 1-2 piece rows. */
 #define MADD_MAX_PIECES 4
-/* Piece rows a madd_row pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
+/* Piece rows a madd_rows pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
    sums in L1. One thread, 512 x 1024 hot in L2, 8 bf16 rows: 90 µs a call against 130 for two madd_pieces passes of
    4 (each unpacking every block again), 142 with the sums left to the compiler (spilled); 4 rows 50 against 66. */
 #define MADD_ROW_PIECES 8
@@ -476,6 +476,12 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 #define MADD_SPAN_BLOCKS 512
 /* How far ahead the weights are prefetched: the same column of the row this many rows on (4, 8 and 16 measured alike) */
 #define MADD_AHEAD_ROWS 8
+/* A pass of 8 weight rows (madd_rows) takes its groups in spans of MADD_SPAN_GROUPS, each span for all 8 rows, where
+   its pieces exceed MADD_L1_PIECES bytes, so that a span's pieces stay in L1 for the 8 rows (32 KB on Zen 3) instead
+   of each row reading them all from L2. One thread, hot, 8 bf16 rows: K 3072 0.78x the time, K 2048 0.92x; below the
+   threshold spans were slower (3 rows at K 3072, 18 KB: 1.07-1.14x; 5 at K 2048, 20 KB: 1.08x), 24 KB even. */
+#define MADD_SPAN_GROUPS 8
+#define MADD_L1_PIECES 24576
 
 struct linear_int4_madd_args {
     const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
@@ -650,19 +656,20 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
     store8(y, at, v, bf16);
 }
 
-/* Weight row n's outputs for the `rows` activation rows from m0 (rows, P constants, 3 <= rows * P <= MADD_ROW_PIECES),
-   lane j row m0 + j: each block unpacked once and multiplied by all R = rows * P piece rows, each group's int32 sums
-   scaled into fp32 sums f kept in memory (L1: left to the compiler, they spill worse, above); then madd_pieces' ends
-   (madd_ends), every row's lanes summed at once (hsum8). one: G == 64. */
-INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, int one) {
+/* Groups g0 .. g1 - 1 of weight row n against the `rows` activation rows from m0 (rows, P constants,
+   3 <= R = rows * P <= MADD_ROW_PIECES): each block unpacked once and multiplied by all R piece rows, each
+   group's int32 sums scaled into the fp32 sums f[r] kept in memory (L1: left to the compiler, they spill worse,
+   above). one: G == 64. */
+INLINE void madd_row_groups(const struct linear_int4_madd_args *a, long n, int g0, int g1, int m0, int rows, int P,
+                            int one, float f[][8]) {
     const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
     const long step = n < a->quad_rows ? 128 : 32, stride = (long)a->M * P * 64;  /* to the next block's */
-    const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
-    const int16_t *q = a->q + (long)m0 * P * 64;
-    float f[MADD_ROW_PIECES][8] __attribute__((aligned(32))), scales[8] __attribute__((aligned(32)));
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
-    for (int g0 = 0; g0 < groups; g0 += 8) {
-        const int count = groups - g0 < 8 ? groups - g0 : 8;
+    const long b0 = (long)g0 * (G / 64);
+    const uint8_t *w = a->w + int4_block_at(n, b0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
+    const int16_t *q = a->q + b0 * stride + (long)m0 * P * 64;
+    float scales[8] __attribute__((aligned(32)));
+    for (; g0 < g1; g0 += 8) {
+        const int count = g1 - g0 < 8 ? g1 - g0 : 8;
         if (count == 8) _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
         else for (int g = 0; g < count; g++) scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
         for (int g = 0; g < count; g++) {
@@ -672,7 +679,8 @@ INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, in
                 __builtin_prefetch(ahead);
                 madd_nibbles(w, u);
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s, _mm256_load_ps(f[r])));
+                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s,
+                                                          _mm256_load_ps(f[r])));
                 w += step, ahead += step, q += stride;
                 continue;
             }
@@ -686,29 +694,49 @@ INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, in
             }
         }
     }
+}
+
+/* Weight row n's outputs from its fp32 sums f (madd_row_groups) for the `rows` activation rows from m0, lane j row
+   m0 + j: madd_pieces' ends (madd_ends), every row's lanes summed at once (hsum8). */
+INLINE __m256 madd_row_end(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, float f[][8]) {
     __m256 sums[MADD_ROW_PIECES], o[8];
     float tail[8] __attribute__((aligned(32)));
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r] = _mm256_load_ps(f[r]);
+    _Pragma("GCC unroll 8") for (int r = 0; r < rows * P; r++) sums[r] = _mm256_load_ps(f[r]);
     _Pragma("GCC unroll 8") for (int j = rows; j < 8; j++) o[j] = _mm256_setzero_ps(), tail[j] = 0.0f;
     madd_ends(a, n, m0, rows, P, sums, o, tail);
     return _mm256_add_ps(hsum8(o), _mm256_load_ps(tail));
 }
 
-/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants): madd_row, 8
-   weight rows' outputs transposed and stored as 8 contiguous values an activation row; the last (end - n) % 8 one by
-   one. */
+/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants), 8 weight rows
+   at a time (the chunk's last (end - n) % 8 together): a span of groups of each in turn (madd_row_groups; all of
+   them, or MADD_SPAN_GROUPS where the pieces outgrow L1), then each row's ends (madd_row_end), 8 weight rows'
+   outputs transposed and stored as 8 contiguous values an activation row, fewer one by one. A row's sums take the
+   same order either way. */
 INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one) {
-    for (; n + 8 <= end; n += 8) {
-        __m256 o[8], t[8];
-        for (int i = 0; i < 8; i++) o[i] = madd_row(a, n + i, m0, rows, P, one);
-        transpose8(o, t);
-        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
-            store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
-    }
-    for (; n < end; n++) {
-        float out[8] __attribute__((aligned(32)));
-        _mm256_store_ps(out, madd_row(a, n, m0, rows, P, one));
-        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store1(a->y, (long)(m0 + j) * a->N + n, out[j], a->bf16);
+    const int R = rows * P, groups = a->K / a->G;
+    const int span = (long)R * a->K * 2 > MADD_L1_PIECES ? MADD_SPAN_GROUPS : groups;
+    for (; n < end; n += 8) {
+        const int W = end - n < 8 ? (int)(end - n) : 8;
+        float f[8][MADD_ROW_PIECES][8] __attribute__((aligned(32)));
+        for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
+        for (int g0 = 0; g0 < groups; g0 += span)
+            for (int i = 0; i < W; i++)
+                madd_row_groups(a, n + i, g0, groups - g0 < span ? groups : g0 + span, m0, rows, P, one, f[i]);
+        if (W == 8) {
+            __m256 o[8], t[8];
+            for (int i = 0; i < 8; i++) o[i] = madd_row_end(a, n + i, m0, rows, P, f[i]);
+            transpose8(o, t);
+            _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+                store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
+            continue;
+        }
+        for (int i = 0; i < W; i++) {
+            float out[8] __attribute__((aligned(32)));
+            _mm256_store_ps(out, madd_row_end(a, n + i, m0, rows, P, f[i]));
+            _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+                store1(a->y, (long)(m0 + j) * a->N + n + i, out[j], a->bf16);
+        }
     }
 }
 
@@ -725,7 +753,7 @@ MADD_ROWS(3, 2) MADD_ROWS(4, 2)
 
 /* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
 #define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
-#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_row */
+#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_rows */
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
