@@ -22,7 +22,8 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
 
 
 # With AVX-512 F/BW/VL/VNNI the kernel takes int8 pieces, else (AVX2) int16 ones, (pieces + 1) // 2 of them
-VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(Path("/proc/cpuinfo").read_text().split())
+FLAGS = set(Path("/proc/cpuinfo").read_text().split())
+VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int8 pieces' loops)")
 
 # (rows, output channels, input columns, group size). VNNI: 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
@@ -101,6 +102,29 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     assert out.dtype == dtype and out.shape == (m, n)
     err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[dtype], kind)
     assert (err <= bound).all(), (err / bound).max()
+
+
+@pytest.mark.parametrize("n,k,g", [(1024, 1024, 64), (253, 2112, 64), (61, 1152, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loops", [
+    pytest.param("built", marks=pytest.mark.skipif(VNNI and "amx_int8" in FLAGS, reason="with AMX-INT8 the built "
+                                                   "kernel takes tiles from 3 rows, vpdpbusd below: two orders")),
+    "avx2"])
+def test_a_rows_outputs_do_not_depend_on_its_batch_mates(loops, dtype, n, k, g):
+    """A row's outputs are the same bits alone as in a batch of 2, 3, 5, 8 or 9: on AVX2 1-2 piece rows (1-2 bf16
+    rows, 1 fp32 row) take madd_pieces, 3-8 madd_rows (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose int32
+    sums, group scaling and ends (madd_ends) are the same for a row. The kernel before madd_ends failed every fp32
+    case at 2 rows (1367 of 2048 outputs at 1024 x 1024) and bf16's 1024 x 1024 at 8 rows (1 output). 33 and 9
+    groups: one past the offsets' 8-group vectors; N 253 and 61: passes of fewer weight rows at each chunk's end and
+    rows past the last quad."""
+    x, w, scale, offset = operands(9, n, k, g, dtype)
+    each = [linear(loops, x[m:m + 1], w, scale, offset) for m in range(9)]
+    alone = torch.cat([out for out, _ in each])
+    err, bound = error_and_bound(x, w, scale, offset, alone, cpu_int4.PIECES[dtype], each[0][1])
+    assert (err <= bound).all(), (err / bound).max()
+    for rows in (2, 3, 5, 8, 9):
+        batch, _ = linear(loops, x[:rows], w, scale, offset)
+        assert torch.equal(batch, alone[:rows]), (rows, (batch != alone[:rows]).sum().item())
 
 
 @pytest.mark.parametrize("m,dtype", [(12, torch.bfloat16), (3, torch.bfloat16), (6, torch.float32)])

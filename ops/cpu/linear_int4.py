@@ -28,12 +28,17 @@ column 16j + i: no shuffles), the pieces staged block by block; a pass takes 4 w
 sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs against 30 a weight
 row at a time; from 3 piece rows, 1 weight row against up to 8 of them, each block unpacked once for all, their fp32
 sums in L1 and every row's lanes summed at once: 8 bf16 rows 86-90 µs against 130 in two passes of 4
-(profiles/RESULTS.md, int4b8); the offsets taken a group at a time for all the rows in one vector, and 8 weight rows'
-outputs stored together (the scalar ends were ~20% of that pass): 79-86 µs (int4ends). The two passes sum in other
-orders, so on AVX2 an fp32 row's outputs can differ in their last bits with the rows it is batched with (bf16 rarely:
-1 of 4096 measured); the int4 tests bound the error, not the bits. There the weights are stored in quads
-(csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
-hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
+(profiles/RESULTS.md, int4b8); 8 weight rows' outputs stored together (the scalar ends were ~20% of that pass):
+79-86 µs (int4ends); where the pieces outgrow L1 (8 bf16 rows from K 2048), those 8 weight rows take 8 groups each
+in turn, so that the groups' pieces are read from L1 8 times, not from L2 (hot K 3072 0.78x the time, int4b). Both
+passes end a row in one order (csrc's madd_ends: the pieces' scales, then the offsets 8 groups a vector, then one
+tree across the lanes), and their int32 sums and group scaling are the same, so on AVX2 a row's outputs are the same
+bits whatever it is batched with, as int8's and bf16's are (before, an fp32 row's last bits moved with its
+batch-mates). The AVX-512 VNNI loop is batch-invariant by construction (each row its own sums in one order), but
+where AMX-INT8 takes 3+ rows, its tiles sum in another order than the loop's 1-2 rows: not invariant there (never
+run here). On AVX2 the weights are stored in quads (csrc/int4_block.h; repack rearranges them at load), so that a
+pass of 4 rows reads one stream from DRAM, which the hardware prefetcher follows, not 4 interleaved ones. More rows
+(prefill) take dequant.py's blocked GEMM.
 """
 from __future__ import annotations
 

@@ -467,7 +467,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Accumulator sets a madd_pieces pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <=
    MADD_MAX_PIECES): their int32 and fp32 sums stay in the 16 ymm registers; for 1-2 piece rows. */
 #define MADD_MAX_PIECES 4
-/* Piece rows a madd_row pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
+/* Piece rows a madd_rows pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
    sums in L1. One thread, 512 x 1024 hot in L2, 8 bf16 rows: 90 µs a call against 130 for two madd_pieces passes of
    4 (each unpacking every block again), 142 with the sums left to the compiler (spilled); 4 rows 50 against 66. */
 #define MADD_ROW_PIECES 8
@@ -476,15 +476,18 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 #define MADD_SPAN_BLOCKS 512
 /* How far ahead the weights are prefetched: the same column of the row this many rows on (4, 8 and 16 measured alike) */
 #define MADD_AHEAD_ROWS 8
+/* A pass of 8 weight rows (madd_rows) takes its groups in spans of MADD_SPAN_GROUPS, each span for all 8 rows, where
+   its pieces exceed MADD_L1_PIECES bytes, so that a span's pieces stay in L1 for the 8 rows (32 KB on Zen 3) instead
+   of each row reading them all from L2. One thread, hot, 8 bf16 rows: K 3072 0.78x the time, K 2048 0.92x; below the
+   threshold spans were slower (3 rows at K 3072, 18 KB: 1.07-1.14x; 5 at K 2048, 20 KB: 1.08x), 24 KB even. */
+#define MADD_SPAN_GROUPS 8
+#define MADD_L1_PIECES 24576
 
 struct linear_int4_madd_args {
     const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
                            pass's piece rows are constant offsets from one pointer */
     const float *a;     /* [M * P]: each piece's scale */
     const float *xsum;  /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
-    const float *xcols; /* [K / G][xstride]: the same sums group by group, 0 past row M - 1 (madd_row's offsets take a
-                           group's for 8 activation rows in one vector); only where madd_row serves */
-    long xstride;       /* M rounded up to 8, plus 8: a load of 8 from any row of a pass stays within its group's */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
@@ -548,20 +551,40 @@ INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, 
     }
 }
 
-/* o + weight row n's group offsets times an activation row's group sums (xsum), 8 groups a vector; the groups past
-   the last 8 added to *tail. */
-INLINE __m256 madd_offsets(const struct linear_int4_madd_args *a, long n, const float *xsum, __m256 o, float *tail) {
+/* The end of weight row n for `rows` activation rows from m0 (rows, P constants), in one order for every pass, so
+   that a row's outputs are the same bits whatever it is batched with: o[j] = activation row m0 + j's fp32 sums f[j * P
+   + p] times its pieces' scales, piece by piece, then weight row n's group offsets times the row's group sums (xsum),
+   8 groups a vector, ascending; the groups past the last 8 added to tail[j] in order. Then the lanes of o[j] are
+   summed (hadd4's tree) and tail[j] added. Each 8 groups' offsets widened once for all the rows. */
+INLINE void madd_ends(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, const __m256 *f,
+                      __m256 *o, float *tail) {
     const int groups = a->K / a->G;
+    const float *xsum = a->xsum + (long)m0 * groups;
+    _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) {
+        o[j] = _mm256_setzero_ps(), tail[j] = 0.0f;
+        _Pragma("GCC unroll 2") for (int p = 0; p < P; p++)
+            o[j] = _mm256_fmadd_ps(f[j * P + p], _mm256_set1_ps(a->a[(m0 + j) * P + p]), o[j]);
+    }
     int g = 0;
-    for (; g + 8 <= groups; g += 8)
-        o = _mm256_fmadd_ps(load8(a->offset, n * groups + g, a->bf16), _mm256_loadu_ps(xsum + g), o);
-    for (; g < groups; g++) *tail += load1(a->offset, n * groups + g, a->bf16) * xsum[g];
-    return o;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 offset = load8(a->offset, n * groups + g, a->bf16);
+        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+            o[j] = _mm256_fmadd_ps(offset, _mm256_loadu_ps(xsum + (long)j * groups + g), o[j]);
+    }
+    for (; g < groups; g++) {
+        const float offset = load1(a->offset, n * groups + g, a->bf16);
+        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) tail[j] = fmaf(offset, xsum[(long)j * groups + g], tail[j]);
+    }
+}
+
+/* Lanes 0-3 of o[0], ..., o[3] summed pairwise, each in lanes j and 4 + j: the one tree of every pass's lane sums. */
+INLINE __m256 hadd4(const __m256 o[4]) {
+    return _mm256_hadd_ps(_mm256_hadd_ps(o[0], o[1]), _mm256_hadd_ps(o[2], o[3]));
 }
 
 /* The sums of o[0..3]'s lanes. */
 INLINE __m128 hsum4(const __m256 o[4]) {
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(o[0], o[1]), _mm256_hadd_ps(o[2], o[3]));
+    const __m256 t = hadd4(o);
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
@@ -592,30 +615,23 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
                 madd_group(a, w + i * next_row, step, q, w + i * next_row + MADD_AHEAD_ROWS * row, R, one,
                            _mm256_broadcast_ss(scales[i] + g), f[i]);
     }
-    _Pragma("GCC unroll 4") for (int j = 0; j < rows; j++) {
-        const float *xsum = a->xsum + (long)(m0 + j) * groups, *s = a->a + (m0 + j) * P;
-        __m256 o[4];
-        float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f}, out[4];
-        for (int i = 0; i < 4; i++) o[i] = _mm256_setzero_ps();
-        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
-            _Pragma("GCC unroll 2") for (int p = 0; p < P; p++) o[i] = _mm256_fmadd_ps(f[i][j * P + p], _mm256_set1_ps(s[p]), o[i]);
-            o[i] = madd_offsets(a, n + i, xsum, o[i], tail + i);
-        }
-        _mm_storeu_ps(out, _mm_add_ps(hsum4(o), _mm_loadu_ps(tail)));
+    __m256 o[MADD_MAX_PIECES][2];  /* [weight row][activation row] */
+    float tail[MADD_MAX_PIECES][2];
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) madd_ends(a, n + i, m0, rows, P, f[i], o[i], tail[i]);
+    _Pragma("GCC unroll 2") for (int j = 0; j < rows; j++) {
+        __m256 v[4];
+        float t[4], out[4];
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
+            v[i] = i < W ? o[i][j] : _mm256_setzero_ps(), t[i] = i < W ? tail[i][j] : 0.0f;
+        _mm_storeu_ps(out, _mm_add_ps(hsum4(v), _mm_loadu_ps(t)));
         _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) store1(a->y, (long)(m0 + j) * a->N + n + i, out[i], bf16);
     }
 }
 
-/* Lane j: the sum of o[j]'s lanes. */
+/* Lane j: the sum of o[j]'s lanes, as hsum4 sums them. */
 INLINE __m256 hsum8(const __m256 o[8]) {
-    __m256 s[4], t[2];
-    _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
-        s[i] = _mm256_add_ps(_mm256_unpacklo_ps(o[2 * i], o[2 * i + 1]), _mm256_unpackhi_ps(o[2 * i], o[2 * i + 1]));
-    _Pragma("GCC unroll 2") for (int i = 0; i < 2; i++) {
-        const __m256d lo = _mm256_castps_pd(s[2 * i]), hi = _mm256_castps_pd(s[2 * i + 1]);
-        t[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(lo, hi)), _mm256_castpd_ps(_mm256_unpackhi_pd(lo, hi)));
-    }
-    return _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
+    const __m256 lo = hadd4(o), hi = hadd4(o + 4);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
 /* t[j] lane i = o[i] lane j. */
@@ -640,41 +656,31 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
     store8(y, at, v, bf16);
 }
 
-/* Weight row n's outputs for the `rows` activation rows from m0 (rows, P constants, 3 <= rows * P <= MADD_ROW_PIECES),
-   lane j row m0 + j: each block unpacked once and multiplied by all R = rows * P piece rows, each group's int32 sums
-   scaled into fp32 sums f kept in memory (L1: left to the compiler, they spill worse, above), and the offsets times
-   every row's group sums (xcols) as one vector a group; then every piece row's lanes summed at once (hsum8) and
-   scaled by its piece's scale, a row's pieces added. one: G == 64. */
-INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, int one) {
+/* Groups g0 .. g1 - 1 of weight row n against the `rows` activation rows from m0 (rows, P constants,
+   3 <= R = rows * P <= MADD_ROW_PIECES): each block unpacked once and multiplied by all R piece rows, each
+   group's int32 sums scaled into the fp32 sums f[r] kept in memory (L1: left to the compiler, they spill worse,
+   above). one: G == 64. */
+INLINE void madd_row_groups(const struct linear_int4_madd_args *a, long n, int g0, int g1, int m0, int rows, int P,
+                            int one, float f[][8]) {
     const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
     const long step = n < a->quad_rows ? 128 : 32, stride = (long)a->M * P * 64;  /* to the next block's */
-    const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
-    const int16_t *q = a->q + (long)m0 * P * 64;
-    const float *xcols = a->xcols + m0;
-    float f[MADD_ROW_PIECES][8] __attribute__((aligned(32))), scales[8] __attribute__((aligned(32)));
-    float offsets[8] __attribute__((aligned(32)));
-    __m256 off = _mm256_setzero_ps();
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
-    for (int g0 = 0; g0 < groups; g0 += 8) {
-        const int count = groups - g0 < 8 ? groups - g0 : 8;
-        if (count == 8) {
-            _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
-            _mm256_store_ps(offsets, load8(a->offset, n * groups + g0, bf16));
-        } else {
-            for (int g = 0; g < count; g++) {
-                scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
-                offsets[g] = load1(a->offset, n * groups + g0 + g, bf16);
-            }
-        }
-        for (int g = 0; g < count; g++, xcols += a->xstride) {
+    const long b0 = (long)g0 * (G / 64);
+    const uint8_t *w = a->w + int4_block_at(n, b0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
+    const int16_t *q = a->q + b0 * stride + (long)m0 * P * 64;
+    float scales[8] __attribute__((aligned(32)));
+    for (; g0 < g1; g0 += 8) {
+        const int count = g1 - g0 < 8 ? g1 - g0 : 8;
+        if (count == 8) _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
+        else for (int g = 0; g < count; g++) scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
+        for (int g = 0; g < count; g++) {
             const __m256 s = _mm256_broadcast_ss(scales + g);
-            off = _mm256_fmadd_ps(_mm256_broadcast_ss(offsets + g), _mm256_loadu_ps(xcols), off);
             if (one) {  /* madd_block, each row's sums scaled and stored before the next's products (no spills) */
                 __m256i u[4];
                 __builtin_prefetch(ahead);
                 madd_nibbles(w, u);
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s, _mm256_load_ps(f[r])));
+                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s,
+                                                          _mm256_load_ps(f[r])));
                 w += step, ahead += step, q += stride;
                 continue;
             }
@@ -688,31 +694,49 @@ INLINE __m256 madd_row(const struct linear_int4_madd_args *a, long n, int m0, in
             }
         }
     }
-    __m256 o[8];
-    _Pragma("GCC unroll 8") for (int r = 0; r < 8; r++) o[r] = r < R ? _mm256_load_ps(f[r]) : _mm256_setzero_ps();
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 pieces = _mm256_maskload_ps(a->a + m0 * P, _mm256_cmpgt_epi32(_mm256_set1_epi32(R), lane));
-    __m256 sums = _mm256_mul_ps(hsum8(o), pieces);  /* lane r: piece row r */
-    if (P == 2)  /* lane j: row j's two pieces (lanes 2j, 2j + 1), j < 4 */
-        sums = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(sums, sums)), 0xd8));
-    return _mm256_add_ps(sums, off);
 }
 
-/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants): madd_row, 8
-   weight rows' outputs transposed and stored as 8 contiguous values an activation row; the last (end - n) % 8 one by
-   one. */
+/* Weight row n's outputs from its fp32 sums f (madd_row_groups) for the `rows` activation rows from m0, lane j row
+   m0 + j: madd_pieces' ends (madd_ends), every row's lanes summed at once (hsum8). */
+INLINE __m256 madd_row_end(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, float f[][8]) {
+    __m256 sums[MADD_ROW_PIECES], o[8];
+    float tail[8] __attribute__((aligned(32)));
+    _Pragma("GCC unroll 8") for (int r = 0; r < rows * P; r++) sums[r] = _mm256_load_ps(f[r]);
+    _Pragma("GCC unroll 8") for (int j = rows; j < 8; j++) o[j] = _mm256_setzero_ps(), tail[j] = 0.0f;
+    madd_ends(a, n, m0, rows, P, sums, o, tail);
+    return _mm256_add_ps(hsum8(o), _mm256_load_ps(tail));
+}
+
+/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants), 8 weight rows
+   at a time (the chunk's last (end - n) % 8 together): a span of groups of each in turn (madd_row_groups; all of
+   them, or MADD_SPAN_GROUPS where the pieces outgrow L1), then each row's ends (madd_row_end), 8 weight rows'
+   outputs transposed and stored as 8 contiguous values an activation row, fewer one by one. A row's sums take the
+   same order either way. */
 INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one) {
-    for (; n + 8 <= end; n += 8) {
-        __m256 o[8], t[8];
-        for (int i = 0; i < 8; i++) o[i] = madd_row(a, n + i, m0, rows, P, one);
-        transpose8(o, t);
-        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
-            store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
-    }
-    for (; n < end; n++) {
-        float out[8] __attribute__((aligned(32)));
-        _mm256_store_ps(out, madd_row(a, n, m0, rows, P, one));
-        _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) store1(a->y, (long)(m0 + j) * a->N + n, out[j], a->bf16);
+    const int R = rows * P, groups = a->K / a->G;
+    const int span = (long)R * a->K * 2 > MADD_L1_PIECES ? MADD_SPAN_GROUPS : groups;
+    for (; n < end; n += 8) {
+        const int W = end - n < 8 ? (int)(end - n) : 8;
+        float f[8][MADD_ROW_PIECES][8] __attribute__((aligned(32)));
+        for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
+        for (int g0 = 0; g0 < groups; g0 += span)
+            for (int i = 0; i < W; i++)
+                madd_row_groups(a, n + i, g0, groups - g0 < span ? groups : g0 + span, m0, rows, P, one, f[i]);
+        if (W == 8) {
+            __m256 o[8], t[8];
+            for (int i = 0; i < 8; i++) o[i] = madd_row_end(a, n + i, m0, rows, P, f[i]);
+            transpose8(o, t);
+            _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+                store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
+            continue;
+        }
+        for (int i = 0; i < W; i++) {
+            float out[8] __attribute__((aligned(32)));
+            _mm256_store_ps(out, madd_row_end(a, n + i, m0, rows, P, f[i]));
+            _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
+                store1(a->y, (long)(m0 + j) * a->N + n + i, out[j], a->bf16);
+        }
     }
 }
 
@@ -729,7 +753,7 @@ MADD_ROWS(3, 2) MADD_ROWS(4, 2)
 
 /* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
 #define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
-#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_row (and needs xcols) */
+#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_rows */
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
@@ -776,13 +800,11 @@ _Static_assert(MADD_MAX_PIECES == 4 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES 
 static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
     const int P = ACT16_PIECES(pieces), groups = K / G;
-    const long xstride = (M + 7) / 8 * 8 + 8;
     const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
-    const size_t cols = MADD_ROW_SERVES(M * P) ? ((size_t)groups * xstride * 4 + 63) / 64 * 64 : 0;  /* madd_row's */
-    char *scratch = thread_scratch(scales + sums + cols + (size_t)M * P * K * 2);
+    char *scratch = thread_scratch(scales + sums + (size_t)M * P * K * 2);
     if (!scratch) return 0;
-    int16_t *blocks = (int16_t *)(scratch + scales + sums + cols);
-    float *xsum = (float *)(scratch + scales), *xcols = (float *)(scratch + scales + sums);
+    int16_t *blocks = (int16_t *)(scratch + scales + sums);
+    float *xsum = (float *)(scratch + scales);
     act16_quant_rows(x, bf16, M, K, P, 64, blocks, (float *)scratch);
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
@@ -790,10 +812,8 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
-    for (int g = 0; cols && g < groups; g++)
-        for (int m = 0; m < xstride; m++) xcols[g * xstride + m] = m < M ? xsum[m * groups + g] : 0.0f;
     const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
-    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, xcols, xstride, w, scale, offset, y,
+    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y,
                                             M, N, K, G, P, bf16, rows, int4_quad_rows(N)};
     pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
     return 1;
