@@ -244,7 +244,7 @@ def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
     stream and adjusted rows (penalised, biased, masked) sample as the torch sampler does, and the bytes past the
     scratch are never written."""
     size = scratch_bytes(vocab, scratches)
-    memory = torch.full((size + 4096,), 0xA5, dtype=torch.uint8)
+    memory = torch.full((size + 32 * vocab + 4096,), 0xA5, dtype=torch.uint8)  # past a row scratch: no crash
     monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory[:size], vocab))
     logits, penalties = penalised_batch(vocab)
     logits[3] = 1.0

@@ -24,6 +24,7 @@ Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler 
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -40,20 +41,23 @@ class _Scratch:
 
 
 _scratch = _Scratch(torch.empty(0, dtype=torch.uint8), 0)
+_reserving = threading.Lock()
 
 
 def reserve(vocab_size: int) -> None:
     """Allocates the kernel's scratch for rows of vocab_size logits on torch.get_num_threads() threads (~5 MB a thread
     at 151,936), unless what it has covers them: the engine calls this at setup, so that its steps allocate nothing
-    and running out of memory raises there. A scratch replaced stays alive while a CPU graph's recording holds it."""
+    and running out of memory raises there. A scratch replaced stays alive while a running call holds it (its local
+    reference); engines set up at once in one process take turns here."""
     global _scratch
-    vocab_size = max(vocab_size, _scratch.vocab_size)
-    size = ctypes.c_int64()
-    KERNEL.lib.sample_scratch_bytes(vocab_size, torch.get_num_threads(), ctypes.addressof(size))
-    memory = _scratch.memory
-    if size.value > memory.numel():
-        memory = torch.zeros(size.value, dtype=torch.uint8)  # its pages touched: committed now, not in a step
-    _scratch = _Scratch(memory, vocab_size)
+    with _reserving:
+        vocab_size = max(vocab_size, _scratch.vocab_size)
+        size = ctypes.c_int64()
+        KERNEL.lib.sample_scratch_bytes(vocab_size, torch.get_num_threads(), ctypes.addressof(size))
+        memory = _scratch.memory
+        if size.value > memory.numel():
+            memory = torch.zeros(size.value, dtype=torch.uint8)  # its pages touched: committed now, not in a step
+        _scratch = _Scratch(memory, vocab_size)
 
 
 def _sample_rows(

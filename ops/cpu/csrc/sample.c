@@ -567,6 +567,10 @@ void sample_rows(const float *logits, const float *temperature, const float *top
                              penalties, bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks, W},
                             tokens, V, B, scratch, 0};
     const long scratches = scratch_bytes / (long)row_scratch_bytes(V);
+    if (scratches < 1) {  /* too small a scratch (ops/cpu/sample.reserve sizes it): no row sampled, none left unset */
+        for (int b = 0; b < B; b++) tokens[b] = -1;
+        return;
+    }
     pthread_mutex_lock(&scratch_lock);
     pool_run(sample_task, &a, B < scratches ? B : scratches);
     pthread_mutex_unlock(&scratch_lock);
