@@ -33,12 +33,12 @@ sums in L1 and every row's lanes summed at once: 8 bf16 rows 86-90 µs against 1
 in turn, so that the groups' pieces are read from L1 8 times, not from L2 (hot K 3072 0.78x the time, int4b). Both
 passes end a row in one order (csrc's madd_ends: the pieces' scales, then the offsets 8 groups a vector, then one
 tree across the lanes), and their int32 sums and group scaling are the same, so on AVX2 a row's outputs are the same
-bits whatever it is batched with, as int8's and bf16's are (before, an fp32 row's last bits moved with its
-batch-mates). The AVX-512 VNNI loop is batch-invariant by construction (each row its own sums in one order), but
-where AMX-INT8 takes 3+ rows, its tiles sum in another order than the loop's 1-2 rows: not invariant there (never
-run here). On AVX2 the weights are stored in quads (csrc/int4_block.h; repack rearranges them at load), so that a
-pass of 4 rows reads one stream from DRAM, which the hardware prefetcher follows, not 4 interleaved ones. More rows
-(prefill) take dequant.py's blocked GEMM.
+bits in any batch the kernel takes (up to 32 rows; larger calls take dequant's GEMM), as int8's and bf16's are
+(before, an fp32 row's last bits moved with its batch-mates). The AVX-512 VNNI loop is batch-invariant by
+construction (each row its own sums in one order), but where AMX-INT8 takes 3+ rows, its tiles sum in another
+order than the loop's 1-2 rows: not invariant there (never run here). On AVX2 the weights are stored in quads
+(csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
+hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
 """
 from __future__ import annotations
 

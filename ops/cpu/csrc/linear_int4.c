@@ -467,6 +467,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 /* Accumulator sets a madd_pieces pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <=
    MADD_MAX_PIECES): their int32 and fp32 sums stay in the 16 ymm registers; for 1-2 piece rows. */
 #define MADD_MAX_PIECES 4
+#define MADD_PIECE_ROWS 2  /* the most piece rows a madd_pieces pass takes (3 and more: madd_rows) */
 /* Piece rows a madd_rows pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
    sums in L1. One thread, 512 x 1024 hot in L2, 8 bf16 rows: 90 µs a call against 130 for two madd_pieces passes of
    4 (each unpacking every block again), 142 with the sums left to the compiler (spilled); 4 rows 50 against 66. */
@@ -615,8 +616,8 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
                 madd_group(a, w + i * next_row, step, q, w + i * next_row + MADD_AHEAD_ROWS * row, R, one,
                            _mm256_broadcast_ss(scales[i] + g), f[i]);
     }
-    __m256 o[MADD_MAX_PIECES][2];  /* [weight row][activation row] */
-    float tail[MADD_MAX_PIECES][2];
+    __m256 o[MADD_MAX_PIECES][MADD_PIECE_ROWS];  /* [weight row][activation row] */
+    float tail[MADD_MAX_PIECES][MADD_PIECE_ROWS];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) madd_ends(a, n + i, m0, rows, P, f[i], o[i], tail[i]);
     _Pragma("GCC unroll 2") for (int j = 0; j < rows; j++) {
         __m256 v[4];
@@ -793,7 +794,8 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
 #undef PASS
     }
 }
-_Static_assert(MADD_MAX_PIECES == 4 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2, "linear_int4_madd_chunk's cases");
+_Static_assert(MADD_MAX_PIECES == 4 && MADD_PIECE_ROWS == 2 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2,
+               "linear_int4_madd_chunk's cases");
 
 /* linear_int4 on AVX2: each row of x taken as ACT16_PIECES(pieces) int16 pieces, one of which holds what two int8
    pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch for them, nothing done. */
