@@ -299,12 +299,16 @@ def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: s
 def test_tool_choice_autos_role_delta_before_a_call_with_logprobs_says_null() -> None:
     """With logprobs the choice's first chunk carries them with an empty delta, the call's chunks after it: the role
     delta still says `content: null`, as without logprobs."""
-    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
-    logprobs = [_logprob("<tool_call>", -0.5)]
-    out = [c["choices"][0] for c in chunks.chunks(Event(index=0, text=CALL, token_ids=[1], logprobs=logprobs,
-                                                       finish_reason="stop"))]
-    assert out[0]["delta"] == {"role": "assistant", "content": None}
-    assert any("tool_calls" in c["delta"] for c in out[1:]) and any(c["logprobs"] for c in out[1:])
+    for pieces in ([CALL], ["<tool_call>", CALL[len("<tool_call>"):]]):  # in one event, or token by token
+        chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+        out = []
+        for i, text in enumerate(pieces):
+            out += [c["choices"][0] for c in chunks.chunks(Event(
+                index=0, text=text, token_ids=[1], logprobs=[_logprob(text, -0.5)],
+                finish_reason="stop" if i == len(pieces) - 1 else None))]
+        assert out[0]["delta"] == {"role": "assistant", "content": None}, pieces
+        assert any("tool_calls" in c["delta"] for c in out[1:])
+        assert sum(len(c["logprobs"]["content"]) for c in out[1:] if c["logprobs"]) == len(pieces)
 
 
 def test_tool_choice_autos_role_delta_before_reasoning_says_no_content() -> None:

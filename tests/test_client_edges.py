@@ -296,9 +296,9 @@ def _answer_on(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes
 
 
 def test_requests_read_get_100_continue_first_and_keep_the_connection(chat_server: GunicornServer) -> None:
-    """Each of two `Expect: 100-continue` requests on one connection gets its 100 when the app reads its body, then
-    its answer, and the connection stays open; so does a GET whose Expect has no body to wait for (it needs no 100,
-    and is no refusal before a body)."""
+    """Each of two `Expect: 100-continue` requests on one connection, and a chunked one, gets its 100 when the app
+    reads its body, then its answer, and the connection stays open; so does a GET whose Expect has no body to wait for
+    (it needs no 100, and is no refusal before a body)."""
     body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": 1}).encode()
     head_of_post = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode()
@@ -311,6 +311,14 @@ def test_requests_read_get_100_continue_first_and_keep_the_connection(chat_serve
             head, answer, rest = _answer_on(sock, rest)
             assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head
             assert json.loads(answer)["choices"]
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")  # a chunked body waits too
+        assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        half = len(body) // 2
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
+        sock.sendall(chunked + b"0\r\n\r\n")
+        head, answer, rest = _answer_on(sock, rest)
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(answer)["choices"]
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n\r\n")
         head, _, rest = _answer_on(sock, rest)
         assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head

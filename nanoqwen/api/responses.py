@@ -232,6 +232,7 @@ class ChunkBuilder(DoneFraming):
         # `content: null` before a call, `""` before text, as the collected message's content is then.
         waits = self.tools.enabled and not self.tools.forced and not self.echo
         self._unopened = set(range(self.n)) if waits else set()
+        self._held: dict[int, list[Json]] = {}  # a waiting choice's logprobs-only chunks, sent after its role delta
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -248,8 +249,8 @@ class ChunkBuilder(DoneFraming):
         return chunk
 
     def opening(self) -> list[Json]:
-        """The role deltas known before any output (a forced call's answer has no content: null), each followed by
-        the echo, as vLLM sends it."""
+        """The role deltas known before any output (a forced call's answer has no content: null), then the echoes,
+        as vLLM sends them."""
         content = None if self.tools.forced and not self.echo else ""
         opened = [index for index in range(self.n) if index not in self._unopened]
         echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
@@ -267,8 +268,14 @@ class ChunkBuilder(DoneFraming):
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
         if out and event.index in self._unopened:
-            self._unopened.discard(event.index)
-            out.insert(0, self._opened(event.index, [chunk["choices"][0] for chunk in out]))
+            out = self._held.pop(event.index, []) + out
+            choices = [chunk["choices"][0] for chunk in out]
+            if all(not choice["delta"] and choice["finish_reason"] is None for choice in choices):
+                self._held[event.index] = out  # logprobs alone: what the role delta says is not known yet
+                out = []
+            else:
+                self._unopened.discard(event.index)
+                out.insert(0, self._opened(event.index, choices))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
@@ -279,8 +286,8 @@ class ChunkBuilder(DoneFraming):
 
     def _opened(self, index: int, first: list[Json]) -> Json:
         """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,
-        with empty deltas, may come before what decides): `content: null` before a call, `""` before text or the end;
-        before reasoning (or text held back) what follows is not known yet: no content."""
+        held until something decides, come first): `content: null` before a call, `""` before text or the end;
+        before reasoning what follows is not known yet: no content."""
         role = self.role(index)
         for choice in first:
             if "tool_calls" in choice["delta"]:

@@ -20,7 +20,7 @@ from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError, request_too_large
 from nanoqwen.api.metrics import RequestTrace
-from nanoqwen.api.responses import ReasoningTokens, ToolParsing, logprobs_json
+from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_background import Background, Run, too_many
 from nanoqwen.api.responses_schemas import (
     FunctionCallItem,
@@ -117,7 +117,7 @@ class Draft:
             "prompt_cache_retention": req.prompt_cache_retention,
             "reasoning": {"effort": reasoning.effort if reasoning else None,
                           "summary": reasoning.summary if reasoning else None},
-            "safety_identifier": req.safety_identifier, "service_tier": "default", "store": self.store is not None,
+            "safety_identifier": req.safety_identifier, "service_tier": SERVICE_TIER, "store": self.store is not None,
             "temperature": self.params.temperature,
             "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else choice or "auto",

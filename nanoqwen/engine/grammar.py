@@ -63,7 +63,8 @@ def _call_rules(i: int, tool: ToolSpec) -> list[str]:
     root of its own, so that its references (`#/$defs/...`, as pydantic writes nested models; `#`) resolve in it."""
     arguments = tool.parameters if tool.parameters else {"type": "object", "properties": {},
                                                           "additionalProperties": False}
-    head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "arguments": ')
+    item, key = JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"]
+    head = json.dumps(f'{{"name"{key}{json.dumps(tool.name)}{item}"arguments"{key}')
     return [f'call_{i}: {head} arguments_{i} "}}"',
             f"arguments_{i}: %json {json.dumps(_schema_with_options(arguments, tool.strict))}"]
 
