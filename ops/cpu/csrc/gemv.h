@@ -97,8 +97,9 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
 #define SPREAD_ROWS 4
 
-/* The rows apart of a spread pass over a chunk's rows start .. end - 1: whole passes cover SPREAD_ROWS * it rows. */
-static inline long spread_stride(long start, long end) { return (end - start) / SPREAD_ROWS; }
+/* The rows apart of a spread pass of W weight rows over a chunk's rows start .. end - 1 (one from each W-th of it):
+   whole passes cover W * it rows. */
+static inline long spread_stride(long start, long end, int W) { return (end - start) / W; }
 
 /* out[i * AVX2_XROWS + m] = the fp32 dot product of bf16 weight row r + i * stride (i < W) with activation row m < rows
    of x (X_F32: fp32 rows split as linear.c's `split_even_odd` leaves them; X_BF16_SPLIT: bf16 rows, split in

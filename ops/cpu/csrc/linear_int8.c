@@ -135,7 +135,7 @@ INLINE void madd_pieces(const struct linear_int8_args *a, long n, long stride, i
    rows a pass spread over the chunk (gemv.h), else one; the last rows one at a time. */
 INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0, int rows, int P) {
     if (rows == 1) {
-        const long stride = spread_stride(n, end);
+        const long stride = spread_stride(n, end, SPREAD_ROWS);
         for (long p = 0; p < stride; p++) madd_pieces(a, n + p, stride, SPREAD_ROWS, m0, 1, P);
         n += SPREAD_ROWS * stride;
     }
