@@ -97,9 +97,9 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
 #define SPREAD_ROWS 4
 /* SPREAD_PREFETCH: a spread pass takes no software prefetch; the hardware prefetcher follows its streams, and the
-   prefetches cost more than they brought (a step's 1-row linears cold, 2 threads, in one process, at load 2.8-6:
-   0.90-0.93x the time without them for bf16 in 3 runs, 0.93-0.98x for int8 in 7; profiles/RESULTS.md, gemv). Passes
-   of 2 rows need theirs (bf16, 8 rows: 1.02-1.33x the time without). */
+   prefetches cost more than they brought (a step's 1-row linears cold, 2 threads, in one process, at load 1.6-6:
+   0.90-0.93x the time without them for bf16 in 4 runs, 0.93-0.99x for int8 in 11; profiles/RESULTS.md, gemv).
+   Passes of 2 rows need theirs (bf16, 8 rows: 1.02-1.33x the time without). */
 
 /* The rows apart of a spread pass of W weight rows over a chunk's rows start .. end - 1 (one from each W-th of it):
    whole passes cover W * it rows. */
