@@ -5,10 +5,10 @@ Decode is a matrix-vector product bounded by reading the weights. Without native
 than one row, and its fp32 GEMV leaves bandwidth unused; this kernel streams each weight row once and
 multiplies it with every activation row held in cache: with AVX-512-BF16, bf16 pairs by vdpbf16ps
 (exact products, fp32 sums), and from 2 rows with AMX, 16 weight rows at a time by `tdpbf16ps`
-(csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs, 2 weight rows and up to 4
-activation rows a pass (each activation vector loaded meets every weight row; at one activation row 4 weight rows a
-pass, one from each quarter of the thread's chunk: csrc/gemv.h's SPREAD_ROWS), each sum in one order whatever the
-row count, so a bf16 row's outputs are the same bits alone as
+(csrc/amx.h); on AVX2, bf16 widened to fp32 in registers by a shift or a mask, then FMAs, 2 weight rows (one from
+each half of the thread's chunk) and up to 4 activation rows a pass (each activation vector loaded meets every weight
+row; at one activation row 4 weight rows a pass, one from each quarter of the thread's chunk: csrc/gemv.h's
+SPREAD_ROWS), each sum in one order whatever the row count, so a bf16 row's outputs are the same bits alone as
 batched (on AVX2 and AVX-512 without AMX; with AMX one row takes vdpbf16ps and more take tiles, two orders). The
 1-row loop of another order (4 accumulators, one weight row) it replaced against it, one thread
 (profiles/RESULTS.md, int8fix): 6144 x 1024 streamed 774-786 vs 736-791 µs, 1024 x 3072 streamed 381-425 vs 402-438,

@@ -39,23 +39,24 @@ static void linear_avx2(const void *ctx, long chunk) {
     }
 }
 
-/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows and xkind constants): AVX2_WROWS adjacent
-   weight rows a pass, or with one activation row SPREAD_ROWS rows a pass spread over the chunk (gemv.h); the last rows
-   one at a time. */
+/* y for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows and xkind constants): W weight rows a
+   pass spread over the chunk (gemv.h), SPREAD_ROWS with one activation row, AVX2_WROWS with more; the last rows one at
+   a time. At 8 rows the chunk's two halves streamed a step's linears faster than 2 adjacent rows a pass (0.88-0.89x
+   cold, 2 threads: profiles/RESULTS.md, gemv). */
 INLINE void bf16_rows_avx2(const struct linear_args *a, long n, long end, int m0, int rows, int xkind) {
     const int N = a->N, K = a->K, W = rows == 1 ? SPREAD_ROWS : AVX2_WROWS;
     const uint16_t *w = a->w;
     const char *x = (const char *)a->x + (long)m0 * K * (xkind == X_F32 ? 4 : 2);
-    const long stride = rows == 1 ? spread_stride(n, end) : 1, passes = rows == 1 ? stride : (end - n) / W;
+    const long stride = spread_stride(n, end, W);  /* also the passes */
     float o[SPREAD_ROWS * AVX2_XROWS];
-    for (long p = 0; p < passes; p++) {
-        const long first = rows == 1 ? n + p : n + W * p;  /* the pass's rows: first + i * stride, i < W */
+    for (long p = 0; p < stride; p++) {
+        const long first = n + p;  /* the pass's rows: first + i * stride, i < W */
         dot_rows_bf16_avx2(w + first * K, stride * K, x, xkind, W, rows, K, o);
         for (int i = 0; i < W; i++)
             for (int m = 0; m < rows; m++)
                 store1(a->y, (long)(m0 + m) * N + first + i * stride, o[i * AVX2_XROWS + m], 1);
     }
-    for (n += W * passes; n < end; n++) {
+    for (n += W * stride; n < end; n++) {
         dot_rows_bf16_avx2(w + n * K, 0, x, xkind, 1, rows, K, o);
         for (int m = 0; m < rows; m++) store1(a->y, (long)(m0 + m) * N + n, o[m], 1);
     }
@@ -131,8 +132,8 @@ static void linear_amx(const void *ctx, long chunk) {
 }
 AMX_END
 
-/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, or four far apart at one activation
-   row) keeps each thread's reads sequential streams (what the hardware prefetcher follows best); the row stays in L1
+/* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, half a chunk apart, or four a quarter
+   apart at one activation row) keeps each thread's reads sequential streams (what the hardware prefetcher follows best); the row stays in L1
    while every activation row uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);

@@ -115,7 +115,7 @@ INLINE void madd_pieces(const struct linear_int8_args *a, long n, long stride, i
         for (int k = k0; k < k1; k += 32)
             for (int i = 0; i < W; i++) {
                 const int8_t *row = w + i * stride * K;
-                __builtin_prefetch(row + k + PREFETCH_BYTES);
+                if (W != SPREAD_ROWS) __builtin_prefetch(row + k + PREFETCH_BYTES);  /* gemv.h's SPREAD_PREFETCH */
                 madd16(row + k, q + k, R, K, acc[i]);
                 madd16(row + k + 16, q + k + 16, R, K, acc[i]);
             }
@@ -135,7 +135,7 @@ INLINE void madd_pieces(const struct linear_int8_args *a, long n, long stride, i
    rows a pass spread over the chunk (gemv.h), else one; the last rows one at a time. */
 INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0, int rows, int P) {
     if (rows == 1) {
-        const long stride = spread_stride(n, end);
+        const long stride = spread_stride(n, end, SPREAD_ROWS);
         for (long p = 0; p < stride; p++) madd_pieces(a, n + p, stride, SPREAD_ROWS, m0, 1, P);
         n += SPREAD_ROWS * stride;
     }
