@@ -301,7 +301,7 @@ def test_a_forced_call_whose_schema_has_references(client: openai.OpenAI, tool_c
     tree = {"type": "object", "properties": {"leaf": {"type": "boolean"}, "next": {"$ref": "#"}}, "required": ["leaf"],
             "additionalProperties": False}
     tools = [{"type": "function", "function": {"name": "tree", "parameters": tree}}]
-    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=60, tools=tools,
+    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, temperature=0, tools=tools,
                                             tool_choice="required", parallel_tool_calls=False, extra_body=NO_THINKING)
     [call] = answer.choices[0].message.tool_calls  # arguments as the schema allows: `#` was the wrapper's before
     assert call.function.name == "tree" and "leaf" in json.loads(call.function.arguments)

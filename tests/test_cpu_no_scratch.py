@@ -112,10 +112,11 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
 @pytest.mark.parametrize("n,k", [(3, 160), (999, 160), (1001, 1024), (1003, 2048)])
 def test_avx2_dense_rows_are_batch_invariant(n, k, variant):
     """On AVX2 this kernel's outputs for a bf16 row are the same bits alone as in a batch of any size: every group
-    size (1-4 rows) sums in one order. 1 row takes 4 weight rows a pass spread over the chunk (csrc/gemv.h), 2+ rows 2
-    adjacent ones. K 160: chunks of 409 weight rows, rounded to 410 (2 rows) or 412 (1 row), the last of 179 or 175
-    ending in single weight rows; K 1024: 1 row through another order differed in 2 of 8000 outputs; K 2048: the
-    last chunk's 11 rows 2 spread passes and 3 single rows; N 3: a chunk of fewer rows than a pass, every row single."""
+    size (1-4 rows) sums in one order. 1 row takes 4 weight rows a pass spread over the chunk (csrc/gemv.h), 2+ rows
+    2, one from each half of it. K 160: chunks of 409 weight rows, rounded to 410 (2 rows) or 412 (1 row), the last of
+    179 or 175 ending in single weight rows; K 1024: 1 row through another order differed in 2 of 8000 outputs;
+    K 2048: the last chunk's 11 rows 2 spread passes and 3 single rows; N 3: a chunk of fewer rows than a pass, every
+    row single."""
     torch.manual_seed(k)
     x, w = torch.randn(8, k).bfloat16(), torch.randn(n, k).bfloat16()
     kernel = lib("linear.c", variant)

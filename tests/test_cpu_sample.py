@@ -259,6 +259,16 @@ def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
     assert bool((memory[size:] == 0xA5).all())
 
 
+def test_a_scratch_too_small_for_a_row_raises(use, monkeypatch):
+    """A scratch short of one row's (which `reserve` never leaves) samples no row: an error, never a token read from
+    memory the kernel did not write."""
+    vocab = 4001
+    memory = torch.zeros(scratch_bytes(vocab, 1) - 64, dtype=torch.uint8)
+    monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory, vocab))
+    with pytest.raises(RuntimeError, match="scratch"):
+        sample(torch.randn(2, vocab), rows(2, 1, temperature=[1.0, 0.7]), "sample")
+
+
 def test_engine_reserves_the_kernels_scratch_at_setup(use, tiny_checkpoint, hf, monkeypatch):
     """The engine reserves the kernel's scratch (a row scratch for each of its threads, for its vocabulary) when it is
     set up: its steps, penalised, biased and filtered, run with `reserve` failing; a failure there fails the load.

@@ -103,6 +103,9 @@ def _sample_rows(
                    bias_tokens, bias_values, len(bias_rows), mask_rows, bitmask, len(mask_rows), bitmask.shape[-1],
                    penalty_rows, penalty_tokens, penalty_counts, len(penalty_rows), presence, frequency, repetition,
                    tokens, logits.shape[0], logits.shape[1], scratch, scratch.numel())
+    if tokens.numel() and int(tokens.min()) < 0:  # the kernel's answer to a scratch too small for one row
+        raise RuntimeError(f"the CPU sampler's scratch ({scratch.numel()} bytes) cannot hold a row of "
+                           f"{logits.shape[1]} logits")
     return tokens
 
 

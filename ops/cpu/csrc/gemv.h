@@ -96,10 +96,12 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    load 4-5, took 0.79-0.83x the time of main's 2-4 adjacent rows for bf16, and 0.77-0.83x of one row a pass for int8
    in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
 #define SPREAD_ROWS 4
-/* SPREAD_PREFETCH: a spread pass takes no software prefetch; the hardware prefetcher follows its streams, and the
-   prefetches cost more than they brought (a step's 1-row linears cold, 2 threads, in one process, at load 1.6-6:
-   0.90-0.93x the time without them for bf16 in 4 runs, 0.93-0.99x for int8 in 11; profiles/RESULTS.md, gemv).
-   Passes of 2 rows need theirs (bf16, 8 rows: 1.02-1.33x the time without). */
+/* Whether a pass of W weight rows prefetches them in software: not a 1-row pass of SPREAD_ROWS streams, which the
+   hardware prefetcher follows, and where the prefetches cost more than they brought (a step's 1-row linears cold, 2
+   threads, in one process, at load 1.6-6: 0.90-0.93x the time without them for bf16 in 4 runs, 0.93-0.99x for int8
+   in 11; profiles/RESULTS.md, gemv); passes of 2 rows (bf16, 8 rows: 1.02-1.33x the time without) and single rows
+   need theirs. */
+static inline int prefetches(int W) { return W != SPREAD_ROWS; }
 
 /* The rows apart of a spread pass of W weight rows over a chunk's rows start .. end - 1 (one from each W-th of it):
    whole passes cover W * it rows. */
@@ -118,7 +120,7 @@ INLINE void dot_rows_bf16_avx2(const uint16_t *r, long stride, const void *x, in
     for (int k = 0; k < K; k += 16) {
         __m256 even[SPREAD_ROWS], odds[SPREAD_ROWS];
         for (int i = 0; i < W; i++) {
-            if (W != SPREAD_ROWS) __builtin_prefetch(r + i * stride + k + PREFETCH_BYTES / 2);  /* SPREAD_PREFETCH */
+            if (prefetches(W)) __builtin_prefetch(r + i * stride + k + PREFETCH_BYTES / 2);
             split16(r + i * stride, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);
         }
         for (int m = 0; m < rows; m++) {

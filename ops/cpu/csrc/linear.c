@@ -133,8 +133,9 @@ static void linear_amx(const void *ctx, long chunk) {
 AMX_END
 
 /* y[m, n] = sum_k x[m, k] * w[n, k]. One weight row at a time (AVX2 bf16: two, half a chunk apart, or four a quarter
-   apart at one activation row) keeps each thread's reads sequential streams (what the hardware prefetcher follows best); the row stays in L1
-   while every activation row uses it. With AMX, 16 weight rows at a time (linear_amx). Parallel over chunks of output rows (pool.h). */
+   apart at one activation row) keeps each thread's reads sequential streams (what the hardware prefetcher follows
+   best); the row stays in L1 while every activation row uses it. With AMX, 16 weight rows at a time (linear_amx).
+   Parallel over chunks of output rows (pool.h). */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16) {
     const size_t row_bytes = (size_t)K * (bf16 ? 2 : 4);
     struct linear_args a = {x, w, 0, y, M, N, K, bf16, pool_rows_per_chunk(row_bytes), 0};
