@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,14 @@ def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions"
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """What a socket receives until the server closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
 
 
 def dechunk(data: bytes) -> bytes:

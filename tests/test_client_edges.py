@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import requests
 
-from chat_http import MODEL, health_polled, post_chat, raw_request
+from chat_http import MODEL, health_polled, post_chat, raw_request, read_all
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -258,13 +258,6 @@ def _expecting(srv: GunicornServer, path: str, length: int, headers: str = "") -
     return sock
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(1 << 16):
-        data += chunk
-    return data
-
-
 @pytest.mark.parametrize("path, length, status", [
     ("/v1/nothing", 100, 404),  # a route that does not exist
     ("/v1/chat/completions", 9 << 20, 413),  # past the 8 MiB limit
@@ -276,7 +269,7 @@ def test_a_request_refused_before_its_body_gets_no_100_continue(chat_server: Gun
     app then refused. As uvicorn (h11, vLLM's server) does, it comes at the app's first read of the body: a refusal
     before it is the only answer, and it closes the connection (the client, told no 100, sends no body)."""
     with _expecting(chat_server, path, length) as sock:
-        answer = _read_all(sock)  # returns: the server closes the connection, no body sent
+        answer = read_all(sock)  # returns: the server closes the connection, no body sent
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status} ".encode()) and b"\r\nConnection: close\r\n" in head, answer
     assert json.loads(body)["error"]["message"]
@@ -300,8 +293,7 @@ def test_requests_read_get_100_continue_first_and_keep_the_connection(chat_serve
     reads its body, then its answer, and the connection stays open; so does a GET whose Expect has no body to wait for
     (it needs no 100, and is no refusal before a body)."""
     body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": 1}).encode()
-    head_of_post = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head_of_post = raw_request(body, headers="Expect: 100-continue\r\n")[:-len(body)]
     with socket.create_connection(("127.0.0.1", chat_server.port), timeout=10) as sock:
         rest = b""
         for _ in range(2):

@@ -23,7 +23,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses import response_create_params as response_params
 
 from chat_http import MODEL, post_chat, sse_events, sse_payloads
-from checkpoints import THINK_ID
+from checkpoints import THINK_ID, TOKEN_IDS
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -703,6 +703,30 @@ def test_a_forced_calls_first_delta_has_no_content(server: GunicornServer, tool_
     assert first == {"role": "assistant", "content": None}
     assert all("content" not in d for d in rest) and any("tool_calls" in d for d in rest)
     assert {c["service_tier"] for c in chunks} == {"default"}
+
+
+CALL_FIRST = {**NO_THINKING, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100}}  # an answer that opens a call
+
+
+@pytest.mark.parametrize("thinking", [NO_THINKING, {}, CALL_FIRST])
+def test_an_auto_tools_stream_opens_each_choice_once_with_its_logprobs(server: GunicornServer,
+                                                                      thinking: dict[str, Any]) -> None:
+    """With tools offered and tool_choice auto each choice's role delta waits for its first output, and chunks of
+    logprobs alone wait with it: through the server each of n choices opens once, first, with the collected answer's
+    content kind (none before reasoning), and streams one logprob a token, as the collected answer holds; an answer
+    opening with `<tool_call>` (biased) has chunks of logprobs alone before anything decides the role delta."""
+    body = {**GREEDY_THINKING, **thinking, "tools": TOOLS, "n": 2, "logprobs": True, "max_tokens": 6}
+    collected = post_chat(server, body).json()["choices"]  # not _chat: it would turn thinking off
+    chunks = _chunks(server, {**body, "stream_options": {"include_usage": True}})
+    for index, answer in enumerate(collected):
+        choices = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == index]
+        first, *rest = [c["delta"] for c in choices]
+        assert first["role"] == "assistant" and all("role" not in d for d in rest)
+        assert first.get("content", "none") == ("none" if answer["message"].get("reasoning_content") else
+                                               "" if answer["message"]["content"] is not None else None)
+        streamed = [lp for c in choices if c["logprobs"] for lp in c["logprobs"]["content"]]
+        assert [lp["token"] for lp in streamed] == [lp["token"] for lp in answer["logprobs"]["content"]]
+    assert chunks[-1]["usage"]["completion_tokens"] == sum(len(a["logprobs"]["content"]) for a in collected)
 
 
 @pytest.mark.parametrize("constraint,answer,expected", [

@@ -3,7 +3,6 @@ near-tie exists, the same distributions, every filter's edge cases, and a row's 
 its batch-mates and of the step's mode."""
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
@@ -230,12 +229,6 @@ def test_engine_penalises_as_apply_penalties_before_the_kernel(use, tiny_checkpo
     assert ours[0] != plain[0] and ours[1] != plain[1]
 
 
-def scratch_bytes(vocab: int, threads: int) -> int:
-    size = ctypes.c_int64()
-    cpu_sample.KERNEL.lib.sample_scratch_bytes(vocab, threads, ctypes.addressof(size))
-    return size.value
-
-
 @pytest.mark.parametrize("vocab", [37, 4001])
 @pytest.mark.parametrize("scratches", [1, 2])
 def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
@@ -243,7 +236,7 @@ def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
     filter window (every token tied at the maximum: all of them sorted, then cut by top-p or min-p), a small top-k's
     stream and adjusted rows (penalised, biased, masked) sample as the torch sampler does, and the bytes past the
     scratch are never written."""
-    size = scratch_bytes(vocab, scratches)
+    size = cpu_sample.scratch_bytes(vocab, scratches)
     memory = torch.full((size + 32 * vocab + 4096,), 0xA5, dtype=torch.uint8)  # past a row scratch: no crash
     monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory[:size], vocab))
     logits, penalties = penalised_batch(vocab)
@@ -263,7 +256,7 @@ def test_a_scratch_too_small_for_a_row_raises(use, monkeypatch):
     """A scratch short of one row's (which `reserve` never leaves) samples no row: an error, never a token read from
     memory the kernel did not write."""
     vocab = 4001
-    memory = torch.zeros(scratch_bytes(vocab, 1) - 64, dtype=torch.uint8)
+    memory = torch.zeros(cpu_sample.scratch_bytes(vocab, 1) - 64, dtype=torch.uint8)
     monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory, vocab))
     with pytest.raises(RuntimeError, match="scratch"):
         sample(torch.randn(2, vocab), rows(2, 1, temperature=[1.0, 0.7]), "sample")
@@ -278,7 +271,7 @@ def test_engine_reserves_the_kernels_scratch_at_setup(use, tiny_checkpoint, hf, 
     engine = load_engine(tiny_checkpoint, max_batch=4)
     vocab = engine.runner.config.vocab_size
     assert cpu_sample._scratch.vocab_size == vocab
-    assert cpu_sample._scratch.memory.numel() == scratch_bytes(vocab, torch.get_num_threads())
+    assert cpu_sample._scratch.memory.numel() == cpu_sample.scratch_bytes(vocab, torch.get_num_threads())
 
     def reserve(vocab_size: int) -> None:
         raise MemoryError("the sampler's scratch")

@@ -29,6 +29,7 @@ from chat_http import (
     health_polled,
     post_chat,
     raw_request,
+    read_all,
     server_stats,
     sse_events,
     sse_payloads,
@@ -316,7 +317,7 @@ def test_malformed_chunked_body(server: GunicornServer) -> None:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(head + body)
             sock.shutdown(socket.SHUT_WR)
-            answer = _read_all(sock)
+            answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 400"), answer
         assert answer.count(b"HTTP/1.1") == 1 and b'"invalid_request_error"' in answer, answer
 
@@ -326,7 +327,7 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[str, dict[str, An
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(raw)
         sock.shutdown(socket.SHUT_WR)
-        head, _, payload = _read_all(sock).partition(b"\r\n\r\n")
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
     assert b"Content-Type: application/json" in head, head + payload
     return head.split(b"\r\n")[0].split(b" ", 1)[1].decode(), json.loads(payload)
 
@@ -576,13 +577,6 @@ def test_responses_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, 400)
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
-    return out
-
-
 def _reset(sock: socket.socket) -> None:
     """Close with an RST rather than a FIN, as a killed client or a proxy timing out does."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -609,7 +603,7 @@ def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream
         sock.sendall(raw_request(body))
         sock.shutdown(socket.SHUT_WR)
         time.sleep(2 * 0.5)  # past the server's disconnect poll interval while queued or generating
-        head, _, payload = _read_all(sock).partition(b"\r\n\r\n")
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     if not stream:
         assert json.loads(payload)["usage"]["completion_tokens"] == 24
@@ -759,7 +753,7 @@ def test_stalled_request_bodies_time_out(guarded: GunicornServer) -> None:
     t0 = time.monotonic()
     try:
         for sock in sockets:
-            answer = _read_all(sock)  # returns at EOF: the server closed the connection
+            answer = read_all(sock)  # returns at EOF: the server closed the connection
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b'"request_timeout"' in answer
     finally:

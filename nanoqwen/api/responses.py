@@ -231,8 +231,8 @@ class ChunkBuilder(DoneFraming):
         # With tools and tool_choice auto, a choice's role delta waits for its first chunk: OpenAI's says
         # `content: null` before a call, `""` before text, as the collected message's content is then.
         waits = self.tools.enabled and not self.tools.forced and not self.echo
-        self._unopened = set(range(self.n)) if waits else set()
-        self._held: dict[int, list[Json]] = {}  # a waiting choice's logprobs-only chunks, sent after its role delta
+        # each waiting choice's chunks of logprobs alone so far, sent after its role delta
+        self._waiting: dict[int, list[Json]] = {index: [] for index in range(self.n)} if waits else {}
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -252,7 +252,7 @@ class ChunkBuilder(DoneFraming):
         """The role deltas known before any output (a forced call's answer has no content: null), then the echoes,
         as vLLM sends them."""
         content = None if self.tools.forced and not self.echo else ""
-        opened = [index for index in range(self.n) if index not in self._unopened]
+        opened = [index for index in range(self.n) if index not in self._waiting]
         echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
         return [self.role(index, content) for index in opened] + echoes
 
@@ -267,22 +267,21 @@ class ChunkBuilder(DoneFraming):
         out = self.deltas(event)
         if event.finish_reason is not None:
             out.append(self.finish(event.index, event.finish_reason))
-        if out and event.index in self._unopened:
-            out = self._held.pop(event.index, []) + out
+        if out and event.index in self._waiting:
+            out = self._waiting[event.index] + out
             choices = [chunk["choices"][0] for chunk in out]
             if all(not choice["delta"] and choice["finish_reason"] is None for choice in choices):
-                self._held[event.index] = out  # logprobs alone: what the role delta says is not known yet
+                self._waiting[event.index] = out  # logprobs alone: what the role delta says is not known yet
                 out = []
             else:
-                self._unopened.discard(event.index)
+                del self._waiting[event.index]
                 out.insert(0, self._opened(event.index, choices))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
 
     def role(self, index: int, content: str | None = "") -> Json:
-        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": content},
-                             "logprobs": None, "finish_reason": None}])
+        return self._delta(index, {"role": "assistant", "content": content})
 
     def _opened(self, index: int, first: list[Json]) -> Json:
         """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,

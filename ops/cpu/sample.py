@@ -44,6 +44,13 @@ _scratch = _Scratch(torch.empty(0, dtype=torch.uint8), 0)
 _reserving = threading.Lock()
 
 
+def scratch_bytes(vocab_size: int, threads: int) -> int:
+    """sample_rows' scratch for rows of vocab_size logits on `threads` threads (the C side sizes it)."""
+    size = ctypes.c_int64()
+    KERNEL.lib.sample_scratch_bytes(vocab_size, threads, ctypes.addressof(size))
+    return size.value
+
+
 def reserve(vocab_size: int) -> None:
     """Allocates the kernel's scratch for rows of vocab_size logits on torch.get_num_threads() threads (~5 MB a thread
     at 151,936), unless what it has covers them: the engine calls this at setup, so that its steps allocate nothing
@@ -52,11 +59,10 @@ def reserve(vocab_size: int) -> None:
     global _scratch
     with _reserving:
         vocab_size = max(vocab_size, _scratch.vocab_size)
-        size = ctypes.c_int64()
-        KERNEL.lib.sample_scratch_bytes(vocab_size, torch.get_num_threads(), ctypes.addressof(size))
+        size = scratch_bytes(vocab_size, torch.get_num_threads())
         memory = _scratch.memory
-        if size.value > memory.numel():
-            memory = torch.zeros(size.value, dtype=torch.uint8)  # its pages touched: committed now, not in a step
+        if size > memory.numel():
+            memory = torch.zeros(size, dtype=torch.uint8)  # its pages touched: committed now, not in a step
         _scratch = _Scratch(memory, vocab_size)
 
 

@@ -754,7 +754,7 @@ MADD_ROWS(3, 2) MADD_ROWS(4, 2)
 
 /* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
 #define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
-#define MADD_ROW_SERVES(R) ((R) > 2)  /* piece rows from which a pass takes madd_rows */
+#define MADD_ROW_SERVES(R) ((R) > MADD_PIECE_ROWS)  /* piece rows from which a pass takes madd_rows */
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
