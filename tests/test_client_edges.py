@@ -49,18 +49,18 @@ def test_top_p_0_keeps_the_most_likely_token_alone(chat_server: GunicornServer) 
 
 def test_the_clients_dumped_assistant_message_goes_back_into_the_history(client: openai.OpenAI) -> None:
     """`messages.append(reply.choices[0].message.model_dump())` sends every field of the client's message type,
-    `annotations: null` among them (and an answer with citations a list): the next turn takes them, as vLLM does;
-    only an assistant message has them."""
+    `annotations: []` among them as OpenAI answers (null from older servers, a list with citations): the next turn
+    takes them, as vLLM does; only an assistant message has them."""
     reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0,
                                            extra_body=NO_THINKING)
     dumped = reply.choices[0].message.model_dump()
-    assert dumped["annotations"] is None
+    assert dumped["annotations"] == [] and dumped["refusal"] is None
     cited = {**dumped, "annotations": [{"type": "url_citation", "url_citation": {
         "start_index": 0, "end_index": 1, "title": "t", "url": "https://example.com"}}]}
     follow_up = {"role": "user", "content": "And the second best?"}
     answers = [client.chat.completions.create(model=MODEL, messages=[*USER, message, follow_up], max_tokens=3,
                                               temperature=0, extra_body=NO_THINKING)
-               for message in (dumped, cited, reply.choices[0].message)]
+               for message in (dumped, {**dumped, "annotations": None}, cited, reply.choices[0].message)]
     assert len({a.choices[0].message.content for a in answers}) == 1  # the annotations are not in the prompt
     assert len({a.usage.prompt_tokens for a in answers}) == 1
     with pytest.raises(openai.BadRequestError) as info:

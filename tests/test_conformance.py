@@ -15,6 +15,7 @@ import openai
 import pydantic
 import pytest
 import requests
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion, Model
 from openai.types import completion_create_params as legacy_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -313,6 +314,33 @@ def test_with_raw_response(client: openai.OpenAI) -> None:
     assert raw.parse().choices[0].message.role == "assistant"
 
 
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
+
+
+def test_the_answer_and_its_chunks_carry_openais_fields(server: GunicornServer) -> None:
+    """Field by field what OpenAI sends today: the message's `refusal: null` and `annotations: []`, the first delta's
+    `refusal: null`, a choice's logprobs and finish_reason, the usage's details, `service_tier` and
+    `system_fingerprint` on the answer and each chunk, `usage: null` on each chunk before the usage chunk."""
+    answer = _chat(server)
+    assert set(answer) == {"id", "object", "created", "model", "service_tier", "system_fingerprint", "choices",
+                           "usage"}
+    (choice,) = answer["choices"]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+    assert choice["message"] == {"role": "assistant", "content": choice["message"]["content"], "refusal": None,
+                                 "annotations": []}
+    assert set(answer["usage"]) == USAGE_KEYS
+    assert set(answer["usage"]["prompt_tokens_details"]) == {"cached_tokens", "audio_tokens"}
+    assert set(answer["usage"]["completion_tokens_details"]) == {"reasoning_tokens", "audio_tokens",
+                                                                 "accepted_prediction_tokens",
+                                                                 "rejected_prediction_tokens"}
+    *chunks, last = _chunks(server, {**GREEDY, "stream_options": {"include_usage": True}})
+    assert all(set(c) == set(answer) and c["usage"] is None and c["object"] == "chat.completion.chunk"
+               for c in chunks)
+    assert all(set(c["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"} for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert last["choices"] == [] and set(last["usage"]) == USAGE_KEYS  # its cached_tokens: the answer's prompt's
+
+
 def test_streamed_n_choices_and_usage(server: GunicornServer) -> None:
     chunks = _chunks(server, {**GREEDY, "n": 3, "stream_options": {"include_usage": True}})
     *choice_chunks, last = chunks
@@ -323,7 +351,7 @@ def test_streamed_n_choices_and_usage(server: GunicornServer) -> None:
         by_index.setdefault(chunk["choices"][0]["index"], []).append(chunk["choices"][0])
     assert sorted(by_index) == [0, 1, 2]
     for choices in by_index.values():
-        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        assert choices[0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
         assert [c["finish_reason"] for c in choices].count("length") == 1 and choices[-1]["finish_reason"] == "length"
         assert all("role" not in c["delta"] for c in choices[1:])
     assert len({c["id"] for c in chunks}) == 1
@@ -614,11 +642,11 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     # the reasoning tokens' logprobs are left out too (their tokens are its text); the content's stay
     hide = {"include_reasoning": False, "logprobs": True}
     hidden = post_chat(server, {**thinking, **hide}).json()
-    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None, "annotations": []}
     assert hidden["choices"][0]["logprobs"] == {"content": []}
     assert hidden["usage"] == shown["usage"]
     *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
-    assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert all(set(c["choices"][0]["delta"]) <= {"role", "content", "refusal"} for c in streamed)
     assert all(c["choices"][0]["logprobs"] is None for c in streamed)
     assert last["usage"] == shown["usage"]
     answer = _chat(server, **hide)["choices"][0]["logprobs"]["content"]
@@ -672,7 +700,7 @@ def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None
     echoed = _chat(server, **prefill, echo=True)["choices"][0]["message"]["content"]
     assert echoed == "Sure, the best" + plain
     deltas = [c["choices"][0]["delta"] for c in _chunks(server, {**GREEDY, **prefill, "echo": True})]
-    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Sure, the best"}]
+    assert deltas[:2] == [{"role": "assistant", "content": "", "refusal": None}, {"content": "Sure, the best"}]
     assert "".join(d.get("content", "") for d in deltas) == echoed
     assert _chat(server, echo=True)["choices"] == _chat(server)["choices"]
 
@@ -686,7 +714,7 @@ def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServ
     assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
     assert "tool_calls" not in choice["message"]
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
-    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None}]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None, "refusal": None}]
     assert finish["finish_reason"] == "length"
 
 
@@ -700,7 +728,7 @@ def test_a_forced_calls_first_delta_has_no_content(server: GunicornServer, tool_
     assert collected["choices"][0]["message"]["content"] is None and collected["service_tier"] == "default"
     chunks = _chunks(server, body)
     first, *rest = [c["choices"][0]["delta"] for c in chunks]
-    assert first == {"role": "assistant", "content": None}
+    assert first == {"role": "assistant", "content": None, "refusal": None}
     assert all("content" not in d for d in rest) and any("tool_calls" in d for d in rest)
     assert {c["service_tier"] for c in chunks} == {"default"}
 
@@ -727,6 +755,33 @@ def test_an_auto_tools_stream_opens_each_choice_once_with_its_logprobs(server: G
         streamed = [lp for c in choices if c["logprobs"] for lp in c["logprobs"]["content"]]
         assert [lp["token"] for lp in streamed] == [lp["token"] for lp in answer["logprobs"]["content"]]
     assert chunks[-1]["usage"]["completion_tokens"] == sum(len(a["logprobs"]["content"]) for a in collected)
+
+
+THINKS = {"logit_bias": {str(THINK_ID): 100}}  # every token `<think>`: an answer that only reasons
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("thinking", [THINKS, NO_THINKING, CALL_FIRST])
+def test_an_auto_tools_streams_accumulated_message_is_the_collected_one(client: openai.OpenAI, thinking: dict[str, Any],
+                                                                      n: int) -> None:
+    """The openai client's ChatCompletionStreamState (its `chat.completions.stream` helper's) joins the deltas: with tools
+    offered (tool_choice auto) its message is the collected one: an answer cut by max_tokens inside its reasoning has
+    `content: ""` in both (the role delta, sent before the reasoning, cannot say it: a delta says it at the end)."""
+    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "temperature": 0, "max_tokens": 4, "n": n}
+    extra = {key: value for key, value in thinking.items() if key != "logit_bias"}
+    kwargs = {**body, "logit_bias": thinking.get("logit_bias"), "extra_body": extra}
+    collected = client.chat.completions.create(**kwargs)
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.current_completion_snapshot
+    for whole, joined in zip(collected.choices, streamed.choices, strict=True):
+        fields = ("content", "tool_calls", "refusal")
+        assert [getattr(joined.message, f) for f in fields] == [getattr(whole.message, f) for f in fields]
+        assert joined.finish_reason == whole.finish_reason
+    if thinking is THINKS:
+        assert [c.message.content for c in collected.choices] == [""] * n
+        assert all(c.message.model_extra["reasoning_content"] for c in collected.choices)
 
 
 @pytest.mark.parametrize("constraint,answer,expected", [

@@ -198,7 +198,7 @@ def test_raw_sse(server: GunicornServer) -> None:
         payloads = list(sse_payloads(response))
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert all("usage" not in c for c in chunks)  # no include_usage: no usage key at all
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
     assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) >= 1

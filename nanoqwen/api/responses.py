@@ -177,7 +177,8 @@ class CompletionBuilder:
 
     def _choice(self, index: int, choice: Choice) -> Json:
         text = "".join(choice.text)
-        message: Json = {"role": "assistant", "content": self.echo + text, "refusal": None}
+        # OpenAI's message always has a refusal and its annotations (url citations): none here
+        message: Json = {"role": "assistant", "content": self.echo + text, "refusal": None, "annotations": []}
         reason = choice.finish_reason
         parser = self.tools.parser()
         if parser is not None:
@@ -233,6 +234,7 @@ class ChunkBuilder(DoneFraming):
         waits = self.tools.enabled and not self.tools.forced and not self.echo
         # each waiting choice's chunks of logprobs alone so far, sent after its role delta
         self._waiting: dict[int, list[Json]] = {index: [] for index in range(self.n)} if waits else {}
+        self._contentless: set[int] = set()  # opened before reasoning, no content key sent yet
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -265,7 +267,12 @@ class ChunkBuilder(DoneFraming):
         if not self.include_reasoning and event.logprobs is not None:
             event = replace(event, logprobs=reasoning.content_logprobs(event, counted))
         out = self.deltas(event)
+        if event.index in self._contentless and any(
+                key in chunk["choices"][0]["delta"] for chunk in out for key in ("content", "tool_calls")):
+            self._contentless.discard(event.index)
         if event.finish_reason is not None:
+            if event.index in self._contentless:  # the collected answer's content is "" then: deltas joined say so
+                out.append(self._delta(event.index, {"content": ""}))
             out.append(self.finish(event.index, event.finish_reason))
         if out and event.index in self._waiting:
             out = self._waiting[event.index] + out
@@ -281,7 +288,7 @@ class ChunkBuilder(DoneFraming):
         return out
 
     def role(self, index: int, content: str | None = "") -> Json:
-        return self._delta(index, {"role": "assistant", "content": content})
+        return self._delta(index, {"role": "assistant", "content": content, "refusal": None})
 
     def _opened(self, index: int, first: list[Json]) -> Json:
         """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,
@@ -295,6 +302,7 @@ class ChunkBuilder(DoneFraming):
             if "content" in choice["delta"] or choice["finish_reason"] is not None:
                 return role
         del role["choices"][0]["delta"]["content"]
+        self._contentless.add(index)
         return role
 
     def deltas(self, event: Event) -> list[Json]:
