@@ -157,7 +157,7 @@ def test_completion_builder() -> None:
     assert first["message"] == {"role": "assistant", "content": "A", "refusal": None, "annotations": [],
                                 "reasoning_content": "hmm", "reasoning": "hmm"}
     assert first["finish_reason"] == "stop" and second["finish_reason"] == "length"
-    assert second["message"] == {"role": "assistant", "content": "B", "refusal": None, "annotations": []}  # no reasoning
+    assert second["message"] == {"role": "assistant", "content": "B", "refusal": None, "annotations": []}  # no thought
     assert [t["token"] for t in first["logprobs"]["content"]] == ["hmm", "A"]
     assert first["logprobs"]["content"][1] == {"token": "A", "logprob": -0.3, "bytes": [65],
                                                "top_logprobs": [{"token": "A", "logprob": -0.3, "bytes": [65]}]}

@@ -314,7 +314,8 @@ def test_with_raw_response(client: openai.OpenAI) -> None:
     assert raw.parse().choices[0].message.role == "assistant"
 
 
-USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details", "completion_tokens_details"}
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+              "completion_tokens_details"}
 
 
 def test_the_answer_and_its_chunks_carry_openais_fields(server: GunicornServer) -> None:
@@ -764,9 +765,9 @@ THINKS = {"logit_bias": {str(THINK_ID): 100}}  # every token `<think>`: an answe
 @pytest.mark.parametrize("thinking", [THINKS, NO_THINKING, CALL_FIRST])
 def test_an_auto_tools_streams_accumulated_message_is_the_collected_one(client: openai.OpenAI, thinking: dict[str, Any],
                                                                       n: int) -> None:
-    """The openai client's ChatCompletionStreamState (its `chat.completions.stream` helper's) joins the deltas: with tools
-    offered (tool_choice auto) its message is the collected one: an answer cut by max_tokens inside its reasoning has
-    `content: ""` in both (the role delta, sent before the reasoning, cannot say it: a delta says it at the end)."""
+    """The openai client's ChatCompletionStreamState (its `chat.completions.stream` helper's) joins the deltas: with
+    tools offered (tool_choice auto) its message is the collected one: an answer cut by max_tokens inside its reasoning
+    has `content: ""` in both (the role delta, sent before the reasoning, cannot say it: a delta says it at the end)."""
     body = {"model": MODEL, "messages": USER, "tools": TOOLS, "temperature": 0, "max_tokens": 4, "n": n}
     extra = {key: value for key, value in thinking.items() if key != "logit_bias"}
     kwargs = {**body, "logit_bias": thinking.get("logit_bias"), "extra_body": extra}
