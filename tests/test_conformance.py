@@ -706,6 +706,24 @@ def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None
     assert _chat(server, echo=True)["choices"] == _chat(server)["choices"]
 
 
+def test_echo_starts_each_of_n_choices(server: GunicornServer) -> None:
+    """vLLM's echo with `n: 2`: each choice's content starts with the assistant message continued, collected and
+    streamed (each choice's first content delta, after its role delta)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": "Sure, the best"}], "echo": True, "n": 2,
+               "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4, "temperature": 1.0,
+               "seed": 3}
+    collected = [c["message"]["content"] for c in _chat(server, **prefill)["choices"]]
+    assert len(collected) == 2 and all(content.startswith("Sure, the best") for content in collected), collected
+    streamed = ["", ""]
+    for chunk in _chunks(server, {**GREEDY, **prefill}):
+        (choice,) = chunk["choices"]
+        if "content" in choice["delta"] and "role" not in choice["delta"]:
+            if not streamed[choice["index"]]:
+                assert choice["delta"]["content"] == "Sure, the best", chunk
+            streamed[choice["index"]] += choice["delta"]["content"]
+    assert streamed == collected
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
     """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,

@@ -712,6 +712,20 @@ def test_api_key(guarded: GunicornServer) -> None:
     assert requests.get(f"{guarded.url}/health", timeout=10).status_code == 200  # open, like /stats
 
 
+def test_a_401_to_an_expect_100_continue_request_comes_without_a_100(guarded: GunicornServer) -> None:
+    """A request without the API key that waits for `100 Continue` before sending its body: the 401 is the only
+    answer (a 100 first would have the client send a body the server refused), and the connection, its body
+    unread, closes, as any refusal before the body does."""
+    body = json.dumps({**GREEDY, "model": "tiny"}).encode()
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(raw_request(body, headers="Expect: 100-continue\r\n")[:-len(body)])
+        answer = read_all(sock)  # returns: the server closes the connection, no body sent
+    head, _, error = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer, answer
+    assert b"\r\nConnection: close\r\n" in head
+    assert json.loads(error)["error"]["code"] == "invalid_api_key"
+
+
 def test_served_model_name_and_cors(guarded: GunicornServer) -> None:
     auth = {"Authorization": "Bearer secret"}
     _assert_error(post_chat(guarded, {**GREEDY, "model": MODEL}, headers=auth), 404, code="model_not_found")
