@@ -15,6 +15,7 @@ import openai
 import pydantic
 import pytest
 import requests
+import torch
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion, Model
 from openai.types import completion_create_params as legacy_params
@@ -817,3 +818,91 @@ def test_a_constraint_holds_when_a_thinking_model_answers_without_thinking(serve
     body = {**GREEDY_THINKING, **constraint, "max_tokens": 40, "logit_bias": {str(THINK_ID): -100}}
     message = post_chat(server, body).json()["choices"][0]["message"]
     assert answer(message) == expected and "reasoning_content" not in message
+
+
+PROMPT_IDS = [9707, 11, 1052, 374, 279, 1850, 2311, 30, 576, 4226, 374]  # "Hello, what is the best book? The answer is"
+
+
+def _vllm_rank(ref: torch.Tensor, token: int) -> tuple[int, int]:
+    """The bounds of vLLM's rank (how many logprobs are >= the token's) with transformers' logprobs [V], within
+    1e-4: the server's logprobs round differently from transformers' (a near-tie may fall either way)."""
+    own = ref[token].item()
+    return int((ref > own + 1e-4).sum()) + 1, int((ref >= own - 1e-4).sum())
+
+
+def _check_prompt_logprobs(positions: list[Any], prompt: list[int], hf: torch.nn.Module, k: int,
+                           tokens: dict[int, str]) -> None:
+    """vLLM's prompt_logprobs against transformers' log_softmax (fp32): the first position null, then the prompt
+    token's logprob, rank and text, and the top k's with ranks 1..k; the prompt token's entry is its top-k one
+    when it is among them."""
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)  # [P - 1, V]
+    assert len(positions) == len(prompt) and positions[0] is None
+    for i, (position, token) in enumerate(zip(positions[1:], prompt[1:], strict=True)):
+        top = ref[i].topk(k)
+        top_ids = top.indices.tolist()
+        assert list(position)[0] == str(token) and len(position) == k + (token not in top_ids), position
+        entry = position[str(token)]
+        assert entry["logprob"] == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert entry["decoded_token"] == tokens[token]
+        if token in top_ids:
+            assert entry["rank"] == top_ids.index(token) + 1
+        else:
+            low, high = _vllm_rank(ref[i], token)
+            assert low <= entry["rank"] <= high and entry["rank"] > k, (entry, low, high)
+        assert [position[str(t)]["rank"] for t in top_ids] == list(range(1, k + 1))
+        assert [position[str(t)]["logprob"] for t in top_ids] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_are_vllms(server: GunicornServer, hf: torch.nn.Module) -> None:
+    """vLLM's `prompt_logprobs` k: legacy completions per choice, chat at the top level (the templated prompt's),
+    each position's dict of token id -> {logprob, rank, decoded_token} checked against transformers; a greedy
+    continuation scored as prompt is rank 1 throughout."""
+    def pieces(ids: list[int]) -> dict[int, str]:
+        return {t: requests.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": [t]}, timeout=30)
+                .json()["prompt"] for t in set(ids)}
+
+    body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "prompt_logprobs": 3, "n": 2}
+    answer = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    first, second = answer["choices"]
+    assert first["prompt_logprobs"] == second["prompt_logprobs"] and first["logprobs"] is None
+    positions = first["prompt_logprobs"]
+    listed = [int(t) for position in positions[1:] for t in position]
+    _check_prompt_logprobs(positions, PROMPT_IDS, hf, 3, pieces(listed))
+
+    continued = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": first["text"]},
+                              timeout=30).json()["tokens"]
+    scored = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        **body, "prompt": PROMPT_IDS + continued, "max_tokens": 1, "n": 1, "prompt_logprobs": 0}).json()
+    tail = scored["choices"][0]["prompt_logprobs"][len(PROMPT_IDS):]
+    assert [p[str(t)]["rank"] for p, t in zip(tail, continued, strict=True)] == [1] * len(continued)
+
+    chat = _chat(server, prompt_logprobs=2)
+    positions = chat["prompt_logprobs"]
+    assert len(positions) == chat["usage"]["prompt_tokens"] and positions[0] is None
+    assert all(len(p) in (2, 3) and {e["rank"] for e in p.values()} >= {1, 2} for p in positions[1:])
+    assert "prompt_logprobs" not in _chat(server)
+
+
+@pytest.mark.parametrize("path, extra, code", [
+    ("/v1/chat/completions", {"prompt_logprobs": -1}, "unsupported_parameter"),
+    ("/v1/completions", {"prompt_logprobs": -1}, "unsupported_parameter"),
+    ("/v1/completions", {"prompt_logprobs": 21}, None),
+    ("/v1/completions", {"prompt_logprobs": -2}, None),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, None),
+    ("/v1/completions", {"prompt_logprobs": 2, "echo": True, "logprobs": 1}, None),
+])
+def test_prompt_logprobs_not_served_are_400s_naming_it(server: GunicornServer, path: str, extra: dict[str, Any],
+                                                       code: str | None) -> None:
+    prompt = {"messages": USER} if path == "/v1/chat/completions" else {"prompt": "Hi"}
+    answer = requests.post(f"{server.url}{path}", json={"model": MODEL, "max_tokens": 2, **prompt, **extra},
+                           timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt_logprobs" and (code is None or error["code"] == code), error
+
+
+def test_prompt_logprobs_0_in_a_stream_asks_for_nothing(server: GunicornServer) -> None:
+    """vLLM takes 0 in a stream, whose chunks have no field for them."""
+    chunks = _chunks(server, {**GREEDY, "prompt_logprobs": 0})
+    assert chunks and all("prompt_logprobs" not in c for c in chunks)

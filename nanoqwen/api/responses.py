@@ -10,7 +10,7 @@ from typing import Any
 
 from nanoqwen.api.sse import DoneFraming
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
-from nanoqwen.engine.request import Event, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 
 Json = dict[str, Any]
 # The tier that served the request, which OpenAI names in every answer and chunk: "default" for `auto`, none, or any
@@ -34,6 +34,19 @@ def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
          "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in lp.top_logprobs]}
         for lp in logprobs
     ]}
+
+
+def prompt_logprobs_json(prompt: PromptLogprobs) -> list[Json | None]:
+    """vLLM's `prompt_logprobs`: per prompt position (the first, which nothing predicts, null) the prompt token's
+    logprob, rank and text, then the top k's (ranks 1..k), keyed by token id. Built as vLLM's dict is: the prompt
+    token first, its entry replaced by its top-k one when it is among them; -inf clamped to -9999.0 as vLLM's is."""
+    positions: list[Json | None] = [None]
+    for lp in prompt.tokens:
+        entries = [(lp.token_id, lp.logprob, lp.rank, lp.token)]
+        entries += [(t.token_id, t.logprob, rank, t.token) for rank, t in enumerate(lp.top_logprobs, 1)]
+        positions.append({str(token_id): {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": token}
+                          for token_id, logprob, rank, token in entries})
+    return positions
 
 
 def usage_json(usage: Usage, reasoning_tokens: int = 0) -> Json:
@@ -171,9 +184,11 @@ class CompletionBuilder:
 
     def __post_init__(self) -> None:
         self._choices = [Choice(reasoning_tokens=ReasoningTokens(self.think_end)) for _ in range(self.n)]
+        self._prompt: PromptLogprobs | None = None  # vLLM's prompt_logprobs, when asked for
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
+        self._prompt = event.prompt_logprobs or self._prompt
 
     def _choice(self, index: int, choice: Choice) -> Json:
         text = "".join(choice.text)
@@ -198,7 +213,7 @@ class CompletionBuilder:
         }
 
     def build(self, usage: Usage) -> Json:
-        return {
+        completion = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -208,6 +223,9 @@ class CompletionBuilder:
             "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
             "usage": usage_json(usage, sum(c.reasoning_tokens.count for c in self._choices)),
         }
+        if self._prompt is not None:
+            completion["prompt_logprobs"] = prompt_logprobs_json(self._prompt)
+        return completion
 
 
 @dataclass

@@ -60,6 +60,7 @@ class TokenLogprob:
     logprob: float
     bytes: list[int]
     top_logprobs: list[TopLogprob]
+    rank: int | None = None  # a prompt token's among the vocabulary (vLLM's prompt_logprobs): 1 = the best
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoqwen.model import Qwen3ForCausalLM
-from nanoqwen.sampler import top_logprobs
+from nanoqwen.sampler import top_of
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.sequence import Sequence
@@ -31,15 +31,24 @@ class PromptLogprobsOutput:
     logprobs: list[float]
     top_values: list[list[float]]  # [len(logprobs), k]
     top_ids: list[list[int]]
+    ranks: list[int]  # each token's among the vocabulary, vLLM's: how many logprobs are >= its own (1 = the best)
 
 
 def score_positions(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden: [T, H] of consecutive positions; targets: [T] int64, the token each one predicts.
-    -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k])."""
-    chosen, values, ids = zip(*(top_logprobs(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k)
-                                for i in range(0, len(targets), SLICE)))
-    return torch.cat(chosen), torch.cat(values), torch.cat(ids)
+    -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k], rank of each target [T])."""
+    slices = [_scores(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k)
+              for i in range(0, len(targets), SLICE)]
+    chosen, values, ids, ranks = (torch.cat(parts) for parts in zip(*slices))
+    return chosen, values, ids, ranks
+
+
+def _scores(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """logits: [S, V] -> score_positions' four, for S positions."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen, values, ids = top_of(logprobs, targets, k)
+    return chosen, values, ids, (logprobs >= chosen.unsqueeze(1)).sum(dim=-1)  # vLLM's batched_count_greater_than
 
 
 def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int],
@@ -62,8 +71,8 @@ def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs:
             out.append(None)
         else:
             targets = to_device(torch.tensor(seq.token_ids[first + 1 : stop + 1], dtype=torch.int64))
-            chosen, values, ids = score_positions(model, hidden[row + first - start : row + stop - start], targets,
-                                                  seq.request.params.prompt_logprobs or 0)
-            out.append(PromptLogprobsOutput(first, chosen.tolist(), values.tolist(), ids.tolist()))
+            chosen, values, ids, ranks = score_positions(model, hidden[row + first - start : row + stop - start],
+                                                         targets, seq.request.params.prompt_logprobs or 0)
+            out.append(PromptLogprobsOutput(first, chosen.tolist(), values.tolist(), ids.tolist(), ranks.tolist()))
         row += query_len
     return out
