@@ -689,6 +689,7 @@ class SamplingFields(Strict):
             allowed_token_ids=self.allowed_token_ids,
             # a stream has no field for them: 0, which vLLM takes there too, asks for nothing
             prompt_logprobs=None if self.stream else self.prompt_logprobs,
+            prompt_ranks=self.prompt_logprobs is not None and not self.stream,
         )
 
 
