@@ -284,14 +284,16 @@ def _answer(builder: CompletionBuilder, *texts: str, reason: str = "stop") -> di
 
 @pytest.mark.parametrize("text, content", [(CALL, None), ("Sunny." + CALL, ""), ("Sunny.", "")])
 def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: str | None) -> None:
-    """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` (its
-    recorded stream) and one that says something first with `content: ""`: each choice's role delta comes with its
-    first chunk, its content what the collected message's content starts as."""
+    """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` in
+    the call's first chunk (its recorded streams) and one that says something first with `content: ""`: each choice's
+    role delta comes with its first chunk, its content what the collected message's content starts as."""
     chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
     assert chunks.opening() == []
     out = [c["choices"][0] for c in chunks.chunks(Event(index=1, text=text, token_ids=[1], finish_reason="stop"))]
-    assert out[0] == {"index": 1, "delta": {"role": "assistant", "content": content, "refusal": None},
-                      "logprobs": None, "finish_reason": None}
+    role = {"role": "assistant", "content": content, "refusal": None}
+    call = {"tool_calls": out[0]["delta"]["tool_calls"]} if content is None else {}
+    assert out[0] == {"index": 1, "delta": {**role, **call}, "logprobs": None, "finish_reason": None}
+    assert call == {} or call["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     assert all("role" not in c["delta"] for c in out[1:]) and out[-1]["finish_reason"] in ("stop", "tool_calls")
     whole = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text)["message"]["content"]
     assert (whole is None) == (content is None)
