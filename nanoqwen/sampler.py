@@ -234,7 +234,11 @@ def sample(logits: torch.Tensor, rows: SamplingRows, mode: str, penalties: Penal
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the model's distribution: chosen [B], top values [B, k], top ids [B, k]."""
-    logprobs = logits.log_softmax(dim=-1)
+    return top_of(logits.log_softmax(dim=-1), tokens, k)
+
+
+def top_of(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """top_logprobs from the log-probabilities [B, V] themselves."""
     chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], tokens.new_empty(len(tokens), 0))
     return chosen, values, ids

@@ -25,7 +25,7 @@ CHAT_SERVER_MAX_MODEL_LEN = 1024  # conftest.py's shared chat_server
 # clients built for vLLM send them; any other value is a 400 naming the field.
 VLLM_COMMON_DEFAULTS: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "include_stop_str_in_output": False,
-    "spaces_between_special_tokens": True, "bad_words": [], "truncate_prompt_tokens": None, "prompt_logprobs": None,
+    "spaces_between_special_tokens": True, "bad_words": [], "truncate_prompt_tokens": None,
     "priority": 0, "return_token_ids": False, "return_tokens_as_token_ids": False,
     "logits_processors": None, "cache_salt": None, "kv_transfer_params": None, "vllm_xargs": None,
     "guided_decoding_backend": "auto", "guided_whitespace_pattern": None, "structural_tag": None,

@@ -154,10 +154,10 @@ def test_completion_builder() -> None:
     assert out["id"].startswith("chatcmpl-") and out["object"] == "chat.completion"
     assert out["model"] == "qwen3-0.6b" and out["system_fingerprint"] == "fp_x"
     first, second = out["choices"]
-    assert first["message"] == {"role": "assistant", "content": "A", "refusal": None,
+    assert first["message"] == {"role": "assistant", "content": "A", "refusal": None, "annotations": [],
                                 "reasoning_content": "hmm", "reasoning": "hmm"}
     assert first["finish_reason"] == "stop" and second["finish_reason"] == "length"
-    assert second["message"] == {"role": "assistant", "content": "B", "refusal": None}  # no reasoning keys
+    assert second["message"] == {"role": "assistant", "content": "B", "refusal": None, "annotations": []}  # no thought
     assert [t["token"] for t in first["logprobs"]["content"]] == ["hmm", "A"]
     assert first["logprobs"]["content"][1] == {"token": "A", "logprob": -0.3, "bytes": [65],
                                                "top_logprobs": [{"token": "A", "logprob": -0.3, "bytes": [65]}]}
@@ -172,7 +172,8 @@ def test_chunk_builder() -> None:
     chunks = ChunkBuilder("m", "fp_x", include_usage=True)
     role = chunks.role(1)
     assert role["object"] == "chat.completion.chunk" and role["usage"] is None
-    assert role["choices"] == [{"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    assert role["choices"] == [{"index": 1, "delta": {"role": "assistant", "content": "", "refusal": None},
+                                "logprobs": None,
                                 "finish_reason": None}]
     assert chunks.deltas(Event(index=0, token_ids=[1])) == []  # nothing to send (e.g. held-back text)
     (delta,) = chunks.deltas(Event(index=0, text="x", reasoning="r", token_ids=[1]))
@@ -283,14 +284,16 @@ def _answer(builder: CompletionBuilder, *texts: str, reason: str = "stop") -> di
 
 @pytest.mark.parametrize("text, content", [(CALL, None), ("Sunny." + CALL, ""), ("Sunny.", "")])
 def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: str | None) -> None:
-    """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` (its
-    recorded stream) and one that says something first with `content: ""`: each choice's role delta comes with its
-    first chunk, its content what the collected message's content starts as."""
+    """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` in
+    the call's first chunk (its recorded streams) and one that says something first with `content: ""`: each choice's
+    role delta comes with its first chunk, its content what the collected message's content starts as."""
     chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
     assert chunks.opening() == []
     out = [c["choices"][0] for c in chunks.chunks(Event(index=1, text=text, token_ids=[1], finish_reason="stop"))]
-    assert out[0] == {"index": 1, "delta": {"role": "assistant", "content": content}, "logprobs": None,
-                      "finish_reason": None}
+    role = {"role": "assistant", "content": content, "refusal": None}
+    call = {"tool_calls": out[0]["delta"]["tool_calls"]} if content is None else {}
+    assert out[0] == {"index": 1, "delta": {**role, **call}, "logprobs": None, "finish_reason": None}
+    assert call == {} or call["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
     assert all("role" not in c["delta"] for c in out[1:]) and out[-1]["finish_reason"] in ("stop", "tool_calls")
     whole = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text)["message"]["content"]
     assert (whole is None) == (content is None)
@@ -306,7 +309,7 @@ def test_tool_choice_autos_role_delta_before_a_call_with_logprobs_says_null() ->
             out += [c["choices"][0] for c in chunks.chunks(Event(
                 index=0, text=text, token_ids=[1], logprobs=[_logprob(text, -0.5)],
                 finish_reason="stop" if i == len(pieces) - 1 else None))]
-        assert out[0]["delta"] == {"role": "assistant", "content": None}, pieces
+        assert out[0]["delta"] == {"role": "assistant", "content": None, "refusal": None}, pieces
         assert any("tool_calls" in c["delta"] for c in out[1:])
         assert sum(len(c["logprobs"]["content"]) for c in out[1:] if c["logprobs"]) == len(pieces)
 
@@ -318,8 +321,22 @@ def test_tool_choice_autos_role_delta_before_reasoning_says_no_content() -> None
     out = chunks.chunks(Event(index=0, reasoning="hm", token_ids=[1]))
     out += chunks.chunks(Event(index=0, text=CALL, token_ids=[2], finish_reason="stop"))
     deltas = [c["choices"][0]["delta"] for c in out]
-    assert deltas[:2] == [{"role": "assistant"}, {"reasoning_content": "hm", "reasoning": "hm"}]
+    assert deltas[:2] == [{"role": "assistant", "refusal": None}, {"reasoning_content": "hm", "reasoning": "hm"}]
     assert all("content" not in d for d in deltas) and any("tool_calls" in d for d in deltas)
+
+
+def test_tool_choice_autos_answer_cut_in_its_reasoning_says_its_empty_content_last() -> None:
+    """Cut by max_tokens while reasoning, the collected message has `content: ""`: the stream's deltas joined say so
+    too, in a delta before the finish (the role delta, sent before the reasoning, could not)."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True))
+    out = chunks.chunks(Event(index=0, reasoning="hm", token_ids=[1]))
+    out += chunks.chunks(Event(index=0, reasoning="m", token_ids=[2], finish_reason="length"))
+    deltas = [c["choices"][0]["delta"] for c in out]
+    assert deltas[-2:] == [{"content": ""}, {}] and out[-1]["choices"][0]["finish_reason"] == "length"
+    assert [d["content"] for d in deltas if "content" in d] == [""]
+    whole = CompletionBuilder("m", "fp", 1, False, ToolParsing(True))
+    whole.add(Event(index=0, reasoning="hmm", token_ids=[1, 2], finish_reason="length"))
+    assert whole.build(Usage(prompt_tokens=1, completion_tokens=2))["choices"][0]["message"]["content"] == ""
 
 
 def test_completion_builder_parses_tool_calls() -> None:

@@ -11,7 +11,18 @@ import pydantic
 import pytest
 import requests
 
-from chat_http import MODEL, health_polled, post_chat, raw_request, read_all
+from chat_http import (
+    CHAT_SERVER_MAX_MODEL_LEN,
+    MODEL,
+    engine_idle,
+    health_polled,
+    post_chat,
+    raw_request,
+    read_all,
+    server_stats,
+    wait_for,
+)
+from checkpoints import TOKEN_IDS
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -49,18 +60,18 @@ def test_top_p_0_keeps_the_most_likely_token_alone(chat_server: GunicornServer) 
 
 def test_the_clients_dumped_assistant_message_goes_back_into_the_history(client: openai.OpenAI) -> None:
     """`messages.append(reply.choices[0].message.model_dump())` sends every field of the client's message type,
-    `annotations: null` among them (and an answer with citations a list): the next turn takes them, as vLLM does;
-    only an assistant message has them."""
+    `annotations: []` among them as OpenAI answers (null from older servers, a list with citations): the next turn
+    takes them, as vLLM does; only an assistant message has them."""
     reply = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, temperature=0,
                                            extra_body=NO_THINKING)
     dumped = reply.choices[0].message.model_dump()
-    assert dumped["annotations"] is None
+    assert dumped["annotations"] == [] and dumped["refusal"] is None
     cited = {**dumped, "annotations": [{"type": "url_citation", "url_citation": {
         "start_index": 0, "end_index": 1, "title": "t", "url": "https://example.com"}}]}
     follow_up = {"role": "user", "content": "And the second best?"}
     answers = [client.chat.completions.create(model=MODEL, messages=[*USER, message, follow_up], max_tokens=3,
                                               temperature=0, extra_body=NO_THINKING)
-               for message in (dumped, cited, reply.choices[0].message)]
+               for message in (dumped, {**dumped, "annotations": None}, cited, reply.choices[0].message)]
     assert len({a.choices[0].message.content for a in answers}) == 1  # the annotations are not in the prompt
     assert len({a.usage.prompt_tokens for a in answers}) == 1
     with pytest.raises(openai.BadRequestError) as info:
@@ -316,3 +327,24 @@ def test_requests_read_get_100_continue_first_and_keep_the_connection(chat_serve
         assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: close" not in head, head
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # the connection still serves
         assert _answer_on(sock, rest)[0].startswith(b"HTTP/1.1 200 ")
+
+
+def test_an_auto_tools_streams_headers_go_before_its_first_chunk(chat_server: GunicornServer) -> None:
+    """With tools and tool_choice auto a choice's role delta waits for its output: an answer of `<tool_call>` tokens
+    alone (biased) sends no chunk until it ends, hundreds of steps later. Its headers go at once all the same (a
+    client's read timeout and a proxy's first-byte one count from them): they come while the request still runs,
+    with no chunk after them; the client then goes, and the request is aborted."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model": MODEL, "messages": USER, "tools": tools, "stream": True, "temperature": 0, "ignore_eos": True,
+            "max_tokens": CHAT_SERVER_MAX_MODEL_LEN - 256, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100},
+            **NO_THINKING}
+    with socket.create_connection(("127.0.0.1", chat_server.port), timeout=60) as sock:
+        sock.sendall(raw_request(body))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(1 << 16)
+        running = server_stats(chat_server)["active_requests"]
+        head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
+    assert running == 1 and b"data:" not in rest, (running, rest)
+    wait_for(lambda: engine_idle(chat_server), timeout=60)

@@ -15,6 +15,8 @@ import openai
 import pydantic
 import pytest
 import requests
+import torch
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion, Model
 from openai.types import completion_create_params as legacy_params
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -313,6 +315,34 @@ def test_with_raw_response(client: openai.OpenAI) -> None:
     assert raw.parse().choices[0].message.role == "assistant"
 
 
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+              "completion_tokens_details"}
+
+
+def test_the_answer_and_its_chunks_carry_openais_fields(server: GunicornServer) -> None:
+    """Field by field what OpenAI sends today: the message's `refusal: null` and `annotations: []`, the first delta's
+    `refusal: null`, a choice's logprobs and finish_reason, the usage's details, `service_tier` and
+    `system_fingerprint` on the answer and each chunk, `usage: null` on each chunk before the usage chunk."""
+    answer = _chat(server)
+    assert set(answer) == {"id", "object", "created", "model", "service_tier", "system_fingerprint", "choices",
+                           "usage"}
+    (choice,) = answer["choices"]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+    assert choice["message"] == {"role": "assistant", "content": choice["message"]["content"], "refusal": None,
+                                 "annotations": []}
+    assert set(answer["usage"]) == USAGE_KEYS
+    assert set(answer["usage"]["prompt_tokens_details"]) == {"cached_tokens", "audio_tokens"}
+    assert set(answer["usage"]["completion_tokens_details"]) == {"reasoning_tokens", "audio_tokens",
+                                                                 "accepted_prediction_tokens",
+                                                                 "rejected_prediction_tokens"}
+    *chunks, last = _chunks(server, {**GREEDY, "stream_options": {"include_usage": True}})
+    assert all(set(c) == set(answer) and c["usage"] is None and c["object"] == "chat.completion.chunk"
+               for c in chunks)
+    assert all(set(c["choices"][0]) == {"index", "delta", "logprobs", "finish_reason"} for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert last["choices"] == [] and set(last["usage"]) == USAGE_KEYS  # its cached_tokens: the answer's prompt's
+
+
 def test_streamed_n_choices_and_usage(server: GunicornServer) -> None:
     chunks = _chunks(server, {**GREEDY, "n": 3, "stream_options": {"include_usage": True}})
     *choice_chunks, last = chunks
@@ -323,7 +353,7 @@ def test_streamed_n_choices_and_usage(server: GunicornServer) -> None:
         by_index.setdefault(chunk["choices"][0]["index"], []).append(chunk["choices"][0])
     assert sorted(by_index) == [0, 1, 2]
     for choices in by_index.values():
-        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+        assert choices[0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
         assert [c["finish_reason"] for c in choices].count("length") == 1 and choices[-1]["finish_reason"] == "length"
         assert all("role" not in c["delta"] for c in choices[1:])
     assert len({c["id"] for c in chunks}) == 1
@@ -614,11 +644,11 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     # the reasoning tokens' logprobs are left out too (their tokens are its text); the content's stay
     hide = {"include_reasoning": False, "logprobs": True}
     hidden = post_chat(server, {**thinking, **hide}).json()
-    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None}
+    assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None, "annotations": []}
     assert hidden["choices"][0]["logprobs"] == {"content": []}
     assert hidden["usage"] == shown["usage"]
     *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
-    assert all(set(c["choices"][0]["delta"]) <= {"role", "content"} for c in streamed)
+    assert all(set(c["choices"][0]["delta"]) <= {"role", "content", "refusal"} for c in streamed)
     assert all(c["choices"][0]["logprobs"] is None for c in streamed)
     assert last["usage"] == shown["usage"]
     answer = _chat(server, **hide)["choices"][0]["logprobs"]["content"]
@@ -672,9 +702,27 @@ def test_echo_starts_the_answer_with_the_prefill(server: GunicornServer) -> None
     echoed = _chat(server, **prefill, echo=True)["choices"][0]["message"]["content"]
     assert echoed == "Sure, the best" + plain
     deltas = [c["choices"][0]["delta"] for c in _chunks(server, {**GREEDY, **prefill, "echo": True})]
-    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Sure, the best"}]
+    assert deltas[:2] == [{"role": "assistant", "content": "", "refusal": None}, {"content": "Sure, the best"}]
     assert "".join(d.get("content", "") for d in deltas) == echoed
     assert _chat(server, echo=True)["choices"] == _chat(server)["choices"]
+
+
+def test_echo_starts_each_of_n_choices(server: GunicornServer) -> None:
+    """vLLM's echo with `n: 2`: each choice's content starts with the assistant message continued, collected and
+    streamed (each choice's first content delta, after its role delta)."""
+    prefill = {"messages": [*USER, {"role": "assistant", "content": "Sure, the best"}], "echo": True, "n": 2,
+               "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 4, "temperature": 1.0,
+               "seed": 3}
+    collected = [c["message"]["content"] for c in _chat(server, **prefill)["choices"]]
+    assert len(collected) == 2 and all(content.startswith("Sure, the best") for content in collected), collected
+    streamed = ["", ""]
+    for chunk in _chunks(server, {**GREEDY, **prefill}):
+        (choice,) = chunk["choices"]
+        if "content" in choice["delta"] and "role" not in choice["delta"]:
+            if not streamed[choice["index"]]:
+                assert choice["delta"]["content"] == "Sure, the best", chunk
+            streamed[choice["index"]] += choice["delta"]["content"]
+    assert streamed == collected
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
@@ -686,7 +734,7 @@ def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServ
     assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
     assert "tool_calls" not in choice["message"]
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
-    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None}]
+    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None, "refusal": None}]
     assert finish["finish_reason"] == "length"
 
 
@@ -700,7 +748,7 @@ def test_a_forced_calls_first_delta_has_no_content(server: GunicornServer, tool_
     assert collected["choices"][0]["message"]["content"] is None and collected["service_tier"] == "default"
     chunks = _chunks(server, body)
     first, *rest = [c["choices"][0]["delta"] for c in chunks]
-    assert first == {"role": "assistant", "content": None}
+    assert first == {"role": "assistant", "content": None, "refusal": None}
     assert all("content" not in d for d in rest) and any("tool_calls" in d for d in rest)
     assert {c["service_tier"] for c in chunks} == {"default"}
 
@@ -729,6 +777,33 @@ def test_an_auto_tools_stream_opens_each_choice_once_with_its_logprobs(server: G
     assert chunks[-1]["usage"]["completion_tokens"] == sum(len(a["logprobs"]["content"]) for a in collected)
 
 
+THINKS = {"logit_bias": {str(THINK_ID): 100}}  # every token `<think>`: an answer that only reasons
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("thinking", [THINKS, NO_THINKING, CALL_FIRST])
+def test_an_auto_tools_streams_accumulated_message_is_the_collected_one(client: openai.OpenAI, thinking: dict[str, Any],
+                                                                      n: int) -> None:
+    """The openai client's ChatCompletionStreamState (its `chat.completions.stream` helper's) joins the deltas: with
+    tools offered (tool_choice auto) its message is the collected one: an answer cut by max_tokens inside its reasoning
+    has `content: ""` in both (the role delta, sent before the reasoning, cannot say it: a delta says it at the end)."""
+    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "temperature": 0, "max_tokens": 4, "n": n}
+    extra = {key: value for key, value in thinking.items() if key != "logit_bias"}
+    kwargs = {**body, "logit_bias": thinking.get("logit_bias"), "extra_body": extra}
+    collected = client.chat.completions.create(**kwargs)
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        state.handle_chunk(chunk)
+    streamed = state.current_completion_snapshot
+    for whole, joined in zip(collected.choices, streamed.choices, strict=True):
+        fields = ("content", "tool_calls", "refusal")
+        assert [getattr(joined.message, f) for f in fields] == [getattr(whole.message, f) for f in fields]
+        assert joined.finish_reason == whole.finish_reason
+    if thinking is THINKS:
+        assert [c.message.content for c in collected.choices] == [""] * n
+        assert all(c.message.model_extra["reasoning_content"] for c in collected.choices)
+
+
 @pytest.mark.parametrize("constraint,answer,expected", [
     ({"tools": TOOLS, "tool_choice": "required"}, lambda m: [c["function"]["name"] for c in m["tool_calls"]],
      ["get_weather"]),
@@ -743,3 +818,91 @@ def test_a_constraint_holds_when_a_thinking_model_answers_without_thinking(serve
     body = {**GREEDY_THINKING, **constraint, "max_tokens": 40, "logit_bias": {str(THINK_ID): -100}}
     message = post_chat(server, body).json()["choices"][0]["message"]
     assert answer(message) == expected and "reasoning_content" not in message
+
+
+PROMPT_IDS = [9707, 11, 1052, 374, 279, 1850, 2311, 30, 576, 4226, 374]  # "Hello, what is the best book? The answer is"
+
+
+def _vllm_rank(ref: torch.Tensor, token: int) -> tuple[int, int]:
+    """The bounds of vLLM's rank (how many logprobs are >= the token's) with transformers' logprobs [V], within
+    1e-4: the server's logprobs round differently from transformers' (a near-tie may fall either way)."""
+    own = ref[token].item()
+    return int((ref > own + 1e-4).sum()) + 1, int((ref >= own - 1e-4).sum())
+
+
+def _check_prompt_logprobs(positions: list[Any], prompt: list[int], hf: torch.nn.Module, k: int,
+                           tokens: dict[int, str]) -> None:
+    """vLLM's prompt_logprobs against transformers' log_softmax (fp32): the first position null, then the prompt
+    token's logprob, rank and text, and the top k's with ranks 1..k; the prompt token's entry is its top-k one
+    when it is among them."""
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)  # [P - 1, V]
+    assert len(positions) == len(prompt) and positions[0] is None
+    for i, (position, token) in enumerate(zip(positions[1:], prompt[1:], strict=True)):
+        top = ref[i].topk(k)
+        top_ids = top.indices.tolist()
+        assert list(position)[0] == str(token) and len(position) == k + (token not in top_ids), position
+        entry = position[str(token)]
+        assert entry["logprob"] == pytest.approx(ref[i, token].item(), abs=1e-4)
+        assert entry["decoded_token"] == tokens[token]
+        if token in top_ids:
+            assert entry["rank"] == top_ids.index(token) + 1
+        else:
+            low, high = _vllm_rank(ref[i], token)
+            assert low <= entry["rank"] <= high and entry["rank"] > k, (entry, low, high)
+        assert [position[str(t)]["rank"] for t in top_ids] == list(range(1, k + 1))
+        assert [position[str(t)]["logprob"] for t in top_ids] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_are_vllms(server: GunicornServer, hf: torch.nn.Module) -> None:
+    """vLLM's `prompt_logprobs` k: legacy completions per choice, chat at the top level (the templated prompt's),
+    each position's dict of token id -> {logprob, rank, decoded_token} checked against transformers; a greedy
+    continuation scored as prompt is rank 1 throughout."""
+    def pieces(ids: list[int]) -> dict[int, str]:
+        return {t: requests.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": [t]}, timeout=30)
+                .json()["prompt"] for t in set(ids)}
+
+    body = {"model": MODEL, "prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "prompt_logprobs": 3, "n": 2}
+    answer = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    first, second = answer["choices"]
+    assert first["prompt_logprobs"] == second["prompt_logprobs"] and first["logprobs"] is None
+    positions = first["prompt_logprobs"]
+    listed = [int(t) for position in positions[1:] for t in position]
+    _check_prompt_logprobs(positions, PROMPT_IDS, hf, 3, pieces(listed))
+
+    continued = requests.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": first["text"]},
+                              timeout=30).json()["tokens"]
+    scored = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        **body, "prompt": PROMPT_IDS + continued, "max_tokens": 1, "n": 1, "prompt_logprobs": 0}).json()
+    tail = scored["choices"][0]["prompt_logprobs"][len(PROMPT_IDS):]
+    assert [p[str(t)]["rank"] for p, t in zip(tail, continued, strict=True)] == [1] * len(continued)
+
+    chat = _chat(server, prompt_logprobs=2)
+    positions = chat["prompt_logprobs"]
+    assert len(positions) == chat["usage"]["prompt_tokens"] and positions[0] is None
+    assert all(len(p) in (2, 3) and {e["rank"] for e in p.values()} >= {1, 2} for p in positions[1:])
+    assert "prompt_logprobs" not in _chat(server)
+
+
+@pytest.mark.parametrize("path, extra, code", [
+    ("/v1/chat/completions", {"prompt_logprobs": -1}, "unsupported_parameter"),
+    ("/v1/completions", {"prompt_logprobs": -1}, "unsupported_parameter"),
+    ("/v1/completions", {"prompt_logprobs": 21}, None),
+    ("/v1/completions", {"prompt_logprobs": -2}, None),
+    ("/v1/chat/completions", {"prompt_logprobs": 1, "stream": True}, None),
+    ("/v1/completions", {"prompt_logprobs": 2, "echo": True, "logprobs": 1}, None),
+])
+def test_prompt_logprobs_not_served_are_400s_naming_it(server: GunicornServer, path: str, extra: dict[str, Any],
+                                                       code: str | None) -> None:
+    prompt = {"messages": USER} if path == "/v1/chat/completions" else {"prompt": "Hi"}
+    answer = requests.post(f"{server.url}{path}", json={"model": MODEL, "max_tokens": 2, **prompt, **extra},
+                           timeout=60)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "prompt_logprobs" and (code is None or error["code"] == code), error
+
+
+def test_prompt_logprobs_0_in_a_stream_asks_for_nothing(server: GunicornServer) -> None:
+    """vLLM takes 0 in a stream, whose chunks have no field for them."""
+    chunks = _chunks(server, {**GREEDY, "prompt_logprobs": 0})
+    assert chunks and all("prompt_logprobs" not in c for c in chunks)

@@ -63,6 +63,19 @@ def test_cached_prompt_is_recomputed_and_choices_share_the_scores(engine, hf):
     assert result.choices[0].token_ids == result.choices[1].token_ids
 
 
+def test_ranks_only_when_asked_for(engine, hf):
+    """vLLM's rank (how many logprobs are >= the token's) with prompt_ranks, within transformers' rounding (1e-4);
+    none otherwise (echo's logprobs do not pay for the extra pass)."""
+    prompt = PROMPT[:12]
+    ref = reference(hf, prompt)
+    [ranked] = generate(engine, [prompt], greedy(1, prompt_logprobs=1, prompt_ranks=True))
+    for i, lp in enumerate(ranked.choices[0].prompt_logprobs.tokens):
+        own = ref[i, prompt[i + 1]].item()
+        assert int((ref[i] > own + 1e-4).sum()) < lp.rank <= int((ref[i] >= own - 1e-4).sum())
+    [plain] = generate(engine, [prompt], greedy(1, prompt_logprobs=1))
+    assert {lp.rank for lp in plain.choices[0].prompt_logprobs.tokens} == {None}
+
+
 def test_max_tokens_zero_scores_the_prompt_only(engine, hf):
     prompt = PROMPT[:9]
     [result] = generate(engine, [prompt], greedy(0, prompt_logprobs=0))

@@ -198,7 +198,7 @@ def test_raw_sse(server: GunicornServer) -> None:
         payloads = list(sse_payloads(response))
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert all("usage" not in c for c in chunks)  # no include_usage: no usage key at all
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
     assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) >= 1
@@ -710,6 +710,20 @@ def test_api_key(guarded: GunicornServer) -> None:
     completion = guarded.openai_client("secret").chat.completions.create(**body)
     assert completion.model == "tiny" and completion.usage.completion_tokens == 2
     assert requests.get(f"{guarded.url}/health", timeout=10).status_code == 200  # open, like /stats
+
+
+def test_a_401_to_an_expect_100_continue_request_comes_without_a_100(guarded: GunicornServer) -> None:
+    """A request without the API key that waits for `100 Continue` before sending its body: the 401 is the only
+    answer (a 100 first would have the client send a body the server refused), and the connection, its body
+    unread, closes, as any refusal before the body does."""
+    body = json.dumps({**GREEDY, "model": "tiny"}).encode()
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(raw_request(body, headers="Expect: 100-continue\r\n")[:-len(body)])
+        answer = read_all(sock)  # returns: the server closes the connection, no body sent
+    head, _, error = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in answer, answer
+    assert b"\r\nConnection: close\r\n" in head
+    assert json.loads(error)["error"]["code"] == "invalid_api_key"
 
 
 def test_served_model_name_and_cors(guarded: GunicornServer) -> None:

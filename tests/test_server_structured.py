@@ -102,6 +102,44 @@ def _token_ids(srv: GunicornServer, text: str) -> list[int]:
     return requests.post(f"{srv.url}/tokenize", json={"model": MODEL, "prompt": text}, timeout=30).json()["tokens"]
 
 
+# ECMA-262's classes, as a JSON Schema `pattern` means them (Python's `re` would take Unicode's digits and letters)
+ECMA_SPACES = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+              "\u2028\u2029\u202f\u205f\u3000\ufeff"
+ECMA_CLASSES: dict[str, Callable[[str], bool]] = {
+    "\\d": lambda c: c in "0123456789", "\\w": lambda c: c.isascii() and (c.isalnum() or c == "_"),
+    "\\s": lambda c: c in ECMA_SPACES, "\\S": lambda c: c not in ECMA_SPACES}
+
+
+@pytest.mark.parametrize("escape, biased", [
+    ("\\d", "\u0663"),  # Arabic-Indic three: Unicode's digit, not ECMA's
+    ("\\w", "\u00e9"),
+    ("\\s", "\ufeff"),  # ECMA's space, not Unicode's White_Space (nor Rust's \s)
+    ("\\S", "\ufeff"),
+])
+@pytest.mark.parametrize("where", ["response_format", "structured_outputs", "tools"])
+def test_schema_patterns_are_ecma_regexes(server: GunicornServer, escape: str, biased: str, where: str) -> None:
+    """A pattern's `\\d`, `\\w`, `\\s` and `\\S` are ECMA-262's, as JSON Schema says, wherever a schema is: the
+    answer's character (its tokens biased to a character on the border of the class) is in ECMA's class,
+    and is the biased one when ECMA's class takes it. `\\b` is refused by the grammar engine (a 400, below)."""
+    schema = {"type": "string", "pattern": f"^a{escape}$"}  # "a" first: no token joins the quote and the character
+    body: dict[str, Any] = {"max_tokens": 40, "temperature": 0,
+                            "logit_bias": {str(token): 100 for token in _token_ids(server, biased)}}
+    if where == "response_format":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema,
+                                                                          "strict": True}}
+    elif where == "structured_outputs":
+        body["extra_body"] = {"structured_outputs": {"json": schema}}
+    else:
+        body |= {"tool_choice": "required", "parallel_tool_calls": False, "tools": [{"type": "function", "function": {
+            "name": "put", "parameters": {"type": "object", "properties": {"c": schema}, "required": ["c"],
+                                          "additionalProperties": False}}}]}
+    message = _create(server, **body).choices[0].message
+    value = json.loads(message.tool_calls[0].function.arguments)["c"] if where == "tools" else json.loads(
+        message.content)
+    assert len(value) == 2 and value[0] == "a" and ECMA_CLASSES[escape](value[1]), (escape, value)
+    assert (value[1] == biased) == ECMA_CLASSES[escape](biased), (escape, value)
+
+
 def test_greedy_json_schema_and_json_object(server: GunicornServer) -> None:
     greedy = _create(server, response_format=PERSON_FORMAT, temperature=0)
     jsonschema.validate(json.loads(greedy.choices[0].message.content), PERSON)
@@ -277,6 +315,7 @@ def test_structured_outputs_on_completions(server: GunicornServer, stream: bool)
     ("/v1/chat/completions", {"structured_outputs": {"regex": "a(("}}, "structured_outputs.regex"),
     ("/v1/chat/completions", {"guided_grammar": "start: ::"}, "guided_grammar"),
     ("/v1/chat/completions", {"guided_json": {"type": "string", "format": "no-such-format"}}, "guided_json"),
+    ("/v1/chat/completions", {"guided_json": {"type": "string", "pattern": "a\\b"}}, "guided_json"),
     ("/v1/completions", {"structured_outputs": {"grammar": "root ::= (("}}, "structured_outputs.grammar"),
     ("/v1/completions", {"guided_regex": "[z-a]"}, "guided_regex"),
 ])

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Response
 
 from nanoqwen.api.request_id import response_id
-from nanoqwen.api.responses import Choice, RunningUsage, usage_json
+from nanoqwen.api.responses import Choice, RunningUsage, prompt_logprobs_json, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.sse import DoneFraming
@@ -61,6 +61,7 @@ class TextCompletion(DoneFraming):
     want_logprobs: bool
     include_usage: bool = False
     running: RunningUsage | None = None
+    want_prompt_logprobs: bool = False  # vLLM's prompt_logprobs: each choice's, as vLLM puts them
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -90,18 +91,23 @@ class TextCompletion(DoneFraming):
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
-        if self.echoes[event.index] and event.prompt_logprobs is not None:
+        if event.prompt_logprobs is not None:
             self._prompts[event.index] = event.prompt_logprobs
 
     def build(self, usage: Usage) -> Json:
-        completion = self._object([
-            {"index": i, "text": self.echoes[i] + "".join(c.text),
-             "logprobs": legacy_logprobs(c.logprobs, len(self.echoes[i]), self._prompts[i])
-             if self.want_logprobs else None,
-             "finish_reason": c.finish_reason}
-            for i, c in enumerate(self._choices)])
+        completion = self._object([self._choice(i, c) for i, c in enumerate(self._choices)])
         completion["usage"] = usage_json(usage)
         return completion
+
+    def _choice(self, i: int, choice: Choice) -> Json:
+        prompt = self._prompts[i]
+        out = {"index": i, "text": self.echoes[i] + "".join(choice.text),
+               "logprobs": legacy_logprobs(choice.logprobs, len(self.echoes[i]), prompt if self.echoes[i] else None)
+               if self.want_logprobs else None,
+               "finish_reason": choice.finish_reason}
+        if self.want_prompt_logprobs and prompt is not None:
+            out["prompt_logprobs"] = prompt_logprobs_json(prompt)
+        return out
 
     def opening(self) -> list[Json]:
         return [self._chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
@@ -146,7 +152,8 @@ class CompletionService:
         running = RunningUsage(sum(map(len, prompts))) if req.continuous_usage else None
         builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
                                  [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
-                                 req.include_usage, running, id=response_id("cmpl", req.request_id))
+                                 req.include_usage, running, req.prompt_logprobs is not None and not req.stream,
+                                 id=response_id("cmpl", req.request_id))
         return serving.respond(batch, builder if req.stream else None, builder, trace, environ)
 
     def _encode(self, req: CompletionRequest, max_tokens: int | None) -> list[list[int]]:

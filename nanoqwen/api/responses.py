@@ -10,7 +10,7 @@ from typing import Any
 
 from nanoqwen.api.sse import DoneFraming
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
-from nanoqwen.engine.request import Event, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 
 Json = dict[str, Any]
 # The tier that served the request, which OpenAI names in every answer and chunk: "default" for `auto`, none, or any
@@ -34,6 +34,19 @@ def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
          "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in lp.top_logprobs]}
         for lp in logprobs
     ]}
+
+
+def prompt_logprobs_json(prompt: PromptLogprobs) -> list[Json | None]:
+    """vLLM's `prompt_logprobs`: per prompt position (the first, which nothing predicts, null) the prompt token's
+    logprob, rank and text, then the top k's (ranks 1..k), keyed by token id. Built as vLLM's dict is: the prompt
+    token first, its entry replaced by its top-k one when it is among them; -inf clamped to -9999.0 as vLLM's is."""
+    positions: list[Json | None] = [None]
+    for lp in prompt.tokens:
+        entries = [(lp.token_id, lp.logprob, lp.rank, lp.token)]
+        entries += [(t.token_id, t.logprob, rank, t.token) for rank, t in enumerate(lp.top_logprobs, 1)]
+        positions.append({str(token_id): {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": token}
+                          for token_id, logprob, rank, token in entries})
+    return positions
 
 
 def usage_json(usage: Usage, reasoning_tokens: int = 0) -> Json:
@@ -171,13 +184,16 @@ class CompletionBuilder:
 
     def __post_init__(self) -> None:
         self._choices = [Choice(reasoning_tokens=ReasoningTokens(self.think_end)) for _ in range(self.n)]
+        self._prompt: PromptLogprobs | None = None  # vLLM's prompt_logprobs, when asked for
 
     def add(self, event: Event) -> None:
         self._choices[event.index].add(event)
+        self._prompt = event.prompt_logprobs or self._prompt
 
     def _choice(self, index: int, choice: Choice) -> Json:
         text = "".join(choice.text)
-        message: Json = {"role": "assistant", "content": self.echo + text, "refusal": None}
+        # OpenAI's message always has a refusal and its annotations (url citations): none here
+        message: Json = {"role": "assistant", "content": self.echo + text, "refusal": None, "annotations": []}
         reason = choice.finish_reason
         parser = self.tools.parser()
         if parser is not None:
@@ -197,7 +213,7 @@ class CompletionBuilder:
         }
 
     def build(self, usage: Usage) -> Json:
-        return {
+        completion = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -207,6 +223,9 @@ class CompletionBuilder:
             "choices": [self._choice(i, c) for i, c in enumerate(self._choices)],
             "usage": usage_json(usage, sum(c.reasoning_tokens.count for c in self._choices)),
         }
+        if self._prompt is not None:
+            completion["prompt_logprobs"] = prompt_logprobs_json(self._prompt)
+        return completion
 
 
 @dataclass
@@ -233,6 +252,7 @@ class ChunkBuilder(DoneFraming):
         waits = self.tools.enabled and not self.tools.forced and not self.echo
         # each waiting choice's chunks of logprobs alone so far, sent after its role delta
         self._waiting: dict[int, list[Json]] = {index: [] for index in range(self.n)} if waits else {}
+        self._contentless: set[int] = set()  # opened before reasoning, no content key sent yet
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -265,7 +285,12 @@ class ChunkBuilder(DoneFraming):
         if not self.include_reasoning and event.logprobs is not None:
             event = replace(event, logprobs=reasoning.content_logprobs(event, counted))
         out = self.deltas(event)
+        if event.index in self._contentless and any(
+                key in chunk["choices"][0]["delta"] for chunk in out for key in ("content", "tool_calls")):
+            self._contentless.discard(event.index)
         if event.finish_reason is not None:
+            if event.index in self._contentless:  # the collected answer's content is "" then: deltas joined say so
+                out.append(self._delta(event.index, {"content": ""}))
             out.append(self.finish(event.index, event.finish_reason))
         if out and event.index in self._waiting:
             out = self._waiting[event.index] + out
@@ -275,13 +300,18 @@ class ChunkBuilder(DoneFraming):
                 out = []
             else:
                 del self._waiting[event.index]
-                out.insert(0, self._opened(event.index, choices))
+                role = self._opened(event.index, choices)
+                first = choices[0]["delta"]
+                if "tool_calls" in first:  # OpenAI's recorded stream: the role in the call's first chunk
+                    choices[0]["delta"] = {"role": "assistant", "content": None, **first, "refusal": None}
+                else:
+                    out.insert(0, role)
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
 
     def role(self, index: int, content: str | None = "") -> Json:
-        return self._delta(index, {"role": "assistant", "content": content})
+        return self._delta(index, {"role": "assistant", "content": content, "refusal": None})
 
     def _opened(self, index: int, first: list[Json]) -> Json:
         """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,
@@ -295,6 +325,7 @@ class ChunkBuilder(DoneFraming):
             if "content" in choice["delta"] or choice["finish_reason"] is not None:
                 return role
         del role["choices"][0]["delta"]["content"]
+        self._contentless.add(index)
         return role
 
     def deltas(self, event: Event) -> list[Json]:

@@ -597,7 +597,8 @@ class SamplingFields(Strict):
     spaces_between_special_tokens: refused(True) = None
     bad_words: refused([]) = None
     truncate_prompt_tokens: Refused = None
-    prompt_logprobs: Refused = None
+    # vLLM's: each prompt token's logprob and rank, and the top k (-1, the whole vocabulary, is refused)
+    prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_TOP_LOGPROBS)
     priority: refused(0) = None
     request_id: str | None = Field(None, max_length=MAX_REQUEST_ID)  # vLLM's: the response's id (request_id.py)
     return_token_ids: refused(False) = None
@@ -686,6 +687,9 @@ class SamplingFields(Strict):
             skip_special_tokens=pick(self.skip_special_tokens, True),
             logit_bias={int(token): bias for token, bias in (self.logit_bias or {}).items()},
             allowed_token_ids=self.allowed_token_ids,
+            # a stream has no field for them: 0, which vLLM takes there too, asks for nothing
+            prompt_logprobs=None if self.stream else self.prompt_logprobs,
+            prompt_ranks=self.prompt_logprobs is not None and not self.stream,
         )
 
 
@@ -837,8 +841,9 @@ class CompletionRequest(SamplingFields):
 
     def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         params = self._sampling_params(model_defaults, self.max_tokens, self.logprobs)
-        # echo with logprobs: the prompt's too; max_tokens 0 is the engine's prompt-scoring mode either way
-        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+        # echo with logprobs: the prompt's too (vLLM's prompt_logprobs, when asked for, the same k: parse_completion_
+        # request); max_tokens 0 is the engine's prompt-scoring mode either way
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0) and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs or 0
         return params
 
@@ -847,6 +852,16 @@ def check_stream_options(req: Any) -> None:
     """OpenAI's rule (the document's too, see _sampling_schema): stream_options only with stream true."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+
+
+def check_prompt_logprobs(req: SamplingFields) -> None:
+    """vLLM's rules: none in a stream (its chunks have no field for them), -1 (every token of the vocabulary at every
+    prompt position) refused here."""
+    if req.prompt_logprobs == -1:
+        raise APIError(400, "prompt_logprobs -1 (the whole vocabulary at each prompt position) is not supported: ask "
+                            f"for at most {MAX_TOP_LOGPROBS}", param="prompt_logprobs", code="unsupported_parameter")
+    if req.stream and req.prompt_logprobs:
+        raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 
 
 def check_structured(req: SamplingFields) -> None:
@@ -860,6 +875,10 @@ def check_structured(req: SamplingFields) -> None:
 def parse_completion_request(body: Any, budget: Budget | None) -> CompletionRequest:
     req = validate_body(CompletionRequest, body, budget)
     check_stream_options(req)
+    check_prompt_logprobs(req)
+    if req.echo and req.logprobs is not None and req.prompt_logprobs not in (None, req.logprobs):
+        raise APIError(400, "prompt_logprobs with echo and logprobs must equal logprobs (the echoed prompt's "
+                            "top_logprobs are the same ones)", param="prompt_logprobs")
     check_structured(req)
     n = req.n or 1
     if req.best_of is not None and req.best_of not in (1, n):
@@ -875,6 +894,7 @@ def parse_completion_request(body: Any, budget: Budget | None) -> CompletionRequ
 def _check_combinations(req: ChatCompletionRequest) -> None:
     req.check_ending()
     check_stream_options(req)
+    check_prompt_logprobs(req)
     if req.tool_choice not in (None, "none") and not req.tools:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
 from nanoqwen.api.serving import invalid_request
 from nanoqwen.engine.grammar import ToolSpec
@@ -15,7 +17,7 @@ from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
     from nanoqwen.api.serving import Serving
-    from nanoqwen.engine.grammar import Grammar
+    from nanoqwen.engine.grammar import Grammar, Grammars
 
 
 Req = TypeVar("Req", bound=SamplingFields)
@@ -37,7 +39,7 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
         tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in req.forced_tools]
         parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
         size = len(json.dumps([t.parameters for t in tools]))
-        return serving.off_loop(size, grammars.tool_calls, tools, parallel, "tools")
+        return serving.off_loop(size, _tool_calls, grammars, tools, parallel)
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return structured_grammar(serving, req)
@@ -79,5 +81,16 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
-    return serving.off_loop(len(json.dumps(schema)), serving.engine.grammars.json_schema, schema, strict, param,
+    return serving.off_loop(len(json.dumps(schema)), _json_schema, serving.engine.grammars, schema, strict, param,
                             no_space)
+
+
+def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool) -> Grammar:
+    """Off the loop: the schema's patterns ECMA's (a copy as large as the schema) and compiled."""
+    return grammars.json_schema(ecma_patterns(schema), strict, param, no_space)
+
+
+def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool) -> Grammar:
+    """Off the loop: the tools' parameters' patterns ECMA's, and their calls' grammar."""
+    tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
+    return grammars.tool_calls(tools, parallel, "tools")

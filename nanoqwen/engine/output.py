@@ -47,8 +47,9 @@ def prompt_token_logprobs(seq: Sequence, scored: PromptLogprobsOutput, tb: Token
     return [
         TokenLogprob(token_id=t, token=tb.piece(t), logprob=lp, bytes=list(tb.bytes(t)), top_logprobs=[
             TopLogprob(token_id=i, token=tb.piece(i), logprob=v, bytes=list(tb.bytes(i))) for i, v in zip(ids, values)
-        ])
-        for t, lp, values, ids in zip(targets, scored.logprobs, scored.top_values, scored.top_ids)
+        ], rank=rank)
+        for t, lp, values, ids, rank in zip(targets, scored.logprobs, scored.top_values, scored.top_ids,
+                                            scored.ranks or [None] * len(targets))
     ]
 
 

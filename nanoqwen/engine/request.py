@@ -26,6 +26,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
     prompt_logprobs: int | None = None  # k: each prompt token's logprob and the top k (vLLM's); None = off
+    prompt_ranks: bool = False  # with prompt_logprobs: each prompt token's rank among the vocabulary too
     n: int = 1
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
@@ -60,6 +61,7 @@ class TokenLogprob:
     logprob: float
     bytes: list[int]
     top_logprobs: list[TopLogprob]
+    rank: int | None = None  # a prompt token's among the vocabulary (vLLM's prompt_logprobs): 1 = the best
 
 
 @dataclass

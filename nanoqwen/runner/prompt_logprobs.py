@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanoqwen.model import Qwen3ForCausalLM
-from nanoqwen.sampler import top_logprobs
+from nanoqwen.sampler import top_of
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.sequence import Sequence
@@ -31,15 +31,28 @@ class PromptLogprobsOutput:
     logprobs: list[float]
     top_values: list[list[float]]  # [len(logprobs), k]
     top_ids: list[list[int]]
+    ranks: list[int] | None  # each token's among the vocabulary, when asked for (vLLM's prompt_logprobs)
 
 
-def score_positions(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_positions(model: Qwen3ForCausalLM, hidden: torch.Tensor, targets: torch.Tensor, k: int,
+                    ranked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden: [T, H] of consecutive positions; targets: [T] int64, the token each one predicts.
-    -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k])."""
-    chosen, values, ids = zip(*(top_logprobs(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k)
-                                for i in range(0, len(targets), SLICE)))
-    return torch.cat(chosen), torch.cat(values), torch.cat(ids)
+    -> (logprob of each target [T], top-k values [T, k], top-k ids [T, k], rank of each target [T] with `ranked`,
+    else [0])."""
+    slices = [_scores(model.compute_logits(hidden[i : i + SLICE]), targets[i : i + SLICE], k, ranked)
+              for i in range(0, len(targets), SLICE)]
+    chosen, values, ids, ranks = (torch.cat(parts) for parts in zip(*slices))
+    return chosen, values, ids, ranks
+
+
+def _scores(logits: torch.Tensor, targets: torch.Tensor, k: int, ranked: bool) -> tuple[torch.Tensor, ...]:
+    """logits: [S, V] -> score_positions' four, for S positions. A rank is vLLM's (its batched_count_greater_than):
+    how many logprobs are >= the token's, 1 = the best; it reads the [S, V] logprobs once more (about as long as the
+    rest of the scoring on the CPU), so only vLLM's prompt_logprobs ask for it."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen, values, ids = top_of(logprobs, targets, k)
+    ranks = torch.count_nonzero(logprobs >= chosen.unsqueeze(1), dim=-1) if ranked else chosen.new_empty(0)
+    return chosen, values, ids, ranks
 
 
 def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs: list[Sequence], starts: list[int],
@@ -62,8 +75,10 @@ def prefill_prompt_logprobs(model: Qwen3ForCausalLM, hidden: torch.Tensor, seqs:
             out.append(None)
         else:
             targets = to_device(torch.tensor(seq.token_ids[first + 1 : stop + 1], dtype=torch.int64))
-            chosen, values, ids = score_positions(model, hidden[row + first - start : row + stop - start], targets,
-                                                  seq.request.params.prompt_logprobs or 0)
-            out.append(PromptLogprobsOutput(first, chosen.tolist(), values.tolist(), ids.tolist()))
+            params = seq.request.params
+            chosen, values, ids, ranks = score_positions(model, hidden[row + first - start : row + stop - start],
+                                                         targets, params.prompt_logprobs or 0, params.prompt_ranks)
+            out.append(PromptLogprobsOutput(first, chosen.tolist(), values.tolist(), ids.tolist(),
+                                            ranks.tolist() if params.prompt_ranks else None))
         row += query_len
     return out

@@ -1,0 +1,54 @@
+"""JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
+made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
+`\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take).
+vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# ECMA-262's WhiteSpace and LineTerminator: \s
+ECMA_SPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+CLASS_ESCAPES = {"s": f"[{ECMA_SPACE}]", "S": f"[^{ECMA_SPACE}]"}
+# keywords whose value is data, not a schema: a "pattern" key in them is a value to match, never rewritten
+DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# keywords whose value maps names to schemas: a name such as "pattern" or "const" is no keyword
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
+                         "dependencies"})
+
+
+def ecma_pattern(pattern: str) -> str:
+    """The pattern with ECMA's `\\s` and `\\S` spelled out (an escaped backslash before an `s` stays as it is)."""
+    out: list[str] = []
+    chars = iter(pattern)
+    for char in chars:
+        if char != "\\":
+            out.append(char)
+            continue
+        escaped = next(chars, "")
+        out.append(CLASS_ESCAPES.get(escaped, char + escaped))
+    return "".join(out)
+
+
+def ecma_patterns(schema: Any) -> Any:
+    """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern. Iterative: the
+    schema is as deep as a body may be."""
+    out = json.loads(json.dumps(schema))
+    stack: list[Any] = [out]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("pattern"), str):
+            node["pattern"] = ecma_pattern(node["pattern"])
+        if isinstance(node.get("patternProperties"), dict):
+            node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
+        for key, value in node.items():
+            if key in SCHEMA_MAPS and isinstance(value, dict):
+                stack.extend(value.values())
+            elif key not in DATA_KEYWORDS and key not in SCHEMA_MAPS:
+                stack.append(value)
+    return out
