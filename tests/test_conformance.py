@@ -363,6 +363,7 @@ def test_logprobs_shapes(server: GunicornServer) -> None:
     none = _chat(server, logprobs=False)["choices"][0]
     assert none["logprobs"] is None
     zero = _chat(server, logprobs=True, top_logprobs=0)["choices"][0]
+    assert set(zero["logprobs"]) == {"content", "refusal"} and zero["logprobs"]["refusal"] is None  # as OpenAI's
     assert [len(t["top_logprobs"]) for t in zero["logprobs"]["content"]] == [0] * GREEDY["max_tokens"]
     five = _chat(server, logprobs=True, top_logprobs=5)["choices"][0]
     tokens = five["logprobs"]["content"]
@@ -374,6 +375,7 @@ def test_logprobs_shapes(server: GunicornServer) -> None:
     streamed = _chunks(server, {**GREEDY, "logprobs": True, "top_logprobs": 5})
     assert [t for c in streamed if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["content"]] \
         == tokens
+    assert all(c["choices"][0]["logprobs"]["refusal"] is None for c in streamed if c["choices"][0]["logprobs"])
     assert _error(post_chat(server, {**GREEDY, "logprobs": True, "top_logprobs": 21}))["param"] == "top_logprobs"
 
 
@@ -645,7 +647,7 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     hide = {"include_reasoning": False, "logprobs": True}
     hidden = post_chat(server, {**thinking, **hide}).json()
     assert hidden["choices"][0]["message"] == {"role": "assistant", "content": "", "refusal": None, "annotations": []}
-    assert hidden["choices"][0]["logprobs"] == {"content": []}
+    assert hidden["choices"][0]["logprobs"] == {"content": [], "refusal": None}
     assert hidden["usage"] == shown["usage"]
     *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
     assert all(set(c["choices"][0]["delta"]) <= {"role", "content", "refusal"} for c in streamed)

@@ -1,8 +1,18 @@
-"""Where a JSON schema's patterns are rewritten to ECMA-262's `\\s` (nanoqwen/api/schema_patterns.py), and where not:
-the grammar the server compiles from them is tested through the server (test_server_structured.py)."""
+"""Where a JSON schema's patterns are rewritten to ECMA-262's `\\s` (nanoqwen/api/schema_patterns.py), and where not;
+what the grammar compiled from a rewritten pattern takes, character by character (the server's wiring of it:
+test_server_structured.py)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
 from nanoqwen.api.schema_patterns import ECMA_SPACE, ecma_pattern, ecma_patterns
+from nanoqwen.engine.grammar import Grammars
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.text import TokenBytes
 
 SPACE, NOT_SPACE = f"[{ECMA_SPACE}]", f"[^{ECMA_SPACE}]"
 
@@ -31,3 +41,28 @@ def test_patterns_are_found_in_subschemas_and_not_in_values() -> None:
     assert out["$defs"]["d"]["anyOf"][0]["pattern"] == NOT_SPACE
     assert schema["properties"]["pattern"]["pattern"] == r"\s"  # a copy: the request's schema is left as sent
     assert ecma_patterns(None) is None
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
+    return load_tokenizer(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def grammars(tokenizer: PreTrainedTokenizerFast) -> Grammars:
+    return Grammars(tokenizer, TokenBytes(tokenizer), len(tokenizer), [tokenizer.eos_token_id])
+
+
+@pytest.mark.parametrize("escape, char, ecma", [
+    ("\\s", "\ufeff", True), ("\\S", "\ufeff", False),  # ECMA's space, not Unicode's White_Space (Rust's \s)
+    ("\\s", "\u0085", False), ("\\S", "\u0085", True),  # the reverse
+    ("\\s", "\u3000", True), ("\\d", "\u0663", False), ("\\d", "3", True), ("\\w", "\u00e9", False),
+])
+def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
+                                                  escape: str, char: str, ecma: bool) -> None:
+    """Every token of the JSON string `"a<char>"` is taken by the grammar of `^a<escape>$` exactly where ECMA's
+    class holds the character (llguidance alone takes Rust's `\\s`: the U+FEFF and U+0085 cases fail)."""
+    schema = ecma_patterns({"type": "string", "pattern": f"^a{escape}$"})
+    matcher = grammars.json_schema(schema, strict=True, param="response_format").matcher()
+    tokens = tokenizer.encode(json.dumps("a" + char, ensure_ascii=False))
+    assert (matcher.validate_tokens(tokens) == len(tokens)) == ecma, (tokens, matcher.validate_tokens(tokens))

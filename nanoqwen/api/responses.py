@@ -29,11 +29,12 @@ def fingerprint(info: dict[str, Any]) -> str:
 
 
 def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
+    """A chat choice's `logprobs`, answer or chunk: OpenAI's always says `refusal` (the refusal's tokens): none here."""
     return {"content": [
         {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
          "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in lp.top_logprobs]}
         for lp in logprobs
-    ]}
+    ], "refusal": None}
 
 
 def prompt_logprobs_json(prompt: PromptLogprobs) -> list[Json | None]:
