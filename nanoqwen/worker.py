@@ -9,6 +9,7 @@ import contextlib
 import gc
 import json
 import logging
+import select
 import struct
 import sys
 import time
@@ -21,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gunicorn
 from gevent import monkey, socket
+from gevent.pool import Pool
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http.message import Request
 from gunicorn.http.wsgi import Response
+from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
 LINGER_S, LINGER_IDLE_S = 5.0, 1.0
 LOAD_POLL_S = 0.2
+ROOM_POLL_S = 0.25
 
 
 def route_logs(worker: GeventWorker) -> None:
@@ -133,6 +137,9 @@ class ContinueOnRead:
         return iter(self._body)
 
 
+Idle = dict[gevent.Greenlet, gevent.Timeout]  # the connections waiting for a request's head, oldest first
+
+
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -161,6 +168,8 @@ class NanoqwenWorker(GeventWorker):
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
     - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
       the grace period ends are failed so that they end with an error event, not a cut.
+    - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
+      (_make_room).
     """
 
     def patch(self) -> None:
@@ -176,7 +185,8 @@ class NanoqwenWorker(GeventWorker):
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def init_process(self) -> None:
-        self._idle: dict[gevent.Greenlet, gevent.Timeout] = {}
+        self._idle: Idle = {}
+        self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
@@ -194,7 +204,7 @@ class NanoqwenWorker(GeventWorker):
             with timeout:
                 yield
         finally:
-            del self._idle[current]
+            self._idle.pop(current, None)  # gone already where _make_room ended the wait
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
@@ -242,13 +252,39 @@ class NanoqwenWorker(GeventWorker):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Response has no force_close")
         if not hasattr(Request, "_expected_100_continue"):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Request has no _expected_100_continue")
+        if getattr(ggevent, "Pool", None) is not Pool:  # GeventWorker.run makes each listener's pool by this name
+            raise RuntimeError(f"gunicorn {gunicorn.__version__}: its gevent worker makes no gevent Pool")
+        ggevent.Pool = self._pool
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
+        gevent.spawn(self._make_room)
         super().run()
+
+    def _pool(self, size: int) -> Pool:
+        pool = Pool(size)
+        self._pools.append(pool)
+        return pool
+
+    def _make_room(self) -> None:
+        """With every connection slot taken and a client waiting in the listen backlog, closes the connections
+        idle longest (keep-alive, or a request's head not yet whole), as nginx reuses its idle connections: 1000
+        connections that sent nothing held every slot for the keep-alive timeout (75 s), and every new client,
+        /health's too, waited that long. gevent's server accepts again once a closed one's greenlet has ended."""
+        while self.alive:
+            gevent.sleep(ROOM_POLL_S)
+            while self.alive and self._idle and any(pool.full() for pool in self._pools):
+                try:
+                    if not select.select(self.sockets, [], [], 0)[0]:
+                        break
+                except (OSError, ValueError):  # a listener closed: shutting down
+                    return
+                greenlet = next(iter(self._idle))  # popped: a second kill could land outside the wait, as an error
+                greenlet.kill(self._idle.pop(greenlet), block=False)  # the wait ends as if it had timed out
+                gevent.sleep(ROOM_POLL_S / 10)  # its slot freed and the waiting client accepted
 
     def _publish_stats(self, stats: ServerStats) -> None:
         """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes."""

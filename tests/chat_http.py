@@ -108,6 +108,13 @@ def read_all(sock: socket.socket) -> bytes:
     return out
 
 
+def final_response(data: bytes) -> bytes:
+    """What a raw exchange received from its final response on: the interim `100 Continue`s before it dropped."""
+    while data.startswith(b"HTTP/1.1 100 "):
+        data = data.partition(b"\r\n\r\n")[2]
+    return data
+
+
 def dechunk(data: bytes) -> bytes:
     """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
     out = b""

@@ -26,6 +26,7 @@ from chat_http import (
     completion_texts,
     cpu_env,
     dechunk,
+    final_response,
     health_polled,
     post_chat,
     raw_request,
@@ -327,7 +328,7 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[str, dict[str, An
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(raw)
         sock.shutdown(socket.SHUT_WR)
-        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+        head, _, payload = final_response(read_all(sock)).partition(b"\r\n\r\n")
     assert b"Content-Type: application/json" in head, head + payload
     return head.split(b"\r\n")[0].split(b" ", 1)[1].decode(), json.loads(payload)
 
@@ -595,19 +596,35 @@ def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, max_tokens)
 
 
+def test_non_stream_client_closed_aborts(server: GunicornServer) -> None:
+    """A client that closes its socket (a FIN, as one timing out does, not a reset) while its answer is generated: the
+    end of stream looked like a half-close, and every such request ran to its end and was counted as served."""
+    before = server_stats(server)
+    max_tokens = MAX_MODEL_LEN - 64
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens, "ignore_eos": True}))
+    wait_for(lambda: server_stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
+    sock.close()
+    _assert_aborted_early(server, before, max_tokens)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream: bool) -> None:
-    """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect."""
+    """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect; a collected answer's client is
+    sent one `100 Continue` first (the probe that tells a closed client from it)."""
     body = {**GREEDY, "max_tokens": 24, "stream": stream, "ignore_eos": True}
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(raw_request(body))
         sock.shutdown(socket.SHUT_WR)
         time.sleep(2 * 0.5)  # past the server's disconnect poll interval while queued or generating
-        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+        answer = read_all(sock)
+    head, _, payload = final_response(answer).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     if not stream:
+        assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:100]
         assert json.loads(payload)["usage"]["completion_tokens"] == 24
         return
+    assert answer == final_response(answer)
     assert b"Transfer-Encoding: chunked" in head
     text = dechunk(payload).decode()
     assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text, text[-500:]

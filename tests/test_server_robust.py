@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import chat_http
 from chat_http import MODEL, cpu_env, health_polled, post_chat
 from checkpoints import make_checkpoint
 from nanoqwen import worker
@@ -145,3 +146,25 @@ def test_an_error_gunicorn_answers_with_an_unknown_status_keeps_its_reason() -> 
         ours.shutdown(socket.SHUT_WR)
         head = theirs.recv(65536).split(b"\r\n")[0]
     assert head == b"HTTP/1.1 599 Odd Status"
+
+
+def test_connections_idle_at_the_limit_make_room_for_a_new_one(tmp_path: Path) -> None:
+    """worker_connections connections that send nothing (or half a head) held every slot for the keep-alive timeout
+    (75 s), and a new client, /health's too, waited that long in the listen backlog: now the one idle longest goes."""
+    slots = 8
+    args = ("--worker-connections", str(slots))
+    with GunicornServer(cpu_env(make_checkpoint()), tmp_path / "gunicorn.log", args=args) as srv:
+        busy = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # a request in flight is not idle
+        busy.sendall(chat_http.raw_request({"model": MODEL, "messages": USER, "max_tokens": 200, "stream": True,
+                                            "ignore_eos": True}))
+        assert busy.recv(12) == b"HTTP/1.1 200"
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(slots - 2)]
+        idle[-1].sendall(b"GET /health HTTP/1.1\r\n")  # half a head
+        with requests.Session() as session:  # a keep-alive connection, idle after its answer: every slot taken
+            assert session.get(f"{srv.url}/health", timeout=30).status_code == 200
+            for _ in range(3):
+                assert requests.get(f"{srv.url}/health", timeout=5).status_code == 200  # waited 75 s
+        assert idle[0].recv(1) == b""  # the oldest idle connection was closed
+        assert busy.recv(1 << 16)  # the stream goes on
+        for sock in [busy, *idle]:
+            sock.close()

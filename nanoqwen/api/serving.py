@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
 LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
+INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
+PROBED = "nanoqwen.probed"  # set in the environ once INTERIM_PROBE is sent
 Json = dict[str, Any]
 
 
@@ -61,20 +63,29 @@ class Streamer(Protocol):
     def failure(self, message: str) -> list[Json]: ...
 
 
-def client_disconnected(environ: dict[str, Any]) -> bool:
+def client_disconnected(environ: dict[str, Any], probe: bool = False) -> bool:
     """True when the client reset its connection.
 
     End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`)
     once its request is sent and still read the answer. A client that is really gone shows up
     as a reset here, or as a failed write of the stream (gunicorn then closes our generator).
+    But a client that closed its socket (timed out, a proxy whose client left) sends the same FIN, and
+    a collected answer writes nothing until it is generated: with `probe` (no response head written
+    yet) the first end of stream seen is answered with an interim `100 Continue` (HTTP/1.1 clients
+    must skip it), which a closed socket answers with a reset. A reset after the FIN is no error to
+    recv (it reads the end of stream first), only to a write or SO_ERROR, which a later check reads.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        if readable:
-            sock.recv(1, socket.MSG_PEEK)
+        if readable and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
+                return True
+            if probe and not environ.get(PROBED) and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+                environ[PROBED] = True
+                sock.sendall(INTERIM_PROBE)
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
         return True
     return False
@@ -237,15 +248,16 @@ class Serving:
         for request_id in batch.request_ids:
             self.engine.abort(request_id)
 
-    def _events(self, batch: Batch, environ: dict[str, Any]) -> Iterator[Event]:
+    def _events(self, batch: Batch, environ: dict[str, Any], probe: bool = False) -> Iterator[Event]:
         """The request's events, checking at each one (each engine step) and every poll interval
-        while none comes (queued) that the client is still connected: one non-blocking select."""
+        while none comes (queued) that the client is still connected: one non-blocking select
+        (`probe`: see client_disconnected)."""
         while True:
             try:
                 event = batch.get(timeout=self.config.disconnect_poll_s)
             except TimeoutError:
                 event = None
-            if client_disconnected(environ):
+            if client_disconnected(environ, probe):
                 raise ClientGone
             if event is None:
                 continue
@@ -258,7 +270,7 @@ class Serving:
         finished = False
         weight = 0
         try:
-            for event in self._events(batch, environ):  # its last event is the `is_last` one
+            for event in self._events(batch, environ, probe=True):  # its last event is the `is_last` one
                 trace.on_event(event)
                 builder.add(event)
                 weight += answer_weight(event)
