@@ -54,11 +54,8 @@ class TopLogprob:
 
 
 @dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    bytes: list[int]
+class TokenLogprob(TopLogprob):
+    """A chosen token's: its own fields, then the alternatives'."""
     top_logprobs: list[TopLogprob]
 
 
