@@ -47,14 +47,8 @@ def step_costs(args: argparse.Namespace, quant: str, batch: int) -> dict:
     # speculation on: the static inputs and CPU-graph buckets are sized for max_batch × (1 + k) positions
     engine = load(args, quant, batch, max(args.ks))
     params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
-    for prompt in common.random_prompts(batch, args.context, seed=1):
-        engine.submit(prompt, params)
     with torch.inference_mode():
-        engine.drain_inbox()
-        engine.step()  # the prefill
-        seqs = list(engine.scheduler.running)
-        for seq in seqs:
-            engine.block_manager.extend(seq, len(seq) + max(args.ks))
+        seqs = common.prefilled(engine, common.random_prompts(batch, args.context, seed=1), params, max(args.ks))
         runner = engine.runner
         times: dict[str, list[float]] = {}
 

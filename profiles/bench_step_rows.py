@@ -24,16 +24,11 @@ from nanoqwen.runner import batch_buckets  # noqa: E402
 def bench(args: argparse.Namespace, quant: str, batch: int) -> dict:
     engine = common.load_engine(common.checkpoint(args.small), device="cpu", dtype="auto", graph="none",
                                 kernels="auto", max_batch=args.max_batch, max_model_len=args.context + 64, quant=quant)
-    for prompt in common.random_prompts(batch, args.context, seed=1):
-        engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     runner = engine.runner
     times: dict[str, list[float]] = {"padded": [], "unpadded": []}
     with torch.inference_mode():
-        engine.drain_inbox()
-        engine.step()  # the prefill
-        seqs = list(engine.scheduler.running)
-        for seq in seqs:  # the block of the token the steps below compute
-            engine.block_manager.extend(seq, len(seq))
+        seqs = common.prefilled(engine, common.random_prompts(batch, args.context, seed=1),
+                                SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), 0)
         padded = next(b for b in batch_buckets(args.max_batch) if b >= batch)
         for _ in range(args.reps):  # the runner alone: the sequences' state never moves
             tokens = []

@@ -27,6 +27,7 @@ sys.path[:0] = [str(REPO), str(TESTS)]
 from nanoqwen.choices import DTYPE_NAMES, KERNELS  # noqa: E402
 from nanoqwen.config import blocks_to_hold, resolve_device  # noqa: E402
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from nanoqwen.engine.sequence import Sequence  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
 from nanoqwen.hugepages import huge_page_buffer  # noqa: E402
 
@@ -148,6 +149,20 @@ def decode_steps(engine: Engine, rows: int) -> list[float]:
                 raise RuntimeError("a row finished early, was preempted or not prefilled with the others")
             step_s.append(timed_step(engine))
     return step_s
+
+
+def prefilled(engine: Engine, prompts: list[list[int]], params: SamplingParams, room: int) -> list[Sequence]:
+    """Submits the prompts and prefills them in one step, then gives each sequence blocks for len(seq) + `room` tokens
+    (its next decode step's, and `room` drafts), so that runner calls can step them again and again, their state never
+    moving. -> the running sequences. Call under torch.inference_mode()."""
+    for prompt in prompts:
+        engine.submit(prompt, params)
+    engine.drain_inbox()
+    engine.step()
+    seqs = list(engine.scheduler.running)
+    for seq in seqs:
+        engine.block_manager.extend(seq, len(seq) + room)
+    return seqs
 
 
 def timed_step(engine: Engine) -> float:

@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
 
 if TYPE_CHECKING:
+    import openai
+
     from server_process import GunicornServer
 
 
@@ -57,3 +59,15 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornSe
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(CHAT_SERVER_MAX_MODEL_LEN))
     with GunicornServer(env, tmp_path_factory.mktemp("chat") / "gunicorn.log") as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def server(chat_server: GunicornServer) -> GunicornServer:
+    """A test module's server: the shared chat_server, unless the module defines a `server` of its own."""
+    return chat_server
+
+
+@pytest.fixture(scope="module")
+def client(server: GunicornServer) -> openai.OpenAI:
+    """The openai client of the module's `server`."""
+    return server.openai_client()

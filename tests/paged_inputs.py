@@ -1,7 +1,10 @@
-"""Prefill attention inputs over a random paged cache, shared by the reference, CPU and Triton tests."""
+"""Attention test inputs: prefill's over a random paged cache, shared by the reference, CPU and Triton tests, and
+the CPU kernel set of a small attention shape."""
 from __future__ import annotations
 
 import torch
+
+import ops
 
 # (new tokens, context) per sequence: nothing cached, short and long cached prefixes, query_len 1
 # rows (decode rows as chunked prefill mixes them in), a chunk after earlier chunks, contexts off the
@@ -51,3 +54,9 @@ def poisoned(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
         k_cache[last, (ctx - 1) % block_size + 1 :] = float("nan")
         v_cache[last, (ctx - 1) % block_size + 1 :] = float("nan")
     return k_cache, v_cache, tables
+
+
+def cpu_kernels(dtype: torch.dtype, head_dim: int = 16, num_heads: int = 4) -> ops.Kernels:
+    """The CPU kernel set the model of these attention shapes (2 kv heads) gets."""
+    return ops.select_kernels("torch", torch.device("cpu"), dtype, hidden_size=64, head_dim=head_dim,
+                              num_heads=num_heads, num_kv_heads=2)

@@ -28,11 +28,6 @@ USER = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
-@pytest.fixture(scope="module")
-def client(chat_server: GunicornServer) -> openai.OpenAI:
-    return chat_server.openai_client()
-
-
 def _ok(response: requests.Response) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     return response.json()

@@ -146,16 +146,6 @@ LEGACY_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
-
-
-@pytest.fixture(scope="module")
-def client(server: GunicornServer) -> openai.OpenAI:
-    return server.openai_client()
-
-
 def _chat(srv: GunicornServer, **body: Any) -> dict[str, Any]:
     response = post_chat(srv, {**GREEDY, **body})
     assert response.status_code == 200, response.text

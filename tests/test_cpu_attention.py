@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
 from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.torch_ref.decode_attention import decode_attention_torch
+from paged_inputs import cpu_kernels
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -16,17 +16,13 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
     assert cpu_attention.KERNEL.build(), cpu_attention.KERNEL.error
 
 
-def select(dtype: torch.dtype, head_dim: int = 16, num_heads: int = 4) -> ops.Kernels:
-    return ops.select_kernels("torch", torch.device("cpu"), dtype, hidden_size=64, head_dim=head_dim,
-                              num_heads=num_heads, num_kv_heads=2)
-
-
 def test_the_cpu_kernel_set_takes_it_where_it_serves():
-    kernels = select(torch.float32)
+    kernels = cpu_kernels(torch.float32)
     assert kernels.decode_attention is cpu_attention.decode_attention_cpu
     assert kernels.decode_attention_gathers is False
     # fp16, a head dim not a multiple of 8, a GQA group over MAX_GROUP: the torch reference
-    for other in (select(torch.float16), select(torch.float32, head_dim=12), select(torch.bfloat16, num_heads=34)):
+    for other in (cpu_kernels(torch.float16), cpu_kernels(torch.float32, head_dim=12),
+                  cpu_kernels(torch.bfloat16, num_heads=34)):
         assert other.decode_attention is decode_attention_torch and other.decode_attention_gathers is True
 
 

@@ -35,16 +35,16 @@ def test_prototype_parser():
         /* a comment; with a semicolon */
         void f(const void *x, int32_t *y, int n,
                long stride, float eps);  // trailing
-        void g(int a);
+        int g(int a);
     """
     assert cpu_build.prototypes(header) == {
-        "f": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float],
-        "g": [ctypes.c_int],
+        "f": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float]),
+        "g": (ctypes.c_int, [ctypes.c_int]),
     }
     with pytest.raises(ValueError, match="unsupported parameter 'double x'"):
         cpu_build.prototypes("void f(double x);")
     with pytest.raises(ValueError, match="not a `void name"):
-        cpu_build.prototypes("int f(int x);")
+        cpu_build.prototypes("float f(int x);")
 
 
 @needs_compiler
@@ -60,7 +60,8 @@ def test_loaded_functions_take_the_header_signatures():
     for kernel in KERNELS:
         assert kernel.build(), kernel.error
         for function in kernel.functions:
-            assert getattr(kernel.lib, function).argtypes == signatures[function]
+            loaded = getattr(kernel.lib, function)
+            assert (loaded.restype, loaded.argtypes) == signatures[function]
 
 
 @needs_compiler

@@ -50,6 +50,24 @@ def test_capture_records_c_calls_and_keeps_their_tensors():
     assert joined.calls == recording.calls * 2 and joined.tensors == [y, y]
 
 
+def test_a_kernel_status_raises_when_called_and_when_replayed():
+    """A function that returns a status (csrc/nanoqwen_cpu.h's `int` ones): 0 goes on; anything else, where the kernel
+    wrote nothing, is MemoryError naming it, from the call and from a replay of its recording."""
+    status = [0]
+
+    def prefill_attention(*args: int) -> int:
+        return status[0]
+
+    with cpu_graph.capture() as recording:
+        cpu_graph.call(prefill_attention, 1)
+    recording.replay()
+    status[0] = 1
+    with pytest.raises(MemoryError, match="prefill_attention"):
+        cpu_graph.call(prefill_attention, 1)
+    with pytest.raises(MemoryError, match="prefill_attention"):
+        recording.replay()
+
+
 def test_a_capture_records_only_its_own_thread():
     calls = []
     with cpu_graph.capture() as recording:

@@ -1,7 +1,8 @@
-"""The linear kernels when their per-thread scratch cannot be allocated (csrc/pool.h's thread_scratch returns NULL,
-forced by building with -DNANOQWEN_NO_SCRATCH): each takes a way that needs none, with the same results (bit for bit
-where the products and their order are the same) instead of writing through NULL. (The sampling kernel has no such
-way: its scratch is reserved at setup, tests/test_cpu_sample.py.)"""
+"""The kernels when their per-thread scratch cannot be allocated (csrc/scratch.h's thread_scratch returns NULL, forced
+by building with -DNANOQWEN_NO_SCRATCH): each linear kernel takes a way that needs none, with the same results (bit for
+bit where the products and their order are the same) instead of writing through NULL; the prefill attention, which has
+no such way, reports it and its wrapper raises. (The sampling kernel's scratch is reserved at setup,
+tests/test_cpu_sample.py.)"""
 from __future__ import annotations
 
 import ctypes
@@ -11,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import paged_inputs
 from int4_packing import as_loaded
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
+from ops.cpu import prefill_attention as cpu_prefill
 from ops.torch_ref.linear_int4 import dequantize_int4
 from ops.torch_ref.linear_int8 import linear_int8_torch
+from ops.torch_ref.prefill_attention import prefill_attention_torch
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -27,7 +31,8 @@ ROWS = [1, 2, 3, 5, 9]
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
 HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL)}  # by source
+BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL,
+                                                   cpu_prefill.KERNEL)}  # by source
 # "built": the kernel set's own; "loops": what a CPU without AVX-512 (so without VNNI or AMX) takes (int16 pieces)
 VARIANTS = {"built": (), "built, no scratch": ("-DNANOQWEN_NO_SCRATCH",), "loops": ("-DNANOQWEN_AVX2_ONLY",),
             "loops, no scratch": ("-DNANOQWEN_AVX2_ONLY", "-DNANOQWEN_NO_SCRATCH")}
@@ -174,3 +179,17 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
     torch.testing.assert_close(out.double(), x.double() @ dequantize_int4(w, scale, offset).double().T, rtol=rtol,
                                atol=1e-5)
 
+
+
+def test_prefill_attention_without_scratch_raises(monkeypatch):
+    """Its scratch (a tile's Scratch per thread and the task table) not allocated: the kernel writes nothing and says
+    so, and its wrapper raises MemoryError (before: a NULL malloc written through); with it, the reference's result."""
+    args, _, _ = paged_inputs.paged([(3, 10), (1, 5)], 4, 2, 16, 4)
+    q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
+    built = lib("prefill_attention.c", "built")
+    monkeypatch.setattr(cpu_prefill.KERNEL, "lib", lib("prefill_attention.c", "built, no scratch"))
+    with pytest.raises(MemoryError, match="prefill_attention"):
+        cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    monkeypatch.setattr(cpu_prefill.KERNEL, "lib", built)
+    out = cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    torch.testing.assert_close(out, prefill_attention_torch(*args), atol=1e-5, rtol=1e-5)

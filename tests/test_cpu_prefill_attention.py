@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
 import paged_inputs
 from engine_util import generate, greedy, hf_greedy, load_engine
 from ops.cpu import build as cpu_build
@@ -71,16 +70,12 @@ def test_dispatch_matches_reference(monkeypatch, dtype, max_new, scattered):
     assert calls == ([expected] if expected else [])
 
 
-def select(dtype: torch.dtype, head_dim: int = 16, num_heads: int = 4) -> ops.Kernels:
-    return ops.select_kernels("torch", torch.device("cpu"), dtype, hidden_size=64, head_dim=head_dim,
-                              num_heads=num_heads, num_kv_heads=2)
-
-
 def test_the_cpu_kernel_set_takes_it_where_it_serves():
-    assert select(torch.float32).prefill_attention is cpu_prefill.prefill_attention_cpu
-    assert select(torch.bfloat16).prefill_attention is cpu_prefill.prefill_attention_cpu
+    for dtype in (torch.float32, torch.bfloat16):
+        assert paged_inputs.cpu_kernels(dtype).prefill_attention is cpu_prefill.prefill_attention_cpu
     # fp16, a head dim not a multiple of 8, a GQA group over MAX_GROUP: the torch reference
-    for other in (select(torch.float16), select(torch.float32, head_dim=12), select(torch.float32, num_heads=130)):
+    for other in (paged_inputs.cpu_kernels(torch.float16), paged_inputs.cpu_kernels(torch.float32, head_dim=12),
+                  paged_inputs.cpu_kernels(torch.float32, num_heads=130)):
         assert other.prefill_attention is prefill_attention_torch
 
 

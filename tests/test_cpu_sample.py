@@ -253,13 +253,16 @@ def test_rows_stay_within_their_scratch(use, monkeypatch, vocab, scratches):
 
 
 def test_a_scratch_too_small_for_a_row_raises(use, monkeypatch):
-    """A scratch short of one row's (which `reserve` never leaves) samples no row: an error, never a token read from
-    memory the kernel did not write."""
+    """A scratch short of one row's (which `reserve` never leaves) samples no row: the kernel's status raises, never a
+    token read from memory the kernel did not write."""
     vocab = 4001
     memory = torch.zeros(cpu_sample.scratch_bytes(vocab, 1) - 64, dtype=torch.uint8)
     monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory, vocab))
-    with pytest.raises(RuntimeError, match="scratch"):
+    with pytest.raises(MemoryError, match="sample_rows"):
         sample(torch.randn(2, vocab), rows(2, 1, temperature=[1.0, 0.7]), "sample")
+    monkeypatch.setattr(cpu_sample, "_scratch", cpu_sample._Scratch(memory[:0], vocab))  # none at all: the same
+    with pytest.raises(MemoryError, match="sample_rows"):
+        sample(torch.randn(1, vocab), rows(1, 1, temperature=[1.0]), "sample")
 
 
 def test_engine_reserves_the_kernels_scratch_at_setup(use, tiny_checkpoint, hf, monkeypatch):

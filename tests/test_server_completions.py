@@ -16,16 +16,6 @@ PROMPT = "Once upon a time, a small robot"
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
-
-
-@pytest.fixture(scope="module")
-def client(server: GunicornServer) -> openai.OpenAI:
-    return server.openai_client()
-
-
 def _post(srv: GunicornServer, body: Any, path: str = "/v1/completions", **kwargs: Any) -> requests.Response:
     return requests.post(f"{srv.url}{path}", json=body, timeout=120, **kwargs)
 

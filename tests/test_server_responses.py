@@ -29,11 +29,6 @@ Json = dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
-
-
-@pytest.fixture(scope="module")
 def client(server: GunicornServer) -> openai.OpenAI:
     return server.openai_client(timeout=300)
 

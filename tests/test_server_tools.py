@@ -32,11 +32,6 @@ GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, **NO_THINKING}
 CLIENT_GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 6, "extra_body": NO_THINKING}
 
 
-@pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
-
-
 def _post(srv: GunicornServer, path: str, body: Any) -> requests.Response:
     return requests.post(f"{srv.url}{path}", json=body, timeout=120)
 

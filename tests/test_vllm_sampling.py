@@ -27,16 +27,6 @@ SAMPLED = {"temperature": 1.0, "seed": 5}
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server(chat_server: GunicornServer) -> GunicornServer:
-    return chat_server
-
-
-@pytest.fixture(scope="module")
-def client(server: GunicornServer) -> openai.OpenAI:
-    return server.openai_client()
-
-
 @dataclass
 class Answer:
     """Each choice's text and finish reason, and the usage, collected from either endpoint, streamed or not."""

@@ -55,11 +55,8 @@ class TopLogprob:
 
 
 @dataclass
-class TokenLogprob:
-    token_id: int
-    token: str
-    logprob: float
-    bytes: list[int]
+class TokenLogprob(TopLogprob):
+    """A chosen token's: its own fields, then the alternatives'."""
     top_logprobs: list[TopLogprob]
     rank: int | None = None  # a prompt token's among the vocabulary (vLLM's prompt_logprobs): 1 = the best
 

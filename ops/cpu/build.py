@@ -4,10 +4,10 @@ The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers, 
 The shared object is cached by a hash of every file in the source folder, the compiler and the
 flags, under the cache directory the engine's configuration names (EngineConfig.cache_dir); without
 a compiler or on another CPU a kernel does not build, and the CPU kernel set (ops/cpu/__init__.py)
-keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The ctypes argument types
+keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The ctypes types
 come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
 each definition against its prototype and Python reads the same prototype, so neither side can
-drift from the other.
+drift from the other. A function declared `int` returns a status, which graph.call checks.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -80,15 +81,22 @@ def unavailable() -> str | None:
     return None
 
 
-def prototypes(header: str) -> dict[str, list]:
-    """{function: ctypes argument types} for every `void name(params);` prototype in the header text."""
+class Prototype(NamedTuple):
+    restype: type | None  # None for void; c_int for a status (csrc/nanoqwen_cpu.h's NANOQWEN_NO_MEMORY)
+    argtypes: list
+
+
+def prototypes(header: str) -> dict[str, Prototype]:
+    """{function: its ctypes types} for every `void name(params);` or `int name(params);` prototype in the header."""
     text = re.sub(r"/\*.*?\*/|//[^\n]*|^\s*#[^\n]*", "", header, flags=re.S | re.M)
     found = {}
     for statement in filter(str.strip, text.split(";")):
-        match = re.fullmatch(r"\s*void\s+(\w+)\s*\(([^()]*)\)\s*", statement)
+        match = re.fullmatch(r"\s*(void|int)\s+(\w+)\s*\(([^()]*)\)\s*", statement)
         if match is None:
-            raise ValueError(f"{HEADER}: not a `void name(params)` prototype: {' '.join(statement.split())!r}")
-        found[match[1]] = [_ctype(param, match[1]) for param in match[2].split(",")]
+            raise ValueError(f"{HEADER}: not a `void name(params)` or `int name(params)` prototype: "
+                             f"{' '.join(statement.split())!r}")
+        restype = ctypes.c_int if match[1] == "int" else None
+        found[match[2]] = Prototype(restype, [_ctype(param, match[2]) for param in match[3].split(",")])
     return found
 
 
@@ -178,6 +186,5 @@ class CKernel:
         for function in self.functions:
             if function not in signatures:
                 raise BuildError(f"{self.name}: {function} has no prototype in {self.csrc / HEADER}")
-            getattr(lib, function).argtypes = signatures[function]
-            getattr(lib, function).restype = None
+            getattr(lib, function).restype, getattr(lib, function).argtypes = signatures[function]
         return lib

@@ -66,12 +66,13 @@ def quads(lib: ctypes.CDLL | None = None) -> bool:
 def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
     linear_int4.c (the kernel set's by default) reads: quads where quads(lib), else unchanged. Through 4 rows of
-    scratch: loading holds no second copy."""
+    scratch (allocated here, so a failure raises): loading holds no second copy."""
     if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
         raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
                          f"contiguous rows of whole {BLOCK}-column blocks")
     if quads(lib):
-        (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), weight.shape[0], 2 * weight.shape[1])
+        quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
+        (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ A row's penalties (sampler.Penalties: only the tokens its history holds), logit 
 2-110 ms a step on the 2-core CPU, fighting the kernels' threads.
 Its only working memory is a scratch reserved here (`reserve`: at the engine's setup, for its vocabulary and threads),
 a row scratch for each thread: a step allocates nothing, and no row has a way without it (before, a failed allocation
-adjusted the logits in place, into that step's logprobs, or sampled a row unfiltered).
+adjusted the logits in place, into that step's logprobs, or sampled a row unfiltered). Given a scratch too small for
+one row, the kernel samples none and says so in its status, which graph.call raises as MemoryError.
 Source: csrc/sample.c, built by build.py; where it cannot be, the torch sampler runs.
 """
 from __future__ import annotations
@@ -37,7 +38,9 @@ KERNEL = build.CKernel("cpu_sample", "sample.c", ("sample_rows", "sample_scratch
 @dataclass
 class _Scratch:
     memory: torch.Tensor  # uint8, 64-byte aligned (torch's CPU allocator): sample_rows' scratch
-    vocab_size: int  # the longest rows it serves
+    # The longest rows it serves: a step checks a caller that did not reserve without a ctypes call to size a row. The
+    # size does not give it back: threads (then) x a row's bytes, rounded to cache lines (16 vocabularies a size).
+    vocab_size: int
 
 
 _scratch = _Scratch(torch.empty(0, dtype=torch.uint8), 0)
@@ -109,9 +112,6 @@ def _sample_rows(
                    bias_tokens, bias_values, len(bias_rows), mask_rows, bitmask, len(mask_rows), bitmask.shape[-1],
                    penalty_rows, penalty_tokens, penalty_counts, len(penalty_rows), presence, frequency, repetition,
                    tokens, logits.shape[0], logits.shape[1], scratch, scratch.numel())
-    if tokens.numel() and int(tokens.min()) < 0:  # the kernel's answer to a scratch too small for one row
-        raise RuntimeError(f"the CPU sampler's scratch ({scratch.numel()} bytes) cannot hold a row of "
-                           f"{logits.shape[1]} logits")
     return tokens
 
 

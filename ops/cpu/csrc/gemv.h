@@ -96,12 +96,14 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    load 4-5, took 0.79-0.83x the time of main's 2-4 adjacent rows for bf16, and 0.77-0.83x of one row a pass for int8
    in 3 runs of 4 (one 1.005x); profiles/RESULTS.md, int8b1. */
 #define SPREAD_ROWS 4
-/* Whether a pass of W weight rows prefetches them in software: not a 1-row pass of SPREAD_ROWS streams, which the
-   hardware prefetcher follows, and where the prefetches cost more than they brought (a step's 1-row linears cold, 2
-   threads, in one process, at load 1.6-6: 0.90-0.93x the time without them for bf16 in 4 runs, 0.93-0.99x for int8
-   in 11; profiles/RESULTS.md, gemv); passes of 2 rows (bf16, 8 rows: 1.02-1.33x the time without) and single rows
-   need theirs. */
-static inline int prefetches(int W) { return W != SPREAD_ROWS; }
+/* Which passes prefetch their weight rows in software: all but the spread passes (one activation row), which leave
+   their SPREAD_ROWS streams to the hardware prefetcher; there the prefetches cost more than they brought (a step's
+   1-row linears cold, 2 threads, in one process, at load 1.6-6: 0.90-0.93x the time without them for bf16 in 4 runs,
+   0.93-0.99x for int8 in 11; profiles/RESULTS.md, gemv), where 2-row passes (bf16, 8 rows: 1.02-1.33x the time
+   without) and single rows need theirs. A pass is told by its width W alone: only a spread pass takes SPREAD_ROWS
+   weight rows (multi-row passes AVX2_WROWS, tails 1). */
+_Static_assert(AVX2_WROWS != SPREAD_ROWS, "a pass of SPREAD_ROWS weight rows must be a spread pass");
+static inline int prefetch_in_software(int W) { return W != SPREAD_ROWS; }
 
 /* The rows apart of a spread pass of W weight rows over a chunk's rows start .. end - 1 (one from each W-th of it):
    whole passes cover W * it rows. */
@@ -120,7 +122,7 @@ INLINE void dot_rows_bf16_avx2(const uint16_t *r, long stride, const void *x, in
     for (int k = 0; k < K; k += 16) {
         __m256 even[SPREAD_ROWS], odds[SPREAD_ROWS];
         for (int i = 0; i < W; i++) {
-            if (prefetches(W)) __builtin_prefetch(r + i * stride + k + PREFETCH_BYTES / 2);
+            if (prefetch_in_software(W)) __builtin_prefetch(r + i * stride + k + PREFETCH_BYTES / 2);
             split16(r + i * stride, 0, 0, k, X_BF16_SPLIT, &even[i], &odds[i]);
         }
         for (int m = 0; m < rows; m++) {

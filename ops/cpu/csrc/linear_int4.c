@@ -870,18 +870,15 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
-/* Shapes: see nanoqwen_cpu.h. Each 4 rows' blocks interleaved through 4 rows of scratch. */
-void linear_int4_pack(uint8_t *w, int N, int K) {
+/* Shapes: see nanoqwen_cpu.h. Each 4 rows' blocks interleaved through the 4 rows of `quad`. */
+void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K) {
     const long row = K / 2, blocks = K / 64;
-    uint8_t *quad = malloc(4 * row);
-    if (!quad) abort();  /* 4 rows: at load, where the model's own allocations came first */
     for (long q = 0; q < N / 4; q++) {
         uint8_t *rows = w + 4 * q * row;
         memcpy(quad, rows, 4 * row);
         for (long b = 0; b < blocks; b++)
             for (int i = 0; i < 4; i++) memcpy(rows + int4_block_at(i, b, K, 4), quad + i * row + 32 * b, 32);
     }
-    free(quad);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */

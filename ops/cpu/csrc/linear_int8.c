@@ -115,7 +115,7 @@ INLINE void madd_pieces(const struct linear_int8_args *a, long n, long stride, i
         for (int k = k0; k < k1; k += 32)
             for (int i = 0; i < W; i++) {
                 const int8_t *row = w + i * stride * K;
-                if (prefetches(W)) __builtin_prefetch(row + k + PREFETCH_BYTES);
+                if (prefetch_in_software(W)) __builtin_prefetch(row + k + PREFETCH_BYTES);
                 madd16(row + k, q + k, R, K, acc[i]);
                 madd16(row + k + 16, q + k + 16, R, K, acc[i]);
             }

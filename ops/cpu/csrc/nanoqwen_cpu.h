@@ -1,11 +1,15 @@
-/* Every function the CPU kernels export, declared once: ops/cpu_build.py reads the ctypes argument
-   types from these prototypes, and each .c file includes this header, so the compiler rejects a
-   definition that drifts from it. Keep to one prototype per statement, returning void, with
-   parameter types from: pointers, int, long, float. */
+/* Every function the CPU kernels export, declared once: ops/cpu/build.py reads the ctypes types from these
+   prototypes, and each .c file includes this header, so the compiler rejects a definition that drifts from it.
+   Keep to one prototype per statement, returning void or int, with parameter types from: pointers, int, long,
+   float. */
 #ifndef NANOQWEN_CPU_H
 #define NANOQWEN_CPU_H
 
 #include <stdint.h>
+
+/* What a function declared `int` returns: 0 once it ran, NANOQWEN_NO_MEMORY when it wrote nothing because its working
+   memory could not be allocated or was given too small (ops/cpu/graph.call raises MemoryError for any nonzero). */
+#define NANOQWEN_NO_MEMORY 1
 
 /* linear.c: y = x @ w.T; x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0. */
 void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16);
@@ -19,10 +23,10 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
    1 where that is quads, else 0; linear_int4_pack: w's first N / 4 * 4 rows into quads, in place), scale and
    offset: [N, K / G], y: [M, N]; x, scale, offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row
    of x taken as `pieces` (1 to 4) int8 pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least
-   as close. */
+   as close. linear_int4_pack's quad: [4, K / 2] uint8, its working memory. */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces);
-void linear_int4_pack(uint8_t *w, int N, int K);
+void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K);
 void linear_int4_layout(int32_t *quads);
 
 /* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
@@ -44,9 +48,9 @@ void decode_attention_avx512(int D, int bf16, int *avx512);
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
    tables: [S, W] int32; qlens, ctx: [S] int32. D % 8 == 0, D <= 256, Hq / Hkv <= 64. */
-void prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
-                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
-                       int bf16);
+int prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
+                      const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
+                      int bf16);
 
 /* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192, H % 8 == 0; res and res_out may be NULL. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
@@ -81,14 +85,14 @@ void bf16_to_fp32(const uint16_t *x, float *out, long n);
    penalty_rows, penalty_tokens: [penalties] int64, penalty_counts: [penalties] fp32 (sorted by row, a row's tokens
    distinct), presence, frequency, repetition: [B] fp32 (read for the rows an entry names); bias_rows, bias_tokens:
    [biases] int64, bias_values: [biases] fp32 (sorted by row); mask_rows: [masks] int64, bitmask: [masks, W] int32.
-   scratch: scratch_bytes, 64-byte aligned, at least sample_scratch_bytes(V, 1)'s: the rows' only working memory
-   (nothing is allocated), one row scratch for each thread that samples at once. */
-void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
-                 const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
-                 const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
-                 const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
-                 const float *penalty_counts, long penalties, const float *presence, const float *frequency,
-                 const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes);
+   scratch: scratch_bytes, 64-byte aligned: the rows' only working memory (nothing is allocated), one row scratch
+   for each thread that samples at once; less than sample_scratch_bytes(V, 1)'s: NANOQWEN_NO_MEMORY. */
+int sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
+                const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
+                const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
+                const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
+                const float *penalty_counts, long penalties, const float *presence, const float *frequency,
+                const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes);
 
 /* sample.c: *bytes = the scratch of sample_rows for rows of V logits on `threads` threads. */
 void sample_scratch_bytes(int V, int threads, int64_t *bytes);

@@ -1,5 +1,8 @@
 /* Paged prefill attention, flash style: the why is in ops/cpu/prefill_attention.py. */
+#include <omp.h>
+
 #include "nanoqwen_cpu.h"
+#include "scratch.h"
 #include "simd.h"
 
 #define ROWS 64   /* query vectors per task: ROWS / G new tokens of one kv head's GQA group */
@@ -180,12 +183,16 @@ static void attend_task(Scratch *w, const void *q, const void *kc, const void *v
     }
 }
 
-/* Shapes: see nanoqwen_cpu.h. Tasks (sequence, kv head, ROWS / G new tokens), longest first. */
-void prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
-                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
-                       int bf16) {
-    const int G = Hq / Hkv, span = ROWS / G;
-    long *first = malloc(sizeof(long) * (S + 1)), *q0 = malloc(sizeof(long) * S);
+/* Shapes: see nanoqwen_cpu.h. Tasks (sequence, kv head, ROWS / G new tokens), longest first. Its memory, a Scratch a
+   thread and the task table, is the calling thread's scratch: allocated once, before any work. */
+int prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
+                      const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
+                      int bf16) {
+    const int G = Hq / Hkv, span = ROWS / G, threads = omp_get_max_threads();
+    const size_t each = (sizeof(Scratch) + 63) & ~(size_t)63;
+    char *memory = thread_scratch((size_t)threads * each + sizeof(long) * (2 * (size_t)S + 1));
+    if (!memory) return NANOQWEN_NO_MEMORY;
+    long *first = (long *)(memory + (size_t)threads * each), *q0 = first + S + 1;
     first[0] = 0;
     for (int s = 0; s < S; s++) {
         q0[s] = s ? q0[s - 1] + qlens[s - 1] : 0;
@@ -193,9 +200,9 @@ void prefill_attention(const void *q, const void *kc, const void *vc, const int3
     }
     const long tasks = first[S];
     const float qk_scale = scale * 1.4426950408889634f;
-    #pragma omp parallel
+    #pragma omp parallel num_threads(threads)
     {
-        Scratch *w = aligned_alloc(64, (sizeof(Scratch) + 63) & ~(size_t)63);
+        Scratch *w = (Scratch *)(memory + (size_t)omp_get_thread_num() * each);
         #pragma omp for schedule(dynamic, 1)
         for (long task = 0; task < tasks; task++) {
             int s = 0;
@@ -206,8 +213,6 @@ void prefill_attention(const void *q, const void *kc, const void *vc, const int3
             attend_task(w, q, kc, vc, tables + (long)s * W, out, q0[s], i0, count, ctx[s] - qlens[s], h, Hq, Hkv, D,
                         bs, qk_scale, bf16);
         }
-        free(w);
     }
-    free(first);
-    free(q0);
+    return 0;
 }

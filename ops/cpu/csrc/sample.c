@@ -544,7 +544,8 @@ static void sample_task(const void *args, long task) {
     for (long b; (b = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED)) < a->B;) sample_row(a, b, scratch);
 }
 
-/* One sample_rows at a time: its callers share the scratch (the pool serialises their threaded steps anyway). */
+/* One sample_rows at a time: its callers (engines on other threads) share the one scratch, and pool_run's lock does not
+   cover a call it runs on the caller alone (one row, or one thread). */
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void scratch_lock_forked(void) {  /* the child of a fork has no other thread to hold it */
@@ -556,24 +557,22 @@ __attribute__((constructor)) static void register_scratch_lock_forked(void) {
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
-void sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
-                 const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
-                 const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
-                 const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
-                 const float *penalty_counts, long penalties, const float *presence, const float *frequency,
-                 const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes) {
+int sample_rows(const float *logits, const float *temperature, const float *top_p, const int32_t *top_k,
+                const float *min_p, const int32_t *keys, const int32_t *steps, const int64_t *bias_rows,
+                const int64_t *bias_tokens, const float *bias_values, long biases, const int64_t *mask_rows,
+                const int32_t *bitmask, int masks, int W, const int64_t *penalty_rows, const int64_t *penalty_tokens,
+                const float *penalty_counts, long penalties, const float *presence, const float *frequency,
+                const float *repetition, int64_t *tokens, int B, int V, void *scratch, long scratch_bytes) {
     struct sample_args a = {logits, temperature, top_p, min_p, top_k, keys, steps,
                             {penalty_rows, penalty_tokens, penalty_counts, presence, frequency, repetition,
                              penalties, bias_rows, bias_tokens, bias_values, biases, mask_rows, bitmask, masks, W},
                             tokens, V, B, scratch, 0};
     const long scratches = scratch_bytes / (long)row_scratch_bytes(V);
-    if (scratches < 1) {  /* too small a scratch (ops/cpu/sample.reserve sizes it): no row sampled, none left unset */
-        for (int b = 0; b < B; b++) tokens[b] = -1;
-        return;
-    }
+    if (scratches < 1) return NANOQWEN_NO_MEMORY;  /* ops/cpu/sample.reserve sizes it: never from there */
     pthread_mutex_lock(&scratch_lock);
     pool_run(sample_task, &a, B < scratches ? B : scratches);
     pthread_mutex_unlock(&scratch_lock);
+    return 0;
 }
 
 /* Shapes: see nanoqwen_cpu.h. On the calling thread, which just wrote the logits: on the pool, 8 rows took
