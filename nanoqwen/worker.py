@@ -105,6 +105,13 @@ def _body_follows(req: Request) -> bool:
     return isinstance(reader, ChunkedReader) or (isinstance(reader, LengthReader) and reader.length > 0)
 
 
+def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout) -> None:
+    """Ends a connection's keep-alive wait as if it had timed out, at the loop's next turn and only if it still waits
+    then: a kill queued now could land after the request's head arrived in the same turn, inside the request (a
+    500 and a traceback, a stream cut)."""
+    gevent.get_hub().loop.run_callback(lambda: timeout.pending and greenlet.throw(timeout))
+
+
 class ContinueOnRead:
     """The `wsgi.input` of a request that expects `100 Continue`: sent at the app's first read of the body, as
     uvicorn's h11 does, where gunicorn sends it before the app has seen the request, so that a client sent a whole
@@ -270,21 +277,31 @@ class NanoqwenWorker(GeventWorker):
         return pool
 
     def _make_room(self) -> None:
-        """With every connection slot taken and a client waiting in the listen backlog, closes the connections
-        idle longest (keep-alive, or a request's head not yet whole), as nginx reuses its idle connections: 1000
-        connections that sent nothing held every slot for the keep-alive timeout (75 s), and every new client,
-        /health's too, waited that long. gevent's server accepts again once a closed one's greenlet has ended."""
+        """With every connection slot of a listener taken and a client waiting in its backlog, closes its connections
+        idle longest: keep-alive ones and, unlike nginx (which reclaims only connections that sent nothing), ones
+        whose request head is not yet whole (slowloris). 1000 connections that sent nothing held every slot for the
+        keep-alive timeout (75 s), and every new client, /health's too, waited that long. gevent's server accepts
+        again once a closed one's greenlet has ended."""
+        gevent.sleep(ROOM_POLL_S)
+        if len(self._pools) != len(self.sockets):  # GeventWorker.run makes one a listener, in their order
+            self.log.error("gunicorn %s made %d connection pools for %d listeners: idle connections will not make "
+                           "room for new ones", gunicorn.__version__, len(self._pools), len(self.sockets))
+            return
         while self.alive:
             gevent.sleep(ROOM_POLL_S)
-            while self.alive and self._idle and any(pool.full() for pool in self._pools):
-                try:
-                    if not select.select(self.sockets, [], [], 0)[0]:
+            for listener, pool in zip(self.sockets, self._pools, strict=True):
+                while self.alive and pool.full():
+                    try:
+                        if not select.select([listener], [], [], 0)[0]:
+                            break
+                    except (OSError, ValueError):  # a listener closed: shutting down
+                        return
+                    # the oldest wait of this listener's; popped: a second end could land outside the wait
+                    greenlet = next((g for g in self._idle if g in pool), None)
+                    if greenlet is None:
                         break
-                except (OSError, ValueError):  # a listener closed: shutting down
-                    return
-                greenlet = next(iter(self._idle))  # popped: a second kill could land outside the wait, as an error
-                greenlet.kill(self._idle.pop(greenlet), block=False)  # the wait ends as if it had timed out
-                gevent.sleep(ROOM_POLL_S / 10)  # its slot freed and the waiting client accepted
+                    _end_wait(greenlet, self._idle.pop(greenlet))
+                    gevent.sleep(ROOM_POLL_S / 10)  # its slot freed and the waiting client accepted
 
     def _publish_stats(self, stats: ServerStats) -> None:
         """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes."""
@@ -304,7 +321,7 @@ class NanoqwenWorker(GeventWorker):
 
     def _drain(self) -> None:
         for greenlet, timeout in list(self._idle.items()):
-            greenlet.kill(timeout, block=False)  # the keep-alive wait ends as if it had timed out
+            _end_wait(greenlet, timeout)
         grace = self.cfg.graceful_timeout
         # gevent's run loop checks every second whether its connections are done, and the master
         # kills the worker at `grace`: fail what still runs early enough for both.
