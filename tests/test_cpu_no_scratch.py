@@ -180,7 +180,6 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
                                atol=1e-5)
 
 
-
 def test_prefill_attention_without_scratch_raises(monkeypatch):
     """Its scratch (a tile's Scratch per thread and the task table) not allocated: the kernel writes nothing and says
     so, and its wrapper raises MemoryError (before: a NULL malloc written through); with it, the reference's result."""

@@ -2,6 +2,8 @@
 torch reference, and through the engine after a prefix-cache hit against transformers."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -50,6 +52,21 @@ def test_kernel_reads_nothing_past_the_context():
     k_cache, v_cache, tables = paged_inputs.poisoned(k_cache, v_cache, tables, context_lens)
     after = kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale)
     assert torch.equal(before, after)
+
+
+def test_the_kernels_scratch_grows_and_serves_again_and_other_threads():
+    """Its memory (a tile's Scratch per OpenMP thread and the task table) is the calling thread's scratch, kept
+    between calls: a small call, one that grows it, the small one again (the same bits), and the same calls from two
+    Python threads at once (each its own scratch) give what they give alone."""
+    small, large = ([(1, 5), (3, 10)], [(40, 40), (70, 200), (1, 9)])
+    calls = [paged_inputs.paged(seqs, 4, 2, 16, 4)[0] for seqs in (small, large, small)]
+    alone = [kernel(*args) for args in calls]
+    assert torch.equal(alone[0], alone[2])
+    for args, out in zip(calls, alone, strict=True):
+        torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.float32])
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda args: kernel(*args), [*calls, *calls[::-1]]))
+    assert all(torch.equal(a, b) for a, b in zip(together, [*alone, *alone[::-1]], strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
