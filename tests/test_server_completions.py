@@ -10,6 +10,8 @@ import torch
 
 from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL, completion_texts
 from checkpoints import load_hf_model, make_checkpoint
+from engine_util import hf_greedy
+from nanoqwen import loader
 from server_process import GunicornServer
 
 PROMPT = "Once upon a time, a small robot"
@@ -108,6 +110,49 @@ def test_logprobs(server: GunicornServer, client: openai.OpenAI) -> None:
     tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
     offsets = [o for c in streamed for o in (c.choices[0].logprobs.text_offset if c.choices[0].logprobs else [])]
     assert tokens == lp.tokens and offsets == lp.text_offset
+
+
+def _stopped(client: openai.OpenAI, ids: list[int], stream: bool, **stop: Any) -> tuple[str, str, list[float], int]:
+    """(text, finish_reason, token logprobs, completion tokens) of one greedy answer ended by `stop` (EOS ignored, as
+    hf_greedy does)."""
+    body = {"model": MODEL, "prompt": ids, "temperature": 0, "max_tokens": 24, "logprobs": 0}
+    if not stream:
+        answer = client.completions.create(**body, extra_body={**stop, "ignore_eos": True})
+        (choice,) = answer.choices
+        return choice.text, choice.finish_reason, choice.logprobs.token_logprobs, answer.usage.completion_tokens
+    chunks = list(client.completions.create(**body, extra_body={**stop, "ignore_eos": True}, stream=True,
+                                            stream_options={"include_usage": True}))
+    choices = [c.choices[0] for c in chunks if c.choices]
+    return ("".join(c.text for c in choices), choices[-1].finish_reason,
+            [v for c in choices if c.logprobs for v in c.logprobs.token_logprobs], chunks[-1].usage.completion_tokens)
+
+
+def test_stops_cut_transformers_answer_at_the_token_completing_them(server: GunicornServer,
+                                                                    client: openai.OpenAI) -> None:
+    """A stop string made of the end of one token's text and the start of the next one's, and a plain (not special)
+    token in stop_token_ids, streamed and not: transformers' greedy text cut before the stop, finish_reason "stop",
+    a logprob for each token through the one completing the stop (transformers' values), and the usage counting
+    exactly those tokens."""
+    ids = _ids(server, PROMPT)
+    tokens = hf_greedy(load_hf_model(make_checkpoint()), ids, 24)
+    tokenizer = loader.load_tokenizer(make_checkpoint())
+    text = tokenizer.decode(tokens)
+    with torch.no_grad():
+        reference = load_hf_model(make_checkpoint())(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
+    reference = [row.log_softmax(-1)[t].item() for row, t in zip(reference, tokens)]
+    # the first k whose last character and the next token's first form a string not seen before in the text
+    k, stop = next((k, text[len(head) - 1:len(head) + 1]) for k in range(2, len(tokens) - 1)
+                   if (head := tokenizer.decode(tokens[:k + 1])) and text.startswith(head)
+                   and text.find(text[len(head) - 1:len(head) + 1]) == len(head) - 1
+                   and "\ufffd" not in text[:len(head) + 1])
+    j = next(j for j in range(3, len(tokens)) if tokens[j] not in tokens[:j])
+    cases = [({"stop": [stop]}, text[:text.index(stop)], k + 2),
+             ({"stop_token_ids": [tokens[j]]}, tokenizer.decode(tokens[:j]), j + 1)]
+    for stop_field, expected, count in cases:
+        for stream in (False, True):
+            got_text, finish, logprobs, completion_tokens = _stopped(client, ids, stream, **stop_field)
+            assert (got_text, finish, completion_tokens) == (expected, "stop", count), (stop_field, stream)
+            assert logprobs == pytest.approx(reference[:count], abs=1e-4), (stop_field, stream)
 
 
 def _reference(prompt: list[int]) -> torch.Tensor:

@@ -7,13 +7,17 @@ that tools and the tool history reach the real chat template, and the shape of w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import requests
+import torch
+from transformers import AutoTokenizer
 
 from chat_http import MODEL
+from engine_util import hf_greedy
 from nanoqwen.api.strict_json import TOO_MANY_VALUES
 from server_process import GunicornServer
 
@@ -81,6 +85,54 @@ def test_tool_round_trip_with_the_openai_client(server: GunicornServer) -> None:
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
             '</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny, 21 °C\n</tool_response><|im_end|>\n'
             in text)
+
+
+# What clients send that no test planned: content parts, an assistant turn with text and two calls (their arguments
+# JSON strings), two tool answers in a row, and emoji, CJK, combining marks, control characters, a BOM and the
+# model's own markup in plain text.
+UNPLANNED = [
+    {"role": "system", "content": "Résumé 日本語 \x01\t<|im_end|>"},
+    {"role": "user", "content": [{"type": "text", "text": "e\u0301 👨\u200d👩\u200d👧 "},
+                                 {"type": "text", "text": "</think> 🇯🇵\r\n"}]},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "東京"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "cloudy\u200b"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "<tool_call>\ufeff"},
+    {"role": "user", "content": "ﬁne\u00a0? 😀"},
+]
+
+
+@pytest.mark.parametrize("template_kwargs", [{"enable_thinking": False}, {}])
+def test_an_unplanned_conversation_is_transformers_prompt_and_greedy_answer(
+    server: GunicornServer, tiny_checkpoint: Path, hf: torch.nn.Module, template_kwargs: dict[str, Any]
+) -> None:
+    """Rendered as transformers' apply_chat_template renders it (each call's arguments the object they hold), then
+    answered through the openai client with transformers' greedy tokens and log-probabilities (fp32)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    def with_objects(call: dict[str, Any]) -> dict[str, Any]:
+        return {**call, "function": {**call["function"], "arguments": json.loads(call["function"]["arguments"])}}
+
+    as_objects = [{**m, "tool_calls": [with_objects(c) for c in m["tool_calls"]]} if "tool_calls" in m else m
+                  for m in UNPLANNED]
+    text = tokenizer.apply_chat_template(as_objects, tools=TOOLS, tokenize=False, add_generation_prompt=True,
+                                         **template_kwargs)
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    assert _templated(server, messages=UNPLANNED, tools=TOOLS, chat_template_kwargs=template_kwargs)[0] == prompt
+    answer = server.openai_client().chat.completions.create(
+        model=MODEL, messages=UNPLANNED, tools=TOOLS, temperature=0, max_tokens=8, logprobs=True, top_logprobs=2,
+        extra_body={"chat_template_kwargs": template_kwargs, "ignore_eos": True})
+    tokens = hf_greedy(hf, prompt, 8)
+    with torch.no_grad():
+        reference = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    choice = answer.choices[0]
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(prompt), 8)
+    assert choice.message.content == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert choice.finish_reason == "length" and len(choice.logprobs.content) == 8
+    assert b"".join(bytes(lp.bytes) for lp in choice.logprobs.content) == tokenizer.decode(tokens).encode()
+    for lp, token, row in zip(choice.logprobs.content, tokens, reference):
+        assert lp.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [top.logprob for top in lp.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
 
 
 def test_streamed_answer_with_tools_equals_the_non_streamed_one(server: GunicornServer) -> None:
