@@ -137,15 +137,14 @@ def test_stops_cut_transformers_answer_at_the_token_completing_them(server: Guni
     tokens = hf_greedy(load_hf_model(make_checkpoint()), ids, 24)
     tokenizer = loader.load_tokenizer(make_checkpoint())
     text = tokenizer.decode(tokens)
-    with torch.no_grad():
-        reference = load_hf_model(make_checkpoint())(torch.tensor([ids + tokens])).logits[0, len(ids) - 1:-1]
-    reference = [row.log_softmax(-1)[t].item() for row, t in zip(reference, tokens)]
+    rows = _reference(ids + tokens)[len(ids) - 1:-1]  # [len(tokens), V]: each answer token's position
+    reference = [row[t].item() for row, t in zip(rows, tokens, strict=True)]
     # the first k whose last character and the next token's first form a string not seen before in the text
     k, stop = next((k, text[len(head) - 1:len(head) + 1]) for k in range(2, len(tokens) - 1)
                    if (head := tokenizer.decode(tokens[:k + 1])) and text.startswith(head)
                    and text.find(text[len(head) - 1:len(head) + 1]) == len(head) - 1
                    and "\ufffd" not in text[:len(head) + 1])
-    j = next(j for j in range(3, len(tokens)) if tokens[j] not in tokens[:j])
+    j = next(j for j in range(k + 3, len(tokens)) if tokens[j] not in tokens[:j])  # the stop id ends it later
     cases = [({"stop": [stop]}, text[:text.index(stop)], k + 2),
              ({"stop_token_ids": [tokens[j]]}, tokenizer.decode(tokens[:j]), j + 1)]
     for stop_field, expected, count in cases:
