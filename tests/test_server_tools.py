@@ -95,7 +95,8 @@ UNPLANNED = [
     {"role": "user", "content": [{"type": "text", "text": "e\u0301 👨\u200d👩\u200d👧 "},
                                  {"type": "text", "text": "</think> 🇯🇵\r\n"}]},
     {"role": "assistant", "content": "Checking.", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Z\\u00fcrich"}'}},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city":"Z\\u00fcrich"}'}},  # the template writes tojson's
         {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "東京"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "cloudy\u200b"},
     {"role": "tool", "tool_call_id": "call_2", "content": "<tool_call>\ufeff"},
