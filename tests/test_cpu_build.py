@@ -43,8 +43,11 @@ def test_prototype_parser():
     }
     with pytest.raises(ValueError, match="unsupported parameter 'double x'"):
         cpu_build.prototypes("void f(double x);")
-    with pytest.raises(ValueError, match="not a `void name"):
-        cpu_build.prototypes("float f(int x);")
+    for near_miss in ("float f(int x);", "int64_t f(int x);", "int *f(int x);", "unsigned int f(int x);"):
+        with pytest.raises(ValueError, match="not a `void name"):
+            cpu_build.prototypes(near_miss)
+    with pytest.raises(ValueError, match="unsupported parameter 'int x\\[\\]'"):
+        cpu_build.prototypes("int f(int x[]);")
 
 
 @needs_compiler

@@ -54,10 +54,9 @@ def test_kernel_reads_nothing_past_the_context():
     assert torch.equal(before, after)
 
 
-def test_the_kernels_scratch_grows_and_serves_again_and_other_threads():
-    """Its memory (a tile's Scratch per OpenMP thread and the task table) is the calling thread's scratch, kept
-    between calls: a small call, one that grows it, the small one again (the same bits), and the same calls from two
-    Python threads at once (each its own scratch) give what they give alone."""
+def test_calls_of_any_size_from_two_threads_at_once_give_what_they_give_alone():
+    """Its memory (a tile's Scratch per OpenMP thread and the task table) is each call's own: a small call, a larger
+    one, the small one again (the same bits), and the same calls from two Python threads at once."""
     small, large = ([(1, 5), (3, 10)], [(40, 40), (70, 200), (1, 9)])
     calls = [paged_inputs.paged(seqs, 4, 2, 16, 4)[0] for seqs in (small, large, small)]
     alone = [kernel(*args) for args in calls]

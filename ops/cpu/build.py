@@ -101,6 +101,8 @@ def prototypes(header: str) -> dict[str, Prototype]:
 
 
 def _ctype(param: str, function: str):
+    if "[" in param:  # C passes an array as a pointer: spell it `type *name`, not read as its element's type
+        raise ValueError(f"{HEADER}: {function}: unsupported parameter {param.strip()!r}")
     if "*" in param:
         return ctypes.c_void_p
     words = [w for w in param.split() if w != "const"]

@@ -101,7 +101,7 @@ INLINE void split16(const void *x, int m, int K, int k, int xkind, __m256 *e, __
    1-row linears cold, 2 threads, in one process, at load 1.6-6: 0.90-0.93x the time without them for bf16 in 4 runs,
    0.93-0.99x for int8 in 11; profiles/RESULTS.md, gemv), where 2-row passes (bf16, 8 rows: 1.02-1.33x the time
    without) and single rows need theirs. A pass is told by its width W alone: only a spread pass takes SPREAD_ROWS
-   weight rows (multi-row passes AVX2_WROWS, tails 1). */
+   weight rows (bf16's multi-row passes AVX2_WROWS, int8's and tails 1). */
 _Static_assert(AVX2_WROWS != SPREAD_ROWS, "a pass of SPREAD_ROWS weight rows must be a spread pass");
 static inline int prefetch_in_software(int W) { return W != SPREAD_ROWS; }
 

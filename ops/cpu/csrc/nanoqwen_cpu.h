@@ -8,7 +8,7 @@
 #include <stdint.h>
 
 /* What a function declared `int` returns: 0 once it ran, NANOQWEN_NO_MEMORY when it wrote nothing because its working
-   memory could not be allocated or was given too small (ops/cpu/graph.call raises MemoryError for any nonzero). */
+   memory could not be allocated or was given too small (ops/cpu/graph.py's call raises MemoryError for any nonzero). */
 #define NANOQWEN_NO_MEMORY 1
 
 /* linear.c: y = x @ w.T; x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0. */

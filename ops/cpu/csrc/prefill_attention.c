@@ -184,13 +184,14 @@ static void attend_task(Scratch *w, const void *q, const void *kc, const void *v
 }
 
 /* Shapes: see nanoqwen_cpu.h. Tasks (sequence, kv head, ROWS / G new tokens), longest first. Its memory, a Scratch a
-   thread and the task table, is the calling thread's scratch: allocated once, before any work. */
+   thread and the task table, is the call's own (scratch.h's call_memory, not a scratch kept between calls): allocated
+   once, before any work, and freed at its end. */
 int prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
                       int bf16) {
     const int G = Hq / Hkv, span = ROWS / G, threads = omp_get_max_threads();
     const size_t each = (sizeof(Scratch) + 63) & ~(size_t)63;
-    char *memory = thread_scratch((size_t)threads * each + sizeof(long) * (2 * (size_t)S + 1));
+    char *memory = call_memory((size_t)threads * each + sizeof(long) * (2 * (size_t)S + 1));
     if (!memory) return NANOQWEN_NO_MEMORY;
     long *first = (long *)(memory + (size_t)threads * each), *q0 = first + S + 1;
     first[0] = 0;
@@ -214,5 +215,6 @@ int prefill_attention(const void *q, const void *kc, const void *vc, const int32
                         bs, qk_scale, bf16);
         }
     }
+    free(memory);
     return 0;
 }

@@ -28,4 +28,17 @@ static inline void *thread_scratch(size_t bytes) {
 }
 #endif
 
+/* Memory for one call, freed by the caller before it returns: NULL if it cannot be had (the caller reports
+   NANOQWEN_NO_MEMORY). For memory that must not outlive the call: prefill attention's ~273 KiB a thread, kept in the
+   engine thread's scratch, left bf16 batch-1 decode without its fast runs (~35 against ~26 tok/s, in 0 of 20 runs;
+   profiles/RESULTS.md, sixteenth session). */
+#ifdef NANOQWEN_NO_SCRATCH
+static inline void *call_memory(size_t bytes) {
+    (void)bytes;
+    return 0;
+}
+#else
+static inline void *call_memory(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+#endif
+
 #endif
