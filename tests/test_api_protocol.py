@@ -31,6 +31,18 @@ def _bad(body: object) -> APIError:
     return info.value
 
 
+@pytest.mark.parametrize("extra", [{}, {"echo": True, "logprobs": 1}])
+def test_prompt_logprobs_0_in_a_stream_asks_for_nothing(extra: dict[str, object]) -> None:
+    """vLLM takes it in a stream (whose chunks have no field for them), as nothing: no ranks, no prompt scored but
+    echo's (logprobs' own), and with echo and logprobs no 400 for differing from logprobs."""
+    chat = parse_chat_request({"messages": USER, "stream": True, "prompt_logprobs": 0}, Budget())
+    completion = parse_completion_request({"prompt": "hi", "stream": True, "prompt_logprobs": 0, **extra}, Budget())
+    for req in (chat, completion):
+        params = req.sampling_params()
+        assert not params.prompt_ranks and not req.wants_prompt_logprobs
+        assert params.prompt_logprobs == (1 if req is completion and extra else None)
+
+
 def test_minimal_request_defaults() -> None:
     req = parse_chat_request({"messages": USER, "user": "u", "metadata": {"x": "1"}, "store": False}, Budget())
     params = req.sampling_params()

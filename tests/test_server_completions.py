@@ -188,6 +188,7 @@ def test_echo_with_logprobs_scores_the_prompt(server: GunicornServer, client: op
         # the answer's first token follows on from the prompt's: transformers' greedy choice
         assert lp.token_logprobs[len(ids)] == pytest.approx(ref[-1].max().item(), abs=1e-4)
         assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == 6
+        assert "prompt_logprobs" not in choice.model_extra  # vLLM's field, sent here only when asked for
 
 
 def test_echo_with_max_tokens_zero_is_the_prompt_alone(server: GunicornServer, client: openai.OpenAI) -> None:

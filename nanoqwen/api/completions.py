@@ -152,7 +152,7 @@ class CompletionService:
         running = RunningUsage(sum(map(len, prompts))) if req.continuous_usage else None
         builder = TextCompletion(serving.config.served_model_name, serving.fingerprint,
                                  [echo for echo in echoes for _ in range(params.n)], req.logprobs is not None,
-                                 req.include_usage, running, req.prompt_logprobs is not None and not req.stream,
+                                 req.include_usage, running, req.wants_prompt_logprobs,
                                  id=response_id("cmpl", req.request_id))
         return serving.respond(batch, builder if req.stream else None, builder, trace, environ)
 

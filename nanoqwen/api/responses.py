@@ -301,12 +301,11 @@ class ChunkBuilder(DoneFraming):
                 out = []
             else:
                 del self._waiting[event.index]
-                role = self._opened(event.index, choices)
                 first = choices[0]["delta"]
                 if "tool_calls" in first:  # OpenAI's recorded stream: the role in the call's first chunk
                     choices[0]["delta"] = {"role": "assistant", "content": None, **first, "refusal": None}
                 else:
-                    out.insert(0, role)
+                    out.insert(0, self._opened(event.index, choices))
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out

@@ -1,7 +1,8 @@
 """JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
 made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
 `\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take).
-vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes."""
+vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
+grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
 
 import json

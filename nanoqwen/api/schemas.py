@@ -689,8 +689,13 @@ class SamplingFields(Strict):
             allowed_token_ids=self.allowed_token_ids,
             # a stream has no field for them: 0, which vLLM takes there too, asks for nothing
             prompt_logprobs=None if self.stream else self.prompt_logprobs,
-            prompt_ranks=self.prompt_logprobs is not None and not self.stream,
+            prompt_ranks=self.wants_prompt_logprobs,
         )
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """vLLM's prompt_logprobs asked for, with their ranks: in a stream (no field for them) it asks for nothing."""
+        return self.prompt_logprobs is not None and not self.stream
 
 
 class ChatCompletionRequest(ChatPrompt, SamplingFields):
@@ -876,7 +881,7 @@ def parse_completion_request(body: Any, budget: Budget | None) -> CompletionRequ
     req = validate_body(CompletionRequest, body, budget)
     check_stream_options(req)
     check_prompt_logprobs(req)
-    if req.echo and req.logprobs is not None and req.prompt_logprobs not in (None, req.logprobs):
+    if req.echo and req.logprobs is not None and not req.stream and req.prompt_logprobs not in (None, req.logprobs):
         raise APIError(400, "prompt_logprobs with echo and logprobs must equal logprobs (the echoed prompt's "
                             "top_logprobs are the same ones)", param="prompt_logprobs")
     check_structured(req)
