@@ -155,15 +155,19 @@ def test_connections_idle_at_the_limit_make_room_for_a_new_one(tmp_path: Path) -
     args = ("--worker-connections", str(slots))
     with GunicornServer(cpu_env(make_checkpoint()), tmp_path / "gunicorn.log", args=args) as srv:
         busy = socket.create_connection(("127.0.0.1", srv.port), timeout=30)  # a request in flight is not idle
-        busy.sendall(chat_http.raw_request({"model": MODEL, "messages": USER, "max_tokens": 200, "stream": True,
+        busy.sendall(chat_http.raw_request({"model": MODEL, "messages": USER, "max_tokens": 400, "stream": True,
                                             "ignore_eos": True}))
-        assert busy.recv(12) == b"HTTP/1.1 200"
+        head = b""
+        while b"\r\n" not in head:
+            head += busy.recv(1)
+        assert head.startswith(b"HTTP/1.1 200"), head
         idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(slots - 2)]
         idle[-1].sendall(b"GET /health HTTP/1.1\r\n")  # half a head
         with requests.Session() as session:  # a keep-alive connection, idle after its answer: every slot taken
             assert session.get(f"{srv.url}/health", timeout=30).status_code == 200
             for _ in range(3):
                 assert requests.get(f"{srv.url}/health", timeout=5).status_code == 200  # waited 75 s
+        assert chat_http.server_stats(srv)["active_requests"] == 1  # busy's stream ran on while room was made
         assert idle[0].recv(1) == b""  # the oldest idle connection was closed
         received = b""
         while b"data: [DONE]" not in received and (chunk := busy.recv(1 << 16)):
