@@ -282,7 +282,7 @@ class NanoqwenWorker(GeventWorker):
         whose request head is not yet whole (slowloris). 1000 connections that sent nothing held every slot for the
         keep-alive timeout (75 s), and every new client, /health's too, waited that long. gevent's server accepts
         again once a closed one's greenlet has ended."""
-        # first run once the worker's run() yields, by when GeventWorker.run has made one pool a listener, in their order
+        # run once the worker's run() yields, by when GeventWorker.run has made one pool a listener, in their order
         if len(self._pools) != len(self.sockets):
             self.log.error("gunicorn %s made %d connection pools for %d listeners: idle connections will not make "
                            "room for new ones", gunicorn.__version__, len(self._pools), len(self.sockets))
