@@ -287,21 +287,25 @@ class NanoqwenWorker(GeventWorker):
             self.log.error("gunicorn %s made %d connection pools for %d listeners: idle connections will not make "
                            "room for new ones", gunicorn.__version__, len(self._pools), len(self.sockets))
             return
-        while self.alive:
-            gevent.sleep(ROOM_POLL_S)
-            for listener, pool in zip(self.sockets, self._pools, strict=True):
-                while self.alive and pool.full():
-                    try:
-                        if not select.select([listener], [], [], 0)[0]:
+        try:
+            while self.alive:
+                gevent.sleep(ROOM_POLL_S)
+                for listener, pool in zip(self.sockets, self._pools, strict=True):
+                    while self.alive and pool.full() and select.select([listener], [], [], 0)[0]:
+                        if not self._end_oldest_wait(pool):
                             break
-                    except (OSError, ValueError):  # a listener closed: shutting down
-                        return
-                    # the oldest wait of this listener's; popped: a second end could land outside the wait
-                    greenlet = next((g for g in self._idle if g in pool), None)
-                    if greenlet is None:
-                        break
-                    _end_wait(greenlet, self._idle.pop(greenlet))
-                    gevent.sleep(ROOM_POLL_S / 10)  # its slot freed and the waiting client accepted
+                        gevent.sleep(ROOM_POLL_S / 10)  # its slot freed and the waiting client accepted
+        except (OSError, ValueError):  # a listener closed: shutting down
+            return
+
+    def _end_oldest_wait(self, pool: Pool) -> bool:
+        """Ends the oldest keep-alive wait of the pool's connections (popped: a second end could land outside the
+        wait); False where none of them waits."""
+        greenlet = next((g for g in self._idle if g in pool), None)
+        if greenlet is None:
+            return False
+        _end_wait(greenlet, self._idle.pop(greenlet))
+        return True
 
     def _publish_stats(self, stats: ServerStats) -> None:
         """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes."""

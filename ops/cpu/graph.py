@@ -29,8 +29,9 @@ class Recording:
         self.tensors: list[torch.Tensor] = []
 
     def replay(self) -> None:
-        for fn, args in self.calls:
-            _checked(fn, args)
+        for fn, args in self.calls:  # the check inline: a replay is the decode step, one frame a call less
+            if fn(*args):
+                _failed(fn)
 
     def __add__(self, other: Recording) -> Recording:
         """This recording's calls, then other's."""
@@ -45,18 +46,18 @@ class Recording:
 _capturing = threading.local()
 
 
-def _checked(fn: Callable, args: tuple) -> None:
-    """fn(*args); raises MemoryError where fn returned a status (csrc/nanoqwen_cpu.h's `int` functions) other than 0."""
-    if fn(*args):
-        raise MemoryError(f"the C kernel {fn.__name__} wrote nothing: its working memory could not be allocated or was "
-                          f"given too small")
+def _failed(fn: Callable) -> None:
+    """Raises for fn, which returned a status (csrc/nanoqwen_cpu.h's `int` functions) other than 0."""
+    raise MemoryError(f"the C kernel {fn.__name__} wrote nothing: its working memory could not be allocated or was "
+                      f"given too small")
 
 
 def call(fn: Callable, *args: torch.Tensor | int | float | None) -> None:
     """fn(*args), each tensor passed as its data pointer (None as NULL), its status checked; recorded during a
     capture."""
     raw = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
-    _checked(fn, raw)
+    if fn(*raw):
+        _failed(fn)
     recording = getattr(_capturing, "recording", None)
     if recording is not None:
         # as ctypes objects of the prototype's types: a replay does not convert them again
