@@ -75,7 +75,7 @@ step_deps() {
 }
 
 step_kernels() {
-    "$PY" profiles/kernels.py --out "$D"
+    "$PY" profiles/bench_kernels.py --out "$D"
 }
 
 step_tests() {
@@ -112,8 +112,8 @@ step_server() {
 
 step_trace() {
     # Eager shows every kernel of a step; the graph replay is what the server runs.
-    "$PY" profiles/trace.py --batch 1 --graph none --out "$D/eager" \
-        && "$PY" profiles/trace.py --batch 1 --graph cudagraph --out "$D/cudagraph"
+    "$PY" profiles/trace_step.py --batch 1 --graph none --out "$D/eager" \
+        && "$PY" profiles/trace_step.py --batch 1 --graph cudagraph --out "$D/cudagraph"
 }
 
 step_compile() {

@@ -1,6 +1,6 @@
 """The Triton kernels against their torch references at Qwen3-0.6B shapes, bf16, on one CUDA GPU.
 
-    python profiles/kernels.py [--out DIR] [--peak-gbps GBPS] [--eager]
+    python profiles/bench_kernels.py [--out DIR] [--peak-gbps GBPS] [--eager]
 
 Prints time per call, achieved bandwidth (useful bytes read + written / time) and its fraction of
 the HBM bandwidth measured first by a device-to-device copy of 2 GiB (or --peak-gbps). Each kernel's
@@ -200,11 +200,11 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="time eager launches instead of CUDA-graph replays")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("profiles/kernels.py benchmarks CUDA kernels, and torch sees no CUDA GPU here.")
+        sys.exit("profiles/bench_kernels.py benchmarks CUDA kernels, and torch sees no CUDA GPU here.")
     try:
         import triton  # noqa: F401
     except ImportError:
-        sys.exit("profiles/kernels.py needs triton (pip install triton).")
+        sys.exit("profiles/bench_kernels.py needs triton (pip install triton).")
 
     from ops.torch_ref.activation import silu_mul_torch
     from ops.torch_ref.decode_attention import decode_attention_torch

@@ -1,6 +1,6 @@
 """A torch.profiler Chrome trace of one engine decode step, after warm-up, and its 20 costliest ops.
 
-    python profiles/trace.py [--batch 1] [--prompt-len 128] [--warmup 3] [--graph auto]
+    python profiles/trace_step.py [--batch 1] [--prompt-len 128] [--warmup 3] [--graph auto]
         [--dtype auto] [--kernels auto] [--device auto] [--small] [--out DIR]
 
 The traced step is a full `Engine.step()` (inputs, model, sampling, detokenisation) for --batch
