@@ -160,7 +160,6 @@ def test_no_server_is_a_problem() -> None:
 def test_the_fuzzer_reports_a_case_whose_response_could_not_be_made_and_sends_it_anyway(server: Scripted) -> None:
     """fuzz_operation with every fresh response failing (no server to make them at): each odd case is a finding, and
     every case is still sent, with its random id, to the end of its examples (the run not ended by the failure)."""
-    pytest.importorskip("schemathesis")  # the fuzzer's extra (`.[fuzz]`)
     import schemathesis
     from schemathesis import GenerationMode
 
