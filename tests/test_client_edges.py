@@ -327,8 +327,7 @@ def test_an_auto_tools_streams_headers_go_before_its_first_chunk(chat_server: Gu
     """With tools and tool_choice auto a choice's role delta waits for its output: an answer of `<tool_call>` tokens
     alone (biased) sends no chunk until it ends, hundreds of steps later. Its headers go at once all the same (a
     client's read timeout and a proxy's first-byte one count from them): they come while the request still runs,
-    with no chunk after them. The client then goes; the request runs on to its end (a stream notices a client gone
-    at a write, and this one writes nothing): 200 tokens keep that short."""
+    with no chunk after them. The client then goes, and the request is aborted (tests/test_server_disconnect.py)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     body = {"model": MODEL, "messages": USER, "tools": tools, "stream": True, "temperature": 0, "ignore_eos": True,
             "max_tokens": 200, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100},
