@@ -21,11 +21,12 @@ NOTICED_S = 3.0  # a few decode steps, or two disconnect polls (0.5 s) while que
 
 
 @contextlib.contextmanager
-def _head_read(srv: GunicornServer, body: dict[str, Any]) -> Iterator[None]:
+def _head_read(srv: GunicornServer, body: dict[str, Any], path: str = "/v1/chat/completions") -> Iterator[None]:
     """A streamed request sent on a socket of its own, its response head read, then (on leaving) the socket closed:
-    a FIN, as a client that timed out sends."""
+    a FIN, as a client that timed out sends. Only a stream that sends its head alone will do: a chunk left unread
+    would make the close a reset, which the server always noticed."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-        sock.sendall(raw_request(body))
+        sock.sendall(raw_request(body, path))
         received = b""
         while b"\r\n\r\n" not in received:
             received += sock.recv(1 << 16)
@@ -59,17 +60,17 @@ def test_a_tool_call_stream_whose_client_closed_is_aborted(chat_server: Gunicorn
 
 
 def test_a_queued_stream_whose_client_closed_leaves_the_queue(chat_server: GunicornServer) -> None:
-    """A stream queued behind a full batch has its head (and role chunk) sent, then nothing till the engine starts
-    it: a client that closed its socket meanwhile was noticed only once it was admitted (its first write), after the
-    batch had a free row. Now it is aborted from the queue while the batch still runs."""
+    """A stream queued behind a full batch has its head sent (a legacy completion's alone: no role chunk), then
+    nothing till the engine starts it: a client that closed its socket meanwhile was noticed only once it was admitted
+    (its first write), after the batch had a free row. Now it is aborted from the queue while the batch still runs."""
     filler = {"model": MODEL, "prompt": "Once", "n": EngineConfig.max_batch, "max_tokens": 1000, "temperature": 0,
               "stream": True, "extra_body": {"ignore_eos": True}}
     client = chat_server.openai_client()
-    body = {"model": MODEL, "messages": USER, "stream": True, "max_tokens": 16, **NO_THINKING}
+    body = {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 16}
     with client.completions.create(**filler) as completion:
         next(iter(completion))  # every row taken (the shared server runs the default max_batch)
         before = server_stats(chat_server)
-        with _head_read(chat_server, body):
+        with _head_read(chat_server, body, "/v1/completions"):
             assert server_stats(chat_server)["queue_length"] == 1
         after = _aborted_within(chat_server, before["requests_aborted"], time.monotonic())
         wait_for(lambda: server_stats(chat_server)["queue_length"] == 0)  # taken off at the engine's next step
