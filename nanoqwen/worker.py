@@ -27,6 +27,7 @@ from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http.message import Request
+from gunicorn.http.parser import RequestParser
 from gunicorn.http.wsgi import Response
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
@@ -34,6 +35,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
+from nanoqwen.request_line import CheckedRequest
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 if TYPE_CHECKING:
@@ -177,6 +179,8 @@ class NanoqwenWorker(GeventWorker):
       the grace period ends are failed so that they end with an error event, not a cut.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
+    - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
+      once 4 KiB or a line feed came.
     """
 
     def patch(self) -> None:
@@ -261,7 +265,10 @@ class NanoqwenWorker(GeventWorker):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its Request has no _expected_100_continue")
         if getattr(ggevent, "Pool", None) is not Pool:  # GeventWorker.run makes each listener's pool by this name
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its gevent worker makes no gevent Pool")
+        if RequestParser.mesg_class is not Request or not callable(getattr(Request, "read_into", None)):
+            raise RuntimeError(f"gunicorn {gunicorn.__version__}: its parser reads no Request through read_into")
         ggevent.Pool = self._pool
+        RequestParser.mesg_class = CheckedRequest
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told

@@ -28,8 +28,14 @@ from nanoqwen.api.responses_background import (
 )
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.api.serving import ClientState
+from nanoqwen.api.sse import PROBE
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, Usage
+
+
+def _there() -> ClientState:
+    return ClientState.THERE
 
 
 def _run(response_id: str = "resp_1", keeps_events: bool = True) -> Run:
@@ -44,7 +50,7 @@ def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
     assert (run.first, len(run.frames), run.size) == (0, 3, 3 * len(frame))
     run.add_all(["é"])  # counted as encoded: 2 bytes
     assert (run.first, len(run.frames), run.size) == (1, 3, 2 * len(frame) + 2)
-    (dropped,) = run.follow(-1, lambda: False, 0.01)  # starts before what is kept: told so, and nothing more
+    (dropped,) = run.follow(-1, _there, 0.01)  # starts before what is kept: told so, and nothing more
     assert _error(dropped)["sequence_number"] == 0 and "from sequence number 0 to 0" in _error(dropped)["message"]
 
     def later() -> None:
@@ -54,8 +60,8 @@ def test_a_streams_events_are_kept_to_their_bound_and_followed_live() -> None:
         run.end()
 
     gevent.spawn_later(0.01, later)
-    assert list(run.follow(2, lambda: False, 0.01)) == ["é".encode(), b"live", b"last"]
-    assert list(run.follow(5, lambda: False, 0.01)) == []  # ended: returns at once
+    assert list(run.follow(2, _there, 0.01)) == ["é".encode(), b"live", b"last"]
+    assert list(run.follow(5, _there, 0.01)) == []  # ended: returns at once
 
 
 def _error(frame: bytes) -> dict:
@@ -69,7 +75,7 @@ def _error(frame: bytes) -> dict:
 def _following(run: Run, after: int = -1) -> tuple[list[bytes], gevent.Greenlet]:
     """A follower of `run` attached (and caught up), reading into the list as the loop lets it."""
     got: list[bytes] = []
-    follower = gevent.spawn(lambda: got.extend(run.follow(after, lambda: False, 0.01)))
+    follower = gevent.spawn(lambda: got.extend(run.follow(after, _there, 0.01)))
     gevent.sleep(0)
     return got, follower
 
@@ -98,7 +104,7 @@ def test_a_follower_is_sent_one_frame_at_a_time_from_the_newest_end() -> None:
     quarter = "x" * (MAX_EVENT_BYTES // 4)
     for frame in ("a", quarter, quarter, quarter):
         run.add_all([frame])
-    stalled = run.follow(-1, lambda: False, 0.01)
+    stalled = run.follow(-1, _there, 0.01)
     assert next(stalled) == b"a"  # its client then reads no more: what it was not sent stays unsent
     run.add_all([quarter * 2])
     assert (run.first, [cursor.next for cursor in run._cursors]) == (1, [1])
@@ -111,7 +117,7 @@ def test_two_followers_at_different_places_each_get_the_rest_and_hold_back_only_
     quarter = "x" * (MAX_EVENT_BYTES // 4)
     for _ in range(4):
         run.add_all([quarter])
-    ahead, behind = run.follow(-1, lambda: False, 0.01), run.follow(1, lambda: False, 0.01)
+    ahead, behind = run.follow(-1, _there, 0.01), run.follow(1, _there, 0.01)
     assert [len(next(ahead)) for _ in range(4)] == [len(quarter)] * 4 and len(next(behind)) == len(quarter)
     run.add_all([quarter] * 4)  # past the cap: the frames both were sent go, not those `behind` was not
     assert (run.first, len(run.frames)) == (3, 5)
@@ -125,7 +131,7 @@ def test_a_follower_killed_while_waiting_or_closed_lets_go_of_its_frames() -> No
     half = "x" * (MAX_EVENT_BYTES // 2)
     for _ in range(2):
         run.add_all([half])
-    closed = run.follow(-1, lambda: False, 0.01)
+    closed = run.follow(-1, _there, 0.01)
     next(closed)
     got, waiting = _following(run)
     run.add_all([half, half])  # `closed` was not sent these: kept past the cap
@@ -144,7 +150,7 @@ def test_a_run_let_go_goes_back_to_the_cap_and_a_stalled_follower_gets_the_error
     for i in range(KEPT_FINISHED + 2):
         _begin(background.store, f"resp_{i}")
         run = _run(f"resp_{i}")
-        follower = run.follow(-1, lambda: False, 0.01)
+        follower = run.follow(-1, _there, 0.01)
         run.add_all(["first"])
         next(follower)  # a client that took one event, then stopped reading
         background.start(run, iter([[half]] * 8), lambda: None)
@@ -180,7 +186,7 @@ def test_a_follower_left_behind_holds_no_frame_back_for_itself_or_the_others() -
     as a real socket's does) will be sent only the error event: the run goes back to the cap at once, and a follower
     keeping up still gets every frame; let go, the run keeps none for it."""
     run = _run()
-    stalled = run.follow(-1, lambda: False, 0.01)
+    stalled = run.follow(-1, _there, 0.01)
     run.add_all(["first"])
     assert next(stalled) == b"first"  # then blocked in its write
     got, keeping_up = _following(run, after=0)
@@ -200,10 +206,12 @@ def test_a_follower_left_behind_holds_no_frame_back_for_itself_or_the_others() -
 
 
 def test_a_follower_gone_stops_following_and_a_poll_not_kept_keeps_nothing() -> None:
+    """A follower whose client's end of stream came while nothing new did is probed (once: client_state says CLOSED
+    once), and stops once its client is gone."""
     run = _run()
     run.add_all(["a"])
-    gone = iter([False, True])
-    assert list(run.follow(-1, lambda: next(gone), 0.01)) == [b"a"]  # then two polls with nothing new
+    states = iter([ClientState.THERE, ClientState.CLOSED, ClientState.THERE, ClientState.GONE])
+    assert list(run.follow(-1, lambda: next(states), 0.01)) == [b"a", PROBE.encode()]  # then polls with nothing new
     unkept = _run(keeps_events=False)
     unkept.add_all(["a"])
     assert (len(unkept.frames), unkept.size) == (0, 0)
@@ -390,7 +398,7 @@ def test_a_run_let_go_keeps_only_the_frames_its_followers_have_not_sent() -> Non
     frame = "x" * 1000
     for _ in range(4):
         run.add_all([frame])
-    follower = run.follow(-1, lambda: False, 0.01)
+    follower = run.follow(-1, _there, 0.01)
     next(follower)
     run.release()
     run.end()

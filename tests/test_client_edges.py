@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any, Literal
 
 import openai
@@ -162,6 +163,33 @@ def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_se
     assert [_status(head) for head, _ in answers] == [404, 400, 200, 200] and closed
     assert all(b"\r\nConnection: keep-alive\r\n" in head for head, _ in answers[:3])
     assert answers[2][1]["tokens"] and answers[3][1]["status"] == "healthy"
+
+
+# A TLS ClientHello's first bytes (record and handshake headers, version, random, session id), short of the 0x0a of
+# its supported_groups extension: one that reached it got gunicorn's bare-LF 400 at once, the rest waited for one.
+CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(0x20, 0x40)) + b"\x20" + bytes(32)
+
+
+@pytest.mark.parametrize("first", [CLIENT_HELLO, b"\x00\x01\x02\x03\xff\xfe", b"GET /health\x00"],
+                         ids=["tls-hello", "binary", "nul-in-line"])
+def test_bytes_no_request_line_begins_with_are_refused_at_once(chat_server: GunicornServer, first: bytes) -> None:
+    """`https://` pointed at this plain-HTTP port, or other bytes no request line holds: gunicorn waited for a line
+    feed or 4 KiB, and without them the connection held its slot, unanswered, for the keep-alive timeout (75 s). As
+    nginx and uvicorn do, it is answered 400 at once and closed. A request sent byte by byte on another connection
+    meanwhile (each prefix checked as it comes) is served as before."""
+    request = HEALTH_CLOSE
+    with socket.create_connection(("127.0.0.1", chat_server.port), timeout=10) as slow:
+        slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(request)):
+            if i == len(request) // 2:
+                started = time.monotonic()
+                [(head, body)], closed = _answers(chat_server, first)
+                took = time.monotonic() - started
+            slow.sendall(request[i:i + 1])
+            time.sleep(0.002)
+        assert read_all(slow).startswith(b"HTTP/1.1 200 ")
+    assert _status(head) == 400 and closed and took < 1.0, (head, took)
+    assert body["error"]["type"] == "invalid_request_error" and "request line" in body["error"]["message"]
 
 
 def test_a_large_body_not_read_is_not_read_on_the_loop(chat_server: GunicornServer) -> None:
@@ -327,8 +355,7 @@ def test_an_auto_tools_streams_headers_go_before_its_first_chunk(chat_server: Gu
     """With tools and tool_choice auto a choice's role delta waits for its output: an answer of `<tool_call>` tokens
     alone (biased) sends no chunk until it ends, hundreds of steps later. Its headers go at once all the same (a
     client's read timeout and a proxy's first-byte one count from them): they come while the request still runs,
-    with no chunk after them. The client then goes; the request runs on to its end (a stream notices a client gone
-    at a write, and this one writes nothing): 200 tokens keep that short."""
+    with no chunk after them. The client then goes, and the request is aborted (tests/test_server_disconnect.py)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     body = {"model": MODEL, "messages": USER, "tools": tools, "stream": True, "temperature": 0, "ignore_eos": True,
             "max_tokens": 200, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100},

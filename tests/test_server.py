@@ -38,6 +38,7 @@ from chat_http import (
 )
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from engine_util import generate, greedy, load_engine
+from nanoqwen.api.sse import PROBE
 from ops.cpu import C_KERNELS, build, dequant
 from ops.cpu import linear as cpu_linear
 from server_process import GunicornServer, serving_together
@@ -613,7 +614,7 @@ def test_non_stream_client_closed_aborts(server: GunicornServer) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream: bool) -> None:
     """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect; a collected answer's client is
-    sent one `100 Continue` first (the probe that tells a closed client from it)."""
+    sent one `100 Continue` first, a stream's one SSE comment line (the probes that tell a closed client from it)."""
     body = {**GREEDY, "max_tokens": 24, "stream": stream, "ignore_eos": True}
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(raw_request(body))
@@ -630,6 +631,7 @@ def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream
     assert b"Transfer-Encoding: chunked" in head
     text = dechunk(payload).decode()
     assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text, text[-500:]
+    assert text.count(PROBE) == 1 and all(f.startswith("data: ") for f in text.replace(PROBE, "").split("\n\n")[:-1])
 
 
 def test_health_is_fast_while_generating(server: GunicornServer) -> None:

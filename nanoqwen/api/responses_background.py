@@ -21,8 +21,8 @@ import gevent.event
 
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_store import ResponseStore
-from nanoqwen.api.serving import RETRY_AFTER_S
-from nanoqwen.api.sse import named_event
+from nanoqwen.api.serving import RETRY_AFTER_S, ClientState
+from nanoqwen.api.sse import PROBE, named_event
 
 MAX_RUNNING = 32
 # A 16-token greedy answer's stream is 23 events, 7.5 KB framed; 400 tokens 251 B a token: ~4,000 tokens of plain text
@@ -124,10 +124,11 @@ class Run:
         changed, self._changed = self._changed, gevent.event.Event()
         changed.set()
 
-    def follow(self, after: int, gone: Callable[[], bool], poll_s: float) -> Iterator[bytes]:
-        """The frames after sequence number `after`, as they come, until the response ends or its follower is
-        `gone`; one that falls behind what is kept (a client reading slower than the model writes, past
-        MAX_LAG_BYTES) gets an error event saying so, and ends."""
+    def follow(self, after: int, client: Callable[[], ClientState], poll_s: float) -> Iterator[bytes]:
+        """The frames after sequence number `after`, as they come, until the response ends or its follower's `client`
+        is gone (checked every `poll_s` while none comes; its end of stream probed as a stream's); one that falls
+        behind what is kept (a client reading slower than the model writes, past MAX_LAG_BYTES) gets an error event
+        saying so, and ends."""
         cursor = _Cursor(after + 1)
         self._cursors.add(cursor)
         try:
@@ -140,8 +141,12 @@ class Run:
                     if self._released:
                         self._trim()
                     yield frame
-                elif self.ended.is_set() or (not changed.wait(poll_s) and gone()):
+                elif self.ended.is_set():
                     return
+                elif not changed.wait(poll_s) and (state := client()) is not ClientState.THERE:
+                    if state is ClientState.GONE:
+                        return
+                    yield PROBE.encode()
             yield self._dropped(cursor.next).encode()
         finally:
             self._cursors.discard(cursor)

@@ -12,6 +12,7 @@ import select
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from enum import Enum
 from typing import Any, Protocol
 
 from flask import Response
@@ -23,7 +24,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
-from nanoqwen.api.sse import HEADERS
+from nanoqwen.api.sse import HEADERS, PROBE
 from nanoqwen.engine import Engine, QueueFullError
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 from nanoqwen.engine.validation import InvalidRequest
@@ -33,7 +34,7 @@ RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
 LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
 INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
-PROBED = "nanoqwen.probed"  # set in the environ once INTERIM_PROBE is sent
+PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (ClientState.CLOSED)
 Json = dict[str, Any]
 
 
@@ -63,32 +64,49 @@ class Streamer(Protocol):
     def failure(self, message: str) -> list[Json]: ...
 
 
-def client_disconnected(environ: dict[str, Any], probe: bool = False) -> bool:
-    """True when the client reset its connection.
+class ClientState(Enum):
+    THERE = "there"
+    CLOSED = "closed"  # its end of stream (FIN) came, seen for the first time: probe it now
+    GONE = "gone"
 
-    End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`)
-    once its request is sent and still read the answer. A client that is really gone shows up
-    as a reset here, or as a failed write of the stream (gunicorn then closes our generator).
-    But a client that closed its socket (timed out, a proxy whose client left) sends the same FIN, and
-    a collected answer writes nothing until it is generated: with `probe` (no response head written
-    yet) the first end of stream seen is answered with an interim `100 Continue` (HTTP/1.1 clients
-    must skip it), which a closed socket answers with a reset. A reset after the FIN is no error to
-    recv (it reads the end of stream first), only to a write or SO_ERROR, which a later check reads.
+
+def client_state(environ: dict[str, Any]) -> ClientState:
+    """Whether the client is still there: one non-blocking select, and a peek where it is readable.
+
+    End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`) once its request is
+    sent and still read the answer. A client that is really gone shows up as a reset here, or as a failed write
+    (gunicorn then closes the stream's generator). But a client that closed its socket (timed out, a proxy whose
+    client left) sends the same FIN, and an answer may write nothing for long (a collected one until it is generated,
+    a stream while queued or while its text is held back, as a tool call's): the first end of stream seen is CLOSED,
+    once per request, and its caller then writes what the client must skip (probe_interim before the answer's head,
+    an SSE comment line in a stream), which a closed socket answers with a reset. A reset after the FIN is no error
+    to recv (it reads the end of stream first), only to a write or SO_ERROR, which a later check reads.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None:
-        return False
+        return ClientState.THERE
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if readable and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
-                return True
-            if probe and not environ.get(PROBED) and environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
+                return ClientState.GONE
+            if not environ.get(PROBED):
                 environ[PROBED] = True
-                sock.sendall(INTERIM_PROBE)
+                return ClientState.CLOSED
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
-        return True
-    return False
+        return ClientState.GONE
+    return ClientState.THERE
+
+
+def probe_interim(environ: dict[str, Any]) -> None:
+    """The probe of a client whose answer has not started: an interim `100 Continue`, which HTTP/1.1 clients must
+    skip (HTTP/1.0 ones know none: they get no probe)."""
+    if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return
+    try:
+        environ["gunicorn.socket"].sendall(INTERIM_PROBE)
+    except OSError:  # reset already
+        raise ClientGone from None
 
 
 def answer_weight(event: Event) -> int:
@@ -248,17 +266,20 @@ class Serving:
         for request_id in batch.request_ids:
             self.engine.abort(request_id)
 
-    def _events(self, batch: Batch, environ: dict[str, Any], probe: bool = False) -> Iterator[Event]:
-        """The request's events, checking at each one (each engine step) and every poll interval
-        while none comes (queued) that the client is still connected: one non-blocking select
-        (`probe`: see client_disconnected)."""
+    def _events(self, batch: Batch, environ: dict[str, Any]) -> Iterator[Event | None]:
+        """The request's events, checking at each one (each engine step) and every poll interval while none comes
+        (queued) that the client is still connected (client_state). None: the client's end of stream came, to be
+        probed now in the answer's own way."""
         while True:
             try:
                 event = batch.get(timeout=self.config.disconnect_poll_s)
             except TimeoutError:
                 event = None
-            if client_disconnected(environ, probe):
+            state = client_state(environ)
+            if state is ClientState.GONE:
                 raise ClientGone
+            if state is ClientState.CLOSED:
+                yield None
             if event is None:
                 continue
             yield event
@@ -270,7 +291,10 @@ class Serving:
         finished = False
         weight = 0
         try:
-            for event in self._events(batch, environ, probe=True):  # its last event is the `is_last` one
+            for event in self._events(batch, environ):  # its last event is the `is_last` one
+                if event is None:
+                    probe_interim(environ)
+                    continue
                 trace.on_event(event)
                 builder.add(event)
                 weight += answer_weight(event)
@@ -316,6 +340,9 @@ class Serving:
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]
             for event in self._events(batch, environ):
+                if event is None:
+                    yield [PROBE]
+                    continue
                 trace.on_event(event)
                 aborted |= event.finish_reason == "abort"  # cancelled (a background response): no client gone
                 if chunks.repeats_answer:  # only a stream whose last events repeat the answer weighs it

@@ -8,6 +8,8 @@ from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import error_body
 
 DONE = "data: [DONE]\n\n"
+# a comment line, which SSE clients skip: written once the client's end of stream came (serving.client_state)
+PROBE = ": keep-alive\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -1,0 +1,34 @@
+"""A request whose first bytes cannot begin an HTTP request line is refused as they arrive.
+
+gunicorn reads a request line until its CRLF (or 4 KiB) before it looks at it, so a TLS ClientHello sent to this
+plain-HTTP port (`https://` on an `http://` server) or other binary bytes without a line feed got no answer, and held
+their connection slot, until the keep-alive timeout (75 s). nginx and uvicorn (httptools) check a request line byte by
+byte and answer `400` at the first byte it cannot hold: so does this, through gunicorn's own refusal of a bad request
+line (a JSON 400, `Connection: close`). Only bytes gunicorn would refuse once the line were whole are refused early:
+a line is visible ASCII and spaces (RFC 9112 3: a method token, a target of visible ASCII, the version), after at most
+one empty line (RFC 9112 2.2); slow (byte by byte) and pipelined requests read as before.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from gunicorn.http.errors import InvalidRequestLine
+from gunicorn.http.message import Request
+
+# what the start of a request may be while its line is incomplete: its CR may have come without the LF yet
+LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
+SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
+
+
+class CheckedRequest(Request):
+    """gunicorn's Request, whose head's reads check the request line received so far. Both of gunicorn's parsers
+    (its Python one and gunicorn_h1c's) read the head through read_into: while the request line is not parsed
+    (`method` unset), the buffer starts with it."""
+
+    def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
+        super().read_into(unreader, buf, stop)
+        # a PROXY protocol v2 header (binary) comes before the first request when enabled
+        if self.method is None and not LINE_SO_FAR.match(buf) and (
+                self.req_number > 1 or self.cfg.proxy_protocol == "off"):
+            raise InvalidRequestLine(bytes(buf[:SHOWN_BYTES]))

@@ -1,0 +1,45 @@
+"""nanoqwen.request_line on gunicorn's own parser, fed a request in pieces as a socket delivers them."""
+from __future__ import annotations
+
+import pytest
+from gunicorn.config import Config
+from gunicorn.http.errors import InvalidRequestLine
+from gunicorn.http.parser import RequestParser
+
+from nanoqwen.request_line import CheckedRequest
+
+REQUEST = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Latin: caf\xe9\r\nContent-Length: 2\r\n\r\n{}"
+
+
+class CheckedParser(RequestParser):
+    mesg_class = CheckedRequest
+
+
+def _requests(pieces: list[bytes]) -> list[tuple[str, str, bytes]]:
+    """(method, path, body) of each request parsed from `pieces`, each delivered as one read."""
+    return [(req.method, req.path, req.body.read()) for req in CheckedParser(Config(), iter(pieces), ("127.0.0.1", 1))]
+
+
+@pytest.mark.parametrize("raw", [REQUEST, b"\r\n" + REQUEST, REQUEST + REQUEST], ids=["plain", "empty-line-first",
+                                                                                       "pipelined"])
+def test_requests_read_byte_by_byte_or_whole_are_parsed(raw: bytes) -> None:
+    """Each prefix of a request line is checked as it comes (a CR awaiting its LF too), and nothing past the line: a
+    header's obs-text byte is gunicorn's to judge."""
+    whole = _requests([raw])
+    assert whole == _requests([raw[i:i + 1] for i in range(len(raw))])
+    assert whole[0] == ("POST", "/v1/chat/completions", b"{}") and len(whole) == raw.count(b"POST")
+
+
+@pytest.mark.parametrize("raw", [b"\x16\x03\x01\x02\x00\x01", b"GET /\x00", b"GET /\xff", b"GET\t/", b"\r\x00",
+                                 b"GET / HTTP/1.1\rX"])
+def test_the_first_byte_no_request_line_holds_is_refused(raw: bytes) -> None:
+    """Refused at the read that brought it, never waiting for the line's end (the pieces after it are not read)."""
+    with pytest.raises(InvalidRequestLine):
+        _requests([raw, *(b"ignored" for _ in range(1000))])
+
+
+def test_a_bad_byte_after_a_served_request_is_refused_in_the_next_one() -> None:
+    parser = CheckedParser(Config(), iter([REQUEST, b"\x16\x03"]), ("127.0.0.1", 1))
+    assert next(parser).body.read() == b"{}"
+    with pytest.raises(InvalidRequestLine):
+        next(parser)

@@ -1,0 +1,79 @@
+"""A stream's client that closes its socket while the stream writes nothing (its answer held back, or still queued) is
+noticed and its request aborted, through the shared chat server and raw sockets. (A client that leaves while its stream
+writes, and a collected answer's, are tests/test_server.py's.)"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from chat_http import MODEL, engine_idle, raw_request, server_stats, wait_for
+from checkpoints import TOKEN_IDS
+from nanoqwen.engine import EngineConfig
+from server_process import GunicornServer
+
+USER = [{"role": "user", "content": "What is the best book?"}]
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+NOTICED_S = 3.0  # a few decode steps, or two disconnect polls (0.5 s) while queued, with room for a loaded machine
+
+
+@contextlib.contextmanager
+def _head_read(srv: GunicornServer, body: dict[str, Any], path: str = "/v1/chat/completions") -> Iterator[None]:
+    """A streamed request sent on a socket of its own, its response head read, then (on leaving) the socket closed:
+    a FIN, as a client that timed out sends. Only a stream that sends its head alone will do: a chunk left unread
+    would make the close a reset, which the server always noticed."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(raw_request(body, path))
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(1 << 16)
+        assert received.startswith(b"HTTP/1.1 200 "), received
+        yield
+
+
+def _aborted_within(srv: GunicornServer, aborted_before: int, since: float) -> dict[str, Any]:
+    """/stats once the request counts as aborted, which must be within NOTICED_S of `since`."""
+    wait_for(lambda: server_stats(srv)["requests_aborted"] == aborted_before + 1, timeout=NOTICED_S, poll=0.02)
+    assert time.monotonic() - since < NOTICED_S
+    return server_stats(srv)
+
+
+def test_a_tool_call_stream_whose_client_closed_is_aborted(chat_server: GunicornServer) -> None:
+    """With tools and tool_choice auto, an answer of `<tool_call>` tokens alone (biased) sends no chunk until the call
+    is parsed at its end: a client that closed its socket was noticed at no write, and the request ran to max_tokens
+    for nobody (counted as served). Its end of stream is probed with an SSE comment, which the closed socket resets."""
+    max_tokens = 600
+    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "stream": True, "temperature": 0, "ignore_eos": True,
+            "max_tokens": max_tokens, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100}, **NO_THINKING}
+    before, log_before = server_stats(chat_server), len(chat_server.log())
+    with _head_read(chat_server, body):
+        pass
+    after = _aborted_within(chat_server, before["requests_aborted"], time.monotonic())
+    wait_for(lambda: engine_idle(chat_server))
+    assert after["requests_served"] == before["requests_served"]
+    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < max_tokens // 2  # cut short
+    logged = chat_server.log()[log_before:]  # the probe written into a closed socket, and its reset: quietly
+    assert "Traceback" not in logged and "[ERROR]" not in logged, logged
+
+
+def test_a_queued_stream_whose_client_closed_leaves_the_queue(chat_server: GunicornServer) -> None:
+    """A stream queued behind a full batch has its head sent (a legacy completion's alone: no role chunk), then
+    nothing till the engine starts it: a client that closed its socket meanwhile was noticed only once it was admitted
+    (its first write), after the batch had a free row. Now it is aborted from the queue while the batch still runs."""
+    filler = {"model": MODEL, "prompt": "Once", "n": EngineConfig.max_batch, "max_tokens": 1000, "temperature": 0,
+              "stream": True, "extra_body": {"ignore_eos": True}}
+    client = chat_server.openai_client()
+    body = {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 16}
+    with client.completions.create(**filler) as completion:
+        next(iter(completion))  # every row taken (the shared server runs the default max_batch)
+        before = server_stats(chat_server)
+        with _head_read(chat_server, body, "/v1/completions"):
+            assert server_stats(chat_server)["queue_length"] == 1
+        after = _aborted_within(chat_server, before["requests_aborted"], time.monotonic())
+        wait_for(lambda: server_stats(chat_server)["queue_length"] == 0)  # taken off at the engine's next step
+        assert server_stats(chat_server)["active_requests"] == 1  # the filler still runs: no row was freed for it
+    assert after["requests_served"] == before["requests_served"]
+    wait_for(lambda: engine_idle(chat_server), timeout=60)
