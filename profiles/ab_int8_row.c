@@ -20,6 +20,8 @@
 #include <stdio.h>
 #include <sys/mman.h>
 
+#include "step_matrices.h"
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
@@ -129,24 +131,8 @@ static const struct {
                 {"xor-T1-8192-T0-1024", xor_t1_8192_t0_1024}, {"xor-NTA-2048", xor_nta_2048}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
-struct shape {
-    long N, K;
-    int layers;
-};
-static const struct shape shapes[] = {{4096, 1024, 28}, {1024, 2048, 28}, {6144, 1024, 28}, {1024, 3072, 28}, {151936, 1024, 1}};
 #define CALLS (4 * 28 + 1)
 #define MAX_PASSES 1000
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static double median(double *v, int n) {
     qsort(v, n, sizeof *v, by_value);
@@ -181,7 +167,7 @@ int main(int argc, char **argv) {
         }
     }
     long total = 0;
-    for (int s = 0; s < 5; s++) total += shapes[s].N * shapes[s].K * shapes[s].layers;
+    for (int s = 0; s < KINDS; s++) total += shapes[s].N * shapes[s].K * shapes[s].layers;
     const long footprint = total + CALLS * 4096L, huge = 2L << 20;
     char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 1;
