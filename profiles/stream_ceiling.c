@@ -19,14 +19,8 @@
 #include <string.h>
 #include <sys/mman.h>
 
-struct shape {
-    const char *name;
-    long N, K;
-    int layers;
-};
-static const struct shape shapes[] = {{"qkv", 4096, 1024, 28}, {"o", 1024, 2048, 28}, {"gate_up", 6144, 1024, 28},
-                                      {"down", 1024, 3072, 28}, {"lm_head", 151936, 1024, 1}};
-#define KINDS 5
+#include "step_matrices.h"
+
 #define MAX_PASSES 64
 
 struct plain_read {
@@ -48,17 +42,6 @@ static void read_chunk(const void *ctx, long chunk) {
         s3 = _mm256_add_ps(s3, _mm256_load_ps((const float *)(p + 96)));
     }
     a->sink[chunk & 15] += hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-}
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
 }
 
 static void report(const char *name, double *t, int passes, long bytes) {

@@ -148,12 +148,15 @@ def test_the_cli_help_and_the_readme_name_the_same_default():
 
 
 @needs_compiler
-@pytest.mark.parametrize("kernel_c", ["linear.c", "linear_int8.c"])
-def test_the_stream_ceiling_tool_compiles_by_its_documented_build_line(kernel_c):
-    """profiles/stream_ceiling.c includes a kernel's source and calls its pool's internals: a change there must not
-    break the tool silently. Its own header's build line, checked for syntax only."""
-    tool = REPO_ROOT / "profiles" / "stream_ceiling.c"
-    [line] = [line.strip() for line in tool.read_text().splitlines() if f"-DKERNEL_C='\"{kernel_c}\"'" in line]
+@pytest.mark.parametrize(("name", "build_line_mark"), [("stream_ceiling.c", "-DKERNEL_C='\"linear.c\"'"),
+                                                       ("stream_ceiling.c", "-DKERNEL_C='\"linear_int8.c\"'"),
+                                                       ("ab_int8_row.c", "profiles/ab_int8_row.c -o")])
+def test_the_c_profiling_tools_compile_by_their_documented_build_lines(name, build_line_mark):
+    """profiles/stream_ceiling.c and ab_int8_row.c include a kernel's source and call its internals (the pool, the
+    activation pieces): a change there must not break them silently. Each one's own header's build line, checked for
+    syntax only."""
+    tool = REPO_ROOT / "profiles" / name
+    [line] = [line.strip() for line in tool.read_text().splitlines() if build_line_mark in line]
     words = [word.replace("'", "") for word in line.split()]
     flags = [word for word in words[1:] if word.startswith(("-D", "-I", "-m", "-f"))]
     result = subprocess.run([cpu_build.compiler(), "-fsyntax-only", "-Wall", "-Wextra", *flags, str(tool)],
