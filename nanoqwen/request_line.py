@@ -6,7 +6,9 @@ their connection slot, until the keep-alive timeout (75 s). nginx and uvicorn (h
 byte and answer `400` at the first byte it cannot hold: so does this, through gunicorn's own refusal of a bad request
 line (a JSON 400, `Connection: close`). Only bytes gunicorn would refuse once the line were whole are refused early:
 a line is visible ASCII and spaces (RFC 9112 3: a method token, a target of visible ASCII, the version), after at most
-one empty line (RFC 9112 2.2); slow (byte by byte) and pipelined requests read as before.
+one empty line (RFC 9112 2.2); slow (byte by byte) and pipelined requests read as before. With `proxy_protocol` on,
+a connection's first request is not checked early (its PROXY header, v2 binary, comes first): it gets gunicorn's own
+refusal once its line is whole.
 """
 from __future__ import annotations
 

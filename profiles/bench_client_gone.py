@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from chat_http import MODEL, cpu_env, engine_idle, raw_request, server_stats, wait_for  # noqa: E402
+from chat_http import CLIENT_HELLO, MODEL, cpu_env, engine_idle, raw_request, server_stats, wait_for  # noqa: E402
 from checkpoints import TOKEN_IDS, make_checkpoint  # noqa: E402
 from nanoqwen.engine import EngineConfig  # noqa: E402
 from server_process import GunicornServer, serving_together  # noqa: E402
@@ -34,7 +34,6 @@ TOOL_STREAM = {"model": MODEL, "messages": USER, "tools": TOOLS, "stream": True,
 FILLER = {"model": MODEL, "prompt": "Once", "n": EngineConfig.max_batch, "max_tokens": 300, "temperature": 0,
           "stream": True, "ignore_eos": True}
 QUEUED = {"model": MODEL, "prompt": "Hi", "stream": True, "max_tokens": 16}  # its head alone: closed, a FIN
-CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(0x20, 0x40)) + b"\x20" + bytes(32)
 
 
 def _send_read_head_close(srv: GunicornServer, body: dict[str, Any], path: str = "/v1/chat/completions",

@@ -208,8 +208,9 @@ def parse_event(block: str) -> Json:
 
 
 def response_events(text: str) -> list[Json]:
-    """A Responses stream's events."""
-    return [parse_event(block) for block in text.split("\n\n") if block]
+    """A Responses stream's events; comment blocks (the server's probe of a client that half-closed) skipped, as the
+    SSE spec says."""
+    return [parse_event(block) for block in text.split("\n\n") if block and not block.startswith(":")]
 
 
 def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:

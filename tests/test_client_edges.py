@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from chat_http import (
+    CLIENT_HELLO,
     MODEL,
     engine_idle,
     health_polled,
@@ -164,10 +165,6 @@ def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_se
     assert all(b"\r\nConnection: keep-alive\r\n" in head for head, _ in answers[:3])
     assert answers[2][1]["tokens"] and answers[3][1]["status"] == "healthy"
 
-
-# A TLS ClientHello's first bytes (record and handshake headers, version, random, session id), short of the 0x0a of
-# its supported_groups extension: one that reached it got gunicorn's bare-LF 400 at once, the rest waited for one.
-CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(0x20, 0x40)) + b"\x20" + bytes(32)
 
 
 @pytest.mark.parametrize("first", [CLIENT_HELLO, b"\x00\x01\x02\x03\xff\xfe", b"GET /health\x00"],

@@ -22,7 +22,7 @@ import gevent.event
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_store import ResponseStore
 from nanoqwen.api.serving import RETRY_AFTER_S, ClientState
-from nanoqwen.api.sse import PROBE, named_event
+from nanoqwen.api.sse import PROBE_BYTES, named_event
 
 MAX_RUNNING = 32
 # A 16-token greedy answer's stream is 23 events, 7.5 KB framed; 400 tokens 251 B a token: ~4,000 tokens of plain text
@@ -146,7 +146,7 @@ class Run:
                 elif not changed.wait(poll_s) and (state := client()) is not ClientState.THERE:
                     if state is ClientState.GONE:
                         return
-                    yield PROBE.encode()
+                    yield PROBE_BYTES
             yield self._dropped(cursor.next).encode()
         finally:
             self._cursors.discard(cursor)
