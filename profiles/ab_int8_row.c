@@ -1,17 +1,20 @@
 /* The int8 1-row linear (AVX-512 VNNI) against stand-alone variants of its loop, in one process, over a decode step's
-   weight matrices (Qwen3-0.6B, 28 layers + the LM head, huge pages, far larger than the caches), passes alternated
-   (order rotated), so that every variant sees the same machine load. Not a test. Needs AVX-512 VNNI.
+   weight matrices (Qwen3-0.6B, 28 layers + the LM head, huge pages: 0.6 GB, only 1.2x a 480 MiB L3 such as this
+   project's Xeon VM's host has), variants alternated with the order rotated, so that every variant sees the same
+   machine load. Not a test. Needs AVX-512 VNNI. What a pass leaves in the L3 changes the next pass's time by up to
+   ~10% there, and a rotation keeps each variant after the same neighbour: so each variant runs BLOCK passes in a
+   row and only the last counts.
 
    Build from the repository root (the kernel's pool and activation pieces are the ones measured):
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o ab_int8_row -lm
-   Run: OMP_NUM_THREADS=2 ./ab_int8_row PASSES VARIANT...   (the first variant is the one the others are compared to)
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o profiles/out/ab_int8_row -lm
+   Run: OMP_NUM_THREADS=2 profiles/out/ab_int8_row PASSES VARIANT...   (the first variant is the one the others are compared to)
      kernel          linear_int8 itself (vpdpbusd: u8 pieces against the s8 weights, + a vpdpbusd for the row's sum)
      sum-T0-2048     the kernel's scheme as a loop of its own, prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
      xor-...         the weights as u8 (w ^ 0x80) against s8 pieces, the 128s taken out by the pieces' lane sums
                      (no vpdpbusd for the row's sum): xor-none, xor-T0-2048, xor-T1-2048, xor-T1-4096,
                      xor-T1-4096-T0-512 (prefetcht1 4 KB ahead into L2 and prefetcht0 512 B ahead into L1),
                      xor-T1-8192-T0-1024, xor-NTA-2048
-   BLOCK=N: each variant runs N passes in a row and the last counts (its own cache state, not the previous one's).
+   BLOCK=N (default 3; 1 times every pass, confounded by the pass before): each variant's passes in a row.
    Every variant's outputs are checked equal to linear_int8's (bf16 activations, 2 pieces) before timing. Prints per
    variant: the pass's median and best, the sums over the step's 113 calls of each call's minimum and median (the
    minimum filters out time slices lost to other processes), and against the first variant the median of the per-pass
@@ -131,7 +134,6 @@ static const struct {
                 {"xor-T1-8192-T0-1024", xor_t1_8192_t0_1024}, {"xor-NTA-2048", xor_nta_2048}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
-#define CALLS (4 * 28 + 1)
 #define MAX_PASSES 1000
 
 static double median(double *v, int n) {
@@ -139,19 +141,8 @@ static double median(double *v, int n) {
     return v[n / 2];
 }
 
-/* BODY for each of the step's matrices in model order: sh its shape, w its weights. */
-#define EACH_MATRIX(buf, sh, w, BODY) do { \
-        char *w = (buf); \
-        for (int layer = 0; layer <= 28; layer++) \
-            for (int s_ = layer < 28 ? 0 : 4; s_ < (layer < 28 ? 4 : 5); s_++) { \
-                const struct shape *sh = &shapes[s_]; \
-                BODY; \
-                w += (sh->N * sh->K + 4095) / 4096 * 4096; \
-            } \
-    } while (0)
-
 int main(int argc, char **argv) {
-    const int passes = argc > 1 ? atoi(argv[1]) : 0, nv = argc - 2, block = getenv("BLOCK") ? atoi(getenv("BLOCK")) : 1;
+    const int passes = argc > 1 ? atoi(argv[1]) : 0, nv = argc - 2, block = getenv("BLOCK") ? atoi(getenv("BLOCK")) : 3;
     int chosen[VARIANTS];
     if (passes < 1 || passes > MAX_PASSES || nv < 1 || nv > VARIANTS || block < 1) {
         fprintf(stderr, "usage: %s PASSES (1..%d) VARIANT...\n", argv[0], MAX_PASSES);
@@ -168,7 +159,7 @@ int main(int argc, char **argv) {
     }
     long total = 0;
     for (int s = 0; s < KINDS; s++) total += shapes[s].N * shapes[s].K * shapes[s].layers;
-    const long footprint = total + CALLS * 4096L, huge = 2L << 20;
+    const long footprint = total + CALLS * PAGE, huge = 2L << 20;
     char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 1;
     char *buf = (char *)(((uintptr_t)base + huge - 1) & ~(uintptr_t)(huge - 1));
@@ -178,9 +169,10 @@ int main(int argc, char **argv) {
     static uint16_t x[3072], scale[151936], y[2][151936];
     for (int i = 0; i < 3072; i++) x[i] = f32_to_bf16((float)(rand() % 2001 - 1000) / 300.0f);
     for (int i = 0; i < 151936; i++) scale[i] = f32_to_bf16(0.01f + (float)(rand() % 100) * 1e-4f);
-    EACH_MATRIX(buf, sh, w, {
+    EACH_MATRIX(buf, 1, s, sh, w, {
         run_variant(0, x, (const int8_t *)w, scale, y[0], (int)sh->N, (int)sh->K);
         for (int i = 0; i < nv; i++) {
+            memset(y[1], 0xff, 2 * sh->N);  /* a variant that skips outputs must not pass on the last one's */
             run_variant(variants[chosen[i]].fn, x, (const int8_t *)w, scale, y[1], (int)sh->N, (int)sh->K);
             if (memcmp(y[0], y[1], 2 * sh->N)) {
                 fprintf(stderr, "%s: outputs differ from linear_int8's\n", variants[chosen[i]].name);
@@ -195,7 +187,7 @@ int main(int argc, char **argv) {
             for (int r = 0; r < block; r++) {
                 int c = 0;
                 const double start = now();
-                EACH_MATRIX(buf, sh, w, {
+                EACH_MATRIX(buf, 1, s, sh, w, {
                     const double t = now();
                     run_variant(variants[chosen[i]].fn, x, (const int8_t *)w, scale, y[1], (int)sh->N, (int)sh->K);
                     if (p >= 0) call[i][p][c] = now() - t;

@@ -13,6 +13,20 @@ struct shape {
 static const struct shape shapes[] = {{"qkv", 4096, 1024, 28}, {"o", 1024, 2048, 28}, {"gate_up", 6144, 1024, 28},
                                       {"down", 1024, 3072, 28}, {"lm_head", 151936, 1024, 1}};
 #define KINDS 5
+#define CALLS (4 * 28 + 1) /* the step's linears */
+#define PAGE 4096L          /* each matrix starts on a page, as nanoqwen/hugepages.py's ALIGN places the weights */
+
+/* The body (the last argument, commas and all) for each of the step's matrices in step order: s its kind (an index into shapes), sh its shape, w its first
+   byte, `wbytes` bytes a weight after `buf`. */
+#define EACH_MATRIX(buf, wbytes, s, sh, w, ...) do { \
+        char *w = (buf); \
+        for (int layer_ = 0; layer_ <= 28; layer_++) \
+            for (int s = layer_ < 28 ? 0 : 4; s < (layer_ < 28 ? 4 : 5); s++) { \
+                const struct shape *sh = &shapes[s]; \
+                __VA_ARGS__; \
+                w += (sh->N * sh->K * (wbytes) + PAGE - 1) / PAGE * PAGE; \
+            } \
+    } while (0)
 
 static double now(void) {
     struct timespec t;

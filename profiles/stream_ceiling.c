@@ -1,11 +1,11 @@
 /* What the C linears' thread pool can stream at all: a decode step's weight matrices (Qwen3-0.6B, batch 1, in
-   step order, 28 layers + the LM head, a fresh buffer in huge pages, far larger than the caches), read either by
+   step order, 28 layers + the LM head, a fresh buffer in huge pages, 0.6-1.2 GB: at least a large L3), read either by
    the kernels themselves or by a plain loop of vector loads through the same pool and chunking. Not a test.
 
    Build against one kernel's source (its pool is the one measured), from the repository root:
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o sc_bf16 -lm
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o sc_int8 -lm
-   Run: OMP_NUM_THREADS=2 ./sc_bf16 PASSES MODE
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o profiles/out/sc_bf16 -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o profiles/out/sc_int8 -lm
+   Run: OMP_NUM_THREADS=2 profiles/out/sc_bf16 PASSES MODE
      MODE 0: the kernel (linear / linear_int8, 1 bf16 activation row)
           1: plain read, the pool's 128 KB chunks, a software prefetch every 128 bytes, 2 KB ahead
           2: plain read, the pool's chunks, no software prefetch
@@ -50,11 +50,23 @@ static void report(const char *name, double *t, int passes, long bytes) {
            1e3 * t[passes / 2], bytes / t[passes / 2] / 1e9);
 }
 
+#ifdef INT8
+static uint16_t scale[151936];
+#endif
+
+static void run_kernel(const uint16_t *x, const char *w, uint16_t *y, int M, long N, long K) {
+#ifdef INT8
+    linear_int8(x, (const int8_t *)w, scale, y, M, N, K, 1);
+#else
+    linear(x, w, y, M, N, K, 1);
+#endif
+}
+
 int main(int argc, char **argv) {
     const int passes = argc > 1 ? atoi(argv[1]) : 10;
     const int mode = argc > 2 ? atoi(argv[2]) : 0;
     const int M = getenv("ROWS") ? atoi(getenv("ROWS")) : 1, gap_us = getenv("GAP_US") ? atoi(getenv("GAP_US")) : 0;
-    const long offset = getenv("OFFSET") ? atol(getenv("OFFSET")) % 4096 / 64 * 64 : 0, page = 4096;
+    const long offset = getenv("OFFSET") ? atol(getenv("OFFSET")) % PAGE / 64 * 64 : 0;
     if (passes < 1 || passes > MAX_PASSES) {
         fprintf(stderr, "PASSES must be 1..%d\n", MAX_PASSES);
         return 2;
@@ -65,7 +77,7 @@ int main(int argc, char **argv) {
     }
     long total = 0, bytes[KINDS];
     for (int s = 0; s < KINDS; s++) total += bytes[s] = shapes[s].N * shapes[s].K * WBYTES * shapes[s].layers;
-    const long footprint = total + 29 * 4 * page;  /* room for each matrix's start on a page plus the offset */
+    const long footprint = total + CALLS * PAGE;  /* room for each matrix's start on a page plus the offset */
     const long huge = 2L << 20;
     char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return 1;
@@ -75,34 +87,25 @@ int main(int argc, char **argv) {
     static uint16_t x[8 * 3072], y[8 * 151936];
     for (int i = 0; i < 8 * 3072; i++) x[i] = 0x3f80;  /* bf16 1.0 */
 #ifdef INT8
-    static uint16_t scale[151936];
     for (int i = 0; i < 151936; i++) scale[i] = 0x3c00;
 #endif
     float sink[16] = {0};
     double t[KINDS][MAX_PASSES], step[MAX_PASSES];
     for (int p = 0; p < passes; p++) {
-        char *w = buf + offset;
         double per[KINDS] = {0};
-        for (int layer = 0; layer <= 28; layer++)
-            for (int s = layer < 28 ? 0 : 4; s < (layer < 28 ? 4 : 5); s++) {
-                const struct shape *sh = &shapes[s];
-                const long row_bytes = sh->K * WBYTES;
-                for (const double g = now(); now() - g < gap_us * 1e-6;) _mm_pause();
-                const double start = now();
-                if (mode == 0) {
-#ifdef INT8
-                    linear_int8(x, (const int8_t *)w, scale, y, M, sh->N, sh->K, 1);
-#else
-                    linear(x, w, y, M, sh->N, sh->K, 1);
-#endif
-                } else {
-                    const long rows = mode == 3 ? (sh->N + 1) / 2 : pool_rows_per_chunk(row_bytes);
-                    const struct plain_read r = {w, rows, sh->N, row_bytes, mode == 1, sink};
-                    pool_run(read_chunk, &r, (sh->N + rows - 1) / rows);
-                }
-                per[s] += now() - start;
-                w += (sh->N * row_bytes + page - 1) / page * page;
+        EACH_MATRIX(buf + offset, WBYTES, s, sh, w, {
+            const long row_bytes = sh->K * WBYTES;
+            for (const double g = now(); now() - g < gap_us * 1e-6;) _mm_pause();
+            const double start = now();
+            if (mode == 0) {
+                run_kernel(x, w, y, M, sh->N, sh->K);
+            } else {
+                const long rows = mode == 3 ? (sh->N + 1) / 2 : pool_rows_per_chunk(row_bytes);
+                const struct plain_read r = {w, rows, sh->N, row_bytes, mode == 1, sink};
+                pool_run(read_chunk, &r, (sh->N + rows - 1) / rows);
             }
+            per[s] += now() - start;
+        });
         step[p] = 0;
         for (int s = 0; s < KINDS; s++) step[p] += t[s][p] = per[s];
     }
