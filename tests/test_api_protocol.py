@@ -298,10 +298,14 @@ def _answer(builder: CompletionBuilder, *texts: str, reason: str = "stop") -> di
 def test_tool_choice_autos_role_delta_waits_for_the_answer(text: str, content: str | None) -> None:
     """With tools offered and tool_choice auto, OpenAI opens an answer that calls at once with `content: null` in
     the call's first chunk (its recorded streams) and one that says something first with `content: ""`: each choice's
-    role delta comes with its first chunk, its content what the collected message's content starts as."""
+    role delta comes with its first chunk, its content what the collected message's content starts as; a choice
+    decided before a lower one waits for it (choices open in index order, the openai stream helper needs it)."""
     chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
     assert chunks.opening() == []
-    out = [c["choices"][0] for c in chunks.chunks(Event(index=1, text=text, token_ids=[1], finish_reason="stop"))]
+    assert chunks.chunks(Event(index=1, text=text, token_ids=[1], finish_reason="stop")) == []
+    both = [c["choices"][0] for c in chunks.chunks(Event(index=0, text="Hi.", token_ids=[1], finish_reason="stop"))]
+    assert [c["index"] for c in both] == [0] * 3 + [1] * (len(both) - 3)  # role, text, finish; then choice 1's
+    out = both[3:]
     role = {"role": "assistant", "content": content, "refusal": None}
     call = {"tool_calls": out[0]["delta"]["tool_calls"]} if content is None else {}
     assert out[0] == {"index": 1, "delta": {**role, **call}, "logprobs": None, "finish_reason": None}

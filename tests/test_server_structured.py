@@ -293,6 +293,16 @@ def test_structured_outputs_start_after_thinking(server: GunicornServer) -> None
     assert re.fullmatch(REGEX, message.content), message
 
 
+@pytest.mark.parametrize("regex", [r"<tool_call>x[a-z]{0,3}", r"<think>\ny[a-z]{0,3}"])
+def test_a_regex_spelling_the_markup_is_followed_past_it(server: GunicornServer, regex: str) -> None:
+    """A grammar's `<tool_call>` is text, emitted as ordinary tokens: its special token (the same bytes) was allowed
+    where the text was forced, then refused by the matcher, which ended every answer there, short of the regex."""
+    answer = server.openai_client(timeout=300).completions.create(
+        model=MODEL, prompt="Answer:", max_tokens=20, n=2, seed=0, temperature=1.0,
+        extra_body={"structured_outputs": {"regex": regex}, "skip_special_tokens": False})
+    assert all(c.finish_reason == "stop" and re.fullmatch(regex, c.text) for c in answer.choices), answer.choices
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_structured_outputs_on_completions(server: GunicornServer, stream: bool) -> None:
     client = server.openai_client(timeout=300)

@@ -28,6 +28,11 @@ CASES = [
      '<tool_call>{"name": "f", "arguments": "x=1"}</tool_call>', []),
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
     ('<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut off by max_tokens
+    # ...with the whitespace around them: an answer without calls is the model's text (the collected one is)
+    ("Hm.\n\n<tool_call>\n{not json}\n</tool_call>\n\nOk.", "Hm.\n\n<tool_call>\n{not json}\n</tool_call>\n\nOk.", []),
+    ('Hm.\n\n<tool_call>\n{"', 'Hm.\n\n<tool_call>\n{"', []),
+    ("Hm.\n\n<tool_call>x</tool_call>\n\n" + WEATHER, "Hm.\n\n<tool_call>x</tool_call>",
+     [("get_weather", {"city": "Paris", "unit": "°C"})]),
     ("a <tool_ca b", "a <tool_ca b", []),
     ("ends with <tool_c", "ends with <tool_c", []),
     ("x < y and x <= z <", "x < y and x <= z <", []),

@@ -254,6 +254,9 @@ class ChunkBuilder(DoneFraming):
         # each waiting choice's chunks of logprobs alone so far, sent after its role delta
         self._waiting: dict[int, list[Json]] = {index: [] for index in range(self.n)} if waits else {}
         self._contentless: set[int] = set()  # opened before reasoning, no content key sent yet
+        # the chunks of choices opened while a lower one waits: choices open in index order (the openai client's
+        # stream helper takes the first chunk's choices as its list and indexes it: choice 1 first is an IndexError)
+        self._held: dict[int, list[Json]] = {}
 
     def _chunk(self, choices: list[Json]) -> Json:
         chunk = {
@@ -306,8 +309,22 @@ class ChunkBuilder(DoneFraming):
                     choices[0]["delta"] = {"role": "assistant", "content": None, **first, "refusal": None}
                 else:
                     out.insert(0, self._opened(event.index, choices))
+        if out and event.index not in self._waiting and (self._held or self._waiting):
+            if event.index in self._held or any(index < event.index for index in self._waiting):
+                self._held.setdefault(event.index, []).extend(out)
+                out = []
+            out += self._released()
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
+        return out
+
+    def _released(self) -> list[Json]:
+        """The held chunks of the choices every lower one of which has opened, in index order."""
+        out = []
+        for index in sorted(self._held):
+            if any(lower < index for lower in self._waiting):
+                break
+            out += self._held.pop(index)
         return out
 
     def role(self, index: int, content: str | None = "") -> Json:

@@ -14,8 +14,8 @@ a call cannot turn back into content, and the non-streamed answer (the same pars
 same text; like OpenAI's, they may be invalid JSON (`{"a": NaN}`) unless a forced tool_choice
 constrained them. Any other block is judged when it closes: a call if it is strict JSON
 (nanoqwen.api.strict_json: an object with a string `name` and an object `arguments`), sent whole;
-else it stays in the content as the model wrote it. Whitespace next to a block (Qwen3 puts a
-newline between calls) is layout, not content.
+else it stays in the content as the model wrote it, with the whitespace around it. Whitespace next to a
+call (Qwen3 puts a newline between calls) is layout, not content.
 """
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ class ToolCallParser:
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
         self._in_block = False
         self._after_block = False  # leading whitespace here is layout
+        self._layout = ""  # the whitespace before the open block: content unless the block is a call
         self._streamed: _Arguments | None = None  # the block's call, once its start shows it is one
 
     def feed(self, text: str) -> Parsed:
@@ -179,14 +180,16 @@ class ToolCallParser:
                     return out
                 block, self._pending = self._pending[:end], self._pending[end + len(CLOSE):]
                 self._in_block = False
-                self._after_block = True
-                if self._streamed is None:
-                    self._close(block, out)
+                self._after_block = self._streamed is not None or self._close(block, out)
                 self._streamed = None
+                self._layout = ""
                 continue
             start = self._pending.find(OPEN)
             if start >= 0:
-                out.content += self._text(self._pending[:start].rstrip())
+                before = self._pending[:start]
+                text = self._text(before.rstrip())
+                out.content += text
+                self._layout = "" if self._after_block and not text else before[len(before.rstrip()):]
                 self._pending = self._pending[start + len(OPEN):]
                 self._in_block = True
                 continue
@@ -211,12 +214,13 @@ class ToolCallParser:
         if self._in_block:
             self._stream(len(self._pending), out)
             if self._streamed is None and not self.forced:
-                out.content = OPEN + self._pending
+                out.content = self._layout + OPEN + self._pending
         elif not (self.num_calls and not self._pending.strip()):
             out.content = self._text(self._pending)
         self._pending = ""
         self._in_block = False
         self._streamed = None
+        self._layout = ""
         return out
 
     def _stream(self, known: int, out: Parsed) -> None:
@@ -227,6 +231,7 @@ class ToolCallParser:
             if header is None:
                 return
             name, start = header
+            self._layout = ""
             index = self._keep_call()
             self._streamed = _Arguments(index, start, start)
             if index is not None:
@@ -241,9 +246,12 @@ class ToolCallParser:
         self.num_calls += 1
         return self.num_calls - 1
 
-    def _close(self, block: str, out: Parsed) -> None:
+    def _close(self, block: str, out: Parsed) -> bool:
+        """A closed block not streamed as a call: a call (-> True), else content with its layout, as written."""
         call = parse_call(block)
         if call is None:
-            out.content += OPEN + block + CLOSE
-        elif (index := self._keep_call()) is not None:
+            out.content += self._layout + OPEN + block + CLOSE
+            return False
+        if (index := self._keep_call()) is not None:
             out.calls.append(CallDelta(index, call.arguments, call.name, call.id))
+        return True

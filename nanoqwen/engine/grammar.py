@@ -87,7 +87,11 @@ class _Vocabulary:
         self.eos_token_id = eos_ids[0]
 
     def __call__(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """The text's bytes as ordinary tokens (what llguidance allows when a grammar forces the text): the
+        pre-tokenizer and BPE alone, without the added-token match (`<tool_call>` as text is not the special token,
+        which consume_token then refuses: the choice ended there) or the normaliser (which may change the bytes)."""
+        pieces = self._backend.pre_tokenizer.pre_tokenize_str(text)
+        return [token.id for piece, _ in pieces for token in self._backend.model.tokenize(piece)]
 
 
 class Grammars:
