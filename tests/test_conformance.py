@@ -799,14 +799,18 @@ def test_an_auto_tools_streams_accumulated_message_is_the_collected_one(client: 
 @pytest.mark.parametrize("seed", [0, 2])  # seed 0: choices 1 and 2 decided before 0; seed 2: choice 2 before 1
 def test_an_auto_tools_streams_choices_open_in_index_order(client: openai.OpenAI, seed: int) -> None:
     """A choice decided while a lower one still waits (opening with `<tool_call>`: biased) waits for it too: the openai
-    client's stream helper takes the first chunk's choices as its list and indexes it (choice 1 first: IndexError)."""
+    client's stream helper takes the first chunk's choices as its list and indexes it (choice 1 first: IndexError).
+    A held chunk goes out with the usage so far as it is sent (vLLM's continuous usage), never one that went back."""
     kwargs = {"model": MODEL, "messages": USER, "tools": TOOLS, "n": 3, "temperature": 1.0, "max_tokens": 6,
-              "seed": seed, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 5}, "extra_body": NO_THINKING}
-    state = ChatCompletionStreamState()
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
+              "seed": seed, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 5}}
+    state, counts = ChatCompletionStreamState(), []
+    usage = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    for chunk in client.chat.completions.create(**kwargs, stream=True, extra_body={**NO_THINKING, **usage}):
         state.handle_chunk(chunk)
+        counts.append(chunk.usage.completion_tokens)
+    assert counts == sorted(counts) and counts[-1] == 18, counts
     streamed = state.current_completion_snapshot.choices
-    collected = client.chat.completions.create(**kwargs).choices
+    collected = client.chat.completions.create(**kwargs, extra_body=NO_THINKING).choices
     assert [c.index for c in streamed] == [0, 1, 2]
     assert [(c.message.content, c.finish_reason) for c in streamed] == [
         (c.message.content, c.finish_reason) for c in collected]

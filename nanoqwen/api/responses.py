@@ -314,6 +314,10 @@ class ChunkBuilder(DoneFraming):
                 self._held.setdefault(event.index, []).extend(out)
                 out = []
             out += self._released()
+        if self.running is not None and out:  # held chunks go out with the usage as it is now, not as when built
+            usage = self.running.json()
+            for chunk in out:
+                chunk["usage"] = usage
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
