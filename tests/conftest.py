@@ -23,6 +23,14 @@ if TYPE_CHECKING:
     from server_process import GunicornServer
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """setup.cfg's `-n auto`: the whole suite (no paths given) runs in two processes, its files shared out between
+    them (`--dist loadfile`: a module's tests and its servers stay in one), where it mostly ran one core of two;
+    named files or tests run in this process alone (`-n 0`), as they always did."""
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    return 2 if whole_suite and len(os.sched_getaffinity(0)) >= 2 else 0
+
+
 # Checkpoint fixtures are directories in the shared .cache/fixtures/: treat them as read-only.
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
