@@ -23,12 +23,17 @@ if TYPE_CHECKING:
     from server_process import GunicornServer
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """setup.cfg's `-n auto`: the whole suite (no paths given) runs in two processes, its files shared out between
-    them (`--dist loadfile`: a module's tests and its servers stay in one), where it mostly ran one core of two;
-    named files or tests run in this process alone (`-n 0`), as they always did."""
-    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS
-    return 2 if whole_suite and len(os.sched_getaffinity(0)) >= 2 else 0
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With pytest-xdist (the test extra), the whole suite (no paths given: the README's and CI's command) runs in two
+    processes, its files shared out (`--dist loadfile`: a module's tests and its servers stay in one), where alone it
+    kept one core of two busy. Named files or tests, `-n`, `-s`, `--pdb` or `--trace`, or no xdist (the GPU machine's
+    pytest): this process alone, as asked."""
+    option = config.option
+    if (config.pluginmanager.hasplugin("xdist") and option.numprocesses is None
+            and config.args_source is pytest.Config.ArgsSource.TESTPATHS and option.capture != "no"
+            and not option.usepdb and not option.trace and len(os.sched_getaffinity(0)) >= 2):
+        option.numprocesses, option.dist = 2, "loadfile"
 
 
 # Checkpoint fixtures are directories in the shared .cache/fixtures/: treat them as read-only.
@@ -58,8 +63,8 @@ def hf(tiny_checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module]) -> to
 
 @pytest.fixture(scope="session")
 def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    """The tiny checkpoint served with a 1024-token context, started once for the modules whose tests leave
-    no state behind that another's could see (counters read only as deltas around a test's own requests, each
+    """The tiny checkpoint served with a 1024-token context, started once a test process for the modules whose tests
+    leave no state behind that another's could see (counters read only as deltas around a test's own requests, each
     test ending with the engine idle; no first-request effects)."""
     from chat_http import CHAT_SERVER_MAX_MODEL_LEN, cpu_env  # here: runs without a server import no openai
     from server_process import GunicornServer

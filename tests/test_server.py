@@ -663,7 +663,7 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
         stop.set()
         worker.join()
     assert len(timings) >= 5, timings  # the tiny model's 400 tokens take well under a second here
-    assert max(timings) < 0.1, timings
+    assert max(timings) < 0.25, timings  # a stalled loop waits out the stream (~1 s); the other test process runs too
 
 
 # -- API key, CORS, model name, queue limit ------------------------------------------------
