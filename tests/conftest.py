@@ -30,7 +30,8 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     kept one core of two busy. Named files or tests, `-n`, `-s`, `--pdb` or `--trace`, or no xdist (the GPU machine's
     pytest): this process alone, as asked."""
     option = config.option
-    if (config.pluginmanager.hasplugin("xdist") and option.numprocesses is None
+    if (config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput")  # a worker starts none
+            and option.numprocesses is None
             and config.args_source is pytest.Config.ArgsSource.TESTPATHS and option.capture != "no"
             and not option.usepdb and not option.trace and len(os.sched_getaffinity(0)) >= 2):
         option.numprocesses, option.dist = 2, "loadfile"
