@@ -12,11 +12,9 @@
    or an infinity has NaN scales (and meaningless q), so that its dot products come out NaN.
 
    API (stable):
-   act_quant_rows(x, bf16, M, K, P, u8, q, scale)
+   act_quant_rows(x, bf16, M, K, P, q, scale)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 16 == 0.
-       q:     [M * P, K] int8, written: piece p of row m is row m * P + p. u8 != 0: each byte holds q + 128
-              instead (read it as uint8, in [1, 255]: vpdpbusd's unsigned operand against signed weights;
-              then subtract 128 * sum_k w[k] from each dot product).
+       q:     [M * P, K] int8, written: piece p of row m is row m * P + p.
        scale: [M * P] fp32, written.
    AMX takes the pieces grouped in quads: act_quads (amx.h). */
 #ifndef NANOQWEN_ACT_QUANT_H
@@ -38,8 +36,7 @@ static inline __m512 act_load16(const void *x, long i, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int u8, int8_t *q, float *scale) {
-    const __m128i flip = _mm_set1_epi8((char)0x80);
+static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, int8_t *q, float *scale) {
     for (int m = 0; m < M; m++) {
         const long row = (long)m * K;
         __m512 amax = _mm512_setzero_ps();
@@ -64,9 +61,7 @@ static inline void act_quant_rows(const void *x, int bf16, int M, int K, int P, 
                    row with a NaN or an infinity (NaN scales) reaches it */
                 const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(r, inverses[p]));
                 r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(v), scales[p], r);  /* the exact residual, rounded once */
-                __m128i b = _mm512_cvtsepi32_epi8(v);
-                if (u8) b = _mm_xor_si128(b, flip);
-                _mm_storeu_si128((__m128i *)(q + (long)(m * P + p) * K + k), b);
+                _mm_storeu_si128((__m128i *)(q + (long)(m * P + p) * K + k), _mm512_cvtsepi32_epi8(v));
             }
         }
     }

@@ -437,7 +437,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
         block_sums(row, K, lanes, acts.xsum + m * lanes);
         if (vnni) {
             arrange_row(row, K, len, arranged);
-            act_quant_rows(arranged, 0, 1, (int)len, pieces, 0, acts.q + (long)m * pieces * len, acts.a + m * pieces);
+            act_quant_rows(arranged, 0, 1, (int)len, pieces, acts.q + (long)m * pieces * len, acts.a + m * pieces);
         }
     }
     struct linear_int4_args a = {.x = acts, .w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
@@ -450,7 +450,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
                 for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
             }
         unpacked_order(rows, M, K, arranged);
-        act_quant_rows(arranged, 0, M, K, pieces, 0, q, acts.a);
+        act_quant_rows(arranged, 0, M, K, pieces, q, acts.a);
         act_quads(q, M * pieces, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);

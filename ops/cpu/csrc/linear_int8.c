@@ -18,9 +18,10 @@ _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F3
 
 struct linear_int8_args {
     const void *x;         /* the fallbacks: fp32 rows */
-    const int8_t *q;       /* the integer paths: the pieces, as rows of K (u8: vpdpbusd; int16: vpmaddwd) or
+    const int8_t *q;       /* the integer paths: the pieces, as rows of K (int8: vpdpbusd; int16: vpmaddwd) or
                               act_quads (AMX) */
     const float *qscale;   /* [M * P]: each piece's scale */
+    const int32_t *offsets;  /* vpdpbusd: [M * P][16], 128 x each piece row's sum in each int32 lane (lane_offsets) */
     const int8_t *w;
     const void *scale;
     void *y;
@@ -165,43 +166,104 @@ static void linear_int8_madd(const void *ctx, long chunk) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-/* acc[r] += the u8 piece row q + r * K (q + 128) against the 64 weights at w (`mask`: which bytes count), r < R;
-   wsum += their sum, with which the caller takes the 128s out. */
-INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc, __m512i *wsum) {
-    const __m512i v = _mm512_maskz_loadu_epi8(mask, w);
-    *wsum = _mm512_dpbusd_epi32(*wsum, _mm512_set1_epi8(1), v);
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_maskz_loadu_epi8(mask, q + (long)r * K), v);
+/* How far ahead the 1-row vpdpbusd loop prefetches its weight row, into L2 (prefetcht1): gemv.h's prefetcht0 2 KB
+   ahead streamed a step's 1-row linears slower on the 2-core AVX-512 Xeon (profiles/RESULTS.md, seventeenth
+   session: as stand-alone loops, quiet, 0.88x the kernel's time with u8 weights and this prefetch). */
+#define VNNI_PREFETCH_L2 4096
+
+/* acc[r] += the 64 weights at w as u8 (w + 128, `mask`: which bytes count; the others 128 against pieces of 0)
+   against the int8 piece row q + r * K, r < R. The weights, not the pieces, take the + 128: it costs a vpxord a
+   64 weights where the pieces' + 128 cost a vpdpbusd for the weight row's sum, and it comes back out as the pieces'
+   own sums, once a call (lane_offsets). */
+INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc) {
+    const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w), _mm512_set1_epi8((char)0x80));
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_maskz_loadu_epi8(mask, q + (long)r * K));
+}
+
+/* out[r][l] = 128 x the sum of the bytes of piece row q + r * K (r < R) that int32 lane l of dpbusd64's sums meets:
+   what the weights' + 128 added to that lane. */
+static void lane_offsets(const int8_t *q, int R, int K, int32_t *out) {
+    for (int r = 0; r < R; r++) {
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < K; k += 64)
+            sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi8(1),
+                                      _mm512_maskz_loadu_epi8(K - k < 64 ? 0xffffffffull : ~0ull, q + (long)r * K + k));
+        _mm512_store_si512(out + 16 * r, _mm512_slli_epi32(sum, 7));
+    }
 }
 
 /* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= VNNI_MAX_PIECES):
-   weight row n against their pieces (a->q: u8 rows of K, q + 128), one vpdpbusd per piece and 64 weights,
-   plus one against ones for the weight row's sum. Two sets of accumulators, for even and odd blocks of 64,
-   so that fewer vpdpbusd wait on the one before (1 row, a 1024 x 1024 weight hot in L2: 20-22 vs 23 µs). */
+   weight row n against their pieces (a->q: int8 rows of K), one vpdpbusd per piece and 64 weights. Two sets of
+   accumulators, for even and odd blocks of 64, so that fewer vpdpbusd wait on the one before (1 row, a
+   1024 x 1024 weight hot in L2: 20-22 vs 23 µs). Each lane's int32 sum, and so each output, is the same as with
+   the pieces as u8 against the s8 weights. */
 INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
     const int8_t *w = a->w + n * K, *q = a->q + (long)m0 * P * K;
     const float *s = a->qscale + m0 * P;
+    const int32_t *offsets = a->offsets + 16 * m0 * P;
     const __mmask64 all = ~0ull;
-    __m512i acc[2][VNNI_MAX_PIECES], wsum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i acc[2][VNNI_MAX_PIECES];
     for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
     int k = 0;
     for (; k + 128 <= K; k += 128) {
         __builtin_prefetch(w + k + PREFETCH_BYTES);
         __builtin_prefetch(w + k + 64 + PREFETCH_BYTES);
-        dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]);
-        dpbusd64(w + k + 64, q + k + 64, R, K, all, acc[1], &wsum[1]);
+        dpbusd64(w + k, q + k, R, K, all, acc[0]);
+        dpbusd64(w + k + 64, q + k + 64, R, K, all, acc[1]);
     }
-    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, all, acc[0], &wsum[0]), k += 64;
-    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1], &wsum[1]);  /* K % 64 == 32 */
-    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(wsum[0], wsum[1]), 7);
+    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, all, acc[0]), k += 64;
+    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1]);  /* K % 64 == 32 */
     for (int j = 0; j < rows; j++) {
         __m512 f = _mm512_setzero_ps();
         for (int p = 0; p < P; p++) {
-            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][j * P + p], acc[1][j * P + p]), offset);
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[j * P + p]), f);
+            const int r = j * P + p;
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][r], acc[1][r]),
+                                                 _mm512_load_si512(offsets + 16 * r));
+            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[r]), f);
         }
         store_scaled(a->y, (long)(m0 + j) * a->N + n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
     }
+}
+
+/* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 0, 1, P) but in a loop of its own with
+   its weights prefetched into L2 (VNNI_PREFETCH_L2). */
+INLINE void dot_row(const struct linear_int8_args *a, long n, int P) {
+    const int K = a->K;
+    const int8_t *w = a->w + n * K;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[2][PIECES_F32];
+    for (int p = 0; p < P; p++) acc[0][p] = acc[1][p] = _mm512_setzero_si512();
+    int k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __builtin_prefetch(w + k + VNNI_PREFETCH_L2, 0, 2);
+        __builtin_prefetch(w + k + 64 + VNNI_PREFETCH_L2, 0, 2);
+        const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+        const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip);
+        for (int p = 0; p < P; p++) {
+            acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], v0, _mm512_loadu_si512(a->q + (long)p * K + k));
+            acc[1][p] = _mm512_dpbusd_epi32(acc[1][p], v1, _mm512_loadu_si512(a->q + (long)p * K + k + 64));
+        }
+    }
+    if (k + 64 <= K) dpbusd64(w + k, a->q + k, P, K, ~0ull, acc[0]), k += 64;
+    if (k < K) dpbusd64(w + k, a->q + k, P, K, 0xffffffffull, acc[1]);  /* K % 64 == 32 */
+    __m512 f = _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][p], acc[1][p]), _mm512_load_si512(a->offsets + 16 * p));
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a->qscale[p]), f);
+    }
+    store_scaled(a->y, n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
+}
+
+INLINE void dot_rows(const struct linear_int8_args *a, long chunk, int P) {
+    const long end = pool_chunk_end(chunk, a->rows, a->N);
+    for (long n = chunk * a->rows; n < end; n++) dot_row(a, n, P);
+}
+
+static void linear_int8_vnni_row(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    if (a->P == PIECES_BF16) dot_rows(a, chunk, PIECES_BF16);  /* a constant: the accumulators stay in registers */
+    else dot_rows(a, chunk, PIECES_F32);
 }
 
 static void linear_int8_vnni(const void *ctx, long chunk) {
@@ -316,17 +378,18 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
     const long pieces = (long)M * P;
     float *qscale;
     /* out of memory for the pieces: the widening loops below */
-    if (has_avx512_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 2 * pieces * K))) {
-        int8_t *q = (int8_t *)qscale + 64 * ((pieces * 4 + 63) / 64), *quads = q + pieces * K;
-        struct linear_int8_args a = {0, q, qscale, w, scale, y, M, N, K, P, bf16, rows, 0};
+    if (has_avx512_vnni() && (qscale = thread_scratch(64 * ((pieces * 4 + 63) / 64) + 64 * pieces + 2 * pieces * K))) {
+        int32_t *offsets = (int32_t *)((char *)qscale + 64 * ((pieces * 4 + 63) / 64));
+        int8_t *q = (int8_t *)(offsets + 16 * pieces), *quads = q + pieces * K;
+        struct linear_int8_args a = {0, q, qscale, offsets, w, scale, y, M, N, K, P, bf16, rows, 0};
+        act_quant_rows(x, bf16, M, K, P, q, qscale);
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
-            act_quant_rows(x, bf16, M, K, P, 0, q, qscale);
             act_quads(q, (int)pieces, K, quads);
             a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
             pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
         } else {
-            act_quant_rows(x, bf16, M, K, P, 1, q, qscale);
-            pool_run(linear_int8_vnni, &a, (N + rows - 1) / rows);
+            lane_offsets(q, (int)pieces, K, offsets);
+            pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
         return;
     }
@@ -337,13 +400,13 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         act16_quant_rows(x, bf16, M, K, P16, K, q, qscale);
         /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
-        struct linear_int8_args a = {0, (const int8_t *)q, qscale, w, scale, y, M, N, K, P16, bf16, spread, 0};
+        struct linear_int8_args a = {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0};
         pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
         return;
     }
     float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
     if (widened)
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    struct linear_int8_args a = {widened ? widened : x, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
+    struct linear_int8_args a = {widened ? widened : x, 0, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
     pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
 }
