@@ -8,8 +8,9 @@
    Build from the repository root (the kernel's pool and activation pieces are the ones measured):
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o profiles/out/ab_int8_row -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int8_row PASSES VARIANT...   (the first variant is the one the others are compared to)
-     kernel          linear_int8 itself (vpdpbusd: u8 pieces against the s8 weights, + a vpdpbusd for the row's sum)
-     sum-T0-2048     the kernel's scheme as a loop of its own, prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
+     kernel          linear_int8 itself (since the seventeenth session: the xor-T1-4096 scheme below)
+     sum-T0-2048     the kernel's scheme before it: u8 pieces against the s8 weights, a vpdpbusd for the row's sum,
+                     prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
      xor-...         the weights as u8 (w ^ 0x80) against s8 pieces, the 128s taken out by the pieces' lane sums
                      (no vpdpbusd for the row's sum): xor-none, xor-T0-2048, xor-T1-2048, xor-T1-4096,
                      xor-T1-4096-T0-512 (prefetcht1 4 KB ahead into L2 and prefetcht0 512 B ahead into L1),
@@ -113,13 +114,11 @@ static void run_variant(pool_fn fn, const uint16_t *x, const int8_t *w, const ui
     static __attribute__((aligned(64))) int8_t q[2 * 3072];
     static __attribute__((aligned(64))) float qscale[2];
     static __attribute__((aligned(64))) int32_t lanes[2 * 16];
-    const int u8 = fn == sum_t0_2048;
-    act_quant_rows(x, 1, 1, K, 2, u8, q, qscale);
-    for (int p = 0; p < 2 && !u8; p++) {
-        __m512i s = _mm512_setzero_si512();
-        for (int k = 0; k < K; k += 64) s = _mm512_dpbusd_epi32(s, _mm512_set1_epi8(1), _mm512_loadu_si512(q + p * K + k));
-        _mm512_store_si512(lanes + 16 * p, _mm512_slli_epi32(s, 7));
-    }
+    act_quant_rows(x, 1, 1, K, 2, q, qscale);
+    if (fn == sum_t0_2048)  /* the old scheme's pieces: u8, q + 128 */
+        for (int i = 0; i < 2 * K; i++) q[i] ^= (int8_t)0x80;
+    else
+        lane_offsets(q, 2, K, lanes);
     const struct row_args a = {q, qscale, lanes, w, scale, y, N, K, pool_rows_per_chunk(K)};
     pool_run(fn, &a, (N + a.rows - 1) / a.rows);
 }

@@ -166,7 +166,6 @@ def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_se
     assert answers[2][1]["tokens"] and answers[3][1]["status"] == "healthy"
 
 
-
 @pytest.mark.parametrize("first", [CLIENT_HELLO, b"\x00\x01\x02\x03\xff\xfe", b"GET /health\x00"],
                          ids=["tls-hello", "binary", "nul-in-line"])
 def test_bytes_no_request_line_begins_with_are_refused_at_once(chat_server: GunicornServer, first: bytes) -> None:

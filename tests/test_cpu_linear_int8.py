@@ -106,15 +106,17 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
         assert (out - exact).abs().max() <= 1.5 * reference
 
 
-@pytest.mark.parametrize("k", [4096, 8192])
+@pytest.mark.parametrize("k", [4096, 4128, 8192])
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("loops", ["built", "avx2"])
-def test_the_largest_sums_do_not_overflow(k, loops):
+def test_the_largest_sums_do_not_overflow(m, k, loops):
     """Every activation at its row's largest magnitude (each piece at its limit) against weights of -128 and 127:
-    the int32 sums at their largest, where a span of more columns than SPAN16 (csrc/linear_int8.c) would wrap."""
-    x = -torch.ones(2, k)
+    the int32 sums at their largest, where a span of more columns than SPAN16 (csrc/linear_int8.c) would wrap; one
+    row (the vpdpbusd loop, weight 127 read as u8 255) and two (AMX where K % 64 == 0), with and without a tail."""
+    x = -torch.ones(m, k)
     w = torch.stack([torch.full((k,), -128, dtype=torch.int8), torch.full((k,), 127, dtype=torch.int8)])
     out = linear_with(loops, x, w, torch.ones(2))
-    torch.testing.assert_close(out, torch.tensor([[128.0 * k, -127.0 * k]] * 2), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, torch.tensor([[128.0 * k, -127.0 * k]] * m), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 40, 1024)])

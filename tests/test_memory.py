@@ -55,8 +55,8 @@ def test_engine_and_api_import_no_compile_stack(tiny_checkpoint):
 def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkpoint):
     """The LLTokenizer built from our tokenizer (no second Rust tokenizer) has the token table llguidance
     derives from tokenizer.json: the same bytes and special flag for every id, the same tokenisation of text without
-    markup; markup (an added token's text) as ordinary tokens, where llguidance's reading takes the special token
-    that its matcher then refuses (grammar.py's _Vocabulary.__call__)."""
+    markup; markup (an added token's text) as ordinary tokens, where llguidance's reading (1.9) takes the special
+    token that its matcher then refuses (grammar.py's _Vocabulary.__call__)."""
     tokenizer = load_tokenizer(tiny_checkpoint)
     eos_ids = [151645, 151643]
     vocab_size = 151936  # the model's, past the tokenizer's 151669 ids
@@ -73,7 +73,6 @@ def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkp
     for text in ["hello world <think>", "<|im_end|> x"]:
         tokens = ours.tokenize_str(text)
         assert not any(ours.is_special_token(t) for t in tokens) and ours.decode_bytes(tokens) == text.encode()
-        assert any(reference.is_special_token(t) for t in reference.tokenize_str(text))
 
 
 def test_tokenizer_keeps_no_python_vocabulary(tiny_checkpoint):

@@ -11,7 +11,7 @@
    (2^-32), with which the error is fp32 rounding alone (3 left up to 3x the reference's). */
 #define PIECES_BF16 2
 #define PIECES_F32 4
-#define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves: 8 accumulators + the row sum */
+#define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves: 8 accumulators a set */
 _Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F32 == 2, "linear_int8_vnni's cases");
 #define TILE_PIECES 48     /* activation pieces one AMX pass serves: three tiles of 16 columns */
 #define AMX_INT8_MIN_ROWS 2  /* 1 row streams faster by vpdpbusd (bench_cpu_linear, 1 thread: 48.7 vs 51.7 ms by AMX) */
@@ -194,8 +194,8 @@ static void lane_offsets(const int8_t *q, int R, int K, int32_t *out) {
 
 /* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= VNNI_MAX_PIECES):
    weight row n against their pieces (a->q: int8 rows of K), one vpdpbusd per piece and 64 weights. Two sets of
-   accumulators, for even and odd blocks of 64, so that fewer vpdpbusd wait on the one before (1 row, a
-   1024 x 1024 weight hot in L2: 20-22 vs 23 µs). Each lane's int32 sum, and so each output, is the same as with
+   accumulators, for even and odd blocks of 64, so that fewer vpdpbusd wait on the one before (measured
+   at 1 row, before one row took dot_row: a 1024 x 1024 weight hot in L2, 20-22 vs 23 µs). Each lane's int32 sum, and so each output, is the same as with
    the pieces as u8 against the s8 weights. */
 INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
