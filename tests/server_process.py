@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,18 +21,41 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 _HANDED_OUT: set[int] = set()
+# ports handed out by any live process (the suite's two test processes), one file each holding its owner's pid
+CLAIMS = Path(tempfile.gettempdir()) / "nanoqwen-test-ports"
 
 
 def free_port() -> int:
-    """A port free now and never handed out before in this process: servers launched together pick theirs
-    before any of them binds, and the kernel may offer one port twice."""
+    """A port free now and never handed out before in this process or another live one: servers launched together
+    pick theirs before any of them binds, and the kernel may offer one port twice (a server that lost the race kept
+    retrying its bind while the winner's /health answered its test)."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if port not in _HANDED_OUT and _claim(port):
             _HANDED_OUT.add(port)
             return port
+
+
+def _claim(port: int) -> bool:
+    """Claims `port` for this process unless another live one has (a dead owner's claim is taken over)."""
+    CLAIMS.mkdir(exist_ok=True)
+    path = CLAIMS / str(port)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text()), 0)
+            return False  # its owner lives
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            return _claim(port)
+        except (ValueError, OSError):  # being written, or not ours to signal: taken
+            return False
+    with os.fdopen(fd, "w") as claim:
+        claim.write(str(os.getpid()))
+    return True
 
 
 def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:

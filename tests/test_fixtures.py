@@ -1,4 +1,6 @@
 import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
+import server_process
 from checkpoints import (
     ADDED_TOKENS,
     FIRST_ADDED_ID,
@@ -255,3 +258,17 @@ def test_hf_greedy_emits_exactly_max_tokens_and_eos_like_ignore_eos(
     assert hf_greedy(model, [14, 15, 16], 3) == [eos] * 3
     monkeypatch.undo()
     assert hf_greedy(model, [14, 15, 16], 3) != [eos] * 3 and hf_greedy(model, [11, 12, 13], 5) == run
+
+
+def test_a_port_another_live_test_process_claimed_is_not_handed_out(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """The suite's two processes pick ports apart: a live owner's claim holds, a dead owner's is taken over."""
+    monkeypatch.setattr(server_process, "CLAIMS", tmp_path)
+    owner = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "40001").write_text(str(owner.pid))
+        assert not server_process._claim(40001)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert server_process._claim(40001) and (tmp_path / "40001").read_text() == str(os.getpid())
