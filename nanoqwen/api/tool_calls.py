@@ -182,7 +182,6 @@ class ToolCallParser:
                 self._in_block = False
                 self._after_block = self._streamed is not None or self._close(block, out)
                 self._streamed = None
-                self._layout = ""
                 continue
             start = self._pending.find(OPEN)
             if start >= 0:
@@ -231,7 +230,6 @@ class ToolCallParser:
             if header is None:
                 return
             name, start = header
-            self._layout = ""
             index = self._keep_call()
             self._streamed = _Arguments(index, start, start)
             if index is not None:
