@@ -153,14 +153,21 @@ def health_polled(srv: GunicornServer, interval: float) -> Iterator[list[float]]
     latencies.extend(json.loads(out))
 
 
-def sse_payloads(response: requests.Response) -> Iterator[str]:
-    """The `data:` payloads of an SSE response as they arrive, checking the framing (one line, then a blank one);
-    comment lines (the server's probe of a client that half-closed) skipped, as the SSE spec says."""
+def _sse_lines(response: requests.Response) -> Iterator[str]:
+    """An SSE response's lines as they arrive, its comment blocks (the server's probe of a client that half-closed)
+    skipped, as the SSE spec says."""
     lines = response.iter_lines(decode_unicode=True)
     for line in lines:
         if line.startswith(":"):
             assert next(lines) == ""
             continue
+        yield line
+
+
+def sse_payloads(response: requests.Response) -> Iterator[str]:
+    """The `data:` payloads of an SSE response as they arrive, checking the framing (one line, then a blank one)."""
+    lines = _sse_lines(response)
+    for line in lines:
         assert line.startswith("data: "), line
         assert next(lines) == ""
         yield line[len("data: "):]
@@ -168,12 +175,9 @@ def sse_payloads(response: requests.Response) -> Iterator[str]:
 
 def sse_events(response: requests.Response) -> Iterator[tuple[str, str]]:
     """The (`event:`, `data:`) pairs of a named-event SSE response (Responses') as they arrive, checking the framing
-    (the two lines, then a blank one); comment lines skipped."""
-    lines = response.iter_lines(decode_unicode=True)
+    (the two lines, then a blank one)."""
+    lines = _sse_lines(response)
     for line in lines:
-        if line.startswith(":"):
-            assert next(lines) == ""
-            continue
         assert line.startswith("event: "), line
         data = next(lines)
         assert data.startswith("data: "), data
