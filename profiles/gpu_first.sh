@@ -6,9 +6,10 @@
 #
 # Steps, most valuable first (STEPS below): versions and device, the server's packages from
 # profiles/wheelhouse/, the Triton kernels against fp64 references with the measured copy bandwidth,
-# the GPU tests, the 0.6B fixture, decode tok/s per bucket (eager vs CUDA graphs, to batch 64) and at
-# a 2,048-token context, decode against transformers, int8/int4 weight-only decode against bf16, the
-# real gunicorn server with the openai client, a profiler trace of one step, and compile mode last.
+# the GPU tests, the 0.6B fixture, decode at a 2,048-token context, the real gunicorn server with the
+# openai client (greedy against transformers, HTTP overhead, chunked prefill's stalls), decode tok/s
+# per bucket (eager vs CUDA graphs, to batch 32), decode against transformers, int8/int4 weight-only
+# decode against bf16, a profiler trace of one step, and compile mode last.
 #
 # Every step runs under its own `timeout`, cut to what is left of DEADLINE_S (counted from the
 # start); a step is skipped, and recorded so, when less is left than its minimum. After each step
@@ -27,19 +28,22 @@ usage() {
 }
 
 # name, limit (s), minimum (s): a step runs only when at least its minimum is left.
+# Limits and order from the first run's times (profiles/RESULTS.md, "gpuchunk"; expected in brackets): the tests
+# compile every Triton kernel cold (150 s were not enough; 83 s warm), so they get 200 s; the 0.6B steps follow,
+# the chunked-prefill and HTTP figures (server) before the decode figures run 1 already has.
 STEPS=(
-    "env 30 5"
-    "deps 60 10"
-    "kernels 100 40"
-    "tests 150 60"
-    "fixture 60 20"
-    "decode 100 40"
-    "decode_2k 50 20"
-    "bench 100 40"
-    "quant 90 40"
-    "server 120 50"
-    "trace 50 20"
-    "compile 120 60"
+    "env 30 5"          # [10]
+    "deps 30 10"        # [4]
+    "kernels 90 40"     # [~45: more rows each session]
+    "tests 200 90"      # [~160 cold]
+    "fixture 60 20"     # [31]
+    "decode_2k 50 20"   # [20]
+    "server 130 60"     # [113]
+    "decode 50 25"      # [~18]
+    "bench 60 30"       # [~28]
+    "quant 60 30"       # [~25]
+    "trace 50 20"       # [28]
+    "compile 120 60"    # [skipped unless the rest came in early]
 )
 RESERVE_S=10  # kept back for a killed step's grace (timeout -k 5) and the last packing
 
@@ -88,7 +92,7 @@ step_fixture() {
 }
 
 step_decode() {
-    "$PY" profiles/decode.py --modes none cudagraph --max-batch 64 --new-tokens 32 --out "$D"
+    "$PY" profiles/decode.py --modes none cudagraph --max-batch 32 --new-tokens 16 --out "$D"
 }
 
 step_decode_2k() {
@@ -96,14 +100,14 @@ step_decode_2k() {
 }
 
 step_bench() {
-    "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --batches 1 8 64 --new-tokens 64 \
+    "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --batches 1 8 --new-tokens 32 \
         --hf-cache dynamic --out "$D"
 }
 
 step_quant() {
     # Issue 12's GPU target: int8 and int4 weight-only decode against bf16 in the same run.
     "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --quant none int8 int4 --batches 1 8 \
-        --new-tokens 64 --hf-cache none --out "$D"
+        --new-tokens 32 --hf-cache none --out "$D"
 }
 
 step_server() {

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import generate, generate_together, greedy, hf_greedy, load_engine
+from engine_util import collect, generate, generate_together, greedy, hf_greedy, load_engine, run
 from nanoqwen.engine import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -85,3 +85,26 @@ def test_bf16_graph_decode_is_default_on_cuda(checkpoint):
     assert engine.info()["graph"] == "cudagraph" and engine.info()["kernels"] == "triton"
     [result] = generate(engine, PROMPTS[:1], greedy(8))
     assert len(result.choices[0].token_ids) == 8
+
+
+def compiled_variants() -> int:
+    """Triton kernel variants compiled in this process so far, over every kernel a bf16 engine launches."""
+    from ops.triton import activation, decode_attention, prefill_attention, rms_norm, rope
+
+    kernels = [prefill_attention._prefill_kernel, rms_norm._rms_norm_kernel, rope._qk_norm_rope_store_kernel,
+               activation._silu_mul_kernel, decode_attention._decode_split_kernel,
+               decode_attention._decode_combine_kernel]
+    return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
+
+
+def test_a_chunked_prefill_compiles_nothing_after_load(checkpoint):
+    """The GPU twin of tests/test_jit_variants.py: a stream decodes while a 256-token prompt (a 16-block table)
+    arrives in chunks beside it, and no Triton kernel compiles (a compile stalled every stream 0.7 s on the H200)."""
+    engine = load_engine(checkpoint, device="cuda", dtype="bfloat16", graph="cudagraph", kernels="triton",
+                         max_batch=4, max_model_len=512, max_step_tokens=64)
+    loaded = compiled_variants()
+    _, stream = engine.submit(PROMPTS[0], greedy(12))
+    _, long_stream = engine.submit(list(range(2000, 2256)), greedy(2))
+    run(engine)
+    assert len(collect(stream).choices[0].token_ids) == 12 and len(collect(long_stream).choices[0].token_ids) == 2
+    assert compiled_variants() == loaded, "Triton compiled kernels while serving"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "gpu_first.sh"
-STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode", "decode_2k", "bench", "quant", "server", "trace",
+STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode_2k", "server", "decode", "bench", "quant", "trace",
          "compile"]
 STUB = """#!/usr/bin/env bash
 echo "stub python $*"
@@ -74,7 +74,7 @@ def test_a_hung_step_times_out_a_failed_one_is_recorded_and_the_rest_run(stub_en
     for step in STEPS:
         assert {f"{step}/log.txt", f"{step}/out.txt"} <= names
     with tarfile.open(out / "results.tar.gz") as tar:
-        assert b"profiles/decode.py --modes none cudagraph --max-batch 64" in tar.extractfile("./decode/log.txt").read()
+        assert b"profiles/decode.py --modes none cudagraph --max-batch 32" in tar.extractfile("./decode/log.txt").read()
 
 
 def test_an_output_too_big_to_come_back_stays_out_of_the_archive_and_is_named(stub_env, tmp_path):
@@ -87,15 +87,15 @@ def test_an_output_too_big_to_come_back_stays_out_of_the_archive_and_is_named(st
 def test_the_deadline_cuts_the_running_step_and_skips_the_rest(stub_env, tmp_path):
     out = tmp_path / "out"
     began = time.monotonic()
-    # At 10% the decode step's limit is 10 s, but only 20 - 10 (reserve) s of the deadline are left.
-    result = run(stub_env, out, deadline=20, plan="decode:hang", percent=10)
+    # At 10% the server step's limit is 13 s, but only 20 - 10 (reserve) s of the deadline are left.
+    result = run(stub_env, out, deadline=20, plan="server:hang", percent=10)
     elapsed = time.monotonic() - began
     assert result.returncode == 1
     assert elapsed < 20, "the run outlasted its deadline"
     got = statuses(out)
-    assert [got[s] for s in STEPS[:5]] == ["ok"] * 5 and got["decode"] == "timeout"
-    assert all(got[s].startswith("skipped") for s in STEPS[6:])
-    assert "decode/log.txt" in archived(out) and "bench/log.txt" not in archived(out)
+    assert [got[s] for s in STEPS[:6]] == ["ok"] * 6 and got["server"] == "timeout"
+    assert all(got[s].startswith("skipped") for s in STEPS[7:])
+    assert "server/log.txt" in archived(out) and "decode/log.txt" not in archived(out)
 
 
 def test_a_run_killed_mid_step_leaves_every_finished_step_packed(stub_env, tmp_path):

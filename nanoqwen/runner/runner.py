@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
 # attention once per sequence: past about this many (draft, context token) pairs in the step the extra reads
 # cost more than the packed path's own overhead (profiles/RESULTS.md, "vgraph").
 VERIFY_MAX_DRAFT_KEYS = 8192
+# The token counts of the packed steps warm_up runs. Triton compiles a variant per integer argument equal to 1, one
+# divisible by 16 and any other, and the weight-only linears tile up to 16 rows apart from more
+# (ops/triton/linear_int8.py): their row count, a packed step's tokens or sampled rows, takes one of five variants.
+# The other kernels take it as their grid, and launch one variant whatever the step (ops/triton/prefill_attention.py).
+WARM_UP_TOKENS = (1, 2, 16, 17, 32)
 
 
 def decode_buckets(graph: str, device: torch.device, max_batch: int, verify_rows: int) -> list[int]:
@@ -73,6 +78,27 @@ class ModelRunner:
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
                                   self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))
+        if model.kernels.compiles_at_first_launch:
+            self.warm_up()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Runs every kernel variant a step launches, so that each compiles now rather than in a request's time (a
+        0.7 s stall on the H200: profiles/RESULTS.md, "gpuchunk"): a packed step of each WARM_UP_TOKENS count, whose
+        tokens write no cache and attend to the null block 0, and an eager decode step of each bucket (captured
+        graphs and torch.compile have run or will run theirs)."""
+        device = self.device
+        for n in WARM_UP_TOKENS:
+            meta = AttentionMetadata(
+                prefill=True, slot_mapping=torch.full((n,), -1, dtype=torch.int32, device=device),
+                block_tables=torch.zeros(1, blocks_for(n, self.block_size), dtype=torch.int32, device=device),
+                context_lens=torch.tensor([n], dtype=torch.int32, device=device), query_lens=[n], context_lens_host=[n],
+            )
+            positions = torch.arange(n, dtype=torch.int32, device=device)
+            self.model.compute_logits(self.model(torch.zeros_like(positions), positions, meta))
+        if self.graph == "none":  # the static inputs are still padded lanes
+            for bucket in self.buckets:
+                self.graphs.run(bucket, "greedy", self._table_width(self.max_blocks_per_seq * self.block_size))
 
     def _allocate_kv_cache(self) -> None:
         c = self.config

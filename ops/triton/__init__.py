@@ -39,4 +39,5 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         to_fp32=torch_ref.KERNELS.to_fp32,
         decode_attention_gathers=False,
         cpu_graph=False,
+        compiles_at_first_launch=device.type == "cuda",
     )

@@ -18,7 +18,13 @@ BLOCK_ROWS = 64  # query rows (tokens x padded GQA group) per program
 BLOCK_N = 64  # keys per tile
 
 
-@triton.jit
+# Triton compiles a kernel once per variant of its integer and pointer arguments (an int equal to 1, one divisible
+# by 16, a pointer 16-byte aligned), at its first launch: ~0.7 s on the H200's host, a stall for every stream.
+# The block tables' width (the step's longest sequence, in blocks) and where the sequences' words start in the
+# metadata (after 2 words a tile) change from step to step: neither is specialised on, so that every step
+# launches the variant the first one compiled (a 4096-token prompt's 256 blocks stalled the streams 0.7 s on its
+# first chunk: profiles/RESULTS.md, "gpuchunk").
+@triton.jit(do_not_specialize=["block_table_stride"], do_not_specialize_on_alignment=["seqs_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
     tiles_ptr,  # [T, 2] int32: (sequence, first new token of the tile within it)
