@@ -154,5 +154,5 @@ class Kernels:
     # C kernel built), so that NANOQWEN_GRAPH=cpugraph can replay it.
     cpu_graph: bool
     # Whether a kernel compiles at its first launch of each variant (Triton on a GPU, not its interpreter): the
-    # runner then runs the steps it does not capture once at load (ModelRunner.warm_up), not in a request's time.
+    # runner then runs the steps it does not capture once at load (ModelRunner._warm_up), not in a request's time.
     compiles_at_first_launch: bool = False

@@ -69,7 +69,7 @@ def test_a_chunked_prefill_launches_only_what_the_warm_up_compiled(tiny_checkpoi
     engine = load_engine(tiny_checkpoint, kernels="triton", dtype="bfloat16", max_batch=4, max_step_tokens=32,
                          block_size=4)
     runner = engine.runner
-    runner.warm_up()  # what the runner does at load where Triton compiles (not under the interpreter)
+    runner._warm_up()  # what the runner does at load where Triton compiles (not under the interpreter)
     warm = {name: set(keys) for name, keys in variants.items()}
     packed = runner.prefill
     served: Variants = defaultdict(set)

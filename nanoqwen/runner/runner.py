@@ -79,14 +79,15 @@ class ModelRunner:
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
                                   self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))
         if model.kernels.compiles_at_first_launch:
-            self.warm_up()
+            self._warm_up()
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def _warm_up(self) -> None:
         """Runs every kernel variant a step launches, so that each compiles now rather than in a request's time (a
         0.7 s stall on the H200: profiles/RESULTS.md, "gpuchunk"): a packed step of each WARM_UP_TOKENS count, whose
         tokens write no cache and attend to the null block 0, and an eager decode step of each bucket (captured
-        graphs and torch.compile have run or will run theirs)."""
+        graphs have run theirs; torch.compile compiles each bucket at its first decode step, not here). At load
+        only: on `graph=none` it steps the static decode inputs, which hold no sequence only then."""
         device = self.device
         for n in WARM_UP_TOKENS:
             meta = AttentionMetadata(
@@ -94,7 +95,7 @@ class ModelRunner:
                 block_tables=torch.zeros(1, blocks_for(n, self.block_size), dtype=torch.int32, device=device),
                 context_lens=torch.tensor([n], dtype=torch.int32, device=device), query_lens=[n], context_lens_host=[n],
             )
-            positions = torch.arange(n, dtype=torch.int32, device=device)
+            positions = torch.zeros(n, dtype=torch.int32, device=device)  # within any rotary table
             self.model.compute_logits(self.model(torch.zeros_like(positions), positions, meta))
         if self.graph == "none":  # the static inputs are still padded lanes
             for bucket in self.buckets:
