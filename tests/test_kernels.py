@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import paged_inputs
-from interpreter_bounds import bounds_checked
 
 pytest.importorskip("triton")
 
+from interpreter_bounds import bounds_checked  # noqa: E402
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
