@@ -140,6 +140,10 @@ def time_us(impl: Callable, copies: list[tuple], eager: bool) -> float:
     def step() -> None:
         impl(*copies[next(calls) % len(copies)])
 
+    # do_bench_cudagraph calls `step` on a new stream that does not wait for this one, where the copies are
+    # still being written: unsynchronized, B=64 ctx=4096 read a block table not yet written and faulted (an
+    # illegal memory access in the first gpu_first run, gone under CUDA_LAUNCH_BLOCKING=1).
+    torch.cuda.synchronize()
     ms = triton.testing.do_bench(step) if eager else triton.testing.do_bench_cudagraph(step)
     return ms * 1e3
 

@@ -54,14 +54,15 @@ def load_engine(
     model: Path, *, device: str, dtype: str, graph: str, kernels: str, max_batch: int, max_model_len: int,
     quant: str = "none", hold_batch: bool = False, **config: Any,
 ) -> Engine:
-    """hold_batch: a KV pool and a prefill budget for max_batch prompts of max_model_len tokens, however long
-    (else the pool's default bytes, which long contexts outgrow); config: other EngineConfig fields."""
-    held = {"max_prefill_tokens": max(EngineConfig.max_prefill_tokens, max_batch * max_model_len),
-            "num_kv_blocks": blocks_to_hold(max_batch, max_model_len, EngineConfig.block_size)} if hold_batch else {}
+    """hold_batch: a KV pool for max_batch prompts of max_model_len tokens, however long (else the pool's default
+    bytes, which long contexts outgrow); config: other EngineConfig fields. Every prompt of a batch is prefilled in
+    one step (engine_decode, decode_steps): the prefill budget takes max_batch of max_model_len tokens."""
+    held = {"num_kv_blocks": blocks_to_hold(max_batch, max_model_len, EngineConfig.block_size)} if hold_batch else {}
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
         max_queue=max_batch, max_model_len=max_model_len, quant=quant,
         max_step_tokens=0,  # every prompt prefilled in one step: the timed steps are the batch's decode
+        max_prefill_tokens=max(EngineConfig.max_prefill_tokens, max_batch * max_model_len),
         **held, **config,
     ))
     engine.load()

@@ -31,10 +31,10 @@ WARMUP_TOKENS = 4
 def bench_mode(mode: str, model: Path, args) -> list[dict]:
     engine = common.load_engine(
         model, device=args.device, dtype=args.dtype, graph=mode, kernels=args.kernels,
-        max_batch=args.max_batch, max_model_len=args.prompt_len + args.new_tokens,
+        max_batch=args.max_batch, max_model_len=args.prompt_len + args.new_tokens, hold_batch=True,
     )
     # A compiled step may recompile as the block-table width grows with the context: warm up in full.
-    warmup = args.new_tokens if mode == "compile" else WARMUP_TOKENS
+    warmup = args.new_tokens if mode == "compile" else min(WARMUP_TOKENS, args.new_tokens)
     rows = []
     for bucket in batch_buckets(args.max_batch):
         start = time.perf_counter()

@@ -11,6 +11,7 @@ import paged_inputs
 
 pytest.importorskip("triton")
 
+from interpreter_bounds import bounds_checked  # noqa: E402
 from ops import select_kernels  # noqa: E402
 from ops.torch_ref.activation import silu_mul_torch  # noqa: E402
 from ops.torch_ref.decode_attention import decode_attention_torch  # noqa: E402
@@ -36,6 +37,16 @@ pytestmark = pytest.mark.slow
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def in_bounds():
+    """Under the interpreter, every load and store of every test stays inside the tensors its launch was given."""
+    if CUDA:
+        yield
+        return
+    with bounds_checked():
+        yield
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -216,6 +227,26 @@ def test_decode_attention_reads_only_the_context():
     for num_splits in (1, 4):
         out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 0.25, num_splits=num_splits)
         assert_close(out, expected)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_attention_bench_shape_in_bounds(num_splits):
+    """profiles/bench_kernels.py's decode shape (Hq 16, Hkv 8, D 128, blocks of 16) at full and ragged lengths, in
+    one split as at B=64 ctx=4096 (where its first GPU run faulted) and the default (9 here); in_bounds checks it."""
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs([4096, 1, 1000, 17], 16, 8, 128, 16, torch.bfloat16)
+    out = decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=num_splits)
+    assert_close(out, decode_attention_torch(q, k_cache, v_cache, block_tables, lens, 128**-0.5))
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's bounds check")
+def test_a_stale_block_table_reads_out_of_bounds():
+    """What the unsynchronized bench handed the kernel: a block table still holding an earlier tensor's words, here
+    one past the cache. The check sees the read (on the GPU: an illegal memory access); a block id within the cache
+    would be read silently."""
+    q, k_cache, v_cache, block_tables, lens = make_decode_inputs([40, 20], 4, 2, 16, 16, torch.float32)
+    block_tables[1, 0] = k_cache.shape[0]
+    with pytest.raises(Exception, match="load addresses lie outside the launch"):  # wrapped by Triton
+        decode_attention_triton(q, k_cache, v_cache, block_tables, lens, 0.25, num_splits=1)
 
 
 def test_default_num_splits():
