@@ -400,6 +400,24 @@ def test_float_gemv_is_the_triton_sets_linear_only_when_chosen():
         select_kernels("torch", DEVICE, torch.float32, float_gemv=True, **sizes)
 
 
+def test_bench_linear_rows_run_and_check_every_kernel():
+    """profiles/bench_linear.py's rows (bench_kernels.py's last) at small shapes: every kernel it times at both
+    row counts, its fp64 check passing, so the one GPU run measures instead of failing on a script error."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiles"))
+    from bench_linear import measure_linears
+
+    rows = measure_linears(1000.0, lambda impl, copies, eager: 1.0, False, shapes=(("small", 128, 40),),
+                           device=DEVICE.type)
+    assert [(r.rows, r.impl) for r in rows] == [
+        (1, "cublas bf16"), (1, "gemv bf16"), (1, "gemv int8"), (1, "gemv int4"), (8, "cublas bf16"),
+        (8, "gemv bf16"), (8, "gemv int8"), (8, "gemv int4"), (8, "tl.dot int8"), (8, "tl.dot int4"),
+    ]
+    assert all(r.ok for r in rows), rows
+
+
 # ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16
 
 

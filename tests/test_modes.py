@@ -33,12 +33,14 @@ def references(checkpoint):
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
-def test_triton_interpreted_model_matches_transformers(checkpoint, references):
+@pytest.mark.parametrize("float_gemv", [False, True])  # True: the linears of decode steps by Triton's GEMV
+def test_triton_interpreted_model_matches_transformers(checkpoint, references, float_gemv):
     # 256 positions: decode attention in 2 splits, not the 32 of the checkpoint's 4096, whose programs the
     # interpreter runs one by one. The combine kernel runs, but contexts of at most 21 tokens leave split 1
     # empty: test_kernels' split-boundary tests combine splits that both hold tokens
-    engine = load_engine(checkpoint, kernels="triton", max_batch=4, max_model_len=256)
+    engine = load_engine(checkpoint, kernels="triton", max_batch=4, max_model_len=256, float_gemv=float_gemv)
     assert engine.info()["kernels"] == "triton"
+    assert (engine.runner.model.kernels.linear.__qualname__.startswith("float_linear")) == float_gemv
     results = generate(engine, PROMPTS, greedy(INTERPRETED_TOKENS))
     for result, ref in zip(results, references):
         assert result.choices[0].token_ids == ref[:INTERPRETED_TOKENS]
