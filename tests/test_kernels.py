@@ -357,10 +357,12 @@ def gemv_inputs(fmt: int, rows: int, n: int, k: int, dtype: torch.dtype) -> tupl
     return x, (weight, scale, offset), linear_int4_torch(x, weight, scale, offset)
 
 
-# K: float/int8 200 = 3 steps of 64 and a tail of 8; int4 192 = 3 blocks of 64 (its K is whole blocks).
-# Splits of 2 steps: 2 of them, the last part-empty (float/int8: the tail; int4: one block of two).
-# N = 40 within one column block, 600 over two (the interpreter's 512).
-@pytest.mark.parametrize("fmt, k", [(FLOAT, 200), (INT8, 200), (INT4, 192)], ids=["float", "int8", "int4"])
+# K: float/int8 200 = 3 steps of 64 and a tail of 8; int4 192 = 3 blocks of 64 (its K is whole blocks): split
+# in 2, the last split part-empty (float/int8: the tail; int4: one block of two), masked along K. K = 256: 4
+# whole steps, 2 even splits, unmasked along K. N = 40 within one column block, 600 over two (the
+# interpreter's 512).
+@pytest.mark.parametrize("fmt, k", [(FLOAT, 200), (INT8, 200), (INT4, 192), (FLOAT, 256), (INT8, 256), (INT4, 256)],
+                         ids=["float", "int8", "int4", "float-even", "int8-even", "int4-even"])
 @pytest.mark.parametrize("rows, n", [(1, 40), (3, 600), (8, 40)])
 @pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -383,8 +385,8 @@ def test_gemv_plan_fills_the_gpu_at_qwen3_shapes(monkeypatch):
             plan = gemv_plan(n, k, fmt, cuda)
             programs = triton.cdiv(n, plan.block_n) * plan.splits
             assert programs >= 2 * 132, (fmt, n, k, plan)
-            assert plan.split_k % plan.block_k == 0 and plan.block_k % 64 == 0
-            assert plan.splits * plan.split_k >= k > (plan.splits - 1) * plan.split_k
+            assert plan.block_k % 64 == 0
+            assert plan.splits * plan.split_k == k  # whole steps, unmasked along K
         assert gemv_plan(151936, 1024, fmt, cuda).splits == 1
 
 

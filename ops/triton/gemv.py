@@ -61,7 +61,11 @@ def gemv_plan(n: int, k: int, fmt: int, device: torch.device, splits: int | None
         while block_k > 64 and triton.cdiv(k, block_k) < wanted:  # narrower steps, for more splits
             block_k //= 2
     steps = triton.cdiv(k, block_k)
-    splits = max(1, min(wanted if splits is None else splits, steps))
+    if splits is None:
+        splits = max(1, min(wanted, steps))
+        if k % block_k == 0:  # splits of equal whole steps: the kernel's loads need no mask along K
+            splits = next(s for s in range(splits, steps + 1) if steps % s == 0)
+    splits = max(1, min(splits, steps))
     split_k = triton.cdiv(steps, splits) * block_k
     return GemvPlan(block_n, block_k, triton.cdiv(k, split_k), split_k)
 
@@ -74,48 +78,30 @@ def _gemv_kernel(
     ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     SPLIT: tl.constexpr,  # whether out is partial sums (the second pass scales and casts) or the output
 ):
+    # Splits that tile K exactly (gemv_plan's, where K is whole steps) need no mask along K
+    EVEN_K: tl.constexpr = K % SPLIT_K == 0
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
     col_ok = cols < N
     k_begin = tl.program_id(1) * SPLIT_K
     rows = tl.arange(0, ROWS_PAD)
     acc = tl.zeros((ROWS_PAD, BLOCK_N), dtype=tl.float32)
-    w_rows = cols[:, None].to(tl.int64)
     for k0 in range(0, SPLIT_K, BLOCK_K):
         start = k_begin + k0
-        if FORMAT == 2:  # int4: 16-bit word j of a 64-column block holds columns j, 16 + j, 32 + j, 48 + j
-            words = tl.arange(0, BLOCK_K // 4)
-            block_col = start + (words // 16) * 64  # [W]: the first column of each word's block
-            ok = col_ok[:, None] & (block_col < K)[None, :]
-            packed = tl.load(w_ptr + w_rows * (K // 4) + start // 4 + words[None, :], mask=ok, other=0)
-            packed = packed.to(tl.int32)  # [BLOCK_N, W]
-            group = w_rows * (K // GROUP) + (block_col // GROUP)[None, :]
-            scale = tl.load(scale_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            offset = tl.load(offset_ptr + group, mask=ok, other=0.0).to(tl.float32)
-            x_col = block_col + words % 16  # column of nibble 0; nibble p is 16 * p further
-            w0 = ((packed & 15).to(tl.float32) * scale + offset)
-            w1 = (((packed >> 4) & 15).to(tl.float32) * scale + offset)
-            w2 = (((packed >> 8) & 15).to(tl.float32) * scale + offset)
-            w3 = (((packed >> 12) & 15).to(tl.float32) * scale + offset)
-            x_ok = block_col < K
-            for r in tl.static_range(ROWS_PAD):
-                x_row = x_ptr + tl.minimum(r, M - 1) * x_stride + x_col  # padding rows reread the last
-                x0 = tl.load(x_row, mask=x_ok, other=0.0).to(tl.float32)
-                x1 = tl.load(x_row + 16, mask=x_ok, other=0.0).to(tl.float32)
-                x2 = tl.load(x_row + 32, mask=x_ok, other=0.0).to(tl.float32)
-                x3 = tl.load(x_row + 48, mask=x_ok, other=0.0).to(tl.float32)
-                part = tl.sum(w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :], axis=1)
-                acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
+        if FORMAT == 2:
+            part = _int4_tile(x_ptr, w_ptr, scale_ptr, offset_ptr, M, x_stride, cols, col_ok, start,
+                              K, GROUP, ROWS_PAD, BLOCK_N, BLOCK_K, EVEN_K)
         else:
             ks = start + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
+            k_ok = (ks < K) | EVEN_K
             # int8 and bf16 values are exact in fp32; via fp32, as the interpreter casts int8 to bf16 wrongly
-            w = tl.load(w_ptr + w_rows * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
-            w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+            part = tl.zeros((ROWS_PAD, BLOCK_N), dtype=tl.float32)
             for r in tl.static_range(ROWS_PAD):
                 x_row = x_ptr + tl.minimum(r, M - 1) * x_stride  # padding rows reread the last
                 x = tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
-                part = tl.sum(w * x[None, :], axis=1)  # [BLOCK_N]
-                acc += tl.where(rows[:, None] == r, part[None, :], 0.0)
+                part += tl.where(rows[:, None] == r, tl.sum(w * x[None, :], axis=1)[None, :], 0.0)
+        acc += part
     out_mask = (rows < M)[:, None] & col_ok[None, :]
     if SPLIT:
         tl.store(partial_ptr + (tl.program_id(1) * M + rows[:, None]) * N + cols[None, :], acc, mask=out_mask)
@@ -123,6 +109,44 @@ def _gemv_kernel(
         if FORMAT == 1:
             acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _int4_tile(x_ptr, w_ptr, scale_ptr, offset_ptr, M, x_stride, cols, col_ok, start,
+               K: tl.constexpr, GROUP: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """-> [ROWS_PAD, BLOCK_N]: x[:, start:start + BLOCK_K] against the int4 rows `cols`, dequantised as the
+    reference does (q * scale + offset, fp32). A [BLOCK_N, BLOCKS, 16] tile of 16-bit words: word j of a
+    64-column block holds columns j, 16 + j, 32 + j, 48 + j, one (scale, offset) per block."""
+    BLOCKS: tl.constexpr = BLOCK_K // 64
+    blocks = tl.arange(0, BLOCKS)
+    words = tl.arange(0, 16)
+    block_col = start + blocks * 64  # [BLOCKS]: each block's first column
+    block_ok = (block_col < K) | EVEN_K
+    ok = col_ok[:, None, None] & block_ok[None, :, None]
+    w_rows = cols[:, None, None].to(tl.int64)
+    packed = tl.load(w_ptr + w_rows * (K // 4) + start // 4 + blocks[None, :, None] * 16 + words[None, None, :],
+                     mask=ok, other=0).to(tl.int32)  # [BLOCK_N, BLOCKS, 16]
+    group = w_rows * (K // GROUP) + (block_col // GROUP)[None, :, None]  # [BLOCK_N, BLOCKS, 1]
+    scale = tl.load(scale_ptr + group, mask=ok, other=0.0).to(tl.float32)
+    offset = tl.load(offset_ptr + group, mask=ok, other=0.0).to(tl.float32)
+    w0 = (packed & 15).to(tl.float32) * scale + offset
+    w1 = ((packed >> 4) & 15).to(tl.float32) * scale + offset
+    w2 = ((packed >> 8) & 15).to(tl.float32) * scale + offset
+    w3 = ((packed >> 12) & 15).to(tl.float32) * scale + offset
+    x_col = block_col[:, None] + words[None, :]  # [BLOCKS, 16]: nibble 0's column; nibble p's is 16 * p further
+    x_ok = block_ok[:, None]
+    rows = tl.arange(0, ROWS_PAD)
+    part = tl.zeros((ROWS_PAD, BLOCK_N), dtype=tl.float32)
+    for r in tl.static_range(ROWS_PAD):
+        x_row = x_ptr + tl.minimum(r, M - 1) * x_stride + x_col  # padding rows reread the last
+        x0 = tl.load(x_row, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        x1 = tl.load(x_row + 16, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        x2 = tl.load(x_row + 32, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        x3 = tl.load(x_row + 48, mask=x_ok, other=0.0).to(tl.float32)[None, :, :]
+        dot = tl.sum(tl.sum(w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, axis=2), axis=1)  # [BLOCK_N]
+        part += tl.where(rows[:, None] == r, dot[None, :], 0.0)
+    return part
 
 
 @triton.jit
