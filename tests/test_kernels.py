@@ -375,6 +375,19 @@ def test_gemv(fmt, k, rows, n, split, dtype):
     assert_close(out, expected)
 
 
+def test_gemv_split_scratch_is_one_buffer_per_shape_for_every_row_count():
+    """Decode steps of 1..8 rows share one preallocated split-K buffer per (splits, N): none allocated after
+    the first call. No rows: an empty output, no launch."""
+    plan = gemv_plan(40, 256, INT8, DEVICE, splits=2, block_k=64)
+    buffers = []
+    for rows in (8, 1, 3):
+        x, weights, expected = gemv_inputs(INT8, rows, 40, 256, torch.float32)
+        assert_close(gemv(x, *weights[:1], INT8, *weights[1:], plan=plan), expected)
+        buffers.append(gemv_module._PARTIALS[(DEVICE, 2, 40)])
+    assert all(b is buffers[0] for b in buffers)
+    assert gemv(torch.zeros(0, 256, device=DEVICE), *weights[:1], INT8, *weights[1:]).shape == (0, 40)
+
+
 def test_gemv_plan_fills_the_gpu_at_qwen3_shapes(monkeypatch):
     """On a 132-SM GPU every 0.6B decode linear gets at least 2 programs per SM (K split where N alone
     gives too few), each split whole steps of its tile; the 151,936-row LM head needs no split."""

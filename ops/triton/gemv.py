@@ -180,16 +180,16 @@ def float_linear(larger: Linear) -> Linear:
     return linear
 
 
-# Split-K partial sums, one buffer per (device, splits, rows, N): allocated on a shape's first call and
-# reused, so a decode step (and its CUDA graph) allocates none. Calls on one stream run in order, so
-# consecutive layers of one shape share it safely.
+# Split-K partial sums, one buffer per (device, splits, N) for up to GEMV_MAX_ROWS rows: allocated on a
+# shape's first call (the runner's warm-up step, before any CUDA-graph capture) and reused, so a decode
+# step allocates none. Calls on one stream run in order, so consecutive layers of one shape share it.
 _PARTIALS: dict[tuple, torch.Tensor] = {}
 
 
-def _partials(device: torch.device, splits: int, m: int, n: int) -> torch.Tensor:
-    key = (device, splits, m, n)
+def _partials(device: torch.device, splits: int, n: int) -> torch.Tensor:
+    key = (device, splits, n)
     if key not in _PARTIALS:
-        _PARTIALS[key] = torch.empty(splits, m, n, dtype=torch.float32, device=device)
+        _PARTIALS[key] = torch.empty(splits * GEMV_MAX_ROWS * n, dtype=torch.float32, device=device)
     return _PARTIALS[key]
 
 
@@ -206,7 +206,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, fmt: int, scale: torch.Tensor | 
     assert m <= GEMV_MAX_ROWS, f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}"
     plan = plan or gemv_plan(n, k, fmt, x.device)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    partial = _partials(x.device, plan.splits, m, n) if plan.splits > 1 else out
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+    partial = _partials(x.device, plan.splits, n) if plan.splits > 1 else out  # [splits, m, N] in its start
     w = weight.view(torch.int16) if fmt == INT4 else weight
     group = k // scale.shape[1] if fmt == INT4 else 1
     _gemv_kernel[(triton.cdiv(n, plan.block_n), plan.splits)](
