@@ -28,9 +28,10 @@ from ops.triton.decode_attention import num_sms
 
 GEMV_MAX_ROWS = 8
 FLOAT, INT8, INT4 = 0, 1, 2  # weight formats (the kernel's FORMAT)
-# Weight bytes a program reads per row of its tile per step along K (16 lanes x 16 bytes), at most: narrower
-# where K is split finer than that allows.
-ROW_BYTES = 256
+# Weight columns per step along K, at most (narrower where K is split finer): 256 bytes of a bf16 or int8 row (16
+# lanes x 16 bytes), 128 of an int4 one, whose 4 dequantised floats per byte cost registers (512 columns took 146
+# a thread, compiled for sm_90).
+BLOCK_K = {FLOAT: 128, INT8: 256, INT4: 256}
 BLOCK_N = 16
 PROGRAMS_PER_SM = 4  # programs wanted per SM: enough loads in flight to cover HBM latency
 REDUCE_BLOCK = 1024
@@ -57,14 +58,14 @@ def gemv_plan(n: int, k: int, fmt: int, device: torch.device, splits: int | None
         block_n = BLOCK_N
         wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms(device), triton.cdiv(n, block_n))
     if block_k is None:
-        block_k = min(int(ROW_BYTES / {FLOAT: 2, INT8: 1, INT4: 0.5}[fmt]), max(64, triton.next_power_of_2(k)))
+        block_k = min(BLOCK_K[fmt], max(64, triton.next_power_of_2(k)))
         while block_k > 64 and triton.cdiv(k, block_k) < wanted:  # narrower steps, for more splits
             block_k //= 2
     steps = triton.cdiv(k, block_k)
     if splits is None:
         splits = max(1, min(wanted, steps))
-        if k % block_k == 0:  # splits of equal whole steps: the kernel's loads need no mask along K
-            splits = next(s for s in range(splits, steps + 1) if steps % s == 0)
+        if k % block_k == 0:  # splits of equal whole steps (the nearest count that divides them): no mask along K
+            splits = min((s for s in range(1, steps + 1) if steps % s == 0), key=lambda s: (abs(s - splits), -s))
     splits = max(1, min(splits, steps))
     split_k = triton.cdiv(steps, splits) * block_k
     return GemvPlan(block_n, block_k, triton.cdiv(k, split_k), split_k)
