@@ -65,7 +65,12 @@ def gemv_plan(n: int, k: int, fmt: int, device: torch.device, splits: int | None
     if splits is None:
         splits = max(1, min(wanted, steps))
         if k % block_k == 0:  # splits of equal whole steps (the nearest count that divides them): no mask along K
-            splits = min((s for s in range(1, steps + 1) if steps % s == 0), key=lambda s: (abs(s - splits), -s))
+            # a plain loop, not min(key=...): torch.compile traces this with fullgraph=True
+            nearest = 1
+            for s in range(1, steps + 1):
+                if steps % s == 0 and abs(s - splits) <= abs(nearest - splits):
+                    nearest = s
+            splits = nearest
     splits = max(1, min(splits, steps))
     split_k = triton.cdiv(steps, splits) * block_k
     return GemvPlan(block_n, block_k, triton.cdiv(k, split_k), split_k)
