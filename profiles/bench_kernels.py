@@ -243,7 +243,7 @@ def main() -> None:
               f"{r.speedup:6.2f}x  {r.triton_gbps:7.0f} GB/s  {100 * r.peak_fraction:5.1f}% of peak  "
               f"rel err {r.triton_rel_err:.2e} (torch bf16 {r.torch_rel_err:.2e}) {'ok' if r.ok else 'FAIL'}",
               flush=True)
-    linear_rows = measure_linears(peak, time_us, args.eager)
+    linear_rows = measure_linears(peak, time_us, args.eager, REL_TOL)
     table = markdown(rows, header) + "\n" + linear_markdown(linear_rows)
     print()
     print(table)

@@ -85,9 +85,10 @@ def impls(rows: int) -> list[Impl]:
 
 
 def measure_linears(peak_gbps: float, time_us: Callable[[Callable, list[tuple], bool], float], eager: bool,
-                    shapes: tuple[tuple[str, int, int], ...] = SHAPES, device: str = "cuda") -> list[LinearRow]:
-    """`time_us`: bench_kernels' timer (a call on each copy of the arguments in turn). `shapes` and `device`:
-    the tests' small run on the CPU under the interpreter."""
+                    rel_tol: float, shapes: tuple[tuple[str, int, int], ...] = SHAPES,
+                    device: str = "cuda") -> list[LinearRow]:
+    """`time_us`: bench_kernels' timer (a call on each copy of the arguments in turn); `rel_tol`: its bound on the
+    relative error. `shapes` and `device`: the tests' small run on the CPU under the interpreter."""
     out: list[LinearRow] = []
     for layer, k, n in shapes:
         for rows in ROWS:
@@ -112,7 +113,7 @@ def measure_linears(peak_gbps: float, time_us: Callable[[Callable, list[tuple], 
                 cublas_us = cublas_us or us
                 gbps = nbytes / us / 1e3
                 out.append(LinearRow(layer, f"{k}->{n}", rows, impl.name, round(us, 2), round(gbps, 1),
-                                     round(gbps / peak_gbps, 3), round(cublas_us / us, 2), err, err <= 2e-2))
+                                     round(gbps / peak_gbps, 3), round(cublas_us / us, 2), err, err <= rel_tol))
                 r = out[-1]
                 print(f"linear {r.layer:8} {r.shape:12} M={r.rows}  {r.impl:12} {r.us:8.1f} µs  {r.gbps:6.0f} GB/s "
                       f"{100 * r.peak_fraction:5.1f}% of peak  {r.vs_cublas:5.2f}x cuBLAS  rel err {r.rel_err:.2e} "

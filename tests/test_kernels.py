@@ -425,7 +425,7 @@ def test_bench_linear_rows_run_and_check_every_kernel():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiles"))
     from bench_linear import measure_linears
 
-    rows = measure_linears(1000.0, lambda impl, copies, eager: 1.0, False, shapes=(("small", 128, 40),),
+    rows = measure_linears(1000.0, lambda impl, copies, eager: 1.0, False, 2e-2, shapes=(("small", 128, 40),),
                            device=DEVICE.type)
     assert [(r.rows, r.impl) for r in rows] == [
         (1, "cublas bf16"), (1, "gemv bf16"), (1, "gemv int8"), (1, "gemv int4"), (8, "cublas bf16"),
