@@ -47,6 +47,8 @@ ENGINE_OPTIONS = (
               "computes it", choices=("auto", *DTYPE_NAMES)),
     EnvOption("--kernels", "NANOQWEN_KERNELS", "auto = Triton on CUDA, torch elsewhere",
               choices=KERNELS),
+    EnvOption("--float-gemv", "NANOQWEN_FLOAT_GEMV", "with the Triton kernels: bf16/fp16/fp32 linears of at most "
+              "8 rows (decode) run Triton's GEMV instead of cuBLAS", switch=True),
     EnvOption("--quant", "NANOQWEN_QUANT", "weight format: none = the dtype's; int8 = int8 weights with a "
               "scale per output channel; int4 = 4-bit weights with a scale and offset per 64 input columns; "
               "quantised at load time", choices=QUANTS),

@@ -74,6 +74,9 @@ class EngineConfig:
     device: str = "auto"  # auto (cuda -> mps -> cpu) or a torch device name
     dtype: str = "auto"  # auto (the checkpoint's, where the device handles it) | bfloat16 | float16 | float32
     kernels: str = "auto"  # auto | torch | triton
+    # The Triton set's float (bf16/fp16/fp32) linears of at most 8 rows (decode) as its GEMV, not cuBLAS: for A/B
+    # on a GPU (profiles/RESULTS.md, "gemv"); int8/int4 take their GEMV at those rows whatever this says
+    float_gemv: bool = False
     quant: str = "none"  # none | int8 | int4: linear weights (LM head, embedding) quantised at load time
     graph: str = "auto"  # auto | none | compile | cudagraph | cpugraph
     max_batch: int = 32  # sequences decoded together

@@ -31,11 +31,12 @@ def triton_available() -> bool:
 def select_kernels(
     setting: str, device: torch.device, dtype: torch.dtype, *,
     hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-    cpu_kernels: bool = True, cache_dir: Path | None = None,
+    cpu_kernels: bool = True, cache_dir: Path | None = None, float_gemv: bool = False,
 ) -> Kernels:
     """The kernels for a model of these sizes on `device` in `dtype`. `setting` is "torch", "triton"
     or "auto" (Triton on CUDA where installed, else torch); on the CPU this builds the C kernels
     into `cache_dir` (None: ops.cpu.build.resolve_cache_dir()'s default), unless `cpu_kernels` is off.
+    `float_gemv`: the Triton set's float linears of decode-sized batches run its GEMV (ops/triton/gemv.py).
     Raises ValueError when the setting cannot run on `device`."""
     name = ("triton" if device.type == "cuda" and triton_available() else "torch") if setting == "auto" else setting
     if name not in BACKENDS:
@@ -48,6 +49,8 @@ def select_kernels(
             raise ValueError(
                 f"Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1; not on {device.type}"
             )
+    elif float_gemv:
+        raise ValueError(f"NANOQWEN_FLOAT_GEMV is a choice of the Triton kernels, not of {name!r}")
     if device.type == "cpu":
         base = cpu.kernels(dtype, hidden_size=hidden_size, head_dim=head_dim, num_heads=num_heads,
                            num_kv_heads=num_kv_heads, enabled=cpu_kernels, cache_dir=cache_dir)
@@ -56,5 +59,5 @@ def select_kernels(
     if name == "triton":
         from ops import triton as triton_kernels  # imports triton: only where it is chosen
 
-        return triton_kernels.kernels(base, device)
+        return triton_kernels.kernels(base, device, float_gemv)
     return base

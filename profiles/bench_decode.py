@@ -2,7 +2,11 @@
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
         [--prompt-len 32] [--graph auto|none|compile|cudagraph|cpugraph] [--kernels auto|torch|triton]
-        [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--device auto] [--small] [--out DIR]
+        [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--float-gemv] [--device auto] [--small]
+        [--out DIR]
+
+--float-gemv: with the Triton kernels, bf16/fp32 linears of decode steps of at most 8 rows by Triton's GEMV
+instead of cuBLAS (NANOQWEN_FLOAT_GEMV), for an A/B against a run without it.
 
 The engine's KV pool and prefill budget hold the whole batch at --prompt-len + --new-tokens, so long
 contexts run too (profiles/common.py, load_engine's hold_batch).
@@ -70,6 +74,7 @@ def bench_ours(model: Path, device: torch.device, dtype: str, quant: str, prompt
     engine = common.load_engine(
         model, device=str(device), dtype=dtype, graph=args.graph, kernels=args.kernels,
         max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens, quant=quant, hold_batch=True,
+        float_gemv=args.float_gemv,
     )
     graph = engine.info()["graph"]
     # A compiled step may recompile as the block-table width grows with the context: warm up in full.
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--graph", default="auto", choices=GRAPHS)
     parser.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS)
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
+    parser.add_argument("--float-gemv", action="store_true", help="float linears of <= 8 rows by Triton's GEMV")
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()
     if args.new_tokens < 3:

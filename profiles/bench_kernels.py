@@ -1,6 +1,6 @@
 """The Triton kernels against their torch references at Qwen3-0.6B shapes, bf16, on one CUDA GPU.
 
-    python profiles/bench_kernels.py [--out DIR] [--peak-gbps GBPS] [--eager]
+    python profiles/bench_kernels.py [--out DIR] [--peak-gbps GBPS] [--eager] [--only linear]
 
 Prints time per call, achieved bandwidth (useful bytes read + written / time) and its fraction of
 the HBM bandwidth measured first by a device-to-device copy of 2 GiB (or --peak-gbps). Each kernel's
@@ -8,8 +8,9 @@ output is compared with the torch reference run in fp64 on the same inputs: the 
 (‖out − ref‖ / ‖ref‖) of the Triton kernel must stay within REL_TOL (the bf16 torch reference's own
 is printed for scale), else the script exits 1 after writing its results. Calls are timed inside a CUDA graph, as the
 server's decode steps run, unless --eager. Consecutive calls read different input copies (up to
-256 MiB of them) so that large cases measure HBM, not L2. With --out, writes kernels.json and
-kernels.md there.
+256 MiB of them) so that large cases measure HBM, not L2. Then the decode-sized linears of
+bench_linear.py (cuBLAS bf16 against the Triton GEMV in bf16, int8 and int4; --only linear: those
+alone). With --out, writes kernels.json and kernels.md there.
 """
 from __future__ import annotations
 
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write kernels.json and kernels.md into this directory")
     parser.add_argument("--peak-gbps", type=float, help="HBM bandwidth to compare against (GB/s; default: measured)")
     parser.add_argument("--eager", action="store_true", help="time eager launches instead of CUDA-graph replays")
+    parser.add_argument("--only", choices=("linear",), help="run only these rows (bench_linear.py's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profiles/bench_kernels.py benchmarks CUDA kernels, and torch sees no CUDA GPU here.")
@@ -210,6 +212,7 @@ def main() -> None:
     except ImportError:
         sys.exit("profiles/bench_kernels.py needs triton (pip install triton).")
 
+    from bench_linear import linear_markdown, measure_linears
     from ops.torch_ref.activation import silu_mul_torch
     from ops.torch_ref.decode_attention import decode_attention_torch
     from ops.torch_ref.rms_norm import rms_norm_torch
@@ -228,7 +231,7 @@ def main() -> None:
         *((silu_mul_bench(n), dict(triton=silu_mul_triton, torch=silu_mul_torch)) for n in TOKENS),
         *((rope_bench(n, cos_sin), rope) for n in TOKENS),
         *((decode_bench(b, c), decode) for c in CONTEXTS for b in BATCHES),
-    ]
+    ] if args.only is None else []
     gpu = torch.cuda.get_device_name()
     mode = "eager" if args.eager else "CUDA graph"
     measured = args.peak_gbps is None
@@ -244,7 +247,8 @@ def main() -> None:
               f"{r.speedup:6.2f}x  {r.triton_gbps:7.0f} GB/s  {100 * r.peak_fraction:5.1f}% of peak  "
               f"rel err {r.triton_rel_err:.2e} (torch bf16 {r.torch_rel_err:.2e}) {'ok' if r.ok else 'FAIL'}",
               flush=True)
-    table = markdown(rows, header)
+    linear_rows = measure_linears(peak, time_us, args.eager, REL_TOL)
+    table = markdown(rows, header) + "\n" + linear_markdown(linear_rows)
     print()
     print(table)
     for r in rows:
@@ -254,12 +258,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernels.json").write_text(
             json.dumps(dict(device=gpu, timing=mode, peak_gbps=peak, peak_measured=measured,
-                            rows=[asdict(r) for r in rows]),
+                            rows=[asdict(r) for r in rows], linear_rows=[asdict(r) for r in linear_rows]),
                        indent=2) + "\n"
         )
         (args.out / "kernels.md").write_text(table)
         print(f"wrote {args.out / 'kernels.json'} and {args.out / 'kernels.md'}")
     failed = [f"{r.kernel} {r.shape}" for r in rows if not r.ok]
+    failed += [f"linear {r.layer} M={r.rows} {r.impl}" for r in linear_rows if not r.ok]
     if failed:
         sys.exit(f"relative error against the fp64 reference over {REL_TOL}: {', '.join(failed)}")
 

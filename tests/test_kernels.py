@@ -9,7 +9,7 @@ import torch
 
 import paged_inputs
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from interpreter_bounds import bounds_checked  # noqa: E402
 from ops import select_kernels  # noqa: E402
@@ -20,8 +20,10 @@ from ops.torch_ref.linear_int8 import linear_int8_torch  # noqa: E402
 from ops.torch_ref.prefill_attention import prefill_attention_torch  # noqa: E402
 from ops.torch_ref.rms_norm import rms_norm_torch  # noqa: E402
 from ops.torch_ref.rope import qk_norm_rope_store_torch  # noqa: E402
+from ops.triton import gemv as gemv_module  # noqa: E402
 from ops.triton.activation import silu_mul_triton  # noqa: E402
 from ops.triton.decode_attention import MAX_SPLITS, decode_attention_triton, default_num_splits  # noqa: E402
+from ops.triton.gemv import FLOAT, INT4, INT8, gemv, gemv_plan  # noqa: E402
 from ops.triton.linear_int4 import linear_int4_triton  # noqa: E402
 from ops.triton.linear_int8 import linear_int8_triton  # noqa: E402
 from ops.triton.prefill_attention import prefill_attention_triton, tile_list  # noqa: E402
@@ -364,6 +366,103 @@ def test_linear_int4(x_shape, n, group, dtype):
     out = linear_int4_triton(x, weight, scale, offset)
     assert out.shape == (*x_shape[:-1], n) and out.dtype == dtype
     assert_close(out, linear_int4_torch(x, weight, scale, offset))
+
+
+# ---------------------------------------------------------------- weight-only GEMV (decode-sized batches)
+
+
+def gemv_inputs(fmt: int, rows: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, tuple, torch.Tensor]:
+    """x, the weight arguments for `fmt`, and the reference output."""
+    torch.manual_seed(rows * n + k)
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    if fmt == FLOAT:
+        weight = torch.randn(n, k, device=DEVICE).to(dtype)
+        return x, (weight,), torch.nn.functional.linear(x.float(), weight.float()).to(dtype)
+    if fmt == INT8:
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEVICE)
+        scale = (torch.rand(n, device=DEVICE) / 64).to(dtype)
+        return x, (weight, scale), linear_int8_torch(x, weight, scale)
+    weight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE)
+    scale = (torch.rand(n, k // 64, device=DEVICE) / 64).to(dtype)
+    offset = (-8 * scale + torch.randn(n, k // 64, device=DEVICE).to(dtype) / 256).to(dtype)
+    return x, (weight, scale, offset), linear_int4_torch(x, weight, scale, offset)
+
+
+# K: float/int8 200 = 3 steps of 64 and a tail of 8; int4 192 = 3 blocks of 64 (its K is whole blocks): split
+# in 2, the last split part-empty (float/int8: the tail; int4: one block of two), masked along K. K = 256: 4
+# whole steps, 2 even splits, unmasked along K. N = 40 within one column block, 600 over two (the
+# interpreter's 512).
+@pytest.mark.parametrize("fmt, k", [(FLOAT, 200), (INT8, 200), (INT4, 192), (FLOAT, 256), (INT8, 256), (INT4, 256)],
+                         ids=["float", "int8", "int4", "float-even", "int8-even", "int4-even"])
+@pytest.mark.parametrize("rows, n", [(1, 40), (3, 600), (8, 40)])
+# not every split with every dtype: on a GPU each case is a compile
+@pytest.mark.parametrize("split, dtype", [(False, torch.bfloat16), (True, torch.float32), (True, torch.bfloat16)],
+                         ids=["one-pass-bf16", "split-k-fp32", "split-k-bf16"])
+def test_gemv(fmt, k, rows, n, split, dtype):
+    x, weights, expected = gemv_inputs(fmt, rows, n, k, dtype)
+    plan = gemv_plan(n, k, fmt, DEVICE, splits=2 if split else 1, block_k=64)
+    assert plan.splits == (2 if split else 1)
+    out = gemv(x, weights[0], fmt, *weights[1:], plan=plan)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert_close(out, expected)
+
+
+def test_gemv_split_scratch_is_one_buffer_per_shape_for_every_row_count():
+    """Decode steps of 1..8 rows share one preallocated split-K buffer per (splits, N): none allocated after
+    the first call. No rows: an empty output, no launch."""
+    plan = gemv_plan(40, 256, INT8, DEVICE, splits=2, block_k=64)
+    buffers = []
+    for rows in (8, 1, 3):
+        x, weights, expected = gemv_inputs(INT8, rows, 40, 256, torch.float32)
+        assert_close(gemv(x, *weights[:1], INT8, *weights[1:], plan=plan), expected)
+        buffers.append(gemv_module._PARTIALS[(x.device, 2, 40)])
+    assert all(b is buffers[0] for b in buffers)
+    assert gemv(torch.zeros(0, 256, device=DEVICE), *weights[:1], INT8, *weights[1:]).shape == (0, 40)
+
+
+def test_gemv_plan_fills_the_gpu_at_qwen3_shapes(monkeypatch):
+    """On a 132-SM GPU every 0.6B decode linear gets at least 2 programs per SM (K split where N alone
+    gives too few), each split whole steps of its tile; the 151,936-row LM head needs no split."""
+    monkeypatch.setattr(gemv_module, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    for fmt in (FLOAT, INT8, INT4):
+        for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]:
+            plan = gemv_plan(n, k, fmt, cuda)
+            programs = triton.cdiv(n, plan.block_n) * plan.splits
+            assert programs >= 2 * 132, (fmt, n, k, plan)
+            assert plan.block_k % 64 == 0
+            assert plan.splits * plan.split_k == k  # whole steps, unmasked along K
+        assert gemv_plan(151936, 1024, fmt, cuda).splits == 1
+
+
+def test_float_gemv_is_the_triton_sets_linear_only_when_chosen():
+    sizes = dict(hidden_size=32, head_dim=16, num_heads=4, num_kv_heads=2)
+    plain = select_kernels("triton", DEVICE, torch.float32, **sizes)
+    chosen = select_kernels("triton", DEVICE, torch.float32, float_gemv=True, **sizes)
+    assert chosen.linear is not plain.linear
+    for rows in (3, 9):  # the GEMV, then the base set's linear past GEMV_MAX_ROWS
+        x, (weight,), expected = gemv_inputs(FLOAT, rows, 40, 64, torch.float32)
+        assert_close(chosen.linear(x, weight), expected)
+    with pytest.raises(ValueError, match="FLOAT_GEMV"):
+        select_kernels("torch", DEVICE, torch.float32, float_gemv=True, **sizes)
+
+
+def test_bench_linear_rows_run_and_check_every_kernel():
+    """profiles/bench_linear.py's rows (bench_kernels.py's last) at small shapes: every kernel it times at both
+    row counts, its fp64 check passing, so the one GPU run measures instead of failing on a script error."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "profiles"))
+    from bench_linear import measure_linears
+
+    rows = measure_linears(1000.0, lambda impl, copies, eager: 1.0, False, 2e-2, shapes=(("small", 128, 40),),
+                           device=DEVICE.type)
+    assert [(r.rows, r.impl) for r in rows] == [
+        (1, "cublas bf16"), (1, "gemv bf16"), (1, "gemv int8"), (1, "gemv int4"), (8, "cublas bf16"),
+        (8, "gemv bf16"), (8, "gemv int8"), (8, "gemv int4"), (8, "tl.dot int8"), (8, "tl.dot int4"),
+    ]
+    assert all(r.ok for r in rows), rows
 
 
 # ---------------------------------------------------------------- GPU: Qwen3-0.6B shapes in bf16

@@ -33,12 +33,14 @@ def references(checkpoint):
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="needs triton and TRITON_INTERPRET=1 (set by conftest without CUDA)")
-def test_triton_interpreted_model_matches_transformers(checkpoint, references):
+@pytest.mark.parametrize("float_gemv", [False, True])  # True: the linears of decode steps by Triton's GEMV
+def test_triton_interpreted_model_matches_transformers(checkpoint, references, float_gemv):
     # 256 positions: decode attention in 2 splits, not the 32 of the checkpoint's 4096, whose programs the
     # interpreter runs one by one. The combine kernel runs, but contexts of at most 21 tokens leave split 1
     # empty: test_kernels' split-boundary tests combine splits that both hold tokens
-    engine = load_engine(checkpoint, kernels="triton", max_batch=4, max_model_len=256)
+    engine = load_engine(checkpoint, kernels="triton", max_batch=4, max_model_len=256, float_gemv=float_gemv)
     assert engine.info()["kernels"] == "triton"
+    assert (engine.runner.model.kernels.linear.__qualname__.startswith("float_linear")) == float_gemv
     results = generate(engine, PROMPTS, greedy(INTERPRETED_TOKENS))
     for result, ref in zip(results, references):
         assert result.choices[0].token_ids == ref[:INTERPRETED_TOKENS]
@@ -112,18 +114,58 @@ TRACE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def traced_kernel_counts(script: str) -> list[str]:
+    """Runs `script` in a fresh process without the interpreter: the "kernels N" lines it printed."""
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line for line in done.stdout.splitlines() if line.startswith("kernels")]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.triton_available(), reason="needs triton")
 def test_decode_step_traces_as_one_graph_with_the_triton_kernels():
     """What NANOQWEN_GRAPH=compile runs on CUDA: model, Triton kernels and sampler in one fullgraph
     trace for every sampler mode (a graph break there would be an error)."""
-    tests = Path(__file__).parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
     # 2 layers x (2 RMSNorms, q/k norm + RoPE + store, split-K attention + combine, SiLU * up) + the final norm
-    assert [line for line in done.stdout.splitlines() if line.startswith("kernels")] == ["kernels 13"] * len(MODES)
+    assert traced_kernel_counts(TRACE_SCRIPT) == ["kernels 13"] * len(MODES)
+
+
+# The decode-sized linears as planned on a 132-SM GPU (K split: GEMV + reduce), traced as NANOQWEN_GRAPH=compile does.
+GEMV_TRACE_SCRIPT = textwrap.dedent("""
+    import torch, torch.utils._triton
+    torch.utils._triton.has_triton = lambda: True
+    from ops.triton import gemv
+    from ops.triton.linear_int4 import linear_int4_triton
+    from ops.triton.linear_int8 import linear_int8_triton
+    plan = gemv.gemv_plan
+    gemv.num_sms = lambda device: 132
+    gemv.gemv_plan = lambda n, k, fmt, device, **kw: plan(n, k, fmt, torch.device("cuda"), **kw)
+    w8, scale = torch.zeros(1024, 2048, dtype=torch.int8), torch.ones(1024)
+    w4, groups = torch.zeros(1024, 1024, dtype=torch.uint8), torch.ones(1024, 32)
+    def backend(gm, example_inputs):
+        calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        print("kernels", sum("triton_kernel_wrapper" in c for c in calls))
+        return lambda *args: None  # record only: there is no GPU to launch on
+    for linear in (lambda x: linear_int8_triton(x, w8, scale), lambda x: linear_int4_triton(x, w4, groups, groups),
+                   lambda x: gemv.float_linear(None)(x, scale[:, None] * w8)):
+        torch._dynamo.reset()
+        try:
+            with torch.inference_mode():
+                torch.compile(linear, backend=backend, fullgraph=True)(torch.zeros(4, 2048))
+        except TypeError:  # the recording backend returns no outputs
+            pass
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ops.triton_available(), reason="needs triton")
+def test_decode_sized_linears_trace_as_one_graph_with_split_k():
+    """int8, int4 and NANOQWEN_FLOAT_GEMV's linears at 4 rows under torch.compile's fullgraph trace: the GEMV's
+    plan and split buffer are Python dynamo follows, each linear the GEMV and its reduce."""
+    assert traced_kernel_counts(GEMV_TRACE_SCRIPT) == ["kernels 2"] * 3
 
 
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",

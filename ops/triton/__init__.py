@@ -9,6 +9,7 @@ from ops import torch_ref
 from ops.kernels import Kernels
 from ops.triton.activation import silu_mul_triton
 from ops.triton.decode_attention import decode_attention_triton, num_sms
+from ops.triton.gemv import float_linear
 from ops.triton.linear_int4 import linear_int4_triton
 from ops.triton.linear_int8 import linear_int8_triton
 from ops.triton.prefill_attention import prefill_attention_triton
@@ -16,9 +17,10 @@ from ops.triton.rms_norm import rms_norm_triton
 from ops.triton.rope import qk_norm_rope_store_triton
 
 
-def kernels(base: Kernels, device: torch.device) -> Kernels:
+def kernels(base: Kernels, device: torch.device, float_gemv: bool = False) -> Kernels:
     """`base` (the device's own set) with the ops Triton implements replaced; bf16/fp32 linears stay
-    `base`'s (cuBLAS on CUDA). The int8 and int4 linears and paged prefill attention are Triton's."""
+    `base`'s (cuBLAS on CUDA) unless `float_gemv`, which gives decode-sized batches Triton's GEMV. The int8
+    and int4 linears and paged prefill attention are Triton's."""
     if device.type == "cuda":
         num_sms(device)  # queried now, outside any torch.compile trace
     return dataclasses.replace(
@@ -29,6 +31,7 @@ def kernels(base: Kernels, device: torch.device) -> Kernels:
         decode_attention=decode_attention_triton,
         prefill_attention=prefill_attention_triton,
         silu_mul=silu_mul_triton,
+        linear=float_linear(base.linear) if float_gemv else base.linear,
         linear_int8=linear_int8_triton,
         linear_int4=linear_int4_triton,
         repack_int4=torch_ref.KERNELS.repack_int4,

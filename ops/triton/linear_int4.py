@@ -2,8 +2,8 @@
 registers, one 64-column block per step. Each block's products are exact (x times q, q a small
 integer in x's dtype) with fp32 sums; the group's scale multiplies the sums and its offset the
 activations' sum. The weights are read as 16-bit words: word i of a block holds the nibbles of columns
-i, 16 + i, 32 + i and 48 + i, so consecutive columns read consecutive words. GEMV-shaped tiles (16
-rows, narrow column blocks) for decode, square ones for prefill, as the int8 kernel's."""
+i, 16 + i, 32 + i and 48 + i, so consecutive columns read consecutive words. Decode-sized inputs take the
+GEMV of gemv.py, more rows this kernel, with the int8 kernel's tiles."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.decode_attention import _dot
+from ops.triton.gemv import INT4, decode_sized, gemv
 from ops.triton.linear_int8 import weight_only_launch
 
 
@@ -52,6 +53,15 @@ def linear_int4_triton(
 ) -> torch.Tensor:
     """Triton version of `linear_int4_torch`. x: [..., K], weight: [N, K / 2] uint8 contiguous, scale,
     offset: [N, K / G] contiguous, G % 64 == 0."""
+    if decode_sized(x):
+        return gemv(x, weight, INT4, scale, offset)
+    return linear_int4_tiled(x, weight, scale, offset)
+
+
+def linear_int4_tiled(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """linear_int4_triton's tl.dot kernel, at any number of rows."""
     n = weight.shape[0]
     rows, out, block_m, block_n, interpreted = weight_only_launch(x, n)
     m, k = rows.shape

@@ -1,6 +1,6 @@
 """Triton int8 weight-only linear: weights dequantised in registers, fp32 accumulation, the per-row
-scale applied to the sums. One kernel: a GEMV-shaped tiling (16-row tiles, narrow column blocks, so a
-decode step has enough programs to stream the weights) for decode, a square one for prefill."""
+scale applied to the sums. Decode-sized inputs (at most GEMV_MAX_ROWS rows) take the GEMV of gemv.py;
+more rows this tl.dot kernel: 16-row tiles with narrow column blocks up to 16 rows, square ones past."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ops.triton.decode_attention import _dot
+from ops.triton.gemv import INT8, decode_sized, gemv
 
 
 @triton.jit
@@ -69,6 +70,13 @@ def weight_only_launch(x: torch.Tensor, n: int) -> WeightOnlyLaunch:
 
 def linear_int8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton version of `linear_int8_torch`. x: [..., K], weight: [N, K] int8 contiguous, scale: [N]."""
+    if decode_sized(x):
+        return gemv(x, weight, INT8, scale)
+    return linear_int8_tiled(x, weight, scale)
+
+
+def linear_int8_tiled(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """linear_int8_triton's tl.dot kernel, at any number of rows."""
     n = weight.shape[0]
     rows, out, block_m, block_n, interpreted = weight_only_launch(x, n)
     m, k = rows.shape
