@@ -26,11 +26,12 @@ if TYPE_CHECKING:  # annotations only: the engine package imports the runner
 # attention once per sequence: past about this many (draft, context token) pairs in the step the extra reads
 # cost more than the packed path's own overhead (profiles/RESULTS.md, "vgraph").
 VERIFY_MAX_DRAFT_KEYS = 8192
-# The token counts of the packed steps warm_up runs. Triton compiles a variant per integer argument equal to 1, one
-# divisible by 16 and any other, and the weight-only linears tile up to 16 rows apart from more
-# (ops/triton/linear_int8.py): their row count, a packed step's tokens or sampled rows, takes one of five variants.
-# The other kernels take it as their grid, and launch one variant whatever the step (ops/triton/prefill_attention.py).
-WARM_UP_TOKENS = (1, 2, 16, 17, 32)
+# The token counts of the packed steps _warm_up runs. Triton compiles a variant per integer argument equal to 1, one
+# divisible by 16 and any other; the weight-only linears' row count (a packed step's tokens or sampled rows) also
+# picks the GEMV, unrolled over rows padded to 1, 2, 4 or 8 (ops/triton/gemv.py), or a tiling of 9 to 16 rows or
+# of more (ops/triton/linear_int8.py). The other kernels take it as their grid, and launch one variant whatever the
+# step (ops/triton/prefill_attention.py).
+WARM_UP_TOKENS = (1, 2, 4, 8, 9, 16, 17, 32)
 
 
 def decode_buckets(graph: str, device: torch.device, max_batch: int, verify_rows: int) -> list[int]:
