@@ -597,13 +597,15 @@ def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, max_tokens)
 
 
-def test_non_stream_client_closed_aborts(server: GunicornServer) -> None:
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_non_stream_client_closed_aborts(server: GunicornServer, version: str) -> None:
     """A client that closes its socket (a FIN, as one timing out does, not a reset) while its answer is generated: the
-    end of stream looked like a half-close, and every such request ran to its end and was counted as served."""
+    end of stream looked like a half-close, and every such request ran to its end and was counted as served. An
+    HTTP/1.0 client (nginx's upstream default) gets no probe: its end of stream is taken for a close."""
     before, log_before = server_stats(server), len(server.log())
     max_tokens = MAX_MODEL_LEN - 64
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens, "ignore_eos": True}))
+    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens, "ignore_eos": True}, version=version))
     wait_for(lambda: server_stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
     sock.close()
     _assert_aborted_early(server, before, max_tokens)

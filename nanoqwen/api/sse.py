@@ -8,7 +8,7 @@ from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import error_body
 
 DONE = "data: [DONE]\n\n"
-# a comment line, which SSE clients skip: written once the client's end of stream came (serving.client_state)
+# a comment line, which SSE clients skip: written once the client's end of stream came (serving.client_probe)
 PROBE = ": keep-alive\n\n"
 PROBE_BYTES = PROBE.encode()  # a background follower's frames are bytes
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
