@@ -355,6 +355,35 @@ def test_tool_choice_autos_answer_cut_in_its_reasoning_says_its_empty_content_la
     assert whole.build(Usage(prompt_tokens=1, completion_tokens=2))["choices"][0]["message"]["content"] == ""
 
 
+@pytest.mark.parametrize("held", ["<tool_call>\n{", CALL[:30], "Sunny.\n", ""])
+def test_a_failed_stream_sends_what_its_choices_held_first(held: str) -> None:
+    """An error ends a stream: what its choices held back (text that may yet be a tool call, a choice's chunks waiting
+    for a lower one to open) was dropped. Now each choice opens, in index order, and says what it generated, as its
+    collected answer cut there would, with no finish reason; the server's error event follows."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
+    out = chunks.chunks(Event(index=1, text="Hi.", token_ids=[1]))
+    out += chunks.chunks(Event(index=0, text=held, token_ids=[1] if held else []))
+    out += chunks.chunks(Event(error="internal error"))
+    choices = [chunk["choices"][0] for chunk in out]
+    assert list(dict.fromkeys(choice["index"] for choice in choices)) == [0, 1]  # opened in index order
+    assert all(choice["finish_reason"] is None for choice in choices)
+    for index, text in enumerate((held, "Hi.")):
+        mine = [choice["delta"] for choice in choices if choice["index"] == index]
+        assert mine[0]["role"] == "assistant" and all("role" not in delta for delta in mine[1:])
+        collected = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text, reason="length")
+        assert "".join(delta.get("content") or "" for delta in mine) == collected["message"]["content"], mine
+
+
+def test_a_failed_stream_sends_the_logprobs_held_without_reasoning() -> None:
+    """With `include_reasoning: false`, a token not yet known to be reasoning or content holds its logprobs back: a
+    stream failing then sends them before its error, as its end would have."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), include_reasoning=False)
+    assert chunks.chunks(Event(index=0, token_ids=[1], logprobs=[_logprob("<", -0.5)])) == []
+    out = chunks.chunks(Event(error="internal error"))
+    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [lp["token"] for chunk in out if (lps := chunk["choices"][0]["logprobs"]) for lp in lps["content"]] == ["<"]
+
+
 def test_completion_builder_parses_tool_calls() -> None:
     tools = ToolParsing(enabled=True)
     choice = _answer(CompletionBuilder("m", "fp", 1, False, tools), "Checking.\n", CALL[:20], CALL[20:])
