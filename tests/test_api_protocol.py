@@ -10,12 +10,13 @@ from openai.types.chat import ChatCompletionChunk
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
+from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
-from nanoqwen.api.sse import DONE, sse
+from nanoqwen.api.sse import DONE, RunningUsage, sse
 from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS, Budget
 from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
@@ -196,6 +197,33 @@ def test_chunk_builder() -> None:
     usage = chunks.usage(Usage(prompt_tokens=1, completion_tokens=2))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
     assert "usage" not in ChunkBuilder("m", "fp", include_usage=False).role(0)
+
+
+class _CountedUsage(RunningUsage):
+    """The continuous usage, counting the usage objects it builds."""
+
+    built = 0
+
+    def json(self) -> dict[str, int]:
+        self.built += 1
+        return super().json()
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "legacy"])
+def test_continuous_usage_is_built_once_for_the_chunks_going_out_together(chat: bool) -> None:
+    """vLLM's continuous_usage_stats: every chunk has the usage so far, one object for the chunks that go out
+    together (chat's were built once per chunk, then once more to stamp over them; legacy's once per chunk)."""
+    running = _CountedUsage(3)
+    builder = (ChunkBuilder("m", "fp", include_usage=True, n=2, running=running) if chat
+               else TextCompletion("m", "fp", ["Hi", "Hi"], False, include_usage=True, running=running))
+    opening = builder.opening()
+    assert len(opening) == 2 and running.built == 1
+    assert [c["usage"] for c in opening] == [{"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}] * 2
+    out = builder.chunks(Event(index=1, text="a", token_ids=[7, 8], finish_reason="stop"))
+    assert running.built == 2 and [c["usage"]["completion_tokens"] for c in out] == [2] * len(out)
+    *out, last = builder.chunks(Event(index=0, text="b", token_ids=[9], finish_reason="stop", usage=Usage(3, 3)))
+    assert running.built == 3 and [c["usage"]["completion_tokens"] for c in out] == [3] * len(out)
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 6
 
 
 def test_sse_framing() -> None:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nanoqwen.api.sse import DoneFraming
+from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 
@@ -107,21 +107,6 @@ class ReasoningTokens:
         elif self._closed or cut or event.finish_reason is not None:
             out, self._held = self._held + out, []
         return out
-
-
-@dataclass
-class RunningUsage:
-    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, on every chunk of a stream."""
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-
-    def add(self, event: Event) -> None:
-        self.completion_tokens += len(event.token_ids)
-
-    def json(self) -> Json:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _with_reasoning(obj: Json, reasoning: str) -> Json:
@@ -269,8 +254,8 @@ class ChunkBuilder(DoneFraming):
             "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
-        if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last
-            chunk["usage"] = None if self.running is None else self.running.json()
+        if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last (with_usage: vLLM's so far)
+            chunk["usage"] = None
         return chunk
 
     def opening(self) -> list[Json]:
@@ -279,7 +264,7 @@ class ChunkBuilder(DoneFraming):
         content = None if self.tools.forced and not self.echo else ""
         opened = [index for index in range(self.n) if index not in self._waiting]
         echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
-        return [self.role(index, content) for index in opened] + echoes
+        return self.with_usage([self.role(index, content) for index in opened] + echoes)
 
     def chunks(self, event: Event) -> list[Json]:
         """The chunks one engine event turns into. An error (the server's to send, after them) cuts every choice where
@@ -291,10 +276,7 @@ class ChunkBuilder(DoneFraming):
             out = self._choice_chunks(event)
         else:
             out = [chunk for index in range(self.n) for chunk in self._choice_chunks(Event(index, logprobs=[]), True)]
-        if self.running is not None and out:  # held chunks go out with the usage as it is now, not as when built
-            usage = self.running.json()
-            for chunk in out:
-                chunk["usage"] = usage
+        self.with_usage(out)
         if event.usage is not None and self.include_usage:
             out.append(self.usage(event.usage))
         return out
