@@ -613,6 +613,18 @@ def test_non_stream_client_closed_aborts(server: GunicornServer, version: str) -
     assert "Traceback" not in logged and "[ERROR]" not in logged, logged
 
 
+def test_a_half_closed_http_1_0_client_of_a_collected_answer_is_taken_for_gone(server: GunicornServer) -> None:
+    """HTTP/1.0 knows no interim answer, and nothing else can probe its client before the status line: its end of
+    stream is a close (as nginx takes any client's), so it gets the 499 at once, not its answer."""
+    before = server_stats(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_request({**GREEDY, "max_tokens": 400, "ignore_eos": True}, version="HTTP/1.0"))
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.0 499 "), answer[:100]
+    _assert_aborted_early(server, before, 400)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_half_closed_client_gets_the_whole_answer(server: GunicornServer, stream: bool) -> None:
     """`shutdown(SHUT_WR)` after the request (as `nc -N` does) is not a disconnect; a collected answer's client is
