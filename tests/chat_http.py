@@ -96,10 +96,11 @@ def engine_idle(srv: GunicornServer) -> bool:
     return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
 
 
-def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "") -> bytes:
+def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "",
+                version: str = "HTTP/1.1") -> bytes:
     """A POST's bytes, for a client on a socket of its own."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+    return (f"POST {path} {version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
 

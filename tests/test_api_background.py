@@ -28,14 +28,14 @@ from nanoqwen.api.responses_background import (
 )
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored
-from nanoqwen.api.serving import ClientState
+from nanoqwen.api.serving import ClientGone
 from nanoqwen.api.sse import PROBE
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 
 
-def _there() -> ClientState:
-    return ClientState.THERE
+def _there() -> bool:
+    return False
 
 
 def _run(response_id: str = "resp_1", keeps_events: bool = True) -> Run:
@@ -206,12 +206,18 @@ def test_a_follower_left_behind_holds_no_frame_back_for_itself_or_the_others() -
 
 
 def test_a_follower_gone_stops_following_and_a_poll_not_kept_keeps_nothing() -> None:
-    """A follower whose client's end of stream came while nothing new did is probed (once: client_state says CLOSED
+    """A follower whose client's end of stream came while nothing new did is probed (once: client_probe says so
     once), and stops once its client is gone."""
     run = _run()
     run.add_all(["a"])
-    states = iter([ClientState.THERE, ClientState.CLOSED, ClientState.THERE, ClientState.GONE])
-    assert list(run.follow(-1, lambda: next(states), 0.01)) == [b"a", PROBE.encode()]  # then polls with nothing new
+    states = iter([False, True, False, None])
+
+    def probe() -> bool:
+        if (state := next(states)) is None:
+            raise ClientGone
+        return state
+
+    assert list(run.follow(-1, probe, 0.01)) == [b"a", PROBE.encode()]  # then polls with nothing new
     unkept = _run(keeps_events=False)
     unkept.add_all(["a"])
     assert (len(unkept.frames), unkept.size) == (0, 0)

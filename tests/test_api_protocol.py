@@ -10,12 +10,13 @@ from openai.types.chat import ChatCompletionChunk
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
+from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import ServerStats, percentile
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
-from nanoqwen.api.sse import DONE, sse
+from nanoqwen.api.sse import DONE, RunningUsage, sse
 from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS, Budget
 from nanoqwen.api.structured import closed_objects, structured_grammar
 from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
@@ -198,6 +199,33 @@ def test_chunk_builder() -> None:
     assert "usage" not in ChunkBuilder("m", "fp", include_usage=False).role(0)
 
 
+class _CountedUsage(RunningUsage):
+    """The continuous usage, counting the usage objects it builds."""
+
+    built = 0
+
+    def json(self) -> dict[str, int]:
+        self.built += 1
+        return super().json()
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "legacy"])
+def test_continuous_usage_is_built_once_for_the_chunks_going_out_together(chat: bool) -> None:
+    """vLLM's continuous_usage_stats: every chunk has the usage so far, one object for the chunks that go out
+    together (chat's were built once per chunk, then once more to stamp over them; legacy's once per chunk)."""
+    running = _CountedUsage(3)
+    builder = (ChunkBuilder("m", "fp", include_usage=True, n=2, running=running) if chat
+               else TextCompletion("m", "fp", ["Hi", "Hi"], False, include_usage=True, running=running))
+    opening = builder.opening()
+    assert len(opening) == 2 and running.built == 1
+    assert [c["usage"] for c in opening] == [{"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}] * 2
+    out = builder.chunks(Event(index=1, text="a", token_ids=[7, 8], finish_reason="stop"))
+    assert running.built == 2 and [c["usage"]["completion_tokens"] for c in out] == [2] * len(out)
+    *out, last = builder.chunks(Event(index=0, text="b", token_ids=[9], finish_reason="stop", usage=Usage(3, 3)))
+    assert running.built == 3 and [c["usage"]["completion_tokens"] for c in out] == [3] * len(out)
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 6
+
+
 def test_sse_framing() -> None:
     assert sse({"a": "é"}) == 'data: {"a":"é"}\n\n'
     assert DONE == "data: [DONE]\n\n"
@@ -353,6 +381,35 @@ def test_tool_choice_autos_answer_cut_in_its_reasoning_says_its_empty_content_la
     whole = CompletionBuilder("m", "fp", 1, False, ToolParsing(True))
     whole.add(Event(index=0, reasoning="hmm", token_ids=[1, 2], finish_reason="length"))
     assert whole.build(Usage(prompt_tokens=1, completion_tokens=2))["choices"][0]["message"]["content"] == ""
+
+
+@pytest.mark.parametrize("held", ["<tool_call>\n{", CALL[:30], "Sunny.\n", ""])
+def test_a_failed_stream_sends_what_its_choices_held_first(held: str) -> None:
+    """An error ends a stream: what its choices held back (text that may yet be a tool call, a choice's chunks waiting
+    for a lower one to open) was dropped. Now each choice opens, in index order, and says what it generated, as its
+    collected answer cut there would, with no finish reason; the server's error event follows."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), n=2)
+    out = chunks.chunks(Event(index=1, text="Hi.", token_ids=[1]))
+    out += chunks.chunks(Event(index=0, text=held, token_ids=[1] if held else []))
+    out += chunks.chunks(Event(error="internal error"))
+    choices = [chunk["choices"][0] for chunk in out]
+    assert list(dict.fromkeys(choice["index"] for choice in choices)) == [0, 1]  # opened in index order
+    assert all(choice["finish_reason"] is None for choice in choices)
+    for index, text in enumerate((held, "Hi.")):
+        mine = [choice["delta"] for choice in choices if choice["index"] == index]
+        assert mine[0]["role"] == "assistant" and all("role" not in delta for delta in mine[1:])
+        collected = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text, reason="length")
+        assert "".join(delta.get("content") or "" for delta in mine) == collected["message"]["content"], mine
+
+
+def test_a_failed_stream_sends_the_logprobs_held_without_reasoning() -> None:
+    """With `include_reasoning: false`, a token not yet known to be reasoning or content holds its logprobs back: a
+    stream failing then sends them before its error, as its end would have."""
+    chunks = ChunkBuilder("m", "fp", include_usage=False, tools=ToolParsing(True), include_reasoning=False)
+    assert chunks.chunks(Event(index=0, token_ids=[1], logprobs=[_logprob("<", -0.5)])) == []
+    out = chunks.chunks(Event(error="internal error"))
+    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [lp["token"] for chunk in out if (lps := chunk["choices"][0]["logprobs"]) for lp in lps["content"]] == ["<"]
 
 
 def test_completion_builder_parses_tool_calls() -> None:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_payloads
+from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
 from nanoqwen import loader
 from nanoqwen.api.config import ServerConfig
@@ -26,6 +27,8 @@ from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 from ops.cpu import build as cpu_build
 from server_process import REPO_ROOT, GunicornServer
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
 
 def _messages(text: str) -> list[dict[str, str]]:
@@ -189,21 +192,31 @@ def test_ready_and_access_log_lines(preloaded):
 
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
+    """Beside it a stream whose text is held back (tools offered, an answer of `<tool_call>` tokens: a call or text,
+    known only at the block's end) sends that text before its error, as its end would: it was dropped."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
                          tmp_path / "gunicorn.log", args=["--graceful-timeout", "3"]).start()
     try:
         body = {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}
-        with post_chat(srv, body, stream=True) as response:
+        held_body = {**body, "max_tokens": 3000, "tools": TOOLS, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100},
+                     "chat_template_kwargs": {"enable_thinking": False}}
+        with post_chat(srv, held_body, stream=True) as held, post_chat(srv, body, stream=True) as response:
             payloads = sse_payloads(response)
             started = [json.loads(next(payloads)) for _ in range(2)]
             terminated = time.monotonic()
             srv.terminate()
             rest = list(payloads)
-        ended = time.monotonic() - terminated
+            ended = time.monotonic() - terminated
+            held_rest = list(sse_payloads(held))
         status = srv.wait(30)
     finally:
         srv.stop()
+    assert held_rest[-1] == "[DONE]" and "shutting down" in json.loads(held_rest[-2])["error"]["message"]
+    choices = [json.loads(payload)["choices"][0] for payload in held_rest[:-2]]
+    assert choices and choices[0]["delta"]["role"] == "assistant" and all(c["finish_reason"] is None for c in choices)
+    text = "".join(choice["delta"].get("content") or "" for choice in choices)
+    assert text.startswith("<tool_call>") and text == "<tool_call>" * (len(text) // len("<tool_call>")), text[:100]
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in started), started
     assert rest[-1] == "[DONE]", rest[-3:]
     error = json.loads(rest[-2])["error"]

@@ -597,18 +597,32 @@ def test_non_stream_disconnect_aborts(server: GunicornServer) -> None:
     _assert_aborted_early(server, before, max_tokens)
 
 
-def test_non_stream_client_closed_aborts(server: GunicornServer) -> None:
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_non_stream_client_closed_aborts(server: GunicornServer, version: str) -> None:
     """A client that closes its socket (a FIN, as one timing out does, not a reset) while its answer is generated: the
-    end of stream looked like a half-close, and every such request ran to its end and was counted as served."""
+    end of stream looked like a half-close, and every such request ran to its end and was counted as served. An
+    HTTP/1.0 client (nginx's upstream default) gets no probe: its end of stream is taken for a close."""
     before, log_before = server_stats(server), len(server.log())
     max_tokens = MAX_MODEL_LEN - 64
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens, "ignore_eos": True}))
+    sock.sendall(raw_request({**GREEDY, "max_tokens": max_tokens, "ignore_eos": True}, version=version))
     wait_for(lambda: server_stats(server)["engine_tokens_generated"] > before["engine_tokens_generated"], poll=0.005)
     sock.close()
     _assert_aborted_early(server, before, max_tokens)
     logged = server.log()[log_before:]  # the probe's 100 and the 499 written into a reset socket: quietly
     assert "Traceback" not in logged and "[ERROR]" not in logged, logged
+
+
+def test_a_half_closed_http_1_0_client_of_a_collected_answer_is_taken_for_gone(server: GunicornServer) -> None:
+    """HTTP/1.0 knows no interim answer, and nothing else can probe its client before the status line: its end of
+    stream is a close (as nginx takes any client's), so it gets the 499 at once, not its answer."""
+    before = server_stats(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_request({**GREEDY, "max_tokens": 400, "ignore_eos": True}, version="HTTP/1.0"))
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.0 499 "), answer[:100]
+    _assert_aborted_early(server, before, 400)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -7,9 +7,10 @@ from typing import Any
 from flask import Response
 
 from nanoqwen.api.request_id import response_id
-from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, RunningUsage, ToolParsing
+from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
+from nanoqwen.api.sse import RunningUsage
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, output_grammar
 from nanoqwen.engine.request import SamplingParams

@@ -14,10 +14,10 @@ from typing import Any
 from flask import Response
 
 from nanoqwen.api.request_id import response_id
-from nanoqwen.api.responses import Choice, RunningUsage, prompt_logprobs_json, usage_json
+from nanoqwen.api.responses import Choice, prompt_logprobs_json, usage_json
 from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
-from nanoqwen.api.sse import DoneFraming
+from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, structured_grammar
 from nanoqwen.api.tokenize import encode_texts
@@ -76,12 +76,6 @@ class TextCompletion(DoneFraming):
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint, "choices": choices}
 
-    def _chunk(self, choices: list[Json]) -> Json:
-        chunk = self._object(choices)
-        if self.running is not None:
-            chunk["usage"] = self.running.json()
-        return chunk
-
     def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None, prompt: PromptLogprobs | None) -> Json | None:
         if not self.want_logprobs:
             return None
@@ -110,8 +104,8 @@ class TextCompletion(DoneFraming):
         return out
 
     def opening(self) -> list[Json]:
-        return [self._chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
-                for i, echo in enumerate(self.echoes) if echo and not self._echo_pending[i]]
+        return self.with_usage([self._object([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
+                                for i, echo in enumerate(self.echoes) if echo and not self._echo_pending[i]])
 
     def chunks(self, event: Event) -> list[Json]:
         out = []
@@ -122,10 +116,11 @@ class TextCompletion(DoneFraming):
         if self._echo_pending[i] and event.prompt_logprobs is not None:  # the echo and the first token, as vLLM
             echo, self._echo_pending[i] = self.echoes[i], False
         if echo or event.text or event.logprobs or event.finish_reason:
-            out.append(self._chunk([{"index": i, "text": echo + event.text,
-                                      "logprobs": self._logprobs(i, event.logprobs, event.prompt_logprobs if echo
-                                                                 else None),
-                                      "finish_reason": event.finish_reason}]))
+            out.append(self._object([{"index": i, "text": echo + event.text,
+                                       "logprobs": self._logprobs(i, event.logprobs, event.prompt_logprobs if echo
+                                                                  else None),
+                                       "finish_reason": event.finish_reason}]))
+        self.with_usage(out)
         if event.usage is not None and self.include_usage:
             chunk = self._object([])
             chunk["usage"] = usage_json(event.usage)

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nanoqwen.api.sse import DoneFraming
+from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 
@@ -94,33 +94,19 @@ class ReasoningTokens:
     def count(self) -> int:
         return self._count if self._reasoned else 0
 
-    def content_logprobs(self, event: Event, counted: int) -> list[TokenLogprob]:
+    def content_logprobs(self, event: Event, counted: int, cut: bool = False) -> list[TokenLogprob]:
         """The event's logprobs less the reasoning tokens' (`counted`: what add returned), as
         `include_reasoning: false` streams them: those of tokens not yet known to be reasoning or
-        content are held until the choice shows which (its first reasoning, content or finish)."""
+        content are held until the choice shows which (its first reasoning, content or end; `cut`: it ends here
+        unfinished, as a failed stream's choices do)."""
         logprobs = event.logprobs or []
         self._held += logprobs[:counted]
         out = logprobs[counted:]
         if self._reasoned:
             self._held = []
-        elif self._closed or event.finish_reason is not None:
+        elif self._closed or cut or event.finish_reason is not None:
             out, self._held = self._held + out, []
         return out
-
-
-@dataclass
-class RunningUsage:
-    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, on every chunk of a stream."""
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-
-    def add(self, event: Event) -> None:
-        self.completion_tokens += len(event.token_ids)
-
-    def json(self) -> Json:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _with_reasoning(obj: Json, reasoning: str) -> Json:
@@ -268,8 +254,8 @@ class ChunkBuilder(DoneFraming):
             "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
-        if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last
-            chunk["usage"] = None if self.running is None else self.running.json()
+        if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last (with_usage: vLLM's so far)
+            chunk["usage"] = None
         return chunk
 
     def opening(self) -> list[Json]:
@@ -278,17 +264,31 @@ class ChunkBuilder(DoneFraming):
         content = None if self.tools.forced and not self.echo else ""
         opened = [index for index in range(self.n) if index not in self._waiting]
         echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
-        return [self.role(index, content) for index in opened] + echoes
+        return self.with_usage([self.role(index, content) for index in opened] + echoes)
 
     def chunks(self, event: Event) -> list[Json]:
-        """The chunks one engine event turns into (an error is the server's to send)."""
+        """The chunks one engine event turns into. An error (the server's to send, after them) cuts every choice where
+        it is: what each holds back (text that may yet be a tool call, chunks waiting for their role delta or for a
+        lower choice's) goes out first, as its answer would end there, with no finish reason."""
         if self.running is not None:
             self.running.add(event)
+        if event.error is None:
+            out = self._choice_chunks(event)
+        else:
+            out = [chunk for index in range(self.n) for chunk in self._choice_chunks(Event(index, logprobs=[]), True)]
+        self.with_usage(out)
+        if event.usage is not None and self.include_usage:
+            out.append(self.usage(event.usage))
+        return out
+
+    def _choice_chunks(self, event: Event, cut: bool = False) -> list[Json]:
+        """The chunks of one choice's event, and those it releases; `cut`: the choice ends here, unfinished."""
+        ends = cut or event.finish_reason is not None
         reasoning = self._reasoning[event.index]
         counted = reasoning.add(event)
         if not self.include_reasoning and event.logprobs is not None:
-            event = replace(event, logprobs=reasoning.content_logprobs(event, counted))
-        out = self.deltas(event)
+            event = replace(event, logprobs=reasoning.content_logprobs(event, counted, cut))
+        out = self.deltas(event, cut)
         if event.index in self._contentless and any(
                 key in chunk["choices"][0]["delta"] for chunk in out for key in ("content", "tool_calls")):
             self._contentless.discard(event.index)
@@ -296,15 +296,15 @@ class ChunkBuilder(DoneFraming):
             if event.index in self._contentless:  # the collected answer's content is "" then: deltas joined say so
                 out.append(self._delta(event.index, {"content": ""}))
             out.append(self.finish(event.index, event.finish_reason))
-        if out and event.index in self._waiting:
+        if (out or ends) and event.index in self._waiting:
             out = self._waiting[event.index] + out
             choices = [chunk["choices"][0] for chunk in out]
-            if all(not choice["delta"] and choice["finish_reason"] is None for choice in choices):
+            if not ends and all(not choice["delta"] and choice["finish_reason"] is None for choice in choices):
                 self._waiting[event.index] = out  # logprobs alone: what the role delta says is not known yet
                 out = []
             else:
                 del self._waiting[event.index]
-                first = choices[0]["delta"]
+                first = choices[0]["delta"] if choices else {}
                 if "tool_calls" in first:  # OpenAI's recorded stream: the role in the call's first chunk
                     choices[0]["delta"] = {"role": "assistant", "content": None, **first, "refusal": None}
                 else:
@@ -314,12 +314,6 @@ class ChunkBuilder(DoneFraming):
                 self._held.setdefault(event.index, []).extend(out)
                 out = []
             out += self._released()
-        if self.running is not None and out:  # held chunks go out with the usage as it is now, not as when built
-            usage = self.running.json()
-            for chunk in out:
-                chunk["usage"] = usage
-        if event.usage is not None and self.include_usage:
-            out.append(self.usage(event.usage))
         return out
 
     def _released(self) -> list[Json]:
@@ -349,14 +343,14 @@ class ChunkBuilder(DoneFraming):
         self._contentless.add(index)
         return role
 
-    def deltas(self, event: Event) -> list[Json]:
+    def deltas(self, event: Event, cut: bool = False) -> list[Json]:
         """The content/reasoning chunk of an event (none when it carries nothing to send), then a
         chunk per piece of a tool call it decodes: a call's index, id, type and name first, then
-        each new stretch of its arguments."""
+        each new stretch of its arguments. At the choice's end (`cut`: unfinished) what the parser held is out."""
         parsed = Parsed(event.text)
         if (parser := self._parser(event.index)) is not None:
             parsed = parser.feed(event.text)
-            if event.finish_reason is not None:
+            if cut or event.finish_reason is not None:
                 parsed += parser.finish()
         chunks = []
         reasoning = event.reasoning if self.include_reasoning else ""

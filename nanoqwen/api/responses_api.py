@@ -39,7 +39,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, client_state
+from nanoqwen.api.serving import Batch, client_probe
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -518,7 +518,7 @@ class ResponsesService:
 
     def _following(self, run: Run, after: int, environ: dict[str, Any]) -> Response:
         poll_s = self.chat.serving.config.disconnect_poll_s
-        frames = run.follow(after, partial(client_state, environ), poll_s)
+        frames = run.follow(after, partial(client_probe, environ), poll_s)
         return Response(frames, mimetype="text/event-stream", headers=HEADERS)
 
     def count(self, body: Any, budget: Budget) -> Json:

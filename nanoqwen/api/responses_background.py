@@ -21,7 +21,7 @@ import gevent.event
 
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_store import ResponseStore
-from nanoqwen.api.serving import RETRY_AFTER_S, ClientState
+from nanoqwen.api.serving import RETRY_AFTER_S, ClientGone
 from nanoqwen.api.sse import PROBE_BYTES, named_event
 
 MAX_RUNNING = 32
@@ -124,11 +124,11 @@ class Run:
         changed, self._changed = self._changed, gevent.event.Event()
         changed.set()
 
-    def follow(self, after: int, client: Callable[[], ClientState], poll_s: float) -> Iterator[bytes]:
-        """The frames after sequence number `after`, as they come, until the response ends or its follower's `client`
-        is gone (checked every `poll_s` while none comes; its end of stream probed as a stream's); one that falls
-        behind what is kept (a client reading slower than the model writes, past MAX_LAG_BYTES) gets an error event
-        saying so, and ends."""
+    def follow(self, after: int, probe: Callable[[], bool], poll_s: float) -> Iterator[bytes]:
+        """The frames after sequence number `after`, as they come, until the response ends or its follower's client
+        is gone (`probe`, serving.client_probe's, called every `poll_s` while none comes: its end of stream probed as
+        a stream's); one that falls behind what is kept (a client reading slower than the model writes, past
+        MAX_LAG_BYTES) gets an error event saying so, and ends."""
         cursor = _Cursor(after + 1)
         self._cursors.add(cursor)
         try:
@@ -143,11 +143,11 @@ class Run:
                     yield frame
                 elif self.ended.is_set():
                     return
-                elif not changed.wait(poll_s) and (state := client()) is not ClientState.THERE:
-                    if state is ClientState.GONE:
-                        return
+                elif not changed.wait(poll_s) and probe():
                     yield PROBE_BYTES
             yield self._dropped(cursor.next).encode()
+        except ClientGone:
+            return
         finally:
             self._cursors.discard(cursor)
             self._trim()

@@ -12,7 +12,6 @@ import select
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from enum import Enum
 from typing import Any, Protocol
 
 from flask import Response
@@ -34,7 +33,7 @@ RETRY_AFTER_S = "1"
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
 LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
 INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
-PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (ClientState.CLOSED)
+PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (client_probe)
 Json = dict[str, Any]
 
 
@@ -64,45 +63,42 @@ class Streamer(Protocol):
     def failure(self, message: str) -> list[Json]: ...
 
 
-class ClientState(Enum):
-    THERE = "there"
-    CLOSED = "closed"  # its end of stream (FIN) came, seen for the first time: probe it now
-    GONE = "gone"
-
-
-def client_state(environ: dict[str, Any]) -> ClientState:
-    """Whether the client is still there: one non-blocking select, and a peek where it is readable.
+def client_probe(environ: dict[str, Any]) -> bool:
+    """Whether the client is still there: one non-blocking select, and a peek where it is readable. True: its end of
+    stream (FIN) came, seen for the first time, to be probed now; ClientGone: it is gone.
 
     End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`) once its request is
     sent and still read the answer. A client that is really gone shows up as a reset here, or as a failed write
     (gunicorn then closes the stream's generator). But a client that closed its socket (timed out, a proxy whose
     client left) sends the same FIN, and an answer may write nothing for long (a collected one until it is generated,
-    a stream while queued or while its text is held back, as a tool call's): the first end of stream seen is CLOSED,
-    once per request, and its caller then writes what the client must skip (probe_interim before the answer's head,
-    an SSE comment line in a stream), which a closed socket answers with a reset. A reset after the FIN is no error
-    to recv (it reads the end of stream first), only to a write or SO_ERROR, which a later check reads.
+    a stream while queued or while its text is held back, as a tool call's): the first end of stream seen is to be
+    probed (True), once per request, and its caller then writes what the client must skip (probe_interim before the
+    answer's head, an SSE comment line in a stream), which a closed socket answers with a reset. A reset after the FIN
+    is no error to recv (it reads the end of stream first), only to a write or SO_ERROR, which a later check reads.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None:
-        return ClientState.THERE
+        return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if readable and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
-                return ClientState.GONE
+                raise ClientGone
             if not environ.get(PROBED):
                 environ[PROBED] = True
-                return ClientState.CLOSED
+                return True
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
-        return ClientState.GONE
-    return ClientState.THERE
+        raise ClientGone from None
+    return False
 
 
 def probe_interim(environ: dict[str, Any]) -> None:
     """The probe of a client whose answer has not started: an interim `100 Continue`, which HTTP/1.1 clients must
-    skip (HTTP/1.0 ones know none: they get no probe)."""
+    skip. HTTP/1.0 ones know none, and no byte they must skip can come before the status line: their end of stream is
+    taken for a close, as nginx takes any client's while it waits for its upstream (a half-closed HTTP/1.0 client gets
+    the 499, not its answer)."""
     if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
-        return
+        raise ClientGone
     try:
         environ["gunicorn.socket"].sendall(INTERIM_PROBE)
     except OSError:  # reset already
@@ -268,17 +264,14 @@ class Serving:
 
     def _events(self, batch: Batch, environ: dict[str, Any]) -> Iterator[Event | None]:
         """The request's events, checking at each one (each engine step) and every poll interval while none comes
-        (queued) that the client is still connected (client_state). None: the client's end of stream came, to be
+        (queued) that the client is still connected (client_probe). None: the client's end of stream came, to be
         probed now in the answer's own way."""
         while True:
             try:
                 event = batch.get(timeout=self.config.disconnect_poll_s)
             except TimeoutError:
                 event = None
-            state = client_state(environ)
-            if state is ClientState.GONE:
-                raise ClientGone
-            if state is ClientState.CLOSED:
+            if client_probe(environ):
                 yield None
             if event is None:
                 continue

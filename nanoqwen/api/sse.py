@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import error_body
 
+if TYPE_CHECKING:
+    from nanoqwen.engine.request import Event
+
 DONE = "data: [DONE]\n\n"
-# a comment line, which SSE clients skip: written once the client's end of stream came (serving.client_state)
+# a comment line, which SSE clients skip: written once the client's end of stream came (serving.client_probe)
 PROBE = ": keep-alive\n\n"
 PROBE_BYTES = PROBE.encode()  # a background follower's frames are bytes
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -25,11 +29,36 @@ def named_event(chunk: dict[str, Any], split: bool = False) -> str:
     return f"event: {chunk['type']}\n{sse(chunk, split)}"
 
 
+@dataclass
+class RunningUsage:
+    """vLLM's `stream_options.continuous_usage_stats`: the usage so far, on every chunk of a stream."""
+
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def add(self, event: Event) -> None:
+        self.completion_tokens += len(event.token_ids)
+
+    def json(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
 class DoneFraming:
     """Chat and legacy completions' streams: `data:` chunks, a failure as an error object, `data: [DONE]` last."""
 
     ending: ClassVar[str] = DONE
     repeats_answer: ClassVar[bool] = False  # its last chunk has the usage, not the answer
+    running: RunningUsage | None  # the builder's: the continuous usage, when the client asked for it
+
+    def with_usage(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`chunks` as they go out, each with the continuous usage when asked for: the usage as it is now (a held
+        chunk's too, not as when it was built), one object for them all."""
+        if self.running is not None and chunks:
+            usage = self.running.json()
+            for chunk in chunks:
+                chunk["usage"] = usage
+        return chunks
 
     def repeats(self, chunk: dict[str, Any]) -> bool:
         return False
