@@ -1,6 +1,7 @@
 """Every load and store of the Triton kernels launched inside `bounds_checked()`, run by Triton's interpreter,
 checked against the extents of the tensors passed to that launch. On a GPU an address outside them reads or
-writes someone else's memory silently, or faults as an illegal memory access some launches later."""
+writes someone else's memory silently, or faults as an illegal memory access some launches later. An address is
+checked against the union of the launch's tensors, so one that strays into another argument passes unseen."""
 from __future__ import annotations
 
 import contextlib
