@@ -400,6 +400,7 @@ def test_a_failed_stream_sends_what_its_choices_held_first(held: str) -> None:
         assert mine[0]["role"] == "assistant" and all("role" not in delta for delta in mine[1:])
         collected = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True)), text, reason="length")
         assert "".join(delta.get("content") or "" for delta in mine) == collected["message"]["content"], mine
+        assert text or mine[0]["content"] == "", "cut before anything: its answer is \"\", as at any end"
 
 
 def test_a_failed_stream_sends_the_logprobs_held_without_reasoning() -> None:

@@ -94,17 +94,17 @@ class ReasoningTokens:
     def count(self) -> int:
         return self._count if self._reasoned else 0
 
-    def content_logprobs(self, event: Event, counted: int, cut: bool = False) -> list[TokenLogprob]:
+    def content_logprobs(self, event: Event, counted: int, ends: bool | None = None) -> list[TokenLogprob]:
         """The event's logprobs less the reasoning tokens' (`counted`: what add returned), as
         `include_reasoning: false` streams them: those of tokens not yet known to be reasoning or
-        content are held until the choice shows which (its first reasoning, content or end; `cut`: it ends here
-        unfinished, as a failed stream's choices do)."""
+        content are held until the choice shows which (its first reasoning, content or end; `ends`: the choice ends
+        here, by default when the event finishes it; a failed stream's choices end unfinished)."""
         logprobs = event.logprobs or []
         self._held += logprobs[:counted]
         out = logprobs[counted:]
         if self._reasoned:
             self._held = []
-        elif self._closed or cut or event.finish_reason is not None:
+        elif self._closed or (event.finish_reason is not None if ends is None else ends):
             out, self._held = self._held + out, []
         return out
 
@@ -287,8 +287,8 @@ class ChunkBuilder(DoneFraming):
         reasoning = self._reasoning[event.index]
         counted = reasoning.add(event)
         if not self.include_reasoning and event.logprobs is not None:
-            event = replace(event, logprobs=reasoning.content_logprobs(event, counted, cut))
-        out = self.deltas(event, cut)
+            event = replace(event, logprobs=reasoning.content_logprobs(event, counted, ends))
+        out = self.deltas(event, ends)
         if event.index in self._contentless and any(
                 key in chunk["choices"][0]["delta"] for chunk in out for key in ("content", "tool_calls")):
             self._contentless.discard(event.index)
@@ -308,7 +308,7 @@ class ChunkBuilder(DoneFraming):
                 if "tool_calls" in first:  # OpenAI's recorded stream: the role in the call's first chunk
                     choices[0]["delta"] = {"role": "assistant", "content": None, **first, "refusal": None}
                 else:
-                    out.insert(0, self._opened(event.index, choices))
+                    out.insert(0, self._opened(event.index, choices, ends))
         if out and event.index not in self._waiting and (self._held or self._waiting):
             if event.index in self._held or any(index < event.index for index in self._waiting):
                 self._held.setdefault(event.index, []).extend(out)
@@ -328,10 +328,10 @@ class ChunkBuilder(DoneFraming):
     def role(self, index: int, content: str | None = "") -> Json:
         return self._delta(index, {"role": "assistant", "content": content, "refusal": None})
 
-    def _opened(self, index: int, first: list[Json]) -> Json:
+    def _opened(self, index: int, first: list[Json], ends: bool) -> Json:
         """The role delta of a choice that waited for its first chunks (`first`, their choices; logprobs-only ones,
-        held until something decides, come first): `content: null` before a call, `""` before text or the end;
-        before reasoning what follows is not known yet: no content."""
+        held until something decides, come first; `ends`: the choice ends with them): `content: null` before a call,
+        `""` before text or the end; before reasoning what follows is not known yet: no content."""
         role = self.role(index)
         for choice in first:
             if "tool_calls" in choice["delta"]:
@@ -339,18 +339,21 @@ class ChunkBuilder(DoneFraming):
                 return role
             if "content" in choice["delta"] or choice["finish_reason"] is not None:
                 return role
+        if ends:  # cut before anything: its answer is "" as at any end
+            return role
         del role["choices"][0]["delta"]["content"]
         self._contentless.add(index)
         return role
 
-    def deltas(self, event: Event, cut: bool = False) -> list[Json]:
+    def deltas(self, event: Event, ends: bool | None = None) -> list[Json]:
         """The content/reasoning chunk of an event (none when it carries nothing to send), then a
         chunk per piece of a tool call it decodes: a call's index, id, type and name first, then
-        each new stretch of its arguments. At the choice's end (`cut`: unfinished) what the parser held is out."""
+        each new stretch of its arguments. At the choice's end (`ends`, by default when the event finishes it; a failed
+        stream's choices end unfinished) what the parser held is out."""
         parsed = Parsed(event.text)
         if (parser := self._parser(event.index)) is not None:
             parsed = parser.feed(event.text)
-            if cut or event.finish_reason is not None:
+            if event.finish_reason is not None if ends is None else ends:
                 parsed += parser.finish()
         chunks = []
         reasoning = event.reasoning if self.include_reasoning else ""
