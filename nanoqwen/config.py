@@ -155,6 +155,7 @@ class RuntimeConfig:
     dtype: torch.dtype
     kernels: str  # torch | triton
     quant: str  # none | int8 | int4
+    float_gemv: bool  # the Triton set's float linears of decode-sized batches by its GEMV (ops/triton/gemv.py)
     graph: str  # none | compile | cudagraph | cpugraph
     max_batch: int
     max_model_len: int  # the KV pool may hold fewer tokens than the model's positions
@@ -199,7 +200,8 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
         log.warning("KV pool holds %d tokens: max_model_len lowered to that", max_model_len)
     return RuntimeConfig(
         model_path=model_path, device=device, dtype=dtype, kernels=kernels, quant=config.quant,
-        graph=resolve_graph(config.graph, device, cpu_graph), max_batch=config.max_batch, max_model_len=max_model_len,
+        float_gemv=config.float_gemv, graph=resolve_graph(config.graph, device, cpu_graph), max_batch=config.max_batch,
+        max_model_len=max_model_len,
         block_size=config.block_size, num_kv_blocks=num_blocks, threads=resolve_threads(config.threads),
         speculative=config.speculative,
     )

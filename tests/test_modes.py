@@ -115,13 +115,13 @@ TRACE_SCRIPT = textwrap.dedent("""
 
 
 def traced_kernel_counts(script: str) -> list[str]:
-    """Runs `script` in a fresh process without the interpreter: the "kernels N" lines it printed."""
+    """Runs `script` in a fresh process without the interpreter: the "kernels N" (and "static ...") lines it printed."""
     tests = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [line for line in done.stdout.splitlines() if line.startswith("kernels")]
+    return [line for line in done.stdout.splitlines() if line.startswith(("kernels", "static"))]
 
 
 @pytest.mark.slow
@@ -149,6 +149,9 @@ GEMV_TRACE_SCRIPT = textwrap.dedent("""
         calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         print("kernels", sum("triton_kernel_wrapper" in c for c in calls))
         return lambda *args: None  # record only: there is no GPU to launch on
+    for fmt, k in ((gemv.INT8, 2048), (gemv.INT4, 2048), (gemv.FLOAT, 2048)):  # the server's order: eager steps first
+        gemv._partials(torch.device("cpu"), gemv.gemv_plan(1024, k, fmt, None).splits, 1024)
+    print("static", all(hasattr(b, "_dynamo_static_input_type") for b in gemv._PARTIALS.values()))
     for linear in (lambda x: linear_int8_triton(x, w8, scale), lambda x: linear_int4_triton(x, w4, groups, groups),
                    lambda x: gemv.float_linear(None)(x, scale[:, None] * w8)):
         torch._dynamo.reset()
@@ -164,8 +167,9 @@ GEMV_TRACE_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not ops.triton_available(), reason="needs triton")
 def test_decode_sized_linears_trace_as_one_graph_with_split_k():
     """int8, int4 and NANOQWEN_FLOAT_GEMV's linears at 4 rows under torch.compile's fullgraph trace: the GEMV's
-    plan and split buffer are Python dynamo follows, each linear the GEMV and its reduce."""
-    assert traced_kernel_counts(GEMV_TRACE_SCRIPT) == ["kernels 2"] * 3
+    plan and split buffer are Python dynamo follows, each linear the GEMV and its reduce. The buffers exist before
+    the trace, as in the server, marked static (else torch.compile's CUDA graphs skip a step that writes them)."""
+    assert traced_kernel_counts(GEMV_TRACE_SCRIPT) == ["static True"] + ["kernels 2"] * 3
 
 
 @pytest.mark.skipif(not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",

@@ -64,7 +64,7 @@ def test_settings_the_device_cannot_serve_are_refused():
 def test_info_is_what_health_and_the_fingerprint_read():
     info = resolve(max_batch=4, max_model_len=256, num_kv_blocks=20, threads=1, quant="int8").info()
     assert info == {"model_path": "/ckpt", "device": "cpu", "dtype": "float32", "kernels": "torch", "quant": "int8",
-                    "graph": "none", "max_batch": 4, "max_model_len": 256, "block_size": 16,
+                    "float_gemv": False, "graph": "none", "max_batch": 4, "max_model_len": 256, "block_size": 16,
                     "num_kv_blocks": 20, "threads": 1, "speculative": None}
     spec = '{"method": "ngram", "num_speculative_tokens": 3}'
     assert resolve(speculative_config=spec).info()["speculative"] == {

@@ -187,15 +187,21 @@ def float_linear(larger: Linear) -> Linear:
 
 
 # Split-K partial sums, one buffer per (device, splits, N) for up to GEMV_MAX_ROWS rows: allocated on a
-# shape's first call (the runner's warm-up step, before any CUDA-graph capture) and reused, so a decode
-# step allocates none. Calls on one stream run in order, so consecutive layers of one shape share it.
+# shape's first call (an eager step: the graph runner's pre-capture step of each bucket, the runner's packed
+# warm-up steps before torch.compile traces a decode step) and reused, so a decode step allocates none. Calls on
+# one stream run in order, so consecutive layers of one shape share it (one engine a process, as served).
 _PARTIALS: dict[tuple, torch.Tensor] = {}
 
 
 def _partials(device: torch.device, splits: int, n: int) -> torch.Tensor:
     key = (device, splits, n)
     if key not in _PARTIALS:
-        _PARTIALS[key] = torch.empty(splits * GEMV_MAX_ROWS * n, dtype=torch.float32, device=device)
+        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), "allocated inside a capture"
+        buffer = torch.empty(splits * GEMV_MAX_ROWS * n, dtype=torch.float32, device=device)
+        if not torch.compiler.is_compiling():
+            # else torch.compile's CUDA graphs skip a step that writes a graph input not known to stay put
+            torch._dynamo.mark_static_address(buffer)
+        _PARTIALS[key] = buffer
     return _PARTIALS[key]
 
 
@@ -210,6 +216,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, fmt: int, scale: torch.Tensor | 
     m, k = rows.shape
     n = weight.shape[0]
     assert m <= GEMV_MAX_ROWS, f"gemv takes at most {GEMV_MAX_ROWS} rows, got {m}"
+    assert weight.is_contiguous(), "rows of the weight at a stride of K (or K / 2)"
     plan = plan or gemv_plan(n, k, fmt, x.device)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
