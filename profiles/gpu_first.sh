@@ -41,7 +41,7 @@ STEPS=(
     "server 130 60"     # [113]
     "decode 50 25"      # [~18]
     "bench 60 30"       # [~28]
-    "quant 60 30"       # [~25]
+    "quant 80 30"       # [~25 + ~15 for the bf16 GEMV run]
     "trace 50 20"       # [28]
     "compile 120 60"    # [skipped unless the rest came in early]
 )
@@ -105,9 +105,12 @@ step_bench() {
 }
 
 step_quant() {
-    # Issue 12's GPU target: int8 and int4 weight-only decode against bf16 in the same run.
+    # Issue 12's GPU target: int8 and int4 weight-only decode against bf16 in the same run; then bf16 with its
+    # linears of <= 8 rows by the Triton GEMV instead of cuBLAS (NANOQWEN_FLOAT_GEMV, off by default until this).
     "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --quant none int8 int4 --batches 1 8 \
-        --new-tokens 32 --hf-cache none --out "$D"
+        --new-tokens 32 --hf-cache none --out "$D" \
+        && "$PY" profiles/bench_decode.py --graph cudagraph --dtypes bfloat16 --quant none --batches 1 8 \
+            --new-tokens 32 --hf-cache none --float-gemv --out "$D/float_gemv"
 }
 
 step_server() {
