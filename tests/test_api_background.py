@@ -17,7 +17,7 @@ import pytest
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
-from nanoqwen.api.responses_api import Draft, ResponseEvents, ResponsesService, input_item_json
+from nanoqwen.api.responses_api import Draft, PolledEvents, ResponseEvents, ResponsesService, input_item_json
 from nanoqwen.api.responses_background import (
     KEPT_FINISHED,
     MAX_EVENT_BYTES,
@@ -306,19 +306,33 @@ def test_cancelling_aborts_and_waits_for_the_end() -> None:
     assert not release.is_set()
 
 
+def _failing(events: ResponseEvents) -> list[dict]:
+    """The events of a response whose engine failed mid-answer, its text partly held by the tool parser."""
+    out = events.opening()
+    for event in (Event(text="Par", token_ids=[1]), Event(text="is.\n", token_ids=[2]),
+                  Event(error="internal error during generation")):
+        out += events.chunks(event)
+    return out + events.failure("internal error during generation")
+
+
 def test_a_background_response_that_fails_is_kept_failed_and_one_cut_off_is_let_go() -> None:
+    """Kept with its output so far (it had only the items done: none here), that a stream failing the same way
+    sends, the held text too."""
     store = ResponseStore()
     service = ResponsesService(SimpleNamespace())
     service.store = store
     failing = _begun(store)
-    events = ResponseEvents(failing, ToolParsing())
-    events.opening()
-    events.failure("internal error during generation")
+    events = PolledEvents(failing, ToolParsing(enabled=True))
+    _failing(events)
     service._ended(failing, events)
     stored = store.get(failing.id)
     assert isinstance(stored, Stored) and stored.background and store._running == {}
     response = json.loads(stored.body)
     assert (response["status"], response["error"]["message"]) == ("failed", "internal error during generation")
+    (message,) = response["output"]
+    assert (message["status"], message["content"][0]["text"]) == ("incomplete", "Paris.\n")
+    streamed = _failing(ResponseEvents(_begun(ResponseStore()), ToolParsing(enabled=True)))[-1]["response"]
+    assert [{**item, "id": ""} for item in streamed["output"]] == [{**message, "id": ""}]
     cut = _begun(store)  # its greenlet killed before any end (a worker exiting)
     service._ended(cut, ResponseEvents(cut, ToolParsing()))
     assert store.get(cut.id) is None and store._running == {}

@@ -19,7 +19,7 @@ from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
 from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS, Budget
 from nanoqwen.api.structured import closed_objects, structured_grammar
-from nanoqwen.engine.request import Event, TokenLogprob, TopLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, TopLogprob, Usage
 from nanoqwen.settings import EngineConfig
 
 USER = [{"role": "user", "content": "hi"}]
@@ -411,6 +411,22 @@ def test_a_failed_stream_sends_the_logprobs_held_without_reasoning() -> None:
     out = chunks.chunks(Event(error="internal error"))
     assert out[0]["choices"][0]["delta"]["role"] == "assistant"
     assert [lp["token"] for chunk in out if (lps := chunk["choices"][0]["logprobs"]) for lp in lps["content"]] == ["<"]
+
+
+def test_a_failed_legacy_stream_sends_the_echoes_still_waiting_for_their_prompts_logprobs() -> None:
+    """With logprobs an echo waits for its prompt's logprobs, which come with its choice's first event: a stream
+    failing before then (its prompt queued, or in its prefill) dropped the echo. It goes out without them, as it
+    would without logprobs asked; nothing generated is held (choice 0's text went out as it came)."""
+    builder = TextCompletion("m", "fp", ["Hi", "Yo", ""], True)
+    assert builder.opening() == []
+    prompt = PromptLogprobs("Hi", [])
+    out = builder.chunks(Event(index=0, text=" there", token_ids=[1], logprobs=[_logprob(" there", -0.5)],
+                               prompt_logprobs=prompt))
+    assert [choice["text"] for chunk in out for choice in chunk["choices"]] == ["Hi there"]
+    out = builder.chunks(Event(error="internal error"))
+    assert [chunk["choices"] for chunk in out] == [[{"index": 1, "text": "Yo", "logprobs": None,
+                                                     "finish_reason": None}]]
+    assert builder.chunks(Event(error="internal error")) == []  # sent once
 
 
 def test_completion_builder_parses_tool_calls() -> None:

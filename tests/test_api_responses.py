@@ -187,6 +187,54 @@ def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
     assert failed["response"]["error"] == {"code": "server_error", "message": "boom"}
 
 
+def _failed(events: list[Event], tools: ToolParsing, events_kind: type[ResponseEvents] = ResponseEvents,
+            **body: Any) -> tuple[ResponseEvents, list[Json]]:
+    """The stream's events for engine events ended by an engine error, as serving sends them."""
+    stream = events_kind(_draft(**body), tools)
+    out = stream.opening()
+    for event in [*events, Event(error="boom")]:
+        out += stream.chunks(event)
+    return stream, out + stream.failure("boom")
+
+
+@pytest.mark.parametrize("texts", [["Sure.", "<tool_call>\n{"], CALL_TEXT[:2], ["Sunny.\n"], [CALL_TEXT[0]]],
+                         ids=["held-text", "open-call", "whitespace", "held-call"])
+def test_a_failed_stream_sends_what_it_held_and_fails_with_the_items_so_far(texts: list[str]) -> None:
+    """An engine error (or the server shutting down) ended a stream with `response.failed` holding only the items
+    done: the open one (a message whose deltas went out, a call) was missing, and text the tool parser held (what
+    might yet be a call, trailing whitespace) never went out. Now the error cuts the answer as a length cut there
+    would: the held text is sent, the open item done `incomplete`, and the failed response's output is what the
+    cut response's is, its text the deltas'."""
+    tools = ToolParsing(enabled=True)
+    events = [Event(text=t, token_ids=[i], logprobs=[_lp(t)]) for i, t in enumerate(texts)]
+    cut, _ = _both([*events, Event(finish_reason="length", usage=Usage(7, len(texts)))], tools, include=[LOGPROBS])
+    _, streamed = _failed(events, tools, include=[LOGPROBS])
+    _one_open_at_a_time(streamed)
+    failed = streamed[-1]
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    output = failed["response"]["output"]
+    assert _without_ids(failed["response"])["output"] == _without_ids(cut)["output"] and output
+    assert output[-1]["status"] == "incomplete"
+    texts_sent = "".join(e["delta"] for e in streamed if e["type"] == "response.output_text.delta")
+    arguments_sent = "".join(e["delta"] for e in streamed if e["type"] == "response.function_call_arguments.delta")
+    assert texts_sent == "".join(item["content"][0]["text"] for item in output if item["type"] == "message")
+    assert arguments_sent == "".join(item["arguments"] for item in output if item["type"] == "function_call")
+    logprobs = [lp["token"] for item in output if item["type"] == "message" for lp in item["content"][0]["logprobs"]]
+    assert logprobs == [lp["token"] for e in streamed if e["type"] == "response.output_text.delta"
+                        for lp in e["logprobs"]]
+
+
+def test_a_failure_before_any_output_fails_with_none_and_open_reasoning_is_kept() -> None:
+    """No empty message for a response that failed before its output (as a cancelled one); reasoning under way is
+    an item done, as at any end."""
+    _, streamed = _failed([], ToolParsing())
+    assert [e["type"] for e in streamed] == ["response.created", "response.in_progress", "response.failed"]
+    assert streamed[-1]["response"]["output"] == []
+    _, streamed = _failed(THOUGHT[:2], ToolParsing())
+    assert [item["type"] for item in streamed[-1]["response"]["output"]] == ["reasoning"]
+    assert streamed[-1]["response"]["output"][0]["content"][0]["text"] == "Let me think"
+
+
 def _collected(draft: Draft, events: list[Event], tools: ToolParsing | None = None) -> Json | bytes:
     collector = ResponseCollector(draft, tools or ToolParsing())
     for event in events:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_payloads
+from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
 from nanoqwen import loader
@@ -193,15 +193,23 @@ def test_ready_and_access_log_lines(preloaded):
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
     """Beside it a stream whose text is held back (tools offered, an answer of `<tool_call>` tokens: a call or text,
-    known only at the block's end) sends that text before its error, as its end would: it was dropped."""
-    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1"),
+    known only at the block's end) sends that text before its error, as its end would: it was dropped. A Responses
+    stream's `response.failed` holds its message so far (it held only the items done: none), and a legacy stream
+    queued behind the full batch (max_batch 3), its echo waiting for its prompt's logprobs, sends its echo first."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="4096", NANOQWEN_THREADS="1",
+                                 NANOQWEN_MAX_BATCH="3"),
                          tmp_path / "gunicorn.log", args=["--graceful-timeout", "3"]).start()
     try:
         body = {"model": MODEL, "messages": _messages("Hi"), "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}
         held_body = {**body, "max_tokens": 3000, "tools": TOOLS, "logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100},
                      "chat_template_kwargs": {"enable_thinking": False}}
-        with post_chat(srv, held_body, stream=True) as held, post_chat(srv, body, stream=True) as response:
+        responses_body = {"model": MODEL, "input": "Hi", "max_output_tokens": 3000, "stream": True, "temperature": 0}
+        echo_body = {"model": MODEL, "prompt": "Hi there", "max_tokens": 5, "echo": True, "logprobs": 1,
+                     "stream": True}
+        with post_chat(srv, held_body, stream=True) as held, post_chat(srv, body, stream=True) as response, \
+                requests.post(f"{srv.url}/v1/responses", json=responses_body, stream=True, timeout=300) as failing, \
+                requests.post(f"{srv.url}/v1/completions", json=echo_body, stream=True, timeout=300) as queued:
             payloads = sse_payloads(response)
             started = [json.loads(next(payloads)) for _ in range(2)]
             terminated = time.monotonic()
@@ -209,9 +217,19 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
             rest = list(payloads)
             ended = time.monotonic() - terminated
             held_rest = list(sse_payloads(held))
+            failing_events = [json.loads(data) for _, data in sse_events(failing)]
+            queued_rest = list(sse_payloads(queued))
         status = srv.wait(30)
     finally:
         srv.stop()
+    failed = failing_events[-1]
+    assert failed["type"] == "response.failed" and "shutting down" in failed["response"]["error"]["message"]
+    (message,) = [item for item in failed["response"]["output"] if item["type"] == "message"]
+    deltas = "".join(event["delta"] for event in failing_events if event["type"] == "response.output_text.delta")
+    assert message["status"] == "incomplete" and message["content"][0]["text"] == deltas and deltas
+    assert [json.loads(payload)["choices"] for payload in queued_rest[:-2]] == [
+        [{"index": 0, "text": "Hi there", "logprobs": None, "finish_reason": None}]]
+    assert "shutting down" in json.loads(queued_rest[-2])["error"]["message"] and queued_rest[-1] == "[DONE]"
     assert held_rest[-1] == "[DONE]" and "shutting down" in json.loads(held_rest[-2])["error"]["message"]
     choices = [json.loads(payload)["choices"][0] for payload in held_rest[:-2]]
     assert choices and choices[0]["delta"]["role"] == "assistant" and all(c["finish_reason"] is None for c in choices)

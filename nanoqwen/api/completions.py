@@ -104,10 +104,19 @@ class TextCompletion(DoneFraming):
         return out
 
     def opening(self) -> list[Json]:
-        return self.with_usage([self._object([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
-                                for i, echo in enumerate(self.echoes) if echo and not self._echo_pending[i]])
+        return self.with_usage([self._echo(i) for i, echo in enumerate(self.echoes)
+                                if echo and not self._echo_pending[i]])
+
+    def _echo(self, index: int) -> Json:
+        """A choice's echo alone, without logprobs."""
+        return self._object([{"index": index, "text": self.echoes[index], "logprobs": None, "finish_reason": None}])
 
     def chunks(self, event: Event) -> list[Json]:
+        if event.error is not None:  # the stream fails (the server sends its error next): the echoes still waiting for
+            # their prompt's logprobs (a choice not started) go out without them, as they would without logprobs asked
+            pending = [i for i, waits in enumerate(self._echo_pending) if waits]
+            self._echo_pending = [False] * len(self.echoes)
+            return self.with_usage([self._echo(i) for i in pending])
         out = []
         i = event.index
         if self.running is not None:

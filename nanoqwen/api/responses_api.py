@@ -254,6 +254,8 @@ class ResponseEvents:
         return [self._event("response.created", response=response), self._event(second, response=response)]
 
     def failure(self, message: str) -> list[Json]:
+        """`response.failed`, with the items so far: an engine error's event (chunks) closed the open one, its held
+        text sent (text that might have been a call), as the answer would have ended there."""
         error = {"code": "server_error", "message": message}
         self.response = self.draft.response("failed", self._output, None, error)
         return [self._event("response.failed", response=self.response)]
@@ -266,13 +268,14 @@ class ResponseEvents:
     def chunks(self, event: Event) -> list[Json]:
         if event.admitted:
             return [self._event("response.in_progress", response=self.draft.started())]
+        cut = event.error is not None  # the stream fails here (failure follows): what is held goes out first
         counted = self._tokens.add(event)
-        self._held += self._tokens.content_logprobs(event, counted)
+        self._held += self._tokens.content_logprobs(event, counted, cut)
         out = self._reason(event.reasoning) if event.reasoning else []
         parsed = Parsed(event.text)
         if self._parser is not None:
             parsed = self._parser.feed(event.text)
-            if event.finish_reason is not None:
+            if cut or event.finish_reason is not None:
                 parsed += self._parser.finish()
         # the open call's tail, then text after it (which closes it), then new calls
         tail = next((i for i, call in enumerate(parsed.calls) if call.id is not None), len(parsed.calls))
@@ -288,6 +291,8 @@ class ResponseEvents:
             self._finish_reason = event.finish_reason
         if event.usage is not None:
             out += self._finish(event.usage)
+        elif cut:
+            out += self._close_items("failed")
         return out
 
     def _open(self, item: Json) -> tuple[_Open, list[Json]]:
@@ -368,20 +373,25 @@ class ResponseEvents:
                 self._done(opened, _call(opened.id, call, status))]
 
     def _finish(self, usage: Usage) -> list[Json]:
-        """The open item gets the answer's status (incomplete when cut short or cancelled), the ones before it stay
-        completed; an answer without output gets an empty message, unless cancelled (OpenAI's `output: []`). A
-        cancelled response has no event of its own (OpenAI's stream events have none): its stream ends after its
-        items' `.done` events, and GET says it."""
+        """The items closed with the answer's status, then the final response. A cancelled response has no event of
+        its own (OpenAI's stream events have none): its stream ends after its items' `.done` events, and GET says
+        it."""
         status = _status(self._finish_reason)
+        out = self._close_items(status)
+        self.response, self.body = self.draft.finish(status, self._output, usage_json(usage, self._tokens.count))
+        return out if status == "cancelled" else [*out, self._event(f"response.{status}", response=self.response)]
+
+    def _close_items(self, status: str) -> list[Json]:
+        """The open item gets the response's `status` (incomplete when cut short, cancelled or failed), the ones
+        before it stay completed; an answer without output gets an empty message, unless cancelled or failed
+        (OpenAI's `output: []`)."""
         out = self._close_reasoning()
-        if self._message is None and self._call is None and not self._output and status != "cancelled":
+        if self._message is None and self._call is None and not self._output and status not in ("cancelled", "failed"):
             out += self._text("")
         if self._message is not None and self._held:
             out += self._text("")
         item_status = "completed" if status == "completed" else "incomplete"
-        out += [*self._close_message(item_status), *self._close_call(item_status)]
-        self.response, self.body = self.draft.finish(status, self._output, usage_json(usage, self._tokens.count))
-        return out if status == "cancelled" else [*out, self._event(f"response.{status}", response=self.response)]
+        return [*out, *self._close_message(item_status), *self._close_call(item_status)]
 
 
 class PolledEvents(ResponseEvents):
