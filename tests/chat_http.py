@@ -119,15 +119,21 @@ def final_response(data: bytes) -> bytes:
     return data
 
 
-def dechunk(data: bytes) -> bytes:
-    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
-    out = b""
+def http_chunks(data: bytes) -> list[bytes]:
+    """The chunks of a chunked transfer encoding (each of the server's writes), checking that it ends with the last."""
+    out = []
     while True:
         size_line, _, data = data.partition(b"\r\n")
         size = int(size_line, 16)
         if size == 0:
             return out
-        out, data = out + data[:size], data[size + 2:]
+        out.append(data[:size])
+        data = data[size + 2:]
+
+
+def dechunk(data: bytes) -> bytes:
+    """The body of a chunked transfer encoding, checking that it ends with the last chunk."""
+    return b"".join(http_chunks(data))
 
 
 def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: Any) -> requests.Response:

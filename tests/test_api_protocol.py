@@ -291,6 +291,48 @@ def test_stats_counters() -> None:
     assert "nanoqwen_time_to_first_token_seconds_count 2.0" in text
 
 
+def test_token_metrics_added_at_publish_equal_observing_each() -> None:
+    """The per-token metrics, counted and added at publish (TokenMetrics), read as observing each token would: the
+    generated-tokens counter and the inter-token-latency histogram's buckets (values on a bound, past the last, 0)."""
+    itls = [0.0, 0.005, 0.0051, 0.01, 0.3, 30.0, 31.0, 0.005]
+    batched, direct = ServerStats(lambda: None), ServerStats(lambda: None)
+    batched.record_tokens(1, 0.0, None)  # a choice's first token: no latency
+    for itl in itls:
+        batched.record_tokens(2, 0.0, itl)
+        direct._m_itl.observe(itl)
+    direct._m_generated.inc(1 + 2 * len(itls))
+
+    def metrics(stats: ServerStats) -> list[str]:
+        return [line for line in stats.prometheus().decode().splitlines() if "_created" not in line]
+
+    assert "nanoqwen_inter_token_latency_seconds_bucket{le=\"0.005\"} 3.0" in metrics(direct)
+    assert metrics(batched) == metrics(direct)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chunk_frames_encode_as_the_whole_chunk(include_usage: bool) -> None:
+    """A stream's chunks framed with their head encoded once a stream (DoneFraming.frame) are byte for byte the
+    chunk's own JSON: chat and legacy, role, reasoning, content, tool calls, logprobs, the finish, usage and
+    continuous usage, an error."""
+    tools = ToolParsing(enabled=True)
+    lp = [TokenLogprob(token_id=5, token="é", logprob=-0.5, bytes=[195, 169], top_logprobs=[])]
+    events = [Event(index=0, token_ids=[1], reasoning="hm"),
+              Event(index=0, token_ids=[2], text="Hé \"x\"", logprobs=lp),
+              Event(index=0, token_ids=[3], text='<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'),
+              Event(index=0, token_ids=[4], finish_reason="stop"), Event(index=0, usage=Usage(4, 4))]
+    builders = [ChunkBuilder("qwen3-0.6b", "fp_1", include_usage, tools=tools, running=RunningUsage(4)),
+                ChunkBuilder("modèle", "fp_2", include_usage, n=2),
+                TextCompletion("m", "fp_3", ["", "echo"], True, include_usage, RunningUsage(3))]
+    framed = 0
+    for builder in builders:
+        chunks = builder.opening() + [c for event in events for c in builder.chunks(event)]
+        chunks += builder.failure("boom") + builder.chunks(Event(index=0, error="boom"))
+        for chunk in chunks:
+            assert builder.frame(chunk) == sse(chunk) == builder.frame(chunk, split=True), chunk
+            framed += "choices" in chunk
+    assert framed >= 12
+
+
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function",
           "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}]

@@ -584,14 +584,16 @@ LONG = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[SCORED] * 120)]  # 
 
 
 def _served(stream: Any, events: list[Event]) -> list[str]:
-    """The frames of `stream` for `events` through Serving._stream, as the server sends them."""
+    """The frames of `stream` for `events` through Serving._stream, as the server sends them (split out of its writes,
+    which join the frames of the events waiting)."""
     batch = Batch()
     for event in events:
         batch.put(event)
     stats = SimpleNamespace(finish=lambda trace, usage: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
-        return list(serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {}))
+        writes = serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {})
+        return [f"{frame}\n\n" for frame in "".join(writes).split("\n\n")[:-1]]
     finally:
         serving.encoding.stop()
 

@@ -28,6 +28,7 @@ from chat_http import (
     dechunk,
     final_response,
     health_polled,
+    http_chunks,
     post_chat,
     raw_request,
     read_all,
@@ -558,6 +559,20 @@ def _assert_aborted_early(srv: GunicornServer, before: dict[str, Any], max_token
     after = server_stats(srv)
     assert after["requests_served"] == before["requests_served"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < max_tokens  # cut short
+
+
+def test_a_streams_last_frames_go_out_in_one_write(server: GunicornServer) -> None:
+    """The frames of the events waiting when a stream wakes go out in one write (one HTTP chunk): its last token's,
+    the finish, the usage and `[DONE]` together (before: a socket send each, most of the hub's time a token)."""
+    body = {**GREEDY, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_request(body, headers="Connection: close\r\n"))
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, head
+    chunks = http_chunks(payload)
+    last = [json.loads(line[len(b"data: "):]) for line in chunks[-1].split(b"\n\n") if line.startswith(b"data: {")]
+    assert chunks[-1].endswith(b"data: [DONE]\n\n"), chunks[-3:]
+    assert last[-2]["choices"][0]["finish_reason"] == "length" and last[-1]["usage"]["completion_tokens"] == 8, last
 
 
 def test_stream_disconnect_aborts(server: GunicornServer) -> None:

@@ -99,8 +99,8 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
     answer = {"id": "x", "choices": [{"index": i, "message": {"content": "ü"}, "logprobs": logprobs} for i in range(3)],
               "usage": None, "empty": [], "nested": [[{"a": [{}]}]]}
     calls: list[str] = []
-    dumps = encode._dumps
-    monkeypatch.setattr(encode, "_dumps", lambda value: calls.append(dumps(value)) or calls[-1])
+    dumps = encode.compact_json
+    monkeypatch.setattr(encode, "compact_json", lambda value: calls.append(dumps(value)) or calls[-1])
     with app.app_context():
         assert encode.encode_json(answer) == app.json.response(answer).get_data()
     assert max(map(len, calls)) == len(dumps(entry))  # one token's entry per call at most

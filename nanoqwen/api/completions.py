@@ -72,9 +72,14 @@ class TextCompletion(DoneFraming):
         self._prompts: list[PromptLogprobs | None] = [None] * len(self.echoes)
         self._echo_pending = [bool(echo) and self.want_logprobs for echo in self.echoes]
 
-    def _object(self, choices: list[Json]) -> Json:
+    def head(self) -> Json:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": choices}
+                "system_fingerprint": self.fingerprint}
+
+    def _object(self, choices: list[Json]) -> Json:
+        obj = self.head()
+        obj["choices"] = choices
+        return obj
 
     def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None, prompt: PromptLogprobs | None) -> Json | None:
         if not self.want_logprobs:

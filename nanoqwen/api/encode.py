@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # Flask's compact output
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # Flask's compact output
 
 
 def _whole(value: Any) -> bool:
@@ -26,13 +26,13 @@ def _whole(value: Any) -> bool:
 
 def _pieces(value: Any, out: list[str]) -> None:
     if _whole(value):
-        out.append(_dumps(value))
+        out.append(compact_json(value))
     elif isinstance(value, dict):
         out.append("{")
         for i, (key, item) in enumerate(value.items()):
-            if not isinstance(key, str):  # json.dumps would write 1 as "1": _dumps(1) writes 1, not JSON
+            if not isinstance(key, str):  # json.dumps would write 1 as "1": compact_json(1) writes 1, not JSON
                 raise TypeError(f"keys must be str, not {type(key).__name__}")
-            out.append(f"{',' if i else ''}{_dumps(key)}:")
+            out.append(f"{',' if i else ''}{compact_json(key)}:")
             _pieces(item, out)
         out.append("}")
     else:

@@ -7,6 +7,7 @@ read them: see nanoqwen.api.shared_stats).
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import os
 import time
@@ -34,6 +35,39 @@ def percentile(values: Collection[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
+class TokenMetrics:
+    """The per-token Prometheus updates (generated tokens, inter-token latency), counted here and added to the
+    metrics at each publish: each update of a multiprocess-mode metric is a locked mmap write, and two a streamed
+    token were a fifth of the hub's time per token. The histogram's buckets take their counts at once (what
+    Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it)."""
+
+    def __init__(self, generated: Counter, itl: Histogram) -> None:
+        self._generated = generated
+        self._itl = itl
+        self._bounds = list(itl._upper_bounds)  # ends with +Inf
+        self._tokens = 0
+        self._itl_sum = 0.0
+        self._itl_counts = [0] * len(self._bounds)
+
+    def add(self, tokens: int, itl: float | None) -> None:
+        self._tokens += tokens
+        if itl is not None:
+            self._itl_sum += itl
+            self._itl_counts[bisect.bisect_left(self._bounds, itl)] += 1
+
+    def flush(self) -> None:
+        if self._tokens:
+            self._generated.inc(self._tokens)
+            self._tokens = 0
+        if any(self._itl_counts):
+            self._itl._sum.inc(self._itl_sum)
+            for bucket, count in zip(self._itl._buckets, self._itl_counts, strict=True):
+                if count:
+                    bucket.inc(count)
+            self._itl_sum = 0.0
+            self._itl_counts = [0] * len(self._bounds)
+
+
 class RequestTrace:
     """Timing of one request, fed with its events as the request greenlet reads them."""
 
@@ -53,11 +87,9 @@ class RequestTrace:
             self.first_token = now
             self._stats.record_ttft(now - self.start)
         last = self._last_token.get(event.index)
-        if last is not None:
-            self._stats.record_itl((now - last) / count)
         self._last_token[event.index] = now
         self.tokens += count
-        self._stats.record_tokens(count, now)
+        self._stats.record_tokens(count, now, None if last is None else (now - last) / count)
 
 
 class ServerStats:
@@ -87,6 +119,7 @@ class ServerStats:
                                 buckets=LATENCY_BUCKETS, registry=self.registry)
         self._m_e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._token_metrics = TokenMetrics(self._m_generated, self._m_itl)
         # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
         self._m_ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
                               multiprocess_mode="livesum")
@@ -110,13 +143,13 @@ class ServerStats:
         self._ttft.append(seconds)
         self._m_ttft.observe(seconds)
 
-    def record_itl(self, seconds: float) -> None:
-        self._itl.append(seconds)
-        self._m_itl.observe(seconds)
-
-    def record_tokens(self, count: int, now: float) -> None:
+    def record_tokens(self, count: int, now: float, itl: float | None) -> None:
+        """`count` tokens of a choice arrived at `now`; `itl`: the time between them and its previous ones (None for
+        its first)."""
+        if itl is not None:
+            self._itl.append(itl)
         self._recent_tokens.append((now, count))
-        self._m_generated.inc(count)
+        self._token_metrics.add(count, itl)
         self._drop_old_tokens(now)
 
     def _drop_old_tokens(self, now: float) -> None:
@@ -178,7 +211,9 @@ class ServerStats:
         }
 
     def publish(self) -> None:
-        """Engine numbers into the gauges, and this worker's snapshot to the other workers."""
+        """The tokens' metrics and the engine's numbers into the metrics, and this worker's snapshot to the other
+        workers."""
+        self._token_metrics.flush()
         engine = self._engine_stats()
         self._m_ready.set(float(engine is not None))
         engine = engine or {}

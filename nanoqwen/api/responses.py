@@ -244,16 +244,13 @@ class ChunkBuilder(DoneFraming):
         # stream helper takes the first chunk's choices as its list and indexes it: choice 1 first is an IndexError)
         self._held: dict[int, list[Json]] = {}
 
+    def head(self) -> Json:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "service_tier": SERVICE_TIER, "system_fingerprint": self.fingerprint}
+
     def _chunk(self, choices: list[Json]) -> Json:
-        chunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "service_tier": SERVICE_TIER,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-        }
+        chunk = self.head()
+        chunk["choices"] = choices
         if self.include_usage:  # OpenAI sends `usage: null` on every chunk but the last (with_usage: vLLM's so far)
             chunk["usage"] = None
         return chunk

@@ -1,11 +1,11 @@
 """Server-sent events framing."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nanoqwen.api.encode import encode_text
+from nanoqwen.api.encode import compact_json, encode_text
 from nanoqwen.api.errors import error_body
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def sse(obj: Any, split: bool = False) -> str:
     """`split`: encoded in small C calls (encode_text), for a large chunk built off the loop."""
-    data = encode_text(obj) if split else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))
+    data = encode_text(obj) if split else compact_json(obj)
     return f"data: {data}\n\n"
 
 
@@ -63,8 +63,21 @@ class DoneFraming:
     def repeats(self, chunk: dict[str, Any]) -> bool:
         return False
 
+    def head(self) -> dict[str, Any]:
+        """The fields every chunk of the stream starts with, the same in each (id, object, created, model...)."""
+        raise NotImplementedError
+
+    @cached_property
+    def _framed_head(self) -> str:
+        return f'data: {compact_json(self.head())[:-1]},"choices":'
+
     def frame(self, chunk: dict[str, Any], split: bool = False) -> str:
-        return sse(chunk, split)
+        """A chunk of the builder's (`head()`, then `choices`, then perhaps `usage`, as its objects are built) with
+        its head encoded once for the stream: encoding it again for every token was most of a token's JSON."""
+        if split or "choices" not in chunk:  # a large one built off the loop, or an error
+            return sse(chunk, split)
+        usage = f',"usage":{compact_json(chunk["usage"])}' if "usage" in chunk else ""
+        return f'{self._framed_head}{compact_json(chunk["choices"])}{usage}}}\n\n'
 
     def failure(self, message: str) -> list[dict[str, Any]]:
         return [error_body(message, type="server_error")]

@@ -17,6 +17,7 @@ class EventStream:
     def __init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()
         self._ready = NativeEvent()
+        self.ended = False  # `get` has returned the last event
 
     def put(self, event: Event) -> None:
         """Called by the engine thread."""
@@ -35,6 +36,11 @@ class EventStream:
     def _wait(self, timeout: float | None) -> bool:
         return self._ready.wait(timeout)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether an event is there for `get` to return at once."""
+        return bool(self._events)
+
     def get(self, timeout: float | None = None) -> Event:
         """Next event; raises TimeoutError if none arrives within `timeout` seconds."""
         while not self._events:
@@ -43,7 +49,9 @@ class EventStream:
                 break
             if not self._wait(timeout):
                 raise TimeoutError("no event from the engine")
-        return self._events.popleft()
+        event = self._events.popleft()
+        self.ended = event.is_last
+        return event
 
     def __iter__(self) -> Iterator[Event]:
         while True:
