@@ -276,7 +276,10 @@ class NanoqwenWorker(GeventWorker):
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])
         gevent.spawn(self._make_room)
-        super().run()
+        try:
+            super().run()
+        finally:  # a graceful exit (SIGTERM, max_requests) keeps the last poll's token counts
+            app.extensions["nanoqwen.stats"].flush_tokens()
 
     def _pool(self, size: int) -> Pool:
         pool = Pool(size)

@@ -54,7 +54,8 @@ def test_a_tool_call_stream_whose_client_closed_is_aborted(chat_server: Gunicorn
     after = _aborted_within(chat_server, before["requests_aborted"], time.monotonic())
     wait_for(lambda: engine_idle(chat_server))
     assert after["requests_served"] == before["requests_served"]
-    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < max_tokens // 2  # cut short
+    # cut short within a step or two of the probe (3 tokens measured; a poll interval late was 160-190 on this CPU)
+    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < 50
     logged = chat_server.log()[log_before:]  # the probe written into a closed socket, and its reset: quietly
     assert "Traceback" not in logged and "[ERROR]" not in logged, logged
 

@@ -42,6 +42,9 @@ class TokenMetrics:
     Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it)."""
 
     def __init__(self, generated: Counter, itl: Histogram) -> None:
+        # prometheus-client's own fields: fail at the worker's boot, not at a publish (which /stats and /metrics run)
+        if not all(hasattr(itl, field) for field in ("_upper_bounds", "_sum", "_buckets")):
+            raise RuntimeError("prometheus-client's Histogram has no _upper_bounds, _sum and _buckets")
         self._generated = generated
         self._itl = itl
         self._bounds = list(itl._upper_bounds)  # ends with +Inf
@@ -210,10 +213,14 @@ class ServerStats:
             "slot": 0 if self._shared is None else self._shared.slot,
         }
 
+    def flush_tokens(self) -> None:
+        """The tokens' metrics counted since the last publish into the (multiprocess) metrics: at a worker's exit."""
+        self._token_metrics.flush()
+
     def publish(self) -> None:
         """The tokens' metrics and the engine's numbers into the metrics, and this worker's snapshot to the other
         workers."""
-        self._token_metrics.flush()
+        self.flush_tokens()
         engine = self._engine_stats()
         self._m_ready.set(float(engine is not None))
         engine = engine or {}

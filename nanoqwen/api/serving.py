@@ -267,8 +267,9 @@ class Serving:
         """The request's events, checking that the client is still connected (client_probe) every poll interval while
         none comes (queued) and at each one (each engine step); `writes`: the answer writes as its events come (a
         stream), which a client gone fails, so the check comes at the first event past each poll interval, not at
-        each (a probe a token was a tenth of the hub's time per streamed token). None: the client's end of stream
-        came, to be probed now in the answer's own way."""
+        each (a probe a token was a tenth of the hub's time per streamed token; an event that writes nothing is
+        checked by the stream itself). None: the client's end of stream came, to be probed now in the answer's own
+        way."""
         poll_s = self.config.disconnect_poll_s
         next_probe = 0.0
         while True:
@@ -283,6 +284,7 @@ class Serving:
                 if due:
                     next_probe = now + poll_s
             if due and client_probe(environ):
+                next_probe = 0.0  # the probe written now resets a closed socket: read that at the next event
                 yield None
             if event is None:
                 continue
@@ -366,6 +368,8 @@ class Serving:
                     out = self._frames_large(chunks, event)
                 else:
                     out = _frames(chunks, event)
+                if not out and client_probe(environ):  # a held event writes nothing to notice a client gone by
+                    out = [PROBE]
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
                     if event.error is not None:

@@ -71,11 +71,15 @@ class DoneFraming:
     def _framed_head(self) -> str:
         return f'data: {compact_json(self.head())[:-1]},"choices":'
 
+    @cached_property
+    def _head_size(self) -> int:
+        return len(self.head())
+
     def frame(self, chunk: dict[str, Any], split: bool = False) -> str:
         """A chunk of the builder's (`head()`, then `choices`, then perhaps `usage`, as its objects are built) with
         its head encoded once for the stream: encoding it again for every token was most of a token's JSON."""
-        if split or "choices" not in chunk:  # a large one built off the loop, or an error
-            return sse(chunk, split)
+        if split or "choices" not in chunk or len(chunk) != self._head_size + 1 + ("usage" in chunk):
+            return sse(chunk, split)  # a large one built off the loop, an error, or one with a key of its own
         usage = f',"usage":{compact_json(chunk["usage"])}' if "usage" in chunk else ""
         return f'{self._framed_head}{compact_json(chunk["choices"])}{usage}}}\n\n'
 
