@@ -313,7 +313,7 @@ def test_token_metrics_added_at_publish_equal_observing_each() -> None:
 def test_chunk_frames_encode_as_the_whole_chunk(include_usage: bool) -> None:
     """A stream's chunks framed with their head encoded once a stream (DoneFraming.frame) are byte for byte the
     chunk's own JSON: chat and legacy, role, reasoning, content, tool calls, logprobs, the finish, usage and
-    continuous usage, an error."""
+    continuous usage, an error, a chunk with a key of its own."""
     tools = ToolParsing(enabled=True)
     lp = [TokenLogprob(token_id=5, token="é", logprob=-0.5, bytes=[195, 169], top_logprobs=[])]
     events = [Event(index=0, token_ids=[1], reasoning="hm"),
@@ -327,7 +327,8 @@ def test_chunk_frames_encode_as_the_whole_chunk(include_usage: bool) -> None:
     for builder in builders:
         chunks = builder.opening() + [c for event in events for c in builder.chunks(event)]
         chunks += builder.failure("boom") + builder.chunks(Event(index=0, error="boom"))
-        for chunk in chunks:
+        own = {**next(c for c in chunks if "choices" in c), "prompt_token_ids": [1]}  # a key of its own: not dropped
+        for chunk in [*chunks, own]:
             assert builder.frame(chunk) == sse(chunk) == builder.frame(chunk, split=True), chunk
             framed += "choices" in chunk
     assert framed >= 12

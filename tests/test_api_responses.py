@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from flask import Response
 
+from nanoqwen.api import serving as serving_module
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.errors import APIError
@@ -28,7 +29,7 @@ from nanoqwen.api.responses_api import (
 from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, Serving
+from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -596,6 +597,34 @@ def _served(stream: Any, events: list[Event]) -> list[str]:
         return [f"{frame}\n\n" for frame in "".join(writes).split("\n\n")[:-1]]
     finally:
         serving.encoding.stop()
+
+
+def test_a_stream_whose_client_resets_after_its_finish_chunk_counts_as_finished(monkeypatch) -> None:
+    """The engine's last event carries only the usage: without include_usage it writes nothing, and a client that
+    reset once it read the finish chunk is not an abort (a probe at that event counted the answer as aborted)."""
+    probes: list[int] = []
+
+    def probe(environ: dict) -> bool:  # connected at the first event, reset after it
+        probes.append(1)
+        if len(probes) > 1:
+            raise ClientGone
+        return False
+
+    monkeypatch.setattr(serving_module, "client_probe", probe)
+    batch = Batch()
+    batch.put(Event(index=0, text="hi", token_ids=[1], finish_reason="stop"))
+    batch.put(Event(index=0, usage=Usage(3, 1)))
+    finished: list[Usage] = []
+    aborted: list[Any] = []
+    stats = SimpleNamespace(finish=lambda trace, usage: finished.append(usage), abort=aborted.append)
+    serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
+    serving.abort = aborted.append  # type: ignore[method-assign]
+    try:
+        list(serving._stream(batch, ChunkBuilder("m", "fp", include_usage=False),
+                             SimpleNamespace(on_event=lambda event: None), {}))
+    finally:
+        serving.encoding.stop()
+    assert finished == [Usage(3, 1)] and not aborted
 
 
 def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None:

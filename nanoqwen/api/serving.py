@@ -284,7 +284,7 @@ class Serving:
                 if due:
                     next_probe = now + poll_s
             if due and client_probe(environ):
-                next_probe = 0.0  # the probe written now resets a closed socket: read that at the next event
+                next_probe = 0.0  # the probe, once sent, resets a closed socket: look for that at the next event
                 yield None
             if event is None:
                 continue
@@ -368,7 +368,8 @@ class Serving:
                     out = self._frames_large(chunks, event)
                 else:
                     out = _frames(chunks, event)
-                if not out and client_probe(environ):  # a held event writes nothing to notice a client gone by
+                # a held event writes nothing to notice a client gone by (the last, usage alone, ends the answer: none)
+                if not out and not event.is_last and client_probe(environ):
                     out = [PROBE]
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
