@@ -265,26 +265,15 @@ class Serving:
 
     def _events(self, batch: Batch, environ: dict[str, Any], writes: bool = False) -> Iterator[Event | None]:
         """The request's events, checking that the client is still connected (client_probe) every poll interval while
-        none comes (queued) and at each one (each engine step); `writes`: the answer writes as its events come (a
-        stream), which a client gone fails, so the check comes at the first event past each poll interval, not at
-        each (a probe a token was a tenth of the hub's time per streamed token; an event that writes nothing is
-        checked by the stream itself). None: the client's end of stream came, to be probed now in the answer's own
-        way."""
-        poll_s = self.config.disconnect_poll_s
-        next_probe = 0.0
+        none comes (queued) and at each one (each engine step), unless the answer `writes` as its events come (a
+        stream, whose own writes and checks cover its events: _batches). None: the client's end of stream came, to be
+        probed now in the answer's own way."""
         while True:
             try:
-                event = batch.get(timeout=poll_s)
+                event = batch.get(timeout=self.config.disconnect_poll_s)
             except TimeoutError:
                 event = None
-            due = True
-            if writes:
-                now = time.monotonic()
-                due = event is None or now >= next_probe
-                if due:
-                    next_probe = now + poll_s
-            if due and client_probe(environ):
-                next_probe = 0.0  # the probe, once sent, resets a closed socket: look for that at the next event
+            if (event is None or not writes) and client_probe(environ):
                 yield None
             if event is None:
                 continue
@@ -351,6 +340,7 @@ class Serving:
         stream keeps them whole for a follower that keeps up)."""
         finished = aborted = False
         weight = 0
+        next_probe = 0.0
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]
             for event in self._events(batch, environ, writes=True):
@@ -368,9 +358,14 @@ class Serving:
                     out = self._frames_large(chunks, event)
                 else:
                     out = _frames(chunks, event)
-                # a held event writes nothing to notice a client gone by (the last, usage alone, ends the answer: none)
-                if not out and not event.is_last and client_probe(environ):
-                    out = [PROBE]
+                # The client is checked at an event that writes nothing (held text: no failed write would notice it
+                # gone), else at the first one past each poll interval, as a write fails once it is gone (a check a
+                # token was a tenth of the hub's time per streamed token); not at the last (usage alone: it ends).
+                now = time.monotonic()
+                if not event.is_last and (not out or now >= next_probe):
+                    next_probe = now + self.config.disconnect_poll_s
+                    if client_probe(environ):
+                        out = [*out, PROBE]
                 if event.is_last:  # account for it before a failing write can cut the generator short
                     finished = True
                     if event.error is not None:
