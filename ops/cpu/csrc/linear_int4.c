@@ -107,13 +107,12 @@ static struct transpose_index transpose_indices(void) {
 }
 
 /* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
-   d of block b; the 512 bytes at `ahead` are prefetched. Three rounds of two-source permutes, each trading one bit
-   of the vector index for one of the lane index (z[k] holds blocks 2k, 2k + 1). */
-static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count, const uint8_t *ahead,
+   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the lane
+   index (z[k] holds blocks 2k, 2k + 1). */
+static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
                                                                  const struct transpose_index *t, __m512i o[8]) {
     __m512i z[8], u[8], v[8];
     for (int k = 0; k < 8; k++) {
-        __builtin_prefetch(ahead + 64 * k);
         const int n = count - 2 * k;
         z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
                       : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
@@ -149,8 +148,8 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf);
     __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
-    transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS, ahead,
-                   t, o);
+    for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
+    transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS, t, o);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
     _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
