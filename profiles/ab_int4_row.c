@@ -128,16 +128,16 @@ ROW_LOOP(loop_t0_2048_so_split_g64, 2048, T0, 0, T0, 256, 1, 1, 1)
 ROW_LOOP(bound_no_permutes, 2048, T0, 0, T0, 0, 0, 0, 0)
 #undef ROW_LOOP
 
-/* A chunk's weight rows as two streams, its halves, a row of each in turn; prefetcht0 2 KB ahead in each. */
-#define SPREAD_LOOP(NAME, SPLIT, G64) \
+/* A chunk's weight rows as STREAMS streams, its parts, a row of each in turn; prefetcht0 2 KB ahead in each. */
+#define SPREAD_LOOP(NAME, STREAMS, SPLIT, G64) \
     static void NAME(const void *ctx, long chunk) { \
         const struct linear_int4_args *a = ctx; \
         const struct transpose_index t = transpose_indices(); \
         const long spans = a->x.len / SPAN, row = a->K / 2, start = chunk * a->rows; \
-        const long end = pool_chunk_end(chunk, a->rows, a->N), half = (end - start + 1) / 2; \
-        for (long i = 0; i < half; i++) \
-            for (int h = 0; h < 2; h++) { \
-                const long n = start + i + h * half; \
+        const long end = pool_chunk_end(chunk, a->rows, a->N), part = (end - start + STREAMS - 1) / STREAMS; \
+        for (long i = 0; i < part; i++) \
+            for (int h = 0; h < STREAMS; h++) { \
+                const long n = start + i + h * part; \
                 if (n >= end) break; \
                 const uint8_t *w = a->w + n * row; \
                 __m512 f = _mm512_setzero_ps(); \
@@ -148,8 +148,11 @@ ROW_LOOP(bound_no_permutes, 2048, T0, 0, T0, 0, 0, 0, 0)
                 store1(a->y, n, _mm512_reduce_add_ps(f), a->bf16); \
             } \
     }
-SPREAD_LOOP(spread_t0_2048, 0, 0)
-SPREAD_LOOP(spread_t0_2048_split_g64, 1, 1)
+SPREAD_LOOP(spread_t0_2048, 2, 0, 0)
+SPREAD_LOOP(spread_t0_2048_split, 2, 1, 0)
+SPREAD_LOOP(spread_t0_2048_g64, 2, 0, 1)
+SPREAD_LOOP(spread_t0_2048_split_g64, 2, 1, 1)
+SPREAD_LOOP(spread4_t0_2048_split_g64, 4, 1, 1)
 #undef SPREAD_LOOP
 
 #pragma GCC pop_options
@@ -163,7 +166,9 @@ static const struct {
                 {"loop-T0-2048-so", loop_t0_2048_so}, {"loop-T0-2048-split", loop_t0_2048_split},
                 {"loop-T0-2048-g64", loop_t0_2048_g64}, {"loop-T0-2048-split-g64", loop_t0_2048_split_g64},
                 {"loop-T0-2048-so-split-g64", loop_t0_2048_so_split_g64}, {"spread-T0-2048", spread_t0_2048},
-                {"spread-T0-2048-split-g64", spread_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes}};
+                {"spread-T0-2048-split", spread_t0_2048_split}, {"spread-T0-2048-g64", spread_t0_2048_g64},
+                {"spread-T0-2048-split-g64", spread_t0_2048_split_g64},
+                {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
 /* The kernel's activation row for 1 row of PIECES pieces (linear_int4_vnni's steps), in static scratch. */
