@@ -12,8 +12,12 @@
                       is the kernel's own. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
                       accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
                       vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
-                      permutes that spread a span's group scales and offsets over its blocks
-     bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums)
+                      permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
+                      the scales and offsets prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a
+                      chunk's rows as 2 (4) streams, a row of each in turn
+     bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
+                      loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
+                      multiplies nothing; bound-read-weights the weights alone
    Every variant's outputs (but the bounds') are checked equal to linear_int4's (bf16 activations, 2 pieces) before
    timing; the passes, BLOCK=N and the report are ab_harness.h's. */
 #include "linear_int4.c"
@@ -89,7 +93,7 @@ static inline __attribute__((always_inline)) void span_row(const struct linear_i
 }
 
 /* A chunk's weight rows, one a pass (K % 1024 == 0: whole spans). FAR, NEAR: prefetch distances into the weight
-   row (0: none) at their hints; SO: the scales and offsets prefetched too, SO bytes ahead. */
+   row (0: none) at their hints; SO: the scales and offsets prefetched too, SO bytes ahead (a span reads 32 of each). */
 #define ROW_LOOP(NAME, FAR, HINT, NEAR, NEAR_HINT, SO, SPLIT, G64, PERMUTES) \
     static void NAME(const void *ctx, long chunk) { \
         const struct linear_int4_args *a = ctx; \
@@ -121,6 +125,8 @@ ROW_LOOP(loop_t1_4096, 4096, T1, 0, T0, 0, 0, 0, 1)
 ROW_LOOP(loop_t1_8192_t0_2048, 8192, T1, 2048, T0, 0, 0, 0, 1)
 ROW_LOOP(loop_t1_4096_t0_1024, 4096, T1, 1024, T0, 0, 0, 0, 1)
 ROW_LOOP(loop_t0_2048_so, 2048, T0, 0, T0, 256, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_so1024, 2048, T0, 0, T0, 1024, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_so128, 2048, T0, 0, T0, 128, 0, 0, 1)
 ROW_LOOP(loop_t0_2048_split, 2048, T0, 0, T0, 0, 1, 0, 1)
 ROW_LOOP(loop_t0_2048_g64, 2048, T0, 0, T0, 0, 0, 1, 1)
 ROW_LOOP(loop_t0_2048_split_g64, 2048, T0, 0, T0, 0, 1, 1, 1)
@@ -155,6 +161,30 @@ SPREAD_LOOP(spread_t0_2048_split_g64, 2, 1, 1)
 SPREAD_LOOP(spread4_t0_2048_split_g64, 4, 1, 1)
 #undef SPREAD_LOOP
 
+/* Bounds on the memory side: each span's weights (and with SO its group scales and offsets) loaded as the loop loads
+   them, prefetched as the kernel does, and only folded together (no products). */
+#define READ_LOOP(NAME, SO) \
+    static void NAME(const void *ctx, long chunk) { \
+        const struct linear_int4_args *a = ctx; \
+        const long spans = a->x.len / SPAN, row = a->K / 2, groups = a->K / a->G; \
+        for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) { \
+            const uint8_t *w = a->w + n * row; \
+            __m512i v = _mm512_setzero_si512(); \
+            __m512 f = _mm512_setzero_ps(); \
+            for (long span = 0; span < spans; span++) { \
+                for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(w + span * SPAN / 2 + 2048 + 64 * k); \
+                for (int k = 0; k < 8; k++) v = _mm512_xor_si512(v, _mm512_loadu_si512(w + span * SPAN / 2 + 64 * k)); \
+                if (SO) \
+                    f = _mm512_add_ps(f, _mm512_add_ps(load16(a->scale, n * groups + span * 16, 16, 1), \
+                                                       load16(a->offset, n * groups + span * 16, 16, 1))); \
+            } \
+            store1(a->y, n, _mm512_reduce_add_ps(f) + (float)_mm512_reduce_add_epi32(v), a->bf16); \
+        } \
+    }
+READ_LOOP(bound_read, 1)
+READ_LOOP(bound_read_weights, 0)
+#undef READ_LOOP
+
 #pragma GCC pop_options
 
 static const struct {
@@ -163,12 +193,14 @@ static const struct {
 } variants[] = {{"kernel", 0}, {"loop-T0-2048", loop_t0_2048}, {"loop-none", loop_none}, {"loop-T0-1024", loop_t0_1024},
                 {"loop-T0-4096", loop_t0_4096}, {"loop-T1-4096", loop_t1_4096},
                 {"loop-T1-8192-T0-2048", loop_t1_8192_t0_2048}, {"loop-T1-4096-T0-1024", loop_t1_4096_t0_1024},
-                {"loop-T0-2048-so", loop_t0_2048_so}, {"loop-T0-2048-split", loop_t0_2048_split},
+                {"loop-T0-2048-so", loop_t0_2048_so},
+                {"loop-T0-2048-so1024", loop_t0_2048_so1024}, {"loop-T0-2048-so128", loop_t0_2048_so128}, {"loop-T0-2048-split", loop_t0_2048_split},
                 {"loop-T0-2048-g64", loop_t0_2048_g64}, {"loop-T0-2048-split-g64", loop_t0_2048_split_g64},
                 {"loop-T0-2048-so-split-g64", loop_t0_2048_so_split_g64}, {"spread-T0-2048", spread_t0_2048},
                 {"spread-T0-2048-split", spread_t0_2048_split}, {"spread-T0-2048-g64", spread_t0_2048_g64},
                 {"spread-T0-2048-split-g64", spread_t0_2048_split_g64},
-                {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes}};
+                {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes},
+                {"bound-read", bound_read}, {"bound-read-weights", bound_read_weights}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
 /* The kernel's activation row for 1 row of PIECES pieces (linear_int4_vnni's steps), in static scratch. */
