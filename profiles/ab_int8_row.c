@@ -15,16 +15,11 @@
                      (no vpdpbusd for the row's sum): xor-none, xor-T0-2048, xor-T1-2048, xor-T1-4096,
                      xor-T1-4096-T0-512 (prefetcht1 4 KB ahead into L2 and prefetcht0 512 B ahead into L1),
                      xor-T1-8192-T0-1024, xor-NTA-2048
-   BLOCK=N (default 3; 1 times every pass, confounded by the pass before): each variant's passes in a row.
-   Every variant's outputs are checked equal to linear_int8's (bf16 activations, 2 pieces) before timing. Prints per
-   variant: the pass's median and best, the sums over the step's 113 calls of each call's minimum and median (the
-   minimum filters out time slices lost to other processes), and against the first variant the median of the per-pass
-   ratios and the passes it was faster in. */
+   Every variant's outputs are checked equal to linear_int8's (bf16 activations, 2 pieces) before timing; the passes,
+   BLOCK=N and the report are ab_harness.h's. */
 #include "linear_int8.c"
-#include <stdio.h>
-#include <sys/mman.h>
 
-#include "step_matrices.h"
+#include "ab_harness.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
@@ -105,8 +100,10 @@ static void sum_t0_2048(const void *ctx, long chunk) {
     }
 }
 
+static uint16_t x[3072], scale[AB_MAX_N];
+
 /* y = one bf16 row x against int8 weight w [N, K] by `fn` (0: linear_int8 itself). */
-static void run_variant(pool_fn fn, const uint16_t *x, const int8_t *w, const uint16_t *scale, uint16_t *y, int N, int K) {
+static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) {
     if (!fn) {
         linear_int8(x, w, scale, y, 1, N, K, 1);
         return;
@@ -133,89 +130,15 @@ static const struct {
                 {"xor-T1-8192-T0-1024", xor_t1_8192_t0_1024}, {"xor-NTA-2048", xor_nta_2048}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
-#define MAX_PASSES 1000
-
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, by_value);
-    return v[n / 2];
+static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
+    run_variant(variants[i].fn, (const int8_t *)w, y, (int)sh->N, (int)sh->K);
 }
 
 int main(int argc, char **argv) {
-    const int passes = argc > 1 ? atoi(argv[1]) : 0, nv = argc - 2, block = getenv("BLOCK") ? atoi(getenv("BLOCK")) : 3;
-    int chosen[VARIANTS];
-    if (passes < 1 || passes > MAX_PASSES || nv < 1 || nv > VARIANTS || block < 1) {
-        fprintf(stderr, "usage: %s PASSES (1..%d) VARIANT...\n", argv[0], MAX_PASSES);
-        return 2;
-    }
-    for (int i = 0; i < nv; i++) {
-        chosen[i] = -1;
-        for (int j = 0; j < VARIANTS; j++)
-            if (!strcmp(argv[2 + i], variants[j].name)) chosen[i] = j;
-        if (chosen[i] < 0) {
-            fprintf(stderr, "no variant %s\n", argv[2 + i]);
-            return 2;
-        }
-    }
-    long total = 0;
-    for (int s = 0; s < KINDS; s++) total += shapes[s].N * shapes[s].K * shapes[s].layers;
-    const long footprint = total + CALLS * PAGE, huge = 2L << 20;
-    char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) return 1;
-    char *buf = (char *)(((uintptr_t)base + huge - 1) & ~(uintptr_t)(huge - 1));
-    madvise(buf, footprint, MADV_HUGEPAGE);
-    srand(1);
-    for (long i = 0; i < footprint; i++) buf[i] = (char)(rand() % 255 - 127);
-    static uint16_t x[3072], scale[151936], y[2][151936];
     for (int i = 0; i < 3072; i++) x[i] = f32_to_bf16((float)(rand() % 2001 - 1000) / 300.0f);
-    for (int i = 0; i < 151936; i++) scale[i] = f32_to_bf16(0.01f + (float)(rand() % 100) * 1e-4f);
-    EACH_MATRIX(buf, 1, s, sh, w, {
-        run_variant(0, x, (const int8_t *)w, scale, y[0], (int)sh->N, (int)sh->K);
-        for (int i = 0; i < nv; i++) {
-            memset(y[1], 0xff, 2 * sh->N);  /* a variant that skips outputs must not pass on the last one's */
-            run_variant(variants[chosen[i]].fn, x, (const int8_t *)w, scale, y[1], (int)sh->N, (int)sh->K);
-            if (memcmp(y[0], y[1], 2 * sh->N)) {
-                fprintf(stderr, "%s: outputs differ from linear_int8's\n", variants[chosen[i]].name);
-                return 1;
-            }
-        }
-    });
-    static double pass[VARIANTS][MAX_PASSES], call[VARIANTS][MAX_PASSES][CALLS];
-    for (int p = -1; p < passes; p++)  /* -1: a warm-up */
-        for (int j = 0; j < nv; j++) {
-            const int i = (j + (p < 0 ? 0 : p)) % nv;
-            for (int r = 0; r < block; r++) {
-                int c = 0;
-                const double start = now();
-                EACH_MATRIX(buf, 1, s, sh, w, {
-                    const double t = now();
-                    run_variant(variants[chosen[i]].fn, x, (const int8_t *)w, scale, y[1], (int)sh->N, (int)sh->K);
-                    if (p >= 0) call[i][p][c] = now() - t;
-                    c++;
-                });
-                if (p >= 0) pass[i][p] = now() - start;
-            }
-        }
-    double load[3] = {0};
-    if (getloadavg(load, 3) < 0) load[0] = -1;
-    printf("%d passes (block %d), load average %.2f %.2f %.2f at the end, %.3f GB of weights a pass\n", passes, block,
-           load[0], load[1], load[2], total / 1e9);
-    for (int i = 0; i < nv; i++) {
-        static double v[MAX_PASSES];
-        double mins = 0, medians = 0;
-        for (int c = 0; c < CALLS; c++) {
-            for (int p = 0; p < passes; p++) v[p] = call[i][p][c];
-            qsort(v, passes, sizeof *v, by_value);
-            mins += v[0], medians += v[passes / 2];
-        }
-        int faster = 0;
-        for (int p = 0; p < passes; p++) faster += pass[i][p] < pass[0][p], v[p] = pass[i][p] / pass[0][p];
-        const double ratio = median(v, passes);
-        memcpy(v, pass[i], passes * sizeof *v);
-        const double m = median(v, passes);
-        printf("%-20s pass median %6.2f ms (%4.1f GB/s), best %6.2f | calls: sum of minima %6.2f ms (%4.1f GB/s), "
-               "of medians %6.2f ms | vs %s: ratio %.3f, faster in %d/%d\n",
-               variants[chosen[i]].name, 1e3 * m, total / m / 1e9, 1e3 * v[0], 1e3 * mins, total / mins / 1e9,
-               1e3 * medians, variants[chosen[0]].name, ratio, faster, passes);
-    }
-    return 0;
+    for (int i = 0; i < AB_MAX_N; i++) scale[i] = f32_to_bf16(0.01f + (float)(rand() % 100) * 1e-4f);
+    const char *names[VARIANTS];
+    for (int i = 0; i < VARIANTS; i++) names[i] = variants[i].name;
+    const struct ab_tool tool = {names, VARIANTS, 64, 0, run};
+    return ab_main(&tool, argc, argv);
 }

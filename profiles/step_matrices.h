@@ -1,4 +1,4 @@
-/* What the C profiling tools (stream_ceiling.c, ab_int8_row.c) share: a Qwen3-0.6B batch-1 decode step's weight
+/* What the C profiling tools (stream_ceiling.c, ab_harness.h's tools) share: a Qwen3-0.6B batch-1 decode step's weight
    matrices in step order (each layer's 4, then the LM head), and their clock. Not a kernel header. */
 #ifndef NANOQWEN_PROFILES_STEP_MATRICES_H
 #define NANOQWEN_PROFILES_STEP_MATRICES_H
@@ -17,14 +17,14 @@ static const struct shape shapes[] = {{"qkv", 4096, 1024, 28}, {"o", 1024, 2048,
 #define PAGE 4096L          /* each matrix starts on a page, as nanoqwen/hugepages.py's ALIGN places the weights */
 
 /* The body (the last argument, commas and all) for each of the step's matrices in step order: s its kind (an index into shapes), sh its shape, w its first
-   byte, `wbytes` bytes a weight after `buf`. */
-#define EACH_MATRIX(buf, wbytes, s, sh, w, ...) do { \
+   byte, `bytes64` bytes each 64 weights (their scales included) after `buf`. */
+#define EACH_MATRIX(buf, bytes64, s, sh, w, ...) do { \
         char *w = (buf); \
         for (int layer_ = 0; layer_ <= 28; layer_++) \
             for (int s = layer_ < 28 ? 0 : 4; s < (layer_ < 28 ? 4 : 5); s++) { \
                 const struct shape *sh = &shapes[s]; \
                 __VA_ARGS__; \
-                w += (sh->N * sh->K * (wbytes) + PAGE - 1) / PAGE * PAGE; \
+                w += (sh->N * sh->K / 64 * (bytes64) + PAGE - 1) / PAGE * PAGE; \
             } \
     } while (0)
 

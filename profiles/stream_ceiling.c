@@ -93,7 +93,7 @@ int main(int argc, char **argv) {
     double t[KINDS][MAX_PASSES], step[MAX_PASSES];
     for (int p = 0; p < passes; p++) {
         double per[KINDS] = {0};
-        EACH_MATRIX(buf + offset, WBYTES, s, sh, w, {
+        EACH_MATRIX(buf + offset, 64 * WBYTES, s, sh, w, {
             const long row_bytes = sh->K * WBYTES;
             for (const double g = now(); now() - g < gap_us * 1e-6;) _mm_pause();
             const double start = now();

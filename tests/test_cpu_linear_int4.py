@@ -33,10 +33,11 @@ needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL
 # loop; more rows take it in passes of that many. AVX2: vpmaddwd, 4 weight rows a pass at one piece row, 2 at two,
 # the last N % 4 singly, in pool chunks of whole 4-row passes (88 rows at 3072 columns: (1, 301, 3072, 64) ends in a
 # chunk of 37); 3-8 piece rows (3-8 bf16 or 2-4 fp32 rows) one weight row a pass, 8 bf16 or 4 fp32 rows at a time
-# ((9, 40, 256, 128): 8 then 1; (24, ...): 3 passes of 8), groups of one block or of several ((5, 151, 1024, 1024))
+# ((9, 40, 256, 128): 8 then 1; (24, ...): 3 passes of 8), groups of one block or of several ((5, 151, 1024, 1024);
+# at 1 row, in whole spans and a partial one: (1, 24, 2304, 128))
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
           (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
-          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64), (1, 301, 3072, 64)]
+          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64), (1, 301, 3072, 64), (1, 24, 2304, 128)]
 
 
 def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

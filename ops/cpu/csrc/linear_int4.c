@@ -17,6 +17,8 @@
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
+#define SPLIT_SUMS 8    /* int32 sums a span at most whose high nibbles keep sums of their own (span_vnni): with 8,
+                           16 accumulators of 32 registers */
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
 #define AMX_INT8_MIN_ROWS 3  /* activation rows from which linear_int4_amx serves: 2 rows take 34 µs through
                                 the vpdpbusd loop against 48 through AMX, 3 rows 47 against 49 (hot 1024 x 1024) */
@@ -107,13 +109,12 @@ static struct transpose_index transpose_indices(void) {
 }
 
 /* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
-   d of block b; the 512 bytes at `ahead` are prefetched. Three rounds of two-source permutes, each trading one bit
-   of the vector index for one of the lane index (z[k] holds blocks 2k, 2k + 1). */
-static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count, const uint8_t *ahead,
+   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the lane
+   index (z[k] holds blocks 2k, 2k + 1). */
+static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
                                                                  const struct transpose_index *t, __m512i o[8]) {
     __m512i z[8], u[8], v[8];
     for (int k = 0; k < 8; k++) {
-        __builtin_prefetch(ahead + 64 * k);
         const int n = count - 2 * k;
         z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
                       : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
@@ -141,33 +142,47 @@ struct linear_int4_args {
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
    this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
    b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
-   and scaled at once. */
+   and scaled at once. Up to SPLIT_SUMS sums, the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
+   shift and mask are two) in sums of their own, shifted back (exact: multiples of 16) at the span's end, which also
+   halves each chain of vpdpbusd (1 row hot in L2: 0.93x the time with the groups of 64 below, profiles/RESULTS.md,
+   int4row). */
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P, long span,
-          const uint8_t *ahead, __m512 f[ROWS]) {
-    const int K = a->K, blocks = K / 64, groups = K / a->G;
+          int count, const uint8_t *ahead, __m512 f[ROWS]) {
+    const int K = a->K, groups = K / a->G, split = R * P <= SPLIT_SUMS;
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
-    const __m512i nibble = _mm512_set1_epi8(0xf);
-    __m512i o[8], acc[ROWS][ACT_MAX_PIECES];
-    transpose_span(a->w + n * (K / 2) + b0 * 32, blocks - b0 < SPAN_BLOCKS ? (int)(blocks - b0) : SPAN_BLOCKS, ahead,
-                   t, o);
+    const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
+    __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[SPLIT_SUMS];  /* upper[r * P + p]: 16 x the high nibbles' sums */
+    for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
+    transpose_span(a->w + n * (K / 2) + b0 * 32, count, t, o);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+            acc[r][p] = _mm512_setzero_si512();
+            if (split) upper[r * P + p] = _mm512_setzero_si512();
+        }
     _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-        const __m512i lo = _mm512_and_si512(o[d], nibble), hi = _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
+        const __m512i lo = _mm512_and_si512(o[d], nibble);
+        const __m512i hi = split ? _mm512_and_si512(o[d], high) : _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
                 const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
                 acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
-                acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
+                if (split) upper[r * P + p] = _mm512_dpbusd_epi32(upper[r * P + p], hi, _mm512_load_si512(q + 64));
+                else acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
             }
     }
-    /* lane b's group scale and offset: each block's group, relative to the span's first */
-    const int g0 = a->x.group[b0];
-    const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
-    const int count = groups - g0 < 16 ? groups - g0 : 16;
-    const __m512 s = _mm512_permutexvar_ps(idx, load16(a->scale, n * groups + g0, count, a->bf16));
-    const __m512 off = _mm512_permutexvar_ps(idx, load16(a->offset, n * groups + g0, count, a->bf16));
+    if (split)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_srai_epi32(upper[r * P + p], 4));
+    /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the span's
+       first, spread over its blocks */
+    const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
+    __m512 s = load16(a->scale, n * groups + g0, used, a->bf16), off = load16(a->offset, n * groups + g0, used, a->bf16);
+    if (a->G > 64) {
+        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+        s = _mm512_permutexvar_ps(idx, s), off = _mm512_permutexvar_ps(idx, off);
+    }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
         const float *pa = a->x.a + (long)(m0 + r) * P;
         __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
@@ -180,19 +195,25 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
 
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
-   PREFETCH_BYTES ahead. block: each row's next span is prefetched, `count` rows before it is read; a last
-   span, the same row of the next block. */
+   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each in turn (linear_int4_rows
+   gives it a chunk's rows: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
+   before it is read; a last span, the same row of the next block. */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
           int block) {
-    const long spans = a->x.len / SPAN, row = a->K / 2;
+    const long spans = a->x.len / SPAN, row = a->K / 2, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
+    const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
-        for (int i = 0; i < count; i++) {
+        const int half = R == 1 ? (count + 1) / 2 : count;
+        for (int j = 0; j < count; j++) {
+            const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
             const uint8_t *w = a->w + (n0 + i) * row;
             __m512 f[ROWS];
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
-            for (long span = 0; span < spans; span++)
-                span_vnni(a, t, n0 + i, m0, R, P, span, w + span * SPAN / 2 + PREFETCH_BYTES, f);
+            /* a constant count in the whole spans: their loads are plain */
+            for (long span = 0; span < whole; span++)
+                span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
+            if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
                 store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[r]), a->bf16);
         }
@@ -204,7 +225,8 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     for (long span = 0; span < spans; span++)
         for (int i = 0; i < count; i++) {
             const uint8_t *w = a->w + (n0 + i) * row;
-            span_vnni(a, t, n0 + i, m0, R, P, span, span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
+            span_vnni(a, t, n0 + i, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last,
+                      span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
                       f[i]);
         }
     for (int i = 0; i < count; i++)
@@ -227,14 +249,26 @@ ROWS_VNNI(4, 3) ROWS_VNNI(4, 4) ROWS_VNNI(5, 1) ROWS_VNNI(5, 2) ROWS_VNNI(6, 1) 
 ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
 #undef ROWS_VNNI
 
+/* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block). */
+static inline int by_spans(const struct linear_int4_args *a, int R) {
+    return a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES;
+}
+
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
 static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
     const int most = a->P <= 2 ? ROWS : ROWS / 2;
+    if (a->M == 1 && !by_spans(a, 1)) {  /* row by row: the chunk's rows at once, as two streams */
+        if (a->P == 1) rows_vnni_1_1(a, start, (int)(end - start), 0, 0);
+        else if (a->P == 2) rows_vnni_1_2(a, start, (int)(end - start), 0, 0);
+        else if (a->P == 3) rows_vnni_1_3(a, start, (int)(end - start), 0, 0);
+        else rows_vnni_1_4(a, start, (int)(end - start), 0, 0);
+        return;
+    }
     for (long n0 = start; n0 < end; n0 += ROW_BLOCK) {
         const int count = end - n0 < ROW_BLOCK ? (int)(end - n0) : ROW_BLOCK;
         for (int m0 = 0; m0 < a->M; m0 += most) {
             const int R = a->M - m0 < most ? a->M - m0 : most;
-            const int block = a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES;
+            const int block = by_spans(a, R);
 #define CASE(r, p) case (r) * 8 + (p): rows_vnni_##r##_##p(a, n0, count, m0, block); break;
             switch (R * 8 + a->P) {
                 CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)

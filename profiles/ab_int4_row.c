@@ -1,0 +1,238 @@
+/* The int4 1-row linear (AVX-512 VNNI: 16 blocks transposed in registers, vpdpbusd) against stand-alone variants of
+   its loop, in one process, over a decode step's int4 matrices (Qwen3-0.6B, 28 layers + the LM head, groups of 64
+   with bf16 scales and offsets beside each matrix, huge pages: 0.34 GB), the variants alternated as ab_harness.h
+   says. Not a test. Needs AVX-512 VNNI.
+
+   Build from the repository root (the kernel's pool, activation pieces and transposition are the ones measured):
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_row.c -o profiles/out/ab_int4_row -lm
+   Run: OMP_NUM_THREADS=2 profiles/out/ab_int4_row PASSES VARIANT...   (the first variant is the one the others are compared to)
+     kernel           linear_int4 itself
+     loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
+                      prefetched FAR bytes ahead at a hint (T0: prefetcht0, T1: prefetcht1 into L2, none); loop-T0-2048
+                      is the kernel's own. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
+                      accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
+                      vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
+                      permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
+                      the scales and offsets prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a
+                      chunk's rows as 2 (4) streams, a row of each in turn
+     bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
+                      loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
+                      multiplies nothing; bound-read-weights the weights alone
+   Every variant's outputs (but the bounds') are checked equal to linear_int4's (bf16 activations, 2 pieces) before
+   timing; the passes, BLOCK=N and the report are ab_harness.h's. */
+#include "linear_int4.c"
+
+#include "ab_harness.h"
+
+#define GROUP 64
+#define PIECES 2
+#define BYTES64 36  /* each 64 weights: 32 bytes of nibbles, a bf16 scale and offset */
+
+static uint16_t x[3072];
+
+/* Matrix w's parts: the packed weights, then [N][K / G] bf16 scales, then as many offsets. */
+static const uint16_t *scales_of(const char *w, const struct shape *sh) {
+    return (const uint16_t *)(w + sh->N * sh->K / 2);
+}
+static const uint16_t *offsets_of(const char *w, const struct shape *sh) {
+    return scales_of(w, sh) + sh->N * sh->K / GROUP;
+}
+
+static void prepare(char *buf) {
+    EACH_MATRIX(buf, BYTES64, s, sh, w, {
+        uint16_t *scale = (uint16_t *)scales_of(w, sh), *offset = (uint16_t *)offsets_of(w, sh);
+        for (long i = 0; i < sh->N * sh->K / GROUP; i++) {
+            scale[i] = f32_to_bf16(1e-3f * (float)(1 + rand() % 100));
+            offset[i] = f32_to_bf16(1e-2f * (float)(rand() % 201 - 100));
+        }
+    });
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+enum { T1 = 2, T0 = 3 };  /* __builtin_prefetch's locality: prefetcht1, prefetcht0 */
+
+/* span_vnni at 1 row of PIECES pieces, split / g64 / permutes as the header says. */
+static inline __attribute__((always_inline)) void span_row(const struct linear_int4_args *a,
+                                                           const struct transpose_index *t, long n, long span,
+                                                           int split, int g64, int permutes, __m512 *f) {
+    const int K = a->K, groups = K / a->G;
+    const long len = a->x.len, b0 = span * SPAN_BLOCKS;
+    const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
+    __m512i o[8], acc[2][PIECES];
+    if (permutes) transpose_span(a->w + n * (K / 2) + b0 * 32, SPAN_BLOCKS, t, o);
+    else for (int k = 0; k < 8; k++) o[k] = _mm512_loadu_si512(a->w + n * (K / 2) + b0 * 32 + 64 * k);
+    for (int p = 0; p < PIECES; p++) acc[0][p] = acc[1][p] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
+        const __m512i lo = _mm512_and_si512(o[d], nibble);
+        const __m512i hi = split ? _mm512_and_si512(o[d], high) : _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
+        _Pragma("GCC unroll 4") for (int p = 0; p < PIECES; p++) {
+            const int8_t *q = a->x.q + p * len + span * SPAN + d * 128;
+            acc[0][p] = _mm512_dpbusd_epi32(acc[0][p], lo, _mm512_load_si512(q));
+            acc[split][p] = _mm512_dpbusd_epi32(acc[split][p], hi, _mm512_load_si512(q + 64));
+        }
+    }
+    if (split)
+        for (int p = 0; p < PIECES; p++) acc[0][p] = _mm512_add_epi32(acc[0][p], _mm512_srai_epi32(acc[1][p], 4));
+    __m512 s, off;
+    if (g64) {
+        s = load16(a->scale, n * groups + b0, 16, a->bf16), off = load16(a->offset, n * groups + b0, 16, a->bf16);
+    } else {
+        const int g0 = a->x.group[b0];
+        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+        const int count = groups - g0 < 16 ? groups - g0 : 16;
+        s = _mm512_permutexvar_ps(idx, load16(a->scale, n * groups + g0, count, a->bf16));
+        off = _mm512_permutexvar_ps(idx, load16(a->offset, n * groups + g0, count, a->bf16));
+    }
+    const float *pa = a->x.a;
+    __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[0][0]), _mm512_set1_ps(pa[0]));
+    for (int p = 1; p < PIECES; p++) sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[0][p]), _mm512_set1_ps(pa[p]), sum);
+    *f = _mm512_fmadd_ps(sum, s, *f);
+    *f = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + b0), *f);
+}
+
+/* A chunk's weight rows, one a pass (K % 1024 == 0: whole spans). FAR, NEAR: prefetch distances into the weight
+   row (0: none) at their hints; SO: the scales and offsets prefetched too, SO bytes ahead (a span reads 32 of each). */
+#define ROW_LOOP(NAME, FAR, HINT, NEAR, NEAR_HINT, SO, SPLIT, G64, PERMUTES) \
+    static void NAME(const void *ctx, long chunk) { \
+        const struct linear_int4_args *a = ctx; \
+        const struct transpose_index t = transpose_indices(); \
+        const long spans = a->x.len / SPAN, row = a->K / 2, groups = a->K / a->G; \
+        for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) { \
+            const uint8_t *w = a->w + n * row; \
+            __m512 f = _mm512_setzero_ps(); \
+            for (long span = 0; span < spans; span++) { \
+                for (int k = 0; FAR && k < SPAN / 128; k++) \
+                    __builtin_prefetch(w + span * SPAN / 2 + FAR + 64 * k, 0, HINT); \
+                for (int k = 0; NEAR && k < SPAN / 128; k++) \
+                    __builtin_prefetch(w + span * SPAN / 2 + NEAR + 64 * k, 0, NEAR_HINT); \
+                if (SO) { \
+                    const long g = n * groups + span * SPAN_BLOCKS; \
+                    __builtin_prefetch((const char *)a->scale + 2 * g + SO); \
+                    __builtin_prefetch((const char *)a->offset + 2 * g + SO); \
+                } \
+                span_row(a, &t, n, span, SPLIT, G64, PERMUTES, &f); \
+            } \
+            store1(a->y, n, _mm512_reduce_add_ps(f), a->bf16); \
+        } \
+    }
+ROW_LOOP(loop_t0_2048, 2048, T0, 0, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_none, 0, T0, 0, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t0_1024, 1024, T0, 0, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t0_4096, 4096, T0, 0, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t1_4096, 4096, T1, 0, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t1_8192_t0_2048, 8192, T1, 2048, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t1_4096_t0_1024, 4096, T1, 1024, T0, 0, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_so, 2048, T0, 0, T0, 256, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_so1024, 2048, T0, 0, T0, 1024, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_so128, 2048, T0, 0, T0, 128, 0, 0, 1)
+ROW_LOOP(loop_t0_2048_split, 2048, T0, 0, T0, 0, 1, 0, 1)
+ROW_LOOP(loop_t0_2048_g64, 2048, T0, 0, T0, 0, 0, 1, 1)
+ROW_LOOP(loop_t0_2048_split_g64, 2048, T0, 0, T0, 0, 1, 1, 1)
+ROW_LOOP(loop_t0_2048_so_split_g64, 2048, T0, 0, T0, 256, 1, 1, 1)
+ROW_LOOP(bound_no_permutes, 2048, T0, 0, T0, 0, 0, 0, 0)
+#undef ROW_LOOP
+
+/* A chunk's weight rows as STREAMS streams, its parts, a row of each in turn; prefetcht0 2 KB ahead in each. */
+#define SPREAD_LOOP(NAME, STREAMS, SPLIT, G64) \
+    static void NAME(const void *ctx, long chunk) { \
+        const struct linear_int4_args *a = ctx; \
+        const struct transpose_index t = transpose_indices(); \
+        const long spans = a->x.len / SPAN, row = a->K / 2, start = chunk * a->rows; \
+        const long end = pool_chunk_end(chunk, a->rows, a->N), part = (end - start + STREAMS - 1) / STREAMS; \
+        for (long i = 0; i < part; i++) \
+            for (int h = 0; h < STREAMS; h++) { \
+                const long n = start + i + h * part; \
+                if (n >= end) break; \
+                const uint8_t *w = a->w + n * row; \
+                __m512 f = _mm512_setzero_ps(); \
+                for (long span = 0; span < spans; span++) { \
+                    for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(w + span * SPAN / 2 + 2048 + 64 * k); \
+                    span_row(a, &t, n, span, SPLIT, G64, 1, &f); \
+                } \
+                store1(a->y, n, _mm512_reduce_add_ps(f), a->bf16); \
+            } \
+    }
+SPREAD_LOOP(spread_t0_2048, 2, 0, 0)
+SPREAD_LOOP(spread_t0_2048_split, 2, 1, 0)
+SPREAD_LOOP(spread_t0_2048_g64, 2, 0, 1)
+SPREAD_LOOP(spread_t0_2048_split_g64, 2, 1, 1)
+SPREAD_LOOP(spread4_t0_2048_split_g64, 4, 1, 1)
+#undef SPREAD_LOOP
+
+/* Bounds on the memory side: each span's weights (and with SO its group scales and offsets) loaded as the loop loads
+   them, prefetched as the kernel does, and only folded together (no products). */
+#define READ_LOOP(NAME, SO) \
+    static void NAME(const void *ctx, long chunk) { \
+        const struct linear_int4_args *a = ctx; \
+        const long spans = a->x.len / SPAN, row = a->K / 2, groups = a->K / a->G; \
+        for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) { \
+            const uint8_t *w = a->w + n * row; \
+            __m512i v = _mm512_setzero_si512(); \
+            __m512 f = _mm512_setzero_ps(); \
+            for (long span = 0; span < spans; span++) { \
+                for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(w + span * SPAN / 2 + 2048 + 64 * k); \
+                for (int k = 0; k < 8; k++) v = _mm512_xor_si512(v, _mm512_loadu_si512(w + span * SPAN / 2 + 64 * k)); \
+                if (SO) \
+                    f = _mm512_add_ps(f, _mm512_add_ps(load16(a->scale, n * groups + span * 16, 16, 1), \
+                                                       load16(a->offset, n * groups + span * 16, 16, 1))); \
+            } \
+            store1(a->y, n, _mm512_reduce_add_ps(f) + (float)_mm512_reduce_add_epi32(v), a->bf16); \
+        } \
+    }
+READ_LOOP(bound_read, 1)
+READ_LOOP(bound_read_weights, 0)
+#undef READ_LOOP
+
+#pragma GCC pop_options
+
+static const struct {
+    const char *name;
+    pool_fn fn;
+} variants[] = {{"kernel", 0}, {"loop-T0-2048", loop_t0_2048}, {"loop-none", loop_none}, {"loop-T0-1024", loop_t0_1024},
+                {"loop-T0-4096", loop_t0_4096}, {"loop-T1-4096", loop_t1_4096},
+                {"loop-T1-8192-T0-2048", loop_t1_8192_t0_2048}, {"loop-T1-4096-T0-1024", loop_t1_4096_t0_1024},
+                {"loop-T0-2048-so", loop_t0_2048_so},
+                {"loop-T0-2048-so1024", loop_t0_2048_so1024}, {"loop-T0-2048-so128", loop_t0_2048_so128}, {"loop-T0-2048-split", loop_t0_2048_split},
+                {"loop-T0-2048-g64", loop_t0_2048_g64}, {"loop-T0-2048-split-g64", loop_t0_2048_split_g64},
+                {"loop-T0-2048-so-split-g64", loop_t0_2048_so_split_g64}, {"spread-T0-2048", spread_t0_2048},
+                {"spread-T0-2048-split", spread_t0_2048_split}, {"spread-T0-2048-g64", spread_t0_2048_g64},
+                {"spread-T0-2048-split-g64", spread_t0_2048_split_g64},
+                {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes},
+                {"bound-read", bound_read}, {"bound-read-weights", bound_read_weights}};
+#define VARIANTS (int)(sizeof variants / sizeof variants[0])
+
+/* The kernel's activation row for 1 row of PIECES pieces (linear_int4_vnni's steps), in static scratch. */
+static struct acts prepared(int K) {
+    static __attribute__((aligned(64))) int8_t q[PIECES * 3072];
+    static __attribute__((aligned(64))) float a[PIECES], xsum[48], row[3072], arranged[3072];
+    static __attribute__((aligned(64))) int32_t group[48];
+    const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
+    for (long b = 0; b < lanes; b++) group[b] = (int32_t)(b * 64 / GROUP);
+    widen_row(x, K, 1, row);
+    block_sums(row, K, lanes, xsum);
+    arrange_row(row, K, len, arranged);
+    act_quant_rows(arranged, 0, 1, (int)len, PIECES, q, a);
+    return (struct acts){.q = q, .a = a, .xsum = xsum, .group = group, .len = len};
+}
+
+static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
+    const int N = (int)sh->N, K = (int)sh->K;
+    if (!variants[i].fn) {
+        linear_int4(x, (const uint8_t *)w, scales_of(w, sh), offsets_of(w, sh), y, 1, N, K, GROUP, 1, PIECES);
+        return;
+    }
+    const struct linear_int4_args a = {.x = prepared(K), .w = (const uint8_t *)w, .scale = scales_of(w, sh),
+                                       .offset = offsets_of(w, sh), .y = y, .M = 1, .N = N, .K = K, .G = GROUP,
+                                       .P = PIECES, .bf16 = 1, .rows = pool_rows_per_chunk(K / 2)};
+    pool_run(variants[i].fn, &a, (N + a.rows - 1) / a.rows);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 0; i < 3072; i++) x[i] = f32_to_bf16((float)(rand() % 2001 - 1000) / 300.0f);
+    const char *names[VARIANTS];
+    for (int i = 0; i < VARIANTS; i++) names[i] = variants[i].name;
+    const struct ab_tool tool = {names, VARIANTS, BYTES64, prepare, run};
+    return ab_main(&tool, argc, argv);
+}
