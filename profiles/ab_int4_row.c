@@ -9,7 +9,8 @@
      kernel           linear_int4 itself
      loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
                       prefetched FAR bytes ahead at a hint (T0: prefetcht0, T1: prefetcht1 into L2, none); loop-T0-2048
-                      is the kernel's own. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
+                      is the kernel's loop before int4row (a fixed yardstick), spread-T0-2048-split-g64 the kernel's
+                      loop since. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
                       accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
                       vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
                       permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:

@@ -17,8 +17,6 @@
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
-#define SPLIT_SUMS 8    /* int32 sums a span at most whose high nibbles keep sums of their own (span_vnni): with 8,
-                           16 accumulators of 32 registers */
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
 #define AMX_INT8_MIN_ROWS 3  /* activation rows from which linear_int4_amx serves: 2 rows take 34 µs through
                                 the vpdpbusd loop against 48 through AMX, 3 rows 47 against 49 (hot 1024 x 1024) */
@@ -142,23 +140,23 @@ struct linear_int4_args {
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
    this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
    b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
-   and scaled at once. Up to SPLIT_SUMS sums, the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
+   and scaled at once. At one activation row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
    shift and mask are two) in sums of their own, shifted back (exact: multiples of 16) at the span's end, which also
-   halves each chain of vpdpbusd (1 row hot in L2: 0.93x the time with the groups of 64 below, profiles/RESULTS.md,
-   int4row). */
+   halves each chain of vpdpbusd (1 row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md,
+   int4row; at 2 fp32 rows the extra sums spill: 1.05x). */
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P, long span,
           int count, const uint8_t *ahead, __m512 f[ROWS]) {
-    const int K = a->K, groups = K / a->G, split = R * P <= SPLIT_SUMS;
+    const int K = a->K, groups = K / a->G, split = R == 1;
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
-    __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[SPLIT_SUMS];  /* upper[r * P + p]: 16 x the high nibbles' sums */
+    __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[ACT_MAX_PIECES];  /* upper[p]: 16 x the high nibbles' sums */
     for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
     transpose_span(a->w + n * (K / 2) + b0 * 32, count, t, o);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
             acc[r][p] = _mm512_setzero_si512();
-            if (split) upper[r * P + p] = _mm512_setzero_si512();
+            if (split) upper[p] = _mm512_setzero_si512();
         }
     _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
         const __m512i lo = _mm512_and_si512(o[d], nibble);
@@ -167,14 +165,14 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
                 const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
                 acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
-                if (split) upper[r * P + p] = _mm512_dpbusd_epi32(upper[r * P + p], hi, _mm512_load_si512(q + 64));
+                if (split) upper[p] = _mm512_dpbusd_epi32(upper[p], hi, _mm512_load_si512(q + 64));
                 else acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
             }
     }
     if (split)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
-                acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_srai_epi32(upper[r * P + p], 4));
+                acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_srai_epi32(upper[p], 4));
     /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the span's
        first, spread over its blocks */
     const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
@@ -195,8 +193,8 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
 
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
-   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each in turn (linear_int4_rows
-   gives it a chunk's rows: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
+   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each in turn (at batch 1
+   linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
    before it is read; a last span, the same row of the next block. */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
@@ -257,15 +255,10 @@ static inline int by_spans(const struct linear_int4_args *a, int R) {
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
 static void linear_int4_rows(const struct linear_int4_args *a, long start, long end) {
     const int most = a->P <= 2 ? ROWS : ROWS / 2;
-    if (a->M == 1 && !by_spans(a, 1)) {  /* row by row: the chunk's rows at once, as two streams */
-        if (a->P == 1) rows_vnni_1_1(a, start, (int)(end - start), 0, 0);
-        else if (a->P == 2) rows_vnni_1_2(a, start, (int)(end - start), 0, 0);
-        else if (a->P == 3) rows_vnni_1_3(a, start, (int)(end - start), 0, 0);
-        else rows_vnni_1_4(a, start, (int)(end - start), 0, 0);
-        return;
-    }
-    for (long n0 = start; n0 < end; n0 += ROW_BLOCK) {
-        const int count = end - n0 < ROW_BLOCK ? (int)(end - n0) : ROW_BLOCK;
+    /* one row not span by span: the chunk's rows in one pass, as two streams (rows_vnni) */
+    const long step = a->M == 1 && !by_spans(a, 1) ? end - start : ROW_BLOCK;
+    for (long n0 = start; n0 < end; n0 += step) {
+        const int count = end - n0 < step ? (int)(end - n0) : (int)step;
         for (int m0 = 0; m0 < a->M; m0 += most) {
             const int R = a->M - m0 < most ? a->M - m0 : most;
             const int block = by_spans(a, R);
