@@ -28,8 +28,10 @@ class HubWaker:
         self.loop = loop
         self._ready: collections.deque[GeventEventStream] = collections.deque()
         self._signalled = False  # a signal is out (or held) that will run _dispatch after the last mark
-        self._async = loop.async_(ref=False)  # as gevent's own thread-safe callbacks: keeps no loop alive
+        # as gevent's own thread-safe callbacks, it keeps no loop alive, but while a reader waits without a timeout
+        self._async = loop.async_(ref=False)
         self._async.start(self._dispatch)
+        self._untimed = 0  # readers waiting without a timeout
 
     def mark(self, stream: GeventEventStream) -> None:
         """Any thread: `stream` has news for its reader."""
@@ -37,6 +39,13 @@ class HubWaker:
         if not self._signalled:
             self._signalled = True
             wake(self._async.send)
+
+    def untimed_wait(self, waits: int) -> None:
+        """A reader starts (1) or ends (-1) a wait without a timeout: the signal it waits for keeps the loop alive,
+        as a timed wait's timer does (else a put from a greenlet, whose signal the loop takes at its next turn,
+        would find it gone: LoopExit)."""
+        self._untimed += waits
+        self._async.ref = self._untimed > 0
 
     def _dispatch(self) -> None:
         self._signalled = False  # before taking the marks: a mark after this signals again
@@ -103,13 +112,17 @@ class GeventEventStream(EventStream):
                 self._timer = self._hub.loop.timer(timeout, timeout)
                 self._timeout = timeout
             self._timer.again(self._expire, update=False)
-        elif self._timer is not None:
-            self._timer.stop()  # an untimed wait after timed ones
+        else:
+            if self._timer is not None:
+                self._timer.stop()  # an untimed wait after timed ones
+            self._waker.untimed_wait(1)
         self._parked = getcurrent()
         try:
             return self._hub.switch()
         finally:
             self._parked = None
+            if timeout is None:
+                self._waker.untimed_wait(-1)
 
     def get(self, timeout: float | None = None) -> Event:
         event = super().get(timeout)
