@@ -1,6 +1,9 @@
 """GeventEventStream: the engine's OS thread feeds a greenlet without blocking the hub."""
 from __future__ import annotations
 
+import contextlib
+import random
+import sys
 import time
 
 import gevent
@@ -10,6 +13,7 @@ from hub_util import hub_ticks
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.threads import start_native_thread
+from nanoqwen.engine.wakeups import HeldWakeups
 
 
 def test_native_thread_wakes_the_greenlet_and_the_hub_keeps_running() -> None:
@@ -34,3 +38,137 @@ def test_timeout() -> None:
         stream.get(timeout=0.05)
     stream.put(Event(text="late"))
     assert stream.get(timeout=1).text == "late"
+
+
+def _counting_sends(stream: GeventEventStream, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of signals its hub's waker sends till the test ends, in a list of one."""
+    sends = [0]
+    signal = stream._waker._async
+
+    class Counting:
+        def send(self) -> None:
+            sends[0] += 1
+            signal.send()
+
+        def __setattr__(self, name: str, value: object) -> None:  # ref
+            setattr(signal, name, value)
+
+    monkeypatch.setattr(stream._waker, "_async", Counting())
+    return sends
+
+
+def test_a_steps_events_wake_the_hub_once_when_the_step_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine thread's puts inside HeldWakeups (a step handing out its tokens) reach no reader till the step ends,
+    then every stream's reader at once, with one signal to the hub however many streams and events."""
+    streams = [GeventEventStream() for _ in range(6)]
+    sends = _counting_sends(streams[0], monkeypatch)
+    step_ended: list[float] = []
+
+    def step() -> None:  # plays the engine thread
+        with HeldWakeups():
+            for i, stream in enumerate(streams):
+                for j in range(i + 1):
+                    stream.put(Event(text=str(j), token_ids=[j]))
+                stream.put(Event(usage=Usage(prompt_tokens=1, completion_tokens=i + 1)))
+            time.sleep(0.2)  # the rest of the step: the hub is free to run meanwhile
+            step_ended.append(time.perf_counter())
+
+    def read(stream: GeventEventStream) -> tuple[str, float]:
+        text = "".join(event.text for event in stream)
+        return text, time.perf_counter()
+
+    readers = [gevent.spawn(read, stream) for stream in streams]
+    gevent.idle()  # every reader waits (one that looks after the puts takes its events without a wake-up)
+    with hub_ticks() as ticks:
+        start_native_thread(step)
+        results = [reader.get(timeout=5) for reader in readers]
+    assert [text for text, _ in results] == ["".join(map(str, range(i + 1))) for i in range(len(streams))]
+    assert min(t for _, t in results) >= step_ended[0]  # nothing before the step ended
+    assert sends == [1] and len(ticks) >= 10
+
+
+def test_streams_fed_by_a_racing_thread_each_get_their_events_in_order() -> None:
+    """Bursts of steps back to back from a native thread, each with a few events for some of many streams, while the
+    hub hands them out, and after each burst a wait till every event is read: every reader gets exactly its own
+    events, in order, and none waits on a lost wake-up (its own timeout is far beyond the burst's). A stress test:
+    the next one puts an event in the races' windows on purpose."""
+    rng = random.Random(0)
+    streams = [GeventEventStream() for _ in range(24)]
+    bursts = [[[rng.randrange(len(streams)) for _ in range(rng.randrange(1, 40))] for _ in range(8)] for _ in range(40)]
+    read_ids: list[list[int]] = [[] for _ in streams]
+    lost: list[int] = []
+
+    def produce() -> None:
+        put = 0
+        counts = [0] * len(streams)
+        for burst in bursts:
+            for i, targets in enumerate(burst):
+                with HeldWakeups() if i % 2 else contextlib.nullcontext():  # a step's tokens, or an abort's
+                    for k in targets:
+                        streams[k].put(Event(token_ids=[counts[k]]))
+                        counts[k] += 1
+                        time.sleep(0)  # lets the hub in between two puts
+                put += len(targets)
+            deadline = time.monotonic() + 5
+            while sum(map(len, read_ids)) < put and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            if sum(map(len, read_ids)) < put:
+                lost.append(put - sum(map(len, read_ids)))
+                break
+        for stream in streams:
+            stream.put(Event(usage=Usage(prompt_tokens=1, completion_tokens=0)))
+
+    def read(k: int) -> None:
+        while not (event := streams[k].get(timeout=60)).is_last:
+            read_ids[k] += event.token_ids
+            if len(read_ids[k]) % 5 == 0:
+                gevent.sleep(0)  # a reader busy elsewhere (writing) when its wake-up comes
+
+    readers = [gevent.spawn(read, k) for k in range(len(streams))]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the GIL passed back and forth often: the producer's marks race the hub's passes
+    try:
+        start_native_thread(produce)
+        gevent.joinall(readers, timeout=60, raise_error=True)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not lost, f"{lost[0]} events put were not read within 5 s"
+    expected = [sum(targets.count(k) for burst in bursts for targets in burst) for k in range(len(streams))]
+    assert read_ids == [list(range(n)) for n in expected]
+
+
+class _PutBeforeWaiting(GeventEventStream):
+    """Puts its `late` events one a wait, after its reader found none and before it waits: as the engine thread's put
+    may land between the two, during the hub's pass over the ready streams."""
+
+    def __init__(self, late: list[Event]) -> None:
+        super().__init__()
+        self.late = late
+
+    def _wait(self, timeout: float | None) -> bool:
+        if self.late:
+            self.put(self.late.pop(0))
+        return super()._wait(timeout)
+
+
+def test_a_put_between_a_readers_look_and_its_wait_wakes_it() -> None:
+    """Fails (the reader's timeout) with the stream's mark cleared after its reader ran, or the waker's signal
+    re-armed after its pass: that put's wake-up was lost."""
+    stream = _PutBeforeWaiting([Event(text="a"), Event(text="b"), Event(usage=Usage(1, 2))])
+
+    def read() -> str:
+        text = ""
+        while not (event := stream.get(timeout=5)).is_last:
+            text += event.text
+        return text
+
+    assert gevent.spawn(read).get(timeout=20) == "ab"
+
+
+def test_an_untimed_wait_after_a_timed_one_does_not_time_out() -> None:
+    stream = GeventEventStream()
+    with pytest.raises(TimeoutError):
+        stream.get(timeout=0.02)
+    late = gevent.spawn_later(0.1, stream.put, Event(text="late"))
+    assert stream.get().text == "late"  # the timed wait's timer, still running, did not end this one
+    late.join()

@@ -33,6 +33,7 @@ from nanoqwen.engine.validation import (
     completion_limit,
     validate_request,
 )
+from nanoqwen.engine.wakeups import HeldWakeups
 from nanoqwen.runner import ModelRunner, StepOutput
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.settings import EngineConfig
@@ -322,15 +323,16 @@ class Engine:
             if scored is not None:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
         row = 0
-        for seq in sampled:
-            if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
-                self._finish(seq, "length", first_event(seq))
-            elif seq.draft_ids:
-                self._verify(seq, row, output)
-            else:
-                self._append_token(seq, row, output)
-            row += 1 + len(seq.draft_ids)
-            seq.draft_ids = []
+        with HeldWakeups():  # the streams' readers are woken once, with every token of the step
+            for seq in sampled:
+                if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
+                    self._finish(seq, "length", first_event(seq))
+                elif seq.draft_ids:
+                    self._verify(seq, row, output)
+                else:
+                    self._append_token(seq, row, output)
+                row += 1 + len(seq.draft_ids)
+                seq.draft_ids = []
 
     def _verify(self, seq: Sequence, row: int, output: StepOutput) -> None:
         """Appends a drafting row's tokens: the drafts the sampler agreed with, then its first other token

@@ -30,11 +30,11 @@ class EventStream:
     def _notify(self) -> None:
         self._ready.set()
 
-    def _clear(self) -> None:
-        self._ready.clear()
-
     def _wait(self, timeout: float | None) -> bool:
-        return self._ready.wait(timeout)
+        """Blocks until a `put` after the caller found no event, or for `timeout`: False if it passed. May return
+        True with none there (its caller looks again)."""
+        self._ready.clear()
+        return bool(self._events) or self._ready.wait(timeout)
 
     @property
     def waiting(self) -> bool:
@@ -44,9 +44,6 @@ class EventStream:
     def get(self, timeout: float | None = None) -> Event:
         """Next event; raises TimeoutError if none arrives within `timeout` seconds."""
         while not self._events:
-            self._clear()
-            if self._events:
-                break
             if not self._wait(timeout):
                 raise TimeoutError("no event from the engine")
         event = self._events.popleft()

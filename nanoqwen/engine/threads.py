@@ -50,3 +50,8 @@ class NativeEvent:
             self._lock.release()
             return True
         return False
+
+
+def native_local():
+    """Storage per real OS thread (gevent's patched `threading.local` is per greenlet)."""
+    return _original("_local")()
