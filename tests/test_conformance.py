@@ -25,7 +25,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses import response_create_params as response_params
 
 from chat_http import MODEL, post_chat, sse_events, sse_payloads
-from checkpoints import THINK_ID, TOKEN_IDS
+from checkpoints import IM_END_ID, THINK_ID, TOKEN_IDS
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -274,6 +274,26 @@ def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
         tools=[openai.pydantic_function_tool(Verdict)], tool_choice="required", parallel_tool_calls=False)
     [call] = parsed.choices[0].message.tool_calls
     assert call.function.name == "Verdict" and isinstance(call.function.parsed_arguments, Verdict)
+
+
+# `<tool_call>` first, then (a second call banned) the end: an answer that opens one call where tool_choice is auto
+ONE_CALL = {"logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100, str(IM_END_ID): 50}}
+
+
+def test_a_strict_tools_call_follows_its_schema_with_tool_choice_auto(client: openai.OpenAI) -> None:
+    """`strict: true` (what `openai.pydantic_function_tool` sends) holds with tool_choice auto too, as OpenAI's strict
+    function calling: the answer is free, and a call the model opens follows the tool's schema, so `.parse()` and
+    the stream helper parse its arguments. It was accepted and ignored: the model's own text, here no call at all."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], "parallel_tool_calls": False, **ONE_CALL}
+    parsed = client.chat.completions.parse(**kwargs)
+    [call] = parsed.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Verdict) and parsed.choices[0].finish_reason == "tool_calls"
+    with client.chat.completions.stream(**kwargs) as stream:
+        done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert [event.parsed_arguments for event in done] == [call.function.parsed_arguments]
+    assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
 
 
 class Trial(pydantic.BaseModel):  # a nested model: its schema refers to Verdict's in `$defs`

@@ -798,6 +798,14 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def constrains_calls(self) -> bool:
+        """tool_choice "auto" with a `strict: true` tool: the answer is free, a call the model opens is constrained
+        (OpenAI's strict function calling), unless a JSON response_format or a structured output constrains the
+        whole answer (which then has no room for a call)."""
+        return (self.shows_tools and not self.forces_tool_call and any(t.function.strict for t in self.tools or [])
+                and not self.json_response and self.constraint is None)
+
+    @property
     def max_tool_calls(self) -> int | None:
         return 1 if self.parallel_tool_calls is False else None
 

@@ -1,7 +1,7 @@
 """The grammar a request's output must follow, compiled off the event loop (and cached by the engine's
-Grammars): for chat the Hermes tool calls of `tool_choice` "required" or a named function, else the JSON
-of `response_format` json_object / json_schema; for chat and completions vLLM's structured outputs
-(`structured_outputs`, `guided_*`). None for free text."""
+Grammars): for chat the Hermes tool calls of `tool_choice` "required" or a named function, or free text whose calls
+follow it (tool_choice "auto" with a strict tool), else the JSON of `response_format` json_object / json_schema; for
+chat and completions vLLM's structured outputs (`structured_outputs`, `guided_*`). None for free text."""
 from __future__ import annotations
 
 import json
@@ -35,11 +35,12 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
     grammars = serving.engine.grammars
-    if req.forces_tool_call:
-        tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in req.forced_tools]
+    if req.forces_tool_call or req.constrains_calls:
+        chosen = req.forced_tools if req.forces_tool_call else req.tools or []
+        tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in chosen]
         parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
         size = len(json.dumps([t.parameters for t in tools]))
-        return serving.off_loop(size, _tool_calls, grammars, tools, parallel)
+        return serving.off_loop(size, _tool_calls, grammars, tools, parallel, not req.forces_tool_call)
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return structured_grammar(serving, req)
@@ -90,7 +91,7 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
     return grammars.json_schema(ecma_patterns(schema), strict, param, no_space)
 
 
-def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool) -> Grammar:
+def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool) -> Grammar:
     """Off the loop: the tools' parameters' patterns ECMA's, and their calls' grammar."""
     tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
-    return grammars.tool_calls(tools, parallel, "tools")
+    return grammars.tool_calls(tools, parallel, "tools", free_text)
