@@ -296,6 +296,23 @@ def test_a_strict_tools_call_follows_its_schema_with_tool_choice_auto(client: op
     assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
 
 
+def test_a_call_a_stop_string_cuts_short_ends_with_stop(client: openai.OpenAI) -> None:
+    """A stop string met inside a call's arguments ends the answer there (as vLLM's stop strings do), the call cut
+    short: its finish reason is "stop", not "tool_calls" (which says the calls are whole, there to make), in the
+    collected answer and the stream alike."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], "stop": ["grade"],
+              "tool_choice": {"type": "function", "function": {"name": "Verdict"}}}
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    [call] = answer.message.tool_calls
+    assert call.function.arguments.startswith('{"ok": ') and call.function.arguments.endswith(', "')
+    assert answer.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    assert "".join(call.function.arguments for c in chunks for call in c.choices[0].delta.tool_calls or []
+                   if call.function.arguments) == call.function.arguments
+
+
 class Trial(pydantic.BaseModel):  # a nested model: its schema refers to Verdict's in `$defs`
     verdict: Verdict
 
