@@ -336,6 +336,22 @@ def test_a_forced_call_whose_schema_has_references(client: openai.OpenAI, tool_c
     assert call.function.name == "tree" and "leaf" in json.loads(call.function.arguments)
 
 
+@pytest.mark.parametrize("bias", [{}, ONE_CALL])
+def test_a_response_format_with_tools_answers_in_it_or_calls_one(client: openai.OpenAI, bias: dict[str, Any]) -> None:
+    """A JSON response_format beside tools and tool_choice auto (the Agents SDK's `output_type` with tools) is the
+    format of a text answer: the model may still call a tool, as OpenAI's may. The format's grammar held from the
+    first token, so no call could open; now the answer is the JSON or calls (their arguments the tool's schema)."""
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING, response_format=Verdict,
+        tools=[openai.pydantic_function_tool(Trial)], **bias).choices[0]
+    if bias:
+        [call] = parsed.message.tool_calls
+        assert isinstance(call.function.parsed_arguments, Trial) and parsed.finish_reason == "tool_calls"
+        assert parsed.message.content is None and parsed.message.parsed is None
+    else:
+        assert isinstance(parsed.message.parsed, Verdict) and not parsed.message.tool_calls
+
+
 def test_with_raw_response(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=2)
     assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]

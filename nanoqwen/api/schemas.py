@@ -799,11 +799,11 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def constrains_calls(self) -> bool:
-        """tool_choice "auto" with a `strict: true` tool: the answer is free, a call the model opens is constrained
-        (OpenAI's strict function calling), unless a JSON response_format or a structured output constrains the
-        whole answer (which then has no room for a call)."""
-        return (self.shows_tools and not self.forces_tool_call and any(t.function.strict for t in self.tools or [])
-                and not self.json_response and self.constraint is None)
+        """tool_choice "auto" with a `strict: true` tool or a JSON response_format: a call the model opens is
+        constrained (OpenAI's strict function calling), the answer otherwise free or that JSON; vLLM's structured
+        outputs constrain the whole answer instead (no room for a call: vLLM's rule)."""
+        return (self.shows_tools and not self.forces_tool_call and self.constraint is None
+                and (self.json_response or any(t.function.strict for t in self.tools or [])))
 
     @property
     def max_tool_calls(self) -> int | None:
