@@ -25,7 +25,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from openai.types.responses import response_create_params as response_params
 
 from chat_http import MODEL, post_chat, sse_events, sse_payloads
-from checkpoints import THINK_ID, TOKEN_IDS
+from checkpoints import IM_END_ID, THINK_ID, TOKEN_IDS
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
@@ -276,6 +276,43 @@ def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:
     assert call.function.name == "Verdict" and isinstance(call.function.parsed_arguments, Verdict)
 
 
+# `<tool_call>` first, then (a second call banned) the end: an answer that opens one call where tool_choice is auto
+ONE_CALL = {"logit_bias": {str(TOKEN_IDS["<tool_call>"]): 100, str(IM_END_ID): 50}}
+
+
+def test_a_strict_tools_call_follows_its_schema_with_tool_choice_auto(client: openai.OpenAI) -> None:
+    """`strict: true` (what `openai.pydantic_function_tool` sends) holds with tool_choice auto too, as OpenAI's strict
+    function calling: the answer is free, and a call the model opens follows the tool's schema, so `.parse()` and
+    the stream helper parse its arguments. It was accepted and ignored: the model's own text, here no call at all."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], "parallel_tool_calls": False, **ONE_CALL}
+    parsed = client.chat.completions.parse(**kwargs)
+    [call] = parsed.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Verdict) and parsed.choices[0].finish_reason == "tool_calls"
+    with client.chat.completions.stream(**kwargs) as stream:
+        done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert [event.parsed_arguments for event in done] == [call.function.parsed_arguments]
+    assert final.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+
+
+def test_a_call_a_stop_string_cuts_short_ends_with_stop(client: openai.OpenAI) -> None:
+    """A stop string met inside a call's arguments ends the answer there (as vLLM's stop strings do), the call cut
+    short: its finish reason is "stop", not "tool_calls" (which says the calls are whole, there to make), in the
+    collected answer and the stream alike."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 40, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], "stop": ["grade"],
+              "tool_choice": {"type": "function", "function": {"name": "Verdict"}}}
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    [call] = answer.message.tool_calls
+    assert call.function.arguments.startswith('{"ok": ') and call.function.arguments.endswith(', "')
+    assert answer.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    assert "".join(call.function.arguments for c in chunks for call in c.choices[0].delta.tool_calls or []
+                   if call.function.arguments) == call.function.arguments
+
+
 class Trial(pydantic.BaseModel):  # a nested model: its schema refers to Verdict's in `$defs`
     verdict: Verdict
 
@@ -297,6 +334,22 @@ def test_a_forced_call_whose_schema_has_references(client: openai.OpenAI, tool_c
                                             tool_choice="required", parallel_tool_calls=False, extra_body=NO_THINKING)
     [call] = answer.choices[0].message.tool_calls  # arguments as the schema allows: `#` was the wrapper's before
     assert call.function.name == "tree" and "leaf" in json.loads(call.function.arguments)
+
+
+@pytest.mark.parametrize("bias", [{}, ONE_CALL])
+def test_a_response_format_with_tools_answers_in_it_or_calls_one(client: openai.OpenAI, bias: dict[str, Any]) -> None:
+    """A JSON response_format beside tools and tool_choice auto (the Agents SDK's `output_type` with tools) is the
+    format of a text answer: the model may still call a tool, as OpenAI's may. The format's grammar held from the
+    first token, so no call could open; now the answer is the JSON or calls (their arguments the tool's schema)."""
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING, response_format=Verdict,
+        tools=[openai.pydantic_function_tool(Trial)], **bias).choices[0]
+    if bias:
+        [call] = parsed.message.tool_calls
+        assert isinstance(call.function.parsed_arguments, Trial) and parsed.finish_reason == "tool_calls"
+        assert parsed.message.content is None and parsed.message.parsed is None
+    else:
+        assert isinstance(parsed.message.parsed, Verdict) and not parsed.message.tool_calls
 
 
 def test_with_raw_response(client: openai.OpenAI) -> None:

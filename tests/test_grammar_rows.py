@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from checkpoints import END_THINK_ID, THINK_ID
+from checkpoints import END_THINK_ID, THINK_ID, TOKEN_IDS
 from nanoqwen.engine import grammar as grammar_module
-from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar
+from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar, ToolSpec
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
@@ -110,3 +110,22 @@ def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokeni
     assert converted == sent
     assert all(a is b for a, b in zip(first, again, strict=True))
     assert grammars.from_text("grammar", GBNF + " ", "p") is not first[0] and len(converted) == 4
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_free_text_calls_are_constrained_once_opened(tokenizer: PreTrainedTokenizerFast, parallel: bool) -> None:
+    """tool_choice auto with a strict tool: text is free (every token, `<tool_call>` too), EOS where the text may end;
+    an opened call follows the tool's grammar; after it, text again, and another call only with `parallel`."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
+    flag = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+            "additionalProperties": False}
+    grammar = grammars.tool_calls([ToolSpec("f", flag, strict=True)], parallel, "tools", free_text=True)
+    open_id, close_id = TOKEN_IDS["<tool_call>"], TOKEN_IDS["</tool_call>"]
+    text = tokenizer.encode("Hello there")
+    for mask in (_plain_mask(grammar, []), _plain_mask(grammar, text)):
+        assert all(_allows(mask, token) for token in [*text, THINK_ID, open_id, *EOS_IDS])
+    opened = _plain_mask(grammar, [*text, open_id])
+    assert int(sum(bin(word & 0xFFFFFFFF).count("1") for word in opened.tolist())) == 1  # the newline alone
+    call = [open_id, *tokenizer.encode('\n{"name": "f", "arguments": {"ok": true}}\n'), close_id]
+    after = _plain_mask(grammar, [*text, *call])
+    assert _allows(after, open_id) == parallel and all(_allows(after, token) for token in [*text, *EOS_IDS])

@@ -130,7 +130,8 @@ class ToolParsing:
 
 
 def finish_reason(reason: str, called: bool) -> str:
-    """OpenAI ends an answer that calls tools with "tool_calls"; one cut short stays "length"."""
+    """OpenAI ends an answer that calls tools with "tool_calls"; one cut short stays "length", and one whose last call a
+    stop string cut short "stop"."""
     return "tool_calls" if called and reason == "stop" else reason
 
 
@@ -189,7 +190,7 @@ class CompletionBuilder:
                 message["content"] = (self.echo + parsed.content) or None
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
-                reason = finish_reason(reason, True) if reason is not None else None
+                reason = finish_reason(reason, parser.called) if reason is not None else None
         # vLLM's include_reasoning false: the reasoning tokens' logprobs are left out too (they carry its text)
         logprobs = choice.logprobs if self.include_reasoning else choice.logprobs[choice.reasoning_tokens.count:]
         return {
@@ -381,7 +382,7 @@ class ChunkBuilder(DoneFraming):
 
     def finish(self, index: int, reason: str) -> Json:
         parser = self._parsers.get(index)
-        reason = finish_reason(reason, parser is not None and parser.num_calls > 0)
+        reason = finish_reason(reason, parser is not None and parser.called)
         return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: Usage) -> Json:

@@ -798,6 +798,14 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def constrains_calls(self) -> bool:
+        """tool_choice "auto" with a `strict: true` tool or a JSON response_format: a call the model opens is
+        constrained (OpenAI's strict function calling), the answer otherwise free or that JSON; vLLM's structured
+        outputs constrain the whole answer instead (no room for a call: vLLM's rule)."""
+        return (self.shows_tools and not self.forces_tool_call and self.constraint is None
+                and (self.json_response or any(t.function.strict for t in self.tools or [])))
+
+    @property
     def max_tool_calls(self) -> int | None:
         return 1 if self.parallel_tool_calls is False else None
 

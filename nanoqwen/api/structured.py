@@ -1,7 +1,8 @@
 """The grammar a request's output must follow, compiled off the event loop (and cached by the engine's
-Grammars): for chat the Hermes tool calls of `tool_choice` "required" or a named function, else the JSON
-of `response_format` json_object / json_schema; for chat and completions vLLM's structured outputs
-(`structured_outputs`, `guided_*`). None for free text."""
+Grammars): for chat the Hermes tool calls of `tool_choice` "required" or a named function; with "auto", calls that
+follow it where the model opens one, beside free text (a strict tool) or the JSON of `response_format`; else that
+JSON (json_object / json_schema); for chat and completions vLLM's structured outputs (`structured_outputs`,
+`guided_*`). None for free text."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nanoqwen.api.schema_patterns import ecma_patterns
-from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
+from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
 from nanoqwen.engine.grammar import ToolSpec
 from nanoqwen.engine.validation import InvalidRequest
@@ -34,18 +35,27 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
 
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
-    grammars = serving.engine.grammars
-    if req.forces_tool_call:
-        tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in req.forced_tools]
-        parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
-        size = len(json.dumps([t.parameters for t in tools]))
-        return serving.off_loop(size, _tool_calls, grammars, tools, parallel)
     fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+    answer = None if fmt is None or fmt.type == "text" else ({"type": "object"}, False) \
+        if fmt.type == "json_object" else (fmt.json_schema.schema_, bool(fmt.json_schema.strict))
+    if req.forces_tool_call:
+        return _calls(serving, req, req.forced_tools, False, None)
+    if req.constrains_calls:
+        if answer is not None:  # its own 400 first, naming response_format
+            _json(serving, *answer, "response_format")
+        return _calls(serving, req, req.tools or [], answer is None, answer)
+    if answer is None:
         return structured_grammar(serving, req)
-    if fmt.type == "json_object":
-        return _json(serving, {"type": "object"}, False, "response_format")
-    return _json(serving, fmt.json_schema.schema_, bool(fmt.json_schema.strict), "response_format")
+    return _json(serving, *answer, "response_format")
+
+
+def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], free_text: bool,
+           answer: tuple[dict[str, Any], bool] | None) -> Grammar:
+    """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop."""
+    tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in chosen]
+    parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
+    size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
+    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer)
 
 
 def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
@@ -90,7 +100,10 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
     return grammars.json_schema(ecma_patterns(schema), strict, param, no_space)
 
 
-def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool) -> Grammar:
-    """Off the loop: the tools' parameters' patterns ECMA's, and their calls' grammar."""
+def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
+                answer: tuple[dict[str, Any], bool] | None) -> Grammar:
+    """Off the loop: the tools' parameters' patterns ECMA's (and the JSON answer's), and their calls' grammar."""
     tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
-    return grammars.tool_calls(tools, parallel, "tools")
+    if answer is None:
+        return grammars.tool_calls(tools, parallel, "tools", free_text)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, ecma_patterns(answer[0]), answer[1])

@@ -158,6 +158,7 @@ class ToolCallParser:
         self.max_calls = max_calls
         self.forced = forced
         self.num_calls = 0
+        self._cut = False  # the answer ended inside a kept call's arguments (a stop string, max_tokens)
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
         self._in_block = False
         self._after_block = False  # leading whitespace here is layout
@@ -212,7 +213,9 @@ class ToolCallParser:
         out = Parsed()
         if self._in_block:
             self._stream(len(self._pending), out)
-            if self._streamed is None and not self.forced:
+            streamed = self._streamed
+            self._cut = streamed is not None and streamed.index is not None and not streamed.done
+            if streamed is None and not self.forced:
                 out.content = self._layout + OPEN + self._pending
         elif not (self.num_calls and not self._pending.strip()):
             out.content = self._text(self._pending)
@@ -221,6 +224,12 @@ class ToolCallParser:
         self._streamed = None
         self._layout = ""
         return out
+
+    @property
+    def called(self) -> bool:
+        """The answer holds calls, the last one whole (one cut short is no call to make: OpenAI's "tool_calls"
+        finish reason says the calls are there to make)."""
+        return self.num_calls > 0 and not self._cut
 
     def _stream(self, known: int, out: Parsed) -> None:
         """The call in the open block's first `known` characters: its start once it shows, then the

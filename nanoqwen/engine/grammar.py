@@ -118,16 +118,27 @@ class Grammars:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         return self.compile(text, param)
 
-    def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str) -> Grammar:
+    def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
+                   answer: dict[str, Any] | None = None, answer_strict: bool = False) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
-        of the given tools: one, or with `parallel` one or more separated by newlines."""
+        of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
+        `free_text` (a strict tool) any tokens, where the model may open a call with the `<tool_call>` token, which
+        then follows the grammar (at most one without `parallel`); with `answer` (a JSON response_format's schema, and
+        its strictness) either the calls or that JSON."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
         calls = " | ".join(f"call_{i}" for i in range(len(tools)))
         more = ' ("\\n" call)*' if parallel else ""
-        rules = [f"start: call{more}",
-                 f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>']
+        if free_text:  # EOS left out of the free tokens: the answer ends where the grammar accepts
+            free = ",".join(str(i) for i in [ids[0], *self.eos_ids])
+            rules = [f"start: free (call free){'*' if parallel else '?'}", f"free: <[^{free}]>*"]
+        elif answer is None:
+            rules = [f"start: call{more}"]
+        else:
+            rules = [f"start: call{more} | answer",
+                     f"answer: %json {json.dumps(_schema_with_options(answer, answer_strict))}"]
+        rules.append(f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>')
         rules += [rule for i, tool in enumerate(tools) for rule in _call_rules(i, tool)]
         return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param)
 

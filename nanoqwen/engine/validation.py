@@ -71,7 +71,7 @@ def check_allowed_token_ids(params: SamplingParams, vocab_size: int) -> None:
         raise InvalidRequest(f"allowed_token_ids {shown(bad)} are not in [0, {vocab_size})", param="allowed_token_ids")
     if params.grammar is not None:  # their intersection may be empty: nothing left to sample
         raise InvalidRequest("allowed_token_ids cannot be combined with a constrained answer (response_format, a "
-                             "forced tool call or a structured output)", param="allowed_token_ids")
+                             "forced tool call, a strict tool or a structured output)", param="allowed_token_ids")
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
