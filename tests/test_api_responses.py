@@ -12,6 +12,7 @@ import pytest
 from flask import Response
 
 from nanoqwen.api import serving as serving_module
+from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.errors import APIError
@@ -32,7 +33,7 @@ from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams, TokenLogprob, Usage
 
 THINK_END = 99
 LOGPROBS = "message.output_text.logprobs"
@@ -590,13 +591,64 @@ def _served(stream: Any, events: list[Event]) -> list[str]:
     batch = Batch()
     for event in events:
         batch.put(event)
-    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    stats = SimpleNamespace(finish=lambda trace, usage: None, abort=lambda trace: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
         writes = serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {})
         return [f"{frame}\n\n" for frame in "".join(writes).split("\n\n")[:-1]]
     finally:
         serving.encoding.stop()
+
+
+def _breaking(kind: type, cut_breaks: bool = False) -> type:
+    """`kind` whose chunks raise at an event of text "BUG" (a bug of ours in the stream's code), and with
+    `cut_breaks` at the error's event too."""
+
+    class Breaking(kind):
+        def chunks(self, event: Event) -> list[Json]:
+            if event.text == "BUG" or (cut_breaks and event.error is not None):
+                raise RuntimeError("a bug of ours")
+            return super().chunks(event)
+
+    return Breaking
+
+
+HELD = [Event(text="Sure. ", token_ids=[1]), Event(text="<tool_call>\n{", token_ids=[2]),
+        Event(text="BUG", token_ids=[3])]
+
+
+def _payloads(frames: list[str]) -> list[Any]:
+    return [json.loads(frame.split("data: ", 1)[1]) for frame in frames if frame != DONE]
+
+
+@pytest.mark.parametrize("cut_breaks", [False, True], ids=["held-sent", "cut-raises"])
+def test_a_stream_our_code_broke_sends_what_it_held_as_an_engine_error_would(cut_breaks: bool) -> None:
+    """An exception in the stream's own code ended it with the error alone: a chat stream's text held back (what
+    might be a call, trailing whitespace) never went out, a Responses stream's `response.failed` lacked its open
+    message. Now both end as an engine error ends them; where that cut raises too, the error alone still ends it."""
+    chat = _served(_breaking(ChunkBuilder, cut_breaks)("m", "fp", include_usage=False, tools=ToolParsing(True)), HELD)
+    assert chat[-1] == DONE and "error" in _payloads(chat)[-1]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in _payloads(chat)[:-1])
+    assert content == ("Sure." if cut_breaks else "Sure. <tool_call>\n{")
+    events = _payloads(_served(_breaking(ResponseEvents, cut_breaks)(_draft(), ToolParsing(True)), HELD))
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["error"]["message"] == "internal server error"
+    if cut_breaks:  # the items done only: none
+        assert failed["output"] == []
+    else:
+        (message,) = failed["output"]
+        assert (message["status"], message["content"][0]["text"]) == ("incomplete", "Sure. <tool_call>\n{")
+
+
+def test_a_legacy_stream_our_code_broke_sends_the_echo_still_waiting() -> None:
+    """With `echo` and `logprobs` the echo waits for the first event (its prompt's logprobs): a bug there sent the
+    error alone, where an engine error sends the echo first."""
+    completion = _breaking(TextCompletion)("m", "fp", ["Hi there"], want_logprobs=True)
+    first = Event(text="BUG", token_ids=[1], prompt_logprobs=PromptLogprobs("Hi", []))
+    frames = _payloads(_served(completion, [first]))
+    assert [frame.get("choices") for frame in frames] == [
+        [{"index": 0, "text": "Hi there", "logprobs": None, "finish_reason": None}], None]
+    assert frames[-1]["error"]["message"] == "internal server error"
 
 
 def test_a_stream_whose_client_resets_after_its_finish_chunk_counts_as_finished(monkeypatch) -> None:

@@ -254,9 +254,9 @@ class ResponseEvents:
         return [self._event("response.created", response=response), self._event(second, response=response)]
 
     def failure(self, message: str) -> list[Json]:
-        """`response.failed`, with the items so far: after an engine error's event (chunks), which closed the open one
-        and sent its held text (text that might have been a call) as the answer would have ended there, those; after
-        an exception in the stream's own code (Serving's except path), the items done only."""
+        """`response.failed`, with the items so far: after the error's event (chunks: an engine error, or Serving's
+        for an exception in the stream's own code), which closed the open one and sent its held text (text that might
+        have been a call) as the answer would have ended there, those; where that cut raised, the items done only."""
         error = {"code": "server_error", "message": message}
         self.response = self.draft.response("failed", self._output, None, error)
         return [self._event("response.failed", response=self.response)]
