@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +35,7 @@ from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams, TokenLogprob, Usage
+from responses_util import failed_stream
 
 THINK_END = 99
 LOGPROBS = "message.output_text.logprobs"
@@ -189,14 +191,8 @@ def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
     assert failed["response"]["error"] == {"code": "server_error", "message": "boom"}
 
 
-def _failed(events: list[Event], tools: ToolParsing, events_kind: type[ResponseEvents] = ResponseEvents,
-            **body: Any) -> tuple[ResponseEvents, list[Json]]:
-    """The stream's events for engine events ended by an engine error, as serving sends them."""
-    stream = events_kind(_draft(**body), tools)
-    out = stream.opening()
-    for event in [*events, Event(error="boom")]:
-        out += stream.chunks(event)
-    return stream, out + stream.failure("boom")
+def _failed(events: list[Event], tools: ToolParsing, **body: Any) -> list[Json]:
+    return failed_stream(ResponseEvents(_draft(**body), tools), events)
 
 
 @pytest.mark.parametrize("texts", [["Sure.", "<tool_call>\n{"], CALL_TEXT[:2], ["Sunny.\n"], [CALL_TEXT[0]]],
@@ -210,7 +206,7 @@ def test_a_failed_stream_sends_what_it_held_and_fails_with_the_items_so_far(text
     tools = ToolParsing(enabled=True)
     events = [Event(text=t, token_ids=[i], logprobs=[_lp(t)]) for i, t in enumerate(texts)]
     cut, _ = _both([*events, Event(finish_reason="length", usage=Usage(7, len(texts)))], tools, include=[LOGPROBS])
-    _, streamed = _failed(events, tools, include=[LOGPROBS])
+    streamed = _failed(events, tools, include=[LOGPROBS])
     _one_open_at_a_time(streamed)
     failed = streamed[-1]
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
@@ -229,10 +225,10 @@ def test_a_failed_stream_sends_what_it_held_and_fails_with_the_items_so_far(text
 def test_a_failure_before_any_output_fails_with_none_and_open_reasoning_is_kept() -> None:
     """No empty message for a response that failed before its output (as a cancelled one); reasoning under way is
     an item done, as at any end."""
-    _, streamed = _failed([], ToolParsing())
+    streamed = _failed([], ToolParsing())
     assert [e["type"] for e in streamed] == ["response.created", "response.in_progress", "response.failed"]
     assert streamed[-1]["response"]["output"] == []
-    _, streamed = _failed(THOUGHT[:2], ToolParsing())
+    streamed = _failed(THOUGHT[:2], ToolParsing())
     assert [item["type"] for item in streamed[-1]["response"]["output"]] == ["reasoning"]
     assert streamed[-1]["response"]["output"][0]["content"][0]["text"] == "Let me think"
 
@@ -807,7 +803,7 @@ def test_a_response_is_in_progress_until_its_stream_closed_or_failed() -> None:
             seen.append(store.get(draft.id) is not None)
             return respond()
 
-        answer = kept_in_progress(store, draft.id, answering)
+        answer = kept_in_progress(partial(store.end, draft.id), answering)
         assert seen == [True]
         return draft.id, answer
 
