@@ -2,13 +2,16 @@
 purpose, as a bug or a kernel's error would, and which publishes its stats only when asked (a scrape, /stats) or as it
 exits: no periodic publish.
 
-A step fails while it holds a choice of a request of `max_tokens` FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
-that has generated FAIL_AFTER tokens: its request ends with the engine's error event after those tokens."""
+A step fails while it holds a choice of a request of `max_tokens` $FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
+that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. Given by the
+environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
+import os
+
 from nanoqwen import worker
 from nanoqwen.gunicorn_conf import *  # noqa: F401,F403
 
-FAIL_MAX_TOKENS = 77
-FAIL_AFTER = 8
+FAIL_MAX_TOKENS = int(os.environ["FAIL_MAX_TOKENS"])
+FAIL_AFTER = int(os.environ["FAIL_AFTER"])
 worker.PUBLISH_S = 24 * 3600.0  # read by the worker's publish loop at each wait: once at its start, then no more
 
 

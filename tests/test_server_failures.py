@@ -16,16 +16,17 @@ import pytest
 import requests
 
 from chat_http import MODEL, cpu_env
-from gunicorn_failing import FAIL_AFTER, FAIL_MAX_TOKENS
 from server_process import GunicornServer
 
 CONFIG = Path(__file__).with_name("gunicorn_failing.py")
+FAIL_MAX_TOKENS, FAIL_AFTER = 77, 8  # a request of max_tokens 77 fails after 8 tokens
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    with GunicornServer(cpu_env(tiny_checkpoint), tmp_path_factory.mktemp("failing") / "gunicorn.log",
+    env = cpu_env(tiny_checkpoint, FAIL_MAX_TOKENS=str(FAIL_MAX_TOKENS), FAIL_AFTER=str(FAIL_AFTER))
+    with GunicornServer(env, tmp_path_factory.mktemp("failing") / "gunicorn.log",
                         args=["-c", str(CONFIG)]) as srv:
         yield srv
 
