@@ -32,6 +32,7 @@ from nanoqwen.api.serving import ClientGone
 from nanoqwen.api.sse import PROBE
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, SamplingParams, Usage
+from responses_util import failed_stream
 
 
 def _there() -> bool:
@@ -308,11 +309,8 @@ def test_cancelling_aborts_and_waits_for_the_end() -> None:
 
 def _failing(events: ResponseEvents) -> list[dict]:
     """The events of a response whose engine failed mid-answer, its text partly held by the tool parser."""
-    out = events.opening()
-    for event in (Event(text="Par", token_ids=[1]), Event(text="is.\n", token_ids=[2]),
-                  Event(error="internal error during generation")):
-        out += events.chunks(event)
-    return out + events.failure("internal error during generation")
+    return failed_stream(events, [Event(text="Par", token_ids=[1]), Event(text="is.\n", token_ids=[2])],
+                         "internal error during generation")
 
 
 def test_a_background_response_that_fails_is_kept_failed_and_one_cut_off_is_let_go() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from flask import Response
 
 from nanoqwen.api import serving as serving_module
+from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.errors import APIError
@@ -32,7 +34,8 @@ from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams, TokenLogprob, Usage
+from responses_util import failed_stream
 
 THINK_END = 99
 LOGPROBS = "message.output_text.logprobs"
@@ -188,14 +191,8 @@ def test_cut_short_is_incomplete_and_a_failure_fails() -> None:
     assert failed["response"]["error"] == {"code": "server_error", "message": "boom"}
 
 
-def _failed(events: list[Event], tools: ToolParsing, events_kind: type[ResponseEvents] = ResponseEvents,
-            **body: Any) -> tuple[ResponseEvents, list[Json]]:
-    """The stream's events for engine events ended by an engine error, as serving sends them."""
-    stream = events_kind(_draft(**body), tools)
-    out = stream.opening()
-    for event in [*events, Event(error="boom")]:
-        out += stream.chunks(event)
-    return stream, out + stream.failure("boom")
+def _failed(events: list[Event], tools: ToolParsing, **body: Any) -> list[Json]:
+    return failed_stream(ResponseEvents(_draft(**body), tools), events)
 
 
 @pytest.mark.parametrize("texts", [["Sure.", "<tool_call>\n{"], CALL_TEXT[:2], ["Sunny.\n"], [CALL_TEXT[0]]],
@@ -209,7 +206,7 @@ def test_a_failed_stream_sends_what_it_held_and_fails_with_the_items_so_far(text
     tools = ToolParsing(enabled=True)
     events = [Event(text=t, token_ids=[i], logprobs=[_lp(t)]) for i, t in enumerate(texts)]
     cut, _ = _both([*events, Event(finish_reason="length", usage=Usage(7, len(texts)))], tools, include=[LOGPROBS])
-    _, streamed = _failed(events, tools, include=[LOGPROBS])
+    streamed = _failed(events, tools, include=[LOGPROBS])
     _one_open_at_a_time(streamed)
     failed = streamed[-1]
     assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
@@ -228,10 +225,10 @@ def test_a_failed_stream_sends_what_it_held_and_fails_with_the_items_so_far(text
 def test_a_failure_before_any_output_fails_with_none_and_open_reasoning_is_kept() -> None:
     """No empty message for a response that failed before its output (as a cancelled one); reasoning under way is
     an item done, as at any end."""
-    _, streamed = _failed([], ToolParsing())
+    streamed = _failed([], ToolParsing())
     assert [e["type"] for e in streamed] == ["response.created", "response.in_progress", "response.failed"]
     assert streamed[-1]["response"]["output"] == []
-    _, streamed = _failed(THOUGHT[:2], ToolParsing())
+    streamed = _failed(THOUGHT[:2], ToolParsing())
     assert [item["type"] for item in streamed[-1]["response"]["output"]] == ["reasoning"]
     assert streamed[-1]["response"]["output"][0]["content"][0]["text"] == "Let me think"
 
@@ -590,13 +587,64 @@ def _served(stream: Any, events: list[Event]) -> list[str]:
     batch = Batch()
     for event in events:
         batch.put(event)
-    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    stats = SimpleNamespace(finish=lambda trace, usage: None, abort=lambda trace: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
         writes = serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {})
         return [f"{frame}\n\n" for frame in "".join(writes).split("\n\n")[:-1]]
     finally:
         serving.encoding.stop()
+
+
+def _breaking(kind: type, cut_breaks: bool = False) -> type:
+    """`kind` whose chunks raise at an event of text "BUG" (a bug of ours in the stream's code), and with
+    `cut_breaks` at the error's event too."""
+
+    class Breaking(kind):
+        def chunks(self, event: Event) -> list[Json]:
+            if event.text == "BUG" or (cut_breaks and event.error is not None):
+                raise RuntimeError("a bug of ours")
+            return super().chunks(event)
+
+    return Breaking
+
+
+HELD = [Event(text="Sure. ", token_ids=[1]), Event(text="<tool_call>\n{", token_ids=[2]),
+        Event(text="BUG", token_ids=[3])]
+
+
+def _payloads(frames: list[str]) -> list[Any]:
+    return [json.loads(frame.split("data: ", 1)[1]) for frame in frames if frame != DONE]
+
+
+@pytest.mark.parametrize("cut_breaks", [False, True], ids=["held-sent", "cut-raises"])
+def test_a_stream_our_code_broke_sends_what_it_held_as_an_engine_error_would(cut_breaks: bool) -> None:
+    """An exception in the stream's own code ended it with the error alone: a chat stream's text held back (what
+    might be a call, trailing whitespace) never went out, a Responses stream's `response.failed` lacked its open
+    message. Now both end as an engine error ends them; where that cut raises too, the error alone still ends it."""
+    chat = _served(_breaking(ChunkBuilder, cut_breaks)("m", "fp", include_usage=False, tools=ToolParsing(True)), HELD)
+    assert chat[-1] == DONE and "error" in _payloads(chat)[-1]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in _payloads(chat)[:-1])
+    assert content == ("Sure." if cut_breaks else "Sure. <tool_call>\n{")
+    events = _payloads(_served(_breaking(ResponseEvents, cut_breaks)(_draft(), ToolParsing(True)), HELD))
+    failed = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and failed["error"]["message"] == "internal server error"
+    if cut_breaks:  # the items done only: none
+        assert failed["output"] == []
+    else:
+        (message,) = failed["output"]
+        assert (message["status"], message["content"][0]["text"]) == ("incomplete", "Sure. <tool_call>\n{")
+
+
+def test_a_legacy_stream_our_code_broke_sends_the_echo_still_waiting() -> None:
+    """With `echo` and `logprobs` the echo waits for the first event (its prompt's logprobs): a bug there sent the
+    error alone, where an engine error sends the echo first."""
+    completion = _breaking(TextCompletion)("m", "fp", ["Hi there"], want_logprobs=True)
+    first = Event(text="BUG", token_ids=[1], prompt_logprobs=PromptLogprobs("Hi", []))
+    frames = _payloads(_served(completion, [first]))
+    assert [frame.get("choices") for frame in frames] == [
+        [{"index": 0, "text": "Hi there", "logprobs": None, "finish_reason": None}], None]
+    assert frames[-1]["error"]["message"] == "internal server error"
 
 
 def test_a_stream_whose_client_resets_after_its_finish_chunk_counts_as_finished(monkeypatch) -> None:
@@ -755,7 +803,7 @@ def test_a_response_is_in_progress_until_its_stream_closed_or_failed() -> None:
             seen.append(store.get(draft.id) is not None)
             return respond()
 
-        answer = kept_in_progress(store, draft.id, answering)
+        answer = kept_in_progress(partial(store.end, draft.id), answering)
         assert seen == [True]
         return draft.id, answer
 

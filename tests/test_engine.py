@@ -202,6 +202,35 @@ def test_stop_string_split_across_tokens(engine):
     assert stop not in choice.text
 
 
+def test_a_failed_request_sends_the_text_it_held_back_as_a_length_cut_would(engine):
+    """Text a choice held back (what may still become a stop string; an incomplete UTF-8 character alike) went
+    nowhere when its request failed. A failure ends the answer where it is, as a finish by length does: the held
+    text comes in an event of its own before the error event."""
+    prompt, k = PROMPTS[2], 8
+    [cut] = generate(engine, [prompt], greedy(k))
+    text = cut.choices[0].text
+    assert text.isprintable() and len(text) > 3
+    _, stream = engine.submit(prompt, greedy(100, stop=[text[-3:] + "\x00"]))  # the answer's end begins the stop
+    engine_step(engine, k)
+    before = collect(stream)
+    assert before.choices[0].token_ids == cut.choices[0].token_ids and before.choices[0].text == text[:-3]
+    engine.fail_all("boom")
+    engine_step(engine)
+    after = collect(stream)
+    assert (after.choices[0].text, after.choices[0].finish_reason, after.error) == (text[-3:], None, "boom")
+    assert not after.choices[0].token_ids
+
+
+def test_a_held_text_that_cannot_be_flushed_still_fails_its_request(engine, monkeypatch):
+    """A text pipeline that raises as it is flushed loses its held text, not its request's error event."""
+    _, stream = engine.submit(PROMPTS[2], greedy(100, stop=["never"]))
+    engine_step(engine, 2)
+    monkeypatch.setattr("nanoqwen.text.TextPipeline.finish", lambda self: 1 / 0)
+    engine.fail_all("boom")
+    engine_step(engine)
+    assert collect(stream).error == "boom"
+
+
 def test_abort_frees_blocks(engine):
     request_id, stream = engine.submit(PROMPTS[2], greedy(1000))
     engine_step(engine, 4)

@@ -254,9 +254,9 @@ class ResponseEvents:
         return [self._event("response.created", response=response), self._event(second, response=response)]
 
     def failure(self, message: str) -> list[Json]:
-        """`response.failed`, with the items so far: after an engine error's event (chunks), which closed the open one
-        and sent its held text (text that might have been a call) as the answer would have ended there, those; after
-        an exception in the stream's own code (Serving's except path), the items done only."""
+        """`response.failed`, with the items so far: after the error's event (chunks: an engine error, or Serving's
+        for an exception in the stream's own code), which closed the open one and sent its held text (text that might
+        have been a call) as the answer would have ended there, those; where that cut raised, the items done only."""
         error = {"code": "server_error", "message": message}
         self.response = self.draft.response("failed", self._output, None, error)
         return [self._event("response.failed", response=self.response)]
@@ -402,11 +402,10 @@ class PolledEvents(ResponseEvents):
         return ""
 
 
-def kept_in_progress(store: ResponseStore, response_id: str, respond: Callable[[], Response]) -> Response:
-    """The stream of a response begun in the store, found there until it ends: on an error (before it streams,
-    its request submitted or not), or when the server closes its stream (at its end, its client gone, even
+def kept_in_progress(ended: Callable[[], None], respond: Callable[[], Response]) -> Response:
+    """The stream of a response begun in the store, found there until it `ended`: on an error (before it streams,
+    its request submitted or not), or when the server closes its stream (at its end, failed, its client gone, even
     before its first event)."""
-    ended = partial(store.end, response_id)
     try:
         answer = respond()
     except BaseException:
@@ -492,7 +491,7 @@ class ResponsesService:
         if req.stream and draft.store is not None:
             draft.begun = self.store.begin(draft.created(), input_bytes, _ids(inputs), stream.item_ids)
             draft.store = self.store if draft.begun else None
-        return kept_in_progress(self.store, draft.id, respond) if draft.begun else respond()
+        return kept_in_progress(partial(self._ended, draft, stream), respond) if draft.begun else respond()
 
     def _background(self, draft: Draft, events: ResponseEvents, submit: Callable[[], Batch], trace: RequestTrace,
                     environ: dict[str, Any]) -> Response | Json:
@@ -518,8 +517,9 @@ class ResponsesService:
         return self._following(run, -1, environ)
 
     def _ended(self, draft: Draft, events: ResponseEvents) -> None:
-        """A background response's end: a failed one is kept as failed (a finished one was kept as it finished);
-        one that never ended (its greenlet killed) is let go."""
+        """The end of a response begun in the store (a background one, a stream kept): a failed one is kept as failed,
+        as OpenAI keeps it (a finished one was kept as it finished); one that never ended (its client gone, its
+        greenlet killed, an error before its stream) is let go."""
         response = events.response
         try:
             if response is not None and response["status"] == "failed":

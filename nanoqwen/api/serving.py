@@ -186,6 +186,18 @@ def _frames(chunks: Streamer, event: Event, split: bool = False) -> list[str]:
     return out
 
 
+def _broken(chunks: Streamer, message: str) -> list[str]:
+    """The last frames of a stream our own code broke: what it held, cut as an engine error cuts it, then its failure.
+    A cut that raises too (the builder's state may have broken with the first exception) is left out, the failure
+    alone sent."""
+    try:
+        held = [chunks.frame(chunk) for chunk in chunks.chunks(Event(error=message))]
+    except Exception:
+        log.exception("the held output of a broken stream was lost")
+        held = []
+    return [*held, *(chunks.frame(chunk) for chunk in chunks.failure(message))]
+
+
 class Serving:
     def __init__(self, engine: Engine, config: ServerConfig, stats: ServerStats) -> None:
         self.engine = engine
@@ -382,7 +394,7 @@ class Serving:
             return
         except Exception:
             log.exception("stream of %s failed", batch.request_ids)
-            failure = [chunks.frame(chunk) for chunk in chunks.failure("internal server error")]
+            failure = _broken(chunks, "internal server error")
             yield [*failure, chunks.ending] if chunks.ending else failure
         finally:
             if not finished:

@@ -370,9 +370,13 @@ class Engine:
             request.stream.put(usage_event(request))
 
     def _fail(self, request: Request, message: str) -> None:
+        """Ends the request with an error event, after the text each unfinished choice held back (an incomplete
+        UTF-8 character, what might have begun a stop string): as at a finish by length, the answer ended there."""
         for seq in request.sequences:
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq)
+                if (held := _held_text(seq)) is not None:
+                    request.stream.put(held)
         self._close(request)
         request.stream.put(Event(error=message))
 
@@ -389,3 +393,14 @@ class Engine:
                 if not request.started:
                     self._num_queued -= 1
                 self.requests_finished += 1
+
+
+def _held_text(seq: Sequence) -> Event | None:
+    """The text a choice that fails held back, as an event of its own (None: none held). A pipeline that raises is
+    logged and passed over: its request's error event must still go out."""
+    try:
+        reasoning, text = seq.text.finish() if seq.text is not None else ("", "")
+    except Exception:
+        log.exception("the held text of %s was lost", seq.request.request_id)
+        return None
+    return Event(index=seq.index, text=text, reasoning=reasoning) if text or reasoning else None

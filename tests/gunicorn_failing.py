@@ -1,0 +1,29 @@
+"""gunicorn settings for tests (`-c tests/gunicorn_failing.py`): nanoqwen's, with a worker whose engine step fails on
+purpose, as a bug or a kernel's error would, and which publishes its stats only when asked (a scrape, /stats) or as it
+exits: no periodic publish.
+
+A step fails while it holds a choice of a request of `max_tokens` $FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
+that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. Given by the
+environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
+import os
+
+from nanoqwen import worker
+from nanoqwen.gunicorn_conf import *  # noqa: F401,F403
+
+FAIL_MAX_TOKENS = int(os.environ["FAIL_MAX_TOKENS"])
+FAIL_AFTER = int(os.environ["FAIL_AFTER"])
+worker.PUBLISH_S = 24 * 3600.0  # read by the worker's publish loop at each wait: once at its start, then no more
+
+
+def post_worker_init(_worker: object) -> None:
+    from nanoqwen.runner.runner import ModelRunner
+
+    step = ModelRunner.step
+
+    def failing(self: ModelRunner, batch: object) -> object:
+        if any(seq.request.params.max_tokens == FAIL_MAX_TOKENS and seq.num_output_tokens >= FAIL_AFTER
+               for seq, _ in batch.rows):
+            raise RuntimeError("a step failed on purpose")
+        return step(self, batch)
+
+    ModelRunner.step = failing

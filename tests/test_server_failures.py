@@ -1,0 +1,108 @@
+"""What a request that fails still owes its client, through `gunicorn -k gevent` and the `openai` client: a worker
+whose engine step fails on purpose (tests/gunicorn_failing.py), and which publishes its stats only when asked or as it
+exits."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from chat_http import MODEL, cpu_env
+from server_process import GunicornServer
+
+CONFIG = Path(__file__).with_name("gunicorn_failing.py")
+FAIL_MAX_TOKENS, FAIL_AFTER = 77, 8  # a request of max_tokens 77 fails after 8 tokens
+GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    env = cpu_env(tiny_checkpoint, FAIL_MAX_TOKENS=str(FAIL_MAX_TOKENS), FAIL_AFTER=str(FAIL_AFTER))
+    with GunicornServer(env, tmp_path_factory.mktemp("failing") / "gunicorn.log",
+                        args=["-c", str(CONFIG)]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: GunicornServer) -> openai.OpenAI:
+    return server.openai_client()
+
+
+def test_a_failed_foreground_stream_kept_is_found_failed(client: openai.OpenAI) -> None:
+    """OpenAI keeps a failed response: GET answers it `failed`, with its error and its output so far. A stored
+    foreground stream that failed was let go (a 404), where a background one was kept."""
+    events = list(client.responses.create(input="Hi", max_output_tokens=FAIL_MAX_TOKENS, stream=True,
+                                          reasoning={"effort": "none"}, **GREEDY))
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.response.error.code == "server_error"
+    assert "a step failed on purpose" in failed.response.error.message
+    found = client.responses.retrieve(failed.response.id)
+    assert found.status == "failed" and found.error == failed.response.error
+    assert found.model_dump()["output"] == failed.response.model_dump()["output"] != []
+    assert found.output[-1].status == "incomplete"
+    items = client.responses.input_items.list(failed.response.id)
+    assert [item.type for item in items.data] == ["message"]
+
+
+def test_a_failed_stream_sends_the_text_it_held_back(client: openai.OpenAI) -> None:
+    """Text held back as it may still begin a stop string went nowhere when the request failed. A failure ends the
+    answer where it is, as a finish by length does: the stream's text is the length-cut answer's."""
+    body = {**GREEDY, "prompt": "Hello", "extra_body": {"ignore_eos": True}}
+    cut = client.completions.create(max_tokens=FAIL_AFTER, **body).choices[0].text
+    assert len(cut) > 3 and "\x00" not in cut
+    texts = []
+    with pytest.raises(openai.APIError, match="a step failed on purpose"):
+        for chunk in client.completions.create(max_tokens=FAIL_MAX_TOKENS, stop=[cut[-3:] + "\x00"], stream=True,
+                                               **body):
+            texts += [choice.text for choice in chunk.choices]
+    assert "".join(texts) == cut
+
+
+def _generated_tokens(srv: GunicornServer) -> float:
+    metrics = requests.get(f"{srv.url}/metrics", timeout=30).text
+    match = re.search(r"^nanoqwen_generation_tokens_total (\S+)$", metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: GunicornServer,
+                                                                  client: openai.OpenAI) -> None:
+    """The per-token counts wait in the worker for its next publish: a graceful exit (SIGTERM, max_requests) before
+    it flushes them, and /metrics (the respawned worker's, summing the dead one's counters) has every token."""
+    before = _generated_tokens(server)  # published: nothing waits
+    pid = _pid(server)
+    answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
+                                            extra_body={"ignore_eos": True}, **GREEDY)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while _alive(pid):  # asked nothing meanwhile: a scrape or /stats would publish the counts
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    while _pid(server) is None:  # respawned
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert _generated_tokens(server) == before + answer.usage.completion_tokens == before + 12
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _pid(srv: GunicornServer) -> int | None:
+    """The worker's (one), None while none answers."""
+    try:
+        (worker,) = requests.get(f"{srv.url}/stats", timeout=5).json()["workers"]
+    except (requests.RequestException, ValueError):
+        return None
+    return worker["pid"]
