@@ -221,6 +221,28 @@ def test_a_failed_request_sends_the_text_it_held_back_as_a_length_cut_would(engi
     assert not after.choices[0].token_ids
 
 
+def test_requests_sharing_a_stream_send_every_held_text_before_an_error(engine):
+    """A legacy completion's prompts share one stream, which ends at its first error event: every request's held text
+    goes out before any request's error (the second prompt's came after the first's error, and was never read)."""
+    prompt, k = PROMPTS[2], 8
+    [cut] = generate(engine, [prompt], greedy(k))
+    text = cut.choices[0].text
+    stream = EventStream()
+    for _ in range(2):
+        engine.submit(prompt, greedy(100, stop=[text[-3:] + "\x00"]), stream=stream)
+    engine_step(engine, k)
+    collect(stream)
+    engine.fail_all("boom")
+    engine_step(engine)
+    events = []
+    while True:
+        try:
+            events.append(stream.get(timeout=0))
+        except TimeoutError:
+            break
+    assert [(event.text, event.error) for event in events] == [(text[-3:], None)] * 2 + [("", "boom")] * 2
+
+
 def test_a_held_text_that_cannot_be_flushed_still_fails_its_request(engine, monkeypatch):
     """A text pipeline that raises as it is flushed loses its held text, not its request's error event."""
     _, stream = engine.submit(PROMPTS[2], greedy(100, stop=["never"]))

@@ -312,8 +312,8 @@ class Engine:
         except Exception as exc:  # fail this batch, keep serving the rest
             log.exception("engine step failed")
             self.block_manager.reset_prefix_cache()
-            for request in {id(s.request): s.request for s, _ in batch.rows}.values():
-                self._fail(request, f"internal error during generation: {type(exc).__name__}: {exc}")
+            requests = list({id(s.request): s.request for s, _ in batch.rows}.values())
+            self._fail(requests, f"internal error during generation: {type(exc).__name__}: {exc}")
             return
         if sampled:  # its tokens are on the host: the device work is done, the step timed whole
             self.scheduler.observe(batch, time.perf_counter() - started)
@@ -369,23 +369,25 @@ class Engine:
             self._close(request)
             request.stream.put(usage_event(request))
 
-    def _fail(self, request: Request, message: str) -> None:
-        """Ends the request with an error event, after the text each unfinished choice held back (an incomplete
-        UTF-8 character, what might have begun a stop string): as at a finish by length, the answer ended there."""
-        for seq in request.sequences:
-            if seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq)
-                if (held := _held_text(seq)) is not None:
-                    request.stream.put(held)
-        self._close(request)
-        request.stream.put(Event(error=message))
+    def _fail(self, requests: list[Request], message: str) -> None:
+        """Ends the requests with an error event each, after the text each unfinished choice held back (an incomplete
+        UTF-8 character, what might have begun a stop string): as at a finish by length, the answer ended there.
+        Every held text goes before any error: a legacy completion's prompts share a stream, which ends at its first."""
+        for request in requests:
+            for seq in request.sequences:
+                if seq.status is not Status.FINISHED:
+                    self.scheduler.finish(seq)
+                    if (held := _held_text(seq)) is not None:
+                        request.stream.put(held)
+        for request in requests:
+            self._close(request)
+            request.stream.put(Event(error=message))
 
     def _fail_all(self, message: str) -> None:
         self.block_manager.reset_prefix_cache()
         with self._lock:
             requests = list(self._requests.values())
-        for request in requests:
-            self._fail(request, message)
+        self._fail(requests, message)
 
     def _close(self, request: Request) -> None:
         with self._lock:
