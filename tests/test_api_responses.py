@@ -581,13 +581,15 @@ SCORED = TokenLogprob(0, "a", -0.5, [97], [_lp("b")] * 20)
 LONG = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[SCORED] * 120)]  # past LARGE_ANSWER
 
 
-def _served(stream: Any, events: list[Event]) -> list[str]:
+def _served(stream: Any, events: list[Event], counted: list[str] | None = None) -> list[str]:
     """The frames of `stream` for `events` through Serving._stream, as the server sends them (split out of its writes,
-    which join the frames of the events waiting)."""
+    which join the frames of the events waiting); `counted` gets how the request was counted."""
     batch = Batch()
     for event in events:
         batch.put(event)
-    stats = SimpleNamespace(finish=lambda trace, usage: None, abort=lambda trace: None)
+    counted = [] if counted is None else counted
+    stats = SimpleNamespace(finish=lambda trace, usage: counted.append("finish"),
+                            abort=lambda trace: counted.append("abort"), fail=lambda trace: counted.append("fail"))
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
         writes = serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {})
@@ -634,6 +636,22 @@ def test_a_stream_our_code_broke_sends_what_it_held_as_an_engine_error_would(cut
     else:
         (message,) = failed["output"]
         assert (message["status"], message["content"][0]["text"]) == ("incomplete", "Sure. <tool_call>\n{")
+
+
+def test_a_broken_stream_whose_failure_raises_too_ends_with_the_bare_error_counted_as_failed() -> None:
+    """The failure event is built from the builder's state too (a Responses one repeats the items so far): where it
+    raises as well, the bare error body still ends the stream (it ended with no error and no [DONE]). A stream our code
+    broke is counted as failed (it was counted as aborted, as if its client had left)."""
+
+    class FailureBreaks(_breaking(ResponseEvents)):
+        def failure(self, message: str) -> list[Json]:
+            raise RuntimeError("a second bug of ours")
+
+    counted: list[str] = []
+    events = _payloads(_served(FailureBreaks(_draft(), ToolParsing(True)), HELD, counted))
+    assert events[-1] == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                                    "code": None}}
+    assert counted == ["fail"]
 
 
 def test_a_legacy_stream_our_code_broke_sends_the_echo_still_waiting() -> None:

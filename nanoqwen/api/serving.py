@@ -20,11 +20,11 @@ from flask import Response
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, error_body
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
-from nanoqwen.api.sse import HEADERS, PROBE
+from nanoqwen.api.sse import HEADERS, PROBE, sse
 from nanoqwen.engine import Engine, QueueFullError
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 from nanoqwen.engine.validation import InvalidRequest
@@ -188,14 +188,20 @@ def _frames(chunks: Streamer, event: Event, split: bool = False) -> list[str]:
 
 def _broken(chunks: Streamer, message: str) -> list[str]:
     """The last frames of a stream our own code broke: what it held, cut as an engine error cuts it, then its failure.
-    A cut that raises too (the builder's state may have broken with the first exception) is left out, the failure
-    alone sent."""
+    The builder's state may have broken with the first exception: a cut that raises too is left out, and a failure
+    that raises too (a Responses one repeats the items so far) is sent as the bare error body, which clients of every
+    kind read as an error."""
     try:
         held = [chunks.frame(chunk) for chunk in chunks.chunks(Event(error=message))]
     except Exception:
         log.exception("the held output of a broken stream was lost")
         held = []
-    return [*held, *(chunks.frame(chunk) for chunk in chunks.failure(message))]
+    try:
+        failure = [chunks.frame(chunk) for chunk in chunks.failure(message)]
+    except Exception:
+        log.exception("the failure event of a broken stream could not be built")
+        failure = [sse(error_body(message, type="server_error"))]
+    return [*held, *failure]
 
 
 class Serving:
@@ -394,6 +400,10 @@ class Serving:
             return
         except Exception:
             log.exception("stream of %s failed", batch.request_ids)
+            if not finished:  # ours, not the client's: the engine stops before the last frames go out
+                finished = True
+                self.abort(batch)
+                self.stats.fail(trace)
             failure = _broken(chunks, "internal server error")
             yield [*failure, chunks.ending] if chunks.ending else failure
         finally:
