@@ -12,7 +12,7 @@ import pytest
 from hub_util import hub_ticks
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.engine.request import Event, Usage
-from nanoqwen.engine.threads import start_native_thread
+from nanoqwen.engine.threads import NativeEvent, start_native_thread
 from nanoqwen.engine.wakeups import HeldWakeups
 
 
@@ -38,6 +38,52 @@ def test_timeout() -> None:
         stream.get(timeout=0.05)
     stream.put(Event(text="late"))
     assert stream.get(timeout=1).text == "late"
+
+
+def test_a_timed_wait_that_expires_with_an_event_there_returns_it() -> None:
+    """An event whose wake-up the engine thread still holds (mid-step) is there when the reader's timeout fires: `get`
+    returns it, as `_wait` promises (it raised TimeoutError)."""
+    stream = GeventEventStream()
+    go, step_ends, left = NativeEvent(), NativeEvent(), NativeEvent()
+
+    def step() -> None:  # plays the engine thread, still in its step when the reader times out
+        go.wait(5)
+        with HeldWakeups():
+            stream.put(Event(text="held"))
+            step_ends.wait(5)
+        left.set()
+
+    start_native_thread(step)
+    reader = gevent.spawn(stream.get, 0.2)
+    gevent.sleep(0)  # the reader waits
+    go.set()
+    try:
+        assert reader.get(timeout=5).text == "held"
+    finally:
+        step_ends.set()
+        left.wait(5)
+        gevent.sleep(0.05)  # the hub takes the step's signal here, not in a later test
+
+
+def test_a_pass_cut_short_leaves_the_streams_after_it_to_the_next() -> None:
+    """An exception escaping the waker's pass (an exit delivered in the hub) left the streams after it marked with no
+    signal out: their readers waited for nothing (an untimed one forever)."""
+    first, second = GeventEventStream(), GeventEventStream()
+    waker = first._waker
+    reader = gevent.spawn(second.get)
+    gevent.sleep(0)  # the reader waits, untimed
+
+    def wake_raises() -> None:
+        raise KeyboardInterrupt
+
+    first._wake = wake_raises  # type: ignore[method-assign]
+    second._events.append(Event(text="b"))
+    for stream in (first, second):  # both marked, the signal that would hand them out taken by the pass below
+        stream._marked = True
+        waker._ready.append(stream)
+    with pytest.raises(KeyboardInterrupt):
+        waker._dispatch()
+    assert reader.get(timeout=2).text == "b"
 
 
 def _counting_sends(stream: GeventEventStream, monkeypatch: pytest.MonkeyPatch) -> list[int]:

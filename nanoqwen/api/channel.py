@@ -50,8 +50,13 @@ class HubWaker:
     def _dispatch(self) -> None:
         self._signalled = False  # before taking the marks: a mark after this signals again
         ready = self._ready
-        for _ in range(len(ready)):
-            ready.popleft()._wake()
+        try:
+            for _ in range(len(ready)):
+                ready.popleft()._wake()
+        finally:  # something escaped mid-pass (an exit delivered in the hub): the streams left marked go next turn
+            if ready and not self._signalled:
+                self._signalled = True
+                self._async.send()
 
 
 _local = native_local()  # .waker: the waker of the thread's hub (one hub a thread, one loop a hub)
@@ -117,8 +122,8 @@ class GeventEventStream(EventStream):
                 self._timer.stop()  # an untimed wait after timed ones
             self._waker.untimed_wait(1)
         self._parked = getcurrent()
-        try:
-            return self._hub.switch()
+        try:  # a timeout with an event there (its wake-up held by the engine's step) is no timeout
+            return self._hub.switch() or bool(self._events)
         finally:
             self._parked = None
             if timeout is None:
