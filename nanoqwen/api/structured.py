@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 
 Req = TypeVar("Req", bound=SamplingFields)
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, req: Req) -> Grammar | None:
@@ -51,8 +52,12 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
 
 def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], free_text: bool,
            answer: tuple[dict[str, Any], bool] | None) -> Grammar:
-    """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop."""
-    tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in chosen]
+    """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
+    its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (not strict) arguments are
+    any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema is not compiled."""
+    forced = req.forces_tool_call
+    tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
+                      bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
     size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
     return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer)
