@@ -352,6 +352,20 @@ def test_a_response_format_with_tools_answers_in_it_or_calls_one(client: openai.
         assert isinstance(parsed.message.parsed, Verdict) and not parsed.message.tool_calls
 
 
+def test_a_second_call_cut_before_its_name_leaves_no_markup(client: openai.OpenAI) -> None:
+    """max_tokens cutting the second call right after `<tool_call>\n{"` (a stop string alike): the fragment is the
+    markup of a call cut short, not content (it was, beside the whole first call), collected and streamed."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 31, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], **ONE_CALL}  # 28 tokens to the second <tool_call>
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    [call] = answer.message.tool_calls
+    assert Verdict.model_validate_json(call.function.arguments) and answer.finish_reason == "length"
+    assert answer.message.content is None
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert not any(c.choices[0].delta.content for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
 # Not strict, its schema one the grammar engine refuses (a look-behind): its calls are left free under tool_choice auto
 LOOSE_TOOL = {"type": "function", "function": {"name": "zz", "parameters": {
     "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}
