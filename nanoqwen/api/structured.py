@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import ToolSpec
+from nanoqwen.engine.grammar import ToolSpec, check_json_schema
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -42,8 +42,6 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     if req.forces_tool_call:
         return _calls(serving, req, req.forced_tools, False, None)
     if req.constrains_calls:
-        if answer is not None:  # its own 400 first, naming response_format
-            _json(serving, *answer, "response_format")
         return _calls(serving, req, req.tools or [], answer is None, answer)
     if answer is None:
         return structured_grammar(serving, req)
@@ -107,8 +105,14 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
                 answer: tuple[dict[str, Any], bool] | None) -> Grammar:
-    """Off the loop: the tools' parameters' patterns ECMA's (and the JSON answer's), and their calls' grammar."""
+    """Off the loop: the grammar cached under what the request sent; else the tools' parameters' patterns ECMA's (and
+    the JSON answer's, checked first for its own 400 naming response_format), and their calls' grammar compiled."""
+    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer]))
+    if (grammar := grammars.cached(key)) is not None:
+        return grammar
     tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
     if answer is None:
-        return grammars.tool_calls(tools, parallel, "tools", free_text)
-    return grammars.tool_calls(tools, parallel, "tools", free_text, ecma_patterns(answer[0]), answer[1])
+        return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
+    schema = ecma_patterns(answer[0])
+    check_json_schema(schema, answer[1], "response_format")
+    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer[1], key)
