@@ -483,8 +483,12 @@ def test_completion_builder_parses_tool_calls() -> None:
     assert only_calls["message"]["content"] is None and len(only_calls["message"]["tool_calls"]) == 2
     one = _answer(CompletionBuilder("m", "fp", 1, False, ToolParsing(True, max_calls=1)), CALL + "\n" + CALL)
     assert len(one["message"]["tool_calls"]) == 1
+    # a second call cut before its name: the markup of a cut call, not content
     cut = _answer(CompletionBuilder("m", "fp", 1, False, tools), CALL, "<tool_call>\n{", reason="length")
-    assert cut["finish_reason"] == "length" and cut["message"]["content"] == "<tool_call>\n{"
+    assert cut["finish_reason"] == "length" and cut["message"]["content"] is None
+    assert len(cut["message"]["tool_calls"]) == 1
+    stopped = _answer(CompletionBuilder("m", "fp", 1, False, tools), CALL, "<tool_call>\n{", reason="stop")
+    assert stopped["finish_reason"] == "stop" and stopped["message"]["content"] is None
     plain = _answer(CompletionBuilder("m", "fp", 1, False), CALL)  # no tools in the request: text as it is
     assert plain["message"]["content"] == CALL and "tool_calls" not in plain["message"]
     assert plain["finish_reason"] == "stop"

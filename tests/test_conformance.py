@@ -352,6 +352,63 @@ def test_a_response_format_with_tools_answers_in_it_or_calls_one(client: openai.
         assert isinstance(parsed.message.parsed, Verdict) and not parsed.message.tool_calls
 
 
+def test_a_second_call_cut_before_its_name_leaves_no_markup(client: openai.OpenAI) -> None:
+    """max_tokens cutting the second call right after `<tool_call>\n{"` (a stop string alike): the fragment is the
+    markup of a call cut short, not content (it was, beside the whole first call), collected and streamed."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 31, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], **ONE_CALL}  # 28 tokens to the second <tool_call>
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    [call] = answer.message.tool_calls
+    assert Verdict.model_validate_json(call.function.arguments) and answer.finish_reason == "length"
+    assert answer.message.content is None
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert not any(c.choices[0].delta.content for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
+# Not strict, its schema one the grammar engine refuses (a look-behind): its calls are left free under tool_choice auto
+LOOSE_TOOL = {"type": "function", "function": {"name": "zz", "parameters": {
+    "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}
+
+
+@pytest.mark.parametrize("extra", [{"tools": [openai.pydantic_function_tool(Verdict), LOOSE_TOOL],
+                                    "parallel_tool_calls": False, **ONE_CALL},
+                                   {"tools": [LOOSE_TOOL], "response_format": {"type": "json_object"}}])
+def test_a_tool_that_is_not_strict_is_left_free_beside_constrained_calls(client: openai.OpenAI,
+                                                                        extra: dict[str, Any]) -> None:
+    """Calls constrained under tool_choice auto (a strict tool beside, a JSON response_format) follow the strict
+    tools' schemas alone, as OpenAI's and vLLM's strict auto mode: a tool that is not strict takes any JSON object.
+    Its schema was compiled too, so one the engine refuses made the request a 400 that was a 200 without the strict
+    tool or the format; the strict tool's call still follows its schema."""
+    answer = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=40, temperature=0,
+                                            extra_body=NO_THINKING, **extra).choices[0]
+    if "logit_bias" in extra:
+        [call] = answer.message.tool_calls
+        assert call.function.name == "Verdict" and answer.finish_reason == "tool_calls"
+        Verdict.model_validate_json(call.function.arguments)
+    else:  # the format holds (the answer cut by max_tokens)
+        assert answer.message.content.startswith("{") and not answer.message.tool_calls
+
+
+def test_a_response_format_no_grammar_holds_beside_tools_is_its_own_400(server: GunicornServer) -> None:
+    """Checked apart from the calls' grammar it is compiled into (whose 400 names `tools`)."""
+    gone = {"type": "json_schema", "json_schema": {"name": "g", "schema": {"$ref": "#/$defs/gone"}}}
+    assert _error(post_chat(server, {**GREEDY, "tools": TOOLS, "response_format": gone}))["param"] == "response_format"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "Verdict"}}])
+def test_a_forced_call_with_a_response_format_answers_with_the_call(client: openai.OpenAI,
+                                                                     tool_choice: Any) -> None:
+    """The Agents SDK's `output_type` with tool_choice "required" sends both: OpenAI accepts the pair, vLLM drops the
+    format; the answer is the call (it was a 400)."""
+    answer = client.chat.completions.parse(
+        model=MODEL, messages=USER, max_tokens=40, temperature=0, extra_body=NO_THINKING, response_format=Trial,
+        tools=[openai.pydantic_function_tool(Verdict)], tool_choice=tool_choice, parallel_tool_calls=False).choices[0]
+    [call] = answer.message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Verdict) and answer.finish_reason == "tool_calls"
+    assert answer.message.content is None
+
+
 def test_with_raw_response(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=2)
     assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]
@@ -720,7 +777,8 @@ def test_continue_final_message_prefills_the_answer(server: GunicornServer) -> N
             answer = _chat(server, **prefill, **thinking, max_tokens=6, logit_bias=bias)["choices"][0]["message"]
             assert (answer["content"], answer.get("reasoning_content")) == (raw, None)
     constrained = ({"response_format": {"type": "json_object"}}, {"tools": TOOLS, "tool_choice": "required"},
-                   {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+                   {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                   {"tools": [openai.pydantic_function_tool(Verdict)]})  # a strict tool: its call is constrained
     for bad in ({"add_generation_prompt": True}, {"messages": USER}, *constrained):
         assert _error(post_chat(server, {**GREEDY, **prefill, **bad}))["param"] == "continue_final_message"
 

@@ -11,8 +11,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from checkpoints import END_THINK_ID, THINK_ID, TOKEN_IDS
+from nanoqwen.api import structured
+from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.engine import grammar as grammar_module
 from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar, ToolSpec
+from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
@@ -28,8 +31,13 @@ def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def grammar(tokenizer: PreTrainedTokenizerFast) -> Grammar:
-    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
+def grammars(tokenizer: PreTrainedTokenizerFast) -> Grammars:
+    """Shared by the module's tests (~0.7 s to build); a test that counts its cache builds its own."""
+    return Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
+
+
+@pytest.fixture(scope="module")
+def grammar(grammars: Grammars) -> Grammar:
     return grammars.json_schema({"type": "object"}, strict=False, param="response_format")
 
 
@@ -112,14 +120,15 @@ def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokeni
     assert grammars.from_text("grammar", GBNF + " ", "p") is not first[0] and len(converted) == 4
 
 
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+
+
 @pytest.mark.parametrize("parallel", [False, True])
-def test_free_text_calls_are_constrained_once_opened(tokenizer: PreTrainedTokenizerFast, parallel: bool) -> None:
+def test_free_text_calls_are_constrained_once_opened(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
+                                                     parallel: bool) -> None:
     """tool_choice auto with a strict tool: text is free (every token, `<tool_call>` too), EOS where the text may end;
     an opened call follows the tool's grammar; after it, text again, and another call only with `parallel`."""
-    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
-    flag = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-            "additionalProperties": False}
-    grammar = grammars.tool_calls([ToolSpec("f", flag, strict=True)], parallel, "tools", free_text=True)
+    grammar = grammars.tool_calls([ToolSpec("f", FLAG, strict=True)], parallel, "tools", free_text=True)
     open_id, close_id = TOKEN_IDS["<tool_call>"], TOKEN_IDS["</tool_call>"]
     text = tokenizer.encode("Hello there")
     for mask in (_plain_mask(grammar, []), _plain_mask(grammar, text)):
@@ -129,3 +138,21 @@ def test_free_text_calls_are_constrained_once_opened(tokenizer: PreTrainedTokeni
     call = [open_id, *tokenizer.encode('\n{"name": "f", "arguments": {"ok": true}}\n'), close_id]
     after = _plain_mask(grammar, [*text, *call])
     assert _allows(after, open_id) == parallel and all(_allows(after, token) for token in [*text, *EOS_IDS])
+
+
+def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
+        tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON response_format beside tools: its own 400 names response_format without a grammar compiled for it
+    (each new schema took two cache slots), and a request sent again finds its grammar before its schemas' patterns
+    are rewritten (or its Lark converted)."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    rewritten: list[Any] = []
+    monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
+    tools = [ToolSpec("f", FLAG, strict=True)]
+    answer = ({"type": "object", "properties": {"a": {"type": "integer"}}}, False)
+    first = structured._tool_calls(grammars, tools, False, False, answer)
+    assert len(grammars._cache) == 1 and len(rewritten) == 2
+    assert structured._tool_calls(grammars, tools, False, False, answer) is first and len(rewritten) == 2
+    with pytest.raises(InvalidRequest) as info:
+        structured._tool_calls(grammars, tools, False, False, ({"$ref": "#/$defs/gone"}, False))
+    assert info.value.param == "response_format" and len(grammars._cache) == 1

@@ -98,6 +98,28 @@ def test_json_schema_output_streamed_and_not(client: openai.OpenAI) -> None:
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
 
 
+MISSING_REF = {"type": "object", "properties": {"a": {"$ref": "#/$defs/gone"}}}  # no grammar can hold it
+CONTAINS = {"type": "object", "properties": {"a": {"type": "array", "contains": {"type": "integer"}}}}  # not enforced
+
+
+@pytest.mark.parametrize("parameters, strict, refused", [
+    (MISSING_REF, None, True), (MISSING_REF, False, False), (CONTAINS, None, False), (CONTAINS, True, True)])
+def test_a_function_tool_without_strict_is_constrained_leniently(client: openai.OpenAI, parameters: Json,
+                                                                 strict: bool | None, refused: bool) -> None:
+    """`strict` omitted is OpenAI's Responses default, strict (echoed as true): its calls are constrained with
+    tool_choice auto too, so its schema is compiled (one no grammar can hold is a 400, where `strict: false` leaves
+    the calls free and the schema uncompiled), leniently (a keyword the engine cannot enforce is ignored, where a sent
+    `strict: true` refuses it). Omitted was chat's default: the calls free, the schema never compiled."""
+    tool = {"type": "function", "name": "f", "parameters": parameters, **({} if strict is None else {"strict": strict})}
+    body = {**GREEDY, "input": "Hi", "tools": [tool], "tool_choice": "auto"}
+    if refused:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(**body)
+        assert info.value.body["param"] == "tools"
+    else:
+        assert client.responses.create(**body).tools[0].strict is (strict is not False)
+
+
 def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     response = client.responses.create(input="What time is it?", **FORCED)
     (call,) = response.output

@@ -166,7 +166,6 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.[0].function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
       "tool_choice": "required"}, "tools"),
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),

@@ -155,6 +155,18 @@ def test_arguments_stream_as_they_are_decoded() -> None:
     assert _raw(ToolCallParser(), [answer])[1] == [("search", arguments)]
 
 
+@pytest.mark.parametrize("max_calls, forced, called", [(None, False, False), (None, True, False), (1, False, True)])
+def test_a_second_call_cut_before_its_name_is_no_content(max_calls: int | None, forced: bool, called: bool) -> None:
+    """Cut (a stop string, EOS, max_tokens) after `<tool_call>` but before the name of a call past the first: markup
+    of a cut call, dropped (it was content), and the answer not "tool_calls" (`called`): its last call is not whole.
+    Past max_calls the block was to be dropped whole, so the kept call is."""
+    answer = WEATHER + '\n<tool_call>\n{"na'
+    for deltas in _splits(answer, random.Random(2)):
+        parser = ToolCallParser(max_calls, forced)
+        assert _raw(parser, deltas) == (None, [("get_weather", '{"city": "Paris", "unit": "°C"}')]), deltas
+        assert parser.called is called
+
+
 def test_a_call_cut_short_keeps_its_arguments_so_far() -> None:
     """Cut by max_tokens inside the arguments: streamed pieces cannot be taken back, so the whole
     answer has the call too, with the arguments as far as they got (as OpenAI's may be)."""

@@ -130,8 +130,7 @@ class ToolParsing:
 
 
 def finish_reason(reason: str, called: bool) -> str:
-    """OpenAI ends an answer that calls tools with "tool_calls"; one cut short stays "length", and one whose last call a
-    stop string cut short "stop"."""
+    """"tool_calls" for an answer that ended with its calls whole (ToolCallParser.called), else the engine's reason."""
     return "tool_calls" if called and reason == "stop" else reason
 
 

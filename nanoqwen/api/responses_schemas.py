@@ -223,8 +223,9 @@ class FunctionTool(Strict):
     output_schema: Refused = None
 
     def to_chat(self) -> dict[str, Any]:
-        """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default,
-        the nearest to OpenAI's Responses default (the schema made strict where it can be, not refused)."""
+        """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default;
+        the call is constrained all the same (ResponseCreateRequest.to_chat marks it): OpenAI's Responses default,
+        the schema made strict where it can be, not refused."""
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:
@@ -357,7 +358,10 @@ class ResponsePromptFields(Strict):
         body = {"messages": messages, **self.chat_fields()}
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
-        return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None)
+        chat = parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None)
+        for tool in chat.tools or []:
+            tool.function._omitted_constrains = True
+        return chat
 
 
 class ResponseCountRequest(ResponsePromptFields):

@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
+    PrivateAttr,
     StringConstraints,
     Tag,
     ValidationError,
@@ -105,6 +106,15 @@ class FunctionDefinition(Strict):
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema, shown to the model as it is
     strict: bool | None = None
+    # The Responses API's: `strict` omitted is OpenAI's default there, a call constrained (leniently: a keyword the
+    # grammar engine cannot enforce is ignored); chat's omitted is not strict
+    _omitted_constrains: bool = PrivateAttr(False)
+
+    @property
+    def constrained(self) -> bool:
+        """A call to it follows its parameters' schema under tool_choice "auto" (OpenAI's strict function calling;
+        vLLM's strict auto mode constrains `strict: true` tools alone)."""
+        return self.strict is True or (self.strict is None and self._omitted_constrains)
 
 
 class Tool(Strict):
@@ -772,8 +782,9 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def constrains_answer(self) -> bool:
-        """The answer is grammar-constrained: a JSON response_format, a forced tool call or a structured output."""
-        return self.forces_tool_call or self.json_response or self.constraint is not None
+        """The answer is grammar-constrained: a JSON response_format, a forced tool call, a structured output, or a
+        call the model opens (constrains_calls)."""
+        return self.forces_tool_call or self.json_response or self.constraint is not None or self.constrains_calls
 
     @property
     def echo_text(self) -> str:
@@ -799,11 +810,11 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     @property
     def constrains_calls(self) -> bool:
-        """tool_choice "auto" with a `strict: true` tool or a JSON response_format: a call the model opens is
-        constrained (OpenAI's strict function calling), the answer otherwise free or that JSON; vLLM's structured
-        outputs constrain the whole answer instead (no room for a call: vLLM's rule)."""
+        """tool_choice "auto" with a constrained tool (FunctionDefinition.constrained) or a JSON response_format: a
+        call the model opens is constrained (OpenAI's strict function calling), the answer otherwise free or that
+        JSON; vLLM's structured outputs constrain the whole answer instead (no room for a call: vLLM's rule)."""
         return (self.shows_tools and not self.forces_tool_call and self.constraint is None
-                and (self.json_response or any(t.function.strict for t in self.tools or [])))
+                and (self.json_response or any(t.function.constrained for t in self.tools or [])))
 
     @property
     def max_tool_calls(self) -> int | None:
@@ -923,12 +934,9 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
                        param=constraint.field)
     if req.continue_final_message and req.constrains_answer:
         raise APIError(400, "continue_final_message cannot be combined with a constrained answer (response_format "
-                            "json_object/json_schema, tool_choice \"required\" or a named function, structured "
-                            "outputs): the grammar would not take the prefilled text into account",
+                            "json_object/json_schema, tool_choice \"required\" or a named function, a strict tool, "
+                            "structured outputs): the grammar would not take the prefilled text into account",
                        param="continue_final_message")
-    if req.forces_tool_call and req.json_response:
-        raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice \"required\" "
-                            "or a named function): the answer is the call", param="response_format")
     kwargs = req.chat_template_kwargs
     if req.reasoning_effort is not None and kwargs is not None and kwargs.enable_thinking is not None \
             and kwargs.enable_thinking != thinks(req.reasoning_effort):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import ToolSpec
+from nanoqwen.engine.grammar import ToolSpec, check_json_schema
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 
 Req = TypeVar("Req", bound=SamplingFields)
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, req: Req) -> Grammar | None:
@@ -41,8 +42,6 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     if req.forces_tool_call:
         return _calls(serving, req, req.forced_tools, False, None)
     if req.constrains_calls:
-        if answer is not None:  # its own 400 first, naming response_format
-            _json(serving, *answer, "response_format")
         return _calls(serving, req, req.tools or [], answer is None, answer)
     if answer is None:
         return structured_grammar(serving, req)
@@ -51,8 +50,12 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
 
 def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], free_text: bool,
            answer: tuple[dict[str, Any], bool] | None) -> Grammar:
-    """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop."""
-    tools = [ToolSpec(t.function.name, t.function.parameters, bool(t.function.strict)) for t in chosen]
+    """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
+    its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (not strict) arguments are
+    any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema is not compiled."""
+    forced = req.forces_tool_call
+    tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
+                      bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
     size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
     return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer)
@@ -102,8 +105,14 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
                 answer: tuple[dict[str, Any], bool] | None) -> Grammar:
-    """Off the loop: the tools' parameters' patterns ECMA's (and the JSON answer's), and their calls' grammar."""
+    """Off the loop: the grammar cached under what the request sent; else the tools' parameters' patterns ECMA's (and
+    the JSON answer's, checked first for its own 400 naming response_format), and their calls' grammar compiled."""
+    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer]))
+    if (grammar := grammars.cached(key)) is not None:
+        return grammar
     tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
     if answer is None:
-        return grammars.tool_calls(tools, parallel, "tools", free_text)
-    return grammars.tool_calls(tools, parallel, "tools", free_text, ecma_patterns(answer[0]), answer[1])
+        return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
+    schema = ecma_patterns(answer[0])
+    check_json_schema(schema, answer[1], "response_format")
+    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer[1], key)

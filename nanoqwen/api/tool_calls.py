@@ -158,7 +158,7 @@ class ToolCallParser:
         self.max_calls = max_calls
         self.forced = forced
         self.num_calls = 0
-        self._cut = False  # the answer ended inside a kept call's arguments (a stop string, max_tokens)
+        self._cut = False  # the answer (a stop string, EOS, max_tokens) ended inside a kept call, its name or arguments
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
         self._in_block = False
         self._after_block = False  # leading whitespace here is layout
@@ -209,13 +209,17 @@ class ToolCallParser:
         return text
 
     def finish(self) -> Parsed:
-        """What is left at the end of the answer: an unclosed block (unless forced) or a partial tag is content."""
+        """What is left at the end of the answer: a partial tag is content, and so is an unclosed block before its call
+        shows, unless it follows calls or is forced: then it is the markup of a call cut short, dropped."""
         out = Parsed()
         if self._in_block:
             self._stream(len(self._pending), out)
             streamed = self._streamed
-            self._cut = streamed is not None and streamed.index is not None and not streamed.done
-            if streamed is None and not self.forced:
+            if streamed is not None:
+                self._cut = streamed.index is not None and not streamed.done
+            elif self.num_calls or self.forced:
+                self._cut = self.max_calls is None or self.num_calls < self.max_calls  # one past them: dropped anyway
+            else:
                 out.content = self._layout + OPEN + self._pending
         elif not (self.num_calls and not self._pending.strip()):
             out.content = self._text(self._pending)

@@ -58,6 +58,21 @@ def _schema_with_options(schema: dict[str, Any], strict: bool, no_space: bool = 
     return {**schema, "x-guidance": {**(NO_SPACE_JSON_OPTIONS if no_space else JSON_OPTIONS), "lenient": not strict}}
 
 
+def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> str:
+    """The grammar of one JSON value matching `schema`; InvalidRequest naming `param` where it cannot be converted."""
+    try:
+        return LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict, no_space))
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+
+
+def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> None:
+    """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
+    slot): the combined grammar it is part of would be refused naming another field."""
+    if error := LLMatcher.validate_grammar(_json_grammar(schema, strict, param)):
+        raise InvalidRequest(f"invalid {param}: {error}", param=param)
+
+
 def _call_rules(i: int, tool: ToolSpec) -> list[str]:
     """The Lark rules of one tool's call, `{"name": ..., "arguments": ...}` in Qwen3's layout: the arguments' schema a
     root of its own, so that its references (`#/$defs/...`, as pydantic writes nested models; `#`) resolve in it."""
@@ -112,19 +127,16 @@ class Grammars:
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The grammar's text, the cache's key, holds the options."""
-        try:
-            text = LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict, no_space))
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
-        return self.compile(text, param)
+        return self.compile(_json_grammar(schema, strict, param, no_space), param)
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
-                   answer: dict[str, Any] | None = None, answer_strict: bool = False) -> Grammar:
+                   answer: dict[str, Any] | None = None, answer_strict: bool = False,
+                   key: tuple[str, str] | None = None) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
         `free_text` (a strict tool) any tokens, where the model may open a call with the `<tool_call>` token, which
         then follows the grammar (at most one without `parallel`); with `answer` (a JSON response_format's schema, and
-        its strictness) either the calls or that JSON."""
+        its strictness) either the calls or that JSON. `key`: the cache's (the caller looks it up first)."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
@@ -140,14 +152,14 @@ class Grammars:
                      f"answer: %json {json.dumps(_schema_with_options(answer, answer_strict))}"]
         rules.append(f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>')
         rules += [rule for i, tool in enumerate(tools) for rule in _call_rules(i, tool)]
-        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param)
+        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
         Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
         key = (kind, text)
-        grammar = self._cached(key)
+        grammar = self.cached(key)
         if grammar is not None:
             return grammar
         try:
@@ -156,7 +168,7 @@ class Grammars:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         return self.compile(converted, param, key)
 
-    def _cached(self, key: str | tuple[str, str]) -> Grammar | None:
+    def cached(self, key: str | tuple[str, str]) -> Grammar | None:
         """The cached grammar, now the most recently used; None on a miss."""
         with self._lock:
             grammar = self._cache.get(key)
@@ -167,7 +179,7 @@ class Grammars:
     def compile(self, text: str, param: str, key: str | tuple[str, str] | None = None) -> Grammar:
         """`key`: the cache's (the grammar's text by default)."""
         key = text if key is None else key
-        grammar = self._cached(key)
+        grammar = self.cached(key)
         if grammar is not None:
             return grammar
         try:
