@@ -47,6 +47,17 @@ def _chat(body: Json) -> ChatCompletionRequest:
     return req.to_chat(req.input_items)
 
 
+@pytest.mark.parametrize("strict, constrained", [(None, True), (True, True), (False, False)])
+def test_a_function_tool_constrains_its_calls_unless_strict_is_false(strict: bool | None, constrained: bool) -> None:
+    """OpenAI's Responses default is strict: a tool that omits `strict` has its calls constrained under tool_choice
+    auto too (leniently), where a chat tool that omits it does not (chat's default)."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}, **({} if strict is None else
+                                                                                {"strict": strict})}
+    chat = _chat({"input": "Hi", "tools": [tool]})
+    assert (chat.tools[0].function.constrained, chat.constrains_calls) == (constrained, constrained)
+    assert chat.tools[0].function.strict is strict
+
+
 def _lp(token: str) -> TokenLogprob:
     return TokenLogprob(0, token, -0.5, list(token.encode()), [])
 

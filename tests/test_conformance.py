@@ -390,10 +390,14 @@ def test_a_tool_that_is_not_strict_is_left_free_beside_constrained_calls(client:
         assert answer.message.content.startswith("{") and not answer.message.tool_calls
 
 
-def test_a_response_format_no_grammar_holds_beside_tools_is_its_own_400(server: GunicornServer) -> None:
-    """Checked apart from the calls' grammar it is compiled into (whose 400 names `tools`)."""
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_a_response_format_no_grammar_holds_beside_tools_is_its_own_400(server: GunicornServer,
+                                                                         tool_choice: str) -> None:
+    """Checked apart from the calls' grammar it is compiled into (whose 400 names `tools`), and beside a forced call,
+    whose answer is the call (it was accepted and ignored there)."""
     gone = {"type": "json_schema", "json_schema": {"name": "g", "schema": {"$ref": "#/$defs/gone"}}}
-    assert _error(post_chat(server, {**GREEDY, "tools": TOOLS, "response_format": gone}))["param"] == "response_format"
+    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "response_format": gone}
+    assert _error(post_chat(server, body))["param"] == "response_format"
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "Verdict"}}])

@@ -103,13 +103,13 @@ CONTAINS = {"type": "object", "properties": {"a": {"type": "array", "contains": 
 
 
 @pytest.mark.parametrize("parameters, strict, refused", [
-    (MISSING_REF, None, True), (MISSING_REF, False, False), (CONTAINS, None, False), (CONTAINS, True, True)])
+    (MISSING_REF, None, False), (MISSING_REF, True, True), (MISSING_REF, False, False), (CONTAINS, None, False),
+    (CONTAINS, True, True)])
 def test_a_function_tool_without_strict_is_constrained_leniently(client: openai.OpenAI, parameters: Json,
                                                                  strict: bool | None, refused: bool) -> None:
     """`strict` omitted is OpenAI's Responses default, strict (echoed as true): its calls are constrained with
-    tool_choice auto too, so its schema is compiled (one no grammar can hold is a 400, where `strict: false` leaves
-    the calls free and the schema uncompiled), leniently (a keyword the engine cannot enforce is ignored, where a sent
-    `strict: true` refuses it). Omitted was chat's default: the calls free, the schema never compiled."""
+    tool_choice auto too, leniently (a keyword the engine cannot enforce is ignored; a schema no grammar can hold
+    leaves the calls free, where a sent `strict: true` refuses both). `strict: false`: the calls free."""
     tool = {"type": "function", "name": "f", "parameters": parameters, **({} if strict is None else {"strict": strict})}
     body = {**GREEDY, "input": "Hi", "tools": [tool], "tool_choice": "auto"}
     if refused:

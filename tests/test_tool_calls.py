@@ -167,6 +167,16 @@ def test_a_second_call_cut_before_its_name_is_no_content(max_calls: int | None, 
         assert parser.called is called
 
 
+def test_prose_that_spells_the_tag_after_a_call_stays_content() -> None:
+    """Only a call's start (`{"name": "...`) after `<tool_call>` is a call cut short: prose that spells the tag after
+    a whole call was dropped from the tag on, and the answer ended "stop" though its call is whole."""
+    prose = "I called it above; the <tool_call> tag wraps each call."
+    for deltas in _splits(WEATHER + "\n" + prose, random.Random(3)):
+        parser = ToolCallParser()
+        assert _raw(parser, deltas) == (prose, [("get_weather", '{"city": "Paris", "unit": "°C"}')]), deltas
+        assert parser.called
+
+
 def test_a_call_cut_short_keeps_its_arguments_so_far() -> None:
     """Cut by max_tokens inside the arguments: streamed pieces cannot be taken back, so the whole
     answer has the call too, with the arguments as far as they got (as OpenAI's may be)."""

@@ -224,8 +224,8 @@ class FunctionTool(Strict):
 
     def to_chat(self) -> dict[str, Any]:
         """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default;
-        the call is constrained all the same (ResponseCreateRequest.to_chat marks it): OpenAI's Responses default,
-        the schema made strict where it can be, not refused."""
+        the call is constrained all the same (ResponsePromptFields.to_chat marks it): OpenAI's Responses default,
+        the schema made strict where it can be, and one no grammar can hold leaving the call free, not refused."""
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:

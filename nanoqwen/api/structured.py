@@ -39,7 +39,9 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     fmt = req.response_format
     answer = None if fmt is None or fmt.type == "text" else ({"type": "object"}, False) \
         if fmt.type == "json_object" else (fmt.json_schema.schema_, bool(fmt.json_schema.strict))
-    if req.forces_tool_call:
+    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
+        if answer is not None:
+            serving.off_loop(len(json.dumps(answer[0])), _checked_answer, *answer)
         return _calls(serving, req, req.forced_tools, False, None)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer is None, answer)
@@ -51,8 +53,9 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
 def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], free_text: bool,
            answer: tuple[dict[str, Any], bool] | None) -> Grammar:
     """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
-    its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (not strict) arguments are
-    any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema is not compiled."""
+    its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
+    default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
+    is not compiled."""
     forced = req.forces_tool_call
     tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
                       bool(t.function.strict)) for t in chosen]
@@ -105,14 +108,33 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
                 answer: tuple[dict[str, Any], bool] | None) -> Grammar:
-    """Off the loop: the grammar cached under what the request sent; else the tools' parameters' patterns ECMA's (and
-    the JSON answer's, checked first for its own 400 naming response_format), and their calls' grammar compiled."""
+    """Off the loop: the grammar cached under what the request sent; else the tools' parameters as held (_held) and the
+    JSON answer's (_checked_answer), and their calls' grammar compiled."""
     key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer]))
     if (grammar := grammars.cached(key)) is not None:
         return grammar
-    tools = [replace(tool, parameters=ecma_patterns(tool.parameters)) for tool in tools]
+    auto = free_text or answer is not None  # a forced call is neither
+    tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    schema = ecma_patterns(answer[0])
-    check_json_schema(schema, answer[1], "response_format")
-    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer[1], key)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(*answer), answer[1], key)
+
+
+def _held(tool: ToolSpec, auto: bool) -> dict[str, Any]:
+    """A tool's parameters as its calls follow them, patterns ECMA's. Under "auto" a lenient tool's (strict not sent:
+    Responses' default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where
+    it can be); a strict or forced tool's is the 400 naming tools."""
+    parameters = ecma_patterns(tool.parameters)
+    if auto and not tool.strict:
+        try:
+            check_json_schema(parameters, False, "tools")
+        except InvalidRequest:
+            return ANY_OBJECT
+    return parameters
+
+
+def _checked_answer(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming response_format."""
+    schema = ecma_patterns(schema)
+    check_json_schema(schema, strict, "response_format")
+    return schema

@@ -28,6 +28,7 @@ from nanoqwen.api import strict_json
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
+CALL_HEAD = '{"name":"'  # a call's first characters, JSON whitespace apart
 
 
 def call_id() -> str:
@@ -210,14 +211,15 @@ class ToolCallParser:
 
     def finish(self) -> Parsed:
         """What is left at the end of the answer: a partial tag is content, and so is an unclosed block before its call
-        shows, unless it follows calls or is forced: then it is the markup of a call cut short, dropped."""
+        shows, unless it follows calls or is forced and is a call's start as far as it goes: then it is the markup of a
+        call cut short, dropped (prose that spelled the tag stays content)."""
         out = Parsed()
         if self._in_block:
             self._stream(len(self._pending), out)
             streamed = self._streamed
             if streamed is not None:
                 self._cut = streamed.index is not None and not streamed.done
-            elif self.num_calls or self.forced:
+            elif (self.num_calls or self.forced) and _opens_call(self._pending):
                 self._cut = self.max_calls is None or self.num_calls < self.max_calls  # one past them: dropped anyway
             else:
                 out.content = self._layout + OPEN + self._pending
@@ -266,3 +268,9 @@ class ToolCallParser:
         if (index := self._keep_call()) is not None:
             out.calls.append(CallDelta(index, call.arguments, call.name, call.id))
         return True
+
+
+def _opens_call(text: str) -> bool:
+    """Whether an unclosed block's text is a call's start as far as it goes (`{"name": "...`, JSON whitespace apart)."""
+    compact = "".join(text.split())
+    return CALL_HEAD.startswith(compact) or compact.startswith(CALL_HEAD)

@@ -134,9 +134,10 @@ class Grammars:
                    key: tuple[str, str] | None = None) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
-        `free_text` (a strict tool) any tokens, where the model may open a call with the `<tool_call>` token, which
-        then follows the grammar (at most one without `parallel`); with `answer` (a JSON response_format's schema, and
-        its strictness) either the calls or that JSON. `key`: the cache's (the caller looks it up first)."""
+        `free_text` (a constrained tool under auto) any tokens, where the model may open a call with the `<tool_call>`
+        token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
+        response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (the caller
+        looks it up first)."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
