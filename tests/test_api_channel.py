@@ -5,12 +5,17 @@ import contextlib
 import random
 import sys
 import time
+from types import SimpleNamespace
 
 import gevent
 import pytest
 
 from hub_util import hub_ticks
+from nanoqwen.api import serving as serving_module
 from nanoqwen.api.channel import GeventEventStream
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.responses import ChunkBuilder
+from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.threads import NativeEvent, start_native_thread
 from nanoqwen.engine.wakeups import HeldWakeups
@@ -218,3 +223,35 @@ def test_an_untimed_wait_after_a_timed_one_does_not_time_out() -> None:
     late = gevent.spawn_later(0.1, stream.put, Event(text="late"))
     assert stream.get().text == "late"  # the timed wait's timer, still running, did not end this one
     late.join()
+
+
+def _timer_runs(stream: GeventEventStream) -> bool:
+    return stream._timer is not None and stream._timer.active
+
+
+@pytest.mark.parametrize("path", ["collect", "stream"])
+def test_a_reader_that_leaves_leaves_no_timer_running(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collected answer whose client is gone while it is queued, and a stream whose client leaves after an event
+    (gunicorn closes its generator): their repeating timer ran on, ref'd, to its next expiry (a poll period: the
+    hub's exit waited for it)."""
+    trace = SimpleNamespace(on_event=lambda event: None)
+    serving = Serving(None, ServerConfig(disconnect_poll_s=0.05), SimpleNamespace(abort=lambda trace: None))  # type: ignore[arg-type]
+    serving.abort = lambda batch: None  # type: ignore[method-assign]
+    batch = Batch()
+    try:
+        if path == "collect":
+            def gone(environ: dict) -> bool:
+                raise ClientGone
+
+            monkeypatch.setattr(serving_module, "client_probe", gone)
+            assert serving._collect(batch, None, trace, {}) is None  # type: ignore[arg-type]
+        else:
+            writes = serving._stream(batch, ChunkBuilder("m", "fp", include_usage=False), trace, {})
+            next(writes)  # the opening
+            gevent.spawn_later(0.01, batch.put, Event(index=0, text="hi", token_ids=[1]))
+            assert "hi" in next(writes)
+            assert _timer_runs(batch)  # the wait's, running on after the event woke it
+            writes.close()
+    finally:
+        serving.encoding.stop()
+    assert not _timer_runs(batch)

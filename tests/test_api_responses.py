@@ -30,7 +30,7 @@ from nanoqwen.api.responses_api import (
 )
 from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
 from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
-from nanoqwen.api.schemas import ChatCompletionRequest
+from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
@@ -56,6 +56,18 @@ def test_a_function_tool_constrains_its_calls_unless_strict_is_false(strict: boo
     chat = _chat({"input": "Hi", "tools": [tool]})
     assert (chat.tools[0].function.constrained, chat.constrains_calls) == (constrained, constrained)
     assert chat.tools[0].function.strict is strict
+
+
+def test_the_responses_default_constraint_is_seen_by_the_chat_requests_own_checks() -> None:
+    """A tool that omits `strict` is constrained as the chat request is validated (it was marked so after: a check
+    inside saw it free), here the refusal of continue_final_message with a constrained answer."""
+    body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure"}],
+            "add_generation_prompt": False, "continue_final_message": True,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    assert not parse_chat_request(body, None).constrains_answer  # chat's default: free
+    with pytest.raises(APIError) as refused:
+        parse_chat_request(body, None, omitted_strict_constrains=True)
+    assert (refused.value.status, refused.value.param) == (400, "continue_final_message")
 
 
 def _lp(token: str) -> TokenLogprob:

@@ -131,7 +131,14 @@ class GeventEventStream(EventStream):
 
     def get(self, timeout: float | None = None) -> Event:
         event = super().get(timeout)
-        if self.ended and self._timer is not None:
-            self._timer.close()  # no wait is left to time
-            self._timer = None
+        if self.ended:
+            self.close()  # no wait is left to time
         return event
+
+    def close(self) -> None:
+        """Its reader is done with it (the last event read, or it left before: an abort, its client gone): the timer
+        goes, where it ran on, ref'd, to its next expiry (a poll period a reader that left, the hub's exit waiting
+        for it). Events put after this are kept for no one."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None

@@ -224,8 +224,9 @@ class FunctionTool(Strict):
 
     def to_chat(self) -> dict[str, Any]:
         """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default;
-        the call is constrained all the same (ResponsePromptFields.to_chat marks it): OpenAI's Responses default,
-        the schema made strict where it can be, and one no grammar can hold leaving the call free, not refused."""
+        the call is constrained all the same (ResponsePromptFields.to_chat's validation decides it): OpenAI's
+        Responses default, the schema made strict where it can be, and one no grammar can hold leaving the call free,
+        not refused."""
         return {"type": "function", "function": self.model_dump(include=CHAT_TOOL_FIELDS, exclude_none=True)}
 
     def echo(self) -> dict[str, Any]:
@@ -358,10 +359,8 @@ class ResponsePromptFields(Strict):
         body = {"messages": messages, **self.chat_fields()}
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
-        chat = parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None)
-        for tool in chat.tools or []:
-            tool.function._omitted_constrains = True
-        return chat
+        return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
+                                  omitted_strict_constrains=True)
 
 
 class ResponseCountRequest(ResponsePromptFields):

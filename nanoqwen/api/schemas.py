@@ -110,6 +110,12 @@ class FunctionDefinition(Strict):
     # grammar engine cannot enforce is ignored); chat's omitted is not strict
     _omitted_constrains: bool = PrivateAttr(False)
 
+    @model_validator(mode="after")
+    def _omitted_default(self, info: ValidationInfo) -> FunctionDefinition:
+        """Set as it is validated (validate_body's context), so the request's own checks see it."""
+        self._omitted_constrains = bool((info.context or {}).get("omitted_strict_constrains"))
+        return self
+
     @property
     def constrained(self) -> bool:
         """A call to it follows its parameters' schema under tool_choice "auto" (OpenAI's strict function calling;
@@ -1017,14 +1023,17 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
-def validate_body(schema: type[Request], body: Any, budget: Budget | None) -> Request:
+def validate_body(schema: type[Request], body: Any, budget: Budget | None,
+                  omitted_strict_constrains: bool = False) -> Request:
     """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. The JSON in its
     strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
-    for one no client sent (each string within the limits alone)."""
+    for one no client sent (each string within the limits alone). `omitted_strict_constrains`: a tool that omits
+    `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    context = {"budget": budget, "omitted_strict_constrains": omitted_strict_constrains}
     try:
-        return schema.model_validate(body, context=None if budget is None else {"budget": budget})
+        return schema.model_validate(body, context=context)
     except ValidationError as exc:
         # A field this server lacks first: the request's other errors may only follow from it
         # (vLLM's `prompt_token_ids` with empty `messages`)
@@ -1032,7 +1041,8 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None) -> Re
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, budget: Budget | None) -> ChatCompletionRequest:
-    req = validate_body(ChatCompletionRequest, body, budget)
+def parse_chat_request(body: Any, budget: Budget | None,
+                       omitted_strict_constrains: bool = False) -> ChatCompletionRequest:
+    req = validate_body(ChatCompletionRequest, body, budget, omitted_strict_constrains)
     _check_combinations(req)
     return req

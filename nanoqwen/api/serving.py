@@ -315,6 +315,7 @@ class Serving:
         except ClientGone:
             return None
         finally:
+            batch.close()
             if not finished:
                 self.abort(batch)
                 self.stats.abort(trace)
@@ -407,6 +408,7 @@ class Serving:
             failure = _broken(chunks, "internal server error")
             yield [*failure, chunks.ending] if chunks.ending else failure
         finally:
+            batch.close()
             if not finished:
                 self.abort(batch)
                 self.stats.abort(trace)

@@ -16,7 +16,8 @@ from nanoqwen.engine.threads import NativeEvent
 class EventStream:
     def __init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()
-        self._ready = NativeEvent()
+        # made at the first wait, not here: the gevent subclass never waits on it (a native lock a request)
+        self._ready: NativeEvent | None = None
         self.ended = False  # `get` has returned the last event
 
     def put(self, event: Event) -> None:
@@ -28,11 +29,16 @@ class EventStream:
         """Called by the engine thread once the request's first prefill is scheduled: it has left the queue."""
 
     def _notify(self) -> None:
-        self._ready.set()
+        ready = self._ready
+        if ready is not None:  # else no wait began: the reader finds the event appended
+            ready.set()
 
     def _wait(self, timeout: float | None) -> bool:
         """Blocks until a `put` after the caller found no event, or for `timeout`: False if it passed. May return
         True with none there (its caller looks again)."""
+        # the flag is there (cleared) before the reader looks: a put it does not see finds the flag and sets it
+        if self._ready is None:
+            self._ready = NativeEvent()
         self._ready.clear()
         return bool(self._events) or self._ready.wait(timeout)
 
