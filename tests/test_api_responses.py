@@ -60,7 +60,8 @@ def test_a_function_tool_constrains_its_calls_unless_strict_is_false(strict: boo
 
 def test_the_responses_default_constraint_is_seen_by_the_chat_requests_own_checks() -> None:
     """A tool that omits `strict` is constrained as the chat request is validated (it was marked so after: a check
-    inside saw it free), here the refusal of continue_final_message with a constrained answer."""
+    inside saw it free). The one such check today, the refusal of continue_final_message with a constrained answer,
+    no Responses request reaches (its chat fields never send continue_final_message): the mechanism, on a chat body."""
     body = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure"}],
             "add_generation_prompt": False, "continue_final_message": True,
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}

@@ -15,7 +15,6 @@ from typing import Any
 import gevent
 from greenlet import getcurrent, greenlet
 
-from nanoqwen.engine.request import Event
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import native_local
 from nanoqwen.engine.wakeups import wake
@@ -128,12 +127,6 @@ class GeventEventStream(EventStream):
             self._parked = None
             if timeout is None:
                 self._waker.untimed_wait(-1)
-
-    def get(self, timeout: float | None = None) -> Event:
-        event = super().get(timeout)
-        if self.ended:
-            self.close()  # no wait is left to time
-        return event
 
     def close(self) -> None:
         """Its reader is done with it (the last event read, or it left before: an abort, its client gone): the timer

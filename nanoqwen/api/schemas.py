@@ -112,7 +112,7 @@ class FunctionDefinition(Strict):
 
     @model_validator(mode="after")
     def _omitted_default(self, info: ValidationInfo) -> FunctionDefinition:
-        """Set as it is validated (validate_body's context), so the request's own checks see it."""
+        """Set as it is validated (validate_body's context), so that a check inside validation sees it as it is."""
         self._omitted_constrains = bool((info.context or {}).get("omitted_strict_constrains"))
         return self
 

@@ -61,7 +61,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], fre
                       bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
     size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
-    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer)
+    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer, not forced)
 
 
 def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
@@ -107,13 +107,13 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
-                answer: tuple[dict[str, Any], bool] | None) -> Grammar:
+                answer: tuple[dict[str, Any], bool] | None, auto: bool) -> Grammar:
     """Off the loop: the grammar cached under what the request sent; else the tools' parameters as held (_held) and the
     JSON answer's (_checked_answer), and their calls' grammar compiled."""
-    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer]))
+    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer,
+                                     auto]))
     if (grammar := grammars.cached(key)) is not None:
         return grammar
-    auto = free_text or answer is not None  # a forced call is neither
     tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
