@@ -66,6 +66,22 @@ def test_a_failed_stream_sends_the_text_it_held_back(client: openai.OpenAI) -> N
     assert "".join(texts) == cut
 
 
+def test_every_prompt_of_a_failed_stream_sends_the_text_it_held_back(client: openai.OpenAI) -> None:
+    """A legacy completion's prompts share a stream, which ends at its first error event: the second prompt's held
+    text came after the first's error and was lost. Its prompts may reach the failing step one token apart, so the stop
+    strings begin at the ends of both cuts: each prompt holds its last 3 characters whichever it reached."""
+    body = {**GREEDY, "prompt": "Hello", "extra_body": {"ignore_eos": True}}
+    cuts = [client.completions.create(max_tokens=n, **body).choices[0].text for n in (FAIL_AFTER - 1, FAIL_AFTER)]
+    assert all(len(cut) > 3 and "\x00" not in cut for cut in cuts) and cuts[0] != cuts[1]
+    texts = ["", ""]
+    with pytest.raises(openai.APIError, match="a step failed on purpose"):
+        for chunk in client.completions.create(max_tokens=FAIL_MAX_TOKENS, stop=[cut[-3:] + "\x00" for cut in cuts],
+                                               stream=True, **{**body, "prompt": ["Hello", "Hello"]}):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+    assert all(text in cuts for text in texts), (texts, cuts)
+
+
 def _generated_tokens(srv: GunicornServer) -> float:
     metrics = requests.get(f"{srv.url}/metrics", timeout=30).text
     match = re.search(r"^nanoqwen_generation_tokens_total (\S+)$", metrics, re.M)
