@@ -3,7 +3,8 @@ purpose, as a bug or a kernel's error would, and which publishes its stats only 
 exits: no periodic publish.
 
 A step fails while it holds a choice of a request of `max_tokens` $FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
-that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. Given by the
+that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. A chat
+stream of `n` BREAK_N breaks in our own stream code (its chunk builder raises) at its BREAK_AT-th event. Given by the
 environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
 import os
 
@@ -13,6 +14,7 @@ from nanoqwen.gunicorn_conf import *  # noqa: F401,F403
 FAIL_MAX_TOKENS = int(os.environ["FAIL_MAX_TOKENS"])
 FAIL_AFTER = int(os.environ["FAIL_AFTER"])
 worker.PUBLISH_S = 24 * 3600.0  # read by the worker's publish loop at each wait: once at its start, then no more
+BREAK_N, BREAK_AT = 3, 6
 
 
 def post_worker_init(_worker: object) -> None:
@@ -27,3 +29,16 @@ def post_worker_init(_worker: object) -> None:
         return step(self, batch)
 
     ModelRunner.step = failing
+
+    from nanoqwen.api.responses import ChunkBuilder
+
+    chunks = ChunkBuilder.chunks
+
+    def breaking(self: ChunkBuilder, event: object) -> object:
+        if self.n == BREAK_N:
+            self.events_seen = getattr(self, "events_seen", 0) + 1
+            if self.events_seen == BREAK_AT:
+                raise RuntimeError("a stream broken on purpose")
+        return chunks(self, event)
+
+    ChunkBuilder.chunks = breaking

@@ -82,6 +82,25 @@ def test_every_prompt_of_a_failed_stream_sends_the_text_it_held_back(client: ope
     assert all(text in cuts for text in texts), (texts, cuts)
 
 
+def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_counts_as_failed(
+        server: GunicornServer, client: openai.OpenAI) -> None:
+    """A stream broken by our own code (its chunk builder raises: gunicorn_failing's n=3 chat streams) ends with an
+    error event the client raises, its engine request stopped at once (it generated on while the last frames went
+    out) and counted failed (it was counted aborted, as a client gone)."""
+    before = requests.get(f"{server.url}/stats", timeout=30).json()
+    with pytest.raises(openai.APIError, match="internal server error"):
+        for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=400,
+                                                stream=True, extra_body={"ignore_eos": True}, **GREEDY):
+            pass
+    deadline = time.monotonic() + 30
+    while (after := requests.get(f"{server.url}/stats", timeout=30).json())["active_requests"]:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert after["requests_failed"] == before["requests_failed"] + 1
+    assert after["requests_aborted"] == before["requests_aborted"]
+    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < 3 * 100
+
+
 def _generated_tokens(srv: GunicornServer) -> float:
     metrics = requests.get(f"{srv.url}/metrics", timeout=30).text
     match = re.search(r"^nanoqwen_generation_tokens_total (\S+)$", metrics, re.M)
