@@ -1,7 +1,7 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
     python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
-        [--seed 0] [--background-weight 10] [--out DIR]
+        [--seed 0] [--background-weight 10] [--tool-weight 8] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
 `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG) it serves the 2-layer test checkpoint on
@@ -13,7 +13,8 @@ Responses (soak_background.py: polled, streamed, followers resumed at random `st
 slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), clients
 that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
-(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, and a fixed
+(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, bursts of concurrent
+strict-tool streams (half reset mid-stream, the rest's strict calls checked against their schemas), and a fixed
 greedy probe; a prober thread times /health (and reads /stats, /v1/models) throughout.
 
 Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503
