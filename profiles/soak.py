@@ -1,7 +1,7 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
     python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
-        [--seed 0] [--background-weight 10] [--out DIR]
+        [--seed 0] [--background-weight 10] [--tool-weight 8] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
 `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG) it serves the 2-layer test checkpoint on
@@ -13,7 +13,8 @@ Responses (soak_background.py: polled, streamed, followers resumed at random `st
 slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), clients
 that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
-(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, and a fixed
+(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, bursts of concurrent
+strict-tool streams (half reset mid-stream, the rest's strict calls checked against their schemas), and a fixed
 greedy probe; a prober thread times /health (and reads /stats, /v1/models) throughout.
 
 Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503
@@ -62,8 +63,10 @@ from soak_http import (  # noqa: E402
     error_problem,
     hang_up,
     request_bytes,
+    reset,
     response_problem,
     send,
+    tool_call_problem,
     words,
 )
 
@@ -80,6 +83,12 @@ JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "p", "strict": Tru
     "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"], "additionalProperties": False}}}
 RESPONSES_TOOLS = [{"type": "function", "name": "get_weather", "parameters": TOOLS[0]["function"]["parameters"]}]
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+        "additionalProperties": False}
+STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": CITY}},
+                {"type": "function", "function": {"name": "get_time", "strict": True, "parameters": {
+                    "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}}, "required": ["zone"],
+                    "additionalProperties": False}}}]
 
 
 def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
@@ -168,6 +177,7 @@ class Soak:
     probe_answer: str
     long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
     background_weight: float = 10  # of the background Responses scenarios, against 96 for the others
+    tool_weight: float = 0  # of the concurrent strict-tool streams
     background_soak: BackgroundSoak = field(init=False)
 
     def __post_init__(self) -> None:
@@ -369,10 +379,47 @@ class Soak:
     def background(self, rng: random.Random) -> None:
         self.background_soak.scenario(rng)
 
+    def tool_burst(self, rng: random.Random) -> None:
+        """2-8 concurrent streams with strict tools (auto, required or a named call; the lenient tool beside them at
+        times), each read whole (every strict call's arguments checked against its schema) or reset mid-stream."""
+        threads = [threading.Thread(target=self._tool_stream, args=(random.Random(rng.random()),))
+                   for _ in range(rng.randint(2, 8))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _tool_stream(self, rng: random.Random) -> None:
+        tools = STRICT_TOOLS + (TOOLS if rng.random() < 0.3 else [])
+        body: Json = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, rng.randint(1, 40))}],
+                      "tools": tools, "stream": True, "max_tokens": rng.choice([8, 24, 64, 128]),
+                      "temperature": rng.choice([0, 0.8, 1.0]), "n": rng.choice([1, 1, 2]),
+                      "tool_choice": rng.choice(["auto", "auto", "required",
+                                                 {"type": "function", "function": {"name": "get_time"}}])}
+        if rng.random() < 0.3:
+            body["parallel_tool_calls"] = False
+        conn = Connection(self.port, timeout=120)
+        try:
+            conn.sock.sendall(request_bytes("POST", CHAT, json.dumps(body).encode()))
+            if rng.random() < 0.5:
+                status, headers = conn.head()
+                cut = rng.randint(0, 40)
+                for i, _ in enumerate(conn.chunks() if headers.get("transfer-encoding") == "chunked" else ()):
+                    if i >= cut:
+                        break
+                reset(conn.sock)
+                self.tally.record("tool-reset", 0)
+                return
+            reply = conn.reply()
+            problem = answer_problem(reply, True, body["n"]) or tool_call_problem(reply, STRICT_TOOLS)
+            self.tally.record("tool-stream", reply.status, problem)
+        finally:
+            conn.close()
+
     def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
         return [(30, self.valid), (12, self.responses), (4, self.probe), (14, self.fuzz), (6, self.wrong_request),
                 (3, self.oversized), (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader),
-                (4, self.slow_body), (self.background_weight, self.background)]
+                (4, self.slow_body), (self.tool_weight, self.tool_burst), (self.background_weight, self.background)]
 
     def client(self, seed: int, until: float) -> None:
         rng = random.Random(seed)
@@ -467,9 +514,9 @@ def count_problems(before: Json, after: Json, tally: Tally) -> list[str]:
 
 
 def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int,
-              long_tokens: int = 300, background_weight: float = 10) -> RoundResult:
+              long_tokens: int = 300, background_weight: float = 10, tool_weight: float = 0) -> RoundResult:
     tally = Tally()
-    soak = Soak(port, tally, probe_answer, long_tokens, background_weight)
+    soak = Soak(port, tally, probe_answer, long_tokens, background_weight, tool_weight)
     before = requests.get(f"{soak.url}/stats", timeout=30).json()
     stop = threading.Event()
     prober = threading.Thread(target=soak.prober, args=(stop,))
@@ -513,11 +560,11 @@ def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb
 
 
 def soak_server(port: int, rounds: int, seconds: float, clients: int, seed: int,
-                background_weight: float) -> tuple[str, list[RoundResult]]:
+                background_weight: float, tool_weight: float) -> tuple[str, list[RoundResult]]:
     """The idle greedy probe, then `rounds` rounds of load."""
     answer = greedy_probe(f"http://127.0.0.1:{port}")
-    return answer, [run_round(port, answer, seconds, clients, seed + i, background_weight=background_weight)
-                    for i in range(rounds)]
+    return answer, [run_round(port, answer, seconds, clients, seed + i, background_weight=background_weight,
+                              tool_weight=tool_weight) for i in range(rounds)]
 
 
 def main() -> int:
@@ -529,6 +576,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--background-weight", type=float, default=10,
                         help="of the background Responses scenarios (the others weigh 96)")
+    parser.add_argument("--tool-weight", type=float, default=8,
+                        help="of bursts of concurrent strict-tool streams, some reset mid-stream")
     parser.add_argument("--health-p99-ms", type=float, default=300)
     parser.add_argument("--rss-growth-mb", type=float, default=48)
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
@@ -540,7 +589,7 @@ def main() -> int:
     for mode in args.modes:
         with GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log") as srv:
             answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed,
-                                         args.background_weight)
+                                         args.background_weight, args.tool_weight)
         problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb)
         failed |= bool(problems)
         report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}

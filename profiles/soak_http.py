@@ -20,7 +20,8 @@ ENDED = ("response.completed", "response.incomplete")
 ERROR_KEYS = {"message", "type", "param", "code"}
 Json = dict[str, Any]
 # the scenarios whose 200 without a problem is an answer read whole (the engine's request served)
-SERVED_WHEN_WHOLE = frozenset({"valid", "responses", "probe", "keepalive-reuse", "slow-reader", "slow-body"})
+SERVED_WHEN_WHOLE = frozenset({"valid", "responses", "probe", "keepalive-reuse", "slow-reader", "slow-body",
+                               "tool-stream"})
 
 
 @dataclass
@@ -196,6 +197,54 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
         return f"stream with an error event: {text[-300:]}"
     finished = {(c["index"]) for e in events for c in e.get("choices", []) if c.get("finish_reason") is not None}
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
+
+
+def schema_problem(value: Any, schema: Json) -> str | None:
+    """Where `value` breaks `schema`, in the subset the soak's strict tools use (object, string, enum)."""
+    if "enum" in schema:
+        return None if value in schema["enum"] else f"{value!r} not in {schema['enum']}"
+    if schema.get("type") == "string":
+        ok = isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+        return None if ok else f"{value!r} not a string of at most {schema.get('maxLength')}"
+    if not isinstance(value, dict):
+        return f"{value!r} not an object"
+    if missing := set(schema.get("required", ())) - value.keys():
+        return f"{sorted(missing)} missing from {value!r}"
+    if schema.get("additionalProperties") is False and (extra := value.keys() - schema["properties"].keys()):
+        return f"{sorted(extra)} not allowed in {value!r}"
+    return next((p for k, v in value.items() if k in schema.get("properties", {})
+                 if (p := schema_problem(v, schema["properties"][k])) is not None), None)
+
+
+def tool_call_problem(reply: Reply, strict_tools: list[Json]) -> str | None:
+    """None unless a streamed chat answer calls a strict tool with arguments its schema does not hold, or a choice
+    that ends "tool_calls" has no call."""
+    if reply.status != 200:
+        return None
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in strict_tools}
+    calls: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> [name, arguments]
+    ended: dict[int, str] = {}
+    for line in reply.body.decode("utf-8").split("\n\n"):
+        if not line.startswith("data: {"):
+            continue
+        for choice in json.loads(line[6:]).get("choices", []):
+            for call in choice["delta"].get("tool_calls") or []:
+                name_args = calls.setdefault((choice["index"], call["index"]), ["", ""])
+                name_args[0] += call.get("function", {}).get("name") or ""
+                name_args[1] += call.get("function", {}).get("arguments") or ""
+            if choice.get("finish_reason") is not None:
+                ended[choice["index"]] = choice["finish_reason"]
+    for (index, _), (name, arguments) in sorted(calls.items()):
+        if name not in schemas:
+            continue
+        try:
+            problem = schema_problem(json.loads(arguments), schemas[name])
+        except ValueError:
+            problem = "not JSON"
+        if problem is not None and ended.get(index) == "tool_calls":
+            return f"choice {index}: strict {name}({arguments!r}): {problem}"
+    without = [i for i, reason in ended.items() if reason == "tool_calls" and not any(c == i for c, _ in calls)]
+    return f"choices {without} end tool_calls without a call" if without else None
 
 
 def parse_event(block: str) -> Json:

@@ -104,7 +104,7 @@ CONTAINS = {"type": "object", "properties": {"a": {"type": "array", "contains": 
 
 @pytest.mark.parametrize("parameters, strict, refused", [
     (MISSING_REF, None, False), (MISSING_REF, True, True), (MISSING_REF, False, False), (CONTAINS, None, False),
-    (CONTAINS, True, True)])
+    (CONTAINS, True, True), (None, None, False)])  # None: no arguments (a 500 before)
 def test_a_function_tool_without_strict_is_constrained_leniently(client: openai.OpenAI, parameters: Json,
                                                                  strict: bool | None, refused: bool) -> None:
     """`strict` omitted is OpenAI's Responses default, strict (echoed as true): its calls are constrained with

@@ -128,13 +128,16 @@ def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None
 
 
 def test_short_soak(server: GunicornServer) -> None:
-    """profiles/soak.py for two short rounds (background responses among them): every invariant it checks holds."""
+    """profiles/soak.py for two short rounds (background responses and bursts of strict-tool streams among them): every
+    invariant it checks holds."""
     answer = soak.greedy_probe(server.url)
-    rounds = [soak.run_round(server.port, answer, seconds=5, clients=6, seed=seed, long_tokens=24) for seed in range(2)]
+    rounds = [soak.run_round(server.port, answer, seconds=5, clients=6, seed=seed, long_tokens=24, tool_weight=8)
+              for seed in range(2)]
     assert soak.soak_problems(rounds, health_p99_ms=300, rss_growth_mb=48) == []
     assert sum(r.requests for r in rounds) > 30
     scenarios = {key.split()[0] for r in rounds for key in r.statuses}
     assert {"valid", "fuzz", "disconnect", "bg-room"} <= scenarios
+    assert {"tool-stream", "tool-reset"} & scenarios
     assert any(s.startswith("bg-") and s != "bg-room" for s in scenarios)  # the clients' background traffic
 
 

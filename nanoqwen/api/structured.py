@@ -120,12 +120,12 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_
     return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(*answer), answer[1], key)
 
 
-def _held(tool: ToolSpec, auto: bool) -> dict[str, Any]:
+def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
     """A tool's parameters as its calls follow them, patterns ECMA's. Under "auto" a lenient tool's (strict not sent:
     Responses' default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where
     it can be); a strict or forced tool's is the 400 naming tools."""
     parameters = ecma_patterns(tool.parameters)
-    if auto and not tool.strict:
+    if auto and not tool.strict and parameters is not None:  # None: no arguments, which any grammar holds
         try:
             check_json_schema(parameters, False, "tools")
         except InvalidRequest:
