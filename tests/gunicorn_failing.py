@@ -4,7 +4,7 @@ exits: no periodic publish.
 
 A step fails while it holds a choice of a request of `max_tokens` $FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
 that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. A chat
-stream of `n` BREAK_N breaks in our own stream code (its chunk builder raises) at its BREAK_AT-th event. Given by the
+stream of `n` $BREAK_N breaks in our own stream code (its chunk builder raises) at its $BREAK_AT-th event. Given by the
 environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
 import os
 
@@ -14,7 +14,7 @@ from nanoqwen.gunicorn_conf import *  # noqa: F401,F403
 FAIL_MAX_TOKENS = int(os.environ["FAIL_MAX_TOKENS"])
 FAIL_AFTER = int(os.environ["FAIL_AFTER"])
 worker.PUBLISH_S = 24 * 3600.0  # read by the worker's publish loop at each wait: once at its start, then no more
-BREAK_N, BREAK_AT = 3, 6
+BREAK_N, BREAK_AT = int(os.environ["BREAK_N"]), int(os.environ["BREAK_AT"])
 
 
 def post_worker_init(_worker: object) -> None:

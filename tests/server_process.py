@@ -38,6 +38,15 @@ def free_port() -> int:
             return port
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists (signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _claim(port: int) -> bool:
     """Claims `port` for this process unless another live one has (a dead owner's claim is taken over)."""
     CLAIMS.mkdir(exist_ok=True)

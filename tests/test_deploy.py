@@ -26,7 +26,7 @@ from nanoqwen.config import resolve_threads
 from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 from ops.cpu import build as cpu_build
-from server_process import REPO_ROOT, GunicornServer
+from server_process import REPO_ROOT, GunicornServer, pid_alive
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 
@@ -133,14 +133,6 @@ def test_nanoqwen_worker_without_the_config_runs_one_engine(tiny_checkpoint, tmp
     assert len(re.findall(r"\[INFO\] ready: ", log)) == 1 and "Traceback" not in log, log
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def preloaded(tiny_checkpoint, tmp_path_factory):
     """--preload, one torch thread. Its teardown checks that the master, which imported the app but never started
@@ -152,7 +144,7 @@ def preloaded(tiny_checkpoint, tmp_path_factory):
         [worker] = re.findall(r"Booting worker with pid: (\d+)", srv.log())
         srv.interrupt()  # gunicorn's quick shutdown: the worker ends, then the master
         deadline = time.monotonic() + 30
-        while _pid_alive(int(worker)) and time.monotonic() < deadline:
+        while pid_alive(int(worker)) and time.monotonic() < deadline:
             time.sleep(0.01)
         reaped = time.monotonic()
         status = srv.wait(30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,17 +14,19 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env
-from server_process import GunicornServer
+from chat_http import MODEL, cpu_env, engine_idle, server_stats, wait_for
+from server_process import GunicornServer, pid_alive
 
 CONFIG = Path(__file__).with_name("gunicorn_failing.py")
 FAIL_MAX_TOKENS, FAIL_AFTER = 77, 8  # a request of max_tokens 77 fails after 8 tokens
+BREAK_N, BREAK_AT = 3, 6  # a chat stream of n=3 breaks in our own code at its 6th event
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    env = cpu_env(tiny_checkpoint, FAIL_MAX_TOKENS=str(FAIL_MAX_TOKENS), FAIL_AFTER=str(FAIL_AFTER))
+    env = cpu_env(tiny_checkpoint, FAIL_MAX_TOKENS=str(FAIL_MAX_TOKENS), FAIL_AFTER=str(FAIL_AFTER),
+                  BREAK_N=str(BREAK_N), BREAK_AT=str(BREAK_AT))
     with GunicornServer(env, tmp_path_factory.mktemp("failing") / "gunicorn.log",
                         args=["-c", str(CONFIG)]) as srv:
         yield srv
@@ -84,21 +85,19 @@ def test_every_prompt_of_a_failed_stream_sends_the_text_it_held_back(client: ope
 
 def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_counts_as_failed(
         server: GunicornServer, client: openai.OpenAI) -> None:
-    """A stream broken by our own code (its chunk builder raises: gunicorn_failing's n=3 chat streams) ends with an
+    """A stream broken by our own code (its chunk builder raises: a chat stream of n BREAK_N) ends with an
     error event the client raises, its engine request stopped at once (it generated on while the last frames went
     out) and counted failed (it was counted aborted, as a client gone)."""
-    before = requests.get(f"{server.url}/stats", timeout=30).json()
+    before = server_stats(server)
     with pytest.raises(openai.APIError, match="internal server error"):
-        for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=400,
+        for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=BREAK_N, max_tokens=400,
                                                 stream=True, extra_body={"ignore_eos": True}, **GREEDY):
             pass
-    deadline = time.monotonic() + 30
-    while (after := requests.get(f"{server.url}/stats", timeout=30).json())["active_requests"]:
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
+    wait_for(lambda: engine_idle(server), 30)
+    after = server_stats(server)
     assert after["requests_failed"] == before["requests_failed"] + 1
     assert after["requests_aborted"] == before["requests_aborted"]
-    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < 3 * 100
+    assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
 
 
 def _generated_tokens(srv: GunicornServer) -> float:
@@ -116,22 +115,9 @@ def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: Gunico
     answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
                                             extra_body={"ignore_eos": True}, **GREEDY)
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 120
-    while _alive(pid):  # asked nothing meanwhile: a scrape or /stats would publish the counts
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.05)
-    while _pid(server) is None:  # respawned
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.2)
+    wait_for(lambda: not pid_alive(pid), 120)  # asked nothing meanwhile: a scrape or /stats would publish the counts
+    wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
     assert _generated_tokens(server) == before + answer.usage.completion_tokens == before + 12
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _pid(srv: GunicornServer) -> int | None:
