@@ -150,9 +150,9 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
     tools = [ToolSpec("f", FLAG, strict=True)]
     answer = ({"type": "object", "properties": {"a": {"type": "integer"}}}, False)
-    first = structured._tool_calls(grammars, tools, False, False, answer, True)
+    first = structured._tool_calls(grammars, tools, False, answer, True)
     assert len(grammars._cache) == 1 and len(rewritten) == 2
-    assert structured._tool_calls(grammars, tools, False, False, answer, True) is first and len(rewritten) == 2
+    assert structured._tool_calls(grammars, tools, False, answer, True) is first and len(rewritten) == 2
     with pytest.raises(InvalidRequest) as info:
-        structured._tool_calls(grammars, tools, False, False, ({"$ref": "#/$defs/gone"}, False), True)
+        structured._tool_calls(grammars, tools, False, ({"$ref": "#/$defs/gone"}, False), True)
     assert info.value.param == "response_format" and len(grammars._cache) == 1

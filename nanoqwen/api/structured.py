@@ -42,15 +42,15 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
         if answer is not None:
             serving.off_loop(len(json.dumps(answer[0])), _checked_answer, *answer)
-        return _calls(serving, req, req.forced_tools, False, None)
+        return _calls(serving, req, req.forced_tools, None)
     if req.constrains_calls:
-        return _calls(serving, req, req.tools or [], answer is None, answer)
+        return _calls(serving, req, req.tools or [], answer)
     if answer is None:
         return structured_grammar(serving, req)
     return _json(serving, *answer, "response_format")
 
 
-def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], free_text: bool,
+def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
            answer: tuple[dict[str, Any], bool] | None) -> Grammar:
     """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
     its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
@@ -61,7 +61,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool], fre
                       bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
     size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
-    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, free_text, answer, not forced)
+    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, answer, not forced)
 
 
 def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
@@ -106,12 +106,13 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
     return grammars.json_schema(ecma_patterns(schema), strict, param, no_space)
 
 
-def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, free_text: bool,
+def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool,
                 answer: tuple[dict[str, Any], bool] | None, auto: bool) -> Grammar:
     """Off the loop: the grammar cached under what the request sent; else the tools' parameters as held (_held) and the
-    JSON answer's (_checked_answer), and their calls' grammar compiled."""
-    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, free_text, answer,
-                                     auto]))
+    JSON answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer
+    is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
+    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, answer, auto]))
+    free_text = auto and answer is None
     if (grammar := grammars.cached(key)) is not None:
         return grammar
     tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
@@ -125,7 +126,7 @@ def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
     Responses' default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where
     it can be); a strict or forced tool's is the 400 naming tools."""
     parameters = ecma_patterns(tool.parameters)
-    if auto and not tool.strict and parameters is not None:  # None: no arguments, which any grammar holds
+    if auto and not tool.strict and parameters:  # none: no arguments (_call_rules' empty object), any grammar holds
         try:
             check_json_schema(parameters, False, "tools")
         except InvalidRequest:
