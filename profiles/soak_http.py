@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
@@ -199,23 +201,6 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
 
 
-def schema_problem(value: Any, schema: Json) -> str | None:
-    """Where `value` breaks `schema`, in the subset the soak's strict tools use (object, string, enum)."""
-    if "enum" in schema:
-        return None if value in schema["enum"] else f"{value!r} not in {schema['enum']}"
-    if schema.get("type") == "string":
-        ok = isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
-        return None if ok else f"{value!r} not a string of at most {schema.get('maxLength')}"
-    if not isinstance(value, dict):
-        return f"{value!r} not an object"
-    if missing := set(schema.get("required", ())) - value.keys():
-        return f"{sorted(missing)} missing from {value!r}"
-    if schema.get("additionalProperties") is False and (extra := value.keys() - schema["properties"].keys()):
-        return f"{sorted(extra)} not allowed in {value!r}"
-    return next((p for k, v in value.items() if k in schema.get("properties", {})
-                 if (p := schema_problem(v, schema["properties"][k])) is not None), None)
-
-
 def tool_call_problem(reply: Reply, strict_tools: list[Json]) -> str | None:
     """None unless a streamed chat answer calls a strict tool with arguments its schema does not hold, or a choice
     that ends "tool_calls" has no call."""
@@ -238,7 +223,9 @@ def tool_call_problem(reply: Reply, strict_tools: list[Json]) -> str | None:
         if name not in schemas:
             continue
         try:
-            problem = schema_problem(json.loads(arguments), schemas[name])
+            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schemas[name]).iter_errors(
+                json.loads(arguments)))
+            problem = None if error is None else error.message
         except ValueError:
             problem = "not JSON"
         if problem is not None and ended.get(index) == "tool_calls":
