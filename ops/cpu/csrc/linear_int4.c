@@ -128,52 +128,6 @@ static inline __attribute__((always_inline)) void transpose_span(const uint8_t *
         for (int e = 0; e < 2; e++) o[2 * h + e] = _mm512_permutex2var_epi32(v[2 * h], t->i[2][e], v[2 * h + 1]);
 }
 
-/* The inverse of transpose_span (spans -> blocks) in three rounds of two-source permutes, each trading one bit of the
-   vector index for one of the lane index: element (block b, dword d) sits in vector d, lane b in spans; in vector
-   (b3 d1 d0), lane (d2 b2 b1 b0) after round 1; (b3 b2 d0), (d2 d1 b1 b0) after 2; as blocks (vector b >> 1, lane
-   8 (b & 1) + d) after 3. Round r's output vector v: from input vectors v and v ^ m (m = 4 >> r, the bit it
-   trades), the one with that bit clear first, lanes untranspose[r][v]; made once, when the library loads. */
-static int32_t untranspose[3][8][16];
-
-static int untranspose_at(int r, int b, int d, int *lane) {  /* element (b, d)'s vector after r rounds, its lane */
-    static const int vector_bits[4][3][2] = {{{1, 2}, {1, 1}, {1, 0}}, {{0, 3}, {1, 1}, {1, 0}},
-                                              {{0, 3}, {0, 2}, {1, 0}}, {{0, 3}, {0, 2}, {0, 1}}};
-    int v = 0;  /* vector_bits[r][i]: (0 block, 1 dword) and the bit, high to low */
-    for (int i = 0; i < 3; i++) v = v << 1 | ((vector_bits[r][i][0] ? d : b) >> vector_bits[r][i][1] & 1);
-    *lane = r == 3 ? 8 * (b & 1) + d
-          : r == 0 ? b
-          : r == 1 ? (d >> 2) << 3 | (b & 7)
-                   : (d >> 1 & 3) << 2 | (b & 3);
-    return v;
-}
-
-__attribute__((constructor)) static void untranspose_indices(void) {
-    for (int r = 0; r < 3; r++)
-        for (int v = 0; v < 8; v++) {
-            int32_t *idx = untranspose[r][v];
-            for (int b = 0; b < 16; b++)
-                for (int d = 0; d < 8; d++) {
-                    int lane, from;
-                    if (untranspose_at(r + 1, b, d, &lane) != v) continue;
-                    idx[lane] = 16 * (untranspose_at(r, b, d, &from) >> (2 - r) & 1) + from;
-                }
-        }
-}
-
-/* The span of `count` (<= 16) blocks at p, in spans (int4_block.h) -> out: its blocks' 32 bytes in order
-   (untranspose_indices); out[32 * count ...] undefined. */
-static inline void untranspose_span(const uint8_t *p, int count, uint8_t *out) {
-    __m512i a[8], c[8];
-    for (int d = 0; d < 8; d++) a[d] = _mm512_maskz_loadu_epi32((__mmask16)((1u << count) - 1u), p + 4 * count * d);
-    _Pragma("GCC unroll 3") for (int r = 0; r < 3; r++) {
-        const int m = 4 >> r;
-        _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++)
-            c[v] = _mm512_permutex2var_epi32(a[v & ~m], _mm512_loadu_si512(untranspose[r][v]), a[v | m]);
-        _Pragma("GCC unroll 8") for (int v = 0; v < 8; v++) a[v] = c[v];
-    }
-    for (int k = 0; k < 8; k++) _mm512_store_si512(out + 64 * k, a[k]);
-}
-
 struct linear_int4_args {
     struct acts x;
     const uint8_t *w;
@@ -366,19 +320,12 @@ static void configure_int8_tiles(int C) {
     _tile_loadconfig(&config);
 }
 
-/* Block b of 16 weight rows from w (rows of K / 2 bytes, in spans: int4_block.h) -> t: the tile of their q. At a
-   span's first block the 16 rows' spans are put back in block order into `blocks` (untranspose_span), whose block
-   b % 16 the others then read. The next 16 rows (K / 8 lines) are prefetched 8 lines a block (the LM head at 8
-   rows, out of cache: 10-18 ms against 15-27 with each row's block prefetched 2 KB ahead, on a loaded machine). */
-static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t blocks[AMX_ROWS][SPAN / 2],
-                                uint8_t t[AMX_ROWS][64]) {
+/* Block b of 16 weight rows from w (rows of K / 2 bytes, in spans: int4_block.h) -> t: the tile of their q. The next 16 rows (K / 8
+   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with
+   each row's block prefetched 2 KB ahead, on a loaded machine). */
+static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
     for (int l = 0; l < 8; l++) __builtin_prefetch(w + (long)AMX_ROWS * (K / 2) + (b * 8 + l) * 64);
-    if (b % SPAN_BLOCKS == 0) {
-        const int count = K / 64 - b < SPAN_BLOCKS ? (int)(K / 64 - b) : SPAN_BLOCKS;
-        for (int i = 0; i < AMX_ROWS; i++) untranspose_span(w + (long)i * (K / 2) + b * 32, count, blocks[i]);
-    }
-    for (int i = 0; i < AMX_ROWS; i++)
-        _mm512_store_si512(t[i], unpack_u8(_mm256_load_si256((const __m256i *)(blocks[i] + 32 * (b % SPAN_BLOCKS)))));
+    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(int4_block(w, i, b, K, 0, 1)));
 }
 
 /* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
@@ -388,7 +335,7 @@ static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t blocks[
         for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
             const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
             __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
-            unpack_block(w, b_, K, blocks, tile_); \
+            unpack_block(w, b_, K, tile_); \
             AMX_STORES_VISIBLE(); \
             _tile_loadd(wt, tile_, 64); \
             _tile_loadd(qt, quads_, C * 4); \
@@ -417,7 +364,6 @@ static void linear_int4_amx(const void *ctx, long chunk) {
     const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, N);
     const long whole = N / AMX_ROWS * AMX_ROWS;
     if (start < whole) {
-        __attribute__((aligned(64))) uint8_t blocks[AMX_ROWS][SPAN / 2];  /* unpack_block's span of 16 rows */
         configure_int8_tiles(C);
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
             const uint8_t *w = a->w + n0 * (K / 2);
