@@ -6,19 +6,18 @@
    Build from the repository root (the kernel's pool, activation pieces and transposition are the ones measured):
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_row.c -o profiles/out/ab_int4_row -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int4_row PASSES VARIANT...   (the first variant is the one the others are compared to)
-     kernel           linear_int4 itself (reading the weights in spans, as the loader leaves them with AVX-512 VNNI)
+     kernel           linear_int4 itself
      loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
                       prefetched FAR bytes ahead at a hint (T0: prefetcht0, T1: prefetcht1 into L2, none); loop-T0-2048
                       is the kernel's loop before int4row (a fixed yardstick), spread-T0-2048-split-g64 the kernel's
-                      loop from int4row to int4span (its weights transposed in registers). -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
+                      loop since. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
                       accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
                       vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
                       permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
                       the scales and offsets prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a
                       chunk's rows as 2 (4) streams, a row of each in turn
      spans-...        the loop reading the weights stored by span as transpose_span leaves them (o[0..7], each lane
-                      b dword d of block b, int4_block.h's spans; a copy of the step made so at start, as the kernel
-                      reads): plain loads, no permutes (the kernel's since int4span);
+                      b dword d of block b; a copy of the step made so at start): plain loads, no permutes;
                       spans-loop-split-g64 one stream, spans-spread-split-g64 two (as spread-T0-2048-split-g64)
      bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
                       loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
@@ -252,7 +251,7 @@ static struct acts prepared(int K) {
 
 static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
     const int N = (int)sh->N, K = (int)sh->K;
-    if (!variants[i].fn || !strncmp(variants[i].name, "spans-", 6)) w = spans + (w - step);  /* the same matrix in spans */
+    if (!strncmp(variants[i].name, "spans-", 6)) w = spans + (w - step);  /* the same matrix, its weights in spans */
     if (!variants[i].fn) {
         linear_int4(x, (const uint8_t *)w, scales_of(w, sh), offsets_of(w, sh), y, 1, N, K, GROUP, 1, PIECES);
         return;

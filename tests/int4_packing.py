@@ -1,5 +1,5 @@
 """int4 weights as the loader leaves them for the C kernels (ops/cpu/linear_int4.repack), for the tests that call
-the kernels directly, and their layouts (csrc/int4_block.h) undone in torch."""
+the kernels directly, and the quads' layout (csrc/int4_block.h) undone in torch."""
 from __future__ import annotations
 
 import ctypes
@@ -38,20 +38,3 @@ def from_quads(packed: torch.Tensor) -> torch.Tensor:
     whole = n // 4 * 4
     quads = packed[:whole].reshape(n // 4, half // 32, 4, 32).transpose(1, 2).reshape(whole, half)
     return torch.cat([quads, packed[whole:]])
-
-
-def from_spans(packed: torch.Tensor) -> torch.Tensor:
-    """packed: [N, K / 2] in spans (each row's blocks 16 a span, the last K / 64 % 16; dword d of the span's block b
-    at dword count * d + b of it) -> the plain layout."""
-    n, half = packed.shape
-    spans = []
-    for start in range(0, half, 512):
-        count = min(512, half - start) // 32
-        spans.append(packed[:, start:start + 32 * count].reshape(n, 8, count, 4).transpose(1, 2).reshape(n, -1))
-    return torch.cat(spans, dim=1)
-
-
-def from_layout(packed: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """packed: [N, K / 2] in the layout a build of linear_int4.c (the kernel set's by default) reads -> the plain
-    layout."""
-    return from_quads(packed) if cpu_int4.layout(lib) == "quads" else from_spans(packed)

@@ -18,7 +18,7 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
     assert cpu_embedding.KERNEL.build(), cpu_embedding.KERNEL.error
 
 
-VOCAB, HIDDEN = 302, 1152  # int4 quads: the last 2 rows plain; spans: a whole one and one of 2 blocks (int4_block.h)
+VOCAB, HIDDEN = 302, 256  # int4 quads: the last 2 rows plain (tests/int4_packing.py)
 IDS = [torch.tensor([7], dtype=torch.int32), torch.tensor([[0, 299, 5], [5, 17, 3]]), torch.tensor([1, 301, 250])]
 
 

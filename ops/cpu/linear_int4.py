@@ -56,28 +56,25 @@ PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_pack", "linear_int4_layout"))
 
 
-LAYOUTS = {1: "quads", 2: "spans"}  # csrc/int4_block.h's INT4_QUADS, INT4_SPANS
-
-
-def layout(lib: ctypes.CDLL | None = None) -> str:
-    """How a build of linear_int4.c (the kernel set's by default), and dequant.c's and embedding.c's with the same
-    flags, store int4 weights (csrc/int4_block.h decides): "quads" (each 4 rows block by block) where linear_int4
-    takes its AVX2 loops, "spans" (each row's 16 blocks a span transposed, as the vpdpbusd loop reads them) with
-    AVX-512 VNNI."""
+def quads(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether a build of linear_int4.c (the kernel set's by default), and dequant.c's and embedding.c's with the
+    same flags, read int4 weights in quads: each 4 rows block by block, where linear_int4 takes its AVX2 loops
+    (csrc/int4_block.h decides)."""
     answer = torch.zeros(1, dtype=torch.int32)
     (lib or KERNEL.lib).linear_int4_layout(answer.data_ptr())
-    return LAYOUTS[answer.item()]
+    return bool(answer.item())
 
 
 def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
-    linear_int4.c (the kernel set's by default) reads (layout). Quads through 4 rows of scratch (allocated here, so a
-    failure raises): loading holds no second copy."""
+    linear_int4.c (the kernel set's by default) reads: quads where quads(lib), else unchanged. Through 4 rows of
+    scratch (allocated here, so a failure raises): loading holds no second copy."""
     if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
         raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
                          f"contiguous rows of whole {BLOCK}-column blocks")
-    quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
-    (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
+    if quads(lib):
+        quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
+        (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

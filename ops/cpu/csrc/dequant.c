@@ -11,7 +11,6 @@ struct dequant_args {
     int N, K, G, bf16;
     long rows;       /* per chunk */
     long quad_rows;  /* rows stored in quads */
-    int spans;       /* the rows in spans (int4_block.h) */
 };
 
 static void dequant_int4_chunk(const void *ctx, long chunk) {
@@ -21,9 +20,8 @@ static void dequant_int4_chunk(const void *ctx, long chunk) {
         for (int b = 0; b < K / 64; b++) {
             const long g = n * groups + b * 64 / a->G;
             const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16)), o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-            const __m256i block = int4_block(a->w, n, b, K, a->quad_rows, a->spans);
             for (int half = 0; half < 2; half++) {
-                const __m256i words = int4_words(block, half);
+                const __m256i words = int4_words(a->w + int4_block_at(n, b, K, a->quad_rows), half);
                 for (int j = 0; j < 4; j++)
                     store8(a->out, n * K + b * 64 + j * 16 + half * 8, int4_dequant8(words, j, s, o, a->bf16), a->bf16);
             }
@@ -33,7 +31,6 @@ static void dequant_int4_chunk(const void *ctx, long chunk) {
 
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
-    const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N),
-                                   int4_layout() == INT4_SPANS};
+    const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
     pool_run(dequant_int4_chunk, &a, (N + a.rows - 1) / a.rows);
 }

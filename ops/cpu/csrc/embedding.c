@@ -24,11 +24,9 @@ void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale,
                     int N, int V, int H, int G, int bf16) {
     const int groups = H / G;
     const long quad_rows = int4_quad_rows(V);
-    const int spans = int4_layout() == INT4_SPANS;
     for (int n = 0; n < N; n++) {
-        uint8_t block[32];
         for (int c = 0; c < H; c++) {
-            if (c % 64 == 0) _mm256_storeu_si256((__m256i *)block, int4_block(table, ids[n], c / 64, H, quad_rows, spans));
+            const uint8_t *block = table + int4_block_at(ids[n], c / 64, H, quad_rows);
             const int i = c % 16, j = (c % 64) / 16;
             const uint8_t byte = block[2 * i + (j >> 1)];
             const long g = (long)ids[n] * groups + c / G;

@@ -87,8 +87,7 @@ static inline __m512 load16(const void *p, long i, int count, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* The permutations of transpose_span: stage st (0..2) making output e (0, 1) of a pair of vectors. For the repack
-   into spans at load (int4_block.h; linear_int4_pack); the loops read them ready-made. */
+/* The permutations of transpose_span: stage st (0..2) making output e (0, 1) of a pair of vectors. */
 struct transpose_index {
     __m512i i[3][2];
 };
@@ -139,25 +138,21 @@ struct linear_int4_args {
 };
 
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
-   this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. The weights in spans (int4_block.h):
-   o[d] lane b, dword d of block b, one load each (count a constant in whole spans). Lane b of the int32 sums collects block
+   this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
    b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
    and scaled at once. At one activation row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
    shift and mask are two) in sums of their own, shifted back (exact: multiples of 16) at the span's end, which also
    halves each chain of vpdpbusd (1 row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md,
    int4row; at 2 fp32 rows the extra sums spill: 1.05x). */
 static inline __attribute__((always_inline)) void
-span_vnni(const struct linear_int4_args *a, long n, int m0, int R, int P, long span, int count, const uint8_t *ahead,
-          __m512 f[ROWS]) {
+span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P, long span,
+          int count, const uint8_t *ahead, __m512 f[ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
     __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[ACT_MAX_PIECES];  /* upper[p]: 16 x the high nibbles' sums */
     for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
-    const uint8_t *w = a->w + n * (K / 2) + b0 * 32;
-    _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++)
-        o[d] = count == SPAN_BLOCKS ? _mm512_loadu_si512(w + 64 * d)
-                                    : _mm512_maskz_loadu_epi32((__mmask16)((1u << count) - 1u), w + 4 * count * d);
+    transpose_span(a->w + n * (K / 2) + b0 * 32, count, t, o);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
             acc[r][p] = _mm512_setzero_si512();
@@ -202,7 +197,8 @@ span_vnni(const struct linear_int4_args *a, long n, int m0, int R, int P, long s
    linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
    before it is read; a last span, the same row of the next block. */
 static inline __attribute__((always_inline)) void
-rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
+rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
+          int block) {
     const long spans = a->x.len / SPAN, row = a->K / 2, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
@@ -214,8 +210,8 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
             /* a constant count in the whole spans: their loads are plain */
             for (long span = 0; span < whole; span++)
-                span_vnni(a, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
-            if (whole < spans) span_vnni(a, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
+                span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
+            if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
                 store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[r]), a->bf16);
         }
@@ -227,7 +223,7 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
     for (long span = 0; span < spans; span++)
         for (int i = 0; i < count; i++) {
             const uint8_t *w = a->w + (n0 + i) * row;
-            span_vnni(a, n0 + i, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last,
+            span_vnni(a, t, n0 + i, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last,
                       span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
                       f[i]);
         }
@@ -238,11 +234,12 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
 
 /* rows_vnni with R activation rows of P pieces, both constants: one function per pair, not one switch over them all
    inlined into linear_int4_rows, whose single 280 KB function took gcc 26 s to compile (its passes grow faster than
-   the code); apart, 10 s. */
+   the code); apart, 10 s. The permutations are made here, so that they stay in registers. */
 #define ROWS_VNNI(r, p) \
     static __attribute__((noinline)) void rows_vnni_##r##_##p(const struct linear_int4_args *a, long n0, int count, \
                                                               int m0, int block) { \
-        rows_vnni(a, n0, count, m0, r, p, block); \
+        const struct transpose_index t = transpose_indices(); \
+        rows_vnni(a, &t, n0, count, m0, r, p, block); \
     }
 ROWS_VNNI(1, 1) ROWS_VNNI(1, 2) ROWS_VNNI(1, 3) ROWS_VNNI(1, 4) ROWS_VNNI(2, 1) ROWS_VNNI(2, 2) ROWS_VNNI(2, 3)
 ROWS_VNNI(2, 4) ROWS_VNNI(3, 1) ROWS_VNNI(3, 2) ROWS_VNNI(3, 3) ROWS_VNNI(3, 4) ROWS_VNNI(4, 1) ROWS_VNNI(4, 2)
@@ -302,8 +299,8 @@ static void unpacked_order(const float *x, int M, int K, float *out) {
 
 AMX_INT8_BEGIN
 /* The 32 packed bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
-static inline __m512i unpack_u8(__m256i block) {
-    const __m512i v = _mm512_broadcast_i64x4(block);
+static inline __m512i unpack_u8(const uint8_t *p) {
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0xf));
 }
 
@@ -320,12 +317,12 @@ static void configure_int8_tiles(int C) {
     _tile_loadconfig(&config);
 }
 
-/* Block b of 16 weight rows from w (rows of K / 2 bytes, in spans: int4_block.h) -> t: the tile of their q. The next 16 rows (K / 8
+/* Block b of 16 weight rows from w (rows of K / 2 bytes) -> t: the tile of their q. The next 16 rows (K / 8
    lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with
    each row's block prefetched 2 KB ahead, on a loaded machine). */
 static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
     for (int l = 0; l < 8; l++) __builtin_prefetch(w + (long)AMX_ROWS * (K / 2) + (b * 8 + l) * 64);
-    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(int4_block(w, i, b, K, 0, 1)));
+    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(w + (long)i * (K / 2) + b * 32));
 }
 
 /* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
@@ -488,20 +485,6 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
         pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
     return 1;
-}
-
-/* N rows of K columns from the block layout into spans (int4_block.h), in place: transpose_span leaves a span's
-   blocks as the loops read them, lane b block b; each o[d]'s `count` lanes stored one after another. */
-static void pack_spans(uint8_t *w, int N, int K) {
-    const struct transpose_index t = transpose_indices();
-    for (long n = 0; n < N; n++)
-        for (long b0 = 0; b0 < K / 64; b0 += SPAN_BLOCKS) {
-            uint8_t *p = w + n * (K / 2) + b0 * 32;
-            const int count = K / 64 - b0 < SPAN_BLOCKS ? (int)(K / 64 - b0) : SPAN_BLOCKS;
-            __m512i o[8];
-            transpose_span(p, count, &t, o);
-            for (int d = 0; d < 8; d++) _mm512_mask_storeu_epi32(p + 4 * count * d, (__mmask16)((1u << count) - 1u), o[d]);
-        }
 }
 
 #pragma GCC pop_options
@@ -871,7 +854,6 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
     const struct linear_int4_args *a = ctx;
     const int K = a->K, groups = K / a->G;
     const long quad_rows = int4_quad_rows(a->N);
-    const int spans = int4_layout() == INT4_SPANS;
     for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
         for (int m = 0; m < a->M; m++) {
             __m256 acc = _mm256_setzero_ps();
@@ -879,9 +861,8 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
                 const long g = n * groups + b * 64 / a->G;
                 const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
                 const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-                const __m256i block = int4_block(a->w, n, b, K, quad_rows, spans);
                 for (int half = 0; half < 2; half++) {
-                    const __m256i words = int4_words(block, half);
+                    const __m256i words = int4_words(a->w + int4_block_at(n, b, K, quad_rows), half);
                     for (int j = 0; j < 4; j++)
                         acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
                                               load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
@@ -916,14 +897,9 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
-/* Shapes: see nanoqwen_cpu.h. Quads: each 4 rows' blocks interleaved through the 4 rows of `quad`; spans: each
-   span transposed in registers (pack_spans). */
+/* Shapes: see nanoqwen_cpu.h. Each 4 rows' blocks interleaved through the 4 rows of `quad`. */
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K) {
     const long row = K / 2, blocks = K / 64;
-    if (int4_layout() == INT4_SPANS) {
-        pack_spans(w, N, K);
-        return;
-    }
     for (long q = 0; q < N / 4; q++) {
         uint8_t *rows = w + 4 * q * row;
         memcpy(quad, rows, 4 * row);
@@ -933,4 +909,4 @@ void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K) {
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
-void linear_int4_layout(int32_t *layout) { *layout = int4_layout(); }
+void linear_int4_layout(int32_t *quads) { *quads = int4_quads(); }
