@@ -16,6 +16,9 @@
                       permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
                       the scales and offsets prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a
                       chunk's rows as 2 (4) streams, a row of each in turn
+     spans-...        the loop reading the weights stored by span as transpose_span leaves them (o[0..7], each lane
+                      b dword d of block b; a copy of the step made so at start): plain loads, no permutes;
+                      spans-loop-split-g64 one stream, spans-spread-split-g64 two (as spread-T0-2048-split-g64)
      bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
                       loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
                       multiplies nothing; bound-read-weights the weights alone
@@ -39,6 +42,9 @@ static const uint16_t *offsets_of(const char *w, const struct shape *sh) {
     return scales_of(w, sh) + sh->N * sh->K / GROUP;
 }
 
+static char *step, *spans;  /* the step's matrices (ab_harness.h's buffer), and their copy with the weights in spans */
+static void to_spans(char *copy);
+
 static void prepare(char *buf) {
     EACH_MATRIX(buf, BYTES64, s, sh, w, {
         uint16_t *scale = (uint16_t *)scales_of(w, sh), *offset = (uint16_t *)offsets_of(w, sh);
@@ -47,10 +53,32 @@ static void prepare(char *buf) {
             offset[i] = f32_to_bf16(1e-2f * (float)(rand() % 201 - 100));
         }
     });
+    long footprint = CALLS * PAGE;
+    for (int s = 0; s < KINDS; s++) footprint += shapes[s].N * shapes[s].K / 64 * BYTES64 * shapes[s].layers;
+    const long huge = 2L << 20;
+    char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) exit(1);
+    step = buf, spans = (char *)(((uintptr_t)base + huge - 1) & ~(uintptr_t)(huge - 1));
+    madvise(spans, footprint, MADV_HUGEPAGE);
+    memcpy(spans, buf, footprint);
+    to_spans(spans);
 }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+
+/* Each weight row's spans (16 blocks, K % 1024 == 0 here) as transpose_span leaves them in registers, o[0..7] one
+   after another: the layout the spans- variants read with plain loads, no permutes. */
+static void to_spans(char *copy) {
+    const struct transpose_index t = transpose_indices();
+    EACH_MATRIX(copy, BYTES64, s, sh, w, {
+        for (long at = 0; at < sh->N * sh->K / 2; at += SPAN / 2) {
+            __m512i o[8];
+            transpose_span((uint8_t *)w + at, SPAN_BLOCKS, &t, o);
+            for (int d = 0; d < 8; d++) _mm512_storeu_si512(w + at + 64 * d, o[d]);
+        }
+    });
+}
 
 enum { T1 = 2, T0 = 3 };  /* __builtin_prefetch's locality: prefetcht1, prefetcht0 */
 
@@ -133,10 +161,11 @@ ROW_LOOP(loop_t0_2048_g64, 2048, T0, 0, T0, 0, 0, 1, 1)
 ROW_LOOP(loop_t0_2048_split_g64, 2048, T0, 0, T0, 0, 1, 1, 1)
 ROW_LOOP(loop_t0_2048_so_split_g64, 2048, T0, 0, T0, 256, 1, 1, 1)
 ROW_LOOP(bound_no_permutes, 2048, T0, 0, T0, 0, 0, 0, 0)
+ROW_LOOP(spans_loop_split_g64, 2048, T0, 0, T0, 0, 1, 1, 0)
 #undef ROW_LOOP
 
 /* A chunk's weight rows as STREAMS streams, its parts, a row of each in turn; prefetcht0 2 KB ahead in each. */
-#define SPREAD_LOOP(NAME, STREAMS, SPLIT, G64) \
+#define SPREAD_LOOP(NAME, STREAMS, SPLIT, G64, PERMUTES) \
     static void NAME(const void *ctx, long chunk) { \
         const struct linear_int4_args *a = ctx; \
         const struct transpose_index t = transpose_indices(); \
@@ -150,16 +179,17 @@ ROW_LOOP(bound_no_permutes, 2048, T0, 0, T0, 0, 0, 0, 0)
                 __m512 f = _mm512_setzero_ps(); \
                 for (long span = 0; span < spans; span++) { \
                     for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(w + span * SPAN / 2 + 2048 + 64 * k); \
-                    span_row(a, &t, n, span, SPLIT, G64, 1, &f); \
+                    span_row(a, &t, n, span, SPLIT, G64, PERMUTES, &f); \
                 } \
                 store1(a->y, n, _mm512_reduce_add_ps(f), a->bf16); \
             } \
     }
-SPREAD_LOOP(spread_t0_2048, 2, 0, 0)
-SPREAD_LOOP(spread_t0_2048_split, 2, 1, 0)
-SPREAD_LOOP(spread_t0_2048_g64, 2, 0, 1)
-SPREAD_LOOP(spread_t0_2048_split_g64, 2, 1, 1)
-SPREAD_LOOP(spread4_t0_2048_split_g64, 4, 1, 1)
+SPREAD_LOOP(spread_t0_2048, 2, 0, 0, 1)
+SPREAD_LOOP(spread_t0_2048_split, 2, 1, 0, 1)
+SPREAD_LOOP(spread_t0_2048_g64, 2, 0, 1, 1)
+SPREAD_LOOP(spread_t0_2048_split_g64, 2, 1, 1, 1)
+SPREAD_LOOP(spread4_t0_2048_split_g64, 4, 1, 1, 1)
+SPREAD_LOOP(spans_spread_split_g64, 2, 1, 1, 0)
 #undef SPREAD_LOOP
 
 /* Bounds on the memory side: each span's weights (and with SO its group scales and offsets) loaded as the loop loads
@@ -201,7 +231,8 @@ static const struct {
                 {"spread-T0-2048-split", spread_t0_2048_split}, {"spread-T0-2048-g64", spread_t0_2048_g64},
                 {"spread-T0-2048-split-g64", spread_t0_2048_split_g64},
                 {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes},
-                {"bound-read", bound_read}, {"bound-read-weights", bound_read_weights}};
+                {"bound-read", bound_read}, {"bound-read-weights", bound_read_weights},
+                {"spans-loop-split-g64", spans_loop_split_g64}, {"spans-spread-split-g64", spans_spread_split_g64}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 
 /* The kernel's activation row for 1 row of PIECES pieces (linear_int4_vnni's steps), in static scratch. */
@@ -220,6 +251,7 @@ static struct acts prepared(int K) {
 
 static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
     const int N = (int)sh->N, K = (int)sh->K;
+    if (!strncmp(variants[i].name, "spans-", 6)) w = spans + (w - step);  /* the same matrix, its weights in spans */
     if (!variants[i].fn) {
         linear_int4(x, (const uint8_t *)w, scales_of(w, sh), offsets_of(w, sh), y, 1, N, K, GROUP, 1, PIECES);
         return;
