@@ -301,12 +301,14 @@ OUTPUT = {"type": "function_call_output", "call_id": "call_1", "output": "12:00"
     ([CALL, {**OUTPUT, "call_id": "call_2"}], "No tool call found for function call output with call_id call_2."),
     ([CALL], "No tool output found for function call call_1."),
     ([CALL, {**CALL, "call_id": "call_2"}, OUTPUT], "No tool output found for function call call_2."),
-], ids=["no-call", "before-its-call", "other-id", "unanswered", "one-of-two-unanswered"])
+    ([{**CALL, "id": "fc_1"}, OUTPUT, {"role": "user", "content": "Again.", "id": "fc_1"}],
+     "Duplicate item found with id fc_1. Remove duplicate items from your input and try again."),
+], ids=["no-call", "before-its-call", "other-id", "unanswered", "one-of-two-unanswered", "duplicate-id"])
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
-def test_outputs_answer_the_calls_as_openai_s(server: GunicornServer, items: list[Json], message: str,
+def test_items_pair_as_openai_s(server: GunicornServer, items: list[Json], message: str,
                                               route: str) -> None:
-    """Were taken (a tool message answering nothing in the template; a call never answered) where OpenAI refuses
-    them, its messages and param."""
+    """Were taken (a tool message answering nothing in the template; a call never answered; an item twice) where
+    OpenAI refuses them, its messages and param."""
     body = {"model": MODEL, "input": [{"role": "user", "content": "What time is it?"}, *items], "tools": TOOLS}
     answer = requests.post(f"{server.url}{route}", json=body, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"] == {
@@ -352,7 +354,10 @@ def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServe
     for unanswered, message in (([{"role": "user", "content": "Go on."}],
                                  f"No tool output found for function call {call.call_id}."),
                                 ([{**answer, "call_id": "call_x"}],
-                                 "No tool call found for function call output with call_id call_x.")):
+                                 "No tool call found for function call output with call_id call_x."),
+                                ([call.model_dump(by_alias=True), answer],  # resent with the response holding it
+                                 f"Duplicate item found with id {call.id}. Remove duplicate items from your input "
+                                 "and try again.")):
         with pytest.raises(openai.BadRequestError) as exc:  # OpenAI's: the previous response's call is answered
             client.responses.create(input=unanswered, previous_response_id=cut.id, tools=TOOLS, **GREEDY)
         assert (exc.value.body["param"], exc.value.body["message"]) == ("input", message)

@@ -352,6 +352,7 @@ class ResponsePromptFields(Strict):
     def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
         """The chat request this one amounts to for `items` (the earlier items, then its input, references
         resolved)."""
+        check_unique_ids(items)
         check_call_outputs(items)
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         messages += chat_messages(items)
@@ -462,7 +463,20 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def check_call_outputs(items: list[Any]) -> None:
+def check_unique_ids(items: list[Item]) -> None:
+    """OpenAI's rule: an item's id once in the conversation (a previous response's items resent with its
+    previous_response_id, the same item referred to twice: it would be templated twice)."""
+    seen: set[str] = set()
+    for item in items:
+        if item.id is None:
+            continue
+        if item.id in seen:
+            raise APIError(400, f"Duplicate item found with id {item.id}. Remove duplicate items from your input and "
+                                "try again.", param="input")
+        seen.add(item.id)
+
+
+def check_call_outputs(items: list[Item]) -> None:
     """OpenAI's pairing of the items (a previous response's, then the input): each function_call_output answers a
     function_call before it, and each function_call is answered. Its messages and param, word for word. Not chat's
     stricter order (the answers right after their calls, before any other message: check_tool_answers), which
