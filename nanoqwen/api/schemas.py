@@ -411,6 +411,9 @@ def _message_schema(schema: dict[str, Any]) -> None:
              "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
              "tool_calls": {"type": ["array", "null"], "maxItems": 0},
              "annotations": {"type": ["array", "null"], "maxItems": 0}, "parsed": {"type": "null"}}}},
+        {"if": {"properties": {"role": {"const": "assistant"}, "tool_calls": {"type": ["array", "null"], "maxItems": 0},
+                               "refusal": {"type": "null"}}},
+         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -462,6 +465,9 @@ class ChatMessage(Strict):
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for role '{self.role}'")
+        # OpenAI's rule ("expected a string, got null"); a refused answer as the openai client resends it has none
+        if self.content is None and not self.tool_calls and self.refusal is None:
+            raise ValueError("content is required for an assistant message without tool_calls (or a refusal)")
         if isinstance(self.content, list) and self.role != "assistant" \
                 and any(isinstance(part, RefusalPart) for part in self.content):
             raise ValueError("only assistant messages have refusal content parts")
