@@ -74,7 +74,7 @@ def test_messages_for_the_template() -> None:
     req = parse_chat_request({"messages": [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None},
+        {"role": "assistant", "content": None, "refusal": "I can't."},
     ]}, Budget())
     assert req.template_messages() == [
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},

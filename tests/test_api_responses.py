@@ -380,7 +380,8 @@ def test_a_cut_or_malformed_call_continues() -> None:
     resent = parse_responses_request({"input": [{"role": "user", "content": "Hi"}, call,
                                                 {"type": "function_call_output", "call_id": call["call_id"],
                                                  "output": "ok"}]}, Budget())
-    go_on = parse_responses_request({"input": "Go on"}, Budget())
+    go_on = parse_responses_request({"input": [{"type": "function_call_output", "call_id": call["call_id"],
+                                                "output": "cut"}, {"role": "user", "content": "Go on"}]}, Budget())
     for chat in (go_on.to_chat([*history, *go_on.input_items]), resent.to_chat(resent.input_items)):
         (sent,) = chat.template_messages()[1]["tool_calls"]
         assert sent["function"] == {"name": "ns.g", "arguments": '{"b": '}

@@ -291,6 +291,42 @@ def test_bad_values_are_400s(server: GunicornServer, field: Json, param: str) ->
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
 
 
+CALL = {"type": "function_call", "call_id": "call_1", "name": "get_time", "arguments": '{"zone": "UTC"}'}
+OUTPUT = {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}
+
+
+@pytest.mark.parametrize("items, message", [
+    ([OUTPUT], "No tool call found for function call output with call_id call_1."),
+    ([OUTPUT, CALL], "No tool call found for function call output with call_id call_1."),
+    ([CALL, {**OUTPUT, "call_id": "call_2"}], "No tool call found for function call output with call_id call_2."),
+    ([CALL], "No tool output found for function call call_1."),
+    ([CALL, {**CALL, "call_id": "call_2"}, OUTPUT], "No tool output found for function call call_2."),
+    ([{**CALL, "id": "fc_1"}, OUTPUT, {"role": "user", "content": "Again.", "id": "fc_1"}],
+     "Duplicate item found with id fc_1. Remove duplicate items from your input and try again."),
+], ids=["no-call", "before-its-call", "other-id", "unanswered", "one-of-two-unanswered", "duplicate-id"])
+@pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
+def test_items_pair_as_openai_s(server: GunicornServer, items: list[Json], message: str,
+                                              route: str) -> None:
+    """Were taken (a tool message answering nothing in the template; a call never answered; an item twice) where
+    OpenAI refuses them, its messages and param."""
+    body = {"model": MODEL, "input": [{"role": "user", "content": "What time is it?"}, *items], "tools": TOOLS}
+    answer = requests.post(f"{server.url}{route}", json=body, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"] == {
+        "message": message, "type": "invalid_request_error", "param": "input", "code": None}, answer.text
+
+
+def test_items_between_a_call_and_its_output_are_taken(server: GunicornServer) -> None:
+    """Not chat's order (the answers right after the calls): a reasoning item between two calls, a message between
+    a call and its output."""
+    reasoning = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Both."}]}
+    second, later = {**CALL, "call_id": "call_2"}, {**OUTPUT, "call_id": "call_2"}
+    body = {"model": MODEL, "tools": TOOLS, "input": [
+        {"role": "user", "content": "What time is it?"}, CALL, reasoning, second, OUTPUT,
+        {"role": "user", "content": "And?"}, later]}
+    answer = requests.post(f"{server.url}/v1/responses/input_tokens", json=body, timeout=30)
+    assert answer.status_code == 200 and answer.json()["input_tokens"] > 0, answer.text
+
+
 @pytest.mark.parametrize("truncation", ["disabled", "auto"])
 def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: GunicornServer, truncation: str) -> None:
     """As chat refuses it: a prompt past the context (its one item too: no truncation makes it fit) still gets
@@ -315,6 +351,16 @@ def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServe
     with pytest.raises(json.JSONDecodeError):
         json.loads(call.arguments)
     answer = {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+    for unanswered, message in (([{"role": "user", "content": "Go on."}],
+                                 f"No tool output found for function call {call.call_id}."),
+                                ([{**answer, "call_id": "call_x"}],
+                                 "No tool call found for function call output with call_id call_x."),
+                                ([call.model_dump(by_alias=True), answer],  # resent with the response holding it
+                                 f"Duplicate item found with id {call.id}. Remove duplicate items from your input "
+                                 "and try again.")):
+        with pytest.raises(openai.BadRequestError) as exc:  # OpenAI's: the previous response's call is answered
+            client.responses.create(input=unanswered, previous_response_id=cut.id, tools=TOOLS, **GREEDY)
+        assert (exc.value.body["param"], exc.value.body["message"]) == ("input", message)
     follow = client.responses.create(input=[answer], previous_response_id=cut.id, tools=TOOLS, **GREEDY)
     resent = client.responses.create(input=[{"role": "user", "content": "What time is it?"},
                                             call.model_dump(by_alias=True), answer], store=False, tools=TOOLS,
@@ -442,11 +488,11 @@ def test_items_referred_to_share_the_body_s_budget_of_values(server: GunicornSer
         {"type": "function_call", "call_id": "c0", "name": "f", "arguments": arguments},
         {"type": "function_call_output", "call_id": "c0", "output": "ok"}, {"role": "user", "content": "Hi"}]}).json()
     listed = requests.get(f"{server.url}/v1/responses/{stored['id']}/input_items?order=asc", timeout=30).json()["data"]
-    message, call = listed[:2]
+    message, call, output = listed[:3]
     assert call["arguments"] == arguments and _values(message) > 8_000, listed[:2]
     # the body's own values are parts too (cheap to parse, no token), leaving `left` of the budget to its references
     for refs, left, fits in (([message], _values(message) + 30, True), ([message] * 2, _values(message) + 30, False),
-                             ([call], _values(call) + 30, True), ([call], _values(call) - 30, False)):
+                             ([call, output], _values(call) + 30, True), ([call, output], _values(call) - 30, False)):
         body = {"model": MODEL, "input": [*({"type": "item_reference", "id": ref["id"]} for ref in refs),
                                           {"role": "user", "content": [hi]}]}
         body["input"][-1]["content"] += [empty] * ((MAX_SEPARATORS - left - _values(body)) // 4)

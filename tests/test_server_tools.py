@@ -177,6 +177,55 @@ def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: 
     assert info.value.body["param"] == param
 
 
+def _calling(*ids: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": i, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        for i in ids]}
+
+
+def _answer(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "sunny"}
+
+
+NOT_A_RESPONSE = ("Invalid parameter: messages with role 'tool' must be a response to a preceeding message with "
+                  "'tool_calls'.")
+UNANSWERED = ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+              "'tool_call_id'. The following tool_call_ids did not have response messages: ")
+
+
+@pytest.mark.parametrize("messages, param, message", [
+    ([*USER, _answer("call_1")], "messages.[1].role", NOT_A_RESPONSE),
+    ([*USER, {"role": "assistant", "content": "Let me see."}, _answer("call_1")], "messages.[2].role", NOT_A_RESPONSE),
+    ([*USER, _calling("call_1"), _answer("call_2")], "messages.[2].tool_call_id",
+     "Invalid parameter: 'tool_call_id' of 'call_2' not found in 'tool_calls' of previous message."),
+    ([*USER, _calling("call_1"), _answer("call_1"), _calling("call_2"), _answer("call_1")],
+     "messages.[4].tool_call_id",
+     "Invalid parameter: 'tool_call_id' of 'call_1' not found in 'tool_calls' of previous message."),
+    ([*USER, _calling("call_1", "call_2", "call_3"), _answer("call_2"), *USER], "messages.[1].role",
+     UNANSWERED + "call_1, call_3"),
+    ([*USER, _calling("call_1")], "messages.[1].role", UNANSWERED + "call_1"),
+    ([*USER, _calling("call_1"), _answer("call_1"), _calling("call_2"), {"role": "assistant", "content": "Done."}],
+     "messages.[3].role", UNANSWERED + "call_2"),
+], ids=["no-call", "after-text", "other-id", "earlier-turn-s-id", "two-unanswered", "unanswered-last",
+        "another-message-next"])
+def test_tool_messages_answer_the_calls_before_them(server: GunicornServer, messages: list[dict[str, Any]],
+                                                    param: str, message: str) -> None:
+    """OpenAI's rule, its messages and params: were taken and templated (an answer to no call, a call never
+    answered: a conversation an agent's history lost a message of)."""
+    error = _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": messages, "tools": TOOLS}), param)
+    assert (error["message"], error["code"]) == (message, None)
+
+
+def test_tool_answers_in_any_order_before_the_next_message(server: GunicornServer) -> None:
+    messages = [*USER, _calling("call_1", "call_2"), _answer("call_2"), _answer("call_1"), *USER,
+                _calling("call_3"), _answer("call_3")]
+    answer = server.openai_client().chat.completions.create(messages=messages, tools=TOOLS, **CLIENT_GREEDY)
+    assert answer.choices[0].finish_reason in ("stop", "length")  # taken: the random model calls nothing
+    with pytest.raises(openai.BadRequestError) as info:
+        server.openai_client().chat.completions.create(messages=messages[:-1], tools=TOOLS, **CLIENT_GREEDY)
+    assert (info.value.body["param"], info.value.body["message"]) == ("messages.[5].role", UNANSWERED + "call_3")
+
+
 def test_tokenize_and_detokenize(server: GunicornServer) -> None:
     prompt = "Hello world, <tool_call> héllo"
     tokens = _post(server, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True}).json()

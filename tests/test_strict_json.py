@@ -71,8 +71,9 @@ def test_arguments_the_validator_skipped_are_decoded(make: Callable[[], Function
 def _conversation(*arguments: str, users: int = 1) -> dict[str, Any]:
     calls = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": a}}
              for i, a in enumerate(arguments)]
+    answers = [{"role": "tool", "tool_call_id": call["id"], "content": "ok"} for call in calls]
     return {"model": "m", "messages": [{"role": "user", "content": "hi"}] * users + [
-        {"role": "assistant", "tool_calls": calls}]}
+        {"role": "assistant", "tool_calls": calls}, *answers]}
 
 
 ARGUMENTS_40K = '{"a": [' + "1," * 40_000 + "1]}"

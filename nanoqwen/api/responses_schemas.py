@@ -352,6 +352,8 @@ class ResponsePromptFields(Strict):
     def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
         """The chat request this one amounts to for `items` (the earlier items, then its input, references
         resolved)."""
+        check_unique_ids(items)
+        check_call_outputs(items)
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         messages += chat_messages(items)
         if not messages:
@@ -360,7 +362,7 @@ class ResponsePromptFields(Strict):
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
         return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
-                                  omitted_strict_constrains=True)
+                                  omitted_strict_constrains=True, answers_paired=True)
 
 
 class ResponseCountRequest(ResponsePromptFields):
@@ -459,6 +461,40 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
     return messages
+
+
+def check_unique_ids(items: list[Item]) -> None:
+    """OpenAI's rule: an item's id once in the conversation (a previous response's items resent with its
+    previous_response_id, the same item referred to twice: it would be templated twice)."""
+    seen: set[str] = set()
+    for item in items:
+        if item.id is None:
+            continue
+        if item.id in seen:
+            raise APIError(400, f"Duplicate item found with id {item.id}. Remove duplicate items from your input and "
+                                "try again.", param="input")
+        seen.add(item.id)
+
+
+def check_call_outputs(items: list[Item]) -> None:
+    """OpenAI's pairing of the items (a previous response's, then the input): each function_call_output answers a
+    function_call before it, and each function_call is answered. Its messages and param, word for word. Not chat's
+    stricter order (the answers right after their calls, before any other message: check_tool_answers), which
+    OpenAI's Responses API is not known to ask: items between a call and its output (a reasoning item between two
+    calls, a message) template as they come."""
+    unanswered: dict[str, None] = {}  # call ids, in order
+    called: set[str] = set()
+    for item in items:
+        if isinstance(item, FunctionCallItem):
+            called.add(item.call_id)
+            unanswered[item.call_id] = None
+        elif isinstance(item, FunctionCallOutputItem):
+            if item.call_id not in called:
+                raise APIError(400, f"No tool call found for function call output with call_id {item.call_id}.",
+                               param="input")
+            unanswered.pop(item.call_id, None)
+    if unanswered:
+        raise APIError(400, f"No tool output found for function call {next(iter(unanswered))}.", param="input")
 
 
 def _check_prompt_fields(req: ResponsePromptFields) -> None:

@@ -411,6 +411,9 @@ def _message_schema(schema: dict[str, Any]) -> None:
              "content": {"not": {"anyOf": [{"type": "null"}, {"type": "array", "contains": REFUSAL_PART}]}},
              "tool_calls": {"type": ["array", "null"], "maxItems": 0},
              "annotations": {"type": ["array", "null"], "maxItems": 0}, "parsed": {"type": "null"}}}},
+        {"if": {"properties": {"role": {"const": "assistant"}, "tool_calls": {"type": ["array", "null"], "maxItems": 0},
+                               "refusal": {"type": "null"}}},
+         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}},
         {"if": {"properties": {"role": {"const": "tool"}}},
          "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     ]
@@ -462,6 +465,9 @@ class ChatMessage(Strict):
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for role '{self.role}'")
+        # OpenAI's rule ("expected a string, got null"); a refused answer as the openai client resends it has none
+        if self.content is None and not self.tool_calls and self.refusal is None:
+            raise ValueError("content is required for an assistant message without tool_calls (or a refusal)")
         if isinstance(self.content, list) and self.role != "assistant" \
                 and any(isinstance(part, RefusalPart) for part in self.content):
             raise ValueError("only assistant messages have refusal content parts")
@@ -921,6 +927,36 @@ def parse_completion_request(body: Any, budget: Budget | None) -> CompletionRequ
     return req
 
 
+def check_tool_answers(messages: list[ChatMessage]) -> None:
+    """OpenAI's pairing of calls and answers: the tool messages after an assistant message with tool_calls answer
+    those calls, all of them, before any other message (or the end). Its messages and params, word for word (its
+    "preceeding" too: clients match on them)."""
+    calls: dict[str, None] = {}  # the open turn's call ids, in order: none open while empty
+    unanswered: dict[str, None] = {}
+    turn = -1  # the index of the assistant message whose calls are open
+
+    def check_answered() -> None:
+        if unanswered:
+            raise APIError(400, "An assistant message with 'tool_calls' must be followed by tool messages responding "
+                                "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                                + ", ".join(unanswered), param=f"messages.[{turn}].role")
+
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            if not calls:
+                raise APIError(400, "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+                                    "message with 'tool_calls'.", param=f"messages.[{i}].role")
+            if message.tool_call_id not in calls:
+                raise APIError(400, f"Invalid parameter: 'tool_call_id' of '{message.tool_call_id}' not found in "
+                                    "'tool_calls' of previous message.", param=f"messages.[{i}].tool_call_id")
+            unanswered.pop(message.tool_call_id, None)
+            continue
+        check_answered()
+        calls = dict.fromkeys(call.id for call in message.tool_calls or ())
+        unanswered, turn = dict(calls), i
+    check_answered()
+
+
 def _check_combinations(req: ChatCompletionRequest) -> None:
     req.check_ending()
     check_stream_options(req)
@@ -1041,8 +1077,12 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None,
         raise _api_error(schema, errors[0]) from None
 
 
-def parse_chat_request(body: Any, budget: Budget | None,
-                       omitted_strict_constrains: bool = False) -> ChatCompletionRequest:
+def parse_chat_request(body: Any, budget: Budget | None, omitted_strict_constrains: bool = False,
+                       answers_paired: bool = False) -> ChatCompletionRequest:
+    """`answers_paired`: the tool messages were paired with the calls already, by other rules than chat's (a
+    Responses request's items: check_call_outputs)."""
     req = validate_body(ChatCompletionRequest, body, budget, omitted_strict_constrains)
+    if not answers_paired:
+        check_tool_answers(req.messages)
     _check_combinations(req)
     return req
