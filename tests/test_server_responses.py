@@ -315,6 +315,29 @@ def test_items_pair_as_openai_s(server: GunicornServer, items: list[Json], messa
         "message": message, "type": "invalid_request_error", "param": "input", "code": None}, answer.text
 
 
+@pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
+def test_truncation_keeps_the_call_the_last_output_answers(server: GunicornServer, route: str) -> None:
+    """An agent loop past the context: the long first message goes, the call the last item answers stays (it went,
+    and its output alone broke the pairing: a 400)."""
+    items = [{"role": "user", "content": "word " * 1100}, CALL, OUTPUT]
+    body = {"model": MODEL, "tools": TOOLS, "truncation": "auto",
+            **({"max_output_tokens": 16} if route == "/v1/responses" else {})}
+    cut = requests.post(f"{server.url}{route}", json={**body, "input": items}, timeout=60)
+    kept = requests.post(f"{server.url}{route}", json={**body, "input": items[1:]}, timeout=60)
+    assert cut.status_code == kept.status_code == 200, cut.text
+    counts = [answer.json().get("input_tokens") or answer.json()["usage"]["input_tokens"] for answer in (cut, kept)]
+    assert counts[0] == counts[1] > 0
+
+
+def test_truncation_never_leaves_an_output_without_its_call(server: GunicornServer) -> None:
+    """A call too long to keep beside the output that answers it: past the context, not the output alone."""
+    call = {**CALL, "arguments": json.dumps({"zone": "word " * 1100})}
+    body = {"model": MODEL, "tools": TOOLS, "truncation": "auto",
+            "input": [{"role": "user", "content": "Hi"}, call, OUTPUT]}
+    answer = requests.post(f"{server.url}/v1/responses/input_tokens", json=body, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded", answer.text
+
+
 def test_items_between_a_call_and_its_output_are_taken(server: GunicornServer) -> None:
     """Not chat's order (the answers right after the calls): a reasoning item between two calls, a message between
     a call and its output."""

@@ -33,6 +33,7 @@ from nanoqwen.api.responses_schemas import (
     ResponseCreateRequest,
     ResponsePromptFields,
     TextJsonSchemaFormat,
+    check_items,
     encode_reasoning,
     parse_count_request,
     parse_responses_request,
@@ -550,6 +551,7 @@ class ResponsesService:
         self.chat.serving.check_serving(req.model)
         name = INPUT if previous is None else HISTORY
         try:
+            check_items(items)
             whole = req.to_chat(items)
             params = self.chat.params(whole)
         except APIError as exc:
@@ -647,8 +649,11 @@ class ResponsesService:
         is known not to fit, else it is the doubling's last step: a prompt that looked too long but fits costs
         the doubling's candidates then the whole (under 3 times the whole for items of like sizes), not a
         bisection of candidates near the whole."""
+        kept_outputs = {item.call_id for item in items[-1:] if isinstance(item, FunctionCallOutputItem)}
+        # the last item stays, and so does the call it answers: an output alone would break the pairing
         droppable = [i for i, item in enumerate(items[:-1])
-                     if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))]
+                     if not (isinstance(item, MessageItem) and item.role in ("system", "developer"))
+                     and not (isinstance(item, FunctionCallItem) and item.call_id in kept_outputs)]
 
         def keeping(count: int) -> tuple[ChatCompletionRequest, list[int]] | None:
             dropped = set(droppable[:len(droppable) - count])

@@ -352,8 +352,6 @@ class ResponsePromptFields(Strict):
     def to_chat(self, items: list[Item]) -> ChatCompletionRequest:
         """The chat request this one amounts to for `items` (the earlier items, then its input, references
         resolved)."""
-        check_unique_ids(items)
-        check_call_outputs(items)
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
         messages += chat_messages(items)
         if not messages:
@@ -461,6 +459,13 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
     return messages
+
+
+def check_items(items: list[Item]) -> None:
+    """A conversation's items (a previous response's, then the input) as OpenAI checks them, once, before any is
+    dropped to fit the context."""
+    check_unique_ids(items)
+    check_call_outputs(items)
 
 
 def check_unique_ids(items: list[Item]) -> None:
