@@ -97,6 +97,28 @@ def test_a_first_token_other_than_think_is_constrained_at_once(grammar: Grammar,
     assert not torch.equal(after, _plain_mask(grammar, []))  # the brace was consumed: past the grammar's start
 
 
+TOOL = ToolSpec("flag", {"type": "object", "properties": {"ok": {"type": "boolean"}}}, strict=True)
+
+
+@pytest.mark.parametrize("kind,promises", [("json", True), ("required", True), ("auto", False), ("auto_json", True),
+                                           ("empty_choice", False)])
+def test_only_a_promised_answers_thought_bans_its_stops(grammars: Grammars, kind: str, promises: bool) -> None:
+    """A grammar that refuses the empty answer promised something: its thought (after <think>, before </think>)
+    may not end the choice. A strict tool under auto promises nothing (no call is an answer): its thought may."""
+    grammar = {"json": lambda: grammars.json_schema({"type": "object"}, strict=False, param="p"),
+               "required": lambda: grammars.tool_calls([TOOL], True, "p"),
+               "auto": lambda: grammars.tool_calls([TOOL], True, "p", free_text=True),
+               "auto_json": lambda: grammars.tool_calls([TOOL], True, "p", answer={"type": "object"}),
+               "empty_choice": lambda: grammars.from_text("choice", '["", "no"]', "p")}[kind]()
+    assert grammar.promises is promises
+    row = RowGrammar(grammar.matcher(), END_THINK_ID, EOS_IDS, may_open=THINK_ID, promises=grammar.promises)
+    assert not row.bans_stops  # the first token: the grammar's mask decides
+    row.sync(PROMPT + [THINK_ID, 9707], len(PROMPT))
+    assert row.bans_stops is promises
+    row.sync(PROMPT + [THINK_ID, 9707, END_THINK_ID], len(PROMPT))
+    assert not row.bans_stops  # the answer: the grammar's mask decides
+
+
 GBNF = 'root ::= "yes" | "no"'
 
 

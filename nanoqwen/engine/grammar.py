@@ -49,6 +49,11 @@ class Grammar:
     text: str
     template: LLMatcher
 
+    @property
+    def promises(self) -> bool:
+        """Whether the answer must hold something (a call, JSON): the grammar does not accept an empty one."""
+        return not self.template.is_accepting()
+
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
 
@@ -209,11 +214,18 @@ class RowGrammar:
     start_after: int | None
     eos_ids: list[int]
     may_open: int | None = None
+    promises: bool = False  # Grammar.promises: an end inside the thought would break the promise
     _seen: int = field(default=0)  # output tokens looked at
 
     @property
     def active(self) -> bool:
         return self.start_after is None or self.may_open is not None
+
+    @property
+    def bans_stops(self) -> bool:
+        """Inside a free thought of a choice that promised a call or JSON: its stop ids are banned (as min_tokens
+        bans them), so that the thought ends by `start_after` or by length, never by an end of turn."""
+        return self.promises and self.start_after is not None and self.may_open is None
 
     def sync(self, token_ids: list[int], num_prompt_tokens: int) -> None:
         """Feeds the output tokens (token_ids past the prompt) not seen yet: those sampled since the last step."""
