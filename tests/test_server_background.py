@@ -123,6 +123,9 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     assert events[-1].type == "response.output_item.done" and events[-1].item.status == "incomplete"
     text = "".join(e.delta for e in [*first, *events] if e.type == "response.output_text.delta")
     assert text == message.content[0].text
+    # the text the engine held back (an incomplete UTF-8 character) is kept, as a cut by max_output_tokens keeps it
+    cut = client.responses.create(**{**LONG, "max_output_tokens": cancelled.usage.output_tokens})
+    assert cut.output_text == text
 
 
 def test_a_background_response_is_queued_until_the_engine_starts_it(client: openai.OpenAI,
