@@ -387,6 +387,18 @@ def test_a_cut_or_malformed_call_continues() -> None:
         assert sent["function"] == {"name": "ns.g", "arguments": '{"b": '}
 
 
+def test_a_constrained_first_call_cut_before_its_name_leaves_the_text_before_it() -> None:
+    """A strict tool under "auto" (its calls constrained), the first call cut before its name: the message is the text
+    before the markup, collected and streamed (it held `<tool_call>\n{"na`)."""
+    cut = [Event(text="Sure. ", token_ids=[1]), Event(text='<tool_call>\n{"na', token_ids=[2], finish_reason="length",
+                                                      usage=Usage(7, 2))]
+    response, events = _both(cut, ToolParsing(enabled=True, constrained=True))
+    (message,) = response["output"]
+    assert (message["type"], message["status"], message["content"][0]["text"]) == ("message", "incomplete", "Sure.")
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Sure."
+    assert _without_ids(events[-1]["response"]) == _without_ids(response)
+
+
 def test_input_items_to_chat_messages() -> None:
     items = [{"role": "user", "content": "a"},
              {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "r1"}]},

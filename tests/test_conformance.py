@@ -366,6 +366,18 @@ def test_a_second_call_cut_before_its_name_leaves_no_markup(client: openai.OpenA
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
 
 
+def test_a_strict_tools_first_call_cut_before_its_name_leaves_no_markup(client: openai.OpenAI) -> None:
+    """tool_choice auto with a strict tool, max_tokens cutting its first call right after `<tool_call>\n{"`: the
+    markup of a call cut short, as a later or a forced one's (it was the content), collected and streamed."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 3, "temperature": 0, "extra_body": NO_THINKING,
+              "tools": [openai.pydantic_function_tool(Verdict)], "logit_bias": ONE_CALL["logit_bias"]}
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    assert (answer.message.content, answer.message.tool_calls, answer.finish_reason) == ("", None, "length")
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
 # Not strict, its schema one the grammar engine refuses (a look-behind): its calls are left free under tool_choice auto
 LOOSE_TOOL = {"type": "function", "function": {"name": "zz", "parameters": {
     "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}}}}

@@ -221,6 +221,21 @@ def test_a_failed_request_sends_the_text_it_held_back_as_a_length_cut_would(engi
     assert not after.choices[0].token_ids
 
 
+def test_an_aborted_request_sends_the_text_it_held_back_as_a_length_cut_would(engine):
+    """An abort (a cancelled background response, whose output so far is kept) ends the answer where it is: the text
+    held back comes with the abort's finish (it went nowhere)."""
+    prompt, k = PROMPTS[2], 8
+    [cut] = generate(engine, [prompt], greedy(k))
+    text = cut.choices[0].text
+    request_id, stream = engine.submit(prompt, greedy(100, stop=[text[-3:] + "\x00"]))  # the answer's end begins it
+    engine_step(engine, k)
+    assert collect(stream).choices[0].text == text[:-3]
+    engine.abort(request_id)
+    engine_step(engine)
+    after = collect(stream)
+    assert (after.choices[0].text, after.choices[0].finish_reason) == (text[-3:], "abort")
+
+
 def test_requests_sharing_a_stream_send_every_held_text_before_an_error(engine):
     """A legacy completion's prompts share one stream, which ends at its first error event: every request's held text
     goes out before any request's error (the second prompt's came after the first's error, and was never read)."""

@@ -97,6 +97,28 @@ def test_a_first_token_other_than_think_is_constrained_at_once(grammar: Grammar,
     assert not torch.equal(after, _plain_mask(grammar, []))  # the brace was consumed: past the grammar's start
 
 
+TOOL = ToolSpec("flag", {"type": "object", "properties": {"ok": {"type": "boolean"}}}, strict=True)
+
+
+@pytest.mark.parametrize("kind,promises", [("json", True), ("required", True), ("auto", False), ("auto_json", True),
+                                           ("empty_choice", False)])
+def test_only_a_promised_answers_thought_bans_its_stops(grammars: Grammars, kind: str, promises: bool) -> None:
+    """A grammar that refuses the empty answer promised something: its thought (after <think>, before </think>)
+    may not end the choice. A strict tool under auto promises nothing (no call is an answer): its thought may."""
+    grammar = {"json": lambda: grammars.json_schema({"type": "object"}, strict=False, param="p"),
+               "required": lambda: grammars.tool_calls([TOOL], True, "p"),
+               "auto": lambda: grammars.tool_calls([TOOL], True, "p", free_text=True),
+               "auto_json": lambda: grammars.tool_calls([TOOL], True, "p", answer={"type": "object"}),
+               "empty_choice": lambda: grammars.from_text("choice", '["", "no"]', "p")}[kind]()
+    assert grammar.promises is promises
+    row = RowGrammar(grammar.matcher(), END_THINK_ID, EOS_IDS, may_open=THINK_ID, promises=grammar.promises)
+    assert not row.bans_stops  # the first token: the grammar's mask decides
+    row.sync(PROMPT + [THINK_ID, 9707], len(PROMPT))
+    assert row.bans_stops is promises
+    row.sync(PROMPT + [THINK_ID, 9707, END_THINK_ID], len(PROMPT))
+    assert not row.bans_stops  # the answer: the grammar's mask decides
+
+
 GBNF = 'root ::= "yes" | "no"'
 
 
@@ -126,18 +148,32 @@ FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required":
 @pytest.mark.parametrize("parallel", [False, True])
 def test_free_text_calls_are_constrained_once_opened(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
                                                      parallel: bool) -> None:
-    """tool_choice auto with a strict tool: text is free (every token, `<tool_call>` too), EOS where the text may end;
-    an opened call follows the tool's grammar; after it, text again, and another call only with `parallel`."""
+    """tool_choice auto with a strict tool: text is free (ordinary tokens; `<tool_call>` opens a call; no other added
+    token), EOS where the text may end; an opened call follows the tool's grammar; after it, text again, and another
+    call only with `parallel`."""
     grammar = grammars.tool_calls([ToolSpec("f", FLAG, strict=True)], parallel, "tools", free_text=True)
     open_id, close_id = TOKEN_IDS["<tool_call>"], TOKEN_IDS["</tool_call>"]
     text = tokenizer.encode("Hello there")
     for mask in (_plain_mask(grammar, []), _plain_mask(grammar, text)):
-        assert all(_allows(mask, token) for token in [*text, THINK_ID, open_id, *EOS_IDS])
+        assert all(_allows(mask, token) for token in [*text, open_id, *EOS_IDS]) and not _allows(mask, THINK_ID)
     opened = _plain_mask(grammar, [*text, open_id])
     assert int(sum(bin(word & 0xFFFFFFFF).count("1") for word in opened.tolist())) == 1  # the newline alone
     call = [open_id, *tokenizer.encode('\n{"name": "f", "arguments": {"ok": true}}\n'), close_id]
     after = _plain_mask(grammar, [*text, *call])
     assert _allows(after, open_id) == parallel and all(_allows(after, token) for token in [*text, *EOS_IDS])
+
+
+def test_free_text_cannot_spell_the_call_tag(grammars: Grammars) -> None:
+    """`<tool_call>` spelled with ordinary tokens in a strict tool's free text: the grammar stayed in its free text
+    while the parser took the block for a call, its arguments unconstrained (a client's `.parse()` could fail). The
+    tag's last piece is refused; its start is text like any other, and the token still opens a call after it."""
+    grammar = grammars.tool_calls([ToolSpec("f", FLAG, strict=True)], True, "tools", free_text=True)
+    spelled = grammars._tokenizer.tokenize_str("Hi <tool_call>")
+    assert TOKEN_IDS["<tool_call>"] not in spelled and len(spelled) > 2
+    matcher = grammar.matcher()
+    assert all(matcher.consume_token(token) for token in spelled[:-1]) and not matcher.is_error()
+    assert not _allows(_plain_mask(grammar, spelled[:-1]), spelled[-1])
+    assert matcher.consume_token(TOKEN_IDS["<tool_call>"]) and not matcher.is_error()
 
 
 def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(

@@ -11,7 +11,7 @@ import pytest
 import requests
 from openai.types.responses import Response
 
-from chat_http import MODEL, engine_idle, server_stats, wait_for
+from chat_http import MODEL, engine_idle, post_chat, server_stats, wait_for
 from nanoqwen.api.responses_background import MAX_RUNNING
 from nanoqwen.settings import EngineConfig
 from server_process import GunicornServer
@@ -123,6 +123,12 @@ def test_cancelling_frees_the_engine_and_keeps_the_output_so_far(client: openai.
     assert events[-1].type == "response.output_item.done" and events[-1].item.status == "incomplete"
     text = "".join(e.delta for e in [*first, *events] if e.type == "response.output_text.delta")
     assert text == message.content[0].text
+    # the text the engine held back (an incomplete UTF-8 character) is kept, as a length cut keeps it (chat's: a
+    # response's max_output_tokens is at least 16)
+    cut = post_chat(chat_server, {"model": MODEL, "temperature": 0, "reasoning_effort": "none",
+                                  "max_tokens": cancelled.usage.output_tokens,
+                                  "messages": [{"role": "user", "content": LONG["input"]}]}).json()
+    assert cut["choices"][0]["message"]["content"] == text
 
 
 def test_a_background_response_is_queued_until_the_engine_starts_it(client: openai.OpenAI,

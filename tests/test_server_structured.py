@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from chat_http import MODEL, VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS, cpu_env, health_polled, post_chat
-from checkpoints import END_THINK_ID, THINK_ID, make_checkpoint
+from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -158,6 +158,38 @@ def test_the_constraint_starts_after_thinking(server: GunicornServer) -> None:
     # <think> at +100 too may come again before </think>
     assert (message.reasoning_content or "").replace("<think>", "").strip() == ""
     jsonschema.validate(json.loads(message.content), PERSON)
+
+
+YES_NO = {"type": "json_schema", "json_schema": {"name": "yes_no", "schema": {"enum": ["yes", "no"]}, "strict": True}}
+STOP_TOKEN = 1000  # an ordinary token made a stop token
+
+
+@pytest.mark.parametrize("constraint", [
+    {"tools": TOOLS, "tool_choice": "required"},
+    {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+    {"response_format": YES_NO},
+])
+@pytest.mark.parametrize("ender", ["eos", "stop_token_ids"])
+def test_a_promised_answer_does_not_end_inside_its_thought(server: GunicornServer, constraint: dict[str, Any],
+                                                           ender: str) -> None:
+    """A forced call or JSON promised: an end of turn (EOS, or a stop token id) is banned inside the free thought,
+    so the thought ends by </think> and the answer keeps the promise. The biases: the first token cannot be the
+    answer's (<tool_call>, the JSON's `"`), so it opens a thought; there the end of turn (+100) would win over
+    </think> (+50) (it did: the reasoning alone, `finish_reason: "stop"`)."""
+    (first,) = _token_ids(server, '"') if "response_format" in constraint else [TOKEN_IDS["<tool_call>"]]
+    ends = [IM_END_ID, ENDOFTEXT_ID] if ender == "eos" else [STOP_TOKEN]
+    bias = {str(first): -100, str(END_THINK_ID): 50, **{str(t): 100 for t in ends}}
+    extra = {"chat_template_kwargs": {}, **({"stop_token_ids": ends} if ender == "stop_token_ids" else {})}
+    body = {**constraint, "temperature": 0, "max_tokens": 60, "logit_bias": bias, "extra_body": extra}
+    answer = _create(server, **body).choices[0]
+    streamed = _streamed(server, **body)[0]
+    if "response_format" in constraint:
+        assert json.loads(answer.message.content) in ("yes", "no") and answer.finish_reason == "stop"
+        assert (streamed["content"], streamed["finish_reason"]) == (answer.message.content, "stop")
+    else:
+        calls = _calls(answer.message)
+        assert len(calls) >= 1 and answer.finish_reason == "tool_calls", answer
+        assert list(streamed["tool_calls"].values()) == calls and streamed["finish_reason"] == "tool_calls"
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])

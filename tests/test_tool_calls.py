@@ -155,16 +155,30 @@ def test_arguments_stream_as_they_are_decoded() -> None:
     assert _raw(ToolCallParser(), [answer])[1] == [("search", arguments)]
 
 
-@pytest.mark.parametrize("max_calls, forced, called", [(None, False, False), (None, True, False), (1, False, True)])
-def test_a_second_call_cut_before_its_name_is_no_content(max_calls: int | None, forced: bool, called: bool) -> None:
+@pytest.mark.parametrize("max_calls, constrained, called",
+                         [(None, False, False), (None, True, False), (1, False, True)])
+def test_a_second_call_cut_before_its_name_is_no_content(max_calls: int | None, constrained: bool,
+                                                         called: bool) -> None:
     """Cut (a stop string, EOS, max_tokens) after `<tool_call>` but before the name of a call past the first: markup
     of a cut call, dropped (it was content), and the answer not "tool_calls" (`called`): its last call is not whole.
     Past max_calls the block was to be dropped whole, so the kept call is."""
     answer = WEATHER + '\n<tool_call>\n{"na'
     for deltas in _splits(answer, random.Random(2)):
-        parser = ToolCallParser(max_calls, forced)
+        parser = ToolCallParser(max_calls, constrained)
         assert _raw(parser, deltas) == (None, [("get_weather", '{"city": "Paris", "unit": "°C"}')]), deltas
         assert parser.called is called
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_a_constrained_first_call_cut_before_its_name_is_no_content(constrained: bool) -> None:
+    """A first call cut before its name, the answer's calls constrained (a strict tool under "auto"): the markup of a
+    call cut short, dropped; the content is the text before it (it was the markup too). Unconstrained, it may be prose
+    that spelled the tag: content, as written."""
+    answer = 'Sure. <tool_call>\n{"na'
+    for deltas in _splits(answer, random.Random(4)):
+        parser = ToolCallParser(constrained=constrained)
+        assert _raw(parser, deltas) == ("Sure." if constrained else answer, []), deltas
+        assert not parser.called
 
 
 def test_prose_that_spells_the_tag_after_a_call_stays_content() -> None:

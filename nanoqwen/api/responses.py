@@ -124,9 +124,10 @@ class ToolParsing:
     enabled: bool = False
     max_calls: int | None = None
     forced: bool = False  # tool_choice "required" or named: the answer is calls only
+    constrained: bool = False  # a call the model opens follows the grammar (forced, or a strict tool under "auto")
 
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.max_calls, self.forced) if self.enabled else None
+        return ToolCallParser(self.max_calls, self.constrained) if self.enabled else None
 
 
 def finish_reason(reason: str, called: bool) -> str:
@@ -184,9 +185,10 @@ class CompletionBuilder:
         reason = choice.finish_reason
         parser = self.tools.parser()
         if parser is not None:
-            parsed = parser.feed(text) + parser.finish()
+            parsed = parser.feed(text) + parser.finish()  # its content the text but for a call's markup
+            message["content"] = self.echo + parsed.content
             if parsed.calls or self.tools.forced:
-                message["content"] = (self.echo + parsed.content) or None
+                message["content"] = message["content"] or None
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, parser.called) if reason is not None else None

@@ -829,6 +829,11 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
                 and (self.json_response or any(t.function.constrained for t in self.tools or [])))
 
     @property
+    def constrains_any_call(self) -> bool:
+        """A call the model opens follows the calls' grammar: a forced one, or one under constrains_calls."""
+        return self.forces_tool_call or self.constrains_calls
+
+    @property
     def max_tool_calls(self) -> int | None:
         return 1 if self.parallel_tool_calls is False else None
 

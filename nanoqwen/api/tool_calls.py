@@ -151,13 +151,13 @@ class ToolCallParser:
     """One choice's answer text → content and tool calls, delta by delta.
 
     max_calls: calls kept (1 when the request sets `parallel_tool_calls: false`); blocks past it
-    are dropped, neither calls nor content. forced: the answer is calls by constraint (tool_choice
-    "required" or named), so a block cut short before its call shows is dropped, not content.
+    are dropped, neither calls nor content. constrained: a block the model opens follows the calls' grammar (tool_choice
+    "required" or named, a strict tool under "auto"), so one cut short before its call shows is dropped, not content.
     """
 
-    def __init__(self, max_calls: int | None = None, forced: bool = False) -> None:
+    def __init__(self, max_calls: int | None = None, constrained: bool = False) -> None:
         self.max_calls = max_calls
-        self.forced = forced
+        self.constrained = constrained
         self.num_calls = 0
         self._cut = False  # the answer (a stop string, EOS, max_tokens) ended inside a kept call, its name or arguments
         self._pending = ""  # text not yet classified: trailing whitespace, a partial tag, or a block
@@ -211,15 +211,15 @@ class ToolCallParser:
 
     def finish(self) -> Parsed:
         """What is left at the end of the answer: a partial tag is content, and so is an unclosed block before its call
-        shows, unless it follows calls or is forced and is a call's start as far as it goes: then it is the markup of a
-        call cut short, dropped (prose that spelled the tag stays content)."""
+        shows, unless it follows calls or is constrained and is a call's start as far as it goes: then it is the markup
+        of a call cut short, dropped (prose that spelled the tag stays content)."""
         out = Parsed()
         if self._in_block:
             self._stream(len(self._pending), out)
             streamed = self._streamed
             if streamed is not None:
                 self._cut = streamed.index is not None and not streamed.done
-            elif (self.num_calls or self.forced) and _opens_call(self._pending):
+            elif (self.num_calls or self.constrained) and _opens_call(self._pending):
                 self._cut = self.max_calls is None or self.num_calls < self.max_calls  # one past them: dropped anyway
             else:
                 out.content = self._layout + OPEN + self._pending

@@ -223,7 +223,8 @@ class Engine:
                 params.min_tokens,
             )
             if params.grammar is not None:
-                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids, may_open)
+                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids, may_open,
+                                         params.grammar.promises)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:
@@ -291,8 +292,8 @@ class Engine:
                 request = self._requests.get(item)
                 if request is not None:
                     for seq in request.sequences:
-                        if seq.status is not Status.FINISHED:
-                            self._finish(seq, "abort")
+                        if seq.status is not Status.FINISHED:  # its held text too: the answer ends here
+                            self._finish(seq, "abort", _held_text(seq))
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -398,8 +399,8 @@ class Engine:
 
 
 def _held_text(seq: Sequence) -> Event | None:
-    """The text a choice that fails held back, as an event of its own (None: none held). A pipeline that raises is
-    logged and passed over: its request's error event must still go out."""
+    """The text a choice that fails or is aborted held back, as an event of its own (None: none held). A pipeline that
+    raises is logged and passed over: its request's error (or abort) event must still go out."""
     try:
         reasoning, text = seq.text.finish() if seq.text is not None else ("", "")
     except Exception:

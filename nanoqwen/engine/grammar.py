@@ -49,6 +49,11 @@ class Grammar:
     text: str
     template: LLMatcher
 
+    @property
+    def promises(self) -> bool:
+        """Whether the answer must hold something (a call, JSON): the grammar does not accept an empty one."""
+        return not self.template.is_accepting()
+
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
 
@@ -134,8 +139,9 @@ class Grammars:
                    key: tuple[str, str] | None = None) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
-        `free_text` (a constrained tool under auto) any tokens, where the model may open a call with the `<tool_call>`
-        token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
+        `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
+        parser would take it for a call the grammar never saw), where the model may open a call with the
+        `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
         response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (the caller
         looks it up first)."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
@@ -143,9 +149,9 @@ class Grammars:
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
         calls = " | ".join(f"call_{i}" for i in range(len(tools)))
         more = ' ("\\n" call)*' if parallel else ""
-        if free_text:  # EOS left out of the free tokens: the answer ends where the grammar accepts
-            free = ",".join(str(i) for i in [ids[0], *self.eos_ids])
-            rules = [f"start: free (call free){'*' if parallel else '?'}", f"free: <[^{free}]>*"]
+        if free_text:  # text of ordinary tokens that never spells the tag: only the `<tool_call>` token opens a call
+            rules = [f"start: free (call free){'*' if parallel else '?'}", "free: TEXT?",
+                     f"TEXT: /(?s:.+)/ & ~/(?s:.*{TOOL_CALL_OPEN}.*)/"]
         elif answer is None:
             rules = [f"start: call{more}"]
         else:
@@ -209,11 +215,18 @@ class RowGrammar:
     start_after: int | None
     eos_ids: list[int]
     may_open: int | None = None
+    promises: bool = False  # Grammar.promises: an end inside the thought would break the promise
     _seen: int = field(default=0)  # output tokens looked at
 
     @property
     def active(self) -> bool:
         return self.start_after is None or self.may_open is not None
+
+    @property
+    def bans_stops(self) -> bool:
+        """Inside a free thought of a choice that promised a call or JSON: its stop ids are banned (as min_tokens
+        bans them), so that the thought ends by `start_after` or by length, never by an end of turn."""
+        return self.promises and self.start_after is not None and self.may_open is None
 
     def sync(self, token_ids: list[int], num_prompt_tokens: int) -> None:
         """Feeds the output tokens (token_ids past the prompt) not seen yet: those sampled since the last step."""

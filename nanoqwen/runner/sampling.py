@@ -68,7 +68,8 @@ def stage_sampling(h: SamplingRows, seqs: list[Sequence], bucket: int, vocab_siz
 class LogitAdjuster:
     """Each step's logit biases and token masks: a grammar's allowed tokens (the engine thread brings
     every constrained row's matcher up to date with the tokens sampled since its last step, then
-    fills its bitmask row), allowed_token_ids, and min_tokens' ban on the stop ids."""
+    fills its bitmask row), allowed_token_ids, and the ban on the stop ids (min_tokens', a promised answer's
+    thought)."""
 
     def __init__(self, rows: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """rows: the most sequences a step samples (a drafting sequence's positions share its row)."""
@@ -94,13 +95,13 @@ class LogitAdjuster:
         slots = 0
         for row, seq in enumerate(seqs):
             params = seq.request.params
-            # A sequence with a min_tokens to reach never drafts: its stop ids are banned in one row.
-            banned = seq.num_output_tokens < params.min_tokens
             if row and seq is seqs[row - 1]:
                 masked = bool(mask_rows) and mask_rows[-1] == row - 1
+                banned = False  # a sequence whose stop ids are banned never drafts
             else:
                 masked = self._fill_mask(seq, slots)
                 slots += masked
+                banned = stops_banned(seq)  # after _fill_mask's sync: a grammar's thought may have ended
                 if masked and banned:
                     self._ban(slots - 1, seq.request.all_stop_ids)
             if masked:
@@ -157,6 +158,13 @@ class LogitAdjuster:
 def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     """A logit_bias as its tokens (int64 [N]) and values (fp32 [N])."""
     return np.fromiter(bias.keys(), np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
+
+
+def stops_banned(seq: Sequence) -> bool:
+    """Whether the sequence's stop ids are banned this step: min_tokens not reached, or a thought of a choice
+    that promised a call or JSON (RowGrammar.bans_stops)."""
+    return seq.num_output_tokens < seq.request.params.min_tokens or (seq.grammar is not None
+                                                                     and seq.grammar.bans_stops)
 
 
 def logits_adjusted(seq: Sequence) -> bool:
