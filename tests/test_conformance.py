@@ -845,16 +845,23 @@ def test_echo_starts_each_of_n_choices(server: GunicornServer) -> None:
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any) -> None:
-    """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call: no tool_calls,
-    no content, finish_reason "length", streamed or not."""
-    body = {**GREEDY, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3}
+@pytest.mark.parametrize("base", [GREEDY, {**GREEDY, "chat_template_kwargs": {"enable_thinking": True}}],
+                         ids=["markup", "thought"])
+def test_a_forced_call_cut_before_its_name_leaves_no_markup(server: GunicornServer, tool_choice: Any,
+                                                            base: dict[str, Any]) -> None:
+    """vLLM's case (as OpenAI answers it): max_tokens too small for the forced call (cut in its markup or its
+    thought): no tool_calls, content "", finish_reason "length", streamed or not; the message resent is valid (with
+    content null and no calls it was OpenAI's 400)."""
+    body = {**base, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 3}
     choice = _chat(server, **body)["choices"][0]
-    assert (choice["message"]["content"], choice["finish_reason"]) == (None, "length")
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "length")
     assert "tool_calls" not in choice["message"]
     *deltas, finish = [c["choices"][0] for c in _chunks(server, body)]
-    assert [d["delta"] for d in deltas] == [{"role": "assistant", "content": None, "refusal": None}]
+    assert deltas[0]["delta"] == {"role": "assistant", "content": None, "refusal": None}
+    assert [d["delta"]["content"] for d in deltas[1:] if "content" in d["delta"]] == [""]
     assert finish["finish_reason"] == "length"
+    resent = {**body, "messages": [*USER, choice["message"], {"role": "user", "content": "Again."}], "max_tokens": 1}
+    assert _chat(server, **resent)["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

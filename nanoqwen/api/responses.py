@@ -187,7 +187,7 @@ class CompletionBuilder:
         if parser is not None:
             parsed = parser.feed(text) + parser.finish()  # its content the text but for a call's markup
             message["content"] = self.echo + parsed.content
-            if parsed.calls or self.tools.forced:
+            if parsed.calls:
                 message["content"] = message["content"] or None
             if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
@@ -241,7 +241,8 @@ class ChunkBuilder(DoneFraming):
         waits = self.tools.enabled and not self.tools.forced and not self.echo
         # each waiting choice's chunks of logprobs alone so far, sent after its role delta
         self._waiting: dict[int, list[Json]] = {index: [] for index in range(self.n)} if waits else {}
-        self._contentless: set[int] = set()  # opened before reasoning, no content key sent yet
+        # no content settled yet: opened before reasoning (no content key sent), or forced (null, until a call comes)
+        self._contentless: set[int] = set()
         # the chunks of choices opened while a lower one waits: choices open in index order (the openai client's
         # stream helper takes the first chunk's choices as its list and indexes it: choice 1 first is an IndexError)
         self._held: dict[int, list[Json]] = {}
@@ -262,6 +263,8 @@ class ChunkBuilder(DoneFraming):
         as vLLM sends them."""
         content = None if self.tools.forced and not self.echo else ""
         opened = [index for index in range(self.n) if index not in self._waiting]
+        if content is None:  # a forced answer cut before its call ends with content "", as the collected one
+            self._contentless.update(opened)
         echoes = [self._delta(index, {"content": self.echo}) for index in opened] if self.echo else []
         return self.with_usage([self.role(index, content) for index in opened] + echoes)
 
