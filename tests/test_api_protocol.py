@@ -87,7 +87,7 @@ def test_messages_for_the_template() -> None:
 @pytest.mark.parametrize("body, param", [
     ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.[0].content"),
-    ({"messages": [{"role": "user"}]}, "messages.[0]"),
+    ({"messages": [{"role": "user"}]}, "messages.[0].content"),
     ({"messages": USER, "n": 0}, "n"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": USER, "presence_penalty": 3}, "presence_penalty"),
@@ -123,6 +123,18 @@ def test_invalid_requests_name_the_param(body: dict, param: str) -> None:
     error = _bad(body)
     assert error.param == param
     assert error.body()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("message, error", [
+    ({"role": "assistant", "content": None}, "Invalid value for 'content': expected a string, got null."),
+    ({"role": "user", "content": None}, "Invalid value for 'content': expected a string, got null."),
+    ({"role": "user"}, "Missing required parameter: 'messages.[1].content'."),
+    ({"role": "assistant", "tool_calls": []}, "Missing required parameter: 'messages.[1].content'."),
+])
+def test_a_message_without_content_is_openai_s_error(message: dict, error: str) -> None:
+    """OpenAI's words, at the message's content (a client matches on them)."""
+    bad = _bad({"messages": [*USER, message]})
+    assert (bad.message, bad.param) == (error, "messages.[1].content")
 
 
 def test_unknown_template_kwargs_name_the_known_one() -> None:

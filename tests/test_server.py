@@ -276,8 +276,8 @@ def test_sampling_fields_reach_the_engine(server: GunicornServer) -> None:
     ({**GREEDY, "logit_bias": {"x": 1}}, "logit_bias"),
     ({**GREEDY, "reasoning_effort": "extreme"}, "reasoning_effort"),
     # OpenAI's "expected a string, got null": an assistant message is its text or its calls (was an empty turn)
-    ({**GREEDY, "messages": [*USER, {"role": "assistant", "content": None}, *USER]}, "messages.[1]"),
-    ({**GREEDY, "messages": [*USER, {"role": "assistant", "tool_calls": []}, *USER]}, "messages.[1]"),
+    ({**GREEDY, "messages": [*USER, {"role": "assistant", "content": None}, *USER]}, "messages.[1].content"),
+    ({**GREEDY, "messages": [*USER, {"role": "assistant", "tool_calls": []}, *USER]}, "messages.[1].content"),
 ])
 def test_invalid_request(server: GunicornServer, body: dict[str, Any], param: str) -> None:
     _assert_error(post_chat(server, body), 400, param=param)

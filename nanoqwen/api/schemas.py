@@ -463,11 +463,6 @@ class ChatMessage(Strict):
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"content is required for role '{self.role}'")
-        # OpenAI's rule ("expected a string, got null"); a refused answer as the openai client resends it has none
-        if self.content is None and not self.tool_calls and self.refusal is None:
-            raise ValueError("content is required for an assistant message without tool_calls (or a refusal)")
         if isinstance(self.content, list) and self.role != "assistant" \
                 and any(isinstance(part, RefusalPart) for part in self.content):
             raise ValueError("only assistant messages have refusal content parts")
@@ -481,6 +476,10 @@ class ChatMessage(Strict):
             raise ValueError("parsed is what the client decoded from the message's text content, which is missing")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("tool messages need the tool_call_id of the call they answer")
+        # OpenAI's rule: content unless an assistant's calls (or refusal: a refused answer as the openai client
+        # resends it) stand for it
+        if self.content is None and (self.role != "assistant" or not self.tool_calls and self.refusal is None):
+            raise PydanticCustomError("content_null" if "content" in self.model_fields_set else "content_missing", "")
         return self
 
     def _text(self) -> str:
@@ -1044,6 +1043,10 @@ def public_loc(schema: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[int
     return tuple(out)
 
 
+CONTENT_ERRORS = {"content_null": "Invalid value for 'content': expected a string, got null.",
+                  "content_missing": "Missing required parameter: '{param}'."}
+
+
 def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     loc = err["loc"] if err["loc"][-1:] == ("[key]",) else public_loc(schema, err["loc"])
     err = {**err, "loc": loc}
@@ -1054,6 +1057,8 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
             return APIError(400, f"'{param}' is not a variable of this model's chat template (accepted: {accepted})",
                             param=param)
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
+    if err["type"] in CONTENT_ERRORS:  # OpenAI's messages, at the message's content
+        return APIError(400, CONTENT_ERRORS[err["type"]].format(param=f"{param}.content"), param=f"{param}.content")
     if err["type"] == "unsupported":
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
