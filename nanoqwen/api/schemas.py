@@ -935,8 +935,8 @@ def check_tool_answers(messages: list[ChatMessage]) -> None:
     """OpenAI's pairing of calls and answers: the tool messages after an assistant message with tool_calls answer
     those calls, all of them, before any other message (or the end). Its messages and params, word for word (its
     "preceeding" too: clients match on them)."""
-    calls: dict[str, None] = {}  # the open turn's call ids, in order: none open while empty
-    unanswered: dict[str, None] = {}
+    calls: set[str] = set()  # the open turn's call ids: none open while empty
+    unanswered: dict[str, None] = {}  # in order
     turn = -1  # the index of the assistant message whose calls are open
 
     def check_answered() -> None:
@@ -956,8 +956,8 @@ def check_tool_answers(messages: list[ChatMessage]) -> None:
             unanswered.pop(message.tool_call_id, None)
             continue
         check_answered()
-        calls = dict.fromkeys(call.id for call in message.tool_calls or ())
-        unanswered, turn = dict(calls), i
+        unanswered, turn = dict.fromkeys(call.id for call in message.tool_calls or ()), i
+        calls = set(unanswered)
     check_answered()
 
 
