@@ -7,7 +7,9 @@ Serves the tiny test checkpoint (fp32, CPU) and sends rounds of --clients concur
 (raw HTTP, greedy, ignore_eos): one round of --tokens tokens each, one of 1 token each. The worker's main thread is
 the hub (the engine and the tokenizer pools run in their own native threads); its CPU time over a round comes from
 /proc/<worker>/task/<worker>/schedstat (nanoseconds). Per request: the 1-token round's hub CPU / clients; per token:
-(long round - short round) / (clients x (tokens - 1)). The whole worker's CPU is given beside it.
+(long round - short round) / (clients x (tokens - 1)). The whole worker's CPU is given beside it. Beside the hub's
+median a token, its mean over the rounds: what the hub does every so often (the 0.5 s publish of /stats) lands in a
+few long rounds, which the median leaves out.
 
 Each --repo (default: this repository) is served by its own server from that directory (its `nanoqwen`, e.g. an
 export of an earlier commit: `git archive REV | tar -x -C DIR`): all are up at once and the rounds alternate between
@@ -164,11 +166,12 @@ def main() -> None:
                                       (all_long - all_short) / tokens / 1e3, args.clients * args.tokens / wall))
         print(f"load average {os.getloadavg()[0]:.1f} at end; {args.clients} clients x {args.tokens} tokens, "
               f"medians of {args.rounds} alternated rounds")
-        print("| tree | hub us/token | hub us/request | worker us/token | tok/s |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("| tree | hub us/token | (mean) | hub us/request | worker us/token | tok/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, rows in results.items():
             cols = [statistics.median(col) for col in zip(*rows)]
-            print(f"| {name} | {cols[0]:.1f} | {cols[1]:.0f} | {cols[2]:.1f} | {cols[3]:.0f} |")
+            mean = statistics.fmean(row[0] for row in rows)
+            print(f"| {name} | {cols[0]:.1f} | {mean:.1f} | {cols[1]:.0f} | {cols[2]:.1f} | {cols[3]:.0f} |")
         if args.py_spy:
             py_spy(next(iter(running.values())), args.py_spy, args.clients, args.tokens, args.native)
 
