@@ -29,7 +29,7 @@ EngineStats = Callable[[], dict[str, Any] | None]
 
 def percentiles(values: Collection[float], qs: Sequence[float]) -> list[float]:
     """Nearest-rank percentiles (each q in 0..100), 0.0 for no samples. One partial sort for them all: a whole sort of
-    SAMPLES floats per percentile was ~2 ms, eight a publish (every PUBLISH_S, on the hub, holding the GIL)."""
+    SAMPLES floats per percentile was up to ~2 ms, four a publish (every PUBLISH_S, on the hub, holding the GIL)."""
     if not values:
         return [0.0] * len(qs)
     n = len(values)
@@ -39,6 +39,7 @@ def percentiles(values: Collection[float], qs: Sequence[float]) -> list[float]:
 
 
 def percentile(values: Collection[float], q: float) -> float:
+    """One nearest-rank percentile (`percentiles`)."""
     return percentiles(values, (q,))[0]
 
 
@@ -116,7 +117,7 @@ class ServerStats:
         self._ttft: collections.deque[float] = collections.deque(maxlen=SAMPLES)
         self._itl: collections.deque[float] = collections.deque(maxlen=SAMPLES)
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
-        self._recent_count = 0  # the tokens in _recent_tokens (summed there at each publish: a tenth of its time)
+        self._recent_count = 0  # the tokens in _recent_tokens, kept as they come and go (was summed at each publish)
 
         self.registry = CollectorRegistry()
         self._m_requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
