@@ -1,17 +1,22 @@
 """The gevent hub's CPU per streamed token and per request, through a real `gunicorn -k gevent server:app`.
 
-    python profiles/hub_cpu.py [--clients 16] [--tokens 64] [--rounds 5] [--repo DIR ...] [--py-spy SECONDS]
+    python profiles/hub_cpu.py [--clients 16] [--tokens 64] [--rounds 5] [--prime TOKENS] [--repo DIR ...]
+                               [--py-spy SECONDS [--native]]
 
 Serves the tiny test checkpoint (fp32, CPU) and sends rounds of --clients concurrent streamed chat completions
 (raw HTTP, greedy, ignore_eos): one round of --tokens tokens each, one of 1 token each. The worker's main thread is
 the hub (the engine and the tokenizer pools run in their own native threads); its CPU time over a round comes from
 /proc/<worker>/task/<worker>/schedstat (nanoseconds). Per request: the 1-token round's hub CPU / clients; per token:
-(long round - short round) / (clients x (tokens - 1)). The whole worker's CPU is given beside it.
+(long round - short round) / (clients x (tokens - 1)). The whole worker's CPU is given beside it. Beside the hub's
+median a token, its mean over the rounds: what the hub does every so often (the 0.5 s publish of /stats) lands in a
+few long rounds, which the median leaves out.
 
 Each --repo (default: this repository) is served by its own server from that directory (its `nanoqwen`, e.g. an
 export of an earlier commit: `git archive REV | tar -x -C DIR`): all are up at once and the rounds alternate between
-them, an A/B under the same load. Medians over --rounds. --py-spy S: afterwards, py-spy records the first server's
-hub for S seconds of long rounds and prints its top functions (py-spy must be installed).
+them, an A/B under the same load. Medians over --rounds. --prime N: first each server streams N tokens (16 clients at
+a time), so that /stats' latency samples and rate window are as full as in a server that has served a while (their
+work at each 0.5 s publish grows with them). --py-spy S: afterwards, py-spy records the first server's hub for S
+seconds of long rounds and prints its top functions (py-spy must be installed; --native: C frames too).
 """
 from __future__ import annotations
 
@@ -85,7 +90,7 @@ def one_round(srv: GunicornServer, clients: int, tokens: int, tag: str) -> tuple
     return hub, total, wall
 
 
-def py_spy(srv: GunicornServer, seconds: float, clients: int, tokens: int) -> None:
+def py_spy(srv: GunicornServer, seconds: float, clients: int, tokens: int, native: bool) -> None:
     exe = shutil.which("py-spy")
     if exe is None:
         print("py-spy is not installed: no profile")
@@ -93,7 +98,7 @@ def py_spy(srv: GunicornServer, seconds: float, clients: int, tokens: int) -> No
     worker = worker_pid(srv.pid)
     out = Path(tempfile.mkdtemp()) / "hub.txt"
     rec = subprocess.Popen([exe, "record", "--pid", str(worker), "--threads", "--format", "raw", "--rate", "1000",
-                            "--duration", str(int(seconds)), "--output", str(out)],
+                            "--duration", str(int(seconds)), "--output", str(out), *(["--native"] if native else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + seconds
     n = 0
@@ -132,8 +137,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prime", type=int, default=0, metavar="TOKENS")
     parser.add_argument("--repo", type=Path, action="append", help="a tree to serve (repeat for an A/B)")
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument("--native", action="store_true", help="py-spy samples C frames too")
     args = parser.parse_args()
     repos = args.repo or [REPO]
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_BATCH=str(max(16, args.clients)))
@@ -147,6 +154,8 @@ def main() -> None:
     with serving_together(servers) as running:
         for srv in running.values():  # warm: first-request effects out of the figures
             one_round(srv, args.clients, 4, "warm")
+            for n in range(-(-args.prime // (16 * 128))):
+                one_round(srv, 16, 128, f"prime{n}")
         results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in running}
         for r in range(args.rounds):
             for name, srv in running.items():
@@ -157,13 +166,14 @@ def main() -> None:
                                       (all_long - all_short) / tokens / 1e3, args.clients * args.tokens / wall))
         print(f"load average {os.getloadavg()[0]:.1f} at end; {args.clients} clients x {args.tokens} tokens, "
               f"medians of {args.rounds} alternated rounds")
-        print("| tree | hub us/token | hub us/request | worker us/token | tok/s |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("| tree | hub us/token | (mean) | hub us/request | worker us/token | tok/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, rows in results.items():
             cols = [statistics.median(col) for col in zip(*rows)]
-            print(f"| {name} | {cols[0]:.1f} | {cols[1]:.0f} | {cols[2]:.1f} | {cols[3]:.0f} |")
+            mean = statistics.fmean(row[0] for row in rows)
+            print(f"| {name} | {cols[0]:.1f} | {mean:.1f} | {cols[1]:.0f} | {cols[2]:.1f} | {cols[3]:.0f} |")
         if args.py_spy:
-            py_spy(next(iter(running.values())), args.py_spy, args.clients, args.tokens)
+            py_spy(next(iter(running.values())), args.py_spy, args.clients, args.tokens, args.native)
 
 
 if __name__ == "__main__":

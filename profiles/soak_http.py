@@ -9,6 +9,7 @@ import struct
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import jsonschema
@@ -31,6 +32,12 @@ class Reply:
     status: int  # 0: no status line (we hung up first, or the server closed without an answer)
     headers: dict[str, str]
     body: bytes
+
+    @cached_property
+    def chunks(self) -> list[Json]:
+        """A streamed chat or legacy answer's `data:` objects, parsed once for every check that reads them."""
+        return [json.loads(block[6:]) for block in self.body.decode("utf-8").split("\n\n")
+                if block.startswith("data: {")]
 
 
 @dataclass
@@ -194,7 +201,7 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
         return None if choices in (None, len(done)) else f"{len(done)} of {choices} choices finished: {text[:300]}"
     if not text.endswith("data: [DONE]\n\n"):
         return f"stream without [DONE]: {text[-300:]}"
-    events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+    events = reply.chunks
     if any("error" in e for e in events):
         return f"stream with an error event: {text[-300:]}"
     finished = {(c["index"]) for e in events for c in e.get("choices", []) if c.get("finish_reason") is not None}
@@ -209,10 +216,8 @@ def tool_call_problem(reply: Reply, strict_tools: list[Json]) -> str | None:
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in strict_tools}
     calls: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> [name, arguments]
     ended: dict[int, str] = {}
-    for line in reply.body.decode("utf-8").split("\n\n"):
-        if not line.startswith("data: {"):
-            continue
-        for choice in json.loads(line[6:]).get("choices", []):
+    for chunk in reply.chunks:
+        for choice in chunk.get("choices", []):
             for call in choice["delta"].get("tool_calls") or []:
                 name_args = calls.setdefault((choice["index"], call["index"]), ["", ""])
                 name_args[0] += call.get("function", {}).get("name") or ""

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +16,7 @@ from nanoqwen.api.body import parse_json
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics import ServerStats, percentile
+from nanoqwen.api.metrics import RATE_WINDOW_S, ServerStats, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
@@ -279,6 +282,28 @@ def test_percentile() -> None:
     assert percentile([], 50) == 0.0
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert percentile(range(1, 101), 99) == 99
+
+
+def test_percentiles_are_the_nearest_ranks_of_the_sorted_samples() -> None:
+    rng = random.Random(0)
+    qs = (0, 1, 50, 90, 99, 100)
+    for n in (1, 2, 3, 7, 99, 100, 101, 10_000):
+        values = [rng.choice([rng.random(), 0.5]) for _ in range(n)]  # ties too
+        ordered = sorted(values)
+        assert percentiles(values, qs) == [ordered[max(1, math.ceil(n * q / 100)) - 1] for q in qs], n
+    assert percentiles([], (50, 99)) == [0.0, 0.0]
+
+
+def test_tokens_per_second_counts_the_window_only() -> None:
+    """The running count of the rate window's tokens: what falls out of the window leaves the count."""
+    stats = ServerStats(lambda: {})
+    now = time.perf_counter()
+    stats.record_tokens(5, now - 3 * RATE_WINDOW_S, None)
+    stats.record_tokens(7, now - 2 * RATE_WINDOW_S, 0.1)
+    assert stats.tokens_per_second() == 0.0
+    stats.record_tokens(3, now - RATE_WINDOW_S / 2, 0.1)
+    stats.record_tokens(1, now, 0.1)
+    assert stats.tokens_per_second() == pytest.approx(4 / RATE_WINDOW_S)
 
 
 def test_stats_counters() -> None:
