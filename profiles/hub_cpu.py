@@ -13,8 +13,9 @@ few long rounds, which the median leaves out.
 
 Each --repo (default: this repository) is served by its own server from that directory (its `nanoqwen`, e.g. an
 export of an earlier commit: `git archive REV | tar -x -C DIR`): all are up at once and the rounds alternate between
-them, an A/B under the same load. Medians over --rounds. --prime N: first each server streams N tokens (16 clients at
-a time), so that /stats' latency samples and rate window are as full as in a server that has served a while (their
+them, an A/B under the same load. Medians over --rounds. --prime N: first each server streams N tokens (rounded up to
+whole rounds of 16 clients × 128 tokens), so that /stats' latency
+samples and rate window are as full as in a server that has served a while (their
 work at each 0.5 s publish grows with them). --py-spy S: afterwards, py-spy records the first server's hub for S
 seconds of long rounds and prints its top functions (py-spy must be installed; --native: C frames too).
 """
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--native", action="store_true", help="py-spy samples C frames too")
     args = parser.parse_args()
+    if args.native and not args.py_spy:
+        parser.error("--native is py-spy's: give --py-spy SECONDS")
     repos = args.repo or [REPO]
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_BATCH=str(max(16, args.clients)))
     logs = Path(tempfile.mkdtemp())

@@ -192,6 +192,16 @@ def test_a_promised_answer_does_not_end_inside_its_thought(server: GunicornServe
         assert list(streamed["tool_calls"].values()) == calls and streamed["finish_reason"] == "tool_calls"
 
 
+def test_a_promised_thought_keeps_its_end_among_the_stop_ids(server: GunicornServer) -> None:
+    """</think> among stop_token_ids is not banned with the other stop ids inside a promised answer's thought (the
+    thought had no end but length): sampled, it ends the answer there, as the client asked."""
+    (first,) = _token_ids(server, '"')
+    extra = {"chat_template_kwargs": {}, "stop_token_ids": [END_THINK_ID]}
+    answer = _create(server, response_format=YES_NO, temperature=0, max_tokens=20, extra_body=extra,
+                     logit_bias={str(first): -100, str(END_THINK_ID): 100}).choices[0]
+    assert (answer.finish_reason, answer.message.content) == ("stop", ""), answer
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_forced_tool_calls_always_call(server: GunicornServer, tool_choice: Any) -> None:
     named = isinstance(tool_choice, dict)

@@ -6,11 +6,14 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
+
+if TYPE_CHECKING:
+    from nanoqwen.api.schemas import ChatCompletionRequest
 
 Json = dict[str, Any]
 # The tier that served the request, which OpenAI names in every answer and chunk: "default" for `auto`, none, or any
@@ -125,6 +128,11 @@ class ToolParsing:
     max_calls: int | None = None
     forced: bool = False  # tool_choice "required" or named: the answer is calls only
     constrained: bool = False  # a call the model opens follows the grammar (forced, or a strict tool under "auto")
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest, max_calls: int | None) -> ToolParsing:
+        """A chat request's (also the one a Responses request amounts to), keeping at most `max_calls` calls."""
+        return cls(req.shows_tools, max_calls, req.forces_tool_call, req.constrains_any_call)
 
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.max_calls, self.constrained) if self.enabled else None

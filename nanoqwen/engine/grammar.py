@@ -48,11 +48,7 @@ class Grammar:
 
     text: str
     template: LLMatcher
-
-    @property
-    def promises(self) -> bool:
-        """Whether the answer must hold something (a call, JSON): the grammar does not accept an empty one."""
-        return not self.template.is_accepting()
+    promises: bool  # the answer must hold something (a call, JSON): the grammar does not accept an empty one
 
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
@@ -195,7 +191,7 @@ class Grammars:
             raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
         if template.is_error():
             raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
-        grammar = Grammar(text, template)
+        grammar = Grammar(text, template, promises=not template.is_accepting())
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:

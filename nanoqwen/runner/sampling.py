@@ -97,13 +97,13 @@ class LogitAdjuster:
             params = seq.request.params
             if row and seq is seqs[row - 1]:
                 masked = bool(mask_rows) and mask_rows[-1] == row - 1
-                banned = False  # a sequence whose stop ids are banned never drafts
+                banned: tuple[int, ...] = ()  # a sequence whose stop ids are banned never drafts
             else:
                 masked = self._fill_mask(seq, slots)
                 slots += masked
-                banned = stops_banned(seq)  # after _fill_mask's sync: a grammar's thought may have ended
+                banned = banned_stops(seq)  # after _fill_mask's sync: a grammar's thought may have ended
                 if masked and banned:
-                    self._ban(slots - 1, seq.request.all_stop_ids)
+                    self._ban(slots - 1, banned)
             if masked:
                 mask_rows.append(row)
                 mask_slots.append(slots - 1)
@@ -113,7 +113,7 @@ class LogitAdjuster:
                                or (params.logit_bias, *_bias_arrays(params.logit_bias)))
                 entries.append((row, *biases[key][1:]))
             if banned and not masked:  # after the bias: -inf whatever a bias added
-                stop = np.array(seq.request.all_stop_ids, dtype=np.int64)
+                stop = np.array(banned, dtype=np.int64)
                 entries.append((row, stop, np.full(len(stop), -np.inf, dtype=np.float32)))
         self._biases = biases
         if not entries and not mask_rows:
@@ -160,11 +160,15 @@ def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter(bias.keys(), np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
 
 
-def stops_banned(seq: Sequence) -> bool:
-    """Whether the sequence's stop ids are banned this step: min_tokens not reached, or a thought of a choice
-    that promised a call or JSON (RowGrammar.bans_stops)."""
-    return seq.num_output_tokens < seq.request.params.min_tokens or (seq.grammar is not None
-                                                                     and seq.grammar.bans_stops)
+def banned_stops(seq: Sequence) -> tuple[int, ...]:
+    """The sequence's stop ids banned this step: all of them until min_tokens; inside the free thought of a choice
+    that promised a call or JSON (RowGrammar.bans_stops) all but the thought's end (`</think>` among
+    stop_token_ids: banned, the thought could only end by length)."""
+    if seq.num_output_tokens < seq.request.params.min_tokens:
+        return seq.request.all_stop_ids
+    if seq.grammar is not None and seq.grammar.bans_stops:
+        return tuple(t for t in seq.request.all_stop_ids if t != seq.grammar.start_after)
+    return ()
 
 
 def logits_adjusted(seq: Sequence) -> bool:
