@@ -268,12 +268,39 @@ def case_concurrent(c: Ctx) -> None:
     c.check(s["active_requests"] == s["queue_length"] == 0, "drained after concurrent")
 
 
+def case_shared_inflight(c: Ctx) -> None:
+    """Prompts sharing a long prefix sent at once (the first still prefilling when the others arrive, chunked across
+    steps where the step budget is small), some identical, streamed and not."""
+    base = c.ids(5 * c.mode.block + 3)
+    prompts = [base, base, base[:-3], *(base + c.ids(k) for k in (1, 2, 5, 9)), base[:2 * c.mode.block]]
+    results: dict[int, list[str]] = {}
+
+    def one(i: int) -> None:
+        body = {"prompt": prompts[i], "max_tokens": 12}
+        results[i] = c.streamed(body) if i % 2 else c.texts(body)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        c.check(results.get(i) == [c.expected(p, 12)], f"shared in flight {i} len={len(p)}")
+
+
 def case_spec(c: Ctx) -> None:
     # repetitive prompts: the n-gram drafts find matches
     for n in (3, 7, 16):
         unit = c.ids(n)
         p = unit * 6 + unit[: n // 2]
         c.check(c.texts({"prompt": p, "max_tokens": 24}) == [c.expected(p, 24)], f"spec repetitive {n}")
+        gen = hf_greedy(c.hf, p, 24)
+        for cut in (1, 2, 3, 5):  # max_tokens inside an accepted run
+            c.check(c.texts({"prompt": p, "max_tokens": cut}) == [c.expected(p, cut)], f"spec max_tokens {cut}")
+        j = next((j for j in range(2, 20) if gen[j] not in gen[:j]), None)
+        if j is not None:  # a stop id inside an accepted run
+            c.check(c.texts({"prompt": p, "max_tokens": 24, "stop_token_ids": [gen[j]]}) == [
+                c.tok.decode(gen[:j], skip_special_tokens=False)], f"spec stop id at {j}")
         ps = [p, c.ids(9), unit * 3]
         c.check(c.streamed({"prompt": ps, "max_tokens": 24}) == [c.expected(q, 24) for q in ps], f"spec batch {n}")
 
@@ -381,7 +408,7 @@ def case_edges(c: Ctx) -> None:
 
 
 CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_edges, case_concurrent,
-                                      case_spec]
+                                      case_shared_inflight, case_spec]
 
 
 def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:
