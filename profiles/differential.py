@@ -159,7 +159,7 @@ def case_prefix(c: Ctx) -> None:
 
 
 def case_logprobs(c: Ctx) -> None:
-    for n in (1, c.mode.block, min(c.mode.step_tokens + 3, MAX_LEN - NEW), 300):
+    for n in (1, c.mode.block, min(c.mode.step_tokens + 3, MAX_LEN - NEW), 256, 257, MAX_LEN - NEW):  # 256: a slice
         p = c.ids(n)
         r = c.post({"prompt": p, "logprobs": 5, "echo": True}).json()
         ch = r["choices"][0]
