@@ -208,6 +208,20 @@ def test_echo_with_max_tokens_zero_is_the_prompt_alone(server: GunicornServer, c
         choice.logprobs.token_logprobs
 
 
+def test_echo_with_max_tokens_zero_scores_a_prompt_filling_the_context(server: GunicornServer) -> None:
+    """Scoring the prompt alone needs no room for an answer: a prompt of the whole context is scored (it was refused
+    as needing one token more), one token more is the 400."""
+    ids = [1000 + i % 5000 for i in range(CHAT_SERVER_MAX_MODEL_LEN)]
+    body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+    answer = _post(server, body)
+    assert answer.status_code == 200, answer.text
+    logprobs = answer.json()["choices"][0]["logprobs"]["token_logprobs"]
+    reference = _reference(ids)
+    assert logprobs[1:] == pytest.approx([reference[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+    over = _post(server, {**body, "prompt": [*ids, 7]})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_loglikelihood_as_lm_eval_computes_it(server: GunicornServer) -> None:
     """lm-eval-harness `local-completions`: context + continuation as token ids, echo, max_tokens 1,
     logprobs 1; the sum of token_logprobs[ctxlen:-1], and whether each is the top one."""

@@ -29,8 +29,9 @@ class PromptTooLongError(InvalidRequest):
 
 
 def prompt_token_limit(max_model_len: int, max_tokens: int | None) -> int:
-    """The most prompt tokens that leave room for `max_tokens` (None: at least one) in the context."""
-    return max_model_len - (max_tokens or 1)
+    """The most prompt tokens that leave room for `max_tokens` (None: at least one) in the context: with 0 (`echo`
+    scoring the prompt alone) the whole context."""
+    return max_model_len - (1 if max_tokens is None else max_tokens)
 
 
 def completion_limit(max_model_len: int, prompt_tokens: int, max_tokens: int | None) -> int:

@@ -1,0 +1,449 @@
+"""Differential hunt: seeded random cases through a real `gunicorn -k gevent server:app` (tiny checkpoint, CPU, fp32)
+in each mode, compared with transformers' greedy tokens and log-softmax. Prints each failure and a count per mode;
+exit 1 on any failure.
+
+python profiles/differential.py [--modes default eager spec int8 int4] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from chat_http import MODEL, cpu_env  # noqa: E402
+from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
+from engine_util import hf_greedy  # noqa: E402
+from nanoqwen import loader  # noqa: E402
+from quant_reference import load_quantised_hf_model  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
+
+MAX_LEN = 512
+NEW = 8
+TOL = 1e-4
+
+
+@dataclass
+class Mode:
+    env: dict[str, str]
+    block: int = 16
+    step_tokens: int = 512
+    quant: str = "none"
+    spec: bool = False
+
+
+MODES = {
+    "default": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_MAX_STEP_TOKENS": "48"}, step_tokens=48),
+    # small blocks, a tiny KV pool (preemption under the concurrent round), eager steps
+    "eager": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none", "NANOQWEN_BLOCK_SIZE": "8",
+                   "NANOQWEN_MAX_STEP_TOKENS": "20", "NANOQWEN_NUM_KV_BLOCKS": "72"}, block=8, step_tokens=20),
+    "spec": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_SPECULATIVE_CONFIG": json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1})},
+        spec=True),
+    # drafts under a tiny KV pool (preemption), small blocks and a small step budget
+    "spec-tight": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_BLOCK_SIZE": "8", "NANOQWEN_MAX_STEP_TOKENS": "24",
+                        "NANOQWEN_NUM_KV_BLOCKS": "72", "NANOQWEN_SPECULATIVE_CONFIG": json.dumps(
+                            {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2})},
+                       block=8, step_tokens=24, spec=True),
+    "int8": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_QUANT": "int8"}, quant="int8"),
+    "int4": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_QUANT": "int4", "NANOQWEN_MAX_STEP_TOKENS": "40"},
+                 quant="int4", step_tokens=40),
+    # a batch past the fp32 C linears' 8 rows (buckets 16 stay eager), 32-token blocks, a step budget just over it
+    "wide": Mode({"NANOQWEN_MAX_BATCH": "16", "NANOQWEN_BLOCK_SIZE": "32", "NANOQWEN_MAX_STEP_TOKENS": "17"},
+                 block=32, step_tokens=17),
+    "compile": Mode({"NANOQWEN_MAX_BATCH": "4", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"}),
+}
+
+
+@dataclass
+class Ctx:
+    srv: GunicornServer
+    hf: torch.nn.Module
+    tok: Any
+    rng: random.Random
+    mode: Mode
+    passed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, what: str) -> None:
+        if ok:
+            self.passed += 1
+        else:
+            self.failures.append(what)
+            print("FAIL", what, flush=True)
+
+    def ids(self, n: int) -> list[int]:
+        return [self.rng.randrange(100, 150000) for _ in range(n)]
+
+    def expected(self, prompt: list[int], new: int = NEW) -> str:
+        return self.tok.decode(hf_greedy(self.hf, prompt, new), skip_special_tokens=False)
+
+    def post(self, body: dict[str, Any], path: str = "/v1/completions") -> requests.Response:
+        body = {"model": MODEL, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
+                "skip_special_tokens": False, **body}
+        return requests.post(self.srv.url + path, json=body, timeout=600)
+
+    def texts(self, body: dict[str, Any]) -> list[str]:
+        r = self.post(body)
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+    def streamed(self, body: dict[str, Any]) -> list[str]:
+        client = self.srv.openai_client(timeout=600)
+        body = {"model": MODEL, "temperature": 0, "max_tokens": NEW,
+                "extra_body": {"ignore_eos": True, "skip_special_tokens": False}, **body}
+        out: dict[int, str] = {}
+        for chunk in client.completions.create(**body, stream=True):
+            for c in chunk.choices:
+                out[c.index] = out.get(c.index, "") + c.text
+        return [out[i] for i in sorted(out)]
+
+
+def reference_logprobs(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [len(ids), V]
+
+
+def boundaries(m: Mode) -> list[int]:
+    b, s = m.block, m.step_tokens
+    lens = {1, 2, b - 1, b, b + 1, 2 * b - 1, 2 * b, 2 * b + 1, s - 1, s, s + 1, 2 * s, 2 * s + 1, 255, 256, 257,
+            MAX_LEN - NEW - 1, MAX_LEN - NEW}
+    return sorted(n for n in lens if 1 <= n <= MAX_LEN - NEW)
+
+
+def case_lengths(c: Ctx) -> None:
+    for n in boundaries(c.mode):
+        p = c.ids(n)
+        got = c.texts({"prompt": p})
+        c.check(got == [c.expected(p)], f"length {n}")
+    # one over the context: a 400
+    p = c.ids(MAX_LEN - NEW + 1)
+    r = c.post({"prompt": p})
+    c.check(r.status_code == 400 and "error" in r.json(), f"length over: {r.status_code} {r.text[:200]}")
+    # max_tokens = 1 and a batch of all boundary lengths at once, streamed
+    lens = boundaries(c.mode)[:8]
+    ps = [c.ids(n) for n in lens]
+    c.check(c.texts({"prompt": ps, "max_tokens": 1}) == [c.expected(p, 1) for p in ps], "max_tokens 1 batch")
+    c.check(c.streamed({"prompt": ps}) == [c.expected(p) for p in ps], f"streamed batch {lens}")
+
+
+def case_prefix(c: Ctx) -> None:
+    b = c.mode.block
+    base = c.ids(3 * b + 5)
+    c.check(c.texts({"prompt": base}) == [c.expected(base)], "prefix base")
+    for k in (b - 1, b, b + 1, 2 * b, 3 * b, len(base)):
+        p = base[:k] + c.ids(c.rng.randrange(1, 2 * b))
+        c.check(c.texts({"prompt": p}) == [c.expected(p)], f"prefix share {k}")
+    # the base itself, now fully cached, and a prefix of it ending on a block boundary
+    for p in (base, base[:2 * b]):
+        c.check(c.texts({"prompt": p}) == [c.expected(p)], f"cached whole {len(p)}")
+    # the same prompt twice in one batch, and n > 1 greedy
+    p = c.ids(2 * b + 3)
+    e = c.expected(p)
+    c.check(c.texts({"prompt": [p, p]}) == [e, e], "same prompt twice in a batch")
+    c.check(c.texts({"prompt": p, "n": 3}) == [e] * 3, "n=3 greedy")
+    c.check(c.streamed({"prompt": [p, base], "n": 2}) == [e, e, c.expected(base), c.expected(base)], "n=2 streamed")
+
+
+def case_logprobs(c: Ctx) -> None:
+    for n in (1, c.mode.block, min(c.mode.step_tokens + 3, MAX_LEN - NEW), 256, 257, MAX_LEN - NEW):  # 256: a slice
+        p = c.ids(n)
+        r = c.post({"prompt": p, "logprobs": 5, "echo": True}).json()
+        ch = r["choices"][0]
+        gen = hf_greedy(c.hf, p, NEW)
+        ref = reference_logprobs(c.hf, p + gen)
+        lp = ch["logprobs"]
+        toks = p + gen
+        ok = len(lp["token_logprobs"]) == len(toks) and lp["token_logprobs"][0] is None
+        worst = 0.0
+        bad = []
+        for i in range(1, len(toks)):
+            err = abs(lp["token_logprobs"][i] - ref[i - 1, toks[i]].item())
+            if err > TOL:
+                bad.append(i)
+            worst = max(worst, err)
+            # keyed by piece: ids sharing one (e.g. partial UTF-8 bytes as U+FFFD) leave fewer keys, so each
+            # value must be one of the reference's top 5 or the token's own
+            allowed = [*ref[i - 1].topk(5).values.tolist(), ref[i - 1, toks[i]].item()]
+            top_err = max(min(abs(v - a) for a in allowed) for v in lp["top_logprobs"][i].values())
+            if top_err > TOL:
+                bad.append(-i)
+            worst = max(worst, top_err)
+        c.check(ok and worst < TOL and ch["text"] == c.tok.decode(toks, skip_special_tokens=False),
+                f"echo logprobs n={n} worst={worst:.2e} bad positions {len(bad)}: {bad[:4]}..{bad[-2:]}")
+        # chat-free: top_logprobs on the answer alone, streamed vs not equal
+    # stop string across a token boundary, stop id, min_tokens
+    p = c.ids(37)
+    gen = hf_greedy(c.hf, p, 16)
+    text = c.tok.decode(gen, skip_special_tokens=False)
+    for k in range(2, 12):
+        head = c.tok.decode(gen[:k], skip_special_tokens=False)
+        nxt = c.tok.decode(gen[:k + 1], skip_special_tokens=False)
+        if not text.startswith(nxt) or "\ufffd" in nxt or len(nxt) == len(head):
+            continue
+        stop = head[-1] + nxt[len(head)]
+        if text.find(stop) != len(head) - 1:
+            continue
+        for stream in (False, True):
+            body = {"prompt": p, "max_tokens": 16, "stop": [stop]}
+            got = c.streamed(body) if stream else c.texts(body)
+            c.check(got == [text[:text.index(stop)]], f"stop string {stop!r} stream={stream}")
+        break
+    # stop id with min_tokens beyond its first occurrence
+    j = next((j for j in range(1, 10) if gen[j] not in gen[:j]), None)
+    if j is not None:
+        tid = gen[j]
+        out = c.hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, eos_token_id=tid,
+                            min_new_tokens=j + 2, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        ref_gen = out[0, len(p):].tolist()
+        if ref_gen[-1] == tid:
+            ref_gen = ref_gen[:-1]
+        exp = c.tok.decode(ref_gen, skip_special_tokens=False)
+        got = c.texts({"prompt": p, "max_tokens": 16, "stop_token_ids": [tid], "min_tokens": j + 2})
+        c.check(got == [exp], f"min_tokens {j + 2} stop id")
+
+
+def case_concurrent(c: Ctx) -> None:
+    lens = [c.rng.choice([1, 5, 17, 33, 64, 100, 150]) for _ in range(12)]
+    prompts = [c.ids(n) for n in lens]
+    results: dict[int, Any] = {}
+    cancelled = set(range(0, 12, 4))
+
+    def one(i: int) -> None:
+        p = prompts[i]
+        body = {"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": 48, "ignore_eos": True,
+                "skip_special_tokens": False, "stream": i % 2 == 1 or i in cancelled}
+        try:
+            if i in cancelled:
+                with requests.post(c.srv.url + "/v1/completions", json=body, stream=True, timeout=600) as r:
+                    for n, _ in enumerate(r.iter_lines()):
+                        if n >= 6:
+                            break  # hang up mid-way
+                results[i] = None
+                return
+            if body["stream"]:
+                text = ""
+                with requests.post(c.srv.url + "/v1/completions", json=body, stream=True, timeout=600) as r:
+                    for line in r.iter_lines(decode_unicode=True):
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            for ch in json.loads(line[6:])["choices"]:
+                                text += ch["text"]
+                results[i] = text
+            else:
+                results[i] = requests.post(c.srv.url + "/v1/completions", json=body, timeout=600).json()[
+                    "choices"][0]["text"]
+        except Exception as exc:  # noqa: BLE001
+            results[i] = f"EXC {exc!r}"
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(12):
+        if i in cancelled:
+            continue
+        c.check(results[i] == c.expected(prompts[i], 48), f"concurrent {i} len={lens[i]}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        s = requests.get(c.srv.url + "/stats", timeout=30).json()
+        if s["active_requests"] == s["queue_length"] == 0:
+            break
+        time.sleep(0.2)
+    s = requests.get(c.srv.url + "/stats", timeout=30).json()
+    print("stats after concurrent:", {k: s.get(k) for k in ("preemptions", "kv_cache_usage", "active_requests")})
+    c.check(s["active_requests"] == s["queue_length"] == 0, "drained after concurrent")
+
+
+def case_shared_inflight(c: Ctx) -> None:
+    """Prompts sharing a long prefix sent at once (the first still prefilling when the others arrive, chunked across
+    steps where the step budget is small), some identical, streamed and not."""
+    base = c.ids(5 * c.mode.block + 3)
+    prompts = [base, base, base[:-3], *(base + c.ids(k) for k in (1, 2, 5, 9)), base[:2 * c.mode.block]]
+    results: dict[int, list[str]] = {}
+
+    def one(i: int) -> None:
+        body = {"prompt": prompts[i], "max_tokens": 12}
+        results[i] = c.streamed(body) if i % 2 else c.texts(body)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, p in enumerate(prompts):
+        c.check(results.get(i) == [c.expected(p, 12)], f"shared in flight {i} len={len(p)}")
+
+
+def case_spec(c: Ctx) -> None:
+    # repetitive prompts: the n-gram drafts find matches
+    for n in (3, 7, 16):
+        unit = c.ids(n)
+        p = unit * 6 + unit[: n // 2]
+        c.check(c.texts({"prompt": p, "max_tokens": 24}) == [c.expected(p, 24)], f"spec repetitive {n}")
+        gen = hf_greedy(c.hf, p, 24)
+        for cut in (1, 2, 3, 5):  # max_tokens inside an accepted run
+            c.check(c.texts({"prompt": p, "max_tokens": cut}) == [c.expected(p, cut)], f"spec max_tokens {cut}")
+        j = next((j for j in range(2, 20) if gen[j] not in gen[:j]), None)
+        if j is not None:  # a stop id inside an accepted run
+            c.check(c.texts({"prompt": p, "max_tokens": 24, "stop_token_ids": [gen[j]]}) == [
+                c.tok.decode(gen[:j], skip_special_tokens=False)], f"spec stop id at {j}")
+        ps = [p, c.ids(9), unit * 3]
+        c.check(c.streamed({"prompt": ps, "max_tokens": 24}) == [c.expected(q, 24) for q in ps], f"spec batch {n}")
+
+
+def case_chat(c: Ctx) -> None:
+    """Chat completions (the template's tokens) with logprobs and top_logprobs, streamed and not: each answer token's
+    logprob and its top 3 against transformers' log-softmax after the greedy tokens."""
+    for words in (1, 40, 150):
+        messages = [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": " ".join(c.tok.decode([t]) for t in c.ids(words))}]
+        text = c.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        ids = c.tok.encode(text, add_special_tokens=False)
+        if len(ids) > MAX_LEN - NEW:
+            continue
+        gen = hf_greedy(c.hf, ids, NEW)
+        ref = reference_logprobs(c.hf, ids + gen)[len(ids) - 1:-1]  # [NEW, V]
+        want = [ref[i, t].item() for i, t in enumerate(gen)]
+        want_top = [ref[i].topk(3).values.tolist() for i in range(NEW)]
+        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
+                "logprobs": True, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": False}}
+        for stream in (False, True):
+            entries: list[dict[str, Any]] = []
+            r = requests.post(c.srv.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=600,
+                              stream=stream)
+            if stream:
+                for line in r.iter_lines(decode_unicode=True):
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        for ch in json.loads(line[6:]).get("choices", []):
+                            entries += (ch.get("logprobs") or {}).get("content") or []
+            else:
+                entries = r.json()["choices"][0]["logprobs"]["content"]
+            got = [e["logprob"] for e in entries]
+            got_top = [[t["logprob"] for t in e["top_logprobs"]] for e in entries]
+            ok = len(got) == NEW and all(abs(a - b) < TOL for a, b in zip(got, want)) and all(
+                abs(a - b) < TOL for g, w in zip(got_top, want_top) for a, b in zip(g, w))
+            c.check(ok, f"chat logprobs words={words} prompt={len(ids)} stream={stream}: {got} vs {want}")
+
+
+def biased_greedy(hf: torch.nn.Module, prompt: list[int], new: int, bias: dict[int, float],
+                  allowed: list[int] | None) -> list[int]:
+    """transformers' logits, `bias` added and ids outside `allowed` masked, argmax at each step."""
+    ids = list(prompt)
+    for _ in range(new):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].float()
+        for t, b in bias.items():
+            logits[t] += b
+        if allowed is not None:
+            mask = torch.full_like(logits, float("-inf"))
+            mask[allowed] = 0
+            logits += mask
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def echo_logprobs_ok(c: Ctx, choice: dict[str, Any], toks: list[int]) -> bool:
+    ref = reference_logprobs(c.hf, toks)
+    lp = choice["logprobs"]["token_logprobs"]
+    return len(lp) == len(toks) and all(abs(lp[i] - ref[i - 1, toks[i]].item()) < TOL for i in range(1, len(toks)))
+
+
+def case_edges(c: Ctx) -> None:
+    b = c.mode.block
+    # prompt logprobs of a prompt whose prefix is cached (blocks hit: their positions scored all the same)
+    base = c.ids(3 * b + 3)
+    c.texts({"prompt": base})
+    for k in (b, 2 * b + 1, len(base)):
+        p = base[:k] + c.ids(5)
+        r = c.post({"prompt": p, "echo": True, "logprobs": 0}).json()
+        c.check(echo_logprobs_ok(c, r["choices"][0], p + hf_greedy(c.hf, p, NEW)), f"echo on cached prefix {k}")
+    # the same prompt twice in one batch with echo, n=2
+    p = c.ids(2 * b)
+    r = c.post({"prompt": [p, p], "echo": True, "logprobs": 1, "n": 2}).json()
+    toks = p + hf_greedy(c.hf, p, NEW)
+    c.check(len(r["choices"]) == 4 and all(echo_logprobs_ok(c, ch, toks) for ch in r["choices"]), "echo twice n=2")
+    # vLLM's prompt_logprobs field on a cached prompt
+    r = c.post({"prompt": p, "prompt_logprobs": 2}).json()
+    ref = reference_logprobs(c.hf, p)
+    got = r["choices"][0].get("prompt_logprobs")
+    ok = got is not None and got[0] is None and all(
+        abs(got[i][str(p[i])]["logprob"] - ref[i - 1, p[i]].item()) < TOL for i in range(1, len(p)))
+    c.check(ok, "prompt_logprobs on a cached prompt")
+    # no max_tokens: up to the context's end
+    p = c.ids(MAX_LEN - 11)
+    r = c.post({"prompt": p, "max_tokens": None}).json()
+    c.check(r["choices"][0]["text"] == c.expected(p, 11) and r["usage"]["completion_tokens"] == 11,
+            f"no max_tokens: {r['usage']}")
+    # logit_bias and allowed_token_ids
+    p = c.ids(9)
+    gen = hf_greedy(c.hf, p, NEW)
+    bias = {gen[1]: -100.0, gen[3]: -5.0, 777: 30.0}
+    want = c.tok.decode(biased_greedy(c.hf, p, NEW, bias, None), skip_special_tokens=False)
+    got = c.texts({"prompt": p, "logit_bias": {str(k): v for k, v in bias.items()}})
+    c.check(got == [want], "logit_bias")
+    allowed = sorted(set(gen[2:6] + c.ids(20)))
+    want = c.tok.decode(biased_greedy(c.hf, p, NEW, {}, allowed), skip_special_tokens=False)
+    c.check(c.texts({"prompt": p, "allowed_token_ids": allowed}) == [want], "allowed_token_ids")
+    # a long prompt cancelled mid-prefill, then the same prompt served whole (its blocks must not be half-written)
+    p = c.ids(400)
+    body = {"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
+            "skip_special_tokens": False, "stream": True}
+    with contextlib.suppress(requests.exceptions.RequestException):
+        requests.post(c.srv.url + "/v1/completions", json=body, timeout=0.05)
+    c.check(c.texts({"prompt": p}) == [c.expected(p)], "after a cancelled prefill")
+
+
+CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_edges, case_concurrent,
+                                      case_shared_inflight, case_spec]
+
+
+def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:
+    mode = MODES[name]
+    ckpt = make_checkpoint()
+    hf = load_quantised_hf_model(ckpt, mode.quant) if mode.quant != "none" else load_hf_model(ckpt)
+    env = cpu_env(ckpt, NANOQWEN_MAX_MODEL_LEN=str(MAX_LEN), **mode.env)
+    with GunicornServer(env, log_dir / f"{name}.log") as srv:
+        ctx = Ctx(srv, hf, loader.load_tokenizer(ckpt), random.Random(seed), mode)
+        for case in CASES:
+            if case is case_spec and not mode.spec:
+                continue
+            t0 = time.monotonic()
+            try:
+                case(ctx)
+            except Exception as exc:  # noqa: BLE001
+                ctx.check(False, f"{case.__name__} raised {exc!r}")
+            print(f"{name} {case.__name__}: {time.monotonic() - t0:.0f}s", flush=True)
+    return ctx
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    log_dir = Path(tempfile.mkdtemp(prefix="differential-"))
+    failed = 0
+    for name in args.modes:
+        ctx = run_mode(name, args.seed, log_dir)
+        print(f"== {name}: {ctx.passed} passed, {len(ctx.failures)} failed", flush=True)
+        failed += len(ctx.failures)
+    print("logs:", log_dir)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
