@@ -151,11 +151,17 @@ def response_body(rng: random.Random, earlier: Json | None) -> Json:
         body["input"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": words(rng, 600)},
                          {"role": "user", "content": body["input"]}]
         body["truncation"] = "auto"  # the 600 words go when the answer would not fit
+    # every call of `earlier` answered, as OpenAI requires of a continuation (a cut call's too)
+    calls = [] if earlier is None else [item for item in earlier["output"] if item["type"] == "function_call"]
+    outputs = [{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"} for call in calls]
     if earlier is not None and rng.random() < 0.5:
         body |= {"previous_response_id": earlier["id"], "truncation": "auto"}
+        if outputs:
+            text = body["input"]
+            body["input"] = [*outputs, *([{"role": "user", "content": text}] if isinstance(text, str) else text)]
     elif earlier is not None:
         refs = [{"type": "item_reference", "id": item["id"]} for item in earlier["output"]]
-        body["input"] = [*refs, {"role": "user", "content": words(rng, 8)}]
+        body["input"] = [*refs, *outputs, {"role": "user", "content": words(rng, 8)}]
     if rng.random() < 0.3:
         body |= {"include": ["message.output_text.logprobs"], "top_logprobs": rng.randint(0, 20)}
     if rng.random() < 0.2:
