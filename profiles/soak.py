@@ -8,10 +8,10 @@ Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8
 the CPU in fp32 and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
 `--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
 json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
-previous_response_id or item references, truncation "auto", stored or not, disconnected, read slowly), background
-Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`, abandoned or read
-slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), clients
-that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
+previous_response_id or item references, its calls answered, truncation "auto", stored or not, disconnected, read
+slowly), background Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`,
+abandoned or read slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32
+running), clients that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
 (tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, bursts of concurrent
 strict-tool streams (half reset mid-stream, the rest's strict calls checked against their schemas), and a fixed
