@@ -8,10 +8,10 @@ Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8
 the CPU in fp32 and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
 `--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
 json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
-previous_response_id or item references, truncation "auto", stored or not, disconnected, read slowly), background
-Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`, abandoned or read
-slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), clients
-that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
+previous_response_id or item references, its calls answered, truncation "auto", stored or not, disconnected, read
+slowly), background Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`,
+abandoned or read slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32
+running), clients that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
 before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
 (tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, bursts of concurrent
 strict-tool streams (half reset mid-stream, the rest's strict calls checked against their schemas), and a fixed
@@ -151,11 +151,17 @@ def response_body(rng: random.Random, earlier: Json | None) -> Json:
         body["input"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": words(rng, 600)},
                          {"role": "user", "content": body["input"]}]
         body["truncation"] = "auto"  # the 600 words go when the answer would not fit
+    # every call of `earlier` answered, as OpenAI requires of a continuation (a cut call's too)
+    calls = [] if earlier is None else [item for item in earlier["output"] if item["type"] == "function_call"]
+    outputs = [{"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"} for call in calls]
     if earlier is not None and rng.random() < 0.5:
         body |= {"previous_response_id": earlier["id"], "truncation": "auto"}
+        if outputs:
+            text = body["input"]
+            body["input"] = [*outputs, *([{"role": "user", "content": text}] if isinstance(text, str) else text)]
     elif earlier is not None:
         refs = [{"type": "item_reference", "id": item["id"]} for item in earlier["output"]]
-        body["input"] = [*refs, {"role": "user", "content": words(rng, 8)}]
+        body["input"] = [*refs, *outputs, {"role": "user", "content": words(rng, 8)}]
     if rng.random() < 0.3:
         body |= {"include": ["message.output_text.logprobs"], "top_logprobs": rng.randint(0, 20)}
     if rng.random() < 0.2:

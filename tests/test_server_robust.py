@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -139,6 +140,22 @@ def test_short_soak(server: GunicornServer) -> None:
     assert {"valid", "fuzz", "disconnect", "bg-room"} <= scenarios
     assert {"tool-stream", "tool-reset"} & scenarios
     assert any(s.startswith("bg-") and s != "bg-room" for s in scenarios)  # the clients' background traffic
+
+
+def test_the_soaks_continuations_answer_the_calls_they_continue(server: GunicornServer) -> None:
+    """A stored response holding a call, continued as the soak's Responses clients do (by previous_response_id and by
+    item references): each continuation answers the call, as OpenAI requires, and so is served."""
+    earlier = requests.post(f"{server.url}/v1/responses", timeout=120, json={
+        "model": MODEL, "input": "Weather in Paris?", "tools": soak.RESPONSES_TOOLS, "tool_choice": "required",
+        "reasoning": {"effort": "none"}, "max_output_tokens": 16, "temperature": 0}).json()
+    assert [item["type"] for item in earlier["output"]] == ["function_call"]
+    ways = set()
+    for seed in range(6):
+        body = soak.response_body(random.Random(seed), earlier) | {"stream": False}
+        ways.add("previous_response_id" in body)
+        reply = requests.post(f"{server.url}/v1/responses", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+    assert ways == {True, False}
 
 
 def test_an_error_gunicorn_answers_with_an_unknown_status_keeps_its_reason() -> None:

@@ -13,7 +13,7 @@ from server_process import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
 import soak  # noqa: E402
 from soak_background import BackgroundSoak, _order_problem  # noqa: E402
-from soak_http import Json, Reply, Tally  # noqa: E402
+from soak_http import Json, Reply, Tally, answer_problem, tool_call_problem  # noqa: E402
 
 RESP = "resp_x"
 
@@ -98,3 +98,38 @@ def test_follow_refusal_problem_flags_wrong_refusals(background: MadeUpGets) -> 
     assert background._follow_refusal_problem(_error(400, "input"), RESP, 3, False) is not None
     assert background._follow_refusal_problem(Reply(500, {}, b"Internal Server Error"), RESP, 3, True) is not None
     assert background._follow_refusal_problem(Reply(404, {}, b"not found"), RESP, 3, True) is not None  # no envelope
+
+
+def _tool_stream(arguments: list[str]) -> Reply:
+    """A streamed chat answer calling the soak's strict get_weather in two chunks, its arguments cut in `arguments`."""
+    def delta(index: int, piece: str) -> Json:
+        head = {"id": "call_0", "type": "function", "function": {"name": "get_weather"}} if index == 0 else {}
+        function = {**head.get("function", {}), "arguments": piece}
+        return {"role": "assistant", "tool_calls": [{"index": 0, **head, "function": function}]}
+    chunks = [{"id": "chatcmpl-x", "choices": [{"index": 0, "delta": delta(i, piece),
+                                                "finish_reason": "tool_calls" if i == len(arguments) - 1 else None}]}
+              for i, piece in enumerate(arguments)]
+    body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    return Reply(200, {"content-type": "text/event-stream"}, body.encode())
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    (['{"city": "Pa', 'ris"}'], None),
+    (['{"city": "Pa', 'ris", "zone": "utc"}'], "Additional properties"),  # additionalProperties: false
+    (['{"city": "Llanfairpwll', 'gwyngyll"}'], "too long"),  # maxLength 12
+    (['{"city": "Pa', 'ris"'], "not JSON"),
+])
+def test_strict_tool_stream_checks_read_its_chunks_once(arguments: list[str], problem: str | None) -> None:
+    reply = _tool_stream(arguments)
+    assert answer_problem(reply, True, 1) is None  # well formed, whatever its arguments
+    parsed = reply.chunks
+    found = tool_call_problem(reply, soak.STRICT_TOOLS)
+    assert reply.chunks is parsed  # the SSE body parsed once for both checks
+    assert found is None if problem is None else problem in found
+
+
+def test_a_stream_ending_tool_calls_without_a_call_is_flagged() -> None:
+    reply = _tool_stream(['{"city": "Pa', 'ris"}'])
+    reply.body = reply.body.replace(b'"tool_calls": [', b'"content": "", "x": [')  # the same stream, no call
+    assert answer_problem(reply, True, 1) is None
+    assert tool_call_problem(reply, soak.STRICT_TOOLS) == "choices [0] end tool_calls without a call"
