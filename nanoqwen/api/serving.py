@@ -37,8 +37,8 @@ LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) i
 INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (client_probe)
 Json = dict[str, Any]
-# The unpatched poll: gevent's select with a zero timeout runs a whole turn of the loop (gevent.sleep(0)) at each call,
-# a probe an event of a collected answer; and select refuses descriptors past FD_SETSIZE (1024), as ClientGone.
+# The unpatched poll, which never blocks with a zero timeout: gevent's select then runs a turn of the loop (its
+# gevent.sleep(0)) at each call, and select refuses descriptors past FD_SETSIZE (1024), which read as a client gone.
 _poll = gevent.monkey.get_original("select", "poll")
 
 
