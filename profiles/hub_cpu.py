@@ -1,7 +1,7 @@
 """The gevent hub's CPU per streamed token and per request, through a real `gunicorn -k gevent server:app`.
 
     python profiles/hub_cpu.py [--clients 16] [--tokens 64] [--rounds 5] [--prime TOKENS] [--repo DIR ...]
-                               [--py-spy SECONDS [--native]]
+                               [--py-spy SECONDS [--native]] [--requests N]
 
 Serves the tiny test checkpoint (fp32, CPU) and sends rounds of --clients concurrent streamed chat completions
 (raw HTTP, greedy, ignore_eos): one round of --tokens tokens each, one of 1 token each. The worker's main thread is
@@ -18,6 +18,10 @@ whole rounds of 16 clients × 128 tokens), so that /stats' latency
 samples and rate window are as full as in a server that has served a while (their
 work at each 0.5 s publish grows with them). --py-spy S: afterwards, py-spy records the first server's hub for S
 seconds of long rounds and prints its top functions (py-spy must be installed; --native: C frames too).
+
+--requests N: the hub's CPU per request instead, from a tight loop: each round sends N back-to-back chat completions
+of one token on one keep-alive connection, of each kind (plain, streamed, with tools, streamed with tools), the trees
+alternated and their order reversed every other round; medians of --rounds.
 """
 from __future__ import annotations
 
@@ -68,6 +72,51 @@ def stream(port: int, body: bytes, errors: list[str]) -> None:
             errors.append(f"{response.status}: {data[-200:]!r}")
     finally:
         conn.close()
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}]
+KINDS = {"plain": {}, "stream": {"stream": True}, "tools": {"tools": TOOLS}, "stream+tools": {"stream": True,
+                                                                                                "tools": TOOLS}}
+
+
+def request_loop(conn: http.client.HTTPConnection, kind: str, n: int) -> None:
+    """n chat completions of one token, one after the other on `conn`, read to their ends."""
+    for i in range(n):
+        body = json.dumps({"model": "qwen3-0.6b", "max_tokens": 1, "temperature": 0, "ignore_eos": True, **KINDS[kind],
+                           "messages": [{"role": "system", "content": "You are helpful."},
+                                        {"role": "user", "content": f"[{i}] count the stars over the lazy dog"}]})
+        conn.request("POST", "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {data[:200]!r}")
+
+
+def per_request(running: dict[str, GunicornServer], n: int, rounds: int) -> None:
+    """The hub's CPU (and the wall time) per request of each kind, tight loops of n, the trees alternated."""
+    conns = {name: http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600) for name, srv in running.items()}
+    for name in running:
+        for kind in KINDS:
+            request_loop(conns[name], kind, 10)  # warm
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {(name, kind): [] for name in running for kind in KINDS}
+    for r in range(rounds):
+        for kind in KINDS:
+            for name in list(running)[:: 1 if r % 2 == 0 else -1]:
+                worker = worker_pid(running[name].pid)
+                hub0, t0 = thread_cpu_ns(worker, worker), time.perf_counter()
+                request_loop(conns[name], kind, n)
+                results[name, kind].append(((thread_cpu_ns(worker, worker) - hub0) / n / 1e3,
+                                            (time.perf_counter() - t0) / n * 1e3))
+    print(f"load average {os.getloadavg()[0]:.1f} at end; {n} requests of 1 token a round, medians of {rounds} rounds")
+    print("| tree | kind | hub us/request | (each round) | wall ms/request |")
+    print("| --- | --- | ---: | --- | ---: |")
+    for (name, kind), rows in results.items():
+        each = " ".join(f"{row[0]:.0f}" for row in rows)
+        print(f"| {name} | {kind} | {statistics.median(row[0] for row in rows):.0f} | {each} | "
+              f"{statistics.median(row[1] for row in rows):.1f} |")
 
 
 def one_round(srv: GunicornServer, clients: int, tokens: int, tag: str) -> tuple[int, int, float]:
@@ -142,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, action="append", help="a tree to serve (repeat for an A/B)")
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--native", action="store_true", help="py-spy samples C frames too")
+    parser.add_argument("--requests", type=int, default=0, metavar="N", help="per request: tight loops of N")
     args = parser.parse_args()
     if args.native and not args.py_spy:
         parser.error("--native is py-spy's: give --py-spy SECONDS")
@@ -155,6 +205,9 @@ def main() -> None:
         servers[str(repo)] = srv
     print(f"python {' '.join(sys.argv)}; load average {os.getloadavg()[0]:.1f} at start")
     with serving_together(servers) as running:
+        if args.requests:
+            per_request(running, args.requests, args.rounds)
+            return
         for srv in running.values():  # warm: first-request effects out of the figures
             one_round(srv, args.clients, 4, "warm")
             for n in range(-(-args.prime // (16 * 128))):

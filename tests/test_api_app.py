@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import flask
+import gevent
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -16,7 +17,7 @@ from werkzeug.test import EnvironBuilder
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.app import create_app
-from nanoqwen.api.body import Body, parse_json, read_body
+from nanoqwen.api.body import READ_CHUNK, Body, parse_json, read_body
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.strict_json import MAX_SEPARATORS
@@ -208,3 +209,25 @@ def test_a_body_s_values_are_counted_on_its_bytes_where_they_are_ascii(monkeypat
     with pytest.raises(APIError) as info:
         parse_json(*_body(too_many.encode(encoding), f"application/json; charset={charset}"))
     assert info.value.status == 413 and seen == [counted, counted]
+
+
+@pytest.mark.parametrize("chunks, turns", [(1, 0), (3, 2)])
+def test_a_body_is_read_with_a_turn_of_the_loop_between_chunks_only(chunks: int, turns: int) -> None:
+    """The loop runs between two reads of a long body (a read of data already there never yields), not after a body's
+    last: a turn of the loop a request, its epoll call included, for a body of one read (nearly every request)."""
+    ran: list[int] = []
+    data = b"x" * (READ_CHUNK * chunks)
+
+    def count_turns() -> None:
+        while True:
+            ran.append(1)
+            gevent.sleep(0)
+
+    counter = gevent.spawn(count_turns)
+    gevent.sleep(0)  # the counter waits for its next turn
+    try:
+        ran.clear()
+        assert _read(data, "application/json") == data.decode()
+        assert len(ran) == turns
+    finally:
+        counter.kill()

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import resource
+import select
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import gevent
+import gevent.select
 import pytest
 
 from hub_util import hub_ticks
@@ -255,3 +261,59 @@ def test_a_reader_that_leaves_leaves_no_timer_running(path: str, monkeypatch: py
     finally:
         serving.encoding.stop()
     assert not _timer_runs(batch)
+
+
+@contextlib.contextmanager
+def _client_socket(fd: int | None = None) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(the server's end of a connection, at descriptor `fd` where given; the client's)."""
+    ours, theirs = socket.socketpair()
+    if fd is not None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft <= fd:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(fd + 1, hard), hard))  # raises past the hard limit
+        os.dup2(ours.fileno(), fd)
+        ours.close()
+        ours = socket.socket(fileno=fd)
+    try:
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_the_client_probe_reads_a_socket_past_select_s_limit() -> None:
+    """A worker holds up to 1000 connections besides its own files: a client's socket can be past select's FD_SETSIZE
+    (1024), which select refused with a ValueError, taken for a client gone (its request aborted)."""
+    with _client_socket(fd=1500) as (ours, theirs):
+        environ = {"gunicorn.socket": ours}
+        assert serving_module.client_probe(environ) is False
+        theirs.sendall(b"GET /next")  # a pipelined request: no end of stream
+        assert serving_module.client_probe(environ) is False
+        theirs.shutdown(socket.SHUT_WR)
+        ours.recv(64)
+        assert serving_module.client_probe(environ) is True  # its end of stream, seen once
+        assert serving_module.client_probe(environ) is False
+
+
+def test_the_client_probe_runs_no_turn_of_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With gevent's select in place (the worker patches it), a probe ran a turn of the loop at each call, a collected
+    answer's every event: a poll never blocks, so the unpatched one does."""
+    monkeypatch.setattr(select, "select", gevent.select.select)
+    monkeypatch.setattr(select, "poll", gevent.select.poll)
+    ran: list[int] = []
+
+    def count_turns() -> None:
+        while True:
+            ran.append(1)
+            gevent.sleep(0)
+
+    counter = gevent.spawn(count_turns)
+    gevent.sleep(0)
+    try:
+        with _client_socket() as (ours, _):
+            ran.clear()
+            for _ in range(3):
+                assert serving_module.client_probe({"gunicorn.socket": ours}) is False
+            assert ran == []
+    finally:
+        counter.kill()

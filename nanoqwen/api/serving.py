@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import Any, Protocol
 
+import gevent.monkey
 from flask import Response
 
 from nanoqwen.api.channel import GeventEventStream
@@ -36,6 +37,9 @@ LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) i
 INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (client_probe)
 Json = dict[str, Any]
+# The unpatched poll, which never blocks with a zero timeout: gevent's select then runs a turn of the loop (its
+# gevent.sleep(0)) at each call, and select refuses descriptors past FD_SETSIZE (1024), which read as a client gone.
+_poll = gevent.monkey.get_original("select", "poll")
 
 
 class ClientGone(Exception):
@@ -81,8 +85,9 @@ def client_probe(environ: dict[str, Any]) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if readable and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
+        poller = _poll()
+        poller.register(sock, select.POLLIN)
+        if poller.poll(0) and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
                 raise ClientGone
             if not environ.get(PROBED):
@@ -214,6 +219,7 @@ class Serving:
         # every job is an answer already generated: waiting beats refusing it, and it shares no lane with prompts
         self.encoding = NativePool(1, max_pending=1 << 20)
         self._info: dict[str, Any] | None = None
+        self._fingerprint = ""
 
     @property
     def info(self) -> dict[str, Any]:
@@ -224,7 +230,10 @@ class Serving:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.info)
+        """fingerprint(info), once (a JSON dump and a hash a request)."""
+        if not self._fingerprint:
+            self._fingerprint = fingerprint(self.info)
+        return self._fingerprint
 
     def check_serving(self, model: str | None) -> None:
         """404 for a model name this server does not serve, 503 while the model does not serve."""
