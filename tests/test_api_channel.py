@@ -20,7 +20,7 @@ from hub_util import hub_ticks
 from nanoqwen.api import serving as serving_module
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.api.responses import ChunkBuilder
+from nanoqwen.api.responses import ChunkBuilder, fingerprint
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.threads import NativeEvent, start_native_thread
@@ -317,3 +317,13 @@ def test_the_client_probe_runs_no_turn_of_the_loop(monkeypatch: pytest.MonkeyPat
             assert ran == []
     finally:
         counter.kill()
+
+
+def test_the_served_info_is_kept_only_once_the_model_is_loaded() -> None:
+    """Read before the model is ready, engine.info() is empty: kept, every later route would have found no
+    max_model_len (and the fingerprint of nothing)."""
+    engine = SimpleNamespace(ready=False, info=lambda: {"max_model_len": 64} if engine.ready else {})
+    serving = Serving(engine, ServerConfig(), SimpleNamespace())  # type: ignore[arg-type]
+    assert (serving.info, serving.fingerprint) == ({}, "")
+    engine.ready = True
+    assert serving.info == {"max_model_len": 64} and serving.fingerprint == fingerprint({"max_model_len": 64})

@@ -218,20 +218,20 @@ class Serving:
         self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
         # every job is an answer already generated: waiting beats refusing it, and it shares no lane with prompts
         self.encoding = NativePool(1, max_pending=1 << 20)
-        self._info: dict[str, Any] | None = None
+        self._info: dict[str, Any] = {}
         self._fingerprint = ""
 
     @property
     def info(self) -> dict[str, Any]:
-        """engine.info(), fixed once the model is loaded."""
-        if self._info is None:
+        """engine.info(), fixed once the model is loaded (the empty one before is not kept)."""
+        if not self._info:
             self._info = self.engine.info()
         return self._info
 
     @property
     def fingerprint(self) -> str:
-        """fingerprint(info), once (a JSON dump and a hash a request)."""
-        if not self._fingerprint:
+        """fingerprint(info), once the model is loaded (a JSON dump and a hash a request)."""
+        if not self._fingerprint and self.info:
             self._fingerprint = fingerprint(self.info)
         return self._fingerprint
 
