@@ -7,6 +7,7 @@ import random
 import resource
 import select
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -293,6 +294,47 @@ def test_the_client_probe_reads_a_socket_past_select_s_limit() -> None:
         ours.recv(64)
         assert serving_module.client_probe(environ) is True  # its end of stream, seen once
         assert serving_module.client_probe(environ) is False
+
+
+class _NoFlagsRecv:
+    """A socket whose recv takes no flags, as gevent's SSLSocket (gunicorn's TLS) refuses them with a ValueError."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if flags:
+            raise ValueError("non-zero flags not allowed in calls to recv() on <class 'gevent.ssl.SSLSocket'>")
+        return self.sock.recv(size)
+
+    def getsockopt(self, *args: int) -> int:
+        return self.sock.getsockopt(*args)
+
+
+def test_a_tls_client_that_sends_its_next_request_early_is_there() -> None:
+    """The probe peeked at a readable socket: a TLS one refuses the peek, which read as a client gone (a keep-alive
+    client's collected answer aborted, a 499, for sending its next request while it was generated)."""
+    with _client_socket() as (ours, theirs):
+        theirs.sendall(b"GET /next")
+        assert serving_module.client_probe({"gunicorn.socket": _NoFlagsRecv(ours)}) is False
+
+
+def test_a_client_that_sent_a_byte_then_reset_is_gone() -> None:
+    """The peek read the unsent byte and took the client for there: its reset went unseen, its answer generated
+    for no one."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+        with ours:
+            theirs.sendall(b"x")
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            theirs.close()  # a reset
+            assert select.select([ours], [], [], 5)[0]  # the reset has come
+            with pytest.raises(ClientGone):
+                serving_module.client_probe({"gunicorn.socket": ours})
 
 
 def test_the_client_probe_runs_no_turn_of_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:

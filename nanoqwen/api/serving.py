@@ -40,6 +40,7 @@ Json = dict[str, Any]
 # The unpatched poll, which never blocks with a zero timeout: gevent's select then runs a turn of the loop (its
 # gevent.sleep(0)) at each call, and select refuses descriptors past FD_SETSIZE (1024), which read as a client gone.
 _poll = gevent.monkey.get_original("select", "poll")
+_RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux's: the peer's end of stream, told without reading the socket
 
 
 class ClientGone(Exception):
@@ -69,8 +70,9 @@ class Streamer(Protocol):
 
 
 def client_probe(environ: dict[str, Any]) -> bool:
-    """Whether the client is still there: one non-blocking select, and a peek where it is readable. True: its end of
-    stream (FIN) came, seen for the first time, to be probed now; ClientGone: it is gone.
+    """Whether the client is still there: one non-blocking poll (its flags; a peek where the OS has no POLLRDHUP).
+    True: its end of stream (FIN) came, seen for the first time, to be probed now; ClientGone: it is gone. No read:
+    a TLS socket's recv takes no flags, and a byte the client sent before its reset hid the reset from a peek.
 
     End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`) once its request is
     sent and still read the answer. A client that is really gone shows up as a reset here, or as a failed write
@@ -86,8 +88,14 @@ def client_probe(environ: dict[str, Any]) -> bool:
         return False
     try:
         poller = _poll()
-        poller.register(sock, select.POLLIN)
-        if poller.poll(0) and not sock.recv(1, socket.MSG_PEEK):  # the client's FIN
+        poller.register(sock, select.POLLIN | _RDHUP)
+        events = poller.poll(0)
+        if not events:
+            return False
+        flags = events[0][1]
+        if flags & (select.POLLERR | select.POLLHUP | select.POLLNVAL):  # a reset, or a socket closed under us
+            raise ClientGone
+        if (flags & _RDHUP if _RDHUP else not sock.recv(1, socket.MSG_PEEK)):  # the client's FIN
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
                 raise ClientGone
             if not environ.get(PROBED):
