@@ -195,6 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.native and not args.py_spy:
         parser.error("--native is py-spy's: give --py-spy SECONDS")
+    if args.py_spy and args.requests:
+        parser.error("--py-spy samples the streaming rounds, which --requests replaces")
     repos = args.repo or [REPO]
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_BATCH=str(max(16, args.clients)))
     logs = Path(tempfile.mkdtemp())
