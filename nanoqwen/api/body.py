@@ -72,7 +72,7 @@ def _read_yielding(request: Request) -> bytes:
     # a read past the limit raises 413 even where the body ended just at it (chunked, exactly 8 MiB)
     while not stream.is_exhausted and (chunk := stream.read(READ_CHUNK)):
         chunks.append(chunk)
-        if not stream.is_exhausted:  # none after the last read: a body of one read (most requests) needs none
+        if not stream.is_exhausted:  # none after a Content-Length body's last read (most requests: one read)
             gevent.sleep(0)
     if stream.is_exhausted and request.environ["wsgi.input"].read(1):  # a chunked body past the limit
         raise RequestEntityTooLarge()

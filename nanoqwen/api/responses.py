@@ -197,7 +197,6 @@ class CompletionBuilder:
             message["content"] = self.echo + parsed.content
             if parsed.calls:
                 message["content"] = message["content"] or None
-            if parsed.calls:
                 message["tool_calls"] = [call.to_json() for call in assemble(parsed.calls)]
                 reason = finish_reason(reason, parser.called) if reason is not None else None
         # vLLM's include_reasoning false: the reasoning tokens' logprobs are left out too (they carry its text)

@@ -72,7 +72,8 @@ class Streamer(Protocol):
 def client_probe(environ: dict[str, Any]) -> bool:
     """Whether the client is still there: one non-blocking poll (its flags; a peek where the OS has no POLLRDHUP).
     True: its end of stream (FIN) came, seen for the first time, to be probed now; ClientGone: it is gone. No read:
-    a TLS socket's recv takes no flags, and a byte the client sent before its reset hid the reset from a peek.
+    a TLS socket's recv takes no flags, and a byte the client sent before its reset hid the reset from a peek
+    (still read where the OS has no POLLRDHUP: _peeked_end).
 
     End of stream is not a disconnect: a client may half-close (`shutdown(SHUT_WR)`, `nc -N`) once its request is
     sent and still read the answer. A client that is really gone shows up as a reset here, or as a failed write
@@ -95,7 +96,7 @@ def client_probe(environ: dict[str, Any]) -> bool:
         flags = events[0][1]
         if flags & (select.POLLERR | select.POLLHUP | select.POLLNVAL):  # a reset, or a socket closed under us
             raise ClientGone
-        if (flags & _RDHUP if _RDHUP else not sock.recv(1, socket.MSG_PEEK)):  # the client's FIN
+        if flags & _RDHUP if _RDHUP else _peeked_end(sock):  # the client's FIN
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):  # and a reset since
                 raise ClientGone
             if not environ.get(PROBED):
@@ -104,6 +105,15 @@ def client_probe(environ: dict[str, Any]) -> bool:
     except (OSError, ValueError):  # ECONNRESET, or a socket closed under us
         raise ClientGone from None
     return False
+
+
+def _peeked_end(sock: Any) -> bool:
+    """Where the OS has no POLLRDHUP (macOS): the end of stream is an empty peek. A TLS socket takes no peek (its
+    recv refuses flags): its end of stream is not seen before a write fails."""
+    try:
+        return not sock.recv(1, socket.MSG_PEEK)
+    except ValueError:
+        return False
 
 
 def probe_interim(environ: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ mode the batch needs, the requests' logit biases and token masks, and the step's
 logprobs) brought to the host (penalties: nanoqwen/runner/penalties.py). The sampling itself is nanoqwen/sampler.py."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -113,8 +114,7 @@ class LogitAdjuster:
                                or (params.logit_bias, *_bias_arrays(params.logit_bias)))
                 entries.append((row, *biases[key][1:]))
             if banned and not masked:  # after the bias: -inf whatever a bias added
-                stop = np.array(banned, dtype=np.int64)
-                entries.append((row, stop, np.full(len(stop), -np.inf, dtype=np.float32)))
+                entries.append((row, *_ban_arrays(banned)))
         self._biases = biases
         if not entries and not mask_rows:
             return None
@@ -160,10 +160,17 @@ def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     return np.fromiter(bias.keys(), np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
 
 
+@functools.lru_cache(maxsize=64)
+def _ban_arrays(token_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A ban's bias entries (ids int64, -inf fp32), made once per set of ids, not each step of a long thought; read
+    only (build concatenates them)."""
+    return np.array(token_ids, dtype=np.int64), np.full(len(token_ids), -np.inf, dtype=np.float32)
+
+
 def banned_stops(seq: Sequence) -> tuple[int, ...]:
     """The sequence's stop ids banned this step: all of them until min_tokens; inside the free thought of a choice
-    that promised a call or JSON (RowGrammar.bans_stops) all but the thought's end (`</think>` among
-    stop_token_ids: banned, the thought could only end by length)."""
+    that promised a call or JSON (RowGrammar.bans_stops) all but the thought's end, `</think>`, should
+    stop_token_ids hold it (the thought would have no end but length)."""
     if seq.num_output_tokens < seq.request.params.min_tokens:
         return seq.request.all_stop_ids
     if seq.grammar is not None and seq.grammar.bans_stops:
