@@ -400,17 +400,19 @@ def case_edges(c: Ctx) -> None:
     r = c.post({"prompt": p, "prompt_logprobs": 2}).json()
     ref = reference_logprobs(c.hf, p)
     got = r["choices"][0].get("prompt_logprobs")
-    ok = got is not None and len(got) == len(p) and got[0] is None
+    ok, what = got is not None and len(got) == len(p) and got[0] is None, ""
     for i in range(1, len(p) * ok):
         row = ref[i - 1]
-        want = {p[i]: (row[p[i]].item(), int((row > row[p[i]]).sum()) + 1)} | {
-            t: (row[t].item(), rank) for rank, t in enumerate(row.topk(2).indices.tolist(), 1)}
+        v = row[p[i]].item()  # deep in the distribution many ids lie within TOL of it: any rank among them will do
+        want = {p[i]: (v, int((row > v + TOL).sum()) + 1, int((row >= v - TOL).sum()))} | {
+            t: (row[t].item(), rank, rank) for rank, t in enumerate(row.topk(2).indices.tolist(), 1)}
         ok = got[i].keys() == {str(t) for t in want} and all(
-            abs(got[i][str(t)]["logprob"] - v) < TOL and got[i][str(t)]["rank"] == rank
-            for t, (v, rank) in want.items())
+            abs(got[i][str(t)]["logprob"] - v) < TOL and lo <= got[i][str(t)]["rank"] <= hi
+            for t, (v, lo, hi) in want.items())
         if not ok:
+            what = f" at {i}: {got[i]} vs {want}"
             break
-    c.check(ok, "prompt_logprobs on a cached prompt")
+    c.check(ok, f"prompt_logprobs on a cached prompt{what}")
     # echo scoring a prompt of exactly the context (max_tokens 0: lm-eval's full window); one token more is a 400
     p = c.ids(MAX_LEN)
     r = c.post({"prompt": p, "echo": True, "logprobs": 2, "max_tokens": 0})
