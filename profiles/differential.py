@@ -436,17 +436,20 @@ def case_edges(c: Ctx) -> None:
     allowed = sorted(set(gen[2:6] + c.ids(20)))
     want = c.tok.decode(biased_greedy(c.hf, p, NEW, {}, allowed), skip_special_tokens=False)
     c.check(c.texts({"prompt": p, "allowed_token_ids": allowed}) == [want], "allowed_token_ids")
-    # a long prompt streamed, nothing read, hung up once /stats shows it running (mid-prefill where the step budget
-    # chunks it and the poll is quick enough, else early in its decode), then the same prompt served whole (its
-    # blocks must not be half-written); its abort is asserted, not when in the request it fell
+    # a long prompt streamed, nothing read, hung up once /stats shows it running, then the same prompt served whole
+    # (its blocks must not be half-written). The abort is asserted; where it fell (mid-prefill when the step budget
+    # chunks the prompt finely, else the first decode steps) only printed
     p = c.ids(400)
     body = {"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": MAX_LEN - 400, "ignore_eos": True,
             "skip_special_tokens": False, "stream": True}
-    aborted = server_stats(c.srv)["requests_aborted"]
+    before = server_stats(c.srv)
     with socket.create_connection(("127.0.0.1", c.srv.port)) as sock:
         sock.sendall(raw_request(body, "/v1/completions"))
         wait_for(lambda: server_stats(c.srv)["active_requests"] > 0, timeout=30, poll=0.005)
-    wait_for(lambda: server_stats(c.srv)["requests_aborted"] > aborted, timeout=30)
+    wait_for(lambda: server_stats(c.srv)["requests_aborted"] > before["requests_aborted"], timeout=30)
+    after = server_stats(c.srv)
+    print("hang-up aborted after", after["engine_tokens_generated"] - before["engine_tokens_generated"],
+          "tokens (0: mid-prefill)", flush=True)
     c.check(c.texts({"prompt": p}) == [c.expected(p)], "after a hang-up while running")
 
 
