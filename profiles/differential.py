@@ -234,7 +234,9 @@ def case_logprobs(c: Ctx) -> None:
 
 
 def case_concurrent(c: Ctx) -> None:
-    lens = [c.rng.choice([1, 5, 17, 33, 64, 100, 150]) for _ in range(12)]
+    # where the pool is meant to run dry, only long prompts: a mix of short ones left some rounds unpreempted
+    choices = [100, 120, 150] if c.mode.preempts else [1, 5, 17, 33, 64, 100, 150]
+    lens = [c.rng.choice(choices) for _ in range(12)]
     prompts = [c.ids(n) for n in lens]
     results: dict[int, Any] = {}
     cancelled = set(range(0, 12, 4))
