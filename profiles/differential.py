@@ -2,14 +2,14 @@
 in each mode, compared with transformers' greedy tokens and log-softmax. Prints each failure and a count per mode;
 exit 1 on any failure.
 
-python profiles/differential.py [--modes default eager spec int8 int4] [--seed 0]
+python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile] [--seed 0]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
+import socket
 import sys
 import tempfile
 import threading
@@ -24,10 +24,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from chat_http import MODEL, cpu_env  # noqa: E402
+from chat_http import MODEL, cpu_env, raw_request, server_stats, sse_payloads, wait_for  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
 from engine_util import hf_greedy  # noqa: E402
 from nanoqwen import loader  # noqa: E402
+from nanoqwen.text import TokenBytes  # noqa: E402
 from quant_reference import load_quantised_hf_model  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
@@ -43,13 +44,15 @@ class Mode:
     step_tokens: int = 512
     quant: str = "none"
     spec: bool = False
+    preempts: bool = False  # the KV pool is small enough that the concurrent round must preempt
 
 
 MODES = {
     "default": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_MAX_STEP_TOKENS": "48"}, step_tokens=48),
     # small blocks, a tiny KV pool (preemption under the concurrent round), eager steps
     "eager": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none", "NANOQWEN_BLOCK_SIZE": "8",
-                   "NANOQWEN_MAX_STEP_TOKENS": "20", "NANOQWEN_NUM_KV_BLOCKS": "72"}, block=8, step_tokens=20),
+                   "NANOQWEN_MAX_STEP_TOKENS": "20", "NANOQWEN_NUM_KV_BLOCKS": "72"}, block=8, step_tokens=20,
+                  preempts=True),
     "spec": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_SPECULATIVE_CONFIG": json.dumps(
         {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1})},
         spec=True),
@@ -57,7 +60,7 @@ MODES = {
     "spec-tight": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_BLOCK_SIZE": "8", "NANOQWEN_MAX_STEP_TOKENS": "24",
                         "NANOQWEN_NUM_KV_BLOCKS": "72", "NANOQWEN_SPECULATIVE_CONFIG": json.dumps(
                             {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2})},
-                       block=8, step_tokens=24, spec=True),
+                       block=8, step_tokens=24, spec=True, preempts=True),
     "int8": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_QUANT": "int8"}, quant="int8"),
     "int4": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_QUANT": "int4", "NANOQWEN_MAX_STEP_TOKENS": "40"},
                  quant="int4", step_tokens=40),
@@ -73,6 +76,7 @@ class Ctx:
     srv: GunicornServer
     hf: torch.nn.Module
     tok: Any
+    pieces: TokenBytes
     rng: random.Random
     mode: Mode
     passed: int = 0
@@ -115,6 +119,36 @@ class Ctx:
 def reference_logprobs(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [len(ids), V]
+
+
+def legacy_top(c: Ctx, row: torch.Tensor, chosen: int, k: int) -> dict[str, float]:
+    """The legacy top_logprobs map the server builds from log-softmax `row` [V]: keyed by piece, the chosen token's
+    entry first, then the top k by rank, a later id overwriting an earlier one that shares its piece."""
+    return {c.pieces.piece(chosen): row[chosen].item()} | {
+        c.pieces.piece(i): row[i].item() for i in row.topk(k).indices.tolist()}
+
+
+def top_err(got: dict[str, float] | None, want: dict[str, float]) -> float:
+    """The worst difference of two top_logprobs maps; inf when their keys differ."""
+    if got is None or got.keys() != want.keys():
+        return float("inf")
+    return max(abs(got[k] - v) for k, v in want.items())
+
+
+def echo_errors(c: Ctx, lp: dict[str, Any], toks: list[int], k: int) -> tuple[float, list[int]]:
+    """Legacy echo logprobs of `toks` against transformers: the worst error and the bad positions (negative: the
+    top_logprobs map's keys or values). A missing or extra position is position 0."""
+    ref = reference_logprobs(c.hf, toks)
+    if len(lp["token_logprobs"]) != len(toks) or len(lp["top_logprobs"]) != len(toks) or \
+            lp["token_logprobs"][0] is not None or lp["top_logprobs"][0] is not None:
+        return float("inf"), [0]
+    worst, bad = 0.0, []
+    for i in range(1, len(toks)):
+        err = abs(lp["token_logprobs"][i] - ref[i - 1, toks[i]].item())
+        terr = top_err(lp["top_logprobs"][i], legacy_top(c, ref[i - 1], toks[i], k))
+        bad += [i] * (err > TOL) + [-i] * (terr > TOL)
+        worst = max(worst, err, terr)
+    return worst, bad
 
 
 def boundaries(m: Mode) -> list[int]:
@@ -164,27 +198,10 @@ def case_logprobs(c: Ctx) -> None:
         r = c.post({"prompt": p, "logprobs": 5, "echo": True}).json()
         ch = r["choices"][0]
         gen = hf_greedy(c.hf, p, NEW)
-        ref = reference_logprobs(c.hf, p + gen)
-        lp = ch["logprobs"]
         toks = p + gen
-        ok = len(lp["token_logprobs"]) == len(toks) and lp["token_logprobs"][0] is None
-        worst = 0.0
-        bad = []
-        for i in range(1, len(toks)):
-            err = abs(lp["token_logprobs"][i] - ref[i - 1, toks[i]].item())
-            if err > TOL:
-                bad.append(i)
-            worst = max(worst, err)
-            # keyed by piece: ids sharing one (e.g. partial UTF-8 bytes as U+FFFD) leave fewer keys, so each
-            # value must be one of the reference's top 5 or the token's own
-            allowed = [*ref[i - 1].topk(5).values.tolist(), ref[i - 1, toks[i]].item()]
-            top_err = max(min(abs(v - a) for a in allowed) for v in lp["top_logprobs"][i].values())
-            if top_err > TOL:
-                bad.append(-i)
-            worst = max(worst, top_err)
-        c.check(ok and worst < TOL and ch["text"] == c.tok.decode(toks, skip_special_tokens=False),
+        worst, bad = echo_errors(c, ch["logprobs"], toks, 5)
+        c.check(worst < TOL and ch["text"] == c.tok.decode(toks, skip_special_tokens=False),
                 f"echo logprobs n={n} worst={worst:.2e} bad positions {len(bad)}: {bad[:4]}..{bad[-2:]}")
-        # chat-free: top_logprobs on the answer alone, streamed vs not equal
     # stop string across a token boundary, stop id, min_tokens
     p = c.ids(37)
     gen = hf_greedy(c.hf, p, 16)
@@ -217,7 +234,9 @@ def case_logprobs(c: Ctx) -> None:
 
 
 def case_concurrent(c: Ctx) -> None:
-    lens = [c.rng.choice([1, 5, 17, 33, 64, 100, 150]) for _ in range(12)]
+    # where the pool is meant to run dry, only long prompts: a mix of short ones left some rounds unpreempted
+    choices = [100, 120, 150] if c.mode.preempts else [1, 5, 17, 33, 64, 100, 150]
+    lens = [c.rng.choice(choices) for _ in range(12)]
     prompts = [c.ids(n) for n in lens]
     results: dict[int, Any] = {}
     cancelled = set(range(0, 12, 4))
@@ -237,10 +256,9 @@ def case_concurrent(c: Ctx) -> None:
             if body["stream"]:
                 text = ""
                 with requests.post(c.srv.url + "/v1/completions", json=body, stream=True, timeout=600) as r:
-                    for line in r.iter_lines(decode_unicode=True):
-                        if line.startswith("data: ") and line != "data: [DONE]":
-                            for ch in json.loads(line[6:])["choices"]:
-                                text += ch["text"]
+                    for payload in sse_payloads(r):
+                        if payload != "[DONE]":
+                            text += "".join(ch["text"] for ch in json.loads(payload)["choices"])
                 results[i] = text
             else:
                 results[i] = requests.post(c.srv.url + "/v1/completions", json=body, timeout=600).json()[
@@ -266,6 +284,8 @@ def case_concurrent(c: Ctx) -> None:
     s = requests.get(c.srv.url + "/stats", timeout=30).json()
     print("stats after concurrent:", {k: s.get(k) for k in ("preemptions", "kv_cache_usage", "active_requests")})
     c.check(s["active_requests"] == s["queue_length"] == 0, "drained after concurrent")
+    if c.mode.preempts:
+        c.check(s.get("preemptions", 0) > 0, f"concurrent round preempted: {s.get('preemptions')}")
 
 
 def case_shared_inflight(c: Ctx) -> None:
@@ -306,8 +326,9 @@ def case_spec(c: Ctx) -> None:
 
 
 def case_chat(c: Ctx) -> None:
-    """Chat completions (the template's tokens) with logprobs and top_logprobs, streamed and not: each answer token's
-    logprob and its top 3 against transformers' log-softmax after the greedy tokens."""
+    """Chat completions (the template's tokens) with logprobs and top_logprobs, streamed and not: NEW entries, each
+    one's token the greedy id's piece and its logprob, and its 3 top entries' pieces (in rank order) and logprobs,
+    against transformers' log-softmax after the greedy tokens."""
     for words in (1, 40, 150):
         messages = [{"role": "system", "content": "be brief"},
                     {"role": "user", "content": " ".join(c.tok.decode([t]) for t in c.ids(words))}]
@@ -317,8 +338,9 @@ def case_chat(c: Ctx) -> None:
             continue
         gen = hf_greedy(c.hf, ids, NEW)
         ref = reference_logprobs(c.hf, ids + gen)[len(ids) - 1:-1]  # [NEW, V]
-        want = [ref[i, t].item() for i, t in enumerate(gen)]
-        want_top = [ref[i].topk(3).values.tolist() for i in range(NEW)]
+        want = [(c.pieces.piece(t), ref[i, t].item()) for i, t in enumerate(gen)]
+        want_top = [[(c.pieces.piece(j), ref[i, j].item()) for j in ref[i].topk(3).indices.tolist()]
+                    for i in range(NEW)]
         body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
                 "logprobs": True, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": False}}
         for stream in (False, True):
@@ -326,16 +348,17 @@ def case_chat(c: Ctx) -> None:
             r = requests.post(c.srv.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=600,
                               stream=stream)
             if stream:
-                for line in r.iter_lines(decode_unicode=True):
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        for ch in json.loads(line[6:]).get("choices", []):
+                for payload in sse_payloads(r):
+                    if payload != "[DONE]":
+                        for ch in json.loads(payload).get("choices", []):
                             entries += (ch.get("logprobs") or {}).get("content") or []
             else:
                 entries = r.json()["choices"][0]["logprobs"]["content"]
-            got = [e["logprob"] for e in entries]
-            got_top = [[t["logprob"] for t in e["top_logprobs"]] for e in entries]
-            ok = len(got) == NEW and all(abs(a - b) < TOL for a, b in zip(got, want)) and all(
-                abs(a - b) < TOL for g, w in zip(got_top, want_top) for a, b in zip(g, w))
+            got = [(e["token"], e["logprob"]) for e in entries]
+            got_top = [[(t["token"], t["logprob"]) for t in e["top_logprobs"]] for e in entries]
+            ok = len(got) == len(got_top) == NEW and all(
+                len(g) == len(w) and all(gp == wp and abs(gv - wv) < TOL for (gp, gv), (wp, wv) in zip(g, w))
+                for g, w in zip([got, *got_top], [want, *want_top]))
             c.check(ok, f"chat logprobs words={words} prompt={len(ids)} stream={stream}: {got} vs {want}")
 
 
@@ -356,10 +379,8 @@ def biased_greedy(hf: torch.nn.Module, prompt: list[int], new: int, bias: dict[i
     return ids[len(prompt):]
 
 
-def echo_logprobs_ok(c: Ctx, choice: dict[str, Any], toks: list[int]) -> bool:
-    ref = reference_logprobs(c.hf, toks)
-    lp = choice["logprobs"]["token_logprobs"]
-    return len(lp) == len(toks) and all(abs(lp[i] - ref[i - 1, toks[i]].item()) < TOL for i in range(1, len(toks)))
+def echo_logprobs_ok(c: Ctx, choice: dict[str, Any], toks: list[int], k: int) -> bool:
+    return echo_errors(c, choice["logprobs"], toks, k)[0] < TOL
 
 
 def case_edges(c: Ctx) -> None:
@@ -370,19 +391,38 @@ def case_edges(c: Ctx) -> None:
     for k in (b, 2 * b + 1, len(base)):
         p = base[:k] + c.ids(5)
         r = c.post({"prompt": p, "echo": True, "logprobs": 0}).json()
-        c.check(echo_logprobs_ok(c, r["choices"][0], p + hf_greedy(c.hf, p, NEW)), f"echo on cached prefix {k}")
+        c.check(echo_logprobs_ok(c, r["choices"][0], p + hf_greedy(c.hf, p, NEW), 0), f"echo on cached prefix {k}")
     # the same prompt twice in one batch with echo, n=2
     p = c.ids(2 * b)
     r = c.post({"prompt": [p, p], "echo": True, "logprobs": 1, "n": 2}).json()
     toks = p + hf_greedy(c.hf, p, NEW)
-    c.check(len(r["choices"]) == 4 and all(echo_logprobs_ok(c, ch, toks) for ch in r["choices"]), "echo twice n=2")
-    # vLLM's prompt_logprobs field on a cached prompt
+    c.check(len(r["choices"]) == 4 and all(echo_logprobs_ok(c, ch, toks, 1) for ch in r["choices"]), "echo twice n=2")
+    # vLLM's prompt_logprobs field on a cached prompt: keyed by id, the prompt token's entry (its rank among all ids)
+    # and the top 2 (ranks 1, 2)
     r = c.post({"prompt": p, "prompt_logprobs": 2}).json()
     ref = reference_logprobs(c.hf, p)
     got = r["choices"][0].get("prompt_logprobs")
-    ok = got is not None and got[0] is None and all(
-        abs(got[i][str(p[i])]["logprob"] - ref[i - 1, p[i]].item()) < TOL for i in range(1, len(p)))
-    c.check(ok, "prompt_logprobs on a cached prompt")
+    ok, what = got is not None and len(got) == len(p) and got[0] is None, ""
+    for i in range(1, len(p) * ok):
+        row = ref[i - 1]
+        v = row[p[i]].item()  # deep in the distribution many ids lie within TOL of it: any rank among them will do
+        want = {p[i]: (v, int((row > v + TOL).sum()) + 1, int((row >= v - TOL).sum()))} | {
+            t: (row[t].item(), rank, rank) for rank, t in enumerate(row.topk(2).indices.tolist(), 1)}
+        ok = got[i].keys() == {str(t) for t in want} and all(
+            abs(got[i][str(t)]["logprob"] - v) < TOL and lo <= got[i][str(t)]["rank"] <= hi
+            for t, (v, lo, hi) in want.items())
+        if not ok:
+            what = f" at {i}: {got[i]} vs {want}"
+            break
+    c.check(ok, f"prompt_logprobs on a cached prompt{what}")
+    # echo scoring a prompt of exactly the context (max_tokens 0: lm-eval's full window); one token more is a 400
+    p = c.ids(MAX_LEN)
+    r = c.post({"prompt": p, "echo": True, "logprobs": 2, "max_tokens": 0})
+    ok = r.status_code == 200 and echo_logprobs_ok(c, r.json()["choices"][0], p, 2)
+    c.check(ok, f"echo max_tokens 0 at the context: {r.status_code} {r.text[:200]}")
+    r = c.post({"prompt": c.ids(MAX_LEN + 1), "echo": True, "logprobs": 2, "max_tokens": 0})
+    c.check(r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded",
+            f"echo max_tokens 0 past the context: {r.status_code} {r.text[:200]}")
     # no max_tokens: up to the context's end
     p = c.ids(MAX_LEN - 11)
     r = c.post({"prompt": p, "max_tokens": None}).json()
@@ -398,13 +438,21 @@ def case_edges(c: Ctx) -> None:
     allowed = sorted(set(gen[2:6] + c.ids(20)))
     want = c.tok.decode(biased_greedy(c.hf, p, NEW, {}, allowed), skip_special_tokens=False)
     c.check(c.texts({"prompt": p, "allowed_token_ids": allowed}) == [want], "allowed_token_ids")
-    # a long prompt cancelled mid-prefill, then the same prompt served whole (its blocks must not be half-written)
+    # a long prompt streamed, nothing read, hung up once /stats shows it running, then the same prompt served whole
+    # (its blocks must not be half-written). The abort is asserted; where it fell (mid-prefill when the step budget
+    # chunks the prompt finely, else the first decode steps) only printed
     p = c.ids(400)
-    body = {"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": p, "temperature": 0, "max_tokens": MAX_LEN - 400, "ignore_eos": True,
             "skip_special_tokens": False, "stream": True}
-    with contextlib.suppress(requests.exceptions.RequestException):
-        requests.post(c.srv.url + "/v1/completions", json=body, timeout=0.05)
-    c.check(c.texts({"prompt": p}) == [c.expected(p)], "after a cancelled prefill")
+    before = server_stats(c.srv)
+    with socket.create_connection(("127.0.0.1", c.srv.port)) as sock:
+        sock.sendall(raw_request(body, "/v1/completions"))
+        wait_for(lambda: server_stats(c.srv)["active_requests"] > 0, timeout=30, poll=0.005)
+    wait_for(lambda: server_stats(c.srv)["requests_aborted"] > before["requests_aborted"], timeout=30)
+    after = server_stats(c.srv)
+    print("hang-up aborted after", after["engine_tokens_generated"] - before["engine_tokens_generated"],
+          "tokens (0: mid-prefill)", flush=True)
+    c.check(c.texts({"prompt": p}) == [c.expected(p)], "after a hang-up while running")
 
 
 CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_edges, case_concurrent,
@@ -417,7 +465,8 @@ def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:
     hf = load_quantised_hf_model(ckpt, mode.quant) if mode.quant != "none" else load_hf_model(ckpt)
     env = cpu_env(ckpt, NANOQWEN_MAX_MODEL_LEN=str(MAX_LEN), **mode.env)
     with GunicornServer(env, log_dir / f"{name}.log") as srv:
-        ctx = Ctx(srv, hf, loader.load_tokenizer(ckpt), random.Random(seed), mode)
+        tok = loader.load_tokenizer(ckpt)
+        ctx = Ctx(srv, hf, tok, TokenBytes(tok), random.Random(seed), mode)
         for case in CASES:
             if case is case_spec and not mode.spec:
                 continue
