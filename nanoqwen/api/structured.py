@@ -37,7 +37,7 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
     fmt = req.response_format
-    answer = None if fmt is None or fmt.type == "text" else ({"type": "object"}, False) \
+    answer = None if fmt is None or fmt.type == "text" else (ANY_OBJECT, False) \
         if fmt.type == "json_object" else (fmt.json_schema.schema_, bool(fmt.json_schema.strict))
     if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
         if answer is not None:
@@ -71,7 +71,7 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
     if constraint is None:
         return None
     if constraint.kind in ("json", "json_object"):
-        schema = constraint.value if constraint.kind == "json" else {"type": "object"}
+        schema = constraint.value if constraint.kind == "json" else ANY_OBJECT
         options = req.structured_outputs
         if constraint.kind == "json" and options is not None and options.disable_additional_properties:
             schema = closed_objects(schema)
