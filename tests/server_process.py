@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -80,9 +81,11 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:
 class GunicornServer:
     def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent",
                  args: Sequence[str] = ()) -> None:
-        """`args`: more gunicorn options, e.g. ("--graceful-timeout", "2")."""
+        """`args`: more gunicorn options, e.g. ("--graceful-timeout", "2"); with `--certfile` it serves TLS (https,
+        its certificate not checked by the clients here)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = "--certfile" in args
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.env = {**os.environ, **env}  # what the server runs with
         self._cmd = [sys.executable, "-m", "gunicorn", "-k", worker_class, "-b", f"127.0.0.1:{self.port}",
@@ -109,7 +112,8 @@ class GunicornServer:
 
     def openai_client(self, api_key: str = "unused", timeout: float = 120) -> openai.OpenAI:
         """The official client on this server, without retries (a retry would hide a failure)."""
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=timeout,
+                             http_client=openai.DefaultHttpxClient(verify=False) if self.tls else None)
 
     def launch(self) -> GunicornServer:
         with open(self.log_path, "wb") as log:
@@ -128,7 +132,8 @@ class GunicornServer:
             if self._proc.poll() is not None:
                 break
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+                context = ssl._create_unverified_context() if self.tls else None
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=context) as response:
                     if response.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
