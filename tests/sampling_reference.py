@@ -49,7 +49,7 @@ def probabilities(logits: np.ndarray, params: Params, prompt: Sequence[int], out
     for token, bias in params.logit_bias.items():
         x[token] += bias
     x /= params.temperature
-    order = sorted(range(len(x)), key=lambda t: (-x[t], t))  # descending, ties by id
+    order = np.lexsort((np.arange(len(x)), -x))  # descending, ties by id
     kept = order[:params.top_k] if params.top_k > 0 else order
     probs = _softmax(x[kept])
     if params.top_p < 1:
