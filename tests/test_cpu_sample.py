@@ -25,6 +25,7 @@ from nanoqwen.sampler import (
 from ops.cpu import build
 from ops.cpu import sample as cpu_sample
 from sampler_util import adjusted_batch, penalised_batch, rows, sample_with_torch_penalties
+from sampling_reference import chi2_critical
 
 pytestmark = pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 
@@ -89,11 +90,6 @@ def test_a_row_samples_the_same_whatever_its_batch_mates_and_mode(use):
                 assert sample(torch.cat([mate, logits[i:i + 1]]), padded, mode)[1] == together[i]
 
 
-def chi2_critical(df: int, z: float = 3.72) -> float:
-    """The chi-square quantile at p = 1e-4 (z: the normal's), by Wilson and Hilferty's approximation."""
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
-
-
 @pytest.mark.parametrize("setting", [(1.0, 1.0, 0, 0.0), (0.7, 1.0, 5, 0.0), (0.8, 0.7, 0, 0.0), (1.2, 1.0, 0, 0.15),
                                      (1.0, 0.9, 8, 0.05)])
 def test_kernel_follows_the_filtered_distribution(use, setting):
@@ -111,7 +107,7 @@ def test_kernel_follows_the_filtered_distribution(use, setting):
     kept = probs > 0
     expected = probs[kept] * draws
     chi2 = ((counts[kept] - expected) ** 2 / expected).sum().item()
-    assert chi2 < chi2_critical(int(kept.sum()) - 1), (counts, expected)
+    assert chi2 < chi2_critical(int(kept.sum()) - 1, z=3.72), (counts, expected)  # p = 1e-4
 
 
 def test_filter_edges(use):

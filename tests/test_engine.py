@@ -134,6 +134,28 @@ def test_seeded_sampling_is_independent_of_the_batch(engine):
     assert other_seed.choices[0].token_ids != alone.choices[0].token_ids
 
 
+def test_seeded_choices_are_the_same_after_preemption_and_in_chunked_prefill(tiny_checkpoint, engine):
+    """vLLM's per-request generator semantics: a seeded request's tokens are those it gets alone, also when it is
+    preempted and recomputed (9 usable blocks for 8 requests) and its prompt prefilled in chunks beside decoding rows
+    (a 9-token step budget); n = 2 choices differ and each repeats; penalised, filtered and plain sampling alike."""
+    kinds = [
+        dict(temperature=0.9, top_p=0.9, top_k=50),
+        dict(temperature=1.2, min_p=0.05, n=2),
+        dict(temperature=0.7, presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.3),
+        dict(temperature=1.0, logit_bias={1000: 3.0, 1001: 2.0}),
+    ]
+    params = [SamplingParams(seed=40 + i, max_tokens=24, ignore_eos=True, **kinds[i % len(kinds)])
+              for i in range(len(PROMPTS))]
+    alone = [[c.token_ids for c in generate(engine, [prompt], p)[0].choices] for prompt, p in zip(PROMPTS, params)]
+    tight = load_engine(tiny_checkpoint, num_kv_blocks=10, max_model_len=128, max_step_tokens=9)
+    streams = [tight.submit(prompt, p)[1] for prompt, p in zip(PROMPTS, params)]
+    run(tight)
+    together = [[c.token_ids for c in collect(s, p.n).choices] for s, p in zip(streams, params)]
+    assert tight.scheduler.preemptions > 0
+    assert together == alone
+    assert all(len(set(map(tuple, choices))) == len(choices) for choices in alone)  # n = 2: distinct choices
+
+
 def test_repetition_penalty_matches_transformers(engine, hf):
     """Greedy with a repetition penalty on every prompt and output token, as transformers applies it;
     in a batch with an unpenalised request, which must keep its plain greedy tokens."""
