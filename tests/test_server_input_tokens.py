@@ -70,7 +70,8 @@ def test_the_body_is_the_openai_packages() -> None:
     {"input": LONG, "truncation": "auto", **NO_THINKING},
     {"input": FAR_TOO_LONG, "truncation": "auto", **NO_THINKING},
     {"input": LOOKS_TOO_LONG, "truncation": "auto", **NO_THINKING},
-], ids=["instructions", "thinking", "template kwargs", "tool loop", "json schema", "truncated", "far too long", "looks too long"])
+], ids=["instructions", "thinking", "template kwargs", "tool loop", "json schema", "truncated", "far too long",
+        "looks too long"])
 def test_the_count_is_creates_usage(client: openai.OpenAI, fields: Json) -> None:
     assert _count(client, **fields) == _created(client, **fields).usage.input_tokens
 

@@ -744,7 +744,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     function_call: refused("none") = None
     audio: Refused = None
     modalities: refused(["text"]) = None
-    verbosity: Refused = None
+    verbosity: refused("medium") = None  # OpenAI's default, as Responses' text.verbosity
     web_search_options: Refused = None
     moderation: Refused = None
     # vLLM's: the answer starts with the last message's text where that message is the assistant's (what
