@@ -144,6 +144,14 @@ def test_unknown_template_kwargs_name_the_known_one() -> None:
     assert "enable_thinking" in _bad({"messages": USER, "chat_template_kwargs": {"documents": []}}).message
 
 
+def test_template_kwargs_where_no_template_is_an_unrecognized_argument() -> None:
+    """Legacy completions render no template (nor do vLLM's take the field): the field is unknown there, not a
+    variable unknown to the template, as the 400 said."""
+    with pytest.raises(APIError) as info:
+        parse_completion_request({"prompt": "x", "chat_template_kwargs": {"enable_thinking": False}}, Budget())
+    assert info.value.message == "Unrecognized request argument supplied: chat_template_kwargs"
+
+
 def test_an_int_is_a_fine_float() -> None:
     assert parse_chat_request({"messages": USER, "temperature": 1}, Budget()).sampling_params().temperature == 1.0
 

@@ -425,6 +425,13 @@ def test_a_forced_call_with_a_response_format_answers_with_the_call(client: open
     assert answer.message.content is None
 
 
+def test_verbosity_at_openai_s_default_is_taken(server: GunicornServer) -> None:
+    """As Responses' `text.verbosity`: "medium", OpenAI's default, changes nothing (the Agents SDK's
+    `ModelSettings(verbosity="medium")` sends it to either API); another value is refused by name."""
+    assert post_chat(server, {**GREEDY, "verbosity": "medium"}).status_code == 200
+    assert _error(post_chat(server, {**GREEDY, "verbosity": "high"}))["param"] == "verbosity"
+
+
 def test_with_raw_response(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=2)
     assert raw.headers["content-type"] == "application/json" and raw.headers["x-request-id"]

@@ -54,20 +54,24 @@ def _error(client: openai.OpenAI, status: int, **fields: Any) -> Json:
 
 
 def test_the_body_is_the_openai_packages() -> None:
-    """A field a newer client sends must be decided (implemented, or refused by name) before it is taken."""
-    assert set(ResponseCountRequest.model_fields) == set(input_token_count_params.InputTokenCountParams.__annotations__)
+    """A field a newer client sends must be decided (implemented, or refused by name) before it is taken. Beside
+    them, vLLM's chat_template_kwargs: it changes the prompt, so the count takes it as create does."""
+    assert set(ResponseCountRequest.model_fields) == {*input_token_count_params.InputTokenCountParams.__annotations__,
+                                                      "chat_template_kwargs"}
 
 
 @pytest.mark.parametrize("fields", [
     {"input": "Hello there", "instructions": "Answer briefly.", **NO_THINKING},
     {"input": "Hello there"},  # thinking: the template leaves the think block open
+    {"input": "Hello there", "extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},  # vLLM's field
     {"input": TOOL_LOOP, "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False, **NO_THINKING},
     {"input": [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "A time, as JSON."}],
      "text": {"format": {"type": "json_schema", "name": "t", "schema": TIME, "strict": True}}, **NO_THINKING},
     {"input": LONG, "truncation": "auto", **NO_THINKING},
     {"input": FAR_TOO_LONG, "truncation": "auto", **NO_THINKING},
     {"input": LOOKS_TOO_LONG, "truncation": "auto", **NO_THINKING},
-], ids=["instructions", "thinking", "tool loop", "json schema", "truncated", "far too long", "looks too long"])
+], ids=["instructions", "thinking", "template kwargs", "tool loop", "json schema", "truncated", "far too long",
+        "looks too long"])
 def test_the_count_is_creates_usage(client: openai.OpenAI, fields: Json) -> None:
     assert _count(client, **fields) == _created(client, **fields).usage.input_tokens
 

@@ -120,6 +120,35 @@ def test_a_function_tool_without_strict_is_constrained_leniently(client: openai.
         assert client.responses.create(**body).tools[0].strict is (strict is not False)
 
 
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_time"}])
+def test_a_forced_call_with_a_text_format_answers_with_the_call(client: openai.OpenAI, tool_choice: Any) -> None:
+    """The Agents SDK's OpenAIResponsesModel with `output_type` and tool_choice "required" sends both, as chat's
+    model does (where the pair is accepted, OpenAI's rule): the answer is the call (it was a 400 here alone)."""
+    response = client.responses.create(input="What time is it?", **{**FORCED, "tool_choice": tool_choice},
+                                       text=PERSON_FORMAT, parallel_tool_calls=False)
+    (call,) = response.output
+    assert call.type == "function_call" and call.status == "completed" and response.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), TIME)
+    assert response.text.format.type == "json_schema"
+
+
+def test_chat_template_kwargs_as_vllm_s(client: openai.OpenAI) -> None:
+    """vLLM's Responses takes chat's `chat_template_kwargs` (an Agents SDK or LangChain user on Qwen3 sends
+    `enable_thinking: false` so through extra_body); it was a 400 saying the field itself was no template variable."""
+    plain = {k: v for k, v in GREEDY.items() if k != "reasoning"}
+
+    def prompt_tokens(**body: Any) -> int:
+        return client.responses.create(input="Hi", **plain, **body).usage.input_tokens
+
+    off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off == prompt_tokens(reasoning={"effort": "none"}) != prompt_tokens()
+    for kwargs, param in (({"thinking": False}, "chat_template_kwargs.thinking"),
+                          ({"enable_thinking": True}, "reasoning_effort")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(input="Hi", **GREEDY, extra_body={"chat_template_kwargs": kwargs})
+        assert info.value.body["param"] == param
+
+
 def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     response = client.responses.create(input="What time is it?", **FORCED)
     (call,) = response.output

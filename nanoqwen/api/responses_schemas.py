@@ -23,6 +23,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
+    ChatTemplateKwargs,
     JsonObjectFormat,
     Metadata,
     PromptCacheBreakpoint,
@@ -310,6 +311,7 @@ class ResponsePromptFields(Strict):
     instructions: str | None = None
     previous_response_id: str | None = None
     reasoning: ReasoningConfig | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # vLLM's extra field, as chat's
     text: TextConfig | None = None
     tools: list[Annotated[FunctionTool, BeforeValidator(_check_tool)]] | None = None
     tool_choice: ToolChoice | None = None
@@ -343,6 +345,8 @@ class ResponsePromptFields(Strict):
             body["tool_choice"] = self.tool_choice
         if self.reasoning is not None:
             body["reasoning_effort"] = self.reasoning.effort
+        if self.chat_template_kwargs is not None:
+            body["chat_template_kwargs"] = self.chat_template_kwargs.model_dump(exclude_none=True)
         if self.text is not None and self.text.format is not None:
             fmt = self.text.format
             schema = fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)
@@ -509,10 +513,6 @@ def _check_prompt_fields(req: ResponsePromptFields) -> None:
     if isinstance(req.tool_choice, NamedFunction) and req.tool_choice.name not in {t.name for t in req.tools or []}:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.name}' in 'tools'",
                        param="tool_choice")
-    forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedFunction)
-    if forced and req.text is not None and req.text.format is not None and req.text.format.type != "text":
-        raise APIError(400, "text.format cannot be combined with a forced tool call (tool_choice \"required\" or a "
-                            "named function): the answer is the call", param="text.format")
 
 
 def parse_responses_request(body: Any, budget: Budget | None) -> ResponseCreateRequest:

@@ -744,7 +744,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     function_call: refused("none") = None
     audio: Refused = None
     modalities: refused(["text"]) = None
-    verbosity: Refused = None
+    verbosity: refused("medium") = None  # OpenAI's default, as Responses' text.verbosity
     web_search_options: Refused = None
     moderation: Refused = None
     # vLLM's: the answer starts with the last message's text where that message is the assistant's (what
@@ -1052,7 +1052,7 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
     err = {**err, "loc": loc}
     param = param_name(loc)
     if err["type"] == "extra_forbidden":
-        if err["loc"][0] == "chat_template_kwargs":
+        if err["loc"][0] == "chat_template_kwargs" and len(err["loc"]) > 1:  # a key inside it, not the field
             accepted = ", ".join(ChatTemplateKwargs.model_fields)
             return APIError(400, f"'{param}' is not a variable of this model's chat template (accepted: {accepted})",
                             param=param)
