@@ -1,6 +1,6 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
-    python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
+    python profiles/soak.py [--modes default none int8 spec tight] [--rounds 3] [--round-seconds 60] [--clients 10]
         [--seed 0] [--background-weight 10] [--tool-weight 8] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
