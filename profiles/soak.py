@@ -1,10 +1,11 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
-    python profiles/soak.py [--modes default none int8 spec] [--rounds 3] [--round-seconds 60] [--clients 10]
+    python profiles/soak.py [--modes default none int8 spec tight] [--rounds 3] [--round-seconds 60] [--clients 10]
         [--seed 0] [--background-weight 10] [--tool-weight 8] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`: NANOQWEN_QUANT=int8;
-`spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG) it serves the 2-layer test checkpoint on
+`spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8 sequences in a 72-block KV pool of 8-token
+blocks, a 20-token step budget, eager, so that running requests are preempted) it serves the 2-layer test checkpoint on
 the CPU in fp32 and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
 `--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
 json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
@@ -73,7 +74,11 @@ from soak_http import (  # noqa: E402
 SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
                                     "int8": {"NANOQWEN_QUANT": "int8"},
-                                    "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE}}
+                                    "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE},
+                                    # differential.py's eager pool: 576 KV tokens for 8 sequences, so they preempt
+                                    "tight": {"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none",
+                                              "NANOQWEN_BLOCK_SIZE": "8", "NANOQWEN_MAX_STEP_TOKENS": "20",
+                                              "NANOQWEN_NUM_KV_BLOCKS": "72"}}
 PROBE = {"model": MODEL, "prompt": [9707, 11, 1879, 0, 358, 1079, 264, 12305], "max_tokens": 24,
          "temperature": 0, "ignore_eos": True, "logprobs": 1}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",

@@ -33,6 +33,7 @@ NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator":
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
+BACKTRACE = "\n<backtrace>"  # what llguidance appends to a Rust panic's message (4000 tools' grammar panics)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class Grammars:
         try:
             converted = llguidance.grammar_from(kind, text)
         except ValueError as exc:
-            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+            raise _invalid(param, str(exc)) from None
         return self.compile(converted, param, key)
 
     def cached(self, key: str | tuple[str, str]) -> Grammar | None:
@@ -188,15 +189,20 @@ class Grammars:
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
-            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+            raise _invalid(param, str(exc)) from None
         if template.is_error():
-            raise InvalidRequest(f"invalid {param}: {template.get_error()}", param=param)
+            raise _invalid(param, template.get_error())
         grammar = Grammar(text, template, promises=not template.is_accepting())
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
+
+
+def _invalid(param: str, error: str) -> InvalidRequest:
+    """The 400 for a grammar llguidance refused; a panic's backtrace left out (kB of the server's build paths)."""
+    return InvalidRequest(f"invalid {param}: {error.split(BACKTRACE, 1)[0]}", param=param)
 
 
 @dataclass
