@@ -130,6 +130,10 @@ def test_a_forced_call_with_a_text_format_answers_with_the_call(client: openai.O
     assert call.type == "function_call" and call.status == "completed" and response.status == "completed"
     jsonschema.validate(json.loads(call.arguments), TIME)
     assert response.text.format.type == "json_schema"
+    with client.responses.stream(input="What time is it?", **{**FORCED, "tool_choice": tool_choice},
+                                 text=PERSON_FORMAT, parallel_tool_calls=False) as stream:
+        final = stream.get_final_response()
+    assert _comparable(final) == _comparable(response)
 
 
 def test_chat_template_kwargs_as_vllm_s(client: openai.OpenAI) -> None:
@@ -143,10 +147,11 @@ def test_chat_template_kwargs_as_vllm_s(client: openai.OpenAI) -> None:
     off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert off == prompt_tokens(reasoning={"effort": "none"}) != prompt_tokens()
     for kwargs, param in (({"thinking": False}, "chat_template_kwargs.thinking"),
-                          ({"enable_thinking": True}, "reasoning_effort")):
+                          ({"enable_thinking": True}, "reasoning.effort")):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(input="Hi", **GREEDY, extra_body={"chat_template_kwargs": kwargs})
         assert info.value.body["param"] == param
+    assert "reasoning_effort" not in info.value.body["message"]  # the field this request has, not chat's
 
 
 def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
@@ -391,7 +396,8 @@ def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: Gunicorn
         "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
     assert answer.status_code == chat.status_code == 400, answer.text
     assert (answer.json()["error"]["param"], chat.json()["error"]["param"]) == ("text.format", "response_format")
-    assert answer.json()["error"]["message"] == chat.json()["error"]["message"]
+    # chat's message, naming this request's field
+    assert answer.json()["error"]["message"] == chat.json()["error"]["message"].replace("response_format", "text.format")
 
 
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:

@@ -6,6 +6,7 @@ events (ResponseEvents), with chat's reasoning split, reasoning-token count and 
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -52,7 +53,8 @@ ITEM = TypeAdapter(InputItem)
 # Past this many characters per token of the context a prompt is taken for too long at once (Qwen3's tokenizer:
 # ~4 in English prose, 5 for "word word ..."; only long runs of spaces or symbols make more)
 LONG_CHARS_PER_TOKEN = 16
-CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+               "reasoning_effort": "reasoning.effort"}
 
 
 def _id(prefix: str) -> str:
@@ -434,9 +436,12 @@ class Prompt(Generic[Fields]):
 
 
 def _renamed(error: APIError) -> APIError:
-    """A chat error (the prompt too long, a schema the grammar engine refuses) naming this request's field."""
+    """A chat error (the prompt too long, a schema the grammar engine refuses) naming this request's field, in its
+    param and its message."""
     head = (error.param or "").split(".")[0]
-    error.param = CHAT_PARAMS.get(head, error.param)
+    if head in CHAT_PARAMS:
+        error.param = CHAT_PARAMS[head]
+        error.message = re.sub(rf"\b{head}\b", CHAT_PARAMS[head], error.message)
     return error
 
 

@@ -34,6 +34,7 @@ from nanoqwen.api.schemas import (
     Temperature,
     TextFormat,
     TopP,
+    Verbosity,
     _sampling_schema,
     _text_or,
     check_stream_options,
@@ -256,7 +257,7 @@ class TextJsonSchemaFormat(Strict):
 
 class TextConfig(Strict):
     format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchemaFormat, Field(discriminator="type")] | None = None
-    verbosity: refused("medium") = None  # Qwen3 has no verbosity control: only OpenAI's default is accepted
+    verbosity: Verbosity = None
 
 
 class ReasoningConfig(Strict):

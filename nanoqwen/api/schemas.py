@@ -95,6 +95,7 @@ def refused(*unused: Any) -> Any:
 
 
 Refused = refused()  # refused unless absent (or null)
+Verbosity = refused("medium")  # Qwen3 has no verbosity control: only OpenAI's default, what it does anyway
 
 
 class Strict(BaseModel):
@@ -745,7 +746,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     function_call: refused("none") = None
     audio: Refused = None
     modalities: refused(["text"]) = None
-    verbosity: refused("medium") = None  # OpenAI's default, as Responses' text.verbosity
+    verbosity: Verbosity = None
     web_search_options: Refused = None
     moderation: Refused = None
     # vLLM's: the answer starts with the last message's text where that message is the assistant's (what
