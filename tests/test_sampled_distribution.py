@@ -1,8 +1,8 @@
 """Sampled tokens through a real `gunicorn -k gevent server:app` follow the distribution the request asks for, as
 tests/sampling_reference.py writes it out from transformers' fp32 logits: temperature over the whole vocabulary, top-k,
 top-p, min-p, their combination, logit_bias, the repetition penalty on prompt tokens, and presence/frequency penalties
-on a two-token answer (the joint distribution of the pair). Each case draws 512 choices (16 seeded requests of n = 32,
-in flight together) and passes a chi-square test at a false-alarm rate of 1e-7 (seven cases: under 1e-6 together); the
+on a two-token answer (the joint distribution of the pair). Each case draws 256 choices (8 seeded requests of n = 32,
+in flight together) and passes a chi-square test at a false-alarm rate of 1e-6 (seven cases: under 1e-5 together); the
 seeds are fixed, so the verdict is too. Every chosen token's logprob is transformers' raw log-softmax (the model's
 distribution, before penalties, biases and temperature: README, as vLLM's default raw_logprobs)."""
 from __future__ import annotations
@@ -24,7 +24,8 @@ from sampling_reference import Params, chi_square, probabilities
 from server_process import GunicornServer
 
 PROMPT = [9707, 1879, 11, 358, 1000, 1001, 1079]  # 1000 and 1001 in it: the repetition case penalises them
-REQUESTS, N = 16, 32
+REQUESTS, N = 8, 32
+Z = 4.75  # the chi-square test's false-alarm rate: p = 1e-6
 # raw against processed logprobs differ by far more; token-exact logprobs (1e-4) are profiles/differential.py's. One
 # first token of ~3,500 checked was 1.2e-4 off once (exact8 in profiles/RESULTS.md), not seen again in 2,048 draws.
 TOL = 1e-3
@@ -126,6 +127,6 @@ def test_sampled_tokens_follow_the_requested_distribution(server: GunicornServer
         if max_tokens > 1 and outcome not in expected and (answer[0],) not in raw:
             outcome = ("other", "*")
         outcomes.append(outcome)
-    verdict = chi_square(outcomes, expected)
+    verdict = chi_square(outcomes, expected, Z)
     print(case, verdict)
     assert verdict.ok, f"{case}: {verdict}"
