@@ -73,6 +73,7 @@ SHAPES = [(dequant.MIN_ROWS, 37, 256), (dequant.MIN_ROWS + 30, 100, 1024)]
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
     monkeypatch.setattr(dequant, "BLOCK_BYTES", 8 * k * 2)  # 8 bf16 or 4 fp32 weight rows a block
+    monkeypatch.setattr(dequant, "TILE_ROWS", 4)
     monkeypatch.setattr(dequant, "AVX512_BF16", native_bf16)
     x, q, scale = int8_operands(m, n, k, dtype)
     out = cpu_int8.linear_int8(x, q, scale)
@@ -89,6 +90,7 @@ def test_int8_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int4_matches_reference(monkeypatch, m, n, k, dtype, native_bf16):
     monkeypatch.setattr(dequant, "BLOCK_BYTES", 6 * k * 2)  # 6 bf16 or 3 fp32 rows: blocks of whole quads, 4
+    monkeypatch.setattr(dequant, "TILE_ROWS", 4)
     monkeypatch.setattr(dequant, "AVX512_BF16", native_bf16)
     x, w, scale, offset = int4_operands(m, n, k, 128, dtype)
     out = cpu_int4.linear_int4(x, as_loaded(w), scale, offset)
@@ -139,6 +141,18 @@ def test_int4_without_one_of_its_kernels_takes_the_references(monkeypatch, missi
     monkeypatch.setattr(missing, "ready", True)
     kernel_set = ops.cpu.kernels(torch.bfloat16, hidden_size=128, head_dim=64, num_heads=2, num_kv_heads=1)
     assert (kernel_set.linear_int4, kernel_set.repack_int4) == (cpu_int4.linear_int4, cpu_int4.repack)
+
+
+@pytest.mark.parametrize("n,k", [(1024, 3072), (4096, 1024), (6144, 1024), (1024, 2048), (151936, 1024), (300, 512)])
+def test_blocks_are_whole_tiles_of_about_equal_size(monkeypatch, n, k):
+    """Qwen3-0.6B's linears (and its LM head, for prompt logprobs): as few blocks as BLOCK_BYTES allows, of whole
+    TILE_ROWS, the fewest that cover the weight in that many blocks (down_proj's 1024 rows of 3072 went as 680 + 344,
+    where oneDNN's GEMM runs slower a row than two 512s)."""
+    monkeypatch.setattr(dequant, "_scratch", dequant._Scratch())
+    _, rows = dequant._block(torch.bfloat16, n, k)
+    blocks = -(-n // rows)
+    assert blocks == -(-n * k * 2 // dequant.BLOCK_BYTES)
+    assert rows == n or (rows % dequant.TILE_ROWS == 0 and (rows - dequant.TILE_ROWS) * blocks < n)
 
 
 def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):

@@ -16,7 +16,7 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,size", [(1, 16), (3, 6144), (8, 96)])
+@pytest.mark.parametrize("rows,size", [(1, 16), (3, 6144), (8, 96), (77, 192)])  # 77: prefill-sized, 3 chunks
 def test_silu_mul(dtype, rows, size):
     torch.manual_seed(rows + size)
     x = (torch.randn(rows, size) * 6).to(dtype)

@@ -38,6 +38,12 @@ MIN_ROWS = MAX_ROWS + 1
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
 BLOCK_BYTES = 4 << 20
+# A block's rows come in whole tiles of this many, the blocks of a weight of about equal size (a block may pass
+# BLOCK_BYTES by less than a tile): with blocks cut at BLOCK_BYTES, down_proj's 1024 rows of 3072 went as 680 + 344,
+# and oneDNN's AMX GEMM ran the 344 and 680 slower a row than two 512s: a 0.6B layer's int8 linears took 0.90x the
+# time at 512 prompt rows, 0.93x at 2048 (down alone 0.74x, 0.77x), one thread (profiles/RESULTS.md, prefill8).
+# Also whole quads of int4 rows (csrc/int4_block.h): a block's rows read as the tensor's.
+TILE_ROWS = 64
 
 
 class _Scratch(threading.local):
@@ -58,10 +64,10 @@ def takes(rows: int, int4: bool) -> bool:
 
 def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:
     """The calling thread's scratch for `dtype` (kept, grown to the largest block a call has needed) and the rows
-    of N (of K weights each) a block holds."""
-    rows = min(n, max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8)))
-    if rows < n:  # whole quads of int4 rows (csrc/int4_block.h): a block's rows read as the tensor's
-        rows = max(4, rows // 4 * 4)
+    of N (of K weights each) a block holds: whole TILE_ROWS, the blocks of about equal size."""
+    most = max(1, BLOCK_BYTES // (k * torch.finfo(dtype).bits // 8))
+    even = -(-n // -(-n // most))  # ceil(n / blocks), blocks = ceil(n / most)
+    rows = min(n, -(-even // TILE_ROWS) * TILE_ROWS)
     buffers = _scratch.by_dtype
     if dtype not in buffers or buffers[dtype].numel() < rows * k:
         # a normal tensor: it outlives the call's inference_mode, outside which an inference tensor is read-only
