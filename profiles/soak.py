@@ -79,6 +79,7 @@ MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "n
                                     "tight": {"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none",
                                               "NANOQWEN_BLOCK_SIZE": "8", "NANOQWEN_MAX_STEP_TOKENS": "20",
                                               "NANOQWEN_NUM_KV_BLOCKS": "72"}}
+PREEMPTING = frozenset({"tight"})  # a mode whose soak is void if nothing was preempted
 PROBE = {"model": MODEL, "prompt": [9707, 11, 1879, 0, 358, 1079, 264, 12305], "max_tokens": 24,
          "temperature": 0, "ignore_eos": True, "logprobs": 1}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -560,9 +561,12 @@ def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: 
                        {k: round(v, 2) for k, v in sorted(tally.slowest_s.items())})
 
 
-def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb: float) -> list[str]:
-    """Every invariant broken over the rounds of one server."""
+def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb: float,
+                  preempts: bool = False) -> list[str]:
+    """Every invariant broken over the rounds of one server (`preempts`: its mode is meant to preempt)."""
     problems = [p for r in rounds for p in r.problems]
+    if preempts and rounds and not rounds[-1].drained["preemptions"]:
+        problems.append("no request was preempted: the mode soaked nothing it is for")
     pids = {pid for r in rounds for pid in r.pids}
     if len(pids) != 1:
         problems.append(f"the worker changed: pids {sorted(pids)}")
@@ -604,7 +608,7 @@ def main() -> int:
         with GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log") as srv:
             answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed,
                                          args.background_weight, args.tool_weight)
-        problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb)
+        problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb, mode in PREEMPTING)
         failed |= bool(problems)
         report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}
         for i, r in enumerate(rounds):

@@ -396,8 +396,8 @@ def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: Gunicorn
         "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}})
     assert answer.status_code == chat.status_code == 400, answer.text
     assert (answer.json()["error"]["param"], chat.json()["error"]["param"]) == ("text.format", "response_format")
-    # chat's message, naming this request's field
-    assert answer.json()["error"]["message"] == chat.json()["error"]["message"].replace("response_format", "text.format")
+    named = chat.json()["error"]["message"].replace("response_format", "text.format")  # chat's, naming this field
+    assert answer.json()["error"]["message"] == named
 
 
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:

@@ -133,3 +133,14 @@ def test_a_stream_ending_tool_calls_without_a_call_is_flagged() -> None:
     reply.body = reply.body.replace(b'"tool_calls": [', b'"content": "", "x": [')  # the same stream, no call
     assert answer_problem(reply, True, 1) is None
     assert tool_call_problem(reply, soak.STRICT_TOOLS) == "choices [0] end tool_calls without a call"
+
+
+def test_a_preempting_mode_that_preempted_nothing_is_flagged() -> None:
+    def rounds(preemptions: int) -> list[soak.RoundResult]:
+        drained = {"preemptions": preemptions}
+        return [soak.RoundResult(1.0, 1, {}, [], 1.0, 1.0, 1.0, [7], 100.0, drained, {}, {})]
+
+    assert soak.soak_problems(rounds(0), 300, 48, preempts=True) == [
+        "no request was preempted: the mode soaked nothing it is for"]
+    assert soak.soak_problems(rounds(3), 300, 48, preempts=True) == []
+    assert soak.soak_problems(rounds(0), 300, 48) == []
