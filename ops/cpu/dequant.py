@@ -40,8 +40,9 @@ MIN_ROWS = MAX_ROWS + 1
 BLOCK_BYTES = 4 << 20
 # A block's rows come in whole tiles of this many, the blocks of a weight of about equal size (a block may pass
 # BLOCK_BYTES by less than a tile): with blocks cut at BLOCK_BYTES, down_proj's 1024 rows of 3072 went as 680 + 344,
-# and oneDNN's AMX GEMM ran the 344 and 680 slower a row than two 512s: a 0.6B layer's int8 linears took 0.90x the
-# time at 512 prompt rows, 0.93x at 2048 (down alone 0.74x, 0.77x), one thread (profiles/RESULTS.md, prefill8).
+# and oneDNN's AMX GEMM ran the 344 and 680 slower a row than two 512s: down took 0.74x the time at 512 prompt rows,
+# 0.77x at 2048, one thread (profiles/RESULTS.md, prefill8). Outputs may move by a bf16 ulp: oneDNN's blocking
+# follows a block's N.
 # Also whole quads of int4 rows (csrc/int4_block.h): a block's rows read as the tensor's.
 TILE_ROWS = 64
 

@@ -11,8 +11,9 @@ struct silu_mul_args {
 
 /* Rows [chunk * SILU_CHUNK_ROWS, ...) of silu_mul. A decode step's rows (up to linear.py's MAX_ROWS) are one chunk,
    run by the calling thread alone; prefill's go across the pool (one thread: 8% of a 512-token bf16 prefill). The
-   pool, not OpenMP: a 512 x 3072 call took 0.75-9 ms (median 15) in an OpenMP loop at load 12 against 1.3-1.5 on
-   one thread, its barrier waiting for a descheduled thread (csrc/pool.h). */
+   pool, not OpenMP: a 512 x 3072 call took a median of 15 ms (fastest 0.75-9) in an OpenMP loop at load 12 against
+   1.3-1.5 on one thread, its barrier waiting for a descheduled thread (csrc/pool.h). SILU_CHUNK_ROWS is MAX_ROWS:
+   a decode step stays inline. */
 #define SILU_CHUNK_ROWS 32
 static void silu_mul_chunk(const void *ctx, long chunk) {
     const struct silu_mul_args *a = ctx;

@@ -1,4 +1,5 @@
-/* A work-claiming thread pool for the decode-sized kernels. Internal, not exported.
+/* A work-claiming thread pool for the C kernels (decode-sized calls, and prefill's dequantising and silu_mul).
+   Internal, not exported.
 
    Why not OpenMP: a `parallel for` ends in a barrier, so on a shared CPU every call waits until each
    of its threads has been scheduled and done its share; with more runnable processes than cores a
