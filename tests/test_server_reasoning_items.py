@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 
@@ -106,6 +107,12 @@ def test_reasoning_items_that_cannot_be_read_are_refused_by_name(server: Gunicor
     foreign = {"type": "reasoning", "id": "rs_x", "summary": [], "encrypted_content": "gAAAAABpQ2VjcmV0dG9rZW4="}
     error = _refusal(server, [QUESTION, foreign, CALL, OUTPUT])
     assert error["param"] == "input.[1].encrypted_content", error
+    # the OpenAPI document says so too (profiles/fuzz_openapi.py sends what it offers)
+    doc = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    body = doc["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator({**body, "components": doc["components"]})
+    assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "summary": []}]})
+    assert validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "id": "rs_1"}]})
 
 
 @pytest.mark.parametrize("last", [True, False], ids=["kept", "before-the-last-question"])

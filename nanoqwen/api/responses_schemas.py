@@ -149,7 +149,16 @@ def encode_reasoning(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def _reasoning_schema(schema: dict[str, Any]) -> None:
+    """ReasoningItem._has_text in the JSON schema (the OpenAPI document's): its text, or the id of a stored one."""
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("content", "encrypted_content", "id")]
+    schema["anyOf"].append({"required": ["summary"], "properties": {"summary": {"minItems": 1}}})
+
+
 class ReasoningItem(Strict):
+    model_config = ConfigDict(json_schema_extra=_reasoning_schema)
+
     type: Literal["reasoning"]
     id: str | None = None
     summary: list[SummaryText] = Field(default_factory=list)
