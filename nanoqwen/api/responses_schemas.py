@@ -469,12 +469,6 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     reasoning: str | None = None
 
-    def unanswered_reasoning() -> None:
-        nonlocal reasoning
-        if reasoning is not None:
-            messages.append({"role": "assistant", "content": "", "reasoning_content": reasoning})
-            reasoning = None
-
     def assistant(calls: bool) -> dict[str, Any]:
         """The assistant turn to add to: the last one, unless reasoning starts a new one or text follows calls."""
         nonlocal reasoning
@@ -486,6 +480,10 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
         if reasoning is not None:
             messages[-1]["reasoning_content"], reasoning = reasoning, None
         return messages[-1]
+
+    def unanswered_reasoning() -> None:
+        if reasoning is not None:
+            assistant(calls=False)  # a turn of its own: reasoning pending starts one
 
     for item in items:
         if isinstance(item, ReasoningItem):
