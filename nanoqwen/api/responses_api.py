@@ -28,9 +28,9 @@ from nanoqwen.api.responses_schemas import (
     FunctionCallOutputItem,
     InputItem,
     Item,
-    ItemReference,
     MessageItem,
     NamedFunction,
+    ReasoningItem,
     ResponseCreateRequest,
     ResponsePromptFields,
     TextJsonSchemaFormat,
@@ -38,6 +38,7 @@ from nanoqwen.api.responses_schemas import (
     encode_reasoning,
     parse_count_request,
     parse_responses_request,
+    referred_id,
 )
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
@@ -574,21 +575,24 @@ class ResponsesService:
         parsed once, and the items resolved are bounded like a request body: many references to a large item
         would otherwise cost many times its size. Their values, and those of the calls' arguments they hold, are
         charged to what the body left of the request's `budget`, as if the client had sent them in it."""
-        if not any(isinstance(item, ItemReference) for item in req.input_items):
+        if not any(referred_id(item) is not None for item in req.input_items):
             return req
         max_bytes = self.chat.serving.config.max_body_bytes
         parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
         items, resolved_bytes = [], 0
         values = {"budget": budget}
         for i, item in enumerate(req.input_items):
-            if isinstance(item, ItemReference):
-                holder = self.store.holder(item.id)
+            if (item_id := referred_id(item)) is not None:
+                holder = self.store.holder(item_id)
                 if holder is None:
-                    raise self._unresolved(item.id, f"input.[{i}].id")
+                    raise self._unresolved(item_id, f"input.[{i}].id", isinstance(item, ReasoningItem))
                 response_id, stored = holder
                 if response_id not in parsed:
                     parsed[response_id] = stored.own_items()
-                found = parsed[response_id][item.id]
+                found = parsed[response_id][item_id]
+                if isinstance(item, ReasoningItem) and found["type"] != "reasoning":
+                    raise APIError(400, f"Item with id '{item_id}' is a {found['type']} item, not a reasoning item.",
+                                   param=f"input.[{i}].id")
                 resolved_bytes += len(encode_text(found).encode())
                 if resolved_bytes > max_bytes:
                     raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
@@ -602,12 +606,17 @@ class ResponsesService:
             items.append(item)
         return req.model_copy(update={"input": items})
 
-    def _unresolved(self, item_id: str, param: str) -> APIError:
-        """The 400 of an item reference to no finished response's item: one in progress (its input or output so far,
-        a stream's or a background response's) is named, to be referred to once it has finished."""
+    def _unresolved(self, item_id: str, param: str, reasoning: bool = False) -> APIError:
+        """The 400 of an item reference (or a bare reasoning item) to no finished response's item: one in progress
+        (its input or output so far, a stream's or a background response's) is named, to be referred to once it has
+        finished. A bare reasoning item's says how to send the reasoning instead, as OpenAI's does."""
         running = self.store.running_holder(item_id)
         if running is None:
-            return APIError(400, f"Item with id '{item_id}' not found.", param=param)
+            hint = (" A response's items are kept only with `store: true` (while the store holds them): send the "
+                    "reasoning item's content, or its encrypted_content (include \"reasoning.encrypted_content\"), or "
+                    "remove it from your input."
+                    if reasoning else "")
+            return APIError(400, f"Item with id '{item_id}' not found.{hint}", param=param)
         return APIError(400, f"Item with id '{item_id}' is in response '{running}', still in progress: refer to it "
                         "once that response has finished.", param=param, code="response_in_progress")
 

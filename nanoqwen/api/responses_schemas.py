@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -149,7 +150,16 @@ def encode_reasoning(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def _reasoning_schema(schema: dict[str, Any]) -> None:
+    """ReasoningItem._has_text in the JSON schema (the OpenAPI document's): its text, or the id of a stored one."""
+    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                       for name in ("content", "encrypted_content", "id")]
+    schema["anyOf"].append({"required": ["summary"], "properties": {"summary": {"minItems": 1}}})
+
+
 class ReasoningItem(Strict):
+    model_config = ConfigDict(json_schema_extra=_reasoning_schema)
+
     type: Literal["reasoning"]
     id: str | None = None
     summary: list[SummaryText] = Field(default_factory=list)
@@ -167,6 +177,18 @@ class ReasoningItem(Strict):
                 raise ValueError("not the encrypted_content of one of this server's answers") from None
         return value
 
+    @model_validator(mode="after")
+    def _has_text(self) -> ReasoningItem:
+        if self.id is None and self.bare:
+            raise PydanticCustomError("invalid", "a reasoning item needs its content, encrypted_content or summary, "
+                                      "or the id of a stored response's reasoning item")
+        return self
+
+    @property
+    def bare(self) -> bool:
+        """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item."""
+        return self.content is None and self.encrypted_content is None and not self.summary
+
     @property
     def text(self) -> str:
         if self.content:
@@ -181,6 +203,13 @@ class ItemReference(Strict):
 
     type: Literal["item_reference"]
     id: str
+
+
+def referred_id(item: Any) -> str | None:
+    """The id of the stored item an input item stands for: an item reference's, a bare reasoning item's."""
+    if isinstance(item, ItemReference) or (isinstance(item, ReasoningItem) and item.bare):
+        return item.id
+    return None
 
 
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning", "item_reference")
@@ -435,7 +464,9 @@ class ResponseCreateRequest(ResponsePromptFields):
 
 def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     """Chat messages for input items: consecutive function calls (and the reasoning and text before them) make
-    one assistant turn with tool_calls; a reasoning item is the following assistant turn's reasoning_content."""
+    one assistant turn with tool_calls; a reasoning item is the following assistant turn's reasoning_content. One
+    that no assistant item follows (an answer cut in its reasoning) is a turn of its own with no text, as chat's
+    client resends that answer: not a later turn's reasoning, nor dropped."""
     messages: list[dict[str, Any]] = []
     reasoning: str | None = None
 
@@ -451,18 +482,25 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
             messages[-1]["reasoning_content"], reasoning = reasoning, None
         return messages[-1]
 
+    def unanswered_reasoning() -> None:
+        if reasoning is not None:
+            assistant(calls=False)  # a turn of its own: reasoning pending starts one
+
     for item in items:
         if isinstance(item, ReasoningItem):
             reasoning = (reasoning or "") + item.text
         elif isinstance(item, MessageItem) and item.role == "assistant":
             assistant(calls=False)["content"] += item.text
         elif isinstance(item, MessageItem):
+            unanswered_reasoning()
             messages.append({"role": item.role, "content": item.text})
         elif isinstance(item, FunctionCallItem):
             assistant(calls=True).setdefault("tool_calls", []).append(
                 {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}})
         else:
+            unanswered_reasoning()
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+    unanswered_reasoning()
     return messages
 
 
