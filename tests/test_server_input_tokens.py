@@ -148,7 +148,7 @@ def test_a_grammar_create_refuses_the_count_refuses(client: openai.OpenAI, field
     ({"tools": [{"type": "web_search"}]}, 400, "tools.[0]", "unsupported_parameter"),
     ({"tool_choice": "required"}, 400, "tool_choice", None),  # without tools, as create
     ({"previous_response_id": "resp_unknown"}, 400, "previous_response_id", "previous_response_not_found"),
-    ({"input": [{"type": "item_reference", "id": "msg_unknown"}]}, 400, "input.[0].id", None),
+    ({"input": [{"type": "item_reference", "id": "msg_unknown"}]}, 404, "input", None),
     ({"input": LONG}, 400, "input", "context_length_exceeded"),  # truncation "disabled", the default
     ({"input": LONG[:2], "truncation": "auto"}, 400, "input", "context_length_exceeded"),  # the last item alone
     ({"input": FAR_TOO_LONG[:2], "truncation": "auto"}, 400, "input", "context_length_exceeded"),

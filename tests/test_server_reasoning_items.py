@@ -34,9 +34,9 @@ def _create(server: GunicornServer, body: Json) -> Json:
     return answer.json()
 
 
-def _refusal(server: GunicornServer, items: list[Json]) -> Json:
+def _refusal(server: GunicornServer, items: list[Json], status: int = 400) -> Json:
     answer = requests.post(f"{server.url}/v1/responses", json={**GREEDY, "tools": TOOLS, "input": items}, timeout=60)
-    assert answer.status_code == 400, answer.text
+    assert answer.status_code == status, answer.text
     return answer.json()["error"]
 
 
@@ -72,6 +72,9 @@ def test_a_replayed_history_makes_the_prompt_of_its_previous_response_id(server:
     bare = {"type": "reasoning", "id": thought_id, "summary": []}
     by_id = _create(server, {**GREEDY, "tools": TOOLS, "store": False,
                              "input": [QUESTION, bare, CALL, OUTPUT, *first["output"]]})
+    textless = {**bare, "summary": [{"type": "summary_text", "text": ""}], "content": []}  # no text: only its id
+    assert _answer(_create(server, {**GREEDY, "tools": TOOLS, "store": False,
+                                    "input": [QUESTION, textless, CALL, OUTPUT, *first["output"]]})) == _answer(by_id)
     unthought = _create(server, {**GREEDY, "tools": TOOLS, "store": False,
                                  "input": [QUESTION, CALL, OUTPUT, *first["output"]]})
     assert _answer(continued) == _answer(whole) == _answer(by_id)
@@ -89,17 +92,27 @@ def test_reasoning_that_no_output_follows_is_a_turn_of_its_own(server: GunicornS
     tool = {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}
     assert _counted(server, [QUESTION, THOUGHT, MORE, CALL, OUTPUT]) == len(
         _chat_tokens(server, [QUESTION, cut, MORE, turn, tool]))
+    # nor splits a call from its output: it waits for the next message (or the next assistant turn); the same count
+    # either way, so the greedy answers of the two prompts are compared
+    split = _create(server, {**GREEDY, "tools": TOOLS, "input": [QUESTION, CALL, THOUGHT, OUTPUT, MORE]})
+    chat = requests.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [QUESTION, turn, tool, cut, MORE], "tools": CHAT_TOOLS, "temperature": 0,
+        "max_tokens": 16, "reasoning_effort": "none"}).json()
+    assert _answer(split) == (chat["usage"]["prompt_tokens"], chat["choices"][0]["message"]["content"])
 
 
 def test_reasoning_items_that_cannot_be_read_are_refused_by_name(server: GunicornServer) -> None:
-    """Never dropped silently: the id of no stored item (as OpenAI's 'not found', saying how to send it instead), an
-    item with neither text nor id, the id of an item that is no reasoning, an encrypted_content this server did not
-    issue (OpenAI's own, a Fernet token)."""
-    error = _refusal(server, [QUESTION, {"type": "reasoning", "id": "rs_unknown", "summary": []}, CALL, OUTPUT])
-    assert error["param"] == "input.[1].id" and "'rs_unknown' not found" in error["message"]
-    assert "store" in error["message"] and "encrypted_content" in error["message"]
-    error = _refusal(server, [QUESTION, {"type": "reasoning", "summary": []}, CALL, OUTPUT])
-    assert error["param"] == "input.[1]" and "content, encrypted_content or summary" in error["message"]
+    """Never dropped silently: the id of no stored item (OpenAI's 404, word for word: clients recover by it), an
+    item with neither text nor id (empty texts are none), the id of an item that is no reasoning, an encrypted_content
+    this server did not issue (OpenAI's own, a Fernet token)."""
+    error = _refusal(server, [QUESTION, {"type": "reasoning", "id": "rs_unknown", "summary": []}, CALL, OUTPUT], 404)
+    assert error == {"message": "Item with id 'rs_unknown' not found. Items are not persisted when `store` is set to "
+                                "false. Try again with `store` set to true, or remove this item from your input.",
+                     "type": "invalid_request_error", "param": "input", "code": None}
+    for textless in ({"type": "reasoning", "summary": []},
+                     {"type": "reasoning", "summary": [{"type": "summary_text", "text": ""}], "content": []}):
+        error = _refusal(server, [QUESTION, textless, CALL, OUTPUT])
+        assert error["param"] == "input.[1]" and "content, encrypted_content or summary" in error["message"]
     first = _create(server, {**GREEDY, "input": [QUESTION]})
     message_id = first["output"][0]["id"]
     error = _refusal(server, [QUESTION, {"type": "reasoning", "id": message_id, "summary": []}, CALL, OUTPUT])
@@ -112,6 +125,9 @@ def test_reasoning_items_that_cannot_be_read_are_refused_by_name(server: Gunicor
     body = doc["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     validator = jsonschema.Draft202012Validator({**body, "components": doc["components"]})
     assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "summary": []}]})
+    assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "content": [
+        {"type": "reasoning_text", "text": ""}], "summary": []}]})
+    assert validator.is_valid({"model": MODEL, "input": [QUESTION, THOUGHT]})
     assert validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "id": "rs_1"}]})
 
 

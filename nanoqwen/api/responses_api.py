@@ -585,7 +585,7 @@ class ResponsesService:
             if (item_id := referred_id(item)) is not None:
                 holder = self.store.holder(item_id)
                 if holder is None:
-                    raise self._unresolved(item_id, f"input.[{i}].id", isinstance(item, ReasoningItem))
+                    raise self._unresolved(item_id, f"input.[{i}].id")
                 response_id, stored = holder
                 if response_id not in parsed:
                     parsed[response_id] = stored.own_items()
@@ -606,17 +606,15 @@ class ResponsesService:
             items.append(item)
         return req.model_copy(update={"input": items})
 
-    def _unresolved(self, item_id: str, param: str, reasoning: bool = False) -> APIError:
-        """The 400 of an item reference (or a bare reasoning item) to no finished response's item: one in progress
-        (its input or output so far, a stream's or a background response's) is named, to be referred to once it has
-        finished. A bare reasoning item's says how to send the reasoning instead, as OpenAI's does."""
+    def _unresolved(self, item_id: str, param: str) -> APIError:
+        """An item reference (or a bare reasoning item) to no finished response's item: OpenAI's 404, word for word
+        (clients recover by it: they drop the ids and retry), or, for one in progress (its input or output so far, a
+        stream's or a background response's), a 400 naming it, to be referred to once it has finished."""
         running = self.store.running_holder(item_id)
         if running is None:
-            hint = (" A response's items are kept only with `store: true` (while the store holds them): send the "
-                    "reasoning item's content, or its encrypted_content (include \"reasoning.encrypted_content\"), or "
-                    "remove it from your input."
-                    if reasoning else "")
-            return APIError(400, f"Item with id '{item_id}' not found.{hint}", param=param)
+            return APIError(404, f"Item with id '{item_id}' not found. Items are not persisted when `store` is set to "
+                            "false. Try again with `store` set to true, or remove this item from your input.",
+                            param="input")
         return APIError(400, f"Item with id '{item_id}' is in response '{running}', still in progress: refer to it "
                         "once that response has finished.", param=param, code="response_in_progress")
 

@@ -153,8 +153,9 @@ def encode_reasoning(text: str) -> str:
 def _reasoning_schema(schema: dict[str, Any]) -> None:
     """ReasoningItem._has_text in the JSON schema (the OpenAPI document's): its text, or the id of a stored one."""
     schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-                       for name in ("content", "encrypted_content", "id")]
-    schema["anyOf"].append({"required": ["summary"], "properties": {"summary": {"minItems": 1}}})
+                       for name in ("encrypted_content", "id")]
+    schema["anyOf"] += [{"required": [name], "properties": {name: {
+        "type": "array", "contains": {"properties": {"text": {"minLength": 1}}}}}} for name in ("content", "summary")]
 
 
 class ReasoningItem(Strict):
@@ -187,12 +188,13 @@ class ReasoningItem(Strict):
     @property
     def bare(self) -> bool:
         """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item."""
-        return self.content is None and self.encrypted_content is None and not self.summary
+        return self.encrypted_content is None and not any(part.text for part in [*(self.content or []), *self.summary])
 
     @property
     def text(self) -> str:
-        if self.content:
-            return "".join(c.text for c in self.content)
+        """Its content's text, else its encrypted_content's, else its summary's (the first that says anything)."""
+        if content := "".join(c.text for c in self.content or []):
+            return content
         if self.encrypted_content is not None:
             return base64.b64decode(self.encrypted_content).decode()
         return "".join(s.text for s in self.summary)
@@ -465,8 +467,9 @@ class ResponseCreateRequest(ResponsePromptFields):
 def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     """Chat messages for input items: consecutive function calls (and the reasoning and text before them) make
     one assistant turn with tool_calls; a reasoning item is the following assistant turn's reasoning_content. One
-    that no assistant item follows (an answer cut in its reasoning) is a turn of its own with no text, as chat's
-    client resends that answer: not a later turn's reasoning, nor dropped."""
+    that no assistant item follows before the next message (an answer cut in its reasoning) is a turn of its own with
+    no text, as chat's client resends that answer: not a later turn's reasoning, nor dropped. Tool outputs leave it
+    pending: a turn between a call and its output would split them."""
     messages: list[dict[str, Any]] = []
     reasoning: str | None = None
 
@@ -488,7 +491,8 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
 
     for item in items:
         if isinstance(item, ReasoningItem):
-            reasoning = (reasoning or "") + item.text
+            if item.text:
+                reasoning = (reasoning or "") + item.text
         elif isinstance(item, MessageItem) and item.role == "assistant":
             assistant(calls=False)["content"] += item.text
         elif isinstance(item, MessageItem):
@@ -498,7 +502,6 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
             assistant(calls=True).setdefault("tool_calls", []).append(
                 {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}})
         else:
-            unanswered_reasoning()
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
     unanswered_reasoning()
     return messages
