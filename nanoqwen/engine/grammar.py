@@ -34,11 +34,11 @@ NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator":
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
-# What llguidance appends to an error's message: a Rust panic's backtrace (4000 tools' grammar panics), and in place
+# What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
 # llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
-# fuel8): the lexer it builds for the first mask (initial_lexer_fuel; 1,999 forced tools fit, `a{100000}` does not,
+# fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
 LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
 
