@@ -192,3 +192,17 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     with pytest.raises(InvalidRequest) as info:
         structured._tool_calls(grammars, tools, False, ({"$ref": "#/$defs/gone"}, False), True)
     assert info.value.param == "response_format" and len(grammars._cache) == 1
+
+
+@pytest.mark.parametrize("opener", [None, THINK_ID])
+def test_a_rows_first_mask_is_the_compiled_one_then_its_matchers(grammar: Grammar, brace: int,
+                                                                 opener: int | None) -> None:
+    """The first mask is computed once, at compile (where building the lexer may take 0.25 s), not on the engine
+    thread for each choice; from the first token the row's matcher computes its own."""
+    assert torch.equal(torch.from_numpy(grammar.first_mask), _plain_mask(grammar, []))
+    marked = token_bitmask([brace], VOCAB_SIZE)  # not the grammar's first mask: shows which one the row used
+    row = RowGrammar(grammar.matcher(), END_THINK_ID if opener else None, EOS_IDS, may_open=opener,
+                     first_mask=marked.numpy())
+    assert torch.equal(_mask(row), marked | token_bitmask([opener] if opener else [], VOCAB_SIZE))
+    row.sync(PROMPT + [brace], len(PROMPT))
+    assert row.first_mask is None and torch.equal(_mask(row), _plain_mask(grammar, [brace]))

@@ -345,6 +345,17 @@ def test_a_regex_spelling_the_markup_is_followed_past_it(server: GunicornServer,
     assert all(c.finish_reason == "stop" and re.fullmatch(regex, c.text) for c in answer.choices), answer.choices
 
 
+def test_a_grammar_past_its_fuel_ends_its_answer_instead_of_stalling_the_others(server: GunicornServer) -> None:
+    """`a{100000}` cost 50-150 ms of the engine thread every step (every stream waited); within LIMITS' fuel its lexer
+    gives out after the first token, and the answer ends there, short of the regex (a grammar error's end)."""
+    answer = server.openai_client(timeout=300).completions.create(
+        model=MODEL, prompt="Answer:", max_tokens=3, temperature=0.0,
+        extra_body={"structured_outputs": {"regex": "a{100000}"}})
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and answer.usage.completion_tokens == 2, answer  # its token, then EOS
+    assert set(choice.text) == {"a"}, choice.text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_structured_outputs_on_completions(server: GunicornServer, stream: bool) -> None:
     client = server.openai_client(timeout=300)

@@ -224,7 +224,7 @@ class Engine:
             )
             if params.grammar is not None:
                 seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids, may_open,
-                                         params.grammar.promises)
+                                         params.grammar.promises, params.grammar.first_mask)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:

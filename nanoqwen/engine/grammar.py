@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,13 @@ NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator":
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
-BACKTRACE = "\n<backtrace>"  # what llguidance appends to a Rust panic's message (4000 tools' grammar panics)
+# What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
+# of the parser's state (LIMITS' verbose_errors=False) a marker.
+APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
+# llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
+# fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
+# which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
+LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Grammar:
 
     text: str
     template: LLMatcher
+    first_mask: np.ndarray  # int32 [ceil(V/32)]: the tokens allowed first (Grammars._first_mask)
     promises: bool  # the answer must hold something (a call, JSON): the grammar does not accept an empty one
 
     def matcher(self) -> LLMatcher:
@@ -187,22 +195,31 @@ class Grammars:
         if grammar is not None:
             return grammar
         try:
-            template = LLMatcher(self._tokenizer, text, log_level=0)  # drops the GIL while it compiles
+            template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
             raise _invalid(param, str(exc)) from None
-        if template.is_error():
+        first_mask = None if template.is_error() else self._first_mask(template)
+        if first_mask is None or template.is_error():
             raise _invalid(param, template.get_error())
-        grammar = Grammar(text, template, promises=not template.is_accepting())
+        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting())
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return grammar
 
+    def _first_mask(self, template: LLMatcher) -> np.ndarray:
+        """The template's first mask, int32 [ceil(V/32)]: computing it builds the lexer (up to LIMITS' initial fuel:
+        0.25 s for a regex that exhausts it), here in the API's thread (llguidance drops the GIL), not on the engine
+        thread, where each choice's copy would compute it again (~0.1 s for such a regex)."""
+        words = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        template.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        return words
+
 
 def _invalid(param: str, error: str) -> InvalidRequest:
     """The 400 for a grammar llguidance refused; a panic's backtrace left out (kB of the server's build paths)."""
-    return InvalidRequest(f"invalid {param}: {error.split(BACKTRACE, 1)[0]}", param=param)
+    return InvalidRequest(f"invalid {param}: {APPENDED.split(error, 1)[0]}", param=param)
 
 
 @dataclass
@@ -218,6 +235,7 @@ class RowGrammar:
     eos_ids: list[int]
     may_open: int | None = None
     promises: bool = False  # Grammar.promises: an end inside the thought would break the promise
+    first_mask: np.ndarray | None = None  # Grammar.first_mask, used until the matcher takes a token
     _seen: int = field(default=0)  # output tokens looked at
 
     @property
@@ -243,6 +261,7 @@ class RowGrammar:
                     self.start_after = None
             else:
                 self.matcher.consume_token(token)  # a refused token leaves the matcher in its error state
+                self.first_mask = None
         self._seen = len(token_ids) - num_prompt_tokens
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
@@ -252,9 +271,12 @@ class RowGrammar:
             bitmask[row] = token_bitmask(self.eos_ids, bitmask.shape[1] * 32)
             return
         words = bitmask[row]  # [ceil(V/32)] int32, contiguous
-        # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
-        # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
-        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        if self.first_mask is not None:
+            words.numpy()[:] = self.first_mask
+        else:
+            # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
+            # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
+            self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         if self.may_open is not None:  # its one bit set in place, not a vocabulary-sized mask built per call
             word, bit = divmod(self.may_open, 32)
             words.numpy().view(np.uint32)[word] |= np.uint32(1 << bit)
