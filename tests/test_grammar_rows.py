@@ -199,10 +199,50 @@ def test_a_rows_first_mask_is_the_compiled_one_then_its_matchers(grammar: Gramma
                                                                  opener: int | None) -> None:
     """The first mask is computed once, at compile (where building the lexer may take 0.25 s), not on the engine
     thread for each choice; from the first token the row's matcher computes its own."""
-    assert torch.equal(torch.from_numpy(grammar.first_mask), _plain_mask(grammar, []))
+    assert torch.equal(torch.from_numpy(grammar.first_mask.copy()), _plain_mask(grammar, []))
     marked = token_bitmask([brace], VOCAB_SIZE)  # not the grammar's first mask: shows which one the row used
     row = RowGrammar(grammar.matcher(), END_THINK_ID if opener else None, EOS_IDS, may_open=opener,
                      first_mask=marked.numpy())
     assert torch.equal(_mask(row), marked | token_bitmask([opener] if opener else [], VOCAB_SIZE))
     row.sync(PROMPT + [brace], len(PROMPT))
     assert row.first_mask is None and torch.equal(_mask(row), _plain_mask(grammar, [brace]))
+
+
+def test_a_row_starts_from_its_grammars_compiled_first_mask(grammar: Grammar) -> None:
+    """RowGrammar.of, the engine's one way to make a choice's matcher, takes the mask computed at compile (read-only:
+    every choice shares it), so the engine thread never builds the lexer."""
+    row = RowGrammar.of(grammar, None, EOS_IDS)
+    assert row.first_mask is grammar.first_mask and not grammar.first_mask.flags.writeable
+    assert row.promises == grammar.promises and row.source is grammar
+
+
+def test_a_matcher_that_spends_its_fuel_spoils_its_grammar_for_later_requests(
+        tokenizer: PreTrainedTokenizerFast) -> None:
+    """The copies of a compiled grammar share its lexer, whose fuel error stays: once a choice's matcher errs, its
+    choice ends (EOS only) and the cache compiles the text afresh, so later requests with it are not cut too."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
+    (a,), (b,) = tokenizer.encode("a"), tokenizer.encode("b")
+    grammar = grammars.from_text("regex", "b{1,5}|a{100000}", "structured_outputs.regex")
+    row, tokens = RowGrammar.of(grammar, None, EOS_IDS), [a]
+    row.sync(PROMPT + tokens, len(PROMPT))
+    for _ in range(3):  # past its fuel (the lexer of a{100000} is not built) the matcher errs within a token or two
+        mask = _mask(row)
+        if row.matcher.is_error():
+            break
+        word = int(torch.nonzero(mask)[0])  # the first token allowed
+        tokens.append(word * 32 + (int(mask[word]) & 0xFFFFFFFF).bit_length() - 1)
+        row.sync(PROMPT + tokens, len(PROMPT))
+    assert row.matcher.is_error() and torch.equal(mask, token_bitmask(EOS_IDS, mask.numel() * 32))
+    assert grammar.spoiled and grammars.cached(("regex", "b{1,5}|a{100000}")) is None
+    fresh = grammars.from_text("regex", "b{1,5}|a{100000}", "structured_outputs.regex")
+    assert fresh is not grammar and not fresh.spoiled
+    later = RowGrammar.of(fresh, None, EOS_IDS)
+    later.sync(PROMPT + [b], len(PROMPT))
+    assert _allows(_mask(later), b) and not later.matcher.is_error()
+
+
+def test_what_llguidance_appends_to_an_error_is_cut() -> None:
+    """A panic's backtrace (kB of the server's build paths) and the non-verbose marker stay out of the 400."""
+    for appended in ("\n<backtrace>\n  0: llguidance::x at /home/build/src/lib.rs:1\n</backtrace>", "\n<non-verbose/>"):
+        error = grammar_module._invalid("response_format", f"panic: too many symbols{appended}")
+        assert str(error) == "invalid response_format: panic: too many symbols"

@@ -223,8 +223,7 @@ class Engine:
                 params.min_tokens,
             )
             if params.grammar is not None:
-                seq.grammar = RowGrammar(params.grammar.matcher(), end_think, self.generation.eos_token_ids, may_open,
-                                         params.grammar.promises, params.grammar.first_mask)
+                seq.grammar = RowGrammar.of(params.grammar, end_think, self.generation.eos_token_ids, may_open)
             request.sequences.append(seq)
         with self._lock:
             if self._num_queued >= self.config.max_queue:

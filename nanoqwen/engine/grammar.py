@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
 # fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
 LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
+log = logging.getLogger("nanoqwen")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Grammar:
     template: LLMatcher
     first_mask: np.ndarray  # int32 [ceil(V/32)]: the tokens allowed first (Grammars._first_mask)
     promises: bool  # the answer must hold something (a call, JSON): the grammar does not accept an empty one
+    # A choice's matcher erred (its fuel spent): the copies share the template's lexer, whose error stays, so the
+    # cache compiles the text afresh for the next request (Grammars.cached)
+    spoiled: bool = False
 
     def matcher(self) -> LLMatcher:
         return self.template.deep_copy()
@@ -73,14 +78,14 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
     try:
         return LLMatcher.grammar_from_json_schema(_schema_with_options(schema, strict, no_space))
     except ValueError as exc:
-        raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
+        raise _invalid(param, str(exc)) from None
 
 
 def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> None:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
     slot): the combined grammar it is part of would be refused naming another field."""
     if error := LLMatcher.validate_grammar(_json_grammar(schema, strict, param)):
-        raise InvalidRequest(f"invalid {param}: {error}", param=param)
+        raise _invalid(param, error)
 
 
 def _call_rules(i: int, tool: ToolSpec) -> list[str]:
@@ -181,9 +186,12 @@ class Grammars:
         return self.compile(converted, param, key)
 
     def cached(self, key: str | tuple[str, str]) -> Grammar | None:
-        """The cached grammar, now the most recently used; None on a miss."""
+        """The cached grammar, now the most recently used; None on a miss or a spoiled one."""
         with self._lock:
             grammar = self._cache.get(key)
+            if grammar is not None and grammar.spoiled:
+                del self._cache[key]
+                return None
             if grammar is not None:
                 self._cache.move_to_end(key)
         return grammar
@@ -214,6 +222,7 @@ class Grammars:
         thread, where each choice's copy would compute it again (~0.1 s for such a regex)."""
         words = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
         template.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        words.flags.writeable = False  # shared by every choice of the grammar
         return words
 
 
@@ -236,7 +245,14 @@ class RowGrammar:
     may_open: int | None = None
     promises: bool = False  # Grammar.promises: an end inside the thought would break the promise
     first_mask: np.ndarray | None = None  # Grammar.first_mask, used until the matcher takes a token
+    source: Grammar | None = None  # spoiled when this matcher errs
     _seen: int = field(default=0)  # output tokens looked at
+
+    @classmethod
+    def of(cls, grammar: Grammar, start_after: int | None, eos_ids: list[int],
+           may_open: int | None = None) -> RowGrammar:
+        """A choice's matcher of `grammar`, starting from its compiled first mask."""
+        return cls(grammar.matcher(), start_after, eos_ids, may_open, grammar.promises, grammar.first_mask, grammar)
 
     @property
     def active(self) -> bool:
@@ -266,17 +282,22 @@ class RowGrammar:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next.
-        A matcher in error (it cannot happen with the mask applied) allows only EOS: the choice ends."""
-        if self.matcher.is_error():
-            bitmask[row] = token_bitmask(self.eos_ids, bitmask.shape[1] * 32)
-            return
+        A matcher in error (its fuel spent: LIMITS) allows only EOS: the choice ends with "stop", as vLLM's
+        guidance backend ends it; the error is logged and its grammar spoiled."""
         words = bitmask[row]  # [ceil(V/32)] int32, contiguous
         if self.first_mask is not None:
             words.numpy()[:] = self.first_mask
-        else:
+        elif not self.matcher.is_error():
             # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
             # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
             self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        if self.matcher.is_error():  # before this mask, or in computing it
+            if self.source is not None and not self.source.spoiled:
+                self.source.spoiled = True
+                log.warning("a grammar's matcher erred, its choice ended: %s",
+                            APPENDED.split(self.matcher.get_error(), 1)[0][:500])
+            bitmask[row] = token_bitmask(self.eos_ids, bitmask.shape[1] * 32)
+            return
         if self.may_open is not None:  # its one bit set in place, not a vocabulary-sized mask built per call
             word, bit = divmod(self.may_open, 32)
             words.numpy().view(np.uint32)[word] |= np.uint32(1 << bit)
