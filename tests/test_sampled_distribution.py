@@ -27,7 +27,7 @@ PROMPT = [9707, 1879, 11, 358, 1000, 1001, 1079]  # 1000 and 1001 in it: the rep
 REQUESTS, N = 8, 32
 Z = 4.75  # the chi-square test's false-alarm rate: p = 1e-6
 # raw against processed logprobs differ by far more; token-exact logprobs (1e-4) are profiles/differential.py's. One
-# first token of ~3,500 checked was 1.2e-4 off once (exact8 in profiles/RESULTS.md); of ~120,000 since, none past
+# first token of ~3,500 checked was 1.2e-4 off once (exact8 in profiles/RESULTS.md); of ~130,000 since, none past
 # 2.7e-6 (lp8): a failure lists each logprob off with its top_logprobs, to tell which of the row's values moved.
 TOL = 1e-3
 TOP = 3  # top_logprobs asked: by them a logprob off says whether its row's normaliser moved (all alike) or one logit
