@@ -206,3 +206,13 @@ def test_a_rows_first_mask_is_the_compiled_one_then_its_matchers(grammar: Gramma
     assert torch.equal(_mask(row), marked | token_bitmask([opener] if opener else [], VOCAB_SIZE))
     row.sync(PROMPT + [brace], len(PROMPT))
     assert row.first_mask is None and torch.equal(_mask(row), _plain_mask(grammar, [brace]))
+
+
+def test_a_grammar_past_max_rules_is_refused_before_llguidance_sees_it(grammars: Grammars) -> None:
+    """rules_bound counts what may begin a rule (not a rule's `|` lines, blanks or comments) and each `$ref`, also as
+    JSON spells it inside a Lark `%json` (`\\u0024ref`): a chain of either that long overflowed the compile's stack."""
+    assert grammar_module.rules_bound('start: a\n  | "b"\n\n// note\na: "x"\n%json {"$ref": "#", "\\u0024ref": 1}') == 5
+    chain = "start: r0\n" + "".join(f'r{i}: %json {{"\\u0024ref": "#/x"}}\n' for i in range(grammar_module.MAX_RULES))
+    with pytest.raises(InvalidRequest, match="more than 5000 rules") as refused:
+        grammars.compile(chain, "guided_grammar")
+    assert refused.value.param == "guided_grammar"
