@@ -246,3 +246,13 @@ def test_what_llguidance_appends_to_an_error_is_cut() -> None:
     for appended in ("\n<backtrace>\n  0: llguidance::x at /home/build/src/lib.rs:1\n</backtrace>", "\n<non-verbose/>"):
         error = grammar_module._invalid("response_format", f"panic: too many symbols{appended}")
         assert str(error) == "invalid response_format: panic: too many symbols"
+
+
+def test_a_grammar_past_max_rules_is_refused_before_llguidance_sees_it(grammars: Grammars) -> None:
+    """rules_bound counts what may begin a rule (not a rule's `|` lines, blanks or comments) and each `$ref`, also as
+    JSON spells it inside a Lark `%json` (`\\u0024ref`): a chain of either that long overflowed the compile's stack."""
+    assert grammar_module.rules_bound('start: a\n  | "b"\n\n// note\na: "x"\n%json {"$ref": "#", "\\u0024ref": 1}') == 5
+    chain = "start: r0\n" + "".join(f'r{i}: %json {{"\\u0024ref": "#/x"}}\n' for i in range(grammar_module.MAX_RULES))
+    with pytest.raises(InvalidRequest, match="more than 5000 rules") as refused:
+        grammars.compile(chain, "guided_grammar")
+    assert refused.value.param == "guided_grammar"

@@ -6,6 +6,7 @@ string, number and array, or a random model would fill them forever.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -354,6 +355,35 @@ def test_a_grammar_past_its_fuel_ends_its_answer_instead_of_stalling_the_others(
     choice = answer.choices[0]
     assert choice.finish_reason == "stop" and answer.usage.completion_tokens == 2, answer  # its token, then EOS
     assert set(choice.text) == {"a"}, choice.text
+
+
+def _rule_chain(n: int) -> str:
+    """Lark rules each calling the next, `n` deep: llguidance recurses once a rule while it compiles."""
+    return "start: r0\n" + "\n".join(f'r{i}: r{i + 1} | "b"' for i in range(n)) + f'\nr{n}: "a"'
+
+
+def _ref_chain(n: int) -> dict[str, Any]:
+    """A JSON Schema of `$ref`s each to the next, `n` deep (a few kB of llguidance's stack each)."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(n)}
+    return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+
+
+def test_deep_grammars_compile_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
+    """A chain of 3,000 rules overflowed the compiling thread's 8 MiB stack: SIGSEGV, the worker and its streams lost.
+    Now the threads' stacks hold it, and a grammar past MAX_RULES (rules and $refs) is refused before llguidance."""
+    (worker,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
+    post = functools.partial(requests.post, f"{server.url}/v1/completions", timeout=120)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0.0}
+    answer = post(json={**body, "structured_outputs": {"grammar": _rule_chain(3_000)}})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] in ("a", "b", "bb"), answer.text
+    for extra, param in [({"structured_outputs": {"grammar": _rule_chain(6_000)}}, "structured_outputs.grammar"),
+                         ({"guided_json": _ref_chain(6_000)}, "guided_json")]:
+        answer = post(json={**body, **extra})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == param and "more than 5000 rules" in error["message"], error
+    (after,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
+    assert after["pid"] == worker["pid"], (worker, after)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -165,9 +165,9 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
 def test_a_grammar_past_llguidance_limits_is_a_400_without_a_backtrace(server: GunicornServer) -> None:
     """4000 forced tools made more grammar symbols than llguidance holds: it panicked, and its message went out whole,
     ~10 kB of backtrace with the server's build paths in it (~3 s to compile, off the loop). Within LIMITS' fuel
-    (past ~1,500 forced tools) their lexer is refused first."""
+    (past ~1,500 forced tools) their lexer is refused first; 2,400 (two rules each) are within MAX_RULES."""
     tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {
-        "type": "object", "properties": {"a": {"type": "string"}}}}} for i in range(4000)]
+        "type": "object", "properties": {"a": {"type": "string"}}}}} for i in range(2400)]
     response = _post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tools": tools,
                                                       "tool_choice": "required"})
     assert response.status_code == 400, response.text

@@ -33,8 +33,9 @@ class _Job:
 
 
 class NativePool:
-    def __init__(self, workers: int, max_pending: int) -> None:
+    def __init__(self, workers: int, max_pending: int, stack_bytes: int | None = None) -> None:
         self.workers = workers
+        self.stack_bytes = stack_bytes  # each worker's stack (start_native_thread); None: the default
         self.max_pending = max_pending  # running + waiting jobs; past it run() refuses
         self._jobs: collections.deque[_Job | None] = collections.deque()  # None: a worker's end
         self._lock = native_lock()  # held only around deque and counter updates
@@ -67,7 +68,7 @@ class NativePool:
             if not self._started:  # lazily: apps built in tests that never tokenise start no threads
                 self._started = True
                 for _ in range(self.workers):
-                    start_native_thread(self._work)
+                    start_native_thread(self._work, self.stack_bytes)
 
     def stop(self) -> None:
         """Ends the workers once the jobs before are done (a test's pool); a later run() starts new ones."""

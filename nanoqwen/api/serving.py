@@ -27,6 +27,7 @@ from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
 from nanoqwen.api.sse import HEADERS, PROBE, sse
 from nanoqwen.engine import Engine, QueueFullError
+from nanoqwen.engine.grammar import COMPILE_STACK_BYTES
 from nanoqwen.engine.request import Event, SamplingParams, Usage
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -232,8 +233,10 @@ class Serving:
         self.engine = engine
         self.config = config
         self.stats = stats
-        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
-        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
+        # these compile grammars too (off_loop), which takes a deep stack
+        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts, COMPILE_STACK_BYTES)
+        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts,
+                                          COMPILE_STACK_BYTES)
         # every job is an answer already generated: waiting beats refusing it, and it shares no lane with prompts
         self.encoding = NativePool(1, max_pending=1 << 20)
         self._info: dict[str, Any] = {}

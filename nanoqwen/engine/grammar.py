@@ -43,6 +43,13 @@ APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
 LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
 log = logging.getLogger("nanoqwen")
+# llguidance recurses once per link of a chain of rules (`r0: r1 | "b"`, `r1: r2 | "b"`, ...; GBNF's too) or of JSON
+# Schema `$ref`s while it compiles, 3-5 kB of stack a rule and up to ~12 kB a `$ref`: past its thread's stack the
+# process dies (SIGSEGV; 3,000 rules or 2,000 `$ref`s in an 8 MiB stack). So a grammar holds at most MAX_RULES (counted
+# by rules_bound) and the threads that compile have COMPILE_STACK_BYTES, twice what that many `$ref`s took (profiles/
+# RESULTS.md, deep8). Nesting within a rule, a regex or a schema, llguidance bounds itself.
+MAX_RULES = 5_000
+COMPILE_STACK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,9 @@ class Grammars:
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
+        if rules_bound(text) > MAX_RULES:  # before llguidance, whose compile would overflow its stack
+            raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules and JSON Schema "
+                                 "$refs", param=param)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -224,6 +234,13 @@ class Grammars:
         template.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
         words.flags.writeable = False  # shared by every choice of the grammar
         return words
+
+
+def rules_bound(text: str) -> int:
+    """At least the rules and `$ref`s of a grammar's text: each line that may begin a rule (all but blank ones, a
+    rule's `|` alternatives and comments) and each `$ref` however spelled (`$` may be JSON's `\\u0024`)."""
+    lines = sum(1 for line in map(str.lstrip, text.splitlines()) if line and not line.startswith(("|", "//")))
+    return lines + text.count("$ref") + text.count("\\u0024")
 
 
 def _invalid(param: str, error: str) -> InvalidRequest:

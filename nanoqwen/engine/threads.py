@@ -19,12 +19,23 @@ def _original(name: str):
     return monkey.get_original("_thread", name)
 
 
-def start_native_thread(target: Callable[[], None]) -> int:
-    return _original("start_new_thread")(target, ())
+def start_native_thread(target: Callable[[], None], stack_bytes: int | None = None) -> int:
+    """`stack_bytes`: the thread's stack (reserved, not committed: pages are touched as it grows); None: the default."""
+    if stack_bytes is None:
+        return _original("start_new_thread")(target, ())
+    with _STARTING:
+        before = _original("stack_size")(stack_bytes)
+        try:
+            return _original("start_new_thread")(target, ())
+        finally:
+            _original("stack_size")(before)
 
 
 def native_lock():
     return _original("allocate_lock")()
+
+
+_STARTING = native_lock()  # _thread's stack size is the process's: set and restored around one start at a time
 
 
 class NativeEvent:
