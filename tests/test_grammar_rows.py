@@ -252,6 +252,7 @@ def test_a_grammar_past_max_rules_is_refused_before_llguidance_sees_it(grammars:
     """rules_bound counts what may begin a rule (not a rule's `|` lines, blanks or comments) and each `$ref`, also as
     JSON spells it inside a Lark `%json` (`\\u0024ref`): a chain of either that long overflowed the compile's stack."""
     assert grammar_module.rules_bound('start: a\n  | "b"\n\n// note\na: "x"\n%json {"$ref": "#", "\\u0024ref": 1}') == 5
+    assert grammar_module.rules_bound('%json {"$r\\u0065f": "#", "\\u0024\\u0072ef": "#"}') == 3  # any letter escaped
     chain = "start: r0\n" + "".join(f'r{i}: %json {{"\\u0024ref": "#/x"}}\n' for i in range(grammar_module.MAX_RULES))
     with pytest.raises(InvalidRequest, match="more than 5000 rules") as refused:
         grammars.compile(chain, "guided_grammar")

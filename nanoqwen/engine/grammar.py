@@ -49,6 +49,8 @@ log = logging.getLogger("nanoqwen")
 # by rules_bound) and the threads that compile have COMPILE_STACK_BYTES, twice what that many `$ref`s took (profiles/
 # RESULTS.md, deep8). Nesting within a rule, a regex or a schema, llguidance bounds itself.
 MAX_RULES = 5_000
+# "$ref" as JSON may spell it: any of its letters a \u escape
+REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
 
 
@@ -238,9 +240,9 @@ class Grammars:
 
 def rules_bound(text: str) -> int:
     """At least the rules and `$ref`s of a grammar's text: each line that may begin a rule (all but blank ones, a
-    rule's `|` alternatives and comments) and each `$ref` however spelled (`$` may be JSON's `\\u0024`)."""
+    rule's `|` alternatives and comments) and each `$ref` however spelled (REF)."""
     lines = sum(1 for line in map(str.lstrip, text.splitlines()) if line and not line.startswith(("|", "//")))
-    return lines + text.count("$ref") + text.count("\\u0024")
+    return lines + len(REF.findall(text))
 
 
 def _invalid(param: str, error: str) -> InvalidRequest:
@@ -299,8 +301,9 @@ class RowGrammar:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next.
-        A matcher in error (its fuel spent: LIMITS) allows only EOS: the choice ends with "stop", as vLLM's
-        guidance backend ends it; the error is logged and its grammar spoiled."""
+        A matcher in error allows only EOS: the choice ends with "stop", as vLLM's guidance backend ends it. A lexer's
+        error (its fuel spent: LIMITS) is the shared lexer's: logged once, and the grammar spoiled; another (a parser
+        row past llguidance's items, a long chain of rules) is this matcher's alone."""
         words = bitmask[row]  # [ceil(V/32)] int32, contiguous
         if self.first_mask is not None:
             words.numpy()[:] = self.first_mask
@@ -309,7 +312,8 @@ class RowGrammar:
             # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
             self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
         if self.matcher.is_error():  # before this mask, or in computing it
-            if self.source is not None and not self.source.spoiled:
+            if self.source is not None and not self.source.spoiled \
+                    and self.matcher.get_error().startswith("lexer error"):
                 self.source.spoiled = True
                 log.warning("a grammar's matcher erred, its choice ended: %s",
                             APPENDED.split(self.matcher.get_error(), 1)[0][:500])
