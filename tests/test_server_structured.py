@@ -357,6 +357,23 @@ def test_a_grammar_past_its_fuel_ends_its_answer_instead_of_stalling_the_others(
     assert set(choice.text) == {"a"}, choice.text
 
 
+def test_a_grammar_whose_lexer_gave_out_is_compiled_afresh_for_the_next_request(server: GunicornServer) -> None:
+    """The copies of a compiled grammar share its lexer, whose fuel error stays: a request steered into the costly
+    branch spoils the cached grammar, and the next request with the same text gets a fresh one (before: it too ended
+    after its first token)."""
+    regex = "b{1,5}|a{100000}"
+    (a,), (b,) = (_token_ids(server, letter) for letter in "ab")
+    client = server.openai_client(timeout=300)
+
+    def create(token: int) -> Any:
+        return client.completions.create(model=MODEL, prompt="Answer:", max_tokens=3, temperature=0.0, extra_body={
+            "structured_outputs": {"regex": regex}, "logit_bias": {str(token): 100}}).choices[0]
+
+    assert create(a).finish_reason == "stop"  # the costly branch: its lexer gives out
+    steered = create(b)
+    assert (steered.text, steered.finish_reason) == ("bbb", "length"), steered
+
+
 def _rule_chain(n: int) -> str:
     """Lark rules each calling the next, `n` deep: llguidance recurses once a rule while it compiles."""
     return "start: r0\n" + "\n".join(f'r{i}: r{i + 1} | "b"' for i in range(n)) + f'\nr{n}: "a"'
