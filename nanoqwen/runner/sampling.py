@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from llguidance import LLExecutor, LLMatcher
 
 from nanoqwen.runner.mask_thread import MaskThread
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.grammar import RowGrammar
     from nanoqwen.engine.request import SamplingParams
     from nanoqwen.engine.sequence import Sequence
 
@@ -140,32 +142,46 @@ class LogitAdjuster:
 
     def _fill_masks(self, seqs: list[Sequence]) -> None:
         """The masks of a step's rows: each sequence's in the next free bitmask slot (a drafting sequence's
-        positions share it), each row's slot in _slots."""
+        positions share it), each row's slot in _slots. The matchers' masks are computed together."""
         row_slots: list[int] = []
         slots = 0
+        grammars: list[tuple[RowGrammar, int]] = []  # (grammar, slot) of each masked row under one
+        pending: list[tuple[LLMatcher, int]] = []  # (matcher, slot) of each mask still to compute
         with torch.inference_mode():  # a thread's own mode, as on the engine thread: host_bitmask is an inference one
             for row, seq in enumerate(seqs):
                 if row and seq is seqs[row - 1]:
                     row_slots.append(row_slots[-1])
-                elif self._fill_mask(seq, slots):
-                    row_slots.append(slots)
-                    slots += 1
-                else:
+                    continue
+                grammar = seq.grammar
+                if grammar is not None:
+                    grammar.sync(seq.token_ids, seq.num_prompt_tokens)
+                if grammar is not None and grammar.active:
+                    grammars.append((grammar, slots))
+                    if grammar.fill_start(self.host_bitmask, slots):
+                        pending.append((grammar.matcher, slots))
+                elif seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
+                    self.host_bitmask[slots] = seq.request.allowed_mask
+                else:  # may sample any token
                     row_slots.append(-1)
+                    continue
+                row_slots.append(slots)
+                slots += 1
+            self._compute_masks(pending)
+            for grammar, slot in grammars:
+                grammar.fill_end(self.host_bitmask, slot)
         self._slots = row_slots
 
-    def _fill_mask(self, seq: Sequence, slot: int) -> bool:
-        """Fills bitmask row `slot` with the tokens `seq` may sample next; False when it may sample any."""
-        grammar = seq.grammar
-        if grammar is not None:
-            grammar.sync(seq.token_ids, seq.num_prompt_tokens)
-            if grammar.active:
-                grammar.fill(self.host_bitmask, slot)
-                return True
-        if seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
-            self.host_bitmask[slot] = seq.request.allowed_mask
-            return True
-        return False
+    def _compute_masks(self, pending: list[tuple[LLMatcher, int]]) -> None:
+        """Each matcher's mask into its bitmask slot; several at once on llguidance's thread pool (it drops the GIL:
+        0.1-1 ms a JSON row, tens of ms a costly regex's)."""
+        words = self.host_bitmask.shape[1]
+        if len(pending) == 1:
+            matcher, slot = pending[0]
+            row = self.host_bitmask[slot]  # [ceil(V/32)] int32, contiguous
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+        elif pending:
+            _executor().unsafe_compute_mask_ptr(pending, self.host_bitmask.data_ptr(), words * 4,
+                                                self.host_bitmask.shape[0])
 
     def _ban(self, slot: int, token_ids: tuple[int, ...]) -> None:
         """Clears `token_ids` from bitmask row `slot` unless they are all it allows: a grammar that can
@@ -182,6 +198,13 @@ class LogitAdjuster:
 def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     """A logit_bias as its tokens (int64 [N]) and values (fp32 [N])."""
     return np.fromiter(bias.keys(), np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
+
+
+@functools.cache
+def _executor() -> LLExecutor:
+    """llguidance's thread pool for masks computed together (its default size: 80% of the CPUs, at most 32), one for
+    the process: made at the first step with two."""
+    return LLExecutor()
 
 
 @functools.lru_cache(maxsize=64)
