@@ -7,8 +7,9 @@ replaced), the two alternated round by round in one process (the same load for b
 
 Cases: `regex` one `a{70000}` row (inside LIMITS' fuel, ~20-100 ms a mask: profiles/RESULTS.md, fuel8) beside a
 greedy row; `json` 7 rows under a JSON schema (an array of at least 1000 small objects: constrained throughout)
-beside a greedy row (8 rows: a bucket the CPU graph replays); `plain` a greedy row alone and 8 (no mask: both arms run the same code). Per case and arm:
-median, p90 and max ms a step (after the prefill) and llguidance's own fill time per step (the masks' sum).
+beside a greedy row (8 rows: a bucket the CPU graph replays); `plain1`/`plain8` greedy rows alone (no mask: both arms
+run the same code). Per case and arm: median, p90 and max ms a step (after the prefill) and llguidance's own fill
+time per step (the masks' sum).
 """
 from __future__ import annotations
 
