@@ -26,16 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from bench_grammar import SCHEMA  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
-from nanoqwen.engine.grammar import RowGrammar  # noqa: E402
 from nanoqwen.runner.mask_thread import MaskThread  # noqa: E402
+from nanoqwen.runner.sampling import LogitAdjuster  # noqa: E402
 
 FILL_S: list[float] = []
 
 
-def _timed_fill(fill):  # noqa: ANN001, ANN202 - wraps RowGrammar.fill to time it
-    def timed(self: RowGrammar, bitmask: torch.Tensor, row: int) -> None:
+def _timed(compute):  # noqa: ANN001, ANN202 - wraps LogitAdjuster._compute_masks to time it
+    def timed(self: LogitAdjuster, pending: list) -> None:
         start = time.perf_counter()
-        fill(self, bitmask, row)
+        compute(self, pending)
         FILL_S.append(time.perf_counter() - start)
     return timed
 
@@ -77,7 +77,7 @@ def main() -> None:
     engine = common.load_engine(common.checkpoint(args.small), device="auto", dtype="auto", graph="auto",
                                 kernels="auto", max_batch=16, max_model_len=256)
     print(common.machine_line(common.machine_info(engine.runner.device)), "graph", engine.info()["graph"])
-    RowGrammar.fill = _timed_fill(RowGrammar.fill)
+    LogitAdjuster._compute_masks = _timed(LogitAdjuster._compute_masks)
     thread = engine.runner.adjuster._thread
     arms = {"thread": MaskThread.start.__get__(thread),
             "inline": lambda job, here=False: MaskThread.start(thread, job, here=True)}
