@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from bench_grammar import SCHEMA  # noqa: E402
+from bench_grammar import FILL_S, SCHEMA, _timed_masks  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
 from nanoqwen.runner.mask_thread import MaskThread  # noqa: E402
 from nanoqwen.runner.sampling import LogitAdjuster  # noqa: E402
-
-FILL_S: list[float] = []
-
-
-def _timed(compute):  # noqa: ANN001, ANN202 - wraps LogitAdjuster._compute_masks to time it
-    def timed(self: LogitAdjuster, pending: list) -> None:
-        start = time.perf_counter()
-        compute(self, pending)
-        FILL_S.append(time.perf_counter() - start)
-    return timed
 
 
 def _requests(engine: Engine, case: str, new_tokens: int) -> list[SamplingParams]:
@@ -77,7 +66,7 @@ def main() -> None:
     engine = common.load_engine(common.checkpoint(args.small), device="auto", dtype="auto", graph="auto",
                                 kernels="auto", max_batch=16, max_model_len=256)
     print(common.machine_line(common.machine_info(engine.runner.device)), "graph", engine.info()["graph"])
-    LogitAdjuster._compute_masks = _timed(LogitAdjuster._compute_masks)
+    LogitAdjuster._compute_masks = _timed_masks(LogitAdjuster._compute_masks)
     thread = engine.runner.adjuster._thread
     arms = {"thread": MaskThread.start.__get__(thread),
             "inline": lambda job, here=False: MaskThread.start(thread, job, here=True)}
@@ -89,7 +78,7 @@ def main() -> None:
                 thread.start = arms[arm]
                 step_s, fill_s = _steps(engine, _requests(engine, case, args.new_tokens))
                 results[arm] += step_s
-                fills[arm].append(fill_s / len(step_s))
+                fills[arm].append(fill_s / len(step_s))  # over every step: one without a computed mask adds 0
         load = Path("/proc/loadavg").read_text().split()[0]
         for arm, step_s in results.items():
             ms = sorted(s * 1e3 for s in step_s)
