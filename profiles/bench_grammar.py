@@ -31,7 +31,7 @@ import common  # noqa: E402
 from bench_sampler import rows as sampling_rows  # noqa: E402
 from nanoqwen.engine import Engine, SamplingParams  # noqa: E402
 from nanoqwen.engine.grammar import Grammar, RowGrammar  # noqa: E402
-from nanoqwen.runner.sampling import sampling_mode  # noqa: E402
+from nanoqwen.runner.sampling import LogitAdjuster, sampling_mode  # noqa: E402
 from nanoqwen.sampler import LogitAdjust, sample  # noqa: E402
 
 TARGET_RATIO = 1.10
@@ -44,11 +44,13 @@ SCHEMA = {"type": "array", "items": ITEM, "minItems": 1000}
 FILL_S: list[float] = []
 
 
-def _timed_fill(fill):  # noqa: ANN001, ANN202 - wraps RowGrammar.fill to time it
-    def timed(self: RowGrammar, bitmask: torch.Tensor, row: int) -> None:
+def _timed_masks(compute):  # noqa: ANN001, ANN202 - wraps LogitAdjuster._compute_masks to time it
+    """Each step's matcher masks (llguidance's calls), where a row computed one."""
+    def timed(self: LogitAdjuster, pending: list) -> None:
         start = time.perf_counter()
-        fill(self, bitmask, row)
-        FILL_S.append(time.perf_counter() - start)
+        compute(self, pending)
+        if pending:
+            FILL_S.append(time.perf_counter() - start)
     return timed
 
 
@@ -100,7 +102,7 @@ def main() -> None:
              "one logit_bias row (10 entries)": dataclasses.replace(QWEN, logit_bias={i: 5.0 for i in range(10)}),
              "one row short of its min_tokens": dataclasses.replace(QWEN, min_tokens=args.new_tokens),
              "one allowed_token_ids row (1000 ids)": dataclasses.replace(QWEN, allowed_token_ids=list(range(1000)))}
-    RowGrammar.fill = _timed_fill(RowGrammar.fill)
+    LogitAdjuster._compute_masks = _timed_masks(LogitAdjuster._compute_masks)
     prompts = common.random_prompts(args.batch, 16, seed=0)
     decode(engine, prompts, 4, None)  # warm-up
     steps: dict[str, list[float]] = {name: [] for name in cases}

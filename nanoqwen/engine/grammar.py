@@ -300,17 +300,26 @@ class RowGrammar:
         self._seen = len(token_ids) - num_prompt_tokens
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next.
-        A matcher in error allows only EOS: the choice ends with "stop", as vLLM's guidance backend ends it. A lexer's
-        error (its fuel spent: LIMITS) is the shared lexer's: logged once, and the grammar spoiled; another (a parser
-        row past llguidance's items, a long chain of rules) is this matcher's alone."""
-        words = bitmask[row]  # [ceil(V/32)] int32, contiguous
-        if self.first_mask is not None:
-            words.numpy()[:] = self.first_mask
-        elif not self.matcher.is_error():
+        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next."""
+        if self.fill_start(bitmask, row):
+            words = bitmask[row]  # [ceil(V/32)] int32, contiguous
             # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
             # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
             self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+        self.fill_end(bitmask, row)
+
+    def fill_start(self, bitmask: torch.Tensor, row: int) -> bool:
+        """fill() in parts, so that a step's matchers compute their masks together (LogitAdjuster): the compiled
+        first mask into row `row`, else whether the matcher's mask is still to compute into it; fill_end after."""
+        if self.first_mask is not None:
+            bitmask[row].numpy()[:] = self.first_mask
+            return False
+        return not self.matcher.is_error()
+
+    def fill_end(self, bitmask: torch.Tensor, row: int) -> None:
+        """A matcher in error allows only EOS: the choice ends with "stop", as vLLM's guidance backend ends it. A
+        lexer's error (its fuel spent: LIMITS) is the shared lexer's: logged once, and the grammar spoiled; another (a
+        parser row past llguidance's items, a long chain of rules) is this matcher's alone."""
         if self.matcher.is_error():  # before this mask, or in computing it
             if self.source is not None and not self.source.spoiled \
                     and self.matcher.get_error().startswith("lexer error"):
@@ -321,4 +330,4 @@ class RowGrammar:
             return
         if self.may_open is not None:  # its one bit set in place, not a vocabulary-sized mask built per call
             word, bit = divmod(self.may_open, 32)
-            words.numpy().view(np.uint32)[word] |= np.uint32(1 << bit)
+            bitmask[row].numpy().view(np.uint32)[word] |= np.uint32(1 << bit)

@@ -149,20 +149,22 @@ class ModelRunner:
         without drafts. -> a token per position, in order."""
         rows, steps = sampled_positions(seqs)
         n = len(rows)
+        adjusted = self.adjuster.wanted(seqs)
+        if adjusted:  # the grammar masks are filled on the mask thread while the step is staged and runs
+            self.adjuster.start(rows)
         max_len = self.inputs.stage_decode(seqs, bucket)
         mode, penalized = stage_sampling(self.inputs.host_sampling, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
         # Penalties need every row's token history, biases and grammar masks change per step: the
         # step samples greedily (cheapest) and the adjusted distribution is sampled afterwards from
         # its logits, every row with the same mode and noise as in the step.
-        adjusted = self.adjuster.wanted(seqs)
         resample = penalized or adjusted
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
         logits, tokens = logits[:n], tokens[:n]
-        if resample:  # the grammar masks are filled on the host while the device runs the step
+        if resample:
             tokens = sample(logits, self.inputs.device_sampling(n), mode,
                             self.penalties.build(rows) if penalized else None,
-                            self.adjuster.build(rows) if adjusted else None)
+                            self.adjuster.build() if adjusted else None)
         return step_output(rows, logits, tokens)
 
     # -- steps with prefill chunks -------------------------------------------------------
@@ -195,12 +197,15 @@ class ModelRunner:
         their token and drafts), run eagerly. A drafting row samples at every position, each with the output
         index it would have had without drafts: the token the step would sample there if the drafts before
         it are accepted."""
+        positions, steps = sampled_positions(sampled)
+        adjusted = self.adjuster.wanted(sampled)
+        if adjusted:  # the grammar masks are filled on the mask thread while the model runs
+            self.adjuster.start(positions)
         packed = prefill_inputs(rows, self.inputs)
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
         seqs = [seq for seq, _ in rows]
         prompt_logprobs = prefill_prompt_logprobs(self.model, hidden, seqs, [seq.num_computed_tokens for seq in seqs],
                                                   packed.meta.query_lens, self.inputs.to_device)
-        positions, steps = sampled_positions(sampled)
         n = len(positions)
         if not n:  # only chunks before a prompt's last: their k/v (and prompt scores) are the step's result
             return StepOutput(tokens=[], prompt_logprobs=prompt_logprobs)
@@ -209,7 +214,7 @@ class ModelRunner:
         sampling = self.inputs.upload_packed_sampling(n)
         logits = self.model.compute_logits(hidden[packed.last])
         tokens = sample(logits, sampling, mode, self.penalties.build(positions) if penalized else None,
-                        self.adjuster.build(positions))
+                        self.adjuster.build() if adjusted else None)
         output = step_output(positions, logits, tokens)
         output.prompt_logprobs = prompt_logprobs
         return output

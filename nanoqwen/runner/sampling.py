@@ -4,17 +4,21 @@ logprobs) brought to the host (penalties: nanoqwen/runner/penalties.py). The sam
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from llguidance import LLExecutor, LLMatcher
 
+from nanoqwen.runner.mask_thread import MaskThread
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
+    from nanoqwen.engine.grammar import RowGrammar
     from nanoqwen.engine.request import SamplingParams
     from nanoqwen.engine.sequence import Sequence
 
@@ -67,10 +71,9 @@ def stage_sampling(h: SamplingRows, seqs: list[Sequence], bucket: int, vocab_siz
 
 
 class LogitAdjuster:
-    """Each step's logit biases and token masks: a grammar's allowed tokens (the engine thread brings
-    every constrained row's matcher up to date with the tokens sampled since its last step, then
-    fills its bitmask row), allowed_token_ids, and the ban on the stop ids (min_tokens', a promised answer's
-    thought)."""
+    """Each step's logit biases and token masks: a grammar's allowed tokens (each constrained row's matcher brought up
+    to date with the tokens sampled since its last step, then its bitmask row filled: on the mask thread, while the
+    forward runs), allowed_token_ids, and the ban on the stop ids (min_tokens', a promised answer's thought)."""
 
     def __init__(self, rows: int, vocab_size: int, to_device: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """rows: the most sequences a step samples (a drafting sequence's positions share its row)."""
@@ -80,40 +83,47 @@ class LogitAdjuster:
         # id(logit_bias) -> (logit_bias, its tokens int64 [N], its values fp32 [N]) of the last step's rows: a
         # request's dict (which the entry keeps alive) converted once, not each step (30k entries: 12-27 ms)
         self._biases: dict[int, tuple[dict[int, float], np.ndarray, np.ndarray]] = {}
+        self._thread = MaskThread()
+        weakref.finalize(self, self._thread.close).atexit = False  # at exit the thread just stops
+        self._seqs: list[Sequence] = []  # the rows of the step started
+        self._slots: list[int] = []  # each row's bitmask slot, -1 where it may sample any token
 
     @staticmethod
     def wanted(seqs: list[Sequence]) -> bool:
         """Whether any row has a logit bias, a grammar (active or not yet), allowed ids or min_tokens to reach."""
         return any(logits_adjusted(seq) for seq in seqs)
 
-    def build(self, seqs: list[Sequence]) -> LogitAdjust | None:
-        """None when no row has a logit bias, a mask or a ban (the step then needs nothing). A sequence may
-        fill several rows in a row (a drafting one's positions): its mask is filled once, in one bitmask slot."""
+    def start(self, seqs: list[Sequence]) -> None:
+        """Begins the step's masks before its forward: on the mask thread where a row has a grammar (its matcher's
+        sync and mask may take milliseconds: profiles/RESULTS.md, fuel8), here otherwise (allowed_token_ids' masks
+        are copies). The engine thread leaves the rows' grammars to that thread until build()."""
+        self._seqs = seqs
+        self._thread.start(functools.partial(self._fill_masks, seqs),
+                           here=not any(seq.grammar is not None for seq in seqs))
+
+    def build(self) -> LogitAdjust | None:
+        """The started step's adjustments, its masks joined; None when no row has a logit bias, a mask or a ban
+        (the step then needs nothing)."""
+        self._thread.wait()
+        seqs, row_slots = self._seqs, self._slots
         entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, tokens, values) of each row's bias entries
         biases: dict[int, tuple[dict[int, float], np.ndarray, np.ndarray]] = {}
-        mask_rows: list[int] = []
-        mask_slots: list[int] = []  # each masked row's bitmask slot
-        slots = 0
+        mask_rows = [row for row, slot in enumerate(row_slots) if slot >= 0]
+        mask_slots = [row_slots[row] for row in mask_rows]
+        slots = max(mask_slots, default=-1) + 1
         for row, seq in enumerate(seqs):
             params = seq.request.params
-            if row and seq is seqs[row - 1]:
-                masked = bool(mask_rows) and mask_rows[-1] == row - 1
-                banned: tuple[int, ...] = ()  # a sequence whose stop ids are banned never drafts
-            else:
-                masked = self._fill_mask(seq, slots)
-                slots += masked
-                banned = banned_stops(seq)  # after _fill_mask's sync: a grammar's thought may have ended
-                if masked and banned:
-                    self._ban(slots - 1, banned)
-            if masked:
-                mask_rows.append(row)
-                mask_slots.append(slots - 1)
+            banned: tuple[int, ...] = ()  # a sequence whose stop ids are banned never drafts: its first row only
+            if not row or seq is not seqs[row - 1]:
+                banned = banned_stops(seq)  # after the sync: a grammar's thought may have ended
+                if banned and row_slots[row] >= 0:
+                    self._ban(row_slots[row], banned)
             if params.logit_bias:
                 key = id(params.logit_bias)
                 biases[key] = (biases.get(key) or self._biases.get(key)  # n choices share one request's dict
                                or (params.logit_bias, *_bias_arrays(params.logit_bias)))
                 entries.append((row, *biases[key][1:]))
-            if banned and not masked:  # after the bias: -inf whatever a bias added
+            if banned and row_slots[row] < 0:  # after the bias: -inf whatever a bias added
                 entries.append((row, *_ban_arrays(banned)))
         self._biases = biases
         if not entries and not mask_rows:
@@ -130,18 +140,48 @@ class LogitAdjuster:
             bitmask = bitmask[ids(mask_slots)]
         return LogitAdjust(ids(rows), ids(tokens), self.to_device(torch.from_numpy(values)), ids(mask_rows), bitmask)
 
-    def _fill_mask(self, seq: Sequence, slot: int) -> bool:
-        """Fills bitmask row `slot` with the tokens `seq` may sample next; False when it may sample any."""
-        grammar = seq.grammar
-        if grammar is not None:
-            grammar.sync(seq.token_ids, seq.num_prompt_tokens)
-            if grammar.active:
-                grammar.fill(self.host_bitmask, slot)
-                return True
-        if seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
-            self.host_bitmask[slot] = seq.request.allowed_mask
-            return True
-        return False
+    def _fill_masks(self, seqs: list[Sequence]) -> None:
+        """The masks of a step's rows: each sequence's in the next free bitmask slot (a drafting sequence's
+        positions share it), each row's slot in _slots. The matchers' masks are computed together."""
+        row_slots: list[int] = []
+        slots = 0
+        grammars: list[tuple[RowGrammar, int]] = []  # (grammar, slot) of each masked row under one
+        pending: list[tuple[LLMatcher, int]] = []  # (matcher, slot) of each mask still to compute
+        with torch.inference_mode():  # a thread's own mode, as on the engine thread: host_bitmask is an inference one
+            for row, seq in enumerate(seqs):
+                if row and seq is seqs[row - 1]:
+                    row_slots.append(row_slots[-1])
+                    continue
+                grammar = seq.grammar
+                if grammar is not None:
+                    grammar.sync(seq.token_ids, seq.num_prompt_tokens)
+                if grammar is not None and grammar.active:
+                    grammars.append((grammar, slots))
+                    if grammar.fill_start(self.host_bitmask, slots):
+                        pending.append((grammar.matcher, slots))
+                elif seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
+                    self.host_bitmask[slots] = seq.request.allowed_mask
+                else:  # may sample any token
+                    row_slots.append(-1)
+                    continue
+                row_slots.append(slots)
+                slots += 1
+            self._compute_masks(pending)
+            for grammar, slot in grammars:
+                grammar.fill_end(self.host_bitmask, slot)
+        self._slots = row_slots
+
+    def _compute_masks(self, pending: list[tuple[LLMatcher, int]]) -> None:
+        """Each matcher's mask into its bitmask slot; several at once on llguidance's thread pool (it drops the GIL:
+        0.1-1 ms a JSON row, tens of ms a costly regex's)."""
+        words = self.host_bitmask.shape[1]
+        if len(pending) == 1:
+            matcher, slot = pending[0]
+            row = self.host_bitmask[slot]  # [ceil(V/32)] int32, contiguous
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+        elif pending:
+            _executor().unsafe_compute_mask_ptr(pending, self.host_bitmask.data_ptr(), words * 4,
+                                                self.host_bitmask.shape[0])
 
     def _ban(self, slot: int, token_ids: tuple[int, ...]) -> None:
         """Clears `token_ids` from bitmask row `slot` unless they are all it allows: a grammar that can
@@ -158,6 +198,13 @@ class LogitAdjuster:
 def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     """A logit_bias as its tokens (int64 [N]) and values (fp32 [N])."""
     return np.fromiter(bias.keys(), np.int64, len(bias)), np.fromiter(bias.values(), np.float32, len(bias))
+
+
+@functools.cache
+def _executor() -> LLExecutor:
+    """llguidance's thread pool for masks computed together (its default size: 80% of the CPUs, at most 32), one for
+    the process: made at the first step with two."""
+    return LLExecutor()
 
 
 @functools.lru_cache(maxsize=64)

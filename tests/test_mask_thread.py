@@ -1,0 +1,171 @@
+"""A step's token masks are filled on the mask thread while the forward runs (nanoqwen/runner/mask_thread.py), joined
+before sampling: constrained greedy answers are transformers' under the same masks in each mode, and the mask really
+runs beside the forward (a matcher that waits for the forward, and a forward that waits for the mask)."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from engine_util import collect, engine_step, greedy, load_engine, run
+from nanoqwen.engine import Engine, SamplingParams
+from nanoqwen.engine.grammar import RowGrammar
+
+PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198], list(range(5000, 5030, 3))]
+MAX_TOKENS = 10
+# Neither can end within MAX_TOKENS: the answer is MAX_TOKENS tokens, each under the grammar
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "minLength": 300}}, "required": ["name"]}
+REGEX = "(ab|cd)[a-z ]{300}"
+ALLOWED = [9707, 1879, 11, 358, 1079, 2000, 3000]
+BIAS = {1879: 8.0, 11: -100.0}
+MODES = {"none": dict(graph="none"), "cpugraph": dict(graph="auto")}
+HANDSHAKE_S = 10.0  # how long either side waits for the other before the test fails
+
+
+def _generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    """Each prompt's first choice, all in one batch, constrained from the first token (no thought first)."""
+    streams = [engine.submit(prompt, p, split_reasoning=False)[1] for prompt, p in zip(prompts, params)]
+    run(engine)
+    return [collect(stream).choices[0].token_ids for stream in streams]
+
+
+def _constrained_requests(engine: Engine) -> list[SamplingParams]:
+    """One batch's rows: a JSON schema, a regex, a seeded JSON schema, allowed_token_ids, a logit_bias, none."""
+    schema = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    regex = engine.grammars.from_text("regex", REGEX, "structured_outputs")
+    return [greedy(MAX_TOKENS, grammar=schema), greedy(MAX_TOKENS, grammar=regex),
+            SamplingParams(temperature=1.0, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True, grammar=schema),
+            greedy(MAX_TOKENS, allowed_token_ids=ALLOWED), greedy(MAX_TOKENS, logit_bias=BIAS), greedy(MAX_TOKENS)]
+
+
+def _reference(hf: torch.nn.Module, engine: Engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    """transformers' greedy tokens with the row's adjustments: its grammar's mask (a fresh matcher), its allowed
+    ids, its bias."""
+    vocab = engine.model_config.vocab_size
+    row = RowGrammar.of(params.grammar, None, engine.generation.eos_token_ids) if params.grammar else None
+    tokens: list[int] = []
+    for _ in range(params.max_tokens):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + tokens])).logits[0, -1].float()  # [V]
+        for token, value in params.logit_bias.items():
+            logits[token] += value
+        allowed = torch.ones(vocab, dtype=torch.bool)
+        if row is not None:
+            row.sync(prompt + tokens, len(prompt))
+            bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)  # [1, ceil(V/32)]
+            row.fill(bitmask, 0)
+            allowed = ((bitmask[0, torch.arange(vocab) // 32] >> (torch.arange(vocab) % 32)) & 1).bool()
+        if params.allowed_token_ids is not None:
+            allowed = torch.zeros(vocab, dtype=torch.bool)
+            allowed[params.allowed_token_ids] = True
+        tokens.append(int(logits.masked_fill(~allowed, float("-inf")).argmax()))
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint) -> dict[str, Engine]:
+    return {mode: load_engine(tiny_checkpoint, **config) for mode, config in MODES.items()}
+
+
+def test_constrained_answers_are_transformers_under_the_same_masks_in_each_mode(engines, hf) -> None:
+    """Every row of one batch under its own adjustment, decoded with the masks filled beside the forward: the greedy
+    ones are transformers' under the same masks, the seeded one the same in each mode (and the grammar holds)."""
+    answers = {}
+    for mode, engine in engines.items():
+        rows = _constrained_requests(engine)
+        answers[mode] = _generate(engine, [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))], rows)
+        for i, (params, got) in enumerate(zip(rows, answers[mode])):
+            if params.greedy:
+                assert got == _reference(hf, engine, PROMPTS[i % len(PROMPTS)], params), (mode, i)
+        assert engine.info()["graph"] == ("none" if mode == "none" else "cpugraph")
+    seeded = answers["none"][2]
+    assert answers["cpugraph"][2] == seeded and len(seeded) == MAX_TOKENS
+    text = engines["none"].tokenizer.decode(seeded)
+    assert text.startswith('{"name": "') and '"' not in text[len('{"name": "'):]  # inside the 300 characters
+
+
+class _Handshake:
+    """A matcher's mask that waits for the forward to start, and a forward that waits for the mask to start: both go
+    on only where the mask runs beside the forward (run after it, as on the engine thread, the forward waits in vain
+    and the step fails the test)."""
+
+    def __init__(self) -> None:
+        self.mask_started = threading.Event()
+        self.forward_started = threading.Event()
+        self.forwards_alone = 0  # forwards that never saw the mask start
+
+    def mask(self) -> None:
+        self.mask_started.set()
+        assert self.forward_started.wait(HANDSHAKE_S), "the mask ran before the forward and not beside it"
+
+    def forward(self) -> None:
+        self.forward_started.set()
+        if not self.mask_started.wait(HANDSHAKE_S):
+            self.forwards_alone += 1
+
+
+class _WaitingMatcher:
+    """A real matcher whose masks first run the handshake's side."""
+
+    def __init__(self, matcher: Any, handshake: _Handshake) -> None:
+        self._matcher = matcher
+        self._handshake = handshake
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        self._handshake.mask()
+        self._matcher.unsafe_compute_mask_ptr(pointer, size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._matcher, name)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_the_mask_is_computed_while_the_forward_runs(engines, mode: str, step: str, monkeypatch) -> None:
+    """The prefill's sampled row (its first mask from the matcher: its compiled one dropped) and a decode step's."""
+    engine = engines[mode]
+    runner = engine.runner
+    handshake = _Handshake()
+    schema = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    plain = _generate(engine, [PROMPTS[0]], [greedy(3, grammar=schema)])
+    request_id, stream = engine.submit(PROMPTS[0], greedy(3, grammar=schema), split_reasoning=False)
+    row = engine._requests[request_id].sequences[0].grammar
+    if step == "prefill":
+        row.first_mask = None
+        row.matcher = _WaitingMatcher(row.matcher, handshake)
+    else:
+        engine_step(engine)  # the prefill: its mask the compiled one
+        row.matcher = _WaitingMatcher(row.matcher, handshake)
+    if step == "prefill":
+        model, forward = runner.model, runner.model.forward
+        monkeypatch.setattr(model, "forward", lambda *args, **kw: handshake.forward() or forward(*args, **kw))
+    else:
+        run_graph = runner.graphs.run
+        monkeypatch.setattr(runner.graphs, "run", lambda *args: handshake.forward() or run_graph(*args))
+    engine_step(engine)
+    assert handshake.mask_started.is_set() and handshake.forward_started.is_set()
+    assert handshake.forwards_alone == 0
+    monkeypatch.undo()
+    run(engine)
+    assert collect(stream).choices[0].token_ids == plain[0]
+
+
+class _FailingMatcher(_WaitingMatcher):
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        raise RuntimeError("the matcher broke")
+
+
+def test_a_mask_that_raises_on_the_mask_thread_fails_its_step_as_on_the_engine_thread(engines) -> None:
+    """The error reaches the engine thread at the join: the step's requests fail, the next one is served."""
+    engine = engines["none"]
+    schema = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    request_id, stream = engine.submit(PROMPTS[0], greedy(3, grammar=schema), split_reasoning=False)
+    row = engine._requests[request_id].sequences[0].grammar
+    row.first_mask = None
+    row.matcher = _FailingMatcher(row.matcher, _Handshake())
+    run(engine)
+    assert "the matcher broke" in collect(stream).error
+    answer = _generate(engine, [PROMPTS[1]], [greedy(3, grammar=schema)])
+    assert len(answer[0]) == 3
