@@ -8,8 +8,13 @@ group of one kv head) walk the context in tiles of 64 keys up to their last toke
 an online softmax and fp32 accumulation; memory is a fixed scratch per thread, whatever the context.
 Source: csrc/prefill_attention.c, built by build.py.
 
-`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel the sequences it wins (C_MAX_NEW)
-and the rest to SDPA's fused kernels: the reference's one causal call for a sequence with nothing or
+On CPUs with AMX-BF16, bf16 also has the kernel's AMX tiles (csrc/prefill_amx.h): tasks of 512 query vectors
+over 256-key blocks packed once a task, scores and P V on the tiles with fp32 sums, the online softmax in fp32 on
+AVX-512; 1.5-2x SDPA's fused kernel a thread at 0.6B's shapes (profiles/RESULTS.md, "attn9").
+
+`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel's AVX2 loops the sequences they win (C_MAX_NEW),
+the rest to its AMX tiles where they serve, else to SDPA's fused kernels: the reference's one causal call for a
+sequence with nothing or
 little cached; after a longer prefix, one unmasked call over the prefix and one causal call over the
 new tokens, merged by their logsumexps: no [new, context] mask, no score computed twice.
 """
@@ -27,9 +32,9 @@ MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at lea
 MAX_HEAD_DIM = 256
 # New tokens per sequence up to which the C kernel takes a sequence with a cached prefix: it reads
 # the context in place where SDPA first gathers it out of the blocks (decode rows of a chunked batch,
-# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to SDPA's fused
-# kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 kernel does not match (profiles/RESULTS.md,
-# "Paged prefill attention").
+# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to the AMX tiles (bf16, where the
+# CPU has them) or to SDPA's fused kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 loops do not match
+# (profiles/RESULTS.md, "Paged prefill attention").
 C_MAX_NEW = 16
 # A prefix under 1/SPLIT_MIN_PREFIX of the new tokens costs less padded under one causal SDPA call (the
 # reference's route) than in a call of its own. Measured in bf16 at 0.6B's shapes: the reference 1.4x

@@ -172,6 +172,7 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
     for (int t0 = 0; t0 < end; t0 += AMX_KEYS) {
         const int n = end - t0 < AMX_KEYS ? end - t0 : AMX_KEYS, width = (n + 31) & ~31;
         amx_pack(kt, vp, kc, vc, table, t0, n, h, Hkv, D, bs);
+        AMX_STORES_VISIBLE();
         for (int r0 = 0; r0 < padded; r0 += AMX_QT) {
             const int last = r0 + AMX_QT <= rows ? r0 + AMX_QT - 1 : rows - 1;
             if (visible[last] <= t0) continue;  /* the causal upper triangle: no row of the tile sees the block */
@@ -196,6 +197,7 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
                 _tile_stored(6, s + 16 * AMX_KEYS + k0, AMX_KEYS * 4);
                 _tile_stored(7, s + 16 * AMX_KEYS + k0 + 16, AMX_KEYS * 4);
             }
+            AMX_STORES_VISIBLE();  /* and the tiles' stores to the loads after them: asms without a memory operand */
             for (int r = r0; r < r0 + AMX_QT; r++) {
                 const int k = visible[r] - t0, seen = k < n ? k : n;
                 uint16_t *pr = p + (long)(r - r0) * AMX_KEYS;
@@ -226,6 +228,7 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
                 _tile_stored(6, a1, D * 4);
                 _tile_stored(7, a1 + 16, D * 4);
             }
+            AMX_STORES_VISIBLE();
         }
     }
     _tile_release();
