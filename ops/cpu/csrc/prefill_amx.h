@@ -148,6 +148,19 @@ static inline void amx_softmax_row(const float *s, uint16_t *p, float *acc, floa
     *m = m_new;
 }
 
+/* Tiles 4-7 += the 2 x 2 products of the A tiles at a0, a1 (16 rows of 32 bf16, sa bytes apart) and the B tiles at b0,
+   b1 (16 rows of 16 bf16 pairs, sb bytes apart): each tile loaded serves two multiplies. */
+static inline void amx_madd_2x2(const void *a0, const void *a1, int sa, const void *b0, const void *b1, int sb) {
+    _tile_loadd(0, a0, sa);
+    _tile_loadd(1, a1, sa);
+    _tile_loadd(2, b0, sb);
+    _tile_loadd(3, b1, sb);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(5, 0, 3);
+    _tile_dpbf16ps(6, 1, 2);
+    _tile_dpbf16ps(7, 1, 3);
+}
+
 /* One task: new tokens [i0, i0 + count) of sequence `seq` (its first at q row q0), all G heads of kv head h. */
 static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, const uint16_t *kc, const uint16_t *vc,
                      const int32_t *table, uint16_t *out, long q0, int i0, int count, int cached, int h, int Hq,
@@ -182,16 +195,9 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
                 _tile_zero(5);
                 _tile_zero(6);
                 _tile_zero(7);
-                for (int d = 0; d < D; d += 32) {
-                    _tile_loadd(0, qs + (long)r0 * D + d, D * 2);
-                    _tile_loadd(1, qs + (long)(r0 + 16) * D + d, D * 2);
-                    _tile_loadd(2, kt + (long)d / 2 * AMX_KEYS + k0, AMX_KEYS * 4);
-                    _tile_loadd(3, kt + (long)d / 2 * AMX_KEYS + k0 + 16, AMX_KEYS * 4);
-                    _tile_dpbf16ps(4, 0, 2);
-                    _tile_dpbf16ps(5, 0, 3);
-                    _tile_dpbf16ps(6, 1, 2);
-                    _tile_dpbf16ps(7, 1, 3);
-                }
+                for (int d = 0; d < D; d += 32)
+                    amx_madd_2x2(qs + (long)r0 * D + d, qs + (long)(r0 + 16) * D + d, D * 2,
+                                 kt + (long)d / 2 * AMX_KEYS + k0, kt + (long)d / 2 * AMX_KEYS + k0 + 16, AMX_KEYS * 4);
                 _tile_stored(4, s + k0, AMX_KEYS * 4);
                 _tile_stored(5, s + k0 + 16, AMX_KEYS * 4);
                 _tile_stored(6, s + 16 * AMX_KEYS + k0, AMX_KEYS * 4);
@@ -213,16 +219,9 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
                 _tile_loadd(5, a0 + 16, D * 4);
                 _tile_loadd(6, a1, D * 4);
                 _tile_loadd(7, a1 + 16, D * 4);
-                for (int k0 = 0; k0 < width; k0 += 32) {
-                    _tile_loadd(0, p + k0, AMX_KEYS * 2);
-                    _tile_loadd(1, p + 16 * AMX_KEYS + k0, AMX_KEYS * 2);
-                    _tile_loadd(2, vp + (long)k0 / 2 * D + d, D * 4);
-                    _tile_loadd(3, vp + (long)k0 / 2 * D + d + 16, D * 4);
-                    _tile_dpbf16ps(4, 0, 2);
-                    _tile_dpbf16ps(5, 0, 3);
-                    _tile_dpbf16ps(6, 1, 2);
-                    _tile_dpbf16ps(7, 1, 3);
-                }
+                for (int k0 = 0; k0 < width; k0 += 32)
+                    amx_madd_2x2(p + k0, p + 16 * AMX_KEYS + k0, AMX_KEYS * 2, vp + (long)k0 / 2 * D + d,
+                                 vp + (long)k0 / 2 * D + d + 16, D * 4);
                 _tile_stored(4, a0, D * 4);
                 _tile_stored(5, a0 + 16, D * 4);
                 _tile_stored(6, a1, D * 4);
