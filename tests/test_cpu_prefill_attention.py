@@ -2,7 +2,9 @@
 torch reference, and through the engine after a prefix-cache hit against transformers."""
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,8 +30,19 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
     assert cpu_prefill.KERNEL.build(), cpu_prefill.KERNEL.error
 
 
-def kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale) -> torch.Tensor:
-    return cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+def kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale, tiles=False) -> torch.Tensor:
+    return cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale, tiles)
+
+
+# The AMX tiles' edges (csrc/prefill_amx.h: tasks of 512 query vectors, 256-key blocks, 32-row tiles): uncached runs
+# longer than a task and off the tile and block sizes, chunks after a prefix that start mid-page and end off a
+# block, a run of a whole task, decode rows and a one-token prompt beside them.
+TILE_SEQS = [(300, 300), (130, 517), (257, 257), (1, 1), (65, 65), (33, 100), (1, 70), (128, 128)]
+TILE_SHAPES = [  # num_q_heads, num_kv_heads, head_dim, block_size; head dims the tiles take (D % 32 == 0)
+    (4, 2, 32, 4),  # GQA 2, 4-token pages: a 16-key tile spans 4 of them
+    (6, 1, 64, 16),  # GQA 6: a task holds 85 tokens, 510 rows and 2 padding rows
+    (16, 8, 128, 16),  # Qwen3-0.6B
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -44,13 +57,30 @@ def test_kernel_matches_reference(shape, dtype):
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
 
 
-def test_kernel_reads_nothing_past_the_context():
-    seqs = [(3, 10), (1, 5), (9, 9)]
-    args, _, _ = paged_inputs.paged(seqs, 4, 2, 16, 4)
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=str)
+def test_amx_tiles_match_reference(shape):
+    """bf16 on the AMX tiles (the AVX2 loops on a CPU without them, which the same bounds hold)."""
+    args, _, _ = paged_inputs.paged(TILE_SEQS, *shape, dtype=torch.bfloat16)
+    out = kernel(*args, tiles=True)
+    assert out.shape == args[0].shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
+
+
+def test_amx_tiles_serve_where_the_cpu_has_them():
+    flags = Path("/proc/cpuinfo").read_text() if sys.platform == "linux" else ""
+    assert cpu_prefill.amx(128) == (" amx_bf16" in flags and " avx512_bf16" in flags)
+    assert not cpu_prefill.amx(40)  # off the 32-column tiles: the AVX2 loops
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+def test_kernel_reads_nothing_past_the_context(tiles):
+    seqs = [(3, 10), (1, 5), (9, 9), (70, 75)]
+    dtype, head_dim = (torch.bfloat16, 32) if tiles else (torch.float32, 16)
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, head_dim, 4, dtype=dtype)
     q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
-    before = kernel(*args)
+    before = kernel(*args, tiles=tiles)
     k_cache, v_cache, tables = paged_inputs.poisoned(k_cache, v_cache, tables, context_lens)
-    after = kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    after = kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale, tiles=tiles)
     assert torch.equal(before, after)
 
 
@@ -84,6 +114,25 @@ def test_dispatch_matches_reference(monkeypatch, dtype, max_new, scattered):
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
     expected = [n for n, c in seqs if n < c and n <= max_new]
     assert calls == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize("max_new", [0, 16, 10_000])  # all tiles | both | all AVX2 loops
+def test_dispatch_takes_the_amx_tiles_in_bf16(monkeypatch, max_new):
+    """Where the tiles serve, every sequence the AVX2 loops do not take goes to them, in one call; none to SDPA."""
+    if not cpu_prefill.amx(32):
+        pytest.skip("no AMX-BF16 on this CPU: its dispatch is test_dispatch_matches_reference's")
+    monkeypatch.setattr(cpu_prefill, "C_MAX_NEW", max_new)
+    calls = []
+    real = cpu_prefill.prefill_attention_kernel
+    monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append((a[4], a[7])) or real(*a))
+    monkeypatch.setattr(cpu_prefill, "_sdpa", None)
+    seqs = [*paged_inputs.MIXED, (40, 300), (40, 44)]
+    args, _, _ = paged_inputs.paged(seqs, 4, 2, 32, 4, dtype=torch.bfloat16)
+    out = cpu_prefill.prefill_attention_cpu(*args)
+    torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
+    small = [n for n, c in seqs if n < c and n <= max_new]
+    large = [n for n, c in seqs if not (n < c and n <= max_new)]
+    assert calls == [(lens, tiles) for lens, tiles in ((small, False), (large, True)) if lens]
 
 
 def test_the_cpu_kernel_set_takes_it_where_it_serves():

@@ -8,12 +8,20 @@ group of one kv head) walk the context in tiles of 64 keys up to their last toke
 an online softmax and fp32 accumulation; memory is a fixed scratch per thread, whatever the context.
 Source: csrc/prefill_attention.c, built by build.py.
 
-`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel the sequences it wins (C_MAX_NEW)
-and the rest to SDPA's fused kernels: the reference's one causal call for a sequence with nothing or
+On CPUs with AMX-BF16, bf16 also has the kernel's AMX tiles (csrc/prefill_amx.h): tasks of 512 query vectors
+over 256-key blocks packed once a task, scores and P V on the tiles with fp32 sums, the online softmax in fp32 on
+AVX-512; 1.5-2x SDPA's fused kernel a thread at 0.6B's shapes (profiles/RESULTS.md, "attn9").
+
+`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel's AVX2 loops the sequences they win (C_MAX_NEW),
+the rest to its AMX tiles where they serve, else to SDPA's fused kernels: the reference's one causal call for a
+sequence with nothing or
 little cached; after a longer prefix, one unmasked call over the prefix and one causal call over the
 new tokens, merged by their logsumexps: no [new, context] mask, no score computed twice.
 """
 from __future__ import annotations
+
+import ctypes
+import functools
 
 import torch
 
@@ -24,9 +32,9 @@ MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at lea
 MAX_HEAD_DIM = 256
 # New tokens per sequence up to which the C kernel takes a sequence with a cached prefix: it reads
 # the context in place where SDPA first gathers it out of the blocks (decode rows of a chunked batch,
-# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to SDPA's fused
-# kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 kernel does not match (profiles/RESULTS.md,
-# "Paged prefill attention").
+# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to the AMX tiles (bf16, where the
+# CPU has them) or to SDPA's fused kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 loops do not match
+# (profiles/RESULTS.md, "Paged prefill attention").
 C_MAX_NEW = 16
 # A prefix under 1/SPLIT_MIN_PREFIX of the new tokens costs less padded under one causal SDPA call (the
 # reference's route) than in a call of its own. Measured in bf16 at 0.6B's shapes: the reference 1.4x
@@ -34,12 +42,20 @@ C_MAX_NEW = 16
 # 1.7x faster at 12288 + 4096 and 15360 + 1024 (the reference's masked rows).
 SPLIT_MIN_PREFIX = 8
 
-KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention",))
+KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention", "prefill_attention_amx"))
 
 
 def takes(head_dim: int, group: int) -> bool:
     """Whether the kernel serves these shapes; q and the cache must also be bf16 or fp32, of one dtype."""
     return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+
+
+@functools.cache
+def amx(head_dim: int) -> bool:
+    """Whether the kernel's AMX tiles serve bf16 at this head dim on this CPU (csrc/prefill_amx.h)."""
+    flag = ctypes.c_int(0)
+    KERNEL.lib.prefill_attention_amx(head_dim, ctypes.byref(flag))
+    return bool(flag.value)
 
 
 def _prefill_attention(
@@ -50,6 +66,7 @@ def _prefill_attention(
     query_lens: list[int],
     context_lens: list[int],
     scale: float,
+    tiles: bool = False,  # the AMX tiles where amx() says they serve, else the AVX2 loops
 ) -> torch.Tensor:  # [N, Hq, D]
     q = q.contiguous()
     tables = block_tables.contiguous()
@@ -61,11 +78,12 @@ def _prefill_attention(
         graph.call(
             KERNEL.lib.prefill_attention, q, k_cache, v_cache, tables, lens[0], lens[1], out, len(query_lens),
             num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], scale, int(q.dtype == torch.bfloat16),
+            int(tiles),
         )
     return out
 
 
-def _prefill_attention_fake(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale):
+def _prefill_attention_fake(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, tiles=False):
     return torch.empty_like(q)
 
 
@@ -135,22 +153,32 @@ def prefill_attention_cpu(
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
 ) -> torch.Tensor:  # [N, Hq, D]
-    """The C kernel for every sequence of at most C_MAX_NEW new tokens after a cached prefix, in one
-    call; SDPA's fused kernels for each other one."""
+    """The C kernel's AVX2 loops for every sequence of at most C_MAX_NEW new tokens after a cached prefix, in one
+    call; each other one to its AMX tiles (bf16 where amx() says they serve), all in one more call, else to SDPA's
+    fused kernels."""
     small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
-    if all(small):
-        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+    tiles = q.dtype == torch.bfloat16 and amx(q.shape[2])
+    if all(small) or (tiles and not any(small)):
+        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
+                                        not all(small))
     out = torch.empty_like(q)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-    if any(small):
-        seqs = [s for s, take in enumerate(small) if take]
+
+    def kernel(take: bool) -> None:  # the sequences whose `small` is `take`, in one call
+        seqs = [s for s, is_small in enumerate(small) if is_small == take]
         rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs])
         out[rows] = prefill_attention_kernel(
             q[rows], k_cache, v_cache, block_tables[seqs], [query_lens[s] for s in seqs],
-            [context_lens[s] for s in seqs], scale,
+            [context_lens[s] for s in seqs], scale, not take,
         )
+
+    if any(small):
+        kernel(True)
+    if tiles:
+        kernel(False)
+        return out
     for s, take in enumerate(small):
         if not take:
             rows = slice(starts[s], starts[s + 1])
