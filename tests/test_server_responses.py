@@ -400,6 +400,25 @@ def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: Gunicorn
     assert answer.json()["error"]["message"] == named
 
 
+@pytest.mark.parametrize("tools", [{}, {"tools": TOOLS, "tool_choice": "auto"}, FORCED],
+                         ids=["alone", "auto", "forced"])
+def test_a_schema_error_names_text_format_and_quotes_the_schema_as_sent(client: openai.OpenAI, server: GunicornServer,
+                                                                       tools: Json) -> None:
+    """The error names this request's field, text.format, where it names a field: the schema's own words that spell
+    chat's (`response_format`, here a $ref's) are quoted as sent. Chat's error was rewritten word by word, the quote
+    too. On each way the schema is compiled: alone, beside a strict tool's calls, checked beside a forced call."""
+    schema = {"type": "object", "properties": {"response_format": {"$ref": "#/$defs/response_format"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(input="Hi", **{**GREEDY, **tools},
+                                text={"format": {"type": "json_schema", "name": "p", "schema": schema}})
+    chat = post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}).json()["error"]
+    quoted = chat["message"].removeprefix("invalid response_format: ")
+    assert "/$defs/response_format" in quoted, chat
+    assert info.value.body["param"] == "text.format"
+    assert info.value.body["message"] == f"invalid text.format: {quoted}"
+
+
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:
     """The model's call cut by max_output_tokens (its arguments not JSON) continues by previous_response_id, and
     resent as an item by a client that stores nothing."""

@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, FieldNames
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
@@ -53,6 +53,9 @@ REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+# chat's fields as a Responses request names them, in the errors of the chat request it amounts to (to_chat)
+RESPONSES_NAMES = FieldNames({"messages": "input", "max_completion_tokens": "max_output_tokens",
+                              "response_format": "text.format", "reasoning_effort": "reasoning.effort"})
 
 
 def _check_part(value: Any) -> Any:
@@ -396,7 +399,7 @@ class ResponsePromptFields(Strict):
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
         return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
-                                  omitted_strict_constrains=True, answers_paired=True)
+                                  omitted_strict_constrains=True, answers_paired=True, names=RESPONSES_NAMES)
 
 
 class ResponseCountRequest(ResponsePromptFields):
