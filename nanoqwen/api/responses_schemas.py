@@ -155,8 +155,8 @@ def encode_reasoning(text: str) -> str:
 
 def _reasoning_schema(schema: dict[str, Any]) -> None:
     """ReasoningItem._has_text in the JSON schema (the OpenAPI document's): its text, or the id of a stored one."""
-    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-                       for name in ("encrypted_content", "id")]
+    schema["anyOf"] = [{"required": ["encrypted_content"], "properties": {"encrypted_content": {
+        "type": "string", "minLength": 1}}}, {"required": ["id"], "properties": {"id": {"not": {"type": "null"}}}}]
     schema["anyOf"] += [{"required": [name], "properties": {name: {
         "type": "array", "contains": {"properties": {"text": {"minLength": 1}}}}}} for name in ("content", "summary")]
 
@@ -191,14 +191,16 @@ class ReasoningItem(Strict):
     @property
     def bare(self) -> bool:
         """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item."""
-        return self.encrypted_content is None and not any(part.text for part in [*(self.content or []), *self.summary])
+        return not self.text
 
     @property
     def text(self) -> str:
-        """Its content's text, else its encrypted_content's, else its summary's (the first that says anything)."""
+        """Its content's text, else its encrypted_content's, else its summary's (the first that says anything). An
+        empty encrypted_content says nothing, as null: OpenAI's is "populated" only where `include` asks for it (null
+        otherwise), OpenAI-compatible servers send "" for one not populated, and vLLM's reads a non-empty one only."""
         if content := "".join(c.text for c in self.content or []):
             return content
-        if self.encrypted_content is not None:
+        if self.encrypted_content:
             return base64.b64decode(self.encrypted_content).decode()
         return "".join(s.text for s in self.summary)
 
