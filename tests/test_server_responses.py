@@ -237,6 +237,23 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert exc.value.body["code"] == "previous_response_not_found"
 
 
+def test_instructions_do_not_carry_over_and_an_unstored_continuation_ends_the_chain(client: openai.OpenAI) -> None:
+    """OpenAI's rules: a previous response's `instructions` are not carried over (a continuation has its own, or
+    none), and a continuation made with `store: false` answers but cannot be continued."""
+    first = client.responses.create(input="Hi", instructions="Answer in French.", **GREEDY)
+    history = [{"role": "user", "content": "Hi"}, *[item.model_dump(by_alias=True) for item in first.output],
+               {"role": "user", "content": "More."}]
+    for instructions in (None, "Be brief."):
+        asked = {} if instructions is None else {"instructions": instructions}
+        follow = client.responses.create(input="More.", previous_response_id=first.id, store=False, **asked, **GREEDY)
+        whole = client.responses.create(input=history, store=False, **asked, **GREEDY)
+        assert follow.instructions == instructions and follow.store is False
+        assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(input="Again.", previous_response_id=follow.id, **GREEDY)
+        assert exc.value.body["code"] == "previous_response_not_found"
+
+
 def _streamed(client: openai.OpenAI, **body: Any) -> Any:
     """The final response of a stream, after checking that its opening events agree with it on `store`."""
     events = list(client.responses.create(stream=True, **body))
