@@ -1082,7 +1082,8 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None,
     """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. The JSON in its
     strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
     for one no client sent (each string within the limits alone). `omitted_strict_constrains`: a tool that omits
-    `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained)."""
+    `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained). `names`: what
+    the client's request calls the parameter named (FieldNames)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     context = {"budget": budget, "omitted_strict_constrains": omitted_strict_constrains}
