@@ -178,20 +178,21 @@ def test_free_text_cannot_spell_the_call_tag(grammars: Grammars) -> None:
 
 def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
         tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A JSON response_format beside tools: its own 400 names response_format without a grammar compiled for it
-    (each new schema took two cache slots), and a request sent again finds its grammar before its schemas' patterns
-    are rewritten (or its Lark converted)."""
+    """A JSON response_format beside tools: its own 400 names its field (as the client's request names it: a
+    Responses request's text.format) without a grammar compiled for it (each new schema took two cache slots), and a
+    request sent again finds its grammar before its schemas' patterns are rewritten (or its Lark converted)."""
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
     rewritten: list[Any] = []
     monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
     tools = [ToolSpec("f", FLAG, strict=True)]
-    answer = ({"type": "object", "properties": {"a": {"type": "integer"}}}, False)
+    answer = structured.JsonAnswer({"type": "object", "properties": {"a": {"type": "integer"}}}, False, "text.format")
     first = structured._tool_calls(grammars, tools, False, answer, True)
     assert len(grammars._cache) == 1 and len(rewritten) == 2
     assert structured._tool_calls(grammars, tools, False, answer, True) is first and len(rewritten) == 2
     with pytest.raises(InvalidRequest) as info:
-        structured._tool_calls(grammars, tools, False, ({"$ref": "#/$defs/gone"}, False), True)
-    assert info.value.param == "response_format" and len(grammars._cache) == 1
+        structured._tool_calls(grammars, tools, False, structured.JsonAnswer({"$ref": "#/$defs/gone"}, False,
+                                                                             "text.format"), True)
+    assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
 @pytest.mark.parametrize("opener", [None, THINK_ID])

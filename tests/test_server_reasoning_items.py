@@ -101,6 +101,27 @@ def test_reasoning_that_no_output_follows_is_a_turn_of_its_own(server: GunicornS
     assert _answer(split) == (chat["usage"]["prompt_tokens"], chat["choices"][0]["message"]["content"])
 
 
+def test_an_empty_encrypted_content_is_none(server: GunicornServer) -> None:
+    """`encrypted_content: ""` says nothing, as null (OpenAI's is null where not populated; OpenAI-compatible servers
+    send ""): the item's summary is its reasoning, and an item with only an id besides stands for the stored one. It
+    hid the summary (the reasoning dropped from the prompt), and the id (the item dropped, never looked up)."""
+    summary = [{"type": "summary_text", "text": "Ask the clock."}]
+    cut = {"role": "assistant", "content": "", "reasoning_content": "Ask the clock."}
+    expected = len(_chat_tokens(server, [QUESTION, cut, MORE]))
+    for empty in ("", None):
+        summarised = {"type": "reasoning", "summary": summary, "encrypted_content": empty}
+        assert _counted(server, [QUESTION, summarised, MORE]) == expected, empty
+    first = _create(server, {**GREEDY, "tools": TOOLS, "input": [QUESTION, THOUGHT, CALL, OUTPUT]})
+    thought_id = requests.get(f"{server.url}/v1/responses/{first['id']}/input_items?order=asc",
+                              timeout=30).json()["data"][1]["id"]
+    by_id = _counted(server, [QUESTION, {"type": "reasoning", "id": thought_id, "summary": []}, CALL, OUTPUT])
+    assert by_id == _counted(server, [QUESTION, THOUGHT, CALL, OUTPUT])
+    assert _counted(server, [QUESTION, {"type": "reasoning", "id": thought_id, "summary": [], "encrypted_content": ""},
+                             CALL, OUTPUT]) == by_id
+    error = _refusal(server, [QUESTION, {"type": "reasoning", "summary": [], "encrypted_content": ""}, CALL, OUTPUT])
+    assert error["param"] == "input.[1]" and "content, encrypted_content or summary" in error["message"]
+
+
 def test_reasoning_items_that_cannot_be_read_are_refused_by_name(server: GunicornServer) -> None:
     """Never dropped silently: the id of no stored item (OpenAI's 404, word for word: clients recover by it), an
     item with neither text nor id (empty texts are none), the id of an item that is no reasoning, an encrypted_content
@@ -127,6 +148,8 @@ def test_reasoning_items_that_cannot_be_read_are_refused_by_name(server: Gunicor
     assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "summary": []}]})
     assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "content": [
         {"type": "reasoning_text", "text": ""}], "summary": []}]})
+    assert not validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "summary": [],
+                                                                        "encrypted_content": ""}]})
     assert validator.is_valid({"model": MODEL, "input": [QUESTION, THOUGHT]})
     assert validator.is_valid({"model": MODEL, "input": [QUESTION, {"type": "reasoning", "id": "rs_1"}]})
 

@@ -237,6 +237,23 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert exc.value.body["code"] == "previous_response_not_found"
 
 
+def test_instructions_do_not_carry_over_and_an_unstored_continuation_ends_the_chain(client: openai.OpenAI) -> None:
+    """OpenAI's rules: a previous response's `instructions` are not carried over (a continuation has its own, or
+    none), and a continuation made with `store: false` answers but cannot be continued."""
+    first = client.responses.create(input="Hi", instructions="Answer in French.", **GREEDY)
+    history = [{"role": "user", "content": "Hi"}, *[item.model_dump(by_alias=True) for item in first.output],
+               {"role": "user", "content": "More."}]
+    for instructions in (None, "Be brief."):
+        asked = {} if instructions is None else {"instructions": instructions}
+        follow = client.responses.create(input="More.", previous_response_id=first.id, store=False, **asked, **GREEDY)
+        whole = client.responses.create(input=history, store=False, **asked, **GREEDY)
+        assert follow.instructions == instructions and follow.store is False
+        assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(input="Again.", previous_response_id=follow.id, **GREEDY)
+        assert exc.value.body["code"] == "previous_response_not_found"
+
+
 def _streamed(client: openai.OpenAI, **body: Any) -> Any:
     """The final response of a stream, after checking that its opening events agree with it on `store`."""
     events = list(client.responses.create(stream=True, **body))
@@ -398,6 +415,25 @@ def test_a_bad_schema_is_refused_before_the_prompt_is_templated(server: Gunicorn
     assert (answer.json()["error"]["param"], chat.json()["error"]["param"]) == ("text.format", "response_format")
     named = chat.json()["error"]["message"].replace("response_format", "text.format")  # chat's, naming this field
     assert answer.json()["error"]["message"] == named
+
+
+@pytest.mark.parametrize("tools", [{}, {"tools": TOOLS, "tool_choice": "auto"}, FORCED],
+                         ids=["alone", "auto", "forced"])
+def test_a_schema_error_names_text_format_and_quotes_the_schema_as_sent(client: openai.OpenAI, server: GunicornServer,
+                                                                       tools: Json) -> None:
+    """The error names this request's field, text.format, where it names a field: the schema's own words that spell
+    chat's (`response_format`, here a $ref's) are quoted as sent. Chat's error was rewritten word by word, the quote
+    too. On each way the schema is compiled: alone, beside a strict tool's calls, checked beside a forced call."""
+    schema = {"type": "object", "properties": {"response_format": {"$ref": "#/$defs/response_format"}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(input="Hi", **{**GREEDY, **tools},
+                                text={"format": {"type": "json_schema", "name": "p", "schema": schema}})
+    chat = post_chat(server, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}).json()["error"]
+    quoted = chat["message"].removeprefix("invalid response_format: ")
+    assert "/$defs/response_format" in quoted, chat
+    assert info.value.body["param"] == "text.format"
+    assert info.value.body["message"] == f"invalid text.format: {quoted}"
 
 
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:

@@ -74,4 +74,4 @@ class ChatService:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)
             raise invalid_request(error) from None
         except InvalidRequest as exc:
-            raise invalid_request(exc) from None
+            raise invalid_request(exc, prompt_name.param) from None

@@ -1,6 +1,8 @@
 """OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -12,6 +14,25 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 def param_name(loc: tuple[int | str, ...]) -> str:
     """A location in the request body in OpenAI's notation: `messages.[0].content`."""
     return ".".join(f"[{part}]" if isinstance(part, int) else str(part) for part in loc)
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """What a client's request calls the fields of the chat request it amounts to: chat's own names, or another
+    endpoint's (a Responses request's `input` for `messages`). Applied where an error is made, to its param and to
+    the words of its message that name it, never to the message made: that may quote the client's text (a schema's
+    property, a tool's name) word for word."""
+
+    renamed: Mapping[str, str] = field(default_factory=dict)  # a chat field -> the client's
+
+    def __call__(self, param: str) -> str:
+        """`param` (chat's, `messages.[0].content`) as the client's request names it: a renamed field's whole
+        path is that field (the client's has no such parts)."""
+        head = param.split(".", 1)[0]
+        return self.renamed.get(head, param)
+
+
+CHAT_NAMES = FieldNames()
 
 
 class APIError(Exception):

@@ -6,7 +6,6 @@ events (ResponseEvents), with chat's reasoning split, reasoning-token count and 
 """
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -54,8 +53,6 @@ ITEM = TypeAdapter(InputItem)
 # Past this many characters per token of the context a prompt is taken for too long at once (Qwen3's tokenizer:
 # ~4 in English prose, 5 for "word word ..."; only long runs of spaces or symbols make more)
 LONG_CHARS_PER_TOKEN = 16
-CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
-               "reasoning_effort": "reasoning.effort"}
 
 
 def _id(prefix: str) -> str:
@@ -436,16 +433,6 @@ class Prompt(Generic[Fields]):
     params: SamplingParams
 
 
-def _renamed(error: APIError) -> APIError:
-    """A chat error (the prompt too long, a schema the grammar engine refuses) naming this request's field, in its
-    param and its message."""
-    head = (error.param or "").split(".")[0]
-    if head in CHAT_PARAMS:
-        error.param = CHAT_PARAMS[head]
-        error.message = re.sub(rf"\b{head}\b", CHAT_PARAMS[head], error.message)
-    return error
-
-
 def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
     """A query parameter we do not read (include, starting_after, ...) is refused by name, not ignored."""
     for name in args:
@@ -483,10 +470,7 @@ class ResponsesService:
         stream = kind(draft, tools) if req.stream or req.background else None
 
         def submit() -> Batch:
-            try:
-                return self.chat.submit(chat_req, params, prompt.ids, prompt.name, bool(req.background))
-            except APIError as exc:
-                raise _renamed(exc) from None
+            return self.chat.submit(chat_req, params, prompt.ids, prompt.name, bool(req.background))
 
         def respond() -> Response | Json:
             return serving.respond(submit(), stream, ResponseCollector(draft, tools), trace, environ)
@@ -556,18 +540,15 @@ class ResponsesService:
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
         name = INPUT if previous is None else HISTORY
-        try:
-            check_items(items)
-            whole = req.to_chat(items)
-            params = self.chat.params(whole)
-        except APIError as exc:
-            raise _renamed(exc) from None
+        check_items(items)
+        whole = req.to_chat(items)
+        params = self.chat.params(whole)
         try:
             chat_req, ids = self._encoded(req, items, whole, params.max_tokens, name)
         except APIError as exc:
             if previous is not None and exc.code == "context_length_exceeded":
                 self._check_input_alone(req, params.max_tokens)
-            raise _renamed(exc) from None
+            raise
         return Prompt(req, previous, name, chat_req, ids, params)
 
     def _resolved(self, req: Fields, budget: Budget) -> Fields:
@@ -702,7 +683,7 @@ class ResponsesService:
             self.chat.encode(req.to_chat(req.input_items), max_tokens, INPUT)
         except APIError as exc:
             if exc.code == "context_length_exceeded":
-                raise _renamed(exc) from None
+                raise
 
     def _keeps(self, req: ResponseCreateRequest, input_size: int, previous: Stored | None) -> bool:
         """`store` asked for and the store's rule met: decided before the first event, which says it."""

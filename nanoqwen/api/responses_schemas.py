@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, FieldNames
 from nanoqwen.api.schemas import (
     FUNCTION_NAME,
     ChatCompletionRequest,
@@ -53,6 +53,9 @@ REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDES = (LOGPROBS_INCLUDE, REASONING_INCLUDE)
 MIN_OUTPUT_TOKENS = 16  # OpenAI's minimum for max_output_tokens
 MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+# chat's fields as a Responses request names them, in the errors of the chat request it amounts to (to_chat)
+RESPONSES_NAMES = FieldNames({"messages": "input", "max_completion_tokens": "max_output_tokens",
+                              "response_format": "text.format", "reasoning_effort": "reasoning.effort"})
 
 
 def _check_part(value: Any) -> Any:
@@ -152,8 +155,8 @@ def encode_reasoning(text: str) -> str:
 
 def _reasoning_schema(schema: dict[str, Any]) -> None:
     """ReasoningItem._has_text in the JSON schema (the OpenAPI document's): its text, or the id of a stored one."""
-    schema["anyOf"] = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}}
-                       for name in ("encrypted_content", "id")]
+    schema["anyOf"] = [{"required": ["encrypted_content"], "properties": {"encrypted_content": {
+        "type": "string", "minLength": 1}}}, {"required": ["id"], "properties": {"id": {"not": {"type": "null"}}}}]
     schema["anyOf"] += [{"required": [name], "properties": {name: {
         "type": "array", "contains": {"properties": {"text": {"minLength": 1}}}}}} for name in ("content", "summary")]
 
@@ -188,14 +191,16 @@ class ReasoningItem(Strict):
     @property
     def bare(self) -> bool:
         """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item."""
-        return self.encrypted_content is None and not any(part.text for part in [*(self.content or []), *self.summary])
+        return not self.text
 
     @property
     def text(self) -> str:
-        """Its content's text, else its encrypted_content's, else its summary's (the first that says anything)."""
+        """Its content's text, else its encrypted_content's, else its summary's (the first that says anything). An
+        empty encrypted_content says nothing, as null: OpenAI's is "populated" only where `include` asks for it (null
+        otherwise), OpenAI-compatible servers send "" for one not populated, and vLLM's reads a non-empty one only."""
         if content := "".join(c.text for c in self.content or []):
             return content
-        if self.encrypted_content is not None:
+        if self.encrypted_content:
             return base64.b64decode(self.encrypted_content).decode()
         return "".join(s.text for s in self.summary)
 
@@ -396,7 +401,7 @@ class ResponsePromptFields(Strict):
         # no budget: not a client's body (its input was counted as this request's), and a stored history (bounded by
         # the store) may hold more values than a body, a long agent loop's calls' arguments
         return parse_chat_request({k: v for k, v in body.items() if v is not None}, budget=None,
-                                  omitted_strict_constrains=True, answers_paired=True)
+                                  omitted_strict_constrains=True, answers_paired=True, names=RESPONSES_NAMES)
 
 
 class ResponseCountRequest(ResponsePromptFields):

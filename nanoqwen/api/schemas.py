@@ -38,7 +38,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 from nanoqwen.api import strict_json
-from nanoqwen.api.errors import APIError, param_name, request_too_large
+from nanoqwen.api.errors import CHAT_NAMES, APIError, FieldNames, param_name, request_too_large
 from nanoqwen.api.strict_json import Budget, JSONError
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
@@ -758,6 +758,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     chat_template: Refused = None
     mm_processor_kwargs: Refused = None
     media_io_kwargs: Refused = None
+    _names: FieldNames = PrivateAttr(CHAT_NAMES)  # parse_chat_request's
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -769,6 +770,10 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
             return value
         raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
                          "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+    def named(self, param: str) -> str:
+        """Chat's `param` as the client's request names it, for an error about it."""
+        return self._names(param)
 
     @property
     def enable_thinking(self) -> bool | None:
@@ -988,8 +993,9 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
     kwargs = req.chat_template_kwargs
     if req.reasoning_effort is not None and kwargs is not None and kwargs.enable_thinking is not None \
             and kwargs.enable_thinking != thinks(req.reasoning_effort):
-        raise APIError(400, f"reasoning_effort \"{req.reasoning_effort}\" contradicts chat_template_kwargs."
-                            f"enable_thinking={str(kwargs.enable_thinking).lower()}", param="reasoning_effort")
+        effort = req.named("reasoning_effort")
+        raise APIError(400, f"{effort} \"{req.reasoning_effort}\" contradicts chat_template_kwargs."
+                            f"enable_thinking={str(kwargs.enable_thinking).lower()}", param=effort)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
 
@@ -1049,10 +1055,10 @@ CONTENT_ERRORS = {"content_null": "Invalid value for 'content': expected a strin
                   "content_missing": "Missing required parameter: '{param}'."}
 
 
-def _api_error(schema: type[BaseModel], err: Any) -> APIError:
+def _api_error(schema: type[BaseModel], err: Any, names: FieldNames) -> APIError:
     loc = err["loc"] if err["loc"][-1:] == ("[key]",) else public_loc(schema, err["loc"])
     err = {**err, "loc": loc}
-    param = param_name(loc)
+    param = names(param_name(loc))
     if err["type"] == "extra_forbidden":
         if err["loc"][0] == "chat_template_kwargs" and len(err["loc"]) > 1:  # a key inside it, not the field
             accepted = ", ".join(ChatTemplateKwargs.model_fields)
@@ -1066,17 +1072,18 @@ def _api_error(schema: type[BaseModel], err: Any) -> APIError:
                         code="unsupported_parameter")
     message = err["msg"].removeprefix("Value error, ")
     if err["loc"][-1:] == ("[key]",):  # a dict's key: the dict is the parameter
-        param = param_name(err["loc"][:-2])
+        param = names(param_name(err["loc"][:-2]))
         return APIError(400, f"Invalid key {err['loc'][-2]!r} in '{param}': {message}", param=param)
     return APIError(400, f"Invalid value for '{param}': {message}" if param else message, param=param or None)
 
 
 def validate_body(schema: type[Request], body: Any, budget: Budget | None,
-                  omitted_strict_constrains: bool = False) -> Request:
+                  omitted_strict_constrains: bool = False, names: FieldNames = CHAT_NAMES) -> Request:
     """A decoded JSON body as `schema`; raises APIError(400) naming the first bad parameter. The JSON in its
     strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
     for one no client sent (each string within the limits alone). `omitted_strict_constrains`: a tool that omits
-    `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained)."""
+    `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained). `names`: what
+    the client's request calls the parameter named (FieldNames)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     context = {"budget": budget, "omitted_strict_constrains": omitted_strict_constrains}
@@ -1086,14 +1093,16 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None,
         # A field this server lacks first: the request's other errors may only follow from it
         # (vLLM's `prompt_token_ids` with empty `messages`)
         errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] not in LACKING)
-        raise _api_error(schema, errors[0]) from None
+        raise _api_error(schema, errors[0], names) from None
 
 
 def parse_chat_request(body: Any, budget: Budget | None, omitted_strict_constrains: bool = False,
-                       answers_paired: bool = False) -> ChatCompletionRequest:
+                       answers_paired: bool = False, names: FieldNames = CHAT_NAMES) -> ChatCompletionRequest:
     """`answers_paired`: the tool messages were paired with the calls already, by other rules than chat's (a
-    Responses request's items: check_call_outputs)."""
-    req = validate_body(ChatCompletionRequest, body, budget, omitted_strict_constrains)
+    Responses request's items: check_call_outputs). `names`: what the client's request calls chat's fields, in the
+    errors of this request's checks and of those that follow (its grammar's: ChatCompletionRequest.named)."""
+    req = validate_body(ChatCompletionRequest, body, budget, omitted_strict_constrains, names)
+    req._names = names
     if not answers_paired:
         check_tool_answers(req.messages)
     _check_combinations(req)

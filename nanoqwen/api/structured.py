@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from nanoqwen.api.schema_patterns import ecma_patterns
@@ -25,6 +25,20 @@ Req = TypeVar("Req", bound=SamplingFields)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
+@dataclass(frozen=True)
+class JsonAnswer:
+    """The JSON an answer must be (response_format's): its schema, strict or lenient, and the field that asks for it
+    as the client's request names it (its 400's)."""
+
+    schema: dict[str, Any]
+    strict: bool
+    param: str
+
+    def key(self) -> list[Any]:
+        """What makes its grammar (not its name)."""
+        return [self.schema, self.strict]
+
+
 def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, req: Req) -> Grammar | None:
     """make(serving, req): a request's output grammar (output_grammar, structured_grammar), an invalid one the 400
     naming its field."""
@@ -36,22 +50,22 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
 
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
-    fmt = req.response_format
-    answer = None if fmt is None or fmt.type == "text" else (ANY_OBJECT, False) \
-        if fmt.type == "json_object" else (fmt.json_schema.schema_, bool(fmt.json_schema.strict))
+    fmt, param = req.response_format, req.named("response_format")
+    answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
+        if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
     if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
         if answer is not None:
-            serving.off_loop(len(json.dumps(answer[0])), _checked_answer, *answer)
+            serving.off_loop(len(json.dumps(answer.schema)), _checked_answer, answer)
         return _calls(serving, req, req.forced_tools, None)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
     if answer is None:
         return structured_grammar(serving, req)
-    return _json(serving, *answer, "response_format")
+    return _json(serving, answer.schema, answer.strict, answer.param)
 
 
 def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
-           answer: tuple[dict[str, Any], bool] | None) -> Grammar:
+           answer: JsonAnswer | None) -> Grammar:
     """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
     its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
     default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
@@ -60,7 +74,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
                       bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
-    size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer))
+    size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer and answer.schema))
     return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, answer, not forced)
 
 
@@ -107,18 +121,19 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool,
-                answer: tuple[dict[str, Any], bool] | None, auto: bool) -> Grammar:
+                answer: JsonAnswer | None, auto: bool) -> Grammar:
     """Off the loop: the grammar cached under what the request sent; else the tools' parameters as held (_held) and the
     JSON answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer
     is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
-    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel, answer, auto]))
+    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel,
+                                     answer and answer.key(), auto]))
     free_text = auto and answer is None
     if (grammar := grammars.cached(key)) is not None:
         return grammar
     tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(*answer), answer[1], key)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(answer), answer.strict, key)
 
 
 def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
@@ -134,8 +149,8 @@ def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
     return parameters
 
 
-def _checked_answer(schema: dict[str, Any], strict: bool) -> dict[str, Any]:
-    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming response_format."""
-    schema = ecma_patterns(schema)
-    check_json_schema(schema, strict, "response_format")
+def _checked_answer(answer: JsonAnswer) -> dict[str, Any]:
+    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field."""
+    schema = ecma_patterns(answer.schema)
+    check_json_schema(schema, answer.strict, answer.param)
     return schema
