@@ -163,12 +163,11 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
 
 
 def test_a_grammar_past_the_lexer_s_fuel_is_a_400_naming_tools(server: GunicornServer) -> None:
-    """2,400 forced tools (two rules each: within MAX_RULES) pass LIMITS' fuel (~1,500 fit): a 400 naming `tools`
-    with llguidance's reason, none of what it appends (its non-verbose marker; a panic's backtrace, which 4,000 tools
-    once sent out whole: kB of the server's build paths, now refused by MAX_RULES first; test_grammar_rows cuts
-    both)."""
+    """150 forced tools of 100 properties each (within MAX_ROW's and MAX_RULES' bounds) pass LIMITS' fuel: a 400
+    naming `tools` with llguidance's reason, none of what it appends (its non-verbose marker; a panic's backtrace,
+    which 4,000 tools once sent out whole: kB of the server's build paths; test_grammar_rows cuts both)."""
     tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {
-        "type": "object", "properties": {"a": {"type": "string"}}}}} for i in range(2400)]
+        "type": "object", "properties": {f"a{j}": {"type": "string"} for j in range(100)}}}} for i in range(150)]
     response = _post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tools": tools,
                                                       "tool_choice": "required"})
     assert response.status_code == 400, response.text
