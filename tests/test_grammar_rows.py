@@ -281,14 +281,15 @@ def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     assert weight(_links(10)) == 22
     assert weight(llguidance.grammar_from("grammar", 'root ::= r0\n' + "".join(
         f'r{i} ::= r{i + 1} | "b"\n' for i in range(10)) + 'r10 ::= "a"')) == 1  # GBNF's: terminals, the lexer's
-    assert weight(grammar_module._json_grammar(_ref_links(10), True, "p")) == 22  # and the root's $ref
+    assert weight(grammar_module._json_grammar(_ref_links(10), True, "p")) == 2 + 22  # and the root's $ref
+    assert weight(grammar_module._json_grammar({"anyOf": [{"type": "object"}] * 1_001}, True, "p")) == 1_001
     assert weight('start: "r1: r2" r1 <[5]> // r2\nr1: /r2: x/ "b" | r1 r1 | start\nr2: r1') == 5
     assert weight("start: " + " | ".join(f"r{i}" for i in range(9)) + "\n" + "".join(
         f'r{i}: "w"\n' for i in range(9))) == 18
     assert weight('start: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 10
     assert weight('start: T | "b" T\nT: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 2  # the lexer's
     assert weight("start: a b | c? d\n" + "".join(f'{r}: "{r}" | "_"\n' for r in "abcd")) == 2 + 2 + 2 + 2  # not b
-    assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 23
+    assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 25
 
 
 def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,

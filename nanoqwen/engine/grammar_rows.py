@@ -97,13 +97,16 @@ def _lark_chain(text: str) -> int:
 
 
 def _schema_chain(schema: Any) -> int:
-    """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema: a target's subschema
-    links to each target it refers to (REF_LINK) and to each target nested in it."""
+    """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema (a target's subschema
+    links to each target it refers to, REF_LINK, and to each target nested in it), plus the most alternatives of one
+    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not)."""
     refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (where the $ref is, the path it points at)
     stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+    widest = 0
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
+            widest = max([widest] + [len(node[key]) for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)])
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):
                 pointer = ref[1:].lstrip("/")
@@ -114,7 +117,7 @@ def _schema_chain(schema: Any) -> int:
         elif isinstance(node, list):
             stack.extend((value, (*path, str(i))) for i, value in enumerate(node))
     if not refs:
-        return 0
+        return widest
     targets = {target for _, target in refs} | {()}
 
     def owner(path: tuple[str, ...]) -> tuple[str, ...]:
@@ -126,7 +129,7 @@ def _schema_chain(schema: Any) -> int:
         links[owner(path)][target] = REF_LINK
     for target in targets - {()}:
         links[owner(target[:-1])].setdefault(target, 0)
-    return _heaviest(links, {}, wide=False)
+    return widest + _heaviest(links, {}, wide=False)
 
 
 def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
