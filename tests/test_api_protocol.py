@@ -720,7 +720,7 @@ class _Serving:
     def __init__(self) -> None:
         self.engine = type("Engine", (), {"grammars": _Grammars()})()
 
-    def off_loop(self, _chars: int, fn: Callable[..., Any], *args: Any) -> Any:
+    def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 

@@ -2,6 +2,7 @@
 (RowGrammar), and what a request sent again is looked up as (the cache, before any conversion)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from checkpoints import END_THINK_ID, THINK_ID, TOKEN_IDS
 from nanoqwen.api import structured
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.engine import grammar as grammar_module
+from nanoqwen.engine import grammar_rows
 from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar, ToolSpec
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -250,11 +252,76 @@ def test_what_llguidance_appends_to_an_error_is_cut() -> None:
 
 
 def test_a_grammar_past_max_rules_is_refused_before_llguidance_sees_it(grammars: Grammars) -> None:
-    """rules_bound counts what may begin a rule (not a rule's `|` lines, blanks or comments) and each `$ref`, also as
-    JSON spells it inside a Lark `%json` (`\\u0024ref`): a chain of either that long overflowed the compile's stack."""
-    assert grammar_module.rules_bound('start: a\n  | "b"\n\n// note\na: "x"\n%json {"$ref": "#", "\\u0024ref": 1}') == 5
-    assert grammar_module.rules_bound('%json {"$r\\u0065f": "#", "\\u0024\\u0072ef": "#"}') == 3  # any letter escaped
-    chain = "start: r0\n" + "".join(f'r{i}: %json {{"\\u0024ref": "#/x"}}\n' for i in range(grammar_module.MAX_RULES))
-    with pytest.raises(InvalidRequest, match="more than 5000 rules") as refused:
-        grammars.compile(chain, "guided_grammar")
+    """rules_bound counts what may begin a rule (not a rule's `|` lines, blanks or comments) and each `$ref` twice,
+    also as JSON spells it inside a Lark `%json` (`\\u0024ref`): a chain of either that long overflowed the compile's
+    stack."""
+    assert grammar_module.rules_bound('start: a\n  | "b"\n\n// note\na: "x"\n%json {"$ref": "#", "\\u0024ref": 1}') == 7
+    assert grammar_module.rules_bound('%json {"$r\\u0065f": "#", "\\u0024\\u0072ef": "#"}') == 5  # any letter escaped
+    lines = grammar_module.MAX_RULES // 3 + 1
+    unchained = "start: r0\n" + "".join(f'r{i}: %json {{"\\u0024ref": "#/x"}}\n' for i in range(lines))
+    with pytest.raises(InvalidRequest, match="more than 12000 rules") as refused:
+        grammars.compile(unchained, "guided_grammar")
     assert refused.value.param == "guided_grammar"
+
+
+def _links(n: int, link: str = "r{i}: r{j} | \"b\"") -> str:
+    return "start: r0\n" + "".join(link.format(i=i, j=i + 1) + "\n" for i in range(n)) + f'r{n}: "a"\n'
+
+
+def _ref_links(n: int) -> dict[str, Any]:
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(n)}
+    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{n}": {"type": "boolean"}}}
+
+
+def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
+    """llguidance's row holds an item a link of a chain when its last token is scanned (3,001 for 3,000 rules each
+    naming the next; 2,201 for 1,100 `anyOf [$ref, type]`s), and one an alternative open after a shared first token
+    (6,001 for 6,000): row_weight counts each alternative and each named rule's weight (a chain: two a link), a `$ref`
+    two; recursion, strings, regexes, special tokens and comments nothing; a `%json` inside a rule its `$ref` chain."""
+    weight = grammar_rows.row_weight
+    assert weight(_links(10)) == 22
+    assert weight(llguidance.grammar_from("grammar", 'root ::= r0\n' + "".join(
+        f'r{i} ::= r{i + 1} | "b"\n' for i in range(10)) + 'r10 ::= "a"')) == 1  # GBNF's: terminals, the lexer's
+    assert weight(grammar_module._json_grammar(_ref_links(10), True, "p")) == 2 + 22  # and the root's $ref
+    assert weight(grammar_module._json_grammar({"anyOf": [{"type": "object"}] * 1_001}, True, "p")) == 1_001
+    assert weight('start: "r1: r2" r1 <[5]> // r2\nr1: /r2: x/ "b" | r1 r1 | start\nr2: r1') == 5
+    assert weight("start: " + " | ".join(f"r{i}" for i in range(9)) + "\n" + "".join(
+        f'r{i}: "w"\n' for i in range(9))) == 18
+    assert weight('start: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 10
+    assert weight('start: T | "b" T\nT: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 2  # the lexer's
+    assert weight("start: a b | c? d\n" + "".join(f'{r}: "{r}" | "_"\n' for r in "abcd")) == 2 + 2 + 2 + 2  # not b
+    assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 25
+
+
+def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain, or a long alternation, llguidance would compile and then end after its first token: refused naming
+    the param, in compile as in check_json_schema, before llguidance sees the grammar."""
+    half = grammar_module.MAX_ROW // 2
+    for text in [_links(half), 'start: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(grammar_module.MAX_ROW))]:
+        with pytest.raises(InvalidRequest, match=f"may hold 10\\d\\d items, past {grammar_module.MAX_ROW}") as refused:
+            grammars.compile(text, "guided_grammar")
+        assert refused.value.param == "guided_grammar"
+
+    def compiled(*_: Any) -> str:
+        raise AssertionError("llguidance saw the grammar")
+
+    monkeypatch.setattr(grammar_module, "LLMatcher", type("Matcher", (), {
+        "grammar_from_json_schema": staticmethod(llguidance.LLMatcher.grammar_from_json_schema),
+        "validate_grammar": staticmethod(compiled)}))
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(_ref_links(half), True, "response_format")
+    assert refused.value.param == "response_format"
+
+
+def test_the_deepest_chain_accepted_generates_to_its_end(grammars: Grammars,
+                                                         tokenizer: PreTrainedTokenizerFast) -> None:
+    """The longest chain within MAX_ROW: its last token fills a row with every link, within llguidance's limit; the
+    answer goes on after it (1,500 rules erred there) and ends where the grammar does."""
+    chain = _links(grammar_module.MAX_ROW // 2 - 1).replace("start: r0", 'start: r0 "xyz"')
+    assert grammar_rows.row_weight(chain) == grammar_module.MAX_ROW
+    grammar = grammars.compile(chain, "p")
+    matcher = grammar.matcher()
+    for token in tokenizer.encode("bxyz"):
+        assert matcher.consume_token(token), matcher.get_error()
+    assert matcher.is_accepting() and not matcher.is_error()

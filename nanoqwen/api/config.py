@@ -29,6 +29,10 @@ class ServerConfig:
     long_prompt_chars: int = 1 << 16  # message text from which a prompt takes the long lane
     long_prompt_threads: int = 1
     max_pending_long_prompts: int = 8
+    # Grammars are compiled in a lane of their own (up to ~0.3 s of llguidance's fuel each, deep stacks), so a client
+    # sending many costly ones never holds up another's prompt; past max_pending, 503.
+    grammar_threads: int = 2
+    max_pending_grammars: int = 16
 
     @classmethod
     def from_env(cls, model: str, env: Mapping[str, str] = os.environ) -> ServerConfig:

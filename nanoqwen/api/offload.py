@@ -33,8 +33,10 @@ class _Job:
 
 
 class NativePool:
-    def __init__(self, workers: int, max_pending: int, stack_bytes: int | None = None) -> None:
+    def __init__(self, workers: int, max_pending: int, stack_bytes: int | None = None,
+                 jobs: str = "prompts are already being tokenised") -> None:
         self.workers = workers
+        self.jobs = jobs  # what a refusal says max_pending of are pending
         self.stack_bytes = stack_bytes  # each worker's stack (start_native_thread); None: the default
         self.max_pending = max_pending  # running + waiting jobs; past it run() refuses
         self._jobs: collections.deque[_Job | None] = collections.deque()  # None: a worker's end
@@ -61,7 +63,7 @@ class NativePool:
     def _submit(self, job: _Job) -> None:
         with self._lock:
             if self._pending >= self.max_pending:
-                raise PoolFullError(f"{self.max_pending} prompts are already being tokenised")
+                raise PoolFullError(f"{self.max_pending} {self.jobs}")
             self._pending += 1
             self._jobs.append(job)
             self._has_jobs.set()

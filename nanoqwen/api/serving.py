@@ -233,10 +233,11 @@ class Serving:
         self.engine = engine
         self.config = config
         self.stats = stats
-        # these compile grammars too (off_loop), which takes a deep stack
-        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts, COMPILE_STACK_BYTES)
-        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts,
-                                          COMPILE_STACK_BYTES)
+        self.tokenizing = NativePool(config.tokenizer_threads, config.max_pending_prompts)
+        self.tokenizing_long = NativePool(config.long_prompt_threads, config.max_pending_long_prompts)
+        # llguidance's compile recurses once per link of a grammar's chain: a deep stack
+        self.compiling = NativePool(config.grammar_threads, config.max_pending_grammars, COMPILE_STACK_BYTES,
+                                    "grammars are already being compiled")
         # every job is an answer already generated: waiting beats refusing it, and it shares no lane with prompts
         self.encoding = NativePool(1, max_pending=1 << 20)
         self._info: dict[str, Any] = {}
@@ -267,7 +268,16 @@ class Serving:
     def off_loop(self, chars: int, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) (templating, tokenising) in a native thread; prompts of `chars` characters or
         more go to their own pool, so a few long ones cannot hold up every short one."""
-        pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
+        return self._run(self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing, fn, *args)
+
+    def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) (a grammar's compile, or its cache's look-up) in the grammars' own native threads: a prompt's
+        tokenising never waits for other clients' grammars."""
+        return self._run(self.compiling, fn, *args)
+
+    @staticmethod
+    def _run(pool: NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in one of `pool`'s threads; 503 when its queue is full."""
         try:
             return pool.run(fn, *args)
         except PoolFullError as exc:

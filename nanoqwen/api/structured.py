@@ -55,7 +55,7 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
         if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
     if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
         if answer is not None:
-            serving.off_loop(len(json.dumps(answer.schema)), _checked_answer, answer)
+            serving.compile_off_loop(_checked_answer, answer)
         return _calls(serving, req, req.forced_tools, None)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
@@ -74,8 +74,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
                       bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
-    size = len(json.dumps([t.parameters for t in tools])) + len(json.dumps(answer and answer.schema))
-    return serving.off_loop(size, _tool_calls, serving.engine.grammars, tools, parallel, answer, not forced)
+    return serving.compile_off_loop(_tool_calls, serving.engine.grammars, tools, parallel, answer, not forced)
 
 
 def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
@@ -92,7 +91,7 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         no_space = options is not None and bool(options.disable_any_whitespace)
         return _json(serving, schema, True, constraint.param, no_space)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
-    return serving.off_loop(len(text), serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
+    return serving.compile_off_loop(serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
 
 
 def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +110,7 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
-    return serving.off_loop(len(json.dumps(schema)), _json_schema, serving.engine.grammars, schema, strict, param,
-                            no_space)
+    return serving.compile_off_loop(_json_schema, serving.engine.grammars, schema, strict, param, no_space)
 
 
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool) -> Grammar:

@@ -25,6 +25,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
+from nanoqwen.engine.grammar_rows import row_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -43,12 +44,17 @@ APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
 LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=300_000, step_lexer_fuel=50_000, verbose_errors=False)
 log = logging.getLogger("nanoqwen")
-# llguidance recurses once per link of a chain of rules (`r0: r1 | "b"`, `r1: r2 | "b"`, ...; GBNF's too) or of JSON
-# Schema `$ref`s while it compiles, 3-5 kB of stack a rule and up to ~12 kB a `$ref`: past its thread's stack the
-# process dies (SIGSEGV; 3,000 rules or 2,000 `$ref`s in an 8 MiB stack). So a grammar holds at most MAX_RULES (counted
-# by rules_bound) and the threads that compile have COMPILE_STACK_BYTES, twice what that many `$ref`s took (profiles/
-# RESULTS.md, deep8). Nesting within a rule, a regex or a schema, llguidance bounds itself.
-MAX_RULES = 5_000
+# A parser row holds an item for each alternative still open (row_weight counts them from the text, erring high): a
+# chain of rules (`r0: r1 | "b"`, `r1: r2 | "b"`, ...; GBNF's too) or of JSON Schema `$ref`s one a link, alternatives
+# sharing a first token one each. Past 2,000 (LIMITS' max_items_in_row) llguidance ended the answer after a token; short
+# of it each mask costs in proportion: ~0.4 ms a step at a 500-link chain, ~2 ms at 1,000 (profiles/RESULTS.md, chain9).
+# llguidance also recurses once per link while it compiles, 3-5 kB of stack a rule and up to ~13 kB a `$ref`: past its
+# thread's stack the process dies (SIGSEGV; 3,000 rules or 2,000 `$ref`s in 8 MiB). The compile threads have
+# COMPILE_STACK_BYTES; MAX_RULES (rules_bound: every line that may begin a rule, and each `$ref` twice) bounds a chain
+# row_weight cannot see (a `$ref` by `$anchor`) within it: 12,000 rules or 6,000 `$ref`s (deep8: 64 MiB held 12,000
+# rules and 5,000 `$ref`s).
+MAX_ROW = 1_000
+MAX_RULES = 12_000
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
@@ -93,7 +99,9 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
 def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> None:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
     slot): the combined grammar it is part of would be refused naming another field."""
-    if error := LLMatcher.validate_grammar(_json_grammar(schema, strict, param)):
+    text = _json_grammar(schema, strict, param)
+    check_bounds(text, param)
+    if error := LLMatcher.validate_grammar(text):
         raise _invalid(param, error)
 
 
@@ -211,9 +219,7 @@ class Grammars:
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
-        if rules_bound(text) > MAX_RULES:  # before llguidance, whose compile would overflow its stack
-            raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules and JSON Schema "
-                                 "$refs", param=param)
+        check_bounds(text, param)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -238,11 +244,24 @@ class Grammars:
         return words
 
 
+def check_bounds(text: str, param: str) -> None:
+    """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_ROW, MAX_RULES), before it
+    sees it."""
+    if rules_bound(text) > MAX_RULES:
+        raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
+                             "counts twice)", param=param)
+    if (weight := row_weight(text)) > MAX_ROW:
+        raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
+                             f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
+                             "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
+                             param=param)
+
+
 def rules_bound(text: str) -> int:
     """At least the rules and `$ref`s of a grammar's text: each line that may begin a rule (all but blank ones, a
-    rule's `|` alternatives and comments) and each `$ref` however spelled (REF)."""
+    rule's `|` alternatives and comments) and each `$ref` however spelled (REF) twice."""
     lines = sum(1 for line in map(str.lstrip, text.splitlines()) if line and not line.startswith(("|", "//")))
-    return lines + len(REF.findall(text))
+    return lines + 2 * len(REF.findall(text))
 
 
 def _invalid(param: str, error: str) -> InvalidRequest:

@@ -1,0 +1,72 @@
+"""Grammars compile in a lane of their own (Serving.compiling): a client's costly grammars never hold up another's
+prompt in the tokenising lane, and a full grammar lane is a 503 as a full tokenising lane is."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import gevent
+import pytest
+
+from nanoqwen.api import structured
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.serving import Serving
+from nanoqwen.engine.threads import NativeEvent
+
+
+class _BlockedGrammars:
+    """Grammars whose every compile holds its native thread until `release` (an in-process stand-in for a costly
+    grammar: up to ~0.3 s of llguidance's fuel each)."""
+
+    def __init__(self) -> None:
+        self.release = NativeEvent()
+        self.started = 0
+
+    def from_text(self, kind: str, text: str, param: str) -> str:
+        self.started += 1
+        assert self.release.wait(30)
+        return f"compiled {text}"
+
+
+@pytest.fixture()
+def lanes() -> Iterator[tuple[Serving, _BlockedGrammars]]:
+    grammars = _BlockedGrammars()
+    config = ServerConfig(tokenizer_threads=2, grammar_threads=2, max_pending_grammars=3)
+    serving = Serving(SimpleNamespace(grammars=grammars), config, SimpleNamespace())  # type: ignore[arg-type]
+    yield serving, grammars
+    grammars.release.set()
+    for pool in (serving.compiling, serving.tokenizing):
+        pool.stop()
+
+
+def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
+    req = SimpleNamespace(constraint=SimpleNamespace(kind="regex", value=regex, param="guided_regex"))
+    return gevent.spawn(structured.structured_grammar, serving, req)
+
+
+def test_a_prompt_tokenises_while_every_grammar_thread_is_busy(lanes: tuple[Serving, _BlockedGrammars]) -> None:
+    serving, grammars = lanes
+    compiles = [_compile(serving, f"a{{{i}}}") for i in range(3)]  # both threads busy, one waiting
+    while grammars.started < 2:
+        gevent.sleep(0.01)
+    prompt = gevent.spawn(serving.off_loop, 10, lambda: "tokenised")
+    prompt.join(timeout=10)  # before the grammars' lane, it waited for the compiles: never, until release
+    assert prompt.successful() and prompt.value == "tokenised"
+    assert not any(c.ready() for c in compiles)
+    grammars.release.set()
+    assert [c.get(timeout=10) for c in compiles] == [f"compiled a{{{i}}}" for i in range(3)]
+
+
+def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -> None:
+    serving, grammars = lanes
+    compiles = [_compile(serving, f"b{{{i}}}") for i in range(3)]
+    while grammars.started < 2:
+        gevent.sleep(0.01)
+    with pytest.raises(APIError) as refused:
+        _compile(serving, "c").get(timeout=10)
+    assert (refused.value.status, refused.value.code) == (503, "queue_full")
+    assert "3 grammars are already being compiled" in refused.value.message
+    assert refused.value.headers["Retry-After"]
+    grammars.release.set()
+    assert len([c.get(timeout=10) for c in compiles]) == 3
