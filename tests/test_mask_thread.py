@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from llguidance import LLExecutor
 
 from engine_util import collect, engine_step, greedy, load_engine, run
 from nanoqwen.engine import Engine, SamplingParams
 from nanoqwen.engine.grammar import RowGrammar
+from nanoqwen.runner import sampling
 from nanoqwen.runner.mask_thread import MaskThread
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198], list(range(5000, 5030, 3))]
@@ -73,21 +75,48 @@ def engines(tiny_checkpoint) -> dict[str, Engine]:
     return {mode: load_engine(tiny_checkpoint, **config) for mode, config in MODES.items()}
 
 
-def test_constrained_answers_are_transformers_under_the_same_masks_in_each_mode(engines, hf) -> None:
-    """Every row of one batch under its own adjustment, decoded with the masks filled beside the forward: the greedy
+@pytest.fixture(scope="module")
+def references() -> dict[int, list[int]]:
+    """transformers' answer for each row of _constrained_requests (the same in each mode and pool), computed once."""
+    return {}
+
+
+@functools.cache
+def _pool() -> LLExecutor:
+    return LLExecutor(num_threads=2)
+
+
+@pytest.mark.parametrize("pool", ["serial", "pool"])
+def test_constrained_answers_are_transformers_under_the_same_masks_in_each_mode(engines, hf, references, pool: str,
+                                                                                 monkeypatch) -> None:
+    """Every row of one batch under its own adjustment, decoded with the masks filled beside the forward (the three
+    matchers' one after another, or on llguidance's pool, whatever this machine's CPUs would choose): the greedy
     ones are transformers' under the same masks, the seeded one the same in each mode (and the grammar holds)."""
+    monkeypatch.setattr(sampling, "_executor", lambda: _pool() if pool == "pool" else None)
     answers = {}
     for mode, engine in engines.items():
         rows = _constrained_requests(engine)
         answers[mode] = _generate(engine, [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))], rows)
         for i, (params, got) in enumerate(zip(rows, answers[mode])):
             if params.greedy:
-                assert got == _reference(hf, engine, PROMPTS[i % len(PROMPTS)], params), (mode, i)
+                if i not in references:
+                    references[i] = _reference(hf, engine, PROMPTS[i % len(PROMPTS)], params)
+                assert got == references[i], (mode, i)
         assert engine.info()["graph"] == ("none" if mode == "none" else "cpugraph")
     seeded = answers["none"][2]
     assert answers["cpugraph"][2] == seeded and len(seeded) == MAX_TOKENS
     text = engines["none"].tokenizer.decode(seeded)
     assert text.startswith('{"name": "') and '"' not in text[len('{"name": "'):]  # inside the 300 characters
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, None), (2, None), (3, 2), (16, 12), (64, 32)])
+def test_the_mask_pool_is_made_where_it_has_two_threads(cpus: int, threads: int | None, monkeypatch) -> None:
+    """A pool of one thread would compute the masks one after another, as the mask thread does, plus a handoff."""
+    monkeypatch.setattr(sampling, "resolve_threads", lambda _: cpus)
+    made: list[int] = []
+    monkeypatch.setattr(sampling, "LLExecutor", lambda num_threads: made.append(num_threads) or num_threads)
+    assert sampling._executor.__wrapped__() == threads
+    assert made == ([threads] if threads else [])
 
 
 class _Handshake:
