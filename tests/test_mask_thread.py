@@ -1,17 +1,23 @@
 """A step's token masks are filled on the mask thread while the forward runs (nanoqwen/runner/mask_thread.py), joined
 before sampling: constrained greedy answers are transformers' under the same masks in each mode, and the mask really
-runs beside the forward (a matcher that waits for the forward, and a forward that waits for the mask)."""
+runs beside the forward (a matcher that waits for the forward, and a forward that waits for the mask). The thread
+itself: close() never waits, so an owner dropped during a job ends it."""
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from typing import Any
 
 import pytest
 import torch
+from llguidance import LLExecutor
 
 from engine_util import collect, engine_step, greedy, load_engine, run
 from nanoqwen.engine import Engine, SamplingParams
 from nanoqwen.engine.grammar import RowGrammar
+from nanoqwen.runner import sampling
+from nanoqwen.runner.mask_thread import MaskThread
 
 PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 872, 198], list(range(5000, 5030, 3))]
 MAX_TOKENS = 10
@@ -69,21 +75,48 @@ def engines(tiny_checkpoint) -> dict[str, Engine]:
     return {mode: load_engine(tiny_checkpoint, **config) for mode, config in MODES.items()}
 
 
-def test_constrained_answers_are_transformers_under_the_same_masks_in_each_mode(engines, hf) -> None:
-    """Every row of one batch under its own adjustment, decoded with the masks filled beside the forward: the greedy
+@pytest.fixture(scope="module")
+def references() -> dict[int, list[int]]:
+    """transformers' answer for each row of _constrained_requests (the same in each mode and pool), computed once."""
+    return {}
+
+
+@functools.cache
+def _pool() -> LLExecutor:
+    return LLExecutor(num_threads=2)
+
+
+@pytest.mark.parametrize("pool", ["serial", "pool"])
+def test_constrained_answers_are_transformers_under_the_same_masks_in_each_mode(engines, hf, references, pool: str,
+                                                                                 monkeypatch) -> None:
+    """Every row of one batch under its own adjustment, decoded with the masks filled beside the forward (the three
+    matchers' one after another, or on llguidance's pool, whatever this machine's CPUs would choose): the greedy
     ones are transformers' under the same masks, the seeded one the same in each mode (and the grammar holds)."""
+    monkeypatch.setattr(sampling, "_executor", lambda: _pool() if pool == "pool" else None)
     answers = {}
     for mode, engine in engines.items():
         rows = _constrained_requests(engine)
         answers[mode] = _generate(engine, [PROMPTS[i % len(PROMPTS)] for i in range(len(rows))], rows)
         for i, (params, got) in enumerate(zip(rows, answers[mode])):
             if params.greedy:
-                assert got == _reference(hf, engine, PROMPTS[i % len(PROMPTS)], params), (mode, i)
+                if i not in references:
+                    references[i] = _reference(hf, engine, PROMPTS[i % len(PROMPTS)], params)
+                assert got == references[i], (mode, i)
         assert engine.info()["graph"] == ("none" if mode == "none" else "cpugraph")
     seeded = answers["none"][2]
     assert answers["cpugraph"][2] == seeded and len(seeded) == MAX_TOKENS
     text = engines["none"].tokenizer.decode(seeded)
     assert text.startswith('{"name": "') and '"' not in text[len('{"name": "'):]  # inside the 300 characters
+
+
+@pytest.mark.parametrize("cpus, threads", [(1, None), (2, None), (3, 2), (16, 12), (64, 32)])
+def test_the_mask_pool_is_made_where_it_has_two_threads(cpus: int, threads: int | None, monkeypatch) -> None:
+    """A pool of one thread would compute the masks one after another, as the mask thread does, plus a handoff."""
+    monkeypatch.setattr(sampling, "resolve_threads", lambda _: cpus)
+    made: list[int] = []
+    monkeypatch.setattr(sampling, "LLExecutor", lambda num_threads: made.append(num_threads) or num_threads)
+    assert sampling._executor.__wrapped__() == threads
+    assert made == ([threads] if threads else [])
 
 
 class _Handshake:
@@ -169,3 +202,115 @@ def test_a_mask_that_raises_on_the_mask_thread_fails_its_step_as_on_the_engine_t
     assert "the matcher broke" in collect(stream).error
     answer = _generate(engine, [PROMPTS[1]], [greedy(3, grammar=schema)])
     assert len(answer[0]) == 3
+
+
+class _BlockedMatcher(_WaitingMatcher):
+    """A real matcher whose mask waits for `go`, then raises: a failed step's job, still running after its step."""
+
+    def __init__(self, matcher: Any) -> None:
+        super().__init__(matcher, _Handshake())
+        self.blocked = threading.Event()
+        self.returned = threading.Event()
+        self.go = threading.Event()
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        self.blocked.set()
+        self.go.wait(HANDSHAKE_S)
+        self.returned.set()
+        raise RuntimeError("the failed step's mask broke")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_step_that_fails_while_its_mask_runs_leaves_the_next_constrained_request_right(engines, hf, mode: str,
+                                                                                          monkeypatch) -> None:
+    """A decode step's forward raises while its row's mask is still computing: the step's request fails with the
+    forward's error; the next step waits for that job, whose own error is the failed step's, not the next one's;
+    a constrained request is then transformers' under its mask."""
+    engine = engines[mode]
+    runner = engine.runner
+    schema = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    request_id, failed = engine.submit(PROMPTS[0], greedy(3, grammar=schema), split_reasoning=False)
+    engine_step(engine)  # the prefill
+    row = engine._requests[request_id].sequences[0].grammar
+    matcher = row.matcher = _BlockedMatcher(row.matcher)
+
+    def forward(*args: Any) -> None:
+        assert matcher.blocked.wait(HANDSHAKE_S)
+        raise RuntimeError("the forward broke")
+
+    monkeypatch.setattr(runner.graphs, "run", forward)
+    engine_step(engine)
+    assert "the forward broke" in collect(failed).error
+    assert matcher.blocked.is_set() and not matcher.returned.is_set()  # the job outlived its step
+    monkeypatch.undo()
+    thread = runner.adjuster._thread
+    monkeypatch.setattr(thread, "start", lambda *args, **kw: matcher.go.set() or MaskThread.start(thread, *args, **kw))
+    regex = engine.grammars.from_text("regex", REGEX, "structured_outputs")
+    params = greedy(MAX_TOKENS, grammar=regex)
+    assert _generate(engine, [PROMPTS[1]], [params]) == [_reference(hf, engine, PROMPTS[1], params)]
+    assert matcher.returned.is_set()
+
+
+def _close(thread: MaskThread, closed: threading.Event) -> None:
+    thread.close()
+    closed.set()
+
+
+class _Owner:
+    """A mask thread's owner as LogitAdjuster is one: its finalizer closes the thread, its jobs hold it."""
+
+    def __init__(self, closed: threading.Event) -> None:
+        self.thread = MaskThread()
+        weakref.finalize(self, _close, self.thread, closed)
+
+    def job(self, started: threading.Event, go: threading.Event) -> None:
+        started.set()
+        assert go.wait(HANDSHAKE_S)
+
+
+def _ended(thread: MaskThread) -> threading.Event:
+    """Set once `thread` is freed: its native thread, which holds it, has returned."""
+    ended = threading.Event()
+    weakref.finalize(thread, ended.set)
+    return ended
+
+
+def test_an_owner_dropped_while_its_job_runs_ends_the_thread() -> None:
+    """The job holds the owner's last reference: its finalizer runs on the mask thread, whose close() must not wait
+    for the job it is part of (it waited forever, and the thread and the owner's memory with it)."""
+    started, go, closed = threading.Event(), threading.Event(), threading.Event()
+    owner = _Owner(closed)
+    ended = _ended(owner.thread)
+    owner.thread.start(functools.partial(owner.job, started, go))
+    assert started.wait(HANDSHAKE_S)
+    del owner
+    assert not closed.is_set()  # the running job holds the owner
+    go.set()
+    assert closed.wait(HANDSHAKE_S), "close() on the mask thread waited for its own job"
+    assert ended.wait(HANDSHAKE_S), "the mask thread did not end"
+
+
+def test_close_from_elsewhere_returns_before_the_job_ends_and_the_thread_ends_after_it() -> None:
+    """As a finalizer run on the event loop: close() returns at once, the thread ends once its job is done."""
+    started, go, closed = threading.Event(), threading.Event(), threading.Event()
+    thread = MaskThread()
+    ended = _ended(thread)
+    thread.start(lambda: started.set() or go.wait(HANDSHAKE_S))
+    assert started.wait(HANDSHAKE_S)
+    closer = threading.Thread(target=_close, args=(thread, closed), daemon=True)
+    closer.start()
+    returned = closed.wait(HANDSHAKE_S)
+    go.set()
+    assert returned, "close() waited for the job"
+    del thread
+    assert ended.wait(HANDSHAKE_S), "the mask thread did not end after its job"
+
+
+def test_close_ends_an_idle_thread() -> None:
+    thread = MaskThread()
+    ended = _ended(thread)
+    thread.start(lambda: None)
+    thread.wait()
+    thread.close()
+    del thread
+    assert ended.wait(HANDSHAKE_S)

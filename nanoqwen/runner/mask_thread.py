@@ -3,6 +3,7 @@ tokens sampled up to step t-1, known before step t's forward starts, so the mask
 (llguidance drops the GIL while it computes one) and joined just before sampling, as vLLM and SGLang overlap them."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 
@@ -47,10 +48,13 @@ class MaskThread:
             raise error
 
     def close(self) -> None:
-        """Ends the thread once its job is done (its owner is gone)."""
-        if self._idle is not None and not self._closed:
-            self._idle.acquire()
-            self._closed = True
+        """Ends the thread after its job, if one runs (its owner is gone). Never waits: it runs from the owner's
+        finalizer, which may run on this thread itself (the job held the owner's last reference) or on the event
+        loop."""
+        if self._idle is None or self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(RuntimeError):  # released already: a job given, not yet taken (its owner lives on)
             self._wake.release()
 
     def _start_thread(self) -> None:
@@ -65,12 +69,11 @@ class MaskThread:
         while True:
             self._wake.acquire()
             if self._closed:
-                self._idle.release()
                 return
             try:
                 self._job()
             except BaseException as exc:  # noqa: BLE001 -- raised on the engine thread, in wait()
                 self._error = exc
             finally:
-                self._job = None  # nothing of its owner kept alive between jobs: close() comes from its finalizer
+                self._job = None  # nothing of its owner kept alive between jobs: close() may come from here
                 self._idle.release()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from llguidance import LLExecutor, LLMatcher
 
+from nanoqwen.config import resolve_threads
 from nanoqwen.runner.mask_thread import MaskThread
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, top_logprobs
@@ -172,16 +173,17 @@ class LogitAdjuster:
         self._slots = row_slots
 
     def _compute_masks(self, pending: list[tuple[LLMatcher, int]]) -> None:
-        """Each matcher's mask into its bitmask slot; several at once on llguidance's thread pool (it drops the GIL:
-        0.1-1 ms a JSON row, tens of ms a costly regex's)."""
+        """Each matcher's mask into its bitmask slot; several at once on llguidance's thread pool where there is one
+        (_executor; it drops the GIL: 0.1-1 ms a JSON row, tens of ms a costly regex's), else one after another."""
         words = self.host_bitmask.shape[1]
-        if len(pending) == 1:
-            matcher, slot = pending[0]
+        executor = _executor() if len(pending) > 1 else None
+        if executor is not None:
+            executor.unsafe_compute_mask_ptr(pending, self.host_bitmask.data_ptr(), words * 4,
+                                             self.host_bitmask.shape[0])
+            return
+        for matcher, slot in pending:
             row = self.host_bitmask[slot]  # [ceil(V/32)] int32, contiguous
             matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
-        elif pending:
-            _executor().unsafe_compute_mask_ptr(pending, self.host_bitmask.data_ptr(), words * 4,
-                                                self.host_bitmask.shape[0])
 
     def _ban(self, slot: int, token_ids: tuple[int, ...]) -> None:
         """Clears `token_ids` from bitmask row `slot` unless they are all it allows: a grammar that can
@@ -201,10 +203,13 @@ def _bias_arrays(bias: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _executor() -> LLExecutor:
-    """llguidance's thread pool for masks computed together (its default size: 80% of the CPUs, at most 32), one for
-    the process: made at the first step with two."""
-    return LLExecutor()
+def _executor() -> LLExecutor | None:
+    """llguidance's thread pool for masks computed together, one for the process, made at the first step with two:
+    80% of the CPUs this process may run on (llguidance's default share), at most 32. None under 2 threads (1-2
+    CPUs): a pool of one computes the masks one after another, as the mask thread does itself, plus a handoff
+    (profiles/RESULTS.md, mask9fix)."""
+    threads = min(32, resolve_threads(0) * 4 // 5)
+    return LLExecutor(num_threads=threads) if threads >= 2 else None
 
 
 @functools.lru_cache(maxsize=64)
