@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import paged_inputs
+from checkpoints import make_checkpoint
 from engine_util import generate, greedy, hf_greedy, load_engine
 from ops.cpu import build as cpu_build
 from ops.cpu import prefill_attention as cpu_prefill
@@ -177,3 +178,29 @@ def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint
     for prompt, result in zip(prompts, results):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, 8)
     assert [11] in calls  # the short prompt's 11 new tokens went to the C kernel
+
+
+def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch):
+    """A bf16 checkpoint at a head dim the tiles take (128): a 300-token prompt (rows over two 256-key blocks), the
+    same with 2 more tokens (a prefix hit, 14 new) and its first 288 with 72 others (a prefix hit, 72 new): greedy
+    tokens with the tiles the same as with them off (the AVX2 loops and SDPA), and the tiles served every prefill."""
+    if not cpu_prefill.amx(128):
+        pytest.skip("no AMX-BF16 on this CPU: its engine runs are the other tests'")
+    checkpoint = make_checkpoint(head_dim=128, dtype=torch.bfloat16, seed=7)
+    first = list(range(1000, 1300))
+    prompts = [first, first + [7, 8], first[:288] + list(range(2000, 2072))]
+    calls = []
+    real = cpu_prefill.prefill_attention_kernel
+    monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append((a[4], a[7])) or real(*a))
+
+    def run() -> list[list[int]]:
+        engine = load_engine(checkpoint, dtype="bfloat16", kernels="auto")
+        assert engine.runner.model.kernels.prefill_attention is cpu_prefill.prefill_attention_cpu
+        results = [generate(engine, [prompt], greedy(16))[0] for prompt in prompts]
+        assert [r.usage.cached_tokens for r in results] == [0, 288, 288]
+        return [r.choices[0].token_ids for r in results]
+
+    tiles = run()
+    assert calls == [(new, True) for new in ([300], [14], [72]) for _layer in range(2)]
+    monkeypatch.setattr(cpu_prefill, "amx", lambda head_dim: False)
+    assert run() == tiles
