@@ -180,15 +180,6 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
                                atol=1e-5)
 
 
-def test_prefill_attention_tiles_without_scratch_raise(monkeypatch):
-    """The AMX tiles' scratch (a task's packed blocks and rows per thread) not allocated: MemoryError, as the loops'."""
-    args, _, _ = paged_inputs.paged([(70, 70), (40, 90)], 4, 2, 32, 4, dtype=torch.bfloat16)
-    q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale = args
-    monkeypatch.setattr(cpu_prefill.KERNEL, "lib", lib("prefill_attention.c", "built, no scratch"))
-    with pytest.raises(MemoryError, match="prefill_attention"):
-        cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale, True)
-
-
 def test_prefill_attention_on_an_avx2_cpu_keeps_sdpa_for_long_runs(monkeypatch):
     """What a CPU without AVX-512 builds: its kernel says the tiles do not serve, so bf16 runs past C_MAX_NEW go to
     SDPA (as before the tiles), and a call asking for the tiles gets the AVX2 loops, the same bits."""

@@ -2,6 +2,8 @@
 torch reference, and through the engine after a prefix-cache hit against transformers."""
 from __future__ import annotations
 
+import ctypes
+import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import paged_inputs
+from checkpoints import make_checkpoint
 from engine_util import generate, greedy, hf_greedy, load_engine
 from ops.cpu import build as cpu_build
 from ops.cpu import prefill_attention as cpu_prefill
@@ -66,10 +69,27 @@ def test_amx_tiles_match_reference(shape):
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
 
 
-def test_amx_tiles_serve_where_the_cpu_has_them():
+def test_amx_tiles_rescale_the_running_sums_when_a_later_block_outscores_the_first():
+    """Queries x8: a later 256-key block's top score passes a row's running maximum by more than LAZY, so the tiles
+    must rescale its accumulator and sum (at N(0, 0.6) scores they never do)."""
+    args, _, _ = paged_inputs.paged([(300, 300), (130, 517)], 4, 2, 32, 4, dtype=torch.bfloat16)
+    args = (args[0] * 8, *args[1:])
+    torch.testing.assert_close(kernel(*args, tiles=True), prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
+
+
+def linux_grants_amx() -> bool:
+    """Whether Linux lets this process use the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
+
+
+def test_amx_tiles_serve_where_the_cpu_has_them_and_linux_allows_them():
     flags = Path("/proc/cpuinfo").read_text() if sys.platform == "linux" else ""
-    assert cpu_prefill.amx(128) == (" amx_bf16" in flags and " avx512_bf16" in flags)
-    assert not cpu_prefill.amx(40)  # off the 32-column tiles: the AVX2 loops
+    ready = " amx_bf16" in flags and " avx512_bf16" in flags and linux_grants_amx()
+    assert cpu_prefill.amx(128) == cpu_prefill.amx(32) == ready
+    assert not cpu_prefill.amx(40) and not cpu_prefill.amx(288)  # off the 32-column tiles, past 256: the AVX2 loops
 
 
 @pytest.mark.parametrize("tiles", [False, True])
@@ -116,9 +136,10 @@ def test_dispatch_matches_reference(monkeypatch, dtype, max_new, scattered):
     assert calls == ([expected] if expected else [])
 
 
-@pytest.mark.parametrize("max_new", [0, 16, 10_000])  # all tiles | both | all AVX2 loops
+@pytest.mark.parametrize("max_new", [0, 16, 10_000])  # C_MAX_NEW: no sequence, some, all for the AVX2 loops elsewhere
 def test_dispatch_takes_the_amx_tiles_in_bf16(monkeypatch, max_new):
-    """Where the tiles serve, every sequence the AVX2 loops do not take goes to them, in one call; none to SDPA."""
+    """Where the tiles serve, every sequence goes to them in one call (decode rows and short chunks too: the tiles beat
+    the AVX2 loops there), whatever C_MAX_NEW; none to the loops or SDPA."""
     if not cpu_prefill.amx(32):
         pytest.skip("no AMX-BF16 on this CPU: its dispatch is test_dispatch_matches_reference's")
     monkeypatch.setattr(cpu_prefill, "C_MAX_NEW", max_new)
@@ -130,9 +151,7 @@ def test_dispatch_takes_the_amx_tiles_in_bf16(monkeypatch, max_new):
     args, _, _ = paged_inputs.paged(seqs, 4, 2, 32, 4, dtype=torch.bfloat16)
     out = cpu_prefill.prefill_attention_cpu(*args)
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
-    small = [n for n, c in seqs if n < c and n <= max_new]
-    large = [n for n, c in seqs if not (n < c and n <= max_new)]
-    assert calls == [(lens, tiles) for lens, tiles in ((small, False), (large, True)) if lens]
+    assert calls == [([n for n, _ in seqs], True)]
 
 
 def test_the_cpu_kernel_set_takes_it_where_it_serves():
@@ -159,3 +178,29 @@ def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint
     for prompt, result in zip(prompts, results):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, 8)
     assert [11] in calls  # the short prompt's 11 new tokens went to the C kernel
+
+
+def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch):
+    """A bf16 checkpoint at a head dim the tiles take (128): a 300-token prompt (rows over two 256-key blocks), the
+    same with 2 more tokens (a prefix hit, 14 new) and its first 288 with 72 others (a prefix hit, 72 new): greedy
+    tokens with the tiles the same as with them off (the AVX2 loops and SDPA), and the tiles served every prefill."""
+    if not cpu_prefill.amx(128):
+        pytest.skip("no AMX-BF16 on this CPU: its engine runs are the other tests'")
+    checkpoint = make_checkpoint(head_dim=128, dtype=torch.bfloat16, seed=7)
+    first = list(range(1000, 1300))
+    prompts = [first, first + [7, 8], first[:288] + list(range(2000, 2072))]
+    calls = []
+    real = cpu_prefill.prefill_attention_kernel
+    monkeypatch.setattr(cpu_prefill, "prefill_attention_kernel", lambda *a: calls.append((a[4], a[7])) or real(*a))
+
+    def run() -> list[list[int]]:
+        engine = load_engine(checkpoint, dtype="bfloat16", kernels="auto")
+        assert engine.runner.model.kernels.prefill_attention is cpu_prefill.prefill_attention_cpu
+        results = [generate(engine, [prompt], greedy(16))[0] for prompt in prompts]
+        assert [r.usage.cached_tokens for r in results] == [0, 288, 288]
+        return [r.choices[0].token_ids for r in results]
+
+    tiles = run()
+    assert calls == [(new, True) for new in ([300], [14], [72]) for _layer in range(2)]
+    monkeypatch.setattr(cpu_prefill, "amx", lambda head_dim: False)
+    assert run() == tiles

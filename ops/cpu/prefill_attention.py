@@ -12,11 +12,11 @@ On CPUs with AMX-BF16, bf16 also has the kernel's AMX tiles (csrc/prefill_amx.h)
 over 256-key blocks packed once a task, scores and P V on the tiles with fp32 sums, the online softmax in fp32 on
 AVX-512; 1.5-2x SDPA's fused kernel a thread at 0.6B's shapes (profiles/RESULTS.md, "attn9").
 
-`prefill_attention_cpu`, the CPU kernel set's op, gives the kernel's AVX2 loops the sequences they win (C_MAX_NEW),
-the rest to its AMX tiles where they serve, else to SDPA's fused kernels: the reference's one causal call for a
-sequence with nothing or
-little cached; after a longer prefix, one unmasked call over the prefix and one causal call over the
-new tokens, merged by their logsumexps: no [new, context] mask, no score computed twice.
+`prefill_attention_cpu`, the CPU kernel set's op, gives every sequence to the kernel's AMX tiles where they serve
+(they beat the AVX2 loops at every run length measured, a decode row included: profiles/RESULTS.md, "attn9fix");
+elsewhere the AVX2 loops take the sequences they win (C_MAX_NEW), SDPA's fused kernels the rest: the reference's one
+causal call for a sequence with nothing or little cached; after a longer prefix, one unmasked call over the prefix
+and one causal call over the new tokens, merged by their logsumexps: no [new, context] mask, no score computed twice.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ MAX_GROUP = 64  # query heads per kv head: a task's 64 query vectors hold at lea
 MAX_HEAD_DIM = 256
 # New tokens per sequence up to which the C kernel takes a sequence with a cached prefix: it reads
 # the context in place where SDPA first gathers it out of the blocks (decode rows of a chunked batch,
-# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to the AMX tiles (bf16, where the
-# CPU has them) or to SDPA's fused kernels, whose oneDNN AMX/AVX-512 GEMMs the AVX2 loops do not match
-# (profiles/RESULTS.md, "Paged prefill attention").
+# short chunks). Longer runs of new tokens, and sequences with nothing cached, go to SDPA's fused kernels, whose
+# oneDNN AMX/AVX-512 GEMMs the AVX2 loops do not match (profiles/RESULTS.md, "Paged prefill attention"). Not used
+# where the AMX tiles serve: they take every sequence.
 C_MAX_NEW = 16
 # A prefix under 1/SPLIT_MIN_PREFIX of the new tokens costs less padded under one causal SDPA call (the
 # reference's route) than in a call of its own. Measured in bf16 at 0.6B's shapes: the reference 1.4x
@@ -153,34 +153,25 @@ def prefill_attention_cpu(
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
 ) -> torch.Tensor:  # [N, Hq, D]
-    """The C kernel's AVX2 loops for every sequence of at most C_MAX_NEW new tokens after a cached prefix, in one
-    call; each other one to its AMX tiles (bf16 where amx() says they serve), all in one more call, else to SDPA's
-    fused kernels."""
+    """Every sequence to the C kernel's AMX tiles in one call (bf16 where amx() says they serve); else those of at
+    most C_MAX_NEW new tokens after a cached prefix to its AVX2 loops, in one call, the rest to SDPA's fused kernels."""
     small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
     tiles = q.dtype == torch.bfloat16 and amx(q.shape[2])
-    if all(small) or (tiles and not any(small)):
-        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale,
-                                        not all(small))
+    if tiles or all(small):
+        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, tiles)
     out = torch.empty_like(q)
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
-
-    def kernel(take: bool) -> None:  # the sequences whose `small` is `take`, in one call
-        seqs = [s for s, is_small in enumerate(small) if is_small == take]
+    seqs = [s for s, is_small in enumerate(small) if is_small]
+    if seqs:
         rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in seqs])
         out[rows] = prefill_attention_kernel(
             q[rows], k_cache, v_cache, block_tables[seqs], [query_lens[s] for s in seqs],
-            [context_lens[s] for s in seqs], scale, not take,
+            [context_lens[s] for s in seqs], scale,
         )
-
-    if any(small):
-        kernel(True)
-    if tiles:
-        kernel(False)
-        return out
-    for s, take in enumerate(small):
-        if not take:
+    for s, is_small in enumerate(small):
+        if not is_small:
             rows = slice(starts[s], starts[s + 1])
             out[rows] = _sdpa(q[rows], k[rows], v[rows], k_cache, v_cache, block_tables[s], context_lens[s], scale)
     return out

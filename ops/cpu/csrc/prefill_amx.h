@@ -71,18 +71,19 @@ static inline void transpose16(__m512i r[16]) {
     for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* Keys [t0, t0 + n) of kv head h packed for the tiles: kt[i][j] = the i-th bf16 pair of key j's row, vp[j / 2][d]
-   = (V[j][d], V[j + 1][d]) for even j; keys past n are zeros (a zero V row weighs nothing, and keeps out NaN). */
+/* Keys [t0, t0 + n) of kv head h packed for the tiles up to `width` (n rounded up to 32, all the tiles read):
+   kt[i][j] = the i-th bf16 pair of key j's row, vp[j / 2][d] = (V[j][d], V[j + 1][d]) for even j; keys past n are
+   zeros (a zero V row weighs nothing, and keeps out NaN). */
 static void amx_pack(uint32_t *kt, uint32_t *vp, const uint16_t *kc, const uint16_t *vc, const int32_t *table,
-                     int t0, int n, int h, int Hkv, int D, int bs) {
+                     int t0, int n, int width, int h, int Hkv, int D, int bs) {
     const uint16_t *krow[AMX_KEYS], *vrow[AMX_KEYS];
-    for (int j = 0; j < AMX_KEYS; j++) {
+    for (int j = 0; j < width; j++) {
         int t = t0 + j;
         long base = j < n ? (((long)table[t / bs] * bs + t % bs) * Hkv + h) * D : -1;
         krow[j] = base < 0 ? 0 : kc + base;
         vrow[j] = base < 0 ? 0 : vc + base;
     }
-    for (int j0 = 0; j0 < AMX_KEYS; j0 += 16) {
+    for (int j0 = 0; j0 < width; j0 += 16) {
         for (int i0 = 0; i0 < D / 2; i0 += 16) {
             __m512i r[16];
             for (int j = 0; j < 16; j++)
@@ -94,7 +95,7 @@ static void amx_pack(uint32_t *kt, uint32_t *vp, const uint16_t *kc, const uint1
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int j = 0; j < AMX_KEYS; j += 2) {
+    for (int j = 0; j < width; j += 2) {
         for (int d = 0; d < D; d += 32) {
             __m512i a = vrow[j] ? _mm512_loadu_si512(vrow[j] + d) : _mm512_setzero_si512();
             __m512i b = vrow[j + 1] ? _mm512_loadu_si512(vrow[j + 1] + d) : _mm512_setzero_si512();
@@ -104,15 +105,16 @@ static void amx_pack(uint32_t *kt, uint32_t *vp, const uint16_t *kc, const uint1
     }
 }
 
-/* 2^x for 16 finite x <= LAZY (very negative: 0): 2^f for f in [-1/2, 1/2] to degree 3 (relative error ~1e-4, below
-   the bf16 rounding of P, 2^-9; the sums l add the same values), times 2^n by vscalefps. */
+/* 2^x for 16 finite x <= LAZY (very negative: 0): 2^f for f in [-1/2, 1/2] by a degree-3 minimax polynomial (relative
+   error 7.5e-5 at most, below the bf16 rounding of P, 2^-9; Taylor's coefficients had 7.9e-4; the sums l add the same
+   values), times 2^n by vscalefps. */
 static inline __m512 amx_exp2(__m512 x) {
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(5.5504109e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(5.517145e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4261063e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9326097e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999281e-1f));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -184,7 +186,7 @@ static void amx_task(char *w, const struct amx_layout *o, const uint16_t *q, con
     const int end = cached + i0 + count;  /* the last row sees keys [0, end) */
     for (int t0 = 0; t0 < end; t0 += AMX_KEYS) {
         const int n = end - t0 < AMX_KEYS ? end - t0 : AMX_KEYS, width = (n + 31) & ~31;
-        amx_pack(kt, vp, kc, vc, table, t0, n, h, Hkv, D, bs);
+        amx_pack(kt, vp, kc, vc, table, t0, n, width, h, Hkv, D, bs);
         AMX_STORES_VISIBLE();
         for (int r0 = 0; r0 < padded; r0 += AMX_QT) {
             const int last = r0 + AMX_QT <= rows ? r0 + AMX_QT - 1 : rows - 1;
