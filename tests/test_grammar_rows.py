@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,23 @@ def test_the_deepest_chain_accepted_generates_to_its_end(grammars: Grammars,
     for token in tokenizer.encode("bxyz"):
         assert matcher.consume_token(token), matcher.get_error()
     assert matcher.is_accepting() and not matcher.is_error()
+
+
+def test_row_weight_is_linear_in_the_text() -> None:
+    """Weighed on a compile thread holding the GIL against the event loop: 200,000 `%json`s on one line (2.8 MB; a
+    quadratic running offset took 23 s at 20,000), 20,000 definitions each with a `%json` (definitions x schemas) and
+    an 80 KB JSON pointer (a prefix sliced for every depth: 4.4 s) each well within a few seconds, even loaded."""
+    pointer = "/".join(["a"] * 40_000)
+    for text in ["start: " + " | ".join(['"s" %json{}'] * 200_000),
+                 "\n".join(f'r{i}: "x" %json{{}}' for i in range(20_000)),
+                 json.dumps({"grammars": [{"json_schema": {"$ref": f"#/{pointer}", "a": {}}}]})]:
+        started = time.perf_counter()
+        grammar_rows.row_weight(text)
+        assert time.perf_counter() - started < 8.0, len(text)
+
+
+def test_a_grammar_nested_past_the_recursion_limit_is_a_400(grammars: Grammars) -> None:
+    """A `%json` 5,000 `[` deep (RecursionError in row_weight, once a 500): the 400 naming the field."""
+    with pytest.raises(InvalidRequest, match="nested too deeply") as refused:
+        grammars.from_text("grammar", "start: a\na: %json " + "[" * 5_000 + "]" * 5_000, "structured_outputs.grammar")
+    assert refused.value.param == "structured_outputs.grammar"

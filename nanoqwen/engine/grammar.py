@@ -250,7 +250,11 @@ def check_bounds(text: str, param: str) -> None:
     if rules_bound(text) > MAX_RULES:
         raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
                              "counts twice)", param=param)
-    if (weight := row_weight(text)) > MAX_ROW:
+    try:
+        weight = row_weight(text)
+    except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
+        raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
+    if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
