@@ -348,3 +348,14 @@ def test_a_grammar_nested_past_the_recursion_limit_is_a_400(grammars: Grammars) 
     with pytest.raises(InvalidRequest, match="nested too deeply") as refused:
         grammars.from_text("grammar", "start: a\na: %json " + "[" * 5_000 + "]" * 5_000, "structured_outputs.grammar")
     assert refused.value.param == "structured_outputs.grammar"
+
+
+def test_nested_any_ofs_weigh_flattened() -> None:
+    """4 `anyOf`s of 600 objects inside one: llguidance flattens them, 2,400 in the row after `{` (weighed 600, the
+    widest alone, and accepted): refused naming the field."""
+    options = [{"anyOf": [{"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"}},
+                           "required": [f"k{i}_{j}"]} for j in range(600)]} for i in range(4)]
+    assert grammar_rows.row_weight(grammar_module._json_grammar({"anyOf": options}, True, "p")) == 2_400
+    with pytest.raises(InvalidRequest, match="may hold 2400 items") as refused:
+        grammar_module.check_json_schema({"anyOf": options}, True, "response_format")
+    assert refused.value.param == "response_format"

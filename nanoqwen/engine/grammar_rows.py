@@ -104,14 +104,16 @@ def _lark_chain(text: str) -> int:
 def _schema_chain(schema: Any) -> int:
     """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema (a target's subschema
     links to each target it refers to, REF_LINK, and to each target nested in it), plus the most alternatives of one
-    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not)."""
+    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not), an
+    option that is itself one counting its own (llguidance flattens them: 4 of 600 erred as 2,400)."""
     refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (where the $ref is, the path it points at)
     stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
-    widest = 0
+    alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
-            widest = max([widest] + [len(node[key]) for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)])
+            if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
+                alternated.append((node, options))
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):
                 pointer = ref[1:].lstrip("/")
@@ -121,6 +123,10 @@ def _schema_chain(schema: Any) -> int:
             stack.extend((value, (*path, str(key))) for key, value in node.items())
         elif isinstance(node, list):
             stack.extend((value, (*path, str(i))) for i, value in enumerate(node))
+    width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
+    for node, options in reversed(alternated):
+        width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
+    widest = max(width.values(), default=0)
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
