@@ -97,12 +97,17 @@ API_OPTIONS = (
               "arrive, then 408", float),
     EnvOption("--send-timeout", "NANOQWEN_SEND_TIMEOUT", "seconds (> 0) a response's write may make no "
               "progress (its client reads nothing), then the connection closes", float),
+    EnvOption("--grammar-threads", "NANOQWEN_GRAMMAR_THREADS", "threads compiling grammars (structured outputs, "
+              "tools; a cached one is looked up apart)", int),
+    EnvOption("--max-pending-grammars", "NANOQWEN_MAX_PENDING_GRAMMARS", "grammar compiles waiting for a thread, "
+              "then 503", int),
 )
 ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
 # The defaults --help states, by option: the settings' own (an API option's field is named apart where it differs).
 DEFAULTS = {f.name: f.default for f in fields(EngineConfig)} | {
     "served_model_name": ServerConfig.served_model_name, "body_timeout": ServerConfig.body_timeout_s,
-    "send_timeout": ServerConfig.send_timeout_s}
+    "send_timeout": ServerConfig.send_timeout_s, "grammar_threads": ServerConfig.grammar_threads,
+    "max_pending_grammars": ServerConfig.max_pending_grammars}
 
 
 def _default(dest: str) -> str:

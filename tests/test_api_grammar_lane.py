@@ -1,5 +1,6 @@
 """Grammars compile in a lane of their own (Serving.compiling): a client's costly grammars never hold up another's
-prompt in the tokenising lane, and a full grammar lane is a 503 as a full tokenising lane is."""
+prompt in the tokenising lane, nor a grammar already cached (looked up in the tokenising lane), and a full grammar
+lane is a 503 as a full tokenising lane is."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,6 +23,10 @@ class _BlockedGrammars:
     def __init__(self) -> None:
         self.release = NativeEvent()
         self.started = 0
+        self.hits: dict[tuple[str, str], str] = {}
+
+    def cached(self, key: tuple[str, str]) -> str | None:
+        return self.hits.get(key)
 
     def from_text(self, kind: str, text: str, param: str) -> str:
         self.started += 1
@@ -68,5 +73,19 @@ def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -
     assert (refused.value.status, refused.value.code) == (503, "queue_full")
     assert "3 grammars are already being compiled" in refused.value.message
     assert refused.value.headers["Retry-After"]
+    grammars.release.set()
+    assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, _BlockedGrammars]) -> None:
+    """A client re-sending its grammar every turn, while another's flood fills the grammar lane: its cache hit is
+    served (it was the queue's 503, or a wait behind every compile)."""
+    serving, grammars = lanes
+    grammars.hits[("regex", "sent before")] = "cached"
+    compiles = [_compile(serving, f"d{{{i}}}") for i in range(3)]  # both threads busy, the queue full
+    while grammars.started < 2:
+        gevent.sleep(0.01)
+    assert _compile(serving, "sent before").get(timeout=10) == "cached"
+    assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3

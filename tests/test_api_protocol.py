@@ -262,8 +262,10 @@ def test_fingerprint_tracks_the_configuration() -> None:
 
 def test_server_config_from_env() -> None:
     config = ServerConfig.from_env("/models/ckpt", {"NANOQWEN_API_KEY": "k", "NANOQWEN_BODY_TIMEOUT": "2.5",
-                                                    "NANOQWEN_SEND_TIMEOUT": "7",
+                                                    "NANOQWEN_SEND_TIMEOUT": "7", "NANOQWEN_GRAMMAR_THREADS": "4",
+                                                    "NANOQWEN_MAX_PENDING_GRAMMARS": "32",
                                                     "NANOQWEN_CORS_ORIGINS": "http://a, http://b"})
+    assert (config.grammar_threads, config.max_pending_grammars) == (4, 32)
     assert config.served_model_name == "qwen3-0.6b" and config.api_key == "k" and config.body_timeout_s == 2.5
     assert config.send_timeout_s == 7
     assert config.cors_origins == ("http://a", "http://b")
@@ -273,10 +275,18 @@ def test_server_config_from_env() -> None:
     default = ServerConfig.from_env(EngineConfig.from_env({}).model, {})
     assert default.accepts_model("Qwen/Qwen3-0.6B") and default.api_key is None and default.cors_origins == ()
     assert (default.body_timeout_s, default.send_timeout_s) == (30, 60)
+    assert (default.grammar_threads, default.max_pending_grammars) == (2, 16)
     assert default.model_name == "Qwen/Qwen3-0.6B"
     snapshot = ServerConfig.from_env("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc", {})
     assert snapshot.model_name == "Qwen/Qwen3-0.6B" and snapshot.accepts_model("Qwen/Qwen3-0.6B")
     assert not snapshot.accepts_model("/hf/hub/models--Qwen--Qwen3-0.6B/snapshots/0123abc")
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-1", "2.5"])
+@pytest.mark.parametrize("name", ["GRAMMAR_THREADS", "MAX_PENDING_GRAMMARS"])
+def test_server_config_refuses_a_pool_size_that_is_no_count(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"NANOQWEN_{name}='{value}' is not a whole number > 0"):
+        ServerConfig.from_env("/models/ckpt", {f"NANOQWEN_{name}": value})
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "inf"])
@@ -715,12 +725,18 @@ class _Grammars:
     def json_schema(self, schema: dict[str, Any], *_: Any) -> None:
         self.schemas.append(schema)
 
+    def cached(self, _key: Any) -> None:
+        return None
+
 
 class _Serving:
     def __init__(self) -> None:
         self.engine = type("Engine", (), {"grammars": _Grammars()})()
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def off_loop(self, _chars: int, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 

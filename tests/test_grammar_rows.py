@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +189,14 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
     tools = [ToolSpec("f", FLAG, strict=True)]
     answer = structured.JsonAnswer({"type": "object", "properties": {"a": {"type": "integer"}}}, False, "text.format")
-    first = structured._tool_calls(grammars, tools, False, answer, True)
+    key = structured._tool_calls_key(tools, False, answer, True)
+    first = structured._tool_calls(grammars, tools, False, answer, True, key)
     assert len(grammars._cache) == 1 and len(rewritten) == 2
-    assert structured._tool_calls(grammars, tools, False, answer, True) is first and len(rewritten) == 2
+    assert structured._looked_up(grammars, structured._tool_calls_key, tools, False, answer, True) == (key, first)
+    assert len(rewritten) == 2
+    gone = structured.JsonAnswer({"$ref": "#/$defs/gone"}, False, "text.format")
     with pytest.raises(InvalidRequest) as info:
-        structured._tool_calls(grammars, tools, False, structured.JsonAnswer({"$ref": "#/$defs/gone"}, False,
-                                                                             "text.format"), True)
+        structured._tool_calls(grammars, tools, False, gone, True, structured._tool_calls_key(tools, False, gone, True))
     assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
@@ -325,3 +328,34 @@ def test_the_deepest_chain_accepted_generates_to_its_end(grammars: Grammars,
     for token in tokenizer.encode("bxyz"):
         assert matcher.consume_token(token), matcher.get_error()
     assert matcher.is_accepting() and not matcher.is_error()
+
+
+def test_row_weight_is_linear_in_the_text() -> None:
+    """Weighed on a compile thread holding the GIL against the event loop: 200,000 `%json`s on one line (2.8 MB; a
+    quadratic running offset took 23 s at 20,000), 20,000 definitions each with a `%json` (definitions x schemas) and
+    an 80 KB JSON pointer (a prefix sliced for every depth: 4.4 s) each well within a few seconds, even loaded."""
+    pointer = "/".join(["a"] * 40_000)
+    for text in ["start: " + " | ".join(['"s" %json{}'] * 200_000),
+                 "\n".join(f'r{i}: "x" %json{{}}' for i in range(20_000)),
+                 json.dumps({"grammars": [{"json_schema": {"$ref": f"#/{pointer}", "a": {}}}]})]:
+        started = time.perf_counter()
+        grammar_rows.row_weight(text)
+        assert time.perf_counter() - started < 8.0, len(text)
+
+
+def test_a_grammar_nested_past_the_recursion_limit_is_a_400(grammars: Grammars) -> None:
+    """A `%json` 5,000 `[` deep (RecursionError in row_weight, once a 500): the 400 naming the field."""
+    with pytest.raises(InvalidRequest, match="nested too deeply") as refused:
+        grammars.from_text("grammar", "start: a\na: %json " + "[" * 5_000 + "]" * 5_000, "structured_outputs.grammar")
+    assert refused.value.param == "structured_outputs.grammar"
+
+
+def test_nested_any_ofs_weigh_flattened() -> None:
+    """4 `anyOf`s of 600 objects inside one: llguidance flattens them, 2,400 in the row after `{` (weighed 600, the
+    widest alone, and accepted): refused naming the field."""
+    options = [{"anyOf": [{"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"}},
+                           "required": [f"k{i}_{j}"]} for j in range(600)]} for i in range(4)]
+    assert grammar_rows.row_weight(grammar_module._json_grammar({"anyOf": options}, True, "p")) == 2_400
+    with pytest.raises(InvalidRequest, match="may hold 2400 items") as refused:
+        grammar_module.check_json_schema({"anyOf": options}, True, "response_format")
+    assert refused.value.param == "response_format"

@@ -48,6 +48,8 @@ class ServerConfig:
             cors_origins=origins,
             body_timeout_s=_seconds("body_timeout", cls.body_timeout_s, env),
             send_timeout_s=_seconds("send_timeout", cls.send_timeout_s, env),
+            grammar_threads=_count("grammar_threads", cls.grammar_threads, env),
+            max_pending_grammars=_count("max_pending_grammars", cls.max_pending_grammars, env),
         )
 
     @property
@@ -57,6 +59,16 @@ class ServerConfig:
 
     def accepts_model(self, name: str) -> bool:
         return name in self.model_names
+
+
+def _count(name: str, default: int, env: Mapping[str, str]) -> int:
+    """NANOQWEN_<NAME> as a whole number > 0, `default` where unset."""
+    raw = env_setting(name, env)
+    if raw is None:
+        return default
+    if not raw.strip().isdecimal() or int(raw) < 1:
+        raise ValueError(f"NANOQWEN_{name.upper()}={raw!r} is not a whole number > 0")
+    return int(raw)
 
 
 def _seconds(name: str, default: float, env: Mapping[str, str]) -> float:

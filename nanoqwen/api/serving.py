@@ -271,7 +271,7 @@ class Serving:
         return self._run(self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing, fn, *args)
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) (a grammar's compile, or its cache's look-up) in the grammars' own native threads: a prompt's
+        """fn(*args) (a grammar's compile, on its cache's miss) in the grammars' own native threads: a prompt's
         tokenising never waits for other clients' grammars."""
         return self._run(self.compiling, fn, *args)
 

@@ -18,7 +18,7 @@ from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
     from nanoqwen.api.serving import Serving
-    from nanoqwen.engine.grammar import Grammar, Grammars
+    from nanoqwen.engine.grammar import Grammar, GrammarKey, Grammars
 
 
 Req = TypeVar("Req", bound=SamplingFields)
@@ -74,7 +74,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
                       bool(t.function.strict)) for t in chosen]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
-    return serving.compile_off_loop(_tool_calls, serving.engine.grammars, tools, parallel, answer, not forced)
+    return _grammar(serving, _tool_calls_key, _tool_calls, tools, parallel, answer, not forced)
 
 
 def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
@@ -91,7 +91,7 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         no_space = options is not None and bool(options.disable_any_whitespace)
         return _json(serving, schema, True, constraint.param, no_space)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
-    return serving.compile_off_loop(serving.engine.grammars.from_text, constraint.kind, text, constraint.param)
+    return _grammar(serving, _text_key, _from_text, constraint.kind, text, constraint.param)
 
 
 def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
@@ -109,25 +109,53 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _grammar(serving: Serving, key_of: Callable[..., GrammarKey], make: Callable[..., Grammar], *args: Any) -> Grammar:
+    """The grammar cached under key_of(*args) (what the request sent), looked up in the tokenising pool: a client
+    re-sending its tools every turn never queues behind another's costly compiles; on a miss make(grammars, *args,
+    key) in the grammars' pool."""
+    grammars = serving.engine.grammars
+    key, grammar = serving.off_loop(0, _looked_up, grammars, key_of, *args)
+    return grammar if grammar is not None else serving.compile_off_loop(make, grammars, *args, key)
+
+
+def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey], *args: Any) -> tuple[GrammarKey, Grammar | None]:
+    key = key_of(*args)
+    return key, grammars.cached(key)
+
+
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
-    return serving.compile_off_loop(_json_schema, serving.engine.grammars, schema, strict, param, no_space)
+    return _grammar(serving, _json_key, _json_schema, schema, strict, param, no_space)
 
 
-def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool) -> Grammar:
+def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool) -> GrammarKey:
+    return "json_schema", json.dumps([schema, strict, no_space])
+
+
+def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
+                 key: GrammarKey) -> Grammar:
     """Off the loop: the schema's patterns ECMA's (a copy as large as the schema) and compiled."""
-    return grammars.json_schema(ecma_patterns(schema), strict, param, no_space)
+    return grammars.json_schema(ecma_patterns(schema), strict, param, no_space, key)
 
 
-def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool,
-                answer: JsonAnswer | None, auto: bool) -> Grammar:
-    """Off the loop: the grammar cached under what the request sent; else the tools' parameters as held (_held) and the
-    JSON answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer
-    is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
-    key = ("tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel,
-                                     answer and answer.key(), auto]))
+def _text_key(kind: str, text: str, _param: str) -> GrammarKey:
+    return kind, text
+
+
+def _from_text(grammars: Grammars, kind: str, text: str, param: str, _key: GrammarKey) -> Grammar:
+    return grammars.from_text(kind, text, param)
+
+
+def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool) -> GrammarKey:
+    return "tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel,
+                                     answer and answer.key(), auto])
+
+
+def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
+                key: GrammarKey) -> Grammar:
+    """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
+    answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer is
+    free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
     free_text = auto and answer is None
-    if (grammar := grammars.cached(key)) is not None:
-        return grammar
     tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)

@@ -35,6 +35,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+GrammarKey = str | tuple[str, str]  # the cache's: a grammar's text, or what a request sent for it (kind, text)
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
@@ -154,16 +155,17 @@ class Grammars:
         vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
         self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
         self._lock = native_lock()
-        self._cache: collections.OrderedDict[str | tuple[str, str], Grammar] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[GrammarKey, Grammar] = collections.OrderedDict()
 
-    def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
+    def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False,
+                    key: GrammarKey | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
-        naming `param` if it is not one. The grammar's text, the cache's key, holds the options."""
-        return self.compile(_json_grammar(schema, strict, param, no_space), param)
+        naming `param` if it is not one. The cache's key: `key`, else the grammar's text, which holds the options."""
+        return self.compile(_json_grammar(schema, strict, param, no_space), param, key)
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
-                   key: tuple[str, str] | None = None) -> Grammar:
+                   key: GrammarKey | None = None) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
         `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
@@ -202,7 +204,7 @@ class Grammars:
             raise _invalid(param, str(exc)) from None
         return self.compile(converted, param, key)
 
-    def cached(self, key: str | tuple[str, str]) -> Grammar | None:
+    def cached(self, key: GrammarKey) -> Grammar | None:
         """The cached grammar, now the most recently used; None on a miss or a spoiled one."""
         with self._lock:
             grammar = self._cache.get(key)
@@ -213,7 +215,7 @@ class Grammars:
                 self._cache.move_to_end(key)
         return grammar
 
-    def compile(self, text: str, param: str, key: str | tuple[str, str] | None = None) -> Grammar:
+    def compile(self, text: str, param: str, key: GrammarKey | None = None) -> Grammar:
         """`key`: the cache's (the grammar's text by default)."""
         key = text if key is None else key
         grammar = self.cached(key)
@@ -250,7 +252,11 @@ def check_bounds(text: str, param: str) -> None:
     if rules_bound(text) > MAX_RULES:
         raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
                              "counts twice)", param=param)
-    if (weight := row_weight(text)) > MAX_ROW:
+    try:
+        weight = row_weight(text)
+    except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
+        raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
+    if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",

@@ -9,6 +9,7 @@ it (profiles/RESULTS.md, chain9). A chain is also how deep llguidance recurses w
 """
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import defaultdict
@@ -21,6 +22,7 @@ SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
 TOKEN = re.compile(r"[A-Za-z_]\w*|\S")
+SPACE = re.compile(r"\s*")
 # What may come just before a name that starts an alternative (a left corner, which a row predicts with its own
 # alternatives): the body's start, `|`, a group's opening, or what may match nothing (`?`, `*`, `[...]`). A name after
 # another symbol waits for it: rows hold it alone.
@@ -61,20 +63,22 @@ def _top_level_chain(top: Any) -> int:
 def _lark_chain(text: str) -> int:
     """Each definition's body (its text to the next definition) with strings, regexes and `%json` a `"`: its
     alternatives (`|`s), and the defined names that may start one, its links."""
-    cleaned, schemas = [], []  # schemas: (offset in cleaned, the chain of a `%json` there)
-    position = 0
+    cleaned, offsets, chains = [], [], []  # offsets (in cleaned, rising), and the chain of the `%json` at each
+    position = offset = 0
     decoder = json.JSONDecoder()
     while (match := SKIP.search(text, position)) is not None:
         cleaned.append(text[position:match.start()])
+        offset += match.start() - position
         position = match.end()
         if match.group() == "%json":
-            start = len(text) - len(text[position:].lstrip())
             try:
-                schema, position = decoder.raw_decode(text, start)
+                schema, position = decoder.raw_decode(text, SPACE.match(text, position).end())
             except ValueError:
                 continue  # llguidance refuses it
-            schemas.append((sum(map(len, cleaned)), _schema_chain(schema)))
-        cleaned.append(" " if match.group().startswith("//") else ' " ')  # `"`: a terminal, which no row opens
+            offsets.append(offset)
+            chains.append(_schema_chain(schema))
+        cleaned.append(piece := " " if match.group().startswith("//") else ' " ')  # `"`: a terminal, no row opens
+        offset += len(piece)
     cleaned.append(text[position:])
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
@@ -92,21 +96,24 @@ def _lark_chain(text: str) -> int:
                 counts[token] += 1
             before = token
         own[match.group(1)] += 1 + body_text.count("|", match.end(), end)
-        own[match.group(1)] += max((depth for offset, depth in schemas if match.end() <= offset <= end), default=0)
+        inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
+        own[match.group(1)] += max(inside, default=0)
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
 
 def _schema_chain(schema: Any) -> int:
     """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema (a target's subschema
     links to each target it refers to, REF_LINK, and to each target nested in it), plus the most alternatives of one
-    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not)."""
+    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not), an
+    option that is itself one counting its own (llguidance flattens them: 4 of 600 erred as 2,400)."""
     refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (where the $ref is, the path it points at)
     stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
-    widest = 0
+    alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
         node, path = stack.pop()
         if isinstance(node, dict):
-            widest = max([widest] + [len(node[key]) for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)])
+            if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
+                alternated.append((node, options))
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#"):
                 pointer = ref[1:].lstrip("/")
@@ -116,13 +123,29 @@ def _schema_chain(schema: Any) -> int:
             stack.extend((value, (*path, str(key))) for key, value in node.items())
         elif isinstance(node, list):
             stack.extend((value, (*path, str(i))) for i, value in enumerate(node))
+    width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
+    for node, options in reversed(alternated):
+        width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
+    widest = max(width.values(), default=0)
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
+    trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
+    for target in targets:
+        level = trie
+        for part in target:
+            level = level.setdefault(part, {})
+        level[None] = True
 
     def owner(path: tuple[str, ...]) -> tuple[str, ...]:
-        """The deepest target holding `path` (the root at least)."""
-        return next(path[:n] for n in range(len(path), -1, -1) if path[:n] in targets)
+        """The deepest target holding `path` (the root at least): one walk down the trie, O(len(path))."""
+        level, deepest = trie, 0
+        for n, part in enumerate(path, 1):
+            if (level := level.get(part)) is None:
+                break
+            if None in level:
+                deepest = n
+        return path[:deepest]
 
     links: dict[tuple[str, ...], dict[tuple[str, ...], int]] = defaultdict(dict)
     for path, target in refs:
