@@ -177,6 +177,27 @@ def test_forced_function_call_streamed_and_not(client: openai.OpenAI) -> None:
     assert loop.output[0].type == "message" and loop.usage.input_tokens > response.usage.input_tokens
 
 
+def _calls_per_answer(client: openai.OpenAI, tries: int, **fields: Any) -> list[int]:
+    """Function calls in each of `tries` forced answers sampled at temperature 2 (about one in three of the random
+    model's has several: the grammar lets a call follow a call), up to the first with several."""
+    counts: list[int] = []
+    for _ in range(tries):
+        response = client.responses.create(input="What time is it?", **{**FORCED, "temperature": 2.0,
+                                           "max_output_tokens": 200, "tool_choice": "required"}, **fields)
+        assert response.max_tool_calls == fields.get("max_tool_calls"), response
+        counts.append(sum(item.type == "function_call" for item in response.output))
+        if counts[-1] > 1:
+            break
+    return counts
+
+
+def test_max_tool_calls_caps_built_in_tools_only(client: openai.OpenAI) -> None:
+    """OpenAI's max_tool_calls counts calls to built-in tools (none here): echoed, it drops no function call;
+    parallel_tool_calls false still keeps one."""
+    assert _calls_per_answer(client, 40, max_tool_calls=1)[-1] > 1
+    assert _calls_per_answer(client, 8, max_tool_calls=5, parallel_tool_calls=False) == [1] * 8
+
+
 def test_tool_loop_and_reasoning_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
     arguments = '{"zone": "UTC"}'
     thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask the clock."}]}

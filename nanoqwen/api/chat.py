@@ -37,7 +37,7 @@ class ChatService:
         params = self.params(req)
         prompt = self.encode(req, params.max_tokens, PromptName())
         batch = self.submit(req, params, prompt)
-        tools = ToolParsing.of(req, req.max_tool_calls)
+        tools = ToolParsing.of(req)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]

@@ -130,9 +130,9 @@ class ToolParsing:
     constrained: bool = False  # a call the model opens follows the grammar (forced, or a strict tool under "auto")
 
     @classmethod
-    def of(cls, req: ChatCompletionRequest, max_calls: int | None) -> ToolParsing:
-        """A chat request's (also the one a Responses request amounts to), keeping at most `max_calls` calls."""
-        return cls(req.shows_tools, max_calls, req.forces_tool_call, req.constrains_any_call)
+    def of(cls, req: ChatCompletionRequest) -> ToolParsing:
+        """A chat request's (also the one a Responses request amounts to)."""
+        return cls(req.shows_tools, req.max_tool_calls, req.forces_tool_call, req.constrains_any_call)
 
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.max_calls, self.constrained) if self.enabled else None

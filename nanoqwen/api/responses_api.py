@@ -465,7 +465,7 @@ class ResponsesService:
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
                       self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
                       input_bytes)
-        tools = ToolParsing.of(chat_req, req.max_calls)
+        tools = ToolParsing.of(chat_req)
         kind = ResponseEvents if req.stream else PolledEvents  # a polled background response's: nothing framed
         stream = kind(draft, tools) if req.stream or req.background else None
 

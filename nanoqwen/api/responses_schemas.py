@@ -423,6 +423,7 @@ class ResponseCreateRequest(ResponsePromptFields):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI's caps calls to built-in tools, of which this server has none: echoed, no function call is dropped by it
     max_tool_calls: int | None = Field(None, ge=1)
     # Accepted, do not change the answer (metadata is echoed back).
     metadata: Metadata | None = None
@@ -456,12 +457,6 @@ class ResponseCreateRequest(ResponsePromptFields):
     @property
     def wants_encrypted_reasoning(self) -> bool:
         return REASONING_INCLUDE in (self.include or [])
-
-    @property
-    def max_calls(self) -> int | None:
-        """How many calls an answer keeps: max_tool_calls, and one without parallel_tool_calls."""
-        limits = [n for n in (self.max_tool_calls, 1 if self.parallel_tool_calls is False else None) if n is not None]
-        return min(limits, default=None)
 
     def chat_fields(self) -> dict[str, Any]:
         return {**super().chat_fields(), "max_completion_tokens": self.max_output_tokens,

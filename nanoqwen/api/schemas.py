@@ -758,7 +758,7 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     chat_template: Refused = None
     mm_processor_kwargs: Refused = None
     media_io_kwargs: Refused = None
-    _names: FieldNames = PrivateAttr(CHAT_NAMES)  # parse_chat_request's
+    _names: FieldNames = PrivateAttr(CHAT_NAMES)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -770,6 +770,12 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
             return value
         raise ValueError("tool_choice must be \"none\", \"auto\", \"required\" or "
                          "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+    @model_validator(mode="after")
+    def _named_as(self, info: ValidationInfo) -> ChatCompletionRequest:
+        """What the client's request calls chat's fields (validate_body's context, its errors' names too)."""
+        self._names = (info.context or {}).get("names", CHAT_NAMES)
+        return self
 
     def named(self, param: str) -> str:
         """Chat's `param` as the client's request names it, for an error about it."""
@@ -1083,10 +1089,11 @@ def validate_body(schema: type[Request], body: Any, budget: Budget | None,
     strings is charged to `budget`: what a client's body left of the request's values (body.parse_json's); None
     for one no client sent (each string within the limits alone). `omitted_strict_constrains`: a tool that omits
     `strict` has its calls constrained (the Responses API's default: FunctionDefinition.constrained). `names`: what
-    the client's request calls the parameter named (FieldNames)."""
+    the client's request calls the parameter named (FieldNames), in these errors and in later ones
+    (ChatCompletionRequest.named)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    context = {"budget": budget, "omitted_strict_constrains": omitted_strict_constrains}
+    context = {"budget": budget, "omitted_strict_constrains": omitted_strict_constrains, "names": names}
     try:
         return schema.model_validate(body, context=context)
     except ValidationError as exc:
@@ -1102,7 +1109,6 @@ def parse_chat_request(body: Any, budget: Budget | None, omitted_strict_constrai
     Responses request's items: check_call_outputs). `names`: what the client's request calls chat's fields, in the
     errors of this request's checks and of those that follow (its grammar's: ChatCompletionRequest.named)."""
     req = validate_body(ChatCompletionRequest, body, budget, omitted_strict_constrains, names)
-    req._names = names
     if not answers_paired:
         check_tool_answers(req.messages)
     _check_combinations(req)
