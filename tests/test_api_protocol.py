@@ -408,7 +408,7 @@ def test_tool_history_reaches_the_template() -> None:
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "get_weather"},
     ]
-    assert req.template_tools() == TOOLS and req.shows_tools and req.max_tool_calls == 1
+    assert req.template_tools() == TOOLS and req.shows_tools and req.kept_calls == 1
     unused = parse_chat_request({"messages": USER, "tools": TOOLS, "tool_choice": "none"}, Budget())
     assert unused.template_tools() is None and not unused.shows_tools  # "none": not shown, not parsed
 

@@ -559,7 +559,7 @@ def test_responses_settings_become_chats() -> None:
         "tools": tools, "tool_choice": {"type": "function", "name": "f"}, "parallel_tool_calls": False})
     params = chat.sampling_params()
     assert (params.max_tokens, params.temperature, params.logprobs, params.top_logprobs) == (20, 0.5, True, 3)
-    assert chat.enable_thinking is False and chat.forces_tool_call and chat.max_tool_calls == 1
+    assert chat.enable_thinking is False and chat.forces_tool_call and chat.kept_calls == 1
     text = _chat({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "p",
                                                                        "schema": {"type": "object"}},
                                                             "verbosity": "medium"}})

@@ -192,8 +192,8 @@ def _calls_per_answer(client: openai.OpenAI, tries: int, **fields: Any) -> list[
 
 
 def test_max_tool_calls_caps_built_in_tools_only(client: openai.OpenAI) -> None:
-    """OpenAI's max_tool_calls counts calls to built-in tools (none here): echoed, it drops no function call;
-    parallel_tool_calls false still keeps one."""
+    """OpenAI's max_tool_calls counts calls to built-in tools (none here): echoed, it drops no function call; beside
+    parallel_tool_calls false (whose grammar allows one call) it does not lower that one."""
     assert _calls_per_answer(client, 40, max_tool_calls=1)[-1] > 1
     assert _calls_per_answer(client, 8, max_tool_calls=5, parallel_tool_calls=False) == [1] * 8
 

@@ -132,7 +132,7 @@ class ToolParsing:
     @classmethod
     def of(cls, req: ChatCompletionRequest) -> ToolParsing:
         """A chat request's (also the one a Responses request amounts to)."""
-        return cls(req.shows_tools, req.max_tool_calls, req.forces_tool_call, req.constrains_any_call)
+        return cls(req.shows_tools, req.kept_calls, req.forces_tool_call, req.constrains_any_call)
 
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.max_calls, self.constrained) if self.enabled else None

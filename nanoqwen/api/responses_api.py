@@ -469,8 +469,7 @@ class ResponsesService:
         kind = ResponseEvents if req.stream else PolledEvents  # a polled background response's: nothing framed
         stream = kind(draft, tools) if req.stream or req.background else None
 
-        def submit() -> Batch:
-            return self.chat.submit(chat_req, params, prompt.ids, prompt.name, bool(req.background))
+        submit = partial(self.chat.submit, chat_req, params, prompt.ids, prompt.name, bool(req.background))
 
         def respond() -> Response | Json:
             return serving.respond(submit(), stream, ResponseCollector(draft, tools), trace, environ)

@@ -190,8 +190,9 @@ class ReasoningItem(Strict):
 
     @property
     def bare(self) -> bool:
-        """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item."""
-        return not self.text
+        """Only an id, no text (as OpenAI's clients send a stored reasoning item back): it stands for that item. `text`
+        without decoding: a non-empty encrypted_content that passed _decodes decodes to something."""
+        return not (self.encrypted_content or any(part.text for part in [*(self.content or []), *self.summary]))
 
     @property
     def text(self) -> str:

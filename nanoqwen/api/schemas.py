@@ -846,7 +846,8 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
         return self.forces_tool_call or self.constrains_calls
 
     @property
-    def max_tool_calls(self) -> int | None:
+    def kept_calls(self) -> int | None:
+        """How many calls an answer keeps (Responses' max_tool_calls counts built-in tools only: none here)."""
         return 1 if self.parallel_tool_calls is False else None
 
     def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
