@@ -14,11 +14,15 @@ distributions and hash, its own logs, so all CPU modes share that kernel's noise
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ops.cpu import sample as cpu_sample
+
+if TYPE_CHECKING:  # annotations only: llguidance is the grammars' import
+    from llguidance import LLMatcher
 
 _MASK32 = 0xFFFFFFFF
 # argmax only | + temperature and noise, every row's top-k within TOP_K_CANDIDATES | + temperature
@@ -145,6 +149,14 @@ def token_bitmask(token_ids: list[int], vocab_size: int) -> torch.Tensor:
     allowed[np.asarray(token_ids, dtype=np.int64)] = True
     # little bit order: bit i of byte j is token 8j + i, so each little-endian int32 word w holds tokens 32w..32w+31
     return torch.from_numpy(np.packbits(allowed, bitorder="little").view("<i4").copy())
+
+
+def compute_mask(matcher: LLMatcher, bitmask: torch.Tensor, row: int) -> None:
+    """An llguidance matcher's allowed tokens into row `row` of bitmask (int32 [B, ceil(V/32)] on the host). What
+    llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile decorator, which pulls
+    in dynamo, inductor, sympy and triton: ~0.19 GB resident per process."""
+    words = bitmask[row]  # [ceil(V/32)] int32, contiguous
+    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
 
 def apply_adjust(logits: torch.Tensor, adjust: LogitAdjust) -> torch.Tensor:

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from nanoqwen.engine.grammar_rows import row_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
-from nanoqwen.sampler import token_bitmask
+from nanoqwen.sampler import compute_mask, token_bitmask
 from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -275,6 +275,7 @@ def _invalid(param: str, error: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {param}: {APPENDED.split(error, 1)[0]}", param=param)
 
 
+
 @dataclass
 class RowGrammar:
     """One choice's matcher. It follows the output tokens from `start_after` (the `</think>` token
@@ -325,12 +326,10 @@ class RowGrammar:
         self._seen = len(token_ids) - num_prompt_tokens
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next."""
+        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next: one row on its own
+        (LogitAdjuster fills a step's rows in fill_start / fill_end around their masks computed together)."""
         if self.fill_start(bitmask, row):
-            words = bitmask[row]  # [ceil(V/32)] int32, contiguous
-            # What llguidance.torch.fill_next_token_bitmask does; importing that module runs a torch.compile
-            # decorator, which pulls in dynamo, inductor, sympy and triton: ~0.19 GB resident per process.
-            self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
+            compute_mask(self.matcher, bitmask, row)
         self.fill_end(bitmask, row)
 
     def fill_start(self, bitmask: torch.Tensor, row: int) -> bool:

@@ -149,9 +149,7 @@ class ModelRunner:
         without drafts. -> a token per position, in order."""
         rows, steps = sampled_positions(seqs)
         n = len(rows)
-        adjusted = self.adjuster.wanted(seqs)
-        if adjusted:  # the grammar masks are filled on the mask thread while the step is staged and runs
-            self.adjuster.start(rows)
+        adjusted = self.adjuster.start(rows)  # grammar masks fill on the mask thread while the step is staged and runs
         max_len = self.inputs.stage_decode(seqs, bucket)
         mode, penalized = stage_sampling(self.inputs.host_sampling, rows, bucket, self.config.vocab_size, steps)
         self.inputs.upload_decode(bucket)
@@ -198,9 +196,7 @@ class ModelRunner:
         index it would have had without drafts: the token the step would sample there if the drafts before
         it are accepted."""
         positions, steps = sampled_positions(sampled)
-        adjusted = self.adjuster.wanted(sampled)
-        if adjusted:  # the grammar masks are filled on the mask thread while the model runs
-            self.adjuster.start(positions)
+        adjusted = self.adjuster.start(positions)  # grammar masks fill on the mask thread while the model runs
         packed = prefill_inputs(rows, self.inputs)
         hidden = self.model(packed.input_ids, packed.positions, packed.meta)
         seqs = [seq for seq, _ in rows]

@@ -16,7 +16,7 @@ from llguidance import LLExecutor, LLMatcher
 from nanoqwen.config import resolve_threads
 from nanoqwen.runner.mask_thread import MaskThread
 from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
-from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, top_logprobs
+from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, compute_mask, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
     from nanoqwen.engine.grammar import RowGrammar
@@ -86,7 +86,8 @@ class LogitAdjuster:
         self._biases: dict[int, tuple[dict[int, float], np.ndarray, np.ndarray]] = {}
         self._thread = MaskThread()
         weakref.finalize(self, self._thread.close).atexit = False  # at exit the thread just stops
-        self._seqs: list[Sequence] = []  # the rows of the step started
+        self._seqs: list[Sequence] = []  # the rows of the step started (none: it needs no adjusting)
+        self._later = False  # its masks are filled at build(): no row has a grammar
         self._slots: list[int] = []  # each row's bitmask slot, -1 where it may sample any token
 
     @staticmethod
@@ -94,17 +95,22 @@ class LogitAdjuster:
         """Whether any row has a logit bias, a grammar (active or not yet), allowed ids or min_tokens to reach."""
         return any(logits_adjusted(seq) for seq in seqs)
 
-    def start(self, seqs: list[Sequence]) -> None:
-        """Begins the step's masks before its forward: on the mask thread where a row has a grammar (its matcher's
-        sync and mask may take milliseconds: profiles/RESULTS.md, fuel8), here otherwise (allowed_token_ids' masks
-        are copies). The engine thread leaves the rows' grammars to that thread until build()."""
-        self._seqs = seqs
-        self._thread.start(functools.partial(self._fill_masks, seqs),
-                           here=not any(seq.grammar is not None for seq in seqs))
+    def start(self, seqs: list[Sequence]) -> bool:
+        """Whether the step's rows need adjusting (wanted); if so begins their masks before the forward: on the mask
+        thread where a row has a grammar (its matcher's sync and mask may take milliseconds: profiles/RESULTS.md,
+        fuel8), else at build(), after the launch (allowed_token_ids' masks are copies). The engine thread leaves the
+        rows' grammars to that thread until build()."""
+        self._seqs = seqs if self.wanted(seqs) else []
+        self._later = not any(seq.grammar is not None for seq in self._seqs)
+        if self._seqs and not self._later:
+            self._thread.start(functools.partial(self._fill_masks, seqs))
+        return bool(self._seqs)
 
     def build(self) -> LogitAdjust | None:
         """The started step's adjustments, its masks joined; None when no row has a logit bias, a mask or a ban
         (the step then needs nothing)."""
+        if self._later:
+            self._thread.start(functools.partial(self._fill_masks, self._seqs), here=True)
         self._thread.wait()
         seqs, row_slots = self._seqs, self._slots
         entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, tokens, values) of each row's bias entries
@@ -182,8 +188,7 @@ class LogitAdjuster:
                                              self.host_bitmask.shape[0])
             return
         for matcher, slot in pending:
-            row = self.host_bitmask[slot]  # [ceil(V/32)] int32, contiguous
-            matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+            compute_mask(matcher, self.host_bitmask, slot)
 
     def _ban(self, slot: int, token_ids: tuple[int, ...]) -> None:
         """Clears `token_ids` from bitmask row `slot` unless they are all it allows: a grammar that can

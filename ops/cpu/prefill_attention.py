@@ -155,10 +155,11 @@ def prefill_attention_cpu(
 ) -> torch.Tensor:  # [N, Hq, D]
     """Every sequence to the C kernel's AMX tiles in one call (bf16 where amx() says they serve); else those of at
     most C_MAX_NEW new tokens after a cached prefix to its AVX2 loops, in one call, the rest to SDPA's fused kernels."""
+    if q.dtype == torch.bfloat16 and amx(q.shape[2]):
+        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, True)
     small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
-    tiles = q.dtype == torch.bfloat16 and amx(q.shape[2])
-    if tiles or all(small):
-        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, tiles)
+    if all(small):
+        return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, False)
     out = torch.empty_like(q)
     starts = [0]
     for n in query_lens:
