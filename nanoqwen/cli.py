@@ -99,8 +99,8 @@ API_OPTIONS = (
               "progress (its client reads nothing), then the connection closes", float),
     EnvOption("--grammar-threads", "NANOQWEN_GRAMMAR_THREADS", "threads compiling grammars (structured outputs, "
               "tools; a cached one is looked up apart)", int),
-    EnvOption("--max-pending-grammars", "NANOQWEN_MAX_PENDING_GRAMMARS", "grammar compiles waiting for a thread, "
-              "then 503", int),
+    EnvOption("--max-pending-grammars", "NANOQWEN_MAX_PENDING_GRAMMARS", "grammar compiles in flight (running or "
+              "waiting for a thread), then 503", int),
 )
 ENV_OPTIONS = (EnvOption("model", "NANOQWEN_MODEL", ""), *ENGINE_OPTIONS, *API_OPTIONS)
 # The defaults --help states, by option: the settings' own (an API option's field is named apart where it differs).

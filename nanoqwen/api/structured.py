@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import ToolSpec, check_json_schema
+from nanoqwen.engine.grammar import ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 
 def _text_key(kind: str, text: str, _param: str) -> GrammarKey:
-    return kind, text
+    return text_key(kind, text)
 
 
 def _from_text(grammars: Grammars, kind: str, text: str, param: str, _key: GrammarKey) -> Grammar:

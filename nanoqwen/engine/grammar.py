@@ -194,7 +194,7 @@ class Grammars:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
         Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
-        key = (kind, text)
+        key = text_key(kind, text)
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
@@ -261,6 +261,11 @@ def check_bounds(text: str, param: str) -> None:
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
                              param=param)
+
+
+def text_key(kind: str, text: str) -> tuple[str, str]:
+    """The cache's key of a grammar given as text of llguidance.grammar_from's `kind` (Grammars.from_text)."""
+    return kind, text
 
 
 def rules_bound(text: str) -> int:
