@@ -12,11 +12,14 @@ import pytest
 import torch
 
 import paged_inputs
+from chat_http import MODEL, completion_texts, cpu_env
 from checkpoints import make_checkpoint
 from engine_util import generate, greedy, hf_greedy, load_engine
+from nanoqwen import loader
 from ops.cpu import build as cpu_build
 from ops.cpu import prefill_attention as cpu_prefill
 from ops.torch_ref.prefill_attention import prefill_attention_torch
+from server_process import GunicornServer
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -180,10 +183,11 @@ def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint
     assert [11] in calls  # the short prompt's 11 new tokens went to the C kernel
 
 
-def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch):
+def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch, tmp_path: Path):
     """A bf16 checkpoint at a head dim the tiles take (128): a 300-token prompt (rows over two 256-key blocks), the
     same with 2 more tokens (a prefix hit, 14 new) and its first 288 with 72 others (a prefix hit, 72 new): greedy
-    tokens with the tiles the same as with them off (the AVX2 loops and SDPA), and the tiles served every prefill."""
+    tokens with the tiles the same as with them off (the AVX2 loops and SDPA), and the tiles served every prefill;
+    the same tokens from a real gunicorn in bf16 (its worker's tiles: the same CPU and dispatch; decode replayed)."""
     if not cpu_prefill.amx(128):
         pytest.skip("no AMX-BF16 on this CPU: its engine runs are the other tests'")
     checkpoint = make_checkpoint(head_dim=128, dtype=torch.bfloat16, seed=7)
@@ -204,3 +208,9 @@ def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypa
     assert calls == [(new, True) for new in ([300], [14], [72]) for _layer in range(2)]
     monkeypatch.setattr(cpu_prefill, "amx", lambda head_dim: False)
     assert run() == tiles
+    tokenizer = loader.load_tokenizer(checkpoint)
+    body = dict(model=MODEL, temperature=0, max_tokens=16,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    with GunicornServer(cpu_env(checkpoint, NANOQWEN_DTYPE="bfloat16"), tmp_path / "server.log") as srv:
+        texts = [completion_texts(srv, {**body, "prompt": [prompt]}, False)[0] for prompt in prompts]
+    assert texts == [tokenizer.decode(t, skip_special_tokens=False) for t in tiles]
