@@ -11,6 +11,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
@@ -532,3 +533,32 @@ def test_request_id_is_the_answers_id(server: GunicornServer, path: str, prefix:
     assert ids({"request_id": "body"}, {"X-Request-Id": "header-1"}) == {f"{prefix}-header-1"}
     generated = ids({}, {})
     assert len(generated) == 2 and all(re.fullmatch(f"{prefix}-[0-9a-f]{{32}}", i) for i in generated), generated
+
+
+def test_the_grammar_lane_refuses_past_its_limit_and_serves_cached_grammars_meanwhile(tmp_path) -> None:
+    """NANOQWEN_GRAMMAR_THREADS=1, NANOQWEN_MAX_PENDING_GRAMMARS=1 through gunicorn and the openai client: six
+    distinct costly grammars at once fill the grammar lane (a 503 `queue_full` with Retry-After past its one compile
+    in flight), while a grammar compiled before is served from the cache, never queued behind them."""
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024", NANOQWEN_GRAMMAR_THREADS="1",
+                  NANOQWEN_MAX_PENDING_GRAMMARS="1")
+    cached = {"structured_outputs": {"regex": "[ab]{1,3}"}}
+    costly = [{"structured_outputs": {"grammar": "start: " + " | ".join(f'"w{i}_{k}" r{i}' for i in range(900))
+                                      + "\n" + "\n".join(f'r{i}: "e"' for i in range(900))}} for k in range(6)]
+    with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
+        client = srv.openai_client(timeout=300)
+
+        def post(extra: dict[str, Any]) -> Any:
+            try:
+                return client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0.0,
+                                                 extra_body=extra)
+            except openai.APIStatusError as exc:
+                return exc
+
+        assert post(cached).choices[0].text
+        with ThreadPoolExecutor(8) as pool:
+            flood = [pool.submit(post, grammar) for grammar in costly]
+            hits = [pool.submit(post, cached) for _ in range(2)]
+            refused = [f.result() for f in flood if isinstance(f.result(), openai.APIStatusError)]
+            assert all(not isinstance(f.result(), openai.APIStatusError) for f in hits)
+    assert refused and all(e.status_code == 503 and e.body["code"] == "queue_full"
+                           and e.response.headers.get("Retry-After") for e in refused)
