@@ -46,13 +46,16 @@ def cpu_env(checkpoint: Path, **env: str) -> dict[str, str]:
 
 def assert_serves_greedy(checkpoint: Path, hf_model: Callable[[Path], torch.nn.Module], env: dict[str, str],
                          log_path: Path, log_markers: tuple[str, ...], batches: list[list[list[int]]],
-                         new_tokens: int) -> None:
+                         new_tokens: int, also: Callable[[GunicornServer], None] | None = None) -> None:
     """A real server started with `env` (its `ready:` line showing each of `log_markers`) answers each batch of prompts,
-    one after the other, as greedy /v1/completions through the openai client with transformers' tokens, fp32."""
+    one after the other, as greedy /v1/completions through the openai client with transformers' tokens, fp32; then
+    `also(server)`."""
     with GunicornServer(env, log_path) as srv:
         assert all(marker in srv.log() for marker in log_markers), log_markers
         for prompts in batches:
             assert_completions_greedy(srv, checkpoint, hf_model(checkpoint), prompts, new_tokens)
+        if also is not None:
+            also(srv)
 
 
 def completion_texts(srv: GunicornServer, body: dict[str, Any], stream: bool, api_key: str = "unused") -> list[str]:

@@ -5,6 +5,7 @@ chunks (a 200-token prompt beside decoding streams, its chunks sized from measur
 prefill_stall), and the decode steps replayed as recorded C calls (cpugraph), also over a 2100-token context."""
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +50,17 @@ def test_mode_serves_transformers_greedy_tokens(
 ) -> None:
     extra, marker, batches = MODES[mode]
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
-    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, batches, NEW_TOKENS)
+    assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, batches, NEW_TOKENS,
+                         _serves_a_grammar)
+
+
+def _serves_a_grammar(srv: GunicornServer) -> None:
+    """Each mode's steps take their grammar masks from the mask thread: two constrained prompts in one step."""
+    client = srv.openai_client(timeout=300)
+    texts = [c.text for c in client.completions.create(
+        model=MODEL, prompt=[PROMPTS[0]] * 2, max_tokens=8, temperature=0, n=1,
+        extra_body={"structured_outputs": {"regex": "[ab]{2,4}x"}}).choices]
+    assert len(texts) == 2 and all(re.fullmatch("[ab]{2,4}x", text) for text in texts), texts
 
 
 def test_torch_reference_ops_serve_penalised_requests_as_transformers(
