@@ -324,12 +324,14 @@ class Engine:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
         row = 0
         with HeldWakeups():  # the streams' readers are woken once, with every token of the step
-            for seq in output.grammar_failed:  # the answer cannot go on and follow its grammar: a 200 would lie
+            failed = output.grammar_failed  # the answer cannot go on and follow its grammar: a 200 would lie
+            for seq in failed:
                 if seq.status is not Status.FINISHED:  # n > 1: the request fails once, whichever choices erred
                     self._fail([seq.request], "the output could not follow the grammar the request asked for: "
                                f"{seq.grammar.error}", seq.request.params.grammar_field)
             for seq in sampled:
-                if seq.status is Status.FINISHED:  # its request failed with its grammar: its token is dropped
+                # its request failed: its token is dropped (the status looked up only then, ~0.5 µs a row on 3.11)
+                if failed and seq.status is Status.FINISHED:
                     pass
                 elif seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
                     self._finish(seq, "length", first_event(seq))
