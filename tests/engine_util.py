@@ -51,6 +51,7 @@ class Result:
     choices: list[Choice]
     usage: object = None
     error: str | None = None
+    error_param: str | None = None
 
 
 def collect(stream: EventStream, n: int = 1) -> Result:
@@ -61,7 +62,7 @@ def collect(stream: EventStream, n: int = 1) -> Result:
         except TimeoutError:  # every event the steps so far produced is in
             break
         if event.error:
-            result.error = event.error
+            result.error, result.error_param = event.error, event.error_param
         if event.usage:
             result.usage = event.usage
             continue

@@ -204,6 +204,33 @@ def test_a_mask_that_raises_on_the_mask_thread_fails_its_step_as_on_the_engine_t
     assert len(answer[0]) == 3
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_matcher_that_errs_mid_answer_fails_its_request_and_no_other(engines, mode: str) -> None:
+    """`a{100000}`'s lexer gives out after the first token (LIMITS' fuel): its matcher errs in its first decode step.
+    Its request (both choices) fails naming the field that asked for the grammar, where it ended with "stop", a 200
+    whose answer did not follow the regex; the rows beside it in the batch, constrained or not, are generated as
+    alone, and the failed one's blocks are free."""
+    engine = engines[mode]
+    schema = engine.grammars.json_schema(SCHEMA, strict=True, param="response_format")
+    costly = engine.grammars.from_text("regex", "a{100000}", "guided_regex")
+    others = [greedy(MAX_TOKENS, grammar=schema), greedy(MAX_TOKENS)]
+    alone = _generate(engine, PROMPTS[1:3], others)
+    finished = engine.requests_finished
+    failing = SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=MAX_TOKENS, grammar=costly,
+                             grammar_field="guided_regex")
+    streams = [engine.submit(prompt, params, split_reasoning=False)[1]
+               for prompt, params in zip(PROMPTS, [failing, *others])]
+    run(engine)
+    failed = collect(streams[0], 2)
+    assert (failed.error_param, failed.error) == ("guided_regex", "the output could not follow the grammar the request "
+                                                  "asked for: lexer error: too many expressions constructed")
+    assert failed.usage is None and all(set(choice.text) <= {"a"} for choice in failed.choices)
+    assert [collect(stream).choices[0].token_ids for stream in streams[1:]] == alone
+    assert engine.requests_finished == finished + 3 and not engine._requests
+    assert engine.block_manager.usage == 0.0
+    assert costly.spoiled and engine.grammars.cached(("regex", "a{100000}")) is None  # a lexer's error: compiled afresh
+
+
 class _BlockedMatcher(_WaitingMatcher):
     """A real matcher whose mask waits for `go`, then raises: a failed step's job, still running after its step."""
 

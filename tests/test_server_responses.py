@@ -457,6 +457,34 @@ def test_a_schema_error_names_text_format_and_quotes_the_schema_as_sent(client: 
     assert info.value.body["message"] == f"invalid text.format: {quoted}"
 
 
+def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI, server: GunicornServer) -> None:
+    """A text.format whose matcher errs mid-answer (the lexer of its pattern out of fuel after a token or two) ended
+    the response `completed`, its text short of the schema. Now it fails as OpenAI fails a request it cannot serve
+    (`invalid_prompt`): a stream's `response.failed`, kept failed; a background one found failed; a collected one a
+    400 naming text.format. Counted as failed each."""
+    schema = {"type": "object", "properties": {"k": {"type": "string", "pattern": "^a{100000}$"}}, "required": ["k"],
+              "additionalProperties": False}
+    body = {**GREEDY, "input": "Hi", "max_output_tokens": 20,
+            "text": {"format": {"type": "json_schema", "name": "costly", "schema": schema, "strict": True}}}
+    reason = "the output could not follow the grammar the request asked for: lexer error: too many expressions " \
+             "constructed"
+    failed = server_stats(server)["requests_failed"]
+    (*_, last) = client.responses.create(stream=True, **body)
+    assert last.type == "response.failed" and last.response.status == "failed"
+    assert (last.response.error.code, last.response.error.message) == ("invalid_prompt", reason)
+    assert client.responses.retrieve(last.response.id).error == last.response.error
+    background = client.responses.create(background=True, **body)
+    deadline = time.monotonic() + 60
+    while (found := client.responses.retrieve(background.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, found
+        time.sleep(0.02)
+    assert found.status == "failed" and found.error == last.response.error
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**body)
+    assert (info.value.body["param"], info.value.body["message"]) == ("text.format", reason)
+    assert server_stats(server)["requests_failed"] == failed + 3
+
+
 def test_a_call_cut_short_continues(client: openai.OpenAI, server: GunicornServer) -> None:
     """The model's call cut by max_output_tokens (its arguments not JSON) continues by previous_response_id, and
     resent as an item by a client that stores nothing."""

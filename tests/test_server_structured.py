@@ -19,8 +19,20 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL, VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS, cpu_env, health_polled, post_chat
+from chat_http import (
+    MODEL,
+    VLLM_CHAT_DEFAULTS,
+    VLLM_COMPLETION_DEFAULTS,
+    cpu_env,
+    engine_idle,
+    health_polled,
+    post_chat,
+    server_stats,
+    sse_payloads,
+    wait_for,
+)
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
+from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar
 from server_process import GunicornServer
 
@@ -46,6 +58,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
          {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": TIME}}]
 PARAMETERS = {"get_weather": WEATHER, "get_time": TIME}
 CHOICES = 4
+# Within the grammar bounds, but their lexer gives out within a token or two (LIMITS' fuel): the requests fail
+COSTLY = "a{100000}"
+COSTLY_OBJECT = {"type": "object", "properties": {"k": {"type": "string", "pattern": f"^{COSTLY}$"}}, "required": ["k"],
+                 "additionalProperties": False}
+COSTLY_FORMAT = {"type": "json_schema", "json_schema": {"name": "costly", "schema": COSTLY_OBJECT, "strict": True}}
+COSTLY_TOOL = {"type": "function", "function": {"name": "costly", "parameters": COSTLY_OBJECT, "strict": True}}
+GRAMMAR_FAILED = "the output could not follow the grammar the request asked for: lexer error: too many expressions " \
+                 "constructed"
+BESIDE_TOKENS = 900  # a stream long enough to be generating while the failing requests come and go
 
 
 @pytest.fixture(scope="module")
@@ -348,15 +369,49 @@ def test_a_regex_spelling_the_markup_is_followed_past_it(server: GunicornServer,
     assert all(c.finish_reason == "stop" and re.fullmatch(regex, c.text) for c in answer.choices), answer.choices
 
 
-def test_a_grammar_past_its_fuel_ends_its_answer_instead_of_stalling_the_others(server: GunicornServer) -> None:
-    """`a{100000}` cost 50-150 ms of the engine thread every step (every stream waited); within LIMITS' fuel its lexer
-    gives out after the first token, and the answer ends there, short of the regex (a grammar error's end)."""
-    answer = server.openai_client(timeout=300).completions.create(
-        model=MODEL, prompt="Answer:", max_tokens=3, temperature=0.0,
-        extra_body={"structured_outputs": {"regex": "a{100000}"}})
-    choice = answer.choices[0]
-    assert choice.finish_reason == "stop" and answer.usage.completion_tokens == 2, answer  # its token, then EOS
-    assert set(choice.text) == {"a"}, choice.text
+def test_a_grammar_that_errs_mid_answer_fails_its_request_and_not_the_stream_beside_it(server: GunicornServer) -> None:
+    """A matcher that erred mid-answer (here the lexer of `a{100000}`, out of LIMITS' fuel after its first token) ended
+    the answer with "stop": a 200 whose text did not follow the grammar. Now its request fails naming the field that
+    asked for the grammar: a 400, counted as failed. A stream generating beside them in the batch runs to its end."""
+    client = server.openai_client(timeout=300)
+    failed = server_stats(server)["requests_failed"]
+    beside = iter(client.completions.create(model=MODEL, prompt="Hello", max_tokens=BESIDE_TOKENS, temperature=0.0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    finish = [next(beside).choices[0].finish_reason]  # it is generating: the requests below join its batch
+    asked = [("completions", {"structured_outputs": {"regex": COSTLY}}, "structured_outputs.regex"),
+             ("completions", {"guided_regex": COSTLY}, "guided_regex"),
+             ("chat", {"response_format": COSTLY_FORMAT}, "response_format"),
+             ("chat", {"tools": [COSTLY_TOOL], "tool_choice": "required"}, "tools")]
+    for endpoint, body, param in asked:
+        with pytest.raises(openai.BadRequestError) as info:
+            if endpoint == "chat":
+                _create(server, n=2, **body)
+            else:
+                client.completions.create(model=MODEL, prompt="Answer:", max_tokens=20, temperature=0.0,
+                                          extra_body=body)
+        assert (info.value.body["param"], info.value.body["message"]) == (param, GRAMMAR_FAILED), info.value.body
+    chunks = list(beside)
+    finish += [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
+    assert finish[-1] == "length" and not any(finish[:-1]) and chunks[-1].usage.completion_tokens == BESIDE_TOKENS
+    wait_for(lambda: engine_idle(server))
+    assert server_stats(server)["requests_failed"] == failed + len(asked)
+
+
+def test_a_stream_whose_grammar_errs_ends_with_the_error_event_then_done(server: GunicornServer) -> None:
+    """The stream's text so far, then the error in the shape of every mid-stream error (the server's an engine error's
+    500 would have, here the client's: invalid_request_error naming the field), then [DONE]; the openai client raises
+    it. It ended with `finish_reason: "stop"` before."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 20, "stream": True, "response_format": COSTLY_FORMAT,
+            **NO_THINKING}
+    with post_chat(server, body, stream=True) as response:
+        payloads = list(sse_payloads(response))
+    assert json.loads(payloads[-2]) == error_body(GRAMMAR_FAILED, param="response_format") and payloads[-1] == "[DONE]"
+    assert all(choice["finish_reason"] is None for chunk in map(json.loads, payloads[:-2]) for choice in
+               chunk["choices"])
+    with pytest.raises(openai.APIError, match="could not follow the grammar") as info:
+        list(_create(server, stream=True, response_format=COSTLY_FORMAT))
+    assert info.value.body["param"] == "response_format"
 
 
 def test_a_grammar_whose_lexer_gave_out_is_compiled_afresh_for_the_next_request(server: GunicornServer) -> None:
@@ -371,7 +426,8 @@ def test_a_grammar_whose_lexer_gave_out_is_compiled_afresh_for_the_next_request(
         return client.completions.create(model=MODEL, prompt="Answer:", max_tokens=3, temperature=0.0, extra_body={
             "structured_outputs": {"regex": regex}, "logit_bias": {str(token): 100}}).choices[0]
 
-    assert create(a).finish_reason == "stop"  # the costly branch: its lexer gives out
+    with pytest.raises(openai.BadRequestError, match="could not follow the grammar"):
+        create(a)  # the costly branch: its lexer gives out
     steered = create(b)
     assert (steered.text, steered.finish_reason) == ("bbb", "length"), steered
 

@@ -12,7 +12,7 @@ from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
 from nanoqwen.api.sse import RunningUsage
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.api.structured import compiled, output_grammar
+from nanoqwen.api.structured import compiled, grammar_field, output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
@@ -55,6 +55,7 @@ class ChatService:
         serving = self.serving
         params = req.sampling_params(serving.engine.sampling_defaults)
         params.grammar = compiled(output_grammar, serving, req)
+        params.grammar_field = grammar_field(req)
         return params
 
     def submit(self, req: ChatCompletionRequest, params: SamplingParams, prompt: list[int],

@@ -53,6 +53,14 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def generation_error(message: str, param: str | None = None) -> APIError:
+    """A generation's failure (the engine's error event): the client's where it names the request's field at fault (a
+    400: the grammar it asked for, which the output could no longer follow), else the server's (a 500)."""
+    if param is not None:
+        return APIError(400, message, param=param)
+    return APIError(500, message, type="server_error")
+
+
 def request_too_large(message: str) -> APIError:
     """A body, or the JSON in its strings, with more values than a request needs (a 413, like the body's size)."""
     return APIError(413, f"{message} Send a large batch as several requests.", code="request_too_large")

@@ -254,11 +254,13 @@ class ResponseEvents:
         second = "response.queued" if response["status"] == "queued" else "response.in_progress"
         return [self._event("response.created", response=response), self._event(second, response=response)]
 
-    def failure(self, message: str) -> list[Json]:
+    def failure(self, message: str, param: str | None = None) -> list[Json]:
         """`response.failed`, with the items so far: after the error's event (chunks: an engine error, or Serving's
         for an exception in the stream's own code), which closed the open one and sent its held text (text that might
-        have been a call) as the answer would have ended there, those; where that cut raised, the items done only."""
-        error = {"code": "server_error", "message": message}
+        have been a call) as the answer would have ended there, those; where that cut raised, the items done only.
+        An error of the request's (`param`: the grammar of its field, which the output could no longer follow) is
+        OpenAI's `invalid_prompt`, a request it cannot serve; the server's `server_error`."""
+        error = {"code": "server_error" if param is None else "invalid_prompt", "message": message}
         self.response = self.draft.response("failed", self._output, None, error)
         return [self._event("response.failed", response=self.response)]
 

@@ -21,7 +21,7 @@ from flask import Response
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
-from nanoqwen.api.errors import APIError, error_body
+from nanoqwen.api.errors import APIError, error_body, generation_error
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
@@ -67,7 +67,8 @@ class Streamer(Protocol):
     def opening(self) -> list[Json]: ...
     def chunks(self, event: Event) -> list[Json]: ...
     def frame(self, chunk: Json, split: bool = False) -> str: ...
-    def failure(self, message: str) -> list[Json]: ...
+    # the stream's error, after an engine error's event (Event.error, error_param) or an exception of our own
+    def failure(self, message: str, param: str | None = None) -> list[Json]: ...
 
 
 def client_probe(environ: dict[str, Any]) -> bool:
@@ -206,7 +207,7 @@ class _Part:
 def _frames(chunks: Streamer, event: Event, split: bool = False) -> list[str]:
     out = [chunks.frame(chunk, split) for chunk in chunks.chunks(event)]
     if event.error is not None:
-        out.extend(chunks.frame(chunk) for chunk in chunks.failure(event.error))
+        out.extend(chunks.frame(chunk) for chunk in chunks.failure(event.error, event.error_param))
     return out
 
 
@@ -362,7 +363,7 @@ class Serving:
         if event.error is not None:
             self.abort(batch)  # the other prompts of a batch
             self.stats.fail(trace)
-            raise APIError(500, event.error, type="server_error")
+            raise generation_error(event.error, event.error_param)
         usage = event.usage
         self.stats.finish(trace, usage)
         if weight < LARGE_ANSWER:

@@ -6,7 +6,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nanoqwen.api.encode import compact_json, encode_text
-from nanoqwen.api.errors import error_body
+from nanoqwen.api.errors import generation_error
 
 if TYPE_CHECKING:
     from nanoqwen.engine.request import Event
@@ -83,5 +83,5 @@ class DoneFraming:
         usage = f',"usage":{compact_json(chunk["usage"])}' if "usage" in chunk else ""
         return f'{self._framed_head}{compact_json(chunk["choices"])}{usage}}}\n\n'
 
-    def failure(self, message: str) -> list[dict[str, Any]]:
-        return [error_body(message, type="server_error")]
+    def failure(self, message: str, param: str | None = None) -> list[dict[str, Any]]:
+        return [generation_error(message, param).body()]

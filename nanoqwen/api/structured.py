@@ -48,6 +48,17 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
         raise invalid_request(exc) from None
 
 
+def grammar_field(req: SamplingFields) -> str | None:
+    """The field whose grammar output_grammar (chat) or structured_grammar makes, as the client's request names it
+    (None: no grammar): the param of the request's failure where its output can no longer follow it
+    (Event.error_param). Tool calls' is `tools`, as their compile's 400 names it."""
+    if isinstance(req, ChatCompletionRequest) and req.constrains_any_call:
+        return "tools"
+    if isinstance(req, ChatCompletionRequest) and req.json_response:
+        return req.named("response_format")
+    return None if req.constraint is None else req.constraint.param
+
+
 def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
     fmt, param = req.response_format, req.named("response_format")

@@ -324,8 +324,16 @@ class Engine:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
         row = 0
         with HeldWakeups():  # the streams' readers are woken once, with every token of the step
+            failed = output.grammar_failed  # the answer cannot go on and follow its grammar: a 200 would lie
+            for seq in failed:
+                if seq.status is not Status.FINISHED:  # n > 1: the request fails once, whichever choices erred
+                    self._fail([seq.request], "the output could not follow the grammar the request asked for: "
+                               f"{seq.grammar.error}", seq.request.params.grammar_field)
             for seq in sampled:
-                if seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
+                # its request failed: its token is dropped (the status looked up only then, ~0.5 µs a row on 3.11)
+                if failed and seq.status is Status.FINISHED:
+                    pass
+                elif seq.max_tokens == 0:  # the prompt scored, no answer (`echo` with `max_tokens: 0`)
                     self._finish(seq, "length", first_event(seq))
                 elif seq.draft_ids:
                     self._verify(seq, row, output)
@@ -369,10 +377,11 @@ class Engine:
             self._close(request)
             request.stream.put(usage_event(request))
 
-    def _fail(self, requests: list[Request], message: str) -> None:
+    def _fail(self, requests: list[Request], message: str, param: str | None = None) -> None:
         """Ends the requests with an error event each, after the text each unfinished choice held back (an incomplete
         UTF-8 character, what might have begun a stop string): as at a finish by length, the answer ended there.
-        Every held text goes before any error: a legacy completion's prompts share a stream, which ends at its first."""
+        Every held text goes before any error: a legacy completion's prompts share a stream, which ends at its first.
+        `param`: the requests' field at fault (Event.error_param), None for the server's error."""
         for request in requests:
             for seq in request.sequences:
                 if seq.status is not Status.FINISHED:
@@ -381,7 +390,7 @@ class Engine:
                         request.stream.put(held)
         for request in requests:
             self._close(request)
-            request.stream.put(Event(error=message))
+            request.stream.put(Event(error=message, error_param=param))
 
     def _fail_all(self, message: str) -> None:
         self.block_manager.reset_prefix_cache()

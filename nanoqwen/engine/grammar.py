@@ -40,6 +40,7 @@ CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a re
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
+ERROR_CHARS = 500  # the most of a matcher's error that its request's failure and the log quote
 # llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
 # fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
 # which at the default 1M cost 50-150 ms every step) and each later mask (step_lexer_fuel).
@@ -276,8 +277,13 @@ def rules_bound(text: str) -> int:
 
 
 def _invalid(param: str, error: str) -> InvalidRequest:
-    """The 400 for a grammar llguidance refused; a panic's backtrace left out (kB of the server's build paths)."""
-    return InvalidRequest(f"invalid {param}: {APPENDED.split(error, 1)[0]}", param=param)
+    """The 400 for a grammar llguidance refused."""
+    return InvalidRequest(f"invalid {param}: {_cut(error)}", param=param)
+
+
+def _cut(error: str) -> str:
+    """llguidance's error without what it appends: a panic's backtrace (kB of the server's build paths)."""
+    return APPENDED.split(error, 1)[0]
 
 
 
@@ -345,18 +351,25 @@ class RowGrammar:
             return False
         return not self.matcher.is_error()
 
-    def fill_end(self, bitmask: torch.Tensor, row: int) -> None:
-        """A matcher in error allows only EOS: the choice ends with "stop", as vLLM's guidance backend ends it. A
-        lexer's error (its fuel spent: LIMITS) is the shared lexer's: logged once, and the grammar spoiled; another (a
-        parser row past llguidance's items, a long chain of rules) is this matcher's alone."""
-        if self.matcher.is_error():  # before this mask, or in computing it
+    def fill_end(self, bitmask: torch.Tensor, row: int) -> bool:
+        """-> whether the matcher erred (before this mask, or in computing it): the answer can no longer follow the
+        grammar, and its request fails (StepOutput.grammar_failed; vLLM's guidance backend ends the choice with "stop",
+        a truncated answer labelled as a normal end). Its row allows only EOS, a token the step samples and the engine
+        drops. A lexer's error (its fuel spent: LIMITS) is the shared lexer's: logged once, and the grammar spoiled;
+        another (a parser row past llguidance's items, a long chain of rules) is this matcher's alone."""
+        if self.matcher.is_error():
             if self.source is not None and not self.source.spoiled \
                     and self.matcher.get_error().startswith("lexer error"):
                 self.source.spoiled = True
-                log.warning("a grammar's matcher erred, its choice ended: %s",
-                            APPENDED.split(self.matcher.get_error(), 1)[0][:500])
+                log.warning("a grammar's matcher erred, its request failed: %s", self.error)
             bitmask[row] = token_bitmask(self.eos_ids, bitmask.shape[1] * 32)
-            return
+            return True
         if self.may_open is not None:  # its one bit set in place, not a vocabulary-sized mask built per call
             word, bit = divmod(self.may_open, 32)
             bitmask[row].numpy().view(np.uint32)[word] |= np.uint32(1 << bit)
+        return False
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher erred, llguidance's reason (_cut, at most ERROR_CHARS), None while it has not."""
+        return _cut(self.matcher.get_error())[:ERROR_CHARS] if self.matcher.is_error() else None

@@ -32,6 +32,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     allowed_token_ids: list[int] | None = None  # vLLM's: the only ids that may be sampled (None: any)
     grammar: Grammar | None = None  # the output's constraint (structured outputs, forced tool calls)
+    # the request's field that asked for it, as the client named it: the param of the failure when the answer cannot
+    # follow it (a matcher's error mid-answer)
+    grammar_field: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +98,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None
     error: str | None = None
+    error_param: str | None = None  # with `error`: the request's field at fault, the client's error; None: the server's
     admitted: bool = False  # no output: the request left the queue (sent only where asked: api.serving.Batch)
 
     @property

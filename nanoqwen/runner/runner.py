@@ -168,9 +168,11 @@ class ModelRunner:
     # -- steps with prefill chunks -------------------------------------------------------
     def step(self, batch: Batch) -> StepOutput:
         """One step of the scheduler's batch -> a token for each of batch.sampled, in order (a drafting row:
-        one for each of its positions)."""
+        one for each of its positions), and the sequences whose grammar failed (their tokens to drop)."""
         bucket = self.step_rows(batch)
-        return self.prefill(batch.rows, batch.sampled) if bucket is None else self.decode(batch.decode, bucket)
+        output = self.prefill(batch.rows, batch.sampled) if bucket is None else self.decode(batch.decode, bucket)
+        output.grammar_failed = self.adjuster.failed
+        return output
 
     def step_rows(self, batch: Batch) -> int | None:
         """The rows `batch` runs as a decode step, None where it runs packed (prefill chunks; drafts a decode step

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +19,6 @@ from nanoqwen.runner.prompt_logprobs import PromptLogprobsOutput
 from nanoqwen.sampler import TOP_K_CANDIDATES, LogitAdjust, SamplingRows, compute_mask, top_logprobs
 
 if TYPE_CHECKING:  # annotations only: the engine package imports the runner
-    from nanoqwen.engine.grammar import RowGrammar
     from nanoqwen.engine.request import SamplingParams
     from nanoqwen.engine.sequence import Sequence
 
@@ -31,6 +30,7 @@ class StepOutput:
     top_values: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
     prompt_logprobs: list[PromptLogprobsOutput | None] | None = None  # per row; set when a row scored its prompt
+    grammar_failed: list[Sequence] = field(default_factory=list)  # whose grammar's matcher erred (LogitAdjuster.failed)
 
 
 def sampling_mode(params: list[SamplingParams]) -> str:
@@ -89,6 +89,9 @@ class LogitAdjuster:
         self._seqs: list[Sequence] = []  # the rows of the step started (none: it needs no adjusting)
         self._later = False  # its masks are filled at build(): no row has a grammar
         self._slots: list[int] = []  # each row's bitmask slot, -1 where it may sample any token
+        # The started step's sequences whose grammar's matcher erred (RowGrammar.fill_end), read once it is built: a
+        # list of the step's own, which a failed step's job, still running, cannot fill
+        self.failed: list[Sequence] = []
 
     @staticmethod
     def wanted(seqs: list[Sequence]) -> bool:
@@ -102,15 +105,16 @@ class LogitAdjuster:
         rows' grammars to that thread until build()."""
         self._seqs = seqs if self.wanted(seqs) else []
         self._later = not any(seq.grammar is not None for seq in self._seqs)
+        self.failed = []
         if self._seqs and not self._later:
-            self._thread.start(functools.partial(self._fill_masks, seqs))
+            self._thread.start(functools.partial(self._fill_masks, seqs, self.failed))
         return bool(self._seqs)
 
     def build(self) -> LogitAdjust | None:
         """The started step's adjustments, its masks joined; None when no row has a logit bias, a mask or a ban
         (the step then needs nothing)."""
         if self._later:
-            self._thread.start(functools.partial(self._fill_masks, self._seqs), here=True)
+            self._thread.start(functools.partial(self._fill_masks, self._seqs, self.failed), here=True)
         self._thread.wait()
         seqs, row_slots = self._seqs, self._slots
         entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # (row, tokens, values) of each row's bias entries
@@ -147,12 +151,13 @@ class LogitAdjuster:
             bitmask = bitmask[ids(mask_slots)]
         return LogitAdjust(ids(rows), ids(tokens), self.to_device(torch.from_numpy(values)), ids(mask_rows), bitmask)
 
-    def _fill_masks(self, seqs: list[Sequence]) -> None:
+    def _fill_masks(self, seqs: list[Sequence], failed: list[Sequence]) -> None:
         """The masks of a step's rows: each sequence's in the next free bitmask slot (a drafting sequence's
-        positions share it), each row's slot in _slots. The matchers' masks are computed together."""
+        positions share it), each row's slot in _slots, and in `failed` each sequence whose matcher erred. The
+        matchers' masks are computed together."""
         row_slots: list[int] = []
         slots = 0
-        grammars: list[tuple[RowGrammar, int]] = []  # (grammar, slot) of each masked row under one
+        grammars: list[tuple[Sequence, int]] = []  # (sequence, slot) of each masked row under a grammar
         pending: list[tuple[LLMatcher, int]] = []  # (matcher, slot) of each mask still to compute
         with torch.inference_mode():  # a thread's own mode, as on the engine thread: host_bitmask is an inference one
             for row, seq in enumerate(seqs):
@@ -163,7 +168,7 @@ class LogitAdjuster:
                 if grammar is not None:
                     grammar.sync(seq.token_ids, seq.num_prompt_tokens)
                 if grammar is not None and grammar.active:
-                    grammars.append((grammar, slots))
+                    grammars.append((seq, slots))
                     if grammar.fill_start(self.host_bitmask, slots):
                         pending.append((grammar.matcher, slots))
                 elif seq.request.allowed_mask is not None:  # never with a grammar (validation refuses the pair)
@@ -174,8 +179,7 @@ class LogitAdjuster:
                 row_slots.append(slots)
                 slots += 1
             self._compute_masks(pending)
-            for grammar, slot in grammars:
-                grammar.fill_end(self.host_bitmask, slot)
+            failed.extend(seq for seq, slot in grammars if seq.grammar.fill_end(self.host_bitmask, slot))
         self._slots = row_slots
 
     def _compute_masks(self, pending: list[tuple[LLMatcher, int]]) -> None:
