@@ -382,7 +382,10 @@ def test_a_grammar_that_errs_mid_answer_fails_its_request_and_not_the_stream_bes
     asked = [("completions", {"structured_outputs": {"regex": COSTLY}}, "structured_outputs.regex"),
              ("completions", {"guided_regex": COSTLY}, "guided_regex"),
              ("chat", {"response_format": COSTLY_FORMAT}, "response_format"),
-             ("chat", {"tools": [COSTLY_TOOL], "tool_choice": "required"}, "tools")]
+             ("chat", {"tools": [COSTLY_TOOL], "tool_choice": "required"}, "tools"),
+             # calls under "auto" that follow no schema of the tools' beside the JSON answer: the format erred
+             ("chat", {"tools": TOOLS, "tool_choice": "auto", "response_format": COSTLY_FORMAT,
+                       "logit_bias": {str(token): 100 for token in _token_ids(server, "{")}}, "response_format")]
     for endpoint, body, param in asked:
         with pytest.raises(openai.BadRequestError) as info:
             if endpoint == "chat":

@@ -51,8 +51,11 @@ def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, r
 def grammar_field(req: SamplingFields) -> str | None:
     """The field whose grammar output_grammar (chat) or structured_grammar makes, as the client's request names it
     (None: no grammar): the param of the request's failure where its output can no longer follow it
-    (Event.error_param). Tool calls' is `tools`, as their compile's 400 names it."""
-    if isinstance(req, ChatCompletionRequest) and req.constrains_any_call:
+    (Event.error_param). Tool calls' is `tools`, as their compile's 400 names it, where a call follows a schema of
+    theirs: forced, or a strict tool under "auto" (beside a JSON response_format too: either may have erred); calls
+    under "auto" that follow no schema of the tools' (any JSON object) leave the response_format's."""
+    if isinstance(req, ChatCompletionRequest) and (req.forces_tool_call or req.constrains_calls and any(
+            t.function.constrained for t in req.tools or [])):
         return "tools"
     if isinstance(req, ChatCompletionRequest) and req.json_response:
         return req.named("response_format")

@@ -325,10 +325,8 @@ class Engine:
         row = 0
         with HeldWakeups():  # the streams' readers are woken once, with every token of the step
             failed = output.grammar_failed  # the answer cannot go on and follow its grammar: a 200 would lie
-            for seq in failed:
-                if seq.status is not Status.FINISHED:  # n > 1: the request fails once, whichever choices erred
-                    self._fail([seq.request], "the output could not follow the grammar the request asked for: "
-                               f"{seq.grammar.error}", seq.request.params.grammar_field)
+            if failed:
+                self._fail_grammars(failed)
             for seq in sampled:
                 # its request failed: its token is dropped (the status looked up only then, ~0.5 µs a row on 3.11)
                 if failed and seq.status is Status.FINISHED:
@@ -391,6 +389,19 @@ class Engine:
         for request in requests:
             self._close(request)
             request.stream.put(Event(error=message, error_param=param))
+
+    def _fail_grammars(self, failed: list[Sequence]) -> None:
+        """Fails the requests of the sequences whose grammar erred, each once (n > 1: whichever choices erred), with
+        the first erring choice's reason; a legacy completion's prompts that share a stream fail in one _fail, so
+        that each one's held text goes before the stream's one error."""
+        by_stream: dict[int, tuple[Sequence, dict[int, Request]]] = {}
+        for seq in failed:
+            if seq.status is not Status.FINISHED:
+                first, requests = by_stream.setdefault(id(seq.request.stream), (seq, {}))
+                requests[id(seq.request)] = seq.request
+        for first, requests in by_stream.values():
+            self._fail(list(requests.values()), "the output could not follow the grammar the request asked for: "
+                       f"{first.grammar.error}", first.request.params.grammar_field)
 
     def _fail_all(self, message: str) -> None:
         self.block_manager.reset_prefix_cache()
