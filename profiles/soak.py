@@ -73,7 +73,8 @@ from soak_http import (  # noqa: E402
 
 SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
-                                    "int8": {"NANOQWEN_QUANT": "int8"},
+                                    "int8": {"NANOQWEN_QUANT": "int8"}, "int4": {"NANOQWEN_QUANT": "int4"},
+                                    "bf16": {"NANOQWEN_DTYPE": "bfloat16"},
                                     "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE},
                                     # differential.py's eager pool: 576 KV tokens for 8 sequences, so they preempt
                                     "tight": {"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none",
