@@ -296,6 +296,36 @@ def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 25
 
 
+NULLABLE_LINKS = {  # a chain's link whose next link follows something that may match nothing, and what it names
+    "optional": ('r{i}: q? r{j} | "b"', 'q: "q"'), "bracketed": ('r{i}: [q] r{j} | "b"', 'q: "q"'),
+    "starred": ('r{i}: q* r{j} | "b"', 'q: "q"'), "empty alternative": ('r{i}: e r{j} | "b"', 'e: "q" |'),
+    "optional rule": ('r{i}: e r{j} | "b"', 'e: f\nf: "q"?'), "empty string": ('r{i}: "" r{j} | "b"', ""),
+    "empty regex": ('r{i}: /q*/ r{j} | "b"', ""), "empty terminal": ('r{i}: E r{j} | "b"', "E: /q*/"),
+    "optional group": ('r{i}: (q | "") r{j} | "b"', 'q: "q"'), "range": ('r{i}: q~0..2 r{j} | "b"', 'q: "q"'),
+    "braces": ('r{i}: q{{0,2}} r{j} | "b"', 'q: "q"'), "two empty": ('r{i}: e e r{j} | "b"', 'e: "q"?'),
+}
+
+
+@pytest.mark.parametrize("shape", NULLABLE_LINKS)
+def test_a_chain_through_what_may_match_nothing_weighs_its_links(grammars: Grammars, shape: str) -> None:
+    """Each of these, 2,100 links long, ended the answer after its first token in llguidance (4,200 items in the row:
+    two a link); the next link after a rule that may be empty (`e: "q" |`), `""` or an empty regex weighed nothing
+    (3 for the chain): now at least two a link, and a chain past MAX_ROW is refused naming the field."""
+    link, extra = NULLABLE_LINKS[shape]
+    links = grammar_module.MAX_ROW // 2 + 10
+    assert grammar_rows.row_weight(_links(links, link) + extra) >= 2 * links
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammars.compile(_links(links, link) + extra, "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+
+
+def test_what_follows_a_terminal_starts_no_row() -> None:
+    """`"x" e r`: r follows the terminal (each link its own token: llguidance generated 2,100 of them), not a chain."""
+    assert grammar_rows.row_weight(_links(2_100, 'r{i}: "x" e r{j} | "b"') + 'e: "q"?') == 3
+    assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n'
+                                   + "".join(f'{r}: "{r}" | "_"\n' for r in "abcdefg")) == 3 + 3 * 2  # c d e: not a b after "x", nor f g after e
+
+
 def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain, or a long alternation, llguidance would compile and then end after its first token: refused naming
