@@ -105,7 +105,7 @@ def _lark_chain(text: str) -> int:
 
 def _matches_empty(piece: str) -> bool:
     """Whether a string or regex of Lark's (SKIP's) may match nothing: `""`, or a regex Python's `re` matches to the
-    empty string (one past MAX_TESTED, or one it cannot read: llguidance's syntax is Rust's, taken as may: errs high)."""
+    empty string (one past MAX_TESTED, or one it cannot read, llguidance's syntax being Rust's: taken as may)."""
     if piece[0] in "\"'":
         return len(piece) == 2
     if piece[0] != "/":
