@@ -326,6 +326,38 @@ def test_what_follows_a_terminal_starts_no_row() -> None:
     assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n' + rules) == 3 + 3 * 2  # c, d, e
 
 
+def _linked(n: int, node: Any, ref: Any, root: dict[str, Any] | None = None) -> dict[str, Any]:
+    """_ref_links' chain with node(i) in each link and ref(i) naming it."""
+    defs = {f"d{i}": {**node(i), "anyOf": [{"$ref": ref(i + 1)}, {"type": "integer"}]} for i in range(n)}
+    return {**(root or {}), "$ref": ref(0), "$defs": {**defs, f"d{n}": {**node(n), "type": "boolean"}}}
+
+
+@pytest.mark.parametrize("shape", ["anchor", "urn", "url", "relative", "url pointer"])
+def test_a_chain_of_refs_by_anchor_or_id_weighs_its_links(shape: str) -> None:
+    """A `$ref` by `$anchor` or by a subschema's `$id` chains as `#/$defs/...` does: 1,100 links of each ended the
+    answer after a digit in llguidance (2,201 items in the row), and weighed 2 or 4 (unresolved): refused now."""
+    root = {"$id": "http://x.test/root.json"}
+    schema = {"anchor": lambda: _linked(1_100, lambda i: {"$anchor": f"a{i}"}, lambda i: f"#a{i}"),
+              "urn": lambda: _linked(1_100, lambda i: {"$id": f"urn:x:d{i}"}, lambda i: f"urn:x:d{i}"),
+              "url": lambda: _linked(1_100, lambda i: {"$id": f"http://x.test/d{i}"}, lambda i: f"http://x.test/d{i}"),
+              "relative": lambda: _linked(1_100, lambda i: {"$id": f"d{i}.json"}, lambda i: f"d{i}.json", root),
+              "url pointer": lambda: _linked(1_100, lambda i: {}, lambda i: f"root.json#/%24defs/d{i}", root)}[shape]()
+    assert grammar_rows.row_weight(grammar_module._json_grammar(schema, True, "p")) == 2 * 1_100 + 4
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, True, "response_format")
+    assert refused.value.param == "response_format"
+
+
+def test_a_dynamic_ref_is_refused_or_ignored() -> None:
+    """llguidance implements no `$dynamicRef`: strict, the 400 naming the field; lenient, ignored (no chain)."""
+    schema = _linked(1_100, lambda i: {"$anchor": f"a{i}"}, lambda i: f"#a{i}")
+    dynamic = json.loads(json.dumps(schema).replace('"$ref"', '"$dynamicRef"'))
+    with pytest.raises(InvalidRequest, match="dynamicRef") as refused:
+        grammar_module.check_json_schema(dynamic, True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.row_weight(grammar_module._json_grammar(dynamic, False, "p")) == 2  # the anyOf alone
+
+
 def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain, or a long alternation, llguidance would compile and then end after its first token: refused naming

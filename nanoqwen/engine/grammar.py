@@ -52,8 +52,8 @@ log = logging.getLogger("nanoqwen")
 # llguidance also recurses once per link while it compiles, 3-5 kB of stack a rule and up to ~13 kB a `$ref`: past its
 # thread's stack the process dies (SIGSEGV; 3,000 rules or 2,000 `$ref`s in 8 MiB). The compile threads have
 # COMPILE_STACK_BYTES; MAX_RULES (rules_bound: every line that may begin a rule, and each `$ref` twice) bounds a chain
-# row_weight cannot see (a `$ref` by `$anchor`) within it: 12,000 rules or 6,000 `$ref`s (deep8: 64 MiB held 12,000
-# rules and 5,000 `$ref`s).
+# row_weight does not weigh (sequences, `r{i}: "x" r{i+1}`) within it: 12,000 rules or 6,000 `$ref`s (deep8: 64 MiB
+# held 12,000 rules and 5,000 `$ref`s).
 MAX_ROW = 1_000
 MAX_RULES = 12_000
 # "$ref" as JSON may spell it: any of its letters a \u escape

@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urldefrag, urljoin
 
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
 # `%json` (its schema read apart, by _schema_chain). A `//` comment before a regex: no regex starts with `/`.
@@ -217,31 +218,39 @@ class _Empty:
 
 
 def _schema_chain(schema: Any) -> int:
-    """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema (a target's subschema
-    links to each target it refers to, REF_LINK, and to each target nested in it), plus the most alternatives of one
-    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not), an
-    option that is itself one counting its own (llguidance flattens them: 4 of 600 erred as 2,400)."""
-    refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (where the $ref is, the path it points at)
-    stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+    """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
+    to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
+    (3,000 objects' erred after `{`; consts', lexemes, did not), an option that is itself one counting its own
+    (llguidance flattens them: 4 of 600 erred as 2,400). A `$ref` is resolved as llguidance resolves it, against the
+    `$id`s of the subschemas it is in: a JSON pointer (`#`, `#/$defs/x`) or an `$anchor` (`#x`) in its resource, or
+    another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did."""
+    sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
+    resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
+    anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
+    stack: list[tuple[Any, tuple[str, ...], str]] = [(schema, (), "")]  # (node, its path, its resource's base URI)
     alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
-        node, path = stack.pop()
+        node, path, base = stack.pop()
         if isinstance(node, dict):
+            if isinstance(node.get("$id"), str):
+                base = urldefrag(urljoin(base, node["$id"])).url
+            if not path or isinstance(node.get("$id"), str):
+                resources.setdefault(base, path)
+            if isinstance(node.get("$anchor"), str):
+                anchors.setdefault((base, node["$anchor"]), path)
             if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
                 alternated.append((node, options))
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#"):
-                pointer = ref[1:].lstrip("/")
-                target = tuple(part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")) \
-                    if pointer else ()
-                refs.append((path, target))
-            stack.extend((value, (*path, str(key))) for key, value in node.items())
+            if isinstance(node.get("$ref"), str):
+                sent.append((path, base, node["$ref"]))
+            stack.extend((value, (*path, str(key)), base) for key, value in node.items())
         elif isinstance(node, list):
-            stack.extend((value, (*path, str(i))) for i, value in enumerate(node))
+            stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
     for node, options in reversed(alternated):
         width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
     widest = max(width.values(), default=0)
+    refs = [(path, target) for path, base, ref in sent
+            if (target := _target(ref, base, resources, anchors)) is not None]
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
@@ -268,6 +277,19 @@ def _schema_chain(schema: Any) -> int:
     for target in targets - {()}:
         links[owner(target[:-1])].setdefault(target, 0)
     return widest + _heaviest(links, {}, wide=False)
+
+
+def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
+            anchors: dict[tuple[str, str], tuple[str, ...]]) -> tuple[str, ...] | None:
+    """Where `ref`, in the resource of URI `base`, points (None: outside the schema, llguidance refuses it)."""
+    uri, fragment = (base, ref[1:]) if ref.startswith("#") else urldefrag(urljoin(base, ref))  # a URN joins nothing
+    fragment = unquote(fragment)
+    if (root := resources.get(uri)) is None:
+        return None
+    if fragment and not fragment.startswith("/"):
+        return anchors.get((uri, fragment))
+    parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")) if fragment else ()
+    return (*root, *parts)
 
 
 def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
