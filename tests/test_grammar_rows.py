@@ -200,6 +200,30 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
+def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrainedTokenizerFast,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
+    parsed back from its text (and a JSON format parsed back from llguidance's): each schema is weighed once, as sent."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    weighed: list[Any] = []
+    weigh = grammar_rows.schema_weight
+
+    def counted(schema: Any) -> int:
+        weighed.append(schema)
+        return weigh(schema)
+
+    monkeypatch.setattr(grammar_rows, "schema_weight", counted)
+    monkeypatch.setattr(grammar_module, "schema_weight", counted)
+    sent = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    grammars.json_schema(sent, strict=False, param="response_format")
+    assert len(weighed) == 1 and weighed[0] is sent
+    weighed.clear()
+    tools, answer = [ToolSpec("f", FLAG)], structured.JsonAnswer(sent, False, "response_format")
+    structured._tool_calls(grammars, tools, False, answer, True, structured._tool_calls_key(tools, False, answer, True))
+    as_sent = [{k: v for k, v in schema.items() if k != "x-guidance"} for schema in weighed if schema]
+    assert sorted(as_sent, key=len) == [sent, FLAG]  # each once (an empty `{}`: a rule's place, weighed apart)
+
+
 @pytest.mark.parametrize("opener", [None, THINK_ID])
 def test_a_rows_first_mask_is_the_compiled_one_then_its_matchers(grammar: Grammar, brace: int,
                                                                  opener: int | None) -> None:

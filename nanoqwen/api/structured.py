@@ -156,27 +156,27 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer is
     free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
     free_text = auto and answer is None
-    tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
+    tools = [_held(tool, auto) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(answer), answer.strict, key)
+    schema, weight = _checked_answer(answer)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
 
 
-def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
-    """A tool's parameters as its calls follow them, patterns ECMA's. Under "auto" a lenient tool's (strict not sent:
-    Responses' default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where
-    it can be); a strict or forced tool's is the 400 naming tools."""
+def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
+    """A tool as its calls follow it, patterns ECMA's. Under "auto" a lenient tool's (strict not sent: Responses'
+    default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where it can be),
+    and one that can is weighed here, once; a strict or forced tool's is the 400 naming tools."""
     parameters = ecma_patterns(tool.parameters)
-    if auto and not tool.strict and parameters:  # none: no arguments (_call_rules' empty object), any grammar holds
+    if auto and not tool.strict and parameters:  # none: no arguments (_call_arguments' empty object), any grammar holds
         try:
-            check_json_schema(parameters, False, "tools")
+            return replace(tool, parameters=parameters, weight=check_json_schema(parameters, False, "tools"))
         except InvalidRequest:
-            return ANY_OBJECT
-    return parameters
+            return replace(tool, parameters=ANY_OBJECT)
+    return replace(tool, parameters=parameters)
 
 
-def _checked_answer(answer: JsonAnswer) -> dict[str, Any]:
-    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field."""
+def _checked_answer(answer: JsonAnswer) -> tuple[dict[str, Any], int]:
+    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field; and its weight."""
     schema = ecma_patterns(answer.schema)
-    check_json_schema(schema, answer.strict, answer.param)
-    return schema
+    return schema, check_json_schema(schema, answer.strict, answer.param)

@@ -13,12 +13,13 @@ import bisect
 import json
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
-# `%json` (its schema read apart, by _schema_chain). A `//` comment before a regex: no regex starts with `/`.
+# `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
 SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\\\n]|\\.)+/[imslux]*|<[^<>\s]*>'
                   r"|%json\b")
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
@@ -31,13 +32,14 @@ MAX_TESTED = 1_000  # the longest regex _matches_empty asks Python's `re` about 
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
 
 
-def row_weight(text: str) -> int:
+def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     """About the most items a parser row of `text` (a Lark grammar, or llguidance's JSON of one or of a JSON Schema)
     may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
     match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
     each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
     JSON Schema, its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
-    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested)."""
+    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
+    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -45,7 +47,7 @@ def row_weight(text: str) -> int:
         except ValueError:
             return 0  # not JSON: llguidance refuses it
         return _top_level_chain(top)
-    return _lark_chain(text)
+    return _lark_chain(text, weighed or {})
 
 
 def _top_level_chain(top: Any) -> int:
@@ -55,13 +57,13 @@ def _top_level_chain(top: Any) -> int:
     for grammar in grammars if isinstance(grammars, list) else []:
         if isinstance(grammar, dict):
             if grammar.get("json_schema") is not None:
-                depth = max(depth, _schema_chain(grammar["json_schema"]))
+                depth = max(depth, schema_weight(grammar["json_schema"]))
             if isinstance(grammar.get("lark_grammar"), str):
-                depth = max(depth, _lark_chain(grammar["lark_grammar"]))
+                depth = max(depth, _lark_chain(grammar["lark_grammar"], {}))
     return depth
 
 
-def _lark_chain(text: str) -> int:
+def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     """Each definition's body (its text to the next definition) with strings, regexes and `%json` a TERMINAL (EMPTY
     where it may match nothing): its alternatives (`|`s), and the defined names that may start one, its links."""
     cleaned, offsets, chains = [], [], []  # offsets (in cleaned, rising), and the chain of the `%json` at each
@@ -77,7 +79,7 @@ def _lark_chain(text: str) -> int:
             except ValueError:
                 continue  # llguidance refuses it
             offsets.append(offset)
-            chains.append(_schema_chain(schema))
+            chains.append(schema_weight(schema))
         piece = " " if match.group().startswith("//") else EMPTY if _matches_empty(match.group()) else TERMINAL
         cleaned.append(piece)
         offset += len(piece)
@@ -95,7 +97,7 @@ def _lark_chain(text: str) -> int:
         if not terminal:
             own[name] += 1 + body_text.count("|", match.end(), end)
             inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
-            own[name] += max(inside, default=0)
+            own[name] += max(inside, default=0) + weighed.get(name, 0)
     nullable = empty.solve()
     links: dict[str, dict[str, int]] = {match.group(1): defaultdict(int) for match in definitions}
     for rule, named, before in starts:
@@ -217,7 +219,7 @@ class _Empty:
         return [count <= 0 for count in needs]
 
 
-def _schema_chain(schema: Any) -> int:
+def schema_weight(schema: Any) -> int:
     """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
     to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
     (3,000 objects' erred after `{`; consts', lexemes, did not), an option that is itself one counting its own
