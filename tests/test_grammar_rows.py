@@ -203,7 +203,7 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
 def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrainedTokenizerFast,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
-    parsed back from its text (and a JSON format parsed back from llguidance's): each schema is weighed once, as sent."""
+    parsed back from its text (and a JSON format parsed back from llguidance's): each is weighed once, as sent."""
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
     weighed: list[Any] = []
     weigh = grammar_rows.schema_weight
