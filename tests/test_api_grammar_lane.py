@@ -4,7 +4,9 @@ lane is a 503 as a full tokenising lane is."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gevent
 import pytest
@@ -12,8 +14,13 @@ import pytest
 from nanoqwen.api import structured
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.schemas import parse_chat_request
 from nanoqwen.api.serving import Serving
+from nanoqwen.engine.grammar import Grammars
 from nanoqwen.engine.threads import NativeEvent
+from nanoqwen.engine.validation import InvalidRequest
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.text import TokenBytes
 
 
 class _BlockedGrammars:
@@ -89,3 +96,30 @@ def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, 
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+def test_a_forced_calls_response_format_is_checked_once(tiny_checkpoint: Path) -> None:
+    """A forced call beside a response_format: the format is checked (its 400 names it) in the grammar lane once; the
+    same request again finds both grammars cached, and takes no turn in the grammar lane (it took one every time)."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), 151936, [151645, 151643])
+    serving = Serving(SimpleNamespace(grammars=grammars), ServerConfig(), SimpleNamespace())  # type: ignore[arg-type]
+    compiles: list[Any] = []
+    compile_off_loop = serving.compile_off_loop
+    serving.compile_off_loop = lambda fn, *args: compiles.append(fn) or compile_off_loop(fn, *args)  # type: ignore
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool], "tool_choice": "required",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}
+    try:
+        first = structured.output_grammar(serving, parse_chat_request(body, None))
+        assert len(compiles) == 2
+        assert structured.output_grammar(serving, parse_chat_request(body, None)) is first
+        assert len(compiles) == 2
+        bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+            "$ref": "#/$defs/gone"}}}}
+        with pytest.raises(InvalidRequest) as refused:
+            structured.output_grammar(serving, parse_chat_request(bad, None))
+        assert refused.value.param == "response_format"
+    finally:
+        for pool in (serving.compiling, serving.tokenizing):
+            pool.stop()

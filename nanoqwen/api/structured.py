@@ -53,9 +53,9 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     fmt, param = req.response_format, req.named("response_format")
     answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
         if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
-    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
-        if answer is not None:
-            serving.compile_off_loop(_checked_answer, answer)
+    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400),
+        if answer is not None:  # compiled as it would be alone: a request sent again finds it cached
+            _json(serving, answer.schema, answer.strict, answer.param)
         return _calls(serving, req, req.forced_tools, None)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
