@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 Req = TypeVar("Req", bound=SamplingFields)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+KEY_CHARS = 1 << 16  # about the longest cache key (its JSON) made in the tokenising pool; a longer one, the grammars'
 
 
 @dataclass(frozen=True)
@@ -110,25 +111,72 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _grammar(serving: Serving, key_of: Callable[..., GrammarKey], make: Callable[..., Grammar], *args: Any) -> Grammar:
-    """The grammar cached under key_of(*args) (what the request sent), looked up in the tokenising pool: a client
-    re-sending its tools every turn never queues behind another's costly compiles; on a miss make(grammars, *args,
-    key) in the grammars' pool."""
+    """The grammar cached under key_of(*args) (what the request sent), looked up in the tokenising pool where its key is
+    short to make (KEY_CHARS): a client re-sending its tools every turn never queues behind another's costly compiles;
+    a longer key is made in the grammars' pool (a 10 MB tool list's JSON held a tokenising thread for 88 ms), and on a
+    miss make(grammars, *args, key) runs there."""
     grammars = serving.engine.grammars
     key, grammar = serving.off_loop(0, _looked_up, grammars, key_of, *args)
-    return grammar if grammar is not None else serving.compile_off_loop(make, grammars, *args, key)
+    return grammar if grammar is not None else serving.compile_off_loop(_made, grammars, key, key_of, make, *args)
 
 
-def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey], *args: Any) -> tuple[GrammarKey, Grammar | None]:
-    key = key_of(*args)
+def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey],
+               *args: Any) -> tuple[GrammarKey | None, Grammar | None]:
+    """(the key, its cached grammar); (None, None) where the key is longer than KEY_CHARS."""
+    try:
+        key = key_of(*args, limit=KEY_CHARS)
+    except _LongKey:
+        return None, None
     return key, grammars.cached(key)
+
+
+def _made(grammars: Grammars, key: GrammarKey | None, key_of: Callable[..., GrammarKey],
+          make: Callable[..., Grammar], *args: Any) -> Grammar:
+    """In the grammars' pool: a long key made and looked up, then make(grammars, *args, key) on a miss."""
+    if key is None:
+        key = key_of(*args)
+        if (grammar := grammars.cached(key)) is not None:
+            return grammar
+    return make(grammars, *args, key)
+
+
+class _LongKey(Exception):
+    pass
+
+
+def _key(kind: str, value: Any, limit: int | None) -> GrammarKey:
+    """(kind, json.dumps(value)); _LongKey where its JSON may pass `limit` characters (_within)."""
+    if limit is not None and not _within(value, limit):
+        raise _LongKey
+    return kind, json.dumps(value)
+
+
+def _within(value: Any, limit: int) -> bool:
+    """Whether `value`'s JSON is at most about `limit` characters (its strings, and a few a value): a walk that stops
+    there, where json.dumps of it all took 88 ms at 10 MB."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        limit -= 4
+        if isinstance(node, str):
+            limit -= len(node)
+        elif isinstance(node, dict):
+            limit -= sum(map(len, node))
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        if limit < 0:
+            return False
+    return True
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
     return _grammar(serving, _json_key, _json_schema, schema, strict, param, no_space)
 
 
-def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool) -> GrammarKey:
-    return "json_schema", json.dumps([schema, strict, no_space])
+def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool,
+              limit: int | None = None) -> GrammarKey:
+    return _key("json_schema", [schema, strict, no_space], limit)
 
 
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
@@ -137,7 +185,7 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
     return grammars.json_schema(ecma_patterns(schema), strict, param, no_space, key)
 
 
-def _text_key(kind: str, text: str, _param: str) -> GrammarKey:
+def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
     return text_key(kind, text)
 
 
@@ -145,9 +193,10 @@ def _from_text(grammars: Grammars, kind: str, text: str, param: str, _key: Gramm
     return grammars.from_text(kind, text, param)
 
 
-def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool) -> GrammarKey:
-    return "tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel,
-                                     answer and answer.key(), auto])
+def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
+                    limit: int | None = None) -> GrammarKey:
+    return _key("tool_calls", [[(t.name, t.parameters, t.strict) for t in tools], parallel, answer and answer.key(),
+                               auto], limit)
 
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
