@@ -168,44 +168,53 @@ class _Empty:
     def define(self, name: str, tokens: list[str], starts: list[tuple[str, str, int]] | None) -> None:
         """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
         it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
-        empty)."""
-        groups = [_Group("", self.NOTHING)]
+        empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
+        nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
+        groups = [_Group("", nothing)]
+        group = groups[0]
         before = ""
         for token in tokens:
-            group = groups[-1]
-            if token in self.node:
-                if starts is not None and not token[0].isupper():
-                    starts.append((name, token, group.prefix))
-                self._follow(group, self.node[token])
-            elif token in "([":
-                groups.append(_Group("]" if token == "[" else ")", group.prefix))
-            elif token == group.closer:
-                groups.pop()
-                self._follow(groups[-1], self.NOTHING if token == "]" else self._any(group.sequences))
+            if token == '"':  # TERMINAL
+                element = something
             elif token == "|":
                 group.sequences.append([])
                 group.prefix = group.before_last = group.opening
+                continue
+            elif token in nodes:
+                if starts is not None and not token[0].isupper():
+                    starts.append((name, token, group.prefix))
+                element = nodes[token]
             elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
                 if group.sequences[-1]:
-                    group.sequences[-1][-1] = self.NOTHING
+                    group.sequences[-1][-1] = nothing
                     group.prefix = group.before_last
-            elif token in "#\"" or token[0].isalpha() or token[0] == "_":  # EMPTY, TERMINAL, a name not defined
-                self._follow(group, self.NOTHING if token == "#" else self.SOMETHING)
+                before = token
+                continue
+            elif token in "([":
+                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                continue
+            elif token == group.closer:
+                groups.pop()
+                element = nothing if token == "]" else self._any(group.sequences)
+                group = groups[-1]
+            elif token == "#" or token[0].isalpha() or token[0] == "_":  # EMPTY, or a name not defined
+                element = nothing if token == "#" else something
             elif token == "%":
                 break  # a directive (`%ignore`, `%import`) ends the body
+            else:
+                before = token
+                continue
             before = token
+            group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
+            group.before_last = group.prefix
+            if element == something or group.prefix == nothing:
+                group.prefix = element
+            elif element != nothing and group.prefix != something:
+                group.prefix = self._add(2, [group.prefix, element])
         while len(groups) > 1:  # unclosed (llguidance refuses it)
-            self._follow(groups[-2], self._any(groups.pop().sequences))
+            element = self._any(groups.pop().sequences)
+            groups[-1].sequences[-1].append(element)
         self.parents[self._any(groups[0].sequences)].append(self.node[name])
-
-    def _follow(self, group: _Group, element: int) -> None:
-        """`element` next in the group's sequence: what may be empty before the next one, its prefix, an AND more."""
-        group.sequences[-1].append(element)
-        group.before_last = group.prefix
-        if element == self.SOMETHING or group.prefix == self.NOTHING:
-            group.prefix = element
-        elif element != self.NOTHING and group.prefix != self.SOMETHING:
-            group.prefix = self._add(2, [group.prefix, element])
 
     def solve(self) -> list[bool]:
         """By node: whether it may match nothing."""
@@ -234,9 +243,11 @@ def schema_weight(schema: Any) -> int:
     while stack:
         node, path, base = stack.pop()
         if isinstance(node, dict):
-            if isinstance(node.get("$id"), str):
-                base = urldefrag(urljoin(base, node["$id"])).url
-            if not path or isinstance(node.get("$id"), str):
+            if not node:
+                continue
+            if isinstance(ident := node.get("$id"), str):
+                base = urldefrag(urljoin(base, ident)).url
+            if not path or isinstance(ident, str):
                 resources.setdefault(base, path)
             if isinstance(node.get("$anchor"), str):
                 anchors.setdefault((base, node["$anchor"]), path)
