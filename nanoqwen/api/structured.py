@@ -186,6 +186,7 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
 
 
 def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
+    """The text is its own key: nothing to make, whatever `limit`."""
     return text_key(kind, text)
 
 

@@ -179,7 +179,7 @@ class Grammars:
         parser would take it for a call the grammar never saw), where the model may open a call with the
         `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
         response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (the caller
-        looks it up first)."""
+        looks it up first). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
