@@ -4,7 +4,9 @@ lane is a 503 as a full tokenising lane is."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import gevent
 import pytest
@@ -12,8 +14,13 @@ import pytest
 from nanoqwen.api import structured
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.schemas import parse_chat_request
 from nanoqwen.api.serving import Serving
+from nanoqwen.engine.grammar import Grammars
 from nanoqwen.engine.threads import NativeEvent
+from nanoqwen.engine.validation import InvalidRequest
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.text import TokenBytes
 
 
 class _BlockedGrammars:
@@ -89,3 +96,60 @@ def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, 
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+@pytest.fixture()
+def real(tiny_checkpoint: Path) -> Iterator[tuple[Serving, list[Any], list[Any]]]:
+    """A Serving of real Grammars, and what its tokenising lane returned and its grammar lane ran, in order."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), 151936, [151645, 151643])
+    serving = Serving(SimpleNamespace(grammars=grammars), ServerConfig(), SimpleNamespace())  # type: ignore[arg-type]
+    looked_up: list[Any] = []
+    compiles: list[Any] = []
+    off_loop, compile_off_loop = serving.off_loop, serving.compile_off_loop
+    serving.off_loop = lambda chars, fn, *args: looked_up.append(off_loop(chars, fn, *args)) or looked_up[-1]
+    serving.compile_off_loop = lambda fn, *args: compiles.append(fn) or compile_off_loop(fn, *args)  # type: ignore
+    yield serving, looked_up, compiles
+    for pool in (serving.compiling, serving.tokenizing):
+        pool.stop()
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+USER = [{"role": "user", "content": "hi"}]
+
+
+def test_a_forced_calls_response_format_is_checked_once(real: tuple[Serving, list[Any], list[Any]]) -> None:
+    """A forced call beside a response_format: the format is checked (its 400 names it) in the grammar lane once; the
+    same request again finds both grammars cached, and takes no turn in the grammar lane (it took one every time)."""
+    serving, _, compiles = real
+    body = {"messages": USER, "tools": [TOOL], "tool_choice": "required",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}
+    first = structured.output_grammar(serving, parse_chat_request(body, None))
+    assert len(compiles) == 2
+    assert structured.output_grammar(serving, parse_chat_request(body, None)) is first
+    assert len(compiles) == 2
+    bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "$ref": "#/$defs/gone"}}}}
+    with pytest.raises(InvalidRequest) as refused:
+        structured.output_grammar(serving, parse_chat_request(bad, None))
+    assert refused.value.param == "response_format"
+
+
+def test_a_long_key_is_made_in_the_grammar_lane(real: tuple[Serving, list[Any], list[Any]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool list whose key passes KEY_CHARS (a 10 MB list's JSON held a tokenising thread for 88 ms): the tokenising
+    lane makes none of it; the grammar lane makes it and finds the grammar cached when it is sent again. A short key
+    is still looked up in the tokenising lane."""
+    serving, looked_up, compiles = real
+    monkeypatch.setattr(structured, "KEY_CHARS", 200)
+    strict = {**TOOL["function"], "strict": True}
+    described = {**strict, "parameters": {"type": "object", "description": "d" * 300}}
+    long = {"messages": USER, "tools": [{"type": "function", "function": described}], "tool_choice": "required"}
+    first = structured.output_grammar(serving, parse_chat_request(long, None))
+    assert looked_up == [(None, None)] and compiles == [structured._made]
+    assert structured.output_grammar(serving, parse_chat_request(long, None)) is first
+    assert looked_up == [(None, None)] * 2 and compiles == [structured._made] * 2
+    short = {**long, "tools": [{"type": "function", "function": strict}]}
+    made = structured.output_grammar(serving, parse_chat_request(short, None))
+    assert structured.output_grammar(serving, parse_chat_request(short, None)) is made
+    assert looked_up[-1][1] is made and len(compiles) == 3

@@ -109,6 +109,23 @@ def test_failed_load_stops_gunicorn_with_the_reason(tmp_path):
     assert "Worker failed to boot" in log
 
 
+@pytest.mark.parametrize("args,env", [(["--grammar-threads", "-1"], {}),
+                                      ([], {"NANOQWEN_MAX_PENDING_GRAMMARS": "x"})])
+def test_a_bad_grammar_pool_setting_stops_serve_before_any_model_load(tmp_path, args, env):
+    """`nanoqwen serve` with a grammar pool of no thread, or no count: the worker stops at its settings (read with the
+    engine's, as the app is imported), before the model's load, whose error (no such checkpoint) never comes."""
+    env = {**env, "PYTHONPATH": str(REPO_ROOT)}
+    srv = GunicornServer.cli([str(tmp_path / "missing-checkpoint"), "--device", "cpu", *args], env,
+                             tmp_path / "serve.log", cwd=tmp_path).launch()
+    try:
+        status = srv.wait(120)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert status == 3, log  # gunicorn's WORKER_BOOT_ERROR
+    assert "is not a whole number > 0" in log and "does not exist" not in log, log
+
+
 def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
     srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log", worker_class="sync").launch()
     try:

@@ -200,6 +200,30 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
+def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrainedTokenizerFast,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
+    parsed back from its text (and a JSON format parsed back from llguidance's): each is weighed once, as sent."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    weighed: list[Any] = []
+    weigh = grammar_rows.schema_weight
+
+    def counted(schema: Any) -> int:
+        weighed.append(schema)
+        return weigh(schema)
+
+    monkeypatch.setattr(grammar_rows, "schema_weight", counted)
+    monkeypatch.setattr(grammar_module, "schema_weight", counted)
+    sent = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    grammars.json_schema(sent, strict=False, param="response_format")
+    assert len(weighed) == 1 and weighed[0] is sent
+    weighed.clear()
+    tools, answer = [ToolSpec("f", FLAG)], structured.JsonAnswer(sent, False, "response_format")
+    structured._tool_calls(grammars, tools, False, answer, True, structured._tool_calls_key(tools, False, answer, True))
+    as_sent = [{k: v for k, v in schema.items() if k != "x-guidance"} for schema in weighed if schema]
+    assert sorted(as_sent, key=len) == [sent, FLAG]  # each once (an empty `{}`: a rule's place, weighed apart)
+
+
 @pytest.mark.parametrize("opener", [None, THINK_ID])
 def test_a_rows_first_mask_is_the_compiled_one_then_its_matchers(grammar: Grammar, brace: int,
                                                                  opener: int | None) -> None:
@@ -296,6 +320,68 @@ def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     assert weight('start: T | "b" T\nT: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 2  # the lexer's
     assert weight("start: a b | c? d\n" + "".join(f'{r}: "{r}" | "_"\n' for r in "abcd")) == 2 + 2 + 2 + 2  # not b
     assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 25
+
+
+NULLABLE_LINKS = {  # a chain's link whose next link follows something that may match nothing, and what it names
+    "optional": ('r{i}: q? r{j} | "b"', 'q: "q"'), "bracketed": ('r{i}: [q] r{j} | "b"', 'q: "q"'),
+    "starred": ('r{i}: q* r{j} | "b"', 'q: "q"'), "empty alternative": ('r{i}: e r{j} | "b"', 'e: "q" |'),
+    "optional rule": ('r{i}: e r{j} | "b"', 'e: f\nf: "q"?'), "empty string": ('r{i}: "" r{j} | "b"', ""),
+    "empty regex": ('r{i}: /q*/ r{j} | "b"', ""), "empty terminal": ('r{i}: E r{j} | "b"', "E: /q*/"),
+    "optional group": ('r{i}: (q | "") r{j} | "b"', 'q: "q"'), "range": ('r{i}: q~0..2 r{j} | "b"', 'q: "q"'),
+    "braces": ('r{i}: q{{0,2}} r{j} | "b"', 'q: "q"'), "two empty": ('r{i}: e e r{j} | "b"', 'e: "q"?'),
+}
+
+
+@pytest.mark.parametrize("shape", NULLABLE_LINKS)
+def test_a_chain_through_what_may_match_nothing_weighs_its_links(grammars: Grammars, shape: str) -> None:
+    """Each of these, 2,100 links long, ended the answer after its first token in llguidance (4,200 items in the row:
+    two a link); the next link after a rule that may be empty (`e: "q" |`), `""` or an empty regex weighed nothing
+    (3 for the chain): now at least two a link, and a chain past MAX_ROW is refused naming the field."""
+    link, extra = NULLABLE_LINKS[shape]
+    links = grammar_module.MAX_ROW // 2 + 10
+    assert grammar_rows.row_weight(_links(links, link) + extra) >= 2 * links
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammars.compile(_links(links, link) + extra, "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+
+
+def test_what_follows_a_terminal_starts_no_row() -> None:
+    """`"x" e r`: r follows the terminal (each link its own token: llguidance generated 2,100 of them), not a chain."""
+    assert grammar_rows.row_weight(_links(2_100, 'r{i}: "x" e r{j} | "b"') + 'e: "q"?') == 3
+    rules = "".join(f'{r}: "{r}" | "_"\n' for r in "abcdefg")
+    assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n' + rules) == 3 + 3 * 2  # c, d, e
+
+
+def _linked(n: int, node: Any, ref: Any, root: dict[str, Any] | None = None) -> dict[str, Any]:
+    """_ref_links' chain with node(i) in each link and ref(i) naming it."""
+    defs = {f"d{i}": {**node(i), "anyOf": [{"$ref": ref(i + 1)}, {"type": "integer"}]} for i in range(n)}
+    return {**(root or {}), "$ref": ref(0), "$defs": {**defs, f"d{n}": {**node(n), "type": "boolean"}}}
+
+
+@pytest.mark.parametrize("shape", ["anchor", "urn", "url", "relative", "url pointer"])
+def test_a_chain_of_refs_by_anchor_or_id_weighs_its_links(shape: str) -> None:
+    """A `$ref` by `$anchor` or by a subschema's `$id` chains as `#/$defs/...` does: 1,100 links of each ended the
+    answer after a digit in llguidance (2,201 items in the row), and weighed 2 or 4 (unresolved): refused now."""
+    root = {"$id": "http://x.test/root.json"}
+    schema = {"anchor": lambda: _linked(1_100, lambda i: {"$anchor": f"a{i}"}, lambda i: f"#a{i}"),
+              "urn": lambda: _linked(1_100, lambda i: {"$id": f"urn:x:d{i}"}, lambda i: f"urn:x:d{i}"),
+              "url": lambda: _linked(1_100, lambda i: {"$id": f"http://x.test/d{i}"}, lambda i: f"http://x.test/d{i}"),
+              "relative": lambda: _linked(1_100, lambda i: {"$id": f"d{i}.json"}, lambda i: f"d{i}.json", root),
+              "url pointer": lambda: _linked(1_100, lambda i: {}, lambda i: f"root.json#/%24defs/d{i}", root)}[shape]()
+    assert grammar_rows.row_weight(grammar_module._json_grammar(schema, True, "p")) == 2 * 1_100 + 4
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, True, "response_format")
+    assert refused.value.param == "response_format"
+
+
+def test_a_dynamic_ref_is_refused_or_ignored() -> None:
+    """llguidance implements no `$dynamicRef`: strict, the 400 naming the field; lenient, ignored (no chain)."""
+    schema = _linked(1_100, lambda i: {"$anchor": f"a{i}"}, lambda i: f"#a{i}")
+    dynamic = json.loads(json.dumps(schema).replace('"$ref"', '"$dynamicRef"'))
+    with pytest.raises(InvalidRequest, match="dynamicRef") as refused:
+        grammar_module.check_json_schema(dynamic, True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.row_weight(grammar_module._json_grammar(dynamic, False, "p")) == 2  # the anyOf alone
 
 
 def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,

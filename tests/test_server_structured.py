@@ -450,8 +450,9 @@ def _ref_chain(n: int) -> dict[str, Any]:
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
     """A chain of 3,000 rules overflowed the compiling thread's 8 MiB stack (SIGSEGV, the worker lost); one of 1,500
     rules (or 1,200 `$ref`s) compiled, but llguidance's parser refused the row its first token made: the answer ended
-    there, a 200 with `"stop"` and half the grammar. Now a chain past MAX_ROW is a 400 naming the field, before
-    llguidance; one within it generates to the grammar's end."""
+    there, a 200 with `"stop"` and half the grammar (so did chains through a rule that may be empty, or of `$ref`s by
+    `$anchor`, weighed a few items). Now a chain past MAX_ROW is a 400 naming the field, before llguidance; one within
+    it generates to the grammar's end."""
     (worker,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
     post = functools.partial(requests.post, f"{server.url}/v1/completions", timeout=120)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 8, "temperature": 0.0}
@@ -459,8 +460,13 @@ def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(se
     assert answer.status_code == 200, answer.text
     assert re.fullmatch("[ab]xyz", answer.json()["choices"][0]["text"]), answer.text
     assert answer.json()["choices"][0]["finish_reason"] == "stop", answer.text
+    optional = _rule_chain(1_500, ' "xyz"').replace(": r", ": e r").replace("start: e r0", "start: r0") + '\ne: "q"?'
+    anchored = json.loads(json.dumps(_ref_chain(1_200)).replace('"#/$defs/d', '"#a'))
+    anchored["$defs"] = {name: {**node, "$anchor": f"a{name[1:]}"} for name, node in anchored["$defs"].items()}
     refused = [({"structured_outputs": {"grammar": _rule_chain(1_500, ' "xyz"')}}, "structured_outputs.grammar", "row"),
                ({"guided_json": _ref_chain(1_200)}, "guided_json", "parser row"),
+               ({"structured_outputs": {"grammar": optional}}, "structured_outputs.grammar", "row"),  # after `e: "q"?`
+               ({"guided_json": anchored}, "guided_json", "parser row"),  # `$ref`s by `$anchor`
                ({"guided_grammar": _rule_chain(grammar.MAX_RULES)}, "guided_grammar", "more than 12000 rules")]
     for extra, param, refusal in refused:
         answer = post(json={**body, **extra})

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 Req = TypeVar("Req", bound=SamplingFields)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
+KEY_CHARS = 1 << 16  # about the longest cache key (its JSON) made in the tokenising pool; a longer one, the grammars'
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
     fmt, param = req.response_format, req.named("response_format")
     answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
         if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
-    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400)
-        if answer is not None:
-            serving.compile_off_loop(_checked_answer, answer)
+    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400),
+        if answer is not None:  # compiled as it would be alone: a request sent again finds it cached
+            _json(serving, answer.schema, answer.strict, answer.param)
         return _calls(serving, req, req.forced_tools, None)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
@@ -124,25 +125,72 @@ def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _grammar(serving: Serving, key_of: Callable[..., GrammarKey], make: Callable[..., Grammar], *args: Any) -> Grammar:
-    """The grammar cached under key_of(*args) (what the request sent), looked up in the tokenising pool: a client
-    re-sending its tools every turn never queues behind another's costly compiles; on a miss make(grammars, *args,
-    key) in the grammars' pool."""
+    """The grammar cached under key_of(*args) (what the request sent), looked up in the tokenising pool where its key is
+    short to make (KEY_CHARS): a client re-sending its tools every turn never queues behind another's costly compiles;
+    a longer key is made in the grammars' pool (a 10 MB tool list's JSON held a tokenising thread for 88 ms), and on a
+    miss make(grammars, *args, key) runs there."""
     grammars = serving.engine.grammars
     key, grammar = serving.off_loop(0, _looked_up, grammars, key_of, *args)
-    return grammar if grammar is not None else serving.compile_off_loop(make, grammars, *args, key)
+    return grammar if grammar is not None else serving.compile_off_loop(_made, grammars, key, key_of, make, *args)
 
 
-def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey], *args: Any) -> tuple[GrammarKey, Grammar | None]:
-    key = key_of(*args)
+def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey],
+               *args: Any) -> tuple[GrammarKey | None, Grammar | None]:
+    """(the key, its cached grammar); (None, None) where the key is longer than KEY_CHARS."""
+    try:
+        key = key_of(*args, limit=KEY_CHARS)
+    except _LongKey:
+        return None, None
     return key, grammars.cached(key)
+
+
+def _made(grammars: Grammars, key: GrammarKey | None, key_of: Callable[..., GrammarKey],
+          make: Callable[..., Grammar], *args: Any) -> Grammar:
+    """In the grammars' pool: a long key made and looked up, then make(grammars, *args, key) on a miss."""
+    if key is None:
+        key = key_of(*args)
+        if (grammar := grammars.cached(key)) is not None:
+            return grammar
+    return make(grammars, *args, key)
+
+
+class _LongKey(Exception):
+    pass
+
+
+def _key(kind: str, value: Any, limit: int | None) -> GrammarKey:
+    """(kind, json.dumps(value)); _LongKey where its JSON may pass `limit` characters (_within)."""
+    if limit is not None and not _within(value, limit):
+        raise _LongKey
+    return kind, json.dumps(value)
+
+
+def _within(value: Any, limit: int) -> bool:
+    """Whether `value`'s JSON is at most about `limit` characters (its strings, and a few a value): a walk that stops
+    there, where json.dumps of it all took 88 ms at 10 MB."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        limit -= 4
+        if isinstance(node, str):
+            limit -= len(node)
+        elif isinstance(node, dict):
+            limit -= sum(map(len, node))
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        if limit < 0:
+            return False
+    return True
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:
     return _grammar(serving, _json_key, _json_schema, schema, strict, param, no_space)
 
 
-def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool) -> GrammarKey:
-    return "json_schema", json.dumps([schema, strict, no_space])
+def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool,
+              limit: int | None = None) -> GrammarKey:
+    return _key("json_schema", [schema, strict, no_space], limit)
 
 
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
@@ -151,7 +199,8 @@ def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param
     return grammars.json_schema(ecma_patterns(schema), strict, param, no_space, key)
 
 
-def _text_key(kind: str, text: str, _param: str) -> GrammarKey:
+def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
+    """The text is its own key: nothing to make, whatever `limit`."""
     return text_key(kind, text)
 
 
@@ -159,9 +208,10 @@ def _from_text(grammars: Grammars, kind: str, text: str, param: str, _key: Gramm
     return grammars.from_text(kind, text, param)
 
 
-def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool) -> GrammarKey:
-    return "tool_calls", json.dumps([[(t.name, t.parameters, t.strict) for t in tools], parallel,
-                                     answer and answer.key(), auto])
+def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
+                    limit: int | None = None) -> GrammarKey:
+    return _key("tool_calls", [[(t.name, t.parameters, t.strict) for t in tools], parallel, answer and answer.key(),
+                               auto], limit)
 
 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
@@ -170,27 +220,27 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer is
     free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
     free_text = auto and answer is None
-    tools = [replace(tool, parameters=_held(tool, auto)) for tool in tools]
+    tools = [_held(tool, auto) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    return grammars.tool_calls(tools, parallel, "tools", free_text, _checked_answer(answer), answer.strict, key)
+    schema, weight = _checked_answer(answer)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
 
 
-def _held(tool: ToolSpec, auto: bool) -> dict[str, Any] | None:
-    """A tool's parameters as its calls follow them, patterns ECMA's. Under "auto" a lenient tool's (strict not sent:
-    Responses' default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where
-    it can be); a strict or forced tool's is the 400 naming tools."""
+def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
+    """A tool as its calls follow it, patterns ECMA's. Under "auto" a lenient tool's (strict not sent: Responses'
+    default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where it can be),
+    and one that can is weighed here, once; a strict or forced tool's is the 400 naming tools."""
     parameters = ecma_patterns(tool.parameters)
-    if auto and not tool.strict and parameters:  # none: no arguments (_call_rules' empty object), any grammar holds
+    if auto and not tool.strict and parameters:  # none: no arguments (_call_arguments' empty object), any grammar holds
         try:
-            check_json_schema(parameters, False, "tools")
+            return replace(tool, parameters=parameters, weight=check_json_schema(parameters, False, "tools"))
         except InvalidRequest:
-            return ANY_OBJECT
-    return parameters
+            return replace(tool, parameters=ANY_OBJECT)
+    return replace(tool, parameters=parameters)
 
 
-def _checked_answer(answer: JsonAnswer) -> dict[str, Any]:
-    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field."""
+def _checked_answer(answer: JsonAnswer) -> tuple[dict[str, Any], int]:
+    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field; and its weight."""
     schema = ecma_patterns(answer.schema)
-    check_json_schema(schema, answer.strict, answer.param)
-    return schema
+    return schema, check_json_schema(schema, answer.strict, answer.param)

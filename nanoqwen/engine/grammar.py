@@ -25,7 +25,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
-from nanoqwen.engine.grammar_rows import row_weight
+from nanoqwen.engine.grammar_rows import row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import compute_mask, token_bitmask
@@ -53,8 +53,8 @@ log = logging.getLogger("nanoqwen")
 # llguidance also recurses once per link while it compiles, 3-5 kB of stack a rule and up to ~13 kB a `$ref`: past its
 # thread's stack the process dies (SIGSEGV; 3,000 rules or 2,000 `$ref`s in 8 MiB). The compile threads have
 # COMPILE_STACK_BYTES; MAX_RULES (rules_bound: every line that may begin a rule, and each `$ref` twice) bounds a chain
-# row_weight cannot see (a `$ref` by `$anchor`) within it: 12,000 rules or 6,000 `$ref`s (deep8: 64 MiB held 12,000
-# rules and 5,000 `$ref`s).
+# row_weight does not weigh (sequences, `r{i}: "x" r{i+1}`) within it: 12,000 rules or 6,000 `$ref`s (deep8: 64 MiB
+# held 12,000 rules and 5,000 `$ref`s).
 MAX_ROW = 1_000
 MAX_RULES = 12_000
 # "$ref" as JSON may spell it: any of its letters a \u escape
@@ -67,6 +67,7 @@ class ToolSpec:
     name: str
     parameters: dict[str, Any] | None  # the tool's JSON schema (None: no arguments)
     strict: bool = False
+    weight: int | None = None  # its parameters' schema_weight where weighed already (check_json_schema's)
 
 
 @dataclass
@@ -98,24 +99,30 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
         raise _invalid(param, str(exc)) from None
 
 
-def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> None:
+def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> int:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
-    slot): the combined grammar it is part of would be refused naming another field."""
+    slot): the combined grammar it is part of would be refused naming another field. Its schema_weight, for that
+    grammar's bound."""
     text = _json_grammar(schema, strict, param)
-    check_bounds(text, param)
+    weight = schema_weight(schema)
+    check_bounds(text, param, weight)
     if error := LLMatcher.validate_grammar(text):
         raise _invalid(param, error)
+    return weight
 
 
-def _call_rules(i: int, tool: ToolSpec) -> list[str]:
-    """The Lark rules of one tool's call, `{"name": ..., "arguments": ...}` in Qwen3's layout: the arguments' schema a
-    root of its own, so that its references (`#/$defs/...`, as pydantic writes nested models; `#`) resolve in it."""
-    arguments = tool.parameters if tool.parameters else {"type": "object", "properties": {},
-                                                          "additionalProperties": False}
+def _call_rule(i: int, tool: ToolSpec) -> str:
+    """The Lark rule of one tool's call, `{"name": ..., "arguments": ...}` in Qwen3's layout: the arguments
+    (`arguments_{i}`) a schema of their own (_call_arguments), so that its references (`#/$defs/...`, as pydantic
+    writes nested models; `#`) resolve in it."""
     item, key = JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"]
     head = json.dumps(f'{{"name"{key}{json.dumps(tool.name)}{item}"arguments"{key}')
-    return [f'call_{i}: {head} arguments_{i} "}}"',
-            f"arguments_{i}: %json {json.dumps(_schema_with_options(arguments, tool.strict))}"]
+    return f'call_{i}: {head} arguments_{i} "}}"'
+
+
+def _call_arguments(tool: ToolSpec) -> dict[str, Any]:
+    """A tool's arguments' schema: its parameters, or none (the empty object)."""
+    return tool.parameters if tool.parameters else {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class _Vocabulary:
@@ -162,18 +169,18 @@ class Grammars:
                     key: GrammarKey | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The cache's key: `key`, else the grammar's text, which holds the options."""
-        return self.compile(_json_grammar(schema, strict, param, no_space), param, key)
+        return self.compile(_json_grammar(schema, strict, param, no_space), param, key, schema_weight(schema))
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
-                   key: GrammarKey | None = None) -> Grammar:
+                   key: GrammarKey | None = None, answer_weight: int | None = None) -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
         `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
         parser would take it for a call the grammar never saw), where the model may open a call with the
         `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
         response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (the caller
-        looks it up first)."""
+        looks it up first). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
@@ -182,14 +189,20 @@ class Grammars:
         if free_text:  # text of ordinary tokens that never spells the tag: only the `<tool_call>` token opens a call
             rules = [f"start: free (call free){'*' if parallel else '?'}", "free: TEXT?",
                      f"TEXT: /(?s:.+)/ & ~/(?s:.*{TOOL_CALL_OPEN}.*)/"]
-        elif answer is None:
-            rules = [f"start: call{more}"]
         else:
-            rules = [f"start: call{more} | answer",
-                     f"answer: %json {json.dumps(_schema_with_options(answer, answer_strict))}"]
+            rules = [f"start: call{more}" if answer is None else f"start: call{more} | answer"]
         rules.append(f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>')
-        rules += [rule for i, tool in enumerate(tools) for rule in _call_rules(i, tool)]
-        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key)
+        rules += [_call_rule(i, tool) for i, tool in enumerate(tools)]
+        schemas = {f"arguments_{i}": (_call_arguments(tool), tool.strict, tool.weight) for i, tool in enumerate(tools)}
+        if answer is not None:
+            schemas["answer"] = (answer, answer_strict, answer_weight)
+        # weighed on the schemas as sent (or as check_json_schema weighed them), not parsed back from the text
+        weighed = {name: schema_weight(schema) if weight is None else weight
+                   for name, (schema, _, weight) in schemas.items()}
+        weight = row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
+        rules += [f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
+                  for name, (schema, strict, _) in schemas.items()]
+        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key, weight)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -216,13 +229,13 @@ class Grammars:
                 self._cache.move_to_end(key)
         return grammar
 
-    def compile(self, text: str, param: str, key: GrammarKey | None = None) -> Grammar:
-        """`key`: the cache's (the grammar's text by default)."""
+    def compile(self, text: str, param: str, key: GrammarKey | None = None, weight: int | None = None) -> Grammar:
+        """`key`: the cache's (the grammar's text by default); `weight`: its row_weight where weighed apart."""
         key = text if key is None else key
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
-        check_bounds(text, param)
+        check_bounds(text, param, weight)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -247,14 +260,14 @@ class Grammars:
         return words
 
 
-def check_bounds(text: str, param: str) -> None:
+def check_bounds(text: str, param: str, weight: int | None = None) -> None:
     """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_ROW, MAX_RULES), before it
-    sees it."""
+    sees it. `weight`: its row weight where weighed apart (on the objects it was made of), else row_weight(text)."""
     if rules_bound(text) > MAX_RULES:
         raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
                              "counts twice)", param=param)
     try:
-        weight = row_weight(text)
+        weight = row_weight(text) if weight is None else weight
     except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
         raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
     if weight > MAX_ROW:

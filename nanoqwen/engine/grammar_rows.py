@@ -13,30 +13,33 @@ import bisect
 import json
 import re
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urldefrag, urljoin
 
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
-# `%json` (its schema read apart, by _schema_chain). A `//` comment before a regex: no regex starts with `/`.
+# `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
 SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\\\n]|\\.)+/[imslux]*|<[^<>\s]*>'
                   r"|%json\b")
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
-TOKEN = re.compile(r"[A-Za-z_]\w*|\S")
+TOKEN = re.compile(r"[A-Za-z_]\w*|\d+|\S")
 SPACE = re.compile(r"\s*")
-# What may come just before a name that starts an alternative (a left corner, which a row predicts with its own
-# alternatives): the body's start, `|`, a group's opening, or what may match nothing (`?`, `*`, `[...]`). A name after
-# another symbol waits for it: rows hold it alone.
-OPENS = frozenset("|([?*]")
+TERMINAL, EMPTY = ' " ', " # "  # what a skipped piece leaves in the body: a terminal, or one that may match nothing
 CAP = 1 << 40  # a weight past any bound (sums over shared rules grow exponentially)
+MAX_TESTED = 1_000  # the longest regex _matches_empty asks Python's `re` about (its cache holds 512)
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
 
 
-def row_weight(text: str) -> int:
+def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     """About the most items a parser row of `text` (a Lark grammar, or llguidance's JSON of one or of a JSON Schema)
-    may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (OPENS), that rule's
-    weight, as often as it is named there (a rule shared by several counts each time: errs high); a JSON Schema, its
-    longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing (llguidance's rows
-    stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested)."""
+    may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
+    match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
+    each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
+    JSON Schema, its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
+    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
+    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -44,7 +47,7 @@ def row_weight(text: str) -> int:
         except ValueError:
             return 0  # not JSON: llguidance refuses it
         return _top_level_chain(top)
-    return _lark_chain(text)
+    return _lark_chain(text, weighed or {})
 
 
 def _top_level_chain(top: Any) -> int:
@@ -54,15 +57,15 @@ def _top_level_chain(top: Any) -> int:
     for grammar in grammars if isinstance(grammars, list) else []:
         if isinstance(grammar, dict):
             if grammar.get("json_schema") is not None:
-                depth = max(depth, _schema_chain(grammar["json_schema"]))
+                depth = max(depth, schema_weight(grammar["json_schema"]))
             if isinstance(grammar.get("lark_grammar"), str):
-                depth = max(depth, _lark_chain(grammar["lark_grammar"]))
+                depth = max(depth, _lark_chain(grammar["lark_grammar"], {}))
     return depth
 
 
-def _lark_chain(text: str) -> int:
-    """Each definition's body (its text to the next definition) with strings, regexes and `%json` a `"`: its
-    alternatives (`|`s), and the defined names that may start one, its links."""
+def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
+    """Each definition's body (its text to the next definition) with strings, regexes and `%json` a TERMINAL (EMPTY
+    where it may match nothing): its alternatives (`|`s), and the defined names that may start one, its links."""
     cleaned, offsets, chains = [], [], []  # offsets (in cleaned, rising), and the chain of the `%json` at each
     position = offset = 0
     decoder = json.JSONDecoder()
@@ -76,57 +79,191 @@ def _lark_chain(text: str) -> int:
             except ValueError:
                 continue  # llguidance refuses it
             offsets.append(offset)
-            chains.append(_schema_chain(schema))
-        cleaned.append(piece := " " if match.group().startswith("//") else ' " ')  # `"`: a terminal, no row opens
+            chains.append(schema_weight(schema))
+        piece = " " if match.group().startswith("//") else EMPTY if _matches_empty(match.group()) else TERMINAL
+        cleaned.append(piece)
         offset += len(piece)
     cleaned.append(text[position:])
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
-    names = {match.group(1) for match in definitions}
-    links: dict[str, dict[str, int]] = {}
+    empty = _Empty({match.group(1) for match in definitions})
+    starts: list[tuple[str, str, int]] = []  # (rule, a rule it names, the node of all before it there)
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
-        counts = links.setdefault(match.group(1), defaultdict(int))
-        if match.group(1)[0].isupper():
-            continue  # a terminal: the lexer's (its fuel bounds it), no parser row's
-        before = "|"
-        for token in TOKEN.findall(body_text, match.end(), end):
-            if token in names and before in OPENS and not token[0].isupper():
-                counts[token] += 1
-            before = token
-        own[match.group(1)] += 1 + body_text.count("|", match.end(), end)
-        inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
-        own[match.group(1)] += max(inside, default=0)
+        name = match.group(1)
+        terminal = name[0].isupper()  # the lexer's (its fuel bounds it), no parser row's: only its emptiness counts
+        empty.define(name, TOKEN.findall(body_text, match.end(), end), None if terminal else starts)
+        if not terminal:
+            own[name] += 1 + body_text.count("|", match.end(), end)
+            inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
+            own[name] += max(inside, default=0) + weighed.get(name, 0)
+    nullable = empty.solve()
+    links: dict[str, dict[str, int]] = {match.group(1): defaultdict(int) for match in definitions}
+    for rule, named, before in starts:
+        if nullable[before]:
+            links[rule][named] += 1
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
 
-def _schema_chain(schema: Any) -> int:
-    """The longest chain of local `$ref`s (`#`, `#/$defs/x`, any JSON pointer) in a schema (a target's subschema
-    links to each target it refers to, REF_LINK, and to each target nested in it), plus the most alternatives of one
-    `anyOf` or `oneOf`, each of which a row may hold (3,000 objects' erred after `{`; consts', lexemes, did not), an
-    option that is itself one counting its own (llguidance flattens them: 4 of 600 erred as 2,400)."""
-    refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (where the $ref is, the path it points at)
-    stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+def _matches_empty(piece: str) -> bool:
+    """Whether a string or regex of Lark's (SKIP's) may match nothing: `""`, or a regex Python's `re` matches to the
+    empty string (one past MAX_TESTED, or one it cannot read, llguidance's syntax being Rust's: taken as may)."""
+    if piece[0] in "\"'":
+        return len(piece) == 2
+    if piece[0] != "/":
+        return False  # a special token
+    pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
+    if len(pattern) > MAX_TESTED:
+        return True
+    try:
+        return re.fullmatch(pattern, "") is not None
+    except (re.error, RecursionError, OverflowError, ValueError):
+        return True
+
+
+@dataclass
+class _Group:
+    """A group of a body being read (_Empty.define): its alternatives' sequences of element nodes, what closes it, and
+    the nodes of all before it (`opening`), before its sequence's next element (`prefix`) and before its last."""
+
+    closer: str
+    opening: int
+    sequences: list[list[int]] = field(default_factory=lambda: [[]])
+    prefix: int = -1
+    before_last: int = -1
+
+    def __post_init__(self) -> None:
+        self.prefix = self.before_last = self.opening
+
+
+class _Empty:
+    """Which of a Lark grammar's definitions, and which elements of their bodies, may match nothing: a circuit of
+    AND nodes (a sequence: each element empty) and OR nodes (alternatives, a definition: one of them), each node
+    needing its count of children to be empty, solved from those that need none (linear: each edge once)."""
+
+    NOTHING, SOMETHING = 0, 1  # the nodes of an element that may be empty (`x?`, `[x]`, `""`) and of one that may not
+
+    def __init__(self, names: set[str]) -> None:
+        self.needs = [0, 1]
+        self.parents: dict[int, list[int]] = defaultdict(list)
+        self.node = {name: self._add(1) for name in names}
+
+    def _add(self, needs: int, children: list[int] = ()) -> int:
+        node = len(self.needs)
+        self.needs.append(needs)
+        for child in children:
+            self.parents[child].append(node)
+        return node
+
+    def _any(self, sequences: list[list[int]]) -> int:
+        """The OR node of `sequences`, each an AND node of its elements (a constant where known already)."""
+        open_ = [sequence for sequence in sequences if self.SOMETHING not in sequence]
+        if not open_:
+            return self.SOMETHING
+        if any(all(element == self.NOTHING for element in sequence) for sequence in open_):
+            return self.NOTHING
+        return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
+
+    def define(self, name: str, tokens: list[str], starts: list[tuple[str, str, int]] | None) -> None:
+        """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
+        it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
+        empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
+        nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
+        groups = [_Group("", nothing)]
+        group = groups[0]
+        before = ""
+        for token in tokens:
+            if token == '"':  # TERMINAL
+                element = something
+            elif token == "|":
+                group.sequences.append([])
+                group.prefix = group.before_last = group.opening
+                continue
+            elif token in nodes:
+                if starts is not None and not token[0].isupper():
+                    starts.append((name, token, group.prefix))
+                element = nodes[token]
+            elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
+                if group.sequences[-1]:
+                    group.sequences[-1][-1] = nothing
+                    group.prefix = group.before_last
+                before = token
+                continue
+            elif token in "([":
+                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                continue
+            elif token == group.closer:
+                groups.pop()
+                element = nothing if token == "]" else self._any(group.sequences)
+                group = groups[-1]
+            elif token == "#" or token[0].isalpha() or token[0] == "_":  # EMPTY, or a name not defined
+                element = nothing if token == "#" else something
+            elif token == "%":
+                break  # a directive (`%ignore`, `%import`) ends the body
+            else:
+                before = token
+                continue
+            before = token
+            group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
+            group.before_last = group.prefix
+            if element == something or group.prefix == nothing:
+                group.prefix = element
+            elif element != nothing and group.prefix != something:
+                group.prefix = self._add(2, [group.prefix, element])
+        while len(groups) > 1:  # unclosed (llguidance refuses it)
+            element = self._any(groups.pop().sequences)
+            groups[-1].sequences[-1].append(element)
+        self.parents[self._any(groups[0].sequences)].append(self.node[name])
+
+    def solve(self) -> list[bool]:
+        """By node: whether it may match nothing."""
+        needs = list(self.needs)
+        ready = [node for node, count in enumerate(needs) if count == 0]
+        while ready:
+            for parent in self.parents.get(ready.pop(), ()):
+                needs[parent] -= 1
+                if needs[parent] == 0:
+                    ready.append(parent)
+        return [count <= 0 for count in needs]
+
+
+def schema_weight(schema: Any) -> int:
+    """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
+    to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
+    (3,000 objects' erred after `{`; consts', lexemes, did not), an option that is itself one counting its own
+    (llguidance flattens them: 4 of 600 erred as 2,400). A `$ref` is resolved as llguidance resolves it, against the
+    `$id`s of the subschemas it is in: a JSON pointer (`#`, `#/$defs/x`) or an `$anchor` (`#x`) in its resource, or
+    another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did."""
+    sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
+    resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
+    anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
+    stack: list[tuple[Any, tuple[str, ...], str]] = [(schema, (), "")]  # (node, its path, its resource's base URI)
     alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
-        node, path = stack.pop()
+        node, path, base = stack.pop()
         if isinstance(node, dict):
+            if not node:
+                continue
+            if isinstance(ident := node.get("$id"), str):
+                base = urldefrag(urljoin(base, ident)).url
+            if not path or isinstance(ident, str):
+                resources.setdefault(base, path)
+            if isinstance(node.get("$anchor"), str):
+                anchors.setdefault((base, node["$anchor"]), path)
             if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
                 alternated.append((node, options))
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#"):
-                pointer = ref[1:].lstrip("/")
-                target = tuple(part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")) \
-                    if pointer else ()
-                refs.append((path, target))
-            stack.extend((value, (*path, str(key))) for key, value in node.items())
+            if isinstance(node.get("$ref"), str):
+                sent.append((path, base, node["$ref"]))
+            stack.extend((value, (*path, str(key)), base) for key, value in node.items())
         elif isinstance(node, list):
-            stack.extend((value, (*path, str(i))) for i, value in enumerate(node))
+            stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
     for node, options in reversed(alternated):
         width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
     widest = max(width.values(), default=0)
+    refs = [(path, target) for path, base, ref in sent
+            if (target := _target(ref, base, resources, anchors)) is not None]
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
@@ -153,6 +290,19 @@ def _schema_chain(schema: Any) -> int:
     for target in targets - {()}:
         links[owner(target[:-1])].setdefault(target, 0)
     return widest + _heaviest(links, {}, wide=False)
+
+
+def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
+            anchors: dict[tuple[str, str], tuple[str, ...]]) -> tuple[str, ...] | None:
+    """Where `ref`, in the resource of URI `base`, points (None: outside the schema, llguidance refuses it)."""
+    uri, fragment = (base, ref[1:]) if ref.startswith("#") else urldefrag(urljoin(base, ref))  # a URN joins nothing
+    fragment = unquote(fragment)
+    if (root := resources.get(uri)) is None:
+        return None
+    if fragment and not fragment.startswith("/"):
+        return anchors.get((uri, fragment))
+    parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")) if fragment else ()
+    return (*root, *parts)
 
 
 def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
