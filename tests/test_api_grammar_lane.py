@@ -153,3 +153,40 @@ def test_a_long_key_is_made_in_the_grammar_lane(real: tuple[Serving, list[Any], 
     made = structured.output_grammar(serving, parse_chat_request(short, None))
     assert structured.output_grammar(serving, parse_chat_request(short, None)) is made
     assert looked_up[-1][1] is made and len(compiles) == 3
+
+
+class _CountedKeys(dict):
+    """A dict that counts the keys a walk reads of it."""
+
+    read = 0
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for key in self:
+            _CountedKeys.read += 1
+            yield key, self[key]
+
+    def __iter__(self) -> Iterator[str]:
+        for key in super().__iter__():
+            _CountedKeys.read += 1
+            yield key
+
+
+@pytest.mark.parametrize("value, chars", [
+    (10 ** 4_299, 4_300),  # an int's digits, counted 4
+    ("é" * 1_000, 6_002),  # `\u00e9` each as json.dumps writes it (ensure_ascii), counted 1
+    ("\U0001F600" * 500, 6_002),  # a surrogate pair each, 12
+    ("\n" * 1_000, 2_002),
+    ('"' * 1_000, 2_002),
+], ids=["int", "non-ASCII", "astral", "control", "quotes"])
+def test_the_key_walk_counts_what_json_writes(value: Any, chars: int) -> None:
+    """_within is at least json.dumps' length (the key is made off the event loop past KEY_CHARS): an int by its
+    digits, a string with its escapes (erring high, within a few times)."""
+    assert not structured._within([value], chars - 10)
+    assert structured._within([value], 4 * chars)
+
+
+def test_the_key_walk_stops_once_past_its_limit() -> None:
+    """A dict of 100,000 keys: each key read until the limit is passed, not all of them summed first."""
+    _CountedKeys.read = 0
+    assert not structured._within(_CountedKeys((f"k{i}", 0) for i in range(100_000)), 1_000)
+    assert _CountedKeys.read < 1_000

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -418,17 +420,118 @@ def test_the_deepest_chain_accepted_generates_to_its_end(grammars: Grammars,
     assert matcher.is_accepting() and not matcher.is_error()
 
 
-def test_row_weight_is_linear_in_the_text() -> None:
-    """Weighed on a compile thread holding the GIL against the event loop: 200,000 `%json`s on one line (2.8 MB; a
-    quadratic running offset took 23 s at 20,000), 20,000 definitions each with a `%json` (definitions x schemas) and
-    an 80 KB JSON pointer (a prefix sliced for every depth: 4.4 s) each well within a few seconds, even loaded."""
-    pointer = "/".join(["a"] * 40_000)
-    for text in ["start: " + " | ".join(['"s" %json{}'] * 200_000),
-                 "\n".join(f'r{i}: "x" %json{{}}' for i in range(20_000)),
-                 json.dumps({"grammars": [{"json_schema": {"$ref": f"#/{pointer}", "a": {}}}]})]:
-        started = time.perf_counter()
-        grammar_rows.row_weight(text)
-        assert time.perf_counter() - started < 8.0, len(text)
+def _cpu_seconds(call: Callable[[], Any]) -> float:
+    """The best of 3 of this thread's CPU time for call() (the other helpers' load left out)."""
+    spent = []
+    for _ in range(3):
+        started = time.thread_time()
+        call()
+        spent.append(time.thread_time() - started)
+    return min(spent)
+
+
+def _long_id_refused(schema: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest, match="URI is longer than 2048 characters"):
+        grammar_module.check_json_schema(schema, False, "response_format")
+
+
+LINEAR_CASES: dict[str, tuple[Callable[[int], Any], Callable[[Any], Any], int]] = {  # (make(n), weigh it, n)
+    "%jsons on one line": (lambda n: "start: " + " | ".join(['"s" %json{}'] * n), grammar_rows.row_weight, 4_000),
+    "definitions each with a %json": (lambda n: "\n".join(f'r{i}: "x" %json{{}}' for i in range(n)),
+                                      grammar_rows.row_weight, 2_000),
+    "a long JSON pointer": (lambda n: json.dumps({"grammars": [{"json_schema": {
+        "$ref": "#/" + "/".join(["a"] * n), "a": {}}}]}), grammar_rows.row_weight, 5_000),
+    # each `$ref` was resolved against the whole `$id` (200 KB, 40,000 refs: 6 s): refused now, at once
+    "a long $id with many $refs": (lambda n: {"$id": "http://x.test/" + "a" * (50 * n) + "/s.json", "properties": {
+        f"p{i}": {"$ref": f"s.json#/$defs/d{i % 7}"} for i in range(n)}}, _long_id_refused, 1_000),
+    # `re` compiled each (9,500 distinct 1,000-character ones: 47 s)
+    "many distinct regexes": (lambda n: "start: " + " | ".join(f"/{'x' * 500}{i:06d}/" for i in range(n)),
+                              grammar_rows.row_weight, 500),
+}
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_row_weight_is_linear_in_the_text(case: str) -> None:
+    """Weighed on a compile thread holding the GIL against the event loop: at 4n no more than 8 times n's CPU time
+    (linear: about 4; quadratic, as a running offset over 20,000 `%json`s, a prefix sliced for every depth of a
+    JSON pointer, or a base URI joined for every `$ref`, was: about 16)."""
+    make, weigh, n = LINEAR_CASES[case]
+    small, large = make(n), make(4 * n)
+    at_n, at_4n = _cpu_seconds(lambda: weigh(small)), _cpu_seconds(lambda: weigh(large))
+    assert at_4n < 8 * at_n + 0.05, (at_n, at_4n)
+
+
+RUST_REGEXES = {"\\p{L}+": "é", "a\\P{L}": "a1", "\\pL+": "é", "[\\p{L}\\d]+": "1", "\\x{e9}+": "é",
+             "[[:alpha:]]+": "a", "a\\z": "a", "(?<x>a)": "a"}
+
+
+@pytest.mark.parametrize("pattern", RUST_REGEXES)
+def test_a_regex_in_rust_syntax_python_cannot_read_is_weighed(grammars: Grammars, pattern: str,
+                                                              tokenizer: PreTrainedTokenizerFast) -> None:
+    """`\\p{L}` and the like are errors to Python's `re`: `WORD: /\\p{L}+/` weighed as may-be-empty, and a 500-link
+    chain through it (each link a row of its own in llguidance) refused. Read as Rust's now: accepted, and served."""
+    chain = _links(500, 'r{i}: WORD r{j} | "."') + f"WORD: /{pattern}/"
+    assert grammar_rows.row_weight(chain) == 3
+    matcher = grammars.compile(chain, "guided_grammar").matcher()
+    for token in tokenizer.encode(RUST_REGEXES[pattern] + "."):
+        assert matcher.consume_token(token), matcher.get_error()
+    assert matcher.is_accepting() and not matcher.is_error()
+    optional = chain.replace(f"/{pattern}/", f"/(?:{pattern})?/")
+    assert grammar_rows.row_weight(optional) >= 1_000  # one that may be empty: a chain
+
+
+def test_regexes_are_tested_where_they_may_start_an_alternative_and_within_a_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's `re` compiles a regex holding the GIL (9,500 distinct 1,000-character ones: 47 s): one after what must
+    match something is not tested, one seen before not again, and past TESTED_CHARS in all one may match nothing."""
+    tested: list[str] = []
+    fullmatch = re.fullmatch
+
+    def counted(pattern: str, text: str) -> re.Match[str] | None:
+        tested.append(pattern)
+        return fullmatch(pattern, text)
+
+    monkeypatch.setattr(grammar_rows.re, "fullmatch", counted)
+    assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 and tested == ["b"]
+    tested.clear()
+    many = [f"/{'x' * 990}{i:04d}/" for i in range(9_500)]
+    assert grammar_rows.row_weight("start: " + " | ".join(many)) == 9_500
+    assert sum(map(len, tested)) <= grammar_rows.TESTED_CHARS
+    chain = _links(500, 'r{i}: /{i}' + 'x' * 990 + '/ r{j} | "."')  # past the budget the links may be empty
+    assert grammar_rows.row_weight(chain) > 2 * (500 - grammar_rows.TESTED_CHARS // 990)
+
+
+def test_a_long_id_or_ref_is_a_400_naming_the_field(grammars: Grammars) -> None:
+    """An `$id` or a `$ref` whose URI (resolved, no fragment) passes LONG_URI is not weighed (each `$ref` resolved
+    against a long base cost its length): the 400 naming the field, in compile as in check_json_schema; at LONG_URI it
+    weighs, and a long fragment is no URI."""
+    at = "http://x.test/" + "a" * (grammar_rows.LONG_URI - 19) + ".json"
+    assert len(at) == grammar_rows.LONG_URI
+    assert grammar_rows.schema_weight({"$id": at, "$ref": at + "#/$defs/d", "$defs": {"d": {}}}) == 2
+    for schema in [{"$id": at + "x"}, {"$ref": at + "x"}, {"$id": "http://x.test/", "items": {"$id": at[14:] + "x"}}]:
+        with pytest.raises(InvalidRequest, match="URI is longer than 2048") as refused:
+            grammar_module.check_json_schema(schema, False, "response_format")
+        assert refused.value.param == "response_format"
+        with pytest.raises(InvalidRequest, match="URI is longer than 2048") as refused:
+            grammars.json_schema(schema, False, "guided_json")
+        assert refused.value.param == "guided_json"
+    assert grammar_rows.schema_weight({"$id": "urn:x", "$ref": "urn:x#/" + "a" * 10_000, "a" * 10_000: {}}) == 2
+
+
+def test_a_schema_past_max_rules_is_refused_before_it_is_weighed(grammars: Grammars,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """rules_bound is cheap; weighing a schema of 20,000 `$ref`s took 13.7 s before it refused them."""
+    def weighed(*_: Any) -> int:
+        raise AssertionError("weighed before the rules were counted")
+
+    monkeypatch.setattr(grammar_module, "schema_weight", weighed)
+    schema = {"properties": {f"p{i}": {"$ref": "#/$defs/d"} for i in range(grammar_module.MAX_RULES // 2 + 1)},
+              "$defs": {"d": {"type": "integer"}}}
+    for refuse in [lambda: grammar_module.check_json_schema(schema, False, "response_format"),
+                   lambda: grammars.json_schema(schema, False, "response_format"),
+                   lambda: grammars.tool_calls([ToolSpec("f", schema)], False, "tools")]:
+        with pytest.raises(InvalidRequest, match="more than 12000 rules"):
+            refuse()
 
 
 def test_a_grammar_nested_past_the_recursion_limit_is_a_400(grammars: Grammars) -> None:

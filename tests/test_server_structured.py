@@ -514,6 +514,8 @@ def test_structured_outputs_on_completions(server: GunicornServer, stream: bool)
     ("/v1/chat/completions", {"guided_json": {"type": "string", "pattern": "a\\b"}}, "guided_json"),
     ("/v1/completions", {"structured_outputs": {"grammar": "root ::= (("}}, "structured_outputs.grammar"),
     ("/v1/completions", {"guided_regex": "[z-a]"}, "guided_regex"),
+    ("/v1/chat/completions", {"guided_json": {"$id": "http://x.test/" + "a" * 3_000, "type": "integer"}},
+     "guided_json"),  # an $id past LONG_URI: not weighed (each $ref resolved against it cost its length)
 ])
 def test_invalid_structured_outputs_are_400s_naming_the_field(server: GunicornServer, path: str,
                                                               extra: dict[str, Any], param: str) -> None:

@@ -16,7 +16,9 @@ import collections
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import llguidance
@@ -25,7 +27,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
-from nanoqwen.engine.grammar_rows import row_weight, schema_weight
+from nanoqwen.engine.grammar_rows import LongReference, row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import compute_mask, token_bitmask
@@ -104,8 +106,7 @@ def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> int:
     slot): the combined grammar it is part of would be refused naming another field. Its schema_weight, for that
     grammar's bound."""
     text = _json_grammar(schema, strict, param)
-    weight = schema_weight(schema)
-    check_bounds(text, param, weight)
+    weight = check_bounds(text, param, partial(schema_weight, schema))
     if error := LLMatcher.validate_grammar(text):
         raise _invalid(param, error)
     return weight
@@ -169,7 +170,8 @@ class Grammars:
                     key: GrammarKey | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The cache's key: `key`, else the grammar's text, which holds the options."""
-        return self.compile(_json_grammar(schema, strict, param, no_space), param, key, schema_weight(schema))
+        text = _json_grammar(schema, strict, param, no_space)
+        return self.compile(text, param, key, partial(schema_weight, schema))
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
@@ -196,13 +198,11 @@ class Grammars:
         schemas = {f"arguments_{i}": (_call_arguments(tool), tool.strict, tool.weight) for i, tool in enumerate(tools)}
         if answer is not None:
             schemas["answer"] = (answer, answer_strict, answer_weight)
-        # weighed on the schemas as sent (or as check_json_schema weighed them), not parsed back from the text
-        weighed = {name: schema_weight(schema) if weight is None else weight
-                   for name, (schema, _, weight) in schemas.items()}
-        weight = row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
+        skeleton = "\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)])
         rules += [f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
                   for name, (schema, strict, _) in schemas.items()]
-        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key, weight)
+        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key,
+                            partial(_weigh_tool_calls, skeleton, schemas))
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -229,13 +229,14 @@ class Grammars:
                 self._cache.move_to_end(key)
         return grammar
 
-    def compile(self, text: str, param: str, key: GrammarKey | None = None, weight: int | None = None) -> Grammar:
-        """`key`: the cache's (the grammar's text by default); `weight`: its row_weight where weighed apart."""
+    def compile(self, text: str, param: str, key: GrammarKey | None = None,
+                weigh: Callable[[], int] | None = None) -> Grammar:
+        """`key`: the cache's (the grammar's text by default); `weigh`: its row weight, weighed apart (check_bounds)."""
         key = text if key is None else key
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
-        check_bounds(text, param, weight)
+        check_bounds(text, param, weigh)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -260,21 +261,33 @@ class Grammars:
         return words
 
 
-def check_bounds(text: str, param: str, weight: int | None = None) -> None:
+def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) -> int:
     """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_ROW, MAX_RULES), before it
-    sees it. `weight`: its row weight where weighed apart (on the objects it was made of), else row_weight(text)."""
+    sees it; else its row weight. `weigh`: how to weigh it apart (on the objects it was made of), else row_weight(text);
+    called after the cheap MAX_RULES check (a 1.6 MB schema of 20,000 `$ref`s took 13.7 s to weigh before it)."""
     if rules_bound(text) > MAX_RULES:
         raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
                              "counts twice)", param=param)
     try:
-        weight = row_weight(text) if weight is None else weight
+        weight = row_weight(text) if weigh is None else weigh()
     except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
         raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
+    except LongReference as exc:
+        raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
                              param=param)
+    return weight
+
+
+def _weigh_tool_calls(skeleton: str, schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
+    """The row weight of tool_calls' grammar: its rules (`skeleton`, each schema's `%json {}`) with the schemas
+    weighed as sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
+    weighed = {name: schema_weight(schema) if weight is None else weight
+               for name, (schema, _, weight) in schemas.items()}
+    return row_weight(skeleton, weighed)
 
 
 def text_key(kind: str, text: str) -> tuple[str, str]:

@@ -24,12 +24,25 @@ SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\
                   r"|%json\b")
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
-TOKEN = re.compile(r"[A-Za-z_]\w*|\d+|\S")
+TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns)
 SPACE = re.compile(r"\s*")
 TERMINAL, EMPTY = ' " ', " # "  # what a skipped piece leaves in the body: a terminal, or one that may match nothing
 CAP = 1 << 40  # a weight past any bound (sums over shared rules grow exponentially)
-MAX_TESTED = 1_000  # the longest regex _matches_empty asks Python's `re` about (its cache holds 512)
+MAX_TESTED = 1_000  # the longest regex _Patterns asks Python's `re` about (its cache holds 512)
+# The regex characters _Patterns tests in one grammar: `re` compiles in Python, holding the GIL (9,500 distinct
+# 1,000-character regexes took 47 s); past them a regex may match nothing (errs high)
+TESTED_CHARS = 1 << 16
+# llguidance's regex syntax (Rust's) that Python's `re` cannot read: a class of one character (`\p{L}`, `\PL`,
+# `\x{1F600}`, `[:alpha:]`; Python's `\w`), `\z` (Python's `\Z`), `(?<x>` (`(?P<x>`); another escape (`\\p`) as it is
+RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])|\\x\{[0-9A-Fa-f]*\}|\[:\^?[a-z]+:\]|\(\?<(?=[A-Za-z_])|\\.")
+LONG_URI = 2_048  # the longest URI an `$id` or a `$ref` resolves to that is weighed (LongReference past it)
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
+
+
+class LongReference(ValueError):
+    """A JSON Schema `$id` or `$ref` whose URI passes LONG_URI: each `$ref` resolved against its base URI costs the
+    base's length (a 200 KB `$id` with 40,000 `$ref`s took 6 s), so its chain is not weighed (check_bounds refuses it;
+    erring high, no target known, is no bound)."""
 
 
 def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
@@ -64,29 +77,38 @@ def _top_level_chain(top: Any) -> int:
 
 
 def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
-    """Each definition's body (its text to the next definition) with strings, regexes and `%json` a TERMINAL (EMPTY
-    where it may match nothing): its alternatives (`|`s), and the defined names that may start one, its links."""
+    """Each definition's body (its text to the next definition) with strings, special tokens and `%json` a TERMINAL
+    (`""` EMPTY), the i-th regex `/i` (_Patterns): its alternatives (`|`s), and the defined names that may start one,
+    its links."""
     cleaned, offsets, chains = [], [], []  # offsets (in cleaned, rising), and the chain of the `%json` at each
+    patterns = _Patterns()
     position = offset = 0
     decoder = json.JSONDecoder()
     while (match := SKIP.search(text, position)) is not None:
         cleaned.append(text[position:match.start()])
         offset += match.start() - position
         position = match.end()
-        if match.group() == "%json":
+        piece = match.group()
+        if piece == "%json":
             try:
                 schema, position = decoder.raw_decode(text, SPACE.match(text, position).end())
             except ValueError:
                 continue  # llguidance refuses it
             offsets.append(offset)
             chains.append(schema_weight(schema))
-        piece = " " if match.group().startswith("//") else EMPTY if _matches_empty(match.group()) else TERMINAL
+        if piece.startswith("//"):
+            piece = " "
+        elif piece[0] == "/":
+            pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
+            piece = f" /{patterns.add(pattern)} "
+        else:
+            piece = EMPTY if piece in ('""', "''") else TERMINAL  # a non-empty string, `%json`, a special token
         cleaned.append(piece)
         offset += len(piece)
     cleaned.append(text[position:])
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
-    empty = _Empty({match.group(1) for match in definitions})
+    empty = _Empty({match.group(1) for match in definitions}, patterns)
     starts: list[tuple[str, str, int]] = []  # (rule, a rule it names, the node of all before it there)
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
@@ -106,20 +128,45 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
 
-def _matches_empty(piece: str) -> bool:
-    """Whether a string or regex of Lark's (SKIP's) may match nothing: `""`, or a regex Python's `re` matches to the
-    empty string (one past MAX_TESTED, or one it cannot read, llguidance's syntax being Rust's: taken as may)."""
-    if piece[0] in "\"'":
-        return len(piece) == 2
-    if piece[0] != "/":
-        return False  # a special token
-    pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
-    if len(pattern) > MAX_TESTED:
-        return True
-    try:
-        return re.fullmatch(pattern, "") is not None
-    except (re.error, RecursionError, OverflowError, ValueError):
-        return True
+class _Patterns:
+    """A Lark grammar's regexes, `/i` the i-th in its body: whether one may match nothing, asked of Python's `re` only
+    where that can matter (_Empty.define: nothing before it in its alternative must match something), each distinct
+    one once, up to TESTED_CHARS in all; past them, one past MAX_TESTED or one `re` cannot read: it may."""
+
+    def __init__(self) -> None:
+        self.patterns: list[str] = []
+        self.empty: dict[str, bool] = {}
+        self.budget = TESTED_CHARS
+
+    def add(self, pattern: str) -> int:
+        self.patterns.append(pattern)
+        return len(self.patterns) - 1
+
+    def may_be_empty(self, token: str) -> bool:
+        """Of a body's token `/i` (one with no regex: a `/` llguidance refuses)."""
+        i = int(token[1:])
+        if i >= len(self.patterns):
+            return True
+        pattern = self.patterns[i]
+        if (known := self.empty.get(pattern)) is not None:
+            return known
+        if len(pattern) > min(MAX_TESTED, self.budget):
+            return True
+        self.budget -= len(pattern)
+        try:
+            empty = re.fullmatch(RUST_ONLY.sub(_python_escape, pattern), "") is not None
+        except (re.error, RecursionError, OverflowError, ValueError):
+            empty = True
+        self.empty[pattern] = empty
+        return empty
+
+
+def _python_escape(match: re.Match[str]) -> str:
+    """A RUST_ONLY match as Python's `re` reads it: a class (`\\w`), `\\Z`, `(?P<`, or the escape as it was."""
+    escape = match.group()
+    if escape in ("\\z", "(?<"):
+        return "\\Z" if escape == "\\z" else "(?P<"
+    return "\\w" if escape[0] == "[" or escape[1] in "pPx" and len(escape) > 2 else escape
 
 
 @dataclass
@@ -144,7 +191,8 @@ class _Empty:
 
     NOTHING, SOMETHING = 0, 1  # the nodes of an element that may be empty (`x?`, `[x]`, `""`) and of one that may not
 
-    def __init__(self, names: set[str]) -> None:
+    def __init__(self, names: set[str], patterns: _Patterns) -> None:
+        self.patterns = patterns
         self.needs = [0, 1]
         self.parents: dict[int, list[int]] = defaultdict(list)
         self.node = {name: self._add(1) for name in names}
@@ -176,6 +224,8 @@ class _Empty:
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
+            elif token[0] == "/" and len(token) > 1:  # a regex: tested only where it may start the alternative
+                element = something if group.prefix == something or not self.patterns.may_be_empty(token) else nothing
             elif token == "|":
                 group.sequences.append([])
                 group.prefix = group.before_last = group.opening
@@ -238,6 +288,7 @@ def schema_weight(schema: Any) -> int:
     sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
     resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
     anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
+    joined: dict[tuple[str, str], tuple[str, str]] = {}  # _join's, by (base, reference)
     stack: list[tuple[Any, tuple[str, ...], str]] = [(schema, (), "")]  # (node, its path, its resource's base URI)
     alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
@@ -246,7 +297,7 @@ def schema_weight(schema: Any) -> int:
             if not node:
                 continue
             if isinstance(ident := node.get("$id"), str):
-                base = urldefrag(urljoin(base, ident)).url
+                base = _join(base, ident, joined)[0]
             if not path or isinstance(ident, str):
                 resources.setdefault(base, path)
             if isinstance(node.get("$anchor"), str):
@@ -263,7 +314,7 @@ def schema_weight(schema: Any) -> int:
         width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
     widest = max(width.values(), default=0)
     refs = [(path, target) for path, base, ref in sent
-            if (target := _target(ref, base, resources, anchors)) is not None]
+            if (target := _target(ref, base, resources, anchors, joined)) is not None]
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
@@ -293,16 +344,27 @@ def schema_weight(schema: Any) -> int:
 
 
 def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
-            anchors: dict[tuple[str, str], tuple[str, ...]]) -> tuple[str, ...] | None:
+            anchors: dict[tuple[str, str], tuple[str, ...]], joined: dict[tuple[str, str], tuple[str, str]],
+            ) -> tuple[str, ...] | None:
     """Where `ref`, in the resource of URI `base`, points (None: outside the schema, llguidance refuses it)."""
-    uri, fragment = (base, ref[1:]) if ref.startswith("#") else urldefrag(urljoin(base, ref))  # a URN joins nothing
-    fragment = unquote(fragment)
+    uri, fragment = (base, unquote(ref[1:])) if ref.startswith("#") else _join(base, ref, joined)
     if (root := resources.get(uri)) is None:
         return None
     if fragment and not fragment.startswith("/"):
         return anchors.get((uri, fragment))
     parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")) if fragment else ()
     return (*root, *parts)
+
+
+def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str]:
+    """`reference` (an `$id`, a `$ref`) resolved against `base`: its URI and its fragment (unquoted), cached in
+    `joined`; LongReference where the URI passes LONG_URI, the base of the next join (a URN joins nothing)."""
+    if (resolved := joined.get((base, reference))) is None:
+        uri, fragment = urldefrag(urljoin(base, reference))
+        if len(uri) > LONG_URI:
+            raise LongReference(f"a JSON Schema $id or $ref whose URI is longer than {LONG_URI} characters")
+        resolved = joined[base, reference] = uri, unquote(fragment)
+    return resolved
 
 
 def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
