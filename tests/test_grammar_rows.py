@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -462,7 +461,7 @@ def test_row_weight_is_linear_in_the_text(case: str) -> None:
 
 
 RUST_REGEXES = {"\\p{L}+": "é", "a\\P{L}": "a1", "\\pL+": "é", "[\\p{L}\\d]+": "1", "\\x{e9}+": "é",
-             "[[:alpha:]]+": "a", "a\\z": "a", "(?<x>a)": "a"}
+             "[[:alpha:]]+": "a", "a\\z": "a", "(?<x>a)": "a", "[\\x{4e00}-\\x{9fff}]+": "中文", "\\u{4e2d}+": "中"}
 
 
 @pytest.mark.parametrize("pattern", RUST_REGEXES)
@@ -482,16 +481,17 @@ def test_a_regex_in_rust_syntax_python_cannot_read_is_weighed(grammars: Grammars
 
 def test_regexes_are_tested_where_they_may_start_an_alternative_and_within_a_budget(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Python's `re` compiles a regex holding the GIL (9,500 distinct 1,000-character ones: 47 s): one after what must
-    match something is not tested, one seen before not again, and past TESTED_CHARS in all one may match nothing."""
+    """Python's `re` parses a regex holding the GIL (compiled, 9,500 distinct 1,000-character ones took 47 s): one
+    after what must match something is not tested, one seen before not again, and past TESTED_CHARS in all one may
+    match nothing."""
     tested: list[str] = []
-    fullmatch = re.fullmatch
+    least_width = grammar_rows._least_width
 
-    def counted(pattern: str, text: str) -> re.Match[str] | None:
+    def counted(pattern: str) -> int:
         tested.append(pattern)
-        return fullmatch(pattern, text)
+        return least_width(pattern)
 
-    monkeypatch.setattr(grammar_rows.re, "fullmatch", counted)
+    monkeypatch.setattr(grammar_rows, "_least_width", counted)
     assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 and tested == ["b"]
     tested.clear()
     many = [f"/{'x' * 990}{i:04d}/" for i in range(9_500)]
@@ -516,6 +516,19 @@ def test_a_long_id_or_ref_is_a_400_naming_the_field(grammars: Grammars) -> None:
             grammars.json_schema(schema, False, "guided_json")
         assert refused.value.param == "guided_json"
     assert grammar_rows.schema_weight({"$id": "urn:x", "$ref": "urn:x#/" + "a" * 10_000, "a" * 10_000: {}}) == 2
+
+
+def test_data_and_what_is_no_uri_are_no_links() -> None:
+    """A `$ref` that is no URI (`http://[::1`: urljoin's ValueError, a 500) is no link, and `default`, `examples`,
+    `const` and `enum` hold data, not subschemas (a 3,000-character `$id` in `examples` was a 400), unless a property
+    is named so."""
+    defs = {"$defs": {"a": {"type": "string"}}}
+    for data in ({"default": {"$ref": "http://[::1"}}, {"examples": [{"$id": "http://x.test/" + "a" * 3_000}]},
+                 {"const": {"$ref": "#/$defs/a"}}, {"enum": [{"$ref": "#/$defs/a"}]}):
+        assert grammar_rows.schema_weight({"$id": "http://a.test/s.json", "properties": {"x": data}, **defs}) == 0
+        grammar_module.check_json_schema({"properties": {"x": data}, **defs}, False, "response_format")
+    assert grammar_rows.schema_weight({"$ref": "http://[::1"}) == 0
+    assert grammar_rows.schema_weight({"properties": {"default": {"$ref": "#/$defs/a"}}, **defs}) == 2
 
 
 def test_a_schema_past_max_rules_is_refused_before_it_is_weighed(grammars: Grammars,

@@ -507,6 +507,17 @@ def test_structured_outputs_on_completions(server: GunicornServer, stream: bool)
         assert all(map(valid, texts)) and finish == ["stop"] * CHOICES, (texts, finish)
 
 
+def test_a_schema_whose_data_holds_what_is_no_uri_is_served(server: GunicornServer) -> None:
+    """A `default` holding `{"$ref": "http://[::1"}` is data, and that `$ref` no URI: weighing it raised urljoin's
+    ValueError, a 500. The answer follows the schema."""
+    schema = {"$id": "http://a.test/s.json", "type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8, "default": {"$ref": "http://[::1"}}}, "required": ["name"],
+        "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "data", "schema": schema, "strict": True}}
+    answer = _create(server, response_format=fmt, temperature=0, max_tokens=40)
+    assert set(json.loads(answer.choices[0].message.content)) == {"name"}
+
+
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/chat/completions", {"structured_outputs": {"regex": "a(("}}, "structured_outputs.regex"),
     ("/v1/chat/completions", {"guided_grammar": "start: ::"}, "guided_grammar"),

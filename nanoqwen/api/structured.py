@@ -192,14 +192,15 @@ def _within(value: Any, limit: int) -> bool:
 def _json_chars(value: Any) -> int:
     """About the characters json.dumps writes for `value` alone, erring high: a string's with its quotes and escapes
     (ensure_ascii: each UTF-16 unit of a non-ASCII one or a control character `\\uXXXX`, 6), an int's digits (from its
-    bits: str() of one past 4,300 digits raises), a float's longest repr; and 4 for the separators around it."""
+    bits: str() of one past 4,300 digits raises), a float's longest repr, `false`'s (null, true, a container's
+    brackets); and 4 for the separators around it."""
     if isinstance(value, str):
         if value.isascii() and value.isprintable():
             return 6 + len(value) + value.count('"') + value.count("\\")
         return 6 + 3 * len(value.encode("utf-16-le", "surrogatepass"))
     if isinstance(value, int):
         return 6 + value.bit_length() // 3
-    return 28 if isinstance(value, float) else 4
+    return 28 if isinstance(value, float) else 9
 
 
 def _json(serving: Serving, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False) -> Grammar:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import re._parser as re_parser  # a pattern's least width, without compiling it
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,20 +29,27 @@ TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_
 SPACE = re.compile(r"\s*")
 TERMINAL, EMPTY = ' " ', " # "  # what a skipped piece leaves in the body: a terminal, or one that may match nothing
 CAP = 1 << 40  # a weight past any bound (sums over shared rules grow exponentially)
-MAX_TESTED = 1_000  # the longest regex _Patterns asks Python's `re` about (its cache holds 512)
-# The regex characters _Patterns tests in one grammar: `re` compiles in Python, holding the GIL (9,500 distinct
-# 1,000-character regexes took 47 s); past them a regex may match nothing (errs high)
+MAX_TESTED = 1_000  # the longest regex _Patterns asks Python's `re` parser about
+# The regex characters _Patterns parses in one grammar: `re` parses in Python, holding the GIL; past them a regex may
+# match nothing (errs high). Parsed, never compiled: compiling folds `(?i)` over each class (6.6 ms for
+# `(?i)[\x00-\U0010ffff]`), and 9,500 distinct 1,000-character regexes compiled took 47 s
 TESTED_CHARS = 1 << 16
 # llguidance's regex syntax (Rust's) that Python's `re` cannot read: a class of one character (`\p{L}`, `\PL`,
-# `\x{1F600}`, `[:alpha:]`; Python's `\w`), `\z` (Python's `\Z`), `(?<x>` (`(?P<x>`); another escape (`\\p`) as it is
-RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])|\\x\{[0-9A-Fa-f]*\}|\[:\^?[a-z]+:\]|\(\?<(?=[A-Za-z_])|\\.")
+# `[:alpha:]`; Python's `\w`), a code point (`\x{4e00}`, `\u{4e00}`; Python's `\U00004e00`, so that ranges of them
+# stay ranges), `\z` (Python's `\Z`), `(?<x>` (`(?P<x>`); another escape (`\\p`) as it is
+RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
+                       r"|\\[xu]\{[0-9A-Fa-f]{1,8}\}|\[:\^?[a-z]+:\]|\(\?<(?=[A-Za-z_])|\\.")
+# Keywords whose values are data, not subschemas (a `$ref` or `$id` in a `default` is no link), unless they name a
+# property (a key of one of NAME_MAPS)
+DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+NAME_MAPS = frozenset(("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"))
 LONG_URI = 2_048  # the longest URI an `$id` or a `$ref` resolves to that is weighed (LongReference past it)
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
 
 
 class LongReference(ValueError):
     """A JSON Schema `$id` or `$ref` whose URI passes LONG_URI: each `$ref` resolved against its base URI costs the
-    base's length (a 200 KB `$id` with 40,000 `$ref`s took 6 s), so its chain is not weighed (check_bounds refuses it;
+    base's length (a 200 KB `$id` with 40,000 `$ref`s took 16 s), so its chain is not weighed (check_bounds refuses it;
     erring high, no target known, is no bound)."""
 
 
@@ -154,19 +162,28 @@ class _Patterns:
             return True
         self.budget -= len(pattern)
         try:
-            empty = re.fullmatch(RUST_ONLY.sub(_python_escape, pattern), "") is not None
+            empty = _least_width(RUST_ONLY.sub(_python_escape, pattern)) == 0
         except (re.error, RecursionError, OverflowError, ValueError):
             empty = True
         self.empty[pattern] = empty
         return empty
 
 
+def _least_width(pattern: str) -> int:
+    """The fewest characters a Python regex matches, parsed, not compiled (an anchor counts 0: errs high)."""
+    return re_parser.parse(pattern).getwidth()[0]
+
+
 def _python_escape(match: re.Match[str]) -> str:
-    """A RUST_ONLY match as Python's `re` reads it: a class (`\\w`), `\\Z`, `(?P<`, or the escape as it was."""
+    """A RUST_ONLY match as Python's `re` reads it: a class (`\\w`), a code point, `\\Z`, `(?P<`, or the escape as it
+    was."""
     escape = match.group()
     if escape in ("\\z", "(?<"):
         return "\\Z" if escape == "\\z" else "(?P<"
-    return "\\w" if escape[0] == "[" or escape[1] in "pPx" and len(escape) > 2 else escape
+    if escape[1:2] in ("x", "u") and len(escape) > 2:
+        point = int(escape[3:-1], 16)
+        return f"\\U{point:08x}" if point <= 0x10FFFF else "\\w"
+    return "\\w" if escape[0] == "[" or escape[1] in "pP" and len(escape) > 2 else escape
 
 
 @dataclass
@@ -288,7 +305,7 @@ def schema_weight(schema: Any) -> int:
     sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
     resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
     anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
-    joined: dict[tuple[str, str], tuple[str, str]] = {}  # _join's, by (base, reference)
+    joined: dict[tuple[str, str], tuple[str, str] | None] = {}  # _join's, by (base, reference)
     stack: list[tuple[Any, tuple[str, ...], str]] = [(schema, (), "")]  # (node, its path, its resource's base URI)
     alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
     while stack:
@@ -296,8 +313,8 @@ def schema_weight(schema: Any) -> int:
         if isinstance(node, dict):
             if not node:
                 continue
-            if isinstance(ident := node.get("$id"), str):
-                base = _join(base, ident, joined)[0]
+            if isinstance(ident := node.get("$id"), str) and (resolved := _join(base, ident, joined)) is not None:
+                base = resolved[0]
             if not path or isinstance(ident, str):
                 resources.setdefault(base, path)
             if isinstance(node.get("$anchor"), str):
@@ -306,7 +323,8 @@ def schema_weight(schema: Any) -> int:
                 alternated.append((node, options))
             if isinstance(node.get("$ref"), str):
                 sent.append((path, base, node["$ref"]))
-            stack.extend((value, (*path, str(key)), base) for key, value in node.items())
+            data = DATA_KEYWORDS if not path or path[-1] not in NAME_MAPS else ()  # a property named `default` is not
+            stack.extend((value, (*path, str(key)), base) for key, value in node.items() if key not in data)
         elif isinstance(node, list):
             stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
@@ -344,26 +362,33 @@ def schema_weight(schema: Any) -> int:
 
 
 def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
-            anchors: dict[tuple[str, str], tuple[str, ...]], joined: dict[tuple[str, str], tuple[str, str]],
-            ) -> tuple[str, ...] | None:
+            anchors: dict[tuple[str, str], tuple[str, ...]],
+            joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, ...] | None:
     """Where `ref`, in the resource of URI `base`, points (None: outside the schema, llguidance refuses it)."""
-    uri, fragment = (base, unquote(ref[1:])) if ref.startswith("#") else _join(base, ref, joined)
-    if (root := resources.get(uri)) is None:
+    resolved = (base, unquote(ref[1:])) if ref.startswith("#") else _join(base, ref, joined)
+    if resolved is None or (root := resources.get(resolved[0])) is None:
         return None
+    uri, fragment = resolved
     if fragment and not fragment.startswith("/"):
         return anchors.get((uri, fragment))
     parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")) if fragment else ()
     return (*root, *parts)
 
 
-def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str]]) -> tuple[str, str]:
+def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, str] | None:
     """`reference` (an `$id`, a `$ref`) resolved against `base`: its URI and its fragment (unquoted), cached in
-    `joined`; LongReference where the URI passes LONG_URI, the base of the next join (a URN joins nothing)."""
-    if (resolved := joined.get((base, reference))) is None:
+    `joined`; None where it is no URI (`http://[::1`: no link, as llguidance resolves nothing there); LongReference
+    where the URI passes LONG_URI, the base of the next join (a URN joins nothing)."""
+    if (base, reference) in joined:
+        return joined[base, reference]
+    try:
         uri, fragment = urldefrag(urljoin(base, reference))
-        if len(uri) > LONG_URI:
-            raise LongReference(f"a JSON Schema $id or $ref whose URI is longer than {LONG_URI} characters")
-        resolved = joined[base, reference] = uri, unquote(fragment)
+    except ValueError:
+        joined[base, reference] = None
+        return None
+    if len(uri) > LONG_URI:
+        raise LongReference(f"a JSON Schema $id or $ref whose URI is longer than {LONG_URI} characters")
+    resolved = joined[base, reference] = uri, unquote(fragment)
     return resolved
 
 
