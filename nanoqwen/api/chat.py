@@ -32,7 +32,7 @@ class ChatService:
     def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | dict[str, Any]:
         serving = self.serving
         trace = serving.stats.begin()
-        req = parse_chat_request(body, budget)
+        req = serving.validate(parse_chat_request, body, budget)
         serving.check_serving(req.model)
         params = self.params(req)
         prompt = self.encode(req, params.max_tokens, PromptName())
