@@ -526,11 +526,11 @@ def test_calls_arguments_count_in_a_prompts_size() -> None:
         {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
         {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
     chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
-    assert chat.template_chars(None) > 20 * len(arguments)
+    assert chat.template_chars() > 20 * len(arguments)
     small = _chat({"input": [*(item for i in range(500) for item in (
         {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": f"c{i}", "output": ""})), {"role": "user", "content": "Hi"}]})
-    assert small.template_chars(None) > 40 * 500  # many small calls are a long prompt too
+    assert small.template_chars() > 40 * 500  # many small calls are a long prompt too
     assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 

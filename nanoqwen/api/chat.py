@@ -67,10 +67,9 @@ class ChatService:
         """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""
         serving = self.serving
         limit = serving.info["max_model_len"]
-        messages, tools = req.template_messages(), req.template_tools()
         try:
-            return serving.off_loop(req.template_chars(tools), serving.engine.encode_messages, messages,
-                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
+            return serving.off_loop(req.template_chars(), req.encoded, serving.engine.encode_messages,
+                                    prompt_token_limit(limit, max_tokens))
         except PromptTooLongError as exc:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)
             raise invalid_request(error) from None

@@ -632,7 +632,7 @@ class ResponsesService:
 
     def _looks_too_long(self, chat_req: ChatCompletionRequest) -> bool:
         limit = self.chat.serving.info["max_model_len"]
-        return chat_req.template_chars(chat_req.template_tools()) > LONG_CHARS_PER_TOKEN * limit
+        return chat_req.template_chars() > LONG_CHARS_PER_TOKEN * limit
 
     def _truncated(self, req: ResponsePromptFields, items: list[Item], max_tokens: int | None,
                    prompt_name: PromptName, whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:
