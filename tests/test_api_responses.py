@@ -489,6 +489,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
 
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              validate=lambda parse, body, budget: parse(body, budget),
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: collector)
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
@@ -878,6 +879,7 @@ def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callab
     """A service whose create submits and answers with these."""
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              validate=lambda parse, body, budget: parse(body, budget),
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: respond())
     service = ResponsesService(SimpleNamespace(
