@@ -489,6 +489,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
 
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              validate=lambda parse, body, budget: parse(body, budget),
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: collector)
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
@@ -526,11 +527,11 @@ def test_calls_arguments_count_in_a_prompts_size() -> None:
         {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": arguments},
         {"type": "function_call_output", "call_id": f"c{i}", "output": "ok"})]
     chat = _chat({"input": [*items, {"role": "user", "content": "Hi"}]})
-    assert chat.template_chars(None) > 20 * len(arguments)
+    assert chat.template_chars() > 20 * len(arguments)
     small = _chat({"input": [*(item for i in range(500) for item in (
         {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": f"c{i}", "output": ""})), {"role": "user", "content": "Hi"}]})
-    assert small.template_chars(None) > 40 * 500  # many small calls are a long prompt too
+    assert small.template_chars() > 40 * 500  # many small calls are a long prompt too
     assert _service(lambda *args: [], max_model_len=20 * len(arguments) // LONG_CHARS_PER_TOKEN)._looks_too_long(chat)
 
 
@@ -878,6 +879,7 @@ def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callab
     """A service whose create submits and answers with these."""
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
+                              validate=lambda parse, body, budget: parse(body, budget),
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: respond())
     service = ResponsesService(SimpleNamespace(

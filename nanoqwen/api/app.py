@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, NotFound
 
 from nanoqwen.api import request_id
-from nanoqwen.api.body import ParsedBody, close_if_unread, parse_json, read_body
+from nanoqwen.api.body import ParsedBody, close_if_unread, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
@@ -136,7 +136,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def json_body() -> ParsedBody:
         """The request's JSON body and the values it leaves the JSON in its strings, read within body_timeout_s and
         decoded (else a 400, 408 or 413)."""
-        return parse_json(*read_body(request, config.body_timeout_s))
+        return serving.parse_body(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:

@@ -32,7 +32,7 @@ class ChatService:
     def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | dict[str, Any]:
         serving = self.serving
         trace = serving.stats.begin()
-        req = parse_chat_request(body, budget)
+        req = serving.validate(parse_chat_request, body, budget)
         serving.check_serving(req.model)
         params = self.params(req)
         prompt = self.encode(req, params.max_tokens, PromptName())
@@ -67,10 +67,9 @@ class ChatService:
         """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""
         serving = self.serving
         limit = serving.info["max_model_len"]
-        messages, tools = req.template_messages(), req.template_tools()
         try:
-            return serving.off_loop(req.template_chars(tools), serving.engine.encode_messages, messages,
-                                    req.template_kwargs(), prompt_token_limit(limit, max_tokens), tools)
+            return serving.off_loop(req.template_chars(), req.encoded, serving.engine.encode_messages,
+                                    prompt_token_limit(limit, max_tokens))
         except PromptTooLongError as exc:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)
             raise invalid_request(error) from None

@@ -149,7 +149,7 @@ class CompletionService:
     def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.serving
         trace = serving.stats.begin()
-        req = parse_completion_request(body, budget)
+        req = serving.validate(parse_completion_request, body, budget)
         serving.check_serving(req.model)
         params = req.sampling_params(serving.engine.sampling_defaults)
         params.grammar = compiled(structured_grammar, serving, req)

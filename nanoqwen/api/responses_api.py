@@ -460,7 +460,7 @@ class ResponsesService:
     def create(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(parse_responses_request(body, budget), budget)
+        prompt = self._prompt(serving.validate(parse_responses_request, body, budget), budget)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
         inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
         input_bytes = encode_text(inputs).encode()
@@ -527,7 +527,7 @@ class ResponsesService:
     def count(self, body: Any, budget: Budget) -> Json:
         """OpenAI's input token count: the prompt create would start for the same fields (its usage.input_tokens),
         refused where create would refuse them (a text.format schema the grammar engine refuses, too)."""
-        prompt = self._prompt(parse_count_request(body, budget), budget)
+        prompt = self._prompt(self.chat.serving.validate(parse_count_request, body, budget), budget)
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
     def _prompt(self, req: Fields, budget: Budget) -> Prompt[Fields]:
@@ -632,7 +632,7 @@ class ResponsesService:
 
     def _looks_too_long(self, chat_req: ChatCompletionRequest) -> bool:
         limit = self.chat.serving.info["max_model_len"]
-        return chat_req.template_chars(chat_req.template_tools()) > LONG_CHARS_PER_TOKEN * limit
+        return chat_req.template_chars() > LONG_CHARS_PER_TOKEN * limit
 
     def _truncated(self, req: ResponsePromptFields, items: list[Item], max_tokens: int | None,
                    prompt_name: PromptName, whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:

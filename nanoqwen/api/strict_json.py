@@ -50,6 +50,11 @@ class Budget:
 
     left: int = MAX_SEPARATORS
 
+    @property
+    def used(self) -> int:
+        """The separators charged so far: about the request's values, what validating it walks."""
+        return MAX_SEPARATORS - self.left
+
     def charge(self, separators: int) -> None:
         self.left -= separators
         if self.left < 0:

@@ -51,9 +51,7 @@ class TokenizeService:
         engine = self.serving.engine
         if isinstance(req, TokenizePromptRequest):
             return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
-        messages, tools = req.template_messages(), req.template_tools()
-        return (req.template_chars(tools), _encode_messages, engine.encode_messages, messages,
-                req.template_kwargs(), tools)
+        return req.template_chars(), _encode_messages, engine.encode_messages, req
 
     def detokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
         req = validate_body(DetokenizeRequest, body, budget)
@@ -75,9 +73,8 @@ def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[
     return encode_texts(tokenizer, [prompt], add_special_tokens)[0]
 
 
-def _encode_messages(encode: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any],
-                     tools: list[dict[str, Any]] | None) -> list[int]:
+def _encode_messages(encode: Any, req: TokenizeChatRequest) -> list[int]:
     try:
-        return encode(messages, kwargs, None, tools)
+        return req.encoded(encode, None)
     except InvalidRequest as exc:  # raised in the worker, where the greenlet's mapping cannot see it
         raise invalid_request(exc) from None

@@ -1,0 +1,84 @@
+"""The worst GET /health latency (a poller every 10 ms, its own process) while one large request body of each shape
+runs on a real gunicorn serving the tiny test checkpoint (1024-token context): the event loop's stall per shape.
+Each shape runs 3 times; the median of their worst latencies is printed. Run from a checkout's root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from chat_http import cpu_env, health_polled  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
+
+HI = [{"role": "user", "content": "hi"}]
+PROPERTIES = {f"p{i:05d}" + "q" * 100: {"type": "string"} for i in range(20000)}
+
+
+def _tool(i: int, description: int) -> dict[str, Any]:
+    return {"name": f"f{i}", "description": "d" * description,
+            "parameters": {"type": "object", "properties": {"a": {"type": "string", "description": "x" * description}}}}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        value = {"type": "array", "items": value}
+    return value
+
+
+ITEMS = [{"role": "user", "content": "w " * 225}] * 16000
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat: 60 tools, 2x64 KB descriptions": (
+        "/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": _tool(i, 64000)}
+                                                          for i in range(60)]}),
+    "chat: 1 tool, 20k properties": (
+        "/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": PROPERTIES}}}]}),
+    "chat: 16k messages of 450 chars": ("/v1/chat/completions", {"messages": ITEMS}),
+    "chat: one 8 MB message": ("/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "w " * ((4 << 20) - 100)}]}),
+    "chat: tool parameters nested 60 deep": (
+        "/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {"a": _nested(60)}}}}]}),
+    "chat: logit_bias of 30k entries": ("/v1/chat/completions",
+                                        {"messages": HI, "logit_bias": {str(i): 1 for i in range(30000)}}),
+    "chat: response_format schema of 20k properties": (
+        "/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "s", "schema": {"type": "object", "properties": PROPERTIES}}}}),
+    "responses: 60 tools, 2x64 KB": ("/v1/responses", {"input": "hi", "tools": [{"type": "function", **_tool(i, 64000)}
+                                                                                for i in range(60)]}),
+    "responses: 16k input items": ("/v1/responses", {"input": ITEMS}),
+    "responses: 16k input items, truncation auto": ("/v1/responses", {"input": ITEMS, "truncation": "auto"}),
+    "completions: 2k prompts of 4 KB": ("/v1/completions", {"prompt": ["w " * 2000] * 2000}),
+}
+
+
+def main() -> None:
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
+    with tempfile.TemporaryDirectory() as tmp, GunicornServer(env, Path(tmp) / "gunicorn.log") as srv:
+        requests.post(f"{srv.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, timeout=120)
+        print("| shape | MiB | status | worst /health (median of 3) |")
+        for name, (path, body) in SHAPES.items():
+            limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+            data = json.dumps({limit: 16, **body}).encode()
+            worst = []
+            for _ in range(3):
+                with health_polled(srv, 0.01) as latencies:
+                    answer = requests.post(f"{srv.url}{path}", data=data, timeout=300,
+                                           headers={"Content-Type": "application/json"})
+                worst.append(max(latencies))
+            print(f"| {name} | {len(data) / 2**20:.2f} | {answer.status_code} | {1000 * sorted(worst)[1]:.0f} ms |",
+                  flush=True)
+    print("load average after:", os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
