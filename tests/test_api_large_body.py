@@ -17,7 +17,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.schemas import ChatPrompt
 from nanoqwen.engine import Engine, EngineConfig
 
-MESSAGES = [{"role": "user", "content": "hi"}] * 2000  # ~4,000 values, 50 kB
+MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
 PAD = "x" * (1 << 17)  # one string: many characters, few values
 
 
@@ -65,7 +65,17 @@ def test_a_long_body_of_few_values_is_parsed_off_the_loop_and_validated_on_it(
     client = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig()).test_client()
     assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": PAD}]}).status_code == 503
     loop = threading.get_ident()
-    assert threads["parse_json"] != [loop] and threads["parse_chat_request"] == [loop]
+    assert len(threads["parse_json"]) == 1 and loop not in threads["parse_json"]
+    assert threads["parse_chat_request"] == [loop]
+
+
+def test_an_everyday_body_is_parsed_and_validated_on_the_loop(tmp_path: Path, threads: dict[str, list[int]]) -> None:
+    """1,100 token ids validate in ~0.1 ms: handed to the long prompts' thread they would queue behind long prompts
+    (or get its 503 when it is full)."""
+    client = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig()).test_client()
+    assert client.post("/v1/completions", json={"prompt": [100] * 1100}).status_code == 503
+    loop = threading.get_ident()
+    assert threads["parse_json"] == [loop] and threads["parse_completion_request"] == [loop]
 
 
 def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,8 +88,8 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
     engine = load_engine(make_checkpoint())
     try:
         client = create_app(engine, ServerConfig()).test_client()
-        tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d"}} for i in range(600)]
-        answer = client.post("/v1/chat/completions", json={"messages": MESSAGES[:600], "tools": tools})
+        tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d"}} for i in range(1200)]
+        answer = client.post("/v1/chat/completions", json={"messages": MESSAGES[:1200], "tools": tools})
     finally:
         engine.shutdown()
     assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded"
