@@ -51,6 +51,20 @@ def brace(tokenizer: PreTrainedTokenizerFast) -> int:
     return token
 
 
+def _recorded(monkeypatch: pytest.MonkeyPatch, fn: Callable[[Any], Any], modules: tuple[Any, ...],
+              name: str) -> list[Any]:
+    """The argument of each call of `fn` (one argument), under `name` in each of `modules`, recorded from now on."""
+    seen: list[Any] = []
+
+    def wrapper(argument: Any) -> Any:
+        seen.append(argument)
+        return fn(argument)
+
+    for module in modules:
+        monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
 def _mask(row: RowGrammar) -> torch.Tensor:
     bitmask = torch.zeros(1, -(-VOCAB_SIZE // 32), dtype=torch.int32)  # [1, ceil(V/32)]
     row.fill(bitmask, 0)
@@ -206,15 +220,7 @@ def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrained
     """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
     parsed back from its text (and a JSON format parsed back from llguidance's): each is weighed once, as sent."""
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
-    weighed: list[Any] = []
-    weigh = grammar_rows.schema_weight
-
-    def counted(schema: Any) -> int:
-        weighed.append(schema)
-        return weigh(schema)
-
-    monkeypatch.setattr(grammar_rows, "schema_weight", counted)
-    monkeypatch.setattr(grammar_module, "schema_weight", counted)
+    weighed = _recorded(monkeypatch, grammar_rows.schema_weight, (grammar_rows, grammar_module), "schema_weight")
     sent = {"type": "object", "properties": {"n": {"type": "integer"}}}
     grammars.json_schema(sent, strict=False, param="response_format")
     assert len(weighed) == 1 and weighed[0] is sent
@@ -484,14 +490,7 @@ def test_regexes_are_tested_where_they_may_start_an_alternative_and_within_a_bud
     """Python's `re` parses a regex holding the GIL (compiled, 9,500 distinct 1,000-character ones took 47 s): one
     after what must match something is not tested, one seen before not again, and past TESTED_CHARS in all one may
     match nothing."""
-    tested: list[str] = []
-    least_width = grammar_rows._least_width
-
-    def counted(pattern: str) -> int:
-        tested.append(pattern)
-        return least_width(pattern)
-
-    monkeypatch.setattr(grammar_rows, "_least_width", counted)
+    tested = _recorded(monkeypatch, grammar_rows._least_width, (grammar_rows,), "_least_width")
     assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 and tested == ["b"]
     tested.clear()
     many = [f"/{'x' * 990}{i:04d}/" for i in range(9_500)]

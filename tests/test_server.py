@@ -179,6 +179,19 @@ def test_openai_client_non_streaming(server: GunicornServer) -> None:
     assert not hasattr(choice.message, "reasoning_content")  # only when the model thought
 
 
+def test_a_large_body_is_parsed_and_validated_off_the_loop_and_served(server: GunicornServer) -> None:
+    """A body past LARGE_BODY_CHARS of more than LARGE_BODY_VALUES values (a logit_bias of 9,000 zeros: ~100 kB) is
+    parsed and validated in the long prompts' thread, then served as the same body without it."""
+    bias = {str(token): 0 for token in range(9_000)}
+    assert len(json.dumps(bias)) >= 1 << 16
+    client = server.openai_client()
+    plain = client.chat.completions.create(**GREEDY)
+    biased = client.chat.completions.create(**GREEDY, logit_bias=bias)
+    streamed = client.chat.completions.create(**GREEDY, logit_bias=bias, stream=True)
+    assert biased.choices[0].message.content == plain.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain.choices[0].message.content
+
+
 def test_greedy_stream_equals_non_stream(server: GunicornServer) -> None:
     client = server.openai_client()
     whole = client.chat.completions.create(**GREEDY)

@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
@@ -55,12 +56,19 @@ def test_mode_serves_transformers_greedy_tokens(
 
 
 def _serves_a_grammar(srv: GunicornServer) -> None:
-    """Each mode's steps take their grammar masks from the mask thread: two constrained prompts in one step."""
+    """Each mode's steps take their grammar masks from the mask thread: two constrained prompts in one step; a matcher
+    that errs mid-answer (`a{100000}`'s lexer, out of fuel after a token or two) fails its request with the 400
+    naming its field, in each mode's step, and the next is served."""
     client = srv.openai_client(timeout=300)
-    texts = [c.text for c in client.completions.create(
-        model=MODEL, prompt=[PROMPTS[0]] * 2, max_tokens=8, temperature=0, n=1,
-        extra_body={"structured_outputs": {"regex": "[ab]{2,4}x"}}).choices]
-    assert len(texts) == 2 and all(re.fullmatch("[ab]{2,4}x", text) for text in texts), texts
+    for _ in range(2):
+        texts = [c.text for c in client.completions.create(
+            model=MODEL, prompt=[PROMPTS[0]] * 2, max_tokens=8, temperature=0, n=1,
+            extra_body={"structured_outputs": {"regex": "[ab]{2,4}x"}}).choices]
+        assert len(texts) == 2 and all(re.fullmatch("[ab]{2,4}x", text) for text in texts), texts
+        with pytest.raises(openai.BadRequestError) as failed:
+            client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                      extra_body={"structured_outputs": {"regex": "a{100000}"}})
+        assert failed.value.body["param"] == "structured_outputs.regex", failed.value.body
 
 
 def test_torch_reference_ops_serve_penalised_requests_as_transformers(

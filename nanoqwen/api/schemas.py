@@ -539,6 +539,7 @@ class ChatPrompt(Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     _chars: int | None = PrivateAttr(None)  # template_chars'
+    _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the size and the template
 
     def check_ending(self) -> None:
         """Raises APIError(400) unless the prompt ends one way: a generation prompt, or the last message open."""
@@ -563,7 +564,9 @@ class ChatPrompt(Strict):
         return [m.to_template() for m in self.messages]
 
     def template_tools(self) -> list[dict[str, Any]] | None:
-        return [t.model_dump(exclude_none=True) for t in self.tools or []] if self.shows_tools else None
+        if self._tools is None and self.shows_tools:
+            self._tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        return self._tools
 
     def template_chars(self) -> int:
         """A cheap measure of the prompt's size: its texts and calls' arguments as sent, never encoded again (a

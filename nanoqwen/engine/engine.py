@@ -392,18 +392,15 @@ class Engine:
 
     def _fail_grammars(self, failed: list[Sequence]) -> None:
         """Fails the requests of the sequences whose grammar erred, each once (n > 1: whichever choices erred), with
-        the first erring choice's reason, and with them every request sharing their stream (a legacy completion's
-        other prompts: the stream ends at its first error), in one _fail, so that each one's held text goes first."""
-        by_stream: dict[int, tuple[Sequence, EventStream]] = {}
+        its first erring choice's reason (a legacy completion's other prompts, each a request of its own, Serving
+        aborts at the error)."""
+        first: dict[int, Sequence] = {}
         for seq in failed:
             if seq.status is not Status.FINISHED:
-                by_stream.setdefault(id(seq.request.stream), (seq, seq.request.stream))
-        with self._lock:
-            live = list(self._requests.values())
-        for first, stream in by_stream.values():
-            self._fail([request for request in live if request.stream is stream],
-                       f"the output could not follow the grammar the request asked for: {first.grammar.error}",
-                       first.request.params.grammar_field)
+                first.setdefault(id(seq.request), seq)
+        for seq in first.values():
+            self._fail([seq.request], f"the output could not follow the grammar the request asked for: "
+                       f"{seq.grammar.error}", seq.request.params.grammar_field)
 
     def _fail_all(self, message: str) -> None:
         self.block_manager.reset_prefix_cache()

@@ -29,10 +29,10 @@ TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_
 SPACE = re.compile(r"\s*")
 TERMINAL, EMPTY = ' " ', " # "  # what a skipped piece leaves in the body: a terminal, or one that may match nothing
 CAP = 1 << 40  # a weight past any bound (sums over shared rules grow exponentially)
-MAX_TESTED = 1_000  # the longest regex _Patterns asks Python's `re` parser about
-# The regex characters _Patterns parses in one grammar: `re` parses in Python, holding the GIL; past them a regex may
-# match nothing (errs high). Parsed, never compiled: compiling folds `(?i)` over each class (6.6 ms for
-# `(?i)[\x00-\U0010ffff]`), and 9,500 distinct 1,000-character regexes compiled took 47 s
+MAX_TESTED = 1_000  # the longest regex _Patterns asks Python's `re` parser about (a longer one may match nothing)
+# The regex characters _Patterns parses in one grammar: `re` parses in Python, holding the GIL (~0.55 ms a 1,000
+# characters: ~35 ms in all); past them a regex may match nothing (errs high). Parsed, never compiled: compiling folds
+# `(?i)` over each class (6.6 ms for `(?i)[\x00-\U0010ffff]`), and 9,500 distinct 1,000-character regexes took 47 s
 TESTED_CHARS = 1 << 16
 # llguidance's regex syntax (Rust's) that Python's `re` cannot read: a class of one character (`\p{L}`, `\PL`,
 # `[:alpha:]`; Python's `\w`), a code point (`\x{4e00}`, `\u{4e00}`; Python's `\U00004e00`, so that ranges of them
