@@ -62,7 +62,7 @@ def sampler_ms(batch: int, vocab: int, grammar: Grammar, repeats: int = 30) -> d
     logits = torch.randn(batch, vocab) * 3
     settings, mode = sampling_rows(QWEN, batch, torch.device("cpu")), sampling_mode([QWEN])
     bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
-    RowGrammar(grammar.matcher(), None, []).fill(bitmask, 0)
+    RowGrammar.of(grammar, None, []).fill_start(bitmask, 0)  # its compiled first mask, as a first step copies it
     adjust = LogitAdjust(torch.zeros(10, dtype=torch.int64), torch.arange(10), torch.full((10,), 5.0),
                          torch.tensor([batch - 1]), bitmask)
     eos = torch.tensor([151643, 151645] * batch)

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.engine.grammar import RowGrammar
 from nanoqwen.engine.sequence import Request, Sequence
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.sampler import compute_mask
 from ops.cpu import linear as cpu_linear
 
 # Three prompts of different lengths (one a chat-template prefix): batched, each row decodes at its own
@@ -113,6 +115,14 @@ def sequence(prompt: list[int], request_id: str = "r", params: SamplingParams | 
     seq = Sequence(request, 0, list(prompt), seed=0, max_tokens=max_tokens)
     request.sequences.append(seq)
     return seq
+
+
+def fill_row(row: RowGrammar, bitmask: torch.Tensor, slot: int = 0) -> bool:
+    """Bitmask row `slot` gets the tokens `row` allows next, as LogitAdjuster fills a row (fill_start, the matcher's
+    mask, fill_end); whether its matcher erred."""
+    if row.fill_start(bitmask, slot):
+        compute_mask(row.matcher, bitmask, slot)
+    return row.fill_end(bitmask, slot)
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:

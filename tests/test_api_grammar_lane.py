@@ -17,6 +17,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import parse_chat_request
 from nanoqwen.api.serving import Serving
 from nanoqwen.engine.grammar import Grammars
+from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.threads import NativeEvent
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -54,7 +55,7 @@ def lanes() -> Iterator[tuple[Serving, _BlockedGrammars]]:
 
 def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
     req = SimpleNamespace(constraint=SimpleNamespace(kind="regex", value=regex, param="guided_regex"))
-    return gevent.spawn(structured.structured_grammar, serving, req)
+    return gevent.spawn(lambda: structured.structured_grammar(serving, req).grammar)
 
 
 def test_a_prompt_tokenises_while_every_grammar_thread_is_busy(lanes: tuple[Serving, _BlockedGrammars]) -> None:
@@ -124,9 +125,9 @@ def test_a_forced_calls_response_format_is_checked_once(real: tuple[Serving, lis
     serving, _, compiles = real
     body = {"messages": USER, "tools": [TOOL], "tool_choice": "required",
             "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}
-    first = structured.output_grammar(serving, parse_chat_request(body, None))
+    first = structured.output_grammar(serving, parse_chat_request(body, None)).grammar
     assert len(compiles) == 2
-    assert structured.output_grammar(serving, parse_chat_request(body, None)) is first
+    assert structured.output_grammar(serving, parse_chat_request(body, None)).grammar is first
     assert len(compiles) == 2
     bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
         "$ref": "#/$defs/gone"}}}}
@@ -145,14 +146,42 @@ def test_a_long_key_is_made_in_the_grammar_lane(real: tuple[Serving, list[Any], 
     strict = {**TOOL["function"], "strict": True}
     described = {**strict, "parameters": {"type": "object", "description": "d" * 300}}
     long = {"messages": USER, "tools": [{"type": "function", "function": described}], "tool_choice": "required"}
-    first = structured.output_grammar(serving, parse_chat_request(long, None))
+    first = structured.output_grammar(serving, parse_chat_request(long, None)).grammar
     assert looked_up == [(None, None)] and compiles == [structured._made]
-    assert structured.output_grammar(serving, parse_chat_request(long, None)) is first
+    assert structured.output_grammar(serving, parse_chat_request(long, None)).grammar is first
     assert looked_up == [(None, None)] * 2 and compiles == [structured._made] * 2
     short = {**long, "tools": [{"type": "function", "function": strict}]}
-    made = structured.output_grammar(serving, parse_chat_request(short, None))
-    assert structured.output_grammar(serving, parse_chat_request(short, None)) is made
+    made = structured.output_grammar(serving, parse_chat_request(short, None)).grammar
+    assert structured.output_grammar(serving, parse_chat_request(short, None)).grammar is made
     assert looked_up[-1][1] is made and len(compiles) == 3
+
+
+JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+STRICT_TOOL = {"type": "function", "function": {**TOOL["function"], "strict": True}}
+LENIENT_TOOL = {"type": "function", "function": {**TOOL["function"], "strict": False}}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": JSON_FORMAT}, "tools"),
+    ({"tools": [STRICT_TOOL]}, "tools"),
+    ({"tools": [STRICT_TOOL], "response_format": JSON_FORMAT}, "tools"),  # either may have erred
+    ({"tools": [LENIENT_TOOL], "response_format": JSON_FORMAT}, "response_format"),  # its calls: any JSON object
+    ({"response_format": JSON_FORMAT}, "response_format"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs.regex"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"tools": [LENIENT_TOOL]}, None),  # free text and free calls: no grammar
+], ids=["forced", "forced_format", "strict_auto", "strict_auto_format", "lenient_auto_format", "format", "regex",
+        "guided_choice", "free"])
+def test_the_grammar_made_names_the_field_that_asked_for_it(real: tuple[Serving, list[Any], list[Any]],
+                                                            fields: dict[str, Any], param: str | None) -> None:
+    """The param of the request's failure mid-answer is the field whose grammar was made, told by the branch that made
+    it (grammar_field re-derived it from the request beside output_grammar: a second home for the decision)."""
+    serving, _, _ = real
+    params = SamplingParams()
+    structured.compiled(structured.output_grammar, serving, parse_chat_request({"messages": USER, **fields}, None),
+                        params)
+    assert params.grammar_field == param and (params.grammar is None) is (param is None)
 
 
 class _CountedKeys(dict):

@@ -688,7 +688,7 @@ def test_a_broken_stream_whose_failure_raises_too_ends_with_the_bare_error_count
     counted: list[str] = []
     events = _payloads(_served(FailureBreaks(_draft(), ToolParsing(True)), HELD, counted))
     assert events[-1] == {"error": {"message": "internal server error", "type": "server_error", "param": None,
-                                    "code": None}}
+                                    "code": "server_error"}}
     assert counted == ["fail"]
 
 

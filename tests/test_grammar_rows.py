@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from checkpoints import END_THINK_ID, THINK_ID, TOKEN_IDS
+from engine_util import fill_row
 from nanoqwen.api import structured
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.engine import grammar as grammar_module
@@ -67,7 +68,7 @@ def _recorded(monkeypatch: pytest.MonkeyPatch, fn: Callable[[Any], Any], modules
 
 def _mask(row: RowGrammar) -> torch.Tensor:
     bitmask = torch.zeros(1, -(-VOCAB_SIZE // 32), dtype=torch.int32)  # [1, ceil(V/32)]
-    row.fill(bitmask, 0)
+    fill_row(row, bitmask)
     return bitmask[0]
 
 
@@ -142,8 +143,10 @@ GBNF = 'root ::= "yes" | "no"'
 
 def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokenizerFast,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """GBNF -> Lark runs in Python (milliseconds): a cache hit must not pay it, for any kind."""
+    """GBNF -> Lark runs in Python (milliseconds): a cache hit must not pay it, for any kind. A miss looks its key up
+    once (twice before: compile looked it up again)."""
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    looked_up = _recorded(monkeypatch, grammars.cached, (grammars,), "cached")
     converted: list[tuple[str, str]] = []
     convert = llguidance.grammar_from
 
@@ -155,7 +158,7 @@ def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokeni
     sent = [("grammar", GBNF), ("regex", "(yes|no)"), ("choice", '["yes", "no"]')]
     first = [grammars.from_text(kind, text, "p") for kind, text in sent]
     again = [grammars.from_text(kind, text, "p") for kind, text in sent]
-    assert converted == sent
+    assert converted == sent and looked_up == sent * 2
     assert all(a is b for a, b in zip(first, again, strict=True))
     assert grammars.from_text("grammar", GBNF + " ", "p") is not first[0] and len(converted) == 4
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from llguidance import LLExecutor
 
-from engine_util import collect, engine_step, greedy, load_engine, run
+from engine_util import collect, engine_step, fill_row, greedy, load_engine, run
 from nanoqwen.engine import Engine, SamplingParams
 from nanoqwen.engine.grammar import RowGrammar
 from nanoqwen.runner import sampling
@@ -61,7 +61,7 @@ def _reference(hf: torch.nn.Module, engine: Engine, prompt: list[int], params: S
         if row is not None:
             row.sync(prompt + tokens, len(prompt))
             bitmask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)  # [1, ceil(V/32)]
-            row.fill(bitmask, 0)
+            fill_row(row, bitmask)
             allowed = ((bitmask[0, torch.arange(vocab) // 32] >> (torch.arange(vocab) % 32)) & 1).bool()
         if params.allowed_token_ids is not None:
             allowed = torch.zeros(vocab, dtype=torch.bool)

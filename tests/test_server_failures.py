@@ -53,6 +53,19 @@ def test_a_failed_foreground_stream_kept_is_found_failed(client: openai.OpenAI) 
     assert [item.type for item in items.data] == ["message"]
 
 
+def test_a_failed_response_not_streamed_has_its_streams_error_code(client: openai.OpenAI) -> None:
+    """The server's failure of a response answered whole is a 500 whose code is the one its stream's `response.failed`
+    gives, `server_error` (it was null: clients that branch on the code told the two apart)."""
+    body = {"input": "Hi", "max_output_tokens": FAIL_MAX_TOKENS, "reasoning": {"effort": "none"}, **GREEDY}
+    *_, failed = client.responses.create(stream=True, store=False, **body)
+    assert failed.type == "response.failed"
+    with pytest.raises(openai.InternalServerError) as info:
+        client.responses.create(**body)
+    assert info.value.status_code == 500
+    assert info.value.body == {"message": failed.response.error.message, "type": "server_error", "param": None,
+                               "code": failed.response.error.code}
+
+
 def test_a_failed_stream_sends_the_text_it_held_back(client: openai.OpenAI) -> None:
     """Text held back as it may still begin a stop string went nowhere when the request failed. A failure ends the
     answer where it is, as a finish by length does: the stream's text is the length-cut answer's."""

@@ -461,7 +461,7 @@ def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI
     """A text.format whose matcher errs mid-answer (the lexer of its pattern out of fuel after a token or two) ended
     the response `completed`, its text short of the schema. Now it fails as OpenAI fails a request it cannot serve
     (`invalid_prompt`): a stream's `response.failed`, kept failed; a background one found failed; a collected one a
-    400 naming text.format. Counted as failed each."""
+    400 naming text.format, its code `invalid_prompt` too (it was null). Counted as failed each."""
     schema = {"type": "object", "properties": {"k": {"type": "string", "pattern": "^a{100000}$"}}, "required": ["k"],
               "additionalProperties": False}
     body = {**GREEDY, "input": "Hi", "max_output_tokens": 20,
@@ -481,7 +481,8 @@ def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI
     assert found.status == "failed" and found.error == last.response.error
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**body)
-    assert (info.value.body["param"], info.value.body["message"]) == ("text.format", reason)
+    assert info.value.body == {"message": reason, "type": "invalid_request_error", "param": "text.format",
+                               "code": "invalid_prompt"}
     assert server_stats(server)["requests_failed"] == failed + 3
 
 

@@ -403,13 +403,14 @@ def test_a_grammar_that_errs_mid_answer_fails_its_request_and_not_the_stream_bes
 
 def test_a_stream_whose_grammar_errs_ends_with_the_error_event_then_done(server: GunicornServer) -> None:
     """The stream's text so far, then the error in the shape of every mid-stream error (the server's an engine error's
-    500 would have, here the client's: invalid_request_error naming the field), then [DONE]; the openai client raises
-    it. It ended with `finish_reason: "stop"` before."""
+    500 would have, here the client's: invalid_request_error naming the field, `invalid_prompt` as a Responses
+    failure's), then [DONE]; the openai client raises it. It ended with `finish_reason: "stop"` before."""
     body = {"model": MODEL, "messages": USER, "max_tokens": 20, "stream": True, "response_format": COSTLY_FORMAT,
             **NO_THINKING}
     with post_chat(server, body, stream=True) as response:
         payloads = list(sse_payloads(response))
-    assert json.loads(payloads[-2]) == error_body(GRAMMAR_FAILED, param="response_format") and payloads[-1] == "[DONE]"
+    assert json.loads(payloads[-2]) == error_body(GRAMMAR_FAILED, param="response_format", code="invalid_prompt")
+    assert payloads[-1] == "[DONE]"
     assert all(choice["finish_reason"] is None for chunk in map(json.loads, payloads[:-2]) for choice in
                chunk["choices"])
     with pytest.raises(openai.APIError, match="could not follow the grammar") as info:

@@ -12,7 +12,7 @@ from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Serving, invalid_request
 from nanoqwen.api.sse import RunningUsage
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.api.structured import compiled, grammar_field, output_grammar
+from nanoqwen.api.structured import compiled, output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
 
@@ -54,8 +54,7 @@ class ChatService:
         that a schema refused is refused whatever the prompt (too long for the context, or long to tokenise)."""
         serving = self.serving
         params = req.sampling_params(serving.engine.sampling_defaults)
-        params.grammar = compiled(output_grammar, serving, req)
-        params.grammar_field = grammar_field(req)
+        compiled(output_grammar, serving, req, params)
         return params
 
     def submit(self, req: ChatCompletionRequest, params: SamplingParams, prompt: list[int],

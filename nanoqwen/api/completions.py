@@ -19,7 +19,7 @@ from nanoqwen.api.schemas import CompletionRequest, parse_completion_request
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.strict_json import Budget
-from nanoqwen.api.structured import compiled, grammar_field, structured_grammar
+from nanoqwen.api.structured import compiled, structured_grammar
 from nanoqwen.api.tokenize import encode_texts
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
 from nanoqwen.engine.validation import context_length_error, prompt_token_limit
@@ -152,8 +152,7 @@ class CompletionService:
         req = serving.validate(parse_completion_request, body, budget)
         serving.check_serving(req.model)
         params = req.sampling_params(serving.engine.sampling_defaults)
-        params.grammar = compiled(structured_grammar, serving, req)
-        params.grammar_field = grammar_field(req)
+        compiled(structured_grammar, serving, req, params)
         prompts = self._encode(req, params.max_tokens)
         echoes = [""] * len(prompts)
         if req.echo:

@@ -54,11 +54,14 @@ class APIError(Exception):
 
 
 def generation_error(message: str, param: str | None = None) -> APIError:
-    """A generation's failure (the engine's error event): the client's where it names the request's field at fault (a
-    400: the grammar it asked for, which the output could no longer follow), else the server's (a 500)."""
+    """A generation's failure (the engine's error event, or a stream's own code broken), whose fault is decided here
+    for every endpoint: its answer not streamed, a stream's error event and a Responses `response.failed`'s error. The
+    client's where `param` names the request's field at fault (the grammar it asked for, which the output could no
+    longer follow): a 400 with OpenAI's code for a request it cannot serve, `invalid_prompt`; else the server's: a 500
+    `server_error`, the code a failed response's error gives it."""
     if param is not None:
-        return APIError(400, message, param=param)
-    return APIError(500, message, type="server_error")
+        return APIError(400, message, param=param, code="invalid_prompt")
+    return APIError(500, message, type="server_error", code="server_error")
 
 
 def request_too_large(message: str) -> APIError:

@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import encode_text
-from nanoqwen.api.errors import APIError, request_too_large
+from nanoqwen.api.errors import APIError, generation_error, request_too_large
 from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_background import Background, Run, too_many
@@ -258,10 +258,9 @@ class ResponseEvents:
         """`response.failed`, with the items so far: after the error's event (chunks: an engine error, or Serving's
         for an exception in the stream's own code), which closed the open one and sent its held text (text that might
         have been a call) as the answer would have ended there, those; where that cut raised, the items done only.
-        An error of the request's (`param`: the grammar of its field, which the output could no longer follow) is
-        OpenAI's `invalid_prompt`, a request it cannot serve; the server's `server_error`."""
-        error = {"code": "server_error" if param is None else "invalid_prompt", "message": message}
-        self.response = self.draft.response("failed", self._output, None, error)
+        Its error's code is generation_error's, as a response not streamed is answered."""
+        error = generation_error(message, param)
+        self.response = self.draft.response("failed", self._output, None, {"code": error.code, "message": message})
         return [self._event("response.failed", response=self.response)]
 
     def item_ids(self) -> set[str]:

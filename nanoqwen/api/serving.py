@@ -22,7 +22,7 @@ from nanoqwen.api.body import ParsedBody, parse_json
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
-from nanoqwen.api.errors import APIError, error_body, generation_error
+from nanoqwen.api.errors import APIError, generation_error
 from nanoqwen.api.metrics import RequestTrace, ServerStats
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
@@ -233,7 +233,7 @@ def _broken(chunks: Streamer, message: str) -> list[str]:
         failure = [chunks.frame(chunk) for chunk in chunks.failure(message)]
     except Exception:
         log.exception("the failure event of a broken stream could not be built")
-        failure = [sse(error_body(message, type="server_error"))]
+        failure = [sse(generation_error(message).body())]
     return [*held, *failure]
 
 

@@ -19,6 +19,7 @@ from nanoqwen.engine.validation import InvalidRequest
 if TYPE_CHECKING:
     from nanoqwen.api.serving import Serving
     from nanoqwen.engine.grammar import Grammar, GrammarKey, Grammars
+    from nanoqwen.engine.request import SamplingParams
 
 
 Req = TypeVar("Req", bound=SamplingFields)
@@ -40,30 +41,32 @@ class JsonAnswer:
         return [self.schema, self.strict]
 
 
-def compiled(make: Callable[[Serving, Req], Grammar | None], serving: Serving, req: Req) -> Grammar | None:
-    """make(serving, req): a request's output grammar (output_grammar, structured_grammar), an invalid one the 400
-    naming its field."""
+@dataclass(frozen=True)
+class OutputGrammar:
+    """A request's output grammar and the field that asked for it, as the client's request names it: the param of the
+    request's failure where its output can no longer follow it (Event.error_param). Made by output_grammar (chat) or
+    structured_grammar, which know the branch they took: a grammar of calls' is `tools`, as their compile's 400 names
+    it, where a call follows a schema of theirs (forced, or a strict tool under "auto", beside a JSON response_format
+    too: either may have erred); calls under "auto" that follow no schema of the tools' (any JSON object) leave the
+    JSON answer's."""
+
+    grammar: Grammar
+    param: str
+
+
+def compiled(make: Callable[[Serving, Req], OutputGrammar | None], serving: Serving, req: Req,
+             params: SamplingParams) -> None:
+    """`params`' grammar and grammar_field, from make(serving, req) (output_grammar, structured_grammar): none for free
+    text; an invalid one the 400 naming its field."""
     try:
-        return make(serving, req)
+        made = make(serving, req)
     except InvalidRequest as exc:
         raise invalid_request(exc) from None
+    if made is not None:
+        params.grammar, params.grammar_field = made.grammar, made.param
 
 
-def grammar_field(req: SamplingFields) -> str | None:
-    """The field whose grammar output_grammar (chat) or structured_grammar makes, as the client's request names it
-    (None: no grammar): the param of the request's failure where its output can no longer follow it
-    (Event.error_param). Tool calls' is `tools`, as their compile's 400 names it, where a call follows a schema of
-    theirs: forced, or a strict tool under "auto" (beside a JSON response_format too: either may have erred); calls
-    under "auto" that follow no schema of the tools' (any JSON object) leave the response_format's."""
-    if isinstance(req, ChatCompletionRequest) and (req.forces_tool_call or req.constrains_calls and any(
-            t.function.constrained for t in req.tools or [])):
-        return "tools"
-    if isinstance(req, ChatCompletionRequest) and req.json_response:
-        return req.named("response_format")
-    return None if req.constraint is None else req.constraint.param
-
-
-def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | None:
+def output_grammar(serving: Serving, req: ChatCompletionRequest) -> OutputGrammar | None:
     """Raises InvalidRequest (the 400) for a schema the grammar engine refuses."""
     fmt, param = req.response_format, req.named("response_format")
     answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
@@ -76,23 +79,25 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> Grammar | No
         return _calls(serving, req, req.tools or [], answer)
     if answer is None:
         return structured_grammar(serving, req)
-    return _json(serving, answer.schema, answer.strict, answer.param)
+    return OutputGrammar(_json(serving, answer.schema, answer.strict, answer.param), answer.param)
 
 
 def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
-           answer: JsonAnswer | None) -> Grammar:
+           answer: JsonAnswer | None) -> OutputGrammar:
     """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
     its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
     default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
     is not compiled."""
     forced = req.forces_tool_call
-    tools = [ToolSpec(t.function.name, t.function.parameters if forced or t.function.constrained else ANY_OBJECT,
-                      bool(t.function.strict)) for t in chosen]
+    follows = [forced or t.function.constrained for t in chosen]  # a call to it follows its parameters
+    tools = [ToolSpec(t.function.name, t.function.parameters if schema else ANY_OBJECT, bool(t.function.strict))
+             for t, schema in zip(chosen, follows, strict=True)]
     parallel = not isinstance(req.tool_choice, NamedToolChoice) and req.parallel_tool_calls is not False
-    return _grammar(serving, _tool_calls_key, _tool_calls, tools, parallel, answer, not forced)
+    grammar = _grammar(serving, _tool_calls_key, _tool_calls, tools, parallel, answer, not forced)
+    return OutputGrammar(grammar, answer.param if answer is not None and not any(follows) else "tools")
 
 
-def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
+def structured_grammar(serving: Serving, req: SamplingFields) -> OutputGrammar | None:
     """vLLM's structured outputs; InvalidRequest naming the field for an invalid schema, regex or grammar.
     A schema keyword the grammar engine cannot enforce is refused (vLLM's guidance backend's rule)."""
     constraint = req.constraint
@@ -104,9 +109,10 @@ def structured_grammar(serving: Serving, req: SamplingFields) -> Grammar | None:
         if constraint.kind == "json" and options is not None and options.disable_additional_properties:
             schema = closed_objects(schema)
         no_space = options is not None and bool(options.disable_any_whitespace)
-        return _json(serving, schema, True, constraint.param, no_space)
+        return OutputGrammar(_json(serving, schema, True, constraint.param, no_space), constraint.param)
     text = json.dumps(constraint.value) if constraint.kind == "choice" else constraint.value
-    return _grammar(serving, _text_key, _from_text, constraint.kind, text, constraint.param)
+    return OutputGrammar(_grammar(serving, _text_key, _from_text, constraint.kind, text, constraint.param),
+                         constraint.param)
 
 
 def closed_objects(schema: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from nanoqwen.engine.grammar_rows import LongReference, row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
-from nanoqwen.sampler import compute_mask, token_bitmask
+from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -216,7 +216,7 @@ class Grammars:
             converted = llguidance.grammar_from(kind, text)
         except ValueError as exc:
             raise _invalid(param, str(exc)) from None
-        return self.compile(converted, param, key)
+        return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:
         """The cached grammar, now the most recently used; None on a miss or a spoiled one."""
@@ -234,8 +234,10 @@ class Grammars:
         """`key`: the cache's (the grammar's text by default); `weigh`: its row weight, weighed apart (check_bounds)."""
         key = text if key is None else key
         grammar = self.cached(key)
-        if grammar is not None:
-            return grammar
+        return grammar if grammar is not None else self._compiled(text, param, key, weigh)
+
+    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None) -> Grammar:
+        """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
         check_bounds(text, param, weigh)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
@@ -362,16 +364,10 @@ class RowGrammar:
                 self.first_mask = None
         self._seen = len(token_ids) - num_prompt_tokens
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """bitmask: int32 [B, ceil(V/32)] on the host; row `row` gets the tokens allowed next: one row on its own
-        (LogitAdjuster fills a step's rows in fill_start / fill_end around their masks computed together)."""
-        if self.fill_start(bitmask, row):
-            compute_mask(self.matcher, bitmask, row)
-        self.fill_end(bitmask, row)
-
     def fill_start(self, bitmask: torch.Tensor, row: int) -> bool:
-        """fill() in parts, so that a step's matchers compute their masks together (LogitAdjuster): the compiled
-        first mask into row `row`, else whether the matcher's mask is still to compute into it; fill_end after."""
+        """The tokens allowed next into row `row` of bitmask (int32 [B, ceil(V/32)] on the host), in two parts around
+        the matcher's mask, so that a step's matchers compute theirs together (LogitAdjuster): the compiled first mask,
+        else whether the matcher's mask is still to compute into it (compute_mask); fill_end after."""
         if self.first_mask is not None:
             bitmask[row].numpy()[:] = self.first_mask
             return False
