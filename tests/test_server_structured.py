@@ -393,7 +393,8 @@ def test_a_grammar_that_errs_mid_answer_fails_its_request_and_not_the_stream_bes
             else:
                 client.completions.create(model=MODEL, prompt="Answer:", max_tokens=20, temperature=0.0,
                                           extra_body=body)
-        assert (info.value.body["param"], info.value.body["message"]) == (param, GRAMMAR_FAILED), info.value.body
+        assert (info.value.body["param"], info.value.body["message"], info.value.body["code"]) == (
+            param, GRAMMAR_FAILED, "invalid_prompt"), info.value.body
     chunks = list(beside)
     finish += [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
     assert finish[-1] == "length" and not any(finish[:-1]) and chunks[-1].usage.completion_tokens == BESIDE_TOKENS
