@@ -20,7 +20,9 @@
 
    Build from the repository root:
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_rows.c -o profiles/out/ab_int4_rows -lm
-   Run: OMP_NUM_THREADS=1 taskset -c 0 profiles/out/ab_int4_rows [ROUNDS 15] [CALLS A ROUND 20]
+   Run: [COLD_MB=N] OMP_NUM_THREADS=1 taskset -c 0 profiles/out/ab_int4_rows [ROUNDS 15] [CALLS A ROUND 20] [VARIANT...]
+   (the kernel and the variants named, default all; COLD_MB: copies of each matrix, N MB in all, cycled through so
+   that each call reads from DRAM when N is well past the L3's 32 MB)
    Prints, per shape and row count, each variant's median µs a call, its ratio to the kernel's (median of the rounds'
    ratios), and its largest |y - exact| over sum_k |w_k| max|x| (the exact product in double from the dequantised
    weights and the bf16 activations; every 7th output, every row). */
@@ -348,6 +350,18 @@ static void run(int v, const uint16_t *x, const uint8_t *w, const uint16_t *s, c
 
 int main(int argc, char **argv) {
     const int rounds = argc > 1 ? atoi(argv[1]) : 15, reps = argc > 2 ? atoi(argv[2]) : 20;
+    const long cold = getenv("COLD_MB") ? atol(getenv("COLD_MB")) << 20 : 0;
+    int chosen[VARIANTS], nv = 0;  /* the variants named after CALLS (default all), the kernel first */
+    chosen[nv++] = 0;
+    for (int i = 3; i < argc; i++)
+        for (int v = 1; v < VARIANTS; v++)
+            if (!strcmp(argv[i], names[v])) chosen[nv++] = v;
+    if (argc <= 3)
+        for (int v = 1; v < VARIANTS; v++) chosen[nv++] = v;
+    if (rounds < 1 || rounds > 1000 || reps < 1) {
+        fprintf(stderr, "usage: [COLD_MB=N] %s [ROUNDS 1..1000] [CALLS] [VARIANT...]\n", argv[0]);
+        return 2;
+    }
     srand(1);
     static uint16_t x[MAXM * MAXK], y[MAXM * 6144];
     for (int i = 0; i < MAXM * MAXK; i++) {
@@ -358,22 +372,32 @@ int main(int argc, char **argv) {
     for (int si = 0; si < SHAPES; si++) {
         const struct shape *sh = &shapes[si];
         const int N = sh->N, K = sh->K, groups = K / G;
-        uint8_t *w = aligned_alloc(64, (long)N * K / 2), *plain = malloc((long)N * K / 2);
-        uint16_t *sc = malloc(2L * N * groups), *of = malloc(2L * N * groups);
-        for (long i = 0; i < (long)N * K / 2; i++) plain[i] = w[i] = (uint8_t)rand();
+        const long bytes = (long)N * K / 2 + 4L * N * groups;
+        const int copies = cold ? (int)((cold + bytes - 1) / bytes) : 1;  /* cycled through: from DRAM past the L3 */
+        uint8_t *w[copies], *ilw[copies], *plain = malloc((long)N * K / 2);
+        uint16_t *sc[copies], *of[copies];
+        for (long i = 0; i < (long)N * K / 2; i++) plain[i] = (uint8_t)rand();
+        for (int c = 0; c < copies; c++) {
+            w[c] = aligned_alloc(64, (long)N * K / 2), ilw[c] = aligned_alloc(64, (long)N * K / 2);
+            sc[c] = malloc(2L * N * groups), of[c] = malloc(2L * N * groups);
+            memcpy(w[c], plain, (long)N * K / 2);
+            uint8_t quad[4 * MAXK / 2];
+            if (int4_quads()) linear_int4_pack(w[c], quad, N, K);
+            if (c) memcpy(ilw[c], ilw[0], (long)N * K / 2);
+            else il_pack(plain, ilw[0], N, K);
+        }
         for (long i = 0; i < (long)N * groups; i++)
-            sc[i] = f32_to_bf16(1e-3f * (float)(1 + rand() % 100)), of[i] = f32_to_bf16(-7.5f * bf16_to_f32(sc[i]));
-        uint8_t quad[4 * MAXK / 2];
-        if (int4_quads()) linear_int4_pack(w, quad, N, K);
-        il_w = aligned_alloc(64, (long)N * K / 2);
-        il_pack(plain, il_w, N, K);
+            sc[0][i] = f32_to_bf16(1e-3f * (float)(1 + rand() % 100)), of[0][i] = f32_to_bf16(-7.5f * bf16_to_f32(sc[0][i]));
+        for (int c = 1; c < copies; c++) memcpy(sc[c], sc[0], 2L * N * groups), memcpy(of[c], of[0], 2L * N * groups);
         for (int M = 1; M <= MAXM; M += MAXM - 1) {
             ubs_quant(x, M, K, 0, ubs_q, ubs_a, ubs_xsum);
             il_arrange(ubs_q, M, K);
             /* accuracy: each variant's largest |y - exact| / (sum |w| max|x|) over the rows and outputs */
             double worst[VARIANTS] = {0};
-            for (int v = 0; v < VARIANTS; v++) {
-                run(v, x, w, sc, of, y, M, N, K);
+            il_w = ilw[0];
+            for (int j = 0; j < nv; j++) {
+                const int v = chosen[j];
+                run(v, x, w[0], sc[0], of[0], y, M, N, K);
                 for (int m = 0; m < M; m++) {
                     float xmax = 0;
                     for (int k = 0; k < K; k++) xmax = fmaxf(xmax, fabsf(bf16_to_f32(x[m * K + k])));
@@ -382,8 +406,8 @@ int main(int argc, char **argv) {
                         for (int k = 0; k < K; k++) {
                             const int byte = plain[(long)n * K / 2 + (k % 64 / 16 / 2) + 2 * (k % 16) + 32 * (k / 64)];
                             const int nib = (byte >> (4 * (k % 64 / 16 % 2))) & 15;
-                            const double wk = (double)bf16_to_f32(sc[n * groups + k / G]) * nib
-                                              + bf16_to_f32(of[n * groups + k / G]);
+                            const double wk = (double)bf16_to_f32(sc[0][n * groups + k / G]) * nib
+                                              + bf16_to_f32(of[0][n * groups + k / G]);
                             exact += wk * bf16_to_f32(x[m * K + k]), size += fabs(wk);
                         }
                         const double e = fabs(bf16_to_f32(y[(long)m * N + n]) - exact) / (size * xmax);
@@ -392,16 +416,22 @@ int main(int argc, char **argv) {
                 }
             }
             static double t[VARIANTS][1000];
+            long call = 0;
             for (int r = -1; r < rounds; r++)
-                for (int j = 0; j < VARIANTS; j++) {
-                    const int v = (j + (r < 0 ? 0 : r)) % VARIANTS;
+                for (int j = 0; j < nv; j++) {
+                    const int v = chosen[(j + (r < 0 ? 0 : r)) % nv];
                     const double start = cpu_now();
-                    for (int i = 0; i < reps; i++) run(v, x, w, sc, of, y, M, N, K);
+                    for (int i = 0; i < reps; i++, call++) {
+                        const int c = (int)(call % copies);
+                        il_w = ilw[c];
+                        run(v, x, w[c], sc[c], of[c], y, M, N, K);
+                    }
                     if (r >= 0) t[v][r] = (cpu_now() - start) / reps;
                 }
             double base[1000];
             memcpy(base, t[0], rounds * sizeof *base);
-            for (int v = 0; v < VARIANTS; v++) {
+            for (int j = 0; j < nv; j++) {
+                const int v = chosen[j];
                 double ratio[1000];
                 for (int r = 0; r < rounds; r++) ratio[r] = t[v][r] / base[r];
                 double copy[1000];
@@ -410,10 +440,11 @@ int main(int argc, char **argv) {
                        M, names[v], 1e6 * median(copy, rounds), median(ratio, rounds), worst[v]);
             }
         }
-        free(w), free(plain), free(sc), free(of), free(il_w);
+        for (int c = 0; c < copies; c++) free(w[c]), free(ilw[c]), free(sc[c]), free(of[c]);
+        free(plain);
     }
     double load[3];
     getloadavg(load, 3);
-    printf("load average %.2f %.2f %.2f\n", load[0], load[1], load[2]);
+    printf("load average %.2f %.2f %.2f, %s\n", load[0], load[1], load[2], cold ? "cold (COLD_MB)" : "hot (in L3)");
     return 0;
 }
