@@ -1,6 +1,7 @@
 """Quantisation quality: each weight format's logits against the unquantised model's, same inputs.
 
-    python profiles/quant_quality.py [--positions 320] [--quant int8 int4] [--out DIR]
+    python profiles/quant_quality.py [--positions 320] [--quant int8 int4] [--int4-activations exact int8-block int8-row]
+                                     [--out DIR]
 
 Models: the test checkpoints (the 2-layer tied and untied test models, random weights) in fp32, as
 transformers' Qwen3 with the weights nanoqwen quantises replaced by their dequantised values; with
@@ -9,6 +10,10 @@ Inputs: one random sequence of --positions tokens (seeded); every position's nex
 Relative logit error: ||quantised - original|| / ||original|| per position, mean and max.
 Top-1 agreement: the share of positions whose argmax is the same. Random weights give near-flat
 logits, so top-1 agreement here is a harsh lower bound on what a trained model would show.
+--int4-activations: what int4 linears' activations would cost if rounded to int8 (a measurement, for an AVX2
+vpmaddubsw kernel: profiles/RESULTS.md, lane int4b8 of the twenty-fourth session): int8-block, one scale a 64-column
+block (max |x| / 127); int8-row, one a row. As such a kernel would compute: the nibbles times the scales take the
+rounded activations, the group offsets the exact ones (y = W x_q + O (x - x_q), O each column's group offset).
 """
 from __future__ import annotations
 
@@ -17,19 +22,53 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
+from nanoqwen.quant import GROUP_SIZE, quantize_int4_into  # noqa: E402
 from quant_reference import DEQUANTISED, load_quantised_hf_model  # noqa: E402
+
+ACTIVATION_BLOCK = {"exact": None, "int8-block": 64, "int8-row": 0}  # columns an int8 scale covers (0: the row)
+
+
+def rounded_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x's values rounded to int8 steps of max |x| / 127, a scale each `block` columns (0: each row)."""
+    parts = x.reshape(-1, x.shape[-1] // block if block else 1, block or x.shape[-1])
+    step = parts.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(parts / step.clamp_min(torch.finfo(x.dtype).tiny)) * step).view(x.shape)
+
+
+def int8_activations(model: torch.nn.Module, original: torch.nn.Module, block: int) -> None:
+    """model's int4 linears (hooks) as a kernel with int8 activations would compute them."""
+    weights = dict(original.named_modules())
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        weight = weights[name].weight
+        n, k = weight.shape
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scale, offset = (torch.empty(n, k // GROUP_SIZE, dtype=weight.dtype) for _ in range(2))
+        quantize_int4_into(weight, packed, scale, offset)
+        offsets = offset.float().repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]
+
+        def hook(module, args, output, offsets=offsets):
+            x = args[0]
+            q = rounded_int8(x, block)
+            return F.linear(q, module.weight) + F.linear(x - q, offsets)
+        module.register_forward_hook(hook)
 
 
 @torch.no_grad()
-def compare(path: Path, quant: str, positions: int) -> dict:
+def compare(path: Path, quant: str, positions: int, activations: str = "exact") -> dict:
     ids = torch.tensor([common.random_prompts(1, positions, 0)[0]])
     original = load_hf_model(path)(ids).logits[0].float()  # [P, V]
-    quantised = load_quantised_hf_model(path, quant)(ids).logits[0].float()
+    model = load_quantised_hf_model(path, quant)
+    if ACTIVATION_BLOCK[activations] is not None:
+        int8_activations(model, load_hf_model(path), ACTIVATION_BLOCK[activations])
+    quantised = model(ids).logits[0].float()
     rel = (quantised - original).norm(dim=-1) / original.norm(dim=-1)
     return {"rel_error_mean": rel.mean().item(), "rel_error_max": rel.max().item(),
             "top1_agreement": (quantised.argmax(-1) == original.argmax(-1)).float().mean().item()}
@@ -39,13 +78,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--positions", type=int, default=320)
     parser.add_argument("--quant", nargs="+", default=list(DEQUANTISED), choices=list(DEQUANTISED))
+    parser.add_argument("--int4-activations", nargs="+", default=["exact"], choices=list(ACTIVATION_BLOCK))
     parser.add_argument("--out", type=Path, default=common.OUT)
     args = parser.parse_args()
     rows = []
     for name, tied in (("2-layer test model, tied", True), ("2-layer test model, untied", False)):
         for quant in args.quant:
-            rows.append({"checkpoint": name, "quant": quant,
-                         **compare(make_checkpoint(tie_word_embeddings=tied), quant, args.positions)})
+            for activations in args.int4_activations if quant == "int4" else ["exact"]:
+                label = quant if activations == "exact" else f"{quant}, {activations} activations"
+                rows.append({"checkpoint": name, "quant": label, **compare(
+                    make_checkpoint(tie_word_embeddings=tied), quant, args.positions, activations)})
     text = "\n".join([
         "### Quantisation quality against the unquantised model",
         "",
