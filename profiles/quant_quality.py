@@ -1,7 +1,7 @@
 """Quantisation quality: each weight format's logits against the unquantised model's, same inputs.
 
-    python profiles/quant_quality.py [--positions 320] [--quant int8 int4] [--int4-activations exact int8-block int8-row]
-                                     [--out DIR]
+    python profiles/quant_quality.py [--positions 320] [--quant int8 int4]
+                                     [--int4-activations exact int8-block int8-row] [--out DIR]
 
 Models: the test checkpoints (the 2-layer tied and untied test models, random weights) in fp32, as
 transformers' Qwen3 with the weights nanoqwen quantises replaced by their dequantised values; with
