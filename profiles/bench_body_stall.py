@@ -13,7 +13,8 @@ from typing import Any
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from chat_http import cpu_env, health_polled  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from server_process import GunicornServer  # noqa: E402

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from chat_http import CLIENT_HELLO, MODEL, cpu_env, engine_idle, raw_request, server_stats, wait_for  # noqa: E402
 from checkpoints import TOKEN_IDS, make_checkpoint  # noqa: E402
 from nanoqwen.engine import EngineConfig  # noqa: E402

@@ -45,7 +45,7 @@ from schemathesis.checks import (
 from schemathesis.core.failures import Failure, FailureGroup
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from chat_http import cpu_env  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402

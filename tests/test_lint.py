@@ -1,8 +1,9 @@
-"""`ruff check` (configured in pyproject.toml) passes on the whole repository, and no script or test module hides
-a package under its own name."""
+"""`ruff check` (configured in pyproject.toml) passes on the whole repository, no script or test module hides a
+package under its own name, and each profile script imports its own checkout's nanoqwen."""
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 from server_process import REPO_ROOT
 
@@ -22,3 +23,39 @@ def test_no_module_in_profiles_or_tests_shadows_an_installed_one() -> None:
     clashes = [f"{folder}/{path.name}" for folder in ("profiles", "tests")
                for path in (REPO_ROOT / folder).glob("*.py") if path.stem in installed]
     assert not clashes, clashes
+
+
+# Run in one process that forks a child per script after importing what they share, so each costs its own imports only.
+_IMPORT_EACH = """
+import os, runpy, sys
+import openai, requests, torch, transformers
+decoy, scripts = sys.argv[1], sys.argv[2:]
+failed = False
+for script in scripts:
+    pid = os.fork()
+    if pid == 0:
+        sys.path[:] = [os.path.dirname(script), decoy, *sys.path[1:]]  # as `PYTHONPATH=decoy python script`
+        try:
+            runpy.run_path(script, run_name="__imported__")
+        except BaseException as exc:
+            print(os.path.basename(script), repr(exc)[:300], flush=True)
+            os._exit(1)
+        os._exit(0)
+    failed |= os.waitpid(pid, 0)[1] != 0
+sys.exit(failed)
+"""
+# Measures whichever checkout PYTHONPATH names (its docstring says so).
+_ON_PYTHONPATH = {"bench_responses_stall.py"}
+
+
+def test_each_profile_script_imports_its_own_checkouts_nanoqwen(tmp_path: Path) -> None:
+    # `python profiles/x.py` puts only profiles/ first on sys.path: a script that does not put its checkout there too
+    # imports whatever nanoqwen is installed (another checkout's, or none: bench_client_gone and fuzz_openapi stopped
+    # on their first import where the editable install pointed elsewhere). A decoy package stands for that one here.
+    (tmp_path / "nanoqwen").mkdir()
+    (tmp_path / "nanoqwen" / "__init__.py").write_text("raise ImportError('not this checkout')\n")
+    scripts = [str(path) for path in sorted((REPO_ROOT / "profiles").glob("*.py"))
+               if path.name not in _ON_PYTHONPATH and '__name__ == "__main__"' in path.read_text()]
+    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, str(tmp_path), *scripts], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
