@@ -18,6 +18,7 @@ from nanoqwen.api import chat, completions, responses_api, serving, tokenize
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
+from nanoqwen.api.responses_store import ResponseStore
 from nanoqwen.api.schemas import ChatPrompt
 from nanoqwen.engine import Engine, EngineConfig
 
@@ -123,7 +124,7 @@ def served() -> Iterator[FlaskClient]:
 def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """The thread each step of a Responses request's conversation ran on, by step, recorded while the app serves:
     its references resolved, its items checked and made a chat request of (the whole, and a truncation's candidates),
-    its prompts templated, its input items encoded to be stored."""
+    its prompts templated, its input items encoded to be stored, and again with the answer as it is stored."""
     seen: dict[str, list[int]] = {}
 
     def recorded(owner: Any, name: str) -> None:
@@ -140,6 +141,7 @@ def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     recorded(ResponsePromptFields, "to_chat")
     recorded(ChatPrompt, "template_messages")
     recorded(responses_api, "_stored_inputs")
+    recorded(ResponseStore, "put")
     return seen
 
 
@@ -152,10 +154,11 @@ def _create(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
 def test_a_large_responses_conversation_is_made_off_the_loop(
         served: FlaskClient, conversing: dict[str, list[int]]) -> None:
     """5,000 items (10,000 values): references resolved, checked, made a chat request of, searched for the items that
-    fit (each candidate a chat request, templated where it is made) and stored, all in the long prompts' thread."""
+    fit (each candidate a chat request, templated where it is made) and stored, all in the long prompts' thread; the
+    answer stored with them, in the answers' encoding thread."""
     _create(served, {"input": MESSAGES})
     loop = threading.get_ident()
-    assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs"}
+    assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs", "put"}
     assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
 
 
@@ -169,7 +172,9 @@ def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
     first_input = served.get(f"/v1/responses/{stored['id']}/input_items?order=asc&limit=1").json["data"][0]["id"]
     _create(served, {"input": [{"type": "item_reference", "id": first_input}, {"role": "user", "content": "hi"}]})
     loop = threading.get_ident()
+    stored_alone = conversing.pop("put")  # their own few items: the history stored is joined, not encoded again
     assert len(conversing["_resolved"]) == 2 and not any(loop in threads for threads in conversing.values())
+    assert stored_alone == [loop, loop]
 
 
 def test_a_small_responses_conversation_is_made_on_the_loop(

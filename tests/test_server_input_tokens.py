@@ -128,10 +128,13 @@ def test_a_large_truncated_input_is_served_as_the_items_it_keeps(client: openai.
     last = {"role": "user", "content": "Hi"}
     base, one = (_count(client, input=[*MANY[:n], last], **NO_THINKING) for n in (0, 1))
     cut = _created(client, input=[*MANY, last], truncation="auto", **NO_THINKING)
-    kept, rest = divmod(cut.usage.input_tokens - base, one - base)
+    counted = cut.usage.input_tokens
+    kept, rest = divmod(counted - base, one - base)
     assert rest == 0 and 0 < kept < len(MANY)
     alone = _created(client, input=[*MANY[:kept], last], **NO_THINKING)
     assert alone.usage.input_tokens == cut.usage.input_tokens and alone.output_text == cut.output_text
+    (*_, streamed) = _created(client, input=[*MANY, last], truncation="auto", stream=True, **NO_THINKING)
+    assert streamed.response.output_text == cut.output_text and streamed.response.usage.input_tokens == counted
     with pytest.raises(openai.BadRequestError):  # one more item would not fit
         _created(client, input=[*MANY[:kept + 1], last], **NO_THINKING)
     listed = client.responses.input_items.list(cut.id, order="asc", limit=2)

@@ -63,6 +63,7 @@ class ClientGone(Exception):
 
 
 class Collector(Protocol):
+    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
     def add(self, event: Event) -> None: ...
     def build(self, usage: Usage) -> Json | bytes: ...  # bytes: the answer already encoded (encode_json)
 
@@ -75,6 +76,7 @@ class Streamer(Protocol):
     ending: str  # sent after the last chunk ("" for none)
     # its final chunks, and those repeats() names, repeat the answer so far: a large one's are framed off the loop
     repeats_answer: bool
+    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
 
     def repeats(self, chunk: Json) -> bool: ...
 
@@ -395,7 +397,7 @@ class Serving:
             raise generation_error(event.error, event.error_param)
         usage = event.usage
         self.stats.finish(trace, usage)
-        if weight < LARGE_ANSWER:
+        if weight + builder.weight < LARGE_ANSWER:
             answer = builder.build(usage)
             return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
         return Response(self.encoding.run(lambda: _encoded(builder.build(usage))), mimetype="application/json")
@@ -428,7 +430,7 @@ class Serving:
         """The stream's frames, each event's in one list (its last event's may be megabytes: a background
         stream keeps them whole for a follower that keeps up)."""
         finished = aborted = False
-        weight = 0
+        weight = chunks.weight
         next_probe = 0.0
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]
