@@ -1,6 +1,9 @@
 """The worst GET /health latency (a poller every 10 ms, its own process) while one large request body of each shape
 runs on a real gunicorn serving the tiny test checkpoint (1024-token context): the event loop's stall per shape.
-Each shape runs 3 times; the median of their worst latencies is printed. Run from a checkout's root.
+Each shape runs 3 times; the median of their worst latencies is printed. Run from a checkout's root; an argument runs
+only the shapes whose names hold it. The shapes that bring in stored items (references, a previous response) first
+store a response of 10,000 items (with ids, 16,000 pass the 65,536-value limit), then send `store: false` (each run
+kept would push it out of the store).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 ITEMS = [{"role": "user", "content": "w " * 225}] * 16000
+STORED = "resp_stored"  # replaced by the id of a stored response of STORED_ITEMS
+STORED_ITEMS = [{"id": f"msg_{i:05d}", **item} for i, item in enumerate(ITEMS[:10000])]
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "chat: 60 tools, 2x64 KB descriptions": (
         "/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": _tool(i, 64000)}
@@ -59,7 +64,24 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "responses: 16k input items": ("/v1/responses", {"input": ITEMS}),
     "responses: 16k input items, truncation auto": ("/v1/responses", {"input": ITEMS, "truncation": "auto"}),
     "completions: 2k prompts of 4 KB": ("/v1/completions", {"prompt": ["w " * 2000] * 2000}),
+    # as many as the request's values allow: each resolved item counts as sent
+    "responses: 3k item references, truncation auto": (
+        "/v1/responses", {"input": [{"type": "item_reference", "id": item["id"]} for item in STORED_ITEMS[:3000]],
+                          "truncation": "auto", "store": False}),
+    "responses: continuing 10k stored items, truncation auto": (
+        "/v1/responses", {"input": "hi", "previous_response_id": STORED, "truncation": "auto", "store": False}),
+    "tokenize: 16k messages (400: continue_final_message)": (
+        "/tokenize", {"messages": ITEMS, "add_generation_prompt": False, "continue_final_message": True}),
+    "detokenize: 60k ids": ("/detokenize", {"tokens": [1000] * 60000}),
 }
+
+
+def _stored(url: str) -> str:
+    """The id of a new stored response of STORED_ITEMS (truncated to fit)."""
+    answer = requests.post(f"{url}/v1/responses", json={"input": STORED_ITEMS, "truncation": "auto",
+                                                         "max_output_tokens": 16}, timeout=300)
+    answer.raise_for_status()
+    return answer.json()["id"]
 
 
 def main() -> None:
@@ -67,9 +89,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, GunicornServer(env, Path(tmp) / "gunicorn.log") as srv:
         requests.post(f"{srv.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, timeout=120)
         print("| shape | MiB | status | worst /health (median of 3) |")
+        stored = ""
         for name, (path, body) in SHAPES.items():
-            limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
-            data = json.dumps({limit: 16, **body}).encode()
+            if sys.argv[1:] and sys.argv[1] not in name:
+                continue
+            limit = {"/v1/responses": {"max_output_tokens": 16}, "/tokenize": {}, "/detokenize": {}}.get(
+                path, {"max_tokens": 16})
+            data = json.dumps({**limit, **body}).encode()
+            if STORED.encode() in data or b'"item_reference"' in data:
+                stored = stored or _stored(srv.url)
+                data = data.replace(STORED.encode(), stored.encode())
             worst = []
             for _ in range(3):
                 with health_polled(srv, 0.01) as latencies:

@@ -1,19 +1,24 @@
 """A large body's JSON parse and its validation run in the offload threads, never on the event loop's: 8 MiB of
-JSON took ~130 ms to parse and 16,000 messages ~60 ms to validate there, holding every stream and /health."""
+JSON took ~130 ms to parse and 16,000 messages ~60 ms to validate there, holding every stream and /health. So does a
+large Responses request's conversion to a chat request (~200 ms for 16,000 items), with its truncation's search."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine
-from nanoqwen.api import chat, completions, responses_api, serving
+from nanoqwen.api import chat, completions, responses_api, serving, tokenize
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.responses_schemas import ResponsePromptFields
+from nanoqwen.api.responses_store import ResponseStore
 from nanoqwen.api.schemas import ChatPrompt
 from nanoqwen.engine import Engine, EngineConfig
 
@@ -40,6 +45,7 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[int]]]:
     recorded(completions, "parse_completion_request")
     recorded(responses_api, "parse_responses_request")
     recorded(responses_api, "parse_count_request")
+    recorded(tokenize, "validate_body")
     yield seen
 
 
@@ -48,6 +54,8 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[int]]]:
     ("/v1/completions", {"prompt": [100] * 20000}, "parse_completion_request"),
     ("/v1/responses", {"input": MESSAGES}, "parse_responses_request"),
     ("/v1/responses/input_tokens", {"input": MESSAGES}, "parse_count_request"),
+    ("/tokenize", {"messages": MESSAGES}, "validate_body"),
+    ("/detokenize", {"tokens": [100] * 20000}, "validate_body"),
 ])
 def test_a_body_of_many_values_is_parsed_and_validated_off_the_loop(
         tmp_path: Path, threads: dict[str, list[int]], path: str, body: dict[str, Any], validation: str) -> None:
@@ -94,3 +102,87 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
         engine.shutdown()
     assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded"
     assert len(seen) >= 3 and threading.get_ident() not in seen
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[FlaskClient]:
+    """The app of a started engine (1024-token context): 5,000 "hi" messages are too long for it."""
+    engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
+                                 kernels="torch", max_batch=4, max_model_len=1024))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.load_error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        yield create_app(engine, ServerConfig()).test_client()
+    finally:
+        engine.shutdown()
+
+
+@pytest.fixture()
+def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The thread each step of a Responses request's conversation ran on, by step, recorded while the app serves:
+    its references resolved, its items checked and made a chat request of (the whole, and a truncation's candidates),
+    its prompts templated, its input items encoded to be stored, and again with the answer as it is stored."""
+    seen: dict[str, list[int]] = {}
+
+    def recorded(owner: Any, name: str) -> None:
+        fn: Callable[..., Any] = getattr(owner, name)
+
+        def wrapper(*args: Any) -> Any:
+            seen.setdefault(name, []).append(threading.get_ident())
+            return fn(*args)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    recorded(responses_api.ResponsesService, "_resolved")
+    recorded(responses_api, "check_items")
+    recorded(ResponsePromptFields, "to_chat")
+    recorded(ChatPrompt, "template_messages")
+    recorded(responses_api, "_stored_inputs")
+    recorded(ResponseStore, "put")
+    return seen
+
+
+def _create(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
+    answer = client.post("/v1/responses", json={"max_output_tokens": 16, "truncation": "auto", **body})
+    assert answer.status_code == 200, answer.json
+    return answer.json
+
+
+def test_a_large_responses_conversation_is_made_off_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]]) -> None:
+    """5,000 items (10,000 values): references resolved, checked, made a chat request of, searched for the items that
+    fit (each candidate a chat request, templated where it is made) and stored, all in the long prompts' thread; the
+    answer stored with them, in the answers' encoding thread."""
+    _create(served, {"input": MESSAGES})
+    loop = threading.get_ident()
+    assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs", "put"}
+    assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
+
+
+def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]]) -> None:
+    """A small body whose previous response's history, or whose references' responses, hold 5,000 items: the stored
+    items count (their characters, past LARGE_BODY_CHARS), not the body's few values."""
+    stored = _create(served, {"input": MESSAGES})
+    conversing.clear()
+    _create(served, {"input": "hi", "previous_response_id": stored["id"]})
+    first_input = served.get(f"/v1/responses/{stored['id']}/input_items?order=asc&limit=1").json["data"][0]["id"]
+    _create(served, {"input": [{"type": "item_reference", "id": first_input}, {"role": "user", "content": "hi"}]})
+    loop = threading.get_ident()
+    stored_alone = conversing.pop("put")  # their own few items: the history stored is joined, not encoded again
+    assert len(conversing["_resolved"]) == 2 and not any(loop in threads for threads in conversing.values())
+    assert stored_alone == [loop, loop]
+
+
+def test_a_small_responses_conversation_is_made_on_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]]) -> None:
+    """A few items: no hand-off (a hand-off costs more than their conversion); the prompt is templated in the
+    tokenising threads, as ever."""
+    stored = _create(served, {"input": MESSAGES[:3]})
+    _create(served, {"input": "hi", "previous_response_id": stored["id"]})
+    loop = threading.get_ident()
+    assert all(threads == [loop] * len(threads) for name, threads in conversing.items() if name != "template_messages")
+    assert len(conversing["to_chat"]) == 2 and loop not in conversing["template_messages"]

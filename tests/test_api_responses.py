@@ -419,11 +419,17 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
+def _here(large: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Serving.off_loop_if of a service with no threads behind it."""
+    return fn(*args)
+
+
 def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]],
              max_model_len: int = 10**6) -> ResponsesService:
     """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it (no grammar
     compiled); `max_model_len` only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(info={"max_model_len": max_model_len}, check_serving=lambda model: None)
+    serving = SimpleNamespace(info={"max_model_len": max_model_len}, check_serving=lambda model: None,
+                              off_loop_if=_here)
     chat = SimpleNamespace(serving=serving, encode=encode, params=ChatCompletionRequest.sampling_params)
     return ResponsesService(chat)
 
@@ -489,7 +495,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
 
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
-                              validate=lambda parse, body, budget: parse(body, budget),
+                              validate=lambda parse, body, budget: parse(body, budget), off_loop_if=_here,
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: collector)
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
@@ -879,7 +885,7 @@ def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callab
     """A service whose create submits and answers with these."""
     engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
     serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
-                              validate=lambda parse, body, budget: parse(body, budget),
+                              validate=lambda parse, body, budget: parse(body, budget), off_loop_if=_here,
                               stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
                               respond=lambda batch, stream, collector, trace, environ: respond())
     service = ResponsesService(SimpleNamespace(

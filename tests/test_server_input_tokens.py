@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai.types.responses import input_token_count_params
 
-from chat_http import MODEL
+from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL
 from nanoqwen.api.responses_schemas import ResponseCountRequest
 from server_process import GunicornServer
 
@@ -115,6 +115,36 @@ def test_previous_responses_and_item_references_count_as_in_create(client: opena
     assert _count(client, truncation="auto", **past) == cut.usage.input_tokens
     error = _error(client, 400, **past)
     assert (error["code"], error["param"]) == ("context_length_exceeded", "previous_response_id")
+
+
+# 5,000 items (10,000 values): a body worked on in the long prompts' thread (serving.is_large), too long whole
+MANY = [{"role": "user", "content": "hi"}] * 5000
+
+
+def test_a_large_truncated_input_is_served_as_the_items_it_keeps(client: openai.OpenAI) -> None:
+    """Its items made a chat request of and searched in the long prompts' thread, and stored from there: its answer
+    is the answer to the items kept alone (the most that fit: every item tokenises alike), its input is listed, its
+    continuation is cut to fit too, and its errors are a small input's."""
+    last = {"role": "user", "content": "Hi"}
+    base, one = (_count(client, input=[*MANY[:n], last], **NO_THINKING) for n in (0, 1))
+    cut = _created(client, input=[*MANY, last], truncation="auto", **NO_THINKING)
+    counted = cut.usage.input_tokens
+    kept, rest = divmod(counted - base, one - base)
+    assert rest == 0 and 0 < kept < len(MANY)
+    alone = _created(client, input=[*MANY[:kept], last], **NO_THINKING)
+    assert alone.usage.input_tokens == cut.usage.input_tokens and alone.output_text == cut.output_text
+    (*_, streamed) = _created(client, input=[*MANY, last], truncation="auto", stream=True, **NO_THINKING)
+    assert streamed.response.output_text == cut.output_text and streamed.response.usage.input_tokens == counted
+    with pytest.raises(openai.BadRequestError):  # one more item would not fit
+        _created(client, input=[*MANY[:kept + 1], last], **NO_THINKING)
+    listed = client.responses.input_items.list(cut.id, order="asc", limit=2)
+    assert [item.content[0].text for item in listed.data] == ["hi", "hi"] and listed.has_more
+    follow = {"input": "And then?", "previous_response_id": cut.id, "truncation": "auto", **NO_THINKING}
+    assert _created(client, **follow).usage.input_tokens <= CHAT_SERVER_MAX_MODEL_LEN - 16  # its history cut too
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    for status, bad in ((400, [{**last, "id": "msg_1"}] * 2), (404, [{"type": "item_reference", "id": "msg_none"}]),
+                        (400, [{"type": "function_call_output", "call_id": "c", "output": "x"}]), (400, [call])):
+        assert _error(client, status, input=[*MANY, *bad]) == _error(client, status, input=bad)
 
 
 NOT_A_SCHEMA = {"type": "nothing"}

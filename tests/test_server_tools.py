@@ -269,6 +269,22 @@ def test_tokenize_validation(server: GunicornServer, path: str, body: dict[str, 
     _error(_post(server, path, body), param)
 
 
+def test_a_large_tokenize_body_is_served_as_a_small_one(server: GunicornServer) -> None:
+    """5,000 messages (10,000 values: validated in the long prompts' thread) template as one message repeated, and
+    20,000 ids decode as one repeated; their errors name the same fields as a small body's."""
+    one, two = (_post(server, "/tokenize", {"messages": USER * n}).json()["tokens"] for n in (1, 2))
+    turn = two[:len(two) - len(one)]
+    many = _post(server, "/tokenize", {"messages": USER * 5000}).json()
+    assert many["tokens"] == turn * 5000 + one[len(turn):] and many["count"] == len(many["tokens"])
+    piece = _post(server, "/detokenize", {"tokens": one[:3]}).json()["prompt"]
+    assert _post(server, "/detokenize", {"tokens": one[:3] * 7000}).json() == {"prompt": piece * 7000}
+    _error(_post(server, "/tokenize", {"messages": USER * 5000, "add_generation_prompt": False,
+                                       "continue_final_message": True}), "continue_final_message")
+    _error(_post(server, "/tokenize", {"messages": [*USER * 4999, {"role": "wizard", "content": "x"}]}),
+           "messages.[4999].role")
+    _error(_post(server, "/detokenize", {"tokens": [*one[:3] * 7000, -1]}), "tokens.[21000]")
+
+
 def test_tokenize_unknown_model(server: GunicornServer) -> None:
     response = _post(server, "/tokenize", {"model": "gpt-4", "prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"

@@ -64,11 +64,15 @@ class ChatService:
 
     def encode(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
         """The prompt's ids, templated and tokenised off the loop; a 400 naming `prompt_name` when too long."""
+        return self.serving.off_loop(req.template_chars(), self.encode_here, req, max_tokens, prompt_name)
+
+    def encode_here(self, req: ChatCompletionRequest, max_tokens: int | None, prompt_name: PromptName) -> list[int]:
+        """`encode`'s work in the calling thread: an offload thread's (a large Responses request's truncation search
+        templates its candidates where it runs)."""
         serving = self.serving
         limit = serving.info["max_model_len"]
         try:
-            return serving.off_loop(req.template_chars(), req.encoded, serving.engine.encode_messages,
-                                    prompt_token_limit(limit, max_tokens))
+            return req.encoded(serving.engine.encode_messages, prompt_token_limit(limit, max_tokens))
         except PromptTooLongError as exc:
             error = context_length_error(limit, exc.num_tokens, max_tokens, prompt_name.words, prompt_name.param)
             raise invalid_request(error) from None

@@ -41,7 +41,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, client_probe
+from nanoqwen.api.serving import Batch, client_probe, is_large
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -194,6 +194,10 @@ class ResponseCollector:
         else:
             self._events.chunks(event)
 
+    @property
+    def weight(self) -> int:
+        return self._events.weight
+
     def build(self, usage: Usage) -> Json | bytes:
         """The response, encoded when the store encoded it."""
         self._events.chunks(self._last)
@@ -235,6 +239,12 @@ class ResponseEvents:
         self._finish_reason: str | None = None
         self.response: Json | None = None  # the final one
         self.body: bytes | None = None  # its encoding, when stored
+
+    @property
+    def weight(self) -> int:
+        """Its stored input items, which the store encodes again with the output as the answer ends (Draft.finish):
+        16,000 items took ~300 ms on the loop."""
+        return len(self.draft.inputs) if self.draft.store is not None else 0
 
     def frame(self, chunk: Json, split: bool = False) -> str:
         return named_event(chunk, split)
@@ -404,6 +414,13 @@ class PolledEvents(ResponseEvents):
         return ""
 
 
+def _stored_inputs(req: ResponseCreateRequest) -> tuple[list[Json], bytes]:
+    """The input items as stored (input_item_json), none with `store: false`, and their encoding, as input_items lists
+    them (16,000 items: ~270 ms)."""
+    inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
+    return inputs, encode_text(inputs).encode()
+
+
 def kept_in_progress(ended: Callable[[], None], respond: Callable[[], Response]) -> Response:
     """The stream of a response begun in the store, found there until it `ended`: on an error (before it streams,
     its request submitted or not), or when the server closes its stream (at its end, failed, its client gone, even
@@ -422,6 +439,20 @@ HISTORY = PromptName("input and previous responses' items", "previous_response_i
 Fields = TypeVar("Fields", bound=ResponsePromptFields)
 
 
+Encode = Callable[[ChatCompletionRequest, PromptName], list[int]]  # a chat request's prompt ids (ChatService.encode)
+
+
+@dataclass
+class Conversation(Generic[Fields]):
+    """A request's items, checked, and the chat request they make whole."""
+
+    req: Fields  # its item references resolved
+    previous: Stored | None
+    name: PromptName
+    items: list[Item]  # the previous response's, then the input
+    whole: ChatCompletionRequest
+
+
 @dataclass
 class Prompt(Generic[Fields]):
     """What a request's fields make: the prompt create starts, and the count counts."""
@@ -432,6 +463,7 @@ class Prompt(Generic[Fields]):
     chat: ChatCompletionRequest  # of the items kept
     ids: list[int]
     params: SamplingParams
+    large: bool  # worked on off the loop (ResponsesService._prompt)
 
 
 def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
@@ -461,8 +493,7 @@ class ResponsesService:
         trace = serving.stats.begin()
         prompt = self._prompt(serving.validate(parse_responses_request, body, budget), budget)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
-        inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
-        input_bytes = encode_text(inputs).encode()
+        inputs, input_bytes = serving.off_loop_if(prompt.large, _stored_inputs, req)
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
                       self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
                       input_bytes)
@@ -534,22 +565,51 @@ class ResponsesService:
         response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
-        body left of the request's values, to the items its references resolve to."""
+        body left of the request's values, to the items its references resolve to.
+        A large request (its body's values, or the stored items it brings in: is_large) is worked on in the long
+        prompts' thread but for the grammar's compile, its prompts templated there too (encode_here): on the loop,
+        16,000 items took ~200 ms to make a chat request of, and a truncation's search did it again in part."""
+        serving = self.chat.serving
+        large = is_large(budget.used) or is_large(chars=self._stored_chars(req))
+        conversation = serving.off_loop_if(large, self._conversation, req, budget)
+        params = self.chat.params(conversation.whole)
+        chat_encode = self.chat.encode_here if large else self.chat.encode
+
+        def encode(chat_req: ChatCompletionRequest, prompt_name: PromptName) -> list[int]:
+            return chat_encode(chat_req, params.max_tokens, prompt_name)
+
+        chat_req, ids = serving.off_loop_if(large, self._fitted, conversation, encode)
+        return Prompt(conversation.req, conversation.previous, conversation.name, chat_req, ids, params, large)
+
+    def _stored_chars(self, req: ResponsePromptFields) -> int:
+        """About the characters of stored JSON a request brings in: the own items of the responses its references
+        name, and its previous response's history. Only looked up: an id not found counts 0 (its error comes in
+        its turn)."""
+        own: dict[str, int] = {}  # response id -> its own items' characters
+        for item in req.input_items:
+            if (item_id := referred_id(item)) is not None and (holder := self.store.holder(item_id)) is not None:
+                response_id, stored = holder
+                own[response_id] = len(stored.history) - stored.own_at
+        previous = self.store.get(req.previous_response_id) if req.previous_response_id is not None else None
+        return sum(own.values()) + (len(previous.history) if isinstance(previous, Stored) else 0)
+
+    def _conversation(self, req: Fields, budget: Budget) -> Conversation[Fields]:
         req = self._resolved(req, budget)
         previous = self._previous(req.previous_response_id)
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
-        name = INPUT if previous is None else HISTORY
         check_items(items)
-        whole = req.to_chat(items)
-        params = self.chat.params(whole)
+        return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items))
+
+    def _fitted(self, conversation: Conversation[Fields], encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:
+        """The chat request of the items kept and its prompt's ids (_encoded); a continuation too long for the
+        context says which part is (_check_input_alone)."""
         try:
-            chat_req, ids = self._encoded(req, items, whole, params.max_tokens, name)
+            return self._encoded(conversation.req, conversation.items, conversation.whole, conversation.name, encode)
         except APIError as exc:
-            if previous is not None and exc.code == "context_length_exceeded":
-                self._check_input_alone(req, params.max_tokens)
+            if conversation.previous is not None and exc.code == "context_length_exceeded":
+                self._check_input_alone(conversation.req, encode)
             raise
-        return Prompt(req, previous, name, chat_req, ids, params)
 
     def _resolved(self, req: Fields, budget: Budget) -> Fields:
         """`req` with its item references replaced by the stored items they name. Each response referred to is
@@ -599,32 +659,32 @@ class ResponsesService:
         return APIError(400, f"Item with id '{item_id}' is in response '{running}', still in progress: refer to it "
                         "once that response has finished.", param=param, code="response_in_progress")
 
-    def _fitting(self, chat_req: ChatCompletionRequest, max_tokens: int | None,
-                 prompt_name: PromptName) -> list[int] | None:
+    @staticmethod
+    def _fitting(chat_req: ChatCompletionRequest, prompt_name: PromptName, encode: Encode) -> list[int] | None:
         """The prompt's ids, or None when it does not fit the context."""
         try:
-            return self.chat.encode(chat_req, max_tokens, prompt_name)
+            return encode(chat_req, prompt_name)
         except APIError as exc:
             if exc.code != "context_length_exceeded":
                 raise
             return None
 
     def _encoded(self, req: ResponsePromptFields, items: list[Item], chat_req: ChatCompletionRequest,
-                 max_tokens: int | None, prompt_name: PromptName) -> tuple[ChatCompletionRequest, list[int]]:
+                 prompt_name: PromptName, encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:
         """The chat request of `items` (`chat_req`, or one without its first items) and its prompt's ids; with
         `truncation: "auto"`, one too long for the context is cut to the fewest first items dropped that make it
         fit, whose ids were made finding it. One that looks far too long is searched at once: tokenising it whole
         would be most of the work (a 6 MB conversation: 5.6 of 6 CPU seconds), and where the look is wrong the
         search ends keeping it whole."""
         searched = req.truncation == "auto" and self._looks_too_long(chat_req)
-        if searched and (truncated := self._truncated(req, items, max_tokens, prompt_name, whole_tried=False)):
+        if searched and (truncated := self._truncated(req, items, prompt_name, encode, whole_tried=False)):
             return truncated
         try:  # after a search that found nothing: the whole's error
-            return chat_req, self.chat.encode(chat_req, max_tokens, prompt_name)
+            return chat_req, encode(chat_req, prompt_name)
         except APIError as exc:
             if searched or req.truncation != "auto" or exc.code != "context_length_exceeded":
                 raise
-            truncated = self._truncated(req, items, max_tokens, prompt_name, whole_tried=True)
+            truncated = self._truncated(req, items, prompt_name, encode, whole_tried=True)
             if truncated is None:  # not even the fewest items fit: the same error, without templating it all again
                 raise
             return truncated
@@ -633,8 +693,8 @@ class ResponsesService:
         limit = self.chat.serving.info["max_model_len"]
         return chat_req.template_chars() > LONG_CHARS_PER_TOKEN * limit
 
-    def _truncated(self, req: ResponsePromptFields, items: list[Item], max_tokens: int | None,
-                   prompt_name: PromptName, whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:
+    def _truncated(self, req: ResponsePromptFields, items: list[Item], prompt_name: PromptName, encode: Encode,
+                   whole_tried: bool) -> tuple[ChatCompletionRequest, list[int]] | None:
         """The chat request without the fewest first items (never a system or developer message, nor the last
         item) that fits the context, if any, and its prompt's ids. Searched from the end, keeping 0, 1, 3, 7, ...
         of the droppable items, then by bisection: each prompt templated is at most about twice the one that fits,
@@ -655,7 +715,7 @@ class ResponsesService:
             dropped |= {i for i in droppable
                         if isinstance(items[i], FunctionCallOutputItem) and items[i].call_id in calls}
             chat_req = req.to_chat([item for i, item in enumerate(items) if i not in dropped])
-            ids = self._fitting(chat_req, max_tokens, prompt_name)
+            ids = self._fitting(chat_req, prompt_name, encode)
             return None if ids is None else (chat_req, ids)
 
         fits, best = 0, keeping(0)
@@ -675,12 +735,12 @@ class ResponsesService:
                 fits, best = count, candidate
         return best
 
-    def _check_input_alone(self, req: ResponsePromptFields, max_tokens: int | None) -> None:
+    def _check_input_alone(self, req: ResponsePromptFields, encode: Encode) -> None:
         """A continuation too long for the context blames `input` when the new input alone is too long (the
         history aside), else previous_response_id: templated again, on this error only. The input alone may not
         make a prompt (a continuation with no input of its own): then it is not what is too long."""
         try:
-            self.chat.encode(req.to_chat(req.input_items), max_tokens, INPUT)
+            encode(req.to_chat(req.input_items), INPUT)
         except APIError as exc:
             if exc.code == "context_length_exceeded":
                 raise

@@ -52,11 +52,18 @@ _poll = gevent.monkey.get_original("select", "poll")
 _RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux's: the peer's end of stream, told without reading the socket
 
 
+def is_large(values: int = 0, chars: int = 0) -> bool:
+    """Whether a request of `values` JSON values (its budget's) or `chars` characters of JSON is worked on off the loop
+    (Serving.off_loop_if)."""
+    return values >= LARGE_BODY_VALUES or chars >= LARGE_BODY_CHARS
+
+
 class ClientGone(Exception):
     pass
 
 
 class Collector(Protocol):
+    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
     def add(self, event: Event) -> None: ...
     def build(self, usage: Usage) -> Json | bytes: ...  # bytes: the answer already encoded (encode_json)
 
@@ -69,6 +76,7 @@ class Streamer(Protocol):
     ending: str  # sent after the last chunk ("" for none)
     # its final chunks, and those repeats() names, repeat the answer so far: a large one's are framed off the loop
     repeats_answer: bool
+    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
 
     def repeats(self, chunk: Json) -> bool: ...
 
@@ -281,16 +289,17 @@ class Serving:
 
     def parse_body(self, text: str, raw: bytes | None) -> ParsedBody:
         """body.parse_json(text, raw), off the loop past LARGE_BODY_CHARS (8 MiB of JSON: ~130 ms)."""
-        return self._parse(len(text) >= LARGE_BODY_CHARS, parse_json, text, raw)
+        return self.off_loop_if(is_large(chars=len(text)), parse_json, text, raw)
 
     def validate(self, parse: Callable[[Any, Budget], T], body: Any, budget: Budget) -> T:
         """parse(body, budget), a request's validation, off the loop for a body of LARGE_BODY_VALUES values or more
         (16,000 messages: ~60 ms; a Responses input of as many items: ~200 ms)."""
-        return self._parse(budget.used >= LARGE_BODY_VALUES, parse, body, budget)
+        return self.off_loop_if(is_large(budget.used), parse, body, budget)
 
-    def _parse(self, large: bool, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) for a `large` body in the long prompts' threads, where it would hold every stream and /health
-        on the loop; else here: a hand-off to a thread costs more than a small body's parse."""
+    def off_loop_if(self, large: bool, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) for a `large` request (is_large) in the long prompts' threads, where it would hold every stream
+        and /health on the loop; else here: a hand-off to a thread costs more than a small request's work. fn runs
+        in the thread as a whole: what it hands off itself (off_loop) must be done there in its place."""
         return self._run(self.tokenizing_long, fn, *args) if large else fn(*args)
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -388,7 +397,7 @@ class Serving:
             raise generation_error(event.error, event.error_param)
         usage = event.usage
         self.stats.finish(trace, usage)
-        if weight < LARGE_ANSWER:
+        if weight + builder.weight < LARGE_ANSWER:
             answer = builder.build(usage)
             return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
         return Response(self.encoding.run(lambda: _encoded(builder.build(usage))), mimetype="application/json")
@@ -421,7 +430,7 @@ class Serving:
         """The stream's frames, each event's in one list (its last event's may be megabytes: a background
         stream keeps them whole for a follower that keeps up)."""
         finished = aborted = False
-        weight = 0
+        weight = chunks.weight
         next_probe = 0.0
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]

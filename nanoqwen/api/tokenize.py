@@ -6,6 +6,7 @@ server's native threads, never on the event loop.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from nanoqwen.api.errors import APIError
@@ -36,10 +37,7 @@ class TokenizeService:
         self.serving = serving
 
     def tokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
-        chat_form = isinstance(body, dict) and "messages" in body
-        req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body, budget)
-        if isinstance(req, TokenizeChatRequest):
-            req.check_ending()
+        req = self.serving.validate(parse_tokenize_request, body, budget)
         self.serving.check_serving(req.model)
         ids = self.serving.off_loop(*self._job(req))
         strs = self.serving.off_loop(len(ids), self.serving.engine.tokenizer.convert_ids_to_tokens, ids) \
@@ -54,7 +52,7 @@ class TokenizeService:
         return req.template_chars(), _encode_messages, engine.encode_messages, req
 
     def detokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
-        req = validate_body(DetokenizeRequest, body, budget)
+        req = self.serving.validate(partial(validate_body, DetokenizeRequest), body, budget)
         self.serving.check_serving(req.model)
         tokenizer = self.serving.engine.tokenizer
         vocab = len(tokenizer)
@@ -62,6 +60,16 @@ class TokenizeService:
             raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
                            param=f"tokens.[{bad}]")
         return {"prompt": self.serving.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
+
+
+def parse_tokenize_request(body: Any, budget: Budget) -> TokenizePromptRequest | TokenizeChatRequest:
+    """A prompt's form, or the messages' (chat's, its size worked out here: off the loop for a large body)."""
+    chat_form = isinstance(body, dict) and "messages" in body
+    req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body, budget)
+    if isinstance(req, TokenizeChatRequest):
+        req.check_ending()
+        req.template_chars()
+    return req
 
 
 def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
