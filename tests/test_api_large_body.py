@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,22 @@ MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
 PAD = "x" * (1 << 17)  # one string: many characters, few values
 
 
+def _record_threads(monkeypatch: pytest.MonkeyPatch, seen: dict[str, list[int]], owner: Any, name: str) -> None:
+    """owner.name records in seen[name] the thread of each call."""
+    fn: Callable[..., Any] = getattr(owner, name)
+
+    def wrapper(*args: Any) -> Any:
+        seen.setdefault(name, []).append(threading.get_ident())
+        return fn(*args)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
 @pytest.fixture()
 def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[int]]]:
     """The thread each parse and validation ran on, by function, recorded while the app serves."""
     seen: dict[str, list[int]] = {}
-
-    def recorded(module: Any, name: str) -> None:
-        fn: Callable[..., Any] = getattr(module, name)
-
-        def wrapper(*args: Any) -> Any:
-            seen.setdefault(name, []).append(threading.get_ident())
-            return fn(*args)
-
-        monkeypatch.setattr(module, name, wrapper)
-
+    recorded = partial(_record_threads, monkeypatch, seen)
     recorded(serving, "parse_json")
     recorded(chat, "parse_chat_request")
     recorded(completions, "parse_completion_request")
@@ -126,16 +129,7 @@ def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     its references resolved, its items checked and made a chat request of (the whole, and a truncation's candidates),
     its prompts templated, its input items encoded to be stored, and again with the answer as it is stored."""
     seen: dict[str, list[int]] = {}
-
-    def recorded(owner: Any, name: str) -> None:
-        fn: Callable[..., Any] = getattr(owner, name)
-
-        def wrapper(*args: Any) -> Any:
-            seen.setdefault(name, []).append(threading.get_ident())
-            return fn(*args)
-
-        monkeypatch.setattr(owner, name, wrapper)
-
+    recorded = partial(_record_threads, monkeypatch, seen)
     recorded(responses_api.ResponsesService, "_resolved")
     recorded(responses_api, "check_items")
     recorded(ResponsePromptFields, "to_chat")
@@ -160,6 +154,22 @@ def test_a_large_responses_conversation_is_made_off_the_loop(
     loop = threading.get_ident()
     assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs", "put"}
     assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
+
+
+def test_a_large_response_kept_as_it_fails_is_stored_off_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream kept in the store whose own code breaks at its end: kept failed, its 5,000 input items encoded again
+    with it in the answers' encoding thread, as if it had finished."""
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(responses_api.ResponseEvents, "_finish", broken)
+    answer = served.post("/v1/responses", json={"max_output_tokens": 16, "truncation": "auto", "stream": True,
+                                                "input": MESSAGES})
+    assert b"response.failed" in answer.get_data()
+    answer.close()
+    loop = threading.get_ident()
+    assert len(conversing["put"]) == 1 and loop not in conversing["put"], conversing["put"]
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(

@@ -41,7 +41,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, client_probe, is_large
+from nanoqwen.api.serving import LARGE_ANSWER, Batch, client_probe, is_large
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -540,12 +540,17 @@ class ResponsesService:
 
     def _ended(self, draft: Draft, events: ResponseEvents) -> None:
         """The end of a response begun in the store (a background one, a stream kept): a failed one is kept as failed,
-        as OpenAI keeps it (a finished one was kept as it finished); one that never ended (its client gone, its
-        greenlet killed, an error before its stream) is let go."""
+        as OpenAI keeps it (a finished one was kept as it finished), in the answers' encoding thread where it stores
+        as many input items as a finished one would be built there (the store encodes them again); one that never
+        ended (its client gone, its greenlet killed, an error before its stream) is let go."""
         response = events.response
         try:
             if response is not None and response["status"] == "failed":
-                self.store.put(response, draft.inputs, draft.previous, None)
+                put = partial(self.store.put, response, draft.inputs, draft.previous, None)
+                if events.weight >= LARGE_ANSWER:
+                    self.chat.serving.encoding.run(put)
+                else:
+                    put()
         finally:
             self.store.end(draft.id)
 
