@@ -397,6 +397,7 @@ int main(int argc, char **argv) {
             il_w = ilw[0];
             for (int j = 0; j < nv; j++) {
                 const int v = chosen[j];
+                if (v == 5) continue;  /* bound-quant writes no y: it has no error of its own */
                 run(v, x, w[0], sc[0], of[0], y, M, N, K);
                 for (int m = 0; m < M; m++) {
                     float xmax = 0;

@@ -3,6 +3,7 @@ JSON took ~130 ms to parse and 16,000 messages ~60 ms to validate there, holding
 large Responses request's conversion to a chat request (~200 ms for 16,000 items), with its truncation's search."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,6 +171,25 @@ def test_a_large_response_kept_as_it_fails_is_stored_off_the_loop(
     answer.close()
     loop = threading.get_ident()
     assert len(conversing["put"]) == 1 and loop not in conversing["put"], conversing["put"]
+
+
+def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not streamed, a bug of ours building the answer reaches the app's last handler: its 500 says `server_error` as
+    type and code, as the stream's `response.failed` does (its code was null)."""
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(responses_api.ResponseEvents, "_finish", broken)
+    monkeypatch.setattr(responses_api.ResponseCollector, "build", broken)
+    body = {"max_output_tokens": 16, "input": "hi", "store": False}
+    answer = served.post("/v1/responses", json=body)
+    assert answer.status_code == 500 and answer.json["error"] == {
+        "message": "Internal server error", "type": "server_error", "param": None, "code": "server_error"}
+    failed = next(json.loads(line[len("data: "):]) for line in served.post(
+        "/v1/responses", json={**body, "stream": True}).get_data(as_text=True).splitlines()
+        if line.startswith("data: ") and '"response.failed"' in line)
+    assert failed["response"]["error"]["code"] == answer.json["error"]["code"]
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(

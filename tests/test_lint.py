@@ -27,13 +27,14 @@ def test_no_module_in_profiles_or_tests_shadows_an_installed_one() -> None:
 
 # Run in one process that forks a child per script after importing what they share, so each costs its own imports only.
 _IMPORT_EACH = """
-import os, runpy, sys
+import os, runpy, signal, sys
 import openai, requests, torch, transformers
 decoy, scripts = sys.argv[1], sys.argv[2:]
 failed = False
 for script in scripts:
     pid = os.fork()
     if pid == 0:
+        signal.alarm(120)  # a hung import fails its script, not the suite's timeout
         sys.path[:] = [os.path.dirname(script), decoy, *sys.path[1:]]  # as `PYTHONPATH=decoy python script`
         try:
             runpy.run_path(script, run_name="__imported__")

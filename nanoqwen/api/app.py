@@ -17,7 +17,7 @@ from nanoqwen.api.body import ParsedBody, close_if_unread, read_body
 from nanoqwen.api.chat import ChatService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.errors import APIError, generation_error
 from nanoqwen.api.metrics import ServerStats
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
@@ -232,6 +232,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.errorhandler(Exception)
     def internal_error(exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(APIError(500, "Internal server error", type="server_error"))
+        return _error_response(generation_error("Internal server error"))  # a stream's failure says the same
 
     return app

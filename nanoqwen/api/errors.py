@@ -54,7 +54,8 @@ class APIError(Exception):
 
 
 def generation_error(message: str, param: str | None = None) -> APIError:
-    """A generation's failure (the engine's error event, or a stream's own code broken), whose fault is decided here
+    """A generation's failure (the engine's error event, or our own code broken: a stream's, or any request's in the
+    app's last error handler), whose fault is decided here
     for every endpoint: its answer not streamed, a stream's error event and a Responses `response.failed`'s error. The
     client's where `param` names the request's field at fault (the grammar it asked for, which the output could no
     longer follow): a 400 with OpenAI's code for a request it cannot serve, `invalid_prompt`; else the server's: a 500
