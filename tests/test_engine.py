@@ -492,3 +492,23 @@ def test_encode_messages_matches_the_tokenizer(engine, tiny_checkpoint):
     with pytest.raises(PromptTooLongError) as info:
         engine.encode_messages(messages, {}, max_tokens=len(expected) - 1)
     assert info.value.num_tokens == len(expected)
+
+
+def test_a_text_cut_before_each_turn_tokenises_as_the_whole(tiny_checkpoint):
+    """turn_pieces: the tokens of the pieces, in order, are the whole text's, for texts that cut turn starts, words,
+    spaces, combining marks and emoji at the cut, or put a turn start in a message's content; encode_messages encodes
+    a prompt a turn at a time."""
+    from transformers import AutoTokenizer
+
+    from nanoqwen.engine.engine import TURN_START, turn_pieces
+
+    backend = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).backend_tokenizer
+    rng = random.Random(0)
+    parts = [TURN_START, "<|im_end|>", " ", "\n", "a", "é", "\u0301", "  x", "'s", "123", "\U0001f642", "<think>"]
+    texts = ["", TURN_START, f"{TURN_START}user\nhe\u0301llo {TURN_START} x<|im_end|>\n{TURN_START}assistant\n",
+             *("".join(rng.choice(parts) for _ in range(40)) for _ in range(300))]
+    for text in texts:
+        pieces = turn_pieces(text)
+        assert "".join(pieces) == text and all(piece.count(TURN_START) <= 1 for piece in pieces)
+        assert [token for piece in backend.encode_batch(pieces, add_special_tokens=False) for token in piece.ids] \
+            == backend.encode(text, add_special_tokens=False).ids, text
