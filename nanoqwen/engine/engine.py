@@ -98,6 +98,7 @@ class Engine:
         runtime = self.runtime = loaded.runtime
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
+        self.turns_split = TURN_START in self.tokenizer.get_added_vocab()  # where turn_pieces keeps the tokens
         self.token_bytes = loaded.token_bytes
         self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
@@ -165,9 +166,9 @@ class Engine:
         CPU-heavy for long prompts: servers call it from a worker thread. The Rust tokenizer runs
         without the GIL (encode_batch releases it, encode does not), and the ids only become a
         Python list (which holds the GIL, ~0.1 s per million) once the length is known to fit.
-        The prompt is encoded a turn at a time (turn_pieces), each piece's encoding freed alone: one encoding of a
-        7 MB prompt (3.7M tokens) took 0.23 s to free in a single call holding the GIL, a stall of every stream and
-        /health, and 9.0 s to encode against 2.7 for its 16,000 turns in parallel.
+        Freeing an encoding holds the GIL too, a stall of every stream and /health: the offsets of a 7 MB prompt's
+        3.7M tokens took 0.23 s to free in one call, so none are made (encode_batch_fast), and the encodings, a
+        turn each (turn_pieces: 16,000 turns encoded in parallel in 2.7 s against 9.0 whole), are freed one by one.
         """
         try:
             text = self.tokenizer.apply_chat_template(
@@ -175,7 +176,8 @@ class Engine:
             )
         except Exception as exc:  # jinja errors from the checkpoint's template
             raise InvalidRequest(f"could not apply the chat template: {exc}", param="messages") from None
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(turn_pieces(text), add_special_tokens=False)
+        pieces = turn_pieces(text) if self.turns_split else [text]
+        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
         count = sum(len(encoding) for encoding in encodings)
         fits = max_tokens is None or count <= max_tokens
         ids = [token for encoding in encodings for token in encoding.ids] if fits else []
@@ -439,7 +441,8 @@ TURN_START = "<|im_start|>"  # Qwen3's added token that opens each turn of its c
 
 
 def turn_pieces(text: str) -> list[str]:
-    """`text` cut before each TURN_START. An added token is split out of a text before anything else sees it, so
-    the pieces' tokens, in order, are the whole text's (tests/test_engine.py checks odd texts)."""
+    """`text` cut before each TURN_START. An added token (the tokenizer's, Engine.turns_split) is split out of a text
+    before anything else sees it, so the pieces' tokens, in order, are the whole text's (tests/test_engine.py checks
+    odd texts)."""
     first, *turns = text.split(TURN_START)
     return [piece for piece in (first, *(TURN_START + turn for turn in turns)) if piece]
