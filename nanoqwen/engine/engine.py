@@ -164,7 +164,7 @@ class Engine:
         PromptTooLongError past max_tokens.
 
         CPU-heavy for long prompts: servers call it from a worker thread. The Rust tokenizer runs
-        without the GIL (encode_batch releases it, encode does not), and the ids only become a
+        without the GIL (encode_batch_fast releases it, encode does not), and the ids only become a
         Python list (which holds the GIL, ~0.1 s per million) once the length is known to fit.
         Freeing an encoding holds the GIL too, a stall of every stream and /health: the offsets of a 7 MB prompt's
         3.7M tokens took 0.23 s to free in one call, so none are made (encode_batch_fast), and the encodings, a
