@@ -64,11 +64,12 @@ def int8_activations(model: torch.nn.Module, original: torch.nn.Module, block: i
 @torch.no_grad()
 def compare(path: Path, quant: str, positions: int, activations: str = "exact") -> dict:
     ids = torch.tensor([common.random_prompts(1, positions, 0)[0]])
-    original = load_hf_model(path)(ids).logits[0].float()  # [P, V]
+    unquantised = load_hf_model(path)
+    original = unquantised(ids).logits[0].float()  # [P, V]
     model = load_quantised_hf_model(path, quant)
     if ACTIVATION_BLOCK[activations] is not None:
         assert quant == "int4", "the activations' rounding models the int4 kernel (its offsets)"
-        int8_activations(model, load_hf_model(path), ACTIVATION_BLOCK[activations])
+        int8_activations(model, unquantised, ACTIVATION_BLOCK[activations])
     quantised = model(ids).logits[0].float()
     rel = (quantised - original).norm(dim=-1) / original.norm(dim=-1)
     return {"rel_error_mean": rel.mean().item(), "rel_error_max": rel.max().item(),

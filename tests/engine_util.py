@@ -1,6 +1,7 @@
 """Drive an Engine synchronously in the test thread (no engine thread): deterministic steps."""
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,3 +149,15 @@ def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
         )
         runs[key] = out[0, len(prompt):].tolist()
     return runs.get(key, [])[:max_tokens]
+
+
+def started_engine(checkpoint: Path, **overrides: object) -> Engine:
+    """An engine on its own thread, as the server runs it (fp32 on the CPU, plus `overrides`), once its model is
+    loaded."""
+    engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", **overrides))
+    engine.start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.load_error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    return engine

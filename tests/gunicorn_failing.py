@@ -4,7 +4,8 @@ exits: no periodic publish.
 
 A step fails while it holds a choice of a request of `max_tokens` $FAIL_MAX_TOKENS (Responses: `max_output_tokens`)
 that has generated $FAIL_AFTER tokens: its request ends with the engine's error event after those tokens. A chat
-stream of `n` $BREAK_N breaks in our own stream code (its chunk builder raises) at its $BREAK_AT-th event. Given by the
+stream of `n` $BREAK_N breaks in our own stream code (its chunk builder raises) at its $BREAK_AT-th event, and a chat
+answer of that `n` not streamed in its builder (CompletionBuilder.build raises). Given by the
 environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
 import os
 
@@ -42,3 +43,14 @@ def post_worker_init(_worker: object) -> None:
         return chunks(self, event)
 
     ChunkBuilder.chunks = breaking
+
+    from nanoqwen.api.responses import CompletionBuilder
+
+    build = CompletionBuilder.build
+
+    def broken_build(self: CompletionBuilder, usage: object) -> object:
+        if self.n == BREAK_N:
+            raise RuntimeError("an answer broken on purpose")
+        return build(self, usage)
+
+    CompletionBuilder.build = broken_build

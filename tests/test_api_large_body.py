@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from checkpoints import make_checkpoint
-from engine_util import load_engine
+from engine_util import load_engine, started_engine
 from nanoqwen.api import chat, completions, responses_api, serving, tokenize
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
@@ -93,10 +92,9 @@ def test_an_everyday_body_is_parsed_and_validated_on_the_loop(tmp_path: Path, th
 def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its messages and tools turned into the template's inputs, and its tools dumped to weigh the prompt, in the
     threads (16,000 messages: ~35 ms; 8 MiB of tools: ~25 ms on the loop)."""
-    seen: list[int] = []
+    recorded: dict[str, list[int]] = {}
     for name in ("template_messages", "template_tools"):
-        fn = getattr(ChatPrompt, name)
-        monkeypatch.setattr(ChatPrompt, name, lambda self, fn=fn: (seen.append(threading.get_ident()), fn(self))[1])
+        _record_threads(monkeypatch, recorded, ChatPrompt, name)
     engine = load_engine(make_checkpoint())
     try:
         client = create_app(engine, ServerConfig()).test_client()
@@ -105,19 +103,14 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
     finally:
         engine.shutdown()
     assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded"
+    seen = [thread for threads in recorded.values() for thread in threads]
     assert len(seen) >= 3 and threading.get_ident() not in seen
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[FlaskClient]:
     """The app of a started engine (1024-token context): 5,000 "hi" messages are too long for it."""
-    engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
-                                 kernels="torch", max_batch=4, max_model_len=1024))
-    engine.start()
-    deadline = time.monotonic() + 60
-    while not engine.ready:
-        assert engine.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    engine = started_engine(make_checkpoint(), graph="none", kernels="torch", max_batch=4, max_model_len=1024)
     try:
         yield create_app(engine, ServerConfig()).test_client()
     finally:

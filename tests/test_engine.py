@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import collect, engine_step, generate, generate_together, greedy, hf_greedy, load_engine, run
+from engine_util import (
+    collect,
+    engine_step,
+    generate,
+    generate_together,
+    greedy,
+    hf_greedy,
+    load_engine,
+    run,
+    started_engine,
+)
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.engine import PromptTooLongError
 from nanoqwen.engine.stream import EventStream
@@ -337,17 +347,6 @@ def test_untied_sharded_rope_parameters_checkpoint():
     results = generate(engine, prompts, greedy(12))
     for prompt, result in zip(prompts, results):
         assert result.choices[0].token_ids == hf_greedy(hf, prompt, 12)
-
-
-def started_engine(checkpoint, max_batch: int) -> Engine:
-    """An engine on its own thread, as the server runs it, once its model is loaded."""
-    threaded = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", max_batch=max_batch))
-    threaded.start()
-    deadline = time.monotonic() + 60
-    while not threaded.ready:
-        assert threaded.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    return threaded
 
 
 def test_engine_thread_serves_concurrent_submitters(tiny_checkpoint, references):

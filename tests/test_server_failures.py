@@ -66,6 +66,16 @@ def test_a_failed_response_not_streamed_has_its_streams_error_code(client: opena
                                "code": failed.response.error.code}
 
 
+def test_an_answer_our_code_broke_is_a_500_whose_code_says_server_error(client: openai.OpenAI) -> None:
+    """A bug of ours building an answer not streamed reaches the app's last error handler: its 500 gives the type and
+    code a stream's failure gives, `server_error` (the code was null)."""
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=BREAK_N, max_tokens=4,
+                                       **GREEDY)
+    assert info.value.body == {"message": "Internal server error", "type": "server_error", "param": None,
+                               "code": "server_error"}
+
+
 def test_a_failed_stream_sends_the_text_it_held_back(client: openai.OpenAI) -> None:
     """Text held back as it may still begin a stop string went nowhere when the request failed. A failure ends the
     answer where it is, as a finish by length does: the stream's text is the length-cut answer's."""

@@ -180,7 +180,9 @@ class Engine:
         encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
         count = sum(len(encoding) for encoding in encodings)
         fits = max_tokens is None or count <= max_tokens
-        ids = [token for encoding in encodings for token in encoding.ids] if fits else []
+        ids: list[int] = []
+        for encoding in encodings if fits else ():
+            ids += encoding.ids  # extended in C: a Python loop over the tokens would hold the GIL
         while encodings:
             encodings.pop()  # one at a time: the GIL may pass between them
         if not fits:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,7 +30,7 @@ class StepOutput:
     top_values: list[list[float]] | None = None
     top_ids: list[list[int]] | None = None
     prompt_logprobs: list[PromptLogprobsOutput | None] | None = None  # per row; set when a row scored its prompt
-    grammar_failed: list[Sequence] = field(default_factory=list)  # whose grammar's matcher erred (LogitAdjuster.failed)
+    grammar_failed: list[Sequence] | tuple[()] = ()  # whose grammar's matcher erred (LogitAdjuster.failed)
 
 
 def sampling_mode(params: list[SamplingParams]) -> str:
@@ -91,7 +91,7 @@ class LogitAdjuster:
         self._slots: list[int] = []  # each row's bitmask slot, -1 where it may sample any token
         # The started step's sequences whose grammar's matcher erred (RowGrammar.fill_end), read once it is built: a
         # list of the step's own, which a failed step's job, still running, cannot fill
-        self.failed: list[Sequence] = []
+        self.failed: list[Sequence] | tuple[()] = ()
 
     @staticmethod
     def wanted(seqs: list[Sequence]) -> bool:
@@ -105,7 +105,7 @@ class LogitAdjuster:
         rows' grammars to that thread until build()."""
         self._seqs = seqs if self.wanted(seqs) else []
         self._later = not any(seq.grammar is not None for seq in self._seqs)
-        self.failed = []
+        self.failed = [] if self._seqs and not self._later else ()  # a step with no grammar allocates nothing
         if self._seqs and not self._later:
             self._thread.start(functools.partial(self._fill_masks, seqs, self.failed))
         return bool(self._seqs)
@@ -151,7 +151,7 @@ class LogitAdjuster:
             bitmask = bitmask[ids(mask_slots)]
         return LogitAdjust(ids(rows), ids(tokens), self.to_device(torch.from_numpy(values)), ids(mask_rows), bitmask)
 
-    def _fill_masks(self, seqs: list[Sequence], failed: list[Sequence]) -> None:
+    def _fill_masks(self, seqs: list[Sequence], failed: list[Sequence] | tuple[()]) -> None:
         """The masks of a step's rows: each sequence's in the next free bitmask slot (a drafting sequence's
         positions share it), each row's slot in _slots, and in `failed` each sequence whose matcher erred. The
         matchers' masks are computed together."""
@@ -179,7 +179,8 @@ class LogitAdjuster:
                 row_slots.append(slots)
                 slots += 1
             self._compute_masks(pending)
-            failed.extend(seq for seq, slot in grammars if seq.grammar.fill_end(self.host_bitmask, slot))
+            if grammars:
+                failed.extend(seq for seq, slot in grammars if seq.grammar.fill_end(self.host_bitmask, slot))
         self._slots = row_slots
 
     def _compute_masks(self, pending: list[tuple[LLMatcher, int]]) -> None:
