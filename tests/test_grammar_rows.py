@@ -533,6 +533,22 @@ def test_data_and_what_is_no_uri_are_no_links() -> None:
     assert grammar_rows.schema_weight({"properties": {"default": {"$ref": "#/$defs/a"}}, **defs}) == 2
 
 
+def test_the_old_drafts_dependencies_hold_subschemas_named_by_property() -> None:
+    """`dependencies` (drafts 4 to 7) maps property names to subschemas, as `dependentSchemas` does: a chain of 1,100
+    `$ref`s in the one of a property named `default` (data, were it a keyword) is a chain, which llguidance, lenient,
+    follows (its 2,201-item row ends the answer; it weighed 2, and the check crashed the main thread's stack), and its
+    `\\s` is ECMA's. A property named `properties` holds a subschema, whose `default` is data (it weighed 2)."""
+    linked = _linked(1_100, lambda i: {}, lambda i: f"#/dependencies/default/$defs/d{i}")
+    schema = {"$ref": linked["$ref"], "dependencies": {"default": {"$defs": linked["$defs"], "pattern": r"\s"}}}
+    assert grammar_rows.schema_weight(schema) == 2 * 1_100 + 4
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, False, "response_format")
+    assert refused.value.param == "response_format"
+    assert ecma_patterns(schema)["dependencies"]["default"]["pattern"] != r"\s"
+    data = {"properties": {"properties": {"default": {"$ref": "#/$defs/a"}}}, "$defs": {"a": {"type": "string"}}}
+    assert grammar_rows.schema_weight(data) == 0
+
+
 def test_a_schema_past_max_rules_is_refused_before_it_is_weighed(grammars: Grammars,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """rules_bound is cheap; weighing a schema of 20,000 `$ref`s took 13.7 s before it refused them."""
