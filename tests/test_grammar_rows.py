@@ -218,6 +218,19 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
+def test_a_request_queued_behind_one_that_sent_the_same_finds_its_grammar_before_rewriting(
+        grammars: Grammars, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both missed where they were looked up, in the tokenising pool: in the grammars' pool the second finds the first's
+    grammar (it rewrote the schema's patterns and converted it again before the compile looked it up)."""
+    args = (FLAG, True, "response_format", False)
+    key = structured._json_key(*args)
+    first = structured._made(grammars, key, structured._json_key, structured._json_schema, *args)
+    rewritten: list[Any] = []
+    monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
+    assert structured._made(grammars, key, structured._json_key, structured._json_schema, *args) is first
+    assert not rewritten
+
+
 def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrainedTokenizerFast,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
