@@ -199,11 +199,9 @@ class Grammars:
         schemas = {f"arguments_{i}": (_call_arguments(tool), tool.strict, tool.weight) for i, tool in enumerate(tools)}
         if answer is not None:
             schemas["answer"] = (answer, answer_strict, answer_weight)
-        skeleton = "\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)])
-        rules += [f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
-                  for name, (schema, strict, _) in schemas.items()]
-        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key,
-                            partial(_weigh_tool_calls, skeleton, schemas))
+        text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
+                                    for name, (schema, strict, _) in schemas.items())])
+        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas))
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -288,12 +286,12 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
     return weight
 
 
-def _weigh_tool_calls(skeleton: str, schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
-    """The row weight of tool_calls' grammar: its rules (`skeleton`, each schema's `%json {}`) with the schemas
-    weighed as sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
+def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
+    """The row weight of tool_calls' grammar: its `rules` and each schema's as `%json {}`, with the schemas weighed as
+    sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
     weighed = {name: schema_weight(schema) if weight is None else weight
                for name, (schema, _, weight) in schemas.items()}
-    return row_weight(skeleton, weighed)
+    return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 
 
 def text_key(kind: str, text: str) -> tuple[str, str]:
