@@ -541,6 +541,13 @@ class ChatPrompt(Strict):
     _chars: int | None = PrivateAttr(None)  # template_chars'
     _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the size and the template
 
+    @model_validator(mode="after")
+    def _measured(self) -> ChatPrompt:
+        """template_chars worked out where the request is validated: off the loop for a large body (8 MiB of tools
+        took ~20 ms to dump)."""
+        self.template_chars()
+        return self
+
     def check_ending(self) -> None:
         """Raises APIError(400) unless the prompt ends one way: a generation prompt, or the last message open."""
         if self.continue_final_message and self.add_generation_prompt:
@@ -570,8 +577,7 @@ class ChatPrompt(Strict):
 
     def template_chars(self) -> int:
         """A cheap measure of the prompt's size: its texts and calls' arguments as sent, never encoded again (a
-        conversation may be mostly calls), and its tools as JSON. Worked out once, by parse_chat_request where it
-        validates a request (off the loop for a large body: 8 MiB of tools took ~20 ms to dump)."""
+        conversation may be mostly calls), and its tools as JSON. Worked out once, as the request is validated."""
         if self._chars is None:
             tools = self.template_tools()
             self._chars = sum(m.template_chars() for m in self.messages) + (len(json.dumps(tools)) if tools else 0)
@@ -1125,5 +1131,4 @@ def parse_chat_request(body: Any, budget: Budget | None, omitted_strict_constrai
     if not answers_paired:
         check_tool_answers(req.messages)
     _check_combinations(req)
-    req.template_chars()  # here, where a large body's request is validated: off the loop
     return req
