@@ -330,6 +330,13 @@ def test_the_stream_ends_without_done(server: GunicornServer) -> None:
     assert all(data != "[DONE]" for _, data in named)
 
 
+def test_two_tools_of_one_name_are_a_400_naming_tools(client: openai.OpenAI) -> None:
+    """A call or a named tool_choice would not say which one it means (OpenAI refuses them, as chat does)."""
+    with pytest.raises(openai.BadRequestError, match="'get_time' is given more than once") as exc:
+        client.responses.create(**{**GREEDY, "input": "Hi", "tools": [*TOOLS, {**TOOLS[0], "description": "Other"}]})
+    assert exc.value.body["param"] == "tools" and exc.value.body["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("field, param", [
     # refused top-level fields: test_conformance's test_every_request_field_is_implemented_or_refused_by_name
     ({"tools": [{"type": "web_search"}]}, "tools.[0]"),

@@ -1001,6 +1001,7 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
                        param="tool_choice")
+    _check_tool_names(req)
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
                             "in 'tools'", param="tool_choice")
@@ -1023,6 +1024,18 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
                             f"enable_thinking={str(kwargs.enable_thinking).lower()}", param=effort)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
+
+
+def _check_tool_names(req: ChatCompletionRequest) -> None:
+    """Two tools of one name are a 400 (OpenAI's, as Anthropic's and DeepSeek's): a call, a named tool_choice, a
+    tool's grammar would not say which one it means."""
+    seen: set[str] = set()
+    for tool in req.tools or ():
+        if (name := tool.function.name) in seen:
+            tools = req.named("tools")
+            raise APIError(400, f"Invalid value for '{tools}': function names must be unique ('{name}' is given more "
+                                "than once)", param=tools)
+        seen.add(name)
 
 
 def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:
