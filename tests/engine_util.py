@@ -21,6 +21,9 @@ MIXED_PROMPTS = [[9707, 1879, 11, 358, 1079], list(range(1000, 1019)), [151644, 
 # Tokens generated for MIXED_PROMPTS under Triton's interpreter, whose steps take seconds each: a prefill and 2 decode
 # steps. 6 tokens ran 3 more decode steps of the same kernels and crossed no further 16-token KV block boundary.
 INTERPRETED_TOKENS = 3
+# A request's failure where its grammar's lexer gave out mid-answer (`a{100000}`: LIMITS' fuel), the engine's words
+GRAMMAR_FAILED = "the output could not follow the grammar the request asked for: lexer error: too many expressions " \
+                 "constructed"
 
 
 def c_linear_rows(monkeypatch, native_bf16: bool) -> int:

@@ -218,6 +218,19 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     assert info.value.param == "text.format" and len(grammars._cache) == 1
 
 
+def test_a_request_queued_behind_one_that_sent_the_same_finds_its_grammar_before_rewriting(
+        grammars: Grammars, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both missed where they were looked up, in the tokenising pool: in the grammars' pool the second finds the first's
+    grammar (it rewrote the schema's patterns and converted it again before the compile looked it up)."""
+    args = (FLAG, True, "response_format", False)
+    key = structured._json_key(*args)
+    first = structured._made(grammars, key, structured._json_key, structured._json_schema, *args)
+    rewritten: list[Any] = []
+    monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
+    assert structured._made(grammars, key, structured._json_key, structured._json_schema, *args) is first
+    assert not rewritten
+
+
 def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrainedTokenizerFast,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A lenient tool under auto and a JSON answer were weighed when checked alone and again inside the calls' grammar,
@@ -531,6 +544,22 @@ def test_data_and_what_is_no_uri_are_no_links() -> None:
         grammar_module.check_json_schema({"properties": {"x": data}, **defs}, False, "response_format")
     assert grammar_rows.schema_weight({"$ref": "http://[::1"}) == 0
     assert grammar_rows.schema_weight({"properties": {"default": {"$ref": "#/$defs/a"}}, **defs}) == 2
+
+
+def test_the_old_drafts_dependencies_hold_subschemas_named_by_property() -> None:
+    """`dependencies` (drafts 4 to 7) maps property names to subschemas, as `dependentSchemas` does: a chain of 1,100
+    `$ref`s in the one of a property named `default` (data, were it a keyword) is a chain, which llguidance, lenient,
+    follows (its 2,201-item row ends the answer; it weighed 2, and the check crashed the main thread's stack), and its
+    `\\s` is ECMA's. A property named `properties` holds a subschema, whose `default` is data (it weighed 2)."""
+    linked = _linked(1_100, lambda i: {}, lambda i: f"#/dependencies/default/$defs/d{i}")
+    schema = {"$ref": linked["$ref"], "dependencies": {"default": {"$defs": linked["$defs"], "pattern": r"\s"}}}
+    assert grammar_rows.schema_weight(schema) == 2 * 1_100 + 4
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, False, "response_format")
+    assert refused.value.param == "response_format"
+    assert ecma_patterns(schema)["dependencies"]["default"]["pattern"] != r"\s"
+    data = {"properties": {"properties": {"default": {"$ref": "#/$defs/a"}}}, "$defs": {"a": {"type": "string"}}}
+    assert grammar_rows.schema_weight(data) == 0
 
 
 def test_a_schema_past_max_rules_is_refused_before_it_is_weighed(grammars: Grammars,

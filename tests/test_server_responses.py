@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from chat_http import MODEL, health_polled, post_chat, server_stats, sse_events, wait_for
+from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.strict_json import MAX_SEPARATORS
 from server_process import GunicornServer
 
@@ -329,6 +330,13 @@ def test_the_stream_ends_without_done(server: GunicornServer) -> None:
     assert all(data != "[DONE]" for _, data in named)
 
 
+def test_two_tools_of_one_name_are_a_400_naming_tools(client: openai.OpenAI) -> None:
+    """A call or a named tool_choice would not say which one it means (OpenAI refuses them, as chat does)."""
+    with pytest.raises(openai.BadRequestError, match="'get_time' is given more than once") as exc:
+        client.responses.create(**{**GREEDY, "input": "Hi", "tools": [*TOOLS, {**TOOLS[0], "description": "Other"}]})
+    assert exc.value.body["param"] == "tools" and exc.value.body["type"] == "invalid_request_error"
+
+
 @pytest.mark.parametrize("field, param", [
     # refused top-level fields: test_conformance's test_every_request_field_is_implemented_or_refused_by_name
     ({"tools": [{"type": "web_search"}]}, "tools.[0]"),
@@ -466,12 +474,10 @@ def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI
               "additionalProperties": False}
     body = {**GREEDY, "input": "Hi", "max_output_tokens": 20,
             "text": {"format": {"type": "json_schema", "name": "costly", "schema": schema, "strict": True}}}
-    reason = "the output could not follow the grammar the request asked for: lexer error: too many expressions " \
-             "constructed"
     failed = server_stats(server)["requests_failed"]
     (*_, last) = client.responses.create(stream=True, **body)
     assert last.type == "response.failed" and last.response.status == "failed"
-    assert (last.response.error.code, last.response.error.message) == ("invalid_prompt", reason)
+    assert (last.response.error.code, last.response.error.message) == ("invalid_prompt", GRAMMAR_FAILED)
     assert client.responses.retrieve(last.response.id).error == last.response.error
     background = client.responses.create(background=True, **body)
     deadline = time.monotonic() + 60
@@ -481,7 +487,7 @@ def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI
     assert found.status == "failed" and found.error == last.response.error
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**body)
-    assert info.value.body == {"message": reason, "type": "invalid_request_error", "param": "text.format",
+    assert info.value.body == {"message": GRAMMAR_FAILED, "type": "invalid_request_error", "param": "text.format",
                                "code": "invalid_prompt"}
     assert server_stats(server)["requests_failed"] == failed + 3
 

@@ -32,6 +32,7 @@ from chat_http import (
     wait_for,
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
+from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar
 from server_process import GunicornServer
@@ -64,8 +65,6 @@ COSTLY_OBJECT = {"type": "object", "properties": {"k": {"type": "string", "patte
                  "additionalProperties": False}
 COSTLY_FORMAT = {"type": "json_schema", "json_schema": {"name": "costly", "schema": COSTLY_OBJECT, "strict": True}}
 COSTLY_TOOL = {"type": "function", "function": {"name": "costly", "parameters": COSTLY_OBJECT, "strict": True}}
-GRAMMAR_FAILED = "the output could not follow the grammar the request asked for: lexer error: too many expressions " \
-                 "constructed"
 BESIDE_TOKENS = 900  # a stream long enough to be generating while the failing requests come and go
 
 
@@ -518,6 +517,43 @@ def test_a_schema_whose_data_holds_what_is_no_uri_is_served(server: GunicornServ
     fmt = {"type": "json_schema", "json_schema": {"name": "data", "schema": schema, "strict": True}}
     answer = _create(server, response_format=fmt, temperature=0, max_tokens=40)
     assert set(json.loads(answer.choices[0].message.content)) == {"name"}
+
+
+# llguidance reads regexes as Rust's: a code point, a POSIX class and a Unicode class Python's `re` cannot read
+# (RUST_AS_PYTHON: the same language in its syntax; its `\\d` is Unicode's Nd)
+RUST = r"\x{61}{1,3}[[:digit:]]\p{Nd}?"
+RUST_AS_PYTHON = r"a{1,3}[0-9]\d?"
+# a chain through a rule of the regex (once weighed as one that may match nothing, then a chain: refused)
+RUST_CHAIN = "start: r0\n" + "".join(f'r{i}: WORD r{i + 1} | "."\n' for i in range(500)) + f'r500: "."\nWORD: /{RUST}/'
+
+
+@pytest.mark.parametrize("extra, read, language", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "rust", "strict": True, "schema": {
+        "type": "string", "pattern": f"^{RUST}$"}}}}, json.loads, RUST_AS_PYTHON),
+    ({"extra_body": {"structured_outputs": {"regex": RUST}}}, str, RUST_AS_PYTHON),
+    ({"extra_body": {"structured_outputs": {"grammar": RUST_CHAIN}}}, str, f"(?:{RUST_AS_PYTHON})*\\."),
+], ids=["schema pattern", "regex", "grammar"])
+def test_a_regex_in_rust_syntax_is_served(server: GunicornServer, extra: dict[str, Any], read: Callable[[str], str],
+                                          language: str) -> None:
+    """Through the openai client, streamed and not: each answer is in the regex's language."""
+    answer = _create(server, n=CHOICES, seed=0, temperature=1.0, max_tokens=200, **extra)
+    streamed = _streamed(server, n=CHOICES, seed=0, temperature=1.0, max_tokens=200, **extra)
+    for choice, stream in zip(answer.choices, streamed, strict=True):
+        assert choice.finish_reason == "stop" and re.fullmatch(language, read(choice.message.content)), choice
+        assert stream["content"] == choice.message.content and stream["finish_reason"] == "stop"
+
+
+def test_a_strict_dynamic_ref_is_a_400_naming_the_field(server: GunicornServer) -> None:
+    """llguidance implements no `$dynamicRef`: strict, the 400 naming the field that sent it; lenient, ignored."""
+    schema = {"$defs": {"d": {"$dynamicAnchor": "d", "type": "integer", "maximum": 9}}, "$dynamicRef": "#d",
+              "type": "integer", "minimum": 0, "maximum": 9}
+    with pytest.raises(openai.BadRequestError, match="dynamicRef") as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {
+            "name": "dynamic", "strict": True, "schema": schema}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+    answer = _create(server, temperature=1.0, seed=0, max_tokens=8, response_format={
+        "type": "json_schema", "json_schema": {"name": "dynamic", "schema": schema}})
+    assert 0 <= json.loads(answer.choices[0].message.content) <= 9, answer
 
 
 @pytest.mark.parametrize("path, extra, param", [

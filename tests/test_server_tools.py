@@ -183,6 +183,7 @@ def test_a_grammar_past_llguidance_s_symbols_is_a_400_without_a_backtrace(server
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
       "tool_choice": "required"}, "tools"),
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),
+    ({"tools": [*TOOLS, {"type": "function", "function": {"name": "get_weather"}}]}, "tools"),  # a name given twice
 ])
 def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: str) -> None:
     _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, **body}), param)

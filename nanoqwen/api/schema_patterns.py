@@ -8,14 +8,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from nanoqwen.engine.schema_keywords import subschemas
+
 # ECMA-262's WhiteSpace and LineTerminator: \s
 ECMA_SPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 CLASS_ESCAPES = {"s": f"[{ECMA_SPACE}]", "S": f"[^{ECMA_SPACE}]"}
-# keywords whose value is data, not a schema: a "pattern" key in them is a value to match, never rewritten
-DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
-# keywords whose value maps names to schemas: a name such as "pattern" or "const" is no keyword
-SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
-                         "dependencies"})
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -47,9 +44,5 @@ def ecma_patterns(schema: Any) -> Any:
             node["pattern"] = ecma_pattern(node["pattern"])
         if isinstance(node.get("patternProperties"), dict):
             node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
-        for key, value in node.items():
-            if key in SCHEMA_MAPS and isinstance(value, dict):
-                stack.extend(value.values())
-            elif key not in DATA_KEYWORDS and key not in SCHEMA_MAPS:
-                stack.append(value)
+        stack.extend(value for _, value in subschemas(node))
     return out

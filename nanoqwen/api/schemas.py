@@ -541,6 +541,13 @@ class ChatPrompt(Strict):
     _chars: int | None = PrivateAttr(None)  # template_chars'
     _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the size and the template
 
+    @model_validator(mode="after")
+    def _measured(self) -> ChatPrompt:
+        """template_chars worked out where the request is validated: off the loop for a large body (8 MiB of tools
+        took ~20 ms to dump)."""
+        self.template_chars()
+        return self
+
     def check_ending(self) -> None:
         """Raises APIError(400) unless the prompt ends one way: a generation prompt, or the last message open."""
         if self.continue_final_message and self.add_generation_prompt:
@@ -570,8 +577,7 @@ class ChatPrompt(Strict):
 
     def template_chars(self) -> int:
         """A cheap measure of the prompt's size: its texts and calls' arguments as sent, never encoded again (a
-        conversation may be mostly calls), and its tools as JSON. Worked out once, by parse_chat_request where it
-        validates a request (off the loop for a large body: 8 MiB of tools took ~20 ms to dump)."""
+        conversation may be mostly calls), and its tools as JSON. Worked out once, as the request is validated."""
         if self._chars is None:
             tools = self.template_tools()
             self._chars = sum(m.template_chars() for m in self.messages) + (len(json.dumps(tools)) if tools else 0)
@@ -995,6 +1001,7 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
                        param="tool_choice")
+    _check_tool_names(req)
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
                             "in 'tools'", param="tool_choice")
@@ -1017,6 +1024,18 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
                             f"enable_thinking={str(kwargs.enable_thinking).lower()}", param=effort)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "logprobs must be true when top_logprobs is set", param="top_logprobs")
+
+
+def _check_tool_names(req: ChatCompletionRequest) -> None:
+    """Two tools of one name are a 400 (OpenAI's, as Anthropic's and DeepSeek's): a call, a named tool_choice, a
+    tool's grammar would not say which one it means."""
+    seen: set[str] = set()
+    for tool in req.tools or ():
+        if (name := tool.function.name) in seen:
+            tools = req.named("tools")
+            raise APIError(400, f"Invalid value for '{tools}': function names must be unique ('{name}' is given more "
+                                "than once)", param=tools)
+        seen.add(name)
 
 
 def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:
@@ -1125,5 +1144,4 @@ def parse_chat_request(body: Any, budget: Budget | None, omitted_strict_constrai
     if not answers_paired:
         check_tool_answers(req.messages)
     _check_combinations(req)
-    req.template_chars()  # here, where a large body's request is validated: off the loop
     return req

@@ -152,11 +152,12 @@ def _looked_up(grammars: Grammars, key_of: Callable[..., GrammarKey],
 
 def _made(grammars: Grammars, key: GrammarKey | None, key_of: Callable[..., GrammarKey],
           make: Callable[..., Grammar], *args: Any) -> Grammar:
-    """In the grammars' pool: a long key made and looked up, then make(grammars, *args, key) on a miss."""
-    if key is None:
-        key = key_of(*args)
-        if (grammar := grammars.cached(key)) is not None:
-            return grammar
+    """In the grammars' pool: a long key made, and looked up (a short one again: a request queued behind one that
+    sent the same finds its grammar before its schemas are rewritten and converted), then make(grammars, *args, key)
+    on a miss, which compiles without looking it up again."""
+    key = key_of(*args) if key is None else key
+    if (grammar := grammars.cached(key)) is not None:
+        return grammar
     return make(grammars, *args, key)
 
 

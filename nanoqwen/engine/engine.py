@@ -408,8 +408,7 @@ class Engine:
         aborts at the error)."""
         first: dict[int, Sequence] = {}
         for seq in failed:
-            if seq.status is not Status.FINISHED:
-                first.setdefault(id(seq.request), seq)
+            first.setdefault(id(seq.request), seq)
         for seq in first.values():
             self._fail([seq.request], f"the output could not follow the grammar the request asked for: "
                        f"{seq.grammar.error}", seq.request.params.grammar_field)

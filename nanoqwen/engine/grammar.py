@@ -169,7 +169,8 @@ class Grammars:
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False,
                     key: GrammarKey | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
-        naming `param` if it is not one. The cache's key: `key`, else the grammar's text, which holds the options."""
+        naming `param` if it is not one. The cache's key: `key` (a miss: Grammars.compile), else the grammar's text,
+        which holds the options."""
         text = _json_grammar(schema, strict, param, no_space)
         return self.compile(text, param, key, partial(schema_weight, schema))
 
@@ -181,8 +182,8 @@ class Grammars:
         `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
         parser would take it for a call the grammar never saw), where the model may open a call with the
         `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
-        response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (the caller
-        looks it up first). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
+        response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (a miss:
+        Grammars.compile). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
@@ -198,11 +199,9 @@ class Grammars:
         schemas = {f"arguments_{i}": (_call_arguments(tool), tool.strict, tool.weight) for i, tool in enumerate(tools)}
         if answer is not None:
             schemas["answer"] = (answer, answer_strict, answer_weight)
-        skeleton = "\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)])
-        rules += [f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
-                  for name, (schema, strict, _) in schemas.items()]
-        return self.compile(LLMatcher.grammar_from_lark("\n".join(rules)), param, key,
-                            partial(_weigh_tool_calls, skeleton, schemas))
+        text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
+                                    for name, (schema, strict, _) in schemas.items())])
+        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas))
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -231,10 +230,13 @@ class Grammars:
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
                 weigh: Callable[[], int] | None = None) -> Grammar:
-        """`key`: the cache's (the grammar's text by default); `weigh`: its row weight, weighed apart (check_bounds)."""
-        key = text if key is None else key
-        grammar = self.cached(key)
-        return grammar if grammar is not None else self._compiled(text, param, key, weigh)
+        """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
+        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds)."""
+        if key is None:
+            key = text
+            if (grammar := self.cached(key)) is not None:
+                return grammar
+        return self._compiled(text, param, key, weigh)
 
     def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
@@ -284,12 +286,12 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
     return weight
 
 
-def _weigh_tool_calls(skeleton: str, schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
-    """The row weight of tool_calls' grammar: its rules (`skeleton`, each schema's `%json {}`) with the schemas
-    weighed as sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
+def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
+    """The row weight of tool_calls' grammar: its `rules` and each schema's as `%json {}`, with the schemas weighed as
+    sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
     weighed = {name: schema_weight(schema) if weight is None else weight
                for name, (schema, _, weight) in schemas.items()}
-    return row_weight(skeleton, weighed)
+    return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 
 
 def text_key(kind: str, text: str) -> tuple[str, str]:

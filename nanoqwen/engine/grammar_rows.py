@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
+from nanoqwen.engine.schema_keywords import subschemas
+
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
 # `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
 SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\\\n]|\\.)+/[imslux]*|<[^<>\s]*>'
@@ -39,10 +41,6 @@ TESTED_CHARS = 1 << 16
 # stay ranges), `\z` (Python's `\Z`), `(?<x>` (`(?P<x>`); another escape (`\\p`) as it is
 RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
                        r"|\\[xu]\{[0-9A-Fa-f]{1,8}\}|\[:\^?[a-z]+:\]|\(\?<(?=[A-Za-z_])|\\.")
-# Keywords whose values are data, not subschemas (a `$ref` or `$id` in a `default` is no link), unless they name a
-# property (a key of one of NAME_MAPS)
-DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
-NAME_MAPS = frozenset(("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"))
 LONG_URI = 2_048  # the longest URI an `$id` or a `$ref` resolves to that is weighed (LongReference past it)
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
 
@@ -323,8 +321,7 @@ def schema_weight(schema: Any) -> int:
                 alternated.append((node, options))
             if isinstance(node.get("$ref"), str):
                 sent.append((path, base, node["$ref"]))
-            data = DATA_KEYWORDS if not path or path[-1] not in NAME_MAPS else ()  # a property named `default` is not
-            stack.extend((value, (*path, str(key)), base) for key, value in node.items() if key not in data)
+            stack.extend((value, (*path, *keys), base) for keys, value in subschemas(node))
         elif isinstance(node, list):
             stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up

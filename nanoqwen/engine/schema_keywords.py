@@ -1,0 +1,24 @@
+"""Where a JSON Schema's subschemas are, the one reading of its keywords that grammar_rows (its `$ref` chains) and
+schema_patterns (its `pattern`s) walk: each keyword's value may hold subschemas but a data keyword's, and a name map's
+keys are names (a property named `default` or `pattern` is no keyword), its values subschemas."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+# keywords whose value is data, not a schema: a `$ref`, `$id` or `pattern` in them is a value, never a link or a regex
+DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+# keywords whose value maps names to subschemas: drafts 2019-09 and 2020-12's, and the older drafts' `definitions` and
+# `dependencies` (draft 4 to 7: by property name, a subschema or a list of names; llguidance implements neither it nor
+# `dependentSchemas`, a 400 where strict, but leniently its `$ref`s resolve into them)
+NAME_MAPS = frozenset(("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"))
+
+
+def subschemas(node: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Each value of a schema `node` that may be or hold a subschema (a list: its items), and its keys from `node`:
+    (keyword,), or (keyword, name) for a name map's."""
+    for key, value in node.items():
+        if key in NAME_MAPS and isinstance(value, dict):
+            yield from (((key, str(name)), sub) for name, sub in value.items())
+        elif key not in DATA_KEYWORDS:
+            yield (key,), value
