@@ -26,13 +26,13 @@ def turn_pieces(text: str) -> list[str]:
 
 
 def word_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    """`text` cut about every `size` characters, each cut at a space between two ASCII letters (none where it has no
-    such space), for a tokenizer words_split accepts. Why the tokens are the whole's: no added token holds or strips
-    the space, so it is matched alike; NFC never joins across an ASCII character; in QWEN_SPLIT the letter before the
-    space can only end its match (no alternative goes on from a letter to a space), and none of the alternatives that
-    could have taken that letter looked past it, so the text before the cut splits alone as in the whole, and the
-    text from the space on is scanned afresh in the whole too (the pattern looks behind nothing); the model then
-    encodes each split word by itself."""
+    r"""`text` cut about every `size` characters, each cut at a space between two ASCII letters (none where it has no
+    such space), for a tokenizer words_split accepts. Why the tokens are the whole's: added tokens are matched alike
+    (none holds a space, so none spans the cut, and none strips one); NFC never joins across an ASCII character; under
+    QWEN_SPLIT the match that holds the letter ends at it (no alternative takes a space after a letter); the piece
+    before the cut splits alone as in the whole, since what its scan reads past the letter, the space or the piece's
+    end, stops a run of letters alike (the one look-ahead, `(?!\S)`, follows spaces only); the scan from the space on
+    is the whole's (nothing looks behind); and the model encodes each split by itself."""
     pieces = []
     start = 0
     window = start + size
