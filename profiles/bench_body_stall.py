@@ -64,6 +64,10 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "responses: 16k input items": ("/v1/responses", {"input": ITEMS}),
     "responses: 16k input items, truncation auto": ("/v1/responses", {"input": ITEMS, "truncation": "auto"}),
     "completions: 2k prompts of 4 KB": ("/v1/completions", {"prompt": ["w " * 2000] * 2000}),
+    "completions: one 7 MiB prompt": ("/v1/completions", {"prompt": "w " * (7 << 19)}),
+    "completions: 128 prompts of 56 KB": ("/v1/completions", {"prompt": ["w " * 28672] * 128}),
+    "completions: 60k token ids": ("/v1/completions", {"prompt": [1000] * 60000}),
+    "completions: 60 prompts of 1020 token ids": ("/v1/completions", {"prompt": [[1000] * 1020] * 60}),
     # as many as the request's values allow: each resolved item counts as sent
     "responses: 3k item references, truncation auto": (
         "/v1/responses", {"input": [{"type": "item_reference", "id": item["id"]} for item in STORED_ITEMS[:3000]],

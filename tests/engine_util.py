@@ -1,6 +1,7 @@
 """Drive an Engine synchronously in the test thread (no engine thread): deterministic steps."""
 from __future__ import annotations
 
+import random
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -164,3 +165,11 @@ def started_engine(checkpoint: Path, **overrides: object) -> Engine:
         assert engine.load_error is None and time.monotonic() < deadline
         time.sleep(0.01)
     return engine
+
+
+def odd_text(rng: random.Random, parts: int) -> str:
+    """Words, spaces, newlines, contractions, digits, punctuation, combining marks, emoji and added tokens at random:
+    a text to tokenise in pieces (nanoqwen/engine/pieces.py) as the whole."""
+    choices = ["a", "Ab", " ", "  ", "\n", "\r\n", " x", "x ", "'s", "'LL", "7", "12", "!", " .", "é", "e\u0301",
+               "\u0301", "\u4e2d\u6587", "\U0001f642", "\t", "<|im_start|>", "<|im_end|>", "<think>", " 'd"]
+    return "".join(rng.choice(choices) for _ in range(parts))

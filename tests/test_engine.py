@@ -18,6 +18,7 @@ from engine_util import (
     greedy,
     hf_greedy,
     load_engine,
+    odd_text,
     run,
     started_engine,
 )
@@ -498,7 +499,7 @@ def test_a_text_cut_before_each_turn_tokenises_as_the_whole(tiny_checkpoint):
     spaces, combining marks and emoji at the cut, or put a turn start in a message's content."""
     from transformers import AutoTokenizer
 
-    from nanoqwen.engine.engine import TURN_START, turn_pieces
+    from nanoqwen.engine.pieces import TURN_START, turn_pieces
 
     backend = AutoTokenizer.from_pretrained(str(tiny_checkpoint)).backend_tokenizer
     rng = random.Random(0)
@@ -510,6 +511,68 @@ def test_a_text_cut_before_each_turn_tokenises_as_the_whole(tiny_checkpoint):
         assert "".join(pieces) == text and all(piece.count(TURN_START) <= 1 for piece in pieces)
         assert [token for piece in backend.encode_batch_fast(pieces, add_special_tokens=False) for token in piece.ids] \
             == backend.encode(text, add_special_tokens=False).ids, text
+
+
+def test_a_text_cut_between_words_tokenises_as_the_whole(tiny_checkpoint):
+    """word_pieces: a cut at a space between two ASCII letters keeps the whole text's tokens, for odd texts cut every
+    few characters (the cut's argument is in its docstring)."""
+    from transformers import AutoTokenizer
+
+    from nanoqwen.engine.pieces import word_pieces, words_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    backend = tokenizer.backend_tokenizer
+    assert words_split(tokenizer)
+    rng = random.Random(0)
+    cuts = 0
+    for text in [odd_text(rng, 60) for _ in range(400)]:
+        pieces = word_pieces(text, 2)
+        cuts += len(pieces) - 1
+        assert "".join(pieces) == text and all(piece[:1] == " " for piece in pieces[1:])
+        assert [token for piece in backend.encode_batch_fast(pieces, add_special_tokens=False) for token in piece.ids] \
+            == backend.encode(text, add_special_tokens=False).ids, text
+    assert cuts > 400
+
+
+def test_a_tokenizer_of_another_pre_tokenizer_is_not_cut_between_words(tiny_checkpoint):
+    """cl100k's digits come three at a time: word_pieces' argument is Qwen's pattern's alone."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from nanoqwen.engine.pieces import QWEN_SPLIT, words_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|")), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert not words_split(tokenizer)
+
+
+def test_plain_texts_encode_in_pieces_as_the_tokenizer_encodes_them(engine, monkeypatch):
+    """encode_texts (a legacy completion's prompts, /tokenize's) hands the tokenizer a long text's pieces, cut between
+    words, through encode_batch_fast (no offsets; each piece's encoding freed alone), and gets the ids
+    `tokenizer(texts)` gets, for odd texts of up to 200,000 characters, with special tokens or without."""
+    backend = engine.tokenizer.backend_tokenizer
+    batches: list[list[str]] = []
+
+    class Recording:
+        def encode_batch_fast(self, texts: list[str], **kwargs: bool) -> list:
+            batches.append(texts)
+            return backend.encode_batch_fast(texts, **kwargs)
+
+        def num_special_tokens_to_add(self, is_pair: bool) -> int:
+            return backend.num_special_tokens_to_add(is_pair)
+
+    rng = random.Random(1)
+    texts = ["", "hi there", "w " * 100000, *(odd_text(rng, rng.choice((10, 30000, 60000))) for _ in range(8))]
+    expected = {special: engine.tokenizer(texts, add_special_tokens=special)["input_ids"] for special in (True, False)}
+    monkeypatch.setattr(engine.tokenizer, "_tokenizer", Recording(), raising=False)
+    for special in (True, False):
+        assert engine.encode_texts(texts, special) == expected[special]
+    assert engine.words_split and len(batches) == 2 and len(batches[0]) > len(texts) + 3, [len(b) for b in batches]
+    with pytest.raises(PromptTooLongError) as info:
+        engine.encode_texts(texts, max_tokens=100000)
+    assert info.value.num_tokens == len(expected[True][2])
 
 
 def test_a_prompt_is_encoded_a_turn_at_a_time_without_offsets(engine, monkeypatch):

@@ -1,16 +1,18 @@
 """`POST /v1/completions` through `gunicorn -k gevent server:app`, the `openai` client and raw requests."""
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import openai
 import pytest
 import requests
 import torch
+from transformers import AutoTokenizer
 
 from chat_http import CHAT_SERVER_MAX_MODEL_LEN, MODEL, completion_texts
 from checkpoints import load_hf_model, make_checkpoint
-from engine_util import hf_greedy
+from engine_util import hf_greedy, odd_text
 from nanoqwen import loader
 from server_process import GunicornServer
 
@@ -297,6 +299,18 @@ def test_bad_token_ids_and_unknown_model(server: GunicornServer) -> None:
     assert response.status_code == 400 and "token ids" in response.json()["error"]["message"]
     missing = _post(server, {"model": "gpt-3.5-turbo-instruct", "prompt": PROMPT})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_long_prompts_are_tokenised_as_the_tokenizer_does(server: GunicornServer) -> None:
+    """A prompt past a piece's 64 KiB (encoded in pieces cut between words, nanoqwen/engine/pieces.py) gets the ids
+    the tokenizer gets for it whole, through /tokenize and as a completion's prompt (the 400's count, first of two)."""
+    texts = ["w " * 40000, odd_text(random.Random(2), 60000)]
+    tokenizer = AutoTokenizer.from_pretrained(str(make_checkpoint()))
+    for text in texts:
+        assert _ids(server, text) == tokenizer(text)["input_ids"]
+    response = _post(server, {"prompt": [PROMPT, *texts[::-1]], "max_tokens": 4})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    assert f"({len(tokenizer(texts[1])['input_ids'])} in the prompt" in response.json()["error"]["message"]
 
 
 def test_openapi_json(server: GunicornServer) -> None:

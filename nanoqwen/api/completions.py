@@ -20,9 +20,9 @@ from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, structured_grammar
-from nanoqwen.api.tokenize import encode_texts
+from nanoqwen.engine import Engine
 from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
-from nanoqwen.engine.validation import context_length_error, prompt_token_limit
+from nanoqwen.engine.validation import PromptTooLongError, context_length_error, prompt_token_limit
 
 Json = dict[str, Any]
 
@@ -168,16 +168,28 @@ class CompletionService:
     def _encode(self, req: CompletionRequest, max_tokens: int | None) -> list[list[int]]:
         serving = self.serving
         prompts = req.prompts
-        if isinstance(prompts[0], str):
-            prompts = serving.off_loop(sum(map(len, prompts)), encode_texts, serving.engine.tokenizer, prompts)
         limit = serving.info["max_model_len"]
+        if isinstance(prompts[0], str):
+            return serving.off_loop(sum(map(len, prompts)), _encoded, serving.engine, prompts, limit, max_tokens)
         for ids in prompts:
             if len(ids) > prompt_token_limit(limit, max_tokens):
                 raise invalid_request(context_length_error(limit, len(ids), max_tokens, "prompt"))
         return prompts
 
     def _decode(self, prompts: list[list[int]]) -> list[str]:
-        tokenizer = self.serving.engine.tokenizer
-        vocab = len(tokenizer)  # an id past it is the engine's 400, not an echo to write
-        known = [[t for t in ids if 0 <= t < vocab] for ids in prompts]
-        return self.serving.off_loop(sum(map(len, known)), tokenizer.batch_decode, known)
+        return self.serving.off_loop(sum(map(len, prompts)), _echoes, self.serving.engine.tokenizer, prompts)
+
+
+def _encoded(engine: Engine, texts: list[str], limit: int, max_tokens: int | None) -> list[list[int]]:
+    """The prompts' ids (an offload thread's work); a 400 naming `prompt` for the first too long for the context."""
+    try:
+        return engine.encode_texts(texts, max_tokens=prompt_token_limit(limit, max_tokens))
+    except PromptTooLongError as exc:  # raised in the worker, where the greenlet's mapping cannot see it
+        raise invalid_request(context_length_error(limit, exc.num_tokens, max_tokens, "prompt")) from None
+
+
+def _echoes(tokenizer: Any, prompts: list[list[int]]) -> list[str]:
+    """Token-id prompts' texts (an offload thread's work): an id past the vocabulary is the engine's 400, not an echo
+    to write."""
+    vocab = len(tokenizer)
+    return tokenizer.batch_decode([[t for t in ids if 0 <= t < vocab] for ids in prompts])

@@ -13,6 +13,7 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import ChatPrompt, Strict, validate_body
 from nanoqwen.api.serving import Serving, invalid_request
 from nanoqwen.api.strict_json import Budget
+from nanoqwen.engine import Engine
 from nanoqwen.engine.validation import InvalidRequest
 
 
@@ -48,18 +49,23 @@ class TokenizeService:
     def _job(self, req: TokenizePromptRequest | TokenizeChatRequest) -> tuple[Any, ...]:
         engine = self.serving.engine
         if isinstance(req, TokenizePromptRequest):
-            return len(req.prompt), _encode_text, engine.tokenizer, req.prompt, req.add_special_tokens
+            return len(req.prompt), _encode_text, engine, req.prompt, req.add_special_tokens
         return req.template_chars(), _encode_messages, engine.encode_messages, req
 
     def detokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
         req = self.serving.validate(partial(validate_body, DetokenizeRequest), body, budget)
         self.serving.check_serving(req.model)
-        tokenizer = self.serving.engine.tokenizer
-        vocab = len(tokenizer)
-        if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
-            raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
-                           param=f"tokens.[{bad}]")
-        return {"prompt": self.serving.off_loop(len(req.tokens), tokenizer.decode, req.tokens)}
+        return {"prompt": self.serving.off_loop(len(req.tokens), _decode, self.serving.engine.tokenizer, req.tokens)}
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    """The ids' text, each checked against the vocabulary first, in the thread that decodes them: a loop over 60,000
+    ids is milliseconds on the event loop."""
+    vocab = len(tokenizer)
+    if (bad := next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)) is not None:
+        raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
+                       param=f"tokens.[{bad}]")
+    return tokenizer.decode(ids)
 
 
 def parse_tokenize_request(body: Any, budget: Budget) -> TokenizePromptRequest | TokenizeChatRequest:
@@ -72,13 +78,8 @@ def parse_tokenize_request(body: Any, budget: Budget) -> TokenizePromptRequest |
     return req
 
 
-def encode_texts(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of plain texts (no chat template), as completions and /tokenize see them."""
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def _encode_text(tokenizer: Any, prompt: str, add_special_tokens: bool) -> list[int]:
-    return encode_texts(tokenizer, [prompt], add_special_tokens)[0]
+def _encode_text(engine: Engine, prompt: str, add_special_tokens: bool) -> list[int]:
+    return engine.encode_texts([prompt], add_special_tokens)[0]
 
 
 def _encode_messages(encode: Any, req: TokenizeChatRequest) -> list[int]:

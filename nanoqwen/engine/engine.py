@@ -5,6 +5,7 @@ submit() -> an EventStream fed by the engine thread, one Event per choice per st
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
 from nanoqwen.engine.ngram import NgramProposer
 from nanoqwen.engine.output import first_event, prompt_token_logprobs, token_event, usage_event
+from nanoqwen.engine.pieces import TURN_START, turn_pieces, word_pieces, words_split
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
@@ -99,6 +101,7 @@ class Engine:
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
         self.turns_split = TURN_START in self.tokenizer.get_added_vocab()  # where turn_pieces keeps the tokens
+        self.words_split = words_split(self.tokenizer)  # where word_pieces does
         self.token_bytes = loaded.token_bytes
         self.generation = loaded.generation
         self.sampling_defaults = self.generation.sampling() if cfg.generation_config == "auto" else {}
@@ -161,33 +164,53 @@ class Engine:
     def encode_messages(self, messages: list[dict], chat_template_kwargs: dict | None = None,
                         max_tokens: int | None = None, tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids (ending in a generation prompt unless chat_template_kwargs says otherwise);
-        PromptTooLongError past max_tokens.
-
-        CPU-heavy for long prompts: servers call it from a worker thread. The Rust tokenizer runs
-        without the GIL (encode_batch_fast releases it, encode does not), and the ids only become a
-        Python list (which holds the GIL, ~0.1 s per million) once the length is known to fit.
-        Freeing an encoding holds the GIL too, a stall of every stream and /health: the offsets of a 7 MB prompt's
-        3.7M tokens took 0.23 s to free in one call, so none are made (encode_batch_fast), and the encodings, a
-        turn each (turn_pieces: 16,000 turns encoded in parallel in 2.7 s against 9.0 whole), are freed one by one.
-        """
+        PromptTooLongError past max_tokens. CPU-heavy for long prompts: servers call it from a worker thread."""
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=tools, tokenize=False, **{"add_generation_prompt": True, **(chat_template_kwargs or {})}
             )
         except Exception as exc:  # jinja errors from the checkpoint's template
             raise InvalidRequest(f"could not apply the chat template: {exc}", param="messages") from None
-        pieces = turn_pieces(text) if self.turns_split else [text]
-        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
-        count = sum(len(encoding) for encoding in encodings)
-        fits = max_tokens is None or count <= max_tokens
-        ids: list[int] = []
-        for encoding in encodings if fits else ():
-            ids += encoding.ids  # extended in C: a Python loop over the tokens would hold the GIL
+        return self._encoded([self.pieces(text)], False, max_tokens)[0]
+
+    def encode_texts(self, texts: list[str], add_special_tokens: bool = True,
+                     max_tokens: int | None = None) -> list[list[int]]:
+        """Plain texts' token ids (no template: a legacy completion's prompts, /tokenize's), those `tokenizer(texts)`
+        makes; PromptTooLongError for the first past max_tokens. CPU-heavy for long texts: a worker thread's."""
+        special = add_special_tokens and self.tokenizer.backend_tokenizer.num_special_tokens_to_add(False) > 0
+        return self._encoded([[text] if special else self.pieces(text) for text in texts], special, max_tokens)
+
+    def pieces(self, text: str) -> list[str]:
+        """`text` cut where its pieces' tokens, in order, are the whole's (nanoqwen/engine/pieces.py): before each
+        turn, and each turn between words, where this tokenizer keeps the tokens so."""
+        turns = turn_pieces(text) if self.turns_split else [text]
+        return [piece for turn in turns for piece in word_pieces(turn)] if self.words_split else turns
+
+    def _encoded(self, texts: list[list[str]], add_special_tokens: bool, max_tokens: int | None) -> list[list[int]]:
+        """Each text's ids from its pieces (Engine.pieces), PromptTooLongError for the first of more than max_tokens.
+
+        The Rust tokenizer runs without the GIL (encode_batch_fast releases it, encode does not), and the ids only
+        become Python lists (which holds the GIL, ~0.1 s per million) once the lengths are known to fit.
+        Freeing an encoding holds the GIL too, a stall of every stream and /health: the offsets of a 7 MB prompt's
+        3.7M tokens took 0.23 s to free in one call, so none are made (encode_batch_fast), and the encodings, a
+        piece each (16,000 turns encoded in parallel in 2.7 s against 9.0 whole), are freed one by one.
+        """
+        encodings = self.tokenizer.backend_tokenizer.encode_batch_fast(
+            [piece for pieces in texts for piece in pieces], add_special_tokens=add_special_tokens)
+        bounds = list(itertools.accumulate((len(pieces) for pieces in texts), initial=0))
+        counts = [sum(len(encoding) for encoding in encodings[start:end]) for start, end in itertools.pairwise(bounds)]
+        too_long = next((count for count in counts if max_tokens is not None and count > max_tokens), None)
+        out: list[list[int]] = []
+        for start, end in itertools.pairwise(bounds) if too_long is None else ():
+            ids: list[int] = []
+            for encoding in encodings[start:end]:
+                ids += encoding.ids  # extended in C: a Python loop over the tokens would hold the GIL
+            out.append(ids)
         while encodings:
             encodings.pop()  # one at a time: the GIL may pass between them
-        if not fits:
-            raise PromptTooLongError(count)
-        return ids
+        if too_long is not None:
+            raise PromptTooLongError(too_long)
+        return out
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises validation.InvalidRequest naming the problem and its parameter (the server's 400)."""
@@ -436,14 +459,3 @@ def _held_text(seq: Sequence) -> Event | None:
         log.exception("the held text of %s was lost", seq.request.request_id)
         return None
     return Event(index=seq.index, text=text, reasoning=reasoning) if text or reasoning else None
-
-
-TURN_START = "<|im_start|>"  # Qwen3's added token that opens each turn of its chat template
-
-
-def turn_pieces(text: str) -> list[str]:
-    """`text` cut before each TURN_START. An added token (the tokenizer's, Engine.turns_split) is split out of a text
-    before anything else sees it, so the pieces' tokens, in order, are the whole text's (tests/test_engine.py checks
-    odd texts)."""
-    first, *turns = text.split(TURN_START)
-    return [piece for piece in (first, *(TURN_START + turn for turn in turns)) if piece]
