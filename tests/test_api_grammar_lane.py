@@ -136,6 +136,17 @@ def test_a_forced_calls_response_format_is_checked_once(real: tuple[Serving, lis
     assert refused.value.param == "response_format"
 
 
+def test_a_tool_sent_twice_is_one_tool_to_the_grammar(real: tuple[Serving, list[Any], list[Any]]) -> None:
+    """The same tool twice (accepted: schemas._check_tool_names) is one alternative of the calls' grammar: the
+    request finds the grammar of the tool sent once."""
+    serving, _, compiles = real
+    once = {"messages": USER, "tools": [TOOL], "tool_choice": "required"}
+    first = structured.output_grammar(serving, parse_chat_request(once, None)).grammar
+    twice = {**once, "tools": [TOOL, TOOL]}
+    assert structured.output_grammar(serving, parse_chat_request(twice, None)).grammar is first
+    assert len(compiles) == 1
+
+
 def test_a_long_key_is_made_in_the_grammar_lane(real: tuple[Serving, list[Any], list[Any]],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A tool list whose key passes KEY_CHARS (a 10 MB list's JSON held a tokenising thread for 88 ms): the tokenising

@@ -562,6 +562,21 @@ def test_the_old_drafts_dependencies_hold_subschemas_named_by_property() -> None
     assert grammar_rows.schema_weight(data) == 0
 
 
+@pytest.mark.parametrize("pointer", ["#/default/", "#/examples/0/"])
+def test_a_ref_into_data_reads_its_target_as_a_schema(pointer: str) -> None:
+    """llguidance resolves a JSON pointer anywhere and reads its target as a schema: a chain of 1,100 `$ref`s through
+    data (`default`, an `examples` item) reached from the schema's `$ref` weighed 2, passed the check and ended the
+    answer after "12" (a 2,201-item row). Data no `$ref` reaches stays data."""
+    linked = _linked(1_100, lambda i: {}, lambda i: f"{pointer}d{i}")
+    defs = linked["$defs"] if pointer == "#/default/" else [linked["$defs"]]
+    schema = {"$ref": linked["$ref"], pointer.split("/")[1]: defs}
+    assert grammar_rows.schema_weight(schema) == 2 * 1_100 + 4
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, False, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.schema_weight({**schema, "$ref": f"{pointer}d1100"}) == 2
+
+
 def test_a_schema_past_max_rules_is_refused_before_it_is_weighed(grammars: Grammars,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """rules_bound is cheap; weighing a schema of 20,000 `$ref`s took 13.7 s before it refused them."""

@@ -330,9 +330,14 @@ def test_the_stream_ends_without_done(server: GunicornServer) -> None:
     assert all(data != "[DONE]" for _, data in named)
 
 
-def test_two_tools_of_one_name_are_a_400_naming_tools(client: openai.OpenAI) -> None:
-    """A call or a named tool_choice would not say which one it means (OpenAI refuses them, as chat does)."""
-    with pytest.raises(openai.BadRequestError, match="'get_time' is given more than once") as exc:
+def test_one_tool_sent_twice_is_one_tool_two_of_one_name_a_400(client: openai.OpenAI) -> None:
+    """The same tool twice is one (a forced call to it served, as chat's); two different tools of one name are a 400
+    naming tools: a call or a named tool_choice would not say which one it means."""
+    response = client.responses.create(input="What time is it?", **{**FORCED, "tools": [*TOOLS, *TOOLS]})
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "get_time" and response.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), TIME)
+    with pytest.raises(openai.BadRequestError, match="'get_time' names two different functions") as exc:
         client.responses.create(**{**GREEDY, "input": "Hi", "tools": [*TOOLS, {**TOOLS[0], "description": "Other"}]})
     assert exc.value.body["param"] == "tools" and exc.value.body["type"] == "invalid_request_error"
 

@@ -244,6 +244,22 @@ def test_forced_tool_calls_always_call(server: GunicornServer, tool_choice: Any)
             assert not choice.message.content and not stream["content"]
 
 
+def test_one_tool_sent_twice_is_one_tool_two_of_one_name_a_400(server: GunicornServer) -> None:
+    """A client merging its tool lists may send one tool twice (LibreChat #13162: two `web_search` tools served by
+    OpenAI's models): one tool, a forced call to it served. Two different tools of one name stay a 400 naming tools:
+    a call could not say which one it means."""
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        answer = _create(server, tools=[*TOOLS, TOOLS[1]], tool_choice=tool_choice, parallel_tool_calls=False,
+                         temperature=0, max_tokens=120)
+        (call,) = _calls(answer.choices[0].message)
+        assert answer.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call["arguments"]), PARAMETERS[call["name"]])
+    other = {"type": "function", "function": {**TOOLS[1]["function"], "description": "Another"}}
+    with pytest.raises(openai.BadRequestError, match="'get_time' names two different functions") as refused:
+        _create(server, tools=[*TOOLS, other], tool_choice="required")
+    assert refused.value.body["param"] == "tools" and refused.value.body["type"] == "invalid_request_error"
+
+
 def test_forced_single_call_and_the_round_trip(server: GunicornServer) -> None:
     answer = _create(server, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0.8,
                      seed=5, max_tokens=120)

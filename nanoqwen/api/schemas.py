@@ -1027,15 +1027,14 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
 
 
 def _check_tool_names(req: ChatCompletionRequest) -> None:
-    """Two tools of one name are a 400 (OpenAI's, as Anthropic's and DeepSeek's): a call, a named tool_choice, a
-    tool's grammar would not say which one it means."""
-    seen: set[str] = set()
+    """Two different tools of one name are a 400: a call, a named tool_choice, a tool's grammar would not say which one
+    it means. The same tool sent twice (as a client merging its tool lists may) is one tool (structured._calls)."""
+    seen: dict[str, FunctionDefinition] = {}
     for tool in req.tools or ():
-        if (name := tool.function.name) in seen:
+        if seen.setdefault(name := tool.function.name, tool.function) != tool.function:
             tools = req.named("tools")
-            raise APIError(400, f"Invalid value for '{tools}': function names must be unique ('{name}' is given more "
-                                "than once)", param=tools)
-        seen.add(name)
+            raise APIError(400, f"Invalid value for '{tools}': function names must be unique ('{name}' names two "
+                                "different functions)", param=tools)
 
 
 def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:

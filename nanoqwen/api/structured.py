@@ -89,6 +89,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
     is not compiled."""
     forced = req.forces_tool_call
+    chosen = list({t.function.name: t for t in chosen}.values())  # a tool sent twice (the same: _check_tool_names)
     follows = [forced or t.function.constrained for t in chosen]  # a call to it follows its parameters
     tools = [ToolSpec(t.function.name, t.function.parameters if schema else ANY_OBJECT, bool(t.function.strict))
              for t, schema in zip(chosen, follows, strict=True)]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.schema_keywords import subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, subschemas
 
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
 # `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
@@ -304,32 +304,52 @@ def schema_weight(schema: Any) -> int:
     resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
     anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
     joined: dict[tuple[str, str], tuple[str, str] | None] = {}  # _join's, by (base, reference)
-    stack: list[tuple[Any, tuple[str, ...], str]] = [(schema, (), "")]  # (node, its path, its resource's base URI)
     alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
-    while stack:
-        node, path, base = stack.pop()
-        if isinstance(node, dict):
-            if not node:
-                continue
-            if isinstance(ident := node.get("$id"), str) and (resolved := _join(base, ident, joined)) is not None:
-                base = resolved[0]
-            if not path or isinstance(ident, str):
-                resources.setdefault(base, path)
-            if isinstance(node.get("$anchor"), str):
-                anchors.setdefault((base, node["$anchor"]), path)
-            if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
-                alternated.append((node, options))
-            if isinstance(node.get("$ref"), str):
-                sent.append((path, base, node["$ref"]))
-            stack.extend((value, (*path, *keys), base) for keys, value in subschemas(node))
-        elif isinstance(node, list):
-            stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
+    # each data keyword's value (by id), and its base URI: a $ref may point into it (llguidance resolves a pointer
+    # anywhere and reads its target as a schema), the $refs and alternatives of that target counted only then
+    data: dict[int, str] = {}
+    walked: set[int] = set()  # the ids of the data objects walked as schemas
+
+    def walk(start: Any, at: tuple[str, ...], start_base: str, in_data: bool) -> None:
+        """Each subschema of `start` (at path `at`): its `$ref`s, alternatives, `$id`s and `$anchor`s (found in the
+        schema only: in data llguidance registers none), and, in the schema, its data keywords' values."""
+        stack: list[tuple[Any, tuple[str, ...], str]] = [(start, at, start_base)]  # (node, its path, its base URI)
+        while stack:
+            node, path, base = stack.pop()
+            if isinstance(node, dict):
+                if not node or id(node) in walked:
+                    continue
+                if in_data:
+                    walked.add(id(node))
+                if isinstance(ident := node.get("$id"), str) and (resolved := _join(base, ident, joined)) is not None:
+                    base = resolved[0]
+                if not in_data and (not path or isinstance(ident, str)):
+                    resources.setdefault(base, path)
+                if not in_data and isinstance(node.get("$anchor"), str):
+                    anchors.setdefault((base, node["$anchor"]), path)
+                if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
+                    alternated.append((node, options))
+                if isinstance(node.get("$ref"), str):
+                    sent.append((path, base, node["$ref"]))
+                stack.extend((value, (*path, *keys), base) for keys, value in subschemas(node))
+                if not in_data:
+                    data.update((id(node[key]), base) for key in DATA_KEYWORDS & node.keys()
+                                if isinstance(node[key], (dict, list)))
+            elif isinstance(node, list):
+                stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
+
+    walk(schema, (), "", False)
+    refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    for path, base, ref in sent:  # grows as a target in data is walked
+        if (target := _target(ref, base, resources, anchors, joined)) is None:
+            continue
+        refs.append((path, target))
+        if (found := _in_data(schema, target, data)) is not None:
+            walk(found[0], target, found[1], True)
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
     for node, options in reversed(alternated):
         width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
     widest = max(width.values(), default=0)
-    refs = [(path, target) for path, base, ref in sent
-            if (target := _target(ref, base, resources, anchors, joined)) is not None]
     if not refs:
         return widest
     targets = {target for _, target in refs} | {()}
@@ -356,6 +376,22 @@ def schema_weight(schema: Any) -> int:
     for target in targets - {()}:
         links[owner(target[:-1])].setdefault(target, 0)
     return widest + _heaviest(links, {}, wide=False)
+
+
+def _in_data(schema: Any, target: tuple[str, ...], data: dict[int, str]) -> tuple[dict, str] | None:
+    """The object at `target` and its base URI where the way to it passes a data keyword's value (`data`), else
+    None (not there, not an object, or in the schema: walked already)."""
+    node, base = schema, None
+    for part in target:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        if base is None:
+            base = data.get(id(node))
+    return (node, base) if base is not None and isinstance(node, dict) else None
 
 
 def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],

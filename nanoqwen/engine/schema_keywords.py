@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-# keywords whose value is data, not a schema: a `$ref`, `$id` or `pattern` in them is a value, never a link or a regex
+# keywords whose value is data, not a schema: a `$ref`, `$id` or `pattern` in them is a value, unless a `$ref` points
+# into it (llguidance resolves a JSON pointer anywhere and reads its target as a schema: grammar_rows walks it then)
 DATA_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
 # keywords whose value maps names to subschemas: drafts 2019-09 and 2020-12's, and the older drafts' `definitions` and
 # `dependencies` (draft 4 to 7: by property name, a subschema or a list of names; llguidance implements neither it nor
