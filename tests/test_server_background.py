@@ -132,11 +132,11 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
     for _ in range(3):  # tried again where a fast host finished the completion before the cancel was answered
         with client.completions.create(**filler) as completion:
             next(iter(completion))  # its rows taken
-            polled = client.responses.create(background=True, **LONG)
+            waiting = client.responses.create(background=True, **LONG)
             streamed, opening = _started(client, 2, **{**LONG, "max_output_tokens": 16})  # queued, then short
-            retrieved = client.responses.retrieve(polled.id)
+            retrieved = client.responses.retrieve(waiting.id)
             served, aborted = _outcomes(chat_server)
-            cancelled = client.responses.cancel(polled.id)
+            cancelled = client.responses.cancel(waiting.id)
             outcomes = _outcomes(chat_server)
             stats = server_stats(chat_server)
         # the completion still generating after the cancel: the other one still queued
@@ -145,7 +145,7 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
             break
         polled(client, streamed)
     assert full, f"the completion of {EngineConfig.max_batch} × 1000 tokens ended before the cancel, 3 times"
-    assert (polled.status, retrieved.status) == ("queued", "queued") and polled.output == retrieved.output == []
+    assert (waiting.status, retrieved.status) == ("queued", "queued") and waiting.output == retrieved.output == []
     assert [(e.type, e.response.status) for e in opening] == [("response.created", "queued"),
                                                               ("response.queued", "queued")]
     assert (cancelled.status, cancelled.output, cancelled.usage.output_tokens) == ("cancelled", [], 0)
@@ -251,7 +251,7 @@ def test_bad_background_requests(client: openai.OpenAI, chat_server: GunicornSer
     assert exc.value.body["message"] == "Responses can only be cancelled if they were created with background=true."
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_unknown")
-    polled = client.responses.create(input="Hi", background=True, **GREEDY)  # not streamed: no events kept
-    polled(client, polled.id)
-    answer = requests.get(f"{chat_server.url}/v1/responses/{polled.id}", params={"stream": "true"}, timeout=30)
+    unstreamed = client.responses.create(input="Hi", background=True, **GREEDY)  # not streamed: no events kept
+    polled(client, unstreamed.id)
+    answer = requests.get(f"{chat_server.url}/v1/responses/{unstreamed.id}", params={"stream": "true"}, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"
