@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from chat_http import cpu_env, health_polled  # noqa: E402
-from checkpoints import make_checkpoint  # noqa: E402
-from server_process import GunicornServer  # noqa: E402
+import common  # puts this checkout and its tests first on sys.path
+from chat_http import cpu_env, health_polled
+from checkpoints import make_checkpoint
+from server_process import GunicornServer
 
 HI = [{"role": "user", "content": "hi"}]
 PROPERTIES = {f"p{i:05d}" + "q" * 100: {"type": "string"} for i in range(20000)}
@@ -92,7 +92,8 @@ def main() -> None:
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024")
     with tempfile.TemporaryDirectory() as tmp, GunicornServer(env, Path(tmp) / "gunicorn.log") as srv:
         requests.post(f"{srv.url}/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, timeout=120)
-        print("| shape | MiB | status | worst /health (median of 3) |")
+        print(f"- {common.machine_line(common.machine_info(torch.device('cpu')))}\n- `{common.command_line()}`\n")
+        rows = []
         stored = ""
         for name, (path, body) in SHAPES.items():
             if sys.argv[1:] and sys.argv[1] not in name:
@@ -109,8 +110,10 @@ def main() -> None:
                     answer = requests.post(f"{srv.url}{path}", data=data, timeout=300,
                                            headers={"Content-Type": "application/json"})
                 worst.append(max(latencies))
-            print(f"| {name} | {len(data) / 2**20:.2f} | {answer.status_code} | {1000 * sorted(worst)[1]:.0f} ms |",
-                  flush=True)
+            median_ms = 1000 * sorted(worst)[1]
+            rows.append([name, f"{len(data) / 2**20:.2f}", str(answer.status_code), f"{median_ms:.0f} ms"])
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(common.markdown_table(["shape", "MiB", "status", "worst /health (median of 3)"], rows))
     print("load average after:", os.getloadavg())
 
 

@@ -1,10 +1,15 @@
-"""What the Responses API's unit tests share."""
+"""What the Responses API's tests share."""
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import openai
 
 from nanoqwen.api.responses_api import ResponseEvents
 from nanoqwen.engine.request import Event
+
+RUNNING = ("queued", "in_progress")  # a response's statuses until it ends
 
 
 def failed_stream(stream: ResponseEvents, events: list[Event], message: str = "boom") -> list[dict[str, Any]]:
@@ -14,3 +19,12 @@ def failed_stream(stream: ResponseEvents, events: list[Event], message: str = "b
     for event in [*events, Event(error=message)]:
         out += stream.chunks(event)
     return out + stream.failure(message)
+
+
+def polled(client: openai.OpenAI, response_id: str) -> Any:
+    """The response once it is no longer queued or in progress (a background one, polled)."""
+    deadline = time.monotonic() + 60
+    while (response := client.responses.retrieve(response_id)).status in RUNNING:
+        assert time.monotonic() < deadline, response
+        time.sleep(0.02)
+    return response

@@ -14,10 +14,9 @@ import gevent
 import gevent.event
 import pytest
 
-from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
-from nanoqwen.api.responses_api import Draft, PolledEvents, ResponseEvents, ResponsesService, input_item_json
+from nanoqwen.api.responses_api import Draft, PolledEvents, ResponseEvents, ResponsesService, _stored_inputs
 from nanoqwen.api.responses_background import (
     KEPT_FINISHED,
     MAX_EVENT_BYTES,
@@ -27,7 +26,7 @@ from nanoqwen.api.responses_background import (
     Run,
 )
 from nanoqwen.api.responses_schemas import parse_responses_request
-from nanoqwen.api.responses_store import ResponseStore, Stored
+from nanoqwen.api.responses_store import Inputs, ResponseStore, Stored
 from nanoqwen.api.serving import ClientGone
 from nanoqwen.api.sse import PROBE
 from nanoqwen.api.strict_json import Budget
@@ -266,7 +265,7 @@ def test_an_ended_run_lets_go_of_what_only_a_running_one_needs() -> None:
 
     held = Held()
     run = Run("resp_h", partial(setattr, held, "aborted", True), True)
-    assert store.begin({"id": run.id, "background": True}, b"[]", output_ids=held.item_ids)
+    assert store.begin({"id": run.id, "background": True}, Inputs(), output_ids=held.item_ids)
     background.start(run, iter([["frame"]]), lambda: store.end(run.id))
     assert store.running_holder("msg_1") == run.id
     gone = weakref.ref(held)
@@ -291,7 +290,7 @@ def test_a_stream_deleted_while_it_generates_is_not_kept_once_it_ends() -> None:
 
 
 def _begin(store: ResponseStore, response_id: str) -> None:
-    assert store.begin({"id": response_id, "background": True}, b"[]")
+    assert store.begin({"id": response_id, "background": True}, Inputs())
 
 
 def test_cancelling_aborts_and_waits_for_the_end() -> None:
@@ -368,9 +367,8 @@ def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> Non
 
 def _begun(store: ResponseStore) -> Draft:
     req = parse_responses_request({"input": "Hi", "background": True}, Budget())
-    inputs = [input_item_json(item) for item in req.input_items]
-    draft = Draft(req, SamplingParams(), "m", None, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
-    draft.begun = store.begin(draft.created(), draft.input_bytes)
+    draft = Draft(req, SamplingParams(), "m", None, store, inputs=_stored_inputs(req))
+    draft.begun = store.begin(draft.created(), draft.inputs)
     assert draft.begun and store.get(draft.id).background
     return draft
 

@@ -16,11 +16,10 @@ from transformers import Qwen2Tokenizer
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine, started_engine
-from nanoqwen.api import chat, completions, responses_api, serving, tokenize
+from nanoqwen.api import chat, completions, encode, offload, responses_api, serving, tokenize
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
-from nanoqwen.api.responses_store import ResponseStore
 from nanoqwen.api.schemas import ChatPrompt
 from nanoqwen.engine import Engine, EngineConfig
 
@@ -122,7 +121,7 @@ def served() -> Iterator[FlaskClient]:
 def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     """The thread each step of a Responses request's conversation ran on, by step, recorded while the app serves:
     its references resolved, its items checked and made a chat request of (the whole, and a truncation's candidates),
-    its prompts templated, its input items encoded to be stored, and again with the answer as it is stored."""
+    its prompts templated, its input items encoded to be stored, its tools made as the response echoes them."""
     seen: dict[str, list[int]] = {}
     recorded = partial(_record_threads, monkeypatch, seen)
     recorded(responses_api.ResponsesService, "_resolved")
@@ -130,7 +129,7 @@ def conversing(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
     recorded(ResponsePromptFields, "to_chat")
     recorded(ChatPrompt, "template_messages")
     recorded(responses_api, "_stored_inputs")
-    recorded(ResponseStore, "put")
+    recorded(responses_api, "echoed_tools")
     return seen
 
 
@@ -143,28 +142,57 @@ def _create(client: FlaskClient, body: dict[str, Any]) -> dict[str, Any]:
 def test_a_large_responses_conversation_is_made_off_the_loop(
         served: FlaskClient, conversing: dict[str, list[int]]) -> None:
     """5,000 items (10,000 values): references resolved, checked, made a chat request of, searched for the items that
-    fit (each candidate a chat request, templated where it is made) and stored, all in the long prompts' thread; the
-    answer stored with them, in the answers' encoding thread."""
+    fit (each candidate a chat request, templated where it is made), encoded for the store and the tools made as
+    echoed, all in the long prompts' thread."""
     _create(served, {"input": MESSAGES})
     loop = threading.get_ident()
-    assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs", "put"}
+    assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs",
+                               "echoed_tools"}
     assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
 
 
-def test_a_large_response_kept_as_it_fails_is_stored_off_the_loop(
-        served: FlaskClient, conversing: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream kept in the store whose own code breaks at its end: kept failed, its 5,000 input items encoded again
-    with it in the answers' encoding thread, as if it had finished."""
+def test_a_large_responses_request_takes_two_trips_to_the_long_prompts_thread(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After its body's parse and validation: one to resolve and convert its items, one to fit its prompt (templated
+    there) and encode its items for the store. Between them, on the loop, its output grammar's compile is handed to
+    its own pool: it comes after the conversation's errors, and before any templating."""
+    runs: list[str] = []
+    run = offload.NativePool.run
+
+    def recorded(pool: offload.NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+        runs.append(getattr(fn, "__name__", ""))
+        return run(pool, fn, *args)
+
+    monkeypatch.setattr(offload.NativePool, "run", recorded)
+    _create(served, {"input": MESSAGES})
+    assert runs[:2] == ["parse_json", "parse_responses_request"] and len(runs) == 4, runs
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stored_responses_input_items_are_encoded_once(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """As input_items lists them and joined into the history a continuation reads, kept finished or failed (its
+    5,000 input items encoded again with the answer took ~160 ms on the loop)."""
+    encoded: list[str] = []
+    compact = encode.compact_json
+
+    def recorded(value: Any) -> str:
+        if isinstance(value, dict) and str(value.get("text", "")).startswith("once "):
+            encoded.append(value["text"])
+        return compact(value)
+
     def broken(*args: Any) -> Any:
         raise RuntimeError("broken on purpose")
 
-    monkeypatch.setattr(responses_api.ResponseEvents, "_finish", broken)
-    answer = served.post("/v1/responses", json={"max_output_tokens": 16, "truncation": "auto", "stream": True,
-                                                "input": MESSAGES})
-    assert b"response.failed" in answer.get_data()
+    monkeypatch.setattr(encode, "compact_json", recorded)
+    if stream:  # kept as it fails
+        monkeypatch.setattr(responses_api.ResponseEvents, "_finish", broken)
+    texts = [f"once {i}" for i in range(3)]
+    answer = served.post("/v1/responses", json={"max_output_tokens": 16, "stream": stream,
+                                                "input": [{"role": "user", "content": text} for text in texts]})
+    assert answer.status_code == 200 and (b"response.failed" in answer.get_data()) == stream
     answer.close()
-    loop = threading.get_ident()
-    assert len(conversing["put"]) == 1 and loop not in conversing["put"], conversing["put"]
+    assert sorted(encoded) == texts
 
 
 def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
@@ -188,17 +216,23 @@ def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
         served: FlaskClient, conversing: dict[str, list[int]]) -> None:
-    """A small body whose previous response's history, or whose references' responses, hold 5,000 items: the stored
-    items count (their characters, past LARGE_BODY_CHARS), not the body's few values."""
+    """A small body whose previous response's history holds 5,000 items, or whose item references bring in 80 kB:
+    the stored items count (their characters, past LARGE_BODY_CHARS), not the body's few values, each reference its
+    item's (resolved at its full size each time; the duplicates are refused after). One reference into a large
+    response brings in its one item (parsed alone): worked on on the loop."""
     stored = _create(served, {"input": MESSAGES})
+    first_input = served.get(f"/v1/responses/{stored['id']}/input_items?order=asc&limit=1").json["data"][0]["id"]
+    one = _create(served, {"input": [{"role": "user", "content": "y" * 2000}]})
+    item = served.get(f"/v1/responses/{one['id']}/input_items").json["data"][0]["id"]
     conversing.clear()
     _create(served, {"input": "hi", "previous_response_id": stored["id"]})
-    first_input = served.get(f"/v1/responses/{stored['id']}/input_items?order=asc&limit=1").json["data"][0]["id"]
-    _create(served, {"input": [{"type": "item_reference", "id": first_input}, {"role": "user", "content": "hi"}]})
+    answer = served.post("/v1/responses", json={"input": [{"type": "item_reference", "id": item}] * 40})
+    assert answer.status_code == 400 and "Duplicate item" in answer.json["error"]["message"]
     loop = threading.get_ident()
-    stored_alone = conversing.pop("put")  # their own few items: the history stored is joined, not encoded again
     assert len(conversing["_resolved"]) == 2 and not any(loop in threads for threads in conversing.values())
-    assert stored_alone == [loop, loop]
+    conversing.clear()
+    _create(served, {"input": [{"type": "item_reference", "id": first_input}, {"role": "user", "content": "hi"}]})
+    assert conversing["_resolved"] == [loop]
 
 
 def test_a_small_responses_conversation_is_made_on_the_loop(

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from flask import Response
 
+from nanoqwen.api import responses_store
 from nanoqwen.api import serving as serving_module
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.api.encode import encode_json, encode_text
+from nanoqwen.api.encode import encode_json
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
@@ -25,11 +26,12 @@ from nanoqwen.api.responses_api import (
     ResponseCollector,
     ResponseEvents,
     ResponsesService,
-    input_item_json,
+    _stored_inputs,
+    echoed_tools,
     kept_in_progress,
 )
 from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
-from nanoqwen.api.responses_store import ResponseStore, Stored, list_page
+from nanoqwen.api.responses_store import Inputs, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
@@ -78,10 +80,9 @@ def _lp(token: str) -> TokenLogprob:
 def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) -> Draft:
     """A response's draft kept in `store`, begun there (in progress) as create begins a stream's."""
     req = parse_responses_request({"input": "Hi", **body}, Budget())
-    inputs = [input_item_json(item) for item in req.input_items]
-    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=inputs, input_bytes=encode_text(inputs).encode())
+    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=_stored_inputs(req), tools=echoed_tools(req))
     if store is not None and begun:
-        draft.begun = store.begin(draft.created(), draft.input_bytes)
+        draft.begun = store.begin(draft.created(), draft.inputs)
         assert draft.begun
     return draft
 
@@ -89,7 +90,7 @@ def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) 
 def _item(store: ResponseStore, item_id: str) -> Json | None:
     """The item an item_reference to `item_id` resolves to, as the server finds it."""
     found = store.holder(item_id)
-    return found[1].own_items()[item_id] if found is not None else None
+    return found.item(item_id) if found is not None else None
 
 
 THOUGHT = [Event(reasoning="Let me", token_ids=[1], logprobs=[_lp("Let me")]),
@@ -282,7 +283,7 @@ def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs
 
 def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> None:
     store = ResponseStore(max_bytes=1000)  # room for its snapshot and input, as it begins
-    store.put({"id": "resp_old", "output": []}, [], None, b"[]")
+    store.put({"id": "resp_old", "output": []}, Inputs(), None, False)
     events = ResponseEvents(_draft(store), ToolParsing())
     opening = events.opening()
     for event in THOUGHT:
@@ -290,7 +291,7 @@ def test_a_response_larger_than_the_store_is_kept_alone_as_its_stream_said() -> 
     assert [e["response"]["store"] for e in opening] == [True, True] and events.response["store"] is True
     assert store.get(events.response["id"]).body == events.body and len(events.body) > store.max_bytes
     assert store.get("resp_old") is None
-    store.put({"id": "resp_new", "output": []}, [], None, b"[]")  # the next one is kept: the large one goes
+    store.put({"id": "resp_new", "output": []}, Inputs(), None, False)  # the next one is kept: the large one goes
     assert store.get(events.response["id"]) is None and store.get("resp_new") is not None
 
 
@@ -300,17 +301,17 @@ def test_a_response_is_kept_only_under_a_quarter_of_the_store_and_a_continuation
     small = parse_responses_request({"input": "x" * 800}, Budget())
 
     def keeps(req: ResponseCreateRequest, previous: Stored | None) -> bool:
-        inputs = encode_text([input_item_json(item) for item in req.input_items]).encode()
-        return service._keeps(req, len(inputs), previous)
+        return service._keeps(req, len(_stored_inputs(req).listed), previous)
 
     assert keeps(small, None) and not keeps(small.model_copy(update={"store": False}), None)
     assert not keeps(parse_responses_request({"input": "x" * 1000}, Budget()), None)  # said store: false up front
-    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, [], None, b"[]")
+    store.put({"id": "resp_long", "output": [{"id": "msg_long", "text": "x" * 600}]}, Inputs(), None, False)
     long = store.get("resp_long")
-    assert service._previous("resp_long") is long and not keeps(small, long)
-    store.put({"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}, [], long, b"[]")  # its output
+    assert service._previous("resp_long", long) is long and not keeps(small, long)
+    huge = {"id": "resp_huge", "output": [{"id": "msg_huge", "text": "x" * 4000}]}
+    store.put(huge, Inputs(), long, False)  # its output
     with pytest.raises(APIError) as exc:
-        service._previous("resp_huge")
+        service._previous("resp_huge", store.get("resp_huge"))
     assert (exc.value.status, exc.value.param) == (400, "previous_response_id")
 
 
@@ -318,13 +319,14 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
     store = ResponseStore(max_responses=2)
     logprobs = [{"token": "a", "logprob": 0.0, "bytes": [97], "top_logprobs": []}]
     said = {"id": "msg_out", "type": "message", "content": [{"type": "output_text", "text": "a", "logprobs": logprobs}]}
-    store.put({"id": "resp_0", "output": [said]}, [{"id": "msg_in", "type": "message"}], None, b"[]")
+    store.put({"id": "resp_0", "output": [said]}, Inputs.of([{"id": "msg_in", "type": "message"}]), None, False)
     assert _item(store, "msg_in") == {"id": "msg_in", "type": "message"}
     assert _item(store, "msg_out") == {**said, "content": [{"type": "output_text", "text": "a"}]}
     assert _item(store, "msg_unknown") is None
-    store.put({"id": "resp_1", "output": []}, [{"id": "msg_in", "type": "message", "role": "user"}], None, b"[]")
+    said_in = {"id": "msg_in", "type": "message", "role": "user"}
+    store.put({"id": "resp_1", "output": []}, Inputs.of([said_in]), None, False)
     assert _item(store, "msg_in") == {"id": "msg_in", "type": "message", "role": "user"}  # the latest response's
-    store.put({"id": "resp_2", "output": []}, [], None, b"[]")  # resp_0 goes, and its items with it
+    store.put({"id": "resp_2", "output": []}, Inputs(), None, False)  # resp_0 goes, and its items with it
     assert _item(store, "msg_out") is None and _item(store, "msg_in") is not None
     assert store.delete("resp_1") and _item(store, "msg_in") is None and store._items == {}
 
@@ -332,29 +334,44 @@ def test_items_are_found_by_id_while_their_response_is_kept() -> None:
 def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant"}
-    store.put({"id": "resp_a", "output": [said]}, [], None, b"[]")
-    store.put({"id": "resp_b", "output": []}, [{**said, "role": "user"}], None, b"[]")
+    store.put({"id": "resp_a", "output": [said]}, Inputs(), None, False)
+    store.put({"id": "resp_b", "output": []}, Inputs.of([{**said, "role": "user"}]), None, False)
     assert _item(store, "msg_o")["role"] == "user"
     assert store.delete("resp_b") and _item(store, "msg_o") == said
     assert store.delete("resp_a") and _item(store, "msg_o") is None and store._items == {}
 
 
-def test_item_references_parse_each_response_once_and_are_bounded_like_a_body() -> None:
+def test_item_references_are_looked_up_once_parsed_alone_and_bounded_like_a_body(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store is looked up once per item referred to (on the loop, to weigh the request), each item parsed alone
+    (not its response's other items), and each reference weighs its item's size: toward a large request (is_large)
+    and against the body's bound."""
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant",
             "content": [{"type": "output_text", "text": "x" * 90}]}
-    store.put({"id": "resp_a", "output": [said]}, [], None, b"[]")
-    parsed = []
-    stored = store.get("resp_a")
-    own_items = type(stored).own_items
-    object.__setattr__(stored, "own_items", lambda: parsed.append(1) or own_items(stored))
-    config = SimpleNamespace(max_body_bytes=len(json.dumps(said, separators=(",", ":"))) * 3)
-    service = ResponsesService(SimpleNamespace(serving=SimpleNamespace(config=config)))
+    heard = {"id": "msg_i", "type": "message", "role": "user", "content": "y" * 5000}
+    store.put({"id": "resp_a", "output": [said]}, Inputs.of([heard]), None, False)
+    sizes = {item["id"]: len(json.dumps(item, separators=(",", ":"))) for item in (said, heard)}
+    looked_up, parsed = [], []
+    holder = store.holder
+    monkeypatch.setattr(store, "holder", lambda item_id: looked_up.append(item_id) or holder(item_id))
+    monkeypatch.setattr(responses_store, "json", SimpleNamespace(loads=lambda text: parsed.append(len(text))
+                                                                 or json.loads(text)))
+    service = _service(lambda *args: [1], config=SimpleNamespace(max_body_bytes=10**6))
     service.store = store
+    refs = parse_responses_request({"input": [{"id": "msg_o"}, {"id": "msg_i"}, {"role": "user", "content": "hi"}]},
+                                   Budget())
+    assert [getattr(item, "id", None) for item in service._prompt(refs, Budget()).req.input_items] == [
+        "msg_o", "msg_i", None]
+    assert looked_up == ["msg_o", "msg_i"] and parsed == [sizes["msg_o"], sizes["msg_i"]]
     refs = parse_responses_request({"input": [{"type": "item_reference", "id": "msg_o"}] * 3}, Budget())
-    assert [item.id for item in service._resolved(refs, Budget()).input_items] == ["msg_o"] * 3 and parsed == [1]
+    found = service._found(refs)
+    resolved = service._resolved(refs, Budget(), found.holders)
+    assert [item.id for item in resolved.input_items] == ["msg_o"] * 3 and found.chars == 3 * sizes["msg_o"]
+    service.chat.serving.config.max_body_bytes = 3 * sizes["msg_o"]
+    refs = parse_responses_request({"input": [{"id": "msg_o"}] * 4}, Budget())
     with pytest.raises(APIError) as exc:
-        service._resolved(parse_responses_request({"input": [{"id": "msg_o"}] * 4}, Budget()), Budget())
+        service._resolved(refs, Budget(), service._found(refs).holders)
     assert (exc.value.status, exc.value.param) == (400, "input")
 
 
@@ -424,13 +441,22 @@ def _here(large: bool, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+def _serving(**fields: Any) -> SimpleNamespace:
+    """A Serving with nothing behind it (no threads: off_loop_if runs here; no model: a context of 10**6 tokens,
+    served as "m"); `fields` replace or add to its own."""
+    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
+    config = SimpleNamespace(served_model_name="m", max_body_bytes=ServerConfig().max_body_bytes)
+    return SimpleNamespace(**{"engine": engine, "info": {"max_model_len": 10**6}, "check_serving": lambda model: None,
+                              "validate": lambda parse, body, budget: parse(body, budget), "off_loop_if": _here,
+                              "stats": SimpleNamespace(begin=lambda: None), "config": config, **fields})
+
+
 def _service(encode: Callable[[ChatCompletionRequest, int | None, Any], list[int]],
-             max_model_len: int = 10**6) -> ResponsesService:
+             max_model_len: int = 10**6, **serving: Any) -> ResponsesService:
     """A ResponsesService whose chat templates and tokenises with `encode`, nothing else behind it (no grammar
     compiled); `max_model_len` only decides which prompts look too long (LONG_CHARS_PER_TOKEN characters a token)."""
-    serving = SimpleNamespace(info={"max_model_len": max_model_len}, check_serving=lambda model: None,
-                              off_loop_if=_here)
-    chat = SimpleNamespace(serving=serving, encode=encode, params=ChatCompletionRequest.sampling_params)
+    chat = SimpleNamespace(serving=_serving(info={"max_model_len": max_model_len}, **serving), encode=encode,
+                           params=ChatCompletionRequest.sampling_params)
     return ResponsesService(chat)
 
 
@@ -493,11 +519,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
         calls.append(("submit", prompt, params.max_tokens))
         return Batch()
 
-    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
-    serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
-                              validate=lambda parse, body, budget: parse(body, budget), off_loop_if=_here,
-                              stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
-                              respond=lambda batch, stream, collector, trace, environ: collector)
+    serving = _serving(respond=lambda batch, stream, collector, trace, environ: collector)
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
     items = [{"role": "system", "content": "s" * 100}, *({"role": "user", "content": f"{i:03}" + "x" * 97}
                                                         for i in range(count)), {"role": "user", "content": "last"}]
@@ -582,18 +604,18 @@ def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
 
     store = ResponseStore(max_responses=2, max_bytes=3000)
     for i in range(3):
-        assert json.loads(store.put(response(i), [], None, b"[]")) == response(i)
+        assert json.loads(store.put(response(i), Inputs(), None, False)) == response(i)
     assert store.get("resp_0") is None and store.get("resp_1") is not None and store.get("resp_2") is not None
-    store.put(response(3, "x" * 1440), [], None, b"[]")  # fits alone (it and its history): the older ones go
+    store.put(response(3, "x" * 1440), Inputs(), None, False)  # fits alone (it and its history): the older ones go
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
-    store.put(response(4, "x" * 1600), [], None, b"[]")  # larger than the whole store: kept alone
+    store.put(response(4, "x" * 1600), Inputs(), None, False)  # larger than the whole store: kept alone
     assert store.get("resp_4") is not None and store.get("resp_3") is None
     assert store.delete("resp_4") and not store.delete("resp_4") and store._bytes == 0
     # a continuation holds the earlier items too, counted once in it: the entries' sizes add up to the bound
     store = ResponseStore()
-    first = store.get(json.loads(store.put(response(3, "x" * 900), [], None, b"[]"))["id"])
+    first = store.get(json.loads(store.put(response(3, "x" * 900), Inputs(), None, False))["id"])
     follow = response(5)
-    store.put(follow, [{"id": "msg_in"}], first, b"[]")
+    store.put(follow, Inputs.of([{"id": "msg_in"}]), first, False)
     later = store.get("resp_5")
     assert json.loads(later.history) == [*json.loads(first.history), {"id": "msg_in"}, *follow["output"]]
     assert later.size == len(later.body) + len(later.input_items) + len(later.history) < 2 * first.size
@@ -616,9 +638,9 @@ def test_input_items_pages() -> None:
 
 
 class _ThreadRecordingStore(ResponseStore):
-    def put(self, response: Json, items: list[Json], previous: Any, input_items: bytes | None) -> bytes:
+    def put(self, response: Json, inputs: Inputs, previous: Any, begun: bool) -> bytes:
         self.thread = threading.get_ident()
-        return super().put(response, items, previous, input_items)
+        return super().put(response, inputs, previous, begun)
 
 
 SCORED = TokenLogprob(0, "a", -0.5, [97], [_lp("b")] * 20)
@@ -821,9 +843,9 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     draft = _draft(store, input="Hello")
     entry = store.get(draft.id)
     assert not isinstance(entry, Stored) and json.loads(entry.body) == draft.created()
-    assert entry.items() == draft.inputs and json.loads(entry.body)["status"] == "in_progress"
+    assert entry.input_items == draft.inputs.listed and json.loads(entry.body)["status"] == "in_progress"
     with pytest.raises(APIError) as exc:
-        service._previous(draft.id)
+        service._previous(draft.id, entry)
     assert (exc.value.status, exc.value.param, exc.value.code) == (400, "previous_response_id",
                                                                   "previous_response_in_progress")
     assert store.delete(draft.id) and store.get(draft.id) is None
@@ -831,7 +853,8 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     assert finished["status"] == "completed" and store.get(draft.id) is None
     kept = _draft(store)
     stored = store.get(json.loads(_collected(kept, THOUGHT))["id"])
-    assert isinstance(stored, Stored) and stored.input_items == kept.input_bytes and stored.items() == kept.inputs
+    assert isinstance(stored, Stored) and stored.input_items == kept.inputs.listed
+    assert [item["content"] for item in stored.items()] == [[{"type": "input_text", "text": "Hi"}]]
     ended = _draft(store)
     store.end(ended.id)  # its client gone, say: found no more, and a late finish keeps nothing
     _collected(ended, THOUGHT)
@@ -844,11 +867,11 @@ def test_the_responses_in_progress_are_bounded_like_the_store() -> None:
     first, second, third = ({**_draft().created(), "id": f"resp_{i:032}"} for i in range(3))
     entry = len(encode_json(first)) + 2  # its snapshot and "[]"
     store = ResponseStore(max_responses=2, max_bytes=1 << 20)
-    assert store.begin(first, b"[]") and store.begin(second, b"[]")
-    assert not store.begin(third, b"[]") and store._running_bytes == 2 * entry
+    assert store.begin(first, Inputs()) and store.begin(second, Inputs())
+    assert not store.begin(third, Inputs()) and store._running_bytes == 2 * entry
     store = ResponseStore(max_bytes=2 * entry + 1)
-    assert store.begin(first, b"[]") and not store.begin(second, b"[  ]")
-    assert store.begin(second, b"[ ]") and store._running_bytes == 2 * entry + 1
+    assert store.begin(first, Inputs()) and not store.begin(second, Inputs(b"[  ]"))
+    assert store.begin(second, Inputs(b"[ ]")) and store._running_bytes == 2 * entry + 1
     store.end(first["id"])
     store.end(second["id"])
     assert store._running == {} and store._running_bytes == 0
@@ -883,11 +906,7 @@ def test_a_response_is_in_progress_until_its_stream_closed_or_failed() -> None:
 
 def _creating(store: ResponseStore, submit: Callable[[], Batch], respond: Callable[[], Any]) -> ResponsesService:
     """A service whose create submits and answers with these."""
-    engine = SimpleNamespace(sampling_defaults={}, think_ids=(THINK_END - 1, THINK_END))
-    serving = SimpleNamespace(engine=engine, info={"max_model_len": 10**6}, check_serving=lambda model: None,
-                              validate=lambda parse, body, budget: parse(body, budget), off_loop_if=_here,
-                              stats=SimpleNamespace(begin=lambda: None), config=SimpleNamespace(served_model_name="m"),
-                              respond=lambda batch, stream, collector, trace, environ: respond())
+    serving = _serving(respond=lambda batch, stream, collector, trace, environ: respond())
     service = ResponsesService(SimpleNamespace(
         serving=serving, params=lambda chat: SamplingParams(), encode=lambda chat, max_tokens, name: [1],
         submit=lambda chat, params, prompt, name, admission: submit()))
@@ -917,7 +936,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
-    def failing_begin(response: Json, input_items: bytes, item_ids: frozenset[str], output_ids: object) -> bool:
+    def failing_begin(response: Json, inputs: Inputs, output_ids: object) -> bool:
         raise MemoryError
 
     store.begin = failing_begin  # type: ignore[method-assign]

@@ -3,7 +3,6 @@ cancelled, deleted, a background stream resumed after its client went away or fo
 events larger than the cap, and the 429 past MAX_RUNNING."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import openai
@@ -14,24 +13,16 @@ from openai.types.responses import Response
 from chat_http import MODEL, engine_idle, post_chat, server_stats, wait_for
 from nanoqwen.api.responses_background import MAX_RUNNING
 from nanoqwen.settings import EngineConfig
+from responses_util import RUNNING, polled
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
 LONG = {**GREEDY, "max_output_tokens": 400, "input": "Tell me a long story."}  # cancelled long before its end
-RUNNING = ("queued", "in_progress")
 
 
 @pytest.fixture(scope="module")
 def client(chat_server: GunicornServer) -> openai.OpenAI:
     return chat_server.openai_client(timeout=300)
-
-
-def _polled(client: openai.OpenAI, response_id: str) -> Any:
-    deadline = time.monotonic() + 60
-    while (response := client.responses.retrieve(response_id)).status in RUNNING:
-        assert time.monotonic() < deadline, response
-        time.sleep(0.02)
-    return response
 
 
 def _outcomes(chat_server: GunicornServer) -> tuple[int, int]:
@@ -52,7 +43,7 @@ def test_a_background_response_is_polled_to_the_foreground_answer(client: openai
     queued = client.responses.create(background=True, **body)
     assert queued.status == "queued" and queued.background is True and queued.output == []
     assert queued.usage is None and queued.store is True and queued.metadata == {"k": "v"}
-    done = _polled(client, queued.id)
+    done = polled(client, queued.id)
     whole = client.responses.create(**body)
     assert whole.background is False and done.background is True and done.id == queued.id
     assert done.output_text == whole.output_text != "" and done.status == whole.status == "incomplete"
@@ -62,14 +53,14 @@ def test_a_background_response_is_polled_to_the_foreground_answer(client: openai
     # finished: cancelling answers it as it is (OpenAI: idempotent); continued like any stored response
     assert client.responses.cancel(done.id).model_dump() == done.model_dump()
     follow = client.responses.create(input="More.", previous_response_id=done.id, background=True, **GREEDY)
-    assert _polled(client, follow.id).usage.input_tokens > done.usage.input_tokens
+    assert polled(client, follow.id).usage.input_tokens > done.usage.input_tokens
 
 
 def test_a_background_stream_resumes_after_its_client_left(client: openai.OpenAI, chat_server: GunicornServer) -> None:
     body = {**GREEDY, "max_output_tokens": 48, "input": "Tell me a story."}
     response_id, first = _started(client, 6, **body)
     assert [e.sequence_number for e in first] == list(range(6)) and first[0].response.background is True
-    done = _polled(client, response_id)  # generated to its end without a client
+    done = polled(client, response_id)  # generated to its end without a client
     assert done.status == "incomplete" and done.usage.output_tokens == 48
     rest = list(client.responses.retrieve(response_id, stream=True, starting_after=5, include_obfuscation=False))
     assert [e.sequence_number for e in rest] == list(range(6, 6 + len(rest)))
@@ -141,20 +132,20 @@ def test_a_background_response_is_queued_until_the_engine_starts_it(client: open
     for _ in range(3):  # tried again where a fast host finished the completion before the cancel was answered
         with client.completions.create(**filler) as completion:
             next(iter(completion))  # its rows taken
-            polled = client.responses.create(background=True, **LONG)
+            waiting = client.responses.create(background=True, **LONG)
             streamed, opening = _started(client, 2, **{**LONG, "max_output_tokens": 16})  # queued, then short
-            retrieved = client.responses.retrieve(polled.id)
+            retrieved = client.responses.retrieve(waiting.id)
             served, aborted = _outcomes(chat_server)
-            cancelled = client.responses.cancel(polled.id)
+            cancelled = client.responses.cancel(waiting.id)
             outcomes = _outcomes(chat_server)
             stats = server_stats(chat_server)
         # the completion still generating after the cancel: the other one still queued
         full = (stats["active_requests"], stats["queue_length"]) == (1, 1)
         if full:
             break
-        _polled(client, streamed)
+        polled(client, streamed)
     assert full, f"the completion of {EngineConfig.max_batch} × 1000 tokens ended before the cancel, 3 times"
-    assert (polled.status, retrieved.status) == ("queued", "queued") and polled.output == retrieved.output == []
+    assert (waiting.status, retrieved.status) == ("queued", "queued") and waiting.output == retrieved.output == []
     assert [(e.type, e.response.status) for e in opening] == [("response.created", "queued"),
                                                               ("response.queued", "queued")]
     assert (cancelled.status, cancelled.output, cancelled.usage.output_tokens) == ("cancelled", [], 0)
@@ -197,7 +188,7 @@ def test_past_max_running_a_create_is_a_429_with_retry_after(client: openai.Open
     assert answer.json()["error"]["code"] == "rate_limit_exceeded"
     short = client.responses.create(background=True, **GREEDY, input="Hi")
     assert short.status == "queued"
-    _polled(client, short.id)  # ended, so the next test finds the engine idle
+    polled(client, short.id)  # ended, so the next test finds the engine idle
     wait_for(lambda: engine_idle(chat_server))
 
 
@@ -260,7 +251,7 @@ def test_bad_background_requests(client: openai.OpenAI, chat_server: GunicornSer
     assert exc.value.body["message"] == "Responses can only be cancelled if they were created with background=true."
     with pytest.raises(openai.NotFoundError):
         client.responses.cancel("resp_unknown")
-    polled = client.responses.create(input="Hi", background=True, **GREEDY)  # not streamed: no events kept
-    _polled(client, polled.id)
-    answer = requests.get(f"{chat_server.url}/v1/responses/{polled.id}", params={"stream": "true"}, timeout=30)
+    unstreamed = client.responses.create(input="Hi", background=True, **GREEDY)  # not streamed: no events kept
+    polled(client, unstreamed.id)
+    answer = requests.get(f"{chat_server.url}/v1/responses/{unstreamed.id}", params={"stream": "true"}, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream"

@@ -14,6 +14,7 @@ import requests
 from chat_http import MODEL, health_polled, post_chat, server_stats, sse_events, wait_for
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.strict_json import MAX_SEPARATORS
+from responses_util import polled
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_output_tokens": 16, "reasoning": {"effort": "none"}}
@@ -484,11 +485,7 @@ def test_a_grammar_that_errs_mid_answer_fails_the_response(client: openai.OpenAI
     assert last.type == "response.failed" and last.response.status == "failed"
     assert (last.response.error.code, last.response.error.message) == ("invalid_prompt", GRAMMAR_FAILED)
     assert client.responses.retrieve(last.response.id).error == last.response.error
-    background = client.responses.create(background=True, **body)
-    deadline = time.monotonic() + 60
-    while (found := client.responses.retrieve(background.id)).status in ("queued", "in_progress"):
-        assert time.monotonic() < deadline, found
-        time.sleep(0.02)
+    found = polled(client, client.responses.create(background=True, **body).id)
     assert found.status == "failed" and found.error == last.response.error
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(**body)

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
@@ -167,7 +167,6 @@ class Choice:
 class CompletionBuilder:
     """Accumulates a whole request's events into one `chat.completion`."""
 
-    weight: ClassVar[int] = 0
     model: str
     fingerprint: str
     n: int

@@ -17,7 +17,6 @@ from flask import Response
 from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
-from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError, generation_error, request_too_large
 from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
@@ -39,9 +38,9 @@ from nanoqwen.api.responses_schemas import (
     parse_responses_request,
     referred_id,
 )
-from nanoqwen.api.responses_store import Entry, ResponseStore, Stored, list_page
+from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import LARGE_ANSWER, Batch, client_probe, is_large
+from nanoqwen.api.serving import Batch, client_probe, is_large
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -92,9 +91,9 @@ class Draft:
     think_end: int | None
     store: ResponseStore | None  # None: `store: false`
     previous: Stored | None = None
-    inputs: list[Json] = field(default_factory=list)  # the input items as stored (input_item_json), when stored
-    input_bytes: bytes = b"[]"  # their encoding, as input_items lists them
-    begun: bool = False  # in the store from its first event (a stream): the entry in progress holds input_bytes
+    inputs: Inputs = field(default_factory=Inputs)  # the input items as stored (input_item_json), when stored
+    tools: list[Json] = field(default_factory=list)  # the request's, as the response echoes them (FunctionTool.echo)
+    begun: bool = False  # in the store from its first event (a stream)
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -122,7 +121,7 @@ class Draft:
             "temperature": self.params.temperature,
             "text": {"format": text_format, "verbosity": "medium"},
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else choice or "auto",
-            "tools": [tool.echo() for tool in req.tools or []],
+            "tools": self.tools,
             "top_logprobs": req.top_logprobs or 0, "top_p": self.params.top_p,
             "truncation": req.truncation or "disabled",
             "usage": usage, "user": req.user, "metadata": req.metadata or {},
@@ -146,7 +145,7 @@ class Draft:
         response = self.response(status, output, usage)
         if self.store is None:
             return response, None
-        return response, self.store.put(response, self.inputs, self.previous, None if self.begun else self.input_bytes)
+        return response, self.store.put(response, self.inputs, self.previous, self.begun)
 
     def reasoning_item(self, item_id: str, text: str) -> Json:
         item: Json = {"id": item_id, "type": "reasoning", "summary": [],
@@ -194,10 +193,6 @@ class ResponseCollector:
         else:
             self._events.chunks(event)
 
-    @property
-    def weight(self) -> int:
-        return self._events.weight
-
     def build(self, usage: Usage) -> Json | bytes:
         """The response, encoded when the store encoded it."""
         self._events.chunks(self._last)
@@ -239,12 +234,6 @@ class ResponseEvents:
         self._finish_reason: str | None = None
         self.response: Json | None = None  # the final one
         self.body: bytes | None = None  # its encoding, when stored
-
-    @property
-    def weight(self) -> int:
-        """Its stored input items, which the store encodes again with the output as the answer ends (Draft.finish):
-        16,000 items took ~300 ms on the loop."""
-        return len(self.draft.inputs) if self.draft.store is not None else 0
 
     def frame(self, chunk: Json, split: bool = False) -> str:
         return named_event(chunk, split)
@@ -414,11 +403,14 @@ class PolledEvents(ResponseEvents):
         return ""
 
 
-def _stored_inputs(req: ResponseCreateRequest) -> tuple[list[Json], bytes]:
-    """The input items as stored (input_item_json), none with `store: false`, and their encoding, as input_items lists
-    them (16,000 items: ~270 ms)."""
-    inputs = [input_item_json(item) for item in req.input_items] if req.store is not False else []
-    return inputs, encode_text(inputs).encode()
+def _stored_inputs(req: ResponseCreateRequest) -> Inputs:
+    """The input items as stored (input_item_json), none with `store: false`."""
+    return Inputs.of([input_item_json(item) for item in req.input_items]) if req.store is not False else Inputs()
+
+
+def echoed_tools(req: ResponsePromptFields) -> list[Json]:
+    """The request's tools as its response echoes them (thousands of tools: made with the prompt, off the loop)."""
+    return [tool.echo() for tool in req.tools or []]
 
 
 def kept_in_progress(ended: Callable[[], None], respond: Callable[[], Response]) -> Response:
@@ -463,7 +455,19 @@ class Prompt(Generic[Fields]):
     chat: ChatCompletionRequest  # of the items kept
     ids: list[int]
     params: SamplingParams
-    large: bool  # worked on off the loop (ResponsesService._prompt)
+    # create's, made with the prompt (ResponsesService._prompt): the input items as stored, the tools as echoed
+    inputs: Inputs = field(default_factory=Inputs)
+    tools: list[Json] = field(default_factory=list)
+
+
+@dataclass
+class Found:
+    """The stored entries a request names, looked up once, on the loop (ResponsesService._found): its item
+    references' holders, and its previous response."""
+
+    holders: dict[str, Stored | None]  # item id -> the response holding it (ResponseStore.holder's)
+    previous: Entry | None
+    chars: int  # about the characters of stored JSON they bring in, each reference its item's
 
 
 def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
@@ -472,10 +476,6 @@ def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
         if name not in known:
             raise APIError(400, f"Unsupported parameter '{name}' for this route", param=name,
                            code="unsupported_parameter")
-
-
-def _ids(items: list[Json]) -> frozenset[str]:
-    return frozenset(item["id"] for item in items)
 
 
 def _not_found(response_id: str) -> APIError:
@@ -491,12 +491,11 @@ class ResponsesService:
     def create(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | Json:
         serving = self.chat.serving
         trace = serving.stats.begin()
-        prompt = self._prompt(serving.validate(parse_responses_request, body, budget), budget)
+        prompt = self._prompt(serving.validate(parse_responses_request, body, budget), budget, echoes=True)
         req, previous, chat_req, params = prompt.req, prompt.previous, prompt.chat, prompt.params
-        inputs, input_bytes = serving.off_loop_if(prompt.large, _stored_inputs, req)
         draft = Draft(req, params, serving.config.served_model_name, serving.engine.think_ids[1],
-                      self.store if self._keeps(req, len(input_bytes), previous) else None, previous, inputs,
-                      input_bytes)
+                      self.store if self._keeps(req, len(prompt.inputs.listed), previous) else None, previous,
+                      prompt.inputs, prompt.tools)
         tools = ToolParsing.of(chat_req)
         kind = ResponseEvents if req.stream else PolledEvents  # a polled background response's: nothing framed
         stream = kind(draft, tools) if req.stream or req.background else None
@@ -511,7 +510,7 @@ class ResponsesService:
         # only a stream's id is known before it finishes: GET finds it in progress from its first event (the
         # events read draft.store as they open). Begun last: kept_in_progress ends it on every way out.
         if req.stream and draft.store is not None:
-            draft.begun = self.store.begin(draft.created(), input_bytes, _ids(inputs), stream.item_ids)
+            draft.begun = self.store.begin(draft.created(), draft.inputs, stream.item_ids)
             draft.store = self.store if draft.begun else None
         return kept_in_progress(partial(self._ended, draft, stream), respond) if draft.begun else respond()
 
@@ -523,7 +522,7 @@ class ResponsesService:
             raise APIError(400, "Background mode needs the response stored, and its input and history are too "
                            f"large for the store ({self.store.max_bytes // 4} bytes).", param="background")
         self.background.check_room()
-        draft.begun = self.store.begin(draft.created(), draft.input_bytes, _ids(draft.inputs), events.item_ids)
+        draft.begun = self.store.begin(draft.created(), draft.inputs, events.item_ids)
         if not draft.begun:
             raise too_many("The store holds as many responses in progress as it can")
         try:
@@ -540,17 +539,12 @@ class ResponsesService:
 
     def _ended(self, draft: Draft, events: ResponseEvents) -> None:
         """The end of a response begun in the store (a background one, a stream kept): a failed one is kept as failed,
-        as OpenAI keeps it (a finished one was kept as it finished), in the answers' encoding thread where it stores
-        as many input items as a finished one would be built there (the store encodes them again); one that never
-        ended (its client gone, its greenlet killed, an error before its stream) is let go."""
+        as OpenAI keeps it (a finished one was kept as it finished); one that never ended (its client gone, its
+        greenlet killed, an error before its stream) is let go."""
         response = events.response
         try:
             if response is not None and response["status"] == "failed":
-                put = partial(self.store.put, response, draft.inputs, draft.previous, None)
-                if events.weight >= LARGE_ANSWER:
-                    self.chat.serving.encoding.run(put)
-                else:
-                    put()
+                self.store.put(response, draft.inputs, draft.previous, True)
         finally:
             self.store.end(draft.id)
 
@@ -565,42 +559,55 @@ class ResponsesService:
         prompt = self._prompt(self.chat.serving.validate(parse_count_request, body, budget), budget)
         return {"object": "response.input_tokens", "input_tokens": len(prompt.ids)}
 
-    def _prompt(self, req: Fields, budget: Budget) -> Prompt[Fields]:
+    def _prompt(self, req: Fields, budget: Budget, echoes: bool = False) -> Prompt[Fields]:
         """The prompt of a request's fields, create's and the count's: its item references resolved, the previous
-        response's items before its input, and with `truncation: "auto"` its first items dropped as needed.
+        response's items before its input, and with `truncation: "auto"` its first items dropped as needed; with
+        `echoes` (create's), its input items as stored and its tools as echoed too.
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
         body left of the request's values, to the items its references resolve to.
         A large request (its body's values, or the stored items it brings in: is_large) is worked on in the long
-        prompts' thread but for the grammar's compile, its prompts templated there too (encode_here): on the loop,
-        16,000 items took ~200 ms to make a chat request of, and a truncation's search did it again in part."""
+        prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its prompts
+        templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
+        truncation's search did it again in part, and their encoding for the store ~270 ms."""
         serving = self.chat.serving
-        large = is_large(budget.used) or is_large(chars=self._stored_chars(req))
-        conversation = serving.off_loop_if(large, self._conversation, req, budget)
+        found = self._found(req)
+        large = is_large(budget.used) or is_large(chars=found.chars)
+        conversation = serving.off_loop_if(large, self._conversation, req, budget, found)
         params = self.chat.params(conversation.whole)
         chat_encode = self.chat.encode_here if large else self.chat.encode
 
         def encode(chat_req: ChatCompletionRequest, prompt_name: PromptName) -> list[int]:
             return chat_encode(chat_req, params.max_tokens, prompt_name)
 
-        chat_req, ids = serving.off_loop_if(large, self._fitted, conversation, encode)
-        return Prompt(conversation.req, conversation.previous, conversation.name, chat_req, ids, params, large)
+        def prompt() -> Prompt[Fields]:
+            chat_req, ids = self._fitted(conversation, encode)
+            made = Prompt(conversation.req, conversation.previous, conversation.name, chat_req, ids, params)
+            if echoes:
+                made.inputs = _stored_inputs(conversation.req)
+                made.tools = echoed_tools(conversation.req)
+            return made
 
-    def _stored_chars(self, req: ResponsePromptFields) -> int:
-        """About the characters of stored JSON a request brings in: the own items of the responses its references
-        name, and its previous response's history. Only looked up: an id not found counts 0 (its error comes in
-        its turn)."""
-        own: dict[str, int] = {}  # response id -> its own items' characters
+        return serving.off_loop_if(large, prompt)
+
+    def _found(self, req: ResponsePromptFields) -> Found:
+        """The entries its item references and its previous response name, found or not (an id not found brings
+        nothing in: its error comes in its turn). A reference brings in its item each time: resolving it costs its
+        size each time (_resolved)."""
+        holders: dict[str, Stored | None] = {}
+        chars = 0
         for item in req.input_items:
-            if (item_id := referred_id(item)) is not None and (holder := self.store.holder(item_id)) is not None:
-                response_id, stored = holder
-                own[response_id] = len(stored.history) - stored.own_at
+            if (item_id := referred_id(item)) is not None:
+                if item_id not in holders:
+                    holders[item_id] = self.store.holder(item_id)
+                if (stored := holders[item_id]) is not None:
+                    chars += stored.item_size(item_id)
         previous = self.store.get(req.previous_response_id) if req.previous_response_id is not None else None
-        return sum(own.values()) + (len(previous.history) if isinstance(previous, Stored) else 0)
+        return Found(holders, previous, chars + (len(previous.history) if isinstance(previous, Stored) else 0))
 
-    def _conversation(self, req: Fields, budget: Budget) -> Conversation[Fields]:
-        req = self._resolved(req, budget)
-        previous = self._previous(req.previous_response_id)
+    def _conversation(self, req: Fields, budget: Budget, found: Found) -> Conversation[Fields]:
+        req = self._resolved(req, budget, found.holders)
+        previous = self._previous(req.previous_response_id, found.previous)
         items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
         self.chat.serving.check_serving(req.model)
         check_items(items)
@@ -616,30 +623,26 @@ class ResponsesService:
                 self._check_input_alone(conversation.req, encode)
             raise
 
-    def _resolved(self, req: Fields, budget: Budget) -> Fields:
-        """`req` with its item references replaced by the stored items they name. Each response referred to is
-        parsed once, and the items resolved are bounded like a request body: many references to a large item
-        would otherwise cost many times its size. Their values, and those of the calls' arguments they hold, are
-        charged to what the body left of the request's `budget`, as if the client had sent them in it."""
-        if not any(referred_id(item) is not None for item in req.input_items):
+    def _resolved(self, req: Fields, budget: Budget, holders: dict[str, Stored | None]) -> Fields:
+        """`req` with its item references replaced by the stored items they name (`holders`, _found's), each parsed
+        alone. The items resolved are bounded like a request body: many references to a large item would otherwise
+        cost many times its size. Their values, and those of the calls' arguments they hold, are charged to what the
+        body left of the request's `budget`, as if the client had sent them in it."""
+        if not holders:
             return req
         max_bytes = self.chat.serving.config.max_body_bytes
-        parsed: dict[str, dict[str, Json]] = {}  # response id -> its own items by id
         items, resolved_bytes = [], 0
         values = {"budget": budget}
         for i, item in enumerate(req.input_items):
             if (item_id := referred_id(item)) is not None:
-                holder = self.store.holder(item_id)
-                if holder is None:
+                stored = holders[item_id]
+                if stored is None:
                     raise self._unresolved(item_id, f"input.[{i}].id")
-                response_id, stored = holder
-                if response_id not in parsed:
-                    parsed[response_id] = stored.own_items()
-                found = parsed[response_id][item_id]
+                found = stored.item(item_id)
                 if isinstance(item, ReasoningItem) and found["type"] != "reasoning":
                     raise APIError(400, f"Item with id '{item_id}' is a {found['type']} item, not a reasoning item.",
                                    param=f"input.[{i}].id")
-                resolved_bytes += len(encode_text(found).encode())
+                resolved_bytes += stored.item_size(item_id)
                 if resolved_bytes > max_bytes:
                     raise APIError(400, f"The items referred to in 'input' are larger than {max_bytes} bytes "
                                    "together.", param="input")
@@ -756,10 +759,10 @@ class ResponsesService:
             return False
         return self.store.keeps(input_size + (len(previous.history) if previous is not None else 0))
 
-    def _previous(self, previous_id: str | None) -> Stored | None:
+    def _previous(self, previous_id: str | None, stored: Entry | None) -> Stored | None:
+        """The previous response (`stored`, found by `previous_id`), if it can be continued."""
         if previous_id is None:
             return None
-        stored = self.store.get(previous_id)
         if stored is None:
             raise APIError(400, f"Previous response with id '{previous_id}' not found.",
                            param="previous_response_id", code="previous_response_not_found")

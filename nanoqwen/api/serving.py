@@ -63,7 +63,6 @@ class ClientGone(Exception):
 
 
 class Collector(Protocol):
-    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
     def add(self, event: Event) -> None: ...
     def build(self, usage: Usage) -> Json | bytes: ...  # bytes: the answer already encoded (encode_json)
 
@@ -76,7 +75,6 @@ class Streamer(Protocol):
     ending: str  # sent after the last chunk ("" for none)
     # its final chunks, and those repeats() names, repeat the answer so far: a large one's are framed off the loop
     repeats_answer: bool
-    weight: int  # answer_weight of what the answer repeats of the request before any event: a stored input
 
     def repeats(self, chunk: Json) -> bool: ...
 
@@ -397,14 +395,16 @@ class Serving:
             raise generation_error(event.error, event.error_param)
         usage = event.usage
         self.stats.finish(trace, usage)
-        if weight + builder.weight < LARGE_ANSWER:
+        if weight < LARGE_ANSWER:
             answer = builder.build(usage)
             return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
         return Response(self.encoding.run(lambda: _encoded(builder.build(usage))), mimetype="application/json")
 
     def _frames_large(self, chunks: Streamer, event: Event) -> list[str]:
-        """A large answer's event before its last: those that repeat the answer (an item's `.done` events as
-        the next item starts) framed in the encoding thread."""
+        """A large answer's event framed in the encoding thread: its last whole (it repeats the answer), another only
+        where it repeats it (an item's `.done` events as the next item starts)."""
+        if event.is_last:
+            return self.encoding.run(_frames, chunks, event, True)
         built = chunks.chunks(event)
         if not any(chunks.repeats(chunk) for chunk in built):
             return [chunks.frame(chunk) for chunk in built]
@@ -430,7 +430,7 @@ class Serving:
         """The stream's frames, each event's in one list (its last event's may be megabytes: a background
         stream keeps them whole for a follower that keeps up)."""
         finished = aborted = False
-        weight = chunks.weight
+        weight = 0
         next_probe = 0.0
         try:
             yield [chunks.frame(chunk) for chunk in chunks.opening()]
@@ -443,12 +443,7 @@ class Serving:
                 if chunks.repeats_answer:  # only a stream whose last events repeat the answer weighs it
                     weight += answer_weight(event)
                 large = chunks.repeats_answer and weight >= LARGE_ANSWER
-                if large and event.is_last:
-                    out = self.encoding.run(_frames, chunks, event, True)
-                elif large:
-                    out = self._frames_large(chunks, event)
-                else:
-                    out = _frames(chunks, event)
+                out = self._frames_large(chunks, event) if large else _frames(chunks, event)
                 # The client is checked at an event that writes nothing (held text: no failed write would notice it
                 # gone), else at the first one past each poll interval, as a write fails once it is gone (a check a
                 # token was a tenth of the hub's time per streamed token); not at the last (usage alone: it ends).

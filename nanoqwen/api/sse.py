@@ -49,7 +49,6 @@ class DoneFraming:
 
     ending: ClassVar[str] = DONE
     repeats_answer: ClassVar[bool] = False  # its last chunk has the usage, not the answer
-    weight: ClassVar[int] = 0
     running: RunningUsage | None  # the builder's: the continuous usage, when the client asked for it
 
     def with_usage(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
