@@ -69,12 +69,11 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
 
 
 def parse_tokenize_request(body: Any, budget: Budget) -> TokenizePromptRequest | TokenizeChatRequest:
-    """A prompt's form, or the messages' (chat's, its size worked out here: off the loop for a large body)."""
+    """A prompt's form, or the messages' (chat's size is worked out as it validates: off the loop for a large body)."""
     chat_form = isinstance(body, dict) and "messages" in body
     req = validate_body(TokenizeChatRequest if chat_form else TokenizePromptRequest, body, budget)
     if isinstance(req, TokenizeChatRequest):
         req.check_ending()
-        req.template_chars()
     return req
 
 
