@@ -52,6 +52,7 @@ def words_split(tokenizer: Any) -> bool:
     """Whether word_pieces' cut keeps `tokenizer`'s (a fast tokenizer's) tokens: Qwen's normaliser and pre-tokenizer
     (QWEN_SPLIT, then bytes), and no added token that holds or strips a space."""
     backend = tokenizer.backend_tokenizer
+    # no normaliser keeps the cut's argument as NFC does (NFC composes nothing across a space)
     normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else {"type": "NFC"}
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     steps = pre.get("pretokenizers", [])
