@@ -337,7 +337,9 @@ def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
     store.put({"id": "resp_a", "output": [said]}, Inputs(), None, False)
     store.put({"id": "resp_b", "output": []}, Inputs.of([{**said, "role": "user"}]), None, False)
     assert _item(store, "msg_o")["role"] == "user"
-    assert store.delete("resp_b") and _item(store, "msg_o") == said
+    store.put({"id": "resp_c", "output": []}, Inputs.of([{**said, "role": "system"}]), None, False)
+    assert store.delete("resp_b") and _item(store, "msg_o")["role"] == "system"  # a middle holder gone
+    assert store.delete("resp_c") and _item(store, "msg_o") == said
     assert store.delete("resp_a") and _item(store, "msg_o") is None and store._items == {}
 
 

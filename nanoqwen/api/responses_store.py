@@ -128,7 +128,9 @@ class ResponseStore:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, Stored] = OrderedDict()
-        self._items: dict[str, list[str]] = {}  # item id -> the ids of the responses holding it, oldest first
+        # item id -> the id of the response holding it, or the ids (oldest first) of the few holding one resent: a
+        # list each would be thousands of allocations a put, on the event loop, that bring full collections nearer
+        self._items: dict[str, str | list[str]] = {}
         self._bytes = 0
         # the responses begun and not ended, their `response.created` snapshots: bounded alike, each kept in full
         self._running: dict[str, Entry] = {}
@@ -181,8 +183,11 @@ class ResponseStore:
             stored = Stored(body, inputs.listed, history, own_at, spans, background=response.get("background") is True)
             self._pop(response_id)
             self._entries[response_id] = stored
-            for item_id in spans:
-                self._items.setdefault(item_id, []).append(response_id)
+            shared = spans.keys() & self._items.keys()
+            self._items.update(dict.fromkeys(spans.keys() - shared, response_id))
+            for item_id in shared:
+                held = self._items[item_id]
+                self._items[item_id] = [held, response_id] if isinstance(held, str) else [*held, response_id]
             self._bytes += stored.size
             while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
                 self._pop(next(iter(self._entries)))
@@ -200,8 +205,10 @@ class ResponseStore:
     def holder(self, item_id: str) -> Stored | None:
         """The latest kept response holding the item with this id (as input or output)."""
         with self._lock:
-            holders = self._items.get(item_id)
-            return self._entries[holders[-1]] if holders else None
+            held = self._items.get(item_id)
+            if held is None:
+                return None
+            return self._entries[held if isinstance(held, str) else held[-1]]
 
     def running_holder(self, item_id: str) -> str | None:
         """The id of a response in progress whose input, or output so far, holds the item with this id."""
@@ -226,10 +233,12 @@ class ResponseStore:
             return False
         self._bytes -= stored.size
         for item_id in stored.spans:
-            holders = self._items[item_id]
-            holders.remove(response_id)
-            if not holders:
+            held = self._items[item_id]
+            if isinstance(held, str):
                 del self._items[item_id]
+            else:
+                rest = [holder for holder in held if holder != response_id]
+                self._items[item_id] = rest[0] if len(rest) == 1 else rest
         return True
 
 
