@@ -16,7 +16,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses import ToolParsing
 from nanoqwen.api.responses_api import Draft, ResponseEvents
 from nanoqwen.api.responses_schemas import parse_responses_request
-from nanoqwen.api.responses_store import ResponseStore
+from nanoqwen.api.responses_store import Inputs, ResponseStore
 from nanoqwen.api.serving import Batch, Serving
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
 
@@ -46,7 +46,8 @@ def longest_gap(tokens: int, top: int, call: bool) -> tuple[float, int]:
     for event in events:
         batch.put(event)
     req = parse_responses_request({"input": "Hi", "top_logprobs": top, "include": ["message.output_text.logprobs"]})
-    stream = ResponseEvents(Draft(req, SamplingParams(), "m", None, ResponseStore()), ToolParsing(enabled=call))
+    draft = Draft(req, SamplingParams(), "m", None, ResponseStore(), None, Inputs(), [])
+    stream = ResponseEvents(draft, ToolParsing(enabled=call))
     serving = Serving(None, ServerConfig(), _Stats())  # type: ignore[arg-type]
     ticks: list[float] = []
 

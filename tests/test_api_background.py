@@ -16,7 +16,14 @@ import pytest
 
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ToolParsing
-from nanoqwen.api.responses_api import Draft, PolledEvents, ResponseEvents, ResponsesService, _stored_inputs
+from nanoqwen.api.responses_api import (
+    Draft,
+    PolledEvents,
+    ResponseEvents,
+    ResponsesService,
+    _stored_inputs,
+    echoed_tools,
+)
 from nanoqwen.api.responses_background import (
     KEPT_FINISHED,
     MAX_EVENT_BYTES,
@@ -367,7 +374,7 @@ def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> Non
 
 def _begun(store: ResponseStore) -> Draft:
     req = parse_responses_request({"input": "Hi", "background": True}, Budget())
-    draft = Draft(req, SamplingParams(), "m", None, store, inputs=_stored_inputs(req))
+    draft = Draft(req, SamplingParams(), "m", None, store, None, _stored_inputs(req), echoed_tools(req))
     draft.begun = store.begin(draft.created(), draft.inputs)
     assert draft.begun and store.get(draft.id).background
     return draft

@@ -154,8 +154,8 @@ def test_a_large_responses_conversation_is_made_off_the_loop(
 def test_a_large_responses_request_takes_two_trips_to_the_long_prompts_thread(
         served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """After its body's parse and validation: one to resolve and convert its items, one to fit its prompt (templated
-    there) and encode its items for the store. Between them, on the loop, its output grammar's compile is handed to
-    its own pool: it comes after the conversation's errors, and before any templating."""
+    there) and encode its items for the store (an output grammar's compile, in its own pool, would come between
+    them: after the conversation's errors, before any templating)."""
     runs: list[str] = []
     run = offload.NativePool.run
 
@@ -165,7 +165,7 @@ def test_a_large_responses_request_takes_two_trips_to_the_long_prompts_thread(
 
     monkeypatch.setattr(offload.NativePool, "run", recorded)
     _create(served, {"input": MESSAGES})
-    assert runs[:2] == ["parse_json", "parse_responses_request"] and len(runs) == 4, runs
+    assert runs == ["parse_json", "parse_responses_request", "_conversation", "prompt"], runs
 
 
 @pytest.mark.parametrize("stream", [False, True])

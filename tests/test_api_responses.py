@@ -80,7 +80,7 @@ def _lp(token: str) -> TokenLogprob:
 def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) -> Draft:
     """A response's draft kept in `store`, begun there (in progress) as create begins a stream's."""
     req = parse_responses_request({"input": "Hi", **body}, Budget())
-    draft = Draft(req, SamplingParams(), "m", THINK_END, store, inputs=_stored_inputs(req), tools=echoed_tools(req))
+    draft = Draft(req, SamplingParams(), "m", THINK_END, store, None, _stored_inputs(req), echoed_tools(req))
     if store is not None and begun:
         draft.begun = store.begin(draft.created(), draft.inputs)
         assert draft.begun

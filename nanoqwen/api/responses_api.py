@@ -90,9 +90,9 @@ class Draft:
     model: str
     think_end: int | None
     store: ResponseStore | None  # None: `store: false`
-    previous: Stored | None = None
-    inputs: Inputs = field(default_factory=Inputs)  # the input items as stored (input_item_json), when stored
-    tools: list[Json] = field(default_factory=list)  # the request's, as the response echoes them (FunctionTool.echo)
+    previous: Stored | None
+    inputs: Inputs  # the input items as stored (input_item_json), when stored
+    tools: list[Json]  # the request's, as the response echoes them (FunctionTool.echo)
     begun: bool = False  # in the store from its first event (a stream)
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
