@@ -1,6 +1,7 @@
 /* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
    ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) int8 pieces
-   where the CPU has them (checked at run time), else AVX2 int16 pieces (vpmaddwd). */
+   where the CPU has them (checked at run time), else AVX2 against the interleaved layout (int4_block.h): int8 blocks
+   for bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
 #include "act_block8.h"
@@ -972,12 +973,13 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
 }
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
-   taken as pieces of integers (act_quant.h, act_quant16.h): the nibbles times the pieces are exact int32 sums, so
-   the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8 pieces,
-   / 65534^P with P int16 pieces (and fp32 rounding).
+   taken as pieces of integers (act_quant.h, act_quant16.h, act_block8.h): the nibbles times the pieces are exact
+   int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8
+   pieces, / 65534^P with P int16 pieces, sum over the blocks of sum_{k in block} |w[n, k]| * max_block |x[m]| / 254
+   with int8 blocks (and fp32 rounding).
    With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
-   else int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over chunks of
-   output rows (pool.h). */
+   else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over
+   chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */

@@ -23,7 +23,8 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
    1 where that is interleaved, else 0; linear_int4_pack: w into it, in place), scale and
    offset: [N, K / G], y: [M, N]; x, scale, offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row
    of x taken as `pieces` (1 to 4) int8 pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least
-   as close. linear_int4_pack's quad: [4, K / 2] uint8, its working memory. */
+   as close, for fp32 rows, and as int8 blocks (one scale a 64-column block; `pieces` unused) for bf16 rows.
+   linear_int4_pack's quad: [4, K / 2] uint8, its working memory. */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces);
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K);
