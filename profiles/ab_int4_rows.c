@@ -12,7 +12,7 @@
               lanes b and 4 + b), one convert, one FMA by the 4 groups' weight x activation scales (in both halves)
      ubs-h1   one round of vphaddw, two vpmaddwd, converts and FMAs
      ubs-md   no vphaddw: a vpmaddwd by ones, a convert and an FMA each block; ubs-md-row with one scale a row
-     ubs-il   the weights rearranged (il_pack) so that no vphaddw is needed: 4 blocks' int16 sums add by vpaddw
+     ubs-il   the weights rearranged (ab_il_pack) so that no vphaddw is needed: 4 blocks' int16 sums add by vpaddw
      bound-adds  ubs-h2 with vpaddw for vphaddw (wrong sums, the rest of the work alike); bound-quant the rounding
               of the activations alone (vectorised, in the nibbles' order)
    8 rows: one weight row against the 8, each 4 blocks unpacked once, the rows' sums in L1 (as madd_rows); 1 row: a
@@ -32,6 +32,17 @@
 
 #define G 64
 #define MAXM 8
+
+/* The variants' weights: the layout the AVX2 kernel read before the interleaving (twenty-fourth session), block b of
+   row 4q + i at 4q * K / 2 + 128 b + 32 i, the last N % 4 rows plain. */
+static long quad_block_at(long n, long b, int K, long quad_rows) {
+    return n < quad_rows ? (n & ~3L) * (K / 2) + 128 * b + 32 * (n & 3) : n * (K / 2) + 32 * b;
+}
+
+static void quad_pack(uint8_t *w, const uint8_t *plain, int N, int K) {
+    for (long n = 0; n < N; n++)
+        for (long b = 0; b < K / 64; b++) memcpy(w + quad_block_at(n, b, K, N / 4 * 4), plain + n * (K / 2) + 32 * b, 32);
+}
 #define MAXK 3072
 
 struct shape { const char *name; int N, K; };
@@ -151,7 +162,7 @@ INLINE float ubs_end(const struct ubs_args *a, long n, int m, __m256 o) {
 INLINE void ubs_rows8(const struct ubs_args *a, long n, int mode) {
     const int K = a->K, V = VECS(mode);
     const long step = n < a->quad_rows ? 128 : 32, stride = (long)MAXM * 64;
-    const uint8_t *w = a->w + int4_block_at(n, 0, K, a->quad_rows);
+    const uint8_t *w = a->w + quad_block_at(n, 0, K, a->quad_rows);
     float f[MAXM][8] __attribute__((aligned(32)));
     for (int r = 0; r < MAXM; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
     for (int b = 0; b < K / 64; b += 4, w += 4 * step) {
@@ -176,7 +187,7 @@ INLINE void ubs_rows8(const struct ubs_args *a, long n, int mode) {
 INLINE void ubs_rows1(const struct ubs_args *a, long n, int mode) {
     const int K = a->K, V = VECS(mode);
     const long step = n < a->quad_rows ? 128 : 32, next = n < a->quad_rows ? 32 : K / 2;
-    const uint8_t *w = a->w + int4_block_at(n, 0, K, a->quad_rows);
+    const uint8_t *w = a->w + quad_block_at(n, 0, K, a->quad_rows);
     __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int b = 0; b < K / 64; b += 4, w += 4 * step) {
         const int8_t *q = a->q + (long)b * 64;
@@ -206,48 +217,48 @@ INLINE void ubs_rows1(const struct ubs_args *a, long n, int mode) {
 UBS_CHUNK(H2) UBS_CHUNK(H1) UBS_CHUNK(MD) UBS_CHUNK(ADDS)
 static const pool_fn ubs_chunks[4] = {ubs_chunk_H2, ubs_chunk_H1, ubs_chunk_MD, ubs_chunk_ADDS};
 
-/* "ubs-il": the weights rearranged (il_pack) so that no vphaddw is needed: each 4 blocks of a row (128 bytes, a quad's
+/* "ubs-il": the weights rearranged (ab_il_pack) so that no vphaddw is needed: each 4 blocks of a row (128 bytes, a quad's
    4 rows' in turn) as 4 vectors whose bytes 4L .. 4L + 3 (int32 lane L) hold columns of block L % 4 only, so that the
    8 vpmaddubsw of 4 blocks sum in int16 by vpaddw alone (16 products a lane, <= 30,480) and one vpmaddwd by ones
-   leaves block b in lanes b and 4 + b, as H2 does. The activations in the same order (il_arrange, not timed: a kernel
+   leaves block b in lanes b and 4 + b, as H2 does. The activations in the same order (ab_il_arrange, not timed: a kernel
    would write them so when it rounds them). */
-static inline int il_column(int v, int h, int t, int nib) { return ((v * 2 + h) * 4 + t) * 2 + nib; }
-static inline long il_at(long n, int c, int K) { return n / 4 * 4 * (K / 2) + c * 512 + n % 4 * 128; }
+static inline int ab_il_column(int v, int h, int t, int nib) { return ((v * 2 + h) * 4 + t) * 2 + nib; }
+static inline long ab_il_at(long n, int c, int K) { return n / 4 * 4 * (K / 2) + c * 512 + n % 4 * 128; }
 
 static int plain_nibble(const uint8_t *plain, int K, long n, int k) {
     const uint8_t byte = plain[n * K / 2 + 32 * (k / 64) + 2 * (k % 16) + k % 64 / 16 / 2];
     return (byte >> (4 * (k % 64 / 16 % 2))) & 15;
 }
 
-static void il_pack(const uint8_t *plain, uint8_t *out, int N, int K) {
+static void ab_il_pack(const uint8_t *plain, uint8_t *out, int N, int K) {
     for (long n = 0; n < N; n++)
         for (int c = 0; c < K / 256; c++)
             for (int v = 0; v < 4; v++)
                 for (int j = 0; j < 32; j++) {
                     const int b = j / 4 % 4, h = j / 16, t = j % 4, k = 256 * c + 64 * b;
-                    out[il_at(n, c, K) + 32 * v + j] = (uint8_t)(plain_nibble(plain, K, n, k + il_column(v, h, t, 0))
-                                                       | plain_nibble(plain, K, n, k + il_column(v, h, t, 1)) << 4);
+                    out[ab_il_at(n, c, K) + 32 * v + j] = (uint8_t)(plain_nibble(plain, K, n, k + ab_il_column(v, h, t, 0))
+                                                       | plain_nibble(plain, K, n, k + ab_il_column(v, h, t, 1)) << 4);
                 }
 }
 
-static uint8_t *il_w;  /* the shape's weights as il_pack leaves them */
-static int8_t il_q[MAXK / 256 * MAXM * 256] __attribute__((aligned(64)));
+static uint8_t *ab_il_w;  /* the shape's weights as ab_il_pack leaves them */
+static int8_t ab_il_q[MAXK / 256 * MAXM * 256] __attribute__((aligned(64)));
 
-/* ubs_quant's values (q, in the nibbles' order) rearranged: il_q[c][m][v * 2 + nib][32]. */
-static void il_arrange(const int8_t *q, int M, int K) {
+/* ubs_quant's values (q, in the nibbles' order) rearranged: ab_il_q[c][m][v * 2 + nib][32]. */
+static void ab_il_arrange(const int8_t *q, int M, int K) {
     for (int m = 0; m < M; m++)
         for (int c = 0; c < K / 256; c++)
             for (int v = 0; v < 4; v++)
                 for (int nib = 0; nib < 2; nib++)
                     for (int j = 0; j < 32; j++) {
-                        const int b = j / 4 % 4, col = il_column(v, j / 16, j % 4, nib), i = col % 16, g = col / 16;
-                        il_q[((long)c * M + m) * 256 + (v * 2 + nib) * 32 + j] =
+                        const int b = j / 4 % 4, col = ab_il_column(v, j / 16, j % 4, nib), i = col % 16, g = col / 16;
+                        ab_il_q[((long)c * M + m) * 256 + (v * 2 + nib) * 32 + j] =
                             q[((long)(4 * c + b) * M + m) * 64 + (g & 1) * 32 + 2 * i + (g >> 1)];
                     }
 }
 
 /* The 4 blocks' 8 nibble vectors (u[2v] low, u[2v + 1] high) times a row's 256 activations at q: lanes b, 4 + b. */
-INLINE __m256i il_products(const __m256i u[8], const int8_t *q) {
+INLINE __m256i ab_il_products(const __m256i u[8], const int8_t *q) {
     const __m256i *p = (const __m256i *)q;
     __m256i s[4];
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
@@ -257,7 +268,7 @@ INLINE __m256i il_products(const __m256i u[8], const int8_t *q) {
     return _mm256_madd_epi16(t, _mm256_set1_epi16(1));
 }
 
-static void il_chunk(const void *ctx, long chunk) {
+static void ab_il_chunk(const void *ctx, long chunk) {
     const struct ubs_args *a = ctx;
     const int K = a->K;
     const long end = pool_chunk_end(chunk, a->rows, a->N);
@@ -265,7 +276,7 @@ static void il_chunk(const void *ctx, long chunk) {
         if (a->M == 1) {
             __m256 f[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int c = 0; c < K / 256; c++) {
-                const uint8_t *w = a->w + il_at(n, c, K);
+                const uint8_t *w = a->w + ab_il_at(n, c, K);
                 const __m256 as = _mm256_load_ps(a->a + c * 8);
                 _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) __builtin_prefetch(w + 8 * (K / 2) + 64 * i);
                 _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) {
@@ -274,7 +285,7 @@ static void il_chunk(const void *ctx, long chunk) {
                     _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
                         ubs_nibbles(w + 128 * i + 32 * v, &u[2 * v], &u[2 * v + 1]);
                     ubs_scales(a, n + i, 4 * c, H2, &ws);
-                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
+                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_il_products(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
                                            f[i]);
                 }
             }
@@ -284,7 +295,7 @@ static void il_chunk(const void *ctx, long chunk) {
         float f[MAXM][8] __attribute__((aligned(32)));
         for (int r = 0; r < MAXM; r++) _mm256_store_ps(f[r], _mm256_setzero_ps());
         for (int c = 0; c < K / 256; c++) {
-            const uint8_t *w = a->w + il_at(n, c, K);
+            const uint8_t *w = a->w + ab_il_at(n, c, K);
             __m256i u[8];
             __m256 ws;
             _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) ubs_nibbles(w + 32 * v, &u[2 * v], &u[2 * v + 1]);
@@ -292,7 +303,7 @@ static void il_chunk(const void *ctx, long chunk) {
             ubs_scales(a, n, 4 * c, H2, &ws);
             _Pragma("GCC unroll 8") for (int r = 0; r < MAXM; r++) {
                 const __m256 sc = _mm256_mul_ps(ws, _mm256_load_ps(a->a + ((long)r * (K / 256) + c) * 8));
-                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products(u, a->q + ((long)c * MAXM + r) * 256)),
+                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_il_products(u, a->q + ((long)c * MAXM + r) * 256)),
                                                       sc, _mm256_load_ps(f[r])));
             }
         }
@@ -316,9 +327,9 @@ static void linear_int4_ubs(const uint16_t *x, const uint8_t *w, const uint16_t 
                     ubs_lanes[((m * blocks / 4 + b4) * V + k) * 8 + l] = ubs_a[m * blocks + 4 * b4 + lane_block(mode, k, l)];
     }
     const int il = mode == IL;
-    const struct ubs_args a = {il ? il_q : ubs_q, ubs_lanes, ubs_rs, ubs_xsum, il ? il_w : w, scale, offset, y, M, N,
-                               K, row_scale, (pool_rows_per_chunk(K / 2) + 3) / 4 * 4, int4_quad_rows(N)};
-    pool_run(il ? il_chunk : ubs_chunks[mode], &a, (N + a.rows - 1) / a.rows);
+    const struct ubs_args a = {il ? ab_il_q : ubs_q, ubs_lanes, ubs_rs, ubs_xsum, il ? ab_il_w : w, scale, offset, y, M, N,
+                               K, row_scale, (pool_rows_per_chunk(K / 2) + 3) / 4 * 4, N / 4 * 4};
+    pool_run(il ? ab_il_chunk : ubs_chunks[mode], &a, (N + a.rows - 1) / a.rows);
 }
 
 static double cpu_now(void) {
@@ -341,11 +352,13 @@ static double median(double *v, int n) {
 static const char *names[VARIANTS] = {"kernel", "ubs-h2", "ubs-h1", "ubs-md", "ubs-md-row", "bound-quant",
                                       "bound-adds", "ubs-il"};
 
+static const uint8_t *quad_w;  /* the shape's weights as quad_pack leaves them, for the ubs variants */
+
 static void run(int v, const uint16_t *x, const uint8_t *w, const uint16_t *s, const uint16_t *o, uint16_t *y, int M,
                 int N, int K) {
     if (v == 0) linear_int4(x, w, s, o, y, M, N, K, G, 1, 2);
     else if (v == 5) ubs_quant(x, M, K, 0, ubs_q, ubs_a, ubs_xsum);
-    else linear_int4_ubs(x, w, s, o, y, M, N, K, v == 1 ? H2 : v == 2 ? H1 : v == 6 ? ADDS : v == 7 ? IL : MD, v == 4);
+    else linear_int4_ubs(x, quad_w, s, o, y, M, N, K, v == 1 ? H2 : v == 2 ? H1 : v == 6 ? ADDS : v == 7 ? IL : MD, v == 4);
 }
 
 int main(int argc, char **argv) {
@@ -374,27 +387,28 @@ int main(int argc, char **argv) {
         const int N = sh->N, K = sh->K, groups = K / G;
         const long bytes = (long)N * K / 2 + 4L * N * groups;
         const int copies = cold ? (int)((cold + bytes - 1) / bytes) : 1;  /* cycled through: from DRAM past the L3 */
-        uint8_t *w[copies], *ilw[copies], *plain = malloc((long)N * K / 2);
+        uint8_t *w[copies], *qw[copies], *ilw[copies], *plain = malloc((long)N * K / 2);
         uint16_t *sc[copies], *of[copies];
         for (long i = 0; i < (long)N * K / 2; i++) plain[i] = (uint8_t)rand();
         for (int c = 0; c < copies; c++) {
-            w[c] = aligned_alloc(64, (long)N * K / 2), ilw[c] = aligned_alloc(64, (long)N * K / 2);
+            w[c] = aligned_alloc(64, (long)N * K / 2), qw[c] = aligned_alloc(64, (long)N * K / 2), ilw[c] = aligned_alloc(64, (long)N * K / 2);
             sc[c] = malloc(2L * N * groups), of[c] = malloc(2L * N * groups);
             memcpy(w[c], plain, (long)N * K / 2);
             uint8_t quad[4 * MAXK / 2];
-            if (int4_quads()) linear_int4_pack(w[c], quad, N, K);
+            if (int4_interleaved()) linear_int4_pack(w[c], quad, N, K);
+            quad_pack(qw[c], plain, N, K);
             if (c) memcpy(ilw[c], ilw[0], (long)N * K / 2);
-            else il_pack(plain, ilw[0], N, K);
+            else ab_il_pack(plain, ilw[0], N, K);
         }
         for (long i = 0; i < (long)N * groups; i++)
             sc[0][i] = f32_to_bf16(1e-3f * (float)(1 + rand() % 100)), of[0][i] = f32_to_bf16(-7.5f * bf16_to_f32(sc[0][i]));
         for (int c = 1; c < copies; c++) memcpy(sc[c], sc[0], 2L * N * groups), memcpy(of[c], of[0], 2L * N * groups);
         for (int M = 1; M <= MAXM; M += MAXM - 1) {
             ubs_quant(x, M, K, 0, ubs_q, ubs_a, ubs_xsum);
-            il_arrange(ubs_q, M, K);
+            ab_il_arrange(ubs_q, M, K);
             /* accuracy: each variant's largest |y - exact| / (sum |w| max|x|) over the rows and outputs */
             double worst[VARIANTS] = {0};
-            il_w = ilw[0];
+            ab_il_w = ilw[0], quad_w = qw[0];
             for (int j = 0; j < nv; j++) {
                 const int v = chosen[j];
                 if (v == 5) continue;  /* bound-quant writes no y: it has no error of its own */
@@ -424,7 +438,7 @@ int main(int argc, char **argv) {
                     const double start = cpu_now();
                     for (int i = 0; i < reps; i++, call++) {
                         const int c = (int)(call % copies);
-                        il_w = ilw[c];
+                        ab_il_w = ilw[c], quad_w = qw[c];
                         run(v, x, w[c], sc[c], of[c], y, M, N, K);
                     }
                     if (r >= 0) t[v][r] = (cpu_now() - start) / reps;
@@ -441,7 +455,7 @@ int main(int argc, char **argv) {
                        M, names[v], 1e6 * median(copy, rounds), median(ratio, rounds), worst[v]);
             }
         }
-        for (int c = 0; c < copies; c++) free(w[c]), free(ilw[c]), free(sc[c]), free(of[c]);
+        for (int c = 0; c < copies; c++) free(w[c]), free(qw[c]), free(ilw[c]), free(sc[c]), free(of[c]);
         free(plain);
     }
     double load[3];

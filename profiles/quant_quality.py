@@ -10,10 +10,11 @@ Inputs: one random sequence of --positions tokens (seeded); every position's nex
 Relative logit error: ||quantised - original|| / ||original|| per position, mean and max.
 Top-1 agreement: the share of positions whose argmax is the same. Random weights give near-flat
 logits, so top-1 agreement here is a harsh lower bound on what a trained model would show.
---int4-activations: what int4 linears' activations would cost if rounded to int8 (a measurement, for an AVX2
-vpmaddubsw kernel: profiles/RESULTS.md, lane int4b8 of the twenty-fourth session): int8-block, one scale a 64-column
-block (max |x| / 127); int8-row, one a row. As such a kernel would compute: the nibbles times the scales take the
-rounded activations, the group offsets the exact ones (y = W x_q + O (x - x_q), O each column's group offset).
+--int4-activations: what int4 linears' activations cost rounded to int8: int8-block, one scale a 64-column block
+(max |x| / 127), as the AVX2 kernel rounds bf16 rows (csrc/act_block8.h; tests/test_cpu_linear_int4.py checks the
+kernel against this model; profiles/RESULTS.md, lanes int4b8 and int4il); int8-row, one a row. As that kernel
+computes: the nibbles times the scales take the rounded activations, the group offsets the exact ones
+(y = W x_q + O (x - x_q), O each column's group offset).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """int4 weights as the loader leaves them for the C kernels (ops/cpu/linear_int4.repack), for the tests that call
-the kernels directly, and the quads' layout (csrc/int4_block.h) undone in torch."""
+the kernels directly, and the AVX2 kernels' interleaved layout (csrc/int4_block.h) undone in torch."""
 from __future__ import annotations
 
 import ctypes
@@ -10,6 +10,7 @@ import torch
 
 from ops.cpu import build as cpu_build
 from ops.cpu import linear_int4 as cpu_int4
+from ops.torch_ref.linear_int4 import pack_int4
 
 
 @functools.cache
@@ -31,10 +32,17 @@ def as_loaded(packed: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Ten
     return copy
 
 
-def from_quads(packed: torch.Tensor) -> torch.Tensor:
-    """packed: [N, K / 2] in quads (block b of row 4q + i at byte 4q * K / 2 + 128 b + 32 i, rows from N // 4 * 4
-    plain) -> the plain layout."""
+def from_interleaved(packed: torch.Tensor) -> torch.Tensor:
+    """packed: [N, K / 2] interleaved (each row in chunks of 4 blocks, the last K / 64 % 4 where that is not 0, a
+    chunk of nb blocks holding columns 8j .. 8j + 7 of its block b as the nibbles of its dword nb j + b; chunk c of
+    row 4q + i at byte 4q * K / 2 + 512 c + 32 nb i, rows from N // 4 * 4 row by row) -> the plain layout."""
     n, half = packed.shape
-    whole = n // 4 * 4
-    quads = packed[:whole].reshape(n // 4, half // 32, 4, 32).transpose(1, 2).reshape(whole, half)
-    return torch.cat([quads, packed[whole:]])
+    k = torch.arange(2 * half)
+    chunk, block, dword = k // 256, k // 64 % 4, k % 64 // 8
+    blocks = torch.clamp(2 * half // 64 - 4 * chunk, max=4)
+    within = 4 * (blocks * dword + block) + k % 8 // 2
+    rows = torch.arange(n)[:, None]
+    quad = rows < n // 4 * 4
+    at = torch.where(quad, rows // 4 * 4 * half + 512 * chunk + 32 * blocks * (rows % 4), rows * half + 128 * chunk)
+    nibbles = (packed.reshape(-1)[at + within] >> (4 * (k % 2))) & 15
+    return pack_int4(nibbles)

@@ -77,18 +77,15 @@ def int4(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor
 
 
 def unstaged_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """linear_int4_unstaged's arithmetic in torch, step for step: 8 fp32 lanes, lane l of step (block b, half h,
-    nibble j) column b * 64 + j * 16 + h * 8 + l, one FMA each (the exact product, then one rounding: in fp64, whose
-    53 bits hold it), then hsum's pairwise order."""
+    """linear_int4_unstaged's arithmetic in torch, step for step: 8 fp32 lanes, lane l of step s column 8 s + l, one
+    FMA each (the exact product, then one rounding: in fp64, whose 53 bits hold it), then hsum's pairwise order."""
     m, k = x.shape
     weight = dequantize_int4(w, scale, offset).double()  # fp32 (int4_block.h rounds as the reference does)
     xs = x.double()
     acc = torch.zeros(m, w.shape[0], 8, dtype=torch.float32)
-    for b in range(k // 64):
-        for half in range(2):
-            for j in range(4):
-                cols = slice(b * 64 + j * 16 + half * 8, b * 64 + j * 16 + half * 8 + 8)
-                acc = (acc.double() + xs[:, None, cols] * weight[None, :, cols]).float()
+    for start in range(0, k, 8):
+        cols = slice(start, start + 8)
+        acc = (acc.double() + xs[:, None, cols] * weight[None, :, cols]).float()
     quads = acc[..., :4] + acc[..., 4:]
     pairs = quads[..., :2] + quads[..., 2:]
     return (pairs[..., 0] + pairs[..., 1]).to(x.dtype)

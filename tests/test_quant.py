@@ -12,7 +12,7 @@ import ops
 from checkpoints import make_checkpoint
 from engine_util import INTERPRETED_TOKENS, generate, greedy, hf_greedy, load_engine
 from engine_util import MIXED_PROMPTS as PROMPTS
-from int4_packing import from_quads
+from int4_packing import from_interleaved
 from nanoqwen.quant import GROUP_SIZE, quantize_int4_into
 from nanoqwen.settings import EngineConfig
 from ops.cpu import linear_int4 as cpu_int4
@@ -113,8 +113,8 @@ def test_int4_weights_are_packed_nibbles_with_a_scale_and_offset_per_group(check
     assert mlp.gate_up_proj.weight.dtype == torch.uint8 and mlp.gate_up_proj.weight.shape[1] == hidden // 2
     assert mlp.gate_up_proj.scale.shape[1] == hidden // GROUP_SIZE and mlp.gate_up_proj.offset.dtype == dtype
     packed = mlp.gate_up_proj.weight
-    if model.kernels.repack_int4 is cpu_int4.repack and cpu_int4.quads():  # the loader left it in the C kernels' quads
-        packed = from_quads(packed)
+    if model.kernels.repack_int4 is cpu_int4.repack and cpu_int4.interleaved():  # the loader interleaved it (AVX2)
+        packed = from_interleaved(packed)
     gate, up = dequantize_int4(packed, mlp.gate_up_proj.scale, mlp.gate_up_proj.offset).chunk(2)
     expected = raw["model.layers.1.mlp.up_proj.weight"].float()
     groups = expected.view(expected.shape[0], -1, GROUP_SIZE)

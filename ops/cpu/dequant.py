@@ -43,7 +43,7 @@ BLOCK_BYTES = 4 << 20
 # and oneDNN's AMX GEMM ran the 344 and 680 slower a row than two 512s: down took 0.74x the time at 512 prompt rows,
 # 0.77x at 2048, one thread (profiles/RESULTS.md, prefill8). Outputs may move by a bf16 ulp: oneDNN's blocking
 # follows a block's N.
-# Also whole quads of int4 rows (csrc/int4_block.h): a block's rows read as the tensor's.
+# Also whole quads of interleaved int4 rows (csrc/int4_block.h): a block's rows read as the tensor's.
 TILE_ROWS = 64
 
 

@@ -22,25 +22,26 @@ rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and 
 quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
 activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
 and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output rows on the kernels' thread
-pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the pieces are int16 (csrc/act_quant16.h, as
-linear_int8.py's: one holds what two int8 pieces do, so bf16 takes 1 and fp32 2, within the same bounds), and
-vpmaddwd multiplies them by the nibbles of a block's 16 words shifted and masked to int16 (nibble j of word i is
-column 16j + i: no shuffles), the pieces staged block by block; a pass takes 4 weight rows against 1 piece row
-(2 against 2), so that at one activation row four independent FMA chains scale the groups and the rows' ends (lane
-sums, offsets) are shared: one thread, 512 x 1024 hot in L2 on a 2-core Zen 3, 1 row 16.5 µs against 30 a weight
-row at a time; from 3 piece rows, 1 weight row against up to 8 of them, each block unpacked once for all, their fp32
-sums in L1 and every row's lanes summed at once: 8 bf16 rows 86-90 µs against 130 in two passes of 4
-(profiles/RESULTS.md, int4b8); 8 weight rows' outputs stored together (the scalar ends were ~20% of that pass):
-79-86 µs (int4ends); where the pieces outgrow L1 (8 bf16 rows from K 2048), those 8 weight rows take 8 groups each
-in turn, so that the groups' pieces are read from L1 8 times, not from L2 (hot K 3072 0.78x the time, int4b). Both
-passes end a row in one order (csrc's madd_ends: the pieces' scales, then the offsets 8 groups a vector, then one
-tree across the lanes), and their int32 sums and group scaling are the same, so on AVX2 a row's outputs are the same
-bits in any batch the kernel takes (up to 32 rows; larger calls take dequant's GEMM), as int8's and bf16's are
-(before, an fp32 row's last bits moved with its batch-mates). The AVX-512 VNNI loop is batch-invariant by
-construction (each row its own sums in one order), but where AMX-INT8 takes 3+ rows, its tiles sum in another
-order than the loop's 1-2 rows: not invariant there (never run here). On AVX2 the weights are stored in quads
-(csrc/int4_block.h; repack rearranges them at load), so that a pass of 4 rows reads one stream from DRAM, which the
-hardware prefetcher follows, not 4 interleaved ones. More rows (prefill) take dequant.py's blocked GEMM.
+pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the weights are stored interleaved (csrc/int4_block.h;
+repack rearranges them at load): each row in chunks of 4 blocks whose 32-byte vectors hold in int32 lane L columns of
+block L % 4 only, each 4 rows' chunks in turn (one stream for a pass of 4 rows, which the hardware prefetcher follows).
+bf16 rows are taken as int8 blocks (csrc/act_block8.h: one scale a 64-column block, max|x| / 127, llama.cpp's Q8
+style; `pieces` unused), each chunk 8 vpmaddubsw (the nibbles as u8 against the int8) added by vpaddw in int16 and
+one vpmaddwd by ones that leaves block b in int32 lanes b and 4 + b, then one convert and one FMA by the 4 groups'
+weight x activation scales: the layer's four linears at 8 rows 0.73x the time of the int16 pieces before, at 1 row
+0.65-0.72x in L3 (profiles/RESULTS.md, int4b8's "ubs-il"). The rounding costs a bf16 row up to max|x over a block|
+/ 254 an element, against the pieces' 2^-16 of the row's maximum (1-4% more logit error than int4's own on a
+model with outlier channels, int4b8; one scale a row: +43%). fp32 rows keep int16 pieces (csrc/act_quant16.h: one
+holds what two int8 pieces do, so fp32 takes 2, within the same bound), arranged as the nibbles widened to int16:
+16 vpmaddwd a chunk, two converts and FMAs. A pass takes 4 weight rows against 1 piece row (2 against 2), their fp32
+sums in registers; from 3 piece rows one weight row against up to 8 of them, each chunk unpacked once for all, their
+fp32 sums in L1, 8 weight rows' outputs stored together. Both passes take a row's chunks with the same operations in
+the same order and end a row in one order (csrc's madd_ends: the pieces' scales, then the offsets 8 groups a
+vector, then one tree across the lanes), so on AVX2 a row's outputs are the same bits in any batch the kernel takes
+(up to 32 rows; larger calls take dequant's GEMM), as int8's and bf16's are. The AVX-512 VNNI loop is
+batch-invariant by construction (each row its own sums in one order), but where AMX-INT8 takes 3+ rows, its tiles
+sum in another order than the loop's 1-2 rows: not invariant there (never run here). More rows (prefill) take
+dequant.py's blocked GEMM.
 """
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_pack", "linear_int4_layout"))
 
 
-def quads(lib: ctypes.CDLL | None = None) -> bool:
+def interleaved(lib: ctypes.CDLL | None = None) -> bool:
     """Whether a build of linear_int4.c (the kernel set's by default), and dequant.c's and embedding.c's with the
-    same flags, read int4 weights in quads: each 4 rows block by block, where linear_int4 takes its AVX2 loops
-    (csrc/int4_block.h decides)."""
+    same flags, read int4 weights interleaved (chunks of 4 blocks, rows in quads), where linear_int4 takes its AVX2
+    loops (csrc/int4_block.h decides)."""
     answer = torch.zeros(1, dtype=torch.int32)
     (lib or KERNEL.lib).linear_int4_layout(answer.data_ptr())
     return bool(answer.item())
@@ -67,12 +68,12 @@ def quads(lib: ctypes.CDLL | None = None) -> bool:
 
 def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
-    linear_int4.c (the kernel set's by default) reads: quads where quads(lib), else unchanged. Through 4 rows of
-    scratch (allocated here, so a failure raises): loading holds no second copy."""
+    linear_int4.c (the kernel set's by default) reads: interleaved where interleaved(lib), else unchanged. Through 4
+    rows of scratch (allocated here, so a failure raises): loading holds no second copy."""
     if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
         raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
                          f"contiguous rows of whole {BLOCK}-column blocks")
-    if quads(lib):
+    if interleaved(lib):
         quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
         (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 

@@ -5,7 +5,8 @@ Weights are asymmetric per group of G input columns (G % 64 == 0): w ~= q * scal
 Packed two per byte, in blocks of 64 columns (32 bytes): little-endian 16-bit word i of a block holds
 q[i], q[16 + i], q[32 + i], q[48 + i] in its four nibbles, low first. One mask or shift of the words
 then yields 16 consecutive columns: the CPU and Triton kernels unpack in registers without shuffles. The CPU's
-AVX2 kernels have the rows' blocks reordered at load (Kernels.repack_int4, ops/cpu/linear_int4.repack).
+AVX2 kernels have each row's nibbles interleaved in chunks of 4 blocks and the rows in quads at load
+(Kernels.repack_int4, ops/cpu/linear_int4.repack, csrc/int4_block.h).
 """
 from __future__ import annotations
 

@@ -20,11 +20,9 @@ static void dequant_int4_chunk(const void *ctx, long chunk) {
         for (int b = 0; b < K / 64; b++) {
             const long g = n * groups + b * 64 / a->G;
             const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16)), o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-            for (int half = 0; half < 2; half++) {
-                const __m256i words = int4_words(a->w + int4_block_at(n, b, K, a->quad_rows), half);
-                for (int j = 0; j < 4; j++)
-                    store8(a->out, n * K + b * 64 + j * 16 + half * 8, int4_dequant8(words, j, s, o, a->bf16), a->bf16);
-            }
+            for (int k = b * 64; k < b * 64 + 64; k += 8)
+                store8(a->out, n * K + k, int4_dequant8(int4_columns8(a->w, n, k, K, a->quad_rows), s, o, a->bf16),
+                       a->bf16);
         }
     }
 }

@@ -18,19 +18,15 @@ void embedding_int8(const int32_t *ids, const int8_t *table, const void *scale, 
     }
 }
 
-/* Shapes: see nanoqwen_cpu.h. Column c of a 64-column block is nibble (c / 16) of its 16-bit word c % 16
-   (ops/torch_ref/linear_int4.py); the blocks where linear_int4 reads them (int4_block.h). */
+/* Shapes: see nanoqwen_cpu.h. The table's rows where linear_int4 reads them (int4_block.h). */
 void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale, const void *offset, void *out,
                     int N, int V, int H, int G, int bf16) {
     const int groups = H / G;
     const long quad_rows = int4_quad_rows(V);
     for (int n = 0; n < N; n++) {
         for (int c = 0; c < H; c++) {
-            const uint8_t *block = table + int4_block_at(ids[n], c / 64, H, quad_rows);
-            const int i = c % 16, j = (c % 64) / 16;
-            const uint8_t byte = block[2 * i + (j >> 1)];
             const long g = (long)ids[n] * groups + c / G;
-            float v = (float)(j & 1 ? byte >> 4 : byte & 15) * load1(scale, g, bf16);
+            float v = (float)int4_nibble(table, ids[n], c, H, quad_rows) * load1(scale, g, bf16);
             /* the reference rounds the product before adding the offset: no FMA contraction */
             __asm__("" : "+x"(v));
             store1(out, (long)n * H + c, v + load1(offset, g, bf16), bf16);

@@ -1,35 +1,72 @@
-/* Where the kernels find a 64-column block of an int4 weight row, and the block dequantised in registers, rounded
-   as the torch reference rounds it: q * scale, then + offset, in fp32 (then to bf16 for a bf16 weight). dequant.c
-   writes whole rows with it; linear_int4.c's fallback without scratch multiplies with it. Internal, not exported. */
+/* Where the kernels find an int4 weight's nibbles, and 8 of them dequantised in registers, rounded as the torch
+   reference rounds them: q * scale, then + offset, in fp32 (then to bf16 for a bf16 weight). dequant.c writes whole
+   rows with it; linear_int4.c's fallback without scratch multiplies with it. Internal, not exported. */
 #ifndef NANOQWEN_INT4_BLOCK_H
 #define NANOQWEN_INT4_BLOCK_H
 
 #include "gemv.h"
 
-/* The rows' order in memory. Plain: ops/torch_ref/linear_int4.py's, row by row. Quads: each 4 rows 4q..4q + 3 (of
-   the first N / 4 * 4) block by block, block b of row 4q + i at byte 4q * K / 2 + 128 b + 32 i, the rest plain; for
-   the AVX2 loops (linear_int4.c's madd_pieces), whose pass of 4 rows then reads one stream, not 4 interleaved ones
-   that the hardware prefetcher follows badly (1 row cold on Zen 3: 0.73-0.95x the time, profiles/RESULTS.md).
-   Quads exactly where linear_int4 takes those loops: the one place that decides, for every reader of the weights
-   (linear_int4.c, dequant.c, embedding.c) and for the repack at load (linear_int4_pack). */
-static inline int int4_quads(void) { return !has_avx512vl_vnni(); }
+/* The layouts. Plain: ops/torch_ref/linear_int4.py's, row by row; column c of a 64-column block is nibble c / 16 of
+   the block's 16-bit word c % 16. Interleaved, for the AVX2 loops (linear_int4.c's il_*): each row in chunks of 4
+   blocks (256 columns; the last chunk of a row has K / 64 % 4 blocks where that is not 0), a chunk of nb blocks
+   holding dword j (columns 8j .. 8j + 7 of its block, nibble i column 8j + i) of block b at byte 4 (nb j + b): a
+   vector of 32 bytes then holds in int32 lane L columns of block L % 4 only, so that vpmaddubsw's int16 sums of 4
+   blocks add by vpaddw and one vpmaddwd leaves block b in lanes b and 4 + b (profiles/RESULTS.md, int4b8's
+   "ubs-il"). And the rows in quads: each 4 rows 4q .. 4q + 3 (of the first N / 4 * 4) chunk by chunk, chunk c of row
+   4q + i at byte 4q * K / 2 + 512 c + 32 nb i, so that a pass of 4 rows reads one stream, not 4 interleaved ones that
+   the hardware prefetcher follows badly (1 row cold on Zen 3: 0.73-0.95x the time); the rest row by row.
+   Interleaved exactly where linear_int4 takes those loops: the one place that decides, for every reader of the
+   weights (linear_int4.c, dequant.c, embedding.c) and for the repack at load (linear_int4_pack). */
+static inline int int4_interleaved(void) { return !has_avx512vl_vnni(); }
 
-/* Rows stored in quads: int4_quads()'s answer for N rows, asked once a call. */
-static inline long int4_quad_rows(long N) { return int4_quads() ? N / 4 * 4 : 0; }
+/* Rows stored in quads: N / 4 * 4 where interleaved, else 0. */
+static inline long int4_quad_rows(long N) { return int4_interleaved() ? N / 4 * 4 : 0; }
 
-/* Byte offset of block b (32 bytes) of weight row n of K columns, the first quad_rows rows in quads. */
-static inline long int4_block_at(long n, long b, int K, long quad_rows) {
-    return n < quad_rows ? (n & ~3L) * (K / 2) + 128 * b + 32 * (n & 3) : n * (K / 2) + 32 * b;
+/* Blocks in chunk c of a row of K columns. */
+static inline int int4_chunk_blocks(int K, long c) { return K / 64 - 4 * c < 4 ? (int)(K / 64 - 4 * c) : 4; }
+
+/* Byte offset of chunk c of weight row n (K columns, the first quad_rows rows in quads) in the interleaved layout. */
+static inline long int4_chunk_at(long n, long c, int K, long quad_rows) {
+    return n < quad_rows ? (n & ~3L) * (K / 2) + 512 * c + 32L * int4_chunk_blocks(K, c) * (n & 3)
+                         : n * (K / 2) + 128 * c;
 }
 
-/* Column c of a block is nibble c / 16 of the block's 16-bit word c % 16: half h's 8 words widened to 32 bits
-   (int4_words) give, nibble j of them (int4_dequant8), columns j * 16 + h * 8 .. + 7. */
-static inline __m256i int4_words(const uint8_t *block, int half) {
-    return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(block + half * 16)));
+/* Byte offset of the dword holding columns k .. k + 7 (k % 8 == 0) of weight row n in the interleaved layout, nibble i
+   column k + i. */
+static inline long int4_dword_at(long n, long k, int K, long quad_rows) {
+    const long c = k / 256;
+    const int nb = int4_chunk_blocks(K, c), b = (int)(k / 64 % 4), j = (int)(k % 64 / 8);
+    return int4_chunk_at(n, c, K, quad_rows) + 4L * (nb * j + b);
 }
 
-static inline __m256 int4_dequant8(__m256i words, int j, __m256 scale, __m256 offset, int bf16) {
-    const __m256i q = _mm256_and_si256(_mm256_srli_epi32(words, 4 * j), _mm256_set1_epi32(15));
+/* Column k of plain row `row` (K / 2 bytes). */
+static inline int int4_plain_nibble(const uint8_t *row, long k) {
+    const uint8_t byte = row[32 * (k / 64) + 2 * (k % 16) + (k % 64 / 16 >> 1)];
+    return k % 64 / 16 & 1 ? byte >> 4 : byte & 15;
+}
+
+/* Column k of weight row n of w in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)). */
+static inline int int4_nibble(const uint8_t *w, long n, long k, int K, long quad_rows) {
+    if (!int4_interleaved()) return int4_plain_nibble(w + n * (K / 2), k);
+    uint32_t dword;
+    memcpy(&dword, w + int4_dword_at(n, k & ~7L, K, quad_rows), 4);
+    return (int)(dword >> (4 * (k & 7)) & 15);
+}
+
+/* Columns k .. k + 7 (k % 8 == 0) of weight row n as int32, in the layout int4_interleaved() decides. */
+static inline __m256i int4_columns8(const uint8_t *w, long n, long k, int K, long quad_rows) {
+    if (!int4_interleaved()) {  /* nibble k % 64 / 16 of the words k % 16 .. + 7 */
+        const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + n * (K / 2) + 32 * (k / 64)
+                                                                                        + 2 * (k % 16))));
+        return _mm256_and_si256(_mm256_srli_epi32(words, (int)(4 * (k % 64 / 16))), _mm256_set1_epi32(15));
+    }
+    const int dword = *(const int *)(w + int4_dword_at(n, k, K, quad_rows));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(dword), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                            _mm256_set1_epi32(15));
+}
+
+/* 8 nibbles q (int32) dequantised: q * scale + offset as the reference rounds it. */
+static inline __m256 int4_dequant8(__m256i q, __m256 scale, __m256 offset, int bf16) {
     /* the reference rounds the product before adding the offset: no FMA */
     return round8(_mm256_add_ps(round8(_mm256_mul_ps(_mm256_cvtepi32_ps(q), scale), 0), offset), bf16);
 }

@@ -1,8 +1,10 @@
 /* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
    ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) int8 pieces
-   where the CPU has them (checked at run time), else AVX2 int16 pieces (vpmaddwd). */
+   where the CPU has them (checked at run time), else AVX2 against the interleaved layout (int4_block.h): int8 blocks
+   for bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
+#include "act_block8.h"
 #include "act_quant16.h"
 #include "amx.h"
 #include "int4_block.h"
@@ -489,94 +491,147 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 
 #pragma GCC pop_options
 
-/* ---- AVX2 (no AVX-512 VNNI): int16 activation pieces (act_quant16.h) against the nibbles widened to int16 ---- */
+/* ---- AVX2 (no AVX-512 VNNI): the weights interleaved (int4_block.h), a chunk of 4 blocks a step, against int8
+   blocks (bf16 rows, act_block8.h: vpmaddubsw) or int16 pieces (fp32 rows, act_quant16.h: vpmaddwd) ---- */
 
-/* Accumulator sets a madd_pieces pass holds (W weight rows x rows activation rows x P pieces, W * rows * P <=
-   MADD_MAX_PIECES): their int32 and fp32 sums stay in the 16 ymm registers; for 1-2 piece rows. */
-#define MADD_MAX_PIECES 4
-#define MADD_PIECE_ROWS 2  /* the most piece rows a madd_pieces pass takes (3 and more: madd_rows) */
-/* Piece rows a madd_rows pass takes (3 and more): one weight row, each block unpacked once for all of them, their fp32
-   sums in L1. One thread, 512 x 1024 hot in L2, 8 bf16 rows: 90 µs a call against 130 for two madd_pieces passes of
-   4 (each unpacking every block again), 142 with the sums left to the compiler (spilled); 4 rows 50 against 66. */
-#define MADD_ROW_PIECES 8
-/* Blocks whose int32 sums cannot overflow: a lane adds 8 products of at most 15 * 32767 a block, so 546 blocks stay
-   below 2^31; a longer group is summed in spans of these (tests/test_cpu_linear_int4.py overflows without them). */
-#define MADD_SPAN_BLOCKS 512
-/* How far ahead the weights are prefetched: the same column of the row this many rows on (4, 8 and 16 measured alike) */
-#define MADD_AHEAD_ROWS 8
-/* A pass of 8 weight rows (madd_rows) takes its groups in spans of MADD_SPAN_GROUPS, each span for all 8 rows, where
-   its pieces exceed MADD_L1_PIECES bytes, so that a span's pieces stay in L1 for the 8 rows (32 KB on Zen 3) instead
-   of each row reading them all from L2. One thread, hot, 8 bf16 rows: K 3072 0.78x the time, K 2048 0.92x; below the
-   threshold spans were slower (3 rows at K 3072, 18 KB: 1.07-1.14x; 5 at K 2048, 20 KB: 1.08x), 24 KB even. */
-#define MADD_SPAN_GROUPS 8
-#define MADD_L1_PIECES 24576
+#define IL_QUAD_PIECES 4  /* weight rows x piece rows an il_quad pass holds: its fp32 sums stay in registers */
+#define IL_QUAD_ROWS 2    /* the most piece rows an il_quad pass takes (3 and more: il_rows) */
+/* Piece rows an il_rows pass takes (3 and more): one weight row, each chunk unpacked once for all of them, their fp32
+   sums in L1 (left to the compiler they spill worse: 8 bf16 rows of 512 x 1024 hot, 142 µs against 90, int4b8). */
+#define IL_ROW_PIECES 8
+/* How far ahead the weights are prefetched: the same chunk of the row this many rows on (in quads, the same offset) */
+#define IL_AHEAD_ROWS 8
 
 struct linear_int4_madd_args {
-    const int16_t *q;   /* [K / 64][M * P][64]: the pieces block by block, piece p of row m at m * P + p, so that a
-                           pass's piece rows are constant offsets from one pointer */
-    const float *a;     /* [M * P]: each piece's scale */
-    const float *xsum;  /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
+    const int8_t *q8;    /* bf16 rows: [chunks][M][256], each chunk's int8 blocks in the weights' order (il_arrange8) */
+    const int16_t *q16;  /* fp32 rows: [chunks][M * P][256], each chunk's pieces in the widened weights' order
+                            (il_arrange16), piece p of row m at m * P + p */
+    const float *lanes;  /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */
+    const float *a;      /* [M * P]: each piece's scale; 1 for bf16 rows, whose scales are the blocks' (lanes) */
+    const float *xsum;   /* [M][K / G]: each group's fp32 activation sum, which the offsets multiply */
     const uint8_t *w;
     const void *scale, *offset;
     void *y;
     int M, N, K, G, P, bf16;
     long rows;       /* per chunk */
     long quad_rows;  /* rows stored in quads (int4_block.h) */
+    int groups;      /* K / G, not divided in the loops */
 };
 
-/* The 64 nibbles of a block as int16: its 16 words hold, nibble j, columns 16j .. 16j + 15 in order (u[j]). */
-INLINE void madd_nibbles(const uint8_t *block, __m256i u[4]) {
-    const __m256i words = _mm256_loadu_si256((const __m256i *)block), nibble = _mm256_set1_epi16(15);
-    u[0] = _mm256_and_si256(words, nibble), u[1] = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
-    u[2] = _mm256_and_si256(_mm256_srli_epi16(words, 8), nibble), u[3] = _mm256_srli_epi16(words, 12);
+/* Column of a chunk at byte p (0..31) of its vector V (0..7): lane p / 4 of vector V / 2's 32 bytes holds columns of
+   block p / 4 % 4, its low nibbles the even ones (V even), its high nibbles the odd ones (int4_block.h). */
+static inline int il_column(int V, int p) {
+    const int L = p / 4, j = 2 * (V / 2) + L / 4;
+    return 64 * (L % 4) + 8 * j + 2 * (p % 4) + V % 2;
 }
 
-/* The block's nibbles (madd_nibbles) times the 64 pieces at q, 16 products a vpmaddwd, summed as a tree, not a chain. */
-INLINE __m256i madd_products(const __m256i u[4], const int16_t *q) {
+/* A last chunk of nb < 4 blocks at p read into a whole one's places, the blocks past nb 0. */
+static __attribute__((noinline)) void il_whole(const uint8_t *p, int nb, uint32_t whole[32]) {
+    memset(whole, 0, 32 * sizeof *whole);
+    for (int j = 0; j < 8; j++)
+        for (int b = 0; b < nb; b++) memcpy(whole + 4 * j + b, p + 4 * (nb * j + b), 4);
+}
+
+/* The chunk at p as its 4 vectors of nibble pairs u[2v] (low, as bytes) and u[2v + 1] (high). */
+INLINE void il_nibbles(const uint8_t *p, __m256i u[8]) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(p + 32 * v));
+        u[2 * v] = _mm256_and_si256(w, nibble), u[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+    }
+}
+
+/* il_scales' lanes where the groups are not the blocks or the chunk is a row's last of fewer than 4 blocks. */
+static __attribute__((noinline)) __m256 il_scales_spread(const struct linear_int4_madd_args *a, long n, long c, int nb) {
+    float s[8];
+    for (int L = 0; L < 8; L++)
+        s[L] = L % 4 < nb ? load1(a->scale, n * a->groups + (4 * c + L % 4) * 64 / a->G, a->bf16) : 0.0f;
+    return _mm256_loadu_ps(s);
+}
+
+/* Weight row n's group scales for chunk c (nb blocks): lane L block L % 4's, 0 past nb. one: G == 64 (a constant). */
+INLINE __m256 il_scales(const struct linear_int4_madd_args *a, long n, long c, int nb, int one) {
+    if (!one || nb < 4) return il_scales_spread(a, n, c, nb);
+    const long at = n * a->groups + 4 * c;
+    const __m128 s = a->bf16 ? _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(
+                                   (const __m128i *)((const uint16_t *)a->scale + at))), 16))
+                             : _mm_loadu_ps((const float *)a->scale + at);
+    return _mm256_set_m128(s, s);
+}
+
+/* A chunk's nibbles (il_nibbles) times a bf16 row's 256 int8 at q: block b's sum in int32 lanes b and 4 + b. The 8
+   vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most 30,480: no wrap). */
+INLINE __m256i il_products8(const __m256i u[8], const int8_t *q) {
     const __m256i *p = (const __m256i *)q;
-    return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(u[0], _mm256_load_si256(p)), _mm256_madd_epi16(u[1], _mm256_load_si256(p + 1))),
-                            _mm256_add_epi32(_mm256_madd_epi16(u[2], _mm256_load_si256(p + 2)), _mm256_madd_epi16(u[3], _mm256_load_si256(p + 3))));
+    __m256i s[4];
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
+        s[v] = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(p + 2 * v)),
+                                _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(p + 2 * v + 1)));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3])),
+                             _mm256_set1_epi16(1));
 }
 
-/* acc[r] = the 64 nibbles of a block times piece row r's 64 columns (q + 64 r), r < R. */
-INLINE void madd_block(const uint8_t *block, const int16_t *q, int R, __m256i *acc) {
-    __m256i u[4];
-    madd_nibbles(block, u);
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = madd_products(u, q + 64 * r);
+/* The nibbles widened to int16 for fp32 rows' pieces: e[2V] bytes 0-7 and 16-23 of u[V], e[2V + 1] bytes 8-15 and
+   24-31. */
+INLINE void il_widen(const __m256i u[8], __m256i e[16]) {
+    const __m256i zero = _mm256_setzero_si256();
+    _Pragma("GCC unroll 8") for (int V = 0; V < 8; V++)
+        e[2 * V] = _mm256_unpacklo_epi8(u[V], zero), e[2 * V + 1] = _mm256_unpackhi_epi8(u[V], zero);
 }
 
-/* sum[r] = the int32 sums of `count` (<= MADD_SPAN_BLOCKS) blocks from w (each `step` bytes from the last) against
-   piece row r of q (each block's pieces `stride` int16 from the last), r < R; `ahead`: what to prefetch, one line a
-   block. */
-INLINE void madd_span(const uint8_t *w, long step, const int16_t *q, long stride, const uint8_t *ahead, int count,
-                      int R, __m256i *sum) {
-    __m256i acc[MADD_ROW_PIECES];
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-    for (int i = 0; i < count; i++, w += step, q += stride, ahead += step) {
-        __builtin_prefetch(ahead);
-        madd_block(w, q, R, acc);
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sum[r] = _mm256_add_epi32(sum[r], acc[r]);
+/* The widened nibbles (il_widen) times a piece row's 256 int16 at q: *lo with the blocks 0 0 1 1 0 0 1 1 in its int32
+   lanes, *hi 2 2 3 3 2 2 3 3 (16 products a lane of at most 15 x 32767). */
+INLINE void il_products16(const __m256i e[16], const int16_t *q, __m256i *lo, __m256i *hi) {
+    const __m256i *p = (const __m256i *)q;
+    __m256i s[16];
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) s[i] = _mm256_madd_epi16(e[i], _mm256_load_si256(p + i));
+    _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+        const __m256i t = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(s[h], s[2 + h]), _mm256_add_epi32(s[4 + h], s[6 + h])),
+                                           _mm256_add_epi32(_mm256_add_epi32(s[8 + h], s[10 + h]), _mm256_add_epi32(s[12 + h], s[14 + h])));
+        if (h) *hi = t; else *lo = t;
     }
 }
 
-/* f[r] += one group's int32 sums of piece row r times the group's scale s, r < R: its blocks from w (each `step`
-   bytes from the last) and q, in spans of MADD_SPAN_BLOCKS; `ahead`: what to prefetch, one line a block. one: a group
-   is one block (a constant). */
-INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, long step, const int16_t *q,
-                       const uint8_t *ahead, int R, int one, __m256 s, __m256 *f) {
-    const long stride = (long)a->M * a->P * 64;  /* from one block's pieces to the next's */
-    __m256i acc[MADD_MAX_PIECES];
-    if (one) {
-        __builtin_prefetch(ahead);
-        madd_block(w, q, R, acc);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
-        return;
+/* f + chunk c's sums of activation row m's piece p times their scales, u the chunk's nibbles (int8: bf16 rows,
+   il_nibbles) or widened nibbles (fp32 rows, il_widen): bf16 rows one convert and FMA by the group scales times the
+   blocks' (ws x lanes), fp32 rows two, by the group scales in lo's and hi's lanes. The same operations in the same
+   order in every pass, so that a row's bits do not depend on its batch. */
+INLINE __m256 il_step(const struct linear_int4_madd_args *a, const __m256i *u, __m256 ws, long c, int m, int p,
+                      int int8, __m256 f) {
+    if (int8) {
+        const long chunks = (a->K + 255) / 256;
+        const __m256 sc = _mm256_mul_ps(ws, _mm256_load_ps(a->lanes + ((long)m * chunks + c) * 8));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q8 + ((long)c * a->M + m) * 256)), sc, f);
     }
-    for (int done = 0; done < a->G / 64; done += MADD_SPAN_BLOCKS) {
-        const int count = a->G / 64 - done < MADD_SPAN_BLOCKS ? a->G / 64 - done : MADD_SPAN_BLOCKS;
-        madd_span(w + done * step, step, q + done * stride, stride, ahead + done * step, count, R, acc);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), s, f[r]);
+    __m256i lo, hi;
+    il_products16(u, a->q16 + ((long)c * a->M * a->P + (long)m * a->P + p) * 256, &lo, &hi);
+    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_permutevar8x32_ps(ws, _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1)), f);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_permutevar8x32_ps(ws, _mm256_setr_epi32(2, 2, 3, 3, 2, 2, 3, 3)), f);
+}
+
+/* The int8 (bf16 rows) or widened (fp32) nibbles of chunk c of weight row n at p (nb blocks: 4 but in a row's last
+   chunk, read into a whole one's places), and its group scales; the same chunk IL_AHEAD_ROWS rows on prefetched. */
+INLINE void il_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int one,
+                     int int8, __m256i e[16], __m256 *ws) {
+    __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2)), __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2) + 64);
+    __m256i u[8];
+    if (nb < 4) {
+        uint32_t whole[32] __attribute__((aligned(32)));
+        il_whole(p, nb, whole);
+        il_nibbles((const uint8_t *)whole, int8 ? e : u);
+    } else {
+        il_nibbles(p, int8 ? e : u);
     }
+    if (!int8) il_widen(u, e);
+    *ws = il_scales(a, n, c, nb, one);
+}
+
+/* Where a pass's chunks are: weight row n's first at *w0, a row's next *step bytes on, the next row's *next (the rows
+   of a pass are all in one quad or all plain, int4_block.h); a row's last chunk, if of fewer than 4 blocks, not
+   (int4_chunk_at). */
+INLINE void il_places(const struct linear_int4_madd_args *a, long n, const uint8_t **w0, long *step, long *next) {
+    const int quad = n < a->quad_rows;
+    *w0 = a->w + int4_chunk_at(n, 0, a->K, a->quad_rows), *step = quad ? 512 : 128, *next = quad ? 128 : a->K / 2;
 }
 
 /* The end of weight row n for `rows` activation rows from m0 (rows, P constants), in one order for every pass, so
@@ -586,7 +641,7 @@ INLINE void madd_group(const struct linear_int4_madd_args *a, const uint8_t *w, 
    summed (hadd4's tree) and tail[j] added. Each 8 groups' offsets widened once for all the rows. */
 INLINE void madd_ends(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, const __m256 *f,
                       __m256 *o, float *tail) {
-    const int groups = a->K / a->G;
+    const int groups = a->groups;
     const float *xsum = a->xsum + (long)m0 * groups;
     _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++) {
         o[j] = _mm256_setzero_ps(), tail[j] = 0.0f;
@@ -616,35 +671,35 @@ INLINE __m128 hsum4(const __m256 o[4]) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-/* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows and P constants,
-   W * rows * P <= MADD_MAX_PIECES): each block of the W weight rows against every row's pieces, each group's int32
-   sums scaled by its scale (8 groups' scales widened at once, then broadcast from memory), then the pieces' scales
-   and the offsets times the group sums. Several weight rows a pass for few piece rows: their sums are independent
-   FMA chains, and the end of a row (sums across lanes, the offsets) is shared. one: G == 64. The W rows are all in
-   one quad or all plain (int4_block.h): a pass of 4 starts at a multiple of 4, one of 2 at an even row. */
-INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one) {
-    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16, quad = n < a->quad_rows;
-    const long row = a->K / 2, stride = (long)a->M * P * 64 * (G / 64);  /* the pieces of one group to the next's */
-    const long step = quad ? 128 : 32, next_row = quad ? 32 : row;  /* to a row's next block; to the next row's */
-    const uint8_t *w = a->w + int4_block_at(n, 0, a->K, a->quad_rows);
-    const int16_t *q = a->q + (long)m0 * P * 64;
-    __m256 f[MADD_MAX_PIECES][MADD_MAX_PIECES];
+/* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows, P and int8
+   constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk, each weight row's chunk against every piece row, the
+   fp32 sums in registers, then the ends (madd_ends). Several weight rows a pass for few piece rows: their sums are
+   independent FMA chains, and the end of a row (sums across lanes, the offsets) is shared; a pass of 4 reads one
+   quad, one stream (int4_block.h). */
+INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long next, long n, long c, int nb,
+                          int W, int m0, int R, int P, int one, int int8, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
+        __m256i e[16];
+        __m256 ws;
+        il_chunk(a, nb < 4 ? a->w + int4_chunk_at(n + i, c, a->K, a->quad_rows) : p + i * next, n + i, c, nb, one, int8,
+                 e, &ws);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, int8, f[i][r]);
+    }
+}
+
+INLINE void il_quad(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one, int int8) {
+    const int R = rows * P;
+    const long whole = a->K / 256;  /* chunks of 4 blocks; a last one of K / 64 % 4 */
+    const uint8_t *w0;
+    long step, next;
+    il_places(a, n, &w0, &step, &next);
+    __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = _mm256_setzero_ps();
-    float scales[MADD_MAX_PIECES][8] __attribute__((aligned(32)));
-    for (int g0 = 0; g0 < groups; g0 += 8) {
-        const int count = groups - g0 < 8 ? groups - g0 : 8;
-        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
-            if (count == 8) _mm256_store_ps(scales[i], load8(a->scale, (n + i) * groups + g0, bf16));
-            else for (int g = 0; g < count; g++) scales[i][g] = load1(a->scale, (n + i) * groups + g0 + g, bf16);
-        }
-        for (int g = 0; g < count; g++, w += G / 64 * step, q += stride)
-            _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)  /* MADD_AHEAD_ROWS rows on: the same offset in quads */
-                madd_group(a, w + i * next_row, step, q, w + i * next_row + MADD_AHEAD_ROWS * row, R, one,
-                           _mm256_broadcast_ss(scales[i] + g), f[i]);
-    }
-    __m256 o[MADD_MAX_PIECES][MADD_PIECE_ROWS];  /* [weight row][activation row] */
-    float tail[MADD_MAX_PIECES][MADD_PIECE_ROWS];
+    for (long c = 0; c < whole; c++) il_quad_chunk(a, w0 + c * step, next, n, c, 4, W, m0, R, P, one, int8, f);
+    if (a->K % 256) il_quad_chunk(a, NULL, next, n, whole, a->K / 64 % 4, W, m0, R, P, one, int8, f);
+    __m256 o[IL_QUAD_PIECES][IL_QUAD_ROWS];  /* [weight row][activation row] */
+    float tail[IL_QUAD_PIECES][IL_QUAD_ROWS];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) madd_ends(a, n + i, m0, rows, P, f[i], o[i], tail[i]);
     _Pragma("GCC unroll 2") for (int j = 0; j < rows; j++) {
         __m256 v[4];
@@ -652,7 +707,7 @@ INLINE void madd_pieces(const struct linear_int4_madd_args *a, long n, int W, in
         _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++)
             v[i] = i < W ? o[i][j] : _mm256_setzero_ps(), t[i] = i < W ? tail[i][j] : 0.0f;
         _mm_storeu_ps(out, _mm_add_ps(hsum4(v), _mm_loadu_ps(t)));
-        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) store1(a->y, (long)(m0 + j) * a->N + n + i, out[i], bf16);
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) store1(a->y, (long)(m0 + j) * a->N + n + i, out[i], a->bf16);
     }
 }
 
@@ -684,50 +739,10 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
     store8(y, at, v, bf16);
 }
 
-/* Groups g0 .. g1 - 1 of weight row n against the `rows` activation rows from m0 (rows, P constants,
-   3 <= R = rows * P <= MADD_ROW_PIECES): each block unpacked once and multiplied by all R piece rows, each
-   group's int32 sums scaled into the fp32 sums f[r] kept in memory (L1: left to the compiler, they spill worse,
-   above). one: G == 64. */
-INLINE void madd_row_groups(const struct linear_int4_madd_args *a, long n, int g0, int g1, int m0, int rows, int P,
-                            int one, float f[][8]) {
-    const int R = rows * P, G = a->G, groups = a->K / G, bf16 = a->bf16;
-    const long step = n < a->quad_rows ? 128 : 32, stride = (long)a->M * P * 64;  /* to the next block's */
-    const long b0 = (long)g0 * (G / 64);
-    const uint8_t *w = a->w + int4_block_at(n, b0, a->K, a->quad_rows), *ahead = w + MADD_AHEAD_ROWS * (a->K / 2);
-    const int16_t *q = a->q + b0 * stride + (long)m0 * P * 64;
-    float scales[8] __attribute__((aligned(32)));
-    for (; g0 < g1; g0 += 8) {
-        const int count = g1 - g0 < 8 ? g1 - g0 : 8;
-        if (count == 8) _mm256_store_ps(scales, load8(a->scale, n * groups + g0, bf16));
-        else for (int g = 0; g < count; g++) scales[g] = load1(a->scale, n * groups + g0 + g, bf16);
-        for (int g = 0; g < count; g++) {
-            const __m256 s = _mm256_broadcast_ss(scales + g);
-            if (one) {  /* madd_block, each row's sums scaled and stored before the next's products (no spills) */
-                __m256i u[4];
-                __builtin_prefetch(ahead);
-                madd_nibbles(w, u);
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(madd_products(u, q + 64 * r)), s,
-                                                          _mm256_load_ps(f[r])));
-                w += step, ahead += step, q += stride;
-                continue;
-            }
-            for (int done = 0; done < G / 64; done += MADD_SPAN_BLOCKS) {
-                const int blocks = G / 64 - done < MADD_SPAN_BLOCKS ? G / 64 - done : MADD_SPAN_BLOCKS;
-                __m256i sum[MADD_ROW_PIECES];
-                madd_span(w, step, q, stride, ahead, blocks, R, sum);
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                    _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), s, _mm256_load_ps(f[r])));
-                w += blocks * step, ahead += blocks * step, q += blocks * stride;
-            }
-        }
-    }
-}
-
-/* Weight row n's outputs from its fp32 sums f (madd_row_groups) for the `rows` activation rows from m0, lane j row
-   m0 + j: madd_pieces' ends (madd_ends), every row's lanes summed at once (hsum8). */
-INLINE __m256 madd_row_end(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, float f[][8]) {
-    __m256 sums[MADD_ROW_PIECES], o[8];
+/* Weight row n's outputs from its fp32 sums f for the `rows` activation rows from m0, lane j row m0 + j: il_quad's
+   ends (madd_ends), every row's lanes summed at once (hsum8). */
+INLINE __m256 il_row_end(const struct linear_int4_madd_args *a, long n, int m0, int rows, int P, float f[][8]) {
+    __m256 sums[IL_ROW_PIECES], o[8];
     float tail[8] __attribute__((aligned(32)));
     _Pragma("GCC unroll 8") for (int r = 0; r < rows * P; r++) sums[r] = _mm256_load_ps(f[r]);
     _Pragma("GCC unroll 8") for (int j = rows; j < 8; j++) o[j] = _mm256_setzero_ps(), tail[j] = 0.0f;
@@ -735,25 +750,39 @@ INLINE __m256 madd_row_end(const struct linear_int4_madd_args *a, long n, int m0
     return _mm256_add_ps(hsum8(o), _mm256_load_ps(tail));
 }
 
-/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P constants), 8 weight rows
-   at a time (the chunk's last (end - n) % 8 together): a span of groups of each in turn (madd_row_groups; all of
-   them, or MADD_SPAN_GROUPS where the pieces outgrow L1), then each row's ends (madd_row_end), 8 weight rows'
-   outputs transposed and stored as 8 contiguous values an activation row, fewer one by one. A row's sums take the
-   same order either way. */
-INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one) {
-    const int R = rows * P, groups = a->K / a->G;
-    const int span = (long)R * a->K * 2 > MADD_L1_PIECES ? MADD_SPAN_GROUPS : groups;
+/* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P, int8 constants,
+   3 <= rows * P <= IL_ROW_PIECES): one weight row at a time, each chunk unpacked once for all the piece rows, whose
+   fp32 sums stay in L1 (f); 8 weight rows' outputs transposed and stored as 8 contiguous values an activation row
+   (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
+INLINE void il_row_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int m0,
+                         int R, int P, int one, int int8, float f[][8]) {
+    __m256i e[16];
+    __m256 ws;
+    il_chunk(a, p, n, c, nb, one, int8, e, &ws);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+        _mm256_store_ps(f[r], il_step(a, e, ws, c, m0 + r / P, r % P, int8, _mm256_load_ps(f[r])));
+}
+
+INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one,
+                    int int8) {
+    const int R = rows * P;
+    const long whole = a->K / 256;  /* chunks of 4 blocks; a last one of K / 64 % 4 */
     for (; n < end; n += 8) {
         const int W = end - n < 8 ? (int)(end - n) : 8;
-        float f[8][MADD_ROW_PIECES][8] __attribute__((aligned(32)));
-        for (int i = 0; i < W; i++)
+        float f[8][IL_ROW_PIECES][8] __attribute__((aligned(32)));
+        for (int i = 0; i < W; i++) {
+            const uint8_t *w0;
+            long step, next;
+            il_places(a, n + i, &w0, &step, &next);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
-        for (int g0 = 0; g0 < groups; g0 += span)
-            for (int i = 0; i < W; i++)
-                madd_row_groups(a, n + i, g0, groups - g0 < span ? groups : g0 + span, m0, rows, P, one, f[i]);
+            for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, int8, f[i]);
+            if (a->K % 256)
+                il_row_chunk(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), n + i, whole, a->K / 64 % 4, m0,
+                             R, P, one, int8, f[i]);
+        }
         if (W == 8) {
             __m256 o[8], t[8];
-            for (int i = 0; i < 8; i++) o[i] = madd_row_end(a, n + i, m0, rows, P, f[i]);
+            for (int i = 0; i < 8; i++) o[i] = il_row_end(a, n + i, m0, rows, P, f[i]);
             transpose8(o, t);
             _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
                 store_row8(a->y, (long)(m0 + j) * a->N + n, t[j], a->bf16);
@@ -761,90 +790,164 @@ INLINE void madd_rows(const struct linear_int4_madd_args *a, long n, long end, i
         }
         for (int i = 0; i < W; i++) {
             float out[8] __attribute__((aligned(32)));
-            _mm256_store_ps(out, madd_row_end(a, n + i, m0, rows, P, f[i]));
+            _mm256_store_ps(out, il_row_end(a, n + i, m0, rows, P, f[i]));
             _Pragma("GCC unroll 8") for (int j = 0; j < rows; j++)
                 store1(a->y, (long)(m0 + j) * a->N + n + i, out[j], a->bf16);
         }
     }
 }
 
-/* madd_rows with r activation rows of p pieces, both constants: one function each, apart from
-   linear_int4_madd_chunk, whose 1-2 piece-row passes they slowed by 5-8% inlined there (hot, one thread). */
-#define MADD_ROWS(r, p) \
-    static __attribute__((noinline)) void madd_rows_##r##_##p(const struct linear_int4_madd_args *a, long n, long end, \
-                                                              int m0) { \
-        if (a->G == 64) madd_rows(a, n, end, m0, r, p, 1); else madd_rows(a, n, end, m0, r, p, 0); \
+/* il_rows with r activation rows of p pieces, int8 or int16 (i), all constants (and G == 64 or not): one function
+   each, apart from linear_int4_madd_chunk (inlined there, the madd loops' 1-2 piece-row passes ran 5-8% slower). */
+#define IL_ROWS(r, p, i) \
+    static __attribute__((noinline)) void il_rows_##r##_##p##_##i(const struct linear_int4_madd_args *a, long n, \
+                                                                  long end, int m0) { \
+        if (a->G == 64) il_rows(a, n, end, m0, r, p, 1, i); else il_rows(a, n, end, m0, r, p, 0, i); \
     }
-MADD_ROWS(3, 1) MADD_ROWS(4, 1) MADD_ROWS(5, 1) MADD_ROWS(6, 1) MADD_ROWS(7, 1) MADD_ROWS(8, 1) MADD_ROWS(2, 2)
-MADD_ROWS(3, 2) MADD_ROWS(4, 2)
-#undef MADD_ROWS
+IL_ROWS(3, 1, 1) IL_ROWS(4, 1, 1) IL_ROWS(5, 1, 1) IL_ROWS(6, 1, 1) IL_ROWS(7, 1, 1) IL_ROWS(8, 1, 1)
+IL_ROWS(3, 1, 0) IL_ROWS(4, 1, 0) IL_ROWS(5, 1, 0) IL_ROWS(6, 1, 0) IL_ROWS(7, 1, 0) IL_ROWS(8, 1, 0)
+IL_ROWS(2, 2, 0) IL_ROWS(3, 2, 0) IL_ROWS(4, 2, 0)
+#undef IL_ROWS
 
-/* Weight rows of a pass for R piece rows (`rows` activation rows of P pieces): as many as the accumulators allow. */
-#define MADD_WEIGHT_ROWS(R) (MADD_MAX_PIECES / (R))
-#define MADD_ROW_SERVES(R) ((R) > MADD_PIECE_ROWS)  /* piece rows from which a pass takes madd_rows */
+/* Weight rows of an il_quad pass for R piece rows: as many as the registers allow. */
+#define IL_WEIGHT_ROWS(R) (IL_QUAD_PIECES / (R))
+
+/* il_quad with r activation rows of p pieces, int8 or int16 (i), W weight rows and G == 64 or not, all constants: one
+   function for each (r, p, i), not inlined into linear_int4_madd_chunk (there GCC kept the sums in memory and tested
+   G and the quads a row; with those decided a pass and apart: 1 bf16 row of 4096 x 1024 in L3, one thread, 93 µs
+   against 151). */
+#define IL_QUAD(r, p, i) \
+    static __attribute__((noinline)) void il_quad_##r##_##p##_##i(const struct linear_int4_madd_args *a, long n, \
+                                                                  int W, int m0) { \
+        const int one = a->G == 64; \
+        if (W > 1 && one) il_quad(a, n, IL_WEIGHT_ROWS((r) * (p)), m0, r, p, 1, i); \
+        else if (W > 1) il_quad(a, n, IL_WEIGHT_ROWS((r) * (p)), m0, r, p, 0, i); \
+        else if (one) il_quad(a, n, 1, m0, r, p, 1, i); \
+        else il_quad(a, n, 1, m0, r, p, 0, i); \
+    }
+IL_QUAD(1, 1, 1) IL_QUAD(2, 1, 1) IL_QUAD(1, 2, 0) IL_QUAD(1, 1, 0) IL_QUAD(2, 1, 0)
+#undef IL_QUAD
 
 static void linear_int4_madd_chunk(const void *ctx, long chunk) {
     const struct linear_int4_madd_args *a = ctx;
-    const int M = a->M, per = MADD_ROW_PIECES / a->P, one = a->G == 64;
+    const int M = a->M, P = a->P, int8 = a->bf16, per = IL_ROW_PIECES / P;
     const long end = pool_chunk_end(chunk, a->rows, a->N);
     for (int m0 = 0; m0 < M; m0 += per) {
-        const int rows = M - m0 < per ? M - m0 : per, W = MADD_WEIGHT_ROWS(rows * a->P);
+        const int rows = M - m0 < per ? M - m0 : per, W = IL_WEIGHT_ROWS(rows * P);
         long n = chunk * a->rows;
-        /* constants: the accumulators stay in registers. whole: W weight rows a pass (W above), else one (the tail) */
-#define PASS(whole, r, p) { \
-            const int w = whole ? MADD_WEIGHT_ROWS((r) * (p)) : 1; \
-            if (one) madd_pieces(a, n, w, m0, r, p, 1); else madd_pieces(a, n, w, m0, r, p, 0); \
-        }
-        if (MADD_ROW_SERVES(rows * a->P)) {
-            switch (a->P == 1 ? rows : -rows) {
-                case 3: madd_rows_3_1(a, n, end, m0); break;
-                case 4: madd_rows_4_1(a, n, end, m0); break;
-                case 5: madd_rows_5_1(a, n, end, m0); break;
-                case 6: madd_rows_6_1(a, n, end, m0); break;
-                case 7: madd_rows_7_1(a, n, end, m0); break;
-                case 8: madd_rows_8_1(a, n, end, m0); break;
-                case -2: madd_rows_2_2(a, n, end, m0); break;
-                case -3: madd_rows_3_2(a, n, end, m0); break;
-                default: madd_rows_4_2(a, n, end, m0); break;
+        if (rows * P > IL_QUAD_ROWS) {
+#define CASE(r, p, i) case (r) * 16 + (p) * 2 + (i): il_rows_##r##_##p##_##i(a, n, end, m0); break;
+            switch (rows * 16 + P * 2 + int8) {
+                CASE(3, 1, 1) CASE(4, 1, 1) CASE(5, 1, 1) CASE(6, 1, 1) CASE(7, 1, 1) CASE(8, 1, 1)
+                CASE(3, 1, 0) CASE(4, 1, 0) CASE(5, 1, 0) CASE(6, 1, 0) CASE(7, 1, 0) CASE(8, 1, 0)
+                CASE(2, 2, 0) CASE(3, 2, 0) CASE(4, 2, 0)
             }
+#undef CASE
             continue;
         }
-#define CASES(whole) \
-        switch (a->P == 1 ? rows : -rows) { \
-            case 1: PASS(whole, 1, 1); break; \
-            case 2: PASS(whole, 2, 1); break; \
-            default: PASS(whole, 1, 2); break; \
+        /* whole: W weight rows a pass, else one (the tail) */
+#define PASS(whole, r, p, i) { \
+            if (whole) il_quad_##r##_##p##_##i(a, n, IL_WEIGHT_ROWS((r) * (p)), m0); \
+            else il_quad_##r##_##p##_##i(a, n, 1, m0); \
         }
+#define CASES(whole) \
+        if (int8) { if (rows == 1) PASS(whole, 1, 1, 1) else PASS(whole, 2, 1, 1) } \
+        else if (P == 2) PASS(whole, 1, 2, 0) \
+        else if (rows == 1) PASS(whole, 1, 1, 0) \
+        else PASS(whole, 2, 1, 0)
         for (; n + W <= end; n += W) CASES(1)
         for (; n < end; n++) CASES(0)
 #undef CASES
 #undef PASS
     }
 }
-_Static_assert(MADD_MAX_PIECES == 4 && MADD_PIECE_ROWS == 2 && MADD_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2,
+_Static_assert(IL_QUAD_PIECES == 4 && IL_QUAD_ROWS == 2 && IL_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2,
                "linear_int4_madd_chunk's cases");
 
-/* linear_int4 on AVX2: each row of x taken as ACT16_PIECES(pieces) int16 pieces, one of which holds what two int8
-   pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch for them, nothing done. */
+/* The chunks' positions' columns (il_column), as il_arrange8 and il_arrange16 read them. */
+struct il_order {
+    int16_t byte[256];  /* [V][32]: vector V's byte p */
+    int16_t word[256];  /* [16][16]: widened vector k's int16 element i (il_widen: bytes 0-7, 16-23 or 8-15, 24-31) */
+};
+
+static struct il_order il_order(void) {
+    struct il_order o;
+    for (int V = 0; V < 8; V++)
+        for (int p = 0; p < 32; p++) o.byte[32 * V + p] = (int16_t)il_column(V, p);
+    for (int k = 0; k < 16; k++)
+        for (int i = 0; i < 16; i++) o.word[16 * k + i] = (int16_t)il_column(k / 2, (i < 8 ? i : i + 8) + 8 * (k % 2));
+    return o;
+}
+
+/* q: [M, K] int8 blocks in column order (act8_block_rows) -> out: [chunks][M][256] in the weights' order, 0 past K. */
+static void il_arrange8(const int8_t *q, int M, int K, const struct il_order *o, int8_t *out) {
+    const long chunks = (K + 255) / 256;
+    for (long c = 0; c < chunks; c++)
+        for (int m = 0; m < M; m++) {
+            const int8_t *row = q + (long)m * K + 256 * c;
+            int8_t *to = out + (c * M + m) * 256;
+            for (int t = 0; t < 256; t++) to[t] = 256 * c + o->byte[t] < K ? row[o->byte[t]] : 0;
+        }
+}
+
+/* q: [K / 64][M * P][64] int16 pieces (act16_quant_rows) -> out: [chunks][M * P][256] in the widened weights'
+   order, 0 past K. */
+static void il_arrange16(const int16_t *q, int rows, int K, const struct il_order *o, int16_t *out) {
+    const long chunks = (K + 255) / 256;
+    for (long c = 0; c < chunks; c++)
+        for (int r = 0; r < rows; r++) {
+            int16_t *to = out + (c * rows + r) * 256;
+            for (int t = 0; t < 256; t++) {
+                const long k = 256 * c + o->word[t];
+                to[t] = k < K ? q[(k / 64 * rows + r) * 64 + k % 64] : 0;
+            }
+        }
+}
+
+/* linear_int4 on AVX2: bf16 rows as int8 blocks (act_block8.h), fp32 rows as ACT16_PIECES(pieces) int16 pieces, one
+   of which holds what two int8 pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch
+   for them, nothing done. */
 static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
-    const int P = ACT16_PIECES(pieces), groups = K / G;
-    const size_t scales = ((size_t)M * P * 4 + 63) / 64 * 64, sums = ((size_t)M * groups * 4 + 63) / 64 * 64;
-    char *scratch = thread_scratch(scales + sums + (size_t)M * P * K * 2);
-    if (!scratch) return 0;
-    int16_t *blocks = (int16_t *)(scratch + scales + sums);
-    float *xsum = (float *)(scratch + scales);
-    act16_quant_rows(x, bf16, M, K, P, 64, blocks, (float *)scratch);
+    const int P = bf16 ? 1 : ACT16_PIECES(pieces), groups = K / G, blocks = K / 64;
+    const long chunks = (K + 255) / 256;
+    /* the pieces' scales, group sums, the chunks' block lanes, the blocks' scales, the pieces in column order and
+       arranged */
+    const size_t sizes[] = {(size_t)M * P * 4, (size_t)M * groups * 4, (size_t)M * chunks * 32, (size_t)M * blocks * 4,
+                            (size_t)M * P * K * (bf16 ? 1 : 2), (size_t)M * P * chunks * (bf16 ? 256 : 512)};
+    enum { PARTS = sizeof sizes / sizeof sizes[0] };
+    size_t total = 0;
+    for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
+    char *part[PARTS];
+    if (!(part[0] = (char *)thread_scratch(total))) return 0;
+    for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
+    float *a = (float *)part[0], *xsum = (float *)part[1], *lanes = (float *)part[2], *block = (float *)part[3];
+    const struct il_order order = il_order();
+    if (bf16) {
+        act8_block_rows(x, 1, M, K, (int8_t *)part[4], block);
+        for (int m = 0; m < M; m++) {
+            a[m] = 1.0f;
+            for (long c = 0; c < chunks; c++)
+                for (int L = 0; L < 8; L++)
+                    lanes[((long)m * chunks + c) * 8 + L] = 4 * c + L % 4 < blocks ? block[(long)m * blocks + 4 * c + L % 4]
+                                                                                : 0.0f;
+        }
+        il_arrange8((const int8_t *)part[4], M, K, &order, (int8_t *)part[5]);
+    } else {
+        act16_quant_rows(x, 0, M, K, P, 64, (int16_t *)part[4], a);
+        il_arrange16((const int16_t *)part[4], M * P, K, &order, (int16_t *)part[5]);
+    }
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
             __m256 v = _mm256_setzero_ps();
             for (int k = g * G; k < (g + 1) * G; k += 8) v = _mm256_add_ps(v, load8(x, (long)m * K + k, bf16));
             xsum[m * groups + g] = hsum(v);
         }
-    const long pass = MADD_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
-    const struct linear_int4_madd_args a = {blocks, (const float *)scratch, xsum, w, scale, offset, y,
-                                            M, N, K, G, P, bf16, rows, int4_quad_rows(N)};
-    pool_run(linear_int4_madd_chunk, &a, (N + a.rows - 1) / a.rows);
+    const long pass = IL_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
+    const struct linear_int4_madd_args args = {(const int8_t *)part[5], (const int16_t *)part[5], lanes, a, xsum, w,
+                                               scale, offset, y, M, N, K, G, P, bf16, rows, int4_quad_rows(N),
+                                               groups};
+    pool_run(linear_int4_madd_chunk, &args, (N + args.rows - 1) / args.rows);
     return 1;
 }
 
@@ -861,24 +964,22 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
                 const long g = n * groups + b * 64 / a->G;
                 const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
                 const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-                for (int half = 0; half < 2; half++) {
-                    const __m256i words = int4_words(a->w + int4_block_at(n, b, K, quad_rows), half);
-                    for (int j = 0; j < 4; j++)
-                        acc = _mm256_fmadd_ps(int4_dequant8(words, j, s, o, 0),
-                                              load8(a->raw, (long)m * K + b * 64 + j * 16 + half * 8, a->bf16), acc);
-                }
+                for (int k = b * 64; k < b * 64 + 64; k += 8)
+                    acc = _mm256_fmadd_ps(int4_dequant8(int4_columns8(a->w, n, k, K, quad_rows), s, o, 0),
+                                          load8(a->raw, (long)m * K + k, a->bf16), acc);
             }
             store1(a->y, (long)m * a->N + n, hsum(acc), a->bf16);
         }
 }
 
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
-   taken as pieces of integers (act_quant.h, act_quant16.h): the nibbles times the pieces are exact int32 sums, so
-   the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8 pieces,
-   / 65534^P with P int16 pieces (and fp32 rounding).
+   taken as pieces of integers (act_quant.h, act_quant16.h, act_block8.h): the nibbles times the pieces are exact
+   int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8
+   pieces, / 65534^P with P int16 pieces, sum over the blocks of sum_{k in block} |w[n, k]| * max_block |x[m]| / 254
+   with int8 blocks (and fp32 rounding).
    With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
-   else int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over chunks of
-   output rows (pool.h). */
+   else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over
+   chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
@@ -889,7 +990,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                         M - m < most ? M - m : most, N, K, G, bf16, pieces);
         return;
     }
-    if (int4_quads() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+    if (int4_interleaved() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
                      : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
         return;
     const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
@@ -897,16 +998,20 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
-/* Shapes: see nanoqwen_cpu.h. Each 4 rows' blocks interleaved through the 4 rows of `quad`. */
+/* Shapes: see nanoqwen_cpu.h. Each 4 rows (then each row left) copied to `quad`, then written back interleaved. */
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K) {
-    const long row = K / 2, blocks = K / 64;
-    for (long q = 0; q < N / 4; q++) {
-        uint8_t *rows = w + 4 * q * row;
-        memcpy(quad, rows, 4 * row);
-        for (long b = 0; b < blocks; b++)
-            for (int i = 0; i < 4; i++) memcpy(rows + int4_block_at(i, b, K, 4), quad + i * row + 32 * b, 32);
+    const long row = K / 2, quad_rows = N / 4 * 4;
+    for (long n0 = 0; n0 < N; n0 += n0 < quad_rows ? 4 : 1) {
+        const int count = n0 < quad_rows ? 4 : 1;
+        memcpy(quad, w + n0 * row, count * row);
+        for (int i = 0; i < count; i++)
+            for (long k = 0; k < K; k += 8) {
+                uint32_t dword = 0;
+                for (int t = 0; t < 8; t++) dword |= (uint32_t)int4_plain_nibble(quad + i * row, k + t) << 4 * t;
+                memcpy(w + int4_dword_at(n0 + i, k, K, quad_rows), &dword, 4);
+            }
     }
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
-void linear_int4_layout(int32_t *quads) { *quads = int4_quads(); }
+void linear_int4_layout(int32_t *interleaved) { *interleaved = int4_interleaved(); }

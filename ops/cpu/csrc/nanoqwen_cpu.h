@@ -20,14 +20,15 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
 
 /* linear_int4.c: y = x @ (q * scale + offset).T per group of G columns; x: [M, K], w: [N, K / 2] uint8 in
    the block layout of ops/torch_ref/linear_int4.py, its rows in the order int4_block.h gives (linear_int4_layout:
-   1 where that is quads, else 0; linear_int4_pack: w's first N / 4 * 4 rows into quads, in place), scale and
+   1 where that is interleaved, else 0; linear_int4_pack: w into it, in place), scale and
    offset: [N, K / G], y: [M, N]; x, scale, offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row
    of x taken as `pieces` (1 to 4) int8 pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least
-   as close. linear_int4_pack's quad: [4, K / 2] uint8, its working memory. */
+   as close, for fp32 rows, and as int8 blocks (one scale a 64-column block; `pieces` unused) for bf16 rows.
+   linear_int4_pack's quad: [4, K / 2] uint8, its working memory. */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces);
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K);
-void linear_int4_layout(int32_t *quads);
+void linear_int4_layout(int32_t *interleaved);
 
 /* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
    w: [N, K / 2] uint8 in linear_int4's layout (rows from a multiple of 4 of the tensor's, N to its end or a multiple
