@@ -136,6 +136,18 @@ def test_a_forced_calls_response_format_is_checked_once(real: tuple[Serving, lis
     assert refused.value.param == "response_format"
 
 
+@pytest.mark.parametrize("first, second", [(1, True), (0, False), ([1], [True])])
+def test_tools_of_one_name_differing_as_json_only_are_two_tools(first: Any, second: Any) -> None:
+    """Python's `==` takes 1 for true: two tools of one name, `const: 1` and `const: true`, are still a 400."""
+    def tool(value: Any) -> dict[str, Any]:
+        return {"type": "function", "function": {"name": "f", "parameters": {"const": value}}}
+
+    with pytest.raises(APIError, match="'f' names two different functions") as refused:
+        parse_chat_request({"messages": USER, "tools": [tool(first), tool(second)]}, None)
+    assert refused.value.param == "tools"
+    parse_chat_request({"messages": USER, "tools": [tool(first), tool(first)]}, None)
+
+
 def test_a_tool_sent_twice_is_one_tool_to_the_grammar(real: tuple[Serving, list[Any], list[Any]]) -> None:
     """The same tool twice (accepted: schemas._check_tool_names) is one alternative of the calls' grammar: the
     request finds the grammar of the tool sent once."""

@@ -1031,10 +1031,15 @@ def _check_tool_names(req: ChatCompletionRequest) -> None:
     it means. The same tool sent twice (as a client merging its tool lists may) is one tool (structured._calls)."""
     seen: dict[str, FunctionDefinition] = {}
     for tool in req.tools or ():
-        if seen.setdefault(name := tool.function.name, tool.function) != tool.function:
+        first = seen.setdefault(name := tool.function.name, tool.function)
+        if first is not tool.function and _json_text(first) != _json_text(tool.function):  # `==` takes 1 for true
             tools = req.named("tools")
             raise APIError(400, f"Invalid value for '{tools}': function names must be unique ('{name}' names two "
                                 "different functions)", param=tools)
+
+
+def _json_text(function: FunctionDefinition) -> str:
+    return json.dumps(function.model_dump(mode="json"), sort_keys=True)
 
 
 def _members(annotation: Any, tags: frozenset[str] = frozenset()) -> list[tuple[Any, frozenset[str]]]:
