@@ -548,10 +548,8 @@ def test_a_tokenizer_of_another_pre_tokenizer_is_not_cut_between_words(tiny_chec
     assert not words_split(tokenizer)
 
 
-def test_plain_texts_encode_in_pieces_as_the_tokenizer_encodes_them(engine, monkeypatch):
-    """encode_texts (a legacy completion's prompts, /tokenize's) hands the tokenizer a long text's pieces, cut between
-    words, through encode_batch_fast (no offsets; each piece's encoding freed alone), and gets the ids
-    `tokenizer(texts)` gets, for odd texts of up to 200,000 characters, with special tokens or without."""
+def _record_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The texts of each encode_batch_fast call the engine's tokenizer makes from now on."""
     backend = engine.tokenizer.backend_tokenizer
     batches: list[list[str]] = []
 
@@ -563,10 +561,18 @@ def test_plain_texts_encode_in_pieces_as_the_tokenizer_encodes_them(engine, monk
         def num_special_tokens_to_add(self, is_pair: bool) -> int:
             return backend.num_special_tokens_to_add(is_pair)
 
+    monkeypatch.setattr(engine.tokenizer, "_tokenizer", Recording(), raising=False)
+    return batches
+
+
+def test_plain_texts_encode_in_pieces_as_the_tokenizer_encodes_them(engine, monkeypatch):
+    """encode_texts (a legacy completion's prompts, /tokenize's) hands the tokenizer a long text's pieces, cut between
+    words, through encode_batch_fast (no offsets; each piece's encoding freed alone), and gets the ids
+    `tokenizer(texts)` gets, for odd texts of up to 200,000 characters, with special tokens or without."""
     rng = random.Random(1)
     texts = ["", "hi there", "w " * 100000, *(odd_text(rng, rng.choice((10, 30000, 60000))) for _ in range(8))]
     expected = {special: engine.tokenizer(texts, add_special_tokens=special)["input_ids"] for special in (True, False)}
-    monkeypatch.setattr(engine.tokenizer, "_tokenizer", Recording(), raising=False)
+    batches = _record_batches(engine, monkeypatch)
     for special in (True, False):
         assert engine.encode_texts(texts, special) == expected[special]
     assert engine.words_split and len(batches) == 2 and len(batches[0]) > len(texts) + 3, [len(b) for b in batches]
@@ -579,14 +585,7 @@ def test_a_prompt_is_encoded_a_turn_at_a_time_without_offsets(engine, monkeypatc
     """encode_messages hands the tokenizer the prompt's turns (encoded in parallel, freed one by one), through
     encode_batch_fast: an encoding's offsets took 0.23 s to free holding the GIL at 3.7M tokens."""
     backend = engine.tokenizer.backend_tokenizer
-    batches: list[list[str]] = []
-
-    class Recording:
-        def encode_batch_fast(self, texts: list[str], **kwargs: bool) -> list:
-            batches.append(texts)
-            return backend.encode_batch_fast(texts, **kwargs)
-
-    monkeypatch.setattr(engine.tokenizer, "_tokenizer", Recording(), raising=False)
+    batches = _record_batches(engine, monkeypatch)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     ids = engine.encode_messages(messages, {"enable_thinking": False})

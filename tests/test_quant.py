@@ -48,9 +48,9 @@ def test_eager_matches_reference(checkpoint, quant, references):
 
 
 def test_int4_with_every_row_of_several_blocks_matches_reference():
-    """hidden 128: every int4 tensor has two or more 64-column blocks a row, so loading on an AVX2 CPU rearranges all of
-    them into quads, the tied embedding / LM head once (at the default checkpoint's K 64 quads are the same bytes:
-    a table repacked twice or not at all went unnoticed there)."""
+    """hidden 128: every int4 tensor has two or more 64-column blocks a row, so loading on an AVX2 CPU interleaves
+    them (each row's blocks in one chunk), the tied embedding / LM head once: a table repacked twice or not at all
+    reads the wrong columns."""
     wide = make_checkpoint(hidden_size=128, head_dim=32, tie_word_embeddings=True)
     hf = load_quantised_hf_model(wide, "int4")
     assert_matches(load_engine(wide, quant="int4", max_batch=4), "int4", [hf_greedy(hf, p, 6) for p in PROMPTS])
