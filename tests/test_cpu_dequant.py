@@ -57,6 +57,22 @@ def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
         assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216)])
+def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(dtype, loops, k, g):
+    """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; 7
+    rows (a quad, then 3 row by row), from row 0 and from row 4."""
+    _, w, scale, offset = int4_operands(1, 7, k, g, dtype)
+    lib = dequant.KERNEL.lib if loops == "built" else avx2_only(dequant.KERNEL).lib
+    packed = as_loaded(w, None if loops == "built" else avx2_only(cpu_int4.KERNEL).lib)
+    for n0 in (0, 4):
+        out = torch.empty(7 - n0, k, dtype=dtype)
+        graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 7 - n0, k, g,
+                   int(dtype == torch.bfloat16))
+        assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
+
+
 def ulps(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """|out - reference| in bf16 ulps of the reference."""
     ulp = 2.0 ** (torch.floor(torch.log2(reference.double().abs().clamp_min(2**-100))) - 7)

@@ -53,16 +53,24 @@ static inline int int4_nibble(const uint8_t *w, long n, long k, int K, long quad
     return (int)(dword >> (4 * (k & 7)) & 15);
 }
 
+/* Columns k .. k + 7 (k % 8 == 0) of plain row `row` (K / 2 bytes) as int32: nibble k % 64 / 16 of the words k % 16
+   .. + 7 of its block. */
+static inline __m256i int4_plain_columns8(const uint8_t *row, long k) {
+    const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 32 * (k / 64) + 2 * (k % 16))));
+    return _mm256_and_si256(_mm256_srli_epi32(words, (int)(4 * (k % 64 / 16))), _mm256_set1_epi32(15));
+}
+
+/* The 8 columns of an interleaved dword (nibble i column i) as int32. */
+static inline __m256i int4_dword_columns8(const uint8_t *dword) {
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(*(const int *)dword),
+                                              _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                            _mm256_set1_epi32(15));
+}
+
 /* Columns k .. k + 7 (k % 8 == 0) of weight row n as int32, in the layout int4_interleaved() decides. */
 static inline __m256i int4_columns8(const uint8_t *w, long n, long k, int K, long quad_rows) {
-    if (!int4_interleaved()) {  /* nibble k % 64 / 16 of the words k % 16 .. + 7 */
-        const __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + n * (K / 2) + 32 * (k / 64)
-                                                                                        + 2 * (k % 16))));
-        return _mm256_and_si256(_mm256_srli_epi32(words, (int)(4 * (k % 64 / 16))), _mm256_set1_epi32(15));
-    }
-    const int dword = *(const int *)(w + int4_dword_at(n, k, K, quad_rows));
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(dword), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-                            _mm256_set1_epi32(15));
+    if (!int4_interleaved()) return int4_plain_columns8(w + n * (K / 2), k);
+    return int4_dword_columns8(w + int4_dword_at(n, k, K, quad_rows));
 }
 
 /* 8 nibbles q (int32) dequantised: q * scale + offset as the reference rounds it. */
