@@ -45,8 +45,8 @@ def int4_operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[t
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", ["built", "avx2"])
 def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
-    """From weights packed as the loader packs them for the build (avx2: quads); rows 0-36 whole, then rows 4-36 (a
-    block of prefill's from a quad's start)."""
+    """From weights packed as the loader packs them for the build (avx2: interleaved); rows 0-36 whole, then rows 4-36
+    (a block of prefill's from a quad's start)."""
     _, w, scale, offset = int4_operands(1, 37, 384, 128, dtype)
     lib = dequant.KERNEL.lib if loops == "built" else avx2_only(dequant.KERNEL).lib
     packed = as_loaded(w, None if loops == "built" else avx2_only(cpu_int4.KERNEL).lib)

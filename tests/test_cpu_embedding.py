@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
     assert cpu_embedding.KERNEL.build(), cpu_embedding.KERNEL.error
+    assert cpu_int4.KERNEL.build(), cpu_int4.KERNEL.error  # as_loaded packs through it
 
 
-VOCAB, HIDDEN = 302, 256  # int4 quads: the last 2 rows plain (tests/int4_packing.py)
+VOCAB, HIDDEN = 302, 384  # int4 interleaved: the last 2 rows plain, each row a whole chunk and a 2-block one
+# (tests/int4_packing.py)
 IDS = [torch.tensor([7], dtype=torch.int32), torch.tensor([[0, 299, 5], [5, 17, 3]]), torch.tensor([1, 301, 250])]
 
 
@@ -51,7 +53,7 @@ def test_embedding_int8(dtype, ids):
 @pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
 @pytest.mark.parametrize("loops", ["built", "avx2"])
 def test_embedding_int4(dtype, group, ids, loops):
-    """The table packed as the loader packs it for the build (the LM head's weight where tied; avx2: quads)."""
+    """The table packed as the loader packs it for the build (the LM head's weight where tied; avx2: interleaved)."""
     packed = torch.empty(VOCAB, HIDDEN // 2, dtype=torch.uint8)
     scale, offset = torch.empty(VOCAB, HIDDEN // group, dtype=dtype), torch.empty(VOCAB, HIDDEN // group, dtype=dtype)
     quantize_int4_into(table(torch.float32), packed, scale, offset)

@@ -32,7 +32,8 @@ weight x activation scales: the layer's four linears at 8 rows 0.73x the time of
 0.65-0.72x in L3 (profiles/RESULTS.md, int4b8's "ubs-il"). The rounding costs a bf16 row up to max|x over a block|
 / 254 an element, against the pieces' 2^-16 of the row's maximum (1-4% more logit error than int4's own on a
 model with outlier channels, int4b8; one scale a row: +43%). fp32 rows keep int16 pieces (csrc/act_quant16.h: one
-holds what two int8 pieces do, so fp32 takes 2, within the same bound), arranged as the nibbles widened to int16:
+holds what two int8 pieces do, so fp32 takes 2, within the same bound for groups of up to 256 columns; a longer
+group's chunks add in fp32, up to ~1.7e-6 of the sum more), arranged as the nibbles widened to int16:
 16 vpmaddwd a chunk, two converts and FMAs. A pass takes 4 weight rows against 1 piece row (2 against 2), their fp32
 sums in registers; from 3 piece rows one weight row against up to 8 of them, each chunk unpacked once for all, their
 fp32 sums in L1, 8 weight rows' outputs stored together. Both passes take a row's chunks with the same operations in

@@ -6,24 +6,40 @@
    so |x - s q| <= s / 2 = max over the block / 254 an element, rounded once. An all-zero block has scale 0 and q 0;
    a row with a NaN or an infinity has NaN scales (every block's).
 
-   act8_block_rows(x, bf16, M, K, q, scale)
+   Written as the interleaved int4 weights are read (int4_block.h): in chunks of 4 blocks, each chunk's 32-byte
+   vector V holding in int32 lane L columns of block L % 4 (linear_int4.c's IL_COLUMN), the even columns of 16 (V even)
+   or the odd ones. So each block's 16-column runs are split even / odd by one byte shuffle and stored a dword at a
+   time, 16 bytes apart: no second pass rearranges them.
+
+   act8_block_rows(x, bf16, M, K, q, lanes)
        x:     [M, K] bf16 (bf16 != 0) or fp32; K % 64 == 0.
-       q:     [M, K] int8, written, in x's order.
-       scale: [M][K / 64] fp32, written. */
+       q:     [chunks][M][256] int8, written, chunks = ceil(K / 256), the places of blocks past K 0.
+       lanes: [M][chunks][8] fp32, written: lane L the scale of the chunk's block L % 4 (0 past K). */
 #ifndef NANOQWEN_ACT_BLOCK8_H
 #define NANOQWEN_ACT_BLOCK8_H
 
 #include <float.h>
+#include <string.h>
 
 #include "simd.h"
 
-static inline void act8_block_rows(const void *x, int bf16, int M, int K, int8_t *q, float *scale) {
+static inline void act8_block_rows(const void *x, int bf16, int M, int K, int8_t *q, float *lanes) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    /* each 16 columns' even ones, then their odd ones */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const int blocks = K / 64;
+    const long chunks = (K + 255) / 256;
     for (int m = 0; m < M; m++) {
+        float *lane = lanes + (long)m * chunks * 8;
+        if (blocks % 4) {  /* the last chunk's places past K */
+            memset(q + ((chunks - 1) * M + m) * 256, 0, 256);
+            memset(lane + (chunks - 1) * 8, 0, 8 * sizeof *lane);
+        }
         int finite = 1;
-        for (int b = 0; b < K / 64; b++) {
+        for (int b = 0; b < blocks; b++) {
             const long at = (long)m * K + 64L * b;
             __m256 v[8], amax = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
             for (int i = 0; i < 8; i++) {
@@ -36,18 +52,21 @@ static inline void act8_block_rows(const void *x, int bf16, int M, int K, int8_t
             float s = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.0f;
             finite &= _mm256_movemask_ps(unordered) == 0 && s <= FLT_MAX;
             if (!(s >= FLT_MIN)) s = 0.0f;
-            scale[(long)m * (K / 64) + b] = s;
+            lane[b / 4 * 8 + b % 4] = lane[b / 4 * 8 + b % 4 + 4] = s;
             const __m256 inverse = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
             __m256i c[8];
             for (int i = 0; i < 8; i++)  /* the clamp only catches the rounding past 127 (and a NaN row's values) */
                 c[i] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), top), bottom);
+            int8_t *to = q + ((long)b / 4 * M + m) * 256 + 4 * (b % 4);
             for (int i = 0; i < 8; i += 4) {  /* packs works within 128-bit lanes: dwords 0 4 1 5 2 6 3 7, put back */
                 const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c[i], c[i + 1]), _mm256_packs_epi32(c[i + 2], c[i + 3]));
-                _mm256_storeu_si256((__m256i *)(q + at + 8 * i), _mm256_permutevar8x32_epi32(w, order));
+                int32_t dword[8];  /* dword d: columns 8 i + 16 (d / 4) + 8 (d % 2)'s evens (d % 4 < 2) or odds */
+                _mm256_storeu_si256((__m256i *)dword, _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(w, order), split));
+                for (int d = 0; d < 8; d++) memcpy(to + 16 * (2 * i + d), &dword[d], 4);
             }
         }
         if (!finite)
-            for (int b = 0; b < K / 64; b++) scale[(long)m * (K / 64) + b] = NAN;
+            for (int b = 0; b < blocks; b++) lane[b / 4 * 8 + b % 4] = lane[b / 4 * 8 + b % 4 + 4] = NAN;
     }
 }
 

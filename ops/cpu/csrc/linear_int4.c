@@ -451,11 +451,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
                             (size_t)M * pieces * 4, (size_t)lanes * 4, (size_t)M * (K + len) * 4,
                             (size_t)(K / G) * 16 * 4};
     enum { PARTS = sizeof sizes / sizeof sizes[0] };
-    size_t total = 0;
-    for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
     char *part[PARTS];
-    if (!(part[0] = (char *)thread_scratch(total))) return 0;
-    for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
+    if (!thread_scratch_parts(sizes, PARTS, part)) return 0;
     const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
                               (float *)part[6], (int32_t *)part[4], len};
     float *rows = (float *)part[5], *arranged = rows + (long)M * K;
@@ -503,7 +500,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 #define IL_AHEAD_ROWS 8
 
 struct linear_int4_madd_args {
-    const int8_t *q8;    /* bf16 rows: [chunks][M][256], each chunk's int8 blocks in the weights' order (il_arrange8) */
+    const int8_t *q8;    /* bf16 rows: [chunks][M][256], each chunk's int8 blocks in the weights' order (act8_block_rows) */
     const int16_t *q16;  /* fp32 rows: [chunks][M * P][256], each chunk's pieces in the widened weights' order
                             (il_arrange16), piece p of row m at m * P + p */
     const float *lanes;  /* bf16 rows: [M][chunks][8], lane L the scale of the chunk's block L % 4 (0 past K) */
@@ -520,10 +517,7 @@ struct linear_int4_madd_args {
 
 /* Column of a chunk at byte p (0..31) of its vector V (0..7): lane p / 4 of vector V / 2's 32 bytes holds columns of
    block p / 4 % 4, its low nibbles the even ones (V even), its high nibbles the odd ones (int4_block.h). */
-static inline int il_column(int V, int p) {
-    const int L = p / 4, j = 2 * (V / 2) + L / 4;
-    return 64 * (L % 4) + 8 * j + 2 * (p % 4) + V % 2;
-}
+#define IL_COLUMN(V, p) (64 * ((p) / 4 % 4) + 8 * (2 * ((V) / 2) + (p) / 16) + 2 * ((p) % 4) + (V) % 2)
 
 /* A last chunk of nb < 4 blocks at p read into a whole one's places, the blocks past nb 0. */
 static __attribute__((noinline)) void il_whole(const uint8_t *p, int nb, uint32_t whole[32]) {
@@ -864,78 +858,51 @@ static void linear_int4_madd_chunk(const void *ctx, long chunk) {
 _Static_assert(IL_QUAD_PIECES == 4 && IL_QUAD_ROWS == 2 && IL_ROW_PIECES == 8 && ACT16_MAX_PIECES == 2,
                "linear_int4_madd_chunk's cases");
 
-/* The chunks' positions' columns (il_column), as il_arrange8 and il_arrange16 read them. */
-struct il_order {
-    int16_t byte[256];  /* [V][32]: vector V's byte p */
-    int16_t word[256];  /* [16][16]: widened vector k's int16 element i (il_widen: bytes 0-7, 16-23 or 8-15, 24-31) */
-};
-
-static struct il_order il_order(void) {
-    struct il_order o;
-    for (int V = 0; V < 8; V++)
-        for (int p = 0; p < 32; p++) o.byte[32 * V + p] = (int16_t)il_column(V, p);
-    for (int k = 0; k < 16; k++)
-        for (int i = 0; i < 16; i++) o.word[16 * k + i] = (int16_t)il_column(k / 2, (i < 8 ? i : i + 8) + 8 * (k % 2));
-    return o;
-}
-
-/* q: [M, K] int8 blocks in column order (act8_block_rows) -> out: [chunks][M][256] in the weights' order, 0 past K. */
-static void il_arrange8(const int8_t *q, int M, int K, const struct il_order *o, int8_t *out) {
-    const long chunks = (K + 255) / 256;
-    for (long c = 0; c < chunks; c++)
-        for (int m = 0; m < M; m++) {
-            const int8_t *row = q + (long)m * K + 256 * c;
-            int8_t *to = out + (c * M + m) * 256;
-            for (int t = 0; t < 256; t++) to[t] = 256 * c + o->byte[t] < K ? row[o->byte[t]] : 0;
-        }
-}
+/* The columns of a chunk's widened vectors (IL_COLUMN), as il_arrange16 reads them: [16][16], vector k's int16 element
+   i (il_widen: bytes 0-7, 16-23 or 8-15, 24-31 of vector k / 2). */
+#define IL_WORD(k, i) IL_COLUMN((k) / 2, ((i) < 8 ? (i) : (i) + 8) + 8 * ((k) % 2))
+#define IL_WORDS(k) IL_WORD(k, 0), IL_WORD(k, 1), IL_WORD(k, 2), IL_WORD(k, 3), IL_WORD(k, 4), IL_WORD(k, 5), \
+    IL_WORD(k, 6), IL_WORD(k, 7), IL_WORD(k, 8), IL_WORD(k, 9), IL_WORD(k, 10), IL_WORD(k, 11), IL_WORD(k, 12), \
+    IL_WORD(k, 13), IL_WORD(k, 14), IL_WORD(k, 15)
+static const int16_t il_word[256] = {IL_WORDS(0),  IL_WORDS(1),  IL_WORDS(2),  IL_WORDS(3),  IL_WORDS(4),  IL_WORDS(5),
+                                     IL_WORDS(6),  IL_WORDS(7),  IL_WORDS(8),  IL_WORDS(9),  IL_WORDS(10), IL_WORDS(11),
+                                     IL_WORDS(12), IL_WORDS(13), IL_WORDS(14), IL_WORDS(15)};
 
 /* q: [K / 64][M * P][64] int16 pieces (act16_quant_rows) -> out: [chunks][M * P][256] in the widened weights'
    order, 0 past K. */
-static void il_arrange16(const int16_t *q, int rows, int K, const struct il_order *o, int16_t *out) {
+static void il_arrange16(const int16_t *q, int rows, int K, int16_t *out) {
     const long chunks = (K + 255) / 256;
     for (long c = 0; c < chunks; c++)
         for (int r = 0; r < rows; r++) {
             int16_t *to = out + (c * rows + r) * 256;
             for (int t = 0; t < 256; t++) {
-                const long k = 256 * c + o->word[t];
+                const long k = 256 * c + il_word[t];
                 to[t] = k < K ? q[(k / 64 * rows + r) * 64 + k % 64] : 0;
             }
         }
 }
 
 /* linear_int4 on AVX2: bf16 rows as int8 blocks (act_block8.h), fp32 rows as ACT16_PIECES(pieces) int16 pieces, one
-   of which holds what two int8 pieces do (act_quant16.h), so within the bound of `pieces` int8 ones. 0: no scratch
-   for them, nothing done. */
+   of which holds what two int8 pieces do (act_quant16.h), so within the bound of `pieces` int8 ones for groups of up
+   to 256 columns (a chunk; GROUP_SIZE is 64): a longer group's chunks are added in fp32, which costs up to ~1.7e-6 of
+   the sum more (36,864 columns). 0: no scratch for them, nothing done. */
 static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
-    const int P = bf16 ? 1 : ACT16_PIECES(pieces), groups = K / G, blocks = K / 64;
+    const int P = bf16 ? 1 : ACT16_PIECES(pieces), groups = K / G;
     const long chunks = (K + 255) / 256;
-    /* the pieces' scales, group sums, the chunks' block lanes, the blocks' scales, the pieces in column order and
-       arranged */
-    const size_t sizes[] = {(size_t)M * P * 4, (size_t)M * groups * 4, (size_t)M * chunks * 32, (size_t)M * blocks * 4,
-                            (size_t)M * P * K * (bf16 ? 1 : 2), (size_t)M * P * chunks * (bf16 ? 256 : 512)};
+    /* the pieces' scales, group sums, the chunks' block lanes (bf16), the pieces arranged, fp32's in column order */
+    const size_t sizes[] = {(size_t)M * P * 4, (size_t)M * groups * 4, (size_t)M * chunks * 32,
+                            (size_t)M * P * chunks * (bf16 ? 256 : 512), bf16 ? 0 : (size_t)M * P * K * 2};
     enum { PARTS = sizeof sizes / sizeof sizes[0] };
-    size_t total = 0;
-    for (int i = 0; i < PARTS; i++) total += (sizes[i] + 63) / 64 * 64;
     char *part[PARTS];
-    if (!(part[0] = (char *)thread_scratch(total))) return 0;
-    for (int i = 1; i < PARTS; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
-    float *a = (float *)part[0], *xsum = (float *)part[1], *lanes = (float *)part[2], *block = (float *)part[3];
-    const struct il_order order = il_order();
+    if (!thread_scratch_parts(sizes, PARTS, part)) return 0;
+    float *a = (float *)part[0], *xsum = (float *)part[1], *lanes = (float *)part[2];
     if (bf16) {
-        act8_block_rows(x, 1, M, K, (int8_t *)part[4], block);
-        for (int m = 0; m < M; m++) {
-            a[m] = 1.0f;
-            for (long c = 0; c < chunks; c++)
-                for (int L = 0; L < 8; L++)
-                    lanes[((long)m * chunks + c) * 8 + L] = 4 * c + L % 4 < blocks ? block[(long)m * blocks + 4 * c + L % 4]
-                                                                                : 0.0f;
-        }
-        il_arrange8((const int8_t *)part[4], M, K, &order, (int8_t *)part[5]);
+        act8_block_rows(x, 1, M, K, (int8_t *)part[3], lanes);
+        for (int m = 0; m < M; m++) a[m] = 1.0f;
     } else {
         act16_quant_rows(x, 0, M, K, P, 64, (int16_t *)part[4], a);
-        il_arrange16((const int16_t *)part[4], M * P, K, &order, (int16_t *)part[5]);
+        il_arrange16((const int16_t *)part[4], M * P, K, (int16_t *)part[3]);
     }
     for (int m = 0; m < M; m++)
         for (int g = 0; g < groups; g++) {
@@ -944,7 +911,7 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
             xsum[m * groups + g] = hsum(v);
         }
     const long pass = IL_WEIGHT_ROWS(1), rows = (pool_rows_per_chunk(K / 2) + pass - 1) / pass * pass;  /* whole passes */
-    const struct linear_int4_madd_args args = {(const int8_t *)part[5], (const int16_t *)part[5], lanes, a, xsum, w,
+    const struct linear_int4_madd_args args = {(const int8_t *)part[3], (const int16_t *)part[3], lanes, a, xsum, w,
                                                scale, offset, y, M, N, K, G, P, bf16, rows, int4_quad_rows(N),
                                                groups};
     pool_run(linear_int4_madd_chunk, &args, (N + args.rows - 1) / args.rows);

@@ -28,6 +28,16 @@ static inline void *thread_scratch(size_t bytes) {
 }
 #endif
 
+/* The calling thread's scratch (thread_scratch) cut into `count` parts, part i of sizes[i] bytes at part[i], each
+   64-byte aligned. 0 if there is none. */
+static inline int thread_scratch_parts(const size_t *sizes, int count, char **part) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (sizes[i] + 63) / 64 * 64;
+    if (!(part[0] = (char *)thread_scratch(total))) return 0;
+    for (int i = 1; i < count; i++) part[i] = part[i - 1] + (sizes[i - 1] + 63) / 64 * 64;
+    return 1;
+}
+
 /* Memory for one call, freed by the caller before it returns: NULL if it cannot be had (the caller reports
    NANOQWEN_NO_MEMORY). For memory that must not outlive the call: prefill attention's ~273 KiB a thread, kept in the
    engine thread's scratch, left bf16 batch-1 decode without its fast runs (~35 against ~26 tok/s, in 0 of 20 runs;
