@@ -698,7 +698,8 @@ INLINE void il_quad_chunk8(const uint8_t *const w[], const __m256 ws[], const in
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
                 const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(l, lo[r]), _mm256_maddubs_epi16(h, hi[r]));
                 s[i][r] = v ? _mm256_add_epi16(s[i][r], t) : t;
-                __asm__("" : "+x"(s[i][r]));  /* else GCC sums the chunk's 8 W R products as one tree: all live, spilled */
+                /* else GCC sums the chunk's 8 W R products as one tree: all live at once, spilled */
+                __asm__("" : "+x"(s[i][r]));
             }
         }
     }
@@ -743,9 +744,9 @@ INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m
 
 /* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows, P and int8
    constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk (fp32 rows il_quad_chunk, bf16 rows il_quad8), each
-   weight row's chunk against every piece row, the fp32 sums in registers, then the ends (madd_ends). Several weight rows a pass for few piece rows: their sums are
-   independent FMA chains, and the end of a row (sums across lanes, the offsets) is shared; a pass of 4 reads one
-   quad, one stream (int4_block.h). */
+   weight row's chunk against every piece row, the fp32 sums in registers, then the ends (madd_ends). Several weight
+   rows a pass for few piece rows: their sums are independent FMA chains, and the end of a row (sums across lanes, the
+   offsets) is shared; a pass of 4 reads one quad, one stream (int4_block.h). */
 INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long next, long n, long c, int nb,
                           int W, int m0, int R, int P, int one, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
