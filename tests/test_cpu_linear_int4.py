@@ -161,14 +161,14 @@ def test_avx2_row_pass_stores_every_chunk_end(m, dtype, g):
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 61, 1024, 64), (2, 37, 2112, 64), (5, 13, 192, 192),
-                                     (1, 8, 64, 64)])
+                                     (1, 8, 64, 64), (1, 13, 192, 192), (2, 6, 448, 64)])
 def test_avx2_bf16_rows_are_int8_blocks(m, n, k, g):
     """The AVX2 path's bf16 rows: each 64-column block rounded to int8 with its own scale, max|x| / 127, once
     (act_block8.h); then the products of the rounded rows exact and the offsets times the exact group sums. Its
     outputs are that model's within fp32 and bf16 rounding, and off the exact product by more than that: the kernel
     before (int16 pieces, 2^-16 of the row maximum) was within the model's slack of the exact product, not the
     model. Column 5 of each row 30x the rest: one scale a row would be off by far more (block_error). Tails: K 2112
-    (33 blocks), 192 and 64 (a chunk of 3 and of 1 block)."""
+    (33 blocks), 192 and 64 (a chunk of 3 and of 1 block), 448 (a whole chunk and one of 3) at 1 and 2 rows."""
     x, w, scale, offset = operands(m, n, k, g, torch.bfloat16)
     x[:, 5] *= 30
     out, kind = linear("avx2", x, w, scale, offset)

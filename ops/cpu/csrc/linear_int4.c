@@ -543,13 +543,18 @@ static __attribute__((noinline)) __m256 il_scales_spread(const struct linear_int
     return _mm256_loadu_ps(s);
 }
 
+/* 4 bf16 group scales at p, in lanes 0-3 and again in 4-7. */
+INLINE __m256 il_scales4(const uint16_t *p) {
+    const __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)p)), 16));
+    return _mm256_set_m128(s, s);
+}
+
 /* Weight row n's group scales for chunk c (nb blocks): lane L block L % 4's, 0 past nb. one: G == 64 (a constant). */
 INLINE __m256 il_scales(const struct linear_int4_madd_args *a, long n, long c, int nb, int one) {
     if (!one || nb < 4) return il_scales_spread(a, n, c, nb);
     const long at = n * a->groups + 4 * c;
-    const __m128 s = a->bf16 ? _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64(
-                                   (const __m128i *)((const uint16_t *)a->scale + at))), 16))
-                             : _mm_loadu_ps((const float *)a->scale + at);
+    if (a->bf16) return il_scales4((const uint16_t *)a->scale + at);
+    const __m128 s = _mm_loadu_ps((const float *)a->scale + at);
     return _mm256_set_m128(s, s);
 }
 
@@ -586,36 +591,44 @@ INLINE void il_products16(const __m256i e[16], const int16_t *q, __m256i *lo, __
     }
 }
 
+/* f + a chunk's int32 sums of a bf16 activation row (block b in lanes b and 4 + b) times the group scales ws and the
+   blocks' (lanes: the row's for the chunk): the fp32 end of every pass's chunk for a bf16 row. */
+INLINE __m256 il_scaled8(__m256i sums, __m256 ws, const float *lanes, __m256 f) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws, _mm256_load_ps(lanes)), f);
+}
+
 /* f + chunk c's sums of activation row m's piece p times their scales, u the chunk's nibbles (int8: bf16 rows,
    il_nibbles) or widened nibbles (fp32 rows, il_widen): bf16 rows one convert and FMA by the group scales times the
    blocks' (ws x lanes), fp32 rows two, by the group scales in lo's and hi's lanes. The same operations in the same
    order in every pass, so that a row's bits do not depend on its batch. */
 INLINE __m256 il_step(const struct linear_int4_madd_args *a, const __m256i *u, __m256 ws, long c, int m, int p,
                       int int8, __m256 f) {
-    if (int8) {
-        const long chunks = (a->K + 255) / 256;
-        const __m256 sc = _mm256_mul_ps(ws, _mm256_load_ps(a->lanes + ((long)m * chunks + c) * 8));
-        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q8 + ((long)c * a->M + m) * 256)), sc, f);
-    }
+    if (int8)
+        return il_scaled8(il_products8(u, a->q8 + ((long)c * a->M + m) * 256), ws,
+                          a->lanes + ((long)m * ((a->K + 255) / 256) + c) * 8, f);
     __m256i lo, hi;
     il_products16(u, a->q16 + ((long)c * a->M * a->P + (long)m * a->P + p) * 256, &lo, &hi);
     f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_permutevar8x32_ps(ws, _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1)), f);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_permutevar8x32_ps(ws, _mm256_setr_epi32(2, 2, 3, 3, 2, 2, 3, 3)), f);
 }
 
+/* The 128 bytes of a chunk at p of nb blocks to read: p itself, or a row's last chunk of fewer than 4 blocks read into
+   `whole` (il_whole); the same chunk IL_AHEAD_ROWS rows on prefetched. */
+INLINE const uint8_t *il_chunk_bytes(const struct linear_int4_madd_args *a, const uint8_t *p, int nb,
+                                     uint32_t whole[32]) {
+    __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2)), __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2) + 64);
+    if (nb == 4) return p;
+    il_whole(p, nb, whole);
+    return (const uint8_t *)whole;
+}
+
 /* The int8 (bf16 rows) or widened (fp32) nibbles of chunk c of weight row n at p (nb blocks: 4 but in a row's last
-   chunk, read into a whole one's places), and its group scales; the same chunk IL_AHEAD_ROWS rows on prefetched. */
+   chunk, read into a whole one's places), and its group scales. */
 INLINE void il_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int one,
                      int int8, __m256i e[16], __m256 *ws) {
-    __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2)), __builtin_prefetch(p + IL_AHEAD_ROWS * (a->K / 2) + 64);
+    uint32_t whole[32] __attribute__((aligned(32)));
     __m256i u[8];
-    if (nb < 4) {
-        uint32_t whole[32] __attribute__((aligned(32)));
-        il_whole(p, nb, whole);
-        il_nibbles((const uint8_t *)whole, int8 ? e : u);
-    } else {
-        il_nibbles(p, int8 ? e : u);
-    }
+    il_nibbles(il_chunk_bytes(a, p, nb, whole), int8 ? e : u);
     if (!int8) il_widen(u, e);
     *ws = il_scales(a, n, c, nb, one);
 }
@@ -665,19 +678,83 @@ INLINE __m128 hsum4(const __m256 o[4]) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* il_quad's chunk for R bf16 rows (int8 blocks), vector by vector: each pair of activation vectors loaded once for
+   the W weight rows, each row's int16 sums in registers until the chunk's end (il_products8's sums, added in another
+   order: exact integers, the same), then il_scaled8 as every pass. w[i]: weight row i's chunk bytes, ws[i] its group
+   scales; q: row m0's int8 for the chunk (row r 256 r bytes on), lanes: its block scales (row r `rs` floats on). */
+INLINE void il_quad_chunk8(const uint8_t *const w[], const __m256 ws[], const int8_t *q, const float *lanes, long rs,
+                           int W, int R, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256i s[IL_QUAD_PIECES][IL_QUAD_ROWS];
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+        __m256i lo[IL_QUAD_ROWS], hi[IL_QUAD_ROWS];  /* the activations the vector's low and high nibbles meet */
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
+            lo[r] = _mm256_load_si256((const __m256i *)(q + 256 * r) + 2 * v);
+            hi[r] = _mm256_load_si256((const __m256i *)(q + 256 * r) + 2 * v + 1);
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(w[i] + 32 * v));
+            const __m256i l = _mm256_and_si256(b, nibble), h = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
+                const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(l, lo[r]), _mm256_maddubs_epi16(h, hi[r]));
+                s[i][r] = v ? _mm256_add_epi16(s[i][r], t) : t;
+                /* else GCC sums the chunk's 8 W R products as one tree: all live at once, spilled */
+                __asm__("" : "+x"(s[i][r]));
+            }
+        }
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+            f[i][r] = il_scaled8(_mm256_madd_epi16(s[i][r], _mm256_set1_epi16(1)), ws[i], lanes + rs * r, f[i][r]);
+}
+
+/* il_quad's chunks for bf16 rows (whose group scales are bf16): the pointers stepped chunk by chunk and the fp32 sums
+   in locals. Through il_chunk and il_step (still the fp32 rows' way) GCC recomputed the pointers each chunk, spilled
+   them and kept the sums and the activations on the stack: 1 bf16 row of 512 x 1024 hot, one thread, 10.5-10.8 µs a
+   call against 11.4-11.6 (~290 instructions a quad's chunk against ~220; profiles/RESULTS.md, int4b1). */
+INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m0, int R, int one,
+                     __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+    const long chunks = (a->K + 255) / 256, whole = a->K / 256, qs = (long)a->M * 256, groups = a->groups;
+    const uint8_t *w0, *w[IL_QUAD_PIECES];
+    long step, next;
+    il_places(a, n, &w0, &step, &next);
+    const int8_t *q = a->q8 + (long)m0 * 256;
+    const float *lanes = a->lanes + (long)m0 * chunks * 8;
+    const uint16_t *scale = (const uint16_t *)a->scale + n * groups;
+    __m256 ws[IL_QUAD_PIECES], acc[IL_QUAD_PIECES][IL_QUAD_PIECES];
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) acc[i][r] = f[i][r];
+    for (long c = 0; c < whole; c++, w0 += step, q += qs, lanes += 8, scale += 4) {
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+            w[i] = il_chunk_bytes(a, w0 + i * next, 4, NULL),
+            ws[i] = one ? il_scales4(scale + i * groups) : il_scales_spread(a, n + i, c, 4);
+        il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
+    }
+    if (a->K % 256) {
+        uint32_t bytes[IL_QUAD_PIECES][32] __attribute__((aligned(32)));
+        const int nb = a->K / 64 % 4;
+        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+            w[i] = il_chunk_bytes(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), nb, bytes[i]),
+            ws[i] = il_scales_spread(a, n + i, whole, nb);
+        il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) f[i][r] = acc[i][r];
+}
+
 /* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows, P and int8
-   constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk, each weight row's chunk against every piece row, the
-   fp32 sums in registers, then the ends (madd_ends). Several weight rows a pass for few piece rows: their sums are
-   independent FMA chains, and the end of a row (sums across lanes, the offsets) is shared; a pass of 4 reads one
-   quad, one stream (int4_block.h). */
+   constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk (fp32 rows il_quad_chunk, bf16 rows il_quad8), each
+   weight row's chunk against every piece row, the fp32 sums in registers, then the ends (madd_ends). Several weight
+   rows a pass for few piece rows: their sums are independent FMA chains, and the end of a row (sums across lanes, the
+   offsets) is shared; a pass of 4 reads one quad, one stream (int4_block.h). */
 INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long next, long n, long c, int nb,
-                          int W, int m0, int R, int P, int one, int int8, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+                          int W, int m0, int R, int P, int one, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
         __m256i e[16];
         __m256 ws;
-        il_chunk(a, nb < 4 ? a->w + int4_chunk_at(n + i, c, a->K, a->quad_rows) : p + i * next, n + i, c, nb, one, int8,
+        il_chunk(a, nb < 4 ? a->w + int4_chunk_at(n + i, c, a->K, a->quad_rows) : p + i * next, n + i, c, nb, one, 0,
                  e, &ws);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, int8, f[i][r]);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, 0, f[i][r]);
     }
 }
 
@@ -690,8 +767,12 @@ INLINE void il_quad(const struct linear_int4_madd_args *a, long n, int W, int m0
     __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = _mm256_setzero_ps();
-    for (long c = 0; c < whole; c++) il_quad_chunk(a, w0 + c * step, next, n, c, 4, W, m0, R, P, one, int8, f);
-    if (a->K % 256) il_quad_chunk(a, NULL, next, n, whole, a->K / 64 % 4, W, m0, R, P, one, int8, f);
+    if (int8) {
+        il_quad8(a, n, W, m0, R, one, f);
+    } else {
+        for (long c = 0; c < whole; c++) il_quad_chunk(a, w0 + c * step, next, n, c, 4, W, m0, R, P, one, f);
+        if (a->K % 256) il_quad_chunk(a, NULL, next, n, whole, a->K / 64 % 4, W, m0, R, P, one, f);
+    }
     __m256 o[IL_QUAD_PIECES][IL_QUAD_ROWS];  /* [weight row][activation row] */
     float tail[IL_QUAD_PIECES][IL_QUAD_ROWS];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) madd_ends(a, n + i, m0, rows, P, f[i], o[i], tail[i]);
