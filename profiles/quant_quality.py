@@ -11,10 +11,11 @@ Relative logit error: ||quantised - original|| / ||original|| per position, mean
 Top-1 agreement: the share of positions whose argmax is the same. Random weights give near-flat
 logits, so top-1 agreement here is a harsh lower bound on what a trained model would show.
 --int4-activations: what int4 linears' activations cost rounded to int8: int8-block, one scale a 64-column block
-(max |x| / 127), as the AVX2 kernel rounds bf16 rows (csrc/act_block8.h; tests/test_cpu_linear_int4.py checks the
-kernel against this model; profiles/RESULTS.md, lanes int4b8 and int4il); int8-row, one a row. As that kernel
-computes: the nibbles times the scales take the rounded activations, the group offsets the exact ones
-(y = W x_q + O (x - x_q), O each column's group offset).
+(max |x| / 127), as the AVX2 kernel rounds bf16 rows (csrc/act_block8.h, its torch reference
+ops/torch_ref/act_block8.py, which tests/test_cpu_linear_int4.py checks the kernel against; profiles/RESULTS.md,
+lanes int4b8 and int4il); int8-row, one a row. As that kernel computes (tests/quant_reference.py's
+int4_linears_as_kernels): the nibbles times the scales take the rounded activations, the group offsets the exact
+ones.
 """
 from __future__ import annotations
 
@@ -23,43 +24,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
-from nanoqwen.quant import GROUP_SIZE, quantize_int4_into  # noqa: E402
-from quant_reference import DEQUANTISED, load_quantised_hf_model  # noqa: E402
+from quant_reference import DEQUANTISED, int4_linears_as_kernels, load_quantised_hf_model  # noqa: E402
 
 ACTIVATION_BLOCK = {"exact": None, "int8-block": 64, "int8-row": 0}  # columns an int8 scale covers (0: the row)
-
-
-def rounded_int8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x's values rounded to int8 steps of max |x| / 127, a scale each `block` columns (0: each row)."""
-    parts = x.reshape(-1, x.shape[-1] // block if block else 1, block or x.shape[-1])
-    step = parts.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(parts / step.clamp_min(torch.finfo(x.dtype).tiny)) * step).view(x.shape)
-
-
-def int8_activations(model: torch.nn.Module, original: torch.nn.Module, block: int) -> None:
-    """model's int4 linears (hooks) as a kernel with int8 activations would compute them."""
-    weights = dict(original.named_modules())
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = weights[name].weight
-        n, k = weight.shape
-        packed = torch.empty(n, k // 2, dtype=torch.uint8)
-        scale, offset = (torch.empty(n, k // GROUP_SIZE, dtype=weight.dtype) for _ in range(2))
-        quantize_int4_into(weight, packed, scale, offset)
-        offsets = offset.float().repeat_interleave(GROUP_SIZE, dim=1)  # [N, K]
-
-        def hook(module, args, output, offsets=offsets):
-            x = args[0]
-            q = rounded_int8(x, block)
-            return F.linear(q, module.weight) + F.linear(x - q, offsets)
-        module.register_forward_hook(hook)
 
 
 @torch.no_grad()
@@ -70,7 +42,7 @@ def compare(path: Path, quant: str, positions: int, activations: str = "exact") 
     model = load_quantised_hf_model(path, quant)
     if ACTIVATION_BLOCK[activations] is not None:
         assert quant == "int4", "the activations' rounding models the int4 kernel (its offsets)"
-        int8_activations(model, unquantised, ACTIVATION_BLOCK[activations])
+        int4_linears_as_kernels(model, unquantised, torch.float32, ACTIVATION_BLOCK[activations])
     quantised = model(ids).logits[0].float()
     rel = (quantised - original).norm(dim=-1) / original.norm(dim=-1)
     return {"rel_error_mean": rel.mean().item(), "rel_error_max": rel.max().item(),

@@ -11,6 +11,7 @@ from int4_packing import as_loaded, avx2_only, from_interleaved
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int4 as cpu_int4
+from ops.torch_ref.act_block8 import act_block8
 from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch, unpack_int4
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -172,10 +173,7 @@ def test_avx2_bf16_rows_are_int8_blocks(m, n, k, g):
     x, w, scale, offset = operands(m, n, k, g, torch.bfloat16)
     x[:, 5] *= 30
     out, kind = linear("avx2", x, w, scale, offset)
-    rows = x.float().view(m, k // 64, 64)
-    step = rows.abs().amax(dim=2, keepdim=True) / 127
-    q = torch.round(rows * torch.where(step > 0, 1 / step, 0)).clamp(-127, 127)
-    rounded = (q.double() * step.double()).view(m, k)
+    rounded = act_block8(x)
     levels = unpack_int4(w).double() * scale.double().repeat_interleave(g, dim=1)
     offsets = offset.double().repeat_interleave(g, dim=1)
     model = rounded @ levels.T + x.double() @ offsets.T

@@ -452,7 +452,7 @@ def _cpu_seconds(call: Callable[[], Any]) -> float:
 
 
 def _long_id_refused(schema: dict[str, Any]) -> None:
-    with pytest.raises(InvalidRequest, match="URI is longer than 2048 characters"):
+    with pytest.raises(InvalidRequest, match="URI longer than 2048 characters"):
         grammar_module.check_json_schema(schema, False, "response_format")
 
 
@@ -517,20 +517,34 @@ def test_regexes_are_tested_where_they_may_start_an_alternative_and_within_a_bud
 
 
 def test_a_long_id_or_ref_is_a_400_naming_the_field(grammars: Grammars) -> None:
-    """An `$id` or a `$ref` whose URI (resolved, no fragment) passes LONG_URI is not weighed (each `$ref` resolved
-    against a long base cost its length): the 400 naming the field, in compile as in check_json_schema; at LONG_URI it
-    weighs, and a long fragment is no URI."""
+    """A `$ref` whose URI (resolved, no fragment) passes LONG_URI, or one resolved against a base URI (an `$id`) that
+    passes it, or an `$id` resolved against such a base, is not weighed (each resolved against a long base cost its
+    length): the 400 naming the field, in compile as in check_json_schema; at LONG_URI it weighs, and a long fragment
+    is no URI."""
     at = "http://x.test/" + "a" * (grammar_rows.LONG_URI - 19) + ".json"
     assert len(at) == grammar_rows.LONG_URI
     assert grammar_rows.schema_weight({"$id": at, "$ref": at + "#/$defs/d", "$defs": {"d": {}}}) == 2
-    for schema in [{"$id": at + "x"}, {"$ref": at + "x"}, {"$id": "http://x.test/", "items": {"$id": at[14:] + "x"}}]:
-        with pytest.raises(InvalidRequest, match="URI is longer than 2048") as refused:
+    for schema in [{"$ref": at + "x"}, {"$id": at + "x", "$ref": "#/$defs/d", "$defs": {"d": {}}},
+                   {"$id": "http://x.test/", "items": {"$id": at[14:] + "x", "properties": {"p": {"$ref": "s.json"}}}},
+                   {"$id": at + "x", "items": {"$id": "s.json"}}]:
+        with pytest.raises(InvalidRequest, match="URI longer than 2048") as refused:
             grammar_module.check_json_schema(schema, False, "response_format")
         assert refused.value.param == "response_format"
-        with pytest.raises(InvalidRequest, match="URI is longer than 2048") as refused:
+        with pytest.raises(InvalidRequest, match="URI longer than 2048") as refused:
             grammars.json_schema(schema, False, "guided_json")
         assert refused.value.param == "guided_json"
     assert grammar_rows.schema_weight({"$id": "urn:x", "$ref": "urn:x#/" + "a" * 10_000, "a" * 10_000: {}}) == 2
+
+
+def test_a_long_id_nothing_is_resolved_against_is_weighed() -> None:
+    """A 3,000-character `$id` that no `$ref` nor `$id` is resolved against costs nothing to weigh: it weighs as the
+    same schema without it (it was a 400 for a schema llguidance takes), at the root or in a subschema beside a
+    `$ref` resolved against the root's base."""
+    long_id = "http://x.test/" + "a" * 3_000 + ".json"
+    assert grammar_module.check_json_schema({"$id": long_id, "type": "integer"}, True, "response_format") == 0
+    beside = {"properties": {"p": {"$id": long_id, "type": "string"}, "q": {"$ref": "#/$defs/d"}},
+              "$defs": {"d": {"type": "integer"}}}
+    assert grammar_module.check_json_schema(beside, True, "response_format") == 2
 
 
 def test_data_and_what_is_no_uri_are_no_links() -> None:

@@ -138,15 +138,19 @@ ECMA_CLASSES: dict[str, Callable[[str], bool]] = {
     ("\\w", "\u00e9"),
     ("\\s", "\ufeff"),  # ECMA's space, not Unicode's White_Space (nor Rust's \s)
 ])
-@pytest.mark.parametrize("where", ["response_format", "structured_outputs", "tools"])
+@pytest.mark.parametrize("where", ["response_format", "structured_outputs", "tools", "a $ref into default"])
 def test_schema_patterns_are_ecma_regexes(server: GunicornServer, escape: str, biased: str, where: str) -> None:
-    """A pattern's `\\d`, `\\w`, `\\s` and `\\S` are ECMA-262's, as JSON Schema says, wherever a schema is: the
+    """A pattern's `\\d`, `\\w`, `\\s` and `\\S` are ECMA-262's, as JSON Schema says, wherever a schema is (in
+    `default` data that a `$ref` points into too: llguidance reads it as a schema; its `\\s` was Rust's): the
     answer's character (its tokens biased to a character on the border of the class) is in ECMA's class,
     and is the biased one when ECMA's class takes it. `\\b` is refused by the grammar engine (a 400, below)."""
     schema = {"type": "string", "pattern": f"^a{escape}$"}  # "a" first: no token joins the quote and the character
     body: dict[str, Any] = {"max_tokens": 40, "temperature": 0,
                             "logit_bias": {str(token): 100 for token in _token_ids(server, biased)}}
-    if where == "response_format":
+    if where == "a $ref into default":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "c", "schema": {"$ref": "#/$defs/c/default", "$defs": {"c": {"default": schema}}}}}
+    elif where == "response_format":
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema,
                                                                           "strict": True}}
     elif where == "structured_outputs":
@@ -579,8 +583,9 @@ def test_a_strict_dynamic_ref_is_a_400_naming_the_field(server: GunicornServer) 
     ("/v1/chat/completions", {"guided_json": {"type": "string", "pattern": "a\\b"}}, "guided_json"),
     ("/v1/completions", {"structured_outputs": {"grammar": "root ::= (("}}, "structured_outputs.grammar"),
     ("/v1/completions", {"guided_regex": "[z-a]"}, "guided_regex"),
-    ("/v1/chat/completions", {"guided_json": {"$id": "http://x.test/" + "a" * 3_000, "type": "integer"}},
-     "guided_json"),  # an $id past LONG_URI: not weighed (each $ref resolved against it cost its length)
+    ("/v1/chat/completions", {"guided_json": {"$id": "http://x.test/" + "a" * 3_000, "$ref": "#/$defs/d",
+                                              "$defs": {"d": {"type": "integer"}}}},
+     "guided_json"),  # a $ref resolved against an $id past LONG_URI: not weighed (each cost the $id's length)
 ])
 def test_invalid_structured_outputs_are_400s_naming_the_field(server: GunicornServer, path: str,
                                                               extra: dict[str, Any], param: str) -> None:
@@ -590,6 +595,13 @@ def test_invalid_structured_outputs_are_400s_naming_the_field(server: GunicornSe
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def test_a_long_id_nothing_is_resolved_against_is_served(server: GunicornServer) -> None:
+    """An `$id` past LONG_URI that no `$ref` is resolved against costs nothing to weigh: served (it was a 400)."""
+    schema = {"$id": "http://x.test/" + "a" * 3_000, "enum": ["yes", "no"]}
+    answer = _create(server, temperature=0, max_tokens=8, extra_body={"guided_json": schema})
+    assert json.loads(answer.choices[0].message.content) in ("yes", "no"), answer
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])

@@ -31,7 +31,8 @@ def test_patterns_are_found_in_subschemas_and_not_in_values() -> None:
                        "const": {"const": {"pattern": r"\s"}},  # a value to match, not a schema
                        "list": {"type": "array", "items": [{"pattern": r"\s"}]}},
         "patternProperties": {r"^\s": {"enum": [r"\s"]}},
-        "$defs": {"d": {"anyOf": [{"pattern": r"\S"}]}},
+        "$defs": {"d": {"anyOf": [{"pattern": r"\S"}]},  # below, data a `$ref` may point into: llguidance's schemas
+                  "e": {"default": {"pattern": r"\s"}, "examples": [{"items": {"pattern": r"\S"}}]}},
     }
     out = ecma_patterns(schema)
     assert out["properties"]["pattern"]["pattern"] == SPACE
@@ -39,6 +40,7 @@ def test_patterns_are_found_in_subschemas_and_not_in_values() -> None:
     assert out["properties"]["list"]["items"][0]["pattern"] == SPACE
     assert out["patternProperties"] == {f"^{SPACE}": {"enum": [r"\s"]}}
     assert out["$defs"]["d"]["anyOf"][0]["pattern"] == NOT_SPACE
+    assert out["$defs"]["e"] == {"default": {"pattern": SPACE}, "examples": [{"items": {"pattern": NOT_SPACE}}]}
     assert schema["properties"]["pattern"]["pattern"] == r"\s"  # a copy: the request's schema is left as sent
     assert ecma_patterns(None) is None
 

@@ -1,6 +1,8 @@
 """JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
 made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
-`\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take).
+`\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take),
+the patterns of `default` and `examples` data too: nothing reads them but a `$ref` into them, which llguidance reads as
+a schema (engine/schema_keywords). `const` and `enum` values are what the answer must be, byte for byte: kept as sent.
 vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
 grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
@@ -13,6 +15,7 @@ from nanoqwen.engine.schema_keywords import subschemas
 # ECMA-262's WhiteSpace and LineTerminator: \s
 ECMA_SPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 CLASS_ESCAPES = {"s": f"[{ECMA_SPACE}]", "S": f"[^{ECMA_SPACE}]"}
+ANNOTATIONS = ("default", "examples")  # data keywords whose values are rewritten as schemas
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -29,8 +32,8 @@ def ecma_pattern(pattern: str) -> str:
 
 
 def ecma_patterns(schema: Any) -> Any:
-    """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern. Iterative: the
-    schema is as deep as a body may be."""
+    """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
+    and in the ANNOTATIONS' data. Iterative: the schema is as deep as a body may be."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     while stack:
@@ -45,4 +48,5 @@ def ecma_patterns(schema: Any) -> Any:
         if isinstance(node.get("patternProperties"), dict):
             node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
         stack.extend(value for _, value in subschemas(node))
+        stack.extend(node[key] for key in ANNOTATIONS if key in node)
     return out

@@ -41,14 +41,16 @@ TESTED_CHARS = 1 << 16
 # stay ranges), `\z` (Python's `\Z`), `(?<x>` (`(?P<x>`); another escape (`\\p`) as it is
 RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
                        r"|\\[xu]\{[0-9A-Fa-f]{1,8}\}|\[:\^?[a-z]+:\]|\(\?<(?=[A-Za-z_])|\\.")
-LONG_URI = 2_048  # the longest URI an `$id` or a `$ref` resolves to that is weighed (LongReference past it)
+# the longest URI that a `$ref` resolves to, or that a `$ref` or an `$id` is resolved against, weighed (LongReference
+# past it); a longer `$id` that nothing is resolved against costs nothing
+LONG_URI = 2_048
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
 
 
 class LongReference(ValueError):
-    """A JSON Schema `$id` or `$ref` whose URI passes LONG_URI: each `$ref` resolved against its base URI costs the
-    base's length (a 200 KB `$id` with 40,000 `$ref`s took 16 s), so its chain is not weighed (check_bounds refuses it;
-    erring high, no target known, is no bound)."""
+    """A JSON Schema `$ref` whose URI or base URI passes LONG_URI, or an `$id` whose base URI does: each resolved
+    against its base URI costs the base's length (a 200 KB `$id` with 40,000 `$ref`s took 16 s), so its chain is not
+    weighed (check_bounds refuses it; erring high, no target known, is no bound)."""
 
 
 def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
@@ -398,8 +400,8 @@ def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
             anchors: dict[tuple[str, str], tuple[str, ...]],
             joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, ...] | None:
     """Where `ref`, in the resource of URI `base`, points (None: outside the schema, llguidance refuses it)."""
-    resolved = (base, unquote(ref[1:])) if ref.startswith("#") else _join(base, ref, joined)
-    if resolved is None or (root := resources.get(resolved[0])) is None:
+    resolved = (_short(base), unquote(ref[1:])) if ref.startswith("#") else _join(base, ref, joined)
+    if resolved is None or (root := resources.get(_short(resolved[0]))) is None:
         return None
     uri, fragment = resolved
     if fragment and not fragment.startswith("/"):
@@ -411,18 +413,25 @@ def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
 def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, str] | None:
     """`reference` (an `$id`, a `$ref`) resolved against `base`: its URI and its fragment (unquoted), cached in
     `joined`; None where it is no URI (`http://[::1`: no link, as llguidance resolves nothing there); LongReference
-    where the URI passes LONG_URI, the base of the next join (a URN joins nothing)."""
+    where `base` passes LONG_URI (a URN joins nothing)."""
     if (base, reference) in joined:
         return joined[base, reference]
+    _short(base)  # before the try: LongReference is a ValueError
     try:
         uri, fragment = urldefrag(urljoin(base, reference))
     except ValueError:
         joined[base, reference] = None
         return None
-    if len(uri) > LONG_URI:
-        raise LongReference(f"a JSON Schema $id or $ref whose URI is longer than {LONG_URI} characters")
     resolved = joined[base, reference] = uri, unquote(fragment)
     return resolved
+
+
+def _short(uri: str) -> str:
+    """`uri`, where it does not pass LONG_URI; else LongReference."""
+    if len(uri) > LONG_URI:
+        raise LongReference(f"a JSON Schema $ref or $id resolved to or against a URI longer than {LONG_URI} "
+                            "characters")
+    return uri
 
 
 def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
