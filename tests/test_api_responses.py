@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from flask import Response
 
+from nanoqwen.api import encode as encode_module
 from nanoqwen.api import responses_store
 from nanoqwen.api import serving as serving_module
+from nanoqwen.api import sse as sse_module
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.api.encode import encode_json
+from nanoqwen.api.encode import compact_json, encode_json
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
@@ -772,6 +774,34 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
     (message,) = completed["response"]["output"]
     assert len(message["content"][0]["logprobs"]) == 121 and message["content"][0]["text"] == "a" * 120 + "!"
     assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
+
+
+def test_a_responses_tools_are_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The echoed tools, repeated by every event that carries the response and by the store's copies, are encoded once
+    (echoed_tools): 4,000 tools held the loop ~0.2 s a stream when each encoded them again. The frames and the stored
+    response hold them all the same."""
+    description = "a tool encoded once " * 10
+    tools = [{"type": "function", "name": f"f{i}", "description": description, "parameters": {"type": "object"}}
+             for i in range(3)]
+    encoded: list[str] = []
+
+    def counted(value: Any) -> str:
+        text = compact_json(value)
+        encoded.extend([text] if description in text else [])
+        return text
+
+    for module in (encode_module, sse_module):
+        monkeypatch.setattr(module, "compact_json", counted)
+    store = ResponseStore()
+    stream = ResponseEvents(_draft(store, tools=tools, tool_choice="none"), ToolParsing())
+    frames = _served(stream, [Event(text="hi", token_ids=[1], finish_reason="stop", usage=Usage(3, 1))])
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in frames]
+    responses = [event["response"] for event in events if "response" in event]
+    assert [response["status"] for response in responses] == ["in_progress", "in_progress", "completed"]
+    echoed = [{**tool, "strict": True} for tool in tools]
+    assert all(response["tools"] == echoed for response in responses)
+    assert json.loads(store.get(responses[-1]["id"]).body)["tools"] == echoed
+    assert len(encoded) == len(tools)  # each tool's description, where echoed_tools encoded the list
 
 
 class _ThreadRecordingEvents(ResponseEvents):
