@@ -19,7 +19,7 @@ from nanoqwen.api import chat, completions, encode, offload, responses_api, serv
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
-from nanoqwen.api.schemas import ChatPrompt
+from nanoqwen.api.schemas import ChatPrompt, Tool
 from nanoqwen.engine import Engine, EngineConfig
 
 MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
@@ -94,6 +94,7 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
     recorded: dict[str, list[int]] = {}
     for name in ("template_messages", "template_tools"):
         _record_threads(monkeypatch, recorded, ChatPrompt, name)
+    _record_threads(monkeypatch, recorded, Tool, "template")  # each tool's dump and size, weighed and templated
     engine = load_engine(make_checkpoint())
     try:
         client = create_app(engine, ServerConfig()).test_client()
