@@ -68,7 +68,7 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "completions: one 7 MiB prompt": ("/v1/completions", {"prompt": "w " * (7 << 19)}),
     # no space between ASCII letters: cut at the CJK punctuation, and between digits
     "completions: one 6 MB CJK prompt": ("/v1/completions", {"prompt": CJK}),
-    "completions: one 7 MB digits prompt": ("/v1/completions", {"prompt": "0123456789" * (7 << 17)}),
+    "completions: one 7.5 MiB digits prompt": ("/v1/completions", {"prompt": "0123456789" * (6 << 17)}),
     "chat: one 6 MB CJK message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": CJK}]}),
     "completions: 128 prompts of 56 KB": ("/v1/completions", {"prompt": ["w " * 28672] * 128}),
     "completions: 60k token ids": ("/v1/completions", {"prompt": [1000] * 60000}),
