@@ -39,6 +39,7 @@ def _nested(depth: int) -> dict[str, Any]:
 
 
 ITEMS = [{"role": "user", "content": "w " * 225}] * 16000
+CJK = "我们今天讨论模型的推理速度和服务器的延迟，以及长提示的分词。" * 66000  # 6 MB in UTF-8
 STORED = "resp_stored"  # replaced by the id of a stored response of STORED_ITEMS
 STORED_ITEMS = [{"id": f"msg_{i:05d}", **item} for i, item in enumerate(ITEMS[:10000])]
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -65,6 +66,10 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "responses: 16k input items, truncation auto": ("/v1/responses", {"input": ITEMS, "truncation": "auto"}),
     "completions: 2k prompts of 4 KB": ("/v1/completions", {"prompt": ["w " * 2000] * 2000}),
     "completions: one 7 MiB prompt": ("/v1/completions", {"prompt": "w " * (7 << 19)}),
+    # no space between ASCII letters: cut at the CJK punctuation, and between digits
+    "completions: one 6 MB CJK prompt": ("/v1/completions", {"prompt": CJK}),
+    "completions: one 7.5 MiB digits prompt": ("/v1/completions", {"prompt": "0123456789" * (6 << 17)}),
+    "chat: one 6 MB CJK message": ("/v1/chat/completions", {"messages": [{"role": "user", "content": CJK}]}),
     "completions: 128 prompts of 56 KB": ("/v1/completions", {"prompt": ["w " * 28672] * 128}),
     "completions: 60k token ids": ("/v1/completions", {"prompt": [1000] * 60000}),
     "completions: 60 prompts of 1020 token ids": ("/v1/completions", {"prompt": [[1000] * 1020] * 60}),
@@ -100,7 +105,7 @@ def main() -> None:
                 continue
             limit = {"/v1/responses": {"max_output_tokens": 16}, "/tokenize": {}, "/detokenize": {}}.get(
                 path, {"max_tokens": 16})
-            data = json.dumps({**limit, **body}).encode()
+            data = json.dumps({**limit, **body}, ensure_ascii=False).encode()
             if STORED.encode() in data or b'"item_reference"' in data:
                 stored = stored or _stored(srv.url)
                 data = data.replace(STORED.encode(), stored.encode())

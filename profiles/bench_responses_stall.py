@@ -1,6 +1,8 @@
 """How long a streamed Responses answer with logprobs holds the event loop while its last events (each
 repeating the whole answer's logprobs) are built, framed and stored: the longest gap of a 1 ms ticker greenlet.
 With --call the long text ends in a function call: the message's `.done` events come mid-stream, as the call starts.
+With --tools N the request has N function tools (a 300-character description each), which every event carrying the
+response echoes.
 
 In process, without a model: crafted engine events through Serving._stream. Run against another checkout
 with PYTHONPATH=<its root>.
@@ -14,7 +16,7 @@ import gevent
 
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses import ToolParsing
-from nanoqwen.api.responses_api import Draft, ResponseEvents
+from nanoqwen.api.responses_api import Draft, ResponseEvents, echoed_tools
 from nanoqwen.api.responses_schemas import parse_responses_request
 from nanoqwen.api.responses_store import Inputs, ResponseStore
 from nanoqwen.api.serving import Batch, Serving
@@ -34,7 +36,12 @@ class _Trace:
 CALL = ['<tool_call>\n{"name": "f", "arguments": {"a', '": 1}}\n</tool_call>']
 
 
-def longest_gap(tokens: int, top: int, call: bool) -> tuple[float, int]:
+def _tool(i: int) -> dict[str, object]:
+    return {"type": "function", "name": f"f{i}", "description": "d" * 300,
+            "parameters": {"type": "object", "properties": {"a": {"type": "string"}}}}
+
+
+def longest_gap(tokens: int, top: int, call: bool, tools: int) -> tuple[float, int]:
     """(the ticker's longest gap in seconds, the stream's bytes)."""
     alternatives = [TokenLogprob(1, "b", -1.0, [98], []) for _ in range(top)]
     scored = TokenLogprob(0, "a", -0.5, [97], alternatives)
@@ -45,8 +52,9 @@ def longest_gap(tokens: int, top: int, call: bool) -> tuple[float, int]:
     batch = Batch()
     for event in events:
         batch.put(event)
-    req = parse_responses_request({"input": "Hi", "top_logprobs": top, "include": ["message.output_text.logprobs"]})
-    draft = Draft(req, SamplingParams(), "m", None, ResponseStore(), None, Inputs(), [])
+    req = parse_responses_request({"input": "Hi", "top_logprobs": top, "include": ["message.output_text.logprobs"],
+                                   "tools": [_tool(i) for i in range(tools)]}, None)
+    draft = Draft(req, SamplingParams(), "m", None, ResponseStore(), None, Inputs(), echoed_tools(req))
     stream = ResponseEvents(draft, ToolParsing(enabled=call))
     serving = Serving(None, ServerConfig(), _Stats())  # type: ignore[arg-type]
     ticks: list[float] = []
@@ -73,10 +81,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--call", action="store_true", help="the text ends in a function call")
+    parser.add_argument("--tools", type=int, default=0, help="function tools in the request, echoed by the response")
     args = parser.parse_args()
     for _ in range(args.repeat):
-        gap, size = longest_gap(args.tokens, args.top, args.call)
-        print(f"tokens={args.tokens} top={args.top} call={args.call} stream={size / 1e6:.1f} MB "
+        gap, size = longest_gap(args.tokens, args.top, args.call, args.tools)
+        print(f"tokens={args.tokens} top={args.top} call={args.call} tools={args.tools} stream={size / 1e6:.1f} MB "
               f"longest loop gap={gap * 1e3:.0f} ms")
 
 

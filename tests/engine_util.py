@@ -171,5 +171,6 @@ def odd_text(rng: random.Random, parts: int) -> str:
     """Words, spaces, newlines, contractions, digits, punctuation, combining marks, emoji and added tokens at random:
     a text to tokenise in pieces (nanoqwen/engine/pieces.py) as the whole."""
     choices = ["a", "Ab", " ", "  ", "\n", "\r\n", " x", "x ", "'s", "'LL", "7", "12", "!", " .", "é", "e\u0301",
-               "\u0301", "\u4e2d\u6587", "\U0001f642", "\t", "<|im_start|>", "<|im_end|>", "<think>", " 'd"]
+               "\u0301", "\u4e2d\u6587", "\U0001f642", "\t", "<|im_start|>", "<|im_end|>", "<think>", " 'd", "\u5b57",
+               "\u30a2", "\ud55c", "\uff0c", "\u3002", "\uff01\uff1f", " \u3001", "4"]
     return "".join(rng.choice(choices) for _ in range(parts))

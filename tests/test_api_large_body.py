@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from transformers import Qwen2Tokenizer
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine, started_engine
@@ -20,7 +19,7 @@ from nanoqwen.api import chat, completions, encode, offload, responses_api, serv
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
-from nanoqwen.api.schemas import ChatPrompt
+from nanoqwen.api.schemas import ChatPrompt, Tool
 from nanoqwen.engine import Engine, EngineConfig
 
 MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
@@ -95,6 +94,7 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
     recorded: dict[str, list[int]] = {}
     for name in ("template_messages", "template_tools"):
         _record_threads(monkeypatch, recorded, ChatPrompt, name)
+    _record_threads(monkeypatch, recorded, Tool, "template")  # each tool's dump and size, weighed and templated
     engine = load_engine(make_checkpoint())
     try:
         client = create_app(engine, ServerConfig()).test_client()
@@ -246,15 +246,16 @@ def test_a_small_responses_conversation_is_made_on_the_loop(
     assert len(conversing["to_chat"]) == 2 and loop not in conversing["template_messages"]
 
 
-@pytest.mark.parametrize(("path", "body", "status"), [
-    ("/detokenize", {"tokens": [*[100] * 20000, 10**9]}, 400),
-    ("/v1/completions", {"prompt": [100] * 500, "echo": True, "max_tokens": 1}, 200),
+@pytest.mark.parametrize(("path", "body", "status", "owner", "check"), [
+    ("/detokenize", {"tokens": [*[100] * 20000, 10**9]}, 400, tokenize, "_decode"),
+    ("/v1/completions", {"prompt": [100] * 500, "echo": True, "max_tokens": 1}, 200, completions, "_echoes"),
 ])
 def test_token_ids_are_checked_against_the_vocabulary_off_the_loop(
-        served: FlaskClient, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any], status: int) -> None:
-    """/detokenize's ids, and a token-id prompt's to echo, are checked against the vocabulary in the thread that decodes
-    them: a loop over 60,000 ids took milliseconds on the event loop."""
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any], status: int,
+        owner: Any, check: str) -> None:
+    """/detokenize's ids, and a token-id prompt's to echo, are checked against the vocabulary (by `check`) in the
+    thread that decodes them: a loop over 60,000 ids took milliseconds on the event loop."""
     seen: dict[str, list[int]] = {}
-    _record_threads(monkeypatch, seen, Qwen2Tokenizer, "__len__")  # the check's vocabulary size
+    _record_threads(monkeypatch, seen, owner, check)
     assert served.post(path, json=body).status_code == status
-    assert seen["__len__"] and threading.get_ident() not in seen["__len__"]
+    assert seen[check] and threading.get_ident() not in seen[check]

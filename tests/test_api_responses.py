@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from flask import Response
 
+from nanoqwen.api import encode as encode_module
 from nanoqwen.api import responses_store
 from nanoqwen.api import serving as serving_module
+from nanoqwen.api import sse as sse_module
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.api.encode import encode_json
+from nanoqwen.api.encode import compact_json, encode_json
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing
 from nanoqwen.api.responses_api import (
@@ -30,9 +32,14 @@ from nanoqwen.api.responses_api import (
     echoed_tools,
     kept_in_progress,
 )
-from nanoqwen.api.responses_schemas import ResponseCreateRequest, encode_reasoning, parse_responses_request
+from nanoqwen.api.responses_schemas import (
+    FunctionTool,
+    ResponseCreateRequest,
+    encode_reasoning,
+    parse_responses_request,
+)
 from nanoqwen.api.responses_store import Inputs, ResponseStore, Stored, list_page
-from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
+from nanoqwen.api.schemas import ChatCompletionRequest, Tool, parse_chat_request
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
 from nanoqwen.api.strict_json import Budget
@@ -499,6 +506,38 @@ def test_truncation_keeps_the_latest_items_that_fit_templating_little(looks_too_
     assert exc.value.code == "context_length_exceeded" and sizes.count(max(sizes)) == 1  # the whole prompt once
 
 
+def _counting(counts: dict[str, int], name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method`, counting its calls in counts[name]."""
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts[name] += 1
+        return method(*args, **kwargs)
+    return counted
+
+
+def test_truncations_candidates_share_the_tools_validated_and_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate of a truncation's search is a chat request of the same tools: converted, validated and measured
+    once (4,000 tools made each candidate ~0.9 s), and each candidate templates them all the same."""
+    counts = {"to_chat": 0, "model_dump": 0}
+    for owner, name in ((FunctionTool, "to_chat"), (Tool, "model_dump")):
+        monkeypatch.setattr(owner, name, _counting(counts, name, getattr(owner, name)))
+    shown: list[list[str]] = []
+
+    def encode(chat: ChatCompletionRequest, max_tokens: int | None, prompt_name: Any) -> list[int]:
+        shown.append([tool["function"]["name"] for tool in chat.template_tools() or []])
+        size = sum(len(m["content"]) for m in chat.template_messages())
+        if size > 1000:
+            raise APIError(400, "too long", code="context_length_exceeded")
+        return [size]
+
+    tools = [{"type": "function", "name": f"f{i}", "parameters": {"type": "object"}} for i in range(3)]
+    items = [{"role": "user", "content": "x" * 100} for _ in range(200)]
+    req = parse_responses_request({"input": items, "tools": tools, "truncation": "auto"}, Budget())
+    chat, ids = _counted(_service(encode), req)
+    assert ids == [1000] and len(shown) > 5 and all(names == ["f0", "f1", "f2"] for names in shown)
+    assert counts == {"to_chat": 3, "model_dump": 3}
+    assert chat.template_chars() == 1000 + len(json.dumps(chat.template_tools()))
+
+
 @pytest.mark.parametrize("count, kept", [(3, 404), (200, 904)])  # user items of 100 characters: fitting, cut
 def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, kept: int) -> None:
     """create makes the parameters (its output grammar compiled) before templating anything, then submits the ids
@@ -772,6 +811,34 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
     (message,) = completed["response"]["output"]
     assert len(message["content"][0]["logprobs"]) == 121 and message["content"][0]["text"] == "a" * 120 + "!"
     assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
+
+
+def test_a_responses_tools_are_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The echoed tools, repeated by every event that carries the response and by the store's copies, are encoded once
+    (echoed_tools): 4,000 tools held the loop ~0.2 s a stream when each encoded them again. The frames and the stored
+    response hold them all the same."""
+    description = "a tool encoded once " * 10
+    tools = [{"type": "function", "name": f"f{i}", "description": description, "parameters": {"type": "object"}}
+             for i in range(3)]
+    encoded: list[str] = []
+
+    def counted(value: Any) -> str:
+        text = compact_json(value)
+        encoded.extend([text] if description in text else [])
+        return text
+
+    for module in (encode_module, sse_module):
+        monkeypatch.setattr(module, "compact_json", counted)
+    store = ResponseStore()
+    stream = ResponseEvents(_draft(store, tools=tools, tool_choice="none"), ToolParsing())
+    frames = _served(stream, [Event(text="hi", token_ids=[1], finish_reason="stop", usage=Usage(3, 1))])
+    events = [json.loads(frame.split("data: ", 1)[1]) for frame in frames]
+    responses = [event["response"] for event in events if "response" in event]
+    assert [response["status"] for response in responses] == ["in_progress", "in_progress", "completed"]
+    echoed = [{**tool, "strict": True} for tool in tools]
+    assert all(response["tools"] == echoed for response in responses)
+    assert json.loads(store.get(responses[-1]["id"]).body)["tools"] == echoed
+    assert len(encoded) == len(tools)  # each tool's description, where echoed_tools encoded the list
 
 
 class _ThreadRecordingEvents(ResponseEvents):

@@ -514,8 +514,9 @@ def test_a_text_cut_before_each_turn_tokenises_as_the_whole(tiny_checkpoint):
 
 
 def test_a_text_cut_between_words_tokenises_as_the_whole(tiny_checkpoint):
-    """word_pieces: a cut at a space between two ASCII letters keeps the whole text's tokens, for odd texts cut every
-    few characters (the cut's argument is in its docstring)."""
+    """word_pieces: a cut at a space between two ASCII letters, between two digits, or between a CJK letter and a CJK
+    punctuation mark keeps the whole text's tokens, for odd texts cut every few characters (the cut's argument is in
+    its docstring); each kind of cut is made."""
     from transformers import AutoTokenizer
 
     from nanoqwen.engine.pieces import word_pieces, words_split
@@ -524,14 +525,16 @@ def test_a_text_cut_between_words_tokenises_as_the_whole(tiny_checkpoint):
     backend = tokenizer.backend_tokenizer
     assert words_split(tokenizer)
     rng = random.Random(0)
-    cuts = 0
+    cuts: list[str] = []
     for text in [odd_text(rng, 60) for _ in range(400)]:
         pieces = word_pieces(text, 2)
-        cuts += len(pieces) - 1
-        assert "".join(pieces) == text and all(piece[:1] == " " for piece in pieces[1:])
+        cuts += [piece[:1] for piece in pieces[1:]]
+        assert "".join(pieces) == text
         assert [token for piece in backend.encode_batch_fast(pieces, add_special_tokens=False) for token in piece.ids] \
             == backend.encode(text, add_special_tokens=False).ids, text
-    assert cuts > 400
+    digits, marks = set("0123456789"), set("\uff0c\u3002\u3001\uff1b\uff1a\uff1f\uff01")
+    assert " " in cuts and set(cuts) & digits and set(cuts) & marks and set(cuts) <= {" ", *digits, *marks}
+    assert len(cuts) > 400
 
 
 def test_a_tokenizer_of_another_pre_tokenizer_is_not_cut_between_words(tiny_checkpoint):
@@ -579,6 +582,16 @@ def test_plain_texts_encode_in_pieces_as_the_tokenizer_encodes_them(engine, monk
     with pytest.raises(PromptTooLongError) as info:
         engine.encode_texts(texts, max_tokens=100000)
     assert info.value.num_tokens == len(expected[True][2])
+
+
+def test_a_text_of_digits_or_cjk_encodes_in_pieces(engine, monkeypatch):
+    """A long text with no space between ASCII letters is cut too: between digits, and at CJK punctuation (each was
+    one encoding of its millions of tokens, freed in one call holding the GIL)."""
+    texts = ["0123456789" * 20000, "我们今天讨论模型的推理速度，以及长提示的分词。" * 9000]
+    expected = engine.tokenizer(texts)["input_ids"]
+    batches = _record_batches(engine, monkeypatch)
+    assert engine.encode_texts(texts) == expected
+    assert len(batches[0]) == 8 and max(len(piece) for piece in batches[0]) < 65600  # 4 pieces each
 
 
 def test_a_prompt_is_encoded_a_turn_at_a_time_without_offsets(engine, monkeypatch):

@@ -255,6 +255,17 @@ def test_tokenize_and_detokenize(server: GunicornServer) -> None:
     assert chat["usage"]["prompt_tokens"] == gen["count"]
 
 
+def test_detokenize_takes_the_ids_a_prompt_takes(server: GunicornServer) -> None:
+    """Ids the tokenizer lacks (from 151,669) but the model's embedding has (up to 151,935) are a prompt's: /detokenize
+    decodes them to nothing, as vLLM's does (the tokenizer's decode); an id past the embedding is a 400 for both."""
+    hello = _post(server, "/tokenize", {"prompt": "Hello"}).json()["tokens"]
+    assert _post(server, "/detokenize", {"tokens": [*hello, 151669, 151935]}).json() == {"prompt": "Hello"}
+    answer = _post(server, "/v1/completions", {"model": MODEL, "prompt": [*hello, 151935], "max_tokens": 1})
+    assert answer.status_code == 200 and answer.json()["usage"]["prompt_tokens"] == len(hello) + 1
+    _error(_post(server, "/detokenize", {"tokens": [*hello, 151936]}), f"tokens.[{len(hello)}]")
+    _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": [*hello, 151936], "max_tokens": 1}), "prompt")
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/tokenize", {"prompt": 5}, "prompt"),
     ("/tokenize", {"prompt": "x", "messages": USER}, "prompt"),

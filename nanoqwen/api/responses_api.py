@@ -17,6 +17,7 @@ from flask import Response
 from pydantic import TypeAdapter
 
 from nanoqwen.api.chat import ChatService, PromptName
+from nanoqwen.api.encode import EncodedList
 from nanoqwen.api.errors import APIError, generation_error, request_too_large
 from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
@@ -92,7 +93,7 @@ class Draft:
     store: ResponseStore | None  # None: `store: false`
     previous: Stored | None
     inputs: Inputs  # the input items as stored (input_item_json), when stored
-    tools: list[Json]  # the request's, as the response echoes them (FunctionTool.echo)
+    tools: list[Json]  # the request's, as the response echoes them (FunctionTool.echo): echoed_tools' EncodedList
     begun: bool = False  # in the store from its first event (a stream)
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -236,7 +237,8 @@ class ResponseEvents:
         self.body: bytes | None = None  # its encoding, when stored
 
     def frame(self, chunk: Json, split: bool = False) -> str:
-        return named_event(chunk, split)
+        """An event carrying the response in pieces: its tools written as encoded once (Draft.tools)."""
+        return named_event(chunk, split or "response" in chunk)
 
     def repeats(self, chunk: Json) -> bool:
         """An item's `.done` events repeat its text and logprobs."""
@@ -408,9 +410,10 @@ def _stored_inputs(req: ResponseCreateRequest) -> Inputs:
     return Inputs.of([input_item_json(item) for item in req.input_items]) if req.store is not False else Inputs()
 
 
-def echoed_tools(req: ResponsePromptFields) -> list[Json]:
-    """The request's tools as its response echoes them (thousands of tools: made with the prompt, off the loop)."""
-    return [tool.echo() for tool in req.tools or []]
+def echoed_tools(req: ResponsePromptFields) -> EncodedList:
+    """The request's tools as its response echoes them, encoded once (thousands of tools: made with the prompt, off
+    the loop)."""
+    return EncodedList([tool.echo() for tool in req.tools or []])
 
 
 def kept_in_progress(ended: Callable[[], None], respond: Callable[[], Response]) -> Response:
@@ -457,7 +460,7 @@ class Prompt(Generic[Fields]):
     params: SamplingParams
     # create's, made with the prompt (ResponsesService._prompt): the input items as stored, the tools as echoed
     inputs: Inputs = field(default_factory=Inputs)
-    tools: list[Json] = field(default_factory=list)
+    tools: EncodedList = field(default_factory=lambda: EncodedList([]))
 
 
 @dataclass

@@ -127,6 +127,15 @@ class FunctionDefinition(Strict):
 class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
+    _template: tuple[dict[str, Any], int] | None = PrivateAttr(None)  # template()'s
+
+    def template(self) -> tuple[dict[str, Any], int]:
+        """The form the chat template takes, and its JSON's length: made once for a tool that many requests share (a
+        Responses truncation's candidates: ResponsePromptFields.to_chat)."""
+        if self._template is None:
+            form = self.model_dump(exclude_none=True)
+            self._template = (form, len(json.dumps(form)))
+        return self._template
 
     @field_validator("type", mode="before")
     @classmethod
@@ -572,15 +581,16 @@ class ChatPrompt(Strict):
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         if self._tools is None and self.shows_tools:
-            self._tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+            self._tools = [t.template()[0] for t in self.tools or []]
         return self._tools
 
     def template_chars(self) -> int:
         """A cheap measure of the prompt's size: its texts and calls' arguments as sent, never encoded again (a
         conversation may be mostly calls), and its tools as JSON. Worked out once, as the request is validated."""
         if self._chars is None:
-            tools = self.template_tools()
-            self._chars = sum(m.template_chars() for m in self.messages) + (len(json.dumps(tools)) if tools else 0)
+            # json.dumps(tools)'s length: its tools' and a list's brackets and separators
+            tools = sum(t.template()[1] + 2 for t in self.tools or []) if self.shows_tools else 0
+            self._chars = sum(m.template_chars() for m in self.messages) + tools
         return self._chars
 
     def encoded(self, encode: Callable[..., list[int]], limit: int | None) -> list[int]:

@@ -55,13 +55,15 @@ class TokenizeService:
     def detokenize(self, body: Any, budget: Budget) -> dict[str, Any]:
         req = self.serving.validate(partial(validate_body, DetokenizeRequest), body, budget)
         self.serving.check_serving(req.model)
-        return {"prompt": self.serving.off_loop(len(req.tokens), _decode, self.serving.engine.tokenizer, req.tokens)}
+        engine = self.serving.engine
+        return {"prompt": self.serving.off_loop(len(req.tokens), _decode, engine.tokenizer,
+                                                engine.model_config.vocab_size, req.tokens)}
 
 
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    """The ids' text, each checked against the vocabulary first, in the thread that decodes them: a loop over 60,000
-    ids is milliseconds on the event loop."""
-    vocab = len(tokenizer)
+def _decode(tokenizer: Any, vocab: int, ids: list[int]) -> str:
+    """The ids' text, each checked against the model's vocabulary first (a prompt's bound), in the thread that decodes
+    them: a loop over 60,000 ids is milliseconds on the event loop. An id the tokenizer lacks (Qwen3's embedding has
+    151,936 rows, its tokenizer 151,669 ids) decodes to nothing, as vLLM's /detokenize (the tokenizer's decode)."""
     if (bad := next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)) is not None:
         raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
                        param=f"tokens.[{bad}]")

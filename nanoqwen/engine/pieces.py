@@ -14,7 +14,12 @@ TURN_START = "<|im_start|>"  # Qwen3's added token that opens each turn of its c
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 PIECE_CHARS = 1 << 16  # a plain text's piece: ~30k tokens, an encoding freed in a few ms
-_WORD_GAP = re.compile("[A-Za-z] [A-Za-z]")
+# word_pieces' cuts, each after a match's first character: a space between two ASCII letters, two ASCII digits, and
+# a kana, Hangul syllable or CJK ideograph (those of Unicode 2.0: letters to any tokenizer's tables) before a comma,
+# full stop or other common CJK punctuation mark (a text of CJK, or of digits, had no cut: one encoding of millions of
+# tokens, freed in one call holding the GIL)
+_CUT = re.compile("[A-Za-z] [A-Za-z]|[0-9][0-9]|[ぁ-ゖァ-ヺ一-龥가-힣][，。、；：？！]")
+_CUT_CHARS = re.compile("[ 0-9，。、；：？！]")  # what a cut stands next to: no added token may hold one
 
 
 def turn_pieces(text: str) -> list[str]:
@@ -26,19 +31,20 @@ def turn_pieces(text: str) -> list[str]:
 
 
 def word_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
-    r"""`text` cut about every `size` characters, each cut at a space between two ASCII letters (none where it has no
-    such space), for a tokenizer words_split accepts. Why the tokens are the whole's: added tokens are matched alike
-    (none holds a space, so none spans the cut, and none strips one); NFC never joins across an ASCII character; under
-    QWEN_SPLIT the match that holds the letter ends at it (no alternative takes a space after a letter); the piece
-    before the cut splits alone as in the whole, since what its scan reads past the letter, the space or the piece's
-    end, stops a run of letters alike (the one look-ahead, `(?!\S)`, follows spaces only); the scan from the space on
+    r"""`text` cut about every `size` characters, each cut between the two characters of a _CUT match (none where it
+    has none), for a tokenizer words_split accepts. Why the tokens are the whole's, the cut between a character x and
+    the next, y: added tokens are matched alike (none holds y, so none spans the cut, and none strips a space); NFC
+    never joins across y (a starter that is no composition's second character); under QWEN_SPLIT the match that holds
+    x ends at it (a letter's run or contraction stops before a space or a mark, a digit is a match alone); the piece
+    before the cut splits alone as in the whole, since what its scan reads past x, y or the piece's end, fails alike
+    (y is no letter, and x no space: the one look-ahead, `(?!\S)`, follows spaces only); the scan from y on
     is the whole's (nothing looks behind); and the model encodes each split by itself."""
     pieces = []
     start = 0
     window = start + size
     while window < len(text):
         # one short C call a window, never a scan of the whole text; a gap may start at its last character
-        gap = _WORD_GAP.search(text, window, window + size + 2)
+        gap = _CUT.search(text, window, window + size + 2)
         if gap is None:
             window += size
             continue
@@ -50,7 +56,7 @@ def word_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 def words_split(tokenizer: Any) -> bool:
     """Whether word_pieces' cut keeps `tokenizer`'s (a fast tokenizer's) tokens: Qwen's normaliser and pre-tokenizer
-    (QWEN_SPLIT, then bytes), and no added token that holds or strips a space."""
+    (QWEN_SPLIT, then bytes), and no added token that holds a character a cut stands next to, or strips a space."""
     backend = tokenizer.backend_tokenizer
     # no normaliser keeps the cut's argument as NFC does (NFC composes nothing across a space)
     normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else {"type": "NFC"}
@@ -60,5 +66,5 @@ def words_split(tokenizer: Any) -> bool:
             and steps[0] == {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False}
             and steps[1].get("type") == "ByteLevel" and not steps[1].get("add_prefix_space")
             and not steps[1].get("use_regex")
-            and not any(" " in token.content or token.lstrip or token.rstrip or token.single_word
+            and not any(_CUT_CHARS.search(token.content) or token.lstrip or token.rstrip or token.single_word
                         for token in tokenizer.added_tokens_decoder.values()))
