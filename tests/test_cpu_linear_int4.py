@@ -122,7 +122,8 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     assert (err <= bound).all(), (err / bound).max()
 
 
-@pytest.mark.parametrize("n,k,g", [(1024, 1024, 64), (253, 2112, 64), (61, 2304, 128), (13, 1024, 1024)])
+@pytest.mark.parametrize("n,k,g", [(1024, 1024, 64), (253, 2112, 64), (61, 2304, 128), (13, 1024, 1024),
+                                   (37, 448, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", [
     pytest.param("built", marks=pytest.mark.skipif(not VNNI or "amx_int8" in FLAGS, reason=(
@@ -135,8 +136,9 @@ def test_a_rows_outputs_do_not_depend_on_its_batch_mates(loops, dtype, n, k, g):
     their scaling (il_step) and ends (madd_ends) are the same for a row. The kernel before madd_ends failed every fp32
     case at 2 rows (1367 of 2048 outputs at 1024 x 1024) and bf16's 1024 x 1024 at 8 rows (1 output): fp32 is the
     sensitive dtype, bf16's rounding hides most differences. 33 and 18 groups: past the offsets' 8-group vectors,
-    K 2112 a last chunk of one block, K 2304 at G 128 groups of two blocks; one group (G = K): the offsets' scalar
-    tail alone; N 253, 61 and 13: passes of fewer weight rows at each chunk's end and rows past the last quad."""
+    K 2112 a last chunk of one block, K 448 one of three, K 2304 at G 128 groups of two blocks; one group (G = K):
+    the offsets' scalar tail alone; N 253, 61, 37 and 13: passes of fewer weight rows at each chunk's end and rows
+    past the last quad."""
     x, w, scale, offset = operands(9, n, k, g, dtype)
     each = [linear(loops, x[m:m + 1], w, scale, offset) for m in range(9)]
     alone = torch.cat([out for out, _ in each])
@@ -162,14 +164,16 @@ def test_avx2_row_pass_stores_every_chunk_end(m, dtype, g):
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 61, 1024, 64), (2, 37, 2112, 64), (5, 13, 192, 192),
-                                     (1, 8, 64, 64), (1, 13, 192, 192), (2, 6, 448, 64)])
+                                     (1, 8, 64, 64), (1, 13, 192, 192), (2, 6, 448, 64),
+                                     (1, 13, 128, 64)])
 def test_avx2_bf16_rows_are_int8_blocks(m, n, k, g):
     """The AVX2 path's bf16 rows: each 64-column block rounded to int8 with its own scale, max|x| / 127, once
     (act_block8.h); then the products of the rounded rows exact and the offsets times the exact group sums. Its
     outputs are that model's within fp32 and bf16 rounding, and off the exact product by more than that: the kernel
     before (int16 pieces, 2^-16 of the row maximum) was within the model's slack of the exact product, not the
     model. Column 5 of each row 30x the rest: one scale a row would be off by far more (block_error). Tails: K 2112
-    (33 blocks), 192 and 64 (a chunk of 3 and of 1 block), 448 (a whole chunk and one of 3) at 1 and 2 rows."""
+    (33 blocks), 192 and 64 (a chunk of 3 and of 1 block), 448 (a whole chunk and one of 3) at 1 and 2 rows,
+    128 (a chunk of 2) at 1 row."""
     x, w, scale, offset = operands(m, n, k, g, torch.bfloat16)
     x[:, 5] *= 30
     out, kind = linear("avx2", x, w, scale, offset)
