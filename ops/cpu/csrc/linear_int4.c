@@ -746,7 +746,7 @@ INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m
    constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk (fp32 rows il_quad_chunk, bf16 rows il_quad8), each
    weight row's chunk against every piece row, the fp32 sums in registers, then the ends (madd_ends). Several weight
    rows a pass for few piece rows: their sums are independent FMA chains, and the end of a row (sums across lanes, the
-   offsets) is shared; a pass of 4 reads one quad, one stream (int4_block.h). */
+   offsets) is shared; a pass of 4 reads one quad, one stream (int4_block.h). il_quad_chunk: fp32 rows' int16 pieces. */
 INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long next, long n, long c, int nb,
                           int W, int m0, int R, int P, int one, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
@@ -760,16 +760,16 @@ INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *
 
 INLINE void il_quad(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one, int int8) {
     const int R = rows * P;
-    const long whole = a->K / 256;  /* chunks of 4 blocks; a last one of K / 64 % 4 */
-    const uint8_t *w0;
-    long step, next;
-    il_places(a, n, &w0, &step, &next);
     __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = _mm256_setzero_ps();
     if (int8) {
         il_quad8(a, n, W, m0, R, one, f);
     } else {
+        const long whole = a->K / 256;  /* chunks of 4 blocks; a last one of K / 64 % 4 */
+        const uint8_t *w0;
+        long step, next;
+        il_places(a, n, &w0, &step, &next);
         for (long c = 0; c < whole; c++) il_quad_chunk(a, w0 + c * step, next, n, c, 4, W, m0, R, P, one, f);
         if (a->K % 256) il_quad_chunk(a, NULL, next, n, whole, a->K / 64 % 4, W, m0, R, P, one, f);
     }
