@@ -93,7 +93,7 @@ class Draft:
     store: ResponseStore | None  # None: `store: false`
     previous: Stored | None
     inputs: Inputs  # the input items as stored (input_item_json), when stored
-    tools: list[Json]  # the request's, as the response echoes them (FunctionTool.echo): echoed_tools' EncodedList
+    tools: EncodedList  # the request's, as the response echoes them (FunctionTool.echo): echoed_tools'
     begun: bool = False  # in the store from its first event (a stream)
     id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
