@@ -375,7 +375,7 @@ def test_resuming_before_the_events_kept_is_a_400_naming_starting_after() -> Non
 def _begun(store: ResponseStore) -> Draft:
     req = parse_responses_request({"input": "Hi", "background": True}, Budget())
     draft = Draft(req, SamplingParams(), "m", None, store, None, _stored_inputs(req), echoed_tools(req))
-    draft.begun = store.begin(draft.created(), draft.inputs)
+    draft.begun = store.begin(draft.created(), draft.inputs) is not None
     assert draft.begun and store.get(draft.id).background
     return draft
 

@@ -89,7 +89,7 @@ def _draft(store: ResponseStore | None = None, begun: bool = True, **body: Any) 
     req = parse_responses_request({"input": "Hi", **body}, Budget())
     draft = Draft(req, SamplingParams(), "m", THINK_END, store, None, _stored_inputs(req), echoed_tools(req))
     if store is not None and begun:
-        draft.begun = store.begin(draft.created(), draft.inputs)
+        draft.begun = store.begin(draft.created(), draft.inputs) is not None
         assert draft.begun
     return draft
 
@@ -1005,7 +1005,7 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         _creating(store, refused, respond).create({"input": "Hi", "stream": True}, Budget(), {})
     assert running[-1] == 1 and store._running == {}
 
-    def failing_begin(response: Json, inputs: Inputs, output_ids: object) -> bool:
+    def failing_begin(response: Json, inputs: Inputs, output_ids: object) -> bytes | None:
         raise MemoryError
 
     store.begin = failing_begin  # type: ignore[method-assign]

@@ -551,6 +551,26 @@ def test_a_tokenizer_of_another_pre_tokenizer_is_not_cut_between_words(tiny_chec
     assert not words_split(tokenizer)
 
 
+@pytest.mark.parametrize(("added", "text", "cut"), [
+    ("<|box_12|>", "a<|box_12|>b", True), ("字，", "中字，字", True), ("a b", "xa bx", True),
+    ("<|x|>", "1<|x|>2", False)])
+def test_a_tokenizer_with_an_added_token_holding_a_cuts_character_is_not_cut_between_words(
+        tiny_checkpoint, added: str, text: str, cut: bool) -> None:
+    """An added token holding a digit, a CJK mark or a space could span a cut (word_pieces would cut inside it, and its
+    pieces' tokens would not be the whole's): words_split refuses the tokenizer; one holding none of them is cut."""
+    from transformers import AutoTokenizer
+
+    from nanoqwen.engine.pieces import word_pieces, words_split
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    tokenizer.add_tokens([added])
+    backend = tokenizer.backend_tokenizer
+    pieces = word_pieces(text, 1)
+    kept = [token for piece in backend.encode_batch_fast(pieces, add_special_tokens=False) for token in piece.ids] \
+        == backend.encode(text, add_special_tokens=False).ids
+    assert (words_split(tokenizer), kept, len(pieces)) == (not cut, not cut, 2 if cut else 1)
+
+
 def _record_batches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """The texts of each encode_batch_fast call the engine's tokenizer makes from now on."""
     backend = engine.tokenizer.backend_tokenizer

@@ -109,6 +109,20 @@ def test_encode_json_is_flasks_output_in_small_calls(monkeypatch: pytest.MonkeyP
         encode.encode_text({1: [{}]})
 
 
+def test_an_encoded_list_does_not_change() -> None:
+    """Its json is written wherever it is encoded (a response's echoed tools): a change would not reach it."""
+    items = [{"a": 1}, {"b": 2}]
+    encoded = encode.EncodedList(items)
+    changes: list[Callable[[list], object]] = [
+        lambda x: x.append(3), lambda x: x.extend([3]), lambda x: x.insert(0, 3), lambda x: x.remove(items[0]),
+        lambda x: x.pop(), lambda x: x.clear(), lambda x: x.sort(key=str), lambda x: x.reverse(),
+        lambda x: x.__setitem__(0, 3), lambda x: x.__delitem__(0), lambda x: x.__iadd__([3]), lambda x: x.__imul__(2)]
+    for change in changes:
+        with pytest.raises(TypeError):
+            change(encoded)
+    assert encoded == items and encode.encode_text({"e": encoded}) == f'{{"e":{encode.compact_json(items)}}}'
+
+
 def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
     """The worker's hook freezes what the load left, in the engine thread before requests are let in."""
     engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",

@@ -9,7 +9,7 @@ whatever its depth (a chat choice's, a Responses event's output item's).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # Flask's compact output
 
@@ -17,11 +17,18 @@ compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encod
 class EncodedList(list):
     """A list encoded once, where it is made: encode_text writes `json` for it wherever it is repeated (a response's
     echoed tools, in each event that carries the response and in the store's copies: 4,000 tools held the loop
-    ~0.2 s a stream). Anything else encodes it as the list it is."""
+    ~0.2 s a stream). Anything else encodes it as the list it is. Its mutators raise, since `json` would go stale (a
+    list still, not a tuple: it equals the list it encodes, as the parsed answers do)."""
 
     def __init__(self, items: list[Any]) -> None:
         super().__init__(items)
         self.json = encode_text(items)
+
+    def _unchanged(self, *args: Any) -> NoReturn:
+        raise TypeError("an EncodedList does not change: its json was made once")
+
+    append = extend = insert = remove = pop = clear = sort = reverse = _unchanged
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _unchanged
 
 
 def _whole(value: Any) -> bool:

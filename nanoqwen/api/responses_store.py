@@ -139,18 +139,19 @@ class ResponseStore:
         self._running_items: dict[str, tuple[Collection[str], OutputIds]] = {}
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def begin(self, response: Json, inputs: Inputs, output_ids: OutputIds = frozenset) -> bool:
+    def begin(self, response: Json, inputs: Inputs, output_ids: OutputIds = frozenset) -> bytes | None:
         """`response` (in progress; `inputs` its input items, `output_ids` giving its output items' ids so far) found
-        by id until it ends: finished (put, begun), deleted or ended. False, not begun, when the count or the bytes of
-        the responses in progress (their snapshots and inputs, as held) would pass the store's bounds."""
+        by id until it ends: finished (put, begun), deleted or ended. Returns its encoding (what GET answers), or None,
+        not begun, when the count or the bytes of the responses in progress (their snapshots and inputs, as held) would
+        pass the store's bounds."""
         entry = Entry(encode_json(response), inputs.listed, background=response.get("background") is True)
         with self._lock:
             if len(self._running) >= self.max_responses or self._running_bytes + entry.size > self.max_bytes:
-                return False
+                return None
             self._running[response["id"]] = entry
             self._running_bytes += entry.size
             self._running_items[response["id"]] = (inputs.spans.keys(), output_ids)
-        return True
+        return entry.body
 
     def progress(self, response: Json) -> None:
         """The snapshot GET answers for a response in progress replaced (queued, then in progress), if it still is
