@@ -37,20 +37,24 @@ def ecma_patterns(schema: Any) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema. Iterative: the schema is as deep as a body may be."""
     out = json.loads(json.dumps(schema))
-    try:
-        in_data = [node for node, keyword in schema_links(out).in_data if keyword in ANNOTATIONS]
-    except LongReference:  # the schema is refused (check_bounds weighs it): its data left as sent
-        in_data = []
     stack: list[Any] = [out]
+    linked = data = False  # a `$ref` in the schema, and ANNOTATIONS data it may point into: only then weighed
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
             _rewrite(node)
+            linked = linked or isinstance(node.get("$ref"), str)
+            data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS)
             stack.extend(value for _, value in subschemas(node))
-    for node in in_data:  # each once, with the objects in it
-        _rewrite(node)
+    if linked and data:
+        try:
+            in_data = [node for node, keyword in schema_links(out).in_data if keyword in ANNOTATIONS]
+        except LongReference:  # the schema is refused (check_bounds weighs it): its data left as sent
+            in_data = []
+        for node in in_data:  # each once, with the objects in it
+            _rewrite(node)
     return out
 
 
