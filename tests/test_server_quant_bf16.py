@@ -104,15 +104,14 @@ def reference(checkpoint: Path) -> tuple[torch.nn.Module, ActivationRounding]:
 def reference_logprobs(reference: tuple[torch.nn.Module, ActivationRounding], block: int | None,
                        sequences: list[list[int]]) -> torch.Tensor:
     """The reference's logprob of each token of `sequences` but their first, one sequence after the other, each
-    activation row rounded to int8 a `block` columns a scale (0: a row; None: not rounded)."""
+    activation row rounded to int8 a `block` columns a scale (0: a row; None: not rounded). The sequences are as long
+    (every prompt 30 tokens, NEW_TOKENS each): one batch, its logits each sequence's alone (measured: to the bit)."""
     model, rounding = reference
     rounding.block = block
-    out = []
-    for ids in sequences:
-        with torch.no_grad():
-            logprobs = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-        out.append(logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])])
-    return torch.cat(out)
+    ids = torch.tensor(sequences)
+    with torch.no_grad():
+        logprobs = model(ids).logits[:, :-1].double().log_softmax(-1)
+    return logprobs.gather(-1, ids[:, 1:, None]).flatten()
 
 
 @INT4_ONLY
