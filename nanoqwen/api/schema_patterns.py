@@ -2,10 +2,10 @@
 made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
 `\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take),
 and those of the `default` and `examples` data a `$ref` points into, which llguidance reads as a schema
-(engine/grammar_rows.schema_links); other data nothing reads: kept as sent (a 1 MB body of `\\s` in `examples` grew
-30 times). `const` and `enum` values are what the answer must be, byte for byte: kept as sent.
-vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
-grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
+(engine/grammar_rows.schema_links); other data nothing reads: kept as sent (a `\\s` grows 30 times rewritten: a 1 MB
+body of them in `examples` took 9.7 s to compile, 0.44 s as sent). `const` and `enum` values are what the answer must
+be, byte for byte: kept as sent. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode
+classes; a schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,7 @@ def ecma_patterns(schema: Any) -> Any:
     and in the ANNOTATIONS' data a `$ref` reads as a schema. Iterative: the schema is as deep as a body may be."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
-    linked = data = False  # a `$ref` in the schema, and ANNOTATIONS data it may point into: only then weighed
+    linked = data = False  # a `$ref` in the schema, and ANNOTATIONS data: only then resolved
     while stack:
         node = stack.pop()
         if isinstance(node, list):
