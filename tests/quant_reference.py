@@ -4,6 +4,7 @@ as the kernels compute them (int4_linears_as_kernels)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,12 +51,21 @@ def load_quantised_hf_model(path: Path, quant: str, dtype: torch.dtype = torch.f
     return model.to(dtype)
 
 
+@dataclass
+class ActivationRounding:
+    """What int4_linears_as_kernels' hooks read at each call: `block` columns an int8 scale covers (0: the row; None:
+    the activations exact). Set between calls, one model serves each rounding."""
+    block: int | None
+
+
 def int4_linears_as_kernels(model: torch.nn.Module, original: torch.nn.Module, dtype: torch.dtype,
-                            block: int | None) -> None:
+                            block: int | None) -> ActivationRounding:
     """model's linears (forward hooks) as the int4 kernels compute them from `original`'s weights quantised with
     scales and offsets in `dtype`: the nibbles times the scales take the activations rounded to int8 (act_block8,
     `block` columns a scale, 0 the row; None: exact), the group offsets the exact activations (y = W x_q + O (x - x_q),
-    O each column's group offset); in float64, the output in the activations' dtype."""
+    O each column's group offset); in float64, the output in the activations' dtype. Returns the rounding the hooks
+    read."""
+    rounding = ActivationRounding(block)
     weights = dict(original.named_modules())
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -66,6 +76,7 @@ def int4_linears_as_kernels(model: torch.nn.Module, original: torch.nn.Module, d
 
         def hook(module, args, output, levels=levels, offsets=offsets):
             x = args[0]
-            rounded = x.double() if block is None else act_block8(x, block)
+            rounded = x.double() if rounding.block is None else act_block8(x, rounding.block)
             return (F.linear(rounded, levels) + F.linear(x.double(), offsets)).to(x.dtype)
         module.register_forward_hook(hook)
+    return rounding

@@ -21,8 +21,9 @@ from chat_http import MODEL, cpu_env
 from checkpoints import load_hf_model, make_checkpoint
 from engine_util import generate, greedy, load_engine
 from nanoqwen import loader
+from ops.cpu import build as cpu_build
 from ops.cpu import linear_int4 as cpu_int4
-from quant_reference import int4_linears_as_kernels, load_quantised_hf_model
+from quant_reference import ActivationRounding, int4_linears_as_kernels, load_quantised_hf_model
 from server_process import GunicornServer
 
 HIDDEN = 128
@@ -92,24 +93,31 @@ def test_served_is_the_in_process_engine(served: list[tuple[str, list[float]]], 
         assert logprobs == pytest.approx(expected, abs=1e-6)
 
 
-def reference_logprobs(checkpoint: Path, block: int | None, sequences: list[list[int]]) -> torch.Tensor:
-    """transformers' bf16 model with int4 linears computed as the kernels compute them (quant_reference), each
-    activation row rounded to int8 a `block` columns a scale (0: a row; None: not rounded): its logprob of each token
-    of `sequences` but their first, one sequence after the other."""
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> tuple[torch.nn.Module, ActivationRounding]:
+    """transformers' bf16 model with int4 linears computed as the kernels compute them (quant_reference), and the
+    activations' rounding its hooks read: built once, its float64 weight tables are the vocabulary's size."""
     model = load_quantised_hf_model(checkpoint, "int4", torch.bfloat16)
-    int4_linears_as_kernels(model, load_hf_model(checkpoint), torch.bfloat16, block)
-    out = []
-    for ids in sequences:
-        with torch.no_grad():
-            logprobs = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-        out.append(logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])])
-    return torch.cat(out)
+    return model, int4_linears_as_kernels(model, load_hf_model(checkpoint), torch.bfloat16, None)
+
+
+def reference_logprobs(reference: tuple[torch.nn.Module, ActivationRounding], block: int | None,
+                       sequences: list[list[int]]) -> torch.Tensor:
+    """The reference's logprob of each token of `sequences` but their first, one sequence after the other, each
+    activation row rounded to int8 a `block` columns a scale (0: a row; None: not rounded). The sequences are as long
+    (every prompt 30 tokens, NEW_TOKENS each): one batch, its logits each sequence's alone (measured: to the bit)."""
+    model, rounding = reference
+    rounding.block = block
+    ids = torch.tensor(sequences)
+    with torch.no_grad():
+        logprobs = model(ids).logits[:, :-1].double().log_softmax(-1)
+    return logprobs.gather(-1, ids[:, 1:, None]).flatten()
 
 
 @INT4_ONLY
 def test_int4_logprobs_follow_the_block_rounding(served: list[tuple[str, list[float]]],
                                                  in_process: list[tuple[list[int], list[float]]],
-                                                 checkpoint: Path) -> None:
+                                                 reference: tuple[torch.nn.Module, ActivationRounding]) -> None:
     """Mean |served - reference| over the 280 logprobs (at the tokens the in-process engine chose, which the test above
     shows are the served ones). Measured on this Zen 3: 0.16 against the block rounding's reference, 0.31 against a
     scale a row's, 0.31 against the unrounded one's (0.19-0.20, 0.36-0.42 and 0.28-0.35 on three other sets of 8
@@ -118,11 +126,13 @@ def test_int4_logprobs_follow_the_block_rounding(served: list[tuple[str, list[fl
     move activations across rounding steps, so even the block rounding's reference stays 0.16 off (the references'
     two attention implementations, eager and sdpa, part by 0.05 rounded and 0.008 not): the bound takes 0.25, and the
     other references at least 1.3 times as far as the block rounding's."""
-    if not (cpu_int4.KERNEL.build() and cpu_int4.interleaved()):
-        pytest.skip("int4's activations are rounded in int8 blocks only by its AVX2 loops (this CPU has AVX-512 VNNI, "
-                    "or no C compiler)")
+    if cpu_build.unavailable() is not None:
+        pytest.skip(f"int4's activations are rounded in int8 blocks only by its C kernel: {cpu_build.unavailable()}")
+    assert cpu_int4.KERNEL.build()
+    if not cpu_int4.interleaved():
+        pytest.skip("int4's activations are rounded in int8 blocks only by its AVX2 loops (this CPU has AVX-512 VNNI)")
     logprobs = torch.tensor([lp for _, row in served for lp in row], dtype=torch.float64)
     sequences = [ids for ids, _ in in_process]
-    block, row, exact = ((logprobs - reference_logprobs(checkpoint, b, sequences)).abs().mean().item()
+    block, row, exact = ((logprobs - reference_logprobs(reference, b, sequences)).abs().mean().item()
                          for b in (64, 0, None))
     assert block <= 0.25 and min(row, exact) >= 1.3 * block, (block, row, exact)

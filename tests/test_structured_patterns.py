@@ -31,18 +31,38 @@ def test_patterns_are_found_in_subschemas_and_not_in_values() -> None:
                        "const": {"const": {"pattern": r"\s"}},  # a value to match, not a schema
                        "list": {"type": "array", "items": [{"pattern": r"\s"}]}},
         "patternProperties": {r"^\s": {"enum": [r"\s"]}},
-        "$defs": {"d": {"anyOf": [{"pattern": r"\S"}]},  # below, data a `$ref` may point into: llguidance's schemas
+        "$defs": {"d": {"anyOf": [{"pattern": r"\S"}]},  # below, data a `$ref` points into: llguidance's schemas
                   "e": {"default": {"pattern": r"\s"}, "examples": [{"items": {"pattern": r"\S"}}]}},
+        "allOf": [{"$ref": "#/$defs/e/default"}, {"$ref": "#/$defs/e/examples/0"},
+                  {"$ref": "#/properties/const/const"}],
     }
     out = ecma_patterns(schema)
     assert out["properties"]["pattern"]["pattern"] == SPACE
-    assert out["properties"]["const"] == {"const": {"pattern": r"\s"}}
+    assert out["properties"]["const"] == {"const": {"pattern": r"\s"}}  # a $ref into it: still the value to match
     assert out["properties"]["list"]["items"][0]["pattern"] == SPACE
     assert out["patternProperties"] == {f"^{SPACE}": {"enum": [r"\s"]}}
     assert out["$defs"]["d"]["anyOf"][0]["pattern"] == NOT_SPACE
     assert out["$defs"]["e"] == {"default": {"pattern": SPACE}, "examples": [{"items": {"pattern": NOT_SPACE}}]}
     assert schema["properties"]["pattern"]["pattern"] == r"\s"  # a copy: the request's schema is left as sent
     assert ecma_patterns(None) is None
+
+
+def test_data_no_ref_reads_is_left_as_sent() -> None:
+    """`default` and `examples` data is read as a schema only where a `$ref` points into it (there, and in what it
+    holds, its patterns are rewritten); the rest nothing reads: each `\\s` rewritten grew it 30 times."""
+    data = {"pattern": r"\s", "items": {"pattern": r"\S"}, "default": {"pattern": r"\s"}}
+    schema = {"type": "object", "default": data, "examples": [data, data],
+              "properties": {"a": {"$ref": "#/$defs/read/default/items"}},
+              "$defs": {"read": {"default": data, "examples": [data]}}}
+    out = ecma_patterns(schema)
+    assert out["$defs"]["read"]["default"] == {"pattern": r"\s", "items": {"pattern": NOT_SPACE},
+                                               "default": {"pattern": r"\s"}}
+    assert {"default": out["default"], "examples": out["examples"]} == {"default": data, "examples": [data, data]}
+    assert out["$defs"]["read"]["examples"] == [data]
+    long = {"type": "integer", "examples": [{"pattern": r"\s" * 1000}] * 5}
+    assert ecma_patterns(long) == long
+    assert ecma_patterns({"$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}) == {
+        "$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}  # refused later (LongReference)
 
 
 @pytest.fixture(scope="module")

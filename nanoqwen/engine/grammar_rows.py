@@ -295,6 +295,14 @@ class _Empty:
         return [count <= 0 for count in needs]
 
 
+@dataclass
+class SchemaLinks:
+    """What one walk of a JSON Schema finds (schema_links)."""
+    refs: list[tuple[tuple[str, ...], tuple[str, ...]]]  # each resolved `$ref`: where it is, where it points
+    alternated: list[tuple[dict, list[list[Any]]]]  # each node with alternatives, before the ones inside it
+    in_data: list[tuple[dict, str]]  # each object of data read as a schema (a `$ref`'s target or in one), its keyword
+
+
 def schema_weight(schema: Any) -> int:
     """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
     to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
@@ -302,52 +310,8 @@ def schema_weight(schema: Any) -> int:
     (llguidance flattens them: 4 of 600 erred as 2,400). A `$ref` is resolved as llguidance resolves it, against the
     `$id`s of the subschemas it is in: a JSON pointer (`#`, `#/$defs/x`) or an `$anchor` (`#x`) in its resource, or
     another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did."""
-    sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
-    resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
-    anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
-    joined: dict[tuple[str, str], tuple[str, str] | None] = {}  # _join's, by (base, reference)
-    alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
-    # each data keyword's value (by id), and its base URI: a $ref may point into it (llguidance resolves a pointer
-    # anywhere and reads its target as a schema), the $refs and alternatives of that target counted only then
-    data: dict[int, str] = {}
-    walked: set[int] = set()  # the ids of the data objects walked as schemas
-
-    def walk(start: Any, at: tuple[str, ...], start_base: str, in_data: bool) -> None:
-        """Each subschema of `start` (at path `at`): its `$ref`s, alternatives, `$id`s and `$anchor`s (found in the
-        schema only: in data llguidance registers none), and, in the schema, its data keywords' values."""
-        stack: list[tuple[Any, tuple[str, ...], str]] = [(start, at, start_base)]  # (node, its path, its base URI)
-        while stack:
-            node, path, base = stack.pop()
-            if isinstance(node, dict):
-                if not node or id(node) in walked:
-                    continue
-                if in_data:
-                    walked.add(id(node))
-                if isinstance(ident := node.get("$id"), str) and (resolved := _join(base, ident, joined)) is not None:
-                    base = resolved[0]
-                if not in_data and (not path or isinstance(ident, str)):
-                    resources.setdefault(base, path)
-                if not in_data and isinstance(node.get("$anchor"), str):
-                    anchors.setdefault((base, node["$anchor"]), path)
-                if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
-                    alternated.append((node, options))
-                if isinstance(node.get("$ref"), str):
-                    sent.append((path, base, node["$ref"]))
-                stack.extend((value, (*path, *keys), base) for keys, value in subschemas(node))
-                if not in_data:
-                    data.update((id(node[key]), base) for key in DATA_KEYWORDS & node.keys()
-                                if isinstance(node[key], (dict, list)))
-            elif isinstance(node, list):
-                stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
-
-    walk(schema, (), "", False)
-    refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-    for path, base, ref in sent:  # grows as a target in data is walked
-        if (target := _target(ref, base, resources, anchors, joined)) is None:
-            continue
-        refs.append((path, target))
-        if (found := _in_data(schema, target, data)) is not None:
-            walk(found[0], target, found[1], True)
+    found = schema_links(schema)
+    refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
     for node, options in reversed(alternated):
         width[id(node)] = max(sum(width.get(id(option), 1) for option in listed) for listed in options)
@@ -380,9 +344,66 @@ def schema_weight(schema: Any) -> int:
     return widest + _heaviest(links, {}, wide=False)
 
 
-def _in_data(schema: Any, target: tuple[str, ...], data: dict[int, str]) -> tuple[dict, str] | None:
-    """The object at `target` and its base URI where the way to it passes a data keyword's value (`data`), else
-    None (not there, not an object, or in the schema: walked already)."""
+def schema_links(schema: Any) -> SchemaLinks:
+    """Each `$ref` of a schema resolved, as llguidance resolves it (schema_weight), its alternatives, and the objects
+    of its data keywords' values a `$ref` points into, with what they hold, walked as llguidance reads them: as
+    schemas (the `$ref`s in them resolved in turn)."""
+    sent: list[tuple[tuple[str, ...], str, str]] = []  # (where a $ref is, its resource's base URI, the $ref)
+    resources: dict[str, tuple[str, ...]] = {}  # by `$id` (resolved, no fragment): where its subschema is
+    anchors: dict[tuple[str, str], tuple[str, ...]] = {}  # by (resource, `$anchor`)
+    joined: dict[tuple[str, str], tuple[str, str] | None] = {}  # _join's, by (base, reference)
+    alternated: list[tuple[dict, list[list[Any]]]] = []  # each node with alternatives, before the ones inside it
+    # each data keyword's value (by id), its base URI and the keyword: a $ref may point into it (llguidance resolves a
+    # pointer anywhere and reads its target as a schema), the $refs and alternatives of that target counted only then
+    data: dict[int, tuple[str, str]] = {}
+    walked: set[int] = set()  # the ids of the data objects walked as schemas (in_data's)
+    in_data: list[tuple[dict, str]] = []
+
+    def walk(start: Any, at: tuple[str, ...], start_base: str, keyword: str | None) -> None:
+        """Each subschema of `start` (at path `at`): its `$ref`s, alternatives, `$id`s and `$anchor`s (found in the
+        schema only: in data llguidance registers none), and, in the schema, its data keywords' values. `keyword`:
+        None in the schema, else the data keyword `start` is in."""
+        stack: list[tuple[Any, tuple[str, ...], str]] = [(start, at, start_base)]  # (node, its path, its base URI)
+        while stack:
+            node, path, base = stack.pop()
+            if isinstance(node, dict):
+                if not node or id(node) in walked:
+                    continue
+                if keyword is not None:
+                    walked.add(id(node))
+                    in_data.append((node, keyword))
+                if isinstance(ident := node.get("$id"), str) and (resolved := _join(base, ident, joined)) is not None:
+                    base = resolved[0]
+                if keyword is None and (not path or isinstance(ident, str)):
+                    resources.setdefault(base, path)
+                if keyword is None and isinstance(node.get("$anchor"), str):
+                    anchors.setdefault((base, node["$anchor"]), path)
+                if options := [node[key] for key in ("anyOf", "oneOf") if isinstance(node.get(key), list)]:
+                    alternated.append((node, options))
+                if isinstance(node.get("$ref"), str):
+                    sent.append((path, base, node["$ref"]))
+                stack.extend((value, (*path, *keys), base) for keys, value in subschemas(node))
+                if keyword is None:
+                    data.update((id(node[key]), (base, key)) for key in DATA_KEYWORDS & node.keys()
+                                if isinstance(node[key], (dict, list)))
+            elif isinstance(node, list):
+                stack.extend((value, (*path, str(i)), base) for i, value in enumerate(node))
+
+    walk(schema, (), "", None)
+    refs: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    for path, base, ref in sent:  # grows as a target in data is walked
+        if (target := _target(ref, base, resources, anchors, joined)) is None:
+            continue
+        refs.append((path, target))
+        if (found := _in_data(schema, target, data)) is not None:
+            walk(found[0], target, found[1], found[2])
+    return SchemaLinks(refs, alternated, in_data)
+
+
+def _in_data(schema: Any, target: tuple[str, ...],
+             data: dict[int, tuple[str, str]]) -> tuple[dict, str, str] | None:
+    """The object at `target`, its base URI and its data keyword where the way to it passes a data keyword's value
+    (`data`), else None (not there, not an object, or in the schema: walked already)."""
     node, base = schema, None
     for part in target:
         if isinstance(node, dict) and part in node:
@@ -393,7 +414,7 @@ def _in_data(schema: Any, target: tuple[str, ...], data: dict[int, str]) -> tupl
             return None
         if base is None:
             base = data.get(id(node))
-    return (node, base) if base is not None and isinstance(node, dict) else None
+    return (node, *base) if base is not None and isinstance(node, dict) else None
 
 
 def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],

@@ -10,7 +10,8 @@ BLOCK = 64  # columns a scale covers in the kernel
 def act_block8(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """x: [..., K] -> [..., K] float64, each value s * q: s = max |x| / 127 over its `block` columns (0: its whole
     row) and q = round(x * (1 / s)) in [-127, 127], nearest even, in fp32 as the kernel computes them, so q and s are
-    the kernel's bit for bit; a block of zeros (or of subnormal scale) is 0. float64 holds each s * q exactly."""
+    the kernel's bit for bit where the row is finite (a row with a NaN or inf: the kernel's scales are all NaN); a block
+    of zeros (or of subnormal scale) is 0. float64 holds each s * q exactly."""
     width = block or x.shape[-1]
     parts = x.float().reshape(*x.shape[:-1], x.shape[-1] // width, width)
     step = parts.abs().amax(dim=-1, keepdim=True) / 127
