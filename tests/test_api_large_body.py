@@ -103,8 +103,8 @@ def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pyt
     finally:
         engine.shutdown()
     assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded"
-    seen = [thread for threads in recorded.values() for thread in threads]
-    assert len(seen) >= 3 and threading.get_ident() not in seen
+    assert sorted(recorded) == ["template", "template_messages", "template_tools"]
+    assert not any(threading.get_ident() in threads for threads in recorded.values())
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +280,7 @@ def test_a_small_responses_conversation_is_made_on_the_loop(
 
 
 @pytest.mark.parametrize(("path", "body", "status", "owner", "check"), [
-    ("/detokenize", {"tokens": [*[100] * 20000, 10**9]}, 400, tokenize, "_decode"),
+    ("/detokenize", {"tokens": [*[100] * 20000, 10**9]}, 400, tokenize, "_check_vocabulary"),
     ("/v1/completions", {"prompt": [100] * 500, "echo": True, "max_tokens": 1}, 200, completions, "_echoes"),
 ])
 def test_token_ids_are_checked_against_the_vocabulary_off_the_loop(
