@@ -199,7 +199,7 @@ def test_a_stored_responses_input_items_are_encoded_once(
 def test_a_responses_tools_are_encoded_once(
         served: FlaskClient, monkeypatch: pytest.MonkeyPatch, fields: dict[str, bool]) -> None:
     """A background snapshot answered as the store encoded it, a response not stored written with its tools' encoding
-    (echoed_tools' inside): Flask encoded them again, 4,000 tools 18-50 ms on the loop. Its status, content type and
+    (echoed_tools' inside): Flask encoded them again, 4,000 tools 14-40 ms on the loop. Its status, content type and
     bytes are those Flask wrote."""
     description = "a tool encoded once " * 10
     tools = [{"type": "function", "name": f"f{i}", "description": description} for i in range(3)]
