@@ -24,7 +24,9 @@ def test_only_a_class_escape_is_spelled_out() -> None:
     assert ecma_pattern("a\\") == "a\\"  # a trailing backslash stays the grammar engine's error
 
 
-def test_patterns_are_found_in_subschemas_and_not_in_values() -> None:
+def test_patterns_are_found_in_subschemas_and_not_in_const_or_enum_values() -> None:
+    """Wherever a schema is read, `default` or `examples` data a `$ref` points into too; a const or enum value is
+    left alone, even where a `$ref` points into it."""
     schema = {
         "type": "object",
         "properties": {"pattern": {"type": "string", "pattern": r"\s"},  # a property named "pattern"

@@ -548,7 +548,7 @@ class ChatPrompt(Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     _chars: int | None = PrivateAttr(None)  # template_chars'
-    _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the size and the template
+    _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the template
 
     @model_validator(mode="after")
     def _measured(self) -> ChatPrompt:

@@ -61,13 +61,19 @@ class TokenizeService:
 
 
 def _decode(tokenizer: Any, vocab: int, ids: list[int]) -> str:
-    """The ids' text, each checked against the model's vocabulary first (a prompt's bound), in the thread that decodes
-    them: a loop over 60,000 ids is milliseconds on the event loop. An id the tokenizer lacks (Qwen3's embedding has
-    151,936 rows, its tokenizer 151,669 ids) decodes to nothing, as vLLM's /detokenize (the tokenizer's decode)."""
+    """The ids' text, each checked against the model's vocabulary first, in the thread that decodes them. An id the
+    tokenizer lacks (Qwen3's embedding has 151,936 rows, its tokenizer 151,669 ids) decodes to nothing, as vLLM's
+    /detokenize (the tokenizer's decode)."""
+    _check_vocabulary(vocab, ids)
+    return tokenizer.decode(ids)
+
+
+def _check_vocabulary(vocab: int, ids: list[int]) -> None:
+    """A 400 naming the first id past the model's vocabulary (a prompt's bound): a loop over 60,000 ids is
+    milliseconds, run off the event loop (_decode)."""
     if (bad := next((i for i, t in enumerate(ids) if not 0 <= t < vocab), None)) is not None:
         raise APIError(400, f"Invalid value for 'tokens.[{bad}]': token ids must be in [0, {vocab})",
                        param=f"tokens.[{bad}]")
-    return tokenizer.decode(ids)
 
 
 def parse_tokenize_request(body: Any, budget: Budget) -> TokenizePromptRequest | TokenizeChatRequest:

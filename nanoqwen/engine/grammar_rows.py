@@ -434,7 +434,7 @@ def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
 def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, str] | None:
     """`reference` (an `$id`, a `$ref`) resolved against `base`: its URI and its fragment (unquoted), cached in
     `joined`; None where it is no URI (`http://[::1`: no link, as llguidance resolves nothing there); LongReference
-    where `base` passes LONG_URI (a URN joins nothing)."""
+    where `base` passes LONG_URI."""
     if (base, reference) in joined:
         return joined[base, reference]
     _short(base)  # before the try: LongReference is a ValueError

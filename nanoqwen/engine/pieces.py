@@ -15,7 +15,7 @@ QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 PIECE_CHARS = 1 << 16  # a plain text's piece: ~30k tokens, an encoding freed in a few ms
 # word_pieces' cuts, each after a match's first character: a space between two ASCII letters, two ASCII digits, and
-# a kana, Hangul syllable or CJK ideograph (those of Unicode 2.0: letters to any tokenizer's tables) before a comma,
+# a kana, Hangul syllable or CJK ideograph (long-assigned ones: letters to any tokenizer's tables) before a comma,
 # full stop or other common CJK punctuation mark (a text of CJK, or of digits, had no cut: one encoding of millions of
 # tokens, freed in one call holding the GIL)
 _CUT = re.compile("[A-Za-z] [A-Za-z]|[0-9][0-9]|[ぁ-ゖァ-ヺ一-龥가-힣][，。、；：？！]")
@@ -43,13 +43,13 @@ def word_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
     start = 0
     window = start + size
     while window < len(text):
-        # one short C call a window, never a scan of the whole text; a gap may start at its last character
-        gap = _CUT.search(text, window, window + size + 2)
-        if gap is None:
+        # one short C call a window, never a scan of the whole text; a cut's match may start at its last character
+        cut = _CUT.search(text, window, window + size + 2)
+        if cut is None:
             window += size
             continue
-        pieces.append(text[start:gap.start() + 1])
-        start = gap.start() + 1
+        pieces.append(text[start:cut.start() + 1])
+        start = cut.start() + 1
         window = start + size
     return [*pieces, text[start:]]
 
@@ -58,7 +58,8 @@ def words_split(tokenizer: Any) -> bool:
     """Whether word_pieces' cut keeps `tokenizer`'s (a fast tokenizer's) tokens: Qwen's normaliser and pre-tokenizer
     (QWEN_SPLIT, then bytes), and no added token that holds a character a cut stands next to, or strips a space."""
     backend = tokenizer.backend_tokenizer
-    # no normaliser keeps the cut's argument as NFC does (NFC composes nothing across a space)
+    # no normaliser keeps the cut's argument as NFC does (NFC composes nothing across a cut: a space, a digit or a
+    # CJK punctuation mark follows it)
     normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else {"type": "NFC"}
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     steps = pre.get("pretokenizers", [])
