@@ -1,8 +1,10 @@
 """Hostile load through a real gunicorn server: what the soak (profiles/soak.py) found, and a short soak."""
 from __future__ import annotations
 
+import copy
 import gc
 import json
+import pickle
 import random
 import socket
 import sys
@@ -121,6 +123,8 @@ def test_an_encoded_list_does_not_change() -> None:
         with pytest.raises(TypeError):
             change(encoded)
     assert encoded == items and encode.encode_text({"e": encoded}) == f'{{"e":{encode.compact_json(items)}}}'
+    for copied in (copy.copy(encoded), copy.deepcopy(encoded), pickle.loads(pickle.dumps(encoded))):
+        assert type(copied) is encode.EncodedList and copied == items and copied.json == encoded.json
 
 
 def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from nanoqwen.api import schema_patterns
 from nanoqwen.api.schema_patterns import ECMA_SPACE, ecma_pattern, ecma_patterns
-from nanoqwen.engine.grammar import Grammars
+from nanoqwen.engine.grammar import MAX_RULES, Grammars
+from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
@@ -65,6 +67,23 @@ def test_data_no_ref_reads_is_left_as_sent() -> None:
     assert ecma_patterns(long) == long
     assert ecma_patterns({"$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}) == {
         "$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}  # refused later (LongReference)
+
+
+def test_refs_are_resolved_only_for_data_of_a_schema_the_rule_count_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A schema check_bounds' cheap count refuses (each `$ref` twice past MAX_RULES) is not resolved for its data,
+    even with `"examples": []`; one it takes is."""
+    calls: list[object] = []
+    monkeypatch.setattr(schema_patterns, "schema_links", lambda schema: calls.append(schema) or real_links(schema))
+    refs = MAX_RULES // 2
+    for count, resolved in ((refs, 1), (refs + 1, 0)):
+        calls.clear()
+        schema = {"type": "array", "examples": [], "$defs": {"a": {"type": "integer"}},
+                  "prefixItems": [{"$ref": "#/$defs/a"}] * count}
+        ecma_patterns(schema)
+        assert len(calls) == resolved, count
+    calls.clear()
+    ecma_patterns({"type": "array", "prefixItems": [{"$ref": "#/$defs/a"}] * 10, "$defs": {"a": {}}})
+    assert calls == []  # no data: nothing to resolve for
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ class EncodedList(list):
     """A list encoded once, where it is made: encode_text writes `json` for it wherever it is repeated (a response's
     echoed tools, in each event that carries the response and in the store's copies: 4,000 tools held the loop
     ~0.2 s a stream). Anything else encodes it as the list it is. Its mutators raise, since `json` would go stale (a
-    list still, not a tuple: it equals the list it encodes, as the parsed answers do)."""
+    list still, not a tuple: it equals the list it encodes, as the parsed answers do); the items are not guarded: a
+    dict changed inside it goes stale too, so nothing changes a tool after it is echoed."""
 
     def __init__(self, items: list[Any]) -> None:
         super().__init__(items)
@@ -29,6 +30,9 @@ class EncodedList(list):
 
     append = extend = insert = remove = pop = clear = sort = reverse = _unchanged
     __setitem__ = __delitem__ = __iadd__ = __imul__ = _unchanged
+
+    def __reduce__(self) -> tuple[type, tuple[list[Any]]]:  # copy and pickle rebuild it whole, not by append
+        return EncodedList, (list(self),)
 
 
 def _whole(value: Any) -> bool:
