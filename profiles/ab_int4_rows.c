@@ -257,17 +257,6 @@ static void ab_il_arrange(const int8_t *q, int M, int K) {
                     }
 }
 
-/* The 4 blocks' 8 nibble vectors (u[2v] low, u[2v + 1] high) times a row's 256 activations at q: lanes b, 4 + b. */
-INLINE __m256i ab_il_products(const __m256i u[8], const int8_t *q) {
-    const __m256i *p = (const __m256i *)q;
-    __m256i s[4];
-    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
-        s[v] = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(p + 2 * v)),
-                                _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(p + 2 * v + 1)));
-    const __m256i t = _mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3]));
-    return _mm256_madd_epi16(t, _mm256_set1_epi16(1));
-}
-
 static void ab_il_chunk(const void *ctx, long chunk) {
     const struct ubs_args *a = ctx;
     const int K = a->K;
@@ -285,7 +274,7 @@ static void ab_il_chunk(const void *ctx, long chunk) {
                     _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
                         ubs_nibbles(w + 128 * i + 32 * v, &u[2 * v], &u[2 * v + 1]);
                     ubs_scales(a, n + i, 4 * c, H2, &ws);
-                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_il_products(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
+                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
                                            f[i]);
                 }
             }
@@ -303,7 +292,7 @@ static void ab_il_chunk(const void *ctx, long chunk) {
             ubs_scales(a, n, 4 * c, H2, &ws);
             _Pragma("GCC unroll 8") for (int r = 0; r < MAXM; r++) {
                 const __m256 sc = _mm256_mul_ps(ws, _mm256_load_ps(a->a + ((long)r * (K / 256) + c) * 8));
-                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_il_products(u, a->q + ((long)c * MAXM + r) * 256)),
+                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q + ((long)c * MAXM + r) * 256)),
                                                       sc, _mm256_load_ps(f[r])));
             }
         }
