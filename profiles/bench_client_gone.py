@@ -4,7 +4,8 @@ head; (b) a stream queued behind a full batch, closed likewise; (c) TLS ClientHe
 Prints seconds from the close (the send, for c) until the request left the engine (a, b) or the answer came (c),
 with how it was counted and the tokens generated meanwhile.
 
-`python profiles/bench_client_gone.py --trees /tmp/base . [--repeats 5] [--hello-timeout 80]`
+`python profiles/bench_client_gone.py --trees /tmp/base . [--repeats 5] [--hello-timeout 80] [--env NAME=VALUE ...]`
+(`--env`: settings for every server on top of the fp32 CPU ones, e.g. NANOQWEN_QUANT=int8 or NANOQWEN_DTYPE=bfloat16)
 """
 from __future__ import annotations
 
@@ -112,15 +113,18 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", type=Path, required=True, help="source trees to serve from")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hello-timeout", type=float, default=80.0)
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="more server settings")
     args = parser.parse_args()
+    env = dict(setting.split("=", 1) for setting in args.env)
     out = Path("profiles/out")
     out.mkdir(parents=True, exist_ok=True)
     servers = {}
     for i, tree in enumerate(args.trees):
-        srv = GunicornServer(cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="1024"), out / f"client_gone_{i}.log")
+        settings = {"NANOQWEN_MAX_MODEL_LEN": "1024", **env}
+        srv = GunicornServer(cpu_env(make_checkpoint(), **settings), out / f"client_gone_{i}.log")
         srv._cwd = tree.resolve()
         servers[str(tree)] = srv
-    print(f"load average at the start: {os.getloadavg()}")
+    print(f"load average at the start: {os.getloadavg()}; settings: {env}")
     with serving_together(servers) as running:
         results: dict[str, dict[str, list[str]]] = {t: {"tool": [], "queued": [], "hello": []} for t in running}
         for _ in range(args.repeats):
