@@ -1,15 +1,14 @@
 """JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
 made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
 `\\s` / `\\S` of a schema's patterns becomes ECMA's class, spelled as Rust's with U+FEFF added and U+0085 taken away
-(a class-set difference, a nested class inside a class; 18 characters where ECMA's list took 72: a 1.5 MB body of
-`\\s` compiled 33 s before its 400, profiles/RESULTS.md lane edges27), and those of the `default` and `examples` data a
-`$ref` points into, which llguidance reads as a schema (engine/grammar_rows.schema_links); other data nothing reads:
-kept as sent (lane gaps26). A schema's patterns, rewritten, past MAX_PATTERN_CHARS in all are refused: llguidance
-builds its lexer from their text at several seconds a megabyte, on a compile thread other requests' grammars wait for.
-`const` and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in
-them (as Rust's) refused. vLLM's
-`structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark grammar
-(`%json{...}`) is the grammar engine's, not rewritten either."""
+(a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
+`default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
+schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
+MAX_PATTERN_CHARS in all are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile
+thread other requests' grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane
+edges27). `const` and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads
+a `\\s` in them (as Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like
+Unicode classes; a schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
 
 import json
