@@ -204,7 +204,8 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     request sent again finds its grammar before its schemas' patterns are rewritten (or its Lark converted)."""
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
     rewritten: list[Any] = []
-    monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
+    monkeypatch.setattr(structured, "ecma_patterns",
+                        lambda schema, param: rewritten.append(schema) or ecma_patterns(schema, param))
     tools = [ToolSpec("f", FLAG, strict=True)]
     answer = structured.JsonAnswer({"type": "object", "properties": {"a": {"type": "integer"}}}, False, "text.format")
     key = structured._tool_calls_key(tools, False, answer, True)
@@ -226,7 +227,8 @@ def test_a_request_queued_behind_one_that_sent_the_same_finds_its_grammar_before
     key = structured._json_key(*args)
     first = structured._made(grammars, key, structured._json_key, structured._json_schema, *args)
     rewritten: list[Any] = []
-    monkeypatch.setattr(structured, "ecma_patterns", lambda schema: rewritten.append(schema) or ecma_patterns(schema))
+    monkeypatch.setattr(structured, "ecma_patterns",
+                        lambda schema, param: rewritten.append(schema) or ecma_patterns(schema, param))
     assert structured._made(grammars, key, structured._json_key, structured._json_schema, *args) is first
     assert not rewritten
 
@@ -571,7 +573,7 @@ def test_the_old_drafts_dependencies_hold_subschemas_named_by_property() -> None
     with pytest.raises(InvalidRequest, match="parser row") as refused:
         grammar_module.check_json_schema(schema, False, "response_format")
     assert refused.value.param == "response_format"
-    assert ecma_patterns(schema)["dependencies"]["default"]["pattern"] != r"\s"
+    assert ecma_patterns(schema, "response_format")["dependencies"]["default"]["pattern"] != r"\s"
     data = {"properties": {"properties": {"default": {"$ref": "#/$defs/a"}}}, "$defs": {"a": {"type": "string"}}}
     assert grammar_rows.schema_weight(data) == 0
 

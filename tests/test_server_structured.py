@@ -166,6 +166,36 @@ def test_schema_patterns_are_ecma_regexes(server: GunicornServer, escape: str, b
     assert (value[1] == biased) == ECMA_CLASSES[escape](biased), (escape, value)
 
 
+def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornServer) -> None:
+    """A schema whose patterns, `\\s` spelled out as ECMA's class, pass schema_patterns.MAX_PATTERN_CHARS (4,000 `\\s`:
+    8,000 characters sent, 72,000 rewritten) is the 400 naming the field that sent it, in chat and in Responses; 3,000
+    (54,000) are served."""
+    def schema(count: int) -> dict[str, Any]:
+        return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^" + "\\s" * count + "$"}},
+                "required": ["k"], "additionalProperties": False}
+
+    client = server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="patterns are longer than") as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema(4_000)}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+    with pytest.raises(openai.BadRequestError, match="patterns are longer than") as refused:
+        client.responses.create(model=MODEL, input="hi", max_output_tokens=16, text={"format": {
+            "type": "json_schema", "name": "s", "schema": schema(4_000), "strict": True}})
+    assert refused.value.body["param"] == "text.format", refused.value.body
+    answer = _create(server, max_tokens=4, response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": schema(3_000), "strict": True}})
+    assert answer.choices[0].message.content.startswith('{"k": "'), answer
+
+
+def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:
+    """llguidance reads it as a schema with Rust's `\\s` (it took U+0085, refused U+FEFF), and the const value must
+    match as sent: not rewritten, refused."""
+    schema = {"$ref": "#/$defs/c/const", "$defs": {"c": {"const": {"type": "string", "pattern": "^a\\s$"}}}}
+    with pytest.raises(openai.BadRequestError, match="in const data") as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+
+
 def test_greedy_json_schema_and_json_object(server: GunicornServer) -> None:
     greedy = _create(server, response_format=PERSON_FORMAT, temperature=0)
     jsonschema.validate(json.loads(greedy.choices[0].message.content), PERSON)

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.api import schema_patterns
-from nanoqwen.api.schema_patterns import ECMA_SPACE, ecma_pattern, ecma_patterns
+from nanoqwen.api.schema_patterns import CLASS_ESCAPES, MAX_PATTERN_CHARS, ecma_pattern, ecma_patterns
 from nanoqwen.engine.grammar import MAX_RULES, Grammars
 from nanoqwen.engine.grammar_rows import schema_links as real_links
+from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
-SPACE, NOT_SPACE = f"[{ECMA_SPACE}]", f"[^{ECMA_SPACE}]"
+SPACE, NOT_SPACE = CLASS_ESCAPES["s"], CLASS_ESCAPES["S"]
+FIELD = "response_format"
 
 
 def test_only_a_class_escape_is_spelled_out() -> None:
@@ -28,7 +31,7 @@ def test_only_a_class_escape_is_spelled_out() -> None:
 
 def test_patterns_are_found_in_subschemas_and_not_in_const_or_enum_values() -> None:
     """Wherever a schema is read, `default` or `examples` data a `$ref` points into too; a const or enum value is
-    left alone, even where a `$ref` points into it."""
+    left alone."""
     schema = {
         "type": "object",
         "properties": {"pattern": {"type": "string", "pattern": r"\s"},  # a property named "pattern"
@@ -37,18 +40,17 @@ def test_patterns_are_found_in_subschemas_and_not_in_const_or_enum_values() -> N
         "patternProperties": {r"^\s": {"enum": [r"\s"]}},
         "$defs": {"d": {"anyOf": [{"pattern": r"\S"}]},  # below, data a `$ref` points into: llguidance's schemas
                   "e": {"default": {"pattern": r"\s"}, "examples": [{"items": {"pattern": r"\S"}}]}},
-        "allOf": [{"$ref": "#/$defs/e/default"}, {"$ref": "#/$defs/e/examples/0"},
-                  {"$ref": "#/properties/const/const"}],
+        "allOf": [{"$ref": "#/$defs/e/default"}, {"$ref": "#/$defs/e/examples/0"}],
     }
-    out = ecma_patterns(schema)
+    out = ecma_patterns(schema, FIELD)
     assert out["properties"]["pattern"]["pattern"] == SPACE
-    assert out["properties"]["const"] == {"const": {"pattern": r"\s"}}  # a $ref into it: still the value to match
+    assert out["properties"]["const"] == {"const": {"pattern": r"\s"}}  # the value to match
     assert out["properties"]["list"]["items"][0]["pattern"] == SPACE
     assert out["patternProperties"] == {f"^{SPACE}": {"enum": [r"\s"]}}
     assert out["$defs"]["d"]["anyOf"][0]["pattern"] == NOT_SPACE
     assert out["$defs"]["e"] == {"default": {"pattern": SPACE}, "examples": [{"items": {"pattern": NOT_SPACE}}]}
     assert schema["properties"]["pattern"]["pattern"] == r"\s"  # a copy: the request's schema is left as sent
-    assert ecma_patterns(None) is None
+    assert ecma_patterns(None, FIELD) is None
 
 
 def test_data_no_ref_reads_is_left_as_sent() -> None:
@@ -58,14 +60,15 @@ def test_data_no_ref_reads_is_left_as_sent() -> None:
     schema = {"type": "object", "default": data, "examples": [data, data],
               "properties": {"a": {"$ref": "#/$defs/read/default/items"}},
               "$defs": {"read": {"default": data, "examples": [data]}}}
-    out = ecma_patterns(schema)
+    out = ecma_patterns(schema, FIELD)
     assert out["$defs"]["read"]["default"] == {"pattern": r"\s", "items": {"pattern": NOT_SPACE},
                                                "default": {"pattern": r"\s"}}
     assert {"default": out["default"], "examples": out["examples"]} == {"default": data, "examples": [data, data]}
     assert out["$defs"]["read"]["examples"] == [data]
     long = {"type": "integer", "examples": [{"pattern": r"\s" * 1000}] * 5}
-    assert ecma_patterns(long) == long
-    assert ecma_patterns({"$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}) == {
+    assert ecma_patterns(long, FIELD) == long
+    sent = {"$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}
+    assert ecma_patterns(sent, FIELD) == {
         "$id": "http://x/" + "a" * 3000, "$ref": "#/default", "default": data}  # refused later (LongReference)
 
 
@@ -79,11 +82,51 @@ def test_refs_are_resolved_only_for_data_of_a_schema_the_rule_count_takes(monkey
         calls.clear()
         schema = {"type": "array", "examples": [], "$defs": {"a": {"type": "integer"}},
                   "prefixItems": [{"$ref": "#/$defs/a"}] * count}
-        ecma_patterns(schema)
+        ecma_patterns(schema, FIELD)
         assert len(calls) == resolved, count
     calls.clear()
-    ecma_patterns({"type": "array", "prefixItems": [{"$ref": "#/$defs/a"}] * 10, "$defs": {"a": {}}})
+    ecma_patterns({"type": "array", "prefixItems": [{"$ref": "#/$defs/a"}] * 10, "$defs": {"a": {}}}, FIELD)
     assert calls == []  # no data: nothing to resolve for
+
+
+@pytest.mark.parametrize("keyword, value, pointer", [
+    ("const", {"type": "string", "pattern": r"^a\s$"}, ""), ("enum", [1, {"pattern": r"\S"}], "/1"),
+    ("const", {"items": {"patternProperties": {r"\s": {}}}}, "/items"),
+])
+def test_a_ref_reading_a_space_class_in_const_or_enum_data_is_refused(keyword: str, value: Any, pointer: str) -> None:
+    """llguidance reads a `$ref`'s target in const or enum data as a schema, its `\\s` Rust's (U+0085 in, U+FEFF out),
+    and the value must match as sent: not rewritten, the 400 naming the field. Without a `\\s`, or with no `$ref`
+    reading it, the value is served as sent."""
+    schema = {"$ref": f"#/$defs/c/{keyword}{pointer}", "$defs": {"c": {keyword: value}}}
+    with pytest.raises(InvalidRequest, match=f"in {keyword} data") as refused:
+        ecma_patterns(schema, "tools")
+    assert refused.value.param == "tools"
+    plain = {"$ref": f"#/$defs/c/{keyword}{pointer}", "$defs": {"c": {keyword: json.loads(
+        json.dumps(value).replace("\\\\s", "b").replace("\\\\S", "b"))}}}
+    assert ecma_patterns(plain, FIELD) == plain
+    unread = {"type": "object", "$defs": {"c": {keyword: value}}, "properties": {"a": {"$ref": "#/$defs/c"}}}
+    assert ecma_patterns(unread, FIELD) == unread
+
+
+def test_patterns_past_their_bound_are_refused_naming_the_field() -> None:
+    """A schema's patterns and patternProperties keys, rewritten (each `\\s` ECMA's class, in `$ref`-read data too),
+    count against MAX_PATTERN_CHARS in all: past it, the 400 naming the field, before llguidance builds a lexer from
+    them (a 1.5 MB body of `\\s` held a compile thread 30 s; as ECMA's list, a `\\s` grew 37 times)."""
+    assert len(ecma_pattern(r"\s")) <= 18 and len(ecma_pattern(r"\S")) <= 19
+    within = MAX_PATTERN_CHARS // len(SPACE)
+    spaces = r"\s" * within
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": spaces}}}
+    assert ecma_patterns(schema, FIELD)["properties"]["a"]["pattern"] == SPACE * within
+    passed = [{"type": "object", "properties": {"a": {"type": "string", "pattern": spaces + "a" * len(SPACE)}}},
+              {"type": "object", "patternProperties": {spaces: {}}, "properties": {"b": {"pattern": r"\s" * 3}}},
+              {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"pattern": spaces, "items": {"pattern": "b"}}}},
+               "pattern": "a" * len(SPACE)}]
+    for schema in passed:
+        with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters") as refused:
+            ecma_patterns(schema, "text.format")
+        assert refused.value.param == "text.format"
+    unread = {"type": "integer", "examples": [{"pattern": spaces * 2}]}  # data nothing reads: not counted
+    assert ecma_patterns(unread, FIELD) == unread
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +148,7 @@ def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizer
                                                   escape: str, char: str, ecma: bool) -> None:
     """Every token of the JSON string `"a<char>"` is taken by the grammar of `^a<escape>$` exactly where ECMA's
     class holds the character (llguidance alone takes Rust's `\\s`: the U+FEFF and U+0085 cases fail)."""
-    schema = ecma_patterns({"type": "string", "pattern": f"^a{escape}$"})
+    schema = ecma_patterns({"type": "string", "pattern": f"^a{escape}$"}, FIELD)
     matcher = grammars.json_schema(schema, strict=True, param="response_format").matcher()
     tokens = tokenizer.encode(json.dumps("a" + char, ensure_ascii=False))
     assert (matcher.validate_tokens(tokens) == len(tokens)) == ecma, (tokens, matcher.validate_tokens(tokens))

@@ -1,12 +1,14 @@
 """JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
 made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
-`\\s` / `\\S` of a schema's patterns becomes ECMA's class (a nested class inside a class, which Rust regexes take),
-and those of the `default` and `examples` data a `$ref` points into, which llguidance reads as a schema
-(engine/grammar_rows.schema_links); other data nothing reads: kept as sent (a `\\s` grows 30 times rewritten: a 1 MB
-body of them in `examples` compiled ~20 times slower, profiles/RESULTS.md lane gaps26). `const` and `enum` values
-are what the answer must be, byte for byte: kept as sent. vLLM's `structured_outputs.regex` is no JSON Schema and
-keeps its Python-like Unicode classes; a schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not
-rewritten either."""
+`\\s` / `\\S` of a schema's patterns becomes ECMA's class, spelled as Rust's with U+FEFF added and U+0085 taken away
+(a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
+`default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
+schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
+MAX_PATTERN_CHARS in all are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile
+thread other requests' grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane
+edges27). `const` and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads
+a `\\s` in them (as Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like
+Unicode classes; a schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
 
 import json
@@ -15,11 +17,15 @@ from typing import Any
 from nanoqwen.engine.grammar import MAX_RULES
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
 from nanoqwen.engine.schema_keywords import subschemas
+from nanoqwen.engine.validation import InvalidRequest
 
-# ECMA-262's WhiteSpace and LineTerminator: \s
-ECMA_SPACE = r"\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-CLASS_ESCAPES = {"s": f"[{ECMA_SPACE}]", "S": f"[^{ECMA_SPACE}]"}
+# ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
+CLASS_ESCAPES = {"s": r"[\x{feff}\s--\x85]", "S": r"[^\x{feff}\s--\x85]"}
+MAX_PATTERN_CHARS = 1 << 16  # a schema's patterns and patternProperties keys, rewritten, in all
 ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` reads are rewritten as schemas
+# data keywords whose values are also what the answer must be, byte for byte: a `$ref` that reads a `\s` in them is
+# refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value would no longer match as sent)
+VALUES = ("const", "enum")
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -35,36 +41,68 @@ def ecma_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def ecma_patterns(schema: Any) -> Any:
+def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
-    and in the ANNOTATIONS' data a `$ref` reads as a schema. Iterative: the schema is as deep as a body may be. The
-    `$ref`s are resolved only where the schema has ANNOTATIONS data and passes check_bounds' cheap count (each `$ref`
+    and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they pass
+    MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s` in VALUES' data. Iterative: the schema is as deep as a body may
+    be. The `$ref`s are resolved only where the schema has such data and passes check_bounds' cheap count (each `$ref`
     twice against MAX_RULES): a schema it refuses is not worth resolving (30,000 `$ref`s: 0.6 s)."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
-    refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and ANNOTATIONS data
+    refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
+    chars = 0
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            _rewrite(node)
+            chars = _counted(chars + _rewrite(node), param)
             refs += isinstance(node.get("$ref"), str)
-            data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS)
+            data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
+                _holds_objects(node.get(key)) for key in VALUES)
             stack.extend(value for _, value in subschemas(node))
     if refs and data and 2 * refs <= MAX_RULES:
         try:
-            in_data = [node for node, keyword in schema_links(out).in_data if keyword in ANNOTATIONS]
+            in_data = schema_links(out).in_data
         except LongReference:  # the schema is refused (check_bounds weighs it): its data left as sent
             in_data = []
-        for node in in_data:  # each once, with the objects in it
-            _rewrite(node)
+        for node, keyword in in_data:  # each once, with the objects in it
+            if keyword in ANNOTATIONS:
+                chars = _counted(chars + _rewrite(node), param)
+            elif _spaced(node):
+                raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s or \\S in {keyword} data, "
+                                     "which must match as sent: its class cannot be ECMA's there", param=param)
     return out
 
 
-def _rewrite(node: dict[str, Any]) -> None:
-    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, in place."""
+def _rewrite(node: dict[str, Any]) -> int:
+    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, in place; their length."""
+    chars = 0
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
+        chars += len(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
+        chars += sum(map(len, node["patternProperties"]))
+    return chars
+
+
+def _holds_objects(value: Any) -> bool:
+    """Whether a const or enum value is or lists an object or array, which a `$ref` may read as a schema."""
+    return isinstance(value, dict) or isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
+
+
+def _spaced(node: dict[str, Any]) -> bool:
+    """Whether the schema object's own `pattern` or a `patternProperties` key has a `\\s` or `\\S`."""
+    patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+    if isinstance(node.get("patternProperties"), dict):
+        patterns.extend(node["patternProperties"])
+    return any(ecma_pattern(pattern) != pattern for pattern in patterns)
+
+
+def _counted(chars: int, param: str) -> int:
+    """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
+    if chars > MAX_PATTERN_CHARS:
+        raise InvalidRequest(f"invalid {param}: the schema's patterns are longer than {MAX_PATTERN_CHARS} characters "
+                             f"in all (each \\s or \\S counting {len(CLASS_ESCAPES['s'])}, ECMA's class)", param=param)
+    return chars

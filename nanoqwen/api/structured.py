@@ -223,7 +223,7 @@ def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool,
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
                  key: GrammarKey) -> Grammar:
     """Off the loop: the schema's patterns ECMA's (a copy as large as the schema) and compiled."""
-    return grammars.json_schema(ecma_patterns(schema), strict, param, no_space, key)
+    return grammars.json_schema(ecma_patterns(schema, param), strict, param, no_space, key)
 
 
 def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
@@ -257,17 +257,20 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
 def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
     """A tool as its calls follow it, patterns ECMA's. Under "auto" a lenient tool's (strict not sent: Responses'
     default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where it can be),
-    and one that can is weighed here, once; a strict or forced tool's is the 400 naming tools."""
-    parameters = ecma_patterns(tool.parameters)
-    if auto and not tool.strict and parameters:  # none: no arguments (_call_arguments' empty object), any grammar holds
-        try:
-            return replace(tool, parameters=parameters, weight=check_json_schema(parameters, False, "tools"))
-        except InvalidRequest:
-            return replace(tool, parameters=ANY_OBJECT)
-    return replace(tool, parameters=parameters)
+    and one that can is weighed here, once (patterns past schema_patterns' bound, too); a strict or forced tool's is
+    the 400 naming tools."""
+    lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
+    try:
+        parameters = ecma_patterns(tool.parameters, "tools")
+        weight = check_json_schema(parameters, False, "tools") if lenient else None
+    except InvalidRequest:
+        if not lenient:
+            raise
+        return replace(tool, parameters=ANY_OBJECT)
+    return replace(tool, parameters=parameters, weight=weight)
 
 
 def _checked_answer(answer: JsonAnswer) -> tuple[dict[str, Any], int]:
     """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field; and its weight."""
-    schema = ecma_patterns(answer.schema)
+    schema = ecma_patterns(answer.schema, answer.param)
     return schema, check_json_schema(schema, answer.strict, answer.param)
