@@ -554,8 +554,6 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
     _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
-# -- concurrency ---------------------------------------------------------------------------
-
 def test_the_files_the_loop_writes_are_in_memory(server: GunicornServer) -> None:
     """The worker's /stats snapshot (written every 0.5 s, and on each /stats), the metrics' maps and gunicorn's
     heartbeat live under /dev/shm: on a disk their writes waited behind other I/O with the event loop held (230 ms)."""
@@ -567,6 +565,8 @@ def test_the_files_the_loop_writes_are_in_memory(server: GunicornServer) -> None
     heartbeat = [path for path in opened if "/wgunicorn-" in path]
     assert heartbeat and all(path.startswith("/dev/shm/") for path in heartbeat), heartbeat
 
+
+# -- concurrency ---------------------------------------------------------------------------
 
 def test_concurrent_streams_and_exact_stats(server: GunicornServer) -> None:
     before = server_stats(server)

@@ -37,8 +37,8 @@ AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the s
 def ram_dir() -> str | None:
     """A memory-backed directory for the files the event loop writes (this worker's snapshot every PUBLISH_S, the
     metrics' maps, gunicorn's heartbeat), None where there is none (the default temporary directory then). On a disk
-    (/tmp on ext4, Docker's overlay) a snapshot's write and rename waited behind other writers' I/O: up to 230 ms,
-    with every stream and /health stalled (profiles/RESULTS.md, lane stall27)."""
+    (/tmp on ext4) a snapshot's write and rename, with the loop held, waited up to 230 ms behind another writer's I/O
+    (profiles/RESULTS.md, lane stall27)."""
     return str(RAM_DIR) if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK) else None
 
 
