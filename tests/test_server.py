@@ -554,6 +554,18 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
     _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
+def test_the_files_the_loop_writes_are_in_memory(server: GunicornServer) -> None:
+    """The worker's /stats snapshot (written every 0.5 s, and on each /stats), the metrics' maps and gunicorn's
+    heartbeat live under /dev/shm: on a disk their writes waited behind other I/O with the event loop held (230 ms)."""
+    pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
+    mapped = {line.split(maxsplit=5)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
+    metrics = [path for path in mapped if path.endswith(".db") and "/nanoqwen-" in path]  # the run directory's
+    assert metrics and all(path.startswith("/dev/shm/nanoqwen-") for path in metrics), metrics
+    opened = [str(link.readlink()) for link in Path(f"/proc/{pid}/fd").iterdir()]
+    heartbeat = [path for path in opened if "/wgunicorn-" in path]
+    assert heartbeat and all(path.startswith("/dev/shm/") for path in heartbeat), heartbeat
+
+
 # -- concurrency ---------------------------------------------------------------------------
 
 def test_concurrent_streams_and_exact_stats(server: GunicornServer) -> None:

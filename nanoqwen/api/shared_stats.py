@@ -18,6 +18,7 @@ from typing import Any
 from nanoqwen.placement import SLOT_ENV
 
 RUN_DIR_ENV = "NANOQWEN_RUN_DIR"
+RAM_DIR = Path("/dev/shm")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PUBLISH_S = 0.5  # how stale another worker's /stats entry and gauges may be
 # Speculative decoding's counts, under vLLM's names: (name, help)
@@ -33,9 +34,17 @@ WORST = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "uptime")  # 
 AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the same pool size
 
 
+def ram_dir() -> str | None:
+    """A memory-backed directory for the files the event loop writes (this worker's snapshot every PUBLISH_S, the
+    metrics' maps, gunicorn's heartbeat), None where there is none (the default temporary directory then). On a disk
+    (/tmp on ext4) a snapshot's write and rename, with the loop held, waited up to 230 ms behind another writer's I/O
+    (profiles/RESULTS.md, lane stall27)."""
+    return str(RAM_DIR) if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK) else None
+
+
 def make_run_dir() -> Path:
     """A fresh directory for one server, announced to its workers through the environment."""
-    run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-", dir=ram_dir()))
     (run_dir / "metrics").mkdir()
     (run_dir / "stats").mkdir()
     os.environ[RUN_DIR_ENV] = str(run_dir)
