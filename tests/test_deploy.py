@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_polled, post_chat, sse_events, sse_payloads
+from chat_http import MODEL, cpu_env, health_polled, post_chat, server_stats, sse_events, sse_payloads
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
 from nanoqwen import loader
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.config import resolve_threads
+from nanoqwen.sampler import MODES as SAMPLER_MODES
 from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TokenBytes
 from ops.cpu import build as cpu_build
@@ -54,13 +55,23 @@ def _logprob_bytes(entries: list[dict[str, Any]]) -> list[bytes]:
 # -- 1. compile mode inside the gevent worker ----------------------------------------------
 
 @pytest.mark.slow
-def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_checkpoint, hf_model, tmp_path):
-    """Inductor compiles in the engine thread (cc through subprocess, its compile-worker pool) while
-    another stream is running: the bucket-2 compile happens when B joins A, and A goes on after B is
-    done. Both are transformers' greedy tokens, and /health stays fast meanwhile."""
+def test_compile_mode_compiles_at_load_and_streams_transformers_tokens(tiny_checkpoint, hf_model, tmp_path):
+    """Inductor compiles in the engine thread while the model loads, every sampler mode at one row and at more: after
+    the ready line, a mix of greedy, top_k, sampled and filtered requests, alone and beside another stream, compiles
+    nothing (/stats' graph_compiles stays the load's). Greedy A, then B joining it at two rows, are transformers'
+    tokens, A goes on after B is done, and /health stays fast meanwhile."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_GRAPH="compile", NANOQWEN_KERNELS="torch",
                                  NANOQWEN_MAX_BATCH="2"), tmp_path / "gunicorn.log").start()
     try:
+        loaded = server_stats(srv)["graph_compiles"]
+        client = srv.openai_client(timeout=300)
+
+        def sampled(n: int, **params: Any) -> None:
+            client.chat.completions.create(model=MODEL, messages=_messages("Hi"), max_tokens=3, n=n, seed=1,
+                                           temperature=0.8, **params)
+
+        sampled(1, extra_body={"top_k": 5})  # the first request after the load
+        first = server_stats(srv)["graph_compiles"]
         long_n, short_n = 400, 6
         a_messages, b_messages = _messages("Tell me a long story."), _messages("Hi")
         greedy = {"model": MODEL, "temperature": 0, "ignore_eos": True, "logprobs": True}
@@ -74,7 +85,7 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
                     if payload != "[DONE]":
                         a_chunks.append((time.monotonic(), json.loads(payload)))
                     if len(a_chunks) == 3:
-                        a_started.set()  # role chunk, then two tokens: bucket 1 is compiled
+                        a_started.set()  # role chunk, then two tokens: decoding at one row
 
         a = threading.Thread(target=stream_a)
         a.start()
@@ -82,16 +93,24 @@ def test_compile_mode_under_gevent_matches_transformers_while_streaming(tiny_che
         with health_polled(srv, interval=0.1) as health:
             b_body = post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()
         b_done = time.monotonic()
+        sampled(1, top_p=0.9)  # beside A: two rows
         a.join()
+        sampled(2)
+        sampled(1)
+        sampled(2, top_p=0.9, extra_body={"top_k": 5})
+        after = server_stats(srv)["graph_compiles"]
     finally:
         srv.stop()
     assert "InductorError" not in srv.log() and "graph=compile" in srv.log()
+    # one row, then any more (marked dynamic), for each sampler mode; none in a request's time
+    assert (loaded, first, after) == (2 * len(SAMPLER_MODES),) * 3
+    assert "in a request's time" not in srv.log()
     assert _logprob_bytes(b_body["choices"][0]["logprobs"]["content"]) == _expected_bytes(
         tiny_checkpoint, hf_model, b_messages, short_n)
     a_tokens = [e for _, c in a_chunks if c["choices"] and c["choices"][0]["logprobs"]
                 for e in c["choices"][0]["logprobs"]["content"]]
     assert _logprob_bytes(a_tokens) == _expected_bytes(tiny_checkpoint, hf_model, a_messages, long_n)
-    assert any(t > b_done for t, _ in a_chunks), "A should still stream after B (and its compile) ended"
+    assert any(t > b_done for t, _ in a_chunks), "A should still stream after B ended"
     assert max(health) < 1.0, health
 
 

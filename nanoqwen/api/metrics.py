@@ -221,6 +221,7 @@ class ServerStats:
             **{key: engine.get(key, 0) for key in SPEC_DECODE_COUNTS},
             "spec_decode_acceptance_rate": engine.get("spec_decode_acceptance_rate", 0.0),
             "engine_tokens_generated": engine.get("tokens_generated", 0),  # aborted requests' included
+            "graph_compiles": engine.get("graph_compiles", 0),
             "uptime": time.time() - self.started,
             "pid": os.getpid(),
             "slot": 0 if self._shared is None else self._shared.slot,

@@ -294,6 +294,7 @@ class Engine:
         blocks = getattr(self, "block_manager", None)
         queries = blocks.prefix_queries if blocks else 0
         hits = blocks.prefix_hits if blocks else 0
+        runner = getattr(self, "runner", None)
         return {
             "queue_length": queued,
             "active_requests": active,
@@ -309,6 +310,8 @@ class Engine:
             "spec_decode_num_accepted_tokens": self.spec_accepted_tokens,
             "spec_decode_acceptance_rate": self.spec_accepted_tokens / self.spec_draft_tokens
             if self.spec_draft_tokens else 0.0,
+            # NANOQWEN_GRAPH=compile's graphs, all made while loading: a count that grows after is a request's wait
+            "graph_compiles": runner.graphs.compiles if runner else 0,
         }
 
     # -- engine thread --------------------------------------------------------------------

@@ -23,10 +23,12 @@ DecodeLogits = Callable[[StepInputs], torch.Tensor]
 
 class GraphRunner:
     def __init__(self, step: DecodeStep, logits: DecodeLogits, graph: str, device: torch.device, buckets: list[int],
-                 inputs: Callable[[int, int], StepInputs], capture_width: int) -> None:
+                 inputs: Callable[[int, int], StepInputs], widths: list[int]) -> None:
         """`step` = `logits`, then the sampler. `inputs(bucket, width)` -> the static inputs of `bucket`
-        rows with `width` block-table columns; graphs are captured over `capture_width` columns."""
+        rows with `width` block-table columns; `widths`: those a step passes, ascending. Graphs are captured over
+        the widest; torch.compile compiles what every (bucket, width, sampler mode) needs here, at load."""
         self.graph = graph
+        self.compiles = 0  # torch.compile's graphs of the step: the load's, and any a request's step made after it
         self._step = step
         self._logits = logits
         self._inputs = inputs
@@ -37,10 +39,8 @@ class GraphRunner:
         # bucket -> the greedy step recorded whole (the logits' calls, then the argmax's) and its tokens [bucket]:
         # after the weights streamed through the caches the sampler's Python alone took 0.15 ms a step
         self._cpu_greedy: dict[int, tuple[cpu_graph.Recording, torch.Tensor]] = {}
+        self._loaded = False  # past the load: a compile now is one a request waits for
         if graph == "compile":
-            # CUDA: static shapes, each captured as a CUDA graph by reduce-overhead. CPU: automatic
-            # dynamic shapes, so a new batch bucket or table width recompiles once into a dynamic
-            # kernel instead of once per shape (a cold compile of Qwen3-0.6B takes minutes on 2 cores).
             cuda = device.type == "cuda"
             # One compile per (bucket, sampler mode, table width) on CUDA: past dynamo's default of 8
             # per function it would silently run the step eagerly.
@@ -49,10 +49,40 @@ class GraphRunner:
             self._step = torch.compile(
                 step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None, fullgraph=True,
             )
+            self._compile(buckets, widths, dynamic=not cuda)
         elif graph == "cudagraph":
-            self._capture(buckets, capture_width)
+            self._capture(buckets, widths[-1])
         elif graph == "cpugraph":
-            self._capture_cpu(buckets, capture_width)
+            self._capture_cpu(buckets, widths[-1])
+        self._loaded = True
+
+    @torch.inference_mode()
+    def _compile(self, buckets: list[int], widths: list[int], dynamic: bool) -> None:
+        """Runs the compiled step of every bucket, table width and sampler mode (an argument the trace specialises
+        on), so that each compiles now, before the server is ready, not in a request's time (43-58 s each on 2 Zen 3
+        cores: profiles/RESULTS.md, "hunt10"). CUDA: static shapes, each captured as a CUDA graph by
+        reduce-overhead. `dynamic` (the CPU): the rows and the width are marked dynamic from the first compile, so
+        that a mode compiles twice, one row then any more (dynamo specialises a size of 1), not once per shape."""
+        for bucket in buckets:
+            for width in widths:
+                inputs = self._inputs(bucket, width)
+                if dynamic:
+                    _mark_dynamic(inputs, rows=bucket > 1, width=len(widths) > 1)
+                for mode in MODES:
+                    self._compiled(mode, inputs)
+
+    def _compiled(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled step, counting the graphs it compiled (one after the load is a variant _compile missed)."""
+        before = _graphs_compiled()
+        out = self._step(mode, inputs)
+        compiled = _graphs_compiled() - before
+        if compiled:
+            self.compiles += compiled
+            if self._loaded:
+                log.warning("torch.compile compiled the decode step in a request's time (%d rows, %d table "
+                            "columns, sampler mode %s): a variant the load's warm-up missed", len(inputs.input_ids),
+                            inputs.block_tables.shape[1], mode)
+        return out
 
     @torch.inference_mode()
     def _capture(self, buckets: list[int], width: int) -> None:
@@ -110,4 +140,22 @@ class GraphRunner:
             with profiled("nanoqwen::cpugraph_replay"):
                 recording.replay()
             return logits, tokens if tokens is not None else sample(logits, sampling, mode)
+        if self.graph == "compile":
+            return self._compiled(mode, self._inputs(bucket, width))
         return self._step(mode, self._inputs(bucket, width))
+
+
+def _graphs_compiled() -> int:
+    """The graphs dynamo has compiled in this process."""
+    from torch._dynamo.utils import counters  # here: the CPU graphs' servers never load dynamo (tests/test_memory.py)
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _mark_dynamic(inputs: StepInputs, rows: bool, width: bool) -> None:
+    """Marks the rows of every input and the block tables' width dynamic for torch.compile's next trace; where the
+    trace specialises one after all, the step compiles per size again (maybe_: no error), each at load."""
+    for tensor in inputs if rows else ():
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    if width:
+        torch._dynamo.maybe_mark_dynamic(inputs.block_tables, 1)

@@ -78,7 +78,7 @@ class ModelRunner:
         reserve_sampler(self.config.vocab_size, device)
         self._narrow_tables = model.kernels.decode_attention_gathers
         self.graphs = GraphRunner(self._decode_step, self._decode_logits, self.graph, device, self.buckets,
-                                  self._bucket_inputs, self._table_width(self.max_blocks_per_seq * self.block_size))
+                                  self._bucket_inputs, self._table_widths())
         if model.kernels.compiles_at_first_launch:
             self._warm_up()
 
@@ -87,7 +87,7 @@ class ModelRunner:
         """Runs every kernel variant a step launches, so that each compiles now rather than in a request's time (a
         0.7 s stall on the H200: profiles/RESULTS.md, "gpuchunk"): a packed step of each WARM_UP_TOKENS count, whose
         tokens write no cache and attend to the null block 0, and an eager decode step of each bucket (captured
-        graphs have run theirs; torch.compile compiles each bucket at its first decode step, not here). At load
+        graphs and torch.compile, GraphRunner._compile, have run theirs). At load
         only: on `graph=none` it steps the static decode inputs, which hold no sequence only then."""
         device = self.device
         for n in WARM_UP_TOKENS:
@@ -139,6 +139,10 @@ class ModelRunner:
         while width < needed:
             width *= 2
         return min(width, self.max_blocks_per_seq)
+
+    def _table_widths(self) -> list[int]:
+        """Every width _table_width gives, ascending."""
+        return sorted({self._table_width(blocks * self.block_size) for blocks in range(1, self.max_blocks_per_seq + 1)})
 
     def _bucket_inputs(self, bucket: int, width: int) -> StepInputs:
         return self.inputs.bucket(bucket, width)
