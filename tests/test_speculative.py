@@ -318,9 +318,10 @@ def test_verify_steps_allocate_no_staging(spec_engine, plain_engine, prompts, mo
 def test_packed_verify_modes_stage_a_decode_steps_rows(tiny_checkpoint, prompts, references, monkeypatch):
     """CUDA's modes (torch.compile here, on the CPU; CUDA graphs only constructed) run verify steps packed: the
     static inputs hold max_batch rows, a decode step uploads those, a verify step's positions go packed."""
+    monkeypatch.setattr(GraphRunner, "_compile", lambda self, buckets, widths, cuda: None)  # a cold one takes minutes
     engine = load_engine(tiny_checkpoint, speculative_config=SPEC, graph="compile", max_batch=2)
     runner = engine.runner
-    monkeypatch.setattr(runner.graphs, "_step", runner._decode_step)  # uncompiled: a cold compile takes minutes
+    monkeypatch.setattr(runner.graphs, "_step", runner._decode_step)  # uncompiled, as the load left it
     uploads, upload = [], runner.inputs.upload
     monkeypatch.setattr(runner.inputs, "upload", lambda start, end: uploads.append((start, end)) or upload(start, end))
     packed = packed_drafts(runner, monkeypatch)

@@ -49,7 +49,7 @@ class GraphRunner:
             self._step = torch.compile(
                 step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None, fullgraph=True,
             )
-            self._compile(buckets, widths, dynamic=not cuda)
+            self._compile(buckets, widths, cuda)
         elif graph == "cudagraph":
             self._capture(buckets, widths[-1])
         elif graph == "cpugraph":
@@ -57,19 +57,21 @@ class GraphRunner:
         self._loaded = True
 
     @torch.inference_mode()
-    def _compile(self, buckets: list[int], widths: list[int], dynamic: bool) -> None:
+    def _compile(self, buckets: list[int], widths: list[int], cuda: bool) -> None:
         """Runs the compiled step of every bucket, table width and sampler mode (an argument the trace specialises
         on), so that each compiles now, before the server is ready, not in a request's time (43-58 s each on 2 Zen 3
-        cores: profiles/RESULTS.md, "hunt10"). CUDA: static shapes, each captured as a CUDA graph by
-        reduce-overhead. `dynamic` (the CPU): the rows and the width are marked dynamic from the first compile, so
-        that a mode compiles twice, one row then any more (dynamo specialises a size of 1), not once per shape."""
+        cores: profiles/RESULTS.md, "hunt10"). CUDA: static shapes, each run twice, since reduce-overhead's CUDA
+        graph trees run a new function eagerly at its first call and capture its graph at the second. The CPU: the
+        rows and the width are marked dynamic from the first compile, so that a mode compiles twice, one row then any
+        more (dynamo specialises a size of 1), not once per shape."""
         for bucket in buckets:
             for width in widths:
                 inputs = self._inputs(bucket, width)
-                if dynamic:
+                if not cuda:
                     _mark_dynamic(inputs, rows=bucket > 1, width=len(widths) > 1)
                 for mode in MODES:
-                    self._compiled(mode, inputs)
+                    for _ in range(2 if cuda else 1):
+                        self._compiled(mode, inputs)
 
     def _compiled(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled step, counting the graphs it compiled (one after the load is a variant _compile missed)."""
