@@ -185,8 +185,8 @@ def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornSe
         client.responses.create(model=MODEL, input="hi", max_output_tokens=16, text={"format": {
             "type": "json_schema", "name": "s", "schema": _spaces(4_000), "strict": True}})
     assert refused.value.body["param"] == "text.format", refused.value.body
-    answer = _create(server, max_tokens=4, response_format={"type": "json_schema", "json_schema": {
-        "name": "s", "schema": _spaces(3_000), "strict": True}})
+    answer = _create(server, max_tokens=8, response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": _spaces(3_000), "strict": True}})  # `{"k": "`: 7 tokens at most
     assert answer.choices[0].message.content.startswith('{"k": "'), answer
 
 
