@@ -147,6 +147,8 @@ def grammars(tokenizer: PreTrainedTokenizerFast) -> Grammars:
     ("\\s", "\ufeff", True), ("\\S", "\ufeff", False),  # ECMA's space, not Unicode's White_Space (Rust's \s)
     ("\\s", "\u0085", False), ("\\S", "\u0085", True),  # the reverse
     ("\\s", "\u3000", True), ("\\d", "\u0663", False), ("\\d", "3", True), ("\\w", "\u00e9", False),
+    ("[\\s\\d]", "\ufeff", True), ("[\\s\\d]", "\u0085", False), ("[\\s\\d]", "3", True),  # a class in a class
+    ("[^\\s]", "\ufeff", False), ("[^\\s]", "\u0085", True),  # and negated
 ])
 def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
                                                   escape: str, char: str, ecma: bool) -> None:

@@ -106,5 +106,6 @@ def _counted(chars: int, param: str) -> int:
     """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
     if chars > MAX_PATTERN_CHARS:
         raise InvalidRequest(f"invalid {param}: the schema's patterns are longer than {MAX_PATTERN_CHARS} characters "
-                             f"in all (each \\s or \\S counting {len(CLASS_ESCAPES['s'])}, ECMA's class)", param=param)
+                             f"in all (each \\s counting {len(CLASS_ESCAPES['s'])} and each \\S "
+                             f"{len(CLASS_ESCAPES['S'])}, ECMA's class)", param=param)
     return chars
