@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -166,25 +167,51 @@ def test_schema_patterns_are_ecma_regexes(server: GunicornServer, escape: str, b
     assert (value[1] == biased) == ECMA_CLASSES[escape](biased), (escape, value)
 
 
+def _spaces(count: int) -> dict[str, Any]:
+    """An object whose one string's pattern is `count` `\\s`: past schema_patterns.MAX_PATTERN_CHARS at 4,000."""
+    return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^" + "\\s" * count + "$"}},
+            "required": ["k"], "additionalProperties": False}
+
+
 def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornServer) -> None:
     """A schema whose patterns, `\\s` spelled out as ECMA's class, pass schema_patterns.MAX_PATTERN_CHARS (4,000 `\\s`:
     8,000 characters sent, 72,000 rewritten) is the 400 naming the field that sent it, in chat and in Responses; 3,000
     (54,000) are served."""
-    def schema(count: int) -> dict[str, Any]:
-        return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^" + "\\s" * count + "$"}},
-                "required": ["k"], "additionalProperties": False}
-
     client = server.openai_client(timeout=300)
     with pytest.raises(openai.BadRequestError, match="patterns are longer than") as refused:
-        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema(4_000)}})
+        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": _spaces(4_000)}})
     assert refused.value.body["param"] == "response_format", refused.value.body
     with pytest.raises(openai.BadRequestError, match="patterns are longer than") as refused:
         client.responses.create(model=MODEL, input="hi", max_output_tokens=16, text={"format": {
-            "type": "json_schema", "name": "s", "schema": schema(4_000), "strict": True}})
+            "type": "json_schema", "name": "s", "schema": _spaces(4_000), "strict": True}})
     assert refused.value.body["param"] == "text.format", refused.value.body
-    answer = _create(server, max_tokens=4, response_format={"type": "json_schema", "json_schema": {
-        "name": "s", "schema": schema(3_000), "strict": True}})
+    answer = _create(server, max_tokens=8, response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": _spaces(3_000), "strict": True}})  # `{"k": "`: 7 tokens at most
     assert answer.choices[0].message.content.startswith('{"k": "'), answer
+
+
+@pytest.mark.parametrize("tool_choice, strict", [("auto", {"strict": True}), ("required", {})])
+def test_a_strict_or_forced_tools_patterns_past_their_bound_are_a_400_naming_tools(server: GunicornServer,
+                                                                                   tool_choice: str,
+                                                                                   strict: dict[str, bool]) -> None:
+    tool = {"type": "function", "name": "f", "parameters": _spaces(4_000), **strict}
+    with pytest.raises(openai.BadRequestError, match="patterns are longer than") as refused:
+        server.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16,
+                                                           tools=[tool], tool_choice=tool_choice)
+    assert refused.value.body["param"] == "tools", refused.value.body
+
+
+def test_a_lenient_tools_patterns_past_their_bound_leave_its_calls_free(tmp_path: Path) -> None:
+    """A Responses tool that omits `strict` is constrained under "auto" where a grammar can hold it (OpenAI: strict
+    where it can be); past schema_patterns.MAX_PATTERN_CHARS its calls are free, any JSON object, and it is served. Its
+    own server: the schema, in the prompt, is some 7,000 tokens (3,500 `\\S`, 66,500 characters rewritten)."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+        "k": {"type": "string", "pattern": "\\S" * 3_500}}}}
+    env = cpu_env(make_checkpoint(max_position_embeddings=8192), NANOQWEN_MAX_MODEL_LEN="8192")
+    with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
+        response = srv.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16,
+                                                                   tools=[tool], tool_choice="auto")
+    assert response.status in ("completed", "incomplete") and response.tools[0].strict is True, response
 
 
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:

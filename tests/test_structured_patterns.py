@@ -120,7 +120,11 @@ def test_patterns_past_their_bound_are_refused_naming_the_field() -> None:
     passed = [{"type": "object", "properties": {"a": {"type": "string", "pattern": spaces + "a" * len(SPACE)}}},
               {"type": "object", "patternProperties": {spaces: {}}, "properties": {"b": {"pattern": r"\s" * 3}}},
               {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"pattern": spaces, "items": {"pattern": "b"}}}},
-               "pattern": "a" * len(SPACE)}]
+               "pattern": "a" * len(SPACE)},
+              # const and enum data a `$ref` reads: llguidance compiles its patterns (as sent) too
+              {"$ref": "#/$defs/c/const", "$defs": {"c": {"const": {"pattern": "a" * (MAX_PATTERN_CHARS + 1)}}}},
+              {"$ref": "#/$defs/c/enum/1",
+               "$defs": {"c": {"enum": [1, {"patternProperties": {"a" * MAX_PATTERN_CHARS: {}, "b": {}}}]}}}]
     for schema in passed:
         with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters") as refused:
             ecma_patterns(schema, "text.format")
@@ -143,6 +147,8 @@ def grammars(tokenizer: PreTrainedTokenizerFast) -> Grammars:
     ("\\s", "\ufeff", True), ("\\S", "\ufeff", False),  # ECMA's space, not Unicode's White_Space (Rust's \s)
     ("\\s", "\u0085", False), ("\\S", "\u0085", True),  # the reverse
     ("\\s", "\u3000", True), ("\\d", "\u0663", False), ("\\d", "3", True), ("\\w", "\u00e9", False),
+    ("[\\s\\d]", "\ufeff", True), ("[\\s\\d]", "\u0085", False), ("[\\s\\d]", "3", True),  # a class in a class
+    ("[^\\s]", "\ufeff", False), ("[^\\s]", "\u0085", True),  # and negated
 ])
 def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
                                                   escape: str, char: str, ecma: bool) -> None:

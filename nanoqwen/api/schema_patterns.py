@@ -4,11 +4,12 @@ made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF 
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
 schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
-MAX_PATTERN_CHARS in all are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile
-thread other requests' grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane
-edges27). `const` and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads
-a `\\s` in them (as Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like
-Unicode classes; a schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
+MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are refused: llguidance
+builds its lexer from their text at seconds a megabyte, on a compile thread other requests' grammars wait for (a
+1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and `enum` values are
+what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as Rust's) refused.
+vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
+grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
 from __future__ import annotations
 
 import json
@@ -43,10 +44,11 @@ def ecma_pattern(pattern: str) -> str:
 
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
-    and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they pass
-    MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s` in VALUES' data. Iterative: the schema is as deep as a body may
-    be. The `$ref`s are resolved only where the schema has such data and passes check_bounds' cheap count (each `$ref`
-    twice against MAX_RULES): a schema it refuses is not worth resolving (30,000 `$ref`s: 0.6 s)."""
+    and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s` in VALUES' data.
+    Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
+    and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
+    resolving (30,000 `$ref`s: 0.6 s)."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
@@ -69,7 +71,10 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         for node, keyword in in_data:  # each once, with the objects in it
             if keyword in ANNOTATIONS:
                 chars = _counted(chars + _rewrite(node), param)
-            elif _spaced(node):
+                continue
+            patterns = _patterns(node)  # as sent: llguidance compiles them too
+            chars = _counted(chars + sum(map(len, patterns)), param)
+            if any(ecma_pattern(pattern) != pattern for pattern in patterns):
                 raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s or \\S in {keyword} data, "
                                      "which must match as sent: its class cannot be ECMA's there", param=param)
     return out
@@ -77,14 +82,11 @@ def ecma_patterns(schema: Any, param: str) -> Any:
 
 def _rewrite(node: dict[str, Any]) -> int:
     """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, in place; their length."""
-    chars = 0
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
-        chars += len(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
-        chars += sum(map(len, node["patternProperties"]))
-    return chars
+    return sum(map(len, _patterns(node)))
 
 
 def _holds_objects(value: Any) -> bool:
@@ -92,17 +94,18 @@ def _holds_objects(value: Any) -> bool:
     return isinstance(value, dict) or isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
 
 
-def _spaced(node: dict[str, Any]) -> bool:
-    """Whether the schema object's own `pattern` or a `patternProperties` key has a `\\s` or `\\S`."""
+def _patterns(node: dict[str, Any]) -> list[str]:
+    """The schema object's own `pattern` and `patternProperties` keys."""
     patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
     if isinstance(node.get("patternProperties"), dict):
         patterns.extend(node["patternProperties"])
-    return any(ecma_pattern(pattern) != pattern for pattern in patterns)
+    return patterns
 
 
 def _counted(chars: int, param: str) -> int:
     """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
     if chars > MAX_PATTERN_CHARS:
         raise InvalidRequest(f"invalid {param}: the schema's patterns are longer than {MAX_PATTERN_CHARS} characters "
-                             f"in all (each \\s or \\S counting {len(CLASS_ESCAPES['s'])}, ECMA's class)", param=param)
+                             f"in all (each \\s counting {len(CLASS_ESCAPES['s'])} and each \\S "
+                             f"{len(CLASS_ESCAPES['S'])}, ECMA's class)", param=param)
     return chars
