@@ -104,7 +104,7 @@ def test_a_bucket_that_computes_with_torch_runs_eagerly():
     def step(mode, inputs):
         return logits(inputs), torch.zeros(inputs.input_ids.shape[0], dtype=torch.int64)
 
-    runner = GraphRunner(step, logits, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, 4)
+    runner = GraphRunner(step, logits, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, [4])
     assert list(runner._cpu_graphs) == [1]
     captured = len(kernel_calls)
     with torch.inference_mode():
