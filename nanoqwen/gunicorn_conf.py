@@ -10,7 +10,7 @@ respawned worker takes its dead predecessor's slot.
 import os
 import sys
 
-from nanoqwen.api.shared_stats import forget_worker, make_run_dir, ram_dir, remove_run_dir
+from nanoqwen.api.shared_stats import forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
 from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
@@ -31,9 +31,7 @@ preload_app = False  # works too: the worker starts the engine after the fork ei
 timeout = 120  # heartbeat of the worker's loop (and its boot: torch import), not a limit on long streams
 graceful_timeout = GRACEFUL_TIMEOUT_S
 keepalive = 75  # longer than common proxies' idle timeouts; shutdown closes idle connections at once
-# the heartbeat file the worker's loop touches each second: in memory, as gunicorn's docs advise (on a disk its
-# metadata write can block behind other I/O)
-worker_tmp_dir = ram_dir()
+worker_tmp_dir = heartbeat_dir()  # the heartbeat file the worker's loop touches each second
 control_socket_disable = True  # its default path is one per user: a second server would clash
 accesslog = "-"
 # method, path (no query string), status, response bytes, duration in ms, request id: never the prompt

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -318,9 +319,22 @@ class NanoqwenWorker(GeventWorker):
         return True
 
     def _publish_stats(self, stats: ServerStats) -> None:
-        """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes."""
+        """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes. A write that fails (a
+        full disk, the run directory gone) is logged once per kind and tried again each PUBLISH_S."""
+        failed: set[str] = set()
         while True:
-            stats.publish()
+            try:
+                stats.publish()
+            except OSError as exc:
+                kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                if kind not in failed:
+                    failed.add(kind)
+                    self.log.warning("worker %s: its /stats snapshot is not published, tried again every %s s: %s",
+                                     self.pid, PUBLISH_S, exc)
+            else:
+                if failed:
+                    self.log.info("worker %s: its /stats snapshot is published again", self.pid)
+                    failed.clear()
             gevent.sleep(PUBLISH_S)
 
     def _exit_if_load_fails(self, engine: Engine) -> None:

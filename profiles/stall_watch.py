@@ -6,13 +6,15 @@ Serves the 2-layer test checkpoint (soak.py's `--mode` settings) with this file 
 worker runs a greenlet that writes the time into a shared map every 10 ms (the loop's pulse) and logs every garbage
 collection over 20 ms (generation, wall and CPU ms, on the loop or another thread). This process reads the pulse and
 each of the worker's threads' /proc schedstat every 10 ms. A pulse older than `--threshold` is a stall; at its end it
-prints each thread's CPU and run-queue wait over it and its states (R: runnable, S: asleep or waiting for the GIL, D:
-disk), and half a second in, `py-spy dump` (if installed) shows every thread's stack and which one holds the GIL.
+prints each thread's CPU and run-queue wait over the whole stall (from the last pulse) and its states sampled from the
+threshold on (R: runnable, S: asleep or waiting for the GIL, D: disk), and half a second in, `py-spy dump` (if
+installed) shows every thread's stack and which one holds the GIL.
 gevent's own monitor (GEVENT_MONITOR_THREAD_ENABLE=1, GEVENT_MAX_BLOCKING_TIME=0.1) reports into the server's log
 beside (its stacks are where the loop's thread next released the GIL, often a syscall, not what held it).
 
 The load is the soak's room check replayed `--reps` times (32 background Responses created, then cancelled:
-soak_background.py), with `--burners` busy processes beside; /health is polled every 50 ms (p50/p99/max per rep).
+soak_background.py), with `--burners` busy processes beside; /health is polled every 50 ms (p50/p99/max per rep, and
+how many polls failed).
 Reading the report: the loop's thread runnable for the stall with little CPU is the machine's load (the kernel ran
 others); asleep while another thread ran with the GIL is that thread's work; its own CPU is work on the loop.
 """
@@ -152,11 +154,13 @@ else:
         burners: list[subprocess.Popen] = []
         try:
             with GunicornServer(env, args.out / f"stall_watch-{args.mode}.log") as srv:
-                burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)]
+                for _ in range(args.burners):  # one by one: an interrupt partway still kills those started
+                    burners.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
                 for rep in range(args.reps):
                     health: list[float] = []
+                    failed: list[str] = []
                     polled = threading.Event()
-                    poller = threading.Thread(target=poll, args=(srv.url, health, polled))
+                    poller = threading.Thread(target=poll, args=(srv.url, health, failed, polled))
                     poller.start()
                     t0 = time.monotonic()
                     tally = Tally()
@@ -164,8 +168,9 @@ else:
                     polled.set()
                     poller.join()
                     print(f"rep {rep}: room check {time.monotonic() - t0:.1f} s, /health p50 "
-                          f"{percentile(health, 50):.0f} p99 {percentile(health, 99):.0f} max {max(health):.0f} ms, "
-                          f"load {os.getloadavg()[0]:.1f}, problems {tally.problems[:3]}", flush=True)
+                          f"{percentile(health, 50):.0f} p99 {percentile(health, 99):.0f} "
+                          f"max {max(health, default=0.0):.0f} ms ({len(health)} answered, {len(failed)} failed: "
+                          f"{failed[:1]}), load {os.getloadavg()[0]:.1f}, problems {tally.problems[:3]}", flush=True)
                 print(*[line for line in srv.log().splitlines() if line.startswith("stall_watch:")], sep="\n")
         finally:
             for burner in burners:
@@ -175,12 +180,17 @@ else:
             watcher.join()
             pulse.unlink()
 
-    def poll(url: str, health: list[float], stop: threading.Event) -> None:
+    def poll(url: str, health: list[float], failed: list[str], stop: threading.Event) -> None:
+        """/health's latency in ms into `health`, or why it failed into `failed`, every 50 ms."""
         session = requests.Session()
         while not stop.is_set():
             t0 = time.perf_counter()
-            session.get(f"{url}/health", timeout=60)
-            health.append(1e3 * (time.perf_counter() - t0))
+            try:
+                session.get(f"{url}/health", timeout=60)
+            except requests.RequestException as exc:
+                failed.append(repr(exc))
+            else:
+                health.append(1e3 * (time.perf_counter() - t0))
             stop.wait(0.05)
 
     main()

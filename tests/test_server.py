@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from chat_http import (
 )
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from engine_util import generate, greedy, load_engine
+from nanoqwen.api import shared_stats
 from nanoqwen.api.sse import PROBE
 from ops.cpu import C_KERNELS, build, dequant
 from ops.cpu import linear as cpu_linear
@@ -554,16 +556,53 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
     _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
-def test_the_files_the_loop_writes_are_in_memory(server: GunicornServer) -> None:
-    """The worker's /stats snapshot (written every 0.5 s, and on each /stats), the metrics' maps and gunicorn's
-    heartbeat live under /dev/shm: on a disk their writes waited behind other I/O with the event loop held (230 ms)."""
-    pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
+def _worker_run_dir(pid: int) -> Path:
+    """The run directory of the worker: where its metrics' maps are (its environment is set after exec, unseen)."""
     mapped = {line.split(maxsplit=5)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
-    metrics = [path for path in mapped if path.endswith(".db") and "/nanoqwen-" in path]  # the run directory's
-    assert metrics and all(path.startswith("/dev/shm/nanoqwen-") for path in metrics), metrics
+    metrics = {Path(path).parent for path in mapped if path.endswith(".db") and "/nanoqwen-" in path}
+    assert len(metrics) == 1 and all(path.name == "metrics" for path in metrics), mapped
+    return metrics.pop().parent
+
+
+def test_the_heartbeat_goes_where_heartbeat_dir_says(server: GunicornServer) -> None:
+    """gunicorn's heartbeat in /dev/shm where it has room (shared_stats.heartbeat_dir, the one decision), the run
+    directory (metrics' maps, snapshots) on the default temporary directory: a full /dev/shm made each worker's first
+    write into a map a SIGBUS."""
+    pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
+    run_dir = _worker_run_dir(pid)
+    assert run_dir.parent == Path(tempfile.gettempdir()), run_dir
     opened = [str(link.readlink()) for link in Path(f"/proc/{pid}/fd").iterdir()]
-    heartbeat = [path for path in opened if "/wgunicorn-" in path]
-    assert heartbeat and all(path.startswith("/dev/shm/") for path in heartbeat), heartbeat
+    heartbeat = [Path(path).parent for path in opened if "/wgunicorn-" in path]
+    assert heartbeat == [Path(shared_stats.heartbeat_dir() or tempfile.gettempdir())], opened
+
+
+def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer) -> None:
+    """A snapshot's write that fails (here the stats directory replaced by a file; a full disk alike): /stats answers
+    a 503 that says so, /metrics still answers, the worker's publishing loop logs it once and, once the directory is
+    back, publishes again by itself."""
+    pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
+    stats_dir = _worker_run_dir(pid) / "stats"
+    moved = stats_dir.with_name("stats.moved")
+    stats_dir.rename(moved)
+    try:
+        stats_dir.write_text("not a directory")
+        time.sleep(3 * shared_stats.PUBLISH_S)  # the loop fails a few times
+        _assert_error(requests.get(f"{server.url}/stats", timeout=10), 503, code="stats_unavailable")
+        assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    finally:
+        stats_dir.unlink()
+        moved.rename(stats_dir)
+    back = time.time()
+    snapshot = stats_dir / "0.json"
+    deadline = time.monotonic() + 10
+    while snapshot.stat().st_mtime <= back and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert snapshot.stat().st_mtime > back, "the worker's loop stopped publishing"
+    assert requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"] == pid
+    log = server.log()
+    assert log.count(f"worker {pid}: its /stats snapshot is not published") == 1, log
+    assert f"worker {pid}: its /stats snapshot is published again" in log
+    assert "Traceback" not in log
 
 
 # -- concurrency ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import requests
 from gevent import socket
 
 from nanoqwen import worker
+from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
@@ -31,6 +32,18 @@ def test_lowest_free_slot_reuses_a_dead_workers_slot():
     assert lowest_free_slot(set()) == 0
     assert lowest_free_slot({1, 2}) == 0
     assert lowest_free_slot({0, 2}) == 1
+
+
+def test_heartbeat_dir_is_dev_shm_only_where_it_is_writable_with_room(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared_stats, "RAM_DIR", tmp_path)
+    assert shared_stats.heartbeat_dir() == str(tmp_path)
+    monkeypatch.setattr(shared_stats, "RAM_DIR", tmp_path / "missing")
+    assert shared_stats.heartbeat_dir() is None
+    monkeypatch.setattr(shared_stats, "RAM_DIR", tmp_path)
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    monkeypatch.setattr(shared_stats, "HEARTBEAT_MIN_FREE", free + (1 << 30))  # as good as full
+    assert shared_stats.heartbeat_dir() is None
 
 
 def test_cpu_share_splits_the_cores_contiguously():

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 
@@ -250,14 +252,28 @@ class ServerStats:
 
     def report(self) -> dict[str, Any]:
         """`/stats`: the server's totals and a per-worker list."""
-        self.publish()
-        workers = [self.snapshot()] if self._shared is None else self._shared.read()
+        with _unavailable_on_os_error():
+            self.publish()
+            workers = [self.snapshot()] if self._shared is None else self._shared.read()
         return {**aggregate(workers), "workers": workers}
 
     def prometheus(self) -> bytes:
-        self.publish()
-        if not os.environ.get(MULTIPROC_ENV):
-            return generate_latest(self.registry)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
+        with contextlib.suppress(OSError):  # the snapshot's write, which the worker's loop logs: the gauges are set
+            self.publish()
+        with _unavailable_on_os_error():
+            if not os.environ.get(MULTIPROC_ENV):
+                return generate_latest(self.registry)
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+
+
+@contextlib.contextmanager
+def _unavailable_on_os_error() -> Iterator[None]:
+    """The workers' shared files (snapshots, metrics' maps) that cannot be read or written (a full disk, a run
+    directory gone): a 503 that says so."""
+    try:
+        yield
+    except OSError as exc:
+        raise APIError(503, f"The server's statistics are unavailable: {exc.strerror or exc}", type="server_error",
+                       code="stats_unavailable") from exc

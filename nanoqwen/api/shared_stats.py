@@ -19,6 +19,8 @@ from nanoqwen.placement import SLOT_ENV
 
 RUN_DIR_ENV = "NANOQWEN_RUN_DIR"
 RAM_DIR = Path("/dev/shm")
+# A container's /dev/shm is 64 MiB by default, shared with other tenants: below this much free, gunicorn's default
+HEARTBEAT_MIN_FREE = 16 << 20
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PUBLISH_S = 0.5  # how stale another worker's /stats entry and gauges may be
 # Speculative decoding's counts, under vLLM's names: (name, help)
@@ -34,17 +36,21 @@ WORST = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "uptime")  # 
 AVERAGED = ("kv_cache_usage", "prefix_cache_hit_rate")  # every worker has the same pool size
 
 
-def ram_dir() -> str | None:
-    """A memory-backed directory for the files the event loop writes (this worker's snapshot every PUBLISH_S, the
-    metrics' maps, gunicorn's heartbeat), None where there is none (the default temporary directory then). On a disk
-    (/tmp on ext4) a snapshot's write and rename, with the loop held, waited up to 230 ms behind another writer's I/O
-    (profiles/RESULTS.md, lane stall27)."""
-    return str(RAM_DIR) if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK) else None
+def heartbeat_dir() -> str | None:
+    """Where gunicorn's heartbeat file goes (worker_tmp_dir): /dev/shm, as gunicorn's docs advise (on a disk the
+    loop's touch of it each second can wait behind other I/O), where it is writable with HEARTBEAT_MIN_FREE free;
+    else None, gunicorn's default. The file is unlinked once made, so no one's cleanup (systemd-logind's RemoveIPC)
+    can take it away. The run directory stays on the default temporary directory: a full /dev/shm made each worker's
+    first write into a metrics map a SIGBUS."""
+    if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)):
+        return None
+    fs = os.statvfs(RAM_DIR)
+    return str(RAM_DIR) if fs.f_bavail * fs.f_frsize >= HEARTBEAT_MIN_FREE else None
 
 
 def make_run_dir() -> Path:
     """A fresh directory for one server, announced to its workers through the environment."""
-    run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-", dir=ram_dir()))
+    run_dir = Path(tempfile.mkdtemp(prefix="nanoqwen-"))
     (run_dir / "metrics").mkdir()
     (run_dir / "stats").mkdir()
     os.environ[RUN_DIR_ENV] = str(run_dir)
@@ -82,7 +88,12 @@ class SharedStats:
     """One worker's side of the run directory."""
 
     def __init__(self, run_dir: Path) -> None:
+        from nanoqwen.api.offload import NativePool  # here: the master imports this module, and must not import torch
+
         self._dir = run_dir / "stats"
+        # the snapshot's write and rename, off the event loop: on a disk they waited up to 230 ms behind another
+        # writer's I/O (profiles/RESULTS.md, lane stall27)
+        self._writer = NativePool(1, max_pending=2, jobs="stats snapshots are already being written")
 
     @classmethod
     def from_env(cls) -> SharedStats | None:
@@ -96,10 +107,23 @@ class SharedStats:
         return int(os.environ.get(SLOT_ENV, "0"))
 
     def publish(self, snapshot: dict[str, Any]) -> None:
+        """Raises OSError where the snapshot cannot be written (a full disk, a run directory gone)."""
+        from nanoqwen.api.offload import PoolFullError
+
+        try:
+            self._writer.run(self._write, json.dumps(snapshot))
+        except PoolFullError:  # the writes before still wait on the disk: readers see the last one written
+            return
+
+    def _write(self, text: str) -> None:
         path = self._dir / f"{self.slot}.json"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(snapshot))
-        os.replace(tmp, path)  # readers see the old snapshot or the new one, never half of one
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)  # readers see the old snapshot or the new one, never half of one
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def read(self) -> list[dict[str, Any]]:
         workers = []
