@@ -600,7 +600,9 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
     assert snapshot.stat().st_mtime > back, "the worker's loop stopped publishing"
     assert requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"] == pid
     log = server.log()
-    assert log.count(f"worker {pid}: its /stats snapshot is not published") == 1, log
+    warnings = [line for line in log.splitlines() if f"worker {pid}: its /stats snapshot is not published" in line]
+    # once per kind: the swap's instants without a path at all (ENOENT) may add one of their own
+    assert sum("Not a directory" in line for line in warnings) == 1, log
     assert f"worker {pid}: its /stats snapshot is published again" in log
     assert "Traceback" not in log
 
