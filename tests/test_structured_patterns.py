@@ -98,9 +98,13 @@ def test_a_ref_reading_a_space_class_in_const_or_enum_data_is_refused(keyword: s
     and the value must match as sent: not rewritten, the 400 naming the field. Without a `\\s`, or with no `$ref`
     reading it, the value is served as sent."""
     schema = {"$ref": f"#/$defs/c/{keyword}{pointer}", "$defs": {"c": {keyword: value}}}
-    with pytest.raises(InvalidRequest, match=f"in {keyword} data") as refused:
-        ecma_patterns(schema, "tools")
-    assert refused.value.param == "tools"
+    within_default = {"properties": {"a": {"$ref": "#/$defs/h/default"}, "b": {"$ref": f"#/$defs/h/default/{keyword}"
+                                                                              f"{pointer}"}},
+                      "$defs": {"h": {"default": {keyword: value}}}}  # the second `$ref` reads a value in data
+    for refused_schema in (schema, within_default):
+        with pytest.raises(InvalidRequest, match=f"in {keyword} data") as refused:
+            ecma_patterns(refused_schema, "tools")
+        assert refused.value.param == "tools"
     plain = {"$ref": f"#/$defs/c/{keyword}{pointer}", "$defs": {"c": {keyword: json.loads(
         json.dumps(value).replace("\\\\s", "b").replace("\\\\S", "b"))}}}
     assert ecma_patterns(plain, FIELD) == plain

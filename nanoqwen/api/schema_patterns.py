@@ -68,7 +68,9 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             in_data = schema_links(out).in_data
         except LongReference:  # the schema is refused (check_bounds weighs it): its data left as sent
             in_data = []
+        values = _in_values(out) if in_data else {}
         for node, keyword in in_data:  # each once, with the objects in it
+            keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             if keyword in ANNOTATIONS:
                 chars = _counted(chars + _rewrite(node), param)
                 continue
@@ -87,6 +89,22 @@ def _rewrite(node: dict[str, Any]) -> int:
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
     return sum(map(len, _patterns(node)))
+
+
+def _in_values(schema: Any) -> dict[int, str]:
+    """The ids of the objects inside a VALUES keyword's value anywhere in the schema, its data's included, each with
+    the outermost such keyword: a `$ref` into `default` data may reach into a `const` there."""
+    inside: dict[int, str] = {}
+    stack: list[tuple[Any, str | None]] = [(schema, None)]
+    while stack:
+        node, keyword = stack.pop()
+        if isinstance(node, dict):
+            if keyword is not None:
+                inside[id(node)] = keyword
+            stack.extend((value, keyword or (key if key in VALUES else None)) for key, value in node.items())
+        elif isinstance(node, list):
+            stack.extend((value, keyword) for value in node)
+    return inside
 
 
 def _holds_objects(value: Any) -> bool:
