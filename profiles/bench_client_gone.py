@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--hello-timeout", type=float, default=80.0)
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="more server settings")
     args = parser.parse_args()
+    if bad := [setting for setting in args.env if "=" not in setting]:
+        parser.error(f"--env takes NAME=VALUE, not {bad[0]!r}")
     env = dict(setting.split("=", 1) for setting in args.env)
     out = Path("profiles/out")
     out.mkdir(parents=True, exist_ok=True)

@@ -65,9 +65,11 @@ TIED_ONLY = pytest.mark.parametrize("checkpoint", [True], ids=["tied"], indirect
 @TIED_ONLY
 def test_compiled_matches_reference(checkpoint, quant, references):
     engine = load_engine(checkpoint, quant=quant, graph="compile", max_batch=4)
+    compiled = engine.stats()["graph_compiles"]
     assert_matches(engine, quant, references)
     [single] = generate(engine, PROMPTS[:1], greedy(6))  # batch bucket 1
     assert single.choices[0].token_ids == references[0]
+    assert engine.stats()["graph_compiles"] == compiled  # every variant compiled at load
 
 
 @pytest.mark.slow

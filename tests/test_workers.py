@@ -74,11 +74,13 @@ def test_aggregate_sums_counts_and_weights_the_mean():
             "requests_aborted": 0, "requests_failed": 0, "total_prompt_tokens": 0, "tokens_per_second": 0.0,
             "preemptions": 0, "engine_tokens_generated": 0, "graph_compiles": 0, "spec_decode_num_drafts": 0}
     a = base | {"requests_served": 1, "total_tokens_generated": 5, "average_response_time": 1.0, "ttft_p99_ms": 9.0,
-                "kv_cache_usage": 0.2, "spec_decode_num_draft_tokens": 10, "spec_decode_num_accepted_tokens": 2}
+                "kv_cache_usage": 0.2, "spec_decode_num_draft_tokens": 10, "spec_decode_num_accepted_tokens": 2,
+                "graph_compiles": 8}
     b = base | {"requests_served": 3, "total_tokens_generated": 7, "average_response_time": 3.0, "ttft_p99_ms": 4.0,
-                "kv_cache_usage": 0.4, "spec_decode_num_draft_tokens": 30, "spec_decode_num_accepted_tokens": 18}
+                "kv_cache_usage": 0.4, "spec_decode_num_draft_tokens": 30, "spec_decode_num_accepted_tokens": 18,
+                "graph_compiles": 4}
     total = aggregate([a, b])
-    assert (total["requests_served"], total["total_tokens_generated"]) == (4, 12)
+    assert (total["requests_served"], total["total_tokens_generated"], total["graph_compiles"]) == (4, 12, 12)
     assert total["average_response_time"] == pytest.approx(2.5) and total["ttft_p99_ms"] == 9.0
     assert total["kv_cache_usage"] == pytest.approx(0.3)
     assert total["spec_decode_acceptance_rate"] == pytest.approx(0.5)  # 20 of 40, not the mean of the rates

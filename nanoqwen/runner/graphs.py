@@ -42,10 +42,13 @@ class GraphRunner:
         self._loaded = False  # past the load: a compile now is one a request waits for
         if graph == "compile":
             cuda = device.type == "cuda"
-            # One compile per (bucket, sampler mode, table width) on CUDA: past dynamo's default of 8
-            # per function it would silently run the step eagerly.
+            # One compile per (bucket, sampler mode, table width) on CUDA: past dynamo's limits (8 a function, 256
+            # in all by default) it would silently run the step eagerly. 16 times that: engines loaded one after
+            # another in one process (the tests') share the step's code object, and its count.
             config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, 16 * len(buckets) * len(MODES))
+            variants = 16 * len(buckets) * len(widths) * len(MODES)
+            config.recompile_limit = max(config.recompile_limit, variants)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, variants)
             self._step = torch.compile(
                 step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None, fullgraph=True,
             )
