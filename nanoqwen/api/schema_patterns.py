@@ -17,16 +17,17 @@ from typing import Any
 
 from nanoqwen.engine.grammar import MAX_RULES
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
-from nanoqwen.engine.schema_keywords import subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, subschemas
 from nanoqwen.engine.validation import InvalidRequest
 
 # ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
 CLASS_ESCAPES = {"s": r"[\x{feff}\s--\x85]", "S": r"[^\x{feff}\s--\x85]"}
 MAX_PATTERN_CHARS = 1 << 16  # a schema's patterns and patternProperties keys, rewritten, in all
 ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` reads are rewritten as schemas
-# data keywords whose values are also what the answer must be, byte for byte: a `$ref` that reads a `\s` in them is
-# refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value would no longer match as sent)
-VALUES = ("const", "enum")
+# the other data keywords (const, enum): their values are also what the answer must be, byte for byte, so a `$ref`
+# that reads a `\s` in them is refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value
+# would no longer match as sent)
+VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
 
 
 def ecma_pattern(pattern: str) -> str:
