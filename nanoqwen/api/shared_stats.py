@@ -44,8 +44,9 @@ def heartbeat_dir() -> str | None:
     first write into a metrics map a SIGBUS."""
     if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK | os.X_OK)):
         return None
-    fs = os.statvfs(RAM_DIR)  # the file needs an inode and no bytes; the bytes' room: room left for the others
-    return str(RAM_DIR) if fs.f_favail > 0 and fs.f_bavail * fs.f_frsize >= HEARTBEAT_MIN_FREE else None
+    fs = os.statvfs(RAM_DIR)  # the file needs an inode (f_files 0: no limit) and no bytes; the bytes: the others' room
+    inode = fs.f_files == 0 or fs.f_favail > 0
+    return str(RAM_DIR) if inode and fs.f_bavail * fs.f_frsize >= HEARTBEAT_MIN_FREE else None
 
 
 def make_run_dir() -> Path:
