@@ -110,6 +110,11 @@ def test_a_ref_reading_a_space_class_in_const_or_enum_data_is_refused(keyword: s
     assert ecma_patterns(plain, FIELD) == plain
     unread = {"type": "object", "$defs": {"c": {keyword: value}}, "properties": {"a": {"$ref": "#/$defs/c"}}}
     assert ecma_patterns(unread, FIELD) == unread
+    named = {"properties": {keyword: {"default": {"pattern": r"\s"}}, "x": {"$ref": f"#/properties/{keyword}/default"}},
+             "$defs": {keyword: {"default": {"pattern": r"\s"}}}, "$ref": f"#/$defs/{keyword}/default"}
+    rewritten = ecma_patterns(named, FIELD)  # subschemas named like the keyword: their data is no value
+    assert rewritten["properties"][keyword]["default"] == rewritten["$defs"][keyword]["default"] == {
+        "pattern": CLASS_ESCAPES["s"]}
 
 
 def test_patterns_past_their_bound_are_refused_naming_the_field() -> None:

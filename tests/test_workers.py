@@ -44,6 +44,11 @@ def test_heartbeat_dir_is_dev_shm_only_where_it_is_writable_with_room(tmp_path: 
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     monkeypatch.setattr(shared_stats, "HEARTBEAT_MIN_FREE", free + (1 << 30))  # as good as full
     assert shared_stats.heartbeat_dir() is None
+    monkeypatch.setattr(shared_stats, "HEARTBEAT_MIN_FREE", 0)
+    for files, favail, where in ((0, 0, str(tmp_path)), (5, 0, None), (5, 1, str(tmp_path))):  # f_files 0: no limit
+        fs = os.statvfs_result((4096, 4096, 100, 100, 100, files, favail, favail, 0, 255))
+        monkeypatch.setattr(shared_stats.os, "statvfs", lambda path, fs=fs: fs)
+        assert shared_stats.heartbeat_dir() == where, (files, favail)
 
 
 def test_cpu_share_splits_the_cores_contiguously():

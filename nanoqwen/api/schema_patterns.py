@@ -93,18 +93,21 @@ def _rewrite(node: dict[str, Any]) -> int:
 
 
 def _in_values(schema: Any) -> dict[int, str]:
-    """The ids of the objects inside a VALUES keyword's value anywhere in the schema, its data's included, each with
-    the outermost such keyword: a `$ref` into `default` data may reach into a `const` there."""
+    """The ids of the objects inside a VALUES keyword's value anywhere in the schema, each with that keyword: the
+    schema walked as llguidance reads it (ANNOTATIONS' data too, which a `$ref` may read as a schema), so that a
+    `$ref` into `default` data reaching a `const` there finds a value, and a property named `const` is none."""
     inside: dict[int, str] = {}
     stack: list[tuple[Any, str | None]] = [(schema, None)]
     while stack:
         node, keyword = stack.pop()
-        if isinstance(node, dict):
-            if keyword is not None:
-                inside[id(node)] = keyword
-            stack.extend((value, keyword or (key if key in VALUES else None)) for key, value in node.items())
-        elif isinstance(node, list):
+        if isinstance(node, list):
             stack.extend((value, keyword) for value in node)
+        elif isinstance(node, dict) and keyword is not None:  # in a value: all of it is
+            inside[id(node)] = keyword
+            stack.extend((value, keyword) for value in node.values())
+        elif isinstance(node, dict):
+            stack.extend((value, None) for _, value in subschemas(node))
+            stack.extend((node[key], key if key in VALUES else None) for key in DATA_KEYWORDS & node.keys())
     return inside
 
 
