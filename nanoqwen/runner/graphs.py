@@ -52,6 +52,11 @@ class GraphRunner:
             self._step = torch.compile(
                 step, mode="reduce-overhead" if cuda else None, dynamic=False if cuda else None, fullgraph=True,
             )
+            # dynamo's counts (its graphs compiled in this process among them), imported once, here: the CPU
+            # graphs' servers never load dynamo (tests/test_memory.py)
+            from torch._dynamo.utils import counters
+
+            self._dynamo_counters = counters
             self._compile(buckets, widths, cuda)
         elif graph == "cudagraph":
             self._capture(buckets, widths[-1])
@@ -78,9 +83,9 @@ class GraphRunner:
 
     def _compiled(self, mode: str, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled step, counting the graphs it compiled (one after the load is a variant _compile missed)."""
-        before = _graphs_compiled()
+        before = self._dynamo_counters["stats"]["unique_graphs"]
         out = self._step(mode, inputs)
-        compiled = _graphs_compiled() - before
+        compiled = self._dynamo_counters["stats"]["unique_graphs"] - before
         if compiled:
             self.compiles += compiled
             if self._loaded:
@@ -148,13 +153,6 @@ class GraphRunner:
         if self.graph == "compile":
             return self._compiled(mode, self._inputs(bucket, width))
         return self._step(mode, self._inputs(bucket, width))
-
-
-def _graphs_compiled() -> int:
-    """The graphs dynamo has compiled in this process."""
-    from torch._dynamo.utils import counters  # here: the CPU graphs' servers never load dynamo (tests/test_memory.py)
-
-    return counters["stats"]["unique_graphs"]
 
 
 def _mark_dynamic(inputs: StepInputs, rows: bool, width: bool) -> None:
