@@ -13,8 +13,8 @@ gevent's own monitor (GEVENT_MONITOR_THREAD_ENABLE=1, GEVENT_MAX_BLOCKING_TIME=0
 beside (its stacks are where the loop's thread next released the GIL, often a syscall, not what held it).
 
 The load is the soak's room check replayed `--reps` times (32 background Responses created, then cancelled:
-soak_background.py), with `--burners` busy processes beside; /health is polled every 50 ms (p50/p99/max per rep, and
-how many polls failed).
+soak_background.py), with `--burners` busy processes beside; /health is polled every 50 ms from a process of its own
+(chat_http.health_polled: p50/p99/max per rep; an answer other than 200 ends the run).
 Reading the report: the loop's thread runnable for the stall with little CPU is the machine's load (the kernel ran
 others); asleep while another thread ran with the GIL is that thread's work; its own CPU is work on the loop.
 """
@@ -71,10 +71,8 @@ else:
     import threading
     from pathlib import Path
 
-    import requests
-
     import common  # puts this checkout and its tests first on sys.path
-    from chat_http import cpu_env
+    from chat_http import cpu_env, health_polled
     from checkpoints import make_checkpoint
     from nanoqwen.api.metrics import percentile
     from server_process import GunicornServer
@@ -157,20 +155,15 @@ else:
                 for _ in range(args.burners):  # one by one: an interrupt partway still kills those started
                     burners.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
                 for rep in range(args.reps):
-                    health: list[float] = []
-                    failed: list[str] = []
-                    polled = threading.Event()
-                    poller = threading.Thread(target=poll, args=(srv.url, health, failed, polled))
-                    poller.start()
                     t0 = time.monotonic()
                     tally = Tally()
-                    BackgroundSoak(srv.port, tally, 300).settle()
-                    polled.set()
-                    poller.join()
+                    with health_polled(srv, 0.05) as seconds:  # from a process of its own: not this one's GIL
+                        BackgroundSoak(srv.port, tally, 300).settle()
+                    health = [1e3 * s for s in seconds]
                     print(f"rep {rep}: room check {time.monotonic() - t0:.1f} s, /health p50 "
                           f"{percentile(health, 50):.0f} p99 {percentile(health, 99):.0f} "
-                          f"max {max(health, default=0.0):.0f} ms ({len(health)} answered, {len(failed)} failed: "
-                          f"{failed[:1]}), load {os.getloadavg()[0]:.1f}, problems {tally.problems[:3]}", flush=True)
+                          f"max {max(health):.0f} ms ({len(health)} answered, all 200), load "
+                          f"{os.getloadavg()[0]:.1f}, problems {tally.problems[:3]}", flush=True)
                 print(*[line for line in srv.log().splitlines() if line.startswith("stall_watch:")], sep="\n")
         finally:
             for burner in burners:
@@ -179,18 +172,5 @@ else:
             stop.set()
             watcher.join()
             pulse.unlink()
-
-    def poll(url: str, health: list[float], failed: list[str], stop: threading.Event) -> None:
-        """/health's latency in ms into `health`, or why it failed into `failed`, every 50 ms."""
-        session = requests.Session()
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                session.get(f"{url}/health", timeout=60)
-            except requests.RequestException as exc:
-                failed.append(repr(exc))
-            else:
-                health.append(1e3 * (time.perf_counter() - t0))
-            stop.wait(0.05)
 
     main()
