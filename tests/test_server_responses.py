@@ -401,6 +401,35 @@ def test_items_pair_as_openai_s(server: GunicornServer, items: list[Json], messa
         "message": message, "type": "invalid_request_error", "param": "input", "code": None}, answer.text
 
 
+@pytest.mark.parametrize("items, message, at", [
+    ([{**CALL, "call_id": ""}, OUTPUT], None, 1),
+    ([CALL, OUTPUT, {**CALL, "name": "get_date"}, OUTPUT],
+     "Duplicate function_call for call_id 'call_1'. Each function_call must have a call_id of its own.", 3),
+    ([CALL, OUTPUT, OUTPUT], "Duplicate function_call_output for call_id 'call_1'. Each function_call must have "
+     "exactly one matching function_call_output", 3),
+], ids=["empty-call-id", "two-calls-one-id", "two-outputs-one-call"])
+def test_a_call_id_is_one_call_s_answered_once(client: openai.OpenAI, items: list[Json], message: str | None,
+                                               at: int) -> None:
+    """Were taken: a call with call_id "" (an output's "" was refused), two calls of one call_id and two outputs of
+    one call (the template paired them by order). Refused naming the repeat, as OpenAI's "Each function_call must
+    have exactly one matching function_call_output" (a client's per-turn ids, reported)."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.input_tokens.count(model=MODEL, tools=TOOLS,
+                                            input=[{"role": "user", "content": "What time is it?"}, *items])
+    assert exc.value.body["param"] == f"input.[{at}].call_id", exc.value.body
+    assert message is None or exc.value.body["message"] == message
+
+
+def test_a_call_id_repeated_after_a_previous_response_names_the_input_item(client: openai.OpenAI) -> None:
+    """The history's items come first: the repeat is named by its place in the input."""
+    first = client.responses.create(input=[{"role": "user", "content": "What time is it?"}, CALL, OUTPUT],
+                                    tools=TOOLS, **GREEDY)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{"role": "user", "content": "And now?"}, CALL, OUTPUT], tools=TOOLS,
+                                previous_response_id=first.id, **GREEDY)
+    assert exc.value.body["param"] == "input.[1].call_id", exc.value.body
+
+
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
 def test_truncation_keeps_the_call_the_last_output_answers(server: GunicornServer, route: str) -> None:
     """An agent loop past the context: the long first message goes, the call the last item answers stays (it went,

@@ -618,9 +618,10 @@ class ResponsesService:
     def _conversation(self, req: Fields, budget: Budget, found: Found) -> Conversation[Fields]:
         req = self._resolved(req, budget, found.holders)
         previous = self._previous(req.previous_response_id, found.previous)
-        items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
+        history = ITEMS.validate_json(previous.history) if previous is not None else []
+        items = [*history, *req.input_items]
         self.chat.serving.check_serving(req.model)
-        check_items(items)
+        check_items(items, len(history))
         return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items))
 
     def _fitted(self, conversation: Conversation[Fields], encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:
