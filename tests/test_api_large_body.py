@@ -20,6 +20,7 @@ from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
 from nanoqwen.api.schemas import ChatPrompt, Tool
+from nanoqwen.api.serving import LARGE_TOOLS
 from nanoqwen.engine import Engine, EngineConfig
 
 MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
@@ -149,6 +150,18 @@ def test_a_large_responses_conversation_is_made_off_the_loop(
     assert set(conversing) == {"_resolved", "check_items", "to_chat", "template_messages", "_stored_inputs",
                                "echoed_tools"}
     assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
+
+
+def test_a_responses_request_of_many_tools_is_made_off_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]]) -> None:
+    """LARGE_TOOLS small tools, far under the body's bound of values: each validated as chat's and measured when the
+    request is made a chat request of (300: 34 ms), which was done on the loop. (They pass the 1,024-token context.)"""
+    tools = [{"type": "function", "name": f"f{i}", "description": "d", "parameters": {"type": "object"}}
+             for i in range(LARGE_TOOLS)]
+    answer = served.post("/v1/responses", json={"input": "hi", "tools": tools, "max_output_tokens": 16})
+    assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded", answer.json
+    loop = threading.get_ident()
+    assert conversing["to_chat"] and not any(loop in threads for threads in conversing.values()), conversing
 
 
 def test_a_large_responses_request_takes_two_trips_to_the_long_prompts_thread(

@@ -577,13 +577,13 @@ class ResponsesService:
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
         body left of the request's values, to the items its references resolve to.
-        A large request (its body's values, or the stored items it brings in: is_large) is worked on in the long
-        prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its prompts
-        templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
+        A large request (its body's values, the stored items it brings in, or its tools: is_large) is worked on in
+        the long prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its
+        prompts templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
         truncation's search did it again in part, and their encoding for the store ~270 ms."""
         serving = self.chat.serving
         found = self._found(req)
-        large = is_large(budget.used) or is_large(chars=found.chars)
+        large = is_large(budget.used, found.chars, len(req.tools or []))
         conversation = serving.off_loop_if(large, self._conversation, req, budget, found)
         params = self.chat.params(conversation.whole)
         chat_encode = self.chat.encode_here if large else self.chat.encode
