@@ -147,7 +147,7 @@ def _status(call: Callable[..., Any], *args: Any) -> int:
 
 def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> None:
     query = _query("/v1/responses/{response_id}/input_items")
-    assert set(query) == {"limit", "order", "after", "before"}
+    assert set(query) == {"limit", "order", "after", "before", "include[]"}
     items = [{"id": f"i{n}"} for n in range(3)]
     limit = query["limit"]
     for value, valid in [(limit["minimum"], True), (limit["maximum"], True), (limit["minimum"] - 1, False),
@@ -162,15 +162,20 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
 
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
     query = _query("/v1/responses/{response_id}")
-    assert set(query) == {"stream", "starting_after", "include_obfuscation"} and query["starting_after"]["minimum"] == 0
+    assert set(query) == {"stream", "starting_after", "include_obfuscation", "include[]"}
+    assert query["starting_after"]["minimum"] == 0
     service = ResponsesService(chat=None)
     for stream in query["stream"]["enum"]:  # past the query check: the id is unknown
         assert _status(service.retrieve, "resp_x", {"stream": stream}, {}) == 404
     assert _status(service.retrieve, "resp_x", {"stream": "true", "starting_after": "0"}, {}) == 404
     for obfuscated in query["include_obfuscation"]["enum"]:
         assert _status(service.retrieve, "resp_x", {"stream": "true", "include_obfuscation": obfuscated}, {}) == 404
+    included = query["include[]"]["items"]["enum"]
+    for name in included:
+        assert _status(service.retrieve, "resp_x", {"include[]": name}, {}) == 404
     for refused in ({"stream": "1"}, {"stream": "true", "starting_after": "-1"}, {"starting_after": "0"},
-                    {"include_obfuscation": "false"}, {"stream": "true", "include_obfuscation": "0"}):
+                    {"include_obfuscation": "false"}, {"stream": "true", "include_obfuscation": "0"},
+                    {"include[]": "x"}, {"stream": "true", "include[]": included[0]}):
         assert _status(service.retrieve, "resp_x", refused, {}) == 400
 
 

@@ -32,7 +32,9 @@ from nanoqwen.api.responses_api import (
     echoed_tools,
     kept_in_progress,
 )
+from nanoqwen.api.responses_include import response_with_parts
 from nanoqwen.api.responses_schemas import (
+    INCLUDES,
     FunctionTool,
     ResponseCreateRequest,
     encode_reasoning,
@@ -164,6 +166,18 @@ def test_encrypted_reasoning_comes_back_as_the_reasoning() -> None:
     chat = _chat({"input": [*response["output"], {"role": "user", "content": "And?"}]})
     assert chat.template_messages()[0] == {"role": "assistant", "content": "Paris.",
                                            "reasoning_content": "Let me think"}
+
+
+def test_get_s_include_adds_what_create_left_out() -> None:
+    """GET's `include` on a response made without it: its reasoning items' encrypted_content, as create's include
+    makes it, and its output_text parts' logprobs, [] (not computed); what create included stays as it was."""
+    plain, _ = _both(THOUGHT)
+    full = json.loads(response_with_parts(encode_json(plain), frozenset(INCLUDES)))
+    reasoning, message = full["output"]
+    assert reasoning == {**plain["output"][0], "encrypted_content": encode_reasoning("Let me think")}
+    assert message["content"] == [{**plain["output"][1]["content"][0], "logprobs": []}]
+    included, _ = _both(THOUGHT, include=list(INCLUDES))
+    assert json.loads(response_with_parts(encode_json(included), frozenset(INCLUDES))) == included
 
 
 @pytest.mark.parametrize("zone", ['"UTC"', "NaN"], ids=["json", "nan"])

@@ -2,6 +2,7 @@
 client (its `responses.stream` helper checks the event order and accumulates the events)."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 from typing import Any
@@ -79,6 +80,34 @@ def test_logprobs_need_include(client: openai.OpenAI) -> None:
     logprobs = scored.output[0].content[0].logprobs
     assert "".join(lp.token for lp in logprobs) == scored.output_text == plain.output_text
     assert len(logprobs) == scored.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+
+
+def test_get_s_include_adds_the_parts_create_did_not_ask_for(client: openai.OpenAI, server: GunicornServer) -> None:
+    """GET's `include` (the openai client's `include[]=...`), on the response and its input items: a reasoning
+    item's encrypted_content made from its text; an output_text part's logprobs, `[]` where create did not ask for
+    them (not computed then). Without it, the response as create answered it."""
+    thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask the clock."}]}
+    items = [{"role": "user", "content": "Hi"}, thought, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "What time is it?"}]
+    both = ["reasoning.encrypted_content", "message.output_text.logprobs"]
+    plain = client.responses.create(input=items, **GREEDY)
+    assert client.responses.retrieve(plain.id).model_dump() == plain.model_dump()
+    full = client.responses.retrieve(plain.id, include=both)
+    (message,) = full.output  # the test model's reasoning items: test_api_responses' test_get_s_include_...
+    assert message.model_dump(exclude={"content"}) == plain.output[0].model_dump(exclude={"content"})
+    assert [part.logprobs for part in message.content] == [[]]
+    listed = client.responses.input_items.list(plain.id, include=both, order="asc").data
+    assert listed[1].encrypted_content == base64.b64encode(b"Ask the clock.").decode()
+    assert listed[2].content[0].logprobs == [] and listed[0].content[0].type == "input_text"
+    scored = client.responses.create(input="Hi", include=["message.output_text.logprobs"], **GREEDY)
+    assert scored.output[0].content[0].logprobs
+    assert client.responses.retrieve(scored.id, include=both[1:]).model_dump() == scored.model_dump()
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.retrieve(plain.id, include=["file_search_call.results"])
+    assert exc.value.body["param"] == "include"
+    streamed = requests.get(f"{server.url}/v1/responses/{plain.id}", timeout=30,
+                            params={"stream": "true", "include[]": both[0]})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "include"
 
 
 def test_json_schema_output_streamed_and_not(client: openai.OpenAI) -> None:
@@ -234,9 +263,10 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
     replay = requests.get(f"{server.url}/v1/responses/{first.id}?stream=true", timeout=30)
     assert replay.status_code == 400 and replay.json()["error"]["param"] == "stream"
-    for route, name in (("", "include[]"), ("/input_items", "include[]"), ("/input_items", "starting_after")):
+    for route, name, param in (("", "include[]", "include"), ("/input_items", "include", "include"),
+                               ("/input_items", "starting_after", "starting_after")):
         unread = requests.get(f"{server.url}/v1/responses/{first.id}{route}", params={name: "x"}, timeout=30)
-        assert unread.status_code == 400 and unread.json()["error"]["param"] == name
+        assert unread.status_code == 400 and unread.json()["error"]["param"] == param
     for limit in ("²", "0", "101", "-1"):  # "²".isdigit(), but int("²") fails
         refused = requests.get(f"{server.url}/v1/responses/{first.id}/input_items", params={"limit": limit}, timeout=30)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "limit"
@@ -399,6 +429,35 @@ def test_items_pair_as_openai_s(server: GunicornServer, items: list[Json], messa
     answer = requests.post(f"{server.url}{route}", json=body, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"] == {
         "message": message, "type": "invalid_request_error", "param": "input", "code": None}, answer.text
+
+
+@pytest.mark.parametrize("items, message, at", [
+    ([{**CALL, "call_id": ""}, OUTPUT], None, 1),
+    ([CALL, OUTPUT, {**CALL, "name": "get_date"}, OUTPUT],
+     "Duplicate function_call for call_id 'call_1'. Each function_call must have a call_id of its own.", 3),
+    ([CALL, OUTPUT, OUTPUT], "Duplicate function_call_output for call_id 'call_1'. Each function_call must have "
+     "exactly one matching function_call_output", 3),
+], ids=["empty-call-id", "two-calls-one-id", "two-outputs-one-call"])
+def test_a_call_id_is_one_call_s_answered_once(client: openai.OpenAI, items: list[Json], message: str | None,
+                                               at: int) -> None:
+    """Were taken: a call with call_id "" (an output's "" was refused), two calls of one call_id and two outputs of
+    one call (the template paired them by order). Refused naming the repeat, as OpenAI's "Each function_call must
+    have exactly one matching function_call_output" (a client's per-turn ids, reported)."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.input_tokens.count(model=MODEL, tools=TOOLS,
+                                            input=[{"role": "user", "content": "What time is it?"}, *items])
+    assert exc.value.body["param"] == f"input.[{at}].call_id", exc.value.body
+    assert message is None or exc.value.body["message"] == message
+
+
+def test_a_call_id_repeated_after_a_previous_response_names_the_input_item(client: openai.OpenAI) -> None:
+    """The history's items come first: the repeat is named by its place in the input."""
+    first = client.responses.create(input=[{"role": "user", "content": "What time is it?"}, CALL, OUTPUT],
+                                    tools=TOOLS, **GREEDY)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{"role": "user", "content": "And now?"}, CALL, OUTPUT], tools=TOOLS,
+                                previous_response_id=first.id, **GREEDY)
+    assert exc.value.body["param"] == "input.[1].call_id", exc.value.body
 
 
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])

@@ -156,7 +156,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/v1/responses/<response_id>")
     def retrieve_response(response_id: str) -> dict[str, Any]:
-        return responses.retrieve(response_id, request.args.to_dict(), request.environ)
+        return responses.retrieve(response_id, request.args, request.environ)
 
     @app.post("/v1/responses/<response_id>/cancel")
     def cancel_response(response_id: str) -> Response:
@@ -168,7 +168,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/v1/responses/<response_id>/input_items")
     def response_input_items(response_id: str) -> dict[str, Any]:
-        return responses.input_items(response_id, request.args.to_dict())
+        return responses.input_items(response_id, request.args)
 
     @app.post("/tokenize")
     def tokenize() -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar, Generic, TypeVar
@@ -22,6 +22,7 @@ from nanoqwen.api.errors import APIError, generation_error, request_too_large
 from nanoqwen.api.metrics import RequestTrace
 from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
 from nanoqwen.api.responses_background import Background, Run, too_many
+from nanoqwen.api.responses_include import INCLUDE_KEYS, query_include, response_with_parts, with_parts
 from nanoqwen.api.responses_schemas import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -478,8 +479,8 @@ class Found:
     chars: int  # about the characters of stored JSON they bring in, each reference its item's
 
 
-def _check_query(args: dict[str, str], known: tuple[str, ...]) -> None:
-    """A query parameter we do not read (include, starting_after, ...) is refused by name, not ignored."""
+def _check_query(args: Mapping[str, str], known: tuple[str, ...]) -> None:
+    """A query parameter we do not read (starting_after on input_items, ...) is refused by name, not ignored."""
     for name in args:
         if name not in known:
             raise APIError(400, f"Unsupported parameter '{name}' for this route", param=name,
@@ -576,13 +577,13 @@ class ResponsesService:
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
         body left of the request's values, to the items its references resolve to.
-        A large request (its body's values, or the stored items it brings in: is_large) is worked on in the long
-        prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its prompts
-        templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
+        A large request (its body's values, the stored items it brings in, or its tools: is_large) is worked on in
+        the long prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its
+        prompts templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
         truncation's search did it again in part, and their encoding for the store ~270 ms."""
         serving = self.chat.serving
         found = self._found(req)
-        large = is_large(budget.used) or is_large(chars=found.chars)
+        large = is_large(budget.used, found.chars, len(req.tools or []))
         conversation = serving.off_loop_if(large, self._conversation, req, budget, found)
         params = self.chat.params(conversation.whole)
         chat_encode = self.chat.encode_here if large else self.chat.encode
@@ -618,9 +619,10 @@ class ResponsesService:
     def _conversation(self, req: Fields, budget: Budget, found: Found) -> Conversation[Fields]:
         req = self._resolved(req, budget, found.holders)
         previous = self._previous(req.previous_response_id, found.previous)
-        items = [*(ITEMS.validate_json(previous.history) if previous is not None else []), *req.input_items]
+        history = ITEMS.validate_json(previous.history) if previous is not None else []
+        items = [*history, *req.input_items]
         self.chat.serving.check_serving(req.model)
-        check_items(items)
+        check_items(items, len(history))
         return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items))
 
     def _fitted(self, conversation: Conversation[Fields], encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:
@@ -790,10 +792,12 @@ class ResponsesService:
             raise _not_found(response_id)
         return stored
 
-    def retrieve(self, response_id: str, args: dict[str, str], environ: dict[str, Any]) -> Response:
-        """A stored response, or one in progress as its `response.created` said it; with `stream=true` a background
-        stream's events kept, after `starting_after` (a sequence number), followed until it ends."""
-        _check_query(args, ("stream", "starting_after", "include_obfuscation"))
+    def retrieve(self, response_id: str, args: Mapping[str, str], environ: dict[str, Any]) -> Response:
+        """A stored response, or one in progress as its `response.created` said it, with the parts `include` names
+        (responses_include); with `stream=true` a background stream's events kept, after `starting_after` (a
+        sequence number), followed until it ends, as they were sent."""
+        _check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
+        include = query_include(args)
         for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
             if args.get(name, "false") not in ("true", "false"):
                 raise APIError(400, f"Invalid value for '{name}': expected 'true' or 'false'", param=name)
@@ -801,7 +805,13 @@ class ResponsesService:
             for name in ("starting_after", "include_obfuscation"):
                 if name in args:
                     raise APIError(400, f"'{name}' needs 'stream=true'", param=name)
-            return Response(self._stored(response_id).body, mimetype="application/json")
+            body = self._stored(response_id).body
+            if include:
+                body = self.chat.serving.off_loop_if(is_large(chars=len(body)), response_with_parts, body, include)
+            return Response(body, mimetype="application/json")
+        if include:
+            raise APIError(400, "'include' needs 'stream=false': a stream's events are replayed as they were sent.",
+                           param="include")
         after = args.get("starting_after")
         if after is not None and not (after.isascii() and after.isdigit()):
             raise APIError(400, "Invalid value for 'starting_after': a sequence number", param="starting_after")
@@ -836,6 +846,10 @@ class ResponsesService:
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
-    def input_items(self, response_id: str, args: dict[str, str]) -> Json:
-        _check_query(args, ("order", "limit", "after", "before"))
-        return list_page(self._stored(response_id).items(), args)
+    def input_items(self, response_id: str, args: Mapping[str, str]) -> Json:
+        """A page of a response's input items, with the parts `include` names (responses_include)."""
+        _check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS))
+        include = query_include(args)
+        page = list_page(self._stored(response_id).items(), args)
+        page["data"] = [with_parts(item, include) for item in page["data"]]
+        return page

@@ -111,7 +111,7 @@ class FunctionCallItem(Strict):
     """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
 
     type: Literal["function_call"]
-    call_id: str
+    call_id: str = Field(min_length=1)  # as an output's: one with "" could never be answered
     name: str
     arguments: str
     id: str | None = None
@@ -515,11 +515,11 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def check_items(items: list[Item]) -> None:
-    """A conversation's items (a previous response's, then the input) as OpenAI checks them, once, before any is
-    dropped to fit the context."""
+def check_items(items: list[Item], first_input: int) -> None:
+    """A conversation's items (a previous response's, then the input from `first_input` on) as OpenAI checks them,
+    once, before any is dropped to fit the context."""
     check_unique_ids(items)
-    check_call_outputs(items)
+    check_call_outputs(items, first_input)
 
 
 def check_unique_ids(items: list[Item]) -> None:
@@ -535,22 +535,34 @@ def check_unique_ids(items: list[Item]) -> None:
         seen.add(item.id)
 
 
-def check_call_outputs(items: list[Item]) -> None:
-    """OpenAI's pairing of the items (a previous response's, then the input): each function_call_output answers a
-    function_call before it, and each function_call is answered. Its messages and param, word for word. Not chat's
-    stricter order (the answers right after their calls, before any other message: check_tool_answers), which
-    OpenAI's Responses API is not known to ask: items between a call and its output (a reasoning item between two
-    calls, a message) template as they come."""
+def check_call_outputs(items: list[Item], first_input: int) -> None:
+    """OpenAI's pairing of the items (a previous response's, then the input from `first_input` on): each
+    function_call_output answers a function_call before it, and each function_call is answered. Its messages and
+    param, word for word. Each call is answered once, as OpenAI's "Each function_call must have exactly one matching
+    function_call_output" (reported: a client's per-turn ids, `terminal:0` on two turns), and so a call_id is one
+    call's: the template would pair a second call or output by order. Those name the repeat (in the input: the
+    history before it was checked so). Not chat's stricter order (the answers right after their calls, before any
+    other message: check_tool_answers), which OpenAI's Responses API is not known to ask: items between a call and
+    its output (a reasoning item between two calls, a message) template as they come."""
     unanswered: dict[str, None] = {}  # call ids, in order
     called: set[str] = set()
-    for item in items:
+    answered: set[str] = set()
+    for i, item in enumerate(items):
         if isinstance(item, FunctionCallItem):
+            if item.call_id in called:
+                raise APIError(400, f"Duplicate function_call for call_id '{item.call_id}'. Each function_call must "
+                               "have a call_id of its own.", param=f"input.[{i - first_input}].call_id")
             called.add(item.call_id)
             unanswered[item.call_id] = None
         elif isinstance(item, FunctionCallOutputItem):
             if item.call_id not in called:
                 raise APIError(400, f"No tool call found for function call output with call_id {item.call_id}.",
                                param="input")
+            if item.call_id in answered:
+                raise APIError(400, f"Duplicate function_call_output for call_id '{item.call_id}'. Each "
+                               "function_call must have exactly one matching function_call_output",
+                               param=f"input.[{i - first_input}].call_id")
+            answered.add(item.call_id)
             unanswered.pop(item.call_id, None)
     if unanswered:
         raise APIError(400, f"No tool output found for function call {next(iter(unanswered))}.", param="input")
