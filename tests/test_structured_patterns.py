@@ -11,8 +11,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.api import schema_patterns
-from nanoqwen.api.schema_patterns import CLASS_ESCAPES, MAX_PATTERN_CHARS, ecma_pattern, ecma_patterns
-from nanoqwen.engine.grammar import MAX_RULES, Grammars
+from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
+from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_RULES, Grammars
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer

@@ -4,25 +4,24 @@ made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF 
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
 schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
-MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are refused: llguidance
-builds its lexer from their text at seconds a megabyte, on a compile thread other requests' grammars wait for (a
-1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and `enum` values are
-what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as Rust's) refused.
-vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
-grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
+engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are
+refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other requests'
+grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
+`enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
+Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
+schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there)."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from nanoqwen.engine.grammar import MAX_RULES
+from nanoqwen.engine.grammar import MAX_RULES, check_pattern_chars
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.validation import InvalidRequest
 
 # ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
 CLASS_ESCAPES = {"s": r"[\x{feff}\s--\x85]", "S": r"[^\x{feff}\s--\x85]"}
-MAX_PATTERN_CHARS = 1 << 16  # a schema's patterns and patternProperties keys, rewritten, in all
 ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` reads are rewritten as schemas
 # the other data keywords (const, enum): their values are also what the answer must be, byte for byte, so a `$ref`
 # that reads a `\s` in them is refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value
@@ -75,7 +74,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             if keyword in ANNOTATIONS:
                 chars = _counted(chars + _rewrite(node), param)
                 continue
-            patterns = _patterns(node)  # as sent: llguidance compiles them too
+            patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
             if any(ecma_pattern(pattern) != pattern for pattern in patterns):
                 raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s or \\S in {keyword} data, "
@@ -89,7 +88,7 @@ def _rewrite(node: dict[str, Any]) -> int:
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
-    return sum(map(len, _patterns(node)))
+    return sum(map(len, own_patterns(node)))
 
 
 def _in_values(schema: Any) -> dict[int, str]:
@@ -116,18 +115,7 @@ def _holds_objects(value: Any) -> bool:
     return isinstance(value, dict) or isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
 
 
-def _patterns(node: dict[str, Any]) -> list[str]:
-    """The schema object's own `pattern` and `patternProperties` keys."""
-    patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
-    if isinstance(node.get("patternProperties"), dict):
-        patterns.extend(node["patternProperties"])
-    return patterns
-
-
 def _counted(chars: int, param: str) -> int:
     """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
-    if chars > MAX_PATTERN_CHARS:
-        raise InvalidRequest(f"invalid {param}: the schema's patterns are longer than {MAX_PATTERN_CHARS} characters "
-                             f"in all (each \\s counting {len(CLASS_ESCAPES['s'])} and each \\S "
-                             f"{len(CLASS_ESCAPES['S'])}, ECMA's class)", param=param)
-    return chars
+    return check_pattern_chars(chars, param, "the schema's patterns are", f" (each \\s counting "
+                               f"{len(CLASS_ESCAPES['s'])} and each \\S {len(CLASS_ESCAPES['S'])}, ECMA's class)")
