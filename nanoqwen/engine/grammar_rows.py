@@ -84,8 +84,8 @@ def regex_chars(text: str) -> int:
         if piece in ("%json", "%regex"):
             try:
                 value, end = decoder.raw_decode(text, SPACE.match(text, position).end())
-            except ValueError:
-                continue  # llguidance refuses it
+            except (ValueError, RecursionError):
+                continue  # llguidance refuses it; one nested too deeply, check_bounds
             chars += end - position if piece == "%regex" else _schema_pattern_chars(value)
             position = end
         elif piece[0] == "/" and not piece.startswith("//"):
