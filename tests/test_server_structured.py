@@ -249,6 +249,27 @@ def test_a_lenient_tools_patterns_past_their_bound_leave_its_calls_free(tmp_path
     assert response.status in ("completed", "incomplete") and response.tools[0].strict is True, response
 
 
+def test_integral_float_counts_and_control_escapes_are_served(server: GunicornServer) -> None:
+    """`"maxItems": 2.0` is an integer since JSON Schema draft 6, and ECMA's `\\cC` is U+0003: both were 400s (the
+    grammar engine's "Expected positive integer", Rust's regex has no `\\c`); `2.5` stays a 400 naming the field,
+    in chat and in Responses' `text.format`."""
+    def schema(count: float) -> dict[str, Any]:
+        return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^\\cC$"}, "n": {
+            "type": "array", "items": {"type": "boolean"}, "minItems": count, "maxItems": count}},
+            "required": ["k", "n"], "additionalProperties": False}
+    answer = _create(server, max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+        "name": "c", "schema": schema(2.0), "strict": True}})
+    value = json.loads(answer.choices[0].message.content)
+    assert value["k"] == "\x03" and len(value["n"]) == 2, value
+    with pytest.raises(openai.BadRequestError, match="Expected positive integer") as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema(2.5)}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+    with pytest.raises(openai.BadRequestError, match="Expected positive integer") as refused:
+        server.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16, text={
+            "format": {"type": "json_schema", "name": "c", "schema": schema(2.5), "strict": True}})
+    assert refused.value.body["param"] == "text.format", refused.value.body
+
+
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:
     """llguidance reads it as a schema with Rust's `\\s` (it took U+0085, refused U+FEFF), and the const value must
     match as sent: not rewritten, refused."""

@@ -9,7 +9,9 @@ refused: llguidance builds its lexer from their text at seconds a megabyte, on a
 grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
 `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
-schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there)."""
+schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there). Each
+`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point, and a count written as an integral
+float (`"maxItems": 2.0`, an integer since draft 6, which llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
@@ -27,10 +29,15 @@ ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` rea
 # that reads a `\s` in them is refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value
 # would no longer match as sent)
 VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
+# the keywords whose value is a count (a non-negative integer), which JSON Schema draft 6 on may write `2.0`
+COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+                    "maxContains"))
+MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
 
 
 def ecma_pattern(pattern: str) -> str:
-    """The pattern with ECMA's `\\s` and `\\S` spelled out (an escaped backslash before an `s` stays as it is)."""
+    """The pattern with ECMA's `\\s` and `\\S` spelled out and each `\\cX` as its code point (an escaped backslash
+    before an `s` or a `c` stays as it is)."""
     out: list[str] = []
     chars = iter(pattern)
     for char in chars:
@@ -38,6 +45,10 @@ def ecma_pattern(pattern: str) -> str:
             out.append(char)
             continue
         escaped = next(chars, "")
+        if escaped == "c":  # ECMA's control escape, which Rust's regex lacks: `\cJ` is U+000A (its letter mod 32)
+            letter = next(chars, "")
+            out.append(f"\\x{{{ord(letter) % 32:02x}}}" if letter.isascii() and letter.isalpha() else "\\c" + letter)
+            continue
         out.append(CLASS_ESCAPES.get(escaped, char + escaped))
     return "".join(out)
 
@@ -83,7 +94,11 @@ def ecma_patterns(schema: Any, param: str) -> Any:
 
 
 def _rewrite(node: dict[str, Any]) -> int:
-    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, in place; their length."""
+    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
+    integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
+    place; the patterns' length."""
+    node.update({key: int(value) for key in COUNTS & node.keys()
+                 if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
