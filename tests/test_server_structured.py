@@ -67,6 +67,7 @@ COSTLY_OBJECT = {"type": "object", "properties": {"k": {"type": "string", "patte
 COSTLY_FORMAT = {"type": "json_schema", "json_schema": {"name": "costly", "schema": COSTLY_OBJECT, "strict": True}}
 COSTLY_TOOL = {"type": "function", "function": {"name": "costly", "parameters": COSTLY_OBJECT, "strict": True}}
 BESIDE_TOKENS = 900  # a stream long enough to be generating while the failing requests come and go
+PAST = grammar.MAX_PATTERN_CHARS + 1  # regex characters past the bound
 
 
 @pytest.fixture(scope="module")
@@ -168,13 +169,13 @@ def test_schema_patterns_are_ecma_regexes(server: GunicornServer, escape: str, b
 
 
 def _spaces(count: int) -> dict[str, Any]:
-    """An object whose one string's pattern is `count` `\\s`: past schema_patterns.MAX_PATTERN_CHARS at 4,000."""
+    """An object whose one string's pattern is `count` `\\s`: past grammar.MAX_PATTERN_CHARS at 4,000."""
     return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^" + "\\s" * count + "$"}},
             "required": ["k"], "additionalProperties": False}
 
 
 def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornServer) -> None:
-    """A schema whose patterns, `\\s` spelled out as ECMA's class, pass schema_patterns.MAX_PATTERN_CHARS (4,000 `\\s`:
+    """A schema whose patterns, `\\s` spelled out as ECMA's class, pass grammar.MAX_PATTERN_CHARS (4,000 `\\s`:
     8,000 characters sent, 72,000 rewritten) is the 400 naming the field that sent it, in chat and in Responses; 3,000
     (54,000) are served."""
     client = server.openai_client(timeout=300)
@@ -190,6 +191,40 @@ def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornSe
     assert answer.choices[0].message.content.startswith('{"k": "'), answer
 
 
+@pytest.mark.parametrize("endpoint, extra, param", [
+    ("completions", {"structured_outputs": {"regex": "a" * PAST}}, "structured_outputs.regex"),
+    ("chat", {"guided_regex": "a" * PAST}, "guided_regex"),
+    ("completions", {"guided_grammar": f"start: /{'a' * PAST}/"}, "guided_grammar"),
+    ("chat", {"structured_outputs": {"grammar": "root ::= " + "[ab] " * (PAST // 4)}}, "structured_outputs.grammar"),
+    ("completions", {"structured_outputs": {"grammar": "start: %json " + json.dumps({"type": "string", "pattern": "a"
+                                                                                     * PAST})}},
+     "structured_outputs.grammar"),
+    ("chat", {"guided_grammar": "start: %regex " + json.dumps({"substring_words": "a " * (PAST // 2)})},
+     "guided_grammar"),
+])
+def test_regexes_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, endpoint: str,
+                                                             extra: dict[str, Any], param: str) -> None:
+    """A vLLM regex, or a Lark or GBNF grammar's regexes (its terminals, classes, `%json` patterns, `%regex`
+    substrings), past grammar.MAX_PATTERN_CHARS in all is the 400 naming the field, chat and completions: llguidance
+    held a compile thread ~35 s a megabyte (`(?i)\\p{L}`) before its own 400, new grammars queued behind it."""
+    client = server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="longer than 65536 characters in all") as refused:
+        if endpoint == "chat":
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, extra_body=extra)
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=extra)
+    assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+
+
+def test_regexes_within_their_bound_and_long_literals_are_served(server: GunicornServer) -> None:
+    """A regex of grammar.MAX_PATTERN_CHARS characters; a grammar's literal strings do not count (8 MB in 0.7 s)."""
+    client = server.openai_client(timeout=300)
+    for extra in ({"guided_regex": "a" * grammar.MAX_PATTERN_CHARS},
+                  {"guided_grammar": f'start: /a{{1,2}}/ "{"b" * 4 * grammar.MAX_PATTERN_CHARS}"'}):
+        answer = client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0, extra_body=extra)
+        assert answer.choices[0].text.startswith("a"), answer
+
+
 @pytest.mark.parametrize("tool_choice, strict", [("auto", {"strict": True}), ("required", {})])
 def test_a_strict_or_forced_tools_patterns_past_their_bound_are_a_400_naming_tools(server: GunicornServer,
                                                                                    tool_choice: str,
@@ -203,7 +238,7 @@ def test_a_strict_or_forced_tools_patterns_past_their_bound_are_a_400_naming_too
 
 def test_a_lenient_tools_patterns_past_their_bound_leave_its_calls_free(tmp_path: Path) -> None:
     """A Responses tool that omits `strict` is constrained under "auto" where a grammar can hold it (OpenAI: strict
-    where it can be); past schema_patterns.MAX_PATTERN_CHARS its calls are free, any JSON object, and it is served. Its
+    where it can be); past grammar.MAX_PATTERN_CHARS its calls are free, any JSON object, and it is served. Its
     own server: the schema, in the prompt, is some 7,000 tokens (3,500 `\\S`, 66,500 characters rewritten)."""
     tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
         "k": {"type": "string", "pattern": "\\S" * 3_500}}}}
@@ -212,6 +247,27 @@ def test_a_lenient_tools_patterns_past_their_bound_leave_its_calls_free(tmp_path
         response = srv.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16,
                                                                    tools=[tool], tool_choice="auto")
     assert response.status in ("completed", "incomplete") and response.tools[0].strict is True, response
+
+
+def test_integral_float_counts_and_control_escapes_are_served(server: GunicornServer) -> None:
+    """`"maxItems": 2.0` is an integer since JSON Schema draft 6, and ECMA's `\\cC` is U+0003: both were 400s (the
+    grammar engine's "Expected positive integer", Rust's regex has no `\\c`); `2.5` stays a 400 naming the field,
+    in chat and in Responses' `text.format`."""
+    def schema(count: float) -> dict[str, Any]:
+        return {"type": "object", "properties": {"k": {"type": "string", "pattern": "^\\cC$"}, "n": {
+            "type": "array", "items": {"type": "boolean"}, "minItems": count, "maxItems": count}},
+            "required": ["k", "n"], "additionalProperties": False}
+    answer = _create(server, max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+        "name": "c", "schema": schema(2.0), "strict": True}})
+    value = json.loads(answer.choices[0].message.content)
+    assert value["k"] == "\x03" and len(value["n"]) == 2, value
+    with pytest.raises(openai.BadRequestError, match="Expected positive integer") as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema(2.5)}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+    with pytest.raises(openai.BadRequestError, match="Expected positive integer") as refused:
+        server.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16, text={
+            "format": {"type": "json_schema", "name": "c", "schema": schema(2.5), "strict": True}})
+    assert refused.value.body["param"] == "text.format", refused.value.body
 
 
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:

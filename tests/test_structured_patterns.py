@@ -11,8 +11,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.api import schema_patterns
-from nanoqwen.api.schema_patterns import CLASS_ESCAPES, MAX_PATTERN_CHARS, ecma_pattern, ecma_patterns
-from nanoqwen.engine.grammar import MAX_RULES, Grammars
+from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
+from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_RULES, Grammars
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -51,6 +51,18 @@ def test_patterns_are_found_in_subschemas_and_not_in_const_or_enum_values() -> N
     assert out["$defs"]["e"] == {"default": {"pattern": SPACE}, "examples": [{"items": {"pattern": NOT_SPACE}}]}
     assert schema["properties"]["pattern"]["pattern"] == r"\s"  # a copy: the request's schema is left as sent
     assert ecma_patterns(None, FIELD) is None
+
+
+def test_integral_float_counts_become_ints_and_others_stay() -> None:
+    """JSON Schema draft 6 on: `2.0` is an integer; llguidance takes only an int. `2.5`, one past 2**53, a count named
+    as a property, a const value: as sent."""
+    schema = {"type": "array", "maxItems": 2.0, "minItems": 2.5, "items": {"minLength": 3.0, "maxLength": 1e300},
+              "properties": {"maxItems": {"const": {"maxItems": 1.0}}}}
+    out = ecma_patterns(schema, FIELD)
+    assert out["maxItems"] == 2 and type(out["maxItems"]) is int and out["minItems"] == 2.5
+    assert type(out["items"]["minLength"]) is int and out["items"]["maxLength"] == 1e300
+    assert out["properties"] == {"maxItems": {"const": {"maxItems": 1.0}}}
+    assert type(out["properties"]["maxItems"]["const"]["maxItems"]) is float
 
 
 def test_data_no_ref_reads_is_left_as_sent() -> None:
@@ -158,6 +170,7 @@ def grammars(tokenizer: PreTrainedTokenizerFast) -> Grammars:
     ("\\s", "\u3000", True), ("\\d", "\u0663", False), ("\\d", "3", True), ("\\w", "\u00e9", False),
     ("[\\s\\d]", "\ufeff", True), ("[\\s\\d]", "\u0085", False), ("[\\s\\d]", "3", True),  # a class in a class
     ("[^\\s]", "\ufeff", False), ("[^\\s]", "\u0085", True),  # and negated
+    ("\\cJ", "\n", True), ("\\cj", "\n", True), ("\\cJ", "J", False), ("[\\cA-\\cC]", "\x02", True),  # \cX: X mod 32
 ])
 def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizerFast, grammars: Grammars,
                                                   escape: str, char: str, ecma: bool) -> None:

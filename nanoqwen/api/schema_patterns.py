@@ -4,34 +4,40 @@ made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF 
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
 schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
-MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are refused: llguidance
-builds its lexer from their text at seconds a megabyte, on a compile thread other requests' grammars wait for (a
-1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and `enum` values are
-what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as Rust's) refused.
-vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a schema inside a Lark
-grammar (`%json{...}`) is the grammar engine's, not rewritten either."""
+engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are
+refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other requests'
+grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
+`enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
+Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
+schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there). Each
+`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point, and a count written as an integral
+float (`"maxItems": 2.0`, an integer since draft 6, which llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from nanoqwen.engine.grammar import MAX_RULES
+from nanoqwen.engine.grammar import MAX_RULES, check_pattern_chars
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.validation import InvalidRequest
 
 # ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
 CLASS_ESCAPES = {"s": r"[\x{feff}\s--\x85]", "S": r"[^\x{feff}\s--\x85]"}
-MAX_PATTERN_CHARS = 1 << 16  # a schema's patterns and patternProperties keys, rewritten, in all
 ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` reads are rewritten as schemas
 # the other data keywords (const, enum): their values are also what the answer must be, byte for byte, so a `$ref`
 # that reads a `\s` in them is refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value
 # would no longer match as sent)
 VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
+# the keywords whose value is a count (a non-negative integer), which JSON Schema draft 6 on may write `2.0`
+COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+                    "maxContains"))
+MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
 
 
 def ecma_pattern(pattern: str) -> str:
-    """The pattern with ECMA's `\\s` and `\\S` spelled out (an escaped backslash before an `s` stays as it is)."""
+    """The pattern with ECMA's `\\s` and `\\S` spelled out and each `\\cX` as its code point (an escaped backslash
+    before an `s` or a `c` stays as it is)."""
     out: list[str] = []
     chars = iter(pattern)
     for char in chars:
@@ -39,6 +45,10 @@ def ecma_pattern(pattern: str) -> str:
             out.append(char)
             continue
         escaped = next(chars, "")
+        if escaped == "c":  # ECMA's control escape, which Rust's regex lacks: `\cJ` is U+000A (its letter mod 32)
+            letter = next(chars, "")
+            out.append(f"\\x{{{ord(letter) % 32:02x}}}" if letter.isascii() and letter.isalpha() else "\\c" + letter)
+            continue
         out.append(CLASS_ESCAPES.get(escaped, char + escaped))
     return "".join(out)
 
@@ -75,7 +85,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             if keyword in ANNOTATIONS:
                 chars = _counted(chars + _rewrite(node), param)
                 continue
-            patterns = _patterns(node)  # as sent: llguidance compiles them too
+            patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
             if any(ecma_pattern(pattern) != pattern for pattern in patterns):
                 raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s or \\S in {keyword} data, "
@@ -84,12 +94,16 @@ def ecma_patterns(schema: Any, param: str) -> Any:
 
 
 def _rewrite(node: dict[str, Any]) -> int:
-    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, in place; their length."""
+    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
+    integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
+    place; the patterns' length."""
+    node.update({key: int(value) for key in COUNTS & node.keys()
+                 if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
-    return sum(map(len, _patterns(node)))
+    return sum(map(len, own_patterns(node)))
 
 
 def _in_values(schema: Any) -> dict[int, str]:
@@ -116,18 +130,7 @@ def _holds_objects(value: Any) -> bool:
     return isinstance(value, dict) or isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
 
 
-def _patterns(node: dict[str, Any]) -> list[str]:
-    """The schema object's own `pattern` and `patternProperties` keys."""
-    patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
-    if isinstance(node.get("patternProperties"), dict):
-        patterns.extend(node["patternProperties"])
-    return patterns
-
-
 def _counted(chars: int, param: str) -> int:
     """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
-    if chars > MAX_PATTERN_CHARS:
-        raise InvalidRequest(f"invalid {param}: the schema's patterns are longer than {MAX_PATTERN_CHARS} characters "
-                             f"in all (each \\s counting {len(CLASS_ESCAPES['s'])} and each \\S "
-                             f"{len(CLASS_ESCAPES['S'])}, ECMA's class)", param=param)
-    return chars
+    return check_pattern_chars(chars, param, "the schema's patterns are", f" (each \\s counting "
+                               f"{len(CLASS_ESCAPES['s'])} and each \\S {len(CLASS_ESCAPES['S'])}, ECMA's class)")

@@ -27,7 +27,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
-from nanoqwen.engine.grammar_rows import LongReference, row_weight, schema_weight
+from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -59,6 +59,10 @@ log = logging.getLogger("nanoqwen")
 # held 12,000 rules and 5,000 `$ref`s).
 MAX_ROW = 1_000
 MAX_RULES = 12_000
+# The characters of a grammar's regexes in all (a schema's patterns, a vLLM regex, a Lark grammar's: regex_chars):
+# llguidance parses them before its fuel bounds the lexer, at up to ~35 s a megabyte (`(?i)\p{L}`), on a compile
+# thread that other requests' new grammars wait for; at the bound ~2-3 s (profiles/RESULTS.md, edges27 and edges28).
+MAX_PATTERN_CHARS = 1 << 16
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
@@ -211,10 +215,15 @@ class Grammars:
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
+        if kind == "regex":
+            check_pattern_chars(len(text), param, "the regex is")
         try:
             converted = llguidance.grammar_from(kind, text)
         except ValueError as exc:
             raise _invalid(param, str(exc)) from None
+        if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)
+            check_pattern_chars(regex_chars(converted), param, "the grammar's regexes (its /.../ terminals, GBNF's "
+                                "classes, %regex substrings and %json patterns) are")
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:
@@ -284,6 +293,15 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
                              param=param)
     return weight
+
+
+def check_pattern_chars(chars: int, param: str, what: str, note: str = "") -> int:
+    """`chars`, the characters of `what` (the regexes a grammar has so far); InvalidRequest naming `param` past
+    MAX_PATTERN_CHARS."""
+    if chars > MAX_PATTERN_CHARS:
+        raise InvalidRequest(f"invalid {param}: {what} longer than {MAX_PATTERN_CHARS} characters in all{note}",
+                             param=param)
+    return chars
 
 
 def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:

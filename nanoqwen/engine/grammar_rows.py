@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 
 # Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
 # `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
 SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\\\n]|\\.)+/[imslux]*|<[^<>\s]*>'
                   r"|%json\b")
+LEXEMES = re.compile(f"{SKIP.pattern}|%regex\\b")  # regex_chars': SKIP's pieces and `%regex`
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
 TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns)
@@ -69,6 +70,40 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
             return 0  # not JSON: llguidance refuses it
         return _top_level_chain(top)
     return _lark_chain(text, weighed or {})
+
+
+def regex_chars(text: str) -> int:
+    """The characters of a Lark grammar's regexes, the text llguidance builds its lexer from (grammar's
+    MAX_PATTERN_CHARS): its `/.../` terminals (GBNF's classes, converted), the JSON of its `%regex {...}` (substring
+    lexemes) and its `%json` schemas' `pattern`s and `patternProperties` keys, as sent; not its strings (literals: 1 MB
+    in 0.3 s)."""
+    chars, position = 0, 0
+    decoder = json.JSONDecoder()
+    while (match := LEXEMES.search(text, position)) is not None:
+        position, piece = match.end(), match.group()
+        if piece in ("%json", "%regex"):
+            try:
+                value, end = decoder.raw_decode(text, SPACE.match(text, position).end())
+            except (ValueError, RecursionError):
+                continue  # llguidance refuses it; one nested too deeply, check_bounds
+            chars += end - position if piece == "%regex" else _schema_pattern_chars(value)
+            position = end
+        elif piece[0] == "/" and not piece.startswith("//"):
+            chars += len(piece)
+    return chars
+
+
+def _schema_pattern_chars(schema: Any) -> int:
+    """The characters of a schema's patterns (its subschemas' own_patterns), as sent."""
+    chars, stack = 0, [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            chars += sum(map(len, own_patterns(node)))
+            stack.extend(value for _, value in subschemas(node))
+    return chars
 
 
 def _top_level_chain(top: Any) -> int:

@@ -1,6 +1,7 @@
-"""Where a JSON Schema's subschemas are, the one reading of its keywords that grammar_rows (its `$ref` chains) and
-schema_patterns (its `pattern`s) walk: each keyword's value may hold subschemas but a data keyword's, and a name map's
-keys are names (a property named `default` or `pattern` is no keyword), its values subschemas."""
+"""Where a JSON Schema's subschemas are, the one reading of its keywords that grammar_rows (its `$ref` chains, a
+Lark grammar's `%json` patterns) and schema_patterns (its `pattern`s) walk: each keyword's value may hold subschemas
+but a data keyword's, and a name map's keys are names (a property named `default` or `pattern` is no keyword), its
+values subschemas."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -23,3 +24,11 @@ def subschemas(node: dict[str, Any]) -> Iterator[tuple[tuple[str, ...], Any]]:
             yield from (((key, str(name)), sub) for name, sub in value.items())
         elif key not in DATA_KEYWORDS:
             yield (key,), value
+
+
+def own_patterns(node: dict[str, Any]) -> list[str]:
+    """The schema object's own `pattern` and `patternProperties` keys."""
+    patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+    if isinstance(node.get("patternProperties"), dict):
+        patterns.extend(node["patternProperties"])
+    return patterns
