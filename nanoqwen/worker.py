@@ -279,8 +279,8 @@ class NanoqwenWorker(GeventWorker):
         gevent.spawn(self._make_room)
         try:
             super().run()
-        finally:  # a graceful exit (SIGTERM, max_requests) keeps the last poll's token counts
-            app.extensions["nanoqwen.stats"].flush_tokens()
+        finally:  # a graceful exit (SIGTERM, max_requests) keeps what requests recorded since the last publish
+            app.extensions["nanoqwen.stats"].flush_metrics()
 
     def _pool(self, size: int) -> Pool:
         pool = Pool(size)
@@ -319,8 +319,9 @@ class NanoqwenWorker(GeventWorker):
         return True
 
     def _publish_stats(self, stats: ServerStats) -> None:
-        """Keeps this worker's /stats entry and gauges fresh for the other workers' scrapes. A write that fails (a
-        full disk, the run directory gone) is logged once per kind and tried again each PUBLISH_S."""
+        """Keeps this worker's /stats entry and metrics fresh for the other workers' scrapes. A snapshot's write or a
+        metrics' map that fails (a full disk, the run directory gone) is logged once per kind and tried again each
+        PUBLISH_S."""
         failed: set[str] = set()
         while True:
             try:
@@ -329,11 +330,11 @@ class NanoqwenWorker(GeventWorker):
                 kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
                 if kind not in failed:
                     failed.add(kind)
-                    self.log.warning("worker %s: its /stats snapshot is not published, tried again every %s s: %s",
+                    self.log.warning("worker %s: its statistics are not published, tried again every %s s: %s",
                                      self.pid, PUBLISH_S, exc)
             else:
                 if failed:
-                    self.log.info("worker %s: its /stats snapshot is published again", self.pid)
+                    self.log.info("worker %s: its statistics are published again", self.pid)
                     failed.clear()
             gevent.sleep(PUBLISH_S)
 

@@ -1,7 +1,7 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
     python profiles/soak.py [--modes default none int8 int4 bf16 spec tight] [--rounds 3] [--round-seconds 60]
-        [--clients 10] [--seed 0] [--background-weight 10] [--tool-weight 8] [--out DIR]
+        [--clients 10] [--seed 0] [--background-weight 10] [--tool-weight 8] [--health-timeout 180] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`/`int4`: NANOQWEN_QUANT=int8/int4;
 `bf16`: NANOQWEN_DTYPE=bfloat16; `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8 sequences
@@ -598,6 +598,9 @@ def main() -> int:
     parser.add_argument("--tool-weight", type=float, default=TOOL_WEIGHT,
                         help="of bursts of concurrent strict-tool streams, some reset mid-stream")
     parser.add_argument("--health-p99-ms", type=float, default=300)
+    parser.add_argument("--health-timeout", type=float, default=180,
+                        help="seconds each mode's server may take to answer /health 200 (the model's load: longer "
+                             "on a busy machine)")
     parser.add_argument("--rss-growth-mb", type=float, default=48)
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out")
     args = parser.parse_args()
@@ -606,9 +609,13 @@ def main() -> int:
     report: dict[str, Any] = {"command": " ".join(sys.argv), "uptime": Path("/proc/loadavg").read_text().strip()}
     failed = False
     for mode in args.modes:
-        with GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log") as srv:
+        srv = GunicornServer(cpu_env(checkpoint, **MODES[mode]), args.out / f"soak-{mode}.log")
+        srv.start(args.health_timeout)
+        try:
             answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed,
                                          args.background_weight, args.tool_weight)
+        finally:
+            srv.stop()
         problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb, mode in PREEMPTING)
         failed |= bool(problems)
         report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}

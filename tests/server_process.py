@@ -78,6 +78,14 @@ def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> None:
         proc.wait()
 
 
+def worker_run_dir(pid: int) -> Path:
+    """The run directory of the worker: where its metrics' maps are (its environment is set after exec, unseen)."""
+    mapped = {line.split(maxsplit=5)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
+    metrics = {Path(path).parent for path in mapped if path.endswith(".db") and "/nanoqwen-" in path}
+    assert len(metrics) == 1 and all(path.name == "metrics" for path in metrics), mapped
+    return metrics.pop().parent
+
+
 class GunicornServer:
     def __init__(self, env: dict[str, str], log_path: Path, worker_class: str = "gevent",
                  args: Sequence[str] = ()) -> None:

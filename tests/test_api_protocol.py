@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletionChunk
+from prometheus_client import generate_latest
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics import RATE_WINDOW_S, ServerStats, percentile, percentiles
+from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
@@ -346,22 +347,23 @@ def test_stats_counters() -> None:
     assert "nanoqwen_time_to_first_token_seconds_count 2.0" in text
 
 
-def test_token_metrics_added_at_publish_equal_observing_each() -> None:
-    """The per-token metrics, counted and added at publish (TokenMetrics), read as observing each token would: the
+def test_metrics_added_at_publish_equal_observing_each() -> None:
+    """The per-token metrics, counted and added at publish (PendingMetrics), read as observing each token would: the
     generated-tokens counter and the inter-token-latency histogram's buckets (values on a bound, past the last, 0)."""
     itls = [0.0, 0.005, 0.0051, 0.01, 0.3, 30.0, 31.0, 0.005]
-    batched, direct = ServerStats(lambda: None), ServerStats(lambda: None)
+    batched, direct = ServerStats(lambda: None), PrometheusMetrics()
     batched.record_tokens(1, 0.0, None)  # a choice's first token: no latency
     for itl in itls:
         batched.record_tokens(2, 0.0, itl)
-        direct._m_itl.observe(itl)
-    direct._m_generated.inc(1 + 2 * len(itls))
+        direct.itl.observe(itl)
+    direct.generated.inc(1 + 2 * len(itls))
+    direct.set_engine(None)
 
-    def metrics(stats: ServerStats) -> list[str]:
-        return [line for line in stats.prometheus().decode().splitlines() if "_created" not in line]
+    def metrics(text: bytes) -> list[str]:
+        return [line for line in text.decode().splitlines() if "_created" not in line]
 
-    assert "nanoqwen_inter_token_latency_seconds_bucket{le=\"0.005\"} 3.0" in metrics(direct)
-    assert metrics(batched) == metrics(direct)
+    assert "nanoqwen_inter_token_latency_seconds_bucket{le=\"0.005\"} 3.0" in metrics(generate_latest(direct.registry))
+    assert metrics(batched.prometheus()) == metrics(generate_latest(direct.registry))
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

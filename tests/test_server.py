@@ -44,7 +44,7 @@ from nanoqwen.api import shared_stats
 from nanoqwen.api.sse import PROBE
 from ops.cpu import C_KERNELS, build, dequant
 from ops.cpu import linear as cpu_linear
-from server_process import GunicornServer, serving_together
+from server_process import GunicornServer, serving_together, worker_run_dir
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 GREEDY = {"model": MODEL, "messages": USER, "temperature": 0, "max_tokens": 8}
@@ -556,20 +556,12 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
     _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
-def _worker_run_dir(pid: int) -> Path:
-    """The run directory of the worker: where its metrics' maps are (its environment is set after exec, unseen)."""
-    mapped = {line.split(maxsplit=5)[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()}
-    metrics = {Path(path).parent for path in mapped if path.endswith(".db") and "/nanoqwen-" in path}
-    assert len(metrics) == 1 and all(path.name == "metrics" for path in metrics), mapped
-    return metrics.pop().parent
-
-
 def test_the_heartbeat_goes_where_heartbeat_dir_says(server: GunicornServer) -> None:
     """gunicorn's heartbeat in /dev/shm where it has room (shared_stats.heartbeat_dir, the one decision), the run
     directory (metrics' maps, snapshots) on the default temporary directory: a full /dev/shm made each worker's first
     write into a map a SIGBUS."""
     pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
-    run_dir = _worker_run_dir(pid)
+    run_dir = worker_run_dir(pid)
     assert run_dir.parent == Path(tempfile.gettempdir()), run_dir
     opened = [str(link.readlink()) for link in Path(f"/proc/{pid}/fd").iterdir()]
     heartbeat = [Path(path).parent for path in opened if "/wgunicorn-" in path]
@@ -581,7 +573,7 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
     a 503 that says so, /metrics still answers, the worker's publishing loop logs it once and, once the directory is
     back, publishes again by itself."""
     pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
-    stats_dir = _worker_run_dir(pid) / "stats"
+    stats_dir = worker_run_dir(pid) / "stats"
     moved = stats_dir.with_name("stats.moved")
     stats_dir.rename(moved)
     try:
@@ -600,10 +592,10 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
     assert snapshot.stat().st_mtime > back, "the worker's loop stopped publishing"
     assert requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"] == pid
     log = server.log()
-    warnings = [line for line in log.splitlines() if f"worker {pid}: its /stats snapshot is not published" in line]
+    warnings = [line for line in log.splitlines() if f"worker {pid}: its statistics are not published" in line]
     # once per kind: the swap's instants without a path at all (ENOENT) may add one of their own
     assert sum("Not a directory" in line for line in warnings) == 1, log
-    assert f"worker {pid}: its /stats snapshot is published again" in log
+    assert f"worker {pid}: its statistics are published again" in log
     assert "Traceback" not in log
 
 

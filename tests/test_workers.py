@@ -20,7 +20,7 @@ from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
-from server_process import GunicornServer
+from server_process import GunicornServer, worker_run_dir
 
 MODEL = "qwen3-0.6b"
 CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "256"}
@@ -203,3 +203,56 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
         assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
             {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
         assert _chat(srv, 0) == MAX_TOKENS
+
+
+def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(tiny_checkpoint: Path,
+                                                                              tmp_path: Path):
+    """Every worker's snapshot unwritable (a directory where its temporary file goes), their last ones readable:
+    /stats answers each time, every worker in it (this worker's own figures live). Then a worker respawned into a run
+    directory where its metrics' maps cannot be made (the metrics directory a file here; a full $TMPDIR alike: ENOSPC,
+    where it was a SIGBUS): it boots and serves, /metrics answers 200 or 503 `stats_unavailable` (never 500); once the
+    directory is back its maps are made with everything it recorded meanwhile."""
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
+    with GunicornServer(env, tmp_path / "gunicorn.log", args=("--workers", "2")) as srv:
+        _wait_for(lambda: _metric(srv, "nanoqwen_model_ready") == 2.0, "both workers loaded", srv)
+        workers = _wait_for(lambda: (w := _workers(srv)) and len(w) == 2 and w, "both workers published", srv)
+        run_dir = worker_run_dir(workers[0]["pid"])
+        blocked = [run_dir / "stats" / f"{slot}.{w['pid']}.tmp" for slot, w in workers.items()]
+        for path in blocked:
+            path.mkdir()
+        time.sleep(3 * shared_stats.PUBLISH_S)
+        for _ in range(10):
+            response = requests.get(f"{srv.url}/stats", timeout=10)
+            assert response.status_code == 200, response.text
+            assert {w["slot"]: w["pid"] for w in response.json()["workers"]} == {0: workers[0]["pid"],
+                                                                                  1: workers[1]["pid"]}
+        for path in blocked:
+            path.rmdir()
+
+        served = sum(_chat(srv, i) > 0 for i in range(2))
+        _wait_for(lambda: _get(srv, "/stats").json()["requests_served"] == served, "both requests published", srv,
+                  timeout=10)  # a worker's counts since its last publish die with it
+        metrics_dir = run_dir / "metrics"
+        moved = metrics_dir.with_name("metrics.moved")
+        metrics_dir.rename(moved)
+        metrics_dir.write_text("not a directory")
+        os.kill(workers[0]["pid"], signal.SIGKILL)
+        respawned = _wait_for(lambda: (w := _workers(srv)) and w.get(0, workers[0])["pid"] != workers[0]["pid"] and w,
+                              "slot 0 to come back", srv)[0]["pid"]
+        _wait_for(lambda: srv.log().count("ready: model=") == 3, "the respawned worker loaded", srv)
+        with ThreadPoolExecutor(REQUESTS) as pool:
+            assert list(pool.map(lambda i: _chat(srv, i), range(REQUESTS))) == [MAX_TOKENS] * REQUESTS
+        served += REQUESTS
+        for _ in range(10):
+            response = requests.get(f"{srv.url}/metrics", timeout=10)
+            assert response.status_code == 200 or response.json()["error"]["code"] == "stats_unavailable", response.text
+        metrics_dir.unlink()
+        moved.rename(metrics_dir)
+
+        _wait_for(lambda: _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == served,
+                  "every request counted, the respawned worker's included", srv, timeout=10)
+        assert f'nanoqwen_kv_cache_usage{{pid="{respawned}"}}' in _get(srv, "/metrics").text
+        # a scrape may make the maps before the worker's loop tries again and says so
+        log = _wait_for(lambda: f"worker {respawned}: its statistics are published again" in (log := srv.log()) and log,
+                        "the worker's loop to publish again", srv, timeout=10)
+        assert f"worker {respawned}: its statistics are not published" in log and "Traceback" not in log

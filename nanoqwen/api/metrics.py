@@ -10,15 +10,19 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import errno
+import math
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
@@ -26,7 +30,13 @@ from nanoqwen.engine.request import Event, Usage
 SAMPLES = 10_000  # latency samples kept for the percentiles
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OUTCOMES = ("served", "aborted", "failed")
 EngineStats = Callable[[], dict[str, Any] | None]
+
+metric_maps.install()  # before any metric is made
+# prometheus-client's own fields, which PendingHistogram adds to: fail at the worker's boot, not at a publish
+if not {"_sum", "_buckets"} <= set(Histogram._metric_init.__code__.co_names):
+    raise RuntimeError("prometheus-client's Histogram has no _sum and _buckets")
 
 
 def percentiles(values: Collection[float], qs: Sequence[float]) -> list[float]:
@@ -45,40 +55,98 @@ def percentile(values: Collection[float], q: float) -> float:
     return percentiles(values, (q,))[0]
 
 
-class TokenMetrics:
-    """The per-token Prometheus updates (generated tokens, inter-token latency), counted here and added to the
-    metrics at each publish: each update of a multiprocess-mode metric is a locked mmap write, and two a streamed
-    token were a fifth of the hub's time per token. The histogram's buckets take their counts at once (what
+class PendingHistogram:
+    """Observations counted here and added to a Prometheus histogram at a publish, its buckets' counts at once (what
     Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it)."""
 
-    def __init__(self, generated: Counter, itl: Histogram) -> None:
-        # prometheus-client's own fields: fail at the worker's boot, not at a publish (which /stats and /metrics run)
-        if not all(hasattr(itl, field) for field in ("_upper_bounds", "_sum", "_buckets")):
-            raise RuntimeError("prometheus-client's Histogram has no _upper_bounds, _sum and _buckets")
-        self._generated = generated
-        self._itl = itl
-        self._bounds = list(itl._upper_bounds)  # ends with +Inf
-        self._tokens = 0
-        self._itl_sum = 0.0
-        self._itl_counts = [0] * len(self._bounds)
+    def __init__(self) -> None:
+        self._bounds = [*LATENCY_BUCKETS, math.inf]
+        self._sum = 0.0
+        self._counts = [0] * len(self._bounds)
 
-    def add(self, tokens: int, itl: float | None) -> None:
-        self._tokens += tokens
-        if itl is not None:
-            self._itl_sum += itl
-            self._itl_counts[bisect.bisect_left(self._bounds, itl)] += 1
+    def observe(self, value: float) -> None:
+        self._sum += value
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
 
-    def flush(self) -> None:
-        if self._tokens:
-            self._generated.inc(self._tokens)
-            self._tokens = 0
-        if any(self._itl_counts):
-            self._itl._sum.inc(self._itl_sum)
-            for bucket, count in zip(self._itl._buckets, self._itl_counts, strict=True):
+    def add_to(self, histogram: Histogram) -> None:
+        if any(self._counts):
+            histogram._sum.inc(self._sum)
+            for bucket, count in zip(histogram._buckets, self._counts, strict=True):
                 if count:
                     bucket.inc(count)
-            self._itl_sum = 0.0
-            self._itl_counts = [0] * len(self._bounds)
+
+
+@dataclass
+class PendingMetrics:
+    """What requests recorded since the last publish, for the Prometheus metrics: each update of a multiprocess-mode
+    metric is a locked mmap write (two a streamed token were a fifth of the hub's time per token), and a worker's
+    maps may not be made yet (PrometheusMetrics)."""
+
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft: PendingHistogram = field(default_factory=PendingHistogram)
+    itl: PendingHistogram = field(default_factory=PendingHistogram)
+    e2e: PendingHistogram = field(default_factory=PendingHistogram)
+
+
+class PrometheusMetrics:
+    """One worker's Prometheus metrics. Made at its first publish, not with ServerStats: under gunicorn each lives in
+    a map in the run directory, which cannot be made where the disk is full (OSError: nanoqwen.api.metric_maps); the
+    worker serves all the same, keeps what its requests record pending and makes them again at the next publish.
+    Every series is made here, so adding to them later writes into reserved pages only."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
+                                registry=self.registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.prompt = Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests", registry=self.registry)
+        self.generated = Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry)
+        self.ttft = Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
+        self.ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
+                           multiprocess_mode="livesum")
+        self.queue = Gauge("nanoqwen_queue_length", "Requests waiting for a batch slot", registry=self.registry,
+                           multiprocess_mode="livesum")
+        self.active = Gauge("nanoqwen_active_requests", "Requests being generated", registry=self.registry,
+                            multiprocess_mode="livesum")
+        self.preempt = Gauge("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks (live workers)",
+                             registry=self.registry, multiprocess_mode="livesum")
+        self.kv = Gauge("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1), per worker",
+                        registry=self.registry, multiprocess_mode="liveall")
+        self.hit = Gauge("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries, per worker",
+                         registry=self.registry, multiprocess_mode="liveall")
+        self.spec = {key: Gauge(f"nanoqwen_{key}", help, registry=self.registry, multiprocess_mode="livesum")
+                     for key, help in SPEC_DECODE_COUNTS.items()}
+
+    def add(self, pending: PendingMetrics) -> None:
+        for outcome, count in pending.outcomes.items():
+            self.requests.labels(outcome).inc(count)
+        if pending.prompt_tokens:
+            self.prompt.inc(pending.prompt_tokens)
+        if pending.generated_tokens:
+            self.generated.inc(pending.generated_tokens)
+        pending.ttft.add_to(self.ttft)
+        pending.itl.add_to(self.itl)
+        pending.e2e.add_to(self.e2e)
+
+    def set_engine(self, engine: dict[str, Any] | None) -> None:
+        self.ready.set(float(engine is not None))
+        engine = engine or {}
+        self.queue.set(engine.get("queue_length", 0))
+        self.active.set(engine.get("active_requests", 0))
+        self.preempt.set(engine.get("preemptions", 0))
+        self.kv.set(engine.get("kv_usage", 0.0))
+        self.hit.set(engine.get("prefix_cache_hit_rate", 0.0))
+        for key, gauge in self.spec.items():
+            gauge.set(engine.get(key, 0))
 
 
 class RequestTrace:
@@ -121,50 +189,25 @@ class ServerStats:
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
         self._recent_count = 0  # the tokens in _recent_tokens, kept as they come and go (was summed at each publish)
 
-        self.registry = CollectorRegistry()
-        self._m_requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
-                                   registry=self.registry)
-        self._m_prompt = Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests",
-                                 registry=self.registry)
-        self._m_generated = Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry)
-        self._m_ttft = Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._m_itl = Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
-                                buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._m_e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
-                                buckets=LATENCY_BUCKETS, registry=self.registry)
-        self._token_metrics = TokenMetrics(self._m_generated, self._m_itl)
-        # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
-        self._m_ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
-                              multiprocess_mode="livesum")
-        self._m_queue = Gauge("nanoqwen_queue_length", "Requests waiting for a batch slot", registry=self.registry,
-                              multiprocess_mode="livesum")
-        self._m_active = Gauge("nanoqwen_active_requests", "Requests being generated", registry=self.registry,
-                               multiprocess_mode="livesum")
-        self._m_preempt = Gauge("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks (live workers)",
-                                registry=self.registry, multiprocess_mode="livesum")
-        self._m_kv = Gauge("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1), per worker",
-                           registry=self.registry, multiprocess_mode="liveall")
-        self._m_hit = Gauge("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries, per worker",
-                            registry=self.registry, multiprocess_mode="liveall")
-        self._m_spec = {key: Gauge(f"nanoqwen_{key}", help, registry=self.registry, multiprocess_mode="livesum")
-                        for key, help in SPEC_DECODE_COUNTS.items()}
+        self._pending = PendingMetrics()
+        self._metrics: PrometheusMetrics | None = None
 
     def begin(self) -> RequestTrace:
         return RequestTrace(self, time.perf_counter())
 
     def record_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
-        self._m_ttft.observe(seconds)
+        self._pending.ttft.observe(seconds)
 
     def record_tokens(self, count: int, now: float, itl: float | None) -> None:
         """`count` tokens of a choice arrived at `now`; `itl`: the time between them and its previous ones (None for
         its first)."""
         if itl is not None:
             self._itl.append(itl)
+            self._pending.itl.observe(itl)
         self._recent_tokens.append((now, count))
         self._recent_count += count
-        self._token_metrics.add(count, itl)
+        self._pending.generated_tokens += count
         self._drop_old_tokens(now)
 
     def _drop_old_tokens(self, now: float) -> None:
@@ -178,19 +221,19 @@ class ServerStats:
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        self._m_requests.labels("served").inc()
-        self._m_prompt.inc(usage.prompt_tokens)
-        self._m_e2e.observe(elapsed)
+        self._pending.outcomes["served"] += 1
+        self._pending.prompt_tokens += usage.prompt_tokens
+        self._pending.e2e.observe(elapsed)
 
     def abort(self, trace: RequestTrace) -> None:
         self.requests_aborted += 1
         self.total_tokens_generated += trace.tokens
-        self._m_requests.labels("aborted").inc()
+        self._pending.outcomes["aborted"] += 1
 
     def fail(self, trace: RequestTrace) -> None:
         self.requests_failed += 1
         self.total_tokens_generated += trace.tokens
-        self._m_requests.labels("failed").inc()
+        self._pending.outcomes["failed"] += 1
 
     def tokens_per_second(self) -> float:
         now = time.perf_counter()
@@ -229,40 +272,50 @@ class ServerStats:
             "slot": 0 if self._shared is None else self._shared.slot,
         }
 
-    def flush_tokens(self) -> None:
-        """The tokens' metrics counted since the last publish into the (multiprocess) metrics: at a worker's exit."""
-        self._token_metrics.flush()
+    def _made_metrics(self) -> PrometheusMetrics:
+        """Raises OSError where the metrics' maps cannot be made (a full disk, the run directory gone)."""
+        if self._metrics is None:
+            self._metrics = PrometheusMetrics()
+        return self._metrics
+
+    def flush_metrics(self) -> None:
+        """What requests recorded since the last publish into the metrics, where they are made: at a worker's exit."""
+        if self._metrics is not None:
+            self._metrics.add(self._pending)
+            self._pending = PendingMetrics()
 
     def publish(self) -> None:
-        """The tokens' metrics and the engine's numbers into the metrics, and this worker's snapshot to the other
-        workers."""
-        self.flush_tokens()
-        engine = self._engine_stats()
-        self._m_ready.set(float(engine is not None))
-        engine = engine or {}
-        self._m_queue.set(engine.get("queue_length", 0))
-        self._m_active.set(engine.get("active_requests", 0))
-        self._m_preempt.set(engine.get("preemptions", 0))
-        self._m_kv.set(engine.get("kv_usage", 0.0))
-        self._m_hit.set(engine.get("prefix_cache_hit_rate", 0.0))
-        for key, gauge in self._m_spec.items():
-            gauge.set(engine.get(key, 0))
-        if self._shared is not None:
-            self._shared.publish(self.snapshot())
+        """What requests recorded and the engine's numbers into the metrics, and this worker's snapshot to the other
+        workers. Raises OSError where the metrics cannot be made or the snapshot cannot be written, having tried
+        both."""
+        try:
+            self._made_metrics().set_engine(self._engine_stats())
+            self.flush_metrics()
+        finally:
+            if self._shared is not None:
+                self._shared.publish(self.snapshot())
 
     def report(self) -> dict[str, Any]:
-        """`/stats`: the server's totals and a per-worker list."""
-        with _unavailable_on_os_error():
+        """`/stats`: the server's totals and a per-worker list: this worker's figures live, the others' as they last
+        published them. A snapshot or metrics of this worker's that cannot be written (the worker's loop logs it) does
+        not keep the others' figures from a reader."""
+        with contextlib.suppress(OSError):
             self.publish()
-            workers = [self.snapshot()] if self._shared is None else self._shared.read()
+        workers = [self.snapshot()]
+        if self._shared is not None:
+            with _unavailable_on_os_error():
+                workers = sorted([*self._shared.others(), *workers], key=lambda w: w["slot"])
         return {**aggregate(workers), "workers": workers}
 
     def prometheus(self) -> bytes:
         with contextlib.suppress(OSError):  # the snapshot's write, which the worker's loop logs: the gauges are set
             self.publish()
         with _unavailable_on_os_error():
+            metrics = self._made_metrics()  # where it cannot be, a scrape would miss this worker's counts: a 503
             if not os.environ.get(MULTIPROC_ENV):
-                return generate_latest(self.registry)
+                return generate_latest(metrics.registry)
+            if not os.path.isdir(os.environ[MULTIPROC_ENV]):  # MultiProcessCollector's ValueError: not an OSError
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.environ[MULTIPROC_ENV])
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             return generate_latest(registry)

@@ -126,9 +126,13 @@ class SharedStats:
             tmp.unlink(missing_ok=True)
             raise
 
-    def read(self) -> list[dict[str, Any]]:
+    def others(self) -> list[dict[str, Any]]:
+        """The other workers' snapshots (this worker's own figures are live in its memory). Raises OSError where the
+        directory cannot be listed or a snapshot read."""
         workers = []
-        for path in sorted(self._dir.glob("*.json"), key=lambda p: int(p.stem)):
+        for path in self._dir.iterdir():
+            if path.suffix != ".json" or int(path.stem) == self.slot:
+                continue
             try:
                 workers.append(json.loads(path.read_text()))
             except FileNotFoundError:  # its worker died between the listing and the read
