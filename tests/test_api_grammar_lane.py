@@ -1,6 +1,6 @@
 """Grammars compile in a lane of their own (Serving.compiling): a client's costly grammars never hold up another's
 prompt in the tokenising lane, nor a grammar already cached (looked up in the tokenising lane), and a full grammar
-lane is a 503 as a full tokenising lane is."""
+lane is a 503 as a full tokenising lane is. Long prompts are tokenised in a lane of their own too."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -49,7 +49,7 @@ def lanes() -> Iterator[tuple[Serving, _BlockedGrammars]]:
     serving = Serving(SimpleNamespace(grammars=grammars), config, SimpleNamespace())  # type: ignore[arg-type]
     yield serving, grammars
     grammars.release.set()
-    for pool in (serving.compiling, serving.tokenizing):
+    for pool in (serving.compiling, serving.tokenizing, serving.tokenizing_long):
         pool.stop()
 
 
@@ -69,6 +69,28 @@ def test_a_prompt_tokenises_while_every_grammar_thread_is_busy(lanes: tuple[Serv
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert [c.get(timeout=10) for c in compiles] == [f"compiled a{{{i}}}" for i in range(3)]
+
+
+def test_a_short_prompt_tokenises_while_long_ones_hold_their_lane(lanes: tuple[Serving, _BlockedGrammars]) -> None:
+    """Two prompts of long_prompt_chars or more (7.5 MB: seconds each) hold their lane; a shorter one is tokenised
+    meanwhile. In the tokenising lane they would hold both its threads, the short one waiting behind them."""
+    serving, grammars = lanes
+    chars = serving.config.long_prompt_chars
+    started: list[int] = []
+
+    def long_tokenisation() -> bool:
+        started.append(1)
+        return grammars.release.wait(30)
+
+    longs = [gevent.spawn(serving.off_loop, chars, long_tokenisation) for _ in range(2)]
+    while not started:
+        gevent.sleep(0.01)
+    prompt = gevent.spawn(serving.off_loop, chars - 1, lambda: "tokenised")
+    prompt.join(timeout=10)
+    assert prompt.successful() and prompt.value == "tokenised"
+    assert not any(g.ready() for g in longs)
+    grammars.release.set()
+    assert [g.get(timeout=10) for g in longs] == [True, True]
 
 
 def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -> None:

