@@ -470,6 +470,10 @@ LINEAR_CASES: dict[str, tuple[Callable[[int], Any], Callable[[Any], Any], int]] 
     # `re` compiled each (9,500 distinct 1,000-character ones: 47 s)
     "many distinct regexes": (lambda n: "start: " + " | ".join(f"/{'x' * 500}{i:06d}/" for i in range(n)),
                               grammar_rows.row_weight, 500),
+    # an unclosed string or regex was searched again from each escaped quote or slash in it (40 KB: 11 s)
+    "an unclosed string of escaped quotes": (lambda n: 'start: "' + '\\"' * n, grammar_rows.row_weight, 5_000),
+    "an unclosed regex of escaped slashes": (lambda n: "start: /" + "\\/" * n,
+                                             lambda text: grammar_rows.regex_chars(text, 4 << 20), 5_000),
 }
 
 
@@ -482,6 +486,17 @@ def test_row_weight_is_linear_in_the_text(case: str) -> None:
     small, large = make(n), make(4 * n)
     at_n, at_4n = _cpu_seconds(lambda: weigh(small)), _cpu_seconds(lambda: weigh(large))
     assert at_4n < 8 * at_n + 0.05, (at_n, at_4n)
+
+
+def test_regexes_are_counted_as_llguidance_lexes_them() -> None:
+    """A regex may span lines (`(?x)`'s, or any holding a line break: 990 KB after one compiled for 38 s); a `#` or
+    `//` comment runs to its line's end, a `/` in it no regex's; a string is double-quoted; past the bound the count
+    stops (8 MiB of `/a/` took 2.9 s to count to its end)."""
+    assert grammar_rows.regex_chars("start: /a\n(?i)\\p{L}/ | /(?x) b\n  c/", 1_000) == 25
+    assert grammar_rows.regex_chars('start: /a/ # or /b/ or\n | "c" // or /d/ or\n | /e/', 1_000) == 6
+    assert grammar_rows.regex_chars("# isn't it /x\nstart: /" + "a" * 90 + "/", 1_000) == 92
+    assert grammar_rows.regex_chars("start: \"'\" /b/ \"'\"", 1_000) == 3
+    assert 10 < grammar_rows.regex_chars("start: " + " | ".join(["/a/"] * 100_000), 10) <= 13
 
 
 RUST_REGEXES = {"\\p{L}+": "é", "a\\P{L}": "a1", "\\pL+": "é", "[\\p{L}\\d]+": "1", "\\x{e9}+": "é",

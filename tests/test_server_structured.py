@@ -195,6 +195,8 @@ def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornSe
     ("completions", {"structured_outputs": {"regex": "a" * PAST}}, "structured_outputs.regex"),
     ("chat", {"guided_regex": "a" * PAST}, "guided_regex"),
     ("completions", {"guided_grammar": f"start: /{'a' * PAST}/"}, "guided_grammar"),
+    ("chat", {"guided_grammar": f"start: /a\n{'b' * PAST}/"}, "guided_grammar"),  # a regex across lines
+    ("completions", {"guided_grammar": f"# it's /x\nstart: /(?x) a\n {'b' * PAST}/"}, "guided_grammar"),
     ("chat", {"structured_outputs": {"grammar": "root ::= " + "[ab] " * (PAST // 4)}}, "structured_outputs.grammar"),
     ("completions", {"structured_outputs": {"grammar": "start: %json " + json.dumps({"type": "string", "pattern": "a"
                                                                                      * PAST})}},

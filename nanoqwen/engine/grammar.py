@@ -222,8 +222,8 @@ class Grammars:
         except ValueError as exc:
             raise _invalid(param, str(exc)) from None
         if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)
-            check_pattern_chars(regex_chars(converted), param, "the grammar's regexes (its /.../ terminals, GBNF's "
-                                "classes, %regex substrings and %json patterns) are")
+            check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS), param, "the grammar's regexes (its /.../ "
+                                "terminals, GBNF's classes, %regex substrings and %json patterns) are")
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:

@@ -21,10 +21,12 @@ from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 
-# Lark's pieces that hold no rule names: strings, regexes, comments, special tokens (`<[id]>`, `<name>`), and
-# `%json` (its schema read apart, by schema_weight). A `//` comment before a regex: no regex starts with `/`.
-SKIP = re.compile(r'//[^\n]*|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|/(?:[^/\\\n]|\\.)+/[imslux]*|<[^<>\s]*>'
-                  r"|%json\b")
+# Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
+# (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`) and `%json` (its
+# schema read apart, by schema_weight). A `//` is a comment: no regex starts with `/`. A string or regex left unclosed
+# (llguidance refuses it) ends where its body does, so that each character is scanned once: searched again from each
+# escaped quote or slash in it, 40 KB of them took 11 s holding the GIL (/health stalled 14 s).
+SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%json\b')
 LEXEMES = re.compile(f"{SKIP.pattern}|%regex\\b")  # regex_chars': SKIP's pieces and `%regex`
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
@@ -72,14 +74,14 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     return _lark_chain(text, weighed or {})
 
 
-def regex_chars(text: str) -> int:
+def regex_chars(text: str, bound: int) -> int:
     """The characters of a Lark grammar's regexes, the text llguidance builds its lexer from (grammar's
     MAX_PATTERN_CHARS): its `/.../` terminals (GBNF's classes, converted), the JSON of its `%regex {...}` (substring
     lexemes) and its `%json` schemas' `pattern`s and `patternProperties` keys, as sent; not its strings (literals: 1 MB
-    in 0.3 s)."""
+    in 0.3 s). Counted until past `bound` (8 MiB of `/a/` took 2.9 s to count to its end)."""
     chars, position = 0, 0
     decoder = json.JSONDecoder()
-    while (match := LEXEMES.search(text, position)) is not None:
+    while chars <= bound and (match := LEXEMES.search(text, position)) is not None:
         position, piece = match.end(), match.group()
         if piece in ("%json", "%regex"):
             try:
@@ -88,7 +90,7 @@ def regex_chars(text: str) -> int:
                 continue  # llguidance refuses it; one nested too deeply, check_bounds
             chars += end - position if piece == "%regex" else _schema_pattern_chars(value)
             position = end
-        elif piece[0] == "/" and not piece.startswith("//"):
+        elif piece[0] == "/" and not piece.startswith("//"):  # a regex, not a comment
             chars += len(piece)
     return chars
 
@@ -139,13 +141,13 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
                 continue  # llguidance refuses it
             offsets.append(offset)
             chains.append(schema_weight(schema))
-        if piece.startswith("//"):
+        if piece.startswith(("//", "#")):
             piece = " "
         elif piece[0] == "/":
             pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
             piece = f" /{patterns.add(pattern)} "
         else:
-            piece = EMPTY if piece in ('""', "''") else TERMINAL  # a non-empty string, `%json`, a special token
+            piece = EMPTY if piece == '""' else TERMINAL  # a non-empty string, `%json`, a special token
         cleaned.append(piece)
         offset += len(piece)
     cleaned.append(text[position:])
