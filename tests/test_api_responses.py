@@ -367,7 +367,7 @@ def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
 def test_item_references_are_looked_up_once_parsed_alone_and_bounded_like_a_body(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The store is looked up once per item referred to (on the loop, to weigh the request), each item parsed alone
-    (not its response's other items), and each reference weighs its item's size: toward a large request (is_large)
+    (not its response's other items), and each reference weighs its item's size: toward a large request (serving.lane)
     and against the body's bound."""
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant",
@@ -459,7 +459,7 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
-def _here(large: bool, fn: Callable[..., Any], *args: Any) -> Any:
+def _here(where: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Serving.off_loop_if of a service with no threads behind it."""
     return fn(*args)
 

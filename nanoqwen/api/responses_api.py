@@ -42,7 +42,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, client_probe, is_large
+from nanoqwen.api.serving import Batch, client_probe, lane
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -577,16 +577,19 @@ class ResponsesService:
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
         body left of the request's values, to the items its references resolve to.
-        A large request (its body's values, the stored items it brings in, or its tools: is_large) is worked on in
-        the long prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its
-        prompts templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
-        truncation's search did it again in part, and their encoding for the store ~270 ms."""
+        A large request (its body's values, the stored items it brings in: lane "long") is worked on in the long
+        prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its prompts
+        templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
+        truncation's search did it again in part, and their encoding for the store ~270 ms. One of many tools (lane
+        "short") is made a chat request of in the tokenising threads (its tools validated as chat's and measured: 300
+        small ones 17-34 ms), its prompts templated each in the lane its length picks (encode)."""
         serving = self.chat.serving
         found = self._found(req)
-        large = is_large(budget.used, found.chars, len(req.tools or []))
-        conversation = serving.off_loop_if(large, self._conversation, req, budget, found)
+        where = lane(budget.used, found.chars, budget.fields.get("tools", 0))
+        conversation = serving.off_loop_if(where, self._conversation, req, budget, found)
         params = self.chat.params(conversation.whole)
-        chat_encode = self.chat.encode_here if large else self.chat.encode
+        long = where == "long"
+        chat_encode = self.chat.encode_here if long else self.chat.encode
 
         def encode(chat_req: ChatCompletionRequest, prompt_name: PromptName) -> list[int]:
             return chat_encode(chat_req, params.max_tokens, prompt_name)
@@ -599,7 +602,7 @@ class ResponsesService:
                 made.tools = echoed_tools(conversation.req)
             return made
 
-        return serving.off_loop_if(large, prompt)
+        return serving.off_loop_if("long" if long else "loop", prompt)
 
     def _found(self, req: ResponsePromptFields) -> Found:
         """The entries its item references and its previous response name, found or not (an id not found brings
@@ -807,7 +810,7 @@ class ResponsesService:
                     raise APIError(400, f"'{name}' needs 'stream=true'", param=name)
             body = self._stored(response_id).body
             if include:
-                body = self.chat.serving.off_loop_if(is_large(chars=len(body)), response_with_parts, body, include)
+                body = self.chat.serving.off_loop_if(lane(chars=len(body)), response_with_parts, body, include)
             return Response(body, mimetype="application/json")
         if include:
             raise APIError(400, "'include' needs 'stream=false': a stream's events are replayed as they were sent.",
