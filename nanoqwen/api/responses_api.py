@@ -542,7 +542,7 @@ class ResponsesService:
             self.store.end(draft.id)
             raise
         serving = self.chat.serving
-        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream))
+        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream), frozenset(draft.req.include or ()))
         self.background.start(run, serving.detached(batch, events, trace), partial(self._ended, draft, events))
         if not draft.req.stream:
             return Response(snapshot, mimetype="application/json")
@@ -798,7 +798,8 @@ class ResponsesService:
     def retrieve(self, response_id: str, args: Mapping[str, str], environ: dict[str, Any]) -> Response:
         """A stored response, or one in progress as its `response.created` said it, with the parts `include` names
         (responses_include); with `stream=true` a background stream's events kept, after `starting_after` (a
-        sequence number), followed until it ends, as they were sent."""
+        sequence number), followed until it ends, as they were sent: with parts only `include` values its create
+        named too."""
         _check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
         include = query_include(args)
         for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
@@ -812,9 +813,6 @@ class ResponsesService:
             if include:
                 body = self.chat.serving.off_loop_if(lane(chars=len(body)), response_with_parts, body, include)
             return Response(body, mimetype="application/json")
-        if include:
-            raise APIError(400, "'include' needs 'stream=false': a stream's events are replayed as they were sent.",
-                           param="include")
         after = args.get("starting_after")
         if after is not None and not (after.isascii() and after.isdigit()):
             raise APIError(400, "Invalid value for 'starting_after': a sequence number", param="starting_after")
@@ -825,6 +823,9 @@ class ResponsesService:
             raise APIError(400, f"Response '{response_id}' has no events kept to stream: only a response created "
                            "with background and stream true has, until it is one of the "
                            "last streams ended.", param="stream")
+        if missing := sorted(include - run.include):  # the openai client resumes with create's include
+            raise APIError(400, f"'include' names {', '.join(missing)}, which the response's create did not: a "
+                           "stream's events are replayed as they were sent.", param="include")
         if after_number + 1 < run.first:
             raise APIError(400, f"The events of response '{response_id}' before sequence number {run.first} are "
                            "no longer kept.", param="starting_after")
