@@ -32,7 +32,7 @@ from nanoqwen.api.responses_api import (
     echoed_tools,
     kept_in_progress,
 )
-from nanoqwen.api.responses_include import response_with_parts
+from nanoqwen.api.responses_include import response_with_parts, with_parts
 from nanoqwen.api.responses_schemas import (
     INCLUDES,
     FunctionTool,
@@ -178,6 +178,15 @@ def test_get_s_include_adds_what_create_left_out() -> None:
     assert message["content"] == [{**plain["output"][1]["content"][0], "logprobs": []}]
     included, _ = _both(THOUGHT, include=list(INCLUDES))
     assert json.loads(response_with_parts(encode_json(included), frozenset(INCLUDES))) == included
+
+
+def test_get_s_include_leaves_a_bare_reasoning_input_item_as_stored() -> None:
+    """An input reasoning item of an id only stands for a stored one: it has no text of its own to encode (it got an
+    encrypted_content of nothing, ""); one with text gets its encrypted_content."""
+    bare = {"id": "rs_1", "type": "reasoning", "summary": []}
+    assert with_parts(dict(bare), frozenset(INCLUDES)) == bare
+    thought = {**bare, "content": [{"type": "reasoning_text", "text": "Hm"}]}
+    assert with_parts(dict(thought), frozenset(INCLUDES)) == {**thought, "encrypted_content": encode_reasoning("Hm")}
 
 
 @pytest.mark.parametrize("zone", ['"UTC"', "NaN"], ids=["json", "nan"])
