@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.responses_schemas import ResponsePromptFields
 from nanoqwen.api.schemas import ChatPrompt, Tool
-from nanoqwen.api.serving import LARGE_TOOLS
+from nanoqwen.api.serving import LARGE_TOOL_VALUES
 from nanoqwen.engine import Engine, EngineConfig
 
 MESSAGES = [{"role": "user", "content": "hi"}] * 5000  # ~10,000 values, 125 kB
@@ -31,6 +31,7 @@ def _record_threads(monkeypatch: pytest.MonkeyPatch, seen: dict[str, list[int]],
     """owner.name records in seen[name] the thread of each call."""
     fn: Callable[..., Any] = getattr(owner, name)
 
+    @wraps(fn)
     def wrapper(*args: Any) -> Any:
         seen.setdefault(name, []).append(threading.get_ident())
         return fn(*args)
@@ -89,18 +90,39 @@ def test_an_everyday_body_is_parsed_and_validated_on_the_loop(tmp_path: Path, th
     assert threads["parse_json"] == [loop] and threads["parse_completion_request"] == [loop]
 
 
-def test_a_chat_request_of_many_tools_is_validated_off_the_loop(tmp_path: Path,
-                                                                threads: dict[str, list[int]]) -> None:
-    """LARGE_TOOLS small tools, far under the body's bound of values: each validated and measured as the request
-    parses (300: ~69 ms), which was done on the loop."""
+def _tools(count: int, values: int) -> list[dict[str, Any]]:
+    """`count` chat tools whose parameters hold about `values` values between them."""
+    parameters = {"type": "object", "properties": {f"p{j}": {"type": "string"} for j in range(values // (2 * count))}}
+    return [{"type": "function", "function": {"name": f"f{i}", "parameters": parameters}} for i in range(count)]
+
+
+def _pools(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The max_pending of the pool each function handed off ran in, by function name, recorded while the app serves:
+    which lane it took (ServerConfig's default prompts' and long prompts' differ)."""
+    seen: dict[str, list[int]] = {}
+    run = offload.NativePool.run
+
+    def recorded(pool: offload.NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+        seen.setdefault(getattr(fn, "__name__", ""), []).append(pool.max_pending)
+        return run(pool, fn, *args)
+
+    monkeypatch.setattr(offload.NativePool, "run", recorded)
+    return seen
+
+
+def test_a_chat_request_of_many_tool_values_is_validated_in_the_tokenising_threads(
+        tmp_path: Path, threads: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """LARGE_TOOL_VALUES values under its tools, far under the body's bound of values: each tool validated and measured
+    as the request parses (1-5 us a value), a small job each for the tokenising threads, never queued behind long
+    prompts (agents send 64 tools and more routinely). 64 tiny tools stay on the loop, 2 large ones leave it."""
+    pools = _pools(monkeypatch)
     client = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig()).test_client()
-    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
-             for i in range(LARGE_TOOLS)]
-    for count in (LARGE_TOOLS - 1, LARGE_TOOLS):
-        body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools[:count]}
+    for tools in (_tools(64, LARGE_TOOL_VALUES // 4), _tools(2, LARGE_TOOL_VALUES)):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
         assert client.post("/v1/chat/completions", json=body).status_code == 503
     loop = threading.get_ident()
     assert threads["parse_chat_request"][0] == loop and threads["parse_chat_request"][1] != loop
+    assert pools == {"parse_chat_request": [ServerConfig().max_pending_prompts]}, pools
 
 
 def test_a_large_requests_template_inputs_are_made_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,16 +188,20 @@ def test_a_large_responses_conversation_is_made_off_the_loop(
     assert len(conversing["to_chat"]) > 2 and not any(loop in threads for threads in conversing.values()), conversing
 
 
-def test_a_responses_request_of_many_tools_is_made_off_the_loop(
-        served: FlaskClient, conversing: dict[str, list[int]]) -> None:
-    """LARGE_TOOLS small tools, far under the body's bound of values: each validated as chat's and measured when the
-    request is made a chat request of (300: 34 ms), which was done on the loop. (They pass the 1,024-token context.)"""
-    tools = [{"type": "function", "name": f"f{i}", "description": "d", "parameters": {"type": "object"}}
-             for i in range(LARGE_TOOLS)]
+def test_a_responses_request_of_many_tool_values_is_made_off_the_loop(
+        served: FlaskClient, conversing: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """LARGE_TOOL_VALUES values under its tools, far under the body's bound of values: each tool validated as chat's
+    and measured when the request is made a chat request of (300 small ones: 17-34 ms), in the tokenising threads
+    (never queued behind long prompts); its prompt templated where its length takes it. (It passes the 1,024-token
+    context.)"""
+    pools = _pools(monkeypatch)
+    tools = [{"type": "function", **tool["function"]} for tool in _tools(2, LARGE_TOOL_VALUES)]
     answer = served.post("/v1/responses", json={"input": "hi", "tools": tools, "max_output_tokens": 16})
     assert answer.status_code == 400 and answer.json["error"]["code"] == "context_length_exceeded", answer.json
     loop = threading.get_ident()
-    assert conversing["to_chat"] and not any(loop in threads for threads in conversing.values()), conversing
+    assert conversing["to_chat"] and loop not in conversing["to_chat"], conversing
+    short = ServerConfig().max_pending_prompts  # beside them, the output grammar's lookup (_looked_up) and compile
+    assert [pools[name] for name in ("parse_responses_request", "_conversation", "encode_here")] == [[short]] * 3, pools
 
 
 def test_a_large_responses_request_takes_two_trips_to_the_long_prompts_thread(

@@ -1,6 +1,7 @@
 """The OpenAPI document agrees with the validators it is generated from, where pydantic cannot derive it."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -147,7 +148,7 @@ def _status(call: Callable[..., Any], *args: Any) -> int:
 
 def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> None:
     query = _query("/v1/responses/{response_id}/input_items")
-    assert set(query) == {"limit", "order", "after", "before", "include[]"}
+    assert set(query) == {"limit", "order", "after", "before", "include[]", "include"}
     items = [{"id": f"i{n}"} for n in range(3)]
     limit = query["limit"]
     for value, valid in [(limit["minimum"], True), (limit["maximum"], True), (limit["minimum"] - 1, False),
@@ -162,7 +163,7 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
 
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
     query = _query("/v1/responses/{response_id}")
-    assert set(query) == {"stream", "starting_after", "include_obfuscation", "include[]"}
+    assert set(query) == {"stream", "starting_after", "include_obfuscation", "include[]", "include"}
     assert query["starting_after"]["minimum"] == 0
     service = ResponsesService(chat=None)
     for stream in query["stream"]["enum"]:  # past the query check: the id is unknown
@@ -171,11 +172,13 @@ def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None
     for obfuscated in query["include_obfuscation"]["enum"]:
         assert _status(service.retrieve, "resp_x", {"stream": "true", "include_obfuscation": obfuscated}, {}) == 404
     included = query["include[]"]["items"]["enum"]
-    for name in included:
-        assert _status(service.retrieve, "resp_x", {"include[]": name}, {}) == 404
+    assert query["include"] == query["include[]"]
+    for name, stream in itertools.product(included, ("false", "true")):  # with stream=true: create's own, if kept
+        for key in ("include[]", "include"):
+            assert _status(service.retrieve, "resp_x", {key: name, "stream": stream}, {}) == 404
     for refused in ({"stream": "1"}, {"stream": "true", "starting_after": "-1"}, {"starting_after": "0"},
                     {"include_obfuscation": "false"}, {"stream": "true", "include_obfuscation": "0"},
-                    {"include[]": "x"}, {"stream": "true", "include[]": included[0]}):
+                    {"include[]": "x"}, {"include": "x"}):
         assert _status(service.retrieve, "resp_x", refused, {}) == 400
 
 

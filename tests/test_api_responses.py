@@ -32,7 +32,7 @@ from nanoqwen.api.responses_api import (
     echoed_tools,
     kept_in_progress,
 )
-from nanoqwen.api.responses_include import response_with_parts
+from nanoqwen.api.responses_include import response_with_parts, with_parts
 from nanoqwen.api.responses_schemas import (
     INCLUDES,
     FunctionTool,
@@ -178,6 +178,15 @@ def test_get_s_include_adds_what_create_left_out() -> None:
     assert message["content"] == [{**plain["output"][1]["content"][0], "logprobs": []}]
     included, _ = _both(THOUGHT, include=list(INCLUDES))
     assert json.loads(response_with_parts(encode_json(included), frozenset(INCLUDES))) == included
+
+
+def test_get_s_include_leaves_a_bare_reasoning_input_item_as_stored() -> None:
+    """An input reasoning item of an id only stands for a stored one: it has no text of its own to encode (it got an
+    encrypted_content of nothing, ""); one with text gets its encrypted_content."""
+    bare = {"id": "rs_1", "type": "reasoning", "summary": []}
+    assert with_parts(dict(bare), frozenset(INCLUDES)) == bare
+    thought = {**bare, "content": [{"type": "reasoning_text", "text": "Hm"}]}
+    assert with_parts(dict(thought), frozenset(INCLUDES)) == {**thought, "encrypted_content": encode_reasoning("Hm")}
 
 
 @pytest.mark.parametrize("zone", ['"UTC"', "NaN"], ids=["json", "nan"])
@@ -367,7 +376,7 @@ def test_deleting_an_items_latest_holder_finds_it_in_an_older_one() -> None:
 def test_item_references_are_looked_up_once_parsed_alone_and_bounded_like_a_body(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The store is looked up once per item referred to (on the loop, to weigh the request), each item parsed alone
-    (not its response's other items), and each reference weighs its item's size: toward a large request (is_large)
+    (not its response's other items), and each reference weighs its item's size: toward a large request (serving.lane)
     and against the body's bound."""
     store = ResponseStore()
     said = {"id": "msg_o", "type": "message", "role": "assistant",
@@ -459,7 +468,7 @@ def test_input_items_to_chat_messages() -> None:
         {"role": "system", "content": "d"}]
 
 
-def _here(large: bool, fn: Callable[..., Any], *args: Any) -> Any:
+def _here(where: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Serving.off_loop_if of a service with no threads behind it."""
     return fn(*args)
 

@@ -38,6 +38,21 @@ def _started(client: openai.OpenAI, events: int, **body: Any) -> tuple[str, list
     return seen[0].response.id, seen
 
 
+def test_a_background_stream_resumes_with_create_s_include(client: openai.OpenAI) -> None:
+    """The openai client resumes with create's `include` (`retrieve(id, stream=True, include=[...])`): the events
+    replayed carry its parts. A value create did not name is a 400 naming `include`: the events are replayed as they
+    were sent."""
+    scored = ["message.output_text.logprobs"]
+    response_id, first = _started(client, 6, **GREEDY, input="Tell me a story.", include=scored, top_logprobs=2)
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=5, include=scored))
+    deltas = [e for e in [*first, *rest] if e.type == "response.output_text.delta"]
+    assert deltas and all(e.logprobs and all(len(p.top_logprobs) == 2 for p in e.logprobs) for e in deltas)
+    assert rest[-1].response.output[0].content[0].logprobs
+    with pytest.raises(openai.BadRequestError) as more:
+        list(client.responses.retrieve(response_id, stream=True, include=[*scored, "reasoning.encrypted_content"]))
+    assert more.value.body["param"] == "include" and "reasoning.encrypted_content" in more.value.body["message"]
+
+
 def test_a_background_response_is_polled_to_the_foreground_answer(client: openai.OpenAI) -> None:
     body = {**GREEDY, "input": "Hello there", "instructions": "Answer briefly.", "metadata": {"k": "v"}}
     queued = client.responses.create(background=True, **body)

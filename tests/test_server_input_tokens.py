@@ -117,7 +117,7 @@ def test_previous_responses_and_item_references_count_as_in_create(client: opena
     assert (error["code"], error["param"]) == ("context_length_exceeded", "previous_response_id")
 
 
-# 5,000 items (10,000 values): a body worked on in the long prompts' thread (serving.is_large), too long whole
+# 5,000 items (10,000 values): a body worked on in the long prompts' thread (serving.lane), too long whole
 MANY = [{"role": "user", "content": "hi"}] * 5000
 
 

@@ -156,7 +156,7 @@ def parse_json(text: str, raw: bytes | None = None) -> ParsedBody:
     budget; 400 for anything that is not strict JSON in valid Unicode, 413 for more values than a request needs."""
     budget = Budget()
     try:
-        return ParsedBody(strict_json.loads(text, "the JSON body", raw, budget), budget)
+        return ParsedBody(strict_json.loads(text, "the JSON body", raw, budget, fields=True), budget)
     except JSONError as exc:
         if exc.status == 413:
             raise request_too_large(str(exc)) from None

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nanoqwen.api.responses_include import INCLUDE_KEYS
 from nanoqwen.api.responses_schemas import INCLUDES, ResponseCountRequest, ResponseCreateRequest
 from nanoqwen.api.responses_store import MAX_LIST_LIMIT
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -25,13 +26,15 @@ RESPONSE_STREAM = {**JSON, "text/event-stream": {"schema": {
         "event": {"type": "string", "description": "the event's type"},
         "data": {"type": "string", "description": "the event's JSON"}}}}}
 PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Prometheus' text format"}}}
-# `include` as the openai client sends it (responses_include.query_include): the name `include` is read too
+# `include` under both the names the server reads (responses_include.query_include): `include[]`, as the openai
+# client sends it, and the bare `include` of other clients (curl, OpenAI's documentation); their values together
 INCLUDE = {"type": "array", "items": {"type": "string", "enum": list(INCLUDES)},
-           "description": "parts added where create left them out (with stream=false)"}
+           "description": "parts added where create left them out (with stream=true: only those create named)"}
+INCLUDE_QUERY = dict.fromkeys(INCLUDE_KEYS, INCLUDE)
 # The query parameters' schemas by (method, path), as the server reads them (responses_api.py, list_page).
 QUERY: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/v1/responses/{response_id}"): {
-        "include[]": INCLUDE,
+        **INCLUDE_QUERY,
         "stream": {"type": "string", "enum": ["false", "true"], "default": "false",
                    "description": "true: a background stream's events (background and stream true), kept and live"},
         "starting_after": {"type": "integer", "minimum": 0,
@@ -39,7 +42,7 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
         "include_obfuscation": {"type": "string", "enum": ["false", "true"],
                                 "description": "with stream=true: accepted, nothing to pad (OpenAI's obfuscation)"}},
     ("get", "/v1/responses/{response_id}/input_items"): {
-        "include[]": INCLUDE,
+        **INCLUDE_QUERY,
         "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20},
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
         "after": {"type": "string", "description": "an input item's id"},

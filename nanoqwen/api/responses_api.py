@@ -42,7 +42,7 @@ from nanoqwen.api.responses_schemas import (
 )
 from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored, list_page
 from nanoqwen.api.schemas import ChatCompletionRequest
-from nanoqwen.api.serving import Batch, client_probe, is_large
+from nanoqwen.api.serving import Batch, client_probe, lane
 from nanoqwen.api.sse import HEADERS, named_event
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
@@ -542,7 +542,7 @@ class ResponsesService:
             self.store.end(draft.id)
             raise
         serving = self.chat.serving
-        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream))
+        run = Run(draft.id, partial(serving.abort, batch), bool(draft.req.stream), frozenset(draft.req.include or ()))
         self.background.start(run, serving.detached(batch, events, trace), partial(self._ended, draft, events))
         if not draft.req.stream:
             return Response(snapshot, mimetype="application/json")
@@ -577,16 +577,19 @@ class ResponsesService:
         The parameters, the output grammar compiled off the loop, are made before the prompt is templated: they
         depend on the fields besides the items, the same for every candidate of a truncation. `budget`: what the
         body left of the request's values, to the items its references resolve to.
-        A large request (its body's values, the stored items it brings in, or its tools: is_large) is worked on in
-        the long prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its
-        prompts templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
-        truncation's search did it again in part, and their encoding for the store ~270 ms."""
+        A large request (its body's values, the stored items it brings in: lane "long") is worked on in the long
+        prompts' thread, in two trips around the grammar's compile (made from the loop, in its own pool), its prompts
+        templated there too (encode_here): on the loop, 16,000 items took ~200 ms to make a chat request of, a
+        truncation's search did it again in part, and their encoding for the store ~270 ms. One of many tools (lane
+        "short") is made a chat request of in the tokenising threads (its tools validated as chat's and measured: 300
+        small ones 17-34 ms), its prompts templated each in the lane its length picks (encode)."""
         serving = self.chat.serving
         found = self._found(req)
-        large = is_large(budget.used, found.chars, len(req.tools or []))
-        conversation = serving.off_loop_if(large, self._conversation, req, budget, found)
+        where = lane(budget.used, found.chars, budget.fields.get("tools", 0))
+        conversation = serving.off_loop_if(where, self._conversation, req, budget, found)
         params = self.chat.params(conversation.whole)
-        chat_encode = self.chat.encode_here if large else self.chat.encode
+        long = where == "long"
+        chat_encode = self.chat.encode_here if long else self.chat.encode
 
         def encode(chat_req: ChatCompletionRequest, prompt_name: PromptName) -> list[int]:
             return chat_encode(chat_req, params.max_tokens, prompt_name)
@@ -599,7 +602,7 @@ class ResponsesService:
                 made.tools = echoed_tools(conversation.req)
             return made
 
-        return serving.off_loop_if(large, prompt)
+        return serving.off_loop_if("long" if long else "loop", prompt)
 
     def _found(self, req: ResponsePromptFields) -> Found:
         """The entries its item references and its previous response name, found or not (an id not found brings
@@ -795,7 +798,8 @@ class ResponsesService:
     def retrieve(self, response_id: str, args: Mapping[str, str], environ: dict[str, Any]) -> Response:
         """A stored response, or one in progress as its `response.created` said it, with the parts `include` names
         (responses_include); with `stream=true` a background stream's events kept, after `starting_after` (a
-        sequence number), followed until it ends, as they were sent."""
+        sequence number), followed until it ends, as they were sent: with parts only `include` values its create
+        named too."""
         _check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
         include = query_include(args)
         for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
@@ -807,11 +811,8 @@ class ResponsesService:
                     raise APIError(400, f"'{name}' needs 'stream=true'", param=name)
             body = self._stored(response_id).body
             if include:
-                body = self.chat.serving.off_loop_if(is_large(chars=len(body)), response_with_parts, body, include)
+                body = self.chat.serving.off_loop_if(lane(chars=len(body)), response_with_parts, body, include)
             return Response(body, mimetype="application/json")
-        if include:
-            raise APIError(400, "'include' needs 'stream=false': a stream's events are replayed as they were sent.",
-                           param="include")
         after = args.get("starting_after")
         if after is not None and not (after.isascii() and after.isdigit()):
             raise APIError(400, "Invalid value for 'starting_after': a sequence number", param="starting_after")
@@ -822,6 +823,9 @@ class ResponsesService:
             raise APIError(400, f"Response '{response_id}' has no events kept to stream: only a response created "
                            "with background and stream true has, until it is one of the "
                            "last streams ended.", param="stream")
+        if missing := sorted(include - run.include):  # the openai client resumes with create's include
+            raise APIError(400, f"'include' names {', '.join(missing)}, which the response's create did not: a "
+                           "stream's events are replayed as they were sent.", param="include")
         if after_number + 1 < run.first:
             raise APIError(400, f"The events of response '{response_id}' before sequence number {run.first} are "
                            "no longer kept.", param="starting_after")

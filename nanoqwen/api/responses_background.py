@@ -62,10 +62,12 @@ def _nothing() -> None:
 class Run:
     """One background response generating: its stream's frames when kept, followers woken at each."""
 
-    def __init__(self, response_id: str, abort: Callable[[], None], keeps_events: bool) -> None:
+    def __init__(self, response_id: str, abort: Callable[[], None], keeps_events: bool,
+                 include: frozenset[str] = frozenset()) -> None:
         self.id = response_id
         self.abort = abort
         self.keeps_events = keeps_events
+        self.include = include  # create's: the parts its events carry, and a GET's replay of them
         self.frames: deque[bytes] = deque()
         self.first = 0  # the sequence number of frames[0]
         self._batch = 0  # that of the last event's first frame

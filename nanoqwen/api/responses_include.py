@@ -41,9 +41,13 @@ def query_include(args: Mapping[str, str]) -> frozenset[str]:
 
 
 def with_parts(item: Json, include: frozenset[str]) -> Json:
-    """`item` (an output or input item, as stored) with the parts `include` names that it lacks."""
+    """`item` (an output or input item, as stored) with the parts `include` names that it lacks. A bare reasoning
+    input item (an id only, standing for a stored one: ReasoningItem.bare) has no text of its own to encode: left as
+    create stored it, not given an encrypted_content of nothing."""
     if item.get("type") == "reasoning" and REASONING_INCLUDE in include and not item.get("encrypted_content"):
-        item["encrypted_content"] = encode_reasoning(ReasoningItem.model_validate(item).text)
+        reasoning = ReasoningItem.model_validate(item)
+        if not reasoning.bare:
+            item["encrypted_content"] = encode_reasoning(reasoning.text)
     if item.get("type") == "message" and LOGPROBS_INCLUDE in include:
         for part in item["content"]:
             if part.get("type") == "output_text":

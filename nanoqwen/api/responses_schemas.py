@@ -539,19 +539,20 @@ def check_call_outputs(items: list[Item], first_input: int) -> None:
     """OpenAI's pairing of the items (a previous response's, then the input from `first_input` on): each
     function_call_output answers a function_call before it, and each function_call is answered. Its messages and
     param, word for word. Each call is answered once, as OpenAI's "Each function_call must have exactly one matching
-    function_call_output" (reported: a client's per-turn ids, `terminal:0` on two turns), and so a call_id is one
-    call's: the template would pair a second call or output by order. Those name the repeat (in the input: the
-    history before it was checked so). Not chat's stricter order (the answers right after their calls, before any
-    other message: check_tool_answers), which OpenAI's Responses API is not known to ask: items between a call and
-    its output (a reasoning item between two calls, a message) template as they come."""
+    function_call_output" (reported: a client's per-turn ids, `terminal:0` on two turns, at the second output), and
+    so a call_id is one call's: the template would pair a second call or output by order. Those name the repeat (in the
+    input: the history before it was checked so): a second output with OpenAI's words, a second call never answered
+    with ours. Not chat's stricter order (the answers right after their calls, before any other message:
+    check_tool_answers), which OpenAI's Responses API is not known to ask: items between a call and its output (a
+    reasoning item between two calls, a message) template as they come."""
     unanswered: dict[str, None] = {}  # call ids, in order
     called: set[str] = set()
     answered: set[str] = set()
+    repeats: dict[str, int] = {}  # a call_id's second call, by index
     for i, item in enumerate(items):
         if isinstance(item, FunctionCallItem):
             if item.call_id in called:
-                raise APIError(400, f"Duplicate function_call for call_id '{item.call_id}'. Each function_call must "
-                               "have a call_id of its own.", param=f"input.[{i - first_input}].call_id")
+                repeats.setdefault(item.call_id, i)
             called.add(item.call_id)
             unanswered[item.call_id] = None
         elif isinstance(item, FunctionCallOutputItem):
@@ -564,6 +565,10 @@ def check_call_outputs(items: list[Item], first_input: int) -> None:
                                param=f"input.[{i - first_input}].call_id")
             answered.add(item.call_id)
             unanswered.pop(item.call_id, None)
+    if repeats:  # a second call no output after it answered
+        call_id, i = next(iter(repeats.items()))
+        raise APIError(400, f"Duplicate function_call for call_id '{call_id}'. Each function_call must have a call_id "
+                       "of its own.", param=f"input.[{i - first_input}].call_id")
     if unanswered:
         raise APIError(400, f"No tool output found for function call {next(iter(unanswered))}.", param="input")
 

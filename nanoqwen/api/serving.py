@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import gevent.monkey
 from flask import Response
@@ -43,23 +43,28 @@ LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) i
 # the hand-off, and must not queue behind long prompts)
 LARGE_BODY_CHARS = 1 << 16
 LARGE_BODY_VALUES = 1 << 13
-# A request with this many tools is validated (chat's), or made a chat request of (Responses'), off the loop: each is
-# validated as chat's Tool and measured (Tool.template), ~0.11 ms a small tool at load 13, 34 ms for 300 (6,000 values,
-# under LARGE_BODY_VALUES)
-LARGE_TOOLS = 64
+# A request with this many values (separators) under its `tools` is validated (chat's), or made a chat request of
+# (Responses'), off the loop, in the tokenising threads: each tool is validated as chat's Tool and measured
+# (Tool.template), 1-5 us a value (a small tool's ~18 values the dearest), so at most a few ms on the loop. Agents send
+# 64 tools and more routinely: one thread and 8 pending would turn them into 503s.
+LARGE_TOOL_VALUES = 1 << 10
 INTERIM_PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
 PROBED = "nanoqwen.probed"  # set in the environ once the client's end of stream is seen (client_probe)
 Json = dict[str, Any]
+Lane = Literal["loop", "short", "long"]
 # The unpatched poll, which never blocks with a zero timeout: gevent's select then runs a turn of the loop (its
 # gevent.sleep(0)) at each call, and select refuses descriptors past FD_SETSIZE (1024), which read as a client gone.
 _poll = gevent.monkey.get_original("select", "poll")
 _RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux's: the peer's end of stream, told without reading the socket
 
 
-def is_large(values: int = 0, chars: int = 0, tools: int = 0) -> bool:
-    """Whether a request of `values` JSON values (its budget's), `chars` characters of JSON or `tools` tools made chat's
-    is worked on off the loop (Serving.off_loop_if)."""
-    return values >= LARGE_BODY_VALUES or chars >= LARGE_BODY_CHARS or tools >= LARGE_TOOLS
+def lane(values: int = 0, chars: int = 0, tool_values: int = 0) -> Lane:
+    """Where a request of `values` JSON values (its budget's), `chars` characters of JSON (of its body or the stored
+    items it brings in) or `tool_values` values under its tools is worked on (Serving.off_loop_if): "long", the long
+    prompts' thread, for a large body; "short", the tokenising threads, for many tools; else on the "loop"."""
+    if values >= LARGE_BODY_VALUES or chars >= LARGE_BODY_CHARS:
+        return "long"
+    return "short" if tool_values >= LARGE_TOOL_VALUES else "loop"
 
 
 class ClientGone(Exception):
@@ -291,21 +296,21 @@ class Serving:
 
     def parse_body(self, text: str, raw: bytes | None) -> ParsedBody:
         """body.parse_json(text, raw), off the loop past LARGE_BODY_CHARS (8 MiB of JSON: ~130 ms)."""
-        return self.off_loop_if(is_large(chars=len(text)), parse_json, text, raw)
+        return self.off_loop_if(lane(chars=len(text)), parse_json, text, raw)
 
     def validate(self, parse: Callable[[Any, Budget], T], body: Any, budget: Budget) -> T:
         """parse(body, budget), a request's validation, off the loop for a body of LARGE_BODY_VALUES values or more
-        (16,000 messages: ~60 ms; a Responses input of as many items: ~200 ms), or of LARGE_TOOLS tools (chat's are
-        validated and measured as it parses: 300 small tools ~69 ms)."""
-        tools = body.get("tools") if isinstance(body, dict) else None
-        return self.off_loop_if(is_large(budget.used, tools=len(tools) if isinstance(tools, list) else 0),
-                                parse, body, budget)
+        (16,000 messages: ~60 ms; a Responses input of as many items: ~200 ms), or of LARGE_TOOL_VALUES values under
+        its tools (chat's are validated and measured as it parses: 300 small tools ~11-69 ms)."""
+        return self.off_loop_if(lane(budget.used, tool_values=budget.fields.get("tools", 0)), parse, body, budget)
 
-    def off_loop_if(self, large: bool, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) for a `large` request (is_large) in the long prompts' threads, where it would hold every stream
-        and /health on the loop; else here: a hand-off to a thread costs more than a small request's work. fn runs
-        in the thread as a whole: what it hands off itself (off_loop) must be done there in its place."""
-        return self._run(self.tokenizing_long, fn, *args) if large else fn(*args)
+    def off_loop_if(self, where: Lane, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the threads `where` (lane) names, where it would hold every stream and /health on the loop;
+        else here: a hand-off to a thread costs more than a small request's work. fn runs in the thread as a whole:
+        what it hands off itself (off_loop) must be done there in its place."""
+        if where == "loop":
+            return fn(*args)
+        return self._run(self.tokenizing_long if where == "long" else self.tokenizing, fn, *args)
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) (a grammar's compile, on its cache's miss) in the grammars' own native threads: a prompt's

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanoqwen.api.errors import param_name
@@ -49,6 +49,8 @@ class Budget:
     """The separators (`,` and `:` outside strings) a request may still hold."""
 
     left: int = MAX_SEPARATORS
+    # A body's separators under each of its top-level fields (loads' `fields`): its tools' weigh their validation
+    fields: dict[str | int, int] = field(default_factory=dict)
 
     @property
     def used(self) -> int:
@@ -90,12 +92,13 @@ def _outside_strings(unescaped: str | bytes) -> int:
     return outside.count(comma) + outside.count(colon)
 
 
-def checked_values(value: Any, what: str) -> int:
+def checked_values(value: Any, what: str, fields: dict[str | int, int] | None = None) -> int:
     """The `,` and `:` outside strings in `value`'s JSON text (less any duplicate keys'), counted in the walk that
     refuses what json.loads passes and a request may not hold (one walk: counting in a second one cost 0.5-21 ms
     for 64k-65k values, the gaps lane's table in profiles/RESULTS.md). Iteratively (a recursive walk would hit the
     recursion limit json.loads just passed). Floats are checked here, not by a parse_float: that made float-heavy
-    texts ~4x slower to parse, and its error named no field."""
+    texts ~4x slower to parse, and its error named no field. `fields`: each top-level field's separators added to it.
+    """
     if isinstance(value, str) and _SURROGATE.search(value):
         raise JSONError(f"{what} contains a lone UTF-16 surrogate (not valid Unicode).")
     if isinstance(value, float) and not math.isfinite(value):
@@ -107,7 +110,10 @@ def checked_values(value: Any, what: str) -> int:
         if len(path) >= MAX_DEPTH:
             raise JSONError(f"{what} is nested more than {MAX_DEPTH} levels deep.")
         if node:
-            count += 2 * len(node) - 1 if isinstance(node, dict) else len(node) - 1
+            separators = 2 * len(node) - 1 if isinstance(node, dict) else len(node) - 1
+            count += separators
+            if fields is not None and path:
+                fields[path[0]] = fields.get(path[0], 0) + separators
         for key, child in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
                 raise JSONError(f"A key in {what} contains a lone UTF-16 surrogate.", path=path,
@@ -132,16 +138,18 @@ def _decoded(text: str, what: str) -> Any:
         raise JSONError(f"{what} is not valid JSON.") from None
 
 
-def loads(text: str, what: str = "the JSON", raw: bytes | None = None, budget: Budget | None = None) -> Any:
+def loads(text: str, what: str = "the JSON", raw: bytes | None = None, budget: Budget | None = None,
+          fields: bool = False) -> Any:
     """Decoded JSON within a request's limits on values (MAX_SEPARATORS, or what `budget` has left, charged) and depth;
     JSONError, its message naming `what` ("the JSON body"), for anything that is not strict JSON in valid Unicode.
     `raw`: the bytes `text` was decoded from in an ASCII-compatible charset, where its values are counted (a str
-    holding one emoji takes 4 bytes a character: counting an 8 MiB body's made 32 MB temporaries)."""
+    holding one emoji takes 4 bytes a character: counting an 8 MiB body's made 32 MB temporaries). `fields` (a body's
+    parse): the separators under each top-level field counted in `budget.fields` too."""
     if too_many_values(text if raw is None else raw, MAX_SEPARATORS if budget is None else budget.left):
         raise JSONError(TOO_MANY_VALUES, status=413)
     try:
         value = _decoded(text, what)
-        count = checked_values(value, what)
+        count = checked_values(value, what, budget.fields if fields and budget is not None else None)
     except JSONError:
         if budget is not None:  # a caller may take what is not JSON as written (a tool call's arguments): counted
             budget.charge(_outside_strings(_unescaped(text if raw is None else raw)))
