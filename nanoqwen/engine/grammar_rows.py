@@ -86,8 +86,8 @@ def regex_chars(text: str, bound: int) -> int:
         if piece in ("%json", "%regex"):
             try:
                 value, end = decoder.raw_decode(text, SPACE.match(text, position).end())
-            except (ValueError, RecursionError):
-                continue  # llguidance refuses it; one nested too deeply, check_bounds
+            except (ValueError, RecursionError):  # a JSONDecodeError counts the lines up to it: one, not one a block
+                break  # llguidance refuses the grammar; one nested too deeply, check_bounds
             chars += end - position if piece == "%regex" else _schema_pattern_chars(value)
             position = end
         elif piece[0] == "/" and not piece.startswith("//"):  # a regex, not a comment
@@ -137,8 +137,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         if piece == "%json":
             try:
                 schema, position = decoder.raw_decode(text, SPACE.match(text, position).end())
-            except ValueError:
-                continue  # llguidance refuses it
+            except ValueError:  # a JSONDecodeError counts the lines up to it: one, not one a block
+                return 0  # llguidance refuses the grammar
             offsets.append(offset)
             chains.append(schema_weight(schema))
         if piece.startswith(("//", "#")):
