@@ -3,7 +3,7 @@ prompt in the tokenising lane, nor a grammar already cached (looked up in the to
 lane is a 503 as a full tokenising lane is. Long prompts are tokenised in a lane of their own too."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -53,6 +53,14 @@ def lanes() -> Iterator[tuple[Serving, _BlockedGrammars]]:
         pool.stop()
 
 
+def _until(done: Callable[[], bool], what: str) -> None:
+    """Waits for `done`: a failure after 10 s, not a test spinning until it is killed (the wait is for a thread that
+    never starts when the lane under test is broken)."""
+    with gevent.Timeout(10, AssertionError(f"not within 10 s: {what}")):
+        while not done():
+            gevent.sleep(0.01)
+
+
 def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
     req = SimpleNamespace(constraint=SimpleNamespace(kind="regex", value=regex, param="guided_regex"))
     return gevent.spawn(lambda: structured.structured_grammar(serving, req).grammar)
@@ -61,8 +69,7 @@ def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
 def test_a_prompt_tokenises_while_every_grammar_thread_is_busy(lanes: tuple[Serving, _BlockedGrammars]) -> None:
     serving, grammars = lanes
     compiles = [_compile(serving, f"a{{{i}}}") for i in range(3)]  # both threads busy, one waiting
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     prompt = gevent.spawn(serving.off_loop, 10, lambda: "tokenised")
     prompt.join(timeout=10)  # before the grammars' lane, it waited for the compiles: never, until release
     assert prompt.successful() and prompt.value == "tokenised"
@@ -83,8 +90,7 @@ def test_a_short_prompt_tokenises_while_long_ones_hold_their_lane(lanes: tuple[S
         return grammars.release.wait(30)
 
     longs = [gevent.spawn(serving.off_loop, chars, long_tokenisation) for _ in range(2)]
-    while not started:
-        gevent.sleep(0.01)
+    _until(lambda: bool(started), "a long prompt's tokenisation started")
     prompt = gevent.spawn(serving.off_loop, chars - 1, lambda: "tokenised")
     prompt.join(timeout=10)
     assert prompt.successful() and prompt.value == "tokenised"
@@ -96,8 +102,7 @@ def test_a_short_prompt_tokenises_while_long_ones_hold_their_lane(lanes: tuple[S
 def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -> None:
     serving, grammars = lanes
     compiles = [_compile(serving, f"b{{{i}}}") for i in range(3)]
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     with pytest.raises(APIError) as refused:
         _compile(serving, "c").get(timeout=10)
     assert (refused.value.status, refused.value.code) == (503, "queue_full")
@@ -113,8 +118,7 @@ def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, 
     serving, grammars = lanes
     grammars.hits[("regex", "sent before")] = "cached"
     compiles = [_compile(serving, f"d{{{i}}}") for i in range(3)]  # both threads busy, the queue full
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     assert _compile(serving, "sent before").get(timeout=10) == "cached"
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
