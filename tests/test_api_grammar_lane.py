@@ -10,8 +10,11 @@ from typing import Any
 
 import gevent
 import pytest
+from flask.testing import FlaskClient
 
-from nanoqwen.api import structured
+from engine_util import load_engine
+from nanoqwen.api import offload, structured
+from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import parse_chat_request
@@ -123,6 +126,47 @@ def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, 
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint: Path) -> Iterator[FlaskClient]:
+    """The app of a loaded engine (not started: every prompt here is too long for its 1,024-token context)."""
+    engine = load_engine(tiny_checkpoint, max_model_len=1024)
+    try:
+        yield create_app(engine, ServerConfig()).test_client()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("path, field, made_by", [
+    ("/v1/chat/completions", "messages", "encode_here"),
+    ("/v1/responses", "input", "encode_here"),  # made a chat request of, encoded as chat's
+    ("/tokenize", "messages", "_encode_messages"),
+    ("/v1/completions", "prompt", "_encoded"),
+])
+@pytest.mark.parametrize("long", [True, False])
+def test_a_prompt_of_long_prompt_chars_is_tokenised_in_the_long_lane(
+        app: FlaskClient, monkeypatch: pytest.MonkeyPatch, path: str, field: str, made_by: str, long: bool) -> None:
+    """Each endpoint measures its prompt for the lane: one of long_prompt_chars characters is tokenised in the long
+    prompts' pool, one a character shorter in the tokenising pool. (A chat measured as 0 characters took the short
+    lane, which only a timed gunicorn test caught, 1 time in 2.)"""
+    config = ServerConfig()
+    lanes = {True: (config.long_prompt_threads, config.max_pending_long_prompts),
+             False: (config.tokenizer_threads, config.max_pending_prompts)}
+    assert lanes[True] != lanes[False]
+    runs: list[tuple[int, int, str]] = []
+    run = offload.NativePool.run
+
+    def recorded(pool: offload.NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+        runs.append((pool.workers, pool.max_pending, getattr(fn, "__name__", "")))
+        return run(pool, fn, *args)
+
+    monkeypatch.setattr(offload.NativePool, "run", recorded)
+    text = ("word " * config.long_prompt_chars)[:config.long_prompt_chars - (not long)]
+    prompt = [{"role": "user", "content": text}] if field == "messages" else text
+    answer = app.post(path, json={field: prompt})
+    assert answer.status_code == (200 if path == "/tokenize" else 400), answer.json
+    assert [lane for lane in runs if lane[2] == made_by] == [(*lanes[long], made_by)], runs
 
 
 @pytest.fixture()
