@@ -3,15 +3,18 @@ prompt in the tokenising lane, nor a grammar already cached (looked up in the to
 lane is a 503 as a full tokenising lane is. Long prompts are tokenised in a lane of their own too."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import gevent
 import pytest
+from flask.testing import FlaskClient
 
-from nanoqwen.api import structured
+from engine_util import load_engine
+from nanoqwen.api import offload, structured
+from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import parse_chat_request
@@ -53,6 +56,14 @@ def lanes() -> Iterator[tuple[Serving, _BlockedGrammars]]:
         pool.stop()
 
 
+def _until(done: Callable[[], bool], what: str) -> None:
+    """Waits for `done`: a failure after 10 s, not a test spinning until it is killed (the wait is for a thread that
+    never starts when the lane under test is broken)."""
+    with gevent.Timeout(10, AssertionError(f"not within 10 s: {what}")):
+        while not done():
+            gevent.sleep(0.01)
+
+
 def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
     req = SimpleNamespace(constraint=SimpleNamespace(kind="regex", value=regex, param="guided_regex"))
     return gevent.spawn(lambda: structured.structured_grammar(serving, req).grammar)
@@ -61,8 +72,7 @@ def _compile(serving: Serving, regex: str) -> gevent.Greenlet:
 def test_a_prompt_tokenises_while_every_grammar_thread_is_busy(lanes: tuple[Serving, _BlockedGrammars]) -> None:
     serving, grammars = lanes
     compiles = [_compile(serving, f"a{{{i}}}") for i in range(3)]  # both threads busy, one waiting
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     prompt = gevent.spawn(serving.off_loop, 10, lambda: "tokenised")
     prompt.join(timeout=10)  # before the grammars' lane, it waited for the compiles: never, until release
     assert prompt.successful() and prompt.value == "tokenised"
@@ -83,8 +93,7 @@ def test_a_short_prompt_tokenises_while_long_ones_hold_their_lane(lanes: tuple[S
         return grammars.release.wait(30)
 
     longs = [gevent.spawn(serving.off_loop, chars, long_tokenisation) for _ in range(2)]
-    while not started:
-        gevent.sleep(0.01)
+    _until(lambda: bool(started), "a long prompt's tokenisation started")
     prompt = gevent.spawn(serving.off_loop, chars - 1, lambda: "tokenised")
     prompt.join(timeout=10)
     assert prompt.successful() and prompt.value == "tokenised"
@@ -96,8 +105,7 @@ def test_a_short_prompt_tokenises_while_long_ones_hold_their_lane(lanes: tuple[S
 def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -> None:
     serving, grammars = lanes
     compiles = [_compile(serving, f"b{{{i}}}") for i in range(3)]
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     with pytest.raises(APIError) as refused:
         _compile(serving, "c").get(timeout=10)
     assert (refused.value.status, refused.value.code) == (503, "queue_full")
@@ -113,12 +121,52 @@ def test_a_cached_grammar_never_waits_behind_the_compiles(lanes: tuple[Serving, 
     serving, grammars = lanes
     grammars.hits[("regex", "sent before")] = "cached"
     compiles = [_compile(serving, f"d{{{i}}}") for i in range(3)]  # both threads busy, the queue full
-    while grammars.started < 2:
-        gevent.sleep(0.01)
+    _until(lambda: grammars.started >= 2, "two compiles started")
     assert _compile(serving, "sent before").get(timeout=10) == "cached"
     assert not any(c.ready() for c in compiles)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+@pytest.fixture(scope="module")
+def app(tiny_checkpoint: Path) -> Iterator[FlaskClient]:
+    """The app of a loaded engine (not started: every prompt here is too long for its 1,024-token context)."""
+    engine = load_engine(tiny_checkpoint, max_model_len=1024)
+    try:
+        yield create_app(engine, ServerConfig()).test_client()
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("path, field, made_by", [
+    ("/v1/chat/completions", "messages", "encode_here"),
+    ("/v1/responses", "input", "encode_here"),  # made a chat request of, encoded as chat's
+    ("/tokenize", "messages", "_encode_messages"),
+    ("/v1/completions", "prompt", "_encoded"),
+])
+@pytest.mark.parametrize("long", [True, False])
+def test_a_prompt_of_long_prompt_chars_is_tokenised_in_the_long_lane(
+        app: FlaskClient, monkeypatch: pytest.MonkeyPatch, path: str, field: str, made_by: str, long: bool) -> None:
+    """Each endpoint measures its prompt for the lane: one of long_prompt_chars characters is tokenised in the long
+    prompts' pool, one a character shorter in the tokenising pool. (A chat measured as 0 characters took the short
+    lane, which only a timed gunicorn test caught, 1 time in 2.)"""
+    config = ServerConfig()
+    lanes = {True: (config.long_prompt_threads, config.max_pending_long_prompts),
+             False: (config.tokenizer_threads, config.max_pending_prompts)}
+    assert lanes[True] != lanes[False]
+    runs: list[tuple[int, int, str]] = []
+    run = offload.NativePool.run
+
+    def recorded(pool: offload.NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+        runs.append((pool.workers, pool.max_pending, getattr(fn, "__name__", "")))
+        return run(pool, fn, *args)
+
+    monkeypatch.setattr(offload.NativePool, "run", recorded)
+    text = ("word " * config.long_prompt_chars)[:config.long_prompt_chars - (not long)]
+    prompt = [{"role": "user", "content": text}] if field == "messages" else text
+    answer = app.post(path, json={field: prompt})
+    assert answer.status_code == (200 if path == "/tokenize" else 400), answer.json
+    assert [lane for lane in runs if lane[2] == made_by] == [(*lanes[long], made_by)], runs
 
 
 @pytest.fixture()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import _thread
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import gevent
 import pytest
@@ -12,9 +13,25 @@ from hub_util import hub_ticks
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.engine.threads import NativeEvent
 
+Pools = Callable[[int, int], NativePool]
 
-def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running() -> None:
-    pool = NativePool(workers=2, max_pending=4)
+
+@pytest.fixture()
+def pools() -> Iterator[Pools]:
+    """NativePool(workers, max_pending), each stopped after the test (its idle threads outlived it)."""
+    made: list[NativePool] = []
+
+    def make(workers: int, max_pending: int) -> NativePool:
+        made.append(NativePool(workers, max_pending))
+        return made[-1]
+
+    yield make
+    for pool in made:
+        pool.stop()
+
+
+def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running(pools: Pools) -> None:
+    pool = pools(2, 4)
     started: list[int] = []
     both_started = NativeEvent()
 
@@ -36,15 +53,15 @@ def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running() -> None:
     assert len(ticks) >= 10  # the hub ran other greenlets meanwhile
 
 
-def test_errors_reach_the_caller() -> None:
-    pool = NativePool(workers=1, max_pending=1)
+def test_errors_reach_the_caller(pools: Pools) -> None:
+    pool = pools(1, 1)
     with pytest.raises(ValueError, match="bad prompt"):
         pool.run(lambda: (_ for _ in ()).throw(ValueError("bad prompt")))
     assert pool.run(lambda a, b: a + b, 2, 3) == 5
 
 
-def test_pending_jobs_are_bounded() -> None:
-    pool = NativePool(workers=1, max_pending=2)
+def test_pending_jobs_are_bounded(pools: Pools) -> None:
+    pool = pools(1, 2)
     release = NativeEvent()
     running = [gevent.spawn(pool.run, release.wait, 10) for _ in range(2)]
     gevent.sleep(0.05)

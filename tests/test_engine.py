@@ -452,7 +452,7 @@ def test_engine_starts_once_and_stops_at_once_when_never_started(tmp_path):
     idle = Engine(EngineConfig(model=str(tmp_path / "unused"), device="cpu"))
     began = time.monotonic()
     idle.shutdown(timeout=60)
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < 30  # half the timeout: a wait for no thread waits it all, a load's pause far less
     failing = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
     failing.start()  # its thread ends on the load error
     with pytest.raises(RuntimeError, match="already started"):

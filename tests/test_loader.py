@@ -87,10 +87,9 @@ def test_offline_hub_id_gives_one_clear_error(monkeypatch, tmp_path):
 def test_the_tokenizer_encodes_on_its_calling_thread_unless_told(monkeypatch, setting, kept):
     """Beside two 7.5 MB prompts encoded on every core a short chat waited 1.1 s (20 ms on the calling thread):
     TOKENIZERS_PARALLELISM is off unless the deployment sets it (a wait's length is load's, no test's)."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting or "")  # recorded to restore: a delenv of an unset one is not
     if setting is None:
-        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    else:
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", setting)
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     loader.load_tokenizer(make_checkpoint())
     assert os.environ["TOKENIZERS_PARALLELISM"] == kept
 

@@ -147,13 +147,14 @@ def _lingered_s(writes_every_s: float | None) -> float:
 
 def test_linger_ends_at_its_deadline_even_inside_a_wait_and_when_the_client_goes_quiet(monkeypatch):
     """A client trickling data holds the connection LINGER_S at most, also where the wait for its next write would
-    run past the deadline (0.9 s writes against 0.5 s: 0.9 s before); one gone quiet, LINGER_IDLE_S."""
+    run past the deadline (2 s writes against 0.5 s: 2 s before); one gone quiet, LINGER_IDLE_S (0.1 s against 5 s).
+    Each upper bound lies halfway between the right wait and the wrong one: a load's pause is no defect."""
     monkeypatch.setattr(worker, "LINGER_S", 0.5)
-    monkeypatch.setattr(worker, "LINGER_IDLE_S", 1.0)
-    assert 0.45 < _lingered_s(0.9) < 0.8
+    monkeypatch.setattr(worker, "LINGER_IDLE_S", 3.0)
+    assert 0.45 < _lingered_s(2.0) < 1.25
     monkeypatch.setattr(worker, "LINGER_S", 5.0)
     monkeypatch.setattr(worker, "LINGER_IDLE_S", 0.1)
-    assert 0.08 < _lingered_s(None) < 1.0
+    assert 0.08 < _lingered_s(None) < 2.5
 
 
 def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_checkpoint: Path, tmp_path: Path):
