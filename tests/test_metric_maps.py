@@ -1,16 +1,37 @@
 """prometheus-client's metric maps with their pages reserved (nanoqwen.api.metric_maps): where the disk has no room
-a map's making or growing raises ENOSPC instead of a later write into it killing the worker with SIGBUS."""
+a map's making raises ENOSPC instead of a later write into it killing the worker with SIGBUS; and the worker's
+metrics over those maps (nanoqwen.api.metrics), in multiprocess mode as under gunicorn."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import values
+from prometheus_client import CollectorRegistry, values
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE
+from prometheus_client.multiprocess import MultiProcessCollector
 
-import nanoqwen.api.metrics  # noqa: F401  installs the reserved maps, as a worker's app does
+from nanoqwen.api import metric_maps, metrics
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.metrics import PrometheusMetrics, ServerStats
+from nanoqwen.api.shared_stats import MULTIPROC_ENV
+from nanoqwen.engine.request import Event, Usage
+
+
+@pytest.fixture
+def value_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[type]:
+    """prometheus-client's multiprocess mode into tmp_path, with the reserved maps, as in a worker: its value class."""
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    monkeypatch.setattr(values, "MmapedDict", values.MmapedDict)  # install()'s undone after
+    monkeypatch.setattr(values, "_multi_process_cleanups", [])
+    metric_maps.install()
+    made = values.MultiProcessValue()
+    monkeypatch.setattr(values, "ValueClass", made)
+    yield made
+    made.close_all_files()
 
 
 def _allocated(path: Path) -> int:
@@ -21,31 +42,107 @@ def _no_room(*args: object) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def test_a_map_is_reserved_when_made_and_grown(tmp_path: Path) -> None:
+def _live(cls: type) -> int:
+    gc.collect()
+    return sum(type(o) is cls for o in gc.get_objects())
+
+
+def _scraped(directory: Path) -> CollectorRegistry:
+    """What another worker's scrape reads of the maps (this worker's also where it was SIGKILLed)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(directory))
+    return registry
+
+
+def test_a_map_is_reserved_when_made(value_class: type, tmp_path: Path) -> None:
     path = tmp_path / "counter_1.db"
     mapped = values.MmapedDict(str(path))
     assert _allocated(path) >= path.stat().st_size == _INITIAL_MMAP_SIZE  # prometheus-client's own: sparse
-    for i in range(400):  # ~300 bytes an entry: past the first 64 KiB
-        mapped.write_value(f"a key long enough to fill the map's first pages sooner, number {i:04}" * 4, i, 0.0)
-    assert _allocated(path) >= path.stat().st_size > _INITIAL_MMAP_SIZE
     mapped.close()
 
 
-def test_a_map_that_cannot_be_reserved_raises_and_keeps_what_it_holds(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    made, unmade = tmp_path / "counter_1.db", tmp_path / "counter_2.db"
-    mapped = values.MmapedDict(str(made))
-    mapped.write_value("kept", 1.0, 0.0)
+def test_a_map_that_cannot_be_reserved_raises_and_leaves_no_file(value_class: type, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "posix_fallocate", _no_room)
     with pytest.raises(OSError, match="No space left"):
-        values.MmapedDict(str(unmade))
-    assert not unmade.exists()  # an empty file would fail the scrapes' reader
+        values.MmapedDict(str(tmp_path / "counter_2.db"))
+    assert not list(tmp_path.iterdir())  # an empty file would fail the scrapes' reader
+
+
+def test_the_metrics_maps_are_those_reserved_and_never_grow(value_class: type, tmp_path: Path) -> None:
+    """ServerStats reserves PrometheusMetrics.MAPS by prometheus-client's names; every series is made at once, in
+    each map's first size: no growth (which would be unreserved) is left for a later write."""
+    ServerStats(lambda: None).publish()
+    maps = sorted(tmp_path.iterdir())
+    assert [path.name for path in maps] == sorted(f"{kind}_{os.getpid()}.db" for kind in PrometheusMetrics.MAPS)
+    for path in maps:
+        assert _allocated(path) >= path.stat().st_size == _INITIAL_MMAP_SIZE, path
+        assert int.from_bytes(path.read_bytes()[:4], "little") < _INITIAL_MMAP_SIZE // 2, path  # the bytes used
+
+
+@pytest.mark.parametrize("unreservable", PrometheusMetrics.MAPS)
+def test_maps_that_cannot_all_be_made_make_no_metric_until_they_can(value_class: type, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    unreservable: str) -> None:
+    """One kind of map without room, the others made: no publish makes a metric (prometheus-client keeps each value
+    made, so one made again at every retry grew the worker's memory), the requests' counts wait; once it has room
+    they are all in the maps."""
+    real = os.posix_fallocate
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(unreservable):
+            _no_room()
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    stats = ServerStats(lambda: None)
+    trace = stats.begin()
+    trace.on_event(Event(token_ids=[1, 2]))
+    stats.finish(trace, Usage(prompt_tokens=3, completion_tokens=2))
     with pytest.raises(OSError, match="No space left"):
-        for i in range(400):  # its first growth
-            mapped.write_value(f"a key long enough to fill the map's first pages sooner, number {i:04}" * 4, i, 0.0)
-    grown = i
-    monkeypatch.undo()
-    mapped.write_value("a later key", 2.0, 0.0)
-    assert dict((k, v) for k, v, _ in mapped.read_all_values())["kept"] == 1.0
-    assert len(list(mapped.read_all_values())) == grown + 2
-    mapped.close()
+        stats.publish()
+    made = _live(value_class)
+    for _ in range(20):
+        with pytest.raises(OSError, match="No space left"):
+            stats.publish()
+    assert _live(value_class) == made == 0
+    monkeypatch.setattr(os, "posix_fallocate", real)
+    stats.publish()
+    scraped = _scraped(tmp_path)
+    assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "served"}) == 1
+    assert scraped.get_sample_value("nanoqwen_prompt_tokens_total") == 3
+    assert scraped.get_sample_value("nanoqwen_request_duration_seconds_count") == 1
+
+
+def test_a_request_is_in_the_maps_before_the_next_publish(value_class: type, tmp_path: Path) -> None:
+    """Once the maps are made a request's own counts are written at once: a worker SIGKILLed before its next publish
+    loses only the per-token counts it kept pending."""
+    stats = ServerStats(lambda: None)
+    stats.publish()
+    for _ in range(2):
+        trace = stats.begin()
+        trace.on_event(Event(token_ids=[1]))
+        trace.on_event(Event(token_ids=[2]))
+        stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2))
+    stats.abort(stats.begin())
+    scraped = _scraped(tmp_path)
+    assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "served"}) == 2
+    assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "aborted"}) == 1
+    assert scraped.get_sample_value("nanoqwen_prompt_tokens_total") == 8
+    assert scraped.get_sample_value("nanoqwen_time_to_first_token_seconds_count") == 2
+    assert scraped.get_sample_value("nanoqwen_request_duration_seconds_count") == 2
+    assert scraped.get_sample_value("nanoqwen_generation_tokens_total") == 0  # pending
+    stats.publish()
+    assert _scraped(tmp_path).get_sample_value("nanoqwen_generation_tokens_total") == 4
+
+
+def test_a_multiprocess_directory_gone_at_a_scrape_is_unavailable(value_class: type,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gone between any check and prometheus-client's own (its ValueError): a 503 `stats_unavailable`, not a 500."""
+    def gone(registry: CollectorRegistry, path: str | None = None) -> None:
+        raise ValueError("env PROMETHEUS_MULTIPROC_DIR is not set or not a directory")
+
+    monkeypatch.setattr(metrics, "MultiProcessCollector", gone)
+    with pytest.raises(APIError) as raised:
+        ServerStats(lambda: None).prometheus()
+    assert (raised.value.status, raised.value.code) == (503, "stats_unavailable")

@@ -123,9 +123,9 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
 
 
-def _generated_tokens(srv: GunicornServer) -> float:
+def _metric(srv: GunicornServer, sample: str) -> float:
     metrics = requests.get(f"{srv.url}/metrics", timeout=30).text
-    match = re.search(r"^nanoqwen_generation_tokens_total (\S+)$", metrics, re.M)
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", metrics, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -133,14 +133,33 @@ def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: Gunico
                                                                   client: openai.OpenAI) -> None:
     """The per-token counts wait in the worker for its next publish: a graceful exit (SIGTERM, max_requests) before
     it flushes them, and /metrics (the respawned worker's, summing the dead one's counters) has every token."""
-    before = _generated_tokens(server)  # published: nothing waits
+    before = _metric(server, "nanoqwen_generation_tokens_total")  # published: nothing waits
     pid = _pid(server)
     answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=12,
                                             extra_body={"ignore_eos": True}, **GREEDY)
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not pid_alive(pid), 120)  # asked nothing meanwhile: a scrape or /stats would publish the counts
     wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
-    assert _generated_tokens(server) == before + answer.usage.completion_tokens == before + 12
+    assert _metric(server, "nanoqwen_generation_tokens_total") == before + answer.usage.completion_tokens == before + 12
+
+
+REQUEST_COUNTS = ('nanoqwen_requests_total{outcome="served"}', "nanoqwen_prompt_tokens_total",
+                  "nanoqwen_time_to_first_token_seconds_count", "nanoqwen_request_duration_seconds_count")
+
+
+def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: GunicornServer,
+                                                                  client: openai.OpenAI) -> None:
+    """A request's own counts are written into the worker's maps as it is answered: SIGKILLed before its next publish,
+    the worker leaves them to /metrics (the respawned worker's); only the per-token counts it kept pending are lost."""
+    wait_for(lambda: _metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a respawn before this test's loaded
+    before = {sample: _metric(server, sample) for sample in REQUEST_COUNTS}  # published: nothing waits
+    pid = _pid(server)
+    answer = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **GREEDY)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), 120)
+    wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
+    added = {sample: _metric(server, sample) - before[sample] for sample in REQUEST_COUNTS}
+    assert added == dict(zip(REQUEST_COUNTS, (1, answer.usage.prompt_tokens, 1, 1), strict=True))
 
 
 def _pid(srv: GunicornServer) -> int | None:

@@ -5,10 +5,14 @@ directory, mapped into memory; prometheus-client makes and grows a file by trunc
 filesystem then has no room for a page ($TMPDIR full), the first write into that page kills the process with SIGBUS.
 Reserved with posix_fallocate the same shortage is an OSError (ENOSPC) at the making or growing instead, which the
 caller answers (nanoqwen.api.metrics.ServerStats: tried again at each publish).
+
+The maps are never grown: nanoqwen.api.metrics makes every series it writes at once, together a fraction of a map's
+first size (tests/test_metric_maps.py checks both).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import values
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
@@ -30,28 +34,25 @@ def reserve(path: str, size: int) -> None:
         os.close(fd)
 
 
+def reserve_maps(directory: str, kinds: Iterable[str]) -> None:
+    """This process's maps of these kinds (prometheus-client's file per metric type, a gauge's per mode) reserved at
+    their first size, those reserved kept where a later one cannot be. Before any metric is made: one made while
+    another's map could not be would be made again at each retry, and prometheus-client keeps every value it made (a
+    module list, for its reset after a fork, never emptied)."""
+    for kind in kinds:
+        reserve(os.path.join(directory, f"{kind}_{os.getpid()}.db"), _INITIAL_MMAP_SIZE)
+
+
 class ReservedMmapedDict(MmapedDict):
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         if not read_mode:
             reserve(filename, _INITIAL_MMAP_SIZE)  # MmapedDict maps the file at its length where it has one
         super().__init__(filename, read_mode)
 
-    def _init_value(self, key: str) -> None:
-        encoded = len(key.encode("utf-8"))
-        entry = 4 + encoded + (8 - (encoded + 4) % 8) + 16  # MmapedDict's entry: length, padded key, value, timestamp
-        capacity = self._capacity
-        while self._used + entry > capacity:  # as MmapedDict grows it, before it writes into the new pages
-            capacity *= 2
-        if capacity > self._capacity:
-            reserve(self._fname, capacity)
-        super()._init_value(key)
-
 
 def install() -> None:
     """Every map prometheus-client makes from now on is a ReservedMmapedDict. Fails at the worker's boot, not with a
-    SIGBUS later, where prometheus-client no longer makes its maps through these names."""
-    fields = {"_capacity", "_used", "_fname"}  # set by MmapedDict.__init__, read above
-    if (values.MmapedDict not in (MmapedDict, ReservedMmapedDict) or not hasattr(MmapedDict, "_init_value")
-            or not fields <= set(MmapedDict.__init__.__code__.co_names)):
+    SIGBUS later, where prometheus-client no longer makes its maps through this name."""
+    if values.MmapedDict not in (MmapedDict, ReservedMmapedDict):
         raise RuntimeError("prometheus-client's values no longer make their maps as mmap_dict.MmapedDict did")
     values.MmapedDict = ReservedMmapedDict

@@ -33,7 +33,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5
 OUTCOMES = ("served", "aborted", "failed")
 EngineStats = Callable[[], dict[str, Any] | None]
 
-metric_maps.install()  # before any metric is made
+if os.environ.get(MULTIPROC_ENV):  # the only mode with maps
+    metric_maps.install()  # before any metric is made
 # prometheus-client's own fields, which PendingHistogram adds to: fail at the worker's boot, not at a publish
 if not {"_sum", "_buckets"} <= set(Histogram._metric_init.__code__.co_names):
     raise RuntimeError("prometheus-client's Histogram has no _sum and _buckets")
@@ -78,9 +79,9 @@ class PendingHistogram:
 
 @dataclass
 class PendingMetrics:
-    """What requests recorded since the last publish, for the Prometheus metrics: each update of a multiprocess-mode
-    metric is a locked mmap write (two a streamed token were a fifth of the hub's time per token), and a worker's
-    maps may not be made yet (PrometheusMetrics)."""
+    """What requests recorded since the last publish, for the Prometheus metrics: the per-token counts (each update of
+    a multiprocess-mode metric is a locked mmap write: two a streamed token were a fifth of the hub's time per token),
+    and the per-request ones while the worker's maps cannot be made (PrometheusMetrics)."""
 
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     prompt_tokens: int = 0
@@ -89,6 +90,12 @@ class PendingMetrics:
     itl: PendingHistogram = field(default_factory=PendingHistogram)
     e2e: PendingHistogram = field(default_factory=PendingHistogram)
 
+    def count(self, outcome: str, prompt_tokens: int = 0, seconds: float | None = None) -> None:
+        self.outcomes[outcome] += 1
+        self.prompt_tokens += prompt_tokens
+        if seconds is not None:
+            self.e2e.observe(seconds)
+
 
 class PrometheusMetrics:
     """One worker's Prometheus metrics. Made at its first publish, not with ServerStats: under gunicorn each lives in
@@ -96,12 +103,14 @@ class PrometheusMetrics:
     worker serves all the same, keeps what its requests record pending and makes them again at the next publish.
     Every series is made here, so adding to them later writes into reserved pages only."""
 
+    # the maps of the metrics below: prometheus-client's file per metric type, a gauge's per multiprocess mode
+    MAPS = ("counter", "histogram", "gauge_livesum", "gauge_liveall")
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
                                 registry=self.registry)
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome)
+        self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
         self.prompt = Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests", registry=self.registry)
         self.generated = Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry)
         self.ttft = Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
@@ -128,7 +137,7 @@ class PrometheusMetrics:
 
     def add(self, pending: PendingMetrics) -> None:
         for outcome, count in pending.outcomes.items():
-            self.requests.labels(outcome).inc(count)
+            self.outcomes[outcome].inc(count)
         if pending.prompt_tokens:
             self.prompt.inc(pending.prompt_tokens)
         if pending.generated_tokens:
@@ -136,6 +145,13 @@ class PrometheusMetrics:
         pending.ttft.add_to(self.ttft)
         pending.itl.add_to(self.itl)
         pending.e2e.add_to(self.e2e)
+
+    def count(self, outcome: str, prompt_tokens: int = 0, seconds: float | None = None) -> None:
+        self.outcomes[outcome].inc()
+        if prompt_tokens:
+            self.prompt.inc(prompt_tokens)
+        if seconds is not None:
+            self.e2e.observe(seconds)
 
     def set_engine(self, engine: dict[str, Any] | None) -> None:
         self.ready.set(float(engine is not None))
@@ -195,9 +211,14 @@ class ServerStats:
     def begin(self) -> RequestTrace:
         return RequestTrace(self, time.perf_counter())
 
+    def _requests(self) -> PrometheusMetrics | PendingMetrics:
+        """Where a request's own counts go: into the metrics once made (a few locked writes a request, which a worker
+        SIGKILLed before its next publish leaves in its maps), pending before."""
+        return self._pending if self._metrics is None else self._metrics
+
     def record_ttft(self, seconds: float) -> None:
         self._ttft.append(seconds)
-        self._pending.ttft.observe(seconds)
+        self._requests().ttft.observe(seconds)
 
     def record_tokens(self, count: int, now: float, itl: float | None) -> None:
         """`count` tokens of a choice arrived at `now`; `itl`: the time between them and its previous ones (None for
@@ -221,19 +242,17 @@ class ServerStats:
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        self._pending.outcomes["served"] += 1
-        self._pending.prompt_tokens += usage.prompt_tokens
-        self._pending.e2e.observe(elapsed)
+        self._requests().count("served", usage.prompt_tokens, elapsed)
 
     def abort(self, trace: RequestTrace) -> None:
         self.requests_aborted += 1
         self.total_tokens_generated += trace.tokens
-        self._pending.outcomes["aborted"] += 1
+        self._requests().count("aborted")
 
     def fail(self, trace: RequestTrace) -> None:
         self.requests_failed += 1
         self.total_tokens_generated += trace.tokens
-        self._pending.outcomes["failed"] += 1
+        self._requests().count("failed")
 
     def tokens_per_second(self) -> float:
         now = time.perf_counter()
@@ -273,8 +292,11 @@ class ServerStats:
         }
 
     def _made_metrics(self) -> PrometheusMetrics:
-        """Raises OSError where the metrics' maps cannot be made (a full disk, the run directory gone)."""
+        """Raises OSError where the metrics' maps cannot all be reserved (a full disk, the run directory gone): then
+        no metric is made."""
         if self._metrics is None:
+            if os.environ.get(MULTIPROC_ENV):
+                metric_maps.reserve_maps(os.environ[MULTIPROC_ENV], PrometheusMetrics.MAPS)
             self._metrics = PrometheusMetrics()
         return self._metrics
 
@@ -284,24 +306,27 @@ class ServerStats:
             self._metrics.add(self._pending)
             self._pending = PendingMetrics()
 
-    def publish(self) -> None:
+    def publish(self) -> dict[str, Any]:
         """What requests recorded and the engine's numbers into the metrics, and this worker's snapshot to the other
-        workers. Raises OSError where the metrics cannot be made or the snapshot cannot be written, having tried
-        both."""
+        workers; returns the snapshot. Raises OSError where the metrics cannot be made or the snapshot cannot be
+        written, having tried both."""
+        snapshot = self.snapshot()
         try:
             self._made_metrics().set_engine(self._engine_stats())
             self.flush_metrics()
         finally:
             if self._shared is not None:
-                self._shared.publish(self.snapshot())
+                self._shared.publish(snapshot)
+        return snapshot
 
     def report(self) -> dict[str, Any]:
         """`/stats`: the server's totals and a per-worker list: this worker's figures live, the others' as they last
         published them. A snapshot or metrics of this worker's that cannot be written (the worker's loop logs it) does
         not keep the others' figures from a reader."""
-        with contextlib.suppress(OSError):
-            self.publish()
-        workers = [self.snapshot()]
+        try:
+            workers = [self.publish()]
+        except OSError:
+            workers = [self.snapshot()]
         if self._shared is not None:
             with _unavailable_on_os_error():
                 workers = sorted([*self._shared.others(), *workers], key=lambda w: w["slot"])
@@ -312,12 +337,14 @@ class ServerStats:
             self.publish()
         with _unavailable_on_os_error():
             metrics = self._made_metrics()  # where it cannot be, a scrape would miss this worker's counts: a 503
-            if not os.environ.get(MULTIPROC_ENV):
+            directory = os.environ.get(MULTIPROC_ENV)
+            if not directory:
                 return generate_latest(metrics.registry)
-            if not os.path.isdir(os.environ[MULTIPROC_ENV]):  # MultiProcessCollector's ValueError: not an OSError
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.environ[MULTIPROC_ENV])
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            try:
+                MultiProcessCollector(registry, directory)
+            except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
             return generate_latest(registry)
 
 
