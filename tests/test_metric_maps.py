@@ -69,6 +69,23 @@ def test_a_map_that_cannot_be_reserved_raises_and_leaves_no_file(value_class: ty
     assert not list(tmp_path.iterdir())  # an empty file would fail the scrapes' reader
 
 
+def test_a_map_is_seen_by_the_scrapes_only_once_reserved(value_class: type, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker's scrape reads every `*.db` of the directory: a map there before its reservation reads empty
+    (prometheus-client's reader raises struct.error: a 500), or is listed and then removed where it fails."""
+    seen_while_reserving = []
+    reserve = os.posix_fallocate
+
+    def watched(fd: int, offset: int, length: int) -> None:
+        seen_while_reserving.extend(tmp_path.glob("*.db"))
+        reserve(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", watched)
+    values.MmapedDict(str(tmp_path / "counter_3.db")).close()
+    assert seen_while_reserving == []
+    assert [path.name for path in tmp_path.iterdir()] == ["counter_3.db"]
+
+
 def test_the_metrics_maps_are_those_reserved_and_never_grow(value_class: type, tmp_path: Path) -> None:
     """ServerStats reserves PrometheusMetrics.MAPS by prometheus-client's names; every series is made at once, in
     each map's first size: no growth (which would be unreserved) is left for a later write."""

@@ -19,19 +19,31 @@ from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 
 
 def reserve(path: str, size: int) -> None:
-    """The file's blocks up to `size` (or its length, if longer) allocated; a file this made is removed again where
-    they cannot be (an empty file is no map: the scrapes' reader would fail on it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    """The file's blocks up to `size` (or its length, if longer) allocated. A file not there yet is made under a name
+    the scrapes' `*.db` glob skips and renamed into place once reserved: another worker's scrape would read it empty
+    (a struct.error: a 500) or listed and then removed (a 503 on a worker that is well)."""
     try:
-        length = os.fstat(fd).st_size
-        try:
-            os.posix_fallocate(fd, 0, max(size, length))
-        except OSError:
-            if length == 0:
-                os.unlink(path)
-            raise
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        _make_reserved(path, size)
+        return
+    try:
+        os.posix_fallocate(fd, 0, max(size, os.fstat(fd).st_size))
     finally:
         os.close(fd)
+
+
+def _make_reserved(path: str, size: int) -> None:
+    making = f"{path}.making"
+    fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.unlink(making)
+        raise
+    finally:
+        os.close(fd)
+    os.rename(making, path)
 
 
 def reserve_maps(directory: str, kinds: Iterable[str]) -> None:
