@@ -232,7 +232,7 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
 
         served = sum(_chat(srv, i) > 0 for i in range(2))
         _wait_for(lambda: _get(srv, "/stats").json()["requests_served"] == served, "both requests published", srv,
-                  timeout=10)  # a worker's counts since its last publish die with it
+                  timeout=10)  # a worker's per-token counts since its last publish die with it
         metrics_dir = run_dir / "metrics"
         moved = metrics_dir.with_name("metrics.moved")
         metrics_dir.rename(moved)
