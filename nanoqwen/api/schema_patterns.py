@@ -88,8 +88,8 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
             if any(ecma_pattern(pattern) != pattern for pattern in patterns):
-                raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s, \\S or \\cX in {keyword} data, "
-                                     "which must match as sent: its class cannot be ECMA's there", param=param)
+                raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s, \\S or \\cX in {keyword} "
+                                     "data, which must match as sent: its class cannot be ECMA's there", param=param)
     return out
 
 
