@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import socket
 import struct
@@ -557,6 +558,15 @@ def test_context_length_exceeded(server: GunicornServer, stream: bool) -> None:
     _assert_error(post_chat(server, {"messages": long_prompt, "stream": stream}), 400, code="context_length_exceeded")
 
 
+def _target(link: Path) -> str | None:
+    """What an open file descriptor names; None where it was closed since listed (the worker writes its snapshot
+    every PUBLISH_S, in a thread of its own)."""
+    try:
+        return os.readlink(link)
+    except FileNotFoundError:
+        return None
+
+
 def test_the_heartbeat_goes_where_heartbeat_dir_says(server: GunicornServer) -> None:
     """gunicorn's heartbeat in /dev/shm where it has room (shared_stats.heartbeat_dir, the one decision), the run
     directory (metrics' maps, snapshots) on the default temporary directory: a full /dev/shm made each worker's first
@@ -564,7 +574,7 @@ def test_the_heartbeat_goes_where_heartbeat_dir_says(server: GunicornServer) -> 
     pid = requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"]
     run_dir = worker_run_dir(pid)
     assert run_dir.parent == Path(tempfile.gettempdir()), run_dir
-    opened = [str(link.readlink()) for link in Path(f"/proc/{pid}/fd").iterdir()]
+    opened = [path for link in Path(f"/proc/{pid}/fd").iterdir() if (path := _target(link)) is not None]
     heartbeat = [Path(path).parent for path in opened if "/wgunicorn-" in path]
     assert heartbeat == [Path(shared_stats.heartbeat_dir() or tempfile.gettempdir())], opened
 
