@@ -475,8 +475,8 @@ LINEAR_CASES: dict[str, tuple[Callable[[int], Any], Callable[[Any], Any], int]] 
     "an unclosed regex of escaped slashes": (lambda n: "start: /" + "\\/" * n,
                                              lambda text: grammar_rows.regex_chars(text, 4 << 20), 5_000),
     # each block that is not JSON raised a JSONDecodeError, which counts the text's lines up to it (800 KB: 12 s)
-    "unclosed %jsons, weighed": (lambda n: "start: " + "%json [1, " * n, grammar_rows.row_weight, 5_000),
-    "unclosed %jsons, counted": (lambda n: "start: " + "%json [1, " * n,
+    "unclosed %jsons, weighed": (lambda n: "start: " + "%json [1,\n" * n, grammar_rows.row_weight, 5_000),
+    "unclosed %jsons, counted": (lambda n: "start: " + "%json [1,\n" * n,
                                  lambda text: grammar_rows.regex_chars(text, 4 << 20), 5_000),
     "unclosed %regexes, counted": (lambda n: "x: %regex {\n" * n,
                                    lambda text: grammar_rows.regex_chars(text, 4 << 20), 5_000),

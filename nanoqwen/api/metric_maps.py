@@ -38,12 +38,12 @@ def _make_reserved(path: str, size: int) -> None:
     fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         os.posix_fallocate(fd, 0, size)
+        os.rename(making, path)
     except OSError:
         os.unlink(making)
         raise
     finally:
         os.close(fd)
-    os.rename(making, path)
 
 
 def reserve_maps(directory: str, kinds: Iterable[str]) -> None:

@@ -56,7 +56,8 @@ def ecma_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s` in VALUES' data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in VALUES'
+    data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
