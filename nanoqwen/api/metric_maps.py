@@ -3,8 +3,8 @@
 In multiprocess mode (under gunicorn: nanoqwen.api.shared_stats) each process keeps its metrics in files of the run
 directory, mapped into memory; prometheus-client makes and grows a file by truncating it (a sparse file). Where the
 filesystem then has no room for a page ($TMPDIR full), the first write into that page kills the process with SIGBUS.
-Reserved with posix_fallocate the same shortage is an OSError (ENOSPC) at the making or growing instead, which the
-caller answers (nanoqwen.api.metrics.ServerStats: tried again at each publish).
+Reserved with posix_fallocate the same shortage is an OSError (ENOSPC) at the making instead, which the caller
+answers (nanoqwen.api.metrics.ServerStats: tried again at each publish).
 
 The maps are never grown: nanoqwen.api.metrics makes every series it writes at once, together a fraction of a map's
 first size (tests/test_metric_maps.py checks both).
