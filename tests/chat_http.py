@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -194,9 +193,6 @@ def health_polled(srv: GunicornServer, interval: float) -> Iterator[list[Poll]]:
         poller.kill()
     assert poller.returncode == 0, err
     polls.extend(Poll(*poll) for poll in json.loads(out))
-    if os.environ.get("POLL_DUMP"):
-        with open(os.environ["POLL_DUMP"], "a") as f:
-            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST"), "polls": polls}) + "\n")
 
 
 def _sse_lines(response: requests.Response) -> Iterator[str]:
