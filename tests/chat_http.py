@@ -170,7 +170,7 @@ class Poll(NamedTuple):
         return self.seconds - self.loop_preempted - self.poller_preempted
 
 
-def most_held(polls: list[Poll]) -> tuple[float, ...]:
+def most_held(polls: list[Poll]) -> tuple[tuple[float, float, float], ...]:
     """The longest holds, for an assertion's message: each with the seconds it took (the load's included) and the
     loop's CPU seconds meanwhile (work on the loop, else a wait: a blocking call, the GIL)."""
     return tuple(sorted((round(p.held, 3), round(p.seconds, 3), round(p.loop_ran, 3)) for p in polls)[-3:])
