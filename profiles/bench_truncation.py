@@ -72,7 +72,7 @@ def main() -> None:
             for root, srv in zip(args.roots, servers):
                 for name, path, body in (("create", "/v1/responses", create),
                                           ("count", "/v1/responses/input_tokens", count)):
-                    with health_polled(srv, 0.05) as latencies:
+                    with health_polled(srv, 0.05) as polls:
                         cpu = _cpu_seconds(srv.pid)
                         timed = _timed(f"{srv.url}{path}", body)
                         cpu = _cpu_seconds(srv.pid) - cpu
@@ -80,7 +80,8 @@ def main() -> None:
                         continue
                     elapsed, tokens = timed
                     print(f"{root} {name} rep {rep}: {elapsed:.2f} s ({cpu:.2f} CPU s), {tokens} input tokens, "
-                          f"/health max {1000 * max(latencies):.0f} ms, load {os.getloadavg()[0]:.1f}", flush=True)
+                          f"/health max {1000 * max(p.seconds for p in polls):.0f} ms, load {os.getloadavg()[0]:.1f}",
+                          flush=True)
     finally:
         for srv in servers:
             srv.stop()

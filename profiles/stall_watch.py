@@ -157,9 +157,9 @@ else:
                 for rep in range(args.reps):
                     t0 = time.monotonic()
                     tally = Tally()
-                    with health_polled(srv, 0.05) as seconds:  # from a process of its own: not this one's GIL
+                    with health_polled(srv, 0.05) as polls:  # from a process of its own: not this one's GIL
                         BackgroundSoak(srv.port, tally, 300).settle()
-                    health = [1e3 * s for s in seconds]
+                    health = [1e3 * p.seconds for p in polls]
                     print(f"rep {rep}: room check {time.monotonic() - t0:.1f} s, /health p50 "
                           f"{percentile(health, 50):.0f} p99 {percentile(health, 99):.0f} "
                           f"max {max(health):.0f} ms ({len(health)} answered, all 200), load "

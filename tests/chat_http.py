@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import requests
 import torch
@@ -143,24 +143,57 @@ def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: An
     return requests.post(f"{srv.url}/v1/chat/completions", json=body, timeout=timeout, **kwargs)
 
 
+# The most a /health poll may be held (Poll.held) while the server works: at load ~21 the polls were held 0.15 s at
+# most (their wall time up to 0.53 s); the stalls guarded take ~1 s or more (a 96 MB body read, a large answer encoded,
+# a huge prompt tokenised, a grammar's tokenizer built, on the loop or holding the GIL).
+HELD_S = 0.5
+
+
+class Poll(NamedTuple):
+    """One `GET /health` of health_polled: its seconds, when it ended (time.monotonic, the same clock in every
+    process), and meanwhile the seconds the worker's event-loop thread ran and waited for a CPU, and the seconds the
+    poller waited for one."""
+    seconds: float
+    ended: float
+    loop_ran: float
+    loop_preempted: float
+    poller_preempted: float
+
+    @property
+    def started(self) -> float:
+        return self.ended - self.seconds
+
+    @property
+    def held(self) -> float:
+        """The poll's seconds less the machine's load: a loop stalled by its own process (work on the loop, a blocking
+        call, the GIL held by another of its threads) counts; its thread or the poller waiting for a CPU does not."""
+        return self.seconds - self.loop_preempted - self.poller_preempted
+
+
+def most_held(polls: list[Poll]) -> tuple[tuple[float, float, float], ...]:
+    """The longest holds, for an assertion's message: each with the seconds it took (the load's included) and the
+    loop's CPU seconds meanwhile (work on the loop, else a wait: a blocking call, the GIL)."""
+    return tuple(sorted((round(p.held, 3), round(p.seconds, 3), round(p.loop_ran, 3)) for p in polls)[-3:])
+
+
 @contextlib.contextmanager
-def health_polled(srv: GunicornServer, interval: float) -> Iterator[list[float]]:
-    """The seconds each `GET /health` took, polled every `interval` from a process of its own (tests/health_poll.py)
-    while the body runs: the event loop's responsiveness meanwhile. Polling has started when the body starts; the
-    list is filled as it ends. Every answer must be 200."""
-    latencies: list[float] = []
+def health_polled(srv: GunicornServer, interval: float) -> Iterator[list[Poll]]:
+    """Each `GET /health` polled every `interval` from a process of its own (tests/health_poll.py) while the body runs:
+    the event loop's responsiveness meanwhile. Polling has started when the body starts; the list is filled as it
+    ends. Every answer must be 200. The server has one worker."""
+    polls: list[Poll] = []
     script = Path(__file__).with_name("health_poll.py")
-    poller = subprocess.Popen([sys.executable, str(script), f"{srv.url}/health", str(interval)], text=True,
+    poller = subprocess.Popen([sys.executable, str(script), srv.url, str(interval)], text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         if poller.stdout.readline() != "polling\n":
             raise AssertionError(f"the poller stopped before its first answer: {poller.communicate()[1]}")
-        yield latencies
+        yield polls
         out, err = poller.communicate(timeout=60)  # closes its stdin: the poller's stop
     finally:
         poller.kill()
     assert poller.returncode == 0, err
-    latencies.extend(json.loads(out))
+    polls.extend(Poll(*poll) for poll in json.loads(out))
 
 
 def _sse_lines(response: requests.Response) -> Iterator[str]:

@@ -1,4 +1,6 @@
-"""Polls a server's GET /health until its stdin closes, then prints the seconds each poll took as JSON.
+"""Polls a server's GET /health until its stdin closes, then prints each poll as JSON (chat_http.Poll's fields): its
+seconds, when it ended, and meanwhile the seconds the worker's event-loop thread ran and waited for a CPU, and the
+seconds this poller waited for one (/proc/<pid>/task/<tid>/schedstat: a preempted thread's wait is the machine's load).
 
 Run by chat_http.health_polled in a process of its own: timed from the test's process, a poll also
 waited for that process's GIL, which its client threads hold while they parse a large answer (0.4-0.5 s
@@ -10,25 +12,37 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 import requests
+
+
+def schedstat(path: str) -> tuple[float, float]:
+    """A thread's seconds on a CPU, and runnable but waiting for one, since it started."""
+    ran, waited, _ = Path(path).read_text().split()
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def main(url: str, interval: float) -> None:
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     session = requests.Session()
-    latencies: list[float] = []
+    [worker] = session.get(f"{url}/stats", timeout=30).json()["workers"]
+    loop = f"/proc/{worker['pid']}/task/{worker['pid']}/schedstat"  # gevent's loop runs in the worker's main thread
+    own = "/proc/thread-self/schedstat"
+    polls: list[tuple[float, ...]] = []
     while not stop.is_set():
-        t0 = time.perf_counter()
-        status = session.get(url, timeout=30).status_code
-        latencies.append(time.perf_counter() - t0)
+        (ran, waited), (_, own_waited), t0 = schedstat(loop), schedstat(own), time.monotonic()
+        status = session.get(f"{url}/health", timeout=30).status_code
+        t1 = time.monotonic()
+        (ran_after, waited_after), (_, own_waited_after) = schedstat(loop), schedstat(own)
+        polls.append((t1 - t0, t1, ran_after - ran, waited_after - waited, own_waited_after - own_waited))
         if status != 200:
             sys.exit(f"/health answered {status}")
-        if len(latencies) == 1:
+        if len(polls) == 1:
             print("polling", flush=True)  # the caller's work starts now
         time.sleep(interval)
-    print(json.dumps(latencies))
+    print(json.dumps(polls))
 
 
 if __name__ == "__main__":

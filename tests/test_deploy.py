@@ -17,7 +17,17 @@ from typing import Any
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, health_polled, post_chat, server_stats, sse_events, sse_payloads
+from chat_http import (
+    HELD_S,
+    MODEL,
+    cpu_env,
+    health_polled,
+    most_held,
+    post_chat,
+    server_stats,
+    sse_events,
+    sse_payloads,
+)
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
 from nanoqwen import loader
@@ -90,7 +100,7 @@ def test_compile_mode_compiles_at_load_and_streams_transformers_tokens(tiny_chec
         a = threading.Thread(target=stream_a)
         a.start()
         assert a_started.wait(300)
-        with health_polled(srv, interval=0.1) as health:
+        with health_polled(srv, interval=0.1) as polls:
             b_body = post_chat(srv, {**greedy, "messages": b_messages, "max_tokens": short_n}).json()
         b_done = time.monotonic()
         sampled(1, top_p=0.9)  # beside A: two rows
@@ -111,7 +121,7 @@ def test_compile_mode_compiles_at_load_and_streams_transformers_tokens(tiny_chec
                 for e in c["choices"][0]["logprobs"]["content"]]
     assert _logprob_bytes(a_tokens) == _expected_bytes(tiny_checkpoint, hf_model, a_messages, long_n)
     assert any(t > b_done for t, _ in a_chunks), "A should still stream after B ended"
-    assert max(health) < 1.0, health
+    assert max(p.held for p in polls) < HELD_S, most_held(polls)
 
 
 # -- 3. lifecycle --------------------------------------------------------------------------
