@@ -272,6 +272,27 @@ def test_integral_float_counts_and_control_escapes_are_served(server: GunicornSe
     assert refused.value.body["param"] == "text.format", refused.value.body
 
 
+@pytest.mark.parametrize("where", ["response_format", "tools"])
+def test_patternproperties_keys_made_one_regex_follow_each_subschema(server: GunicornServer, where: str) -> None:
+    """`^k\\cJ?$` and `^k\\cj?$` are one regex once ECMA's `\\cX` is rewritten: a name they match follows both
+    subschemas (the second had silently won: biased to "maybe", the answer took it), each value "no"."""
+    schema = {"type": "object", "patternProperties": {"^k\\cJ?$": {"enum": ["yes", "no"]},
+                                                      "^k\\cj?$": {"enum": ["no", "maybe"]}},
+              "required": ["k"], "additionalProperties": False}
+    body: dict[str, Any] = {"max_tokens": 80, "temperature": 0,
+                            "logit_bias": {str(token): 100 for token in _token_ids(server, "maybe")}}
+    if where == "tools":
+        body |= {"tool_choice": "required", "parallel_tool_calls": False,
+                 "tools": [{"type": "function", "function": {"name": "put", "parameters": schema}}]}
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "k", "schema": schema,
+                                                                          "strict": True}}
+    message = _create(server, **body).choices[0].message
+    answer = message.tool_calls[0].function.arguments if where == "tools" else message.content
+    pairs = json.loads(answer, object_pairs_hook=list)  # "k\\n" may follow (the regex takes it), "k" once at least
+    assert ("k", "no") in pairs and all(value == "no" for _, value in pairs), answer
+
+
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:
     """llguidance reads it as a schema with Rust's `\\s` (it took U+0085, refused U+FEFF), and the const value must
     match as sent: not rewritten, refused."""

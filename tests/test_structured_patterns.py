@@ -154,6 +154,20 @@ def test_patterns_past_their_bound_are_refused_naming_the_field() -> None:
     assert ecma_patterns(unread, FIELD) == unread
 
 
+def test_patternproperties_keys_made_one_regex_are_one_key_following_each_subschema() -> None:
+    """`\\cJ`, `\\cj` and `\\x{0a}` are one regex once `\\cX` is rewritten: one key whose subschema is allOf theirs,
+    in the order sent (the last one's had silently won), in subschemas and in data a `$ref` reads; a spelled-out
+    `\\s` class sent as a key is rewritten again (it holds a `\\s`), no key of `\\s`'s."""
+    colliding = {"^\\cJ$": {"enum": [1, 2]}, "^\\x{0a}$": {"enum": [2, 3]}, "^\\cj$": {"pattern": "\\s"}, "b": {}}
+    out = ecma_patterns({"type": "object", "patternProperties": colliding,
+                         "$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"patternProperties": colliding}}}},
+                        FIELD)
+    merged = {"^\\x{0a}$": {"allOf": [{"enum": [1, 2]}, {"enum": [2, 3]}, {"pattern": SPACE}]}, "b": {}}
+    assert out["patternProperties"] == merged and out["$defs"]["d"]["default"]["patternProperties"] == merged
+    spelled = ecma_patterns({"patternProperties": {"\\s": {"enum": [1]}, SPACE: {"enum": [2]}}}, FIELD)
+    assert len(spelled["patternProperties"]) == 2, spelled
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint: Path) -> PreTrainedTokenizerFast:
     return load_tokenizer(tiny_checkpoint)

@@ -10,8 +10,9 @@ grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RES
 `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
 schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there). Each
-`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point, and a count written as an integral
-float (`"maxItems": 2.0`, an integer since draft 6, which llguidance refuses) an int, in the same walk."""
+`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one
+regex one key, `allOf` their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer
+since draft 6, which llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
@@ -103,8 +104,19 @@ def _rewrite(node: dict[str, Any]) -> int:
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
-        node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
+        node["patternProperties"] = _merged(node["patternProperties"])
     return sum(map(len, own_patterns(node)))
+
+
+def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
+    """patternProperties with each key through ecma_pattern; keys made one regex (`\\cJ`, `\\cj` and `\\x{0a}`: `\\cX`
+    is the one rewrite two keys can share, since a spelled-out `\\s` holds a `\\s`) one key whose subschema is `allOf`
+    theirs, in the order sent: JSON Schema's meaning (a name the regex matches follows each), where the last one's
+    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these)."""
+    grouped: dict[str, list[Any]] = {}
+    for key, value in patterns.items():
+        grouped.setdefault(ecma_pattern(key), []).append(value)
+    return {key: values[0] if len(values) == 1 else {"allOf": values} for key, values in grouped.items()}
 
 
 def _in_values(schema: Any) -> dict[int, str]:
