@@ -34,6 +34,7 @@ from chat_http import (
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
+from nanoqwen.api import schema_patterns
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar
 from server_process import GunicornServer
@@ -315,6 +316,22 @@ def test_patternproperties_keys_made_one_regex_follow_each_subschema(server: Gun
     answer = message.tool_calls[0].function.arguments if where == "tools" else message.content
     pairs = json.loads(answer, object_pairs_hook=list)  # "k\\n" may follow (the regex takes it), "k" once at least
     assert ("k", "no") in pairs and all(value == "no" for _, value in pairs), answer
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_properties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, endpoint: str) -> None:
+    """OpenAI's 5,000 `properties` in a schema (llguidance compiles one object's in time quadratic in them: 10,000,
+    a 200 KB body, held a compile thread 16 s): one more is the 400 naming the field (was compiled and served)."""
+    past = schema_patterns.MAX_PROPERTIES + 1
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(past)}}
+    client = server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
+        if endpoint == "chat":
+            _create(server, max_tokens=2, response_format={"type": "json_schema", "json_schema": {
+                "name": "p", "schema": schema}})
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_json": schema})
+    assert refused.value.body["param"] == ("response_format" if endpoint == "chat" else "guided_json")
 
 
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:

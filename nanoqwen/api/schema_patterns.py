@@ -34,6 +34,10 @@ VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
 COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
                     "maxContains"))
 MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
+# A schema's `properties` in all, OpenAI's limit for structured outputs: llguidance compiles one object's in time
+# quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB body:
+# 16 s; profiles/RESULTS.md, lane grammar29)
+MAX_PROPERTIES = 5_000
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -57,21 +61,25 @@ def ecma_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in VALUES'
-    data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, or where a `$ref`
+    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
-    chars = 0
+    chars = properties = 0
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
             chars = _counted(chars + _rewrite(node), param)
+            properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+            if properties > MAX_PROPERTIES:
+                raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
+                                     param=param)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
