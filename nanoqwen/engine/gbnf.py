@@ -30,7 +30,7 @@ def grammar_from_text(text: str) -> str:
         return LLMatcher.grammar_from_lark(text)
     try:
         lark = _to_lark(text)
-    except Exception as exc:  # noqa: BLE001 - llguidance's converter raises bare Exceptions
+    except Exception as exc:  # noqa: BLE001 -- llguidance's converter raises bare Exceptions
         raise ValueError(f"Failed to convert the grammar from GBNF to Lark: {exc}") from None
     return LLMatcher.grammar_from_lark(lark)
 
