@@ -148,13 +148,18 @@ def test_a_grammar_sent_again_is_not_converted_again(tokenizer: PreTrainedTokeni
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
     looked_up = _recorded(monkeypatch, grammars.cached, (grammars,), "cached")
     converted: list[tuple[str, str]] = []
-    convert = llguidance.grammar_from
+    convert, convert_grammar = llguidance.grammar_from, grammar_module.grammar_from_text
 
     def grammar_from(kind: str, text: str) -> Any:
         converted.append((kind, text))
         return convert(kind, text)
 
+    def grammar_from_text(text: str) -> str:  # the "grammar" kind's (engine/gbnf)
+        converted.append(("grammar", text))
+        return convert_grammar(text)
+
     monkeypatch.setattr(grammar_module.llguidance, "grammar_from", grammar_from)
+    monkeypatch.setattr(grammar_module, "grammar_from_text", grammar_from_text)
     sent = [("grammar", GBNF), ("regex", "(yes|no)"), ("choice", '["yes", "no"]')]
     first = [grammars.from_text(kind, text, "p") for kind, text in sent]
     again = [grammars.from_text(kind, text, "p") for kind, text in sent]

@@ -36,6 +36,7 @@ from chat_http import (
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
+from nanoqwen.api import schema_patterns
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar
 from server_process import GunicornServer
@@ -199,7 +200,7 @@ def test_patterns_past_their_bound_are_a_400_naming_the_field(server: GunicornSe
     ("completions", {"guided_grammar": f"start: /{'a' * PAST}/"}, "guided_grammar"),
     ("chat", {"guided_grammar": f"start: /a\n{'b' * PAST}/"}, "guided_grammar"),  # a regex across lines
     ("completions", {"guided_grammar": f"# it's /x\nstart: /(?x) a\n {'b' * PAST}/"}, "guided_grammar"),
-    ("chat", {"structured_outputs": {"grammar": "root ::= " + "[ab] " * (PAST // 4)}}, "structured_outputs.grammar"),
+    ("chat", {"structured_outputs": {"grammar": "root ::= " + "[ab]" * 16_000}}, "structured_outputs.grammar"),
     ("completions", {"structured_outputs": {"grammar": "start: %json " + json.dumps({"type": "string", "pattern": "a"
                                                                                      * PAST})}},
      "structured_outputs.grammar"),
@@ -217,6 +218,30 @@ def test_regexes_past_their_bound_are_a_400_naming_the_field(server: GunicornSer
             client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, extra_body=extra)
         else:
             client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body=extra)
+    assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("endpoint, field", [("chat", "guided_grammar"), ("completions", "structured_outputs")])
+def test_a_gbnf_grammar_past_its_bound_is_a_400_naming_the_field(server: GunicornServer, endpoint: str,
+                                                                 field: str) -> None:
+    """GBNF is converted to Lark in Python, holding the GIL (~1.6 s a megabyte, superlinear in its comment lines):
+    past grammar.MAX_GBNF_CHARS a 400 naming the field before it is (literals alone were converted and served); at
+    the bound, served. Lark takes more (test_regexes_within_their_bound_and_long_literals_are_served)."""
+    client = server.openai_client(timeout=300)
+
+    def create(text: str) -> Any:
+        extra = {"guided_grammar": text} if field == "guided_grammar" else {"structured_outputs": {"grammar": text}}
+        if endpoint == "chat":
+            return client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, temperature=0,
+                                                  extra_body={**NO_THINKING, **extra}).choices[0].message.content
+        return client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0,
+                                         extra_body=extra).choices[0].text
+    head = 'root ::= "a" '
+    at_bound = head + '"b"' * ((grammar.MAX_GBNF_CHARS - len(head)) // 3)
+    assert create(at_bound).startswith("a")
+    with pytest.raises(openai.BadRequestError, match=f"a GBNF grammar longer than {grammar.MAX_GBNF_CHARS}") as refused:
+        create(at_bound + '"c"')
+    param = "guided_grammar" if field == "guided_grammar" else "structured_outputs.grammar"
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
 
 
@@ -272,6 +297,43 @@ def test_integral_float_counts_and_control_escapes_are_served(server: GunicornSe
         server.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16, text={
             "format": {"type": "json_schema", "name": "c", "schema": schema(2.5), "strict": True}})
     assert refused.value.body["param"] == "text.format", refused.value.body
+
+
+@pytest.mark.parametrize("where", ["response_format", "tools"])
+def test_patternproperties_keys_made_one_regex_follow_each_subschema(server: GunicornServer, where: str) -> None:
+    """`^k\\cJ?$` and `^k\\cj?$` are one regex once ECMA's `\\cX` is rewritten: a name they match follows both
+    subschemas (the second had silently won: biased to "maybe", the answer took it), each value "no"."""
+    schema = {"type": "object", "patternProperties": {"^k\\cJ?$": {"enum": ["yes", "no"]},
+                                                      "^k\\cj?$": {"enum": ["no", "maybe"]}},
+              "required": ["k"], "additionalProperties": False}
+    body: dict[str, Any] = {"max_tokens": 80, "temperature": 0,
+                            "logit_bias": {str(token): 100 for token in _token_ids(server, "maybe")}}
+    if where == "tools":
+        body |= {"tool_choice": "required", "parallel_tool_calls": False,
+                 "tools": [{"type": "function", "function": {"name": "put", "parameters": schema}}]}
+    else:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "k", "schema": schema,
+                                                                          "strict": True}}
+    message = _create(server, **body).choices[0].message
+    answer = message.tool_calls[0].function.arguments if where == "tools" else message.content
+    pairs = json.loads(answer, object_pairs_hook=list)  # "k\\n" may follow (the regex takes it), "k" once at least
+    assert ("k", "no") in pairs and all(value == "no" for _, value in pairs), answer
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_properties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, endpoint: str) -> None:
+    """OpenAI's 5,000 `properties` in a schema (llguidance compiles one object's in time quadratic in them: 10,000,
+    a 200 KB body, held a compile thread 16 s): one more is the 400 naming the field (was compiled and served)."""
+    past = schema_patterns.MAX_PROPERTIES + 1
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(past)}}
+    client = server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
+        if endpoint == "chat":
+            _create(server, max_tokens=2, response_format={"type": "json_schema", "json_schema": {
+                "name": "p", "schema": schema}})
+        else:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_json": schema})
+    assert refused.value.body["param"] == ("response_format" if endpoint == "chat" else "guided_json")
 
 
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.api import schema_patterns
-from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
+from nanoqwen.api.schema_patterns import CLASS_ESCAPES, MAX_PROPERTIES, ecma_pattern, ecma_patterns
 from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_RULES, Grammars
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.validation import InvalidRequest
@@ -152,6 +152,33 @@ def test_patterns_past_their_bound_are_refused_naming_the_field() -> None:
         assert refused.value.param == "text.format"
     unread = {"type": "integer", "examples": [{"pattern": spaces * 2}]}  # data nothing reads: not counted
     assert ecma_patterns(unread, FIELD) == unread
+
+
+def test_patternproperties_keys_made_one_regex_are_one_key_following_each_subschema() -> None:
+    """`\\cJ`, `\\cj` and `\\x{0a}` are one regex once `\\cX` is rewritten: one key whose subschema is allOf theirs,
+    in the order sent (the last one's had silently won), in subschemas and in data a `$ref` reads; a spelled-out
+    `\\s` class sent as a key is rewritten again (it holds a `\\s`), no key of `\\s`'s."""
+    colliding = {"^\\cJ$": {"enum": [1, 2]}, "^\\x{0a}$": {"enum": [2, 3]}, "^\\cj$": {"pattern": "\\s"}, "b": {}}
+    out = ecma_patterns({"type": "object", "patternProperties": colliding,
+                         "$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"patternProperties": colliding}}}},
+                        FIELD)
+    merged = {"^\\x{0a}$": {"allOf": [{"enum": [1, 2]}, {"enum": [2, 3]}, {"pattern": SPACE}]}, "b": {}}
+    assert out["patternProperties"] == merged and out["$defs"]["d"]["default"]["patternProperties"] == merged
+    spelled = ecma_patterns({"patternProperties": {"\\s": {"enum": [1]}, SPACE: {"enum": [2]}}}, FIELD)
+    assert len(spelled["patternProperties"]) == 2, spelled
+
+
+def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
+    """OpenAI's limit, 5,000 `properties` in a schema in all (llguidance compiled one object's 10,000 in 16 s): at it,
+    kept; one more, in another object, the 400 naming the field; names in `required` or data are no properties."""
+    def objects(*counts: int) -> dict[str, Any]:
+        return {"type": "object", "required": [f"r{i}" for i in range(9_000)], "default": {"properties": {"x": {}}},
+                "anyOf": [{"properties": {f"p{i}": {} for i in range(count)}} for count in counts]}
+    at = objects(MAX_PROPERTIES - 1, 1)
+    assert ecma_patterns(at, FIELD) == at
+    with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all") as refused:
+        ecma_patterns(objects(MAX_PROPERTIES - 1, 2), "text.format")
+    assert refused.value.param == "text.format"
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RES
 `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
 schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there). Each
-`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point, and a count written as an integral
-float (`"maxItems": 2.0`, an integer since draft 6, which llguidance refuses) an int, in the same walk."""
+`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one
+regex one key, `allOf` their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer
+since draft 6, which llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,10 @@ VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
 COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
                     "maxContains"))
 MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
+# A schema's `properties` in all, OpenAI's limit for structured outputs: llguidance compiles one object's in time
+# quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB body:
+# 16 s; profiles/RESULTS.md, lane grammar29)
+MAX_PROPERTIES = 5_000
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -56,21 +61,25 @@ def ecma_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in VALUES'
-    data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, or where a `$ref`
+    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
-    chars = 0
+    chars = properties = 0
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
             chars = _counted(chars + _rewrite(node), param)
+            properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+            if properties > MAX_PROPERTIES:
+                raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
+                                     param=param)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
@@ -103,8 +112,19 @@ def _rewrite(node: dict[str, Any]) -> int:
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
-        node["patternProperties"] = {ecma_pattern(key): value for key, value in node["patternProperties"].items()}
+        node["patternProperties"] = _merged(node["patternProperties"])
     return sum(map(len, own_patterns(node)))
+
+
+def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
+    """patternProperties with each key through ecma_pattern; keys made one regex (`\\cJ`, `\\cj` and `\\x{0a}`: `\\cX`
+    is the one rewrite two keys can share, since a spelled-out `\\s` holds a `\\s`) one key whose subschema is `allOf`
+    theirs, in the order sent: JSON Schema's meaning (a name the regex matches follows each), where the last one's
+    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these)."""
+    grouped: dict[str, list[Any]] = {}
+    for key, value in patterns.items():
+        grouped.setdefault(ecma_pattern(key), []).append(value)
+    return {key: values[0] if len(values) == 1 else {"allOf": values} for key, values in grouped.items()}
 
 
 def _in_values(schema: Any) -> dict[int, str]:

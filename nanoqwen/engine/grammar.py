@@ -27,6 +27,7 @@ import torch
 from llguidance import LLMatcher
 from transformers import PreTrainedTokenizerFast
 
+from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
@@ -63,6 +64,9 @@ MAX_RULES = 12_000
 # llguidance parses them before its fuel bounds the lexer, at up to ~35 s a megabyte (`(?i)\p{L}`), on a compile
 # thread that other requests' new grammars wait for; at the bound ~2-3 s (profiles/RESULTS.md, edges27 and edges28).
 MAX_PATTERN_CHARS = 1 << 16
+# A GBNF grammar's characters: converted to Lark in Python (engine/gbnf), holding the GIL, ~1.6 s a megabyte and
+# superlinear in its comment lines (1 MB of `#x` lines: 8.9 s); at the bound ~0.1 s (profiles/RESULTS.md, grammar29).
+MAX_GBNF_CHARS = 1 << 16
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
@@ -210,15 +214,19 @@ class Grammars:
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
-        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md)."""
+        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md), and up
+        to ~0.1 s at MAX_GBNF_CHARS, checked before (engine/gbnf: in linear time)."""
         key = text_key(kind, text)
         grammar = self.cached(key)
         if grammar is not None:
             return grammar
         if kind == "regex":
             check_pattern_chars(len(text), param, "the regex is")
+        if kind == "grammar" and len(text) > MAX_GBNF_CHARS and is_gbnf(text):
+            raise InvalidRequest(f"invalid {param}: a GBNF grammar longer than {MAX_GBNF_CHARS} characters (give "
+                                 "it as Lark, which takes more)", param=param)
         try:
-            converted = llguidance.grammar_from(kind, text)
+            converted = grammar_from_text(text) if kind == "grammar" else llguidance.grammar_from(kind, text)
         except ValueError as exc:
             raise _invalid(param, str(exc)) from None
         if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)

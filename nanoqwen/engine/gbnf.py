@@ -1,0 +1,86 @@
+"""llguidance.grammar_from's "grammar" kind (Lark, or llama.cpp's GBNF converted to Lark) in linear time; its own,
+in Python, holding the GIL on a compile thread, is quadratic twice (profiles/RESULTS.md, lane grammar29). It tells
+Lark from GBNF by a search whose `\\s*` runs across lines from each line's start: 40,000 line breaks took 13 s, a
+megabyte would take hours. And its converter marks a rule a terminal where all it names are, in passes over every
+rule until one marks none, a pass per link of a chain named backwards (4,000 rules: 1.2 s; a 1,000-rule chain beside a
+60 KB rule: 6 s). Here the search takes each character once, and after its parser has read the text the rules are
+marked first, each once, so that its own pass marks none: the same Lark."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from llguidance import LLMatcher
+from llguidance.gbnf_to_lark import ASTNode, GrammarParser, RuleNode, RuleRefNode, resolve
+
+# llguidance's `(?m)^\s*(%llguidance\b|start\s*:)`: the same match, from the text's start or a line break, over blanks
+# that break no line (a blank run holding a break matches from its last one)
+LARK = re.compile(r"(?:\A|\n)[^\S\n]*(?:%llguidance\b|start\s*:)")
+ROOT = "root"  # GBNF's start rule, never a terminal (llguidance renames it `start`)
+
+
+def is_gbnf(text: str) -> bool:
+    """Whether a grammar's text is GBNF, as llguidance.grammar_from tells: no Lark `start:` or `%llguidance` line."""
+    return LARK.search(text) is None
+
+
+def grammar_from_text(text: str) -> str:
+    """llguidance.grammar_from("grammar", text); ValueError as it raises it."""
+    if not is_gbnf(text):
+        return LLMatcher.grammar_from_lark(text)
+    try:
+        lark = _to_lark(text)
+    except Exception as exc:  # noqa: BLE001 -- llguidance's converter raises bare Exceptions
+        raise ValueError(f"Failed to convert the grammar from GBNF to Lark: {exc}") from None
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def _to_lark(text: str) -> str:
+    """llguidance.gbnf_to_lark.gbnf_to_lark, its rules' terminals marked first (_mark_terminals)."""
+    rules = GrammarParser().parse(text)
+    _mark_terminals(rules)
+    resolve(rules)
+    out = ["%llguidance {}\n\n"]
+    newline = True
+    for rule in sorted(rules.values(), key=lambda r: r.order):
+        line = str(rule)
+        if not newline and "\n" in line:
+            out.append("\n")
+        out.append(line + "\n")
+        newline = "\n" in line
+        if newline:
+            out.append("\n")
+    return "".join(out)
+
+
+def _mark_terminals(rules: dict[str, RuleNode]) -> None:
+    """Each rule resolve's passes would mark a terminal, marked: all but the root whose every rule named (each time)
+    is one; a rule naming one not defined, or itself, never is. A count of the names each waits on, each rule marked
+    once and its namers counted down."""
+    waiting: dict[str, int] = {}
+    namers: dict[str, list[str]] = defaultdict(list)
+    for name, rule in rules.items():
+        named = _names(rule.alternatives)
+        waiting[name] = len(named) + (name == ROOT)
+        for other in named:
+            namers[other].append(name)
+    ready = [name for name, count in waiting.items() if count == 0]
+    while ready:
+        name = ready.pop()
+        rules[name].rule_is_terminal = True
+        for namer in namers.get(name, ()):
+            waiting[namer] -= 1
+            if waiting[namer] == 0:
+                ready.append(namer)
+
+
+def _names(node: ASTNode) -> list[str]:
+    """The rule names a rule's body names, each time it names one. Iterative: groups nest as deep as the parser
+    allows."""
+    names, stack = [], [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, RuleRefNode):
+            names.append(node.name)
+        stack.extend(node.children())
+    return names
