@@ -344,6 +344,7 @@ def test_malformed_chunked_body(server: GunicornServer) -> None:
             answer = read_all(sock)
         assert answer.startswith(b"HTTP/1.1 400"), answer
         assert answer.count(b"HTTP/1.1") == 1 and b"\r\nConnection: close\r\n" in answer, answer
+        assert b'"invalid_request_error"' in answer, answer
         assert b"could not read the body of your request (malformed or incomplete)" in answer, answer
 
 
