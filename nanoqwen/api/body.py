@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import gevent
 from flask import Request
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from nanoqwen.api import strict_json
 from nanoqwen.api.errors import APIError, param_name, request_too_large
@@ -146,7 +146,9 @@ def read_body(request: Request, timeout_s: float) -> Body:
         _stop_reading(request.environ)
         raise APIError(408, f"The request body did not arrive within {timeout_s:g} seconds.",
                        code="request_timeout") from None
-    except (ParseException, OSError, ValueError):
+    # werkzeug's stream turns a read's error (gunicorn's NoMoreData: a chunked body cut short) into
+    # ClientDisconnected, a 400 of its own wording that left the connection open
+    except (ParseException, OSError, ValueError, ClientDisconnected):
         _stop_reading(request.environ)
         raise APIError(400, "We could not read the body of your request (malformed or incomplete).") from None
 
