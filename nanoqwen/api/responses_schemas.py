@@ -377,9 +377,10 @@ class ResponsePromptFields(Strict):
 
     def chat_fields(self) -> dict[str, Any]:
         """The chat request's fields besides its messages (None: unset)."""
-        body: dict[str, Any] = {"parallel_tool_calls": self.parallel_tool_calls}
-        if self.tools:
+        body: dict[str, Any] = {}
+        if self.tools:  # Responses takes parallel_tool_calls without tools (it echoes it); chat refuses it
             body["tools"] = self._chat_tools or [tool.to_chat() for tool in self.tools]
+            body["parallel_tool_calls"] = self.parallel_tool_calls
         if isinstance(self.tool_choice, NamedFunction):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
         else:

@@ -1011,6 +1011,9 @@ def _check_combinations(req: ChatCompletionRequest) -> None:
         raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                             "specified.",
                        param="tool_choice")
+    if req.parallel_tool_calls is not None and not req.tools:
+        raise APIError(400, "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when "
+                            "'tools' are specified.", param="parallel_tool_calls")
     _check_tool_names(req)
     if isinstance(req.tool_choice, NamedToolChoice) and not req.forced_tools:
         raise APIError(400, f"Invalid value for 'tool_choice': no tool named '{req.tool_choice.function.name}' "
