@@ -163,10 +163,13 @@ class Grammars:
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
-        # Built here, with the model (~1 s): LLTokenizer holds the GIL throughout, which on first
-        # use would freeze the server's event loop.
+        # Built here, with the model: LLTokenizer holds the GIL throughout, which on first use would freeze the
+        # server's event loop. Built whole it held it ~0.48 s of CPU for Qwen3's vocabulary; in two calls, the token
+        # trie's (~0.26 s) and the mask slices' (~0.32 s), the loop answers /health between them (profiles/RESULTS.md,
+        # load29). The same tokenizer: with_slices keeps the trie and builds what a default slices argument would.
         vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
-        self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
+        trie = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids, slices=[])
+        self._tokenizer = trie.with_slices(llguidance.LLTokenizer.general_slices())
         self._lock = native_lock()
         self._cache: collections.OrderedDict[GrammarKey, Grammar] = collections.OrderedDict()
 
