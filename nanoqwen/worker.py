@@ -196,10 +196,14 @@ class NanoqwenWorker(GeventWorker):
 
     def patch(self) -> None:
         # Imported before patching: modules that break once `select` is patched stay out of reach
-        # (trio, pulled in by httpx, needs select.epoll).
+        # (trio, pulled in by httpx, needs select.epoll). huggingface_hub's HfApi pulls it in: transformers, which
+        # the engine thread imports as the model loads (~1 s of CPU that /health's first answer no longer waits
+        # for), and the Hub's downloads find it imported.
+        import huggingface_hub.hf_api  # noqa: F401
+
         import nanoqwen.engine  # noqa: F401
 
-        # Expected after the import above: httpx's TLS modules keep the unpatched ssl (fine: Hub
+        # Expected after the imports above: httpx's TLS modules keep the unpatched ssl (fine: Hub
         # downloads run in the engine thread), and gevent's scan of live objects trips a torch alias.
         warnings.filterwarnings("ignore", "Monkey-patching ssl after ssl", monkey.MonkeyPatchWarning)
         warnings.filterwarnings("ignore", ".*torch.distributed.reduce_op", FutureWarning)

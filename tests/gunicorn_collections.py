@@ -1,7 +1,8 @@
-"""gunicorn settings for tests (`-c tests/gunicorn_collections.py`): nanoqwen's, with a worker that logs each full
-collection that starts while the model loads, and how many objects were frozen out of its walk then (a line
-`load collection: frozen N` on stderr, in the server's log). Given by the environment: a test process must not import
-this file (nanoqwen.gunicorn_conf makes the metrics' run directory)."""
+"""gunicorn settings for tests (`-c tests/gunicorn_collections.py`): nanoqwen's, with a worker that logs, on stderr (in
+the server's log), whether its imports before it serves took transformers in (`imported transformers: True`), and each
+full collection that starts while the model loads with how many objects were frozen out of its walk then
+(`load collection: frozen N`). Given by the environment: a test process must not import this file
+(nanoqwen.gunicorn_conf makes the metrics' run directory)."""
 import gc
 import sys
 
@@ -10,6 +11,8 @@ from nanoqwen.gunicorn_conf import *  # noqa: F401,F403
 
 def post_worker_init(_worker: object) -> None:
     from nanoqwen.wsgi import engine
+
+    print(f"imported transformers: {'transformers' in sys.modules}", file=sys.stderr, flush=True)
 
     def logged(phase: str, info: dict[str, int]) -> None:
         if phase == "start" and info["generation"] == 2 and not engine.ready:

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 
 import llguidance
+import pytest
 
 from chat_http import cpu_env
 from checkpoints import make_checkpoint
@@ -23,12 +24,26 @@ EOS_IDS = [151645, 151643]
 VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
 
 
-def test_the_loads_collections_do_not_walk_the_imports(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def loaded_log(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The log of a worker that served once its model loaded (tests/gunicorn_collections.py), stopped."""
+    log = tmp_path_factory.mktemp("loading") / "gunicorn.log"
+    with GunicornServer(cpu_env(make_checkpoint()), log, args=["-c", str(CONFIG)]) as srv:
+        pass
+    return srv.log()
+
+
+def test_the_loads_collections_do_not_walk_the_imports(loaded_log: str) -> None:
     """Each full collection while the model loads (one at least: the freeze's at its end) finds the imports' objects
     frozen already: walking them held the GIL for ~130 ms of CPU a time, 4-6 times a load."""
-    with GunicornServer(cpu_env(make_checkpoint()), tmp_path / "gunicorn.log", args=["-c", str(CONFIG)]) as srv:
-        frozen = [int(n) for n in re.findall(r"^load collection: frozen (\d+)$", srv.log(), re.MULTILINE)]
-    assert frozen and min(frozen) > 100_000, frozen  # torch, transformers, gevent: ~210k
+    frozen = [int(n) for n in re.findall(r"^load collection: frozen (\d+)$", loaded_log, re.MULTILINE)]
+    assert frozen and min(frozen) > 100_000, frozen  # torch, gevent, flask: ~190k
+
+
+def test_the_worker_serves_before_it_imports_transformers(loaded_log: str) -> None:
+    """transformers (~1 s of CPU) is imported by the thread that loads the model, while /health answers "loading", not
+    by the worker before its loop serves."""
+    assert "imported transformers: False" in loaded_log.splitlines()
 
 
 def _holds(run: Callable[[], object]) -> list[float]:

@@ -19,19 +19,21 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
 import torch
 from llguidance import LLMatcher
-from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
