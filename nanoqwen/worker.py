@@ -197,7 +197,7 @@ class NanoqwenWorker(GeventWorker):
     def patch(self) -> None:
         # Imported before patching: modules that break once `select` is patched stay out of reach
         # (trio, pulled in by httpx, needs select.epoll). huggingface_hub's HfApi pulls it in: transformers, which
-        # the engine thread imports as the model loads (~1 s of CPU that /health's first answer no longer waits
+        # the engine thread imports as the model loads (~0.3 s of CPU that /health's first answer no longer waits
         # for), and the Hub's downloads find it imported.
         import huggingface_hub.hf_api  # noqa: F401
 
