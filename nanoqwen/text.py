@@ -6,8 +6,10 @@ string / tag, never to the length of the output so far.
 """
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -17,6 +19,9 @@ class TokenBytes:
     """id -> raw bytes table for a byte-level BPE fast tokenizer, built once and shared."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        # transformers is imported by the thread that loads the model, not by the worker before its loop serves
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         backend = tokenizer.backend_tokenizer
         added = tokenizer.added_tokens_decoder  # id -> AddedToken
         model_size = backend.get_vocab_size(with_added_tokens=False)

@@ -61,6 +61,16 @@ def route_logs(worker: GeventWorker) -> None:
     logger.propagate = False
 
 
+def _freeze_imported_objects() -> None:
+    """Before the engine thread starts: what the imports made (torch, gevent, flask, the Hub's client: ~220k objects)
+    is moved out of the collector's reach. Each of the load's 4-6 full collections walked it with the GIL held,
+    ~130 ms of CPU, and /health's "loading" answers waited for them (0.2-0.45 s each at a load of 25); they walk only
+    the load's objects now. Not collected first: the loop does not serve yet, but its first answer would wait ~120 ms
+    more to free the imports' few hundred cyclic leftovers, which stay. Collections stay on while the model loads:
+    off, a compile's garbage (NANOQWEN_GRAPH=compile) would pile up until the load's end."""
+    gc.freeze()
+
+
 def _freeze_loaded_objects() -> None:
     """A full collection walks every tracked object with the GIL held: walking the loaded process's
     stalled every greenlet for 0.3-0.6 s each time a large answer's objects triggered one."""
@@ -165,9 +175,9 @@ class NanoqwenWorker(GeventWorker):
       gevent object (gevent's hub threadpool does both).
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
-    - once the model is loaded, what exists then (torch, the tokenizer, the model: ~300k objects) is
-      moved out of the garbage collector's reach (_freeze_loaded_objects, in the engine thread before
-      requests are let in).
+    - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
+      load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
+      tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
     - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
     - an answer before the request's body was read (the app sets CLOSE_CONNECTION) says `Connection: close` (gunicorn
       ignores an app's Connection header) and closes the connection after a lingering read (linger): gunicorn would
@@ -186,10 +196,14 @@ class NanoqwenWorker(GeventWorker):
 
     def patch(self) -> None:
         # Imported before patching: modules that break once `select` is patched stay out of reach
-        # (trio, pulled in by httpx, needs select.epoll).
+        # (trio, pulled in by httpx, needs select.epoll). huggingface_hub's HfApi pulls it in: transformers, which
+        # the engine thread imports as the model loads (~0.3 s of CPU that /health's first answer no longer waits
+        # for), and the Hub's downloads find it imported.
+        import huggingface_hub.hf_api  # noqa: F401
+
         import nanoqwen.engine  # noqa: F401
 
-        # Expected after the import above: httpx's TLS modules keep the unpatched ssl (fine: Hub
+        # Expected after the imports above: httpx's TLS modules keep the unpatched ssl (fine: Hub
         # downloads run in the engine thread), and gevent's scan of live objects trips a torch alias.
         warnings.filterwarnings("ignore", "Monkey-patching ssl after ssl", monkey.MonkeyPatchWarning)
         warnings.filterwarnings("ignore", ".*torch.distributed.reduce_op", FutureWarning)
@@ -273,6 +287,7 @@ class NanoqwenWorker(GeventWorker):
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told
+        _freeze_imported_objects()
         start_engine(before_ready=_freeze_loaded_objects)
         gevent.spawn(self._exit_if_load_fails, engine)
         gevent.spawn(self._publish_stats, app.extensions["nanoqwen.stats"])

@@ -1,6 +1,6 @@
 """Who held the event loop: each stall of a real gunicorn worker's loop, attributed from outside the process.
 
-    python profiles/stall_watch.py [--mode default] [--reps 3] [--burners 0] [--threshold 0.3] [--out DIR]
+    python profiles/stall_watch.py [--mode default] [--reps 3 | --load N] [--burners 0] [--threshold 0.3] [--out DIR]
 
 Serves the 2-layer test checkpoint (soak.py's `--mode` settings) with this file as an extra gunicorn config: the
 worker runs a greenlet that writes the time into a shared map every 10 ms (the loop's pulse) and logs every garbage
@@ -15,6 +15,10 @@ beside (its stacks are where the loop's thread next released the GIL, often a sy
 The load is the soak's room check replayed `--reps` times (32 background Responses created, then cancelled:
 soak_background.py), with `--burners` busy processes beside; /health is polled every 50 ms from a process of its own
 (chat_http.health_polled: p50/p99/max per rep; an answer other than 200 ends the run).
+With `--load N` the server is instead started N times, the burners started before it, and /health polled every 20 ms
+from another process from the launch to its first 200 (connections refused until the worker listens): the time to its
+first answer (gunicorn's boot and the worker's imports), to ready, and the longest "loading" answer and gap between two
+answers while the model loads.
 Reading the report: the loop's thread runnable for the stall with little CPU is the machine's load (the kernel ran
 others); asleep while another thread ran with the GIL is that thread's work; its own CPU is work on the loop.
 """
@@ -65,6 +69,7 @@ if __name__ != "__main__":  # read by gunicorn as its config: the server's own s
 else:
     import argparse
     import collections
+    import json
     import shutil
     import subprocess
     import tempfile
@@ -79,6 +84,8 @@ else:
     from soak import MODES
     from soak_background import BackgroundSoak
     from soak_http import Tally
+
+    LOAD_POLL_S = 0.02
 
     Snapshot = dict[int, tuple[int, int, str]]  # thread id: CPU ns, run-queue wait ns, state
 
@@ -132,11 +139,57 @@ else:
                     stall = None
             time.sleep(0.01)
 
+    def poll_loading(url: str) -> None:
+        """In a process of its own: GET `url` every LOAD_POLL_S until a 200; prints each poll's (start, seconds,
+        status) as JSON, start from this process's own, status 0 where the connection was refused."""
+        import requests
+
+        session = requests.Session()
+        polls: list[tuple[float, float, int]] = []
+        print("polling", flush=True)  # the caller launches the server now
+        t0 = time.monotonic()
+        while not polls or polls[-1][2] != 200:
+            started = time.monotonic()
+            try:
+                status = session.get(url, timeout=120).status_code
+            except requests.ConnectionError:
+                status = 0
+            polls.append((started - t0, time.monotonic() - started, status))
+            time.sleep(LOAD_POLL_S)
+        print(json.dumps(polls))
+
+    def watch_load(srv: GunicornServer, start: int) -> None:
+        """One start of the server, /health polled from its launch to ready (poll_loading): the summary line."""
+        poller = subprocess.Popen([sys.executable, __file__, "--poll", f"{srv.url}/health"], stdout=subprocess.PIPE,
+                                  text=True)
+        assert poller.stdout.readline() == "polling\n"
+        srv.launch()
+        try:
+            polls = json.loads(poller.communicate(timeout=600)[0])
+        finally:
+            poller.kill()
+            srv.stop()
+        answered = [(t, s, status) for t, s, status in polls if status]
+        # the first answer's request waited in the listener's backlog for the worker's boot (its imports)
+        loading = [1e3 * s for _, s, status in answered[1:] if status == 503]
+        ends = [t + s for t, s, _ in answered]
+        gaps = [1e3 * (b - a) for a, b in zip(ends, ends[1:])]
+        print(f"start {start}: first answer {ends[0]:.1f} s (waited {answered[0][1]:.1f} s), ready {ends[-1]:.1f} s; "
+              f"{len(loading)} loading answers after the first: p50 {percentile(loading, 50):.0f}, max "
+              f"{max(loading, default=0):.0f} ms; longest gap between answers {max(gaps, default=0):.0f} ms "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
     def main() -> None:
+        if sys.argv[1:2] == ["--poll"]:
+            poll_loading(sys.argv[2])
+            return
         parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
         parser.add_argument("--mode", choices=sorted(MODES), default="default")
         parser.add_argument("--reps", type=int, default=3)
-        parser.add_argument("--burners", type=int, default=0, help="busy processes beside, once the model is ready")
+        parser.add_argument("--load", type=int, default=0, metavar="N",
+                            help="instead of the room check: N starts, /health polled from the launch to ready")
+        parser.add_argument("--burners", type=int, default=0,
+                            help="busy processes beside, once the model is ready (with --load: from before the launch)")
         parser.add_argument("--threshold", type=float, default=0.3, help="seconds without a pulse that are a stall")
         parser.add_argument("--out", type=Path, default=common.OUT)
         args = parser.parse_args()
@@ -151,6 +204,16 @@ else:
         watcher.start()
         burners: list[subprocess.Popen] = []
         try:
+            if args.load:
+                for _ in range(args.burners):  # one by one: an interrupt partway still kills those started
+                    burners.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+                for start in range(args.load):
+                    with pulse.open("r+b") as beat:  # the last worker's pulse is no stall of the next (no truncation:
+                        beat.write(bytes(16))         # the watcher has it mapped)
+                    srv = GunicornServer(env, args.out / f"stall_watch-{args.mode}-load{start}.log")
+                    watch_load(srv, start)
+                    print(*[line for line in srv.log().splitlines() if line.startswith("stall_watch:")], sep="\n")
+                return
             with GunicornServer(env, args.out / f"stall_watch-{args.mode}.log") as srv:
                 for _ in range(args.burners):  # one by one: an interrupt partway still kills those started
                     burners.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))

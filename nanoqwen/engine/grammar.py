@@ -19,13 +19,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
 import torch
 from llguidance import LLMatcher
-from transformers import PreTrainedTokenizerFast
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
@@ -33,6 +32,9 @@ from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator": ":"}
@@ -167,10 +169,13 @@ class Grammars:
         self._hf = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = list(eos_ids)
-        # Built here, with the model (~1 s): LLTokenizer holds the GIL throughout, which on first
-        # use would freeze the server's event loop.
+        # Built here, with the model: LLTokenizer holds the GIL throughout, which on first use would freeze the
+        # server's event loop. Built whole it held it ~0.48 s of CPU for Qwen3's vocabulary; in two calls, the token
+        # trie's (~0.26 s) and the mask slices' (~0.32 s), the loop answers /health between them (profiles/RESULTS.md,
+        # load29). The same tokenizer: with_slices keeps the trie and builds what a default slices argument would.
         vocabulary = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, token_bytes, vocab_size, self.eos_ids))
-        self._tokenizer = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids)
+        trie = llguidance.LLTokenizer(vocabulary, n_vocab=vocab_size, eos_token=self.eos_ids, slices=[])
+        self._tokenizer = trie.with_slices(llguidance.LLTokenizer.general_slices())
         self._lock = native_lock()
         self._cache: collections.OrderedDict[GrammarKey, Grammar] = collections.OrderedDict()
 

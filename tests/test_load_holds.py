@@ -1,0 +1,80 @@
+"""What holds the GIL while the model loads, and so the event loop's /health "loading" answers: C calls that do not
+release it, and the collector's walks."""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import llguidance
+import pytest
+
+from chat_http import cpu_env
+from checkpoints import make_checkpoint
+from nanoqwen.engine import grammar
+from nanoqwen.loader import load_tokenizer
+from nanoqwen.text import TokenBytes
+from server_process import GunicornServer
+
+CONFIG = Path(__file__).with_name("gunicorn_collections.py")
+EOS_IDS = [151645, 151643]
+VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
+
+
+@pytest.fixture(scope="module")
+def loaded_log(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The log of a worker that served once its model loaded (tests/gunicorn_collections.py), stopped."""
+    log = tmp_path_factory.mktemp("loading") / "gunicorn.log"
+    with GunicornServer(cpu_env(make_checkpoint()), log, args=["-c", str(CONFIG)]) as srv:
+        pass
+    return srv.log()
+
+
+def test_the_loads_collections_do_not_walk_the_imports(loaded_log: str) -> None:
+    """Each full collection while the model loads (one at least: the freeze's at its end) finds the imports' objects
+    frozen already: walking them held the GIL for ~130 ms of CPU a time, 4-6 times a load."""
+    frozen = [int(n) for n in re.findall(r"^load collection: frozen (\d+)$", loaded_log, re.MULTILINE)]
+    assert frozen and min(frozen) > 100_000, frozen  # torch, gevent, flask, the Hub client: ~220k
+
+
+def test_the_worker_serves_before_it_imports_transformers(loaded_log: str) -> None:
+    """transformers (~0.3 s of CPU, past what the Hub's client costs) is imported by the thread that loads the model,
+    while /health answers "loading", not by the worker before its loop serves."""
+    assert "imported transformers: False" in loaded_log.splitlines()
+
+
+def _holds(run: Callable[[], object]) -> list[float]:
+    """The CPU seconds of this thread's stretches over a millisecond, while `run` runs, in which it called or returned
+    from no function, Python's or a builtin (C that no other thread can run beside: none of llguidance's calls release
+    the GIL); in their order."""
+    holds: list[float] = []
+    last = time.thread_time()
+
+    def event(_frame: FrameType, _event: str, _arg: object) -> None:
+        nonlocal last
+        if (held := time.thread_time() - last) > 1e-3:
+            holds.append(held)
+        last = time.thread_time()
+
+    sys.setprofile(event)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return holds
+
+
+def test_the_grammar_tokenizer_is_built_in_two_holds() -> None:
+    """llguidance's LLTokenizer, built whole, held the GIL through (~0.48 s of CPU for Qwen3's vocabulary) and /health
+    waited for all of it; Grammars builds it in two calls (its trie, then its slices), with Python between them, where
+    the loop's thread takes the GIL."""
+    tokenizer = load_tokenizer(make_checkpoint())
+    vocabulary = llguidance.TokenizerWrapper(grammar._Vocabulary(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS))
+    started = time.thread_time()
+    llguidance.LLTokenizer(vocabulary, n_vocab=VOCAB_SIZE, eos_token=EOS_IDS)
+    whole = time.thread_time() - started
+    holds = _holds(lambda: grammar.Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS))
+    assert len([held for held in holds if held > whole / 4]) == 2, (whole, holds)
