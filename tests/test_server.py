@@ -480,7 +480,7 @@ def test_harmless_metadata_is_accepted(server: GunicornServer) -> None:
                 {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": [], "reasoning_content": "hm"},
                 {**USER[0], "name": "alice"}]
     extras = {"user": "u", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "prompt_cache_key": "p",
-              "safety_identifier": "s", "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+              "safety_identifier": "s", "tools": [], "tool_choice": "none",
               "logit_bias": {}, "modalities": ["text"], "response_format": {"type": "text"},
               "prediction": {"type": "content", "content": "x"}}
     answer = post_chat(server, {**GREEDY, **extras})

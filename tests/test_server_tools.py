@@ -180,6 +180,7 @@ def test_a_grammar_past_llguidance_s_symbols_is_a_400_without_a_backtrace(server
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.[0].function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # OpenAI's 400 without tools, which agents hit
+    ({"tools": [], "parallel_tool_calls": True}, "parallel_tool_calls"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
       "tool_choice": "required"}, "tools"),
