@@ -19,7 +19,8 @@ class TokenBytes:
     """id -> raw bytes table for a byte-level BPE fast tokenizer, built once and shared."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
-        # transformers is imported by the thread that loads the model, not by the worker before its loop serves
+        # Here, not at the top: the worker imports this module before its loop serves. loader.load_tokenizer
+        # (AutoTokenizer) has imported transformers in the loading thread already; this import finds it loaded.
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
         backend = tokenizer.backend_tokenizer

@@ -65,9 +65,10 @@ def _freeze_imported_objects() -> None:
     """Before the engine thread starts: what the imports made (torch, gevent, flask, the Hub's client: ~220k objects)
     is moved out of the collector's reach. Each of the load's 4-6 full collections walked it with the GIL held,
     ~130 ms of CPU, and /health's "loading" answers waited for them (0.2-0.45 s each at a load of 25); they walk only
-    the load's objects now. Not collected first: the loop does not serve yet, but its first answer would wait ~120 ms
-    more to free the imports' few hundred cyclic leftovers, which stay. Collections stay on while the model loads:
-    off, a compile's garbage (NANOQWEN_GRAPH=compile) would pile up until the load's end."""
+    the load's objects now. Not collected first: the imports leave no cyclic garbage (none at this point under
+    gunicorn, found with DEBUG_SAVEALL), and a collection would cost ~120 ms of CPU, which the loop's first answer
+    would wait for, for nothing. Collections stay on while the model loads: off, a compile's garbage
+    (NANOQWEN_GRAPH=compile) would pile up until the load's end."""
     gc.freeze()
 
 
