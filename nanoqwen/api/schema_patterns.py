@@ -38,6 +38,10 @@ MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left t
 # quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB body:
 # 16 s; profiles/RESULTS.md, lane grammar29)
 MAX_PROPERTIES = 5_000
+# One schema object's patternProperties keys: llguidance checks each pair for overlap in time worse than quadratic in
+# their number (100 / 200 / 300 keys: 0.06 / 0.8-1.0 / 6.8 s; 400, a 12 KB body: 20 s), object by object; at 64 keys of
+# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends)
+MAX_PATTERN_PROPERTIES = 64
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -61,8 +65,9 @@ def ecma_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, or where a `$ref`
-    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, where an
+    object's patternProperties keys pass MAX_PATTERN_PROPERTIES, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in
+    VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
@@ -80,6 +85,10 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             if properties > MAX_PROPERTIES:
                 raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
                                      param=param)
+            patterns = node.get("patternProperties")  # rewritten: keys made one regex are one
+            if isinstance(patterns, dict) and len(patterns) > MAX_PATTERN_PROPERTIES:
+                raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
+                                     "patternProperties", param=param)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
