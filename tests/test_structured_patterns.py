@@ -166,6 +166,8 @@ def test_patternproperties_keys_made_one_regex_are_one_key_following_each_subsch
     assert out["patternProperties"] == merged and out["$defs"]["d"]["default"]["patternProperties"] == merged
     spelled = ecma_patterns({"patternProperties": {"\\s": {"enum": [1]}, SPACE: {"enum": [2]}}}, FIELD)
     assert len(spelled["patternProperties"]) == 2, spelled
+    overlapping = ecma_patterns({"patternProperties": {"^k\\n?$": {}, "^k\\cJ?$": {}}}, FIELD)  # llguidance's 400
+    assert list(overlapping["patternProperties"]) == ["^k\\n?$", "^k\\x{0a}?$"], overlapping
 
 
 def test_properties_past_their_bound_are_refused_naming_the_field() -> None:

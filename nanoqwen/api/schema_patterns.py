@@ -129,7 +129,8 @@ def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
     """patternProperties with each key through ecma_pattern; keys made one regex (`\\cJ`, `\\cj` and `\\x{0a}`: `\\cX`
     is the one rewrite two keys can share, since a spelled-out `\\s` holds a `\\s`) one key whose subschema is `allOf`
     theirs, in the order sent: JSON Schema's meaning (a name the regex matches follows each), where the last one's
-    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these)."""
+    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these; `\\n` beside
+    `\\cJ` is its 400 "not disjoint", which quotes the rewritten `\\x{0a}`, not the key sent)."""
     grouped: dict[str, list[Any]] = {}
     for key, value in patterns.items():
         grouped.setdefault(ecma_pattern(key), []).append(value)
