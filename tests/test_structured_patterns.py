@@ -185,7 +185,8 @@ def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
 
 def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the_field() -> None:
     """llguidance checks one object's patternProperties keys pairwise, worse than quadratic (400 keys: 20 s): at the
-    bound in each of two objects, kept; one more in one, the 400 naming the field; keys made one regex count once."""
+    bound in each of two objects, kept; one more in one (or in `default` data a `$ref` reads as a schema), the 400
+    naming the field; keys made one regex count once."""
     bound = schema_patterns.MAX_PATTERN_PROPERTIES
 
     def keys(count: int, prefix: str) -> dict[str, Any]:
@@ -195,10 +196,11 @@ def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the
     assert ecma_patterns(at, FIELD) == at
     made_one = {**keys(bound - 1, "a"), "^\\cJ$": {}, "^\\cj$": {}}
     assert len(ecma_patterns({"patternProperties": made_one}, FIELD)["patternProperties"]) == bound
-    past = {"anyOf": [{"patternProperties": keys(bound + 1, "a")}]}
-    with pytest.raises(InvalidRequest, match=f"more than {bound} patternProperties") as refused:
-        ecma_patterns(past, "tools")
-    assert refused.value.param == "tools"
+    read = {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"patternProperties": keys(bound + 1, "a")}}}}
+    for past in ({"anyOf": [{"patternProperties": keys(bound + 1, "a")}]}, read):
+        with pytest.raises(InvalidRequest, match=f"more than {bound} patternProperties") as refused:
+            ecma_patterns(past, "tools")
+        assert refused.value.param == "tools"
 
 
 @pytest.fixture(scope="module")

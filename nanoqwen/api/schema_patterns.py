@@ -80,15 +80,11 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            chars = _counted(chars + _rewrite(node), param)
+            chars = _counted(chars + _rewrite(node, param), param)
             properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
             if properties > MAX_PROPERTIES:
                 raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
                                      param=param)
-            patterns = node.get("patternProperties")  # rewritten: keys made one regex are one
-            if isinstance(patterns, dict) and len(patterns) > MAX_PATTERN_PROPERTIES:
-                raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
-                                     "patternProperties", param=param)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
@@ -102,7 +98,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         for node, keyword in in_data:  # each once, with the objects in it
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             if keyword in ANNOTATIONS:
-                chars = _counted(chars + _rewrite(node), param)
+                chars = _counted(chars + _rewrite(node, param), param)
                 continue
             patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
@@ -112,16 +108,20 @@ def ecma_patterns(schema: Any, param: str) -> Any:
     return out
 
 
-def _rewrite(node: dict[str, Any]) -> int:
+def _rewrite(node: dict[str, Any], param: str) -> int:
     """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
     integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
-    place; the patterns' length."""
+    place; the patterns' length. InvalidRequest naming `param` where its patternProperties keys, keys made one regex
+    one, pass MAX_PATTERN_PROPERTIES."""
     node.update({key: int(value) for key in COUNTS & node.keys()
                  if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = _merged(node["patternProperties"])
+        if len(node["patternProperties"]) > MAX_PATTERN_PROPERTIES:
+            raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
+                                 "patternProperties", param=param)
     return sum(map(len, own_patterns(node)))
 
 
