@@ -336,6 +336,23 @@ def test_properties_past_their_bound_are_a_400_naming_the_field(server: Gunicorn
     assert refused.value.body["param"] == ("response_format" if endpoint == "chat" else "guided_json")
 
 
+@pytest.mark.parametrize("where", ["response_format", "tools"])
+def test_patternproperties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, where: str) -> None:
+    """One object's patternProperties keys past the bound (llguidance checks them pairwise, worse than quadratic: 400
+    keys, a 12 KB body, held a compile thread 20 s): the 400 naming the field (was served)."""
+    past = schema_patterns.MAX_PATTERN_PROPERTIES + 1
+    schema = {"type": "object", "patternProperties": {f"^k{i}$": {"type": "integer"} for i in range(past)}}
+    if where == "tools":
+        body: dict[str, Any] = {"tool_choice": "required",  # a lenient tool under "auto": its calls any object
+                                "tools": [{"type": "function", "function": {"name": "put", "parameters": schema}}]}
+    else:
+        body = {"response_format": {"type": "json_schema", "json_schema": {"name": "k", "schema": schema}}}
+    with pytest.raises(openai.BadRequestError, match="patternProperties") as refused:
+        _create(server, max_tokens=2, **body)
+    param = "tools" if where == "tools" else "response_format"
+    assert refused.value.body["param"] == param, refused.value.body
+
+
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:
     """llguidance reads it as a schema with Rust's `\\s` (it took U+0085, refused U+FEFF), and the const value must
     match as sent: not rewritten, refused."""

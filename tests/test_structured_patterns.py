@@ -166,6 +166,8 @@ def test_patternproperties_keys_made_one_regex_are_one_key_following_each_subsch
     assert out["patternProperties"] == merged and out["$defs"]["d"]["default"]["patternProperties"] == merged
     spelled = ecma_patterns({"patternProperties": {"\\s": {"enum": [1]}, SPACE: {"enum": [2]}}}, FIELD)
     assert len(spelled["patternProperties"]) == 2, spelled
+    overlapping = ecma_patterns({"patternProperties": {"^k\\n?$": {}, "^k\\cJ?$": {}}}, FIELD)  # llguidance's 400
+    assert list(overlapping["patternProperties"]) == ["^k\\n?$", "^k\\x{0a}?$"], overlapping
 
 
 def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
@@ -179,6 +181,26 @@ def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
     with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all") as refused:
         ecma_patterns(objects(MAX_PROPERTIES - 1, 2), "text.format")
     assert refused.value.param == "text.format"
+
+
+def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the_field() -> None:
+    """llguidance checks one object's patternProperties keys pairwise, worse than quadratic (400 keys: 20 s): at the
+    bound in each of two objects, kept; one more in one (or in `default` data a `$ref` reads as a schema), the 400
+    naming the field; keys made one regex count once."""
+    bound = schema_patterns.MAX_PATTERN_PROPERTIES
+
+    def keys(count: int, prefix: str) -> dict[str, Any]:
+        return {f"^{prefix}{i}$": {"type": "integer"} for i in range(count)}
+    at = {"type": "object", "patternProperties": keys(bound, "a"),
+          "properties": {"o": {"patternProperties": keys(bound, "b")}}}
+    assert ecma_patterns(at, FIELD) == at
+    made_one = {**keys(bound - 1, "a"), "^\\cJ$": {}, "^\\cj$": {}}
+    assert len(ecma_patterns({"patternProperties": made_one}, FIELD)["patternProperties"]) == bound
+    read = {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"patternProperties": keys(bound + 1, "a")}}}}
+    for past in ({"anyOf": [{"patternProperties": keys(bound + 1, "a")}]}, read):
+        with pytest.raises(InvalidRequest, match=f"more than {bound} patternProperties") as refused:
+            ecma_patterns(past, "tools")
+        assert refused.value.param == "tools"
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,10 @@ MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left t
 # quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB body:
 # 16 s; profiles/RESULTS.md, lane grammar29)
 MAX_PROPERTIES = 5_000
+# One schema object's patternProperties keys: llguidance checks each pair for overlap in time worse than quadratic in
+# their number (100 / 200 / 300 keys: 0.06 / 0.8-1.0 / 6.8 s; 400, a 12 KB body: 20 s), object by object; at 64 keys of
+# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends)
+MAX_PATTERN_PROPERTIES = 64
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -61,8 +65,9 @@ def ecma_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, or where a `$ref`
-    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, where an
+    object's patternProperties keys pass MAX_PATTERN_PROPERTIES, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in
+    VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
@@ -75,7 +80,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            chars = _counted(chars + _rewrite(node), param)
+            chars = _counted(chars + _rewrite(node, param), param)
             properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
             if properties > MAX_PROPERTIES:
                 raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
@@ -93,7 +98,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         for node, keyword in in_data:  # each once, with the objects in it
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             if keyword in ANNOTATIONS:
-                chars = _counted(chars + _rewrite(node), param)
+                chars = _counted(chars + _rewrite(node, param), param)
                 continue
             patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
@@ -103,16 +108,20 @@ def ecma_patterns(schema: Any, param: str) -> Any:
     return out
 
 
-def _rewrite(node: dict[str, Any]) -> int:
+def _rewrite(node: dict[str, Any], param: str) -> int:
     """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
     integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
-    place; the patterns' length."""
+    place; the patterns' length. InvalidRequest naming `param` where its patternProperties keys, keys made one regex
+    one, pass MAX_PATTERN_PROPERTIES."""
     node.update({key: int(value) for key in COUNTS & node.keys()
                  if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = _merged(node["patternProperties"])
+        if len(node["patternProperties"]) > MAX_PATTERN_PROPERTIES:
+            raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
+                                 "patternProperties", param=param)
     return sum(map(len, own_patterns(node)))
 
 
@@ -120,7 +129,8 @@ def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
     """patternProperties with each key through ecma_pattern; keys made one regex (`\\cJ`, `\\cj` and `\\x{0a}`: `\\cX`
     is the one rewrite two keys can share, since a spelled-out `\\s` holds a `\\s`) one key whose subschema is `allOf`
     theirs, in the order sent: JSON Schema's meaning (a name the regex matches follows each), where the last one's
-    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these)."""
+    had silently taken the others' place (llguidance refuses keys that differ and overlap: not these; `\\n` beside
+    `\\cJ` is its 400 "not disjoint", which quotes the rewritten `\\x{0a}`, not the key sent)."""
     grouped: dict[str, list[Any]] = {}
     for key, value in patterns.items():
         grouped.setdefault(ecma_pattern(key), []).append(value)

@@ -7,16 +7,47 @@ rule until one marks none, a pass per link of a chain named backwards (4,000 rul
 marked first, each once, so that its own pass marks none: the same Lark."""
 from __future__ import annotations
 
+import hashlib
+import inspect
+import operator
 import re
 from collections import defaultdict
 
+import llguidance
 from llguidance import LLMatcher
 from llguidance.gbnf_to_lark import ASTNode, GrammarParser, RuleNode, RuleRefNode, resolve
 
+# What this module copies of llguidance (1.9.1), each by its source's sha256 (16 hex digits): its grammar_from
+# dispatch, Lark-or-GBNF search (LARK), conversion loop (_to_lark) and terminal marking (_mark_terminals). An upgrade
+# that changes one would make a grammar unlike llguidance's own with no error: it fails at import instead, naming it
+# (read the new code against this module's, then write its digest here). A pin in setup.cfg would not do: pip can
+# install another version beside this package, and a patch release may change them.
+MIRRORED = {
+    "grammar_from": "8bd9314d2769927f",
+    "gbnf_to_lark.any_to_lark": "fb951fdd4dbcc315",
+    "gbnf_to_lark.is_lark_syntax": "07e088f6ccaa0c05",
+    "gbnf_to_lark.gbnf_to_lark": "04f36ff118a59d57",
+    "gbnf_to_lark.resolve": "30f57ae89135ad29",
+    "gbnf_to_lark.ASTNode.is_terminal": "8a289bf99508f9cf",
+    "gbnf_to_lark.RuleRefNode.is_terminal": "4c98c40730b3c5a3",
+}
+
 # llguidance's `(?m)^\s*(%llguidance\b|start\s*:)`: the same match, from the text's start or a line break, over blanks
 # that break no line (a blank run holding a break matches from its last one)
-LARK = re.compile(r"(?:\A|\n)[^\S\n]*(?:%llguidance\b|start\s*:)")
+BLANKS = r"(?:\A|\n)[^\S\n]*"  # what the search spans before a line's text: never more than one line break
+LARK = re.compile(BLANKS + r"(?:%llguidance\b|start\s*:)")
 ROOT = "root"  # GBNF's start rule, never a terminal (llguidance renames it `start`)
+
+
+def changed_since_mirrored() -> list[str]:
+    """The MIRRORED functions of the installed llguidance whose source is not the one this module copies."""
+    return [path for path, digest in MIRRORED.items() if hashlib.sha256(
+        inspect.getsource(operator.attrgetter(path)(llguidance)).encode()).hexdigest()[:16] != digest]
+
+
+if changed := changed_since_mirrored():
+    raise ImportError(f"llguidance {llguidance.__version__}: {', '.join(changed)} changed since "
+                      "nanoqwen/engine/gbnf.py copied them (1.9.1); check that module against them")
 
 
 def is_gbnf(text: str) -> bool:

@@ -67,7 +67,8 @@ MAX_RULES = 12_000
 # thread that other requests' new grammars wait for; at the bound ~2-3 s (profiles/RESULTS.md, edges27 and edges28).
 MAX_PATTERN_CHARS = 1 << 16
 # A GBNF grammar's characters: converted to Lark in Python (engine/gbnf), holding the GIL, ~1.6 s a megabyte and
-# superlinear in its comment lines (1 MB of `#x` lines: 8.9 s); at the bound ~0.1 s (profiles/RESULTS.md, grammar29).
+# superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
+# 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
@@ -219,8 +220,8 @@ class Grammars:
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
-        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md), and up
-        to ~0.1 s at MAX_GBNF_CHARS, checked before (engine/gbnf: in linear time)."""
+        Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md), and
+        converting and compiling up to 0.1-0.45 s at MAX_GBNF_CHARS, checked before (engine/gbnf: in linear time)."""
         key = text_key(kind, text)
         grammar = self.cached(key)
         if grammar is not None:
