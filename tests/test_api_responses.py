@@ -838,7 +838,7 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
 
 def test_a_large_collected_answer_is_built_and_encoded_off_the_loop() -> None:
     """Past LARGE_ANSWER a collected answer (Responses' and chat's alike: Serving._collect) is built and encoded in a
-    native thread. Checked here, not by a /health poll: an answer the suite can generate builds in ~40 ms on the loop
+    native thread. Checked here, not by a /health poll: an answer the suite can generate builds in < 50 ms on the loop
     (test_server_robust's large answer), too little for a hold a loaded machine cannot mimic."""
     built: list[int] = []
 
