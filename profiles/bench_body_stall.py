@@ -1,6 +1,6 @@
 """The worst GET /health latency (a poller every 10 ms, its own process) while one large request body of each shape
 runs on a real gunicorn serving the tiny test checkpoint (1024-token context): the event loop's stall per shape.
-Each shape runs 3 times; the median of their worst latencies is printed. Run from a checkout's root; an argument runs
+Each shape runs 3 times; the median of their worst polls is printed. Run from a checkout's root; an argument runs
 only the shapes whose names hold it. The shapes that bring in stored items (references, a previous response) first
 store a response of 10,000 items (with ids, 16,000 pass the 65,536-value limit), then send `store: false` (each run
 kept would push it out of the store).
@@ -111,10 +111,10 @@ def main() -> None:
                 data = data.replace(STORED.encode(), stored.encode())
             worst = []
             for _ in range(3):
-                with health_polled(srv, 0.01) as latencies:
+                with health_polled(srv, 0.01) as polls:
                     answer = requests.post(f"{srv.url}{path}", data=data, timeout=300,
                                            headers={"Content-Type": "application/json"})
-                worst.append(max(p.seconds for p in latencies))
+                worst.append(max(p.seconds for p in polls))
             median_ms = 1000 * sorted(worst)[1]
             rows.append([name, f"{len(data) / 2**20:.2f}", str(answer.status_code), f"{median_ms:.0f} ms"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -6,7 +6,8 @@ Beside the latency, the CPU seconds the server's processes spent on it (less noi
     PYTHONPATH=$PWD python profiles/bench_truncation.py [--items 300] [--words 4000] [--reps 2] ROOT [ROOT ...]
 
 ROOT: a checkout's root (e.g. one made by `git worktree add` or `git archive REV | tar -x -C DIR`); its own code
-serves. The conversation: `--items` user messages of `--words` words, then "Hi" (300 x 4,000: 6 MB).
+serves, and its /stats must list each worker's pid (from aea5834, 2026-12-01, on), which the poller reads to time
+its event loop. The conversation: `--items` user messages of `--words` words, then "Hi" (300 x 4,000: 6 MB).
 """
 from __future__ import annotations
 

@@ -166,8 +166,9 @@ class Poll(NamedTuple):
     @property
     def held(self) -> float:
         """The poll's seconds less the machine's load: a loop stalled by its own process (work on the loop, a blocking
-        call, the GIL held by another of its threads) counts; its thread or the poller waiting for a CPU does not."""
-        return self.seconds - self.loop_preempted - self.poller_preempted
+        call, the GIL held by another of its threads) counts; its thread or the poller waiting for a CPU does not.
+        Waits of both at once are subtracted twice (their overlap is not reported): at 0 at least."""
+        return max(0.0, self.seconds - self.loop_preempted - self.poller_preempted)
 
 
 def most_held(polls: list[Poll]) -> tuple[tuple[float, float, float], ...]:

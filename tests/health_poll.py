@@ -19,7 +19,10 @@ import requests
 
 def schedstat(path: str) -> tuple[float, float]:
     """A thread's seconds on a CPU, and runnable but waiting for one, since it started."""
-    ran, waited, _ = Path(path).read_text().split()
+    try:
+        ran, waited, _ = Path(path).read_text().split()
+    except FileNotFoundError:
+        sys.exit(f"no {path}: the kernel reports no run-queue wait (CONFIG_SCHED_INFO), so held would be wall time")
     return int(ran) / 1e9, int(waited) / 1e9
 
 
@@ -27,15 +30,23 @@ def main(url: str, interval: float) -> None:
     stop = threading.Event()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     session = requests.Session()
-    [worker] = session.get(f"{url}/stats", timeout=30).json()["workers"]
+    stats = session.get(f"{url}/stats", timeout=30)
+    stats.raise_for_status()
+    [worker] = stats.json()["workers"]
     loop = f"/proc/{worker['pid']}/task/{worker['pid']}/schedstat"  # gevent's loop runs in the worker's main thread
     own = "/proc/thread-self/schedstat"
+    # a kernel without sched_info writes "0 0 0": held would silently be wall time. Not checked per poll: a thread
+    # that stays on its CPU has its run time brought up to date at a tick or a switch only (a poll can see none)
+    if schedstat(loop)[0] == 0:
+        sys.exit(f"{loop} reports no CPU time for a loop that has served: its run-queue waits are not reported either")
     polls: list[tuple[float, ...]] = []
     while not stop.is_set():
-        (ran, waited), (_, own_waited), t0 = schedstat(loop), schedstat(own), time.monotonic()
+        # the waits are read inside the timed span: one outside it would be subtracted from a poll it was no part of
+        t0 = time.monotonic()
+        (ran, waited), (_, own_waited) = schedstat(loop), schedstat(own)
         status = session.get(f"{url}/health", timeout=30).status_code
-        t1 = time.monotonic()
         (ran_after, waited_after), (_, own_waited_after) = schedstat(loop), schedstat(own)
+        t1 = time.monotonic()
         polls.append((t1 - t0, t1, ran_after - ran, waited_after - waited, own_waited_after - own_waited))
         if status != 200:
             sys.exit(f"/health answered {status}")

@@ -836,6 +836,33 @@ def test_a_large_streams_last_events_are_built_and_stored_off_the_loop() -> None
     assert json.loads(store.get(completed["response"]["id"]).body) == completed["response"]
 
 
+def test_a_large_collected_answer_is_built_and_encoded_off_the_loop() -> None:
+    """Past LARGE_ANSWER a collected answer (Responses' and chat's alike: Serving._collect) is built and encoded in a
+    native thread. Checked here, not by a /health poll: an answer the suite can generate builds in < 50 ms on the loop
+    (test_server_robust's large answer), too little for a hold a loaded machine cannot mimic."""
+    built: list[int] = []
+
+    class Recording(ResponseCollector):
+        def build(self, usage: Usage | None) -> Json | bytes:
+            built.append(threading.get_ident())
+            return super().build(usage)
+
+    batch = Batch()
+    last = Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))
+    for event in [*LONG, last]:
+        batch.put(event)
+    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
+    try:
+        answer = serving._collect(batch, Recording(_draft(include=[LOGPROBS], top_logprobs=20), ToolParsing()),
+                                  SimpleNamespace(on_event=lambda event: None), {})  # type: ignore[arg-type]
+    finally:
+        serving.encoding.stop()
+    assert len(built) == 1 and built[0] != threading.get_ident()
+    (message,) = json.loads(answer.get_data())["output"]
+    assert len(message["content"][0]["logprobs"]) == 121
+
+
 def test_a_responses_tools_are_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The echoed tools, repeated by every event that carries the response and by the store's copies, are encoded once
     (echoed_tools): 4,000 tools held the loop ~0.2 s a stream when each encoded them again. The frames and the stored

@@ -78,7 +78,9 @@ def test_bodies_of_many_tiny_values_are_refused_before_parsing(server: GunicornS
 
 
 def test_a_large_answer_is_whole_and_health_stays_fast(server: GunicornServer) -> None:
-    """An answer past serving.LARGE_ANSWER objects is built and encoded off the loop."""
+    """An answer past serving.LARGE_ANSWER objects is whole, and /health is not held meanwhile by more than HELD_S
+    (a blocking call on its path). That it is built off the loop is checked in process (test_api_responses'
+    large collected answer): built on the loop it takes < 50 ms here, which no /health bound can tell from load."""
     body = {"model": MODEL, "messages": USER, "max_tokens": 64, "n": 2, "logprobs": True, "top_logprobs": 20,
             "ignore_eos": True, "temperature": 0}
     answers, polls = _while_health_polled(server, lambda: [post_chat(server, body)])
