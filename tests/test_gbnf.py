@@ -86,8 +86,11 @@ def test_telling_lark_from_gbnf_is_linear() -> None:
 
 def test_an_upgrade_changing_what_gbnf_copies_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """engine/gbnf copies llguidance's Lark-or-GBNF search and conversion loop: an llguidance whose code differs there
-    fails at import, naming what changed (the installed one: nothing)."""
+    is named at import (a warning; here: this test fails until gbnf is checked against it and its digest written;
+    the installed one: nothing changed)."""
     assert gbnf.changed_since_mirrored() == []
     monkeypatch.setattr(gbnf_to_lark, "is_lark_syntax", lambda text: re.search(r"(?m)^start:", text) is not None)
     monkeypatch.setattr(gbnf_to_lark.RuleRefNode, "is_terminal", lambda node: False)
     assert gbnf.changed_since_mirrored() == ["gbnf_to_lark.is_lark_syntax", "gbnf_to_lark.RuleRefNode.is_terminal"]
+    monkeypatch.setattr(gbnf_to_lark, "resolve", eval("lambda rules: None"))  # noqa: S307 -- a source inspect cannot read
+    assert "gbnf_to_lark.resolve" in gbnf.changed_since_mirrored()
