@@ -94,3 +94,5 @@ def test_an_upgrade_changing_what_gbnf_copies_is_named(monkeypatch: pytest.Monke
     assert gbnf.changed_since_mirrored() == ["gbnf_to_lark.is_lark_syntax", "gbnf_to_lark.RuleRefNode.is_terminal"]
     monkeypatch.setattr(gbnf_to_lark, "resolve", eval("lambda rules: None"))  # noqa: S307 -- a source inspect cannot read
     assert "gbnf_to_lark.resolve" in gbnf.changed_since_mirrored()
+    monkeypatch.delattr(gbnf_to_lark, "any_to_lark")  # gone
+    assert "gbnf_to_lark.any_to_lark" in gbnf.changed_since_mirrored()

@@ -181,6 +181,10 @@ def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
     with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all") as refused:
         ecma_patterns(objects(MAX_PROPERTIES - 1, 2), "text.format")
     assert refused.value.param == "text.format"
+    many = {"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}}
+    for keyword in ("default", "const"):  # data a `$ref` reads is compiled all the same
+        with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all"):
+            ecma_patterns({"$ref": f"#/$defs/d/{keyword}", "$defs": {"d": {keyword: many}}}, FIELD)
 
 
 def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the_field() -> None:
@@ -196,8 +200,10 @@ def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the
     assert ecma_patterns(at, FIELD) == at
     made_one = {**keys(bound - 1, "a"), "^\\cJ$": {}, "^\\cj$": {}}
     assert len(ecma_patterns({"patternProperties": made_one}, FIELD)["patternProperties"]) == bound
-    read = {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"patternProperties": keys(bound + 1, "a")}}}}
-    for past in ({"anyOf": [{"patternProperties": keys(bound + 1, "a")}]}, read):
+    read = [{"$ref": f"#/$defs/d/{keyword}", "$defs": {"d": {keyword: {"patternProperties": keys(bound + 1, "a")}}}}
+            for keyword in ("default", "const")] + [
+        {"$ref": "#/$defs/d/enum/0", "$defs": {"d": {"enum": [{"patternProperties": keys(bound + 1, "a")}]}}}]
+    for past in ({"anyOf": [{"patternProperties": keys(bound + 1, "a")}]}, *read):
         with pytest.raises(InvalidRequest, match=f"more than {bound} patternProperties") as refused:
             ecma_patterns(past, "tools")
         assert refused.value.param == "tools"

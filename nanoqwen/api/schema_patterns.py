@@ -1,5 +1,5 @@
-"""JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are
-made ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
+"""JSON Schema's `pattern`s are ECMA-262 regexes; llguidance reads them as Rust regexes, where `\\d` and `\\w` are made
+ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, the reverse of ECMA's. Here each
 `\\s` / `\\S` of a schema's patterns becomes ECMA's class, spelled as Rust's with U+FEFF added and U+0085 taken away
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
@@ -9,10 +9,11 @@ refused: llguidance builds its lexer from their text at seconds a megabyte, on a
 grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
 `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
-schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there). Each
-`\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one
-regex one key, `allOf` their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer
-since draft 6, which llguidance refuses) an int, in the same walk."""
+schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there, by
+their patterns' characters only: not by MAX_PROPERTIES or MAX_PATTERN_PROPERTIES). Each `\\cX` (ECMA's control
+escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one regex one key, `allOf`
+their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer since draft 6, which
+llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
@@ -40,7 +41,8 @@ MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left t
 MAX_PROPERTIES = 5_000
 # One schema object's patternProperties keys: llguidance checks each pair for overlap in time worse than quadratic in
 # their number (100 / 200 / 300 keys: 0.06 / 0.8-1.0 / 6.8 s; 400, a 12 KB body: 20 s), object by object; at 64 keys of
-# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends)
+# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends). Across objects the cost adds up,
+# bounded by MAX_PATTERN_CHARS only: 140 objects of 64 keys (283 KB) 2.4 s, as that bound's own worst case
 MAX_PATTERN_PROPERTIES = 64
 
 
@@ -66,8 +68,8 @@ def ecma_patterns(schema: Any, param: str) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
     VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, where an
-    object's patternProperties keys pass MAX_PATTERN_PROPERTIES, or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in
-    VALUES' data.
+    object's patternProperties keys pass MAX_PATTERN_PROPERTIES (both counted in any data a `$ref` reads too),
+    or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
@@ -81,10 +83,7 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             stack.extend(node)
         elif isinstance(node, dict):
             chars = _counted(chars + _rewrite(node, param), param)
-            properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
-            if properties > MAX_PROPERTIES:
-                raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
-                                     param=param)
+            properties = _sized(node, properties, param)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
@@ -99,6 +98,8 @@ def ecma_patterns(schema: Any, param: str) -> Any:
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             if keyword in ANNOTATIONS:
                 chars = _counted(chars + _rewrite(node, param), param)
+            properties = _sized(node, properties, param)  # llguidance compiles what a `$ref` reads, data or not
+            if keyword in ANNOTATIONS:
                 continue
             patterns = own_patterns(node)  # as sent: llguidance compiles them too
             chars = _counted(chars + sum(map(len, patterns)), param)
@@ -111,18 +112,27 @@ def ecma_patterns(schema: Any, param: str) -> Any:
 def _rewrite(node: dict[str, Any], param: str) -> int:
     """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
     integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
-    place; the patterns' length. InvalidRequest naming `param` where its patternProperties keys, keys made one regex
-    one, pass MAX_PATTERN_PROPERTIES."""
+    place; the patterns' length."""
     node.update({key: int(value) for key in COUNTS & node.keys()
                  if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
         node["pattern"] = ecma_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = _merged(node["patternProperties"])
-        if len(node["patternProperties"]) > MAX_PATTERN_PROPERTIES:
-            raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
-                                 "patternProperties", param=param)
     return sum(map(len, own_patterns(node)))
+
+
+def _sized(node: dict[str, Any], properties: int, param: str) -> int:
+    """`properties`, the schema's so far, with the object's own; InvalidRequest naming `param` past MAX_PROPERTIES
+    in all, or where the object's patternProperties keys (keys made one regex one) pass MAX_PATTERN_PROPERTIES."""
+    if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
+        raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
+                             "patternProperties", param=param)
+    properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+    if properties > MAX_PROPERTIES:
+        raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
+                             param=param)
+    return properties
 
 
 def _merged(patterns: dict[str, Any]) -> dict[str, Any]:

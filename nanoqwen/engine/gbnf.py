@@ -43,20 +43,20 @@ ROOT = "root"  # GBNF's start rule, never a terminal (llguidance renames it `sta
 def changed_since_mirrored() -> list[str]:
     """The MIRRORED functions of the installed llguidance whose source is not the one this module copies (or cannot
     be read: an install without its .py files)."""
-    return [path for path, digest in MIRRORED.items() if _digest(operator.attrgetter(path)(llguidance)) != digest]
+    return [path for path, digest in MIRRORED.items() if _digest(path) != digest]
 
 
-def _digest(function: object) -> str | None:
+def _digest(path: str) -> str | None:
     try:
-        return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
+        return hashlib.sha256(inspect.getsource(operator.attrgetter(path)(llguidance)).encode()).hexdigest()[:16]
+    except (AttributeError, OSError, TypeError):  # gone, or its source not installed
         return None
 
 
 if changed := changed_since_mirrored():
     logging.getLogger("nanoqwen").warning(
-        "llguidance %s: %s changed since nanoqwen/engine/gbnf.py copied them (1.9.1); GBNF grammars are read as "
-        "1.9.1 read them", llguidance.__version__, ", ".join(changed))
+        "llguidance %s: %s changed since nanoqwen/engine/gbnf.py copied them (1.9.1); GBNF grammars are told and "
+        "their terminals marked as 1.9.1 does", llguidance.__version__, ", ".join(changed))
 
 
 def is_gbnf(text: str) -> bool:
