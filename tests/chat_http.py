@@ -144,8 +144,9 @@ def post_chat(srv: GunicornServer, body: Any, timeout: float = 300, **kwargs: An
 
 
 # The most a /health poll may be held (Poll.held) while the server works: at load ~21 the polls were held 0.15 s at
-# most (their wall time up to 0.53 s); the stalls guarded take ~1 s or more (a 96 MB body read, a large answer encoded,
-# a huge prompt tokenised, a grammar's tokenizer built, on the loop or holding the GIL).
+# most (their wall time up to 0.53 s); the stalls guarded take ~1 s or more (a 96 MB body read, a huge prompt
+# tokenised, a stream's tokens waited for on the loop). Shorter holds (a large answer encoded, ~50 ms; llguidance's
+# tokenizer built late, ~0.4 s) are checked in process instead.
 HELD_S = 0.5
 
 

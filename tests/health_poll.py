@@ -22,7 +22,8 @@ def schedstat(path: str) -> tuple[float, float]:
     try:
         ran, waited, _ = Path(path).read_text().split()
     except FileNotFoundError:
-        sys.exit(f"no {path}: the kernel reports no run-queue wait (CONFIG_SCHED_INFO), so held would be wall time")
+        sys.exit(f"no {path}: the worker exited (or, on the first read, the kernel reports no run-queue wait: "
+                 "CONFIG_SCHED_INFO)")
     return int(ran) / 1e9, int(waited) / 1e9
 
 
@@ -32,7 +33,10 @@ def main(url: str, interval: float) -> None:
     session = requests.Session()
     stats = session.get(f"{url}/stats", timeout=30)
     stats.raise_for_status()
-    [worker] = stats.json()["workers"]
+    workers = stats.json()["workers"]
+    if len(workers) != 1:
+        sys.exit(f"{len(workers)} workers: the poller reads one worker's loop thread")
+    [worker] = workers
     loop = f"/proc/{worker['pid']}/task/{worker['pid']}/schedstat"  # gevent's loop runs in the worker's main thread
     own = "/proc/thread-self/schedstat"
     # a kernel without sched_info writes "0 0 0": held would silently be wall time. Not checked per poll: a thread

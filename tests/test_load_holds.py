@@ -90,3 +90,18 @@ def test_the_grammar_tokenizer_is_built_in_two_holds(vocabulary: tuple[PreTraine
     (built whole: one, 0.51-0.57 s of 0.52-0.59)."""
     holds = _holds(lambda: grammar.Grammars(*vocabulary, VOCAB_SIZE, EOS_IDS))
     assert len([held for held in holds if held > sum(holds) / 4]) == 2, holds
+
+
+def test_the_grammar_tokenizer_is_built_with_the_model(vocabulary: tuple[PreTrainedTokenizerFast, TokenBytes],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built at the first grammar request instead, its ~0.5 s of CPU with the GIL would hold the streams being served:
+    once Grammars is made, compiling grammars builds no LLTokenizer (a /health bound cannot tell 0.4 s held from
+    load)."""
+    grammars = grammar.Grammars(*vocabulary, VOCAB_SIZE, EOS_IDS)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an LLTokenizer built after the load")
+    monkeypatch.setattr(grammar.llguidance, "LLTokenizer", refused)
+    grammars.from_text("regex", "[ab]+", "p")
+    grammars.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}, True, "p")
+
