@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import llguidance
@@ -96,3 +98,14 @@ def test_an_upgrade_changing_what_gbnf_copies_is_named(monkeypatch: pytest.Monke
     assert "gbnf_to_lark.resolve" in gbnf.changed_since_mirrored()
     monkeypatch.delattr(gbnf_to_lark, "any_to_lark")  # gone
     assert "gbnf_to_lark.any_to_lark" in gbnf.changed_since_mirrored()
+
+
+def test_a_changed_llguidance_is_a_warning_and_the_server_still_imports() -> None:
+    """A fresh install that pip gave a changed llguidance must still serve: the import names the change in a warning
+    (an ImportError would stop the worker from ever loading)."""
+    changed = ("import llguidance.gbnf_to_lark as g; g.is_lark_syntax = lambda text: False; "
+               "import nanoqwen.engine.gbnf as m; print(m.is_gbnf('root ::= \"a\"'))")
+    run = subprocess.run([sys.executable, "-c", changed], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+    assert "gbnf_to_lark.is_lark_syntax changed since" in run.stderr
+

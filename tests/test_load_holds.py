@@ -104,4 +104,3 @@ def test_the_grammar_tokenizer_is_built_with_the_model(vocabulary: tuple[PreTrai
     monkeypatch.setattr(grammar.llguidance, "LLTokenizer", refused)
     grammars.from_text("regex", "[ab]+", "p")
     grammars.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}, True, "p")
-

@@ -22,7 +22,8 @@ from llguidance.gbnf_to_lark import ASTNode, GrammarParser, RuleNode, RuleRefNod
 # dispatch, Lark-or-GBNF search (LARK), conversion loop (_to_lark) and terminal marking (_mark_terminals). An upgrade
 # that changes one could make a grammar unlike llguidance's own: the worker logs a warning naming it, and
 # test_gbnf fails (read the new code against this module's, then write its digest here). Not an ImportError: a fresh
-# install that pip gave a newer llguidance must still serve; setup.cfg keeps to 1.9.x for the same reason.
+# install that pip gave a changed llguidance must still serve. setup.cfg keeps llguidance to 1.9.x so that such a
+# change is at most a patch release's.
 MIRRORED = {
     "grammar_from": "8bd9314d2769927f",
     "gbnf_to_lark.any_to_lark": "fb951fdd4dbcc315",
