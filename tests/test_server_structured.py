@@ -337,12 +337,15 @@ def test_properties_past_their_bound_are_a_400_naming_the_field(server: Gunicorn
     assert refused.value.body["param"] == ("response_format" if endpoint == "chat" else "guided_json")
 
 
-@pytest.mark.parametrize("where", ["response_format", "tools"])
+@pytest.mark.parametrize("where", ["response_format", "tools", "const data"])
 def test_patternproperties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, where: str) -> None:
     """One object's patternProperties keys past the bound (llguidance checks them pairwise, worse than quadratic: 400
-    keys, a 12 KB body, held a compile thread 20 s): the 400 naming the field (was served)."""
+    keys, a 12 KB body, held a compile thread 20 s), in a subschema or in data a `$ref` reads: the 400 naming the
+    field (was served)."""
     past = schema_patterns.MAX_PATTERN_PROPERTIES + 1
     schema = {"type": "object", "patternProperties": {f"^k{i}$": {"type": "integer"} for i in range(past)}}
+    if where == "const data":
+        schema = {"$ref": "#/$defs/c/const", "$defs": {"c": {"const": schema}}}
     if where == "tools":
         body: dict[str, Any] = {"tool_choice": "required",  # a lenient tool under "auto": its calls any object
                                 "tools": [{"type": "function", "function": {"name": "put", "parameters": schema}}]}

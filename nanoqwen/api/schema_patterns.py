@@ -96,17 +96,20 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         values = _in_values(out) if in_data else {}
         for node, keyword in in_data:  # each once, with the objects in it
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
-            if keyword in ANNOTATIONS:
-                chars = _counted(chars + _rewrite(node, param), param)
+            own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
+            chars = _counted(chars + own, param)
             properties = _sized(node, properties, param)  # llguidance compiles what a `$ref` reads, data or not
-            if keyword in ANNOTATIONS:
-                continue
-            patterns = own_patterns(node)  # as sent: llguidance compiles them too
-            chars = _counted(chars + sum(map(len, patterns)), param)
-            if any(ecma_pattern(pattern) != pattern for pattern in patterns):
-                raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s, \\S or \\cX in {keyword} "
-                                     "data, which must match as sent: its class cannot be ECMA's there", param=param)
     return out
+
+
+def _as_sent(node: dict[str, Any], keyword: str, param: str) -> int:
+    """A VALUES object a `$ref` reads: its patterns' length, as sent (llguidance compiles them too); InvalidRequest
+    naming `param` where one would need ECMA's rewrite, which the value, matched byte for byte, cannot take."""
+    patterns = own_patterns(node)
+    if any(ecma_pattern(pattern) != pattern for pattern in patterns):
+        raise InvalidRequest(f"invalid {param}: a $ref reads a pattern with \\s, \\S or \\cX in {keyword} data, "
+                             "which must match as sent: its class cannot be ECMA's there", param=param)
+    return sum(map(len, patterns))
 
 
 def _rewrite(node: dict[str, Any], param: str) -> int:
