@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.grammar import Budget, ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -244,24 +244,26 @@ def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
                 key: GrammarKey) -> Grammar:
     """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
-    answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer is
-    free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
+    answer's (_checked_answer), their sizes one Budget, and their calls' grammar compiled. `auto`: tool_choice "auto",
+    where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the
+    call is forced."""
     free_text = auto and answer is None
-    tools = [_held(tool, auto) for tool in tools]
+    budget = Budget()
+    tools = [_held(tool, auto, budget) for tool in tools]
     if answer is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    schema, weight = _checked_answer(answer)
+    schema, weight = _checked_answer(answer, budget)
     return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
 
 
-def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
-    """A tool as its calls follow it, patterns ECMA's. Under "auto" a lenient tool's (strict not sent: Responses'
-    default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where it can be),
-    and one that can is weighed here, once (patterns past schema_patterns' bound, too); a strict or forced tool's is
-    the 400 naming tools."""
+def _held(tool: ToolSpec, auto: bool, budget: Budget) -> ToolSpec:
+    """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`. Under "auto" a lenient
+    tool's (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
+    (OpenAI: strict where it can be), and one that can is weighed here, once (patterns past the budget, too: the tools
+    before it keep theirs); a strict or forced tool's is the 400 naming tools."""
     lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
     try:
-        parameters = ecma_patterns(tool.parameters, "tools")
+        parameters = ecma_patterns(tool.parameters, "tools", budget)
         weight = check_json_schema(parameters, False, "tools") if lenient else None
     except InvalidRequest:
         if not lenient:
@@ -270,7 +272,8 @@ def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
     return replace(tool, parameters=parameters, weight=weight)
 
 
-def _checked_answer(answer: JsonAnswer) -> tuple[dict[str, Any], int]:
-    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field; and its weight."""
-    schema = ecma_patterns(answer.schema, answer.param)
+def _checked_answer(answer: JsonAnswer, budget: Budget) -> tuple[dict[str, Any], int]:
+    """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its tools' (its 400 names
+    the field with the budget's largest part), checked first for its own 400 naming its field; and its weight."""
+    schema = ecma_patterns(answer.schema, answer.param, budget)
     return schema, check_json_schema(schema, answer.strict, answer.param)
