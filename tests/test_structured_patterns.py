@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from nanoqwen.api import schema_patterns
+from nanoqwen.api import schema_patterns, structured
 from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
 from nanoqwen.engine import grammar as engine_grammar
-from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_PROPERTIES, MAX_RULES, Budget, Grammars
+from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_PROPERTIES, MAX_RULES, Budget, Grammars, ToolSpec
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -278,3 +278,16 @@ def test_a_lark_grammars_json_schemas_are_bounded_as_a_requests(grammars: Gramma
         with pytest.raises(InvalidRequest, match=what) as refused:
             grammars.from_text("grammar", past, "guided_grammar")
         assert refused.value.param == "guided_grammar"
+
+
+def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Grammars) -> None:
+    """Under "auto" the lenient tool whose schema would pass the request's budget has free calls (any JSON object),
+    the tools before it keep theirs; strict, the same tools are the 400 naming tools."""
+    def tools(strict: bool) -> list[ToolSpec]:
+        return [ToolSpec(f"t{i}", {"type": "object", "properties": {"s": {"type": "string", "pattern": f"^{c * n}$"}}},
+                         strict) for i, (c, n) in enumerate((("a", 40_000), ("b", 30_000)))]
+    lenient = structured._tool_calls(grammars, tools(False), False, None, True, ("lenient", ""))
+    assert "a" * 40_000 in lenient.text and "b" * 30_000 not in lenient.text
+    with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters in all") as refused:
+        structured._tool_calls(grammars, tools(True), False, None, True, ("strict", ""))
+    assert refused.value.param == "tools"
