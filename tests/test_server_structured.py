@@ -360,7 +360,8 @@ def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(
     """A strict tool under "auto" beside a JSON response_format: their schemas share the request's bound (each was
     bounded alone, so N tools cost N times it: 2 forced tools of 5,000 properties held a compile thread 33 s, load 11).
     At it in all, served, /health held < HELD_S; one more, the 400 naming response_format, the largest part (was
-    served); 2 forced tools past it in all (each within it), the 400 naming tools (was compiled)."""
+    served), the tool forced too; 2 forced tools past it in all (each within it), the 400 naming tools (was
+    compiled)."""
     integer = {"type": "integer"}
     tool = {"type": "function", "function": {"name": "put", "strict": True, "parameters": {
         "type": "object", "properties": {f"t{i}": integer for i in range(10)}, "additionalProperties": False}}}
@@ -374,9 +375,10 @@ def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(
         served = _create(server, max_tokens=2, tools=[tool], response_format=answer(at))
     assert served.choices[0].finish_reason == "length"
     assert max(p.held for p in polls) < HELD_S, most_held(polls)
-    with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
-        _create(server, max_tokens=2, tools=[tool], response_format=answer(at + 1))
-    assert refused.value.body["param"] == "response_format", refused.value.body
+    for choice in ("auto", {"type": "function", "function": {"name": "put"}}):  # forced: the answer compiled apart
+        with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
+            _create(server, max_tokens=2, tools=[tool], tool_choice=choice, response_format=answer(at + 1))
+        assert refused.value.body["param"] == "response_format", refused.value.body
     half = grammar.MAX_PROPERTIES // 2 + 1
     forced = [{"type": "function", "function": {"name": f"f{k}", "parameters": {
         "type": "object", "properties": {f"p{i}": integer for i in range(half)}}}} for k in range(2)]
