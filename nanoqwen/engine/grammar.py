@@ -114,7 +114,7 @@ class Budget:
         self.shares[param] = (before[0] + chars, before[1] + properties)
 
     def _refused(self, index: int, param: str, own: int, what: str) -> InvalidRequest:
-        parts = {field: share[index] for field, share in self.shares.items()}
+        parts = {name: share[index] for name, share in self.shares.items()}
         parts[param] = parts.get(param, 0) + own
         largest = max(parts, key=parts.__getitem__)
         return InvalidRequest(f"invalid {largest}: {what}", param=largest)
