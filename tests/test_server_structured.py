@@ -373,7 +373,7 @@ def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(
     at = grammar.MAX_PROPERTIES - 10 - 99 * 50
     with health_polled(server, interval=0.01) as polls:
         served = _create(server, max_tokens=2, tools=[tool], response_format=answer(at))
-    assert served.choices[0].finish_reason == "length"
+    assert served.choices[0].finish_reason in ("stop", "length")  # sampled: `{}` may end it
     assert max(p.held for p in polls) < HELD_S, most_held(polls)
     for choice in ("auto", {"type": "function", "function": {"name": "put"}}):  # forced: the answer compiled apart
         with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
