@@ -210,7 +210,7 @@ def test_calls_or_a_json_format_take_one_cache_slot_and_a_hit_rewrites_nothing(
     grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
     rewritten: list[Any] = []
     monkeypatch.setattr(structured, "ecma_patterns",
-                        lambda schema, param: rewritten.append(schema) or ecma_patterns(schema, param))
+                        lambda schema, *args: rewritten.append(schema) or ecma_patterns(schema, *args))
     tools = [ToolSpec("f", FLAG, strict=True)]
     answer = structured.JsonAnswer({"type": "object", "properties": {"a": {"type": "integer"}}}, False, "text.format")
     key = structured._tool_calls_key(tools, False, answer, True)
@@ -233,7 +233,7 @@ def test_a_request_queued_behind_one_that_sent_the_same_finds_its_grammar_before
     first = structured._made(grammars, key, structured._json_key, structured._json_schema, *args)
     rewritten: list[Any] = []
     monkeypatch.setattr(structured, "ecma_patterns",
-                        lambda schema, param: rewritten.append(schema) or ecma_patterns(schema, param))
+                        lambda schema, *args: rewritten.append(schema) or ecma_patterns(schema, *args))
     assert structured._made(grammars, key, structured._json_key, structured._json_schema, *args) is first
     assert not rewritten
 

@@ -36,7 +36,6 @@ from chat_http import (
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
-from nanoqwen.api import schema_patterns
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar
 from server_process import GunicornServer
@@ -325,7 +324,7 @@ def test_patternproperties_keys_made_one_regex_follow_each_subschema(server: Gun
 def test_properties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, endpoint: str) -> None:
     """OpenAI's 5,000 `properties` in a schema (llguidance compiles one object's in time quadratic in them: 10,000,
     a 200 KB body, held a compile thread 16 s): one more is the 400 naming the field (was compiled and served)."""
-    past = schema_patterns.MAX_PROPERTIES + 1
+    past = grammar.MAX_PROPERTIES + 1
     schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(past)}}
     client = server.openai_client(timeout=300)
     with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
@@ -342,7 +341,7 @@ def test_patternproperties_past_their_bound_are_a_400_naming_the_field(server: G
     """One object's patternProperties keys past the bound (llguidance checks them pairwise, worse than quadratic: 400
     keys, a 12 KB body, held a compile thread 20 s), in a subschema or in data a `$ref` reads: the 400 naming the
     field (was served)."""
-    past = schema_patterns.MAX_PATTERN_PROPERTIES + 1
+    past = grammar.MAX_PATTERN_PROPERTIES + 1
     schema = {"type": "object", "patternProperties": {f"^k{i}$": {"type": "integer"} for i in range(past)}}
     if where == "const data":
         schema = {"$ref": "#/$defs/c/const", "$defs": {"c": {"const": schema}}}
@@ -355,6 +354,52 @@ def test_patternproperties_past_their_bound_are_a_400_naming_the_field(server: G
         _create(server, max_tokens=2, **body)
     param = "tools" if where == "tools" else "response_format"
     assert refused.value.body["param"] == param, refused.value.body
+
+
+def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(server: GunicornServer) -> None:
+    """A strict tool under "auto" beside a JSON response_format: their schemas share the request's bound (each was
+    bounded alone, so N tools cost N times it: 2 forced tools of 5,000 properties held a compile thread 33 s, load 11).
+    At it in all, served, /health held < HELD_S; one more, the 400 naming response_format, the largest part (was
+    served), the tool forced too; 2 forced tools past it in all (each within it), the 400 naming tools (was
+    compiled)."""
+    integer = {"type": "integer"}
+    tool = {"type": "function", "function": {"name": "put", "strict": True, "parameters": {
+        "type": "object", "properties": {f"t{i}": integer for i in range(10)}, "additionalProperties": False}}}
+    nested = {f"o{j}": {"type": "object", "properties": {f"p{i}": integer for i in range(49)}} for j in range(99)}
+
+    def answer(top: int) -> dict[str, Any]:  # 99 * 50 + top properties
+        schema = {"type": "object", "properties": {**nested, **{f"q{i}": integer for i in range(top)}}}
+        return {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    at = grammar.MAX_PROPERTIES - 10 - 99 * 50
+    with health_polled(server, interval=0.01) as polls:
+        served = _create(server, max_tokens=2, tools=[tool], response_format=answer(at))
+    assert served.choices[0].finish_reason in ("stop", "length")  # sampled: `{}` may end it
+    assert max(p.held for p in polls) < HELD_S, most_held(polls)
+    for choice in ("auto", {"type": "function", "function": {"name": "put"}}):  # forced: the answer compiled apart
+        with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
+            _create(server, max_tokens=2, tools=[tool], tool_choice=choice, response_format=answer(at + 1))
+        assert refused.value.body["param"] == "response_format", refused.value.body
+    half = grammar.MAX_PROPERTIES // 2 + 1
+    forced = [{"type": "function", "function": {"name": f"f{k}", "parameters": {
+        "type": "object", "properties": {f"p{i}": integer for i in range(half)}}}} for k in range(2)]
+    with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
+        _create(server, max_tokens=2, tools=forced, tool_choice="required")
+    assert refused.value.body["param"] == "tools", refused.value.body
+
+
+def test_a_lark_grammars_json_schemas_past_the_bounds_are_a_400_naming_the_field(server: GunicornServer) -> None:
+    """A Lark grammar's `%json` schemas were bounded by their patterns only (10,000 properties held a compile thread
+    41 s, load 10, and were served): their properties in all and each object's patternProperties keys are bounded as
+    a request's schemas are, the 400 naming the field."""
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(grammar.MAX_PROPERTIES + 1)}}
+    keys = {"type": "object", "patternProperties": {
+        f"^k{i}$": {"type": "integer"} for i in range(grammar.MAX_PATTERN_PROPERTIES + 1)}}
+    client = server.openai_client(timeout=300)
+    for schema, what in ((many, "properties in all"), (keys, "patternProperties")):
+        with pytest.raises(openai.BadRequestError, match=what) as refused:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                      extra_body={"guided_grammar": f"start: %json {json.dumps(schema)}"})
+        assert refused.value.body["param"] == "guided_grammar", refused.value.body
 
 
 def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(server: GunicornServer) -> None:

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from nanoqwen.api import schema_patterns
-from nanoqwen.api.schema_patterns import CLASS_ESCAPES, MAX_PROPERTIES, ecma_pattern, ecma_patterns
-from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_RULES, Grammars
+from nanoqwen.api import schema_patterns, structured
+from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patterns
+from nanoqwen.engine import grammar as engine_grammar
+from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_PROPERTIES, MAX_RULES, Budget, Grammars, ToolSpec
 from nanoqwen.engine.grammar_rows import schema_links as real_links
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -191,7 +192,7 @@ def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the
     """llguidance checks one object's patternProperties keys pairwise, worse than quadratic (400 keys: 20 s): at the
     bound in each of two objects, kept; one more in one (or in `default` data a `$ref` reads as a schema), the 400
     naming the field; keys made one regex count once."""
-    bound = schema_patterns.MAX_PATTERN_PROPERTIES
+    bound = engine_grammar.MAX_PATTERN_PROPERTIES
 
     def keys(count: int, prefix: str) -> dict[str, Any]:
         return {f"^{prefix}{i}$": {"type": "integer"} for i in range(count)}
@@ -207,6 +208,27 @@ def test_patternproperties_past_their_bound_in_one_object_are_refused_naming_the
         with pytest.raises(InvalidRequest, match=f"more than {bound} patternProperties") as refused:
             ecma_patterns(past, "tools")
         assert refused.value.param == "tools"
+
+
+def test_a_requests_schemas_share_one_budget_naming_the_largest_field() -> None:
+    """A request's schemas (its tools', then its answer's) are charged to one Budget: a bound of each alone let N tools
+    cost N times it (2 forced tools of 5,000 properties held a compile thread 33 s, load 11). At the bounds in all,
+    kept; past, the 400 naming the field with the largest part; a refused schema adds nothing."""
+    def spread(count: int) -> dict[str, Any]:
+        return {"anyOf": [{"properties": {f"p{i}": {}}} for i in range(count)]}
+    budget = Budget()
+    ecma_patterns(spread(3_000), "tools", budget)
+    ecma_patterns(spread(MAX_PROPERTIES - 3_000), FIELD, budget)
+    with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all") as refused:
+        ecma_patterns(spread(1), FIELD, budget)
+    assert refused.value.param == "tools"  # its 3,000 the largest part
+    budget = Budget()
+    ecma_patterns({"pattern": "a" * 1_000}, "tools", budget)
+    with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters in all") as refused:
+        ecma_patterns({"pattern": "a" * (MAX_PATTERN_CHARS - 999)}, FIELD, budget)
+    assert refused.value.param == FIELD
+    assert (budget.chars, budget.properties) == (1_000, 0)
+    ecma_patterns({"pattern": "a" * (MAX_PATTERN_CHARS - 1_000)}, FIELD, budget)  # at the bound in all
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +257,37 @@ def test_the_compiled_grammar_takes_ecmas_classes(tokenizer: PreTrainedTokenizer
     matcher = grammars.json_schema(schema, strict=True, param="response_format").matcher()
     tokens = tokenizer.encode(json.dumps("a" + char, ensure_ascii=False))
     assert (matcher.validate_tokens(tokens) == len(tokens)) == ecma, (tokens, matcher.validate_tokens(tokens))
+
+
+def test_a_lark_grammars_json_schemas_are_bounded_as_a_requests(grammars: Grammars) -> None:
+    """A Lark grammar's `%json` schemas were bounded by their patterns only (10,000 properties in one held a compile
+    thread 17 s; 300 patternProperties keys 3.6 s): their `properties` in all and each object's patternProperties keys
+    now have the bounds of a request's schemas, the 400 naming the field."""
+    def grammar(*schemas: dict[str, Any]) -> str:
+        return "start: " + " | ".join(f"j{i}" for i in range(len(schemas))) + "\n" + "\n".join(
+            f"j{i}: %json {json.dumps(schema)}" for i, schema in enumerate(schemas))
+    half = MAX_PROPERTIES // 2
+    nested = {"properties": {f"o{j}": {"properties": {f"p{i}": {} for i in range(49)}} for j in range(50)}}  # 2,500
+    grammars.from_text("grammar", grammar(nested,
+                                          {"properties": {f"q{i}": {} for i in range(MAX_PROPERTIES - half)}}), "p")
+    keys = {f"^k{i}$": {} for i in range(engine_grammar.MAX_PATTERN_PROPERTIES + 1)}
+    past_properties = grammar({"properties": {f"p{i}": {} for i in range(half)}},
+                              {"items": {"properties": {f"q{i}": {} for i in range(half + 1)}}})
+    for past, what in ((past_properties, "properties in all"),
+                       (grammar({"items": {"patternProperties": keys}}), "patternProperties")):
+        with pytest.raises(InvalidRequest, match=what) as refused:
+            grammars.from_text("grammar", past, "guided_grammar")
+        assert refused.value.param == "guided_grammar"
+
+
+def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Grammars) -> None:
+    """Under "auto" the lenient tool whose schema would pass the request's budget has free calls (any JSON object),
+    the tools before it keep theirs; strict, the same tools are the 400 naming tools."""
+    def tools(strict: bool) -> list[ToolSpec]:
+        return [ToolSpec(f"t{i}", {"type": "object", "properties": {"s": {"type": "string", "pattern": f"^{c * n}$"}}},
+                         strict) for i, (c, n) in enumerate((("a", 40_000), ("b", 30_000)))]
+    lenient = structured._tool_calls(grammars, tools(False), False, None, True, ("lenient", ""))
+    assert "a" * 40_000 in lenient.text and "b" * 30_000 not in lenient.text
+    with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters in all") as refused:
+        structured._tool_calls(grammars, tools(True), False, None, True, ("strict", ""))
+    assert refused.value.param == "tools"

@@ -3,29 +3,31 @@ ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, 
 `\\s` / `\\S` of a schema's patterns becomes ECMA's class, spelled as Rust's with U+FEFF added and U+0085 taken away
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
-schema_links); other data nothing reads: kept as sent (lane gaps26). A schema's patterns, rewritten, past
-engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent) are
-refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other requests'
+schema_links); other data nothing reads: kept as sent (lane gaps26). A request's schemas' patterns, rewritten, past
+engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent; its Budget)
+are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other requests'
 grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
 `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
-schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there, by
-their patterns' characters only: not by MAX_PROPERTIES or MAX_PATTERN_PROPERTIES). Each `\\cX` (ECMA's control
-escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one regex one key, `allOf`
-their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer since draft 6, which
-llguidance refuses) an int, in the same walk."""
+schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there, a
+`%json` by its patterns' characters, MAX_PROPERTIES and MAX_PATTERN_PROPERTIES, not in the data a `$ref` reads).
+Each `\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one
+regex one key, `allOf` their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer
+since draft 6, which llguidance refuses) an int, in the same walk."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from nanoqwen.engine.grammar import MAX_RULES, check_pattern_chars
+from nanoqwen.engine.grammar import MAX_RULES, Budget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.validation import InvalidRequest
 
 # ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
 CLASS_ESCAPES = {"s": r"[\x{feff}\s--\x85]", "S": r"[^\x{feff}\s--\x85]"}
+# the patterns' bound's 400 says how they are counted
+NOTE = f" (each \\s counting {len(CLASS_ESCAPES['s'])} and each \\S {len(CLASS_ESCAPES['S'])}, ECMA's class)"
 ANNOTATIONS = ("default", "examples")  # data keywords whose values a `$ref` reads are rewritten as schemas
 # the other data keywords (const, enum): their values are also what the answer must be, byte for byte, so a `$ref`
 # that reads a `\s` in them is refused (llguidance reads it as Rust's: U+0085 in, U+FEFF out; rewritten, the value
@@ -35,15 +37,6 @@ VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
 COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
                     "maxContains"))
 MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
-# A schema's `properties` in all, OpenAI's limit for structured outputs: llguidance compiles one object's in time
-# quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB body:
-# 16 s; profiles/RESULTS.md, lane grammar29)
-MAX_PROPERTIES = 5_000
-# One schema object's patternProperties keys: llguidance checks each pair for overlap in time worse than quadratic in
-# their number (100 / 200 / 300 keys: 0.06 / 0.8-1.0 / 6.8 s; 400, a 12 KB body: 20 s), object by object; at 64 keys of
-# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends). Across objects the cost adds up,
-# bounded by MAX_PATTERN_CHARS only: 140 objects of 64 keys (283 KB) 2.4 s, as that bound's own worst case
-MAX_PATTERN_PROPERTIES = 64
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -64,15 +57,17 @@ def ecma_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def ecma_patterns(schema: Any, param: str) -> Any:
+def ecma_patterns(schema: Any, param: str, budget: Budget | None = None) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, where its `properties` pass MAX_PROPERTIES, where an
-    object's patternProperties keys pass MAX_PATTERN_PROPERTIES (both counted in any data a `$ref` reads too),
-    or where a `$ref` reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS or its `properties` MAX_PROPERTIES, with those of the request's
+    other schemas (`budget`'s, then charged with this one's; none: the schema alone), where an object's
+    patternProperties keys pass MAX_PATTERN_PROPERTIES (all counted in any data a `$ref` reads too), or where a `$ref`
+    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
+    budget = Budget() if budget is None else budget
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
@@ -82,8 +77,9 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
-            chars = _counted(chars + _rewrite(node, param), param)
-            properties = _sized(node, properties, param)
+            chars += _rewrite(node, param)
+            properties += object_properties(node, param)
+            budget.counted(param, chars, properties, NOTE)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
@@ -97,8 +93,10 @@ def ecma_patterns(schema: Any, param: str) -> Any:
         for node, keyword in in_data:  # each once, with the objects in it
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
-            chars = _counted(chars + own, param)
-            properties = _sized(node, properties, param)  # llguidance compiles what a `$ref` reads, data or not
+            chars += own
+            properties += object_properties(node, param)  # llguidance compiles what a `$ref` reads, data or not
+            budget.counted(param, chars, properties, NOTE)
+    budget.charge(param, chars, properties)
     return out
 
 
@@ -123,19 +121,6 @@ def _rewrite(node: dict[str, Any], param: str) -> int:
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = _merged(node["patternProperties"])
     return sum(map(len, own_patterns(node)))
-
-
-def _sized(node: dict[str, Any], properties: int, param: str) -> int:
-    """`properties`, the schema's so far, with the object's own; InvalidRequest naming `param` past MAX_PROPERTIES
-    in all, or where the object's patternProperties keys (keys made one regex one) pass MAX_PATTERN_PROPERTIES."""
-    if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
-        raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
-                             "patternProperties", param=param)
-    properties += len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
-    if properties > MAX_PROPERTIES:
-        raise InvalidRequest(f"invalid {param}: the schema has more than {MAX_PROPERTIES} properties in all",
-                             param=param)
-    return properties
 
 
 def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
@@ -172,9 +157,3 @@ def _in_values(schema: Any) -> dict[int, str]:
 def _holds_objects(value: Any) -> bool:
     """Whether a const or enum value is or lists an object or array, which a `$ref` may read as a schema."""
     return isinstance(value, dict) or isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value)
-
-
-def _counted(chars: int, param: str) -> int:
-    """`chars`, the patterns' length so far; InvalidRequest naming `param` past MAX_PATTERN_CHARS."""
-    return check_pattern_chars(chars, param, "the schema's patterns are", f" (each \\s counting "
-                               f"{len(CLASS_ESCAPES['s'])} and each \\S {len(CLASS_ESCAPES['S'])}, ECMA's class)")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.grammar import Budget, ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -72,9 +72,9 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> OutputGramma
     answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
         if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
     if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400),
-        if answer is not None:  # compiled as it would be alone: a request sent again finds it cached
-            _json(serving, answer.schema, answer.strict, answer.param)
-        return _calls(serving, req, req.forced_tools, None)
+        if answer is not None:  # compiled as it would be alone: a request sent again finds it cached; and its sizes
+            _json(serving, answer.schema, answer.strict, answer.param)  # counted in the calls' Budget (_tool_calls)
+        return _calls(serving, req, req.forced_tools, answer)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
     if answer is None:
@@ -87,7 +87,8 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     """The grammar of calls to the `chosen` tools (Grammars.tool_calls), compiled off the loop. A forced call follows
     its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
     default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
-    is not compiled."""
+    is not compiled. `answer`: a JSON response_format's, the calls' alternative under "auto"; beside a forced call,
+    counted in their Budget only."""
     forced = req.forces_tool_call
     chosen = list({t.function.name: t for t in chosen}.values())  # a tool sent twice (the same: _check_tool_names)
     follows = [forced or t.function.constrained for t in chosen]  # a call to it follows its parameters
@@ -244,24 +245,28 @@ def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
                 key: GrammarKey) -> Grammar:
     """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
-    answer's (_checked_answer), and their calls' grammar compiled. `auto`: tool_choice "auto", where the answer is
-    free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the call is forced."""
+    answer's (_checked_answer), their sizes one Budget, and their calls' grammar compiled. `auto`: tool_choice "auto",
+    where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the
+    call is forced, and an `answer` beside it (compiled apart: output_grammar) only counted in the Budget."""
     free_text = auto and answer is None
-    tools = [_held(tool, auto) for tool in tools]
-    if answer is None:
+    budget = Budget()
+    if answer is not None and not auto:
+        ecma_patterns(answer.schema, answer.param, budget)
+    tools = [_held(tool, auto, budget) for tool in tools]
+    if answer is None or not auto:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    schema, weight = _checked_answer(answer)
+    schema, weight = _checked_answer(answer, budget)
     return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
 
 
-def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
-    """A tool as its calls follow it, patterns ECMA's. Under "auto" a lenient tool's (strict not sent: Responses'
-    default) schema that no grammar can hold leaves its calls free, any JSON object (OpenAI: strict where it can be),
-    and one that can is weighed here, once (patterns past schema_patterns' bound, too); a strict or forced tool's is
-    the 400 naming tools."""
+def _held(tool: ToolSpec, auto: bool, budget: Budget) -> ToolSpec:
+    """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`. Under "auto" a lenient
+    tool's (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
+    (OpenAI: strict where it can be), and one that can is weighed here, once (patterns past the budget, too: the tools
+    before it keep theirs); a strict or forced tool's is the 400 naming tools."""
     lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
     try:
-        parameters = ecma_patterns(tool.parameters, "tools")
+        parameters = ecma_patterns(tool.parameters, "tools", budget)
         weight = check_json_schema(parameters, False, "tools") if lenient else None
     except InvalidRequest:
         if not lenient:
@@ -270,7 +275,8 @@ def _held(tool: ToolSpec, auto: bool) -> ToolSpec:
     return replace(tool, parameters=parameters, weight=weight)
 
 
-def _checked_answer(answer: JsonAnswer) -> tuple[dict[str, Any], int]:
-    """The JSON answer's schema, patterns ECMA's, checked first for its own 400 naming its field; and its weight."""
-    schema = ecma_patterns(answer.schema, answer.param)
+def _checked_answer(answer: JsonAnswer, budget: Budget) -> tuple[dict[str, Any], int]:
+    """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its tools' (its 400 names
+    the field with the budget's largest part), checked first for its own 400 naming its field; and its weight."""
+    schema = ecma_patterns(answer.schema, answer.param, budget)
     return schema, check_json_schema(schema, answer.strict, answer.param)

@@ -28,6 +28,7 @@ from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
+from nanoqwen.engine.schema_keywords import schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -66,6 +67,15 @@ MAX_RULES = 12_000
 # llguidance parses them before its fuel bounds the lexer, at up to ~35 s a megabyte (`(?i)\p{L}`), on a compile
 # thread that other requests' new grammars wait for; at the bound ~2-3 s (profiles/RESULTS.md, edges27 and edges28).
 MAX_PATTERN_CHARS = 1 << 16
+# A request's schemas' `properties` in all, OpenAI's limit for structured outputs: llguidance compiles one object's in
+# time quadratic in their number, on a compile thread other requests' grammars wait for (5,000: 2 s; 10,000, a 200 KB
+# body: 16 s; profiles/RESULTS.md, lane grammar29)
+MAX_PROPERTIES = 5_000
+# One schema object's patternProperties keys: llguidance checks each pair for overlap in time worse than quadratic in
+# their number (100 / 200 / 300 keys: 0.06 / 0.8-1.0 / 6.8 s; 400, a 12 KB body: 20 s), object by object; at 64 keys of
+# up to 940 characters <= 0.06 s (profiles/RESULTS.md, lane grammar29's mends). Across objects the cost adds up,
+# bounded by MAX_PATTERN_CHARS only: 140 objects of 64 keys (283 KB) 2.4-3.1 s, as that bound's own worst case
+MAX_PATTERN_PROPERTIES = 64
 # A GBNF grammar's characters: converted to Lark in Python (engine/gbnf), holding the GIL, ~1.6 s a megabyte and
 # superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
@@ -73,6 +83,50 @@ MAX_GBNF_CHARS = 1 << 16
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
+
+
+@dataclass
+class Budget:
+    """What one request's schemas hold in all (its tools' and its answer's, a Lark grammar's `%json` ones): their
+    patterns' characters (MAX_PATTERN_CHARS) and their `properties` (MAX_PROPERTIES), the costs llguidance's compile
+    adds up across schemas; bounded per schema, N tools cost N times the bound (4 forced tools of ~64,000 characters
+    of `(?i)\\p{L}` patterns held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). `shares`: each
+    field's part, so that a refusal names the largest contributor."""
+
+    chars: int = 0
+    properties: int = 0
+    shares: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def counted(self, param: str, chars: int, properties: int, note: str = "") -> None:
+        """InvalidRequest where one schema's `chars` and `properties` so far (sent by `param`), with those charged
+        before, pass a bound: naming the field whose part of it is the largest."""
+        if self.chars + chars > MAX_PATTERN_CHARS:
+            raise self._refused(0, param, chars, f"the request's schemas' patterns are longer than {MAX_PATTERN_CHARS} "
+                                f"characters in all{note}")
+        if self.properties + properties > MAX_PROPERTIES:
+            raise self._refused(1, param, properties,
+                                f"the request's schemas have more than {MAX_PROPERTIES} properties in all")
+
+    def charge(self, param: str, chars: int, properties: int) -> None:
+        """One schema's, counted whole, added to the request's."""
+        self.chars, self.properties = self.chars + chars, self.properties + properties
+        before = self.shares.get(param, (0, 0))
+        self.shares[param] = (before[0] + chars, before[1] + properties)
+
+    def _refused(self, index: int, param: str, own: int, what: str) -> InvalidRequest:
+        parts = {name: share[index] for name, share in self.shares.items()}
+        parts[param] = parts.get(param, 0) + own
+        largest = max(parts, key=parts.__getitem__)
+        return InvalidRequest(f"invalid {largest}: {what}", param=largest)
+
+
+def object_properties(node: dict[str, Any], param: str) -> int:
+    """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
+    MAX_PATTERN_PROPERTIES."""
+    if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
+        raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
+                             "patternProperties", param=param)
+    return len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
 
 
 @dataclass(frozen=True)
@@ -236,8 +290,13 @@ class Grammars:
         except ValueError as exc:
             raise _invalid(param, str(exc)) from None
         if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)
-            check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS), param, "the grammar's regexes (its /.../ "
-                                "terminals, GBNF's classes, %regex substrings and %json patterns) are")
+            schemas: list[Any] = []
+            check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS, schemas), param, "the grammar's regexes (its "
+                                "/.../ terminals, GBNF's classes, %regex substrings and %json patterns) are")
+            budget, properties = Budget(), 0
+            for node in (node for schema in schemas for node in schema_objects(schema)):
+                properties += object_properties(node, param)
+                budget.counted(param, 0, properties)
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:

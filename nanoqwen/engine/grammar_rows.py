@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, schema_objects, subschemas
 
 # Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
 # (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`) and `%json` (its
@@ -74,11 +74,12 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     return _lark_chain(text, weighed or {})
 
 
-def regex_chars(text: str, bound: int) -> int:
+def regex_chars(text: str, bound: int, schemas: list[Any] | None = None) -> int:
     """The characters of a Lark grammar's regexes, the text llguidance builds its lexer from (grammar's
     MAX_PATTERN_CHARS): its `/.../` terminals (GBNF's classes, converted), the JSON of its `%regex {...}` (substring
     lexemes) and its `%json` schemas' `pattern`s and `patternProperties` keys, as sent; not its strings (literals: 1 MB
-    in 0.3 s). Counted until past `bound` (8 MiB of `/a/` took 2.9 s to count to its end)."""
+    in 0.3 s). Counted until past `bound` (8 MiB of `/a/` took 2.9 s to count to its end). `schemas`: where to put
+    the `%json` schemas read (grammar's other bounds)."""
     chars, position = 0, 0
     decoder = json.JSONDecoder()
     while chars <= bound and (match := LEXEMES.search(text, position)) is not None:
@@ -88,23 +89,15 @@ def regex_chars(text: str, bound: int) -> int:
                 value, end = decoder.raw_decode(text, SPACE.match(text, position).end())
             except (ValueError, RecursionError):  # a JSONDecodeError counts the lines up to it: one, not one a block
                 break  # llguidance refuses the grammar; one nested too deeply, check_bounds
-            chars += end - position if piece == "%regex" else _schema_pattern_chars(value)
+            if piece == "%regex":
+                chars += end - position
+            else:
+                chars += sum(len(pattern) for node in schema_objects(value) for pattern in own_patterns(node))
+                if schemas is not None:
+                    schemas.append(value)
             position = end
         elif piece[0] == "/" and not piece.startswith("//"):  # a regex, not a comment
             chars += len(piece)
-    return chars
-
-
-def _schema_pattern_chars(schema: Any) -> int:
-    """The characters of a schema's patterns (its subschemas' own_patterns), as sent."""
-    chars, stack = 0, [schema]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            chars += sum(map(len, own_patterns(node)))
-            stack.extend(value for _, value in subschemas(node))
     return chars
 
 

@@ -32,3 +32,16 @@ def own_patterns(node: dict[str, Any]) -> list[str]:
     if isinstance(node.get("patternProperties"), dict):
         patterns.extend(node["patternProperties"])
     return patterns
+
+
+def schema_objects(schema: Any) -> Iterator[dict[str, Any]]:
+    """Each schema object of `schema` and its subschemas, as a Lark grammar's `%json` holds them (no `$ref` followed).
+    Iterative: the schema is as deep as a body may be."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            stack.extend(value for _, value in subschemas(node))
