@@ -35,11 +35,9 @@ def _head_read(srv: GunicornServer, body: dict[str, Any], path: str = "/v1/chat/
 
 def _ended(srv: GunicornServer, before: dict[str, Any]) -> dict[str, Any]:
     """/stats once a request has ended since `before`, aborted or served (a close never noticed runs to its end)."""
-    def ended(stats: dict[str, Any]) -> bool:
-        return stats["requests_aborted"] + stats["requests_served"] > before["requests_aborted"] + before[
-            "requests_served"]
-
-    wait_for(lambda: ended(server_stats(srv)), timeout=ENDED_S, poll=0.02)
+    ended = before["requests_aborted"] + before["requests_served"]
+    wait_for(lambda: (now := server_stats(srv))["requests_aborted"] + now["requests_served"] > ended, timeout=ENDED_S,
+             poll=0.02)
     return server_stats(srv)
 
 
