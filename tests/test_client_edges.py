@@ -174,19 +174,20 @@ def test_bytes_no_request_line_begins_with_are_refused_at_once(chat_server: Guni
     """`https://` pointed at this plain-HTTP port, or other bytes no request line holds: gunicorn waited for a line
     feed or 4 KiB, and without them the connection held its slot, unanswered, for the keep-alive timeout (75 s). As
     nginx and uvicorn do, it is answered 400 at once and closed. A request sent byte by byte on another connection
-    meanwhile (each prefix checked as it comes) is served as before."""
+    meanwhile (each prefix checked as it comes) is served as before. Not timed: a connection held answers nothing
+    within _answers' 5 s of quiet (the keep-alive timeout is 75 s)."""
     request = HEALTH_CLOSE
     with socket.create_connection(("127.0.0.1", chat_server.port), timeout=10) as slow:
         slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(request)):
             if i == len(request) // 2:
-                started = time.monotonic()
-                [(head, body)], closed = _answers(chat_server, first)
-                took = time.monotonic() - started
+                answers, closed = _answers(chat_server, first)
             slow.sendall(request[i:i + 1])
             time.sleep(0.002)
         assert read_all(slow).startswith(b"HTTP/1.1 200 ")
-    assert _status(head) == 400 and closed and took < 1.0, (head, took)
+    assert len(answers) == 1 and closed, answers
+    [(head, body)] = answers
+    assert _status(head) == 400, head
     assert body["error"]["type"] == "invalid_request_error" and "request line" in body["error"]["message"]
 
 

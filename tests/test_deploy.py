@@ -30,6 +30,7 @@ from chat_http import (
 )
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
+from health_poll import schedstat
 from nanoqwen import loader
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.config import resolve_threads
@@ -179,6 +180,19 @@ def test_nanoqwen_worker_without_the_config_runs_one_engine(tiny_checkpoint, tmp
     assert len(re.findall(r"\[INFO\] ready: ", log)) == 1 and "Traceback" not in log, log
 
 
+def _exit_slept(srv: GunicornServer, timeout: float) -> tuple[int, float]:
+    """The master's exit status, and the seconds its main thread slept until it exited: the wall time less the time it
+    ran or waited for a CPU (its schedstat, still read while it is a zombie)."""
+    stat = f"/proc/{srv.pid}/schedstat"
+    started, (ran, preempted) = time.monotonic(), schedstat(stat)
+    # exited, not yet reaped
+    while os.waitid(os.P_PID, srv.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        assert time.monotonic() < started + timeout, "the master is still running"
+        time.sleep(0.01)
+    ended, (ran_after, preempted_after) = time.monotonic(), schedstat(stat)
+    return srv.wait(0), ended - started - (ran_after - ran) - (preempted_after - preempted)
+
+
 @pytest.fixture(scope="module")
 def preloaded(tiny_checkpoint, tmp_path_factory):
     """--preload, one torch thread. Its teardown checks that the master, which imported the app but never started
@@ -192,13 +206,13 @@ def preloaded(tiny_checkpoint, tmp_path_factory):
         deadline = time.monotonic() + 30
         while pid_alive(int(worker)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        reaped = time.monotonic()
-        status = srv.wait(30)
-        lingered = time.monotonic() - reaped  # the worker's own exit (seconds under load) is not counted
+        status, slept = _exit_slept(srv, 60)  # from the worker's end: its own exit (seconds under load) is not counted
     finally:
         srv.stop()
     assert status == 0 and "Shutting down: Master" in srv.log()
-    assert lingered < 8, lingered  # ~1 s (its interpreter exit); the engine wait added 10 s to that
+    # slept, not timed: its exit's CPU and waits for one are the load's. ~0.1 s (a reap's poll); the engine wait
+    # slept 10 s: halfway
+    assert slept < 5, slept
 
 
 def test_preload_serves(preloaded):
@@ -293,13 +307,15 @@ def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_p
         with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the connection stays open, idle
-            t0 = time.monotonic()
             srv.terminate()
-            status = srv.wait(25)
-            elapsed = time.monotonic() - t0
+            status = srv.wait(60)
     finally:
         srv.stop()
-    assert status == 0 and elapsed < 10, elapsed
+    # not timed (a worker's exit takes seconds under load): held, the worker waits out the graceful timeout and is
+    # killed (or, past its own count of it, says so)
+    [worker] = re.findall(r"Booting worker with pid: (\d+)", log := srv.log())
+    assert status == 0 and f"Worker exiting (pid: {worker})" in log, log
+    assert "SIGKILL" not in log and "graceful timeout" not in log, log
 
 
 def test_threads_default_to_the_affinity_mask():

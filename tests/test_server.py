@@ -884,6 +884,8 @@ def test_stalled_request_bodies_time_out(guarded: GunicornServer) -> None:
     finally:
         for sock in sockets:
             sock.close()
+    # the deadlines run at once: ~1 s. Halfway to the broken waits: none run one after another (20 s), or none at all
+    # (read_all's 30 s timeout)
     assert time.monotonic() - t0 < 15
     ok = post_chat(guarded, {**GREEDY, "model": "tiny", "max_tokens": 1}, headers={"Authorization": "Bearer secret"})
     assert ok.status_code == 200
