@@ -1,4 +1,5 @@
-"""A request whose first bytes cannot begin an HTTP request line is refused as they arrive.
+"""A request's head checked as gunicorn parses it: a request line refused at its first byte that cannot be one, and
+an HTTP/1.1 request without Host refused once its head is whole.
 
 gunicorn reads a request line until its CRLF (or 4 KiB) before it looks at it, so a TLS ClientHello sent to this
 plain-HTTP port (`https://` on an `http://` server) or other binary bytes without a line feed got no answer, and held
@@ -9,13 +10,16 @@ a line is visible ASCII and spaces (RFC 9112 3: a method token, a target of visi
 one empty line (RFC 9112 2.2); slow (byte by byte) and pipelined requests read as before. With `proxy_protocol` on,
 a connection's first request is not checked early (its PROXY header, v2 binary, comes first): it gets gunicorn's own
 refusal once its line is whole.
+
+RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header (gunicorn refuses a second one
+itself, as a singleton field, and served one without); HTTP/1.0 has no Host to require.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from gunicorn.http.errors import InvalidRequestLine
+from gunicorn.http.errors import InvalidHeader, InvalidRequestLine
 from gunicorn.http.message import Request
 
 # what the start of a request may be while its line is incomplete: its CR may have come without the LF yet
@@ -23,10 +27,18 @@ LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
 SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
 
 
+class MissingHost(InvalidHeader):
+    """gunicorn answers an InvalidHeader with a 400 of str(exc), in our envelope with `Connection: close`."""
+
+    def __str__(self) -> str:
+        return "An HTTP/1.1 request must send a Host header (RFC 9112 3.2)."
+
+
 class CheckedRequest(Request):
-    """gunicorn's Request, whose head's reads check the request line received so far. Both of gunicorn's parsers
-    (its Python one and gunicorn_h1c's) read the head through read_into: while the request line is not parsed
-    (`method` unset), the buffer starts with it."""
+    """gunicorn's Request, whose head's reads check the request line received so far, and whose parsed head has a
+    Host where HTTP/1.1 requires one. Both of gunicorn's parsers (its Python one and gunicorn_h1c's) read the head
+    through read_into, and through parse: while the request line is not parsed (`method` unset), the buffer starts
+    with it."""
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
@@ -34,3 +46,9 @@ class CheckedRequest(Request):
         if self.method is None and not LINE_SO_FAR.match(buf) and (
                 self.req_number > 1 or self.cfg.proxy_protocol == "off"):
             raise InvalidRequestLine(bytes(buf[:SHOWN_BYTES]))
+
+    def parse(self, unreader: Any) -> bytes:
+        rest = super().parse(unreader)
+        if self.version >= (1, 1) and not any(name == "HOST" for name, _ in self.headers):
+            raise MissingHost("Host", req=self)
+        return rest

@@ -138,7 +138,8 @@ def test_a_chunked_body_may_fill_the_size_limit(size: int, too_large: bool) -> N
     app = Flask("t")
     app.config["MAX_CONTENT_LENGTH"] = 4096
     environ = EnvironBuilder(method="POST").get_environ()
-    environ.update({"wsgi.input": io.BytesIO(b"x" * size), "wsgi.input_terminated": True})
+    environ.update({"wsgi.input": io.BytesIO(b"x" * size), "wsgi.input_terminated": True,
+                    "HTTP_TRANSFER_ENCODING": "chunked"})
     environ.pop("CONTENT_LENGTH", None)
     with app.request_context(environ):
         if too_large:

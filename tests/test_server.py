@@ -360,16 +360,17 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[str, dict[str, An
 
 
 @pytest.mark.parametrize("raw, status, code", [
-    (f"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {len(BODY) + 9}\r\n\r\n{BODY}".encode(), 400, None),
+    (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY) + 9}\r\n\r\n{BODY}".encode(), 400,
+     None),
     (b"GARBAGE\r\n\r\n", 400, None),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, None),
-    (b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, None),
-    (b"GET /health HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400, None),
-    (b"GET /health?" + b"a" * 8000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
-    (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "request_header_fields_too_large"),
-    (f"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, None),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, None),
+    (b"GET /health?" + b"a" * 8000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "request_header_fields_too_large"),
+    (f"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
      f"{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n".encode(), 415, "unsupported_media_type"),
-    (b"POST /tokenize HTTP/1.1\r\nTransfer-Encoding: bogus, chunked\r\n\r\n0\r\n\r\n", 501,
+    (b"POST /tokenize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus, chunked\r\n\r\n0\r\n\r\n", 501,
      "unsupported_transfer_coding"),
 ], ids=["cut-short", "garbage", "http2", "two-lengths", "negative-length", "long-url", "long-header", "gzip-coding",
         "unknown-coding"])
@@ -388,10 +389,46 @@ def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw
 
 def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
     """gunicorn reads `Transfer-Encoding: identity, chunked` as chunked; the app answered 415."""
-    raw = (f"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n"
+    raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n"
            f"Content-Type: application/json\r\n\r\n{len(BODY):x}\r\n{BODY}\r\n0\r\n\r\n")
     got, body = _raw_exchange(server, raw.encode())
     assert got == "200 OK" and body["choices"], body
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /health HTTP/1.1\r\n\r\n", "400 Bad Request"),
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400 Bad Request"),  # gunicorn's own refusal
+    (f"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {len(BODY)}\r\n\r\n{BODY}".encode(), "400 Bad Request"),
+    (b"GET /health HTTP/1.0\r\n\r\n", "200 OK"),
+], ids=["get", "two-hosts", "post", "http1.0"])
+def test_http11_needs_one_host(server: GunicornServer, raw: bytes, status: str) -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host (or with two) is a 400 that closes the connection; one without
+    was served. HTTP/1.0 has no Host to require."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ", 1)[1].decode() == status, head
+    if status.startswith("400"):
+        assert b"\r\nConnection: close\r\n" in head, head
+        error = json.loads(payload)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert "Host" in error["message"] or "HOST" in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"])
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_post_without_length_is_411(server: GunicornServer, path: str, version: str) -> None:
+    """A POST with neither Content-Length nor chunking was read as an empty body: "The JSON body is not valid JSON."
+    (400), where the cause is the missing length (411, as OpenAI's and vLLM's proxies answer). An empty body whose
+    length is given stays that 400."""
+    got, body = _raw_exchange(server, f"POST {path} {version}\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+                              .encode())
+    assert got.lower() == "411 length required", body
+    assert body["error"]["code"] == "length_required" and "Content-Length" in body["error"]["message"], body
+    assert body["error"]["type"] == "invalid_request_error"
+    got, body = _raw_exchange(server, f"POST {path} {version}\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+    assert got.lower() == "400 bad request" and "not valid JSON" in body["error"]["message"], body
 
 
 @pytest.mark.parametrize("headers, encoding, status", [

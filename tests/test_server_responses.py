@@ -461,6 +461,26 @@ def test_a_call_id_repeated_after_a_previous_response_names_the_input_item(clien
     assert exc.value.body["param"] == "input.[2].call_id" and exc.value.body["message"] == DUPLICATE_OUTPUT
 
 
+def test_the_calls_answered_resent_without_their_id_are_the_history_s(client: openai.OpenAI) -> None:
+    """The function_call input item's `id` is optional (openai's ResponseFunctionToolCallParam): a client answering a
+    previous response's call, sending the call again without its id beside its output, got "Duplicate function_call"
+    (400). It is the history's call (same call_id, name and arguments): templated and stored once, and the next turn
+    builds on it. The same call_id with other arguments is still another call, refused."""
+    first = client.responses.create(input="What time is it?", **FORCED)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    resent = {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+    second = client.responses.create(input=[resent, output], tools=TOOLS, previous_response_id=first.id, **GREEDY)
+    assert second.status in ("completed", "incomplete"), second
+    assert [item.type for item in client.responses.input_items.list(second.id)] == ["function_call_output"]
+    third = client.responses.create(input="And now?", tools=TOOLS, previous_response_id=second.id, **GREEDY)
+    assert third.status in ("completed", "incomplete"), third
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{**resent, "arguments": call.arguments + " "}, output], tools=TOOLS,
+                                previous_response_id=first.id, **GREEDY)
+    assert exc.value.body["param"] == "input.[0].call_id", exc.value.body
+
+
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
 def test_truncation_keeps_the_call_the_last_output_answers(server: GunicornServer, route: str) -> None:
     """An agent loop past the context: the long first message goes, the call the last item answers stays (it went,

@@ -573,6 +573,32 @@ def test_invalid_schema_is_a_400_unless_not_strict(server: GunicornServer) -> No
     assert len(json.loads(answer.choices[0].message.content)) <= 3
 
 
+@pytest.mark.parametrize("endpoint, tool_choice, strict", [
+    ("chat", "required", False), ("chat", {"type": "function", "function": {"name": "g"}}, False),
+    ("chat", "auto", True), ("responses", "required", False), ("responses", "auto", True)])
+def test_an_uncompilable_strict_or_forced_tool_schema_is_a_400_naming_the_keyword(
+        server: GunicornServer, endpoint: str, tool_choice: Any, strict: bool) -> None:
+    """SGLang's `"type": "int"`: the 400 quoted the calls' Lark grammar (its `%json` lines, the `<[151657]>` tokens,
+    llguidance's options) around llguidance's refusal; now it names the refused type and the tool."""
+    fine = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    bad = {"type": "object", "properties": {"a": {"type": "int"}}}
+    client = server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError) as refused:
+        if endpoint == "chat":
+            tools = [{"type": "function", "function": {"name": name, "parameters": schema, "strict": strict}}
+                     for name, schema in (("f", fine), ("g", bad))]
+            _create(server, tools=tools, tool_choice=tool_choice)
+        else:
+            tools = [{"type": "function", "name": name, "parameters": schema, "strict": strict}
+                     for name, schema in (("f", fine), ("g", bad))]
+            client.responses.create(model=MODEL, input="hi", max_output_tokens=16, tools=tools,
+                                    tool_choice=tool_choice)
+    error = refused.value.body
+    assert error["param"] == "tools" and "Invalid type: int" in error["message"], error
+    assert "function 'g'" in error["message"], error
+    assert "%json" not in error["message"] and "x-guidance" not in error["message"], error
+
+
 # vLLM's structured outputs: each kind, its check of an answer, and the bodies asking for it (structured_outputs,
 # the older guided_* field)
 REGEX = r"[a-z]{2,5}( [0-9]{1,3})?"

@@ -51,6 +51,10 @@ def _stop_reading(environ: dict[str, Any]) -> None:
     environ[CLOSE_CONNECTION] = True
 
 
+def _chunked(request: Request) -> bool:
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
 def close_if_unread(request: Request) -> None:
     """A body the app did not read (an answer before it: 404, 405, 401; a GET with a body) past READ_CHUNK, or of a
     length not known (chunked), closes the connection after the answer: gunicorn reads what is left before the next
@@ -59,8 +63,7 @@ def close_if_unread(request: Request) -> None:
     if environ.get(BODY_READ) or environ.get(CLOSE_CONNECTION):
         return
     length = request.content_length
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if (length or 0) > READ_CHUNK or (length is None and chunked):
+    if (length or 0) > READ_CHUNK or (length is None and _chunked(request)):
         _stop_reading(environ)
 
 
@@ -129,9 +132,13 @@ def read_body(request: Request, timeout_s: float) -> Body:
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
     (the connection then closes: gunicorn would read the rest to reuse it), 415 for a Content-Encoding
-    we do not decode, or a charset we do not decode on a body that is not valid UTF-8, UTF-16 or UTF-32."""
+    we do not decode, or a charset we do not decode on a body that is not valid UTF-8, UTF-16 or UTF-32; 411 when
+    the request says neither its Content-Length nor chunked (gunicorn reads no body then)."""
     request.environ[BODY_READ] = True
     _check_codings(request)
+    if request.content_length is None and not _chunked(request):
+        raise APIError(411, "This request needs a body: send a Content-Length header (or a chunked "
+                       "Transfer-Encoding).", code="length_required")
     charset, codec = _charset(request)
     try:
         with gevent.Timeout(timeout_s, _BodyTimeout):

@@ -623,9 +623,11 @@ class ResponsesService:
         req = self._resolved(req, budget, found.holders)
         previous = self._previous(req.previous_response_id, found.previous)
         history = ITEMS.validate_json(previous.history) if previous is not None else []
-        items = [*history, *req.input_items]
         self.chat.serving.check_serving(req.model)
-        check_items(items, len(history))
+        inputs = req.input_items
+        if len(kept := check_items([*history, *inputs], len(history))) < len(inputs):  # resent calls dropped
+            req = req.model_copy(update={"input": kept})
+        items = [*history, *kept]
         return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items))
 
     def _fitted(self, conversation: Conversation[Fields], encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:

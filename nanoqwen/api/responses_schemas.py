@@ -516,11 +516,25 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def check_items(items: list[Item], first_input: int) -> None:
+def check_items(items: list[Item], first_input: int) -> list[Item]:
     """A conversation's items (a previous response's, then the input from `first_input` on) as OpenAI checks them,
-    once, before any is dropped to fit the context."""
+    once, before any is dropped to fit the context; the input less the calls it resends (resent_calls)."""
     check_unique_ids(items)
-    check_call_outputs(items, first_input)
+    resent = resent_calls(items, first_input)
+    check_call_outputs(items, first_input, resent)
+    return [item for i, item in enumerate(items[first_input:], first_input) if i not in resent]
+
+
+def resent_calls(items: list[Item], first_input: int) -> set[int]:
+    """The input's function_calls sent again without their id (optional in OpenAI's input item) beside the
+    previous_response_id whose history holds them: the same call_id, name and arguments. A client sending the calls
+    of the response it answers, with their outputs, got "Duplicate function_call"; with the id, it is OpenAI's
+    duplicate item (check_unique_ids)."""
+    called = {(item.call_id, item.name, item.arguments) for item in items[:first_input]
+              if isinstance(item, FunctionCallItem)}
+    return {i for i, item in enumerate(items[first_input:], first_input)
+            if isinstance(item, FunctionCallItem) and item.id is None
+            and (item.call_id, item.name, item.arguments) in called}
 
 
 def check_unique_ids(items: list[Item]) -> None:
@@ -536,7 +550,7 @@ def check_unique_ids(items: list[Item]) -> None:
         seen.add(item.id)
 
 
-def check_call_outputs(items: list[Item], first_input: int) -> None:
+def check_call_outputs(items: list[Item], first_input: int, resent: set[int]) -> None:
     """OpenAI's pairing of the items (a previous response's, then the input from `first_input` on): each
     function_call_output answers a function_call before it, and each function_call is answered. Its messages and
     param, word for word. Each call is answered once, as OpenAI's "Each function_call must have exactly one matching
@@ -551,7 +565,7 @@ def check_call_outputs(items: list[Item], first_input: int) -> None:
     answered: set[str] = set()
     repeats: dict[str, int] = {}  # a call_id's second call, by index
     for i, item in enumerate(items):
-        if isinstance(item, FunctionCallItem):
+        if isinstance(item, FunctionCallItem) and i not in resent:
             if item.call_id in called:
                 repeats.setdefault(item.call_id, i)
             called.add(item.call_id)

@@ -260,18 +260,21 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
 
 
 def _held(tool: ToolSpec, auto: bool, budget: Budget) -> ToolSpec:
-    """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`. Under "auto" a lenient
+    """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`, its schema checked and
+    weighed here, once (patterns past the budget, too: the tools before it keep theirs). Under "auto" a lenient
     tool's (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
-    (OpenAI: strict where it can be), and one that can is weighed here, once (patterns past the budget, too: the tools
-    before it keep theirs); a strict or forced tool's is the 400 naming tools."""
+    (OpenAI: strict where it can be); a strict or forced tool's is the 400 naming tools and the tool: checked alone,
+    its refusal says what in the schema is refused, where the calls' grammar's quoted that grammar's text."""
     lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget)
-        weight = check_json_schema(parameters, False, "tools") if lenient else None
-    except InvalidRequest:
-        if not lenient:
+        weight = check_json_schema(parameters, tool.strict, "tools") if tool.parameters else None
+    except InvalidRequest as exc:
+        if lenient:
+            return replace(tool, parameters=ANY_OBJECT)
+        if exc.param != "tools":  # the request's Budget, naming a larger part: another field
             raise
-        return replace(tool, parameters=ANY_OBJECT)
+        raise InvalidRequest(f"{exc} (in the parameters of function {tool.name!r})", exc.param, exc.code) from None
     return replace(tool, parameters=parameters, weight=weight)
 
 
