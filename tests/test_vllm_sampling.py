@@ -123,6 +123,28 @@ def test_allowed_token_ids_hold_for_every_prompt_of_a_batched_completion(server:
     assert all(len(choice.text) == 6 and set(choice.text) <= set("xy") for choice in out.choices)
 
 
+def test_a_temperature_below_vllms_epsilon_is_greedy(server: GunicornServer) -> None:
+    """vLLM's SamplingParams take a temperature under 1e-5 as greedy: with the two likeliest tokens' logits tied to
+    within fp32 rounding (the second lifted by their logprobs' gap), every choice of `temperature: 1e-6` takes the
+    token `temperature: 0` takes, where sampling at a clamped temperature let each choice's noise decide."""
+    prompt = _token_ids(server, PROMPT)
+    body = {"model": MODEL, "max_tokens": 1, **GREEDY}
+    # the next token's distribution as the prompt logprobs of one more position, keyed by id with ranks
+    scored = requests.post(f"{server.url}/v1/completions", json={**body, "prompt": [*prompt, 0], "prompt_logprobs": 2},
+                           timeout=120).json()["choices"][0]["prompt_logprobs"][-1]
+    (first, best), (second, runner_up) = sorted(
+        ((int(t), e["logprob"]) for t, e in scored.items() if e["rank"] <= 2), key=lambda entry: -entry[1])
+    tied = {**body, "prompt": prompt, "logprobs": 0, "logit_bias": {str(second): best - runner_up}}
+
+    def picks(**sampling: Any) -> list[tuple[str, float]]:
+        response = requests.post(f"{server.url}/v1/completions", json={**tied, **sampling}, timeout=120)
+        return [(c["text"], c["logprobs"]["token_logprobs"][0]) for c in response.json()["choices"]]
+
+    [greedy] = picks()
+    assert greedy[1] in (pytest.approx(best, abs=1e-4), pytest.approx(runner_up, abs=1e-4))
+    assert picks(temperature=1e-6, seed=1, n=8) == [greedy] * 8
+
+
 def test_token_bitmask_sets_exactly_the_given_bits() -> None:
     ids = [0, 1, 31, 32, 33, 100, 151935]
     words = token_bitmask(ids, 151936)  # int32 [ceil(V / 32)]: bit t % 32 of word t // 32
