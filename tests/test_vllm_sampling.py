@@ -123,6 +123,29 @@ def test_allowed_token_ids_hold_for_every_prompt_of_a_batched_completion(server:
     assert all(len(choice.text) == 6 and set(choice.text) <= set("xy") for choice in out.choices)
 
 
+def test_a_temperature_below_vllms_epsilon_is_greedy(server: GunicornServer) -> None:
+    """vLLM's SamplingParams take a temperature under 1e-5 as greedy. The runner-up token is lifted to 1e-5 under the
+    likeliest one (by their logprobs' gap): far above the logits' differences between batch shapes (~1e-6), so greedy
+    always takes the likeliest, but a draw at 1e-5 takes the runner-up about one time in four. Every choice of
+    `temperature: 1e-6` takes the greedy token."""
+    prompt = _token_ids(server, PROMPT)
+    body = {"model": MODEL, "max_tokens": 1, **GREEDY}
+    # the next token's distribution as the prompt logprobs of one more position, keyed by id with ranks
+    scored = requests.post(f"{server.url}/v1/completions", json={**body, "prompt": [*prompt, 0], "prompt_logprobs": 2},
+                           timeout=120).json()["choices"][0]["prompt_logprobs"][-1]
+    (_, best), (second, runner_up) = sorted(
+        ((int(t), e["logprob"]) for t, e in scored.items() if e["rank"] <= 2), key=lambda entry: -entry[1])
+    tied = {**body, "prompt": prompt, "logprobs": 0, "logit_bias": {str(second): best - runner_up - 1e-5}}
+
+    def picks(**sampling: Any) -> list[tuple[str, float]]:
+        response = requests.post(f"{server.url}/v1/completions", json={**tied, **sampling}, timeout=120)
+        return [(c["text"], c["logprobs"]["token_logprobs"][0]) for c in response.json()["choices"]]
+
+    [greedy] = picks()
+    assert greedy[1] == pytest.approx(best, abs=1e-5)
+    assert picks(temperature=1e-6, seed=1, n=8) + picks(temperature=1e-6, seed=2, n=8) == [greedy] * 16
+
+
 def test_token_bitmask_sets_exactly_the_given_bits() -> None:
     ids = [0, 1, 31, 32, 33, 100, 151935]
     words = token_bitmask(ids, 151936)  # int32 [ceil(V / 32)]: bit t % 32 of word t // 32

@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: llguidance is imported where grammars are compiled
     from nanoqwen.engine.grammar import Grammar
 
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy, not sampling at a temperature clamped to some minimum
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
@@ -38,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def filters(self) -> bool:

@@ -58,7 +58,7 @@ def stage_sampling(h: SamplingRows, seqs: list[Sequence], bucket: int, vocab_siz
     -> (the sampler mode that serves every row, whether any row is penalised)."""
     n = len(seqs)
     params = [seq.request.params for seq in seqs]
-    h.temperature[:n] = [p.temperature for p in params]
+    h.temperature[:n] = [0.0 if p.greedy else p.temperature for p in params]
     h.top_p[:n] = [p.top_p for p in params]
     h.top_k[:n] = [min(p.top_k, vocab_size) for p in params]
     h.min_p[:n] = [p.min_p for p in params]
