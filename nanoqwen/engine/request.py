@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: llguidance is imported where grammars are compiled
     from nanoqwen.engine.grammar import Grammar
 
-# vLLM's _SAMPLING_EPS: a temperature below it is greedy, not sampling at a temperature clamped to some minimum
+# a temperature below it is greedy, as 0 is: a client's 1e-6 means greedy, and sampled at the sampler's floor (1e-5)
+# near-tied tokens would go to the seed. vLLM instead samples any temperature under 0.01 at 0.01; SGLang: greedy
+# below 1e-6
 GREEDY_BELOW = 1e-5
 
 
