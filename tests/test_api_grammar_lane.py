@@ -190,20 +190,39 @@ USER = [{"role": "user", "content": "hi"}]
 
 
 def test_a_forced_calls_response_format_is_checked_once(real: tuple[Serving, list[Any], list[Any]]) -> None:
-    """A forced call beside a response_format: the format is checked (its 400 names it) in the grammar lane once; the
-    same request again finds both grammars cached, and takes no turn in the grammar lane (it took one every time)."""
+    """A forced call beside a response_format: the format is checked (its 400 names it) in the calls' one turn in the
+    grammar lane (it took one of its own before them); the same request again finds their grammar cached, and takes no
+    turn in the grammar lane (it took one every time)."""
     serving, _, compiles = real
     body = {"messages": USER, "tools": [TOOL], "tool_choice": "required",
             "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}
     first = structured.output_grammar(serving, parse_chat_request(body, None)).grammar
-    assert len(compiles) == 2
+    assert len(compiles) == 1
     assert structured.output_grammar(serving, parse_chat_request(body, None)).grammar is first
-    assert len(compiles) == 2
+    assert len(compiles) == 1
     bad = {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
         "$ref": "#/$defs/gone"}}}}
     with pytest.raises(InvalidRequest) as refused:
         structured.output_grammar(serving, parse_chat_request(bad, None))
     assert refused.value.param == "response_format"
+
+
+def test_a_forced_call_beside_a_response_format_past_the_bounds_in_all_compiles_nothing(
+        real: tuple[Serving, list[Any], list[Any]]) -> None:
+    """A forced call's schema and a response_format beside it, each within the properties bound, past it in all: the
+    400 naming the larger part, before any grammar is compiled (the format was compiled alone first, up to ~6 s)."""
+    serving, _, _ = real
+
+    def required(prefix: str, count: int) -> dict[str, Any]:
+        names = [f"{prefix}{i}" for i in range(count)]
+        return {"type": "object", "properties": {name: {"type": "integer"} for name in names}, "required": names}
+    body = {"messages": USER, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": required("t", 2_000)}}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": required("a", 3_001)}}}
+    with pytest.raises(InvalidRequest, match="properties in all") as refused:
+        structured.output_grammar(serving, parse_chat_request(body, None))
+    assert refused.value.param == "response_format"
+    assert not serving.engine.grammars._cache
 
 
 @pytest.mark.parametrize("first, second", [(1, True), (0, False), ([1], [True])])

@@ -324,8 +324,8 @@ def test_patternproperties_keys_made_one_regex_follow_each_subschema(server: Gun
 def test_properties_past_their_bound_are_a_400_naming_the_field(server: GunicornServer, endpoint: str) -> None:
     """OpenAI's 5,000 `properties` in a schema (llguidance compiles one object's in time quadratic in them: 10,000,
     a 200 KB body, held a compile thread 16 s): one more is the 400 naming the field (was compiled and served)."""
-    past = grammar.MAX_PROPERTIES + 1
-    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(past)}}
+    names = [f"p{i}" for i in range(grammar.MAX_PROPERTIES + 1)]
+    schema = {"type": "object", "properties": {name: {"type": "integer"} for name in names}, "required": names}
     client = server.openai_client(timeout=300)
     with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
         if endpoint == "chat":
@@ -379,19 +379,38 @@ def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(
         with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
             _create(server, max_tokens=2, tools=[tool], tool_choice=choice, response_format=answer(at + 1))
         assert refused.value.body["param"] == "response_format", refused.value.body
-    half = grammar.MAX_PROPERTIES // 2 + 1
+    names = [f"p{i}" for i in range(grammar.MAX_PROPERTIES // 2 + 1)]
     forced = [{"type": "function", "function": {"name": f"f{k}", "parameters": {
-        "type": "object", "properties": {f"p{i}": integer for i in range(half)}}}} for k in range(2)]
+        "type": "object", "properties": {name: integer for name in names}, "required": names}}} for k in range(2)]
     with pytest.raises(openai.BadRequestError, match="properties in all") as refused:
         _create(server, max_tokens=2, tools=forced, tool_choice="required")
     assert refused.value.body["param"] == "tools", refused.value.body
+    # the request's schemas in all: no one tool's fault (it named f1, whose walk crossed the bound)
+    assert "in the parameters of function" not in refused.value.body["message"], refused.value.body
+
+
+def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_field(server: GunicornServer) -> None:
+    """An object's optional properties in a row: llguidance's row at its first key holds 4 items each and 7 more (an
+    open object), past 2,000 the answer failed at its first token, after the compile (streamed: a 200, then the
+    error event). The longest run within the bound is served, streamed too; one more is the 400 naming the field."""
+    def answer(optional: int) -> dict[str, Any]:
+        schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(optional)}}
+        return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+    at = answer(grammar.MAX_OPTIONAL_RUN)
+    assert _create(server, max_tokens=8, response_format=at).choices[0].finish_reason in ("stop", "length")
+    assert _streamed(server, max_tokens=8, response_format=at)[0]["finish_reason"] in ("stop", "length")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="optional properties in a row") as refused:
+            list(_create(server, max_tokens=8, stream=stream, response_format=answer(grammar.MAX_OPTIONAL_RUN + 1)))
+        assert refused.value.body["param"] == "response_format", refused.value.body
 
 
 def test_a_lark_grammars_json_schemas_past_the_bounds_are_a_400_naming_the_field(server: GunicornServer) -> None:
     """A Lark grammar's `%json` schemas were bounded by their patterns only (10,000 properties held a compile thread
     41 s, load 10, and were served): their properties in all and each object's patternProperties keys are bounded as
     a request's schemas are, the 400 naming the field."""
-    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(grammar.MAX_PROPERTIES + 1)}}
+    names = [f"p{i}" for i in range(grammar.MAX_PROPERTIES + 1)]
+    many = {"type": "object", "properties": {name: {"type": "integer"} for name in names}, "required": names}
     keys = {"type": "object", "patternProperties": {
         f"^k{i}$": {"type": "integer"} for i in range(grammar.MAX_PATTERN_PROPERTIES + 1)}}
     client = server.openai_client(timeout=300)

@@ -4,10 +4,10 @@ ASCII as ECMA's are, but `\\s` is Unicode's White_Space: U+0085 in, U+FEFF out, 
 (a class-set difference, a nested class inside a class: 18 characters where ECMA's list took 74), and those of the
 `default` and `examples` data a `$ref` points into, which llguidance reads as a schema (engine/grammar_rows'
 schema_links); other data nothing reads: kept as sent (lane gaps26). A request's schemas' patterns, rewritten, past
-engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent; its Budget)
-are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other requests'
-grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const` and
-`enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
+engine/grammar's MAX_PATTERN_CHARS in all (with those of the const and enum data a `$ref` reads, as sent; its
+SchemaBudget) are refused: llguidance builds its lexer from their text at seconds a megabyte, on a compile thread other
+requests' grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, profiles/RESULTS.md lane edges27). `const`
+and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
 schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there, a
 `%json` by its patterns' characters, MAX_PROPERTIES and MAX_PATTERN_PROPERTIES, not in the data a `$ref` reads).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from nanoqwen.engine.grammar import MAX_RULES, Budget, object_properties
+from nanoqwen.engine.grammar import MAX_RULES, SchemaBudget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.validation import InvalidRequest
@@ -57,7 +57,7 @@ def ecma_pattern(pattern: str) -> str:
     return "".join(out)
 
 
-def ecma_patterns(schema: Any, param: str, budget: Budget | None = None) -> Any:
+def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
     VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS or its `properties` MAX_PROPERTIES, with those of the request's
@@ -67,7 +67,7 @@ def ecma_patterns(schema: Any, param: str, budget: Budget | None = None) -> Any:
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
-    budget = Budget() if budget is None else budget
+    budget = SchemaBudget() if budget is None else budget
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import Budget, ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.grammar import OverBudget, SchemaBudget, ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -71,9 +71,7 @@ def output_grammar(serving: Serving, req: ChatCompletionRequest) -> OutputGramma
     fmt, param = req.response_format, req.named("response_format")
     answer = None if fmt is None or fmt.type == "text" else JsonAnswer(ANY_OBJECT, False, param) \
         if fmt.type == "json_object" else JsonAnswer(fmt.json_schema.schema_, bool(fmt.json_schema.strict), param)
-    if req.forces_tool_call:  # the answer is the call: a response_format beside it is only checked (OpenAI's 400),
-        if answer is not None:  # compiled as it would be alone: a request sent again finds it cached; and its sizes
-            _json(serving, answer.schema, answer.strict, answer.param)  # counted in the calls' Budget (_tool_calls)
+    if req.forces_tool_call:  # the answer is the call: a response_format beside it only checked (_tool_calls)
         return _calls(serving, req, req.forced_tools, answer)
     if req.constrains_calls:
         return _calls(serving, req, req.tools or [], answer)
@@ -88,7 +86,7 @@ def _calls(serving: Serving, req: ChatCompletionRequest, chosen: list[Tool],
     its tool's parameters (leniently unless strict); under "auto" an unconstrained tool's (strict: false; chat's
     default) arguments are any JSON object: OpenAI does not constrain them, nor vLLM's strict auto mode, and its schema
     is not compiled. `answer`: a JSON response_format's, the calls' alternative under "auto"; beside a forced call,
-    counted in their Budget only."""
+    only checked (_tool_calls)."""
     forced = req.forces_tool_call
     chosen = list({t.function.name: t for t in chosen}.values())  # a tool sent twice (the same: _check_tool_names)
     follows = [forced or t.function.constrained for t in chosen]  # a call to it follows its parameters
@@ -245,40 +243,48 @@ def _tool_calls_key(tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | 
 def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer | None, auto: bool,
                 key: GrammarKey) -> Grammar:
     """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
-    answer's (_checked_answer), their sizes one Budget, and their calls' grammar compiled. `auto`: tool_choice "auto",
-    where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar; else the
-    call is forced, and an `answer` beside it (compiled apart: output_grammar) only counted in the Budget."""
+    answer's (_checked_answer), their sizes one SchemaBudget, and their calls' grammar compiled. `auto`: tool_choice
+    "auto", where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar;
+    else the call is forced, and an `answer` beside it only checked: charged first, then compiled as it would be alone
+    (its own 400, cached under its own key) once the request's schemas in all are within their bounds, before the
+    calls' grammar, so that a request past them compiles nothing."""
     free_text = auto and answer is None
-    budget = Budget()
-    if answer is not None and not auto:
-        ecma_patterns(answer.schema, answer.param, budget)
+    budget = SchemaBudget()
+    alone = ecma_patterns(answer.schema, answer.param, budget) if answer is not None and not auto else None
     tools = [_held(tool, auto, budget) for tool in tools]
+    if answer is not None and alone is not None:
+        answer_key = _json_key(answer.schema, answer.strict, answer.param, False)
+        if grammars.cached(answer_key) is None:
+            grammars.json_schema(alone, answer.strict, answer.param, key=answer_key)
     if answer is None or not auto:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
     schema, weight = _checked_answer(answer, budget)
     return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
 
 
-def _held(tool: ToolSpec, auto: bool, budget: Budget) -> ToolSpec:
+def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`, its schema checked and
-    weighed here, once (patterns past the budget, too: the tools before it keep theirs). Under "auto" a lenient
-    tool's (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
-    (OpenAI: strict where it can be); a strict or forced tool's is the 400 naming tools and the tool: checked alone,
-    its refusal says what in the schema is refused, where the calls' grammar's quoted that grammar's text."""
+    weighed here, once (patterns past the budget, too: the tools before it keep theirs). Under "auto" a lenient tool's
+    (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
+    (OpenAI: strict where it can be), and is charged nothing; a strict or forced tool's is the 400 naming tools and the
+    tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's quoted that
+    grammar's text."""
     lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
+    before = budget.copy()
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget)
         weight = check_json_schema(parameters, tool.strict, "tools") if tool.parameters else None
     except InvalidRequest as exc:
-        if lenient:
+        if lenient:  # its calls free: its schema, never compiled, charged nothing
+            budget.refund(before)
             return replace(tool, parameters=ANY_OBJECT)
-        if exc.param != "tools":  # the request's Budget, naming a larger part: another field
+        if isinstance(exc, OverBudget):  # the request's schemas in all, naming their largest part, not this tool
             raise
         raise InvalidRequest(f"{exc} (in the parameters of function {tool.name!r})", exc.param, exc.code) from None
     return replace(tool, parameters=parameters, weight=weight)
 
 
-def _checked_answer(answer: JsonAnswer, budget: Budget) -> tuple[dict[str, Any], int]:
+def _checked_answer(answer: JsonAnswer, budget: SchemaBudget) -> tuple[dict[str, Any], int]:
     """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its tools' (its 400 names
     the field with the budget's largest part), checked first for its own 400 naming its field; and its weight."""
     schema = ecma_patterns(answer.schema, answer.param, budget)

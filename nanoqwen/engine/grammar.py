@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -80,18 +80,25 @@ MAX_PATTERN_PROPERTIES = 64
 # superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
+# An object's optional properties in a row (up to a required one): llguidance's parser row at the object's first key
+# holds 4 items for each, and 7 more where other names are allowed (additionalProperties not false), 1 fewer where
+# not; past LIMITS' max_items_in_row (2,000) the answer failed at its first token, after the compile (streamed: a 200,
+# then the error). Bounded as if the run took the whole object, the row's worst case (a run before a required property
+# holds 3 items each, one after it 2; profiles/RESULTS.md, lane grammar30's mends).
+MAX_OPTIONAL_RUN = (LIMITS.max_items_in_row - 7) // 4
+MAX_CLOSED_RUN = (LIMITS.max_items_in_row + 1) // 4
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
 
 
 @dataclass
-class Budget:
-    """What one request's schemas hold in all (its tools' and its answer's, a Lark grammar's `%json` ones): their
-    patterns' characters (MAX_PATTERN_CHARS) and their `properties` (MAX_PROPERTIES), the costs llguidance's compile
-    adds up across schemas; bounded per schema, N tools cost N times the bound (4 forced tools of ~64,000 characters
-    of `(?i)\\p{L}` patterns held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). `shares`: each
-    field's part, so that a refusal names the largest contributor."""
+class SchemaBudget:
+    """What one request's schemas hold in all (its tools' and its answer's): their patterns' characters
+    (MAX_PATTERN_CHARS) and their `properties` (MAX_PROPERTIES), the costs llguidance's compile adds up across schemas;
+    bounded per schema, N tools cost N times the bound (4 forced tools of ~64,000 characters of `(?i)\\p{L}` patterns
+    held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). `shares`: each field's part, so that a refusal
+    names the largest contributor."""
 
     chars: int = 0
     properties: int = 0
@@ -113,20 +120,46 @@ class Budget:
         before = self.shares.get(param, (0, 0))
         self.shares[param] = (before[0] + chars, before[1] + properties)
 
-    def _refused(self, index: int, param: str, own: int, what: str) -> InvalidRequest:
+    def copy(self) -> SchemaBudget:
+        return replace(self, shares=dict(self.shares))
+
+    def refund(self, before: SchemaBudget) -> None:
+        """Back to `before` (a copy taken earlier): what a schema charged since, that no grammar compiles, dropped."""
+        self.chars, self.properties, self.shares = before.chars, before.properties, before.shares
+
+    def _refused(self, index: int, param: str, own: int, what: str) -> OverBudget:
         parts = {name: share[index] for name, share in self.shares.items()}
         parts[param] = parts.get(param, 0) + own
         largest = max(parts, key=parts.__getitem__)
-        return InvalidRequest(f"invalid {largest}: {what}", param=largest)
+        return OverBudget(f"invalid {largest}: {what}", param=largest)
+
+
+class OverBudget(InvalidRequest):
+    """A SchemaBudget's refusal: the request's schemas in all, naming the field with the largest part, not the schema
+    whose walk crossed the bound."""
 
 
 def object_properties(node: dict[str, Any], param: str) -> int:
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
-    MAX_PATTERN_PROPERTIES."""
+    MAX_PATTERN_PROPERTIES, or its longest run of optional properties MAX_OPTIONAL_RUN (a closed object's
+    MAX_CLOSED_RUN)."""
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
-    return len(node["properties"]) if isinstance(node.get("properties"), dict) else 0
+    if not isinstance(properties := node.get("properties"), dict):
+        return 0
+    required = node.get("required")
+    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+    longest = run = 0
+    for name in properties:
+        run = 0 if name in required else run + 1
+        longest = max(longest, run)
+    bound = MAX_CLOSED_RUN if node.get("additionalProperties") is False and "patternProperties" not in node \
+        else MAX_OPTIONAL_RUN
+    if longest > bound:
+        raise InvalidRequest(f"invalid {param}: a schema object has {longest} optional properties in a row, past "
+                             f"{bound} (make one of them required, or split the object)", param=param)
+    return len(properties)
 
 
 @dataclass(frozen=True)
@@ -293,10 +326,12 @@ class Grammars:
             schemas: list[Any] = []
             check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS, schemas), param, "the grammar's regexes (its "
                                 "/.../ terminals, GBNF's classes, %regex substrings and %json patterns) are")
-            budget, properties = Budget(), 0
+            properties = 0
             for node in (node for schema in schemas for node in schema_objects(schema)):
                 properties += object_properties(node, param)
-                budget.counted(param, 0, properties)
+                if properties > MAX_PROPERTIES:
+                    raise InvalidRequest(f"invalid {param}: the grammar's %json schemas have more than "
+                                         f"{MAX_PROPERTIES} properties in all", param=param)
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:
