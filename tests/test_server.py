@@ -400,10 +400,12 @@ def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
     (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400 Bad Request"),  # gunicorn's own refusal
     (f"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {len(BODY)}\r\n\r\n{BODY}".encode(), "400 Bad Request"),
     (b"GET /health HTTP/1.0\r\n\r\n", "200 OK"),
-], ids=["get", "two-hosts", "post", "http1.0"])
+    (b"GET /health HTTP/1.1\r\nHost: a,b\r\n\r\n", "400 Bad Request"),
+    (b"GET /health HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n", "200 OK"),
+], ids=["get", "two-hosts", "post", "http1.0", "list-value", "ipv6"])
 def test_http11_needs_one_host(server: GunicornServer, raw: bytes, status: str) -> None:
-    """RFC 9112 3.2: an HTTP/1.1 request without Host (or with two) is a 400 that closes the connection; one without
-    was served. HTTP/1.0 has no Host to require."""
+    """RFC 9112 3.2: an HTTP/1.1 request without Host (or with two, or one that is no `host[:port]`: a list value was
+    served) is a 400 that closes the connection; one without was served. HTTP/1.0 has no Host to require."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(raw)
         sock.shutdown(socket.SHUT_WR)
