@@ -1,5 +1,5 @@
 """A request's head checked as gunicorn parses it: a request line refused at its first byte that cannot be one, and
-an HTTP/1.1 request without Host refused once its head is whole.
+an HTTP/1.1 request without Host, or any with a Host that is not one, refused once its head is whole.
 
 gunicorn reads a request line until its CRLF (or 4 KiB) before it looks at it, so a TLS ClientHello sent to this
 plain-HTTP port (`https://` on an `http://` server) or other binary bytes without a line feed got no answer, and held
@@ -12,7 +12,9 @@ a connection's first request is not checked early (its PROXY header, v2 binary, 
 refusal once its line is whole.
 
 RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header (gunicorn refuses a second one
-itself, as a singleton field, and served one without); HTTP/1.0 has no Host to require.
+itself, as a singleton field, and served one without; HTTP/1.0 has no Host to require), and to any whose Host is not
+a valid `uri-host [":" port]` (RFC 3986 3.2.2; empty where the target has no authority). A comma, valid in a reg-name
+but in no host name, is refused too: it is how two Host lines read once a proxy joins them into one (RFC 9110 5.3).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from gunicorn.http.message import Request
 # what the start of a request may be while its line is incomplete: its CR may have come without the LF yet
 LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
 SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
+# IP-literal (IPv6 and IPvFuture, loosely) or reg-name less the comma, then an optional port
+HOST = re.compile(r"(?:\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 
 
 class MissingHost(InvalidHeader):
@@ -34,11 +38,19 @@ class MissingHost(InvalidHeader):
         return "An HTTP/1.1 request must send a Host header (RFC 9112 3.2)."
 
 
+class InvalidHost(InvalidHeader):
+    """`hdr`: the Host's value."""
+
+    def __str__(self) -> str:
+        return f"The Host header must be a host name or address and an optional port (RFC 9112 3.2), not " \
+               f"{self.hdr[:SHOWN_BYTES * 4]!r}."
+
+
 class CheckedRequest(Request):
     """gunicorn's Request, whose head's reads check the request line received so far, and whose parsed head has a
-    Host where HTTP/1.1 requires one. Both of gunicorn's parsers (its Python one and gunicorn_h1c's) read the head
-    through read_into, and through parse: while the request line is not parsed (`method` unset), the buffer starts
-    with it."""
+    valid Host, where HTTP/1.1 requires one. Both of gunicorn's parsers (its Python one and gunicorn_h1c's) read the
+    head through read_into, and through parse: while the request line is not parsed (`method` unset), the buffer
+    starts with it."""
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
@@ -49,6 +61,9 @@ class CheckedRequest(Request):
 
     def parse(self, unreader: Any) -> bytes:
         rest = super().parse(unreader)
-        if self.version >= (1, 1) and not any(name == "HOST" for name, _ in self.headers):
+        hosts = [value for name, value in self.headers if name == "HOST"]  # one at most: gunicorn refuses a second
+        if self.version >= (1, 1) and not hosts:
             raise MissingHost("Host", req=self)
+        if hosts and not HOST.fullmatch(hosts[0]):
+            raise InvalidHost(hosts[0], req=self)
         return rest

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ import pytest
 import requests
 
 from balancer import Nginx
+from chat_http import read_all
 from server_process import GunicornServer
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None,
@@ -100,6 +102,16 @@ def test_conversation_id_pins_a_replica(replicas, tmp_path):
             assert response.status_code == 200, response.text
         gained = sorted(_served(s) - b for s, b in zip(replicas, before))
         assert gained == [0, 4]
+
+
+def test_an_http10_request_without_host_is_served(replicas, tmp_path):
+    """An HTTP/1.0 client may send no Host (HAProxy's default health check): nginx passed it on as HTTP/1.1 with none
+    (its `$host` empty, the header dropped), which a replica must refuse (400); it now names the upstream."""
+    with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
+          socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
+        sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        answer = read_all(sock)
+    assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", answer
 
 
 # Last in the module: it ends both replicas.

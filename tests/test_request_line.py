@@ -6,7 +6,7 @@ from gunicorn.config import Config
 from gunicorn.http.errors import InvalidRequestLine
 from gunicorn.http.parser import RequestParser
 
-from nanoqwen.request_line import CheckedRequest
+from nanoqwen.request_line import CheckedRequest, InvalidHost
 
 REQUEST = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Latin: caf\xe9\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -43,3 +43,19 @@ def test_a_bad_byte_after_a_served_request_is_refused_in_the_next_one() -> None:
     assert next(parser).body.read() == b"{}"
     with pytest.raises(InvalidRequestLine):
         next(parser)
+
+
+@pytest.mark.parametrize("host", ["h", "localhost:8000", "10.0.0.11:8000", "[::1]:8000", "my-host.example", "a%20b",
+                                  "", "h:"])
+def test_a_valid_host_is_served(host: str) -> None:
+    assert _requests([REQUEST.replace(b"Host: h", f"Host: {host}".encode())])[0][2] == b"{}"
+
+
+@pytest.mark.parametrize("host", ["a,b", "a, b", "a b", "h/x", "h:80x", "[::1", "%zz", "h@x", "caf\xe9"])
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_an_invalid_host_is_refused(host: str, version: str) -> None:
+    """RFC 9112 3.2: a 400 for a Host that is no `host[:port]` (a list value, two hosts joined, was served)."""
+    raw = REQUEST.replace(b"Host: h", f"Host: {host}".encode("latin-1"))
+    raw = raw.replace(b"HTTP/1.1", f"HTTP/{version}".encode())
+    with pytest.raises(InvalidHost, match="RFC 9112 3.2"):
+        _requests([raw])

@@ -400,10 +400,12 @@ def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
     (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400 Bad Request"),  # gunicorn's own refusal
     (f"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: {len(BODY)}\r\n\r\n{BODY}".encode(), "400 Bad Request"),
     (b"GET /health HTTP/1.0\r\n\r\n", "200 OK"),
-], ids=["get", "two-hosts", "post", "http1.0"])
+    (b"GET /health HTTP/1.1\r\nHost: a,b\r\n\r\n", "400 Bad Request"),
+    (b"GET /health HTTP/1.1\r\nHost: [::1]:8000\r\n\r\n", "200 OK"),
+], ids=["get", "two-hosts", "post", "http1.0", "list-value", "ipv6"])
 def test_http11_needs_one_host(server: GunicornServer, raw: bytes, status: str) -> None:
-    """RFC 9112 3.2: an HTTP/1.1 request without Host (or with two) is a 400 that closes the connection; one without
-    was served. HTTP/1.0 has no Host to require."""
+    """RFC 9112 3.2: an HTTP/1.1 request without Host (or with two, or one that is no `host[:port]`: a list value was
+    served) is a 400 that closes the connection; one without was served. HTTP/1.0 has no Host to require."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(raw)
         sock.shutdown(socket.SHUT_WR)
@@ -421,10 +423,16 @@ def test_http11_needs_one_host(server: GunicornServer, raw: bytes, status: str) 
 def test_post_without_length_is_411(server: GunicornServer, path: str, version: str) -> None:
     """A POST with neither Content-Length nor chunking was read as an empty body: "The JSON body is not valid JSON."
     (400), where the cause is the missing length (411, as OpenAI's and vLLM's proxies answer). An empty body whose
-    length is given stays that 400."""
-    got, body = _raw_exchange(server, f"POST {path} {version}\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
-                              .encode())
-    assert got.lower() == "411 length required", body
+    length is given stays that 400. The 411 closes the connection: the body the client sends after the head was read
+    as the next request (a second answer, 400 "Invalid Method")."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} {version}\r\nHost: x\r\nContent-Type: application/json\r\n\r\n{BODY}".encode())
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ", 1)[1].lower() == b"411 length required", answer
+    assert answer.count(b"HTTP/1.") == 1 and b"\r\nConnection: close\r\n" in head, answer
+    body = json.loads(payload)
     assert body["error"]["code"] == "length_required" and "Content-Length" in body["error"]["message"], body
     assert body["error"]["type"] == "invalid_request_error"
     got, body = _raw_exchange(server, f"POST {path} {version}\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())

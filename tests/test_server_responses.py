@@ -461,24 +461,46 @@ def test_a_call_id_repeated_after_a_previous_response_names_the_input_item(clien
     assert exc.value.body["param"] == "input.[2].call_id" and exc.value.body["message"] == DUPLICATE_OUTPUT
 
 
+def _called(client: openai.OpenAI) -> tuple[Any, Json, Json]:
+    """A response's forced call, that call as a client resends it without its id (arguments re-serialised in its own
+    way: a JavaScript client's JSON.stringify), and its output."""
+    first = client.responses.create(input="What time is it?", **FORCED)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    arguments = json.dumps(json.loads(call.arguments), indent=1)
+    assert arguments != call.arguments
+    resent = {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": arguments}
+    return first, resent, {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+
+
 def test_the_calls_answered_resent_without_their_id_are_the_history_s(client: openai.OpenAI) -> None:
     """The function_call input item's `id` is optional (openai's ResponseFunctionToolCallParam): a client answering a
     previous response's call, sending the call again without its id beside its output, got "Duplicate function_call"
-    (400). It is the history's call (same call_id, name and arguments): templated and stored once, and the next turn
-    builds on it. The same call_id with other arguments is still another call, refused."""
-    first = client.responses.create(input="What time is it?", **FORCED)
-    [call] = [item for item in first.output if item.type == "function_call"]
-    resent = {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments}
-    output = {"type": "function_call_output", "call_id": call.call_id, "output": "12:00"}
+    (400), and so did one re-serialising its arguments. It is the history's call (same call_id, name, and arguments
+    as JSON): templated and stored once, and the next turn builds on it. The same call_id with other arguments is still
+    another call, refused."""
+    first, resent, output = _called(client)
     second = client.responses.create(input=[resent, output], tools=TOOLS, previous_response_id=first.id, **GREEDY)
     assert second.status in ("completed", "incomplete"), second
     assert [item.type for item in client.responses.input_items.list(second.id)] == ["function_call_output"]
     third = client.responses.create(input="And now?", tools=TOOLS, previous_response_id=second.id, **GREEDY)
     assert third.status in ("completed", "incomplete"), third
     with pytest.raises(openai.BadRequestError) as exc:
-        client.responses.create(input=[{**resent, "arguments": call.arguments + " "}, output], tools=TOOLS,
+        client.responses.create(input=[{**resent, "arguments": json.dumps({"zone": "nowhere"})}, output], tools=TOOLS,
                                 previous_response_id=first.id, **GREEDY)
     assert exc.value.body["param"] == "input.[0].call_id", exc.value.body
+
+
+def test_a_call_resent_is_the_history_s_once_and_only_while_unanswered(client: openai.OpenAI) -> None:
+    """Only the previous response's own calls (unanswered in its history) are taken as resent, each once: a call
+    answered earlier sent again alone was dropped, the input left empty (a 200 from the history alone, where `input:
+    []` is a 400), and one resent twice beside one output was dropped twice. Both are a second call of the call_id."""
+    first, resent, output = _called(client)
+    second = client.responses.create(input=[resent, output], tools=TOOLS, previous_response_id=first.id, **GREEDY)
+    for previous, items, at in ((second.id, [resent], 0), (first.id, [resent, resent, output], 1)):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(input=items, tools=TOOLS, previous_response_id=previous, **GREEDY)
+        assert exc.value.body["param"] == f"input.[{at}].call_id", exc.value.body
+        assert exc.value.body["message"].startswith("Duplicate function_call for call_id"), exc.value.body
 
 
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])

@@ -137,6 +137,7 @@ def read_body(request: Request, timeout_s: float) -> Body:
     request.environ[BODY_READ] = True
     _check_codings(request)
     if request.content_length is None and not _chunked(request):
+        _stop_reading(request.environ)  # the body the client sends anyway is not a next request
         raise APIError(411, "This request needs a body: send a Content-Length header (or a chunked "
                        "Transfer-Encoding).", code="length_required")
     charset, codec = _charset(request)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -44,6 +45,7 @@ from nanoqwen.api.schemas import (
     parse_chat_request,
     parsed_once,
     refused,
+    same_json,
     tool_choice_of,
     validate_body,
 )
@@ -527,14 +529,30 @@ def check_items(items: list[Item], first_input: int) -> list[Item]:
 
 def resent_calls(items: list[Item], first_input: int) -> set[int]:
     """The input's function_calls sent again without their id (optional in OpenAI's input item) beside the
-    previous_response_id whose history holds them: the same call_id, name and arguments. A client sending the calls
-    of the response it answers, with their outputs, got "Duplicate function_call"; with the id, it is OpenAI's
-    duplicate item (check_unique_ids)."""
-    called = {(item.call_id, item.name, item.arguments) for item in items[:first_input]
-              if isinstance(item, FunctionCallItem)}
-    return {i for i, item in enumerate(items[first_input:], first_input)
-            if isinstance(item, FunctionCallItem) and item.id is None
-            and (item.call_id, item.name, item.arguments) in called}
+    previous_response_id whose history left them unanswered (that response's own calls): the same call_id and name,
+    arguments the same JSON (a client's re-serialisation, JSON.stringify's compact one, is the same call). A client
+    sending the calls of the response it answers, with their outputs, got "Duplicate function_call"; with the id, it
+    is OpenAI's duplicate item (check_unique_ids). Each is dropped once: a call the history answered, or one resent
+    twice, is a second call of its call_id (check_call_outputs refuses it), not an input that vanishes."""
+    answered = {item.call_id for item in items[:first_input] if isinstance(item, FunctionCallOutputItem)}
+    pending = {item.call_id: item for item in items[:first_input]
+               if isinstance(item, FunctionCallItem) and item.call_id not in answered}
+    resent = set()
+    for i, item in enumerate(items[first_input:], first_input):
+        if isinstance(item, FunctionCallItem) and item.id is None and (call := pending.get(item.call_id)) is not None \
+                and call.name == item.name and _same_arguments(call.arguments, item.arguments):
+            del pending[item.call_id]
+            resent.add(i)
+    return resent
+
+
+def _same_arguments(first: str, second: str) -> bool:
+    if first == second:
+        return True
+    try:
+        return same_json(json.loads(first), json.loads(second))
+    except (ValueError, RecursionError):  # not JSON (a model's call may not be), or nested past the parser's reach
+        return False
 
 
 def check_unique_ids(items: list[Item]) -> None:

@@ -79,13 +79,18 @@ class Refusal:
                                   {"accepted": ", ".join(json.dumps(u) for u in (None, *self.unused))})
 
 
-def same_json(value: Any, unused: Any) -> bool:
-    """Equal as JSON values: by type too, as JSON (and the document's enum) tells them apart (0 is not false),
-    but 1 is 1.0 (ints are fine for floats)."""
+def same_json(value: Any, other: Any) -> bool:
+    """Equal as JSON values, at every depth: by type too, as JSON (and the document's enum) tells them apart (0 is not
+    false, [0] is not [false]), but 1 is 1.0 (ints are fine for floats); an object's keys in any order."""
     def number(x: Any) -> bool:
         return isinstance(x, int | float) and not isinstance(x, bool)
 
-    return value == unused and (type(value) is type(unused) or number(value) and number(unused))
+    if isinstance(value, dict):
+        return isinstance(other, dict) and value.keys() == other.keys() and all(
+            same_json(v, other[k]) for k, v in value.items())
+    if isinstance(value, list):
+        return isinstance(other, list) and len(value) == len(other) and all(map(same_json, value, other))
+    return value == other and (type(value) is type(other) or number(value) and number(other))
 
 
 def refused(*unused: Any) -> Any:
