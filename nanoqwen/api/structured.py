@@ -251,15 +251,24 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     free_text = auto and answer is None
     budget = SchemaBudget()
     alone = ecma_patterns(answer.schema, answer.param, budget) if answer is not None and not auto else None
-    tools = [_held(tool, auto, budget) for tool in tools]
-    if answer is not None and alone is not None:
+    # what must hold is charged first, whatever the order sent: a lenient tool gives way to it (its calls free)
+    firm = {i: _held(tool, auto, budget) for i, tool in enumerate(tools) if not _lenient(tool, auto)}
+    checked = _checked_answer(answer, budget) if answer is not None and auto else None
+    tools = [firm[i] if i in firm else _held(tool, auto, budget) for i, tool in enumerate(tools)]
+    if alone is not None:
         answer_key = _json_key(answer.schema, answer.strict, answer.param, False)
         if grammars.cached(answer_key) is None:
             grammars.json_schema(alone, answer.strict, answer.param, key=answer_key)
-    if answer is None or not auto:
+    if checked is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
-    schema, weight = _checked_answer(answer, budget)
+    schema, weight = checked
     return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
+
+
+def _lenient(tool: ToolSpec, auto: bool) -> bool:
+    """Whether a tool's schema may give way: under "auto", strict not sent (Responses' default), and a schema at all
+    (none: no arguments, any grammar holds)."""
+    return auto and not tool.strict and bool(tool.parameters)
 
 
 def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
@@ -269,7 +278,7 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     (OpenAI: strict where it can be), and is charged nothing; a strict or forced tool's is the 400 naming tools and the
     tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's quoted that
     grammar's text."""
-    lenient = auto and not tool.strict and bool(tool.parameters)  # none: no arguments, any grammar holds
+    lenient = _lenient(tool, auto)
     before = budget.copy()
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget)
@@ -285,7 +294,8 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
 
 
 def _checked_answer(answer: JsonAnswer, budget: SchemaBudget) -> tuple[dict[str, Any], int]:
-    """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its tools' (its 400 names
-    the field with the budget's largest part), checked first for its own 400 naming its field; and its weight."""
+    """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its firm tools', before
+    its lenient ones (its 400 names the field with the budget's largest part), checked first for its own 400 naming
+    its field; and its weight."""
     schema = ecma_patterns(answer.schema, answer.param, budget)
     return schema, check_json_schema(schema, answer.strict, answer.param)
