@@ -17,14 +17,28 @@ from pathlib import Path
 import requests
 
 
+class NoSchedstat(RuntimeError):
+    """A thread's run-queue waits cannot be read: a wait less them would silently be wall time."""
+
+
 def schedstat(path: str) -> tuple[float, float]:
     """A thread's seconds on a CPU, and runnable but waiting for one, since it started."""
     try:
         ran, waited, _ = Path(path).read_text().split()
     except FileNotFoundError:
-        sys.exit(f"no {path}: the worker exited (or, on the first read, the kernel reports no run-queue wait: "
-                 "CONFIG_SCHED_INFO)")
+        raise NoSchedstat(f"no {path}: its thread exited, or the kernel reports no run-queue waits "
+                          "(CONFIG_SCHED_INFO)") from None
     return int(ran) / 1e9, int(waited) / 1e9
+
+
+def reported_schedstat(path: str) -> tuple[float, float]:
+    """schedstat of a thread that has run, checked first: a kernel without sched_info writes "0 0 0". Not for every
+    read: a thread that stays on its CPU has its run time brought up to date at a tick or a switch only."""
+    ran, waited = schedstat(path)
+    if ran == 0:
+        raise NoSchedstat(f"{path} reports no CPU time for a thread that has run: its run-queue waits are not "
+                          "reported either")
+    return ran, waited
 
 
 def main(url: str, interval: float) -> None:
@@ -39,10 +53,7 @@ def main(url: str, interval: float) -> None:
     [worker] = workers
     loop = f"/proc/{worker['pid']}/task/{worker['pid']}/schedstat"  # gevent's loop runs in the worker's main thread
     own = "/proc/thread-self/schedstat"
-    # a kernel without sched_info writes "0 0 0": held would silently be wall time. Not checked per poll: a thread
-    # that stays on its CPU has its run time brought up to date at a tick or a switch only (a poll can see none)
-    if schedstat(loop)[0] == 0:
-        sys.exit(f"{loop} reports no CPU time for a loop that has served: its run-queue waits are not reported either")
+    reported_schedstat(loop)  # the loop has served /stats
     polls: list[tuple[float, ...]] = []
     while not stop.is_set():
         # the waits are read inside the timed span: one outside it would be subtracted from a poll it was no part of

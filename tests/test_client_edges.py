@@ -173,9 +173,10 @@ def test_a_kept_connection_serves_the_requests_pipelined_behind_an_error(chat_se
 def test_bytes_no_request_line_begins_with_are_refused_at_once(chat_server: GunicornServer, first: bytes) -> None:
     """`https://` pointed at this plain-HTTP port, or other bytes no request line holds: gunicorn waited for a line
     feed or 4 KiB, and without them the connection held its slot, unanswered, for the keep-alive timeout (75 s). As
-    nginx and uvicorn do, it is answered 400 at once and closed. A request sent byte by byte on another connection
-    meanwhile (each prefix checked as it comes) is served as before. Not timed: a connection held answers nothing
-    within _answers' 5 s of quiet (the keep-alive timeout is 75 s)."""
+    nginx and uvicorn do, it is answered 400 without waiting for more bytes, and closed. A request sent byte by byte on
+    another connection meanwhile (each prefix checked as it comes) is served as before. Not timed (the answer may take
+    up to _answers' 5 s of quiet under load): a connection held answers nothing within them (the keep-alive timeout is
+    75 s)."""
     request = HEALTH_CLOSE
     with socket.create_connection(("127.0.0.1", chat_server.port), timeout=10) as slow:
         slow.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -30,7 +30,7 @@ from chat_http import (
 )
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
-from health_poll import schedstat
+from health_poll import reported_schedstat, schedstat
 from nanoqwen import loader
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.config import resolve_threads
@@ -184,7 +184,7 @@ def _exit_slept(srv: GunicornServer, timeout: float) -> tuple[int, float]:
     """The master's exit status, and the seconds its main thread slept until it exited: the wall time less the time it
     ran or waited for a CPU (its schedstat, still read while it is a zombie)."""
     stat = f"/proc/{srv.pid}/schedstat"
-    started, (ran, preempted) = time.monotonic(), schedstat(stat)
+    started, (ran, preempted) = time.monotonic(), reported_schedstat(stat)
     # exited, not yet reaped
     while os.waitid(os.P_PID, srv.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
         assert time.monotonic() < started + timeout, "the master is still running"

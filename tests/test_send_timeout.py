@@ -10,7 +10,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from health_poll import schedstat
+from health_poll import reported_schedstat, schedstat
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 TIMEOUT_S = 0.5
@@ -29,7 +29,7 @@ def _pair() -> tuple[gevent.socket.socket, gevent.socket.socket]:
 def test_a_reader_that_stops_is_given_up_on_after_the_timeout() -> None:
     writer, reader = _pair()
     with writer, reader:
-        started, (_, preempted) = time.monotonic(), schedstat("/proc/thread-self/schedstat")
+        started, (_, preempted) = time.monotonic(), reported_schedstat("/proc/thread-self/schedstat")
         # a timeout not applied fails here rather than hanging
         with pytest.raises(SendTimeout) as raised, gevent.Timeout(10 * TIMEOUT_S):
             TimedWrites(writer, TIMEOUT_S).sendall(DATA)
