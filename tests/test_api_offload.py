@@ -5,6 +5,7 @@ import _thread
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import gevent
 import pytest
@@ -30,25 +31,34 @@ def pools() -> Iterator[Pools]:
         pool.stop()
 
 
-def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running(pools: Pools) -> None:
-    pool = pools(2, 4)
+def _in_parallel(pool: NativePool, then: Callable[[], int]) -> list[int]:
+    """then() in both of a 2-worker pool's workers at once: each job blocks its OS thread until the other runs too (in
+    parallel, or never: the wait fails)."""
     started: list[int] = []
     both_started = NativeEvent()
 
-    def busy(ticks: list[float]) -> int:
-        """Blocks its OS thread (a monkey-patched sleep would only yield) until the other job runs too (in parallel,
-        or never: the wait fails) and the hub has ticked 10 times meanwhile."""
+    def job() -> int:
         started.append(1)
         if len(started) == 2:
             both_started.set()
         assert both_started.wait(10)
+        return then()
+
+    return [g.get(timeout=30) for g in [gevent.spawn(pool.run, job) for _ in range(2)]]
+
+
+def test_work_runs_off_the_hub_thread_and_the_hub_keeps_running(pools: Pools) -> None:
+    pool = pools(2, 4)
+
+    def busy_until_ticked() -> int:
+        """Blocks its OS thread (a monkey-patched sleep would only yield) until the hub has ticked 10 times."""
         deadline = time.monotonic() + 10
         while len(ticks) < 10 and time.monotonic() < deadline:
             NativeEvent().wait(0.01)
         return threading.get_ident()
 
     with hub_ticks() as ticks:
-        idents = [g.get(timeout=30) for g in [gevent.spawn(pool.run, busy, ticks) for _ in range(2)]]
+        idents = _in_parallel(pool, busy_until_ticked)
     assert threading.get_ident() not in idents and len(set(idents)) == 2  # two workers
     assert len(ticks) >= 10  # the hub ran other greenlets meanwhile
 
@@ -72,19 +82,21 @@ def test_pending_jobs_are_bounded(pools: Pools) -> None:
     assert pool.run(lambda: "free again") == "free again"
 
 
-def _threads_become(count: int) -> bool:
-    """Whether the live native threads become `count` within seconds (a thread counts once it runs)."""
+def _ended(native_ids: list[int]) -> bool:
+    """Whether these threads of this process end within seconds (their own ids: the process's thread count also
+    moves with other tests' threads ending late)."""
     deadline = time.monotonic() + 5
-    while _thread._count() != count and time.monotonic() < deadline:
+    while any(Path(f"/proc/self/task/{i}").exists() for i in native_ids) and time.monotonic() < deadline:
         gevent.sleep(0.01)
-    return _thread._count() == count
+    return not any(Path(f"/proc/self/task/{i}").exists() for i in native_ids)
 
 
 def test_stop_ends_the_workers() -> None:
-    before = _thread._count()
     pool = NativePool(workers=2, max_pending=2)
-    assert pool.run(lambda: 1) == 1 and _threads_become(before + 2)
+    workers = _in_parallel(pool, _thread.get_native_id)
+    assert len(set(workers)) == 2 and all(Path(f"/proc/self/task/{i}").exists() for i in workers)  # running
     pool.stop()
-    assert _threads_become(before)
-    assert pool.run(lambda: 2) == 2  # new workers
+    assert _ended(workers)
+    workers = _in_parallel(pool, _thread.get_native_id)  # new workers
     pool.stop()
+    assert _ended(workers)
