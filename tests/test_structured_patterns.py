@@ -296,19 +296,24 @@ def test_a_lenient_tool_with_free_calls_is_not_charged_to_the_requests_bounds(gr
     assert '"s1499"' in calls.text and '"k0"' not in calls.text
 
 
-@pytest.mark.parametrize("lenient_first", [False, True])
-def test_a_lenient_tool_gives_way_to_a_strict_one_whatever_the_order_sent(grammars: Grammars,
-                                                                         lenient_first: bool) -> None:
-    """Under "auto" a lenient tool of 4,000 properties beside a strict one of 2,000: the strict one is charged first
-    whatever the order sent, so the lenient one's calls are free and the request served (sent first, it took the
-    budget and the strict one was the 400 "more than 5000 properties in all": each was served at 2b54a0e)."""
-    def tool(name: str, count: int, strict: bool) -> ToolSpec:
+@pytest.mark.parametrize("lenient_first, strict_answer", [(False, False), (True, False), (True, True)])
+def test_a_lenient_tool_gives_way_to_a_strict_one_whatever_the_order_sent(grammars: Grammars, lenient_first: bool,
+                                                                         strict_answer: bool) -> None:
+    """Under "auto" a lenient tool of 4,000 properties beside a strict schema of 2,000 (a tool's, or the JSON
+    answer's): the strict one is charged first whatever the order sent, so the lenient one's calls are free and the
+    request served (sent first, it took the budget and the strict one was the 400 "more than 5000 properties in all":
+    each was served at 2b54a0e)."""
+    def schema(name: str, count: int) -> dict[str, Any]:
         names = [f"{name}{i}" for i in range(count)]
-        return ToolSpec(name, {"type": "object", "properties": {n: {"type": "integer"} for n in names},
-                               "required": names, "additionalProperties": False}, strict=strict)
-    tools = [tool("s", 2_000, True), tool("free", 4_000, False)]
-    calls = structured._tool_calls(grammars, tools[::-1] if lenient_first else tools, True, None, True,
-                                   ("lenient and strict", str(lenient_first)))
+        return {"type": "object", "properties": {n: {"type": "integer"} for n in names}, "required": names,
+                "additionalProperties": False}
+    lenient = ToolSpec("free", schema("free", 4_000))
+    if strict_answer:
+        tools, answer = [lenient], structured.JsonAnswer(schema("s", 2_000), True, "response_format")
+    else:
+        tools, answer = [lenient, ToolSpec("s", schema("s", 2_000), strict=True)], None
+    calls = structured._tool_calls(grammars, tools if lenient_first else tools[::-1], True, answer, True,
+                                   ("lenient and strict", f"{lenient_first} {strict_answer}"))
     assert '"s1999"' in calls.text and '"free0"' not in calls.text
 
 

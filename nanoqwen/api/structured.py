@@ -273,11 +273,11 @@ def _lenient(tool: ToolSpec, auto: bool) -> bool:
 
 def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     """A tool as its calls follow it, patterns ECMA's, charged to the request's `budget`, its schema checked and
-    weighed here, once (patterns past the budget, too: the tools before it keep theirs). Under "auto" a lenient tool's
-    (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any JSON object
-    (OpenAI: strict where it can be), and is charged nothing; a strict or forced tool's is the 400 naming tools and the
-    tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's quoted that
-    grammar's text."""
+    weighed here, once (patterns past the budget, too: what was charged before it keeps its schema). Under "auto" a
+    lenient tool's (strict not sent: Responses' default) schema that no grammar can hold leaves its calls free, any
+    JSON object (OpenAI: strict where it can be), and is charged nothing; a strict or forced tool's is the 400 naming
+    tools and the tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's
+    quoted that grammar's text."""
     lenient = _lenient(tool, auto)
     before = budget.copy()
     try:
