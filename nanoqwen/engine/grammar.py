@@ -17,7 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -97,12 +97,18 @@ class SchemaBudget:
     """What one request's schemas hold in all (its tools' and its answer's): their patterns' characters
     (MAX_PATTERN_CHARS) and their `properties` (MAX_PROPERTIES), the costs llguidance's compile adds up across schemas;
     bounded per schema, N tools cost N times the bound (4 forced tools of ~64,000 characters of `(?i)\\p{L}` patterns
-    held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). `shares`: each field's part, so that a refusal
-    names the largest contributor."""
+    held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). Kept as each field's part (chars, properties),
+    so that a refusal names the largest contributor."""
 
-    chars: int = 0
-    properties: int = 0
     shares: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def chars(self) -> int:
+        return sum(chars for chars, _ in self.shares.values())
+
+    @property
+    def properties(self) -> int:
+        return sum(properties for _, properties in self.shares.values())
 
     def counted(self, param: str, chars: int, properties: int, note: str = "") -> None:
         """InvalidRequest where one schema's `chars` and `properties` so far (sent by `param`), with those charged
@@ -116,16 +122,15 @@ class SchemaBudget:
 
     def charge(self, param: str, chars: int, properties: int) -> None:
         """One schema's, counted whole, added to the request's."""
-        self.chars, self.properties = self.chars + chars, self.properties + properties
         before = self.shares.get(param, (0, 0))
         self.shares[param] = (before[0] + chars, before[1] + properties)
 
     def copy(self) -> SchemaBudget:
-        return replace(self, shares=dict(self.shares))
+        return SchemaBudget(dict(self.shares))
 
     def refund(self, before: SchemaBudget) -> None:
         """Back to `before` (a copy taken earlier): what a schema charged since, that no grammar compiles, dropped."""
-        self.chars, self.properties, self.shares = before.chars, before.properties, before.shares
+        self.shares = before.shares
 
     def _refused(self, index: int, param: str, own: int, what: str) -> OverBudget:
         parts = {name: share[index] for name, share in self.shares.items()}
@@ -326,12 +331,10 @@ class Grammars:
             schemas: list[Any] = []
             check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS, schemas), param, "the grammar's regexes (its "
                                 "/.../ terminals, GBNF's classes, %regex substrings and %json patterns) are")
-            properties = 0
+            properties, budget = 0, SchemaBudget()  # the %json schemas' properties: a request's schemas' bound
             for node in (node for schema in schemas for node in schema_objects(schema)):
                 properties += object_properties(node, param)
-                if properties > MAX_PROPERTIES:
-                    raise InvalidRequest(f"invalid {param}: the grammar's %json schemas have more than "
-                                         f"{MAX_PROPERTIES} properties in all", param=param)
+                budget.counted(param, 0, properties)
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:
