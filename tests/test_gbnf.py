@@ -39,7 +39,7 @@ def test_the_grammar_and_its_errors_are_llguidances(text: str) -> None:
     except ValueError as exc:
         with pytest.raises(ValueError) as refused:
             grammar_from_text(text)
-        assert str(refused.value) == str(exc)
+        assert str(refused.value) == str(exc).replace(" while calling a Python object", "")  # where the stack ran out
     else:
         assert grammar_from_text(text) == expected
 

@@ -38,6 +38,7 @@ MIRRORED = {
 # that break no line (a blank run holding a break matches from its last one)
 BLANKS = r"(?:\A|\n)[^\S\n]*"  # what the search spans before a line's text: never more than one line break
 LARK = re.compile(BLANKS + r"(?:%llguidance\b|start\s*:)")
+NOT_CONVERTED = "Failed to convert the grammar from GBNF to Lark"  # llguidance.grammar_from's words
 ROOT = "root"  # GBNF's start rule, never a terminal (llguidance renames it `start`)
 
 
@@ -71,8 +72,10 @@ def grammar_from_text(text: str) -> str:
         return LLMatcher.grammar_from_lark(text)
     try:
         lark = _to_lark(text)
+    except RecursionError:  # Python words it by where the stack ran out (" while calling a Python object" in a C call)
+        raise ValueError(f"{NOT_CONVERTED}: maximum recursion depth exceeded") from None
     except Exception as exc:  # noqa: BLE001 -- llguidance's converter raises bare Exceptions
-        raise ValueError(f"Failed to convert the grammar from GBNF to Lark: {exc}") from None
+        raise ValueError(f"{NOT_CONVERTED}: {exc}") from None
     return LLMatcher.grammar_from_lark(lark)
 
 
