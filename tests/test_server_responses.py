@@ -476,12 +476,16 @@ def test_the_calls_answered_resent_without_their_id_are_the_history_s(client: op
     """The function_call input item's `id` is optional (openai's ResponseFunctionToolCallParam): a client answering a
     previous response's call, sending the call again without its id beside its output, got "Duplicate function_call"
     (400), and so did one re-serialising its arguments. It is the history's call (same call_id, name, and arguments
-    as JSON): templated and stored once, and the next turn builds on it. The same call_id with other arguments is still
-    another call, refused."""
+    as JSON): templated and stored once, and the next turn builds on it. input_items lists the input as sent (it
+    listed the output alone), the call under the id of the history's (an id listed is one an item reference finds).
+    The same call_id with other arguments is still another call, refused."""
     first, resent, output = _called(client)
     second = client.responses.create(input=[resent, output], tools=TOOLS, previous_response_id=first.id, **GREEDY)
     assert second.status in ("completed", "incomplete"), second
-    assert [item.type for item in client.responses.input_items.list(second.id)] == ["function_call_output"]
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.type for item in listed] == ["function_call", "function_call_output"], listed
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert (listed[0].id, listed[0].arguments) == (call.id, resent["arguments"]), listed
     third = client.responses.create(input="And now?", tools=TOOLS, previous_response_id=second.id, **GREEDY)
     assert third.status in ("completed", "incomplete"), third
     with pytest.raises(openai.BadRequestError) as exc:
