@@ -51,7 +51,8 @@ def test_a_valid_host_is_served(host: str) -> None:
     assert _requests([REQUEST.replace(b"Host: h", f"Host: {host}".encode())])[0][2] == b"{}"
 
 
-@pytest.mark.parametrize("host", ["a,b", "a, b", "a b", "h/x", "h:80x", "[::1", "%zz", "h@x", "caf\xe9"])
+@pytest.mark.parametrize("host", ["a,b", "a, b", "a b", "h/x", "h:80x", "[::1", "%zz", "h@x", "caf\xe9", "a..b",
+                                  ".a:80", "a" * 64 + ".example"])
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_an_invalid_host_is_refused(host: str, version: str) -> None:
     """RFC 9112 3.2: a 400 for a Host that is no `host[:port]` (a list value, two hosts joined, was served)."""
