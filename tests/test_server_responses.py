@@ -507,6 +507,19 @@ def test_a_call_resent_is_the_history_s_once_and_only_while_unanswered(client: o
         assert exc.value.body["message"].startswith("Duplicate function_call for call_id"), exc.value.body
 
 
+def test_a_call_made_directly_by_the_model_is_taken(client: openai.OpenAI) -> None:
+    """openai's function_call and its output carry `caller` (the newest client's types): `{"type": "direct"}` is a call
+    the model made itself, every call here (as `allowed_callers: ["direct"]` is taken); a history sent back with it was
+    refused. A program's call (programmatic tool calling) is still refused, naming it."""
+    direct = {"caller": {"type": "direct"}}
+    answer = client.responses.create(input=[{**CALL, **direct}, {**OUTPUT, **direct}], tools=TOOLS, **GREEDY)
+    assert answer.status in ("completed", "incomplete"), answer
+    program = {"caller": {"type": "program", "caller_id": "call_0"}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{**CALL, **program}, OUTPUT], tools=TOOLS, **GREEDY)
+    assert exc.value.body["param"] == "input.[0].caller", exc.value.body
+
+
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])
 def test_truncation_keeps_the_call_the_last_output_answers(server: GunicornServer, route: str) -> None:
     """An agent loop past the context: the long first message goes, the call the last item answers stays (it went,

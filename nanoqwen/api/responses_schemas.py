@@ -110,6 +110,10 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
+# a call the model made itself (every call here, as `allowed_callers: ["direct"]`), not a program's
+DirectCaller = refused({"type": "direct"})
+
+
 class FunctionCallItem(Strict):
     """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
 
@@ -121,7 +125,7 @@ class FunctionCallItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
     namespace: Refused = None
-    caller: Refused = None
+    caller: DirectCaller = None
     async_: refused(False) = Field(None, alias="async")
 
     _decoded = field_validator("arguments", mode="wrap")(parsed_once)
@@ -135,7 +139,7 @@ class FunctionCallOutputItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     name: str | None = None  # the called function's: the template pairs outputs with calls by order
     namespace: Refused = None
-    caller: Refused = None
+    caller: DirectCaller = None
 
     @property
     def text(self) -> str:
