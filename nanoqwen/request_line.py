@@ -15,6 +15,9 @@ RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host hea
 itself, as a singleton field, and served one without; HTTP/1.0 has no Host to require), and to any whose Host is not
 a valid `uri-host [":" port]` (RFC 3986 3.2.2; empty where the target has no authority). A comma, valid in a reg-name
 but in no host name, is refused too: it is how two Host lines read once a proxy joins them into one (RFC 9110 5.3).
+So is a name werkzeug's routing cannot encode as IDNA (an empty label, one past 63 characters), which it refused later
+with a vaguer 400 ("The browser (or proxy) sent a request ...") on a connection kept open. An IPv6 zone id
+(`[fe80::1%25eth0]`, RFC 6874) is no RFC 3986 IP-literal: RFC 6874 4 has clients and proxies remove it before sending.
 """
 from __future__ import annotations
 
@@ -64,6 +67,15 @@ class CheckedRequest(Request):
         hosts = [value for name, value in self.headers if name == "HOST"]  # one at most: gunicorn refuses a second
         if self.version >= (1, 1) and not hosts:
             raise MissingHost("Host", req=self)
-        if hosts and not HOST.fullmatch(hosts[0]):
+        if hosts and not (HOST.fullmatch(hosts[0]) and _routable(hosts[0])):
             raise InvalidHost(hosts[0], req=self)
         return rest
+
+
+def _routable(host: str) -> bool:
+    """Whether werkzeug's routing takes the name (Map.bind: lowered, before any ':', encoded as IDNA)."""
+    try:
+        host.lower().partition(":")[0].encode("idna")
+    except UnicodeError:
+        return False
+    return True

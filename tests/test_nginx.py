@@ -28,6 +28,10 @@ MODEL = "qwen3-0.6b"
 STREAMS = 6
 STREAM_TOKENS = 1500  # long enough that no stream of the doomed replica ends before the kill
 TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
+NGINX_BAD_REQUEST = "nginx could not read the request: a malformed request line, or a Host that is not one host name " \
+                    "or address and an optional port (RFC 9112 3.2)."
+
+
 @pytest.fixture(scope="module")
 def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[GunicornServer]]:
     """Started once for the module: its tests count requests as deltas, and the one that kills a replica runs last."""
@@ -112,6 +116,24 @@ def test_an_http10_request_without_host_is_served(replicas, tmp_path):
         sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
         answer = read_all(sock)
     assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", answer
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /health HTTP/1.1\r\nHost: a,b\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
+    b"GET /health HTTP/1.1\r\nHost: a, b\r\n", b"GET /he\x01alth HTTP/1.1\r\nHost: a\r\n", b"GARBAGE\r\n",
+], ids=["joined", "two", "joined-space", "bad-target", "bad-line"])
+def test_what_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path, raw: bytes):
+    """nginx refuses two Host lines, two joined with ", " (a space: no host name) and a malformed request line with its
+    HTML 400, but took `a,b` (a comma is valid in its host names) and passed it on, a replica's 400 (RFC 9110 5.3: two
+    Hosts joined): each one refusal now, nginx's, in the OpenAI envelope, as the API's others."""
+    with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
+          socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
+        sock.sendall(raw + b"Connection: close\r\n\r\n")
+        answer = read_all(sock)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.split(b" ")[1] == b"400", answer
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] == NGINX_BAD_REQUEST, answer
 
 
 # Last in the module: it ends both replicas.

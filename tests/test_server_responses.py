@@ -476,12 +476,16 @@ def test_the_calls_answered_resent_without_their_id_are_the_history_s(client: op
     """The function_call input item's `id` is optional (openai's ResponseFunctionToolCallParam): a client answering a
     previous response's call, sending the call again without its id beside its output, got "Duplicate function_call"
     (400), and so did one re-serialising its arguments. It is the history's call (same call_id, name, and arguments
-    as JSON): templated and stored once, and the next turn builds on it. The same call_id with other arguments is still
-    another call, refused."""
+    as JSON): templated and stored once, and the next turn builds on it. input_items lists the input as sent (it
+    listed the output alone), the call under the id of the history's (an id listed is one an item reference finds).
+    The same call_id with other arguments is still another call, refused."""
     first, resent, output = _called(client)
     second = client.responses.create(input=[resent, output], tools=TOOLS, previous_response_id=first.id, **GREEDY)
     assert second.status in ("completed", "incomplete"), second
-    assert [item.type for item in client.responses.input_items.list(second.id)] == ["function_call_output"]
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.type for item in listed] == ["function_call", "function_call_output"], listed
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert (listed[0].id, listed[0].arguments) == (call.id, resent["arguments"]), listed
     third = client.responses.create(input="And now?", tools=TOOLS, previous_response_id=second.id, **GREEDY)
     assert third.status in ("completed", "incomplete"), third
     with pytest.raises(openai.BadRequestError) as exc:
@@ -501,6 +505,19 @@ def test_a_call_resent_is_the_history_s_once_and_only_while_unanswered(client: o
             client.responses.create(input=items, tools=TOOLS, previous_response_id=previous, **GREEDY)
         assert exc.value.body["param"] == f"input.[{at}].call_id", exc.value.body
         assert exc.value.body["message"].startswith("Duplicate function_call for call_id"), exc.value.body
+
+
+def test_a_call_made_directly_by_the_model_is_taken(client: openai.OpenAI) -> None:
+    """openai's function_call and its output carry `caller` (the newest client's types): `{"type": "direct"}` is a call
+    the model made itself, every call here (as `allowed_callers: ["direct"]` is taken); a history sent back with it was
+    refused. A program's call (programmatic tool calling) is still refused, naming it."""
+    direct = {"caller": {"type": "direct"}}
+    answer = client.responses.create(input=[{**CALL, **direct}, {**OUTPUT, **direct}], tools=TOOLS, **GREEDY)
+    assert answer.status in ("completed", "incomplete"), answer
+    program = {"caller": {"type": "program", "caller_id": "call_0"}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(input=[{**CALL, **program}, OUTPUT], tools=TOOLS, **GREEDY)
+    assert exc.value.body["param"] == "input.[0].caller", exc.value.body
 
 
 @pytest.mark.parametrize("route", ["/v1/responses", "/v1/responses/input_tokens"])

@@ -411,9 +411,16 @@ class PolledEvents(ResponseEvents):
         return ""
 
 
-def _stored_inputs(req: ResponseCreateRequest) -> Inputs:
-    """The input items as stored (input_item_json), none with `store: false`."""
-    return Inputs.of([input_item_json(item) for item in req.input_items]) if req.store is not False else Inputs()
+def _stored_inputs(req: ResponseCreateRequest, resent: Mapping[int, str] | None = None) -> Inputs:
+    """The input items as stored (input_item_json), none with `store: false`. `req` as sent: the calls it resends
+    (Conversation.resent) are listed with the ids of the history's calls they are (an id listed is one an item
+    reference finds)."""
+    if req.store is False:
+        return Inputs()
+    resent = resent or {}
+    items = [item.model_copy(update={"id": resent[i]}) if i in resent else item
+             for i, item in enumerate(req.input_items)]
+    return Inputs.of([input_item_json(item) for item in items], resent.keys())
 
 
 def echoed_tools(req: ResponsePromptFields) -> EncodedList:
@@ -450,8 +457,10 @@ class Conversation(Generic[Fields]):
     req: Fields  # its item references resolved
     previous: Stored | None
     name: PromptName
-    items: list[Item]  # the previous response's, then the input
+    items: list[Item]  # the previous response's, then the input less the calls it resends
     whole: ChatCompletionRequest
+    sent: Fields  # its item references resolved, its input as sent
+    resent: dict[int, str]  # the input's calls that are the history's (check_items'): by place, their ids there
 
 
 @dataclass
@@ -598,7 +607,7 @@ class ResponsesService:
             chat_req, ids = self._fitted(conversation, encode)
             made = Prompt(conversation.req, conversation.previous, conversation.name, chat_req, ids, params)
             if echoes:
-                made.inputs = _stored_inputs(conversation.req)
+                made.inputs = _stored_inputs(conversation.sent, conversation.resent)
                 made.tools = echoed_tools(conversation.req)
             return made
 
@@ -624,11 +633,12 @@ class ResponsesService:
         previous = self._previous(req.previous_response_id, found.previous)
         history = ITEMS.validate_json(previous.history) if previous is not None else []
         self.chat.serving.check_serving(req.model)
-        inputs = req.input_items
-        if len(kept := check_items([*history, *inputs], len(history))) < len(inputs):  # resent calls dropped
-            req = req.model_copy(update={"input": kept})
-        items = [*history, *kept]
-        return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items))
+        sent = req
+        if resent := check_items([*history, *req.input_items], len(history)):
+            req = req.model_copy(update={"input": [item for i, item in enumerate(req.input_items) if i not in resent]})
+        items = [*history, *req.input_items]
+        return Conversation(req, previous, INPUT if previous is None else HISTORY, items, req.to_chat(items), sent,
+                            resent)
 
     def _fitted(self, conversation: Conversation[Fields], encode: Encode) -> tuple[ChatCompletionRequest, list[int]]:
         """The chat request of the items kept and its prompt's ids (_encoded); a continuation too long for the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -109,6 +110,10 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
+# a call the model made itself (every call here, as `allowed_callers: ["direct"]`), not a program's
+DirectCaller = refused({"type": "direct"})
+
+
 class FunctionCallItem(Strict):
     """A call as the model wrote it: OpenAI takes any name and arguments string (a call cut short, `{"b": `)."""
 
@@ -120,7 +125,7 @@ class FunctionCallItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     # Refused unless absent or "not used": tool-search namespaces, programmatic and asynchronous calls.
     namespace: Refused = None
-    caller: Refused = None
+    caller: DirectCaller = None
     async_: refused(False) = Field(None, alias="async")
 
     _decoded = field_validator("arguments", mode="wrap")(parsed_once)
@@ -134,7 +139,7 @@ class FunctionCallOutputItem(Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     name: str | None = None  # the called function's: the template pairs outputs with calls by order
     namespace: Refused = None
-    caller: Refused = None
+    caller: DirectCaller = None
 
     @property
     def text(self) -> str:
@@ -518,31 +523,33 @@ def chat_messages(items: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def check_items(items: list[Item], first_input: int) -> list[Item]:
+def check_items(items: list[Item], first_input: int) -> dict[int, str]:
     """A conversation's items (a previous response's, then the input from `first_input` on) as OpenAI checks them,
-    once, before any is dropped to fit the context; the input less the calls it resends (resent_calls)."""
+    once, before any is dropped to fit the context; the calls the input resends (resent_calls), by their place in the
+    input, with the ids of the history's calls they are."""
     check_unique_ids(items)
     resent = resent_calls(items, first_input)
-    check_call_outputs(items, first_input, resent)
-    return [item for i, item in enumerate(items[first_input:], first_input) if i not in resent]
+    check_call_outputs(items, first_input, resent.keys())
+    return {i - first_input: call_id for i, call_id in resent.items()}
 
 
-def resent_calls(items: list[Item], first_input: int) -> set[int]:
+def resent_calls(items: list[Item], first_input: int) -> dict[int, str]:
     """The input's function_calls sent again without their id (optional in OpenAI's input item) beside the
     previous_response_id whose history left them unanswered (that response's own calls): the same call_id and name,
     arguments the same JSON (a client's re-serialisation, JSON.stringify's compact one, is the same call). A client
     sending the calls of the response it answers, with their outputs, got "Duplicate function_call"; with the id, it
     is OpenAI's duplicate item (check_unique_ids). Each is dropped once: a call the history answered, or one resent
-    twice, is a second call of its call_id (check_call_outputs refuses it), not an input that vanishes."""
+    twice, is a second call of its call_id (check_call_outputs refuses it), not an input that vanishes. By place,
+    with the id of the history's call (stored items have ids)."""
     answered = {item.call_id for item in items[:first_input] if isinstance(item, FunctionCallOutputItem)}
     pending = {item.call_id: item for item in items[:first_input]
                if isinstance(item, FunctionCallItem) and item.call_id not in answered}
-    resent = set()
+    resent = {}
     for i, item in enumerate(items[first_input:], first_input):
         if isinstance(item, FunctionCallItem) and item.id is None and (call := pending.get(item.call_id)) is not None \
                 and call.name == item.name and _same_arguments(call.arguments, item.arguments):
             del pending[item.call_id]
-            resent.add(i)
+            resent[i] = str(call.id)
     return resent
 
 
@@ -568,7 +575,7 @@ def check_unique_ids(items: list[Item]) -> None:
         seen.add(item.id)
 
 
-def check_call_outputs(items: list[Item], first_input: int, resent: set[int]) -> None:
+def check_call_outputs(items: list[Item], first_input: int, resent: Collection[int]) -> None:
     """OpenAI's pairing of the items (a previous response's, then the input from `first_input` on): each
     function_call_output answers a function_call before it, and each function_call is answered. Its messages and
     param, word for word. Each call is answered once, as OpenAI's "Each function_call must have exactly one matching

@@ -84,13 +84,15 @@ class Inputs:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # where each one is in `own`, by id
 
     @classmethod
-    def of(cls, items: list[Json]) -> Inputs:
+    def of(cls, items: list[Json], resent: Collection[int] = ()) -> Inputs:
         """16,000 items: ~270 ms. An item without logprobs (all but an earlier answer's text resent with them) is
-        the same bytes in both."""
+        the same bytes in both. The calls `resent` (by place: a previous response's, check_items') are listed, as
+        sent, not read twice: the history holds them."""
         listed = [encode_text(item).encode() for item in items]
+        kept = [(item, piece) for i, (item, piece) in enumerate(zip(items, listed)) if i not in resent]
         own = [piece if (bare := _without_logprobs(item)) is item else encode_text(bare).encode()
-               for item, piece in zip(items, listed)]
-        return cls(b"[" + b",".join(listed) + b"]", b",".join(own), _spans(items, own))
+               for item, piece in kept]
+        return cls(b"[" + b",".join(listed) + b"]", b",".join(own), _spans([item for item, _ in kept], own))
 
 
 def _spans(items: list[Json], pieces: list[bytes], at: int = 0) -> dict[str, tuple[int, int]]:
