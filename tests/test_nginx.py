@@ -28,8 +28,8 @@ MODEL = "qwen3-0.6b"
 STREAMS = 6
 STREAM_TOKENS = 1500  # long enough that no stream of the doomed replica ends before the kill
 TIMEOUT = (5, 30)  # connect, longest silence: a request that hangs fails the test instead
-NGINX_BAD_REQUEST = "nginx could not read the request: a malformed request line, or a Host that is not one host name " \
-                    "or address and an optional port (RFC 9112 3.2)."
+NGINX_BAD_REQUEST = "nginx could not read the request: its request line, its headers (one Host of a host name or " \
+                    "address and an optional port, RFC 9112 3.2) or its body framing."
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +121,14 @@ def test_an_http10_request_without_host_is_served(replicas, tmp_path):
 @pytest.mark.parametrize("raw", [
     b"GET /health HTTP/1.1\r\nHost: a,b\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n",
     b"GET /health HTTP/1.1\r\nHost: a, b\r\n", b"GET /he\x01alth HTTP/1.1\r\nHost: a\r\n", b"GARBAGE\r\n",
-], ids=["joined", "two", "joined-space", "bad-target", "bad-line"])
+    b"GET /health HTTP/1.1\r\nHost: a:1,b:2\r\n", b"GET /health HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 9000 + b"\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: x\r\n",
+], ids=["joined", "two", "joined-space", "bad-target", "bad-line", "joined-ports", "header-too-large", "bad-length"])
 def test_what_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path, raw: bytes):
-    """nginx refuses two Host lines, two joined with ", " (a space: no host name) and a malformed request line with its
-    HTML 400, but took `a,b` (a comma is valid in its host names) and passed it on, a replica's 400 (RFC 9110 5.3: two
-    Hosts joined): each one refusal now, nginx's, in the OpenAI envelope, as the API's others."""
+    """nginx refuses two Host lines, two joined with ", " (a space: no host name), a malformed request line, a header
+    past its buffers (494) and a bad Content-Length with its HTML 400, but took `a,b` and `a:1,b:2` (a comma is valid
+    in its host names) and passed them on, a replica's 400 (RFC 9110 5.3: two Hosts joined): each one refusal now,
+    nginx's, in the OpenAI envelope, as the API's others."""
     with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
           socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
         sock.sendall(raw + b"Connection: close\r\n\r\n")
