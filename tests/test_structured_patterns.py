@@ -352,3 +352,22 @@ def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Gramma
     with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters in all") as refused:
         structured._tool_calls(grammars, tools(True), False, None, True, ("strict", ""))
     assert refused.value.param == "tools"
+
+
+@pytest.mark.parametrize("tools, where", [(2, "the parameters of function 't1'"), (1, "the schema of text.format")])
+def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(grammars: Grammars, tools: int,
+                                                                              where: str) -> None:
+    """llguidance's lexer limit in the calls' grammar (every schema of the request compiled as one): two forced tools,
+    or a tool beside the JSON answer under "auto", of 20,000 enum strings each. Its 400 names what the client sent at
+    the line it points at, without its excerpt of the grammar we generated (it quoted `  11 | arguments_0: %json
+    {...`)."""
+    def schema(name: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {"e": {"enum": [f"{name}{i}" for i in range(20_000)]}},
+                "required": ["e"]}
+    specs = [ToolSpec(f"t{i}", schema(f"t{i}_"), strict=True) for i in range(tools)]
+    answer = structured.JsonAnswer(schema("a"), True, "text.format") if tools == 1 else None
+    with pytest.raises(InvalidRequest, match="lexer configuration") as refused:
+        structured._tool_calls(grammars, specs, True, answer, answer is not None, ("lexer limit", str(tools)))
+    assert refused.value.param == "tools"
+    assert str(refused.value).endswith(f", reached at {where} (the request's schemas compile as one grammar)")
+    assert "%json" not in str(refused.value) and "|" not in str(refused.value)

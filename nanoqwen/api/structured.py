@@ -262,7 +262,7 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     if checked is None:
         return grammars.tool_calls(tools, parallel, "tools", free_text, key=key)
     schema, weight = checked
-    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight)
+    return grammars.tool_calls(tools, parallel, "tools", free_text, schema, answer.strict, key, weight, answer.param)
 
 
 def _lenient(tool: ToolSpec, auto: bool) -> bool:

@@ -46,6 +46,8 @@ CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a re
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
+# Where llguidance's error says it was in a Lark grammar's text: `at LINE(COLUMN): reason`, then an excerpt of the text
+LOCATED = re.compile(r"at (\d+)\(\d+\): ([^\n]*)")
 ERROR_CHARS = 500  # the most of a matcher's error that its request's failure and the log quote
 # llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
 # fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
@@ -282,14 +284,16 @@ class Grammars:
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
-                   key: GrammarKey | None = None, answer_weight: int | None = None) -> Grammar:
+                   key: GrammarKey | None = None, answer_weight: int | None = None,
+                   answer_param: str = "response_format") -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
         `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
         parser would take it for a call the grammar never saw), where the model may open a call with the
         `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
         response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (a miss:
-        Grammars.compile). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
+        Grammars.compile). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already.
+        llguidance's 400 names the tool (or `answer_param`) whose schema it was compiling, not our grammar's line."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
@@ -307,7 +311,11 @@ class Grammars:
             schemas["answer"] = (answer, answer_strict, answer_weight)
         text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
                                     for name, (schema, strict, _) in schemas.items())])
-        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas))
+        origins = [*(f"the parameters of function {tool.name!r}" for tool in tools), f"the schema of {answer_param}"]
+        def origin(line: int) -> str:  # the text's line (from 1): the rules', then each schema's
+            return origins[line - len(rules) - 1] if line > len(rules) else "the tool calls' own layout"
+        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas),
+                            origin)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -349,25 +357,27 @@ class Grammars:
         return grammar
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
-                weigh: Callable[[], int] | None = None) -> Grammar:
+                weigh: Callable[[], int] | None = None, origin: Callable[[int], str] | None = None) -> Grammar:
         """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
-        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds)."""
+        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds). `origin`:
+        for a grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
         if key is None:
             key = text
             if (grammar := self.cached(key)) is not None:
                 return grammar
-        return self._compiled(text, param, key, weigh)
+        return self._compiled(text, param, key, weigh, origin)
 
-    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None) -> Grammar:
+    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None,
+                  origin: Callable[[int], str] | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
         check_bounds(text, param, weigh)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
-            raise _invalid(param, str(exc)) from None
+            raise _invalid(param, str(exc), origin) from None
         first_mask = None if template.is_error() else self._first_mask(template)
         if first_mask is None or template.is_error():
-            raise _invalid(param, template.get_error())
+            raise _invalid(param, template.get_error(), origin)
         grammar = Grammar(text, template, first_mask, promises=not template.is_accepting())
         with self._lock:
             self._cache[key] = grammar
@@ -435,9 +445,17 @@ def rules_bound(text: str) -> int:
     return lines + 2 * len(REF.findall(text))
 
 
-def _invalid(param: str, error: str) -> InvalidRequest:
-    """The 400 for a grammar llguidance refused."""
-    return InvalidRequest(f"invalid {param}: {_cut(error)}", param=param)
+def _invalid(param: str, error: str, origin: Callable[[int], str] | None = None) -> InvalidRequest:
+    """The 400 for a grammar llguidance refused. `origin` (Grammars.compile's): the grammar is ours, so llguidance's
+    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from."""
+    error = _cut(error)
+    if origin is not None:
+        located = LOCATED.match(error)
+        reason = located.group(2) if located else error.split("\n", 1)[0]
+        where = f", reached at {origin(int(located.group(1)))} (the request's schemas compile as one grammar)" \
+            if located else ""
+        error = reason.removeprefix("failed to compile JSON schema: ") + where
+    return InvalidRequest(f"invalid {param}: {error}", param=param)
 
 
 def _cut(error: str) -> str:
