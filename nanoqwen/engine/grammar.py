@@ -378,7 +378,10 @@ class Grammars:
         first_mask = None if template.is_error() else self._first_mask(template)
         if first_mask is None or template.is_error():
             raise _invalid(param, template.get_error(), origin)
-        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting())
+        return self.keep(key, Grammar(text, template, first_mask, promises=not template.is_accepting()))
+
+    def keep(self, key: GrammarKey, grammar: Grammar) -> Grammar:
+        """`grammar` cached under `key` (one grammar may be under several: what different requests sent for it)."""
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
