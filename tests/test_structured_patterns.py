@@ -317,28 +317,42 @@ def test_a_lenient_tool_gives_way_to_a_strict_one_whatever_the_order_sent(gramma
     assert '"s1999"' in calls.text and '"free0"' not in calls.text
 
 
-@pytest.mark.parametrize("closed", [False, True])
-def test_a_run_of_optional_properties_is_bounded_at_llguidances_parser_row(tokenizer: PreTrainedTokenizerFast,
-                                                                          grammars: Grammars, closed: bool) -> None:
-    """llguidance's row at an object's first key holds 4 items for each optional property in a row, 7 more where other
-    names are allowed (1 fewer where not): past its 2,000 the answer fails at its first token, after the compile. At
-    the bound, compiled as sent, the answer opens its first key; one more fails there, and is refused before; a
-    required property breaks the run."""
-    bound = engine_grammar.MAX_CLOSED_RUN if closed else engine_grammar.MAX_OPTIONAL_RUN
-
-    def optional(count: int) -> dict[str, Any]:
-        return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(count)},
+@pytest.mark.parametrize("layout, closed, bound", [
+    ("[n]", False, 498), ("[n]", True, 500), ("[n] r o600", False, 666), ("r [n] r", False, 999),
+    ("r [n]", False, 998), ("r [n]", True, 999), ("o400 r [n]", False, 797), ("o400 r o100 r [n]", True, 799),
+    ("o400 r [n] r", False, 998)])
+def test_a_run_of_optional_properties_is_bounded_where_llguidances_parser_row_holds_it(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars, layout: str, closed: bool, bound: int) -> None:
+    """llguidance's row where a run of optional properties may begin holds items in proportion to it, as many as where
+    it stands (before, between or after required properties `r`, `oN` a run of N): past its 2,000 the answer fails
+    there, after the compile. At the bound, compiled as sent, the answers taking the run's first or last property
+    follow it; one more fails there, and is refused before, saying where the run stands (the whole object's bound was
+    taken for every run: runs of 499-998 beside required properties, served, were refused)."""
+    def schema(n: int) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        required = []
+        for part in layout.replace("[n]", f"n{n}").split():  # the run under test's names `n...`
+            names = [f"{part[0]}{len(properties) + i}" for i in range(int(part[1:] or 1))]
+            properties.update({name: {"type": "integer"} for name in names})
+            required += names if part == "r" else []
+        return {"type": "object", "properties": properties, "required": required,
                 **({"additionalProperties": False} if closed else {})}
-    opened = tokenizer.encode('{"p')
-    for count, follows in ((bound, True), (bound + 1, False)):
-        matcher = grammars.json_schema(optional(count), strict=False, param=FIELD).matcher()
-        assert (all(matcher.consume_token(token) for token in opened) and not matcher.is_error()) == follows, count
-    assert ecma_patterns(optional(bound), FIELD) == optional(bound)
-    with pytest.raises(InvalidRequest, match=f"{bound + 1} optional properties in a row") as refused:
-        ecma_patterns({"items": optional(bound + 1)}, "tools")
+
+    def follows(n: int) -> bool:
+        matcher = grammars.json_schema(schema(n), strict=False, param=FIELD).matcher()
+        run = [name for name in schema(n)["properties"] if name.startswith("n")]
+        for taken in (run[0], run[-1]):
+            answer = {name: 1 for name in schema(n)["properties"] if name == taken or name.startswith("r")}
+            if not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer))):
+                return False
+            matcher = grammars.json_schema(schema(n), strict=False, param=FIELD).matcher()
+        return True
+    assert follows(bound) and not follows(bound + 1)
+    assert ecma_patterns(schema(bound), FIELD) == schema(bound)
+    past = f"{bound + 1} optional properties in a row.*past {bound} there"
+    with pytest.raises(InvalidRequest, match=past) as refused:
+        ecma_patterns({"items": schema(bound + 1)}, "tools")
     assert refused.value.param == "tools"
-    broken = {**optional(2 * bound), "required": [f"p{bound}"]}
-    assert ecma_patterns(broken, FIELD) == broken
 
 
 def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Grammars) -> None:

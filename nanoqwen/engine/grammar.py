@@ -82,13 +82,11 @@ MAX_PATTERN_PROPERTIES = 64
 # superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
-# An object's optional properties in a row (up to a required one): llguidance's parser row at the object's first key
-# holds 4 items for each, and 7 more where other names are allowed (additionalProperties not false), 1 fewer where
-# not; past LIMITS' max_items_in_row (2,000) the answer failed at its first token, after the compile (streamed: a 200,
-# then the error). Bounded as if the run took the whole object, the row's worst case (a run before a required property
-# holds 3 items each, one after it 2; profiles/RESULTS.md, lane grammar30's mends).
-MAX_OPTIONAL_RUN = (LIMITS.max_items_in_row - 7) // 4
-MAX_CLOSED_RUN = (LIMITS.max_items_in_row + 1) // 4
+# An object's optional properties in a row (in `properties` order, between its required ones): llguidance's parser row
+# where the run may begin holds items in proportion; past LIMITS' max_items_in_row (2,000) the answer failed there,
+# after the compile (streamed: a 200, then the error). Measured per position (_run_row; profiles/RESULTS.md, lanes
+# grammar30's mends and grammar31).
+ROW_ITEMS = LIMITS.max_items_in_row
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
@@ -148,8 +146,7 @@ class OverBudget(InvalidRequest):
 
 def object_properties(node: dict[str, Any], param: str) -> int:
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
-    MAX_PATTERN_PROPERTIES, or its longest run of optional properties MAX_OPTIONAL_RUN (a closed object's
-    MAX_CLOSED_RUN)."""
+    MAX_PATTERN_PROPERTIES, or a run of its optional properties holds a parser row past ROW_ITEMS (_run_row)."""
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
@@ -157,16 +154,36 @@ def object_properties(node: dict[str, Any], param: str) -> int:
         return 0
     required = node.get("required")
     required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
-    longest = run = 0
+    runs = [0]  # the optional properties before each required one, and after the last
     for name in properties:
-        run = 0 if name in required else run + 1
-        longest = max(longest, run)
-    bound = MAX_CLOSED_RUN if node.get("additionalProperties") is False and "patternProperties" not in node \
-        else MAX_OPTIONAL_RUN
-    if longest > bound:
-        raise InvalidRequest(f"invalid {param}: a schema object has {longest} optional properties in a row, past "
-                             f"{bound} (make one of them required, or split the object)", param=param)
+        if name in required:
+            runs.append(0)
+        else:
+            runs[-1] += 1
+    closed = node.get("additionalProperties") is False and "patternProperties" not in node
+    for i, run in enumerate(runs):
+        per, more = _run_row(i, i == len(runs) - 1, closed, runs[0])
+        if run and per * run + more > ROW_ITEMS:
+            where = "" if len(runs) == 1 else " before its first required property" if i == 0 else \
+                " after its last required property" if i == len(runs) - 1 else " between two required properties"
+            raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
+                                 f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
+                                 "object)", param=param)
     return len(properties)
+
+
+def _run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
+    """(items a property, items more) of llguidance's row where a run of optional properties may begin, as measured
+    (in process, the largest run whose answers llguidance follows; lane grammar31): the run after `index` required
+    properties, the `last` one (none after it), in a `closed` object (additionalProperties false), `leading` optional
+    properties before the first required one. The whole object 4n + 7 (closed 4n - 1); before the first required
+    3n + 1; between two 2n + 2, 1 more where some lead; after the last 2n + 3 (closed 2n + 1), and leading + 3 more
+    where some lead (leading + 1 after a second required one or later)."""
+    if index == 0:
+        return (4, -1 if closed else 7) if last else (3, 1)
+    if not last:
+        return 2, 2 + (leading > 0)
+    return 2, (1 if closed else 3) + (leading + (3 if index == 1 else 1) if leading else 0)
 
 
 @dataclass(frozen=True)
