@@ -385,3 +385,27 @@ def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(g
     assert refused.value.param == "tools"
     assert str(refused.value).endswith(f", reached at {where} (the request's schemas compile as one grammar)")
     assert "%json" not in str(refused.value) and "|" not in str(refused.value)
+
+
+@pytest.mark.parametrize("data, what", [
+    ({"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}, "required": [f"p{i}" for i in range(5_001)]},
+     "properties in all"),
+    ({"patternProperties": {f"^k{i}$": {} for i in range(engine_grammar.MAX_PATTERN_PROPERTIES + 1)}},
+     "patternProperties"),
+    ({"properties": {f"p{i}": {} for i in range(engine_grammar.ROW_ITEMS)}}, "optional properties in a row"),
+    ({"pattern": "a" * (MAX_PATTERN_CHARS + 1)}, "with those of data a \\$ref reads"),
+])
+def test_data_a_ref_reads_in_a_lark_grammars_json_is_bounded(grammars: Grammars, data: dict[str, Any],
+                                                               what: str) -> None:
+    """llguidance compiles the `default` data a `$ref` points into as a schema: in a Lark grammar's `%json` its
+    properties, patternProperties keys, runs of optional properties and patterns are bounded as the schema's own (they
+    were not counted: compiled, 5,001 properties in 2-3 s), the 400 naming the field; unread, the data is not."""
+    def grammar(ref: bool) -> str:
+        schema = {"$defs": {"d": {"default": data}}, "type": "object", "properties": {"a": {"type": "integer"}}}
+        if ref:
+            schema["properties"]["a"] = {"$ref": "#/$defs/d/default"}
+        return f"start: j\nj: %json {json.dumps(schema)}"
+    with pytest.raises(InvalidRequest, match=what) as refused:
+        grammars.from_text("grammar", grammar(True), "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+    grammars.from_text("grammar", grammar(False), "guided_grammar")

@@ -13,6 +13,8 @@ vLLM's `disable_any_whitespace` asks for "," and ":" (what its guidance backend 
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import json
 import logging
 import re
@@ -27,8 +29,8 @@ import torch
 from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
-from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
-from nanoqwen.engine.schema_keywords import schema_objects
+from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
+from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -354,10 +356,13 @@ class Grammars:
             raise _invalid(param, str(exc)) from None
         if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)
             schemas: list[Any] = []
-            check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS, schemas), param, "the grammar's regexes (its "
-                                "/.../ terminals, GBNF's classes, %regex substrings and %json patterns) are")
+            chars = regex_chars(converted, MAX_PATTERN_CHARS, schemas)
+            read = _read_data(schemas) if chars <= MAX_PATTERN_CHARS and rules_bound(converted) <= MAX_RULES else []
+            chars += sum(len(pattern) for node in read for pattern in own_patterns(node))
+            check_pattern_chars(chars, param, "the grammar's regexes (its /.../ terminals, GBNF's classes, %regex "
+                                "substrings and %json patterns, with those of data a $ref reads) are")
             properties, budget = 0, SchemaBudget()  # the %json schemas' properties: a request's schemas' bound
-            for node in (node for schema in schemas for node in schema_objects(schema)):
+            for node in itertools.chain((node for schema in schemas for node in schema_objects(schema)), read):
                 properties += object_properties(node, param)
                 budget.counted(param, 0, properties)
         return self._compiled(converted, param, key)
@@ -451,6 +456,16 @@ def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any],
     weighed = {name: schema_weight(schema) if weight is None else weight
                for name, (schema, _, weight) in schemas.items()}
     return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
+
+
+def _read_data(schemas: list[Any]) -> list[dict[str, Any]]:
+    """The objects of the schemas' data (const, enum, default, examples) that a `$ref` reads, which llguidance compiles
+    as schemas (schema_links' in_data); none of a schema whose `$ref` is too long to resolve (check_bounds' 400)."""
+    read: list[dict[str, Any]] = []
+    for schema in schemas:
+        with contextlib.suppress(LongReference):
+            read += [node for node, _ in schema_links(schema).in_data]
+    return read
 
 
 def text_key(kind: str, text: str) -> tuple[str, str]:
