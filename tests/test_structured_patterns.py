@@ -383,7 +383,7 @@ def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(g
     with pytest.raises(InvalidRequest, match="lexer configuration") as refused:
         structured._tool_calls(grammars, specs, True, answer, answer is not None, ("lexer limit", str(tools)))
     assert refused.value.param == "tools"
-    assert str(refused.value).endswith(f", reached at {where} (the request's schemas compile as one grammar)")
+    assert str(refused.value).endswith(f" (at {where}: the request's schemas compile as one grammar)")
     assert "%json" not in str(refused.value) and "|" not in str(refused.value)
 
 
@@ -409,3 +409,28 @@ def test_data_a_ref_reads_in_a_lark_grammars_json_is_bounded(grammars: Grammars,
         grammars.from_text("grammar", grammar(True), "guided_grammar")
     assert refused.value.param == "guided_grammar"
     grammars.from_text("grammar", grammar(False), "guided_grammar")
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_firm_tools_schema_is_checked_by_the_calls_grammars_compile_only(grammars: Grammars,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          auto: bool) -> None:
+    """llguidance's check of a schema costs as much as its compile (64 K of `(?i)\\p{L}` patterns: 2.2 s): a strict or
+    forced tool's was checked alone, then compiled again in the calls' grammar (two forced tools holding them: 4.85 s
+    of CPU, now 2.35 s). Only a lenient tool's is checked alone (refused, its calls are free); a firm one's 400 is the
+    calls' grammar's, with llguidance's reason and naming the function."""
+    validated: list[str] = []
+    real = engine_grammar.LLMatcher.validate_grammar
+    monkeypatch.setattr(engine_grammar.LLMatcher, "validate_grammar",
+                        staticmethod(lambda text: validated.append(text) or real(text)))
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}
+    tools = [ToolSpec("ok", {"type": "object", "properties": {"b": {"type": "integer"}}}, strict=True),
+             ToolSpec("bad", bad, strict=True)]
+    with pytest.raises(InvalidRequest, match="(?s)regex parse error.*unclosed group") as refused:
+        structured._tool_calls(grammars, tools, True, None, auto, ("firm", str(auto)))
+    assert refused.value.param == "tools"
+    assert "(at the parameters of function 'bad':" in str(refused.value) and "%json" not in str(refused.value)
+    lenient = [ToolSpec("ok", tools[0].parameters, strict=True), ToolSpec("bad", bad)]
+    calls = structured._tool_calls(grammars, lenient, True, None, True, ("lenient", str(auto)))
+    assert '"pattern"' not in calls.text  # its calls free: checked alone, refused
+    assert len(validated) == 1

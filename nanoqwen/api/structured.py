@@ -300,7 +300,8 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     before = budget.copy()
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget)
-        weight = check_json_schema(parameters, tool.strict, "tools") if tool.parameters else None
+        # a firm tool's 400 is the calls' grammar's, naming it (and would name `tools`): llguidance checked it once
+        weight = check_json_schema(parameters, tool.strict, "tools", lenient) if tool.parameters else None
     except InvalidRequest as exc:
         if lenient:  # its calls free: its schema, never compiled, charged nothing
             budget.refund(before)

@@ -48,8 +48,9 @@ CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a re
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
-# Where llguidance's error says it was in a Lark grammar's text: `at LINE(COLUMN): reason`, then an excerpt of the text
-LOCATED = re.compile(r"at (\d+)\(\d+\): ([^\n]*)")
+# Where llguidance's error says it was in a Lark grammar's text: `at LINE(COLUMN): reason` (a regex's on more lines),
+# then an excerpt of the text, each line numbered (`  12 | ...`)
+LOCATED = re.compile(r"at (\d+)\(\d+\): (.*?)\n*(?:\n *\d+ \| |\Z)", re.DOTALL)
 ERROR_CHARS = 500  # the most of a matcher's error that its request's failure and the log quote
 # llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
 # fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
@@ -225,13 +226,14 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
         raise _invalid(param, str(exc)) from None
 
 
-def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> int:
+def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True) -> int:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
     slot): the combined grammar it is part of would be refused naming another field. Its schema_weight, for that
-    grammar's bound."""
+    grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile (it costs as much:
+    64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
     text = _json_grammar(schema, strict, param)
     weight = check_bounds(text, param, partial(schema_weight, schema))
-    if error := LLMatcher.validate_grammar(text):
+    if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
     return weight
 
@@ -487,7 +489,7 @@ def _invalid(param: str, error: str, origin: Callable[[int], str] | None = None)
     if origin is not None:
         located = LOCATED.match(error)
         reason = located.group(2) if located else error.split("\n", 1)[0]
-        where = f", reached at {origin(int(located.group(1)))} (the request's schemas compile as one grammar)" \
+        where = f" (at {origin(int(located.group(1)))}: the request's schemas compile as one grammar)" \
             if located else ""
         error = reason.removeprefix("failed to compile JSON schema: ") + where
     return InvalidRequest(f"invalid {param}: {error}", param=param)
