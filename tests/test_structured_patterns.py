@@ -434,3 +434,22 @@ def test_a_firm_tools_schema_is_checked_by_the_calls_grammars_compile_only(gramm
     calls = structured._tool_calls(grammars, lenient, True, None, True, ("lenient", str(auto)))
     assert '"pattern"' not in calls.text  # its calls free: checked alone, refused
     assert len(validated) == 1
+
+
+def test_a_run_of_optional_properties_counts_those_allof_merges_in(tokenizer: PreTrainedTokenizerFast,
+                                                                    grammars: Grammars) -> None:
+    """llguidance merges an object's `allOf` subschemas into it (its own properties first, then theirs in turn): two
+    of 250 optional properties are one run of 500, whose answer fails at its first key after the compile (each
+    alone passed the bound); a `required` from `allOf` breaks the object's own run of 600, served (was refused)."""
+    def optional(start: int, stop: int) -> dict[str, Any]:
+        return {"properties": {f"p{i}": {"type": "integer"} for i in range(start, stop)}}
+    merged = {"type": "object", "allOf": [optional(0, 250), optional(250, 500)]}
+    matcher = grammars.json_schema(merged, strict=False, param=FIELD).matcher()
+    assert not all(matcher.consume_token(token) for token in tokenizer.encode('{"p0": 1}'))
+    with pytest.raises(InvalidRequest, match="500 optional properties in a row") as refused:
+        ecma_patterns(merged, FIELD)
+    assert refused.value.param == FIELD
+    broken = {"type": "object", **optional(0, 600), "allOf": [{"required": ["p300"]}]}
+    matcher = grammars.json_schema(ecma_patterns(broken, FIELD), strict=False, param=FIELD).matcher()
+    tokens = tokenizer.encode('{"p0": 1, "p300": 2}')
+    assert matcher.validate_tokens(tokens) == len(tokens)

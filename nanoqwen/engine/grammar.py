@@ -149,16 +149,14 @@ class OverBudget(InvalidRequest):
 
 def object_properties(node: dict[str, Any], param: str) -> int:
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
-    MAX_PATTERN_PROPERTIES, or a run of its optional properties holds a parser row past ROW_ITEMS (_run_row)."""
+    MAX_PATTERN_PROPERTIES, or a run of its optional properties (with its allOf's: _merged) holds a parser row past
+    ROW_ITEMS (_run_row)."""
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
-    if not isinstance(properties := node.get("properties"), dict):
-        return 0
-    required = node.get("required")
-    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+    names, required = _merged(node)
     runs = [0]  # the optional properties before each required one, and after the last
-    for name in properties:
+    for name in names:
         if name in required:
             runs.append(0)
         else:
@@ -172,7 +170,18 @@ def object_properties(node: dict[str, Any], param: str) -> int:
             raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
                                  f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
                                  "object)", param=param)
-    return len(properties)
+    return len(properties) if isinstance(properties := node.get("properties"), dict) else 0
+
+
+def _merged(node: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """A schema object's property names in the order llguidance compiles them, and its required ones: its own, then
+    each `allOf` subschema's in turn, merged into one object (a `$ref` among them not followed)."""
+    parts = [node, *(part for part in node.get("allOf") or () if isinstance(part, dict))] \
+        if isinstance(node.get("allOf"), list) else [node]
+    names = dict.fromkeys(name for part in parts if isinstance(own := part.get("properties"), dict) for name in own)
+    required = {name for part in parts if isinstance(own := part.get("required"), list) for name in own
+                if isinstance(name, str)}
+    return list(names), required
 
 
 def _run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
