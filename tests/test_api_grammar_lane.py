@@ -225,6 +225,31 @@ def test_a_forced_call_beside_a_response_format_past_the_bounds_in_all_compiles_
     assert not serving.engine.grammars._cache
 
 
+def test_a_changed_response_format_beside_the_same_forced_tools_finds_their_calls_compiled(
+        real: tuple[Serving, list[Any], list[Any]]) -> None:
+    """Forced calls' grammar is their tools' alone: a changed response_format beside them finds it (it recompiled
+    them), as do the tools forced without one; the changed format is still checked (its 400) and charged with them
+    (past the properties bound in all: the 400 naming the larger part)."""
+    serving, _, _ = real
+
+    def required(prefix: str, count: int) -> dict[str, Any]:
+        names = [f"{prefix}{i}" for i in range(count)]
+        return {"type": "object", "properties": {name: {"type": "integer"} for name in names}, "required": names}
+
+    def grammar(answer: dict[str, Any] | None) -> Any:
+        body = {"messages": USER, "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": required("t", 2_000)}}]}
+        if answer is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "a", "schema": answer}}
+        return structured.output_grammar(serving, parse_chat_request(body, None)).grammar
+    first = grammar(required("a", 1))
+    assert grammar(required("b", 1)) is first and grammar(None) is first
+    for answer, what in (({"type": "string", "pattern": "("}, "regex"), (required("c", 3_001), "properties in all")):
+        with pytest.raises(InvalidRequest, match=what) as refused:
+            grammar(answer)
+        assert refused.value.param == "response_format"
+
+
 @pytest.mark.parametrize("first, second", [(1, True), (0, False), ([1], [True])])
 def test_tools_of_one_name_differing_as_json_only_are_two_tools(first: Any, second: Any) -> None:
     """Python's `==` takes 1 for true: two tools of one name, `const: 1` and `const: true`, are still a 400."""

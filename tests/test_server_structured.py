@@ -389,19 +389,26 @@ def test_a_requests_schemas_share_the_properties_bound_naming_the_largest_field(
     assert "in the parameters of function" not in refused.value.body["message"], refused.value.body
 
 
-def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_field(server: GunicornServer) -> None:
-    """An object's optional properties in a row: llguidance's row at its first key holds 4 items each and 7 more (an
-    open object), past 2,000 the answer failed at its first token, after the compile (streamed: a 200, then the
-    error event). The longest run within the bound is served, streamed too; one more is the 400 naming the field."""
+@pytest.mark.parametrize("required, bound", [(False, 498), (True, 666)])
+def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_field(server: GunicornServer,
+                                                                                    required: bool, bound: int) -> None:
+    """An object's optional properties in a row: llguidance's row where they may begin holds items in proportion, 4
+    each and 7 more in a whole open object, 3 each and 1 more before a required property; past 2,000 the answer failed
+    at its first token, after the compile (streamed: a 200, then the error event). The longest run within the bound
+    is served, streamed too; one more is the 400 naming the field (before a required property, 499-666 were refused
+    as if the run took the whole object)."""
     def answer(optional: int) -> dict[str, Any]:
         schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(optional)}}
+        if required:
+            schema["properties"]["r"] = {"type": "integer"}
+            schema["required"] = ["r"]
         return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
-    at = answer(grammar.MAX_OPTIONAL_RUN)
+    at = answer(bound)
     assert _create(server, max_tokens=8, response_format=at).choices[0].finish_reason in ("stop", "length")
     assert _streamed(server, max_tokens=8, response_format=at)[0]["finish_reason"] in ("stop", "length")
     for stream in (False, True):
-        with pytest.raises(openai.BadRequestError, match="optional properties in a row") as refused:
-            list(_create(server, max_tokens=8, stream=stream, response_format=answer(grammar.MAX_OPTIONAL_RUN + 1)))
+        with pytest.raises(openai.BadRequestError, match=f"{bound + 1} optional properties in a row") as refused:
+            list(_create(server, max_tokens=8, stream=stream, response_format=answer(bound + 1)))
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 

@@ -317,28 +317,42 @@ def test_a_lenient_tool_gives_way_to_a_strict_one_whatever_the_order_sent(gramma
     assert '"s1999"' in calls.text and '"free0"' not in calls.text
 
 
-@pytest.mark.parametrize("closed", [False, True])
-def test_a_run_of_optional_properties_is_bounded_at_llguidances_parser_row(tokenizer: PreTrainedTokenizerFast,
-                                                                          grammars: Grammars, closed: bool) -> None:
-    """llguidance's row at an object's first key holds 4 items for each optional property in a row, 7 more where other
-    names are allowed (1 fewer where not): past its 2,000 the answer fails at its first token, after the compile. At
-    the bound, compiled as sent, the answer opens its first key; one more fails there, and is refused before; a
-    required property breaks the run."""
-    bound = engine_grammar.MAX_CLOSED_RUN if closed else engine_grammar.MAX_OPTIONAL_RUN
-
-    def optional(count: int) -> dict[str, Any]:
-        return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(count)},
+@pytest.mark.parametrize("layout, closed, bound", [
+    ("[n]", False, 498), ("[n]", True, 500), ("[n] r o600", False, 666), ("r [n] r", False, 999),
+    ("r [n]", False, 998), ("r [n]", True, 999), ("o400 r [n]", False, 797), ("o400 r o100 r [n]", True, 799),
+    ("o400 r [n] r", False, 998)])
+def test_a_run_of_optional_properties_is_bounded_where_llguidances_parser_row_holds_it(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars, layout: str, closed: bool, bound: int) -> None:
+    """llguidance's row where a run of optional properties may begin holds items in proportion to it, as many as where
+    it stands (before, between or after required properties `r`, `oN` a run of N): past its 2,000 the answer fails
+    there, after the compile. At the bound, compiled as sent, the answers taking the run's first or last property
+    follow it; one more fails there, and is refused before, saying where the run stands (the whole object's bound was
+    taken for every run: runs of 499-998 beside required properties, served, were refused)."""
+    def schema(n: int) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        required = []
+        for part in layout.replace("[n]", f"n{n}").split():  # the run under test's names `n...`
+            names = [f"{part[0]}{len(properties) + i}" for i in range(int(part[1:] or 1))]
+            properties.update({name: {"type": "integer"} for name in names})
+            required += names if part == "r" else []
+        return {"type": "object", "properties": properties, "required": required,
                 **({"additionalProperties": False} if closed else {})}
-    opened = tokenizer.encode('{"p')
-    for count, follows in ((bound, True), (bound + 1, False)):
-        matcher = grammars.json_schema(optional(count), strict=False, param=FIELD).matcher()
-        assert (all(matcher.consume_token(token) for token in opened) and not matcher.is_error()) == follows, count
-    assert ecma_patterns(optional(bound), FIELD) == optional(bound)
-    with pytest.raises(InvalidRequest, match=f"{bound + 1} optional properties in a row") as refused:
-        ecma_patterns({"items": optional(bound + 1)}, "tools")
+
+    def follows(n: int) -> bool:
+        matcher = grammars.json_schema(schema(n), strict=False, param=FIELD).matcher()
+        run = [name for name in schema(n)["properties"] if name.startswith("n")]
+        for taken in (run[0], run[-1]):
+            answer = {name: 1 for name in schema(n)["properties"] if name == taken or name.startswith("r")}
+            if not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer))):
+                return False
+            matcher = grammars.json_schema(schema(n), strict=False, param=FIELD).matcher()
+        return True
+    assert follows(bound) and not follows(bound + 1)
+    assert ecma_patterns(schema(bound), FIELD) == schema(bound)
+    past = f"{bound + 1} optional properties in a row.*past {bound} there"
+    with pytest.raises(InvalidRequest, match=past) as refused:
+        ecma_patterns({"items": schema(bound + 1)}, "tools")
     assert refused.value.param == "tools"
-    broken = {**optional(2 * bound), "required": [f"p{bound}"]}
-    assert ecma_patterns(broken, FIELD) == broken
 
 
 def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Grammars) -> None:
@@ -352,3 +366,90 @@ def test_a_lenient_tool_past_the_requests_budget_has_free_calls(grammars: Gramma
     with pytest.raises(InvalidRequest, match=f"longer than {MAX_PATTERN_CHARS} characters in all") as refused:
         structured._tool_calls(grammars, tools(True), False, None, True, ("strict", ""))
     assert refused.value.param == "tools"
+
+
+@pytest.mark.parametrize("tools, where", [(2, "the parameters of function 't1'"), (1, "the schema of text.format")])
+def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(grammars: Grammars, tools: int,
+                                                                              where: str) -> None:
+    """llguidance's lexer limit in the calls' grammar (every schema of the request compiled as one): two forced tools,
+    or a tool beside the JSON answer under "auto", of 20,000 enum strings each. Its 400 names what the client sent at
+    the line it points at, without its excerpt of the grammar we generated (it quoted `  11 | arguments_0: %json
+    {...`)."""
+    def schema(name: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {"e": {"enum": [f"{name}{i}" for i in range(20_000)]}},
+                "required": ["e"]}
+    specs = [ToolSpec(f"t{i}", schema(f"t{i}_"), strict=True) for i in range(tools)]
+    answer = structured.JsonAnswer(schema("a"), True, "text.format") if tools == 1 else None
+    with pytest.raises(InvalidRequest, match="lexer configuration") as refused:
+        structured._tool_calls(grammars, specs, True, answer, answer is not None, ("lexer limit", str(tools)))
+    assert refused.value.param == "tools"
+    assert str(refused.value).endswith(f" (at {where}: the request's schemas compile as one grammar)")
+    assert "%json" not in str(refused.value) and "|" not in str(refused.value)
+
+
+@pytest.mark.parametrize("data, what", [
+    ({"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}, "required": [f"p{i}" for i in range(5_001)]},
+     "properties in all"),
+    ({"patternProperties": {f"^k{i}$": {} for i in range(engine_grammar.MAX_PATTERN_PROPERTIES + 1)}},
+     "patternProperties"),
+    ({"properties": {f"p{i}": {} for i in range(engine_grammar.ROW_ITEMS)}}, "optional properties in a row"),
+    ({"pattern": "a" * (MAX_PATTERN_CHARS + 1)}, "with those of data a \\$ref reads"),
+])
+def test_data_a_ref_reads_in_a_lark_grammars_json_is_bounded(grammars: Grammars, data: dict[str, Any],
+                                                               what: str) -> None:
+    """llguidance compiles the `default` data a `$ref` points into as a schema: in a Lark grammar's `%json` its
+    properties, patternProperties keys, runs of optional properties and patterns are bounded as the schema's own (they
+    were not counted: compiled, 5,001 properties in 2-3 s), the 400 naming the field; unread, the data is not."""
+    def grammar(ref: bool) -> str:
+        schema = {"$defs": {"d": {"default": data}}, "type": "object", "properties": {"a": {"type": "integer"}}}
+        if ref:
+            schema["properties"]["a"] = {"$ref": "#/$defs/d/default"}
+        return f"start: j\nj: %json {json.dumps(schema)}"
+    with pytest.raises(InvalidRequest, match=what) as refused:
+        grammars.from_text("grammar", grammar(True), "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+    grammars.from_text("grammar", grammar(False), "guided_grammar")
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_firm_tools_schema_is_checked_by_the_calls_grammars_compile_only(grammars: Grammars,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          auto: bool) -> None:
+    """llguidance's check of a schema costs as much as its compile (64 K of `(?i)\\p{L}` patterns: 2.2 s): a strict or
+    forced tool's was checked alone, then compiled again in the calls' grammar (two forced tools holding them: 4.85 s
+    of CPU, now 2.35 s). Only a lenient tool's is checked alone (refused, its calls are free); a firm one's 400 is the
+    calls' grammar's, with llguidance's reason and naming the function."""
+    validated: list[str] = []
+    real = engine_grammar.LLMatcher.validate_grammar
+    monkeypatch.setattr(engine_grammar.LLMatcher, "validate_grammar",
+                        staticmethod(lambda text: validated.append(text) or real(text)))
+    bad = {"type": "object", "properties": {"a": {"type": "string", "pattern": "("}}}
+    tools = [ToolSpec("ok", {"type": "object", "properties": {"b": {"type": "integer"}}}, strict=True),
+             ToolSpec("bad", bad, strict=True)]
+    with pytest.raises(InvalidRequest, match="(?s)regex parse error.*unclosed group") as refused:
+        structured._tool_calls(grammars, tools, True, None, auto, ("firm", str(auto)))
+    assert refused.value.param == "tools"
+    assert "(at the parameters of function 'bad':" in str(refused.value) and "%json" not in str(refused.value)
+    lenient = [ToolSpec("ok", tools[0].parameters, strict=True), ToolSpec("bad", bad)]
+    calls = structured._tool_calls(grammars, lenient, True, None, True, ("lenient", str(auto)))
+    assert '"pattern"' not in calls.text  # its calls free: checked alone, refused
+    assert len(validated) == 1
+
+
+def test_a_run_of_optional_properties_counts_those_allof_merges_in(tokenizer: PreTrainedTokenizerFast,
+                                                                    grammars: Grammars) -> None:
+    """llguidance merges an object's `allOf` subschemas into it (its own properties first, then theirs in turn): two
+    of 250 optional properties are one run of 500, whose answer fails at its first key after the compile (each
+    alone passed the bound); a `required` from `allOf` breaks the object's own run of 600, served (was refused)."""
+    def optional(start: int, stop: int) -> dict[str, Any]:
+        return {"properties": {f"p{i}": {"type": "integer"} for i in range(start, stop)}}
+    merged = {"type": "object", "allOf": [optional(0, 250), optional(250, 500)]}
+    matcher = grammars.json_schema(merged, strict=False, param=FIELD).matcher()
+    assert not all(matcher.consume_token(token) for token in tokenizer.encode('{"p0": 1}'))
+    with pytest.raises(InvalidRequest, match="500 optional properties in a row") as refused:
+        ecma_patterns(merged, FIELD)
+    assert refused.value.param == FIELD
+    broken = {"type": "object", **optional(0, 600), "allOf": [{"required": ["p300"]}]}
+    matcher = grammars.json_schema(ecma_patterns(broken, FIELD), strict=False, param=FIELD).matcher()
+    tokens = tokenizer.encode('{"p0": 1, "p300": 2}')
+    assert matcher.validate_tokens(tokens) == len(tokens)

@@ -10,7 +10,7 @@ requests' grammars wait for (a 1.5 MB body of `\\s`: 30 s before its own 400, pr
 and `enum` values are what the answer must be, byte for byte: kept as sent, and a `$ref` that reads a `\\s` in them (as
 Rust's) refused. vLLM's `structured_outputs.regex` is no JSON Schema and keeps its Python-like Unicode classes; a
 schema inside a Lark grammar (`%json{...}`) is the grammar engine's, not rewritten either (both bounded there, a
-`%json` by its patterns' characters, MAX_PROPERTIES and MAX_PATTERN_PROPERTIES, not in the data a `$ref` reads).
+`%json` by its patterns' characters, MAX_PROPERTIES and MAX_PATTERN_PROPERTIES, in the data a `$ref` reads too).
 Each `\\cX` (ECMA's control escape, which Rust's regex lacks) becomes its code point (patternProperties keys made one
 regex one key, `allOf` their subschemas), and a count written as an integral float (`"maxItems": 2.0`, an integer
 since draft 6, which llguidance refuses) an int, in the same walk."""

@@ -13,6 +13,8 @@ vLLM's `disable_any_whitespace` asks for "," and ":" (what its guidance backend 
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import json
 import logging
 import re
@@ -27,8 +29,8 @@ import torch
 from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
-from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_weight
-from nanoqwen.engine.schema_keywords import schema_objects
+from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
+from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -46,6 +48,9 @@ CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a re
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
+# Where llguidance's error says it was in a Lark grammar's text: `at LINE(COLUMN): reason` (a regex's on more lines),
+# then an excerpt of the text, each line numbered (`  12 | ...`)
+LOCATED = re.compile(r"at (\d+)\(\d+\): (.*?)\n*(?:\n *\d+ \| |\Z)", re.DOTALL)
 ERROR_CHARS = 500  # the most of a matcher's error that its request's failure and the log quote
 # llguidance's work per grammar, bounded so that no request's grammar stalls the other streams (profiles/RESULTS.md,
 # fuel8): the lexer it builds for the first mask (initial_lexer_fuel; ~1,570 forced tools fit, `a{100000}` does not,
@@ -80,13 +85,11 @@ MAX_PATTERN_PROPERTIES = 64
 # superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
-# An object's optional properties in a row (up to a required one): llguidance's parser row at the object's first key
-# holds 4 items for each, and 7 more where other names are allowed (additionalProperties not false), 1 fewer where
-# not; past LIMITS' max_items_in_row (2,000) the answer failed at its first token, after the compile (streamed: a 200,
-# then the error). Bounded as if the run took the whole object, the row's worst case (a run before a required property
-# holds 3 items each, one after it 2; profiles/RESULTS.md, lane grammar30's mends).
-MAX_OPTIONAL_RUN = (LIMITS.max_items_in_row - 7) // 4
-MAX_CLOSED_RUN = (LIMITS.max_items_in_row + 1) // 4
+# An object's optional properties in a row (in `properties` order, between its required ones): llguidance's parser row
+# where the run may begin holds items in proportion; past LIMITS' max_items_in_row (2,000) the answer failed there,
+# after the compile (streamed: a 200, then the error). Measured per position (_run_row; profiles/RESULTS.md, lanes
+# grammar30's mends and grammar31).
+ROW_ITEMS = LIMITS.max_items_in_row
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
 COMPILE_STACK_BYTES = 128 << 20
@@ -146,25 +149,53 @@ class OverBudget(InvalidRequest):
 
 def object_properties(node: dict[str, Any], param: str) -> int:
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
-    MAX_PATTERN_PROPERTIES, or its longest run of optional properties MAX_OPTIONAL_RUN (a closed object's
-    MAX_CLOSED_RUN)."""
+    MAX_PATTERN_PROPERTIES, or a run of its optional properties (with its allOf's: _merged) holds a parser row past
+    ROW_ITEMS (_run_row)."""
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
-    if not isinstance(properties := node.get("properties"), dict):
-        return 0
-    required = node.get("required")
-    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
-    longest = run = 0
-    for name in properties:
-        run = 0 if name in required else run + 1
-        longest = max(longest, run)
-    bound = MAX_CLOSED_RUN if node.get("additionalProperties") is False and "patternProperties" not in node \
-        else MAX_OPTIONAL_RUN
-    if longest > bound:
-        raise InvalidRequest(f"invalid {param}: a schema object has {longest} optional properties in a row, past "
-                             f"{bound} (make one of them required, or split the object)", param=param)
-    return len(properties)
+    names, required = _merged(node)
+    runs = [0]  # the optional properties before each required one, and after the last
+    for name in names:
+        if name in required:
+            runs.append(0)
+        else:
+            runs[-1] += 1
+    closed = node.get("additionalProperties") is False and "patternProperties" not in node
+    for i, run in enumerate(runs):
+        per, more = _run_row(i, i == len(runs) - 1, closed, runs[0])
+        if run and per * run + more > ROW_ITEMS:
+            where = "" if len(runs) == 1 else " before its first required property" if i == 0 else \
+                " after its last required property" if i == len(runs) - 1 else " between two required properties"
+            raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
+                                 f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
+                                 "object)", param=param)
+    return len(properties) if isinstance(properties := node.get("properties"), dict) else 0
+
+
+def _merged(node: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """A schema object's property names in the order llguidance compiles them, and its required ones: its own, then
+    each `allOf` subschema's in turn, merged into one object (a `$ref` among them not followed)."""
+    parts = [node, *(part for part in node.get("allOf") or () if isinstance(part, dict))] \
+        if isinstance(node.get("allOf"), list) else [node]
+    names = dict.fromkeys(name for part in parts if isinstance(own := part.get("properties"), dict) for name in own)
+    required = {name for part in parts if isinstance(own := part.get("required"), list) for name in own
+                if isinstance(name, str)}
+    return list(names), required
+
+
+def _run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
+    """(items a property, items more) of llguidance's row where a run of optional properties may begin, as measured
+    (in process, the largest run whose answers llguidance follows; lane grammar31): the run after `index` required
+    properties, the `last` one (none after it), in a `closed` object (additionalProperties false), `leading` optional
+    properties before the first required one. The whole object 4n + 7 (closed 4n - 1); before the first required
+    3n + 1; between two 2n + 2, 1 more where some lead; after the last 2n + 3 (closed 2n + 1), and leading + 3 more
+    where some lead (leading + 1 after a second required one or later)."""
+    if index == 0:
+        return (4, -1 if closed else 7) if last else (3, 1)
+    if not last:
+        return 2, 2 + (leading > 0)
+    return 2, (1 if closed else 3) + (leading + (3 if index == 1 else 1) if leading else 0)
 
 
 @dataclass(frozen=True)
@@ -204,13 +235,14 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
         raise _invalid(param, str(exc)) from None
 
 
-def check_json_schema(schema: dict[str, Any], strict: bool, param: str) -> int:
+def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True) -> int:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
     slot): the combined grammar it is part of would be refused naming another field. Its schema_weight, for that
-    grammar's bound."""
+    grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile (it costs as much:
+    64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
     text = _json_grammar(schema, strict, param)
     weight = check_bounds(text, param, partial(schema_weight, schema))
-    if error := LLMatcher.validate_grammar(text):
+    if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
     return weight
 
@@ -282,14 +314,16 @@ class Grammars:
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
-                   key: GrammarKey | None = None, answer_weight: int | None = None) -> Grammar:
+                   key: GrammarKey | None = None, answer_weight: int | None = None,
+                   answer_param: str = "response_format") -> Grammar:
         """Output that is Hermes tool calls (`<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`)
         of the given tools: one, or with `parallel` one or more separated by newlines. tool_choice "auto": with
         `free_text` (a constrained tool under auto) any text of ordinary tokens but `<tool_call>` spelled with them (the
         parser would take it for a call the grammar never saw), where the model may open a call with the
         `<tool_call>` token, which then follows the grammar (at most one without `parallel`); with `answer` (a JSON
         response_format's schema, and its strictness) either the calls or that JSON. `key`: the cache's (a miss:
-        Grammars.compile). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already."""
+        Grammars.compile). `answer_weight`, each ToolSpec's `weight`: their schema_weight where weighed already.
+        llguidance's 400 names the tool (or `answer_param`) whose schema it was compiling, not our grammar's line."""
         ids = [self._hf.convert_tokens_to_ids(tag) for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
         if any(i is None or i == self._hf.unk_token_id for i in ids):
             raise InvalidRequest("this model has no <tool_call> tokens", param=param)
@@ -307,7 +341,11 @@ class Grammars:
             schemas["answer"] = (answer, answer_strict, answer_weight)
         text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
                                     for name, (schema, strict, _) in schemas.items())])
-        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas))
+        origins = [*(f"the parameters of function {tool.name!r}" for tool in tools), f"the schema of {answer_param}"]
+        def origin(line: int) -> str:  # the text's line (from 1): the rules', then each schema's
+            return origins[line - len(rules) - 1] if line > len(rules) else "the tool calls' own layout"
+        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas),
+                            origin)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -329,10 +367,13 @@ class Grammars:
             raise _invalid(param, str(exc)) from None
         if kind == "grammar":  # a choice's strings are literals: cheap (8 MB in 0.7 s)
             schemas: list[Any] = []
-            check_pattern_chars(regex_chars(converted, MAX_PATTERN_CHARS, schemas), param, "the grammar's regexes (its "
-                                "/.../ terminals, GBNF's classes, %regex substrings and %json patterns) are")
+            chars = regex_chars(converted, MAX_PATTERN_CHARS, schemas)
+            read = _read_data(schemas) if chars <= MAX_PATTERN_CHARS and rules_bound(converted) <= MAX_RULES else []
+            chars += sum(len(pattern) for node in read for pattern in own_patterns(node))
+            check_pattern_chars(chars, param, "the grammar's regexes (its /.../ terminals, GBNF's classes, %regex "
+                                "substrings and %json patterns, with those of data a $ref reads) are")
             properties, budget = 0, SchemaBudget()  # the %json schemas' properties: a request's schemas' bound
-            for node in (node for schema in schemas for node in schema_objects(schema)):
+            for node in itertools.chain((node for schema in schemas for node in schema_objects(schema)), read):
                 properties += object_properties(node, param)
                 budget.counted(param, 0, properties)
         return self._compiled(converted, param, key)
@@ -349,26 +390,31 @@ class Grammars:
         return grammar
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
-                weigh: Callable[[], int] | None = None) -> Grammar:
+                weigh: Callable[[], int] | None = None, origin: Callable[[int], str] | None = None) -> Grammar:
         """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
-        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds)."""
+        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds). `origin`:
+        for a grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
         if key is None:
             key = text
             if (grammar := self.cached(key)) is not None:
                 return grammar
-        return self._compiled(text, param, key, weigh)
+        return self._compiled(text, param, key, weigh, origin)
 
-    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None) -> Grammar:
+    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None,
+                  origin: Callable[[int], str] | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
         check_bounds(text, param, weigh)
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
-            raise _invalid(param, str(exc)) from None
+            raise _invalid(param, str(exc), origin) from None
         first_mask = None if template.is_error() else self._first_mask(template)
         if first_mask is None or template.is_error():
-            raise _invalid(param, template.get_error())
-        grammar = Grammar(text, template, first_mask, promises=not template.is_accepting())
+            raise _invalid(param, template.get_error(), origin)
+        return self.keep(key, Grammar(text, template, first_mask, promises=not template.is_accepting()))
+
+    def keep(self, key: GrammarKey, grammar: Grammar) -> Grammar:
+        """`grammar` cached under `key` (one grammar may be under several: what different requests sent for it)."""
         with self._lock:
             self._cache[key] = grammar
             while len(self._cache) > CACHE_SIZE:
@@ -423,6 +469,16 @@ def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any],
     return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 
 
+def _read_data(schemas: list[Any]) -> list[dict[str, Any]]:
+    """The objects of the schemas' data (const, enum, default, examples) that a `$ref` reads, which llguidance compiles
+    as schemas (schema_links' in_data); none of a schema whose `$ref` is too long to resolve (check_bounds' 400)."""
+    read: list[dict[str, Any]] = []
+    for schema in schemas:
+        with contextlib.suppress(LongReference):
+            read += [node for node, _ in schema_links(schema).in_data]
+    return read
+
+
 def text_key(kind: str, text: str) -> tuple[str, str]:
     """The cache's key of a grammar given as text of llguidance.grammar_from's `kind` (Grammars.from_text)."""
     return kind, text
@@ -435,9 +491,17 @@ def rules_bound(text: str) -> int:
     return lines + 2 * len(REF.findall(text))
 
 
-def _invalid(param: str, error: str) -> InvalidRequest:
-    """The 400 for a grammar llguidance refused."""
-    return InvalidRequest(f"invalid {param}: {_cut(error)}", param=param)
+def _invalid(param: str, error: str, origin: Callable[[int], str] | None = None) -> InvalidRequest:
+    """The 400 for a grammar llguidance refused. `origin` (Grammars.compile's): the grammar is ours, so llguidance's
+    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from."""
+    error = _cut(error)
+    if origin is not None:
+        located = LOCATED.match(error)
+        reason = located.group(2) if located else error.split("\n", 1)[0]
+        where = f" (at {origin(int(located.group(1)))}: the request's schemas compile as one grammar)" \
+            if located else ""
+        error = reason.removeprefix("failed to compile JSON schema: ") + where
+    return InvalidRequest(f"invalid {param}: {error}", param=param)
 
 
 def _cut(error: str) -> str:
