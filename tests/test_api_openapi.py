@@ -12,7 +12,6 @@ from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.responses_schemas import INCLUDES, parse_count_request, parse_responses_request
-from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import (
     MAX_STOP_STRINGS,
     METADATA_KEY_CHARS,
@@ -22,6 +21,7 @@ from nanoqwen.api.schemas import (
     parse_completion_request,
     same_json,
 )
+from nanoqwen.api.stored import list_page
 from nanoqwen.api.strict_json import Budget
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))

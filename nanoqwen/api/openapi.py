@@ -11,8 +11,8 @@ from pydantic.json_schema import models_json_schema
 
 from nanoqwen.api.responses_include import INCLUDE_KEYS
 from nanoqwen.api.responses_schemas import INCLUDES, ResponseCountRequest, ResponseCreateRequest
-from nanoqwen.api.responses_store import MAX_LIST_LIMIT
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
+from nanoqwen.api.stored import MAX_LIST_LIMIT
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
 REF = "#/components/schemas/{model}"
