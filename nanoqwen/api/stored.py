@@ -42,6 +42,15 @@ class Bounded(Generic[E]):
             self.bytes -= dropped[-1][1].size
         return dropped
 
+    def replace(self, key: str, entry: E) -> bool:
+        """The entry of this id, if still kept, replaced in its place (not made the newest, none dropped)."""
+        old = self.entries.get(key)
+        if old is None:
+            return False
+        self.entries[key] = entry
+        self.bytes += entry.size - old.size
+        return True
+
     def pop(self, key: str) -> E | None:
         entry = self.entries.pop(key, None)
         if entry is not None:
