@@ -91,7 +91,9 @@ def test_update_replaces_the_metadata_and_only_it(client: openai.OpenAI, server:
     refused = requests.post(url, json={"metadata": {}, "temperature": 1}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "temperature"
     bad = requests.post(url, json={"metadata": {"k": 1}}, timeout=30)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "metadata.k"
+    missing = requests.post(url, json={}, timeout=30)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "metadata"
     assert client.chat.completions.retrieve(created.id).metadata == {**tag, "k": "v"}
 
 

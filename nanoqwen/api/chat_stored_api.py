@@ -7,17 +7,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Response
-from pydantic import TypeAdapter, ValidationError
 
 from nanoqwen.api.chat_store import ChatStore, StoredCompletion
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.schemas import Metadata
+from nanoqwen.api.schemas import Metadata, Strict, validate_body
 from nanoqwen.api.stored import check_query, list_page
+from nanoqwen.api.strict_json import Budget
 
 Json = dict[str, Any]
-METADATA_ADAPTER: TypeAdapter[dict[str, str]] = TypeAdapter(Metadata)
 COMPLETION = "chat completion"
+
+
+class ChatCompletionUpdateRequest(Strict):
+    """`POST /v1/chat/completions/{id}`: only `metadata` may change (OpenAI's rule), replaced whole (null: cleared);
+    any other field is a 400 naming it."""
+
+    metadata: Metadata | None
 
 
 def _not_found(completion_id: str) -> APIError:
@@ -62,21 +68,9 @@ class ChatStoredService:
         check_query(args, ())
         return _json(self._stored(completion_id).body)
 
-    def update(self, completion_id: str, body: Any) -> Response:
-        """Only `metadata` may change (OpenAI's rule): it replaces the completion's; null clears it."""
-        if not isinstance(body, dict):
-            raise APIError(400, "The body must be a JSON object: {\"metadata\": {...}}")
-        if other := sorted(set(body) - {"metadata"}):
-            raise APIError(400, f"Only 'metadata' of a stored chat completion can be updated, not '{other[0]}'",
-                           param=other[0], code="unsupported_parameter")
-        if "metadata" not in body:
-            raise APIError(400, "Missing required parameter: 'metadata'", param="metadata",
-                           code="missing_required_parameter")
-        try:
-            metadata = METADATA_ADAPTER.validate_python(body["metadata"] or {}, strict=True)
-        except ValidationError as exc:
-            raise APIError(400, f"Invalid 'metadata': {exc.errors()[0]['msg']}", param="metadata") from None
-        updated = self.store.update(completion_id, metadata)
+    def update(self, completion_id: str, body: Any, budget: Budget) -> Response:
+        req = validate_body(ChatCompletionUpdateRequest, body, budget)
+        updated = self.store.update(completion_id, req.metadata or {})
         if updated is None:
             raise _not_found(completion_id)
         return _json(updated.body)
