@@ -10,7 +10,7 @@ import openai
 import pytest
 import requests
 
-from chat_http import MODEL
+from chat_http import MODEL, engine_idle, sse_payloads, wait_for
 from server_process import GunicornServer
 
 GREEDY = {"model": MODEL, "temperature": 0, "max_tokens": 8, "reasoning_effort": "none"}
@@ -138,3 +138,15 @@ def test_a_failed_completion_is_not_kept(client: openai.OpenAI) -> None:
         client.chat.completions.create(messages=[{"role": "user", "content": "hi " * 2000}], store=True,
                                        metadata=tag, **GREEDY)
     assert _listed_ids(client, metadata=tag) == []
+
+
+def test_a_stream_cut_by_its_client_is_not_kept(server: GunicornServer, client: openai.OpenAI) -> None:
+    tag = _tag()
+    body = {**GREEDY, "max_tokens": 400, "ignore_eos": True, "messages": HI, "store": True, "metadata": tag,
+            "stream": True}
+    with requests.post(f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as answer:
+        next(sse_payloads(answer))  # then closed, long before its 400 tokens
+    wait_for(lambda: engine_idle(server))
+    assert _listed_ids(client, metadata=tag) == []
+    finished = requests.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+    assert finished.status_code == 200 and len(_listed_ids(client, metadata=tag)) == 1  # read to its end: kept
