@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Response
 
-from nanoqwen.api.chat_store import ChatStore, Keeping, KeptCollector, KeptStream, stored_messages
+from nanoqwen.api.chat_store import ChatStore, Keeping, KeptCollector, KeptStream, StoredRequest
 from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
@@ -63,18 +63,17 @@ class ChatService:
 
     def keeping(self, req: ChatCompletionRequest, params: SamplingParams, body: Json, budget: Budget,
                 completion_id: str) -> Keeping | None:
-        """How a `store: true` request's completion is kept (chat_store): its messages encoded off the loop for a
-        large body; None where they are too large for the store."""
+        """How a `store: true` request's completion is kept (chat_store): what it keeps of the request encoded off the
+        loop for a large body (4,000 tools held the loop ~0.2 s); None where that is too large for the store."""
         serving = self.serving
-        messages = serving.off_loop_if(lane(budget.used), stored_messages, body["messages"], completion_id)
-        if not self.store.keeps(messages):
-            return None
         # what OpenAI's stored completion says of its request besides create's answer
-        fields = {"metadata": req.metadata or {}, "seed": params.seed, "temperature": params.temperature,
-                  "top_p": params.top_p, "presence_penalty": params.presence_penalty,
-                  "frequency_penalty": params.frequency_penalty, "tool_choice": body.get("tool_choice"),
-                  "tools": body.get("tools"), "response_format": body.get("response_format"), "input_user": req.user}
-        return Keeping(self.store, messages, fields, serving.encoding.run)
+        fields = {"seed": params.seed, "temperature": params.temperature, "top_p": params.top_p,
+                  "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+                  "tool_choice": body.get("tool_choice"), "tools": body.get("tools"),
+                  "response_format": body.get("response_format"), "input_user": req.user}
+        request = serving.off_loop_if(lane(budget.used), StoredRequest.of, body["messages"], completion_id,
+                                      req.metadata or {}, fields)
+        return Keeping(self.store, request, serving.encoding.run) if self.store.keeps(request) else None
 
     def params(self, req: ChatCompletionRequest) -> SamplingParams:
         """The sampling parameters, the output grammar compiled off the loop: before the prompt is templated, so

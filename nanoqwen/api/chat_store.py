@@ -9,7 +9,6 @@ failed or whose client left first; not one whose messages already reach a quarte
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,15 +32,37 @@ class StoredCompletion:
     model: str
     created: int
     metadata: dict[str, str]
+    metadata_at: int  # where in `body` the metadata's JSON starts: an update replaces those bytes alone
 
     @property
     def size(self) -> int:
         return len(self.body) + len(self.messages)
 
     def with_metadata(self, metadata: dict[str, str]) -> StoredCompletion:
-        completion = json.loads(self.body)
-        completion["metadata"] = metadata
-        return dataclasses.replace(self, body=encode_text(completion).encode(), metadata=metadata)
+        """Its metadata replaced, the rest of its JSON (megabytes with logprobs) copied, not parsed."""
+        end = self.metadata_at + len(encode_text(self.metadata).encode())
+        body = b"".join((self.body[:self.metadata_at], encode_text(metadata).encode(), self.body[end:]))
+        return dataclasses.replace(self, body=body, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class StoredRequest:
+    """What a stored completion keeps of its request, encoded as it begins (off the loop for a large body)."""
+
+    messages: bytes  # stored_messages'
+    metadata: dict[str, str]
+    fields: bytes = b"{}"  # a JSON object: what else a stored completion says of its request besides create's answer
+
+    @classmethod
+    def of(cls, messages: list[Json], completion_id: str, metadata: dict[str, str], fields: Json) -> StoredRequest:
+        return cls(stored_messages(messages, completion_id), metadata, encode_text(fields).encode())
+
+    def completion(self, answer: Json) -> tuple[bytes, int]:
+        """The stored completion's JSON: create's `answer` (without metadata), the metadata, the other fields; and
+        where the metadata's JSON starts in it."""
+        head = encode_text(answer).encode()[:-1] + b',"metadata":'
+        rest = b"}" if self.fields == b"{}" else b"," + self.fields[1:]
+        return b"".join((head, encode_text(self.metadata).encode(), rest)), len(head)
 
 
 def stored_messages(messages: list[Json], completion_id: str) -> bytes:
@@ -64,13 +85,15 @@ class ChatStore:
         self._entries: Bounded[StoredCompletion] = Bounded(max_completions, max_bytes)
         self._lock = native_lock()  # held only around the dict and counter updates
 
-    def keeps(self, messages: bytes) -> bool:
-        """Whether a completion is kept whose messages are these: not one that could empty the store alone."""
-        return len(messages) < self._entries.max_bytes // 4
+    def keeps(self, request: StoredRequest) -> bool:
+        """Whether a completion is kept whose request is this: not one that could empty the store alone."""
+        return len(request.messages) + len(request.fields) < self._entries.max_bytes // 4
 
-    def put(self, completion: Json, messages: bytes) -> None:
-        entry = StoredCompletion(encode_text(completion).encode(), messages, completion["model"],
-                                 completion["created"], completion["metadata"])
+    def put(self, completion: Json, request: StoredRequest) -> None:
+        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`."""
+        body, metadata_at = request.completion(completion)
+        entry = StoredCompletion(body, request.messages, completion["model"], completion["created"], request.metadata,
+                                 metadata_at)
         with self._lock:
             self._entries.put(completion["id"], entry)
 
@@ -100,16 +123,14 @@ class ChatStore:
 
 @dataclass(frozen=True)
 class Keeping:
-    """How one request's completion is kept: with its messages (stored_messages) and what a stored completion says
-    of its request besides create's answer (`fields`: metadata, sampling parameters, tools...)."""
+    """Where and with what of its request one request's completion is kept."""
 
     store: ChatStore
-    messages: bytes
-    fields: Json
+    request: StoredRequest
     off_loop: Callable[..., Any]  # runs a large answer's encoding in the encoding thread
 
     def keep(self, completion: Json) -> None:
-        self.store.put({**completion, **self.fields}, self.messages)
+        self.store.put(completion, self.request)
 
 
 @dataclass
