@@ -8,11 +8,12 @@ from typing import Any
 import jsonschema
 import pytest
 
+from nanoqwen.api.chat_store import ChatStore, StoredRequest
+from nanoqwen.api.chat_stored_api import ChatStoredService
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.responses_schemas import INCLUDES, parse_count_request, parse_responses_request
-from nanoqwen.api.responses_store import list_page
 from nanoqwen.api.schemas import (
     MAX_STOP_STRINGS,
     METADATA_KEY_CHARS,
@@ -22,6 +23,7 @@ from nanoqwen.api.schemas import (
     parse_completion_request,
     same_json,
 )
+from nanoqwen.api.stored import MAX_LIST_LIMIT, list_page
 from nanoqwen.api.strict_json import Budget
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
@@ -159,6 +161,24 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
     assert _status(list_page, items, {"order": "up"}) == 400
     assert _status(list_page, items, {"after": "i1", "before": "i0"}) == 200
     assert _status(list_page, items, {"after": "missing"}) == 400
+
+
+def test_stored_chat_list_query_parameters_are_declared_as_the_service_reads_them() -> None:
+    store = ChatStore()
+    store.put({"id": "c0", "model": "m", "created": 0, "choices": []}, StoredRequest(b"[]", {"k": "v"}))
+    service = ChatStoredService(store)
+    listed, messages = _query("/v1/chat/completions"), _query("/v1/chat/completions/{completion_id}/messages")
+    assert set(listed) == {"limit", "order", "after", "model", "metadata"}
+    assert set(messages) == {"limit", "order", "after"}
+    assert listed["metadata"]["type"] == "object"  # sent as metadata[key]=value (deepObject)
+    for query in (listed, messages):
+        assert query["limit"]["maximum"] == MAX_LIST_LIMIT and query["order"]["default"] == "asc"
+    for args in ({"limit": "100", "order": "desc", "after": "c0", "model": "m"}, {"metadata[k]": "v"}):
+        assert _status(service.list, args) == 200
+    for refused in ({"limit": "101"}, {"order": "up"}, {"after": "c9"}, {"before": "c0"}, {"metadata": "k"}):
+        assert _status(service.list, refused) == 400
+    assert _status(service.messages, "c0", {"limit": "1", "order": "desc"}) == 200
+    assert _status(service.messages, "c0", {"before": "x"}) == 400 and _status(service.messages, "c9", {}) == 404
 
 
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:

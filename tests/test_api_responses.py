@@ -40,10 +40,11 @@ from nanoqwen.api.responses_schemas import (
     encode_reasoning,
     parse_responses_request,
 )
-from nanoqwen.api.responses_store import Inputs, ResponseStore, Stored, list_page
+from nanoqwen.api.responses_store import Inputs, ResponseStore, Stored
 from nanoqwen.api.schemas import ChatCompletionRequest, Tool, parse_chat_request
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.api.sse import DONE
+from nanoqwen.api.stored import list_page
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams, TokenLogprob, Usage
 from responses_util import failed_stream
@@ -674,7 +675,7 @@ def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
     assert store.get("resp_3") is not None and store.get("resp_1") is None and store.get("resp_2") is None
     store.put(response(4, "x" * 1600), Inputs(), None, False)  # larger than the whole store: kept alone
     assert store.get("resp_4") is not None and store.get("resp_3") is None
-    assert store.delete("resp_4") and not store.delete("resp_4") and store._bytes == 0
+    assert store.delete("resp_4") and not store.delete("resp_4") and store._entries.bytes == 0
     # a continuation holds the earlier items too, counted once in it: the entries' sizes add up to the bound
     store = ResponseStore()
     first = store.get(json.loads(store.put(response(3, "x" * 900), Inputs(), None, False))["id"])
@@ -683,7 +684,7 @@ def test_the_store_is_bounded_by_count_and_encoded_bytes() -> None:
     later = store.get("resp_5")
     assert json.loads(later.history) == [*json.loads(first.history), {"id": "msg_in"}, *follow["output"]]
     assert later.size == len(later.body) + len(later.input_items) + len(later.history) < 2 * first.size
-    assert store._bytes == first.size + later.size
+    assert store._entries.bytes == first.size + later.size
 
 
 def test_input_items_pages() -> None:

@@ -305,7 +305,7 @@ def test_invalid_json_and_transport_errors(server: GunicornServer) -> None:
     _assert_error(requests.post(url, data=b"{not json", timeout=10), 400)
     _assert_error(requests.post(url, data=b"[1, 2]", timeout=10), 400)
     _assert_error(requests.post(url, data=b"x" * (9 << 20), timeout=30), 413)
-    response = requests.get(url, timeout=10)
+    response = requests.put(url, timeout=10)  # GET lists the stored completions
     _assert_error(response, 405)
     assert "POST" in response.headers["Allow"]
     _assert_error(requests.get(f"{server.url}/v1/nothing", timeout=10), 404)

@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from nanoqwen.api import request_id
 from nanoqwen.api.body import ParsedBody, close_if_unread, read_body
 from nanoqwen.api.chat import ChatService
+from nanoqwen.api.chat_stored_api import ChatStoredService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError, generation_error
@@ -86,6 +87,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.extensions["nanoqwen.config"] = config  # the worker's response writes use its send_timeout_s
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
+    stored_chat = ChatStoredService(chat.store)
     completions = CompletionService(serving)
     responses = ResponsesService(chat)
     tokens = TokenizeService(serving)
@@ -141,6 +143,26 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     @app.post("/v1/chat/completions")
     def chat_completions() -> Response | dict[str, Any]:
         return chat.handle(*json_body(), request.environ)
+
+    @app.get("/v1/chat/completions")
+    def list_chat_completions() -> Response:
+        return stored_chat.list(request.args)
+
+    @app.get("/v1/chat/completions/<completion_id>")
+    def retrieve_chat_completion(completion_id: str) -> Response:
+        return stored_chat.retrieve(completion_id, request.args)
+
+    @app.post("/v1/chat/completions/<completion_id>")
+    def update_chat_completion(completion_id: str) -> Response:
+        return stored_chat.update(completion_id, *json_body())
+
+    @app.delete("/v1/chat/completions/<completion_id>")
+    def delete_chat_completion(completion_id: str) -> dict[str, Any]:
+        return stored_chat.delete(completion_id)
+
+    @app.get("/v1/chat/completions/<completion_id>/messages")
+    def chat_completion_messages(completion_id: str) -> dict[str, Any]:
+        return stored_chat.messages(completion_id, request.args)
 
     @app.post("/v1/completions")
     def text_completions() -> Response | dict[str, Any]:

@@ -1,20 +1,24 @@
 """`POST /v1/chat/completions`: validate, template and tokenize off the loop, submit, stream or collect."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Response
 
+from nanoqwen.api.chat_store import ChatStore, Keeping, KeptCollector, KeptStream, StoredRequest
 from nanoqwen.api.request_id import response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
-from nanoqwen.api.serving import Batch, Serving, invalid_request
+from nanoqwen.api.serving import Batch, Collector, Serving, Streamer, invalid_request, lane
 from nanoqwen.api.sse import RunningUsage
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.structured import compiled, output_grammar
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import InvalidRequest, PromptTooLongError, context_length_error, prompt_token_limit
+
+Json = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class PromptName:
 class ChatService:
     def __init__(self, serving: Serving) -> None:
         self.serving = serving
+        self.store = ChatStore()
 
     def handle(self, body: Any, budget: Budget, environ: dict[str, Any]) -> Response | dict[str, Any]:
         serving = self.serving
@@ -42,12 +47,33 @@ class ChatService:
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
         id_ = response_id("chatcmpl", req.request_id)
-        echo = req.echo_text
-        stream = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning,
-                              think_end, echo, id=id_) if req.stream else None
-        collect = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, echo,
-                                    id=id_)
+        echo, created = req.echo_text, int(time.time())
+        chunks = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning, think_end, echo,
+                              id=id_, created=created) if req.stream else None
+        builder = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, echo,
+                                    id=id_, created=created)
+        stream: Streamer | None = chunks
+        collect: Collector = builder
+        if req.store and (keeping := self.keeping(req, params, body, budget, id_)) is not None:
+            if chunks is not None:  # a stream's completion is assembled as the collected one
+                stream = KeptStream(chunks, builder, keeping)
+            else:
+                collect = KeptCollector(builder, keeping)
         return serving.respond(batch, stream, collect, trace, environ)
+
+    def keeping(self, req: ChatCompletionRequest, params: SamplingParams, body: Json, budget: Budget,
+                completion_id: str) -> Keeping | None:
+        """How a `store: true` request's completion is kept (chat_store): what it keeps of the request encoded off the
+        loop for a large body (4,000 tools held the loop ~0.2 s); None where that is too large for the store."""
+        serving = self.serving
+        # what OpenAI's stored completion says of its request besides create's answer
+        fields = {"seed": params.seed, "temperature": params.temperature, "top_p": params.top_p,
+                  "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+                  "tool_choice": body.get("tool_choice"), "tools": body.get("tools"),
+                  "response_format": body.get("response_format"), "input_user": req.user}
+        request = serving.off_loop_if(lane(budget.used), StoredRequest.of, body["messages"], completion_id,
+                                      req.metadata or {}, fields)
+        return Keeping(self.store, request, serving.encoding.run) if self.store.keeps(request) else None
 
     def params(self, req: ChatCompletionRequest) -> SamplingParams:
         """The sampling parameters, the output grammar compiled off the loop: before the prompt is templated, so

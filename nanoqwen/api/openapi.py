@@ -9,10 +9,11 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from nanoqwen.api.chat_stored_api import ChatCompletionUpdateRequest
 from nanoqwen.api.responses_include import INCLUDE_KEYS
 from nanoqwen.api.responses_schemas import INCLUDES, ResponseCountRequest, ResponseCreateRequest
-from nanoqwen.api.responses_store import MAX_LIST_LIMIT
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
+from nanoqwen.api.stored import MAX_LIST_LIMIT
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
 REF = "#/components/schemas/{model}"
@@ -31,8 +32,21 @@ PROMETHEUS = {"text/plain": {"schema": {"type": "string", "description": "Promet
 INCLUDE = {"type": "array", "items": {"type": "string", "enum": list(INCLUDES)},
            "description": "parts added where create left them out (with stream=true: only those create named)"}
 INCLUDE_QUERY = dict.fromkeys(INCLUDE_KEYS, INCLUDE)
-# The query parameters' schemas by (method, path), as the server reads them (responses_api.py, list_page).
+LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20}
+# The query parameters' schemas by (method, path), as the server reads them (responses_api.py, chat_stored_api.py,
+# list_page).
 QUERY: dict[tuple[str, str], dict[str, Any]] = {
+    ("get", "/v1/chat/completions"): {
+        "limit": LIMIT,
+        "order": {"type": "string", "enum": ["asc", "desc"], "default": "asc", "description": "by `created`"},
+        "after": {"type": "string", "description": "a stored chat completion's id"},
+        "model": {"type": "string", "description": "only the completions of this model"},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"},
+                     "description": "`metadata[key]=value`: only the completions with each of these pairs"}},
+    ("get", "/v1/chat/completions/{completion_id}/messages"): {
+        "limit": LIMIT,
+        "order": {"type": "string", "enum": ["asc", "desc"], "default": "asc"},
+        "after": {"type": "string", "description": "a message's id"}},
     ("get", "/v1/responses/{response_id}"): {
         **INCLUDE_QUERY,
         "stream": {"type": "string", "enum": ["false", "true"], "default": "false",
@@ -43,7 +57,7 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
                                 "description": "with stream=true: accepted, nothing to pad (OpenAI's obfuscation)"}},
     ("get", "/v1/responses/{response_id}/input_items"): {
         **INCLUDE_QUERY,
-        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 20},
+        "limit": LIMIT,
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
         "after": {"type": "string", "description": "an input item's id"},
         "before": {"type": "string", "description": "an input item's id"}},
@@ -51,6 +65,13 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
 # (method, path, summary, request models (one of), the 200 answer's content)
 ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]]] = [
     ("post", "/v1/chat/completions", "OpenAI Chat Completions", (ChatCompletionRequest,), STREAM),
+    ("get", "/v1/chat/completions", "The chat completions stored (`store: true`; per worker process, bounded)",
+     (), JSON),
+    ("get", "/v1/chat/completions/{completion_id}", "A stored chat completion", (), JSON),
+    ("post", "/v1/chat/completions/{completion_id}", "Replaces a stored chat completion's metadata",
+     (ChatCompletionUpdateRequest,), JSON),
+    ("delete", "/v1/chat/completions/{completion_id}", "Deletes a stored chat completion", (), JSON),
+    ("get", "/v1/chat/completions/{completion_id}/messages", "A stored chat completion's request messages", (), JSON),
     ("post", "/v1/completions", "OpenAI (legacy) Completions", (CompletionRequest,), STREAM),
     ("post", "/v1/responses", "OpenAI Responses (stored per worker process, bounded)", (ResponseCreateRequest,),
      RESPONSE_STREAM),
@@ -79,6 +100,11 @@ ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
+def _style(schema: dict[str, Any]) -> dict[str, Any]:
+    """An object in the query is sent as `name[key]=value` pairs (the openai client's encoding, chat_stored_api's)."""
+    return {"style": "deepObject", "explode": True} if schema.get("type") == "object" else {}
+
+
 def _operation(method: str, path: str, summary: str, models: tuple[type[BaseModel], ...],
                ok: dict[str, Any]) -> dict[str, Any]:
     error = {"description": "OpenAI-style error",
@@ -87,7 +113,7 @@ def _operation(method: str, path: str, summary: str, models: tuple[type[BaseMode
                                  "responses": {"200": {"description": "OK", "content": ok}, "4XX": error, "5XX": error}}
     parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in re.findall(r"\{(\w+)\}", path)]
-    parameters += [{"name": name, "in": "query", "required": False, "schema": schema}
+    parameters += [{"name": name, "in": "query", "required": False, "schema": schema, **_style(schema)}
                    for name, schema in QUERY.get((method, path), {}).items()]
     if parameters:
         operation["parameters"] = parameters

@@ -40,10 +40,11 @@ from nanoqwen.api.responses_schemas import (
     parse_responses_request,
     referred_id,
 )
-from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored, list_page
+from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, client_probe, lane
 from nanoqwen.api.sse import HEADERS, named_event
+from nanoqwen.api.stored import check_query, list_page
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -488,14 +489,6 @@ class Found:
     chars: int  # about the characters of stored JSON they bring in, each reference its item's
 
 
-def _check_query(args: Mapping[str, str], known: tuple[str, ...]) -> None:
-    """A query parameter we do not read (starting_after on input_items, ...) is refused by name, not ignored."""
-    for name in args:
-        if name not in known:
-            raise APIError(400, f"Unsupported parameter '{name}' for this route", param=name,
-                           code="unsupported_parameter")
-
-
 def _not_found(response_id: str) -> APIError:
     return APIError(404, f"Response with id '{response_id}' not found.", code="not_found")
 
@@ -812,7 +805,7 @@ class ResponsesService:
         (responses_include); with `stream=true` a background stream's events kept, after `starting_after` (a
         sequence number), followed until it ends, as they were sent: with parts only `include` values its create
         named too."""
-        _check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
+        check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
         include = query_include(args)
         for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
             if args.get(name, "false") not in ("true", "false"):
@@ -864,7 +857,7 @@ class ResponsesService:
 
     def input_items(self, response_id: str, args: Mapping[str, str]) -> Json:
         """A page of a response's input items, with the parts `include` names (responses_include)."""
-        _check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS))
+        check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS))
         include = query_include(args)
         page = list_page(self._stored(response_id).items(), args)
         page["data"] = [with_parts(item, include) for item in page["data"]]

@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from nanoqwen.api.encode import encode_json, encode_text
-from nanoqwen.api.errors import APIError
+from nanoqwen.api.stored import Bounded
 from nanoqwen.engine.threads import native_lock
 
 Json = dict[str, Any]
 MAX_RESPONSES = 1024
 MAX_BYTES = 64 << 20
-MAX_LIST_LIMIT = 100
 OutputIds = Callable[[], Collection[str]]
 
 
@@ -129,11 +127,10 @@ class ResponseStore:
     def __init__(self, max_responses: int = MAX_RESPONSES, max_bytes: int = MAX_BYTES) -> None:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, Stored] = OrderedDict()
+        self._entries: Bounded[Stored] = Bounded(max_responses, max_bytes)
         # item id -> the id of the response holding it, or the ids (oldest first) of the few holding one resent: a
         # list each would be thousands of allocations a put, on the event loop, that bring full collections nearer
         self._items: dict[str, str | list[str]] = {}
-        self._bytes = 0
         # the responses begun and not ended, their `response.created` snapshots: bounded alike, each kept in full
         self._running: dict[str, Entry] = {}
         self._running_bytes = 0
@@ -185,15 +182,13 @@ class ResponseStore:
                 return body
             stored = Stored(body, inputs.listed, history, own_at, spans, background=response.get("background") is True)
             self._pop(response_id)
-            self._entries[response_id] = stored
             shared = spans.keys() & self._items.keys()
             self._items.update(dict.fromkeys(spans.keys() - shared, response_id))
             for item_id in shared:
                 held = self._items[item_id]
                 self._items[item_id] = [held, response_id] if isinstance(held, str) else [*held, response_id]
-            self._bytes += stored.size
-            while len(self._entries) > 1 and (len(self._entries) > self.max_responses or self._bytes > self.max_bytes):
-                self._pop(next(iter(self._entries)))
+            for dropped_id, dropped in self._entries.put(response_id, stored):
+                self._forget_items(dropped_id, dropped)
         return body
 
     def keeps(self, known_bytes: int) -> bool:
@@ -203,7 +198,7 @@ class ResponseStore:
     def get(self, response_id: str) -> Entry | None:
         """The response finished, else the one in progress (an Entry, not Stored), with this id."""
         with self._lock:
-            return self._entries.get(response_id) or self._running.get(response_id)
+            return self._entries.entries.get(response_id) or self._running.get(response_id)
 
     def holder(self, item_id: str) -> Stored | None:
         """The latest kept response holding the item with this id (as input or output)."""
@@ -211,7 +206,7 @@ class ResponseStore:
             held = self._items.get(item_id)
             if held is None:
                 return None
-            return self._entries[held if isinstance(held, str) else held[-1]]
+            return self._entries.entries[held if isinstance(held, str) else held[-1]]
 
     def running_holder(self, item_id: str) -> str | None:
         """The id of a response in progress whose input, or output so far, holds the item with this id."""
@@ -231,10 +226,13 @@ class ResponseStore:
         return entry
 
     def _pop(self, response_id: str) -> bool:
-        stored = self._entries.pop(response_id, None)
+        stored = self._entries.pop(response_id)
         if stored is None:
             return False
-        self._bytes -= stored.size
+        self._forget_items(response_id, stored)
+        return True
+
+    def _forget_items(self, response_id: str, stored: Stored) -> None:
         for item_id in stored.spans:
             held = self._items[item_id]
             if isinstance(held, str):
@@ -242,24 +240,4 @@ class ResponseStore:
             else:
                 rest = [holder for holder in held if holder != response_id]
                 self._items[item_id] = rest[0] if len(rest) == 1 else rest
-        return True
 
-
-def list_page(items: list[Json], args: dict[str, str]) -> Json:
-    """OpenAI's list of items: newest first by default (`order`), `limit` (1-100, 20), `after`/`before` an item id."""
-    order = args.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise APIError(400, "Invalid value for 'order': expected 'asc' or 'desc'", param="order")
-    limit = args.get("limit", "20")
-    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
-        raise APIError(400, f"Invalid value for 'limit': an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
-    items = items if order == "asc" else items[::-1]
-    ids = [item["id"] for item in items]
-    for name in ("after", "before"):
-        if name in args and args[name] not in ids:
-            raise APIError(400, f"Invalid value for '{name}': no input item '{args[name]}'", param=name)
-    start = ids.index(args["after"]) + 1 if "after" in args else 0
-    end = ids.index(args["before"]) if "before" in args else len(items)
-    page = items[start:end][:int(limit)]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end}

@@ -1,0 +1,86 @@
+"""OpenAI's stored chat completions routes: list (`GET /v1/chat/completions`), retrieve, update (its metadata only),
+delete, and a completion's messages (`GET /v1/chat/completions/{id}/messages`), over chat_store's ChatStore."""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Response
+
+from nanoqwen.api.chat_store import ChatStore, StoredCompletion
+from nanoqwen.api.encode import encode_text
+from nanoqwen.api.errors import APIError
+from nanoqwen.api.schemas import Metadata, Strict, validate_body
+from nanoqwen.api.stored import check_query, list_page
+from nanoqwen.api.strict_json import Budget
+
+Json = dict[str, Any]
+COMPLETION = "chat completion"
+
+
+class ChatCompletionUpdateRequest(Strict):
+    """`POST /v1/chat/completions/{id}`: only `metadata` may change (OpenAI's rule), replaced whole (null: cleared);
+    any other field is a 400 naming it."""
+
+    metadata: Metadata | None
+
+
+def _not_found(completion_id: str) -> APIError:
+    return APIError(404, f"No chat completion found with id '{completion_id}'.", param="completion_id",
+                    code="not_found")
+
+
+def _metadata_filter(args: Mapping[str, str]) -> dict[str, str]:
+    """`metadata[key]=value` pairs, as the openai client encodes `metadata={key: value}` in the query."""
+    return {name[len("metadata["):-1]: value for name, value in args.items()
+            if name.startswith("metadata[") and name.endswith("]")}
+
+
+def _json(body: bytes) -> Response:
+    return Response(body + b"\n", mimetype="application/json")
+
+
+class ChatStoredService:
+    def __init__(self, store: ChatStore) -> None:
+        self.store = store
+
+    def _stored(self, completion_id: str) -> StoredCompletion:
+        entry = self.store.get(completion_id)
+        if entry is None:
+            raise _not_found(completion_id)
+        return entry
+
+    def list(self, args: Mapping[str, str]) -> Response:
+        """A page of the completions kept, oldest first by default (as OpenAI's), of a `model` and holding every
+        `metadata[key]=value` pair asked for."""
+        wanted = _metadata_filter(args)
+        check_query(args, ("after", "limit", "order", "model", *(f"metadata[{key}]" for key in wanted)))
+        model = args.get("model")
+        kept = {completion_id: entry for completion_id, entry in self.store.listed()
+                if (model is None or entry.model == model) and wanted.items() <= entry.metadata.items()}
+        page = list_page([{"id": completion_id} for completion_id in kept], args, "asc", COMPLETION)
+        data = b",".join(kept[item["id"]].body for item in page["data"])
+        rest = encode_text({key: value for key, value in page.items() if key != "data"}).encode()
+        return _json(b'{"object":"list","data":[' + data + b"]," + rest[len(b'{"object":"list",'):])
+
+    def retrieve(self, completion_id: str, args: Mapping[str, str]) -> Response:
+        check_query(args, ())
+        return _json(self._stored(completion_id).body)
+
+    def update(self, completion_id: str, body: Any, budget: Budget) -> Response:
+        req = validate_body(ChatCompletionUpdateRequest, body, budget)
+        updated = self.store.update(completion_id, req.metadata or {})
+        if updated is None:
+            raise _not_found(completion_id)
+        return _json(updated.body)
+
+    def delete(self, completion_id: str) -> Json:
+        if not self.store.delete(completion_id):
+            raise _not_found(completion_id)
+        return {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
+
+    def messages(self, completion_id: str, args: Mapping[str, str]) -> Json:
+        """A page of the completion's request messages, oldest first by default (as OpenAI's)."""
+        check_query(args, ("after", "limit", "order"))
+        return list_page(json.loads(self._stored(completion_id).messages), args, "asc", "message")

@@ -1,0 +1,88 @@
+"""What the stores of both APIs share (responses_store, chat_store): entries kept in memory by id, oldest first, bounded
+by count and by bytes, and OpenAI's list pages over them."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Generic, Protocol, TypeVar
+
+from nanoqwen.api.errors import APIError
+
+Json = dict[str, Any]
+MAX_LIST_LIMIT = 100
+
+
+class Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+E = TypeVar("E", bound=Sized)
+
+
+class Bounded(Generic[E]):
+    """Entries by id in the order kept; not locked: its owner's lock covers it."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, E] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, key: str, entry: E) -> list[tuple[str, E]]:
+        """Keeps `entry` (replacing one of its id) as the newest; the oldest go until the bounds hold, or until it is
+        the only one. Returns those dropped, the one replaced first."""
+        replaced = self.pop(key)
+        dropped = [] if replaced is None else [(key, replaced)]
+        self.entries[key] = entry
+        self.bytes += entry.size
+        while len(self.entries) > 1 and (len(self.entries) > self.max_entries or self.bytes > self.max_bytes):
+            oldest = next(iter(self.entries))
+            dropped.append((oldest, self.entries.pop(oldest)))
+            self.bytes -= dropped[-1][1].size
+        return dropped
+
+    def replace(self, key: str, entry: E) -> bool:
+        """The entry of this id, if still kept, replaced in its place (not made the newest, none dropped)."""
+        old = self.entries.get(key)
+        if old is None:
+            return False
+        self.entries[key] = entry
+        self.bytes += entry.size - old.size
+        return True
+
+    def pop(self, key: str) -> E | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
+        return entry
+
+
+def check_query(args: Mapping[str, str], known: tuple[str, ...]) -> None:
+    """A query parameter we do not read (starting_after on input_items, ...) is refused by name, not ignored."""
+    for name in args:
+        if name not in known:
+            raise APIError(400, f"Unsupported parameter '{name}' for this route", param=name,
+                           code="unsupported_parameter")
+
+
+def list_page(items: list[Json], args: Mapping[str, str], default_order: str = "desc",
+              noun: str = "input item") -> Json:
+    """OpenAI's list of items (oldest first in `items`): `order` (`default_order`), `limit` (1-100, 20),
+    `after`/`before` an item id (a `noun`'s)."""
+    order = args.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise APIError(400, "Invalid value for 'order': expected 'asc' or 'desc'", param="order")
+    limit = args.get("limit", "20")
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        raise APIError(400, f"Invalid value for 'limit': an integer from 1 to {MAX_LIST_LIMIT}", param="limit")
+    items = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in items]
+    for name in ("after", "before"):
+        if name in args and args[name] not in ids:
+            raise APIError(400, f"Invalid value for '{name}': no {noun} '{args[name]}'", param=name)
+    start = ids.index(args["after"]) + 1 if "after" in args else 0
+    end = ids.index(args["before"]) if "before" in args else len(items)
+    page = items[start:end][:int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + len(page) < end}
