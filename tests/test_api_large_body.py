@@ -15,9 +15,10 @@ from flask.testing import FlaskClient
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine, started_engine
-from nanoqwen.api import chat, completions, encode, offload, responses_api, serving, tokenize
+from nanoqwen.api import chat, chat_store, completions, encode, offload, responses_api, serving, tokenize
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_schemas import ResponsePromptFields
 from nanoqwen.api.schemas import ChatPrompt, Tool
 from nanoqwen.api.serving import LARGE_TOOL_VALUES
@@ -298,6 +299,29 @@ def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
         "/v1/responses", json={**body, "stream": True}).get_data(as_text=True).splitlines()
         if line.startswith("data: ") and '"response.failed"' in line)
     assert failed["response"]["error"]["code"] == answer.json["error"]["code"]
+
+
+def test_a_stored_completion_refused_503_leaves_nothing_generating(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a `store: true` request keeps is encoded off the loop for a large body, where a full queue is a 503:
+    nothing may have been submitted by then (it was, and generated to max_tokens for nobody)."""
+    submitted: list[Any] = []
+    submit = Engine.submit
+
+    def recorded(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        submitted.append(submit(self, *args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(Engine, "submit", recorded)
+
+    def full(*args: Any) -> Any:
+        raise APIError(503, "the server is at capacity, retry later", type="server_error", code="queue_full")
+
+    monkeypatch.setattr(chat_store.StoredRequest, "of", full)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "ignore_eos": True, "store": True}
+    answer = served.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "queue_full"
+    assert submitted == []
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
