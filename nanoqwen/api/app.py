@@ -154,11 +154,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/chat/completions/<completion_id>")
     def update_chat_completion(completion_id: str) -> Response:
-        return stored_chat.update(completion_id, *json_body())
+        return stored_chat.update(completion_id, request.args, *json_body())
 
     @app.delete("/v1/chat/completions/<completion_id>")
     def delete_chat_completion(completion_id: str) -> dict[str, Any]:
-        return stored_chat.delete(completion_id)
+        return stored_chat.delete(completion_id, request.args)
 
     @app.get("/v1/chat/completions/<completion_id>/messages")
     def chat_completion_messages(completion_id: str) -> dict[str, Any]:
