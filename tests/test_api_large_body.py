@@ -324,6 +324,30 @@ def test_a_stored_completion_refused_503_leaves_nothing_generating(
     assert submitted == []
 
 
+def test_a_stored_completion_is_encoded_once(served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept and answered in the same bytes (with logprobs, megabytes encoded twice); those Flask would write."""
+    encoded: list[str] = []
+    app = served.application
+    compact, dumps = encode.compact_json, app.json.dumps
+
+    def counted(encoder: Callable[..., str], value: Any, **kwargs: Any) -> str:
+        text = encoder(value, **kwargs)
+        encoded.extend([text] if '"chat.completion"' in text else [])  # the answer's `object`
+        return text
+
+    monkeypatch.setattr(encode, "compact_json", partial(counted, compact))
+    monkeypatch.setattr(app.json, "dumps", partial(counted, dumps))
+    answer = served.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 4, "store": True, "logprobs": True})
+    assert answer.status_code == 200 and len(encoded) == 1
+    written = answer.get_data()
+    with app.app_context():
+        flasks = app.json.response(json.loads(written))
+    assert (answer.content_type, written) == (flasks.content_type, flasks.get_data())
+    stored = served.get(f"/v1/chat/completions/{answer.json['id']}").json
+    assert {key: value for key, value in stored.items() if key in answer.json} == answer.json
+
+
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
         served: FlaskClient, conversing: dict[str, list[int]]) -> None:
     """A small body whose previous response's history holds 5,000 items, or whose item references bring in 80 kB:

@@ -64,10 +64,10 @@ class StoredRequest:
     def of(cls, messages: list[Json], completion_id: str, metadata: dict[str, str], fields: Json) -> StoredRequest:
         return cls(stored_messages(messages, completion_id), metadata, encode_text(fields).encode())
 
-    def completion(self, answer: Json) -> tuple[bytes, int]:
-        """The stored completion's JSON: create's `answer` (without metadata), the metadata, the other fields; and
-        where the metadata's JSON starts in it."""
-        head = encode_text(answer).encode()[:-1] + b',"metadata":'
+    def completion(self, answer: bytes) -> tuple[bytes, int]:
+        """The stored completion's JSON: create's `answer` (encode_json's, without metadata), the metadata, the other
+        fields; and where the metadata's JSON starts in it."""
+        head = answer[:-len(b"}\n")] + b',"metadata":'
         rest = b"}" if self.fields == b"{}" else b"," + self.fields[1:]
         return b"".join((head, encode_text(self.metadata).encode(), rest)), len(head)
 
@@ -99,13 +99,16 @@ class ChatStore:
         """Whether a completion is kept whose request is this: not one that could empty the store alone."""
         return len(request.messages) + len(request.fields) < self._entries.max_bytes // 4
 
-    def put(self, completion: Json, request: StoredRequest) -> None:
-        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`."""
-        body, metadata_at = request.completion(completion)
+    def put(self, completion: Json, request: StoredRequest) -> bytes:
+        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`; returns the
+        answer encoded (encode_json's): what create sends, not encoded again (megabytes with logprobs)."""
+        answer = encode_json(completion)
+        body, metadata_at = request.completion(answer)
         with self._lock:
             entry = StoredCompletion(body, request.messages, completion["model"], completion["created"],
                                      request.metadata, metadata_at, next(self._kept))
             self._forget(self._entries.put(completion["id"], entry))
+        return answer
 
     def get(self, completion_id: str) -> StoredCompletion | None:
         with self._lock:
@@ -156,13 +159,14 @@ class Keeping:
     request: StoredRequest
     off_loop: Callable[..., Any]  # runs a large answer's encoding in the encoding thread
 
-    def keep(self, completion: Json) -> None:
-        self.store.put(completion, self.request)
+    def keep(self, completion: Json) -> bytes:
+        return self.store.put(completion, self.request)
 
 
 @dataclass
 class KeptCollector:
-    """A collected completion kept as it is built (only once finished: Serving builds no failed one)."""
+    """A collected completion kept as it is built (only once finished: Serving builds no failed one), answered as the
+    store encoded it."""
 
     builder: CompletionBuilder
     keeping: Keeping
@@ -170,10 +174,8 @@ class KeptCollector:
     def add(self, event: Event) -> None:
         self.builder.add(event)
 
-    def build(self, usage: Usage) -> Json:
-        completion = self.builder.build(usage)
-        self.keeping.keep(completion)
-        return completion
+    def build(self, usage: Usage) -> bytes:
+        return self.keeping.keep(self.builder.build(usage))
 
 
 class KeptStream:
