@@ -109,7 +109,7 @@ def test_a_list_continues_after_a_cursor_deleted_or_dropped() -> None:
     store = ChatStore(max_completions=3)
     for i in range(4):  # the first dropped
         store.put(_completion(i, created=10 - i % 2), REQUEST)  # listed 1, 3, 0, 2 (by created, then as kept)
-    service = ChatStoredService(store)
+    service = ChatStoredService(store, lambda where, fn, *args: fn(*args))
     assert _listed_after(service, "chatcmpl-0") == ["chatcmpl-2"]
     assert store.delete("chatcmpl-1") and _listed_after(service, "chatcmpl-1") == ["chatcmpl-3"]
     with pytest.raises(APIError) as unknown:

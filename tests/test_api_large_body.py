@@ -15,7 +15,17 @@ from flask.testing import FlaskClient
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine, started_engine
-from nanoqwen.api import chat, chat_store, completions, encode, offload, responses_api, serving, tokenize
+from nanoqwen.api import (
+    chat,
+    chat_store,
+    chat_stored_api,
+    completions,
+    encode,
+    offload,
+    responses_api,
+    serving,
+    tokenize,
+)
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
@@ -346,6 +356,22 @@ def test_a_stored_completion_is_encoded_once(served: FlaskClient, monkeypatch: p
     assert (answer.content_type, written) == (flasks.content_type, flasks.get_data())
     stored = served.get(f"/v1/chat/completions/{answer.json['id']}").json
     assert {key: value for key, value in stored.items() if key in answer.json} == answer.json
+
+
+def test_a_large_stored_completion_s_messages_are_paged_off_the_loop(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 16 MiB of kept messages are parsed for a page (15 MiB held the loop ~0.1 s): off it past the bound of a
+    large body (lowered here, as the prompt must fit the context)."""
+    seen: dict[str, list[int]] = {}
+    _record_threads(monkeypatch, seen, chat_stored_api, "_messages_page")
+    created = served.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 2, "store": True}).json
+    url = f"/v1/chat/completions/{created['id']}/messages"
+    assert served.get(url).json["data"][0]["content"] == "hi"
+    monkeypatch.setattr(serving, "LARGE_BODY_CHARS", 10)
+    assert served.get(url).json["data"][0]["content"] == "hi"
+    loop = threading.get_ident()
+    assert seen["_messages_page"][0] == loop and seen["_messages_page"][1] != loop
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(
