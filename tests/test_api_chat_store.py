@@ -1,12 +1,19 @@
 """The stored chat completions' store (chat_store) on crafted completions and engine events: its bound, an update's
-place, and a stream kept once finished, never once failed."""
+place, a list's cursor gone, and a stream kept once finished, never once failed."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
+import pytest
+from werkzeug.datastructures import MultiDict
+
 from nanoqwen.api.chat_store import ChatStore, Keeping, KeptStream, StoredRequest, stored_messages
+from nanoqwen.api.chat_stored_api import ChatStoredService
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
+from nanoqwen.api.stored import Bounded
 from nanoqwen.engine.request import Event, Usage
 
 Json = dict[str, Any]
@@ -76,3 +83,35 @@ def test_a_stream_is_kept_at_its_last_event_and_not_when_it_fails() -> None:
     stream.chunks(Event(0, text="Hel"))
     stream.chunks(Event(0, error="engine failed"))
     assert failed.listed() == []
+
+
+@dataclass(frozen=True)
+class Sized:
+    size: int
+
+
+def test_a_replace_swaps_only_the_entry_it_read() -> None:
+    """An update copies the entry out of the lock: one kept under its id since (another update) is not swapped back."""
+    bounded: Bounded[Sized] = Bounded(4, 100)
+    read, since = Sized(1), Sized(2)
+    bounded.put("a", read)
+    bounded.put("a", since)
+    assert not bounded.replace("a", read, Sized(3)) and bounded.entries["a"] is since
+    assert bounded.replace("a", since, Sized(4)) and bounded.entries["a"].size == bounded.bytes == 4
+
+
+def _listed_after(service: ChatStoredService, after: str) -> list[str]:
+    return [c["id"] for c in json.loads(service.list(MultiDict({"after": after, "limit": "1"})).get_data())["data"]]
+
+
+def test_a_list_continues_after_a_cursor_deleted_or_dropped() -> None:
+    """The cursor's place is kept when it goes: the next page is the one after where it stood."""
+    store = ChatStore(max_completions=3)
+    for i in range(4):  # the first dropped
+        store.put(_completion(i, created=10 - i % 2), REQUEST)  # listed 1, 3, 0, 2 (by created, then as kept)
+    service = ChatStoredService(store, lambda where, fn, *args: fn(*args))
+    assert _listed_after(service, "chatcmpl-0") == ["chatcmpl-2"]
+    assert store.delete("chatcmpl-1") and _listed_after(service, "chatcmpl-1") == ["chatcmpl-3"]
+    with pytest.raises(APIError) as unknown:
+        _listed_after(service, "chatcmpl-9")
+    assert unknown.value.param == "after"

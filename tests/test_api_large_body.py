@@ -15,9 +15,20 @@ from flask.testing import FlaskClient
 
 from checkpoints import make_checkpoint
 from engine_util import load_engine, started_engine
-from nanoqwen.api import chat, completions, encode, offload, responses_api, serving, tokenize
+from nanoqwen.api import (
+    chat,
+    chat_store,
+    chat_stored_api,
+    completions,
+    encode,
+    offload,
+    responses_api,
+    serving,
+    tokenize,
+)
 from nanoqwen.api.app import create_app
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.responses_schemas import ResponsePromptFields
 from nanoqwen.api.schemas import ChatPrompt, Tool
 from nanoqwen.api.serving import LARGE_TOOL_VALUES
@@ -298,6 +309,69 @@ def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
         "/v1/responses", json={**body, "stream": True}).get_data(as_text=True).splitlines()
         if line.startswith("data: ") and '"response.failed"' in line)
     assert failed["response"]["error"]["code"] == answer.json["error"]["code"]
+
+
+def test_a_stored_completion_refused_503_leaves_nothing_generating(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a `store: true` request keeps is encoded off the loop for a large body, where a full queue is a 503:
+    nothing may have been submitted by then (it was, and generated to max_tokens for nobody)."""
+    submitted: list[Any] = []
+    submit = Engine.submit
+
+    def recorded(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        submitted.append(submit(self, *args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(Engine, "submit", recorded)
+
+    def full(*args: Any) -> Any:
+        raise APIError(503, "the server is at capacity, retry later", type="server_error", code="queue_full")
+
+    monkeypatch.setattr(chat_store.StoredRequest, "of", full)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "ignore_eos": True, "store": True}
+    answer = served.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 503 and answer.json["error"]["code"] == "queue_full"
+    assert submitted == []
+
+
+def test_a_stored_completion_is_encoded_once(served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept and answered in the same bytes (with logprobs, megabytes encoded twice); those Flask would write."""
+    encoded: list[str] = []
+    app = served.application
+    compact, dumps = encode.compact_json, app.json.dumps
+
+    def counted(encoder: Callable[..., str], value: Any, **kwargs: Any) -> str:
+        text = encoder(value, **kwargs)
+        encoded.extend([text] if '"chat.completion"' in text else [])  # the answer's `object`
+        return text
+
+    monkeypatch.setattr(encode, "compact_json", partial(counted, compact))
+    monkeypatch.setattr(app.json, "dumps", partial(counted, dumps))
+    answer = served.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 4, "store": True, "logprobs": True})
+    assert answer.status_code == 200 and len(encoded) == 1
+    written = answer.get_data()
+    with app.app_context():
+        flasks = app.json.response(json.loads(written))
+    assert (answer.content_type, written) == (flasks.content_type, flasks.get_data())
+    stored = served.get(f"/v1/chat/completions/{answer.json['id']}").json
+    assert {key: value for key, value in stored.items() if key in answer.json} == answer.json
+
+
+def test_a_large_stored_completion_s_messages_are_paged_off_the_loop(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 16 MiB of kept messages are parsed for a page (15 MiB held the loop ~0.1 s): off it past the bound of a
+    large body (lowered here, as the prompt must fit the context)."""
+    seen: dict[str, list[int]] = {}
+    _record_threads(monkeypatch, seen, chat_stored_api, "_messages_page")
+    created = served.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "max_tokens": 2, "store": True}).json
+    url = f"/v1/chat/completions/{created['id']}/messages"
+    assert served.get(url).json["data"][0]["content"] == "hi"
+    monkeypatch.setattr(serving, "LARGE_BODY_CHARS", 10)
+    assert served.get(url).json["data"][0]["content"] == "hi"
+    loop = threading.get_ident()
+    assert seen["_messages_page"][0] == loop and seen["_messages_page"][1] != loop
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(

@@ -166,7 +166,7 @@ def test_input_items_query_parameters_are_declared_as_list_page_reads_them() -> 
 def test_stored_chat_list_query_parameters_are_declared_as_the_service_reads_them() -> None:
     store = ChatStore()
     store.put({"id": "c0", "model": "m", "created": 0, "choices": []}, StoredRequest(b"[]", {"k": "v"}))
-    service = ChatStoredService(store)
+    service = ChatStoredService(store, lambda where, fn, *args: fn(*args))  # no offload threads: here
     listed, messages = _query("/v1/chat/completions"), _query("/v1/chat/completions/{completion_id}/messages")
     assert set(listed) == {"limit", "order", "after", "model", "metadata"}
     assert set(messages) == {"limit", "order", "after"}

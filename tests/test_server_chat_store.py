@@ -131,13 +131,51 @@ def test_delete_then_404_and_store_false_is_not_kept(client: openai.OpenAI) -> N
     assert _listed_ids(client, metadata=tag) == []
 
 
-def test_a_failed_completion_is_not_kept(client: openai.OpenAI) -> None:
-    """A prompt past the context is refused before it generates: nothing to keep."""
+def test_a_stored_completion_s_id_is_the_server_s_never_the_client_s(client: openai.OpenAI) -> None:
+    """A retry resends its request id (X-Request-Id, the body's `request_id`): a stored completion's id is a new one
+    each time, never the client's, so none replaces another; the header still comes back as sent."""
     tag = _tag()
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(messages=[{"role": "user", "content": "hi " * 2000}], store=True,
-                                       metadata=tag, **GREEDY)
-    assert _listed_ids(client, metadata=tag) == []
+    answers = [client.chat.completions.with_raw_response.create(
+        messages=HI, store=True, metadata=tag, extra_headers={"X-Request-Id": "retried"},
+        extra_body={"request_id": "retried"}, **GREEDY) for _ in range(2)]
+    assert [answer.headers["X-Request-Id"] for answer in answers] == ["retried", "retried"]
+    ids = [answer.parse().id for answer in answers]
+    assert ids[0] != ids[1] and "retried" not in ids[0] + ids[1]
+    assert _listed_ids(client, metadata=tag) == ids
+    unstored = client.chat.completions.create(messages=HI, extra_headers={"X-Request-Id": "retried"}, **GREEDY)
+    assert unstored.id == "chatcmpl-retried"  # vLLM's, when not stored
+
+
+def test_paging_while_deleting_each_completion_listed(client: openai.OpenAI) -> None:
+    """The openai client's auto-paging asks for the page after the last one listed, which the loop deleted."""
+    tag = _tag()
+    ids = [_stored(client, tag).id for _ in range(5)]
+    deleted = []
+    for completion in client.chat.completions.list(metadata=tag, limit=2):
+        client.chat.completions.delete(completion.id)
+        deleted.append(completion.id)
+    assert deleted == ids and _listed_ids(client, metadata=tag) == []
+
+
+def test_paging_after_a_cursor_updated_out_of_the_filter(client: openai.OpenAI) -> None:
+    tag = _tag()
+    ids = [_stored(client, tag).id for _ in range(3)]
+    page = client.chat.completions.list(metadata=tag, limit=2)
+    client.chat.completions.update(ids[1], metadata={"test": "moved"})
+    assert [c.id for c in page.get_next_page().data] == [ids[2]]
+
+
+@pytest.mark.parametrize(("method", "query", "param"), [("delete", "foo=1", "foo"), ("post", "foo=1", "foo"),
+                                                        ("get", "limit=1&limit=abc", "limit")])
+def test_unknown_or_repeated_query_parameters_are_400s(server: GunicornServer, client: openai.OpenAI, method: str,
+                                                       query: str, param: str) -> None:
+    tag = _tag()
+    created = _stored(client, tag)
+    url = {"get": f"{server.url}/v1/chat/completions?{query}"}.get(
+        method, f"{server.url}/v1/chat/completions/{created.id}?{query}")
+    answer = requests.request(method, url, json={"metadata": {}} if method == "post" else None, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+    assert client.chat.completions.retrieve(created.id).metadata == tag
 
 
 def test_a_stream_cut_by_its_client_is_not_kept(server: GunicornServer, client: openai.OpenAI) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,21 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     assert after["requests_failed"] == before["requests_failed"] + 1
     assert after["requests_aborted"] == before["requests_aborted"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
+
+
+def test_a_stored_completion_that_fails_part_way_is_not_kept(client: openai.OpenAI) -> None:
+    """A `store: true` completion whose engine step fails after FAIL_AFTER tokens is not kept, streamed or not; one of
+    the same request that finishes is."""
+    body: dict[str, Any] = {**GREEDY, "messages": [{"role": "user", "content": "Hi"}], "store": True,
+                            "metadata": {"test": uuid.uuid4().hex}, "reasoning_effort": "none",
+                            "extra_body": {"ignore_eos": True}}
+    with pytest.raises(openai.InternalServerError, match="a step failed on purpose"):
+        client.chat.completions.create(max_tokens=FAIL_MAX_TOKENS, **body)
+    with pytest.raises(openai.APIError, match="a step failed on purpose"):
+        for _ in client.chat.completions.create(max_tokens=FAIL_MAX_TOKENS, stream=True, **body):
+            pass
+    finished = client.chat.completions.create(max_tokens=4, **body)
+    assert [c.id for c in client.chat.completions.list(metadata=body["metadata"])] == [finished.id]
 
 
 def _metric(srv: GunicornServer, sample: str) -> float:

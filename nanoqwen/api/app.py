@@ -87,7 +87,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.extensions["nanoqwen.config"] = config  # the worker's response writes use its send_timeout_s
     serving = Serving(engine, config, stats)
     chat = ChatService(serving)
-    stored_chat = ChatStoredService(chat.store)
+    stored_chat = ChatStoredService(chat.store, serving.off_loop_if)
     completions = CompletionService(serving)
     responses = ResponsesService(chat)
     tokens = TokenizeService(serving)
@@ -154,14 +154,14 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/chat/completions/<completion_id>")
     def update_chat_completion(completion_id: str) -> Response:
-        return stored_chat.update(completion_id, *json_body())
+        return stored_chat.update(completion_id, request.args, *json_body())
 
     @app.delete("/v1/chat/completions/<completion_id>")
     def delete_chat_completion(completion_id: str) -> dict[str, Any]:
-        return stored_chat.delete(completion_id)
+        return stored_chat.delete(completion_id, request.args)
 
     @app.get("/v1/chat/completions/<completion_id>/messages")
-    def chat_completion_messages(completion_id: str) -> dict[str, Any]:
+    def chat_completion_messages(completion_id: str) -> Response:
         return stored_chat.messages(completion_id, request.args)
 
     @app.post("/v1/completions")

@@ -41,12 +41,14 @@ class ChatService:
         serving.check_serving(req.model)
         params = self.params(req)
         prompt = self.encode(req, params.max_tokens, PromptName())
+        id_ = response_id("chatcmpl", req.request_id, stored=bool(req.store))
+        # before submit: its 503 (the offload lane full) must leave nothing generating
+        keeping = self.keeping(req, params, body, budget, id_) if req.store else None
         batch = self.submit(req, params, prompt)
         tools = ToolParsing.of(req)
         model, fp = serving.config.served_model_name, serving.fingerprint
         running = RunningUsage(len(prompt)) if req.continuous_usage else None
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
-        id_ = response_id("chatcmpl", req.request_id)
         echo, created = req.echo_text, int(time.time())
         chunks = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning, think_end, echo,
                               id=id_, created=created) if req.stream else None
@@ -54,7 +56,7 @@ class ChatService:
                                     id=id_, created=created)
         stream: Streamer | None = chunks
         collect: Collector = builder
-        if req.store and (keeping := self.keeping(req, params, body, budget, id_)) is not None:
+        if keeping is not None:
             if chunks is not None:  # a stream's completion is assembled as the collected one
                 stream = KeptStream(chunks, builder, keeping)
             else:

@@ -9,6 +9,8 @@ failed or whose client left first; not one whose messages already reach a quarte
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from nanoqwen.api.encode import encode_json, encode_text
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.serving import LARGE_ANSWER, answer_weight
-from nanoqwen.api.stored import Bounded
+from nanoqwen.api.stored import Bounded, Place
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.threads import native_lock
 
@@ -33,10 +35,15 @@ class StoredCompletion:
     created: int
     metadata: dict[str, str]
     metadata_at: int  # where in `body` the metadata's JSON starts: an update replaces those bytes alone
+    kept: int  # its rank in the order kept: of those `created` in the same second, the first kept is listed first
 
     @property
     def size(self) -> int:
         return len(self.body) + len(self.messages)
+
+    @property
+    def place(self) -> Place:
+        return self.created, self.kept
 
     def with_metadata(self, metadata: dict[str, str]) -> StoredCompletion:
         """Its metadata replaced, the rest of its JSON (megabytes with logprobs) copied, not parsed."""
@@ -57,10 +64,10 @@ class StoredRequest:
     def of(cls, messages: list[Json], completion_id: str, metadata: dict[str, str], fields: Json) -> StoredRequest:
         return cls(stored_messages(messages, completion_id), metadata, encode_text(fields).encode())
 
-    def completion(self, answer: Json) -> tuple[bytes, int]:
-        """The stored completion's JSON: create's `answer` (without metadata), the metadata, the other fields; and
-        where the metadata's JSON starts in it."""
-        head = encode_text(answer).encode()[:-1] + b',"metadata":'
+    def completion(self, answer: bytes) -> tuple[bytes, int]:
+        """The stored completion's JSON: create's `answer` (encode_json's, without metadata), the metadata, the other
+        fields; and where the metadata's JSON starts in it."""
+        head = answer[:-len(b"}\n")] + b',"metadata":'
         rest = b"}" if self.fields == b"{}" else b"," + self.fields[1:]
         return b"".join((head, encode_text(self.metadata).encode(), rest)), len(head)
 
@@ -84,41 +91,64 @@ class ChatStore:
     def __init__(self, max_completions: int = MAX_COMPLETIONS, max_bytes: int = MAX_BYTES) -> None:
         self._entries: Bounded[StoredCompletion] = Bounded(max_completions, max_bytes)
         self._lock = native_lock()  # held only around the dict and counter updates
+        self._kept = itertools.count()
+        # the places of the latest completions deleted or dropped, as many as are kept: a list's cursor may be one
+        self._gone: OrderedDict[str, Place] = OrderedDict()
 
     def keeps(self, request: StoredRequest) -> bool:
         """Whether a completion is kept whose request is this: not one that could empty the store alone."""
         return len(request.messages) + len(request.fields) < self._entries.max_bytes // 4
 
-    def put(self, completion: Json, request: StoredRequest) -> None:
-        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`."""
-        body, metadata_at = request.completion(completion)
-        entry = StoredCompletion(body, request.messages, completion["model"], completion["created"], request.metadata,
-                                 metadata_at)
+    def put(self, completion: Json, request: StoredRequest) -> bytes:
+        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`; returns the
+        answer encoded (encode_json's): what create sends, not encoded again (megabytes with logprobs)."""
+        answer = encode_json(completion)
+        body, metadata_at = request.completion(answer)
         with self._lock:
-            self._entries.put(completion["id"], entry)
+            entry = StoredCompletion(body, request.messages, completion["model"], completion["created"],
+                                     request.metadata, metadata_at, next(self._kept))
+            self._forget(self._entries.put(completion["id"], entry))
+        return answer
 
     def get(self, completion_id: str) -> StoredCompletion | None:
         with self._lock:
             return self._entries.entries.get(completion_id)
 
     def update(self, completion_id: str, metadata: dict[str, str]) -> StoredCompletion | None:
-        """The completion with its metadata replaced, in its place (its age unchanged)."""
-        entry = self.get(completion_id)
-        if entry is None:
-            return None
-        updated = entry.with_metadata(metadata)
-        with self._lock:
-            return updated if self._entries.replace(completion_id, updated) else None
+        """The completion with its metadata replaced, in its place (its age unchanged): copied out of the lock, then
+        swapped in if no other update came in between (else made again from that one)."""
+        while (entry := self.get(completion_id)) is not None:
+            updated = entry.with_metadata(metadata)
+            with self._lock:
+                if self._entries.replace(completion_id, entry, updated):
+                    return updated
+        return None
 
     def delete(self, completion_id: str) -> bool:
         with self._lock:
-            return self._entries.pop(completion_id) is not None
+            entry = self._entries.pop(completion_id)
+            if entry is not None:
+                self._forget([(completion_id, entry)])
+        return entry is not None
+
+    def _forget(self, gone: list[tuple[str, StoredCompletion]]) -> None:
+        """Holding the lock: the places of those deleted or dropped kept, the oldest forgotten past the bound."""
+        for completion_id, entry in gone:
+            self._gone[completion_id] = entry.place
+        while len(self._gone) > self._entries.max_entries:
+            self._gone.popitem(last=False)
+
+    def place(self, completion_id: str) -> Place | None:
+        """Where the completion of this id is listed, or was while kept (deleted or dropped lately): None if unknown."""
+        with self._lock:
+            entry = self._entries.entries.get(completion_id)
+            return self._gone.get(completion_id) if entry is None else entry.place
 
     def listed(self) -> list[tuple[str, StoredCompletion]]:
         """Every completion kept, oldest first by `created` (then as kept)."""
         with self._lock:
             entries = list(self._entries.entries.items())
-        return sorted(entries, key=lambda pair: pair[1].created)
+        return sorted(entries, key=lambda pair: pair[1].place)
 
 
 @dataclass(frozen=True)
@@ -129,13 +159,14 @@ class Keeping:
     request: StoredRequest
     off_loop: Callable[..., Any]  # runs a large answer's encoding in the encoding thread
 
-    def keep(self, completion: Json) -> None:
-        self.store.put(completion, self.request)
+    def keep(self, completion: Json) -> bytes:
+        return self.store.put(completion, self.request)
 
 
 @dataclass
 class KeptCollector:
-    """A collected completion kept as it is built (only once finished: Serving builds no failed one)."""
+    """A collected completion kept as it is built (only once finished: Serving builds no failed one), answered as the
+    store encoded it."""
 
     builder: CompletionBuilder
     keeping: Keeping
@@ -143,10 +174,8 @@ class KeptCollector:
     def add(self, event: Event) -> None:
         self.builder.add(event)
 
-    def build(self, usage: Usage) -> Json:
-        completion = self.builder.build(usage)
-        self.keeping.keep(completion)
-        return completion
+    def build(self, usage: Usage) -> bytes:
+        return self.keeping.keep(self.builder.build(usage))
 
 
 class KeptStream:

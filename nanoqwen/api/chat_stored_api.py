@@ -3,7 +3,7 @@ delete, and a completion's messages (`GET /v1/chat/completions/{id}/messages`), 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Response
@@ -12,7 +12,8 @@ from nanoqwen.api.chat_store import ChatStore, StoredCompletion
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.schemas import Metadata, Strict, validate_body
-from nanoqwen.api.stored import check_query, list_page
+from nanoqwen.api.serving import lane
+from nanoqwen.api.stored import check_query, list_page, page_after
 from nanoqwen.api.strict_json import Budget
 
 Json = dict[str, Any]
@@ -37,13 +38,18 @@ def _metadata_filter(args: Mapping[str, str]) -> dict[str, str]:
             if name.startswith("metadata[") and name.endswith("]")}
 
 
+def _messages_page(messages: bytes, args: Mapping[str, str]) -> bytes:
+    return encode_text(list_page(json.loads(messages), args, "asc", "message")).encode()
+
+
 def _json(body: bytes) -> Response:
     return Response(body + b"\n", mimetype="application/json")
 
 
 class ChatStoredService:
-    def __init__(self, store: ChatStore) -> None:
+    def __init__(self, store: ChatStore, off_loop_if: Callable[..., Any]) -> None:
         self.store = store
+        self.off_loop_if = off_loop_if  # Serving's
 
     def _stored(self, completion_id: str) -> StoredCompletion:
         entry = self.store.get(completion_id)
@@ -56,10 +62,14 @@ class ChatStoredService:
         `metadata[key]=value` pair asked for."""
         wanted = _metadata_filter(args)
         check_query(args, ("after", "limit", "order", "model", *(f"metadata[{key}]" for key in wanted)))
-        model = args.get("model")
+        model, after = args.get("model"), args.get("after")
+        cursor = None if after is None else self.store.place(after)
+        if after is not None and cursor is None:
+            raise APIError(400, f"Invalid value for 'after': no {COMPLETION} '{after}'", param="after")
         kept = {completion_id: entry for completion_id, entry in self.store.listed()
                 if (model is None or entry.model == model) and wanted.items() <= entry.metadata.items()}
-        page = list_page([{"id": completion_id} for completion_id in kept], args, "asc", COMPLETION)
+        page = page_after([(entry.place, {"id": completion_id}) for completion_id, entry in kept.items()], args,
+                          cursor, "asc")
         data = b",".join(kept[item["id"]].body for item in page["data"])
         rest = encode_text({key: value for key, value in page.items() if key != "data"}).encode()
         return _json(b'{"object":"list","data":[' + data + b"]," + rest[len(b'{"object":"list",'):])
@@ -68,19 +78,23 @@ class ChatStoredService:
         check_query(args, ())
         return _json(self._stored(completion_id).body)
 
-    def update(self, completion_id: str, body: Any, budget: Budget) -> Response:
+    def update(self, completion_id: str, args: Mapping[str, str], body: Any, budget: Budget) -> Response:
+        check_query(args, ())
         req = validate_body(ChatCompletionUpdateRequest, body, budget)
         updated = self.store.update(completion_id, req.metadata or {})
         if updated is None:
             raise _not_found(completion_id)
         return _json(updated.body)
 
-    def delete(self, completion_id: str) -> Json:
+    def delete(self, completion_id: str, args: Mapping[str, str]) -> Json:
+        check_query(args, ())
         if not self.store.delete(completion_id):
             raise _not_found(completion_id)
         return {"object": "chat.completion.deleted", "id": completion_id, "deleted": True}
 
-    def messages(self, completion_id: str, args: Mapping[str, str]) -> Json:
-        """A page of the completion's request messages, oldest first by default (as OpenAI's)."""
+    def messages(self, completion_id: str, args: Mapping[str, str]) -> Response:
+        """A page of the completion's request messages, oldest first by default (as OpenAI's): parsed and encoded off
+        the loop where they are large (15 MiB held it ~0.1 s)."""
         check_query(args, ("after", "limit", "order"))
-        return list_page(json.loads(self._stored(completion_id).messages), args, "asc", "message")
+        messages = self._stored(completion_id).messages
+        return _json(self.off_loop_if(lane(chars=len(messages)), _messages_page, messages, args))

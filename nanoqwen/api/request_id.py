@@ -1,5 +1,5 @@
 """`X-Request-Id`: the client's (when it is a short plain token) or a new one, echoed on every response;
-the client's is also the completion's `id`, as vLLM's.
+the client's is also the completion's `id`, as vLLM's, unless the completion is stored.
 
 gunicorn's access log prints it from the response header (see access_log_format in
 nanoqwen/gunicorn_conf.py), so a client's id ties its request to the log line.
@@ -24,9 +24,13 @@ def request_id() -> str:
     return _client_request_id() or uuid.uuid4().hex
 
 
-def response_id(prefix: str, body_request_id: str | None) -> str:
+def response_id(prefix: str, body_request_id: str | None, stored: bool = False) -> str:
     """A completion's `id` as vLLM forms it (serving_chat/serving_completion's `_base_request_id`): `prefix-`
-    then the client's X-Request-Id, else the body's vLLM `request_id`, else a new one."""
+    then the client's X-Request-Id, else the body's vLLM `request_id`, else a new one. A `stored` one's is always new:
+    the store finds a completion by it, and a retry (its request id resent) or anyone knowing an id must not replace
+    another's."""
+    if stored:
+        return f"{prefix}-{uuid.uuid4().hex}"
     base = _client_request_id()
     if base is None:
         base = uuid.uuid4().hex if body_request_id is None else body_request_id

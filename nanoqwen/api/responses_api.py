@@ -805,7 +805,7 @@ class ResponsesService:
         (responses_include); with `stream=true` a background stream's events kept, after `starting_after` (a
         sequence number), followed until it ends, as they were sent: with parts only `include` values its create
         named too."""
-        check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS))
+        check_query(args, ("stream", "starting_after", "include_obfuscation", *INCLUDE_KEYS), INCLUDE_KEYS)
         include = query_include(args)
         for name in ("stream", "include_obfuscation"):  # the latter: padding of the events, nothing to pad here
             if args.get(name, "false") not in ("true", "false"):
@@ -857,7 +857,7 @@ class ResponsesService:
 
     def input_items(self, response_id: str, args: Mapping[str, str]) -> Json:
         """A page of a response's input items, with the parts `include` names (responses_include)."""
-        check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS))
+        check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS), INCLUDE_KEYS)
         include = query_include(args)
         page = list_page(self._stored(response_id).items(), args)
         page["data"] = [with_parts(item, include) for item in page["data"]]
