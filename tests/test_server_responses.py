@@ -272,6 +272,9 @@ def test_previous_response_id_continues_and_the_store_routes(client: openai.Open
     (item,) = client.responses.input_items.list(first.id).data
     assert item.type == "message" and item.role == "user" and item.content[0].text == "Hi"
     assert item.id.startswith("msg_")
+    for method, route in (("delete", ""), ("post", "/cancel")):  # nothing to read: a query is refused, not ignored
+        unread = requests.request(method, f"{server.url}/v1/responses/{first.id}{route}?foo=1", timeout=30)
+        assert unread.status_code == 400 and unread.json()["error"]["param"] == "foo"
     deleted = requests.delete(f"{server.url}/v1/responses/{first.id}", timeout=30).json()
     assert deleted == {"id": first.id, "object": "response", "deleted": True}
     for call in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id),

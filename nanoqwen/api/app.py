@@ -182,11 +182,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/responses/<response_id>/cancel")
     def cancel_response(response_id: str) -> Response:
-        return responses.cancel(response_id)
+        return responses.cancel(response_id, request.args)
 
     @app.delete("/v1/responses/<response_id>")
     def delete_response(response_id: str) -> dict[str, Any]:
-        return responses.delete(response_id)
+        return responses.delete(response_id, request.args)
 
     @app.get("/v1/responses/<response_id>/input_items")
     def response_input_items(response_id: str) -> dict[str, Any]:

@@ -839,16 +839,18 @@ class ResponsesService:
                            param="starting_after")
         return self._following(run, after_number, environ)
 
-    def cancel(self, response_id: str) -> Response:
+    def cancel(self, response_id: str, args: Mapping[str, str]) -> Response:
         """A background response cancelled (its output so far kept), or as it is once ended."""
+        check_query(args, ())
         if not self._stored(response_id).background:
             raise APIError(400, "Responses can only be cancelled if they were created with background=true.",
                            param="response_id")
         self.background.cancel(response_id)
         return Response(self._stored(response_id).body, mimetype="application/json")
 
-    def delete(self, response_id: str) -> Json:
+    def delete(self, response_id: str, args: Mapping[str, str]) -> Json:
         """A background response still generating is cancelled as it goes."""
+        check_query(args, ())
         self.background.cancel(response_id, wait=False)
         self.background.forget(response_id)
         if not self.store.delete(response_id):
