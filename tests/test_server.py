@@ -812,6 +812,7 @@ def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> 
     cache = Path(guarded.env["NANOQWEN_CACHE_DIR"])
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == sorted(kernel.name for kernel in C_KERNELS)
     assert (cache / Path(capped(BUILT_IN_THE_WORKER, GUARDED_ISA).lib._name).name).exists()
+    assert f" cpu_isa={GUARDED_ISA} " in guarded.log()  # the `ready:` line says the cap
     assert "could not build" not in guarded.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     assert post_chat(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
