@@ -8,3 +8,6 @@ KERNELS = ("auto", "torch", "triton")
 GRAPHS = ("auto", "none", "compile", "cudagraph", "cpugraph")
 GENERATION_CONFIGS = ("auto", "none")
 QUANTS = ("none", "int8", "int4")  # weight formats, nanoqwen/quant.py
+# The instruction sets the CPU kernels may take (ops/cpu/build.py, csrc/gemv.h): all the CPU has, or at most AVX2, or
+# at most AVX-512 (no AMX)
+CPU_ISAS = ("auto", "avx2", "avx512")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from nanoqwen.api.config import ServerConfig
-from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+from nanoqwen.choices import CPU_ISAS, DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
 from nanoqwen.settings import (
     CUDA_KV_RESERVE_BYTES,
     CUDA_KV_SHARE,
@@ -82,6 +82,8 @@ ENGINE_OPTIONS = (
     EnvOption("--threads", "NANOQWEN_THREADS", "torch threads (default: the CPUs this process may use)", int),
     EnvOption("--cpu-kernels", "NANOQWEN_CPU_KERNELS", "the compiled C kernels on the CPU; off = torch "
               "ops only", switch=True),
+    EnvOption("--cpu-isa", "NANOQWEN_CPU_ISA", "the most the compiled CPU kernels take of the CPU's instructions: "
+              "auto = all it has; avx2 = the AVX2 loops alone; avx512 = AVX-512's, no AMX", choices=CPU_ISAS),
     EnvOption("--speculative-config", "NANOQWEN_SPECULATIVE_CONFIG", "n-gram speculative decoding (prompt "
               "lookup), vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4, \"prompt_lookup_max\": "
               "4, \"prompt_lookup_min\": 2} (default off)"),

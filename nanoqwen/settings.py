@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from nanoqwen.choices import DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
+from nanoqwen.choices import CPU_ISAS, DEFAULT_MODEL, DTYPE_NAMES, GENERATION_CONFIGS, GRAPHS, KERNELS, QUANTS
 
 SPECULATIVE_METHODS = ("ngram",)
 STEP_TOKENS_FLOOR = 512  # the smallest default max_step_tokens
@@ -102,6 +102,7 @@ class EngineConfig:
     revision: str | None = None
     threads: int = 0  # torch's intra-op threads; 0 = the CPUs this process may use
     cpu_kernels: bool = True  # the compiled C kernels on the CPU (False: the torch references alone)
+    cpu_isa: str = "auto"  # auto | avx2 | avx512: the most the C kernels take of the CPU's instructions (choices.py)
     cache_dir: str = ""  # where the C kernels are cached; "" = $XDG_CACHE_HOME/nanoqwen, else ~/.cache/nanoqwen
     # n-gram speculative decoding, vLLM's JSON ({"method": "ngram", "num_speculative_tokens": k, ...}); "" = off
     speculative_config: str = ""
@@ -115,6 +116,8 @@ class EngineConfig:
             raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {self.quant!r}")
         if self.graph not in GRAPHS:
             raise ValueError(f"graph must be one of {', '.join(GRAPHS)}; got {self.graph!r}")
+        if self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"cpu_isa must be one of {', '.join(CPU_ISAS)}; got {self.cpu_isa!r}")
         if self.generation_config not in GENERATION_CONFIGS:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}; "
                              f"got {self.generation_config!r}")

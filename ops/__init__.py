@@ -31,11 +31,12 @@ def triton_available() -> bool:
 def select_kernels(
     setting: str, device: torch.device, dtype: torch.dtype, *,
     hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-    cpu_kernels: bool = True, cache_dir: Path | None = None, float_gemv: bool = False,
+    cpu_kernels: bool = True, cpu_isa: str = "auto", cache_dir: Path | None = None, float_gemv: bool = False,
 ) -> Kernels:
     """The kernels for a model of these sizes on `device` in `dtype`. `setting` is "torch", "triton"
     or "auto" (Triton on CUDA where installed, else torch); on the CPU this builds the C kernels
-    into `cache_dir` (None: ops.cpu.build.resolve_cache_dir()'s default), unless `cpu_kernels` is off.
+    into `cache_dir` (None: ops.cpu.build.resolve_cache_dir()'s default), capped at `cpu_isa`, unless `cpu_kernels`
+    is off.
     `float_gemv`: the Triton set's float linears of decode-sized batches run its GEMV (ops/triton/gemv.py).
     Raises ValueError when the setting cannot run on `device`."""
     name = ("triton" if device.type == "cuda" and triton_available() else "torch") if setting == "auto" else setting
@@ -53,7 +54,7 @@ def select_kernels(
         raise ValueError(f"NANOQWEN_FLOAT_GEMV is a choice of the Triton kernels, not of {name!r}")
     if device.type == "cpu":
         base = cpu.kernels(dtype, hidden_size=hidden_size, head_dim=head_dim, num_heads=num_heads,
-                           num_kv_heads=num_kv_heads, enabled=cpu_kernels, cache_dir=cache_dir)
+                           num_kv_heads=num_kv_heads, enabled=cpu_kernels, isa=cpu_isa, cache_dir=cache_dir)
     else:
         base = torch_ref.KERNELS
     if name == "triton":

@@ -3,25 +3,11 @@ the kernels directly, and the AVX2 kernels' interleaved layout (csrc/int4_block.
 from __future__ import annotations
 
 import ctypes
-import functools
 
-import pytest
 import torch
 
-from ops.cpu import build as cpu_build
 from ops.cpu import linear_int4 as cpu_int4
 from ops.torch_ref.linear_int4 import pack_int4
-
-
-@functools.cache
-def avx2_only(kernel: cpu_build.CKernel) -> cpu_build.CKernel:
-    """`kernel`'s C file as a CPU without AVX-512 runs it, built once into the kernel cache (under
-    tests/test_cpu_no_scratch.py's name for the same build)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
-        built = cpu_build.CKernel(f"{kernel.source.stem}_avx2_only", kernel.source.name, kernel.functions)
-        assert built.build(), built.error
-    return built
 
 
 def as_loaded(packed: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:

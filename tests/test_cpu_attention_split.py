@@ -8,6 +8,7 @@ import ctypes
 import pytest
 import torch
 
+from cpu_isas import CPU_FLAGS, LOOPS, capped
 from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.torch_ref.decode_attention import decode_attention_torch
@@ -21,20 +22,10 @@ HQ, HKV, D, BLOCK = 16, 8, 128, 16
 # eight with one in 6 parts; under 4,096 pairs: eight of 8 keys (512 pairs: a task per sequence) and 340 keys (2,720
 # pairs: parts of 128, the first sequence in 3).
 LENGTHS = [[1], [512], [513], [1023], [1025], [3000, 1, 17, 130], [129] * 7 + [2000], [8] * 8, [300, 17, 3, 20]]
-LIBS = ["built", "AVX2"]
 
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
     assert cpu_attention.KERNEL.build(), cpu_attention.KERNEL.error
-
-
-@pytest.fixture(scope="module")
-def avx2_lib(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
-        kernel = cpu_build.CKernel("avx2_attention", "attention.c", ("decode_attention", "decode_attention_avx512"))
-        assert kernel.build(tmp_path_factory.mktemp("avx2")), kernel.error
-    return kernel.lib
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -106,11 +97,11 @@ def error(out: torch.Tensor, exact: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=lambda n: f"{n[0]}+{len(n) - 1}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", LIBS)
-def test_matches_an_fp64_reference_as_closely_as_torch(lengths, dtype, loops, threads, avx2_lib):
+@pytest.mark.parametrize("loops", LOOPS)
+def test_matches_an_fp64_reference_as_closely_as_torch(lengths, dtype, loops, threads):
     inputs = case(lengths, dtype, seed=len(lengths) + lengths[0])
     exact = reference64(*inputs)
-    out = call(cpu_attention.KERNEL.lib if loops == "built" else avx2_lib, *inputs)
+    out = call(capped(cpu_attention.KERNEL, loops).lib, *inputs)
     assert torch.isfinite(out).all()
     if dtype == torch.float32:
         assert_close(out, exact)
@@ -122,26 +113,22 @@ def test_matches_an_fp64_reference_as_closely_as_torch(lengths, dtype, loops, th
     assert error(out, exact) <= error(torch_out, exact)
 
 
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as info:
-        return next(set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags"))
-
-
 def takes_avx512(lib, head_dim: int, bf16: int) -> bool:
     avx512 = ctypes.c_int(-1)
     lib.decode_attention_avx512(head_dim, bf16, ctypes.byref(avx512))
     return bool(avx512.value)
 
 
-def test_the_built_library_takes_avx512_where_the_cpu_has_it(avx2_lib):
-    """So that "built" above tests the AVX-512 (BF16) loops wherever the CPU has them: the Linux kernel's view of
-    the CPU (/proc/cpuinfo) against the library's own."""
-    flags, lib = cpu_flags(), cpu_attention.KERNEL.lib
-    avx512 = {"avx512f", "avx512bw"} <= flags
+@pytest.mark.parametrize("isa", ["auto", "avx512", "avx2"])
+def test_each_cap_takes_avx512_where_the_cpu_has_it_and_the_cap_allows(isa):
+    """So that "built" above tests the AVX-512 (BF16) loops wherever the CPU has them, and each cap (cpu_isa) the
+    loops it names: the Linux kernel's view of the CPU (/proc/cpuinfo) against the library's own. (Before the cap
+    was a setting, every build took AVX-512 here.)"""
+    lib = cpu_attention.KERNEL.lib if isa == "auto" else capped(cpu_attention.KERNEL, isa).lib
+    avx512 = {"avx512f", "avx512bw"} <= CPU_FLAGS and isa != "avx2"
     assert takes_avx512(lib, D, 0) == avx512
-    assert takes_avx512(lib, D, 1) == (avx512 and "avx512_bf16" in flags)
+    assert takes_avx512(lib, D, 1) == (avx512 and "avx512_bf16" in CPU_FLAGS)
     assert not takes_avx512(lib, 48, 0)  # D % 32 != 0: AVX2
-    assert not takes_avx512(avx2_lib, D, 0) and not takes_avx512(avx2_lib, D, 1)
 
 
 EDGES = {  # name: (lengths, Hq, Hkv, D, padded lanes); the long ones are split with 2 threads
@@ -154,11 +141,11 @@ EDGES = {  # name: (lengths, Hq, Hkv, D, padded lanes); the long ones are split 
 
 @pytest.mark.parametrize("edge", EDGES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", LIBS)
-def test_edges(edge, dtype, loops, threads, avx2_lib):
+@pytest.mark.parametrize("loops", LOOPS)
+def test_edges(edge, dtype, loops, threads):
     lengths, hq, hkv, d, lanes = EDGES[edge]
     inputs = with_padded_lanes(case(lengths, dtype, 7, hq, hkv, d), lanes)
-    assert_close(call(cpu_attention.KERNEL.lib if loops == "built" else avx2_lib, *inputs), reference64(*inputs))
+    assert_close(call(capped(cpu_attention.KERNEL, loops).lib, *inputs), reference64(*inputs))
 
 
 def test_a_small_batch_after_a_large_one_on_the_same_thread(threads):
@@ -169,12 +156,12 @@ def test_a_small_batch_after_a_large_one_on_the_same_thread(threads):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", LIBS)
-def test_without_its_scratch(dtype, loops, avx2_lib):
+@pytest.mark.parametrize("loops", LOOPS)
+def test_without_its_scratch(dtype, loops):
     """The scratch holds about 4 parts' state (Hq * (2D + 2) floats each) per thread of omp_get_max_threads(): at
     2^31 - 1 threads, more bytes than a 47-bit address space has, so it cannot be allocated and the kernel runs
     each sequence whole, a kv head at a time, as one thread does."""
-    lib = cpu_attention.KERNEL.lib if loops == "built" else avx2_lib
+    lib = capped(cpu_attention.KERNEL, loops).lib
     inputs = case([3000, 1, 17, 130], dtype, 5)
     libc = ctypes.CDLL(None)
     libc.aligned_alloc.restype, libc.aligned_alloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]

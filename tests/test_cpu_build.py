@@ -104,6 +104,19 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
     assert len(built()) == 2  # a header edit builds anew
 
 
+@needs_compiler
+def test_each_cap_is_a_library_of_its_own_and_a_kernel_takes_one(tmp_path):
+    """cpu_isa is part of the cache key (two caps, two libraries), and a CKernel stays with the cap of its first build:
+    the process's kernels serve every engine in it, and int4 weights packed for one cap's layout would be misread by
+    another's (ops/cpu/build.py)."""
+    capped = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
+    assert capped.build(tmp_path, "avx2") and capped.build(tmp_path) and capped.build(tmp_path, "avx2")
+    with pytest.raises(ValueError, match="cpu_pointwise is built for cpu_isa=avx2, not auto"):
+        capped.build(tmp_path, "auto")
+    assert cpu_build.CKernel("cpu_pointwise", "pointwise.c", ()).build(tmp_path, "auto")
+    assert len(list(tmp_path.glob("cpu_pointwise-*.so"))) == 2
+
+
 def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc

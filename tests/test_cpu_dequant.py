@@ -9,7 +9,8 @@ import torch
 
 import ops.cpu
 from call_rows import record_rows
-from int4_packing import as_loaded, avx2_only
+from cpu_isas import LOOPS, capped
+from int4_packing import as_loaded
 from ops import torch_ref
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant, embedding, graph
@@ -43,13 +44,13 @@ def int4_operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[t
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
     """From weights packed as the loader packs them for the build (avx2: interleaved); rows 0-36 whole, then rows 4-36
     (a block of prefill's from a quad's start)."""
     _, w, scale, offset = int4_operands(1, 37, 384, 128, dtype)
-    lib = dequant.KERNEL.lib if loops == "built" else avx2_only(dequant.KERNEL).lib
-    packed = as_loaded(w, None if loops == "built" else avx2_only(cpu_int4.KERNEL).lib)
+    lib = capped(dequant.KERNEL, loops).lib
+    packed = as_loaded(w, capped(cpu_int4.KERNEL, loops).lib)
     for n0 in (0, 4):
         out = torch.empty(37 - n0, 384, dtype=dtype)
         graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 37 - n0, 384, 128,
@@ -58,14 +59,14 @@ def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216)])
 def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(dtype, loops, k, g):
     """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; 7
     rows (a quad, then 3 row by row), from row 0 and from row 4."""
     _, w, scale, offset = int4_operands(1, 7, k, g, dtype)
-    lib = dequant.KERNEL.lib if loops == "built" else avx2_only(dequant.KERNEL).lib
-    packed = as_loaded(w, None if loops == "built" else avx2_only(cpu_int4.KERNEL).lib)
+    lib = capped(dequant.KERNEL, loops).lib
+    packed = as_loaded(w, capped(cpu_int4.KERNEL, loops).lib)
     for n0 in (0, 4):
         out = torch.empty(7 - n0, k, dtype=dtype)
         graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 7 - n0, k, g,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from int4_packing import as_loaded, avx2_only
+from cpu_isas import LOOPS, capped
+from int4_packing import as_loaded
 from nanoqwen.quant import quantize_int4_into, quantize_int8_into
 from ops.cpu import build as cpu_build
 from ops.cpu import embedding as cpu_embedding
@@ -51,7 +52,7 @@ def test_embedding_int8(dtype, ids):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("ids", IDS, ids=lambda t: str(tuple(t.shape)))
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_embedding_int4(dtype, group, ids, loops):
     """The table packed as the loader packs it for the build (the LM head's weight where tied; avx2: interleaved)."""
     packed = torch.empty(VOCAB, HIDDEN // 2, dtype=torch.uint8)
@@ -60,9 +61,9 @@ def test_embedding_int4(dtype, group, ids, loops):
     if loops == "built":
         out = cpu_embedding.embedding_int4_cpu(ids, as_loaded(packed), scale, offset)
     else:
-        flat, quads = ids.reshape(-1).to(torch.int32), as_loaded(packed, avx2_only(cpu_int4.KERNEL).lib)
+        flat, quads = ids.reshape(-1).to(torch.int32), as_loaded(packed, capped(cpu_int4.KERNEL, loops).lib)
         out = torch.empty(flat.shape[0], HIDDEN, dtype=dtype)
-        avx2_only(cpu_embedding.KERNEL).lib.embedding_int4(
+        capped(cpu_embedding.KERNEL, loops).lib.embedding_int4(
             flat.data_ptr(), quads.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(), flat.shape[0],
             VOCAB, HIDDEN, group, int(dtype == torch.bfloat16))
         out = out.view(*ids.shape, HIDDEN)

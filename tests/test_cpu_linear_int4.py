@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from call_rows import record_rows
-from int4_packing import as_loaded, avx2_only, from_interleaved
+from cpu_isas import LOOPS, capped
+from int4_packing import as_loaded, from_interleaved
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int4 as cpu_int4
@@ -83,17 +84,17 @@ def error_and_bound(x, w, scale, offset, out: torch.Tensor, pieces: int,
 
 def linear(loops: str, x, w, scale, offset) -> tuple[torch.Tensor, str]:
     """y and the kind of pieces it took: `built`, the kernel set's kernel; `avx2`, the AVX2 build (int8 blocks for
-    bf16 rows, int16 pieces for fp32 ones); w as quantize_int4_into writes it, repacked for the build as the loader
-    does."""
+    bf16 rows, int16 pieces for fp32 ones); `avx512`, AVX-512's without AMX (int8 pieces: a CPU with AMX has VNNI);
+    w as quantize_int4_into writes it, repacked for the build as the loader does."""
     avx2 = "block" if x.dtype == torch.bfloat16 else "int16"
     if loops == "built":
         return cpu_int4.linear_int4_cpu(x, as_loaded(w), scale, offset), "int8" if VNNI else avx2
-    lib = avx2_only(cpu_int4.KERNEL).lib
+    lib = capped(cpu_int4.KERNEL, loops).lib
     out, packed = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype), as_loaded(w, lib)
     lib.linear_int4(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
                     x.shape[0], w.shape[0], x.shape[1], x.shape[1] // scale.shape[1], int(x.dtype == torch.bfloat16),
                     cpu_int4.PIECES[x.dtype])
-    return out, avx2
+    return out, "int8" if loops == "avx512" else avx2
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 13])
@@ -104,7 +105,7 @@ def test_the_repack_at_load_round_trips(n, k):
     AVX-512 VNNI). Every nibble kept."""
     torch.manual_seed(n * k)
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
-    interleaved = as_loaded(w, avx2_only(cpu_int4.KERNEL).lib)
+    interleaved = as_loaded(w, capped(cpu_int4.KERNEL, "avx2").lib)
     assert torch.equal(from_interleaved(interleaved), w) and not torch.equal(interleaved, w)
     built = as_loaded(w)
     assert cpu_int4.interleaved() == (not VNNI)
@@ -113,7 +114,7 @@ def test_the_repack_at_load_round_trips(n, k):
 
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     x, w, scale, offset = operands(m, n, k, g, dtype)
     out, kind = linear(loops, x, w, scale, offset)
@@ -129,7 +130,7 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
     pytest.param("built", marks=pytest.mark.skipif(not VNNI or "amx_int8" in FLAGS, reason=(
         "the built kernel is the AVX2 one here (the avx2 case), or with AMX-INT8 takes tiles from 3 rows, vpdpbusd "
         "below: two orders"))),
-    "avx2"])
+    *LOOPS[1:]])
 def test_a_rows_outputs_do_not_depend_on_its_batch_mates(loops, dtype, n, k, g):
     """A row's outputs are the same bits alone as in a batch of 2, 3, 5, 8 or 9: on AVX2 1-2 piece rows (1-2 bf16
     rows, 1 fp32 row) take il_quad, 3-8 il_rows (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose chunk sums,
@@ -204,7 +205,7 @@ def test_avx2_fp32_fewer_pieces_break_the_bound(m, n, k, g):
 
 
 @pytest.mark.parametrize("m,dtype", [(2, torch.float32), (1, torch.float32), (1, torch.bfloat16)])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_a_long_group_of_the_largest_products_does_not_overflow(loops, m, dtype):
     """One group of 36864 columns, every nibble 15 against pieces at their largest: 576 blocks of 3.9e6 an int32 lane,
     past 2^31, which the VNNI path sums per block and the AVX2 path per chunk of 4 blocks (converted to fp32 there:
@@ -235,7 +236,7 @@ def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
 
 
 @pytest.mark.parametrize("m,n,k,g", [(3, 512, 1024, 64), (8, 256, 3072, 64)])
-@pytest.mark.parametrize("loops", [pytest.param("built", marks=needs_vnni), "avx2"])
+@pytest.mark.parametrize("loops", [pytest.param("built", marks=needs_vnni), *LOOPS[1:]])
 def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g, loops):
     """A row whose largest activation is 100x the rest: the pieces' error scales with it, the reference's with the
     products. Four pieces stay within the fp32 reference's distance from the exact product (measured 0.5-0.6x on
@@ -259,7 +260,7 @@ def test_fp32_is_as_close_as_the_reference(monkeypatch, m, n, k, g, loops):
 
 @pytest.mark.parametrize("m", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype, loops):
     x, w, scale, offset = operands(m, 48, 1024, 64, dtype)
     x[0, 7] = float("nan")

@@ -1,13 +1,13 @@
 """The compiled CPU int8 weight-only matmul against the torch reference and the exact product, and its dispatch."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pytest
 import torch
 
 from call_rows import record_rows
+from cpu_isas import LOOPS, capped
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int8 as cpu_int8
@@ -51,7 +51,7 @@ PIECES = {"int8": {torch.bfloat16: 2, torch.float32: 4}, "int16": {torch.bfloat1
 # The pieces the kernel set's own build ("built") takes here: int8 where the CPU has AVX512-VNNI, else int16 (AVX-512
 # without VNNI widens each weight to fp32: exact products, within either bound).
 VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(Path("/proc/cpuinfo").read_text().split())
-LOOPS_PIECES = {"built": "int8" if VNNI else "int16", "avx2": "int16"}
+LOOPS_PIECES = {"built": "int8" if VNNI else "int16", "avx2": "int16", "avx512": "int8"}  # avx512: with AMX, VNNI
 PIECE_ERROR = {"int8": {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4)},
                "int16": {p: 0.5 / 32767 / 65534 ** (p - 1) + 2**-23 for p in (1, 2)}}
 # VNNI: 1 row vpdpbusd; 2+ rows with K % 64 == 0: AMX tdpbssd (rows in groups of 24 bf16 / 12 fp32 rows), else
@@ -63,29 +63,20 @@ PIECE_SHAPES = [(1, 151, 1024), (1, 13, 96), (2, 77, 1024), (3, 13, 96), (8, 151
                 (32, 40, 64), (5, 9, 32), (7, 9, 96), (2, 17, 8224)]
 
 
-@functools.cache
-def avx2_kernel() -> cpu_build.CKernel:
-    """linear_int8.c as a CPU without AVX-512 runs it (the int16 pieces), built once into the kernel cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
-        kernel = cpu_build.CKernel("avx2_only_linear_int8", "linear_int8.c", ("linear_int8",))
-        assert kernel.build(), kernel.error
-    return kernel
-
-
 def linear_with(loops: str, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`built`: the kernel set's own (int8 pieces where the CPU has VNNI, else int16); `avx2`: int16 pieces."""
+    """`built`: the kernel set's own (int8 pieces where the CPU has VNNI, else int16); `avx2`: int16 pieces; `avx512`
+    (where the CPU has AMX): int8 pieces by vpdpbusd."""
     if loops == "built":
         return cpu_int8.linear_int8_cpu(x, w, scale)
     out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-    avx2_kernel().lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0],
-                                  w.shape[0], x.shape[1], int(x.dtype == torch.bfloat16))
+    capped(cpu_int8.KERNEL, loops).lib.linear_int8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                                                   x.shape[0], w.shape[0], x.shape[1], int(x.dtype == torch.bfloat16))
     return out
 
 
 @pytest.mark.parametrize("m,n,k", PIECE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
     """Against the exact product with the same int8 weights: the activation pieces' bound (one fewer int8 piece
     exceeds it 254-fold), fp32 rounding of the sums, and for bf16 the rounding of the output; int16 pieces' bound
@@ -108,7 +99,7 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
 
 @pytest.mark.parametrize("k", [4096, 4128, 8192])
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_the_largest_sums_do_not_overflow(m, k, loops):
     """Every activation at its row's largest magnitude (each piece at its limit) against weights of -128 and 127:
     the int32 sums at their largest, where a span of more columns than SPAN16 (csrc/linear_int8.c) would wrap; one
@@ -121,7 +112,7 @@ def test_the_largest_sums_do_not_overflow(m, k, loops):
 
 @pytest.mark.parametrize("m,n,k", [(1, 40, 96), (3, 40, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", ["built", "avx2"])
+@pytest.mark.parametrize("loops", LOOPS)
 def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype, loops):
     x, w, scale = operands(m, n, k, dtype)
     x[0, 5] = float("nan")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import paged_inputs
+from cpu_isas import capped
 from int4_packing import as_loaded
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
@@ -35,23 +36,21 @@ BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.K
                                                    cpu_prefill.KERNEL)}  # by source
 # "built": the kernel set's own; "loops": what a CPU without AVX-512 (so without VNNI or AMX) takes (int16 pieces;
 # int4's bf16 rows int8 blocks)
-VARIANTS = {"built": (), "built, no scratch": ("-DNANOQWEN_NO_SCRATCH",), "loops": ("-DNANOQWEN_AVX2_ONLY",),
-            "loops, no scratch": ("-DNANOQWEN_AVX2_ONLY", "-DNANOQWEN_NO_SCRATCH")}
+VARIANTS = {"built": ("built", False), "built, no scratch": ("auto", True), "loops": ("avx2", False),
+            "loops, no scratch": ("avx2", True)}  # (tests/cpu_isas.py's loops or a cpu_isa, without scratch)
 
 
 @functools.cache
 def lib(source: str, variant: str) -> ctypes.CDLL:
     """`source` built as `variant` says, in the kernel cache (its key holds the flags: each variant is its own
     library, built once on a machine)."""
-    defines = VARIANTS[variant]
-    if not defines:
-        assert BUILT[source].build(), BUILT[source].error
-        return BUILT[source].lib
+    loops, no_scratch = VARIANTS[variant]
+    if not no_scratch:
+        return capped(BUILT[source], loops).lib
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, *defines])
-        name = "_".join([source.removesuffix(".c"), *(d.removeprefix("-DNANOQWEN_").lower() for d in defines)])
-        kernel = cpu_build.CKernel(name, source, BUILT[source].functions)
-        assert kernel.build(), kernel.error
+        patch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_NO_SCRATCH"])
+        kernel = cpu_build.CKernel(f"{source.removesuffix('.c')}_no_scratch", source, BUILT[source].functions)
+        assert kernel.build(isa=loops), kernel.error
     return kernel.lib
 
 
@@ -178,10 +177,12 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
                                atol=1e-5)
 
 
-def test_prefill_attention_on_an_avx2_cpu_keeps_sdpa_for_long_runs(monkeypatch):
-    """What a CPU without AVX-512 builds: its kernel says the tiles do not serve, so bf16 runs past C_MAX_NEW go to
-    SDPA (as before the tiles), and a call asking for the tiles gets the AVX2 loops, the same bits."""
-    loops = lib("prefill_attention.c", "loops")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_prefill_attention_capped_below_amx_keeps_sdpa_for_long_runs(monkeypatch, isa):
+    """What a CPU without AMX builds, and each cap below it (cpu_isa avx2 or avx512) on any CPU: its kernel says the
+    tiles do not serve, so bf16 runs past C_MAX_NEW go to SDPA (as before the tiles), and a call asking for the tiles
+    gets the AVX2 loops, the same bits."""
+    loops = capped(cpu_prefill.KERNEL, isa).lib
     flag = ctypes.c_int(1)
     loops.prefill_attention_amx(128, ctypes.byref(flag))
     assert flag.value == 0

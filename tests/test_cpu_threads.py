@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_isas import LOOPS, capped
 from ops.cpu import attention as cpu_attention
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
@@ -44,11 +45,9 @@ def call(lib, x, w, scale=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_avx2_loops_match_the_reference(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(cpu_build, "FLAGS", [*cpu_build.FLAGS, "-DNANOQWEN_AVX2_ONLY"])
-    dense = cpu_build.CKernel("avx2_linear", "linear.c", ("linear",))
-    int8 = cpu_build.CKernel("avx2_linear_int8", "linear_int8.c", ("linear_int8",))
-    assert dense.build(tmp_path) and int8.build(tmp_path), dense.error or int8.error
+@pytest.mark.parametrize("loops", LOOPS)
+def test_each_caps_loops_match_the_reference(dtype, loops):
+    dense, int8 = capped(cpu_linear.KERNEL, loops), capped(cpu_int8.KERNEL, loops)
     tol = {"atol": 1e-5 * 32, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3 * 32, "rtol": 8e-3}
     for m, n, k in SHAPES:
         x, w, wq, scale = operands(m, n, k, dtype)

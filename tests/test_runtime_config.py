@@ -112,3 +112,10 @@ def test_the_cpu_kernel_settings_come_from_the_engine_config():
     config = EngineConfig.from_env({"NANOQWEN_CPU_KERNELS": "0", "NANOQWEN_CACHE_DIR": "/tmp/kernels"})
     assert (config.cpu_kernels, config.cache_dir) == (False, "/tmp/kernels")
     assert EngineConfig.from_env({}).cpu_kernels
+
+
+def test_the_cpu_isa_cap_is_a_checked_setting():
+    assert EngineConfig().cpu_isa == "auto"
+    assert EngineConfig.from_env({"NANOQWEN_CPU_ISA": "avx2"}).cpu_isa == "avx2"
+    with pytest.raises(ValueError, match="cpu_isa must be one of auto, avx2, avx512; got 'amx'"):
+        EngineConfig(cpu_isa="amx")

@@ -41,6 +41,7 @@ from chat_http import (
     wait_for,
 )
 from checkpoints import QWEN3_GENERATION, make_checkpoint
+from cpu_isas import cap_kernel_set, capped
 from engine_util import generate, greedy, load_engine
 from nanoqwen.api import shared_stats
 from nanoqwen.api.sse import PROBE
@@ -62,21 +63,21 @@ def server_checkpoint() -> Path:
 BUILT_IN_THE_WORKER = dequant.KERNEL
 
 
-def kernel_cache_missing_one(cache: Path) -> Path:
-    """A kernel cache with every C kernel but BUILT_IN_THE_WORKER, copied from the default one (built here first
-    if need be): a cold build of all of them (linear_int4's alone ~10 s) added nothing to the test of it. Empty
-    where the kernels cannot build (the server then runs torch's ops)."""
+def kernel_cache_missing_one(cache: Path, isa: str) -> Path:
+    """A kernel cache with every C kernel but BUILT_IN_THE_WORKER, capped at cpu_isa `isa`, copied from the default
+    one (built here first if need be): a cold build of all of them (linear_int4's alone ~10 s) added nothing to the
+    test of it. Empty where the kernels cannot build (the server then runs torch's ops)."""
     if build.unavailable() is not None:
         return cache
     for kernel in C_KERNELS:
         if kernel is not BUILT_IN_THE_WORKER:
-            assert kernel.build(), kernel.error
-            built = Path(kernel.lib._name)  # the shared object ctypes loaded
+            built = Path(capped(kernel, isa).lib._name)  # the shared object ctypes loaded
             shutil.copy(built, cache / built.name)
     return cache
 
 
 WIDE_MLP = 2048  # guarded_checkpoint's intermediate size
+GUARDED_ISA = "avx2"  # the guarded server's cpu_isa
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +93,13 @@ def servers(server_checkpoint: Path, guarded_checkpoint: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, GunicornServer]]:
     """The plain server, and the guarded one: bf16 (guarded_checkpoint), API key, CORS, a custom model name,
     room for one running plus one waiting request (one decode row a step), a 1 s request body deadline, the
-    checkpoint's generation_config switched off, and a kernel cache its worker completes. Launched together so
+    checkpoint's generation_config switched off, the C kernels capped at AVX2 (an AVX2-only CPU's loops on every
+    CPU; the plain server takes all this one has) and a kernel cache its worker completes. Launched together so
     that they load in parallel."""
-    kernel_cache = kernel_cache_missing_one(tmp_path_factory.mktemp("kernel-cache"))
+    kernel_cache = kernel_cache_missing_one(tmp_path_factory.mktemp("kernel-cache"), GUARDED_ISA)
     guarded_env = dict(NANOQWEN_API_KEY="secret", NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1",
                        NANOQWEN_CORS_ORIGINS="http://allowed.example", NANOQWEN_SERVED_MODEL_NAME="tiny",
-                       NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(kernel_cache),
+                       NANOQWEN_DTYPE="bfloat16", NANOQWEN_CACHE_DIR=str(kernel_cache), NANOQWEN_CPU_ISA=GUARDED_ISA,
                        NANOQWEN_BODY_TIMEOUT="1", NANOQWEN_GENERATION_CONFIG="none")
     log = tmp_path_factory.mktemp("server")
     served = (("server", server_checkpoint, {}), ("guarded", guarded_checkpoint, guarded_env))
@@ -811,23 +813,24 @@ def test_health_is_fast_while_generating(server: GunicornServer) -> None:
 @pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> None:
     """A kernel missing from the cache: the engine thread runs the C compiler through subprocess inside the gevent
-    worker."""
+    worker, capped at the server's cpu_isa (the library this process builds for that cap, under the same name)."""
     cache = Path(guarded.env["NANOQWEN_CACHE_DIR"])
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == sorted(kernel.name for kernel in C_KERNELS)
+    assert (cache / Path(capped(BUILT_IN_THE_WORKER, GUARDED_ISA).lib._name).name).exists()
+    assert f" cpu_isa={GUARDED_ISA} " in guarded.log()  # the `ready:` line says the cap
     assert "could not build" not in guarded.log()
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
     assert post_chat(guarded, body, headers={"Authorization": "Bearer secret"}).status_code == 200
 
 
-@pytest.mark.skipif(build.unavailable() is not None or cpu_linear.NATIVE_BF16,
-                    reason="linear.c's AVX2 bf16 loops take every C linear's rows only on a CPU without native bf16 "
-                           "(an AVX-512-BF16 or AMX one multiplies by vdpbf16ps or tiles)")
+@pytest.mark.skipif(build.unavailable() is not None, reason=f"{build.unavailable()}")
 def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, guarded_checkpoint: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The bf16 AVX2 linear's 1-row pass (SPREAD_ROWS weight rows a pass, one from each part of a thread's chunk:
-    csrc/gemv.h), as deployed: the guarded server (gevent worker, CPU graph of the C kernels, bf16, one decode row a
-    step, so every linear of a decode step takes that pass) answers greedy completions, streamed and not, with the
-    tokens of the engine run eagerly in-process, the same settings but each 1-row linear given its row twice: 2 rows
+    csrc/gemv.h), as deployed: the guarded server (gevent worker, CPU graph of the C kernels capped at AVX2, so on
+    every CPU, bf16, one decode row a step, so every linear of a decode step takes that pass) answers greedy
+    completions, streamed and not, with the tokens of the engine run eagerly in-process, the same settings (its C
+    kernels the same cap's) but each 1-row linear given its row twice: 2 rows
     take the 2-weight-row pass, other code summing in the same order (linear.c), hence the same bits. A reference with
     the 1-row pass's plausible faults (its last 16 columns skipped, two rows' outputs swapped, a pass's rows all its
     first) differed in 21-33 of these 36 tokens when applied to the down projection alone (profiles/RESULTS.md, gaps3,
@@ -848,7 +851,8 @@ def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, g
         return kernel(rows, weight)
 
     monkeypatch.setattr(cpu_linear, "linear_cpu", two_rows)
-    engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1)
+    cap_kernel_set(monkeypatch, GUARDED_ISA)
+    engine = load_engine(guarded_checkpoint, dtype="bfloat16", max_batch=1, cpu_isa=GUARDED_ISA)
     expected = [engine.tokenizer.decode(generate(engine, [p], greedy(new_tokens))[0].choices[0].token_ids,
                                         skip_special_tokens=False) for p in prompts]
     # the C kernel took every decode step's down projection (K = WIDE_MLP), by two rows, and the other linears

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from chat_http import MODEL, cpu_env
 from checkpoints import load_hf_model, make_checkpoint
+from cpu_isas import CPU_FLAGS, cap_kernel_set, capped
 from engine_util import generate, greedy, load_engine
 from nanoqwen import loader
 from ops.cpu import build as cpu_build
@@ -30,7 +31,11 @@ HIDDEN = 128
 OUTLIER = 30  # norm weights' column 5, times the rest
 NEW_TOKENS = 6
 PROMPTS = [random.Random(i).choices(range(1000, 100000), k=30) for i in range(8)]
-INT4_ONLY = pytest.mark.parametrize("quant", ["int4"], indirect=True)
+# Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; int4 capped at AVX2 too where the CPU would take VNNI's loops
+# (int8 pieces): the block rounding below is its AVX2 loops'
+MODES = {"int8": ("int8", "auto"), "int4": ("int4", "auto"),
+         **({"int4-avx2": ("int4", "avx2")} if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= CPU_FLAGS else {})}
+INT4_ONLY = pytest.mark.parametrize("mode", [name for name in MODES if name.startswith("int4")], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +49,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
-def quant(request: pytest.FixtureRequest) -> str:
-    return request.param
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return MODES[request.param]
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, quant: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+def quant(mode: tuple[str, str]) -> str:
+    return mode[0]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, mode: tuple[str, str],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    quant, isa = mode
     log = tmp_path_factory.mktemp("quant_bf16") / "server.log"
-    with GunicornServer(cpu_env(checkpoint, NANOQWEN_QUANT=quant, NANOQWEN_DTYPE="bfloat16"), log) as srv:
+    env = cpu_env(checkpoint, NANOQWEN_QUANT=quant, NANOQWEN_DTYPE="bfloat16", NANOQWEN_CPU_ISA=isa)
+    with GunicornServer(env, log) as srv:
         yield srv
 
 
@@ -71,15 +84,19 @@ def served(server: GunicornServer) -> list[tuple[str, list[float]]]:
 
 
 @pytest.fixture(scope="module")
-def in_process(checkpoint: Path, quant: str) -> list[tuple[list[int], list[float]]]:
-    """The in-process engine's, as the server runs it: each prompt's tokens and answer, and the logprobs of all but
-    the first."""
-    engine = load_engine(checkpoint, dtype="bfloat16", quant=quant, graph="auto", kernels="auto")
+def in_process(checkpoint: Path, mode: tuple[str, str]) -> list[tuple[list[int], list[float]]]:
+    """The in-process engine's, as the server runs it (its C kernels capped as the server's): each prompt's tokens
+    and answer, and the logprobs of all but the first."""
+    quant, isa = mode
     out = []
-    for prompt in PROMPTS:
-        choice = generate(engine, [prompt], greedy(NEW_TOKENS, prompt_logprobs=0, logprobs=True))[0].choices[0]
-        out.append((prompt + choice.token_ids, [lp.logprob for lp in [*choice.prompt_logprobs.tokens,
-                                                                     *choice.logprobs]]))
+    with pytest.MonkeyPatch.context() as patch:
+        if isa != "auto" and cpu_build.unavailable() is None:
+            cap_kernel_set(patch, isa)
+        engine = load_engine(checkpoint, dtype="bfloat16", quant=quant, graph="auto", kernels="auto", cpu_isa=isa)
+        for prompt in PROMPTS:
+            choice = generate(engine, [prompt], greedy(NEW_TOKENS, prompt_logprobs=0, logprobs=True))[0].choices[0]
+            out.append((prompt + choice.token_ids, [lp.logprob for lp in [*choice.prompt_logprobs.tokens,
+                                                                         *choice.logprobs]]))
     return out
 
 
@@ -117,7 +134,8 @@ def reference_logprobs(reference: tuple[torch.nn.Module, ActivationRounding], bl
 @INT4_ONLY
 def test_int4_logprobs_follow_the_block_rounding(served: list[tuple[str, list[float]]],
                                                  in_process: list[tuple[list[int], list[float]]],
-                                                 reference: tuple[torch.nn.Module, ActivationRounding]) -> None:
+                                                 reference: tuple[torch.nn.Module, ActivationRounding],
+                                                 mode: tuple[str, str]) -> None:
     """Mean |served - reference| over the 280 logprobs (at the tokens the in-process engine chose, which the test above
     shows are the served ones). Measured on this Zen 3: 0.16 against the block rounding's reference, 0.31 against a
     scale a row's, 0.31 against the unrounded one's (0.19-0.20, 0.36-0.42 and 0.28-0.35 on three other sets of 8
@@ -128,9 +146,10 @@ def test_int4_logprobs_follow_the_block_rounding(served: list[tuple[str, list[fl
     other references at least 1.3 times as far as the block rounding's."""
     if cpu_build.unavailable() is not None:
         pytest.skip(f"int4's activations are rounded in int8 blocks only by its C kernel: {cpu_build.unavailable()}")
-    assert cpu_int4.KERNEL.build()
-    if not cpu_int4.interleaved():
-        pytest.skip("int4's activations are rounded in int8 blocks only by its AVX2 loops (this CPU has AVX-512 VNNI)")
+    if mode[1] == "auto" and "int4-avx2" in MODES:
+        pytest.skip("int4's activations are rounded in int8 blocks only by its AVX2 loops (this CPU has AVX-512 VNNI: "
+                    "the int4-avx2 mode runs them)")
+    assert cpu_int4.interleaved(capped(cpu_int4.KERNEL, mode[1]).lib)  # the AVX2 loops' layout
     logprobs = torch.tensor([lp for _, row in served for lp in row], dtype=torch.float64)
     sequences = [ids for ids, _ in in_process]
     block, row, exact = ((logprobs - reference_logprobs(reference, b, sequences)).abs().mean().item()

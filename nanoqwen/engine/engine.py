@@ -118,9 +118,10 @@ class Engine:
         if before_ready is not None:
             before_ready()
         info = runtime.info()
-        log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s float_gemv=%s graph=%s kv_cache_tokens=%d "
-                 "threads=%d max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs", runtime.model_path,
-                 info["device"], info["dtype"], runtime.quant, runtime.kernels, runtime.float_gemv, runtime.graph,
+        log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s cpu_isa=%s float_gemv=%s graph=%s "
+                 "kv_cache_tokens=%d threads=%d max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs",
+                 runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels, cfg.cpu_isa,
+                 runtime.float_gemv, runtime.graph,
                  runtime.kv_cache_tokens,
                  runtime.threads, cfg.max_step_tokens, cfg.prefill_stall, info["speculative"],
                  time.perf_counter() - started)

@@ -47,7 +47,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
     kernels = ops.select_kernels(
         config.kernels, device, dtype, hidden_size=model_config.hidden_size, head_dim=model_config.head_dim,
         num_heads=model_config.num_attention_heads, num_kv_heads=model_config.num_key_value_heads,
-        cpu_kernels=config.cpu_kernels, float_gemv=config.float_gemv,
+        cpu_kernels=config.cpu_kernels, cpu_isa=config.cpu_isa, float_gemv=config.float_gemv,
         cache_dir=resolve_cache_dir(config.cache_dir),
     )
     model = loader.build_model(model_config, shards, model_positions(config, model_config), device, dtype, kernels,

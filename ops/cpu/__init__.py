@@ -27,14 +27,14 @@ C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KE
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-            enabled: bool = True, cache_dir: Path | None = None) -> Kernels:
-    """Builds the C kernels now (or loads them from `cache_dir`), running the C compiler; with
+            enabled: bool = True, isa: str = "auto", cache_dir: Path | None = None) -> Kernels:
+    """Builds the C kernels now (or loads them from `cache_dir`) for the cpu_isa `isa`, running the C compiler; with
     `enabled` False, the torch references alone."""
     ref = torch_ref.KERNELS
     if not enabled:
         return ref
     for kernel in C_KERNELS:
-        kernel.build(cache_dir)
+        kernel.build(cache_dir, isa)
     if dtype not in (torch.bfloat16, torch.float32):
         return ref
     norms = norm_rope.KERNEL.ready and norm_rope.takes_norm(hidden_size)

@@ -121,13 +121,19 @@ def resolve_cache_dir(configured: str = "") -> Path:
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "nanoqwen"
 
 
-def compile_library(cc: str, source: Path, path: Path) -> str:
-    """Compiles `source` (by its path, so diagnostics name it) into the shared object `path`;
+def isa_flags(isa: str) -> list[str]:
+    """The compiler's flags for one cpu_isa setting (nanoqwen.choices.CPU_ISAS, checked by EngineConfig): the C
+    side's cap, csrc/gemv.h's NANOQWEN_ISA, which every run-time choice of loops there reads."""
+    return [*FLAGS, f"-DNANOQWEN_ISA=NANOQWEN_ISA_{isa.upper()}"]
+
+
+def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str:
+    """Compiles `source` (by its path, so diagnostics name it) into the shared object `path`, capped at `isa`;
     -> the compiler's warnings. Raises BuildError with its output when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        command = [cc, *FLAGS, f"-I{source.parent}", str(source), "-o", str(out), "-lm"]
+        command = [cc, *isa_flags(isa), f"-I{source.parent}", str(source), "-o", str(out), "-lm"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(result.stderr.strip() or f"{cc} exited with {result.returncode}")
@@ -135,15 +141,15 @@ def compile_library(cc: str, source: Path, path: Path) -> str:
     return result.stderr.strip()
 
 
-def _digest(csrc: Path, cc: str) -> str:
-    h = hashlib.sha256(" ".join([cc, *FLAGS]).encode())
+def _digest(csrc: Path, cc: str, isa: str) -> str:
+    h = hashlib.sha256(" ".join([cc, *isa_flags(isa)]).encode())
     for file in sorted(csrc.glob("*.[ch]")):  # every source and header: an edit to any rebuilds all
         h.update(file.name.encode() + b"\0" + file.read_bytes())
     return h.hexdigest()[:16]
 
 
 class CKernel:
-    """The functions of one C file, built at most once. `ready` is a plain attribute, so code that
+    """The functions of one C file, built at most once, for one cpu_isa. `ready` is a plain attribute, so code that
     torch.compile traces can branch on it; `error` holds why a build failed."""
 
     def __init__(self, name: str, source: str, functions: tuple[str, ...], csrc: Path = CSRC) -> None:
@@ -154,13 +160,17 @@ class CKernel:
         self.lib: ctypes.CDLL | None = None
         self.ready = False
         self.error: str | None = None
-        self._tried = False
+        self.isa: str | None = None  # the cpu_isa of the first build (tried or done)
 
-    def build(self, cache_dir: Path | None = None) -> bool:
-        """Compiles into `cache_dir` (None: resolve_cache_dir()'s default), or loads from there, on the first call;
-        whether the kernel can run."""
-        if not self._tried:
-            self._tried = True
+    def build(self, cache_dir: Path | None = None, isa: str | None = None) -> bool:
+        """Compiles into `cache_dir` (None: resolve_cache_dir()'s default), or loads from there, on the first call,
+        capped at `isa` (None: the first call's, else auto); whether the kernel can run. ValueError for an isa other
+        than the first call's: a process runs one build of each file (the int4 weights it packed follow its
+        layout), so a second cap needs a CKernel of its own."""
+        if isa is not None and self.isa not in (None, isa):
+            raise ValueError(f"{self.name} is built for cpu_isa={self.isa}, not {isa}: one cap a process")
+        if self.isa is None:
+            self.isa = isa or "auto"
             try:
                 self.lib = self._load(cache_dir or resolve_cache_dir())
             except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
@@ -176,9 +186,9 @@ class CKernel:
             log.log(level, "%s: %s, using torch", self.name, reason)
             return None
         cc = compiler()
-        path = cache_dir / f"{self.name}-{_digest(self.csrc, cc)}.so"
+        path = cache_dir / f"{self.name}-{_digest(self.csrc, cc, self.isa)}.so"
         if not path.exists():
-            warnings = compile_library(cc, self.source, path)
+            warnings = compile_library(cc, self.source, path, self.isa)
             if warnings:
                 log.warning("%s built with warnings:\n%s", self.name, warnings)
         signatures = prototypes((self.csrc / HEADER).read_text())

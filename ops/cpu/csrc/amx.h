@@ -36,13 +36,13 @@ struct tile_config {  /* ldtilecfg's operand, palette 1 */
     uint8_t rows[16];
 };
 
-/* Whether this CPU has AMX-BF16 and Linux lets this process use the tiles (asked on the first call; the
-   permission is the process's, so the pool's helpers have it too). */
+/* Whether this CPU has AMX-BF16, the build's ISA cap (gemv.h) allows it and Linux lets this process use the tiles
+   (asked on the first call; the permission is the process's, so the pool's helpers have it too). */
 static inline int amx_ready(void) {
     static int ready = -1;
     int r = __atomic_load_n(&ready, __ATOMIC_ACQUIRE);
     if (r < 0) {
-        r = has_avx512_bf16() && __builtin_cpu_supports("amx-bf16") &&
+        r = NANOQWEN_ISA >= NANOQWEN_ISA_AUTO && has_avx512_bf16() && __builtin_cpu_supports("amx-bf16") &&
             syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
         __atomic_store_n(&ready, r, __ATOMIC_RELEASE);
     }

@@ -204,11 +204,21 @@ AVX512_END
         case 5: BODY(5); break; case 6: BODY(6); break; case 7: BODY(7); break; default: BODY(8); break; \
     }
 
-#ifdef NANOQWEN_AVX2_ONLY  /* tests build this to check the AVX2 loops on an AVX-512 CPU */
-static inline int has_avx512(void) { return 0; }
-#else
-static inline int has_avx512(void) { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+/* The instruction sets a build may take, whatever else the CPU has (the cpu_isa setting: ops/cpu/build.py builds
+   each cap into a library of its own, -DNANOQWEN_ISA=NANOQWEN_ISA_<CAP>), so that a CPU with AVX-512 runs, and
+   tests, the AVX2 loops, or AVX-512's without AMX. Every run-time choice of loops goes through has_avx512 or
+   amx_ready (amx.h). */
+#define NANOQWEN_ISA_AVX2 0
+#define NANOQWEN_ISA_AVX512 1
+#define NANOQWEN_ISA_AUTO 2  /* all the CPU has, AMX included */
+#ifndef NANOQWEN_ISA
+#define NANOQWEN_ISA NANOQWEN_ISA_AUTO
 #endif
+
+static inline int has_avx512(void) {
+    return NANOQWEN_ISA >= NANOQWEN_ISA_AVX512 && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw");
+}
 static inline int has_avx512_bf16(void) { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 /* AVX-512 VNNI (vpdpbusd, on 512-bit registers), which the int8 pieces' loops need; linear_int4's VL too, for the
    masked 256-bit load of bf16 scales and offsets (load16). Tests build NANOQWEN_NO_VNNI to check the loops without
