@@ -10,11 +10,18 @@
 #include "int4_block.h"
 #include "pool.h"
 
+/* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
+INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
+    if (bf16) v = _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    store8(y, at, v, bf16);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
 #define ROWS 8          /* activation rows sharing one transposition of a span's weights: 8 of 1-2 pieces, 4 of 3-4
-                           (16 sums in registers at most) */
+                           (16 sums at most) */
 #define HELD_SUMS 8     /* int32 sums beyond which a span's transposed weights go through L1: 16 sums beside them in
                            registers spilled (8 bf16 rows of 1024 x 1024 hot, one thread on Zen 5: 62 µs against 81;
                            4 fp32 rows 49 against 84) */
@@ -80,6 +87,33 @@ static void block_sums(const float *x, int K, long lanes, float *out) {
         for (int c = 0; c < 64 && b < K / 64; c += 16) s = _mm512_add_ps(s, _mm512_load_ps(x + b * 64 + c));
         out[b] = _mm512_reduce_add_ps(s);
     }
+}
+
+/* The sum of v's 16 lanes in one fixed order, GCC's _mm512_reduce_add_ps's (the upper half onto the lower, then
+   quarters, pairs, neighbours), which lane_sums16 keeps: a row's output is the same bits either way. */
+static inline float lane_sum(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                                   _mm512_castps512_ps256(v));
+    const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 1, 1, 1))));
+}
+
+/* Lane j: lane_sum(v[j]), 16 at once: each round adds two vectors' halves (quarters, pairs, neighbours) in one add. */
+static inline __m512 lane_sums16(const __m512 v[16]) {
+    __m512 h[8], q[4], p[2];
+    for (int k = 0; k < 8; k++)  /* lanes 0-7: v[2k]'s halves added, 8-15 v[2k + 1]'s */
+        h[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int k = 0; k < 4; k++)  /* quarter c: v[4k + c]'s */
+        q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int k = 0; k < 2; k++)  /* quarter c: v[8k + c]'s pair, then v[8k + 4 + c]'s */
+        p[k] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));  /* 4c + r: v[4r + c]'s */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), s);
 }
 
 /* ---- the weights ---- */
@@ -214,6 +248,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
+        __m512 sums[16];  /* at 1 row, 16 weight rows' f, 8 of each stream, reduced and stored together */
         for (int j = 0; j < count; j++) {
             const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
             const uint8_t *w = a->w + (n0 + i) * row;
@@ -223,8 +258,19 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             for (long span = 0; span < whole; span++)
                 span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
             if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
+            if (R == 1 && count - (j & ~15) >= 16) {  /* lanes 0-7: the first stream's rows, 8-15 the second's */
+                sums[(j & 1) * 8 + (j & 15) / 2] = f[0];
+                if ((j & 15) == 15) {
+                    const __m512 y = lane_sums16(sums);
+                    const long at = (long)m0 * a->N + n0 + (j & ~15) / 2;
+                    store_row8(a->y, at, _mm512_castps512_ps256(y), a->bf16);
+                    store_row8(a->y, at + half, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)),
+                               a->bf16);
+                }
+                continue;
+            }
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[r]), a->bf16);
+                store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[r]), a->bf16);
         }
         return;
     }
@@ -240,7 +286,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
         }
     for (int i = 0; i < count; i++)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[i][r]), a->bf16);
+            store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[i][r]), a->bf16);
 }
 
 /* rows_vnni with R activation rows of P pieces, both constants: one function per pair, not one switch over them all
@@ -814,13 +860,6 @@ INLINE void transpose8(const __m256 o[8], __m256 t[8]) {
         }
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
         t[j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x20), t[4 + j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x31);
-}
-
-/* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
-INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
-    if (bf16) v = _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
-                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    store8(y, at, v, bf16);
 }
 
 /* Weight row n's outputs from its fp32 sums f for the `rows` activation rows from m0, lane j row m0 + j: il_quad's
