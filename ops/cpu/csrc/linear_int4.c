@@ -176,6 +176,13 @@ struct linear_int4_args {
     const void *raw;  /* x as it came: linear_int4_unstaged's */
 };
 
+/* y[m, first .. first + 7] and y[m, second .. second + 7]: the lane sums of v[0..7] and of v[8..15]. */
+static inline void store_sums16(const struct linear_int4_args *a, int m, long first, long second, const __m512 v[16]) {
+    const __m512 y = lane_sums16(v);
+    store_row8(a->y, (long)m * a->N + first, _mm512_castps512_ps256(y), a->bf16);
+    store_row8(a->y, (long)m * a->N + second, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)), a->bf16);
+}
+
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
    this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
    b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
@@ -248,7 +255,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
-        __m512 sums[16];  /* at 1 row, 16 weight rows' f, 8 of each stream, reduced and stored together */
+        __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         for (int j = 0; j < count; j++) {
             const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
             const uint8_t *w = a->w + (n0 + i) * row;
@@ -258,14 +265,12 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             for (long span = 0; span < whole; span++)
                 span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
             if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
-            if (R == 1 && count - (j & ~15) >= 16) {  /* lanes 0-7: the first stream's rows, 8-15 the second's */
-                sums[(j & 1) * 8 + (j & 15) / 2] = f[0];
+            if (count - (j & ~15) >= 16) {
+                const int slot = R == 1 ? (j & 1) * 8 + (j & 15) / 2 : j & 15;  /* at 1 row 0-7 the first stream's */
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[r];
                 if ((j & 15) == 15) {
-                    const __m512 y = lane_sums16(sums);
-                    const long at = (long)m0 * a->N + n0 + (j & ~15) / 2;
-                    store_row8(a->y, at, _mm512_castps512_ps256(y), a->bf16);
-                    store_row8(a->y, at + half, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)),
-                               a->bf16);
+                    const long first = n0 + (R == 1 ? (j & ~15) / 2 : j & ~15), second = first + (R == 1 ? half : 8);
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
                 }
                 continue;
             }
@@ -284,6 +289,15 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
                       span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
                       f[i]);
         }
+    _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
+    if (count == ROW_BLOCK) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            __m512 v[ROW_BLOCK];
+            for (int i = 0; i < ROW_BLOCK; i++) v[i] = f[i][r];
+            store_sums16(a, m0 + r, n0, n0 + 8, v);
+        }
+        return;
+    }
     for (int i = 0; i < count; i++)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[i][r]), a->bf16);
