@@ -179,8 +179,9 @@ struct linear_int4_args {
 /* y[m, first .. first + 7] and y[m, second .. second + 7]: the lane sums of v[0..7] and of v[8..15]. */
 static inline void store_sums16(const struct linear_int4_args *a, int m, long first, long second, const __m512 v[16]) {
     const __m512 y = lane_sums16(v);
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
     store_row8(a->y, (long)m * a->N + first, _mm512_castps512_ps256(y), a->bf16);
-    store_row8(a->y, (long)m * a->N + second, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1)), a->bf16);
+    store_row8(a->y, (long)m * a->N + second, upper, a->bf16);
 }
 
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
