@@ -10,11 +10,21 @@
 #include "int4_block.h"
 #include "pool.h"
 
+/* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
+INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
+    if (bf16) v = _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    store8(y, at, v, bf16);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
 #define ROWS 8          /* activation rows sharing one transposition of a span's weights: 8 of 1-2 pieces, 4 of 3-4
-                           (16 sums in registers at most) */
+                           (16 sums at most) */
+#define HELD_SUMS 8     /* int32 sums beyond which a span's transposed weights go through L1: 16 sums beside them in
+                           registers spilled (8 bf16 rows of 1024 x 1024 hot, one thread on Zen 5: 62 µs against 81;
+                           4 fp32 rows 49 against 84) */
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
@@ -79,6 +89,33 @@ static void block_sums(const float *x, int K, long lanes, float *out) {
     }
 }
 
+/* The sum of v's 16 lanes in one fixed order, GCC's _mm512_reduce_add_ps's (the upper half onto the lower, then
+   quarters, pairs, neighbours), which lane_sums16 keeps: a row's output is the same bits either way. */
+static inline float lane_sum(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                                   _mm512_castps512_ps256(v));
+    const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 1, 1, 1))));
+}
+
+/* Lane j: lane_sum(v[j]), 16 at once: each round adds two vectors' halves (quarters, pairs, neighbours) in one add. */
+static inline __m512 lane_sums16(const __m512 v[16]) {
+    __m512 h[8], q[4], p[2];
+    for (int k = 0; k < 8; k++)  /* lanes 0-7: v[2k]'s halves added, 8-15 v[2k + 1]'s */
+        h[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int k = 0; k < 4; k++)  /* quarter c: v[4k + c]'s */
+        q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int k = 0; k < 2; k++)  /* quarter c: v[8k + c]'s pair, then v[8k + 4 + c]'s */
+        p[k] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));  /* 4c + r: v[4r + c]'s */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), s);
+}
+
 /* ---- the weights ---- */
 
 /* Up to 16 values (count) from p[i...], bf16 or fp32, as fp32 lanes; the rest 0. */
@@ -139,6 +176,14 @@ struct linear_int4_args {
     const void *raw;  /* x as it came: linear_int4_unstaged's */
 };
 
+/* y[m, first .. first + 7] and y[m, second .. second + 7]: the lane sums of v[0..7] and of v[8..15]. */
+static inline void store_sums16(const struct linear_int4_args *a, int m, long first, long second, const __m512 v[16]) {
+    const __m512 y = lane_sums16(v);
+    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
+    store_row8(a->y, (long)m * a->N + first, _mm512_castps512_ps256(y), a->bf16);
+    store_row8(a->y, (long)m * a->N + second, upper, a->bf16);
+}
+
 /* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
    this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
    b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
@@ -155,14 +200,20 @@ span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[ACT_MAX_PIECES];  /* upper[p]: 16 x the high nibbles' sums */
     for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
     transpose_span(a->w + n * (K / 2) + b0 * 32, count, t, o);
+    __attribute__((aligned(64))) __m512i kept[8];  /* o, where more than HELD_SUMS sums take the registers */
+    if (R * P > HELD_SUMS) {
+        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) _mm512_store_si512(kept + d, o[d]);
+        __asm__ volatile("" ::: "memory");  /* kept in memory, not in registers that the sums need */
+    }
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
             acc[r][p] = _mm512_setzero_si512();
             if (split) upper[p] = _mm512_setzero_si512();
         }
     _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-        const __m512i lo = _mm512_and_si512(o[d], nibble);
-        const __m512i hi = split ? _mm512_and_si512(o[d], high) : _mm512_and_si512(_mm512_srli_epi32(o[d], 4), nibble);
+        const __m512i od = R * P > HELD_SUMS ? _mm512_load_si512(kept + d) : o[d];
+        const __m512i lo = _mm512_and_si512(od, nibble);
+        const __m512i hi = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
                 const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
@@ -205,6 +256,7 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
+        __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         for (int j = 0; j < count; j++) {
             const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
             const uint8_t *w = a->w + (n0 + i) * row;
@@ -214,8 +266,17 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
             for (long span = 0; span < whole; span++)
                 span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
             if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
+            if (count - (j & ~15) >= 16) {
+                const int slot = R == 1 ? (j & 1) * 8 + (j & 15) / 2 : j & 15;  /* at 1 row 0-7 the first stream's */
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[r];
+                if ((j & 15) == 15) {
+                    const long first = n0 + (R == 1 ? (j & ~15) / 2 : j & ~15), second = first + (R == 1 ? half : 8);
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
+                }
+                continue;
+            }
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[r]), a->bf16);
+                store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[r]), a->bf16);
         }
         return;
     }
@@ -229,9 +290,18 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
                       span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
                       f[i]);
         }
+    _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
+    if (count == ROW_BLOCK) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            __m512 v[ROW_BLOCK];
+            for (int i = 0; i < ROW_BLOCK; i++) v[i] = f[i][r];
+            store_sums16(a, m0 + r, n0, n0 + 8, v);
+        }
+        return;
+    }
     for (int i = 0; i < count; i++)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            store1(a->y, (long)(m0 + r) * a->N + n0 + i, _mm512_reduce_add_ps(f[i][r]), a->bf16);
+            store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[i][r]), a->bf16);
 }
 
 /* rows_vnni with R activation rows of P pieces, both constants: one function per pair, not one switch over them all
@@ -805,13 +875,6 @@ INLINE void transpose8(const __m256 o[8], __m256 t[8]) {
         }
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
         t[j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x20), t[4 + j] = _mm256_permute2f128_ps(v[j], v[4 + j], 0x31);
-}
-
-/* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
-INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
-    if (bf16) v = _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
-                                   _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    store8(y, at, v, bf16);
 }
 
 /* Weight row n's outputs from its fp32 sums f for the `rows` activation rows from m0, lane j row m0 + j: il_quad's
