@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from nanoqwen.engine.schema_keywords import pointer_way
+
 # What one schema's walk merges in all, parts and property names (<= 0.3 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them a `$ref` is not followed nor an alternative summed (the
 # answer may fail after the compile) rather than walked at length for each object (a chain of 5,000 `$ref`d anyOf
@@ -158,13 +160,6 @@ def _target(ref: Any, root: Any) -> dict[str, Any] | None:
     """The subschema a local `$ref` (`#`, `#/$defs/x`) points at in `root`; None for any other or none there."""
     if not isinstance(ref, str) or not ref.startswith("#") or ref[1:2] not in ("", "/"):
         return None
-    node = root
-    for part in unquote(ref[1:]).split("/")[1:] if ref[1:] else ():
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
+    way = pointer_way(root, (part.replace("~1", "/").replace("~0", "~") for part in unquote(ref[1:]).split("/")[1:]))
+    node = None if way is None else way[-1] if way else root
     return node if isinstance(node, dict) else None
