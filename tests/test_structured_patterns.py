@@ -390,6 +390,23 @@ def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(g
     assert "%json" not in str(refused.value) and "|" not in str(refused.value)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_lenient_tool_past_the_calls_grammars_lexer_limit_has_free_calls(grammars: Grammars, strict: bool) -> None:
+    """Under "auto" a lenient tool whose schema (an enum of 40,000 strings) passes llguidance's check alone but not
+    the lexer limit of the calls' grammar gives way: its calls free, the strict tool's kept (it was the 400 naming
+    it). Strict, it is still that 400."""
+    big = {"type": "object", "properties": {"e": {"enum": [f"x{i}" for i in range(40_000)]}}, "required": ["e"]}
+    kept = {"type": "object", "properties": {"kept": {"type": "integer"}}, "required": ["kept"]}
+    tools = [ToolSpec("kept", kept, strict=True), ToolSpec("big", big, strict=strict)]
+    if not strict:
+        calls = structured._tool_calls(grammars, tools, True, None, True, ("lexer limit, lenient", ""))
+        assert '"kept"' in calls.text and '"x0"' not in calls.text
+        return
+    with pytest.raises(InvalidRequest, match="lexer configuration.*at the parameters of function 'big'") as refused:
+        structured._tool_calls(grammars, tools, True, None, True, ("lexer limit, strict", ""))
+    assert refused.value.param == "tools"
+
+
 @pytest.mark.parametrize("data, what", [
     ({"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}, "required": [f"p{i}" for i in range(5_001)]},
      "properties in all"),

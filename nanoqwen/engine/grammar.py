@@ -45,6 +45,9 @@ NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator":
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 GrammarKey = str | tuple[str, str]  # the cache's: a grammar's text, or what a request sent for it (kind, text)
+# For a grammar we generated: what the client sent that a line of it (from 1) came from, and the index of its schema
+# among the grammar's (tool_calls': each tool's, then the answer's; None: our own rules)
+Origin = Callable[[int], tuple[str, int | None]]
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
@@ -141,6 +144,15 @@ class SchemaBudget:
         parts[param] = parts.get(param, 0) + own
         largest = max(parts, key=parts.__getitem__)
         return OverBudget(f"invalid {largest}: {what}", param=largest)
+
+
+class SchemaRefused(InvalidRequest):
+    """llguidance's refusal of a grammar we generated, at the line of `schema` (Origin's index; None: not located in
+    one), so that a caller may let that schema give way."""
+
+    def __init__(self, message: str, param: str, schema: int | None) -> None:
+        super().__init__(message, param=param)
+        self.schema = schema
 
 
 class OverBudget(InvalidRequest):
@@ -320,8 +332,9 @@ class Grammars:
         text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
                                     for name, (schema, strict, _) in schemas.items())])
         origins = [*(f"the parameters of function {tool.name!r}" for tool in tools), f"the schema of {answer_param}"]
-        def origin(line: int) -> str:  # the text's line (from 1): the rules', then each schema's
-            return origins[line - len(rules) - 1] if line > len(rules) else "the tool calls' own layout"
+        def origin(line: int) -> tuple[str, int | None]:  # the text's line (from 1): the rules', then each schema's
+            index = line - len(rules) - 1
+            return (origins[index], index) if index >= 0 else ("the tool calls' own layout", None)
         return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas),
                             origin)
 
@@ -370,7 +383,7 @@ class Grammars:
         return grammar
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
-                weigh: Callable[[], int] | None = None, origin: Callable[[int], str] | None = None) -> Grammar:
+                weigh: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
         """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
         here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds). `origin`:
         for a grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
@@ -381,7 +394,7 @@ class Grammars:
         return self._compiled(text, param, key, weigh, origin)
 
     def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None,
-                  origin: Callable[[int], str] | None = None) -> Grammar:
+                  origin: Origin | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
         check_bounds(text, param, weigh)
         try:
@@ -472,17 +485,19 @@ def rules_bound(text: str) -> int:
     return lines + 2 * len(REF.findall(text))
 
 
-def _invalid(param: str, error: str, origin: Callable[[int], str] | None = None) -> InvalidRequest:
+def _invalid(param: str, error: str, origin: Origin | None = None) -> InvalidRequest:
     """The 400 for a grammar llguidance refused. `origin` (Grammars.compile's): the grammar is ours, so llguidance's
-    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from."""
+    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from
+    (SchemaRefused, with that schema's index)."""
     error = _cut(error)
-    if origin is not None:
-        located = LOCATED.match(error)
-        reason = located.group(2) if located else error.split("\n", 1)[0]
-        where = f" (at {origin(int(located.group(1)))}: the request's schemas compile as one grammar)" \
-            if located else ""
-        error = reason.removeprefix("failed to compile JSON schema: ") + where
-    return InvalidRequest(f"invalid {param}: {error}", param=param)
+    if origin is None:
+        return InvalidRequest(f"invalid {param}: {error}", param=param)
+    located = LOCATED.match(error)
+    reason = located.group(2) if located else error.split("\n", 1)[0]
+    where, schema = origin(int(located.group(1))) if located else ("", None)
+    error = reason.removeprefix("failed to compile JSON schema: ") + (
+        f" (at {where}: the request's schemas compile as one grammar)" if located else "")
+    return SchemaRefused(f"invalid {param}: {error}", param, schema)
 
 
 def _cut(error: str) -> str:
