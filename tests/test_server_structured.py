@@ -412,6 +412,24 @@ def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_fi
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
+def test_anyof_objects_whose_first_runs_pass_the_parser_row_are_a_400_before_any_event(server: GunicornServer) -> None:
+    """llguidance's row where an anyOf value begins holds each object's first run (4 items a property, 7 more): two
+    objects of 249 optional properties each passed the bound alone, compiled, and the answer failed at its first key
+    (streamed: a 200, then the error). Two of 248 are served, streamed too; of 249 the 400 naming the field, before any
+    event."""
+    def answer(optional: int) -> dict[str, Any]:
+        objects = [{"type": "object", "properties": {f"{name}{i}": {"type": "integer"} for i in range(optional)}}
+                   for name in "ab"]
+        schema = {"anyOf": objects}
+        return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+    assert _create(server, max_tokens=8, response_format=answer(248)).choices[0].finish_reason in ("stop", "length")
+    assert _streamed(server, max_tokens=8, response_format=answer(248))[0]["finish_reason"] in ("stop", "length")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="anyOf or oneOf objects .* 2006 items") as refused:
+            _create(server, max_tokens=8, stream=stream, response_format=answer(249))
+        assert refused.value.body["param"] == "response_format", refused.value.body
+
+
 def test_a_lark_grammars_json_schemas_past_the_bounds_are_a_400_naming_the_field(server: GunicornServer) -> None:
     """A Lark grammar's `%json` schemas were bounded by their patterns only (10,000 properties held a compile thread
     41 s, load 10, and were served): their properties in all and each object's patternProperties keys are bounded as

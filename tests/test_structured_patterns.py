@@ -216,7 +216,8 @@ def test_a_requests_schemas_share_one_budget_naming_the_largest_field() -> None:
     cost N times it (2 forced tools of 5,000 properties held a compile thread 33 s, load 11). At the bounds in all,
     kept; past, the 400 naming the field with the largest part; a refused schema adds nothing."""
     def spread(count: int) -> dict[str, Any]:
-        return {"anyOf": [{"properties": {f"p{i}": {}}} for i in range(count)]}
+        names = [f"p{i}" for i in range(count)]
+        return {"properties": {name: {} for name in names}, "required": names}
     budget = SchemaBudget()
     ecma_patterns(spread(3_000), "tools", budget)
     ecma_patterns(spread(MAX_PROPERTIES - 3_000), FIELD, budget)
@@ -320,14 +321,16 @@ def test_a_lenient_tool_gives_way_to_a_strict_one_whatever_the_order_sent(gramma
 @pytest.mark.parametrize("layout, closed, bound", [
     ("[n]", False, 498), ("[n]", True, 500), ("[n] r o600", False, 666), ("r [n] r", False, 999),
     ("r [n]", False, 998), ("r [n]", True, 999), ("o400 r [n]", False, 797), ("o400 r o100 r [n]", True, 799),
-    ("o400 r [n] r", False, 998)])
+    ("o400 r [n] r", False, 998), ("o10 r o10 r [n] r", False, 999), ("o100 r r [n] r", False, 999),
+    ("o5 r o5 r o5 r [n] r", True, 999)])
 def test_a_run_of_optional_properties_is_bounded_where_llguidances_parser_row_holds_it(
         tokenizer: PreTrainedTokenizerFast, grammars: Grammars, layout: str, closed: bool, bound: int) -> None:
     """llguidance's row where a run of optional properties may begin holds items in proportion to it, as many as where
     it stands (before, between or after required properties `r`, `oN` a run of N): past its 2,000 the answer fails
     there, after the compile. At the bound, compiled as sent, the answers taking the run's first or last property
     follow it; one more fails there, and is refused before, saying where the run stands (the whole object's bound was
-    taken for every run: runs of 499-998 beside required properties, served, were refused)."""
+    taken for every run: runs of 499-998 beside required properties, served, were refused; after a second required
+    property with some leading, 999 was refused)."""
     def schema(n: int) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         required = []
@@ -385,6 +388,23 @@ def test_the_tools_grammars_lexer_limit_names_the_schema_not_our_grammars_line(g
     assert refused.value.param == "tools"
     assert str(refused.value).endswith(f" (at {where}: the request's schemas compile as one grammar)")
     assert "%json" not in str(refused.value) and "|" not in str(refused.value)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_lenient_tool_past_the_calls_grammars_lexer_limit_has_free_calls(grammars: Grammars, strict: bool) -> None:
+    """Under "auto" a lenient tool whose schema (an enum of 40,000 strings) passes llguidance's check alone but not
+    the lexer limit of the calls' grammar gives way: its calls free, the strict tool's kept (it was the 400 naming
+    it). Strict, it is still that 400."""
+    big = {"type": "object", "properties": {"e": {"enum": [f"x{i}" for i in range(40_000)]}}, "required": ["e"]}
+    kept = {"type": "object", "properties": {"kept": {"type": "integer"}}, "required": ["kept"]}
+    tools = [ToolSpec("kept", kept, strict=True), ToolSpec("big", big, strict=strict)]
+    if not strict:
+        calls = structured._tool_calls(grammars, tools, True, None, True, ("lexer limit, lenient", ""))
+        assert '"kept"' in calls.text and '"x0"' not in calls.text
+        return
+    with pytest.raises(InvalidRequest, match="lexer configuration.*at the parameters of function 'big'") as refused:
+        structured._tool_calls(grammars, tools, True, None, True, ("lexer limit, strict", ""))
+    assert refused.value.param == "tools"
 
 
 @pytest.mark.parametrize("data, what", [
@@ -453,3 +473,69 @@ def test_a_run_of_optional_properties_counts_those_allof_merges_in(tokenizer: Pr
     matcher = grammars.json_schema(ecma_patterns(broken, FIELD), strict=False, param=FIELD).matcher()
     tokens = tokenizer.encode('{"p0": 1, "p300": 2}')
     assert matcher.validate_tokens(tokens) == len(tokens)
+
+
+def _optional(prefix: str, count: int) -> dict[str, Any]:
+    return {f"{prefix}{i}": {"type": "integer"} for i in range(count)}
+
+
+def _object(prefix: str, count: int, **more: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": _optional(prefix, count), **more}
+
+
+# (the schema of n, the answers that take its runs' first keys, the largest n llguidance follows)
+MERGED_LAYOUTS = {
+    "anyOf of two objects": (lambda n: {"anyOf": [_object("a", n), _object("b", n)]}, [{"a0": 1}, {"b0": 1}], 248),
+    "oneOf of two objects": (lambda n: {"oneOf": [_object("a", n), _object("b", n)]}, [{"a0": 1}, {"b0": 1}], 248),
+    "anyOf of two objects' runs before a required property": (
+        lambda n: {"anyOf": [{"type": "object", "properties": {**_optional("a", n), "ra": {}}, "required": ["ra"]},
+                             {"type": "object", "properties": {**_optional("b", n), "rb": {}}, "required": ["rb"]}]},
+        [{"a0": 1, "ra": 1}, {"b0": 1, "rb": 1}], 333),
+    "anyOf of a $ref twice and two objects": (
+        lambda n: {"$defs": {"A": _object("a", n)}, "anyOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/A"},
+                                                              _object("b", n), _object("c", n)]},
+        [{"a0": 1}, {"b0": 1}], 164),
+    "nested anyOf beside a string": (
+        lambda n: {"type": "object", "properties": {"x": {"anyOf": [{"anyOf": [_object("a", n)]}, {"type": "string"},
+                                                                    _object("b", n)]}}},
+        [{"x": {"a0": 1}}, {"x": {"b0": 1}}], 248),
+    "own properties merged into each anyOf object": (
+        lambda n: {**_object("p", n), "anyOf": [{"properties": _optional("q", n)}, {"type": "string"}]},
+        [{"p0": 1}, {"q0": 1}], 249),
+    "own properties and an allOf $ref's": (
+        lambda n: {"$defs": {"R": {"properties": _optional("q", n)}}, **_object("p", n),
+                   "allOf": [{"$ref": "#/$defs/R"}]},
+        [{"p0": 1}, {"q0": 1}], 249),
+    "an allOf $ref's required breaking the run": (
+        lambda n: {"$defs": {"R": {"properties": {"r": {}}, "required": ["r"]}}, **_object("p", n),
+                   "allOf": [{"$ref": "#/$defs/R"}]},
+        [{"p0": 1, "r": 1}], 666),
+    "closed by an allOf subschema": (
+        lambda n: {"type": "object", "allOf": [{"properties": _optional("p", n), "additionalProperties": False}]},
+        [{"p0": 1}], 500),
+    "a required name not in properties": (lambda n: _object("p", n, required=["zz"]), [{"p0": 1, "zz": 1}], 666),
+}
+
+
+@pytest.mark.parametrize("layout", MERGED_LAYOUTS)
+def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_alternates_objects(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars, layout: str) -> None:
+    """llguidance's row where a value begins holds the first run of each of its anyOf or oneOf objects (two of 250
+    optional properties: 2 x 1,007 items; each alone passed the bound, and the answer failed at `{"a0"` after the
+    compile), each merged with the object's own properties, a `$ref`'s target counted once; it merges an allOf
+    `$ref`'s target (not followed: two halves of 250 passed), is closed by an allOf subschema's additionalProperties
+    (was read from the object's own: 499-500 refused) and puts a required name not in `properties` after them (was
+    ignored: 499-666 refused). At the bound the answers follow; one more fails there, and is refused before."""
+    schema, answers, bound = MERGED_LAYOUTS[layout]
+
+    def follows(n: int) -> bool:
+        for answer in answers:
+            matcher = grammars.json_schema(schema(n), strict=False, param=FIELD).matcher()
+            if not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer))):
+                return False
+        return True
+    assert follows(bound) and not follows(bound + 1)
+    assert ecma_patterns(schema(bound), FIELD) == schema(bound)
+    with pytest.raises(InvalidRequest, match="optional properties") as refused:
+        ecma_patterns(schema(bound + 1), FIELD)
+    assert refused.value.param == FIELD

@@ -21,6 +21,7 @@ from typing import Any
 
 from nanoqwen.engine.grammar import MAX_RULES, SchemaBudget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
+from nanoqwen.engine.object_runs import SchemaObjects
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -72,13 +73,14 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
     chars = properties = 0
+    objects = SchemaObjects(out)
     while stack:
         node = stack.pop()
         if isinstance(node, list):
             stack.extend(node)
         elif isinstance(node, dict):
             chars += _rewrite(node, param)
-            properties += object_properties(node, param)
+            properties += object_properties(node, param, objects)
             budget.counted(param, chars, properties, NOTE)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
@@ -94,7 +96,7 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
             keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
             own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
             chars += own
-            properties += object_properties(node, param)  # llguidance compiles what a `$ref` reads, data or not
+            properties += object_properties(node, param, objects)  # llguidance compiles what a `$ref` reads, data too
             budget.counted(param, chars, properties, NOTE)
     budget.charge(param, chars, properties)
     return out

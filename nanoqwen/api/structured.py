@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
-from nanoqwen.engine.grammar import OverBudget, SchemaBudget, ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.grammar import OverBudget, SchemaBudget, SchemaRefused, ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -245,18 +245,29 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
     answer's (_checked_answer), their sizes one SchemaBudget, and their calls' grammar compiled. `auto`: tool_choice
     "auto", where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar;
-    else the call is forced, and an `answer` beside it only checked (_forced_beside)."""
+    else the call is forced, and an `answer` beside it only checked (_forced_beside). A lenient tool at whose schema
+    the calls' grammar's compile is refused (llguidance's lexer limit, which its check alone does not reach: 40,000
+    enum strings) gives way as _held's do, its calls free, and the grammar is compiled again."""
     if answer is not None and not auto:
         return _forced_beside(grammars, tools, parallel, answer, key)
     budget = SchemaBudget()
     # what must hold is charged first, whatever the order sent: a lenient tool gives way to it (its calls free)
     firm = {i: _held(tool, auto, budget) for i, tool in enumerate(tools) if not _lenient(tool, auto)}
     checked = _checked_answer(answer, budget) if answer is not None else None
+    lenient = {i for i, tool in enumerate(tools) if _lenient(tool, auto)}
     tools = [firm[i] if i in firm else _held(tool, auto, budget) for i, tool in enumerate(tools)]
-    if checked is None:
-        return grammars.tool_calls(tools, parallel, "tools", auto, key=key)
-    schema, weight = checked
-    return grammars.tool_calls(tools, parallel, "tools", False, schema, answer.strict, key, weight, answer.param)
+    while True:
+        try:
+            if checked is None:
+                return grammars.tool_calls(tools, parallel, "tools", auto, key=key)
+            schema, weight = checked
+            return grammars.tool_calls(tools, parallel, "tools", False, schema, answer.strict, key, weight,
+                                       answer.param)
+        except SchemaRefused as exc:  # only in the calls' grammar (llguidance's lexer limit): a lenient tool gives way
+            if exc.schema not in lenient:
+                raise
+            lenient.discard(exc.schema)
+            tools[exc.schema] = replace(tools[exc.schema], parameters=ANY_OBJECT, weight=None)
 
 
 def _forced_beside(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer,

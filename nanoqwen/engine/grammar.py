@@ -30,6 +30,7 @@ from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
+from nanoqwen.engine.object_runs import ALTERNATIVES, SchemaObjects, run_row
 from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
@@ -44,6 +45,9 @@ NO_SPACE_JSON_OPTIONS = {**JSON_OPTIONS, "item_separator": ",", "key_separator":
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 GrammarKey = str | tuple[str, str]  # the cache's: a grammar's text, or what a request sent for it (kind, text)
+# For a grammar we generated: what the client sent that a line of it (from 1) came from, and the index of its schema
+# among the grammar's (tool_calls': each tool's, then the answer's; None: our own rules)
+Origin = Callable[[int], tuple[str, int | None]]
 CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a request sent for from_text's)
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
@@ -87,8 +91,8 @@ MAX_PATTERN_PROPERTIES = 64
 MAX_GBNF_CHARS = 1 << 16
 # An object's optional properties in a row (in `properties` order, between its required ones): llguidance's parser row
 # where the run may begin holds items in proportion; past LIMITS' max_items_in_row (2,000) the answer failed there,
-# after the compile (streamed: a 200, then the error). Measured per position (_run_row; profiles/RESULTS.md, lanes
-# grammar30's mends and grammar31).
+# after the compile (streamed: a 200, then the error). Measured per position (object_runs; profiles/RESULTS.md, lanes
+# grammar30's mends, grammar31 and grammar31fix); an `anyOf`'s or `oneOf`'s objects' first runs share one row.
 ROW_ITEMS = LIMITS.max_items_in_row
 # "$ref" as JSON may spell it: any of its letters a \u escape
 REF = re.compile(r"(?:\$|\\u0024)(?:r|\\u0072)(?:e|\\u0065)(?:f|\\u0066)", re.IGNORECASE)
@@ -142,60 +146,46 @@ class SchemaBudget:
         return OverBudget(f"invalid {largest}: {what}", param=largest)
 
 
+class SchemaRefused(InvalidRequest):
+    """llguidance's refusal of a grammar we generated, at the line of `schema` (Origin's index; None: not located in
+    one), so that a caller may let that schema give way."""
+
+    def __init__(self, message: str, param: str, schema: int | None) -> None:
+        super().__init__(message, param=param)
+        self.schema = schema
+
+
 class OverBudget(InvalidRequest):
     """A SchemaBudget's refusal: the request's schemas in all, naming the field with the largest part, not the schema
     whose walk crossed the bound."""
 
 
-def object_properties(node: dict[str, Any], param: str) -> int:
+def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects | None = None) -> int:
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
-    MAX_PATTERN_PROPERTIES, or a run of its optional properties (with its allOf's: _merged) holds a parser row past
-    ROW_ITEMS (_run_row)."""
+    MAX_PATTERN_PROPERTIES, or a run of its optional properties (merged as llguidance merges it, a local `$ref` into
+    its schema followed: `objects`' root, object_runs) or the first runs of its `anyOf` or `oneOf` objects together hold
+    a parser row past ROW_ITEMS."""
+    objects = SchemaObjects() if objects is None else objects
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
-    names, required = _merged(node)
-    runs = [0]  # the optional properties before each required one, and after the last
-    for name in names:
-        if name in required:
-            runs.append(0)
-        else:
-            runs[-1] += 1
-    closed = node.get("additionalProperties") is False and "patternProperties" not in node
+    shape = objects.merged(objects.parts(node))
+    runs = shape.runs()
     for i, run in enumerate(runs):
-        per, more = _run_row(i, i == len(runs) - 1, closed, runs[0])
+        per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
         if run and per * run + more > ROW_ITEMS:
             where = "" if len(runs) == 1 else " before its first required property" if i == 0 else \
                 " after its last required property" if i == len(runs) - 1 else " between two required properties"
             raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
                                  f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
                                  "object)", param=param)
+    alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
+    if alternated and (items := objects.leading_items(node, ROW_ITEMS)) > ROW_ITEMS:
+        raise InvalidRequest(f"invalid {param}: a schema's anyOf or oneOf objects begin with optional properties that "
+                             f"hold {items} items in one parser row, past {ROW_ITEMS} (each object's optional "
+                             "properties before its first required one count: make some required, or use fewer "
+                             "alternatives)", param=param)
     return len(properties) if isinstance(properties := node.get("properties"), dict) else 0
-
-
-def _merged(node: dict[str, Any]) -> tuple[list[str], set[str]]:
-    """A schema object's property names in the order llguidance compiles them, and its required ones: its own, then
-    each `allOf` subschema's in turn, merged into one object (a `$ref` among them not followed)."""
-    parts = [node, *(part for part in node.get("allOf") or () if isinstance(part, dict))] \
-        if isinstance(node.get("allOf"), list) else [node]
-    names = dict.fromkeys(name for part in parts if isinstance(own := part.get("properties"), dict) for name in own)
-    required = {name for part in parts if isinstance(own := part.get("required"), list) for name in own
-                if isinstance(name, str)}
-    return list(names), required
-
-
-def _run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
-    """(items a property, items more) of llguidance's row where a run of optional properties may begin, as measured
-    (in process, the largest run whose answers llguidance follows; lane grammar31): the run after `index` required
-    properties, the `last` one (none after it), in a `closed` object (additionalProperties false), `leading` optional
-    properties before the first required one. The whole object 4n + 7 (closed 4n - 1); before the first required
-    3n + 1; between two 2n + 2, 1 more where some lead; after the last 2n + 3 (closed 2n + 1), and leading + 3 more
-    where some lead (leading + 1 after a second required one or later)."""
-    if index == 0:
-        return (4, -1 if closed else 7) if last else (3, 1)
-    if not last:
-        return 2, 2 + (leading > 0)
-    return 2, (1 if closed else 3) + (leading + (3 if index == 1 else 1) if leading else 0)
 
 
 @dataclass(frozen=True)
@@ -342,8 +332,9 @@ class Grammars:
         text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"
                                     for name, (schema, strict, _) in schemas.items())])
         origins = [*(f"the parameters of function {tool.name!r}" for tool in tools), f"the schema of {answer_param}"]
-        def origin(line: int) -> str:  # the text's line (from 1): the rules', then each schema's
-            return origins[line - len(rules) - 1] if line > len(rules) else "the tool calls' own layout"
+        def origin(line: int) -> tuple[str, int | None]:  # the text's line (from 1): the rules', then each schema's
+            index = line - len(rules) - 1
+            return (origins[index], index) if index >= 0 else ("the tool calls' own layout", None)
         return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas),
                             origin)
 
@@ -369,12 +360,14 @@ class Grammars:
             schemas: list[Any] = []
             chars = regex_chars(converted, MAX_PATTERN_CHARS, schemas)
             read = _read_data(schemas) if chars <= MAX_PATTERN_CHARS and rules_bound(converted) <= MAX_RULES else []
-            chars += sum(len(pattern) for node in read for pattern in own_patterns(node))
+            chars += sum(len(pattern) for _, node in read for pattern in own_patterns(node))
             check_pattern_chars(chars, param, "the grammar's regexes (its /.../ terminals, GBNF's classes, %regex "
                                 "substrings and %json patterns, with those of data a $ref reads) are")
             properties, budget = 0, SchemaBudget()  # the %json schemas' properties: a request's schemas' bound
-            for node in itertools.chain((node for schema in schemas for node in schema_objects(schema)), read):
-                properties += object_properties(node, param)
+            objects = {id(schema): SchemaObjects(schema) for schema in schemas}
+            for root, node in itertools.chain(((schema, node) for schema in schemas for node in schema_objects(schema)),
+                                              read):
+                properties += object_properties(node, param, objects[id(root)])
                 budget.counted(param, 0, properties)
         return self._compiled(converted, param, key)
 
@@ -390,7 +383,7 @@ class Grammars:
         return grammar
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
-                weigh: Callable[[], int] | None = None, origin: Callable[[int], str] | None = None) -> Grammar:
+                weigh: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
         """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
         here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds). `origin`:
         for a grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
@@ -401,7 +394,7 @@ class Grammars:
         return self._compiled(text, param, key, weigh, origin)
 
     def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None,
-                  origin: Callable[[int], str] | None = None) -> Grammar:
+                  origin: Origin | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
         check_bounds(text, param, weigh)
         try:
@@ -469,13 +462,14 @@ def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any],
     return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 
 
-def _read_data(schemas: list[Any]) -> list[dict[str, Any]]:
+def _read_data(schemas: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
     """The objects of the schemas' data (const, enum, default, examples) that a `$ref` reads, which llguidance compiles
-    as schemas (schema_links' in_data); none of a schema whose `$ref` is too long to resolve (check_bounds' 400)."""
-    read: list[dict[str, Any]] = []
+    as schemas (schema_links' in_data), each with its schema; none of a schema whose `$ref` is too long to resolve
+    (check_bounds' 400)."""
+    read: list[tuple[Any, dict[str, Any]]] = []
     for schema in schemas:
         with contextlib.suppress(LongReference):
-            read += [node for node, _ in schema_links(schema).in_data]
+            read += [(schema, node) for node, _ in schema_links(schema).in_data]
     return read
 
 
@@ -491,17 +485,19 @@ def rules_bound(text: str) -> int:
     return lines + 2 * len(REF.findall(text))
 
 
-def _invalid(param: str, error: str, origin: Callable[[int], str] | None = None) -> InvalidRequest:
+def _invalid(param: str, error: str, origin: Origin | None = None) -> InvalidRequest:
     """The 400 for a grammar llguidance refused. `origin` (Grammars.compile's): the grammar is ours, so llguidance's
-    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from."""
+    excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from
+    (SchemaRefused, with that schema's index)."""
     error = _cut(error)
-    if origin is not None:
-        located = LOCATED.match(error)
-        reason = located.group(2) if located else error.split("\n", 1)[0]
-        where = f" (at {origin(int(located.group(1)))}: the request's schemas compile as one grammar)" \
-            if located else ""
-        error = reason.removeprefix("failed to compile JSON schema: ") + where
-    return InvalidRequest(f"invalid {param}: {error}", param=param)
+    if origin is None:
+        return InvalidRequest(f"invalid {param}: {error}", param=param)
+    located = LOCATED.match(error)
+    reason = located.group(2) if located else error.split("\n", 1)[0]
+    where, schema = origin(int(located.group(1))) if located else ("", None)
+    error = reason.removeprefix("failed to compile JSON schema: ") + (
+        f" (at {where}: the request's schemas compile as one grammar)" if located else "")
+    return SchemaRefused(f"invalid {param}: {error}", param, schema)
 
 
 def _cut(error: str) -> str:

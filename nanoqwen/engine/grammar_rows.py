@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, schema_objects, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, pointer_way, schema_objects, subschemas
 
 # Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
 # (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`) and `%json` (its
@@ -434,16 +434,10 @@ def _in_data(schema: Any, target: tuple[str, ...],
              data: dict[int, tuple[str, str]]) -> tuple[dict, str, str] | None:
     """The object at `target`, its base URI and its data keyword where the way to it passes a data keyword's value
     (`data`), else None (not there, not an object, or in the schema: walked already)."""
-    node, base = schema, None
-    for part in target:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-        if base is None:
-            base = data.get(id(node))
+    if (way := pointer_way(schema, target)) is None:
+        return None
+    base = next((data[id(node)] for node in way if id(node) in data), None)
+    node = way[-1] if way else schema
     return (node, *base) if base is not None and isinstance(node, dict) else None
 
 

@@ -4,7 +4,7 @@ but a data keyword's, and a name map's keys are names (a property named `default
 values subschemas."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 # keywords whose value is data, not a schema: a `$ref`, `$id` or `pattern` in them is a value, unless a `$ref` points
@@ -45,3 +45,19 @@ def schema_objects(schema: Any) -> Iterator[dict[str, Any]]:
         elif isinstance(node, dict):
             yield node
             stack.extend(value for _, value in subschemas(node))
+
+
+def pointer_way(schema: Any, parts: Iterable[str]) -> list[Any] | None:
+    """The values a JSON pointer's (unescaped) `parts` pass through from `schema`, its target last: a dict's by key, a
+    list's by index; None where one is not there."""
+    way: list[Any] = []
+    node = schema
+    for part in parts:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        way.append(node)
+    return way

@@ -1,0 +1,165 @@
+"""A JSON Schema object as llguidance compiles it, for the bound on its runs of optional properties (engine/grammar's
+object_properties): the parts it merges into one object (its own keywords, then a `$ref`'s target, then each `allOf`
+subschema's in turn, each merged so in turn), the property names in that order with the required ones, and the items
+of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
+`oneOf` alternatives (measured in process against llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31 and
+grammar31fix)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from nanoqwen.engine.schema_keywords import pointer_way
+
+# What one schema's walk merges in all, parts and property names (<= 0.3 s), and follows per object: the alternatives
+# nested (through `$ref`s) and the options summed; past them a `$ref` is not followed nor an alternative summed (the
+# answer may fail after the compile) rather than walked at length for each object (a chain of 5,000 `$ref`d anyOf
+# took 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
+# check_bounds' 400 anyway (MAX_ROW).
+MAX_WORK = 200_000
+MAX_PARTS = 64
+MAX_DEPTH = 32
+MAX_OPTIONS = 1_024
+ALTERNATIVES = ("anyOf", "oneOf")
+# the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
+OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
+                             "$ref"))
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One object merged from its parts: its property names in order (those only `required` names at the end, where
+    llguidance puts them), its required ones, whether it is closed (additionalProperties false in a part, no
+    patternProperties in any), and whether it is an object at all (a part says so, none says another type)."""
+
+    names: list[str]
+    required: set[str]
+    closed: bool
+    is_object: bool
+
+    def runs(self) -> list[int]:
+        """The optional properties before each required one, and after the last."""
+        runs = [0]
+        for name in self.names:
+            if name in self.required:
+                runs.append(0)
+            else:
+                runs[-1] += 1
+        return runs
+
+
+def run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
+    """(items a property, items more) of llguidance's row where a run of optional properties may begin, as measured
+    (in process, the largest run whose answers llguidance follows; lanes grammar31 and grammar31fix): the run after
+    `index` required properties, the `last` one (none after it), in a `closed` object (additionalProperties false),
+    `leading` optional properties before the first required one. The whole object 4n + 7 (closed 4n - 1); before the
+    first required 3n + 1; between two 2n + 2, 1 more where some lead and it follows the first; after the last 2n + 3
+    (closed 2n + 1), and leading + 3 more where some lead (leading + 1 after a second required one or later)."""
+    if index == 0:
+        return (4, -1 if closed else 7) if last else (3, 1)
+    if not last:
+        return 2, 2 + (leading > 0 and index == 1)
+    return 2, (1 if closed else 3) + (leading + (3 if index == 1 else 1) if leading else 0)
+
+
+class SchemaObjects:
+    """The objects of one schema (`root`, where its local `$ref`s point) as llguidance merges them, and the items of
+    its row where a value of one begins: its first run's (run_row's), where it is an object; with alternatives, each
+    option merged with the rest of the object (llguidance distributes it over them), summed (two anyOf objects of 250
+    optional properties: 2 x 1,007, past the row's 2,000), a `$ref`'s target once however many options of one list
+    name it (llguidance's rule, predicted once). An option beside no object keywords is counted once for the schema,
+    whose objects are asked in turn; the walk's work is bounded for the schema (MAX_WORK)."""
+
+    def __init__(self, root: Any = None) -> None:
+        self.root = root
+        self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
+        self._work = MAX_WORK
+
+    def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
+        """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
+        `root`, followed while the work lasts), then each `allOf` subschema, each with its own in turn; each part once
+        (a cycle ends)."""
+        seen = set() if seen is None else seen
+        found: list[dict[str, Any]] = []
+        stack = [node]
+        while stack and len(seen) < MAX_PARTS:
+            part = stack.pop()
+            if id(part) in seen:
+                continue
+            seen.add(id(part))
+            found.append(part)
+            target = _target(part.get("$ref"), self.root) if self._work > 0 else None
+            merged = [] if target is None else [target]
+            if isinstance(listed := part.get("allOf"), list):
+                merged += [sub for sub in listed if isinstance(sub, dict)]
+            stack.extend(reversed(merged))
+        self._work -= len(found)
+        return found
+
+    def merged(self, found: list[dict[str, Any]]) -> Merged:
+        """The object merged from `found` (parts')."""
+        names = dict.fromkeys(name for part in found if isinstance(own := part.get("properties"), dict) for name in own)
+        required = dict.fromkeys(name for part in found if isinstance(own := part.get("required"), list)
+                                 for name in own if isinstance(name, str))
+        names.update(required)
+        self._work -= len(names)
+        types = [part["type"] for part in found if "type" in part]
+        is_object = all(kind == "object" or isinstance(kind, list) and "object" in kind for kind in types) and (
+            bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
+        closed = any(part.get("additionalProperties") is False for part in found) and not any(
+            "patternProperties" in part for part in found)
+        return Merged(list(names), set(required), closed, is_object)
+
+    def leading_items(self, node: dict[str, Any], stop: int) -> int:
+        """`node`'s items, counted until past `stop`."""
+        return self._items(self.parts(node), frozenset(), 0, [MAX_OPTIONS], stop)
+
+    def _items(self, found: list[dict[str, Any]], taken: frozenset[int], depth: int, left: list[int], stop: int) -> int:
+        """Those of the object merged from `found`, its alternatives not `taken` (by id); `left`: the options still to
+        follow (shared by one count)."""
+        for part in found:
+            for key in ALTERNATIVES:
+                if isinstance(options := part.get(key), list) and id(options) not in taken:
+                    return self._summed(found, part, options, taken | {id(options)}, depth, left, stop)
+        shape = self.merged(found)
+        if not shape.is_object:
+            return 0
+        runs = shape.runs()
+        per, more = run_row(0, len(runs) == 1, shape.closed, 0)
+        return max(per * runs[0] + more, 1)
+
+    def _summed(self, found: list[dict[str, Any]], part: dict[str, Any], options: list[Any], taken: frozenset[int],
+                depth: int, left: list[int], stop: int) -> int:
+        """_items of `part`'s `options`, each merged with `found`."""
+        if depth >= MAX_DEPTH:
+            return 0
+        alone = [other for other in found if other.keys() - {"$ref"}] == [part] and not (
+            OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
+        total, counted, within = 0, set(), {id(other) for other in found}
+        for option in options:
+            if not isinstance(option, dict) or left[0] <= 0 or self._work <= 0 or total > stop:
+                continue
+            left[0] -= 1
+            own = self.parts(option, set() if alone else set(within))
+            if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
+                continue
+            counted.add(ids)
+            if not alone:
+                total += self._items([*found, *own], taken, depth + 1, left, stop)
+            elif (key := ids[0] if ids else id(option)) in self._alone:
+                total += self._alone[key]
+            else:
+                self._alone[key] = 0
+                self._alone[key] = self._items(own, frozenset(), depth + 1, left, stop)
+                total += self._alone[key]
+        return total
+
+
+def _target(ref: Any, root: Any) -> dict[str, Any] | None:
+    """The subschema a local `$ref` (`#`, `#/$defs/x`) points at in `root`; None for any other or none there."""
+    if not isinstance(ref, str) or not ref.startswith("#") or ref[1:2] not in ("", "/"):
+        return None
+    way = pointer_way(root, (part.replace("~1", "/").replace("~0", "~") for part in unquote(ref[1:]).split("/")[1:]))
+    node = None if way is None else way[-1] if way else root
+    return node if isinstance(node, dict) else None
