@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from nanoqwen.choices import CPU_ISAS  # noqa: E402
 from nanoqwen.sampler import Penalties, sample  # noqa: E402
 from ops import cpu  # noqa: E402
 from ops.cpu import attention as cpu_attention  # noqa: E402
@@ -173,7 +174,7 @@ CASES: dict[str, Callable[[random.Random, torch.dtype], str | None]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--isa", default="auto", choices=["auto", "avx2", "avx512"])
+    parser.add_argument("--isa", default="auto", choices=CPU_ISAS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", type=int, default=30, help="cases per kernel and dtype")
     args = parser.parse_args()

@@ -127,6 +127,7 @@ def test_without_a_compiler_the_kernels_fall_back_cleanly(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="nanoqwen"):
         assert not kernel.build(tmp_path / "cache")
     assert kernel.lib is None and kernel.error is None and "no C compiler" in caplog.text
+    assert not kernel.build(tmp_path / "cache", "avx2")  # another cap: still torch, no layout to mismatch
     assert not (tmp_path / "cache").exists()
 
 

@@ -165,9 +165,11 @@ class CKernel:
     def build(self, cache_dir: Path | None = None, isa: str | None = None) -> bool:
         """Compiles into `cache_dir` (None: resolve_cache_dir()'s default), or loads from there, on the first call,
         capped at `isa` (None: the first call's, else auto); whether the kernel can run. ValueError for an isa other
-        than the first call's: a process runs one build of each file (the int4 weights it packed follow its
-        layout), so a second cap needs a CKernel of its own."""
+        than the first call's where that one built: a process runs one build of each file (the int4 weights it packed
+        follow its layout), so a second cap needs a CKernel of its own."""
         if isa is not None and self.isa not in (None, isa):
+            if not self.ready:  # nothing built (no compiler, a refused build): no packed layout to mismatch
+                return False
             raise ValueError(f"{self.name} is built for cpu_isa={self.isa}, not {isa}: one cap a process")
         if self.isa is None:
             self.isa = isa or "auto"
