@@ -539,3 +539,33 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     with pytest.raises(InvalidRequest, match="optional properties") as refused:
         ecma_patterns(schema(bound + 1), FIELD)
     assert refused.value.param == FIELD
+
+
+# (a schema whose object merges more than MAX_PARTS parts, an answer llguidance fails at its first key)
+MANY_PARTS = {
+    "100 allOf subschemas of 5 optional properties": (
+        {"type": "object", "allOf": [{"properties": _optional(f"m{p}_", 5)} for p in range(100)]}, {"m0_0": 1}),
+    "63 allOf subschemas with none, then 5 of 100": (
+        {"type": "object", "allOf": [*({"description": "x"} for _ in range(63)),
+                                     *({"properties": _optional(f"k{p}_", 100)} for p in range(5))]}, {"k0_0": 1}),
+}
+
+
+@pytest.mark.parametrize("layout", MANY_PARTS)
+def test_an_object_merging_more_parts_than_are_counted_is_refused(tokenizer: PreTrainedTokenizerFast,
+                                                                  grammars: Grammars, layout: str) -> None:
+    """An object's runs of optional properties are counted over at most MAX_PARTS merged parts (itself, `$ref`
+    targets, `allOf` subschemas): past them the walk counted the first 64 only, so 500 optional properties in 101
+    parts were served, and the answer failed at its first key after the compile. Now the 400 naming the field; 64
+    parts are still counted and served, 65 refused."""
+    schema, answer = MANY_PARTS[layout]
+    matcher = grammars.json_schema(schema, strict=False, param=FIELD).matcher()
+    assert not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer)))
+    with pytest.raises(InvalidRequest, match=f"merges more than {engine_grammar.MAX_PARTS} schemas") as refused:
+        ecma_patterns({"items": schema}, "tools")
+    assert refused.value.param == "tools"
+    def parts(count: int) -> dict[str, Any]:
+        return {"type": "object", "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
+    assert ecma_patterns(parts(engine_grammar.MAX_PARTS), FIELD) == parts(engine_grammar.MAX_PARTS)
+    with pytest.raises(InvalidRequest, match="merges more than"):
+        ecma_patterns(parts(engine_grammar.MAX_PARTS + 1), FIELD)
