@@ -407,6 +407,52 @@ def test_a_lenient_tool_past_the_calls_grammars_lexer_limit_has_free_calls(gramm
     assert refused.value.param == "tools"
 
 
+def _enum_tool(name: str, count: int, strict: bool = False) -> ToolSpec:
+    return ToolSpec(name, {"type": "object", "properties": {"e": {"enum": [f"{name}_{i}" for i in range(count)]}},
+                           "required": ["e"]}, strict)
+
+
+def _counted_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The param of each grammar Grammars compiles from here on."""
+    compiles: list[str] = []
+    compiled = Grammars._compiled
+
+    def counted(self: Grammars, text: str, param: str, *args: Any, **kwargs: Any) -> engine_grammar.Grammar:
+        compiles.append(param)
+        return compiled(self, text, param, *args, **kwargs)
+    monkeypatch.setattr(Grammars, "_compiled", counted)
+    return compiles
+
+
+@pytest.mark.parametrize("lenient_first", [True, False])
+def test_the_lenient_tools_give_way_at_the_lexer_limit_whatever_the_order_sent(
+        grammars: Grammars, monkeypatch: pytest.MonkeyPatch, lenient_first: bool) -> None:
+    """Under "auto" a lenient tool of 18,000 enum strings beside a strict one of 18,000: llguidance's lexer limit
+    names the line where the calls' grammar crossed it, not the schema that took it there, so sent first the lenient
+    one had the 400 name the strict one (served the other way round). Every lenient tool gives way: served either
+    way, the strict one's calls kept, in two compiles."""
+    compiles = _counted_compiles(monkeypatch)
+    tools = [_enum_tool("lenient", 18_000), _enum_tool("strict", 18_000, strict=True)]
+    calls = structured._tool_calls(grammars, tools if lenient_first else tools[::-1], True, None, True,
+                                   ("lexer limit, order", str(lenient_first)))
+    assert '"strict_17999"' in calls.text and '"lenient_0"' not in calls.text
+    assert compiles == ["tools", "tools"]
+
+
+def test_many_lenient_tools_past_the_lexer_limit_cost_two_compiles(grammars: Grammars,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "auto" 64 lenient tools of 3,000 enum strings each, past the lexer limit together: all give way at the
+    first refusal, the grammar compiled once more (one freed a compile: 57 compiles, 3.7 s of CPU; 128 of 1,500:
+    112, 7.7 s), a strict tool beside them kept."""
+    compiles = _counted_compiles(monkeypatch)
+    kept = ToolSpec("kept", {"type": "object", "properties": {"kept": {"type": "integer"}}, "required": ["kept"]},
+                    strict=True)
+    tools = [kept, *(_enum_tool(f"b{i}", 3_000) for i in range(64))]
+    calls = structured._tool_calls(grammars, tools, True, None, True, ("lexer limit, many lenient", ""))
+    assert '"kept"' in calls.text and not any(f'"b{i}_0"' in calls.text for i in range(64))
+    assert compiles == ["tools", "tools"]
+
+
 @pytest.mark.parametrize("data, what", [
     ({"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}, "required": [f"p{i}" for i in range(5_001)]},
      "properties in all"),
@@ -539,3 +585,33 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     with pytest.raises(InvalidRequest, match="optional properties") as refused:
         ecma_patterns(schema(bound + 1), FIELD)
     assert refused.value.param == FIELD
+
+
+# (a schema whose object merges more than MAX_PARTS parts, an answer llguidance fails at its first key)
+MANY_PARTS = {
+    "100 allOf subschemas of 5 optional properties": (
+        {"type": "object", "allOf": [{"properties": _optional(f"m{p}_", 5)} for p in range(100)]}, {"m0_0": 1}),
+    "63 allOf subschemas with none, then 5 of 100": (
+        {"type": "object", "allOf": [*({"description": "x"} for _ in range(63)),
+                                     *({"properties": _optional(f"k{p}_", 100)} for p in range(5))]}, {"k0_0": 1}),
+}
+
+
+@pytest.mark.parametrize("layout", MANY_PARTS)
+def test_an_object_merging_more_parts_than_are_counted_is_refused(tokenizer: PreTrainedTokenizerFast,
+                                                                  grammars: Grammars, layout: str) -> None:
+    """An object's runs of optional properties are counted over at most MAX_PARTS merged parts (itself, `$ref`
+    targets, `allOf` subschemas): past them the walk counted the first 64 only, so 500 optional properties in 101
+    parts were served, and the answer failed at its first key after the compile. Now the 400 naming the field; 64
+    parts are still counted and served, 65 refused."""
+    schema, answer = MANY_PARTS[layout]
+    matcher = grammars.json_schema(schema, strict=False, param=FIELD).matcher()
+    assert not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer)))
+    with pytest.raises(InvalidRequest, match=f"merges more than {engine_grammar.MAX_PARTS} schemas") as refused:
+        ecma_patterns({"items": schema}, "tools")
+    assert refused.value.param == "tools"
+    def parts(count: int) -> dict[str, Any]:
+        return {"type": "object", "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
+    assert ecma_patterns(parts(engine_grammar.MAX_PARTS), FIELD) == parts(engine_grammar.MAX_PARTS)
+    with pytest.raises(InvalidRequest, match="merges more than"):
+        ecma_patterns(parts(engine_grammar.MAX_PARTS + 1), FIELD)

@@ -245,29 +245,38 @@ def _tool_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answe
     """Off the loop, on a miss of `key` (what the request sent): the tools' parameters as held (_held) and the JSON
     answer's (_checked_answer), their sizes one SchemaBudget, and their calls' grammar compiled. `auto`: tool_choice
     "auto", where the answer is free text (no `answer`) or that JSON, and a call the model opens follows the grammar;
-    else the call is forced, and an `answer` beside it only checked (_forced_beside). A lenient tool at whose schema
-    the calls' grammar's compile is refused (llguidance's lexer limit, which its check alone does not reach: 40,000
-    enum strings) gives way as _held's do, its calls free, and the grammar is compiled again."""
+    else the call is forced, and an `answer` beside it only checked (_forced_beside). Where the calls' grammar's
+    compile is refused (llguidance's lexer limit, which each schema's check alone does not reach: 40,000 enum
+    strings), every lenient tool gives way as _held's do, its calls free, and the grammar is compiled once more: the
+    refusal names the line where the lexer crossed its limit, not the schema that took it there (a lenient tool sent
+    before a strict one had the 400 name the strict one), and freeing one tool a compile took one compile per tool
+    (128 lenient tools: 112 compiles, 7.7 s of a compile thread's CPU)."""
     if answer is not None and not auto:
         return _forced_beside(grammars, tools, parallel, answer, key)
     budget = SchemaBudget()
     # what must hold is charged first, whatever the order sent: a lenient tool gives way to it (its calls free)
     firm = {i: _held(tool, auto, budget) for i, tool in enumerate(tools) if not _lenient(tool, auto)}
     checked = _checked_answer(answer, budget) if answer is not None else None
-    lenient = {i for i, tool in enumerate(tools) if _lenient(tool, auto)}
     tools = [firm[i] if i in firm else _held(tool, auto, budget) for i, tool in enumerate(tools)]
-    while True:
-        try:
-            if checked is None:
-                return grammars.tool_calls(tools, parallel, "tools", auto, key=key)
-            schema, weight = checked
-            return grammars.tool_calls(tools, parallel, "tools", False, schema, answer.strict, key, weight,
-                                       answer.param)
-        except SchemaRefused as exc:  # only in the calls' grammar (llguidance's lexer limit): a lenient tool gives way
-            if exc.schema not in lenient:
-                raise
-            lenient.discard(exc.schema)
-            tools[exc.schema] = replace(tools[exc.schema], parameters=ANY_OBJECT, weight=None)
+    try:
+        return _compiled_calls(grammars, tools, parallel, checked, answer, auto, key)
+    except SchemaRefused:  # only in the calls' grammar (llguidance's lexer limit): the lenient tools give way
+        constrained = [tool.parameters != ANY_OBJECT and _lenient(tool, auto) for tool in tools]
+        if not any(constrained):
+            raise
+    tools = [replace(tool, parameters=ANY_OBJECT, weight=None) if free else tool
+             for tool, free in zip(tools, constrained, strict=True)]
+    return _compiled_calls(grammars, tools, parallel, checked, answer, auto, key)
+
+
+def _compiled_calls(grammars: Grammars, tools: list[ToolSpec], parallel: bool,
+                    checked: tuple[dict[str, Any], int] | None, answer: JsonAnswer | None, auto: bool,
+                    key: GrammarKey) -> Grammar:
+    """The calls' grammar of `tools` (_held's), beside the JSON answer's schema `checked` (_checked_answer's)."""
+    if checked is None:
+        return grammars.tool_calls(tools, parallel, "tools", auto, key=key)
+    schema, weight = checked
+    return grammars.tool_calls(tools, parallel, "tools", False, schema, answer.strict, key, weight, answer.param)
 
 
 def _forced_beside(grammars: Grammars, tools: list[ToolSpec], parallel: bool, answer: JsonAnswer,

@@ -30,7 +30,7 @@ from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
-from nanoqwen.engine.object_runs import ALTERNATIVES, SchemaObjects, run_row
+from nanoqwen.engine.object_runs import ALTERNATIVES, MAX_PARTS, SchemaObjects, TooManyParts, run_row
 from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
@@ -164,12 +164,20 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
     MAX_PATTERN_PROPERTIES, or a run of its optional properties (merged as llguidance merges it, a local `$ref` into
     its schema followed: `objects`' root, object_runs) or the first runs of its `anyOf` or `oneOf` objects together hold
-    a parser row past ROW_ITEMS."""
+    a parser row past ROW_ITEMS, or where it merges more than MAX_PARTS parts."""
     objects = SchemaObjects() if objects is None else objects
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
-    shape = objects.merged(objects.parts(node))
+    try:
+        shape = objects.merged(objects.parts(node))
+        alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
+        items = objects.leading_items(node, ROW_ITEMS) if alternated else 0
+    except TooManyParts:
+        raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
+                             "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "
+                             "option's), past those its runs of optional properties are checked over (merge some of "
+                             "them)", param=param) from None
     runs = shape.runs()
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
@@ -179,8 +187,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
             raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
                                  f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
                                  "object)", param=param)
-    alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
-    if alternated and (items := objects.leading_items(node, ROW_ITEMS)) > ROW_ITEMS:
+    if items > ROW_ITEMS:
         raise InvalidRequest(f"invalid {param}: a schema's anyOf or oneOf objects begin with optional properties that "
                              f"hold {items} items in one parser row, past {ROW_ITEMS} (each object's optional "
                              "properties before its first required one count: make some required, or use fewer "

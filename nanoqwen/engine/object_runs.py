@@ -12,12 +12,14 @@ from urllib.parse import unquote
 
 from nanoqwen.engine.schema_keywords import pointer_way
 
-# What one schema's walk merges in all, parts and property names (<= 0.3 s), and follows per object: the alternatives
+# What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them a `$ref` is not followed nor an alternative summed (the
 # answer may fail after the compile) rather than walked at length for each object (a chain of 5,000 `$ref`d anyOf
 # took 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
 # check_bounds' 400 anyway (MAX_ROW).
 MAX_WORK = 200_000
+# The parts merged into one object: past them the merge is refused (TooManyParts), not counted short (100 allOf
+# subschemas of 5 optional properties, counted as 64, were served, and the answer failed at its first key)
 MAX_PARTS = 64
 MAX_DEPTH = 32
 MAX_OPTIONS = 1_024
@@ -25,6 +27,10 @@ ALTERNATIVES = ("anyOf", "oneOf")
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
                              "$ref"))
+
+
+class TooManyParts(ValueError):
+    """An object merged from more than MAX_PARTS parts."""
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,16 @@ class SchemaObjects:
     def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
         `root`, followed while the work lasts), then each `allOf` subschema, each with its own in turn; each part once
-        (a cycle ends)."""
+        (a cycle ends). TooManyParts where `seen` (those it is merged with) and they pass MAX_PARTS."""
         seen = set() if seen is None else seen
         found: list[dict[str, Any]] = []
         stack = [node]
-        while stack and len(seen) < MAX_PARTS:
+        while stack:
             part = stack.pop()
             if id(part) in seen:
                 continue
+            if len(seen) >= MAX_PARTS:
+                raise TooManyParts
             seen.add(id(part))
             found.append(part)
             target = _target(part.get("$ref"), self.root) if self._work > 0 else None
