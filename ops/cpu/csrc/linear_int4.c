@@ -90,7 +90,8 @@ static void block_sums(const float *x, int K, long lanes, float *out) {
 }
 
 /* The sum of v's 16 lanes in one fixed order, GCC's _mm512_reduce_add_ps's (the upper half onto the lower, then
-   quarters, pairs, neighbours), which lane_sums16 keeps: a row's output is the same bits either way. */
+   quarters, pairs, neighbours), which lane_sums16 keeps: a row's output is the same bits either way (but a NaN's:
+   an add passes on its first operand's NaN, and the compiler may swap operands). */
 static inline float lane_sum(__m512 v) {
     const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
                                    _mm512_castps512_ps256(v));
