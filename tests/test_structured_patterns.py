@@ -587,14 +587,27 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     assert refused.value.param == FIELD
 
 
-# (a schema whose object merges more than MAX_PARTS parts, an answer llguidance fails at its first key)
+# (a schema whose object merges many parts, an answer llguidance fails at its first key, the 400 it is)
 MANY_PARTS = {
     "100 allOf subschemas of 5 optional properties": (
-        {"type": "object", "allOf": [{"properties": _optional(f"m{p}_", 5)} for p in range(100)]}, {"m0_0": 1}),
-    "63 allOf subschemas with none, then 5 of 100": (
+        {"type": "object", "allOf": [{"properties": _optional(f"m{p}_", 5)} for p in range(100)]}, {"m0_0": 1},
+        f"merges more than {engine_grammar.MAX_PARTS} schemas"),
+    "63 allOf subschemas with none, then 5 of 100": (  # the 63 shape no run: the 500 are counted, one run
         {"type": "object", "allOf": [*({"description": "x"} for _ in range(63)),
-                                     *({"properties": _optional(f"k{p}_", 100)} for p in range(5))]}, {"k0_0": 1}),
+                                     *({"properties": _optional(f"k{p}_", 100)} for p in range(5))]}, {"k0_0": 1},
+        "500 optional properties in a row"),
 }
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "allOf": [{"minLength": i} for i in range(70)]},
+    {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)} | {"d100": {"type": "integer"}},
+     "$ref": "#/$defs/d0"},
+], ids=["a string of 70 allOf parts", "a 100-link $ref chain"])
+def test_parts_that_shape_no_run_are_not_counted(schema: dict[str, Any]) -> None:
+    """MAX_PARTS counts the parts that shape an object's runs: a string's `allOf` of 70 minLengths and a 100-link
+    `$ref` chain to an integer, which llguidance compiles, were refused as objects merging more than 64 schemas."""
+    assert ecma_patterns(schema, FIELD) == schema
 
 
 @pytest.mark.parametrize("layout", MANY_PARTS)
@@ -604,14 +617,14 @@ def test_an_object_merging_more_parts_than_are_counted_is_refused(tokenizer: Pre
     targets, `allOf` subschemas): past them the walk counted the first 64 only, so 500 optional properties in 101
     parts were served, and the answer failed at its first key after the compile. Now the 400 naming the field; 64
     parts are still counted and served, 65 refused."""
-    schema, answer = MANY_PARTS[layout]
+    schema, answer, refusal = MANY_PARTS[layout]
     matcher = grammars.json_schema(schema, strict=False, param=FIELD).matcher()
     assert not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer)))
-    with pytest.raises(InvalidRequest, match=f"merges more than {engine_grammar.MAX_PARTS} schemas") as refused:
+    with pytest.raises(InvalidRequest, match=refusal) as refused:
         ecma_patterns({"items": schema}, "tools")
     assert refused.value.param == "tools"
     def parts(count: int) -> dict[str, Any]:
-        return {"type": "object", "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
+        return {"type": "object", "required": ["r"], "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
     assert ecma_patterns(parts(engine_grammar.MAX_PARTS), FIELD) == parts(engine_grammar.MAX_PARTS)
     with pytest.raises(InvalidRequest, match="merges more than"):
         ecma_patterns(parts(engine_grammar.MAX_PARTS + 1), FIELD)

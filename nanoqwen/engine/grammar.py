@@ -174,10 +174,10 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
         alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
         items = objects.leading_items(node, ROW_ITEMS) if alternated else 0
     except TooManyParts:
-        raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
-                             "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "
-                             "option's), past those its runs of optional properties are checked over (merge some of "
-                             "them)", param=param) from None
+        raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas with "
+                             "properties, required or additionalProperties (itself, its `$ref`s' targets and `allOf` "
+                             "subschemas, each with its own, and an `anyOf` or `oneOf` option's), past those its runs "
+                             "of optional properties are checked over (merge some of them)", param=param) from None
     runs = shape.runs()
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])

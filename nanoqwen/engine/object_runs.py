@@ -18,9 +18,11 @@ from nanoqwen.engine.schema_keywords import pointer_way
 # took 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
 # check_bounds' 400 anyway (MAX_ROW).
 MAX_WORK = 200_000
-# The parts merged into one object: past them the merge is refused (TooManyParts), not counted short (100 allOf
-# subschemas of 5 optional properties, counted as 64, were served, and the answer failed at its first key)
+# The parts merged into one object that shape its runs (RUN_KEYWORDS): past them the merge is refused (TooManyParts),
+# not counted short (100 allOf subschemas of 5 optional properties, counted as 64, were served, and the answer failed
+# at its first key). The others (a string's 70 `allOf` minLengths, a `$ref` chain's links) merge no run: not counted.
 MAX_PARTS = 64
+RUN_KEYWORDS = ("properties", "required", "additionalProperties", "patternProperties")
 MAX_DEPTH = 32
 MAX_OPTIONS = 1_024
 ALTERNATIVES = ("anyOf", "oneOf")
@@ -82,18 +84,20 @@ class SchemaObjects:
         self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
         self._work = MAX_WORK
 
-    def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
+    def parts(self, node: dict[str, Any], seen: set[int] | None = None, shaping: int = 0) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
         `root`, followed while the work lasts), then each `allOf` subschema, each with its own in turn; each part once
-        (a cycle ends). TooManyParts where `seen` (those it is merged with) and they pass MAX_PARTS."""
+        (a cycle ends; `seen`: those it is merged with, `shaping` of them with RUN_KEYWORDS). TooManyParts where the
+        parts with RUN_KEYWORDS pass MAX_PARTS."""
         seen = set() if seen is None else seen
         found: list[dict[str, Any]] = []
         stack = [node]
-        while stack:
+        while stack and len(found) < self._work:
             part = stack.pop()
             if id(part) in seen:
                 continue
-            if len(seen) >= MAX_PARTS:
+            shaping += any(key in part for key in RUN_KEYWORDS)
+            if shaping > MAX_PARTS:
                 raise TooManyParts
             seen.add(id(part))
             found.append(part)
@@ -145,11 +149,12 @@ class SchemaObjects:
         alone = [other for other in found if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
         total, counted, within = 0, set(), {id(other) for other in found}
+        shaping = sum(any(key in other for key in RUN_KEYWORDS) for other in found)
         for option in options:
             if not isinstance(option, dict) or left[0] <= 0 or self._work <= 0 or total > stop:
                 continue
             left[0] -= 1
-            own = self.parts(option, set() if alone else set(within))
+            own = self.parts(option, set() if alone else set(within), 0 if alone else shaping)
             if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
                 continue
             counted.add(ids)
