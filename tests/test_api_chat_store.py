@@ -33,11 +33,14 @@ def test_the_store_is_bounded_by_count_and_bytes_the_oldest_dropped() -> None:
         store.put(_completion(i), REQUEST)
     assert store.get("chatcmpl-0") is None
     assert json.loads(store.get("chatcmpl-1").body) == {**_completion(1), "metadata": {}}
-    store.put(_completion(3, "x" * 2000), REQUEST)  # three kept: the oldest goes (the count), the two left fit
-    assert store.get("chatcmpl-1") is None and store.get("chatcmpl-2") is not None
-    store.put(_completion(4, "x" * 4000), REQUEST)  # larger than the whole store: kept alone
-    assert [completion_id for completion_id, _ in store.listed()] == ["chatcmpl-4"]
-    assert store.delete("chatcmpl-4") and not store.delete("chatcmpl-4") and store.listed() == []
+    store = ChatStore(max_completions=100, max_bytes=3000)
+    for i in range(5):  # ~700 bytes each, under a quarter of the bytes: four fit, the oldest goes
+        store.put(_completion(i, "x" * 550), REQUEST)
+    kept = store.listed()
+    assert [completion_id for completion_id, _ in kept] == [f"chatcmpl-{i}" for i in range(1, 5)]
+    store.put(_completion(5, "x" * 700), REQUEST)  # a quarter of the store with its request: answered, not kept
+    assert store.get("chatcmpl-5") is None and store.listed() == kept  # (kept, it would have emptied the store)
+    assert store.delete("chatcmpl-4") and not store.delete("chatcmpl-4") and len(store.listed()) == 3
     assert store.keeps(StoredRequest(b"x" * 747, {}, b"{}")) and not store.keeps(StoredRequest(b"x" * 748, {}, b"{}"))
 
 

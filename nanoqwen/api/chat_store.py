@@ -96,14 +96,20 @@ class ChatStore:
         self._gone: OrderedDict[str, Place] = OrderedDict()
 
     def keeps(self, request: StoredRequest) -> bool:
-        """Whether a completion is kept whose request is this: not one that could empty the store alone."""
-        return len(request.messages) + len(request.fields) < self._entries.max_bytes // 4
+        """Whether a completion may be kept whose request is this: not one that could empty the store alone."""
+        return self._fits(len(request.messages) + len(request.fields))
+
+    def _fits(self, size: int) -> bool:
+        return size < self._entries.max_bytes // 4
 
     def put(self, completion: Json, request: StoredRequest) -> bytes:
-        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`; returns the
-        answer encoded (encode_json's): what create sends, not encoded again (megabytes with logprobs)."""
+        """Keeps `completion` (create's answer, without metadata) with what it keeps of its `request`, unless the
+        answer makes it one that could empty the store alone (logprobs of a long answer); returns the answer encoded
+        (encode_json's): what create sends, not encoded again (megabytes with logprobs)."""
         answer = encode_json(completion)
         body, metadata_at = request.completion(answer)
+        if not self._fits(len(body) + len(request.messages)):
+            return answer
         with self._lock:
             entry = StoredCompletion(body, request.messages, completion["model"], completion["created"],
                                      request.metadata, metadata_at, next(self._kept))
