@@ -13,7 +13,9 @@ from ops import cpu
 from ops.cpu import build as cpu_build
 
 CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split())
-LOOPS = ["built", "avx2", *(["avx512"] if "amx_bf16" in CPU_FLAGS else [])]
+VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= CPU_FLAGS  # the int8 pieces' loops (csrc/gemv.h)
+AMX = "amx_bf16" in CPU_FLAGS
+LOOPS = ["built", "avx2", *(["avx512"] if AMX else [])]
 
 
 @functools.cache

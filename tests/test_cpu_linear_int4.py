@@ -1,13 +1,11 @@
 """The compiled CPU int4 weight-only matmul against the torch reference, and its dispatch."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from call_rows import record_rows
-from cpu_isas import LOOPS, capped
+from cpu_isas import CPU_FLAGS, LOOPS, VNNI, capped
 from int4_packing import as_loaded, from_interleaved
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
@@ -25,8 +23,6 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
 
 # With AVX-512 F/BW/VL/VNNI the kernel takes int8 pieces, else (AVX2) int8 blocks for bf16 rows and int16 pieces,
 # (pieces + 1) // 2 of them, for fp32 ones
-FLAGS = set(Path("/proc/cpuinfo").read_text().split())
-VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= FLAGS
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int8 pieces' loops)")
 
 # (rows, output channels, input columns, group size). VNNI: 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
@@ -127,7 +123,7 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
                                    (37, 448, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", [
-    pytest.param("built", marks=pytest.mark.skipif(not VNNI or "amx_int8" in FLAGS, reason=(
+    pytest.param("built", marks=pytest.mark.skipif(not VNNI or "amx_int8" in CPU_FLAGS, reason=(
         "the built kernel is the AVX2 one here (the avx2 case), or with AMX-INT8 takes tiles from 3 rows, vpdpbusd "
         "below: two orders"))),
     *LOOPS[1:]])

@@ -1,13 +1,11 @@
 """The compiled CPU int8 weight-only matmul against the torch reference and the exact product, and its dispatch."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from call_rows import record_rows
-from cpu_isas import LOOPS, capped
+from cpu_isas import LOOPS, VNNI, capped
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int8 as cpu_int8
@@ -50,7 +48,6 @@ def test_matches_reference(m, n, k, dtype):
 PIECES = {"int8": {torch.bfloat16: 2, torch.float32: 4}, "int16": {torch.bfloat16: 1, torch.float32: 2}}
 # The pieces the kernel set's own build ("built") takes here: int8 where the CPU has AVX512-VNNI, else int16 (AVX-512
 # without VNNI widens each weight to fp32: exact products, within either bound).
-VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= set(Path("/proc/cpuinfo").read_text().split())
 LOOPS_PIECES = {"built": "int8" if VNNI else "int16", "avx2": "int16", "avx512": "int8"}  # avx512: with AMX, VNNI
 PIECE_ERROR = {"int8": {p: 0.5 / 127 / 254 ** (p - 1) + 2**-23 for p in (2, 3, 4)},
                "int16": {p: 0.5 / 32767 / 65534 ** (p - 1) + 2**-23 for p in (1, 2)}}

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 
 import paged_inputs
-from cpu_isas import capped
+from cpu_isas import AMX, capped
 from int4_packing import as_loaded
 from ops.cpu import build as cpu_build
 from ops.cpu import linear as cpu_linear
@@ -31,7 +30,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 ROWS = [1, 2, 3, 5, 9]
 # AMX serves bf16 dense rows from AMX_MIN_ROWS (csrc/amx.h) where the CPU has it (and the OS grants it)
 AMX_MIN_ROWS = 2
-HAS_AMX = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
 BUILT = {kernel.source.name: kernel for kernel in (cpu_linear.KERNEL, cpu_int8.KERNEL, cpu_int4.KERNEL,
                                                    cpu_prefill.KERNEL)}  # by source
 # "built": the kernel set's own; "loops": what a CPU without AVX-512 (so without VNNI or AMX) takes (int16 pieces;
@@ -100,7 +98,7 @@ def test_dense_without_scratch_gives_the_same_bits(m, dtype):
     x, w = torch.randn(m, 256).to(dtype), torch.randn(77, 256).to(dtype)
     for loops in ("built", "loops"):
         out, scratch = dense(lib("linear.c", f"{loops}, no scratch"), x, w), dense(lib("linear.c", loops), x, w)
-        if loops == "built" and HAS_AMX and dtype == torch.bfloat16 and m >= AMX_MIN_ROWS:
+        if loops == "built" and AMX and dtype == torch.bfloat16 and m >= AMX_MIN_ROWS:
             # one bf16 ulp (2**-7 of the value at most), and near 0 the fp32 sums' difference
             torch.testing.assert_close(out, scratch, rtol=2**-7, atol=1e-4)
         else:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from chat_http import MODEL, cpu_env
 from checkpoints import load_hf_model, make_checkpoint
-from cpu_isas import CPU_FLAGS, cap_kernel_set, capped
+from cpu_isas import VNNI, cap_kernel_set, capped
 from engine_util import generate, greedy, load_engine
 from nanoqwen import loader
 from ops.cpu import build as cpu_build
@@ -34,7 +34,7 @@ PROMPTS = [random.Random(i).choices(range(1000, 100000), k=30) for i in range(8)
 # Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; int4 capped at AVX2 too where the CPU would take VNNI's loops
 # (int8 pieces): the block rounding below is its AVX2 loops'
 MODES = {"int8": ("int8", "auto"), "int4": ("int4", "auto"),
-         **({"int4-avx2": ("int4", "avx2")} if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= CPU_FLAGS else {})}
+         **({"int4-avx2": ("int4", "avx2")} if VNNI else {})}
 INT4_ONLY = pytest.mark.parametrize("mode", [name for name in MODES if name.startswith("int4")], indirect=True)
 
 
