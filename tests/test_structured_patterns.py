@@ -587,15 +587,30 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     assert refused.value.param == FIELD
 
 
+def _chain(links: int) -> dict[str, Any]:
+    """A string behind `links` nested allOf wrappers."""
+    node: dict[str, Any] = {"type": "string"}
+    for _ in range(links):
+        node = {"allOf": [node]}
+    return node
+
+
 # (a schema whose object merges many parts, an answer llguidance fails at its first key, the 400 it is)
 MANY_PARTS = {
     "100 allOf subschemas of 5 optional properties": (
         {"type": "object", "allOf": [{"properties": _optional(f"m{p}_", 5)} for p in range(100)]}, {"m0_0": 1},
         f"merges more than {engine_grammar.MAX_PARTS} schemas"),
-    "63 allOf subschemas with none, then 5 of 100": (  # the 63 shape no run: the 500 are counted, one run
+    "63 allOf subschemas with none, then 5 of 100": (  # the 63 annotations alone, links: the 500 counted, one run
         {"type": "object", "allOf": [*({"description": "x"} for _ in range(63)),
                                      *({"properties": _optional(f"k{p}_", 100)} for p in range(5))]}, {"k0_0": 1},
         "500 optional properties in a row"),
+    "100 allOf subschemas of an anyOf of 5": (
+        {"type": "object", "allOf": [{"anyOf": [{"properties": _optional(f"m{p}_", 5)}]} for p in range(100)]},
+        {"m0_0": 1}, f"merges more than {engine_grammar.MAX_PARTS} schemas"),
+    "110 60-link allOf chains beside 500": (
+        {"type": "object", "properties": {"big": {"type": "object", "properties": _optional("p", 500)},
+                                          **{f"c{c}": _chain(60) for c in range(110)}},
+         "required": [f"c{c}" for c in range(110)]}, {"big": {"p0": 1}}, "500 optional properties in a row"),
 }
 
 
@@ -604,9 +619,10 @@ MANY_PARTS = {
     {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)} | {"d100": {"type": "integer"}},
      "$ref": "#/$defs/d0"},
 ], ids=["a string of 70 allOf parts", "a 100-link $ref chain"])
-def test_parts_that_shape_no_run_are_not_counted(schema: dict[str, Any]) -> None:
-    """MAX_PARTS counts the parts that shape an object's runs: a string's `allOf` of 70 minLengths and a 100-link
-    `$ref` chain to an integer, which llguidance compiles, were refused as objects merging more than 64 schemas."""
+def test_links_and_other_types_are_not_counted_as_objects(schema: dict[str, Any]) -> None:
+    """A schema whose `type` is not an object merges into no object, and a link (`$ref` beside annotations at most)
+    merges nothing of its own: a string's `allOf` of 70 minLengths and a 100-link `$ref` chain to an integer, which
+    llguidance compiles, were refused as objects merging more than 64 schemas."""
     assert ecma_patterns(schema, FIELD) == schema
 
 
@@ -624,7 +640,7 @@ def test_an_object_merging_more_parts_than_are_counted_is_refused(tokenizer: Pre
         ecma_patterns({"items": schema}, "tools")
     assert refused.value.param == "tools"
     def parts(count: int) -> dict[str, Any]:
-        return {"type": "object", "required": ["r"], "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
+        return {"type": "object", "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}
     assert ecma_patterns(parts(engine_grammar.MAX_PARTS), FIELD) == parts(engine_grammar.MAX_PARTS)
     with pytest.raises(InvalidRequest, match="merges more than"):
         ecma_patterns(parts(engine_grammar.MAX_PARTS + 1), FIELD)

@@ -30,7 +30,7 @@ from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
-from nanoqwen.engine.object_runs import ALTERNATIVES, MAX_PARTS, SchemaObjects, TooManyParts, run_row
+from nanoqwen.engine.object_runs import ALTERNATIVES, MAX_PARTS, SchemaObjects, TooManyParts, is_object_type, run_row
 from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
@@ -169,15 +169,18 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
+    own = len(properties) if isinstance(properties := node.get("properties"), dict) else 0
+    if "type" in node and not is_object_type(node["type"]):  # llguidance intersects its parts' types: no object
+        return own
     try:
         shape = objects.merged(objects.parts(node))
         alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
         items = objects.leading_items(node, ROW_ITEMS) if alternated else 0
     except TooManyParts:
-        raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas with "
-                             "properties, required or additionalProperties (itself, its `$ref`s' targets and `allOf` "
-                             "subschemas, each with its own, and an `anyOf` or `oneOf` option's), past those its runs "
-                             "of optional properties are checked over (merge some of them)", param=param) from None
+        raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
+                             "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "
+                             "option's), past those its runs of optional properties are checked over (merge some of "
+                             "them)", param=param) from None
     runs = shape.runs()
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
@@ -192,7 +195,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
                              f"hold {items} items in one parser row, past {ROW_ITEMS} (each object's optional "
                              "properties before its first required one count: make some required, or use fewer "
                              "alternatives)", param=param)
-    return len(properties) if isinstance(properties := node.get("properties"), dict) else 0
+    return own
 
 
 @dataclass(frozen=True)

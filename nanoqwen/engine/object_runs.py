@@ -18,17 +18,22 @@ from nanoqwen.engine.schema_keywords import pointer_way
 # took 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
 # check_bounds' 400 anyway (MAX_ROW).
 MAX_WORK = 200_000
-# The parts merged into one object that shape its runs (RUN_KEYWORDS): past them the merge is refused (TooManyParts),
-# not counted short (100 allOf subschemas of 5 optional properties, counted as 64, were served, and the answer failed
-# at its first key). The others (a string's 70 `allOf` minLengths, a `$ref` chain's links) merge no run: not counted.
+# The parts merged into one object: past them the merge is refused (TooManyParts), not counted short (100 allOf
+# subschemas of 5 optional properties, counted as 64, were served, and the answer failed at its first key). A link (a
+# `$ref` beside annotations at most) merges nothing of its own and is not counted: a 100-link chain was refused.
 MAX_PARTS = 64
-RUN_KEYWORDS = ("properties", "required", "additionalProperties", "patternProperties")
+LINK_KEYS = frozenset(("$ref", "description", "title", "$comment"))
 MAX_DEPTH = 32
 MAX_OPTIONS = 1_024
 ALTERNATIVES = ("anyOf", "oneOf")
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
                              "$ref"))
+
+
+def is_object_type(kind: Any) -> bool:
+    """Whether a `type` keyword's value admits an object."""
+    return kind == "object" or isinstance(kind, list) and "object" in kind
 
 
 class TooManyParts(ValueError):
@@ -84,20 +89,20 @@ class SchemaObjects:
         self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
         self._work = MAX_WORK
 
-    def parts(self, node: dict[str, Any], seen: set[int] | None = None, shaping: int = 0) -> list[dict[str, Any]]:
+    def parts(self, node: dict[str, Any], seen: set[int] | None = None, counted: int = 0) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
         `root`, followed while the work lasts), then each `allOf` subschema, each with its own in turn; each part once
-        (a cycle ends; `seen`: those it is merged with, `shaping` of them with RUN_KEYWORDS). TooManyParts where the
-        parts with RUN_KEYWORDS pass MAX_PARTS."""
+        (a cycle ends). TooManyParts where those but links, with the `counted` of `seen` (those it is merged with),
+        pass MAX_PARTS."""
         seen = set() if seen is None else seen
         found: list[dict[str, Any]] = []
         stack = [node]
-        while stack and len(found) < self._work:
+        while stack:
             part = stack.pop()
             if id(part) in seen:
                 continue
-            shaping += any(key in part for key in RUN_KEYWORDS)
-            if shaping > MAX_PARTS:
+            counted += not part.keys() <= LINK_KEYS
+            if counted > MAX_PARTS:
                 raise TooManyParts
             seen.add(id(part))
             found.append(part)
@@ -117,7 +122,7 @@ class SchemaObjects:
         names.update(required)
         self._work -= len(names)
         types = [part["type"] for part in found if "type" in part]
-        is_object = all(kind == "object" or isinstance(kind, list) and "object" in kind for kind in types) and (
+        is_object = all(is_object_type(kind) for kind in types) and (
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
@@ -149,12 +154,12 @@ class SchemaObjects:
         alone = [other for other in found if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
         total, counted, within = 0, set(), {id(other) for other in found}
-        shaping = sum(any(key in other for key in RUN_KEYWORDS) for other in found)
+        merged = sum(not other.keys() <= LINK_KEYS for other in found)
         for option in options:
             if not isinstance(option, dict) or left[0] <= 0 or self._work <= 0 or total > stop:
                 continue
             left[0] -= 1
-            own = self.parts(option, set() if alone else set(within), 0 if alone else shaping)
+            own = self.parts(option, set() if alone else set(within), 0 if alone else merged)
             if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
                 continue
             counted.add(ids)
