@@ -1,32 +1,34 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
     python profiles/soak.py [--modes default none int8 int4 bf16 spec tight] [--rounds 3] [--round-seconds 60]
-        [--clients 10] [--seed 0] [--background-weight 10] [--tool-weight 8] [--health-timeout 180] [--out DIR]
+        [--clients 10] [--seed 0] [--background-weight 10] [--tool-weight 8] [--store-weight 8]
+        [--health-timeout 180] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`/`int4`: NANOQWEN_QUANT=int8/int4;
-`bf16`: NANOQWEN_DTYPE=bfloat16; `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8 sequences
-in a 72-block KV pool of 8-token blocks, a 20-token step budget, eager, so that running requests are preempted) it
-serves the 2-layer test checkpoint on the CPU in fp32 (bf16 in `bf16`) and runs `--rounds` rounds. In each, `--clients`
-threads pick scenarios at random for `--round-seconds`: streamed and non-streamed chat, legacy completions (n>1,
-logprobs, stop strings, tools, json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by
-previous_response_id or item references, its calls answered, truncation "auto", stored or not, disconnected, read
-slowly), background Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`,
-abandoned or read slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32
-running), clients that disconnect (before the headers, while the prompt is prefilled, mid-stream, after the last chunk
-before [DONE]), slow readers, stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON
-(tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an error, bursts of concurrent
-strict-tool streams (half reset mid-stream, the rest's strict calls checked against their schemas), and a fixed greedy
-probe; a prober thread times /health (and reads /stats, /v1/models) throughout.
+`bf16`: NANOQWEN_DTYPE=bfloat16; `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8
+sequences in a 72-block KV pool of 8-token blocks, a 20-token step budget, eager, so that running requests are
+preempted) it serves the 2-layer test checkpoint on the CPU in fp32 (bf16 in `bf16`) and runs `--rounds` rounds. In
+each, `--clients` threads pick scenarios at random for `--round-seconds`: streamed and non-streamed chat, legacy
+completions (n>1, logprobs, stop strings, tools, json_schema, seeds, max_tokens edge values) and Responses
+(`/v1/responses`: continued by previous_response_id or item references, its calls answered, truncation "auto", stored
+or not, disconnected, read slowly), background Responses (soak_background.py: polled, streamed, followers resumed at
+random `starting_after`, abandoned or read slowly, cancels and DELETEs at every stage, continuations of runs in
+progress, bursts past the 32 running), stored Chat Completions (soak_store.py: `store: true` streamed or not, n>1,
+left mid-stream, among lists, retrieves, updates, message lists and deletes of the same ids), clients that disconnect
+(before the headers, while the prompt is prefilled, mid-stream, after the last chunk before [DONE]), slow readers,
+stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON (tests/fuzz_bodies.py), wrong methods and
+content types, keep-alive reuse after an error, bursts of concurrent strict-tool streams (half reset mid-stream, the
+rest's strict calls checked against their schemas), and a fixed greedy probe; a prober thread times /health (and reads
+/stats, /v1/models) throughout.
 
-Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503
-queue_full, every error OpenAI-shaped, the worker pid never changes, /health p99 under
---health-p99-ms, after each round /stats shows no running or waiting request and kv_cache_usage 0,
-the worker's RSS after the last round within --rss-growth-mb of the first's, the probe's greedy
-answer always the one the idle server gave, every Responses answer that says it is stored retrievable
-as it was answered, right after; once the clients stop every background response has ended (GET: a terminal status,
-404 once deleted) and 32 more fit, and /stats' served, aborted and failed counts are each at least those the
-clients saw end so and together at most the requests that may have reached the engine. Writes soak.json to --out
-(default profiles/out/).
+Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503 queue_full, every error
+OpenAI-shaped, the worker pid never changes, /health p99 under --health-p99-ms, after each round /stats shows no
+running or waiting request and kv_cache_usage 0, the worker's RSS after the last round within --rss-growth-mb of the
+first's, the probe's greedy answer always the one the idle server gave, every Responses answer that says it is stored
+retrievable as it was answered, right after; once the clients stop every background response has ended (GET: a
+terminal status, 404 once deleted) and 32 more fit, the chat store is consistent (soak_store.py's settle), and /stats'
+served, aborted and failed counts are each at least those the clients saw end so and together at most the requests
+that may have reached the engine. Writes soak.json to --out (default profiles/out/).
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ from soak_http import (  # noqa: E402
     tool_call_problem,
     words,
 )
+from soak_store import StoreSoak  # noqa: E402
 
 SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
@@ -99,6 +102,7 @@ STRICT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "strict
 # beside them, a tool that is not strict (a name of its own: the soak checks calls by name against STRICT_TOOLS)
 LENIENT_TOOLS = [{"type": "function", "function": {**TOOLS[0]["function"], "name": "get_forecast"}}]
 TOOL_WEIGHT = 8  # of the bursts of strict-tool streams, against 96 for the plain scenarios
+STORE_WEIGHT = 8  # of the stored Chat Completions scenarios
 
 
 def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
@@ -194,10 +198,13 @@ class Soak:
     long_tokens: int = 300  # the longest answers: streams that disconnect late or are read slowly, max_tokens
     background_weight: float = 10  # of the background Responses scenarios, against 96 for the others
     tool_weight: float = TOOL_WEIGHT  # of the concurrent strict-tool streams
+    store_weight: float = STORE_WEIGHT  # of the stored Chat Completions scenarios
     background_soak: BackgroundSoak = field(init=False)
+    store_soak: StoreSoak = field(init=False)
 
     def __post_init__(self) -> None:
         self.background_soak = BackgroundSoak(self.port, self.tally, self.long_tokens)
+        self.store_soak = StoreSoak(self.port, self.tally)
 
     @property
     def url(self) -> str:
@@ -395,6 +402,9 @@ class Soak:
     def background(self, rng: random.Random) -> None:
         self.background_soak.scenario(rng)
 
+    def stored(self, rng: random.Random) -> None:
+        self.store_soak.scenario(rng)
+
     def tool_burst(self, rng: random.Random) -> None:
         """2-8 concurrent streams with strict tools (auto, required or a named call; the lenient tool beside them at
         times), each read whole (every strict call's arguments checked against its schema) or reset mid-stream."""
@@ -435,7 +445,8 @@ class Soak:
     def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
         return [(30, self.valid), (12, self.responses), (4, self.probe), (14, self.fuzz), (6, self.wrong_request),
                 (3, self.oversized), (6, self.keepalive_after_error), (14, self.disconnect), (3, self.slow_reader),
-                (4, self.slow_body), (self.tool_weight, self.tool_burst), (self.background_weight, self.background)]
+                (4, self.slow_body), (self.tool_weight, self.tool_burst), (self.background_weight, self.background),
+                (self.store_weight, self.stored)]
 
     def client(self, seed: int, until: float) -> None:
         rng = random.Random(seed)
@@ -530,9 +541,10 @@ def count_problems(before: Json, after: Json, tally: Tally) -> list[str]:
 
 
 def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: int,
-              long_tokens: int = 300, background_weight: float = 10, tool_weight: float = TOOL_WEIGHT) -> RoundResult:
+              long_tokens: int = 300, background_weight: float = 10, tool_weight: float = TOOL_WEIGHT,
+              store_weight: float = STORE_WEIGHT) -> RoundResult:
     tally = Tally()
-    soak = Soak(port, tally, probe_answer, long_tokens, background_weight, tool_weight)
+    soak = Soak(port, tally, probe_answer, long_tokens, background_weight, tool_weight, store_weight)
     before = requests.get(f"{soak.url}/stats", timeout=30).json()
     stop = threading.Event()
     prober = threading.Thread(target=soak.prober, args=(stop,))
@@ -547,6 +559,7 @@ def run_round(port: int, probe_answer: str, seconds: float, clients: int, seed: 
     stop.set()
     prober.join()
     soak.background_soak.settle()
+    soak.store_soak.settle()
     stats = idle_stats(soak.url)
     if stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"]:
         tally.problems.append(f"not drained: {stats}")
@@ -579,11 +592,12 @@ def soak_problems(rounds: list[RoundResult], health_p99_ms: float, rss_growth_mb
 
 
 def soak_server(port: int, rounds: int, seconds: float, clients: int, seed: int,
-                background_weight: float, tool_weight: float) -> tuple[str, list[RoundResult]]:
+                background_weight: float, tool_weight: float,
+                store_weight: float = STORE_WEIGHT) -> tuple[str, list[RoundResult]]:
     """The idle greedy probe, then `rounds` rounds of load."""
     answer = greedy_probe(f"http://127.0.0.1:{port}")
     return answer, [run_round(port, answer, seconds, clients, seed + i, background_weight=background_weight,
-                              tool_weight=tool_weight) for i in range(rounds)]
+                              tool_weight=tool_weight, store_weight=store_weight) for i in range(rounds)]
 
 
 def main() -> int:
@@ -597,6 +611,8 @@ def main() -> int:
                         help="of the background Responses scenarios (the others weigh 96)")
     parser.add_argument("--tool-weight", type=float, default=TOOL_WEIGHT,
                         help="of bursts of concurrent strict-tool streams, some reset mid-stream")
+    parser.add_argument("--store-weight", type=float, default=STORE_WEIGHT,
+                        help="of the stored Chat Completions scenarios (store: true, lists, updates, deletes)")
     parser.add_argument("--health-p99-ms", type=float, default=300)
     parser.add_argument("--health-timeout", type=float, default=180,
                         help="seconds each mode's server may take to answer /health 200 (the model's load: longer "
@@ -613,7 +629,7 @@ def main() -> int:
         srv.start(args.health_timeout)
         try:
             answer, rounds = soak_server(srv.port, args.rounds, args.round_seconds, args.clients, args.seed,
-                                         args.background_weight, args.tool_weight)
+                                         args.background_weight, args.tool_weight, args.store_weight)
         finally:
             srv.stop()
         problems = soak_problems(rounds, args.health_p99_ms, args.rss_growth_mb, mode in PREEMPTING)

@@ -50,6 +50,7 @@ class Scripted(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.answers: list[tuple[int, str, bytes]] = []
         self.posted: list[dict[str, Any]] = []
+        self.posted_to: list[str] = []
         self.got: list[str] = []
 
     @property
@@ -62,6 +63,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         self.server.posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.server.posted_to.append(self.path)
         self._send(*self.server.answers.pop(0))
 
     def do_GET(self) -> None:  # noqa: N802
@@ -119,6 +121,31 @@ def test_every_other_case_gets_a_fresh_response_of_each_kind_in_turn(server: Scr
     assert kinds == [(True, True), (True, None), (None, None), (True, True)]
     no_id = Case(path_parameters={})
     assert responses.substitute(no_id) is None and no_id.path_parameters == {} and len(server.posted) == 4
+
+
+def chunks(completion_id: str) -> tuple[int, str, bytes]:
+    chunk = {"id": completion_id, "object": "chat.completion.chunk", "choices": []}
+    return 200, SSE, f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+
+
+def test_every_other_completion_case_gets_a_fresh_stored_completion_of_each_kind_in_turn(server: Scripted) -> None:
+    """`{completion_id}` as `{response_id}`: every other case names a chat completion made with `store: true`, in
+    turn answered whole, streamed (its id from the first chunk) and of two choices with metadata."""
+    responses = live(server)
+    server.answers = [answer({"id": "chatcmpl-a"}), chunks("chatcmpl-b"), answer({"id": "chatcmpl-c"})]
+    ids = []
+    for _ in range(6):
+        case = Case(path_parameters={"completion_id": "chatcmpl-random"})
+        assert responses.substitute(case) is None
+        ids.append(case.path_parameters["completion_id"])
+    assert ids == ["chatcmpl-a", "chatcmpl-random", "chatcmpl-b", "chatcmpl-random", "chatcmpl-c", "chatcmpl-random"]
+    assert server.posted_to == ["/v1/chat/completions"] * 3 and all(body["store"] is True for body in server.posted)
+    assert [(body.get("stream"), body.get("n")) for body in server.posted] == [(None, None), (True, None), (None, 2)]
+    server.answers = [answer(["chatcmpl-x"])]
+    failed = Case(path_parameters={"completion_id": "chatcmpl-random"})
+    problem = responses.substitute(failed)
+    assert problem is not None and problem.startswith("making a completion for the case failed")
+    assert failed.path_parameters == {"completion_id": "chatcmpl-random"}
 
 
 FAILURES = {  # what the server answers making a response: the words the problem must say
