@@ -607,10 +607,16 @@ MANY_PARTS = {
     "100 allOf subschemas of an anyOf of 5": (
         {"type": "object", "allOf": [{"anyOf": [{"properties": _optional(f"m{p}_", 5)}]} for p in range(100)]},
         {"m0_0": 1}, f"merges more than {engine_grammar.MAX_PARTS} schemas"),
-    "110 60-link allOf chains beside 500": (
+    "110 60-link allOf chains beside 500": (  # the chains' walks spend the work before "big" is reached
         {"type": "object", "properties": {"big": {"type": "object", "properties": _optional("p", 500)},
                                           **{f"c{c}": _chain(60) for c in range(110)}},
-         "required": [f"c{c}" for c in range(110)]}, {"big": {"p0": 1}}, "500 optional properties in a row"),
+         "required": [f"c{c}" for c in range(110)]}, {"big": {"p0": 1}}, "500 optional properties in a row|too many"),
+    "120 $refs of 2,000 required names before 600 optional merged by $ref": (
+        {"$defs": {"R": {"type": "object", "required": [f"r{r}" for r in range(2000)]},
+                   "H": {"properties": _optional("h", 300)}},
+         "type": "object", "properties": {"bad": {"$ref": "#/$defs/H", "properties": _optional("p", 300)},
+                                          **{f"x{x}": {"$ref": "#/$defs/R"} for x in range(120)}}},
+        {"bad": {"p0": 1}}, "optional properties in a row|too many"),
 }
 
 
@@ -618,7 +624,12 @@ MANY_PARTS = {
     {"type": "string", "allOf": [{"minLength": i} for i in range(70)]},
     {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)} | {"d100": {"type": "integer"}},
      "$ref": "#/$defs/d0"},
-], ids=["a string of 70 allOf parts", "a 100-link $ref chain"])
+    {"$defs": {f"d{i}": {"$ref": f"#/$defs/d{i + 1}", "default": i} for i in range(100)}
+     | {"d100": {"type": "integer"}}, "$ref": "#/$defs/d0"},
+    {"$defs": {"x": {"type": "string", "allOf": [{"minLength": i} for i in range(70)]}}, "$ref": "#/$defs/x"},
+    {"allOf": [{"type": "string"}, *({"minLength": i} for i in range(70))]},
+], ids=["a string of 70 allOf parts", "a 100-link $ref chain", "a 100-link $ref chain with defaults",
+        "a $ref to a string of 70 allOf parts", "an allOf of a string and 70 parts"])
 def test_links_and_other_types_are_not_counted_as_objects(schema: dict[str, Any]) -> None:
     """A schema whose `type` is not an object merges into no object, and a link (`$ref` beside annotations at most)
     merges nothing of its own: a string's `allOf` of 70 minLengths and a 100-link `$ref` chain to an integer, which
@@ -637,7 +648,7 @@ def test_an_object_merging_more_parts_than_are_counted_is_refused(tokenizer: Pre
     matcher = grammars.json_schema(schema, strict=False, param=FIELD).matcher()
     assert not all(matcher.consume_token(token) for token in tokenizer.encode(json.dumps(answer)))
     with pytest.raises(InvalidRequest, match=refusal) as refused:
-        ecma_patterns({"items": schema}, "tools")
+        ecma_patterns(schema, "tools")
     assert refused.value.param == "tools"
     def parts(count: int) -> dict[str, Any]:
         return {"type": "object", "allOf": [{"properties": {f"p{p}": {}}} for p in range(count - 1)]}

@@ -30,7 +30,16 @@ from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
-from nanoqwen.engine.object_runs import ALTERNATIVES, MAX_PARTS, SchemaObjects, TooManyParts, is_object_type, run_row
+from nanoqwen.engine.object_runs import (
+    ALTERNATIVES,
+    MAX_OPTIONS,
+    MAX_PARTS,
+    MAX_WORK,
+    SchemaObjects,
+    TooLarge,
+    TooManyParts,
+    run_row,
+)
 from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
@@ -170,8 +179,6 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
                              "patternProperties", param=param)
     own = len(properties) if isinstance(properties := node.get("properties"), dict) else 0
-    if "type" in node and not is_object_type(node["type"]):  # llguidance intersects its parts' types: no object
-        return own
     try:
         shape = objects.merged(objects.parts(node))
         alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
@@ -181,7 +188,12 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
                              "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "
                              "option's), past those its runs of optional properties are checked over (merge some of "
                              "them)", param=param) from None
-    runs = shape.runs()
+    except TooLarge:
+        raise InvalidRequest(f"invalid {param}: the schema's objects, merged through their `$ref`s, `allOf`s and "
+                             f"`anyOf`/`oneOf` options, are too many to check for runs of optional properties (past "
+                             f"{MAX_WORK} parts and names or {MAX_OPTIONS} options): share or merge some",
+                             param=param) from None
+    runs = shape.runs() if shape.is_object else []  # a part typed otherwise: llguidance intersects, no object
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
         if run and per * run + more > ROW_ITEMS:

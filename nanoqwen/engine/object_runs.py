@@ -13,16 +13,17 @@ from urllib.parse import unquote
 from nanoqwen.engine.schema_keywords import pointer_way
 
 # What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
-# nested (through `$ref`s) and the options summed; past them a `$ref` is not followed nor an alternative summed (the
-# answer may fail after the compile) rather than walked at length for each object (a chain of 5,000 `$ref`d anyOf
-# took 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
+# nested (through `$ref`s) and the options summed; past them the schema is refused (TooLarge: counted short, an answer
+# could fail after the compile) rather than walked at length for each object (a chain of 5,000 `$ref`d anyOf took
+# 41 s, 1,000 objects each beside a `$ref` to 900 alternatives 4.2 s). A `$ref` chain past ~500 links is
 # check_bounds' 400 anyway (MAX_ROW).
 MAX_WORK = 200_000
 # The parts merged into one object: past them the merge is refused (TooManyParts), not counted short (100 allOf
 # subschemas of 5 optional properties, counted as 64, were served, and the answer failed at its first key). A link (a
-# `$ref` beside annotations at most) merges nothing of its own and is not counted: a 100-link chain was refused.
+# `$ref` beside annotations at most) merges nothing of its own: followed, not a part (a 100-link chain was refused).
 MAX_PARTS = 64
-LINK_KEYS = frozenset(("$ref", "description", "title", "$comment"))
+LINK_KEYS = frozenset(("$ref", "description", "title", "$comment", "default", "examples", "deprecated", "readOnly",
+                       "writeOnly", "$anchor", "markdownDescription"))
 MAX_DEPTH = 32
 MAX_OPTIONS = 1_024
 ALTERNATIVES = ("anyOf", "oneOf")
@@ -38,6 +39,10 @@ def is_object_type(kind: Any) -> bool:
 
 class TooManyParts(ValueError):
     """An object merged from more than MAX_PARTS parts."""
+
+
+class TooLarge(ValueError):
+    """A schema whose objects' walk would pass MAX_WORK or MAX_OPTIONS: its runs cannot all be counted."""
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,10 @@ class SchemaObjects:
         self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
         self._work = MAX_WORK
 
-    def parts(self, node: dict[str, Any], seen: set[int] | None = None, counted: int = 0) -> list[dict[str, Any]]:
+    def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
-        `root`, followed while the work lasts), then each `allOf` subschema, each with its own in turn; each part once
-        (a cycle ends). TooManyParts where those but links, with the `counted` of `seen` (those it is merged with),
-        pass MAX_PARTS."""
+        `root`), then each `allOf` subschema, each with its own in turn; each part once (a cycle ends; `seen`: those
+        it is merged with), a link followed but not listed. TooLarge where the schema's work is spent."""
         seen = set() if seen is None else seen
         found: list[dict[str, Any]] = []
         stack = [node]
@@ -101,28 +105,32 @@ class SchemaObjects:
             part = stack.pop()
             if id(part) in seen:
                 continue
-            counted += not part.keys() <= LINK_KEYS
-            if counted > MAX_PARTS:
-                raise TooManyParts
+            self._work -= 1
+            if self._work < 0:
+                raise TooLarge
             seen.add(id(part))
-            found.append(part)
-            target = _target(part.get("$ref"), self.root) if self._work > 0 else None
+            if not part.keys() <= LINK_KEYS:
+                found.append(part)
+            target = _target(part.get("$ref"), self.root)
             merged = [] if target is None else [target]
             if isinstance(listed := part.get("allOf"), list):
                 merged += [sub for sub in listed if isinstance(sub, dict)]
             stack.extend(reversed(merged))
-        self._work -= len(found)
         return found
 
     def merged(self, found: list[dict[str, Any]]) -> Merged:
-        """The object merged from `found` (parts')."""
+        """The object merged from `found` (parts'); TooManyParts where more than MAX_PARTS may merge into an object (a
+        string's 70 `allOf` minLengths do not)."""
         names = dict.fromkeys(name for part in found if isinstance(own := part.get("properties"), dict) for name in own)
         required = dict.fromkeys(name for part in found if isinstance(own := part.get("required"), list)
                                  for name in own if isinstance(name, str))
         names.update(required)
         self._work -= len(names)
         types = [part["type"] for part in found if "type" in part]
-        is_object = all(is_object_type(kind) for kind in types) and (
+        may_be_object = all(is_object_type(kind) for kind in types)
+        if may_be_object and len(found) > MAX_PARTS:
+            raise TooManyParts
+        is_object = may_be_object and (
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
@@ -154,12 +162,13 @@ class SchemaObjects:
         alone = [other for other in found if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
         total, counted, within = 0, set(), {id(other) for other in found}
-        merged = sum(not other.keys() <= LINK_KEYS for other in found)
         for option in options:
-            if not isinstance(option, dict) or left[0] <= 0 or self._work <= 0 or total > stop:
+            if not isinstance(option, dict) or total > stop:
                 continue
             left[0] -= 1
-            own = self.parts(option, set() if alone else set(within), 0 if alone else merged)
+            if left[0] < 0 or self._work <= 0:
+                raise TooLarge
+            own = self.parts(option, set() if alone else set(within))
             if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
                 continue
             counted.add(ids)
