@@ -25,6 +25,7 @@ from server_process import REPO_ROOT, GunicornServer
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
 import soak  # noqa: E402
+from soak_store import StoreSoak  # noqa: E402
 
 USER = [{"role": "user", "content": "Tell me a story about a robot."}]
 
@@ -161,6 +162,21 @@ def test_short_soak(server: GunicornServer) -> None:
     assert {"valid", "fuzz", "disconnect", "bg-room"} <= scenarios
     assert {"tool-stream", "tool-reset"} & scenarios
     assert any(s.startswith("bg-") and s != "bg-room" for s in scenarios)  # the clients' background traffic
+
+
+def test_the_store_soak_s_traffic_leaves_the_store_consistent(server: GunicornServer) -> None:
+    """profiles/soak_store.py's scenarios one after another (stored completions made streamed or not, some left
+    mid-stream, listed, retrieved, updated, deleted), then its settle (the auto-pager walked while ids are deleted;
+    every listed id readable, none twice, none lost): no problem, and each kind of request was made."""
+    tally = soak.Tally()
+    store = StoreSoak(server.port, tally)
+    rng = random.Random(31)
+    for _ in range(40):
+        store.scenario(rng)
+    store.settle()
+    assert tally.problems == []
+    assert {"store-create", "store-list", "store-delete"} <= {key.split()[0] for key in tally.statuses}
+    assert store.whole  # completions read whole were kept (and listed: settle checks it)
 
 
 def test_the_soaks_continuations_answer_the_calls_they_continue(server: GunicornServer) -> None:
