@@ -617,7 +617,25 @@ MANY_PARTS = {
          "type": "object", "properties": {"bad": {"$ref": "#/$defs/H", "properties": _optional("p", 300)},
                                           **{f"x{x}": {"$ref": "#/$defs/R"} for x in range(120)}}},
         {"bad": {"p0": 1}}, "optional properties in a row|too many"),
+    "two deprecated $refs of 250 optional in an anyOf": (  # `deprecated` beside a `$ref`: two copies, not a link
+        {"$defs": {"A": {"type": "object", "properties": _optional("p", 250)}},
+         "anyOf": [{"$ref": "#/$defs/A", "deprecated": True}, {"$ref": "#/$defs/A", "deprecated": True}]},
+        {"p0": 1}, "items in one parser row"),
+    "250 optional beside an allOf's anyOf of two": (  # options reached through allOf share the row
+        {"type": "object", "properties": _optional("p", 250),
+         "allOf": [{"anyOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}]},
+        {"p0": 1}, "items in one parser row"),
 }
+
+
+def test_an_object_named_by_many_refs_is_merged_once() -> None:
+    """60 pydantic-style models of 60 `Optional[Model]` fields (`anyOf: [{$ref}, {type: null}]`, default None), which
+    llguidance compiles: each `$ref` merged its target's names again, past the walk's work (a 400)."""
+    models = {f"M{m}": {"type": "object", "properties": {
+        f"f{f}": {"anyOf": [{"$ref": f"#/$defs/M{(m + f + 1) % 60}"}, {"type": "null"}], "default": None}
+        for f in range(60)}} for m in range(60)}
+    schema = {"$defs": models, "$ref": "#/$defs/M0"}
+    assert ecma_patterns(schema, FIELD) == schema
 
 
 @pytest.mark.parametrize("schema", [

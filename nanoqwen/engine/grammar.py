@@ -32,7 +32,6 @@ from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
 from nanoqwen.engine.object_runs import (
     ALTERNATIVES,
-    MAX_OPTIONS,
     MAX_PARTS,
     MAX_WORK,
     SchemaObjects,
@@ -180,8 +179,10 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
                              "patternProperties", param=param)
     own = len(properties) if isinstance(properties := node.get("properties"), dict) else 0
     try:
-        shape = objects.merged(objects.parts(node))
-        alternated = any(isinstance(node.get(key), list) for key in ALTERNATIVES)
+        found = objects.parts(node)
+        shape = objects.merged(found)
+        # options reached through `allOf` or a `$ref` share the row too
+        alternated = any(isinstance(part.get(key), list) for part in found for key in ALTERNATIVES)
         items = objects.leading_items(node, ROW_ITEMS) if alternated else 0
     except TooManyParts:
         raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
@@ -191,7 +192,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
     except TooLarge:
         raise InvalidRequest(f"invalid {param}: the schema's objects, merged through their `$ref`s, `allOf`s and "
                              f"`anyOf`/`oneOf` options, are too many to check for runs of optional properties (past "
-                             f"{MAX_WORK} parts and names or {MAX_OPTIONS} options): share or merge some",
+                             f"{MAX_WORK} parts and names): share or merge some",
                              param=param) from None
     runs = shape.runs() if shape.is_object else []  # a part typed otherwise: llguidance intersects, no object
     for i, run in enumerate(runs):

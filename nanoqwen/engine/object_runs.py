@@ -22,10 +22,10 @@ MAX_WORK = 200_000
 # subschemas of 5 optional properties, counted as 64, were served, and the answer failed at its first key). A link (a
 # `$ref` beside annotations at most) merges nothing of its own: followed, not a part (a 100-link chain was refused).
 MAX_PARTS = 64
-LINK_KEYS = frozenset(("$ref", "description", "title", "$comment", "default", "examples", "deprecated", "readOnly",
-                       "writeOnly", "$anchor", "markdownDescription"))
+# (llguidance 1.9.1 ignores these beside a `$ref`; `deprecated` or `markdownDescription` there make it a copy)
+LINK_KEYS = frozenset(("$ref", "description", "title", "$comment", "default", "examples", "readOnly", "writeOnly",
+                       "$anchor"))
 MAX_DEPTH = 32
-MAX_OPTIONS = 1_024
 ALTERNATIVES = ("anyOf", "oneOf")
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
@@ -42,7 +42,7 @@ class TooManyParts(ValueError):
 
 
 class TooLarge(ValueError):
-    """A schema whose objects' walk would pass MAX_WORK or MAX_OPTIONS: its runs cannot all be counted."""
+    """A schema whose objects' walk would pass MAX_WORK: its runs cannot all be counted."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ class SchemaObjects:
         self.root = root
         self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
         self._work = MAX_WORK
+        # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
+        self._merged: dict[tuple[int, ...], Merged] = {}
 
     def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
@@ -121,32 +123,34 @@ class SchemaObjects:
     def merged(self, found: list[dict[str, Any]]) -> Merged:
         """The object merged from `found` (parts'); TooManyParts where more than MAX_PARTS may merge into an object (a
         string's 70 `allOf` minLengths do not)."""
+        if (known := self._merged.get(key := tuple(id(part) for part in found))) is not None:
+            return known
+        types = [part["type"] for part in found if "type" in part]
+        may_be_object = all(is_object_type(kind) for kind in types)
+        if may_be_object and len(found) > MAX_PARTS:
+            raise TooManyParts
         names = dict.fromkeys(name for part in found if isinstance(own := part.get("properties"), dict) for name in own)
         required = dict.fromkeys(name for part in found if isinstance(own := part.get("required"), list)
                                  for name in own if isinstance(name, str))
         names.update(required)
         self._work -= len(names)
-        types = [part["type"] for part in found if "type" in part]
-        may_be_object = all(is_object_type(kind) for kind in types)
-        if may_be_object and len(found) > MAX_PARTS:
-            raise TooManyParts
         is_object = may_be_object and (
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
-        return Merged(list(names), set(required), closed, is_object)
+        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object)
+        return shape
 
     def leading_items(self, node: dict[str, Any], stop: int) -> int:
         """`node`'s items, counted until past `stop`."""
-        return self._items(self.parts(node), frozenset(), 0, [MAX_OPTIONS], stop)
+        return self._items(self.parts(node), frozenset(), 0, stop)
 
-    def _items(self, found: list[dict[str, Any]], taken: frozenset[int], depth: int, left: list[int], stop: int) -> int:
-        """Those of the object merged from `found`, its alternatives not `taken` (by id); `left`: the options still to
-        follow (shared by one count)."""
+    def _items(self, found: list[dict[str, Any]], taken: frozenset[int], depth: int, stop: int) -> int:
+        """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
         for part in found:
             for key in ALTERNATIVES:
                 if isinstance(options := part.get(key), list) and id(options) not in taken:
-                    return self._summed(found, part, options, taken | {id(options)}, depth, left, stop)
+                    return self._summed(found, part, options, taken | {id(options)}, depth, stop)
         shape = self.merged(found)
         if not shape.is_object:
             return 0
@@ -155,7 +159,7 @@ class SchemaObjects:
         return max(per * runs[0] + more, 1)
 
     def _summed(self, found: list[dict[str, Any]], part: dict[str, Any], options: list[Any], taken: frozenset[int],
-                depth: int, left: list[int], stop: int) -> int:
+                depth: int, stop: int) -> int:
         """_items of `part`'s `options`, each merged with `found`."""
         if depth >= MAX_DEPTH:
             return 0
@@ -165,20 +169,19 @@ class SchemaObjects:
         for option in options:
             if not isinstance(option, dict) or total > stop:
                 continue
-            left[0] -= 1
-            if left[0] < 0 or self._work <= 0:
+            if self._work <= 0:
                 raise TooLarge
             own = self.parts(option, set() if alone else set(within))
             if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
                 continue
             counted.add(ids)
             if not alone:
-                total += self._items([*found, *own], taken, depth + 1, left, stop)
+                total += self._items([*found, *own], taken, depth + 1, stop)
             elif (key := ids[0] if ids else id(option)) in self._alone:
                 total += self._alone[key]
             else:
                 self._alone[key] = 0
-                self._alone[key] = self._items(own, frozenset(), depth + 1, left, stop)
+                self._alone[key] = self._items(own, frozenset(), depth + 1, stop)
                 total += self._alone[key]
         return total
 
