@@ -412,15 +412,23 @@ def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_fi
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
-def test_anyof_objects_whose_first_runs_pass_the_parser_row_are_a_400_before_any_event(server: GunicornServer) -> None:
+@pytest.mark.parametrize("reached", ["alone", "through allOf", "through $ref"])
+def test_anyof_objects_whose_first_runs_pass_the_parser_row_are_a_400_before_any_event(server: GunicornServer,
+                                                                                     reached: str) -> None:
     """llguidance's row where an anyOf value begins holds each object's first run (4 items a property, 7 more): two
     objects of 249 optional properties each passed the bound alone, compiled, and the answer failed at its first key
-    (streamed: a 200, then the error). Two of 248 are served, streamed too; of 249 the 400 naming the field, before any
-    event."""
+    (streamed: a 200, then the error); so did an object's own optional properties merged into options of one it
+    reached through an allOf or a `$ref`, which were not summed. Two of 248 are served, streamed too; of 249 the 400
+    naming the field, before any event."""
     def answer(optional: int) -> dict[str, Any]:
-        objects = [{"type": "object", "properties": {f"{name}{i}": {"type": "integer"} for i in range(optional)}}
-                   for name in "ab"]
-        schema = {"anyOf": objects}
+        def properties(prefix: str, count: int) -> dict[str, Any]:
+            return {f"{prefix}{i}": {"type": "integer"} for i in range(count)}
+        if reached == "alone":
+            schema = {"anyOf": [{"type": "object", "properties": properties(name, optional)} for name in "ab"]}
+        else:  # the object's own, and one more in each option
+            options = {"anyOf": [{"properties": properties(name, 1)} for name in "ab"]}
+            schema = {"type": "object", "properties": properties("p", optional - 1)} | (
+                {"allOf": [options]} if reached == "through allOf" else {"$defs": {"o": options}, "$ref": "#/$defs/o"})
         return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
     assert _create(server, max_tokens=8, response_format=answer(248)).choices[0].finish_reason in ("stop", "length")
     assert _streamed(server, max_tokens=8, response_format=answer(248))[0]["finish_reason"] in ("stop", "length")
