@@ -183,7 +183,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
         shape = objects.merged(found)
         # options reached through `allOf` or a `$ref` share the row too
         alternated = any(isinstance(part.get(key), list) for part in found for key in ALTERNATIVES)
-        items = objects.leading_items(node, ROW_ITEMS) if alternated else 0
+        items = objects.leading_items(found, ROW_ITEMS) if alternated else 0
     except TooManyParts:
         raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
                              "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "

@@ -141,9 +141,9 @@ class SchemaObjects:
         self._merged[key] = shape = Merged(list(names), set(required), closed, is_object)
         return shape
 
-    def leading_items(self, node: dict[str, Any], stop: int) -> int:
-        """`node`'s items, counted until past `stop`."""
-        return self._items(self.parts(node), frozenset(), 0, stop)
+    def leading_items(self, found: list[dict[str, Any]], stop: int) -> int:
+        """The items of the object merged from `found` (a node's parts), counted until past `stop`."""
+        return self._items(found, frozenset(), 0, stop)
 
     def _items(self, found: list[dict[str, Any]], taken: frozenset[int], depth: int, stop: int) -> int:
         """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
