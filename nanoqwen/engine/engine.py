@@ -121,10 +121,8 @@ class Engine:
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s cpu_isa=%s float_gemv=%s graph=%s "
                  "kv_cache_tokens=%d threads=%d max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs",
                  runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels, cfg.cpu_isa,
-                 runtime.float_gemv, runtime.graph,
-                 runtime.kv_cache_tokens,
-                 runtime.threads, cfg.max_step_tokens, cfg.prefill_stall, info["speculative"],
-                 time.perf_counter() - started)
+                 runtime.float_gemv, runtime.graph, runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens,
+                 cfg.prefill_stall, info["speculative"], time.perf_counter() - started)
         self.ready = True  # after the `ready:` line: whoever sees /health answer 200 finds it in the log
 
     def info(self) -> dict:
