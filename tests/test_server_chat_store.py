@@ -80,6 +80,26 @@ def test_bad_list_queries_are_400s_naming_the_param(server: GunicornServer, quer
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
+KEY, VALUE = "k" * 64, "v" * 512  # OpenAI's longest metadata key and value
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("metadata[k][x]=a", "metadata[k][x]"), ("metadata[k]]=a", "metadata[k]]"),
+    (f"metadata[{KEY}k]=a", f"metadata[{KEY}k]"), (f"metadata[k]={VALUE}v", "metadata[k]"),
+    ("&".join(f"metadata[k{i}]=a" for i in range(17)), "metadata")],
+    ids=["nested", "bracket", "long-key", "long-value", "17-pairs"])
+def test_a_metadata_filter_no_metadata_could_hold_is_a_400_naming_it(client: openai.OpenAI, server: GunicornServer,
+                                                                     query: str, param: str) -> None:
+    """A nested key, a key past 64 characters, a value past 512 or more than 16 pairs (OpenAI's metadata rules) matched
+    nothing (an empty page): refused, naming the parameter. At the limits a filter still finds its completion."""
+    tag = {"test": uuid.uuid4().hex, KEY: VALUE}
+    created = _stored(client, tag)
+    response = requests.get(f"{server.url}/v1/chat/completions?{query}", timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert _listed_ids(client, metadata=tag) == [created.id]
+    assert _listed_ids(client, metadata={**tag, **{f"k{i}": "a" for i in range(14)}}) == []  # 16 pairs: a filter
+
+
 def test_update_replaces_the_metadata_and_only_it(client: openai.OpenAI, server: GunicornServer) -> None:
     tag = _tag()
     created = _stored(client, tag)

@@ -11,7 +11,14 @@ from flask import Response
 from nanoqwen.api.chat_store import ChatStore, StoredCompletion
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.schemas import Metadata, Strict, validate_body
+from nanoqwen.api.schemas import (
+    METADATA_KEY_CHARS,
+    METADATA_KEYS,
+    METADATA_VALUE_CHARS,
+    Metadata,
+    Strict,
+    validate_body,
+)
 from nanoqwen.api.serving import lane
 from nanoqwen.api.stored import check_query, list_page, page_after
 from nanoqwen.api.strict_json import Budget
@@ -33,9 +40,23 @@ def _not_found(completion_id: str) -> APIError:
 
 
 def _metadata_filter(args: Mapping[str, str]) -> dict[str, str]:
-    """`metadata[key]=value` pairs, as the openai client encodes `metadata={key: value}` in the query."""
-    return {name[len("metadata["):-1]: value for name, value in args.items()
-            if name.startswith("metadata[") and name.endswith("]")}
+    """`metadata[key]=value` pairs, as the openai client encodes `metadata={key: value}` in the query; a 400 naming
+    the parameter for one no metadata could hold (OpenAI's rules: 16 pairs, keys of 64 characters at most, values of
+    512) or a nested one (`metadata[k][x]`), which would match nothing."""
+    wanted = {}
+    for name, value in args.items():
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            continue
+        key = name[len("metadata["):-1]
+        if "[" in key or "]" in key:
+            raise APIError(400, f"Invalid parameter '{name}': a metadata filter is `metadata[key]=value`", param=name)
+        if len(key) > METADATA_KEY_CHARS or len(value) > METADATA_VALUE_CHARS:
+            raise APIError(400, f"Invalid parameter '{name}': metadata keys are at most {METADATA_KEY_CHARS} "
+                           f"characters and values at most {METADATA_VALUE_CHARS}", param=name)
+        wanted[key] = value
+    if len(wanted) > METADATA_KEYS:
+        raise APIError(400, f"Invalid parameter 'metadata': at most {METADATA_KEYS} pairs", param="metadata")
+    return wanted
 
 
 def _messages_page(messages: bytes, args: Mapping[str, str]) -> bytes:
