@@ -414,6 +414,28 @@ def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_fi
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
+@pytest.mark.parametrize("used, bound", [("merged", 998), ("also alone", 498)])
+def test_an_allof_subschemas_run_is_bounded_where_llguidance_uses_it(server: GunicornServer, used: str,
+                                                                      bound: int) -> None:
+    """An object's `allOf` of [a required property] then [optional properties]: llguidance merges the run after the
+    required one (2 items each, 3 more), and never compiles the subschema alone; checked alone too (4 each, 7 more),
+    runs of 499-998 were refused. Where a `$ref` also names the subschema, used alone as a value, the whole-object
+    bound holds (past it the answer fails at its first key). At the bound served, streamed too; one more the 400 naming
+    the field, before any event."""
+    def answer(optional: int) -> dict[str, Any]:
+        run = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(optional)}}
+        merged = {"type": "object", "allOf": [{"properties": {"r": {"type": "integer"}}, "required": ["r"]}, run]}
+        schema = merged if used == "merged" else {
+            "type": "object", "properties": {"m": merged, "alone": {"$ref": "#/properties/m/allOf/1"}}}
+        return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+    assert _create(server, max_tokens=8, response_format=answer(bound)).choices[0].finish_reason in ("stop", "length")
+    assert _streamed(server, max_tokens=8, response_format=answer(bound))[0]["finish_reason"] in ("stop", "length")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match=f"{bound + 1} optional properties in a row") as refused:
+            _create(server, max_tokens=8, stream=stream, response_format=answer(bound + 1))
+        assert refused.value.body["param"] == "response_format", refused.value.body
+
+
 @pytest.mark.parametrize("reached", ["alone", "through allOf", "through $ref"])
 def test_anyof_objects_whose_first_runs_pass_the_parser_row_are_a_400_before_any_event(server: GunicornServer,
                                                                                      reached: str) -> None:

@@ -563,6 +563,21 @@ MERGED_LAYOUTS = {
         lambda n: {"type": "object", "allOf": [{"properties": _optional("p", n), "additionalProperties": False}]},
         [{"p0": 1}], 500),
     "a required name not in properties": (lambda n: _object("p", n, required=["zz"]), [{"p0": 1, "zz": 1}], 666),
+    "an allOf of [required r] then [n optional]": (
+        lambda n: {"type": "object", "allOf": [{"properties": {"r": {}}, "required": ["r"]}, _object("p", n)]},
+        [{"r": 1, "p0": 1}], 998),
+    "an allOf of [n optional] then [required r]": (
+        lambda n: {"type": "object", "allOf": [{"properties": _optional("p", n)}, {"required": ["r"]}]},
+        [{"p0": 1, "r": 1}], 666),
+    "nested allOf subschemas after own required r": (
+        lambda n: {"type": "object", "properties": {"r": {}}, "required": ["r"],
+                   "allOf": [{"allOf": [{"properties": _optional("p", n)}]}]},
+        [{"r": 1, "p0": 1}], 998),
+    "an allOf subschema a $ref also names": (
+        lambda n: {"type": "object", "properties": {
+            "m": {"type": "object", "allOf": [{"properties": {"r": {}}, "required": ["r"]}, _object("p", n)]},
+            "alone": {"$ref": "#/properties/m/allOf/1"}}},
+        [{"alone": {"p0": 1}}], 498),
 }
 
 
@@ -574,7 +589,9 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     compile), each merged with the object's own properties, a `$ref`'s target counted once; it merges an allOf
     `$ref`'s target (not followed: two halves of 250 passed), is closed by an allOf subschema's additionalProperties
     (was read from the object's own: 499-500 refused) and puts a required name not in `properties` after them (was
-    ignored: 499-666 refused). At the bound the answers follow; one more fails there, and is refused before."""
+    ignored: 499-666 refused); an `allOf` subschema is counted in the object it merges into, not alone as well (its
+    runs of 499-998 after a required one were refused) unless a `$ref` names it. At the bound the answers follow; one
+    more fails there, and is refused before."""
     schema, answers, bound = MERGED_LAYOUTS[layout]
 
     def follows(n: int) -> bool:
