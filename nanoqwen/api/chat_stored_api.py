@@ -2,7 +2,6 @@
 delete, and a completion's messages (`GET /v1/chat/completions/{id}/messages`), over chat_store's ChatStore."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,7 +19,7 @@ from nanoqwen.api.schemas import (
     validate_body,
 )
 from nanoqwen.api.serving import lane
-from nanoqwen.api.stored import check_query, list_page, page_after
+from nanoqwen.api.stored import check_query, encoded_page, page_after
 from nanoqwen.api.strict_json import Budget
 
 Json = dict[str, Any]
@@ -57,10 +56,6 @@ def _metadata_filter(args: Mapping[str, str]) -> dict[str, str]:
     if len(wanted) > METADATA_KEYS:
         raise APIError(400, f"Invalid parameter 'metadata': at most {METADATA_KEYS} pairs", param="metadata")
     return wanted
-
-
-def _messages_page(messages: bytes, args: Mapping[str, str]) -> bytes:
-    return encode_text(list_page(json.loads(messages), args, "asc", "message")).encode()
 
 
 def _json(body: bytes) -> Response:
@@ -118,4 +113,4 @@ class ChatStoredService:
         the loop where they are large (15 MiB held it ~0.1 s)."""
         check_query(args, ("after", "limit", "order"))
         messages = self._stored(completion_id).messages
-        return _json(self.off_loop_if(lane(chars=len(messages)), _messages_page, messages, args))
+        return _json(self.off_loop_if(lane(chars=len(messages)), encoded_page, messages, args, "asc", "message"))
