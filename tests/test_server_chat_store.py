@@ -42,6 +42,25 @@ def test_retrieve_is_create_s_answer_with_the_request_s_fields(client: openai.Op
     assert stored["tools"] is None and stored["input_user"] is None
 
 
+@pytest.mark.parametrize("sent", [None, "client-req-1"])
+def test_a_stored_completion_s_request_id_is_the_create_s(client: openai.OpenAI, sent: str | None) -> None:
+    """OpenAI's stored completions carry `request_id` (its API reference's retrieve and list examples; not in the
+    openai package's ChatCompletion type, which keeps it as an extra): the create's X-Request-Id as echoed, the
+    server's or the client's, streamed too; not its id (a stored completion's is always new)."""
+    tag = _tag()
+    headers = {} if sent is None else {"X-Request-Id": sent}
+    echoed = []
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(messages=HI, store=True, metadata=tag, stream=stream,
+                                                               extra_headers=headers, **GREEDY)
+        echoed.append(raw.headers["x-request-id"])
+        created = raw.parse()
+        completion_id = list(created)[0].id if stream else created.id  # a stream read to its end: kept
+        assert echoed[-1] == (sent or echoed[-1]) and completion_id != f"chatcmpl-{echoed[-1]}"
+        assert client.chat.completions.retrieve(completion_id).model_extra["request_id"] == echoed[-1]
+    assert [c.model_extra["request_id"] for c in client.chat.completions.list(metadata=tag)] == echoed
+
+
 def test_a_stream_is_stored_as_the_collected_completion(client: openai.OpenAI) -> None:
     tag = _tag()
     collected = _stored(client, tag, n=2)
