@@ -363,7 +363,7 @@ def test_a_large_stored_completion_s_messages_are_paged_off_the_loop(
     """Up to 16 MiB of kept messages are parsed for a page (15 MiB held the loop ~0.1 s): off it past the bound of a
     large body (lowered here, as the prompt must fit the context)."""
     seen: dict[str, list[int]] = {}
-    _record_threads(monkeypatch, seen, chat_stored_api, "_messages_page")
+    _record_threads(monkeypatch, seen, chat_stored_api, "encoded_page")
     created = served.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                         "max_tokens": 2, "store": True}).json
     url = f"/v1/chat/completions/{created['id']}/messages"
@@ -371,7 +371,25 @@ def test_a_large_stored_completion_s_messages_are_paged_off_the_loop(
     monkeypatch.setattr(serving, "LARGE_BODY_CHARS", 10)
     assert served.get(url).json["data"][0]["content"] == "hi"
     loop = threading.get_ident()
-    assert seen["_messages_page"][0] == loop and seen["_messages_page"][1] != loop
+    assert seen["encoded_page"][0] == loop and seen["encoded_page"][1] != loop
+
+
+def test_a_large_stored_responses_input_items_are_paged_off_the_loop(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored response's input items are parsed for a page, as a stored completion's messages: 16,000 items (5 MB,
+    kept with truncation auto) took ~20-25 ms of the loop's CPU a page, parsed there whatever their size. Off it past
+    the bound of a large body, the page as on it."""
+    seen: dict[str, list[int]] = {}
+    _record_threads(monkeypatch, seen, responses_api, "encoded_page")
+    created = _create(served, {"input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "there"}]})
+    url = f"/v1/responses/{created['id']}/input_items?order=asc&limit=1"
+    on_loop = served.get(url)
+    monkeypatch.setattr(serving, "LARGE_BODY_CHARS", 10)
+    off_loop = served.get(url)
+    assert on_loop.get_data() == off_loop.get_data() and on_loop.json["data"][0]["content"][0]["text"] == "hi"
+    assert on_loop.json["has_more"] and on_loop.content_type == "application/json"
+    loop = threading.get_ident()
+    assert seen["encoded_page"][0] == loop and seen["encoded_page"][1] != loop
 
 
 def test_a_request_bringing_in_many_stored_items_is_worked_on_off_the_loop(

@@ -302,7 +302,7 @@ def test_a_stored_response_keeps_its_encoding_input_and_history_without_logprobs
     response = json.loads(body)
     stored = store.get(response["id"])
     assert stored.body == body and response["store"] is True
-    (item,) = stored.items()
+    (item,) = json.loads(stored.input_items)
     assert item["type"] == "message" and item["content"] == [{"type": "input_text", "text": "Hi"}]
     reasoning, message = response["output"]
     assert [lp["token"] for lp in message["content"][0]["logprobs"]] == ["Paris", "."]
@@ -974,7 +974,7 @@ def test_a_response_in_progress_is_found_deleted_for_good_and_not_continued() ->
     kept = _draft(store)
     stored = store.get(json.loads(_collected(kept, THOUGHT))["id"])
     assert isinstance(stored, Stored) and stored.input_items == kept.inputs.listed
-    assert [item["content"] for item in stored.items()] == [[{"type": "input_text", "text": "Hi"}]]
+    assert [item["content"] for item in json.loads(stored.input_items)] == [[{"type": "input_text", "text": "Hi"}]]
     ended = _draft(store)
     store.end(ended.id)  # its client gone, say: found no more, and a late finish keeps nothing
     _collected(ended, THOUGHT)

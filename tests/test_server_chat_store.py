@@ -42,6 +42,25 @@ def test_retrieve_is_create_s_answer_with_the_request_s_fields(client: openai.Op
     assert stored["tools"] is None and stored["input_user"] is None
 
 
+@pytest.mark.parametrize("sent", [None, "client-req-1"])
+def test_a_stored_completion_s_request_id_is_the_create_s(client: openai.OpenAI, sent: str | None) -> None:
+    """OpenAI's stored completions carry `request_id` (its API reference's retrieve and list examples; not in the
+    openai package's ChatCompletion type, which keeps it as an extra): the create's X-Request-Id as echoed, the
+    server's or the client's, streamed too; not its id (a stored completion's is always new)."""
+    tag = _tag()
+    headers = {} if sent is None else {"X-Request-Id": sent}
+    echoed = []
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(messages=HI, store=True, metadata=tag, stream=stream,
+                                                               extra_headers=headers, **GREEDY)
+        echoed.append(raw.headers["x-request-id"])
+        created = raw.parse()
+        completion_id = list(created)[0].id if stream else created.id  # a stream read to its end: kept
+        assert echoed[-1] == (sent or echoed[-1]) and completion_id != f"chatcmpl-{echoed[-1]}"
+        assert client.chat.completions.retrieve(completion_id).model_extra["request_id"] == echoed[-1]
+    assert [c.model_extra["request_id"] for c in client.chat.completions.list(metadata=tag)] == echoed
+
+
 def test_a_stream_is_stored_as_the_collected_completion(client: openai.OpenAI) -> None:
     tag = _tag()
     collected = _stored(client, tag, n=2)
@@ -78,6 +97,26 @@ def test_list_pages_by_order_after_limit_model_and_metadata(client: openai.OpenA
 def test_bad_list_queries_are_400s_naming_the_param(server: GunicornServer, query: str, param: str) -> None:
     response = requests.get(f"{server.url}/v1/chat/completions?{query}", timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+KEY, VALUE = "k" * 64, "v" * 512  # OpenAI's longest metadata key and value
+
+
+@pytest.mark.parametrize(("query", "param"), [
+    ("metadata[k][x]=a", "metadata[k][x]"), ("metadata[k]]=a", "metadata[k]]"),
+    (f"metadata[{KEY}k]=a", f"metadata[{KEY}k]"), (f"metadata[k]={VALUE}v", "metadata[k]"),
+    ("&".join(f"metadata[k{i}]=a" for i in range(17)), "metadata")],
+    ids=["nested", "bracket", "long-key", "long-value", "17-pairs"])
+def test_a_metadata_filter_no_metadata_could_hold_is_a_400_naming_it(client: openai.OpenAI, server: GunicornServer,
+                                                                     query: str, param: str) -> None:
+    """A nested key, a key past 64 characters, a value past 512 or more than 16 pairs (OpenAI's metadata rules) matched
+    nothing (an empty page): refused, naming the parameter. At the limits a filter still finds its completion."""
+    tag = {"test": uuid.uuid4().hex, KEY: VALUE}
+    created = _stored(client, tag)
+    response = requests.get(f"{server.url}/v1/chat/completions?{query}", timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert _listed_ids(client, metadata=tag) == [created.id]
+    assert _listed_ids(client, metadata={**tag, **{f"k{i}": "a" for i in range(14)}}) == []  # 16 pairs: a filter
 
 
 def test_update_replaces_the_metadata_and_only_it(client: openai.OpenAI, server: GunicornServer) -> None:

@@ -513,10 +513,17 @@ def test_a_call_resent_is_the_history_s_once_and_only_while_unanswered(client: o
 def test_a_call_made_directly_by_the_model_is_taken(client: openai.OpenAI) -> None:
     """openai's function_call and its output carry `caller` (the newest client's types): `{"type": "direct"}` is a call
     the model made itself, every call here (as `allowed_callers: ["direct"]` is taken); a history sent back with it was
-    refused. A program's call (programmatic tool calling) is still refused, naming it."""
+    refused. input_items lists it as sent (it listed none, read as null). A program's call (programmatic tool
+    calling) is still refused, naming it."""
     direct = {"caller": {"type": "direct"}}
     answer = client.responses.create(input=[{**CALL, **direct}, {**OUTPUT, **direct}], tools=TOOLS, **GREEDY)
     assert answer.status in ("completed", "incomplete"), answer
+    first, resent, output = _called(client)  # a previous response's call resent: listed as sent too
+    second = client.responses.create(input=[{**resent, **direct}, output], tools=TOOLS, previous_response_id=first.id,
+                                     **GREEDY)
+    for made, callers in ((answer, [direct["caller"]] * 2), (second, [direct["caller"], None])):
+        listed = client.responses.input_items.list(made.id, order="asc").data
+        assert [item.model_dump(exclude_unset=True).get("caller") for item in listed] == callers, listed
     program = {"caller": {"type": "program", "caller_id": "call_0"}}
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(input=[{**CALL, **program}, OUTPUT], tools=TOOLS, **GREEDY)

@@ -12,11 +12,13 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 import requests
 
@@ -412,6 +414,28 @@ def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_fi
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
+@pytest.mark.parametrize("used, bound", [("merged", 998), ("also alone", 498)])
+def test_an_allof_subschemas_run_is_bounded_where_llguidance_uses_it(server: GunicornServer, used: str,
+                                                                      bound: int) -> None:
+    """An object's `allOf` of [a required property] then [optional properties]: llguidance merges the run after the
+    required one (2 items each, 3 more), and never compiles the subschema alone; checked alone too (4 each, 7 more),
+    runs of 499-998 were refused. Where a `$ref` also names the subschema, used alone as a value, the whole-object
+    bound holds (past it the answer fails at its first key). At the bound served, streamed too; one more the 400 naming
+    the field, before any event."""
+    def answer(optional: int) -> dict[str, Any]:
+        run = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(optional)}}
+        merged = {"type": "object", "allOf": [{"properties": {"r": {"type": "integer"}}, "required": ["r"]}, run]}
+        schema = merged if used == "merged" else {
+            "type": "object", "properties": {"m": merged, "alone": {"$ref": "#/properties/m/allOf/1"}}}
+        return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
+    assert _create(server, max_tokens=8, response_format=answer(bound)).choices[0].finish_reason in ("stop", "length")
+    assert _streamed(server, max_tokens=8, response_format=answer(bound))[0]["finish_reason"] in ("stop", "length")
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match=f"{bound + 1} optional properties in a row") as refused:
+            _create(server, max_tokens=8, stream=stream, response_format=answer(bound + 1))
+        assert refused.value.body["param"] == "response_format", refused.value.body
+
+
 @pytest.mark.parametrize("reached", ["alone", "through allOf", "through $ref"])
 def test_anyof_objects_whose_first_runs_pass_the_parser_row_are_a_400_before_any_event(server: GunicornServer,
                                                                                      reached: str) -> None:
@@ -460,6 +484,31 @@ def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(ser
     schema = {"$ref": "#/$defs/c/const", "$defs": {"c": {"const": {"type": "string", "pattern": "^a\\s$"}}}}
     with pytest.raises(openai.BadRequestError, match="in const data") as refused:
         _create(server, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
+
+
+class Priced(pydantic.BaseModel):
+    """pydantic's Decimal: a number, or a string of its lookahead pattern (llguidance has no look-around)."""
+
+    price: Decimal
+    currency: Literal["EUR", "USD"]
+
+
+def test_a_pydantic_model_with_a_decimal_field_is_parsed(server: GunicornServer) -> None:
+    """`client.chat.completions.parse` of a model with a Decimal field, whose schema pattern is a lookahead, was a 400
+    naming response_format: served by the same language without it, each answer (the random model writes the price
+    as a string) parses as the model. Another lookahead is still the 400 naming the field, quoting the pattern."""
+    client = server.openai_client(timeout=300)
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 80, "temperature": 1.0, "extra_body": NO_THINKING}
+    prices = [client.chat.completions.parse(response_format=Priced, seed=seed, **kwargs).choices[0].message.parsed
+              for seed in range(3)]
+    assert all(isinstance(price, Priced) for price in prices), prices
+    schema = {**Priced.model_json_schema(), "additionalProperties": False}
+    schema["properties"]["price"]["anyOf"][1]["pattern"] = "^(?!^[-+]*$)[+-]?\\d*$"
+    with pytest.raises(openai.BadRequestError, match="look-around") as refused:
+        client.chat.completions.create(
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}},
+            **kwargs)
     assert refused.value.body["param"] == "response_format", refused.value.body
 
 

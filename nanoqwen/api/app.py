@@ -189,7 +189,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         return responses.delete(response_id, request.args)
 
     @app.get("/v1/responses/<response_id>/input_items")
-    def response_input_items(response_id: str) -> dict[str, Any]:
+    def response_input_items(response_id: str) -> Response:
         return responses.input_items(response_id, request.args)
 
     @app.post("/tokenize")

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Response
 
 from nanoqwen.api.chat_store import ChatStore, Keeping, KeptCollector, KeptStream, StoredRequest
-from nanoqwen.api.request_id import response_id
+from nanoqwen.api.request_id import request_id, response_id
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing
 from nanoqwen.api.schemas import ChatCompletionRequest, parse_chat_request
 from nanoqwen.api.serving import Batch, Collector, Serving, Streamer, invalid_request, lane
@@ -72,7 +72,8 @@ class ChatService:
         fields = {"seed": params.seed, "temperature": params.temperature, "top_p": params.top_p,
                   "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
                   "tool_choice": body.get("tool_choice"), "tools": body.get("tools"),
-                  "response_format": body.get("response_format"), "input_user": req.user}
+                  "response_format": body.get("response_format"), "input_user": req.user,
+                  "request_id": request_id()}
         request = serving.off_loop_if(lane(budget.used), StoredRequest.of, body["messages"], completion_id,
                                       req.metadata or {}, fields)
         return Keeping(self.store, request, serving.encoding.run) if self.store.keeps(request) else None

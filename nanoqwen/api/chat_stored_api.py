@@ -2,7 +2,6 @@
 delete, and a completion's messages (`GET /v1/chat/completions/{id}/messages`), over chat_store's ChatStore."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,9 +10,16 @@ from flask import Response
 from nanoqwen.api.chat_store import ChatStore, StoredCompletion
 from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.schemas import Metadata, Strict, validate_body
+from nanoqwen.api.schemas import (
+    METADATA_KEY_CHARS,
+    METADATA_KEYS,
+    METADATA_VALUE_CHARS,
+    Metadata,
+    Strict,
+    validate_body,
+)
 from nanoqwen.api.serving import lane
-from nanoqwen.api.stored import check_query, list_page, page_after
+from nanoqwen.api.stored import check_query, encoded_page, page_after
 from nanoqwen.api.strict_json import Budget
 
 Json = dict[str, Any]
@@ -33,13 +39,23 @@ def _not_found(completion_id: str) -> APIError:
 
 
 def _metadata_filter(args: Mapping[str, str]) -> dict[str, str]:
-    """`metadata[key]=value` pairs, as the openai client encodes `metadata={key: value}` in the query."""
-    return {name[len("metadata["):-1]: value for name, value in args.items()
-            if name.startswith("metadata[") and name.endswith("]")}
-
-
-def _messages_page(messages: bytes, args: Mapping[str, str]) -> bytes:
-    return encode_text(list_page(json.loads(messages), args, "asc", "message")).encode()
+    """`metadata[key]=value` pairs, as the openai client encodes `metadata={key: value}` in the query; a 400 naming
+    the parameter for one no metadata could hold (OpenAI's rules: 16 pairs, keys of 64 characters at most, values of
+    512) or a nested one (`metadata[k][x]`), which would match nothing."""
+    wanted = {}
+    for name, value in args.items():
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            continue
+        key = name[len("metadata["):-1]
+        if "[" in key or "]" in key:
+            raise APIError(400, f"Invalid parameter '{name}': a metadata filter is `metadata[key]=value`", param=name)
+        if len(key) > METADATA_KEY_CHARS or len(value) > METADATA_VALUE_CHARS:
+            raise APIError(400, f"Invalid parameter '{name}': metadata keys are at most {METADATA_KEY_CHARS} "
+                           f"characters and values at most {METADATA_VALUE_CHARS}", param=name)
+        wanted[key] = value
+    if len(wanted) > METADATA_KEYS:
+        raise APIError(400, f"Invalid parameter 'metadata': at most {METADATA_KEYS} pairs", param="metadata")
+    return wanted
 
 
 def _json(body: bytes) -> Response:
@@ -97,4 +113,4 @@ class ChatStoredService:
         the loop where they are large (15 MiB held it ~0.1 s)."""
         check_query(args, ("after", "limit", "order"))
         messages = self._stored(completion_id).messages
-        return _json(self.off_loop_if(lane(chars=len(messages)), _messages_page, messages, args))
+        return _json(self.off_loop_if(lane(chars=len(messages)), encoded_page, messages, args, "asc", "message"))

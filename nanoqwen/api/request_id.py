@@ -1,5 +1,6 @@
-"""`X-Request-Id`: the client's (when it is a short plain token) or a new one, echoed on every response;
-the client's is also the completion's `id`, as vLLM's, unless the completion is stored.
+"""`X-Request-Id`: the client's (when it is a short plain token) or a new one, echoed on every response and kept as
+a stored completion's `request_id` (OpenAI's stored completions carry the create's); the client's is also the
+completion's `id`, as vLLM's, unless the completion is stored.
 
 gunicorn's access log prints it from the response header (see access_log_format in
 nanoqwen/gunicorn_conf.py), so a client's id ties its request to the log line.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 
 HEADER = "X-Request-Id"
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # nothing that could forge or break a log line
@@ -21,7 +22,10 @@ def _client_request_id() -> str | None:
 
 
 def request_id() -> str:
-    return _client_request_id() or uuid.uuid4().hex
+    """The request's id, made once a request: the header echoed and a stored completion's `request_id` agree."""
+    if "request_id" not in g:
+        g.request_id = _client_request_id() or uuid.uuid4().hex
+    return g.request_id
 
 
 def response_id(prefix: str, body_request_id: str | None, stored: bool = False) -> str:

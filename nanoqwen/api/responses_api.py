@@ -44,7 +44,7 @@ from nanoqwen.api.responses_store import Entry, Inputs, ResponseStore, Stored
 from nanoqwen.api.schemas import ChatCompletionRequest
 from nanoqwen.api.serving import Batch, client_probe, lane
 from nanoqwen.api.sse import HEADERS, named_event
-from nanoqwen.api.stored import check_query, list_page
+from nanoqwen.api.stored import check_query, encoded_page
 from nanoqwen.api.strict_json import Budget, JSONError, checked_values
 from nanoqwen.api.tool_calls import CallDelta, Parsed, ToolCall, ToolCallParser
 from nanoqwen.engine.request import Event, SamplingParams, TokenLogprob, Usage
@@ -857,10 +857,12 @@ class ResponsesService:
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
-    def input_items(self, response_id: str, args: Mapping[str, str]) -> Json:
-        """A page of a response's input items, with the parts `include` names (responses_include)."""
+    def input_items(self, response_id: str, args: Mapping[str, str]) -> Response:
+        """A page of a response's input items, with the parts `include` names (responses_include): parsed and encoded
+        off the loop where they are large, as a stored chat completion's messages."""
         check_query(args, ("order", "limit", "after", "before", *INCLUDE_KEYS), INCLUDE_KEYS)
         include = query_include(args)
-        page = list_page(self._stored(response_id).items(), args)
-        page["data"] = [with_parts(item, include) for item in page["data"]]
-        return page
+        items = self._stored(response_id).input_items
+        page = self.chat.serving.off_loop_if(lane(chars=len(items)), encoded_page, items, args, "desc", "input item",
+                                             partial(with_parts, include=include))
+        return Response(page + b"\n", mimetype="application/json")

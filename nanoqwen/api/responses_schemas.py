@@ -110,8 +110,9 @@ class MessageItem(Strict):
         return "".join(p.refusal if isinstance(p, OutputRefusal) else p.text for p in self.content)
 
 
-# a call the model made itself (every call here, as `allowed_callers: ["direct"]`), not a program's
-DirectCaller = refused({"type": "direct"})
+# a call the model made itself (every call here, as `allowed_callers: ["direct"]`), not a program's; input_items lists
+# it back as sent
+DirectCaller = refused({"type": "direct"}, kept=True)
 
 
 class FunctionCallItem(Strict):

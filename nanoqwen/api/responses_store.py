@@ -44,9 +44,6 @@ class Entry:
     input_items: bytes  # this request's input items, with ids: a JSON list
     background: bool = field(default=False, kw_only=True)  # made with `background: true`: it may be cancelled
 
-    def items(self) -> list[Json]:
-        return json.loads(self.input_items)
-
     @property
     def size(self) -> int:
         return len(self.body) + len(self.input_items)

@@ -38,6 +38,12 @@ VALUES = DATA_KEYWORDS - set(ANNOTATIONS)
 COUNTS = frozenset(("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
                     "maxContains"))
 MAX_COUNT = 2 ** 53  # the largest a float holds exactly; a larger one is left to llguidance (its 400)
+# pydantic's pattern for a `Decimal` given as a string: its lookahead (which llguidance refuses, as every look-around)
+# only keeps out strings of signs and dots alone, so it is served as the same language without one: a sign, then digits
+# with an optional dot, or a dot and digits (equal to it on every string: tests/test_structured_patterns.py). Any other
+# look-around stays llguidance's 400, which quotes the pattern.
+DECIMAL_PATTERN = r"^(?!^[-+.]*$)[+-]?0*\d*\.?\d*$"
+DECIMAL_SERVED = r"^[+-]?(?:\d+\.?\d*|\.\d+)$"
 
 
 def ecma_pattern(pattern: str) -> str:
@@ -56,6 +62,11 @@ def ecma_pattern(pattern: str) -> str:
             continue
         out.append(CLASS_ESCAPES.get(escaped, char + escaped))
     return "".join(out)
+
+
+def served_pattern(pattern: str) -> str:
+    """A schema's pattern as llguidance is given it: ecma_pattern's, pydantic's Decimal pattern without lookahead."""
+    return DECIMAL_SERVED if pattern == DECIMAL_PATTERN else ecma_pattern(pattern)
 
 
 def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -> Any:
@@ -113,13 +124,13 @@ def _as_sent(node: dict[str, Any], keyword: str, param: str) -> int:
 
 
 def _rewrite(node: dict[str, Any], param: str) -> int:
-    """The schema object's own `pattern` and `patternProperties` keys through ecma_pattern, and its COUNTS that are
+    """The schema object's own `pattern` and `patternProperties` keys through served_pattern, and its COUNTS that are
     integral floats (`"maxItems": 2.0`, an integer since draft 6; llguidance refuses any float there) as ints, in
     place; the patterns' length."""
     node.update({key: int(value) for key in COUNTS & node.keys()
                  if isinstance(value := node[key], float) and value.is_integer() and 0 <= value <= MAX_COUNT})
     if isinstance(node.get("pattern"), str):
-        node["pattern"] = ecma_pattern(node["pattern"])
+        node["pattern"] = served_pattern(node["pattern"])
     if isinstance(node.get("patternProperties"), dict):
         node["patternProperties"] = _merged(node["patternProperties"])
     return sum(map(len, own_patterns(node)))
@@ -133,7 +144,7 @@ def _merged(patterns: dict[str, Any]) -> dict[str, Any]:
     `\\cJ` is its 400 "not disjoint", which quotes the rewritten `\\x{0a}`, not the key sent)."""
     grouped: dict[str, list[Any]] = {}
     for key, value in patterns.items():
-        grouped.setdefault(ecma_pattern(key), []).append(value)
+        grouped.setdefault(served_pattern(key), []).append(value)
     return {key: values[0] if len(values) == 1 else {"allOf": values} for key, values in grouped.items()}
 
 

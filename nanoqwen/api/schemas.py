@@ -61,8 +61,9 @@ class Refusal:
     the values besides null that mean so (clients and SDKs often send them explicitly). Its validator and its JSON
     schema (the OpenAPI document's enum) read the same values, so the document does not offer what is refused."""
 
-    def __init__(self, *unused: Any) -> None:
+    def __init__(self, *unused: Any, kept: bool = False) -> None:
         self.unused = unused
+        self.kept = kept  # an unused value stays the field's (listed back as sent), else it reads as absent
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
         return core_schema.no_info_before_validator_function(self.check, handler(source))
@@ -70,9 +71,9 @@ class Refusal:
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         return {**handler(schema), "enum": [None, *self.unused]}
 
-    def check(self, value: Any) -> None:
+    def check(self, value: Any) -> Any:
         if value is None or any(same_json(value, u) for u in self.unused):
-            return None
+            return value if self.kept else None
         if not self.unused:
             raise PydanticCustomError("unsupported", "this server does not implement it")
         raise PydanticCustomError("unsupported", "this server does not implement it; accepted: {accepted}",
@@ -93,10 +94,11 @@ def same_json(value: Any, other: Any) -> bool:
     return value == other and (type(value) is type(other) or number(value) and number(other))
 
 
-def refused(*unused: Any) -> Any:
+def refused(*unused: Any, kept: bool = False) -> Any:
     """The type of a field refused unless absent or one of `unused` (see Refusal): the field accepted at the
-    values that change nothing. A validator does not run on a default: an absent field costs nothing."""
-    return Annotated[Any, Refusal(*unused)]
+    values that change nothing, and read as absent unless `kept`. A validator does not run on a default: an absent
+    field costs nothing."""
+    return Annotated[Any, Refusal(*unused, kept=kept)]
 
 
 Refused = refused()  # refused unless absent (or null)

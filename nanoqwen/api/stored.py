@@ -2,12 +2,14 @@
 by count and by bytes, and OpenAI's list pages over them."""
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from werkzeug.datastructures import MultiDict
 
+from nanoqwen.api.encode import encode_text
 from nanoqwen.api.errors import APIError
 
 Json = dict[str, Any]
@@ -103,6 +105,17 @@ def list_page(items: list[Json], args: Mapping[str, str], default_order: str = "
     end = ids.index(args["before"]) if "before" in args else len(items)
     page = items[start:end][:limit]
     return _page(page, start + len(page) < end)
+
+
+def encoded_page(listed: bytes, args: Mapping[str, str], default_order: str, noun: str,
+                 each: Callable[[Json], Json] | None = None) -> bytes:
+    """list_page of a stored JSON list (`listed`, its bytes), each item of the page through `each`, encoded: the
+    work whose hand-off Serving.off_loop_if decides by `listed`'s length (on the loop, 16,000 items took ~20-25 ms
+    of its CPU a page)."""
+    page = list_page(json.loads(listed), args, default_order, noun)
+    if each is not None:
+        page["data"] = [each(item) for item in page["data"]]
+    return encode_text(page).encode()
 
 
 def page_after(items: list[tuple[Place, Json]], args: Mapping[str, str], after: Place | None,

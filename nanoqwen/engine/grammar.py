@@ -34,6 +34,7 @@ from nanoqwen.engine.object_runs import (
     ALTERNATIVES,
     MAX_PARTS,
     MAX_WORK,
+    Merged,
     SchemaObjects,
     TooLarge,
     TooManyParts,
@@ -172,7 +173,8 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
     """A schema object's own `properties`; InvalidRequest naming `param` where its patternProperties keys pass
     MAX_PATTERN_PROPERTIES, or a run of its optional properties (merged as llguidance merges it, a local `$ref` into
     its schema followed: `objects`' root, object_runs) or the first runs of its `anyOf` or `oneOf` objects together hold
-    a parser row past ROW_ITEMS, or where it merges more than MAX_PARTS parts."""
+    a parser row past ROW_ITEMS (not where it is an allOf subschema, merged_only: the object merged from it is
+    checked), or where it merges more than MAX_PARTS parts."""
     objects = SchemaObjects() if objects is None else objects
     if isinstance(keys := node.get("patternProperties"), dict) and len(keys) > MAX_PATTERN_PROPERTIES:
         raise InvalidRequest(f"invalid {param}: a schema object has more than {MAX_PATTERN_PROPERTIES} "
@@ -194,21 +196,27 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
                              f"`anyOf`/`oneOf` options, are too many to check for runs of optional properties (past "
                              f"{MAX_WORK} parts and names): share or merge some",
                              param=param) from None
+    if (refusal := _row_refusal(shape, items)) is not None and not objects.merged_only(node):
+        raise InvalidRequest(f"invalid {param}: {refusal}", param=param)
+    return own
+
+
+def _row_refusal(shape: Merged, items: int) -> str | None:
+    """Why an object merged as `shape`, whose alternatives' first runs hold `items` of the row where its value begins,
+    passes llguidance's parser row (object_properties'); None where it does not."""
     runs = shape.runs() if shape.is_object else []  # a part typed otherwise: llguidance intersects, no object
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
         if run and per * run + more > ROW_ITEMS:
             where = "" if len(runs) == 1 else " before its first required property" if i == 0 else \
                 " after its last required property" if i == len(runs) - 1 else " between two required properties"
-            raise InvalidRequest(f"invalid {param}: a schema object has {run} optional properties in a row{where}, "
-                                 f"past {(ROW_ITEMS - more) // per} there (make one of them required, or split the "
-                                 "object)", param=param)
+            return (f"a schema object has {run} optional properties in a row{where}, past {(ROW_ITEMS - more) // per} "
+                    "there (make one of them required, or split the object)")
     if items > ROW_ITEMS:
-        raise InvalidRequest(f"invalid {param}: a schema's anyOf or oneOf objects begin with optional properties that "
-                             f"hold {items} items in one parser row, past {ROW_ITEMS} (each object's optional "
-                             "properties before its first required one count: make some required, or use fewer "
-                             "alternatives)", param=param)
-    return own
+        return (f"a schema's anyOf or oneOf objects begin with optional properties that hold {items} items in one "
+                f"parser row, past {ROW_ITEMS} (each object's optional properties before its first required one "
+                "count: make some required, or use fewer alternatives)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from nanoqwen.engine.schema_keywords import pointer_way
+from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
 
 # What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them the schema is refused (TooLarge: counted short, an answer
@@ -95,6 +95,27 @@ class SchemaObjects:
         self._work = MAX_WORK
         # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
         self._merged: dict[tuple[int, ...], Merged] = {}
+        self._merged_only: set[int] | None = None  # merged_only's, found once asked
+
+    def merged_only(self, node: dict[str, Any]) -> bool:
+        """Whether `node` is an `allOf` subschema of `root` that no `$ref` names: llguidance merges it into the object
+        that lists it, whose runs are counted over it, and never compiles it alone (its own runs past the row, an
+        allOf of [required r] then [700 optional], are served merged). Where a `$ref` may point other than by a local
+        JSON pointer (an `$id` below the root, an `$anchor`, another resource), none is taken to be."""
+        if self._merged_only is None:
+            listed: set[int] = set()
+            refs: list[Any] = []
+            for part in schema_objects(self.root):
+                if part is not self.root and "$id" in part or "$anchor" in part:
+                    refs.append(None)
+                if isinstance(subschemas := part.get("allOf"), list):
+                    listed.update(id(sub) for sub in subschemas if isinstance(sub, dict))
+                if "$ref" in part:
+                    refs.append(part["$ref"])
+            local = all(isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) for ref in refs)
+            named = {id(target) for ref in refs if (target := _target(ref, self.root)) is not None}
+            self._merged_only = listed - named if local else set()
+        return id(node) in self._merged_only
 
     def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
         """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
