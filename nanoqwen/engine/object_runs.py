@@ -1,6 +1,7 @@
 """A JSON Schema object as llguidance compiles it, for the bound on its runs of optional properties (engine/grammar's
-object_properties): the parts it merges into one object (its own keywords, then a `$ref`'s target, then each `allOf`
-subschema's in turn, each merged so in turn), the property names in that order with the required ones, and the items
+object_properties): the parts it merges into one object (in the order its keys are written: its own keywords where its
+`properties` are, a `$ref`'s target where the `$ref` is, each `allOf` subschema's in turn where the `allOf` is, each
+merged so in turn), the property names in that order with the required ones, and the items
 of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
 `oneOf` alternatives (measured in process against llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31 and
 grammar31fix)."""
@@ -118,28 +119,44 @@ class SchemaObjects:
         return id(node) in self._merged_only
 
     def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
-        """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
-        `root`), then each `allOf` subschema, each with its own in turn; each part once (a cycle ends; `seen`: those
-        it is merged with), a link followed but not listed. TooLarge where the schema's work is spent."""
+        """`node` and what llguidance merges into it, in its order (_in_key_order's, each part's in turn); each part
+        once (a cycle ends; `seen`: those it is merged with), a link followed but not listed. TooLarge where the
+        schema's work is spent."""
         seen = set() if seen is None else seen
         found: list[dict[str, Any]] = []
-        stack = [node]
+        stack: list[tuple[dict[str, Any], bool]] = [(node, False)]  # (a part, whether its own keywords: listed)
         while stack:
-            part = stack.pop()
+            part, own = stack.pop()
+            if own:
+                found.append(part)
+                continue
             if id(part) in seen:
                 continue
             self._work -= 1
             if self._work < 0:
                 raise TooLarge
             seen.add(id(part))
-            if not part.keys() <= LINK_KEYS:
-                found.append(part)
-            target = _target(part.get("$ref"), self.root)
-            merged = [] if target is None else [target]
-            if isinstance(listed := part.get("allOf"), list):
-                merged += [sub for sub in listed if isinstance(sub, dict)]
-            stack.extend(reversed(merged))
+            stack.extend(reversed(self._in_key_order(part)))
         return found
+
+    def _in_key_order(self, part: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+        """What llguidance merges for `part`, in the order its keys are written (it intersects them so, the names of
+        the earlier first; 1.9.1: `{"allOf": [{n optional}], "properties": {"r": {}}, "required": ["r"]}` runs n
+        before r, 667-998 were served and failed at `{"p0"`): its own keywords (True; not for a link) where its
+        `properties` are, or an `additionalProperties` before them (llguidance compiles it with their names); a
+        local `$ref`'s target (a JSON pointer into `root`) where the `$ref` is; each `allOf` subschema where the
+        `allOf` is. Own keywords without `properties` go first: no other keyword's place moves a name."""
+        own = not part.keys() <= LINK_KEYS
+        ordered: list[tuple[dict[str, Any], bool]] = []
+        for key, value in part.items():
+            if key == "$ref" and (target := _target(value, self.root)) is not None:
+                ordered.append((target, False))
+            elif key == "allOf" and isinstance(value, list):
+                ordered += [(sub, False) for sub in value if isinstance(sub, dict)]
+            elif own and (key == "properties" or key == "additionalProperties" and "properties" in part):
+                ordered.append((part, True))
+                own = False
+        return [(part, True), *ordered] if own else ordered
 
     def merged(self, found: list[dict[str, Any]]) -> Merged:
         """The object merged from `found` (parts'); TooManyParts where more than MAX_PARTS may merge into an object (a
