@@ -599,6 +599,10 @@ MERGED_LAYOUTS = {
                    "$defs": {"A": {"type": "object", "allOf": [{"properties": {"r": {}}, "required": ["r"]},
                                                                {"properties": _optional("p", 10)}]}}},
         [{"a": {"r": 1, "z0": 1}}], 988),
+    "an anyOf of two objects written before own required r": (
+        lambda n: {"type": "object", "anyOf": [{"properties": _optional("a", n)}, {"properties": _optional("b", n)}],
+                   "properties": {"r": {}}, "required": ["r"]},
+        [{"a0": 1, "r": 1}, {"b0": 1, "r": 1}], 333),
 }
 
 
@@ -613,8 +617,9 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     ignored: 499-666 refused); an `allOf` subschema is counted in the object it merges into, not alone as well (its
     runs of 499-998 after a required one were refused) unless a `$ref` names it; the parts merge in the order their
     keys are written (an allOf before own `properties` runs before them: 667-998 were served and failed at `{"p0"`; a
-    `$ref` to a required r before them was refused from 667). At the bound the answers follow; one more fails there,
-    and is refused before."""
+    `$ref` to a required r before them was refused from 667; an anyOf before them, its options' runs before them: two
+    of 334-498 were served and failed). At the bound the answers follow; one more fails there, and is refused
+    before."""
     schema, answers, bound = MERGED_LAYOUTS[layout]
 
     def follows(n: int) -> bool:
