@@ -414,22 +414,31 @@ def test_a_run_of_optional_properties_past_the_parser_row_is_a_400_naming_the_fi
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
-@pytest.mark.parametrize("used, bound", [("merged", 998), ("also alone", 498)])
+@pytest.mark.parametrize("used, bound", [("merged", 998), ("also alone", 498), ("written first", 666)])
 def test_an_allof_subschemas_run_is_bounded_where_llguidance_uses_it(server: GunicornServer, used: str,
                                                                       bound: int) -> None:
     """An object's `allOf` of [a required property] then [optional properties]: llguidance merges the run after the
     required one (2 items each, 3 more), and never compiles the subschema alone; checked alone too (4 each, 7 more),
     runs of 499-998 were refused. Where a `$ref` also names the subschema, used alone as a value, the whole-object
-    bound holds (past it the answer fails at its first key). At the bound served, streamed too; one more the 400 naming
-    the field, before any event."""
+    bound holds (past it the answer fails at its first key). An `allOf` of the optional ones written before the
+    object's own required property merges first, the run before it (3 each, 1 more: 667-998 were served and failed at
+    the first key), its answer's first key one the schema names. At the bound served, streamed too; one more the 400
+    naming the field, before any event."""
     def answer(optional: int) -> dict[str, Any]:
         run = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(optional)}}
-        merged = {"type": "object", "allOf": [{"properties": {"r": {"type": "integer"}}, "required": ["r"]}, run]}
-        schema = merged if used == "merged" else {
-            "type": "object", "properties": {"m": merged, "alone": {"$ref": "#/properties/m/allOf/1"}}}
+        required = {"properties": {"r": {"type": "integer"}}, "required": ["r"]}
+        merged = {"type": "object", "allOf": [required, run]}
+        schema = {"merged": merged, "written first": {"type": "object", "allOf": [run], **required},
+                  "also alone": {"type": "object", "properties": {"m": merged,
+                                                                  "alone": {"$ref": "#/properties/m/allOf/1"}}}}[used]
         return {"type": "json_schema", "json_schema": {"name": "o", "schema": schema}}
-    assert _create(server, max_tokens=8, response_format=answer(bound)).choices[0].finish_reason in ("stop", "length")
-    assert _streamed(server, max_tokens=8, response_format=answer(bound))[0]["finish_reason"] in ("stop", "length")
+    served = _create(server, max_tokens=24, response_format=answer(bound)).choices[0]
+    streamed = _streamed(server, max_tokens=24, response_format=answer(bound))[0]
+    assert served.finish_reason in ("stop", "length") and streamed["finish_reason"] in ("stop", "length")
+    if used == "written first":  # r is required: the answer names a key first, r or one of the run's
+        for content in (served.message.content, streamed["content"]):
+            key = re.match(r'\{"(r|p(\d+))": ', content or "")
+            assert key is not None and (key[2] is None or int(key[2]) < bound), content
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError, match=f"{bound + 1} optional properties in a row") as refused:
             _create(server, max_tokens=8, stream=stream, response_format=answer(bound + 1))

@@ -578,6 +578,31 @@ MERGED_LAYOUTS = {
             "m": {"type": "object", "allOf": [{"properties": {"r": {}}, "required": ["r"]}, _object("p", n)]},
             "alone": {"$ref": "#/properties/m/allOf/1"}}},
         [{"alone": {"p0": 1}}], 498),
+    "an allOf of [n optional] written before own required r": (
+        lambda n: {"type": "object", "allOf": [{"properties": _optional("p", n)}], "properties": {"r": {}},
+                   "required": ["r"]},
+        [{"p0": 1, "r": 1}], 666),
+    "own r written before an allOf of [n optional], required after": (
+        lambda n: {"type": "object", "properties": {"r": {}}, "allOf": [{"properties": _optional("p", n)}],
+                   "required": ["r"]},
+        [{"r": 1, "p0": 1}], 998),
+    "a $ref to [required r] written before own n optional": (
+        lambda n: {"$defs": {"R": {"properties": {"r": {}}, "required": ["r"]}}, "type": "object",
+                   "$ref": "#/$defs/R", "properties": _optional("p", n)},
+        [{"r": 1, "p0": 1}], 998),
+    "own n optional written before a $ref to [required r]": (
+        lambda n: {"$defs": {"R": {"properties": {"r": {}}, "required": ["r"]}}, "type": "object",
+                   "properties": _optional("p", n), "$ref": "#/$defs/R"},
+        [{"p0": 1, "r": 1}], 666),
+    "a $ref to an allOf of [required r][10 optional] written before n optional": (
+        lambda n: {"type": "object", "properties": {"a": {"$ref": "#/$defs/A", "properties": _optional("z", n)}},
+                   "$defs": {"A": {"type": "object", "allOf": [{"properties": {"r": {}}, "required": ["r"]},
+                                                               {"properties": _optional("p", 10)}]}}},
+        [{"a": {"r": 1, "z0": 1}}], 988),
+    "an anyOf of two objects written before own required r": (
+        lambda n: {"type": "object", "anyOf": [{"properties": _optional("a", n)}, {"properties": _optional("b", n)}],
+                   "properties": {"r": {}}, "required": ["r"]},
+        [{"a0": 1, "r": 1}, {"b0": 1, "r": 1}], 333),
 }
 
 
@@ -590,8 +615,11 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     `$ref`'s target (not followed: two halves of 250 passed), is closed by an allOf subschema's additionalProperties
     (was read from the object's own: 499-500 refused) and puts a required name not in `properties` after them (was
     ignored: 499-666 refused); an `allOf` subschema is counted in the object it merges into, not alone as well (its
-    runs of 499-998 after a required one were refused) unless a `$ref` names it. At the bound the answers follow; one
-    more fails there, and is refused before."""
+    runs of 499-998 after a required one were refused) unless a `$ref` names it; the parts merge in the order their
+    keys are written (an allOf before own `properties` runs before them: 667-998 were served and failed at `{"p0"`; a
+    `$ref` to a required r before them was refused from 667; an anyOf before them, its options' runs before them: two
+    of 334-498 were served and failed). At the bound the answers follow; one more fails there, and is refused
+    before."""
     schema, answers, bound = MERGED_LAYOUTS[layout]
 
     def follows(n: int) -> bool:

@@ -31,7 +31,6 @@ from llguidance import LLMatcher
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
 from nanoqwen.engine.object_runs import (
-    ALTERNATIVES,
     MAX_PARTS,
     MAX_WORK,
     Merged,
@@ -184,7 +183,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
         found = objects.parts(node)
         shape = objects.merged(found)
         # options reached through `allOf` or a `$ref` share the row too
-        alternated = any(isinstance(part.get(key), list) for part in found for key in ALTERNATIVES)
+        alternated = any(isinstance(part, list) for part in found)
         items = objects.leading_items(found, ROW_ITEMS) if alternated else 0
     except TooManyParts:
         raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "

@@ -1,6 +1,7 @@
 """A JSON Schema object as llguidance compiles it, for the bound on its runs of optional properties (engine/grammar's
-object_properties): the parts it merges into one object (its own keywords, then a `$ref`'s target, then each `allOf`
-subschema's in turn, each merged so in turn), the property names in that order with the required ones, and the items
+object_properties): the parts it merges into one object (in the order its keys are written: its own keywords where its
+`properties` are, a `$ref`'s target where the `$ref` is, each `allOf` subschema's in turn where the `allOf` is, each
+merged so in turn), the property names in that order with the required ones, and the items
 of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
 `oneOf` alternatives (measured in process against llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31 and
 grammar31fix)."""
@@ -30,6 +31,10 @@ ALTERNATIVES = ("anyOf", "oneOf")
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
                              "$ref"))
+
+
+# One of the parts an object merges, in order: a schema object, or an `anyOf`/`oneOf` list where its options merge
+Part = dict[str, Any] | list[Any]
 
 
 def is_object_type(kind: Any) -> bool:
@@ -117,33 +122,54 @@ class SchemaObjects:
             self._merged_only = listed - named if local else set()
         return id(node) in self._merged_only
 
-    def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[dict[str, Any]]:
-        """`node` and what llguidance merges into it, in its order: a local `$ref`'s target (a JSON pointer into
-        `root`), then each `allOf` subschema, each with its own in turn; each part once (a cycle ends; `seen`: those
-        it is merged with), a link followed but not listed. TooLarge where the schema's work is spent."""
+    def parts(self, node: dict[str, Any], seen: set[int] | None = None) -> list[Part]:
+        """`node` and what llguidance merges into it, in its order (_in_key_order's, each part's in turn), its
+        alternatives' lists where their options merge; each part once (a cycle ends; `seen`: those it is merged with),
+        a link followed but not listed. TooLarge where the schema's work is spent."""
         seen = set() if seen is None else seen
-        found: list[dict[str, Any]] = []
-        stack = [node]
+        found: list[Part] = []
+        stack: list[tuple[Part, bool]] = [(node, False)]  # (a part, whether listed as it is, not walked)
         while stack:
-            part = stack.pop()
+            part, listed = stack.pop()
+            if listed or not isinstance(part, dict):
+                found.append(part)
+                continue
             if id(part) in seen:
                 continue
             self._work -= 1
             if self._work < 0:
                 raise TooLarge
             seen.add(id(part))
-            if not part.keys() <= LINK_KEYS:
-                found.append(part)
-            target = _target(part.get("$ref"), self.root)
-            merged = [] if target is None else [target]
-            if isinstance(listed := part.get("allOf"), list):
-                merged += [sub for sub in listed if isinstance(sub, dict)]
-            stack.extend(reversed(merged))
+            stack.extend(reversed(self._in_key_order(part)))
         return found
 
-    def merged(self, found: list[dict[str, Any]]) -> Merged:
-        """The object merged from `found` (parts'); TooManyParts where more than MAX_PARTS may merge into an object (a
-        string's 70 `allOf` minLengths do not)."""
+    def _in_key_order(self, part: dict[str, Any]) -> list[tuple[Part, bool]]:
+        """What llguidance merges for `part`, in the order its keys are written (it intersects them so, the names of
+        the earlier first; 1.9.1: `{"allOf": [{n optional}], "properties": {"r": {}}, "required": ["r"]}` runs n
+        before r, 667-998 were served and failed at `{"p0"`): its own keywords (True; not for a link) where its
+        `properties` are, or an `additionalProperties` before them (llguidance compiles it with their names); a
+        local `$ref`'s target (a JSON pointer into `root`) where the `$ref` is; each `allOf` subschema where the
+        `allOf` is; an `anyOf` or `oneOf` list (True) where it is, its options merged there (`{"anyOf": [{n
+        optional}], "properties": {"r": {}}, "required": ["r"]}` runs n before r: 334-498 of two options were served
+        and failed). Own keywords without `properties` go first: no other keyword's place moves a name."""
+        own = not part.keys() <= LINK_KEYS
+        ordered: list[tuple[Part, bool]] = []
+        for key, value in part.items():
+            if key == "$ref" and (target := _target(value, self.root)) is not None:
+                ordered.append((target, False))
+            elif key == "allOf" and isinstance(value, list):
+                ordered += [(sub, False) for sub in value if isinstance(sub, dict)]
+            elif key in ALTERNATIVES and isinstance(value, list):
+                ordered.append((value, True))
+            elif own and (key == "properties" or key == "additionalProperties" and "properties" in part):
+                ordered.append((part, True))
+                own = False
+        return [(part, True), *ordered] if own else ordered
+
+    def merged(self, parts: list[Part]) -> Merged:
+        """The object merged from `parts` (parts()'s, their alternatives aside); TooManyParts where more than
+        MAX_PARTS may merge into an object (a string's 70 `allOf` minLengths do not)."""
+        found = [part for part in parts if isinstance(part, dict)]
         if (known := self._merged.get(key := tuple(id(part) for part in found))) is not None:
             return known
         types = [part["type"] for part in found if "type" in part]
@@ -162,16 +188,15 @@ class SchemaObjects:
         self._merged[key] = shape = Merged(list(names), set(required), closed, is_object)
         return shape
 
-    def leading_items(self, found: list[dict[str, Any]], stop: int) -> int:
+    def leading_items(self, found: list[Part], stop: int) -> int:
         """The items of the object merged from `found` (a node's parts), counted until past `stop`."""
         return self._items(found, frozenset(), 0, stop)
 
-    def _items(self, found: list[dict[str, Any]], taken: frozenset[int], depth: int, stop: int) -> int:
+    def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> int:
         """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
-        for part in found:
-            for key in ALTERNATIVES:
-                if isinstance(options := part.get(key), list) and id(options) not in taken:
-                    return self._summed(found, part, options, taken | {id(options)}, depth, stop)
+        for at, options in enumerate(found):
+            if isinstance(options, list) and id(options) not in taken:
+                return self._summed(found, at, options, taken | {id(options)}, depth, stop)
         shape = self.merged(found)
         if not shape.is_object:
             return 0
@@ -179,25 +204,28 @@ class SchemaObjects:
         per, more = run_row(0, len(runs) == 1, shape.closed, 0)
         return max(per * runs[0] + more, 1)
 
-    def _summed(self, found: list[dict[str, Any]], part: dict[str, Any], options: list[Any], taken: frozenset[int],
-                depth: int, stop: int) -> int:
-        """_items of `part`'s `options`, each merged with `found`."""
+    def _summed(self, found: list[Part], at: int, options: list[Any], taken: frozenset[int], depth: int,
+                stop: int) -> int:
+        """_items of `options` (`found[at]`), each merged with `found` there."""
         if depth >= MAX_DEPTH:
             return 0
-        alone = [other for other in found if other.keys() - {"$ref"}] == [part] and not (
+        objects = [other for other in found if isinstance(other, dict)]
+        part = next(other for other in objects if any(other.get(key) is options for key in ALTERNATIVES))
+        alone = [other for other in objects if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
-        total, counted, within = 0, set(), {id(other) for other in found}
+        total, counted, within = 0, set(), {id(other) for other in objects}
         for option in options:
             if not isinstance(option, dict) or total > stop:
                 continue
             if self._work <= 0:
                 raise TooLarge
             own = self.parts(option, set() if alone else set(within))
-            if (ids := tuple(id(other) for other in own if other.keys() - {"$ref"})) in counted:
+            if (ids := tuple(id(other) for other in own if isinstance(other, list) or other.keys() - {"$ref"})) \
+                    in counted:
                 continue
             counted.add(ids)
             if not alone:
-                total += self._items([*found, *own], taken, depth + 1, stop)
+                total += self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
             elif (key := ids[0] if ids else id(option)) in self._alone:
                 total += self._alone[key]
             else:
