@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -17,6 +15,7 @@ import pytest
 import requests
 
 from nanoqwen.api.openapi import openapi_document
+from scripted_http import ScriptedHandler, ScriptedServer, serving
 from server_process import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
@@ -30,21 +29,17 @@ OPENAPI = {**SERVED, "paths": {PATH: {"get": SERVED["paths"][PATH]["get"]}}}
 QUERY = [p for p in OPENAPI["paths"][PATH]["get"]["parameters"] if p["in"] == "query"]
 
 
-class Scripted(ThreadingHTTPServer):
+class Scripted(ScriptedServer):
     """GET /v1/chat/completions, with no completion stored, reads its query as chat_stored_api does: `limit` an
     integer in [1, 100] (any text, if `lenient`), `order` asc or desc, `model` and `metadata[key]` any text; `after`
     (naming no completion), any other parameter or one given twice is a 400."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.lenient = False
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(ScriptedHandler):
     server: Scripted
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -63,26 +58,13 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"data": []})
 
     def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(status, "application/json", json.dumps(body).encode())
 
 
 @pytest.fixture
 def server() -> Iterator[Scripted]:
-    srv = Scripted()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join()
-    srv.server_close()
+    with serving(Scripted()) as srv:
+        yield srv
 
 
 def fuzz_negative(server: Scripted) -> tuple[fuzz_openapi.Summary, list[Any]]:
