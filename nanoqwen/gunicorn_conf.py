@@ -16,8 +16,8 @@ from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
-    "keepalive", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format", "pre_fork", "post_fork",
-    "child_exit", "on_exit",
+    "keepalive", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format", "logger_class",
+    "pre_fork", "post_fork", "child_exit", "on_exit",
 ]
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
@@ -36,6 +36,7 @@ control_socket_disable = True  # its default path is one per user: a second serv
 accesslog = "-"
 # method, path (no query string), status, response bytes, duration in ms, request id: never the prompt
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
+logger_class = "nanoqwen.access_log.AccessLogger"  # the path is percent-decoded: its control characters escaped
 
 
 def pre_fork(server, worker) -> None:

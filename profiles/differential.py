@@ -2,7 +2,7 @@
 in each mode, compared with transformers' greedy tokens and log-softmax. Prints each failure and a count per mode;
 exit 1 on any failure.
 
-python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile] [--seed 0]
+python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile torch] [--seed 0]
 """
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ MODES = {
     "wide": Mode({"NANOQWEN_MAX_BATCH": "16", "NANOQWEN_BLOCK_SIZE": "32", "NANOQWEN_MAX_STEP_TOKENS": "17"},
                  block=32, step_tokens=17),
     "compile": Mode({"NANOQWEN_MAX_BATCH": "4", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"}),
+    # no C kernel: torch's ops and sampler alone (graph auto: none)
+    "torch": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_CPU_KERNELS": "0"}),
 }
 
 

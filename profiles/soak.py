@@ -1,25 +1,25 @@
 """Soak: a real `gunicorn -k gevent server:app` under a random, concurrent mix of good, bad and rude clients.
 
-    python profiles/soak.py [--modes default none int8 int4 bf16 spec tight] [--rounds 3] [--round-seconds 60]
+    python profiles/soak.py [--modes default none int8 int4 bf16 torch spec tight] [--rounds 3] [--round-seconds 60]
         [--clients 10] [--seed 0] [--background-weight 10] [--tool-weight 8] [--store-weight 8]
         [--health-timeout 180] [--out DIR]
 
 Per mode (default: the CPU server's defaults; `none`: NANOQWEN_GRAPH=none; `int8`/`int4`: NANOQWEN_QUANT=int8/int4;
-`bf16`: NANOQWEN_DTYPE=bfloat16; `spec`: n-gram speculative decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8
-sequences in a 72-block KV pool of 8-token blocks, a 20-token step budget, eager, so that running requests are
-preempted) it serves the 2-layer test checkpoint on the CPU in fp32 (bf16 in `bf16`) and runs `--rounds` rounds. In
-each, `--clients` threads pick scenarios at random for `--round-seconds`: streamed and non-streamed chat, legacy
-completions (n>1, logprobs, stop strings, tools, json_schema, seeds, max_tokens edge values) and Responses
-(`/v1/responses`: continued by previous_response_id or item references, its calls answered, truncation "auto", stored
-or not, disconnected, read slowly), background Responses (soak_background.py: polled, streamed, followers resumed at
-random `starting_after`, abandoned or read slowly, cancels and DELETEs at every stage, continuations of runs in
-progress, bursts past the 32 running), stored Chat Completions (soak_store.py: `store: true` streamed or not, n>1,
-left mid-stream, among lists, retrieves, updates, message lists and deletes of the same ids), clients that disconnect
-(before the headers, while the prompt is prefilled, mid-stream, after the last chunk before [DONE]), slow readers,
-stalled and trickled bodies, oversized bodies and prompts, fuzzed JSON (tests/fuzz_bodies.py), wrong methods and
-content types, keep-alive reuse after an error, bursts of concurrent strict-tool streams (half reset mid-stream, the
-rest's strict calls checked against their schemas), and a fixed greedy probe; a prober thread times /health (and reads
-/stats, /v1/models) throughout.
+`bf16`: NANOQWEN_DTYPE=bfloat16; `torch`: NANOQWEN_CPU_KERNELS=0, torch's ops alone; `spec`: n-gram speculative
+decoding, NANOQWEN_SPECULATIVE_CONFIG; `tight`: 8 sequences in a 72-block KV pool of 8-token blocks, a 20-token step
+budget, eager, so that running requests are preempted) it serves the 2-layer test checkpoint on the CPU in fp32
+(bf16 in `bf16`) and runs `--rounds` rounds. In each, `--clients` threads pick scenarios at random for
+`--round-seconds`: streamed and non-streamed chat, legacy completions (n>1, logprobs, stop strings, tools,
+json_schema, seeds, max_tokens edge values) and Responses (`/v1/responses`: continued by previous_response_id or
+item references, its calls answered, truncation "auto", stored or not, disconnected, read slowly), background
+Responses (soak_background.py: polled, streamed, followers resumed at random `starting_after`, abandoned or read
+slowly, cancels and DELETEs at every stage, continuations of runs in progress, bursts past the 32 running), stored
+Chat Completions (soak_store.py: `store: true` streamed or not, n>1, left mid-stream, among lists, retrieves,
+updates, message lists and deletes of the same ids), clients that disconnect (before the headers, while the prompt
+is prefilled, mid-stream, after the last chunk before [DONE]), slow readers, stalled and trickled bodies, oversized
+bodies and prompts, fuzzed JSON (tests/fuzz_bodies.py), wrong methods and content types, keep-alive reuse after an
+error, bursts of concurrent strict-tool streams (half reset mid-stream, the rest's strict calls checked against
+their schemas), and a fixed greedy probe; a prober thread times /health (and reads /stats, /v1/models) throughout.
 
 Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503 queue_full, every error
 OpenAI-shaped, the worker pid never changes, /health p99 under --health-p99-ms, after each round /stats shows no
@@ -78,6 +78,7 @@ SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_m
 MODES: dict[str, dict[str, str]] = {"default": {}, "none": {"NANOQWEN_GRAPH": "none"},
                                     "int8": {"NANOQWEN_QUANT": "int8"}, "int4": {"NANOQWEN_QUANT": "int4"},
                                     "bf16": {"NANOQWEN_DTYPE": "bfloat16"},
+                                    "torch": {"NANOQWEN_CPU_KERNELS": "0"},
                                     "spec": {"NANOQWEN_SPECULATIVE_CONFIG": SPECULATIVE},
                                     # differential.py's eager pool: 576 KV tokens for 8 sequences, so they preempt
                                     "tight": {"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_GRAPH": "none",

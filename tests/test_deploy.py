@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -241,6 +243,26 @@ def test_ready_and_access_log_lines(preloaded):
     assert re.search(r'"POST /v1/chat/completions" 200 \d+ \d+ms request_id=client-id-42$', log, re.MULTILINE), log
     assert re.search(rf'"GET /health" 200 \d+ \d+ms request_id={request_id}$', log, re.MULTILINE), log
     assert secret not in log
+
+
+def test_a_path_cannot_forge_an_access_log_line(preloaded):
+    """gunicorn logs the path percent-decoded: `%0D%0A` in it started a line of the client's own (CWE-117, llama.cpp's
+    test_log_injection), `%1B` a terminal escape. Each control character and backslash is written as `\\xNN`."""
+    forged = "FORGED-LINE 127.0.0.1 [01/Jan/2026:00:00:00 +0000] \"GET /health\" 200"
+    # a quote as gunicorn's own `\"`
+    paths = {"/v1/%0D%0A" + quote(forged): "/v1/\\x0d\\x0a" + forged.replace('"', '\\"'),
+             "/a%1B[31mred%9B%5Cx0a": "/a\\x1b[31mred\\x9b\\x5cx0a"}  # a backslash too: `\x0a` spelt is no escape
+    for path, logged in paths.items():
+        request_id = uuid.uuid4().hex
+        answer = requests.get(preloaded.url + path, timeout=10, headers={"X-Request-Id": request_id})
+        assert answer.status_code == 404 and answer.headers["X-Request-Id"] == request_id
+        deadline = time.monotonic() + 10
+        while f"request_id={request_id}" not in (log := preloaded.log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = rf'"GET {re.escape(logged)}" 404 \d+ \d+ms request_id={request_id}$'
+        assert re.search(line, log, re.MULTILINE), log[-2000:]
+    lines = preloaded.log().splitlines()
+    assert not any(line.startswith("FORGED") for line in lines) and not any("\x1b" in line for line in lines)
 
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import requests
 
+from scripted_http import ScriptedHandler, ScriptedServer, serving
 from server_process import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
@@ -42,57 +41,38 @@ OPENAPI = {  # one operation on a {response_id}, which answers 404 (GET below)
 NOT_FOUND = {"error": {"message": "no such response", "type": "invalid_request_error", "param": None, "code": None}}
 
 
-class Scripted(ThreadingHTTPServer):
+class Scripted(ScriptedServer):
     """Answers each POST with the next of `answers` (status, content type, body), keeping the bodies posted; GET
     /openapi.json with OPENAPI, any other GET with a 404 (`got` keeps their paths)."""
 
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
+        super().__init__(Handler)
         self.answers: list[tuple[int, str, bytes]] = []
         self.posted: list[dict[str, Any]] = []
         self.posted_to: list[str] = []
         self.got: list[str] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(ScriptedHandler):
     server: Scripted
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         self.server.posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         self.server.posted_to.append(self.path)
-        self._send(*self.server.answers.pop(0))
+        self.reply(*self.server.answers.pop(0))
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/openapi.json":
-            self._send(*answer(OPENAPI))
+            self.reply(*answer(OPENAPI))
         else:
             self.server.got.append(self.path)
-            self._send(*answer(NOT_FOUND, status=404))
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self.reply(*answer(NOT_FOUND, status=404))
 
 
 @pytest.fixture
 def server() -> Iterator[Scripted]:
-    srv = Scripted()
-    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    thread.join()
-    srv.server_close()
+    with serving(Scripted()) as srv:
+        yield srv
 
 
 def live(server: Scripted) -> LiveResponses:

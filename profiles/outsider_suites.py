@@ -1,0 +1,137 @@
+"""Other servers' own test cases, re-expressed against a real `gunicorn -k gevent server:app` (the tiny test checkpoint,
+CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` (completion/test_completion_error,
+chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions, test_extra_content_fields,
+test_enable_force_include_usage) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses,
+test_chat_truncate, test_ignore_eos) that do not depend on a real model's words. Each case says what this server
+must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`, llama.cpp's
+`timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
+
+    python profiles/outsider_suites.py
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from chat_http import MODEL, cpu_env  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+from server_process import GunicornServer  # noqa: E402
+
+MAX_MODEL_LEN = 256
+USER = [{"role": "user", "content": "hi"}]
+# (source, path, body, the status, the error's `param` or a 200 body's check)
+Case = tuple[str, str, dict[str, Any], int, str | Callable[[dict[str, Any]], bool]]
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    """llama.cpp test_chat_truncate's: a system message, `turns` user/assistant pairs, a last user message."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(1, turns + 1):
+        messages += [{"role": "user", "content": f"[U{i:03d}] Please explain topic {i:03d} in detail."},
+                     {"role": "assistant", "content": f"[A{i:03d}] Here is my explanation of topic {i:03d}."}]
+    return [*messages, {"role": "user", "content": "[U Last]This is the most recent user message."}]
+
+
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+CASES: list[Case] = [
+    ("vLLM test_completion_error: json_schema without its schema", COMPLETIONS,
+     {"prompt": "Test prompt", "max_tokens": 10, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ("vLLM test_completion_error: json_schema without its schema (chat)", CHAT,
+     {"messages": USER, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ("vLLM test_completion_error: a negative token id", COMPLETIONS, {"prompt": [-1], "max_tokens": 2}, 400, "prompt"),
+    ("vLLM test_completion_error: a negative token id, nested", COMPLETIONS,
+     {"prompt": [[-1]], "max_tokens": 2}, 400, "prompt"),
+    ("vLLM test_logprob_token_ids_validation: empty", CHAT, {"messages": USER, "logprob_token_ids": []}, 400,
+     "logprob_token_ids"),
+    ("vLLM test_logprob_token_ids_validation: without logprobs", COMPLETIONS,
+     {"prompt": "hi", "logprob_token_ids": [100]}, 400, "logprob_token_ids"),
+    ("vLLM test_batched_chat_completions: return_tokens_as_token_ids", CHAT,
+     {"messages": USER, "logprobs": True, "top_logprobs": 1, "return_tokens_as_token_ids": True}, 400,
+     "return_tokens_as_token_ids"),
+    ("vLLM test_batched_chat_completions: return_token_ids", CHAT, {"messages": USER, "return_token_ids": True}, 400,
+     "return_token_ids"),
+    ("vLLM test_extra_content_fields: a content part's extra field", CHAT,
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "source_lang_code": "en"}]}]}, 400,
+     "messages.[0].content.[0].source_lang_code"),
+    ("llama.cpp test_compat_oai_responses: json_schema without its schema", RESPONSES,
+     {"input": "Write an example", "text": {"format": {"type": "json_schema", "name": "test"}}}, 400,
+     "text.format.schema"),
+    # Qwen3 thinks first (the format holds from its `</think>`, which a random model may never write): thinking off
+    ("llama.cpp test_compat_oai_responses: a const schema", RESPONSES,
+     {"input": "Write an example", "max_output_tokens": 16, "chat_template_kwargs": {"enable_thinking": False},
+      "text": {"format": {"type": "json_schema", "name": "test", "schema": {"const": "foooooo"}}}}, 200,
+     lambda body: [item["content"][0]["text"] for item in body["output"]] == ['"foooooo"']),
+    ("llama.cpp test_compat_oai_responses: timings_per_token", RESPONSES,
+     {"input": "hi", "max_output_tokens": 16, "timings_per_token": True}, 400, "timings_per_token"),
+    ("llama.cpp test_compat_oai_responses: return_progress", RESPONSES,
+     {"input": "hi", "max_output_tokens": 16, "return_progress": True}, 400, "return_progress"),
+    ("llama.cpp test_chat_truncate: past the context", CHAT,
+     {"messages": conversation(95), "max_completion_tokens": 1}, 400, "messages"),
+    ("llama.cpp test_chat_truncate: past the context, streamed (before any event)", CHAT,
+     {"messages": conversation(95), "max_completion_tokens": 1, "stream": True}, 400, "messages"),
+    ("llama.cpp test_ignore_eos: every token asked for", COMPLETIONS,
+     {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}, 200,
+     lambda body: body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"),
+]
+
+
+def check_case(url: str, case: Case) -> str | None:
+    """What is wrong with the answer to `case`, or None."""
+    _, path, body, status, expected = case
+    answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path != RESPONSES
+                           else {"model": MODEL, **body}, timeout=120)
+    if answer.status_code != status:
+        return f"{answer.status_code} {answer.text[:300]}"
+    if isinstance(expected, str):
+        error = answer.json()["error"]
+        return None if error["param"] == expected else f"param {error['param']!r}: {error['message']}"
+    return None if expected(answer.json()) else f"200 {answer.text[:300]}"
+
+
+def continuous_usage(url: str) -> str | None:
+    """vLLM test_enable_force_include_usage: with `continuous_usage_stats`, every chunk's usage adds up and its count
+    never falls, and grows with each chunk of text; the chunk of the finish reason (OpenAI's own, after the last
+    token's: vLLM's holds both) and the usage chunk repeat the last count."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_completion_tokens=10,
+        temperature=0.0, stream=True, stream_options={"include_usage": True},
+        extra_body={"min_tokens": 10, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    last = 0
+    for chunk in stream:
+        usage = chunk.usage
+        if usage is None or usage.total_tokens != usage.prompt_tokens + usage.completion_tokens:
+            return f"usage {usage}"
+        text = any(choice.delta.content for choice in chunk.choices)
+        if usage.completion_tokens < last or (text and usage.completion_tokens == last):
+            return f"completion_tokens {usage.completion_tokens} after {last} ({chunk})"
+        last = usage.completion_tokens
+    return None if last == 10 else f"{last} completion tokens"
+
+
+def main() -> int:
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
+    out = REPO / "profiles" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with GunicornServer(env, out / "outsider_suites.log") as srv:
+        checks = [(case[0], lambda case=case: check_case(srv.url, case)) for case in CASES]
+        checks.append(("vLLM test_enable_force_include_usage: continuous usage", lambda: continuous_usage(srv.url)))
+        for name, check in checks:
+            problem = check()
+            failures += problem is not None
+            print(f"{'ok  ' if problem is None else 'FAIL'} {name}" + ("" if problem is None else f": {problem}"))
+    print(f"{len(checks) - failures} of {len(checks)} as expected")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
