@@ -171,23 +171,27 @@ static inline void amx_madd_2x2(const void *a0, const void *a1, int sa, const vo
    pair's `live` rows (a multiple of 8) that hold queries: a decode row's task is 2 of 32 rows at 0.6B's GQA. */
 #define VEC_ROWS 8
 
+/* a[u][h] += sum over j < n of x's pair j of row u (x + u * xs) times b's pairs j, columns 16h..16h+15 (b + j * bs). */
+static inline void vec_dot_8x32(__m512 a[VEC_ROWS][2], const uint32_t *x, long xs, const uint32_t *b, long bs, int n) {
+    for (int j = 0; j < n; j++) {
+        const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (long)j * bs);
+        const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (long)j * bs + 16);
+        for (int u = 0; u < VEC_ROWS; u++) {
+            const __m512bh xu = (__m512bh)_mm512_set1_epi32((int)x[(long)u * xs + j]);
+            a[u][0] = _mm512_dpbf16_ps(a[u][0], xu, b0);
+            a[u][1] = _mm512_dpbf16_ps(a[u][1], xu, b1);
+        }
+    }
+}
+
 /* s[r][k] = Q[r] . K[k] for rows r < live of the tile pair (qs: [live][D] bf16) and keys k < width (kt:
    [D / 2][TILE_KEYS] pairs): s is [32][TILE_KEYS] fp32. */
 static inline void vec_scores(const uint16_t *qs, const uint32_t *kt, float *s, int live, int width, int D) {
-    const uint32_t *qp = (const uint32_t *)qs;
     for (int r = 0; r < live; r += VEC_ROWS)
         for (int k0 = 0; k0 < width; k0 += 32) {
             __m512 a[VEC_ROWS][2];
             for (int u = 0; u < VEC_ROWS; u++) a[u][0] = a[u][1] = _mm512_setzero_ps();
-            for (int i = 0; i < D / 2; i++) {
-                const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kt + (long)i * TILE_KEYS + k0);
-                const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kt + (long)i * TILE_KEYS + k0 + 16);
-                for (int u = 0; u < VEC_ROWS; u++) {
-                    const __m512bh x = (__m512bh)_mm512_set1_epi32((int)qp[(long)(r + u) * D / 2 + i]);
-                    a[u][0] = _mm512_dpbf16_ps(a[u][0], x, b0);
-                    a[u][1] = _mm512_dpbf16_ps(a[u][1], x, b1);
-                }
-            }
+            vec_dot_8x32(a, (const uint32_t *)qs + (long)r * D / 2, D / 2, kt + k0, TILE_KEYS, D / 2);
             for (int u = 0; u < VEC_ROWS; u++) {
                 _mm512_storeu_ps(s + (long)(r + u) * TILE_KEYS + k0, a[u][0]);
                 _mm512_storeu_ps(s + (long)(r + u) * TILE_KEYS + k0 + 16, a[u][1]);
@@ -198,7 +202,6 @@ static inline void vec_scores(const uint16_t *qs, const uint32_t *kt, float *s, 
 /* acc[r] += P[r] V for rows r < live (p: [32][TILE_KEYS] bf16, acc: [live][D] fp32) over keys < width (vp:
    [TILE_KEYS / 2][D] pairs). */
 static inline void vec_pv(const uint16_t *p, const uint32_t *vp, float *acc, int live, int width, int D) {
-    const uint32_t *pp = (const uint32_t *)p;
     for (int r = 0; r < live; r += VEC_ROWS)
         for (int d = 0; d < D; d += 32) {
             __m512 a[VEC_ROWS][2];
@@ -206,15 +209,7 @@ static inline void vec_pv(const uint16_t *p, const uint32_t *vp, float *acc, int
                 a[u][0] = _mm512_loadu_ps(acc + (long)(r + u) * D + d);
                 a[u][1] = _mm512_loadu_ps(acc + (long)(r + u) * D + d + 16);
             }
-            for (int j = 0; j < width / 2; j++) {
-                const __m512bh b0 = (__m512bh)_mm512_loadu_si512(vp + (long)j * D + d);
-                const __m512bh b1 = (__m512bh)_mm512_loadu_si512(vp + (long)j * D + d + 16);
-                for (int u = 0; u < VEC_ROWS; u++) {
-                    const __m512bh x = (__m512bh)_mm512_set1_epi32((int)pp[(long)(r + u) * TILE_KEYS / 2 + j]);
-                    a[u][0] = _mm512_dpbf16_ps(a[u][0], x, b0);
-                    a[u][1] = _mm512_dpbf16_ps(a[u][1], x, b1);
-                }
-            }
+            vec_dot_8x32(a, (const uint32_t *)p + (long)r * TILE_KEYS / 2, TILE_KEYS / 2, vp + d, D, width / 2);
             for (int u = 0; u < VEC_ROWS; u++) {
                 _mm512_storeu_ps(acc + (long)(r + u) * D + d, a[u][0]);
                 _mm512_storeu_ps(acc + (long)(r + u) * D + d + 16, a[u][1]);
