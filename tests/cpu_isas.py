@@ -37,4 +37,5 @@ def cap_kernel_set(monkeypatch: pytest.MonkeyPatch, isa: str) -> None:
     for module in [m for m in vars(cpu).values() if getattr(m, "KERNEL", None) in cpu.C_KERNELS]:
         monkeypatch.setattr(module, "KERNEL", capped(module.KERNEL, isa))
     monkeypatch.setattr(cpu, "C_KERNELS", tuple(capped(kernel, isa) for kernel in cpu.C_KERNELS))
-    monkeypatch.setattr(cpu.prefill_attention, "amx", functools.cache(cpu.prefill_attention.amx.__wrapped__))
+    monkeypatch.setattr(cpu.prefill_attention, "tiles_serve",
+                        functools.cache(cpu.prefill_attention.tiles_serve.__wrapped__))

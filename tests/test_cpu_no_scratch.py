@@ -175,17 +175,16 @@ def test_int4_without_scratch_multiplies_the_dequantised_weights(m, g, dtype):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_prefill_attention_capped_below_amx_keeps_sdpa_for_long_runs(monkeypatch, isa):
-    """What a CPU without AMX builds, and each cap below it (cpu_isa avx2 or avx512) on any CPU: its kernel says the
-    tiles do not serve, so bf16 runs past C_MAX_NEW go to SDPA (as before the tiles), and a call asking for the tiles
-    gets the AVX2 loops, the same bits."""
-    loops = capped(cpu_prefill.KERNEL, isa).lib
+def test_prefill_attention_capped_at_avx2_keeps_sdpa_for_long_runs(monkeypatch):
+    """What an AVX2-only CPU builds, and the avx2 cap on any CPU: its kernel says the tiles do not serve, so bf16 runs
+    past C_MAX_NEW go to SDPA (as before the tiles), and a call asking for the tiles gets the AVX2 loops, the same
+    bits."""
+    loops = capped(cpu_prefill.KERNEL, "avx2").lib
     flag = ctypes.c_int(1)
-    loops.prefill_attention_amx(128, ctypes.byref(flag))
+    loops.prefill_attention_tiles(128, ctypes.byref(flag))
     assert flag.value == 0
     monkeypatch.setattr(cpu_prefill.KERNEL, "lib", loops)
-    monkeypatch.setattr(cpu_prefill, "amx", functools.cache(cpu_prefill.amx.__wrapped__))
+    monkeypatch.setattr(cpu_prefill, "tiles_serve", functools.cache(cpu_prefill.tiles_serve.__wrapped__))
     sdpa = []
     real = cpu_prefill._sdpa
     monkeypatch.setattr(cpu_prefill, "_sdpa", lambda q, *a: sdpa.append(q.shape[0]) or real(q, *a))

@@ -3,8 +3,6 @@ torch reference, and through the engine after a prefix-cache hit against transfo
 from __future__ import annotations
 
 import ctypes
-import platform
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 import paged_inputs
 from chat_http import MODEL, completion_texts, cpu_env
 from checkpoints import make_checkpoint
+from cpu_isas import CPU_FLAGS, LOOPS, capped
 from engine_util import generate, greedy, hf_greedy, load_engine
 from nanoqwen import loader
 from ops.cpu import build as cpu_build
@@ -40,7 +39,7 @@ def kernel(q, k, v, k_cache, v_cache, tables, query_lens, context_lens, scale, t
     return cpu_prefill.prefill_attention_kernel(q, k_cache, v_cache, tables, query_lens, context_lens, scale, tiles)
 
 
-# The AMX tiles' edges (csrc/prefill_amx.h: tasks of 512 query vectors, 256-key blocks, 32-row tiles): uncached runs
+# The tiles' edges (csrc/prefill_tiles.h: tasks of 512 query vectors, 256-key blocks, 32-row tiles): uncached runs
 # longer than a task and off the tile and block sizes, chunks after a prefix that start mid-page and end off a
 # block, a run of a whole task, decode rows and a one-token prompt beside them.
 TILE_SEQS = [(300, 300), (130, 517), (257, 257), (1, 1), (65, 65), (33, 100), (1, 70), (128, 128)]
@@ -63,36 +62,39 @@ def test_kernel_matches_reference(shape, dtype):
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize("shape", TILE_SHAPES, ids=str)
-def test_amx_tiles_match_reference(shape):
-    """bf16 on the AMX tiles (the AVX2 loops on a CPU without them, which the same bounds hold)."""
+def test_tiles_match_reference(monkeypatch, shape, loops):
+    """bf16 on the tiles under each cap the CPU has: AMX's where it has them (built), vdpbf16ps on an AVX-512 BF16 CPU
+    without AMX (built) or capped below AMX (avx512), the AVX2 loops where the tiles do not serve (avx2), which the same
+    bounds hold."""
+    monkeypatch.setattr(cpu_prefill, "KERNEL", capped(cpu_prefill.KERNEL, loops))
     args, _, _ = paged_inputs.paged(TILE_SEQS, *shape, dtype=torch.bfloat16)
     out = kernel(*args, tiles=True)
     assert out.shape == args[0].shape and out.dtype == torch.bfloat16
     torch.testing.assert_close(out, prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
 
 
-def test_amx_tiles_rescale_the_running_sums_when_a_later_block_outscores_the_first():
+@pytest.mark.parametrize("loops", LOOPS)
+def test_tiles_rescale_the_running_sums_when_a_later_block_outscores_the_first(monkeypatch, loops):
     """Queries x8: a later 256-key block's top score passes a row's running maximum by more than LAZY, so the tiles
     must rescale its accumulator and sum (at N(0, 0.6) scores they never do)."""
+    monkeypatch.setattr(cpu_prefill, "KERNEL", capped(cpu_prefill.KERNEL, loops))
     args, _, _ = paged_inputs.paged([(300, 300), (130, 517)], 4, 2, 32, 4, dtype=torch.bfloat16)
     args = (args[0] * 8, *args[1:])
     torch.testing.assert_close(kernel(*args, tiles=True), prefill_attention_torch(*args), **TOLERANCE[torch.bfloat16])
 
 
-def linux_grants_amx() -> bool:
-    """Whether Linux lets this process use the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)."""
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl on x86-64
-
-
-def test_amx_tiles_serve_where_the_cpu_has_them_and_linux_allows_them():
-    flags = Path("/proc/cpuinfo").read_text() if sys.platform == "linux" else ""
-    ready = " amx_bf16" in flags and " avx512_bf16" in flags and linux_grants_amx()
-    assert cpu_prefill.amx(128) == cpu_prefill.amx(32) == ready
-    assert not cpu_prefill.amx(40) and not cpu_prefill.amx(288)  # off the 32-column tiles, past 256: the AVX2 loops
+def test_tiles_serve_where_the_cpu_has_avx512_bf16():
+    """AMX-BF16 CPUs have AVX-512 BF16 too: its vdpbf16ps serve where AMX does not (or Linux refuses its tiles)."""
+    ready = {"avx512f", "avx512bw", "avx512_bf16"} <= CPU_FLAGS
+    assert cpu_prefill.tiles_serve(128) == cpu_prefill.tiles_serve(32) == ready
+    # off the 32-column tiles, past 256: the AVX2 loops
+    assert not cpu_prefill.tiles_serve(40) and not cpu_prefill.tiles_serve(288)
+    for isa, serves in (("avx2", False), ("avx512", ready)):  # the cap below AMX keeps vdpbf16ps, AVX2's neither
+        flag = ctypes.c_int(-1)
+        capped(cpu_prefill.KERNEL, isa).lib.prefill_attention_tiles(128, ctypes.byref(flag))
+        assert flag.value == serves
 
 
 @pytest.mark.parametrize("tiles", [False, True])
@@ -140,11 +142,11 @@ def test_dispatch_matches_reference(monkeypatch, dtype, max_new, scattered):
 
 
 @pytest.mark.parametrize("max_new", [0, 16, 10_000])  # C_MAX_NEW: no sequence, some, all for the AVX2 loops elsewhere
-def test_dispatch_takes_the_amx_tiles_in_bf16(monkeypatch, max_new):
+def test_dispatch_takes_the_tiles_in_bf16(monkeypatch, max_new):
     """Where the tiles serve, every sequence goes to them in one call (decode rows and short chunks too: the tiles beat
     the AVX2 loops there), whatever C_MAX_NEW; none to the loops or SDPA."""
-    if not cpu_prefill.amx(32):
-        pytest.skip("no AMX-BF16 on this CPU: its dispatch is test_dispatch_matches_reference's")
+    if not cpu_prefill.tiles_serve(32):
+        pytest.skip("no AVX-512 BF16 on this CPU: its dispatch is test_dispatch_matches_reference's")
     monkeypatch.setattr(cpu_prefill, "C_MAX_NEW", max_new)
     calls = []
     real = cpu_prefill.prefill_attention_kernel
@@ -183,13 +185,13 @@ def test_prefix_cache_hits_through_the_engine_match_transformers(tiny_checkpoint
     assert [11] in calls  # the short prompt's 11 new tokens went to the C kernel
 
 
-def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch, tmp_path: Path):
+def test_the_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypatch, tmp_path: Path):
     """A bf16 checkpoint at a head dim the tiles take (128): a 300-token prompt (rows over two 256-key blocks), the
     same with 2 more tokens (a prefix hit, 14 new) and its first 288 with 72 others (a prefix hit, 72 new): greedy
     tokens with the tiles the same as with them off (the AVX2 loops and SDPA), and the tiles served every prefill;
     the same tokens from a real gunicorn in bf16 (its worker's tiles: the same CPU and dispatch; decode replayed)."""
-    if not cpu_prefill.amx(128):
-        pytest.skip("no AMX-BF16 on this CPU: its engine runs are the other tests'")
+    if not cpu_prefill.tiles_serve(128):
+        pytest.skip("no AVX-512 BF16 on this CPU: its engine runs are the other tests'")
     checkpoint = make_checkpoint(head_dim=128, dtype=torch.bfloat16, seed=7)
     first = list(range(1000, 1300))
     prompts = [first, first + [7, 8], first[:288] + list(range(2000, 2072))]
@@ -206,7 +208,7 @@ def test_the_amx_tiles_through_the_engine_give_the_tokens_they_give_off(monkeypa
 
     tiles = run()
     assert calls == [(new, True) for new in ([300], [14], [72]) for _layer in range(2)]
-    monkeypatch.setattr(cpu_prefill, "amx", lambda head_dim: False)
+    monkeypatch.setattr(cpu_prefill, "tiles_serve", lambda head_dim: False)
     assert run() == tiles
     tokenizer = loader.load_tokenizer(checkpoint)
     body = dict(model=MODEL, temperature=0, max_tokens=16,

@@ -8,15 +8,17 @@ group of one kv head) walk the context in tiles of 64 keys up to their last toke
 an online softmax and fp32 accumulation; memory is a fixed scratch per thread, whatever the context.
 Source: csrc/prefill_attention.c, built by build.py.
 
-On CPUs with AMX-BF16, bf16 also has the kernel's AMX tiles (csrc/prefill_amx.h): tasks of 512 query vectors
-over 256-key blocks packed once a task, scores and P V on the tiles with fp32 sums, the online softmax in fp32 on
-AVX-512; 1.5-2x SDPA's fused kernel a thread at 0.6B's shapes (profiles/RESULTS.md, "attn9").
+On CPUs with AVX-512 BF16, bf16 also has the kernel's tiles (csrc/prefill_tiles.h): tasks of 512 query vectors
+over 256-key blocks packed once a task, scores and P V with bf16 products and fp32 sums (on AMX's tiles where the CPU
+has AMX-BF16, else by vdpbf16ps), the online softmax in fp32 on AVX-512. At 0.6B's shapes, a thread: 1.5-2x SDPA's
+fused kernel on the AMX Xeon (profiles/RESULTS.md, "attn9"), 5-6x on a Zen 5 without AMX ("prefill32").
 
-`prefill_attention_cpu`, the CPU kernel set's op, gives every sequence to the kernel's AMX tiles where they serve
-(they beat the AVX2 loops at every run length measured, a decode row included: profiles/RESULTS.md, "attn9fix");
-elsewhere the AVX2 loops take the sequences they win (C_MAX_NEW), SDPA's fused kernels the rest: the reference's one
-causal call for a sequence with nothing or little cached; after a longer prefix, one unmasked call over the prefix
-and one causal call over the new tokens, merged by their logsumexps: no [new, context] mask, no score computed twice.
+`prefill_attention_cpu`, the CPU kernel set's op, gives every sequence to the kernel's tiles where they serve (they
+beat the AVX2 loops at every run length measured, a decode row included: profiles/RESULTS.md, "attn9fix",
+"prefill32"); elsewhere (fp32, AVX2-only CPUs) the AVX2 loops take the sequences they win (C_MAX_NEW), SDPA's fused
+kernels the rest: the reference's one causal call for a sequence with nothing or little cached; after a longer prefix,
+one unmasked call over the prefix and one causal call over the new tokens, merged by their logsumexps: no [new,
+context] mask, no score computed twice.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ MAX_HEAD_DIM = 256
 # the context in place where SDPA first gathers it out of the blocks (decode rows of a chunked batch,
 # short chunks). Longer runs of new tokens, and sequences with nothing cached, go to SDPA's fused kernels, whose
 # oneDNN AMX/AVX-512 GEMMs the AVX2 loops do not match (profiles/RESULTS.md, "Paged prefill attention"). Not used
-# where the AMX tiles serve: they take every sequence.
+# where the tiles serve: they take every sequence.
 C_MAX_NEW = 16
 # A prefix under 1/SPLIT_MIN_PREFIX of the new tokens costs less padded under one causal SDPA call (the
 # reference's route) than in a call of its own. Measured in bf16 at 0.6B's shapes: the reference 1.4x
@@ -42,7 +44,7 @@ C_MAX_NEW = 16
 # 1.7x faster at 12288 + 4096 and 15360 + 1024 (the reference's masked rows).
 SPLIT_MIN_PREFIX = 8
 
-KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention", "prefill_attention_amx"))
+KERNEL = build.CKernel("cpu_prefill_attention", "prefill_attention.c", ("prefill_attention", "prefill_attention_tiles"))
 
 
 def takes(head_dim: int, group: int) -> bool:
@@ -51,10 +53,11 @@ def takes(head_dim: int, group: int) -> bool:
 
 
 @functools.cache
-def amx(head_dim: int) -> bool:
-    """Whether the kernel's AMX tiles serve bf16 at this head dim on this CPU (csrc/prefill_amx.h)."""
+def tiles_serve(head_dim: int) -> bool:
+    """Whether the kernel's tiles serve bf16 at this head dim on this CPU, within its build's cap (csrc/prefill_tiles.h:
+    AMX-BF16 or AVX-512 BF16)."""
     flag = ctypes.c_int(0)
-    KERNEL.lib.prefill_attention_amx(head_dim, ctypes.byref(flag))
+    KERNEL.lib.prefill_attention_tiles(head_dim, ctypes.byref(flag))
     return bool(flag.value)
 
 
@@ -66,7 +69,7 @@ def _prefill_attention(
     query_lens: list[int],
     context_lens: list[int],
     scale: float,
-    tiles: bool = False,  # the AMX tiles where amx() says they serve, else the AVX2 loops
+    tiles: bool = False,  # the tiles where tiles_serve() says they serve, else the AVX2 loops
 ) -> torch.Tensor:  # [N, Hq, D]
     q = q.contiguous()
     tables = block_tables.contiguous()
@@ -153,9 +156,9 @@ def prefill_attention_cpu(
     context_lens: list[int],  # cached + new tokens per sequence
     scale: float,
 ) -> torch.Tensor:  # [N, Hq, D]
-    """Every sequence to the C kernel's AMX tiles in one call (bf16 where amx() says they serve); else those of at
+    """Every sequence to the C kernel's tiles in one call (bf16 where tiles_serve() says so); else those of at
     most C_MAX_NEW new tokens after a cached prefix to its AVX2 loops, in one call, the rest to SDPA's fused kernels."""
-    if q.dtype == torch.bfloat16 and amx(q.shape[2]):
+    if q.dtype == torch.bfloat16 and tiles_serve(q.shape[2]):
         return prefill_attention_kernel(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale, True)
     small = [n < c and n <= C_MAX_NEW for n, c in zip(query_lens, context_lens)]
     if all(small):

@@ -48,13 +48,14 @@ void decode_attention_avx512(int D, int bf16, int *avx512);
 
 /* prefill_attention.c: causal attention of each sequence's new tokens over its paged context (the new
    tokens last, already in the cache). q, out: [N, Hq, D] with N = sum(qlens); k/v cache: [blocks, bs, Hkv, D];
-   tables: [S, W] int32; qlens, ctx: [S] int32. D % 8 == 0, D <= 256, Hq / Hkv <= 64. amx: the AMX tiles where
-   prefill_attention_amx says they serve (bf16 only), else the AVX2 loops. */
+   tables: [S, W] int32; qlens, ctx: [S] int32. D % 8 == 0, D <= 256, Hq / Hkv <= 64. tiles: the bf16 tiles where
+   prefill_attention_tiles says they serve (bf16 only), else the AVX2 loops. */
 int prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
-                      int bf16, int amx);
-/* Sets *amx to whether prefill_attention's AMX tiles serve head dim D on this CPU (AMX-BF16, D % 32 == 0). */
-void prefill_attention_amx(int D, int *amx);
+                      int bf16, int tiles);
+/* Sets *tiles to whether prefill_attention's bf16 tiles serve head dim D on this CPU (AMX-BF16 or AVX-512 BF16 within
+   the build's cap, D % 32 == 0). */
+void prefill_attention_tiles(int D, int *tiles);
 
 /* norm_rope.c: x, res, out, res_out: [N, H] contiguous, H <= 8192, H % 8 == 0; res and res_out may be NULL. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,

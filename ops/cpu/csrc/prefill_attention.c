@@ -2,7 +2,7 @@
 #include <omp.h>
 
 #include "nanoqwen_cpu.h"
-#include "prefill_amx.h"
+#include "prefill_tiles.h"
 #include "scratch.h"
 #include "simd.h"
 
@@ -184,16 +184,16 @@ static void attend_task(Scratch *w, const void *q, const void *kc, const void *v
     }
 }
 
-/* Shapes: see nanoqwen_cpu.h. Tasks (sequence, kv head, a run of new tokens: ROWS / G of them, or AMX_TASK_ROWS / G
-   on AMX), longest first. Its memory, a scratch a thread and the task table, is the call's own (scratch.h's
+/* Shapes: see nanoqwen_cpu.h. Tasks (sequence, kv head, a run of new tokens: ROWS / G of them, or TILE_TASK_ROWS / G
+   on the tiles), longest first. Its memory, a scratch a thread and the task table, is the call's own (scratch.h's
    call_memory, not a scratch kept between calls): allocated once, before any work, and freed at its end. */
 int prefill_attention(const void *q, const void *kc, const void *vc, const int32_t *tables, const int32_t *qlens,
                       const int32_t *ctx, void *out, int S, int Hq, int Hkv, int D, int bs, int W, float scale,
-                      int bf16, int amx) {
-    amx = amx && bf16 && amx_prefill_takes(D);
-    const struct amx_layout layout = amx_layout(amx ? D : 32);
-    const int G = Hq / Hkv, span = (amx ? AMX_TASK_ROWS : ROWS) / G, threads = omp_get_max_threads();
-    const size_t each = ((amx ? layout.total : sizeof(Scratch)) + 63) & ~(size_t)63;
+                      int bf16, int tiles) {
+    const int tiled = tiles && bf16 && tiles_take(D);
+    const struct tile_layout layout = tile_layout(tiled ? D : 32);
+    const int G = Hq / Hkv, span = (tiled ? TILE_TASK_ROWS : ROWS) / G, threads = omp_get_max_threads();
+    const size_t each = ((tiled ? layout.total : sizeof(Scratch)) + 63) & ~(size_t)63;
     char *memory = call_memory((size_t)threads * each + sizeof(long) * (2 * (size_t)S + 1));
     if (!memory) return NANOQWEN_NO_MEMORY;
     long *first = (long *)(memory + (size_t)threads * each), *q0 = first + S + 1;
@@ -214,8 +214,8 @@ int prefill_attention(const void *q, const void *kc, const void *vc, const int32
             long local = first[s + 1] - 1 - task;  /* last tiles first: they see the most keys */
             int tile = (int)(local / Hkv), h = (int)(local % Hkv), i0 = tile * span;
             int count = qlens[s] - i0 < span ? qlens[s] - i0 : span;
-            if (amx)
-                amx_task(w, &layout, q, kc, vc, tables + (long)s * W, out, q0[s], i0, count, ctx[s] - qlens[s], h, Hq,
+            if (tiled)
+                tile_task(w, &layout, q, kc, vc, tables + (long)s * W, out, q0[s], i0, count, ctx[s] - qlens[s], h, Hq,
                          Hkv, D, bs, qk_scale);
             else
                 attend_task((Scratch *)w, q, kc, vc, tables + (long)s * W, out, q0[s], i0, count, ctx[s] - qlens[s], h,
@@ -226,4 +226,4 @@ int prefill_attention(const void *q, const void *kc, const void *vc, const int32
     return 0;
 }
 
-void prefill_attention_amx(int D, int *amx) { *amx = amx_prefill_takes(D); }
+void prefill_attention_tiles(int D, int *tiles) { *tiles = tiles_take(D); }
