@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gunicorn.glogging import Logger
+from gunicorn.glogging import SafeAtoms
+from gunicorn.instrument.statsd import Statsd
 
 UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
@@ -19,7 +20,20 @@ def escaped(text: str) -> str:
     return UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
-class AccessLogger(Logger):
-    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
-        return {key: escaped(value) if isinstance(value, str) else value
-                for key, value in super().atoms(resp, req, environ, request_time).items()}
+class EscapedAtoms(SafeAtoms):
+    """An atom escaped when the format reads it (~6 of ~40 atoms), then quoted as SafeAtoms quotes: escaped first, so
+    gunicorn's `\\"` is not written `\\x5c"`."""
+
+    def __init__(self, atoms: dict[str, Any]) -> None:
+        dict.__init__(self, atoms)
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        return escaped(value).replace('"', '\\"') if isinstance(value, str) else value
+
+
+class AccessLogger(Statsd):
+    """Statsd's logger (no socket without `--statsd-host`): gunicorn switches to it only while `logger_class` is its
+    default, so a Logger here silently turned `--statsd-host` off. A `--logger-class` given drops the escaping."""
+
+    atoms_wrapper_class = EscapedAtoms

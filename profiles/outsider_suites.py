@@ -126,7 +126,10 @@ def main() -> int:
         checks = [(case[0], lambda case=case: check_case(srv.url, case)) for case in CASES]
         checks.append(("vLLM test_enable_force_include_usage: continuous usage", lambda: continuous_usage(srv.url)))
         for name, check in checks:
-            problem = check()
+            try:
+                problem = check()
+            except Exception as exc:  # an answer not of the shape a check reads (no envelope, no content) is its FAIL
+                problem = repr(exc)
             failures += problem is not None
             print(f"{'ok  ' if problem is None else 'FAIL'} {name}" + ("" if problem is None else f": {problem}"))
     print(f"{len(checks) - failures} of {len(checks)} as expected")

@@ -4,6 +4,7 @@ large Responses request's conversion to a chat request (~200 ms for 16,000 items
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from functools import partial, wraps
@@ -309,6 +310,19 @@ def test_an_answer_our_code_broke_is_the_500_its_stream_fails_with(
         "/v1/responses", json={**body, "stream": True}).get_data(as_text=True).splitlines()
         if line.startswith("data: ") and '"response.failed"' in line)
     assert failed["response"]["error"]["code"] == answer.json["error"]["code"]
+
+
+def test_an_unhandled_errors_log_line_escapes_the_path(
+        served: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The path is percent-decoded: its CR LF wrote a line of the client's choosing into the error log."""
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(responses_api.ResponsesService, "retrieve", broken)
+    with caplog.at_level(logging.ERROR, logger="nanoqwen.api.app"):
+        answer = served.get("/v1/responses/x%0D%0A[INFO] ready: FORGED%1B[31m")
+    assert answer.status_code == 500
+    assert caplog.messages == ["unhandled error on GET /v1/responses/x\\x0d\\x0a[INFO] ready: FORGED\\x1b[31m"]
 
 
 def test_a_stored_completion_refused_503_leaves_nothing_generating(

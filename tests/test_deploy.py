@@ -265,6 +265,28 @@ def test_a_path_cannot_forge_an_access_log_line(preloaded):
     assert not any(line.startswith("FORGED") for line in lines) and not any("\x1b" in line for line in lines)
 
 
+def test_statsd_host_still_picks_statsd_and_each_atom_is_escaped_before_it_is_quoted() -> None:
+    """gunicorn swaps in its statsd logger only while logger_class is its default: our logger must be one, or
+    `--statsd-host` does nothing. Atoms are escaped as the format reads them, before gunicorn's quoting."""
+    from gunicorn.config import Config
+    from gunicorn.instrument.statsd import Statsd
+
+    from nanoqwen.access_log import AccessLogger, EscapedAtoms
+
+    config = Config()
+    config.set("logger_class", "nanoqwen.access_log.AccessLogger")  # as nanoqwen/gunicorn_conf.py sets it
+    config.set("statsd_host", "127.0.0.1:8125")
+    assert config.logger_class is AccessLogger and issubclass(AccessLogger, Statsd)
+    logger = AccessLogger(config)
+    try:
+        assert logger.sock is not None
+    finally:
+        logger.sock.close()
+    atoms = EscapedAtoms({"U": 'a"\\b\r\nc\x1b', "{user-agent}i": "x\ny", "s": 200})
+    read = (atoms["U"], atoms["{User-Agent}i"], atoms["s"], atoms["b"])
+    assert read == ('a\\"\\x5cb\\x0d\\x0ac\\x1b', "x\\x0ay", 200, "-")
+
+
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):
     """Beside it a stream whose text is held back (tools offered, an answer of `<tool_call>` tokens: a call or text,
     known only at the block's end) sends that text before its error, as its end would: it was dropped. A Responses

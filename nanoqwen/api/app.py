@@ -12,6 +12,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, NotFound
 
+from nanoqwen.access_log import escaped
 from nanoqwen.api import request_id
 from nanoqwen.api.body import ParsedBody, close_if_unread, read_body
 from nanoqwen.api.chat import ChatService
@@ -253,7 +254,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.errorhandler(Exception)
     def internal_error(exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, escaped(request.path))  # a path's CR LF
         return _error_response(generation_error("Internal server error"))  # a stream's failure says the same
 
     return app
