@@ -1,7 +1,7 @@
 """The C kernels' loops under each cpu_isa cap this CPU can tell apart (ops/cpu/build.py, csrc/gemv.h's NANOQWEN_ISA),
 for the tests that run every one of them: "built" (the kernel set's own build, all the CPU has), "avx2" always (an
-AVX2-only CPU's loops: on one, the built ones again), "avx512" where the CPU has AMX too (AVX-512's loops without the
-tiles: on an AVX-512 CPU without AMX, the built ones)."""
+AVX2-only CPU's loops: on one, the built ones again), "avx512" where the CPU has AMX too (AVX-512's loops without AMX,
+vdpbf16ps for the bf16 tiles: on an AVX-512 CPU without AMX, the built ones)."""
 from __future__ import annotations
 
 import functools

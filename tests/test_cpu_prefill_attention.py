@@ -28,6 +28,7 @@ SHAPES = [  # num_q_heads, num_kv_heads, head_dim, block_size
     (6, 1, 64, 16),  # GQA 6: a 64-row task holds 10 tokens and 4 padding rows
     (4, 4, 40, 16),  # MHA, a head dim off the 32-column blocks
     (16, 8, 128, 16),  # Qwen3-0.6B
+    (2, 1, 256, 8),  # the largest head dim the tiles take
 ]
 
 
@@ -47,6 +48,7 @@ TILE_SHAPES = [  # num_q_heads, num_kv_heads, head_dim, block_size; head dims th
     (4, 2, 32, 4),  # GQA 2, 4-token pages: a 16-key tile spans 4 of them
     (6, 1, 64, 16),  # GQA 6: a task holds 85 tokens, 510 rows and 2 padding rows
     (16, 8, 128, 16),  # Qwen3-0.6B
+    (2, 1, 256, 8),  # the largest head dim the tiles take
 ]
 
 
@@ -97,8 +99,10 @@ def test_tiles_serve_where_the_cpu_has_avx512_bf16():
         assert flag.value == serves
 
 
-@pytest.mark.parametrize("tiles", [False, True])
-def test_kernel_reads_nothing_past_the_context(tiles):
+@pytest.mark.parametrize(("tiles", "loops"), [(False, "built"), *((True, loops) for loops in LOOPS)])
+def test_kernel_reads_nothing_past_the_context(monkeypatch, tiles, loops):
+    """NaN past each context: the tiles under every cap (AMX, vdpbf16ps, the AVX2 loops) zero the keys they pad."""
+    monkeypatch.setattr(cpu_prefill, "KERNEL", capped(cpu_prefill.KERNEL, loops))
     seqs = [(3, 10), (1, 5), (9, 9), (70, 75)]
     dtype, head_dim = (torch.bfloat16, 32) if tiles else (torch.float32, 16)
     args, _, _ = paged_inputs.paged(seqs, 4, 2, head_dim, 4, dtype=dtype)
