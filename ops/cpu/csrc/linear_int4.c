@@ -149,94 +149,131 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
     store_row8(a->y, (long)m * a->N + second, upper, a->bf16);
 }
 
-/* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
-   this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
-   b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
-   and scaled at once. At one activation row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
-   shift and mask are two) in sums of their own, shifted back (exact: multiples of 16) at the span's end, which also
-   halves each chain of vpdpbusd (1 row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md,
-   int4row; at 2 fp32 rows the extra sums spill: 1.05x). */
+/* Span `span` of weight rows n[i], i < W (<= 2), against activation rows m0 + r, r < R (<= ROWS), of P pieces, all
+   constants where this is inlined: f[i][r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32
+   sums collects block b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks'
+   sums are converted and scaled at once. Each load of the pieces serves the W weight rows: at 1 activation row two
+   (one of each stream, stream_rows) took 0.70x the time of one (hot in L2, one thread on Zen 5: 1024 x 1024, 10.0 µs
+   against 14.1; the loads of the pieces, 32 a span and row, bound the loop, not its 32 vpdpbusd). At one activation
+   row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where shift and mask are two) in sums of
+   their own, shifted back (exact: multiples of 16) at the span's end, which also halves each chain of vpdpbusd (1
+   row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md, int4row; at 2 fp32 rows the extra
+   sums spill: 1.05x). A weight row's sums take the same operations in the same order whatever W: the same bits. */
 static inline __attribute__((always_inline)) void
-span_vnni(const struct linear_int4_args *a, long n, int m0, int R, int P, long span, int count, const uint8_t *ahead,
-          __m512 f[ROWS]) {
+span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
+          const uint8_t *const ahead[], __m512 f[][ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
-    const uint8_t *w = a->w + n * (K / 2) + b0 * 32;
-    __m512i acc[ROWS][ACT_MAX_PIECES], upper[ACT_MAX_PIECES];  /* upper[p]: 16 x the high nibbles' sums */
-    for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-            acc[r][p] = _mm512_setzero_si512();
-            if (split) upper[p] = _mm512_setzero_si512();
-        }
+    __m512i acc[2][ROWS][ACT_MAX_PIECES], upper[2][ACT_MAX_PIECES];  /* upper[i][p]: 16 x the high nibbles' sums */
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+        for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead[i] + 64 * k);
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                acc[i][r][p] = _mm512_setzero_si512();
+                if (split) upper[i][p] = _mm512_setzero_si512();
+            }
     _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-        const __m512i od = span_dwords(w, count, d);
-        const __m512i lo = _mm512_and_si512(od, nibble);
-        const __m512i hi = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
+        __m512i lo[2], hi[2];
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+            const __m512i od = span_dwords(a->w + n[i] * (K / 2) + b0 * 32, count, d);
+            lo[i] = _mm512_and_si512(od, nibble);
+            hi[i] = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
+        }
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
                 const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
-                acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
-                if (split) upper[p] = _mm512_dpbusd_epi32(upper[p], hi, _mm512_load_si512(q + 64));
-                else acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
+                const __m512i ql = _mm512_load_si512(q), qh = _mm512_load_si512(q + 64);
+                _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+                    acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], lo[i], ql);
+                    if (split) upper[i][p] = _mm512_dpbusd_epi32(upper[i][p], hi[i], qh);
+                    else acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], hi[i], qh);
+                }
             }
     }
-    if (split)
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
-                acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_srai_epi32(upper[p], 4));
-    /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the span's
-       first, spread over its blocks */
-    const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
-    __m512 s = load16(a->scale, n * groups + g0, used, a->bf16), off = load16(a->offset, n * groups + g0, used, a->bf16);
-    if (a->G > 64) {
-        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
-        s = _mm512_permutexvar_ps(idx, s), off = _mm512_permutexvar_ps(idx, off);
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        if (split)
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                    acc[i][r][p] = _mm512_add_epi32(acc[i][r][p], _mm512_srai_epi32(upper[i][p], 4));
+        /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
+           span's first, spread over its blocks */
+        const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
+        __m512 s = load16(a->scale, n[i] * groups + g0, used, a->bf16);
+        __m512 off = load16(a->offset, n[i] * groups + g0, used, a->bf16);
+        if (a->G > 64) {
+            const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+            s = _mm512_permutexvar_ps(idx, s), off = _mm512_permutexvar_ps(idx, off);
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+            const float *pa = a->x.a + (long)(m0 + r) * P;
+            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_set1_ps(pa[0]));
+            _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
+                sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_set1_ps(pa[p]), sum);
+            f[i][r] = _mm512_fmadd_ps(sum, s, f[i][r]);
+            f[i][r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[i][r]);
+        }
     }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        const float *pa = a->x.a + (long)(m0 + r) * P;
-        __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
-        _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
-            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
-        f[r] = _mm512_fmadd_ps(sum, s, f[r]);
-        f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
+}
+
+/* Weight rows j .. j + W - 1 of rows_vnni's order (at 1 activation row the two streams' in turn: j even the first
+   half's row j / 2, odd the second half's), their whole rows of spans, their f kept in sums by slot and stored each
+   16 (store_sums16), or one by one past the last whole 16. */
+static inline __attribute__((always_inline)) void
+stream_rows(const struct linear_int4_args *a, long n0, int j, int W, int count, int half, int m0, int R, int P,
+            __m512 sums[ROWS][16]) {
+    const long spans = a->x.len / SPAN, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
+    const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
+    long n[2];
+    const uint8_t *w[2], *ahead[2];
+    __m512 f[2][ROWS];
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        n[i] = n0 + (R > 1 ? j + i : (j + i) & 1 ? half + (j + i) / 2 : (j + i) / 2);
+        w[i] = a->w + n[i] * (a->K / 2);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
+    }
+    /* a constant count in the whole spans: their loads are plain */
+    for (long span = 0; span < whole; span++) {
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + span * SPAN / 2 + PREFETCH_BYTES;
+        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, f);
+    }
+    if (whole < spans) {
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + whole * SPAN / 2 + PREFETCH_BYTES;
+        span_vnni(a, n, W, m0, R, P, whole, last, ahead, f);
+    }
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        const int at = j + i;
+        if (count - (at & ~15) >= 16) {
+            const int slot = R == 1 ? (at & 1) * 8 + (at & 15) / 2 : at & 15;  /* at 1 row 0-7 the first stream's */
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[i][r];
+            if ((at & 15) == 15) {
+                const long first = n0 + (R == 1 ? (at & ~15) / 2 : at & ~15), second = first + (R == 1 ? half : 8);
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
+            }
+            continue;
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+            store1(a->y, (long)(m0 + r) * a->N + n[i], lane_sum(f[i][r]), a->bf16);
     }
 }
 
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
-   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each in turn (at batch 1
-   linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
-   before it is read; a last span, the same row of the next block. */
+   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
+   linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
+   next span is prefetched, `count` rows before it is read; a last span, the same row of the next block. */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
-    const long spans = a->x.len / SPAN, row = a->K / 2, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
+    const long spans = a->x.len / SPAN, row = a->K / 2;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
-        for (int j = 0; j < count; j++) {
-            const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
-            const uint8_t *w = a->w + (n0 + i) * row;
-            __m512 f[ROWS];
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
-            /* a constant count in the whole spans: their loads are plain */
-            for (long span = 0; span < whole; span++)
-                span_vnni(a, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
-            if (whole < spans) span_vnni(a, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
-            if (count - (j & ~15) >= 16) {
-                const int slot = R == 1 ? (j & 1) * 8 + (j & 15) / 2 : j & 15;  /* at 1 row 0-7 the first stream's */
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[r];
-                if ((j & 15) == 15) {
-                    const long first = n0 + (R == 1 ? (j & ~15) / 2 : j & ~15), second = first + (R == 1 ? half : 8);
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
-                }
-                continue;
-            }
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[r]), a->bf16);
-        }
+        int j = 0;
+        if (R == 1)  /* a row of each stream a pass, each load of the pieces shared */
+            for (; j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
+        for (; j < count; j++) stream_rows(a, n0, j, 1, count, half, m0, R, P, sums);
         return;
     }
     __m512 f[ROW_BLOCK][ROWS];
@@ -244,10 +281,9 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
     for (long span = 0; span < spans; span++)
         for (int i = 0; i < count; i++) {
-            const uint8_t *w = a->w + (n0 + i) * row;
-            span_vnni(a, n0 + i, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last,
-                      span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
-                      f[i]);
+            const long n = n0 + i;
+            const uint8_t *w = a->w + n * row, *ahead = span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row;
+            span_vnni(a, &n, 1, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last, &ahead, f + i);
         }
     _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
     if (count == ROW_BLOCK) {
