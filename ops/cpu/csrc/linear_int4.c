@@ -163,57 +163,62 @@ static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
           const uint8_t *const ahead[], __m512 f[][ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
+    const int RG = R * P * W <= 16 ? R : 16 / (P * W);  /* activation rows a group: 16 int32 sums at most */
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
-    __m512i acc[2][ROWS][ACT_MAX_PIECES], upper[2][ACT_MAX_PIECES];  /* upper[i][p]: 16 x the high nibbles' sums */
-    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
-        for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead[i] + 64 * k);
-    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-                acc[i][r][p] = _mm512_setzero_si512();
-                if (split) upper[i][p] = _mm512_setzero_si512();
-            }
-    _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-        __m512i lo[2], hi[2];
-        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-            const __m512i od = span_dwords(a->w + n[i] * (K / 2) + b0 * 32, count, d);
-            lo[i] = _mm512_and_si512(od, nibble);
-            hi[i] = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
-        }
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-                const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
-                const __m512i ql = _mm512_load_si512(q), qh = _mm512_load_si512(q + 64);
-                _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-                    acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], lo[i], ql);
-                    if (split) upper[i][p] = _mm512_dpbusd_epi32(upper[i][p], hi[i], qh);
-                    else acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], hi[i], qh);
-                }
-            }
-    }
+    __m512 s[2], off[2];
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-        if (split)
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
-                    acc[i][r][p] = _mm512_add_epi32(acc[i][r][p], _mm512_srai_epi32(upper[i][p], 4));
+        for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead[i] + 64 * k);
         /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
            span's first, spread over its blocks */
         const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
-        __m512 s = load16(a->scale, n[i] * groups + g0, used, a->bf16);
-        __m512 off = load16(a->offset, n[i] * groups + g0, used, a->bf16);
+        s[i] = load16(a->scale, n[i] * groups + g0, used, a->bf16);
+        off[i] = load16(a->offset, n[i] * groups + g0, used, a->bf16);
         if (a->G > 64) {
             const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
-            s = _mm512_permutexvar_ps(idx, s), off = _mm512_permutexvar_ps(idx, off);
+            s[i] = _mm512_permutexvar_ps(idx, s[i]), off[i] = _mm512_permutexvar_ps(idx, off[i]);
         }
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-            const float *pa = a->x.a + (long)(m0 + r) * P;
-            __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_set1_ps(pa[0]));
-            _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
-                sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_set1_ps(pa[p]), sum);
-            f[i][r] = _mm512_fmadd_ps(sum, s, f[i][r]);
-            f[i][r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[i][r]);
+    }
+    _Pragma("GCC unroll 8") for (int r0 = 0; r0 < R; r0 += RG) {
+        __m512i acc[2][ROWS][ACT_MAX_PIECES], upper[2][ACT_MAX_PIECES];  /* upper[i][p]: 16 x the high nibbles' sums */
+        const int in_group = R - r0 < RG ? R - r0 : RG;
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                    acc[i][r][p] = _mm512_setzero_si512();
+                    if (split) upper[i][p] = _mm512_setzero_si512();
+                }
+        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
+            __m512i lo[2], hi[2];
+            _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+                const __m512i od = span_dwords(a->w + n[i] * (K / 2) + b0 * 32, count, d);
+                lo[i] = _mm512_and_si512(od, nibble);
+                hi[i] = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                    const int8_t *q = a->x.q + ((long)(m0 + r0 + r) * P + p) * len + span * SPAN + d * 128;
+                    const __m512i ql = _mm512_load_si512(q), qh = _mm512_load_si512(q + 64);
+                    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+                        acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], lo[i], ql);
+                        if (split) upper[i][p] = _mm512_dpbusd_epi32(upper[i][p], hi[i], qh);
+                        else acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], hi[i], qh);
+                    }
+                }
         }
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++) {
+                if (split)
+                    _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                        acc[i][r][p] = _mm512_add_epi32(acc[i][r][p], _mm512_srai_epi32(upper[i][p], 4));
+                const float *pa = a->x.a + (long)(m0 + r0 + r) * P;
+                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_set1_ps(pa[0]));
+                _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_set1_ps(pa[p]), sum);
+                f[i][r0 + r] = _mm512_fmadd_ps(sum, s[i], f[i][r0 + r]);
+                f[i][r0 + r] = _mm512_fmadd_ps(off[i], _mm512_load_ps(a->x.xsum + (long)(m0 + r0 + r) * lanes + b0),
+                                               f[i][r0 + r]);
+            }
     }
 }
 
@@ -258,33 +263,50 @@ stream_rows(const struct linear_int4_args *a, long n0, int j, int W, int count, 
     }
 }
 
+/* What rows_vnni's block prefetches before span `span` of weight row n: the row's next span; after its last, the
+   same row of the next block. */
+static inline const uint8_t *next_span(const struct linear_int4_args *a, long n, long span) {
+    const long row = a->K / 2;
+    return span + 1 < a->x.len / SPAN ? a->w + n * row + (span + 1) * SPAN / 2 : a->w + (n + ROW_BLOCK) * row;
+}
+
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
    PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
    linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
-   next span is prefetched, `count` rows before it is read; a last span, the same row of the next block. */
+   next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni) where
+   their sums fit 16 registers (R * P <= 8), and span by span (block; f in memory there) at any R, in groups of
+   activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4 rows
+   0.81x; 1024 x 3072 at 8 rows (block) 0.79x; at 8 bf16 rows not by spans (16 f in registers) 1.21x: one a pass. */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
-    const long spans = a->x.len / SPAN, row = a->K / 2;
+    const long spans = a->x.len / SPAN;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         int j = 0;
-        if (R == 1)  /* a row of each stream a pass, each load of the pieces shared */
-            for (; j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
+        for (; R * P <= 8 && j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
         for (; j < count; j++) stream_rows(a, n0, j, 1, count, half, m0, R, P, sums);
         return;
     }
     __m512 f[ROW_BLOCK][ROWS];
     for (int i = 0; i < count; i++)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
-    for (long span = 0; span < spans; span++)
-        for (int i = 0; i < count; i++) {
-            const long n = n0 + i;
-            const uint8_t *w = a->w + n * row, *ahead = span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row;
-            span_vnni(a, &n, 1, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last, &ahead, f + i);
+    for (long span = 0; span < spans; span++) {
+        const int blocks = span + 1 < spans ? SPAN_BLOCKS : last;
+        int i = 0;
+        for (; i + 1 < count; i += 2) {
+            const long n[2] = {n0 + i, n0 + i + 1};
+            const uint8_t *ahead[2] = {next_span(a, n[0], span), next_span(a, n[1], span)};
+            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, f + i);
         }
+        for (; i < count; i++) {
+            const long n = n0 + i;
+            const uint8_t *ahead = next_span(a, n, span);
+            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, f + i);
+        }
+    }
     _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
     if (count == ROW_BLOCK) {
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
