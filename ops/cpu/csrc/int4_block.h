@@ -54,11 +54,14 @@ static inline int int4_plain_nibble(const uint8_t *row, long k) {
     return k % 64 / 16 & 1 ? byte >> 4 : byte & 15;
 }
 
-/* Block b of spanned weight row n (K columns) as its 32 plain bytes. */
+/* Block b of spanned weight row n (K columns) as its 32 plain bytes: 8 dwords 4 nb bytes apart, inserted one by
+   one: dequant_int4 of 3072 x 1024 bf16 took 1.02x the time it takes on plain rows, through a gather 1.50x. */
 static inline __m256i int4_span_block(const uint8_t *w, long n, long b, int K) {
-    const __m256i j = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_i32gather_epi32((const int *)(w + int4_dword_at(n, b, 0, K, 0)),
-                                  _mm256_mullo_epi32(j, _mm256_set1_epi32(int4_chunk_blocks(K, b / 16))), 4);
+    const uint8_t *p = w + int4_dword_at(n, b, 0, K, 0);
+    const long step = 4L * int4_chunk_blocks(K, b / 16);
+    int32_t d[8];
+    for (int j = 0; j < 8; j++) memcpy(d + j, p + step * j, 4);
+    return _mm256_setr_epi32(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
 }
 
 /* Column k of weight row n of w in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)). */
