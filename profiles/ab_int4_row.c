@@ -1,16 +1,16 @@
-/* The int4 1-row linear (AVX-512 VNNI: 16 blocks transposed in registers, vpdpbusd) against stand-alone variants of
-   its loop, in one process, over a decode step's int4 matrices (Qwen3-0.6B, 28 layers + the LM head, groups of 64
+/* The int4 1-row linear (AVX-512 VNNI: the weights stored by span, vpdpbusd) against stand-alone variants of its
+   loop, in one process, over a decode step's int4 matrices (Qwen3-0.6B, 28 layers + the LM head, groups of 64
    with bf16 scales and offsets beside each matrix, huge pages: 0.34 GB), the variants alternated as ab_harness.h
    says. Not a test. Needs AVX-512 VNNI.
 
-   Build from the repository root (the kernel's pool, activation pieces and transposition are the ones measured):
+   Build from the repository root (the kernel's pool and activation pieces are the ones measured):
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_row.c -o profiles/out/ab_int4_row -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int4_row PASSES VARIANT...   (the first variant is the one the others are compared to)
-     kernel           linear_int4 itself
+     kernel           linear_int4 itself, on the weights stored by span
      loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
                       prefetched FAR bytes ahead at a hint (T0: prefetcht0, T1: prefetcht1 into L2, none); loop-T0-2048
                       is the kernel's loop before int4row (a fixed yardstick), spread-T0-2048-split-g64 the kernel's
-                      loop since. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
+                      loop from then until the weights were stored by span (int4b1), transposing them in registers. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
                       accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
                       vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
                       permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
@@ -67,8 +67,50 @@ static void prepare(char *buf) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
+/* The permutations of transpose_span: stage st (0..2) making output e (0, 1) of a pair of vectors. */
+struct transpose_index {
+    __m512i i[3][2];
+};
+
+static struct transpose_index transpose_indices(void) {
+    struct transpose_index t;
+    for (int e = 0; e < 2; e++) {
+        int32_t s0[16], s1[16], s2[16];
+        for (int L = 0; L < 16; L++) {
+            s0[L] = ((L >> 3) & 1) << 4 | ((L >> 2) & 1) << 3 | e << 2 | (L & 3);
+            s1[L] = ((L >> 2) & 1) << 4 | ((L >> 3) & 1) << 3 | ((L >> 1) & 1) << 2 | e << 1 | (L & 1);
+            s2[L] = ((L >> 1) & 1) << 4 | (L & 0xc) | (L & 1) << 1 | e;
+        }
+        t.i[0][e] = _mm512_loadu_si512(s0), t.i[1][e] = _mm512_loadu_si512(s1), t.i[2][e] = _mm512_loadu_si512(s2);
+    }
+    return t;
+}
+
+/* The kernel's loop before its weights were stored by span (int4_block.h): the span of `count` (<= 16) plain
+   blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
+   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the lane
+   index (z[k] holds blocks 2k, 2k + 1). */
+static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
+                                                                 const struct transpose_index *t, __m512i o[8]) {
+    __m512i z[8], u[8], v[8];
+    for (int k = 0; k < 8; k++) {
+        const int n = count - 2 * k;
+        z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
+                      : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
+    }
+    for (int k = 0; k < 4; k++)
+        for (int e = 0; e < 2; e++) u[4 * e + k] = _mm512_permutex2var_epi32(z[k], t->i[0][e], z[k + 4]);
+    for (int h = 0; h < 2; h++)
+        for (int k0 = 0; k0 < 2; k0++)
+            for (int e = 0; e < 2; e++)
+                v[4 * h + 2 * e + k0] = _mm512_permutex2var_epi32(u[4 * h + k0], t->i[1][e], u[4 * h + 2 + k0]);
+    for (int h = 0; h < 4; h++)
+        for (int e = 0; e < 2; e++) o[2 * h + e] = _mm512_permutex2var_epi32(v[2 * h], t->i[2][e], v[2 * h + 1]);
+}
+
 /* Each weight row's spans (16 blocks, K % 1024 == 0 here) as transpose_span leaves them in registers, o[0..7] one
-   after another: the layout the spans- variants read with plain loads, no permutes. */
+   after another: the layout the kernel and the spans- variants read with plain loads, no permutes (linear_int4_pack's
+   where K % 1024 == 0). */
 static void to_spans(char *copy) {
     const struct transpose_index t = transpose_indices();
     EACH_MATRIX(copy, BYTES64, s, sh, w, {
@@ -251,7 +293,8 @@ static struct acts prepared(int K) {
 
 static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
     const int N = (int)sh->N, K = (int)sh->K;
-    if (!strncmp(variants[i].name, "spans-", 6)) w = spans + (w - step);  /* the same matrix, its weights in spans */
+    if (!variants[i].fn || !strncmp(variants[i].name, "spans-", 6))
+        w = spans + (w - step);  /* the same matrix, its weights in spans */
     if (!variants[i].fn) {
         linear_int4(x, (const uint8_t *)w, scales_of(w, sh), offsets_of(w, sh), y, 1, N, K, GROUP, 1, PIECES);
         return;

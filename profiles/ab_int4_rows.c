@@ -384,7 +384,7 @@ int main(int argc, char **argv) {
             sc[c] = malloc(2L * N * groups), of[c] = malloc(2L * N * groups);
             memcpy(w[c], plain, (long)N * K / 2);
             uint8_t quad[4 * MAXK / 2];
-            if (int4_interleaved()) linear_int4_pack(w[c], quad, N, K);
+            linear_int4_pack(w[c], quad, N, K);
             quad_pack(qw[c], plain, N, K);
             if (c) memcpy(ilw[c], ilw[0], (long)N * K / 2);
             else ab_il_pack(plain, ilw[0], N, K);

@@ -1,5 +1,6 @@
 """int4 weights as the loader leaves them for the C kernels (ops/cpu/linear_int4.repack), for the tests that call
-the kernels directly, and the AVX2 kernels' interleaved layout (csrc/int4_block.h) undone in torch."""
+the kernels directly, and their two layouts (csrc/int4_block.h), AVX2's interleaved and AVX-512 VNNI's by span,
+undone in torch."""
 from __future__ import annotations
 
 import ctypes
@@ -32,3 +33,14 @@ def from_interleaved(packed: torch.Tensor) -> torch.Tensor:
     at = torch.where(quad, rows // 4 * 4 * half + 512 * chunk + 32 * blocks * (rows % 4), rows * half + 128 * chunk)
     nibbles = (packed.reshape(-1)[at + within] >> (4 * (k % 2))) & 15
     return pack_int4(nibbles)
+
+
+def from_spanned(packed: torch.Tensor) -> torch.Tensor:
+    """packed: [N, K / 2] by span (each row in spans of 16 blocks, the last K / 64 % 16 where that is not 0, a span of
+    nb blocks holding dword j of its block b at byte 4 (nb j + b), as the plain layout holds it) -> the plain layout."""
+    n, half = packed.shape
+    byte = torch.arange(half)
+    block, dword = byte // 32, byte % 32 // 4
+    blocks = torch.clamp(half // 32 - block // 16 * 16, max=16)
+    at = block // 16 * 512 + 4 * (blocks * dword + block % 16) + byte % 4
+    return packed[:, at]

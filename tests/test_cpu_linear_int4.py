@@ -6,7 +6,7 @@ import torch
 
 from call_rows import record_rows
 from cpu_isas import CPU_FLAGS, LOOPS, VNNI, capped
-from int4_packing import as_loaded, from_interleaved
+from int4_packing import as_loaded, from_interleaved, from_spanned
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int4 as cpu_int4
@@ -94,18 +94,24 @@ def linear(loops: str, x, w, scale, offset) -> tuple[torch.Tensor, str]:
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 13])
-@pytest.mark.parametrize("k", [64, 192, 576])
+@pytest.mark.parametrize("k", [64, 192, 576, 1024, 2112, 3136])
 def test_the_repack_at_load_round_trips(n, k):
     """The AVX2 build reads the rows interleaved (tests/int4_packing.py's from_interleaved: chunks of 4 blocks, K 192
-    one of 3, rows in quads, the last N % 4 row by row); the built one exactly where it takes those loops (without
-    AVX-512 VNNI). Every nibble kept."""
+    one of 3, rows in quads, the last N % 4 row by row), the AVX-512 one by span (from_spanned: spans of 16 blocks,
+    K 2112 a last one of 1, 3136 of 1 and 576 a span of 9 alone); the built one interleaved exactly where it takes
+    the AVX2 loops (without AVX-512 VNNI). Every nibble kept."""
     torch.manual_seed(n * k)
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
     interleaved = as_loaded(w, capped(cpu_int4.KERNEL, "avx2").lib)
     assert torch.equal(from_interleaved(interleaved), w) and not torch.equal(interleaved, w)
     built = as_loaded(w)
     assert cpu_int4.interleaved() == (not VNNI)
-    assert torch.equal(built, interleaved if cpu_int4.interleaved() else w)
+    if not VNNI:
+        assert torch.equal(built, interleaved)
+        return
+    spanned = as_loaded(w, capped(cpu_int4.KERNEL, "avx512").lib)
+    assert torch.equal(from_spanned(spanned), w) and torch.equal(built, spanned)
+    assert torch.equal(spanned, w) == (k == 64)
 
 
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
@@ -224,7 +230,7 @@ def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
     x, w, scale, offset = operands(m, n, k, g, dtype)
     pieces = cpu_int4.PIECES[dtype]
     monkeypatch.setitem(cpu_int4.PIECES, dtype, pieces - fewer)
-    out = cpu_int4.linear_int4_cpu(x, w, scale, offset)
+    out = cpu_int4.linear_int4_cpu(x, as_loaded(w), scale, offset)
     err, bound = error_and_bound(x, w, scale, offset, out, pieces)
     assert (err > 2 * bound).any()
     err, bound = error_and_bound(x, w, scale, offset, out, pieces - fewer)  # and every output written

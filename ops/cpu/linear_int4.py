@@ -12,11 +12,12 @@ break it). PIECES: bf16 rows take 2 (2^-16 of the row maximum, noise beside bf16
 row with an outlier channel (one activation 100x the rest) came out 0.6-3.5x as far from the exact
 product as the fp32 reference's, with 4 0.15-0.6x.
 
-1 or 2 rows (and more where AMX is missing): 16 blocks of 64 columns are transposed in registers (three rounds
-of two-source permutes) so that int32 lane b collects block b, and one convert and FMA with 16 group
-scales serves 16 groups: in L2, one thread, 1024 x 1024 at 1 row, 28 µs against 56 for the fp32 unpack
-and FMAs before (which were bound by the unpacking: cvt + 5 FMAs per 64 weights); 2 rows 34 µs. At 1 row a chunk's
-weight rows go as two streams, its halves, a row of each in turn (a step's linears in 5 pairs at load 11-12:
+1 or 2 rows (and more where AMX is missing): the weights are stored by span at load (csrc/int4_block.h; repack
+rearranges them): 16 blocks of 64 columns with dword d of block b in int32 lane b of the span's vector d, so that
+lane b collects block b, and one convert and FMA with 16 group scales serves 16 groups: in L2, one thread, 1024 x
+1024 at 1 row, 28 µs against 56 for the fp32 unpack and FMAs before (which were bound by the unpacking: cvt + 5 FMAs
+per 64 weights); 2 rows 34 µs (then transposed in registers, three rounds of two-source permutes a span). At 1 row
+a chunk's weight rows go as two streams, its halves, a row of each in turn (a step's linears in 5 pairs at load 11-12:
 0.93-1.06x the time of one, 0.93-0.98x against a fixed loop beside them; profiles/RESULTS.md, int4row). From 3
 rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and multiplied by the pieces'
 quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
@@ -61,7 +62,7 @@ KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "line
 def interleaved(lib: ctypes.CDLL | None = None) -> bool:
     """Whether a build of linear_int4.c (the kernel set's by default), and dequant.c's and embedding.c's with the
     same flags, read int4 weights interleaved (chunks of 4 blocks, rows in quads), where linear_int4 takes its AVX2
-    loops (csrc/int4_block.h decides)."""
+    loops, else by span (chunks of 16 blocks; csrc/int4_block.h decides)."""
     answer = torch.zeros(1, dtype=torch.int32)
     (lib or KERNEL.lib).linear_int4_layout(answer.data_ptr())
     return bool(answer.item())
@@ -69,14 +70,13 @@ def interleaved(lib: ctypes.CDLL | None = None) -> bool:
 
 def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
-    linear_int4.c (the kernel set's by default) reads: interleaved where interleaved(lib), else unchanged. Through 4
+    linear_int4.c (the kernel set's by default) reads: interleaved where interleaved(lib), else by span. Through 4
     rows of scratch (allocated here, so a failure raises): loading holds no second copy."""
     if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
         raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
                          f"contiguous rows of whole {BLOCK}-column blocks")
-    if interleaved(lib):
-        quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
-        (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
+    quad = torch.empty(4, weight.shape[1], dtype=torch.uint8)
+    (lib or KERNEL.lib).linear_int4_pack(weight.data_ptr(), quad.data_ptr(), weight.shape[0], 2 * weight.shape[1])
 
 
 def _linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,9 @@ and multiplies.
 Weights are asymmetric per group of G input columns (G % 64 == 0): w ~= q * scale + offset, q in [0, 15].
 Packed two per byte, in blocks of 64 columns (32 bytes): little-endian 16-bit word i of a block holds
 q[i], q[16 + i], q[32 + i], q[48 + i] in its four nibbles, low first. One mask or shift of the words
-then yields 16 consecutive columns: the CPU and Triton kernels unpack in registers without shuffles. The CPU's
-AVX2 kernels have each row's nibbles interleaved in chunks of 4 blocks and the rows in quads at load
-(Kernels.repack_int4, ops/cpu/linear_int4.repack, csrc/int4_block.h).
+then yields 16 consecutive columns: the Triton kernels unpack in registers without shuffles. The CPU's kernels
+rearrange the blocks' dwords at load (Kernels.repack_int4, ops/cpu/linear_int4.repack, csrc/int4_block.h): AVX-512
+VNNI's by spans of 16 blocks, AVX2's interleaved in chunks of 4 blocks and the rows in quads.
 """
 from __future__ import annotations
 

@@ -25,15 +25,16 @@ INLINE void put8(const struct dequant_args *a, long n, long k, int bf16, __m256i
     store8(a->out, n * a->K + k, int4_dequant8(q, s, o, bf16), bf16);
 }
 
-INLINE void plain_rows(const struct dequant_args *a, long chunk, int bf16) {
-    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
-        const uint8_t *row = a->w + n * (a->K / 2);
-        for (long k = 0; k < a->K; k += 64) {
+/* Spanned rows (int4_block.h): each block's plain bytes gathered from its span. */
+INLINE void span_rows(const struct dequant_args *a, long chunk, int bf16) {
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        for (long b = 0; b < a->K / 64; b++) {
+            uint8_t bytes[32];
             __m256 s, o;
-            group_at(a, n, k, bf16, &s, &o);
-            for (int j = 0; j < 8; j++) put8(a, n, k + 8 * j, bf16, int4_plain_columns8(row, k + 8 * j), s, o);
+            _mm256_storeu_si256((__m256i *)bytes, int4_span_block(a->w, n, b, a->K));
+            group_at(a, n, 64 * b, bf16, &s, &o);
+            for (int j = 0; j < 8; j++) put8(a, n, 64 * b + 8 * j, bf16, int4_plain_columns8(bytes, 8 * j), s, o);
         }
-    }
 }
 
 /* The nb blocks of the interleaved chunk at `at`, columns k .. k + 64 nb - 1 of row n: block b's columns 8j .. 8j + 7
@@ -59,9 +60,9 @@ INLINE void il_rows(const struct dequant_args *a, long chunk, int bf16) {
 
 /* The arguments copied, so that the compiler keeps them in registers across the stores to out (which might alias
    them for all it knows), and bf16 a constant in each instance. */
-static void dequant_plain_rows(const void *ctx, long chunk) {
+static void dequant_span_rows(const void *ctx, long chunk) {
     const struct dequant_args a = *(const struct dequant_args *)ctx;
-    if (a.bf16) plain_rows(&a, chunk, 1); else plain_rows(&a, chunk, 0);
+    if (a.bf16) span_rows(&a, chunk, 1); else span_rows(&a, chunk, 0);
 }
 
 static void dequant_il_rows(const void *ctx, long chunk) {
@@ -72,5 +73,5 @@ static void dequant_il_rows(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
     const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
-    pool_run(int4_interleaved() ? dequant_il_rows : dequant_plain_rows, &a, (N + a.rows - 1) / a.rows);
+    pool_run(int4_interleaved() ? dequant_il_rows : dequant_span_rows, &a, (N + a.rows - 1) / a.rows);
 }

@@ -20,11 +20,8 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 
-#define ROWS 8          /* activation rows sharing one transposition of a span's weights: 8 of 1-2 pieces, 4 of 3-4
-                           (16 sums at most) */
-#define HELD_SUMS 8     /* int32 sums beyond which a span's transposed weights go through L1: 16 sums beside them in
-                           registers spilled (8 bf16 rows of 1024 x 1024 hot, one thread on Zen 5: 62 µs against 81;
-                           4 fp32 rows 49 against 84) */
+#define ROWS 8          /* activation rows sharing each load of a span's weights: 8 of 1-2 pieces, 4 of 3-4 (16
+                           sums at most) */
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
@@ -45,7 +42,7 @@ struct acts {
     long len;        /* K rounded up to whole spans */
 };
 
-/* Column of a 64-column block at byte j of step s, after transpose_span: dword d of a block holds, low nibbles
+/* Column of a 64-column block at byte j of step s: dword d of a block (int4_block.h's plain and spanned) holds, low nibbles
    first, q[2d], q[32 + 2d], q[2d + 1], q[33 + 2d] (step 2d), and 16 columns further in its high nibbles
    (step 2d + 1). */
 static inline int column_at(int s, int j) {
@@ -127,44 +124,11 @@ static inline __m512 load16(const void *p, long i, int count, int bf16) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* The permutations of transpose_span: stage st (0..2) making output e (0, 1) of a pair of vectors. */
-struct transpose_index {
-    __m512i i[3][2];
-};
-
-static struct transpose_index transpose_indices(void) {
-    struct transpose_index t;
-    for (int e = 0; e < 2; e++) {
-        int32_t s0[16], s1[16], s2[16];
-        for (int L = 0; L < 16; L++) {
-            s0[L] = ((L >> 3) & 1) << 4 | ((L >> 2) & 1) << 3 | e << 2 | (L & 3);
-            s1[L] = ((L >> 2) & 1) << 4 | ((L >> 3) & 1) << 3 | ((L >> 1) & 1) << 2 | e << 1 | (L & 1);
-            s2[L] = ((L >> 1) & 1) << 4 | (L & 0xc) | (L & 1) << 1 | e;
-        }
-        t.i[0][e] = _mm512_loadu_si512(s0), t.i[1][e] = _mm512_loadu_si512(s1), t.i[2][e] = _mm512_loadu_si512(s2);
-    }
-    return t;
-}
-
-/* The span of `count` (<= 16) blocks at p (32 bytes each; the rest read as 0) -> o[d], d < 8: lane b holds dword
-   d of block b. Three rounds of two-source permutes, each trading one bit of the vector index for one of the lane
-   index (z[k] holds blocks 2k, 2k + 1). */
-static inline __attribute__((always_inline)) void transpose_span(const uint8_t *p, int count,
-                                                                 const struct transpose_index *t, __m512i o[8]) {
-    __m512i z[8], u[8], v[8];
-    for (int k = 0; k < 8; k++) {
-        const int n = count - 2 * k;
-        z[k] = n >= 2 ? _mm512_loadu_si512(p + 64 * k)
-                      : _mm512_maskz_loadu_epi32(n == 1 ? (__mmask16)0xff : 0, p + 64 * k);
-    }
-    for (int k = 0; k < 4; k++)
-        for (int e = 0; e < 2; e++) u[4 * e + k] = _mm512_permutex2var_epi32(z[k], t->i[0][e], z[k + 4]);
-    for (int h = 0; h < 2; h++)
-        for (int k0 = 0; k0 < 2; k0++)
-            for (int e = 0; e < 2; e++)
-                v[4 * h + 2 * e + k0] = _mm512_permutex2var_epi32(u[4 * h + k0], t->i[1][e], u[4 * h + 2 + k0]);
-    for (int h = 0; h < 4; h++)
-        for (int e = 0; e < 2; e++) o[2 * h + e] = _mm512_permutex2var_epi32(v[2 * h], t->i[2][e], v[2 * h + 1]);
+/* Dword d of the span of `count` (<= 16) blocks at p, spanned (int4_block.h): lane b block b's; the lanes past count
+   0. Loaded where the loop takes it: 8 held in registers beside 16 sums spilled (they went through L1 then). */
+static inline __m512i span_dwords(const uint8_t *p, int count, int d) {
+    return count == SPAN_BLOCKS ? _mm512_loadu_si512(p + 64 * d)
+                                : _mm512_maskz_loadu_epi32((__mmask16)((1u << count) - 1u), p + 4 * count * d);
 }
 
 struct linear_int4_args {
@@ -185,112 +149,164 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
     store_row8(a->y, (long)m * a->N + second, upper, a->bf16);
 }
 
-/* Span `span` of weight row n against activation rows m0 + r, r < R (<= ROWS), of P pieces, both constants where
-   this is inlined: f[r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32 sums collects block
-   b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks' sums are converted
-   and scaled at once. At one activation row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where
-   shift and mask are two) in sums of their own, shifted back (exact: multiples of 16) at the span's end, which also
-   halves each chain of vpdpbusd (1 row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md,
-   int4row; at 2 fp32 rows the extra sums spill: 1.05x). */
+/* Span `span` of weight rows n[i], i < W (<= 2), against activation rows m0 + r, r < R (<= ROWS), of P pieces, all
+   constants where this is inlined: f[i][r] += the span's 16 blocks' scaled sums, lane b block b. Lane b of the int32
+   sums collects block b's sum_k q[k] * piece[k] (vpdpbusd: the nibbles are the unsigned operand), then all 16 blocks'
+   sums are converted and scaled at once. Each load of the pieces serves the W weight rows: at 1 activation row two
+   (one of each stream, stream_rows) took 0.70x the time of one (hot in L2, one thread on Zen 5: 1024 x 1024, 10.0 µs
+   against 14.1; the loads of the pieces, 32 a span and row, bound the loop, not its 32 vpdpbusd). At one activation
+   row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where shift and mask are two) in sums of
+   their own, shifted back (exact: multiples of 16) at the span's end, which also halves each chain of vpdpbusd (1
+   row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md, int4row; at 2 fp32 rows the extra
+   sums spill: 1.05x). A weight row's sums take the same operations in the same order whatever W: the same bits. */
 static inline __attribute__((always_inline)) void
-span_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n, int m0, int R, int P, long span,
-          int count, const uint8_t *ahead, __m512 f[ROWS]) {
+span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
+          const uint8_t *const ahead[], __m512 f[][ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
+    const int RG = R * P * W <= 16 ? R : 16 / (P * W);  /* activation rows a group: 16 int32 sums at most */
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
-    __m512i o[8], acc[ROWS][ACT_MAX_PIECES], upper[ACT_MAX_PIECES];  /* upper[p]: 16 x the high nibbles' sums */
-    for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead + 64 * k);
-    transpose_span(a->w + n * (K / 2) + b0 * 32, count, t, o);
-    __attribute__((aligned(64))) __m512i kept[8];  /* o, where more than HELD_SUMS sums take the registers */
-    if (R * P > HELD_SUMS) {
-        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) _mm512_store_si512(kept + d, o[d]);
-        __asm__ volatile("" ::: "memory");  /* kept in memory, not in registers that the sums need */
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-            acc[r][p] = _mm512_setzero_si512();
-            if (split) upper[p] = _mm512_setzero_si512();
+    __m512 s[2], off[2];
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead[i] + 64 * k);
+        /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
+           span's first, spread over its blocks */
+        const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
+        s[i] = load16(a->scale, n[i] * groups + g0, used, a->bf16);
+        off[i] = load16(a->offset, n[i] * groups + g0, used, a->bf16);
+        if (a->G > 64) {
+            const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
+            s[i] = _mm512_permutexvar_ps(idx, s[i]), off[i] = _mm512_permutexvar_ps(idx, off[i]);
         }
-    _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
-        const __m512i od = R * P > HELD_SUMS ? _mm512_load_si512(kept + d) : o[d];
-        const __m512i lo = _mm512_and_si512(od, nibble);
-        const __m512i hi = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
-                const int8_t *q = a->x.q + ((long)(m0 + r) * P + p) * len + span * SPAN + d * 128;
-                acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], lo, _mm512_load_si512(q));
-                if (split) upper[p] = _mm512_dpbusd_epi32(upper[p], hi, _mm512_load_si512(q + 64));
-                else acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], hi, _mm512_load_si512(q + 64));
+    }
+    _Pragma("GCC unroll 8") for (int r0 = 0; r0 < R; r0 += RG) {
+        __m512i acc[2][ROWS][ACT_MAX_PIECES], upper[2][ACT_MAX_PIECES];  /* upper[i][p]: 16 x the high nibbles' sums */
+        const int in_group = R - r0 < RG ? R - r0 : RG;
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                    acc[i][r][p] = _mm512_setzero_si512();
+                    if (split) upper[i][p] = _mm512_setzero_si512();
+                }
+        _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
+            __m512i lo[2], hi[2];
+            _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+                const __m512i od = span_dwords(a->w + n[i] * (K / 2) + b0 * 32, count, d);
+                lo[i] = _mm512_and_si512(od, nibble);
+                hi[i] = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++)
+                _Pragma("GCC unroll 4") for (int p = 0; p < P; p++) {
+                    const int8_t *q = a->x.q + ((long)(m0 + r0 + r) * P + p) * len + span * SPAN + d * 128;
+                    const __m512i ql = _mm512_load_si512(q), qh = _mm512_load_si512(q + 64);
+                    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+                        acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], lo[i], ql);
+                        if (split) upper[i][p] = _mm512_dpbusd_epi32(upper[i][p], hi[i], qh);
+                        else acc[i][r][p] = _mm512_dpbusd_epi32(acc[i][r][p], hi[i], qh);
+                    }
+                }
+        }
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < in_group; r++) {
+                if (split)
+                    _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
+                        acc[i][r][p] = _mm512_add_epi32(acc[i][r][p], _mm512_srai_epi32(upper[i][p], 4));
+                const float *pa = a->x.a + (long)(m0 + r0 + r) * P;
+                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_set1_ps(pa[0]));
+                _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_set1_ps(pa[p]), sum);
+                f[i][r0 + r] = _mm512_fmadd_ps(sum, s[i], f[i][r0 + r]);
+                f[i][r0 + r] = _mm512_fmadd_ps(off[i], _mm512_load_ps(a->x.xsum + (long)(m0 + r0 + r) * lanes + b0),
+                                               f[i][r0 + r]);
             }
     }
-    if (split)
+}
+
+/* Weight rows j .. j + W - 1 of rows_vnni's order (at 1 activation row the two streams' in turn: j even the first
+   half's row j / 2, odd the second half's), their whole rows of spans, their f kept in sums by slot and stored each
+   16 (store_sums16), or one by one past the last whole 16. */
+static inline __attribute__((always_inline)) void
+stream_rows(const struct linear_int4_args *a, long n0, int j, int W, int count, int half, int m0, int R, int P,
+            __m512 sums[ROWS][16]) {
+    const long spans = a->x.len / SPAN, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
+    const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
+    long n[2];
+    const uint8_t *w[2], *ahead[2];
+    __m512 f[2][ROWS];
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        n[i] = n0 + (R > 1 ? j + i : (j + i) & 1 ? half + (j + i) / 2 : (j + i) / 2);
+        w[i] = a->w + n[i] * (a->K / 2);
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
+    }
+    /* a constant count in the whole spans: their loads are plain */
+    for (long span = 0; span < whole; span++) {
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + span * SPAN / 2 + PREFETCH_BYTES;
+        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, f);
+    }
+    if (whole < spans) {
+        _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + whole * SPAN / 2 + PREFETCH_BYTES;
+        span_vnni(a, n, W, m0, R, P, whole, last, ahead, f);
+    }
+    _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
+        const int at = j + i;
+        if (count - (at & ~15) >= 16) {
+            const int slot = R == 1 ? (at & 1) * 8 + (at & 15) / 2 : at & 15;  /* at 1 row 0-7 the first stream's */
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[i][r];
+            if ((at & 15) == 15) {
+                const long first = n0 + (R == 1 ? (at & ~15) / 2 : at & ~15), second = first + (R == 1 ? half : 8);
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
+            }
+            continue;
+        }
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-            _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
-                acc[r][p] = _mm512_add_epi32(acc[r][p], _mm512_srai_epi32(upper[p], 4));
-    /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the span's
-       first, spread over its blocks */
-    const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
-    __m512 s = load16(a->scale, n * groups + g0, used, a->bf16), off = load16(a->offset, n * groups + g0, used, a->bf16);
-    if (a->G > 64) {
-        const __m512i idx = _mm512_sub_epi32(_mm512_load_si512(a->x.group + b0), _mm512_set1_epi32(g0));
-        s = _mm512_permutexvar_ps(idx, s), off = _mm512_permutexvar_ps(idx, off);
+            store1(a->y, (long)(m0 + r) * a->N + n[i], lane_sum(f[i][r]), a->bf16);
     }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        const float *pa = a->x.a + (long)(m0 + r) * P;
-        __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_set1_ps(pa[0]));
-        _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
-            sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]), _mm512_set1_ps(pa[p]), sum);
-        f[r] = _mm512_fmadd_ps(sum, s, f[r]);
-        f[r] = _mm512_fmadd_ps(off, _mm512_load_ps(a->x.xsum + (long)(m0 + r) * lanes + b0), f[r]);
-    }
+}
+
+/* What rows_vnni's block prefetches before span `span` of weight row n: the row's next span; after its last, the
+   same row of the next block. */
+static inline const uint8_t *next_span(const struct linear_int4_args *a, long n, long span) {
+    const long row = a->K / 2;
+    return span + 1 < a->x.len / SPAN ? a->w + n * row + (span + 1) * SPAN / 2 : a->w + (n + ROW_BLOCK) * row;
 }
 
 /* y[m0 + r, n0 + i] for r < R, i < count weight rows: span by span across the weight rows where the pieces
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
-   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each in turn (at batch 1
-   linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's next span is prefetched, `count` rows
-   before it is read; a last span, the same row of the next block. */
+   PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
+   linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
+   next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni) where
+   their sums fit 16 registers (R * P <= 8), and span by span (block; f in memory there) at any R, in groups of
+   activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4 rows
+   0.81x; 1024 x 3072 at 8 rows (block) 0.79x; at 8 bf16 rows not by spans (16 f in registers) 1.21x: one a pass. */
 static inline __attribute__((always_inline)) void
-rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, long n0, int count, int m0, int R, int P,
-          int block) {
-    const long spans = a->x.len / SPAN, row = a->K / 2, whole = a->K / SPAN;  /* whole: spans of 16 blocks */
+rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
+    const long spans = a->x.len / SPAN;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
     if (!block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
-        for (int j = 0; j < count; j++) {
-            const int i = R > 1 ? j : j & 1 ? half + j / 2 : j / 2;
-            const uint8_t *w = a->w + (n0 + i) * row;
-            __m512 f[ROWS];
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps();
-            /* a constant count in the whole spans: their loads are plain */
-            for (long span = 0; span < whole; span++)
-                span_vnni(a, t, n0 + i, m0, R, P, span, SPAN_BLOCKS, w + span * SPAN / 2 + PREFETCH_BYTES, f);
-            if (whole < spans) span_vnni(a, t, n0 + i, m0, R, P, whole, last, w + whole * SPAN / 2 + PREFETCH_BYTES, f);
-            if (count - (j & ~15) >= 16) {
-                const int slot = R == 1 ? (j & 1) * 8 + (j & 15) / 2 : j & 15;  /* at 1 row 0-7 the first stream's */
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) sums[r][slot] = f[r];
-                if ((j & 15) == 15) {
-                    const long first = n0 + (R == 1 ? (j & ~15) / 2 : j & ~15), second = first + (R == 1 ? half : 8);
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) store_sums16(a, m0 + r, first, second, sums[r]);
-                }
-                continue;
-            }
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-                store1(a->y, (long)(m0 + r) * a->N + n0 + i, lane_sum(f[r]), a->bf16);
-        }
+        int j = 0;
+        for (; R * P <= 8 && j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
+        for (; j < count; j++) stream_rows(a, n0, j, 1, count, half, m0, R, P, sums);
         return;
     }
     __m512 f[ROW_BLOCK][ROWS];
     for (int i = 0; i < count; i++)
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) f[i][r] = _mm512_setzero_ps();
-    for (long span = 0; span < spans; span++)
-        for (int i = 0; i < count; i++) {
-            const uint8_t *w = a->w + (n0 + i) * row;
-            span_vnni(a, t, n0 + i, m0, R, P, span, span + 1 < spans ? SPAN_BLOCKS : last,
-                      span + 1 < spans ? w + (span + 1) * SPAN / 2 : w + ROW_BLOCK * row,
-                      f[i]);
+    for (long span = 0; span < spans; span++) {
+        const int blocks = span + 1 < spans ? SPAN_BLOCKS : last;
+        int i = 0;
+        for (; i + 1 < count; i += 2) {
+            const long n[2] = {n0 + i, n0 + i + 1};
+            const uint8_t *ahead[2] = {next_span(a, n[0], span), next_span(a, n[1], span)};
+            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, f + i);
         }
+        for (; i < count; i++) {
+            const long n = n0 + i;
+            const uint8_t *ahead = next_span(a, n, span);
+            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, f + i);
+        }
+    }
     _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
     if (count == ROW_BLOCK) {
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
@@ -307,12 +323,11 @@ rows_vnni(const struct linear_int4_args *a, const struct transpose_index *t, lon
 
 /* rows_vnni with R activation rows of P pieces, both constants: one function per pair, not one switch over them all
    inlined into linear_int4_rows, whose single 280 KB function took gcc 26 s to compile (its passes grow faster than
-   the code); apart, 10 s. The permutations are made here, so that they stay in registers. */
+   the code); apart, 10 s. */
 #define ROWS_VNNI(r, p) \
     static __attribute__((noinline)) void rows_vnni_##r##_##p(const struct linear_int4_args *a, long n0, int count, \
                                                               int m0, int block) { \
-        const struct transpose_index t = transpose_indices(); \
-        rows_vnni(a, &t, n0, count, m0, r, p, block); \
+        rows_vnni(a, n0, count, m0, r, p, block); \
     }
 ROWS_VNNI(1, 1) ROWS_VNNI(1, 2) ROWS_VNNI(1, 3) ROWS_VNNI(1, 4) ROWS_VNNI(2, 1) ROWS_VNNI(2, 2) ROWS_VNNI(2, 3)
 ROWS_VNNI(2, 4) ROWS_VNNI(3, 1) ROWS_VNNI(3, 2) ROWS_VNNI(3, 3) ROWS_VNNI(3, 4) ROWS_VNNI(4, 1) ROWS_VNNI(4, 2)
@@ -371,9 +386,9 @@ static void unpacked_order(const float *x, int M, int K, float *out) {
 #define AMX_INT8_END _Pragma("GCC pop_options")
 
 AMX_INT8_BEGIN
-/* The 32 packed bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
-static inline __m512i unpack_u8(const uint8_t *p) {
-    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+/* The 32 plain bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
+static inline __m512i unpack_u8(__m256i bytes) {
+    const __m512i v = _mm512_broadcast_i64x4(bytes);
     return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0xf));
 }
 
@@ -390,12 +405,12 @@ static void configure_int8_tiles(int C) {
     _tile_loadconfig(&config);
 }
 
-/* Block b of 16 weight rows from w (rows of K / 2 bytes) -> t: the tile of their q. The next 16 rows (K / 8
-   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with
-   each row's block prefetched 2 KB ahead, on a loaded machine). */
-static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_ROWS][64]) {
-    for (int l = 0; l < 8; l++) __builtin_prefetch(w + (long)AMX_ROWS * (K / 2) + (b * 8 + l) * 64);
-    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(w + (long)i * (K / 2) + b * 32));
+/* Block b of the 16 spanned weight rows from n0 -> t: the tile of their q. The next 16 rows (K / 8 lines) are
+   prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with each row's block
+   prefetched 2 KB ahead, on a loaded machine). */
+static inline void unpack_block(const uint8_t *w, long n0, long b, int K, uint8_t t[AMX_ROWS][64]) {
+    for (int l = 0; l < 8; l++) __builtin_prefetch(w + (n0 + AMX_ROWS) * (K / 2) + (b * 8 + l) * 64);
+    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(int4_span_block(w, n0 + i, b, K)));
 }
 
 /* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
@@ -405,7 +420,7 @@ static inline void unpack_block(const uint8_t *w, long b, int K, uint8_t t[AMX_R
         for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
             const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
             __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
-            unpack_block(w, b_, K, tile_); \
+            unpack_block(a->w, n0, b_, K, tile_); \
             AMX_STORES_VISIBLE(); \
             _tile_loadd(wt, tile_, 64); \
             _tile_loadd(qt, quads_, C * 4); \
@@ -436,7 +451,6 @@ static void linear_int4_amx(const void *ctx, long chunk) {
     if (start < whole) {
         configure_int8_tiles(C);
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
-            const uint8_t *w = a->w + n0 * (K / 2);
             __m512 acc[AMX_ROWS][2], off[AMX_ROWS];  /* [weight row][piece column | activation row] */
             for (int i = 0; i < AMX_ROWS; i++) acc[i][0] = acc[i][1] = off[i] = _mm512_setzero_ps();
             float sc[AMX_ROWS][groups], of[AMX_ROWS][groups];  /* fp32: broadcast from memory, a load alone */
@@ -1110,18 +1124,25 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
     pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
-/* Shapes: see nanoqwen_cpu.h. Each 4 rows (then each row left) copied to `quad`, then written back interleaved. */
+/* Shapes: see nanoqwen_cpu.h. Each 4 rows in quads (then each row left) copied to `quad`, then written back dword by
+   dword where int4_dword_at puts them: interleaved, each dword's nibbles columns 8j .. 8j + 7 in turn; spanned, as
+   plain. */
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K) {
-    const long row = K / 2, quad_rows = N / 4 * 4;
+    const long row = K / 2, quad_rows = int4_quad_rows(N);
+    const int interleaved = int4_interleaved();
     for (long n0 = 0; n0 < N; n0 += n0 < quad_rows ? 4 : 1) {
         const int count = n0 < quad_rows ? 4 : 1;
         memcpy(quad, w + n0 * row, count * row);
         for (int i = 0; i < count; i++)
-            for (long k = 0; k < K; k += 8) {
-                uint32_t dword = 0;
-                for (int t = 0; t < 8; t++) dword |= (uint32_t)int4_plain_nibble(quad + i * row, k + t) << 4 * t;
-                memcpy(w + int4_dword_at(n0 + i, k, K, quad_rows), &dword, 4);
-            }
+            for (long b = 0; b < K / 64; b++)
+                for (int j = 0; j < 8; j++) {
+                    uint32_t dword = 0;
+                    if (interleaved)
+                        for (int t = 0; t < 8; t++)
+                            dword |= (uint32_t)int4_plain_nibble(quad + i * row, 64 * b + 8 * j + t) << 4 * t;
+                    else memcpy(&dword, quad + i * row + 32 * b + 4 * j, 4);
+                    memcpy(w + int4_dword_at(n0 + i, b, j, K, quad_rows), &dword, 4);
+                }
     }
 }
 

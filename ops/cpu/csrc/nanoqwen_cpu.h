@@ -19,8 +19,8 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16);
 
 /* linear_int4.c: y = x @ (q * scale + offset).T per group of G columns; x: [M, K], w: [N, K / 2] uint8 in
-   the block layout of ops/torch_ref/linear_int4.py, its rows in the order int4_block.h gives (linear_int4_layout:
-   1 where that is interleaved, else 0; linear_int4_pack: w into it, in place), scale and
+   the block layout of ops/torch_ref/linear_int4.py rearranged as int4_block.h gives (linear_int4_layout: 1 where
+   that is interleaved, else 0, spanned; linear_int4_pack: w into it, in place), scale and
    offset: [N, K / G], y: [M, N]; x, scale, offset and y all bf16 or all fp32; K % G == 0, G % 64 == 0; each row
    of x taken as `pieces` (1 to 4) int8 pieces with AVX-512 VNNI, else as (pieces + 1) / 2 int16 pieces, at least
    as close, for fp32 rows, and as int8 blocks (one scale a 64-column block; `pieces` unused) for bf16 rows.
