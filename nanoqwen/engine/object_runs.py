@@ -96,7 +96,8 @@ class SchemaObjects:
 
     def __init__(self, root: Any = None) -> None:
         self.root = root
-        self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
+        # by the ids of the option's parts: its items, 0 while counting it (a cycle adds none)
+        self._alone: dict[tuple[int, ...], int] = {}
         self._work = MAX_WORK
         # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
         self._merged: dict[tuple[int, ...], Merged] = {}
@@ -213,7 +214,8 @@ class SchemaObjects:
         part = next(other for other in objects if any(other.get(key) is options for key in ALTERNATIVES))
         alone = [other for other in objects if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
-        total, counted, within = 0, set(), {id(other) for other in objects}
+        # the parts before the list: those after it (an `allOf` written later) are not merged yet at its place
+        total, counted, within = 0, set(), {id(other) for other in found[:at] if isinstance(other, dict)}
         for option in options:
             if not isinstance(option, dict) or total > stop:
                 continue
@@ -226,7 +228,7 @@ class SchemaObjects:
             counted.add(ids)
             if not alone:
                 total += self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
-            elif (key := ids[0] if ids else id(option)) in self._alone:
+            elif (key := ids or (id(option),)) in self._alone:
                 total += self._alone[key]
             else:
                 self._alone[key] = 0
