@@ -532,6 +532,13 @@ def _object(prefix: str, count: int, **more: Any) -> dict[str, Any]:
     return {"type": "object", "properties": _optional(prefix, count), **more}
 
 
+def _required_first(first: dict[str, Any], prefix: str, count: int, last: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """An object of the required properties `first`, `count` optional ones, then the required `last`."""
+    last = last or {}
+    return {"type": "object", "properties": {**first, **_optional(prefix, count), **last}, "required": [*first, *last]}
+
+
 # (the schema of n, the answers that take its runs' first keys, the largest n llguidance follows)
 MERGED_LAYOUTS = {
     "anyOf of two objects": (lambda n: {"anyOf": [_object("a", n), _object("b", n)]}, [{"a0": 1}, {"b0": 1}], 248),
@@ -603,6 +610,33 @@ MERGED_LAYOUTS = {
         lambda n: {"type": "object", "anyOf": [{"properties": _optional("a", n)}, {"properties": _optional("b", n)}],
                    "properties": {"r": {}}, "required": ["r"]},
         [{"a0": 1, "r": 1}, {"b0": 1, "r": 1}], 333),
+    "options extending one $ref target, written first": (
+        lambda n: {"$defs": {"X": _object("x", 1)}, "anyOf": [
+            {"$ref": "#/$defs/X"}, {"$ref": "#/$defs/X", "properties": _optional("q", n)},
+            {"$ref": "#/$defs/X", "properties": _optional("s", n)}]},
+        [{"x0": 1, "q0": 1}, {"x0": 1, "s0": 1}], 245),
+    "an anyOf of $refs before own required r, an allOf $ref to one after": (
+        lambda n: {"$defs": {"X": {"properties": _optional("p", n)}, "Y": {"properties": _optional("y", n)}},
+                   "type": "object", "anyOf": [{"$ref": "#/$defs/X"}, {"$ref": "#/$defs/Y"}],
+                   "properties": {"r": {}}, "required": ["r"], "allOf": [{"$ref": "#/$defs/X"}]},
+        [{"p0": 1, "r": 1}, {"y0": 1, "r": 1}], 333),
+    **{f"an anyOf of {k} objects beginning with the same required id": (
+        lambda n, k=k: {"anyOf": [_required_first({"id": {"type": "integer"}}, c, n) for c in "abcd"[:k]]},
+        [{"id": 1, "a0": 1}, {"id": 1, "b0": 1}], bound) for k, bound in ((2, 498), (4, 248))},
+    "four objects extending a $ref'd base of required id": (
+        lambda n: {"$defs": {"Base": _required_first({"id": {"type": "integer"}}, "", 0)},
+                   "anyOf": [{"$ref": "#/$defs/Base", "properties": _optional(c, n)} for c in "abcd"]},
+        [{"id": 1, "a0": 1}, {"id": 1, "d0": 1}], 248),
+    "two objects sharing required id and z, runs between": (
+        lambda n: {"anyOf": [_required_first({"id": {}}, c, n, {"z": {}}) for c in "ab"]},
+        [{"id": 1, "a0": 1, "z": 1}, {"id": 1, "b0": 1, "z": 1}], 499),
+    "a const discriminator beside an unconstrained one": (
+        lambda n: {"anyOf": [_required_first({"k": {"const": "a"}}, "a", n),
+                             _required_first({"k": {"type": "string"}}, "b", n)]},
+        [{"k": "a", "a0": 1}, {"k": "a", "b0": 1}], 498),
+    "four objects told apart by a const discriminator": (
+        lambda n: {"anyOf": [_required_first({"k": {"enum": [c]}}, c, n) for c in "abcd"]},
+        [{"k": "a", "a0": 1}, {"k": "d", "d0": 1}], 998),
 }
 
 
@@ -618,8 +652,10 @@ def test_a_run_of_optional_properties_is_bounded_as_llguidance_merges_and_altern
     runs of 499-998 after a required one were refused) unless a `$ref` names it; the parts merge in the order their
     keys are written (an allOf before own `properties` runs before them: 667-998 were served and failed at `{"p0"`; a
     `$ref` to a required r before them was refused from 667; an anyOf before them, its options' runs before them: two
-    of 334-498 were served and failed). At the bound the answers follow; one more fails there, and is refused
-    before."""
+    of 334-498 were served and failed). Options that begin with the same required properties, whose values no
+    `const` tells apart, share the row after them too (four of [required id][n optional]: 248; up to 998 were served
+    and failed, "Current row has 2412 items"); options extending one `$ref` target are each counted (245, was 497).
+    At the bound the answers follow; one more fails there, and is refused before."""
     schema, answers, bound = MERGED_LAYOUTS[layout]
 
     def follows(n: int) -> bool:

@@ -3,11 +3,12 @@ object_properties): the parts it merges into one object (in the order its keys a
 `properties` are, a `$ref`'s target where the `$ref` is, each `allOf` subschema's in turn where the `allOf` is, each
 merged so in turn), the property names in that order with the required ones, and the items
 of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
-`oneOf` alternatives (measured in process against llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31 and
-grammar31fix)."""
+`oneOf` alternatives, and after the required properties alternatives begin with alike (measured in process against
+llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,12 +55,14 @@ class TooLarge(ValueError):
 class Merged:
     """One object merged from its parts: its property names in order (those only `required` names at the end, where
     llguidance puts them), its required ones, whether it is closed (additionalProperties false in a part, no
-    patternProperties in any), and whether it is an object at all (a part says so, none says another type)."""
+    patternProperties in any), whether it is an object at all (a part says so, none says another type), and its first
+    required property's `const` value (as JSON; None where no part gives one), which tells alternatives apart."""
 
     names: list[str]
     required: set[str]
     closed: bool
     is_object: bool
+    discriminator: str | None = None
 
     def runs(self) -> list[int]:
         """The optional properties before each required one, and after the last."""
@@ -70,6 +73,17 @@ class Merged:
             else:
                 runs[-1] += 1
         return runs
+
+
+@dataclass
+class Rows:
+    """The items of llguidance's parser rows that an object's `anyOf`/`oneOf` alternatives share: where its value
+    begins (`first`: each option's first run, summed), and after the required properties options begin with alike
+    (`after`, by their first one's discriminator and the names' node in SchemaObjects' trie): each option's run after
+    them, summed (llguidance holds every option whose keys and values so far it cannot tell apart)."""
+
+    first: int = 0
+    after: dict[tuple[str | None, int], int] = field(default_factory=dict)
 
 
 def run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
@@ -96,12 +110,17 @@ class SchemaObjects:
 
     def __init__(self, root: Any = None) -> None:
         self.root = root
-        # by the ids of the option's parts: its items, 0 while counting it (a cycle adds none)
-        self._alone: dict[tuple[int, ...], int] = {}
+        # by the ids of the option's parts: its Rows, none while counting it (a cycle adds none)
+        self._alone: dict[tuple[int, ...], Rows] = {}
+        self._lists: dict[int, Rows] = {}  # by a list's id, where its options are alone: theirs summed, as _alone's
         self._work = MAX_WORK
         # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
         self._merged: dict[tuple[int, ...], Merged] = {}
         self._merged_only: set[int] | None = None  # merged_only's, found once asked
+        # the required names objects begin with, a trie: (its parent node, the name) -> node (1, 2, ...; 0 the root)
+        self._nodes: dict[tuple[int, str], int] = {}
+        self._after: dict[int, dict[tuple[str | None, int], int]] = {}  # by a Merged's id: its Rows.after
+        self._shared: dict[int, tuple[dict[tuple[str | None, int], int], tuple[int, int]]] = {}  # shared()'s
 
     def merged_only(self, node: dict[str, Any]) -> bool:
         """Whether `node` is an `allOf` subschema of `root` that no `$ref` names: llguidance merges it into the object
@@ -182,42 +201,91 @@ class SchemaObjects:
                                  for name in own if isinstance(name, str))
         names.update(required)
         self._work -= len(names)
+        first = next((name for name in names if name in required), None)
+        values = [own[first] for part in found if isinstance(own := part.get("properties"), dict)
+                  and isinstance(own.get(first), dict)]
+        discriminator = next((json.dumps(value["const"] if "const" in value else value["enum"][0], sort_keys=True)
+                              for value in values if "const" in value
+                              or isinstance(value.get("enum"), list) and len(value["enum"]) == 1), None)
         is_object = may_be_object and (
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
-        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object)
+        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object, discriminator)
         return shape
 
-    def leading_items(self, found: list[Part], stop: int) -> int:
-        """The items of the object merged from `found` (a node's parts), counted until past `stop`."""
+    def rows(self, found: list[Part], stop: int) -> Rows:
+        """The rows of the object merged from `found` (a node's parts), counted until its first row is past `stop`."""
         return self._items(found, frozenset(), 0, stop)
 
-    def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> int:
+    def shared(self, rows: Rows) -> tuple[int, int]:
+        """The most items one row holds after a run of required properties that options of `rows` begin with alike,
+        and the trie's node of those names (0: none); options whose first has distinct `const` values are apart,
+        unless one has none. Once for each `after` (one list's, however many `$ref`s name it)."""
+        if not rows.after:
+            return 0, 0
+        if (known := self._shared.get(id(rows.after))) is not None:
+            return known[1]
+        groups: dict[int, dict[str | None, int]] = {}
+        for (value, node), items in rows.after.items():
+            by_value = groups.setdefault(node, {})
+            by_value[value] = by_value.get(value, 0) + items
+        most = max(((sum(by_value.values()) if None in by_value else max(by_value.values()), node)
+                    for node, by_value in groups.items()), default=(0, 0))
+        self._shared[id(rows.after)] = rows.after, most  # kept: its id stays its own
+        return most
+
+    def names(self, node: int) -> list[str]:
+        """The required names of a node of the trie (shared()'s), in order."""
+        parents = {child: key for key, child in self._nodes.items()}
+        names: list[str] = []
+        while node:
+            node, name = parents[node]
+            names.append(name)
+        return names[::-1]
+
+    def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> Rows:
         """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
         for at, options in enumerate(found):
             if isinstance(options, list) and id(options) not in taken:
                 return self._summed(found, at, options, taken | {id(options)}, depth, stop)
         shape = self.merged(found)
         if not shape.is_object:
-            return 0
+            return Rows()
         runs = shape.runs()
         per, more = run_row(0, len(runs) == 1, shape.closed, 0)
-        return max(per * runs[0] + more, 1)
+        return Rows(max(per * runs[0] + more, 1), self._runs_after(shape, runs))
+
+    def _runs_after(self, shape: Merged, runs: list[int]) -> dict[tuple[str | None, int], int]:
+        """An object's Rows.after: the items of its run after each of its required properties."""
+        if (known := self._after.get(id(shape))) is not None:
+            return known
+        after, node = {}, 0
+        for index, name in enumerate((name for name in shape.names if name in shape.required), 1):
+            node = self._nodes.setdefault((node, name), len(self._nodes) + 1)
+            per, more = run_row(index, index == len(runs) - 1, shape.closed, runs[0])
+            after[shape.discriminator, node] = per * runs[index] + more
+        self._after[id(shape)] = after
+        return after
 
     def _summed(self, found: list[Part], at: int, options: list[Any], taken: frozenset[int], depth: int,
-                stop: int) -> int:
-        """_items of `options` (`found[at]`), each merged with `found` there."""
+                stop: int) -> Rows:
+        """_items of `options` (`found[at]`), each merged with `found` there, summed."""
         if depth >= MAX_DEPTH:
-            return 0
+            return Rows()
         objects = [other for other in found if isinstance(other, dict)]
         part = next(other for other in objects if any(other.get(key) is options for key in ALTERNATIVES))
         alone = [other for other in objects if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
+        if alone:
+            if (known := self._lists.get(id(options))) is not None:
+                return known
+            self._lists[id(options)] = Rows()
+        first, after, owned = 0, {}, False  # Rows summed (`after` one option's, shared, until a second adds to it)
         # the parts before the list: those after it (an `allOf` written later) are not merged yet at its place
-        total, counted, within = 0, set(), {id(other) for other in found[:at] if isinstance(other, dict)}
+        counted, within = set(), {id(other) for other in found[:at] if isinstance(other, dict)}
         for option in options:
-            if not isinstance(option, dict) or total > stop:
+            if not isinstance(option, dict) or first > stop:
                 continue
             if self._work <= 0:
                 raise TooLarge
@@ -227,14 +295,23 @@ class SchemaObjects:
                 continue
             counted.add(ids)
             if not alone:
-                total += self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
+                rows = self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
             elif (key := ids or (id(option),)) in self._alone:
-                total += self._alone[key]
+                rows = self._alone[key]
             else:
-                self._alone[key] = 0
-                self._alone[key] = self._items(own, frozenset(), depth + 1, stop)
-                total += self._alone[key]
-        return total
+                self._alone[key] = Rows()
+                self._alone[key] = rows = self._items(own, frozenset(), depth + 1, stop)
+            first += rows.first
+            if not after or not rows.after:
+                after = after or rows.after
+                continue
+            self._work -= len(rows.after) + (0 if owned else len(after))
+            after, owned = after if owned else dict(after), True
+            for at_key, items in rows.after.items():
+                after[at_key] = after.get(at_key, 0) + items
+        if alone:
+            self._lists[id(options)] = Rows(first, after)
+        return Rows(first, after)
 
 
 def _target(ref: Any, root: Any) -> dict[str, Any] | None:
