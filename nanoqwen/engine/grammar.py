@@ -217,10 +217,10 @@ def _row_refusal(shape: Merged, rows: Rows, objects: SchemaObjects) -> str | Non
                 f"one parser row, past {ROW_ITEMS} (each object's optional properties before its first required one "
                 "count: make some required, or use fewer alternatives)")
     if (items := (shared := objects.shared(rows))[0]) > ROW_ITEMS:
-        return (f"a schema's anyOf or oneOf objects that begin with the same required properties "
-                f"({', '.join(objects.names(shared[1]))}) hold {items} items in one parser row after them, past "
-                f"{ROW_ITEMS} (their optional properties after them count: tell the objects apart by a `const` value "
-                "of the first, or use fewer alternatives)")
+        return (f"a schema's anyOf or oneOf objects that an answer may go on alike from their property "
+                f"{shared[1]!r} hold {items} items in one parser row after it, past {ROW_ITEMS} (their optional "
+                "properties after it count: tell the objects apart by a `const` value of a required property first, "
+                "or use fewer alternatives)")
     return None
 
 

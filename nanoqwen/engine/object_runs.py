@@ -3,7 +3,7 @@ object_properties): the parts it merges into one object (in the order its keys a
 `properties` are, a `$ref`'s target where the `$ref` is, each `allOf` subschema's in turn where the `allOf` is, each
 merged so in turn), the property names in that order with the required ones, and the items
 of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
-`oneOf` alternatives, and after the required properties alternatives begin with alike (measured in process against
+`oneOf` alternatives, and after each property that alternatives may go on from alike (measured in process against
 llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
@@ -75,15 +75,21 @@ class Merged:
         return runs
 
 
+# Where an option's required property came first (its name, its `const` value as JSON or None): options whose
+# first required is one name with distinct `const`s are told apart; None where no required property came yet
+Told = tuple[str, str | None] | None
+
+
 @dataclass
 class Rows:
     """The items of llguidance's parser rows that an object's `anyOf`/`oneOf` alternatives share: where its value
-    begins (`first`: each option's first run, summed), and after the required properties options begin with alike
-    (`after`, by their first one's discriminator and the names' node in SchemaObjects' trie): each option's run after
-    them, summed (llguidance holds every option whose keys and values so far it cannot tell apart)."""
+    begins (`first`: each option's first run, summed), and after each of their properties (`after`, by what told the
+    option apart so far and the name): the rest of each option's run from there, summed (llguidance holds every
+    option that the keys and values so far may be read by: after `{"x": 1,` both of `[required x][n optional]` and
+    `[optional x][n optional]`, 332 where each alone passed 497)."""
 
     first: int = 0
-    after: dict[tuple[str | None, int], int] = field(default_factory=dict)
+    after: dict[tuple[Told, str], int] = field(default_factory=dict)
 
 
 def run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
@@ -117,10 +123,8 @@ class SchemaObjects:
         # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
         self._merged: dict[tuple[int, ...], Merged] = {}
         self._merged_only: set[int] | None = None  # merged_only's, found once asked
-        # the required names objects begin with, a trie: (its parent node, the name) -> node (1, 2, ...; 0 the root)
-        self._nodes: dict[tuple[int, str], int] = {}
-        self._after: dict[int, dict[tuple[str | None, int], int]] = {}  # by a Merged's id: its Rows.after
-        self._shared: dict[int, tuple[dict[tuple[str | None, int], int], tuple[int, int]]] = {}  # shared()'s
+        self._after: dict[int, dict[tuple[Told, str], int]] = {}  # by a Merged's id: its Rows.after
+        self._shared: dict[int, tuple[dict[tuple[Told, str], int], tuple[int, str]]] = {}  # shared()'s
 
     def merged_only(self, node: dict[str, Any]) -> bool:
         """Whether `node` is an `allOf` subschema of `root` that no `$ref` names: llguidance merges it into the object
@@ -218,31 +222,23 @@ class SchemaObjects:
         """The rows of the object merged from `found` (a node's parts), counted until its first row is past `stop`."""
         return self._items(found, frozenset(), 0, stop)
 
-    def shared(self, rows: Rows) -> tuple[int, int]:
-        """The most items one row holds after a run of required properties that options of `rows` begin with alike,
-        and the trie's node of those names (0: none); options whose first has distinct `const` values are apart,
-        unless one has none. Once for each `after` (one list's, however many `$ref`s name it)."""
+    def shared(self, rows: Rows) -> tuple[int, str]:
+        """The most items one row holds after a property that options of `rows` may go on from alike, and its name
+        (0 and "" where none): those whose first required property is one name with distinct `const`s apart, all
+        others together (one whose first required differs may still go on alike: `[required a][b]`, `[a][required
+        b]`). Once for each `after` (one list's, however many `$ref`s name it)."""
         if not rows.after:
-            return 0, 0
+            return 0, ""
         if (known := self._shared.get(id(rows.after))) is not None:
             return known[1]
-        groups: dict[int, dict[str | None, int]] = {}
-        for (value, node), items in rows.after.items():
-            by_value = groups.setdefault(node, {})
-            by_value[value] = by_value.get(value, 0) + items
-        most = max(((sum(by_value.values()) if None in by_value else max(by_value.values()), node)
-                    for node, by_value in groups.items()), default=(0, 0))
+        groups: dict[str, dict[Told, int]] = {}
+        for (told, name), items in rows.after.items():
+            by_told = groups.setdefault(name, {})
+            by_told[told] = by_told.get(told, 0) + items
+        most = max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
+                    for name, by_told in groups.items()), default=(0, ""))
         self._shared[id(rows.after)] = rows.after, most  # kept: its id stays its own
         return most
-
-    def names(self, node: int) -> list[str]:
-        """The required names of a node of the trie (shared()'s), in order."""
-        parents = {child: key for key, child in self._nodes.items()}
-        names: list[str] = []
-        while node:
-            node, name = parents[node]
-            names.append(name)
-        return names[::-1]
 
     def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> Rows:
         """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
@@ -256,15 +252,23 @@ class SchemaObjects:
         per, more = run_row(0, len(runs) == 1, shape.closed, 0)
         return Rows(max(per * runs[0] + more, 1), self._runs_after(shape, runs))
 
-    def _runs_after(self, shape: Merged, runs: list[int]) -> dict[tuple[str | None, int], int]:
-        """An object's Rows.after: the items of its run after each of its required properties."""
+    def _runs_after(self, shape: Merged, runs: list[int]) -> dict[tuple[Told, str], int]:
+        """An object's Rows.after: the items of its row after each of its properties, the rest of the run there (an
+        optional one's row taken as a run's of those left after it: no more than the run's own, 1 short of
+        llguidance's where measured)."""
         if (known := self._after.get(id(shape))) is not None:
             return known
-        after, node = {}, 0
-        for index, name in enumerate((name for name in shape.names if name in shape.required), 1):
-            node = self._nodes.setdefault((node, name), len(self._nodes) + 1)
-            per, more = run_row(index, index == len(runs) - 1, shape.closed, runs[0])
-            after[shape.discriminator, node] = per * runs[index] + more
+        after: dict[tuple[Told, str], int] = {}
+        index, left, told = 0, runs[0], None  # the required properties so far, the optional ones left in the run
+        for name in shape.names:
+            if name in shape.required:
+                told = told or (name, shape.discriminator)
+                index += 1
+                left = runs[index]
+            else:
+                left -= 1
+            per, more = run_row(index, index == len(runs) - 1, shape.closed, runs[0] if index else 0)
+            after[told, name] = per * left + more
         self._after[id(shape)] = after
         return after
 
@@ -312,6 +316,13 @@ class SchemaObjects:
         if alone:
             self._lists[id(options)] = Rows(first, after)
         return Rows(first, after)
+
+
+def _apart(told: list[Told]) -> bool:
+    """Whether options told so are never read alike: each's first required property one name, with distinct `const`
+    values (one per entry: those alike were summed)."""
+    firsts = {each[0] if each else None for each in told}
+    return len(firsts) == 1 and all(each is not None and each[1] is not None for each in told)
 
 
 def _target(ref: Any, root: Any) -> dict[str, Any] | None:
