@@ -34,6 +34,7 @@ from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
     Merged,
+    Rows,
     SchemaObjects,
     TooLarge,
     TooManyParts,
@@ -184,7 +185,7 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
         shape = objects.merged(found)
         # options reached through `allOf` or a `$ref` share the row too
         alternated = any(isinstance(part, list) for part in found)
-        items = objects.leading_items(found, ROW_ITEMS) if alternated else 0
+        rows = objects.rows(found, ROW_ITEMS) if alternated else Rows()
     except TooManyParts:
         raise InvalidRequest(f"invalid {param}: a schema object merges more than {MAX_PARTS} schemas (itself, its "
                              "`$ref`s' targets and `allOf` subschemas, each with its own, and an `anyOf` or `oneOf` "
@@ -195,14 +196,14 @@ def object_properties(node: dict[str, Any], param: str, objects: SchemaObjects |
                              f"`anyOf`/`oneOf` options, are too many to check for runs of optional properties (past "
                              f"{MAX_WORK} parts and names): share or merge some",
                              param=param) from None
-    if (refusal := _row_refusal(shape, items)) is not None and not objects.merged_only(node):
+    if (refusal := _row_refusal(shape, rows, objects)) is not None and not objects.merged_only(node):
         raise InvalidRequest(f"invalid {param}: {refusal}", param=param)
     return own
 
 
-def _row_refusal(shape: Merged, items: int) -> str | None:
-    """Why an object merged as `shape`, whose alternatives' first runs hold `items` of the row where its value begins,
-    passes llguidance's parser row (object_properties'); None where it does not."""
+def _row_refusal(shape: Merged, rows: Rows, objects: SchemaObjects) -> str | None:
+    """Why an object merged as `shape`, whose alternatives share `rows` (`objects`'), passes llguidance's parser row
+    (object_properties'); None where it does not."""
     runs = shape.runs() if shape.is_object else []  # a part typed otherwise: llguidance intersects, no object
     for i, run in enumerate(runs):
         per, more = run_row(i, i == len(runs) - 1, shape.closed, runs[0])
@@ -211,10 +212,15 @@ def _row_refusal(shape: Merged, items: int) -> str | None:
                 " after its last required property" if i == len(runs) - 1 else " between two required properties"
             return (f"a schema object has {run} optional properties in a row{where}, past {(ROW_ITEMS - more) // per} "
                     "there (make one of them required, or split the object)")
-    if items > ROW_ITEMS:
-        return (f"a schema's anyOf or oneOf objects begin with optional properties that hold {items} items in one "
-                f"parser row, past {ROW_ITEMS} (each object's optional properties before its first required one "
+    if rows.first > ROW_ITEMS:
+        return (f"a schema's anyOf or oneOf objects begin with optional properties that hold {rows.first} items in "
+                f"one parser row, past {ROW_ITEMS} (each object's optional properties before its first required one "
                 "count: make some required, or use fewer alternatives)")
+    if (items := (shared := objects.shared(rows))[0]) > ROW_ITEMS:
+        return (f"a schema's anyOf or oneOf objects that an answer may go on alike from their property "
+                f"{shared[1]!r} hold {items} items in one parser row after it, past {ROW_ITEMS} (their optional "
+                "properties after it count: tell the objects apart by a `const` value of a required property first, "
+                "or use fewer alternatives)")
     return None
 
 

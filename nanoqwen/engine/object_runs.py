@@ -3,11 +3,12 @@ object_properties): the parts it merges into one object (in the order its keys a
 `properties` are, a `$ref`'s target where the `$ref` is, each `allOf` subschema's in turn where the `allOf` is, each
 merged so in turn), the property names in that order with the required ones, and the items
 of llguidance's parser row where a run of optional properties may begin, per position and summed over `anyOf` and
-`oneOf` alternatives (measured in process against llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31 and
-grammar31fix)."""
+`oneOf` alternatives, and after each property that alternatives may go on from alike (measured in process against
+llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
@@ -54,12 +55,14 @@ class TooLarge(ValueError):
 class Merged:
     """One object merged from its parts: its property names in order (those only `required` names at the end, where
     llguidance puts them), its required ones, whether it is closed (additionalProperties false in a part, no
-    patternProperties in any), and whether it is an object at all (a part says so, none says another type)."""
+    patternProperties in any), whether it is an object at all (a part says so, none says another type), and its first
+    required property's `const` value (as JSON; None where no part gives one), which tells alternatives apart."""
 
     names: list[str]
     required: set[str]
     closed: bool
     is_object: bool
+    discriminator: str | None = None
 
     def runs(self) -> list[int]:
         """The optional properties before each required one, and after the last."""
@@ -70,6 +73,23 @@ class Merged:
             else:
                 runs[-1] += 1
         return runs
+
+
+# Where an option's required property came first (its name, its `const` value as JSON or None): options whose
+# first required is one name with distinct `const`s are told apart; None where no required property came yet
+Told = tuple[str, str | None] | None
+
+
+@dataclass
+class Rows:
+    """The items of llguidance's parser rows that an object's `anyOf`/`oneOf` alternatives share: where its value
+    begins (`first`: each option's first run, summed), and after each of their properties (`after`, by what told the
+    option apart so far and the name): the rest of each option's run from there, summed (llguidance holds every
+    option that the keys and values so far may be read by: after `{"x": 1,` both of `[required x][n optional]` and
+    `[optional x][n optional]`, 332 where each alone passed 497)."""
+
+    first: int = 0
+    after: dict[tuple[Told, str], int] = field(default_factory=dict)
 
 
 def run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, int]:
@@ -96,11 +116,15 @@ class SchemaObjects:
 
     def __init__(self, root: Any = None) -> None:
         self.root = root
-        self._alone: dict[int, int] = {}  # by the option's id: its items, 0 while counting it (a cycle adds none)
+        # by the ids of the option's parts: its Rows, none while counting it (a cycle adds none)
+        self._alone: dict[tuple[int, ...], Rows] = {}
+        self._lists: dict[int, Rows] = {}  # by a list's id, where its options are alone: theirs summed, as _alone's
         self._work = MAX_WORK
         # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
         self._merged: dict[tuple[int, ...], Merged] = {}
         self._merged_only: set[int] | None = None  # merged_only's, found once asked
+        self._after: dict[int, dict[tuple[Told, str], int]] = {}  # by a Merged's id: its Rows.after
+        self._shared: dict[int, tuple[dict[tuple[Told, str], int], tuple[int, str]]] = {}  # shared()'s
 
     def merged_only(self, node: dict[str, Any]) -> bool:
         """Whether `node` is an `allOf` subschema of `root` that no `$ref` names: llguidance merges it into the object
@@ -181,41 +205,91 @@ class SchemaObjects:
                                  for name in own if isinstance(name, str))
         names.update(required)
         self._work -= len(names)
+        first = next((name for name in names if name in required), None)
+        values = [own[first] for part in found if isinstance(own := part.get("properties"), dict)
+                  and isinstance(own.get(first), dict)]
+        discriminator = next((json.dumps(value["const"] if "const" in value else value["enum"][0], sort_keys=True)
+                              for value in values if "const" in value
+                              or isinstance(value.get("enum"), list) and len(value["enum"]) == 1), None)
         is_object = may_be_object and (
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
-        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object)
+        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object, discriminator)
         return shape
 
-    def leading_items(self, found: list[Part], stop: int) -> int:
-        """The items of the object merged from `found` (a node's parts), counted until past `stop`."""
+    def rows(self, found: list[Part], stop: int) -> Rows:
+        """The rows of the object merged from `found` (a node's parts), counted until its first row is past `stop`."""
         return self._items(found, frozenset(), 0, stop)
 
-    def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> int:
+    def shared(self, rows: Rows) -> tuple[int, str]:
+        """The most items one row holds after a property that options of `rows` may go on from alike, and its name
+        (0 and "" where none): those whose first required property is one name with distinct `const`s apart, all
+        others together (one whose first required differs may still go on alike: `[required a][b]`, `[a][required
+        b]`). Once for each `after` (one list's, however many `$ref`s name it)."""
+        if not rows.after:
+            return 0, ""
+        if (known := self._shared.get(id(rows.after))) is not None:
+            return known[1]
+        groups: dict[str, dict[Told, int]] = {}
+        for (told, name), items in rows.after.items():
+            by_told = groups.setdefault(name, {})
+            by_told[told] = by_told.get(told, 0) + items
+        most = max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
+                    for name, by_told in groups.items()), default=(0, ""))
+        self._shared[id(rows.after)] = rows.after, most  # kept: its id stays its own
+        return most
+
+    def _items(self, found: list[Part], taken: frozenset[int], depth: int, stop: int) -> Rows:
         """Those of the object merged from `found`, its alternatives not `taken` (by id)."""
         for at, options in enumerate(found):
             if isinstance(options, list) and id(options) not in taken:
                 return self._summed(found, at, options, taken | {id(options)}, depth, stop)
         shape = self.merged(found)
         if not shape.is_object:
-            return 0
+            return Rows()
         runs = shape.runs()
         per, more = run_row(0, len(runs) == 1, shape.closed, 0)
-        return max(per * runs[0] + more, 1)
+        return Rows(max(per * runs[0] + more, 1), self._runs_after(shape, runs))
+
+    def _runs_after(self, shape: Merged, runs: list[int]) -> dict[tuple[Told, str], int]:
+        """An object's Rows.after: the items of its row after each of its properties, the rest of the run there (an
+        optional one's row taken as a run's of those left after it: no more than the run's own, 1 short of
+        llguidance's where measured)."""
+        if (known := self._after.get(id(shape))) is not None:
+            return known
+        after: dict[tuple[Told, str], int] = {}
+        index, left, told = 0, runs[0], None  # the required properties so far, the optional ones left in the run
+        for name in shape.names:
+            if name in shape.required:
+                told = told or (name, shape.discriminator)
+                index += 1
+                left = runs[index]
+            else:
+                left -= 1
+            per, more = run_row(index, index == len(runs) - 1, shape.closed, runs[0] if index else 0)
+            after[told, name] = per * left + more
+        self._after[id(shape)] = after
+        return after
 
     def _summed(self, found: list[Part], at: int, options: list[Any], taken: frozenset[int], depth: int,
-                stop: int) -> int:
-        """_items of `options` (`found[at]`), each merged with `found` there."""
+                stop: int) -> Rows:
+        """_items of `options` (`found[at]`), each merged with `found` there, summed."""
         if depth >= MAX_DEPTH:
-            return 0
+            return Rows()
         objects = [other for other in found if isinstance(other, dict)]
         part = next(other for other in objects if any(other.get(key) is options for key in ALTERNATIVES))
         alone = [other for other in objects if other.keys() - {"$ref"}] == [part] and not (
             OBJECT_KEYWORDS & part.keys() or all(isinstance(part.get(key), list) for key in ALTERNATIVES))
-        total, counted, within = 0, set(), {id(other) for other in objects}
+        if alone:
+            if (known := self._lists.get(id(options))) is not None:
+                return known
+            self._lists[id(options)] = Rows()
+        first, after, owned = 0, {}, False  # Rows summed (`after` one option's, shared, until a second adds to it)
+        # the parts before the list: those after it (an `allOf` written later) are not merged yet at its place
+        counted, within = set(), {id(other) for other in found[:at] if isinstance(other, dict)}
         for option in options:
-            if not isinstance(option, dict) or total > stop:
+            if not isinstance(option, dict) or first > stop:
                 continue
             if self._work <= 0:
                 raise TooLarge
@@ -225,14 +299,30 @@ class SchemaObjects:
                 continue
             counted.add(ids)
             if not alone:
-                total += self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
-            elif (key := ids[0] if ids else id(option)) in self._alone:
-                total += self._alone[key]
+                rows = self._items([*found[:at], *own, *found[at + 1:]], taken, depth + 1, stop)
+            elif (key := ids or (id(option),)) in self._alone:
+                rows = self._alone[key]
             else:
-                self._alone[key] = 0
-                self._alone[key] = self._items(own, frozenset(), depth + 1, stop)
-                total += self._alone[key]
-        return total
+                self._alone[key] = Rows()
+                self._alone[key] = rows = self._items(own, frozenset(), depth + 1, stop)
+            first += rows.first
+            if not after or not rows.after:
+                after = after or rows.after
+                continue
+            self._work -= len(rows.after) + (0 if owned else len(after))
+            after, owned = after if owned else dict(after), True
+            for at_key, items in rows.after.items():
+                after[at_key] = after.get(at_key, 0) + items
+        if alone:
+            self._lists[id(options)] = Rows(first, after)
+        return Rows(first, after)
+
+
+def _apart(told: list[Told]) -> bool:
+    """Whether options told so are never read alike: each's first required property one name, with distinct `const`
+    values (one per entry: those alike were summed)."""
+    firsts = {each[0] if each else None for each in told}
+    return len(firsts) == 1 and all(each is not None and each[1] is not None for each in told)
 
 
 def _target(ref: Any, root: Any) -> dict[str, Any] | None:
