@@ -79,8 +79,8 @@ static inline __m256i int4_dword_columns8(const uint8_t *dword) {
 }
 
 /* Block b of weight row n (K columns) in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)) -> q:
-   column c's nibble at q[c], as int32. A reader of single columns builds each block once: from a span, a block
-   rebuilt for each column took 1.3-1.8x the time (embedding_int4, 2048 ids of the LM head's table). */
+   column c's nibble at q[c], as int32. A reader of single columns builds each block once: embedding_int4 rebuilt
+   a span's block for each column, 2.4-3.6x the time (2048 ids of the LM head's table, profiles/RESULTS.md). */
 static inline void int4_block_q(const uint8_t *w, long n, long b, int K, long quad_rows, int32_t q[64]) {
     if (!int4_interleaved()) {
         uint8_t bytes[32];

@@ -417,8 +417,8 @@ static const int32_t unspan_lanes[3][2][16] __attribute__((aligned(64))) = {
 
 /* The nb (<= 16) blocks of the span at p (dword d of block b at byte 4 (nb d + b), int4_block.h) -> t[b]: their q
    as bytes, the 32 low nibbles of the block's plain bytes, then the high ones. The 8 vectors of the span
-   transposed back to plain blocks (z[k]: blocks 2k and 2k + 1) by 24 permutes: a block's 8 dwords loaded and
-   inserted one by one took 6.8x the time (16-row tiles of 3072 x 1024, profiles/RESULTS.md, int4b1fix). */
+   transposed back to plain blocks (z[k]: blocks 2k and 2k + 1) by 24 permutes: the tiles of 3072 x 1024 in 33 µs
+   against 98 with a block's 8 dwords inserted one by one, 14 from plain rows (profiles/RESULTS.md, int4b1fix). */
 INLINE void unspan_row(const uint8_t *p, int nb, uint8_t t[][AMX_ROWS][64], int i) {
     const __mmask16 blocks = (__mmask16)((1u << nb) - 1u);
     __m512i o[8], u[8], v[8];
@@ -445,9 +445,9 @@ INLINE void unspan_row(const uint8_t *p, int nb, uint8_t t[][AMX_ROWS][64], int 
     }
 }
 
-/* Span s of the 16 spanned weight rows from n0 -> t: t[b] the tile of block 16 s + b's q. The next 16 rows' lines
-   of the span (K / 8 lines in all) are prefetched (the LM head at 8 rows, out of cache: 10-18 ms against 15-27
-   with each row's block prefetched 2 KB ahead, on a loaded machine). */
+/* Span s of the 16 spanned weight rows from n0 -> t: t[b] the tile of block 16 s + b's q. The next 16 rows (K / 8
+   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with each
+   row's block prefetched 2 KB ahead, on a loaded machine). */
 static inline void unpack_span(const uint8_t *w, long n0, long s, int K, uint8_t t[16][AMX_ROWS][64]) {
     const int nb = int4_chunk_blocks(K, s);
     const uint8_t *p = w + int4_chunk_at(n0, s, K, 0);  /* the rows one after another: row n0 + i K / 2 bytes on */
@@ -567,6 +567,17 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 }
 #undef ISSUE
 #undef STORE
+
+/* Shapes: see nanoqwen_cpu.h. No AMX instruction: the operand is checked on every machine with the spanned layout. */
+void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles) {
+    __attribute__((aligned(64))) uint8_t span[16][AMX_ROWS][64];
+    for (long n0 = 0; n0 + AMX_ROWS <= N; n0 += AMX_ROWS)
+        for (long s = 0; s < (K + 1023) / 1024; s++) {
+            const int nb = int4_chunk_blocks(K, s);
+            unpack_span(w, n0, s, K, span);
+            memcpy(tiles + (n0 / AMX_ROWS * (K / 64) + 16 * s) * sizeof span[0], span, nb * sizeof span[0]);
+        }
+}
 AMX_INT8_END
 
 /* linear_int4 where the CPU has AVX-512 VNNI, each row of x taken as P int8 pieces (act_quant.h): 1 and 2 rows, and
