@@ -10,12 +10,13 @@
      loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
                       prefetched FAR bytes ahead at a hint (T0: prefetcht0, T1: prefetcht1 into L2, none); loop-T0-2048
                       is the kernel's loop before int4row (a fixed yardstick), spread-T0-2048-split-g64 the kernel's
-                      loop from then until the weights were stored by span (int4b1), transposing them in registers. -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into
-                      accumulators of their own, taken back by a shift (>> 4, exact) at the span's end: one op less a
-                      vector of weights and twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the
-                      permutes that spread a span's group scales and offsets over its blocks. -so, -so128, -so1024:
-                      the scales and offsets prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a
-                      chunk's rows as 2 (4) streams, a row of each in turn
+                      loop from then until the weights were stored by span (int4b1), transposing them in registers.
+                      -split: the high nibbles masked in place (w & 0xf0, 16 x the nibble) into accumulators of their
+                      own, taken back by a shift (>> 4, exact) at the span's end: one op less a vector of weights and
+                      twice the vpdpbusd chains. -g64: groups of 64 (a group a block) without the permutes that spread
+                      a span's group scales and offsets over its blocks. -so, -so128, -so1024: the scales and offsets
+                      prefetched too, 256 (128, 1024) bytes ahead. spread-..., spread4-...: a chunk's rows as 2 (4)
+                      streams, a row of each in turn
      spans-...        the loop reading the weights stored by span as transpose_span leaves them (o[0..7], each lane
                       b dword d of block b; a copy of the step made so at start): plain loads, no permutes;
                       spans-loop-split-g64 one stream, spans-spread-split-g64 two (as spread-T0-2048-split-g64)

@@ -114,6 +114,24 @@ def test_the_repack_at_load_round_trips(n, k):
     assert torch.equal(spanned, w) == (k == 64)
 
 
+@needs_vnni
+@pytest.mark.parametrize("n", [16, 33, 80])
+@pytest.mark.parametrize("k", [64, 576, 1024, 1088, 2112, 4032, 4096])
+def test_the_amx_operand_holds_each_blocks_nibbles(n, k):
+    """The tiles AMX-INT8 multiplies (linear_int4_amx_tiles, built span by span as linear_int4_amx builds them, by
+    permutes from the spanned rows), checked on every AVX-512 VNNI machine, AMX or not: row i of tile [t][b] holds
+    block b of weight row 16 t + i, byte j its low nibbles' columns (j < 32), then its high nibbles' (the plain
+    layout's 16-bit word j % 32 // 2 holds columns j % 32 // 2 + 16 h, nibble h). K 576 a lone span of 9 blocks,
+    1088 and 2112 a last one of 1, 4032 of 15; the last N % 16 rows take no tile."""
+    torch.manual_seed(n + k)
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    loaded, tiles = as_loaded(w), torch.full((n // 16, k // 64, 16, 64), 255, dtype=torch.uint8)
+    cpu_int4.KERNEL.lib.linear_int4_amx_tiles(loaded.data_ptr(), n, k, tiles.data_ptr())
+    q = unpack_int4(w)[: n // 16 * 16].view(n // 16, 16, k // 64, 64).transpose(1, 2)  # [tile, block, row, column]
+    j = torch.arange(64)
+    assert torch.equal(tiles, q[..., j % 32 // 2 + 32 * (j % 2) + 16 * (j // 32)])
+
+
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", LOOPS)

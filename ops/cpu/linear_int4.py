@@ -56,7 +56,8 @@ from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK
 
 PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
-KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c", ("linear_int4", "linear_int4_pack", "linear_int4_layout"))
+KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c",
+                       ("linear_int4", "linear_int4_pack", "linear_int4_layout", "linear_int4_amx_tiles"))
 
 
 def interleaved(lib: ctypes.CDLL | None = None) -> bool:

@@ -23,13 +23,17 @@ void embedding_int4(const int32_t *ids, const uint8_t *table, const void *scale,
                     int N, int V, int H, int G, int bf16) {
     const int groups = H / G;
     const long quad_rows = int4_quad_rows(V);
-    for (int n = 0; n < N; n++) {
-        for (int c = 0; c < H; c++) {
-            const long g = (long)ids[n] * groups + c / G;
-            float v = (float)int4_nibble(table, ids[n], c, H, quad_rows) * load1(scale, g, bf16);
-            /* the reference rounds the product before adding the offset: no FMA contraction */
-            __asm__("" : "+x"(v));
-            store1(out, (long)n * H + c, v + load1(offset, g, bf16), bf16);
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < H / 64; b++) {
+            const long g = (long)ids[n] * groups + 64 * b / G;  /* a block lies in one group: G % 64 == 0 */
+            const float s = load1(scale, g, bf16), o = load1(offset, g, bf16);
+            int32_t q[64];
+            int4_block_q(table, ids[n], b, H, quad_rows, q);
+            for (int c = 0; c < 64; c++) {
+                float v = (float)q[c] * s;
+                /* the reference rounds the product before adding the offset: no FMA contraction */
+                __asm__("" : "+x"(v));
+                store1(out, (long)n * H + 64 * b + c, v + o, bf16);
+            }
         }
-    }
 }

@@ -64,18 +64,6 @@ static inline __m256i int4_span_block(const uint8_t *w, long n, long b, int K) {
     return _mm256_setr_epi32(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
 }
 
-/* Column k of weight row n of w in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)). */
-static inline int int4_nibble(const uint8_t *w, long n, long k, int K, long quad_rows) {
-    uint8_t bytes[32];
-    if (!int4_interleaved()) {
-        _mm256_storeu_si256((__m256i *)bytes, int4_span_block(w, n, k / 64, K));
-        return int4_plain_nibble(bytes, k % 64);
-    }
-    uint32_t dword;
-    memcpy(&dword, w + int4_dword_at(n, k / 64, (int)(k % 64 / 8), K, quad_rows), 4);
-    return (int)(dword >> (4 * (k & 7)) & 15);
-}
-
 /* Columns k .. k + 7 (k % 8 == 0) of plain row `row` (K / 2 bytes) as int32: nibble k % 64 / 16 of the words k % 16
    .. + 7 of its block. */
 static inline __m256i int4_plain_columns8(const uint8_t *row, long k) {
@@ -90,14 +78,18 @@ static inline __m256i int4_dword_columns8(const uint8_t *dword) {
                             _mm256_set1_epi32(15));
 }
 
-/* Columns k .. k + 7 (k % 8 == 0) of weight row n as int32, in the layout int4_interleaved() decides. */
-static inline __m256i int4_columns8(const uint8_t *w, long n, long k, int K, long quad_rows) {
-    uint8_t bytes[32];
+/* Block b of weight row n (K columns) in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)) -> q:
+   column c's nibble at q[c], as int32. A reader of single columns builds each block once: embedding_int4 rebuilt
+   a span's block for each column, 2.4-3.6x the time (2048 ids of the LM head's table, profiles/RESULTS.md). */
+static inline void int4_block_q(const uint8_t *w, long n, long b, int K, long quad_rows, int32_t q[64]) {
     if (!int4_interleaved()) {
-        _mm256_storeu_si256((__m256i *)bytes, int4_span_block(w, n, k / 64, K));
-        return int4_plain_columns8(bytes, k % 64);
+        uint8_t bytes[32];
+        _mm256_storeu_si256((__m256i *)bytes, int4_span_block(w, n, b, K));
+        for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(q + 8 * j), int4_plain_columns8(bytes, 8 * j));
+        return;
     }
-    return int4_dword_columns8(w + int4_dword_at(n, k / 64, (int)(k % 64 / 8), K, quad_rows));
+    for (int j = 0; j < 8; j++)
+        _mm256_storeu_si256((__m256i *)(q + 8 * j), int4_dword_columns8(w + int4_dword_at(n, b, j, K, quad_rows)));
 }
 
 /* 8 nibbles q (int32) dequantised: q * scale + offset as the reference rounds it. */

@@ -42,8 +42,8 @@ struct acts {
     long len;        /* K rounded up to whole spans */
 };
 
-/* Column of a 64-column block at byte j of step s: dword d of a block (int4_block.h's plain and spanned) holds, low nibbles
-   first, q[2d], q[32 + 2d], q[2d + 1], q[33 + 2d] (step 2d), and 16 columns further in its high nibbles
+/* Column of a 64-column block at byte j of step s: dword d of a block (int4_block.h's plain and spanned) holds, low
+   nibbles first, q[2d], q[32 + 2d], q[2d + 1], q[33 + 2d] (step 2d), and 16 columns further in its high nibbles
    (step 2d + 1). */
 static inline int column_at(int s, int j) {
     static const int8_t pair[4] = {0, 32, 1, 33};
@@ -386,12 +386,6 @@ static void unpacked_order(const float *x, int M, int K, float *out) {
 #define AMX_INT8_END _Pragma("GCC pop_options")
 
 AMX_INT8_BEGIN
-/* The 32 plain bytes of a block -> its 64 q as bytes: the low nibbles, then the high ones. */
-static inline __m512i unpack_u8(__m256i bytes) {
-    const __m512i v = _mm512_broadcast_i64x4(bytes);
-    return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xffff0000u, v, 4), _mm512_set1_epi8(0xf));
-}
-
 /* Tiles 0 and 1: unpacked weights (16 rows x 64 q), alternately. Up to 16 piece columns: tiles 2 and 3 their
    quads, alternately, and 4 to 7 the sums of four groups in flight. More (split): tiles 2 and 3 the quads of
    columns 0-15 and 16-31, and the sums of two groups in flight: 4 and 5, 6 and 7. */
@@ -405,12 +399,63 @@ static void configure_int8_tiles(int C) {
     _tile_loadconfig(&config);
 }
 
-/* Block b of the 16 spanned weight rows from n0 -> t: the tile of their q. The next 16 rows (K / 8 lines) are
-   prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with each row's block
-   prefetched 2 KB ahead, on a loaded machine). */
-static inline void unpack_block(const uint8_t *w, long n0, long b, int K, uint8_t t[AMX_ROWS][64]) {
-    for (int l = 0; l < 8; l++) __builtin_prefetch(w + (n0 + AMX_ROWS) * (K / 2) + (b * 8 + l) * 64);
-    for (int i = 0; i < AMX_ROWS; i++) _mm512_store_si512(t[i], unpack_u8(int4_span_block(w, n0 + i, b, K)));
+/* The permutes of unspan_row, round r making output e of a pair of vectors, as vpermt2d indices: lane L takes lane
+   bits 3..0 of the source that bit 4 picks. Each round trades a bit of the vector index for one of the lane index:
+   lanes (b3 b2 b1 b0) of vectors (d2 d1 d0) -> lanes (d2 b2 b1 b0) of (b3 d1 d0) -> (d2 d1 b1 b0) of (b3 b2 d0) ->
+   (b0 d2 d1 d0) of (b3 b2 b1), dword d of block b. */
+#define UNSPAN_INDEX(r, e, L) ((r) == 0 ? ((L) >> 3 & 1) << 4 | (e) << 3 | ((L) & 7) \
+                             : (r) == 1 ? ((L) >> 2 & 1) << 4 | ((L) >> 3 & 1) << 3 | (e) << 2 | ((L) & 3) \
+                             : ((L) & 1) << 4 | ((L) >> 2 & 1) << 3 | ((L) >> 1 & 1) << 2 | (e) << 1 | ((L) >> 3 & 1))
+#define UNSPAN_LANES(r, e) {UNSPAN_INDEX(r, e, 0), UNSPAN_INDEX(r, e, 1), UNSPAN_INDEX(r, e, 2), \
+        UNSPAN_INDEX(r, e, 3), UNSPAN_INDEX(r, e, 4), UNSPAN_INDEX(r, e, 5), UNSPAN_INDEX(r, e, 6), \
+        UNSPAN_INDEX(r, e, 7), UNSPAN_INDEX(r, e, 8), UNSPAN_INDEX(r, e, 9), UNSPAN_INDEX(r, e, 10), \
+        UNSPAN_INDEX(r, e, 11), UNSPAN_INDEX(r, e, 12), UNSPAN_INDEX(r, e, 13), UNSPAN_INDEX(r, e, 14), \
+        UNSPAN_INDEX(r, e, 15)}
+static const int32_t unspan_lanes[3][2][16] __attribute__((aligned(64))) = {
+    {UNSPAN_LANES(0, 0), UNSPAN_LANES(0, 1)}, {UNSPAN_LANES(1, 0), UNSPAN_LANES(1, 1)},
+    {UNSPAN_LANES(2, 0), UNSPAN_LANES(2, 1)}};
+
+/* The nb (<= 16) blocks of the span at p (dword d of block b at byte 4 (nb d + b), int4_block.h) -> t[b]: their q
+   as bytes, the 32 low nibbles of the block's plain bytes, then the high ones. The 8 vectors of the span
+   transposed back to plain blocks (z[k]: blocks 2k and 2k + 1) by 24 permutes: the tiles of 3072 x 1024 in 33 µs
+   against 98 with a block's 8 dwords inserted one by one, 14 from plain rows (profiles/RESULTS.md, int4b1fix). */
+INLINE void unspan_row(const uint8_t *p, int nb, uint8_t t[][AMX_ROWS][64], int i) {
+    const __mmask16 blocks = (__mmask16)((1u << nb) - 1u);
+    __m512i o[8], u[8], v[8];
+    for (int d = 0; d < 8; d++) o[d] = _mm512_maskz_loadu_epi32(blocks, p + 4 * nb * d);
+    for (int k = 0; k < 4; k++)
+        for (int e = 0; e < 2; e++)
+            u[4 * e + k] = _mm512_permutex2var_epi32(o[k], _mm512_load_si512(unspan_lanes[0][e]), o[4 + k]);
+    for (int h = 0; h < 2; h++)
+        for (int k0 = 0; k0 < 2; k0++)
+            for (int e = 0; e < 2; e++)
+                v[4 * h + 2 * e + k0] = _mm512_permutex2var_epi32(u[4 * h + k0], _mm512_load_si512(unspan_lanes[1][e]),
+                                                                  u[4 * h + 2 + k0]);
+    for (int k = 0; k < nb; k += 2) {  /* z[k / 2], vector (b3 b2 b1), from v[(b3 b2 0)] and v[(b3 b2 1)] */
+        const __m512i z = _mm512_permutex2var_epi32(v[k >> 1 & 6], _mm512_load_si512(unspan_lanes[2][k >> 1 & 1]),
+                                                    v[(k >> 1 & 6) + 1]);
+        const __m512i lo = _mm512_and_si512(z, _mm512_set1_epi8(0xf));
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(z, 4), _mm512_set1_epi8(0xf));
+        _mm256_store_si256((__m256i *)t[k][i], _mm512_castsi512_si256(lo));
+        _mm256_store_si256((__m256i *)(t[k][i] + 32), _mm512_castsi512_si256(hi));
+        if (k + 1 < nb) {
+            _mm256_store_si256((__m256i *)t[k + 1][i], _mm512_extracti64x4_epi64(lo, 1));
+            _mm256_store_si256((__m256i *)(t[k + 1][i] + 32), _mm512_extracti64x4_epi64(hi, 1));
+        }
+    }
+}
+
+/* Span s of the 16 spanned weight rows from n0 -> t: t[b] the tile of block 16 s + b's q. The next 16 rows (K / 8
+   lines) are prefetched 8 lines a block (the LM head at 8 rows, out of cache: 10-18 ms against 15-27 with each
+   row's block prefetched 2 KB ahead, on a loaded machine). */
+static inline void unpack_span(const uint8_t *w, long n0, long s, int K, uint8_t t[16][AMX_ROWS][64]) {
+    const int nb = int4_chunk_blocks(K, s);
+    const uint8_t *p = w + int4_chunk_at(n0, s, K, 0);  /* the rows one after another: row n0 + i K / 2 bytes on */
+    for (int l = 0; l < 8 * nb; l++) __builtin_prefetch(w + (n0 + AMX_ROWS) * (K / 2) + (128 * s + l) * 64);
+    if (nb == 16)  /* a constant where inlined: the loads and stores unrolled */
+        for (int i = 0; i < AMX_ROWS; i++) unspan_row(p + (long)i * (K / 2), 16, t, i);
+    else
+        for (int i = 0; i < AMX_ROWS; i++) unspan_row(p + (long)i * (K / 2), nb, t, i);
 }
 
 /* Group g's sums into tile c (and c2 when split), its weights and quads through tiles wt and qt. */
@@ -419,10 +464,11 @@ static inline void unpack_block(const uint8_t *w, long n0, long b, int K, uint8_
         if (split) _tile_zero(c2); \
         for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
             const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
-            __attribute__((aligned(64))) uint8_t tile_[AMX_ROWS][64]; \
-            unpack_block(a->w, n0, b_, K, tile_); \
-            AMX_STORES_VISIBLE(); \
-            _tile_loadd(wt, tile_, 64); \
+            if (b_ % 16 == 0) { \
+                unpack_span(a->w, n0, b_ / 16, K, span); \
+                AMX_STORES_VISIBLE(); \
+            } \
+            _tile_loadd(wt, span[b_ % 16], 64); \
             _tile_loadd(qt, quads_, C * 4); \
             _tile_dpbusd(c, wt, qt); \
             if (split) { \
@@ -450,6 +496,7 @@ static void linear_int4_amx(const void *ctx, long chunk) {
     const long whole = N / AMX_ROWS * AMX_ROWS;
     if (start < whole) {
         configure_int8_tiles(C);
+        __attribute__((aligned(64))) uint8_t span[16][AMX_ROWS][64];  /* the current span's tiles (unpack_span) */
         for (long n0 = start; n0 < (end < whole ? end : whole); n0 += AMX_ROWS) {
             __m512 acc[AMX_ROWS][2], off[AMX_ROWS];  /* [weight row][piece column | activation row] */
             for (int i = 0; i < AMX_ROWS; i++) acc[i][0] = acc[i][1] = off[i] = _mm512_setzero_ps();
@@ -520,6 +567,17 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 }
 #undef ISSUE
 #undef STORE
+
+/* Shapes: see nanoqwen_cpu.h. No AMX instruction: the operand is checked on every machine with the spanned layout. */
+void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles) {
+    __attribute__((aligned(64))) uint8_t span[16][AMX_ROWS][64];
+    for (long n0 = 0; n0 + AMX_ROWS <= N; n0 += AMX_ROWS)
+        for (long s = 0; s < (K + 1023) / 1024; s++) {
+            const int nb = int4_chunk_blocks(K, s);
+            unpack_span(w, n0, s, K, span);
+            memcpy(tiles + (n0 / AMX_ROWS * (K / 64) + 16 * s) * sizeof span[0], span, nb * sizeof span[0]);
+        }
+}
 AMX_INT8_END
 
 /* linear_int4 where the CPU has AVX-512 VNNI, each row of x taken as P int8 pieces (act_quant.h): 1 and 2 rows, and
@@ -1090,9 +1148,11 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
                 const long g = n * groups + b * 64 / a->G;
                 const __m256 s = _mm256_set1_ps(load1(a->scale, g, a->bf16));
                 const __m256 o = _mm256_set1_ps(load1(a->offset, g, a->bf16));
-                for (int k = b * 64; k < b * 64 + 64; k += 8)
-                    acc = _mm256_fmadd_ps(int4_dequant8(int4_columns8(a->w, n, k, K, quad_rows), s, o, 0),
-                                          load8(a->raw, (long)m * K + k, a->bf16), acc);
+                int32_t q[64];
+                int4_block_q(a->w, n, b, K, quad_rows, q);
+                for (int j = 0; j < 8; j++)
+                    acc = _mm256_fmadd_ps(int4_dequant8(_mm256_loadu_si256((const __m256i *)(q + 8 * j)), s, o, 0),
+                                          load8(a->raw, (long)m * K + 64 * b + 8 * j, a->bf16), acc);
             }
             store1(a->y, (long)m * a->N + n, hsum(acc), a->bf16);
         }

@@ -29,6 +29,10 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
                  int K, int G, int bf16, int pieces);
 void linear_int4_pack(uint8_t *w, uint8_t *quad, int N, int K);
 void linear_int4_layout(int32_t *interleaved);
+/* linear_int4_amx_tiles: spanned w (linear_int4_layout 0) -> tiles [N / 16][K / 64][16][64] uint8, the unsigned
+   operands of AMX-INT8 that linear_int4 multiplies: tile [t][b] row i holds block b of weight row 16 t + i as bytes,
+   its 32 plain bytes' low nibbles, then their high ones. */
+void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles);
 
 /* dequant.c: out = q * scale + offset per group of G columns, rounded as ops/torch_ref/linear_int4.py does;
    w: [N, K / 2] uint8 in linear_int4's layout (rows from a multiple of 4 of the tensor's, N to its end or a multiple
