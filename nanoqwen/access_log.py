@@ -13,11 +13,15 @@ from typing import Any
 from gunicorn.glogging import SafeAtoms
 from gunicorn.instrument.statsd import Statsd
 
-UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029]")  # U+2028/9: a line break to some viewers
 
 
 def escaped(text: str) -> str:
-    return UNSAFE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return UNSAFE.sub(lambda match: _escape(ord(match.group())), text)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class EscapedAtoms(SafeAtoms):
@@ -33,7 +37,8 @@ class EscapedAtoms(SafeAtoms):
 
 
 class AccessLogger(Statsd):
-    """Statsd's logger (no socket without `--statsd-host`): gunicorn switches to it only while `logger_class` is its
-    default, so a Logger here silently turned `--statsd-host` off. A `--logger-class` given drops the escaping."""
+    """Statsd's logger (its socket unconnected, unused, without `--statsd-host`): gunicorn switches to it only while
+    `logger_class` is its default, so a Logger here silently turned `--statsd-host` off. A `--logger-class` given
+    drops the escaping."""
 
     atoms_wrapper_class = EscapedAtoms

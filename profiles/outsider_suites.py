@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import openai
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,11 +95,11 @@ def check_case(url: str, case: Case) -> str | None:
     return None if expected(answer.json()) else f"200 {answer.text[:300]}"
 
 
-def continuous_usage(url: str) -> str | None:
+def continuous_usage(srv: GunicornServer) -> str | None:
     """vLLM test_enable_force_include_usage: with `continuous_usage_stats`, every chunk's usage adds up and its count
     never falls, and grows with each chunk of text; the chunk of the finish reason (OpenAI's own, after the last
     token's: vLLM's holds both) and the usage chunk repeat the last count."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    client = srv.openai_client()
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_completion_tokens=10,
         temperature=0.0, stream=True, stream_options={"include_usage": True},
@@ -124,7 +123,7 @@ def main() -> int:
     failures = 0
     with GunicornServer(env, out / "outsider_suites.log") as srv:
         checks = [(case[0], lambda case=case: check_case(srv.url, case)) for case in CASES]
-        checks.append(("vLLM test_enable_force_include_usage: continuous usage", lambda: continuous_usage(srv.url)))
+        checks.append(("vLLM test_enable_force_include_usage: continuous usage", lambda: continuous_usage(srv)))
         for name, check in checks:
             try:
                 problem = check()

@@ -181,6 +181,16 @@ def test_stored_chat_list_query_parameters_are_declared_as_the_service_reads_the
     assert _status(service.messages, "c0", {"before": "x"}) == 400 and _status(service.messages, "c9", {}) == 404
 
 
+@pytest.mark.parametrize("metadata", [
+    {"k": "v" * 512}, {"k" * 64: "a"}, {f"k{i}": "v" for i in range(16)}, {"": "x"},
+    {"k": "v" * 513}, {"k" * 65: "a"}, {f"k{i}": "v" for i in range(17)}, {"k][x": "a"}])
+def test_the_documents_metadata_filter_allows_exactly_what_the_list_accepts(metadata: dict[str, str]) -> None:
+    """A filter no metadata could hold is a 400: the document must not offer it (fuzz_openapi generates from it)."""
+    service = ChatStoredService(ChatStore(), lambda where, fn, *args: fn(*args))
+    documented = jsonschema.Draft202012Validator(_query("/v1/chat/completions")["metadata"]).is_valid(metadata)
+    assert documented == (_status(service.list, {f"metadata[{key}]": value for key, value in metadata.items()}) == 200)
+
+
 def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None:
     query = _query("/v1/responses/{response_id}")
     assert set(query) == {"stream", "starting_after", "include_obfuscation", "include[]", "include"}

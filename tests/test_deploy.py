@@ -282,9 +282,9 @@ def test_statsd_host_still_picks_statsd_and_each_atom_is_escaped_before_it_is_qu
         assert logger.sock is not None
     finally:
         logger.sock.close()
-    atoms = EscapedAtoms({"U": 'a"\\b\r\nc\x1b', "{user-agent}i": "x\ny", "s": 200})
+    atoms = EscapedAtoms({"U": 'a"\\b\r\nc\x1b', "{user-agent}i": "x\ny\u2028", "s": 200})
     read = (atoms["U"], atoms["{User-Agent}i"], atoms["s"], atoms["b"])
-    assert read == ('a\\"\\x5cb\\x0d\\x0ac\\x1b', "x\\x0ay", 200, "-")
+    assert read == ('a\\"\\x5cb\\x0d\\x0ac\\x1b', "x\\x0ay\\u2028", 200, "-")
 
 
 def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(tiny_checkpoint, tmp_path):

@@ -41,7 +41,9 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "asc", "description": "by `created`"},
         "after": {"type": "string", "description": "a stored chat completion's id"},
         "model": {"type": "string", "description": "only the completions of this model"},
-        "metadata": {"type": "object", "additionalProperties": {"type": "string"},
+        "metadata": {"type": "object", "maxProperties": 16,
+                     "propertyNames": {"maxLength": 64, "pattern": "^[^\\[\\]]*$"},
+                     "additionalProperties": {"type": "string", "maxLength": 512},
                      "description": "`metadata[key]=value`: only the completions with each of these pairs"}},
     ("get", "/v1/chat/completions/{completion_id}/messages"): {
         "limit": LIMIT,
