@@ -31,7 +31,8 @@ QUERY = [p for p in OPENAPI["paths"][PATH]["get"]["parameters"] if p["in"] == "q
 
 class Scripted(ScriptedServer):
     """GET /v1/chat/completions, with no completion stored, reads its query as chat_stored_api does: `limit` an
-    integer in [1, 100] (any text, if `lenient`), `order` asc or desc, `model` and `metadata[key]` any text; `after`
+    integer in [1, 100] (any text, if `lenient`), `order` asc or desc, `model` any text, `metadata[key]` at most 16
+    pairs of keys of at most 64 characters and no bracket, values of at most 512; `after`
     (naming no completion), any other parameter or one given twice is a 400."""
 
     def __init__(self) -> None:
@@ -51,8 +52,11 @@ class Handler(ScriptedHandler):
         unknown = [k for k in query if k not in ("limit", "order", "model") and not re.fullmatch(r"metadata\[.*\]", k)]
         limit = query.get("limit", "20")
         bad_limit = not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100) and not self.server.lenient
-        if url.path != PATH or unknown or len(query) < len(pairs) or bad_limit or query.get("order", "asc") not in (
-                "asc", "desc"):
+        metadata = {k[len("metadata["):-1]: v for k, v in query.items() if k.startswith("metadata[")}
+        bad_metadata = len(metadata) > 16 or any(
+            len(k) > 64 or "[" in k or "]" in k or len(v) > 512 for k, v in metadata.items())
+        if url.path != PATH or unknown or len(query) < len(pairs) or bad_limit or bad_metadata or query.get(
+                "order", "asc") not in ("asc", "desc"):
             return self._send(400, {"error": {"message": "bad query", "type": "invalid_request_error",
                                               "param": None, "code": None}})
         self._send(200, {"data": []})
