@@ -33,7 +33,8 @@ class Scripted(ScriptedServer):
     """GET /v1/chat/completions, with no completion stored, reads its query as chat_stored_api does: `limit` an
     integer in [1, 100] (any text, if `lenient`), `order` asc or desc, `model` any text, `metadata[key]` at most 16
     pairs of keys of at most 64 characters and no bracket, values of at most 512; `after`
-    (naming no completion), any other parameter or one given twice is a 400."""
+    (naming no completion), any other parameter or one given twice is a 400; a request line past 4,094 bytes is
+    gunicorn's 414."""
 
     def __init__(self) -> None:
         super().__init__(Handler)
@@ -45,6 +46,9 @@ class Handler(ScriptedHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         url = urlsplit(self.path)
+        if len(self.requestline) > 4094:  # gunicorn's limit_request_line: its 414 before the app
+            return self._send(414, {"error": {"message": "request line too long", "type": "invalid_request_error",
+                                              "param": None, "code": None}})
         if url.path == "/openapi.json":
             return self._send(200, OPENAPI)
         pairs = parse_qsl(url.query, keep_blank_values=True)
