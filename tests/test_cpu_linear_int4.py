@@ -132,6 +132,14 @@ def test_the_amx_operand_holds_each_blocks_nibbles(n, k):
     assert torch.equal(tiles, q[..., j % 32 // 2 + 32 * (j % 2) + 16 * (j // 32)])
 
 
+def test_the_amx_operand_of_interleaved_weights_is_not_written():
+    """Interleaved spans are 4 blocks: the export's 16-block steps wrote past its tiles (a heap overflow at K 2112)."""
+    w = as_loaded(torch.randint(0, 256, (16, 2112 // 2), dtype=torch.uint8), capped(cpu_int4.KERNEL, "avx2").lib)
+    tiles = torch.full((1, 2112 // 64 + 64, 16, 64), 255, dtype=torch.uint8)  # room past its end: no crash to see
+    capped(cpu_int4.KERNEL, "avx2").lib.linear_int4_amx_tiles(w.data_ptr(), 16, 2112, tiles.data_ptr())
+    assert (tiles == 255).all()
+
+
 @pytest.mark.parametrize("m,n,k,g", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", LOOPS)

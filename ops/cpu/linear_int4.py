@@ -71,8 +71,9 @@ def interleaved(lib: ctypes.CDLL | None = None) -> bool:
 
 def repack(weight: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
     """weight: [N, K / 2] uint8 contiguous, as quantize_int4_into writes it -> in place, in the layout a build of
-    linear_int4.c (the kernel set's by default) reads: interleaved where interleaved(lib), else by span. Through 4
-    rows of scratch (allocated here, so a failure raises): loading holds no second copy."""
+    linear_int4.c (the kernel set's by default) reads: interleaved where interleaved(lib), else by span. Through
+    scratch of 4 rows (the interleaved layout's quad; by span one is used; allocated here, so a failure raises):
+    loading holds no second copy."""
     if weight.shape[1] % (BLOCK // 2) or not weight.is_contiguous():
         raise ValueError(f"an int4 weight of {2 * weight.shape[1]} columns ({weight.stride()} strides): repack takes "
                          f"contiguous rows of whole {BLOCK}-column blocks")

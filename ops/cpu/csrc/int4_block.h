@@ -80,7 +80,7 @@ static inline __m256i int4_dword_columns8(const uint8_t *dword) {
 
 /* Block b of weight row n (K columns) in the layout int4_interleaved() decides (quad_rows: int4_quad_rows(N)) -> q:
    column c's nibble at q[c], as int32. A reader of single columns builds each block once: embedding_int4 rebuilt
-   a span's block for each column, 2.4-3.6x the time (2048 ids of the LM head's table, profiles/RESULTS.md). */
+   a span's block for each column (2048 ids of the LM head's table: 8.3-10.4 ms against 2.3-5.1, profiles/RESULTS.md). */
 static inline void int4_block_q(const uint8_t *w, long n, long b, int K, long quad_rows, int32_t q[64]) {
     if (!int4_interleaved()) {
         uint8_t bytes[32];

@@ -465,6 +465,7 @@ static inline void unpack_span(const uint8_t *w, long n0, long s, int K, uint8_t
         for (int b_ = g * G / 64; b_ < (g + 1) * G / 64; b_++) { \
             const int8_t *quads_ = a->x.quads + (long)b_ * 16 * C * 4; \
             if (b_ % 16 == 0) { \
+                AMX_STORES_VISIBLE();  /* the last span's tile loads read before it is rewritten */ \
                 unpack_span(a->w, n0, b_ / 16, K, span); \
                 AMX_STORES_VISIBLE(); \
             } \
@@ -568,8 +569,10 @@ static void linear_int4_amx(const void *ctx, long chunk) {
 #undef ISSUE
 #undef STORE
 
-/* Shapes: see nanoqwen_cpu.h. No AMX instruction: the operand is checked on every machine with the spanned layout. */
+/* Shapes: see nanoqwen_cpu.h. No AMX instruction: the operand is checked on every machine with the spanned layout;
+   nothing written where weights are interleaved (its spans are 4 blocks: 16 would write past `tiles`). */
 void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles) {
+    if (int4_interleaved()) return;
     __attribute__((aligned(64))) uint8_t span[16][AMX_ROWS][64];
     for (long n0 = 0; n0 + AMX_ROWS <= N; n0 += AMX_ROWS)
         for (long s = 0; s < (K + 1023) / 1024; s++) {
@@ -1169,7 +1172,8 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
-    if (M > most && amx_int8_ready()) {  /* in passes: 32 bf16 rows 168 µs against 598 through vpdpbusd */
+    /* AMX reads spans: a NANOQWEN_NO_VNNI build packs interleaved */
+    if (M > most && amx_int8_ready() && !int4_interleaved()) {  /* in passes: 32 bf16 rows 168 µs against 598 */
         const size_t size = bf16 ? 2 : 4;
         for (int m = 0; m < M; m += most)
             linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
