@@ -37,7 +37,7 @@ class EscapedAtoms(SafeAtoms):
 
 
 class AccessLogger(Statsd):
-    """Statsd's logger (its socket unconnected, unused, without `--statsd-host`): gunicorn switches to it only while
+    """Statsd's logger (no socket without `--statsd-host`): gunicorn switches to it only while
     `logger_class` is its default, so a Logger here silently turned `--statsd-host` off. A `--logger-class` given
     drops the escaping."""
 

@@ -183,7 +183,7 @@ def test_stored_chat_list_query_parameters_are_declared_as_the_service_reads_the
 
 @pytest.mark.parametrize("metadata", [
     {"k": "v" * 512}, {"k" * 64: "a"}, {f"k{i}": "v" for i in range(16)}, {"": "x"},
-    {"k": "v" * 513}, {"k" * 65: "a"}, {f"k{i}": "v" for i in range(17)}, {"k][x": "a"}])
+    {"k": "v" * 513}, {"k" * 65: "a"}, {f"k{i}": "v" for i in range(17)}, {"k][x": "a"}, {"k[": "a"}, {"]": "a"}])
 def test_the_documents_metadata_filter_allows_exactly_what_the_list_accepts(metadata: dict[str, str]) -> None:
     """A filter no metadata could hold is a 400: the document must not offer it (fuzz_openapi generates from it)."""
     service = ChatStoredService(ChatStore(), lambda where, fn, *args: fn(*args))

@@ -12,7 +12,13 @@ from pydantic.json_schema import models_json_schema
 from nanoqwen.api.chat_stored_api import ChatCompletionUpdateRequest
 from nanoqwen.api.responses_include import INCLUDE_KEYS
 from nanoqwen.api.responses_schemas import INCLUDES, ResponseCountRequest, ResponseCreateRequest
-from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest
+from nanoqwen.api.schemas import (
+    METADATA_KEY_CHARS,
+    METADATA_KEYS,
+    METADATA_VALUE_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from nanoqwen.api.stored import MAX_LIST_LIMIT
 from nanoqwen.api.tokenize import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 
@@ -41,10 +47,11 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "asc", "description": "by `created`"},
         "after": {"type": "string", "description": "a stored chat completion's id"},
         "model": {"type": "string", "description": "only the completions of this model"},
-        "metadata": {"type": "object", "maxProperties": 16,
-                     "propertyNames": {"maxLength": 64, "pattern": "^[^\\[\\]]*$"},
-                     "additionalProperties": {"type": "string", "maxLength": 512},
-                     "description": "`metadata[key]=value`: only the completions with each of these pairs"}},
+        "metadata": {"type": "object", "maxProperties": METADATA_KEYS,
+                     "propertyNames": {"maxLength": METADATA_KEY_CHARS, "pattern": "^[^\\[\\]]*$"},
+                     "additionalProperties": {"type": "string", "maxLength": METADATA_VALUE_CHARS},
+                     "description": "`metadata[key]=value`: only the completions with each of these pairs (a "
+                                    "request line past 4,094 bytes is gunicorn's 414)"}},
     ("get", "/v1/chat/completions/{completion_id}/messages"): {
         "limit": LIMIT,
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "asc"},
