@@ -910,6 +910,32 @@ def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(se
     assert after["pid"] == worker["pid"], (worker, after)
 
 
+def test_a_const_too_large_to_serve_is_a_400_naming_the_field_and_the_worker_lives(server: GunicornServer) -> None:
+    """An object const of 20,000 keys (within the body's bound on values): llguidance panicked compiling it, a 400
+    quoting its assertion ("grammar.symbols.len() < u16::MAX"), and at 30,000 keys, on an 8 MB stack, killed the
+    process. Now the request's const and enum values are weighed first: the 400 names the field, in each way a
+    schema comes (an answer's, a tool's, vLLM's, a Lark grammar's %json), and the worker serves on."""
+    (worker,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
+    large = {"const": {f"k{i}": i for i in range(20_000)}}
+    tool = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": large}, "required": ["a"], "additionalProperties": False}}}
+    chat = {"model": MODEL, "messages": USER, "max_tokens": 4}
+    sent = [("chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "o", "schema": large}}}, "response_format"),
+            ("chat/completions", {**chat, "tools": [tool], "tool_choice": "required"}, "tools"),
+            ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "guided_json": large}, "guided_json"),
+            ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "structured_outputs": {
+                "grammar": f"start: %json {json.dumps(large)}"}}, "structured_outputs.grammar")]
+    for path, body, param in sent:
+        answer = requests.post(f"{server.url}/v1/{path}", json=body, timeout=120)
+        assert answer.status_code == 400, answer.text[:300]
+        error = answer.json()["error"]
+        assert error["param"] == param and "const and enum values are too large to serve" in error["message"], error
+    (after,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
+    assert after["pid"] == worker["pid"], (worker, after)
+    assert _create(server, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
 def test_a_grammar_of_many_rules_with_narrow_rows_compiles(server: GunicornServer) -> None:
     """6,101 rules (past deep8's bound of 5,000 lines, a 400 before), a tree of 100 x 61: each rule opens few
     alternatives in a row, so it is cheap and answered to its end."""

@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from nanoqwen.api.schema_patterns import CLASS_ESCAPES, ecma_pattern, ecma_patte
 from nanoqwen.engine import grammar as engine_grammar
 from nanoqwen.engine.grammar import MAX_PATTERN_CHARS, MAX_PROPERTIES, MAX_RULES, Grammars, SchemaBudget, ToolSpec
 from nanoqwen.engine.grammar_rows import schema_links as real_links
+from nanoqwen.engine.schema_values import MAX_VALUES
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
@@ -188,7 +190,9 @@ def test_properties_past_their_bound_are_refused_naming_the_field() -> None:
     assert refused.value.param == "text.format"
     many = {"properties": {f"p{i}": {} for i in range(MAX_PROPERTIES + 1)}, "required": [f"p{i}" for i in range(9_000)]}
     for keyword, value in (("default", many), ("const", many), ("enum/0", [many])):  # data a `$ref` reads: compiled
-        with pytest.raises(InvalidRequest, match=f"more than {MAX_PROPERTIES} properties in all"):
+        # a const or enum value so large is past MAX_VALUES too, weighed first
+        refusal = f"more than {MAX_PROPERTIES} properties in all" if keyword == "default" else "too large to serve"
+        with pytest.raises(InvalidRequest, match=refusal):
             ecma_patterns({"$ref": f"#/$defs/d/{keyword}", "$defs": {"d": {keyword.split("/")[0]: value}}}, FIELD)
 
 
@@ -234,6 +238,55 @@ def test_a_requests_schemas_share_one_budget_naming_the_largest_field() -> None:
     assert refused.value.param == FIELD
     assert (budget.chars, budget.properties) == (1_000, 0)
     ecma_patterns({"pattern": "a" * (MAX_PATTERN_CHARS - 1_000)}, FIELD, budget)  # at the bound in all
+
+
+def _keys(count: int) -> dict[str, int]:
+    return {f"k{i}": i for i in range(count)}
+
+
+@pytest.mark.parametrize("schema, over", [
+    (lambda n: {"const": _keys(n)}, (MAX_VALUES - 1) // 4 + 1),  # a value 1, a key 3 more and its value's 1
+    (lambda n: {"const": list(range(n))}, MAX_VALUES),
+    (lambda n: {"enum": [[i] for i in range(n)]}, MAX_VALUES // 2 + 1),
+    (lambda n: {"type": "object", "properties": {f"p{i}": {"const": [i] * 6} for i in range(n)},
+                "required": [f"p{i}" for i in range(n)]}, MAX_VALUES // 7 + 1),
+])
+def test_const_and_enum_values_past_their_bound_are_refused_before_llguidance_sees_them(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars, schema: Any, over: int) -> None:
+    """llguidance compiles a const or enum object or array into symbols, ~4 an object's key, 1 an item: past u16::MAX it
+    panics (a 17,000-key object const) and, on an 8 MB stack, a 30,000-key one killed the process (rc 139). Their
+    weight in all is bounded at a quarter of that: at the bound served, past it the 400 naming the field."""
+    grammars.json_schema(schema(over - 1), strict=False, param=FIELD)
+    with pytest.raises(InvalidRequest, match="const and enum values are too large to serve") as refused:
+        ecma_patterns(schema(over), FIELD)
+    assert refused.value.param == FIELD
+
+
+def test_const_and_enum_values_are_one_budget_across_a_requests_schemas() -> None:
+    """Each schema's values under the bound add up in the grammar the request's schemas make: the 400 names the field
+    with the largest part; a lone object const 4,000 keys of a 17,000 that panicked."""
+    budget = SchemaBudget()
+    ecma_patterns({"enum": list(range(20_000)), "const": list(range(10_000))}, "tools", budget)  # scalars: lexemes
+    with pytest.raises(InvalidRequest, match="too large to serve") as refused:
+        ecma_patterns({"const": _keys(2_000)}, FIELD, budget)
+    assert refused.value.param == "tools"
+    assert budget.values == 10_001
+    assert ecma_patterns({"const": _keys(1_000)}, FIELD, budget) == {"const": _keys(1_000)}
+
+
+def test_a_large_const_named_by_many_options_costs_no_work_per_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `$def` with a 3,000-key const on its first required property, named by 300 options each adding a property:
+    its JSON was written at each merge, the work not charged (40,000 keys: 11 s of CPU, then a 200). Now an object
+    or array const tells no option apart, and is never written out per merge."""
+    big = _keys(3_000)
+    written: list[Any] = []
+    dumps = json.dumps
+    monkeypatch.setattr(json, "dumps", lambda value, **kwargs: written.append(value) or dumps(value, **kwargs))
+    schema = {"$defs": {"K": {"type": "object", "properties": {"kind": {"const": big}}, "required": ["kind"]}},
+              "type": "object", "properties": {"p": {"anyOf": [{"$ref": "#/$defs/K", "properties": {f"x{i}": {}}}
+                                                                for i in range(300)]}}}
+    ecma_patterns(schema, FIELD)
+    assert not any(value == big for value in written)
 
 
 @pytest.fixture(scope="module")
@@ -684,13 +737,38 @@ def test_options_read_alike_from_a_property_required_in_one_share_the_row_after_
     def schema(n: int) -> dict[str, Any]:
         return {"anyOf": [_required_first({"x": {"type": "integer"}}, "a", n),
                           {"type": "object", "properties": {"x": {"type": "integer"}, **_optional("b", n)}}]}
-    answers = [{"x": 1, "a0": 1}, {"x": 1, "b0": 1}]
-    assert _follows(tokenizer, grammars, schema(332), answers)
-    assert not _follows(tokenizer, grammars, schema(333), answers)
-    assert ecma_patterns(schema(331), FIELD) == schema(331)
-    with pytest.raises(InvalidRequest, match="go on alike from their property 'x'") as refused:
-        ecma_patterns(schema(332), FIELD)
+    _alike_bound(tokenizer, grammars, schema, [{"x": 1, "a0": 1}, {"x": 1, "b0": 1}], 332, 331, "x")
+
+
+def _alike_bound(tokenizer: PreTrainedTokenizerFast, grammars: Grammars, schema: Callable[[int], dict[str, Any]],
+                 answers: list[Any], follows: int, served: int, name: str) -> None:
+    """llguidance follows the answers to schema(follows), not one more; ours serves schema(served) and refuses one
+    more, its options going on alike from property `name`."""
+    assert _follows(tokenizer, grammars, schema(follows), answers)
+    assert not _follows(tokenizer, grammars, schema(follows + 1), answers)
+    assert ecma_patterns(schema(served), FIELD) == schema(served)
+    with pytest.raises(InvalidRequest, match=f"go on alike from their property '{name}'") as refused:
+        ecma_patterns(schema(served + 1), FIELD)
     assert refused.value.param == FIELD
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, 1.0), (100, 1e2), ({"t": 1}, {"t": 1.0})])
+def test_consts_llguidance_reads_as_one_value_do_not_tell_options_apart(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars, first: Any, second: Any) -> None:
+    """llguidance reads a number by its value: after `{"k": 1,` it holds both `[required k const 1][n]` and `[required
+    k const 1.0][n]`, and the answer fails past 498 (each alone 997, ours was: 499-997 were served and failed, "Current
+    row has 2406 items"). A const holding a float, or an object or array, tells no option apart: the rows sum (2 x
+    (2n + 3) past 2,000 from 499, as llguidance's)."""
+    def schema(n: int) -> dict[str, Any]:
+        return {"anyOf": [_required_first({"k": {"const": value}}, "a", n) for value in (first, second)]}
+    _alike_bound(tokenizer, grammars, schema, [{"k": first, "a0": 1}], 498, 498, "k")
+
+
+def test_distinct_scalar_consts_tell_options_apart_true_from_1() -> None:
+    """Strings, integers, booleans and null are told apart by type and value (`true` is not `1`, as Python's hash
+    has it): each option's row alone, 600 served as llguidance follows it (test above's control, 2 and 2.5 alike)."""
+    schema = {"anyOf": [_required_first({"k": {"const": value}}, "a", 600) for value in (True, 1, None, "1")]}
+    assert ecma_patterns(schema, FIELD) == schema
 
 
 def _chain(links: int) -> dict[str, Any]:

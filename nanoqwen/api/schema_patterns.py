@@ -23,6 +23,7 @@ from nanoqwen.engine.grammar import MAX_RULES, SchemaBudget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
 from nanoqwen.engine.object_runs import SchemaObjects
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
+from nanoqwen.engine.schema_values import values_weight
 from nanoqwen.engine.validation import InvalidRequest
 
 # ECMA-262's WhiteSpace and LineTerminator (\s): Unicode's White_Space with U+FEFF, without U+0085
@@ -72,7 +73,8 @@ def served_pattern(pattern: str) -> str:
 def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
-    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS or its `properties` MAX_PROPERTIES, with those of the request's
+    VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, its `properties` MAX_PROPERTIES or its const and enum values
+    MAX_VALUES (engine/schema_values: llguidance's compile panics or overflows its stack), with those of the request's
     other schemas (`budget`'s, then charged with this one's; none: the schema alone), where an object's
     patternProperties keys pass MAX_PATTERN_PROPERTIES (all counted in any data a `$ref` reads too), or where a `$ref`
     reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
@@ -83,7 +85,7 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
     out = json.loads(json.dumps(schema))
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
-    chars = properties = 0
+    chars = properties = weight = 0  # the patterns' characters, the properties, the const and enum values' weight
     objects = SchemaObjects(out)
     while stack:
         node = stack.pop()
@@ -92,7 +94,8 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
         elif isinstance(node, dict):
             chars += _rewrite(node, param)
             properties += object_properties(node, param, objects)
-            budget.counted(param, chars, properties, NOTE)
+            weight += values_weight(node, budget.left(weight))
+            budget.counted(param, chars, properties, NOTE, weight)
             refs += isinstance(node.get("$ref"), str)
             data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
                 _holds_objects(node.get(key)) for key in VALUES)
@@ -108,8 +111,8 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
             own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
             chars += own
             properties += object_properties(node, param, objects)  # llguidance compiles what a `$ref` reads, data too
-            budget.counted(param, chars, properties, NOTE)
-    budget.charge(param, chars, properties)
+            budget.counted(param, chars, properties, NOTE, weight)
+    budget.charge(param, chars, properties, weight)
     return out
 
 

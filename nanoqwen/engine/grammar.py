@@ -41,6 +41,7 @@ from nanoqwen.engine.object_runs import (
     run_row,
 )
 from nanoqwen.engine.schema_keywords import own_patterns, schema_objects
+from nanoqwen.engine.schema_values import KEY_WEIGHT, MAX_VALUES, values_weight
 from nanoqwen.engine.threads import native_lock
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.sampler import token_bitmask
@@ -111,35 +112,48 @@ COMPILE_STACK_BYTES = 128 << 20
 @dataclass
 class SchemaBudget:
     """What one request's schemas hold in all (its tools' and its answer's): their patterns' characters
-    (MAX_PATTERN_CHARS) and their `properties` (MAX_PROPERTIES), the costs llguidance's compile adds up across schemas;
-    bounded per schema, N tools cost N times the bound (4 forced tools of ~64,000 characters of `(?i)\\p{L}` patterns
-    held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). Kept as each field's part (chars, properties),
-    so that a refusal names the largest contributor."""
+    (MAX_PATTERN_CHARS), their `properties` (MAX_PROPERTIES) and their const and enum values (MAX_VALUES), the costs
+    llguidance's compile adds up across schemas; bounded per schema, N tools cost N times the bound (4 forced tools of
+    ~64,000 characters of `(?i)\\p{L}` patterns held a compile thread 14 s; profiles/RESULTS.md, lane grammar30). Kept
+    as each field's part (chars, properties, values), so that a refusal names the largest contributor."""
 
-    shares: dict[str, tuple[int, int]] = field(default_factory=dict)
+    shares: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def chars(self) -> int:
-        return sum(chars for chars, _ in self.shares.values())
+        return sum(share[0] for share in self.shares.values())
 
     @property
     def properties(self) -> int:
-        return sum(properties for _, properties in self.shares.values())
+        return sum(share[1] for share in self.shares.values())
 
-    def counted(self, param: str, chars: int, properties: int, note: str = "") -> None:
-        """InvalidRequest where one schema's `chars` and `properties` so far (sent by `param`), with those charged
-        before, pass a bound: naming the field whose part of it is the largest."""
+    @property
+    def values(self) -> int:
+        return sum(share[2] for share in self.shares.values())
+
+    def counted(self, param: str, chars: int, properties: int, note: str = "", values: int = 0) -> None:
+        """InvalidRequest where one schema's `chars`, `properties` and const and enum `values` (schema_values' weight)
+        so far (sent by `param`), with those charged before, pass a bound: naming the field whose part of it is the
+        largest."""
         if self.chars + chars > MAX_PATTERN_CHARS:
             raise self._refused(0, param, chars, f"the request's schemas' patterns are longer than {MAX_PATTERN_CHARS} "
                                 f"characters in all{note}")
         if self.properties + properties > MAX_PROPERTIES:
             raise self._refused(1, param, properties,
                                 f"the request's schemas have more than {MAX_PROPERTIES} properties in all")
+        if self.values + values > MAX_VALUES:
+            raise self._refused(2, param, values, "the request's schemas' const and enum values are too large to "
+                                f"serve: more than {MAX_VALUES} items in all (each value counts 1, each object key "
+                                f"{KEY_WEIGHT} more)")
 
-    def charge(self, param: str, chars: int, properties: int) -> None:
+    def left(self, values: int) -> int:
+        """What MAX_VALUES leaves to a schema that holds `values` so far."""
+        return MAX_VALUES - self.values - values
+
+    def charge(self, param: str, chars: int, properties: int, values: int = 0) -> None:
         """One schema's, counted whole, added to the request's."""
-        before = self.shares.get(param, (0, 0))
-        self.shares[param] = (before[0] + chars, before[1] + properties)
+        before = self.shares.get(param, (0, 0, 0))
+        self.shares[param] = (before[0] + chars, before[1] + properties, before[2] + values)
 
     def copy(self) -> SchemaBudget:
         return SchemaBudget(dict(self.shares))
@@ -399,12 +413,14 @@ class Grammars:
             chars += sum(len(pattern) for _, node in read for pattern in own_patterns(node))
             check_pattern_chars(chars, param, "the grammar's regexes (its /.../ terminals, GBNF's classes, %regex "
                                 "substrings and %json patterns, with those of data a $ref reads) are")
-            properties, budget = 0, SchemaBudget()  # the %json schemas' properties: a request's schemas' bound
+            # the %json schemas' properties and const and enum values: a request's schemas' bounds
+            properties, values, budget = 0, 0, SchemaBudget()
             objects = {id(schema): SchemaObjects(schema) for schema in schemas}
             for root, node in itertools.chain(((schema, node) for schema in schemas for node in schema_objects(schema)),
                                               read):
                 properties += object_properties(node, param, objects[id(root)])
-                budget.counted(param, 0, properties)
+                values += values_weight(node, budget.left(values))
+                budget.counted(param, 0, properties, values=values)
         return self._compiled(converted, param, key)
 
     def cached(self, key: GrammarKey) -> Grammar | None:

@@ -7,7 +7,6 @@ of llguidance's parser row where a run of optional properties may begin, per pos
 llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -36,6 +35,8 @@ OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProper
 
 # One of the parts an object merges, in order: a schema object, or an `anyOf`/`oneOf` list where its options merge
 Part = dict[str, Any] | list[Any]
+# A discriminator (_told's): a scalar `const` keyed by its type
+Key = tuple[str, Any]
 
 
 def is_object_type(kind: Any) -> bool:
@@ -56,13 +57,13 @@ class Merged:
     """One object merged from its parts: its property names in order (those only `required` names at the end, where
     llguidance puts them), its required ones, whether it is closed (additionalProperties false in a part, no
     patternProperties in any), whether it is an object at all (a part says so, none says another type), and its first
-    required property's `const` value (as JSON; None where no part gives one), which tells alternatives apart."""
+    required property's scalar `const` (_told's key; None where no part gives one), which tells alternatives apart."""
 
     names: list[str]
     required: set[str]
     closed: bool
     is_object: bool
-    discriminator: str | None = None
+    discriminator: Key | None = None
 
     def runs(self) -> list[int]:
         """The optional properties before each required one, and after the last."""
@@ -75,9 +76,9 @@ class Merged:
         return runs
 
 
-# Where an option's required property came first (its name, its `const` value as JSON or None): options whose
-# first required is one name with distinct `const`s are told apart; None where no required property came yet
-Told = tuple[str, str | None] | None
+# Where an option's required property came first (its name, its `const`'s Key or None): options whose first required
+# is one name with distinct `const`s are told apart; None where no required property came yet
+Told = tuple[str, Key | None] | None
 
 
 @dataclass
@@ -208,7 +209,7 @@ class SchemaObjects:
         first = next((name for name in names if name in required), None)
         values = [own[first] for part in found if isinstance(own := part.get("properties"), dict)
                   and isinstance(own.get(first), dict)]
-        discriminator = next((json.dumps(value["const"] if "const" in value else value["enum"][0], sort_keys=True)
+        discriminator = next((_told(value["const"] if "const" in value else value["enum"][0])
                               for value in values if "const" in value
                               or isinstance(value.get("enum"), list) and len(value["enum"]) == 1), None)
         is_object = may_be_object and (
@@ -316,6 +317,15 @@ class SchemaObjects:
         if alone:
             self._lists[id(options)] = Rows(first, after)
         return Rows(first, after)
+
+
+def _told(value: Any) -> Key | None:
+    """A first required property's `const` as a discriminator: a string, integer, boolean or null, keyed by its type
+    (`true` and `1` are read apart; Python's hash equates them); None for any other. llguidance reads a number by its
+    value (`1` and `1.0`, `100` and `1e2`: options of each were both held, their rows 2 x 1,203), and an object or
+    array may hold one; and a scalar's key costs nothing per merge (a 40,000-key const's JSON, written per merge,
+    took 11 s)."""
+    return (type(value).__name__, value) if value is None or type(value) in (str, int, bool) else None
 
 
 def _apart(told: list[Told]) -> bool:
