@@ -250,12 +250,18 @@ def _keys(count: int) -> dict[str, int]:
     (lambda n: {"enum": [[i] for i in range(n)]}, MAX_VALUES // 2 + 1),
     (lambda n: {"type": "object", "properties": {f"p{i}": {"const": [i] * 6} for i in range(n)},
                 "required": [f"p{i}" for i in range(n)]}, MAX_VALUES // 7 + 1),
+    # default and examples data a `$ref` reads: llguidance compiles it as a schema, its const too
+    (lambda n: {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": {"const": _keys(n)}}}},
+     (MAX_VALUES - 1) // 4 + 1),
+    (lambda n: {"$ref": "#/$defs/d/examples/0", "$defs": {"d": {"examples": [{"const": list(range(n))}]}}},
+     MAX_VALUES),
 ])
 def test_const_and_enum_values_past_their_bound_are_refused_before_llguidance_sees_them(
         tokenizer: PreTrainedTokenizerFast, grammars: Grammars, schema: Any, over: int) -> None:
     """llguidance compiles a const or enum object or array into symbols, ~4 an object's key, 1 an item: past u16::MAX it
     panics (a 17,000-key object const) and, on an 8 MB stack, a 30,000-key one killed the process (rc 139). Their
     weight in all is bounded at a quarter of that: at the bound served, past it the 400 naming the field."""
+    assert ecma_patterns(schema(over - 1), FIELD) == schema(over - 1)
     grammars.json_schema(schema(over - 1), strict=False, param=FIELD)
     with pytest.raises(InvalidRequest, match="const and enum values are too large to serve") as refused:
         ecma_patterns(schema(over), FIELD)
@@ -752,7 +758,7 @@ def _alike_bound(tokenizer: PreTrainedTokenizerFast, grammars: Grammars, schema:
     assert refused.value.param == FIELD
 
 
-@pytest.mark.parametrize(("first", "second"), [(1, 1.0), (100, 1e2), ({"t": 1}, {"t": 1.0})])
+@pytest.mark.parametrize(("first", "second"), [(1, 1.0), (100, 1e2), ({"t": 1}, {"t": 1.0}), (2**53, 2**53 + 1)])
 def test_consts_llguidance_reads_as_one_value_do_not_tell_options_apart(
         tokenizer: PreTrainedTokenizerFast, grammars: Grammars, first: Any, second: Any) -> None:
     """llguidance reads a number by its value: after `{"k": 1,` it holds both `[required k const 1][n]` and `[required
@@ -764,11 +770,14 @@ def test_consts_llguidance_reads_as_one_value_do_not_tell_options_apart(
     _alike_bound(tokenizer, grammars, schema, [{"k": first, "a0": 1}], 498, 498, "k")
 
 
-def test_distinct_scalar_consts_tell_options_apart_true_from_1() -> None:
+def test_distinct_scalar_consts_tell_options_apart_true_from_1(
+        tokenizer: PreTrainedTokenizerFast, grammars: Grammars) -> None:
     """Strings, integers, booleans and null are told apart by type and value (`true` is not `1`, as Python's hash
     has it): each option's row alone, 600 served as llguidance follows it (test above's control, 2 and 2.5 alike)."""
-    schema = {"anyOf": [_required_first({"k": {"const": value}}, "a", 600) for value in (True, 1, None, "1")]}
+    values = (True, 1, None, "1", 2**53)
+    schema = {"anyOf": [_required_first({"k": {"const": value}}, "a", 600) for value in values]}
     assert ecma_patterns(schema, FIELD) == schema
+    assert _follows(tokenizer, grammars, schema, [{"k": value, "a0": 1} for value in values])
 
 
 def _chain(links: int) -> dict[str, Any]:

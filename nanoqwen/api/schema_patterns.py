@@ -111,6 +111,7 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
             own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
             chars += own
             properties += object_properties(node, param, objects)  # llguidance compiles what a `$ref` reads, data too
+            weight += values_weight(node, budget.left(weight))
             budget.counted(param, chars, properties, NOTE, weight)
     budget.charge(param, chars, properties, weight)
     return out
