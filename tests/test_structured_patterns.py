@@ -268,6 +268,13 @@ def test_const_and_enum_values_past_their_bound_are_refused_before_llguidance_se
     assert refused.value.param == FIELD
 
 
+def test_a_const_a_ref_reads_inside_a_const_is_weighed_once() -> None:
+    """The walk weighs a const value whole, nested consts too: one a `$ref` reads there was weighed again (2,500 keys
+    refused; llguidance compiles the target once, 16,000 keys too)."""
+    schema = {"$ref": "#/$defs/d/const", "$defs": {"d": {"const": {"const": _keys(2_500)}}}}
+    assert ecma_patterns(schema, FIELD) == schema
+
+
 def test_const_and_enum_values_are_one_budget_across_a_requests_schemas() -> None:
     """Each schema's values under the bound add up in the grammar the request's schemas make: the 400 names the field
     with the largest part; a lone object const 4,000 keys of a 17,000 that panicked."""
@@ -774,7 +781,7 @@ def test_distinct_scalar_consts_tell_options_apart_true_from_1(
         tokenizer: PreTrainedTokenizerFast, grammars: Grammars) -> None:
     """Strings, integers, booleans and null are told apart by type and value (`true` is not `1`, as Python's hash
     has it): each option's row alone, 600 served as llguidance follows it (test above's control, 2 and 2.5 alike)."""
-    values = (True, 1, None, "1", 2**53)
+    values = (True, 1, None, "1", 2**53, 2**53 + 2, -2**53 - 2)  # f64s past 2**53: even ones held exactly
     schema = {"anyOf": [_required_first({"k": {"const": value}}, "a", 600) for value in values]}
     assert ecma_patterns(schema, FIELD) == schema
     assert _follows(tokenizer, grammars, schema, [{"k": value, "a0": 1} for value in values])

@@ -106,12 +106,13 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
         except LongReference:  # the schema is refused (check_bounds weighs it): its data left as sent
             in_data = []
         values = _in_values(out) if in_data else {}
-        for node, keyword in in_data:  # each once, with the objects in it
-            keyword = values.get(id(node), keyword)  # a const in default data is a value all the same
+        for node, sent in in_data:  # each once, with the objects in it
+            keyword = values.get(id(node), sent)  # a const in default data is a value all the same
             own = _rewrite(node, param) if keyword in ANNOTATIONS else _as_sent(node, keyword, param)
             chars += own
             properties += object_properties(node, param, objects)  # llguidance compiles what a `$ref` reads, data too
-            weight += values_weight(node, budget.left(weight))
+            if sent in ANNOTATIONS:  # const and enum data: weighed whole where the walk met its owner
+                weight += values_weight(node, budget.left(weight))
             budget.counted(param, chars, properties, NOTE, weight)
     budget.charge(param, chars, properties, weight)
     return out

@@ -324,9 +324,13 @@ def _told(value: Any) -> Key | None:
     (`true` and `1` are read apart; Python's hash equates them); None for any other. llguidance reads a number by its
     value (`1` and `1.0`, `100` and `1e2`: options of each were both held, their rows 2 x 1,203), and an object or
     array may hold one; and a scalar's key costs nothing per merge (a 40,000-key const's JSON, written per merge,
-    took 11 s). An integer past 2**53 is none: llguidance reads numbers as f64, 2**53 and 2**53 + 1 alike."""
-    told = value is None or type(value) in (str, bool) or (type(value) is int and abs(value) <= 2**53)
+    took 11 s). An integer no f64 holds is none: llguidance reads numbers as f64, 2**53 and 2**53 + 1 alike."""
+    told = value is None or type(value) in (str, bool) or (type(value) is int and _f64_holds(value))
     return (type(value).__name__, value) if told else None
+
+
+def _f64_holds(value: int) -> bool:
+    return abs(value) < 2**1024 and float(value) == value  # an int and a float compare exactly
 
 
 def _apart(told: list[Told]) -> bool:
