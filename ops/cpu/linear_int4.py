@@ -18,7 +18,9 @@ lane b collects block b, and one convert and FMA with 16 group scales serves 16 
 1024 at 1 row, 28 µs against 56 for the fp32 unpack and FMAs before (which were bound by the unpacking: cvt + 5 FMAs
 per 64 weights); 2 rows 34 µs (then transposed in registers, three rounds of two-source permutes a span). At 1 row
 a chunk's weight rows go as two streams, its halves, a row of each in turn (a step's linears in 5 pairs at load 11-12:
-0.93-1.06x the time of one, 0.93-0.98x against a fixed loop beside them; profiles/RESULTS.md, int4row). From 3
+0.93-1.06x the time of one, 0.93-0.98x against a fixed loop beside them; profiles/RESULTS.md, int4row). A pass
+takes two weight rows (at 1 row one of each stream; at 2-4 bf16 or 1-2 fp32 rows two in turn), sharing each load of
+the pieces, which bound it: 1024 x 1024 at 1 bf16 row hot 10.2 µs against 14.0 (profiles/RESULTS.md, int4b1). From 3
 rows, with AMX-INT8: 16 weight rows x one block unpacked to a tile of bytes and multiplied by the pieces'
 quads (tdpbusd), each group's sums scaled two groups later so the tile unit's latency overlaps, and each
 activation row's 16 outputs gathered and stored at once (8 rows: 50 µs against 80 for AMX-BF16 before
