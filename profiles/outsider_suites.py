@@ -116,9 +116,9 @@ def continuous_usage(srv: GunicornServer) -> str | None:
     return None if last == 10 else f"{last} completion tokens"
 
 
-def main() -> int:
+def main(out: Path = REPO / "profiles" / "out") -> int:
+    """Every case against one server (its log in `out`): 0 where each is as expected."""
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
-    out = REPO / "profiles" / "out"
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     with GunicornServer(env, out / "outsider_suites.log") as srv:
