@@ -502,6 +502,21 @@ def test_anyof_objects_beginning_with_the_same_required_key_share_the_row_after_
         assert refused.value.body["param"] == "response_format", refused.value.body
 
 
+@pytest.mark.parametrize("values", [(1, 1.0), (2**53, 2**53 + 1)], ids=["1-and-1.0", "2**53-and-2**53+1"])
+def test_options_whose_consts_llguidance_reads_as_one_number_share_the_row_after_them(
+        server: GunicornServer, values: tuple[Any, Any]) -> None:
+    """llguidance reads a number as an f64: after `{"k": 1,` it holds both `[required k const 1][n optional]` and
+    `[required k const 1.0][n optional]` (2**53 and 2**53 + 1 alike), so their rows after k add up, past 2,000 from 499
+    (served to 997 before, the answer failing at its first key): the 400 naming the field, before any event."""
+    schema = {"anyOf": [{"type": "object", "properties": {"k": {"const": value}, **{
+        f"a{i}": {"type": "integer"} for i in range(499)}}, "required": ["k"]} for value in values]}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="alike from their property 'k'") as refused:
+            _create(server, max_tokens=8, stream=stream, response_format={
+                "type": "json_schema", "json_schema": {"name": "o", "schema": schema}})
+        assert refused.value.body["param"] == "response_format", refused.value.body
+
+
 def test_a_lark_grammars_json_schemas_past_the_bounds_are_a_400_naming_the_field(server: GunicornServer) -> None:
     """A Lark grammar's `%json` schemas were bounded by their patterns only (10,000 properties held a compile thread
     41 s, load 10, and were served): their properties in all and each object's patternProperties keys are bounded as
@@ -924,6 +939,10 @@ def test_a_const_too_large_to_serve_is_a_400_naming_the_field_and_the_worker_liv
                 "name": "o", "schema": large}}}, "response_format"),
             ("chat/completions", {**chat, "tools": [tool], "tool_choice": "required"}, "tools"),
             ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "guided_json": large}, "guided_json"),
+            # data a `$ref` reads: llguidance compiles it as a schema, its const too
+            ("chat/completions", {**chat, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "o", "schema": {"$ref": "#/$defs/d/default", "$defs": {"d": {"default": large}}}}}},
+             "response_format"),
             ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "structured_outputs": {
                 "grammar": f"start: %json {json.dumps(large)}"}}, "structured_outputs.grammar")]
     for path, body, param in sent:
