@@ -27,17 +27,19 @@ needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL
 
 # (rows, output channels, input columns, group size). VNNI: 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
 # bf16 or 4 fp32 rows at a time, spans of 16 blocks, the last one partial below 1024 columns; where a pass's pieces
-# outgrow L1, 16 weight rows span by span, the last 16 partial: (6, 37, 2112, 64)); 3-16 bf16 rows and 3-10 fp32
-# rows take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two tiles), its last N % 16 rows the
-# loop; more rows take it in passes of that many. AVX2: chunks of 4 blocks, the last of K / 64 % 4 (K 64, 128, 192,
-# 2112: 1, 2, 3, 1 blocks); 4 weight rows a pass at one piece row (1 bf16 or 1 fp32 row of one piece), 2 at two, the
-# last N % 4 singly, in pool chunks of whole 4-row passes (88 rows at 3072 columns: (1, 301, 3072, 64) ends in a
-# chunk of 37); 3-8 piece rows (3-8 bf16 or 2-4 fp32 rows) one weight row a pass, 8 bf16 or 4 fp32 rows at a time
-# ((9, 40, 256, 128): 8 then 1; (24, ...): 3 passes of 8), groups of one block, of two or of several chunks
-# ((5, 151, 1024, 1024); at 1 row: (1, 24, 2304, 128))
+# outgrow L1 or more than 8 piece rows' sums the registers (5-8 bf16 rows even at one span: (7, 37, 576, 192), a span of
+# 9 blocks, groups of 3, a last 16 of 5), 16 weight rows span by span, two a pass, the last 16 partial: (6, 37, 2112,
+# 64)); 3-16 bf16 rows and 3-10 fp32 rows take AMX-INT8 where the CPU has it (16 bf16 rows: 32 piece columns, two
+# tiles), its last N % 16 rows the loop; more rows take it in passes of that many. AVX2: chunks of 4 blocks, the last of
+# K / 64 % 4 (K 64, 128, 192, 2112: 1, 2, 3, 1 blocks); 4 weight rows a pass at one piece row (1 bf16 or 1 fp32 row of
+# one piece), 2 at two, the last N % 4 singly, in pool chunks of whole 4-row passes (88 rows at 3072 columns: (1, 301,
+# 3072, 64) ends in a chunk of 37); 3-8 piece rows (3-8 bf16 or 2-4 fp32 rows) one weight row a pass, 8 bf16 or 4 fp32
+# rows at a time ((9, 40, 256, 128): 8 then 1; (24, ...): 3 passes of 8), groups of one block, of two or of several
+# chunks ((5, 151, 1024, 1024); at 1 row: (1, 24, 2304, 128))
 SHAPES = [(1, 64, 64, 64), (1, 40, 3072, 64), (2, 13, 128, 64), (3, 4096, 1024, 64), (8, 1024, 3072, 64),
           (9, 40, 256, 128), (16, 35, 1024, 64), (32, 6, 192, 64), (24, 40, 1024, 64), (5, 151, 1024, 1024),
-          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64), (1, 301, 3072, 64), (1, 24, 2304, 128)]
+          (4, 48, 2048, 256), (6, 37, 2112, 64), (7, 40, 2112, 64), (1, 301, 3072, 64), (1, 24, 2304, 128),
+          (7, 37, 576, 192)]
 
 
 def operands(m: int, n: int, k: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -24,6 +24,7 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
                            sums at most) */
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
+#define STREAM_PIECES 8 /* the most piece rows (R * P) a pass takes row by row: two weight rows' sums in 16 registers */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
@@ -274,19 +275,20 @@ static inline const uint8_t *next_span(const struct linear_int4_args *a, long n,
    (R * P rows of len bytes) outgrow L1 (block), so that one span's stay there; else row by row, each streamed
    PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
    linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
-   next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni) where
-   their sums fit 16 registers (R * P <= 8), and span by span (block; f in memory there) at any R, in groups of
-   activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4 rows
-   0.81x; 1024 x 3072 at 8 rows (block) 0.79x; at 8 bf16 rows not by spans (16 f in registers) 1.21x: one a pass. */
+   next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni): row by
+   row where their sums fit 16 registers (R * P <= STREAM_PIECES), else span by span (block; f in memory there), in
+   groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4
+   rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
+   a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md, int4k33). */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
     const long spans = a->x.len / SPAN;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
-    if (!block) {
+    if (R * P <= STREAM_PIECES && !block) {
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         int j = 0;
-        for (; R * P <= 8 && j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
+        for (; j + 1 < count; j += 2) stream_rows(a, n0, j, 2, count, half, m0, R, P, sums);
         for (; j < count; j++) stream_rows(a, n0, j, 1, count, half, m0, R, P, sums);
         return;
     }
@@ -335,9 +337,10 @@ ROWS_VNNI(4, 3) ROWS_VNNI(4, 4) ROWS_VNNI(5, 1) ROWS_VNNI(5, 2) ROWS_VNNI(6, 1) 
 ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
 #undef ROWS_VNNI
 
-/* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block). */
+/* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block): where its pieces
+   outgrow L1, or its sums the registers (at one span too: K 1024, 8 bf16 rows). */
 static inline int by_spans(const struct linear_int4_args *a, int R) {
-    return a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES;
+    return R * a->P > STREAM_PIECES || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
 }
 
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
