@@ -8,14 +8,15 @@
    Build from the repository root (the kernel's pool and activation pieces are the ones measured):
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o profiles/out/ab_int8_row -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int8_row PASSES VARIANT...   (the first variant is the one the others are compared to)
-     kernel          linear_int8 itself (since the seventeenth session: the xor-T1-4096 scheme below)
+     kernel          linear_int8 itself (since the seventeenth session the xor-T1-4096 scheme below; since step33 its
+                     prefetch non-temporal, xor-NTA-4096)
      kernel-loop     the kernel's loop (linear_int8_vnni_row) called as the variants are, on their static pieces
      sum-T0-2048     the kernel's scheme before it: u8 pieces against the s8 weights, a vpdpbusd for the row's sum,
                      prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
      xor-...         the weights as u8 (w ^ 0x80) against s8 pieces, the 128s taken out by the pieces' lane sums
                      (no vpdpbusd for the row's sum): xor-none, xor-T0-2048, xor-T1-2048, xor-T1-4096,
                      xor-T1-4096-T0-512 (prefetcht1 4 KB ahead into L2 and prefetcht0 512 B ahead into L1),
-                     xor-T1-8192-T0-1024, xor-NTA-2048
+                     xor-T1-8192-T0-1024, xor-NTA-2048, xor-NTA-4096
      chunk32-T1-4096, chunk64-T1-4096: xor-T1-4096 in the pool's chunks of 32 or 64 KB of weights (the kernel's:
                      128 KB), the threads' last chunks of a call shorter
      pair-T1-4096    xor-T1-4096 two weight rows a pass, each load of the pieces serving both
@@ -85,6 +86,7 @@ XOR_ROWS(xor_t1_4096, 4096, T1, 0, T0)
 XOR_ROWS(xor_t1_4096_t0_512, 4096, T1, 512, T0)
 XOR_ROWS(xor_t1_8192_t0_1024, 8192, T1, 1024, T0)
 XOR_ROWS(xor_nta_2048, 2048, NTA, 0, T0)
+XOR_ROWS(xor_nta_4096, 4096, NTA, 0, T0)
 XOR_ROWS(chunk32_t1_4096, 4096, T1, 0, T0)  /* xor-T1-4096 in the pool's chunks of 32 KB (run_variant) */
 XOR_ROWS(chunk64_t1_4096, 4096, T1, 0, T0)  /* and of 64 KB (the pool's: 128 KB) */
 #undef XOR_ROWS
@@ -250,6 +252,7 @@ static const struct {
                 {"xor-none", xor_none}, {"xor-T0-2048", xor_t0_2048},
                 {"xor-T1-2048", xor_t1_2048}, {"xor-T1-4096", xor_t1_4096}, {"xor-T1-4096-T0-512", xor_t1_4096_t0_512},
                 {"xor-T1-8192-T0-1024", xor_t1_8192_t0_1024}, {"xor-NTA-2048", xor_nta_2048},
+                {"xor-NTA-4096", xor_nta_4096},
                 {"chunk32-T1-4096", chunk32_t1_4096}, {"chunk64-T1-4096", chunk64_t1_4096},
                 {"pair-T1-4096", pair_t1_4096}, {"spread2-T1-4096", spread2_t1_4096}, {"spread2-none", spread2_none},
                 {"spread4-T1-4096", spread4_t1_4096}, {"spread4-none", spread4_none}, {"bound-read", bound_read},
