@@ -6,8 +6,9 @@ weights and kept one core below the memory's pace): each activation row is split
 x ~= a1 * q1 + a2 * q2 (+ ...), one fp32 scale per piece and row (csrc/act_quant.h), and the pieces
 meet the int8 weights in integer dot products, 64 multiply-adds an instruction:
 - 1 row (and 2+ rows without AMX): `vpdpbusd`, the weights as u8 (w + 128) against the s8 pieces; each piece's
-  per-lane sums, once a call, take the 128s back out. One row prefetches its weights 4 KB ahead into L2: 0.89x the
-  time of the old scheme (pieces as u8, a `vpdpbusd` for each weight row's sum, prefetcht0 2 KB) on the Xeon.
+  per-lane sums, once a call, take the 128s back out. One row prefetches its weights 4 KB ahead: 0.89x the
+  time of the old scheme (pieces as u8, a `vpdpbusd` for each weight row's sum, prefetcht0 2 KB) on the Xeon;
+  non-temporally, so that the weights streamed evict less of what the step reads between the linears.
 - 2+ rows (K % 64 == 0, AMX-INT8): `tdpbssd`, 16 weight rows x 64 columns against up to 48 pieces.
 The int32 sums are exact; y[n] = scale[n] * sum_p a_p * dot_p in fp32. The weights stay the only lossy
 step: 2 pieces for bf16 activations, 4 for fp32. Measured against the exact product with the same int8

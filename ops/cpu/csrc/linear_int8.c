@@ -166,10 +166,13 @@ static void linear_int8_madd(const void *ctx, long chunk) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
-/* How far ahead the 1-row vpdpbusd loop prefetches its weight row, into L2 (prefetcht1): gemv.h's prefetcht0 2 KB
-   ahead streamed a step's 1-row linears slower on the 2-core AVX-512 Xeon (profiles/RESULTS.md, seventeenth
-   session: as stand-alone loops, quiet, 0.88x the kernel's time with u8 weights and this prefetch). */
-#define VNNI_PREFETCH_L2 4096
+/* How far ahead the 1-row vpdpbusd loop prefetches its weight row: gemv.h's prefetcht0 2 KB ahead streamed a step's
+   1-row linears slower on the 2-core AVX-512 Xeon (profiles/RESULTS.md, seventeenth session: as stand-alone loops,
+   quiet, 0.88x the kernel's time with u8 weights and prefetcht1 this far ahead). Non-temporal (prefetchnta): each
+   weight is read once a step, and so streamed it evicts less of what the step's other kernels and the engine read
+   next (Zen 5, a replayed int8 step: attention, the norms and silu_mul 0.82x their time, the linears' unchanged;
+   the loop alone as with prefetcht1; profiles/RESULTS.md, step33). */
+#define VNNI_PREFETCH_AHEAD 4096
 
 /* acc[r] += the 64 weights at w as u8 (w + 128, `mask`: which bytes count; the others 128 against pieces of 0)
    against the int8 piece row q + r * K, r < R. The weights, not the pieces, take the + 128: it costs a vpxord a
@@ -227,8 +230,9 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int row
 }
 
 /* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 0, 1, P) but in a loop of its own with
-   its weights prefetched into L2 (VNNI_PREFETCH_L2). Not folded into dot_pieces: folded, gcc copies each accumulator
-   twice an iteration, and the step's 1-row linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this 0.81-0.99x. */
+   its weights prefetched non-temporally (VNNI_PREFETCH_AHEAD). Not folded into dot_pieces: folded, gcc copies each
+   accumulator twice an iteration, and the step's 1-row linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this
+   0.81-0.99x. */
 INLINE void dot_row(const struct linear_int8_args *a, long n, int P) {
     const int K = a->K;
     const int8_t *w = a->w + n * K;
@@ -237,8 +241,8 @@ INLINE void dot_row(const struct linear_int8_args *a, long n, int P) {
     for (int p = 0; p < P; p++) acc[0][p] = acc[1][p] = _mm512_setzero_si512();
     int k = 0;
     for (; k + 128 <= K; k += 128) {
-        __builtin_prefetch(w + k + VNNI_PREFETCH_L2, 0, 2);
-        __builtin_prefetch(w + k + 64 + VNNI_PREFETCH_L2, 0, 2);
+        __builtin_prefetch(w + k + VNNI_PREFETCH_AHEAD, 0, 0);
+        __builtin_prefetch(w + k + 64 + VNNI_PREFETCH_AHEAD, 0, 0);
         const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
         const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip);
         for (int p = 0; p < P; p++) {
