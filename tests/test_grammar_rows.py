@@ -651,3 +651,27 @@ def test_nested_any_ofs_weigh_flattened() -> None:
     with pytest.raises(InvalidRequest, match="may hold 2400 items") as refused:
         grammar_module.check_json_schema({"anyOf": options}, True, "response_format")
     assert refused.value.param == "response_format"
+
+
+def test_a_lark_body_nested_past_its_bound_is_refused_without_walking_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups nested past MAX_NESTING are refused as the walk reaches the bound, not held to the body's end: 4 M of
+    them held a compile thread 29 s and the GIL up to 2.7 s at a time (llguidance itself refuses a 29th level); at the
+    bound the grammar is weighed as before."""
+    opened: list[object] = []
+
+    class Counted(grammar_rows._Group):
+        def __post_init__(self) -> None:
+            opened.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(grammar_rows, "_Group", Counted)
+    bound = grammar_rows.MAX_NESTING
+    assert grammar_rows.row_weight(f'start: {"(" * bound}"a"{")" * bound} | "b"') == 2
+    opened.clear()
+    deep = 100_000
+    with pytest.raises(grammar_rows.DeepNesting, match=f"nested more than {bound} deep"):
+        grammar_rows.row_weight(f'start: "x" {"[" * deep}"a"{"]" * deep}')
+    assert len(opened) <= bound + 1, len(opened)
+    with pytest.raises(InvalidRequest, match=f"nested more than {bound} deep") as refused:
+        grammar_module.check_bounds(f'start: {"(" * (bound + 1)}"a"{")" * (bound + 1)}', "guided_grammar")
+    assert refused.value.param == "guided_grammar"

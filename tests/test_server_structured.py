@@ -39,7 +39,7 @@ from chat_http import (
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
-from nanoqwen.engine import grammar
+from nanoqwen.engine import grammar, grammar_rows
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -245,6 +245,20 @@ def test_a_gbnf_grammar_past_its_bound_is_a_400_naming_the_field(server: Gunicor
         create(at_bound + '"c"')
     param = "guided_grammar" if field == "guided_grammar" else "structured_outputs.grammar"
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+
+
+def test_a_lark_grammar_nested_past_its_bound_is_a_400_naming_the_field_and_holds_no_poll(
+        server: GunicornServer) -> None:
+    """Groups nested 2 M deep (a 4 MB body): llguidance refuses a 29th level, but the row walk before it kept every
+    open group, 14 s of a compile thread's CPU that held the GIL ~1 s at a time. Now a 400 naming the field at
+    grammar_rows.MAX_NESTING, and /health is answered meanwhile."""
+    deep = 2_000_000
+    with health_polled(server, interval=0.01) as polls, pytest.raises(
+            openai.BadRequestError, match=f"nested more than {grammar_rows.MAX_NESTING} deep") as refused:
+        server.openai_client(timeout=300).completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_grammar": f'start: {"[" * deep}"a"{"]" * deep}'})
+    assert refused.value.body["param"] == "guided_grammar" and refused.value.body["type"] == "invalid_request_error"
+    assert polls and max(p.held for p in polls) < HELD_S, most_held(polls)
 
 
 def test_regexes_within_their_bound_and_long_literals_are_served(server: GunicornServer) -> None:

@@ -14,7 +14,7 @@ import json
 import re
 import re._parser as re_parser  # a pattern's least width, without compiling it
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
@@ -48,6 +48,14 @@ RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
 # past it); a longer `$id` that nothing is resolved against costs nothing
 LONG_URI = 2_048
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
+# Groups (`(`, `[`) open at once in a Lark body: llguidance's parser refuses a 29th (1.9.1), but only after this walk,
+# whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
+# profiles/RESULTS.md, hunt33). Past llguidance's, so that its own 400 names the place where it refuses.
+MAX_NESTING = 64
+
+
+class DeepNesting(ValueError):
+    """A Lark body whose groups nest past MAX_NESTING (check_bounds' 400)."""
 
 
 class LongReference(ValueError):
@@ -153,7 +161,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
         name = match.group(1)
         terminal = name[0].isupper()  # the lexer's (its fuel bounds it), no parser row's: only its emptiness counts
-        empty.define(name, TOKEN.findall(body_text, match.end(), end), None if terminal else starts)
+        empty.define(name, map(re.Match.group, TOKEN.finditer(body_text, match.end(), end)),
+                     None if terminal else starts)
         if not terminal:
             own[name] += 1 + body_text.count("|", match.end(), end)
             inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
@@ -260,7 +269,7 @@ class _Empty:
             return self.NOTHING
         return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
 
-    def define(self, name: str, tokens: list[str], starts: list[tuple[str, str, int]] | None) -> None:
+    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str, int]] | None) -> None:
         """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
         it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
         empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
@@ -288,6 +297,8 @@ class _Empty:
                 before = token
                 continue
             elif token in "([":
+                if len(groups) > MAX_NESTING:
+                    raise DeepNesting(f"the grammar's groups (`(`, `[`) are nested more than {MAX_NESTING} deep")
                 groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
                 continue
             elif token == group.closer:
