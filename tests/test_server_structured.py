@@ -909,6 +909,23 @@ def _ref_chain(n: int) -> dict[str, Any]:
     return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
 
 
+def test_a_run_of_optional_pieces_past_the_row_is_a_400_and_within_it_is_followed(server: GunicornServer) -> None:
+    """The row before n optional pieces in a row holds 2n + 1 items in llguidance: 1,000 compiled, then ended the
+    answer at its first token. Now past grammar.MAX_ROW a 400 naming the field, streamed or not; 999 are followed."""
+    client = server.openai_client(timeout=300)
+
+    def create(n: int, stream: bool) -> str:
+        text = "start: " + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
+        answer = client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=0, stream=stream,
+                                           extra_body={"structured_outputs": {"grammar": text}})
+        return "".join(chunk.choices[0].text for chunk in answer if chunk.choices) if stream else answer.choices[0].text
+    for stream in (False, True):
+        assert re.fullmatch(r"(w\d+x)*z?", create(grammar.MAX_ROW - 1, stream))
+        with pytest.raises(openai.BadRequestError, match="parser row") as refused:
+            create(grammar.MAX_ROW, stream)
+        assert refused.value.body["param"] == "structured_outputs.grammar", refused.value.body
+
+
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
     """A chain of 3,000 rules overflowed the compiling thread's 8 MiB stack (SIGSEGV, the worker lost); one of 1,500
     rules (or 1,200 `$ref`s) compiled, but llguidance's parser refused the row its first token made: the answer ended

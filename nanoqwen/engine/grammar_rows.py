@@ -69,7 +69,9 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
     match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
     each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
-    JSON Schema, its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
+    JSON Schema, its longest chain of `$ref`s, REF_LINK a link; and one item for each other piece that all before it in
+    its alternative may leave empty (n optional pieces in a row: 2n + 1 items, 1,000 of them past llguidance's row at
+    the first token; profiles/RESULTS.md, hunt33). Recursion into a rule being weighed adds nothing
     (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
     found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
@@ -155,7 +157,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
     empty = _Empty({match.group(1) for match in definitions}, patterns)
-    starts: list[tuple[str, str, int]] = []  # (rule, a rule it names, the node of all before it there)
+    # (rule, a rule it names there or None: an element past its alternative's first, the node of all before it)
+    starts: list[tuple[str, str | None, int]] = []
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
@@ -170,7 +173,9 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     nullable = empty.solve()
     links: dict[str, dict[str, int]] = {match.group(1): defaultdict(int) for match in definitions}
     for rule, named, before in starts:
-        if nullable[before]:
+        if nullable[before] and named is None:  # a run of pieces that may be empty: each one more item in the row
+            own[rule] += 1
+        elif nullable[before]:
             links[rule][named] += 1
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
@@ -269,14 +274,14 @@ class _Empty:
             return self.NOTHING
         return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
 
-    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str, int]] | None) -> None:
+    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str | None, int]] | None) -> None:
         """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
         it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
         empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
         nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
         groups = [_Group("", nothing)]
         group = groups[0]
-        before = ""
+        before, linked = "", False  # linked: the element is a rule named, counted by its link
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
@@ -289,6 +294,7 @@ class _Empty:
             elif token in nodes:
                 if starts is not None and not token[0].isupper():
                     starts.append((name, token, group.prefix))
+                    linked = True
                 element = nodes[token]
             elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
                 if group.sequences[-1]:
@@ -313,6 +319,9 @@ class _Empty:
                 before = token
                 continue
             before = token
+            if starts is not None and group.sequences[-1] and not linked and group.prefix != something:
+                starts.append((name, None, group.prefix))
+            linked = False
             group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
             group.before_last = group.prefix
             if element == something or group.prefix == nothing:
