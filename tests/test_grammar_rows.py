@@ -382,34 +382,39 @@ def test_what_follows_a_terminal_starts_no_row() -> None:
     assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n' + rules) == 3 + 3 * 2  # c, d, e
 
 
-def _optional_run(n: int) -> str:
-    """`n` distinct optional literals in a row, then one that must come."""
-    return "start: " + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
+def _optional_run(n: int, head: str = "") -> str:
+    """`head`, then `n` distinct optional literals in a row, then one that must come."""
+    return "start: " + head + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
 
 
 def test_a_run_of_pieces_that_may_be_empty_weighs_an_item_each(grammars: Grammars,
                                                                tokenizer: PreTrainedTokenizerFast) -> None:
-    """The row before a run of n optional pieces holds 2n + 1 items in llguidance: 999 are followed to the end, 1,000
-    end the answer at its first token (a 200 that failed: they weighed 1). Now each piece past an alternative's first
-    that may start it weighs one more (a rule named there weighs its link alone), and past MAX_ROW it is the 400
-    naming the field; 32,000 `"a"*` had held a compile thread 17-35 s before llguidance's own 400."""
+    """The row before a run of n optional pieces holds 2n + 1 items in llguidance, at an alternative's start or after a
+    token: 999 are followed to the end, 1,000 end the answer at that token (a 200 that failed: they weighed 1). Now a
+    rule weighs its longest run of pieces that each follow one that may be empty (a rule named there weighs its link
+    alone), and past MAX_ROW it is the 400 naming the field; 32,000 `"a"*` had held a compile thread 17-35 s before
+    llguidance's own 400."""
     bound = grammar_module.MAX_ROW - 1
     assert grammar_rows.row_weight(_optional_run(bound)) == grammar_module.MAX_ROW
+    assert grammar_rows.row_weight(_optional_run(bound, '"q" ')) == grammar_module.MAX_ROW
+    assert grammar_rows.row_weight('start: ' + '"a"? "b" ' * 3_000) == 2  # runs apart: each its own row
     # 2 alternatives (its `|`), then "b"*, the group and "e" (all before each may be empty); "f"? follows "e"
     assert grammar_rows.row_weight('start: "a"* "b"* ("c" | "d")? "e" "f"?') == 2 + 3
     assert grammar_rows.row_weight('start: r r r\nr: "x"?') == 1 + 3  # the links' only
 
     def follows(text: str) -> bool:
         matcher = llguidance.LLMatcher(grammars._tokenizer, text, log_level=0, limits=grammar_module.LIMITS)
-        for token in tokenizer.encode("w0xw5xz"):
+        for token in tokenizer.encode("qw0xw5xz" if '"q"' in text else "w0xw5xz"):
             matcher.compute_bitmask()
             if matcher.is_error() or not matcher.consume_token(token):
                 return False
         return not matcher.is_error()
 
-    assert follows(_optional_run(bound)) and not follows(_optional_run(bound + 1))
-    grammars.from_text("grammar", _optional_run(bound), "guided_grammar")
-    for text in (_optional_run(bound + 1), "start: " + " ".join(['"a"*'] * 32_000) + ' "z"'):
+    for head in ("", '"q" '):
+        assert follows(_optional_run(bound, head)) and not follows(_optional_run(bound + 1, head))
+        grammars.from_text("grammar", _optional_run(bound, head), "guided_grammar")
+    for text in (_optional_run(bound + 1), _optional_run(bound + 1, '"q" '),
+                 "start: " + " ".join(['"a"*'] * 32_000) + ' "z"'):
         with pytest.raises(InvalidRequest, match="parser row") as refused:
             grammars.from_text("grammar", text, "guided_grammar")
         assert refused.value.param == "guided_grammar"

@@ -10,6 +10,7 @@ it (profiles/RESULTS.md, chain9). A chain is also how deep llguidance recurses w
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 import re._parser as re_parser  # a pattern's least width, without compiling it
@@ -69,11 +70,12 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
     match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
     each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
-    JSON Schema, its longest chain of `$ref`s, REF_LINK a link; and one item for each other piece that all before it in
-    its alternative may leave empty (n optional pieces in a row: 2n + 1 items, 1,000 of them past llguidance's row at
-    the first token; profiles/RESULTS.md, hunt33). Recursion into a rule being weighed adds nothing
-    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
-    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
+    JSON Schema, its longest chain of `$ref`s, REF_LINK a link; and each rule's longest run of pieces that each follow
+    one that may be empty (n optional pieces in a row: 2n + 1 items in the row before them, 1,000 past llguidance's at
+    their first token; runs inside a group counted apart from the run around it; profiles/RESULTS.md, hunt33).
+    Recursion into a rule being weighed adds nothing (llguidance's rows stay flat for it: 3,000 tokens of
+    `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
+    schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -157,8 +159,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
     empty = _Empty({match.group(1) for match in definitions}, patterns)
-    # (rule, a rule it names there or None: an element past its alternative's first, the node of all before it)
-    starts: list[tuple[str, str | None, int]] = []
+    starts: list[tuple[str, str, int]] = []  # (rule, a rule it names, the node of all before it there)
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
@@ -173,10 +174,15 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     nullable = empty.solve()
     links: dict[str, dict[str, int]] = {match.group(1): defaultdict(int) for match in definitions}
     for rule, named, before in starts:
-        if nullable[before] and named is None:  # a run of pieces that may be empty: each one more item in the row
-            own[rule] += 1
-        elif nullable[before]:
+        if nullable[before]:
             links[rule][named] += 1
+    run: dict[int, int] = defaultdict(int)  # by alternative: the pieces in a row after one that may be empty
+    longest: dict[str, int] = defaultdict(int)
+    for rule, alternative, previous, counts in empty.pieces:
+        run[alternative] = run[alternative] + counts if nullable[previous] else 0
+        longest[rule] = max(longest[rule], run[alternative])
+    for rule, pieces in longest.items():
+        own[rule] += pieces
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
 
@@ -237,6 +243,8 @@ class _Group:
 
     closer: str
     opening: int
+    alternative: int  # the open alternative's number (_Empty.pieces')
+    reset: bool = False  # its last piece followed one that must match something
     sequences: list[list[int]] = field(default_factory=lambda: [[]])
     prefix: int = -1
     before_last: int = -1
@@ -257,6 +265,11 @@ class _Empty:
         self.needs = [0, 1]
         self.parents: dict[int, list[int]] = defaultdict(list)
         self.node = {name: self._add(1) for name in names}
+        # A rule's pieces past the first of their alternative, in order: (rule, the alternative, the node of the piece
+        # before it, whether it counts: a rule named counts its link alone). In a run of pieces that may be empty
+        # llguidance's row after the token before it holds ~2 items a piece: n optional pieces in a row, 2n + 1
+        self.pieces: list[tuple[str, int, int, bool]] = []
+        self.alternatives = itertools.count()
 
     def _add(self, needs: int, children: list[int] = ()) -> int:
         node = len(self.needs)
@@ -274,12 +287,12 @@ class _Empty:
             return self.NOTHING
         return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
 
-    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str | None, int]] | None) -> None:
+    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str, int]] | None) -> None:
         """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
         it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
         empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
         nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
-        groups = [_Group("", nothing)]
+        groups = [_Group("", nothing, next(self.alternatives))]
         group = groups[0]
         before, linked = "", False  # linked: the element is a rule named, counted by its link
         for token in tokens:
@@ -289,6 +302,7 @@ class _Empty:
                 element = something if group.prefix == something or not self.patterns.may_be_empty(token) else nothing
             elif token == "|":
                 group.sequences.append([])
+                group.alternative, group.reset = next(self.alternatives), False
                 group.prefix = group.before_last = group.opening
                 continue
             elif token in nodes:
@@ -305,7 +319,7 @@ class _Empty:
             elif token in "([":
                 if len(groups) > MAX_NESTING:
                     raise DeepNesting(f"the grammar's groups (`(`, `[`) are nested more than {MAX_NESTING} deep")
-                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                groups.append(group := _Group("]" if token == "[" else ")", group.prefix, next(self.alternatives)))
                 continue
             elif token == group.closer:
                 groups.pop()
@@ -319,8 +333,11 @@ class _Empty:
                 before = token
                 continue
             before = token
-            if starts is not None and group.sequences[-1] and not linked and group.prefix != something:
-                starts.append((name, None, group.prefix))
+            if starts is not None and group.sequences[-1]:  # a piece and the one before it (one reset a run)
+                previous = group.sequences[-1][-1]
+                if previous != something or not group.reset:
+                    self.pieces.append((name, group.alternative, previous, not linked))
+                group.reset = previous == something
             linked = False
             group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
             group.before_last = group.prefix
