@@ -382,6 +382,44 @@ def test_what_follows_a_terminal_starts_no_row() -> None:
     assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n' + rules) == 3 + 3 * 2  # c, d, e
 
 
+def _optional_run(n: int, head: str = "") -> str:
+    """`head`, then `n` distinct optional literals in a row, then one that must come."""
+    return "start: " + head + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
+
+
+def test_a_run_of_pieces_that_may_be_empty_weighs_an_item_each(grammars: Grammars,
+                                                               tokenizer: PreTrainedTokenizerFast) -> None:
+    """The row before a run of n optional pieces holds 2n + 1 items in llguidance, at an alternative's start or after a
+    token: 999 are followed to the end, 1,000 end the answer at that token (a 200 that failed: they weighed 1). Now a
+    rule weighs its longest run of pieces that each follow one that may be empty (a rule named there weighs its link
+    alone), and past MAX_ROW it is the 400 naming the field; 32,000 `"a"*` had held a compile thread 17-35 s before
+    llguidance's own 400."""
+    bound = grammar_module.MAX_ROW - 1
+    assert grammar_rows.row_weight(_optional_run(bound)) == grammar_module.MAX_ROW
+    assert grammar_rows.row_weight(_optional_run(bound, '"q" ')) == grammar_module.MAX_ROW
+    assert grammar_rows.row_weight('start: ' + '"a"? "b" ' * 3_000) == 2  # runs apart: each its own row
+    # 2 alternatives (its `|`), then "b"*, the group and "e" (all before each may be empty); "f"? follows "e"
+    assert grammar_rows.row_weight('start: "a"* "b"* ("c" | "d")? "e" "f"?') == 2 + 3
+    assert grammar_rows.row_weight('start: r r r\nr: "x"?') == 1 + 3  # the links' only
+
+    def follows(text: str) -> bool:
+        matcher = llguidance.LLMatcher(grammars._tokenizer, text, log_level=0, limits=grammar_module.LIMITS)
+        for token in tokenizer.encode("qw0xw5xz" if '"q"' in text else "w0xw5xz"):
+            matcher.compute_bitmask()
+            if matcher.is_error() or not matcher.consume_token(token):
+                return False
+        return not matcher.is_error()
+
+    for head in ("", '"q" '):
+        assert follows(_optional_run(bound, head)) and not follows(_optional_run(bound + 1, head))
+        grammars.from_text("grammar", _optional_run(bound, head), "guided_grammar")
+    for text in (_optional_run(bound + 1), _optional_run(bound + 1, '"q" '),
+                 "start: " + " ".join(['"a"*'] * 32_000) + ' "z"'):
+        with pytest.raises(InvalidRequest, match="parser row") as refused:
+            grammars.from_text("grammar", text, "guided_grammar")
+        assert refused.value.param == "guided_grammar"
+
+
 def _linked(n: int, node: Any, ref: Any, root: dict[str, Any] | None = None) -> dict[str, Any]:
     """_ref_links' chain with node(i) in each link and ref(i) naming it."""
     defs = {f"d{i}": {**node(i), "anyOf": [{"$ref": ref(i + 1)}, {"type": "integer"}]} for i in range(n)}
@@ -651,3 +689,27 @@ def test_nested_any_ofs_weigh_flattened() -> None:
     with pytest.raises(InvalidRequest, match="may hold 2400 items") as refused:
         grammar_module.check_json_schema({"anyOf": options}, True, "response_format")
     assert refused.value.param == "response_format"
+
+
+def test_a_lark_body_nested_past_its_bound_is_refused_without_walking_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups nested past MAX_NESTING are refused as the walk reaches the bound, not held to the body's end: 4 M of
+    them held a compile thread 29 s and the GIL up to 2.7 s at a time (llguidance itself refuses a 29th level); at the
+    bound the grammar is weighed as before."""
+    opened: list[object] = []
+
+    class Counted(grammar_rows._Group):
+        def __post_init__(self) -> None:
+            opened.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(grammar_rows, "_Group", Counted)
+    bound = grammar_rows.MAX_NESTING
+    assert grammar_rows.row_weight(f'start: {"(" * bound}"a"{")" * bound} | "b"') == 2
+    opened.clear()
+    deep = 100_000
+    with pytest.raises(grammar_rows.DeepNesting, match=f"nested more than {bound} deep"):
+        grammar_rows.row_weight(f'start: "x" {"[" * deep}"a"{"]" * deep}')
+    assert len(opened) <= bound + 1, len(opened)
+    with pytest.raises(InvalidRequest, match=f"nested more than {bound} deep") as refused:
+        grammar_module.check_bounds(f'start: {"(" * (bound + 1)}"a"{")" * (bound + 1)}', "guided_grammar")
+    assert refused.value.param == "guided_grammar"

@@ -39,7 +39,7 @@ from chat_http import (
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
-from nanoqwen.engine import grammar
+from nanoqwen.engine import grammar, grammar_rows
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -245,6 +245,20 @@ def test_a_gbnf_grammar_past_its_bound_is_a_400_naming_the_field(server: Gunicor
         create(at_bound + '"c"')
     param = "guided_grammar" if field == "guided_grammar" else "structured_outputs.grammar"
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+
+
+def test_a_lark_grammar_nested_past_its_bound_is_a_400_naming_the_field_and_holds_no_poll(
+        server: GunicornServer) -> None:
+    """Groups nested 2 M deep (a 4 MB body): llguidance refuses a 29th level, but the row walk before it kept every
+    open group, 14 s of a compile thread's CPU that held the GIL ~1 s at a time. Now a 400 naming the field at
+    grammar_rows.MAX_NESTING, and /health is answered meanwhile."""
+    deep = 2_000_000
+    with health_polled(server, interval=0.01) as polls, pytest.raises(
+            openai.BadRequestError, match=f"nested more than {grammar_rows.MAX_NESTING} deep") as refused:
+        server.openai_client(timeout=300).completions.create(
+            model=MODEL, prompt="x", max_tokens=2, extra_body={"guided_grammar": f'start: {"[" * deep}"a"{"]" * deep}'})
+    assert refused.value.body["param"] == "guided_grammar" and refused.value.body["type"] == "invalid_request_error"
+    assert polls and max(p.held for p in polls) < HELD_S, most_held(polls)
 
 
 def test_regexes_within_their_bound_and_long_literals_are_served(server: GunicornServer) -> None:
@@ -893,6 +907,23 @@ def _ref_chain(n: int) -> dict[str, Any]:
     """A JSON Schema of `$ref`s each to the next, `n` deep (a few kB of llguidance's stack each)."""
     defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(n)}
     return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+
+
+def test_a_run_of_optional_pieces_past_the_row_is_a_400_and_within_it_is_followed(server: GunicornServer) -> None:
+    """The row before n optional pieces in a row holds 2n + 1 items in llguidance: 1,000 compiled, then ended the
+    answer at its first token. Now past grammar.MAX_ROW a 400 naming the field, streamed or not; 999 are followed."""
+    client = server.openai_client(timeout=300)
+
+    def create(n: int, stream: bool) -> str:
+        text = "start: " + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
+        answer = client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=0, stream=stream,
+                                           extra_body={"structured_outputs": {"grammar": text}})
+        return "".join(chunk.choices[0].text for chunk in answer if chunk.choices) if stream else answer.choices[0].text
+    for stream in (False, True):
+        assert re.fullmatch(r"(w\d+x)*z?", create(grammar.MAX_ROW - 1, stream))
+        with pytest.raises(openai.BadRequestError, match="parser row") as refused:
+            create(grammar.MAX_ROW, stream)
+        assert refused.value.body["param"] == "structured_outputs.grammar", refused.value.body
 
 
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:

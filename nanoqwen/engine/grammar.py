@@ -29,7 +29,14 @@ import torch
 from llguidance import LLMatcher
 
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
-from nanoqwen.engine.grammar_rows import LongReference, regex_chars, row_weight, schema_links, schema_weight
+from nanoqwen.engine.grammar_rows import (
+    DeepNesting,
+    LongReference,
+    regex_chars,
+    row_weight,
+    schema_links,
+    schema_weight,
+)
 from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
@@ -487,7 +494,7 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
         weight = row_weight(text) if weigh is None else weigh()
     except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
         raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
-    except LongReference as exc:
+    except (LongReference, DeepNesting) as exc:
         raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "

@@ -10,11 +10,12 @@ it (profiles/RESULTS.md, chain9). A chain is also how deep llguidance recurses w
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 import re._parser as re_parser  # a pattern's least width, without compiling it
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
@@ -48,6 +49,14 @@ RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
 # past it); a longer `$id` that nothing is resolved against costs nothing
 LONG_URI = 2_048
 REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
+# Groups (`(`, `[`) open at once in a Lark body: llguidance's parser refuses a 29th (1.9.1), but only after this walk,
+# whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
+# profiles/RESULTS.md, hunt33). Past llguidance's, so that its own 400 names the place where it refuses.
+MAX_NESTING = 64
+
+
+class DeepNesting(ValueError):
+    """A Lark body whose groups nest past MAX_NESTING (check_bounds' 400)."""
 
 
 class LongReference(ValueError):
@@ -61,9 +70,12 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
     match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
     each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
-    JSON Schema, its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
-    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
-    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
+    JSON Schema, its longest chain of `$ref`s, REF_LINK a link; and each rule's longest run of pieces that each follow
+    one that may be empty (n optional pieces in a row: 2n + 1 items in the row before them, 1,000 past llguidance's at
+    their first token; runs inside a group counted apart from the run around it; profiles/RESULTS.md, hunt33).
+    Recursion into a rule being weighed adds nothing (llguidance's rows stay flat for it: 3,000 tokens of
+    `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
+    schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -153,7 +165,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
         name = match.group(1)
         terminal = name[0].isupper()  # the lexer's (its fuel bounds it), no parser row's: only its emptiness counts
-        empty.define(name, TOKEN.findall(body_text, match.end(), end), None if terminal else starts)
+        empty.define(name, map(re.Match.group, TOKEN.finditer(body_text, match.end(), end)),
+                     None if terminal else starts)
         if not terminal:
             own[name] += 1 + body_text.count("|", match.end(), end)
             inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
@@ -163,6 +176,13 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     for rule, named, before in starts:
         if nullable[before]:
             links[rule][named] += 1
+    run: dict[int, int] = defaultdict(int)  # by alternative: the pieces in a row after one that may be empty
+    longest: dict[str, int] = defaultdict(int)
+    for rule, alternative, previous, counts in empty.pieces:
+        run[alternative] = run[alternative] + counts if nullable[previous] else 0
+        longest[rule] = max(longest[rule], run[alternative])
+    for rule, pieces in longest.items():
+        own[rule] += pieces
     return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
 
 
@@ -223,6 +243,8 @@ class _Group:
 
     closer: str
     opening: int
+    alternative: int  # the open alternative's number (_Empty.pieces')
+    reset: bool = False  # its last piece followed one that must match something
     sequences: list[list[int]] = field(default_factory=lambda: [[]])
     prefix: int = -1
     before_last: int = -1
@@ -243,6 +265,11 @@ class _Empty:
         self.needs = [0, 1]
         self.parents: dict[int, list[int]] = defaultdict(list)
         self.node = {name: self._add(1) for name in names}
+        # A rule's pieces past the first of their alternative, in order: (rule, the alternative, the node of the piece
+        # before it, whether it counts: a rule named counts its link alone). In a run of pieces that may be empty
+        # llguidance's row after the token before it holds ~2 items a piece: n optional pieces in a row, 2n + 1
+        self.pieces: list[tuple[str, int, int, bool]] = []
+        self.alternatives = itertools.count()
 
     def _add(self, needs: int, children: list[int] = ()) -> int:
         node = len(self.needs)
@@ -260,14 +287,14 @@ class _Empty:
             return self.NOTHING
         return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
 
-    def define(self, name: str, tokens: list[str], starts: list[tuple[str, str, int]] | None) -> None:
+    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str, int]] | None) -> None:
         """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
         it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
         empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
         nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
-        groups = [_Group("", nothing)]
+        groups = [_Group("", nothing, next(self.alternatives))]
         group = groups[0]
-        before = ""
+        before, linked = "", False  # linked: the element is a rule named, counted by its link
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
@@ -275,11 +302,13 @@ class _Empty:
                 element = something if group.prefix == something or not self.patterns.may_be_empty(token) else nothing
             elif token == "|":
                 group.sequences.append([])
+                group.alternative, group.reset = next(self.alternatives), False
                 group.prefix = group.before_last = group.opening
                 continue
             elif token in nodes:
                 if starts is not None and not token[0].isupper():
                     starts.append((name, token, group.prefix))
+                    linked = True
                 element = nodes[token]
             elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
                 if group.sequences[-1]:
@@ -288,7 +317,9 @@ class _Empty:
                 before = token
                 continue
             elif token in "([":
-                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                if len(groups) > MAX_NESTING:
+                    raise DeepNesting(f"the grammar's groups (`(`, `[`) are nested more than {MAX_NESTING} deep")
+                groups.append(group := _Group("]" if token == "[" else ")", group.prefix, next(self.alternatives)))
                 continue
             elif token == group.closer:
                 groups.pop()
@@ -302,6 +333,12 @@ class _Empty:
                 before = token
                 continue
             before = token
+            if starts is not None and group.sequences[-1]:  # a piece and the one before it (one reset a run)
+                previous = group.sequences[-1][-1]
+                if previous != something or not group.reset:
+                    self.pieces.append((name, group.alternative, previous, not linked))
+                group.reset = previous == something
+            linked = False
             group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
             group.before_last = group.prefix
             if element == something or group.prefix == nothing:
