@@ -60,10 +60,12 @@ def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", LOOPS)
-@pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216)])
+@pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216),
+                                      (1024, 128), (2112, 64), (2112, 192), (2944, 128)])
 def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(dtype, loops, k, g):
-    """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; 7
-    rows (a quad, then 3 row by row), from row 0 and from row 4."""
+    """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; and
+    past whole 1024-column spans (the AVX-512 loop's transposed span: 1-15 blocks past 0-2 spans, and none past one);
+    7 rows (a quad, then 3 row by row), from row 0 and from row 4."""
     _, w, scale, offset = int4_operands(1, 7, k, g, dtype)
     lib = capped(dequant.KERNEL, loops).lib
     packed = as_loaded(w, capped(cpu_int4.KERNEL, loops).lib)
@@ -72,6 +74,20 @@ def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(
         graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 7 - n0, k, g,
                    int(dtype == torch.bfloat16))
         assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize(("n", "k"), [(37, 384), (9, 40), (3, 8), (2, 5)])
+def test_dequantised_int8_rows_are_the_weights_exactly(dtype, loops, n, k):
+    """Whole 32-column passes and the last few weights one by one (K % 32 != 0, and fewer than a pass in all), from
+    row 0 and from row 1 (a start off the passes' alignment)."""
+    _, q, _ = int8_operands(1, n, k, dtype)
+    lib = capped(dequant.KERNEL, loops).lib
+    for n0 in (0, 1):
+        out = torch.full((n - n0, k), float("nan"), dtype=dtype)
+        graph.call(lib.dequant_int8, q[n0:], out, n - n0, k, int(dtype == torch.bfloat16))
+        assert torch.equal(out, q[n0:].to(dtype))
 
 
 def ulps(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
