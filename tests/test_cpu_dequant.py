@@ -78,6 +78,23 @@ def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", LOOPS)
+def test_dequantised_int4_subnormals_are_the_references_to_the_bit(dtype, loops):
+    """Groups whose values fall below fp32's (and bf16's) normal range beside normal ones: the AVX-512 loop rounds
+    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others."""
+    _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
+    tiny = torch.arange(scale.numel()).view(scale.shape) % 3 == 0
+    scale, offset = torch.where(tiny, scale * 2.0**-125, scale), torch.where(tiny, offset * 2.0**-125, offset)
+    expected = dequantize_int4(w, scale, offset).to(dtype)
+    assert (expected != 0).logical_and(expected.abs() < 2.0**-126).sum() > 1000
+    lib = capped(dequant.KERNEL, loops).lib
+    out = torch.empty(8, 1024, dtype=dtype)
+    graph.call(lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib), scale, offset, out, 8, 1024, 64,
+               int(dtype == torch.bfloat16))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
 @pytest.mark.parametrize(("n", "k"), [(37, 384), (9, 40), (3, 8), (2, 5)])
 def test_dequantised_int8_rows_are_the_weights_exactly(dtype, loops, n, k):
     """Whole 32-column passes and the last few weights one by one (K % 32 != 0, and fewer than a pass in all), from

@@ -78,7 +78,7 @@ struct int8_args {
 
 AVX512_BEGIN
 
-/* The upper halves of the dwords of a and b, in order: 32 values that round16 rounded, as bf16. */
+/* The upper halves of the dwords of a and b, in order: 32 bf16 (each dword rounded by round16, or exact). */
 INLINE __m512i high_words(__m512i a, __m512i b) {
     static const int16_t odd[32] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
                                     33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
@@ -93,11 +93,19 @@ INLINE __m512i round16(__m512 v) {
     return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
 }
 
-/* Nibbles q (int32) of 16 columns dequantised, unrounded for bf16. */
-INLINE __m512 dequant16(__m512i q, __m512 s, __m512 o) {
+/* Nibbles q (int32) of 16 columns dequantised, unrounded for bf16. A bf16 scale times q (< 16) is exact in fp32, so
+   that an FMA rounds as the reference's product, then sum; an fp32 one is not. */
+INLINE __m512 dequant16(__m512i q, __m512 s, __m512 o, int bf16) {
+    if (bf16) return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, o);
     __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(q), s);
     __asm__("" : "+v"(product));  /* the reference rounds the product before adding the offset: no FMA */
     return _mm512_add_ps(product, o);
+}
+
+/* Whether q * s + o (q < 16) is 0 or a normal fp32 for bf16 s and o, each 0 or of magnitude 2^-118 or more: the sum
+   is then a multiple of 2^-125 (their ulps'), never subnormal, which vcvtneps2bf16 would flush to 0. */
+INLINE int never_subnormal(float s, float o) {
+    return (s == 0 || fabsf(s) >= 0x1p-118f) && (o == 0 || fabsf(o) >= 0x1p-118f);
 }
 
 /* The 8 x 8 qwords of v transposed (v[i] lane j <- v[j] lane i): three rounds of two-source permutes, round d
@@ -114,26 +122,32 @@ INLINE void transpose_qwords(__m512i v[8]) {
             }
 }
 
-/* Block b's 64 columns of row n from its 16 words (int32 lane w: word w, whose nibble t is column 16 t + w). */
-INLINE void block64(const struct dequant_args *a, long n, long b, __m512i words, int bf16) {
+/* Block b's 64 columns of row n from its 16 words (int32 lane w: word w, whose nibble t is column 16 t + w); bf16
+   rounded by vcvtne2ps2bf16 where `native` (AVX512-BF16) and no value can be subnormal, else as round8 rounds. */
+INLINE void block64(const struct dequant_args *a, long n, long b, __m512i words, int bf16, int native) {
     const long g = n * (a->K / a->G) + 64 * b / a->G;
-    const __m512 s = _mm512_set1_ps(load1(a->scale, g, bf16)), o = _mm512_set1_ps(load1(a->offset, g, bf16));
-    const __m512i nibble = _mm512_set1_epi32(15);
+    const float scale = load1(a->scale, g, bf16), offset = load1(a->offset, g, bf16);
+    const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
     __m512 v[4];
-    for (int t = 0; t < 4; t++)
-        v[t] = dequant16(_mm512_and_si512(_mm512_srli_epi32(words, 4 * t), nibble), s, o);
+    for (int t = 0; t < 4; t++) {
+        const __m512i q = _mm512_srli_epi32(words, 4 * t);  /* the words zero-extended: nibble 3 needs no mask */
+        v[t] = dequant16(t == 3 ? q : _mm512_and_si512(q, _mm512_set1_epi32(15)), s, o, bf16);
+    }
     const long at = n * a->K + 64 * b;
-    if (bf16) {
+    if (!bf16) {
+        for (int t = 0; t < 4; t++) _mm512_storeu_ps((float *)a->out + at + 16 * t, v[t]);
+    } else if (native && never_subnormal(scale, offset)) {
+        for (int t = 0; t < 4; t += 2)
+            _mm512_storeu_si512((uint16_t *)a->out + at + 16 * t, (__m512i)_mm512_cvtne2ps_pbh(v[t + 1], v[t]));
+    } else {
         for (int t = 0; t < 4; t += 2)
             _mm512_storeu_si512((uint16_t *)a->out + at + 16 * t, high_words(round16(v[t]), round16(v[t + 1])));
-    } else {
-        for (int t = 0; t < 4; t++) _mm512_storeu_ps((float *)a->out + at + 16 * t, v[t]);
     }
 }
 
 /* Row n's spans: a span's 8 vectors (lane b: dword j of block b) transposed as qwords leave v[p] holding blocks 2p
    and 2p + 1 dword by dword, alternately; a masked word permute takes one block's 16 words as int32. */
-INLINE void span_rows512(const struct dequant_args *a, long chunk, int bf16) {
+INLINE void span_rows512(const struct dequant_args *a, long chunk, int bf16, int native) {
     int16_t pick[2][32];
     for (int w = 0; w < 16; w++)
         for (int e = 0; e < 2; e++) pick[e][2 * w] = (int16_t)(4 * (w / 2) + 2 * e + w % 2), pick[e][2 * w + 1] = 0;
@@ -146,7 +160,8 @@ INLINE void span_rows512(const struct dequant_args *a, long chunk, int bf16) {
             for (int j = 0; j < 8; j++) v[j] = _mm512_maskz_loadu_epi32((__mmask16)((1u << nb) - 1), at + 4 * nb * j);
             transpose_qwords(v);
             for (int b = 0; b < nb; b++)
-                block64(a, n, 16 * c + b, _mm512_maskz_permutexvar_epi16(0x55555555u, picks[b & 1], v[b / 2]), bf16);
+                block64(a, n, 16 * c + b, _mm512_maskz_permutexvar_epi16(0x55555555u, picks[b & 1], v[b / 2]), bf16,
+                        native);
         }
 }
 
@@ -170,7 +185,9 @@ static void dequant_int8_rows512(const void *ctx, long chunk) { INT8_CHUNK(int8_
 
 static void dequant_span_rows512(const void *ctx, long chunk) {
     const struct dequant_args a = *(const struct dequant_args *)ctx;
-    if (a.bf16) span_rows512(&a, chunk, 1); else span_rows512(&a, chunk, 0);
+    if (!a.bf16) span_rows512(&a, chunk, 0, 0);
+    else if (has_avx512_bf16()) span_rows512(&a, chunk, 1, 1);
+    else span_rows512(&a, chunk, 1, 0);
 }
 
 AVX512_END
