@@ -167,15 +167,16 @@ def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
-    """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's mixed steps
-    reach by their row count alone)."""
+    """MIN_ROWS rows (int8: INT8_MIN_ROWS) take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
+    mixed steps reach by their row count alone)."""
     module = cpu_int8 if quant == "int8" else cpu_int4
+    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
     calls = []
     record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
-    x, *weights = operands(quant, dequant.MIN_ROWS)
+    x, *weights = operands(quant, least)
     for rows in (x, x[:-1]):
         getattr(module, f"linear_{quant}")(rows, *weights)
-    assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
+    assert calls == [(f"linear_{quant}", least), (f"linear_{quant}_cpu", least - 1)]
 
 
 @pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
@@ -231,14 +232,16 @@ def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, quant):
-    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
-    output equals transformers on the same dequantised weights token for token."""
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens (int8: INT8_MIN_ROWS + 7, under 32 where
+    the GEMM takes int8 from 17 rows) takes the blocked GEMM, and greedy output equals transformers on the same
+    dequantised weights token for token."""
     from checkpoints import make_checkpoint
     from engine_util import generate, greedy, hf_greedy, load_engine
     from quant_reference import load_quantised_hf_model
 
     checkpoint = make_checkpoint()
-    prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
+    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
+    prompts = [list(range(2000, 2000 + least + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)
     calls = []

@@ -35,6 +35,12 @@ KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4", "dequant_int
 # int4 32 rows 3.4 / 4.5) but where the decode kernels stop: a step of up to MAX_ROWS rows stays a bucket the CPU
 # graph captures (graph.py records C calls, torch.mm is none), and the AMX kernels serve up to MAX_ROWS rows.
 MIN_ROWS = MAX_ROWS + 1
+# int8 from fewer rows where the GEMM is oneDNN's bf16 one and the decode kernel has no AMX-INT8: its vpdpbusd loops
+# multiply 2 int8 pieces of each bf16 row, and from 17 rows they lose to dequant_int8 and the GEMM (Zen 5, 1 thread,
+# CPU ms for a layer's four linears, decode kernel / blocked: 12 rows 1.77 / 2.05, 16 2.53 / 2.29, 24 4.85 / 2.75, 32
+# 8.21 / 3.35; int4's loops keep 32: 3.24 / 4.03). A CPU graph bucket of 17-32 such rows runs eagerly, as one past
+# linear.NATIVE_BF16_MAX_ROWS does.
+INT8_MIN_ROWS = 17 if AVX512_BF16 and not torch.cpu._is_amx_tile_supported() else MIN_ROWS
 # A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
@@ -58,9 +64,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def takes(rows: int) -> bool:
-    """Whether a call of `rows` activation rows is prefill-sized and the dequantising kernel built."""
-    return rows >= MIN_ROWS and KERNEL.ready
+def takes(rows: int, int8: bool) -> bool:
+    """Whether a call of `rows` activation rows of an int8 (else int4) linear is for the blocked GEMM, and the
+    dequantising kernel built."""
+    return rows >= (INT8_MIN_ROWS if int8 else MIN_ROWS) and KERNEL.ready
 
 
 def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:
