@@ -40,7 +40,7 @@ MIN_ROWS = MAX_ROWS + 1
 # CPU ms for a layer's four linears, decode kernel / blocked: 12 rows 1.77 / 2.05, 16 2.53 / 2.29, 24 4.85 / 2.75, 32
 # 8.21 / 3.35; int4's loops keep 32: 3.24 / 4.03). A CPU graph bucket of 17-32 such rows runs eagerly, as one past
 # linear.NATIVE_BF16_MAX_ROWS does.
-INT8_MIN_ROWS = 17 if AVX512_BF16 and not torch.cpu._is_amx_tile_supported() else MIN_ROWS
+INT8_MIN_ROWS = 17 if AVX512_BF16 and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else MIN_ROWS
 # A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
