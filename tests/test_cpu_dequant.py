@@ -60,10 +60,12 @@ def test_dequantised_int4_rows_are_the_references_to_the_bit(dtype, loops):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", LOOPS)
-@pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216)])
+@pytest.mark.parametrize(("k", "g"), [(64, 64), (128, 128), (192, 64), (256, 64), (320, 64), (1216, 64), (1216, 1216),
+                                      (1024, 128), (2112, 64), (2112, 192), (2944, 128)])
 def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(dtype, loops, k, g):
-    """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; 7
-    rows (a quad, then 3 row by row), from row 0 and from row 4."""
+    """Rows of 1-3 blocks past their whole 256-column chunks (and of none), groups of one block to the whole row; and
+    past whole 1024-column spans (the AVX-512 loop's transposed span: 1-15 blocks past 0-2 spans, and none past one);
+    7 rows (a quad, then 3 row by row), from row 0 and from row 4."""
     _, w, scale, offset = int4_operands(1, 7, k, g, dtype)
     lib = capped(dequant.KERNEL, loops).lib
     packed = as_loaded(w, capped(cpu_int4.KERNEL, loops).lib)
@@ -72,6 +74,37 @@ def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(
         graph.call(lib.dequant_int4, packed[n0:], scale[n0:], offset[n0:], out, 7 - n0, k, g,
                    int(dtype == torch.bfloat16))
         assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
+def test_dequantised_int4_subnormals_are_the_references_to_the_bit(dtype, loops):
+    """Groups whose values fall below fp32's (and bf16's) normal range beside normal ones: the AVX-512 loop rounds
+    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others."""
+    _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
+    tiny = torch.arange(scale.numel()).view(scale.shape) % 3 == 0
+    scale, offset = torch.where(tiny, scale * 2.0**-125, scale), torch.where(tiny, offset * 2.0**-125, offset)
+    expected = dequantize_int4(w, scale, offset).to(dtype)
+    assert (expected != 0).logical_and(expected.abs() < 2.0**-126).sum() > 1000
+    lib = capped(dequant.KERNEL, loops).lib
+    out = torch.empty(8, 1024, dtype=dtype)
+    graph.call(lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib), scale, offset, out, 8, 1024, 64,
+               int(dtype == torch.bfloat16))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
+@pytest.mark.parametrize(("n", "k"), [(37, 384), (9, 40), (3, 8), (2, 5)])
+def test_dequantised_int8_rows_are_the_weights_exactly(dtype, loops, n, k):
+    """Whole 32-column passes and the last few weights one by one (K % 32 != 0, and fewer than a pass in all), from
+    row 0 and from row 1 (a start off the passes' alignment)."""
+    _, q, _ = int8_operands(1, n, k, dtype)
+    lib = capped(dequant.KERNEL, loops).lib
+    for n0 in (0, 1):
+        out = torch.full((n - n0, k), float("nan"), dtype=dtype)
+        graph.call(lib.dequant_int8, q[n0:], out, n - n0, k, int(dtype == torch.bfloat16))
+        assert torch.equal(out, q[n0:].to(dtype))
 
 
 def ulps(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -134,15 +167,16 @@ def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
-    """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's mixed steps
-    reach by their row count alone)."""
+    """MIN_ROWS rows (int8: INT8_MIN_ROWS) take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
+    mixed steps reach by their row count alone)."""
     module = cpu_int8 if quant == "int8" else cpu_int4
+    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
     calls = []
     record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
-    x, *weights = operands(quant, dequant.MIN_ROWS)
+    x, *weights = operands(quant, least)
     for rows in (x, x[:-1]):
         getattr(module, f"linear_{quant}")(rows, *weights)
-    assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
+    assert calls == [(f"linear_{quant}", least), (f"linear_{quant}_cpu", least - 1)]
 
 
 @pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
@@ -198,14 +232,16 @@ def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, quant):
-    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
-    output equals transformers on the same dequantised weights token for token."""
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens (int8: INT8_MIN_ROWS + 7, under 32 where
+    the GEMM takes int8 from 17 rows) takes the blocked GEMM, and greedy output equals transformers on the same
+    dequantised weights token for token."""
     from checkpoints import make_checkpoint
     from engine_util import generate, greedy, hf_greedy, load_engine
     from quant_reference import load_quantised_hf_model
 
     checkpoint = make_checkpoint()
-    prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
+    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
+    prompts = [list(range(2000, 2000 + least + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)
     calls = []

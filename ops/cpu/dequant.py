@@ -6,9 +6,10 @@ integer work of the rows, and the torch references they left prefill to widen th
 the fp32 GEMM (2.5x slower than oneDNN's bf16 GEMM on an AVX-512-BF16 CPU). Here a block of weight rows is
 dequantised into a scratch buffer kept by each thread and torch.mm writes that block's output columns: only a
 block's worth of dequantised weights ever exists.
-- int8: the q themselves (exact in bf16), then the GEMM's output times the channels' scales, as the reference
-  orders it. Its products are exact and summed in fp32; with bf16 activations the output is rounded to bf16
-  before the scale and after, so it is at most one bf16 ulp from the reference's (which rounds once).
+- int8: the q themselves (exact in bf16; csrc/dequant.c: to bf16 in a third of torch's copy_'s time), then the
+  GEMM's output times the channels' scales, as the reference orders it. Its products are exact and summed in fp32;
+  with bf16 activations the output is rounded to bf16 before the scale and after, so it is at most one bf16 ulp from
+  the reference's (which rounds once).
 - int4: q * scale + offset per group (csrc/dequant.c), rounded as the reference rounds, then to the GEMM's dtype:
   with bf16 activations each weight takes one bf16 rounding (2^-9 relative) the reference does not.
 The GEMM runs in bf16 where the activations are bf16 and the CPU has AVX512-BF16 (linear.AVX512_BF16; every
@@ -27,13 +28,19 @@ import torch
 from ops.cpu import build, graph
 from ops.cpu.linear import AVX512_BF16, MAX_ROWS
 
-KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4",))
+KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4", "dequant_int8"))
 
 # Activation rows from which the blocked GEMM serves, up to MAX_ROWS the decode kernels. Not where the GEMM starts to
 # win (1 thread, 6144 x 1024, bf16, CPU ms, decode kernel / blocked GEMM: int8 16 rows 2.4 / 2.8, 32 rows 5.0 / 4.0;
 # int4 32 rows 3.4 / 4.5) but where the decode kernels stop: a step of up to MAX_ROWS rows stays a bucket the CPU
 # graph captures (graph.py records C calls, torch.mm is none), and the AMX kernels serve up to MAX_ROWS rows.
 MIN_ROWS = MAX_ROWS + 1
+# int8 from fewer rows where the GEMM is oneDNN's bf16 one and the decode kernel has no AMX-INT8: its vpdpbusd loops
+# multiply 2 int8 pieces of each bf16 row, and from 17 rows they lose to dequant_int8 and the GEMM (Zen 5, 1 thread,
+# CPU ms for a layer's four linears, decode kernel / blocked: 12 rows 1.77 / 2.05, 16 2.53 / 2.29, 24 4.85 / 2.75, 32
+# 8.21 / 3.35; int4's loops keep 32: 3.24 / 4.03). A CPU graph bucket of 17-32 such rows runs eagerly, as one past
+# linear.NATIVE_BF16_MAX_ROWS does.
+INT8_MIN_ROWS = 17 if AVX512_BF16 and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else MIN_ROWS
 # A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
@@ -57,10 +64,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def takes(rows: int, int4: bool) -> bool:
-    """Whether a call of `rows` activation rows is prefill-sized, and for int4 the dequantising kernel built (int8
-    needs none)."""
-    return rows >= MIN_ROWS and (KERNEL.ready or not int4)
+def takes(rows: int, int8: bool) -> bool:
+    """Whether a call of `rows` activation rows of an int8 (else int4) linear is for the blocked GEMM, and the
+    dequantising kernel built."""
+    return rows >= (INT8_MIN_ROWS if int8 else MIN_ROWS) and KERNEL.ready
 
 
 def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:
@@ -99,8 +106,11 @@ def blocked_linear(x: torch.Tensor, n: int, dequantise: Callable[[int, int, torc
 
 def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x: [M, K] bf16 or fp32, weight: [N, K] int8, scale: [N] in x's dtype -> [M, N]."""
+    weight = weight.contiguous()
+
     def dequantise(n0: int, n1: int, out: torch.Tensor) -> None:
-        out.copy_(weight[n0:n1])
+        graph.call(KERNEL.lib.dequant_int8, weight[n0:n1], out, n1 - n0, weight.shape[1],
+                   int(out.dtype == torch.bfloat16))
 
     with build.profiled("nanoqwen::linear_int8_prefill_cpu"):
         return blocked_linear(x, weight.shape[0], dequantise, scale)

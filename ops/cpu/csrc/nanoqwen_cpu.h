@@ -39,6 +39,8 @@ void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles);
    of 4: whole quads), scale and offset: [N, K / G], out: [N, K]; scale, offset and out all bf16 or all fp32;
    G % 64 == 0. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16);
+/* dequant.c: out = w, exactly; w: [N, K] int8, out: [N, K] bf16 or fp32. */
+void dequant_int8(const int8_t *w, void *out, int N, int K, int bf16);
 
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);
