@@ -73,5 +73,5 @@ static void dequant_il_rows(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
     const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
-    pool_run(int4_interleaved() ? dequant_il_rows : dequant_span_rows, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(int4_interleaved() ? dequant_il_rows : dequant_span_rows, &a, (N + a.rows - 1) / a.rows);
 }
