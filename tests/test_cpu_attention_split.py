@@ -193,24 +193,3 @@ def test_a_group_whose_scores_are_all_minus_infinity_gives_zeros(threads):
             if n == lens[b]:
                 exact[b, h * group : (h + 1) * group] = 0
         assert_close(call(cpu_attention.KERNEL.lib, *inputs), exact)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("loops", LOOPS)
-def test_batch_1_in_one_part_gives_the_same_bits_on_its_kv_heads_tasks(dtype, loops):
-    """Batch 1 up to 128 keys runs a task per thread of its kv heads (evenly at 2 and 8 threads, 3/3/2 at 3, a head
-    each at 16): each head's sums as one thread runs them, so the bits of one thread's, and the fp64 values."""
-    lib = capped(cpu_attention.KERNEL, loops).lib
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 17, 64, 128):
-            inputs = case([n], dtype, n)
-            torch.set_num_threads(1)
-            one_thread = call(lib, *inputs)
-            for threads in (2, 3, 16):
-                torch.set_num_threads(threads)
-                assert torch.equal(call(lib, *inputs), one_thread), (n, threads)
-            if dtype == torch.float32:
-                assert_close(one_thread, reference64(*inputs))
-    finally:
-        torch.set_num_threads(before)

@@ -24,7 +24,6 @@ struct attention_args {
     const int32_t *parts;  /* [B + 1]: the parts before sequence b */
     float *state;          /* per part: `region` floats (see struct group) */
     long region;
-    int head_tasks;        /* a single sequence in one part: its kv heads cut into this many tasks (attend_kv_heads) */
 };
 
 /* The G query heads of one kv head, in its task's region of a->state: q (as the path's scores read it) and acc
@@ -343,15 +342,6 @@ static void attend(const void *args, long task) {
     attend_heads(a, b, begin, end, 0, a->Hkv, a->state + task * a->region, parts == 1);
 }
 
-/* One task of a single sequence in one part: kv heads [task * Hkv / tasks, (task + 1) * Hkv / tasks), written out.
-   Each head's sums run as they do with all heads in one task (attend_heads), so the bits do not depend on the tasks. */
-static void attend_kv_heads(const void *args, long task) {
-    const struct attention_args *a = args;
-    const long tasks = a->head_tasks;
-    attend_heads(a, 0, 0, a->ctx[0], (int)(task * a->Hkv / tasks), (int)((task + 1) * a->Hkv / tasks),
-                 a->state + task * a->region, 1);
-}
-
 /* Without a scratch (its allocation failed): each sequence whole on this thread, one kv head at a time, whose
    state (bounded by MAX_G and MAX_D, where all heads' is not) fits on the stack. */
 static __attribute__((noinline)) void attend_unstaged(const struct attention_args *a) {
@@ -410,7 +400,7 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     /* a part's region: q, acc, m, l of Hq heads, whole cache lines */
     const long region = ((long)Hq * (2 * D + 2) + 15) / 16 * 16;
     struct attention_args a = {q, kc, vc, sq, tables, ctx, out, B, Hq, Hkv, D, bs, W, bf16, scale, avx512,
-                               bf16 && avx512 ? 16 : 8, INT32_MAX, 0, 0, region, 1};
+                               bf16 && avx512 ? 16 : 8, INT32_MAX, 0, 0, region};
     long keys = 0;
     for (int b = 0; b < B; b++) keys += ctx[b];
     const int threads = omp_get_max_threads(), split = threads > 1 && keys * Hkv >= PARALLEL_MIN_PAIRS;
@@ -428,11 +418,6 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     parts[0] = 0;
     for (int b = 0; b < B; b++) parts[b + 1] = parts[b] + (ctx[b] > a.split ? (ctx[b] - 1) / a.split + 1 : 1);
     a.parts = parts;
-    if (B == 1 && parts[1] == 1 && threads > 1) {  /* batch 1 up to MIN_SPLIT keys: its kv heads across the pool */
-        a.head_tasks = threads < Hkv ? threads : Hkv;  /* <= parts_max regions */
-        nanoqwen_pool_run(attend_kv_heads, &a, a.head_tasks);
-        return;
-    }
     if (split) nanoqwen_pool_run(attend, &a, parts[B]);
     else for (long task = 0; task < B; task++) attend(&a, task);
     combine(&a);
