@@ -4,7 +4,7 @@
    says. Not a test. Needs AVX-512 VNNI.
 
    Build from the repository root (the kernel's pool and activation pieces are the ones measured):
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_row.c -o profiles/out/ab_int4_row -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_row.c -o profiles/out/ab_int4_row ops/cpu/csrc/pool.c -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int4_row PASSES VARIANT...   (the first variant is the one the others are compared to)
      kernel           linear_int4 itself, on the weights stored by span
      loop-...         the kernel's 1-row loop (span_vnni at 1 row of 2 pieces) stand-alone, with a weight row's span
@@ -303,7 +303,7 @@ static void run(int i, const char *w, const struct shape *sh, uint16_t *y) {
     const struct linear_int4_args a = {.x = prepared(K), .w = (const uint8_t *)w, .scale = scales_of(w, sh),
                                        .offset = offsets_of(w, sh), .y = y, .M = 1, .N = N, .K = K, .G = GROUP,
                                        .P = PIECES, .bf16 = 1, .rows = pool_rows_per_chunk(K / 2)};
-    pool_run(variants[i].fn, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(variants[i].fn, &a, (N + a.rows - 1) / a.rows);
 }
 
 int main(int argc, char **argv) {

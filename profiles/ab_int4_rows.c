@@ -19,7 +19,7 @@
    quad's 4 weight rows against it, sums in registers (as madd_pieces). G = 64, K % 256 == 0 only.
 
    Build from the repository root:
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_rows.c -o profiles/out/ab_int4_rows -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int4_rows.c -o profiles/out/ab_int4_rows ops/cpu/csrc/pool.c -lm
    Run: [COLD_MB=N] OMP_NUM_THREADS=1 taskset -c 0 profiles/out/ab_int4_rows [ROUNDS 15] [CALLS A ROUND 20] [VARIANT...]
    (the kernel and the variants named, default all; COLD_MB: copies of each matrix, N MB in all, cycled through so
    that each call reads from DRAM when N is well past the L3's 32 MB)
@@ -29,6 +29,7 @@
 #include "linear_int4.c"
 
 #include <stdio.h>
+#include <time.h>
 
 #define G 64
 #define MAXM 8
@@ -318,7 +319,7 @@ static void linear_int4_ubs(const uint16_t *x, const uint8_t *w, const uint16_t 
     const int il = mode == IL;
     const struct ubs_args a = {il ? ab_il_q : ubs_q, ubs_lanes, ubs_rs, ubs_xsum, il ? ab_il_w : w, scale, offset, y, M, N,
                                K, row_scale, (pool_rows_per_chunk(K / 2) + 3) / 4 * 4, N / 4 * 4};
-    pool_run(il ? ab_il_chunk : ubs_chunks[mode], &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(il ? ab_il_chunk : ubs_chunks[mode], &a, (N + a.rows - 1) / a.rows);
 }
 
 static double cpu_now(void) {

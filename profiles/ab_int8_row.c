@@ -6,7 +6,7 @@
    row and only the last counts.
 
    Build from the repository root (the kernel's pool and activation pieces are the ones measured):
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o profiles/out/ab_int8_row -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_row.c -o profiles/out/ab_int8_row ops/cpu/csrc/pool.c -lm
    Run: OMP_NUM_THREADS=2 profiles/out/ab_int8_row PASSES VARIANT...   (the first variant is the one the others are compared to)
      kernel          linear_int8 itself (since the seventeenth session the xor-T1-4096 scheme below; since step33 its
                      prefetch non-temporal, xor-NTA-4096)
@@ -229,7 +229,7 @@ static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) 
     if (fn == linear_int8_vnni_row) {  /* the kernel's loop on the variants' pieces */
         lane_offsets(q, 2, K, lanes);
         const struct linear_int8_args k = {0, q, qscale, lanes, w, scale, y, 1, N, K, 2, 1, pool_rows_per_chunk(K), 0};
-        pool_run(fn, &k, (N + k.rows - 1) / k.rows);
+        nanoqwen_pool_run(fn, &k, (N + k.rows - 1) / k.rows);
         return;
     }
     if (fn == sum_t0_2048)  /* the old scheme's pieces: u8, q + 128 */
@@ -240,7 +240,7 @@ static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) 
                       : fn == chunk64_t1_4096 ? (64L << 10) / K
                                               : pool_rows_per_chunk(K);
     const struct row_args a = {q, qscale, lanes, w, scale, y, N, K, rows};
-    pool_run(fn, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(fn, &a, (N + a.rows - 1) / a.rows);
 }
 
 #pragma GCC pop_options

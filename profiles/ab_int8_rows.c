@@ -17,7 +17,7 @@
             the blocks' sums add in int32, converted and scaled once each P2_SPAN blocks: no convert or FMA a block
 
    Build from the repository root:
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_rows.c -o profiles/out/ab_int8_rows -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/ab_int8_rows.c -o profiles/out/ab_int8_rows ops/cpu/csrc/pool.c -lm
    Run: OMP_NUM_THREADS=1 taskset -c 0 profiles/out/ab_int8_rows [ROUNDS 25] [CALLS A ROUND 4]
    Prints, per shape and row count, each variant's median and minimum µs a call, its median over the kernel's, and
    its largest |y - exact| over sum_k |w_k| max|x| (the exact product in double with the bf16 activations; every 7th

@@ -3,8 +3,8 @@
    the kernels themselves or by a plain loop of vector loads through the same pool and chunking. Not a test.
 
    Build against one kernel's source (its pool is the one measured), from the repository root:
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o profiles/out/sc_bf16 -lm
-     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o profiles/out/sc_int8 -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear.c"' -DWBYTES=2 profiles/stream_ceiling.c -o profiles/out/sc_bf16 ops/cpu/csrc/pool.c -lm
+     cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc -DKERNEL_C='"linear_int8.c"' -DWBYTES=1 -DINT8 profiles/stream_ceiling.c -o profiles/out/sc_int8 ops/cpu/csrc/pool.c -lm
    Run: OMP_NUM_THREADS=2 profiles/out/sc_bf16 PASSES MODE
      MODE 0: the kernel (linear / linear_int8, 1 bf16 activation row)
           1: plain read, the pool's 128 KB chunks, a software prefetch every 128 bytes, 2 KB ahead
@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
             } else {
                 const long rows = mode == 3 ? (sh->N + 1) / 2 : pool_rows_per_chunk(row_bytes);
                 const struct plain_read r = {w, rows, sh->N, row_bytes, mode == 1, sink};
-                pool_run(read_chunk, &r, (sh->N + rows - 1) / rows);
+                nanoqwen_pool_run(read_chunk, &r, (sh->N + rows - 1) / rows);
             }
             per[s] += now() - start;
         });

@@ -58,6 +58,11 @@ def test_builds_without_warnings(tmp_path, kernel):
 
 
 @needs_compiler
+def test_the_pool_builds_without_warnings(tmp_path):
+    assert cpu_build.compile_library(cpu_build.compiler(), cpu_build.CSRC / cpu_build.POOL, tmp_path / "p.so") == ""
+
+
+@needs_compiler
 def test_loaded_functions_take_the_header_signatures():
     signatures = cpu_build.prototypes((cpu_build.CSRC / cpu_build.HEADER).read_text())
     for kernel in KERNELS:
@@ -77,6 +82,18 @@ def test_a_broken_source_names_its_file_and_line(tmp_path):
     kernel = cpu_build.CKernel("cpu_linear", "linear.c", ("linear",), csrc=csrc)
     assert not kernel.build(tmp_path / "cache") and kernel.lib is None
     assert f"{csrc / 'linear.c'}:{line + 1}:" in kernel.error and "error" in kernel.error
+    assert not list((tmp_path / "cache").glob("cpu_linear-*.so"))
+
+
+@needs_compiler
+def test_a_pool_that_does_not_build_leaves_every_kernel_to_torch(tmp_path):
+    """The kernel libraries resolve the pool's function from its library (ops/cpu/build.py): without one, none loads."""
+    csrc = copy_sources(tmp_path)
+    (csrc / cpu_build.POOL).write_text((csrc / cpu_build.POOL).read_text() + "\nint broken = ;\n")
+    for kernel in KERNELS:
+        rebuilt = cpu_build.CKernel(kernel.name, kernel.source.name, kernel.functions, csrc=csrc)
+        assert not rebuilt.build(tmp_path / "cache") and rebuilt.lib is None
+        assert f"{csrc / cpu_build.POOL}:" in rebuilt.error and "error" in rebuilt.error
     assert not list((tmp_path / "cache").glob("*.so"))
 
 
@@ -99,9 +116,9 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
         return {p.name for p in (tmp_path / "cache").glob("*.so")}
 
     first = built()
-    assert built() == first  # a second load reuses the cached object
+    assert built() == first and len(first) == 2  # the kernel and the pool; a second load reuses the cached objects
     (csrc / "simd.h").write_text((csrc / "simd.h").read_text() + "\n/* edited */\n")
-    assert len(built()) == 2  # a header edit builds anew
+    assert len(built()) == 4  # a header edit builds both anew
 
 
 @needs_compiler
@@ -150,7 +167,7 @@ def test_a_kernel_built_without_a_cache_dir_lands_under_xdg_cache_home(tmp_path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
     assert kernel.build(), kernel.error
-    assert [p.name.split("-")[0] for p in (tmp_path / "nanoqwen").glob("*.so")] == ["cpu_pointwise"]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "nanoqwen").glob("*.so")) == ["cpu_pointwise", "cpu_pool"]
 
 
 def test_the_cli_help_and_the_readme_name_the_same_default():

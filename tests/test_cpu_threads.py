@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -15,6 +18,7 @@ from ops.cpu import linear as cpu_linear
 from ops.cpu import linear_int8 as cpu_int8
 from ops.torch_ref.decode_attention import decode_attention_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
+from server_process import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -119,3 +123,42 @@ def test_attention_over_long_contexts_runs_on_the_pool_and_matches():
     out = cpu_attention.decode_attention_cpu(q, k_cache, v_cache, tables, context_lens, scale)
     ref = decode_attention_torch(q, k_cache, v_cache, tables, context_lens, scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# Calls every kernel library whose calls this size run on the pool (sample.c's too needs a sampler's scratch) in a
+# fresh process with 3 threads, and prints how many threads those calls started: the helpers.
+POOL_HELPERS = textwrap.dedent("""
+    import os
+    import torch
+    from ops.cpu import attention, dequant, linear, linear_int4, linear_int8, pointwise
+
+    torch.set_num_threads(3)
+    for kernel in (linear, linear_int8, linear_int4, attention, pointwise, dequant):
+        assert kernel.KERNEL.build(), kernel.KERNEL.error
+    x, w = torch.randn(1, 1024).bfloat16(), torch.randn(4096, 1024).bfloat16()
+    wq, scale = torch.randint(-127, 128, (4096, 1024), dtype=torch.int8), torch.rand(4096).bfloat16()
+    w4, scale4, offset4 = torch.randint(0, 256, (4096, 512), dtype=torch.uint8), *torch.rand(2, 4096, 8)
+    y, w4_out = torch.empty(1, 4096, dtype=torch.bfloat16), torch.empty(4096, 1024)
+    k_cache = torch.randn(65, 16, 8, 64)
+    q, tables, lens = torch.randn(1, 16, 64), torch.arange(1, 65).int().view(1, 64), torch.tensor([1024]).int()
+    gate_up = torch.randn(256, 2 * 3072)
+    torch.matmul(torch.randn(512, 512), torch.randn(512, 512))  # torch's own threads started before the count
+    before = len(os.listdir("/proc/self/task"))
+    linear.KERNEL.lib.linear(x.data_ptr(), w.data_ptr(), y.data_ptr(), 1, 4096, 1024, 1)
+    linear_int8.KERNEL.lib.linear_int8(x.data_ptr(), wq.data_ptr(), scale.data_ptr(), y.data_ptr(), 1, 4096, 1024, 1)
+    linear_int4.linear_int4(x.float(), w4, scale4, offset4)  # any bytes are weights in some layout
+    attention.decode_attention_cpu(q, k_cache, k_cache, tables, lens, 0.125)
+    pointwise.silu_mul_cpu(gate_up)
+    dequant.KERNEL.lib.dequant_int4(w4.data_ptr(), scale4.data_ptr(), offset4.data_ptr(), w4_out.data_ptr(), 4096,
+                                    1024, 128, 0)
+    print(len(os.listdir("/proc/self/task")) - before)
+""")
+
+
+def test_every_kernel_library_shares_one_pool():
+    """One pool a process (csrc/pool.c, ops/cpu/build.py): the libraries' calls start threads - 1 helpers between
+    them, not threads - 1 each, so the helper one library keeps spinning serves the next library's call."""
+    child = subprocess.run([sys.executable, "-c", POOL_HELPERS], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert int(child.stdout.split()[-1]) == 2

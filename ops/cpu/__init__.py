@@ -1,4 +1,4 @@
-"""The CPU kernels: small C kernels (csrc/, AVX2 or AVX-512, own thread pool) built on first use, each taken where it
+"""The CPU kernels: small C kernels (csrc/, AVX2 or AVX-512, one thread pool) built on first use, each taken where it
 built and serves the model's dtype and shapes, the torch reference elsewhere."""
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ keeps the torch reference, as it does when the configuration switches them off (
 come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
 each definition against its prototype and Python reads the same prototype, so neither side can
 drift from the other. A function declared `int` returns a status, which graph.call checks.
+
+The kernels' thread pool (csrc/pool.c) is a library of its own, loaded RTLD_GLOBAL before the first kernel library,
+which resolve nanoqwen_pool_run from it as they load: one pool, one set of helper threads, for the whole process (one
+library each had its own: on 2 cores one library's helper spun while another's slept). A pool that does not build
+leaves every kernel to torch; the first pool a process loads serves every library it loads after.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ log = logging.getLogger("nanoqwen")
 
 CSRC = Path(__file__).parent / "csrc"
 HEADER = "nanoqwen_cpu.h"
+POOL = "pool.c"
 # -Wmissing-prototypes: an exported function without a prototype in the header is a warning.
 # No -Werror: a new compiler's new warning must not turn a working kernel into the torch fallback;
 # tests/test_cpu_build.py requires a build without warnings instead.
@@ -141,6 +147,23 @@ def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str
     return result.stderr.strip()
 
 
+def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str) -> Path:
+    """The shared object of `source` in `cache_dir`, compiled first unless cached."""
+    path = cache_dir / f"{name}-{_digest(source.parent, cc, isa)}.so"
+    if not path.exists():
+        warnings = compile_library(cc, source, path, isa)
+        if warnings:
+            log.warning("%s built with warnings:\n%s", name, warnings)
+    return path
+
+
+def load_pool(csrc: Path, cache_dir: Path, cc: str) -> ctypes.CDLL:
+    """The thread pool's library, loaded where every kernel library loaded after it finds its symbols (loading it again
+    only counts a reference); its flags carry no cap (it has no loops to cap), so every cap's kernels share it. Raises
+    as compile_library does."""
+    return ctypes.CDLL(str(_library("cpu_pool", csrc / POOL, cache_dir, cc, "auto")), mode=ctypes.RTLD_GLOBAL)
+
+
 def _digest(csrc: Path, cc: str, isa: str) -> str:
     h = hashlib.sha256(" ".join([cc, *isa_flags(isa)]).encode())
     for file in sorted(csrc.glob("*.[ch]")):  # every source and header: an edit to any rebuilds all
@@ -188,14 +211,11 @@ class CKernel:
             log.log(level, "%s: %s, using torch", self.name, reason)
             return None
         cc = compiler()
-        path = cache_dir / f"{self.name}-{_digest(self.csrc, cc, self.isa)}.so"
-        if not path.exists():
-            warnings = compile_library(cc, self.source, path, self.isa)
-            if warnings:
-                log.warning("%s built with warnings:\n%s", self.name, warnings)
+        load_pool(self.csrc, cache_dir, cc)
+        path = _library(self.name, self.source, cache_dir, cc, self.isa)
         signatures = prototypes((self.csrc / HEADER).read_text())
-        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: the kernels' thread pools
-        # (csrc/pool.h) size themselves by its thread count (torch.set_num_threads).
+        # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: the kernels' thread pool
+        # (csrc/pool.h) sizes itself by its thread count (torch.set_num_threads).
         lib = ctypes.CDLL(str(path))
         for function in self.functions:
             if function not in signatures:

@@ -1,7 +1,10 @@
 /* Paged decode attention, one query token per sequence: the why is in ops/cpu/attention.py. */
+#include <omp.h>
+
 #include "nanoqwen_cpu.h"
 #include "gemv.h"
 #include "pool.h"
+#include "scratch.h"
 
 #define MAX_G 16    /* query heads per kv head */
 #define MAX_D 256   /* head dim */
@@ -415,7 +418,7 @@ void decode_attention(const void *q, long sq, const void *kc, const void *vc, co
     parts[0] = 0;
     for (int b = 0; b < B; b++) parts[b + 1] = parts[b] + (ctx[b] > a.split ? (ctx[b] - 1) / a.split + 1 : 1);
     a.parts = parts;
-    if (split) pool_run(attend, &a, parts[B]);
+    if (split) nanoqwen_pool_run(attend, &a, parts[B]);
     else for (long task = 0; task < B; task++) attend(&a, task);
     combine(&a);
 }

@@ -207,10 +207,9 @@ static void dequant_il_rows(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
     const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
-    pool_run(int4_interleaved() ? dequant_il_rows : has_avx512() ? dequant_span_rows512 : dequant_span_rows, &a,
-             (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(int4_interleaved() ? dequant_il_rows : has_avx512() ? dequant_span_rows512 : dequant_span_rows,
+                      &a, (N + a.rows - 1) / a.rows);
 }
-
 
 INLINE long int8_run(const int8_t *w, void *out, long i, long end, int bf16) {
     for (; i + 8 <= end; i += 8)
@@ -223,5 +222,5 @@ static void dequant_int8_rows(const void *ctx, long chunk) { INT8_CHUNK(int8_run
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int8(const int8_t *w, void *out, int N, int K, int bf16) {
     const struct int8_args a = {w, out, K, bf16, N, pool_rows_per_chunk(K)};
-    pool_run(has_avx512() ? dequant_int8_rows512 : dequant_int8_rows, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(has_avx512() ? dequant_int8_rows512 : dequant_int8_rows, &a, (N + a.rows - 1) / a.rows);
 }

@@ -3,6 +3,7 @@
 #include "amx.h"
 #include "gemv.h"
 #include "pool.h"
+#include "scratch.h"
 
 /* bf16 activations -> fp32, each group of 16 reordered as its 8 even-indexed then 8 odd-indexed values. */
 static void split_even_odd(const uint16_t *x, float *out, long n) {
@@ -146,11 +147,11 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         (pairs = thread_scratch((size_t)K / 2 * M * sizeof(uint32_t)))) {
         act_quads((const int8_t *)x, M, 2 * K, (int8_t *)pairs);
         a.pairs = pairs, a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-        pool_run(linear_amx, &a, (N + a.rows - 1) / a.rows);
+        nanoqwen_pool_run(linear_amx, &a, (N + a.rows - 1) / a.rows);
         return;
     }
     if (bf16 ? has_avx512_bf16() : has_avx512()) {
-        pool_run(linear_avx512, &a, chunks);
+        nanoqwen_pool_run(linear_avx512, &a, chunks);
         return;
     }
     float *split = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
@@ -159,12 +160,12 @@ void linear(const void *x, const void *w, void *y, int M, int N, int K, int bf16
         a.x = split;
     }
     if (!bf16) {
-        pool_run(linear_avx2, &a, chunks);
+        nanoqwen_pool_run(linear_avx2, &a, chunks);
         return;
     }
     a.unsplit = !split;
     /* whole passes of weight rows in every chunk but the last */
     const int wrows = M == 1 ? SPREAD_ROWS : AVX2_WROWS;
     a.rows = (a.rows + wrows - 1) / wrows * wrows;
-    pool_run(linear_bf16_avx2, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(linear_bf16_avx2, &a, (N + a.rows - 1) / a.rows);
 }

@@ -9,6 +9,7 @@
 #include "amx.h"
 #include "int4_block.h"
 #include "pool.h"
+#include "scratch.h"
 
 /* y[m, n .. n + 7] = v, rounded as store1 rounds (a NaN stays a NaN, as round8 alone does not promise). */
 INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
@@ -628,9 +629,9 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
         act_quant_rows(arranged, 0, M, K, pieces, q, acts.a);
         act_quads(q, M * pieces, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-        pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
+        nanoqwen_pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
     } else {
-        pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
+        nanoqwen_pool_run(linear_int4_chunk, &a, (N + a.rows - 1) / a.rows);
     }
     return 1;
 }
@@ -1137,7 +1138,7 @@ static int linear_int4_madd(const void *x, const uint8_t *w, const void *scale, 
     const struct linear_int4_madd_args args = {(const int8_t *)part[3], (const int16_t *)part[3], lanes, a, xsum, w,
                                                scale, offset, y, M, N, K, G, P, bf16, rows, int4_quad_rows(N),
                                                groups};
-    pool_run(linear_int4_madd_chunk, &args, (N + args.rows - 1) / args.rows);
+    nanoqwen_pool_run(linear_int4_madd_chunk, &args, (N + args.rows - 1) / args.rows);
     return 1;
 }
 
@@ -1188,7 +1189,7 @@ void linear_int4(const void *x, const uint8_t *w, const void *scale, const void 
         return;
     const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
                                        .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
-    pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
+    nanoqwen_pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
 /* Shapes: see nanoqwen_cpu.h. Each 4 rows in quads (then each row left) copied to `quad`, then written back dword by

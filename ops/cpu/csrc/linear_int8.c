@@ -5,6 +5,7 @@
 #include "amx.h"
 #include "gemv.h"
 #include "pool.h"
+#include "scratch.h"
 
 /* int8 pieces per activation row (act_quant.h; measured in ops/cpu/linear_int8.py): bf16 outputs carry 2^-9
    of rounding, beside which 2 pieces' 2^-16 of the row's largest activation is noise; fp32 outputs take 4
@@ -391,10 +392,10 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         if (M >= AMX_INT8_MIN_ROWS && K % 64 == 0 && amx_int8_ready()) {
             act_quads(q, (int)pieces, K, quads);
             a.q = quads, a.rows = (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
-            pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
+            nanoqwen_pool_run(linear_int8_amx, &a, (N + a.rows - 1) / a.rows);
         } else {
             lane_offsets(q, (int)pieces, K, offsets);
-            pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
+            nanoqwen_pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
         return;
     }
@@ -406,12 +407,12 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         /* whole spread passes in every chunk but the last (more rows take one weight row a pass: any chunk serves) */
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
         struct linear_int8_args a = {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0};
-        pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
+        nanoqwen_pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
         return;
     }
     float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
     if (widened)
         for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
     struct linear_int8_args a = {widened ? widened : x, 0, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
-    pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
+    nanoqwen_pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
 }

@@ -32,7 +32,7 @@ static void silu_mul_chunk(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void silu_mul(const void *x, void *out, int N, int I, int bf16) {
     const struct silu_mul_args a = {x, out, N, I, bf16};
-    pool_run(silu_mul_chunk, &a, (N + SILU_CHUNK_ROWS - 1) / SILU_CHUNK_ROWS);
+    nanoqwen_pool_run(silu_mul_chunk, &a, (N + SILU_CHUNK_ROWS - 1) / SILU_CHUNK_ROWS);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */

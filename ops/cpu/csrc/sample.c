@@ -1,4 +1,6 @@
 /* Seeded sampling of whole rows of logits, a few passes a row: the why is in ops/cpu/sample.py. */
+#include <pthread.h>
+
 #include "nanoqwen_cpu.h"
 #include "simd.h"
 #include "pool.h"
@@ -544,7 +546,7 @@ static void sample_task(const void *args, long task) {
     for (long b; (b = __atomic_fetch_add(&a->next, 1, __ATOMIC_RELAXED)) < a->B;) sample_row(a, b, scratch);
 }
 
-/* One sample_rows at a time: its callers (engines on other threads) share the one scratch, and pool_run's lock does not
+/* One sample_rows at a time: its callers (engines on other threads) share the one scratch, and the pool's lock does not
    cover a call it runs on the caller alone (one row, or one thread). */
 static pthread_mutex_t scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -570,7 +572,7 @@ int sample_rows(const float *logits, const float *temperature, const float *top_
     const long scratches = scratch_bytes / (long)row_scratch_bytes(V);
     if (scratches < 1) return NANOQWEN_NO_MEMORY;  /* ops/cpu/sample.reserve sizes it: never from there */
     pthread_mutex_lock(&scratch_lock);
-    pool_run(sample_task, &a, B < scratches ? B : scratches);
+    nanoqwen_pool_run(sample_task, &a, B < scratches ? B : scratches);
     pthread_mutex_unlock(&scratch_lock);
     return 0;
 }

@@ -7,7 +7,7 @@
 /* The calling thread's scratch of at least `bytes` (64-byte aligned), grown when a call needs more and never
    freed, so a decode step allocates nothing once its largest call has run. NULL if the allocation fails (the
    old one is freed then): a caller must have a way without it, or report NANOQWEN_NO_MEMORY. A kernel stages its
-   inputs there before pool_run, and its tasks may write their results there, each its own region: pool_run's
+   inputs there before nanoqwen_pool_run, and its tasks may write their results there, each its own region: the pool's
    finished counter (a helper's release, the caller's acquire) publishes what a helper wrote to the caller once it
    returns. The contents do not outlive the call: the next one may grow (move) the scratch. */
 #ifdef NANOQWEN_NO_SCRATCH  /* tests build this to run every kernel's way without its scratch */
