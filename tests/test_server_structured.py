@@ -986,6 +986,23 @@ def test_a_const_too_large_to_serve_is_a_400_naming_the_field_and_the_worker_liv
     assert _create(server, max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_grammar_past_the_engines_symbols_is_a_400_in_plain_words(server: GunicornServer) -> None:
+    """11,000 Lark rules of three alternatives pass llguidance's u16 symbol ids within MAX_RULES: the 400 named the
+    field but quoted a Rust assertion (`grammar.symbols.len() < u16::MAX as usize - 10`). Now it says the limit in
+    plain words, streamed or not."""
+    text = "start: " + " ".join(f"r{i}" for i in range(11_000)) + "\n" + "\n".join(
+        f'r{i}: "a" | "b" "c" | ("d" "e")' for i in range(11_000))
+    client = server.openai_client(timeout=120)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream=stream,
+                                      extra_body={"structured_outputs": {"grammar": text}})
+        error = refused.value.body
+        assert error["param"] == "structured_outputs.grammar", error
+        assert "more symbols than the grammar engine's limit (65,535" in error["message"], error
+        assert not re.search("u16|assert|panic", error["message"]), error
+
+
 def test_a_grammar_of_many_rules_with_narrow_rows_compiles(server: GunicornServer) -> None:
     """6,101 rules (past deep8's bound of 5,000 lines, a 400 before), a tree of 100 x 61: each rule opens few
     alternatives in a row, so it is cheap and answered to its end."""
