@@ -879,6 +879,23 @@ def test_a_stream_whose_grammar_errs_ends_with_the_error_event_then_done(server:
     assert info.value.body["param"] == "response_format"
 
 
+def test_ambiguous_repeats_whose_row_outgrows_the_parser_fail_as_the_fields_error(server: GunicornServer) -> None:
+    """`"a"* "a"* ...`: llguidance's row grows with each "a" of the answer (300 of them: past its 2,000 items at the
+    first token; 2 of them after ~1,000), so no bound on the text alone tells which answers fail; such a grammar is
+    served and its failure is the field's error: a 400 naming it, or streamed the text so far, then the error event
+    and [DONE] (the openai client raises it), never a 200 that looks whole."""
+    grammar_text = "start: " + " ".join(['"a"*'] * 300) + ' "z"'
+    client = server.openai_client(timeout=120)
+    for stream in (False, True):
+        with pytest.raises(openai.APIError, match="could not follow the grammar.*items") as info:
+            answer = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0.0, stream=stream,
+                                               extra_body={"guided_grammar": grammar_text})
+            if stream:
+                list(answer)
+        assert info.value.body["param"] == "guided_grammar", info.value.body
+        assert isinstance(info.value, openai.BadRequestError) != stream
+
+
 def test_a_grammar_whose_lexer_gave_out_is_compiled_afresh_for_the_next_request(server: GunicornServer) -> None:
     """The copies of a compiled grammar share its lexer, whose fuel error stays: a request steered into the costly
     branch spoils the cached grammar, and the next request with the same text gets a fresh one (before: it too ended
