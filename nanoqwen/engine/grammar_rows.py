@@ -394,8 +394,8 @@ class _Rows:
     all before each may be empty; entering a group enters each of its alternatives (their heads add up), a rule named
     adds the weight of its first row (`heads`; recursion into `rule` nothing, its items in the row already, into another
     rule being walked its `own` alternatives), and a run that reaches a group's or a rule's end goes on after it (its
-    tail). `best`: the most a window after a token weighs
-    (_value); `heads`: the rule's alternatives' heads, its first row."""
+    tail). `best`: the most a window after a token weighs (_value); `heads`: the rule's alternatives' heads, its first
+    row."""
 
     def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
                  own: Mapping[str, int]) -> None:
@@ -409,9 +409,10 @@ class _Rows:
         groups = [_Alternatives()]
         for event in events:
             group = groups[-1]
-            if event == OPTIONAL and group.pending is not None:  # a group made optional: one item more (tested)
-                entries, _, tail, grouped = group.pending
-                group.pending = _plus(entries, (grouped, 0)), True, tail, False
+            if event == OPTIONAL:  # after an element (_Empty.define); a group made optional: one item more (tested)
+                if group.pending is not None:
+                    entries, _, tail, grouped = group.pending
+                    group.pending = _plus(entries, (grouped, 0)), True, tail, False
                 continue
             self._take(group)
             if event == OPEN:
