@@ -3,6 +3,8 @@ prompt in the tokenising lane, nor a grammar already cached (looked up in the to
 lane is a 503 as a full tokenising lane is. Long prompts are tokenised in a lane of their own too."""
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,10 +28,12 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
 
+SLOW_S = 1.5
+
 
 class _BlockedGrammars:
     """Grammars whose every compile holds its native thread until `release` (an in-process stand-in for a costly
-    grammar: up to ~0.3 s of llguidance's fuel each)."""
+    grammar: up to ~0.3 s of llguidance's fuel each), or SLOW_S where its text starts with "slow"."""
 
     def __init__(self) -> None:
         self.release = NativeEvent()
@@ -41,7 +45,10 @@ class _BlockedGrammars:
 
     def from_text(self, kind: str, text: str, param: str) -> str:
         self.started += 1
-        assert self.release.wait(30)
+        if text.startswith("slow"):
+            time.sleep(SLOW_S)
+        else:
+            assert self.release.wait(30)
         return f"compiled {text}"
 
 
@@ -111,6 +118,22 @@ def test_a_full_grammar_lane_is_a_503(lanes: tuple[Serving, _BlockedGrammars]) -
     assert (refused.value.status, refused.value.code) == (503, "queue_full")
     assert "3 grammars are already being compiled" in refused.value.message
     assert refused.value.headers["Retry-After"]
+    grammars.release.set()
+    assert len([c.get(timeout=10) for c in compiles]) == 3
+
+
+def test_a_full_grammar_lanes_retry_after_is_its_expected_wait(lanes: tuple[Serving, _BlockedGrammars]) -> None:
+    """The lane's 503 said `Retry-After: 1` while 24 costly grammars kept it full ~35 s (the openai client's retries
+    all met it full). Now it is the seconds until the compiles pending are done, at the lane's last compiles' mean:
+    3 pending on 2 threads, after compiles of SLOW_S, at least ceil(3 x SLOW_S / 2)."""
+    serving, grammars = lanes
+    assert [c.get(timeout=30) for c in [_compile(serving, f"slow{i}") for i in range(2)]]
+    compiles = [_compile(serving, f"e{{{i}}}") for i in range(3)]
+    _until(lambda: grammars.started >= 2 + 2, "two compiles started")
+    with pytest.raises(APIError) as refused:
+        _compile(serving, "f").get(timeout=10)
+    assert refused.value.status == 503
+    assert int(refused.value.headers["Retry-After"]) >= math.ceil(3 * SLOW_S / 2)
     grammars.release.set()
     assert len([c.get(timeout=10) for c in compiles]) == 3
 

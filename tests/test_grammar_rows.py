@@ -376,8 +376,9 @@ def test_a_chain_through_what_may_match_nothing_weighs_its_links(grammars: Gramm
 
 
 def test_what_follows_a_terminal_starts_no_row() -> None:
-    """`"x" e r`: r follows the terminal (each link its own token: llguidance generated 2,100 of them), not a chain."""
-    assert grammar_rows.row_weight(_links(2_100, 'r{i}: "x" e r{j} | "b"') + 'e: "q"?') == 3
+    """`"x" e r`: r follows the terminal (each link its own token: llguidance generated 2,100 of them), not a chain:
+    the row after "x" holds e's first row and r's (1 + 2), with the rule's 2 alternatives, at every link."""
+    assert grammar_rows.row_weight(_links(2_100, 'r{i}: "x" e r{j} | "b"') + 'e: "q"?') == 2 + 3
     rules = "".join(f'{r}: "{r}" | "_"\n' for r in "abcdefg")
     assert grammar_rows.row_weight('start: "x" a? b | (c | "") d? e [f] g\n' + rules) == 3 + 3 * 2  # c, d, e
 
@@ -385,6 +386,16 @@ def test_what_follows_a_terminal_starts_no_row() -> None:
 def _optional_run(n: int, head: str = "") -> str:
     """`head`, then `n` distinct optional literals in a row, then one that must come."""
     return "start: " + head + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
+
+
+def _follows(grammars: Grammars, tokenizer: PreTrainedTokenizerFast, text: str) -> bool:
+    """Whether llguidance follows `text` through "qw0xw5xz" ("w0xw5xz" where it has no "q") to its end."""
+    matcher = llguidance.LLMatcher(grammars._tokenizer, text, log_level=0, limits=grammar_module.LIMITS)
+    for token in tokenizer.encode("qw0xw5xz" if '"q"' in text else "w0xw5xz"):
+        matcher.compute_bitmask()
+        if matcher.is_error() or not matcher.consume_token(token):
+            return False
+    return not matcher.is_error()
 
 
 def test_a_run_of_pieces_that_may_be_empty_weighs_an_item_each(grammars: Grammars,
@@ -398,26 +409,57 @@ def test_a_run_of_pieces_that_may_be_empty_weighs_an_item_each(grammars: Grammar
     assert grammar_rows.row_weight(_optional_run(bound)) == grammar_module.MAX_ROW
     assert grammar_rows.row_weight(_optional_run(bound, '"q" ')) == grammar_module.MAX_ROW
     assert grammar_rows.row_weight('start: ' + '"a"? "b" ' * 3_000) == 2  # runs apart: each its own row
-    # 2 alternatives (its `|`), then "b"*, the group and "e" (all before each may be empty); "f"? follows "e"
-    assert grammar_rows.row_weight('start: "a"* "b"* ("c" | "d")? "e" "f"?') == 2 + 3
+    # 2 alternatives (its `|`), then "b"*, the group (made optional: one more) and "e" (all before each may be empty);
+    # "f"? follows "e"
+    assert grammar_rows.row_weight('start: "a"* "b"* ("c" | "d")? "e" "f"?') == 2 + 4
     assert grammar_rows.row_weight('start: r r r\nr: "x"?') == 1 + 3  # the links' only
-
-    def follows(text: str) -> bool:
-        matcher = llguidance.LLMatcher(grammars._tokenizer, text, log_level=0, limits=grammar_module.LIMITS)
-        for token in tokenizer.encode("qw0xw5xz" if '"q"' in text else "w0xw5xz"):
-            matcher.compute_bitmask()
-            if matcher.is_error() or not matcher.consume_token(token):
-                return False
-        return not matcher.is_error()
-
     for head in ("", '"q" '):
-        assert follows(_optional_run(bound, head)) and not follows(_optional_run(bound + 1, head))
+        assert _follows(grammars, tokenizer, _optional_run(bound, head))
+        assert not _follows(grammars, tokenizer, _optional_run(bound + 1, head))
         grammars.from_text("grammar", _optional_run(bound, head), "guided_grammar")
     for text in (_optional_run(bound + 1), _optional_run(bound + 1, '"q" '),
                  "start: " + " ".join(['"a"*'] * 32_000) + ' "z"'):
         with pytest.raises(InvalidRequest, match="parser row") as refused:
             grammars.from_text("grammar", text, "guided_grammar")
         assert refused.value.param == "guided_grammar"
+
+
+def _run(n: int, letter: str = "w") -> str:
+    """`n` distinct optional literals in a row."""
+    return " ".join(f'"{letter}{i}x"?' for i in range(n))
+
+
+# n optional pieces in a row, through groups and rules named (each holding "w0x" and "w5x")
+RUN_SHAPES: dict[str, Callable[[int], str]] = {
+    "in a group": lambda n: f'start: "q" ({_run(n)}) "z"',
+    "in a rule named": lambda n: f'start: "q" r "z"\nr: {_run(n)}',
+    "in groups nested": lambda n: f'start: "q" ({_run(n // 2)} ({_run(n - n // 2, "v")})) "z"',
+    "in two rules named": lambda n: f'start: "q" r s "z"\nr: {_run(n // 2)}\ns: {_run(n - n // 2, "v")}',
+    "out of a group": lambda n: f'start: ("q" {_run(n // 2)}) {_run(n - n // 2, "v")} "z"',
+    "out of a rule": lambda n: f'start: r {_run(n - n // 2, "v")} "z"\nr: "q" {_run(n // 2)}',
+    "in a group's alternatives": lambda n: f'start: "q" ({_run(n // 2)} | {_run(n - n // 2, "v")}) "z"',
+    "in a group's alternative after one": lambda n: f'start: "q" ({_run(n)} | "k" {_run(n, "v")}) "z"',
+    "in a rule's alternatives": lambda n: f'start: "q" r "z"\nr: {_run(n // 2)} | {_run(n - n // 2, "v")}',
+    "in a group made optional": lambda n: f'start: "q" [{_run(n)}] "z"',
+    "in a group repeated": lambda n: f'start: "q" ({_run(n)})* "z"',
+}
+
+
+@pytest.mark.parametrize("shape", RUN_SHAPES)
+def test_a_run_goes_on_through_groups_and_rules_named(grammars: Grammars, tokenizer: PreTrainedTokenizerFast,
+                                                     shape: str) -> None:
+    """A run inside a group was weighed apart from the run around it, and one in a rule named after a token not at
+    all: `"q" (1,000 optional pieces) "z"` weighed 1,000 (served) while llguidance's row after "q" held 2,001 items, a
+    200 that failed at its first token. Now a run goes on into and out of groups and rules named, a group's
+    alternatives' runs add up, and the most pieces row_weight serves is, in each shape, the most llguidance follows."""
+    make = RUN_SHAPES[shape]
+    low, high = 1, 2_100  # the most pieces within MAX_ROW: between them
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if grammar_rows.row_weight(make(middle)) <= grammar_module.MAX_ROW else (low,
+                                                                                                         middle - 1)
+    assert 400 < low < 2_100
+    assert _follows(grammars, tokenizer, make(low)) and not _follows(grammars, tokenizer, make(low + 1))
 
 
 def _linked(n: int, node: Any, ref: Any, root: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -558,7 +600,7 @@ def test_a_regex_in_rust_syntax_python_cannot_read_is_weighed(grammars: Grammars
     """`\\p{L}` and the like are errors to Python's `re`: `WORD: /\\p{L}+/` weighed as may-be-empty, and a 500-link
     chain through it (each link a row of its own in llguidance) refused. Read as Rust's now: accepted, and served."""
     chain = _links(500, 'r{i}: WORD r{j} | "."') + f"WORD: /{pattern}/"
-    assert grammar_rows.row_weight(chain) == 3
+    assert grammar_rows.row_weight(chain) == 2 + 2  # after WORD: the next link's first row, at every link
     matcher = grammars.compile(chain, "guided_grammar").matcher()
     for token in tokenizer.encode(RUST_REGEXES[pattern] + "."):
         assert matcher.consume_token(token), matcher.get_error()
@@ -573,7 +615,8 @@ def test_regexes_are_tested_where_they_may_start_an_alternative_and_within_a_bud
     after what must match something is not tested, one seen before not again, and past TESTED_CHARS in all one may
     match nothing."""
     tested = _recorded(monkeypatch, grammar_rows._least_width, (grammar_rows,), "_least_width")
-    assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 and tested == ["b"]
+    # /a*/ untested, weighed as a terminal: the row after it holds r's first row
+    assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 + 1 and tested == ["b"]
     tested.clear()
     many = [f"/{'x' * 990}{i:04d}/" for i in range(9_500)]
     assert grammar_rows.row_weight("start: " + " | ".join(many)) == 9_500

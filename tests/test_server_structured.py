@@ -879,6 +879,23 @@ def test_a_stream_whose_grammar_errs_ends_with_the_error_event_then_done(server:
     assert info.value.body["param"] == "response_format"
 
 
+def test_ambiguous_repeats_whose_row_outgrows_the_parser_fail_as_the_fields_error(server: GunicornServer) -> None:
+    """`"a"* "a"* ...`: llguidance's row grows with each "a" of the answer (300 of them: past its 2,000 items at the
+    first token; 2 of them after ~1,000), so no bound on the text alone tells which answers fail; such a grammar is
+    served and its failure is the field's error: a 400 naming it, or streamed the text so far, then the error event
+    and [DONE] (the openai client raises it), never a 200 that looks whole."""
+    grammar_text = "start: " + " ".join(['"a"*'] * 300) + ' "z"'
+    client = server.openai_client(timeout=120)
+    for stream in (False, True):
+        with pytest.raises(openai.APIError, match="could not follow the grammar.*items") as info:
+            answer = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0.0, stream=stream,
+                                               extra_body={"guided_grammar": grammar_text})
+            if stream:
+                list(answer)
+        assert info.value.body["param"] == "guided_grammar", info.value.body
+        assert isinstance(info.value, openai.BadRequestError) != stream
+
+
 def test_a_grammar_whose_lexer_gave_out_is_compiled_afresh_for_the_next_request(server: GunicornServer) -> None:
     """The copies of a compiled grammar share its lexer, whose fuel error stays: a request steered into the costly
     branch spoils the cached grammar, and the next request with the same text gets a fresh one (before: it too ended
@@ -984,6 +1001,23 @@ def test_a_const_too_large_to_serve_is_a_400_naming_the_field_and_the_worker_liv
     (after,) = requests.get(f"{server.url}/stats", timeout=5).json()["workers"]
     assert after["pid"] == worker["pid"], (worker, after)
     assert _create(server, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_grammar_past_the_engines_symbols_is_a_400_in_plain_words(server: GunicornServer) -> None:
+    """11,000 Lark rules of three alternatives pass llguidance's u16 symbol ids within MAX_RULES: the 400 named the
+    field but quoted a Rust assertion (`grammar.symbols.len() < u16::MAX as usize - 10`). Now it says the limit in
+    plain words, streamed or not."""
+    text = "start: " + " ".join(f"r{i}" for i in range(11_000)) + "\n" + "\n".join(
+        f'r{i}: "a" | "b" "c" | ("d" "e")' for i in range(11_000))
+    client = server.openai_client(timeout=120)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=4, stream=stream,
+                                      extra_body={"structured_outputs": {"grammar": text}})
+        error = refused.value.body
+        assert error["param"] == "structured_outputs.grammar", error
+        assert "more symbols than the grammar engine's limit (65,535" in error["message"], error
+        assert not re.search("u16|assert|panic", error["message"]), error
 
 
 def test_a_grammar_of_many_rules_with_narrow_rows_compiles(server: GunicornServer) -> None:

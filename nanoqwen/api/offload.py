@@ -9,6 +9,8 @@ loop alive while it waits).
 from __future__ import annotations
 
 import collections
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +20,16 @@ import gevent.event
 
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
 
+# The weight of a job's seconds in the pool's mean (an EWMA: a lane's last few jobs, not its history)
+RECENT = 0.25
+
 
 class PoolFullError(RuntimeError):
-    pass
+    """A full pool's refusal; `retry_after`: the whole seconds until the jobs pending now are done (NativePool)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -44,6 +53,7 @@ class NativePool:
         self._has_jobs = NativeEvent()
         self._pending = 0
         self._started = False
+        self._mean_s: float | None = None  # a job's seconds, over the last few ended (RECENT); None before any
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in a worker thread; the calling greenlet waits without blocking the loop.
@@ -63,7 +73,9 @@ class NativePool:
     def _submit(self, job: _Job) -> None:
         with self._lock:
             if self._pending >= self.max_pending:
-                raise PoolFullError(f"{self.max_pending} {self.jobs}")
+                # a full grammar lane (24 costly grammars) stayed full ~35 s: a client retrying after 1 s met it full
+                wait = math.ceil(self._pending * (self._mean_s or 0.0) / self.workers)
+                raise PoolFullError(f"{self.max_pending} {self.jobs}", max(1, wait))
             self._pending += 1
             self._jobs.append(job)
             self._has_jobs.set()
@@ -92,10 +104,13 @@ class NativePool:
                     self._has_jobs.clear()
             if job is None:
                 return
+            started = time.monotonic()
             try:
                 job.value = job.fn(*job.args)
             except BaseException as exc:  # handed to the waiting greenlet
                 job.error = exc
+            seconds = time.monotonic() - started
             with self._lock:
                 self._pending -= 1
+                self._mean_s = seconds if self._mean_s is None else self._mean_s + RECENT * (seconds - self._mean_s)
             job.done.send()

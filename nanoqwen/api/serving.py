@@ -324,7 +324,7 @@ class Serving:
             return pool.run(fn, *args)
         except PoolFullError as exc:
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
-                           code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
+                           code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages", reports_admission: bool = False) -> Batch:

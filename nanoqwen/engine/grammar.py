@@ -69,6 +69,12 @@ CACHE_SIZE = 128  # compiled grammars kept (keyed by their text, or by what a re
 # What llguidance appends to an error's message: a Rust panic's backtrace (past its grammar symbol count), and in place
 # of the parser's state (LIMITS' verbose_errors=False) a marker.
 APPENDED = re.compile(r"\n<(?:backtrace|non-verbose/)>")
+# llguidance's panic past its grammar's u16 symbol ids (11,000 Lark rules of three alternatives: profiles/RESULTS.md,
+# hunt33), said in plain words
+SYMBOLS = re.compile(r"panic: assertion failed: grammar\.symbols\.len\(\) < u16::MAX\b.*", re.DOTALL)
+TOO_MANY_SYMBOLS = ("the grammar compiles to more symbols than the grammar engine's limit (65,535: each rule, "
+                    "alternative, group and piece, and each key and value of its JSON Schemas, takes some); send a "
+                    "smaller one")
 # Where llguidance's error says it was in a Lark grammar's text: `at LINE(COLUMN): reason` (a regex's on more lines),
 # then an excerpt of the text, each line numbered (`  12 | ...`)
 LOCATED = re.compile(r"at (\d+)\(\d+\): (.*?)\n*(?:\n *\d+ \| |\Z)", re.DOTALL)
@@ -548,7 +554,7 @@ def _invalid(param: str, error: str, origin: Origin | None = None) -> InvalidReq
     """The 400 for a grammar llguidance refused. `origin` (Grammars.compile's): the grammar is ours, so llguidance's
     excerpt of it (`  12 | arguments_1: %json {...`) is dropped and the line it points at named by what it came from
     (SchemaRefused, with that schema's index)."""
-    error = _cut(error)
+    error = SYMBOLS.sub(TOO_MANY_SYMBOLS, _cut(error))
     if origin is None:
         return InvalidRequest(f"invalid {param}: {error}", param=param)
     located = LOCATED.match(error)

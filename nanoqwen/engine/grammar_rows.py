@@ -10,12 +10,11 @@ it (profiles/RESULTS.md, chain9). A chain is also how deep llguidance recurses w
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import re
 import re._parser as re_parser  # a pattern's least width, without compiling it
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
@@ -53,6 +52,10 @@ REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref`
 # whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
 # profiles/RESULTS.md, hunt33). Past llguidance's, so that its own 400 names the place where it refuses.
 MAX_NESTING = 64
+# A rule's body as _Rows reads it: its elements (2·node a terminal or a group of one, 2·node + 1 a rule named: its
+# node), OPEN and CLOSE - node a group (its node whether it may be empty), ALT a `|`, OPTIONAL a quantifier after one
+OPEN, ALT, OPTIONAL, CLOSE = -1, -2, -3, -4
+Pair = tuple[int, int]  # the entries of a window of a row (_Rows): its terminals, and the weights of the rules it names
 
 
 class DeepNesting(ValueError):
@@ -67,15 +70,14 @@ class LongReference(ValueError):
 
 def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     """About the most items a parser row of `text` (a Lark grammar, or llguidance's JSON of one or of a JSON Schema)
-    may hold: the heaviest rule's alternatives plus, for each rule that may start one of them (all before it there may
-    match nothing: `e? r`, `[e] r`, `e* r`, `"" r`, `e r` where e may be empty; 2 items a link, 4,200 at 2,100 links of
-    each), that rule's weight, as often as it is named there (a rule shared by several counts each time: errs high); a
-    JSON Schema, its longest chain of `$ref`s, REF_LINK a link; and each rule's longest run of pieces that each follow
-    one that may be empty (n optional pieces in a row: 2n + 1 items in the row before them, 1,000 past llguidance's at
-    their first token; runs inside a group counted apart from the run around it; profiles/RESULTS.md, hunt33).
-    Recursion into a rule being weighed adds nothing (llguidance's rows stay flat for it: 3,000 tokens of
-    `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
-    schema_weight), added to theirs."""
+    may hold: the heaviest rule's alternatives plus its heaviest window (_Rows): at its start, or after a token, the
+    pieces that may come next, through groups and rules named, each after one that may be empty (`e? r`, `[e] r`,
+    `e* r`, `"" r`, `e r` where e may be empty), a rule named weighing its first row (2 items a link, 4,200 at 2,100
+    links of each; a rule shared by several counts each time: errs high); n optional pieces in a row weigh n (2n + 1
+    items, 1,000 past llguidance's row), in groups and rules named too (profiles/RESULTS.md, hunt33 and its mends). A
+    JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
+    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
+    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -159,31 +161,30 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
     empty = _Empty({match.group(1) for match in definitions}, patterns)
-    starts: list[tuple[str, str, int]] = []  # (rule, a rule it names, the node of all before it there)
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
         name = match.group(1)
         terminal = name[0].isupper()  # the lexer's (its fuel bounds it), no parser row's: only its emptiness counts
-        empty.define(name, map(re.Match.group, TOKEN.finditer(body_text, match.end(), end)),
-                     None if terminal else starts)
+        empty.define(name, map(re.Match.group, TOKEN.finditer(body_text, match.end(), end)), not terminal)
         if not terminal:
             own[name] += 1 + body_text.count("|", match.end(), end)
             inside = chains[bisect.bisect_left(offsets, match.end()):bisect.bisect_right(offsets, end)]
             own[name] += max(inside, default=0) + weighed.get(name, 0)
     nullable = empty.solve()
-    links: dict[str, dict[str, int]] = {match.group(1): defaultdict(int) for match in definitions}
-    for rule, named, before in starts:
-        if nullable[before]:
-            links[rule][named] += 1
-    run: dict[int, int] = defaultdict(int)  # by alternative: the pieces in a row after one that may be empty
-    longest: dict[str, int] = defaultdict(int)
-    for rule, alternative, previous, counts in empty.pieces:
-        run[alternative] = run[alternative] + counts if nullable[previous] else 0
-        longest[rule] = max(longest[rule], run[alternative])
-    for rule, pieces in longest.items():
-        own[rule] += pieces
-    return _heaviest({name: {**counts} for name, counts in links.items()}, own, wide=True)
+    rules = {empty.node[name]: name for name in empty.events}
+    links = {name: {rules[event >> 1] for events in bodies for event in events if event >= 0 and event & 1}
+             for name, bodies in empty.events.items()}
+    heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
+    heaviest = 0
+    for name in _postorder(links):
+        rows = _Rows(name, nullable, rules, heads, own)
+        for events in empty.events[name]:
+            rows.read(events)
+        head = min(CAP, own[name] + _value(_Rows.combined(rows.heads)))
+        heads[name] = head, rows.tail or (0, 0)
+        heaviest = max(heaviest, head, min(CAP, own[name] + rows.best))
+    return heaviest
 
 
 class _Patterns:
@@ -243,8 +244,6 @@ class _Group:
 
     closer: str
     opening: int
-    alternative: int  # the open alternative's number (_Empty.pieces')
-    reset: bool = False  # its last piece followed one that must match something
     sequences: list[list[int]] = field(default_factory=lambda: [[]])
     prefix: int = -1
     before_last: int = -1
@@ -265,11 +264,7 @@ class _Empty:
         self.needs = [0, 1]
         self.parents: dict[int, list[int]] = defaultdict(list)
         self.node = {name: self._add(1) for name in names}
-        # A rule's pieces past the first of their alternative, in order: (rule, the alternative, the node of the piece
-        # before it, whether it counts: a rule named counts its link alone). In a run of pieces that may be empty
-        # llguidance's row after the token before it holds ~2 items a piece: n optional pieces in a row, 2n + 1
-        self.pieces: list[tuple[str, int, int, bool]] = []
-        self.alternatives = itertools.count()
+        self.events: dict[str, list[list[int]]] = defaultdict(list)  # by rule: each definition's body (_Rows)
 
     def _add(self, needs: int, children: list[int] = ()) -> int:
         node = len(self.needs)
@@ -287,14 +282,14 @@ class _Empty:
             return self.NOTHING
         return self._add(1, [self._add(len(sequence), sequence) for sequence in open_])
 
-    def define(self, name: str, tokens: Iterable[str], starts: list[tuple[str, str, int]] | None) -> None:
-        """Adds definition `name` of body `tokens`; with `starts`, each rule it names there and the node of all before
-        it in its alternative, through the groups it is in (`a? (b | c) d`: b, c and d start it where a may be
-        empty). One pass, the commonest tokens first (a body may be megabytes of terminals)."""
+    def define(self, name: str, tokens: Iterable[str], rule: bool) -> None:
+        """Adds definition `name` of body `tokens`; a `rule`'s body is kept as events (OPEN, ALT, OPTIONAL, CLOSE and
+        its elements) for _Rows. One pass, the commonest tokens first (a body may be megabytes of terminals)."""
         nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
-        groups = [_Group("", nothing, next(self.alternatives))]
+        groups = [_Group("", nothing)]
         group = groups[0]
-        before, linked = "", False  # linked: the element is a rule named, counted by its link
+        before, named, closing = "", False, False  # the element is a rule named, a group closed
+        events: list[int] = []
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
@@ -302,29 +297,30 @@ class _Empty:
                 element = something if group.prefix == something or not self.patterns.may_be_empty(token) else nothing
             elif token == "|":
                 group.sequences.append([])
-                group.alternative, group.reset = next(self.alternatives), False
                 group.prefix = group.before_last = group.opening
+                events.append(ALT)
                 continue
             elif token in nodes:
-                if starts is not None and not token[0].isupper():
-                    starts.append((name, token, group.prefix))
-                    linked = True
+                named = not token[0].isupper()
                 element = nodes[token]
             elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
                 if group.sequences[-1]:
                     group.sequences[-1][-1] = nothing
                     group.prefix = group.before_last
+                    events.append(OPTIONAL)
                 before = token
                 continue
             elif token in "([":
                 if len(groups) > MAX_NESTING:
                     raise DeepNesting(f"the grammar's groups (`(`, `[`) are nested more than {MAX_NESTING} deep")
-                groups.append(group := _Group("]" if token == "[" else ")", group.prefix, next(self.alternatives)))
+                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                events.append(OPEN)
                 continue
             elif token == group.closer:
                 groups.pop()
                 element = nothing if token == "]" else self._any(group.sequences)
                 group = groups[-1]
+                closing = True
             elif token == "#" or token[0].isalpha() or token[0] == "_":  # EMPTY, or a name not defined
                 element = nothing if token == "#" else something
             elif token == "%":
@@ -333,12 +329,10 @@ class _Empty:
                 before = token
                 continue
             before = token
-            if starts is not None and group.sequences[-1]:  # a piece and the one before it (one reset a run)
-                previous = group.sequences[-1][-1]
-                if previous != something or not group.reset:
-                    self.pieces.append((name, group.alternative, previous, not linked))
-                group.reset = previous == something
-            linked = False
+            events.append(CLOSE - element if closing else 2 * element + named)
+            if token == "]":  # `[x]`: `(x)?`
+                events.append(OPTIONAL)
+            named = closing = False
             group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
             group.before_last = group.prefix
             if element == something or group.prefix == nothing:
@@ -348,6 +342,9 @@ class _Empty:
         while len(groups) > 1:  # unclosed (llguidance refuses it)
             element = self._any(groups.pop().sequences)
             groups[-1].sequences[-1].append(element)
+            events.append(CLOSE - element)
+        if rule:
+            self.events[name].append(events)
         self.parents[self._any(groups[0].sequences)].append(self.node[name])
 
     def solve(self) -> list[bool]:
@@ -360,6 +357,110 @@ class _Empty:
                 if needs[parent] == 0:
                     ready.append(parent)
         return [count <= 0 for count in needs]
+
+
+def _value(entries: Pair) -> int:
+    """A window's weight: its terminals past the first (the token's own item, or an alternative's: its `|` counts it)
+    and the weights of the rules it names."""
+    return max(entries[0] - 1, 0) + entries[1]
+
+
+def _plus(first: Pair, second: Pair) -> Pair:
+    return first[0] + second[0], first[1] + second[1]
+
+
+def _most(first: Pair | None, second: Pair) -> Pair:
+    return second if first is None or _value(second) > _value(first) else first
+
+
+@dataclass
+class _Alternatives:
+    """A group being read (_Rows; a body's own alternatives outermost): the closed alternatives' heads and the most
+    their ends reach; the open one's head (the entries from its start while all before may be empty), the most a
+    position in it reaches up to here (None at its start: its head stands for the positions before it) and its element
+    read but not taken (its quantifier may follow): entries, whether it may be empty, its tail, whether a group."""
+
+    heads: list[Pair] = field(default_factory=list)
+    tail: Pair | None = None
+    head: Pair = (0, 0)
+    through: bool = True
+    window: Pair | None = None
+    pending: tuple[Pair, bool, Pair, bool] | None = None
+
+
+class _Rows:
+    """The windows of one rule's rows: after a token, llguidance's row holds an item for each piece that may come next
+    (2 for one that may be empty: n optional literals in a row, 2n + 1), through groups and rules named, as long as
+    all before each may be empty; entering a group enters each of its alternatives (their heads add up), a rule named
+    adds the weight of its first row (`heads`; recursion into `rule` nothing, its items in the row already, into another
+    rule being walked its `own` alternatives), and a run that reaches a group's or a rule's end goes on after it (its
+    tail). `best`: the most a window after a token weighs (_value); `heads`: the rule's alternatives' heads, its first
+    row."""
+
+    def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
+                 own: Mapping[str, int]) -> None:
+        self.rule, self.nullable, self.rules, self.weights, self.own = rule, nullable, rules, heads, own
+        self.best = 0
+        self.heads: list[Pair] = []
+        self.tail: Pair | None = None
+
+    def read(self, events: list[int]) -> None:
+        """One definition's body (_Empty.events)."""
+        groups = [_Alternatives()]
+        for event in events:
+            group = groups[-1]
+            if event == OPTIONAL:  # after an element (_Empty.define); a group made optional: one item more (tested)
+                if group.pending is not None:
+                    entries, _, tail, grouped = group.pending
+                    group.pending = _plus(entries, (grouped, 0)), True, tail, False
+                continue
+            self._take(group)
+            if event == OPEN:
+                groups.append(_Alternatives())
+            elif event == ALT:
+                self._close(group)
+            elif event <= CLOSE:
+                self._close(groups.pop())
+                groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
+                                      True)
+            elif event & 1:
+                named = self.rules[event >> 1]
+                weight, tail = self.weights.get(named) or (0 if named == self.rule else self.own[named], (0, 0))
+                group.pending = (0, weight), self.nullable[event >> 1], tail, False
+            else:
+                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False
+        self._close(groups[0])
+        self.heads += groups[0].heads
+        self.best = max(self.best, _value(groups[0].tail or (0, 0)))
+        self.tail = _most(self.tail, groups[0].tail or (0, 0))
+
+    def _take(self, group: _Alternatives) -> None:
+        """The element read, taken into the open alternative's head and windows."""
+        if group.pending is None:
+            return
+        entries, may_be_empty, tail, _ = group.pending
+        group.pending = None
+        reached = None if group.window is None else _plus(group.window, entries)
+        if reached is not None and not may_be_empty:
+            self.best = max(self.best, _value(reached))
+        if group.through:
+            group.head = _plus(group.head, entries)
+        group.through = group.through and may_be_empty
+        group.window = _most(reached if may_be_empty else None, tail)
+
+    def _close(self, group: _Alternatives) -> None:
+        """Ends the open alternative (at a `|` or the group's end)."""
+        self._take(group)
+        group.heads.append(group.head)
+        group.tail = _most(group.tail, group.window or (0, 0))
+        group.head, group.through, group.window = (0, 0), True, None
+
+    @staticmethod
+    def combined(heads: list[Pair]) -> Pair:
+        """Alternatives' heads entered at once: those of runs add up; one that is a terminal alone is its `|`'s item
+        (2,000 literals are 2,000 items), the group's first terminal where all are."""
+        runs = sum(terminals for terminals, _ in heads if terminals > 1)
+        return runs or min(1, sum(terminals for terminals, _ in heads)), sum(rules for _, rules in heads)
 
 
 @dataclass
@@ -408,7 +509,7 @@ def schema_weight(schema: Any) -> int:
         links[owner(path)][target] = REF_LINK
     for target in targets - {()}:
         links[owner(target[:-1])].setdefault(target, 0)
-    return widest + _heaviest(links, {}, wide=False)
+    return widest + _heaviest(links)
 
 
 def schema_links(schema: Any) -> SchemaLinks:
@@ -516,27 +617,34 @@ def _short(uri: str) -> str:
     return uri
 
 
-def _heaviest(links: dict[Any, dict[Any, int]], own: dict[Any, int], wide: bool) -> int:
-    """The heaviest node of `links` (node -> {next: weight}): its `own` weight, plus each next one's (weight times
-    its) where `wide`, else the heaviest next one's; capped past CAP. An edge back into the path being walked
-    (recursion) weighs nothing. Iterative: chains are thousands deep."""
+def _heaviest(links: dict[Any, dict[Any, int]]) -> int:
+    """The heaviest node of `links` (node -> {next: weight}): the heaviest of its next ones' weight plus their own;
+    capped past CAP. An edge back into the path being walked (recursion) weighs nothing."""
     depth: dict[Any, int] = {}
+    for node in _postorder(links):
+        depth[node] = min(CAP, max((weight + depth[following] for following, weight in links.get(node, {}).items()
+                                    if following in depth), default=0))
+    return max(depth.values(), default=0)
+
+
+def _postorder(links: Mapping[Any, Iterable[Any]]) -> Iterator[Any]:
+    """Each node of `links` (node -> the nodes it links to) once, after each it links to but those on the path walked
+    to it (recursion). Iterative: chains are thousands deep."""
+    done: set[Any] = set()
     for root in links:
-        if root in depth:
+        if root in done:
             continue
         walking = {root}
-        stack = [(root, iter(links.get(root, {}).items()))]
+        stack = [(root, iter(links.get(root, ())))]
         while stack:
             node, edges = stack[-1]
-            for following, _ in edges:
-                if following not in depth and following not in walking:
+            for following in edges:
+                if following not in done and following not in walking:
                     walking.add(following)
-                    stack.append((following, iter(links.get(following, {}).items())))
+                    stack.append((following, iter(links.get(following, ()))))
                     break
             else:
                 stack.pop()
-                below = [weight * depth.get(following, 1) if wide else weight + depth.get(following, 0)
-                         for following, weight in links.get(node, {}).items() if following not in walking]
-                depth[node] = min(CAP, own.get(node, 0) + (sum(below) if wide else max(below, default=0)))
                 walking.discard(node)
-    return max(depth.values(), default=0)
+                done.add(node)
+                yield node
