@@ -11,7 +11,8 @@ model order with bf16 activations of --rows rows; its time is the median of --re
 one warm-up. Prints per-shape time and read bandwidth, the pass's tokens/s at those rows and its
 fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measured in the same run).
 --baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
-working tree's kernels pass by pass, so both see the same machine load. --pages huge 4k: the
+working tree's kernels pass by pass, so both see the same machine load (one process: both trees' kernels run on
+the thread pool loaded first, csrc/pool.c, so a change to pool.c needs two processes to compare). --pages huge 4k: the
 weights in huge pages and in 4 KB pages, timed interleaved. --torch: torch's own GEMM
 (F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it, and
 the int4 torch reference (ops/torch_ref/linear_int4.py: what a revision whose int4 kernel needs AVX-512 VNNI ran on a
@@ -89,7 +90,8 @@ def sources(rev: str | None, into: Path) -> Path:
 
 
 def versions_of(baseline: str | None, prefix: str, make: Callable[[Path, Path], Any]) -> dict:
-    """{label: make(csrc, cache)}: the working tree's C sources and, with `baseline`, that revision's (listed first)."""
+    """{label: make(csrc, cache)}: the working tree's C sources and, with `baseline`, that revision's (listed first,
+    so its pool.c is the one both load: ops/cpu/build.py's pool is the first a process loads)."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     found = {"working tree": make(sources(None, tmp), tmp / "cache")}
     if baseline:

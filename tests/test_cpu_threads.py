@@ -162,3 +162,39 @@ def test_every_kernel_library_shares_one_pool():
                            timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     assert int(child.stdout.split()[-1]) == 2
+
+
+# A fresh process's first pooled call, 10 chunks of 30 ms (a Python callback through ctypes, the GIL let go while
+# it sleeps) at 2 threads; prints how many threads ran its chunks.
+FIRST_JOB = textwrap.dedent("""
+    import ctypes
+    import threading
+    import time
+    import torch
+    from ops.cpu import build
+
+    torch.set_num_threads(2)
+    pool = build.load_pool(build.CSRC, build.resolve_cache_dir(), build.compiler())
+    ran = []
+    chunk_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_long)
+    pool.nanoqwen_pool_run.argtypes = [chunk_fn, ctypes.c_void_p, ctypes.c_long]
+    pool.nanoqwen_pool_run.restype = None
+
+    @chunk_fn
+    def chunk(ctx, c):
+        ran.append(threading.get_native_id())
+        time.sleep(0.03)
+
+    pool.nanoqwen_pool_run(chunk, None, 10)
+    print(len(set(ran)))
+""")
+
+
+def test_a_helper_started_for_a_job_takes_part_in_it():
+    """pool_start creates a helper just before the job it is for is published: reading the generation when it
+    starts, it took that job as seen and left every chunk of a process's first call (of a forked worker's, of the
+    first after set_num_threads grew) to the caller. It starts from the generation before the job."""
+    child = subprocess.run([sys.executable, "-c", FIRST_JOB], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert int(child.stdout.split()[-1]) == 2

@@ -69,6 +69,8 @@ def kernel_cache_missing_one(cache: Path, isa: str) -> Path:
     test of it. Empty where the kernels cannot build (the server then runs torch's ops)."""
     if build.unavailable() is not None:
         return cache
+    pool = Path(build.load_pool(build.CSRC, build.resolve_cache_dir(), build.compiler())._name)
+    shutil.copy(pool, cache / pool.name)  # the pool every kernel library loads first: not the kernel under test
     for kernel in C_KERNELS:
         if kernel is not BUILT_IN_THE_WORKER:
             built = Path(capped(kernel, isa).lib._name)  # the shared object ctypes loaded
@@ -815,7 +817,8 @@ def test_cpu_kernels_build_inside_the_gevent_worker(guarded: GunicornServer) -> 
     """A kernel missing from the cache: the engine thread runs the C compiler through subprocess inside the gevent
     worker, capped at the server's cpu_isa (the library this process builds for that cap, under the same name)."""
     cache = Path(guarded.env["NANOQWEN_CACHE_DIR"])
-    assert sorted(p.name.split("-")[0] for p in cache.glob("*.so")) == sorted(kernel.name for kernel in C_KERNELS)
+    names = sorted(p.name.split("-")[0] for p in cache.glob("*.so"))
+    assert names == sorted([*(kernel.name for kernel in C_KERNELS), "cpu_pool"])
     assert (cache / Path(capped(BUILT_IN_THE_WORKER, GUARDED_ISA).lib._name).name).exists()
     assert f" cpu_isa={GUARDED_ISA} " in guarded.log()  # the `ready:` line says the cap
     assert "could not build" not in guarded.log()

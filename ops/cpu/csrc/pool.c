@@ -57,9 +57,13 @@ static long pool_work(uint32_t g, uint64_t w, const struct pool_job *job) {
     return ran;
 }
 
+/* A helper's argument: its id, and the generation before the job its start is for (it starts after that job is
+   published, and reading the generation then, it would take the job as seen). */
+#define POOL_ID_BITS 6  /* ids < POOL_MAX_HELPERS + 1 */
+
 static void *pool_helper(void *arg) {
-    const int id = (int)(long)arg;
-    uint32_t seen = __atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE) >> 32;
+    const int id = (int)((uintptr_t)arg & ((1u << POOL_ID_BITS) - 1));
+    uint32_t seen = (uint32_t)((uintptr_t)arg >> POOL_ID_BITS);
     long idle_since = pool_now_ns();
     for (unsigned spins = 0;; spins++) {
         uint64_t w = __atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE);
@@ -100,7 +104,8 @@ static void pool_start(int helpers) {
     if (!pool.atfork) pool.atfork = pthread_atfork(0, 0, pool_forked) == 0;
     for (; pool.started < helpers; pool.started++) {
         pthread_t t;
-        if (pthread_create(&t, 0, pool_helper, (void *)(long)pool.started) != 0) break;
+        const uintptr_t arg = (uintptr_t)pool.generation << POOL_ID_BITS | (uintptr_t)pool.started;
+        if (pthread_create(&t, 0, pool_helper, (void *)arg) != 0) break;
         pthread_setname_np(t, "nanoqwen-pool");
         pthread_detach(t);
     }
