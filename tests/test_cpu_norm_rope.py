@@ -1,6 +1,8 @@
 """The compiled CPU RMSNorm and q/k-norm + RoPE + KV-store kernels against the torch references."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +95,42 @@ def test_other_layouts_take_the_references():
         results.append((q, k, k_cache, v_cache))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_no_openmp_region_in_the_kernels():
+    """Past 15 rows the rows went to an OpenMP region, whose spinning threads and the C kernels' pool helpers
+    (csrc/pool.h) took each other's cores: a 16-row decode step cost 4-8x a 15-row one. They take the pool."""
+    assert b"GOMP_parallel" not in Path(cpu_norm_rope.KERNEL.lib._name).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [16, 17, 33, 64, 300])
+def test_rows_split_over_threads_give_the_references_and_the_one_thread_bits(dtype, rows):
+    """The pool's chunks only divide the rows: every row written, each as one thread writes it."""
+    torch.manual_seed(rows)
+    heads, kv_heads, head_dim, hidden = 16, 8, 128, 1024
+    x, residual = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, hidden, dtype=dtype)
+    weight, q_w, k_w = ((1 + 0.1 * torch.randn(n)).to(dtype) for n in (hidden, head_dim, head_dim))
+    rotary = RotaryEmbedding(head_dim, 4096, 1_000_000.0)
+    rotary.build(torch.device("cpu"))
+    positions, slots = torch.randint(0, 4096, (rows,)), torch.randperm(rows + 16)[:rows].int()
+    sizes = [heads * head_dim] + 2 * [kv_heads * head_dim]
+    qkv = torch.randn(rows, sum(sizes), dtype=dtype)
+    results = []
+    before = torch.get_num_threads()
+    for threads, norm, rope in ((2, rms_norm_torch, qk_norm_rope_store_torch),
+                                (1, cpu_norm_rope.rms_norm_cpu, cpu_norm_rope.qk_norm_rope_store_cpu),
+                                (2, cpu_norm_rope.rms_norm_cpu, cpu_norm_rope.qk_norm_rope_store_cpu)):
+        torch.set_num_threads(threads)  # the pool's helpers: threads - 1
+        try:
+            fused, k_cache = qkv.clone(), torch.zeros(rows + 16, 1, kv_heads, head_dim, dtype=dtype)
+            v_cache = torch.zeros_like(k_cache)
+            q, k, v = (t.view(rows, -1, head_dim) for t in fused.split(sizes, -1))
+            rope(q, k, v, q_w, k_w, 1e-6, rotary.cos_sin, positions, k_cache, v_cache, slots)
+            results.append((*norm(x, weight, 1e-6, residual), fused, k_cache, v_cache))
+        finally:
+            torch.set_num_threads(before)
+    reference, one, two = results
+    for a, b in zip(two, reference):
+        torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

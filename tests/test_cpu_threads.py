@@ -1,7 +1,9 @@
-"""The C kernels' thread pool (csrc/pool.h) and the linear kernels' AVX2 loops on a CPU that would take AVX-512."""
+"""The C kernels' thread pool (csrc/pool.h), OpenMP's wait policy beside it, and the linear kernels' AVX2 loops
+on a CPU that would take AVX-512."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -198,3 +200,16 @@ def test_a_helper_started_for_a_job_takes_part_in_it():
                            timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     assert int(child.stdout.split()[-1]) == 2
+
+
+@pytest.mark.parametrize("spec", ["", '{"method": "ngram", "num_speculative_tokens": 2}'])
+@pytest.mark.parametrize("policy,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_between_ops_unless_the_user_says(spec, policy, expected):
+    """Importing nanoqwen (before torch, as server.py and the CLI's gunicorn do) puts OpenMP's threads to sleep
+    between ops, drafting or not: spinning, they took the cores of the pool's helpers (an int8 decode step of 17-32
+    rows, dequantised on the pool and multiplied by torch, cost about 10x more); a policy the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NANOQWEN_SPECULATIVE_CONFIG")}
+    env |= {"NANOQWEN_SPECULATIVE_CONFIG": spec} | ({"OMP_WAIT_POLICY": policy} if policy else {})
+    out = subprocess.run([sys.executable, "-c", "import os, nanoqwen; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected

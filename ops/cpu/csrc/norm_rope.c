@@ -2,7 +2,14 @@
    why is in ops/cpu/norm_rope.py. Eight lanes at a time (H % 8 == 0, D % 16 == 0): at decode sizes the
    scalar loops took 13 us per norm and 40 us per layer's q/k heads at batch 1, 8x that at batch 8. */
 #include "nanoqwen_cpu.h"
+#include "pool.h"
 #include "simd.h"
+
+/* Rows per pool chunk: a decode step's rows up to linear.py's MAX_ROWS are one chunk, run by the calling thread
+   alone; prefill's go across the pool. The pool, not OpenMP: between the pool's jobs an OpenMP region's threads
+   and the pool's spinning helpers took each other's cores on 2 busy cores, and a 16-row decode step cost 640-1,032
+   ms against 120-184 at 15 rows (csrc/pool.h). */
+#define NORM_CHUNK_ROWS 32
 
 /* s = round(x + res) (or x) of one row into buf (and res_out where given); -> 1 / rms(s). */
 static float row_scale(const void *x, long xo, const void *res, void *res_out, int H, float eps, int bf16,
@@ -23,16 +30,29 @@ static inline __m256 scaled8(const float *buf, int i, __m256 inv, const void *w,
     return round8(_mm256_mul_ps(load8(w, i, bf16), round8(_mm256_mul_ps(_mm256_loadu_ps(buf + i), inv), bf16)), bf16);
 }
 
+struct rms_norm_args {
+    const void *x, *res, *w;
+    void *out, *res_out;
+    int N, H;
+    float eps;
+    int bf16;
+};
+
+static void rms_norm_chunk(const void *ctx, long chunk) {
+    const struct rms_norm_args *a = ctx;
+    float buf[8192];
+    for (long n = chunk * NORM_CHUNK_ROWS; n < pool_chunk_end(chunk, NORM_CHUNK_ROWS, a->N); n++) {
+        const long xo = n * a->H;
+        const __m256 inv = _mm256_set1_ps(row_scale(a->x, xo, a->res, a->res_out, a->H, a->eps, a->bf16, buf));
+        for (int i = 0; i < a->H; i += 8) store8(a->out, xo + i, scaled8(buf, i, inv, a->w, a->bf16), a->bf16);
+    }
+}
+
 /* Shapes: see nanoqwen_cpu.h. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16) {
-    #pragma omp parallel for schedule(static) if (N >= 16)
-    for (int n = 0; n < N; n++) {
-        float buf[8192];
-        const long xo = (long)n * H;
-        const __m256 inv = _mm256_set1_ps(row_scale(x, xo, res, res_out, H, eps, bf16, buf));
-        for (int i = 0; i < H; i += 8) store8(out, xo + i, scaled8(buf, i, inv, w, bf16), bf16);
-    }
+    const struct rms_norm_args a = {x, res, w, out, res_out, N, H, eps, bf16};
+    nanoqwen_pool_run(rms_norm_chunk, &a, (N + NORM_CHUNK_ROWS - 1) / NORM_CHUNK_ROWS);
 }
 
 /* One head in place: RMSNorm by w, then the neox rotation by (c, s), each product and the sum rounded. */
@@ -51,27 +71,45 @@ static void norm_rope_head(void *x, long base, const void *w, const float *c, co
     }
 }
 
-/* Shapes: see nanoqwen_cpu.h. */
-void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
-                        const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
-                        int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16) {
-    #pragma omp parallel for schedule(static) if (N >= 16)
-    for (int n = 0; n < N; n++) {
-        const float *cs = cos_sin + (long)positions[n] * D;
-        const int half = D / 2;
+struct qk_args {
+    void *q, *k;
+    const void *v, *qw, *kw;
+    float eps;
+    const float *cos_sin;
+    const int32_t *positions, *slots;
+    void *kc, *vc;
+    int N, Hq, Hkv, D;
+    long sq, sk, sv;
+    int bf16;
+};
+
+static void qk_norm_rope_store_chunk(const void *ctx, long chunk) {
+    const struct qk_args *a = ctx;
+    const int D = a->D, half = D / 2, Hkv = a->Hkv, bf16 = a->bf16, size = bf16 ? 2 : 4;
+    for (long n = chunk * NORM_CHUNK_ROWS; n < pool_chunk_end(chunk, NORM_CHUNK_ROWS, a->N); n++) {
+        const float *cs = a->cos_sin + (long)a->positions[n] * D;
         float c[128], s[128];  /* cos and sin in the model dtype, as the reference converts them */
         for (int i = 0; i < half; i += 8) {
             _mm256_storeu_ps(c + i, round8(_mm256_loadu_ps(cs + i), bf16));
             _mm256_storeu_ps(s + i, round8(_mm256_loadu_ps(cs + half + i), bf16));
         }
-        for (int h = 0; h < Hq; h++) norm_rope_head(q, n * sq + (long)h * D, qw, c, s, eps, D, bf16);
-        for (int h = 0; h < Hkv; h++) norm_rope_head(k, n * sk + (long)h * D, kw, c, s, eps, D, bf16);
-        if (slots[n] < 0) continue;
-        const long dst = (long)slots[n] * Hkv * D;
-        const int size = bf16 ? 2 : 4;
+        for (int h = 0; h < a->Hq; h++) norm_rope_head(a->q, n * a->sq + (long)h * D, a->qw, c, s, a->eps, D, bf16);
+        for (int h = 0; h < Hkv; h++) norm_rope_head(a->k, n * a->sk + (long)h * D, a->kw, c, s, a->eps, D, bf16);
+        if (a->slots[n] < 0) continue;
+        const long dst = (long)a->slots[n] * Hkv * D;
         for (int h = 0; h < Hkv; h++) {
-            memcpy((char *)kc + (dst + (long)h * D) * size, (const char *)k + (n * sk + (long)h * D) * size, (size_t)D * size);
-            memcpy((char *)vc + (dst + (long)h * D) * size, (const char *)v + (n * sv + (long)h * D) * size, (size_t)D * size);
+            memcpy((char *)a->kc + (dst + (long)h * D) * size, (const char *)a->k + (n * a->sk + (long)h * D) * size,
+                   (size_t)D * size);
+            memcpy((char *)a->vc + (dst + (long)h * D) * size, (const char *)a->v + (n * a->sv + (long)h * D) * size,
+                   (size_t)D * size);
         }
     }
+}
+
+/* Shapes: see nanoqwen_cpu.h. */
+void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
+                        const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
+                        int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16) {
+    const struct qk_args a = {q, k, v, qw, kw, eps, cos_sin, positions, slots, kc, vc, N, Hq, Hkv, D, sq, sk, sv, bf16};
+    nanoqwen_pool_run(qk_norm_rope_store_chunk, &a, (N + NORM_CHUNK_ROWS - 1) / NORM_CHUNK_ROWS);
 }
