@@ -76,21 +76,46 @@ def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(
         assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
 
 
+def dequantised_int4(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, loops: str) -> torch.Tensor:
+    """w: [N, K / 2] plain, scale, offset: [N, K / 64] -> dequant_int4's rows, through the weights as loaded."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    out = torch.empty(n, k, dtype=scale.dtype)
+    graph.call(capped(dequant.KERNEL, loops).lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib),
+               scale, offset, out, n, k, 64, int(scale.dtype == torch.bfloat16))
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", LOOPS)
 def test_dequantised_int4_subnormals_are_the_references_to_the_bit(dtype, loops):
     """Groups whose values fall below fp32's (and bf16's) normal range beside normal ones: the AVX-512 loop rounds
-    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others."""
+    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others.
+    Tiny scales and offsets (2^-125 times the usual), and normal ones in [2^-126, 2^-125) whose sum is subnormal
+    (scale (1 + r) 2^-126, offset -2^-126: r 2^-126 at q = 1), which a guard of "0 or normal" would let through."""
     _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
-    tiny = torch.arange(scale.numel()).view(scale.shape) % 3 == 0
-    scale, offset = torch.where(tiny, scale * 2.0**-125, scale), torch.where(tiny, offset * 2.0**-125, offset)
+    group = torch.arange(scale.numel()).view(scale.shape) % 3
+    scale = torch.where(group == 0, scale * 2.0**-125, torch.where(group == 1, (1 + scale) * 2.0**-126, scale))
+    offset = torch.where(group == 0, offset * 2.0**-125, torch.where(group == 1, -(2.0**-126), offset))
     expected = dequantize_int4(w, scale, offset).to(dtype)
-    assert (expected != 0).logical_and(expected.abs() < 2.0**-126).sum() > 1000
-    lib = capped(dequant.KERNEL, loops).lib
-    out = torch.empty(8, 1024, dtype=dtype)
-    graph.call(lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib), scale, offset, out, 8, 1024, 64,
-               int(dtype == torch.bfloat16))
-    assert torch.equal(out, expected)
+    subnormal = (expected != 0).logical_and(expected.abs() < 2.0**-126)
+    assert subnormal.sum() > 1000
+    assert subnormal[group.repeat_interleave(64, 1) == 1].sum() > 100  # the normal groups' q = 1
+    assert torch.equal(dequantised_int4(w, scale, offset, loops), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
+def test_dequantised_int4_overflows_are_the_references(dtype, loops):
+    """Groups of scale 2^127, offset -1.5 * 2^127, whose products overflow to inf from q = 2 before the offset is
+    added (the reference's order: a fused multiply-add would give 0.5 * 2^127), and of scale 2^124, offset -2^127,
+    the largest the AVX-512 loop fuses (finite), beside normal ones."""
+    _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
+    group = torch.arange(scale.numel()).view(scale.shape) % 3
+    scale = torch.where(group == 0, 2.0**127, torch.where(group == 1, 2.0**124, scale))
+    offset = torch.where(group == 0, -1.5 * 2.0**127, torch.where(group == 1, -(2.0**127), offset))
+    expected = dequantize_int4(w, scale, offset).to(dtype)
+    assert expected.isinf().sum() > 1000 and expected[group.repeat_interleave(64, 1) == 1].isfinite().all()
+    assert torch.equal(dequantised_int4(w, scale, offset, loops), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
