@@ -2,6 +2,8 @@
 rounding, the blocked GEMM against the references and the exact product, and the row threshold."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,8 +18,10 @@ from ops.cpu import build as cpu_build
 from ops.cpu import dequant, embedding, graph
 from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
+from ops.cpu.linear import AVX512_BF16
 from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
+from server_process import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -76,21 +80,46 @@ def test_dequantised_int4_rows_of_each_chunk_tail_are_the_references_to_the_bit(
         assert torch.equal(out, dequantize_int4(w[n0:], scale[n0:], offset[n0:]).to(dtype))
 
 
+def dequantised_int4(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, loops: str) -> torch.Tensor:
+    """w: [N, K / 2] plain, scale, offset: [N, K / 64] -> dequant_int4's rows, through the weights as loaded."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    out = torch.empty(n, k, dtype=scale.dtype)
+    graph.call(capped(dequant.KERNEL, loops).lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib),
+               scale, offset, out, n, k, 64, int(scale.dtype == torch.bfloat16))
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loops", LOOPS)
 def test_dequantised_int4_subnormals_are_the_references_to_the_bit(dtype, loops):
     """Groups whose values fall below fp32's (and bf16's) normal range beside normal ones: the AVX-512 loop rounds
-    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others."""
+    those as the reference does (vcvtneps2bf16 would flush them to 0) and keeps its fast rounding for the others.
+    Tiny scales and offsets (2^-125 times the usual), and normal ones in [2^-126, 2^-125) whose sum is subnormal
+    (scale (1 + r) 2^-126, offset -2^-126: r 2^-126 at q = 1), which a guard of "0 or normal" would let through."""
     _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
-    tiny = torch.arange(scale.numel()).view(scale.shape) % 3 == 0
-    scale, offset = torch.where(tiny, scale * 2.0**-125, scale), torch.where(tiny, offset * 2.0**-125, offset)
+    group = torch.arange(scale.numel()).view(scale.shape) % 3
+    scale = torch.where(group == 0, scale * 2.0**-125, torch.where(group == 1, (1 + scale) * 2.0**-126, scale))
+    offset = torch.where(group == 0, offset * 2.0**-125, torch.where(group == 1, -(2.0**-126), offset))
     expected = dequantize_int4(w, scale, offset).to(dtype)
-    assert (expected != 0).logical_and(expected.abs() < 2.0**-126).sum() > 1000
-    lib = capped(dequant.KERNEL, loops).lib
-    out = torch.empty(8, 1024, dtype=dtype)
-    graph.call(lib.dequant_int4, as_loaded(w, capped(cpu_int4.KERNEL, loops).lib), scale, offset, out, 8, 1024, 64,
-               int(dtype == torch.bfloat16))
-    assert torch.equal(out, expected)
+    subnormal = (expected != 0).logical_and(expected.abs() < 2.0**-126)
+    assert subnormal.sum() > 1000
+    assert subnormal[group.repeat_interleave(64, 1) == 1].sum() > 100  # the normal groups' q = 1
+    assert torch.equal(dequantised_int4(w, scale, offset, loops), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loops", LOOPS)
+def test_dequantised_int4_overflows_are_the_references(dtype, loops):
+    """Groups of scale 2^127, offset -1.5 * 2^127, whose products overflow to inf from q = 2 before the offset is
+    added (the reference's order: a fused multiply-add would give 0.5 * 2^127), and of scale 2^124, offset -2^127,
+    the largest the AVX-512 loop fuses (finite), beside normal ones."""
+    _, w, scale, offset = int4_operands(1, 8, 1024, 64, dtype)
+    group = torch.arange(scale.numel()).view(scale.shape) % 3
+    scale = torch.where(group == 0, 2.0**127, torch.where(group == 1, 2.0**124, scale))
+    offset = torch.where(group == 0, -1.5 * 2.0**127, torch.where(group == 1, -(2.0**127), offset))
+    expected = dequantize_int4(w, scale, offset).to(dtype)
+    assert expected.isinf().sum() > 1000 and expected[group.repeat_interleave(64, 1) == 1].isfinite().all()
+    assert torch.equal(dequantised_int4(w, scale, offset, loops), expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,16 +196,39 @@ def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
-    """MIN_ROWS rows (int8: INT8_MIN_ROWS) take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
+    """MIN_ROWS rows (int8: int8_min_rows()) take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
     mixed steps reach by their row count alone)."""
     module = cpu_int8 if quant == "int8" else cpu_int4
-    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
+    least = dequant.int8_min_rows() if quant == "int8" else dequant.MIN_ROWS
     calls = []
     record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
     x, *weights = operands(quant, least)
     for rows in (x, x[:-1]):
         getattr(module, f"linear_{quant}")(rows, *weights)
     assert calls == [(f"linear_{quant}", least), (f"linear_{quant}_cpu", least - 1)]
+
+
+@pytest.mark.skipif(not AVX512_BF16, reason="int8 keeps the decode kernel to MIN_ROWS without AVX512-BF16")
+def test_int8_takes_the_gemm_from_17_rows_where_the_built_kernel_has_no_amx():
+    """torch's probe says AMX (faked, in a process of its own: before ops.cpu is imported) and the kernels are capped
+    at avx512, so that linear_int8.c takes its vpdpbusd loops, as on an AMX CPU run with cpu_isa=avx512: 17 rows take
+    the blocked GEMM, as on a CPU without AMX, not the decode kernel to MAX_ROWS."""
+    script = ("import torch\n"
+              "torch.cpu._is_amx_tile_supported = lambda: True\n"
+              "from ops.cpu import dequant\n"
+              "assert dequant.KERNEL.build(isa='avx512'), dequant.KERNEL.error\n"
+              "print(dequant.takes(16, int8=True), dequant.takes(17, int8=True))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "True"]
+
+
+def test_int8_keeps_the_decode_kernel_to_max_rows_where_it_has_amx(monkeypatch):
+    """Where the built decode kernel multiplies by AMX-INT8 (its answer faked), int8 takes the blocked GEMM from
+    MIN_ROWS, as int4 does."""
+    monkeypatch.setattr(dequant, "_amx_int8", lambda lib: True)
+    assert dequant.int8_min_rows() == dequant.MIN_ROWS
+    assert not dequant.takes(dequant.MAX_ROWS, int8=True) and dequant.takes(dequant.MAX_ROWS + 1, int8=True)
 
 
 @pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
@@ -232,7 +284,7 @@ def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, quant):
-    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens (int8: INT8_MIN_ROWS + 7, under 32 where
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens (int8: int8_min_rows() + 7, under 32 where
     the GEMM takes int8 from 17 rows) takes the blocked GEMM, and greedy output equals transformers on the same
     dequantised weights token for token."""
     from checkpoints import make_checkpoint
@@ -240,7 +292,7 @@ def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, qua
     from quant_reference import load_quantised_hf_model
 
     checkpoint = make_checkpoint()
-    least = dequant.INT8_MIN_ROWS if quant == "int8" else dequant.MIN_ROWS
+    least = dequant.int8_min_rows() if quant == "int8" else dequant.MIN_ROWS
     prompts = [list(range(2000, 2000 + least + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)

@@ -2,6 +2,7 @@
    int4 value is rounded as the torch reference rounds it: q * scale, then + offset, in fp32, then to the output dtype;
    int8 values are exact in either. */
 #include "nanoqwen_cpu.h"
+#include "amx.h"
 #include "int4_block.h"
 #include "pool.h"
 
@@ -24,18 +25,6 @@ INLINE void group_at(const struct dequant_args *a, long n, long k, int bf16, __m
 /* Nibbles q of columns k .. k + 7 of row n dequantised into the output. */
 INLINE void put8(const struct dequant_args *a, long n, long k, int bf16, __m256i q, __m256 s, __m256 o) {
     store8(a->out, n * a->K + k, int4_dequant8(q, s, o, bf16), bf16);
-}
-
-/* Spanned rows (int4_block.h): each block's plain bytes gathered from its span. */
-INLINE void span_rows(const struct dequant_args *a, long chunk, int bf16) {
-    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
-        for (long b = 0; b < a->K / 64; b++) {
-            uint8_t bytes[32];
-            __m256 s, o;
-            _mm256_storeu_si256((__m256i *)bytes, int4_span_block(a->w, n, b, a->K));
-            group_at(a, n, 64 * b, bf16, &s, &o);
-            for (int j = 0; j < 8; j++) put8(a, n, 64 * b + 8 * j, bf16, int4_plain_columns8(bytes, 8 * j), s, o);
-        }
 }
 
 /* The nb blocks of the interleaved chunk at `at`, columns k .. k + 64 nb - 1 of row n: block b's columns 8j .. 8j + 7
@@ -93,10 +82,12 @@ INLINE __m512i round16(__m512 v) {
     return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
 }
 
-/* Nibbles q (int32) of 16 columns dequantised, unrounded for bf16. A bf16 scale times q (< 16) is exact in fp32, so
-   that an FMA rounds as the reference's product, then sum; an fp32 one is not. */
-INLINE __m512 dequant16(__m512i q, __m512 s, __m512 o, int bf16) {
-    if (bf16) return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, o);
+/* Nibbles q (int32) of 16 columns dequantised, unrounded for bf16; `fused` where the product q * s is exact in fp32,
+   so that an FMA rounds as the reference's product, then sum: for a bf16 scale (8 significant bits) of magnitude
+   2^124 or less, 15 |s| < 2^128. A larger one's product may overflow, which the FMA does not see (scale 2^127,
+   offset -1.5 * 2^127: 2.55e38 for the reference's inf); an fp32 scale's product is rounded. */
+INLINE __m512 dequant16(__m512i q, __m512 s, __m512 o, int fused) {
+    if (fused) return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, o);
     __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(q), s);
     __asm__("" : "+v"(product));  /* the reference rounds the product before adding the offset: no FMA */
     return _mm512_add_ps(product, o);
@@ -128,10 +119,11 @@ INLINE void block64(const struct dequant_args *a, long n, long b, __m512i words,
     const long g = n * (a->K / a->G) + 64 * b / a->G;
     const float scale = load1(a->scale, g, bf16), offset = load1(a->offset, g, bf16);
     const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
+    const int fused = bf16 && fabsf(scale) <= 0x1p124f;  /* false for inf and NaN too */
     __m512 v[4];
     for (int t = 0; t < 4; t++) {
         const __m512i q = _mm512_srli_epi32(words, 4 * t);  /* the words zero-extended: nibble 3 needs no mask */
-        v[t] = dequant16(t == 3 ? q : _mm512_and_si512(q, _mm512_set1_epi32(15)), s, o, bf16);
+        v[t] = dequant16(t == 3 ? q : _mm512_and_si512(q, _mm512_set1_epi32(15)), s, o, fused);
     }
     const long at = n * a->K + 64 * b;
     if (!bf16) {
@@ -194,11 +186,6 @@ AVX512_END
 
 /* The arguments copied, so that the compiler keeps them in registers across the stores to out (which might alias
    them for all it knows), and bf16 a constant in each instance. */
-static void dequant_span_rows(const void *ctx, long chunk) {
-    const struct dequant_args a = *(const struct dequant_args *)ctx;
-    if (a.bf16) span_rows(&a, chunk, 1); else span_rows(&a, chunk, 0);
-}
-
 static void dequant_il_rows(const void *ctx, long chunk) {
     const struct dequant_args a = *(const struct dequant_args *)ctx;
     if (a.bf16) il_rows(&a, chunk, 1); else il_rows(&a, chunk, 0);
@@ -207,8 +194,8 @@ static void dequant_il_rows(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16) {
     const struct dequant_args a = {w, scale, offset, out, N, K, G, bf16, pool_rows_per_chunk(K / 2), int4_quad_rows(N)};
-    nanoqwen_pool_run(int4_interleaved() ? dequant_il_rows : has_avx512() ? dequant_span_rows512 : dequant_span_rows,
-                      &a, (N + a.rows - 1) / a.rows);
+    /* spanned only where int4_interleaved() is false, which needs AVX-512 (int4_block.h) */
+    nanoqwen_pool_run(int4_interleaved() ? dequant_il_rows : dequant_span_rows512, &a, (N + a.rows - 1) / a.rows);
 }
 
 INLINE long int8_run(const int8_t *w, void *out, long i, long end, int bf16) {
@@ -224,3 +211,6 @@ void dequant_int8(const int8_t *w, void *out, int N, int K, int bf16) {
     const struct int8_args a = {w, out, K, bf16, N, pool_rows_per_chunk(K)};
     nanoqwen_pool_run(has_avx512() ? dequant_int8_rows512 : dequant_int8_rows, &a, (N + a.rows - 1) / a.rows);
 }
+
+/* dequant.py's int8 threshold: the same test as linear_int8.c's (amx.h), under the same cap. */
+void dequant_int8_amx(int32_t *amx) { *amx = amx_int8_ready(); }
