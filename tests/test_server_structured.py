@@ -943,6 +943,26 @@ def test_a_run_of_optional_pieces_past_the_row_is_a_400_and_within_it_is_followe
         assert refused.value.body["param"] == "structured_outputs.grammar", refused.value.body
 
 
+def test_a_recursive_rules_continuation_past_the_row_is_a_400_before_any_token(server: GunicornServer) -> None:
+    """`r: "k" R | r V` (R, V runs of optional pieces): after "k" llguidance's row holds R, V (r ended, then named in
+    itself) and "z"; the continuation was left out (601 weighed, 2,403 items), so 1,200 pieces compiled and failed at
+    "k": non-streamed a 400 after generation began, streamed a 200 ending in an error event. Now past MAX_ROW it is
+    the 400 naming the field before any token, streamed or not; within it the answer follows the grammar."""
+    client = server.openai_client(timeout=300)
+
+    def create(n: int, stream: bool) -> str:
+        run = " ".join(f'"w{i}x"?' for i in range(n // 2)), " ".join(f'"v{i}x"?' for i in range(n - n // 2))
+        text = f'start: "q" r "z"\nr: "k" {run[0]} | r {run[1]}'
+        answer = client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=0, stream=stream,
+                                           extra_body={"structured_outputs": {"grammar": text}})
+        return "".join(chunk.choices[0].text for chunk in answer if chunk.choices) if stream else answer.choices[0].text
+    for stream in (False, True):
+        assert re.fullmatch(r"q(k((w\d+x)*(v\d+x)*z?)?)?", create(grammar.MAX_ROW - 2, stream))
+        with pytest.raises(openai.BadRequestError, match="parser row of the grammar may hold") as refused:
+            create(grammar.MAX_ROW, stream)
+        assert refused.value.body["param"] == "structured_outputs.grammar", refused.value.body
+
+
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
     """A chain of 3,000 rules overflowed the compiling thread's 8 MiB stack (SIGSEGV, the worker lost); one of 1,500
     rules (or 1,200 `$ref`s) compiled, but llguidance's parser refused the row its first token made: the answer ended
