@@ -77,7 +77,8 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     links of each; a rule shared by several counts each time: errs high); n optional pieces in a row weigh n (2n + 1
     items, 1,000 past llguidance's row), in groups and rules named too (profiles/RESULTS.md, hunt33 and its mends). A
     JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
-    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
+    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested) but what follows it in the rule,
+    where the rule ends (a second walk). `weighed`: Lark rules' weights
     found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
