@@ -78,8 +78,8 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     items, 1,000 past llguidance's row), in groups and rules named too (profiles/RESULTS.md, hunt33 and its mends). A
     JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
     (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested) but what follows it in the rule,
-    where the rule ends (a second walk). `weighed`: Lark rules' weights
-    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
+    where the rule ends (a second walk). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
+    schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -194,7 +194,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
 
     # A rule named recursively and followed by more pieces goes on into them when it ends (`r: "k" R | r V`: after
     # "k", R and V), so a recursive rule is walked again, each rule it names with the tail found the first time, and
-    # then each rule naming one whose weights that changed
+    # then each rule naming one whose weights changed
     order = list(_postorder(links))
     recursive = {name for name in order if walk(name)}
     changed: set[str] = set()
