@@ -926,21 +926,39 @@ def _ref_chain(n: int) -> dict[str, Any]:
     return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
 
 
-def test_a_run_of_optional_pieces_past_the_row_is_a_400_and_within_it_is_followed(server: GunicornServer) -> None:
-    """The row before n optional pieces in a row holds 2n + 1 items in llguidance: 1,000 compiled, then ended the
-    answer at its first token. Now past grammar.MAX_ROW a 400 naming the field, streamed or not; 999 are followed."""
+def _followed_then_refused(server: GunicornServer, grammar_of: Callable[[int], str], follows: str, within: int,
+                           past: int) -> None:
+    """Streamed or not, the grammar of `within` pieces is served (its answer matching `follows`), and that of `past`
+    the 400 naming the field (before any token: streamed, the client raises at once)."""
     client = server.openai_client(timeout=300)
 
     def create(n: int, stream: bool) -> str:
-        text = "start: " + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"'
         answer = client.completions.create(model=MODEL, prompt="x", max_tokens=6, temperature=0, stream=stream,
-                                           extra_body={"structured_outputs": {"grammar": text}})
+                                           extra_body={"structured_outputs": {"grammar": grammar_of(n)}})
         return "".join(chunk.choices[0].text for chunk in answer if chunk.choices) if stream else answer.choices[0].text
     for stream in (False, True):
-        assert re.fullmatch(r"(w\d+x)*z?", create(grammar.MAX_ROW - 1, stream))
-        with pytest.raises(openai.BadRequestError, match="parser row") as refused:
-            create(grammar.MAX_ROW, stream)
+        assert re.fullmatch(follows, create(within, stream))
+        with pytest.raises(openai.BadRequestError, match="parser row of the grammar may hold") as refused:
+            create(past, stream)
         assert refused.value.body["param"] == "structured_outputs.grammar", refused.value.body
+
+
+def test_a_run_of_optional_pieces_past_the_row_is_a_400_and_within_it_is_followed(server: GunicornServer) -> None:
+    """The row before n optional pieces in a row holds 2n + 1 items in llguidance: 1,000 compiled, then ended the
+    answer at its first token. Now past grammar.MAX_ROW a 400 naming the field, streamed or not; 999 are followed."""
+    _followed_then_refused(server, lambda n: "start: " + " ".join(f'"w{i}x"?' for i in range(n)) + ' "z"',
+                           r"(w\d+x)*z?", grammar.MAX_ROW - 1, grammar.MAX_ROW)
+
+
+def test_a_recursive_rules_continuation_past_the_row_is_a_400_before_any_token(server: GunicornServer) -> None:
+    """`r: "k" R | r V` (R, V runs of optional pieces): after "k" llguidance's row holds R, V (r ended, then named in
+    itself) and "z"; the continuation was left out (601 weighed, 2,403 items), so 1,200 pieces compiled and failed at
+    "k": non-streamed a 400 after generation began, streamed a 200 ending in an error event. Now past MAX_ROW it is
+    the 400 naming the field before any token, streamed or not; within it the answer follows the grammar."""
+    def recursive(n: int) -> str:
+        run = " ".join(f'"w{i}x"?' for i in range(n // 2)), " ".join(f'"v{i}x"?' for i in range(n - n // 2))
+        return f'start: "q" r "z"\nr: "k" {run[0]} | r {run[1]}'
+    _followed_then_refused(server, recursive, r"q(k((w\d+x)*(v\d+x)*z?)?)?", grammar.MAX_ROW - 2, grammar.MAX_ROW)
 
 
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:

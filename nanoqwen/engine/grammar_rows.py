@@ -22,12 +22,12 @@ from urllib.parse import unquote, urldefrag, urljoin
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, pointer_way, schema_objects, subschemas
 
 # Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
-# (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`) and `%json` (its
-# schema read apart, by schema_weight). A `//` is a comment: no regex starts with `/`. A string or regex left unclosed
-# (llguidance refuses it) ends where its body does, so that each character is scanned once: searched again from each
-# escaped quote or slash in it, 40 KB of them took 11 s holding the GIL (/health stalled 14 s).
-SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%json\b')
-LEXEMES = re.compile(f"{SKIP.pattern}|%regex\\b")  # regex_chars': SKIP's pieces and `%regex`
+# (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`), `%json` (its
+# schema read apart, by schema_weight) and `%regex` (its JSON read apart: a lexeme that may match nothing). A `//` is a
+# comment: no regex starts with `/`. A string or regex left unclosed (llguidance refuses it) ends where its body does,
+# so that each character is scanned once: searched again from each escaped quote or slash in it, 40 KB of them took
+# 11 s holding the GIL (/health stalled 14 s).
+SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%(?:json|regex)\b')
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
 TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns)
@@ -54,7 +54,8 @@ REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref`
 MAX_NESTING = 64
 # A rule's body as _Rows reads it: its elements (2·node a terminal or a group of one, 2·node + 1 a rule named: its
 # node), OPEN and CLOSE - node a group (its node whether it may be empty), ALT a `|`, OPTIONAL a quantifier after one
-OPEN, ALT, OPTIONAL, CLOSE = -1, -2, -3, -4
+# that may leave it out, REPEAT `*` (before its OPTIONAL) and MORE `+`, that repeat it
+OPEN, ALT, OPTIONAL, REPEAT, MORE, CLOSE = -1, -2, -3, -4, -5, -6
 Pair = tuple[int, int]  # the entries of a window of a row (_Rows): its terminals, and the weights of the rules it names
 
 
@@ -76,8 +77,9 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     links of each; a rule shared by several counts each time: errs high); n optional pieces in a row weigh n (2n + 1
     items, 1,000 past llguidance's row), in groups and rules named too (profiles/RESULTS.md, hunt33 and its mends). A
     JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
-    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested). `weighed`: Lark rules' weights
-    found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
+    (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested) but what follows it in the rule,
+    where the rule ends (a second walk). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
+    schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -96,7 +98,7 @@ def regex_chars(text: str, bound: int, schemas: list[Any] | None = None) -> int:
     the `%json` schemas read (grammar's other bounds)."""
     chars, position = 0, 0
     decoder = json.JSONDecoder()
-    while chars <= bound and (match := LEXEMES.search(text, position)) is not None:
+    while chars <= bound and (match := SKIP.search(text, position)) is not None:
         position, piece = match.end(), match.group()
         if piece in ("%json", "%regex"):
             try:
@@ -141,20 +143,21 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         offset += match.start() - position
         position = match.end()
         piece = match.group()
-        if piece == "%json":
+        if piece in ("%json", "%regex"):
             try:
                 schema, position = decoder.raw_decode(text, SPACE.match(text, position).end())
             except ValueError:  # a JSONDecodeError counts the lines up to it: one, not one a block
                 return 0  # llguidance refuses the grammar
-            offsets.append(offset)
-            chains.append(schema_weight(schema))
+            if piece == "%json":
+                offsets.append(offset)
+                chains.append(schema_weight(schema))
         if piece.startswith(("//", "#")):
             piece = " "
         elif piece[0] == "/":
             pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
             piece = f" /{patterns.add(pattern)} "
         else:
-            piece = EMPTY if piece == '""' else TERMINAL  # a non-empty string, `%json`, a special token
+            piece = EMPTY if piece in ('""', "%regex") else TERMINAL  # a non-empty string, `%json`, a special token
         cleaned.append(piece)
         offset += len(piece)
     cleaned.append(text[position:])
@@ -177,20 +180,37 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
     heaviest = 0
-    for name in _postorder(links):
+
+    def walk(name: str) -> bool:
+        """Weighs rule `name`; whether it names a rule being walked."""
+        nonlocal heaviest
         rows = _Rows(name, nullable, rules, heads, own)
         for events in empty.events[name]:
             rows.read(events)
         head = min(CAP, own[name] + _value(_Rows.combined(rows.heads)))
         heads[name] = head, rows.tail or (0, 0)
         heaviest = max(heaviest, head, min(CAP, own[name] + rows.best))
+        return rows.recursive
+
+    # A rule named recursively and followed by more pieces goes on into them when it ends (`r: "k" R | r V`: after
+    # "k", R and V), so a recursive rule is walked again, each rule it names with the tail found the first time, and
+    # then each rule naming one whose weights changed
+    order = list(_postorder(links))
+    recursive = {name for name in order if walk(name)}
+    changed: set[str] = set()
+    for name in order:
+        if name in recursive or not changed.isdisjoint(links[name]):
+            before = heads[name]
+            walk(name)
+            if heads[name] != before:
+                changed.add(name)
     return heaviest
 
 
 class _Patterns:
-    """A Lark grammar's regexes, `/i` the i-th in its body: whether one may match nothing, asked of Python's `re` only
-    where that can matter (_Empty.define: nothing before it in its alternative must match something), each distinct
-    one once, up to TESTED_CHARS in all; past them, one past MAX_TESTED or one `re` cannot read: it may."""
+    """A Lark grammar's regexes, `/i` the i-th in its body: whether one may match nothing (a run goes on through it,
+    _Rows), asked of Python's `re` each distinct one once, up to TESTED_CHARS in all; past them, one past MAX_TESTED
+    or one `re` cannot read: it may (errs high)."""
 
     def __init__(self) -> None:
         self.patterns: list[str] = []
@@ -293,8 +313,8 @@ class _Empty:
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
-            elif token[0] == "/" and len(token) > 1:  # a regex: tested only where it may start the alternative
-                element = something if group.prefix == something or not self.patterns.may_be_empty(token) else nothing
+            elif token[0] == "/" and len(token) > 1:  # a regex (one after a token too: a run goes on through it)
+                element = nothing if self.patterns.may_be_empty(token) else something
             elif token == "|":
                 group.sequences.append([])
                 group.prefix = group.before_last = group.opening
@@ -307,7 +327,12 @@ class _Empty:
                 if group.sequences[-1]:
                     group.sequences[-1][-1] = nothing
                     group.prefix = group.before_last
-                    events.append(OPTIONAL)
+                    events.extend((REPEAT, OPTIONAL) if token == "*" else (OPTIONAL,))
+                before = token
+                continue
+            elif token == "+":
+                if group.sequences[-1]:
+                    events.append(MORE)
                 before = token
                 continue
             elif token in "([":
@@ -378,7 +403,8 @@ class _Alternatives:
     """A group being read (_Rows; a body's own alternatives outermost): the closed alternatives' heads and the most
     their ends reach; the open one's head (the entries from its start while all before may be empty), the most a
     position in it reaches up to here (None at its start: its head stands for the positions before it) and its element
-    read but not taken (its quantifier may follow): entries, whether it may be empty, its tail, whether a group."""
+    read but not taken (its quantifier may follow): entries, whether it may be empty, its tail, whether a group or a
+    rule named (`?` adds an item to one that may be empty)."""
 
     heads: list[Pair] = field(default_factory=list)
     tail: Pair | None = None
@@ -403,16 +429,24 @@ class _Rows:
         self.best = 0
         self.heads: list[Pair] = []
         self.tail: Pair | None = None
+        self.recursive = False  # named a rule being walked (_lark_chain walks it twice)
 
     def read(self, events: list[int]) -> None:
         """One definition's body (_Empty.events)."""
         groups = [_Alternatives()]
         for event in events:
             group = groups[-1]
-            if event == OPTIONAL:  # after an element (_Empty.define); a group made optional: one item more (tested)
-                if group.pending is not None:
-                    entries, _, tail, grouped = group.pending
-                    group.pending = _plus(entries, (grouped, 0)), True, tail, False
+            if event == OPTIONAL:  # after an element (_Empty.define); a group or a rule named that may be empty already
+                if group.pending is not None:  # made optional: one item more (tested)
+                    entries, may_be_empty, tail, grouped = group.pending
+                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False
+                continue
+            if event in (REPEAT, MORE):  # a run reaching the end of one that may not be empty goes on into it again:
+                if group.pending is not None:  # its head, `+` an item more (one that may: llguidance's row holds none)
+                    entries, may_be_empty, tail, grouped = group.pending
+                    if not may_be_empty:
+                        tail = _plus(tail, _plus(entries, (event == MORE, 0)))
+                    group.pending = entries, may_be_empty, tail, grouped
                 continue
             self._take(group)
             if event == OPEN:
@@ -425,8 +459,13 @@ class _Rows:
                                       True)
             elif event & 1:
                 named = self.rules[event >> 1]
-                weight, tail = self.weights.get(named) or (0 if named == self.rule else self.own[named], (0, 0))
-                group.pending = (0, weight), self.nullable[event >> 1], tail, False
+                known = self.weights.get(named)
+                if named == self.rule or known is None:  # recursion: its tail as far as known (a first walk's)
+                    self.recursive = True
+                    weight, tail = 0 if named == self.rule else self.own[named], known[1] if known else (0, 0)
+                else:
+                    weight, tail = known
+                group.pending = (0, weight), self.nullable[event >> 1], tail, True
             else:
                 group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False
         self._close(groups[0])
