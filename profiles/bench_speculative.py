@@ -24,8 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: what a server runs (nanoqwen/__init__.py)
-import torch  # noqa: E402
+import torch
 
 import common
 from nanoqwen.engine import Engine, SamplingParams

@@ -2,8 +2,6 @@
 rounding, the blocked GEMM against the references and the exact product, and the row threshold."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -18,10 +16,8 @@ from ops.cpu import build as cpu_build
 from ops.cpu import dequant, embedding, graph
 from ops.cpu import linear_int4 as cpu_int4
 from ops.cpu import linear_int8 as cpu_int8
-from ops.cpu.linear import AVX512_BF16
 from ops.torch_ref.linear_int4 import dequantize_int4, linear_int4_torch
 from ops.torch_ref.linear_int8 import linear_int8_torch
-from server_process import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
@@ -196,39 +192,16 @@ def operands(quant: str, m: int) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
-    """MIN_ROWS rows (int8: int8_min_rows()) take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
+    """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
     mixed steps reach by their row count alone)."""
     module = cpu_int8 if quant == "int8" else cpu_int4
-    least = dequant.int8_min_rows() if quant == "int8" else dequant.MIN_ROWS
+    least = dequant.MIN_ROWS
     calls = []
     record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
     x, *weights = operands(quant, least)
     for rows in (x, x[:-1]):
         getattr(module, f"linear_{quant}")(rows, *weights)
     assert calls == [(f"linear_{quant}", least), (f"linear_{quant}_cpu", least - 1)]
-
-
-@pytest.mark.skipif(not AVX512_BF16, reason="int8 keeps the decode kernel to MIN_ROWS without AVX512-BF16")
-def test_int8_takes_the_gemm_from_17_rows_where_the_built_kernel_has_no_amx():
-    """torch's probe says AMX (faked, in a process of its own: before ops.cpu is imported) and the kernels are capped
-    at avx512, so that linear_int8.c takes its vpdpbusd loops, as on an AMX CPU run with cpu_isa=avx512: 17 rows take
-    the blocked GEMM, as on a CPU without AMX, not the decode kernel to MAX_ROWS."""
-    script = ("import torch\n"
-              "torch.cpu._is_amx_tile_supported = lambda: True\n"
-              "from ops.cpu import dequant\n"
-              "assert dequant.KERNEL.build(isa='avx512'), dequant.KERNEL.error\n"
-              "print(dequant.takes(16, int8=True), dequant.takes(17, int8=True))\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["False", "True"]
-
-
-def test_int8_keeps_the_decode_kernel_to_max_rows_where_it_has_amx(monkeypatch):
-    """Where the built decode kernel multiplies by AMX-INT8 (its answer faked), int8 takes the blocked GEMM from
-    MIN_ROWS, as int4 does."""
-    monkeypatch.setattr(dequant, "_amx_int8", lambda lib: True)
-    assert dequant.int8_min_rows() == dequant.MIN_ROWS
-    assert not dequant.takes(dequant.MAX_ROWS, int8=True) and dequant.takes(dequant.MAX_ROWS + 1, int8=True)
 
 
 @pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
@@ -284,15 +257,14 @@ def test_the_scratch_is_kept_across_calls_one_per_thread(monkeypatch):
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, quant):
-    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens (int8: int8_min_rows() + 7, under 32 where
-    the GEMM takes int8 from 17 rows) takes the blocked GEMM, and greedy output equals transformers on the same
-    dequantised weights token for token."""
+    """fp32 activations with the C kernels: a prompt of MIN_ROWS + 7 tokens takes the blocked GEMM, and greedy
+    output equals transformers on the same dequantised weights token for token."""
     from checkpoints import make_checkpoint
     from engine_util import generate, greedy, hf_greedy, load_engine
     from quant_reference import load_quantised_hf_model
 
     checkpoint = make_checkpoint()
-    least = dequant.int8_min_rows() if quant == "int8" else dequant.MIN_ROWS
+    least = dequant.MIN_ROWS
     prompts = [list(range(2000, 2000 + least + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)

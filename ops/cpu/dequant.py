@@ -20,8 +20,6 @@ Source: csrc/dequant.c, built by build.py.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import threading
 from collections.abc import Callable
 
@@ -30,38 +28,17 @@ import torch
 from ops.cpu import build, graph
 from ops.cpu.linear import AVX512_BF16, MAX_ROWS
 
-KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4", "dequant_int8", "dequant_int8_amx"))
+KERNEL = build.CKernel("cpu_dequant", "dequant.c", ("dequant_int4", "dequant_int8"))
 
 # Activation rows from which the blocked GEMM serves, up to MAX_ROWS the decode kernels. Not where the GEMM starts to
 # win (1 thread, 6144 x 1024, bf16, CPU ms, decode kernel / blocked GEMM: int8 16 rows 2.4 / 2.8, 32 rows 5.0 / 4.0;
 # int4 32 rows 3.4 / 4.5) but where the decode kernels stop: a step of up to MAX_ROWS rows stays a bucket the CPU
 # graph captures (graph.py records C calls, torch.mm is none), and the AMX kernels serve up to MAX_ROWS rows.
+# int8 too: one thread's CPU time put its crossover at 17 rows on Zen 5 (a layer's four linears, bf16 rows, decode
+# kernel / blocked: 16 rows 2.53 / 2.29 ms, 24 4.85 / 2.75), but whole steps at 2 threads, wall, OMP_WAIT_POLICY
+# PASSIVE, took 67-69 ms by the decode kernel at 17 rows against 92-143 by the GEMM, the same at 32 rows
+# (profiles/RESULTS.md, thirty-third session, lead).
 MIN_ROWS = MAX_ROWS + 1
-# int8 from fewer rows where the decode kernel has no AMX-INT8 and torch's GEMM is oneDNN's bf16 one: its vpdpbusd
-# loops multiply 2 int8 pieces of each bf16 row (4 of an fp32 one), and from 17 rows they lose to dequant_int8 and
-# the GEMM (Zen 5, 1 thread, CPU ms for a layer's four linears, bf16 rows, decode kernel / blocked: 12 rows 1.77 /
-# 2.05, 16 2.53 / 2.29, 24 4.85 / 2.75, 32 8.21 / 3.35; int4's loops keep 32: 3.24 / 4.03). fp32 rows take the
-# blocked path there too, by the fp32 GEMM, still a win (one linear, 6144 x 1024: 17 rows 3.35 / 3.12, 24 4.84 /
-# 3.72, 32 6.67 / 4.63; 1024 x 3072: 1.66 / 1.51, 2.34 / 1.78, 3.12 / 2.24). A CPU graph bucket of 17-32 such rows runs
-# eagerly, as one past linear.NATIVE_BF16_MAX_ROWS does.
-
-
-@functools.cache
-def _amx_int8(lib: ctypes.CDLL) -> bool:
-    """Whether linear_int8.c, built with the cap of `lib` (a build of dequant.c), multiplies rows by AMX-INT8."""
-    answer = ctypes.c_int32(0)
-    lib.dequant_int8_amx(ctypes.byref(answer))
-    return bool(answer.value)
-
-
-@torch.compiler.assume_constant_result  # a decode step torch.compile traces asks it: no ctypes call in the trace
-def int8_min_rows() -> int:
-    """Activation rows from which an int8 linear takes the blocked GEMM (dequant.c built): 17 where AVX512_BF16 and
-    the decode kernel of the kernels' cap has no AMX-INT8 (the build's answer, not torch's probe of the CPU: a cap of
-    avx512 leaves an AMX CPU the vpdpbusd loops), else MIN_ROWS."""
-    return 17 if AVX512_BF16 and not _amx_int8(KERNEL.lib) else MIN_ROWS
-
-
 # A block of dequantised weights. One thread runs any block size from 256 KiB at the bf16 GEMM's pace; with two,
 # each block is one OpenMP region of the GEMM, whose barrier waits for a descheduled thread on a shared CPU: 2-4
 # MiB blocks (2-4 per linear of Qwen3-0.6B) ran 512 rows as fast as 1 MiB ones or faster, 256 KiB 1.2-2.3x slower.
@@ -85,10 +62,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def takes(rows: int, int8: bool) -> bool:
-    """Whether a call of `rows` activation rows of an int8 (else int4) linear is for the blocked GEMM, and the
-    dequantising kernel built."""
-    return KERNEL.ready and rows >= (int8_min_rows() if int8 else MIN_ROWS)
+def takes(rows: int) -> bool:
+    """Whether a call of `rows` activation rows of a quantised linear is for the blocked GEMM, and the dequantising
+    kernel built."""
+    return KERNEL.ready and rows >= MIN_ROWS
 
 
 def _block(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, int]:

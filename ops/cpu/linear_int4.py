@@ -110,7 +110,7 @@ def linear_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offs
     if (rows.shape[1] // scale.shape[1]) % BLOCK:
         raise ValueError(f"int4 groups of {rows.shape[1] // scale.shape[1]} columns: the C kernels take multiples of "
                          f"{BLOCK} (nanoqwen/quant.py's GROUP_SIZE)")
-    if dequant.takes(rows.shape[0], int8=False):
+    if dequant.takes(rows.shape[0]):
         out = dequant.linear_int4(rows, weight, scale, offset)
     elif rows.shape[0] <= MAX_ROWS:
         out = linear_int4_cpu(rows, weight, scale, offset)

@@ -2,7 +2,6 @@
    int4 value is rounded as the torch reference rounds it: q * scale, then + offset, in fp32, then to the output dtype;
    int8 values are exact in either. */
 #include "nanoqwen_cpu.h"
-#include "amx.h"
 #include "int4_block.h"
 #include "pool.h"
 
@@ -211,6 +210,3 @@ void dequant_int8(const int8_t *w, void *out, int N, int K, int bf16) {
     const struct int8_args a = {w, out, K, bf16, N, pool_rows_per_chunk(K)};
     nanoqwen_pool_run(has_avx512() ? dequant_int8_rows512 : dequant_int8_rows, &a, (N + a.rows - 1) / a.rows);
 }
-
-/* dequant.py's int8 threshold: the same test as linear_int8.c's (amx.h), under the same cap. */
-void dequant_int8_amx(int32_t *amx) { *amx = amx_int8_ready(); }

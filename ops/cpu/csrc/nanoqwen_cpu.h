@@ -41,8 +41,6 @@ void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles);
 void dequant_int4(const uint8_t *w, const void *scale, const void *offset, void *out, int N, int K, int G, int bf16);
 /* dequant.c: out = w, exactly; w: [N, K] int8, out: [N, K] bf16 or fp32. */
 void dequant_int8(const int8_t *w, void *out, int N, int K, int bf16);
-/* Sets *amx to whether linear_int8.c, built with this build's cap, multiplies 2+ rows by AMX-INT8 (K % 64 == 0). */
-void dequant_int8_amx(int32_t *amx);
 
 /* attention.c: paged decode attention, one query token per sequence.
    q: [B, Hq, D] with token stride sq (heads contiguous: q may be a view of the fused qkv rows);

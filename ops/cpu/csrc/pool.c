@@ -59,7 +59,8 @@ static long pool_work(uint32_t g, uint64_t w, const struct pool_job *job) {
 
 /* A helper's argument: its id, and the generation before the job its start is for (it starts after that job is
    published, and reading the generation then, it would take the job as seen). */
-#define POOL_ID_BITS 6  /* ids < POOL_MAX_HELPERS + 1 */
+#define POOL_ID_BITS 6
+_Static_assert(POOL_MAX_HELPERS <= 1 << POOL_ID_BITS, "a helper's id fits its bits");
 
 static void *pool_helper(void *arg) {
     const int id = (int)((uintptr_t)arg & ((1u << POOL_ID_BITS) - 1));
