@@ -411,7 +411,8 @@ class _Alternatives:
     head: Pair = (0, 0)
     through: bool = True
     window: Pair | None = None
-    pending: tuple[Pair, bool, Pair, bool] | None = None
+    pending: tuple[Pair, bool, Pair, bool, bool] | None = None
+    solid: bool = False  # holds an element that may not be empty (a `*` of it loops back though it may be empty)
 
 
 class _Rows:
@@ -438,15 +439,18 @@ class _Rows:
             group = groups[-1]
             if event == OPTIONAL:  # after an element (_Empty.define); a group or a rule named that may be empty already
                 if group.pending is not None:  # made optional: one item more (tested)
-                    entries, may_be_empty, tail, grouped = group.pending
-                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False
+                    entries, may_be_empty, tail, grouped, solid = group.pending
+                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False, solid
                 continue
-            if event in (REPEAT, MORE):  # a run reaching the end of one that may not be empty goes on into it again:
-                if group.pending is not None:  # its head, `+` an item more (one that may: llguidance's row holds none)
-                    entries, may_be_empty, tail, grouped = group.pending
-                    if not may_be_empty:
-                        tail = _plus(tail, _plus(entries, (event == MORE, 0)))
-                    group.pending = entries, may_be_empty, tail, grouped
+            if event in (REPEAT, MORE):  # a run reaching the element's end goes on into it again: its head, `+` an
+                if group.pending is not None:  # item more; one that may be empty only as `+` or holding a token
+                    entries, may_be_empty, tail, grouped, solid = group.pending  # (`(run)*`: the row holds none)
+                    back = entries
+                    if may_be_empty:  # its head holds its tail, whose pieces' helper items the row holds already
+                        back = entries[0] - tail[0] // 2 + 2, entries[1] - tail[1] // 2  # (measured: 3n + 9 items)
+                    if not may_be_empty or solid or event == MORE:
+                        tail = _plus(tail, _plus(back, (event == MORE, 0)))
+                    group.pending = entries, may_be_empty, tail, grouped, solid
                 continue
             self._take(group)
             if event == OPEN:
@@ -456,7 +460,7 @@ class _Rows:
             elif event <= CLOSE:
                 self._close(groups.pop())
                 groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
-                                      True)
+                                      True, group.solid)
             elif event & 1:
                 named = self.rules[event >> 1]
                 known = self.weights.get(named)
@@ -465,9 +469,9 @@ class _Rows:
                     weight, tail = 0 if named == self.rule else self.own[named], known[1] if known else (0, 0)
                 else:
                     weight, tail = known
-                group.pending = (0, weight), self.nullable[event >> 1], tail, True
+                group.pending = (0, weight), self.nullable[event >> 1], tail, True, False
             else:
-                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False
+                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False
         self._close(groups[0])
         self.heads += groups[0].heads
         self.best = max(self.best, _value(groups[0].tail or (0, 0)))
@@ -477,8 +481,9 @@ class _Rows:
         """The element read, taken into the open alternative's head and windows."""
         if group.pending is None:
             return
-        entries, may_be_empty, tail, _ = group.pending
+        entries, may_be_empty, tail, _, solid = group.pending
         group.pending = None
+        group.solid = group.solid or solid or not may_be_empty
         reached = None if group.window is None else _plus(group.window, entries)
         if reached is not None and not may_be_empty:
             self.best = max(self.best, _value(reached))
