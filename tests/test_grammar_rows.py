@@ -461,6 +461,11 @@ RUN_SHAPES: dict[str, Callable[[int], str]] = {
     # the run after "k" goes on after the rule named in itself
     "out of a rule recursive on the left": lambda n: (f'start: "q" r "z"\nr: "k" {_run(n // 2)} | r '
                                                       f'{_run(n - n // 2, "v")}'),
+    "out of a rule recursive on the left in several alternatives": lambda n: (
+        f'start: "q" r "z"\nr: "k" {_run(n // 3)} | r {_run(n // 3, "v")} | r {_run(n - 2 * (n // 3), "u")}'),
+    "out of a rule recursive on the left through rules": lambda n: (
+        f'start: "q" a "z"\na: "k" {_run(n // 3)} | b {_run(n // 3, "v")} | c {_run(n - 2 * (n // 3), "u")}\n'
+        'b: a\nc: a'),
     "out of a rule recursive on the right": lambda n: (f'start: "q" r "z"\nr: "k" {_run(n // 2)} | "m" r '
                                                        f'{_run(n - n // 2, "v")}'),
     "out of rules recursive in each other": lambda n: (f'start: "q" b "z"\nb: "k" {_run(n // 2)} | a "m"\n'
@@ -474,6 +479,8 @@ ANSWERS = {"in optional rules named, chained": "w0xw1xz", "in a group repeated, 
            "in a group repeated once or more, back over an optional token": "qa0xkz",
            "in a group repeated once or more, back over a token made optional": "qa0xkz",
            "out of a rule recursive on the left": "qkz",
+           "out of a rule recursive on the left in several alternatives": "qkz",
+           "out of a rule recursive on the left through rules": "qkz",
            "out of a rule recursive on the right": "qmkz", "out of rules recursive in each other": "qkz",
            "out of rules recursive in each other, defined the other way": "qkz"}
 

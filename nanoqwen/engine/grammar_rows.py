@@ -180,22 +180,29 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
     heaviest = 0
+    order = list(_postorder(links))
+    cycle = _components(links, order)
+    looped: dict[str, Pair] = defaultdict(lambda: (0, 0))  # by rule: its left-recursive alternatives' rests' heads
+    looping: dict[str, Pair] = defaultdict(lambda: (0, 0))  # by cycle: its rules' `looped`, added up
 
     def walk(name: str) -> bool:
         """Weighs rule `name`; whether it names a rule being walked."""
         nonlocal heaviest
-        rows = _Rows(name, nullable, rules, heads, own)
+        rows = _Rows(name, nullable, rules, heads, own, cycle)
         for events in empty.events[name]:
             rows.read(events)
+        cycled = cycle[name]
+        looping[cycled] = _plus(looping[cycled], (rows.looped[0] - looped[name][0], rows.looped[1] - looped[name][1]))
+        looped[name] = rows.looped
         head = min(CAP, own[name] + _value(_Rows.combined(rows.heads)))
-        heads[name] = head, rows.tail or (0, 0)
-        heaviest = max(heaviest, head, min(CAP, own[name] + rows.best))
+        tail = _plus(rows.tail or (0, 0), looping[cycled])  # a rule of the cycle ended: each such rest goes on
+        heads[name] = head, (min(CAP, tail[0]), min(CAP, tail[1]))
+        heaviest = max(heaviest, head, min(CAP, own[name] + max(rows.best, _value(tail))))
         return rows.recursive
 
     # A rule named recursively and followed by more pieces goes on into them when it ends (`r: "k" R | r V`: after
     # "k", R and V), so a recursive rule is walked again, each rule it names with the tail found the first time, and
     # then each rule naming one whose weights changed
-    order = list(_postorder(links))
     recursive = {name for name in order if walk(name)}
     changed: set[str] = set()
     for name in order:
@@ -412,6 +419,7 @@ class _Alternatives:
     through: bool = True
     window: Pair | None = None
     pending: tuple[Pair, bool, Pair, bool, bool] | None = None
+    looped: tuple[Pair, bool] | None = None  # starts with a rule of its rule's cycle (_Rows.looped): its entries
     solid: bool = False  # holds an element that may not be empty (a `*` of it loops back though it may be empty)
 
 
@@ -425,9 +433,11 @@ class _Rows:
     row."""
 
     def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
-                 own: Mapping[str, int]) -> None:
+                 own: Mapping[str, int], cycle: Mapping[str, str]) -> None:
         self.rule, self.nullable, self.rules, self.weights, self.own = rule, nullable, rules, heads, own
+        self.cycle = cycle
         self.best = 0
+        self.looped: Pair = (0, 0)  # the heads of the rests of the alternatives that start with a rule of its cycle
         self.heads: list[Pair] = []
         self.tail: Pair | None = None
         self.recursive = False  # named a rule being walked (_lark_chain walks it twice)
@@ -470,6 +480,10 @@ class _Rows:
                 else:
                     weight, tail = known
                 group.pending = (0, weight), self.nullable[event >> 1], tail, True, False
+                if len(groups) == 1 and group.window is None and group.head == (0, 0) and group.through and (
+                        named == self.rule or self.cycle[named] == self.cycle[self.rule]):
+                    group.looped = (0, weight), self.nullable[event >> 1]  # left recursion: its rest goes on
+                    group.pending = (0, 0), True, (0, 0), True, False  # wherever a rule of the cycle ends
             else:
                 group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False
         self._close(groups[0])
@@ -495,9 +509,14 @@ class _Rows:
     def _close(self, group: _Alternatives) -> None:
         """Ends the open alternative (at a `|` or the group's end)."""
         self._take(group)
-        group.heads.append(group.head)
+        if group.looped is None:
+            group.heads.append(group.head)
+        else:
+            first, may_be_empty = group.looped
+            group.heads.append(_plus(first, group.head) if may_be_empty else first)
+            self.looped = _plus(self.looped, group.head)
         group.tail = _most(group.tail, group.window or (0, 0))
-        group.head, group.through, group.window = (0, 0), True, None
+        group.head, group.through, group.window, group.looped = (0, 0), True, None, None
 
     @staticmethod
     def combined(heads: list[Pair]) -> Pair:
@@ -669,6 +688,26 @@ def _heaviest(links: dict[Any, dict[Any, int]]) -> int:
         depth[node] = min(CAP, max((weight + depth[following] for following, weight in links.get(node, {}).items()
                                     if following in depth), default=0))
     return max(depth.values(), default=0)
+
+
+def _components(links: Mapping[Any, Iterable[Any]], order: list[Any]) -> dict[Any, Any]:
+    """By node: a name for its strongly connected component (Kosaraju: `order` is _postorder's); a node in none
+    names itself."""
+    back: dict[Any, list[Any]] = defaultdict(list)
+    for node, followings in links.items():
+        for following in followings:
+            back[following].append(node)
+    component: dict[Any, Any] = {}
+    for root in reversed(order):
+        if root in component:
+            continue
+        component[root], stack = root, [root]
+        while stack:
+            for preceding in back.get(stack.pop(), ()):
+                if preceding not in component:
+                    component[preceding] = root
+                    stack.append(preceding)
+    return component
 
 
 def _postorder(links: Mapping[Any, Iterable[Any]]) -> Iterator[Any]:
