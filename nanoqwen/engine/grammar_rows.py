@@ -180,22 +180,29 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
     heaviest = 0
+    order = list(_postorder(links))
+    cycle = _components(links, order)
+    looped: dict[str, Pair] = defaultdict(lambda: (0, 0))  # by rule: its left-recursive alternatives' rests' heads
+    looping: dict[str, Pair] = defaultdict(lambda: (0, 0))  # by cycle: its rules' `looped`, added up
 
     def walk(name: str) -> bool:
         """Weighs rule `name`; whether it names a rule being walked."""
         nonlocal heaviest
-        rows = _Rows(name, nullable, rules, heads, own)
+        rows = _Rows(name, nullable, rules, heads, own, cycle)
         for events in empty.events[name]:
             rows.read(events)
+        cycled = cycle[name]
+        looping[cycled] = _plus(looping[cycled], (rows.looped[0] - looped[name][0], rows.looped[1] - looped[name][1]))
+        looped[name] = rows.looped
         head = min(CAP, own[name] + _value(_Rows.combined(rows.heads)))
-        heads[name] = head, rows.tail or (0, 0)
-        heaviest = max(heaviest, head, min(CAP, own[name] + rows.best))
+        tail = _plus(rows.tail or (0, 0), looping[cycled])  # a rule of the cycle ended: each such rest goes on
+        heads[name] = head, (min(CAP, tail[0]), min(CAP, tail[1]))
+        heaviest = max(heaviest, head, min(CAP, own[name] + max(rows.best, _value(tail))))
         return rows.recursive
 
     # A rule named recursively and followed by more pieces goes on into them when it ends (`r: "k" R | r V`: after
     # "k", R and V), so a recursive rule is walked again, each rule it names with the tail found the first time, and
     # then each rule naming one whose weights changed
-    order = list(_postorder(links))
     recursive = {name for name in order if walk(name)}
     changed: set[str] = set()
     for name in order:
@@ -411,7 +418,9 @@ class _Alternatives:
     head: Pair = (0, 0)
     through: bool = True
     window: Pair | None = None
-    pending: tuple[Pair, bool, Pair, bool] | None = None
+    pending: tuple[Pair, bool, Pair, bool, bool] | None = None
+    looped: tuple[Pair, bool] | None = None  # starts with a rule of its rule's cycle (_Rows.looped): its entries
+    solid: bool = False  # holds an element that may not be empty (a `*` of it loops back though it may be empty)
 
 
 class _Rows:
@@ -424,9 +433,11 @@ class _Rows:
     row."""
 
     def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
-                 own: Mapping[str, int]) -> None:
+                 own: Mapping[str, int], cycle: Mapping[str, str]) -> None:
         self.rule, self.nullable, self.rules, self.weights, self.own = rule, nullable, rules, heads, own
+        self.cycle = cycle
         self.best = 0
+        self.looped: Pair = (0, 0)  # the heads of the rests of the alternatives that start with a rule of its cycle
         self.heads: list[Pair] = []
         self.tail: Pair | None = None
         self.recursive = False  # named a rule being walked (_lark_chain walks it twice)
@@ -438,15 +449,18 @@ class _Rows:
             group = groups[-1]
             if event == OPTIONAL:  # after an element (_Empty.define); a group or a rule named that may be empty already
                 if group.pending is not None:  # made optional: one item more (tested)
-                    entries, may_be_empty, tail, grouped = group.pending
-                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False
+                    entries, may_be_empty, tail, grouped, solid = group.pending
+                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False, solid
                 continue
-            if event in (REPEAT, MORE):  # a run reaching the end of one that may not be empty goes on into it again:
-                if group.pending is not None:  # its head, `+` an item more (one that may: llguidance's row holds none)
-                    entries, may_be_empty, tail, grouped = group.pending
-                    if not may_be_empty:
-                        tail = _plus(tail, _plus(entries, (event == MORE, 0)))
-                    group.pending = entries, may_be_empty, tail, grouped
+            if event in (REPEAT, MORE):  # a run reaching the element's end goes on into it again: its head, `+` an
+                if group.pending is not None:  # item more; one that may be empty only as `+` or holding a token
+                    entries, may_be_empty, tail, grouped, solid = group.pending  # (`(run)*`: the row holds none)
+                    back = entries
+                    if may_be_empty:  # its head holds its tail, whose pieces' helper items the row holds already
+                        back = entries[0] - tail[0] // 2 + 2, entries[1] - tail[1] // 2  # (measured: 3n + 9 items)
+                    if not may_be_empty or solid or event == MORE:
+                        tail = _plus(tail, _plus(back, (event == MORE, 0)))
+                    group.pending = entries, may_be_empty, tail, grouped, solid
                 continue
             self._take(group)
             if event == OPEN:
@@ -456,7 +470,7 @@ class _Rows:
             elif event <= CLOSE:
                 self._close(groups.pop())
                 groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
-                                      True)
+                                      True, group.solid)
             elif event & 1:
                 named = self.rules[event >> 1]
                 known = self.weights.get(named)
@@ -465,9 +479,13 @@ class _Rows:
                     weight, tail = 0 if named == self.rule else self.own[named], known[1] if known else (0, 0)
                 else:
                     weight, tail = known
-                group.pending = (0, weight), self.nullable[event >> 1], tail, True
+                group.pending = (0, weight), self.nullable[event >> 1], tail, True, False
+                if len(groups) == 1 and group.window is None and group.head == (0, 0) and group.through and (
+                        named == self.rule or self.cycle[named] == self.cycle[self.rule]):
+                    group.looped = (0, weight), self.nullable[event >> 1]  # left recursion: its rest goes on
+                    group.pending = (0, 0), True, (0, 0), True, False  # wherever a rule of the cycle ends
             else:
-                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False
+                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False
         self._close(groups[0])
         self.heads += groups[0].heads
         self.best = max(self.best, _value(groups[0].tail or (0, 0)))
@@ -477,8 +495,9 @@ class _Rows:
         """The element read, taken into the open alternative's head and windows."""
         if group.pending is None:
             return
-        entries, may_be_empty, tail, _ = group.pending
+        entries, may_be_empty, tail, _, solid = group.pending
         group.pending = None
+        group.solid = group.solid or solid or not may_be_empty
         reached = None if group.window is None else _plus(group.window, entries)
         if reached is not None and not may_be_empty:
             self.best = max(self.best, _value(reached))
@@ -490,9 +509,14 @@ class _Rows:
     def _close(self, group: _Alternatives) -> None:
         """Ends the open alternative (at a `|` or the group's end)."""
         self._take(group)
-        group.heads.append(group.head)
+        if group.looped is None:
+            group.heads.append(group.head)
+        else:
+            first, may_be_empty = group.looped
+            group.heads.append(_plus(first, group.head) if may_be_empty else first)
+            self.looped = _plus(self.looped, group.head)
         group.tail = _most(group.tail, group.window or (0, 0))
-        group.head, group.through, group.window = (0, 0), True, None
+        group.head, group.through, group.window, group.looped = (0, 0), True, None, None
 
     @staticmethod
     def combined(heads: list[Pair]) -> Pair:
@@ -664,6 +688,26 @@ def _heaviest(links: dict[Any, dict[Any, int]]) -> int:
         depth[node] = min(CAP, max((weight + depth[following] for following, weight in links.get(node, {}).items()
                                     if following in depth), default=0))
     return max(depth.values(), default=0)
+
+
+def _components(links: Mapping[Any, Iterable[Any]], order: list[Any]) -> dict[Any, Any]:
+    """By node: a name for its strongly connected component (Kosaraju: `order` is _postorder's); a node in none
+    names itself."""
+    back: dict[Any, list[Any]] = defaultdict(list)
+    for node, followings in links.items():
+        for following in followings:
+            back[following].append(node)
+    component: dict[Any, Any] = {}
+    for root in reversed(order):
+        if root in component:
+            continue
+        component[root], stack = root, [root]
+        while stack:
+            for preceding in back.get(stack.pop(), ()):
+                if preceding not in component:
+                    component[preceding] = root
+                    stack.append(preceding)
+    return component
 
 
 def _postorder(links: Mapping[Any, Iterable[Any]]) -> Iterator[Any]:
