@@ -25,15 +25,20 @@ OUT = REPO / "profiles" / "out"  # git-ignored default for --out
 def _with_the_servers_wait_policy() -> None:
     """A profile script run with OpenMP's wait policy unset starts again with PASSIVE: nanoqwen/__init__.py sets it
     for the server before torch loads libgomp, which reads it once, and the scripts import torch first, so they would
-    time OpenMP's threads spinning between ops, which the server does not run (an int8 step of 17 rows 5-10x slower).
-    A policy the user set is kept."""
-    if "OMP_WAIT_POLICY" in os.environ or not Path(sys.argv[0]).resolve().is_relative_to(REPO / "profiles"):
+    time OpenMP's threads spinning between ops, which the server does not run (an int8 step whose linears torch
+    multiplies, 2.4 s against 0.25 s at 32 rows: profiles/RESULTS.md, omp33). A policy the user set is kept. A script
+    is __main__'s file (none for -c or a pytest-xdist worker, "<stdin>" for stdin: those must not start again)."""
+    script = getattr(sys.modules["__main__"], "__file__", None)
+    if "OMP_WAIT_POLICY" in os.environ or script is None:
+        return
+    if not Path(script).is_file() or not Path(script).resolve().is_relative_to(REPO / "profiles"):
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 _with_the_servers_wait_policy()
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")  # what OpenMP reads when torch loads: nanoqwen sets it after
 
 import torch  # noqa: E402
 
@@ -255,7 +260,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "omp_wait_policy": WAIT_POLICY,
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

@@ -195,13 +195,12 @@ def test_the_threshold_is_on_the_calls_rows(monkeypatch, quant):
     """MIN_ROWS rows take the blocked GEMM, one fewer the decode kernel (which chunked prefill's
     mixed steps reach by their row count alone)."""
     module = cpu_int8 if quant == "int8" else cpu_int4
-    least = dequant.MIN_ROWS
     calls = []
     record_rows(monkeypatch, calls, (dequant, f"linear_{quant}"), (module, f"linear_{quant}_cpu"))
-    x, *weights = operands(quant, least)
+    x, *weights = operands(quant, dequant.MIN_ROWS)
     for rows in (x, x[:-1]):
         getattr(module, f"linear_{quant}")(rows, *weights)
-    assert calls == [(f"linear_{quant}", least), (f"linear_{quant}_cpu", least - 1)]
+    assert calls == [(f"linear_{quant}", dequant.MIN_ROWS), (f"linear_{quant}_cpu", dequant.MIN_ROWS - 1)]
 
 
 @pytest.mark.parametrize("missing", [cpu_int4.KERNEL, dequant.KERNEL, embedding.KERNEL],
@@ -264,8 +263,7 @@ def test_a_prefill_sized_prompt_matches_the_quantised_reference(monkeypatch, qua
     from quant_reference import load_quantised_hf_model
 
     checkpoint = make_checkpoint()
-    least = dequant.MIN_ROWS
-    prompts = [list(range(2000, 2000 + least + 7))]
+    prompts = [list(range(2000, 2000 + dequant.MIN_ROWS + 7))]
     expected = [hf_greedy(load_quantised_hf_model(checkpoint, quant), p, 4) for p in prompts]
     engine = load_engine(checkpoint, kernels="auto", quant=quant)
     calls = []

@@ -45,7 +45,7 @@ def test_a_profile_script_runs_with_the_servers_wait_policy(policy, expected):
     """Scripts under profiles/ import torch before nanoqwen (which sets OMP_WAIT_POLICY for the server): common.py
     starts such a script again with PASSIVE, so that its timings are of the policy the server runs; a policy the
     user set is kept."""
-    script = REPO_ROOT / "profiles" / "out" / "policy_probe.py"  # git-ignored
+    script = REPO_ROOT / "profiles" / "out" / f"policy_probe_{policy}.py"  # git-ignored; one a case: xdist
     script.parent.mkdir(exist_ok=True)
     script.write_text(POLICY_PROBE)
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

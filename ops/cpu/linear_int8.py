@@ -58,7 +58,7 @@ linear_int8_cpu = build.kernel_op("linear_int8_cpu", _linear_int8, _linear_int8_
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The kernel set's linear_int8: the C kernel up to MAX_ROWS rows (the torch reference where it did not build),
-    dequant.py's blocked GEMM beyond where dequant.c built."""
+    dequant.py's blocked GEMM beyond, where dequant.c built."""
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if dequant.takes(rows.shape[0]):
         out = dequant.linear_int8(rows, weight, scale)
