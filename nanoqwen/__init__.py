@@ -2,8 +2,10 @@
 import os
 
 # Read by OpenMP when torch loads, so it is decided here, before any import of torch; a policy the user set wins.
-# A step alternates torch ops (OpenMP) with the C kernels' own thread pool (ops/cpu/csrc/pool.h), and OpenMP's
-# threads spinning after each op take the cores that pool needs: with them asleep a verify step of drafts at batch 1
-# costs 25-40% less (profiles/RESULTS.md, "Seventh session") and an int8 decode step of 17-32 rows (the C kernels
-# dequantise, torch's GEMM multiplies) about 10x less ("Thirty-third session, lane omp33").
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# With drafts, a step alternates small torch ops with the C kernels' own thread pool, and OpenMP's threads spinning
+# after each op take the cores that pool needs: a verify step at batch 1 costs 25-40% less with them asleep
+# (profiles/RESULTS.md, "Seventh session"). Without drafts the spin stays OpenMP's default: asleep, quiet, int4 and
+# int8 batch-1 decode ran ~17-20% slower (b8 3-5% faster; under load, steps mixing torch's GEMMs with the pool far
+# faster: "Thirty-third session", omp33 and lead).
+if os.environ.get("NANOQWEN_SPECULATIVE_CONFIG"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -24,7 +24,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: what a server with speculation runs
+import torch  # noqa: E402
 
 import common
 from nanoqwen.engine import Engine, SamplingParams

@@ -20,25 +20,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 OUT = REPO / "profiles" / "out"  # git-ignored default for --out
-
-
-def _with_the_servers_wait_policy() -> None:
-    """A profile script run with OpenMP's wait policy unset starts again with PASSIVE: nanoqwen/__init__.py sets it
-    for the server before torch loads libgomp, which reads it once, and the scripts import torch first, so they would
-    time OpenMP's threads spinning between ops, which the server does not run (an int8 step whose linears torch
-    multiplies, 2.4 s against 0.25 s at 32 rows: profiles/RESULTS.md, omp33). A policy the user set is kept. A script
-    is __main__'s file (none for -c or a pytest-xdist worker, "<stdin>" for stdin: those must not start again)."""
-    script = getattr(sys.modules["__main__"], "__file__", None)
-    if "OMP_WAIT_POLICY" in os.environ or script is None:
-        return
-    if not Path(script).is_file() or not Path(script).resolve().is_relative_to(REPO / "profiles"):
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
-_with_the_servers_wait_policy()
-WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")  # what OpenMP reads when torch loads: nanoqwen sets it after
+# The policy OpenMP read when torch loaded (the scripts import torch first): nanoqwen may set one after.
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")
 
 import torch  # noqa: E402
 
