@@ -1245,4 +1245,5 @@ def test_the_grammar_lane_refuses_past_its_limit_and_serves_cached_grammars_mean
             refused = [f.result() for f in flood if isinstance(f.result(), openai.APIStatusError)]
             assert all(not isinstance(f.result(), openai.APIStatusError) for f in hits)
     assert refused and all(e.status_code == 503 and e.body["code"] == "queue_full"
-                           and e.response.headers.get("Retry-After") for e in refused)
+                           and e.response.headers.get("Retry-After", "").isdigit()  # whole seconds, as RFC 9110 says
+                           and int(e.response.headers["Retry-After"]) >= 1 for e in refused)
