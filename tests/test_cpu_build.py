@@ -122,6 +122,28 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
 
 
 @needs_compiler
+def test_the_pool_is_loaded_once_for_its_cache_and_sources(tmp_path):
+    """Every kernel library's build asks for the pool (ops/cpu/build.py): the first of a cache folder and digest looks
+    for it on disk and loads it, the next builds reuse that load (a pool deleted from the cache since is not built
+    again), and an edited source is another digest, so its pool is built and loaded anew."""
+    csrc, cache = copy_sources(tmp_path), tmp_path / "cache"
+
+    def build(name: str, source: str) -> None:
+        kernel = cpu_build.CKernel(name, source, (), csrc=csrc)
+        assert kernel.build(cache), kernel.error
+
+    build("cpu_pointwise", "pointwise.c")
+    pool = cpu_build.load_pool(csrc, cache, cpu_build.compiler())
+    Path(pool._name).unlink()
+    build("cpu_embedding", "embedding.c")
+    assert cpu_build.load_pool(csrc, cache, cpu_build.compiler()) is pool and not Path(pool._name).exists()
+    (csrc / "simd.h").write_text((csrc / "simd.h").read_text() + "\n/* edited */\n")
+    build("cpu_embedding", "embedding.c")
+    assert cpu_build.load_pool(csrc, cache, cpu_build.compiler()) is not pool
+    assert len(list(cache.glob("cpu_pool-*.so"))) == 1
+
+
+@needs_compiler
 def test_each_cap_is_a_library_of_its_own_and_a_kernel_takes_one(tmp_path):
     """cpu_isa is part of the cache key (two caps, two libraries), and a CKernel stays with the cap of its first build:
     the process's kernels serve every engine in it, and int4 weights packed for one cap's layout would be misread by

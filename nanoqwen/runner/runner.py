@@ -162,7 +162,8 @@ class ModelRunner:
         # its logits, every row with the same mode and noise as in the step.
         resample = penalized or adjusted
         logits, tokens = self.graphs.run(bucket, "greedy" if resample else mode, self._table_width(max_len))
-        logits, tokens = logits[:n], tokens[:n]
+        if n < bucket:  # two torch views, 20-45 µs cold after a replay (it streamed the weights): only where they cut
+            logits, tokens = logits[:n], tokens[:n]
         if resample:
             tokens = sample(logits, self.inputs.device_sampling(n), mode,
                             self.penalties.build(rows) if penalized else None,

@@ -147,9 +147,10 @@ def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str
     return result.stderr.strip()
 
 
-def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str) -> Path:
-    """The shared object of `source` in `cache_dir`, compiled first unless cached."""
-    path = cache_dir / f"{name}-{_digest(source.parent, cc, isa)}.so"
+def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest: str) -> Path:
+    """The shared object of `source` in `cache_dir` (`digest`: _digest of its folder's sources), compiled first
+    unless cached."""
+    path = cache_dir / f"{name}-{digest}.so"
     if not path.exists():
         warnings = compile_library(cc, source, path, isa)
         if warnings:
@@ -157,18 +158,29 @@ def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str) -> Pat
     return path
 
 
-def load_pool(csrc: Path, cache_dir: Path, cc: str) -> ctypes.CDLL:
-    """The thread pool's library, loaded where every kernel library loaded after it finds its symbols (loading it again
-    only counts a reference); its flags carry no cap (it has no loops to cap), so every cap's kernels share it. Raises
-    as compile_library does."""
-    return ctypes.CDLL(str(_library("cpu_pool", csrc / POOL, cache_dir, cc, "auto")), mode=ctypes.RTLD_GLOBAL)
+# The pool libraries this process loaded, by cache folder and digest: every kernel library's build asks for the pool,
+# and only the first of each looks for it on disk and loads it.
+_pools: dict[tuple[Path, str], ctypes.CDLL] = {}
 
 
-def _digest(csrc: Path, cc: str, isa: str) -> str:
-    h = hashlib.sha256(" ".join([cc, *isa_flags(isa)]).encode())
-    for file in sorted(csrc.glob("*.[ch]")):  # every source and header: an edit to any rebuilds all
-        h.update(file.name.encode() + b"\0" + file.read_bytes())
-    return h.hexdigest()[:16]
+def load_pool(csrc: Path, cache_dir: Path, cc: str, sources: bytes | None = None) -> ctypes.CDLL:
+    """The thread pool's library, loaded where every kernel library loaded after it finds its symbols; its flags carry
+    no cap (it has no loops to cap), so every cap's kernels share it. `sources`: _sources(csrc) where the caller read
+    them already. Raises as compile_library does."""
+    digest = _digest(_sources(csrc) if sources is None else sources, cc, "auto")
+    if (cache_dir, digest) not in _pools:
+        path = _library("cpu_pool", csrc / POOL, cache_dir, cc, "auto", digest)
+        _pools[cache_dir, digest] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    return _pools[cache_dir, digest]
+
+
+def _sources(csrc: Path) -> bytes:
+    """Every source and header of the folder, named, in order: an edit to any rebuilds all."""
+    return b"".join(file.name.encode() + b"\0" + file.read_bytes() for file in sorted(csrc.glob("*.[ch]")))
+
+
+def _digest(sources: bytes, cc: str, isa: str) -> str:
+    return hashlib.sha256(" ".join([cc, *isa_flags(isa)]).encode() + sources).hexdigest()[:16]
 
 
 class CKernel:
@@ -211,8 +223,9 @@ class CKernel:
             log.log(level, "%s: %s, using torch", self.name, reason)
             return None
         cc = compiler()
-        load_pool(self.csrc, cache_dir, cc)
-        path = _library(self.name, self.source, cache_dir, cc, self.isa)
+        sources = _sources(self.csrc)
+        load_pool(self.csrc, cache_dir, cc, sources)
+        path = _library(self.name, self.source, cache_dir, cc, self.isa, _digest(sources, cc, self.isa))
         signatures = prototypes((self.csrc / HEADER).read_text())
         # libgomp.so.1 resolves to the OpenMP runtime torch already loaded: the kernels' thread pool
         # (csrc/pool.h) sizes itself by its thread count (torch.set_num_threads).

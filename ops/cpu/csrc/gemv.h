@@ -172,14 +172,23 @@ INLINE void dot_rows_avx512(const void *r, int kind, const float *x, int rows, i
 
 /* As dot_rows_avx512 for bf16 activations (x: rows of K bf16) and bf16 weights: vdpbf16ps multiplies
    pairs of bf16 exactly and accumulates them in fp32, so neither side is widened and each activation row
-   costs one instruction per 32 weights. */
+   costs one instruction per 32 weights. At one activation row the weights are prefetched non-temporally: each is read
+   once a step, and so streamed it evicts less of what the step's other kernels read next (a replayed bf16 b1 step on
+   Zen 5: attention, the norms and silu_mul 0.92-0.95x their time, the logits' widening 0.65-0.84x, the linears'
+   unchanged in the step, loaded; alone, bench_cpu_linear's pass 1.04x by median, 0.96-1.02x at best: profiles/
+   RESULTS.md, step34). */
 INLINE void dot_rows_bf16(const uint16_t *r, const uint16_t *x, int rows, int K, float *out) {
     __m512 a[GEMV_MAX_ROWS][2];
     for (int m = 0; m < rows; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
-        __builtin_prefetch(r + k + PREFETCH_BYTES / 2);
-        __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2);
+        if (rows == 1) {  /* prefetchnta */
+            __builtin_prefetch(r + k + PREFETCH_BYTES / 2, 0, 0);
+            __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2, 0, 0);
+        } else {
+            __builtin_prefetch(r + k + PREFETCH_BYTES / 2);
+            __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2);
+        }
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k), w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
         for (int m = 0; m < rows; m++) {
             a[m][0] = _mm512_dpbf16_ps(a[m][0], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k), w0);

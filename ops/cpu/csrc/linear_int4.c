@@ -160,17 +160,24 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
    row the high nibbles stay in place (w & 0xf0: 16 x the nibble, one op where shift and mask are two) in sums of
    their own, shifted back (exact: multiples of 16) at the span's end, which also halves each chain of vpdpbusd (1
    row hot in L2: 0.96x the time with the groups of 64 below, profiles/RESULTS.md, int4row; at 2 fp32 rows the extra
-   sums spill: 1.05x). A weight row's sums take the same operations in the same order whatever W: the same bits. */
+   sums spill: 1.05x). A weight row's sums take the same operations in the same order whatever W: the same bits.
+   `ahead` is prefetched non-temporally where `nta` (a constant; stream_rows' at 1 row): each weight is read once a
+   step, and so streamed it evicts less of what the step's other kernels read next (as linear_int8.c's
+   VNNI_PREFETCH_AHEAD; a replayed int4 step on Zen 5: the norms, attention and silu_mul 0.95-0.99x their time, the
+   linears' unchanged; profiles/RESULTS.md, step34). */
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
-          const uint8_t *const ahead[], __m512 f[][ROWS]) {
+          const uint8_t *const ahead[], int nta, __m512 f[][ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
     const int RG = R * P * W <= 16 ? R : 16 / (P * W);  /* activation rows a group: 16 int32 sums at most */
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
     __m512 s[2], off[2];
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-        for (int k = 0; k < SPAN / 128; k++) __builtin_prefetch(ahead[i] + 64 * k);
+        for (int k = 0; k < SPAN / 128; k++) {
+            if (nta) __builtin_prefetch(ahead[i] + 64 * k, 0, 0);  /* prefetchnta */
+            else __builtin_prefetch(ahead[i] + 64 * k);
+        }
         /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
            span's first, spread over its blocks */
         const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
@@ -243,11 +250,11 @@ stream_rows(const struct linear_int4_args *a, long n0, int j, int W, int count, 
     /* a constant count in the whole spans: their loads are plain */
     for (long span = 0; span < whole; span++) {
         _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + span * SPAN / 2 + PREFETCH_BYTES;
-        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, f);
+        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, R == 1, f);
     }
     if (whole < spans) {
         _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + whole * SPAN / 2 + PREFETCH_BYTES;
-        span_vnni(a, n, W, m0, R, P, whole, last, ahead, f);
+        span_vnni(a, n, W, m0, R, P, whole, last, ahead, R == 1, f);
     }
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
         const int at = j + i;
@@ -302,12 +309,12 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
         for (; i + 1 < count; i += 2) {
             const long n[2] = {n0 + i, n0 + i + 1};
             const uint8_t *ahead[2] = {next_span(a, n[0], span), next_span(a, n[1], span)};
-            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, f + i);
+            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, 0, f + i);
         }
         for (; i < count; i++) {
             const long n = n0 + i;
             const uint8_t *ahead = next_span(a, n, span);
-            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, f + i);
+            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, 0, f + i);
         }
     }
     _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
