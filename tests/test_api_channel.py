@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import resource
@@ -262,6 +263,27 @@ def test_a_reader_that_leaves_leaves_no_timer_running(path: str, monkeypatch: py
     finally:
         serving.encoding.stop()
     assert not _timer_runs(batch)
+
+
+def test_a_stream_whose_reader_is_behind_the_engine_still_writes_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frames of the events already waiting go out together, but held MAX_HOLD_S at most: a reader behind the
+    engine (a loop saturated by its streams: every event it takes has another waiting behind it) wrote nothing after
+    its opening until its end. A clock that moves a third of MAX_HOLD_S each time it is read stands for its pace."""
+    ticks = itertools.count(0.0, serving_module.MAX_HOLD_S / 3)
+    monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
+    serving = Serving(None, ServerConfig(), SimpleNamespace(finish=lambda trace, usage: None))  # type: ignore[arg-type]
+    batch = Batch()
+    for i in range(20):
+        batch.put(Event(index=0, text=f"t{i} ", token_ids=[i]))
+    batch.put(Event(index=0, finish_reason="length", usage=Usage(prompt_tokens=1, completion_tokens=20)))
+    trace = SimpleNamespace(on_event=lambda event: None)
+    try:
+        opening, *writes = serving._stream(batch, ChunkBuilder("m", "fp", include_usage=False), trace, {})
+    finally:
+        serving.encoding.stop()
+    assert len(writes) > 3 and "t0 " in writes[0] and "[DONE]" not in writes[0], writes
+    assert writes[-1].endswith('"finish_reason":"length"}]}\n\ndata: [DONE]\n\n'), writes[-1][-300:]
+    assert "".join(writes).count('"content":"t') == 20 and "error" not in "".join(writes)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,87 @@
+"""Timing faults for the suite's servers, to find the tests that pass only while the engine thread, the worker's
+greenlets and the client keep the pace a quiet machine gives them (the suite's intermittent failures under load).
+
+    TIMING_FAULT_APART=0.05 PYTHONPATH=profiles/timing_faults python -m pytest -q -n 0 tests/test_server_failures.py
+
+Every server a test starts inherits PYTHONPATH, so Python imports this file in each gunicorn worker, which alone is
+changed (a test's own process, not being one, runs as it was). Each fault is off unless its variable is set (seconds):
+- TIMING_FAULT_APART: a legacy completion's prompts after the first are submitted this long after the one before,
+  the engine stepping meanwhile (CI saw one prompt 3 tokens ahead of the other);
+- TIMING_FAULT_LAG: a request's reader takes each event this long late (its greenlet sleeps), the engine running on;
+- TIMING_FAULT_JITTER: every request is submitted up to this long late, uniformly: concurrent ones reach the engine
+  in any order;
+- TIMING_FAULT_STEP: each engine step takes this long more (a slower machine).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+APART, LAG, JITTER, STEP = (float(os.environ.get(f"TIMING_FAULT_{name}", "0"))
+                            for name in ("APART", "LAG", "JITTER", "STEP"))
+_blocking_sleep = time.sleep  # taken before gevent patches time: a step sleeps in the engine's own thread
+
+
+def _in_worker() -> bool:
+    return "gunicorn" in sys.modules
+
+
+def _engine(module: ModuleType) -> None:
+    submit, step = module.Engine.submit, module.Engine.step
+
+    def late_submit(self: Any, prompt_ids: list[int], params: Any, stream: Any = None, **kwargs: Any) -> Any:
+        if _in_worker():
+            # gevent's sleep once the worker patched time: the loop serves others, the engine thread steps
+            time.sleep((APART if getattr(stream, "offset", 0) > 0 else 0.0) + random.uniform(0, JITTER))
+        return submit(self, prompt_ids, params, stream=stream, **kwargs)
+
+    def slow_step(self: Any) -> None:
+        if _in_worker():
+            _blocking_sleep(STEP)
+        step(self)
+
+    module.Engine.submit, module.Engine.step = late_submit, slow_step
+
+
+def _serving(module: ModuleType) -> None:
+    get = module.Batch.get
+
+    def late_get(self: Any, *args: Any, **kwargs: Any) -> Any:
+        event = get(self, *args, **kwargs)
+        if _in_worker():
+            time.sleep(LAG)
+        return event
+
+    module.Batch.get = late_get
+
+
+_PATCHES: dict[str, Callable[[ModuleType], None]] = {"nanoqwen.engine.engine": _engine,
+                                                     "nanoqwen.api.serving": _serving}
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None) -> Any:
+        if name not in _PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            _PATCHES[name](module)
+            print(f"timing faults in {name}: apart {APART}, lag {LAG}, jitter {JITTER}, step {STEP} s", file=sys.stderr,
+                  flush=True)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if APART or LAG or JITTER or STEP:
+    sys.meta_path.insert(0, _PatchAfterImport())
