@@ -284,6 +284,7 @@ def test_a_stream_whose_reader_is_behind_the_engine_still_writes_as_it_goes(monk
     assert len(writes) > 3 and "t0 " in writes[0] and "[DONE]" not in writes[0], writes
     assert writes[-1].endswith('"finish_reason":"length"}]}\n\ndata: [DONE]\n\n'), writes[-1][-300:]
     assert "".join(writes).count('"content":"t') == 20 and "error" not in "".join(writes)
+    assert all(write.count('"content":"t') >= 2 for write in writes[:-1]), writes  # still several a write
 
 
 @contextlib.contextmanager

@@ -330,13 +330,13 @@ def test_a_stored_completion_refused_503_leaves_nothing_generating(
     """What a `store: true` request keeps is encoded off the loop for a large body, where a full queue is a 503:
     nothing may have been submitted by then (it was, and generated to max_tokens for nobody)."""
     submitted: list[Any] = []
-    submit = Engine.submit
+    enqueue = Engine.enqueue
 
-    def recorded(self: Engine, *args: Any, **kwargs: Any) -> Any:
-        submitted.append(submit(self, *args, **kwargs))
-        return submitted[-1]
+    def recorded(self: Engine, requests: list[Any]) -> None:
+        submitted.append(requests)
+        enqueue(self, requests)
 
-    monkeypatch.setattr(Engine, "submit", recorded)
+    monkeypatch.setattr(Engine, "enqueue", recorded)
 
     def full(*args: Any) -> Any:
         raise APIError(503, "the server is at capacity, retry later", type="server_error", code="queue_full")

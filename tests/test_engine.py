@@ -23,8 +23,9 @@ from engine_util import (
     started_engine,
 )
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
-from nanoqwen.engine.engine import PromptTooLongError
+from nanoqwen.engine.engine import PromptTooLongError, QueueFullError
 from nanoqwen.engine.stream import EventStream
+from nanoqwen.engine.validation import InvalidRequest
 
 PROMPTS = [
     [9707, 1879, 11, 358, 1079],  # "Hello world, I am"
@@ -337,6 +338,37 @@ def test_a_request_is_reported_admitted_once_as_its_prefill_is_scheduled_not_whe
     run(engine)
     assert kept.admitted_after == [0] and aborted.admitted_after == []
     assert collect(kept, 2).usage is not None and collect(aborted).choices[0].finish_reason == "abort"
+
+
+def test_a_batchs_prompts_are_queued_together_all_or_none(tiny_checkpoint, monkeypatch):
+    """submit_all queues a legacy completion's prompts as one: the engine stepping while the later ones are still
+    validated (its own thread, under load) admits none early (they began steps apart: a failed step found them at
+    different tokens); a prompt refused, or a queue without room for all, queues none of them."""
+    engine = load_engine(tiny_checkpoint, max_queue=3)
+    validate = Engine.validate
+    monkeypatch.setattr(Engine, "validate", lambda self, *args: (engine_step(self), validate(self, *args)))
+    streams = [_Admissions(), _Admissions()]
+    engine.submit_all([PROMPTS[0], PROMPTS[0]], greedy(3), streams)
+    assert [stream.admitted_after for stream in streams] == [[], []]
+    engine_step(engine)
+    assert [stream.admitted_after for stream in streams] == [[0], [0]]
+    assert len(streams[0]._events) == len(streams[1]._events) > 0  # prefilled in one step
+    run(engine)
+    assert [len(collect(stream).choices[0].token_ids) for stream in streams] == [3, 3]
+    monkeypatch.setattr(Engine, "validate", validate)
+
+    bad = [PROMPTS[0], [engine.model_config.vocab_size]]
+    with pytest.raises(InvalidRequest):
+        engine.submit_all(bad, greedy(3), [EventStream(), EventStream()])
+    engine.submit(PROMPTS[0], greedy(3))  # one queued: room for 2 more
+    with pytest.raises(QueueFullError):
+        engine.submit_all([PROMPTS[1]] * 3, greedy(3), [EventStream() for _ in range(3)])
+    with pytest.raises(InvalidRequest, match="more than the server queues") as refused:
+        engine.submit_all([PROMPTS[1]] * 4, greedy(3), [EventStream() for _ in range(4)])
+    assert refused.value.param == "prompt"
+    assert engine.stats()["queue_length"] == 1
+    run(engine)
+    assert engine.stats()["active_requests"] == 0
 
 
 def test_untied_sharded_rope_parameters_checkpoint():

@@ -993,6 +993,18 @@ def test_seeded_samples_are_the_same_alone_and_in_a_batch(server: GunicornServer
     assert together == alone * 2
 
 
+def test_a_completion_of_more_prompts_than_the_queue_holds_is_a_400(guarded: GunicornServer) -> None:
+    """A legacy completion's prompts are queued together, all or none: more of them than the queue holds at all can
+    never be served, a 400 naming `prompt` (not a 503 to retry, nor some prompts generated for a request refused)."""
+    body = {"model": "tiny", "prompt": ["Hi", "Hi"], "max_tokens": 2, "temperature": 0}
+    before = server_stats(guarded)["engine_tokens_generated"]
+    refused = requests.post(f"{guarded.url}/v1/completions", json=body, headers={"Authorization": "Bearer secret"},
+                            timeout=30)
+    assert "more than the server queues at once (1)" in _assert_error(refused, 400, param="prompt")["message"]
+    stats = server_stats(guarded)
+    assert (stats["queue_length"], stats["active_requests"], stats["engine_tokens_generated"]) == (0, 0, before)
+
+
 def test_generation_config_switched_off(guarded: GunicornServer) -> None:
     """NANOQWEN_GENERATION_CONFIG=none: OpenAI's defaults (temperature 1, no top-k/top-p)."""
     assert requests.get(f"{guarded.url}/health", timeout=10).json()["model_info"]["sampling_defaults"] == {}

@@ -334,16 +334,13 @@ class Serving:
         """Every prompt as one engine request with params.n choices, all on one stream (Batch)."""
         batch = Batch(reports_admission)
         try:
-            for i, prompt_ids in enumerate(prompts):
-                request_id, _ = self.engine.submit(prompt_ids, params, stream=batch.part(i * params.n),
-                                                   split_reasoning=split_reasoning)
-                batch.request_ids.append(request_id)
+            batch.request_ids += self.engine.submit_all(prompts, params, [batch.part(i * params.n)
+                                                                          for i in range(len(prompts))],
+                                                        split_reasoning=split_reasoning)
         except QueueFullError as exc:
-            self.abort(batch)
             raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
                            code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from None
         except InvalidRequest as exc:
-            self.abort(batch)
             raise invalid_request(exc, prompt_param) from None
         return batch
 
@@ -434,7 +431,7 @@ class Serving:
             pending: list[str] = []
             held_since = 0.0
             for out in batches:
-                if out and not pending:
+                if out and not pending and batch.waiting:  # else written now
                     held_since = time.monotonic()
                 pending += out
                 if pending and not batch.ended and (not batch.waiting

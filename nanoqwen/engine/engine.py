@@ -232,8 +232,24 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, *, stream: EventStream | None = None,
         split_reasoning: bool = True,
     ) -> tuple[str, EventStream]:
-        self.validate(prompt_ids, params)
         stream = stream if stream is not None else EventStream()
+        request = self.request(prompt_ids, params, stream, split_reasoning)
+        self.enqueue([request])
+        return request.request_id, stream
+
+    def submit_all(self, prompts: list[list[int]], params: SamplingParams, streams: list[EventStream],
+                   split_reasoning: bool = True) -> list[str]:
+        """Every prompt as a request of its own on its stream, all or none: each is validated before any is queued,
+        and they reach the scheduler together (a legacy completion's prompts, admitted steps apart, began apart)."""
+        requests = [self.request(ids, params, stream, split_reasoning) for ids, stream in zip(prompts, streams,
+                                                                                               strict=True)]
+        self.enqueue(requests)
+        return [request.request_id for request in requests]
+
+    def request(self, prompt_ids: list[int], params: SamplingParams, stream: EventStream,
+                split_reasoning: bool) -> Request:
+        """The validated request of `prompt_ids` and its sequences, not yet queued."""
+        self.validate(prompt_ids, params)
         eos_ids = self.generation.eos_token_ids
         request = Request(
             request_id=uuid.uuid4().hex, params=params, stream=stream, num_prompt_tokens=len(prompt_ids),
@@ -259,14 +275,22 @@ class Engine:
             if params.grammar is not None:
                 seq.grammar = RowGrammar.of(params.grammar, end_think, self.generation.eos_token_ids, may_open)
             request.sequences.append(seq)
+        return request
+
+    def enqueue(self, requests: list[Request]) -> None:
+        """Queues `requests` as one inbox item, so the engine takes them in at once; QueueFullError (none queued) where
+        they would take the queue past its bound, InvalidRequest where they are more than it holds at all."""
+        if len(requests) > self.config.max_queue:
+            raise InvalidRequest(f"{len(requests)} prompts are more than the server queues at once "
+                                 f"({self.config.max_queue})", param="prompt")
         with self._lock:
-            if self._num_queued >= self.config.max_queue:
+            if self._num_queued + len(requests) > self.config.max_queue:
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting)")
-            self._num_queued += 1
-            self._requests[request.request_id] = request
-        self._inbox.append(("submit", request))
+            self._num_queued += len(requests)
+            for request in requests:
+                self._requests[request.request_id] = request
+        self._inbox.append(("submit", requests))
         self._wakeup.set()
-        return request.request_id, stream
 
     def _prompt_opens_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the template already opened <think> for this turn (the output then starts in reasoning)."""
@@ -320,8 +344,9 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
-                for seq in item.sequences:
-                    self.scheduler.add(seq)
+                for request in item:
+                    for seq in request.sequences:
+                        self.scheduler.add(seq)
             elif kind == "fail_all":
                 self._fail_all(item)
             else:

@@ -1,15 +1,15 @@
 """Timing faults for the suite's servers, to find the tests that pass only while the engine thread, the worker's
 greenlets and the client keep the pace a quiet machine gives them (the suite's intermittent failures under load).
 
-    TIMING_FAULT_APART=0.05 PYTHONPATH=profiles/timing_faults python -m pytest -q -n 0 tests/test_server_failures.py
+    TIMING_FAULT_JITTER=0.05 PYTHONPATH=$PWD/profiles/timing_faults \
+        python -m pytest -q -n 0 tests/test_server_failures.py
 
-Every server a test starts inherits PYTHONPATH, so Python imports this file in each gunicorn worker, which alone is
-changed (a test's own process, not being one, runs as it was). Each fault is off unless its variable is set (seconds):
-- TIMING_FAULT_APART: a legacy completion's prompts after the first are submitted this long after the one before,
-  the engine stepping meanwhile (CI saw one prompt 3 tokens ahead of the other);
+Every server a test starts inherits PYTHONPATH (absolute: some start in a temporary folder), so Python imports this
+file in each gunicorn worker, which alone is changed (a process that imported gunicorn counts as one: a test process
+of test_deploy.py or test_request_line.py under `-n 0` takes the faults in its own engines after). Each fault is off unless its variable is set (seconds):
 - TIMING_FAULT_LAG: a request's reader takes each event this long late (its greenlet sleeps), the engine running on;
-- TIMING_FAULT_JITTER: every request is submitted up to this long late, uniformly: concurrent ones reach the engine
-  in any order;
+- TIMING_FAULT_JITTER: every request (a legacy completion's prompts, queued together, as one) is queued up to this
+  long late, uniformly: concurrent ones reach the engine in any order;
 - TIMING_FAULT_STEP: each engine step takes this long more (a slower machine).
 """
 from __future__ import annotations
@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-APART, LAG, JITTER, STEP = (float(os.environ.get(f"TIMING_FAULT_{name}", "0"))
-                            for name in ("APART", "LAG", "JITTER", "STEP"))
+LAG, JITTER, STEP = (float(os.environ.get(f"TIMING_FAULT_{name}", "0")) for name in ("LAG", "JITTER", "STEP"))
 _blocking_sleep = time.sleep  # taken before gevent patches time: a step sleeps in the engine's own thread
 
 
@@ -34,20 +33,23 @@ def _in_worker() -> bool:
 
 
 def _engine(module: ModuleType) -> None:
-    submit, step = module.Engine.submit, module.Engine.step
+    enqueue, step = module.Engine.enqueue, module.Engine.step
 
-    def late_submit(self: Any, prompt_ids: list[int], params: Any, stream: Any = None, **kwargs: Any) -> Any:
+    def late_enqueue(self: Any, requests: list[Any]) -> None:
         if _in_worker():
             # gevent's sleep once the worker patched time: the loop serves others, the engine thread steps
-            time.sleep((APART if getattr(stream, "offset", 0) > 0 else 0.0) + random.uniform(0, JITTER))
-        return submit(self, prompt_ids, params, stream=stream, **kwargs)
+            time.sleep(random.uniform(0, JITTER))
+        enqueue(self, requests)
 
     def slow_step(self: Any) -> None:
         if _in_worker():
             _blocking_sleep(STEP)
         step(self)
 
-    module.Engine.submit, module.Engine.step = late_submit, slow_step
+    if JITTER:  # each patch only where its fault is set: a sleep of 0 still yields the loop or the GIL
+        module.Engine.enqueue = late_enqueue
+    if STEP:
+        module.Engine.step = slow_step
 
 
 def _serving(module: ModuleType) -> None:
@@ -59,7 +61,8 @@ def _serving(module: ModuleType) -> None:
             time.sleep(LAG)
         return event
 
-    module.Batch.get = late_get
+    if LAG:
+        module.Batch.get = late_get
 
 
 _PATCHES: dict[str, Callable[[ModuleType], None]] = {"nanoqwen.engine.engine": _engine,
@@ -76,12 +79,12 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         def exec_module(module: ModuleType) -> None:
             run(module)
             _PATCHES[name](module)
-            print(f"timing faults in {name}: apart {APART}, lag {LAG}, jitter {JITTER}, step {STEP} s", file=sys.stderr,
+            print(f"timing faults in {name}: lag {LAG}, jitter {JITTER}, step {STEP} s", file=sys.stderr,
                   flush=True)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if APART or LAG or JITTER or STEP:
+if LAG or JITTER or STEP:
     sys.meta_path.insert(0, _PatchAfterImport())
