@@ -6,7 +6,8 @@ greenlets and the client keep the pace a quiet machine gives them (the suite's i
 
 Every server a test starts inherits PYTHONPATH (absolute: some start in a temporary folder), so Python imports this
 file in each gunicorn worker, which alone is changed (a process that imported gunicorn counts as one: a test process
-of test_deploy.py or test_request_line.py under `-n 0` takes the faults in its own engines after). Each fault is off unless its variable is set (seconds):
+of test_deploy.py or test_request_line.py under `-n 0` takes the faults in its own engines after). Each fault is off
+unless its variable is set (seconds):
 - TIMING_FAULT_LAG: a request's reader takes each event this long late (its greenlet sleeps), the engine running on;
 - TIMING_FAULT_JITTER: every request (a legacy completion's prompts, queued together, as one) is queued up to this
   long late, uniformly: concurrent ones reach the engine in any order;
