@@ -1,7 +1,8 @@
 /* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
-   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) int8 pieces
-   where the CPU has them (checked at run time), else AVX2 against the interleaved layout (int4_block.h): int8 blocks
-   for bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
+   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. bf16 rows as int8 blocks (act_block8.h)
+   and fp32 rows as int8 pieces by AVX-512 (F, BW, VL, VNNI) where the CPU has them (checked at run time; AMX-INT8's
+   3+ rows as pieces whatever their dtype), else AVX2 against the interleaved layout (int4_block.h): int8 blocks for
+   bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
 #include "act_block8.h"
@@ -26,6 +27,9 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define STREAM_PIECES 8 /* the most piece rows (R * P) a pass takes row by row: two weight rows' sums in 16 registers */
+#define STREAM_ROWS 4   /* and activation rows: 5-8 bf16 rows (int8 blocks) add their 10-16 fp32 sums to as many int32
+                           ones, past the registers (1024 x 1024 hot, one thread, by spans: 5 rows 0.92x the time,
+                           8 rows 0.87x; profiles/RESULTS.md, int4bl34) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
@@ -111,7 +115,8 @@ static void block_scales(const float *x, int K, long lanes, float *scale) {
 }
 
 /* arranged: one row as arrange_row leaves it, scale: [len / 64] its blocks' (block_scales) -> q: [len] the row as
-   int8 blocks, rounded as act_block8.h rounds them (in span t's step s, vector u's lane l holds block 16t + 4u + l / 4). */
+   int8 blocks, rounded as act_block8.h rounds them (in span t's step s, vector u's lane l holds block
+   16t + 4u + l / 4). */
 static void block_row(const float *arranged, long len, const float *scale, int8_t *q) {
     const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
     for (long t = 0; t < len / SPAN; t++) {
@@ -124,7 +129,9 @@ static void block_row(const float *arranged, long len, const float *scale, int8_
                 _mm512_loadu_ps(inverses));
         for (long i = t * SPAN; i < (t + 1) * SPAN; i += 16) {
             const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(arranged + i), inverse[i / 16 % 4]));
-            _mm_store_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, top), bottom)));
+            /* the clamp only catches a NaN row's values, as act8_block_rows's */
+            _mm_store_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, top),
+                                                                                       bottom)));
         }
     }
 }
@@ -318,9 +325,9 @@ static inline const uint8_t *next_span(const struct linear_int4_args *a, long n,
    PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
    linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
    next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni): row by
-   row where their sums fit 16 registers (R * P <= STREAM_PIECES), else span by span (block; f in memory there), in
-   groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4
-   rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
+   row where their sums fit the registers (R * P <= STREAM_PIECES, R <= STREAM_ROWS), else span by span (block; f in
+   memory there), in groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one
+   weight row a pass, 4 rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
    a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md, int4k33). */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
@@ -380,9 +387,9 @@ ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
 #undef ROWS_VNNI
 
 /* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block): where its pieces
-   outgrow L1, or its sums the registers (at one span too: K 1024, 8 bf16 rows). */
+   outgrow L1, or its sums the registers (at one span too: K 1024, 5-8 bf16 rows). */
 static inline int by_spans(const struct linear_int4_args *a, int R) {
-    return R * a->P > STREAM_PIECES || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
+    return R * a->P > STREAM_PIECES || R > STREAM_ROWS || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
 }
 
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
@@ -1219,9 +1226,9 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
    int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8
    pieces, / 65534^P with P int16 pieces, sum over the blocks of sum_{k in block} |w[n, k]| * max_block |x[m]| / 254
    with int8 blocks (and fp32 rounding).
-   With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
-   else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over
-   chunks of output rows (pool.h). */
+   With AVX-512 VNNI int8 blocks or pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8
+   serves; else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged.
+   Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
