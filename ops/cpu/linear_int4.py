@@ -13,8 +13,8 @@ activation 100x the rest) came out 0.6-3.5x as far from the exact product as the
 int8 blocks on every ISA (csrc/act_block8.h: one scale a 64-column block, max|x| / 127, llama.cpp's Q8 style,
 within 1/254 of the block's largest an element; ~1% more logit error than int4's own, profiles/RESULTS.md, lanes
 int4b8 and int4bl34), `pieces` unused: with VNNI each block's int32 sum is scaled by its group's scale times its
-own, and each weight meets one vpdpbusd a row where 2 pieces took 2 (hot, one thread on a Zen 5: 0.84-0.89x the
-time at 1 row, 0.59-0.73x at 4-8 rows; at 5-8 rows by spans, their sums past the registers row by row).
+own, and each weight meets one vpdpbusd a row where 2 pieces took 2 (hot, one thread on a Zen 5: 0.87-0.90x the
+time at 1 row, 0.83-0.85x at 2, 0.60-0.70x at 4-8 rows; 5-8 rows by spans, their sums past the registers row by row).
 
 1 or 2 rows (and more where AMX is missing): the weights are stored by span at load (csrc/int4_block.h; repack
 rearranges them): 16 blocks of 64 columns with dword d of block b in int32 lane b of the span's vector d, so that
