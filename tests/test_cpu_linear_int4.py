@@ -21,9 +21,12 @@ def setup_module() -> None:  # a compiler is here: a kernel that does not build 
         assert kernel.build(), kernel.error
 
 
-# With AVX-512 F/BW/VL/VNNI the kernel takes int8 pieces, else (AVX2) int8 blocks for bf16 rows and int16 pieces,
-# (pieces + 1) // 2 of them, for fp32 ones
+# bf16 rows are int8 blocks, but where AMX-INT8 takes them (AMX_INT8_MIN_ROWS rows or more: int8 pieces); fp32 rows
+# int8 pieces with AVX-512 F/BW/VL/VNNI, else (AVX2) int16 pieces, (pieces + 1) // 2 of them
 needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX-512 F/BW/VL/VNNI (the int8 pieces' loops)")
+AMX_INT8 = "amx_int8" in CPU_FLAGS
+AMX_INT8_MIN_ROWS = 3  # csrc/linear_int4.c's
+needs_amx_int8 = pytest.mark.skipif(not AMX_INT8, reason="this CPU lacks AMX-INT8 (the only bf16 rows taken as pieces)")
 
 # (rows, output channels, input columns, group size). VNNI: 1-2 rows and fp32's many pieces take the vpdpbusd loop (8
 # bf16 or 4 fp32 rows at a time, spans of 16 blocks, the last one partial below 1024 columns; where a pass's pieces
@@ -82,17 +85,22 @@ def error_and_bound(x, w, scale, offset, out: torch.Tensor, pieces: int,
 
 def linear(loops: str, x, w, scale, offset) -> tuple[torch.Tensor, str]:
     """y and the kind of pieces it took: `built`, the kernel set's kernel; `avx2`, the AVX2 build (int8 blocks for
-    bf16 rows, int16 pieces for fp32 ones); `avx512`, AVX-512's without AMX (int8 pieces: a CPU with AMX has VNNI);
-    w as quantize_int4_into writes it, repacked for the build as the loader does."""
-    avx2 = "block" if x.dtype == torch.bfloat16 else "int16"
+    bf16 rows, int16 pieces for fp32 ones); `avx512`, AVX-512's without AMX (int8 blocks for bf16 rows, int8 pieces
+    for fp32 ones: a CPU with AMX has VNNI); w as quantize_int4_into writes it, repacked for the build as the loader
+    does."""
+    if x.dtype == torch.bfloat16:
+        amx = loops == "built" and AMX_INT8 and x.shape[0] >= AMX_INT8_MIN_ROWS
+        avx2 = avx512 = "int8" if amx else "block"
+    else:
+        avx2, avx512 = "int16", "int8"
     if loops == "built":
-        return cpu_int4.linear_int4_cpu(x, as_loaded(w), scale, offset), "int8" if VNNI else avx2
+        return cpu_int4.linear_int4_cpu(x, as_loaded(w), scale, offset), avx512 if VNNI else avx2
     lib = capped(cpu_int4.KERNEL, loops).lib
     out, packed = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype), as_loaded(w, lib)
     lib.linear_int4(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), out.data_ptr(),
                     x.shape[0], w.shape[0], x.shape[1], x.shape[1] // scale.shape[1], int(x.dtype == torch.bfloat16),
                     cpu_int4.PIECES[x.dtype])
-    return out, "int8" if loops == "avx512" else avx2
+    return out, avx512 if loops == "avx512" else avx2
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 13])
@@ -196,18 +204,23 @@ def test_avx2_row_pass_stores_every_chunk_end(m, dtype, g):
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 61, 1024, 64), (2, 37, 2112, 64), (5, 13, 192, 192),
                                      (1, 8, 64, 64), (1, 13, 192, 192), (2, 6, 448, 64),
-                                     (1, 13, 128, 64)])
-def test_avx2_bf16_rows_are_int8_blocks(m, n, k, g):
-    """The AVX2 path's bf16 rows: each 64-column block rounded to int8 with its own scale, max|x| / 127, once
-    (act_block8.h); then the products of the rounded rows exact and the offsets times the exact group sums. Its
-    outputs are that model's within fp32 and bf16 rounding, and off the exact product by more than that: the kernel
-    before (int16 pieces, 2^-16 of the row maximum) was within the model's slack of the exact product, not the
-    model. Column 5 of each row 30x the rest: one scale a row would be off by far more (block_error). Tails: K 2112
-    (33 blocks), 192 and 64 (a chunk of 3 and of 1 block), 448 (a whole chunk and one of 3) at 1 and 2 rows,
-    128 (a chunk of 2) at 1 row."""
+                                     (1, 13, 128, 64), (8, 40, 3072, 64), (4, 24, 2304, 128)])
+@pytest.mark.parametrize("loops", LOOPS)
+def test_bf16_rows_are_int8_blocks(loops, m, n, k, g):
+    """bf16 rows, in the AVX2 loops and the AVX-512 VNNI ones alike: each 64-column block rounded to int8 with its
+    own scale, max|x| / 127, once (act_block8.h); then the products of the rounded rows exact and the offsets times
+    the exact group sums. Its outputs are that model's within fp32 and bf16 rounding, and off the exact product by
+    more than that: the kernels before (AVX2 int16 pieces, AVX-512 two int8 pieces: 2^-16 of the row maximum) were
+    within the model's slack of the exact product, not the model. Column 5 of each row 30x the rest: one scale a row
+    would be off by far more (block_error). AVX2 tails: K 2112 (33 blocks), 192 and 64 (a chunk of 3 and of 1
+    block), 448 (a whole chunk and one of 3) at 1 and 2 rows, 128 (a chunk of 2) at 1 row; AVX-512: a lone span of
+    1, 2, 3 and 7 blocks, a last one of 1 (2112) and of 2 (2304, groups of 2 blocks), 8 rows of 3072 columns span by
+    span (the pieces outgrow L1)."""
     x, w, scale, offset = operands(m, n, k, g, torch.bfloat16)
     x[:, 5] *= 30
-    out, kind = linear("avx2", x, w, scale, offset)
+    out, kind = linear(loops, x, w, scale, offset)
+    if kind != "block":
+        pytest.skip("AMX-INT8 takes this many bf16 rows as int8 pieces")
     rounded = act_block8(x)
     levels = unpack_int4(w).double() * scale.double().repeat_interleave(g, dim=1)
     offsets = offset.double().repeat_interleave(g, dim=1)
@@ -217,7 +230,7 @@ def test_avx2_bf16_rows_are_int8_blocks(m, n, k, g):
     exact = x.double() @ dequantize_int4(w, scale, offset).double().T
     assert ((out.double() - exact).abs() > slack).any()
     err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[torch.bfloat16], kind)
-    assert kind == "block" and (err <= bound).all(), (err / bound).max()
+    assert (err <= bound).all(), (err / bound).max()
 
 
 @pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (6, 37, 2112, 64)])
@@ -249,12 +262,15 @@ def test_a_long_group_of_the_largest_products_does_not_overflow(loops, m, dtype)
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,n,k,g", [(1, 64, 1024, 64), (8, 64, 1024, 64), (16, 35, 1024, 64), (8, 37, 4160, 64)])
-@pytest.mark.parametrize("dtype,fewer", [(torch.float32, 2), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("m,n,k,g,dtype,fewer", [
+    *[(*shape, torch.float32, 2) for shape in [(1, 64, 1024, 64), (8, 64, 1024, 64), (16, 35, 1024, 64),
+                                                (8, 37, 4160, 64)]],
+    *[pytest.param(*shape, torch.bfloat16, 1, marks=needs_amx_int8)
+      for shape in [(8, 64, 1024, 64), (16, 35, 1024, 64), (8, 37, 4160, 64)]]])
 def test_fewer_pieces_break_the_bound(monkeypatch, m, n, k, g, dtype, fewer):
-    """The bound above sees a missing piece in bf16 (measured 6-12x over it, 0.7-0.8x of it with both); fp32's
-    fourth piece is below fp32 rounding (test_fp32_is_as_close_as_the_reference shows what it is for), the third
-    is not (without both: 7-14x over)."""
+    """The bound above sees a missing piece in bf16 where AMX-INT8 takes bf16 rows as pieces (measured 6-12x over it,
+    0.7-0.8x of it with both; elsewhere they are int8 blocks); fp32's fourth piece is below fp32 rounding
+    (test_fp32_is_as_close_as_the_reference shows what it is for), the third is not (without both: 7-14x over)."""
     x, w, scale, offset = operands(m, n, k, g, dtype)
     pieces = cpu_int4.PIECES[dtype]
     monkeypatch.setitem(cpu_int4.PIECES, dtype, pieces - fewer)

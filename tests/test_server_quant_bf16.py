@@ -1,7 +1,8 @@
 """NANOQWEN_QUANT=int8|int4 in bfloat16 through a real `gunicorn -k gevent server:app` and the openai client: the
 served greedy text and logprobs are the in-process engine's in the same mode (kernels and graph as the server picks
-them), and, where int4's AVX2 loops serve (csrc/act_block8.h: bf16 rows rounded to int8, one scale a 64-column
-block), int4's logprobs follow a reference with that rounding (ops/torch_ref/act_block8.py) rather than one without.
+them), and int4's logprobs follow a reference with its C kernels' rounding of bf16 rows (csrc/act_block8.h: int8, one
+scale a 64-column block, in the AVX2 loops and the AVX-512 VNNI ones alike; ops/torch_ref/act_block8.py) rather than
+one without.
 
 The checkpoint: hidden 128 (two blocks a row), norm weights with column 5 30x the rest, as the kernel test's rows
 (tests/test_cpu_linear_int4.py): the block holding column 5 gets a 30x coarser step than the other, so rounding
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from chat_http import MODEL, cpu_env
 from checkpoints import load_hf_model, make_checkpoint
-from cpu_isas import VNNI, cap_kernel_set, capped
+from cpu_isas import CPU_FLAGS, VNNI, cap_kernel_set, capped
 from engine_util import generate, greedy, load_engine
 from nanoqwen import loader
 from ops.cpu import build as cpu_build
@@ -31,8 +32,8 @@ HIDDEN = 128
 OUTLIER = 30  # norm weights' column 5, times the rest
 NEW_TOKENS = 6
 PROMPTS = [random.Random(i).choices(range(1000, 100000), k=30) for i in range(8)]
-# Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; int4 capped at AVX2 too where the CPU would take VNNI's loops
-# (int8 pieces): the block rounding below is its AVX2 loops'
+# Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; int4 capped at AVX2 too where the CPU would take VNNI's loops: both
+# round bf16 rows in int8 blocks, each ISA's loops their own way
 MODES = {"int8": ("int8", "auto"), "int4": ("int4", "auto"),
          **({"int4-avx2": ("int4", "avx2")} if VNNI else {})}
 INT4_ONLY = pytest.mark.parametrize("mode", [name for name in MODES if name.startswith("int4")], indirect=True)
@@ -137,19 +138,20 @@ def test_int4_logprobs_follow_the_block_rounding(served: list[tuple[str, list[fl
                                                  reference: tuple[torch.nn.Module, ActivationRounding],
                                                  mode: tuple[str, str]) -> None:
     """Mean |served - reference| over the 280 logprobs (at the tokens the in-process engine chose, which the test above
-    shows are the served ones). Measured on this Zen 3: 0.16 against the block rounding's reference, 0.31 against a
-    scale a row's, 0.31 against the unrounded one's (0.19-0.20, 0.36-0.42 and 0.28-0.35 on three other sets of 8
-    prompts); the same engine with its int4 linears not rounding (dequant.py's GEMM for every call) 0.30 against the
-    block rounding's and 0.02 against the unrounded one's. bf16's own differences (attention, norms, the order of sums)
-    move activations across rounding steps, so even the block rounding's reference stays 0.16 off (the references'
-    two attention implementations, eager and sdpa, part by 0.05 rounded and 0.008 not): the bound takes 0.25, and the
-    other references at least 1.3 times as far as the block rounding's."""
+    shows are the served ones), through the AVX2 loops and, where the CPU has AVX-512 VNNI, its own (the same
+    rounding; but AMX-INT8, which takes 3+ rows as int8 pieces). Measured on a Zen 3: 0.16 against the block
+    rounding's reference, 0.31 against a scale a row's, 0.31 against the unrounded one's (0.19-0.20, 0.36-0.42 and
+    0.28-0.35 on three other sets of 8 prompts); the same engine with its int4 linears not rounding (dequant.py's GEMM
+    for every call) 0.30 against the block rounding's and 0.02 against the unrounded one's. bf16's own differences
+    (attention, norms, the order of sums) move activations across rounding steps, so even the block rounding's
+    reference stays 0.16 off (the references' two attention implementations, eager and sdpa, part by 0.05 rounded and
+    0.008 not): the bound takes 0.25, and the other references at least 1.3 times as far as the block rounding's."""
     if cpu_build.unavailable() is not None:
         pytest.skip(f"int4's activations are rounded in int8 blocks only by its C kernel: {cpu_build.unavailable()}")
-    if mode[1] == "auto" and "int4-avx2" in MODES:
-        pytest.skip("int4's activations are rounded in int8 blocks only by its AVX2 loops (this CPU has AVX-512 VNNI: "
-                    "the int4-avx2 mode runs them)")
-    assert cpu_int4.interleaved(capped(cpu_int4.KERNEL, mode[1]).lib)  # the AVX2 loops' layout
+    if mode[1] == "auto" and "amx_int8" in CPU_FLAGS:
+        pytest.skip("AMX-INT8 takes the prompts' 30 rows as int8 pieces, not blocks (the int4-avx2 mode runs blocks)")
+    # the AVX2 loops' layout exactly where they serve: the int4-avx2 mode, or a CPU without AVX-512 VNNI
+    assert cpu_int4.interleaved(capped(cpu_int4.KERNEL, mode[1]).lib) == (mode[1] == "avx2" or not VNNI)
     logprobs = torch.tensor([lp for _, row in served for lp in row], dtype=torch.float64)
     sequences = [ids for ids, _ in in_process]
     block, row, exact = ((logprobs - reference_logprobs(reference, b, sequences)).abs().mean().item()

@@ -7,10 +7,14 @@ previous remainder (csrc/act_quant.h), and the nibbles (0..15) multiply the piec
 operand, exactly, in int32. Then y = sum_g s_g sum_p a_p (sum_{k in g} n_k q_pk) + o_g sum_{k in g} x_k:
 the offsets take each group's fp32 activation sum. The result is within sum_k |w_k| max|x| / 254^P (plus
 fp32 rounding) of the reference's (tests/test_cpu_linear_int4.py checks that bound, and that fewer pieces
-break it). PIECES: bf16 rows take 2 (2^-16 of the row maximum, noise beside bf16's own 2^-9 rounding;
-1 row of 1024 x 1024 in 27 µs against 25 with one piece); fp32 rows 4: with 3 (2^-24 of the maximum), a
-row with an outlier channel (one activation 100x the rest) came out 0.6-3.5x as far from the exact
-product as the fp32 reference's, with 4 0.15-0.6x.
+break it). PIECES: fp32 rows take 4: with 3 (2^-24 of the maximum), a row with an outlier channel (one
+activation 100x the rest) came out 0.6-3.5x as far from the exact product as the fp32 reference's, with 4
+0.15-0.6x. bf16 rows take 2 (2^-16 of the row maximum) only where AMX-INT8 takes them (3+ rows); else they are
+int8 blocks on every ISA (csrc/act_block8.h: one scale a 64-column block, max|x| / 127, llama.cpp's Q8 style,
+within 1/254 of the block's largest an element; ~1% more logit error than int4's own, profiles/RESULTS.md, lanes
+int4b8 and int4bl34), `pieces` unused: with VNNI each block's int32 sum is scaled by its group's scale times its
+own, and each weight meets one vpdpbusd a row where 2 pieces took 2 (hot, one thread on a Zen 5: 0.87-0.90x the
+time at 1 row, 0.83-0.85x at 2, 0.60-0.70x at 4-8 rows; 5-8 rows by spans, their sums past the registers row by row).
 
 1 or 2 rows (and more where AMX is missing): the weights are stored by span at load (csrc/int4_block.h; repack
 rearranges them): 16 blocks of 64 columns with dword d of block b in int32 lane b of the span's vector d, so that
@@ -28,24 +32,23 @@ and 110 for vpdpbusd; 16 rows 73 against 97). Parallel over chunks of output row
 pool (csrc/pool.h). On AVX2 without AVX-512 VNNI (Zen 3) the weights are stored interleaved (csrc/int4_block.h;
 repack rearranges them at load): each row in chunks of 4 blocks whose 32-byte vectors hold in int32 lane L columns of
 block L % 4 only, each 4 rows' chunks in turn (one stream for a pass of 4 rows, which the hardware prefetcher follows).
-bf16 rows are taken as int8 blocks (csrc/act_block8.h: one scale a 64-column block, max|x| / 127, llama.cpp's Q8
-style; `pieces` unused), each chunk 8 vpmaddubsw (the nibbles as u8 against the int8) added by vpaddw in int16 and
-one vpmaddwd by ones that leaves block b in int32 lanes b and 4 + b, then one convert and one FMA by the 4 groups'
-weight x activation scales: the layer's four linears at 8 rows 0.73x the time of the int16 pieces before, at 1 row
-0.65-0.72x in L3 (profiles/RESULTS.md, int4b8's "ubs-il"). The rounding costs a bf16 row up to max|x over a block|
-/ 254 an element, against the pieces' 2^-16 of the row's maximum (1-4% more logit error than int4's own on a
-model with outlier channels, int4b8; one scale a row: +43%). fp32 rows keep int16 pieces (csrc/act_quant16.h: one
-holds what two int8 pieces do, so fp32 takes 2, within the same bound for groups of up to 256 columns; a longer
-group's chunks add in fp32, up to ~1.7e-6 of the sum more), arranged as the nibbles widened to int16:
-16 vpmaddwd a chunk, two converts and FMAs. A pass takes 4 weight rows against 1 piece row (2 against 2), their fp32
-sums in registers; from 3 piece rows one weight row against up to 8 of them, each chunk unpacked once for all, their
-fp32 sums in L1, 8 weight rows' outputs stored together. Both passes take a row's chunks with the same operations in
-the same order and end a row in one order (csrc's madd_ends: the pieces' scales, then the offsets 8 groups a
-vector, then one tree across the lanes), so on AVX2 a row's outputs are the same bits in any batch the kernel takes
-(up to 32 rows; larger calls take dequant's GEMM), as int8's and bf16's are. The AVX-512 VNNI loop is
-batch-invariant by construction (each row its own sums in one order), but where AMX-INT8 takes 3+ rows, its tiles
-sum in another order than the loop's 1-2 rows: not invariant there (never run here). More rows (prefill) take
-dequant.py's blocked GEMM.
+bf16 rows are taken as int8 blocks (csrc/act_block8.h, as the VNNI loop takes them), each chunk 8 vpmaddubsw (the
+nibbles as u8 against the int8) added by vpaddw in int16 and one vpmaddwd by ones that leaves block b in int32 lanes b
+and 4 + b, then one convert and one FMA by the 4 groups' weight x activation scales: the layer's four linears at 8
+rows 0.73x the time of the int16 pieces before, at 1 row 0.65-0.72x in L3 (profiles/RESULTS.md, int4b8's "ubs-il").
+The rounding costs a bf16 row up to max|x over a block| / 254 an element, against the pieces' 2^-16 of the row's
+maximum (1-4% more logit error than int4's own on a model with outlier channels, int4b8; one scale a row: +43%). fp32
+rows keep int16 pieces (csrc/act_quant16.h: one holds what two int8 pieces do, so fp32 takes 2, within the same bound
+for groups of up to 256 columns; a longer group's chunks add in fp32, up to ~1.7e-6 of the sum more), arranged as the
+nibbles widened to int16: 16 vpmaddwd a chunk, two converts and FMAs. A pass takes 4 weight rows against 1 piece row
+(2 against 2), their fp32 sums in registers; from 3 piece rows one weight row against up to 8 of them, each chunk
+unpacked once for all, their fp32 sums in L1, 8 weight rows' outputs stored together. Both passes take a row's chunks
+with the same operations in the same order and end a row in one order (csrc's madd_ends: the pieces' scales, then the
+offsets 8 groups a vector, then one tree across the lanes), so on AVX2 a row's outputs are the same bits in any batch
+the kernel takes (up to 32 rows; larger calls take dequant's GEMM), as int8's and bf16's are. The AVX-512 VNNI loop is
+batch-invariant by construction (each row its own sums in one order), but where AMX-INT8 takes 3+ rows, its tiles sum
+in another order than the loop's 1-2 rows: not invariant there (never run here). More rows (prefill) take dequant.py's
+blocked GEMM.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from ops.cpu import build, dequant, graph
 from ops.cpu.linear import MAX_ROWS
 from ops.torch_ref.linear_int4 import BLOCK
 
-PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype
+PIECES = {torch.bfloat16: 2, torch.float32: 4}  # int8 pieces per activation row, by its dtype (bf16's: AMX's)
 KERNEL = build.CKernel("cpu_linear_int4", "linear_int4.c",
                        ("linear_int4", "linear_int4_pack", "linear_int4_layout", "linear_int4_amx_tiles"))
 

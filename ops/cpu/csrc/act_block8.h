@@ -1,10 +1,12 @@
-/* Activation rows as int8 blocks, llama.cpp's Q8 style, for vpmaddubsw against the nibbles on CPUs without AVX-512
-   VNNI (AVX2 only: linear_int4.c's bf16 rows). Internal, not exported.
+/* Activation rows as int8 blocks, llama.cpp's Q8 style, for linear_int4.c's bf16 rows: vpmaddubsw against the
+   nibbles on CPUs without AVX-512 VNNI (act8_block_rows), vpdpbusd where it has it (linear_int4.c's block_row, in
+   its spans' order). Internal, not exported.
 
-   Each 64-column block of row m gets a scale of its own, s = max |x| / 127 over the block, and
-       x[m, k] ~= s * q[m, k],   q in [-127, 127] (round to nearest even),
+   Each 64-column block of row m gets a scale of its own, s = max |x| / 127 over the block (act8_scale), and
+       x[m, k] ~= s * q[m, k],   q = clamp(round(x * act8_inverse(s)), -127, 127) (fp32, round to nearest even),
    so |x - s q| <= s / 2 = max over the block / 254 an element, rounded once. An all-zero block has scale 0 and q 0;
-   a row with a NaN or an infinity has NaN scales (every block's).
+   a row with a NaN or an infinity has NaN scales (every block's). Both loops round so, as the torch reference
+   (ops/torch_ref/act_block8.py) does: the same q and scales bit for bit.
 
    Written as the interleaved int4 weights are read (int4_block.h): in chunks of 4 blocks, each chunk's 32-byte
    vector V holding in int32 lane L columns of block L % 4 (linear_int4.c's IL_COLUMN), the even columns of 16 (V even)
@@ -22,6 +24,15 @@
 #include <string.h>
 
 #include "simd.h"
+
+/* A block's scale from its largest |x| (amax): 0 below FLT_MIN, inf from an infinite amax (the row is not finite). */
+static inline float act8_scale(float amax) {
+    const float s = amax / 127.0f;
+    return s >= FLT_MIN ? s : 0.0f;
+}
+
+/* What a block's values are multiplied by before they are rounded to int8. */
+static inline float act8_inverse(float s) { return s > 0.0f ? 1.0f / s : 0.0f; }
 
 static inline void act8_block_rows(const void *x, int bf16, int M, int K, int8_t *q, float *lanes) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -49,11 +60,10 @@ static inline void act8_block_rows(const void *x, int bf16, int M, int K, int8_t
             }
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            float s = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))) / 127.0f;
+            const float s = act8_scale(_mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
             finite &= _mm256_movemask_ps(unordered) == 0 && s <= FLT_MAX;
-            if (!(s >= FLT_MIN)) s = 0.0f;
             lane[b / 4 * 8 + b % 4] = lane[b / 4 * 8 + b % 4 + 4] = s;
-            const __m256 inverse = _mm256_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+            const __m256 inverse = _mm256_set1_ps(act8_inverse(s));
             __m256i c[8];
             for (int i = 0; i < 8; i++)  /* the clamp only catches the rounding past 127 (and a NaN row's values) */
                 c[i] = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)), top), bottom);

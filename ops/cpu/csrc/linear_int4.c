@@ -1,7 +1,8 @@
 /* int4 weight-only linear layers (asymmetric groups along K) by integer dot products: the why is in
-   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. AVX-512 (F, BW, VL, VNNI) int8 pieces
-   where the CPU has them (checked at run time), else AVX2 against the interleaved layout (int4_block.h): int8 blocks
-   for bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
+   ops/cpu/linear_int4.py, the packed layout in ops/torch_ref/linear_int4.py. bf16 rows as int8 blocks (act_block8.h)
+   and fp32 rows as int8 pieces by AVX-512 (F, BW, VL, VNNI) where the CPU has them (checked at run time; AMX-INT8's
+   3+ rows as pieces whatever their dtype), else AVX2 against the interleaved layout (int4_block.h): int8 blocks for
+   bf16 rows (vpmaddubsw), int16 pieces for fp32 rows (vpmaddwd). */
 #include "nanoqwen_cpu.h"
 #include "act_quant.h"
 #include "act_block8.h"
@@ -26,18 +27,24 @@ INLINE void store_row8(void *y, long at, __m256 v, int bf16) {
 #define ROW_BLOCK 16    /* weight rows taken span by span where a pass's pieces outgrow L1 */
 #define L1_PIECES 16384 /* bytes of pieces beyond which they do (half an L1 data cache) */
 #define STREAM_PIECES 8 /* the most piece rows (R * P) a pass takes row by row: two weight rows' sums in 16 registers */
+#define STREAM_ROWS 4   /* and activation rows: 5-8 bf16 rows (int8 blocks) add their 10-16 fp32 sums to as many int32
+                           ones, past the registers (1024 x 1024 hot, one thread, by spans: 5 rows 0.92x the time,
+                           8 rows 0.87x; profiles/RESULTS.md, int4bl34) */
 #define SPAN_BLOCKS 16  /* blocks of 64 columns in a span: one per int32 lane */
 #define SPAN (SPAN_BLOCKS * 64)
 #define AMX_INT8_COLUMNS 32  /* piece columns linear_int4_amx takes: two tiles of sums */
 #define AMX_INT8_MIN_ROWS 3  /* activation rows from which linear_int4_amx serves: 2 rows take 34 µs through
                                 the vpdpbusd loop against 48 through AMX, 3 rows 47 against 49 (hot 1024 x 1024) */
 
-/* ---- the activations: each row as int8 pieces (act_quant.h) in the order the weights' nibbles meet them ---- */
+/* ---- the activations: each row as int8 pieces (act_quant.h), or a bf16 row as int8 blocks (act_block8.h) where
+   AMX does not take it, in the order the weights' nibbles meet them ---- */
 
 struct acts {
-    int8_t *q;       /* [M][P][len]: piece p of row m, arranged (arrange_row; the split is elementwise), 0 past K */
+    int8_t *q;       /* [M][P][len]: piece p of row m, arranged (arrange_row; the rounding is elementwise), 0 past K */
     int8_t *quads;   /* [K / 4][M * P][4]: for linear_int4_amx, the pieces in unpacked_order as act_quads groups them */
-    float *a;        /* [M][P]: each piece's scale */
+    float *a;        /* [M][P]: each piece's scale (int8 blocks: unused) */
+    float *scales;   /* [M][P][len / 64]: what block b of piece p of row m is scaled by: the piece's scale, or (int8
+                        blocks, P 1) the block's (0 past K) */
     float *xsum;     /* [M][len / 64]: each block's fp32 activation sum, which the offsets multiply */
     float *gsum;     /* [K / G][16]: for linear_int4_amx, each group's sums of rows 0..M - 1, then 0 */
     int32_t *group;  /* [len / 64]: each block's group */
@@ -85,6 +92,47 @@ static void block_sums(const float *x, int K, long lanes, float *out) {
         __m512 s = _mm512_setzero_ps();
         for (int c = 0; c < 64 && b < K / 64; c += 16) s = _mm512_add_ps(s, _mm512_load_ps(x + b * 64 + c));
         out[b] = _mm512_reduce_add_ps(s);
+    }
+}
+
+/* x: one row of K fp32 activations -> scale: [lanes] each 64-column block's int8 scale (act8_scale), all NaN where
+   the row holds a NaN or an infinity; 0 past K. */
+static void block_scales(const float *x, int K, long lanes, float *scale) {
+    __mmask16 unordered = 0;
+    float most = 0.0f;
+    for (long b = 0; b < lanes; b++) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int c = 0; c < 64 && b < K / 64; c += 16) {
+            const __m512 v = _mm512_load_ps(x + b * 64 + c);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+            unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        scale[b] = act8_scale(_mm512_reduce_max_ps(amax));
+        most = scale[b] > most ? scale[b] : most;
+    }
+    if (unordered || !(most <= FLT_MAX))
+        for (long b = 0; b < K / 64; b++) scale[b] = NAN;
+}
+
+/* arranged: one row as arrange_row leaves it, scale: [len / 64] its blocks' (block_scales) -> q: [len] the row as
+   int8 blocks, rounded as act_block8.h rounds them (in span t's step s, vector u's lane l holds block
+   16t + 4u + l / 4). */
+static void block_row(const float *arranged, long len, const float *scale, int8_t *q) {
+    const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+    for (long t = 0; t < len / SPAN; t++) {
+        float inverses[SPAN_BLOCKS];
+        for (int b = 0; b < SPAN_BLOCKS; b++) inverses[b] = act8_inverse(scale[t * SPAN_BLOCKS + b]);
+        __m512 inverse[4];
+        for (int u = 0; u < 4; u++)
+            inverse[u] = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_srli_epi32(_mm512_set_epi32(
+                15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2), _mm512_set1_epi32(4 * u)),
+                _mm512_loadu_ps(inverses));
+        for (long i = t * SPAN; i < (t + 1) * SPAN; i += 16) {
+            const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(arranged + i), inverse[i / 16 % 4]));
+            /* the clamp only catches a NaN row's values, as act8_block_rows's */
+            _mm_store_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_max_epi32(_mm512_min_epi32(v, top),
+                                                                                       bottom)));
+        }
     }
 }
 
@@ -220,10 +268,10 @@ span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R
                 if (split)
                     _Pragma("GCC unroll 4") for (int p = 0; p < P; p++)
                         acc[i][r][p] = _mm512_add_epi32(acc[i][r][p], _mm512_srai_epi32(upper[i][p], 4));
-                const float *pa = a->x.a + (long)(m0 + r0 + r) * P;
-                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_set1_ps(pa[0]));
+                const float *pa = a->x.scales + (long)(m0 + r0 + r) * P * lanes + b0;
+                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][r][0]), _mm512_load_ps(pa));
                 _Pragma("GCC unroll 4") for (int p = 1; p < P; p++)
-                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_set1_ps(pa[p]), sum);
+                    sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][r][p]), _mm512_load_ps(pa + p * lanes), sum);
                 f[i][r0 + r] = _mm512_fmadd_ps(sum, s[i], f[i][r0 + r]);
                 f[i][r0 + r] = _mm512_fmadd_ps(off[i], _mm512_load_ps(a->x.xsum + (long)(m0 + r0 + r) * lanes + b0),
                                                f[i][r0 + r]);
@@ -284,9 +332,9 @@ static inline const uint8_t *next_span(const struct linear_int4_args *a, long n,
    PREFETCH_BYTES ahead, at 1 row as two streams, the halves of the rows, a row of each a pass (at batch 1
    linear_int4_rows gives it a chunk's rows, else up to ROW_BLOCK: profiles/RESULTS.md, int4row). block: each row's
    next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni): row by
-   row where their sums fit 16 registers (R * P <= STREAM_PIECES), else span by span (block; f in memory there), in
-   groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one weight row a pass, 4
-   rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
+   row where their sums fit the registers (R * P <= STREAM_PIECES, R <= STREAM_ROWS), else span by span (block; f in
+   memory there), in groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one
+   weight row a pass, 4 rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
    a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md, int4k33). */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
@@ -346,9 +394,9 @@ ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
 #undef ROWS_VNNI
 
 /* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block): where its pieces
-   outgrow L1, or its sums the registers (at one span too: K 1024, 8 bf16 rows). */
+   outgrow L1, or its sums the registers (at one span too: K 1024, 5-8 bf16 rows). */
 static inline int by_spans(const struct linear_int4_args *a, int R) {
-    return R * a->P > STREAM_PIECES || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
+    return R * a->P > STREAM_PIECES || R > STREAM_ROWS || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
 }
 
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
@@ -594,47 +642,55 @@ void linear_int4_amx_tiles(const uint8_t *w, int N, int K, uint8_t *tiles) {
 }
 AMX_INT8_END
 
-/* linear_int4 where the CPU has AVX-512 VNNI, each row of x taken as P int8 pieces (act_quant.h): 1 and 2 rows, and
-   every row count without AMX-INT8, vpdpbusd (linear_int4_rows); more AMX (linear_int4_amx). 0: no scratch for the
-   pieces, nothing done. */
+/* linear_int4 where the CPU has AVX-512 VNNI: 1 and 2 rows, and every row count without AMX-INT8, vpdpbusd
+   (linear_int4_rows), bf16 rows as int8 blocks (act_block8.h: the AVX2 loops' rounding; one vpdpbusd a weight and
+   row where two pieces took two), fp32 rows as `pieces` int8 pieces (act_quant.h); more rows AMX (linear_int4_amx),
+   every row as `pieces` pieces (the last N % 16 weight rows too, in the loop). 0: no scratch, nothing done. */
 static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
                             int N, int K, int G, int bf16, int pieces) {
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
     const int amx = M >= AMX_INT8_MIN_ROWS && amx_int8_ready();
     const int vnni = !amx || N % AMX_ROWS;  /* linear_int4_amx leaves the last N % 16 weight rows to the VNNI loop */
+    const int blocks = bf16 && !amx, P = blocks ? 1 : pieces;
     /* arranged pieces, pieces and their quads, block sums, the pieces' scales, the blocks' groups, fp32 rows,
-       group sums */
-    const size_t sizes[] = {(size_t)M * pieces * len, (size_t)M * pieces * K * 2, (size_t)M * lanes * 4,
-                            (size_t)M * pieces * 4, (size_t)lanes * 4, (size_t)M * (K + len) * 4,
-                            (size_t)(K / G) * 16 * 4};
+       group sums, the pieces' scales by block */
+    const size_t sizes[] = {(size_t)M * P * len, (size_t)M * P * K * 2, (size_t)M * lanes * 4, (size_t)M * P * 4,
+                            (size_t)lanes * 4, (size_t)M * (K + len) * 4, (size_t)(K / G) * 16 * 4,
+                            (size_t)M * P * lanes * 4};
     enum { PARTS = sizeof sizes / sizeof sizes[0] };
     char *part[PARTS];
     if (!thread_scratch_parts(sizes, PARTS, part)) return 0;
-    const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[2],
-                              (float *)part[6], (int32_t *)part[4], len};
+    const struct acts acts = {(int8_t *)part[0], (int8_t *)part[1], (float *)part[3], (float *)part[7],
+                              (float *)part[2], (float *)part[6], (int32_t *)part[4], len};
     float *rows = (float *)part[5], *arranged = rows + (long)M * K;
     for (long b = 0; b < lanes; b++) acts.group[b] = (int32_t)(b * 64 / G);
     for (int m = 0; m < M; m++) {
-        float *row = rows + (long)m * K;
+        float *row = rows + (long)m * K, *scales = acts.scales + (long)m * P * lanes;
         widen_row((const char *)x + (size_t)m * K * (bf16 ? 2 : 4), K, bf16, row);
         block_sums(row, K, lanes, acts.xsum + m * lanes);
-        if (vnni) {
-            arrange_row(row, K, len, arranged);
-            act_quant_rows(arranged, 0, 1, (int)len, pieces, acts.q + (long)m * pieces * len, acts.a + m * pieces);
+        if (!vnni) continue;
+        arrange_row(row, K, len, arranged);
+        if (blocks) {
+            block_scales(row, K, lanes, scales);
+            block_row(arranged, len, scales, acts.q + (long)m * len);
+            continue;
         }
+        act_quant_rows(arranged, 0, 1, (int)len, P, acts.q + (long)m * P * len, acts.a + m * P);
+        for (int p = 0; p < P; p++)
+            for (long b = 0; b < lanes; b++) scales[p * lanes + b] = acts.a[m * P + p];
     }
     struct linear_int4_args a = {.x = acts, .w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
-                                 .G = G, .P = pieces, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2)};
+                                 .G = G, .P = P, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2)};
     if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
-        int8_t *q = acts.quads + (size_t)M * pieces * K;
+        int8_t *q = acts.quads + (size_t)M * P * K;
         for (int g = 0; g < K / G; g++)
             for (int m = 0; m < 16; m++) {
                 acts.gsum[g * 16 + m] = 0.0f;
                 for (int b = g * G / 64; m < M && b < (g + 1) * G / 64; b++) acts.gsum[g * 16 + m] += acts.xsum[m * lanes + b];
             }
         unpacked_order(rows, M, K, arranged);
-        act_quant_rows(arranged, 0, M, K, pieces, q, acts.a);
-        act_quads(q, M * pieces, K, acts.quads);
+        act_quant_rows(arranged, 0, M, K, P, q, acts.a);
+        act_quads(q, M * P, K, acts.quads);
         a.rows = (a.rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
         nanoqwen_pool_run(linear_int4_amx, &a, (N + a.rows - 1) / a.rows);
     } else {
@@ -1177,9 +1233,9 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
    int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8
    pieces, / 65534^P with P int16 pieces, sum over the blocks of sum_{k in block} |w[n, k]| * max_block |x[m]| / 254
    with int8 blocks (and fp32 rounding).
-   With AVX-512 VNNI int8 pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8 serves;
-   else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. Parallel over
-   chunks of output rows (pool.h). */
+   With AVX-512 VNNI int8 blocks or pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8
+   serves; else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged.
+   Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
