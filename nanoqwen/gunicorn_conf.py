@@ -11,6 +11,7 @@ import os
 import sys
 
 from nanoqwen.api.shared_stats import forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
+from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
 from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
@@ -44,6 +45,7 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
+    exit_on_stop_signals()  # first: the imports below take seconds where `-k gevent` left nanoqwen.worker unimported
     from gunicorn.workers.ggevent import GeventWorker
 
     from nanoqwen.worker import NanoqwenWorker

@@ -36,6 +36,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
+from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.request_line import CheckedRequest
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
@@ -176,6 +177,7 @@ class NanoqwenWorker(GeventWorker):
       gevent object (gevent's hub threadpool does both).
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
+    - a stop signal before gunicorn's handlers are in place (while torch imports) exits at once (boot_signals).
     - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
       load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
       tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
@@ -212,6 +214,7 @@ class NanoqwenWorker(GeventWorker):
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def init_process(self) -> None:
+        exit_on_stop_signals()  # again without nanoqwen's post_fork: patch() imports torch before init_signals
         self._idle: Idle = {}
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
