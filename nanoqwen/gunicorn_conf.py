@@ -23,6 +23,9 @@ __all__ = [
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
 make_run_dir()
+# In the child at once, before gunicorn logs its first line: post_fork's import of nanoqwen.worker (where `-k gevent`
+# left it unimported) and the worker's of torch take seconds before gunicorn installs the worker's own handlers.
+os.register_at_fork(after_in_child=exit_on_stop_signals)
 
 bind = "127.0.0.1:8000"
 worker_class = "nanoqwen.worker.NanoqwenWorker"
@@ -45,7 +48,6 @@ def pre_fork(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    exit_on_stop_signals()  # first: the imports below take seconds where `-k gevent` left nanoqwen.worker unimported
     from gunicorn.workers.ggevent import GeventWorker
 
     from nanoqwen.worker import NanoqwenWorker

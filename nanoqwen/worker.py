@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import select
 import struct
 import sys
@@ -177,7 +178,8 @@ class NanoqwenWorker(GeventWorker):
       gevent object (gevent's hub threadpool does both).
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
-    - a stop signal before gunicorn's handlers are in place (while torch imports) exits at once (boot_signals).
+    - a stop signal before gunicorn's handlers are in place (while torch imports) exits at once (boot_signals), and
+      a stop while the model loads does not wait for the load.
     - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
       load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
       tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
@@ -300,6 +302,11 @@ class NanoqwenWorker(GeventWorker):
             super().run()
         finally:  # a graceful exit (SIGTERM, max_requests) keeps what requests recorded since the last publish
             app.extensions["nanoqwen.stats"].flush_metrics()
+            if not engine.ready and engine.load_error is None:
+                # stopped while the model loads: waiting for the load serves no one, and finalizing the interpreter
+                # beside the engine thread's native code aborted now and then (SIGABRT)
+                self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
+                os._exit(0)
 
     def _pool(self, size: int) -> Pool:
         pool = Pool(size)
