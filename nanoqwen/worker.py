@@ -216,7 +216,7 @@ class NanoqwenWorker(GeventWorker):
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def init_process(self) -> None:
-        exit_on_stop_signals()  # again without nanoqwen's post_fork: patch() imports torch before init_signals
+        exit_on_stop_signals()  # without nanoqwen's config (its at-fork hook): patch() imports torch first
         self._idle: Idle = {}
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
