@@ -11,6 +11,7 @@ import os
 import sys
 
 from nanoqwen.api.shared_stats import forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
+from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
 from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
@@ -22,6 +23,9 @@ __all__ = [
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
 make_run_dir()
+# In the child at once, before gunicorn logs its first line: post_fork's import of nanoqwen.worker (where `-k gevent`
+# left it unimported) and the worker's of torch take seconds before gunicorn installs the worker's own handlers.
+os.register_at_fork(after_in_child=exit_on_stop_signals)
 
 bind = "127.0.0.1:8000"
 worker_class = "nanoqwen.worker.NanoqwenWorker"

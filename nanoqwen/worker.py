@@ -10,6 +10,7 @@ import errno
 import gc
 import json
 import logging
+import os
 import select
 import struct
 import sys
@@ -36,6 +37,7 @@ from gunicorn.workers.ggevent import GeventWorker
 from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
+from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.request_line import CheckedRequest
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
@@ -176,6 +178,8 @@ class NanoqwenWorker(GeventWorker):
       gevent object (gevent's hub threadpool does both).
     - the engine thread starts here, after the fork: `--preload` only imports the app in the master.
     - a failed model load exits with WORKER_BOOT_ERROR: the master stops and logs why.
+    - a stop signal before gunicorn's handlers are in place (while torch imports) exits at once (boot_signals), and
+      a stop while the model loads does not wait for the load.
     - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
       load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
       tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
@@ -212,6 +216,7 @@ class NanoqwenWorker(GeventWorker):
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def init_process(self) -> None:
+        exit_on_stop_signals()  # without nanoqwen's config (its at-fork hook): patch() imports torch first
         self._idle: Idle = {}
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
@@ -297,6 +302,11 @@ class NanoqwenWorker(GeventWorker):
             super().run()
         finally:  # a graceful exit (SIGTERM, max_requests) keeps what requests recorded since the last publish
             app.extensions["nanoqwen.stats"].flush_metrics()
+            if not engine.ready and engine.load_error is None:
+                # stopped while the model loads: waiting for the load serves no one, and finalizing the interpreter
+                # beside the engine thread's native code aborted now and then (SIGABRT)
+                self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
+                os._exit(0)
 
     def _pool(self, size: int) -> Pool:
         pool = Pool(size)

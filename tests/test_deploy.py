@@ -2,9 +2,11 @@
 compile mode in the worker, boot failures, --preload, logs, SIGTERM, and the command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -360,6 +362,52 @@ def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_p
     [worker] = re.findall(r"Booting worker with pid: (\d+)", log := srv.log())
     assert status == 0 and f"Worker exiting (pid: {worker})" in log, log
     assert "SIGKILL" not in log and "graceful timeout" not in log, log
+
+
+@pytest.mark.parametrize("stop", ["terminate", "interrupt"])
+def test_a_worker_stopped_while_it_boots_exits_at_once(tiny_checkpoint, tmp_path, stop):
+    """SIGTERM (graceful) or SIGINT (quick: SIGQUIT to the worker) to the master while its worker still imports torch,
+    before gunicorn installs the worker's handlers: the worker ran the master's, which queue the signal for a loop only
+    the master runs, so it lived on, loaded the model and was killed at the graceful timeout (30 s). The worker is
+    held (SIGSTOP) from its first line until the master's signal is pending, so that it lands in that window."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").launch()
+    try:
+        deadline = time.monotonic() + 60
+        while not (booting := re.search(r"Booting worker with pid: (\d+)", srv.log())):
+            assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
+            time.sleep(0.002)
+        worker = int(booting[1])
+        os.kill(worker, signal.SIGSTOP)
+        getattr(srv, stop)()
+        time.sleep(0.5)  # the master has sent its signal by now (pending in the stopped worker)
+        os.kill(worker, signal.SIGCONT)
+        status = srv.wait(60)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert status == 0 and "ready: " not in log and "SIGKILL" not in log, log
+
+
+@pytest.mark.parametrize("stop", ["terminate", "interrupt"])
+def test_a_worker_stopped_while_its_model_loads_exits_without_the_load(tiny_checkpoint, tmp_path, stop):
+    """Stopped once its loop answers /health "loading": the worker used to wait for the engine thread's load (up to
+    Engine.shutdown's 10 s) and then finalize the interpreter beside it, which aborted now and then ("terminate called
+    without an active exception", SIGABRT). Nothing has been served: it exits at once, before any ready line."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log").launch()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{srv.url}/health", timeout=10).json().get("status") == "loading":
+                    break
+            time.sleep(0.01)
+        getattr(srv, stop)()
+        status = srv.wait(60)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert status == 0 and "ready: " not in log and "SIG" not in log.split("Handling signal")[-1], log
 
 
 def test_threads_default_to_the_affinity_mask():
