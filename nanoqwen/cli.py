@@ -57,7 +57,8 @@ ENGINE_OPTIONS = (
     EnvOption("--max-batch", "NANOQWEN_MAX_BATCH", "sequences decoded together", int),
     EnvOption("--max-model-len", "NANOQWEN_MAX_MODEL_LEN", "context limit, prompt + completion (default: the "
               "model's max_position_embeddings)", int),
-    EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503", int),
+    EnvOption("--max-queue", "NANOQWEN_MAX_QUEUE", "waiting requests before the server answers 503 (a legacy "
+              "completion's prompts, queued together: more of them is a 400)", int),
     EnvOption("--kv-cache-memory", "NANOQWEN_KV_CACHE_MEMORY", "bytes for the KV pool (default: CUDA "
               f"{CUDA_KV_SHARE * 100:.0f}%% of free memory - {CUDA_KV_RESERVE_BYTES >> 30} GiB, CPU/MPS "
               f"{HOST_KV_BYTES >> 30} GiB)", float),

@@ -365,10 +365,22 @@ def test_a_batchs_prompts_are_queued_together_all_or_none(tiny_checkpoint, monke
         engine.submit_all([PROMPTS[1]] * 3, greedy(3), [EventStream() for _ in range(3)])
     with pytest.raises(InvalidRequest, match="more than the server queues") as refused:
         engine.submit_all([PROMPTS[1]] * 4, greedy(3), [EventStream() for _ in range(4)])
-    assert refused.value.param == "prompt"
+    assert refused.value.param == "messages"  # the engine's name for a prompt, the endpoint's given by Serving
     assert engine.stats()["queue_length"] == 1
     run(engine)
     assert engine.stats()["active_requests"] == 0
+
+
+def test_a_fail_all_between_a_requests_registration_and_its_queueing_leaves_it_ended(engine):
+    """enqueue registers a request, then queues its inbox item: a fail_all queued between the two ends the request,
+    and its item, drained after, must not start it (it generated to max_tokens for a stream already ended)."""
+    stream = EventStream()
+    engine.enqueue([engine.request(PROMPTS[0], greedy(5), stream, True)])
+    engine._inbox.appendleft(("fail_all", "stopping"))
+    run(engine)
+    result = collect(stream)
+    assert result.error == "stopping" and result.choices[0].token_ids == []
+    assert (engine.stats()["queue_length"], engine.stats()["active_requests"]) == (0, 0)
 
 
 def test_untied_sharded_rope_parameters_checkpoint():

@@ -282,7 +282,7 @@ class Engine:
         they would take the queue past its bound, InvalidRequest where they are more than it holds at all."""
         if len(requests) > self.config.max_queue:
             raise InvalidRequest(f"{len(requests)} prompts are more than the server queues at once "
-                                 f"({self.config.max_queue})", param="prompt")
+                                 f"({self.config.max_queue})", param="messages")
         with self._lock:
             if self._num_queued + len(requests) > self.config.max_queue:
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting)")
@@ -344,7 +344,8 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
-                for request in item:
+                # a fail_all queued between a request's registration and its item has closed it already
+                for request in (request for request in item if request.request_id in self._requests):
                     for seq in request.sequences:
                         self.scheduler.add(seq)
             elif kind == "fail_all":
