@@ -216,7 +216,9 @@ class NanoqwenWorker(GeventWorker):
         self.sockets = [socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach()) for s in self.sockets]
 
     def init_process(self) -> None:
-        exit_on_stop_signals()  # without nanoqwen's config (its at-fork hook): patch() imports torch first
+        # without nanoqwen's config (its at-fork hook): patch() imports torch first (a stop in the milliseconds from
+        # the fork to here is still queued for the master's loop; not tested: the config's hook covers the tests)
+        exit_on_stop_signals()
         self._idle: Idle = {}
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
@@ -302,9 +304,9 @@ class NanoqwenWorker(GeventWorker):
             super().run()
         finally:  # a graceful exit (SIGTERM, max_requests) keeps what requests recorded since the last publish
             app.extensions["nanoqwen.stats"].flush_metrics()
-            if not engine.ready and engine.load_error is None:
+            if not engine.ready and engine.load_error is None and sys.exc_info()[0] in (None, SystemExit):
                 # stopped while the model loads: waiting for the load serves no one, and finalizing the interpreter
-                # beside the engine thread's native code aborted now and then (SIGABRT)
+                # beside the engine thread's native code aborted now and then (SIGABRT); a crash keeps its traceback
                 self.log.info("Worker exiting before its model loaded (pid: %s)", self.pid)
                 os._exit(0)
 

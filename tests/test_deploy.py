@@ -364,6 +364,31 @@ def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_p
     assert "SIGKILL" not in log and "graceful timeout" not in log, log
 
 
+def test_the_boot_stop_handlers_take_over_only_from_the_masters() -> None:
+    """The at-fork hook stays for good: in a child a worker forks (the worker's own handlers in place) or a master's
+    fork before its handlers, a stop signal must keep its handler, not exit 0 at once; only in a new worker (the
+    master's handlers still in place) do the boot handlers take over."""
+    from gunicorn.arbiter import Arbiter
+
+    from nanoqwen import boot_signals
+
+    prior = {sig: signal.getsignal(sig) for sig in boot_signals.STOP_SIGNALS}
+    try:
+        def own(sig: int, frame: object) -> None:
+            pass
+
+        for sig in boot_signals.STOP_SIGNALS:
+            signal.signal(sig, own)
+        boot_signals.exit_on_stop_signals()
+        assert all(signal.getsignal(sig) is own for sig in boot_signals.STOP_SIGNALS)
+        signal.signal(signal.SIGTERM, Arbiter.__new__(Arbiter).signal)
+        boot_signals.exit_on_stop_signals()
+        assert all(signal.getsignal(sig) is boot_signals._exit for sig in boot_signals.STOP_SIGNALS)
+    finally:
+        for sig, handler in prior.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize("stop", ["terminate", "interrupt"])
 def test_a_worker_stopped_while_it_boots_exits_at_once(tiny_checkpoint, tmp_path, stop):
     """SIGTERM (graceful) or SIGINT (quick: SIGQUIT to the worker) to the master while its worker still imports torch,
