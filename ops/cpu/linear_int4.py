@@ -9,7 +9,8 @@ the offsets take each group's fp32 activation sum. The result is within sum_k |w
 fp32 rounding) of the reference's (tests/test_cpu_linear_int4.py checks that bound, and that fewer pieces
 break it). PIECES: fp32 rows take 4: with 3 (2^-24 of the maximum), a row with an outlier channel (one
 activation 100x the rest) came out 0.6-3.5x as far from the exact product as the fp32 reference's, with 4
-0.15-0.6x. bf16 rows take 2 (2^-16 of the row maximum) only where AMX-INT8 takes them (3+ rows); else they are
+0.15-0.6x. bf16 rows take 2 (2^-16 of the row maximum) only where AMX-INT8 takes them (a pass of 3-16 rows: a batch of
+17 or 18 ends in a pass of 1-2 rows, which takes blocks: its rows rounded unlike their mates'); else they are
 int8 blocks on every ISA (csrc/act_block8.h: one scale a 64-column block, max|x| / 127, llama.cpp's Q8 style,
 within 1/254 of the block's largest an element; ~1% more logit error than int4's own, profiles/RESULTS.md, lanes
 int4b8 and int4bl34), `pieces` unused: with VNNI each block's int32 sum is scaled by its group's scale times its

@@ -1,5 +1,6 @@
 """The torch reference of csrc/act_block8.h: activation rows rounded to int8, one scale a block of columns, as the
-AVX2 int4 kernel rounds bf16 rows before it multiplies them by the nibbles (ops/cpu/linear_int4.py)."""
+int4 kernels round bf16 rows (AVX2, and AVX-512 VNNI outside AMX-INT8's passes) before they multiply them by
+the nibbles (ops/cpu/linear_int4.py)."""
 from __future__ import annotations
 
 import torch

@@ -334,8 +334,9 @@ static inline const uint8_t *next_span(const struct linear_int4_args *a, long n,
    next span is prefetched (next_span), `count` rows before it is read. Two weight rows a pass (span_vnni): row by
    row where their sums fit the registers (R * P <= STREAM_PIECES, R <= STREAM_ROWS), else span by span (block; f in
    memory there), in groups of activation rows: hot, one thread, 1024 x 1024 at 2 bf16 rows 0.70x the time of one
-   weight row a pass, 4 rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the time of one weight row
-   a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md, int4k33). */
+   weight row a pass, 4 rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the
+   time of one weight row a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md,
+   int4k33). */
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
     const long spans = a->x.len / SPAN;
