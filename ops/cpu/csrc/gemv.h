@@ -174,9 +174,11 @@ INLINE void dot_rows_avx512(const void *r, int kind, const float *x, int rows, i
    pairs of bf16 exactly and accumulates them in fp32, so neither side is widened and each activation row
    costs one instruction per 32 weights. At one activation row the weights are prefetched non-temporally: each is read
    once a step, and so streamed it evicts less of what the step's other kernels read next (a replayed bf16 b1 step on
-   Zen 5: attention, the norms and silu_mul 0.92-0.95x their time, the logits' widening 0.65-0.84x, the linears'
-   unchanged in the step, loaded; alone, bench_cpu_linear's pass 1.04x by median, 0.96-1.02x at best: profiles/
-   RESULTS.md, step34). */
+   Zen 5: attention, the norms and silu_mul 0.92-0.95x their time, the logits' widening 0.84x, the linears'
+   unchanged in the step, loaded; alone, bench_cpu_linear's pass 1.04-1.05x by median, 0.96-1.02x at best; quiet,
+   whole bf16 b1 decode 53.5-55.5 tok/s against 52.4-52.8 without, in the machine's faster state: profiles/
+   RESULTS.md, step34 and the thirty-fourth session). At one row left after a pass of more (9, 17 rows) the row
+   was just read, mostly from L1: the same bits either way. */
 INLINE void dot_rows_bf16(const uint16_t *r, const uint16_t *x, int rows, int K, float *out) {
     __m512 a[GEMV_MAX_ROWS][2];
     for (int m = 0; m < rows; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();

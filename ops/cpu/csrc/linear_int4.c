@@ -212,7 +212,9 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
    `ahead` is prefetched non-temporally where `nta` (a constant; stream_rows' at 1 row): each weight is read once a
    step, and so streamed it evicts less of what the step's other kernels read next (as linear_int8.c's
    VNNI_PREFETCH_AHEAD; a replayed int4 step on Zen 5: the norms, attention and silu_mul 0.95-0.99x their time, the
-   linears' unchanged; profiles/RESULTS.md, step34). */
+   linears' 1.01x, loaded; quiet, whole int4 b1 decode 140-141 tok/s against 128-132 without in the faster of the
+   machine's two states, 114-116 against 102-105 in the slower: profiles/RESULTS.md, step34 and the thirty-fourth
+   session). A row left after a pass of more (9, 17 rows) was just read: the hint matters little there. */
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
           const uint8_t *const ahead[], int nta, __m512 f[][ROWS]) {
