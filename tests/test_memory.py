@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,30 @@ imported["served"] = [m for m in {stack!r} if m in sys.modules]
 print(json.dumps(imported))
 """
 
+PREFILL_LENGTHS = """
+import ctypes, json, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import nanoqwen  # first, as server.py does
+from engine_util import generate, greedy, load_engine
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+engine = load_engine({path!r}, dtype="bfloat16", kernels="auto")
+allocated = []
+for length in range(40, 40 + 2 * {lengths}):  # past the C linears' 32 rows: torch's bf16 GEMM
+    assert generate(engine, [[1000 + length] * length], greedy(1))[0].error is None
+    if length - 40 + 1 in ({lengths}, 2 * {lengths}):
+        info = mallinfo2()
+        allocated.append(info.uordblks + info.hblkhd)
+print(json.dumps(allocated))
+"""
+
 
 def test_engine_and_api_import_no_compile_stack(tiny_checkpoint):
     """Importing the API and the engine, loading a model on the CPU and decoding under a grammar
@@ -50,6 +75,20 @@ def test_engine_and_api_import_no_compile_stack(tiny_checkpoint):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"imports": [], "served": []}
+
+
+def test_bf16_prefill_lengths_keep_malloc_bounded(tiny_checkpoint):
+    """Every distinct prompt length gives torch's bf16 GEMMs new shapes, each a oneDNN primitive that ideep's cache and
+    oneDNN's keep (1024 entries each by default, ~0.25 MB an entry even at the tiny checkpoint's shapes): the bytes
+    malloc holds grew 222 MB over 100 more lengths. nanoqwen bounds both caches, so once 100 lengths filled them the
+    next 100 add next to nothing. Counted in malloc's bytes in use (mallinfo2), not RSS: what glibc keeps free is not
+    counted, so the figure is the same run to run. A fresh process: the caches are per process, their size read once."""
+    script = PREFILL_LENGTHS.format(repo=str(REPO), tests=str(REPO / "tests"), path=str(tiny_checkpoint), lengths=100)
+    env = {k: v for k, v in os.environ.items() if k not in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    filled, after = json.loads(out.stdout.strip().splitlines()[-1])
+    assert after - filled < 32 << 20
 
 
 def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkpoint):
