@@ -17,6 +17,6 @@ if os.environ.get("NANOQWEN_SPECULATIVE_CONFIG"):
 # first bf16 GEMM, not at torch's import; a value the user set wins (LRU_CACHE_CAPACITY=0 crashes ideep).
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-if os.environ["LRU_CACHE_CAPACITY"].strip() == "0":  # a worker's segfault at its first bf16 prefill, else
+if os.environ["LRU_CACHE_CAPACITY"].strip().lstrip("+-0") == "":  # 0 as any integer spells it: a segfault, else
     raise ValueError("LRU_CACHE_CAPACITY=0 crashes torch's ideep at its first bf16 GEMM: set 1 or more (nanoqwen's "
                      "default is 64)")

@@ -176,7 +176,7 @@ INLINE void dot_rows_avx512(const void *r, int kind, const float *x, int rows, i
    once a step, and so streamed it evicts less of what the step's other kernels read next (a replayed bf16 b1 step on
    Zen 5: attention, the norms and silu_mul 0.92-0.95x their time, the logits' widening 0.84x, the linears'
    unchanged in the step, loaded; alone, bench_cpu_linear's pass 1.04-1.05x by median, 0.96-1.02x at best; quiet,
-   whole bf16 b1 decode 53.5-55.5 tok/s against 52.4-52.8 without, in the machine's faster state: profiles/
+   whole bf16 b1 decode 53.5-55.5 tok/s against 48.0-52.8 without, in the machine's faster state: profiles/
    RESULTS.md, step34 and the thirty-fourth session). At one row left after a pass of more (9, 17 rows) the row
    was just read, mostly from L1: the same bits either way. */
 INLINE void dot_rows_bf16(const uint16_t *r, const uint16_t *x, int rows, int K, float *out) {
