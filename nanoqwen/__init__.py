@@ -14,7 +14,7 @@ if os.environ.get("NANOQWEN_SPECULATIVE_CONFIG"):
 # each (ideep's and oneDNN's), ~0.27 MB an entry at Qwen3-0.6B's shapes: each new prompt length adds one per distinct
 # linear, so a bf16 worker grew by ~0.6-0.75 GB with the variety of its traffic. 64 hold the few shapes a step uses,
 # and a miss costs 0.15-0.5 ms a shape (profiles/RESULTS.md, "Thirty-fourth session, lane mem34"). Both are read at the
-# first bf16 GEMM, not at torch's import; a value the user set wins (LRU_CACHE_CAPACITY=0 crashes ideep).
+# first bf16 GEMM, not at torch's import; a value the user set wins but 0, which crashes ideep.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 if os.environ["LRU_CACHE_CAPACITY"].strip().lstrip("+-0") == "":  # 0 as any integer spells it: a segfault, else
