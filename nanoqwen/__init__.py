@@ -1,5 +1,6 @@
 """nanoqwen: a small, fast, OpenAI-compatible inference server for Qwen3."""
 import os
+import re
 
 # Read by OpenMP when torch loads, so it is decided here, before any import of torch; a policy the user set wins.
 # With drafts, a step alternates small torch ops with the C kernels' own thread pool, and OpenMP's threads spinning
@@ -17,6 +18,8 @@ if os.environ.get("NANOQWEN_SPECULATIVE_CONFIG"):
 # first bf16 GEMM, not at torch's import; a value the user set wins but 0, which crashes ideep.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-if os.environ["LRU_CACHE_CAPACITY"].strip().lstrip("+-0") == "":  # 0 as any integer spells it: a segfault, else
-    raise ValueError("LRU_CACHE_CAPACITY=0 crashes torch's ideep at its first bf16 GEMM: set 1 or more (nanoqwen's "
-                     "default is 64)")
+# ideep reads it as C's atoi does: anything that reads as 0 (0, 00, abc, an empty value) segfaults a worker, else
+if (_lru := re.match(r"\s*[+-]?\d+", os.environ["LRU_CACHE_CAPACITY"])) is None or int(_lru.group()) == 0:
+    raise ValueError(f"LRU_CACHE_CAPACITY={os.environ['LRU_CACHE_CAPACITY']!r} reads as 0, which crashes torch's "
+                     "ideep at its first bf16 GEMM: set an integer of 1 or more (nanoqwen's default is 64)")
+del _lru

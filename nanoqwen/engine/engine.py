@@ -233,14 +233,16 @@ class Engine:
         split_reasoning: bool = True,
     ) -> tuple[str, EventStream]:
         stream = stream if stream is not None else EventStream()
-        request = self.request(prompt_ids, params, stream, split_reasoning)
-        self.enqueue([request])
-        return request.request_id, stream
+        return self.submit_all([prompt_ids], params, [stream], split_reasoning)[0], stream
 
     def submit_all(self, prompts: list[list[int]], params: SamplingParams, streams: list[EventStream],
                    split_reasoning: bool = True) -> list[str]:
         """Every prompt as a request of its own on its stream, all or none: each is validated before any is queued,
-        and they reach the scheduler together (a legacy completion's prompts, admitted steps apart, began apart)."""
+        and they reach the scheduler together (a legacy completion's prompts, admitted steps apart, began apart);
+        more of them than the queue holds at all is refused before any is built."""
+        if len(prompts) > self.config.max_queue:
+            raise InvalidRequest(f"{len(prompts)} prompts are more than the server queues at once "
+                                 f"({self.config.max_queue})", param="messages")
         requests = [self.request(ids, params, stream, split_reasoning) for ids, stream in zip(prompts, streams,
                                                                                                strict=True)]
         self.enqueue(requests)
@@ -279,10 +281,7 @@ class Engine:
 
     def enqueue(self, requests: list[Request]) -> None:
         """Queues `requests` as one inbox item, so the engine takes them in at once; QueueFullError (none queued) where
-        they would take the queue past its bound, InvalidRequest where they are more than it holds at all."""
-        if len(requests) > self.config.max_queue:
-            raise InvalidRequest(f"{len(requests)} prompts are more than the server queues at once "
-                                 f"({self.config.max_queue})", param="messages")
+        they would take the queue past its bound."""
         with self._lock:
             if self._num_queued + len(requests) > self.config.max_queue:
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting)")
@@ -344,8 +343,9 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "submit":
-                # a fail_all queued between a request's registration and its item has closed it already
-                for request in (request for request in item if request.request_id in self._requests):
+                for request in item:
+                    if request.request_id not in self._requests:
+                        continue  # a fail_all queued between its registration and this item closed it already
                     for seq in request.sequences:
                         self.scheduler.add(seq)
             elif kind == "fail_all":
