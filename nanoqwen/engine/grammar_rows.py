@@ -266,17 +266,10 @@ def _python_escape(match: re.Match[str]) -> str:
 
 @dataclass
 class _Group:
-    """A group of a body being read (_Empty.define): its alternatives' sequences of element nodes, what closes it, and
-    the nodes of all before it (`opening`), before its sequence's next element (`prefix`) and before its last."""
+    """A group of a body being read (_Empty.define): its alternatives' sequences of element nodes, what closes it."""
 
     closer: str
-    opening: int
     sequences: list[list[int]] = field(default_factory=lambda: [[]])
-    prefix: int = -1
-    before_last: int = -1
-
-    def __post_init__(self) -> None:
-        self.prefix = self.before_last = self.opening
 
 
 class _Empty:
@@ -313,7 +306,7 @@ class _Empty:
         """Adds definition `name` of body `tokens`; a `rule`'s body is kept as events (OPEN, ALT, OPTIONAL, CLOSE and
         its elements) for _Rows. One pass, the commonest tokens first (a body may be megabytes of terminals)."""
         nothing, something, nodes = self.NOTHING, self.SOMETHING, self.node
-        groups = [_Group("", nothing)]
+        groups = [_Group("")]
         group = groups[0]
         before, named, closing = "", False, False  # the element is a rule named, a group closed
         events: list[int] = []
@@ -324,7 +317,6 @@ class _Empty:
                 element = nothing if self.patterns.may_be_empty(token) else something
             elif token == "|":
                 group.sequences.append([])
-                group.prefix = group.before_last = group.opening
                 events.append(ALT)
                 continue
             elif token in nodes:
@@ -333,7 +325,6 @@ class _Empty:
             elif token in "?*" or (token in ("0", ",") and before in ("~", "{")):  # `x?`, `x*`, `x~0..n`, `x{0,n}`
                 if group.sequences[-1]:
                     group.sequences[-1][-1] = nothing
-                    group.prefix = group.before_last
                     events.extend((REPEAT, OPTIONAL) if token == "*" else (OPTIONAL,))
                 before = token
                 continue
@@ -345,7 +336,7 @@ class _Empty:
             elif token in "([":
                 if len(groups) > MAX_NESTING:
                     raise DeepNesting(f"the grammar's groups (`(`, `[`) are nested more than {MAX_NESTING} deep")
-                groups.append(group := _Group("]" if token == "[" else ")", group.prefix))
+                groups.append(group := _Group("]" if token == "[" else ")"))
                 events.append(OPEN)
                 continue
             elif token == group.closer:
@@ -365,12 +356,7 @@ class _Empty:
             if token == "]":  # `[x]`: `(x)?`
                 events.append(OPTIONAL)
             named = closing = False
-            group.sequences[-1].append(element)  # the element follows: the prefix before the next, an AND more
-            group.before_last = group.prefix
-            if element == something or group.prefix == nothing:
-                group.prefix = element
-            elif element != nothing and group.prefix != something:
-                group.prefix = self._add(2, [group.prefix, element])
+            group.sequences[-1].append(element)
         while len(groups) > 1:  # unclosed (llguidance refuses it)
             element = self._any(groups.pop().sequences)
             groups[-1].sequences[-1].append(element)
