@@ -28,9 +28,8 @@ import torch.nn.functional as F
 
 from ops.cpu import build, graph
 
-MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM (csrc/pointwise.c's
-# SILU_CHUNK_ROWS and csrc/norm_rope.c's NORM_CHUNK_ROWS follow it: a decode step's silu_mul and norms stay on the
-# calling thread)
+MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM (csrc/pool.h's
+# DECODE_CHUNK_ROWS follows it: a decode step's silu_mul and norms stay on the calling thread)
 
 KERNEL = build.CKernel("cpu_linear", "linear.c", ("linear",))
 

@@ -17,6 +17,12 @@ enum { W_F32, W_I8 };
    their own distance (amx.h). */
 #define PREFETCH_BYTES 2048
 
+/* A prefetch of what is read next, non-temporal where `nta` (a constant where inlined: one instruction either way). */
+INLINE void prefetch_read(const void *p, int nta) {
+    if (nta) __builtin_prefetch(p, 0, 0);  /* prefetchnta */
+    else __builtin_prefetch(p);
+}
+
 /* ---- AVX2 + FMA: every x86 CPU the kernels build for ---- */
 
 /* 8 int8 -> 8 fp32. The 8-byte load folds into the sign extension (vpmovsxbd ymm, m64): one shuffle-port
@@ -184,13 +190,8 @@ INLINE void dot_rows_bf16(const uint16_t *r, const uint16_t *x, int rows, int K,
     for (int m = 0; m < rows; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
-        if (rows == 1) {  /* prefetchnta */
-            __builtin_prefetch(r + k + PREFETCH_BYTES / 2, 0, 0);
-            __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2, 0, 0);
-        } else {
-            __builtin_prefetch(r + k + PREFETCH_BYTES / 2);
-            __builtin_prefetch(r + k + 32 + PREFETCH_BYTES / 2);
-        }
+        prefetch_read(r + k + PREFETCH_BYTES / 2, rows == 1);
+        prefetch_read(r + k + 32 + PREFETCH_BYTES / 2, rows == 1);
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(r + k), w1 = (__m512bh)_mm512_loadu_si512(r + k + 32);
         for (int m = 0; m < rows; m++) {
             a[m][0] = _mm512_dpbf16_ps(a[m][0], (__m512bh)_mm512_loadu_si512(x + (long)m * K + k), w0);

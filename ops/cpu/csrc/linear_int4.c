@@ -225,8 +225,7 @@ span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R
     __m512 s[2], off[2];
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
         for (int k = 0; k < SPAN / 128; k++) {
-            if (nta) __builtin_prefetch(ahead[i] + 64 * k, 0, 0);  /* prefetchnta */
-            else __builtin_prefetch(ahead[i] + 64 * k);
+            prefetch_read(ahead[i] + 64 * k, nta);
         }
         /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
            span's first, spread over its blocks */
@@ -343,7 +342,7 @@ static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
     const long spans = a->x.len / SPAN;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
-    if (R * P <= STREAM_PIECES && !block) {
+    if (R * P <= STREAM_PIECES && R <= STREAM_ROWS && !block) {  /* by_spans' cut: no row-by-row copy past it */
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         int j = 0;

@@ -5,12 +5,6 @@
 #include "pool.h"
 #include "simd.h"
 
-/* Rows per pool chunk: a decode step's rows up to linear.py's MAX_ROWS are one chunk, run by the calling thread
-   alone; prefill's go across the pool. The pool, not OpenMP: between the pool's jobs an OpenMP region's threads
-   and the pool's spinning helpers took each other's cores on 2 busy cores, and a 16-row decode step cost 640-1,032
-   ms against 120-184 at 15 rows (csrc/pool.h). */
-#define NORM_CHUNK_ROWS 32
-
 /* s = round(x + res) (or x) of one row into buf (and res_out where given); -> 1 / rms(s). */
 static float row_scale(const void *x, long xo, const void *res, void *res_out, int H, float eps, int bf16,
                        float *buf) {
@@ -41,7 +35,7 @@ struct rms_norm_args {
 static void rms_norm_chunk(const void *ctx, long chunk) {
     const struct rms_norm_args *a = ctx;
     float buf[8192];
-    for (long n = chunk * NORM_CHUNK_ROWS; n < pool_chunk_end(chunk, NORM_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
         const long xo = n * a->H;
         const __m256 inv = _mm256_set1_ps(row_scale(a->x, xo, a->res, a->res_out, a->H, a->eps, a->bf16, buf));
         for (int i = 0; i < a->H; i += 8) store8(a->out, xo + i, scaled8(buf, i, inv, a->w, a->bf16), a->bf16);
@@ -52,7 +46,7 @@ static void rms_norm_chunk(const void *ctx, long chunk) {
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16) {
     const struct rms_norm_args a = {x, res, w, out, res_out, N, H, eps, bf16};
-    nanoqwen_pool_run(rms_norm_chunk, &a, (N + NORM_CHUNK_ROWS - 1) / NORM_CHUNK_ROWS);
+    nanoqwen_pool_run(rms_norm_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
 }
 
 /* One head in place: RMSNorm by w, then the neox rotation by (c, s), each product and the sum rounded. */
@@ -86,7 +80,7 @@ struct qk_args {
 static void qk_norm_rope_store_chunk(const void *ctx, long chunk) {
     const struct qk_args *a = ctx;
     const int D = a->D, half = D / 2, Hkv = a->Hkv, bf16 = a->bf16, size = bf16 ? 2 : 4;
-    for (long n = chunk * NORM_CHUNK_ROWS; n < pool_chunk_end(chunk, NORM_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
         const float *cs = a->cos_sin + (long)a->positions[n] * D;
         float c[128], s[128];  /* cos and sin in the model dtype, as the reference converts them */
         for (int i = 0; i < half; i += 8) {
@@ -111,5 +105,5 @@ void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const v
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16) {
     const struct qk_args a = {q, k, v, qw, kw, eps, cos_sin, positions, slots, kc, vc, N, Hq, Hkv, D, sq, sk, sv, bf16};
-    nanoqwen_pool_run(qk_norm_rope_store_chunk, &a, (N + NORM_CHUNK_ROWS - 1) / NORM_CHUNK_ROWS);
+    nanoqwen_pool_run(qk_norm_rope_store_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
 }

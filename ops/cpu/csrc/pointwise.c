@@ -9,17 +9,12 @@ struct silu_mul_args {
     int N, I, bf16;
 };
 
-/* Rows [chunk * SILU_CHUNK_ROWS, ...) of silu_mul. A decode step's rows (up to linear.py's MAX_ROWS) are one chunk,
-   run by the calling thread alone; prefill's go across the pool (one thread: 8% of a 512-token bf16 prefill). The
-   pool, not OpenMP: a 512 x 3072 call took a median of 15 ms (fastest 0.75-9) in an OpenMP loop at load 12 against
-   1.3-1.5 on one thread, its barrier waiting for a descheduled thread (csrc/pool.h). SILU_CHUNK_ROWS is MAX_ROWS:
-   a decode step stays inline. */
-#define SILU_CHUNK_ROWS 32
+/* Rows [chunk * DECODE_CHUNK_ROWS, ...) of silu_mul (pool.h; one thread: 8% of a 512-token bf16 prefill). */
 static void silu_mul_chunk(const void *ctx, long chunk) {
     const struct silu_mul_args *a = ctx;
     const __m256 one = _mm256_set1_ps(1.0f);
     const int I = a->I, bf16 = a->bf16;
-    for (long n = chunk * SILU_CHUNK_ROWS; n < pool_chunk_end(chunk, SILU_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
         const long gate = n * 2 * I, up = gate + I, o = n * I;
         for (int i = 0; i < I; i += 8) {
             __m256 g = load8(a->x, gate + i, bf16);
@@ -32,7 +27,7 @@ static void silu_mul_chunk(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void silu_mul(const void *x, void *out, int N, int I, int bf16) {
     const struct silu_mul_args a = {x, out, N, I, bf16};
-    nanoqwen_pool_run(silu_mul_chunk, &a, (N + SILU_CHUNK_ROWS - 1) / SILU_CHUNK_ROWS);
+    nanoqwen_pool_run(silu_mul_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */

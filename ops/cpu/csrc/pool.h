@@ -27,6 +27,13 @@ static inline long pool_rows_per_chunk(long row_bytes) {
     return rows > 0 ? rows : 1;
 }
 
+/* Rows per pool chunk of the row-wise kernels (the norms, silu_mul): a decode step's rows, up to linear.py's MAX_ROWS,
+   are one chunk, run by the calling thread alone; prefill's go across the pool. The pool, not OpenMP: between the
+   pool's jobs an OpenMP region's threads and the pool's spinning helpers took each other's cores on 2 busy cores (a
+   16-row decode step cost 640-1,032 ms against 120-184 at 15 rows), and a 512 x 3072 silu_mul took a median of 15 ms
+   in an OpenMP loop at load 12 against 1.3-1.5 on one thread, its barrier waiting for a descheduled thread. */
+#define DECODE_CHUNK_ROWS 32
+
 /* The end (exclusive) of chunk `chunk`'s rows, `rows` per chunk out of `n`; it starts at chunk * rows. */
 static inline long pool_chunk_end(long chunk, long rows, long n) {
     return (chunk + 1) * rows < n ? (chunk + 1) * rows : n;
