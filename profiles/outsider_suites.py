@@ -3,10 +3,10 @@ CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` 
 test_completion, chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions,
 test_extra_content_fields, test_enable_force_include_usage, test_chat_logit_bias_validation,
 test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
-basic/test_basic) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate,
-test_ignore_eos, test_chat_completion) that do not depend on a real model's words. Each case says what this server
-must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`, llama.cpp's
-`timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
+basic/test_basic, test_tokenization) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses,
+test_chat_truncate, test_ignore_eos, test_chat_completion) that do not depend on a real model's words. Each case says
+what this server must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`,
+llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
 
     python profiles/outsider_suites.py
 """
@@ -42,7 +42,7 @@ def conversation(turns: int) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": "[U Last]This is the most recent user message."}]
 
 
-CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+CHAT, COMPLETIONS, RESPONSES, TOKENIZE = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"
 VOCAB = 151936  # Qwen3's (the test checkpoint's too)
 TOOLS = [{"type": "function", "function": {"name": "dummy_function_name", "parameters": {"type": "object"}}}]
 CASES: list[Case] = [
@@ -115,6 +115,11 @@ CASES: list[Case] = [
     ("vLLM test_completion: prompt_logprobs -1", COMPLETIONS,
      {"prompt": ["A robot may not injure another robot", "My name is"], "prompt_logprobs": -1}, 400,
      "prompt_logprobs"),
+    ("vLLM test_tokenize_chat: add_special_tokens at vLLM's default", TOKENIZE,
+     {"messages": USER, "add_generation_prompt": True, "add_special_tokens": False}, 200,
+     lambda body: body["count"] == len(body["tokens"]) > 0 and body["token_strs"] is None),
+    ("vLLM test_tokenize_chat: add_special_tokens true (vLLM's default is false)", TOKENIZE,
+     {"messages": USER, "add_special_tokens": True}, 400, "add_special_tokens"),
     ("llama.cpp test_invalid_chat_completion_req: a message without a role", CHAT,
      {"messages": [{"role": "system", "content": "test"}, {}]}, 400, "messages.[1].role"),
     ("llama.cpp test_invalid_chat_completion_req: a content not text", CHAT,
@@ -125,7 +130,7 @@ CASES: list[Case] = [
 def check_case(url: str, case: Case) -> str | None:
     """What is wrong with the answer to `case`, or None."""
     _, path, body, status, expected = case
-    answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path != RESPONSES
+    answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path in (CHAT, COMPLETIONS)
                            else {"model": MODEL, **body}, timeout=120)
     if answer.status_code != status:
         return f"{answer.status_code} {answer.text[:300]}"
