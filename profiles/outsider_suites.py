@@ -1,10 +1,12 @@
 """Other servers' own test cases, re-expressed against a real `gunicorn -k gevent server:app` (the tiny test checkpoint,
 CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` (completion/test_completion_error,
-chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions, test_extra_content_fields,
-test_enable_force_include_usage) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses,
-test_chat_truncate, test_ignore_eos) that do not depend on a real model's words. Each case says what this server
-must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`, llama.cpp's
-`timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
+test_completion, chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions,
+test_extra_content_fields, test_enable_force_include_usage, test_chat_logit_bias_validation,
+test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
+basic/test_basic, test_tokenization) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses,
+test_chat_truncate, test_ignore_eos, test_chat_completion) that do not depend on a real model's words. Each case says
+what this server must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`,
+llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
 
     python profiles/outsider_suites.py
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +42,9 @@ def conversation(turns: int) -> list[dict[str, str]]:
     return [*messages, {"role": "user", "content": "[U Last]This is the most recent user message."}]
 
 
-CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+CHAT, COMPLETIONS, RESPONSES, TOKENIZE = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"
+VOCAB = 151936  # Qwen3's (the test checkpoint's too)
+TOOLS = [{"type": "function", "function": {"name": "dummy_function_name", "parameters": {"type": "object"}}}]
 CASES: list[Case] = [
     ("vLLM test_completion_error: json_schema without its schema", COMPLETIONS,
      {"prompt": "Test prompt", "max_tokens": 10, "response_format": {"type": "json_schema"}}, 400, "response_format"),
@@ -79,13 +84,53 @@ CASES: list[Case] = [
     ("llama.cpp test_ignore_eos: every token asked for", COMPLETIONS,
      {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}, 200,
      lambda body: body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"),
+    ("vLLM test_chat_logit_bias_validation: the vocabulary's last id", CHAT,
+     {"messages": USER, "logit_bias": {str(VOCAB - 1): 1.0}}, 200, lambda body: body["choices"][0]["message"]),
+    ("vLLM test_chat_logit_bias_validation: an id past the vocabulary", CHAT,
+     {"messages": USER, "logit_bias": {str(VOCAB + 1): 1.0}}, 400, "logit_bias"),
+    ("vLLM test_chat_logit_bias_validation: a key not an id", CHAT,
+     {"messages": USER, "logit_bias": {"bad1": 50.0, "bad2": 20.0}}, 400, "logit_bias"),
+    ("vLLM test_chat_logit_bias_validation: a value not a number", CHAT,
+     {"messages": USER, "logit_bias": {"1": "not_a_number"}}, 400, "logit_bias.1"),
+    ("vLLM test_chat_stop_token_ids_validation: the vocabulary's last id", CHAT,
+     {"messages": USER, "stop_token_ids": [VOCAB - 1]}, 200, lambda body: body["choices"][0]["message"]),
+    ("vLLM test_chat_stop_token_ids_validation: an id past the vocabulary", CHAT,
+     {"messages": USER, "stop_token_ids": [VOCAB + 1]}, 400, "stop_token_ids"),
+    ("vLLM test_chat_stop_token_ids_validation: a negative id", CHAT,
+     {"messages": USER, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("vLLM test_thinking_token_budget_validation: chat", CHAT,
+     {"messages": USER, "thinking_token_budget": 10}, 400, "thinking_token_budget"),
+    ("vLLM test_thinking_token_budget_validation: completions", COMPLETIONS,
+     {"prompt": "hello", "thinking_token_budget": 5}, 400, "thinking_token_budget"),
+    ("vLLM test_inconsistent_tool_choice_and_tools: a named tool without tools", CHAT,
+     {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "dummy_function_name"}}}, 400,
+     "tool_choice"),
+    ("vLLM test_inconsistent_tool_choice_and_tools: a named tool not among them", CHAT,
+     {"messages": USER, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nondefined"}}}, 400,
+     "tool_choice"),
+    ("vLLM test_inconsistent_tool_choice_and_tools: an empty tool_choice", CHAT,
+     {"messages": USER, "tools": TOOLS, "tool_choice": {}}, 400, "tool_choice.type"),
+    ("vLLM test_completion: legacy logprobs past 5 (OpenAI's bound; vLLM's is 20)", COMPLETIONS,
+     {"prompt": [0, 0, 0, 0, 0], "logprobs": 21}, 400, "logprobs"),
+    ("vLLM test_completion: prompt_logprobs -1", COMPLETIONS,
+     {"prompt": ["A robot may not injure another robot", "My name is"], "prompt_logprobs": -1}, 400,
+     "prompt_logprobs"),
+    ("vLLM test_tokenize_chat: add_special_tokens at vLLM's default", TOKENIZE,
+     {"messages": USER, "add_generation_prompt": True, "add_special_tokens": False}, 200,
+     lambda body: body["count"] == len(body["tokens"]) > 0 and body["token_strs"] is None),
+    ("vLLM test_tokenize_chat: add_special_tokens true (vLLM's default is false)", TOKENIZE,
+     {"messages": USER, "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("llama.cpp test_invalid_chat_completion_req: a message without a role", CHAT,
+     {"messages": [{"role": "system", "content": "test"}, {}]}, 400, "messages.[1].role"),
+    ("llama.cpp test_invalid_chat_completion_req: a content not text", CHAT,
+     {"messages": [{"role": "system", "content": 123}]}, 400, "messages.[0].content"),
 ]
 
 
 def check_case(url: str, case: Case) -> str | None:
     """What is wrong with the answer to `case`, or None."""
     _, path, body, status, expected = case
-    answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path != RESPONSES
+    answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path in (CHAT, COMPLETIONS)
                            else {"model": MODEL, **body}, timeout=120)
     if answer.status_code != status:
         return f"{answer.status_code} {answer.text[:300]}"
@@ -116,6 +161,24 @@ def continuous_usage(srv: GunicornServer) -> str | None:
     return None if last == 10 else f"{last} completion tokens"
 
 
+def wrong_content_type(srv: GunicornServer) -> str | None:
+    """vLLM basic/test_basic's test_request_wrong_content_type: the openai client's body labelled a form is refused
+    (vLLM: 400 or 415; here 415), not read as JSON: a web page may send a form to any origin with no preflight."""
+    try:
+        srv.openai_client().chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=2,
+            extra_headers={"Content-Type": "application/x-www-form-urlencoded"})
+    except openai.APIStatusError as exc:
+        return None if exc.status_code == 415 else f"{exc.status_code} {exc.message}"
+    return "served"
+
+
+SERVER_CHECKS: list[tuple[str, Callable[[GunicornServer], str | None]]] = [
+    ("vLLM test_enable_force_include_usage: continuous usage", continuous_usage),
+    ("vLLM test_basic: test_request_wrong_content_type", wrong_content_type),
+]
+
+
 def main(out: Path = REPO / "profiles" / "out") -> int:
     """Every case against one server (its log in `out`): 0 where each is as expected."""
     env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
@@ -123,7 +186,7 @@ def main(out: Path = REPO / "profiles" / "out") -> int:
     failures = 0
     with GunicornServer(env, out / "outsider_suites.log") as srv:
         checks = [(case[0], lambda case=case: check_case(srv.url, case)) for case in CASES]
-        checks.append(("vLLM test_enable_force_include_usage: continuous usage", lambda: continuous_usage(srv)))
+        checks += [(name, lambda check=check: check(srv)) for name, check in SERVER_CHECKS]
         for name, check in checks:
             try:
                 problem = check()

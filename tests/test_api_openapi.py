@@ -25,6 +25,7 @@ from nanoqwen.api.schemas import (
 )
 from nanoqwen.api.stored import MAX_LIST_LIMIT, list_page
 from nanoqwen.api.strict_json import Budget
+from nanoqwen.api.tokenize import parse_tokenize_request
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
 SCHEMAS = DOC["components"]["schemas"]
@@ -35,6 +36,7 @@ PLACES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "ChatCompletionRequest": lambda f: parse_chat_request({"messages": HI, **f}, Budget()),
     "ChatMessage": lambda f: parse_chat_request({"messages": [{"role": "assistant", "content": "x", **f}]}, Budget()),
     "CompletionRequest": lambda f: parse_completion_request({"prompt": "x", **f}, Budget()),
+    "TokenizeChatRequest": lambda f: parse_tokenize_request({"messages": HI, **f}, Budget()),
     "StructuredOutputs": lambda f: parse_chat_request({"messages": HI, "structured_outputs": {"regex": "a", **f}},
                                                       Budget()),
     "ResponseCreateRequest": lambda f: parse_responses_request({"input": "hi", **f}, Budget()),

@@ -16,5 +16,5 @@ import outsider_suites  # noqa: E402
 def test_other_servers_cases_are_answered_as_they_expect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     failed = outsider_suites.main(tmp_path)
     printed = capsys.readouterr().out
-    cases = len(outsider_suites.CASES) + 1  # and the continuous-usage check
+    cases = len(outsider_suites.CASES) + len(outsider_suites.SERVER_CHECKS)
     assert failed == 0 and f"{cases} of {cases} as expected" in printed, printed

@@ -487,6 +487,30 @@ def test_content_encoding_and_charset_are_not_ignored(server: GunicornServer, he
     assert response.json()["tokens"] == utf8["tokens"]
 
 
+@pytest.mark.parametrize("content_type, origin, status", [
+    ("text/plain", None, 415),
+    ("text/plain;charset=UTF-8", "http://page.example", 415),  # what a page's fetch(url, {body: "..."}) labels
+    ("application/x-www-form-urlencoded", None, 415),  # curl -d, an HTML form
+    ("multipart/form-data; boundary=x", None, 415),
+    ("application/xml", None, 415),
+    (None, "http://page.example", 415),  # a page's fetch of a Blob: no label, no preflight either
+    (None, None, 200),  # curl --data-binary, a raw client
+    ("Application/JSON; charset=utf-8", "http://page.example", 200),  # a page can send it only after a preflight
+])
+def test_a_body_not_labelled_json_is_refused(server: GunicornServer, content_type: str | None, origin: str | None,
+                                             status: int) -> None:
+    """vLLM's test_request_wrong_content_type: each refused here was read as JSON and served, so any web page its user
+    opened could make the server generate: a page may POST those to any origin without a CORS preflight."""
+    headers = {key: value for key, value in (("Content-Type", content_type), ("Origin", origin)) if value}
+    response = requests.post(f"{server.url}/v1/chat/completions", data=BODY.encode(), headers=headers, timeout=30)
+    if status == 200:
+        assert response.status_code == 200 and response.json()["choices"], response.text
+        return
+    error = _assert_error(response, 415, code="unsupported_media_type")
+    assert (f"'{content_type}'" if content_type else "(Origin)") in error["message"], error
+    assert error["message"].endswith("send it as application/json."), error
+
+
 @pytest.mark.parametrize("field, value", [
     ("stream", "true"), ("max_tokens", "5"), ("n", "2"), ("temperature", "0.5"), ("max_tokens", True),
     ("temperature", True), ("logprobs", 1), ("seed", 1.5), ("top_k", "20"), ("user", 5), ("stop", [1]),

@@ -95,6 +95,19 @@ def _check_codings(request: Request) -> None:
                            code="unsupported_media_type")
 
 
+def _check_media_type(request: Request) -> None:
+    """A body labelled anything but `application/json` is refused, as vLLM refuses it, and so is an unlabelled one a
+    browser page sent (it says its `Origin`); an unlabelled one from anything else (curl --data-binary, a raw client)
+    is read as JSON. A page may POST a body unlabelled or labelled text/plain, a form or multipart to any origin with
+    no CORS preflight: read as JSON, any page its user opened could make the server generate."""
+    if request.mimetype == "application/json" or not (request.mimetype or "Origin" in request.headers):
+        return
+    _stop_reading(request.environ)
+    label = request.headers.get("Content-Type", "")[:100]
+    what = f"Unsupported Content-Type '{label}'" if label else "A body with no Content-Type from a web page (Origin)"
+    raise APIError(415, f"{what}: send it as application/json.", code="unsupported_media_type")
+
+
 def _codec_of(charset: str) -> str | None:
     """The codec in CODECS that `charset` (any case) names, as encodings' search function resolves a name."""
     name = encodings.normalize_encoding(charset.lower())
@@ -132,10 +145,12 @@ def read_body(request: Request, timeout_s: float) -> Body:
     timeout_s to arrive (stalled uploads hold a worker connection each), 400 when it is malformed (bad
     chunked framing, cut short: the client closed before its Content-Length), 413 past the size limit
     (the connection then closes: gunicorn would read the rest to reuse it), 415 for a Content-Encoding
-    we do not decode, or a charset we do not decode on a body that is not valid UTF-8, UTF-16 or UTF-32; 411 when
-    the request says neither its Content-Length nor chunked (gunicorn reads no body then)."""
+    we do not decode, a Content-Type not JSON (_check_media_type), or a charset we do not decode on a body that is
+    not valid UTF-8, UTF-16 or UTF-32; 411 when the request says neither its Content-Length nor chunked (gunicorn
+    reads no body then)."""
     request.environ[BODY_READ] = True
     _check_codings(request)
+    _check_media_type(request)
     if request.content_length is None and not _chunked(request):
         _stop_reading(request.environ)  # the body the client sends anyway is not a next request
         raise APIError(411, "This request needs a body: send a Content-Length header (or a chunked "

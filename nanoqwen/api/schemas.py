@@ -554,6 +554,13 @@ class ChatPrompt(Strict):
     # message open, so the answer continues it (a prefill)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM's, not implemented: accepted at the value that changes nothing (vLLM's default, chat's and /tokenize's
+    # alike), else refused
+    add_special_tokens: refused(False) = None
+    documents: Refused = None
+    chat_template: Refused = None
+    mm_processor_kwargs: Refused = None
+    media_io_kwargs: Refused = None
     _chars: int | None = PrivateAttr(None)  # template_chars'
     _tools: list[dict[str, Any]] | None = PrivateAttr(None)  # template_tools', made once for the template
 
@@ -787,12 +794,6 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
     # vLLM's: the answer starts with the last message's text where that message is the assistant's (what
     # continue_final_message continues), as vLLM's echo; else it adds nothing
     echo: bool | None = False
-    # vLLM's, not implemented: accepted at the value that changes nothing (vLLM's default), else refused
-    add_special_tokens: refused(False) = None
-    documents: Refused = None
-    chat_template: Refused = None
-    mm_processor_kwargs: Refused = None
-    media_io_kwargs: Refused = None
     _names: FieldNames = PrivateAttr(CHAT_NAMES)
 
     @field_validator("tool_choice", mode="before")
