@@ -169,7 +169,9 @@ def wrong_content_type(srv: GunicornServer) -> str | None:
             model=MODEL, messages=USER, max_tokens=2,
             extra_headers={"Content-Type": "application/x-www-form-urlencoded"})
     except openai.APIStatusError as exc:
-        return None if exc.status_code == 415 else f"{exc.status_code} {exc.message}"
+        if exc.status_code == 415 and exc.code == "unsupported_media_type":
+            return None
+        return f"{exc.status_code} {exc.code} {exc.message}"
     return "served"
 
 

@@ -494,7 +494,7 @@ def test_content_encoding_and_charset_are_not_ignored(server: GunicornServer, he
     ("multipart/form-data; boundary=x", None, 415),
     ("application/xml", None, 415),
     (None, "http://page.example", 415),  # a page's fetch of a Blob: no label, no preflight either
-    (None, None, 200),  # curl --data-binary, a raw client
+    (None, None, 200),  # a raw client, requests' data= (curl -d and --data-binary label it a form)
     ("Application/JSON; charset=utf-8", "http://page.example", 200),  # a page can send it only after a preflight
 ])
 def test_a_body_not_labelled_json_is_refused(server: GunicornServer, content_type: str | None, origin: str | None,

@@ -97,7 +97,7 @@ def _check_codings(request: Request) -> None:
 
 def _check_media_type(request: Request) -> None:
     """A body labelled anything but `application/json` is refused, as vLLM refuses it, and so is an unlabelled one a
-    browser page sent (it says its `Origin`); an unlabelled one from anything else (curl --data-binary, a raw client)
+    browser page sent (it says its `Origin`); an unlabelled one from anything else (a raw client, requests' data=)
     is read as JSON. A page may POST a body unlabelled or labelled text/plain, a form or multipart to any origin with
     no CORS preflight: read as JSON, any page its user opened could make the server generate."""
     if request.mimetype == "application/json" or not (request.mimetype or "Origin" in request.headers):
