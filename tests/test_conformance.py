@@ -238,6 +238,33 @@ def test_responses_and_their_events_validate_as_the_openai_types(server: Gunicor
     assert [event.type for event in events[:2]] == ["response.created", second]
 
 
+def _unknown_fields(obj: Any, path: str = "") -> list[str]:
+    """Where `obj` (the openai client's parsed answer or event) holds a field its type does not declare."""
+    if isinstance(obj, pydantic.BaseModel):
+        return [f"{path}.{name}" for name in obj.model_extra or {}] + [
+            found for name in type(obj).model_fields for found in _unknown_fields(getattr(obj, name), f"{path}.{name}")]
+    if isinstance(obj, list):
+        return [found for i, item in enumerate(obj) for found in _unknown_fields(item, f"{path}[{i}]")]
+    return []
+
+
+def test_the_responses_stream_helpers_events_hold_no_field_the_client_does_not_know(client: openai.OpenAI) -> None:
+    """`client.responses.stream(...)` event by event: a text event's logprobs are OpenAI's `ResponseLogProb` (token,
+    logprob, top_logprobs), without the output part's `bytes` (they were sent in every delta and `.done` event). The
+    response's `store` is OpenAI's own field, which the client's type lacks."""
+    with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=16, temperature=0, top_logprobs=2,
+                                 include=["message.output_text.logprobs"], reasoning={"effort": "none"}) as stream:
+        events = list(stream)
+    assert [event.type for event in events if event.type.startswith("response.output_text.")][-1].endswith(".done")
+    delta = next(event for event in events if event.type == "response.output_text.delta")
+    assert len(delta.logprobs) == 1 and len(delta.logprobs[0].top_logprobs) == 2
+    unknown = {found for event in events for found in _unknown_fields(event, event.type)}
+    assert unknown <= {f"{kind}.response.store" for kind in ("response.created", "response.in_progress",
+                                                              "response.completed", "response.incomplete")}, unknown
+    [item] = events[-1].response.output
+    assert item.content[0].logprobs and all(lp.bytes for lp in item.content[0].logprobs)  # the part keeps its bytes
+
+
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     [listed] = client.models.list().data
     assert listed == client.models.retrieve(MODEL)
