@@ -529,6 +529,30 @@ def test_logprobs_shapes(server: GunicornServer) -> None:
     assert _error(post_chat(server, {**GREEDY, "logprobs": True, "top_logprobs": 21}))["param"] == "top_logprobs"
 
 
+def test_the_end_of_the_turn_has_no_logprob(server: GunicornServer, client: openai.OpenAI) -> None:
+    """OpenAI's chat logprobs are the answer's text's tokens, not the end of the turn's (openai-python's recorded
+    stream in tests/lib/chat/test_completions_streaming.py, test_content_logprobs_events: "Foo." ends with `.`). Its
+    `<|im_end|>` was listed last: the stream helper's one `logprobs.content.delta` event without text, the tokens
+    joined no longer the content. Legacy completions still list the token that ended the choice."""
+    ended = {**NO_THINKING, "min_tokens": 3, "logit_bias": {str(IM_END_ID): 100}}
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+              "n": 2}
+    with client.chat.completions.stream(**kwargs, extra_body=ended) as stream:
+        events = Counter(event.type for event in stream)
+        final = stream.get_final_completion()
+    collected = client.chat.completions.create(**kwargs, extra_body=ended)
+    for streamed, answer in zip(final.choices, collected.choices, strict=True):
+        assert streamed.finish_reason == answer.finish_reason == "stop"
+        tokens = [token.token for token in answer.logprobs.content]  # (their logprobs may differ by a rounding)
+        assert [token.token for token in streamed.logprobs.content] == tokens and len(tokens) == 3
+        assert "".join(tokens) == answer.message.content == streamed.message.content
+    assert events["logprobs.content.delta"] == 6 and events["logprobs.content.done"] == 2
+    legacy = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": "Once upon", "max_tokens": 8, "logprobs": 1, "min_tokens": 3,
+        "logit_bias": {str(IM_END_ID): 100}}).json()["choices"][0]
+    assert legacy["finish_reason"] == "stop" and legacy["logprobs"]["tokens"][3:] == ["<|im_end|>"]
+
+
 @pytest.mark.parametrize("as_list", [False, True])
 def test_stop_strings(server: GunicornServer, as_list: bool) -> None:
     free = _chat(server, max_tokens=8, logprobs=True)["choices"][0]
