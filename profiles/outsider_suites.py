@@ -1,12 +1,13 @@
 """Other servers' own test cases, re-expressed against a real `gunicorn -k gevent server:app` (the tiny test checkpoint,
 CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` (completion/test_completion_error,
 test_completion, chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions,
-test_extra_content_fields, test_enable_force_include_usage, test_chat_logit_bias_validation,
-test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
-basic/test_basic, test_tokenization) and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses,
-test_chat_truncate, test_ignore_eos, test_chat_completion) that do not depend on a real model's words. Each case says
-what this server must answer: a field it does not implement is a 400 naming it (vLLM's `logprob_token_ids`,
-llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a case; exit status 1 on any mismatch.
+test_extra_content_fields, test_enable_force_include_usage, test_non_object_body_validation,
+test_chat_logit_bias_validation, test_chat_stop_token_ids_validation, test_thinking_token_budget_validation,
+test_completion_with_function_calling, test_serving_chat, basic/test_basic, test_tokenization) and llama.cpp's
+`tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos, test_chat_completion) that do
+not depend on a real model's words. Each case says what this server must answer: a field it does not implement is a
+400 naming it (vLLM's `logprob_token_ids`, llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a
+case; exit status 1 on any mismatch.
 
     python profiles/outsider_suites.py
 """
@@ -120,6 +121,14 @@ CASES: list[Case] = [
      lambda body: body["count"] == len(body["tokens"]) > 0 and body["token_strs"] is None),
     ("vLLM test_tokenize_chat: add_special_tokens true (vLLM's default is false)", TOKENIZE,
      {"messages": USER, "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("vLLM test_non_object_body_validation: an empty cache_salt", CHAT, {"messages": USER, "cache_salt": ""}, 400,
+     "cache_salt"),
+    ("vLLM test_serving_chat test_gpt_oss_tool_message_array_content: a tool result as text parts", CHAT,
+     {"messages": [*USER, {"role": "assistant", "tool_calls": [
+         {"id": "call_1", "type": "function", "function": {"name": "dummy_function_name", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Weather data: "},
+                                                                {"type": "text", "text": "25°C"}]}]}, 200,
+     lambda body: body["choices"][0]["message"]),
     ("llama.cpp test_invalid_chat_completion_req: a message without a role", CHAT,
      {"messages": [{"role": "system", "content": "test"}, {}]}, 400, "messages.[1].role"),
     ("llama.cpp test_invalid_chat_completion_req: a content not text", CHAT,

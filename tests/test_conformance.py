@@ -238,6 +238,33 @@ def test_responses_and_their_events_validate_as_the_openai_types(server: Gunicor
     assert [event.type for event in events[:2]] == ["response.created", second]
 
 
+def _unknown_fields(obj: Any, path: str = "") -> list[str]:
+    """Where `obj` (the openai client's parsed answer or event) holds a field its type does not declare."""
+    if isinstance(obj, pydantic.BaseModel):
+        return [f"{path}.{name}" for name in obj.model_extra or {}] + [
+            found for name in type(obj).model_fields for found in _unknown_fields(getattr(obj, name), f"{path}.{name}")]
+    if isinstance(obj, list):
+        return [found for i, item in enumerate(obj) for found in _unknown_fields(item, f"{path}[{i}]")]
+    return []
+
+
+def test_the_responses_stream_helpers_events_hold_no_field_the_client_does_not_know(client: openai.OpenAI) -> None:
+    """`client.responses.stream(...)` event by event: a text event's logprobs are OpenAI's `ResponseLogProb` (token,
+    logprob, top_logprobs), without the output part's `bytes` (they were sent in every delta and `.done` event). The
+    response's `store` is OpenAI's own field, which the client's type lacks."""
+    with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=16, temperature=0, top_logprobs=2,
+                                 include=["message.output_text.logprobs"], reasoning={"effort": "none"}) as stream:
+        events = list(stream)
+    assert [event.type for event in events if event.type.startswith("response.output_text.")][-1].endswith(".done")
+    delta = next(event for event in events if event.type == "response.output_text.delta")
+    assert len(delta.logprobs) == 1 and len(delta.logprobs[0].top_logprobs) == 2
+    unknown = {found for event in events for found in _unknown_fields(event, event.type)}
+    assert unknown <= {f"{kind}.response.store" for kind in ("response.created", "response.in_progress",
+                                                              "response.completed", "response.incomplete")}, unknown
+    [item] = events[-1].response.output
+    assert item.content[0].logprobs and all(lp.bytes for lp in item.content[0].logprobs)  # the part keeps its bytes
+
+
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     [listed] = client.models.list().data
     assert listed == client.models.retrieve(MODEL)
@@ -500,6 +527,30 @@ def test_logprobs_shapes(server: GunicornServer) -> None:
         == tokens
     assert all(c["choices"][0]["logprobs"]["refusal"] is None for c in streamed if c["choices"][0]["logprobs"])
     assert _error(post_chat(server, {**GREEDY, "logprobs": True, "top_logprobs": 21}))["param"] == "top_logprobs"
+
+
+def test_the_end_of_the_turn_has_no_logprob(server: GunicornServer, client: openai.OpenAI) -> None:
+    """OpenAI's chat logprobs are the answer's text's tokens, not the end of the turn's (openai-python's recorded
+    stream in tests/lib/chat/test_completions_streaming.py, test_content_logprobs_events: "Foo." ends with `.`). Its
+    `<|im_end|>` was listed last: the stream helper's one `logprobs.content.delta` event without text, the tokens
+    joined no longer the content. Legacy completions still list the token that ended the choice."""
+    ended = {**NO_THINKING, "min_tokens": 3, "logit_bias": {str(IM_END_ID): 100}}
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+              "n": 2}
+    with client.chat.completions.stream(**kwargs, extra_body=ended) as stream:
+        events = Counter(event.type for event in stream)
+        final = stream.get_final_completion()
+    collected = client.chat.completions.create(**kwargs, extra_body=ended)
+    for streamed, answer in zip(final.choices, collected.choices, strict=True):
+        assert streamed.finish_reason == answer.finish_reason == "stop"
+        tokens = [token.token for token in answer.logprobs.content]  # (their logprobs may differ by a rounding)
+        assert [token.token for token in streamed.logprobs.content] == tokens and len(tokens) == 3
+        assert "".join(tokens) == answer.message.content == streamed.message.content
+    assert events["logprobs.content.delta"] == 6 and events["logprobs.content.done"] == 2
+    legacy = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": "Once upon", "max_tokens": 8, "logprobs": 1, "min_tokens": 3,
+        "logit_bias": {str(IM_END_ID): 100}}).json()["choices"][0]
+    assert legacy["finish_reason"] == "stop" and legacy["logprobs"]["tokens"][3:] == ["<|im_end|>"]
 
 
 @pytest.mark.parametrize("as_list", [False, True])

@@ -61,8 +61,12 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _logprobs(logprobs: list[TokenLogprob]) -> list[Json]:
-    return logprobs_json(logprobs)["content"]
+def _logprobs(logprobs: list[TokenLogprob]) -> tuple[list[Json], list[Json]]:
+    """An output text part's logprobs, and its text events' (OpenAI's `ResponseLogProb`, which has no `bytes`)."""
+    part = logprobs_json(logprobs)["content"]
+    return part, [{"token": lp.token, "logprob": lp.logprob,
+                   "top_logprobs": [{"token": t.token, "logprob": t.logprob} for t in lp.top_logprobs]}
+                  for lp in logprobs]
 
 
 def usage_json(usage: Usage, reasoning_tokens: int) -> Json:
@@ -215,6 +219,7 @@ class _Open:
     id: str
     text: list[str] = field(default_factory=list)
     logprobs: list[Json] = field(default_factory=list)
+    event_logprobs: list[Json] = field(default_factory=list)  # the same without `bytes`, as its `.done` event says
     call: ToolCall | None = None
 
 
@@ -343,9 +348,10 @@ class ResponseEvents:
             self._message, added = self._open(_message(_id("msg"), "in_progress", []))
             out += [*added, self._event("response.content_part.added", **self._where(self._message),
                                         part=self.draft.text_part("", []))]
-        logprobs, self._held = _logprobs(self._held), []
+        (part_logprobs, logprobs), self._held = _logprobs(self._held), []
         self._message.text.append(delta)
-        self._message.logprobs += logprobs
+        self._message.logprobs += part_logprobs
+        self._message.event_logprobs += logprobs
         return [*out, self._event("response.output_text.delta", **self._where(self._message), delta=delta,
                                   logprobs=logprobs)]
 
@@ -355,7 +361,8 @@ class ResponseEvents:
             return []
         text = "".join(opened.text)
         part = self.draft.text_part(text, opened.logprobs)
-        return [self._event("response.output_text.done", **self._where(opened), text=text, logprobs=opened.logprobs),
+        return [self._event("response.output_text.done", **self._where(opened), text=text,
+                            logprobs=opened.event_logprobs),
                 self._event("response.content_part.done", **self._where(opened), part=part),
                 self._done(opened, _message(opened.id, status, [part]))]
 

@@ -888,8 +888,9 @@ class ChatCompletionRequest(ChatPrompt, SamplingFields):
 
     def sampling_params(self, model_defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(model_defaults, max_tokens,
-                                     (self.top_logprobs or 0) if self.logprobs else None)
+        params = self._sampling_params(model_defaults, max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params.stop_token_logprob = False
+        return params
 
 
 class CompletionRequest(SamplingFields):

@@ -17,10 +17,11 @@ def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenB
     event = first_event(seq) if seq.num_output_tokens == 0 else Event(index=seq.index)
     seq.token_ids.append(token)
     event.token_ids = [token]
-    if params.logprobs:
-        event.logprobs = [token_logprob(token, output, row, params.top_logprobs, token_bytes)]
-    finish = None
     stopped_by_token = token in seq.request.stop_ids
+    if params.logprobs:
+        event.logprobs = [token_logprob(token, output, row, params.top_logprobs, token_bytes)
+                          ] if params.stop_token_logprob or not stopped_by_token else []
+    finish = None
     if stopped_by_token:
         finish = "stop"
     else:

@@ -30,6 +30,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
+    # the logprob of a token that ends the choice (EOS, a stop token id): legacy completions list it (OpenAI's
+    # `<|endoftext|>`), chat's logprobs are its text's tokens (OpenAI's: none for the end of the turn)
+    stop_token_logprob: bool = True
     prompt_logprobs: int | None = None  # k: each prompt token's logprob and the top k (vLLM's); None = off
     prompt_ranks: bool = False  # with prompt_logprobs: each prompt token's rank among the vocabulary too
     n: int = 1
