@@ -553,6 +553,20 @@ def test_the_end_of_the_turn_has_no_logprob(server: GunicornServer, client: open
     assert legacy["finish_reason"] == "stop" and legacy["logprobs"]["tokens"][3:] == ["<|im_end|>"]
 
 
+def test_an_empty_answer_streams_the_logprobs_it_collects(client: openai.OpenAI) -> None:
+    """An answer whose first token ends the turn has no token to list: its stream says `content: []` on its finish
+    chunk, as the collected answer does (the stream helper's choice.logprobs was None)."""
+    kwargs = {"model": MODEL, "messages": USER, "max_tokens": 8, "temperature": 0, "logprobs": True, "n": 2,
+              "extra_body": {**NO_THINKING, "logit_bias": {str(IM_END_ID): 100}}}
+    with client.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    collected = client.chat.completions.create(**kwargs)
+    for streamed, answer in zip(final.choices, collected.choices, strict=True):
+        assert streamed.message.content == answer.message.content == ""
+        assert streamed.logprobs is not None and answer.logprobs is not None
+        assert streamed.logprobs.content == answer.logprobs.content == []
+
+
 @pytest.mark.parametrize("as_list", [False, True])
 def test_stop_strings(server: GunicornServer, as_list: bool) -> None:
     free = _chat(server, max_tokens=8, logprobs=True)["choices"][0]

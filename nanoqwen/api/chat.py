@@ -51,7 +51,7 @@ class ChatService:
         reasoning, think_end = req.include_reasoning is not False, serving.engine.think_ids[1]
         echo, created = req.echo_text, int(time.time())
         chunks = ChunkBuilder(model, fp, req.include_usage, tools, params.n, running, reasoning, think_end, echo,
-                              id=id_, created=created) if req.stream else None
+                              id=id_, created=created, want_logprobs=bool(req.logprobs)) if req.stream else None
         builder = CompletionBuilder(model, fp, params.n, bool(req.logprobs), tools, reasoning, think_end, echo,
                                     id=id_, created=created)
         stream: Streamer | None = chunks

@@ -239,9 +239,13 @@ class ChunkBuilder(DoneFraming):
     echo: str = ""
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
+    want_logprobs: bool = False
 
     def __post_init__(self) -> None:
         self._parsers: dict[int, ToolCallParser] = {}  # by choice index, once it has output
+        # the choices whose chunks carried logprobs: one with none (an empty answer) says `content: []` at its finish,
+        # as its collected answer does, and not nothing (the openai stream helper's choice.logprobs None)
+        self._with_logprobs: set[int] = set()
         self._reasoning = [ReasoningTokens(self.think_end) for _ in range(self.n)]
         # With tools and tool_choice auto, a choice's role delta waits for its first chunk: OpenAI's says
         # `content: null` before a call, `""` before text, as the collected message's content is then.
@@ -366,6 +370,8 @@ class ChunkBuilder(DoneFraming):
                 parsed += parser.finish()
         chunks = []
         reasoning = event.reasoning if self.include_reasoning else ""
+        if event.logprobs:
+            self._with_logprobs.add(event.index)
         if parsed.content or reasoning or event.logprobs:
             delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, reasoning)
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
@@ -394,7 +400,8 @@ class ChunkBuilder(DoneFraming):
     def finish(self, index: int, reason: str) -> Json:
         parser = self._parsers.get(index)
         reason = finish_reason(reason, parser is not None and parser.called)
-        return self._chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        logprobs = logprobs_json([]) if self.want_logprobs and index not in self._with_logprobs else None
+        return self._chunk([{"index": index, "delta": {}, "logprobs": logprobs, "finish_reason": reason}])
 
     def usage(self, usage: Usage) -> Json:
         chunk = self._chunk([])
