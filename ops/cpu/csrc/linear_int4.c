@@ -184,7 +184,6 @@ struct linear_int4_args {
     int M, N, K, G, P, bf16;
     long rows;  /* per chunk */
     const void *raw;  /* x as it came: linear_int4_unstaged's */
-    int groups;  /* K / G, not divided in the loops */
 };
 
 /* y[m, first .. first + 7] and y[m, second .. second + 7]: the lane sums of v[0..7] and of v[8..15]. */
@@ -214,7 +213,7 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
           const uint8_t *const ahead[], int nta, __m512 f[][ROWS]) {
-    const int groups = a->groups, split = R == 1;
+    const int K = a->K, groups = K / a->G, split = R == 1;
     const int RG = R * P * W <= 16 ? R : 16 / (P * W);  /* activation rows a group: 16 int32 sums at most */
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
@@ -245,8 +244,7 @@ span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R
         _Pragma("GCC unroll 8") for (int d = 0; d < 8; d++) {
             __m512i lo[2], hi[2];
             _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-                __m512i od = span_dwords(a->w + n[i] * (a->K / 2) + b0 * 32, count, d);
-                __asm__("" : "+v"(od));  /* in a register: GCC folded a load into each AND, two loads a vector */
+                const __m512i od = span_dwords(a->w + n[i] * (K / 2) + b0 * 32, count, d);
                 lo[i] = _mm512_and_si512(od, nibble);
                 hi[i] = split ? _mm512_and_si512(od, high) : _mm512_and_si512(_mm512_srli_epi32(od, 4), nibble);
             }
@@ -678,7 +676,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
             for (long b = 0; b < lanes; b++) scales[p * lanes + b] = acts.a[m * P + p];
     }
     struct linear_int4_args a = {.x = acts, .w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
-                                 .G = G, .P = P, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .groups = K / G};
+                                 .G = G, .P = P, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2)};
     if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
         int8_t *q = acts.quads + (size_t)M * P * K;
         for (int g = 0; g < K / G; g++)
