@@ -286,7 +286,7 @@ static struct acts prepared(int K) {
     const long len = (K + SPAN - 1) / SPAN * SPAN, lanes = len / 64;
     for (long b = 0; b < lanes; b++) group[b] = (int32_t)(b * 64 / GROUP);
     widen_row(x, K, 1, row);
-    block_sums(row, K, lanes, xsum);
+    block_stats(row, K, lanes, xsum, NULL);
     arrange_row(row, K, len, arranged);
     act_quant_rows(arranged, 0, 1, (int)len, PIECES, q, a);
     return (struct acts){.q = q, .a = a, .xsum = xsum, .group = group, .len = len};

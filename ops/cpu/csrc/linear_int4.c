@@ -86,35 +86,30 @@ static void widen_row(const void *x, int K, int bf16, float *out) {
                                       : _mm512_loadu_ps((const float *)x + k));
 }
 
-/* Each block's activation sum (fp32), for the offsets; 0 past the K / 64 blocks of x. */
-static void block_sums(const float *x, int K, long lanes, float *out) {
-    for (long b = 0; b < lanes; b++) {
-        __m512 s = _mm512_setzero_ps();
-        for (int c = 0; c < 64 && b < K / 64; c += 16) s = _mm512_add_ps(s, _mm512_load_ps(x + b * 64 + c));
-        out[b] = _mm512_reduce_add_ps(s);
-    }
-}
-
-/* x: one row of K fp32 activations -> scale: [lanes] each 64-column block's int8 scale (act8_scale), all NaN where
-   the row holds a NaN or an infinity; 0 past K. */
-static void block_scales(const float *x, int K, long lanes, float *scale) {
+/* x: one row of K fp32 activations -> sum: [lanes] each 64-column block's activation sum (fp32), for the offsets,
+   and (scale not NULL) scale: [lanes] its int8 scale (act8_scale), all NaN where the row holds a NaN or an infinity;
+   0 past K. One pass over the row for both. */
+static void block_stats(const float *x, int K, long lanes, float *sum, float *scale) {
     __mmask16 unordered = 0;
     float most = 0.0f;
     for (long b = 0; b < lanes; b++) {
-        __m512 amax = _mm512_setzero_ps();
+        __m512 s = _mm512_setzero_ps(), amax = _mm512_setzero_ps();
         for (int c = 0; c < 64 && b < K / 64; c += 16) {
             const __m512 v = _mm512_load_ps(x + b * 64 + c);
+            s = _mm512_add_ps(s, v);
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
             unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         }
+        sum[b] = _mm512_reduce_add_ps(s);
+        if (!scale) continue;
         scale[b] = act8_scale(_mm512_reduce_max_ps(amax));
         most = scale[b] > most ? scale[b] : most;
     }
-    if (unordered || !(most <= FLT_MAX))
+    if (scale && (unordered || !(most <= FLT_MAX)))
         for (long b = 0; b < K / 64; b++) scale[b] = NAN;
 }
 
-/* arranged: one row as arrange_row leaves it, scale: [len / 64] its blocks' (block_scales) -> q: [len] the row as
+/* arranged: one row as arrange_row leaves it, scale: [len / 64] its blocks' (block_stats) -> q: [len] the row as
    int8 blocks, rounded as act_block8.h rounds them (in span t's step s, vector u's lane l holds block
    16t + 4u + l / 4). */
 static void block_row(const float *arranged, long len, const float *scale, int8_t *q) {
@@ -669,11 +664,10 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
     for (int m = 0; m < M; m++) {
         float *row = rows + (long)m * K, *scales = acts.scales + (long)m * P * lanes;
         widen_row((const char *)x + (size_t)m * K * (bf16 ? 2 : 4), K, bf16, row);
-        block_sums(row, K, lanes, acts.xsum + m * lanes);
+        block_stats(row, K, lanes, acts.xsum + m * lanes, vnni && blocks ? scales : NULL);
         if (!vnni) continue;
         arrange_row(row, K, len, arranged);
         if (blocks) {
-            block_scales(row, K, lanes, scales);
             block_row(arranged, len, scales, acts.q + (long)m * len);
             continue;
         }
