@@ -18,8 +18,10 @@ if os.environ.get("NANOQWEN_SPECULATIVE_CONFIG"):
 # first bf16 GEMM, not at torch's import; a value the user set wins but 0, which crashes ideep.
 os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-# ideep reads it as C's atoi does: anything that reads as 0 (0, 00, abc, an empty value) segfaults a worker, else
-if (_lru := re.match(r"\s*[+-]?\d+", os.environ["LRU_CACHE_CAPACITY"])) is None or int(_lru.group()) == 0:
+# ideep reads it as C's atoi does: anything that reads as 0 (0, 00, abc, an empty value; strtol's long, clamped, cast
+# to a 32-bit int: 4294967296, -99999999999999999999) segfaults a worker, else
+if (_lru := re.match(r"\s*[+-]?\d+", os.environ["LRU_CACHE_CAPACITY"])) is None \
+        or min(max(int(_lru.group()), -(1 << 63)), (1 << 63) - 1) % (1 << 32) == 0:
     raise ValueError(f"LRU_CACHE_CAPACITY={os.environ['LRU_CACHE_CAPACITY']!r} reads as 0, which crashes torch's "
                      "ideep at its first bf16 GEMM: set an integer of 1 or more (nanoqwen's default is 64)")
 del _lru

@@ -191,8 +191,9 @@ class NanoqwenWorker(GeventWorker):
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - `Expect: 100-continue` is answered at the app's first read of the body (ContinueOnRead); an answer before it
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
-    - on SIGTERM, idle keep-alive connections close at once, and streams still running just before
-      the grace period ends are failed so that they end with an error event, not a cut.
+    - on SIGTERM or at --max-requests, idle keep-alive connections close at once, and streams still running just
+      before the grace period ends are failed so that they end with an error event, not a cut; requests answered
+      while the model loads do not count towards --max-requests.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
@@ -224,6 +225,8 @@ class NanoqwenWorker(GeventWorker):
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
+        self._engine: Engine  # the app's, set in run() once the app is imported
+        self._draining = False
         util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
         super().init_process()
@@ -242,6 +245,11 @@ class NanoqwenWorker(GeventWorker):
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
+        if not self._engine.ready:
+            # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
+            # the model loads does not count, or a worker polled that often before it loaded restarted, and its
+            # successor too, forever (the server never ready)
+            self.nr -= 1
         if req._expected_100_continue:  # gunicorn's wsgi.create would send it before the app sees the request
             req._expected_100_continue = False
             if _body_follows(req):  # none to wait for: the request is whole (RFC 9110 10.1.1: no 100 is needed)
@@ -266,6 +274,8 @@ class NanoqwenWorker(GeventWorker):
     def _closing_when_told(self, environ: WSGIEnvironment, start_response: StartResponse) -> object:
         """The app, whose answer closes the connection where it set CLOSE_CONNECTION. `start_response` is gunicorn's
         response's bound method."""
+        if not self.alive:  # this request reached --max-requests: gunicorn's graceful exit, which SIGTERM's drains
+            self._start_drain()
         body = None
         if gevent.getcurrent() in self._expecting:
             body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
@@ -293,6 +303,7 @@ class NanoqwenWorker(GeventWorker):
         ggevent.Pool = self._pool
         RequestParser.mesg_class = CheckedRequest
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
+        self._engine = engine
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told
         _freeze_imported_objects()
@@ -374,7 +385,14 @@ class NanoqwenWorker(GeventWorker):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:  # SIGTERM: graceful shutdown
         super().handle_exit(sig, frame)
-        gevent.spawn(self._drain)
+        self._start_drain()
+
+    def _start_drain(self) -> None:
+        """Once: an idle keep-alive connection (a client's pool, nginx's) held the exit until it closed, up to the
+        graceful timeout, and no worker accepted meanwhile."""
+        if not self._draining:
+            self._draining = True
+            gevent.spawn(self._drain)
 
     def _drain(self) -> None:
         for greenlet, timeout in list(self._idle.items()):

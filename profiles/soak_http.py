@@ -46,7 +46,6 @@ class Tally:
 
     statuses: Counter = field(default_factory=Counter)  # "scenario status" -> count
     problems: list[str] = field(default_factory=list)
-    health_ms: list[float] = field(default_factory=list)
     pids: set[int] = field(default_factory=set)
     requests: int = 0
     slowest_s: dict[str, float] = field(default_factory=dict)  # scenario -> its longest run

@@ -435,6 +435,59 @@ def test_a_worker_stopped_while_its_model_loads_exits_without_the_load(tiny_chec
     assert status == 0 and "ready: " not in log and "SIG" not in log.split("Handling signal")[-1], log
 
 
+def test_requests_answered_while_the_model_loads_do_not_count_towards_max_requests(tiny_checkpoint, tmp_path):
+    """gunicorn counts each request towards --max-requests: /health polled while the model loads (a balancer's, a
+    deploy's wait for ready) restarted the worker before its model loaded, and each successor the same way, so the
+    server never became ready. Those answered 503 while it loads do not count; those after it loaded still do."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log",
+                         args=["--max-requests", "2"]).launch()
+    try:
+        loading, deadline = 0, time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and srv._proc.poll() is None, srv.log()
+            with contextlib.suppress(requests.ConnectionError):  # before the master listens
+                if (answer := requests.get(f"{srv.url}/health", timeout=30)).status_code == 200:
+                    break
+                assert answer.json()["status"] == "loading", answer.text
+                loading += 1
+            time.sleep(0.005)
+        assert loading > 2, "the model loaded before the polls could reach the worker's max_requests"
+        booted = srv.log().count("Booting worker")
+        with srv.openai_client() as client:  # the second request since ready: the worker's last
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+        while srv.log().count("Booting worker") == booted:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        srv.wait_healthy(120)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert log.count("Autorestarting worker") == 1 and "before its model loaded" not in log, log
+
+
+def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(tiny_checkpoint, tmp_path):
+    """A worker at --max-requests stops accepting and waits for its connections; an idle keep-alive one (the openai
+    client's pool, nginx's upstream keepalive) kept it until the graceful timeout, and no worker accepted meanwhile
+    (new connections waited 30 s in the backlog). Its idle connections close at once, as on SIGTERM."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log",
+                         args=["--max-requests", "3", "--graceful-timeout", "60"]).start()  # its last poll: one
+    try:
+        with srv.openai_client() as client:
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text  # two
+            first = server_stats(srv)["workers"][0]["pid"]  # three, on a connection of its own
+            assert "Autorestarting worker" in srv.log()
+            deadline = time.monotonic() + 30  # half the graceful timeout
+            while pid_alive(first):  # the client's connection still open in its pool
+                assert time.monotonic() < deadline, srv.log()
+                time.sleep(0.05)
+            srv.wait_healthy(120)
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "graceful timeout" not in log, log
+
+
 def test_threads_default_to_the_affinity_mask():
     assert resolve_threads(0) == len(os.sched_getaffinity(0))
     assert resolve_threads(3) == 3

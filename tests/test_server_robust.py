@@ -154,7 +154,7 @@ def test_short_soak(server: GunicornServer) -> None:
     invariant it checks holds."""
     answer = soak.greedy_probe(server.url)
     # the stored chat traffic left out: in 5 s rounds its share would crowd out the scenarios asserted below
-    rounds = [soak.run_round(server.port, answer, seconds=5, clients=6, seed=seed, long_tokens=24, tool_weight=8,
+    rounds = [soak.run_round(server, answer, seconds=5, clients=6, seed=seed, long_tokens=24, tool_weight=8,
                              store_weight=0) for seed in range(2)]
     assert soak.soak_problems(rounds, health_p99_ms=300, rss_growth_mb=48) == []
     assert sum(r.requests for r in rounds) > 30

@@ -138,9 +138,21 @@ def test_a_stream_ending_tool_calls_without_a_call_is_flagged() -> None:
 def test_a_preempting_mode_that_preempted_nothing_is_flagged() -> None:
     def rounds(preemptions: int) -> list[soak.RoundResult]:
         drained = {"preemptions": preemptions}
-        return [soak.RoundResult(1.0, 1, {}, [], 1.0, 1.0, 1.0, [7], 100.0, drained, {}, {})]
+        return [soak.RoundResult(1.0, 1, {}, [], 1.0, 1.0, 1.0, 1.0, (), [7], 100.0, drained, {}, {})]
 
     assert soak.soak_problems(rounds(0), 300, 48, preempts=True) == [
         "no request was preempted: the mode soaked nothing it is for"]
     assert soak.soak_problems(rounds(3), 300, 48, preempts=True) == []
     assert soak.soak_problems(rounds(0), 300, 48) == []
+
+
+def test_a_held_loop_is_flagged_and_the_machines_load_is_not() -> None:
+    """The /health bound is on the polls less the CPU waits (Poll.held): a round whose polls took long only while the
+    loop's thread waited for a CPU passes; one whose loop was held fails, naming the longest holds."""
+    def round_of(wall_p99: float, held_p99: float) -> soak.RoundResult:
+        return soak.RoundResult(1.0, 1, {}, [], 1.0, wall_p99, wall_p99, held_p99, ((held_p99 / 1e3, 0.9, 0.0),),
+                                [7], 100.0, {"preemptions": 0}, {}, {})
+
+    assert soak.soak_problems([round_of(900.0, 40.0)], 300, 48) == []
+    assert soak.soak_problems([round_of(900.0, 450.0)], 300, 48) == [
+        "round 0: /health held p99 450 ms (wall p99 900 ms), the longest (held, wall, loop CPU s): ((0.45, 0.9, 0.0),)"]

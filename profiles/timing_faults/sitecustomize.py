@@ -11,7 +11,9 @@ unless its variable is set (seconds):
 - TIMING_FAULT_LAG: a request's reader takes each event this long late (its greenlet sleeps), the engine running on;
 - TIMING_FAULT_JITTER: every request (a legacy completion's prompts, queued together, as one) is queued up to this
   long late, uniformly: concurrent ones reach the engine in any order;
-- TIMING_FAULT_STEP: each engine step takes this long more (a slower machine).
+- TIMING_FAULT_STEP: each engine step takes this long more (a slower machine);
+- TIMING_FAULT_HOLD: a request's reader holds the event loop this long at each event (a blocking sleep: the stalled
+  loop that /health's bounds are for, to check that they still fail).
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-LAG, JITTER, STEP = (float(os.environ.get(f"TIMING_FAULT_{name}", "0")) for name in ("LAG", "JITTER", "STEP"))
-_blocking_sleep = time.sleep  # taken before gevent patches time: a step sleeps in the engine's own thread
+LAG, JITTER, STEP, HOLD = (float(os.environ.get(f"TIMING_FAULT_{name}", "0"))
+                           for name in ("LAG", "JITTER", "STEP", "HOLD"))
+_blocking_sleep = time.sleep  # taken before gevent patches time: a step sleeps in the engine's own thread, a hold on
+# the loop
 
 
 def _in_worker() -> bool:
@@ -59,10 +63,13 @@ def _serving(module: ModuleType) -> None:
     def late_get(self: Any, *args: Any, **kwargs: Any) -> Any:
         event = get(self, *args, **kwargs)
         if _in_worker():
-            time.sleep(LAG)
+            if LAG:
+                time.sleep(LAG)
+            if HOLD:
+                _blocking_sleep(HOLD)
         return event
 
-    if LAG:
+    if LAG or HOLD:
         module.Batch.get = late_get
 
 
@@ -80,12 +87,12 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
         def exec_module(module: ModuleType) -> None:
             run(module)
             _PATCHES[name](module)
-            print(f"timing faults in {name}: lag {LAG}, jitter {JITTER}, step {STEP} s", file=sys.stderr,
+            print(f"timing faults in {name}: lag {LAG}, jitter {JITTER}, step {STEP}, hold {HOLD} s", file=sys.stderr,
                   flush=True)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if LAG or JITTER or STEP:
+if LAG or JITTER or STEP or HOLD:
     sys.meta_path.insert(0, _PatchAfterImport())
