@@ -243,19 +243,22 @@ class NanoqwenWorker(GeventWorker):
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
 
-    def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
+    def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> bool:
         current = gevent.getcurrent()
-        if not self._engine.ready:
-            # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
-            # the model loads does not count, or a worker polled that often before it loaded restarted, and its
-            # successor too, forever (the server never ready)
-            self.nr -= 1
+        # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
+        # the model loads does not count, or a worker polled that often before it loaded restarted, and its
+        # successor too, forever (the server never ready); taken off before gunicorn's check of the limit
+        counted, loading = self.nr, not self._engine.ready
+        self.nr -= loading
         if req._expected_100_continue:  # gunicorn's wsgi.create would send it before the app sees the request
             req._expected_100_continue = False
             if _body_follows(req):  # none to wait for: the request is whole (RFC 9110 10.1.1: no 100 is needed)
                 self._expecting.add(current)
         try:
-            super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
+            handled = super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
+            if handled and not self.alive:  # begun before --max-requests or SIGTERM: no keep-alive wait after it
+                raise StopIteration
+            return handled
         except StopIteration:  # gunicorn closes the connection after this answer
             if current in self._unread:
                 linger(sock)
@@ -268,6 +271,8 @@ class NanoqwenWorker(GeventWorker):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raise StopIteration from None  # gunicorn's way to close a connection without logging an error
         finally:
+            if loading:  # and not twice: gunicorn refuses some requests before it counts them (a bad SCRIPT_NAME)
+                self.nr = max(self.nr, counted)
             self._unread.discard(current)
             self._expecting.discard(current)
 
@@ -281,8 +286,10 @@ class NanoqwenWorker(GeventWorker):
             body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
-            if environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent):
+            unread = environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent)
+            if unread or not self.alive:  # not alive: a request begun before the stop answers `Connection: close`
                 start_response.__self__.force_close()
+            if unread:
                 self._unread.add(gevent.getcurrent())
             return start_response(status, headers, exc_info)
 

@@ -488,6 +488,36 @@ def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(t
     assert "graceful timeout" not in log, log
 
 
+def test_a_request_begun_before_max_requests_closes_its_connection_after_its_answer(tiny_checkpoint, tmp_path):
+    """A request inside the app when the limit is reached (its body still arriving) was answered keep-alive after the
+    drain had closed the idle connections, and its connection then held the worker's exit to the graceful timeout
+    (41 s of 40): its answer says `Connection: close` and the connection closes."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log",
+                         args=["--max-requests", "4", "--graceful-timeout", "40"]).start()  # its last poll: one
+    try:
+        pid = server_stats(srv)["workers"][0]["pid"]  # two
+        body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as busy:
+            busy.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])  # three: reading its body
+            time.sleep(1.0)
+            server_stats(srv)  # four: the limit, the drain finds no idle connection
+            busy.sendall(body[5:])
+            answer = b""
+            while chunk := busy.recv(65536):  # to the server's close
+                answer += chunk
+        head = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
+        deadline = time.monotonic() + 20  # half the graceful timeout
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "graceful timeout" not in log and "Traceback" not in log, log
+
+
 def test_threads_default_to_the_affinity_mask():
     assert resolve_threads(0) == len(os.sched_getaffinity(0))
     assert resolve_threads(3) == 3
