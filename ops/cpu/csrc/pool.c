@@ -44,13 +44,15 @@ static inline long pool_now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-/* Chunks one claim takes, guided: a share of what is left, down to one chunk at the end. A claim is a CAS on a line the
-   other thread wrote last: on the Zen 5 KVM with its two vCPUs on two CCDs (the fast state) a line's round trip is
-   ~340 ns, and a b1 step's ~4,600 one-chunk claims were each one; a thread's chunks now also follow one another in
-   memory, one stream instead of a jump every 128 KB. The balance at a job's end is the one-chunk claims' as before. */
+/* Chunks one claim takes: a share of what is left, at most POOL_CLAIM_CHUNKS, down to one at the end. A claim is a CAS on
+   a line the other thread wrote last: on the Zen 5 KVM with its two vCPUs on two CCDs (the fast state) a line's round
+   trip is ~340 ns, and a b1 step's ~4,600 one-chunk claims were each one; a thread's chunks now also follow one another
+   in memory, one stream instead of a jump every 128 KB. At most a few chunks: a helper descheduled holding a claim is
+   waited for (a quarter of a job, uncapped, slowed b8 steps under load). */
+#define POOL_CLAIM_CHUNKS 4
 static inline long pool_claim_size(long left, int threads) {
     const long take = left / (2L * threads);
-    return take > 1 ? take : 1;
+    return take < 1 ? 1 : take > POOL_CLAIM_CHUNKS ? POOL_CLAIM_CHUNKS : take;
 }
 
 /* Runs the chunks of the current generation g that this thread can claim; how many it ran. */
