@@ -36,6 +36,7 @@ Writes bench_decode.{json,md} and, if matplotlib imports, bench_decode.png into 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -82,8 +83,11 @@ def bench_ours(model: Path, device: torch.device, dtype: str, quant: str, prompt
     runs = {}
     for batch, (warm, timed) in prompts.items():
         common.engine_decode(engine, warm, warmup)
-        runs[batch] = common.engine_decode(engine, timed, args.new_tokens)
-        print(f"  nanoqwen {dtype} quant={quant} batch {batch}: {runs[batch].tokens_per_s:.1f} tok/s", flush=True)
+        before = common.core_pair_ns()
+        run = common.engine_decode(engine, timed, args.new_tokens)
+        runs[batch] = dataclasses.replace(run, core_pair_ns=(before, common.core_pair_ns()))
+        print(f"  nanoqwen {dtype} quant={quant} batch {batch}: {run.tokens_per_s:.1f} tok/s "
+              f"(core pair {pair_text(runs[batch].core_pair_ns)} ns)", flush=True)
     weights = common.weight_bytes_per_token(engine.runner.model)
     resident = common.resident_weight_bytes(engine.runner.model)
     engine.shutdown()
@@ -102,6 +106,10 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, cache: str, pad_i
     )
     steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])]
     return common.DecodeRun(len(prompts), steps, out[:, ids.shape[1]:].tolist())
+
+
+def pair_text(ns: tuple[int | None, ...]) -> str:
+    return "/".join("–" if n is None else str(n) for n in ns)
 
 
 def bench_hf(model: Path, device: torch.device, dtype: str, prompts: dict, args) -> dict:
@@ -141,7 +149,9 @@ def measure(args) -> dict:
     model = common.checkpoint(args.small)
     info = common.machine_info(device)
     bandwidth = common.read_bandwidth(device)
-    print(f"{common.machine_line(info)}\nread bandwidth {bandwidth / 1e9:.1f} GB/s\ncheckpoint {model}", flush=True)
+    pair = common.core_pair_ns()
+    print(f"{common.machine_line(info)}\nread bandwidth {bandwidth / 1e9:.1f} GB/s (core pair {pair_text((pair,))} ns)"
+          f"\ncheckpoint {model}", flush=True)
     prompts = {
         b: (common.random_prompts(b, args.prompt_len, 1000 + b), common.random_prompts(b, args.prompt_len, b))
         for b in args.batches
@@ -156,7 +166,8 @@ def measure(args) -> dict:
                       for quant, (ours, weights, resident, _) in ours_by_quant.items()]
     return {"machine": info, "command": common.command_line(), "checkpoint": str(model),
             "model": "2-layer test model" if args.small else "Qwen3-0.6B shape",
-            "read_bandwidth_bytes_s": bandwidth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "read_bandwidth_bytes_s": bandwidth, "bandwidth_core_pair_ns": pair,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "rows": rows, "summary": summaries}
 
 
@@ -166,7 +177,7 @@ def dtype_rows(dtype: str, ours_by_quant: dict, theirs: dict) -> list[dict]:
         for batch, run in ours.items():
             row = {"dtype": dtype, "quant": quant, "batch": batch, "graph": graph,
                    "ours_tok_s": run.tokens_per_s, "ours_mean_tok_s": run.mean_tokens_per_s,
-                   "ours_ms_step": run.median_step_s * 1e3}
+                   "ours_ms_step": run.median_step_s * 1e3, "core_pair_ns": list(run.core_pair_ns)}
             mine = [(c, r) for (c, b), r in theirs.items() if b == batch]
             if mine:
                 cache, hf = max(mine, key=lambda cr: cr[1].tokens_per_s)
@@ -201,11 +212,11 @@ def markdown(result: dict) -> str:
         return [f"{r['hf_tok_s']:.1f}", r["hf_cache"], f"{r['hf_ms_step']:.1f}", f"{r['ratio']:.2f}×",
                 f"{r['greedy_identical']}/{r['batch']} · {r['greedy_shared_prefix']:.1f}"]
 
-    rows = [[r["dtype"], r["quant"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}", *hf(r)]
-            for r in result["rows"]]
+    rows = [[r["dtype"], r["quant"], str(r["batch"]), f"{r['ours_tok_s']:.1f}", f"{r['ours_ms_step']:.1f}",
+             pair_text(tuple(r["core_pair_ns"])), *hf(r)] for r in result["rows"]]
     table = common.markdown_table(
-        ["dtype", "quant", "batch", "nanoqwen tok/s", "ms/step", "transformers tok/s", "HF cache", "ms/step", "ratio",
-         "identical outputs · mean shared prefix"], rows)
+        ["dtype", "quant", "batch", "nanoqwen tok/s", "ms/step", "core pair ns", "transformers tok/s", "HF cache",
+         "ms/step", "ratio", "identical outputs · mean shared prefix"], rows)
 
     def fmt(s: dict, key: str, spec: str, suffix: str = "") -> str:
         return format(s[key], spec) + suffix if key in s else "–"
@@ -227,7 +238,10 @@ def markdown(result: dict) -> str:
         f"{result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
         f"`{graph}`. Tokens/s = batch / median decode-step time (prefill excluded).",
         f"- Memory read bandwidth: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s (best of 7 sums of a 1 GiB "
-        f"fp32 tensor); batch-1 limit = bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",
+        f"fp32 tensor; core pair {pair_text((result.get('bandwidth_core_pair_ns'),))} ns); batch-1 limit = "
+        f"bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",
+        "- Core pair: a cache line's round trip between the two CPUs before / after each timed run (common.core_pair_ns"
+        "; on the Zen 5 KVM ~77 ns: the host holds both vCPUs on one CCD, the slow state; ~340: on two, the fast one).",
         "",
         table,
         "",

@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -114,6 +115,7 @@ class DecodeRun:
     batch: int
     step_s: list[float]  # wall time of each decode step (one token for every sequence)
     tokens: list[list[int]]  # generated ids per sequence, the prefill's first token included
+    core_pair_ns: tuple[int | None, ...] = ()  # core_pair_ns() before and after, where a bench measured it
 
     @property
     def median_step_s(self) -> float:
@@ -229,6 +231,26 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 7
     del x
     release(device)
     return nbytes / best
+
+
+CORE_PAIR = Path(__file__).resolve().parent / "core_pair.c"
+
+
+def core_pair_ns() -> int | None:
+    """A cache line's round trip between this process's first two CPUs, in ns (the best of 30 batches of 1,000;
+    profiles/core_pair.c). On the 2-core Zen 5 KVM it names the speed state a figure ran in: ~77 ns, both vCPUs on one
+    CCD of the host (a 2-thread read ~55 GB/s); ~340 ns, on two (~85-95 GB/s); the host moves them every few seconds.
+    None with fewer than two CPUs or no C compiler. Built into OUT on first use (and when the source is newer)."""
+    from ops.cpu.build import compiler
+
+    binary, cc = OUT / "core_pair", compiler()
+    if cc is None or len(os.sched_getaffinity(0)) < 2:
+        return None
+    if not binary.exists() or binary.stat().st_mtime < CORE_PAIR.stat().st_mtime:
+        OUT.mkdir(parents=True, exist_ok=True)
+        subprocess.run([cc, "-O2", "-pthread", str(CORE_PAIR), "-o", str(binary)], check=True)
+    done = subprocess.run([str(binary), "30"], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[0])
 
 
 # -- reporting ----------------------------------------------------------------------------

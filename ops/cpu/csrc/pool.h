@@ -20,7 +20,7 @@ void nanoqwen_pool_run(pool_fn fn, const void *ctx, long chunks);
 
 /* Chunks of whole rows, about POOL_CHUNK_BYTES of weights each: small enough that the threads balance and
    that the caller never waits long on a helper descheduled mid-chunk, large enough that claiming one
-   (a CAS) costs nothing beside streaming it. */
+   (a CAS) costs little beside streaming it. A claim takes several chunks while many are left (pool.c). */
 #define POOL_CHUNK_BYTES (128L << 10)
 static inline long pool_rows_per_chunk(long row_bytes) {
     long rows = POOL_CHUNK_BYTES / row_bytes;
