@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{c
 
 
 def setup_module() -> None:  # a compiler is here: a kernel that does not build fails, never skips
-    assert cpu_int8.KERNEL.build(), cpu_int8.KERNEL.error
+    for kernel in (cpu_int8.KERNEL, dequant.KERNEL):  # dequant's: the prefill rows' (else the torch reference's)
+        assert kernel.build(), kernel.error
 
 
 SHAPES = [(1, 64, 32), (2, 13, 96), (3, 4096, 1024), (8, 1024, 3072), (32, 6, 32), (5, 151, 64), (20, 100, 96)]
@@ -122,7 +123,7 @@ def test_a_nan_or_infinite_activation_is_not_lost(m, n, k, dtype, loops):
 
 
 def test_dispatch_by_rows(monkeypatch):
-    """Decode rows take the C kernel, prefill rows dequant.py's blocked GEMM, which needs no C kernel for int8."""
+    """Decode rows take the C kernel, prefill rows dequant.py's blocked GEMM (its C kernel dequantises the blocks)."""
     calls = []
     record_rows(monkeypatch, calls, (cpu_int8, "linear_int8_cpu"), (dequant, "linear_int8"))
     x, w, scale = operands(cpu_int8.MAX_ROWS + 1, 48, 64, torch.float32)
