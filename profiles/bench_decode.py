@@ -148,9 +148,10 @@ def measure(args) -> dict:
     device = resolve_device(args.device)
     model = common.checkpoint(args.small)
     info = common.machine_info(device)
+    before = common.core_pair_ns()
     bandwidth = common.read_bandwidth(device)
-    pair = common.core_pair_ns()
-    print(f"{common.machine_line(info)}\nread bandwidth {bandwidth / 1e9:.1f} GB/s (core pair {pair_text((pair,))} ns)"
+    pair = before, common.core_pair_ns()
+    print(f"{common.machine_line(info)}\nread bandwidth {bandwidth / 1e9:.1f} GB/s (core pair {pair_text(pair)} ns)"
           f"\ncheckpoint {model}", flush=True)
     prompts = {
         b: (common.random_prompts(b, args.prompt_len, 1000 + b), common.random_prompts(b, args.prompt_len, b))
@@ -238,7 +239,7 @@ def markdown(result: dict) -> str:
         f"{result['new_tokens']} new tokens, greedy; nanoqwen graph mode "
         f"`{graph}`. Tokens/s = batch / median decode-step time (prefill excluded).",
         f"- Memory read bandwidth: {result['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s (best of 7 sums of a 1 GiB "
-        f"fp32 tensor; core pair {pair_text((result.get('bandwidth_core_pair_ns'),))} ns); batch-1 limit = "
+        f"fp32 tensor; core pair {pair_text(tuple(result['bandwidth_core_pair_ns']))} ns); batch-1 limit = "
         f"bandwidth / weight bytes per token (target ≥ {TARGET_OF_LIMIT:.0%}).",
         "- Core pair: a cache line's round trip between the two CPUs before / after each timed run (common.core_pair_ns"
         "; on the Zen 5 KVM ~77 ns: the host holds both vCPUs on one CCD, the slow state; ~340: on two, the fast one).",

@@ -22,15 +22,15 @@
 static int flag __attribute__((aligned(64)));
 static long rounds;
 
-static int pin(int cpu) {
+static cpu_set_t one_cpu(int cpu) {
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
-    return pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    return set;
 }
 
-static void *echo(void *cpu) {
-    pin((int)(long)cpu);
+static void *echo(void *unused) {
+    (void)unused;
     for (long i = 0; i < rounds; i++) {
         while (__atomic_load_n(&flag, __ATOMIC_ACQUIRE) != 1) {}
         __atomic_store_n(&flag, 0, __ATOMIC_RELEASE);
@@ -62,9 +62,14 @@ int main(int argc, char **argv) {
     }
     if (found < 2 || cpus[0] == cpus[1] || batches < 1) return 2;
     rounds = (long)batches * ROUND_TRIPS;
-    pin(cpus[0]);
+    /* a CPU that is not ours fails here: unpinned, a round trip waits on the scheduler (ms, not ns) */
+    cpu_set_t mine = one_cpu(cpus[0]), theirs = one_cpu(cpus[1]);
+    if (pthread_setaffinity_np(pthread_self(), sizeof mine, &mine) != 0) return 2;
+    pthread_attr_t attr;
     pthread_t other;
-    if (pthread_create(&other, 0, echo, (void *)(long)cpus[1]) != 0) return 1;
+    if (pthread_attr_init(&attr) != 0 || pthread_attr_setaffinity_np(&attr, sizeof theirs, &theirs) != 0 ||
+        pthread_create(&other, &attr, echo, 0) != 0)
+        return 2;
     double *ns = malloc(batches * sizeof *ns);
     for (int b = 0; b < batches; b++) {
         const double start = now_ns();

@@ -202,6 +202,40 @@ def test_a_helper_started_for_a_job_takes_part_in_it():
     assert int(child.stdout.split()[-1]) == 2
 
 
+# Jobs of 0-40 chunks and a few larger at 2, 3 and 5 threads: which chunks ran, and how often, a job.
+EVERY_CHUNK = textwrap.dedent("""
+    import collections
+    import ctypes
+    import torch
+    from ops.cpu import build
+
+    pool = build.load_pool(build.CSRC, build.resolve_cache_dir(), build.compiler())
+    chunk_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_long)
+    pool.nanoqwen_pool_run.argtypes = [chunk_fn, ctypes.c_void_p, ctypes.c_long]
+    pool.nanoqwen_pool_run.restype = None
+    ran = []
+    chunk = chunk_fn(lambda ctx, c: ran.append(c))
+    wrong = []
+    for threads in (2, 3, 5):
+        torch.set_num_threads(threads)
+        for chunks in [*range(41), 97, 1000]:
+            ran.clear()
+            pool.nanoqwen_pool_run(chunk, None, chunks)
+            if sorted(ran) != list(range(chunks)):
+                wrong.append((threads, chunks, sorted(collections.Counter(ran).items())[:8]))
+    print(wrong or "ok")
+""")
+
+
+def test_a_job_runs_each_of_its_chunks_once():
+    """A claim takes several chunks while many are left (pool_claim_size): each chunk of a job still runs exactly
+    once, at the end of a job, for small jobs and at more threads than cores."""
+    child = subprocess.run([sys.executable, "-c", EVERY_CHUNK], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.split()[-1] == "ok", child.stdout[-3000:]
+
+
 SPEC = '{"method": "ngram", "num_speculative_tokens": 2}'
 
 

@@ -48,18 +48,21 @@ static inline long pool_now_ns(void) {
    a line the other thread wrote last: on the Zen 5 KVM with its two vCPUs on two CCDs (the fast state) a line's round
    trip is ~340 ns, and a b1 step's ~4,600 one-chunk claims were each one; a thread's chunks now also follow one another
    in memory, one stream instead of a jump every 128 KB. At most a few chunks: a helper descheduled holding a claim is
-   waited for (a quarter of a job, uncapped, slowed b8 steps under load). */
+   waited for (uncapped, a claim can hold a quarter of a job). */
 #define POOL_CLAIM_CHUNKS 4
 static inline long pool_claim_size(long left, int threads) {
     const long take = left / (2L * threads);
     return take < 1 ? 1 : take > POOL_CLAIM_CHUNKS ? POOL_CLAIM_CHUNKS : take;
 }
 
-/* Runs the chunks of the current generation g that this thread can claim; how many it ran. */
+/* Runs the chunks of the current generation g that this thread can claim; how many it ran. A helper late by two
+   generations reads a job being rewritten (atomically: a CAS of its stale generation then fails, and it leaves). */
 static long pool_work(uint32_t g, uint64_t w, const struct pool_job *job) {
+    const long chunks = __atomic_load_n(&job->chunks, __ATOMIC_RELAXED);
+    const int threads = __atomic_load_n(&job->helpers, __ATOMIC_RELAXED) + 1;
     long ran = 0;
-    while ((uint32_t)(w >> 32) == g && (long)(uint32_t)w < job->chunks) {
-        const long first = (long)(uint32_t)w, take = pool_claim_size(job->chunks - first, job->helpers + 1);
+    while ((uint32_t)(w >> 32) == g && (long)(uint32_t)w < chunks) {
+        const long first = (long)(uint32_t)w, take = pool_claim_size(chunks - first, threads);
         if (__atomic_compare_exchange_n(&pool.claim, &w, w + take, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
             for (long c = first; c < first + take; c++) job->fn(job->ctx, c);
             ran += take;
@@ -83,7 +86,7 @@ static void *pool_helper(void *arg) {
         uint32_t g = (uint32_t)(w >> 32);
         if (g != seen) {
             const struct pool_job *job = &pool.jobs[g & 1];
-            if (id < job->helpers) {
+            if (id < __atomic_load_n(&job->helpers, __ATOMIC_RELAXED)) {
                 long ran = pool_work(g, w, job);
                 if (ran) __atomic_fetch_add(&pool.finished, ran, __ATOMIC_RELEASE);
             }
@@ -135,7 +138,9 @@ void nanoqwen_pool_run(pool_fn fn, const void *ctx, long chunks) {
     pool_start(helpers);
     const uint32_t g = ++pool.generation;
     struct pool_job *job = &pool.jobs[g & 1];
-    job->fn = fn, job->ctx = ctx, job->chunks = chunks, job->helpers = helpers < pool.started ? helpers : pool.started;
+    job->fn = fn, job->ctx = ctx;  /* read only after a claim of this generation: published by the claim's store */
+    __atomic_store_n(&job->chunks, chunks, __ATOMIC_RELAXED);
+    __atomic_store_n(&job->helpers, helpers < pool.started ? helpers : pool.started, __ATOMIC_RELAXED);
     __atomic_store_n(&pool.finished, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&pool.claim, (uint64_t)g << 32, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
