@@ -20,9 +20,9 @@ os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 # ideep reads it as C's atoi does: anything that reads as 0 (0, 00, abc, an empty value; strtol's long, clamped, cast
 # to a 32-bit int: 4294967296, -99999999999999999999; C's space and digits are ASCII's: a no-break space or an Arabic-
-# Indic digit stops it) segfaults a worker, else
-if (_lru := re.match(r"\s*[+-]?\d+", os.environ["LRU_CACHE_CAPACITY"], re.ASCII)) is None \
-        or min(max(int(_lru.group()), -(1 << 63)), (1 << 63) - 1) % (1 << 32) == 0:
+# Indic digit stops it) segfaults a worker, else (20 digits are past a long's range; Python's int() refuses 4,300)
+if (_lru := re.match(r"\s*([+-]?)(\d+)", os.environ["LRU_CACHE_CAPACITY"], re.ASCII)) is None \
+        or min(max(int(_lru[1] + (_lru[2].lstrip("0")[:20] or "0")), -(1 << 63)), (1 << 63) - 1) % (1 << 32) == 0:
     raise ValueError(f"LRU_CACHE_CAPACITY={os.environ['LRU_CACHE_CAPACITY']!r} reads as 0, which crashes torch's "
                      "ideep at its first bf16 GEMM: set an integer of 1 or more (nanoqwen's default is 64)")
 del _lru

@@ -46,6 +46,7 @@ HEADERS = ({}, {"Content-Type": "application/json; charset=ascii"},
            {"Content-Type": "application/json; charset=bogus"}, {"Content-Encoding": "gzip"},
            {"Content-Encoding": "identity"}, {"Expect": "100-continue"})
 
+
 def _value(rng: random.Random) -> Any:
     return copy.deepcopy(rng.choice(VALUES))
 

@@ -100,12 +100,13 @@ def test_an_ideep_cache_of_0_is_refused_at_import() -> None:
     a worker's crash at its first prefill. nanoqwen refuses it at import, in words."""
     # each segfaulted ideep (it reads the value as atoi does: strtol's long, clamped, cast to a 32-bit int)
     for zero in ("0", " 00", "abc", "0.5", "", "4294967296", "-4294967296", "-99999999999999999999", "\xa05", "\u0665",
-                 "\x1c5"):
+                 "\x1c5", "-" + "1" * 5000):
         out = subprocess.run([sys.executable, "-c", "import nanoqwen"], env={**os.environ, "LRU_CACHE_CAPACITY": zero},
                              capture_output=True, text=True, timeout=120, cwd=REPO)
         assert out.returncode == 1 and "reads as 0, which crashes torch's ideep" in out.stderr, out.stderr[-2000:]
-    assert subprocess.run([sys.executable, "-c", "import nanoqwen"], env={**os.environ, "LRU_CACHE_CAPACITY": "10"},
-                          timeout=120, cwd=REPO).returncode == 0
+    for kept in ("10", "1" * 5000):  # the second: a long's largest, -1 as an int (no cap): ideep runs
+        assert subprocess.run([sys.executable, "-c", "import nanoqwen"], env={**os.environ, "LRU_CACHE_CAPACITY": kept},
+                              timeout=120, cwd=REPO).returncode == 0, kept
 
 
 def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkpoint):

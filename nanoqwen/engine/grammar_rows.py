@@ -15,7 +15,7 @@ import re
 import re._parser as re_parser  # a pattern's least width, without compiling it
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
@@ -391,30 +391,20 @@ def _most(first: Pair | None, second: Pair) -> Pair:
     return second if first is None or _value(second) > _value(first) else first
 
 
-@dataclass(frozen=True)
-class _Element:
-    """An element read but not yet taken into its alternative (a quantifier may follow it)."""
-
-    entries: Pair
-    may_be_empty: bool
-    tail: Pair
-    grouped: bool  # a group or a rule named: `?` adds an item to one that may be empty
-    solid: bool  # holds an element that may not be empty
-
-
 @dataclass
 class _Alternatives:
     """A group being read (_Rows; a body's own alternatives outermost): the closed alternatives' heads and the most
     their ends reach; the open one's head (the entries from its start while all before may be empty), the most a
     position in it reaches up to here (None at its start: its head stands for the positions before it) and its element
-    read but not taken (its quantifier may follow)."""
+    read but not taken (its quantifier may follow): entries, whether it may be empty, its tail, whether a group or a
+    rule named (`?` adds an item to one that may be empty)."""
 
     heads: list[Pair] = field(default_factory=list)
     tail: Pair | None = None
     head: Pair = (0, 0)
     through: bool = True
     window: Pair | None = None
-    pending: _Element | None = None
+    pending: tuple[Pair, bool, Pair, bool, bool] | None = None
     looped: tuple[Pair, bool] | None = None  # starts with a rule of its rule's cycle (_Rows.looped): its entries
     solid: bool = False  # holds an element that may not be empty (a `*` of it loops back though it may be empty)
 
@@ -444,20 +434,19 @@ class _Rows:
         for event in events:
             group = groups[-1]
             if event == OPTIONAL:  # after an element (_Empty.define); a group or a rule named that may be empty already
-                element = group.pending
-                if element is not None:  # made optional: one item more (tested)
-                    group.pending = replace(element, may_be_empty=True, grouped=False, entries=_plus(
-                        element.entries, (element.grouped and element.may_be_empty, 0)))
+                if group.pending is not None:  # made optional: one item more (tested)
+                    entries, may_be_empty, tail, grouped, solid = group.pending
+                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False, solid
                 continue
             if event in (REPEAT, MORE):  # a run reaching the element's end goes on into it again: its head, `+` an
-                element = group.pending  # item more; one that may be empty only as `+` or holding a token
-                if element is not None:  # (`(run)*`: the row holds none)
-                    entries, tail = element.entries, element.tail
+                if group.pending is not None:  # item more; one that may be empty only as `+` or holding a token
+                    entries, may_be_empty, tail, grouped, solid = group.pending  # (`(run)*`: the row holds none)
                     back = entries
-                    if element.may_be_empty:  # its head holds its tail, whose pieces' helper items the row holds
+                    if may_be_empty:  # its head holds its tail, whose pieces' helper items the row holds already
                         back = entries[0] - tail[0] // 2 + 2, entries[1] - tail[1] // 2  # (measured: 3n + 9 items)
-                    if not element.may_be_empty or element.solid or event == MORE:
-                        group.pending = replace(element, tail=_plus(tail, _plus(back, (event == MORE, 0))))
+                    if not may_be_empty or solid or event == MORE:
+                        tail = _plus(tail, _plus(back, (event == MORE, 0)))
+                    group.pending = entries, may_be_empty, tail, grouped, solid
                 continue
             self._take(group)
             if event == OPEN:
@@ -466,8 +455,8 @@ class _Rows:
                 self._close(group)
             elif event <= CLOSE:
                 self._close(groups.pop())
-                groups[-1].pending = _Element(self.combined(group.heads), self.nullable[CLOSE - event],
-                                              group.tail or (0, 0), True, group.solid)
+                groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
+                                      True, group.solid)
             elif event & 1:
                 named = self.rules[event >> 1]
                 known = self.weights.get(named)
@@ -476,13 +465,13 @@ class _Rows:
                     weight, tail = 0 if named == self.rule else self.own[named], known[1] if known else (0, 0)
                 else:
                     weight, tail = known
-                group.pending = _Element((0, weight), self.nullable[event >> 1], tail, True, False)
+                group.pending = (0, weight), self.nullable[event >> 1], tail, True, False
                 if len(groups) == 1 and group.window is None and group.head == (0, 0) and group.through and (
                         named == self.rule or self.cycle[named] == self.cycle[self.rule]):
                     group.looped = (0, weight), self.nullable[event >> 1]  # left recursion: its rest goes on
-                    group.pending = _Element((0, 0), True, (0, 0), True, False)  # wherever a rule of the cycle ends
+                    group.pending = (0, 0), True, (0, 0), True, False  # wherever a rule of the cycle ends
             else:
-                group.pending = _Element((1, 0), self.nullable[event >> 1], (0, 0), False, False)
+                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False
         self._close(groups[0])
         self.heads += groups[0].heads
         self.best = max(self.best, _value(groups[0].tail or (0, 0)))
@@ -490,10 +479,9 @@ class _Rows:
 
     def _take(self, group: _Alternatives) -> None:
         """The element read, taken into the open alternative's head and windows."""
-        element = group.pending
-        if element is None:
+        if group.pending is None:
             return
-        entries, may_be_empty, tail, solid = element.entries, element.may_be_empty, element.tail, element.solid
+        entries, may_be_empty, tail, _, solid = group.pending
         group.pending = None
         group.solid = group.solid or solid or not may_be_empty
         reached = None if group.window is None else _plus(group.window, entries)
