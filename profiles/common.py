@@ -240,7 +240,8 @@ def core_pair_ns() -> int | None:
     """A cache line's round trip between this process's first two CPUs, in ns (the best of 30 batches of 1,000;
     profiles/core_pair.c). On the 2-core Zen 5 KVM it names the speed state a figure ran in: ~77 ns, both vCPUs on one
     CCD of the host (a 2-thread read ~55 GB/s); ~340 ns, on two (~85-95 GB/s); the host moves them every few seconds.
-    None with fewer than two CPUs or no C compiler. Built into OUT on first use (and when the source is newer)."""
+    None with fewer than two CPUs, no C compiler, or a CPU it could not pin. Built into OUT on first use (and when
+    the source is newer)."""
     from ops.cpu.build import compiler
 
     binary, cc = OUT / "core_pair", compiler()
@@ -248,9 +249,10 @@ def core_pair_ns() -> int | None:
         return None
     if not binary.exists() or binary.stat().st_mtime < CORE_PAIR.stat().st_mtime:
         OUT.mkdir(parents=True, exist_ok=True)
-        subprocess.run([cc, "-O2", "-pthread", str(CORE_PAIR), "-o", str(binary)], check=True)
-    done = subprocess.run([str(binary), "30"], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[0])
+        if subprocess.run([cc, "-O2", "-pthread", str(CORE_PAIR), "-o", str(binary)]).returncode != 0:
+            return None
+    done = subprocess.run([str(binary), "30"], capture_output=True, text=True)
+    return int(done.stdout.split()[0]) if done.returncode == 0 else None
 
 
 # -- reporting ----------------------------------------------------------------------------

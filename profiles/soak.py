@@ -561,8 +561,9 @@ def run_round(srv: GunicornServer, probe_answer: str, seconds: float, clients: i
             loaded_s = time.monotonic() - t0
     except AssertionError as exc:  # the poller saw an answer other than 200, or failed
         tally.problems.append(f"/health: {exc}")
-    stop.set()
-    prober.join()
+    finally:  # the prober is not a daemon: left running, the soak would never exit
+        stop.set()
+        prober.join()
     soak.background_soak.settle()
     soak.store_soak.settle()
     stats = idle_stats(soak.url)

@@ -31,7 +31,7 @@ static struct {
     uint64_t claim;       /* generation << 32 | next unclaimed chunk: a claim is a CAS of the same generation */
     long finished;        /* chunks of the current job that helpers finished */
     int sleepers, futex;  /* helpers asleep, and the word they sleep on */
-    struct pool_job jobs[2];  /* generation g's job is jobs[g & 1]: a late helper reads a finished job, never a half-written one */
+    struct pool_job jobs[2];  /* generation g's job is jobs[g & 1]: a helper a generation late reads a finished job */
     uint32_t generation;
     int started;          /* helpers running (reset in a forked child, which has none) */
     int atfork;           /* pool_forked is registered */
@@ -44,11 +44,10 @@ static inline long pool_now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-/* Chunks one claim takes: a share of what is left, at most POOL_CLAIM_CHUNKS, down to one at the end. A claim is a CAS on
-   a line the other thread wrote last: on the Zen 5 KVM with its two vCPUs on two CCDs (the fast state) a line's round
-   trip is ~340 ns, and a b1 step's ~4,600 one-chunk claims were each one; a thread's chunks now also follow one another
-   in memory, one stream instead of a jump every 128 KB. At most a few chunks: a helper descheduled holding a claim is
-   waited for (uncapped, a claim can hold a quarter of a job). */
+/* Chunks one claim takes: what is left / (2 x threads), at most POOL_CLAIM_CHUNKS, one at the end. A claim is a CAS
+   on a line the other thread wrote last: ~340 ns a round trip on the Zen 5 KVM with its two vCPUs on two CCDs (the fast
+   state), and a b1 step has ~4,600 chunks; a thread's chunks also follow one another in memory (one stream, not a jump
+   every 128 KB). At most a few: a helper descheduled holding a claim is waited for. */
 #define POOL_CLAIM_CHUNKS 4
 static inline long pool_claim_size(long left, int threads) {
     const long take = left / (2L * threads);
