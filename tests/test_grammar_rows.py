@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +28,7 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
+from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
 VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
@@ -796,3 +801,42 @@ def test_a_lark_body_nested_past_its_bound_is_refused_without_walking_it(monkeyp
     with pytest.raises(InvalidRequest, match=f"nested more than {bound} deep") as refused:
         grammar_module.check_bounds(f'start: {"(" * (bound + 1)}"a"{")" * (bound + 1)}', "guided_grammar")
     assert refused.value.param == "guided_grammar"
+
+
+# A 300-rule Lark grammar of named rules, groups and quantifiers, and schemas of 10-300 $defs linked by $refs: the
+# weights row_weight and schema_weight give them.
+SEEDED_WEIGHTS = textwrap.dedent("""
+    import random
+    from nanoqwen.engine.grammar_rows import row_weight, schema_weight
+
+    rng = random.Random(1)
+    rules = []
+    for i in range(300):
+        alternatives = [" ".join(rng.choice([f"r{rng.randrange(300)}", '"a"', "/b+/", f'(r{rng.randrange(300)} | "c")'])
+                                 + rng.choice(["", "?", "*", "+"]) for _ in range(4)) for _ in range(3)]
+        rules.append(f"r{i}: " + " | ".join(alternatives))
+    rng = random.Random(3)
+    schemas = []
+    for n in (10, 60, 300):
+        defs = {}
+        for i in range(n):
+            properties = {}
+            for j in range(rng.randint(1, 5)):
+                k = rng.random()
+                properties[f"p{j}"] = {"$ref": f"#/$defs/d{rng.randrange(n)}"} if k < 0.5 else {"type": "string"} \\
+                    if k < 0.7 else {"anyOf": [{"$ref": f"#/$defs/d{rng.randrange(n)}"}, {"type": "integer"}]}
+            defs[f"d{i}"] = {"type": "object", "properties": properties,
+                             "required": list(properties)[:rng.randint(0, len(properties))]}
+        schemas.append(schema_weight({"$defs": defs, "$ref": "#/$defs/d0"}))
+    print(row_weight("start: r0\\n" + "\\n".join(rules)), schemas)
+""")
+
+
+def test_weights_do_not_depend_on_the_hash_seed():
+    """The rules a rule names, and a schema's $ref targets, were sets: the walk's order, and so the weights of the same
+    grammar, followed the strings' hashes (PYTHONHASHSEED 1/2/3 weighed one grammar 8.9, 4.5 and 86 million rows): a
+    grammar near MAX_ROW was taken after one start and refused after the next."""
+    weights = {subprocess.run([sys.executable, "-c", SEEDED_WEIGHTS], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=120, check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+               for seed in ("1", "2", "3", "4")}
+    assert len(weights) == 1, weights

@@ -163,7 +163,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     cleaned.append(text[position:])
     body_text = "".join(cleaned)
     definitions = list(DEFINITION.finditer(body_text))
-    empty = _Empty({match.group(1) for match in definitions}, patterns)
+    empty = _Empty(dict.fromkeys(match.group(1) for match in definitions), patterns)
     own: dict[str, int] = defaultdict(int)  # each definition's alternatives, and the deepest `%json` inside it
     for i, match in enumerate(definitions):
         end = definitions[i + 1].start() if i + 1 < len(definitions) else len(body_text)
@@ -176,7 +176,9 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
             own[name] += max(inside, default=0) + weighed.get(name, 0)
     nullable = empty.solve()
     rules = {empty.node[name]: name for name in empty.events}
-    links = {name: {rules[event >> 1] for events in bodies for event in events if event >= 0 and event & 1}
+    # in the order they are named: a set's order follows the strings' hashes, and the walk's order the weights (a
+    # grammar near MAX_ROW was taken after one start and refused after the next)
+    links = {name: dict.fromkeys(rules[event >> 1] for events in bodies for event in events if event >= 0 and event & 1)
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
     heaviest = 0
@@ -279,7 +281,7 @@ class _Empty:
 
     NOTHING, SOMETHING = 0, 1  # the nodes of an element that may be empty (`x?`, `[x]`, `""`) and of one that may not
 
-    def __init__(self, names: set[str], patterns: _Patterns) -> None:
+    def __init__(self, names: Iterable[str], patterns: _Patterns) -> None:
         self.patterns = patterns
         self.needs = [0, 1]
         self.parents: dict[int, list[int]] = defaultdict(list)
@@ -535,7 +537,7 @@ def schema_weight(schema: Any) -> int:
     widest = max(width.values(), default=0)
     if not refs:
         return widest
-    targets = {target for _, target in refs} | {()}
+    targets = dict.fromkeys([(), *(target for _, target in refs)])  # in order, as _lark_chain's links
     trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
     for target in targets:
         level = trie
@@ -556,7 +558,7 @@ def schema_weight(schema: Any) -> int:
     links: dict[tuple[str, ...], dict[tuple[str, ...], int]] = defaultdict(dict)
     for path, target in refs:
         links[owner(path)][target] = REF_LINK
-    for target in targets - {()}:
+    for target in list(targets)[1:]:
         links[owner(target[:-1])].setdefault(target, 0)
     return widest + _heaviest(links)
 
