@@ -219,9 +219,7 @@ span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R
     const __m512i nibble = _mm512_set1_epi8(0xf), high = _mm512_set1_epi8((char)0xf0);
     __m512 s[2], off[2];
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
-        for (int k = 0; k < SPAN / 128; k++) {
-            prefetch_read(ahead[i] + 64 * k, nta);
-        }
+        for (int k = 0; k < SPAN / 128; k++) prefetch_read(ahead[i] + 64 * k, nta);
         /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
            span's first, spread over its blocks */
         const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
@@ -333,11 +331,14 @@ static inline const uint8_t *next_span(const struct linear_int4_args *a, long n,
    weight row a pass, 4 rows 0.81x; 1024 x 3072 at 8 rows (block) 0.79x; 1024 x 1024 at 8 rows by spans 0.84x the
    time of one weight row a pass row by row (16 f in registers), where two took 1.21x (profiles/RESULTS.md,
    int4k33). */
+/* Whether a pass of R activation rows of P pieces keeps its sums in registers (else by_spans takes it span by span). */
+static inline int sums_fit(int R, int P) { return R * P <= STREAM_PIECES && R <= STREAM_ROWS; }
+
 static inline __attribute__((always_inline)) void
 rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, int P, int block) {
     const long spans = a->x.len / SPAN;
     const int last = a->K / 64 - (int)(spans - 1) * SPAN_BLOCKS;  /* blocks in the last span */
-    if (R * P <= STREAM_PIECES && R <= STREAM_ROWS && !block) {  /* by_spans' cut: no row-by-row copy past it */
+    if (sums_fit(R, P) && !block) {  /* no row-by-row copy where by_spans never takes it */
         const int half = R == 1 ? (count + 1) / 2 : count;
         __m512 sums[ROWS][16];  /* 16 weight rows' f, reduced and stored together (at 1 row 8 of each stream) */
         int j = 0;
@@ -393,7 +394,7 @@ ROWS_VNNI(7, 2) ROWS_VNNI(8, 1) ROWS_VNNI(8, 2)
 /* Whether a pass of R activation rows takes its weight rows span by span (rows_vnni's block): where its pieces
    outgrow L1, or its sums the registers (at one span too: K 1024, 5-8 bf16 rows). */
 static inline int by_spans(const struct linear_int4_args *a, int R) {
-    return R * a->P > STREAM_PIECES || R > STREAM_ROWS || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
+    return !sums_fit(R, a->P) || (a->x.len > SPAN && (long)R * a->P * a->x.len > L1_PIECES);
 }
 
 /* Weight rows start..end - 1, every activation row, ROWS (ROWS / 2 of 3-4 pieces) at a time. */
