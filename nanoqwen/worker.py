@@ -243,7 +243,7 @@ class NanoqwenWorker(GeventWorker):
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
 
-    def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> bool:
+    def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
         # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
         # the model loads does not count, or a worker polled that often before it loaded restarted, and its
@@ -255,10 +255,7 @@ class NanoqwenWorker(GeventWorker):
             if _body_follows(req):  # none to wait for: the request is whole (RFC 9110 10.1.1: no 100 is needed)
                 self._expecting.add(current)
         try:
-            handled = super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
-            if handled and not self.alive:  # begun before --max-requests or SIGTERM: no keep-alive wait after it
-                raise StopIteration
-            return handled
+            super().handle_request(listener_name, req, TimedWrites(sock, self._send_timeout_s), addr)
         except StopIteration:  # gunicorn closes the connection after this answer
             if current in self._unread:
                 linger(sock)
