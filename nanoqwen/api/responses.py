@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from nanoqwen.api.sse import DoneFraming, RunningUsage
 from nanoqwen.api.tool_calls import Parsed, ToolCallParser, assemble
-from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, Usage
+from nanoqwen.engine.request import Event, PromptLogprobs, TokenLogprob, TopLogprob, Usage
 
 if TYPE_CHECKING:
     from nanoqwen.api.schemas import ChatCompletionRequest
@@ -33,11 +33,17 @@ def fingerprint(info: dict[str, Any]) -> str:
 
 def logprobs_json(logprobs: list[TokenLogprob]) -> Json:
     """A chat choice's `logprobs`, answer or chunk: OpenAI's always says `refusal` (the refusal's tokens): none here."""
-    return {"content": [
-        {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes,
-         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in lp.top_logprobs]}
-        for lp in logprobs
-    ], "refusal": None}
+    return {"content": token_logprobs_json(logprobs), "refusal": None}
+
+
+def token_logprobs_json(logprobs: list[TokenLogprob], with_bytes: bool = True) -> list[Json]:
+    """Each token's logprob, its bytes and its alternatives'; without bytes as OpenAI's `ResponseLogProb` (the
+    Responses text events')."""
+    def entry(lp: TopLogprob) -> Json:
+        return {"token": lp.token, "logprob": lp.logprob, "bytes": lp.bytes} if with_bytes else {
+            "token": lp.token, "logprob": lp.logprob}
+
+    return [{**entry(lp), "top_logprobs": [entry(t) for t in lp.top_logprobs]} for lp in logprobs]
 
 
 def prompt_logprobs_json(prompt: PromptLogprobs) -> list[Json | None]:

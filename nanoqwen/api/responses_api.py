@@ -20,7 +20,7 @@ from nanoqwen.api.chat import ChatService, PromptName
 from nanoqwen.api.encode import EncodedList, encode_json
 from nanoqwen.api.errors import APIError, generation_error, request_too_large
 from nanoqwen.api.metrics import RequestTrace
-from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, logprobs_json
+from nanoqwen.api.responses import SERVICE_TIER, ReasoningTokens, ToolParsing, token_logprobs_json
 from nanoqwen.api.responses_background import Background, Run, too_many
 from nanoqwen.api.responses_include import INCLUDE_KEYS, query_include, response_with_parts, with_parts
 from nanoqwen.api.responses_schemas import (
@@ -63,10 +63,7 @@ def _id(prefix: str) -> str:
 
 def _logprobs(logprobs: list[TokenLogprob]) -> tuple[list[Json], list[Json]]:
     """An output text part's logprobs, and its text events' (OpenAI's `ResponseLogProb`, which has no `bytes`)."""
-    part = logprobs_json(logprobs)["content"]
-    return part, [{"token": lp.token, "logprob": lp.logprob,
-                   "top_logprobs": [{"token": t.token, "logprob": t.logprob} for t in lp.top_logprobs]}
-                  for lp in logprobs]
+    return token_logprobs_json(logprobs), token_logprobs_json(logprobs, with_bytes=False)
 
 
 def usage_json(usage: Usage, reasoning_tokens: int) -> Json:
