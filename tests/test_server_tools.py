@@ -260,6 +260,8 @@ def test_detokenize_takes_the_ids_a_prompt_takes(server: GunicornServer) -> None
     ("/tokenize", {"prompt": "x", "extra": 1}, "extra"),
     ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
     ("/tokenize", {"messages": USER, "add_generation_prompt": "yes"}, "add_generation_prompt"),
+    ("/tokenize", {"messages": USER, "add_special_tokens": True}, "add_special_tokens"),  # vLLM's template fields
+    ("/tokenize", {"messages": USER, "documents": []}, "documents"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens.[1]"),
     ("/detokenize", {"tokens": [0, 10**9]}, "tokens.[1]"),
     ("/detokenize", {"tokens": ["1"]}, "tokens.[0]"),

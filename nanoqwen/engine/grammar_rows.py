@@ -558,8 +558,9 @@ def schema_weight(schema: Any) -> int:
     links: dict[tuple[str, ...], dict[tuple[str, ...], int]] = defaultdict(dict)
     for path, target in refs:
         links[owner(path)][target] = REF_LINK
-    for target in list(targets)[1:]:
-        links[owner(target[:-1])].setdefault(target, 0)
+    for target in targets:
+        if target:
+            links[owner(target[:-1])].setdefault(target, 0)
     return widest + _heaviest(links)
 
 
