@@ -96,6 +96,9 @@ API_OPTIONS = (
     EnvOption("--api-key", "NANOQWEN_API_KEY", "require `Authorization: Bearer <key>` on /v1/* (prefer the "
               "variable: a flag shows in the process list until gunicorn starts)"),
     EnvOption("--cors-origins", "NANOQWEN_CORS_ORIGINS", "comma-separated allowed browser origins, or *"),
+    EnvOption("--allowed-hosts", "NANOQWEN_ALLOWED_HOSTS", "on a loopback --host: comma-separated Host names served "
+              "besides local ones (a proxy on this machine passing its clients' Host), each exact or .suffix, or * "
+              "for any"),
     EnvOption("--body-timeout", "NANOQWEN_BODY_TIMEOUT", "seconds (> 0) the whole request body may take to "
               "arrive, then 408", float),
     EnvOption("--send-timeout", "NANOQWEN_SEND_TIMEOUT", "seconds (> 0) a response's write may make no "

@@ -535,7 +535,8 @@ def test_serve_help_lists_every_setting():
         if field.name != "model":
             assert f"--{field.name.replace('_', '-')}" in out, field.name
     for flag in ("--host", "--port", "--workers", "--api-key", "--served-model-name", "--cors-origins",
-                 "--graceful-timeout", "--log-level", "--body-timeout", "--send-timeout", "MODEL", "NANOQWEN_THREADS"):
+                 "--allowed-hosts", "--graceful-timeout", "--log-level", "--body-timeout", "--send-timeout", "MODEL",
+                 "NANOQWEN_THREADS"):
         assert flag.lower() in out.lower(), flag
     text = " ".join(out.split())  # unwrapped: the defaults stated are the settings' own
     assert f"sequences decoded together (default {EngineConfig.max_batch}) [NANOQWEN_MAX_BATCH]" in text

@@ -20,6 +20,7 @@ from nanoqwen.api.chat_stored_api import ChatStoredService
 from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError, generation_error
+from nanoqwen.api.hosts import HostGuard
 from nanoqwen.api.metrics import ServerStats
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
@@ -94,6 +95,13 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     tokens = TokenizeService(serving)
     started = time.time()
     request_id.install(app)
+    hosts = HostGuard(config.allowed_hosts)
+    app.extensions["nanoqwen.hosts"] = hosts  # the gunicorn worker names its listeners
+
+    @app.before_request
+    def check_host() -> None:
+        """First: before the body is read, and before the API key or CORS answer."""
+        hosts.check(request.environ)
 
     @app.before_request
     def refuse_empty_segments() -> None:

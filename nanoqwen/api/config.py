@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from nanoqwen.api.hosts import parse_allowed_hosts
 from nanoqwen.choices import DEFAULT_MODEL
 from nanoqwen.settings import env_setting
 
@@ -18,6 +19,7 @@ class ServerConfig:
     hub_id: str | None = DEFAULT_MODEL  # also accepted as `model` (never a local path)
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer <key>`
     cors_origins: tuple[str, ...] = ()  # empty = no CORS headers; "*" = any origin
+    allowed_hosts: tuple[str, ...] = ()  # Host names a loopback listener serves besides local ones (api/hosts.py)
     max_body_bytes: int = 8 << 20
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (else 408)
     send_timeout_s: float = 60.0  # a response's write that makes no progress for this closes the connection (nginx's)
@@ -46,6 +48,7 @@ class ServerConfig:
             hub_id=hub_repo_id(model),
             api_key=env_setting("api_key", env),
             cors_origins=origins,
+            allowed_hosts=parse_allowed_hosts(env_setting("allowed_hosts", env)),
             body_timeout_s=_seconds("body_timeout", cls.body_timeout_s, env),
             send_timeout_s=_seconds("send_timeout", cls.send_timeout_s, env),
             grammar_threads=_count("grammar_threads", cls.grammar_threads, env),

@@ -1,0 +1,102 @@
+"""DNS rebinding: a server listening on a loopback address answers only a Host that names this machine.
+
+A web page whose name its owner re-points at 127.0.0.1 once it has loaded is same-origin with a loopback server as far
+as the browser knows: its script may POST JSON there and read the answer. Only the Host header, the page's name,
+tells. So on a loopback listener a request whose Host is not local is refused (403), on every path, before its body
+is read and before the API key or CORS answer (as Ollama's allowedHostsMiddleware; Jupyter's check_host and Django's
+ALLOWED_HOSTS likewise). Local: no Host (HTTP/1.0; a browser always sends one), an IP address (a rebinding needs a
+name: a page at an address is that address's own), `localhost` and names under `.localhost`, `.local` and
+`.internal`, the machine's host name, and any name without a dot (no public DNS zone answers one: /etc/hosts, the
+search domains or the LAN's multicast names do, as for `.local`), unless it ends in a number (a browser reads
+`2130706433` or `0x7f.1` as an address and sends it as `127.0.0.1`). NANOQWEN_ALLOWED_HOSTS adds names, for a proxy
+on this machine that passes its clients' Host (nginx's `$host`).
+
+A listener on any other address (0.0.0.0, a LAN address) is not checked: it is reachable from elsewhere anyway, and
+an orchestrator's probes name the pod's address. Nor is a unix socket: no browser connects to one, and whatever
+forwards to it (a proxy) decides which names it serves. The gunicorn worker names its listeners once (listen_on);
+a request's listener is the one whose address is its connection's local address.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from nanoqwen.api.errors import APIError
+
+ANY_HOST = "*"
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # WHATWG URL's "ends in a number": parsed as an IPv4 address
+
+
+def parse_allowed_hosts(raw: str | None) -> tuple[str, ...]:
+    """NANOQWEN_ALLOWED_HOSTS: comma-separated names, each exact or `.suffix` (that name and every name under it), or
+    `*` (no check); lowercased, a trailing dot dropped. ValueError naming an entry that is none of these."""
+    entries = tuple(entry.strip().lower().removesuffix(".") for entry in (raw or "").split(",") if entry.strip())
+    for entry in entries:
+        if entry != ANY_HOST and not NAME.fullmatch(entry.removeprefix(".")):
+            raise ValueError(f"NANOQWEN_ALLOWED_HOSTS: {entry!r} is not a host name (no scheme or port), a "
+                             f".suffix or {ANY_HOST}")
+    return entries
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:  # a unix socket's path
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class HostGuard:
+    """Refuses, on a loopback listener, a Host that is not local (the module's docstring)."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self._allowed = allowed
+        self._hostname = socket.gethostname().lower().removesuffix(".")
+        self._loopback: frozenset[tuple[Any, ...]] = frozenset()  # (address, port) of each loopback listener
+
+    def listen_on(self, addresses: Iterable[Any]) -> None:
+        """The server's listeners, as their sockets' getsockname() gives them: (host, port[, ...]) or a path."""
+        self._loopback = frozenset(tuple(a[:2]) for a in addresses if isinstance(a, tuple) and _is_loopback(a[0]))
+
+    def allows(self, host: str) -> bool:
+        """Whether `host`, a Host header's value, may reach a loopback listener."""
+        host = host.lower()
+        if ANY_HOST in self._allowed:
+            return True
+        if host.startswith("["):
+            return _is_address(host[1:].partition("]")[0])
+        name = host.partition(":")[0].removesuffix(".")
+        if not name or _is_address(name):
+            return True
+        if not NAME.fullmatch(name) or NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
+            return False
+        return ("." not in name or name.endswith(LOCAL_SUFFIXES) or name == self._hostname
+                or any(name == entry or (entry.startswith(".") and (name == entry[1:] or name.endswith(entry)))
+                       for entry in self._allowed))
+
+    def check(self, environ: Mapping[str, Any]) -> None:
+        """Raises the 403 for a request that came through a loopback listener with a Host that is not local."""
+        sock = environ.get("gunicorn.socket")
+        if not self._loopback or sock is None:
+            return
+        local = sock.getsockname()
+        host = environ.get("HTTP_HOST", "")
+        if isinstance(local, tuple) and tuple(local[:2]) in self._loopback and not self.allows(host):
+            raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
+                                "only local names (a web page's name re-pointed at it would read its answers: DNS "
+                                "rebinding). A proxy on this machine that passes its clients' Host names them in "
+                                "NANOQWEN_ALLOWED_HOSTS.", code="host_not_allowed")
