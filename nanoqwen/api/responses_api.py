@@ -282,8 +282,8 @@ class ResponseEvents:
         if event.admitted:
             return [self._event("response.in_progress", response=self.draft.started())]
         cut = event.error is not None  # the stream fails here (failure follows): what is held goes out first
-        counted = self._tokens.add(event)
-        self._held += self._tokens.content_logprobs(event, counted, cut)
+        self._tokens.add(event)
+        self._held += self._tokens.content_logprobs(event, cut)
         out = self._reason(event.reasoning) if event.reasoning else []
         parsed = Parsed(event.text)
         if self._parser is not None:
