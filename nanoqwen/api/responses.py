@@ -383,8 +383,7 @@ class ChunkBuilder(DoneFraming):
         if parsed.content or reasoning or event.logprobs:
             delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, reasoning)
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
-                                        "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
-                                        "finish_reason": None}]))
+                                        "logprobs": self._logprobs(event.logprobs or []), "finish_reason": None}]))
         for call in parsed.calls:
             if call.id is not None:
                 chunks.append(self._tool_delta(event.index, {"index": call.index, "id": call.id, "type": "function",
@@ -403,7 +402,12 @@ class ChunkBuilder(DoneFraming):
         return self._delta(index, {"tool_calls": [call]})
 
     def _delta(self, index: int, delta: Json) -> Json:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return self._chunk([{"index": index, "delta": delta, "logprobs": self._logprobs([]), "finish_reason": None}])
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> Json | None:
+        """A chunk's before the finish: with logprobs asked for, each says its tokens', none for a role or a call's
+        delta (llama.cpp's test_logprobs_stream checks every chunk before the finish has them)."""
+        return logprobs_json(logprobs) if logprobs or self.want_logprobs else None
 
     def finish(self, index: int, reason: str) -> Json:
         parser = self._parsers.get(index)
