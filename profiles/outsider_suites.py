@@ -4,7 +4,8 @@ test_completion, chat_completion/test_logprob_token_ids_validation, test_batched
 test_extra_content_fields, test_enable_force_include_usage, test_non_object_body_validation,
 test_chat_logit_bias_validation, test_chat_stop_token_ids_validation, test_thinking_token_budget_validation,
 test_completion_with_function_calling, test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo,
-completion/test_empty_prompt_list, test_prompt_validation, test_completion_text_offset, v1/engine/test_output_processor)
+test_chat, completion/test_empty_prompt_list, test_prompt_validation, test_completion_text_offset,
+v1/engine/test_output_processor)
 and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos,
 test_chat_completion) that do
 not depend on a real model's words. Each case says what this server must answer: a field it does not implement is a
@@ -55,6 +56,11 @@ def conversation(turns: int) -> list[dict[str, str]]:
 CHAT, COMPLETIONS, RESPONSES, TOKENIZE = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"
 VOCAB = 151936  # Qwen3's (the test checkpoint's too)
 TOOLS = [{"type": "function", "function": {"name": "dummy_function_name", "parameters": {"type": "object"}}}]
+MATH = [{"role": "system", "content": "you are a helpful assistant"}, {"role": "user", "content": "what is 1+1?"}]
+SERIES = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Who won the world series in 2020?"},
+          {"role": "assistant", "content": "The Los Angeles Dodgers won the World Series in 2020."},
+          {"role": "user", "content": "Where was it played?"}]
 SAYING = [{"role": "user", "content": "tell me a common saying"},
           {"role": "assistant", "content": "Here is a common saying about apple. An apple a day, keeps"}]
 CASES: list[Case] = [
@@ -163,6 +169,31 @@ CASES: list[Case] = [
      {"messages": USER, "top_logprobs": -1, "logprobs": "true"}, 400, "logprobs"),
     ("vLLM test_chat_echo test_prompt_logprobs: -1 (the whole vocabulary)", CHAT,
      {"messages": USER, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("vLLM test_chat test_no_logprobs_chat", CHAT, {"messages": MATH, "logprobs": False}, 200,
+     lambda body: served(body) and body["choices"][0]["logprobs"] is None),
+    ("vLLM test_chat test_zero_logprobs_chat", CHAT, {"messages": MATH, "logprobs": True, "top_logprobs": 0}, 200,
+     lambda body: body["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []),
+    ("vLLM test_chat test_some_logprobs_chat", CHAT, {"messages": MATH, "logprobs": True, "top_logprobs": 5}, 200,
+     lambda body: len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 5),
+    ("vLLM test_chat test_too_many_chat_logprobs: 21, streamed", CHAT,
+     {"messages": MATH, "logprobs": True, "top_logprobs": 21, "stream": True}, 400, "top_logprobs"),
+    ("vLLM test_chat test_too_many_chat_logprobs: 30", CHAT,
+     {"messages": MATH, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+    # vLLM's dict at a position: the k best, and the prompt token's own where it is not among them
+    ("vLLM test_chat test_prompt_logprobs_chat / test_more_than_one_prompt_logprobs_chat: 1", CHAT,
+     {"messages": SERIES, "prompt_logprobs": 1}, 200,
+     lambda body: body["prompt_logprobs"][0] is None and len(body["prompt_logprobs"][3]) in (1, 2)),
+    ("vLLM test_chat test_more_than_one_prompt_logprobs_chat: 2", CHAT, {"messages": SERIES, "prompt_logprobs": 2}, 200,
+     lambda body: len(body["prompt_logprobs"][3]) in (2, 3)),
+    ("vLLM test_chat test_prompt_logprobs_chat: none asked", CHAT, {"messages": SERIES}, 200,
+     lambda body: served(body) and body.get("prompt_logprobs") is None),
+    ("vLLM test_chat test_chat_completion_stream_options: include_usage null, not streamed", CHAT,
+     {"messages": MATH, "stream": False, "stream_options": {"include_usage": None}}, 400,
+     "stream_options.include_usage"),
+    ("vLLM test_chat test_chat_completion_stream_options: include_usage, not streamed", CHAT,
+     {"messages": MATH, "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("vLLM test_chat test_chat_completion_stream_options: min_characters (not implemented)", CHAT,
+     {"messages": MATH, "stream": True, "min_characters": 10}, 400, "min_characters"),
     ("vLLM test_output_processor test_stop_string: include_stop_str_in_output (not implemented)", COMPLETIONS,
      {"prompt": "hi", "stop": ["a"], "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
 ]
