@@ -224,20 +224,29 @@ class TextPipeline:
         self._stops = StopMatcher(stops)
         self._reasoning = ReasoningParser(think_in_prompt) if split_reasoning else None
         self._unchecked = min_tokens  # tokens whose text no stop string may end in (vLLM's StopChecker)
+        self.holds = any(stops)  # whether text may be held back, and cut, for a stop string
+        self.offset = 0  # characters of decoded text so far: where the next token's text starts
+        self.released = 0  # of them, those let through (the rest held for a stop string, or cut by one)
 
     def add(self, token_id: int) -> tuple[str, str, bool]:
         """Returns (reasoning_delta, content_delta, stopped_by_string); a stop flushes all."""
         check = self._unchecked <= 0
         self._unchecked -= 1
-        text, stopped = self._stops.add(self._detokenizer.add(token_id), check)
+        decoded = self._detokenizer.add(token_id)
+        text, stopped = self._stops.add(decoded, check)
+        self.offset += len(decoded)
+        self.released += len(text)
         reasoning, content = self._split(text, final=stopped)
         return reasoning, content, stopped
 
     def finish(self) -> tuple[str, str]:
         """Flushes held text when generation ends by EOS or length (not after a stop string)."""
-        text, stopped = self._stops.add(self._detokenizer.flush(), self._unchecked <= 0)
+        decoded = self._detokenizer.flush()
+        text, stopped = self._stops.add(decoded, self._unchecked <= 0)
         if not stopped:
             text += self._stops.flush()
+        self.offset += len(decoded)
+        self.released += len(text)
         return self._split(text, final=True)
 
     def _split(self, text: str, final: bool) -> tuple[str, str]:

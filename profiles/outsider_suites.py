@@ -3,8 +3,11 @@ CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` 
 test_completion, chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions,
 test_extra_content_fields, test_enable_force_include_usage, test_non_object_body_validation,
 test_chat_logit_bias_validation, test_chat_stop_token_ids_validation, test_thinking_token_budget_validation,
-test_completion_with_function_calling, test_serving_chat, basic/test_basic, test_tokenization) and llama.cpp's
-`tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos, test_chat_completion) that do
+test_completion_with_function_calling, test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo,
+test_chat, completion/test_empty_prompt_list, test_prompt_validation, test_completion_text_offset,
+v1/engine/test_output_processor)
+and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos,
+test_chat_completion) that do
 not depend on a real model's words. Each case says what this server must answer: a field it does not implement is a
 400 naming it (vLLM's `logprob_token_ids`, llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a
 case; exit status 1 on any mismatch.
@@ -53,6 +56,13 @@ def conversation(turns: int) -> list[dict[str, str]]:
 CHAT, COMPLETIONS, RESPONSES, TOKENIZE = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"
 VOCAB = 151936  # Qwen3's (the test checkpoint's too)
 TOOLS = [{"type": "function", "function": {"name": "dummy_function_name", "parameters": {"type": "object"}}}]
+MATH = [{"role": "system", "content": "you are a helpful assistant"}, {"role": "user", "content": "what is 1+1?"}]
+SERIES = [{"role": "system", "content": "You are a helpful assistant."},
+          {"role": "user", "content": "Who won the world series in 2020?"},
+          {"role": "assistant", "content": "The Los Angeles Dodgers won the World Series in 2020."},
+          {"role": "user", "content": "Where was it played?"}]
+SAYING = [{"role": "user", "content": "tell me a common saying"},
+          {"role": "assistant", "content": "Here is a common saying about apple. An apple a day, keeps"}]
 CASES: list[Case] = [
     ("vLLM test_completion_error: json_schema without its schema", COMPLETIONS,
      {"prompt": "Test prompt", "max_tokens": 10, "response_format": {"type": "json_schema"}}, 400, "response_format"),
@@ -140,6 +150,74 @@ CASES: list[Case] = [
      {"messages": [{"role": "system", "content": "test"}, {}]}, 400, "messages.[1].role"),
     ("llama.cpp test_invalid_chat_completion_req: a content not text", CHAT,
      {"messages": [{"role": "system", "content": 123}]}, 400, "messages.[0].content"),
+    ("llama.cpp test_invalid_chat_completion_req: messages null", CHAT, {"messages": None}, 400, "messages"),
+    ("llama.cpp test_invalid_chat_completion_req: messages a string", CHAT, {"messages": "string"}, 400, "messages"),
+    ("llama.cpp test_invalid_chat_completion_req: a message a number", CHAT, {"messages": [123]}, 400,
+     "messages.[0]"),
+    ("llama.cpp test_invalid_chat_completion_req: a role a number", CHAT, {"messages": [{"role": 123}]}, 400,
+     "messages.[0].role"),
+    ("llama.cpp test_completion_with_response_format: type sound", CHAT,
+     {"messages": USER, "response_format": {"type": "sound"}}, 400, "response_format"),
+    # llama.cpp's extensions (a schema inside json_object, top-level json_schema and grammar): not OpenAI's, refused
+    ("llama.cpp test_completion_with_response_format: json_object's schema 123", CHAT,
+     {"messages": USER, "response_format": {"type": "json_object", "schema": 123}}, 400, "response_format.schema"),
+    ("llama.cpp test_completion_with_response_format: json_object's schema of type hiccup", CHAT,
+     {"messages": USER, "response_format": {"type": "json_object", "schema": {"type": "hiccup"}}}, 400,
+     "response_format.schema"),
+    ("llama.cpp test_completion_with_json_schema: a top-level json_schema", CHAT,
+     {"messages": USER, "json_schema": {"const": "42"}}, 400, "json_schema"),
+    ("llama.cpp test_completion_with_grammar: a top-level grammar", CHAT,
+     {"messages": USER, "grammar": 'root ::= "a"{5,5}'}, 400, "grammar"),
+    # OpenAI's json_schema needs its name (llama.cpp takes one without)
+    ("llama.cpp test_completion_with_response_format: json_schema without a name", CHAT,
+     {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"schema": {"const": "foooooo"}}}},
+     400, "response_format.json_schema.name"),
+    ("vLLM test_empty_prompt_list: an empty list", COMPLETIONS, {"prompt": []}, 400, "prompt"),
+    ("vLLM test_prompt_validation test_empty_prompt: prompt_embeds (not implemented)", COMPLETIONS,
+     {"prompt": None, "prompt_embeds": []}, 400, "prompt_embeds"),
+    ("vLLM test_prompt_validation test_out_of_vocab_token_ids", COMPLETIONS, {"prompt": [999999]}, 400, "prompt"),
+    ("vLLM test_prompt_validation: kv_transfer_params (not implemented)", COMPLETIONS,
+     {"prompt": "hello", "kv_transfer_params": {"return_last_hidden_state": True}}, 400, "kv_transfer_params"),
+    ("vLLM test_prompt_validation: kv_transfer_params (not implemented), chat", CHAT,
+     {"messages": USER, "kv_transfer_params": {"return_last_hidden_state": True}}, 400, "kv_transfer_params"),
+    ("vLLM test_chat_echo: echo with continue_final_message", CHAT,
+     {"messages": SAYING, "echo": True, "continue_final_message": True, "add_generation_prompt": False}, 200,
+     lambda body: served(body) and SAYING[1]["content"] in body["choices"][0]["message"]["content"]),
+    ("vLLM test_chat_echo: no echo with continue_final_message", CHAT,
+     {"messages": SAYING, "echo": False, "continue_final_message": True, "add_generation_prompt": False}, 200,
+     lambda body: served(body) and SAYING[1]["content"] not in body["choices"][0]["message"]["content"]),
+    # vLLM's lax types read "true" as true and -1 as the whole vocabulary: OpenAI's are strict (a 400 naming it)
+    ("vLLM test_chat_echo test_top_logprobs: logprobs \"true\" (a string)", CHAT,
+     {"messages": USER, "top_logprobs": -1, "logprobs": "true"}, 400, "logprobs"),
+    ("vLLM test_chat_echo test_prompt_logprobs: -1 (the whole vocabulary)", CHAT,
+     {"messages": USER, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("vLLM test_chat test_no_logprobs_chat", CHAT, {"messages": MATH, "logprobs": False}, 200,
+     lambda body: served(body) and body["choices"][0]["logprobs"] is None),
+    ("vLLM test_chat test_zero_logprobs_chat", CHAT, {"messages": MATH, "logprobs": True, "top_logprobs": 0}, 200,
+     lambda body: body["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []),
+    ("vLLM test_chat test_some_logprobs_chat", CHAT, {"messages": MATH, "logprobs": True, "top_logprobs": 5}, 200,
+     lambda body: len(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 5),
+    ("vLLM test_chat test_too_many_chat_logprobs: 21, streamed", CHAT,
+     {"messages": MATH, "logprobs": True, "top_logprobs": 21, "stream": True}, 400, "top_logprobs"),
+    ("vLLM test_chat test_too_many_chat_logprobs: 30", CHAT,
+     {"messages": MATH, "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+    # vLLM's dict at a position: the k best, and the prompt token's own where it is not among them
+    ("vLLM test_chat test_prompt_logprobs_chat / test_more_than_one_prompt_logprobs_chat: 1", CHAT,
+     {"messages": SERIES, "prompt_logprobs": 1}, 200,
+     lambda body: body["prompt_logprobs"][0] is None and len(body["prompt_logprobs"][3]) in (1, 2)),
+    ("vLLM test_chat test_more_than_one_prompt_logprobs_chat: 2", CHAT, {"messages": SERIES, "prompt_logprobs": 2}, 200,
+     lambda body: len(body["prompt_logprobs"][3]) in (2, 3)),
+    ("vLLM test_chat test_prompt_logprobs_chat: none asked", CHAT, {"messages": SERIES}, 200,
+     lambda body: served(body) and body.get("prompt_logprobs") is None),
+    ("vLLM test_chat test_chat_completion_stream_options: include_usage null, not streamed", CHAT,
+     {"messages": MATH, "stream": False, "stream_options": {"include_usage": None}}, 400,
+     "stream_options.include_usage"),
+    ("vLLM test_chat test_chat_completion_stream_options: include_usage, not streamed", CHAT,
+     {"messages": MATH, "stream": False, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("vLLM test_chat test_chat_completion_stream_options: min_characters (not implemented)", CHAT,
+     {"messages": MATH, "stream": True, "min_characters": 10}, 400, "min_characters"),
+    ("vLLM test_output_processor test_stop_string: include_stop_str_in_output (not implemented)", COMPLETIONS,
+     {"prompt": "hi", "stop": ["a"], "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
 ]
 
 
@@ -191,9 +269,66 @@ def wrong_content_type(srv: GunicornServer) -> str | None:
     return "served"
 
 
+BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
+
+
+def token_problem(token: Any) -> str | None:
+    """llama.cpp test_logprobs' checks of one listed token."""
+    return None if token.logprob <= 0.0 and token.bytes is not None and token.top_logprobs else f"token {token}"
+
+
+def chat_logprobs(srv: GunicornServer) -> str | None:
+    """llama.cpp test_chat_completion test_logprobs: the tokens listed spell the content, each with a logprob <= 0,
+    its bytes and its alternatives."""
+    answer = srv.openai_client().chat.completions.create(
+        model=MODEL, temperature=0.0, messages=BOOK, max_tokens=5, logprobs=True, top_logprobs=10)
+    choice = answer.choices[0]
+    tokens = choice.logprobs.content
+    problem = next((p for token in tokens if (p := token_problem(token))), None)
+    joined = "".join(token.token for token in tokens)
+    return problem or (None if joined == choice.message.content else f"{joined!r} != {choice.message.content!r}")
+
+
+def chat_logprobs_stream(srv: GunicornServer) -> str | None:
+    """llama.cpp test_chat_completion test_logprobs_stream: every chunk before the finish has logprobs; the tokens
+    listed spell the content."""
+    stream = srv.openai_client().chat.completions.create(
+        model=MODEL, temperature=0.0, messages=BOOK, max_tokens=5, logprobs=True, top_logprobs=10, stream=True)
+    text, joined = "", ""
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.finish_reason is None:
+            if choice.logprobs is None or choice.logprobs.content is None:
+                return f"a chunk without logprobs: {chunk}"
+            text += choice.delta.content or ""
+            for token in choice.logprobs.content:
+                joined += token.token
+                if problem := token_problem(token):
+                    return problem
+    return None if joined == text else f"{joined!r} != {text!r}"
+
+
+def text_offsets_with_stop(srv: GunicornServer) -> str | None:
+    """vLLM test_completion_text_offset: with a stop string holding text back, the streamed `text_offset`s are the
+    collected ones (here the stop string is the free answer's, to hold text back and then cut there)."""
+    client = srv.openai_client()
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "temperature": 0.0, "logprobs": 0}
+    free = client.completions.create(**body).choices[0].text
+    stop = free[len(free) // 2 :][:3]
+    collected = client.completions.create(**body, stop=[stop]).choices[0]
+    offsets = [offset for chunk in client.completions.create(**body, stop=[stop], stream=True)
+               for choice in chunk.choices if choice.logprobs for offset in choice.logprobs.text_offset]
+    if collected.finish_reason != "stop" or offsets != collected.logprobs.text_offset:
+        return f"{collected.finish_reason}: streamed {offsets}, collected {collected.logprobs.text_offset}"
+    return None
+
+
 SERVER_CHECKS: list[tuple[str, Callable[[GunicornServer], str | None]]] = [
     ("vLLM test_enable_force_include_usage: continuous usage", continuous_usage),
     ("vLLM test_basic: test_request_wrong_content_type", wrong_content_type),
+    ("llama.cpp test_chat_completion: test_logprobs", chat_logprobs),
+    ("llama.cpp test_chat_completion: test_logprobs_stream", chat_logprobs_stream),
+    ("vLLM test_completion_text_offset: streamed offsets with a stop string's holdback", text_offsets_with_stop),
 ]
 
 

@@ -13,14 +13,14 @@ import pytest
 from flask import Response
 
 from nanoqwen.api import encode as encode_module
-from nanoqwen.api import responses_store
+from nanoqwen.api import responses_api, responses_store
 from nanoqwen.api import serving as serving_module
 from nanoqwen.api import sse as sse_module
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import compact_json, encode_json
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.responses import ChunkBuilder, ToolParsing
+from nanoqwen.api.responses import ChunkBuilder, ToolParsing, token_logprobs_json
 from nanoqwen.api.responses_api import (
     ITEMS,
     LONG_CHARS_PER_TOKEN,
@@ -128,6 +128,27 @@ def _both(events: list[Event], tools: ToolParsing | None = None, **body: Any) ->
         collector.add(event)
         out += stream.chunks(event)
     return collector.build(events[-1].usage), out
+
+
+def test_only_a_stream_builds_its_text_events_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text events' bytes-less logprobs (OpenAI's `ResponseLogProb`) are built where the events are sent: a
+    response not streamed builds its output parts' alone (it built both, the events' for nothing)."""
+    built: list[bool] = []
+
+    def recorded(logprobs: list[TokenLogprob], with_bytes: bool = True) -> list[Json]:
+        built.append(with_bytes)
+        return token_logprobs_json(logprobs, with_bytes)
+
+    monkeypatch.setattr(responses_api, "token_logprobs_json", recorded)
+    collector = ResponseCollector(_draft(include=[LOGPROBS]), ToolParsing())
+    for event in THOUGHT:
+        collector.add(event)
+    (part,) = collector.build(Usage(7, 5))["output"][1]["content"]
+    assert [lp["token"] for lp in part["logprobs"]] == ["Paris", "."] and built and all(built)
+    stream = ResponseEvents(_draft(include=[LOGPROBS]), ToolParsing())
+    for event in THOUGHT:
+        stream.chunks(event)
+    assert False in built
 
 
 def _without_ids(response: Json) -> Json:

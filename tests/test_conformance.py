@@ -839,8 +839,8 @@ def test_reasoning_tokens_and_include_reasoning(server: GunicornServer) -> None:
     assert hidden["usage"] == shown["usage"]
     *streamed, last = _chunks(server, {**thinking, **hide, "stream_options": {"include_usage": True}})
     assert all(set(c["choices"][0]["delta"]) <= {"role", "content", "refusal"} for c in streamed)
-    *running, finish = streamed  # only the finish chunk says the logprobs, none, as the collected answer
-    assert all(c["choices"][0]["logprobs"] is None for c in running)
+    *running, finish = streamed  # none listed, as the collected answer; each chunk says so (llama.cpp's tests)
+    assert all(c["choices"][0]["logprobs"] == {"content": [], "refusal": None} for c in running)
     assert finish["choices"][0]["finish_reason"]
     assert finish["choices"][0]["logprobs"] == {"content": [], "refusal": None}
     assert last["usage"] == shown["usage"]

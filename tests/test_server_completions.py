@@ -132,9 +132,9 @@ def _stopped(client: openai.OpenAI, ids: list[int], stream: bool, **stop: Any) -
 def test_stops_cut_transformers_answer_at_the_token_completing_them(server: GunicornServer,
                                                                     client: openai.OpenAI) -> None:
     """A stop string made of the end of one token's text and the start of the next one's, and a plain (not special)
-    token in stop_token_ids, streamed and not: transformers' greedy text cut before the stop, finish_reason "stop",
-    a logprob for each token through the one completing the stop (transformers' values), and the usage counting
-    exactly those tokens."""
+    token in stop_token_ids, streamed and not: transformers' greedy text cut before the stop, finish_reason "stop", the
+    usage counting the tokens through the one completing the stop, and a logprob (transformers' value) for each of
+    those but the ones whose text the stop string cut away whole (the token completing it: llama.cpp's, not vLLM's)."""
     ids = _ids(server, PROMPT)
     tokens = hf_greedy(load_hf_model(make_checkpoint()), ids, 24)
     tokenizer = loader.load_tokenizer(make_checkpoint())
@@ -147,13 +147,13 @@ def test_stops_cut_transformers_answer_at_the_token_completing_them(server: Guni
                    and text.find(text[len(head) - 1:len(head) + 1]) == len(head) - 1
                    and "\ufffd" not in text[:len(head) + 1])
     j = next(j for j in range(k + 3, len(tokens)) if tokens[j] not in tokens[:j])  # the stop id ends it later
-    cases = [({"stop": [stop]}, text[:text.index(stop)], k + 2),
-             ({"stop_token_ids": [tokens[j]]}, tokenizer.decode(tokens[:j]), j + 1)]
-    for stop_field, expected, count in cases:
+    cases = [({"stop": [stop]}, text[:text.index(stop)], k + 2, k + 1),
+             ({"stop_token_ids": [tokens[j]]}, tokenizer.decode(tokens[:j]), j + 1, j + 1)]
+    for stop_field, expected, count, listed in cases:
         for stream in (False, True):
             got_text, finish, logprobs, completion_tokens = _stopped(client, ids, stream, **stop_field)
             assert (got_text, finish, completion_tokens) == (expected, "stop", count), (stop_field, stream)
-            assert logprobs == pytest.approx(reference[:count], abs=1e-4), (stop_field, stream)
+            assert logprobs == pytest.approx(reference[:listed], abs=1e-4), (stop_field, stream)
 
 
 def _reference(prompt: list[int]) -> torch.Tensor:

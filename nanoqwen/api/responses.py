@@ -84,12 +84,13 @@ class ReasoningTokens:
     _closed: bool = False
     _reasoned: bool = False
     _held: list[TokenLogprob] = field(default_factory=list)
+    _listed: int = 0  # logprobs seen so far: they may come after their tokens (output.released_logprobs)
 
-    def add(self, event: Event) -> int:
-        """How many of the event's tokens are before the content (reasoning, if the choice reasoned)."""
+    def add(self, event: Event) -> None:
+        """Counts the event's tokens before the content (reasoning, if the choice reasoned)."""
         self._reasoned = self._reasoned or bool(event.reasoning)
         if self._closed:
-            return 0
+            return
         ids = event.token_ids
         counted = len(ids)
         if self.end_id in ids:
@@ -97,20 +98,21 @@ class ReasoningTokens:
         elif event.text:
             counted, self._closed = 0, True
         self._count += counted
-        return counted
 
     @property
     def count(self) -> int:
         return self._count if self._reasoned else 0
 
-    def content_logprobs(self, event: Event, counted: int, ends: bool | None = None) -> list[TokenLogprob]:
-        """The event's logprobs less the reasoning tokens' (`counted`: what add returned), as
+    def content_logprobs(self, event: Event, ends: bool | None = None) -> list[TokenLogprob]:
+        """The event's logprobs less the reasoning tokens' (the first `_count` listed; after `add`), as
         `include_reasoning: false` streams them: those of tokens not yet known to be reasoning or
         content are held until the choice shows which (its first reasoning, content or end; `ends`: the choice ends
         here, by default when the event finishes it; a failed stream's choices end unfinished)."""
         logprobs = event.logprobs or []
-        self._held += logprobs[:counted]
-        out = logprobs[counted:]
+        before = min(len(logprobs), max(0, self._count - self._listed))
+        self._listed += len(logprobs)
+        self._held += logprobs[:before]
+        out = logprobs[before:]
         if self._reasoned:
             self._held = []
         elif self._closed or (event.finish_reason is not None if ends is None else ends):
@@ -304,9 +306,9 @@ class ChunkBuilder(DoneFraming):
         """The chunks of one choice's event, and those it releases; `cut`: the choice ends here, unfinished."""
         ends = cut or event.finish_reason is not None
         reasoning = self._reasoning[event.index]
-        counted = reasoning.add(event)
+        reasoning.add(event)
         if not self.include_reasoning and event.logprobs is not None:
-            event = replace(event, logprobs=reasoning.content_logprobs(event, counted, ends))
+            event = replace(event, logprobs=reasoning.content_logprobs(event, ends))
         out = self.deltas(event, ends)
         if event.index in self._contentless and any(
                 key in chunk["choices"][0]["delta"] for chunk in out for key in ("content", "tool_calls")):
@@ -381,8 +383,7 @@ class ChunkBuilder(DoneFraming):
         if parsed.content or reasoning or event.logprobs:
             delta = _with_reasoning({"content": parsed.content} if parsed.content else {}, reasoning)
             chunks.append(self._chunk([{"index": event.index, "delta": delta,
-                                        "logprobs": logprobs_json(event.logprobs) if event.logprobs else None,
-                                        "finish_reason": None}]))
+                                        "logprobs": self._logprobs(event.logprobs or []), "finish_reason": None}]))
         for call in parsed.calls:
             if call.id is not None:
                 chunks.append(self._tool_delta(event.index, {"index": call.index, "id": call.id, "type": "function",
@@ -401,7 +402,12 @@ class ChunkBuilder(DoneFraming):
         return self._delta(index, {"tool_calls": [call]})
 
     def _delta(self, index: int, delta: Json) -> Json:
-        return self._chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
+        return self._chunk([{"index": index, "delta": delta, "logprobs": self._logprobs([]), "finish_reason": None}])
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> Json | None:
+        """A chunk's before the finish: with logprobs asked for, each says its tokens', none for a role or a call's
+        delta (llama.cpp's test_logprobs_stream checks every chunk before the finish has them)."""
+        return logprobs_json(logprobs) if logprobs or self.want_logprobs else None
 
     def finish(self, index: int, reason: str) -> Json:
         parser = self._parsers.get(index)

@@ -61,11 +61,6 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _logprobs(logprobs: list[TokenLogprob]) -> tuple[list[Json], list[Json]]:
-    """An output text part's logprobs, and its text events' (OpenAI's `ResponseLogProb`, which has no `bytes`)."""
-    return token_logprobs_json(logprobs), token_logprobs_json(logprobs, with_bytes=False)
-
-
 def usage_json(usage: Usage, reasoning_tokens: int) -> Json:
     """`cache_write_tokens`: OpenAI's billed cache writes at breakpoints; the prefix cache here costs nothing."""
     details = {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0}
@@ -188,7 +183,7 @@ class ResponseCollector:
     tools: ToolParsing
 
     def __post_init__(self) -> None:
-        self._events = ResponseEvents(self.draft, self.tools)
+        self._events = PolledEvents(self.draft, self.tools)
         self._last: Event | None = None
 
     def add(self, event: Event) -> None:
@@ -231,6 +226,7 @@ class ResponseEvents:
     tools: ToolParsing
     ending: ClassVar[str] = ""
     repeats_answer: ClassVar[bool] = True  # `response.completed` and the last item's `.done` events
+    sent: ClassVar[bool] = True  # its events are framed and sent: their own logprob lists are built
 
     def __post_init__(self) -> None:
         self._sequence = 0
@@ -282,8 +278,8 @@ class ResponseEvents:
         if event.admitted:
             return [self._event("response.in_progress", response=self.draft.started())]
         cut = event.error is not None  # the stream fails here (failure follows): what is held goes out first
-        counted = self._tokens.add(event)
-        self._held += self._tokens.content_logprobs(event, counted, cut)
+        self._tokens.add(event)
+        self._held += self._tokens.content_logprobs(event, cut)
         out = self._reason(event.reasoning) if event.reasoning else []
         parsed = Parsed(event.text)
         if self._parser is not None:
@@ -345,10 +341,12 @@ class ResponseEvents:
             self._message, added = self._open(_message(_id("msg"), "in_progress", []))
             out += [*added, self._event("response.content_part.added", **self._where(self._message),
                                         part=self.draft.text_part("", []))]
-        (part_logprobs, logprobs), self._held = _logprobs(self._held), []
+        # the text events' logprobs are OpenAI's `ResponseLogProb`, which has no `bytes`
+        logprobs = token_logprobs_json(self._held, with_bytes=False) if self.sent else []
         self._message.text.append(delta)
-        self._message.logprobs += part_logprobs
+        self._message.logprobs += token_logprobs_json(self._held)
         self._message.event_logprobs += logprobs
+        self._held = []
         return [*out, self._event("response.output_text.delta", **self._where(self._message), delta=delta,
                                   logprobs=logprobs)]
 
@@ -410,7 +408,10 @@ class ResponseEvents:
 
 
 class PolledEvents(ResponseEvents):
-    """A background response not streamed: its events make its response, and no one reads their frames."""
+    """A response not streamed (in the background or not): its events make its response, and no one reads their
+    frames."""
+
+    sent: ClassVar[bool] = False
 
     def frame(self, chunk: Json, split: bool = False) -> str:
         return ""

@@ -21,7 +21,7 @@ from nanoqwen.engine.block_manager import BlockManager
 from nanoqwen.engine.grammar import Grammars, RowGrammar
 from nanoqwen.engine.loading import load_model
 from nanoqwen.engine.ngram import NgramProposer
-from nanoqwen.engine.output import first_event, prompt_token_logprobs, token_event, usage_event
+from nanoqwen.engine.output import first_event, prompt_token_logprobs, released_logprobs, token_event, usage_event
 from nanoqwen.engine.pieces import TURN_START, turn_pieces, word_pieces, words_split
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
@@ -486,4 +486,6 @@ def _held_text(seq: Sequence) -> Event | None:
     except Exception:
         log.exception("the held text of %s was lost", seq.request.request_id)
         return None
-    return Event(index=seq.index, text=text, reasoning=reasoning) if text or reasoning else None
+    logprobs = released_logprobs(seq, None, 0, True) if seq.held_logprobs else None  # those of the text held
+    held = text or reasoning or logprobs
+    return Event(index=seq.index, text=text, reasoning=reasoning, logprobs=logprobs) if held else None

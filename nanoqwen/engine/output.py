@@ -18,9 +18,7 @@ def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenB
     seq.token_ids.append(token)
     event.token_ids = [token]
     stopped_by_token = token in seq.request.stop_ids
-    if params.logprobs:
-        event.logprobs = [token_logprob(token, output, row, params.top_logprobs, token_bytes)
-                          ] if params.stop_token_logprob or not stopped_by_token else []
+    start = seq.text.offset
     finish = None
     if stopped_by_token:
         finish = "stop"
@@ -34,7 +32,29 @@ def token_event(seq: Sequence, row: int, output: StepOutput, token_bytes: TokenB
         reasoning, text = seq.text.finish()
         event.reasoning += reasoning
         event.text += text
+    if params.logprobs:
+        listed = params.stop_token_logprob or not stopped_by_token
+        entry = token_logprob(token, output, row, params.top_logprobs, token_bytes) if listed else None
+        event.logprobs = released_logprobs(seq, entry, start, finish is not None)
     return event, finish
+
+
+def released_logprobs(seq: Sequence, entry: TokenLogprob | None, start: int, ends: bool) -> list[TokenLogprob]:
+    """The logprobs that go out now, `entry` (the token's whose text starts at `start`, None: unlisted) last. With
+    stop strings a token's logprob goes out with its text, the first of it released, and is dropped with it where a
+    stop string cut it away, as llama.cpp drops the stop word's tokens': the tokens listed spell the text (the last may
+    run on into the cut), streamed or not. At the end (`ends`) all that was not cut go."""
+    text = seq.text
+    if not text.holds:
+        return [] if entry is None else [entry]
+    held = seq.held_logprobs
+    if entry is not None:
+        held.append((start, entry))
+    everything = ends and text.released == text.offset
+    count = len(held) if everything else next((i for i, (at, _) in enumerate(held) if at >= text.released), len(held))
+    out = [lp for _, lp in held[:count]]
+    seq.held_logprobs = [] if ends else held[count:]
+    return out
 
 
 def first_event(seq: Sequence) -> Event:

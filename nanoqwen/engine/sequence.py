@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoqwen.engine.request import PromptLogprobs, SamplingParams
+from nanoqwen.engine.request import PromptLogprobs, SamplingParams, TokenLogprob
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.sampler import seed_key
 
@@ -54,6 +54,8 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at the last prefill
         self.num_computed_tokens = 0  # tokens whose k/v are in the cache (cached + computed so far)
         self.text = None  # nanoqwen.text.TextPipeline, set by the engine
+        # (where its text starts, logprob) of tokens whose text a stop string may still cut (output.released_logprobs)
+        self.held_logprobs: list[tuple[int, TokenLogprob]] = []
         self.grammar = None  # nanoqwen.engine.grammar.RowGrammar of a constrained request, set by the engine
         self.draft_ids: list[int] = []  # speculative tokens the scheduled step verifies after token_ids
         self.ngram = None  # nanoqwen.engine.ngram.NgramMatcher, made at its first proposal
