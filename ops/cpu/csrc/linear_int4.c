@@ -845,10 +845,15 @@ INLINE void il_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, lo
 
 /* Where a pass's chunks are: weight row n's first at *w0, a row's next *step bytes on, the next row's *next (the rows
    of a pass are all in one quad or all plain, int4_block.h); a row's last chunk, if of fewer than 4 blocks, not
-   (int4_chunk_at). */
+   (il_tail). */
 INLINE void il_places(const struct linear_int4_madd_args *a, long n, const uint8_t **w0, long *step, long *next) {
     const int quad = n < a->quad_rows;
     *w0 = a->w + int4_chunk_at(n, 0, a->K, a->quad_rows), *step = quad ? 512 : 128, *next = quad ? 128 : a->K / 2;
+}
+
+/* Where weight row n's last chunk is where K % 256 leaves it K / 64 % 4 blocks: off il_places' steps. */
+INLINE const uint8_t *il_tail(const struct linear_int4_madd_args *a, long n) {
+    return a->w + int4_chunk_at(n, a->K / 256, a->K, a->quad_rows);
 }
 
 /* The end of weight row n for `rows` activation rows from m0 (rows, P constants), in one order for every pass, so
@@ -944,7 +949,7 @@ INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m
         uint32_t bytes[IL_QUAD_PIECES][32] __attribute__((aligned(32)));
         const int nb = a->K / 64 % 4;
         _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-            w[i] = il_chunk_bytes(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), nb, bytes[i]),
+            w[i] = il_chunk_bytes(a, il_tail(a, n + i), nb, bytes[i]),
             ws[i] = il_scales_spread(a, n + i, whole, nb);
         il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
     }
@@ -962,8 +967,7 @@ INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
         __m256i e[16];
         __m256 ws;
-        il_chunk(a, nb < 4 ? a->w + int4_chunk_at(n + i, c, a->K, a->quad_rows) : p + i * next, n + i, c, nb, one, 0,
-                 e, &ws);
+        il_chunk(a, nb < 4 ? il_tail(a, n + i) : p + i * next, n + i, c, nb, one, 0, e, &ws);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, 0, f[i][r]);
     }
 }
@@ -1055,8 +1059,7 @@ INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
             for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, int8, f[i]);
             if (a->K % 256)
-                il_row_chunk(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), n + i, whole, a->K / 64 % 4, m0,
-                             R, P, one, int8, f[i]);
+                il_row_chunk(a, il_tail(a, n + i), n + i, whole, a->K / 64 % 4, m0, R, P, one, int8, f[i]);
         }
         if (W == 8) {
             __m256 o[8], t[8];
