@@ -22,7 +22,8 @@
                       spans-loop-split-g64 one stream, spans-spread-split-g64 two (as spread-T0-2048-split-g64)
      bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
                       loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
-                      multiplies nothing; bound-read-weights the weights alone
+                      multiplies nothing; bound-read-weights the weights alone; bound-read-beside bound-read's bytes as one stream, each span's
+                      scales and offsets beside its nibbles
    Every variant's outputs (but the bounds') are checked equal to linear_int4's (bf16 activations, 2 pieces) before
    timing; the passes, BLOCK=N and the report are ab_harness.h's. */
 #include "linear_int4.c"
@@ -259,6 +260,26 @@ READ_LOOP(bound_read, 1)
 READ_LOOP(bound_read_weights, 0)
 #undef READ_LOOP
 
+/* bound-read's bytes (a matrix's nibbles, group scales and offsets) read as one stream, each span's 16 scales and 16
+   offsets beside its 512 bytes of nibbles (BYTES64 a block): how a layout with them beside the nibbles would be read
+   (the rows are the matrix's bytes cut anew; K a whole number of spans, as every decode matrix's). */
+static void bound_read_beside(const void *ctx, long chunk) {
+    const struct linear_int4_args *a = ctx;
+    const long spans = a->K / SPAN, stride = SPAN / 64 * BYTES64, row = spans * stride;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
+        const uint8_t *w = a->w + n * row;
+        __m512i v = _mm512_setzero_si512();
+        __m512 f = _mm512_setzero_ps();
+        for (long span = 0; span < spans; span++) {
+            const uint8_t *p = w + span * stride;
+            for (int k = 0; k < stride / 64; k++) __builtin_prefetch(p + 2048 + 64 * k);
+            for (int k = 0; k < 8; k++) v = _mm512_xor_si512(v, _mm512_loadu_si512(p + 64 * k));
+            f = _mm512_add_ps(f, _mm512_add_ps(load16(p + 512, 0, 16, 1), load16(p + 544, 0, 16, 1)));
+        }
+        store1(a->y, n, _mm512_reduce_add_ps(f) + (float)_mm512_reduce_add_epi32(v), a->bf16);
+    }
+}
+
 #pragma GCC pop_options
 
 static const struct {
@@ -275,6 +296,7 @@ static const struct {
                 {"spread-T0-2048-split-g64", spread_t0_2048_split_g64},
                 {"spread4-T0-2048-split-g64", spread4_t0_2048_split_g64}, {"bound-no-permutes", bound_no_permutes},
                 {"bound-read", bound_read}, {"bound-read-weights", bound_read_weights},
+                {"bound-read-beside", bound_read_beside},
                 {"spans-loop-split-g64", spans_loop_split_g64}, {"spans-spread-split-g64", spans_spread_split_g64}};
 #define VARIANTS (int)(sizeof variants / sizeof variants[0])
 

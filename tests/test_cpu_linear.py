@@ -1,6 +1,8 @@
 """The compiled CPU matmul (bf16 and fp32 weights) against torch, and its dispatch."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,32 @@ def test_special_values_survive():
     w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), -3.0e38
     out = cpu_linear.linear_cpu(x, w)
     assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 2] == torch.tensor(-3.0e38, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_huge_or_non_finite_activation_gives_the_references_outputs(dtype, m, value):
+    """As the int4 and int8 linears are checked (test_cpu_linear_int4.py): a row holding 3e38, an infinity or a NaN
+    gives the reference's outputs, finite within fp32 rounding of the exact product, inf of its sign, NaN; the other
+    rows are unchanged."""
+    torch.manual_seed(m)
+    x, w = torch.randn(m, 1024).to(dtype), (torch.randn(40, 1024) / 30).to(dtype)
+    clean = cpu_linear.linear_cpu(x, w)
+    bad = m // 2
+    x[bad, 7] = value
+    out, ref = cpu_linear.linear_cpu(x, w)[bad], F.linear(x.float(), w.float()).to(dtype)[bad]
+    assert ref.isinf().any() == math.isinf(value) and ref.isnan().all() == math.isnan(value)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    assert torch.equal(out[ref.isinf()], ref[ref.isinf()])
+    exact = x[bad].double() @ w.double().T
+    bound = 2**-22 * (x[bad].double().abs() @ w.double().abs().T)
+    if dtype == torch.bfloat16:
+        bound = bound + 2**-8 * exact.abs()
+    finite = ref.isfinite()
+    assert ((out.double() - exact).abs()[finite] <= bound[finite]).all()
+    others = torch.arange(m) != bad
+    assert torch.equal(cpu_linear.linear_cpu(x, w)[others], clean[others])
 
 
 def test_dispatch(monkeypatch):

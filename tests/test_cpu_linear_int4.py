@@ -1,6 +1,8 @@
 """The compiled CPU int4 weight-only matmul against the torch reference, and its dispatch."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -312,6 +314,60 @@ def test_a_nan_activation_gives_its_row_nan_outputs(m, dtype, loops):
     x[0, 7] = float("nan")
     out, _ = linear(loops, x, w, scale, offset)
     assert out[0].isnan().all() and out[1:].isfinite().all()
+
+
+def fp32_error_and_bound(x, w, scale, offset, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """|out - x @ W.T| (in fp64) and the bound of fp32 sums of the exact products (the reference's way), then the
+    output's own rounding to bf16."""
+    weights, rows = dequantize_int4(w, scale, offset).double(), x.double()
+    ref = rows @ weights.T
+    bound = 2**-22 * (rows.abs() @ weights.abs().T) + (2**-8 * ref.abs() if out.dtype == torch.bfloat16 else 0)
+    return (out.double() - ref).abs(), bound
+
+
+@pytest.mark.parametrize("value", [3e38, -3e38, float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loops", LOOPS)
+def test_a_huge_or_non_finite_activation_gives_the_references_outputs(loops, dtype, m, value):
+    """A row holding 3e38 (finite, near FLT_MAX), an infinity or a NaN: its outputs are the reference's, finite within
+    fp32 rounding of the exact product, inf where it has inf (of its sign), NaN where it has NaN; the other rows' bits
+    are theirs without it. The AVX-512 loops made 3e38 inf (a block's int32 sum times the activations' scale, before
+    the weights': 36-44 of 48 outputs) and both ISAs' int8 blocks and pieces made an infinity NaN (a row's scales NaN);
+    past 2^64 a row takes the reference's fp32 products (csrc/linear_int4.c's PIECES_RANGE). K 2112: a last span and
+    chunk of one block; 1, 3 and 8 rows: every pass (AMX-INT8 from 3 rows where the CPU has it)."""
+    x, w, scale, offset = operands(m, 48, 2112, 64, dtype)
+    bad = m // 2
+    clean, _ = linear(loops, x, w, scale, offset)
+    x[bad, 7] = value
+    out, _ = linear(loops, x, w, scale, offset)
+    ref = linear_int4_torch(x, w, scale, offset)[bad]
+    assert ref.isinf().any() == math.isinf(value) and ref.isnan().all() == math.isnan(value)
+    assert torch.equal(out[bad].isnan(), ref.isnan()) and torch.equal(out[bad].isinf(), ref.isinf())
+    assert torch.equal(out[bad][ref.isinf()], ref[ref.isinf()])
+    finite = ref.isfinite()
+    err, bound = fp32_error_and_bound(x[bad:bad + 1], w, scale, offset, out[bad:bad + 1])
+    assert (err[0][finite] <= bound[0][finite]).all(), (err[0][finite] / bound[0][finite]).max()
+    others = torch.arange(m) != bad
+    assert torch.equal(out[others], clean[others])
+
+
+@pytest.mark.parametrize("value", [1.8e19, -1.8e19])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loops", LOOPS)
+def test_activations_just_below_the_pieces_range_take_the_pieces(loops, dtype, value):
+    """Just below 2^64 a row (the rest of it about 2^58) still takes the integer pieces, within their bound: no sum
+    overflows there. A bf16 row's int8 blocks show it: off the exact product by more than fp32 rounding (fp32 rows'
+    pieces are as close as fp32 rounding)."""
+    x, w, scale, offset = operands(1, 48, 2112, 64, dtype)
+    x *= 2**58
+    x[0, 7] = value
+    out, kind = linear(loops, x, w, scale, offset)
+    err, bound = error_and_bound(x, w, scale, offset, out, cpu_int4.PIECES[dtype], kind)
+    assert (err <= bound).all(), (err / bound).max()
+    if dtype == torch.bfloat16:
+        err, bound = fp32_error_and_bound(x, w, scale, offset, out)
+        assert (err > bound).any()
 
 
 def test_dispatch_by_rows(monkeypatch):

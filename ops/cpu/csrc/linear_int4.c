@@ -845,10 +845,15 @@ INLINE void il_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, lo
 
 /* Where a pass's chunks are: weight row n's first at *w0, a row's next *step bytes on, the next row's *next (the rows
    of a pass are all in one quad or all plain, int4_block.h); a row's last chunk, if of fewer than 4 blocks, not
-   (int4_chunk_at). */
+   (il_tail). */
 INLINE void il_places(const struct linear_int4_madd_args *a, long n, const uint8_t **w0, long *step, long *next) {
     const int quad = n < a->quad_rows;
     *w0 = a->w + int4_chunk_at(n, 0, a->K, a->quad_rows), *step = quad ? 512 : 128, *next = quad ? 128 : a->K / 2;
+}
+
+/* Where weight row n's last chunk is where K % 256 leaves it K / 64 % 4 blocks: off il_places' steps. */
+INLINE const uint8_t *il_tail(const struct linear_int4_madd_args *a, long n) {
+    return a->w + int4_chunk_at(n, a->K / 256, a->K, a->quad_rows);
 }
 
 /* The end of weight row n for `rows` activation rows from m0 (rows, P constants), in one order for every pass, so
@@ -944,7 +949,7 @@ INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m
         uint32_t bytes[IL_QUAD_PIECES][32] __attribute__((aligned(32)));
         const int nb = a->K / 64 % 4;
         _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-            w[i] = il_chunk_bytes(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), nb, bytes[i]),
+            w[i] = il_chunk_bytes(a, il_tail(a, n + i), nb, bytes[i]),
             ws[i] = il_scales_spread(a, n + i, whole, nb);
         il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
     }
@@ -962,8 +967,7 @@ INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
         __m256i e[16];
         __m256 ws;
-        il_chunk(a, nb < 4 ? a->w + int4_chunk_at(n + i, c, a->K, a->quad_rows) : p + i * next, n + i, c, nb, one, 0,
-                 e, &ws);
+        il_chunk(a, nb < 4 ? il_tail(a, n + i) : p + i * next, n + i, c, nb, one, 0, e, &ws);
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, 0, f[i][r]);
     }
 }
@@ -1055,8 +1059,7 @@ INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
             for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, int8, f[i]);
             if (a->K % 256)
-                il_row_chunk(a, a->w + int4_chunk_at(n + i, whole, a->K, a->quad_rows), n + i, whole, a->K / 64 % 4, m0,
-                             R, P, one, int8, f[i]);
+                il_row_chunk(a, il_tail(a, n + i), n + i, whole, a->K / 64 % 4, m0, R, P, one, int8, f[i]);
         }
         if (W == 8) {
             __m256 o[8], t[8];
@@ -1225,31 +1228,58 @@ static void linear_int4_unstaged(const void *ctx, long chunk) {
         }
 }
 
+/* y[m, n] for the M rows of x as the reference computes them (linear_int4_unstaged), on the pool. */
+static void linear_int4_exact(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M,
+                              int N, int K, int G, int bf16) {
+    const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
+                                       .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
+    nanoqwen_pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
+}
+
+/* The largest |x| the integer paths take: their fp32 ends multiply a block's int32 sum (up to 64 x 127 x 15) by the
+   activations' scale (max |x| / 127) before the weights' scale, so that 3e38 gave inf where the reference is finite;
+   below 2^64 that product stays under 2^74. */
+#define PIECES_RANGE 0x1p64f
+
+/* Whether row m of x (K columns) holds a NaN, an infinity or a value past PIECES_RANGE. */
+static int row_out_of_range(const void *x, long m, int K, int bf16) {
+    const __m256 range = _mm256_set1_ps(PIECES_RANGE), sign = _mm256_set1_ps(-0.0f);
+    __m256 out = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8)
+        out = _mm256_or_ps(out, _mm256_cmp_ps(_mm256_andnot_ps(sign, load8(x, m * K + k, bf16)), range, _CMP_NLE_UQ));
+    return _mm256_movemask_ps(out);
+}
+
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
    taken as pieces of integers (act_quant.h, act_quant16.h, act_block8.h): the nibbles times the pieces are exact
    int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8
    pieces, / 65534^P with P int16 pieces, sum over the blocks of sum_{k in block} |w[n, k]| * max_block |x[m]| / 254
    with int8 blocks (and fp32 rounding).
    With AVX-512 VNNI int8 blocks or pieces (linear_int4_vnni), in passes of AMX_INT8_COLUMNS / P rows where AMX-INT8
-   serves; else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged.
-   Parallel over chunks of output rows (pool.h). */
+   serves; else int8 blocks or int16 pieces (linear_int4_madd); without scratch for them, linear_int4_unstaged. A row
+   past PIECES_RANGE, infinite or NaN is then recomputed as the reference computes it (linear_int4_exact): its outputs
+   are the reference's, finite, infinite (inf times a weight) or NaN alike, where the pieces' NaN scales made them all
+   NaN. Parallel over chunks of output rows (pool.h). */
 void linear_int4(const void *x, const uint8_t *w, const void *scale, const void *offset, void *y, int M, int N,
                  int K, int G, int bf16, int pieces) {
     const int most = AMX_INT8_COLUMNS / pieces;  /* rows whose pieces linear_int4_amx takes at once */
+    const size_t size = bf16 ? 2 : 4;
     /* AMX reads spans: a NANOQWEN_NO_VNNI build packs interleaved */
     if (M > most && amx_int8_ready() && !int4_interleaved()) {  /* in passes: 32 bf16 rows 168 µs against 598 */
-        const size_t size = bf16 ? 2 : 4;
         for (int m = 0; m < M; m += most)
             linear_int4((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size,
                         M - m < most ? M - m : most, N, K, G, bf16, pieces);
         return;
     }
-    if (int4_interleaved() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
-                     : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces))
+    if (!(int4_interleaved() ? linear_int4_madd(x, w, scale, offset, y, M, N, K, G, bf16, pieces)
+                             : linear_int4_vnni(x, w, scale, offset, y, M, N, K, G, bf16, pieces))) {
+        linear_int4_exact(x, w, scale, offset, y, M, N, K, G, bf16);
         return;
-    const struct linear_int4_args a = {.w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
-                                       .G = G, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2), .raw = x};
-    nanoqwen_pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
+    }
+    for (int m = 0; m < M; m++)
+        if (row_out_of_range(x, m, K, bf16))
+            linear_int4_exact((const char *)x + m * K * size, w, scale, offset, (char *)y + m * N * size, 1, N, K, G,
+                              bf16);
 }
 
 /* Shapes: see nanoqwen_cpu.h. Each 4 rows in quads (then each row left) copied to `quad`, then written back dword by
