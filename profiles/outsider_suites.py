@@ -290,8 +290,8 @@ def chat_logprobs(srv: GunicornServer) -> str | None:
 
 
 def chat_logprobs_stream(srv: GunicornServer) -> str | None:
-    """llama.cpp test_chat_completion test_logprobs_stream: every chunk before the finish has logprobs; the tokens
-    listed spell the content."""
+    """llama.cpp test_chat_completion test_logprobs_stream (its older form: the current one skips the role chunk):
+    every chunk before the finish has logprobs, as OpenAI's recorded streams do; the tokens listed spell the content."""
     stream = srv.openai_client().chat.completions.create(
         model=MODEL, temperature=0.0, messages=BOOK, max_tokens=5, logprobs=True, top_logprobs=10, stream=True)
     text, joined = "", ""

@@ -406,7 +406,7 @@ class ChunkBuilder(DoneFraming):
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> Json | None:
         """A chunk's before the finish: with logprobs asked for, each says its tokens', none for a role or a call's
-        delta (llama.cpp's test_logprobs_stream checks every chunk before the finish has them)."""
+        delta (as OpenAI's recorded streams in openai-python's tests send on the role chunk)."""
         return logprobs_json(logprobs) if logprobs or self.want_logprobs else None
 
     def finish(self, index: int, reason: str) -> Json:
