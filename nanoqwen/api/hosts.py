@@ -7,14 +7,16 @@ is read and before the API key or CORS answer (as Ollama's allowedHostsMiddlewar
 ALLOWED_HOSTS likewise). Local: no Host (HTTP/1.0; a browser always sends one), an IP address (a rebinding needs a
 name: a page at an address is that address's own), `localhost` and names under `.localhost`, `.local` and
 `.internal`, the machine's host name, and any name without a dot (no public DNS zone answers one: /etc/hosts, the
-search domains or the LAN's multicast names do, as for `.local`), unless it ends in a number (a browser reads
+search domains or the LAN's multicast names do, as for `.local`: a LAN host that answers those lookups can rebind
+them, as it can `.local`; --api-key closes that too), unless it ends in a number (a browser reads
 `2130706433` or `0x7f.1` as an address and sends it as `127.0.0.1`). NANOQWEN_ALLOWED_HOSTS adds names, for a proxy
 on this machine that passes its clients' Host (nginx's `$host`).
 
 A listener on any other address (0.0.0.0, a LAN address) is not checked: it is reachable from elsewhere anyway, and
 an orchestrator's probes name the pod's address. Nor is a unix socket: no browser connects to one, and whatever
 forwards to it (a proxy) decides which names it serves. The gunicorn worker names its listeners once (listen_on);
-a request's listener is the one whose address is its connection's local address.
+a request's listener is the one whose address is its connection's local address. The Host's syntax (`host[:port]`,
+one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check.
 """
 from __future__ import annotations
 
@@ -43,21 +45,16 @@ def parse_allowed_hosts(raw: str | None) -> tuple[str, ...]:
     return entries
 
 
-def _is_address(text: str) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        return ipaddress.ip_address(text)
+    except ValueError:  # a name, or a unix socket's path
+        return None
 
 
 def _is_loopback(text: str) -> bool:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:  # a unix socket's path
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
+    address = _address(text)
+    return address is not None and (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 class HostGuard:
@@ -70,17 +67,17 @@ class HostGuard:
 
     def listen_on(self, addresses: Iterable[Any]) -> None:
         """The server's listeners, as their sockets' getsockname() gives them: (host, port[, ...]) or a path."""
-        self._loopback = frozenset(tuple(a[:2]) for a in addresses if isinstance(a, tuple) and _is_loopback(a[0]))
+        if ANY_HOST not in self._allowed:  # `*`: no listener is checked
+            self._loopback = frozenset(tuple(a[:2]) for a in addresses
+                                       if isinstance(a, tuple) and _is_loopback(a[0]))
 
     def allows(self, host: str) -> bool:
         """Whether `host`, a Host header's value, may reach a loopback listener."""
         host = host.lower()
-        if ANY_HOST in self._allowed:
-            return True
         if host.startswith("["):
-            return _is_address(host[1:].partition("]")[0])
+            return _address(host[1:].partition("]")[0]) is not None
         name = host.partition(":")[0].removesuffix(".")
-        if not name or _is_address(name):
+        if not name or _address(name) is not None:
             return True
         if not NAME.fullmatch(name) or NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
             return False
