@@ -22,8 +22,8 @@
                       spans-loop-split-g64 one stream, spans-spread-split-g64 two (as spread-T0-2048-split-g64)
      bound-...        not checked, a bound: bound-no-permutes leaves the transposition out (wrong sums); bound-read
                       loads what the loop loads, weights, scales and offsets, prefetched as the kernel does, and
-                      multiplies nothing; bound-read-weights the weights alone; bound-read-beside bound-read's bytes as one stream, each span's
-                      scales and offsets beside its nibbles
+                      multiplies nothing; bound-read-weights the weights alone; bound-read-beside bound-read's
+                      bytes as one stream, each span's scales and offsets beside its nibbles
    Every variant's outputs (but the bounds') are checked equal to linear_int4's (bf16 activations, 2 pieces) before
    timing; the passes, BLOCK=N and the report are ab_harness.h's. */
 #include "linear_int4.c"

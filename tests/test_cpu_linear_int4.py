@@ -326,7 +326,7 @@ def fp32_error_and_bound(x, w, scale, offset, out: torch.Tensor) -> tuple[torch.
 
 
 @pytest.mark.parametrize("value", [3e38, -3e38, float("inf"), float("-inf"), float("nan")])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", LOOPS)
 def test_a_huge_or_non_finite_activation_gives_the_references_outputs(loops, dtype, m, value):
@@ -335,9 +335,10 @@ def test_a_huge_or_non_finite_activation_gives_the_references_outputs(loops, dty
     are theirs without it. The AVX-512 loops made 3e38 inf (a block's int32 sum times the activations' scale, before
     the weights': 36-44 of 48 outputs) and both ISAs' int8 blocks and pieces made an infinity NaN (a row's scales NaN);
     past 2^64 a row takes the reference's fp32 products (csrc/linear_int4.c's PIECES_RANGE). K 2112: a last span and
-    chunk of one block; 1, 3 and 8 rows: every pass (AMX-INT8 from 3 rows where the CPU has it)."""
+    chunk of one block; 1, 3, 8 and 17 rows: every pass (AMX-INT8 from 3 rows where the CPU has it, in passes of 8
+    fp32 or 16 bf16 rows: 17 checks a row of a second pass)."""
     x, w, scale, offset = operands(m, 48, 2112, 64, dtype)
-    bad = m // 2
+    bad = m - 1  # in the last pass
     clean, _ = linear(loops, x, w, scale, offset)
     x[bad, 7] = value
     out, _ = linear(loops, x, w, scale, offset)
