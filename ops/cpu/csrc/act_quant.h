@@ -27,6 +27,21 @@
 #define ACT_MAX_PIECES 4
 #define ACT_PIECE_RATIO 254.0f  /* 2 * 127: a residual of at most half the previous scale fills [-127, 127] */
 
+/* The largest |x| the pieces take (act_quant.h, act_quant16.h, act_block8.h): the callers' fp32 ends multiply a
+   block's int32 sum (linear_int4's up to 64 x 127 x 15) by the activations' scale (max |x| / 127), so that 3e38 gave
+   inf where the reference is finite; below 2^64 that product stays under 2^74. A row past it, infinite or NaN (whose
+   pieces' NaN scales make every output NaN) is recomputed by the caller as the reference computes it. */
+#define PIECES_RANGE 0x1p64f
+
+/* Whether row m of x (K columns, K % 8 == 0) holds a NaN, an infinity or a value past PIECES_RANGE. */
+static inline int row_out_of_range(const void *x, long m, int K, int bf16) {
+    const __m256 range = _mm256_set1_ps(PIECES_RANGE), sign = _mm256_set1_ps(-0.0f);
+    __m256 out = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8)
+        out = _mm256_or_ps(out, _mm256_cmp_ps(_mm256_andnot_ps(sign, load8(x, m * K + k, bf16)), range, _CMP_NLE_UQ));
+    return _mm256_movemask_ps(out);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 

@@ -1236,20 +1236,6 @@ static void linear_int4_exact(const void *x, const uint8_t *w, const void *scale
     nanoqwen_pool_run(linear_int4_unstaged, &a, (N + a.rows - 1) / a.rows);
 }
 
-/* The largest |x| the integer paths take: their fp32 ends multiply a block's int32 sum (up to 64 x 127 x 15) by the
-   activations' scale (max |x| / 127) before the weights' scale, so that 3e38 gave inf where the reference is finite;
-   below 2^64 that product stays under 2^74. */
-#define PIECES_RANGE 0x1p64f
-
-/* Whether row m of x (K columns) holds a NaN, an infinity or a value past PIECES_RANGE. */
-static int row_out_of_range(const void *x, long m, int K, int bf16) {
-    const __m256 range = _mm256_set1_ps(PIECES_RANGE), sign = _mm256_set1_ps(-0.0f);
-    __m256 out = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 8)
-        out = _mm256_or_ps(out, _mm256_cmp_ps(_mm256_andnot_ps(sign, load8(x, m * K + k, bf16)), range, _CMP_NLE_UQ));
-    return _mm256_movemask_ps(out);
-}
-
 /* y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * q[n, k] + offset[n, g] * xsum[m, g], with each row of x
    taken as pieces of integers (act_quant.h, act_quant16.h, act_block8.h): the nibbles times the pieces are exact
    int32 sums, so the result differs from the reference's by sum_k |w[n, k]| * max|x[m]| / 254^P at most with P int8

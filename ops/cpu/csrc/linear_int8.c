@@ -377,7 +377,29 @@ static void linear_int8_amx(const void *ctx, long chunk) {
 
 #pragma GCC pop_options
 
-/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c. */
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] as the reference computes it: fp32 products of each weight widened. */
+static void linear_int8_widened(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K,
+                                int bf16) {
+    const long rows = pool_rows_per_chunk(K);
+    float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
+    if (widened)
+        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    struct linear_int8_args a = {widened ? widened : x, 0, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
+    nanoqwen_pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
+}
+
+/* The rows of x past the pieces' range, infinite or NaN again by the widening loops (act_quant.h's PIECES_RANGE):
+   their pieces' NaN scales made every output NaN where the reference has inf times each weight. */
+static void linear_int8_redo_out_of_range(const void *x, const int8_t *w, const void *scale, void *y, int M, int N,
+                                          int K, int bf16) {
+    const size_t size = bf16 ? 2 : 4;
+    for (int m = 0; m < M; m++)
+        if (row_out_of_range(x, m, K, bf16))
+            linear_int8_widened((const char *)x + m * K * size, w, scale, (char *)y + m * N * size, 1, N, K, bf16);
+}
+
+/* y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]. One weight row at a time, as linear() in linear.c: by activation
+   pieces where there is scratch for them, then any row out of their range again by the widening loops; else by them. */
 void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int M, int N, int K, int bf16) {
     const long rows = pool_rows_per_chunk(K);
     const int P = bf16 ? PIECES_BF16 : PIECES_F32;
@@ -397,6 +419,7 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
             lane_offsets(q, (int)pieces, K, offsets);
             nanoqwen_pool_run(M == 1 ? linear_int8_vnni_row : linear_int8_vnni, &a, (N + rows - 1) / rows);
         }
+        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16);
         return;
     }
     const int P16 = bf16 ? PIECES16_BF16 : PIECES16_F32;
@@ -408,11 +431,8 @@ void linear_int8(const void *x, const int8_t *w, const void *scale, void *y, int
         const long spread = (rows + SPREAD_ROWS - 1) / SPREAD_ROWS * SPREAD_ROWS;
         struct linear_int8_args a = {0, (const int8_t *)q, qscale, 0, w, scale, y, M, N, K, P16, bf16, spread, 0};
         nanoqwen_pool_run(linear_int8_madd, &a, (N + spread - 1) / spread);
+        linear_int8_redo_out_of_range(x, w, scale, y, M, N, K, bf16);
         return;
     }
-    float *widened = bf16 ? thread_scratch((size_t)M * K * sizeof(float)) : 0;
-    if (widened)
-        for (long i = 0; i < (long)M * K; i++) widened[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-    struct linear_int8_args a = {widened ? widened : x, 0, 0, 0, w, scale, y, M, N, K, 0, bf16, rows, bf16 && !widened};
-    nanoqwen_pool_run(has_avx512() && !a.x_bf16 ? linear_int8_avx512 : linear_int8_avx2, &a, (N + rows - 1) / rows);
+    linear_int8_widened(x, w, scale, y, M, N, K, bf16);
 }
