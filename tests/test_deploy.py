@@ -2,6 +2,7 @@
 compile mode in the worker, boot failures, --preload, logs, SIGTERM, and the command line."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import openai
 import pytest
 import requests
 
@@ -512,6 +514,43 @@ def test_a_request_begun_before_max_requests_closes_its_connection_after_its_ans
         while pid_alive(pid):
             assert time.monotonic() < deadline, srv.log()
             time.sleep(0.05)
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "graceful timeout" not in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "max_requests"])
+def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_checkpoint, tmp_path, stop):
+    """A stream whose head went out before SIGTERM or --max-requests ended on a kept-alive connection (AsyncOpenAI
+    reads a stream's body to its end and pools the connection, as nginx's upstream keepalive does), which then waited
+    for its next request, the drain of the idle ones already past: the worker's exit waited for the graceful timeout
+    (18 s of 20), no worker accepting meanwhile. Its wait ends at once, as the idle ones' did."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="2048"), tmp_path / "gunicorn.log",
+                         args=["--max-requests", "4", "--graceful-timeout", "60"]).start()  # its last poll: one
+
+    async def stream_through_the_stop(worker: int) -> None:
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client:
+            chunks = await client.chat.completions.create(  # three
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=2000,
+                logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True})
+            received = 0
+            async for _ in chunks:
+                received += 1
+                if received == 1 and stop == "sigterm":
+                    srv.terminate()
+                elif received == 1:
+                    await asyncio.to_thread(server_stats, srv)  # four, the limit: on a connection of its own
+            # the stop reached the worker before the stream's end, else nothing was tested (the master sends the
+            # worker SIGTERM as it logs it)
+            assert ("Handling signal: term" if stop == "sigterm" else "Autorestarting worker") in srv.log()
+            ended = time.monotonic()
+            while pid_alive(worker):  # the stream's connection still open in the client's pool
+                assert time.monotonic() < ended + 30, srv.log()  # half the graceful timeout
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(stream_through_the_stop(server_stats(srv)["workers"][0]["pid"]))  # two
         log = srv.log()
     finally:
         srv.stop()
