@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
 LINGER_S, LINGER_IDLE_S = 5.0, 1.0
+STOPPING_WAIT_S = 1.0
 LOAD_POLL_S = 0.2
 ROOM_POLL_S = 0.25
 
@@ -233,16 +234,16 @@ class NanoqwenWorker(GeventWorker):
 
     @contextlib.contextmanager
     def timeout_ctx(self) -> Iterator[None]:
-        """The keep-alive wait for a connection's next request; shutdown ends it early: the waits under way when it
-        begins (_drain), and one begun after it (a stream whose head went out before the stop, ended since), which
-        held the exit to the graceful timeout."""
-        timeout = gevent.Timeout(self.cfg.keepalive, False)
+        """The keep-alive wait for a connection's next request; shutdown ends the waits under way (_drain). One
+        begun after the stop (a stream whose head went out before it has ended since) lasts STOPPING_WAIT_S: for the
+        keep-alive timeout it held the exit to the graceful timeout, and ended at once it reset the request a client
+        sends as soon as its answer ends (about every other stop, each such client); that one is served, its answer
+        closing the connection."""
+        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, STOPPING_WAIT_S), False)
         current = gevent.getcurrent()
         self._idle[current] = timeout
         try:
             with timeout:
-                if not self.alive:
-                    _end_wait(current, timeout)
                 yield
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
