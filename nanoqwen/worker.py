@@ -192,9 +192,9 @@ class NanoqwenWorker(GeventWorker):
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - `Expect: 100-continue` is answered at the app's first read of the body (ContinueOnRead); an answer before it
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
-    - on SIGTERM or at --max-requests, idle keep-alive connections close at once (the others as their requests
-      end), and streams still running just before the grace period ends are failed so that they end with an error
-      event, not a cut; requests answered while the model loads do not count towards --max-requests.
+    - on SIGTERM or at --max-requests, idle keep-alive connections close at once (the others 1 s after their
+      requests end), and streams still running just before the grace period ends are failed so that they end with an
+      error event, not a cut; requests answered while the model loads do not count towards --max-requests.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
