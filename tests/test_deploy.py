@@ -30,9 +30,11 @@ from chat_http import (
     health_polled,
     most_held,
     post_chat,
+    read_all,
     server_stats,
     sse_events,
     sse_payloads,
+    wait_for,
 )
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
@@ -555,6 +557,33 @@ def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_
     finally:
         srv.stop()
     assert "graceful timeout" not in log and "Traceback" not in log, log
+
+
+def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny_checkpoint, tmp_path):
+    """The stop closed idle keep-alive connections at once, so a request a client sent on one as the stop came (a
+    client's next request after its answer) met a closed connection: reset, never answered (a client without retries
+    failed). Such a wait lasts STOPPING_WAIT_S past the stop: the request is served and its answer closes."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            poll = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            sock.sendall(poll)
+            first = b""
+            while not first.endswith(b"}\n"):  # the whole answer (head and body come apart); the connection idles
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            srv.terminate()
+            wait_for(lambda: "Handling signal: term" in srv.log())  # the master sends the worker SIGTERM as it logs
+            time.sleep(0.2)
+            sock.sendall(poll)
+            answer = read_all(sock)
+        status = srv.wait(60)
+    finally:
+        srv.stop()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    # `connection: close`: the worker had its stop when the request came (not alive: gunicorn's force_close)
+    assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
+    assert status == 0 and "graceful timeout" not in srv.log(), srv.log()
 
 
 def test_threads_default_to_the_affinity_mask():
