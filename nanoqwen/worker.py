@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 SHUTDOWN_MESSAGE = "the server is shutting down: this request ran past the grace period"
 LINGER_S, LINGER_IDLE_S = 5.0, 1.0
+STOPPING_WAIT_S = 1.0
 LOAD_POLL_S = 0.2
 ROOM_POLL_S = 0.25
 
@@ -191,9 +192,10 @@ class NanoqwenWorker(GeventWorker):
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - `Expect: 100-continue` is answered at the app's first read of the body (ContinueOnRead); an answer before it
       closes the connection, as one before a large body does: the client sends the body or not, as it likes.
-    - on SIGTERM or at --max-requests, idle keep-alive connections close at once, and streams still running just
-      before the grace period ends are failed so that they end with an error event, not a cut; requests answered
-      while the model loads do not count towards --max-requests.
+    - on SIGTERM or at --max-requests, keep-alive connections close 1 s after the stop or after their requests
+      end (STOPPING_WAIT_S), and streams still running just before the grace period ends are failed so that they
+      end with an error event, not a cut; requests answered while the model loads do not count towards
+      --max-requests.
     - with every connection slot taken and a client waiting to connect, the connection idle longest is closed
       (_make_room).
     - a request line is refused at its first byte that cannot be one (a TLS ClientHello: nanoqwen.request_line), not
@@ -233,8 +235,12 @@ class NanoqwenWorker(GeventWorker):
 
     @contextlib.contextmanager
     def timeout_ctx(self) -> Iterator[None]:
-        """The keep-alive wait for a connection's next request; shutdown ends it early."""
-        timeout = gevent.Timeout(self.cfg.keepalive, False)
+        """The keep-alive wait for a connection's next request; shutdown ends the waits under way STOPPING_WAIT_S
+        later (_drain), and one begun after the stop (a stream whose head went out before it has ended since) lasts
+        that long: for the keep-alive timeout it held the exit to the graceful timeout, and ended at once it reset the
+        request a client sends as soon as its answer ends (about every other stop, each such client); that one is
+        served, its answer closing the connection."""
+        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, STOPPING_WAIT_S), False)
         current = gevent.getcurrent()
         self._idle[current] = timeout
         try:
@@ -400,12 +406,14 @@ class NanoqwenWorker(GeventWorker):
             gevent.spawn(self._drain)
 
     def _drain(self) -> None:
-        for greenlet, timeout in list(self._idle.items()):
-            _end_wait(greenlet, timeout)
         grace = self.cfg.graceful_timeout
+        waits, wait_s = list(self._idle.items()), min(STOPPING_WAIT_S, grace / 2)
+        gevent.sleep(wait_s)  # as a wait begun after the stop: a request already on its way is served
+        for greenlet, timeout in waits:
+            _end_wait(greenlet, timeout)
         # gevent's run loop checks every second whether its connections are done, and the master
         # kills the worker at `grace`: fail what still runs early enough for both.
-        gevent.sleep(grace - min(1.5, grace / 2))
+        gevent.sleep(grace - min(1.5, grace / 2) - wait_s)
         from nanoqwen.wsgi import engine
 
         engine.fail_all(SHUTDOWN_MESSAGE)

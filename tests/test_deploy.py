@@ -2,6 +2,7 @@
 compile mode in the worker, boot failures, --preload, logs, SIGTERM, and the command line."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import openai
 import pytest
 import requests
 
@@ -28,9 +30,11 @@ from chat_http import (
     health_polled,
     most_held,
     post_chat,
+    read_all,
     server_stats,
     sse_events,
     sse_payloads,
+    wait_for,
 )
 from checkpoints import TOKEN_IDS
 from engine_util import hf_greedy
@@ -516,6 +520,70 @@ def test_a_request_begun_before_max_requests_closes_its_connection_after_its_ans
     finally:
         srv.stop()
     assert "graceful timeout" not in log and "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "max_requests"])
+def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_checkpoint, tmp_path, stop):
+    """A stream whose head went out before SIGTERM or --max-requests ended on a kept-alive connection (AsyncOpenAI
+    reads a stream's body to its end and pools the connection, as nginx's upstream keepalive does), which then waited
+    for its next request, the drain of the idle ones already past: the worker's exit waited for the graceful timeout
+    (18 s of 20), no worker accepting meanwhile. Its wait ends at once, as the idle ones' did."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="2048"), tmp_path / "gunicorn.log",
+                         args=["--max-requests", "4", "--graceful-timeout", "60"]).start()  # its last poll: one
+
+    async def stream_through_the_stop(worker: int) -> None:
+        async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client:
+            chunks = await client.chat.completions.create(  # three
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=2000,
+                logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True})
+            received = 0
+            async for _ in chunks:
+                received += 1
+                if received == 1 and stop == "sigterm":
+                    srv.terminate()
+                elif received == 1:
+                    await asyncio.to_thread(server_stats, srv)  # four, the limit: on a connection of its own
+            # the stop reached the worker before the stream's end, else nothing was tested (the master sends the
+            # worker SIGTERM as it logs it)
+            assert ("Handling signal: term" if stop == "sigterm" else "Autorestarting worker") in srv.log()
+            ended = time.monotonic()
+            while pid_alive(worker):  # the stream's connection still open in the client's pool
+                assert time.monotonic() < ended + 30, srv.log()  # half the graceful timeout
+                await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(stream_through_the_stop(server_stats(srv)["workers"][0]["pid"]))  # two
+        log = srv.log()
+    finally:
+        srv.stop()
+    assert "graceful timeout" not in log and "Traceback" not in log, log
+
+
+def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny_checkpoint, tmp_path):
+    """The stop closed idle keep-alive connections at once, so a request a client sent on one as the stop came (a
+    client's next request after its answer) met a closed connection: reset, never answered (a client without retries
+    failed). Such a wait lasts STOPPING_WAIT_S past the stop: the request is served and its answer closes."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            poll = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            sock.sendall(poll)
+            first = b""
+            while not first.endswith(b"}\n"):  # the whole answer (head and body come apart); the connection idles
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            srv.terminate()
+            wait_for(lambda: "Handling signal: term" in srv.log())  # the master sends the worker SIGTERM as it logs
+            time.sleep(0.2)
+            sock.sendall(poll)
+            answer = read_all(sock)
+        status = srv.wait(60)
+    finally:
+        srv.stop()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    # `connection: close`: the worker had its stop when the request came (not alive: gunicorn's force_close)
+    assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
+    assert status == 0 and "graceful timeout" not in srv.log(), srv.log()
 
 
 def test_threads_default_to_the_affinity_mask():
