@@ -72,7 +72,8 @@ static double pair_ns(void) {
 /* ---- each chunk timed on the thread that runs it ---- */
 
 static pthread_t caller;
-static struct thread_times {  /* [0] the caller, [1] the helper; a line each, so timing adds no shared line */
+static struct thread_times {  /* [0] the caller, [1] the helper, a line each; the caller clears both before a job,
+                                 so the helper's is one line more that it fetches from the other vCPU */
     double first, last;
     long chunks;
 } __attribute__((aligned(64))) times[2];
