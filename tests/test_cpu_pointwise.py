@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpu_isas import CPU_FLAGS, capped
 from ops.cpu import build as cpu_build
 from ops.cpu import pointwise as cpu_pointwise
 from ops.torch_ref.activation import silu_mul_torch
@@ -29,6 +30,25 @@ def test_silu_mul(dtype, rows, size):
     else:  # the same bf16 roundings; an fp32 ulp of silu may round the other way
         torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=2**-7)
         assert (out != ref).float().mean() < 0.01
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw"} <= CPU_FLAGS, reason="one loop (AVX2) on this CPU: nothing to compare")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,size", [(1, 6144), (3, 48), (2, 16)])  # 48, 16: I % 16 == 8, AVX-512's last 8 by 8
+def test_silu_mul_avx512_gives_the_avx2_loops_bits(dtype, rows, size):
+    """The AVX-512 loop (16 values a step) runs AVX2's operations lane for lane: the same bits, fp32's included (its
+    exp's last ulp, which bf16's rounding would hide), over exp's whole range and its clamps."""
+    torch.manual_seed(size)
+    x = (torch.randn(rows, size) * 30).to(dtype)
+    x[0, :6] = torch.tensor([-100.0, 100.0, 0.0, -0.0, 88.5, -88.5])
+    outs = []
+    for loops in ("built", "avx2"):
+        out = torch.empty(rows, size // 2, dtype=dtype)
+        capped(cpu_pointwise.KERNEL, loops).lib.silu_mul(x.data_ptr(), out.data_ptr(), rows, size // 2,
+                                                       int(dtype == torch.bfloat16))
+        outs.append(out)
+    assert torch.equal(outs[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       outs[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
 def test_silu_mul_other_layouts_take_the_reference():

@@ -1,5 +1,7 @@
 /* SiLU * up and bf16 -> fp32 logits: the why is in ops/cpu/pointwise.py. */
 #include "nanoqwen_cpu.h"
+#include "act_quant.h"
+#include "gemv.h"
 #include "pool.h"
 #include "simd.h"
 
@@ -9,25 +11,64 @@ struct silu_mul_args {
     int N, I, bf16;
 };
 
+/* out[o + i ..] = silu(x[gate + i ..]) * x[up + i ..], 8 values, rounded as the reference does. */
+static inline void silu_mul8(const struct silu_mul_args *a, long gate, long up, long o, int i) {
+    const __m256 g = load8(a->x, gate + i, a->bf16), one = _mm256_set1_ps(1.0f);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    store8(a->out, o + i, round8(_mm256_mul_ps(round8(silu, a->bf16), load8(a->x, up + i, a->bf16)), a->bf16), a->bf16);
+}
+
 /* Rows [chunk * DECODE_CHUNK_ROWS, ...) of silu_mul (pool.h; one thread: 8% of a 512-token bf16 prefill). */
 static void silu_mul_chunk(const void *ctx, long chunk) {
     const struct silu_mul_args *a = ctx;
-    const __m256 one = _mm256_set1_ps(1.0f);
+    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++)
+        for (int i = 0; i < a->I; i += 8) silu_mul8(a, n * 2 * a->I, n * 2 * a->I + a->I, n * a->I, i);
+}
+
+AVX512_BEGIN
+DEFINE_EXP(exp16, 512, roundscale)
+
+/* round8 and store8 for 16 values. */
+static inline __m512 round16(__m512 v, int bf16) {
+    if (!bf16) {
+        __asm__("" : "+v"(v));
+        return v;
+    }
+    const __m512i u = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))),
+                                                _mm512_set1_epi32((int)0xffff0000u)));
+}
+static inline void store16(void *p, long i, __m512 v, int bf16) {
+    if (!bf16) _mm512_storeu_ps((float *)p + i, v);
+    else _mm256_storeu_si256((__m256i *)((uint16_t *)p + i),
+                             _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+/* silu_mul_chunk 16 values a step, the same operations lane for lane (the same bits): a decode step's silu_mul is its
+   exp's and division's arithmetic, not a pass over memory (1 x 3072 bf16 hot on Zen 5: 2.4 µs by 8, 1.2 by 16). */
+static void silu_mul_chunk512(const void *ctx, long chunk) {
+    const struct silu_mul_args *a = ctx;
+    const __m512 one = _mm512_set1_ps(1.0f);
     const int I = a->I, bf16 = a->bf16;
     for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
         const long gate = n * 2 * I, up = gate + I, o = n * I;
-        for (int i = 0; i < I; i += 8) {
-            __m256 g = load8(a->x, gate + i, bf16);
-            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-            store8(a->out, o + i, round8(_mm256_mul_ps(round8(silu, bf16), load8(a->x, up + i, bf16)), bf16), bf16);
+        int i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const __m512 g = act_load16(a->x, gate + i, bf16);
+            const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store16(a->out, o + i, round16(_mm512_mul_ps(round16(silu, bf16), act_load16(a->x, up + i, bf16)), bf16),
+                    bf16);
         }
+        if (i < I) silu_mul8(a, gate, up, o, i);  /* I % 16 == 8 */
     }
 }
+AVX512_END
 
 /* Shapes: see nanoqwen_cpu.h. */
 void silu_mul(const void *x, void *out, int N, int I, int bf16) {
     const struct silu_mul_args a = {x, out, N, I, bf16};
-    nanoqwen_pool_run(silu_mul_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
+    const long chunks = (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS;
+    nanoqwen_pool_run(has_avx512() ? silu_mul_chunk512 : silu_mul_chunk, &a, chunks);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */

@@ -73,28 +73,34 @@ static inline void store1(void *p, long i, float v, int bf16) {
     if (bf16) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
 }
 
-/* exp(x) for 8 floats, Cephes' expf: x = n ln2 + r (ln2 in two parts), exp(r) by a degree-6
-   polynomial, times 2^n; about 1 ulp. x is clamped to [-88.4, 89]: 89 overflows to inf, as expf does. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(89.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field */
-    __m256i e = _mm256_cvtps_epi32(n);
-    __m256i half = _mm256_srai_epi32(e, 1);
-    __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-    __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, half),
-                                                                      _mm256_set1_epi32(127)), 23));
-    return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
-}
+/* exp(x) for the floats of a BITS-bit vector (256: exp8, here; 512: exp16, pointwise.c), Cephes' expf: x = n ln2 + r
+   (ln2 in two parts), exp(r) by a degree-6 polynomial, times 2^n; about 1 ulp. x is clamped to [-88.4, 89]: 89
+   overflows to inf, as expf does. One body for both widths: the same operations lane for lane, so the same bits.
+   ROUND: the width's round-to-integer (round, roundscale; the same immediate). */
+#define DEFINE_EXP(NAME, BITS, ROUND) \
+    static inline __m##BITS NAME(__m##BITS x) { \
+        x = _mm##BITS##_min_ps(_mm##BITS##_max_ps(x, _mm##BITS##_set1_ps(-88.3762626647949f)), \
+                               _mm##BITS##_set1_ps(89.0f)); \
+        __m##BITS n = _mm##BITS##_##ROUND##_ps(_mm##BITS##_mul_ps(x, _mm##BITS##_set1_ps(1.44269504088896341f)), \
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); \
+        __m##BITS r = _mm##BITS##_fnmadd_ps(n, _mm##BITS##_set1_ps(0.693359375f), x); \
+        r = _mm##BITS##_fnmadd_ps(n, _mm##BITS##_set1_ps(-2.12194440e-4f), r); \
+        __m##BITS p = _mm##BITS##_set1_ps(1.9875691500e-4f); \
+        p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(1.3981999507e-3f)); \
+        p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(8.3334519073e-3f)); \
+        p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(4.1665795894e-2f)); \
+        p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(1.6666665459e-1f)); \
+        p = _mm##BITS##_fmadd_ps(p, r, _mm##BITS##_set1_ps(5.0000001201e-1f)); \
+        p = _mm##BITS##_fmadd_ps(p, _mm##BITS##_mul_ps(r, r), _mm##BITS##_add_ps(r, _mm##BITS##_set1_ps(1.0f))); \
+        /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field */ \
+        __m##BITS##i e = _mm##BITS##_cvtps_epi32(n); \
+        __m##BITS##i half = _mm##BITS##_srai_epi32(e, 1); \
+        __m##BITS a = _mm##BITS##_castsi##BITS##_ps( \
+            _mm##BITS##_slli_epi32(_mm##BITS##_add_epi32(half, _mm##BITS##_set1_epi32(127)), 23)); \
+        __m##BITS b = _mm##BITS##_castsi##BITS##_ps(_mm##BITS##_slli_epi32( \
+            _mm##BITS##_add_epi32(_mm##BITS##_sub_epi32(e, half), _mm##BITS##_set1_epi32(127)), 23)); \
+        return _mm##BITS##_mul_ps(_mm##BITS##_mul_ps(p, a), b); \
+    }
+DEFINE_EXP(exp8, 256, round)
 
 #endif
