@@ -240,7 +240,8 @@ class NanoqwenWorker(GeventWorker):
         that long: for the keep-alive timeout it held the exit to the graceful timeout, and ended at once it reset the
         request a client sends as soon as its answer ends (about every other stop, each such client); that one is
         served, its answer closing the connection."""
-        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, STOPPING_WAIT_S), False)
+        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, self._stopping_wait_s()),
+                                 False)
         current = gevent.getcurrent()
         self._idle[current] = timeout
         try:
@@ -405,9 +406,14 @@ class NanoqwenWorker(GeventWorker):
             self._draining = True
             gevent.spawn(self._drain)
 
+    def _stopping_wait_s(self) -> float:
+        """How long a keep-alive wait lasts past the stop: within half the graceful timeout, so that gevent's run loop
+        (its check each second) sees the connections done before the master's kill."""
+        return min(STOPPING_WAIT_S, self.cfg.graceful_timeout / 2)
+
     def _drain(self) -> None:
         grace = self.cfg.graceful_timeout
-        waits, wait_s = list(self._idle.items()), min(STOPPING_WAIT_S, grace / 2)
+        waits, wait_s = list(self._idle.items()), self._stopping_wait_s()
         gevent.sleep(wait_s)  # as a wait begun after the stop: a request already on its way is served
         for greenlet, timeout in waits:
             _end_wait(greenlet, timeout)

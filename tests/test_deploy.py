@@ -527,7 +527,7 @@ def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_
     """A stream whose head went out before SIGTERM or --max-requests ended on a kept-alive connection (AsyncOpenAI
     reads a stream's body to its end and pools the connection, as nginx's upstream keepalive does), which then waited
     for its next request, the drain of the idle ones already past: the worker's exit waited for the graceful timeout
-    (18 s of 20), no worker accepting meanwhile. Its wait ends at once, as the idle ones' did."""
+    (18 s of 20), no worker accepting meanwhile. Its wait lasts STOPPING_WAIT_S, as the idle ones' do past the stop."""
     srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="2048"), tmp_path / "gunicorn.log",
                          args=["--max-requests", "4", "--graceful-timeout", "60"]).start()  # its last poll: one
 
@@ -574,7 +574,7 @@ def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny
             assert first.startswith(b"HTTP/1.1 200"), first
             srv.terminate()
             wait_for(lambda: "Handling signal: term" in srv.log())  # the master sends the worker SIGTERM as it logs
-            time.sleep(0.2)
+            time.sleep(0.5)  # the worker has had its SIGTERM (answer: close), its wait of 1 s not yet ended
             sock.sendall(poll)
             answer = read_all(sock)
         status = srv.wait(60)
