@@ -37,10 +37,13 @@ def test_silu_mul(dtype, rows, size):
 @pytest.mark.parametrize("rows,size", [(1, 6144), (3, 48), (2, 16)])  # 48, 16: I % 16 == 8, AVX-512's last 8 by 8
 def test_silu_mul_avx512_gives_the_avx2_loops_bits(dtype, rows, size):
     """The AVX-512 loop (16 values a step) runs AVX2's operations lane for lane: the same bits, fp32's included (its
-    exp's last ulp, which bf16's rounding would hide), over exp's whole range and its clamps."""
+    exp's last ulp, which bf16's rounding would hide), over exp's whole range and its clamps, NaN, infinities, -0 and
+    a denormal in the gate and in the up half. (Which loop the built library dispatches to is not seen here.)"""
     torch.manual_seed(size)
     x = (torch.randn(rows, size) * 30).to(dtype)
-    x[0, :6] = torch.tensor([-100.0, 100.0, 0.0, -0.0, 88.5, -88.5])
+    inf, nan = float("inf"), float("nan")
+    x[0, :8] = torch.tensor([-100.0, 100.0, -0.0, 88.5, nan, inf, -inf, 1e-40])  # the gate
+    x[0, size // 2 : size // 2 + 8] = torch.tensor([nan, inf, -inf, -0.0, 1e-40, 0.0, 3e38, -3e38])  # the up half
     outs = []
     for loops in ("built", "avx2"):
         out = torch.empty(rows, size // 2, dtype=dtype)
