@@ -1,16 +1,16 @@
 """Other servers' own test cases, re-expressed against a real `gunicorn -k gevent server:app` (the tiny test checkpoint,
-CPU, fp32, a 256-token context): the parts of vLLM's `tests/entrypoints/openai` (completion/test_completion_error,
-test_completion, chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions,
-test_extra_content_fields, test_enable_force_include_usage, test_non_object_body_validation,
-test_chat_logit_bias_validation, test_chat_stop_token_ids_validation, test_thinking_token_budget_validation,
-test_completion_with_function_calling, test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo,
-test_chat, completion/test_empty_prompt_list, test_prompt_validation, test_completion_text_offset,
-v1/engine/test_output_processor)
-and llama.cpp's `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos,
-test_chat_completion) that do
-not depend on a real model's words. Each case says what this server must answer: a field it does not implement is a
-400 naming it (vLLM's `logprob_token_ids`, llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a
-case; exit status 1 on any mismatch.
+CPU, fp32, a 256-token context, an API key and CORS origins set, as llama.cpp's test_security runs): the parts of
+vLLM's `tests/entrypoints/openai` (completion/test_completion_error, test_completion,
+chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions, test_extra_content_fields,
+test_enable_force_include_usage, test_non_object_body_validation, test_chat_logit_bias_validation,
+test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
+test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo, test_chat, completion/test_empty_prompt_list,
+test_prompt_validation, test_completion_text_offset, v1/engine/test_output_processor) and llama.cpp's
+`tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos, test_chat_completion,
+test_tokenize; test_security and test_tool_call in outsider_checks.py) that do not depend on a real model's words.
+Each case says what this server must answer: a field it does not implement is a 400 naming it (vLLM's
+`logprob_token_ids`, llama.cpp's `timings_per_token`), as is a malformed value. Prints one line a case; exit status 1
+on any mismatch.
 
     python profiles/outsider_suites.py
 """
@@ -29,6 +29,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from chat_http import MODEL, cpu_env  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
+from outsider_checks import API_KEY, AUTH, BOOK, CHECKS, CORS_ORIGINS  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
 MAX_MODEL_LEN = 256
@@ -218,6 +219,34 @@ CASES: list[Case] = [
      {"messages": MATH, "stream": True, "min_characters": 10}, 400, "min_characters"),
     ("vLLM test_output_processor test_stop_string: include_stop_str_in_output (not implemented)", COMPLETIONS,
      {"prompt": "hi", "stop": ["a"], "include_stop_str_in_output": True}, 400, "include_stop_str_in_output"),
+    ("llama.cpp test_chat_completion: the user's content as text parts", CHAT,
+     {"messages": [BOOK[0], {"role": "user", "content": [{"type": "text", "text": "What is"},
+                                                         {"type": "text", "text": "the best book"}]}],
+      "max_tokens": 8, "ignore_eos": True}, 200,
+     lambda body: served(body) and "cmpl" in body["id"] and body["usage"]["completion_tokens"] == 8),
+    ("llama.cpp test_chat_completions_multiple_choices", CHAT,
+     {"messages": BOOK, "n": 2, "max_tokens": 8, "ignore_eos": True}, 200,
+     lambda body: [(c["index"], c["message"]["role"], c["finish_reason"]) for c in body["choices"]]
+     == [(0, "assistant", "length"), (1, "assistant", "length")]),
+    # llama.cpp's error type is its own `exceed_context_size_error` (with n_prompt_tokens, n_ctx); ours OpenAI's
+    ("llama.cpp test_context_size_exceeded", CHAT, {"messages": BOOK * 100}, 400, "messages"),
+    ("llama.cpp test_chat_completion_with_timings_per_token (not implemented)", CHAT,
+     {"messages": USER, "stream": True, "stream_options": {"include_usage": True}, "timings_per_token": True}, 400,
+     "timings_per_token"),
+    ("llama.cpp test_return_progress (not implemented)", CHAT,
+     {"messages": USER, "stream": True, "return_progress": True}, 400, "return_progress"),
+    # llama.cpp's /tokenize fields: ours are vLLM's (`prompt`, `add_special_tokens`, `return_token_strs`)
+    ("llama.cpp test_tokenize_detokenize: `content`", TOKENIZE, {"content": "What is the capital of France ?"}, 400,
+     "content"),
+    ("llama.cpp test_tokenize_with_bos: `add_special`", TOKENIZE, {"prompt": "What is", "add_special": True}, 400,
+     "add_special"),
+    ("llama.cpp test_tokenize_with_pieces: `with_pieces`", TOKENIZE, {"prompt": "媽 🤗", "with_pieces": True}, 400,
+     "with_pieces"),
+    ("vLLM test_tokenization: a prompt beside messages", TOKENIZE, {"prompt": "x", "messages": USER}, 400, "prompt"),
+    ("vLLM test_tokenization: continue_final_message beside add_generation_prompt", TOKENIZE,
+     {"messages": SAYING, "continue_final_message": True, "add_generation_prompt": True}, 400,
+     "continue_final_message"),
+    ("vLLM test_detokenize: an id past the vocabulary", "/detokenize", {"tokens": [1, VOCAB]}, 400, "tokens.[1]"),
 ]
 
 
@@ -225,7 +254,7 @@ def check_case(url: str, case: Case) -> str | None:
     """What is wrong with the answer to `case`, or None."""
     _, path, body, status, expected = case
     answer = requests.post(url + path, json={"model": MODEL, "max_tokens": 2, **body} if path in (CHAT, COMPLETIONS)
-                           else {"model": MODEL, **body}, timeout=120)
+                           else {"model": MODEL, **body}, headers=AUTH, timeout=120)
     if answer.status_code != status:
         return f"{answer.status_code} {answer.text[:300]}"
     if isinstance(expected, str):
@@ -238,7 +267,7 @@ def continuous_usage(srv: GunicornServer) -> str | None:
     """vLLM test_enable_force_include_usage: with `continuous_usage_stats`, every chunk's usage adds up and its count
     never falls, and grows with each chunk of text; the chunk of the finish reason (OpenAI's own, after the last
     token's: vLLM's holds both) and the usage chunk repeat the last count."""
-    client = srv.openai_client()
+    client = srv.openai_client(API_KEY)
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_completion_tokens=10,
         temperature=0.0, stream=True, stream_options={"include_usage": True},
@@ -259,7 +288,7 @@ def wrong_content_type(srv: GunicornServer) -> str | None:
     """vLLM basic/test_basic's test_request_wrong_content_type: the openai client's body labelled a form is refused
     (vLLM: 400 or 415; here 415), not read as JSON: a web page may send a form to any origin with no preflight."""
     try:
-        srv.openai_client().chat.completions.create(
+        srv.openai_client(API_KEY).chat.completions.create(
             model=MODEL, messages=USER, max_tokens=2,
             extra_headers={"Content-Type": "application/x-www-form-urlencoded"})
     except openai.APIStatusError as exc:
@@ -267,9 +296,6 @@ def wrong_content_type(srv: GunicornServer) -> str | None:
             return None
         return f"{exc.status_code} {exc.code} {exc.message}"
     return "served"
-
-
-BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
 
 
 def token_problem(token: Any) -> str | None:
@@ -280,7 +306,7 @@ def token_problem(token: Any) -> str | None:
 def chat_logprobs(srv: GunicornServer) -> str | None:
     """llama.cpp test_chat_completion test_logprobs: the tokens listed spell the content, each with a logprob <= 0,
     its bytes and its alternatives."""
-    answer = srv.openai_client().chat.completions.create(
+    answer = srv.openai_client(API_KEY).chat.completions.create(
         model=MODEL, temperature=0.0, messages=BOOK, max_tokens=5, logprobs=True, top_logprobs=10)
     choice = answer.choices[0]
     tokens = choice.logprobs.content
@@ -292,7 +318,7 @@ def chat_logprobs(srv: GunicornServer) -> str | None:
 def chat_logprobs_stream(srv: GunicornServer) -> str | None:
     """llama.cpp test_chat_completion test_logprobs_stream (its older form: the current one skips the role chunk):
     every chunk before the finish has logprobs, as OpenAI's recorded streams do; the tokens listed spell the content."""
-    stream = srv.openai_client().chat.completions.create(
+    stream = srv.openai_client(API_KEY).chat.completions.create(
         model=MODEL, temperature=0.0, messages=BOOK, max_tokens=5, logprobs=True, top_logprobs=10, stream=True)
     text, joined = "", ""
     for chunk in stream:
@@ -311,7 +337,7 @@ def chat_logprobs_stream(srv: GunicornServer) -> str | None:
 def text_offsets_with_stop(srv: GunicornServer) -> str | None:
     """vLLM test_completion_text_offset: with a stop string holding text back, the streamed `text_offset`s are the
     collected ones (here the stop string is the free answer's, to hold text back and then cut there)."""
-    client = srv.openai_client()
+    client = srv.openai_client(API_KEY)
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 8, "temperature": 0.0, "logprobs": 0}
     free = client.completions.create(**body).choices[0].text
     stop = free[len(free) // 2 :][:3]
@@ -329,12 +355,14 @@ SERVER_CHECKS: list[tuple[str, Callable[[GunicornServer], str | None]]] = [
     ("llama.cpp test_chat_completion: test_logprobs", chat_logprobs),
     ("llama.cpp test_chat_completion: test_logprobs_stream", chat_logprobs_stream),
     ("vLLM test_completion_text_offset: streamed offsets with a stop string's holdback", text_offsets_with_stop),
+    *CHECKS,
 ]
 
 
 def main(out: Path = REPO / "profiles" / "out") -> int:
     """Every case against one server (its log in `out`): 0 where each is as expected."""
-    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
+    env = cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN), NANOQWEN_API_KEY=API_KEY,
+                  NANOQWEN_CORS_ORIGINS=CORS_ORIGINS)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     with GunicornServer(env, out / "outsider_suites.log") as srv:
