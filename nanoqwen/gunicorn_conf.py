@@ -17,8 +17,8 @@ from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
-    "keepalive", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format", "logger_class",
-    "pre_fork", "post_fork", "child_exit", "on_exit",
+    "keepalive", "forwarder_headers", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format",
+    "logger_class", "pre_fork", "post_fork", "child_exit", "on_exit",
 ]
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
@@ -35,6 +35,10 @@ preload_app = False  # works too: the worker starts the engine after the fork ei
 timeout = 120  # heartbeat of the worker's loop (and its boot: torch import), not a limit on long streams
 graceful_timeout = GRACEFUL_TIMEOUT_S
 keepalive = 75  # longer than common proxies' idle timeouts; shutdown closes idle connections 1 s after the stop
+# gunicorn takes SCRIPT_NAME and PATH_INFO from a loopback peer's request headers by default: behind a proxy on this
+# host that passes headers with underscores, any client turned any path (/health too) into a 500 ("does not start
+# with SCRIPT_NAME"), or rewrote the path served. nanoqwen serves no root path.
+forwarder_headers = ""
 worker_tmp_dir = heartbeat_dir()  # the heartbeat file the worker's loop touches each second
 control_socket_disable = True  # its default path is one per user: a second server would clash
 accesslog = "-"

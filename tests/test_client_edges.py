@@ -372,3 +372,18 @@ def test_an_auto_tools_streams_headers_go_before_its_first_chunk(chat_server: Gu
     assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head, head
     assert running == 1 and b"data:" not in rest, (running, rest)
     wait_for(lambda: engine_idle(chat_server), timeout=60)
+
+
+@pytest.mark.parametrize("header", ["SCRIPT_NAME: /x", "SCRIPT_NAME: /v1\r\nPATH_INFO: /models"])
+def test_a_loopback_clients_script_name_or_path_info_header_is_not_trusted(chat_server: GunicornServer,
+                                                                            header: str) -> None:
+    """gunicorn reads SCRIPT_NAME and PATH_INFO from a loopback peer's headers by default (forwarder_headers): a proxy
+    on this host passing underscore headers let any client make /health a 500 ("Request path '/health' does not
+    start with SCRIPT_NAME '/x'"), or, with PATH_INFO beside it, try another path than the one asked (its 500 here).
+    The headers are ignored."""
+    with socket.create_connection(("127.0.0.1", chat_server.port), timeout=30) as sock:
+        sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n{header}\r\nConnection: close\r\n\r\n".encode())
+        answer = read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    assert json.loads(body)["status"] == "healthy", body
