@@ -4,8 +4,10 @@ test_tokenization and test_tool_choice_null, against the one server outsider_sui
 origins). Each returns what is wrong, or None.
 
 Differences kept, on purpose: llama.cpp serves `/v1/models` without the key and takes Anthropic's `X-Api-Key`, its 401
-says `authentication_error`; ours guards all of `/v1/` and says OpenAI's `invalid_request_error` / `invalid_api_key`,
-as vLLM and OpenAI. Its `/tokenize` reads `content`, `add_special`, `with_pieces`; ours is vLLM's (`prompt`,
+says `authentication_error`; ours guards all of `/v1/`, as vLLM, and says OpenAI's `invalid_request_error` /
+`invalid_api_key` (vLLM's 401 is `{"error": "Unauthorized"}`) with `WWW-Authenticate: Bearer`. Outside `/v1/`
+(`/health`, `/tokenize`, `/detokenize`, `/metrics`, `/stats`) no key is asked, as vLLM; llama.cpp asks it everywhere
+but /health and /models. Its `/tokenize` reads `content`, `add_special`, `with_pieces`; ours is vLLM's (`prompt`,
 `add_special_tokens`, `return_token_strs`) and names the others in a 400.
 """
 from __future__ import annotations
@@ -25,10 +27,12 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CORS_ORIGINS = "localhost,web.mydomain.fr"
 NO_THINKING = {"enable_thinking": False}  # a random model's thought never ends: the call or the format comes after it
 TEST_TOOL = {"type": "function", "function": {"name": "test", "description": "", "parameters": {
-    "type": "object", "properties": {"success": {"type": "boolean", "const": True}}, "required": ["success"]}}}
+    "type": "object", "properties": {"success": {"type": "boolean", "const": True}}, "required": ["success"],
+    "additionalProperties": False}}}  # llama.cpp's, closed: random weights otherwise add keys up to max_tokens
 WEATHER = [{"role": "user", "content": "what is the weather in Paris?"}]
 WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather",
                                                     "parameters": {"type": "object", "properties": {}}}}]
+BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
 CODING = [{"role": "system", "content": "You are a coding assistant."}, {"role": "user", "content": "Write an example"}]
 Check = Callable[[GunicornServer], "str | None"]
 
@@ -154,17 +158,19 @@ def tokenize_chat_prompts(srv: GunicornServer) -> str | None:
     return _problems(results)
 
 
-BOOK = [{"role": "system", "content": "Book"}, {"role": "user", "content": "What is the best book"}]
-
 
 def tool_choice_null(srv: GunicornServer) -> str | None:
-    """vLLM test_tool_choice_null: an explicit null is an absent key (auto where tools are given: their prompt is
-    the same as without it; with no tools, or beside a response_format, served); `bogus`, and `auto` without tools,
-    are still refused. llama.cpp's do_test_completion_without_tool_call sends `tools: null, tool_choice: null`."""
-    prompt = {name: _chat(srv, messages=WEATHER, tools=WEATHER_TOOLS, **extra).json()["usage"]["prompt_tokens"]
-              for name, extra in (("absent", {}), ("null", {"tool_choice": None}), ("auto", {"tool_choice": "auto"}))}
+    """vLLM test_tool_choice_null: an explicit null is an absent key (auto where tools are given: their prompt and
+    greedy answer are the same as without it; with no tools, or beside a response_format, served); `bogus`, and
+    `auto` without tools, are still refused. llama.cpp's do_test_completion_without_tool_call sends `tools: null,
+    tool_choice: null`."""
+    answers = {name: _chat(srv, messages=WEATHER, tools=WEATHER_TOOLS, max_tokens=8, temperature=0.0, **extra).json()
+               for name, extra in (("absent", {}), ("null", {"tool_choice": None}), ("auto", {"tool_choice": "auto"}))}
+    prompt = {name: answer["usage"]["prompt_tokens"] for name, answer in answers.items()}
     return _problems({
         f"null with tools is auto {prompt}": prompt["null"] == prompt["absent"] == prompt["auto"],
+        # `required` has the same prompt: the greedy answer (its text or call, its finish) tells them apart
+        "null answers as absent": answers["null"]["choices"] == answers["absent"]["choices"],
         "null without tools": _chat(srv, messages=WEATHER, tool_choice=None).status_code == 200,
         "tools and tool_choice null": _chat(srv, messages=WEATHER, tools=None, tool_choice=None).status_code == 200,
         "null beside json_object": _chat(srv, messages=WEATHER, tool_choice=None,

@@ -895,7 +895,9 @@ def test_bf16_spread_pass_serves_the_reference_tokens(guarded: GunicornServer, g
 
 def test_api_key(guarded: GunicornServer) -> None:
     body = {**GREEDY, "model": "tiny", "max_tokens": 2}
-    _assert_error(post_chat(guarded, body), 401, code="invalid_api_key")
+    missing = post_chat(guarded, body)
+    _assert_error(missing, 401, code="invalid_api_key")
+    assert missing.headers["WWW-Authenticate"] == "Bearer"  # RFC 7235 3.1 / RFC 6750 3: a 401 says its scheme
     _assert_error(post_chat(guarded, body, headers={"Authorization": "Bearer wrong"}), 401)
     with pytest.raises(openai.AuthenticationError):
         guarded.openai_client("wrong").models.list()

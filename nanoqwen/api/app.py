@@ -119,7 +119,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                           code="invalid_api_key")
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # RFC 6750 3: a 401 names it
 
     @app.after_request
     def close_after_an_unread_body(response: Response) -> Response:
