@@ -100,7 +100,7 @@ class Ctx:
     def post(self, body: dict[str, Any], path: str = "/v1/completions") -> requests.Response:
         body = {"model": MODEL, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
                 "skip_special_tokens": False, **body}
-        return requests.post(self.srv.url + path, json=body, timeout=600)
+        return requests.post(self.srv.url + path, json=body, timeout=600, stream=bool(body.get("stream")))
 
     def texts(self, body: dict[str, Any]) -> list[str]:
         r = self.post(body)
@@ -473,8 +473,87 @@ def case_edges(c: Ctx) -> None:
     c.check(c.texts({"prompt": p}) == [c.expected(p)], "after a hang-up while running")
 
 
-CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_edges, case_concurrent,
-                                      case_shared_inflight, case_spec]
+STOP_NEW = 24
+
+
+def listed_through(c: Ctx, gen: list[int], content: str) -> int:
+    """How many of `gen`'s tokens a stop string's answer `content` lists: each whose bytes begin inside it (the last
+    may run on into the stop string; one that only spelled the text cut away is not listed)."""
+    limit, start, k = len(content.encode()), 0, 0
+    while k < len(gen) and start < limit:
+        start += len(c.pieces.bytes(gen[k]))
+        k += 1
+    return k
+
+
+def stop_entries(c: Ctx, body: dict[str, Any]) -> tuple[str, list[tuple[bytes, float, list[int]]]]:
+    """A chat answer's content and its logprobs' (bytes, logprob, top ids' bytes) entries, collected or streamed."""
+    r = requests.post(c.srv.url + "/v1/chat/completions", json=body, timeout=600, stream=body["stream"])
+    assert r.status_code == 200, r.text
+    if body["stream"]:
+        content, entries = "", []
+        for payload in sse_payloads(r):
+            for ch in [] if payload == "[DONE]" else json.loads(payload)["choices"]:
+                content += ch["delta"].get("content") or ""
+                entries += (ch.get("logprobs") or {}).get("content") or []
+    else:
+        ch = r.json()["choices"][0]
+        content, entries = ch["message"]["content"] or "", (ch["logprobs"] or {}).get("content") or []
+    return content, [(bytes(e["bytes"]), e["logprob"], [tuple(t["bytes"]) for t in e["top_logprobs"]])
+                     for e in entries]
+
+
+def case_stop_logprobs(c: Ctx) -> None:
+    """Stop strings with logprobs: a stop string that begins inside a token, spans tokens, or is the answer's first
+    characters; the listed tokens' bytes are the greedy answer's first k tokens, those whose text begins in the
+    content (joined they spell it, the last perhaps running on into the stop string), with transformers' logprobs;
+    streamed equal to collected; legacy lists as many, streamed equal to collected."""
+    for words in (3, 30):
+        messages = [{"role": "user", "content": " ".join(c.tok.decode([t]) for t in c.ids(words))}]
+        text = c.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        ids = c.tok.encode(text, add_special_tokens=False)
+        gen = hf_greedy(c.hf, ids, STOP_NEW)
+        ref = reference_logprobs(c.hf, ids + gen)[len(ids) - 1:-1]  # [STOP_NEW, V]
+        full = c.tok.decode(gen, skip_special_tokens=False)
+        starts = sorted(c.rng.sample(range(len(full) - 1), min(6, len(full) - 1)) + [0])
+        for at in starts:
+            stop = full[at:at + c.rng.randrange(1, 4)]
+            cut = full.find(stop)
+            if "\ufffd" in full[:cut + len(stop)] or not stop.strip():
+                continue
+            content = full[:cut]
+            k = listed_through(c, gen, content)
+            want = [(c.pieces.bytes(t), ref[i, t].item()) for i, t in enumerate(gen[:k])]
+            body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": STOP_NEW,
+                    "ignore_eos": True, "skip_special_tokens": False, "logprobs": True, "top_logprobs": 2,
+                    "stop": [stop], "chat_template_kwargs": {"enable_thinking": False}}
+            got = {stream: stop_entries(c, {**body, "stream": stream}) for stream in (False, True)}
+            for stream, (answer, entries) in got.items():
+                ok = answer == content and len(entries) == k and all(
+                    b == wb and abs(v - wv) < TOL for (b, v, _), (wb, wv) in zip(entries, want))
+                c.check(ok, f"stop logprobs {stop!r} at {cut} stream={stream}: {answer!r} vs {content!r}, "
+                            f"{[(b, round(v, 4)) for b, v, _ in entries]} vs {[(b, round(v, 4)) for b, v in want]}")
+            (whole, listed), (streamed_text, streamed) = got[False], got[True]
+            c.check(whole == streamed_text and len(listed) == len(streamed) and all(
+                b == sb and abs(v - sv) < TOL and t == ts for (b, v, t), (sb, sv, ts) in zip(listed, streamed)),
+                f"stop logprobs {stop!r} streamed = collected: {listed} vs {streamed}")
+            legacy = {"prompt": ids, "max_tokens": STOP_NEW, "logprobs": 1, "stop": [stop]}
+            whole = c.post(legacy).json()["choices"][0]
+            streamed = {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []}
+            with c.post({**legacy, "stream": True}) as r:
+                for payload in sse_payloads(r):
+                    for ch in [] if payload == "[DONE]" else json.loads(payload)["choices"]:
+                        streamed["text"] += ch["text"]
+                        for key in ("tokens", "token_logprobs", "text_offset"):
+                            streamed[key] += (ch["logprobs"] or {}).get(key) or []
+            lp = whole["logprobs"]
+            c.check(whole["text"] == content and len(lp["tokens"]) == k and streamed == {
+                "text": whole["text"], **{key: lp[key] for key in ("tokens", "token_logprobs", "text_offset")}},
+                f"legacy stop logprobs {stop!r}: {whole['text']!r} {lp['tokens']} vs streamed {streamed}")
+
+
+CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_stop_logprobs,
+                                      case_edges, case_concurrent, case_shared_inflight, case_spec]
 
 
 def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:

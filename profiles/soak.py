@@ -23,7 +23,8 @@ their schemas), and a fixed greedy probe; /health is polled from a process of it
 a prober thread reads /stats and /v1/models throughout.
 
 Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503 queue_full, every error
-OpenAI-shaped, the worker pid never changes, /health's p99 less the machine's load (chat_http.Poll.held: the
+OpenAI-shaped, a chat answer's logprobs spell its content (soak_http.logprobs_problem), the worker pid never
+changes, /health's p99 less the machine's load (chat_http.Poll.held: the
 stalls of the worker's event loop, not its thread's or the poller's waits for a CPU) under --health-p99-ms, after
 each round /stats shows no
 running or waiting request and kv_cache_usage 0, the worker's RSS after the last round within --rss-growth-mb of the
@@ -68,6 +69,7 @@ from soak_http import (  # noqa: E402
     answer_problem,
     error_problem,
     hang_up,
+    logprobs_problem,
     request_bytes,
     reset,
     response_problem,
@@ -219,7 +221,10 @@ class Soak:
         chat = rng.random() < 0.6
         path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
-        self.tally.record("valid", reply.status, answer_problem(reply, body["stream"], choices_of(body)))
+        problem = answer_problem(reply, body["stream"], choices_of(body))
+        if problem is None and chat and body.get("logprobs") and "tools" not in body:
+            problem = logprobs_problem(reply, body["stream"])
+        self.tally.record("valid", reply.status, problem)
 
     def responses(self, rng: random.Random) -> None:
         """A Responses request, perhaps continuing a stored one; a stored answer is then retrieved as answered."""

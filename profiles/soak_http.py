@@ -207,6 +207,31 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
 
 
+def logprobs_problem(reply: Reply, stream: bool) -> str | None:
+    """None unless a chat answer's logprobs do not spell its content: each choice's tokens joined (by their bytes) begin
+    with its content and run past it by their last token at most (one a stop string cut into; none that only spelled
+    text a stop string cut away): a held logprob lost, duplicated or out of order. For an answer without tool calls."""
+    if reply.status != 200:
+        return None
+    if stream:
+        pieces = [(c["index"], c["delta"].get("content") or "", (c.get("logprobs") or {}).get("content") or [])
+                  for e in reply.chunks for c in e.get("choices", [])]
+    else:
+        pieces = [(c["index"], c["message"]["content"] or "", (c["logprobs"] or {}).get("content") or [])
+                  for c in json.loads(reply.body)["choices"]]
+    choices: dict[int, tuple[str, list[Json]]] = {}
+    for index, content, entries in pieces:
+        text, listed = choices.get(index, ("", []))
+        choices[index] = (text + content, listed + entries)
+    for index, (content, entries) in sorted(choices.items()):
+        spelled = b"".join(bytes(e["bytes"]) for e in entries)
+        before_last = spelled[:len(spelled) - len(entries[-1]["bytes"])] if entries else b""
+        if not spelled.decode(errors="replace").startswith(content) or \
+                (entries and len(before_last) >= len(content.encode())):
+            return f"choice {index}'s logprobs spell {spelled!r}, its content is {content!r}"
+    return None
+
+
 def tool_call_problem(reply: Reply, strict_tools: list[Json]) -> str | None:
     """None unless a streamed chat answer calls a strict tool with arguments its schema does not hold, or a choice
     that ends "tool_calls" has no call."""

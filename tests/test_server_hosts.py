@@ -84,6 +84,25 @@ def test_loopback_server_answers_local_hosts_only(server: GunicornServer, host: 
         _assert_refused(status, body, host)
 
 
+@pytest.mark.parametrize("target, host, allowed", [
+    (f"http://{REBOUND}/v1/models", "localhost", False),
+    (f"http://{REBOUND}:8000/v1/models", "", False),
+    (f"HTTP://user@{REBOUND}/v1/models", "127.0.0.1", False),
+    ("http://localhost/v1/models", "localhost", True),
+    ("http://127.0.0.1:8000/v1/models", REBOUND, True),
+])
+def test_an_absolute_form_targets_authority_is_the_host(server: GunicornServer, target: str, host: str,
+                                                         allowed: bool) -> None:
+    """RFC 9112 3.2.2: a server receiving `GET http://name/path` uses the target's authority, not the Host header;
+    found by a raw-socket fuzz: a rebound name there with a local Host was served (no browser sends that form to an
+    origin server: a client that does named the host it meant in the target)."""
+    status, body = _exchange(("127.0.0.1", server.port), _get(target, host))
+    if allowed:
+        assert status == 200 and body["object"] == "list", body
+    else:
+        assert status == 403 and body["error"]["code"] == "host_not_allowed", body
+
+
 @pytest.mark.parametrize("path", ["/health", "/metrics", "/stats", "/openapi.json", "/nowhere", "//v1//models"])
 def test_every_path_is_refused(server: GunicornServer, path: str) -> None:
     """Health and statistics too (they name the model and what it serves); a probe from this machine names it, and

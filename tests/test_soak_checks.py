@@ -13,7 +13,7 @@ from server_process import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
 import soak  # noqa: E402
 from soak_background import BackgroundSoak, _order_problem  # noqa: E402
-from soak_http import Json, Reply, Tally, answer_problem, tool_call_problem  # noqa: E402
+from soak_http import Json, Reply, Tally, answer_problem, logprobs_problem, tool_call_problem  # noqa: E402
 
 RESP = "resp_x"
 
@@ -156,3 +156,28 @@ def test_a_held_loop_is_flagged_and_the_machines_load_is_not() -> None:
     assert soak.soak_problems([round_of(900.0, 40.0)], 300, 48) == []
     assert soak.soak_problems([round_of(900.0, 450.0)], 300, 48) == [
         "round 0: /health held p99 450 ms (wall p99 900 ms), the longest (held, wall, loop CPU s): ((0.45, 0.9, 0.0),)"]
+
+
+def _logprobs_reply(content: str, tokens: list[str], stream: bool) -> Reply:
+    entries = [{"token": t, "bytes": list(t.encode()), "logprob": -1.0, "top_logprobs": []} for t in tokens]
+    if not stream:
+        choice = {"index": 0, "message": {"content": content}, "logprobs": {"content": entries}}
+        return Reply(200, {}, json.dumps({"choices": [choice]}).encode())
+    chunks = [{"choices": [{"index": 0, "delta": {"content": content[:1]}, "logprobs": {"content": entries[:1]}}]},
+              {"choices": [{"index": 0, "delta": {"content": content[1:]}, "logprobs": {"content": entries[1:]}}]}]
+    return Reply(200, {}, "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("content,tokens,ok", [
+    ("hello wor", ["hel", "lo", " world"], True),  # the last token runs on into the stop string "ld"
+    ("hello", ["hel", "lo"], True),
+    ("", [], True),
+    ("hello wor", ["hel", "lo", " wor", "ld"], False),  # a token the stop string cut away whole
+    ("hello wor", ["hel", " wor"], False),  # one lost
+    ("hello", ["hel", "lo", "lo"], False),  # one twice
+    ("", ["x"], False),
+])
+def test_logprobs_problem_finds_tokens_that_do_not_spell_the_content(content: str, tokens: list[str], ok: bool,
+                                                                     stream: bool) -> None:
+    assert (logprobs_problem(_logprobs_reply(content, tokens, stream), stream) is None) == ok

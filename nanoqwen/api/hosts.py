@@ -16,7 +16,8 @@ A listener on any other address (0.0.0.0, a LAN address) is not checked: it is r
 an orchestrator's probes name the pod's address. Nor is a unix socket: no browser connects to one, and whatever
 forwards to it (a proxy) decides which names it serves. The gunicorn worker names its listeners once (listen_on);
 a request's listener is the one whose address is its connection's local address. The Host's syntax (`host[:port]`,
-one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check.
+one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check. A target in absolute-form
+(`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ ANY_HOST = "*"
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # WHATWG URL's "ends in a number": parsed as an IPv4 address
+# RFC 9112 3.2.2: a request-target in absolute-form names the host; the Host header is then ignored
+ABSOLUTE_FORM = re.compile(r"[a-z][a-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)", re.IGNORECASE)
 
 
 def parse_allowed_hosts(raw: str | None) -> tuple[str, ...]:
@@ -91,7 +94,8 @@ class HostGuard:
         if not self._loopback or sock is None:
             return
         local = sock.getsockname()
-        host = environ.get("HTTP_HOST", "")
+        absolute = ABSOLUTE_FORM.match(environ.get("RAW_URI", ""))
+        host = absolute[1] if absolute else environ.get("HTTP_HOST", "")
         if isinstance(local, tuple) and tuple(local[:2]) in self._loopback and not self.allows(host):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "

@@ -219,7 +219,7 @@ class ReasoningItem(Strict):
 class ItemReference(Strict):
     """An input or output item of a stored response, by id: replaced by that item before templating."""
 
-    type: Literal["item_reference"]
+    type: Literal["item_reference"] = "item_reference"  # OpenAI's may be left out (_check_item), as the document says
     id: str
 
 
