@@ -90,6 +90,10 @@ def test_loopback_server_answers_local_hosts_only(server: GunicornServer, host: 
     (f"HTTP://user@{REBOUND}/v1/models", "127.0.0.1", False),
     ("http://localhost/v1/models", "localhost", True),
     ("http://127.0.0.1:8000/v1/models", REBOUND, True),
+    ("http:///v1/models", REBOUND, False),  # no host in the target (RFC 9110 4.2.1): not a missing Host
+    ("http://@/v1/models", REBOUND, False),
+    ("http://:8000/v1/models", REBOUND, False),
+    (f"http://[::1]{REBOUND}/v1/models", REBOUND, False),  # an authority the Host header's syntax refuses
 ])
 def test_an_absolute_form_targets_authority_is_the_host(server: GunicornServer, target: str, host: str,
                                                          allowed: bool) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from nanoqwen.api.errors import APIError
+from nanoqwen.request_line import HOST
 
 ANY_HOST = "*"
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
@@ -96,7 +97,9 @@ class HostGuard:
         local = sock.getsockname()
         absolute = ABSOLUTE_FORM.match(environ.get("RAW_URI", ""))
         host = absolute[1] if absolute else environ.get("HTTP_HOST", "")
-        if isinstance(local, tuple) and tuple(local[:2]) in self._loopback and not self.allows(host):
+        # RFC 9110 4.2.1: an http URI without a host is invalid (`http:///x`, `http://:80/x`), not a missing Host
+        named = not absolute or bool(host.partition(":")[0] and HOST.fullmatch(host))
+        if isinstance(local, tuple) and tuple(local[:2]) in self._loopback and not (named and self.allows(host)):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "
                                 "rebinding). A proxy on this machine that passes its clients' Host names them in "
