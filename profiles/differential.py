@@ -486,7 +486,7 @@ def listed_through(c: Ctx, gen: list[int], content: str) -> int:
     return k
 
 
-def stop_entries(c: Ctx, body: dict[str, Any]) -> tuple[str, list[tuple[bytes, float, list[int]]]]:
+def stop_entries(c: Ctx, body: dict[str, Any]) -> tuple[str, list[tuple[bytes, float, list[tuple[int, ...]]]]]:
     """A chat answer's content and its logprobs' (bytes, logprob, top ids' bytes) entries, collected or streamed."""
     r = requests.post(c.srv.url + "/v1/chat/completions", json=body, timeout=600, stream=body["stream"])
     assert r.status_code == 200, r.text

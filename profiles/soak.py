@@ -118,7 +118,9 @@ def chat_body(rng: random.Random, long_tokens: int = 300) -> Json:
     if rng.random() < 0.3:
         body["n"] = rng.randint(2, 4)
     if rng.random() < 0.3:
-        body |= {"logprobs": True, "top_logprobs": rng.randint(0, 5)}
+        # the content then holds every token listed: soak_http.logprobs_problem
+        body |= {"logprobs": True, "top_logprobs": rng.randint(0, 5), "skip_special_tokens": False,
+                 "include_reasoning": False}
     if rng.random() < 0.2:
         body["stop"] = rng.sample(["the", "\n", " robot", "a", "</think>", "."], rng.randint(1, 4))
     if rng.random() < 0.2:
@@ -223,7 +225,7 @@ class Soak:
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
         problem = answer_problem(reply, body["stream"], choices_of(body))
         if problem is None and chat and body.get("logprobs") and "tools" not in body:
-            problem = logprobs_problem(reply, body["stream"])
+            problem = logprobs_problem(reply, body["stream"], bool(body.get("stop")))
         self.tally.record("valid", reply.status, problem)
 
     def responses(self, rng: random.Random) -> None:

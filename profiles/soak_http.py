@@ -207,28 +207,34 @@ def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool 
     return None if choices in (None, len(finished)) else f"{len(finished)} of {choices} choices finished: {text[-300:]}"
 
 
-def logprobs_problem(reply: Reply, stream: bool) -> str | None:
-    """None unless a chat answer's logprobs do not spell its content: each choice's tokens joined (by their bytes) begin
-    with its content and run past it by their last token at most (one a stop string cut into; none that only spelled
-    text a stop string cut away): a held logprob lost, duplicated or out of order. For an answer without tool calls."""
+def logprobs_problem(reply: Reply, stream: bool, stops: bool) -> str | None:
+    """None unless a chat answer's logprobs do not spell its content: each choice's tokens joined (by their bytes) are
+    its content; where a stop string (`stops`: the request has some) ended it, they begin with it and run past it by
+    their last token at most (one a stop string cut into; none that only spelled text a stop string cut away): a held
+    logprob lost, duplicated or out of order. For an answer without tool calls, asked with `skip_special_tokens:
+    false` and `include_reasoning: false` (else a special token's or the thought's are listed, not in the content)."""
     if reply.status != 200:
         return None
     if stream:
-        pieces = [(c["index"], c["delta"].get("content") or "", (c.get("logprobs") or {}).get("content") or [])
-                  for e in reply.chunks for c in e.get("choices", [])]
+        pieces = [(c["index"], c["delta"].get("content") or "", (c.get("logprobs") or {}).get("content") or [],
+                   c.get("finish_reason")) for e in reply.chunks for c in e.get("choices", [])]
     else:
-        pieces = [(c["index"], c["message"]["content"] or "", (c["logprobs"] or {}).get("content") or [])
-                  for c in json.loads(reply.body)["choices"]]
-    choices: dict[int, tuple[str, list[Json]]] = {}
-    for index, content, entries in pieces:
-        text, listed = choices.get(index, ("", []))
-        choices[index] = (text + content, listed + entries)
-    for index, (content, entries) in sorted(choices.items()):
+        pieces = [(c["index"], c["message"]["content"] or "", (c["logprobs"] or {}).get("content") or [],
+                   c["finish_reason"]) for c in json.loads(reply.body)["choices"]]
+    choices: dict[int, tuple[str, list[Json], str | None]] = {}
+    for index, content, entries, finish in pieces:
+        text, listed, finished = choices.get(index, ("", [], None))
+        choices[index] = (text + content, listed + entries, finish or finished)
+    for index, (content, entries, finish) in sorted(choices.items()):
         spelled = b"".join(bytes(e["bytes"]) for e in entries)
-        before_last = spelled[:len(spelled) - len(entries[-1]["bytes"])] if entries else b""
-        if not spelled.decode(errors="replace").startswith(content) or \
-                (entries and len(before_last) >= len(content.encode())):
-            return f"choice {index}'s logprobs spell {spelled!r}, its content is {content!r}"
+        if stops and finish == "stop":
+            last = bytes(entries[-1]["bytes"]) if entries else b""
+            wrong = not spelled.decode(errors="replace").startswith(content) or \
+                bool(last and len(spelled) - len(last) >= len(content.encode()))
+        else:
+            wrong = spelled.decode(errors="replace") != content
+        if wrong:
+            return f"choice {index}'s logprobs spell {spelled!r}, its content is {content!r} (finish {finish})"
     return None
 
 

@@ -158,26 +158,34 @@ def test_a_held_loop_is_flagged_and_the_machines_load_is_not() -> None:
         "round 0: /health held p99 450 ms (wall p99 900 ms), the longest (held, wall, loop CPU s): ((0.45, 0.9, 0.0),)"]
 
 
-def _logprobs_reply(content: str, tokens: list[str], stream: bool) -> Reply:
+def _logprobs_reply(content: str, tokens: list[str], finish: str, stream: bool) -> Reply:
     entries = [{"token": t, "bytes": list(t.encode()), "logprob": -1.0, "top_logprobs": []} for t in tokens]
     if not stream:
-        choice = {"index": 0, "message": {"content": content}, "logprobs": {"content": entries}}
+        choice = {"index": 0, "message": {"content": content}, "logprobs": {"content": entries},
+                  "finish_reason": finish}
         return Reply(200, {}, json.dumps({"choices": [choice]}).encode())
     chunks = [{"choices": [{"index": 0, "delta": {"content": content[:1]}, "logprobs": {"content": entries[:1]}}]},
-              {"choices": [{"index": 0, "delta": {"content": content[1:]}, "logprobs": {"content": entries[1:]}}]}]
+              {"choices": [{"index": 0, "delta": {"content": content[1:]}, "logprobs": {"content": entries[1:]}}]},
+              {"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}]}]
     return Reply(200, {}, "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n")
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("content,tokens,ok", [
-    ("hello wor", ["hel", "lo", " world"], True),  # the last token runs on into the stop string "ld"
-    ("hello", ["hel", "lo"], True),
-    ("", [], True),
-    ("hello wor", ["hel", "lo", " wor", "ld"], False),  # a token the stop string cut away whole
-    ("hello wor", ["hel", " wor"], False),  # one lost
-    ("hello", ["hel", "lo", "lo"], False),  # one twice
-    ("", ["x"], False),
+@pytest.mark.parametrize("content,tokens,stops,finish,ok", [
+    ("hello wor", ["hel", "lo", " world"], True, "stop", True),  # the last token runs on into the stop string "ld"
+    ("hello", ["hel", "lo"], True, "stop", True),
+    ("hello", ["hel", "lo", ""], True, "stop", True),  # a last token of no bytes (an id past the tokenizer's)
+    ("", [], True, "stop", True),
+    ("hello wor", ["hel", "lo", " wor", "ld"], True, "stop", False),  # a token the stop string cut away whole
+    ("hello wor", ["hel", " wor"], True, "stop", False),  # one lost
+    ("hello", ["hel", "lo", "lo"], True, "stop", False),  # one twice
+    ("", ["x"], True, "stop", False),
+    ("hello", ["hel", "lo"], False, "length", True),
+    ("hello wor", ["hel", "lo", " world"], False, "length", False),  # no stop string: the tokens are the content
+    ("hello wor", ["hel", "lo", " world"], True, "length", False),  # a held tail lost at a length finish
+    ("hell", ["hel", "lo"], False, "stop", False),  # ended by <|im_end|>: every token is in the content
 ])
-def test_logprobs_problem_finds_tokens_that_do_not_spell_the_content(content: str, tokens: list[str], ok: bool,
-                                                                     stream: bool) -> None:
-    assert (logprobs_problem(_logprobs_reply(content, tokens, stream), stream) is None) == ok
+def test_logprobs_problem_finds_tokens_that_do_not_spell_the_content(content: str, tokens: list[str], stops: bool,
+                                                                     finish: str, ok: bool, stream: bool) -> None:
+    reply = _logprobs_reply(content, tokens, finish, stream)
+    assert (logprobs_problem(reply, stream, stops) is None) == ok
