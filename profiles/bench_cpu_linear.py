@@ -1,7 +1,7 @@
 """The C linear kernels (ops/cpu/) alone, on every linear of a Qwen3-0.6B-shaped decode step.
 
     python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8 int4] [--repeats 5] [--threads N]
-        [--baseline GIT_REV] [--torch] [--pages huge 4k]
+        [--baseline GIT_REV] [--torch] [--pages huge 4k] [--isas auto avx2]
 
 Each weight format holds a full model's distinct weights (28 layers of qkv, o, gate_up and down,
 and the 151936-row LM head; random values), so a pass streams them from memory as a decode step
@@ -13,10 +13,13 @@ fraction of the memory read bandwidth (profiles/common.py's best-of-7 sum, measu
 --baseline: also builds ops/cpu/csrc as of that git revision and times it, interleaved with the
 working tree's kernels pass by pass, so both see the same machine load (one process: both trees' kernels run on
 the thread pool loaded first, csrc/pool.c, so a change to pool.c needs two processes to compare). --pages huge 4k: the
-weights in huge pages and in 4 KB pages, timed interleaved. --torch: torch's own GEMM
-(F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py hands over to it, and
-the int4 torch reference (ops/torch_ref/linear_int4.py: what a revision whose int4 kernel needs AVX-512 VNNI ran on a
-CPU without it, where that revision's kernel, as a --baseline, would stop on an illegal instruction).
+weights in huge pages and in 4 KB pages, timed interleaved. --isas auto avx2: each version's kernels built for each
+cpu_isa cap (ops/cpu/build.py; NANOQWEN_CPU_ISA is the CLI's, not read here), timed interleaved: an AVX-512 CPU's loops
+against its AVX2 ones in one process (int4's layout differs by cap; the values are random, so either reads them).
+--torch: torch's own GEMM (F.linear: oneDNN/MKL) on the bf16 weights as well, for the row counts where linear.py
+hands over to it, and the int4 torch reference (ops/torch_ref/linear_int4.py: what a revision whose int4 kernel needs
+AVX-512 VNNI ran on a CPU without it, where that revision's kernel, as a --baseline, would stop on an illegal
+instruction).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from nanoqwen.choices import QUANTS  # noqa: E402
+from nanoqwen.choices import CPU_ISAS, QUANTS  # noqa: E402
 from nanoqwen.hugepages import move_into_huge_pages  # noqa: E402
 from nanoqwen.quant import GROUP_SIZE as INT4_GROUP  # noqa: E402
 from ops.cpu import build  # noqa: E402
@@ -89,22 +92,23 @@ def sources(rev: str | None, into: Path) -> Path:
     return into / "ops/cpu/csrc"
 
 
-def versions_of(baseline: str | None, prefix: str, make: Callable[[Path, Path], Any]) -> dict:
-    """{label: make(csrc, cache)}: the working tree's C sources and, with `baseline`, that revision's (listed first,
-    so its pool.c is the one both load: ops/cpu/build.py's pool is the first a process loads)."""
+def versions_of(baseline: str | None, prefix: str, make: Callable[[Path, Path, str], Any],
+                isas: tuple[str, ...] = ("auto",)) -> dict:
+    """{label: make(csrc, cache, isa)}: the working tree's C sources and, with `baseline`, that revision's (listed
+    first, so its pool.c is the one both load: ops/cpu/build.py's pool is the first a process loads), each built for
+    each cpu_isa of `isas` (labelled by it where there are several)."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    found = {"working tree": make(sources(None, tmp), tmp / "cache")}
-    if baseline:
-        found = {baseline: make(sources(baseline, tmp), tmp / "cache")} | found
-    return found
+    trees = {**({baseline: sources(baseline, tmp)} if baseline else {}), "working tree": sources(None, tmp)}
+    return {(f"{label}, {isa}" if len(isas) > 1 else label): make(csrc, tmp / "cache", isa)
+            for label, csrc in trees.items() for isa in isas}
 
 
-def callers(csrc: Path, cache: Path) -> dict:
-    """{quant: kernel(x, *weights) -> y} for the C sources in `csrc`."""
+def callers(csrc: Path, cache: Path, isa: str) -> dict:
+    """{quant: kernel(x, *weights) -> y} for the C sources in `csrc`, built for the cpu_isa `isa`."""
     dense = build.CKernel(f"bench_linear_{csrc.parent.parent.parent.name}", "linear.c", ("linear",), csrc=csrc)
     int8 = build.CKernel(f"bench_int8_{csrc.parent.parent.parent.name}", "linear_int8.c", ("linear_int8",), csrc=csrc)
     int4 = build.CKernel(f"bench_int4_{csrc.parent.parent.parent.name}", "linear_int4.c", ("linear_int4",), csrc=csrc)
-    assert dense.build(cache) and int8.build(cache) and int4.build(cache), dense.error or int8.error or int4.error
+    assert all(k.build(cache, isa) for k in (dense, int8, int4)), dense.error or int8.error or int4.error
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
@@ -146,10 +150,12 @@ def main() -> None:
                         help="time torch's F.linear on bf16 weights and the int4 torch reference as well")
     parser.add_argument("--pages", nargs="+", default=["huge"], choices=["huge", "4k"],
                         help="the weights' pages; two: both timed, interleaved")
+    parser.add_argument("--isas", nargs="+", default=["auto"], choices=CPU_ISAS,
+                        help="the cpu_isa caps to build the kernels for; several: each timed, interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    versions = versions_of(args.baseline, "bench_cpu_linear_", callers)
+    versions = versions_of(args.baseline, "bench_cpu_linear_", callers, tuple(args.isas))
     if args.torch:
         versions["torch"] = {"none": F.linear, "int4": linear_int4_torch}
     bandwidth = common.read_bandwidth(torch.device("cpu"))

@@ -2,11 +2,12 @@
 
     python profiles/bench_decode.py [--dtypes bfloat16 float32] [--batches 1 8 32] [--new-tokens 64]
         [--prompt-len 32] [--graph auto|none|compile|cudagraph|cpugraph] [--kernels auto|torch|triton]
-        [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--float-gemv] [--device auto] [--small]
-        [--out DIR]
+        [--quant none int8 int4] [--hf-cache best|dynamic|static|none] [--float-gemv] [--cpu-isa auto|avx2|avx512]
+        [--device auto] [--small] [--out DIR]
 
 --float-gemv: with the Triton kernels, bf16/fp32 linears of decode steps of at most 8 rows by Triton's GEMV
-instead of cuBLAS (NANOQWEN_FLOAT_GEMV), for an A/B against a run without it.
+instead of cuBLAS (NANOQWEN_FLOAT_GEMV), for an A/B against a run without it. --cpu-isa: the cap on the C kernels'
+instructions (the server's NANOQWEN_CPU_ISA, which this profile's engine does not read from the environment).
 
 The engine's KV pool and prefill budget hold the whole batch at --prompt-len + --new-tokens, so long
 contexts run too (profiles/common.py, load_engine's hold_batch).
@@ -46,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from nanoqwen.choices import DTYPE_NAMES, GRAPHS, QUANTS  # noqa: E402
+from nanoqwen.choices import CPU_ISAS, DTYPE_NAMES, GRAPHS, QUANTS  # noqa: E402
 from nanoqwen.config import resolve_device  # noqa: E402
 
 TARGET_VS_HF, TARGET_OF_LIMIT, TARGET_BATCH8 = 2.0, 0.70, 4.0
@@ -75,7 +76,7 @@ def bench_ours(model: Path, device: torch.device, dtype: str, quant: str, prompt
     engine = common.load_engine(
         model, device=str(device), dtype=dtype, graph=args.graph, kernels=args.kernels,
         max_batch=max(args.batches), max_model_len=args.prompt_len + args.new_tokens, quant=quant, hold_batch=True,
-        float_gemv=args.float_gemv,
+        float_gemv=args.float_gemv, cpu_isa=args.cpu_isa,
     )
     graph = engine.info()["graph"]
     # A compiled step may recompile as the block-table width grows with the context: warm up in full.
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS)
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
     parser.add_argument("--float-gemv", action="store_true", help="float linears of <= 8 rows by Triton's GEMV")
+    parser.add_argument("--cpu-isa", default="auto", choices=CPU_ISAS, help="the C kernels' instruction cap")
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()
     if args.new_tokens < 3:

@@ -34,10 +34,10 @@ from ops.cpu import build  # noqa: E402
 LAYERS, HQ, HKV, D, BLOCK = 28, 16, 8, 128, 16
 
 
-def caller(csrc: Path, cache: Path):
+def caller(csrc: Path, cache: Path, isa: str):
     kernel = build.CKernel(f"bench_attention_{csrc.parent.parent.parent.name}", "attention.c", ("decode_attention",),
                            csrc=csrc)
-    assert kernel.build(cache), kernel.error
+    assert kernel.build(cache, isa), kernel.error
 
     def attend(q, kc, vc, tables, lens, out):
         kernel.lib.decode_attention(q.data_ptr(), q.stride(0), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(),
