@@ -96,10 +96,10 @@ def versions_of(baseline: str | None, prefix: str, make: Callable[[Path, Path, s
                 isas: tuple[str, ...] = ("auto",)) -> dict:
     """{label: make(csrc, cache, isa)}: the working tree's C sources and, with `baseline`, that revision's (listed
     first, so its pool.c is the one both load: ops/cpu/build.py's pool is the first a process loads), each built for
-    each cpu_isa of `isas` (labelled by it where there are several)."""
+    each cpu_isa of `isas` (labelled by it where there are several or it is not auto)."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     trees = {**({baseline: sources(baseline, tmp)} if baseline else {}), "working tree": sources(None, tmp)}
-    return {(f"{label}, {isa}" if len(isas) > 1 else label): make(csrc, tmp / "cache", isa)
+    return {(f"{label}, {isa}" if isas != ("auto",) else label): make(csrc, tmp / "cache", isa)
             for label, csrc in trees.items() for isa in isas}
 
 

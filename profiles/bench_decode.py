@@ -7,7 +7,7 @@
 
 --float-gemv: with the Triton kernels, bf16/fp32 linears of decode steps of at most 8 rows by Triton's GEMV
 instead of cuBLAS (NANOQWEN_FLOAT_GEMV), for an A/B against a run without it. --cpu-isa: the cap on the C kernels'
-instructions (the server's NANOQWEN_CPU_ISA, which this profile's engine does not read from the environment).
+instructions (default: NANOQWEN_CPU_ISA's, as every profile's engine takes it: common.load_engine).
 
 The engine's KV pool and prefill budget hold the whole batch at --prompt-len + --new-tokens, so long
 contexts run too (profiles/common.py, load_engine's hold_batch).
@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--quant", nargs="+", default=["none"], choices=QUANTS)
     parser.add_argument("--hf-cache", default="best", choices=["best", "dynamic", "static", "none"])
     parser.add_argument("--float-gemv", action="store_true", help="float linears of <= 8 rows by Triton's GEMV")
-    parser.add_argument("--cpu-isa", default="auto", choices=CPU_ISAS, help="the C kernels' instruction cap")
+    parser.add_argument("--cpu-isa", choices=CPU_ISAS, help="the C kernels' instruction cap (else NANOQWEN_CPU_ISA's)")
     common.add_engine_args(parser, dtype=False)
     args = parser.parse_args()
     if args.new_tokens < 3:

@@ -34,6 +34,7 @@ from nanoqwen.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from nanoqwen.engine.sequence import Sequence  # noqa: E402
 from nanoqwen.engine.stream import EventStream  # noqa: E402
 from nanoqwen.hugepages import huge_page_buffer  # noqa: E402
+from nanoqwen.settings import env_setting  # noqa: E402
 
 
 # -- checkpoints and engines --------------------------------------------------------------
@@ -56,15 +57,17 @@ def checkpoint(small: bool) -> Path:
 
 def load_engine(
     model: Path, *, device: str, dtype: str, graph: str, kernels: str, max_batch: int, max_model_len: int,
-    quant: str = "none", hold_batch: bool = False, **config: Any,
+    quant: str = "none", hold_batch: bool = False, cpu_isa: str | None = None, **config: Any,
 ) -> Engine:
     """hold_batch: a KV pool for max_batch prompts of max_model_len tokens, however long (else the pool's default
-    bytes, which long contexts outgrow); config: other EngineConfig fields. Every prompt of a batch is prefilled in
-    one step (engine_decode, decode_steps): the prefill budget takes max_batch of max_model_len tokens."""
+    bytes, which long contexts outgrow); cpu_isa: the C kernels' cap, else NANOQWEN_CPU_ISA's as the server reads it
+    (a profile set it and timed the uncapped kernels); config: other EngineConfig fields. Every prompt of a batch is
+    prefilled in one step (engine_decode, decode_steps): the prefill budget takes max_batch of max_model_len tokens."""
     held = {"num_kv_blocks": blocks_to_hold(max_batch, max_model_len, EngineConfig.block_size)} if hold_batch else {}
     engine = Engine(EngineConfig(
         model=str(model), device=device, dtype=dtype, graph=graph, kernels=kernels, max_batch=max_batch,
         max_queue=max_batch, max_model_len=max_model_len, quant=quant,
+        cpu_isa=cpu_isa or env_setting("cpu_isa") or EngineConfig.cpu_isa,
         max_step_tokens=0,  # every prompt prefilled in one step: the timed steps are the batch's decode
         max_prefill_tokens=max(EngineConfig.max_prefill_tokens, max_batch * max_model_len),
         **held, **config,
