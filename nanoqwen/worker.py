@@ -314,7 +314,6 @@ class NanoqwenWorker(GeventWorker):
         ggevent.Pool = self._pool
         RequestParser.mesg_class = CheckedRequest
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
-        app.extensions["nanoqwen.hosts"].listen_on(listener.getsockname() for listener in self.sockets)
         self._engine = engine
         self._app: WSGIApplication = self.wsgi
         self.wsgi = self._closing_when_told

@@ -96,7 +96,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     started = time.time()
     request_id.install(app)
     hosts = HostGuard(config.allowed_hosts)
-    app.extensions["nanoqwen.hosts"] = hosts  # the gunicorn worker names its listeners
 
     @app.before_request
     def check_host() -> None:

@@ -14,8 +14,8 @@ on this machine that passes its clients' Host (nginx's `$host`).
 
 A listener on any other address (0.0.0.0, a LAN address) is not checked: it is reachable from elsewhere anyway, and
 an orchestrator's probes name the pod's address. Nor is a unix socket: no browser connects to one, and whatever
-forwards to it (a proxy) decides which names it serves. The gunicorn worker names its listeners once (listen_on);
-a request's listener is the one whose address is its connection's local address. The Host's syntax (`host[:port]`,
+forwards to it (a proxy) decides which names it serves. A request's listener is gunicorn's SERVER_NAME, which it
+sets from the listener's address, with nanoqwen's worker or gevent's alone. The Host's syntax (`host[:port]`,
 one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check. A target in absolute-form
 (`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from nanoqwen.api.errors import APIError
@@ -67,13 +67,6 @@ class HostGuard:
     def __init__(self, allowed: tuple[str, ...]) -> None:
         self._allowed = allowed
         self._hostname = socket.gethostname().lower().removesuffix(".")
-        self._loopback: frozenset[tuple[Any, ...]] = frozenset()  # (address, port) of each loopback listener
-
-    def listen_on(self, addresses: Iterable[Any]) -> None:
-        """The server's listeners, as their sockets' getsockname() gives them: (host, port[, ...]) or a path."""
-        if ANY_HOST not in self._allowed:  # `*`: no listener is checked
-            self._loopback = frozenset(tuple(a[:2]) for a in addresses
-                                       if isinstance(a, tuple) and _is_loopback(a[0]))
 
     def allows(self, host: str) -> bool:
         """Whether `host`, a Host header's value, may reach a loopback listener."""
@@ -90,16 +83,16 @@ class HostGuard:
                        for entry in self._allowed))
 
     def check(self, environ: Mapping[str, Any]) -> None:
-        """Raises the 403 for a request that came through a loopback listener with a Host that is not local."""
-        sock = environ.get("gunicorn.socket")
-        if not self._loopback or sock is None:
+        """Raises the 403 for a request that came through a loopback listener with a Host that is not local. The
+        listener is gunicorn's SERVER_NAME: its address (`0.0.0.0` or `::` for a wildcard's, whatever the connection's
+        own); for a unix socket gunicorn takes the Host's name, and an address there is allowed anyway."""
+        if ANY_HOST in self._allowed or not _is_loopback(environ.get("SERVER_NAME", "")):
             return
-        local = sock.getsockname()
         absolute = ABSOLUTE_FORM.match(environ.get("RAW_URI", ""))
         host = absolute[1] if absolute else environ.get("HTTP_HOST", "")
         # RFC 9110 4.2.1: an http URI without a host is invalid (`http:///x`, `http://:80/x`), not a missing Host
         named = not absolute or bool(host.partition(":")[0] and HOST.fullmatch(host))
-        if isinstance(local, tuple) and tuple(local[:2]) in self._loopback and not (named and self.allows(host)):
+        if not (named and self.allows(host)):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "
                                 "rebinding). A proxy on this machine that passes its clients' Host names them in "
