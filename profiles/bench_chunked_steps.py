@@ -19,6 +19,7 @@ import torch
 
 import common
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
+from nanoqwen.settings import env_setting
 
 QWEN_SAMPLING = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, seed=1, max_tokens=1000, ignore_eos=True)
 
@@ -37,6 +38,7 @@ def measure(args: argparse.Namespace, budget: int) -> dict:
         model=str(common.checkpoint(args.small)), device=args.device, dtype=args.dtype, kernels=args.kernels,
         max_batch=args.streams + 1, max_step_tokens=budget, prefill_stall=0.0, threads=args.threads,
         max_model_len=args.long_tokens + 64, num_kv_blocks=(args.long_tokens + 64 * (args.streams + 1)) // 16 + 2,
+        cpu_isa=env_setting("cpu_isa") or EngineConfig.cpu_isa,  # as the server and common.load_engine take it
     ))
     engine.load()
     with torch.inference_mode():

@@ -32,10 +32,10 @@ HIDDEN = 128
 OUTLIER = 30  # norm weights' column 5, times the rest
 NEW_TOKENS = 6
 PROMPTS = [random.Random(i).choices(range(1000, 100000), k=30) for i in range(8)]
-# Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; int4 capped at AVX2 too where the CPU would take VNNI's loops: both
-# round bf16 rows in int8 blocks, each ISA's loops their own way
+# Each mode's NANOQWEN_QUANT and NANOQWEN_CPU_ISA; capped at AVX2 too where the CPU would take VNNI's loops (int8's
+# int16 pieces; int4's bf16 rows in int8 blocks, each ISA's loops their own way)
 MODES = {"int8": ("int8", "auto"), "int4": ("int4", "auto"),
-         **({"int4-avx2": ("int4", "avx2")} if VNNI else {})}
+         **({"int8-avx2": ("int8", "avx2"), "int4-avx2": ("int4", "avx2")} if VNNI else {})}
 INT4_ONLY = pytest.mark.parametrize("mode", [name for name in MODES if name.startswith("int4")], indirect=True)
 
 
