@@ -86,6 +86,21 @@ def test_a_chat_answers_tokens_listed_spell_its_text_up_to_the_stop_string(
             assert "".join(tokens) == text == content[: len(text)]
 
 
+def test_the_openai_client_reads_a_stop_strings_answer_and_its_logprobs(server: GunicornServer) -> None:
+    """The official client parses the collected answer and the stream (its role chunk's `logprobs: {content: []}`,
+    the chunks whose logprobs waited with their text) into the tokens the raw answer lists."""
+    [(free, _, _)] = chat_tokens(server, {**CHAT, **NO_THINKING})
+    k, stop = stop_at(free)
+    body = {**CHAT, "stop": [stop], "extra_body": NO_THINKING}
+    client = server.openai_client()
+    [choice] = client.chat.completions.create(**body).choices
+    assert [t.token for t in choice.logprobs.content] == free[:k] and choice.finish_reason == "stop"
+    chunks = [c for chunk in client.chat.completions.create(**body, stream=True) for c in chunk.choices]
+    streamed = [t.token for c in chunks if c.logprobs and c.logprobs.content for t in c.logprobs.content]
+    assert streamed == free[:k] and "".join(c.delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[0].delta.role == "assistant" and chunks[0].logprobs.content == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_legacy_completions_tokens_listed_spell_its_text_up_to_the_stop_string(
         server: GunicornServer, stream: bool) -> None:
