@@ -138,6 +138,11 @@ class StopMatcher:
         self._held = ""  # tail that may still grow into a stop string
         self._stopped = False
 
+    @property
+    def holds(self) -> bool:
+        """Whether text may be held back, and cut, for a stop string."""
+        return bool(self._stops)
+
     def add(self, text: str, check: bool = True) -> tuple[str, bool]:
         """Returns (text safe to release, stopped); after a stop everything else is dropped."""
         if self._stopped:
@@ -224,9 +229,13 @@ class TextPipeline:
         self._stops = StopMatcher(stops)
         self._reasoning = ReasoningParser(think_in_prompt) if split_reasoning else None
         self._unchecked = min_tokens  # tokens whose text no stop string may end in (vLLM's StopChecker)
-        self.holds = any(stops)  # whether text may be held back, and cut, for a stop string
         self.offset = 0  # characters of decoded text so far: where the next token's text starts
         self.released = 0  # of them, those let through (the rest held for a stop string, or cut by one)
+
+    @property
+    def holds(self) -> bool:
+        """Whether text may be held back, and cut, for a stop string (StopMatcher's)."""
+        return self._stops.holds
 
     def add(self, token_id: int) -> tuple[str, str, bool]:
         """Returns (reasoning_delta, content_delta, stopped_by_string); a stop flushes all."""
