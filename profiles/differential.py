@@ -362,16 +362,7 @@ def case_chat(c: Ctx) -> None:
         body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": NEW, "ignore_eos": True,
                 "logprobs": True, "top_logprobs": 3, "chat_template_kwargs": {"enable_thinking": False}}
         for stream in (False, True):
-            entries: list[dict[str, Any]] = []
-            r = requests.post(c.srv.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=600,
-                              stream=stream)
-            if stream:
-                for payload in sse_payloads(r):
-                    if payload != "[DONE]":
-                        for ch in json.loads(payload).get("choices", []):
-                            entries += (ch.get("logprobs") or {}).get("content") or []
-            else:
-                entries = r.json()["choices"][0]["logprobs"]["content"]
+            _, entries = chat_answer(c, {**body, "stream": stream})
             got = [(e["token"], e["logprob"]) for e in entries]
             got_top = [[(t["token"], t["logprob"]) for t in e["top_logprobs"]] for e in entries]
             ok = len(got) == len(got_top) == NEW and all(
@@ -486,19 +477,24 @@ def listed_through(c: Ctx, gen: list[int], content: str) -> int:
     return k
 
 
-def stop_entries(c: Ctx, body: dict[str, Any]) -> tuple[str, list[tuple[bytes, float, list[tuple[int, ...]]]]]:
-    """A chat answer's content and its logprobs' (bytes, logprob, top ids' bytes) entries, collected or streamed."""
+def chat_answer(c: Ctx, body: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """A chat answer's content and its logprobs' entries, collected or streamed as `body` asks."""
     r = requests.post(c.srv.url + "/v1/chat/completions", json=body, timeout=600, stream=body["stream"])
     assert r.status_code == 200, r.text
-    if body["stream"]:
-        content, entries = "", []
-        for payload in sse_payloads(r):
-            for ch in [] if payload == "[DONE]" else json.loads(payload)["choices"]:
-                content += ch["delta"].get("content") or ""
-                entries += (ch.get("logprobs") or {}).get("content") or []
-    else:
+    if not body["stream"]:
         ch = r.json()["choices"][0]
-        content, entries = ch["message"]["content"] or "", (ch["logprobs"] or {}).get("content") or []
+        return ch["message"]["content"] or "", (ch["logprobs"] or {}).get("content") or []
+    content, entries = "", []
+    for payload in sse_payloads(r):
+        for ch in [] if payload == "[DONE]" else json.loads(payload).get("choices", []):
+            content += ch["delta"].get("content") or ""
+            entries += (ch.get("logprobs") or {}).get("content") or []
+    return content, entries
+
+
+def stop_entries(c: Ctx, body: dict[str, Any]) -> tuple[str, list[tuple[bytes, float, list[tuple[int, ...]]]]]:
+    """A chat answer's content and its logprobs' (bytes, logprob, top ids' bytes) entries, collected or streamed."""
+    content, entries = chat_answer(c, body)
     return content, [(bytes(e["bytes"]), e["logprob"], [tuple(t["bytes"]) for t in e["top_logprobs"]])
                      for e in entries]
 
