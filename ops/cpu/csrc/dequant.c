@@ -66,19 +66,11 @@ struct int8_args {
 
 AVX512_BEGIN
 
-/* The upper halves of the dwords of a and b, in order: 32 bf16 (each dword rounded by round16, or exact). */
+/* The upper halves of the dwords of a and b, in order: 32 bf16 (each dword rounded by round16_bits, or exact). */
 INLINE __m512i high_words(__m512i a, __m512i b) {
     static const int16_t odd[32] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
                                     33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
     return _mm512_permutex2var_epi16(a, _mm512_loadu_si512(odd), b);
-}
-
-/* v rounded to bf16 as round8 rounds (to nearest even, as torch does; vcvtneps2bf16 flushes subnormals), in the
-   upper half of each dword. */
-INLINE __m512i round16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
 }
 
 /* Nibbles q (int32) of 16 columns dequantised, unrounded for bf16; `fused` where the product q * s is exact in fp32,
@@ -132,7 +124,8 @@ INLINE void block64(const struct dequant_args *a, long n, long b, __m512i words,
             _mm512_storeu_si512((uint16_t *)a->out + at + 16 * t, (__m512i)_mm512_cvtne2ps_pbh(v[t + 1], v[t]));
     } else {
         for (int t = 0; t < 4; t += 2)
-            _mm512_storeu_si512((uint16_t *)a->out + at + 16 * t, high_words(round16(v[t]), round16(v[t + 1])));
+            _mm512_storeu_si512((uint16_t *)a->out + at + 16 * t,
+                                high_words(round16_bits(v[t]), round16_bits(v[t + 1])));
     }
 }
 

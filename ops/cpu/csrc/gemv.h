@@ -153,6 +153,14 @@ INLINE void dot_rows_bf16_avx2(const uint16_t *r, long stride, const void *x, in
 
 AVX512_BEGIN
 
+/* v rounded to bf16 as round8 rounds (to nearest even, as torch does; vcvtneps2bf16 flushes subnormals), in the
+   upper half of each dword (the lower half not cleared). */
+INLINE __m512i round16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+}
+
 /* Weights k..k+15 of row r as fp32 (bf16 weights take dot_rows_bf16 instead). */
 INLINE __m512 widen16(const void *r, int k, int kind) {
     if (kind == W_I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)r + k))));

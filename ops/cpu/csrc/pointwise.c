@@ -34,9 +34,7 @@ static inline __m512 round16(__m512 v, int bf16) {
         __asm__("" : "+v"(v));
         return v;
     }
-    const __m512i u = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))),
-                                                _mm512_set1_epi32((int)0xffff0000u)));
+    return _mm512_castsi512_ps(_mm512_and_si512(round16_bits(v), _mm512_set1_epi32((int)0xffff0000u)));
 }
 static inline void store16(void *p, long i, __m512 v, int bf16) {
     if (!bf16) _mm512_storeu_ps((float *)p + i, v);
