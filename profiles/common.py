@@ -244,13 +244,14 @@ def core_pair_ns() -> int | None:
     profiles/core_pair.c). On the 2-core Zen 5 KVM it names the speed state a figure ran in: ~77 ns, both vCPUs on one
     CCD of the host (a 2-thread read ~55 GB/s); ~340 ns, on two (~85-95 GB/s); the host moves them every few seconds.
     None with fewer than two CPUs, no C compiler, or a CPU it could not pin. Built into OUT on first use (and when
-    the source is newer)."""
+    its sources are newer)."""
     from ops.cpu.build import compiler
 
     binary, cc = OUT / "core_pair", compiler()
     if cc is None or len(os.sched_getaffinity(0)) < 2:
         return None
-    if not binary.exists() or binary.stat().st_mtime < CORE_PAIR.stat().st_mtime:
+    sources = (CORE_PAIR, CORE_PAIR.with_suffix(".h"))
+    if not binary.exists() or binary.stat().st_mtime < max(source.stat().st_mtime for source in sources):
         OUT.mkdir(parents=True, exist_ok=True)
         if subprocess.run([cc, "-O2", "-pthread", str(CORE_PAIR), "-o", str(binary)]).returncode != 0:
             return None

@@ -11,38 +11,11 @@
           batches of 1,000 round trips (the minimum: a batch the load left alone); exit status 2 without two
           distinct CPUs. */
 #define _GNU_SOURCE
-#include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
-#define ROUND_TRIPS 1000
-
-static int flag __attribute__((aligned(64)));
-static long rounds;
-
-static cpu_set_t one_cpu(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    return set;
-}
-
-static void *echo(void *unused) {
-    (void)unused;
-    for (long i = 0; i < rounds; i++) {
-        while (__atomic_load_n(&flag, __ATOMIC_ACQUIRE) != 1) {}
-        __atomic_store_n(&flag, 0, __ATOMIC_RELEASE);
-    }
-    return 0;
-}
-
-static double now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e9 + t.tv_nsec;
-}
+#include "core_pair.h"
 
 static int by_value(const void *a, const void *b) {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -61,25 +34,8 @@ int main(int argc, char **argv) {
             if (CPU_ISSET(c, &set)) cpus[found++] = c;
     }
     if (found < 2 || cpus[0] == cpus[1] || batches < 1) return 2;
-    rounds = (long)batches * ROUND_TRIPS;
-    /* a CPU that is not ours fails here: unpinned, a round trip waits on the scheduler (ms, not ns) */
-    cpu_set_t mine = one_cpu(cpus[0]), theirs = one_cpu(cpus[1]);
-    if (pthread_setaffinity_np(pthread_self(), sizeof mine, &mine) != 0) return 2;
-    pthread_attr_t attr;
-    pthread_t other;
-    if (pthread_attr_init(&attr) != 0 || pthread_attr_setaffinity_np(&attr, sizeof theirs, &theirs) != 0 ||
-        pthread_create(&other, &attr, echo, 0) != 0)
-        return 2;
     double *ns = malloc(batches * sizeof *ns);
-    for (int b = 0; b < batches; b++) {
-        const double start = now_ns();
-        for (int i = 0; i < ROUND_TRIPS; i++) {
-            __atomic_store_n(&flag, 1, __ATOMIC_RELEASE);
-            while (__atomic_load_n(&flag, __ATOMIC_ACQUIRE) != 0) {}
-        }
-        ns[b] = (now_ns() - start) / ROUND_TRIPS;
-    }
-    pthread_join(other, 0);
+    if (!ns || core_pair_round_trips(cpus[0], cpus[1], batches, ns) != 0) return 2;
     qsort(ns, batches, sizeof *ns, by_value);
     printf("%.0f %.0f\n", ns[0], ns[batches / 2]);
     free(ns);

@@ -2,7 +2,7 @@
    2-core Zen 5 KVM (profiles/RESULTS.md, step35: the host holds the two vCPUs on one CCD, ~77 ns a cache line's round
    trip, or on two, ~340 ns). Not a test. Needs AVX-512 VNNI.
 
-   Each round prints the round trip before and after it (measured here as core_pair.c does), then:
+   Each round prints the round trip before and after it (core_pair.h's measure, in this process), then:
    - empty jobs: the pool's round trip for a job of 2 chunks that do nothing (the caller spins 5 µs between jobs, so the
      helper is spinning, as between a step's linears), how often the helper ran a chunk, and the time from the post
      to the helper's chunk where it did;
@@ -25,52 +25,21 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "core_pair.h"
 #include "step_matrices.h"
 
 #define EMPTY_JOBS 2000
 #define GAP_S 5e-6  /* the caller's work between two empty jobs */
 
-/* ---- the core pair's round trip (core_pair.c's measure, in this process) ---- */
+/* ---- the core pair's round trip (core_pair.h, in this process) ---- */
 
-static struct { int value; } __attribute__((aligned(128))) flag;  /* a line (and its pair's prefetch) of its own */
-
-static void *echo(void *rounds) {
-    for (long i = 0; i < (long)rounds; i++) {
-        while (__atomic_load_n(&flag.value, __ATOMIC_ACQUIRE) != 1) {}
-        __atomic_store_n(&flag.value, 0, __ATOMIC_RELEASE);
-    }
-    return 0;
-}
-
-/* The best of 10 batches of 1,000 round trips between CPUs 0 and 1, ns; the caller's affinity is restored after. */
+/* The best of 10 batches of 1,000 round trips between CPUs 0 and 1, ns (-1 where they cannot be pinned). */
 static double pair_ns(void) {
-    cpu_set_t a, b, old;
-    CPU_ZERO(&a);
-    CPU_SET(0, &a);
-    CPU_ZERO(&b);
-    CPU_SET(1, &b);
-    pthread_getaffinity_np(pthread_self(), sizeof old, &old);
-    pthread_setaffinity_np(pthread_self(), sizeof a, &a);
-    pthread_attr_t attr;
-    pthread_t other;
-    pthread_attr_init(&attr), pthread_attr_setaffinity_np(&attr, sizeof b, &b);
-    if (pthread_create(&other, &attr, echo, (void *)10000L) != 0) {
-        pthread_setaffinity_np(pthread_self(), sizeof old, &old);
-        return -1;
-    }
-    double best = 1e9;
-    for (int batch = 0; batch < 10; batch++) {
-        const double start = now();
-        for (int i = 0; i < 1000; i++) {
-            __atomic_store_n(&flag.value, 1, __ATOMIC_RELEASE);
-            while (__atomic_load_n(&flag.value, __ATOMIC_ACQUIRE) != 0) {}
-        }
-        const double took = now() - start;
-        if (took < best) best = took;
-    }
-    pthread_join(other, 0);
-    pthread_setaffinity_np(pthread_self(), sizeof old, &old);
-    return best * 1e6;  /* s per 1,000 trips -> ns per trip */
+    double ns[10], best = 1e9;
+    if (core_pair_round_trips(0, 1, 10, ns) != 0) return -1;
+    for (int b = 0; b < 10; b++)
+        if (ns[b] < best) best = ns[b];
+    return best;
 }
 
 /* ---- each chunk timed on the thread that runs it ---- */
