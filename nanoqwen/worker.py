@@ -28,6 +28,7 @@ from gevent.pool import Pool
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.http.body import ChunkedReader, LengthReader
+from gunicorn.http.errors import ConfigurationProblem
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.wsgi import Response
@@ -83,7 +84,8 @@ def _freeze_loaded_objects() -> None:
 
 
 # gunicorn's refusals that a client can act on without reading the message
-GUNICORN_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large", 501: "unsupported_transfer_coding"}
+GUNICORN_CODES = {404: "not_found", 414: "uri_too_long", 431: "request_header_fields_too_large",
+                  501: "unsupported_transfer_coding"}
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -184,7 +186,8 @@ class NanoqwenWorker(GeventWorker):
     - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
       load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
       tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
-    - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
+    - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error; a path outside an
+      operator's SCRIPT_NAME (a deployment under a prefix) is a 404 (gunicorn's is a 500).
     - an answer before the request's body was read (the app sets CLOSE_CONNECTION) says `Connection: close` (gunicorn
       ignores an app's Connection header) and closes the connection after a lingering read (linger): gunicorn would
       read the rest of the body before the next request in one go, holding the loop.
@@ -267,6 +270,13 @@ class NanoqwenWorker(GeventWorker):
             if current in self._unread:
                 linger(sock)
             raise
+        except ConfigurationProblem:  # gunicorn's one: a path outside the operator's SCRIPT_NAME, before it counts it
+            # a path this deployment (under a prefix) does not serve, not a server error (gunicorn's 500)
+            write_json_error(sock, 404, "Not Found", f"Unknown endpoint: {req.method} {req.path}: this server serves "
+                                                     f"the paths under {os.environ.get('SCRIPT_NAME')}")
+            if _body_follows(req):
+                linger(sock)
+            raise StopIteration from None
         except SendTimeout as exc:  # the app's generator is closed by now: as if the client had gone
             self.log.info("closed the connection of %s %s: %s", req.method, req.path, exc.strerror)
             # a reset, not a FIN behind the unread data: the kernel would keep the socket and its full send
