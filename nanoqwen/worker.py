@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gevent
 import gunicorn
@@ -124,11 +124,24 @@ def _body_follows(req: Request) -> bool:
     return isinstance(reader, ChunkedReader) or (isinstance(reader, LengthReader) and reader.length > 0)
 
 
-def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout) -> None:
+def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout, begun_too: bool = True) -> None:
     """Ends a connection's keep-alive wait as if it had timed out, at the loop's next turn and only if it still waits
     then: a kill queued now could land after the request's head arrived in the same turn, inside the request (a
-    500 and a traceback, a stream cut)."""
-    gevent.get_hub().loop.run_callback(lambda: timeout.pending and greenlet.throw(timeout))
+    500 and a traceback, a stream cut). Not `begun_too`: only if no byte of the next request's head has come."""
+    gevent.get_hub().loop.run_callback(
+        lambda: timeout.pending and (begun_too or greenlet not in WaitedRequest.begun) and greenlet.throw(timeout))
+
+
+class WaitedRequest(CheckedRequest):
+    """CheckedRequest that marks its connection's greenlet once its head's first bytes have come (`begun`, emptied as
+    each keep-alive wait ends): a request under way, which the stop's end of the waits leaves to be read and served.
+    A head begun before the 1 s mark and whole after it met the close: no answer (the rest of it reset)."""
+
+    begun: ClassVar[set[gevent.Greenlet]] = set()
+
+    def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
+        super().read_into(unreader, buf, stop)
+        self.begun.add(gevent.getcurrent())
 
 
 class ContinueOnRead:
@@ -242,16 +255,18 @@ class NanoqwenWorker(GeventWorker):
         later (_drain), and one begun after the stop (a stream whose head went out before it has ended since) lasts
         that long: for the keep-alive timeout it held the exit to the graceful timeout, and ended at once it reset the
         request a client sends as soon as its answer ends (about every other stop, each such client); that one is
-        served, its answer closing the connection."""
-        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, self._stopping_wait_s()),
-                                 False)
+        served, its answer closing the connection (_end_after_stop)."""
+        timeout = gevent.Timeout(self.cfg.keepalive, False)
         current = gevent.getcurrent()
         self._idle[current] = timeout
+        if not self.alive:
+            gevent.spawn(self._end_after_stop, current, timeout)
         try:
             with timeout:
                 yield
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
+            WaitedRequest.begun.discard(current)
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         current = gevent.getcurrent()
@@ -322,7 +337,7 @@ class NanoqwenWorker(GeventWorker):
         if RequestParser.mesg_class is not Request or not callable(getattr(Request, "read_into", None)):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its parser reads no Request through read_into")
         ggevent.Pool = self._pool
-        RequestParser.mesg_class = CheckedRequest
+        RequestParser.mesg_class = WaitedRequest
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._engine = engine
         self._app: WSGIApplication = self.wsgi
@@ -415,20 +430,24 @@ class NanoqwenWorker(GeventWorker):
             self._draining = True
             gevent.spawn(self._drain)
 
-    def _stopping_wait_s(self) -> float:
-        """How long a keep-alive wait lasts past the stop: within half the graceful timeout, so that gevent's run loop
-        (its check each second) sees the connections done before the master's kill."""
-        return min(STOPPING_WAIT_S, self.cfg.graceful_timeout / 2)
+    def _end_after_stop(self, greenlet: gevent.Greenlet, timeout: gevent.Timeout) -> None:
+        """Ends a keep-alive wait past the stop `wait_s` later unless its request's head has begun to come, which has
+        as long again to be whole: a head begun before the mark and whole after it met the close (no answer, the rest
+        of it reset). Both within half the graceful timeout, so that gevent's run loop (its check each second) sees
+        the connections done before the master's kill."""
+        wait_s = min(STOPPING_WAIT_S, self.cfg.graceful_timeout / 4)
+        gevent.sleep(wait_s)  # a request already on its way is served
+        _end_wait(greenlet, timeout, begun_too=False)
+        gevent.sleep(wait_s)
+        _end_wait(greenlet, timeout)
 
     def _drain(self) -> None:
-        grace = self.cfg.graceful_timeout
-        waits, wait_s = list(self._idle.items()), self._stopping_wait_s()
-        gevent.sleep(wait_s)  # as a wait begun after the stop: a request already on its way is served
-        for greenlet, timeout in waits:
-            _end_wait(greenlet, timeout)
+        for greenlet, timeout in list(self._idle.items()):  # as a wait begun after the stop
+            gevent.spawn(self._end_after_stop, greenlet, timeout)
         # gevent's run loop checks every second whether its connections are done, and the master
         # kills the worker at `grace`: fail what still runs early enough for both.
-        gevent.sleep(grace - min(1.5, grace / 2) - wait_s)
+        grace = self.cfg.graceful_timeout
+        gevent.sleep(grace - min(1.5, grace / 2))
         from nanoqwen.wsgi import engine
 
         engine.fail_all(SHUTDOWN_MESSAGE)

@@ -586,6 +586,33 @@ def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny
     assert status == 0 and "graceful timeout" not in srv.log(), srv.log()
 
 
+def test_a_request_head_arriving_across_the_stop_mark_is_served(tiny_checkpoint, tmp_path):
+    """A request whose head began to come on an idle connection before the stop's 1 s mark and was whole after it met
+    the close (the wait ended mid-head): no answer, the rest of its head reset. A begun head is read and served, its
+    answer closing the connection; the worker still exits before the graceful timeout."""
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+            poll = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            sock.sendall(poll)
+            first = b""
+            while not first.endswith(b"}\n"):  # the whole answer; the connection idles
+                first += sock.recv(65536)
+            srv.terminate()
+            wait_for(lambda: "Handling signal: term" in srv.log())  # the master sends the worker SIGTERM as it logs
+            time.sleep(0.5)  # before the mark (1 s after the worker's stop)
+            sock.sendall(poll[:20])
+            time.sleep(0.9)  # past it (a begun head has 1 s more to be whole)
+            sock.sendall(poll[20:])
+            answer = read_all(sock)
+        status = srv.wait(60)
+    finally:
+        srv.stop()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
+    assert status == 0 and "graceful timeout" not in srv.log(), srv.log()
+
+
 def test_threads_default_to_the_affinity_mask():
     assert resolve_threads(0) == len(os.sched_getaffinity(0))
     assert resolve_threads(3) == 3
