@@ -28,7 +28,6 @@ from gevent.pool import Pool
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
 from gunicorn.http.body import ChunkedReader, LengthReader
-from gunicorn.http.errors import ConfigurationProblem
 from gunicorn.http.message import Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.wsgi import Response
@@ -269,6 +268,15 @@ class NanoqwenWorker(GeventWorker):
             WaitedRequest.begun.discard(current)
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
+        # an operator's SCRIPT_NAME (a deployment under a prefix): gunicorn answered a path outside it with a 500 and
+        # served one that only starts with its characters (`/apiv1/models` under `/api`)
+        prefix = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        if prefix and req.path != prefix and not req.path.startswith(f"{prefix}/"):
+            write_json_error(sock, 404, "Not Found", f"Unknown endpoint: {req.method} {req.path}: this server serves "
+                                                     f"the paths under {prefix}/")
+            if _body_follows(req):
+                linger(sock)
+            raise StopIteration
         current = gevent.getcurrent()
         # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
         # the model loads does not count, or a worker polled that often before it loaded restarted, and its
@@ -285,13 +293,6 @@ class NanoqwenWorker(GeventWorker):
             if current in self._unread:
                 linger(sock)
             raise
-        except ConfigurationProblem:  # gunicorn's one: a path outside the operator's SCRIPT_NAME, before it counts it
-            # a path this deployment (under a prefix) does not serve, not a server error (gunicorn's 500)
-            write_json_error(sock, 404, "Not Found", f"Unknown endpoint: {req.method} {req.path}: this server serves "
-                                                     f"the paths under {os.environ.get('SCRIPT_NAME')}")
-            if _body_follows(req):
-                linger(sock)
-            raise StopIteration from None
         except SendTimeout as exc:  # the app's generator is closed by now: as if the client had gone
             self.log.info("closed the connection of %s %s: %s", req.method, req.path, exc.strerror)
             # a reset, not a FIN behind the unread data: the kernel would keep the socket and its full send

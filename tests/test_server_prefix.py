@@ -36,12 +36,15 @@ def _exchange(port: int, raw: bytes) -> tuple[bytes, dict]:
     b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"GET /v1/models HTTP/1.0\r\n\r\n",
+    b"GET /apiv1/models HTTP/1.1\r\nHost: localhost\r\n\r\n",  # the prefix's characters, not its segment
+    b"GET /api%2fhealth HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     b"Content-Length: 200000\r\n\r\n" + b" " * 200000,  # its body unread: still the answer, not a reset
-], ids=["health", "root", "http1.0", "post-with-body"])
+], ids=["health", "root", "http1.0", "mid-segment", "encoded-slash", "post-with-body"])
 def test_a_path_outside_the_prefix_is_a_404(server: GunicornServer, raw: bytes) -> None:
     """gunicorn answered a path outside SCRIPT_NAME with a 500 ("Configuration problem: Request path '/health' does
-    not start with SCRIPT_NAME '/api'"), a server error that clients retry."""
+    not start with SCRIPT_NAME '/api'"), a server error that clients retry, and served one that starts with the
+    prefix's characters but not its path segment (`/apiv1/models`)."""
     head, body = _exchange(server.port, raw)
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"404", (head, body)
     error = body["error"]
