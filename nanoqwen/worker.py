@@ -123,6 +123,9 @@ def _body_follows(req: Request) -> bool:
     return isinstance(reader, ChunkedReader) or (isinstance(reader, LengthReader) and reader.length > 0)
 
 
+Idle = dict[gevent.Greenlet, gevent.Timeout]  # the connections waiting for a request's head, oldest first
+
+
 def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout, begun_too: bool = True) -> None:
     """Ends a connection's keep-alive wait as if it had timed out, at the loop's next turn and only if it still waits
     then: a kill queued now could land after the request's head arrived in the same turn, inside the request (a
@@ -132,15 +135,18 @@ def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout, begun_too: boo
 
 
 class WaitedRequest(CheckedRequest):
-    """CheckedRequest that marks its connection's greenlet once its head's first bytes have come (`begun`, emptied as
-    each keep-alive wait ends): a request under way, which the stop's end of the waits leaves to be read and served.
-    A head begun before the 1 s mark and whole after it met the close: no answer (the rest of it reset)."""
+    """CheckedRequest that marks a connection waiting for its next request (in `waiting`, the worker's) once that
+    head's first bytes have come (`begun`, left as the wait ends): a request under way, which the stop's end of the
+    waits leaves to be read and served. A head begun before the 1 s mark and whole after it met the close: no answer
+    (the rest of it reset)."""
 
+    waiting: ClassVar[Idle] = {}
     begun: ClassVar[set[gevent.Greenlet]] = set()
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
-        self.begun.add(gevent.getcurrent())
+        if (current := gevent.getcurrent()) in self.waiting:  # its wait takes it out as it ends (--keep-alive 0: none)
+            self.begun.add(current)
 
 
 class ContinueOnRead:
@@ -173,9 +179,6 @@ class ContinueOnRead:
     def __iter__(self) -> Iterator[bytes]:
         self._continue()
         return iter(self._body)
-
-
-Idle = dict[gevent.Greenlet, gevent.Timeout]  # the connections waiting for a request's head, oldest first
 
 
 class NanoqwenWorker(GeventWorker):
@@ -237,7 +240,7 @@ class NanoqwenWorker(GeventWorker):
         # without nanoqwen's config (its at-fork hook): patch() imports torch first (a stop in the milliseconds from
         # the fork to here is still queued for the master's loop; not tested: the config's hook covers the tests)
         exit_on_stop_signals()
-        self._idle: Idle = {}
+        self._idle: Idle = WaitedRequest.waiting
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
