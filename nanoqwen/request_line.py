@@ -18,6 +18,9 @@ but in no host name, is refused too: it is how two Host lines read once a proxy 
 So is a name werkzeug's routing cannot encode as IDNA (an empty label, one past 63 characters), which it refused later
 with a vaguer 400 ("The browser (or proxy) sent a request ...") on a connection kept open. An IPv6 zone id
 (`[fe80::1%25eth0]`, RFC 6874) is no RFC 3986 IP-literal: RFC 6874 4 has clients and proxies remove it before sending.
+A target in absolute-form (`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2): its
+authority is held to the same syntax, and an http URI must name a host (RFC 9110 4.2.1: `http:///x`, `http://:80/x`
+are invalid); these were a 403 on a loopback listener (api/hosts.py) and served on any other.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
 SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
 # IP-literal (IPv6 and IPvFuture, loosely) or reg-name less the comma, then an optional port
 HOST = re.compile(r"(?:\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+# RFC 9112 3.2.2: a request-target in absolute-form names the host (its authority less any userinfo)
+ABSOLUTE_FORM = re.compile(r"[a-z][a-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)", re.IGNORECASE)
 
 
 class MissingHost(InvalidHeader):
@@ -49,11 +54,19 @@ class InvalidHost(InvalidHeader):
                f"{self.hdr[:SHOWN_BYTES * 4]!r}."
 
 
+class InvalidAuthority(InvalidHeader):
+    """`hdr`: the absolute-form target's authority."""
+
+    def __str__(self) -> str:
+        return f"A request target in absolute-form must name a host and an optional port (RFC 9112 3.2.2, RFC 9110 " \
+               f"4.2.1), not {self.hdr[:SHOWN_BYTES * 4]!r}."
+
+
 class CheckedRequest(Request):
     """gunicorn's Request, whose head's reads check the request line received so far, and whose parsed head has a
-    valid Host, where HTTP/1.1 requires one. Both of gunicorn's parsers (its Python one and gunicorn_h1c's) read the
-    head through read_into, and through parse: while the request line is not parsed (`method` unset), the buffer
-    starts with it."""
+    valid Host, where HTTP/1.1 requires one, and a valid authority in an absolute-form target. Both of gunicorn's
+    parsers (its Python one and gunicorn_h1c's) read the head through read_into, and through parse: while the request
+    line is not parsed (`method` unset), the buffer starts with it."""
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
@@ -67,9 +80,28 @@ class CheckedRequest(Request):
         hosts = [value for name, value in self.headers if name == "HOST"]  # one at most: gunicorn refuses a second
         if self.version >= (1, 1) and not hosts:
             raise MissingHost("Host", req=self)
-        if hosts and not (HOST.fullmatch(hosts[0]) and _routable(hosts[0])):
+        if hosts and not valid_host(hosts[0]):
             raise InvalidHost(hosts[0], req=self)
+        authority = target_authority(self.uri)
+        if authority is not None and not valid_authority(authority):
+            raise InvalidAuthority(authority, req=self)
         return rest
+
+
+def target_authority(target: str) -> str | None:
+    """The host and port an absolute-form target names; None for any other form."""
+    absolute = ABSOLUTE_FORM.match(target)
+    return absolute[1] if absolute else None
+
+
+def valid_host(host: str) -> bool:
+    """Whether `host` is a `uri-host [":" port]` that werkzeug's routing takes."""
+    return bool(HOST.fullmatch(host)) and _routable(host)
+
+
+def valid_authority(authority: str) -> bool:
+    """Whether an absolute-form target's authority names a host (RFC 9110 4.2.1: an http URI without one is invalid)."""
+    return bool(authority.partition(":")[0]) and valid_host(authority)
 
 
 def _routable(host: str) -> bool:

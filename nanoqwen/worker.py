@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator
 from http import HTTPStatus
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import gevent
 import gunicorn
@@ -83,7 +83,8 @@ def _freeze_loaded_objects() -> None:
 
 
 # gunicorn's refusals that a client can act on without reading the message
-GUNICORN_CODES = {414: "uri_too_long", 431: "request_header_fields_too_large", 501: "unsupported_transfer_coding"}
+GUNICORN_CODES = {404: "not_found", 414: "uri_too_long", 431: "request_header_fields_too_large",
+                  501: "unsupported_transfer_coding"}
 
 
 def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
@@ -122,11 +123,30 @@ def _body_follows(req: Request) -> bool:
     return isinstance(reader, ChunkedReader) or (isinstance(reader, LengthReader) and reader.length > 0)
 
 
-def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout) -> None:
+Idle = dict[gevent.Greenlet, gevent.Timeout]  # the connections waiting for a request's head, oldest first
+
+
+def _end_wait(greenlet: gevent.Greenlet, timeout: gevent.Timeout, begun_too: bool = True) -> None:
     """Ends a connection's keep-alive wait as if it had timed out, at the loop's next turn and only if it still waits
     then: a kill queued now could land after the request's head arrived in the same turn, inside the request (a
-    500 and a traceback, a stream cut)."""
-    gevent.get_hub().loop.run_callback(lambda: timeout.pending and greenlet.throw(timeout))
+    500 and a traceback, a stream cut). Not `begun_too`: only if no byte of the next request's head has come."""
+    gevent.get_hub().loop.run_callback(
+        lambda: timeout.pending and (begun_too or greenlet not in WaitedRequest.begun) and greenlet.throw(timeout))
+
+
+class WaitedRequest(CheckedRequest):
+    """CheckedRequest that marks a connection waiting for its next request (in `waiting`, the worker's) once that
+    head's first bytes have come (`begun`, left as the wait ends): a request under way, which the stop's end of the
+    waits leaves to be read and served. A head begun before the 1 s mark and whole after it met the close: no answer
+    (the rest of it reset)."""
+
+    waiting: ClassVar[Idle] = {}
+    begun: ClassVar[set[gevent.Greenlet]] = set()
+
+    def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
+        super().read_into(unreader, buf, stop)
+        if (current := gevent.getcurrent()) in self.waiting:  # its wait takes it out as it ends (--keep-alive 0: none)
+            self.begun.add(current)
 
 
 class ContinueOnRead:
@@ -161,9 +181,6 @@ class ContinueOnRead:
         return iter(self._body)
 
 
-Idle = dict[gevent.Greenlet, gevent.Timeout]  # the connections waiting for a request's head, oldest first
-
-
 class NanoqwenWorker(GeventWorker):
     """Differences from GeventWorker:
 
@@ -184,7 +201,8 @@ class NanoqwenWorker(GeventWorker):
     - what the imports made is moved out of the garbage collector's reach before the engine starts, so that the
       load's collections do not walk it (_freeze_imported_objects); once the model is loaded, what exists then (the
       tokenizer, the model) follows (_freeze_loaded_objects, in the engine thread before requests are let in).
-    - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error.
+    - what gunicorn answers itself (a request it cannot parse) is an OpenAI-style JSON error; a path outside an
+      operator's SCRIPT_NAME (a deployment under a prefix) is a 404 (gunicorn's is a 500).
     - an answer before the request's body was read (the app sets CLOSE_CONNECTION) says `Connection: close` (gunicorn
       ignores an app's Connection header) and closes the connection after a lingering read (linger): gunicorn would
       read the rest of the body before the next request in one go, holding the loop.
@@ -222,7 +240,7 @@ class NanoqwenWorker(GeventWorker):
         # without nanoqwen's config (its at-fork hook): patch() imports torch first (a stop in the milliseconds from
         # the fork to here is still queued for the master's loop; not tested: the config's hook covers the tests)
         exit_on_stop_signals()
-        self._idle: Idle = {}
+        self._idle: Idle = WaitedRequest.waiting
         self._pools: list[Pool] = []  # each listener's connections (worker_connections of them)
         self._unread: set[gevent.Greenlet] = set()  # requests answered before their body was read: linger after
         self._expecting: set[gevent.Greenlet] = set()  # requests whose `100 Continue` waits for the app's read
@@ -239,18 +257,29 @@ class NanoqwenWorker(GeventWorker):
         later (_drain), and one begun after the stop (a stream whose head went out before it has ended since) lasts
         that long: for the keep-alive timeout it held the exit to the graceful timeout, and ended at once it reset the
         request a client sends as soon as its answer ends (about every other stop, each such client); that one is
-        served, its answer closing the connection."""
-        timeout = gevent.Timeout(self.cfg.keepalive if self.alive else min(self.cfg.keepalive, self._stopping_wait_s()),
-                                 False)
+        served, its answer closing the connection (_end_after_stop)."""
+        timeout = gevent.Timeout(self.cfg.keepalive, False)
         current = gevent.getcurrent()
         self._idle[current] = timeout
+        if not self.alive:
+            gevent.spawn(self._end_after_stop, current, timeout)
         try:
             with timeout:
                 yield
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
+            WaitedRequest.begun.discard(current)
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
+        # an operator's SCRIPT_NAME (a deployment under a prefix): gunicorn answered a path outside it with a 500 and
+        # served one that only starts with its characters (`/apiv1/models` under `/api`)
+        prefix = os.environ.get("SCRIPT_NAME", "").rstrip("/")
+        if prefix and req.path != prefix and not req.path.startswith(f"{prefix}/"):
+            write_json_error(sock, 404, "Not Found", f"Unknown endpoint: {req.method} {req.path}: this server serves "
+                                                     f"the paths under {prefix}/")
+            if _body_follows(req):
+                linger(sock)
+            raise StopIteration
         current = gevent.getcurrent()
         # gunicorn counts each request towards --max-requests (its handle_request adds one): one answered 503 while
         # the model loads does not count, or a worker polled that often before it loaded restarted, and its
@@ -312,7 +341,7 @@ class NanoqwenWorker(GeventWorker):
         if RequestParser.mesg_class is not Request or not callable(getattr(Request, "read_into", None)):
             raise RuntimeError(f"gunicorn {gunicorn.__version__}: its parser reads no Request through read_into")
         ggevent.Pool = self._pool
-        RequestParser.mesg_class = CheckedRequest
+        RequestParser.mesg_class = WaitedRequest
         self._send_timeout_s = app.extensions["nanoqwen.config"].send_timeout_s
         self._engine = engine
         self._app: WSGIApplication = self.wsgi
@@ -405,20 +434,24 @@ class NanoqwenWorker(GeventWorker):
             self._draining = True
             gevent.spawn(self._drain)
 
-    def _stopping_wait_s(self) -> float:
-        """How long a keep-alive wait lasts past the stop: within half the graceful timeout, so that gevent's run loop
-        (its check each second) sees the connections done before the master's kill."""
-        return min(STOPPING_WAIT_S, self.cfg.graceful_timeout / 2)
+    def _end_after_stop(self, greenlet: gevent.Greenlet, timeout: gevent.Timeout) -> None:
+        """Ends a keep-alive wait past the stop `wait_s` later unless its request's head has begun to come, which has
+        as long again to be whole: a head begun before the mark and whole after it met the close (no answer, the rest
+        of it reset). Both within half the graceful timeout, so that gevent's run loop (its check each second) sees
+        the connections done before the master's kill."""
+        wait_s = min(STOPPING_WAIT_S, self.cfg.graceful_timeout / 4)
+        gevent.sleep(wait_s)  # a request already on its way is served
+        _end_wait(greenlet, timeout, begun_too=False)
+        gevent.sleep(wait_s)
+        _end_wait(greenlet, timeout)
 
     def _drain(self) -> None:
-        grace = self.cfg.graceful_timeout
-        waits, wait_s = list(self._idle.items()), self._stopping_wait_s()
-        gevent.sleep(wait_s)  # as a wait begun after the stop: a request already on its way is served
-        for greenlet, timeout in waits:
-            _end_wait(greenlet, timeout)
+        for greenlet, timeout in list(self._idle.items()):  # as a wait begun after the stop
+            gevent.spawn(self._end_after_stop, greenlet, timeout)
         # gevent's run loop checks every second whether its connections are done, and the master
         # kills the worker at `grace`: fail what still runs early enough for both.
-        gevent.sleep(grace - min(1.5, grace / 2) - wait_s)
+        grace = self.cfg.graceful_timeout
+        gevent.sleep(grace - min(1.5, grace / 2))
         from nanoqwen.wsgi import engine
 
         engine.fail_all(SHUTDOWN_MESSAGE)

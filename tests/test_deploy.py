@@ -559,23 +559,31 @@ def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_
     assert "graceful timeout" not in log and "Traceback" not in log, log
 
 
-def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny_checkpoint, tmp_path):
+POLL = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+@pytest.mark.parametrize("pieces", [
+    [(0.5, POLL)],  # the worker has had its SIGTERM (answer: close), its wait of 1 s not yet ended
+    [(0.5, POLL[:20]), (0.9, POLL[20:])],  # begun before the 1 s mark, whole past it: it has 1 s more
+], ids=["whole", "across-the-mark"])
+def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny_checkpoint, tmp_path, pieces):
     """The stop closed idle keep-alive connections at once, so a request a client sent on one as the stop came (a
     client's next request after its answer) met a closed connection: reset, never answered (a client without retries
-    failed). Such a wait lasts STOPPING_WAIT_S past the stop: the request is served and its answer closes."""
+    failed). Such a wait lasts STOPPING_WAIT_S past the stop: the request is served and its answer closes. A head
+    begun before that mark and whole after it met the close too (no answer, the rest of it reset)."""
     srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log").start()  # graceful_timeout 30 s
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
-            poll = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-            sock.sendall(poll)
+            sock.sendall(POLL)
             first = b""
             while not first.endswith(b"}\n"):  # the whole answer (head and body come apart); the connection idles
                 first += sock.recv(65536)
             assert first.startswith(b"HTTP/1.1 200"), first
             srv.terminate()
             wait_for(lambda: "Handling signal: term" in srv.log())  # the master sends the worker SIGTERM as it logs
-            time.sleep(0.5)  # the worker has had its SIGTERM (answer: close), its wait of 1 s not yet ended
-            sock.sendall(poll)
+            for pause_s, piece in pieces:
+                time.sleep(pause_s)
+                sock.sendall(piece)
             answer = read_all(sock)
         status = srv.wait(60)
     finally:

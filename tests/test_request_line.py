@@ -6,7 +6,7 @@ from gunicorn.config import Config
 from gunicorn.http.errors import InvalidRequestLine
 from gunicorn.http.parser import RequestParser
 
-from nanoqwen.request_line import CheckedRequest, InvalidHost
+from nanoqwen.request_line import CheckedRequest, InvalidAuthority, InvalidHost
 
 REQUEST = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Latin: caf\xe9\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -69,3 +69,17 @@ def test_an_ipv6_zone_id_in_host_is_refused(host: str) -> None:
     something on the sending host alone). werkzeug's own host pattern refuses it too; nginx passes it on."""
     with pytest.raises(InvalidHost, match="RFC 9112 3.2"):
         _requests([REQUEST.replace(b"Host: h", f"Host: {host}".encode())])
+
+
+@pytest.mark.parametrize("target", ["http://h/v1", "HTTP://user@h:8000/v1", "http://[::1]:8000/v1", "http://h", "http://h?x"])
+def test_an_absolute_form_targets_valid_authority_is_served(target: str) -> None:
+    assert _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])[0][2] == b"{}"
+
+
+@pytest.mark.parametrize("target", ["http:///v1", "http://@/v1", "http://:80/v1", "http://[::1]evil/v1", "http://a,b/",
+                                    "http://%zz/", "http://a..b/", "http://h:80x/"])
+def test_an_absolute_form_targets_malformed_authority_is_refused(target: str) -> None:
+    """RFC 9112 3.2.2, RFC 9110 4.2.1: the authority names the host in the Host header's place; one that names none,
+    or none validly, is a 400 (it was served, or a 403 on a loopback listener)."""
+    with pytest.raises(InvalidAuthority, match="RFC 9112 3.2.2"):
+        _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])

@@ -17,7 +17,8 @@ an orchestrator's probes name the pod's address. Nor is a unix socket: no browse
 forwards to it (a proxy) decides which names it serves. A request's listener is gunicorn's SERVER_NAME, which it
 sets from the listener's address, with nanoqwen's worker or gevent's alone. The Host's syntax (`host[:port]`,
 one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check. A target in absolute-form
-(`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2).
+(`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2); a malformed authority there is
+that 400 too.
 """
 from __future__ import annotations
 
@@ -28,14 +29,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from nanoqwen.api.errors import APIError
-from nanoqwen.request_line import HOST
+from nanoqwen.request_line import target_authority, valid_authority
 
 ANY_HOST = "*"
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # WHATWG URL's "ends in a number": parsed as an IPv4 address
-# RFC 9112 3.2.2: a request-target in absolute-form names the host; the Host header is then ignored
-ABSOLUTE_FORM = re.compile(r"[a-z][a-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)", re.IGNORECASE)
 
 
 def parse_allowed_hosts(raw: str | None) -> tuple[str, ...]:
@@ -88,11 +87,10 @@ class HostGuard:
         own); for a unix socket gunicorn takes the Host's name, and an address there is allowed anyway."""
         if ANY_HOST in self._allowed or not _is_loopback(environ.get("SERVER_NAME", "")):
             return
-        absolute = ABSOLUTE_FORM.match(environ.get("RAW_URI", ""))
-        host = absolute[1] if absolute else environ.get("HTTP_HOST", "")
-        # RFC 9110 4.2.1: an http URI without a host is invalid (`http:///x`, `http://:80/x`), not a missing Host
-        named = not absolute or bool(host.partition(":")[0] and HOST.fullmatch(host))
-        if not (named and self.allows(host)):
+        authority = target_authority(environ.get("RAW_URI", ""))
+        host = environ.get("HTTP_HOST", "") if authority is None else authority
+        # without nanoqwen's worker (its CheckedRequest answers a malformed authority 400) still no host: refused
+        if not ((authority is None or valid_authority(authority)) and self.allows(host)):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "
                                 "rebinding). A proxy on this machine that passes its clients' Host names them in "
