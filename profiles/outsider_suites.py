@@ -23,6 +23,7 @@ from typing import Any
 
 import openai
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -349,12 +350,63 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
     return None
 
 
+# vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the GPU names,
+# cache_config_info, iteration_tokens_total, the request_params and queue/prefill/decode/inference time histograms)
+VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
+                "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                *(f"vllm:{name}_{part}" for name in ("request_prompt_tokens", "request_generation_tokens",
+                                                     "time_to_first_token_seconds", "inter_token_latency_seconds",
+                                                     "e2e_request_latency_seconds")
+                  for part in ("sum", "bucket", "count"))]
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`vllm:` samples but buckets, a name's summed over its label sets (request_success over finished_reason)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:") and "le" not in sample.labels:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def vllm_metrics(srv: GunicornServer) -> str | None:
+    """vLLM test_metrics test_metrics_exist and test_metrics_counts (the grown counts, other checks sharing this
+    server: 3 completions of a token-id prompt, 10 tokens each) and test_abort_metrics_reset's idle gauges: nothing
+    running or waiting, no KV block held once they are done."""
+    prompt, requests_, max_tokens = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 3, 10
+    before = _samples(requests.get(srv.url + "/metrics", timeout=30).text)
+    for _ in range(requests_):
+        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                                      extra_body={"ignore_eos": True})
+    text = requests.get(srv.url + "/metrics", timeout=30).text
+    after = _samples(text)
+    grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+    expected = {"vllm:time_to_first_token_seconds_count": requests_,
+                "vllm:e2e_request_latency_seconds_count": requests_,
+                "vllm:request_prompt_tokens_sum": requests_ * len(prompt),
+                "vllm:request_prompt_tokens_count": requests_,
+                "vllm:request_generation_tokens_sum": requests_ * max_tokens,
+                "vllm:request_generation_tokens_count": requests_,
+                "vllm:prompt_tokens_total": requests_ * len(prompt),
+                "vllm:generation_tokens_total": requests_ * max_tokens, "vllm:request_success_total": requests_,
+                "vllm:inter_token_latency_seconds_count": requests_ * (max_tokens - 1)}
+    missing = [name for name in VLLM_METRICS if name not in text]
+    wrong = {name: grown.get(name) for name, value in expected.items() if grown.get(name) != value}
+    idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                                           "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}
+    return f"missing {missing}, counts {wrong}, idle {idle}" if missing or wrong or idle else None
+
+
 SERVER_CHECKS: list[tuple[str, Callable[[GunicornServer], str | None]]] = [
     ("vLLM test_enable_force_include_usage: continuous usage", continuous_usage),
     ("vLLM test_basic: test_request_wrong_content_type", wrong_content_type),
     ("llama.cpp test_chat_completion: test_logprobs", chat_logprobs),
     ("llama.cpp test_chat_completion: test_logprobs_stream", chat_logprobs_stream),
     ("vLLM test_completion_text_offset: streamed offsets with a stop string's holdback", text_offsets_with_stop),
+    ("vLLM test_metrics: test_metrics_exist, test_metrics_counts, test_abort_metrics_reset's idle gauges",
+     vllm_metrics),
     *CHECKS,
 ]
 
