@@ -350,15 +350,16 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
     return None
 
 
-# vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the GPU names,
-# cache_config_info, iteration_tokens_total, the request_params and queue/prefill/decode/inference time histograms)
+# vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the deprecated
+# GPU names, time_per_output_token_seconds, cache_config_info, iteration_tokens_total)
+VLLM_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_n",
+                   "request_params_max_tokens", "time_to_first_token_seconds", "inter_token_latency_seconds",
+                   "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
+                   "request_prefill_time_seconds", "request_decode_time_seconds")
 VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-                *(f"vllm:{name}_{part}" for name in ("request_prompt_tokens", "request_generation_tokens",
-                                                     "time_to_first_token_seconds", "inter_token_latency_seconds",
-                                                     "e2e_request_latency_seconds")
-                  for part in ("sum", "bucket", "count"))]
+                *(f"vllm:{name}_{part}" for name in VLLM_HISTOGRAMS for part in ("sum", "bucket", "count"))]
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -383,17 +384,18 @@ def vllm_metrics(srv: GunicornServer) -> str | None:
     text = requests.get(srv.url + "/metrics", timeout=30).text
     after = _samples(text)
     grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
-    expected = {"vllm:time_to_first_token_seconds_count": requests_,
-                "vllm:e2e_request_latency_seconds_count": requests_,
+    expected = {**{f"vllm:{name}_count": requests_ for name in VLLM_HISTOGRAMS},
                 "vllm:request_prompt_tokens_sum": requests_ * len(prompt),
-                "vllm:request_prompt_tokens_count": requests_,
                 "vllm:request_generation_tokens_sum": requests_ * max_tokens,
-                "vllm:request_generation_tokens_count": requests_,
+                "vllm:request_params_n_sum": requests_, "vllm:request_params_max_tokens_sum": requests_ * max_tokens,
                 "vllm:prompt_tokens_total": requests_ * len(prompt),
                 "vllm:generation_tokens_total": requests_ * max_tokens, "vllm:request_success_total": requests_,
-                "vllm:inter_token_latency_seconds_count": requests_ * (max_tokens - 1)}
+                "vllm:inter_token_latency_seconds_count": requests_ * (max_tokens - 1)}  # none for a first token
     missing = [name for name in VLLM_METRICS if name not in text]
     wrong = {name: grown.get(name) for name, value in expected.items() if grown.get(name) != value}
+    phases = [grown.get(f"vllm:request_{phase}_time_seconds_sum", -1.0) for phase in ("prefill", "decode", "inference")]
+    if min(phases) <= 0 or abs(phases[0] + phases[1] - phases[2]) > 1e-6:  # vLLM's inference = prefill + decode
+        wrong["prefill, decode, inference seconds"] = phases
     idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                            "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}
     return f"missing {missing}, counts {wrong}, idle {idle}" if missing or wrong or idle else None

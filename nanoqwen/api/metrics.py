@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics_vllm import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS, VllmMetrics
+from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, VllmMetrics
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.placement import SLOT_ENV
@@ -100,13 +100,25 @@ class Fanned:
 
 @dataclass
 class Served:
-    """A served request's figures for the per-request metrics; `reasons`: its choices' finish reasons (vLLM counts
-    each of its n choices as a request of its own)."""
+    """A served request's figures for the per-request metrics: `figures`, those of vLLM's alone (PER_REQUEST's keys;
+    a figure not measured is left out); `reasons`, its choices' finish reasons (vLLM counts each of its n choices as a
+    request of its own)."""
 
     prompt_tokens: int
-    generation_tokens: int
     seconds: float
     reasons: collections.Counter[str]
+    figures: dict[str, float]
+
+
+@dataclass
+class Submitted:
+    """What a request asked the engine for (vLLM's request_params histograms) and when (time.perf_counter): its
+    submission, and the scheduling of its first prefill chunk (set by the engine thread; None until then)."""
+
+    n: int
+    max_tokens: int | None
+    at: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
 
 
 @dataclass
@@ -122,8 +134,8 @@ class PendingMetrics:
     ttft: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, TTFT_BUCKETS))
     itl: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, ITL_BUCKETS))
     e2e: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS))
-    request_prompt: PendingHistogram = field(default_factory=lambda: PendingHistogram(TOKEN_BUCKETS))
-    request_generation: PendingHistogram = field(default_factory=lambda: PendingHistogram(TOKEN_BUCKETS))
+    per_request: dict[str, PendingHistogram] = field(
+        default_factory=lambda: {figure: PendingHistogram(buckets) for figure, (_, _, buckets) in PER_REQUEST.items()})
 
     def count(self, outcome: str, served: Served | None = None) -> None:
         self.outcomes[outcome] += 1
@@ -133,8 +145,8 @@ class PendingMetrics:
         self.finish_reasons.update(served.reasons)
         self.prompt_tokens += served.prompt_tokens
         self.e2e.observe(served.seconds)
-        self.request_prompt.observe(served.prompt_tokens)
-        self.request_generation.observe(served.generation_tokens)
+        for figure, value in served.figures.items():
+            self.per_request[figure].observe(value)
 
 
 class PrometheusMetrics:
@@ -162,8 +174,7 @@ class PrometheusMetrics:
                                     buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.itl)
         self.e2e = Fanned(Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
                                     buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.e2e)
-        self.request_prompt = Fanned(self.vllm.prompt_tokens)
-        self.request_generation = Fanned(self.vllm.generation_tokens)
+        self.per_request = {figure: Fanned(histogram) for figure, histogram in self.vllm.per_request.items()}
         # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
         self.ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
                            multiprocess_mode="livesum")
@@ -192,8 +203,8 @@ class PrometheusMetrics:
         pending.ttft.add_to(self.ttft)
         pending.itl.add_to(self.itl)
         pending.e2e.add_to(self.e2e)
-        pending.request_prompt.add_to(self.request_prompt)
-        pending.request_generation.add_to(self.request_generation)
+        for figure, histogram in pending.per_request.items():
+            histogram.add_to(self.per_request[figure])
 
     def count(self, outcome: str, served: Served | None = None) -> None:
         self.outcomes[outcome].inc()
@@ -205,8 +216,8 @@ class PrometheusMetrics:
         if served.prompt_tokens:
             self.prompt.inc(served.prompt_tokens)
         self.e2e.observe(served.seconds)
-        self.request_prompt.observe(served.prompt_tokens)
-        self.request_generation.observe(served.generation_tokens)
+        for figure, value in served.figures.items():
+            self.per_request[figure].observe(value)
 
     def set_engine(self, engine: dict[str, Any] | None) -> None:
         self.ready.set(float(engine is not None))
@@ -228,6 +239,7 @@ class RequestTrace:
         self._stats = stats
         self.start = start
         self.first_token: float | None = None
+        self.last_token = 0.0  # the arrival of its latest token, any choice's
         self.tokens = 0
         self._last_token: dict[int, float] = {}  # choice index -> arrival of its latest token
         self.finish_reasons: collections.Counter[str] = collections.Counter()  # the engine's, of each choice
@@ -246,7 +258,7 @@ class RequestTrace:
             self.first_token = now
             self._stats.record_ttft(now - self.start)
         last = self._last_token.get(event.index)
-        self._last_token[event.index] = now
+        self._last_token[event.index] = self.last_token = now
         self.tokens += count
         self._stats.record_tokens(count, now, None if last is None else (now - last) / count)
 
@@ -299,14 +311,22 @@ class ServerStats:
         while recent and recent[0][0] < now - RATE_WINDOW_S:
             self._recent_count -= recent.popleft()[1]
 
-    def finish(self, trace: RequestTrace, usage: Usage) -> None:
+    def finish(self, trace: RequestTrace, usage: Usage, submitted: Submitted | None = None) -> None:
         elapsed = time.perf_counter() - trace.start
         self.requests_served += 1
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        self._requests().count("served", Served(usage.prompt_tokens, usage.completion_tokens, elapsed,
-                                                trace.finish_reasons))
+        figures = {"prompt_tokens": usage.prompt_tokens, "generation_tokens": usage.completion_tokens}
+        if submitted is not None:
+            figures["n"] = submitted.n
+            if submitted.max_tokens is not None:  # vLLM's, never unset, is the context's room: not asked for here
+                figures["max_tokens"] = submitted.max_tokens
+            scheduled, first = submitted.admitted, trace.first_token
+            if scheduled is not None and first is not None:
+                figures |= {"queued": scheduled - submitted.at, "prefill": first - scheduled,
+                            "decode": trace.last_token - first, "inference": trace.last_token - scheduled}
+        self._requests().count("served", Served(usage.prompt_tokens, elapsed, trace.finish_reasons, figures))
 
     def abort(self, trace: RequestTrace) -> None:
         self.requests_aborted += 1

@@ -42,6 +42,24 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
 
 
 TOKEN_BUCKETS = buckets_1_2_5(TOKENS_MAX)
+# a served request's histograms that only vLLM's names have: its figure's name (Served.figures) -> (the series, help,
+# buckets). Its times (as its greenlet sees its tokens arrive): queued from its submission to the engine until its
+# first prefill chunk is scheduled, prefill until its first token, decode from that token to its last, inference
+# from the scheduling to its last token
+PER_REQUEST = {
+    "prompt_tokens": ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS),
+    "generation_tokens": ("vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS),
+    "n": ("vllm:request_params_n", "Histogram of the n request parameter.", (1, 2, 5, 10, 20)),
+    "max_tokens": ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", TOKEN_BUCKETS),
+    "queued": ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+               REQUEST_LATENCY_BUCKETS),
+    "prefill": ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+                REQUEST_LATENCY_BUCKETS),
+    "decode": ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+               REQUEST_LATENCY_BUCKETS),
+    "inference": ("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+                  REQUEST_LATENCY_BUCKETS),
+}
 
 
 class VllmMetrics:
@@ -70,10 +88,7 @@ class VllmMetrics:
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           [*labels, "finished_reason"], registry=registry)
         self.success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
-        self.prompt_tokens = histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
-                                       TOKEN_BUCKETS)
-        self.generation_tokens = histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                           TOKEN_BUCKETS)
+        self.per_request = {figure: histogram(*made) for figure, made in PER_REQUEST.items()}
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
