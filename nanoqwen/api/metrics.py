@@ -62,25 +62,29 @@ def percentile(values: Collection[float], q: float) -> float:
 class PendingHistogram:
     """Observations counted here and added to Prometheus histograms at a publish, their buckets' counts at once (what
     Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it): one
-    histogram a bucket layout, each of the same observations (ours and vLLM's, nanoqwen.api.metrics_vllm)."""
+    histogram a bucket layout, each of the same observations (ours and vLLM's, nanoqwen.api.metrics_vllm). Counted in
+    the buckets of all their bounds together, each within one bucket of every layout: one search an observation."""
 
     def __init__(self, *layouts: Sequence[float]) -> None:
-        self._bounds = [[*layout, math.inf] for layout in layouts]
+        self._bounds = [*sorted(set().union(*layouts)), math.inf]
+        # each layout's bucket of each of these buckets
+        self._buckets = [[bisect.bisect_left([*layout, math.inf], bound) for bound in self._bounds]
+                         for layout in layouts]
         self._sum = 0.0
-        self._counts = [[0] * len(bounds) for bounds in self._bounds]
+        self._counts = [0] * len(self._bounds)
 
     def observe(self, value: float) -> None:
         self._sum += value
-        for bounds, counts in zip(self._bounds, self._counts, strict=True):
-            counts[bisect.bisect_left(bounds, value)] += 1
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
 
     def add_to(self, histograms: Fanned) -> None:
-        for histogram, counts in zip(histograms.metrics, self._counts, strict=True):
-            if any(counts):
-                histogram._sum.inc(self._sum)
-                for bucket, count in zip(histogram._buckets, counts, strict=True):
-                    if count:
-                        bucket.inc(count)
+        if not any(self._counts):
+            return
+        for histogram, buckets in zip(histograms.metrics, self._buckets, strict=True):
+            histogram._sum.inc(self._sum)
+            for bucket, count in zip(buckets, self._counts, strict=True):
+                if count:
+                    histogram._buckets[bucket].inc(count)
 
 
 class Fanned:
