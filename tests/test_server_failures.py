@@ -166,8 +166,12 @@ def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: Gunico
     assert _metric(server, "nanoqwen_generation_tokens_total") == before + answer.usage.completion_tokens == before + 12
 
 
+VLLM_LABELS = f'{{engine="0",model_name="{MODEL}"}}'
 REQUEST_COUNTS = ('nanoqwen_requests_total{outcome="served"}', "nanoqwen_prompt_tokens_total",
-                  "nanoqwen_time_to_first_token_seconds_count", "nanoqwen_request_duration_seconds_count")
+                  "nanoqwen_time_to_first_token_seconds_count", "nanoqwen_request_duration_seconds_count",
+                  *(f"vllm:{name}{VLLM_LABELS}" for name in ("request_prompt_tokens_sum",
+                                                              "e2e_request_latency_seconds_count",
+                                                              "request_queue_time_seconds_count")))
 
 
 def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: GunicornServer,
@@ -182,7 +186,8 @@ def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: Gunico
     wait_for(lambda: not pid_alive(pid), 120)
     wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
     added = {sample: _metric(server, sample) - before[sample] for sample in REQUEST_COUNTS}
-    assert added == dict(zip(REQUEST_COUNTS, (1, answer.usage.prompt_tokens, 1, 1), strict=True))
+    prompt = answer.usage.prompt_tokens
+    assert added == dict(zip(REQUEST_COUNTS, (1, prompt, 1, 1, prompt, 1, 1), strict=True))
 
 
 def _pid(srv: GunicornServer) -> int | None:
