@@ -120,6 +120,8 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     error event the client raises, its engine request stopped at once (it generated on while the last frames went
     out) and counted failed (it was counted aborted, as a client gone)."""
     before = server_stats(server)
+    errors = f'vllm:request_success_total{{engine="0",finished_reason="error",model_name="{MODEL}"}}'
+    errors_before = _metric(server, errors)
     with pytest.raises(openai.APIError, match="internal server error"):
         for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=BREAK_N, max_tokens=400,
                                                 stream=True, extra_body={"ignore_eos": True}, **GREEDY):
@@ -127,6 +129,7 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     wait_for(lambda: engine_idle(server), 30)
     after = server_stats(server)
     assert after["requests_failed"] == before["requests_failed"] + 1
+    assert _metric(server, errors) == errors_before + 1  # vLLM's finished_reason of a failed request
     assert after["requests_aborted"] == before["requests_aborted"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
 
