@@ -3,6 +3,7 @@ whose engine step fails on purpose (tests/gunicorn_failing.py), and which publis
 exits."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,9 +15,14 @@ from typing import Any
 import openai
 import pytest
 import requests
+from openai.types import Completion
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
+from openai.types.shared import ErrorObject
 
-from chat_http import MODEL, cpu_env, engine_idle, server_stats, wait_for
+from chat_http import MODEL, cpu_env, engine_idle, server_stats, sse_events, sse_payloads, wait_for
 from server_process import GunicornServer, pid_alive
+from wire_types import wire_problems
 
 CONFIG = Path(__file__).with_name("gunicorn_failing.py")
 FAIL_MAX_TOKENS, FAIL_AFTER = 77, 8  # a request of max_tokens 77 fails after 8 tokens
@@ -200,3 +206,26 @@ def _pid(srv: GunicornServer) -> int | None:
     except (requests.RequestException, ValueError):
         return None
     return worker["pid"]
+
+
+def test_a_failed_streams_events_are_the_openai_types(server: GunicornServer) -> None:
+    """A stream whose engine step fails part way (tests/test_wire_types.py's check): chat's and the legacy completion's
+    chunks, then their error event's object (OpenAI's error object); Responses' events through `response.failed`."""
+    chat = {**GREEDY, "max_tokens": FAIL_MAX_TOKENS, "stream": True, "messages": [{"role": "user", "content": "Hi"}],
+            "reasoning_effort": "none"}
+    completion = {**GREEDY, "max_tokens": FAIL_MAX_TOKENS, "stream": True, "prompt": "Hi"}
+    problems: list[str] = []
+    wait_for(lambda: _metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a worker killed before: respawned
+    for path, body, kind in (("/v1/chat/completions", chat, ChatCompletionChunk), ("/v1/completions", completion,
+                                                                                    Completion)):
+        response = requests.post(server.url + path, json=body, stream=True, timeout=120)
+        payloads = [json.loads(data) for data in sse_payloads(response) if data != "[DONE]"]
+        assert set(payloads[-1]) == {"error"} and len(payloads) > 1, payloads
+        problems += [p for chunk in payloads[:-1] for p in wire_problems(kind, chunk, {("finish_reason", None)})]
+        problems += wire_problems(ErrorObject, payloads[-1]["error"])
+    response = requests.post(f"{server.url}/v1/responses", stream=True, timeout=120, json={
+        **GREEDY, "input": "Hi", "max_output_tokens": FAIL_MAX_TOKENS, "stream": True, "reasoning": {"effort": "none"}})
+    events = [json.loads(data) for _, data in sse_events(response)]
+    assert events[-1]["type"] == "response.failed", events[-1]
+    problems += [p for event in events for p in wire_problems(ResponseStreamEvent, event)]
+    assert problems == []
