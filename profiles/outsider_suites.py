@@ -5,7 +5,7 @@ chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions
 test_enable_force_include_usage, test_non_object_body_validation, test_chat_logit_bias_validation,
 test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
 test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo, test_chat, completion/test_empty_prompt_list,
-test_prompt_validation, test_completion_text_offset, v1/engine/test_output_processor) and llama.cpp's
+test_prompt_validation, test_completion_text_offset, test_metrics, v1/engine/test_output_processor) and llama.cpp's
 `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos, test_chat_completion,
 test_tokenize; test_security and test_tool_call in outsider_checks.py) that do not depend on a real model's words.
 Each case says what this server must answer: a field it does not implement is a 400 naming it (vLLM's
