@@ -5,7 +5,7 @@ chat_completion/test_logprob_token_ids_validation, test_batched_chat_completions
 test_enable_force_include_usage, test_non_object_body_validation, test_chat_logit_bias_validation,
 test_chat_stop_token_ids_validation, test_thinking_token_budget_validation, test_completion_with_function_calling,
 test_serving_chat, basic/test_basic, test_tokenization, test_chat_echo, test_chat, completion/test_empty_prompt_list,
-test_prompt_validation, test_completion_text_offset, v1/engine/test_output_processor) and llama.cpp's
+test_prompt_validation, test_completion_text_offset, test_metrics, v1/engine/test_output_processor) and llama.cpp's
 `tools/server/tests/unit` (test_compat_oai_responses, test_chat_truncate, test_ignore_eos, test_chat_completion,
 test_tokenize; test_security and test_tool_call in outsider_checks.py) that do not depend on a real model's words.
 Each case says what this server must answer: a field it does not implement is a 400 naming it (vLLM's
@@ -23,6 +23,7 @@ from typing import Any
 
 import openai
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -349,12 +350,65 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
     return None
 
 
+# vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the deprecated
+# GPU names, time_per_output_token_seconds, cache_config_info, iteration_tokens_total)
+VLLM_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_n",
+                   "request_params_max_tokens", "time_to_first_token_seconds", "inter_token_latency_seconds",
+                   "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
+                   "request_prefill_time_seconds", "request_decode_time_seconds")
+VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
+                "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                *(f"vllm:{name}_{part}" for name in VLLM_HISTOGRAMS for part in ("sum", "bucket", "count"))]
+
+
+def _samples(text: str) -> dict[str, float]:
+    """`vllm:` samples but buckets, a name's summed over its label sets (request_success over finished_reason)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:") and "le" not in sample.labels:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def vllm_metrics(srv: GunicornServer) -> str | None:
+    """vLLM test_metrics test_metrics_exist and test_metrics_counts (the grown counts, other checks sharing this
+    server: 3 completions of a token-id prompt, 10 tokens each) and test_abort_metrics_reset's idle gauges: nothing
+    running or waiting, no KV block held once they are done."""
+    prompt, requests_, max_tokens = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 3, 10
+    before = _samples(requests.get(srv.url + "/metrics", timeout=30).text)
+    for _ in range(requests_):
+        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                                      extra_body={"ignore_eos": True})
+    text = requests.get(srv.url + "/metrics", timeout=30).text
+    after = _samples(text)
+    grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+    expected = {**{f"vllm:{name}_count": requests_ for name in VLLM_HISTOGRAMS},
+                "vllm:request_prompt_tokens_sum": requests_ * len(prompt),
+                "vllm:request_generation_tokens_sum": requests_ * max_tokens,
+                "vllm:request_params_n_sum": requests_, "vllm:request_params_max_tokens_sum": requests_ * max_tokens,
+                "vllm:prompt_tokens_total": requests_ * len(prompt),
+                "vllm:generation_tokens_total": requests_ * max_tokens, "vllm:request_success_total": requests_,
+                "vllm:inter_token_latency_seconds_count": requests_ * (max_tokens - 1)}  # none for a first token
+    missing = [name for name in VLLM_METRICS if name not in text]
+    wrong = {name: grown.get(name) for name, value in expected.items() if grown.get(name) != value}
+    phases = [grown.get(f"vllm:request_{phase}_time_seconds_sum", -1.0) for phase in ("prefill", "decode", "inference")]
+    if min(phases) <= 0 or abs(phases[0] + phases[1] - phases[2]) > 1e-6:  # vLLM's inference = prefill + decode
+        wrong["prefill, decode, inference seconds"] = phases
+    idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                                           "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}
+    return f"missing {missing}, counts {wrong}, idle {idle}" if missing or wrong or idle else None
+
+
 SERVER_CHECKS: list[tuple[str, Callable[[GunicornServer], str | None]]] = [
     ("vLLM test_enable_force_include_usage: continuous usage", continuous_usage),
     ("vLLM test_basic: test_request_wrong_content_type", wrong_content_type),
     ("llama.cpp test_chat_completion: test_logprobs", chat_logprobs),
     ("llama.cpp test_chat_completion: test_logprobs_stream", chat_logprobs_stream),
     ("vLLM test_completion_text_offset: streamed offsets with a stop string's holdback", text_offsets_with_stop),
+    ("vLLM test_metrics: test_metrics_exist, test_metrics_counts, test_abort_metrics_reset's idle gauges",
+     vllm_metrics),
     *CHECKS,
 ]
 

@@ -271,7 +271,7 @@ def test_a_stream_whose_reader_is_behind_the_engine_still_writes_as_it_goes(monk
     its opening until its end. A clock that moves a third of MAX_HOLD_S each time it is read stands for its pace."""
     ticks = itertools.count(0.0, serving_module.MAX_HOLD_S / 3)
     monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
-    serving = Serving(None, ServerConfig(), SimpleNamespace(finish=lambda trace, usage: None))  # type: ignore[arg-type]
+    serving = Serving(None, ServerConfig(), SimpleNamespace(finish=lambda trace, usage, submitted: None))  # type: ignore[arg-type]
     batch = Batch()
     for i in range(20):
         batch.put(Event(index=0, text=f"t{i} ", token_ids=[i]))

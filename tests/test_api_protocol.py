@@ -349,8 +349,9 @@ def test_stats_counters() -> None:
 
 def test_metrics_added_at_publish_equal_observing_each() -> None:
     """The per-token metrics, counted and added at publish (PendingMetrics), read as observing each token would: the
-    generated-tokens counter and the inter-token-latency histogram's buckets (values on a bound, past the last, 0)."""
-    itls = [0.0, 0.005, 0.0051, 0.01, 0.3, 30.0, 31.0, 0.005]
+    generated-tokens counter and the inter-token-latency histogram's buckets, ours and vLLM's (values on a bound of
+    either layout or both, between, past the last, 0)."""
+    itls = [0.0, 0.005, 0.0051, 0.01, 0.3, 30.0, 31.0, 0.005, 0.025, 0.075, 0.076, 80.0, 81.0]
     batched, direct = ServerStats(lambda: None), PrometheusMetrics()
     batched.record_tokens(1, 0.0, None)  # a choice's first token: no latency
     for itl in itls:

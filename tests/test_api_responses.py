@@ -740,7 +740,7 @@ def _served(stream: Any, events: list[Event], counted: list[str] | None = None) 
     for event in events:
         batch.put(event)
     counted = [] if counted is None else counted
-    stats = SimpleNamespace(finish=lambda trace, usage: counted.append("finish"),
+    stats = SimpleNamespace(finish=lambda trace, usage, submitted: counted.append("finish"),
                             abort=lambda trace: counted.append("abort"), fail=lambda trace: counted.append("fail"))
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
@@ -834,7 +834,7 @@ def test_a_stream_whose_client_resets_after_its_finish_chunk_counts_as_finished(
     batch.put(Event(index=0, usage=Usage(3, 1)))
     finished: list[Usage] = []
     aborted: list[Any] = []
-    stats = SimpleNamespace(finish=lambda trace, usage: finished.append(usage), abort=aborted.append)
+    stats = SimpleNamespace(finish=lambda trace, usage, submitted: finished.append(usage), abort=aborted.append)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     serving.abort = aborted.append  # type: ignore[method-assign]
     try:
@@ -873,7 +873,7 @@ def test_a_large_collected_answer_is_built_and_encoded_off_the_loop() -> None:
     last = Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))
     for event in [*LONG, last]:
         batch.put(event)
-    stats = SimpleNamespace(finish=lambda trace, usage: None)
+    stats = SimpleNamespace(finish=lambda trace, usage, submitted: None)
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
         answer = serving._collect(batch, Recording(_draft(include=[LOGPROBS], top_logprobs=20), ToolParsing()),

@@ -102,6 +102,9 @@ def test_prefix_cache_hits_give_identical_output(tiny_checkpoint, hf):
     assert c.choices[0].token_ids == hf_greedy(hf, resend, 5)
     stats = engine.stats()
     assert stats["prefix_cache_hits"] > 0 and 0 < stats["prefix_cache_hit_rate"] < 1
+    # vLLM's counts, in tokens: every hit block's, and the tokens of the full prompt blocks looked up
+    assert stats["prefix_cache_hit_tokens"] == b.usage.cached_tokens + c.usage.cached_tokens
+    assert stats["prefix_cache_queried_tokens"] == sum((len(p) - 1) // 16 * 16 for p in (first, second, resend))
 
 
 def test_prefix_cache_rejects_hash_collisions(tiny_checkpoint, hf):

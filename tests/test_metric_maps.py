@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, values
-from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps, metrics
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.metric_maps import MAP_SIZE
 from nanoqwen.api.metrics import PrometheusMetrics, ServerStats
 from nanoqwen.api.shared_stats import MULTIPROC_ENV
 from nanoqwen.engine.request import Event, Usage
@@ -57,7 +57,7 @@ def _scraped(directory: Path) -> CollectorRegistry:
 def test_a_map_is_reserved_when_made(value_class: type, tmp_path: Path) -> None:
     path = tmp_path / "counter_1.db"
     mapped = values.MmapedDict(str(path))
-    assert _allocated(path) >= path.stat().st_size == _INITIAL_MMAP_SIZE  # prometheus-client's own: sparse
+    assert _allocated(path) >= path.stat().st_size == MAP_SIZE  # prometheus-client's own: sparse
     mapped.close()
 
 
@@ -93,8 +93,8 @@ def test_the_metrics_maps_are_those_reserved_and_never_grow(value_class: type, t
     maps = sorted(tmp_path.iterdir())
     assert [path.name for path in maps] == sorted(f"{kind}_{os.getpid()}.db" for kind in PrometheusMetrics.MAPS)
     for path in maps:
-        assert _allocated(path) >= path.stat().st_size == _INITIAL_MMAP_SIZE, path
-        assert int.from_bytes(path.read_bytes()[:4], "little") < _INITIAL_MMAP_SIZE // 2, path  # the bytes used
+        assert _allocated(path) >= path.stat().st_size == MAP_SIZE, path
+        assert int.from_bytes(path.read_bytes()[:4], "little") < MAP_SIZE // 2, path  # the bytes used
 
 
 @pytest.mark.parametrize("unreservable", PrometheusMetrics.MAPS)

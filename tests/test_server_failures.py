@@ -3,6 +3,7 @@ whose engine step fails on purpose (tests/gunicorn_failing.py), and which publis
 exits."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,9 +15,14 @@ from typing import Any
 import openai
 import pytest
 import requests
+from openai.types import Completion
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
+from openai.types.shared import ErrorObject
 
-from chat_http import MODEL, cpu_env, engine_idle, server_stats, wait_for
+from chat_http import MODEL, cpu_env, engine_idle, server_stats, sse_events, sse_payloads, wait_for
 from server_process import GunicornServer, pid_alive
+from wire_types import wire_problems
 
 CONFIG = Path(__file__).with_name("gunicorn_failing.py")
 FAIL_MAX_TOKENS, FAIL_AFTER = 77, 8  # a request of max_tokens 77 fails after 8 tokens
@@ -120,6 +126,8 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     error event the client raises, its engine request stopped at once (it generated on while the last frames went
     out) and counted failed (it was counted aborted, as a client gone)."""
     before = server_stats(server)
+    errors = f'vllm:request_success_total{{engine="0",finished_reason="error",model_name="{MODEL}"}}'
+    errors_before = _metric(server, errors)
     with pytest.raises(openai.APIError, match="internal server error"):
         for _ in client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], n=BREAK_N, max_tokens=400,
                                                 stream=True, extra_body={"ignore_eos": True}, **GREEDY):
@@ -127,6 +135,7 @@ def test_a_stream_our_code_breaks_ends_with_its_error_stops_generating_and_count
     wait_for(lambda: engine_idle(server), 30)
     after = server_stats(server)
     assert after["requests_failed"] == before["requests_failed"] + 1
+    assert _metric(server, errors) == errors_before + 1  # vLLM's finished_reason of a failed request
     assert after["requests_aborted"] == before["requests_aborted"]
     assert after["engine_tokens_generated"] - before["engine_tokens_generated"] < BREAK_N * 100
 
@@ -166,8 +175,12 @@ def test_a_worker_that_exits_keeps_its_last_tokens_in_the_metrics(server: Gunico
     assert _metric(server, "nanoqwen_generation_tokens_total") == before + answer.usage.completion_tokens == before + 12
 
 
+VLLM_LABELS = f'{{engine="0",model_name="{MODEL}"}}'
 REQUEST_COUNTS = ('nanoqwen_requests_total{outcome="served"}', "nanoqwen_prompt_tokens_total",
-                  "nanoqwen_time_to_first_token_seconds_count", "nanoqwen_request_duration_seconds_count")
+                  "nanoqwen_time_to_first_token_seconds_count", "nanoqwen_request_duration_seconds_count",
+                  *(f"vllm:{name}{VLLM_LABELS}" for name in ("request_prompt_tokens_sum",
+                                                              "e2e_request_latency_seconds_count",
+                                                              "request_queue_time_seconds_count")))
 
 
 def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: GunicornServer,
@@ -182,7 +195,8 @@ def test_a_worker_killed_keeps_its_requests_counts_in_the_metrics(server: Gunico
     wait_for(lambda: not pid_alive(pid), 120)
     wait_for(lambda: _pid(server) is not None, 120, 0.2)  # respawned
     added = {sample: _metric(server, sample) - before[sample] for sample in REQUEST_COUNTS}
-    assert added == dict(zip(REQUEST_COUNTS, (1, answer.usage.prompt_tokens, 1, 1), strict=True))
+    prompt = answer.usage.prompt_tokens
+    assert added == dict(zip(REQUEST_COUNTS, (1, prompt, 1, 1, prompt, 1, 1), strict=True))
 
 
 def _pid(srv: GunicornServer) -> int | None:
@@ -192,3 +206,26 @@ def _pid(srv: GunicornServer) -> int | None:
     except (requests.RequestException, ValueError):
         return None
     return worker["pid"]
+
+
+def test_a_failed_streams_events_are_the_openai_types(server: GunicornServer) -> None:
+    """A stream whose engine step fails part way (tests/test_wire_types.py's check): chat's and the legacy completion's
+    chunks, then their error event's object (OpenAI's error object); Responses' events through `response.failed`."""
+    chat = {**GREEDY, "max_tokens": FAIL_MAX_TOKENS, "stream": True, "messages": [{"role": "user", "content": "Hi"}],
+            "reasoning_effort": "none"}
+    completion = {**GREEDY, "max_tokens": FAIL_MAX_TOKENS, "stream": True, "prompt": "Hi"}
+    problems: list[str] = []
+    wait_for(lambda: _metric(server, "nanoqwen_model_ready") == 1, 120, 0.2)  # a worker killed before: respawned
+    for path, body, kind in (("/v1/chat/completions", chat, ChatCompletionChunk), ("/v1/completions", completion,
+                                                                                    Completion)):
+        response = requests.post(server.url + path, json=body, stream=True, timeout=120)
+        payloads = [json.loads(data) for data in sse_payloads(response) if data != "[DONE]"]
+        assert set(payloads[-1]) == {"error"} and len(payloads) > 1, payloads
+        problems += [p for chunk in payloads[:-1] for p in wire_problems(kind, chunk, {("finish_reason", None)})]
+        problems += wire_problems(ErrorObject, payloads[-1]["error"])
+    response = requests.post(f"{server.url}/v1/responses", stream=True, timeout=120, json={
+        **GREEDY, "input": "Hi", "max_output_tokens": FAIL_MAX_TOKENS, "stream": True, "reasoning": {"effort": "none"}})
+    events = [json.loads(data) for _, data in sse_events(response)]
+    assert events[-1]["type"] == "response.failed", events[-1]
+    problems += [p for event in events for p in wire_problems(ResponseStreamEvent, event)]
+    assert problems == []

@@ -556,6 +556,8 @@ def test_server_serves_the_same_tokens_with_drafts(tiny_checkpoint, hf, prompts,
         assert stats["spec_decode_num_accepted_tokens"] > 0 and 0 < stats["spec_decode_acceptance_rate"] <= 1
         metrics = requests.get(f"{srv.url}/metrics", timeout=10).text
         assert f"nanoqwen_spec_decode_num_accepted_tokens {float(stats['spec_decode_num_accepted_tokens'])}" in metrics
+        for key in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"):
+            assert f'vllm:{key}_total{{engine="0",model_name="qwen3-0.6b"}} {float(stats[key])}' in metrics, key
 
 
 def test_preemption_and_abort_with_drafts(tiny_checkpoint, plain_engine, prompts):

@@ -14,6 +14,7 @@ import gevent
 import pytest
 import requests
 from gevent import socket
+from prometheus_client.parser import text_string_to_metric_families
 
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
@@ -115,6 +116,13 @@ def _metric(srv: GunicornServer, sample: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def _vllm_series(srv: GunicornServer, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """A `vllm:` sample's value by its label set (vLLM's `engine` a worker's slot)."""
+    return {tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(_get(srv, "/metrics").text)
+            for sample in family.samples if sample.name == name}
+
+
 def _chat(srv: GunicornServer, i: int) -> int:
     # A connection per request: gunicorn's workers share the listening socket and take turns accepting.
     with requests.Session() as session:
@@ -179,6 +187,12 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert stats["total_tokens_generated"] == REQUESTS * MAX_TOKENS
         assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
         assert _metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
+        # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
+        generated = _vllm_series(srv, "vllm:generation_tokens_total")
+        assert sorted(generated) == [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
+        assert all(generated.values()) and sum(generated.values()) == REQUESTS * MAX_TOKENS
+        assert sum(_vllm_series(srv, "vllm:request_success_total").values()) == REQUESTS
+        assert sum(_vllm_series(srv, "vllm:e2e_request_latency_seconds_count").values()) == REQUESTS
 
         dead = workers[0]
         os.kill(dead["pid"], signal.SIGKILL)
@@ -190,6 +204,10 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         # /stats covers the live workers; Prometheus counters keep what the dead one served.
         assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
         assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
+        assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
+        # a live gauge: one series a slot, the dead worker's gone (no pid label)
+        assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
+            [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
         assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
 
 
@@ -204,6 +222,9 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
         assert {slot: sorted(os.sched_getaffinity(w["pid"])) for slot, w in workers.items()} == \
             {slot: cpu_share(cpus, slot, 2) for slot in (0, 1)}
         assert _chat(srv, 0) == MAX_TOKENS
+        # vLLM's `engine` label is the worker's slot, read when its metrics are made (after the fork)
+        assert sorted(_vllm_series(srv, "vllm:kv_cache_usage_perc")) == \
+            [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
 
 
 def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(tiny_checkpoint: Path,

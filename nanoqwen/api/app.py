@@ -84,7 +84,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
-    stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env())
+    stats = ServerStats(lambda: engine.stats() if engine.ready else None, SharedStats.from_env(),
+                        config.served_model_name)
     app.extensions["nanoqwen.stats"] = stats  # the gunicorn worker publishes it periodically
     app.extensions["nanoqwen.config"] = config  # the worker's response writes use its send_timeout_s
     serving = Serving(engine, config, stats)

@@ -6,8 +6,8 @@ filesystem then has no room for a page ($TMPDIR full), the first write into that
 Reserved with posix_fallocate the same shortage is an OSError (ENOSPC) at the making instead, which the caller
 answers (nanoqwen.api.metrics.ServerStats: tried again at each publish).
 
-The maps are never grown: nanoqwen.api.metrics makes every series it writes at once, together a fraction of a map's
-first size (tests/test_metric_maps.py checks both).
+The maps are never grown: each is reserved at MAP_SIZE, and nanoqwen.api.metrics makes every series it writes at once,
+together a fraction of that size (tests/test_metric_maps.py checks both).
 """
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from collections.abc import Iterable
 
 from prometheus_client import values
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
+
+# A map's size, four times prometheus-client's first one (64 KiB): our histograms' and vLLM's (metrics_vllm)
+# series take ~52 KB of the histogram map, which must hold them with room to spare
+MAP_SIZE = 4 * _INITIAL_MMAP_SIZE
 
 
 def reserve(path: str, size: int) -> None:
@@ -52,13 +56,13 @@ def reserve_maps(directory: str, kinds: Iterable[str]) -> None:
     another's map could not be would be made again at each retry, and prometheus-client keeps every value it made (a
     module list, for its reset after a fork, never emptied)."""
     for kind in kinds:
-        reserve(os.path.join(directory, f"{kind}_{os.getpid()}.db"), _INITIAL_MMAP_SIZE)
+        reserve(os.path.join(directory, f"{kind}_{os.getpid()}.db"), MAP_SIZE)
 
 
 class ReservedMmapedDict(MmapedDict):
     def __init__(self, filename: str, read_mode: bool = False) -> None:
         if not read_mode:
-            reserve(filename, _INITIAL_MMAP_SIZE)  # MmapedDict maps the file at its length where it has one
+            reserve(filename, MAP_SIZE)  # MmapedDict maps the file at its length where it has one
         super().__init__(filename, read_mode)
 
 

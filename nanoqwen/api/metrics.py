@@ -24,13 +24,16 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, VllmMetrics
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
+from nanoqwen.placement import SLOT_ENV
 
 SAMPLES = 10_000  # latency samples kept for the percentiles
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("served", "aborted", "failed")
+VLLM_REASON = {"aborted": "abort", "failed": "error"}  # vLLM's finished_reason of a request not served
 EngineStats = Callable[[], dict[str, Any] | None]
 
 if os.environ.get(MULTIPROC_ENV):  # the only mode with maps
@@ -57,11 +60,16 @@ def percentile(values: Collection[float], q: float) -> float:
 
 
 class PendingHistogram:
-    """Observations counted here and added to a Prometheus histogram at a publish, its buckets' counts at once (what
-    Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it)."""
+    """Observations counted here and added to Prometheus histograms at a publish, their buckets' counts at once (what
+    Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it): one
+    histogram a bucket layout, each of the same observations (ours and vLLM's, nanoqwen.api.metrics_vllm). Counted in
+    the buckets of all their bounds together, each within one bucket of every layout: one search an observation."""
 
-    def __init__(self) -> None:
-        self._bounds = [*LATENCY_BUCKETS, math.inf]
+    def __init__(self, *layouts: Sequence[float]) -> None:
+        self._bounds = [*sorted(set().union(*layouts)), math.inf]
+        # each layout's bucket of each of these buckets
+        self._buckets = [[bisect.bisect_left([*layout, math.inf], bound) for bound in self._bounds]
+                         for layout in layouts]
         self._sum = 0.0
         self._counts = [0] * len(self._bounds)
 
@@ -69,12 +77,52 @@ class PendingHistogram:
         self._sum += value
         self._counts[bisect.bisect_left(self._bounds, value)] += 1
 
-    def add_to(self, histogram: Histogram) -> None:
-        if any(self._counts):
+    def add_to(self, histograms: Fanned) -> None:
+        if not any(self._counts):
+            return
+        for histogram, buckets in zip(histograms.metrics, self._buckets, strict=True):
             histogram._sum.inc(self._sum)
-            for bucket, count in zip(histogram._buckets, self._counts, strict=True):
+            for bucket, count in zip(buckets, self._counts, strict=True):
                 if count:
-                    bucket.inc(count)
+                    histogram._buckets[bucket].inc(count)
+
+
+class Fanned:
+    """One measurement's metrics under each name (ours, vLLM's): an update goes to each."""
+
+    def __init__(self, *metrics: Any) -> None:
+        self.metrics = metrics
+
+    def inc(self, amount: float) -> None:
+        for metric in self.metrics:
+            metric.inc(amount)
+
+    def observe(self, value: float) -> None:
+        for metric in self.metrics:
+            metric.observe(value)
+
+
+@dataclass
+class Served:
+    """A served request's figures for the per-request metrics: `figures`, those of vLLM's alone (PER_REQUEST's keys;
+    a figure not measured is left out); `reasons`, its choices' finish reasons (vLLM counts each of its n choices as a
+    request of its own)."""
+
+    prompt_tokens: int
+    seconds: float
+    reasons: collections.Counter[str]
+    figures: dict[str, float]
+
+
+@dataclass
+class Submitted:
+    """What a request asked the engine for (vLLM's request_params histograms) and when (time.perf_counter): its
+    submission, and the scheduling of its first prefill chunk (set by the engine thread; None until then)."""
+
+    n: int
+    max_tokens: int | None
+    at: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
 
 
 @dataclass
@@ -84,17 +132,25 @@ class PendingMetrics:
     and the per-request ones while the worker's maps cannot be made (PrometheusMetrics)."""
 
     outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    finish_reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # vLLM's request_success
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    ttft: PendingHistogram = field(default_factory=PendingHistogram)
-    itl: PendingHistogram = field(default_factory=PendingHistogram)
-    e2e: PendingHistogram = field(default_factory=PendingHistogram)
+    ttft: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, TTFT_BUCKETS))
+    itl: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, ITL_BUCKETS))
+    e2e: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS))
+    per_request: dict[str, PendingHistogram] = field(
+        default_factory=lambda: {figure: PendingHistogram(buckets) for figure, (_, _, buckets) in PER_REQUEST.items()})
 
-    def count(self, outcome: str, prompt_tokens: int = 0, seconds: float | None = None) -> None:
+    def count(self, outcome: str, served: Served | None = None) -> None:
         self.outcomes[outcome] += 1
-        self.prompt_tokens += prompt_tokens
-        if seconds is not None:
-            self.e2e.observe(seconds)
+        if served is None:
+            self.finish_reasons[VLLM_REASON[outcome]] += 1
+            return
+        self.finish_reasons.update(served.reasons)
+        self.prompt_tokens += served.prompt_tokens
+        self.e2e.observe(served.seconds)
+        for figure, value in served.figures.items():
+            self.per_request[figure].observe(value)
 
 
 class PrometheusMetrics:
@@ -106,19 +162,23 @@ class PrometheusMetrics:
     # the maps of the metrics below: prometheus-client's file per metric type, a gauge's per multiprocess mode
     MAPS = ("counter", "histogram", "gauge_livesum", "gauge_liveall")
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "", engine: int = 0) -> None:
         self.registry = CollectorRegistry()
+        self.vllm = VllmMetrics(self.registry, model_name, engine)
         self.requests = Counter("nanoqwen_requests", "Finished chat completions by outcome", ["outcome"],
                                 registry=self.registry)
         self.outcomes = {outcome: self.requests.labels(outcome) for outcome in OUTCOMES}
-        self.prompt = Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests", registry=self.registry)
-        self.generated = Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry)
-        self.ttft = Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.itl = Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prompt = Fanned(Counter("nanoqwen_prompt_tokens", "Prompt tokens of served requests",
+                                     registry=self.registry), self.vllm.prompt)
+        self.generated = Fanned(Counter("nanoqwen_generation_tokens", "Generated tokens", registry=self.registry),
+                                self.vllm.generated)
+        self.ttft = Fanned(Histogram("nanoqwen_time_to_first_token_seconds", "Time to first token",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.ttft)
+        self.itl = Fanned(Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.itl)
+        self.e2e = Fanned(Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.e2e)
+        self.per_request = {figure: Fanned(histogram) for figure, histogram in self.vllm.per_request.items()}
         # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
         self.ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
                            multiprocess_mode="livesum")
@@ -138,6 +198,8 @@ class PrometheusMetrics:
     def add(self, pending: PendingMetrics) -> None:
         for outcome, count in pending.outcomes.items():
             self.outcomes[outcome].inc(count)
+        for reason, count in pending.finish_reasons.items():
+            self.vllm.success[reason].inc(count)
         if pending.prompt_tokens:
             self.prompt.inc(pending.prompt_tokens)
         if pending.generated_tokens:
@@ -145,13 +207,21 @@ class PrometheusMetrics:
         pending.ttft.add_to(self.ttft)
         pending.itl.add_to(self.itl)
         pending.e2e.add_to(self.e2e)
+        for figure, histogram in pending.per_request.items():
+            histogram.add_to(self.per_request[figure])
 
-    def count(self, outcome: str, prompt_tokens: int = 0, seconds: float | None = None) -> None:
+    def count(self, outcome: str, served: Served | None = None) -> None:
         self.outcomes[outcome].inc()
-        if prompt_tokens:
-            self.prompt.inc(prompt_tokens)
-        if seconds is not None:
-            self.e2e.observe(seconds)
+        if served is None:
+            self.vllm.success[VLLM_REASON[outcome]].inc()
+            return
+        for reason, count in served.reasons.items():
+            self.vllm.success[reason].inc(count)
+        if served.prompt_tokens:
+            self.prompt.inc(served.prompt_tokens)
+        self.e2e.observe(served.seconds)
+        for figure, value in served.figures.items():
+            self.per_request[figure].observe(value)
 
     def set_engine(self, engine: dict[str, Any] | None) -> None:
         self.ready.set(float(engine is not None))
@@ -163,6 +233,7 @@ class PrometheusMetrics:
         self.hit.set(engine.get("prefix_cache_hit_rate", 0.0))
         for key, gauge in self.spec.items():
             gauge.set(engine.get(key, 0))
+        self.vllm.set_engine(engine)
 
 
 class RequestTrace:
@@ -172,10 +243,17 @@ class RequestTrace:
         self._stats = stats
         self.start = start
         self.first_token: float | None = None
+        self.last_token = 0.0  # the arrival of its latest token, any choice's
         self.tokens = 0
         self._last_token: dict[int, float] = {}  # choice index -> arrival of its latest token
+        self.finish_reasons: collections.Counter[str] = collections.Counter()  # the engine's, of each choice
 
     def on_event(self, event: Event) -> None:
+        if event.finish_reason is not None:
+            self.finish_reasons[event.finish_reason] += 1
+        self._on_tokens(event)
+
+    def _on_tokens(self, event: Event) -> None:
         if not event.token_ids:
             return
         now = time.perf_counter()
@@ -184,15 +262,16 @@ class RequestTrace:
             self.first_token = now
             self._stats.record_ttft(now - self.start)
         last = self._last_token.get(event.index)
-        self._last_token[event.index] = now
+        self._last_token[event.index] = self.last_token = now
         self.tokens += count
         self._stats.record_tokens(count, now, None if last is None else (now - last) / count)
 
 
 class ServerStats:
-    def __init__(self, engine_stats: EngineStats, shared: SharedStats | None = None) -> None:
+    def __init__(self, engine_stats: EngineStats, shared: SharedStats | None = None, model_name: str = "") -> None:
         self._engine_stats = engine_stats
         self._shared = shared
+        self._model_name = model_name  # vLLM's series' `model_name` label
         self.started = time.time()
         self.requests_served = 0
         self.requests_aborted = 0
@@ -236,13 +315,22 @@ class ServerStats:
         while recent and recent[0][0] < now - RATE_WINDOW_S:
             self._recent_count -= recent.popleft()[1]
 
-    def finish(self, trace: RequestTrace, usage: Usage) -> None:
+    def finish(self, trace: RequestTrace, usage: Usage, submitted: Submitted | None = None) -> None:
         elapsed = time.perf_counter() - trace.start
         self.requests_served += 1
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        self._requests().count("served", usage.prompt_tokens, elapsed)
+        figures = {"prompt_tokens": usage.prompt_tokens, "generation_tokens": usage.completion_tokens}
+        if submitted is not None:
+            figures["n"] = submitted.n
+            if submitted.max_tokens is not None:  # vLLM's, never unset, is the context's room: not asked for here
+                figures["max_tokens"] = submitted.max_tokens
+            scheduled, first = submitted.admitted, trace.first_token
+            if scheduled is not None and first is not None:
+                figures |= {"queued": scheduled - submitted.at, "prefill": first - scheduled,
+                            "decode": trace.last_token - first, "inference": trace.last_token - scheduled}
+        self._requests().count("served", Served(usage.prompt_tokens, elapsed, trace.finish_reasons, figures))
 
     def abort(self, trace: RequestTrace) -> None:
         self.requests_aborted += 1
@@ -297,7 +385,7 @@ class ServerStats:
         if self._metrics is None:
             if os.environ.get(MULTIPROC_ENV):
                 metric_maps.reserve_maps(os.environ[MULTIPROC_ENV], PrometheusMetrics.MAPS)
-            self._metrics = PrometheusMetrics()
+            self._metrics = PrometheusMetrics(self._model_name, int(os.environ.get(SLOT_ENV, "0")))
         return self._metrics
 
     def flush_metrics(self) -> None:

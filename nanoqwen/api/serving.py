@@ -23,7 +23,7 @@ from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
 from nanoqwen.api.errors import APIError, generation_error
-from nanoqwen.api.metrics import RequestTrace, ServerStats
+from nanoqwen.api.metrics import RequestTrace, ServerStats, Submitted
 from nanoqwen.api.offload import NativePool, PoolFullError
 from nanoqwen.api.responses import fingerprint
 from nanoqwen.api.sse import HEADERS, PROBE, sse
@@ -186,15 +186,18 @@ class Batch(GeventEventStream):
     indices follow on from request to request, and the end is one event with the usage summed.
     With `reports_admission`, an `admitted` event comes first once the engine starts on one of them."""
 
-    def __init__(self, reports_admission: bool = False) -> None:
+    def __init__(self, reports_admission: bool = False, submitted: Submitted | None = None) -> None:
         super().__init__()
         self.request_ids: list[str] = []
+        self.submitted = submitted
         self._open = 0
         self._usage = Usage(0, 0)
         self._unreported = reports_admission  # the admission still to report
 
     def admit_part(self) -> None:
         """Called by the engine thread, the only writer."""
+        if self.submitted is not None and self.submitted.admitted is None:
+            self.submitted.admitted = time.perf_counter()
         if self._unreported:
             self._unreported = False
             self.put(Event(admitted=True))
@@ -332,7 +335,7 @@ class Serving:
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages", reports_admission: bool = False) -> Batch:
         """Every prompt as one engine request with params.n choices, all on one stream (Batch)."""
-        batch = Batch(reports_admission)
+        batch = Batch(reports_admission, Submitted(params.n, params.max_tokens))
         try:
             batch.request_ids += self.engine.submit_all(prompts, params, [batch.part(i * params.n)
                                                                           for i in range(len(prompts))],
@@ -406,7 +409,7 @@ class Serving:
             self.stats.fail(trace)
             raise generation_error(event.error, event.error_param)
         usage = event.usage
-        self.stats.finish(trace, usage)
+        self.stats.finish(trace, usage, batch.submitted)
         if weight < LARGE_ANSWER:
             answer = builder.build(usage)
             return answer if isinstance(answer, dict) else Response(answer, mimetype="application/json")
@@ -476,7 +479,7 @@ class Serving:
                     elif aborted:
                         self.stats.abort(trace)
                     else:
-                        self.stats.finish(trace, event.usage)
+                        self.stats.finish(trace, event.usage, batch.submitted)
                 yield out
             if chunks.ending:
                 yield [chunks.ending]

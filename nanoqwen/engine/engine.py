@@ -325,6 +325,9 @@ class Engine:
             "prefix_cache_hits": hits,
             "prefix_cache_queries": queries,
             "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+            # in tokens, as vLLM counts them (its queries: every prompt token; ours: those of the blocks looked up)
+            "prefix_cache_queried_tokens": queries * blocks.block_size if blocks else 0,
+            "prefix_cache_hit_tokens": hits * blocks.block_size if blocks else 0,
             "kv_usage": blocks.usage if blocks else 0.0,
             "preemptions": self.scheduler.preemptions if blocks else 0,
             "spec_decode_num_drafts": self.spec_drafts,

@@ -1,0 +1,109 @@
+"""vLLM's `/metrics` series (`vllm:*`), so that dashboards and tools built for vLLM read this server: its names, types,
+`model_name` and `engine` labels and bucket layouts (vLLM's vllm/v1/metrics/loggers.py). Each is fed by the same
+observation as its `nanoqwen_*` twin (nanoqwen.api.metrics), never counted apart. A gunicorn worker is one vLLM
+engine: `engine` is its slot. What we do not measure is not served (README, "vLLM's metric names").
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# vLLM's FinishReason strings but `repetition` (never ours); `error`: a request that failed part way
+FINISH_REASONS = ("stop", "length", "abort", "error")
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                           240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's 1-2-5 token buckets end at max_model_len; these are made before the model (and its context) is loaded
+TOKENS_MAX = 200_000
+# engine counts served cumulatively (nanoqwen.engine.Engine.stats) -> vLLM's counter of them
+ENGINE_COUNTERS = {
+    "preemptions": ("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+    "prefix_cache_queried_tokens": ("vllm:prefix_cache_queries",
+                                    "Prefix cache queries, in terms of number of queried tokens."),
+    "prefix_cache_hit_tokens": ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+    "spec_decode_num_drafts": ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts."),
+    "spec_decode_num_draft_tokens": ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens."),
+    "spec_decode_num_accepted_tokens": ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+}
+
+
+def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value (vLLM's build_1_2_5_buckets)."""
+    buckets: list[int] = []
+    scale = 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return tuple(buckets)
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+TOKEN_BUCKETS = buckets_1_2_5(TOKENS_MAX)
+# a served request's histograms that only vLLM's names have: its figure's name (Served.figures) -> (the series, help,
+# buckets). Its times (as its greenlet sees its tokens arrive): queued from its submission to the engine until its
+# first prefill chunk is scheduled, prefill until its first token, decode from that token to its last, inference
+# from the scheduling to its last token
+PER_REQUEST = {
+    "prompt_tokens": ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS),
+    "generation_tokens": ("vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS),
+    "n": ("vllm:request_params_n", "Histogram of the n request parameter.", (1, 2, 5, 10, 20)),
+    "max_tokens": ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", TOKEN_BUCKETS),
+    "queued": ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+               REQUEST_LATENCY_BUCKETS),
+    "prefill": ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+                REQUEST_LATENCY_BUCKETS),
+    "decode": ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+               REQUEST_LATENCY_BUCKETS),
+    "inference": ("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+                  REQUEST_LATENCY_BUCKETS),
+}
+
+
+class VllmMetrics:
+    """One worker's `vllm:*` series, every one made here (their maps never grow: nanoqwen.api.metric_maps)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str, engine: int) -> None:
+        labels = ("model_name", "engine")
+        values = (model_name, str(engine))
+
+        def gauge(name: str, help: str) -> Gauge:
+            # a slot's series is its live worker's alone: "livesum" drops a dead one's, and adds no pid label
+            return Gauge(name, help, labels, registry=registry, multiprocess_mode="livesum").labels(*values)
+
+        def counter(name: str, help: str) -> Counter:
+            return Counter(name, help, labels, registry=registry).labels(*values)
+
+        def histogram(name: str, help: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, help, labels, registry=registry, buckets=buckets).labels(*values)
+
+        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.engine_counts = {key: counter(name, help) for key, (name, help) in ENGINE_COUNTERS.items()}
+        self.prompt = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generated = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          [*labels, "finished_reason"], registry=registry)
+        self.success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
+        self.per_request = {figure: histogram(*made) for figure, made in PER_REQUEST.items()}
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             REQUEST_LATENCY_BUCKETS)
+        self._engine_seen = dict.fromkeys(ENGINE_COUNTERS, 0)
+
+    def set_engine(self, engine: dict) -> None:
+        """The engine's gauges, and its cumulative counts' growth since the last publish into the counters."""
+        self.running.set(engine.get("active_requests", 0))
+        self.waiting.set(engine.get("queue_length", 0))
+        self.kv.set(engine.get("kv_usage", 0.0))
+        for key, counter in self.engine_counts.items():
+            count = engine.get(key, 0)
+            if count > self._engine_seen[key]:
+                counter.inc(count - self._engine_seen[key])
+                self._engine_seen[key] = count

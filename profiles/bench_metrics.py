@@ -1,0 +1,90 @@
+"""The hub's cost of the serving statistics (nanoqwen.api.metrics): a streamed token's record, a request's events and
+finish, a publish after 50 tokens; with `--base REV`, that revision's metrics.py alternated with the tree's in this
+process (best of 3 rounds of 3 repeats each).
+
+    python profiles/bench_metrics.py --base d10f2f9
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nanoqwen.api import metrics  # noqa: E402
+from nanoqwen.engine.request import Event, Usage  # noqa: E402
+
+
+def revision(rev: str) -> ModuleType:
+    """`rev`'s nanoqwen/api/metrics.py as a module of its own."""
+    source = subprocess.run(["git", "show", f"{rev}:nanoqwen/api/metrics.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "base_metrics.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("base_metrics", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["base_metrics"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def per_token(mod: ModuleType) -> Callable[[], None]:
+    stats = mod.ServerStats(lambda: None)
+    return lambda: stats.record_tokens(1, 1.0, 0.02)
+
+
+def per_request(mod: ModuleType) -> Callable[[], None]:
+    stats = mod.ServerStats(lambda: None)
+    stats.publish()
+    submitted = "submitted" in inspect.signature(mod.ServerStats.finish).parameters
+
+    def one() -> None:
+        trace = stats.begin()
+        trace.on_event(Event(index=0, token_ids=[1]))
+        trace.on_event(Event(index=0, token_ids=[2], finish_reason="length"))
+        if submitted:
+            stats.finish(trace, Usage(5, 2), mod.Submitted(1, 16))
+        else:
+            stats.finish(trace, Usage(5, 2))
+    return one
+
+
+def per_publish(mod: ModuleType) -> Callable[[], None]:
+    stats = mod.ServerStats(lambda: {"active_requests": 1, "queue_length": 0, "kv_usage": 0.1})
+    stats.publish()
+
+    def one() -> None:
+        for _ in range(50):
+            stats.record_tokens(1, 1.0, 0.02)
+        stats.publish()
+    return one
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", help="a revision whose metrics.py is timed alongside")
+    args = parser.parse_args()
+    modules = {"tree": metrics, **({args.base: revision(args.base)} if args.base else {})}
+    print(f"load {os.getloadavg()[0]:.1f}")
+    for name, make, number in (("a streamed token", per_token, 200_000), ("a request", per_request, 20_000),
+                               ("a publish after 50 tokens", per_publish, 2_000)):
+        best = {label: float("inf") for label in modules}
+        for _ in range(3):  # rounds, alternating the modules
+            for label, module in modules.items():
+                seconds = min(timeit.repeat(make(module), number=number, repeat=3)) / number
+                best[label] = min(best[label], seconds)
+        print(f"{name}: " + ", ".join(f"{label} {us * 1e6:.2f} us" for label, us in best.items()))
+
+
+if __name__ == "__main__":
+    main()
