@@ -12,6 +12,8 @@
    - `load`: it reads the call's chunks from the last one back, a line at a time, until the window ends or it has read
      half the call (its share), then claims from the back what it read first;
    - `prefetch`: the same with prefetcht1 (to its L2) instead of loads;
+   - `whole`: the bound of the idea: the helper reads its whole share (half the call) by loads, the caller waits for
+     it after its window, and the call is timed from then (its window's wait left out);
    - `pool`: the kernels' own pool (pool.c, its helper spinning through the window), this tool's helper parked.
    Each round prints the core pair's round trip before and after it (the speed state, core_pair.h), then per variant
    the step's best and median pass and its windows' median (a window the helper's reads slowed runs over), the sum of
@@ -57,8 +59,8 @@ static double serial_window(int s) {
     return now() - start;
 }
 
-enum { NONE, BUSY, LOAD, PREFETCH, POOL, VARIANTS };
-static const char *const variant_names[VARIANTS] = {"none", "busy", "load", "prefetch", "pool"};
+enum { NONE, BUSY, LOAD, PREFETCH, WHOLE, POOL, VARIANTS };
+static const char *const variant_names[VARIANTS] = {"none", "busy", "load", "prefetch", "whole", "pool"};
 
 enum { IDLE, PREREAD, LINEAR, PARK, QUIT };
 static struct {
@@ -84,7 +86,7 @@ static long preread(const struct linear_int8_args *a, long chunks, int variant, 
         for (long at = 0; at < bytes; at += 4096) {
             if (posted() != seq) goto out;
             for (long i = at; i < at + 4096 && i < bytes; i += 64)
-                if (variant == LOAD) sum = _mm256_or_si256(sum, _mm256_load_si256((const __m256i *)(from + i)));
+                if (variant != PREFETCH) sum = _mm256_or_si256(sum, _mm256_load_si256((const __m256i *)(from + i)));
                 else _mm_prefetch(from + i, _MM_HINT_T1);
         }
     }
@@ -120,8 +122,8 @@ static void *helper(void *unused) {
         while (post.what == PARK && posted() == seq) syscall(SYS_futex, &post.seq, FUTEX_WAIT_PRIVATE, seq, 0, 0, 0);
         if (post.what == PREREAD && post.variant == BUSY)
             while (posted() == seq) _mm_pause();
-        if (post.what == PREREAD && (post.variant == LOAD || post.variant == PREFETCH))
-            __atomic_store_n(&helper_state.preread, preread(post.a, post.chunks, post.variant, seq), __ATOMIC_RELAXED);
+        if (post.what == PREREAD && (post.variant == LOAD || post.variant == PREFETCH || post.variant == WHOLE))
+            __atomic_store_n(&helper_state.preread, preread(post.a, post.chunks, post.variant, seq), __ATOMIC_RELEASE);
         if (post.what == LINEAR) __atomic_fetch_add(&helper_state.finished, claim_and_run(post.a, 1), __ATOMIC_RELEASE);
     }
 }
@@ -147,8 +149,12 @@ static double step_call(const int8_t *w, int s, int variant, long *preread_chunk
     const long chunks = (sh->N + a.rows - 1) / a.rows;
     __atomic_store_n(&helper_state.preread, 0, __ATOMIC_RELAXED);
     if (variant != POOL) publish(PREREAD, variant, &a, chunks);
-    const double start = now();
+    double start = now();
     *window += serial_window(s);
+    if (variant == WHOLE) {  /* the bound: the helper's whole share read before the call, however long that takes */
+        while (__atomic_load_n(&helper_state.preread, __ATOMIC_ACQUIRE) != chunks / 2) _mm_pause();
+        start = now();
+    }
     act_quant_rows(x, 1, 1, (int)sh->K, PIECES_BF16, q, qscale);
     lane_offsets(q, PIECES_BF16, (int)sh->K, lanes);
     if (variant == POOL) {  /* the kernels' own pool, this tool's helper parked */
