@@ -4,7 +4,7 @@
    Needs AVX-512 VNNI.
 
    The step's 113 int8 1-row linears (linear_int8's own loop and pieces, bf16, 2 pieces), each after a serial window of
-   its kind's length (WINDOW_US: the caller spins, as the replayed step's map has it), on a two-thread scheme of this
+   its kind's length (window_us: the caller reads its kernels' cold bytes, then spins), on a two-thread scheme of this
    tool's own: the caller claims the call's chunks from the front, the helper from the back (a CAS on one word holding
    both ends; neither waits for a chunk the other has not claimed, as in pool.c). Variants, alternated pass by pass:
    - `none`: the helper spins through the window (yielding every 64 pauses, as pool.c's);
@@ -71,7 +71,9 @@ static struct {
 } __attribute__((aligned(64))) post;
 static uint64_t ends __attribute__((aligned(64)));  /* lo << 32 | hi: the caller's next chunk, the helper's last + 1 */
 static struct {
-    long finished, preread;  /* chunks the helper finished of the current call; pre-read chunks (from the back) */
+    long finished;     /* chunks the helper finished of the current call */
+    uint64_t preread;  /* the PREREAD job's seq << 32 | the chunks it read (from the back): a helper descheduled
+                          through a call stores its count late, under its own seq */
 } __attribute__((aligned(64))) helper_state;
 
 static inline unsigned posted(void) { return __atomic_load_n(&post.seq, __ATOMIC_ACQUIRE); }
@@ -123,16 +125,26 @@ static void *helper(void *unused) {
         if (post.what == PREREAD && post.variant == BUSY)
             while (posted() == seq) _mm_pause();
         if (post.what == PREREAD && (post.variant == LOAD || post.variant == PREFETCH || post.variant == WHOLE))
-            __atomic_store_n(&helper_state.preread, preread(post.a, post.chunks, post.variant, seq), __ATOMIC_RELEASE);
+            __atomic_store_n(&helper_state.preread,
+                             (uint64_t)seq << 32 | (uint64_t)preread(post.a, post.chunks, post.variant, seq),
+                             __ATOMIC_RELEASE);
         if (post.what == LINEAR) __atomic_fetch_add(&helper_state.finished, claim_and_run(post.a, 1), __ATOMIC_RELEASE);
     }
 }
 
-static void publish(int what, int variant, const struct linear_int8_args *a, long chunks) {
+/* Posts a job; its seq. */
+static unsigned publish(int what, int variant, const struct linear_int8_args *a, long chunks) {
     const int parked = post.what == PARK;
     post.what = what, post.variant = variant, post.a = a, post.chunks = chunks;
-    __atomic_fetch_add(&post.seq, 1, __ATOMIC_RELEASE);
+    const unsigned seq = __atomic_add_fetch(&post.seq, 1, __ATOMIC_RELEASE);
     if (parked) syscall(SYS_futex, &post.seq, FUTEX_WAKE_PRIVATE, 1, 0, 0, 0);
+    return seq;
+}
+
+/* The chunks the helper pre-read for the PREREAD job `seq`: 0 until it has stored them. */
+static long preread_for(unsigned seq) {
+    const uint64_t v = __atomic_load_n(&helper_state.preread, __ATOMIC_ACQUIRE);
+    return (unsigned)(v >> 32) == seq ? (long)(uint32_t)v : 0;
 }
 
 static uint16_t x[3072], scale[151936], y[151936];
@@ -147,12 +159,11 @@ static double step_call(const int8_t *w, int s, int variant, long *preread_chunk
     a = (struct linear_int8_args){0, q, qscale, lanes, w, scale, y, 1, (int)sh->N, (int)sh->K, PIECES_BF16, 1,
                                   pool_rows_per_chunk(sh->K), 0};
     const long chunks = (sh->N + a.rows - 1) / a.rows;
-    __atomic_store_n(&helper_state.preread, 0, __ATOMIC_RELAXED);
-    if (variant != POOL) publish(PREREAD, variant, &a, chunks);
+    const unsigned pre = variant != POOL ? publish(PREREAD, variant, &a, chunks) : 0;
     double start = now();
     *window += serial_window(s);
     if (variant == WHOLE) {  /* the bound: the helper's whole share read before the call, however long that takes */
-        while (__atomic_load_n(&helper_state.preread, __ATOMIC_ACQUIRE) != chunks / 2) _mm_pause();
+        while (preread_for(pre) != chunks / 2) _mm_pause();
         start = now();
     }
     act_quant_rows(x, 1, 1, (int)sh->K, PIECES_BF16, q, qscale);
@@ -168,7 +179,7 @@ static double step_call(const int8_t *w, int s, int variant, long *preread_chunk
     for (unsigned spins = 1; __atomic_load_n(&helper_state.finished, __ATOMIC_ACQUIRE) != chunks - mine; spins++)
         if (spins % 1024) _mm_pause();
         else sched_yield();
-    *preread_chunks += __atomic_load_n(&helper_state.preread, __ATOMIC_RELAXED);
+    *preread_chunks += preread_for(pre);
     return now() - start;
 }
 
