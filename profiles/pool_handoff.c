@@ -31,17 +31,6 @@
 #define EMPTY_JOBS 2000
 #define GAP_S 5e-6  /* the caller's work between two empty jobs */
 
-/* ---- the core pair's round trip (core_pair.h, in this process) ---- */
-
-/* The best of 10 batches of 1,000 round trips between CPUs 0 and 1, ns (-1 where they cannot be pinned). */
-static double pair_ns(void) {
-    double ns[10], best = 1e9;
-    if (core_pair_round_trips(0, 1, 10, ns) != 0) return -1;
-    for (int b = 0; b < 10; b++)
-        if (ns[b] < best) best = ns[b];
-    return best;
-}
-
 /* ---- each chunk timed on the thread that runs it ---- */
 
 static pthread_t caller;
@@ -97,17 +86,12 @@ int main(int argc, char **argv) {
     const int rounds = argc > 1 ? atoi(argv[1]) : 6, passes = argc > 2 ? atoi(argv[2]) : 5;
     if (!has_avx512_vnni() || rounds < 1 || passes < 1) return 2;
     caller = pthread_self();
-    long bytes = 0;
-    EACH_MATRIX((char *)0, 64, s, sh, w, bytes = (long)w + sh->N * sh->K);
-    char *buf = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (buf == MAP_FAILED) return 1;
-    buf = (char *)(((uintptr_t)buf + (2L << 20) - 1) & ~((2L << 20) - 1));
-    madvise(buf, bytes, MADV_HUGEPAGE);
-    for (long i = 0; i < bytes; i++) buf[i] = (char)(rand() % 255 - 127);
+    char *buf = step_buffer(64);
+    if (!buf) return 1;
     for (int i = 0; i < 3072; i++) x[i] = f32_to_bf16((float)(rand() % 2001 - 1000) / 300.0f);
     for (int i = 0; i < 151936; i++) scale[i] = f32_to_bf16(0.01f + (float)(rand() % 100) * 1e-4f);
     for (int r = 0; r < rounds; r++) {
-        const double before = pair_ns();
+        const double before = core_pair_best_ns(10);
         static double job[EMPTY_JOBS], delay[EMPTY_JOBS];
         int joined = 0;
         for (int i = 0; i < EMPTY_JOBS; i++) {
@@ -134,7 +118,7 @@ int main(int argc, char **argv) {
             int c = 0;
             EACH_MATRIX(buf, 64, s, sh, w, kinds[s] += fastest[c++]);
         }
-        const double after = pair_ns();
+        const double after = core_pair_best_ns(10);
         printf("round %d, core pair %.0f / %.0f ns\n  empty job: median %.2f µs, p90 %.2f; the helper ran a chunk in "
                "%d/%d, post -> its chunk median %.2f µs\n", r, before, after, job[EMPTY_JOBS / 2] * 1e6,
                job[EMPTY_JOBS * 9 / 10] * 1e6, joined, EMPTY_JOBS, joined ? delay[joined / 2] * 1e6 : -1.0);

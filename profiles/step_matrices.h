@@ -3,6 +3,9 @@
 #ifndef NANOQWEN_PROFILES_STEP_MATRICES_H
 #define NANOQWEN_PROFILES_STEP_MATRICES_H
 
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
 
 struct shape {
@@ -27,6 +30,19 @@ static const struct shape shapes[] = {{"qkv", 4096, 1024, 28}, {"o", 1024, 2048,
                 w += (sh->N * sh->K / 64 * (bytes64) + PAGE - 1) / PAGE * PAGE; \
             } \
     } while (0)
+
+/* The step's matrices (`bytes64` bytes each 64 weights) in one buffer of 2 MB pages, each byte random in -127..127; 0
+   where it cannot be mapped. */
+static inline char *step_buffer(int bytes64) {  /* inline: not every tool maps one */
+    long bytes = 0;
+    EACH_MATRIX((char *)0, bytes64, s, sh, w, bytes = (long)w + sh->N * sh->K / 64 * bytes64);
+    char *buf = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) return 0;
+    buf = (char *)(((uintptr_t)buf + (2L << 20) - 1) & ~((2L << 20) - 1));
+    madvise(buf, bytes, MADV_HUGEPAGE);
+    for (long i = 0; i < bytes; i++) buf[i] = (char)(rand() % 255 - 127);
+    return buf;
+}
 
 static double now(void) {
     struct timespec t;
