@@ -87,11 +87,12 @@ GUNICORN_CODES = {404: "not_found", 414: "uri_too_long", 431: "request_header_fi
                   501: "unsupported_transfer_coding"}
 
 
-def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: str, head_only: bool = False) -> None:
     """gunicorn's own answers (a request line, header or chunk it cannot parse: 400, 414, 431, 501; an
     error past the app: 500) in OpenAI's envelope, in place of its HTML page. gunicorn's reason for a 501
     is "Bad Request"; and a 501 is the client's doing (a transfer coding nobody here knows), not a
-    server_error, which clients (openai-python) retry."""
+    server_error, which clients (openai-python) retry. head_only: the answer to a HEAD, its body left out (RFC 9110
+    9.3.2)."""
     type = "server_error" if status_int >= 500 and status_int != 501 else "invalid_request_error"
     body = json.dumps(error_body(mesg or reason, type, code=GUNICORN_CODES.get(status_int))).encode()
     try:
@@ -101,7 +102,7 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
     head = (f"HTTP/1.1 {status_int} {phrase}\r\nConnection: close\r\n"
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n")
-    util.write_nonblock(sock, head.encode("latin-1") + body)
+    util.write_nonblock(sock, head.encode("latin-1") + (b"" if head_only else body))
 
 
 def linger(sock: socket.socket) -> None:
@@ -247,6 +248,7 @@ class NanoqwenWorker(GeventWorker):
         self._send_timeout_s = 0.0  # the app's ServerConfig.send_timeout_s, read in run() once the app is imported
         self._engine: Engine  # the app's, set in run() once the app is imported
         self._draining = False
+        self._script_name = os.environ.get("SCRIPT_NAME", "")  # gunicorn's wsgi.create reads it so too
         util.write_error = write_json_error  # the one caller is Worker.handle_error
         route_logs(self)
         super().init_process()
@@ -273,10 +275,11 @@ class NanoqwenWorker(GeventWorker):
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         # an operator's SCRIPT_NAME (a deployment under a prefix): gunicorn answered a path outside it with a 500 and
         # served one that only starts with its characters (`/apiv1/models` under `/api`)
-        prefix = os.environ.get("SCRIPT_NAME", "").rstrip("/")
-        if prefix and req.path != prefix and not req.path.startswith(f"{prefix}/"):
+        if self._outside_script_name(req.path):
+            self.log.info("%s %s %s: outside SCRIPT_NAME %s, a 404", addr, req.method, req.path, self._script_name)
             write_json_error(sock, 404, "Not Found", f"Unknown endpoint: {req.method} {req.path}: this server serves "
-                                                     f"the paths under {prefix}/")
+                                                     f"the paths under {self._script_name.rstrip('/')}/",
+                             head_only=req.method == "HEAD")
             if _body_follows(req):
                 linger(sock)
             raise StopIteration
@@ -308,6 +311,15 @@ class NanoqwenWorker(GeventWorker):
                 self.nr = max(self.nr, counted)
             self._unread.discard(current)
             self._expecting.discard(current)
+
+    def _outside_script_name(self, path: str) -> bool:
+        """Whether path lies outside the operator's SCRIPT_NAME (none: nothing does): gunicorn strips its characters
+        (`/apiv1/models` was served under `/api`) and answers a path not starting with them, as written (`/api` under
+        `/api/`), with a 500; the prefix is a whole path segment, with or without its trailing slash."""
+        prefix = self._script_name.rstrip("/")
+        if not prefix:
+            return False
+        return not path.startswith(self._script_name) or (path != prefix and not path.startswith(f"{prefix}/"))
 
     def _closing_when_told(self, environ: WSGIEnvironment, start_response: StartResponse) -> object:
         """The app, whose answer closes the connection where it set CLOSE_CONNECTION. `start_response` is gunicorn's

@@ -564,7 +564,7 @@ POLL = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 @pytest.mark.parametrize("pieces", [
     [(0.5, POLL)],  # the worker has had its SIGTERM (answer: close), its wait of 1 s not yet ended
-    [(0.5, POLL[:20]), (0.9, POLL[20:])],  # begun before the 1 s mark, whole past it: it has 1 s more
+    [(0.7, POLL[:20]), (0.9, POLL[20:])],  # begun before the 1 s mark, whole past it (by 0.6 s): it has 1 s more
 ], ids=["whole", "across-the-mark"])
 def test_a_request_sent_on_an_idle_connection_just_after_the_stop_is_served(tiny_checkpoint, tmp_path, pieces):
     """The stop closed idle keep-alive connections at once, so a request a client sent on one as the stop came (a

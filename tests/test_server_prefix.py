@@ -16,9 +16,12 @@ PREFIX = "/api"
 CHAT = {"model": "qwen3-0.6b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = GunicornServer(cpu_env(make_checkpoint(), SCRIPT_NAME=PREFIX), tmp_path_factory.mktemp("prefix") / "log")
+@pytest.fixture(scope="module", params=[PREFIX, f"{PREFIX}/"], ids=["prefix", "trailing-slash"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
+    """SCRIPT_NAME as an operator writes it, with or without its trailing slash."""
+    srv = GunicornServer(cpu_env(make_checkpoint(), SCRIPT_NAME=request.param),
+                         tmp_path_factory.mktemp("prefix") / "log")
+    srv.script_name = request.param
     srv.url += PREFIX  # its /health and the openai client's base URL
     with srv:
         yield srv
@@ -45,12 +48,34 @@ def test_a_path_outside_the_prefix_is_a_404(server: GunicornServer, raw: bytes) 
     """gunicorn answered a path outside SCRIPT_NAME with a 500 ("Configuration problem: Request path '/health' does
     not start with SCRIPT_NAME '/api'"), a server error that clients retry, and served one that starts with the
     prefix's characters but not its path segment (`/apiv1/models`)."""
-    head, body = _exchange(server.port, raw)
+    _assert_not_found(*_exchange(server.port, raw))
+
+
+def _assert_not_found(head: bytes, body: dict) -> None:
     assert head.split(b"\r\n")[0].split(b" ")[1] == b"404", (head, body)
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"}, error
     assert error["type"] == "invalid_request_error" and error["code"] == "not_found", error
     assert "Unknown endpoint" in error["message"] and PREFIX in error["message"], error
+
+
+def test_the_bare_prefix_under_a_trailing_slash_is_a_404(server: GunicornServer) -> None:
+    """`/api` under SCRIPT_NAME `/api/` does not start with what gunicorn strips: its 500 once more."""
+    if server.script_name.endswith("/"):
+        _assert_not_found(*_exchange(server.port, b"GET /api HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
+    else:  # the prefix itself: the app's own answer (its root), not gunicorn's
+        head, _ = _exchange(server.port, b"GET /api HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert not head.startswith(b"HTTP/1.1 5"), head
+
+
+def test_a_head_outside_the_prefix_has_no_body(server: GunicornServer) -> None:
+    """The 404's head only, its Content-Length the body a GET would have had (RFC 9110 9.3.2): a body after a HEAD's
+    answer is read as the start of the next answer. The worker logs the request, which gunicorn's access log misses."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404") and b"Content-Length: " in head and body == b"", (head, body)
+    assert "HEAD /health: outside SCRIPT_NAME" in server.log(), server.log()
 
 
 def test_paths_under_the_prefix_are_served(server: GunicornServer) -> None:
