@@ -184,6 +184,8 @@ struct linear_int4_args {
     int M, N, K, G, P, bf16;
     long rows;  /* per chunk */
     const void *raw;  /* x as it came: linear_int4_unstaged's */
+    long ahead_groups;  /* groups in PREFETCH_BYTES of a weight row (G / 2 bytes each): how far on stream_rows
+                           prefetches the scales and offsets */
 };
 
 /* y[m, first .. first + 7] and y[m, second .. second + 7]: the lane sums of v[0..7] and of v[8..15]. */
@@ -209,10 +211,13 @@ static inline void store_sums16(const struct linear_int4_args *a, int m, long fi
    VNNI_PREFETCH_AHEAD; a replayed int4 step on Zen 5: the norms, attention and silu_mul 0.95-0.99x their time, the
    linears' 1.01x, loaded; quiet, whole int4 b1 decode 140-141 tok/s against 128-132 without in the faster of the
    machine's two states, 114-116 against 102-105 in the slower: profiles/RESULTS.md, step34 and the thirty-fourth
-   session). A row left after a pass of more (9, 17 rows) was just read: the hint matters little there. */
+   session). A row left after a pass of more (9, 17 rows) was just read: the hint matters little there. Where
+   `streamed` (a constant; stream_rows'), the scales and offsets as far on in their own streams too (ahead_groups),
+   which the hardware prefetcher left to demand misses at each span's start: 1 bf16 row from memory on Zen 5, the
+   step's int4 linears 0.74-0.82x the time (profiles/RESULTS.md, nib37). */
 static inline __attribute__((always_inline)) void
 span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R, int P, long span, int count,
-          const uint8_t *const ahead[], int nta, __m512 f[][ROWS]) {
+          const uint8_t *const ahead[], int nta, int streamed, __m512 f[][ROWS]) {
     const int K = a->K, groups = K / a->G, split = R == 1;
     const int RG = R * P * W <= 16 ? R : 16 / (P * W);  /* activation rows a group: 16 int32 sums at most */
     const long len = a->x.len, lanes = len / 64, b0 = span * SPAN_BLOCKS;
@@ -223,6 +228,10 @@ span_vnni(const struct linear_int4_args *a, const long n[], int W, int m0, int R
         /* lane b's group scale and offset: with groups of 64 block b's; else each block's group, relative to the
            span's first, spread over its blocks */
         const int g0 = a->x.group[b0], used = groups - g0 < 16 ? groups - g0 : 16;
+        if (streamed) {
+            const long at = (n[i] * groups + g0 + a->ahead_groups) * (a->bf16 ? 2 : 4);
+            prefetch_read((const char *)a->scale + at, nta), prefetch_read((const char *)a->offset + at, nta);
+        }
         s[i] = load16(a->scale, n[i] * groups + g0, used, a->bf16);
         off[i] = load16(a->offset, n[i] * groups + g0, used, a->bf16);
         if (a->G > 64) {
@@ -292,11 +301,11 @@ stream_rows(const struct linear_int4_args *a, long n0, int j, int W, int count, 
     /* a constant count in the whole spans: their loads are plain */
     for (long span = 0; span < whole; span++) {
         _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + span * SPAN / 2 + PREFETCH_BYTES;
-        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, R == 1, f);
+        span_vnni(a, n, W, m0, R, P, span, SPAN_BLOCKS, ahead, R == 1, 1, f);
     }
     if (whole < spans) {
         _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) ahead[i] = w[i] + whole * SPAN / 2 + PREFETCH_BYTES;
-        span_vnni(a, n, W, m0, R, P, whole, last, ahead, R == 1, f);
+        span_vnni(a, n, W, m0, R, P, whole, last, ahead, R == 1, 1, f);
     }
     _Pragma("GCC unroll 2") for (int i = 0; i < W; i++) {
         const int at = j + i;
@@ -355,12 +364,12 @@ rows_vnni(const struct linear_int4_args *a, long n0, int count, int m0, int R, i
         for (; i + 1 < count; i += 2) {
             const long n[2] = {n0 + i, n0 + i + 1};
             const uint8_t *ahead[2] = {next_span(a, n[0], span), next_span(a, n[1], span)};
-            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, 0, f + i);
+            span_vnni(a, n, 2, m0, R, P, span, blocks, ahead, 0, 0, f + i);
         }
         for (; i < count; i++) {
             const long n = n0 + i;
             const uint8_t *ahead = next_span(a, n, span);
-            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, 0, f + i);
+            span_vnni(a, &n, 1, m0, R, P, span, blocks, &ahead, 0, 0, f + i);
         }
     }
     _Static_assert(ROW_BLOCK == 16, "a whole block's outputs: store_sums16's");
@@ -677,7 +686,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
             for (long b = 0; b < lanes; b++) scales[p * lanes + b] = acts.a[m * P + p];
     }
     struct linear_int4_args a = {.x = acts, .w = w, .scale = scale, .offset = offset, .y = y, .M = M, .N = N, .K = K,
-                                 .G = G, .P = P, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2)};
+                                 .G = G, .P = P, .bf16 = bf16, .rows = pool_rows_per_chunk(K / 2),
+                                 .ahead_groups = PREFETCH_BYTES / (G / 2)};
     if (amx) {  /* the same scales as the arranged pieces': the split is elementwise, the maximum the row's */
         int8_t *q = acts.quads + (size_t)M * P * K;
         for (int g = 0; g < K / G; g++)
