@@ -17,7 +17,7 @@ from nanoqwen.api.body import parse_json
 from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, percentile, percentiles
+from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, Submitted, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
@@ -332,10 +332,10 @@ def test_stats_counters() -> None:
     served = stats.begin()
     served.on_event(Event(token_ids=[1]))
     served.on_event(Event(token_ids=[2, 3]))
-    stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3))
+    stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3), Submitted(1, None, [4]))
     aborted = stats.begin()
     aborted.on_event(Event(token_ids=[1]))
-    stats.abort(aborted)
+    stats.abort(aborted, None)
     snap = stats.snapshot()
     assert (snap["requests_served"], snap["requests_aborted"], snap["total_tokens_generated"]) == (1, 1, 4)
     assert (snap["queue_length"], snap["active_requests"], snap["kv_cache_usage"]) == (2, 1, 0.5)

@@ -16,7 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from nanoqwen.api import metric_maps, metrics
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metric_maps import MAP_SIZE
-from nanoqwen.api.metrics import PrometheusMetrics, ServerStats
+from nanoqwen.api.metrics import PrometheusMetrics, ServerStats, Submitted
 from nanoqwen.api.shared_stats import MULTIPROC_ENV
 from nanoqwen.engine.request import Event, Usage
 
@@ -115,7 +115,7 @@ def test_maps_that_cannot_all_be_made_make_no_metric_until_they_can(value_class:
     stats = ServerStats(lambda: None)
     trace = stats.begin()
     trace.on_event(Event(token_ids=[1, 2]))
-    stats.finish(trace, Usage(prompt_tokens=3, completion_tokens=2))
+    stats.finish(trace, Usage(prompt_tokens=3, completion_tokens=2), Submitted(1, None, [3]))
     with pytest.raises(OSError, match="No space left"):
         stats.publish()
     made = _live(value_class)
@@ -140,8 +140,8 @@ def test_a_request_is_in_the_maps_before_the_next_publish(value_class: type, tmp
         trace = stats.begin()
         trace.on_event(Event(token_ids=[1]))
         trace.on_event(Event(token_ids=[2]))
-        stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2))
-    stats.abort(stats.begin())
+        stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2), Submitted(1, None, [4]))
+    stats.abort(stats.begin(), None)
     scraped = _scraped(tmp_path)
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "served"}) == 2
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "aborted"}) == 1

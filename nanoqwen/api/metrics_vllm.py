@@ -42,15 +42,20 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
 
 
 TOKEN_BUCKETS = buckets_1_2_5(TOKENS_MAX)
-# a served request's histograms that only vLLM's names have: its figure's name (Served.figures) -> (the series, help,
-# buckets). Its times (as its greenlet sees its tokens arrive): queued from its submission to the engine until its
-# first prefill chunk is scheduled, prefill until its first token, decode from that token to its last, inference
-# from the scheduling to its last token
+# a served request's histograms that only vLLM's names have: its figure's name (each choice's, as vLLM's child
+# requests, but n and the most tokens of a choice, once a request: nanoqwen.api.metrics.RequestTrace.figures) -> (the
+# series, help, buckets)
 PER_REQUEST = {
+    "e2e": ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS),
     "prompt_tokens": ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS),
     "generation_tokens": ("vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS),
+    "max_num_generation_tokens": ("vllm:request_max_num_generation_tokens",
+                                  "Histogram of maximum number of requested generation tokens.", TOKEN_BUCKETS),
     "n": ("vllm:request_params_n", "Histogram of the n request parameter.", (1, 2, 5, 10, 20)),
     "max_tokens": ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", TOKEN_BUCKETS),
+    "time_per_output_token": ("vllm:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS),
     "queued": ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
                REQUEST_LATENCY_BUCKETS),
     "prefill": ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
@@ -93,8 +98,6 @@ class VllmMetrics:
                               TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              ITL_BUCKETS)
-        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)
         self._engine_seen = dict.fromkeys(ENGINE_COUNTERS, 0)
 
     def set_engine(self, engine: dict) -> None:
