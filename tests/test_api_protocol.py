@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
 from nanoqwen.api.completions import TextCompletion
-from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.config import MAX_SERVED_NAME_CHARS, ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, Submitted, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
@@ -288,6 +288,15 @@ def test_server_config_from_env() -> None:
 def test_server_config_refuses_a_pool_size_that_is_no_count(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"NANOQWEN_{name}='{value}' is not a whole number > 0"):
         ServerConfig.from_env("/models/ckpt", {f"NANOQWEN_{name}": value})
+
+
+def test_server_config_refuses_a_served_name_too_long_for_the_metrics_maps() -> None:
+    """At the bound (as JSON escapes it) the name is served; past it, refused at startup, naming the setting."""
+    for name in ("a" * MAX_SERVED_NAME_CHARS, "é" * (MAX_SERVED_NAME_CHARS // 6)):
+        assert ServerConfig.from_env("/models/ckpt", {"NANOQWEN_SERVED_MODEL_NAME": name}).served_model_name == name
+    for name in ("a" * (MAX_SERVED_NAME_CHARS + 1), "é" * (MAX_SERVED_NAME_CHARS // 6 + 1)):
+        with pytest.raises(ValueError, match="NANOQWEN_SERVED_MODEL_NAME is .* at most 128"):
+            ServerConfig.from_env("/models/ckpt", {"NANOQWEN_SERVED_MODEL_NAME": name})
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "inf"])
