@@ -351,7 +351,7 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
 
 
 # vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the deprecated
-# GPU names, time_per_output_token_seconds), and the other histograms we serve: those observed once a choice (vLLM's
+# GPU names, time_per_output_token_seconds), and the other series we serve: those observed once a choice (vLLM's
 # child requests of an n > 1 request), then those once a request
 CHOICE_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_max_tokens",
                      "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
@@ -361,8 +361,9 @@ REQUEST_HISTOGRAMS = ("request_params_n", "request_max_num_generation_tokens", "
 VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                "vllm:cache_config_info",
                 *(f"vllm:{name}_{part}" for name in (*CHOICE_HISTOGRAMS, *REQUEST_HISTOGRAMS,
-                                                      "inter_token_latency_seconds")
+                                                      "inter_token_latency_seconds", "iteration_tokens_total")
                   for part in ("sum", "bucket", "count"))]
 
 
@@ -408,6 +409,10 @@ def vllm_metrics(srv: GunicornServer) -> str | None:
     # its last token before its finish was read)
     if min(seconds.values()) <= 0 or seconds["queue"] + seconds["inference"] > e2e:
         wrong["queue, prefill, decode, inference, e2e seconds"] = [*seconds.values(), e2e]
+    # the engine's steps: each choice's decode steps' tokens at least, and its prompt's (some cached)
+    steps = [grown.get(f"vllm:iteration_tokens_total_{part}", 0.0) for part in ("count", "sum")]
+    if not choices * (max_tokens - 1) < steps[1] <= choices * (max_tokens - 1) + len(ns) * len(prompt) * max(ns):
+        wrong["iteration_tokens_total count, sum"] = steps
     idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                            "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}
     return f"missing {missing}, counts {wrong}, idle {idle}" if missing or wrong or idle else None

@@ -88,3 +88,24 @@ def test_pending_counts_reach_each_histogram_by_its_own_bounds() -> None:
     pending.observe(1.0)
     with pytest.raises(ValueError, match="not all among"):
         pending.add_to(Fanned(other))
+
+
+def test_engine_steps_and_cache_config_are_vllms_series() -> None:
+    """iteration_tokens_total: each engine step's tokens (the engine's counts by size, their growth added at each
+    publish, on vLLM's bounds); cache_config_info: the KV cache's block size, blocks and prefix caching, once known."""
+    engine: dict = {"step_tokens": {}}
+    stats = ServerStats(lambda: engine)
+    stats.publish()
+    engine = {"step_tokens": {1: 3, 9: 1, 16: 1}, "block_size": 16, "kv_blocks": 512, "prefix_caching": True}
+    stats.publish()
+    engine = {**engine, "step_tokens": {1: 4, 9: 1, 16: 1, 20000: 1}}
+    text = stats.prometheus().decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    samples = {(s.name, s.labels.get("le")): s.value for s in families["vllm:iteration_tokens_total"].samples}
+    assert samples[("vllm:iteration_tokens_total_count", None)] == 7
+    assert samples[("vllm:iteration_tokens_total_sum", None)] == 4 + 9 + 16 + 20000
+    assert [samples[("vllm:iteration_tokens_total_bucket", le)] for le in ("1.0", "8.0", "16.0", "16384.0", "+Inf")] \
+        == [4, 4, 6, 6, 7]
+    info = families["vllm:cache_config_info"].samples
+    assert [(s.labels, s.value) for s in info] == [({"block_size": "16", "num_gpu_blocks": "512",
+                                                     "enable_prefix_caching": "True", "engine": "0"}, 1.0)]
