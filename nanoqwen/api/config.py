@@ -13,7 +13,7 @@ from nanoqwen.choices import DEFAULT_MODEL
 from nanoqwen.settings import env_setting
 
 # /metrics' series repeat the served name (vLLM's `model_name` label) in each key of prometheus-client's maps, which are
-# reserved at a fixed size (nanoqwen.api.metric_maps): at this bound the histograms' map is under half of it
+# reserved at a fixed size (nanoqwen.api.metric_maps): at this bound the histograms' map is ~100 KB, under half of it
 MAX_SERVED_NAME_CHARS = 128
 
 
