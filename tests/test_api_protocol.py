@@ -344,7 +344,7 @@ def test_stats_counters() -> None:
     stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3), Submitted(1, None, [4]))
     aborted = stats.begin()
     aborted.on_event(Event(token_ids=[1]))
-    stats.abort(aborted, None)
+    stats.abort(aborted, Submitted(1, None, [1]))
     snap = stats.snapshot()
     assert (snap["requests_served"], snap["requests_aborted"], snap["total_tokens_generated"]) == (1, 1, 4)
     assert (snap["queue_length"], snap["active_requests"], snap["kv_cache_usage"]) == (2, 1, 0.5)

@@ -146,7 +146,7 @@ def test_a_request_is_in_the_maps_before_the_next_publish(value_class: type, tmp
         trace.on_event(Event(token_ids=[1]))
         trace.on_event(Event(token_ids=[2]))
         stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2), Submitted(1, None, [4]))
-    stats.abort(stats.begin(), None)
+    stats.abort(stats.begin(), Submitted(1, None, [1]))
     scraped = _scraped(tmp_path)
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "served"}) == 2
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "aborted"}) == 1

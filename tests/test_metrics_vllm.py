@@ -59,11 +59,11 @@ def test_each_choice_is_observed_as_a_vllm_child_request(published: bool) -> Non
 @pytest.mark.parametrize(("unfinished", "outcome"), [("abort", "abort"), ("error", "fail")])
 def test_an_ended_n_request_counts_each_choice(unfinished: str, outcome: str) -> None:
     """vLLM aborts each child: an n=3 request aborted (failed) with one choice finished counts that one under its
-    reason and the two others as `abort` (`error`); a request never submitted counts one."""
+    reason and the two others as `abort` (`error`); an n=1 request with none finished counts one."""
     stats = ServerStats(lambda: None)
     trace = _choices(stats, {0: 2, 1: 1}, {0: "length"})
     getattr(stats, outcome)(trace, Submitted(3, 2, [4]))
-    getattr(stats, outcome)(stats.begin(), None)
+    getattr(stats, outcome)(stats.begin(), Submitted(1, 2, [4]))
     got = _samples(stats)
     assert got[("vllm:request_success_total", "length")] == 1
     assert got[("vllm:request_success_total", unfinished)] == 3

@@ -402,16 +402,16 @@ class ServerStats:
         self._requests().count("served", trace.reasons(submitted.choices, "error"),
                                Served(usage.prompt_tokens, elapsed, trace.figures(submitted)))
 
-    def abort(self, trace: RequestTrace, submitted: Submitted | None) -> None:
-        """vLLM's: each choice not finished an abort. `submitted` None: none was."""
+    def abort(self, trace: RequestTrace, submitted: Submitted) -> None:
+        """vLLM's: each choice not finished an abort (vLLM aborts each child request)."""
         self.requests_aborted += 1
         self.total_tokens_generated += trace.tokens
-        self._requests().count("aborted", trace.reasons(submitted.choices if submitted else 1, "abort"))
+        self._requests().count("aborted", trace.reasons(submitted.choices, "abort"))
 
-    def fail(self, trace: RequestTrace, submitted: Submitted | None) -> None:
+    def fail(self, trace: RequestTrace, submitted: Submitted) -> None:
         self.requests_failed += 1
         self.total_tokens_generated += trace.tokens
-        self._requests().count("failed", trace.reasons(submitted.choices if submitted else 1, "error"))
+        self._requests().count("failed", trace.reasons(submitted.choices, "error"))
 
     def tokens_per_second(self) -> float:
         now = time.perf_counter()
