@@ -2,7 +2,7 @@
 finish, a publish after 50 tokens; with `--base REV`, that revision's metrics.py alternated with the tree's in this
 process (best of 3 rounds of 3 repeats each).
 
-    python profiles/bench_metrics.py --base d10f2f9
+    python profiles/bench_metrics.py --base 3deb007
 """
 from __future__ import annotations
 
@@ -47,12 +47,15 @@ def per_request(mod: ModuleType) -> Callable[[], None]:
     stats = mod.ServerStats(lambda: None)
     stats.publish()
     submitted = "submitted" in inspect.signature(mod.ServerStats.finish).parameters
+    prompts = "prompts" in getattr(mod, "Submitted", object).__dataclass_fields__ if submitted else False
 
     def one() -> None:
         trace = stats.begin()
         trace.on_event(Event(index=0, token_ids=[1]))
         trace.on_event(Event(index=0, token_ids=[2], finish_reason="length"))
-        if submitted:
+        if prompts:
+            stats.finish(trace, Usage(5, 2), mod.Submitted(1, 16, [5]))
+        elif submitted:
             stats.finish(trace, Usage(5, 2), mod.Submitted(1, 16))
         else:
             stats.finish(trace, Usage(5, 2))

@@ -351,15 +351,20 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
 
 
 # vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the deprecated
-# GPU names, time_per_output_token_seconds, cache_config_info, iteration_tokens_total)
-VLLM_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_n",
-                   "request_params_max_tokens", "time_to_first_token_seconds", "inter_token_latency_seconds",
-                   "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
-                   "request_prefill_time_seconds", "request_decode_time_seconds")
+# GPU names, time_per_output_token_seconds), and the other series we serve: those observed once a choice (vLLM's
+# child requests of an n > 1 request), then those once a request
+CHOICE_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_max_tokens",
+                     "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
+                     "request_prefill_time_seconds", "request_decode_time_seconds",
+                     "request_time_per_output_token_seconds")
+REQUEST_HISTOGRAMS = ("request_params_n", "request_max_num_generation_tokens", "time_to_first_token_seconds")
 VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-                *(f"vllm:{name}_{part}" for name in VLLM_HISTOGRAMS for part in ("sum", "bucket", "count"))]
+                "vllm:cache_config_info",
+                *(f"vllm:{name}_{part}" for name in (*CHOICE_HISTOGRAMS, *REQUEST_HISTOGRAMS,
+                                                      "inter_token_latency_seconds", "iteration_tokens_total")
+                  for part in ("sum", "bucket", "count"))]
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -374,28 +379,40 @@ def _samples(text: str) -> dict[str, float]:
 
 def vllm_metrics(srv: GunicornServer) -> str | None:
     """vLLM test_metrics test_metrics_exist and test_metrics_counts (the grown counts, other checks sharing this
-    server: 3 completions of a token-id prompt, 10 tokens each) and test_abort_metrics_reset's idle gauges: nothing
-    running or waiting, no KV block held once they are done."""
-    prompt, requests_, max_tokens = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 3, 10
+    server: 3 completions of a token-id prompt, 10 tokens each, then one with n=2: its choices counted as vLLM's child
+    requests) and test_abort_metrics_reset's idle gauges: nothing running or waiting, no KV block held once they are
+    done."""
+    prompt, max_tokens, ns = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 10, (1, 1, 1, 2)
     before = _samples(requests.get(srv.url + "/metrics", timeout=30).text)
-    for _ in range(requests_):
-        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+    for n in ns:
+        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, n=n,
                                                       extra_body={"ignore_eos": True})
     text = requests.get(srv.url + "/metrics", timeout=30).text
     after = _samples(text)
     grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
-    expected = {**{f"vllm:{name}_count": requests_ for name in VLLM_HISTOGRAMS},
-                "vllm:request_prompt_tokens_sum": requests_ * len(prompt),
-                "vllm:request_generation_tokens_sum": requests_ * max_tokens,
-                "vllm:request_params_n_sum": requests_, "vllm:request_params_max_tokens_sum": requests_ * max_tokens,
-                "vllm:prompt_tokens_total": requests_ * len(prompt),
-                "vllm:generation_tokens_total": requests_ * max_tokens, "vllm:request_success_total": requests_,
-                "vllm:inter_token_latency_seconds_count": requests_ * (max_tokens - 1)}  # none for a first token
+    choices = sum(ns)
+    expected = {**{f"vllm:{name}_count": choices for name in CHOICE_HISTOGRAMS},
+                **{f"vllm:{name}_count": len(ns) for name in REQUEST_HISTOGRAMS},
+                "vllm:request_prompt_tokens_sum": choices * len(prompt),
+                "vllm:request_generation_tokens_sum": choices * max_tokens,
+                "vllm:request_params_n_sum": choices, "vllm:request_params_max_tokens_sum": choices * max_tokens,
+                "vllm:request_max_num_generation_tokens_sum": len(ns) * max_tokens,
+                "vllm:prompt_tokens_total": len(ns) * len(prompt),  # each prompt once, as `usage` (README)
+                "vllm:generation_tokens_total": choices * max_tokens, "vllm:request_success_total": choices,
+                "vllm:inter_token_latency_seconds_count": choices * (max_tokens - 1)}  # none for a first token
     missing = [name for name in VLLM_METRICS if name not in text]
     wrong = {name: grown.get(name) for name, value in expected.items() if grown.get(name) != value}
-    phases = [grown.get(f"vllm:request_{phase}_time_seconds_sum", -1.0) for phase in ("prefill", "decode", "inference")]
-    if min(phases) <= 0 or abs(phases[0] + phases[1] - phases[2]) > 1e-6:  # vLLM's inference = prefill + decode
-        wrong["prefill, decode, inference seconds"] = phases
+    seconds = {phase: grown.get(f"vllm:request_{phase}_time_seconds_sum", -1.0)
+               for phase in ("queue", "prefill", "decode", "inference")}
+    e2e = grown.get("vllm:e2e_request_latency_seconds_sum", -1.0)
+    # each phase taken, and a choice's queued and running time within its e2e latency (submitted after its arrival,
+    # its last token before its finish was read)
+    if min(seconds.values()) <= 0 or seconds["queue"] + seconds["inference"] > e2e:
+        wrong["queue, prefill, decode, inference, e2e seconds"] = [*seconds.values(), e2e]
+    # the engine's steps: each choice's decode steps' tokens at least, and its prompt's (some cached)
+    steps = [grown.get(f"vllm:iteration_tokens_total_{part}", 0.0) for part in ("count", "sum")]
+    if not choices * (max_tokens - 1) < steps[1] <= choices * (max_tokens - 1) + len(ns) * len(prompt) * max(ns):
+        wrong["iteration_tokens_total count, sum"] = steps
     idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                            "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}
     return f"missing {missing}, counts {wrong}, idle {idle}" if missing or wrong or idle else None

@@ -22,6 +22,7 @@ from hub_util import hub_ticks
 from nanoqwen.api import serving as serving_module
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.metrics import Submitted
 from nanoqwen.api.responses import ChunkBuilder, fingerprint
 from nanoqwen.api.serving import Batch, ClientGone, Serving
 from nanoqwen.engine.request import Event, Usage
@@ -243,9 +244,9 @@ def test_a_reader_that_leaves_leaves_no_timer_running(path: str, monkeypatch: py
     (gunicorn closes its generator): their repeating timer ran on, ref'd, to its next expiry (a poll period: the
     hub's exit waited for it)."""
     trace = SimpleNamespace(on_event=lambda event: None)
-    serving = Serving(None, ServerConfig(disconnect_poll_s=0.05), SimpleNamespace(abort=lambda trace: None))  # type: ignore[arg-type]
+    serving = Serving(None, ServerConfig(disconnect_poll_s=0.05), SimpleNamespace(abort=lambda trace, submitted: None))  # type: ignore[arg-type]
     serving.abort = lambda batch: None  # type: ignore[method-assign]
-    batch = Batch()
+    batch = Batch(Submitted(1, None, [1]))
     try:
         if path == "collect":
             def gone(environ: dict) -> bool:
@@ -272,7 +273,7 @@ def test_a_stream_whose_reader_is_behind_the_engine_still_writes_as_it_goes(monk
     ticks = itertools.count(0.0, serving_module.MAX_HOLD_S / 3)
     monkeypatch.setattr(serving_module, "time", SimpleNamespace(monotonic=lambda: next(ticks)))
     serving = Serving(None, ServerConfig(), SimpleNamespace(finish=lambda trace, usage, submitted: None))  # type: ignore[arg-type]
-    batch = Batch()
+    batch = Batch(Submitted(1, None, [1]))
     for i in range(20):
         batch.put(Event(index=0, text=f"t{i} ", token_ids=[i]))
     batch.put(Event(index=0, finish_reason="length", usage=Usage(prompt_tokens=1, completion_tokens=20)))

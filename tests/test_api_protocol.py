@@ -15,9 +15,9 @@ from prometheus_client import generate_latest
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
 from nanoqwen.api.completions import TextCompletion
-from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.config import MAX_SERVED_NAME_CHARS, ServerConfig
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, percentile, percentiles
+from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, Submitted, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
 from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
@@ -290,6 +290,15 @@ def test_server_config_refuses_a_pool_size_that_is_no_count(name: str, value: st
         ServerConfig.from_env("/models/ckpt", {f"NANOQWEN_{name}": value})
 
 
+def test_server_config_refuses_a_served_name_too_long_for_the_metrics_maps() -> None:
+    """At the bound (as JSON escapes it) the name is served; past it, refused at startup, naming the setting."""
+    for name in ("a" * MAX_SERVED_NAME_CHARS, "é" * (MAX_SERVED_NAME_CHARS // 6)):
+        assert ServerConfig.from_env("/models/ckpt", {"NANOQWEN_SERVED_MODEL_NAME": name}).served_model_name == name
+    for name in ("a" * (MAX_SERVED_NAME_CHARS + 1), "é" * (MAX_SERVED_NAME_CHARS // 6 + 1)):
+        with pytest.raises(ValueError, match="NANOQWEN_SERVED_MODEL_NAME is .* at most 128"):
+            ServerConfig.from_env("/models/ckpt", {"NANOQWEN_SERVED_MODEL_NAME": name})
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "inf"])
 @pytest.mark.parametrize("name", ["BODY_TIMEOUT", "SEND_TIMEOUT"])
 def test_server_config_refuses_a_timeout_that_is_no_duration(name: str, value: str) -> None:
@@ -332,10 +341,10 @@ def test_stats_counters() -> None:
     served = stats.begin()
     served.on_event(Event(token_ids=[1]))
     served.on_event(Event(token_ids=[2, 3]))
-    stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3))
+    stats.finish(served, Usage(prompt_tokens=4, completion_tokens=3), Submitted(1, None, [4]))
     aborted = stats.begin()
     aborted.on_event(Event(token_ids=[1]))
-    stats.abort(aborted)
+    stats.abort(aborted, Submitted(1, None, [1]))
     snap = stats.snapshot()
     assert (snap["requests_served"], snap["requests_aborted"], snap["total_tokens_generated"]) == (1, 1, 4)
     assert (snap["queue_length"], snap["active_requests"], snap["kv_cache_usage"]) == (2, 1, 0.5)

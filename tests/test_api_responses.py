@@ -20,6 +20,7 @@ from nanoqwen.api.completions import TextCompletion
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import compact_json, encode_json
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.metrics import Submitted
 from nanoqwen.api.responses import ChunkBuilder, ToolParsing, token_logprobs_json
 from nanoqwen.api.responses_api import (
     ITEMS,
@@ -603,7 +604,7 @@ def test_create_compiles_first_and_submits_the_prompt_it_templated(count: int, k
     def submit(chat: ChatCompletionRequest, params: SamplingParams, prompt: list[int], prompt_name: Any,
                reports_admission: bool) -> Batch:
         calls.append(("submit", prompt, params.max_tokens))
-        return Batch()
+        return Batch(Submitted(1, None, [1]))
 
     serving = _serving(respond=lambda batch, stream, collector, trace, environ: collector)
     service = ResponsesService(SimpleNamespace(serving=serving, params=params, encode=encode, submit=submit))
@@ -736,12 +737,13 @@ LONG = [Event(text="a" * 120, token_ids=[1] * 120, logprobs=[SCORED] * 120)]  # 
 def _served(stream: Any, events: list[Event], counted: list[str] | None = None) -> list[str]:
     """The frames of `stream` for `events` through Serving._stream, as the server sends them (split out of its writes,
     which join the frames of the events waiting); `counted` gets how the request was counted."""
-    batch = Batch()
+    batch = Batch(Submitted(1, None, [1]))
     for event in events:
         batch.put(event)
     counted = [] if counted is None else counted
     stats = SimpleNamespace(finish=lambda trace, usage, submitted: counted.append("finish"),
-                            abort=lambda trace: counted.append("abort"), fail=lambda trace: counted.append("fail"))
+                            abort=lambda trace, submitted: counted.append("abort"),
+                            fail=lambda trace, submitted: counted.append("fail"))
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     try:
         writes = serving._stream(batch, stream, SimpleNamespace(on_event=lambda event: None), {})
@@ -829,12 +831,13 @@ def test_a_stream_whose_client_resets_after_its_finish_chunk_counts_as_finished(
         return False
 
     monkeypatch.setattr(serving_module, "client_probe", probe)
-    batch = Batch()
+    batch = Batch(Submitted(1, None, [1]))
     batch.put(Event(index=0, text="hi", token_ids=[1], finish_reason="stop"))
     batch.put(Event(index=0, usage=Usage(3, 1)))
     finished: list[Usage] = []
     aborted: list[Any] = []
-    stats = SimpleNamespace(finish=lambda trace, usage, submitted: finished.append(usage), abort=aborted.append)
+    stats = SimpleNamespace(finish=lambda trace, usage, submitted: finished.append(usage),
+                            abort=lambda trace, submitted: aborted.append(trace))
     serving = Serving(None, ServerConfig(), stats)  # type: ignore[arg-type]
     serving.abort = aborted.append  # type: ignore[method-assign]
     try:
@@ -869,7 +872,7 @@ def test_a_large_collected_answer_is_built_and_encoded_off_the_loop() -> None:
             built.append(threading.get_ident())
             return super().build(usage)
 
-    batch = Batch()
+    batch = Batch(Submitted(1, None, [1]))
     last = Event(text="!", token_ids=[2], logprobs=[_lp("!")], finish_reason="stop", usage=Usage(7, 121))
     for event in [*LONG, last]:
         batch.put(event)
@@ -1065,8 +1068,11 @@ def test_only_a_stream_is_in_progress_in_the_store_begun_before_it_is_submitted(
         running.append(len(store._running))
         return Response(iter(["event"]))
 
-    _creating(store, Batch, respond).create({"input": "Hi"}, Budget(), {})
-    _creating(store, Batch, respond).create({"input": "Hi", "stream": True}, Budget(), {}).close()
+    def batch() -> Batch:
+        return Batch(Submitted(1, None, [1]))
+
+    _creating(store, batch, respond).create({"input": "Hi"}, Budget(), {})
+    _creating(store, batch, respond).create({"input": "Hi", "stream": True}, Budget(), {}).close()
     assert running == [0, 1] and store._running == {}
 
     def refused() -> Batch:

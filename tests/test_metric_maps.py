@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps, metrics
+from nanoqwen.api.config import MAX_SERVED_NAME_CHARS
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metric_maps import MAP_SIZE
-from nanoqwen.api.metrics import PrometheusMetrics, ServerStats
+from nanoqwen.api.metrics import PrometheusMetrics, ServerStats, Submitted
 from nanoqwen.api.shared_stats import MULTIPROC_ENV
 from nanoqwen.engine.request import Event, Usage
 
@@ -86,10 +87,14 @@ def test_a_map_is_seen_by_the_scrapes_only_once_reserved(value_class: type, tmp_
     assert [path.name for path in tmp_path.iterdir()] == ["counter_3.db"]
 
 
-def test_the_metrics_maps_are_those_reserved_and_never_grow(value_class: type, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "a" * MAX_SERVED_NAME_CHARS,
+                                  "\U0001f600" * (MAX_SERVED_NAME_CHARS // 12)],  # 12 characters escaped
+                         ids=["short", "longest", "longest escaped"])
+def test_the_metrics_maps_are_those_reserved_and_never_grow(value_class: type, tmp_path: Path, name: str) -> None:
     """ServerStats reserves PrometheusMetrics.MAPS by prometheus-client's names; every series is made at once, in
-    each map's first size: no growth (which would be unreserved) is left for a later write."""
-    ServerStats(lambda: None).publish()
+    each map's first size: no growth (which would be unreserved) is left for a later write, with the longest served
+    name (vLLM's label, repeated in each series' key) too."""
+    ServerStats(lambda: None, model_name=name).publish()
     maps = sorted(tmp_path.iterdir())
     assert [path.name for path in maps] == sorted(f"{kind}_{os.getpid()}.db" for kind in PrometheusMetrics.MAPS)
     for path in maps:
@@ -115,7 +120,7 @@ def test_maps_that_cannot_all_be_made_make_no_metric_until_they_can(value_class:
     stats = ServerStats(lambda: None)
     trace = stats.begin()
     trace.on_event(Event(token_ids=[1, 2]))
-    stats.finish(trace, Usage(prompt_tokens=3, completion_tokens=2))
+    stats.finish(trace, Usage(prompt_tokens=3, completion_tokens=2), Submitted(1, None, [3]))
     with pytest.raises(OSError, match="No space left"):
         stats.publish()
     made = _live(value_class)
@@ -140,8 +145,8 @@ def test_a_request_is_in_the_maps_before_the_next_publish(value_class: type, tmp
         trace = stats.begin()
         trace.on_event(Event(token_ids=[1]))
         trace.on_event(Event(token_ids=[2]))
-        stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2))
-    stats.abort(stats.begin())
+        stats.finish(trace, Usage(prompt_tokens=4, completion_tokens=2), Submitted(1, None, [4]))
+    stats.abort(stats.begin(), Submitted(1, None, [1]))
     scraped = _scraped(tmp_path)
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "served"}) == 2
     assert scraped.get_sample_value("nanoqwen_requests_total", {"outcome": "aborted"}) == 1

@@ -109,8 +109,19 @@ def test_a_stream_without_include_usage_sends_no_usage_field(server: GunicornSer
 
 # OpenAI's legacy answers that the package's Completion type refuses: a streamed chunk's `finish_reason` null until its
 # choice's last (the package parses chunks into Completion without validating, and has no null there); with `echo`,
-# the first prompt token's logprob and alternatives null (it has no context to be predicted from)
-LEGACY_NULLS = {("finish_reason", None), ("logprobs.token_logprobs.0", None), ("logprobs.top_logprobs.0", None)}
+# the first prompt token's logprob and alternatives null (it has no context to be predicted from): in a collected
+# answer, and in a stream on each choice's first chunk (the echo's)
+STREAM_NULLS = {("finish_reason", None)}
+ECHO_NULLS = {("logprobs.token_logprobs.0", None), ("logprobs.top_logprobs.0", None)}
+
+
+def legacy_problems(answer: dict[str, Any], echo: bool, streamed: bool, echoed: set[int]) -> list[str]:
+    """wire_problems of a legacy answer or chunk, the nulls above allowed only where they are due. `echoed`: the
+    choices whose first chunk was checked (a stream's), added to."""
+    first = {choice["index"] for choice in answer["choices"]} - echoed
+    echoed |= first
+    known = (STREAM_NULLS if streamed else set()) | (ECHO_NULLS if echo and (first or not streamed) else set())
+    return wire_problems(Completion, answer, known)
 
 
 @pytest.mark.parametrize("body", [{"prompt": "hi", "logprobs": 2}, {"prompt": ["a", "b"], "n": 2, "echo": True},
@@ -118,14 +129,31 @@ LEGACY_NULLS = {("finish_reason", None), ("logprobs.token_logprobs.0", None), ("
                          ids=["logprobs", "prompts, n and echo", "echo and logprobs"])
 def test_legacy_completions_are_the_openai_types(server: GunicornServer, body: dict[str, Any]) -> None:
     body = {"model": MODEL, "max_tokens": 4, **body}
+    echo = body.get("echo", False)
     collected = requests.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
-    assert wire_problems(Completion, collected, LEGACY_NULLS) == [], collected
+    assert legacy_problems(collected, echo, False, set()) == [], collected
     assert _usage_problems(collected["usage"]) == []
     chunks = _chunks(requests.post(f"{server.url}/v1/completions", json={
         **body, "stream": True, "stream_options": {"include_usage": True}}, stream=True, timeout=120))
-    problems = [problem for chunk in chunks for problem in wire_problems(Completion, chunk, LEGACY_NULLS)]
+    echoed: set[int] = set()
+    problems = [problem for chunk in chunks for problem in legacy_problems(chunk, echo, True, echoed)]
     ends = [choice["index"] for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"] is not None]
     assert problems + _usage_problems(chunks[-1]["usage"]) == [] and sorted(ends) == list(range(len(ends))), chunks
+
+
+def test_legacy_nulls_are_allowed_only_where_due() -> None:
+    """A collected completion's null finish_reason is a problem; so is a null first logprob without echo, or on a
+    streamed choice's later chunk; a stream's null finish_reason and echo's first null logprob are not."""
+    logprobs = {"tokens": ["a"], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL, "choices": [
+        {"index": 0, "text": "a", "logprobs": logprobs, "finish_reason": "length"}]}
+    unfinished = {**answer, "choices": [{**answer["choices"][0], "finish_reason": None}]}
+    assert legacy_problems(answer, True, False, set()) == []
+    assert len(legacy_problems(unfinished, True, False, set())) == 1
+    assert len(legacy_problems(answer, False, False, set())) == 2
+    echoed: set[int] = set()
+    assert legacy_problems(unfinished, True, True, echoed) == []
+    assert len(legacy_problems(unfinished, True, True, echoed)) == 2  # not the choice's first chunk
 
 
 def test_models_are_the_openai_types(server: GunicornServer) -> None:

@@ -2,6 +2,7 @@
 `nanoqwen serve` (nanoqwen/cli.py) shows their defaults."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from nanoqwen.api.hosts import parse_allowed_hosts
 from nanoqwen.choices import DEFAULT_MODEL
 from nanoqwen.settings import env_setting
+
+# /metrics' series repeat the served name (vLLM's `model_name` label) in each key of prometheus-client's maps, which are
+# reserved at a fixed size (nanoqwen.api.metric_maps): at this bound the histograms' map is ~100 KB, under half of it
+MAX_SERVED_NAME_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class ServerConfig:
 
         origins = tuple(o.strip() for o in (env_setting("cors_origins", env) or "").split(",") if o.strip())
         return cls(
-            served_model_name=env_setting("served_model_name", env) or cls.served_model_name,
+            served_model_name=_served_name(env_setting("served_model_name", env) or cls.served_model_name),
             model_name=checkpoint_name(model),
             hub_id=hub_repo_id(model),
             api_key=env_setting("api_key", env),
@@ -62,6 +67,16 @@ class ServerConfig:
 
     def accepts_model(self, name: str) -> bool:
         return name in self.model_names
+
+
+def _served_name(name: str) -> str:
+    """Refused at startup where longer than MAX_SERVED_NAME_CHARS as the maps' keys spell it (JSON, non-ASCII
+    escaped)."""
+    chars = len(json.dumps(name)) - 2
+    if chars > MAX_SERVED_NAME_CHARS:
+        raise ValueError(f"NANOQWEN_SERVED_MODEL_NAME is {chars} characters long as JSON escapes it: at most "
+                         f"{MAX_SERVED_NAME_CHARS} (/metrics repeats it in each series, in maps of a fixed size)")
+    return name
 
 
 def _count(name: str, default: int, env: Mapping[str, str]) -> int:

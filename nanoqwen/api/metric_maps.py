@@ -18,7 +18,8 @@ from prometheus_client import values
 from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE, MmapedDict
 
 # A map's size, four times prometheus-client's first one (64 KiB): our histograms' and vLLM's (metrics_vllm)
-# series take ~52 KB of the histogram map, which must hold them with room to spare
+# series take ~67 KB of the histogram map, ~100 KB with the longest served name (nanoqwen.api.config), which it must
+# hold with room to spare
 MAP_SIZE = 4 * _INITIAL_MMAP_SIZE
 
 

@@ -11,6 +11,7 @@ import bisect
 import collections
 import contextlib
 import errno
+import functools
 import math
 import os
 import time
@@ -24,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
-from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, VllmMetrics
+from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, TTFT_BUCKETS, VllmMetrics
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.placement import SLOT_ENV
@@ -33,14 +34,13 @@ SAMPLES = 10_000  # latency samples kept for the percentiles
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("served", "aborted", "failed")
-VLLM_REASON = {"aborted": "abort", "failed": "error"}  # vLLM's finished_reason of a request not served
 EngineStats = Callable[[], dict[str, Any] | None]
 
 if os.environ.get(MULTIPROC_ENV):  # the only mode with maps
     metric_maps.install()  # before any metric is made
 # prometheus-client's own fields, which PendingHistogram adds to: fail at the worker's boot, not at a publish
-if not {"_sum", "_buckets"} <= set(Histogram._metric_init.__code__.co_names):
-    raise RuntimeError("prometheus-client's Histogram has no _sum and _buckets")
+if not {"_sum", "_buckets", "_upper_bounds"} <= set(Histogram._metric_init.__code__.co_names):
+    raise RuntimeError("prometheus-client's Histogram has no _sum, _buckets and _upper_bounds")
 
 
 def percentiles(values: Collection[float], qs: Sequence[float]) -> list[float]:
@@ -59,17 +59,32 @@ def percentile(values: Collection[float], q: float) -> float:
     return percentiles(values, (q,))[0]
 
 
+@functools.cache
+def _union(layouts: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+    """The buckets' bounds of all these layouts together: made once a measurement, not at each publish's new
+    PendingMetrics (eleven unions and their tables were ~75-100 us of a publish, on the hub)."""
+    return (*sorted(set().union(*layouts)), math.inf)
+
+
+@functools.cache
+def _buckets_of(bounds: tuple[float, ...], upper_bounds: tuple[float, ...]) -> tuple[int, ...]:
+    """The histogram's (its upper bounds, inf last) bucket of each bucket of the union `bounds`. Each of its bounds
+    must be one of the union's: a union bucket would straddle two of its own."""
+    if not set(upper_bounds) <= set(bounds):
+        raise ValueError(f"a histogram's bounds {upper_bounds} are not all among its pending ones {bounds}")
+    return tuple(bisect.bisect_left(upper_bounds, bound) for bound in bounds)
+
+
 class PendingHistogram:
     """Observations counted here and added to Prometheus histograms at a publish, their buckets' counts at once (what
     Histogram.observe does one observation at a time: the sum, and the first bucket whose bound holds it): one
     histogram a bucket layout, each of the same observations (ours and vLLM's, nanoqwen.api.metrics_vllm). Counted in
-    the buckets of all their bounds together, each within one bucket of every layout: one search an observation."""
+    the buckets of all their bounds together, each within one bucket of every layout: one search an observation. Each
+    histogram's buckets are taken from the histogram itself (its layout decided where it is made), which must be one
+    of these layouts."""
 
     def __init__(self, *layouts: Sequence[float]) -> None:
-        self._bounds = [*sorted(set().union(*layouts)), math.inf]
-        # each layout's bucket of each of these buckets
-        self._buckets = [[bisect.bisect_left([*layout, math.inf], bound) for bound in self._bounds]
-                         for layout in layouts]
+        self._bounds = _union(tuple(map(tuple, layouts)))
         self._sum = 0.0
         self._counts = [0] * len(self._bounds)
 
@@ -80,11 +95,16 @@ class PendingHistogram:
     def add_to(self, histograms: Fanned) -> None:
         if not any(self._counts):
             return
-        for histogram, buckets in zip(histograms.metrics, self._buckets, strict=True):
+        for histogram in histograms.metrics:
             histogram._sum.inc(self._sum)
-            for bucket, count in zip(buckets, self._counts, strict=True):
+            for bucket, count in zip(_buckets_of(self._bounds, tuple(histogram._upper_bounds)), self._counts,
+                                     strict=True):
                 if count:
                     histogram._buckets[bucket].inc(count)
+
+    def clear(self) -> None:
+        self._sum = 0.0
+        self._counts[:] = [0] * len(self._counts)
 
 
 class Fanned:
@@ -104,25 +124,29 @@ class Fanned:
 
 @dataclass
 class Served:
-    """A served request's figures for the per-request metrics: `figures`, those of vLLM's alone (PER_REQUEST's keys;
-    a figure not measured is left out); `reasons`, its choices' finish reasons (vLLM counts each of its n choices as a
-    request of its own)."""
+    """A served request's figures for the per-request metrics: `prompt_tokens` and `seconds`, the HTTP request's;
+    `figures`, the observations of vLLM's per-request histograms (RequestTrace.figures)."""
 
     prompt_tokens: int
     seconds: float
-    reasons: collections.Counter[str]
-    figures: dict[str, float]
+    figures: list[tuple[str, float]]
 
 
 @dataclass
 class Submitted:
-    """What a request asked the engine for (vLLM's request_params histograms) and when (time.perf_counter): its
-    submission, and the scheduling of its first prefill chunk (set by the engine thread; None until then)."""
+    """What a request asked the engine for (vLLM's request_params histograms): n choices of each prompt (`prompts`,
+    their token counts: choice i is prompt i // n's), and when (time.perf_counter): its submission, and the scheduling
+    of its first prefill chunk (set by the engine thread; None until then)."""
 
     n: int
     max_tokens: int | None
+    prompts: list[int]
     at: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
+
+    @property
+    def choices(self) -> int:
+        return self.n * len(self.prompts)
 
 
 @dataclass
@@ -137,20 +161,27 @@ class PendingMetrics:
     generated_tokens: int = 0
     ttft: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, TTFT_BUCKETS))
     itl: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, ITL_BUCKETS))
-    e2e: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS, REQUEST_LATENCY_BUCKETS))
+    e2e: PendingHistogram = field(default_factory=lambda: PendingHistogram(LATENCY_BUCKETS))
     per_request: dict[str, PendingHistogram] = field(
         default_factory=lambda: {figure: PendingHistogram(buckets) for figure, (_, _, buckets) in PER_REQUEST.items()})
 
-    def count(self, outcome: str, served: Served | None = None) -> None:
+    def count(self, outcome: str, reasons: collections.Counter[str], served: Served | None = None) -> None:
         self.outcomes[outcome] += 1
+        self.finish_reasons.update(reasons)
         if served is None:
-            self.finish_reasons[VLLM_REASON[outcome]] += 1
             return
-        self.finish_reasons.update(served.reasons)
         self.prompt_tokens += served.prompt_tokens
         self.e2e.observe(served.seconds)
-        for figure, value in served.figures.items():
+        for figure, value in served.figures:
             self.per_request[figure].observe(value)
+
+    def clear(self) -> None:
+        """Emptied in place once added (made anew, each publish remade its histograms' tables: ~0.1 ms)."""
+        self.outcomes.clear()
+        self.finish_reasons.clear()
+        self.prompt_tokens = self.generated_tokens = 0
+        for histogram in (self.ttft, self.itl, self.e2e, *self.per_request.values()):
+            histogram.clear()
 
 
 class PrometheusMetrics:
@@ -177,7 +208,7 @@ class PrometheusMetrics:
         self.itl = Fanned(Histogram("nanoqwen_inter_token_latency_seconds", "Time between tokens of a choice",
                                     buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.itl)
         self.e2e = Fanned(Histogram("nanoqwen_request_duration_seconds", "Arrival to last token",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry), self.vllm.e2e)
+                                    buckets=LATENCY_BUCKETS, registry=self.registry))
         self.per_request = {figure: Fanned(histogram) for figure, histogram in self.vllm.per_request.items()}
         # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
         self.ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
@@ -210,17 +241,16 @@ class PrometheusMetrics:
         for figure, histogram in pending.per_request.items():
             histogram.add_to(self.per_request[figure])
 
-    def count(self, outcome: str, served: Served | None = None) -> None:
+    def count(self, outcome: str, reasons: collections.Counter[str], served: Served | None = None) -> None:
         self.outcomes[outcome].inc()
-        if served is None:
-            self.vllm.success[VLLM_REASON[outcome]].inc()
-            return
-        for reason, count in served.reasons.items():
+        for reason, count in reasons.items():
             self.vllm.success[reason].inc(count)
+        if served is None:
+            return
         if served.prompt_tokens:
             self.prompt.inc(served.prompt_tokens)
         self.e2e.observe(served.seconds)
-        for figure, value in served.figures.items():
+        for figure, value in served.figures:
             self.per_request[figure].observe(value)
 
     def set_engine(self, engine: dict[str, Any] | None) -> None:
@@ -236,35 +266,83 @@ class PrometheusMetrics:
         self.vllm.set_engine(engine)
 
 
+@dataclass
+class ChoiceTrace:
+    """One choice's tokens, their arrivals and its finish, as its request's greenlet reads them (time.perf_counter)."""
+
+    tokens: int = 0
+    first_token: float | None = None
+    last_token: float = 0.0
+    finished: float | None = None
+    reason: str | None = None  # the engine's finish reason
+
+
 class RequestTrace:
     """Timing of one request, fed with its events as the request greenlet reads them."""
 
     def __init__(self, stats: ServerStats, start: float) -> None:
         self._stats = stats
         self.start = start
-        self.first_token: float | None = None
-        self.last_token = 0.0  # the arrival of its latest token, any choice's
+        self.first_token: float | None = None  # any choice's
         self.tokens = 0
-        self._last_token: dict[int, float] = {}  # choice index -> arrival of its latest token
-        self.finish_reasons: collections.Counter[str] = collections.Counter()  # the engine's, of each choice
+        self.choices: dict[int, ChoiceTrace] = {}  # by choice index
 
     def on_event(self, event: Event) -> None:
-        if event.finish_reason is not None:
-            self.finish_reasons[event.finish_reason] += 1
-        self._on_tokens(event)
-
-    def _on_tokens(self, event: Event) -> None:
-        if not event.token_ids:
+        if not event.token_ids and event.finish_reason is None:
             return
         now = time.perf_counter()
-        count = len(event.token_ids)
+        choice = self.choices.get(event.index)
+        if choice is None:
+            choice = self.choices[event.index] = ChoiceTrace()
+        if event.token_ids:
+            self._on_tokens(choice, len(event.token_ids), now)
+        if event.finish_reason is not None:
+            choice.finished, choice.reason = now, event.finish_reason
+
+    def _on_tokens(self, choice: ChoiceTrace, count: int, now: float) -> None:
         if self.first_token is None:
             self.first_token = now
             self._stats.record_ttft(now - self.start)
-        last = self._last_token.get(event.index)
-        self._last_token[event.index] = self.last_token = now
+        if choice.first_token is None:
+            choice.first_token = now
+            itl = None
+        else:
+            itl = (now - choice.last_token) / count
+        choice.last_token = now
+        choice.tokens += count
         self.tokens += count
-        self._stats.record_tokens(count, now, None if last is None else (now - last) / count)
+        self._stats.record_tokens(count, now, itl)
+
+    def reasons(self, choices: int, unfinished: str) -> collections.Counter[str]:
+        """vLLM's finished_reason of each of `choices` choices: a finished one's, `unfinished` for the others."""
+        reasons = collections.Counter(choice.reason for choice in self.choices.values() if choice.reason is not None)
+        reasons[unfinished] += choices - reasons.total()
+        return +reasons
+
+    def figures(self, submitted: Submitted) -> list[tuple[str, float]]:
+        """The observations of vLLM's per-request histograms: each choice's, as vLLM's child requests of an n > 1
+        request (nanoqwen.api.metrics_vllm.PER_REQUEST), and n and the most tokens of a choice once (vLLM's
+        ParentRequest). A choice's times: queued from the submission until the first prefill chunk is scheduled (the
+        same for them all), prefill until its first token, decode from that token to its last, inference from the
+        scheduling to its last token."""
+        most = max((choice.tokens for choice in self.choices.values()), default=0)
+        figures: list[tuple[str, float]] = [("n", submitted.n), ("max_num_generation_tokens", most)]
+        scheduled = submitted.admitted
+        for index, choice in self.choices.items():
+            figures += [("e2e", (choice.finished or choice.last_token) - self.start),
+                        ("prompt_tokens", submitted.prompts[index // submitted.n]),
+                        ("generation_tokens", choice.tokens)]
+            if submitted.max_tokens is not None:  # vLLM's, never unset, is the context's room: not asked for here
+                figures.append(("max_tokens", submitted.max_tokens))
+            first = choice.first_token
+            if first is None:
+                continue
+            decode = choice.last_token - first
+            figures.append(("time_per_output_token", decode / (choice.tokens - 1) if choice.tokens > 1 else 0.0))
+            if scheduled is not None:
+                figures += [("queued", scheduled - submitted.at), ("prefill", first - scheduled), ("decode", decode),
+                            ("inference", choice.last_token - scheduled)]
+        return figures
 
 
 class ServerStats:
@@ -315,32 +393,25 @@ class ServerStats:
         while recent and recent[0][0] < now - RATE_WINDOW_S:
             self._recent_count -= recent.popleft()[1]
 
-    def finish(self, trace: RequestTrace, usage: Usage, submitted: Submitted | None = None) -> None:
+    def finish(self, trace: RequestTrace, usage: Usage, submitted: Submitted) -> None:
         elapsed = time.perf_counter() - trace.start
         self.requests_served += 1
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        figures = {"prompt_tokens": usage.prompt_tokens, "generation_tokens": usage.completion_tokens}
-        if submitted is not None:
-            figures["n"] = submitted.n
-            if submitted.max_tokens is not None:  # vLLM's, never unset, is the context's room: not asked for here
-                figures["max_tokens"] = submitted.max_tokens
-            scheduled, first = submitted.admitted, trace.first_token
-            if scheduled is not None and first is not None:
-                figures |= {"queued": scheduled - submitted.at, "prefill": first - scheduled,
-                            "decode": trace.last_token - first, "inference": trace.last_token - scheduled}
-        self._requests().count("served", Served(usage.prompt_tokens, elapsed, trace.finish_reasons, figures))
+        self._requests().count("served", trace.reasons(submitted.choices, "error"),
+                               Served(usage.prompt_tokens, elapsed, trace.figures(submitted)))
 
-    def abort(self, trace: RequestTrace) -> None:
+    def abort(self, trace: RequestTrace, submitted: Submitted) -> None:
+        """vLLM's: each choice not finished an abort (vLLM aborts each child request)."""
         self.requests_aborted += 1
         self.total_tokens_generated += trace.tokens
-        self._requests().count("aborted")
+        self._requests().count("aborted", trace.reasons(submitted.choices, "abort"))
 
-    def fail(self, trace: RequestTrace) -> None:
+    def fail(self, trace: RequestTrace, submitted: Submitted) -> None:
         self.requests_failed += 1
         self.total_tokens_generated += trace.tokens
-        self._requests().count("failed")
+        self._requests().count("failed", trace.reasons(submitted.choices, "error"))
 
     def tokens_per_second(self) -> float:
         now = time.perf_counter()
@@ -392,7 +463,7 @@ class ServerStats:
         """What requests recorded since the last publish into the metrics, where they are made: at a worker's exit."""
         if self._metrics is not None:
             self._metrics.add(self._pending)
-            self._pending = PendingMetrics()
+            self._pending.clear()
 
     def publish(self) -> dict[str, Any]:
         """What requests recorded and the engine's numbers into the metrics, and this worker's snapshot to the other

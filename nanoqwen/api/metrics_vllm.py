@@ -5,6 +5,8 @@ engine: `engine` is its slot. What we do not measure is not served (README, "vLL
 """
 from __future__ import annotations
 
+import bisect
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # vLLM's FinishReason strings but `repetition` (never ours); `error`: a request that failed part way
@@ -15,6 +17,10 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                            240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# vLLM's CacheConfig fields we have the meaning of (the engine's stats key -> the label): the others (memory
+# utilisation, swap space, CPU blocks, ...) are left out
+CACHE_CONFIG = {"block_size": "block_size", "kv_blocks": "num_gpu_blocks", "prefix_caching": "enable_prefix_caching"}
 # vLLM's 1-2-5 token buckets end at max_model_len; these are made before the model (and its context) is loaded
 TOKENS_MAX = 200_000
 # engine counts served cumulatively (nanoqwen.engine.Engine.stats) -> vLLM's counter of them
@@ -42,15 +48,20 @@ def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
 
 
 TOKEN_BUCKETS = buckets_1_2_5(TOKENS_MAX)
-# a served request's histograms that only vLLM's names have: its figure's name (Served.figures) -> (the series, help,
-# buckets). Its times (as its greenlet sees its tokens arrive): queued from its submission to the engine until its
-# first prefill chunk is scheduled, prefill until its first token, decode from that token to its last, inference
-# from the scheduling to its last token
+# a served request's histograms that only vLLM's names have: its figure's name (each choice's, as vLLM's child
+# requests, but n and the most tokens of a choice, once a request: nanoqwen.api.metrics.RequestTrace.figures) -> (the
+# series, help, buckets)
 PER_REQUEST = {
+    "e2e": ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS),
     "prompt_tokens": ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_BUCKETS),
     "generation_tokens": ("vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_BUCKETS),
+    "max_num_generation_tokens": ("vllm:request_max_num_generation_tokens",
+                                  "Histogram of maximum number of requested generation tokens.", TOKEN_BUCKETS),
     "n": ("vllm:request_params_n", "Histogram of the n request parameter.", (1, 2, 5, 10, 20)),
     "max_tokens": ("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", TOKEN_BUCKETS),
+    "time_per_output_token": ("vllm:request_time_per_output_token_seconds",
+                              "Histogram of time_per_output_token_seconds per request.", ITL_BUCKETS),
     "queued": ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
                REQUEST_LATENCY_BUCKETS),
     "prefill": ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
@@ -93,9 +104,15 @@ class VllmMetrics:
                               TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
                              ITL_BUCKETS)
-        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total",
+                                          "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS)
+        # vLLM's info gauge: no model_name label; made once the engine's configuration is known (its first publish)
+        self._cache_info = Gauge("vllm:cache_config_info", "Information of the LLMCache",
+                                 [*CACHE_CONFIG.values(), "engine"], registry=registry, multiprocess_mode="livesum")
+        self._engine = str(engine)
+        self._cache_info_set = False
         self._engine_seen = dict.fromkeys(ENGINE_COUNTERS, 0)
+        self._steps_seen: dict[int, int] = {}
 
     def set_engine(self, engine: dict) -> None:
         """The engine's gauges, and its cumulative counts' growth since the last publish into the counters."""
@@ -107,3 +124,18 @@ class VllmMetrics:
             if count > self._engine_seen[key]:
                 counter.inc(count - self._engine_seen[key])
                 self._engine_seen[key] = count
+        self._add_steps(engine.get("step_tokens", {}))
+        if not self._cache_info_set and "kv_blocks" in engine:
+            self._cache_info.labels(*(str(engine[key]) for key in CACHE_CONFIG), self._engine).set(1)
+            self._cache_info_set = True
+
+    def _add_steps(self, steps: dict[int, int]) -> None:
+        """The engine's steps since the last publish (by the tokens each ran) into iteration_tokens, their buckets'
+        counts at once (what Histogram.observe does one at a time)."""
+        histogram = self.iteration_tokens
+        for tokens, count in steps.items():
+            grown = count - self._steps_seen.get(tokens, 0)
+            if grown:
+                histogram._sum.inc(tokens * grown)
+                histogram._buckets[bisect.bisect_left(histogram._upper_bounds, tokens)].inc(grown)
+                self._steps_seen[tokens] = count

@@ -186,7 +186,7 @@ class Batch(GeventEventStream):
     indices follow on from request to request, and the end is one event with the usage summed.
     With `reports_admission`, an `admitted` event comes first once the engine starts on one of them."""
 
-    def __init__(self, reports_admission: bool = False, submitted: Submitted | None = None) -> None:
+    def __init__(self, submitted: Submitted, reports_admission: bool = False) -> None:
         super().__init__()
         self.request_ids: list[str] = []
         self.submitted = submitted
@@ -196,7 +196,7 @@ class Batch(GeventEventStream):
 
     def admit_part(self) -> None:
         """Called by the engine thread, the only writer."""
-        if self.submitted is not None and self.submitted.admitted is None:
+        if self.submitted.admitted is None:
             self.submitted.admitted = time.perf_counter()
         if self._unreported:
             self._unreported = False
@@ -335,7 +335,7 @@ class Serving:
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages", reports_admission: bool = False) -> Batch:
         """Every prompt as one engine request with params.n choices, all on one stream (Batch)."""
-        batch = Batch(reports_admission, Submitted(params.n, params.max_tokens))
+        batch = Batch(Submitted(params.n, params.max_tokens, list(map(len, prompts))), reports_admission)
         try:
             batch.request_ids += self.engine.submit_all(prompts, params, [batch.part(i * params.n)
                                                                           for i in range(len(prompts))],
@@ -403,10 +403,10 @@ class Serving:
             batch.close()
             if not finished:
                 self.abort(batch)
-                self.stats.abort(trace)
+                self.stats.abort(trace, batch.submitted)
         if event.error is not None:
             self.abort(batch)  # the other prompts of a batch
-            self.stats.fail(trace)
+            self.stats.fail(trace, batch.submitted)
             raise generation_error(event.error, event.error_param)
         usage = event.usage
         self.stats.finish(trace, usage, batch.submitted)
@@ -475,9 +475,9 @@ class Serving:
                     finished = True
                     if event.error is not None:
                         self.abort(batch)  # the other prompts of a batch
-                        self.stats.fail(trace)
+                        self.stats.fail(trace, batch.submitted)
                     elif aborted:
-                        self.stats.abort(trace)
+                        self.stats.abort(trace, batch.submitted)
                     else:
                         self.stats.finish(trace, event.usage, batch.submitted)
                 yield out
@@ -490,11 +490,11 @@ class Serving:
             if not finished:  # ours, not the client's: the engine stops before the last frames go out
                 finished = True
                 self.abort(batch)
-                self.stats.fail(trace)
+                self.stats.fail(trace, batch.submitted)
             failure = _broken(chunks, "internal server error")
             yield [*failure, chunks.ending] if chunks.ending else failure
         finally:
             batch.close()
             if not finished:
                 self.abort(batch)
-                self.stats.abort(trace)
+                self.stats.abort(trace, batch.submitted)

@@ -68,6 +68,7 @@ class Engine:
         self.spec_drafts = 0  # steps in which a row verified drafts (vLLM's spec_decode_num_drafts)
         self.spec_draft_tokens = 0  # tokens drafted
         self.spec_accepted_tokens = 0  # drafts the sampler agreed with
+        self.step_tokens: collections.Counter[int] = collections.Counter()  # steps by the tokens they ran
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
         self.think_ids: tuple[int | None, int | None] = (None, None)  # <think>, </think>, once loaded
 
@@ -337,6 +338,10 @@ class Engine:
             if self.spec_draft_tokens else 0.0,
             # NANOQWEN_GRAPH=compile's graphs, all made while loading: a count that grows after is a request's wait
             "graph_compiles": runner.graphs.compiles if runner else 0,
+            "step_tokens": self.step_tokens.copy(),  # a copy: the engine thread adds to it
+            # the KV cache's configuration, once loaded (vLLM's cache_config_info)
+            **({"block_size": blocks.block_size, "kv_blocks": blocks.num_blocks,
+                "prefix_caching": blocks.enable_prefix_caching} if blocks else {}),
         }
 
     # -- engine thread --------------------------------------------------------------------
@@ -383,8 +388,11 @@ class Engine:
             return
         if sampled:  # its tokens are on the host: the device work is done, the step timed whole
             self.scheduler.observe(batch, time.perf_counter() - started)
+        tokens = 0
         for seq, n in batch.rows:
             seq.num_computed_tokens += n - len(seq.draft_ids)  # drafts count once verified
+            tokens += n
+        self.step_tokens[tokens] += 1
         for (seq, _), scored in zip(batch.rows, output.prompt_logprobs or ()):
             if scored is not None:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
