@@ -2,7 +2,12 @@
 in each mode, compared with transformers' greedy tokens and log-softmax. Prints each failure and a count per mode;
 exit 1 on any failure.
 
-python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile torch] [--seed 0]
+python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile torch] [--seed 0] \
+    [--mates 0]
+
+`--mates N`: N threads send sampled batch-mates (random prompts, n 1-2, logprobs, penalties, a JSON format, streams
+hung up on) throughout each case but those that wait for an idle engine (case_concurrent, case_edges): the greedy
+answers must not change with them in the batch, and each mate must be answered.
 """
 from __future__ import annotations
 
@@ -543,16 +548,68 @@ def case_stop_logprobs(c: Ctx) -> None:
                         for key in ("tokens", "token_logprobs", "text_offset"):
                             streamed[key] += (ch["logprobs"] or {}).get(key) or []
             lp = whole["logprobs"]
-            c.check(whole["text"] == content and len(lp["tokens"]) == k and streamed == {
-                "text": whole["text"], **{key: lp[key] for key in ("tokens", "token_logprobs", "text_offset")}},
-                f"legacy stop logprobs {stop!r}: {whole['text']!r} {lp['tokens']} vs streamed {streamed}")
+            # logprobs within TOL: batch-mates change a step's rows and so its rounding
+            c.check(whole["text"] == content and len(lp["tokens"]) == k and streamed["text"] == whole["text"] and all(
+                streamed[key] == lp[key] for key in ("tokens", "text_offset")) and len(
+                streamed["token_logprobs"]) == k and all(abs(a - b) < TOL for a, b in zip(
+                    streamed["token_logprobs"], lp["token_logprobs"])),
+                f"legacy stop logprobs {stop!r}: {whole['text']!r} {lp['tokens']} {lp['token_logprobs']} vs "
+                f"streamed {streamed}")
 
 
 CASES: list[Callable[[Ctx], None]] = [case_lengths, case_prefix, case_logprobs, case_chat, case_stop_logprobs,
                                       case_edges, case_concurrent, case_shared_inflight, case_spec]
 
 
-def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:
+# cases that wait for the engine to be idle, or for a request of theirs to be the one running: no batch-mates then
+ALONE = ("case_concurrent", "case_edges")
+
+
+def mate(c: Ctx, rng: random.Random, stop: threading.Event) -> None:
+    """Sampled requests, one after another until `stop`: each must be answered (a 200, a stream to its end); one in 5
+    streamed and hung up on after a few events."""
+    while not stop.is_set():
+        body = {"model": MODEL, "prompt": [rng.randrange(100, 150000) for _ in range(rng.randrange(1, 150))],
+                "max_tokens": rng.randrange(1, 40), "temperature": 1.0, "seed": rng.randrange(1 << 30),
+                "n": rng.choice([1, 1, 2]), "logprobs": rng.choice([None, 2]),
+                "presence_penalty": rng.choice([0.0, 0.5]), "stream": rng.random() < 0.3}
+        path = "/v1/completions"
+        if rng.random() < 0.2:
+            body = {**{k: body[k] for k in ("model", "max_tokens", "temperature", "seed", "n", "stream")},
+                    "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}
+            path = "/v1/chat/completions"
+        hang_up = body["stream"] and rng.random() < 0.2
+        try:
+            with requests.post(c.srv.url + path, json=body, stream=body["stream"], timeout=600) as r:
+                ok, what = r.status_code == 200, f"{r.status_code}"
+                if ok and body["stream"]:
+                    last = [p for _, p in zip(range(3 if hang_up else 1 << 30), sse_payloads(r))][-1:]
+                    ok, what = hang_up or last == ["[DONE]"], f"ended {last}"
+                elif not ok:
+                    what += f" {r.text[:300]}"
+        except requests.RequestException as exc:
+            ok, what = False, repr(exc)
+        c.check(ok, f"batch-mate {path} {json.dumps(body)[:200]}: {what}")
+
+
+def run_case(c: Ctx, case: Callable[[Ctx], None], mates: int) -> None:
+    """`case`, with `mates` batch-mates sending meanwhile unless it is ALONE."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=mate, args=(c, random.Random(c.rng.random()), stop))
+               for _ in range(0 if case.__name__ in ALONE else mates)]
+    for t in threads:
+        t.start()
+    try:
+        case(c)
+    except Exception as exc:  # noqa: BLE001
+        c.check(False, f"{case.__name__} raised {exc!r}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def run_mode(name: str, seed: int, log_dir: Path, mates: int = 0) -> Ctx:
     mode = MODES[name]
     ckpt = make_checkpoint()
     hf = load_quantised_hf_model(ckpt, mode.quant) if mode.quant != "none" else load_hf_model(ckpt)
@@ -564,10 +621,7 @@ def run_mode(name: str, seed: int, log_dir: Path) -> Ctx:
             if case is case_spec and not mode.spec:
                 continue
             t0 = time.monotonic()
-            try:
-                case(ctx)
-            except Exception as exc:  # noqa: BLE001
-                ctx.check(False, f"{case.__name__} raised {exc!r}")
+            run_case(ctx, case, mates)
             print(f"{name} {case.__name__}: {time.monotonic() - t0:.0f}s", flush=True)
     return ctx
 
@@ -576,11 +630,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mates", type=int, default=0)
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="differential-"))
     failed = 0
     for name in args.modes:
-        ctx = run_mode(name, args.seed, log_dir)
+        ctx = run_mode(name, args.seed, log_dir, args.mates)
         print(f"== {name}: {ctx.passed} passed, {len(ctx.failures)} failed", flush=True)
         failed += len(ctx.failures)
     print("logs:", log_dir)
