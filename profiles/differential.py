@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from chat_http import MODEL, cpu_env, raw_request, server_stats, sse_payloads, wait_for  # noqa: E402
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
+from checks import Checks  # noqa: E402
 from engine_util import hf_greedy  # noqa: E402
 from nanoqwen import loader  # noqa: E402
 from nanoqwen.text import TokenBytes  # noqa: E402
@@ -79,7 +80,7 @@ MODES = {
 
 
 @dataclass
-class Ctx:
+class Ctx(Checks):
     srv: GunicornServer
     hf: torch.nn.Module
     tok: Any
@@ -88,13 +89,6 @@ class Ctx:
     mode: Mode
     passed: int = 0
     failures: list[str] = field(default_factory=list)
-
-    def check(self, ok: bool, what: str) -> None:
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(what)
-            print("FAIL", what, flush=True)
 
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(100, 150000) for _ in range(n)]

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from chat_http import MODEL, cpu_env, health_polled, most_held  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
+from checks import Checks  # noqa: E402
 from nanoqwen.engine import grammar  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
@@ -107,17 +108,10 @@ def regex_of(rng: random.Random) -> str:
     return "".join(rng.choice(REGEX_PIECES) for _ in range(rng.randrange(1, 6)))
 
 
-class Fuzz:
+class Fuzz(Checks):
     def __init__(self, srv: GunicornServer, rng: random.Random) -> None:
         self.srv, self.rng = srv, rng
         self.passed, self.cut, self.failures, self.mid_answer = 0, 0, [], []
-
-    def check(self, ok: bool, what: str) -> None:
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(what)
-            print("FAIL", what, flush=True)
 
     def chat(self, extra: dict[str, Any], n: int = 2) -> requests.Response:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "answer"}], "max_tokens": MAX_TOKENS,
