@@ -2,8 +2,8 @@
 in each mode, compared with transformers' greedy tokens and log-softmax. Prints each failure and a count per mode;
 exit 1 on any failure.
 
-python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile torch] [--seed 0] \
-    [--mates 0]
+python profiles/differential.py [--modes default eager wide spec spec-tight int8 int4 compile torch triton] \
+    [--seed 0] [--mates 0] [--cases case_lengths ...]
 
 `--mates N`: N threads send sampled batch-mates (random prompts, n 1-2, logprobs, penalties, a JSON format, streams
 hung up on) throughout each case but those that wait for an idle engine (case_concurrent, case_edges): the greedy
@@ -76,6 +76,8 @@ MODES = {
     "compile": Mode({"NANOQWEN_MAX_BATCH": "4", "NANOQWEN_GRAPH": "compile", "NANOQWEN_KERNELS": "torch"}),
     # no C kernel: torch's ops and sampler alone (graph auto: none)
     "torch": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_CPU_KERNELS": "0"}),
+    # the Triton kernels in Triton's interpreter (slow: pick a few --cases)
+    "triton": Mode({"NANOQWEN_MAX_BATCH": "8", "NANOQWEN_KERNELS": "triton", "TRITON_INTERPRET": "1"}),
 }
 
 
@@ -603,7 +605,7 @@ def run_case(c: Ctx, case: Callable[[Ctx], None], mates: int) -> None:
             t.join()
 
 
-def run_mode(name: str, seed: int, log_dir: Path, mates: int = 0) -> Ctx:
+def run_mode(name: str, seed: int, log_dir: Path, mates: int = 0, cases: list[str] | None = None) -> Ctx:
     mode = MODES[name]
     ckpt = make_checkpoint()
     hf = load_quantised_hf_model(ckpt, mode.quant) if mode.quant != "none" else load_hf_model(ckpt)
@@ -612,7 +614,7 @@ def run_mode(name: str, seed: int, log_dir: Path, mates: int = 0) -> Ctx:
         tok = loader.load_tokenizer(ckpt)
         ctx = Ctx(srv, hf, tok, TokenBytes(tok), random.Random(seed), mode)
         for case in CASES:
-            if case is case_spec and not mode.spec:
+            if case is case_spec and not mode.spec or cases and case.__name__ not in cases:
                 continue
             t0 = time.monotonic()
             run_case(ctx, case, mates)
@@ -625,11 +627,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mates", type=int, default=0)
+    parser.add_argument("--cases", nargs="+", choices=[case.__name__ for case in CASES], help="default: all")
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="differential-"))
     failed = 0
     for name in args.modes:
-        ctx = run_mode(name, args.seed, log_dir, args.mates)
+        ctx = run_mode(name, args.seed, log_dir, args.mates, args.cases)
         print(f"== {name}: {ctx.passed} passed, {len(ctx.failures)} failed", flush=True)
         failed += len(ctx.failures)
     print("logs:", log_dir)
