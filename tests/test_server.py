@@ -391,6 +391,28 @@ def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw
     assert body["error"]["code"] == code, body
 
 
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_targets_naming_no_path(server: GunicornServer, version: str) -> None:
+    """`OPTIONS *` asks about the server (RFC 9110 9.3.7): its methods in Allow, no content; CONNECT's `host:port`
+    asks for a tunnel (9.3.6), which only a proxy opens: a 405 (nginx's), the target allowing no method. They were
+    404s "Unknown endpoint: OPTIONS *" and "... CONNECT 80" (the port read as the path)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"OPTIONS * {version}\r\nHost: localhost\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == f"{version} 200 OK" and payload == b"" and "Content-Length: 0" in lines, head
+    allowed = next(line for line in lines if line.startswith("Allow: ")).removeprefix("Allow: ").split(", ")
+    assert {"GET", "POST", "DELETE", "OPTIONS"} <= set(allowed), allowed
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"CONNECT localhost:80 {version}\r\nHost: localhost:80\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        head, _, payload = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(f"{version} 405 ".encode()) and b"\r\nAllow: \r\n" in head, head
+    error = json.loads(payload)["error"]
+    assert error["code"] == "method_not_allowed" and "RFC 9110 9.3.6" in error["message"], error
+
+
 def test_identity_then_chunked_is_read(server: GunicornServer) -> None:
     """gunicorn reads `Transfer-Encoding: identity, chunked` as chunked; the app answered 415."""
     raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity, chunked\r\n"

@@ -104,6 +104,24 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         hosts.check(request.environ)
 
     @app.before_request
+    def answer_targets_naming_no_path() -> Response | None:
+        """`OPTIONS *` asks about the server itself (RFC 9110 9.3.7): its methods, in Allow; CONNECT's `host:port` asks
+        for a tunnel, which a proxy opens (9.3.6): a 405, as nginx's, the target allowing no method. Each was a 404
+        naming `*` or the port (gunicorn reads `host:80` as the path `80`)."""
+        path = request.environ.get("PATH_INFO", "")
+        if path.startswith("/"):
+            return None
+        if request.method == "OPTIONS" and path == "*":
+            methods = {method for rule in app.url_map.iter_rules() for method in rule.methods or ()}
+            answer = Response(headers={"Allow": ", ".join(sorted(methods))})
+            del answer.headers["Content-Type"]  # no content (RFC 9110 9.3.7: its Content-Length is 0)
+            return answer
+        if request.method == "CONNECT":
+            raise APIError(405, "CONNECT asks for a tunnel, which a proxy opens (RFC 9110 9.3.6): this server is none",
+                           code="method_not_allowed", headers={"Allow": ""})
+        return None
+
+    @app.before_request
     def refuse_empty_segments() -> None:
         """`//` anywhere in a path is a 404, as OpenAI's and vLLM's, where werkzeug would answer a redirect (308,
         an HTML page) or, for a leading one, serve the route; but a model id in /v1/models/ may hold any slashes (the
