@@ -26,6 +26,11 @@ request for a target outside its authority), and it carries no userinfo (`user:p
 recipient treat it as an error); both were served. An empty path is `/` (RFC 9110 4.2.3): `GET http://h` was a 404
 naming the empty path. A port, in the Host header or the target, is at most 65535 (RFC 9293 3.1: 16 bits; WHATWG URL
 refuses one past it): `h:99999` was served.
+
+RFC 9110 6.2: a server answers in the highest version it conforms to whose major version is at most the request's:
+an `HTTP/1.2` request (gunicorn parses any `HTTP/1.x`) is answered `HTTP/1.1` and served as one, as nginx and h11
+(uvicorn) do; gunicorn echoed `HTTP/1.2 200 OK`, and SERVER_PROTOCOL read as no HTTP/1.1 (serving.probe_interim took
+a half-closed client of it for gone).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ MAX_PORT = 65535
 # RFC 9112 3.2.2: a request-target in absolute-form, its scheme and its authority (which names the host)
 ABSOLUTE_FORM = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#]*)", re.IGNORECASE)
 SCHEMES = ("http", "https")
+VERSION = (1, 1)  # the highest HTTP/1 this server conforms to
 
 
 class MissingHost(InvalidHeader):
@@ -84,6 +90,7 @@ class CheckedRequest(Request):
 
     def parse(self, unreader: Any) -> bytes:
         rest = super().parse(unreader)
+        self.version = min(self.version, VERSION)  # the answer's status line and SERVER_PROTOCOL
         hosts = [value for name, value in self.headers if name == "HOST"]  # one at most: gunicorn refuses a second
         if self.version >= (1, 1) and not hosts:
             raise MissingHost("Host", req=self)

@@ -45,6 +45,13 @@ def test_a_bad_byte_after_a_served_request_is_refused_in_the_next_one() -> None:
         next(parser)
 
 
+@pytest.mark.parametrize("version, served", [("1.0", (1, 0)), ("1.1", (1, 1)), ("1.2", (1, 1)), ("1.9", (1, 1))])
+def test_a_later_http_1_minor_version_is_served_as_http_1_1(version: str, served: tuple[int, int]) -> None:
+    """RFC 9110 6.2: answered in the highest version this server conforms to (gunicorn echoed `HTTP/1.2`)."""
+    raw = REQUEST.replace(b"HTTP/1.1", f"HTTP/{version}".encode())
+    assert [req.version for req in CheckedParser(Config(), iter([raw]), ("127.0.0.1", 1))] == [served]
+
+
 @pytest.mark.parametrize("host", ["h", "localhost:8000", "10.0.0.11:8000", "[::1]:8000", "my-host.example", "a%20b",
                                   "", "h:", "h:65535", "h:0080"])
 def test_a_valid_host_is_served(host: str) -> None:

@@ -391,6 +391,20 @@ def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw
     assert body["error"]["code"] == code, body
 
 
+def test_a_later_http_1_minor_version_is_answered_as_http_1_1(server: GunicornServer) -> None:
+    """RFC 9110 6.2: the answer's version is the highest the server conforms to (nginx's and h11's `HTTP/1.1`); an
+    `HTTP/1.2` request was answered `HTTP/1.2 200 OK`, and its half-closed client taken for gone (no interim 100
+    for a version read as no HTTP/1.1): it gets the 100 probe and its answer now."""
+    body = json.dumps({**GREEDY, "max_tokens": 4, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.2\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer[:200]
+    assert json.loads(final_response(answer).partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 4
+
+
 @pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
 def test_targets_naming_no_path(server: GunicornServer, version: str) -> None:
     """`OPTIONS *` asks about the server (RFC 9110 9.3.7): its methods in Allow, no content; CONNECT's `host:port`
