@@ -391,6 +391,17 @@ def test_requests_gunicorn_refuses_get_openai_errors(server: GunicornServer, raw
     assert body["error"]["code"] == code, body
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                                  "/v1/responses/input_tokens", "/tokenize", "/detokenize"])
+def test_a_query_parameter_on_a_body_route_is_refused(server: GunicornServer, path: str) -> None:
+    """A field we do not read is refused by name: `POST /v1/chat/completions?stream=true` was answered whole (not
+    streamed), the parameter ignored. The openai client sends none (`extra_query` does); the stored routes that read
+    theirs refuse an unknown one already (stored.check_query)."""
+    error = _assert_error(requests.post(f"{server.url}{path}?stream=true", json=GREEDY, timeout=60), 400,
+                          param="stream", code="unsupported_parameter")
+    assert "'stream'" in error["message"], error
+
+
 def test_a_later_http_1_minor_version_is_answered_as_http_1_1(server: GunicornServer) -> None:
     """RFC 9110 6.2: the answer's version is the highest the server conforms to (nginx's and h11's `HTTP/1.1`); an
     `HTTP/1.2` request was answered `HTTP/1.2 200 OK`, and its half-closed client taken for gone (no interim 100

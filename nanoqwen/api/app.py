@@ -26,6 +26,7 @@ from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.shared_stats import SharedStats
+from nanoqwen.api.stored import check_query
 from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
@@ -162,9 +163,12 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                 response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
-    def json_body() -> ParsedBody:
+    def json_body(reads_query: bool = False) -> ParsedBody:
         """The request's JSON body and the values it leaves the JSON in its strings, read within body_timeout_s and
-        decoded (else a 400, 408 or 413)."""
+        decoded (else a 400, 408 or 413). A query parameter, unless the route `reads_query`, is refused by name
+        before: `POST /v1/chat/completions?stream=true` was answered whole, the parameter ignored."""
+        if not reads_query:
+            check_query(request.args, ())
         return serving.parse_body(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
@@ -181,7 +185,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/chat/completions/<completion_id>")
     def update_chat_completion(completion_id: str) -> Response:
-        return stored_chat.update(completion_id, request.args, *json_body())
+        return stored_chat.update(completion_id, request.args, *json_body(reads_query=True))
 
     @app.delete("/v1/chat/completions/<completion_id>")
     def delete_chat_completion(completion_id: str) -> dict[str, Any]:
