@@ -20,7 +20,17 @@ with a vaguer 400 ("The browser (or proxy) sent a request ...") on a connection 
 (`[fe80::1%25eth0]`, RFC 6874) is no RFC 3986 IP-literal: RFC 6874 4 has clients and proxies remove it before sending.
 A target in absolute-form (`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2): its
 authority is held to the same syntax, and an http URI must name a host (RFC 9110 4.2.1: `http:///x`, `http://:80/x`
-are invalid); these were a 403 on a loopback listener (api/hosts.py) and served on any other.
+are invalid); these were a 403 on a loopback listener (api/hosts.py) and served on any other. Its scheme must be
+http or https, the URIs an HTTP server is the origin of (RFC 9110 4.2; RFC 9110 7.4: a server does not process a
+request for a target outside its authority), and it carries no userinfo (`user:password@`: RFC 9110 4.2.4 has a
+recipient treat it as an error); both were served. An empty path is `/` (RFC 9110 4.2.3): `GET http://h` was a 404
+naming the empty path. A port, in the Host header or the target, is at most 65535 (RFC 9293 3.1: 16 bits; WHATWG URL
+refuses one past it): `h:99999` was served.
+
+RFC 9110 6.2: a server answers in the highest version it conforms to whose major version is at most the request's:
+an `HTTP/1.2` request (gunicorn parses any `HTTP/1.x`) is answered `HTTP/1.1` and served as one, as nginx and h11
+(uvicorn) do; gunicorn echoed `HTTP/1.2 200 OK`, and SERVER_PROTOCOL read as no HTTP/1.1 (serving.probe_interim took
+a half-closed client of it for gone).
 """
 from __future__ import annotations
 
@@ -34,9 +44,12 @@ from gunicorn.http.message import Request
 LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
 SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
 # IP-literal (IPv6 and IPvFuture, loosely) or reg-name less the comma, then an optional port
-HOST = re.compile(r"(?:\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
-# RFC 9112 3.2.2: a request-target in absolute-form names the host (its authority less any userinfo)
-ABSOLUTE_FORM = re.compile(r"[a-z][a-z0-9+.-]*://(?:[^/?#@]*@)?([^/?#]*)", re.IGNORECASE)
+HOST = re.compile(r"(?:\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})*)(?::(?P<port>[0-9]*))?")
+MAX_PORT = 65535
+# RFC 9112 3.2.2: a request-target in absolute-form, its scheme and its authority (which names the host)
+ABSOLUTE_FORM = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#]*)", re.IGNORECASE)
+SCHEMES = ("http", "https")
+VERSION = (1, 1)  # the highest HTTP/1 this server conforms to
 
 
 class MissingHost(InvalidHeader):
@@ -50,16 +63,16 @@ class InvalidHost(InvalidHeader):
     """`hdr`: the Host's value."""
 
     def __str__(self) -> str:
-        return f"The Host header must be a host name or address and an optional port (RFC 9112 3.2), not " \
+        return f"The Host header must be a host name or address and an optional port up to {MAX_PORT} (RFC 9112 " \
+               f"3.2), not " \
                f"{self.hdr[:SHOWN_BYTES * 4]!r}."
 
 
-class InvalidAuthority(InvalidHeader):
-    """`hdr`: the absolute-form target's authority."""
+class InvalidTarget(InvalidHeader):
+    """`hdr`: why the absolute-form target is refused (target_refusal)."""
 
     def __str__(self) -> str:
-        return f"A request target in absolute-form must name a host and an optional port (RFC 9112 3.2.2, RFC 9110 " \
-               f"4.2.1), not {self.hdr[:SHOWN_BYTES * 4]!r}."
+        return self.hdr
 
 
 class CheckedRequest(Request):
@@ -77,31 +90,53 @@ class CheckedRequest(Request):
 
     def parse(self, unreader: Any) -> bytes:
         rest = super().parse(unreader)
+        self.version = min(self.version, VERSION)  # the answer's status line and SERVER_PROTOCOL
         hosts = [value for name, value in self.headers if name == "HOST"]  # one at most: gunicorn refuses a second
         if self.version >= (1, 1) and not hosts:
             raise MissingHost("Host", req=self)
         if hosts and not valid_host(hosts[0]):
             raise InvalidHost(hosts[0], req=self)
-        authority = target_authority(self.uri)
-        if authority is not None and not valid_authority(authority):
-            raise InvalidAuthority(authority, req=self)
+        if (refusal := target_refusal(self.uri)) is not None:
+            raise InvalidTarget(refusal, req=self)
+        if not self.path and target_authority(self.uri) is not None:  # gunicorn's path of `http://h` or `http://h?q`
+            self.path = "/"
         return rest
 
 
 def target_authority(target: str) -> str | None:
-    """The host and port an absolute-form target names; None for any other form."""
+    """The authority of an absolute-form target (its host and port where target_refusal passes it); None for any
+    other form."""
     absolute = ABSOLUTE_FORM.match(target)
-    return absolute[1] if absolute else None
+    return absolute[2] if absolute else None
+
+
+def target_refusal(target: str) -> str | None:
+    """Why an absolute-form target is refused (the module's docstring); None for one served or any other form."""
+    absolute = ABSOLUTE_FORM.match(target)
+    if absolute is None:
+        return None
+    scheme, authority = absolute[1], absolute[2]
+    if scheme.lower() not in SCHEMES:
+        return f"A request target in absolute-form must be an http or https URI (RFC 9112 3.2.2, RFC 9110 4.2), not " \
+               f"{scheme[:SHOWN_BYTES]!r}."
+    if "@" in authority:  # not shown: it holds a password
+        return "A request target must not carry userinfo (`user:password@`): RFC 9110 4.2.4 has its recipient treat " \
+               "it as an error."
+    # RFC 9110 4.2.1: an http URI without a host is invalid
+    if not (authority.partition(":")[0] and valid_host(authority)):
+        return f"A request target in absolute-form must name a host and an optional port up to {MAX_PORT} (RFC 9112 " \
+               f"3.2.2, RFC 9110 4.2.1), not {authority[:SHOWN_BYTES * 4]!r}."
+    return None
 
 
 def valid_host(host: str) -> bool:
-    """Whether `host` is a `uri-host [":" port]` that werkzeug's routing takes."""
-    return bool(HOST.fullmatch(host)) and _routable(host)
+    """Whether `host` is a `uri-host [":" port]`, its port at most MAX_PORT, that werkzeug's routing takes."""
+    return bool(syntax := HOST.fullmatch(host)) and _valid_port(syntax["port"] or "") and _routable(host)
 
 
-def valid_authority(authority: str) -> bool:
-    """Whether an absolute-form target's authority names a host (RFC 9110 4.2.1: an http URI without one is invalid)."""
-    return bool(authority.partition(":")[0]) and valid_host(authority)
+def _valid_port(port: str) -> bool:
+    digits = port.lstrip("0")
+    return len(digits) <= len(str(MAX_PORT)) and int(digits or 0) <= MAX_PORT  # no int() of thousands of digits
 
 
 def _routable(host: str) -> bool:

@@ -34,7 +34,7 @@ from gunicorn.http.wsgi import Response
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from nanoqwen.api.body import CLOSE_CONNECTION, READ_CHUNK
+from nanoqwen.api.body import CLIENT_CLOSED, CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.boot_signals import exit_on_stop_signals
@@ -207,6 +207,8 @@ class NanoqwenWorker(GeventWorker):
     - an answer before the request's body was read (the app sets CLOSE_CONNECTION) says `Connection: close` (gunicorn
       ignores an app's Connection header) and closes the connection after a lingering read (linger): gunicorn would
       read the rest of the body before the next request in one go, holding the loop.
+    - a client whose end of stream came before its answer could be probed (the app's CLIENT_CLOSED: an HTTP/1.0 one)
+      is sent nothing, its connection closed, as nginx does; gunicorn wrote the 499 meant for the log.
     - a response's write that makes no progress for NANOQWEN_SEND_TIMEOUT closes the connection, as a
       client gone does (nanoqwen.send_timeout): one log line, no stack trace.
     - `Expect: 100-continue` is answered at the app's first read of the body (ContinueOnRead); an answer before it
@@ -330,7 +332,11 @@ class NanoqwenWorker(GeventWorker):
         if gevent.getcurrent() in self._expecting:
             body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
 
+        gone = False
+
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
+            nonlocal gone
+            gone = status.startswith(f"{CLIENT_CLOSED} ")
             unread = environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent)
             if unread or not self.alive:  # not alive: a request begun before the stop answers `Connection: close`
                 start_response.__self__.force_close()
@@ -338,7 +344,15 @@ class NanoqwenWorker(GeventWorker):
                 self._unread.add(gevent.getcurrent())
             return start_response(status, headers, exc_info)
 
-        return self._app(environ, start)
+        answer = self._app(environ, start)
+        if gone:  # nginx's 499 is for its log: it sends such a client nothing, and a half-closed one could read it
+            if callable(close := getattr(answer, "close", None)):
+                close()
+            self.log.info("%s %s: the client's end of stream came before its answer, taken for a close (%s): the "
+                          "connection closed without one", environ["REQUEST_METHOD"], environ["PATH_INFO"],
+                          CLIENT_CLOSED)
+            raise StopIteration
+        return answer
 
     def run(self) -> None:
         from nanoqwen.wsgi import app, engine, start_engine

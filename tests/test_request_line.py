@@ -6,7 +6,7 @@ from gunicorn.config import Config
 from gunicorn.http.errors import InvalidRequestLine
 from gunicorn.http.parser import RequestParser
 
-from nanoqwen.request_line import CheckedRequest, InvalidAuthority, InvalidHost
+from nanoqwen.request_line import CheckedRequest, InvalidHost, InvalidTarget
 
 REQUEST = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: h\r\nX-Latin: caf\xe9\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -45,17 +45,26 @@ def test_a_bad_byte_after_a_served_request_is_refused_in_the_next_one() -> None:
         next(parser)
 
 
+@pytest.mark.parametrize("version, served", [("1.0", (1, 0)), ("1.1", (1, 1)), ("1.2", (1, 1)), ("1.9", (1, 1))])
+def test_a_later_http_1_minor_version_is_served_as_http_1_1(version: str, served: tuple[int, int]) -> None:
+    """RFC 9110 6.2: answered in the highest version this server conforms to (gunicorn echoed `HTTP/1.2`)."""
+    raw = REQUEST.replace(b"HTTP/1.1", f"HTTP/{version}".encode())
+    assert [req.version for req in CheckedParser(Config(), iter([raw]), ("127.0.0.1", 1))] == [served]
+
+
 @pytest.mark.parametrize("host", ["h", "localhost:8000", "10.0.0.11:8000", "[::1]:8000", "my-host.example", "a%20b",
-                                  "", "h:"])
+                                  "", "h:", "h:65535", "h:0080"])
 def test_a_valid_host_is_served(host: str) -> None:
     assert _requests([REQUEST.replace(b"Host: h", f"Host: {host}".encode())])[0][2] == b"{}"
 
 
 @pytest.mark.parametrize("host", ["a,b", "a, b", "a b", "h/x", "h:80x", "[::1", "%zz", "h@x", "caf\xe9", "a..b",
-                                  ".a:80", "a" * 64 + ".example"])
+                                  ".a:80", "a" * 64 + ".example", "h:65536", "h:99999", "[::1]:123456",
+                                  pytest.param("h:" + "9" * 5000, id="h:9x5000")])
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_an_invalid_host_is_refused(host: str, version: str) -> None:
-    """RFC 9112 3.2: a 400 for a Host that is no `host[:port]` (a list value, two hosts joined, was served)."""
+    """RFC 9112 3.2: a 400 for a Host that is no `host[:port]` (a list value, two hosts joined, was served), or whose
+    port is past 65535 (RFC 9293 3.1: 16 bits; it was served)."""
     raw = REQUEST.replace(b"Host: h", f"Host: {host}".encode("latin-1"))
     raw = raw.replace(b"HTTP/1.1", f"HTTP/{version}".encode())
     with pytest.raises(InvalidHost, match="RFC 9112 3.2"):
@@ -71,15 +80,30 @@ def test_an_ipv6_zone_id_in_host_is_refused(host: str) -> None:
         _requests([REQUEST.replace(b"Host: h", f"Host: {host}".encode())])
 
 
-@pytest.mark.parametrize("target", ["http://h/v1", "HTTP://user@h:8000/v1", "http://[::1]:8000/v1", "http://h", "http://h?x"])
-def test_an_absolute_form_targets_valid_authority_is_served(target: str) -> None:
-    assert _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])[0][2] == b"{}"
+@pytest.mark.parametrize("target, path", [("http://h/v1", "/v1"), ("HTTPS://h:8000/v1", "/v1"),
+                                          ("http://[::1]:65535/v1", "/v1"), ("http://h", "/"), ("http://h?x", "/")])
+def test_an_absolute_form_targets_valid_authority_is_served(target: str, path: str) -> None:
+    """RFC 9110 4.2.3: an empty path is `/` (it was served as the empty path: a 404 naming none)."""
+    assert _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])[0][1:] == (path, b"{}")
 
 
-@pytest.mark.parametrize("target", ["http:///v1", "http://@/v1", "http://:80/v1", "http://[::1]evil/v1", "http://a,b/",
-                                    "http://%zz/", "http://a..b/", "http://h:80x/"])
+@pytest.mark.parametrize("target", ["http:///v1", "http://:80/v1", "http://[::1]evil/v1", "http://a,b/",
+                                    "http://%zz/", "http://a..b/", "http://h:80x/", "http://h:99999/v1",
+                                    "http://h:65536/v1"])
 def test_an_absolute_form_targets_malformed_authority_is_refused(target: str) -> None:
     """RFC 9112 3.2.2, RFC 9110 4.2.1: the authority names the host in the Host header's place; one that names none,
-    or none validly, is a 400 (it was served, or a 403 on a loopback listener)."""
-    with pytest.raises(InvalidAuthority, match="RFC 9112 3.2.2"):
+    or none validly, is a 400 (it was served, or a 403 on a loopback listener; a port past 65535 was served)."""
+    with pytest.raises(InvalidTarget, match="must name a host and an optional port up to 65535"):
         _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])
+
+
+@pytest.mark.parametrize("target, refusal", [
+    ("http://user:pw@h/v1", "must not carry userinfo"), ("HTTP://user@h:8000/v1", "must not carry userinfo"),
+    ("http://@/v1", "must not carry userinfo"), ("ftp://h/v1", "http or https URI"),
+    ("ws://h/v1", "http or https URI"), ("file:///v1", "http or https URI")])
+def test_an_absolute_form_target_with_userinfo_or_another_scheme_is_refused(target: str, refusal: str) -> None:
+    """RFC 9110 4.2.4: userinfo in an http(s) URI is an error (its password is not echoed); RFC 9110 4.2 and 7.4: a
+    server is the origin of http and https URIs alone. Each was served."""
+    with pytest.raises(InvalidTarget, match=refusal) as refused:
+        _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])
+    assert "pw" not in str(refused.value)

@@ -26,6 +26,7 @@ from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.serving import Serving, unavailable
 from nanoqwen.api.shared_stats import SharedStats
+from nanoqwen.api.stored import check_query
 from nanoqwen.api.tokenize import TokenizeService
 from nanoqwen.engine import Engine
 
@@ -104,6 +105,24 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
         hosts.check(request.environ)
 
     @app.before_request
+    def answer_targets_naming_no_path() -> Response | None:
+        """`OPTIONS *` asks about the server itself (RFC 9110 9.3.7): its methods, in Allow; CONNECT's `host:port` asks
+        for a tunnel, which a proxy opens (9.3.6): a 405, as nginx's, the target allowing no method. Each was a 404
+        naming `*` or the port (gunicorn reads `host:80` as the path `80`)."""
+        path = request.environ.get("PATH_INFO", "")
+        if path.startswith("/"):
+            return None
+        if request.method == "OPTIONS" and path == "*":
+            methods = {method for rule in app.url_map.iter_rules() for method in rule.methods or ()}
+            answer = Response(headers={"Allow": ", ".join(sorted(methods))})
+            del answer.headers["Content-Type"]  # no content (RFC 9110 9.3.7: its Content-Length is 0)
+            return answer
+        if request.method == "CONNECT":
+            raise APIError(405, "CONNECT asks for a tunnel, which a proxy opens (RFC 9110 9.3.6): this server is none",
+                           code="method_not_allowed", headers={"Allow": ""})
+        return None
+
+    @app.before_request
     def refuse_empty_segments() -> None:
         """`//` anywhere in a path is a 404, as OpenAI's and vLLM's, where werkzeug would answer a redirect (308,
         an HTML page) or, for a leading one, serve the route; but a model id in /v1/models/ may hold any slashes (the
@@ -144,9 +163,12 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                 response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
-    def json_body() -> ParsedBody:
+    def json_body(reads_query: bool = False) -> ParsedBody:
         """The request's JSON body and the values it leaves the JSON in its strings, read within body_timeout_s and
-        decoded (else a 400, 408 or 413)."""
+        decoded (else a 400, 408 or 413). A query parameter, unless the route `reads_query`, is refused by name
+        before: `POST /v1/chat/completions?stream=true` was answered whole, the parameter ignored."""
+        if not reads_query:
+            check_query(request.args, ())
         return serving.parse_body(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
@@ -163,7 +185,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/chat/completions/<completion_id>")
     def update_chat_completion(completion_id: str) -> Response:
-        return stored_chat.update(completion_id, request.args, *json_body())
+        return stored_chat.update(completion_id, request.args, *json_body(reads_query=True))
 
     @app.delete("/v1/chat/completions/<completion_id>")
     def delete_chat_completion(completion_id: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ an orchestrator's probes name the pod's address. Nor is a unix socket: no browse
 forwards to it (a proxy) decides which names it serves. A request's listener is gunicorn's SERVER_NAME, which it
 sets from the listener's address, with nanoqwen's worker or gevent's alone. The Host's syntax (`host[:port]`,
 one header) is request_line.CheckedRequest's: a malformed one is a 400 before this check. A target in absolute-form
-(`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2); a malformed authority there is
-that 400 too.
+(`GET http://name/path`) names the host in the Host header's place (RFC 9112 3.2.2); a malformed authority there
+(or userinfo, or a scheme other than http and https) is that 400 too.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nanoqwen.api.errors import APIError
-from nanoqwen.request_line import target_authority, valid_authority
+from nanoqwen.request_line import target_authority, target_refusal
 
 ANY_HOST = "*"
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
@@ -87,10 +87,11 @@ class HostGuard:
         own); for a unix socket gunicorn takes the Host's name, and an address there is allowed anyway."""
         if ANY_HOST in self._allowed or not _is_loopback(environ.get("SERVER_NAME", "")):
             return
-        authority = target_authority(environ.get("RAW_URI", ""))
+        target = environ.get("RAW_URI", "")
+        authority = target_authority(target)
         host = environ.get("HTTP_HOST", "") if authority is None else authority
-        # without nanoqwen's worker (its CheckedRequest answers a malformed authority 400) still no host: refused
-        if not ((authority is None or valid_authority(authority)) and self.allows(host)):
+        # without nanoqwen's worker (its CheckedRequest answers a refused target 400) still no host: refused
+        if target_refusal(target) is not None or not self.allows(host):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "
                                 "rebinding). A proxy on this machine that passes its clients' Host names them in "

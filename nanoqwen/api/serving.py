@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import gevent.monkey
 from flask import Response
 
-from nanoqwen.api.body import ParsedBody, parse_json
+from nanoqwen.api.body import CLIENT_CLOSED, ParsedBody, parse_json
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
@@ -35,7 +35,6 @@ from nanoqwen.engine.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
-CLIENT_CLOSED = 499  # nginx's status for "client closed request"; nobody reads it
 T = TypeVar("T")
 LARGE_ANSWER = 2048  # a collected answer of more JSON objects (answer_weight) is built off the loop
 # A stream holds frames for the events still waiting this long at most: a reader behind the engine (a loop saturated
