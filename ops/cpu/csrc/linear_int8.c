@@ -234,10 +234,12 @@ static void lane_offsets(const int8_t *q, int R, int K, int32_t *out) {
 
 /* y[m0 + j, n + i] = sums[i * rows + j] x scale[n + i] (i < W, j < rows), rounded as store_scaled rounds them. */
 INLINE void store_pass(const struct linear_int8_args *a, long n, int W, int m0, int rows, __m256 sums) {
-    __m256 scale = _mm256_set1_ps(a->bf16 ? bf16_to_f32(((const uint16_t *)a->scale)[n]) : ((const float *)a->scale)[n]);
+    const float *f32 = a->scale;
+    const uint16_t *b16 = a->scale;
+    __m256 scale = _mm256_set1_ps(a->bf16 ? bf16_to_f32(b16[n]) : f32[n]);
     if (W == 2)
-        scale = _mm256_mask_blend_ps((__mmask8)(0xff << rows), scale, _mm256_set1_ps(
-            a->bf16 ? bf16_to_f32(((const uint16_t *)a->scale)[n + 1]) : ((const float *)a->scale)[n + 1]));
+        scale = _mm256_mask_blend_ps((__mmask8)(0xff << rows), scale,
+                                     _mm256_set1_ps(a->bf16 ? bf16_to_f32(b16[n + 1]) : f32[n + 1]));
     const __m256i u = _mm256_castps_si256(_mm256_mul_ps(sums, scale));
     int32_t out[8];
     if (a->bf16) {  /* f32_to_bf16's rounding, 8 at a time */
@@ -269,9 +271,10 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, 
     const float *s = a->qscale + m0 * P;
     const int32_t *offsets = a->offsets + 16 * m0 * P;
     __m512i acc[2 * VNNI_MAX_PIECES];  /* from minus the offsets, which the weights' + 128 then add back */
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < W; i++)
-            acc[i * VNNI_MAX_PIECES + r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_load_si512(offsets + 16 * r));
+    for (int r = 0; r < R; r++) {
+        const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_load_si512(offsets + 16 * r));
+        for (int i = 0; i < W; i++) acc[i * VNNI_MAX_PIECES + r] = start;
+    }
     int k = 0;
     for (; k + 64 <= K; k += 64) {
         for (int i = 0; i < W; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES);
@@ -281,18 +284,18 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, 
     __m512 f[8];  /* [i * rows + j], reduced together */
     for (int i = 0; i < W; i++)
         for (int j = 0; j < rows; j++) {
-            f[i * rows + j] = _mm512_setzero_ps();
+            __m512 o = _mm512_setzero_ps();
             for (int p = 0; p < P; p++) {
                 const int r = j * P + p;
-                f[i * rows + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i * VNNI_MAX_PIECES + r]), _mm512_set1_ps(s[r]),
-                                                  f[i * rows + j]);
+                o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i * VNNI_MAX_PIECES + r]), _mm512_set1_ps(s[r]), o);
             }
+            f[i * rows + j] = o;
         }
     for (int o = W * rows; o < 8; o++) f[o] = _mm512_setzero_ps();
     store_pass(a, n, W, m0, rows, reduce8(f));
 }
 
-/* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 0, 1, P) but in a loop of its own with
+/* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 1, 0, 1, P) but in a loop of its own with
    its weights prefetched non-temporally (VNNI_PREFETCH_AHEAD). Not folded into dot_pieces: folded, gcc copies each
    accumulator twice an iteration, and the step's 1-row linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this
    0.81-0.99x. */
