@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from call_rows import record_rows
-from cpu_isas import LOOPS, VNNI, capped
+from cpu_isas import AMX, LOOPS, VNNI, capped
 from ops.cpu import build as cpu_build
 from ops.cpu import dequant
 from ops.cpu import linear_int8 as cpu_int8
@@ -95,6 +95,26 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
     if dtype == torch.float32:  # the last piece is below fp32 rounding: as close as the reference's own sums
         reference = (linear_int8_torch(x, w, scale).double() - exact).abs().max()
         assert (out - exact).abs().max() <= 1.5 * reference
+
+
+# K 96 and 2080: a last 32 columns (the vpdpbusd loops' masked tail); N 37: each chunk's pairs of weight rows, an odd
+# last one alone (csrc/linear_int8.c's dot_pieces); 16 rows: passes of 4 bf16 or 2 fp32 rows, and of fewer.
+@pytest.mark.parametrize("n,k", [(37, 96), (37, 1024), (37, 2080), (301, 3072)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loops", LOOPS)
+def test_a_rows_outputs_do_not_depend_on_its_batch_mates(n, k, dtype, loops):
+    """A row's outputs are the same bits alone as in a batch of 2-16 rows: with VNNI one row takes dot_row and more
+    dot_pieces (two weight rows a pass, 8 outputs reduced together), whose integer sums, piece scaling, reduction
+    order and rounding are dot_row's; on AVX2 madd_pieces alike. AMX-INT8 (2+ rows, K % 64 == 0) sums in another
+    order: its shapes are left out where the CPU has it."""
+    if AMX and loops != "avx2" and k % 64 == 0:
+        pytest.skip("AMX-INT8's 2+ rows sum in another order than one row's vpdpbusd")
+    x, w, scale = operands(16, n, k, dtype)
+    x[:, ::37] *= 30
+    alone = torch.cat([linear_with(loops, x[m:m + 1], w, scale) for m in range(16)])
+    for rows in range(2, 17):
+        batch = linear_with(loops, x[:rows], w, scale)
+        assert torch.equal(batch, alone[:rows]), (rows, (batch != alone[:rows]).sum().item())
 
 
 @pytest.mark.parametrize("k", [4096, 4128, 8192])

@@ -175,13 +175,49 @@ static void linear_int8_madd(const void *ctx, long chunk) {
    the loop alone as with prefetcht1; profiles/RESULTS.md, step33). */
 #define VNNI_PREFETCH_AHEAD 4096
 
-/* acc[r] += the 64 weights at w as u8 (w + 128, `mask`: which bytes count; the others 128 against pieces of 0)
-   against the int8 piece row q + r * K, r < R. The weights, not the pieces, take the + 128: it costs a vpxord a
-   64 weights where the pieces' + 128 cost a vpdpbusd for the weight row's sum, and it comes back out as the pieces'
-   own sums, once a call (lane_offsets). */
+/* _mm512_reduce_add_ps of each of v[0..7], bit for bit (the same pairs added in the same order: the 256-bit halves,
+   the 128-bit ones, elements 2 apart, then 1), 8 at a time: 16 shuffles and 8 adds where 8 reductions take 56. */
+INLINE __m256 reduce8(const __m512 v[8]) {
+    __m512 h[4], q[2];
+    for (int i = 0; i < 4; i++)  /* lanes: v[2i]'s halves' sum (2 lanes), then v[2i + 1]'s */
+        h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  /* lane l: v[4i + l]'s quarters' sum */
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* lane l: elements 0 and 1 v[l]'s, 2 and 3 v[l + 4]'s, each the sum of elements 2 apart */
+    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 t = _mm512_add_ps(e, _mm512_permute_ps(e, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), t));
+}
+
+/* _mm512_dpbusd_epi32(acc, u, s) in place: with the intrinsic GCC 12 copied each of dot_pieces' 16 accumulators
+   to another register and back every 64 weights (and spilled the copies past 32 registers). */
+INLINE __m512i dpbusd_in_place(__m512i acc, __m512i u, __m512i s) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    return acc;
+}
+
+/* acc[i * VNNI_MAX_PIECES + r] += the 64 weights at w + i * K as u8 (w + 128, `mask`: which bytes count; the others
+   128 against pieces of 0) against the int8 piece row q + r * K, i < W, r < R: each piece's load serves the W weight
+   rows. The weights, not the pieces, take the + 128: it costs a vpxord a 64 weights where the pieces' + 128 cost a
+   vpdpbusd for the weight row's sum, and it comes back out as the pieces' own sums, once a call (lane_offsets). */
+INLINE void dpbusd64_rows(const int8_t *w, int W, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc) {
+    __m512i v[2];
+    for (int i = 0; i < W; i++)
+        v[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + (long)i * K), _mm512_set1_epi8((char)0x80));
+    for (int r = 0; r < R; r++) {
+        const __m512i piece = _mm512_maskz_loadu_epi8(mask, q + (long)r * K);
+        for (int i = 0; i < W; i++)
+            acc[i * VNNI_MAX_PIECES + r] = dpbusd_in_place(acc[i * VNNI_MAX_PIECES + r], v[i], piece);
+    }
+}
+
+/* dpbusd64_rows for one weight row: acc[r], r < R. */
 INLINE void dpbusd64(const int8_t *w, const int8_t *q, int R, int K, __mmask64 mask, __m512i *acc) {
-    const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w), _mm512_set1_epi8((char)0x80));
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_maskz_loadu_epi8(mask, q + (long)r * K));
+    dpbusd64_rows(w, 1, q, R, K, mask, acc);
 }
 
 /* out[r][l] = 128 x the sum of the bytes of piece row q + r * K (r < R) that int32 lane l of dpbusd64's sums meets:
@@ -196,41 +232,70 @@ static void lane_offsets(const int8_t *q, int R, int K, int32_t *out) {
     }
 }
 
-/* y[m0 + j, n] for the `rows` activation rows from m0 (rows and P constants, rows * P <= VNNI_MAX_PIECES):
-   weight row n against their pieces (a->q: int8 rows of K), one vpdpbusd per piece and 64 weights. Two sets of
-   accumulators, for even and odd blocks of 64, so that fewer vpdpbusd wait on the one before (measured
-   at 1 row, before one row took dot_row: a 1024 x 1024 weight hot in L2, 20-22 vs 23 µs). Each lane's int32 sum, and so each output, is the same as with
-   the pieces as u8 against the s8 weights. */
-INLINE void dot_pieces(const struct linear_int8_args *a, long n, int m0, int rows, int P) {
+/* y[m0 + j, n + i] = sums[i * rows + j] x scale[n + i] (i < W, j < rows), rounded as store_scaled rounds them. */
+INLINE void store_pass(const struct linear_int8_args *a, long n, int W, int m0, int rows, __m256 sums) {
+    const float *f32 = a->scale;
+    const uint16_t *b16 = a->scale;
+    __m256 scale = _mm256_set1_ps(a->bf16 ? bf16_to_f32(b16[n]) : f32[n]);
+    if (W == 2)
+        scale = _mm256_mask_blend_ps((__mmask8)(0xff << rows), scale,
+                                     _mm256_set1_ps(a->bf16 ? bf16_to_f32(b16[n + 1]) : f32[n + 1]));
+    const __m256i u = _mm256_castps_si256(_mm256_mul_ps(sums, scale));
+    int32_t out[8];
+    if (a->bf16) {  /* f32_to_bf16's rounding, 8 at a time */
+        const __m256i high = _mm256_srli_epi32(u, 16);
+        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(
+            _mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff))), 16);
+        const __mmask8 nan = _mm256_cmpgt_epi32_mask(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                                     _mm256_set1_epi32(0x7f800000));
+        _mm256_storeu_si256((__m256i *)out, _mm256_mask_or_epi32(rounded, nan, high, _mm256_set1_epi32(0x40)));
+    } else {
+        _mm256_storeu_si256((__m256i *)out, u);
+    }
+    for (int i = 0; i < W; i++)
+        for (int j = 0; j < rows; j++) {
+            const long at = (long)(m0 + j) * a->N + n + i;
+            if (a->bf16) ((uint16_t *)a->y)[at] = (uint16_t)out[i * rows + j];
+            else ((int32_t *)a->y)[at] = out[i * rows + j];
+        }
+}
+
+/* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows and P constants,
+   W <= 2, rows * P <= VNNI_MAX_PIECES): one vpdpbusd per piece, weight row and 64 weights, each piece's load shared
+   by the W weight rows (W * rows * P accumulators: 16 at most, where one set of 8 for each of the even and odd
+   blocks of a single weight row loaded a piece per vpdpbusd). Each lane's int32 sum, and so each output, is the
+   same as with the pieces as u8 against the s8 weights; the outputs' reductions are batched (reduce8), same bits. */
+INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
     const int8_t *w = a->w + n * K, *q = a->q + (long)m0 * P * K;
     const float *s = a->qscale + m0 * P;
     const int32_t *offsets = a->offsets + 16 * m0 * P;
-    const __mmask64 all = ~0ull;
-    __m512i acc[2][VNNI_MAX_PIECES];
-    for (int r = 0; r < R; r++) acc[0][r] = acc[1][r] = _mm512_setzero_si512();
+    __m512i acc[2 * VNNI_MAX_PIECES];  /* from minus the offsets, which the weights' + 128 then add back */
+    for (int r = 0; r < R; r++) {
+        const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_load_si512(offsets + 16 * r));
+        for (int i = 0; i < W; i++) acc[i * VNNI_MAX_PIECES + r] = start;
+    }
     int k = 0;
-    for (; k + 128 <= K; k += 128) {
-        __builtin_prefetch(w + k + PREFETCH_BYTES);
-        __builtin_prefetch(w + k + 64 + PREFETCH_BYTES);
-        dpbusd64(w + k, q + k, R, K, all, acc[0]);
-        dpbusd64(w + k + 64, q + k + 64, R, K, all, acc[1]);
+    for (; k + 64 <= K; k += 64) {
+        for (int i = 0; i < W; i++) __builtin_prefetch(w + (long)i * K + k + PREFETCH_BYTES);
+        dpbusd64_rows(w + k, W, q + k, R, K, ~0ull, acc);
     }
-    if (k + 64 <= K) dpbusd64(w + k, q + k, R, K, all, acc[0]), k += 64;
-    if (k < K) dpbusd64(w + k, q + k, R, K, 0xffffffffull, acc[1]);  /* K % 64 == 32 */
-    for (int j = 0; j < rows; j++) {
-        __m512 f = _mm512_setzero_ps();
-        for (int p = 0; p < P; p++) {
-            const int r = j * P + p;
-            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][r], acc[1][r]),
-                                                 _mm512_load_si512(offsets + 16 * r));
-            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(s[r]), f);
+    if (k < K) dpbusd64_rows(w + k, W, q + k, R, K, 0xffffffffull, acc);  /* K % 64 == 32 */
+    __m512 f[8];  /* [i * rows + j], reduced together */
+    for (int i = 0; i < W; i++)
+        for (int j = 0; j < rows; j++) {
+            __m512 o = _mm512_setzero_ps();
+            for (int p = 0; p < P; p++) {
+                const int r = j * P + p;
+                o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i * VNNI_MAX_PIECES + r]), _mm512_set1_ps(s[r]), o);
+            }
+            f[i * rows + j] = o;
         }
-        store_scaled(a->y, (long)(m0 + j) * a->N + n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
-    }
+    for (int o = W * rows; o < 8; o++) f[o] = _mm512_setzero_ps();
+    store_pass(a, n, W, m0, rows, reduce8(f));
 }
 
-/* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 0, 1, P) but in a loop of its own with
+/* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 1, 0, 1, P) but in a loop of its own with
    its weights prefetched non-temporally (VNNI_PREFETCH_AHEAD). Not folded into dot_pieces: folded, gcc copies each
    accumulator twice an iteration, and the step's 1-row linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this
    0.81-0.99x. */
@@ -272,21 +337,30 @@ static void linear_int8_vnni_row(const void *ctx, long chunk) {
     else dot_rows(a, chunk, PIECES_F32);
 }
 
+/* Weight rows start .. end - 1 against the `rows` activation rows from m0: two a pass, an odd last one alone. */
+INLINE void dot_span(const struct linear_int8_args *a, long start, long end, int m0, int rows, int P) {
+    long n = start;
+    for (; n + 2 <= end; n += 2) dot_pieces(a, n, 2, m0, rows, P);
+    if (n < end) dot_pieces(a, n, 1, m0, rows, P);
+}
+
+/* One group of VNNI_MAX_PIECES / P activation rows at a time over the chunk's weight rows: the group's pieces stay in
+   L1 (8 bf16 rows' at K 3072, 48 KB, did not), the chunk's weights in L2 for the next group. */
 static void linear_int8_vnni(const void *ctx, long chunk) {
     const struct linear_int8_args *a = ctx;
     const int M = a->M, per = VNNI_MAX_PIECES / a->P;
-    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
-        for (int m0 = 0; m0 < M; m0 += per) {
-            const int rows = M - m0 < per ? M - m0 : per;
-            switch (a->P == PIECES_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
-                case 1: dot_pieces(a, n, m0, 1, PIECES_BF16); break;
-                case 2: dot_pieces(a, n, m0, 2, PIECES_BF16); break;
-                case 3: dot_pieces(a, n, m0, 3, PIECES_BF16); break;
-                case 4: dot_pieces(a, n, m0, 4, PIECES_BF16); break;
-                case -1: dot_pieces(a, n, m0, 1, PIECES_F32); break;
-                default: dot_pieces(a, n, m0, 2, PIECES_F32); break;
-            }
+    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, a->N);
+    for (int m0 = 0; m0 < M; m0 += per) {
+        const int rows = M - m0 < per ? M - m0 : per;
+        switch (a->P == PIECES_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
+            case 1: dot_span(a, start, end, m0, 1, PIECES_BF16); break;
+            case 2: dot_span(a, start, end, m0, 2, PIECES_BF16); break;
+            case 3: dot_span(a, start, end, m0, 3, PIECES_BF16); break;
+            case 4: dot_span(a, start, end, m0, 4, PIECES_BF16); break;
+            case -1: dot_span(a, start, end, m0, 1, PIECES_F32); break;
+            default: dot_span(a, start, end, m0, 2, PIECES_F32); break;
         }
+    }
 }
 
 #pragma GCC pop_options
