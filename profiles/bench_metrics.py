@@ -1,12 +1,15 @@
 """The hub's cost of the serving statistics (nanoqwen.api.metrics): a streamed token's record, a request's events and
-finish, a publish after 50 tokens; with `--base REV`, that revision's metrics.py alternated with the tree's in this
-process (best of 3 rounds of 3 repeats each).
+finish (of one choice, and of 128: two tokens each), a publish after 50 tokens; with `--base REV`, that revision's
+metrics.py alternated with the tree's in this process (best of 3 rounds of 3 repeats each). Under gunicorn each
+metric's update is a locked write to a map: PROMETHEUS_MULTIPROC_DIR (an empty directory) times that mode.
 
     python profiles/bench_metrics.py --base 3deb007
+    PROMETHEUS_MULTIPROC_DIR=$(mktemp -d) python profiles/bench_metrics.py --base 3deb007
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import os
@@ -43,7 +46,7 @@ def per_token(mod: ModuleType) -> Callable[[], None]:
     return lambda: stats.record_tokens(1, 1.0, 0.02)
 
 
-def per_request(mod: ModuleType) -> Callable[[], None]:
+def per_request(mod: ModuleType, choices: int = 1) -> Callable[[], None]:
     stats = mod.ServerStats(lambda: None)
     stats.publish()
     submitted = "submitted" in inspect.signature(mod.ServerStats.finish).parameters
@@ -51,14 +54,15 @@ def per_request(mod: ModuleType) -> Callable[[], None]:
 
     def one() -> None:
         trace = stats.begin()
-        trace.on_event(Event(index=0, token_ids=[1]))
-        trace.on_event(Event(index=0, token_ids=[2], finish_reason="length"))
+        for index in range(choices):
+            trace.on_event(Event(index=index, token_ids=[1]))
+            trace.on_event(Event(index=index, token_ids=[2], finish_reason="length"))
         if prompts:
-            stats.finish(trace, Usage(5, 2), mod.Submitted(1, 16, [5]))
+            stats.finish(trace, Usage(5, 2 * choices), mod.Submitted(choices, 16, [5]))
         elif submitted:
-            stats.finish(trace, Usage(5, 2), mod.Submitted(1, 16))
+            stats.finish(trace, Usage(5, 2 * choices), mod.Submitted(choices, 16))
         else:
-            stats.finish(trace, Usage(5, 2))
+            stats.finish(trace, Usage(5, 2 * choices))
     return one
 
 
@@ -80,6 +84,7 @@ def main() -> None:
     modules = {"tree": metrics, **({args.base: revision(args.base)} if args.base else {})}
     print(f"load {os.getloadavg()[0]:.1f}")
     for name, make, number in (("a streamed token", per_token, 200_000), ("a request", per_request, 20_000),
+                               ("a request of 128 choices", functools.partial(per_request, choices=128), 200),
                                ("a publish after 50 tokens", per_publish, 2_000)):
         best = {label: float("inf") for label in modules}
         for _ in range(3):  # rounds, alternating the modules

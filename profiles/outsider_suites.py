@@ -352,17 +352,18 @@ def text_offsets_with_stop(srv: GunicornServer) -> str | None:
 
 # vLLM test_metrics's EXPECTED_METRICS_V1 but those we do not serve (README, "vLLM's metric names": the deprecated
 # GPU names, time_per_output_token_seconds), and the other series we serve: those observed once a choice (vLLM's
-# child requests of an n > 1 request), then those once a request
+# child requests of an n > 1 request), then those once a prompt (vLLM's parent request), then once a request
 CHOICE_HISTOGRAMS = ("request_prompt_tokens", "request_generation_tokens", "request_params_max_tokens",
                      "e2e_request_latency_seconds", "request_queue_time_seconds", "request_inference_time_seconds",
                      "request_prefill_time_seconds", "request_decode_time_seconds",
                      "request_time_per_output_token_seconds")
-REQUEST_HISTOGRAMS = ("request_params_n", "request_max_num_generation_tokens", "time_to_first_token_seconds")
+PROMPT_HISTOGRAMS = ("request_params_n", "request_max_num_generation_tokens")
+REQUEST_HISTOGRAMS = ("time_to_first_token_seconds",)
 VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions_total",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
                 "vllm:cache_config_info",
-                *(f"vllm:{name}_{part}" for name in (*CHOICE_HISTOGRAMS, *REQUEST_HISTOGRAMS,
+                *(f"vllm:{name}_{part}" for name in (*CHOICE_HISTOGRAMS, *PROMPT_HISTOGRAMS, *REQUEST_HISTOGRAMS,
                                                       "inter_token_latency_seconds", "iteration_tokens_total")
                   for part in ("sum", "bucket", "count"))]
 
@@ -380,26 +381,33 @@ def _samples(text: str) -> dict[str, float]:
 def vllm_metrics(srv: GunicornServer) -> str | None:
     """vLLM test_metrics test_metrics_exist and test_metrics_counts (the grown counts, other checks sharing this
     server: 3 completions of a token-id prompt, 10 tokens each, then one with n=2: its choices counted as vLLM's child
-    requests) and test_abort_metrics_reset's idle gauges: nothing running or waiting, no KV block held once they are
-    done."""
-    prompt, max_tokens, ns = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 10, (1, 1, 1, 2)
+    requests; then two of ours: two prompts with n=2, a parent request each, as vLLM's completions endpoint makes
+    them; and `echo` with max_tokens 0, its tokenless choice observed in each per-choice series all the same) and
+    test_abort_metrics_reset's idle gauges: nothing running or waiting, no KV block held once they are done."""
+    prompt, max_tokens = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 10
+    asked = [(1, 1, max_tokens), (1, 1, max_tokens), (1, 1, max_tokens), (1, 2, max_tokens), (2, 2, max_tokens),
+             (1, 1, 0)]  # (prompts, n, max_tokens): the last echoed
     before = _samples(requests.get(srv.url + "/metrics", timeout=30).text)
-    for n in ns:
-        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, n=n,
-                                                      extra_body={"ignore_eos": True})
+    for prompts, n, most in asked:
+        srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=[prompt] * prompts, max_tokens=most, n=n,
+                                                      echo=not most, extra_body={"ignore_eos": True})
     text = requests.get(srv.url + "/metrics", timeout=30).text
     after = _samples(text)
     grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
-    choices = sum(ns)
+    choices = sum(prompts * n for prompts, n, _ in asked)
+    generating = [(prompts, n) for prompts, n, most in asked if most]
+    tokens = sum(prompts * n for prompts, n in generating) * max_tokens
+    parents = sum(prompts for prompts, _, _ in asked)
     expected = {**{f"vllm:{name}_count": choices for name in CHOICE_HISTOGRAMS},
-                **{f"vllm:{name}_count": len(ns) for name in REQUEST_HISTOGRAMS},
+                **{f"vllm:{name}_count": parents for name in PROMPT_HISTOGRAMS},
+                **{f"vllm:{name}_count": len(generating) for name in REQUEST_HISTOGRAMS},
                 "vllm:request_prompt_tokens_sum": choices * len(prompt),
-                "vllm:request_generation_tokens_sum": choices * max_tokens,
-                "vllm:request_params_n_sum": choices, "vllm:request_params_max_tokens_sum": choices * max_tokens,
-                "vllm:request_max_num_generation_tokens_sum": len(ns) * max_tokens,
-                "vllm:prompt_tokens_total": len(ns) * len(prompt),  # each prompt once, as `usage` (README)
-                "vllm:generation_tokens_total": choices * max_tokens, "vllm:request_success_total": choices,
-                "vllm:inter_token_latency_seconds_count": choices * (max_tokens - 1)}  # none for a first token
+                "vllm:request_generation_tokens_sum": tokens,
+                "vllm:request_params_n_sum": choices, "vllm:request_params_max_tokens_sum": tokens,
+                "vllm:request_max_num_generation_tokens_sum": sum(prompts for prompts, _ in generating) * max_tokens,
+                "vllm:prompt_tokens_total": parents * len(prompt),  # each prompt once, as `usage` (README)
+                "vllm:generation_tokens_total": tokens, "vllm:request_success_total": choices,
+                "vllm:inter_token_latency_seconds_count": tokens // max_tokens * (max_tokens - 1)}  # none a first
     missing = [name for name in VLLM_METRICS if name not in text]
     wrong = {name: grown.get(name) for name, value in expected.items() if grown.get(name) != value}
     seconds = {phase: grown.get(f"vllm:request_{phase}_time_seconds_sum", -1.0)
@@ -411,7 +419,8 @@ def vllm_metrics(srv: GunicornServer) -> str | None:
         wrong["queue, prefill, decode, inference, e2e seconds"] = [*seconds.values(), e2e]
     # the engine's steps: each choice's decode steps' tokens at least, and its prompt's (some cached)
     steps = [grown.get(f"vllm:iteration_tokens_total_{part}", 0.0) for part in ("count", "sum")]
-    if not choices * (max_tokens - 1) < steps[1] <= choices * (max_tokens - 1) + len(ns) * len(prompt) * max(ns):
+    decoded = tokens // max_tokens * (max_tokens - 1)
+    if not decoded < steps[1] <= decoded + choices * len(prompt):
         wrong["iteration_tokens_total count, sum"] = steps
     idle = {name: after[name] for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                                            "vllm:kv_cache_usage_perc") if after.get(name) != 0.0}

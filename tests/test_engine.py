@@ -107,6 +107,15 @@ def test_prefix_cache_hits_give_identical_output(tiny_checkpoint, hf):
     assert stats["prefix_cache_queried_tokens"] == sum((len(p) - 1) // 16 * 16 for p in (first, second, resend))
 
 
+def test_steps_are_counted_in_vllms_iteration_buckets(tiny_checkpoint):
+    """Each step's tokens in the bucket of vLLM's iteration_tokens_total bounds that holds them, and their sum: a
+    20-token prompt's prefill (<= 32) and 4 decode steps (<= 1) for 5 tokens."""
+    engine = load_engine(tiny_checkpoint, enable_prefix_caching=False)
+    generate(engine, [list(range(100, 120))], greedy(5))
+    stats = engine.stats()
+    assert stats["step_buckets"] == [4, 0, 0, 1] + [0] * 10 and stats["step_tokens"] == 24
+
+
 def test_prefix_cache_rejects_hash_collisions(tiny_checkpoint, hf):
     engine = load_engine(tiny_checkpoint)
     blocks = engine.block_manager

@@ -124,12 +124,10 @@ class Fanned:
 
 @dataclass
 class Served:
-    """A served request's figures for the per-request metrics: `prompt_tokens` and `seconds`, the HTTP request's;
-    `figures`, the observations of vLLM's per-request histograms (RequestTrace.figures)."""
+    """A served request's figures for its own metrics (the HTTP request's)."""
 
     prompt_tokens: int
     seconds: float
-    figures: list[tuple[str, float]]
 
 
 @dataclass
@@ -172,8 +170,6 @@ class PendingMetrics:
             return
         self.prompt_tokens += served.prompt_tokens
         self.e2e.observe(served.seconds)
-        for figure, value in served.figures:
-            self.per_request[figure].observe(value)
 
     def clear(self) -> None:
         """Emptied in place once added (made anew, each publish remade its histograms' tables: ~0.1 ms)."""
@@ -250,8 +246,6 @@ class PrometheusMetrics:
         if served.prompt_tokens:
             self.prompt.inc(served.prompt_tokens)
         self.e2e.observe(served.seconds)
-        for figure, value in served.figures:
-            self.per_request[figure].observe(value)
 
     def set_engine(self, engine: dict[str, Any] | None) -> None:
         self.ready.set(float(engine is not None))
@@ -321,28 +315,40 @@ class RequestTrace:
 
     def figures(self, submitted: Submitted) -> list[tuple[str, float]]:
         """The observations of vLLM's per-request histograms: each choice's, as vLLM's child requests of an n > 1
-        request (nanoqwen.api.metrics_vllm.PER_REQUEST), and n and the most tokens of a choice once (vLLM's
-        ParentRequest). A choice's times: queued from the submission until the first prefill chunk is scheduled (the
-        same for them all), prefill until its first token, decode from that token to its last, inference from the
-        scheduling to its last token."""
-        most = max((choice.tokens for choice in self.choices.values()), default=0)
-        figures: list[tuple[str, float]] = [("n", submitted.n), ("max_num_generation_tokens", most)]
-        scheduled = submitted.admitted
+        request (nanoqwen.api.metrics_vllm.PER_REQUEST), and n and the most tokens of a choice once a prompt (vLLM's
+        ParentRequest: its completions endpoint makes one a prompt). A choice's times: queued from the submission
+        until the first prefill chunk is scheduled (the same for them all), prefill until its first token, decode from
+        that token to its last, inference from the scheduling to its last token; one with no token (echo with
+        max_tokens 0) observed in each all the same, as vLLM observes every finished request: 0 for the phases it
+        never reached, the one it ended in until its end."""
+        most = [0] * len(submitted.prompts)
         for index, choice in self.choices.items():
-            figures += [("e2e", (choice.finished or choice.last_token) - self.start),
-                        ("prompt_tokens", submitted.prompts[index // submitted.n]),
+            most[index // submitted.n] = max(most[index // submitted.n], choice.tokens)
+        figures: list[tuple[str, float]] = [("n", submitted.n) for _ in most]
+        figures += [("max_num_generation_tokens", tokens) for tokens in most]
+        for index, choice in self.choices.items():
+            end = choice.finished or choice.last_token
+            figures += [("e2e", end - self.start), ("prompt_tokens", submitted.prompts[index // submitted.n]),
                         ("generation_tokens", choice.tokens)]
             if submitted.max_tokens is not None:  # vLLM's, never unset, is the context's room: not asked for here
                 figures.append(("max_tokens", submitted.max_tokens))
-            first = choice.first_token
-            if first is None:
-                continue
-            decode = choice.last_token - first
-            figures.append(("time_per_output_token", decode / (choice.tokens - 1) if choice.tokens > 1 else 0.0))
-            if scheduled is not None:
-                figures += [("queued", scheduled - submitted.at), ("prefill", first - scheduled), ("decode", decode),
-                            ("inference", choice.last_token - scheduled)]
+            figures += [(figure, value) for figure, value in _phases(submitted, choice, end).items()]
         return figures
+
+
+def _phases(submitted: Submitted, choice: ChoiceTrace, end: float) -> dict[str, float]:
+    """A choice's time in each of vLLM's phases, and its time per output token, until its `end`."""
+    scheduled, first = submitted.admitted, choice.first_token
+    if scheduled is None:  # never scheduled: queued to its end
+        return {"time_per_output_token": 0.0, "queued": end - submitted.at, "prefill": 0.0, "decode": 0.0,
+                "inference": 0.0}
+    if first is None:  # scheduled, no token: in prefill to its end
+        return {"time_per_output_token": 0.0, "queued": scheduled - submitted.at, "prefill": end - scheduled,
+                "decode": 0.0, "inference": end - scheduled}
+    decode = choice.last_token - first
+    return {"time_per_output_token": decode / (choice.tokens - 1) if choice.tokens > 1 else 0.0,
+            "queued": scheduled - submitted.at, "prefill": first - scheduled, "decode": decode,
+            "inference": choice.last_token - scheduled}
 
 
 class ServerStats:
@@ -399,8 +405,11 @@ class ServerStats:
         self.total_tokens_generated += usage.completion_tokens
         self.total_prompt_tokens += usage.prompt_tokens
         self._response_time_total += elapsed
-        self._requests().count("served", trace.reasons(submitted.choices, "error"),
-                               Served(usage.prompt_tokens, elapsed, trace.figures(submitted)))
+        reasons = trace.reasons(submitted.choices, "error")
+        self._requests().count("served", reasons, Served(usage.prompt_tokens, elapsed))
+        # vLLM's per-choice series (~9 observations a choice, up to MAX_CHOICES): pending, as the per-token ones
+        for figure, value in trace.figures(submitted):
+            self._pending.per_request[figure].observe(value)
 
     def abort(self, trace: RequestTrace, submitted: Submitted) -> None:
         """vLLM's: each choice not finished an abort (vLLM aborts each child request)."""
@@ -418,8 +427,9 @@ class ServerStats:
         self._drop_old_tokens(now)
         return self._recent_count / RATE_WINDOW_S
 
-    def snapshot(self) -> dict[str, Any]:
-        engine = self._engine_stats() or {}
+    def snapshot(self, engine: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This worker's figures; `engine`: its engine's stats, where the caller has them (read anew where not)."""
+        engine = (engine if engine is not None else self._engine_stats()) or {}
         ms = 1000.0
         ttft_p50, ttft_p99 = percentiles(self._ttft, (50, 99))
         itl_p50, itl_p99 = percentiles(self._itl, (50, 99))
@@ -469,9 +479,10 @@ class ServerStats:
         """What requests recorded and the engine's numbers into the metrics, and this worker's snapshot to the other
         workers; returns the snapshot. Raises OSError where the metrics cannot be made or the snapshot cannot be
         written, having tried both."""
-        snapshot = self.snapshot()
+        engine = self._engine_stats()  # once: a copy of the engine's counts
+        snapshot = self.snapshot(engine)
         try:
-            self._made_metrics().set_engine(self._engine_stats())
+            self._made_metrics().set_engine(engine)
             self.flush_metrics()
         finally:
             if self._shared is not None:

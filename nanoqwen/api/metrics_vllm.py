@@ -5,9 +5,11 @@ engine: `engine` is its slot. What we do not measure is not served (README, "vLL
 """
 from __future__ import annotations
 
-import bisect
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from nanoqwen.engine.step_counts import ITERATION_TOKENS_BUCKETS
 
 # vLLM's FinishReason strings but `repetition` (never ours); `error`: a request that failed part way
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -17,10 +19,11 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0)
 REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                            240.0, 480.0, 960.0, 1920.0, 7680.0)
-ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # vLLM's CacheConfig fields we have the meaning of (the engine's stats key -> the label): the others (memory
 # utilisation, swap space, CPU blocks, ...) are left out
 CACHE_CONFIG = {"block_size": "block_size", "kv_blocks": "num_gpu_blocks", "prefix_caching": "enable_prefix_caching"}
+# vLLM's cache_dtype for a KV cache of the model's own dtype, as ours always is (nanoqwen.runner's k_cache, v_cache)
+CACHE_DTYPE = "auto"
 # vLLM's 1-2-5 token buckets end at max_model_len; these are made before the model (and its context) is loaded
 TOKENS_MAX = 200_000
 # engine counts served cumulatively (nanoqwen.engine.Engine.stats) -> vLLM's counter of them
@@ -108,11 +111,13 @@ class VllmMetrics:
                                           "Histogram of number of tokens per engine_step.", ITERATION_TOKENS_BUCKETS)
         # vLLM's info gauge: no model_name label; made once the engine's configuration is known (its first publish)
         self._cache_info = Gauge("vllm:cache_config_info", "Information of the LLMCache",
-                                 [*CACHE_CONFIG.values(), "engine"], registry=registry, multiprocess_mode="livesum")
+                                 [*CACHE_CONFIG.values(), "cache_dtype", "engine"], registry=registry,
+                                 multiprocess_mode="livesum")
         self._engine = str(engine)
         self._cache_info_set = False
         self._engine_seen = dict.fromkeys(ENGINE_COUNTERS, 0)
-        self._steps_seen: dict[int, int] = {}
+        self._steps_seen = [0] * len(self.iteration_tokens._buckets)
+        self._step_tokens_seen = 0
 
     def set_engine(self, engine: dict) -> None:
         """The engine's gauges, and its cumulative counts' growth since the last publish into the counters."""
@@ -124,18 +129,19 @@ class VllmMetrics:
             if count > self._engine_seen[key]:
                 counter.inc(count - self._engine_seen[key])
                 self._engine_seen[key] = count
-        self._add_steps(engine.get("step_tokens", {}))
+        self._add_steps(engine.get("step_buckets", ()), engine.get("step_tokens", 0))
         if not self._cache_info_set and "kv_blocks" in engine:
-            self._cache_info.labels(*(str(engine[key]) for key in CACHE_CONFIG), self._engine).set(1)
+            self._cache_info.labels(*(str(engine[key]) for key in CACHE_CONFIG), CACHE_DTYPE, self._engine).set(1)
             self._cache_info_set = True
 
-    def _add_steps(self, steps: dict[int, int]) -> None:
-        """The engine's steps since the last publish (by the tokens each ran) into iteration_tokens, their buckets'
-        counts at once (what Histogram.observe does one at a time)."""
+    def _add_steps(self, buckets: Sequence[int], tokens: int) -> None:
+        """The engine's steps since the last publish into iteration_tokens: its buckets' counts (on these bounds:
+        nanoqwen.engine.step_counts) and their tokens, what grew of each (what Histogram.observe does a step)."""
         histogram = self.iteration_tokens
-        for tokens, count in steps.items():
-            grown = count - self._steps_seen.get(tokens, 0)
-            if grown:
-                histogram._sum.inc(tokens * grown)
-                histogram._buckets[bisect.bisect_left(histogram._upper_bounds, tokens)].inc(grown)
-                self._steps_seen[tokens] = count
+        for bucket, count in enumerate(buckets):
+            if count > self._steps_seen[bucket]:
+                histogram._buckets[bucket].inc(count - self._steps_seen[bucket])
+                self._steps_seen[bucket] = count
+        if tokens > self._step_tokens_seen:
+            histogram._sum.inc(tokens - self._step_tokens_seen)
+            self._step_tokens_seen = tokens

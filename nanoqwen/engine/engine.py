@@ -26,6 +26,7 @@ from nanoqwen.engine.pieces import TURN_START, turn_pieces, word_pieces, words_s
 from nanoqwen.engine.request import Event, PromptLogprobs, SamplingParams
 from nanoqwen.engine.scheduler import Scheduler
 from nanoqwen.engine.sequence import Request, Sequence, Status
+from nanoqwen.engine.step_counts import StepCounts
 from nanoqwen.engine.stream import EventStream
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
 from nanoqwen.engine.validation import (
@@ -68,7 +69,7 @@ class Engine:
         self.spec_drafts = 0  # steps in which a row verified drafts (vLLM's spec_decode_num_drafts)
         self.spec_draft_tokens = 0  # tokens drafted
         self.spec_accepted_tokens = 0  # drafts the sampler agreed with
-        self.step_tokens: collections.Counter[int] = collections.Counter()  # steps by the tokens they ran
+        self.steps = StepCounts()  # by the tokens they ran
         self.sampling_defaults: dict = {}  # the checkpoint's, for fields a request leaves out
         self.think_ids: tuple[int | None, int | None] = (None, None)  # <think>, </think>, once loaded
 
@@ -338,7 +339,8 @@ class Engine:
             if self.spec_draft_tokens else 0.0,
             # NANOQWEN_GRAPH=compile's graphs, all made while loading: a count that grows after is a request's wait
             "graph_compiles": runner.graphs.compiles if runner else 0,
-            "step_tokens": self.step_tokens.copy(),  # a copy: the engine thread adds to it
+            "step_buckets": self.steps.buckets.copy(),  # a copy: the engine thread adds to it
+            "step_tokens": self.steps.tokens,
             # the KV cache's configuration, once loaded (vLLM's cache_config_info)
             **({"block_size": blocks.block_size, "kv_blocks": blocks.num_blocks,
                 "prefix_caching": blocks.enable_prefix_caching} if blocks else {}),
@@ -392,7 +394,7 @@ class Engine:
         for seq, n in batch.rows:
             seq.num_computed_tokens += n - len(seq.draft_ids)  # drafts count once verified
             tokens += n
-        self.step_tokens[tokens] += 1
+        self.steps.add(tokens)
         for (seq, _), scored in zip(batch.rows, output.prompt_logprobs or ()):
             if scored is not None:
                 seq.request.prompt_logprobs.tokens += prompt_token_logprobs(seq, scored, self.token_bytes)
