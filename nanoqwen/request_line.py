@@ -99,7 +99,7 @@ class CheckedRequest(Request):
         if (refusal := target_refusal(self.uri)) is not None:
             raise InvalidTarget(refusal, req=self)
         if not self.path and target_authority(self.uri) is not None:  # gunicorn's path of `http://h` or `http://h?q`
-            self.path = "/"
+            self.path = "*" if self.method == "OPTIONS" else "/"  # RFC 9112 3.2.4: OPTIONS's is the server, as `*`
         return rest
 
 

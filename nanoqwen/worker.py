@@ -332,11 +332,13 @@ class NanoqwenWorker(GeventWorker):
         if gevent.getcurrent() in self._expecting:
             body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
 
-        gone = False
+        gone, request_id = False, "-"
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
-            nonlocal gone
+            nonlocal gone, request_id
             gone = status.startswith(f"{CLIENT_CLOSED} ")
+            if gone:  # gunicorn's access log, which names it, never sees this request
+                request_id = next((value for name, value in headers if name.lower() == "x-request-id"), "-")
             unread = environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent)
             if unread or not self.alive:  # not alive: a request begun before the stop answers `Connection: close`
                 start_response.__self__.force_close()
@@ -349,8 +351,8 @@ class NanoqwenWorker(GeventWorker):
             if callable(close := getattr(answer, "close", None)):
                 close()
             self.log.info("%s %s: the client's end of stream came before its answer, taken for a close (%s): the "
-                          "connection closed without one", environ["REQUEST_METHOD"], environ["PATH_INFO"],
-                          CLIENT_CLOSED)
+                          "connection closed without one request_id=%s", environ["REQUEST_METHOD"],
+                          environ["PATH_INFO"], CLIENT_CLOSED, request_id)
             raise StopIteration
         return answer
 

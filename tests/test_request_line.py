@@ -87,6 +87,13 @@ def test_an_absolute_form_targets_valid_authority_is_served(target: str, path: s
     assert _requests([REQUEST.replace(b"/v1/chat/completions?x=1", target.encode())])[0][1:] == (path, b"{}")
 
 
+def test_options_of_an_absolute_form_target_with_no_path_asks_about_the_server() -> None:
+    """RFC 9112 3.2.4: `OPTIONS http://h:8000` is the server as a whole, forwarded as `OPTIONS *` (it was `/`:
+    a 404)."""
+    raw = REQUEST.replace(b"POST /v1/chat/completions?x=1", b"OPTIONS http://h:8000")
+    assert _requests([raw])[0][:2] == ("OPTIONS", "*")
+
+
 @pytest.mark.parametrize("target", ["http:///v1", "http://:80/v1", "http://[::1]evil/v1", "http://a,b/",
                                     "http://%zz/", "http://a..b/", "http://h:80x/", "http://h:99999/v1",
                                     "http://h:65536/v1"])

@@ -146,8 +146,8 @@ def _peeked_end(sock: Any) -> bool:
 def probe_interim(environ: dict[str, Any]) -> None:
     """The probe of a client whose answer has not started: an interim `100 Continue`, which HTTP/1.1 clients must
     skip. HTTP/1.0 ones know none, and no byte they must skip can come before the status line: their end of stream is
-    taken for a close, as nginx takes any client's while it waits for its upstream (a half-closed HTTP/1.0 client gets
-    the 499, not its answer)."""
+    taken for a close, as nginx takes any client's while it waits for its upstream (a half-closed HTTP/1.0 client's
+    connection is closed without an answer: nanoqwen.worker)."""
     if environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
         raise ClientGone
     try:
