@@ -11,6 +11,8 @@
      kernel          linear_int8 itself (since the seventeenth session the xor-T1-4096 scheme below; since step33 its
                      prefetch non-temporal, xor-NTA-4096)
      kernel-loop     the kernel's loop (linear_int8_vnni_row) called as the variants are, on their static pieces
+     row-batch8      kernel-loop with 8 rows' ends reduced together (reduce8), then scaled, rounded and stored
+     bound-row-no-end   not checked, a bound: kernel-loop without the rows' ends (wrong sums)
      sum-T0-2048     the kernel's scheme before it: u8 pieces against the s8 weights, a vpdpbusd for the row's sum,
                      prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
      xor-...         the weights as u8 (w ^ 0x80) against s8 pieces, the 128s taken out by the pieces' lane sums
@@ -188,6 +190,32 @@ static void bound_no_end(const void *ctx, long chunk) {
     }
 }
 
+/* The kernel's loop (row_lanes) with the rows' ends batched: 8 rows' lanes reduced together by reduce8 (the same
+   additions as _mm512_reduce_add_ps; the chunk's last rows % 8 one at a time), each output then scaled, rounded and
+   stored as the kernel does; and a bound, the ends left out (wrong sums). The 8 rows unrolled (their lanes in
+   registers); tried with store_pass's vector end too, and in a loop with the lanes in memory (profiles/RESULTS.md,
+   row37). */
+static void row_batch8(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    const long end = pool_chunk_end(chunk, a->rows, a->N);
+    long n = chunk * a->rows;
+    for (; n + 8 <= end; n += 8) {
+        __m512 f[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) f[i] = row_lanes(a, n + i, PIECES_BF16);
+        float sums[8];
+        _mm256_storeu_ps(sums, reduce8(f));
+        for (int i = 0; i < 8; i++) store_scaled(a->y, n + i, sums[i], a->scale, (int)(n + i), 1);
+    }
+    for (; n < end; n++) store_scaled(a->y, n, _mm512_reduce_add_ps(row_lanes(a, n, PIECES_BF16)), a->scale, (int)n, 1);
+}
+static void bound_row_no_end(const void *ctx, long chunk) {
+    const struct linear_int8_args *a = ctx;
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
+        ((uint16_t *)a->y)[n] = (uint16_t)_mm_cvtsi128_si32(_mm512_castsi512_si128(_mm512_castps_si512(
+            row_lanes(a, n, PIECES_BF16))));
+}
+
 static void bound_read(const void *ctx, long chunk) { read_rows(ctx, chunk, 0); }
 static void bound_read_pieces(const void *ctx, long chunk) { read_rows(ctx, chunk, 1); }
 
@@ -226,7 +254,8 @@ static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) 
     static __attribute__((aligned(64))) float qscale[2];
     static __attribute__((aligned(64))) int32_t lanes[2 * 16];
     act_quant_rows(x, 1, 1, K, 2, q, qscale);
-    if (fn == linear_int8_vnni_row) {  /* the kernel's loop on the variants' pieces */
+    if (fn == linear_int8_vnni_row || fn == row_batch8 || fn == bound_row_no_end) {  /* the kernel's loop on the
+                                                                                         variants' pieces */
         lane_offsets(q, 2, K, lanes);
         const struct linear_int8_args k = {0, q, qscale, lanes, w, scale, y, 1, N, K, 2, 1, pool_rows_per_chunk(K), 0};
         nanoqwen_pool_run(fn, &k, (N + k.rows - 1) / k.rows);
@@ -248,7 +277,8 @@ static void run_variant(pool_fn fn, const int8_t *w, uint16_t *y, int N, int K) 
 static const struct {
     const char *name;
     pool_fn fn;
-} variants[] = {{"kernel", 0}, {"kernel-loop", linear_int8_vnni_row}, {"sum-T0-2048", sum_t0_2048},
+} variants[] = {{"kernel", 0}, {"kernel-loop", linear_int8_vnni_row},
+                {"row-batch8", row_batch8}, {"bound-row-no-end", bound_row_no_end}, {"sum-T0-2048", sum_t0_2048},
                 {"xor-none", xor_none}, {"xor-T0-2048", xor_t0_2048},
                 {"xor-T1-2048", xor_t1_2048}, {"xor-T1-4096", xor_t1_4096}, {"xor-T1-4096-T0-512", xor_t1_4096_t0_512},
                 {"xor-T1-8192-T0-1024", xor_t1_8192_t0_1024}, {"xor-NTA-2048", xor_nta_2048},

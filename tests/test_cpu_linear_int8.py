@@ -103,10 +103,10 @@ def test_within_the_piece_bound_of_the_exact_product(m, n, k, dtype, loops):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loops", LOOPS)
 def test_a_rows_outputs_do_not_depend_on_its_batch_mates(n, k, dtype, loops):
-    """A row's outputs are the same bits alone as in a batch of 2-16 rows: with VNNI one row takes dot_row and more
+    """A row's outputs are the same bits alone as in a batch of 2-16 rows: with VNNI one row takes row_lanes and more
     dot_pieces (two weight rows a pass, 8 outputs reduced together), whose integer sums, piece scaling, reduction
-    order and rounding are dot_row's; on AVX2 madd_pieces alike. AMX-INT8 (2+ rows, K % 64 == 0) sums in another
-    order: its shapes are left out where the CPU has it."""
+    order and rounding are row_lanes' and dot_rows'; on AVX2 madd_pieces alike. AMX-INT8 (2+ rows, K % 64 == 0) sums
+    in another order: its shapes are left out where the CPU has it."""
     if AMX and loops != "avx2" and k % 64 == 0:
         pytest.skip("AMX-INT8's 2+ rows sum in another order than one row's vpdpbusd")
     x, w, scale = operands(16, n, k, dtype)

@@ -296,10 +296,10 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, 
 }
 
 /* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 1, 0, 1, P) but in a loop of its own with
-   its weights prefetched non-temporally (VNNI_PREFETCH_AHEAD). Not folded into dot_pieces: folded, gcc copies each
-   accumulator twice an iteration, and the step's 1-row linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this
-   0.81-0.99x. */
-INLINE void dot_row(const struct linear_int8_args *a, long n, int P) {
+   its weights prefetched non-temporally (VNNI_PREFETCH_AHEAD): the 16 lanes whose sum is the row's output before its
+   scale. Not folded into dot_pieces: folded, gcc copies each accumulator twice an iteration, and the step's 1-row
+   linears took 1.15-1.22x ab_int8_row's xor-T1-4096 time, this 0.81-0.99x. */
+INLINE __m512 row_lanes(const struct linear_int8_args *a, long n, int P) {
     const int K = a->K;
     const int8_t *w = a->w + n * K;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -323,12 +323,17 @@ INLINE void dot_row(const struct linear_int8_args *a, long n, int P) {
         const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][p], acc[1][p]), _mm512_load_si512(a->offsets + 16 * p));
         f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a->qscale[p]), f);
     }
-    store_scaled(a->y, n, _mm512_reduce_add_ps(f), a->scale, (int)n, a->bf16);
+    return f;
 }
 
+/* Each row's end alone (reduced, scaled, rounded, stored): streamed from memory, as a step reads the weights, the ends
+   cost nothing (ab_int8_row's bound-row-no-end, 2 threads: 1.000x), and 8 rows' ends batched as dot_pieces batches
+   them (reduce8, store_pass), 8 rows unrolled, took 0.91-0.97x the time hot in L2 but 1.14x from memory
+   (profiles/RESULTS.md, row37; row-batch8 keeps the unrolled loop to measure). */
 INLINE void dot_rows(const struct linear_int8_args *a, long chunk, int P) {
     const long end = pool_chunk_end(chunk, a->rows, a->N);
-    for (long n = chunk * a->rows; n < end; n++) dot_row(a, n, P);
+    for (long n = chunk * a->rows; n < end; n++)
+        store_scaled(a->y, n, _mm512_reduce_add_ps(row_lanes(a, n, P)), a->scale, (int)n, a->bf16);
 }
 
 static void linear_int8_vnni_row(const void *ctx, long chunk) {
