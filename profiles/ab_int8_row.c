@@ -11,7 +11,7 @@
      kernel          linear_int8 itself (since the seventeenth session the xor-T1-4096 scheme below; since step33 its
                      prefetch non-temporal, xor-NTA-4096)
      kernel-loop     the kernel's loop (linear_int8_vnni_row) called as the variants are, on their static pieces
-     row-batch8      kernel-loop with 8 rows' ends reduced together (reduce8), then scaled, rounded and stored
+     row-batch8      kernel-loop with 8 rows' ends reduced together (lane_sums16), then scaled, rounded and stored
      bound-row-no-end   not checked, a bound: kernel-loop without the rows' ends (wrong sums)
      sum-T0-2048     the kernel's scheme before it: u8 pieces against the s8 weights, a vpdpbusd for the row's sum,
                      prefetcht0 2 KB ahead (gemv.h's PREFETCH_BYTES)
@@ -190,7 +190,7 @@ static void bound_no_end(const void *ctx, long chunk) {
     }
 }
 
-/* The kernel's loop (row_lanes) with the rows' ends batched: 8 rows' lanes reduced together by reduce8 (the same
+/* The kernel's loop (row_lanes) with the rows' ends batched: 8 rows' lanes reduced together by lane_sums16 (the same
    additions as _mm512_reduce_add_ps; the chunk's last rows % 8 one at a time), each output then scaled, rounded and
    stored as the kernel does; and a bound, the ends left out (wrong sums). The 8 rows unrolled (their lanes in
    registers); tried with store_pass's vector end too, and in a loop with the lanes in memory (profiles/RESULTS.md,
@@ -200,11 +200,11 @@ static void row_batch8(const void *ctx, long chunk) {
     const long end = pool_chunk_end(chunk, a->rows, a->N);
     long n = chunk * a->rows;
     for (; n + 8 <= end; n += 8) {
-        __m512 f[8];
+        __m512 f[16];
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; i++) f[i] = row_lanes(a, n + i, PIECES_BF16);
+        for (int i = 0; i < 8; i++) f[i] = row_lanes(a, n + i, PIECES_BF16), f[i + 8] = _mm512_setzero_ps();
         float sums[8];
-        _mm256_storeu_ps(sums, reduce8(f));
+        _mm256_storeu_ps(sums, _mm512_castps512_ps256(lane_sums16(f)));
         for (int i = 0; i < 8; i++) store_scaled(a->y, n + i, sums[i], a->scale, (int)(n + i), 1);
     }
     for (; n < end; n++) store_scaled(a->y, n, _mm512_reduce_add_ps(row_lanes(a, n, PIECES_BF16)), a->scale, (int)n, 1);

@@ -151,6 +151,39 @@ INLINE void dot_rows_bf16_avx2(const uint16_t *r, long stride, const void *x, in
 #define AVX512_BEGIN _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512dq,avx512bf16\")")
 #define AVX512_END _Pragma("GCC pop_options")
 
+/* AVX-512F alone, a subset of every caller's target (linear_int4's and linear_int8's VNNI loops have no BF16). */
+_Pragma("GCC push_options") _Pragma("GCC target(\"avx512f\")")
+
+/* The sum of v's 16 lanes in one fixed order, GCC's _mm512_reduce_add_ps's (the upper half onto the lower, then
+   quarters, pairs, neighbours), which lane_sums16 keeps: a row's output is the same bits either way (but a NaN's:
+   an add passes on its first operand's NaN, and the compiler may swap operands). */
+INLINE float lane_sum(__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                                   _mm512_castps512_ps256(v));
+    const __m128 q = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    const __m128 p = _mm_add_ps(q, _mm_shuffle_ps(q, q, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 1, 1, 1))));
+}
+
+/* Lane j: lane_sum(v[j]), 16 at once: each round adds two vectors' halves (quarters, pairs, neighbours) in one add. */
+INLINE __m512 lane_sums16(const __m512 v[16]) {
+    __m512 h[8], q[4], p[2];
+    for (int k = 0; k < 8; k++)  /* lanes 0-7: v[2k]'s halves added, 8-15 v[2k + 1]'s */
+        h[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)),
+                             _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+    for (int k = 0; k < 4; k++)  /* quarter c: v[4k + c]'s */
+        q[k] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)),
+                             _mm512_shuffle_f32x4(h[2 * k], h[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)));
+    for (int k = 0; k < 2; k++)  /* quarter c: v[8k + c]'s pair, then v[8k + 4 + c]'s */
+        p[k] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(q[2 * k], q[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(p[0], p[1], _MM_SHUFFLE(3, 1, 3, 1)));  /* 4c + r: v[4r + c]'s */
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), s);
+}
+
+_Pragma("GCC pop_options")
+
 AVX512_BEGIN
 
 /* v rounded to bf16 as round8 rounds (to nearest even, as torch does; vcvtneps2bf16 flushes subnormals), in the

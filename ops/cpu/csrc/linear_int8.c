@@ -175,28 +175,10 @@ static void linear_int8_madd(const void *ctx, long chunk) {
    the loop alone as with prefetcht1; profiles/RESULTS.md, step33). */
 #define VNNI_PREFETCH_AHEAD 4096
 
-/* _mm512_reduce_add_ps of each of v[0..7], bit for bit (the same pairs added in the same order: the 256-bit halves,
-   the 128-bit ones, elements 2 apart, then 1), 8 at a time: 16 shuffles and 8 adds where 8 reductions take 56. */
-INLINE __m256 reduce8(const __m512 v[8]) {
-    __m512 h[4], q[2];
-    for (int i = 0; i < 4; i++)  /* lanes: v[2i]'s halves' sum (2 lanes), then v[2i + 1]'s */
-        h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-    for (int i = 0; i < 2; i++)  /* lane l: v[4i + l]'s quarters' sum */
-        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    /* lane l: elements 0 and 1 v[l]'s, 2 and 3 v[l + 4]'s, each the sum of elements 2 apart */
-    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(1, 0, 1, 0)),
-                                   _mm512_shuffle_ps(q[0], q[1], _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 t = _mm512_add_ps(e, _mm512_permute_ps(e, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm512_castps512_ps256(_mm512_permutexvar_ps(
-        _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0), t));
-}
-
 /* _mm512_dpbusd_epi32(acc, u, s) in place: with the intrinsic GCC 12 copied each of dot_pieces' 16 accumulators
    to another register and back every 64 weights (and spilled the copies past 32 registers). */
 INLINE __m512i dpbusd_in_place(__m512i acc, __m512i u, __m512i s) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+    __asm__("vpdpbusd {%2, %1, %0|%0, %1, %2}" : "+v"(acc) : "v"(u), "v"(s));  /* AT&T | Intel operand order */
     return acc;
 }
 
@@ -240,18 +222,9 @@ INLINE void store_pass(const struct linear_int8_args *a, long n, int W, int m0, 
     if (W == 2)
         scale = _mm256_mask_blend_ps((__mmask8)(0xff << rows), scale,
                                      _mm256_set1_ps(a->bf16 ? bf16_to_f32(b16[n + 1]) : f32[n + 1]));
-    const __m256i u = _mm256_castps_si256(_mm256_mul_ps(sums, scale));
-    int32_t out[8];
-    if (a->bf16) {  /* f32_to_bf16's rounding, 8 at a time */
-        const __m256i high = _mm256_srli_epi32(u, 16);
-        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(
-            _mm256_and_si256(high, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff))), 16);
-        const __mmask8 nan = _mm256_cmpgt_epi32_mask(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                                     _mm256_set1_epi32(0x7f800000));
-        _mm256_storeu_si256((__m256i *)out, _mm256_mask_or_epi32(rounded, nan, high, _mm256_set1_epi32(0x40)));
-    } else {
-        _mm256_storeu_si256((__m256i *)out, u);
-    }
+    const __m256i u = _mm256_castps_si256(round8_as_stored(_mm256_mul_ps(sums, scale), a->bf16));
+    int32_t out[8];  /* bf16: the upper halves */
+    _mm256_storeu_si256((__m256i *)out, a->bf16 ? _mm256_srli_epi32(u, 16) : u);
     for (int i = 0; i < W; i++)
         for (int j = 0; j < rows; j++) {
             const long at = (long)(m0 + j) * a->N + n + i;
@@ -264,7 +237,7 @@ INLINE void store_pass(const struct linear_int8_args *a, long n, int W, int m0, 
    W <= 2, rows * P <= VNNI_MAX_PIECES): one vpdpbusd per piece, weight row and 64 weights, each piece's load shared
    by the W weight rows (W * rows * P accumulators: 16 at most, where one set of 8 for each of the even and odd
    blocks of a single weight row loaded a piece per vpdpbusd). Each lane's int32 sum, and so each output, is the
-   same as with the pieces as u8 against the s8 weights; the outputs' reductions are batched (reduce8), same bits. */
+   same as with the pieces as u8 against the s8 weights; the outputs' reductions are batched (lane_sums16), same bits. */
 INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, int rows, int P) {
     const int R = rows * P, K = a->K;
     const int8_t *w = a->w + n * K, *q = a->q + (long)m0 * P * K;
@@ -281,7 +254,7 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, 
         dpbusd64_rows(w + k, W, q + k, R, K, ~0ull, acc);
     }
     if (k < K) dpbusd64_rows(w + k, W, q + k, R, K, 0xffffffffull, acc);  /* K % 64 == 32 */
-    __m512 f[8];  /* [i * rows + j], reduced together */
+    __m512 f[16];  /* [i * rows + j], reduced together */
     for (int i = 0; i < W; i++)
         for (int j = 0; j < rows; j++) {
             __m512 o = _mm512_setzero_ps();
@@ -291,8 +264,8 @@ INLINE void dot_pieces(const struct linear_int8_args *a, long n, int W, int m0, 
             }
             f[i * rows + j] = o;
         }
-    for (int o = W * rows; o < 8; o++) f[o] = _mm512_setzero_ps();
-    store_pass(a, n, W, m0, rows, reduce8(f));
+    for (int o = W * rows; o < 16; o++) f[o] = _mm512_setzero_ps();
+    store_pass(a, n, W, m0, rows, _mm512_castps512_ps256(lane_sums16(f)));
 }
 
 /* One activation row: weight row n against its P pieces, as dot_pieces(a, n, 1, 0, 1, P) but in a loop of its own with
@@ -328,7 +301,7 @@ INLINE __m512 row_lanes(const struct linear_int8_args *a, long n, int P) {
 
 /* Each row's end alone (reduced, scaled, rounded, stored): streamed from memory, as a step reads the weights, the ends
    cost nothing (ab_int8_row's bound-row-no-end, 2 threads: 1.000x), and 8 rows' ends batched as dot_pieces batches
-   them (reduce8, store_pass), 8 rows unrolled, took 0.91-0.97x the time hot in L2 but 1.14x from memory
+   them (lane_sums16, store_pass), 8 rows unrolled, took 0.91-0.97x the time hot in L2 but 1.14x from memory
    (profiles/RESULTS.md, row37; row-batch8 keeps the unrolled loop to measure). */
 INLINE void dot_rows(const struct linear_int8_args *a, long chunk, int P) {
     const long end = pool_chunk_end(chunk, a->rows, a->N);

@@ -32,6 +32,14 @@ static inline __m256 round8(__m256 v, int bf16) {
     return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
+/* v rounded as store1 rounds (f32_to_bf16: to nearest even, a NaN kept a NaN, quieted), kept in fp32: round8 alone
+   does not promise a NaN. */
+static inline __m256 round8_as_stored(__m256 v, int bf16) {
+    if (!bf16) return v;
+    return _mm256_blendv_ps(round8(v, 1), _mm256_or_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x400000))),
+                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
 /* Stores 8 values that round8 rounded at p + i: for bf16, their upper halves. */
 static inline void store8(void *p, long i, __m256 v, int bf16) {
     if (!bf16) {
