@@ -419,6 +419,12 @@ def test_a_query_parameter_on_a_get_route_is_refused(server: GunicornServer, pat
     assert options.status_code == 200 and "GET" in options.headers["Allow"], options.text
 
 
+def test_every_route_is_one_we_serve(server: GunicornServer) -> None:
+    """Flask's default `/static/<path>` route (no folder: each file a 404) answered an OPTIONS 200, Allow GET."""
+    for method in ("GET", "OPTIONS"):
+        _assert_error(requests.request(method, f"{server.url}/static/app.js", timeout=30), 404, code="not_found")
+
+
 def test_a_clients_extra_query_on_models_is_refused(server: GunicornServer) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         server.openai_client().models.list(extra_query={"limit": 1})

@@ -81,7 +81,7 @@ def _http_error(exc: HTTPException) -> APIError:
 
 
 def create_app(engine: Engine, config: ServerConfig) -> Flask:
-    app = Flask("nanoqwen")
+    app = Flask("nanoqwen", static_folder=None)  # Flask's /static/<path> route: it served no file, OPTIONS a 200
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
