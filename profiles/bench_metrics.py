@@ -1,5 +1,6 @@
 """The hub's cost of the serving statistics (nanoqwen.api.metrics): a streamed token's record, a request's events and
-finish (of one choice, and of 128: two tokens each), a publish after 50 tokens; with `--base REV`, that revision's
+finish (of one choice, and of 128: two tokens each), a publish after 50 tokens, a /metrics scrape whole and with
+`name[]` naming one series (a revision without the filter is not timed there); with `--base REV`, that revision's
 metrics.py alternated with the tree's in this process (best of 3 rounds of 3 repeats each). Under gunicorn each
 metric's update is a locked write to a map: PROMETHEUS_MULTIPROC_DIR (an empty directory) times that mode.
 
@@ -77,6 +78,15 @@ def per_publish(mod: ModuleType) -> Callable[[], None]:
     return one
 
 
+def per_scrape(mod: ModuleType, names: tuple[str, ...] | None = None) -> Callable[[], None] | None:
+    """None where `mod`'s scrape takes no `name[]` filter."""
+    if names is not None and "names" not in inspect.signature(mod.ServerStats.prometheus).parameters:
+        return None
+    stats = mod.ServerStats(lambda: {"active_requests": 1, "queue_length": 0, "kv_usage": 0.1})
+    stats.publish()
+    return functools.partial(stats.prometheus, *(() if names is None else (names,)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", help="a revision whose metrics.py is timed alongside")
@@ -85,12 +95,15 @@ def main() -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
     for name, make, number in (("a streamed token", per_token, 200_000), ("a request", per_request, 20_000),
                                ("a request of 128 choices", functools.partial(per_request, choices=128), 200),
-                               ("a publish after 50 tokens", per_publish, 2_000)):
-        best = {label: float("inf") for label in modules}
+                               ("a publish after 50 tokens", per_publish, 2_000), ("a scrape", per_scrape, 200),
+                               ("a scrape of name[]=vllm:num_requests_running",
+                                functools.partial(per_scrape, names=("vllm:num_requests_running",)), 200)):
+        best: dict[str, float] = {}
         for _ in range(3):  # rounds, alternating the modules
             for label, module in modules.items():
-                seconds = min(timeit.repeat(make(module), number=number, repeat=3)) / number
-                best[label] = min(best[label], seconds)
+                if (one := make(module)) is not None:
+                    seconds = min(timeit.repeat(one, number=number, repeat=3)) / number
+                    best[label] = min(best.get(label, seconds), seconds)
         print(f"{name}: " + ", ".join(f"{label} {us * 1e6:.2f} us" for label, us in best.items()))
 
 

@@ -86,7 +86,7 @@ def test_openapi_documents_every_route_with_the_validating_schemas(tmp_path: Pat
     app = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig())
     doc = app.test_client().get("/openapi.json").json  # served while the model still loads
     routes = {(m.lower(), re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)) for rule in app.url_map.iter_rules()
-              for m in rule.methods - {"HEAD", "OPTIONS"} if rule.endpoint != "static"}
+              for m in rule.methods - {"HEAD", "OPTIONS"}}
     assert routes == {(m, p) for p, ops in doc["paths"].items() for m in ops}
     jsonschema.Draft202012Validator.check_schema(doc)
     for path, ops in doc["paths"].items():  # OpenAPI requires each path template's parameter declared

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
+from nanoqwen.api.app import create_app
 from nanoqwen.api.chat_store import ChatStore, StoredRequest
 from nanoqwen.api.chat_stored_api import ChatStoredService
+from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
@@ -26,6 +29,7 @@ from nanoqwen.api.schemas import (
 from nanoqwen.api.stored import MAX_LIST_LIMIT, list_page
 from nanoqwen.api.strict_json import Budget
 from nanoqwen.api.tokenize import parse_tokenize_request
+from nanoqwen.engine import Engine, EngineConfig
 
 DOC = openapi_document("nanoqwen", "0", ("qwen3-0.6b",))
 SCHEMAS = DOC["components"]["schemas"]
@@ -224,6 +228,20 @@ def test_retrieve_query_parameters_are_declared_as_retrieve_reads_them() -> None
                     {"include_obfuscation": "false"}, {"stream": "true", "include_obfuscation": "0"},
                     {"include[]": "x"}, {"include": "x"}):
         assert _status(service.retrieve, "resp_x", refused, {}) == 400
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/qwen3-0.6b", "/health", "/stats", "/metrics",
+                                  "/openapi.json"])
+def test_the_informational_routes_read_the_query_they_declare(tmp_path: Path, path: str) -> None:
+    """Each declared query parameter is read (not a 400), any other is a 400 naming it."""
+    client = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig(served_model_name="qwen3-0.6b"))
+    operation = DOC["paths"][path.replace("qwen3-0.6b", "{model}")]["get"]
+    declared = [p["name"] for p in operation.get("parameters", []) if p["in"] == "query"]
+    assert declared == (["name[]"] if path == "/metrics" else []), declared
+    for name in declared:
+        assert client.test_client().get(path, query_string={name: "x"}).status_code == 200
+    refused = client.test_client().get(path, query_string={"x": "1"})
+    assert refused.status_code == 400 and refused.json["error"]["param"] == "x", refused.text
 
 
 def test_an_empty_call_id_is_refused_naming_it() -> None:

@@ -20,6 +20,7 @@ import openai
 import pytest
 import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import fuzz_bodies
 from chat_http import (
@@ -401,6 +402,50 @@ def test_a_query_parameter_on_a_body_route_is_refused(server: GunicornServer, pa
     error = _assert_error(requests.post(f"{server.url}{path}?stream=true", json=GREEDY, timeout=60), 400,
                           param="stream", code="unsupported_parameter")
     assert "'stream'" in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/models", f"/v1/models/{MODEL}", "/health", "/stats", "/openapi.json",
+                                  "/metrics"])
+def test_a_query_parameter_on_a_get_route_is_refused(server: GunicornServer, path: str) -> None:
+    """The GET routes that read no query (OpenAI's list and retrieve models take none) served `?verbose=1` as if
+    absent: a 400 naming it, a HEAD's without a body; an OPTIONS (a CORS preflight carries the actual request's
+    query) is answered as before."""
+    error = _assert_error(requests.get(f"{server.url}{path}?verbose=1", timeout=30), 400, param="verbose",
+                          code="unsupported_parameter")
+    assert "'verbose'" in error["message"], error
+    head = requests.head(f"{server.url}{path}?verbose=1", timeout=30)
+    assert head.status_code == 400 and head.content == b"", head
+    options = requests.options(f"{server.url}{path}?verbose=1", timeout=30)
+    assert options.status_code == 200 and "GET" in options.headers["Allow"], options.text
+
+
+def test_every_route_is_one_we_serve(server: GunicornServer) -> None:
+    """Flask's default `/static/<path>` route (no folder: each file a 404) answered an OPTIONS 200, Allow GET."""
+    for method in ("GET", "OPTIONS"):
+        _assert_error(requests.request(method, f"{server.url}/static/app.js", timeout=30), 404, code="not_found")
+
+
+def test_a_clients_extra_query_on_models_is_refused(server: GunicornServer) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.openai_client().models.list(extra_query={"limit": 1})
+    assert refused.value.body["param"] == "limit" and refused.value.body["code"] == "unsupported_parameter"
+
+
+def test_metrics_name_filter(server: GunicornServer) -> None:
+    """`/metrics?name[]=...` (prometheus-client's exposition filter, repeatable) keeps the samples of those names,
+    of both families, from every worker's maps; it was ignored, every series sent. Another parameter is a 400."""
+    names = {"vllm:num_requests_running", "nanoqwen_queue_length", "vllm:e2e_request_latency_seconds_count"}
+    query = "&".join(f"name[]={name}" for name in sorted(names))
+    filtered = requests.get(f"{server.url}/metrics?{query}", timeout=30)
+    assert filtered.status_code == 200 and filtered.headers["Content-Type"].startswith("text/plain"), filtered.text
+    samples = {sample.name for family in text_string_to_metric_families(filtered.text) for sample in family.samples}
+    assert samples == names, filtered.text
+    everything = requests.get(f"{server.url}/metrics", timeout=30).text
+    assert "nanoqwen_time_to_first_token_seconds_bucket" in everything
+    assert "nanoqwen_time_to_first_token_seconds" not in filtered.text
+    assert requests.get(f"{server.url}/metrics?name[]=no_such_series", timeout=30).text == ""
+    _assert_error(requests.get(f"{server.url}/metrics?name[]=nanoqwen_queue_length&match[]=up", timeout=30), 400,
+                  param="match[]", code="unsupported_parameter")
 
 
 def test_a_later_http_1_minor_version_is_answered_as_http_1_1(server: GunicornServer) -> None:

@@ -21,7 +21,7 @@ from nanoqwen.api.completions import CompletionService
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.errors import APIError, generation_error
 from nanoqwen.api.hosts import HostGuard
-from nanoqwen.api.metrics import ServerStats
+from nanoqwen.api.metrics import NAME_FILTER, ServerStats
 from nanoqwen.api.openapi import openapi_document
 from nanoqwen.api.responses_api import ResponsesService
 from nanoqwen.api.serving import Serving, unavailable
@@ -81,7 +81,7 @@ def _http_error(exc: HTTPException) -> APIError:
 
 
 def create_app(engine: Engine, config: ServerConfig) -> Flask:
-    app = Flask("nanoqwen")
+    app = Flask("nanoqwen", static_folder=None)  # Flask's /static/<path> route: it served no file, OPTIONS a 200
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False
     app.json.ensure_ascii = False
@@ -234,12 +234,17 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
 
+    # The GET routes below read no query (OpenAI's list and retrieve models take none, nor do probes and scrapes
+    # send one): a parameter is refused by name, not ignored. OPTIONS is not checked: a CORS preflight carries the
+    # actual request's query, whose answer (a 400 the browser can read) says what is wrong.
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
+        check_query(request.args, ())
         return {"object": "list", "data": [model_card()]}
 
     @app.get(f"{MODEL_ROUTE}<path:model>")
     def retrieve_model(model: str) -> dict[str, Any]:
+        check_query(request.args, ())
         if not config.accepts_model(model):
             raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
@@ -247,10 +252,12 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/openapi.json")
     def openapi() -> dict[str, Any]:
+        check_query(request.args, ())
         return openapi_document("nanoqwen", version("nanoqwen"), config.model_names)
 
     @app.get("/health")
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
+        check_query(request.args, ())
         uptime = time.time() - started
         if (error := unavailable(engine)) is not None:
             status = "loading" if error.code == "model_loading" else "error"
@@ -268,11 +275,15 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/stats")
     def serving_stats() -> dict[str, Any]:
+        check_query(request.args, ())
         return stats.report()
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return Response(stats.prometheus(), content_type=CONTENT_TYPE_LATEST)
+        """`name[]` (repeatable) keeps the samples of those names, prometheus-client's own exposition's filter."""
+        check_query(request.args, (NAME_FILTER,), (NAME_FILTER,))
+        names = request.args.getlist(NAME_FILTER) if NAME_FILTER in request.args else None
+        return Response(stats.prometheus(names), content_type=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(APIError)
     def api_error(exc: APIError) -> Response:

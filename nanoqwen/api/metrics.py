@@ -34,6 +34,7 @@ SAMPLES = 10_000  # latency samples kept for the percentiles
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("served", "aborted", "failed")
+NAME_FILTER = "name[]"  # /metrics' query: the sample names kept (prometheus-client's exposition reads the same)
 EngineStats = Callable[[], dict[str, Any] | None]
 
 if os.environ.get(MULTIPROC_ENV):  # the only mode with maps
@@ -502,20 +503,22 @@ class ServerStats:
                 workers = sorted([*self._shared.others(), *workers], key=lambda w: w["slot"])
         return {**aggregate(workers), "workers": workers}
 
-    def prometheus(self) -> bytes:
+    def prometheus(self, names: Sequence[str] | None = None) -> bytes:
+        """The exposition; where `names` are given, only the samples of those names (prometheus-client's restricted
+        registry: its own `name[]` filter, which keeps a multiprocess collector's too)."""
         with contextlib.suppress(OSError):  # the snapshot's write, which the worker's loop logs: the gauges are set
             self.publish()
         with _unavailable_on_os_error():
             metrics = self._made_metrics()  # where it cannot be, a scrape would miss this worker's counts: a 503
             directory = os.environ.get(MULTIPROC_ENV)
-            if not directory:
-                return generate_latest(metrics.registry)
-            registry = CollectorRegistry()
-            try:
-                MultiProcessCollector(registry, directory)
-            except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
-            return generate_latest(registry)
+            registry = metrics.registry
+            if directory:
+                registry = CollectorRegistry(support_collectors_without_names=True)  # kept by a restricted one
+                try:
+                    MultiProcessCollector(registry, directory)
+                except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
+            return generate_latest(registry if names is None else registry.restricted_registry(names))
 
 
 @contextlib.contextmanager

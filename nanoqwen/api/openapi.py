@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from nanoqwen.api.chat_stored_api import ChatCompletionUpdateRequest
+from nanoqwen.api.metrics import NAME_FILTER
 from nanoqwen.api.responses_include import INCLUDE_KEYS
 from nanoqwen.api.responses_schemas import INCLUDES, ResponseCountRequest, ResponseCreateRequest
 from nanoqwen.api.schemas import (
@@ -70,6 +71,10 @@ QUERY: dict[tuple[str, str], dict[str, Any]] = {
         "order": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
         "after": {"type": "string", "description": "an input item's id"},
         "before": {"type": "string", "description": "an input item's id"}},
+    ("get", "/metrics"): {
+        NAME_FILTER: {"type": "array", "items": {"type": "string"},
+                      "description": "only the samples of these names (`vllm:num_requests_running`, a histogram's "
+                                     "`..._count`): prometheus-client's filter"}},
 }
 # (method, path, summary, request models (one of), the 200 answer's content)
 ENDPOINTS: list[tuple[str, str, str, tuple[type[BaseModel], ...], dict[str, Any]]] = [
