@@ -404,8 +404,7 @@ def test_a_query_parameter_on_a_body_route_is_refused(server: GunicornServer, pa
     assert "'stream'" in error["message"], error
 
 
-@pytest.mark.parametrize("path", ["/v1/models", f"/v1/models/{MODEL}", "/health", "/stats", "/openapi.json",
-                                  "/metrics"])
+@pytest.mark.parametrize("path", ["/v1/models", f"/v1/models/{MODEL}", "/stats", "/openapi.json", "/metrics"])
 def test_a_query_parameter_on_a_get_route_is_refused(server: GunicornServer, path: str) -> None:
     """The GET routes that read no query (OpenAI's list and retrieve models take none) served `?verbose=1` as if
     absent: a 400 naming it, a HEAD's without a body; an OPTIONS (a CORS preflight carries the actual request's
@@ -417,6 +416,13 @@ def test_a_query_parameter_on_a_get_route_is_refused(server: GunicornServer, pat
     assert head.status_code == 400 and head.content == b"", head
     options = requests.options(f"{server.url}{path}?verbose=1", timeout=30)
     assert options.status_code == 200 and "GET" in options.headers["Allow"], options.text
+
+
+def test_a_health_probes_query_is_no_reason_to_fail_it(server: GunicornServer) -> None:
+    """A balancer's probe configured with a query (a cache-busting `?ts=`) gets the health its answer reports: a 400
+    would take a healthy server out of rotation, and no query could change the answer."""
+    answer = requests.get(f"{server.url}/health?ts=1733500000", timeout=30)
+    assert answer.status_code == 200 and answer.json()["status"] == "healthy", answer.text
 
 
 def test_every_route_is_one_we_serve(server: GunicornServer) -> None:

@@ -234,9 +234,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
 
-    # The GET routes below read no query (OpenAI's list and retrieve models take none, nor do probes and scrapes
-    # send one): a parameter is refused by name, not ignored. OPTIONS is not checked: a CORS preflight carries the
-    # actual request's query, whose answer (a 400 the browser can read) says what is wrong.
+    # The GET routes below read no query (OpenAI's list and retrieve models take none, nor do scrapes send one): a
+    # parameter is refused by name, not ignored; but /health's, whose answer no query could change, while a 400 would
+    # take a healthy server out of a balancer's rotation (a probe configured with a cache-busting `?ts=`). OPTIONS is
+    # not checked: a CORS preflight carries the actual request's query, whose answer (a 400 the browser can read)
+    # says what is wrong.
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
         check_query(request.args, ())
@@ -257,7 +259,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/health")
     def health() -> tuple[dict[str, Any], int] | dict[str, Any]:
-        check_query(request.args, ())
         uptime = time.time() - started
         if (error := unavailable(engine)) is not None:
             status = "loading" if error.code == "model_loading" else "error"
