@@ -450,6 +450,9 @@ def test_metrics_name_filter(server: GunicornServer) -> None:
     assert "nanoqwen_time_to_first_token_seconds_bucket" in everything
     assert "nanoqwen_time_to_first_token_seconds" not in filtered.text
     assert requests.get(f"{server.url}/metrics?name[]=no_such_series", timeout=30).text == ""
+    for blank in ("name[]=", "name[]"):  # no name: no filter, as prometheus-client's exposition (it sent nothing)
+        assert "nanoqwen_time_to_first_token_seconds_bucket" in requests.get(f"{server.url}/metrics?{blank}",
+                                                                             timeout=30).text
     _assert_error(requests.get(f"{server.url}/metrics?name[]=nanoqwen_queue_length&match[]=up", timeout=30), 400,
                   param="match[]", code="unsupported_parameter")
 

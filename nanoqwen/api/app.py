@@ -234,7 +234,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
 
-    # The GET routes below read no query (OpenAI's list and retrieve models take none, nor do scrapes send one): a
+    # The GET routes below read no query but /metrics' `name[]` (OpenAI's list and retrieve models take none): a
     # parameter is refused by name, not ignored; but /health's, whose answer no query could change, while a 400 would
     # take a healthy server out of a balancer's rotation (a probe configured with a cache-busting `?ts=`). OPTIONS is
     # not checked: a CORS preflight carries the actual request's query, whose answer (a 400 the browser can read)
@@ -283,7 +283,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def metrics() -> Response:
         """`name[]` (repeatable) keeps the samples of those names, prometheus-client's own exposition's filter."""
         check_query(request.args, (NAME_FILTER,), (NAME_FILTER,))
-        names = request.args.getlist(NAME_FILTER) if NAME_FILTER in request.args else None
+        # a blank one dropped, none left no filter: prometheus-client's exposition parses it so (parse_qs)
+        names = [name for name in request.args.getlist(NAME_FILTER) if name] or None
         return Response(stats.prometheus(names), content_type=CONTENT_TYPE_LATEST)
 
     @app.errorhandler(APIError)
