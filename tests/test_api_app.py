@@ -232,3 +232,23 @@ def test_a_body_is_read_with_a_turn_of_the_loop_between_chunks_only(chunks: int,
         assert len(ran) == turns
     finally:
         counter.kill()
+
+
+def test_every_route_refuses_a_query_it_does_not_read(tmp_path: Path) -> None:
+    """One check before every route (app.py's refuse_an_unread_query), so that a route added later does not ignore its
+    query again: each method of each rule with `?zz=1` is a 400 naming it (the stored items' services check theirs),
+    but /health's (any query) and OPTIONS (a CORS preflight carries its request's query)."""
+    app = create_app(Engine(EngineConfig(model=str(tmp_path))), ServerConfig())
+    client = app.test_client()
+    checked = 0
+    for rule in app.url_map.iter_rules():
+        path = rule.rule.replace("<path:model>", "m").replace("<completion_id>", "c").replace("<response_id>", "r")
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            answer = client.open(f"{path}?zz=1", method=method, json={} if method == "POST" else None)
+            if rule.endpoint == "health":
+                assert answer.status_code != 400, (method, path, answer.text)
+                continue
+            assert answer.status_code == 400 and answer.json["error"]["param"] == "zz", (method, path, answer.text)
+            checked += 1
+        assert client.options(f"{path}?zz=1").status_code == 200, path
+    assert checked >= 20, checked

@@ -140,6 +140,24 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
             raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # RFC 6750 3: a 401 names it
 
+    # The endpoints that check their query themselves (the stored items' services), and /health, which answers any
+    # (no query changes its answer, and a 400 would take a healthy server out of a balancer's rotation for a probe's
+    # cache-busting `?ts=`); every other route reads none but those listed (OpenAI's list and retrieve models take
+    # none): a parameter is refused by name, not ignored (`POST /v1/chat/completions?stream=true` was answered whole,
+    # the parameter ignored), before the body is read. OPTIONS is not checked: a CORS preflight carries the actual
+    # request's query, whose own answer (a 400 the browser can read) says what is wrong.
+    own_query = {"list_chat_completions", "retrieve_chat_completion", "update_chat_completion",
+                 "delete_chat_completion", "chat_completion_messages", "retrieve_response", "cancel_response",
+                 "delete_response", "response_input_items", "health"}
+    query_read = {"metrics": (NAME_FILTER,)}  # each repeatable
+
+    @app.before_request
+    def refuse_an_unread_query() -> None:
+        if request.method == "OPTIONS" or request.endpoint is None or request.endpoint in own_query:
+            return
+        known = query_read.get(request.endpoint, ())
+        check_query(request.args, known, known)
+
     @app.after_request
     def close_after_an_unread_body(response: Response) -> Response:
         close_if_unread(request)
@@ -163,12 +181,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
                 response.headers["Access-Control-Allow-Headers"] = DEFAULT_ALLOWED_HEADERS
         return response
 
-    def json_body(reads_query: bool = False) -> ParsedBody:
+    def json_body() -> ParsedBody:
         """The request's JSON body and the values it leaves the JSON in its strings, read within body_timeout_s and
-        decoded (else a 400, 408 or 413). A query parameter, unless the route `reads_query`, is refused by name
-        before: `POST /v1/chat/completions?stream=true` was answered whole, the parameter ignored."""
-        if not reads_query:
-            check_query(request.args, ())
+        decoded (else a 400, 408 or 413)."""
         return serving.parse_body(*read_body(request, config.body_timeout_s))
 
     @app.post("/v1/chat/completions")
@@ -185,7 +200,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.post("/v1/chat/completions/<completion_id>")
     def update_chat_completion(completion_id: str) -> Response:
-        return stored_chat.update(completion_id, request.args, *json_body(reads_query=True))
+        return stored_chat.update(completion_id, request.args, *json_body())
 
     @app.delete("/v1/chat/completions/<completion_id>")
     def delete_chat_completion(completion_id: str) -> dict[str, Any]:
@@ -234,19 +249,12 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": int(started), "owned_by": OWNED_BY}
 
-    # The GET routes below read no query but /metrics' `name[]` (OpenAI's list and retrieve models take none): a
-    # parameter is refused by name, not ignored; but /health's, whose answer no query could change, while a 400 would
-    # take a healthy server out of a balancer's rotation (a probe configured with a cache-busting `?ts=`). OPTIONS is
-    # not checked: a CORS preflight carries the actual request's query, whose answer (a 400 the browser can read)
-    # says what is wrong.
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        check_query(request.args, ())
         return {"object": "list", "data": [model_card()]}
 
     @app.get(f"{MODEL_ROUTE}<path:model>")
     def retrieve_model(model: str) -> dict[str, Any]:
-        check_query(request.args, ())
         if not config.accepts_model(model):
             raise APIError(404, f"The model `{model}` does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
@@ -254,7 +262,6 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/openapi.json")
     def openapi() -> dict[str, Any]:
-        check_query(request.args, ())
         return openapi_document("nanoqwen", version("nanoqwen"), config.model_names)
 
     @app.get("/health")
@@ -276,13 +283,11 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
 
     @app.get("/stats")
     def serving_stats() -> dict[str, Any]:
-        check_query(request.args, ())
         return stats.report()
 
     @app.get("/metrics")
     def metrics() -> Response:
         """`name[]` (repeatable) keeps the samples of those names, prometheus-client's own exposition's filter."""
-        check_query(request.args, (NAME_FILTER,), (NAME_FILTER,))
         # a blank one dropped, none left no filter: prometheus-client's exposition parses it so (parse_qs)
         names = [name for name in request.args.getlist(NAME_FILTER) if name] or None
         return Response(stats.prometheus(names), content_type=CONTENT_TYPE_LATEST)
