@@ -34,7 +34,7 @@ from gunicorn.http.wsgi import Response
 from gunicorn.workers import ggevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from nanoqwen.api.body import CLIENT_CLOSED, CLOSE_CONNECTION, READ_CHUNK
+from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, CLOSE_CONNECTION, READ_CHUNK
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.boot_signals import exit_on_stop_signals
@@ -332,13 +332,7 @@ class NanoqwenWorker(GeventWorker):
         if gevent.getcurrent() in self._expecting:
             body = environ["wsgi.input"] = ContinueOnRead(environ["wsgi.input"], environ["gunicorn.socket"])
 
-        gone, request_id = False, "-"
-
         def start(status: str, headers: list[tuple[str, str]], exc_info: object = None) -> object:
-            nonlocal gone, request_id
-            gone = status.startswith(f"{CLIENT_CLOSED} ")
-            if gone:  # gunicorn's access log, which names it, never sees this request
-                request_id = next((value for name, value in headers if name.lower() == "x-request-id"), "-")
             unread = environ.get(CLOSE_CONNECTION) or (body is not None and not body.sent)
             if unread or not self.alive:  # not alive: a request begun before the stop answers `Connection: close`
                 start_response.__self__.force_close()
@@ -347,12 +341,13 @@ class NanoqwenWorker(GeventWorker):
             return start_response(status, headers, exc_info)
 
         answer = self._app(environ, start)
-        if gone:  # nginx's 499 is for its log: it sends such a client nothing, and a half-closed one could read it
-            if callable(close := getattr(answer, "close", None)):
+        if CLIENT_GONE in environ:  # nginx's 499 is for its log: it sends such a client nothing (a half-closed one
+            if callable(close := getattr(answer, "close", None)):  # could read it)
                 close()
+            # its request id: gunicorn's access log, which names it, never sees this request
             self.log.info("%s %s: the client's end of stream came before its answer, taken for a close (%s): the "
                           "connection closed without one request_id=%s", environ["REQUEST_METHOD"],
-                          environ["PATH_INFO"], CLIENT_CLOSED, request_id)
+                          environ["PATH_INFO"], CLIENT_CLOSED, environ[CLIENT_GONE])
             raise StopIteration
         return answer
 

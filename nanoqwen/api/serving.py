@@ -18,7 +18,8 @@ from typing import Any, Literal, Protocol, TypeVar
 import gevent.monkey
 from flask import Response
 
-from nanoqwen.api.body import CLIENT_CLOSED, ParsedBody, parse_json
+from nanoqwen.api import request_id
+from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, ParsedBody, parse_json
 from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
@@ -354,7 +355,10 @@ class Serving:
             return Response(self._stream(batch, stream, trace, environ), mimetype="text/event-stream",
                             headers=HEADERS)
         answer = self._collect(batch, collector, trace, environ)
-        return Response(status=CLIENT_CLOSED) if answer is None else answer
+        if answer is not None:
+            return answer
+        environ[CLIENT_GONE] = request_id.request_id()
+        return Response(status=CLIENT_CLOSED)
 
     def detached(self, batch: Batch, stream: Streamer, trace: RequestTrace) -> Iterator[list[str]]:
         """The frames of `stream` for a generation no client holds (a background response), an event's together:
@@ -362,8 +366,8 @@ class Serving:
         return self._batches(batch, stream, trace, {})
 
     def abort(self, batch: Batch) -> None:
-        for request_id in batch.request_ids:
-            self.engine.abort(request_id)
+        for engine_id in batch.request_ids:
+            self.engine.abort(engine_id)
 
     def _events(self, batch: Batch, environ: dict[str, Any], writes: bool = False) -> Iterator[Event | None]:
         """The request's events, checking that the client is still connected (client_probe) every poll interval while
