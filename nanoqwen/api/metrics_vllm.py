@@ -6,6 +6,7 @@ engine: `engine` is its slot. What we do not measure is not served (README, "vLL
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -116,8 +117,7 @@ class VllmMetrics:
         self._engine = str(engine)
         self._cache_info_set = False
         self._engine_seen = dict.fromkeys(ENGINE_COUNTERS, 0)
-        self._steps_seen = [0] * len(self.iteration_tokens._buckets)
-        self._step_tokens_seen = 0
+        self._steps_seen = [0] * (len(self.iteration_tokens._buckets) + 1)  # each bucket's count, then the tokens
 
     def set_engine(self, engine: dict) -> None:
         """The engine's gauges, and its cumulative counts' growth since the last publish into the counters."""
@@ -125,10 +125,7 @@ class VllmMetrics:
         self.waiting.set(engine.get("queue_length", 0))
         self.kv.set(engine.get("kv_usage", 0.0))
         for key, counter in self.engine_counts.items():
-            count = engine.get(key, 0)
-            if count > self._engine_seen[key]:
-                counter.inc(count - self._engine_seen[key])
-                self._engine_seen[key] = count
+            _add_growth(counter, self._engine_seen, key, engine.get(key, 0))
         self._add_steps(engine.get("step_buckets", ()), engine.get("step_tokens", 0))
         if not self._cache_info_set and "kv_blocks" in engine:
             self._cache_info.labels(*(str(engine[key]) for key in CACHE_CONFIG), CACHE_DTYPE, self._engine).set(1)
@@ -139,9 +136,13 @@ class VllmMetrics:
         nanoqwen.engine.step_counts) and their tokens, what grew of each (what Histogram.observe does a step)."""
         histogram = self.iteration_tokens
         for bucket, count in enumerate(buckets):
-            if count > self._steps_seen[bucket]:
-                histogram._buckets[bucket].inc(count - self._steps_seen[bucket])
-                self._steps_seen[bucket] = count
-        if tokens > self._step_tokens_seen:
-            histogram._sum.inc(tokens - self._step_tokens_seen)
-            self._step_tokens_seen = tokens
+            _add_growth(histogram._buckets[bucket], self._steps_seen, bucket, count)
+        _add_growth(histogram._sum, self._steps_seen, len(self._steps_seen) - 1, tokens)
+
+
+def _add_growth(value: Any, seen: list[int] | dict[str, int], key: Any, total: int) -> None:
+    """What a running total grew by since it was last seen (seen[key]) added to `value` (a counter, a histogram's
+    bucket or sum: what has `inc`); nothing where it did not grow."""
+    if total > seen[key]:
+        value.inc(total - seen[key])
+        seen[key] = total
