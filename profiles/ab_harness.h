@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include "step_matrices.h"
 
@@ -59,13 +58,9 @@ static int ab_main(const struct ab_tool *tool, int argc, char **argv) {
     }
     long total = 0;
     for (int s = 0; s < KINDS; s++) total += shapes[s].N * shapes[s].K / 64 * tool->bytes64 * shapes[s].layers;
-    const long footprint = total + CALLS * PAGE, huge = 2L << 20;
-    char *base = mmap(0, footprint + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) return 1;
-    char *buf = (char *)(((uintptr_t)base + huge - 1) & ~(uintptr_t)(huge - 1));
-    madvise(buf, footprint, MADV_HUGEPAGE);
     srand(1);
-    for (long i = 0; i < footprint; i++) buf[i] = (char)(rand() % 255 - 127);
+    char *buf = step_buffer(tool->bytes64);
+    if (!buf) return 1;
     if (tool->prepare) tool->prepare(buf);
     static uint16_t y[2][AB_MAX_N];
     EACH_MATRIX(buf, tool->bytes64, s, sh, w, {

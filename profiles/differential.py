@@ -124,11 +124,11 @@ def reference_logprobs(hf: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [len(ids), V]
 
 
-def legacy_top(c: Ctx, row: torch.Tensor, chosen: int, k: int) -> dict[str, float]:
-    """The legacy top_logprobs map the server builds from log-softmax `row` [V]: keyed by piece, the chosen token's
-    entry first, then the top k by rank, a later id overwriting an earlier one that shares its piece."""
+def legacy_top(c: Ctx, row: torch.Tensor, chosen: int, top: torch.return_types.topk) -> dict[str, float]:
+    """The legacy top_logprobs map the server builds from log-softmax `row` [V] and its top k: keyed by piece, the
+    chosen token's entry first, then the top k by rank, a later id overwriting an earlier one that shares its piece."""
     return {c.pieces.piece(chosen): row[chosen].item()} | {
-        c.pieces.piece(i): row[i].item() for i in row.topk(k).indices.tolist()}
+        c.pieces.piece(i): row[i].item() for i in top.indices.tolist()}
 
 
 def top_err(got: dict[str, float] | None, want: dict[str, float], kth: float) -> float:
@@ -152,8 +152,9 @@ def echo_errors(c: Ctx, lp: dict[str, Any], toks: list[int], k: int) -> tuple[fl
     worst, bad = 0.0, []
     for i in range(1, len(toks)):
         err = abs(lp["token_logprobs"][i] - ref[i - 1, toks[i]].item())
-        terr = top_err(lp["top_logprobs"][i], legacy_top(c, ref[i - 1], toks[i], k),
-                       ref[i - 1].topk(k).values[-1].item() if k else 0.0)
+        top = ref[i - 1].topk(k)
+        terr = top_err(lp["top_logprobs"][i], legacy_top(c, ref[i - 1], toks[i], top),
+                       top.values[-1].item() if k else 0.0)
         bad += [i] * (err > TOL) + [-i] * (terr > TOL)
         worst = max(worst, err, terr)
     return worst, bad
