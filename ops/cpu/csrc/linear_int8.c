@@ -13,7 +13,7 @@
 #define PIECES_BF16 2
 #define PIECES_F32 4
 #define VNNI_MAX_PIECES 8  /* activation pieces one pass of the vpdpbusd loop serves: 8 accumulators a set */
-_Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F32 == 2, "linear_int8_vnni's cases");
+_Static_assert(VNNI_MAX_PIECES / PIECES_BF16 == 4 && VNNI_MAX_PIECES / PIECES_F32 == 2, "EACH_ROW_GROUP's cases");
 #define TILE_PIECES 48     /* activation pieces one AMX pass serves: three tiles of 16 columns */
 #define AMX_INT8_MIN_ROWS 2  /* 1 row streams faster by vpdpbusd (bench_cpu_linear, 1 thread: 48.7 vs 51.7 ms by AMX) */
 
@@ -89,7 +89,7 @@ AVX512_END
 /* Columns whose int32 sums cannot overflow: each lane adds two products of at most 128 * 32767 per 16 columns,
    4096 columns 2^31 - 65536 at most. */
 #define SPAN16 4096
-_Static_assert(AVX2_MAX_PIECES / PIECES16_BF16 == 4 && AVX2_MAX_PIECES / PIECES16_F32 == 2, "linear_int8_madd's cases");
+_Static_assert(AVX2_MAX_PIECES / PIECES16_BF16 == 4 && AVX2_MAX_PIECES / PIECES16_F32 == 2, "EACH_ROW_GROUP's cases");
 
 /* acc[r] += the int16 piece row q + r * K against the 16 weights at w, r < R: 16 products a vpmaddwd. */
 INLINE void madd16(const int8_t *w, const int16_t *q, int R, int K, __m256i *acc) {
@@ -144,22 +144,29 @@ INLINE void madd_rows(const struct linear_int8_args *a, long n, long end, int m0
     for (; n < end; n++) madd_pieces(a, n, 0, 1, m0, rows, P);
 }
 
+/* Chunk `chunk`'s weight rows [start, end) against one group of `max_pieces` / P activation rows at a time:
+   SPAN(a, start, end, m0, rows, P) with rows and P constants, so that the accumulators stay in registers: 1-4 rows
+   of `bf16_p` pieces (bf16 outputs), 1-2 of `f32_p` (the _Static_asserts above). */
+#define EACH_ROW_GROUP(ctx, chunk, max_pieces, bf16_p, f32_p, SPAN) do { \
+        const struct linear_int8_args *a_ = (ctx); \
+        const long start_ = (chunk) * a_->rows, end_ = pool_chunk_end((chunk), a_->rows, a_->N); \
+        const int per_ = (max_pieces) / a_->P; \
+        for (int m0_ = 0; m0_ < a_->M; m0_ += per_) { \
+            const int rows_ = a_->M - m0_ < per_ ? a_->M - m0_ : per_; \
+            switch (a_->P == (bf16_p) ? rows_ : -rows_) { \
+                case 1: SPAN(a_, start_, end_, m0_, 1, bf16_p); break; \
+                case 2: SPAN(a_, start_, end_, m0_, 2, bf16_p); break; \
+                case 3: SPAN(a_, start_, end_, m0_, 3, bf16_p); break; \
+                case 4: SPAN(a_, start_, end_, m0_, 4, bf16_p); break; \
+                case -1: SPAN(a_, start_, end_, m0_, 1, f32_p); break; \
+                default: SPAN(a_, start_, end_, m0_, 2, f32_p); break; \
+            } \
+        } \
+    } while (0)
+
 /* One group of piece rows at a time over the chunk's weight rows (AVX2_MAX_PIECES). */
 static void linear_int8_madd(const void *ctx, long chunk) {
-    const struct linear_int8_args *a = ctx;
-    const int M = a->M, per = AVX2_MAX_PIECES / a->P;
-    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, a->N);
-    for (int m0 = 0; m0 < M; m0 += per) {
-        const int rows = M - m0 < per ? M - m0 : per;
-        switch (a->P == PIECES16_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
-            case 1: madd_rows(a, start, end, m0, 1, PIECES16_BF16); break;
-            case 2: madd_rows(a, start, end, m0, 2, PIECES16_BF16); break;
-            case 3: madd_rows(a, start, end, m0, 3, PIECES16_BF16); break;
-            case 4: madd_rows(a, start, end, m0, 4, PIECES16_BF16); break;
-            case -1: madd_rows(a, start, end, m0, 1, PIECES16_F32); break;
-            default: madd_rows(a, start, end, m0, 2, PIECES16_F32); break;
-        }
-    }
+    EACH_ROW_GROUP(ctx, chunk, AVX2_MAX_PIECES, PIECES16_BF16, PIECES16_F32, madd_rows);
 }
 
 /* ---- AVX512-VNNI: activation pieces (act_quant.h) against the int8 weights, int32 sums ---- */
@@ -325,20 +332,7 @@ INLINE void dot_span(const struct linear_int8_args *a, long start, long end, int
 /* One group of VNNI_MAX_PIECES / P activation rows at a time over the chunk's weight rows: the group's pieces stay in
    L1 (8 bf16 rows' at K 3072, 48 KB, did not), the chunk's weights in L2 for the next group. */
 static void linear_int8_vnni(const void *ctx, long chunk) {
-    const struct linear_int8_args *a = ctx;
-    const int M = a->M, per = VNNI_MAX_PIECES / a->P;
-    const long start = chunk * a->rows, end = pool_chunk_end(chunk, a->rows, a->N);
-    for (int m0 = 0; m0 < M; m0 += per) {
-        const int rows = M - m0 < per ? M - m0 : per;
-        switch (a->P == PIECES_BF16 ? rows : -rows) {  /* constants: the accumulators stay in registers */
-            case 1: dot_span(a, start, end, m0, 1, PIECES_BF16); break;
-            case 2: dot_span(a, start, end, m0, 2, PIECES_BF16); break;
-            case 3: dot_span(a, start, end, m0, 3, PIECES_BF16); break;
-            case 4: dot_span(a, start, end, m0, 4, PIECES_BF16); break;
-            case -1: dot_span(a, start, end, m0, 1, PIECES_F32); break;
-            default: dot_span(a, start, end, m0, 2, PIECES_F32); break;
-        }
-    }
+    EACH_ROW_GROUP(ctx, chunk, VNNI_MAX_PIECES, PIECES_BF16, PIECES_F32, dot_span);
 }
 
 #pragma GCC pop_options
