@@ -168,8 +168,8 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # OpenAI's 400 without tools, which agents hit
     ({"tools": [], "parallel_tool_calls": True}, "parallel_tool_calls"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wizard"}}}],
-      "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "wizard"}}}}}], "tool_choice": "required"}, "tools"),
     ({"messages": [*USER, {"role": "tool", "content": "sunny"}]}, "messages.[1]"),
     ({"tools": [*TOOLS, {"type": "function", "function": {"name": "get_weather"}}]}, "tools"),  # a name given twice
 ])
@@ -178,6 +178,58 @@ def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: 
     with pytest.raises(openai.BadRequestError) as info:
         server.openai_client().chat.completions.create(**{"messages": USER, **CLIENT_GREEDY, **body})
     assert info.value.body["param"] == param
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}, "auto"])
+@pytest.mark.parametrize("typed", ["string", "integer", ["object", "null"], "wizard"])
+def test_a_function_s_parameters_are_an_object_schema(server: GunicornServer, typed: Any,
+                                                      tool_choice: Any) -> None:
+    """A call's arguments are a JSON object: a `parameters` schema typed otherwise is OpenAI's 400, in chat, Responses
+    and the prompt counts (a forced call following `{"type": "string"}` was a 200 without a call: the markup in
+    `content`, `finish_reason` "stop" or "length")."""
+    schema = {"type": typed}
+    message = f"Invalid schema for function 'f': schema must be a JSON Schema of 'type: \"object\"', got 'type: " \
+              f"{json.dumps(typed)}'."
+    chat = {**GREEDY, "messages": USER, "tool_choice": tool_choice,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]}
+    responses = {"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": schema}],
+                 "tool_choice": tool_choice if isinstance(tool_choice, str) else {"type": "function", "name": "f"}}
+    for path, body, param in [
+        ("/v1/chat/completions", chat, "tools.[0].function.parameters"),
+        ("/v1/chat/completions", {**chat, "stream": True}, "tools.[0].function.parameters"),
+        ("/tokenize", {k: v for k, v in chat.items() if k in ("model", "messages", "tools")},
+         "tools.[0].function.parameters"),
+        ("/v1/responses", {**responses, "max_output_tokens": 16}, "tools.[0].parameters"),
+        ("/v1/responses/input_tokens", responses, "tools.[0].parameters"),
+    ]:
+        error = _error(_post(server, path, body), param)
+        assert error["message"] == message and error["code"] == "invalid_function_parameters", (path, error)
+    with pytest.raises(openai.BadRequestError) as info:
+        server.openai_client().chat.completions.create(**{k: v for k, v in chat.items() if k in ("messages", "tools",
+                                                          "tool_choice")}, **CLIENT_GREEDY)
+    assert info.value.body["param"] == "tools.[0].function.parameters"
+
+
+ONE_A = {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("parameters", [{"anyOf": [{"type": "string"}, ONE_A]},
+                                        {"$ref": "#/$defs/A", "$defs": {"A": ONE_A}}])
+def test_a_forced_call_s_untyped_parameters_are_an_object(server: GunicornServer, parameters: dict[str, Any]) -> None:
+    """Parameters that leave the type open are held to an object in a call (its Hermes arguments are one): the
+    string they allowed was the markup left in `content`, no call. A `$ref` beside the type added still resolves."""
+    choice = _chat(server, messages=USER, max_tokens=30, tool_choice="required",
+                   tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}', choice
+
+
+@pytest.mark.parametrize("parameters", [{"enum": [1, 2]}, {"const": "x"}, {"$ref": "#/$defs/A", "$defs": {"A": {
+    "type": "integer"}}}])
+def test_a_forced_call_s_parameters_that_hold_no_object_are_a_400(server: GunicornServer,
+                                                                  parameters: dict[str, Any]) -> None:
+    _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": parameters}}]}), "tools")
 
 
 def _calling(*ids: str) -> dict[str, Any]:

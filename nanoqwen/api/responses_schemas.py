@@ -43,6 +43,7 @@ from nanoqwen.api.schemas import (
     _sampling_schema,
     _text_or,
     check_stream_options,
+    object_parameters,
     parse_chat_request,
     parsed_once,
     refused,
@@ -270,6 +271,7 @@ class FunctionTool(Strict):
     allowed_callers: refused(["direct"]) = None
     async_: refused(False) = Field(None, alias="async")
     output_schema: Refused = None
+    _object_parameters = field_validator("parameters")(object_parameters)
 
     def to_chat(self) -> dict[str, Any]:
         """`strict` as sent: omitted, a keyword the grammar engine cannot enforce is ignored, as chat's default;

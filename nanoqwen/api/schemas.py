@@ -109,6 +109,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
+def object_parameters(cls: type, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+    """A function tool's `parameters` (chat's and Responses'): a call's arguments are a JSON object (Hermes'
+    `"arguments": {...}`, OpenAI's), so a schema typed otherwise is OpenAI's 400; a call forced to follow it was the
+    markup left in `content`, not a call."""
+    if value is not None and "type" in value and value["type"] != "object":
+        raise PydanticCustomError("invalid_function_parameters", "Invalid schema for function '{name}': schema must "
+                                  "be a JSON Schema of 'type: \"object\"', got 'type: {got}'.",
+                                  {"name": info.data.get("name"), "got": json.dumps(value["type"])})
+    return value
+
+
 class FunctionDefinition(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
@@ -117,6 +128,8 @@ class FunctionDefinition(Strict):
     # The Responses API's: `strict` omitted is OpenAI's default there, a call constrained (leniently: a keyword the
     # grammar engine cannot enforce is ignored); chat's omitted is not strict
     _omitted_constrains: bool = PrivateAttr(False)
+
+    _object_parameters = field_validator("parameters")(object_parameters)
 
     @model_validator(mode="after")
     def _omitted_default(self, info: ValidationInfo) -> FunctionDefinition:
@@ -1134,6 +1147,8 @@ def _api_error(schema: type[BaseModel], err: Any, names: FieldNames) -> APIError
     if err["type"] == "unsupported":
         return APIError(400, f"Unsupported parameter '{param}': {err['msg']}", param=param,
                         code="unsupported_parameter")
+    if err["type"] == "invalid_function_parameters":  # OpenAI's message and code
+        return APIError(400, err["msg"], param=param, code=err["type"])
     message = err["msg"].removeprefix("Value error, ")
     if err["loc"][-1:] == ("[key]",):  # a dict's key: the dict is the parameter
         param = names(param_name(err["loc"][:-2]))

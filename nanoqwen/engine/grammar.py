@@ -310,8 +310,12 @@ def _call_rule(i: int, tool: ToolSpec) -> str:
 
 
 def _call_arguments(tool: ToolSpec) -> dict[str, Any]:
-    """A tool's arguments' schema: its parameters, or none (the empty object)."""
-    return tool.parameters if tool.parameters else {"type": "object", "properties": {}, "additionalProperties": False}
+    """A tool's arguments' schema: its parameters, an object where they leave the type open (Hermes' arguments are
+    one: `{"anyOf": [{"type": "string"}, ...]}` let a forced call's arguments be a string, no call), or none (the
+    empty object)."""
+    if not tool.parameters:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return {"type": "object", **tool.parameters}
 
 
 class _Vocabulary:
