@@ -559,7 +559,7 @@ class _Rows:
         if group.through:
             group.head = _plus(group.head, entries)
             if step := entries[0] + entries[1]:  # the windows after the lexemes before it hold it
-                group.first.update((key, min(CAP, weight + step)) for key, weight in group.first.items())
+                group.first = {key: min(CAP, weight + step) for key, weight in group.first.items()}
             if may_be_empty:
                 _add_firsts(group.first, firsts)
             else:
