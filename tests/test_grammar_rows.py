@@ -574,6 +574,38 @@ def test_the_deepest_chain_accepted_generates_to_its_end(grammars: Grammars,
     assert matcher.is_accepting() and not matcher.is_error()
 
 
+def _shared_first(alternatives: int, links: int, first: Callable[[int], str] = lambda j: "b",
+                  inline: bool = False) -> str:
+    """`alternatives` alternatives each starting with the literal first(j), then a chain of its own of `links` links
+    (`dj_i: dj_{i+1} | "b"`, `dj_links: "a"`): named (`aj: "b" dj_0`), or `inline` in start's own alternatives."""
+    heads = [f'"{first(j)}" d{j}_0' for j in range(alternatives)]
+    text = "start: " + " | ".join(heads if inline else [f"a{j}" for j in range(alternatives)]) + "\n"
+    text += "" if inline else "".join(f"a{j}: {head}\n" for j, head in enumerate(heads))
+    return text + "".join(f'd{j}_{i}: d{j}_{i + 1} | "b"\n' for j in range(alternatives) for i in range(links)) + \
+        "".join(f'd{j}_{links}: "a"\n' for j in range(alternatives))
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_alternatives_sharing_a_first_lexeme_add_up_their_rows_after_it(grammars: Grammars,
+                                                                        tokenizer: PreTrainedTokenizerFast,
+                                                                        inline: bool) -> None:
+    """After a first "b" llguidance's row holds each alternative starting with it, its chain's first row (2 items a
+    link): 4 chains of 450 links, 3,604 items, past its 2,000, ended the answer there, and weighed 902 (the largest
+    chain's window alone: served). Now the rows after a first lexeme add up across the alternatives that may start
+    with it, named or inline, and such a grammar is the 400 naming the field; alternatives starting with distinct
+    literals (a tool's call each) still weigh their largest, and llguidance follows them."""
+    shared, apart = _shared_first(4, 450, inline=inline), _shared_first(4, 450, lambda j: f"b{j}", inline)
+    assert not _follows(grammars, tokenizer, shared, "bb")
+    assert grammar_rows.row_weight(shared) >= 4 * (2 * 450 + 1)
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammars.compile(shared, "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+    assert _follows(grammars, tokenizer, apart, "b3b") and grammar_rows.row_weight(apart) <= grammar_module.MAX_ROW
+    grammars.compile(apart, "guided_grammar")
+    within = _shared_first(4, 120, inline=inline)  # 4 x 241 items: served, and followed
+    assert grammar_rows.row_weight(within) <= grammar_module.MAX_ROW and _follows(grammars, tokenizer, within, "bb")
+
+
 def _cpu_seconds(call: Callable[[], Any]) -> float:
     """The best of 3 of this thread's CPU time for call() (the other helpers' load left out)."""
     spent = []
@@ -660,8 +692,9 @@ def test_regexes_are_tested_once_and_within_a_budget(monkeypatch: pytest.MonkeyP
     seen before is not tested again, and past TESTED_CHARS in all one may match nothing. One after a token is tested
     too: a run goes on through it (1,000 `/(wix)?/` after "q" weighed 1, a row of 2,001 items in llguidance)."""
     tested = _recorded(monkeypatch, grammar_rows._least_width, (grammar_rows,), "_least_width")
-    # /a*/ may be empty: the row after "x" holds r's first row through it
-    assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 + 1 and tested == ["a*", "b"]
+    # /a*/ may be empty: the row after "x" holds r's first row through it; a regex may match what "x" does, so the
+    # row after either holds each alternative's window (3 + 1 + 1 + 1)
+    assert grammar_rows.row_weight('start: "x" /a*/ r | /b/ r | /b/ r\nr: "y"') == 3 + 3 and tested == ["a*", "b"]
     tested.clear()
     many = [f"/{'x' * 990}{i:04d}/" for i in range(9_500)]
     assert grammar_rows.row_weight("start: " + " | ".join(many)) == 9_500

@@ -961,6 +961,19 @@ def test_a_recursive_rules_continuation_past_the_row_is_a_400_before_any_token(s
     _followed_then_refused(server, recursive, r"q(k((w\d+x)*(v\d+x)*z?)?)?", grammar.MAX_ROW - 2, grammar.MAX_ROW)
 
 
+def test_alternatives_sharing_a_first_token_past_the_row_are_a_400_before_any_token(server: GunicornServer) -> None:
+    """`start: a0 | a1 | a2 | a3`, `aj: "b" dj_0`, each dj a chain of its own: after "b" llguidance's row holds the 4
+    chains' first rows. 450 links each (3,604 items) weighed 902, the largest alone: served, and the answer failed
+    after its first token. Now the rows after a first token add up across the alternatives starting with it: the 400
+    naming the field before any token, streamed or not; 4 chains of 120 links (4 x 241 items) are followed."""
+    def shared(links: int) -> str:
+        return "start: a0 | a1 | a2 | a3\n" + "".join(
+            f'a{j}: "b" d{j}_0\n' + "".join(f'd{j}_{i}: d{j}_{i + 1} | "b"\n' for i in range(links)) +
+            f'd{j}_{links}: "a"\n' for j in range(4))
+
+    _followed_then_refused(server, shared, r"b[ab]?", 120, 450)
+
+
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
     """A chain of 3,000 rules overflowed the compiling thread's 8 MiB stack (SIGSEGV, the worker lost); one of 1,500
     rules (or 1,200 `$ref`s) compiled, but llguidance's parser refused the row its first token made: the answer ended

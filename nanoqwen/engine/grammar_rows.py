@@ -30,7 +30,7 @@ from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, pointer
 SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%(?:json|regex)\b')
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
-TOKEN = re.compile(r"[A-Za-z_]\w*|/\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns)
+TOKEN = re.compile(r"[A-Za-z_]\w*|[/\"]\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns); `"7`: its 7th literal
 SPACE = re.compile(r"\s*")
 TERMINAL, EMPTY = ' " ', " # "  # what a skipped piece leaves in the body: a terminal, or one that may match nothing
 CAP = 1 << 40  # a weight past any bound (sums over shared rules grow exponentially)
@@ -57,6 +57,11 @@ MAX_NESTING = 64
 # that may leave it out, REPEAT `*` (before its OPTIONAL) and MORE `+`, that repeat it
 OPEN, ALT, OPTIONAL, REPEAT, MORE, CLOSE = -1, -2, -3, -4, -5, -6
 Pair = tuple[int, int]  # the entries of a window of a row (_Rows): its terminals, and the weights of the rules it names
+# By the lexeme that may start a rule or a group (a string's node, else ANY: a regex, a terminal named, a `%json`, which
+# may match what another does): the weight of the row after it, the alternatives that start with it added up (_Rows)
+Firsts = dict[int, int]
+ANY = -1
+MAX_FIRSTS = 1_024  # the lexemes a Firsts tells apart; past them, one ANY as heavy as the heaviest (errs high)
 
 
 class DeepNesting(ValueError):
@@ -78,8 +83,10 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     items, 1,000 past llguidance's row), in groups and rules named too (profiles/RESULTS.md, hunt33 and its mends). A
     JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
     (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested) but what follows it in the rule,
-    where the rule ends (a second walk). `weighed`: Lark rules' weights found apart (a `%json` weighed on its schema,
-    schema_weight), added to theirs."""
+    where the rule ends (a second walk). Alternatives that may start with the same lexeme (a string's text; a regex,
+    a terminal named or a `%json` may match any) add up their windows after it, through rules and groups named first
+    (`a0 | a1`, `aj: "b" chain_j`: 4 chains of 450 links, 3,604 items after "b", weighed 902 before). `weighed`: Lark
+    rules' weights found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -136,6 +143,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     its links."""
     cleaned, offsets, chains = [], [], []  # offsets (in cleaned, rising), and the chain of the `%json` at each
     patterns = _Patterns()
+    literals: dict[str, int] = {}  # each distinct string, by its text: `"i` in the body (Firsts)
     position = offset = 0
     decoder = json.JSONDecoder()
     while (match := SKIP.search(text, position)) is not None:
@@ -156,8 +164,10 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         elif piece[0] == "/":
             pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
             piece = f" /{patterns.add(pattern)} "
-        else:
-            piece = EMPTY if piece in ('""', "%regex") else TERMINAL  # a non-empty string, `%json`, a special token
+        elif (literal := _literal(piece, text, position)) is None:
+            piece = EMPTY if piece in ('""', "%regex") else TERMINAL
+        else:  # a string: a lexeme that another of the same text is, and no other
+            piece = f' "{literals.setdefault(literal, len(literals))} '
         cleaned.append(piece)
         offset += len(piece)
     cleaned.append(text[position:])
@@ -181,6 +191,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     links = {name: dict.fromkeys(rules[event >> 1] for events in bodies for event in events if event >= 0 and event & 1)
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
+    firsts: dict[str, Firsts] = {}  # by rule: the rows after its first lexemes (_Rows.firsts)
+    literals = set(empty.literals.values())
     heaviest = 0
     order = list(_postorder(links))
     cycle = _components(links, order)
@@ -190,7 +202,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     def walk(name: str) -> bool:
         """Weighs rule `name`; whether it names a rule being walked."""
         nonlocal heaviest
-        rows = _Rows(name, nullable, rules, heads, own, cycle)
+        rows = _Rows(name, nullable, rules, heads, own, cycle, firsts, literals)
         for events in empty.events[name]:
             rows.read(events)
         cycled = cycle[name]
@@ -199,7 +211,9 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         head = min(CAP, own[name] + _value(_Rows.combined(rows.heads)))
         tail = _plus(rows.tail or (0, 0), looping[cycled])  # a rule of the cycle ended: each such rest goes on
         heads[name] = head, (min(CAP, tail[0]), min(CAP, tail[1]))
-        heaviest = max(heaviest, head, min(CAP, own[name] + max(rows.best, _value(tail))))
+        firsts[name] = {}
+        _add_firsts(firsts[name], rows.firsts, _value(looping[cycled]))  # a rule of the cycle ended: its rests go on
+        heaviest = max(heaviest, head, min(CAP, own[name] + max(rows.best, _value(tail), _first_row(firsts[name]))))
         return rows.recursive
 
     # A rule named recursively and followed by more pieces goes on into them when it ends (`r: "k" R | r V`: after
@@ -209,11 +223,25 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     changed: set[str] = set()
     for name in order:
         if name in recursive or not changed.isdisjoint(links[name]):
-            before = heads[name]
+            before = heads[name], firsts[name]
             walk(name)
-            if heads[name] != before:
+            if (heads[name], firsts[name]) != before:
                 changed.add(name)
     return heaviest
+
+
+def _literal(piece: str, text: str, end: int) -> str | None:
+    """The text of a SKIP piece that is a string (ending at `end` in `text`), as a lexeme matches it; None for another
+    piece or a string that may match what another lexeme does: `%json`, a special token (`<[7]>` is also `<name>`),
+    `"b"i` (also "B"), an escape JSON's cannot read."""
+    if piece[0] != '"' or len(piece) < 3 or text.startswith("i", end):
+        return None
+    if "\\" not in piece:
+        return piece[1:-1] if piece[-1] == '"' else None
+    try:
+        return json.loads(piece)
+    except ValueError:
+        return None
 
 
 class _Patterns:
@@ -287,6 +315,7 @@ class _Empty:
         self.parents: dict[int, list[int]] = defaultdict(list)
         self.node = {name: self._add(1) for name in names}
         self.events: dict[str, list[list[int]]] = defaultdict(list)  # by rule: each definition's body (_Rows)
+        self.literals: dict[str, int] = {}  # by a body's token `"i`: its string's node, never empty (Firsts' key)
 
     def _add(self, needs: int, children: list[int] = ()) -> int:
         node = len(self.needs)
@@ -311,10 +340,14 @@ class _Empty:
         groups = [_Group("")]
         group = groups[0]
         before, named, closing = "", False, False  # the element is a rule named, a group closed
+        literal = 0  # the element is a string: its node
         events: list[int] = []
         for token in tokens:
             if token == '"':  # TERMINAL
                 element = something
+            elif token[0] == '"':  # a string (_lark_chain): its event names its own node
+                element = something
+                literal = self.literals.get(token) or self.literals.setdefault(token, self._add(1))
             elif token[0] == "/" and len(token) > 1:  # a regex (one after a token too: a run goes on through it)
                 element = nothing if self.patterns.may_be_empty(token) else something
             elif token == "|":
@@ -354,10 +387,11 @@ class _Empty:
                 before = token
                 continue
             before = token
-            events.append(CLOSE - element if closing else 2 * element + named)
+            events.append(CLOSE - element if closing else 2 * (literal or element) + named)
             if token == "]":  # `[x]`: `(x)?`
                 events.append(OPTIONAL)
             named = closing = False
+            literal = 0
             group.sequences[-1].append(element)
         while len(groups) > 1:  # unclosed (llguidance refuses it)
             element = self._any(groups.pop().sequences)
@@ -393,6 +427,26 @@ def _most(first: Pair | None, second: Pair) -> Pair:
     return second if first is None or _value(second) > _value(first) else first
 
 
+def _add_firsts(into: Firsts, more: Mapping[int, int], peak: int | None = None) -> None:
+    """`more`, each weighing `peak` more, added into `into` by lexeme; past MAX_FIRSTS lexemes, `into` one ANY of its
+    ANY's weight and its heaviest's (a row after any lexeme weighs no less than it did). With a `peak` (an alternative
+    closed: its rows known), a weight of nothing is left out: it adds nothing to a row."""
+    for key, weight in more.items():
+        if peak is None or weight + peak:
+            into[key] = min(CAP, into.get(key, 0) + weight + (peak or 0))
+    if len(into) > MAX_FIRSTS:
+        anything = into.pop(ANY, 0)
+        heaviest = max(into.values())
+        into.clear()
+        into[ANY] = min(CAP, anything + heaviest)
+
+
+def _first_row(firsts: Firsts) -> int:
+    """The heaviest row after a first lexeme: its own weight and that of those that may match anything (ANY)."""
+    anything = firsts.get(ANY, 0)
+    return max((weight + anything for key, weight in firsts.items() if key != ANY), default=anything)
+
+
 @dataclass
 class _Alternatives:
     """A group being read (_Rows; a body's own alternatives outermost): the closed alternatives' heads and the most
@@ -406,9 +460,14 @@ class _Alternatives:
     head: Pair = (0, 0)
     through: bool = True
     window: Pair | None = None
-    pending: tuple[Pair, bool, Pair, bool, bool] | None = None
+    pending: tuple[Pair, bool, Pair, bool, bool, Firsts] | None = None  # and its Firsts
     looped: tuple[Pair, bool] | None = None  # starts with a rule of its rule's cycle (_Rows.looped): its entries
     solid: bool = False  # holds an element that may not be empty (a `*` of it loops back though it may be empty)
+    firsts: Firsts = field(default_factory=dict)  # the closed alternatives' (_Rows.firsts)
+    first: Firsts = field(default_factory=dict)  # the open one's: the lexemes that may start it, with what follows
+    last: Firsts = field(default_factory=dict)  # those of its first element that may not be empty: `rest` follows
+    after: int | None = None  # its first element that may not be empty taken: its tail's weight, until a window closes
+    rest: int = 0  # the window after that element, less its tail (counted in its Firsts)
 
 
 class _Rows:
@@ -418,13 +477,16 @@ class _Rows:
     adds the weight of its first row (`heads`; recursion into `rule` nothing, its items in the row already, into another
     rule being walked its `own` alternatives), and a run that reaches a group's or a rule's end goes on after it (its
     tail). `best`: the most a window after a token weighs (_value); `heads`: the rule's alternatives' heads, its first
-    row."""
+    row; `firsts`: by the lexeme that may start it, the windows after it of the alternatives that may start so, added
+    up (each a window after its first lexemes: the pieces after it up to one that may not be empty, its rest)."""
 
     def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
-                 own: Mapping[str, int], cycle: Mapping[str, str]) -> None:
+                 own: Mapping[str, int], cycle: Mapping[str, str], firsts: Mapping[str, Firsts],
+                 literals: set[int]) -> None:
         self.rule, self.nullable, self.rules, self.weights, self.own = rule, nullable, rules, heads, own
-        self.cycle = cycle
+        self.cycle, self.known_firsts, self.literals = cycle, firsts, literals
         self.best = 0
+        self.firsts: Firsts = {}  # by the lexeme that may start the rule, the row after it (its alternatives' added up)
         self.looped: Pair = (0, 0)  # the heads of the rests of the alternatives that start with a rule of its cycle
         self.heads: list[Pair] = []
         self.tail: Pair | None = None
@@ -437,18 +499,18 @@ class _Rows:
             group = groups[-1]
             if event == OPTIONAL:  # after an element (_Empty.define); a group or a rule named that may be empty already
                 if group.pending is not None:  # made optional: one item more (tested)
-                    entries, may_be_empty, tail, grouped, solid = group.pending
-                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False, solid
+                    entries, may_be_empty, tail, grouped, solid, firsts = group.pending
+                    group.pending = _plus(entries, (grouped and may_be_empty, 0)), True, tail, False, solid, firsts
                 continue
             if event in (REPEAT, MORE):  # a run reaching the element's end goes on into it again: its head, `+` an
                 if group.pending is not None:  # item more; one that may be empty only as `+` or holding a token
-                    entries, may_be_empty, tail, grouped, solid = group.pending  # (`(run)*`: the row holds none)
+                    entries, may_be_empty, tail, grouped, solid, firsts = group.pending  # (`(run)*`: the row
                     back = entries
                     if may_be_empty:  # its head holds its tail, whose pieces' helper items the row holds already
                         back = entries[0] - tail[0] // 2 + 2, entries[1] - tail[1] // 2  # (measured: 3n + 9 items)
                     if not may_be_empty or solid or event == MORE:
                         tail = _plus(tail, _plus(back, (event == MORE, 0)))
-                    group.pending = entries, may_be_empty, tail, grouped, solid
+                    group.pending = entries, may_be_empty, tail, grouped, solid, firsts
                 continue
             self._take(group)
             if event == OPEN:
@@ -458,7 +520,7 @@ class _Rows:
             elif event <= CLOSE:
                 self._close(groups.pop())
                 groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
-                                      True, group.solid)
+                                      True, group.solid, group.firsts)
             elif event & 1:
                 named = self.rules[event >> 1]
                 known = self.weights.get(named)
@@ -467,15 +529,18 @@ class _Rows:
                     weight, tail = 0 if named == self.rule else self.own[named], known[1] if known else (0, 0)
                 else:
                     weight, tail = known
-                group.pending = (0, weight), self.nullable[event >> 1], tail, True, False
+                firsts = {} if named == self.rule else self.known_firsts.get(named, {})
+                group.pending = (0, weight), self.nullable[event >> 1], tail, True, False, firsts
                 if len(groups) == 1 and group.window is None and group.head == (0, 0) and group.through and (
                         named == self.rule or self.cycle[named] == self.cycle[self.rule]):
                     group.looped = (0, weight), self.nullable[event >> 1]  # left recursion: its rest goes on
-                    group.pending = (0, 0), True, (0, 0), True, False  # wherever a rule of the cycle ends
+                    group.pending = (0, 0), True, (0, 0), True, False, {}  # wherever a rule of the cycle ends
             else:
-                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False
+                key = event >> 1 if event >> 1 in self.literals else ANY
+                group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False, {key: 0}
         self._close(groups[0])
         self.heads += groups[0].heads
+        _add_firsts(self.firsts, groups[0].firsts, 0)
         self.best = max(self.best, _value(groups[0].tail or (0, 0)))
         self.tail = _most(self.tail, groups[0].tail or (0, 0))
 
@@ -483,14 +548,22 @@ class _Rows:
         """The element read, taken into the open alternative's head and windows."""
         if group.pending is None:
             return
-        entries, may_be_empty, tail, _, solid = group.pending
+        entries, may_be_empty, tail, _, solid, firsts = group.pending
         group.pending = None
         group.solid = group.solid or solid or not may_be_empty
         reached = None if group.window is None else _plus(group.window, entries)
         if reached is not None and not may_be_empty:
             self.best = max(self.best, _value(reached))
+            if group.after is not None and not group.through:
+                group.rest, group.after = max(group.rest, _value(reached) - group.after), None
         if group.through:
             group.head = _plus(group.head, entries)
+            if step := entries[0] + entries[1]:  # the windows after the lexemes before it hold it
+                group.first = {key: min(CAP, weight + step) for key, weight in group.first.items()}
+            if may_be_empty:
+                _add_firsts(group.first, firsts)
+            else:
+                group.last, group.after = firsts, _value(tail)
         group.through = group.through and may_be_empty
         group.window = _most(reached if may_be_empty else None, tail)
 
@@ -504,7 +577,14 @@ class _Rows:
             group.heads.append(_plus(first, group.head) if may_be_empty else first)
             self.looped = _plus(self.looped, group.head)
         group.tail = _most(group.tail, group.window or (0, 0))
+        if group.after is not None:  # the window after its first element that may not be empty reached its end
+            group.rest = max(group.rest, _value(group.window or (0, 0)) - group.after)
+        _add_firsts(group.first, group.last, group.rest)
+        if ANY in group.first and len(group.first) > 1:  # a row after a lexeme holds its heaviest window at most
+            group.first = {ANY: min(CAP, group.first.pop(ANY) + max(group.first.values()))}
+        _add_firsts(group.firsts, group.first, 0)
         group.head, group.through, group.window, group.looped = (0, 0), True, None, None
+        group.first, group.last, group.after, group.rest = {}, {}, None, 0
 
     @staticmethod
     def combined(heads: list[Pair]) -> Pair:
