@@ -75,11 +75,26 @@ class InvalidTarget(InvalidHeader):
         return self.hdr
 
 
+def refused_method(exc: BaseException) -> str | None:
+    """The method of a request whose head gunicorn or CheckedRequest refused, where its request line was read."""
+    return getattr(exc, "request_method", None)
+
+
 class CheckedRequest(Request):
     """gunicorn's Request, whose head's reads check the request line received so far, and whose parsed head has a
     valid Host, where HTTP/1.1 requires one, and a valid authority in an absolute-form target. Both of gunicorn's
     parsers (its Python one and gunicorn_h1c's) read the head through read_into, and through parse: while the request
     line is not parsed (`method` unset), the buffer starts with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """gunicorn reads and checks the head here (parse, then its body's framing): where it is refused, the method
+        read is kept on the error, as gunicorn's handle_error is given no request for most (nanoqwen.worker answers a
+        HEAD without a body)."""
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as exc:
+            exc.request_method = self.method  # type: ignore[attr-defined]
+            raise
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
