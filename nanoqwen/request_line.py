@@ -35,6 +35,7 @@ a half-closed client of it for gone).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.http.errors import InvalidHeader, InvalidRequestLine
@@ -69,7 +70,7 @@ class InvalidHost(InvalidHeader):
 
 
 class InvalidTarget(InvalidHeader):
-    """`hdr`: why the absolute-form target is refused (target_refusal)."""
+    """`hdr`: why the absolute-form target is refused (AbsoluteTarget.refusal)."""
 
     def __str__(self) -> str:
         return self.hdr
@@ -111,26 +112,30 @@ class CheckedRequest(Request):
             raise MissingHost("Host", req=self)
         if hosts and not valid_host(hosts[0]):
             raise InvalidHost(hosts[0], req=self)
-        if (refusal := target_refusal(self.uri)) is not None:
-            raise InvalidTarget(refusal, req=self)
-        if not self.path and target_authority(self.uri) is not None:  # gunicorn's path of `http://h` or `http://h?q`
+        absolute = absolute_target(self.uri)
+        if absolute is not None and absolute.refusal is not None:
+            raise InvalidTarget(absolute.refusal, req=self)
+        if not self.path and absolute is not None:  # gunicorn's path of `http://h` or `http://h?q`
             self.path = "*" if self.method == "OPTIONS" else "/"  # RFC 9112 3.2.4: OPTIONS's is the server, as `*`
         return rest
 
 
-def target_authority(target: str) -> str | None:
-    """The authority of an absolute-form target (its host and port where target_refusal passes it); None for any
-    other form."""
-    absolute = ABSOLUTE_FORM.match(target)
-    return absolute[2] if absolute else None
+@dataclass(frozen=True)
+class AbsoluteTarget:
+    """A request target in absolute-form: its authority (host and port), and why it is refused (the module's
+    docstring; None: served). Parsed once a request, for the head's check and the Host check (api/hosts.py)."""
+
+    authority: str
+    refusal: str | None
 
 
-def target_refusal(target: str) -> str | None:
-    """Why an absolute-form target is refused (the module's docstring); None for one served or any other form."""
+def absolute_target(target: str) -> AbsoluteTarget | None:
+    """None for a target in any other form."""
     absolute = ABSOLUTE_FORM.match(target)
-    if absolute is None:
-        return None
-    scheme, authority = absolute[1], absolute[2]
+    return None if absolute is None else AbsoluteTarget(absolute[2], _refusal(absolute[1], absolute[2]))
+
+
+def _refusal(scheme: str, authority: str) -> str | None:
     if scheme.lower() not in SCHEMES:
         return f"A request target in absolute-form must be an http or https URI (RFC 9112 3.2.2, RFC 9110 4.2), not " \
                f"{scheme[:SHOWN_BYTES]!r}."
