@@ -62,11 +62,21 @@ def test_respawned_workers_leave_two_maps_and_every_count(directory: Path) -> No
         _worker_maps(directory, dead)
         forget_worker(0, dead)
         maps = sorted(path.name for path in directory.iterdir())
-        assert maps == sorted([f"counter_{LIVE}.db", f"histogram_{LIVE}.db", f"counter_folded_{dead - 2}_{dead}.db",
-                               f"histogram_folded_{dead - 2}_{dead}.db"])
+        generation = 2 * dead - 3  # two a fold: the archive naming the dead pid, then renamed to name none
+        assert maps == sorted([f"counter_{LIVE}.db", f"histogram_{LIVE}.db", f"counter_folded_{generation}_0.db",
+                               f"histogram_folded_{generation}_0.db"])
         sizes.add(sum(path.stat().st_size for path in directory.glob("*_folded_*")))
         assert _scraped(directory) == _totals([LIVE, *range(2, dead + 1)])
     assert len(sizes) == 1
+
+
+def test_a_worker_given_a_folded_workers_pid_is_counted(directory: Path) -> None:
+    """pids are reused: the successor (or any later worker) may get the pid the archive folded last, whose maps a
+    scrape skips while the fold is under way; once it is done the archive names none."""
+    _worker_maps(directory, 2)
+    forget_worker(0, 2)
+    _worker_maps(directory, 2)
+    assert _scraped(directory) == _totals([LIVE, 2, 2])
 
 
 def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -207,7 +207,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
         # ... folded into one archive of each kind by the master (nanoqwen.api.metric_archive), its own maps gone
         maps = {path.name for path in (worker_run_dir(respawned[1]["pid"]) / "metrics").iterdir()}
-        assert {f"counter_folded_0_{dead['pid']}.db", f"histogram_folded_0_{dead['pid']}.db"} <= maps
+        assert {"counter_folded_1_0.db", "histogram_folded_1_0.db"} <= maps
         assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
         # a live gauge: one series a slot, the dead worker's gone (no pid label)
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \

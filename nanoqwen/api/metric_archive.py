@@ -5,7 +5,9 @@ totals: every map of the directory is summed at each scrape); a server whose wor
 (`--max-requests`, crashes) grew its run directory by 512 KiB a respawn and each scrape by two more maps to read. The
 master (nanoqwen.api.shared_stats.forget_worker) folds a dead worker's maps into its kind's archive,
 `<kind>_folded_<generation>_<pid>.db` (the pid: the worker folded in last), written whole under a name the scrapes'
-`*.db` glob skips and renamed into place; then the archive before it and the dead maps are removed.
+`*.db` glob skips and renamed into place; then the archive before it and the dead maps are removed, and the archive is
+renamed to the next generation naming no pid (a worker forked later may be given the dead one's pid: its live maps
+would be skipped).
 
 Two files cannot change at once, so a scrape (FoldedCollector) reads the newest archive of each kind it lists and
 skips the map of the pid that archive names. Another dead map it reads was not folded into that archive: one folded
@@ -30,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 FOLDED = ("counter", "histogram")  # a dead worker's live gauges are removed (prometheus-client's mark_process_dead)
 ARCHIVE = "folded"
+NO_PID = 0  # an archive's pid once the map it folded last is gone (no process has pid 0)
 SCRAPE_TRIES = 16  # each retry is a fold that removed a map between a scrape's listing and its read of it
 
 
@@ -46,6 +49,10 @@ class Archive:
             _, _, generation, pid = path.stem.split("_")
             archives.append(cls(path, int(generation), int(pid)))
         return max(archives, key=lambda archive: archive.generation, default=None)
+
+
+def _archive_path(directory: Path, kind: str, generation: int, pid: int) -> Path:
+    return directory / f"{kind}_{ARCHIVE}_{generation}_{pid}.db"
 
 
 def _encoded(values: dict[str, float]) -> bytes:
@@ -83,10 +90,13 @@ def fold(directory: Path, pid: int) -> None:
             for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
                 totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
         generation = 0 if archive is None else archive.generation + 1
-        _write(directory / f"{kind}_{ARCHIVE}_{generation}_{pid}.db", _encoded(totals))
+        folded = _archive_path(directory, kind, generation, pid)
+        _write(folded, _encoded(totals))
         if archive is not None:
             archive.path.unlink()
         dead.unlink()
+        # named for no pid once the dead maps are gone: a worker forked later may be given the dead one's pid
+        os.rename(folded, _archive_path(directory, kind, generation + 1, NO_PID))
 
 
 class FoldedCollector(MultiProcessCollector):
