@@ -72,7 +72,10 @@ def post_fork(server, worker) -> None:
 
 
 def child_exit(server, worker) -> None:
-    forget_worker(worker.nanoqwen_slot, worker.pid)
+    try:
+        forget_worker(worker.nanoqwen_slot, worker.pid)
+    except OSError as exc:
+        server.log.warning("worker %s: its metrics' maps are kept, not folded: %s", worker.pid, exc)
 
 
 def on_exit(server) -> None:

@@ -35,6 +35,7 @@ a half-closed client of it for gone).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from gunicorn.http.errors import InvalidHeader, InvalidRequestLine
@@ -69,10 +70,15 @@ class InvalidHost(InvalidHeader):
 
 
 class InvalidTarget(InvalidHeader):
-    """`hdr`: why the absolute-form target is refused (target_refusal)."""
+    """`hdr`: why the absolute-form target is refused (AbsoluteTarget.refusal)."""
 
     def __str__(self) -> str:
         return self.hdr
+
+
+def refused_method(exc: BaseException) -> str | None:
+    """The method of a request whose head gunicorn or CheckedRequest refused, where its request line was read."""
+    return getattr(exc, "request_method", None)
 
 
 class CheckedRequest(Request):
@@ -80,6 +86,16 @@ class CheckedRequest(Request):
     valid Host, where HTTP/1.1 requires one, and a valid authority in an absolute-form target. Both of gunicorn's
     parsers (its Python one and gunicorn_h1c's) read the head through read_into, and through parse: while the request
     line is not parsed (`method` unset), the buffer starts with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """gunicorn reads and checks the head here (parse, then its body's framing): where it is refused, the method
+        read is kept on the error, as gunicorn's handle_error is given no request for most (nanoqwen.worker answers a
+        HEAD without a body)."""
+        try:
+            super().__init__(*args, **kwargs)
+        except Exception as exc:
+            exc.request_method = self.method  # type: ignore[attr-defined]
+            raise
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
@@ -96,26 +112,30 @@ class CheckedRequest(Request):
             raise MissingHost("Host", req=self)
         if hosts and not valid_host(hosts[0]):
             raise InvalidHost(hosts[0], req=self)
-        if (refusal := target_refusal(self.uri)) is not None:
-            raise InvalidTarget(refusal, req=self)
-        if not self.path and target_authority(self.uri) is not None:  # gunicorn's path of `http://h` or `http://h?q`
+        absolute = absolute_target(self.uri)
+        if absolute is not None and absolute.refusal is not None:
+            raise InvalidTarget(absolute.refusal, req=self)
+        if not self.path and absolute is not None:  # gunicorn's path of `http://h` or `http://h?q`
             self.path = "*" if self.method == "OPTIONS" else "/"  # RFC 9112 3.2.4: OPTIONS's is the server, as `*`
         return rest
 
 
-def target_authority(target: str) -> str | None:
-    """The authority of an absolute-form target (its host and port where target_refusal passes it); None for any
-    other form."""
-    absolute = ABSOLUTE_FORM.match(target)
-    return absolute[2] if absolute else None
+@dataclass(frozen=True)
+class AbsoluteTarget:
+    """A request target in absolute-form: its authority (host and port), and why it is refused (the module's
+    docstring; None: served). Parsed once a request, for the head's check and the Host check (api/hosts.py)."""
+
+    authority: str
+    refusal: str | None
 
 
-def target_refusal(target: str) -> str | None:
-    """Why an absolute-form target is refused (the module's docstring); None for one served or any other form."""
+def absolute_target(target: str) -> AbsoluteTarget | None:
+    """None for a target in any other form."""
     absolute = ABSOLUTE_FORM.match(target)
-    if absolute is None:
-        return None
-    scheme, authority = absolute[1], absolute[2]
+    return None if absolute is None else AbsoluteTarget(absolute[2], _refusal(absolute[1], absolute[2]))
+
+
+def _refusal(scheme: str, authority: str) -> str | None:
     if scheme.lower() not in SCHEMES:
         return f"A request target in absolute-form must be an http or https URI (RFC 9112 3.2.2, RFC 9110 4.2), not " \
                f"{scheme[:SHOWN_BYTES]!r}."

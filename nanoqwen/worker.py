@@ -38,7 +38,7 @@ from nanoqwen.api.body import CLIENT_CLOSED, CLIENT_GONE, CLOSE_CONNECTION, READ
 from nanoqwen.api.errors import error_body
 from nanoqwen.api.shared_stats import PUBLISH_S
 from nanoqwen.boot_signals import exit_on_stop_signals
-from nanoqwen.request_line import CheckedRequest
+from nanoqwen.request_line import CheckedRequest, refused_method
 from nanoqwen.send_timeout import SendTimeout, TimedWrites
 
 if TYPE_CHECKING:
@@ -251,7 +251,8 @@ class NanoqwenWorker(GeventWorker):
         self._engine: Engine  # the app's, set in run() once the app is imported
         self._draining = False
         self._script_name = os.environ.get("SCRIPT_NAME", "")  # gunicorn's wsgi.create reads it so too
-        util.write_error = write_json_error  # the one caller is Worker.handle_error
+        self._head_answers: set[socket.socket] = set()  # connections whose error answer is to a HEAD
+        util.write_error = self._write_error  # the one caller is Worker.handle_error
         route_logs(self)
         super().init_process()
 
@@ -273,6 +274,21 @@ class NanoqwenWorker(GeventWorker):
         finally:
             self._idle.pop(current, None)  # gone already where _make_room ended the wait
             WaitedRequest.begun.discard(current)
+
+    def handle_error(self, req: Request | None, client: socket.socket, addr: tuple[str, int] | None,
+                     exc: BaseException) -> None:
+        """gunicorn's answer to an error, to a HEAD without its body (RFC 9110 9.3.2): a refused head's method read
+        where it was parsed (gunicorn passes no request for most), an error past the app's from its request."""
+        method = refused_method(exc) or getattr(req, "method", None)
+        if method == "HEAD":
+            self._head_answers.add(client)
+        try:
+            super().handle_error(req, client, addr, exc)
+        finally:
+            self._head_answers.discard(client)
+
+    def _write_error(self, sock: socket.socket, status_int: int, reason: str, mesg: str) -> None:
+        write_json_error(sock, status_int, reason, mesg, head_only=sock in self._head_answers)
 
     def handle_request(self, listener_name: str, req: Request, sock: socket.socket, addr: tuple[str, int]) -> None:
         # an operator's SCRIPT_NAME (a deployment under a prefix): gunicorn answered a path outside it with a 500 and

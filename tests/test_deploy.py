@@ -322,6 +322,7 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
             failing_events = [json.loads(data) for _, data in sse_events(failing)]
             queued_rest = list(sse_payloads(queued))
         status = srv.wait(30)
+        log = srv.log()
     finally:
         srv.stop()
     failed = failing_events[-1]
@@ -343,8 +344,10 @@ def test_sigterm_ends_a_stream_still_running_at_the_grace_period_with_an_error(t
     assert "shutting down" in error["message"] and error["type"] == "server_error"
     drained = [p for p in rest[:-2] if json.loads(p)["choices"][0]["delta"].get("content")]
     assert 1 < len(drained) < 4000  # it went on streaming during the grace period, and was cut
-    assert 1.0 < ended < 3.0, ended
-    assert status == 0
+    # by the worker (its error and [DONE] above), not by the master's kill at 3 s; not timed from here: the client's
+    # read of what was sent before the error lags with the load
+    assert ended > 1.0, ended  # the grace period's 1.5 s (a lower bound: load only lengthens it)
+    assert status == 0 and "SIGKILL" not in log, log
 
 
 def test_idle_keepalive_connection_does_not_hold_shutdown(tiny_checkpoint, tmp_path):

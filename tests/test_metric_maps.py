@@ -164,7 +164,7 @@ def test_a_multiprocess_directory_gone_at_a_scrape_is_unavailable(value_class: t
     def gone(registry: CollectorRegistry, path: str | None = None) -> None:
         raise ValueError("env PROMETHEUS_MULTIPROC_DIR is not set or not a directory")
 
-    monkeypatch.setattr(metrics, "MultiProcessCollector", gone)
+    monkeypatch.setattr(metrics, "FoldedCollector", gone)
     with pytest.raises(APIError) as raised:
         ServerStats(lambda: None).prometheus()
     assert (raised.value.status, raised.value.code) == (503, "stats_unavailable")

@@ -365,6 +365,35 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[str, dict[str, An
     return head.split(b"\r\n")[0].split(b" ", 1)[1].decode(), json.loads(payload)
 
 
+@pytest.mark.parametrize("head, status", [
+    (b"HEAD /health HTTP/1.1\r\n\r\n", 400),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n", 400),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+    (b"HEAD /health HTTP/1.1\r\nHost: bad host\r\n\r\n", 400),
+    (b"HEAD http://user:pw@localhost/health HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
+    (b"HEAD /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus, chunked\r\n\r\n0\r\n\r\n", 501),
+], ids=["no-host", "nul-in-value", "obs-fold", "bad-host", "userinfo", "two-lengths", "long-header",
+        "unknown-coding"])
+def test_a_head_gunicorn_refuses_gets_no_body(server: GunicornServer, head: bytes, status: int) -> None:
+    """RFC 9110 9.3.2: an answer to a HEAD has no body, a refusal of gunicorn's too (its handle_error is given no
+    request for a head it refuses); the same request as a GET gets the JSON body."""
+    for method, body_sent in ((b"HEAD", False), (b"GET", True)):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(method + head.removeprefix(b"HEAD"))
+            sock.shutdown(socket.SHUT_WR)
+            answer = read_all(sock)
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 %d " % status), answer
+        fields, _, payload = rest.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in fields, answer
+        if body_sent:
+            assert json.loads(payload)["error"]["type"] == "invalid_request_error", answer
+        else:
+            assert payload == b"", answer
+
+
 @pytest.mark.parametrize("raw, status, code", [
     (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY) + 9}\r\n\r\n{BODY}".encode(), 400,
      None),

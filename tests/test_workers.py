@@ -205,6 +205,10 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert _get(srv, "/stats").json()["requests_served"] == per_worker[1]["requests_served"]
         assert _metric(srv, 'nanoqwen_requests_total{outcome="served"}') == REQUESTS
         assert sum(_vllm_series(srv, "vllm:generation_tokens_total").values()) == REQUESTS * MAX_TOKENS
+        # ... folded into one archive of each kind by the master (nanoqwen.api.metric_archive), its own maps gone
+        maps = {path.name for path in (worker_run_dir(respawned[1]["pid"]) / "metrics").iterdir()}
+        assert {"counter_folded_1_0.db", "histogram_folded_1_0.db"} <= maps
+        assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
         # a live gauge: one series a slot, the dead worker's gone (no pid label)
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
             [(("engine", slot), ("model_name", MODEL)) for slot in "01"]

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from nanoqwen.api.errors import APIError
-from nanoqwen.request_line import target_authority, target_refusal
+from nanoqwen.request_line import absolute_target
 
 ANY_HOST = "*"
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
@@ -87,11 +87,10 @@ class HostGuard:
         own); for a unix socket gunicorn takes the Host's name, and an address there is allowed anyway."""
         if ANY_HOST in self._allowed or not _is_loopback(environ.get("SERVER_NAME", "")):
             return
-        target = environ.get("RAW_URI", "")
-        authority = target_authority(target)
-        host = environ.get("HTTP_HOST", "") if authority is None else authority
+        absolute = absolute_target(environ.get("RAW_URI", ""))
+        host = environ.get("HTTP_HOST", "") if absolute is None else absolute.authority
         # without nanoqwen's worker (its CheckedRequest answers a refused target 400) still no host: refused
-        if target_refusal(target) is not None or not self.allows(host):
+        if (absolute is not None and absolute.refusal is not None) or not self.allows(host):
             raise APIError(403, f"The Host {host!r} does not name this machine: a server on a loopback address answers "
                                 "only local names (a web page's name re-pointed at it would read its answers: DNS "
                                 "rebinding). A proxy on this machine that passes its clients' Host names them in "

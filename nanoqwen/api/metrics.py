@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
+from nanoqwen.api.metric_archive import FoldedCollector
 from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, TTFT_BUCKETS, VllmMetrics
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
@@ -515,7 +515,7 @@ class ServerStats:
             if directory:
                 registry = CollectorRegistry(support_collectors_without_names=True)  # kept by a restricted one
                 try:
-                    MultiProcessCollector(registry, directory)
+                    FoldedCollector(registry, directory)
                 except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
                     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
             return generate_latest(registry if names is None else registry.restricted_registry(names))

@@ -2,7 +2,7 @@
 
 The master makes a fresh run directory per server (nanoqwen.gunicorn_conf) before anything imports
 prometheus_client: its `metrics/` subdirectory is prometheus-client's multiprocess directory (counters
-and histograms of every worker, dead ones' included, summed at scrape time) and in `stats/` each live
+and histograms of every worker, dead ones' folded into one archive, summed at scrape time) and in `stats/` each live
 worker publishes its `/stats` snapshot as `<slot>.json`, replaced atomically. The master removes a
 dead worker's snapshot and live gauges (`child_exit`), so totals cover the live workers only.
 """
@@ -65,11 +65,16 @@ def remove_run_dir() -> None:
 
 
 def forget_worker(slot: int, pid: int) -> None:
-    """In the master, once a worker has exited: its snapshot and live gauges go."""
+    """In the master, once a worker has exited: its snapshot and live gauges go, its counters and histograms are
+    folded into the archives (nanoqwen.api.metric_archive). Raises OSError where they cannot be (they stay as they
+    are, their counts read all the same)."""
     from prometheus_client import multiprocess
+
+    from nanoqwen.api import metric_archive
 
     multiprocess.mark_process_dead(pid)
     Path(os.environ[RUN_DIR_ENV], "stats", f"{slot}.json").unlink(missing_ok=True)
+    metric_archive.fold(Path(os.environ[MULTIPROC_ENV]), pid)
 
 
 def aggregate(workers: list[dict[str, Any]]) -> dict[str, Any]:

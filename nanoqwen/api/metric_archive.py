@@ -1,0 +1,126 @@
+"""Dead workers' counters and histograms folded into one map of each kind, and the scrapes that read them.
+
+prometheus-client's multiprocess mode keeps a dead process's counter and histogram maps (their counts stay in the
+totals: every map of the directory is summed at each scrape); a server whose workers are respawned for ever
+(`--max-requests`, crashes) grew its run directory by 512 KiB a respawn and each scrape by two more maps to read. The
+master (nanoqwen.api.shared_stats.forget_worker) folds a dead worker's maps into its kind's archive,
+`<kind>_folded_<generation>_<pid>.db` (the pid: the worker folded in last), written whole under a name the scrapes'
+`*.db` glob skips and renamed into place; then the archive before it and the dead maps are removed, and the archive is
+renamed to the next generation naming no pid (a worker forked later may be given the dead one's pid: its live maps
+would be skipped).
+
+Two files cannot change at once, so a scrape (FoldedCollector) reads the newest archive of each kind it lists and
+skips the map of the pid that archive names. Another dead map it reads was not folded into that archive: one folded
+before it was removed before the archive was made, so before the listing. An archive that a fold replaces after the
+listing is removed, not found at its read, and the scrape starts again. No count is read twice or missed (a
+counter never goes back) without a lock, which a stopped process could hold for ever. (The listing is one getdents
+call under the directory's lock on Linux: the directory holds a few maps a live worker.)
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector
+
+FOLDED = ("counter", "histogram")  # a dead worker's live gauges are removed (prometheus-client's mark_process_dead)
+ARCHIVE = "folded"
+NO_PID = 0  # an archive's pid once the map it folded last is gone (no process has pid 0)
+SCRAPE_TRIES = 16  # each retry is a fold that removed a map between a scrape's listing and its read of it
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path
+    generation: int
+    pid: int  # the worker folded in last
+
+    @classmethod
+    def newest(cls, paths: Iterable[Path]) -> Archive | None:
+        archives = []
+        for path in paths:
+            _, _, generation, pid = path.stem.split("_")
+            archives.append(cls(path, int(generation), int(pid)))
+        return max(archives, key=lambda archive: archive.generation, default=None)
+
+
+def _archive_path(directory: Path, kind: str, generation: int, pid: int) -> Path:
+    return directory / f"{kind}_{ARCHIVE}_{generation}_{pid}.db"
+
+
+def _encoded(values: dict[str, float]) -> bytes:
+    """MmapedDict's file (its used length, padding, then each key's length, key padded to 8 bytes, value, timestamp);
+    written with write(), not through a map: the master is not killed by a SIGBUS where the disk is full."""
+    entries = []
+    for key, value in values.items():
+        encoded = key.encode()
+        padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
+        entries.append(struct.pack(f"i{len(padded)}sdd", len(encoded), padded, value, 0.0))
+    body = b"".join(entries)
+    return struct.pack("ii", 8 + len(body), 0) + body
+
+
+def _write(path: Path, data: bytes) -> None:
+    making = path.with_name(f"{path.name}.making")
+    try:
+        making.write_bytes(data)
+        os.rename(making, path)
+    except OSError:
+        making.unlink(missing_ok=True)
+        raise
+
+
+def fold(directory: Path, pid: int) -> None:
+    """The dead worker `pid`'s counter and histogram maps into the archives, then removed. Raises OSError where the
+    archive cannot be written (a full disk): the dead maps stay, and are read as before."""
+    for kind in FOLDED:
+        dead = directory / f"{kind}_{pid}.db"
+        if not dead.exists():
+            continue
+        archive = Archive.newest(directory.glob(f"{kind}_{ARCHIVE}_*.db"))
+        totals: collections.Counter[str] = collections.Counter()
+        for path in ([] if archive is None else [archive.path]) + [dead]:
+            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+                totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
+        generation = 0 if archive is None else archive.generation + 1
+        folded = _archive_path(directory, kind, generation, pid)
+        _write(folded, _encoded(totals))
+        if archive is not None:
+            archive.path.unlink()
+        dead.unlink()
+        # named for no pid once the dead maps are gone: a worker forked later may be given the dead one's pid
+        os.rename(folded, _archive_path(directory, kind, generation + 1, NO_PID))
+
+
+class FoldedCollector(MultiProcessCollector):
+    """prometheus-client's multiprocess collector, reading the archives as the module's docstring says."""
+
+    def collect(self) -> Iterable[Metric]:
+        tries = 1
+        while True:
+            try:
+                return self.merge(self._files(), accumulate=True)
+            except FileNotFoundError:  # a fold removed a map after the listing: read again
+                if tries == SCRAPE_TRIES:
+                    raise
+                tries += 1
+
+    def _files(self) -> list[str]:
+        """Every map listed, but each kind's older archives and the map its newest one folded in last."""
+        paths = [Path(path) for path in glob.glob(os.path.join(self._path, "*.db"))]
+        skipped = set()
+        for kind in FOLDED:
+            archives = [path for path in paths if path.name.startswith(f"{kind}_{ARCHIVE}_")]
+            newest = Archive.newest(archives)
+            if newest is not None:
+                skipped.update(archives)
+                skipped.discard(newest.path)
+                skipped.add(newest.path.with_name(f"{kind}_{newest.pid}.db"))
+        return [str(path) for path in paths if path not in skipped]

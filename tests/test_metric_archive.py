@@ -1,0 +1,140 @@
+"""Dead workers' counter and histogram maps folded into one archive of each kind (nanoqwen.api.metric_archive): the
+run directory stays bounded across respawns, and a scrape at any point of a fold reads every count once."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from nanoqwen.api import metric_archive
+from nanoqwen.api.metric_archive import FoldedCollector
+from nanoqwen.api.shared_stats import MULTIPROC_ENV, RUN_DIR_ENV, forget_worker
+
+LIVE = 1  # a worker alive throughout
+SERVED = mmap_key("reqs", "reqs_total", ["outcome"], ["served"], "Requests")
+LOW = mmap_key("lat", "lat_bucket", ["le"], ["0.5"], "Latency")
+HIGH = mmap_key("lat", "lat_bucket", ["le"], ["+Inf"], "Latency")
+SUM = mmap_key("lat", "lat_sum", [], [], "Latency")
+
+
+@pytest.fixture
+def directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run directory as the master makes it, with a live worker's maps."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (tmp_path / "stats").mkdir()
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(MULTIPROC_ENV, str(metrics))
+    _worker_maps(metrics, LIVE)
+    return metrics
+
+
+def _worker_maps(directory: Path, pid: int) -> None:
+    """The maps of a worker that served `pid` requests: `pid` of them under 0.5 s, one more over, in 0.25 s each."""
+    for kind, values in (("counter", {SERVED: pid + 1}), ("histogram", {LOW: pid, HIGH: 1, SUM: (pid + 1) / 4})):
+        mapped = MmapedDict(str(directory / f"{kind}_{pid}.db"))
+        for key, value in values.items():
+            mapped.write_value(key, value, 0.0)
+        mapped.close()
+
+
+def _scraped(directory: Path) -> tuple[float | None, ...]:
+    registry = CollectorRegistry()
+    FoldedCollector(registry, str(directory))
+    return tuple(registry.get_sample_value(name, labels) for name, labels in (
+        ("reqs_total", {"outcome": "served"}), ("lat_bucket", {"le": "0.5"}), ("lat_bucket", {"le": "+Inf"}),
+        ("lat_count", {}), ("lat_sum", {})))
+
+
+def _totals(pids: list[int]) -> tuple[float, ...]:
+    served = sum(pid + 1 for pid in pids)
+    return served, sum(pids), served, served, served / 4
+
+
+def test_respawned_workers_leave_two_maps_and_every_count(directory: Path) -> None:
+    """40 workers dead one after another (a server under --max-requests): one archive of each kind, of one size, and
+    the live worker's maps; the totals every worker's."""
+    sizes = set()
+    for dead in range(2, 42):
+        _worker_maps(directory, dead)
+        forget_worker(0, dead)
+        maps = sorted(path.name for path in directory.iterdir())
+        generation = 2 * dead - 3  # two a fold: the archive naming the dead pid, then renamed to name none
+        assert maps == sorted([f"counter_{LIVE}.db", f"histogram_{LIVE}.db", f"counter_folded_{generation}_0.db",
+                               f"histogram_folded_{generation}_0.db"])
+        sizes.add(sum(path.stat().st_size for path in directory.glob("*_folded_*")))
+        assert _scraped(directory) == _totals([LIVE, *range(2, dead + 1)])
+    assert len(sizes) == 1
+
+
+def test_a_worker_given_a_folded_workers_pid_is_counted(directory: Path) -> None:
+    """pids are reused: the successor (or any later worker) may get the pid the archive folded last, whose maps a
+    scrape skips while the fold is under way; once it is done the archive names none."""
+    _worker_maps(directory, 2)
+    forget_worker(0, 2)
+    _worker_maps(directory, 2)
+    assert _scraped(directory) == _totals([LIVE, 2, 2])
+
+
+def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _worker_maps(directory, 2)
+
+    def full(path: Path, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        forget_worker(0, 2)
+    assert sorted(path.name for path in directory.iterdir()) == ["counter_1.db", "counter_2.db", "histogram_1.db",
+                                                                 "histogram_2.db"]
+    assert _scraped(directory) == _totals([LIVE, 2])
+
+
+def _before_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, call: int,
+                 action: Callable[[], None]) -> None:
+    """`target.name` runs `action` before its call number `call` (0 first; the action's own calls counted after)."""
+    real = getattr(target, name)
+    calls = []
+
+    def wrapped(*args: object) -> object:
+        calls.append(args)
+        if len(calls) == call + 1:
+            action()
+        return real(*args)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+@pytest.mark.parametrize("at", range(8))
+def test_a_scrape_during_a_fold_counts_every_worker_once(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          at: int) -> None:
+    """Workers 2 and 3 folded, 4 dead: 4 is folded before the scrape's read of each map in turn (the archives, the
+    live worker's and 4's maps: 6, then a retry's reads where the listed archive was gone): every count once."""
+    for dead in (2, 3, 4):
+        _worker_maps(directory, dead)
+    metric_archive.fold(directory, 2)
+    metric_archive.fold(directory, 3)
+    _before_call(monkeypatch, MmapedDict, "read_all_values_from_file", at, lambda: metric_archive.fold(directory, 4))
+    assert _scraped(directory) == _totals([LIVE, 2, 3, 4])
+    assert not (directory / "counter_4.db").exists()  # folded
+
+
+def test_a_scrape_between_the_archives_write_and_the_dead_maps_removal(directory: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new archive in place, the one before and the dead maps not yet removed: each count read once."""
+    for dead in (2, 3):
+        _worker_maps(directory, dead)
+    metric_archive.fold(directory, 2)
+    write = metric_archive._write
+    seen = []
+
+    def written(path: Path, data: bytes) -> None:
+        write(path, data)
+        seen.append(_scraped(directory))
+
+    monkeypatch.setattr(metric_archive, "_write", written)
+    metric_archive.fold(directory, 3)
+    assert seen == [_totals([LIVE, 2, 3])] * 2  # after the counters' archive, and the histograms'
