@@ -180,14 +180,20 @@ def test_bad_tool_requests(server: GunicornServer, body: dict[str, Any], param: 
     assert info.value.body["param"] == param
 
 
+INTEGER_BY_REF = {"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"type": "integer"}}}
+
+
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}, "auto"])
-@pytest.mark.parametrize("typed", ["string", "integer", ["object", "null"], "wizard"])
-def test_a_function_s_parameters_are_an_object_schema(server: GunicornServer, typed: Any,
+@pytest.mark.parametrize(("schema", "typed"), [({"type": "string"}, "string"), ({"type": "integer"}, "integer"),
+                                               ({"type": ["object", "null"]}, ["object", "null"]),
+                                               ({"type": "wizard"}, "wizard"), (INTEGER_BY_REF, "integer")])
+def test_a_function_s_parameters_are_an_object_schema(server: GunicornServer, schema: dict[str, Any], typed: Any,
                                                       tool_choice: Any) -> None:
-    """A call's arguments are a JSON object: a `parameters` schema typed otherwise is OpenAI's 400, in chat, Responses
-    and the prompt counts (a forced call following `{"type": "string"}` was a 200 without a call: the markup in
-    `content`, `finish_reason` "stop" or "length")."""
-    schema = {"type": typed}
+    """A call's arguments are a JSON object: a `parameters` schema typed otherwise, at its root or where the root's
+    `$ref`s lead, is OpenAI's 400, in chat, Responses and the prompt counts (a forced call following `{"type":
+    "string"}` was a 200 without a call: the markup in `content`, `finish_reason` "stop" or "length"; one following
+    INTEGER_BY_REF, held to no object, a 200 with no call under "auto"). The message is OpenAI's where the type is a
+    string; a list's form is ours (OpenAI prints Python's repr of it, `None` for a JSON null)."""
     message = f"Invalid schema for function 'f': schema must be a JSON Schema of 'type: \"object\"', got 'type: " \
               f"{json.dumps(typed)}'."
     chat = {**GREEDY, "messages": USER, "tool_choice": tool_choice,
@@ -214,22 +220,42 @@ ONE_A = {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"],
 
 
 @pytest.mark.parametrize("parameters", [{"anyOf": [{"type": "string"}, ONE_A]},
-                                        {"$ref": "#/$defs/A", "$defs": {"A": ONE_A}}])
+                                        {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/A"}], "$defs": {"A": ONE_A}}])
 def test_a_forced_call_s_untyped_parameters_are_an_object(server: GunicornServer, parameters: dict[str, Any]) -> None:
     """Parameters that leave the type open are held to an object in a call (its Hermes arguments are one): the
-    string they allowed was the markup left in `content`, no call. A `$ref` beside the type added still resolves."""
+    string they allowed was the markup left in `content`, no call. A `$ref` inside the root held still resolves."""
     choice = _chat(server, messages=USER, max_tokens=30, tool_choice="required",
                    tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
     assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}', choice
 
 
-@pytest.mark.parametrize("parameters", [{"enum": [1, 2]}, {"const": "x"}, {"$ref": "#/$defs/A", "$defs": {"A": {
-    "type": "integer"}}}])
+# a cycle back to `#` that a call cannot follow (`a` is `[]`, no other key), so that the random model's call ends
+ROOT_CYCLE = {"$ref": "#/$defs/A", "$defs": {"A": {"type": "object", "additionalProperties": False, "properties": {
+    "a": {"type": "array", "items": {"$ref": "#"}, "maxItems": 0}}}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}, "auto"])
+def test_a_root_ref_that_a_cycle_runs_through_is_served(server: GunicornServer, tool_choice: Any) -> None:
+    """A root `$ref` is not held to an object by a `type` beside it (its target's type is checked instead): llguidance
+    refuses a sibling of a root `$ref` that a cycle runs through back to `#`, so the schema served before (a forced
+    call, a strict tool under "auto") was a 400."""
+    function = {"name": "f", "parameters": ROOT_CYCLE, "strict": True}
+    choice = _chat(server, messages=USER, max_tokens=40, tool_choice=tool_choice,
+                   tools=[{"type": "function", "function": function}])["choices"][0]
+    if tool_choice != "auto":  # the random model calls nothing by itself
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert isinstance(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), dict), choice
+
+
+@pytest.mark.parametrize("parameters", [{"enum": [1, 2]}, {"const": "x"}])
 def test_a_forced_call_s_parameters_that_hold_no_object_are_a_400(server: GunicornServer,
                                                                   parameters: dict[str, Any]) -> None:
-    _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tool_choice": "required", "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": parameters}}]}), "tools")
+    """Untyped parameters held to an object (call_arguments) that allow none: llguidance's refusal, naming the tool."""
+    error = _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tool_choice": "required",
+                                                          "tools": [{"type": "function", "function": {
+                                                              "name": "f", "parameters": parameters}}]}), "tools")
+    assert "Unsatisfiable" in error["message"] and "'f'" in error["message"], error
 
 
 def _calling(*ids: str) -> dict[str, Any]:

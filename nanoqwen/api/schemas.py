@@ -40,6 +40,7 @@ from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from nanoqwen.api import strict_json
 from nanoqwen.api.errors import CHAT_NAMES, APIError, FieldNames, param_name, request_too_large
 from nanoqwen.api.strict_json import Budget, JSONError
+from nanoqwen.engine.call_arguments import root_chain
 from nanoqwen.engine.request import SamplingParams
 from nanoqwen.engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, shown
 
@@ -111,12 +112,16 @@ class Strict(BaseModel):
 
 def object_parameters(cls: type, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
     """A function tool's `parameters` (chat's and Responses'): a call's arguments are a JSON object (Hermes'
-    `"arguments": {...}`, OpenAI's), so a schema typed otherwise is OpenAI's 400; a call forced to follow it was the
-    markup left in `content`, not a call."""
-    if value is not None and "type" in value and value["type"] != "object":
-        raise PydanticCustomError("invalid_function_parameters", "Invalid schema for function '{name}': schema must "
-                                  "be a JSON Schema of 'type: \"object\"', got 'type: {got}'.",
-                                  {"name": info.data.get("name"), "got": json.dumps(value["type"])})
+    `"arguments": {...}`, OpenAI's), so a schema typed otherwise, at the root or where its `$ref`s lead (root_chain),
+    is OpenAI's 400; a call forced to follow it was the markup left in `content`, not a call. An untyped root is
+    accepted (OpenAI refuses it; vLLM and llama.cpp take it): the calls' grammar holds it to an object."""
+    if value is None:
+        return value
+    for node in root_chain(value):
+        if "type" in node and node["type"] != "object":
+            raise PydanticCustomError("invalid_function_parameters", "Invalid schema for function '{name}': schema "
+                                      "must be a JSON Schema of 'type: \"object\"', got 'type: {got}'.",
+                                      {"name": info.data.get("name"), "got": json.dumps(node["type"])})
     return value
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
+from nanoqwen.engine.call_arguments import call_arguments
 from nanoqwen.engine.grammar import OverBudget, SchemaBudget, SchemaRefused, ToolSpec, check_json_schema, text_key
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -320,8 +321,10 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     before = budget.copy()
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget)
-        # a firm tool's 400 is the calls' grammar's, naming it (and would name `tools`): llguidance checked it once
-        weight = check_json_schema(parameters, tool.strict, "tools", lenient) if tool.parameters else None
+        # the schema the calls' grammar holds (call_arguments); a firm tool's 400 is that grammar's, naming it (and
+        # would name `tools`): llguidance checked it once
+        weight = (check_json_schema(call_arguments(parameters), tool.strict, "tools", lenient) if tool.parameters
+                  else None)
     except InvalidRequest as exc:
         if lenient:  # its calls free: its schema, never compiled, charged nothing
             budget.refund(before)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from llguidance import LLMatcher
 
+from nanoqwen.engine.call_arguments import call_arguments
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import (
     DeepNesting,
@@ -302,20 +303,11 @@ def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate
 
 def _call_rule(i: int, tool: ToolSpec) -> str:
     """The Lark rule of one tool's call, `{"name": ..., "arguments": ...}` in Qwen3's layout: the arguments
-    (`arguments_{i}`) a schema of their own (_call_arguments), so that its references (`#/$defs/...`, as pydantic
+    (`arguments_{i}`) a schema of their own (call_arguments), so that its references (`#/$defs/...`, as pydantic
     writes nested models; `#`) resolve in it."""
     item, key = JSON_OPTIONS["item_separator"], JSON_OPTIONS["key_separator"]
     head = json.dumps(f'{{"name"{key}{json.dumps(tool.name)}{item}"arguments"{key}')
     return f'call_{i}: {head} arguments_{i} "}}"'
-
-
-def _call_arguments(tool: ToolSpec) -> dict[str, Any]:
-    """A tool's arguments' schema: its parameters, an object where they leave the type open (Hermes' arguments are
-    one: `{"anyOf": [{"type": "string"}, ...]}` let a forced call's arguments be a string, no call), or none (the
-    empty object)."""
-    if not tool.parameters:
-        return {"type": "object", "properties": {}, "additionalProperties": False}
-    return {"type": "object", **tool.parameters}
 
 
 class _Vocabulary:
@@ -393,7 +385,8 @@ class Grammars:
             rules = [f"start: call{more}" if answer is None else f"start: call{more} | answer"]
         rules.append(f'call: <[{ids[0]}]> "\\n" ({calls}) "\\n" <[{ids[1]}]>')
         rules += [_call_rule(i, tool) for i, tool in enumerate(tools)]
-        schemas = {f"arguments_{i}": (_call_arguments(tool), tool.strict, tool.weight) for i, tool in enumerate(tools)}
+        schemas = {f"arguments_{i}": (call_arguments(tool.parameters), tool.strict, tool.weight)
+                   for i, tool in enumerate(tools)}
         if answer is not None:
             schemas["answer"] = (answer, answer_strict, answer_weight)
         text = "\n".join([*rules, *(f"{name}: %json {json.dumps(_schema_with_options(schema, strict))}"

@@ -1,0 +1,44 @@
+"""A function call's arguments are a JSON object (Hermes' `"arguments": {...}`, OpenAI's): the one reading of a tool's
+`parameters` root that the API's check (a root typed otherwise is OpenAI's 400) and the calls' grammar share."""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from nanoqwen.engine.schema_keywords import pointer_way
+
+# a root `$ref` chain followed this far (a loop, `{"$ref": "#"}`, ends here): what lies past it is llguidance's to read
+MAX_ROOT_LINKS = 32
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def root_chain(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The root and the schema objects its chain of JSON pointers (`$ref`s `#`, `#/$defs/A`) leads to, in order, as
+    far as they are objects of `schema`: an anchor, another URI, a target with an `$id` of its own (its `$ref`s resolve
+    in its own resource) or MAX_ROOT_LINKS ends it."""
+    chain = [schema]
+    while len(chain) <= MAX_ROOT_LINKS and isinstance(ref := chain[-1].get("$ref"), str) and ref.startswith("#"):
+        if len(chain) > 1 and "$id" in chain[-1]:
+            break
+        fragment = unquote(ref[1:])
+        if fragment and not fragment.startswith("/"):  # an `$anchor`'s name
+            break
+        parts = [part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")] if fragment else []
+        way = pointer_way(schema, parts)
+        target = schema if way == [] else way[-1] if way else None
+        if not isinstance(target, dict):
+            break
+        chain.append(target)
+    return chain
+
+
+def call_arguments(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema a call's arguments follow: the tool's `parameters`, held to an object where the root leaves the type
+    open (`{"anyOf": [{"type": "string"}, ...]}` let a forced call's arguments be a string, no call), or none (the
+    empty object). A root `$ref` is left as sent: llguidance refuses a sibling beside one that a cycle runs through
+    (`{"$ref": "#/$defs/A"}`, A's property `{"$ref": "#"}`), and its target's type is checked (root_chain)."""
+    if not parameters:
+        return NO_ARGUMENTS
+    if "type" in parameters or "$ref" in parameters:
+        return parameters
+    return {"type": "object", **parameters}
