@@ -72,10 +72,7 @@ def post_fork(server, worker) -> None:
 
 
 def child_exit(server, worker) -> None:
-    try:
-        forget_worker(worker.nanoqwen_slot, worker.pid)
-    except OSError as exc:
-        server.log.warning("worker %s: its metrics' maps are kept, not folded: %s", worker.pid, exc)
+    forget_worker(worker.nanoqwen_slot, worker.pid, server.log.exception)
 
 
 def on_exit(server) -> None:

@@ -43,6 +43,7 @@ from gunicorn.http.message import Request
 
 # what the start of a request may be while its line is incomplete: its CR may have come without the LF yet
 LINE_SO_FAR = re.compile(rb"(?:\r\n)?[\x20-\x7e]*(?:\r\n|\r?\Z)")
+HEAD_LINE = re.compile(rb"(?:\r\n)?HEAD ")  # a request line of a HEAD, before gunicorn splits it (its method)
 SHOWN_BYTES = 16  # of a refused start, in the log and the answer (escaped by repr)
 # IP-literal (IPv6 and IPvFuture, loosely) or reg-name less the comma, then an optional port
 HOST = re.compile(r"(?:\[[0-9A-Za-z:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})*)(?::(?P<port>[0-9]*))?")
@@ -89,16 +90,19 @@ class CheckedRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """gunicorn reads and checks the head here (parse, then its body's framing): where it is refused, the method
-        read is kept on the error, as gunicorn's handle_error is given no request for most (nanoqwen.worker answers a
-        HEAD without a body)."""
+        read is kept on the error (a HEAD's, where its line was refused before gunicorn split it: too long, a bare LF),
+        as gunicorn's handle_error is given no request for most (nanoqwen.worker answers a HEAD without a body)."""
+        self._head_line = False  # the request line read starts as a HEAD's: its refusals before its split too
         try:
             super().__init__(*args, **kwargs)
         except Exception as exc:
-            exc.request_method = self.method  # type: ignore[attr-defined]
+            exc.request_method = self.method or ("HEAD" if self._head_line else None)  # type: ignore[attr-defined]
             raise
 
     def read_into(self, unreader: Any, buf: bytearray, stop: bool = False) -> None:
         super().read_into(unreader, buf, stop)
+        if self.method is None:
+            self._head_line = HEAD_LINE.match(buf) is not None
         # a PROXY protocol v2 header (binary) comes before the first request when enabled
         if self.method is None and not LINE_SO_FAR.match(buf) and (
                 self.req_number > 1 or self.cfg.proxy_protocol == "off"):

@@ -2,6 +2,7 @@
 run directory stays bounded across respawns, and a scrape at any point of a fold reads every count once."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from nanoqwen.api.metric_archive import FoldedCollector
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, RUN_DIR_ENV, forget_worker
 
 LIVE = 1  # a worker alive throughout
+LOG = logging.getLogger("test_metric_archive")  # gunicorn's master's log in its place
 SERVED = mmap_key("reqs", "reqs_total", ["outcome"], ["served"], "Requests")
 LOW = mmap_key("lat", "lat_bucket", ["le"], ["0.5"], "Latency")
 HIGH = mmap_key("lat", "lat_bucket", ["le"], ["+Inf"], "Latency")
@@ -41,6 +43,11 @@ def _worker_maps(directory: Path, pid: int) -> None:
         mapped.close()
 
 
+def _fold(directory: Path, pid: int) -> None:
+    for kind in metric_archive.FOLDED:
+        metric_archive.fold(directory, kind, pid)
+
+
 def _scraped(directory: Path) -> tuple[float | None, ...]:
     registry = CollectorRegistry()
     FoldedCollector(registry, str(directory))
@@ -60,7 +67,7 @@ def test_respawned_workers_leave_two_maps_and_every_count(directory: Path) -> No
     sizes = set()
     for dead in range(2, 42):
         _worker_maps(directory, dead)
-        forget_worker(0, dead)
+        forget_worker(0, dead, LOG.exception)
         maps = sorted(path.name for path in directory.iterdir())
         generation = 2 * dead - 3  # two a fold: the archive naming the dead pid, then renamed to name none
         assert maps == sorted([f"counter_{LIVE}.db", f"histogram_{LIVE}.db", f"counter_folded_{generation}_0.db",
@@ -74,23 +81,69 @@ def test_a_worker_given_a_folded_workers_pid_is_counted(directory: Path) -> None
     """pids are reused: the successor (or any later worker) may get the pid the archive folded last, whose maps a
     scrape skips while the fold is under way; once it is done the archive names none."""
     _worker_maps(directory, 2)
-    forget_worker(0, 2)
+    forget_worker(0, 2, LOG.exception)
     _worker_maps(directory, 2)
     assert _scraped(directory) == _totals([LIVE, 2, 2])
 
 
-def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     _worker_maps(directory, 2)
 
     def full(path: Path, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(OSError, match="No space left"):
-        forget_worker(0, 2)
+    forget_worker(0, 2, LOG.exception)
     assert sorted(path.name for path in directory.iterdir()) == ["counter_1.db", "counter_2.db", "histogram_1.db",
                                                                  "histogram_2.db"]
     assert _scraped(directory) == _totals([LIVE, 2])
+    assert [record.getMessage() for record in caplog.records] == [
+        f"worker 2: the fold of its {kind} map failed" for kind in ("counter", "histogram")]
+    assert "No space left" in caplog.text  # its traceback
+
+
+def test_a_fold_stopped_after_its_write_is_finished_by_the_next(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The removal of the archive before it fails once: the next fold finishes that one first (else its archive named
+    only its own pid, and 3's map was read on top of it for ever); a write's leftover goes too."""
+    for dead in (2, 3):
+        _worker_maps(directory, dead)
+    forget_worker(0, 2, LOG.exception)
+    unlink = Path.unlink
+
+    def failing(path: Path, missing_ok: bool = False) -> None:
+        if path.name.startswith("counter_folded_"):
+            monkeypatch.setattr(Path, "unlink", unlink)
+            raise OSError(5, "Input/output error")
+        unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing)
+    forget_worker(0, 3, LOG.exception)
+    assert [record.getMessage() for record in caplog.records] == ["worker 3: the fold of its counter map failed"]
+    assert _scraped(directory) == _totals([LIVE, 2, 3])
+    (directory / "counter_folded_9_0.db.making").write_bytes(b"")  # the master stopped during a write
+    _worker_maps(directory, 4)
+    forget_worker(0, 4, LOG.exception)
+    assert _scraped(directory) == _totals([LIVE, 2, 3, 4])
+    assert sorted(path.name for path in directory.iterdir()) == sorted([
+        f"counter_{LIVE}.db", f"histogram_{LIVE}.db", "counter_folded_5_0.db", "histogram_folded_5_0.db"])  # bounded
+
+
+@pytest.mark.parametrize("garbage", [b"abc", bytes(range(64))])
+def test_a_damaged_map_is_logged_not_raised(directory: Path, caplog: pytest.LogCaptureFixture,
+                                            garbage: bytes) -> None:
+    """A map prometheus-client cannot read (struct.error and the like, not OSError) is logged with its traceback:
+    raised from gunicorn's child_exit, it ended the master's loop and took every worker down. The other steps are
+    done all the same."""
+    (directory / "counter_7.db").write_bytes(garbage)
+    (directory / "gauge_livesum_7.db").write_bytes(b"")
+    snapshot = directory.parent / "stats" / "0.json"
+    snapshot.write_text("{}")
+    forget_worker(0, 7, LOG.exception)
+    [failure] = caplog.records
+    assert failure.getMessage() == "worker 7: the fold of its counter map failed" and failure.exc_info
+    assert not snapshot.exists() and not (directory / "gauge_livesum_7.db").exists()
 
 
 def _before_call(monkeypatch: pytest.MonkeyPatch, target: object, name: str, call: int,
@@ -115,11 +168,50 @@ def test_a_scrape_during_a_fold_counts_every_worker_once(directory: Path, monkey
     live worker's and 4's maps: 6, then a retry's reads where the listed archive was gone): every count once."""
     for dead in (2, 3, 4):
         _worker_maps(directory, dead)
-    metric_archive.fold(directory, 2)
-    metric_archive.fold(directory, 3)
-    _before_call(monkeypatch, MmapedDict, "read_all_values_from_file", at, lambda: metric_archive.fold(directory, 4))
+    _fold(directory, 2)
+    _fold(directory, 3)
+    _before_call(monkeypatch, MmapedDict, "read_all_values_from_file", at, lambda: _fold(directory, 4))
     assert _scraped(directory) == _totals([LIVE, 2, 3, 4])
     assert not (directory / "counter_4.db").exists()  # folded
+
+
+def test_a_scrape_during_a_burst_of_folds_counts_every_worker_once(directory: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 workers dead at once, folded one after each of the scrape's listings (its read of the old archive fails):
+    more retries than SCRAPE_TRIES, each after a fold, and the scrape still reads every count once."""
+    dead = list(range(2, 42))
+    for pid in dead:
+        _worker_maps(directory, pid)
+    _fold(directory, dead[0])
+    waiting = dead[1:]
+    files = FoldedCollector._files
+
+    def listed_then_folded(collector: FoldedCollector) -> list[str]:
+        listing = files(collector)
+        if waiting:
+            _fold(directory, waiting.pop(0))
+        return listing
+
+    monkeypatch.setattr(FoldedCollector, "_files", listed_then_folded)
+    assert _scraped(directory) == _totals([LIVE, *dead])
+    assert not waiting and len(dead) - 1 > metric_archive.SCRAPE_TRIES
+
+
+def test_a_scrape_stops_once_a_retry_lists_the_same_maps(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map listed that cannot be found with no fold since (a dangling link): retried once, not read again for each
+    map listed (on the worker's event loop)."""
+    (directory / "counter_99.db").symlink_to(directory / "gone")
+    listings = []
+    files = FoldedCollector._files
+
+    def counted(collector: FoldedCollector) -> list[str]:
+        listings.append(files(collector))
+        return listings[-1]
+
+    monkeypatch.setattr(FoldedCollector, "_files", counted)
+    with pytest.raises(FileNotFoundError):
+        _scraped(directory)
+    assert len(listings) == 2
 
 
 def test_a_scrape_between_the_archives_write_and_the_dead_maps_removal(directory: Path,
@@ -127,7 +219,7 @@ def test_a_scrape_between_the_archives_write_and_the_dead_maps_removal(directory
     """The new archive in place, the one before and the dead maps not yet removed: each count read once."""
     for dead in (2, 3):
         _worker_maps(directory, dead)
-    metric_archive.fold(directory, 2)
+    _fold(directory, 2)
     write = metric_archive._write
     seen = []
 
@@ -136,5 +228,5 @@ def test_a_scrape_between_the_archives_write_and_the_dead_maps_removal(directory
         seen.append(_scraped(directory))
 
     monkeypatch.setattr(metric_archive, "_write", written)
-    metric_archive.fold(directory, 3)
+    _fold(directory, 3)
     assert seen == [_totals([LIVE, 2, 3])] * 2  # after the counters' archive, and the histograms'

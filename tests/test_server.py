@@ -374,8 +374,10 @@ def _raw_exchange(server: GunicornServer, raw: bytes) -> tuple[str, dict[str, An
     (b"HEAD /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
     (b"HEAD /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431),
     (b"HEAD /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: bogus, chunked\r\n\r\n0\r\n\r\n", 501),
+    (b"HEAD /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),  # refused before its line is split
+    (b"HEAD /health HTTP/1.1\nHost: x\r\n\r\n", 400),
 ], ids=["no-host", "nul-in-value", "obs-fold", "bad-host", "userinfo", "two-lengths", "long-header",
-        "unknown-coding"])
+        "unknown-coding", "long-line", "bare-lf"])
 def test_a_head_gunicorn_refuses_gets_no_body(server: GunicornServer, head: bytes, status: int) -> None:
     """RFC 9110 9.3.2: an answer to a HEAD has no body, a refusal of gunicorn's too (its handle_error is given no
     request for a head it refuses); the same request as a GET gets the JSON body."""

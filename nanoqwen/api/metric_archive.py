@@ -7,7 +7,8 @@ master (nanoqwen.api.shared_stats.forget_worker) folds a dead worker's maps into
 `<kind>_folded_<generation>_<pid>.db` (the pid: the worker folded in last), written whole under a name the scrapes'
 `*.db` glob skips and renamed into place; then the archive before it and the dead maps are removed, and the archive is
 renamed to the next generation naming no pid (a worker forked later may be given the dead one's pid: its live maps
-would be skipped).
+would be skipped). A fold stopped after its archive's write (a removal that raised) is finished by the next one before
+it reads the archive: else the next archive would name only its own pid, and the first pid's map be read on top of it.
 
 Two files cannot change at once, so a scrape (FoldedCollector) reads the newest archive of each kind it lists and
 skips the map of the pid that archive names. Another dead map it reads was not folded into that archive: one folded
@@ -33,7 +34,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 FOLDED = ("counter", "histogram")  # a dead worker's live gauges are removed (prometheus-client's mark_process_dead)
 ARCHIVE = "folded"
 NO_PID = 0  # an archive's pid once the map it folded last is gone (no process has pid 0)
-SCRAPE_TRIES = 16  # each retry is a fold that removed a map between a scrape's listing and its read of it
+SCRAPE_TRIES = 16  # a scrape's retries beyond one a map of its first listing (FoldedCollector.collect)
 
 
 @dataclass(frozen=True)
@@ -77,40 +78,61 @@ def _write(path: Path, data: bytes) -> None:
         raise
 
 
-def fold(directory: Path, pid: int) -> None:
-    """The dead worker `pid`'s counter and histogram maps into the archives, then removed. Raises OSError where the
-    archive cannot be written (a full disk): the dead maps stay, and are read as before."""
-    for kind in FOLDED:
-        dead = directory / f"{kind}_{pid}.db"
-        if not dead.exists():
-            continue
-        archive = Archive.newest(directory.glob(f"{kind}_{ARCHIVE}_*.db"))
-        totals: collections.Counter[str] = collections.Counter()
-        for path in ([] if archive is None else [archive.path]) + [dead]:
-            for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
-                totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
-        generation = 0 if archive is None else archive.generation + 1
-        folded = _archive_path(directory, kind, generation, pid)
-        _write(folded, _encoded(totals))
-        if archive is not None:
-            archive.path.unlink()
-        dead.unlink()
-        # named for no pid once the dead maps are gone: a worker forked later may be given the dead one's pid
-        os.rename(folded, _archive_path(directory, kind, generation + 1, NO_PID))
+def fold(directory: Path, kind: str, pid: int) -> None:
+    """The dead worker `pid`'s map of `kind` (one of FOLDED) into its archive, then removed. Raises OSError where the
+    archive cannot be written (a full disk): the dead map stays, and is read as before; or where a step after its
+    write fails: the kind's next fold finishes this one first."""
+    archive = _finished(directory, kind)
+    dead = directory / f"{kind}_{pid}.db"
+    if not dead.exists():
+        return
+    totals: collections.Counter[str] = collections.Counter()
+    for path in ([] if archive is None else [archive.path]) + [dead]:
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
+    generation = 0 if archive is None else archive.generation + 1
+    _write(_archive_path(directory, kind, generation, pid), _encoded(totals))
+    _finished(directory, kind)
+
+
+def _finished(directory: Path, kind: str) -> Archive | None:
+    """The kind's newest archive, its fold finished where one stopped after its write (a fold's second half, a step
+    that raised): the archives before it and the map it names removed, then renamed to name no pid (a worker forked
+    later may be given the dead one's pid). A write's leftover (the master stopped during it) removed too."""
+    for making in directory.glob(f"{kind}_{ARCHIVE}_*.db.making"):
+        making.unlink()
+    archives = list(directory.glob(f"{kind}_{ARCHIVE}_*.db"))
+    newest = Archive.newest(archives)
+    if newest is None:
+        return None
+    for path in archives:
+        if path != newest.path:
+            path.unlink()
+    if newest.pid == NO_PID:
+        return newest
+    (directory / f"{kind}_{newest.pid}.db").unlink(missing_ok=True)
+    done = Archive(_archive_path(directory, kind, newest.generation + 1, NO_PID), newest.generation + 1, NO_PID)
+    os.rename(newest.path, done.path)
+    return done
 
 
 class FoldedCollector(MultiProcessCollector):
     """prometheus-client's multiprocess collector, reading the archives as the module's docstring says."""
 
     def collect(self) -> Iterable[Metric]:
-        tries = 1
+        files = self._files()
+        # a retry a fold that removed a map between a listing and its read: the folds of the workers dead at the first
+        # listing (a map each at least, listed), and of those that die during the scrape (a burst of deaths lists many
+        # maps, which take long to read: the master folds on meanwhile)
+        tries = len(files) + SCRAPE_TRIES
         while True:
             try:
-                return self.merge(self._files(), accumulate=True)
-            except FileNotFoundError:  # a fold removed a map after the listing: read again
-                if tries == SCRAPE_TRIES:
+                return self.merge(files, accumulate=True)
+            except FileNotFoundError:
+                listed, files = files, self._files()
+                tries -= 1
+                if tries == 0 or files == listed:  # no fold since: the map will not be found again
                     raise
-                tries += 1
 
     def _files(self) -> list[str]:
         """Every map listed, but each kind's older archives and the map its newest one folded in last."""

@@ -8,10 +8,12 @@ dead worker's snapshot and live gauges (`child_exit`), so totals cover the live 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +66,28 @@ def remove_run_dir() -> None:
         shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
 
 
-def forget_worker(slot: int, pid: int) -> None:
-    """In the master, once a worker has exited: its snapshot and live gauges go, its counters and histograms are
-    folded into the archives (nanoqwen.api.metric_archive). Raises OSError where they cannot be (they stay as they
-    are, their counts read all the same)."""
+def forget_worker(slot: int, pid: int, log_failure: Callable[..., None]) -> None:
+    """In the master, once a worker has exited: its live gauges and snapshot go, its counters and histograms are
+    folded into the archives (nanoqwen.api.metric_archive). Each step is tried whatever the others did; one that fails
+    (a full disk, a damaged map) is logged with `log_failure` (a logger's `exception`: with its traceback) and not
+    raised: an exception out of a gunicorn hook ends the master's loop, and every worker with it."""
     from prometheus_client import multiprocess
 
     from nanoqwen.api import metric_archive
 
-    multiprocess.mark_process_dead(pid)
-    Path(os.environ[RUN_DIR_ENV], "stats", f"{slot}.json").unlink(missing_ok=True)
-    metric_archive.fold(Path(os.environ[MULTIPROC_ENV]), pid)
+    steps: dict[str, Callable[[], object]] = {
+        "the removal of its live gauges' maps (mark_process_dead)": lambda: multiprocess.mark_process_dead(pid),
+        "the removal of its /stats snapshot":
+            lambda: Path(os.environ[RUN_DIR_ENV], "stats", f"{slot}.json").unlink(missing_ok=True),
+    }
+    for kind in metric_archive.FOLDED:  # each its own step: one kind's failure leaves the other's fold whole
+        steps[f"the fold of its {kind} map"] = functools.partial(
+            metric_archive.fold, Path(os.environ[MULTIPROC_ENV]), kind, pid)
+    for step, run in steps.items():
+        try:
+            run()
+        except Exception:
+            log_failure("worker %s: %s failed", pid, step)
 
 
 def aggregate(workers: list[dict[str, Any]]) -> dict[str, Any]:
