@@ -581,7 +581,13 @@ def _shared_first(alternatives: int, links: int, first: Callable[[int], str] = l
     heads = [f'"{first(j)}" d{j}_0' for j in range(alternatives)]
     text = "start: " + " | ".join(heads if inline else [f"a{j}" for j in range(alternatives)]) + "\n"
     text += "" if inline else "".join(f"a{j}: {head}\n" for j, head in enumerate(heads))
-    return text + "".join(f'd{j}_{i}: d{j}_{i + 1} | "b"\n' for j in range(alternatives) for i in range(links)) + \
+    return text + _chains(alternatives, links)
+
+
+def _chains(alternatives: int, links: int) -> str:
+    """`alternatives` chains of `links` links each (`dj_i: dj_{i+1} | "b"`, `dj_links: "a"`): 2 items a link in the row
+    after the token before `dj_0`."""
+    return "".join(f'd{j}_{i}: d{j}_{i + 1} | "b"\n' for j in range(alternatives) for i in range(links)) + \
         "".join(f'd{j}_{links}: "a"\n' for j in range(alternatives))
 
 
@@ -605,6 +611,93 @@ def test_alternatives_sharing_a_first_lexeme_add_up_their_rows_after_it(grammars
     within = _shared_first(4, 120, inline=inline)  # 4 x 241 items: served, and followed
     assert grammar_rows.row_weight(within) <= grammar_module.MAX_ROW and _follows(grammars, tokenizer, within, "bb")
 
+
+def _group_after(before: str, first: Callable[[int], str], links: int = 450) -> str:
+    """`start: <before> ("<first(0)>" d0_0 | ... | "<first(3)>" d3_0)`: a group of 4 alternatives after a token or a
+    rule named (`x: "q"`), each then a chain of its own."""
+    heads = " | ".join(f'"{first(j)}" d{j}_0' for j in range(4))
+    return f"start: {before} ({heads})\n" + ('x: "q"\n' if before == "x" else "") + _chains(4, links)
+
+
+def _refused_as_a_wide_row(grammars: Grammars, text: str) -> None:
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammars.compile(text, "guided_grammar")
+    assert refused.value.param == "guided_grammar"
+
+
+@pytest.mark.parametrize("before", ['"q"', "x"])
+def test_a_group_after_a_piece_adds_up_the_rows_after_its_shared_first_lexeme(grammars: Grammars,
+                                                                              tokenizer: PreTrainedTokenizerFast,
+                                                                              before: str) -> None:
+    """A group's alternatives sharing a first "b" after a token or a rule named: llguidance's row after "qb" holds
+    each one's chain (3,604 items) and failed there; the group's rows after its first lexemes were counted only at a
+    rule's start (weighed 905, served). Now wherever the group is; distinct first literals still weigh their largest."""
+    shared, apart = _group_after(before, lambda j: "b"), _group_after(before, lambda j: f"b{j}")
+    assert not _follows(grammars, tokenizer, shared, "qbb")
+    _refused_as_a_wide_row(grammars, shared)
+    assert _follows(grammars, tokenizer, apart, "qb3b") and grammar_rows.row_weight(apart) <= grammar_module.MAX_ROW
+    within = _group_after(before, lambda j: "b", 120)
+    assert grammar_rows.row_weight(within) <= grammar_module.MAX_ROW and _follows(grammars, tokenizer, within, "qbb")
+
+
+def test_case_insensitive_strings_start_alike_with_any_lexeme(grammars: Grammars,
+                                                              tokenizer: PreTrainedTokenizerFast) -> None:
+    """`"b"i` (also "B"): its flag was read as a rule named after the string, which ended the window after "b" there
+    (4 alternatives `"b"i dj_0`: 905, served; llguidance failed after "bb"). Now it is a lexeme that may match
+    another's text (ANY), and the row after it adds up every alternative's chain."""
+    heads = " | ".join(f'"b"i d{j}_0' for j in range(4))
+    shared, within = f"start: {heads}\n" + _chains(4, 450), f"start: {heads}\n" + _chains(4, 120)
+    assert not _follows(grammars, tokenizer, shared, "bb")
+    _refused_as_a_wide_row(grammars, shared)
+    assert grammar_rows.row_weight(within) <= grammar_module.MAX_ROW and _follows(grammars, tokenizer, within, "Bb")
+
+
+def _optional_firsts(elements: int) -> str:
+    """`start: a? a? ... "x"` (`elements` of them), `a` a rule of 1,024 optional distinct strings (its Firsts full)."""
+    return "a: " + " ".join(f'"s{i}"?' for i in range(1_024)) + "\nstart: " + "a? " * elements + '"x"\n'
+
+
+def test_the_firsts_work_grows_a_few_entries_a_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `a?` at start's start carried a's 1,024 Firsts into the alternative's, and shifted them all by its weight:
+    30,000 of them (98 KB) held a compile thread 18 s (0.10 s before Firsts). Now a grammar's Firsts entries touched
+    are bounded (FIRSTS_WORK), past it each Firsts is one ANY: counted, not timed, a few entries a piece past the
+    budget (3,072 on main), and still refused (the fold errs high)."""
+    touched = [0]
+    add = grammar_rows._add_firsts
+
+    def counting(into: dict[int, int], more: dict[int, int], *rest: Any) -> None:
+        touched[0] += len(more)
+        add(into, more, *rest)
+
+    monkeypatch.setattr(grammar_rows, "_add_firsts", counting)
+    counts = []
+    for elements in (5_000, 20_000):
+        text, touched[0] = _optional_firsts(elements), 0
+        assert grammar_rows.row_weight(text) > grammar_module.MAX_ROW
+        counts.append((touched[0], len(text)))
+    (small, small_chars), (large, large_chars) = counts
+    assert large - small <= 2 * (large_chars - small_chars), counts
+    assert large <= grammar_rows.FIRSTS_WORK + 4 * large_chars, counts
+
+
+FOLDED_CASES: dict[str, Callable[[], str]] = {
+    "named, shared": lambda: _shared_first(4, 450), "inline, shared": lambda: _shared_first(4, 450, inline=True),
+    "named, apart": lambda: _shared_first(4, 450, lambda j: f"b{j}"),
+    "a group after a token": lambda: _group_after('"q"', lambda j: "b"),
+    "a group after a rule, apart": lambda: _group_after("x", lambda j: f"b{j}"),
+    "optional firsts": lambda: _optional_firsts(3),
+}
+
+
+@pytest.mark.parametrize("case", FOLDED_CASES)
+def test_a_spent_firsts_budget_weighs_no_less(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Past FIRSTS_WORK every Firsts is folded into one ANY as it is next touched: a grammar weighs no less than with
+    its lexemes told apart."""
+    text = FOLDED_CASES[case]()
+    told_apart = grammar_rows.row_weight(text)
+    budget = grammar_rows._Budget
+    monkeypatch.setattr(grammar_rows, "_Budget", lambda: budget(0))
+    assert grammar_rows.row_weight(text) >= told_apart
 
 def _cpu_seconds(call: Callable[[], Any]) -> float:
     """The best of 3 of this thread's CPU time for call() (the other helpers' load left out)."""

@@ -22,12 +22,12 @@ from urllib.parse import unquote, urldefrag, urljoin
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, pointer_way, schema_objects, subschemas
 
 # Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
-# (double-quoted, on one line), regexes (`/.../`, across lines), special tokens (`<[id]>`, `<name>`), `%json` (its
-# schema read apart, by schema_weight) and `%regex` (its JSON read apart: a lexeme that may match nothing). A `//` is a
-# comment: no regex starts with `/`. A string or regex left unclosed (llguidance refuses it) ends where its body does,
-# so that each character is scanned once: searched again from each escaped quote or slash in it, 40 KB of them took
-# 11 s holding the GIL (/health stalled 14 s).
-SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%(?:json|regex)\b')
+# (double-quoted, on one line; `"b"i` with its flag), regexes (`/.../`, across lines), special tokens (`<[id]>`,
+# `<name>`), `%json` (its schema read apart, by schema_weight) and `%regex` (its JSON read apart: a lexeme that may
+# match nothing). A `//` is a comment: no regex starts with `/`. A string or regex left unclosed (llguidance refuses it)
+# ends where its body does, so that each character is scanned once: searched again from each escaped quote or slash in
+# it, 40 KB of them took 11 s holding the GIL (/health stalled 14 s).
+SKIP = re.compile(r'(?:#|//)[^\n]*|"(?:[^"\\\n]|\\.)*"?i?|/(?:[^/\\]|\\.)+(?:/[imslux]*)?|<[^<>\s]*>|%(?:json|regex)\b')
 # a rule's or a terminal's definition: `name:`, `?name:`, `!name:`, `name[...]:`, `NAME.2:`, at a line's start
 DEFINITION = re.compile(r"^[ \t]*[?!]?([A-Za-z_]\w*)(?:\[[^\]\n]*\])?(?:\.-?\d+)?[ \t]*:", re.MULTILINE)
 TOKEN = re.compile(r"[A-Za-z_]\w*|[/\"]\d+|\d+|\S")  # `/7`: the body's 7th regex (_Patterns); `"7`: its 7th literal
@@ -62,6 +62,10 @@ Pair = tuple[int, int]  # the entries of a window of a row (_Rows): its terminal
 Firsts = dict[int, int]
 ANY = -1
 MAX_FIRSTS = 1_024  # the lexemes a Firsts tells apart; past them, one ANY as heavy as the heaviest (errs high)
+# The Firsts entries one grammar's weighing may touch (~0.3 s of Python): an element that may be empty at a rule's start
+# carries its rule's up to MAX_FIRSTS into the alternative's, so 30,000 `a?` of a rule of 1,024 optional strings took
+# 18 s. Past them each Firsts is folded into one ANY as it is next touched (_add_firsts; errs high), a step each.
+FIRSTS_WORK = 1 << 20
 
 
 class DeepNesting(ValueError):
@@ -84,8 +88,10 @@ def row_weight(text: str, weighed: Mapping[str, int] | None = None) -> int:
     JSON Schema: its longest chain of `$ref`s, REF_LINK a link. Recursion into a rule being weighed adds nothing
     (llguidance's rows stay flat for it: 3,000 tokens of `r: "x" r | "a"`, tested) but what follows it in the rule,
     where the rule ends (a second walk). Alternatives that may start with the same lexeme (a string's text; a regex,
-    a terminal named or a `%json` may match any) add up their windows after it, through rules and groups named first
-    (`a0 | a1`, `aj: "b" chain_j`: 4 chains of 450 links, 3,604 items after "b", weighed 902 before). `weighed`: Lark
+    a terminal named, a `%json` or a `"b"i` may match any) add up their windows after it, through rules and groups
+    named first (`a0 | a1`, `aj: "b" chain_j`: 4 chains of 450 links, 3,604 items after "b", weighed 902 before), in a
+    group wherever it is (`"q" ("b" chain_0 | "b" chain_1)`); not after a shared lexeme past the first (`"q" a0 | "q"
+    a1`: after "qb"). `weighed`: Lark
     rules' weights found apart (a `%json` weighed on its schema, schema_weight), added to theirs."""
     stripped = text.lstrip()
     if stripped.startswith("{"):
@@ -164,8 +170,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         elif piece[0] == "/":
             pattern = piece[1:piece.rindex("/")].replace("\\/", "/")
             piece = f" /{patterns.add(pattern)} "
-        elif (literal := _literal(piece, text, position)) is None:
-            piece = EMPTY if piece in ('""', "%regex") else TERMINAL
+        elif (literal := _literal(piece)) is None:
+            piece = EMPTY if piece in ('""', '""i', "%regex") else TERMINAL
         else:  # a string: a lexeme that another of the same text is, and no other
             piece = f' "{literals.setdefault(literal, len(literals))} '
         cleaned.append(piece)
@@ -192,6 +198,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
              for name, bodies in empty.events.items()}
     heads: dict[str, tuple[int, Pair]] = {}  # by rule: its first row's weight, and the entries of its tail (_Rows)
     firsts: dict[str, Firsts] = {}  # by rule: the rows after its first lexemes (_Rows.firsts)
+    budget = _Budget()
     literals = set(empty.literals.values())
     heaviest = 0
     order = list(_postorder(links))
@@ -202,7 +209,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     def walk(name: str) -> bool:
         """Weighs rule `name`; whether it names a rule being walked."""
         nonlocal heaviest
-        rows = _Rows(name, nullable, rules, heads, own, cycle, firsts, literals)
+        rows = _Rows(name, nullable, rules, heads, own, cycle, firsts, literals, budget)
         for events in empty.events[name]:
             rows.read(events)
         cycled = cycle[name]
@@ -212,7 +219,8 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
         tail = _plus(rows.tail or (0, 0), looping[cycled])  # a rule of the cycle ended: each such rest goes on
         heads[name] = head, (min(CAP, tail[0]), min(CAP, tail[1]))
         firsts[name] = {}
-        _add_firsts(firsts[name], rows.firsts, _value(looping[cycled]))  # a rule of the cycle ended: its rests go on
+        # a rule of the cycle ended: its rests go on
+        _add_firsts(firsts[name], rows.firsts, budget, _value(looping[cycled]))
         heaviest = max(heaviest, head, min(CAP, own[name] + max(rows.best, _value(tail), _first_row(firsts[name]))))
         return rows.recursive
 
@@ -230,11 +238,11 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
     return heaviest
 
 
-def _literal(piece: str, text: str, end: int) -> str | None:
-    """The text of a SKIP piece that is a string (ending at `end` in `text`), as a lexeme matches it; None for another
+def _literal(piece: str) -> str | None:
+    """The text of a SKIP piece that is a string, as a lexeme matches it; None for another
     piece or a string that may match what another lexeme does: `%json`, a special token (`<[7]>` is also `<name>`),
     `"b"i` (also "B"), an escape JSON's cannot read."""
-    if piece[0] != '"' or len(piece) < 3 or text.startswith("i", end):
+    if piece[0] != '"' or len(piece) < 3 or piece.endswith('"i'):
         return None
     if "\\" not in piece:
         return piece[1:-1] if piece[-1] == '"' else None
@@ -427,18 +435,34 @@ def _most(first: Pair | None, second: Pair) -> Pair:
     return second if first is None or _value(second) > _value(first) else first
 
 
-def _add_firsts(into: Firsts, more: Mapping[int, int], peak: int | None = None) -> None:
-    """`more`, each weighing `peak` more, added into `into` by lexeme; past MAX_FIRSTS lexemes, `into` one ANY of its
-    ANY's weight and its heaviest's (a row after any lexeme weighs no less than it did). With a `peak` (an alternative
-    closed: its rows known), a weight of nothing is left out: it adds nothing to a row."""
+@dataclass
+class _Budget:
+    """The Firsts entries one grammar's weighing may still touch (FIRSTS_WORK), less those touched (_add_firsts)."""
+
+    left: int = FIRSTS_WORK
+
+
+def _add_firsts(into: Firsts, more: Firsts, budget: _Budget, peak: int | None = None) -> None:
+    """`more`, each weighing `peak` more, added into `into` by lexeme, each entry spending `budget`; past MAX_FIRSTS
+    lexemes, or with the budget spent, `into` folded (_fold), and with the budget spent `more` too, where it is (a
+    rule's Firsts, added wherever the rule is named, folded once). With a `peak` (an alternative closed: its rows
+    known), a weight of nothing is left out: it adds nothing to a row."""
+    if budget.left <= 0:
+        _fold(more)
+    budget.left -= len(more)
     for key, weight in more.items():
         if peak is None or weight + peak:
             into[key] = min(CAP, into.get(key, 0) + weight + (peak or 0))
-    if len(into) > MAX_FIRSTS:
-        anything = into.pop(ANY, 0)
-        heaviest = max(into.values())
-        into.clear()
-        into[ANY] = min(CAP, anything + heaviest)
+    if len(into) > (MAX_FIRSTS if budget.left > 0 else 1):
+        _fold(into)
+
+
+def _fold(firsts: Firsts) -> None:
+    """`firsts` as one ANY as heavy as its heaviest row (a row after any lexeme weighs no less than it did)."""
+    if len(firsts) > 1:
+        heaviest = _first_row(firsts)
+        firsts.clear()
+        firsts[ANY] = min(CAP, heaviest)
 
 
 def _first_row(firsts: Firsts) -> int:
@@ -482,9 +506,9 @@ class _Rows:
 
     def __init__(self, rule: str, nullable: list[bool], rules: dict[int, str], heads: dict[str, tuple[int, Pair]],
                  own: Mapping[str, int], cycle: Mapping[str, str], firsts: Mapping[str, Firsts],
-                 literals: set[int]) -> None:
+                 literals: set[int], budget: _Budget) -> None:
         self.rule, self.nullable, self.rules, self.weights, self.own = rule, nullable, rules, heads, own
-        self.cycle, self.known_firsts, self.literals = cycle, firsts, literals
+        self.cycle, self.known_firsts, self.literals, self.budget = cycle, firsts, literals, budget
         self.best = 0
         self.firsts: Firsts = {}  # by the lexeme that may start the rule, the row after it (its alternatives' added up)
         self.looped: Pair = (0, 0)  # the heads of the rests of the alternatives that start with a rule of its cycle
@@ -519,6 +543,7 @@ class _Rows:
                 self._close(group)
             elif event <= CLOSE:
                 self._close(groups.pop())
+                self.best = max(self.best, _first_row(group.firsts))  # a row after its first lexeme, wherever it is
                 groups[-1].pending = (self.combined(group.heads), self.nullable[CLOSE - event], group.tail or (0, 0),
                                       True, group.solid, group.firsts)
             elif event & 1:
@@ -540,7 +565,7 @@ class _Rows:
                 group.pending = (1, 0), self.nullable[event >> 1], (0, 0), False, False, {key: 0}
         self._close(groups[0])
         self.heads += groups[0].heads
-        _add_firsts(self.firsts, groups[0].firsts, 0)
+        _add_firsts(self.firsts, groups[0].firsts, self.budget, 0)
         self.best = max(self.best, _value(groups[0].tail or (0, 0)))
         self.tail = _most(self.tail, groups[0].tail or (0, 0))
 
@@ -559,9 +584,11 @@ class _Rows:
         if group.through:
             group.head = _plus(group.head, entries)
             if step := entries[0] + entries[1]:  # the windows after the lexemes before it hold it
-                group.first = {key: min(CAP, weight + step) for key, weight in group.first.items()}
+                shifted: Firsts = {}
+                _add_firsts(shifted, group.first, self.budget, step)
+                group.first = shifted
             if may_be_empty:
-                _add_firsts(group.first, firsts)
+                _add_firsts(group.first, firsts, self.budget)
             else:
                 group.last, group.after = firsts, _value(tail)
         group.through = group.through and may_be_empty
@@ -579,10 +606,10 @@ class _Rows:
         group.tail = _most(group.tail, group.window or (0, 0))
         if group.after is not None:  # the window after its first element that may not be empty reached its end
             group.rest = max(group.rest, _value(group.window or (0, 0)) - group.after)
-        _add_firsts(group.first, group.last, group.rest)
-        if ANY in group.first and len(group.first) > 1:  # a row after a lexeme holds its heaviest window at most
-            group.first = {ANY: min(CAP, group.first.pop(ANY) + max(group.first.values()))}
-        _add_firsts(group.firsts, group.first, 0)
+        _add_firsts(group.first, group.last, self.budget, group.rest)
+        if ANY in group.first:  # a row after a lexeme holds its heaviest window at most
+            _fold(group.first)
+        _add_firsts(group.firsts, group.first, self.budget, 0)
         group.head, group.through, group.window, group.looped = (0, 0), True, None, None
         group.first, group.last, group.after, group.rest = {}, {}, None, 0
 
