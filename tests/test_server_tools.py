@@ -219,15 +219,29 @@ def test_a_function_s_parameters_are_an_object_schema(server: GunicornServer, sc
 ONE_A = {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"], "additionalProperties": False}
 
 
-@pytest.mark.parametrize("parameters", [{"anyOf": [{"type": "string"}, ONE_A]},
-                                        {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/A"}], "$defs": {"A": ONE_A}}])
-def test_a_forced_call_s_untyped_parameters_are_an_object(server: GunicornServer, parameters: dict[str, Any]) -> None:
+# ONE_A or a string, where a root `$ref` leads; then with a cycle back to `#` (that a call cannot follow: `b` is `[]`)
+# (named as the `$defs` entry that call_arguments adds; then a `$defs` list, which llguidance takes too)
+REF_TO_UNTYPED = {"$ref": "#/$defs/arguments", "$defs": {"arguments": {"anyOf": [{"type": "string"}, ONE_A]}}}
+REF_INTO_A_LIST = {"$ref": "#/$defs/0", "$defs": [{"anyOf": [{"type": "string"}, ONE_A]}]}
+CYCLE_TO_UNTYPED = {"$ref": "#/$defs/A", "$defs": {"A": {"anyOf": [{"type": "string"}, {**ONE_A, "properties": {
+    **ONE_A["properties"], "b": {"type": "array", "items": {"$ref": "#"}, "maxItems": 0}}, "required": ["a", "b"]}]}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}])
+@pytest.mark.parametrize("parameters, arguments", [
+    ({"anyOf": [{"type": "string"}, ONE_A]}, '{"a": 1}'),
+    ({"anyOf": [{"type": "string"}, {"$ref": "#/$defs/A"}], "$defs": {"A": ONE_A}}, '{"a": 1}'),
+    (REF_TO_UNTYPED, '{"a": 1}'), (REF_INTO_A_LIST, '{"a": 1}'), (CYCLE_TO_UNTYPED, '{"a": 1, "b": []}'),
+], ids=["untyped-root", "ref-inside", "root-ref-to-untyped", "root-ref-into-a-list", "root-ref-to-untyped-cycle"])
+def test_a_forced_call_s_untyped_parameters_are_an_object(server: GunicornServer, parameters: dict[str, Any],
+                                                          arguments: str, tool_choice: Any) -> None:
     """Parameters that leave the type open are held to an object in a call (its Hermes arguments are one): the
-    string they allowed was the markup left in `content`, no call. A `$ref` inside the root held still resolves."""
-    choice = _chat(server, messages=USER, max_tokens=30, tool_choice="required",
+    string they allowed was the markup left in `content`, no call (a 200 with `content: ""` and "length"). A `$ref`
+    inside the root held still resolves; a root `$ref` to an untyped schema is held too, a cycle through `#` served."""
+    choice = _chat(server, messages=USER, max_tokens=30, tool_choice=tool_choice,
                    tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}])["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
-    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}', choice
+    assert choice["message"]["tool_calls"][0]["function"]["arguments"] == arguments, choice
 
 
 # a cycle back to `#` that a call cannot follow (`a` is `[]`, no other key), so that the random model's call ends
@@ -248,14 +262,16 @@ def test_a_root_ref_that_a_cycle_runs_through_is_served(server: GunicornServer, 
         assert isinstance(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]), dict), choice
 
 
-@pytest.mark.parametrize("parameters", [{"enum": [1, 2]}, {"const": "x"}])
-def test_a_forced_call_s_parameters_that_hold_no_object_are_a_400(server: GunicornServer,
-                                                                  parameters: dict[str, Any]) -> None:
-    """Untyped parameters held to an object (call_arguments) that allow none: llguidance's refusal, naming the tool."""
+@pytest.mark.parametrize("parameters, refusal", [({"enum": [1, 2]}, "Unsatisfiable"), ({"const": "x"}, "Unsatisfiable"),
+                                                 ({"$ref": "#"}, "circular references")])
+def test_a_forced_call_s_parameters_that_hold_no_object_are_a_400(server: GunicornServer, parameters: dict[str, Any],
+                                                                  refusal: str) -> None:
+    """Untyped parameters held to an object (call_arguments) that allow none: llguidance's refusal, naming the tool. A
+    `$ref` loop was found only where a call reached its arguments: cut before (`max_tokens` 6), a 200 with no call."""
     error = _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tool_choice": "required",
                                                           "tools": [{"type": "function", "function": {
                                                               "name": "f", "parameters": parameters}}]}), "tools")
-    assert "Unsatisfiable" in error["message"] and "'f'" in error["message"], error
+    assert refusal in error["message"] and "'f'" in error["message"], error
 
 
 def _calling(*ids: str) -> dict[str, Any]:

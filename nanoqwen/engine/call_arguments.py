@@ -33,12 +33,19 @@ def root_chain(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def call_arguments(parameters: dict[str, Any] | None) -> dict[str, Any]:
-    """The schema a call's arguments follow: the tool's `parameters`, held to an object where the root leaves the type
-    open (`{"anyOf": [{"type": "string"}, ...]}` let a forced call's arguments be a string, no call), or none (the
-    empty object). A root `$ref` is left as sent: llguidance refuses a sibling beside one that a cycle runs through
-    (`{"$ref": "#/$defs/A"}`, A's property `{"$ref": "#"}`), and its target's type is checked (root_chain)."""
+    """The schema a call's arguments follow: the tool's `parameters`, held to an object where neither the root nor a
+    schema its `$ref` chain leads to (root_chain) has a type (`{"anyOf": [{"type": "string"}, ...]}` let a forced call's
+    arguments be a string, no call), or none (the empty object). A root `$ref` keeps no key beside it: llguidance
+    refuses one (`type`, `allOf`) beside a `$ref` that a cycle runs through back to `#` (`{"$ref": "#/$defs/A"}`, A's
+    property `{"$ref": "#"}`), so the root's `$ref` leads to a new `$defs` entry that holds the object type and, in
+    its `allOf`, the `$ref` sent (a `$defs` that is no object: the type beside it, llguidance's 400 where it cycles)."""
     if not parameters:
         return NO_ARGUMENTS
-    if "type" in parameters or "$ref" in parameters:
+    if any("type" in node for node in root_chain(parameters)):
         return parameters
-    return {"type": "object", **parameters}
+    defs = parameters.get("$defs", {})
+    if "$ref" not in parameters or not isinstance(defs, dict):
+        return {"type": "object", **parameters}
+    name = next(name for name in (f"arguments{'_' * i}" for i in range(len(defs) + 1)) if name not in defs)
+    held = {"type": "object", "allOf": [{"$ref": parameters["$ref"]}]}
+    return {**parameters, "$ref": f"#/$defs/{name}", "$defs": {**defs, name: held}}
