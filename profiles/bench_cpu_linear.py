@@ -1,7 +1,7 @@
 """The C linear kernels (ops/cpu/) alone, on every linear of a Qwen3-0.6B-shaped decode step.
 
     python profiles/bench_cpu_linear.py [--rows 1 8] [--quant none int8 int4] [--repeats 5] [--threads N]
-        [--baseline GIT_REV] [--torch] [--pages huge 4k] [--isas auto avx2]
+        [--baseline GIT_REV] [--torch] [--pages huge 4k] [--isas auto avx2] [--clock wall|cpu]
 
 Each weight format holds a full model's distinct weights (28 layers of qkv, o, gate_up and down,
 and the 151936-row LM head; random values), so a pass streams them from memory as a decode step
@@ -20,6 +20,9 @@ against its AVX2 ones in one process (int4's layout differs by cap; the values a
 hands over to it, and the int4 torch reference (ops/torch_ref/linear_int4.py: what a revision whose int4 kernel needs
 AVX-512 VNNI ran on a CPU without it, where that revision's kernel, as a --baseline, would stop on an illegal
 instruction).
+--clock cpu: the calling thread's CPU time, not the wall clock's: with --threads 1 (the pool then runs every chunk on
+the caller) all of a kernel's work, time spent waiting on memory included, but not the time slices other processes
+take, so that kernels can be compared on a machine loaded past its cores (where wall-clock figures wander 1.3x).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from ops.torch_ref.linear_int4 import linear_int4_torch  # noqa: E402
 LAYERS, HIDDEN, INTER, QKV, VOCAB = 28, 1024, 3072, 4096, 151936
 INT4_PIECES = PIECES[torch.bfloat16]  # a revision before the pieces ignores this trailing argument
 SHAPES = {"qkv": (QKV, HIDDEN), "o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 INPUTS = {name: k for name, (_, k) in SHAPES.items()} | {"lm_head": HIDDEN}  # each weight's input columns
 
 
@@ -130,13 +134,13 @@ def callers(csrc: Path, cache: Path, isa: str) -> dict:
     return {"none": linear, "int8": linear_int8, "int4": linear_int4}
 
 
-def run_pass(kernel, ws: list, xs: dict, times: dict) -> float:
-    start = time.perf_counter()
+def run_pass(kernel, ws: list, xs: dict, times: dict, clock: Callable[[], float]) -> float:
+    start = clock()
     for name, args in ws:
-        t = time.perf_counter()
+        t = clock()
         kernel(xs[INPUTS[name]], *args)
-        times[name] += time.perf_counter() - t
-    return time.perf_counter() - start
+        times[name] += clock() - t
+    return clock() - start
 
 
 def main() -> None:
@@ -150,9 +154,13 @@ def main() -> None:
                         help="time torch's F.linear on bf16 weights and the int4 torch reference as well")
     parser.add_argument("--pages", nargs="+", default=["huge"], choices=["huge", "4k"],
                         help="the weights' pages; two: both timed, interleaved")
+    parser.add_argument("--clock", default="wall", choices=CLOCKS,
+                        help="cpu: the calling thread's CPU time (with --threads 1 all the work; not the time slices "
+                             "other processes take on a loaded machine)")
     parser.add_argument("--isas", nargs="+", default=["auto"], choices=CPU_ISAS,
                         help="the cpu_isa caps to build the kernels for; several: each timed, interleaved")
     args = parser.parse_args()
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     versions = versions_of(args.baseline, "bench_cpu_linear_", callers, tuple(args.isas))
@@ -172,10 +180,10 @@ def main() -> None:
             times = {v: dict.fromkeys(names, 0.0) for v in timed}
             passes = {v: [] for v in timed}
             for kernel, ws in timed.values():  # warm-up
-                run_pass(kernel, ws, xs, dict.fromkeys(names, 0.0))
+                run_pass(kernel, ws, xs, dict.fromkeys(names, 0.0), clock)
             for _ in range(args.repeats):
                 for v, (kernel, ws) in timed.items():
-                    passes[v].append(run_pass(kernel, ws, xs, times[v]))
+                    passes[v].append(run_pass(kernel, ws, xs, times[v], clock))
             ws = sets[args.pages[0]]
             for v in timed:
                 step = statistics.median(passes[v])
