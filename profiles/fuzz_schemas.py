@@ -34,6 +34,7 @@ from server_process import GunicornServer  # noqa: E402
 
 MAX_TOKENS = 120
 FAILED_MID_ANSWER = "the output could not follow the grammar"
+OPTIONAL_COUNTED = 'min/maxProperties only supported when all keys listed in "properties" are required'
 # keywords llguidance cannot enforce, each with a value it would have to: strict, a 400 naming the keyword
 UNENFORCED: dict[str, Any] = {
     "not": {"type": "null"}, "if": {"type": "string"}, "uniqueItems": True, "contains": {"type": "integer"},
@@ -94,14 +95,26 @@ def schema_of(rng: random.Random, depth: int) -> dict[str, Any]:
 def with_unenforced(rng: random.Random, schema: dict[str, Any], keyword: str) -> dict[str, Any]:
     """`schema` with `keyword` put in a random one of its schema objects (copied)."""
     schema = json.loads(json.dumps(schema))
+    rng.choice(schema_objects(schema))[keyword] = UNENFORCED[keyword]
+    return schema
+
+
+def schema_objects(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """`schema` and each schema object in it (schema_of's keywords)."""
     nodes, stack = [], [schema]
     while stack:
         node = stack.pop()
         nodes.append(node)
         stack += list(node.get("properties", {}).values()) + node.get("anyOf", []) + (
             [node["items"]] if isinstance(node.get("items"), dict) else [])
-    rng.choice(nodes)[keyword] = UNENFORCED[keyword]
-    return schema
+    return nodes
+
+
+def counts_optional_properties(schema: dict[str, Any]) -> bool:
+    """Whether an object in `schema` bounds its count of properties where some are optional: llguidance refuses
+    some such (an invalid schema to it, a 400 naming min/maxProperties), enforcing the rest."""
+    return any("minProperties" in node and set(node["properties"]) - set(node["required"])
+               for node in schema_objects(schema))
 
 
 def regex_of(rng: random.Random) -> str:
@@ -112,6 +125,7 @@ class Fuzz(Checks):
     def __init__(self, srv: GunicornServer, rng: random.Random) -> None:
         self.srv, self.rng = srv, rng
         self.passed, self.cut, self.failures, self.mid_answer = 0, 0, [], []
+        self.optional_counted = 0  # schemas refused for minProperties beside optional properties
 
     def chat(self, extra: dict[str, Any], n: int = 2) -> requests.Response:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "answer"}], "max_tokens": MAX_TOKENS,
@@ -142,19 +156,30 @@ class Fuzz(Checks):
 
     def schemas(self, count: int) -> None:
         for _ in range(count):
-            schema = schema_of(self.rng, 0)
-            rf = {"type": "json_schema", "json_schema": {"name": "f", "schema": schema, "strict": True}}
-            validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
-            for content in self.answers(self.chat({"response_format": rf}), f"schema {json.dumps(schema)}"):
+            self.schema(schema_of(self.rng, 0))
+
+    def schema(self, schema: dict[str, Any]) -> None:
+        """Its ended answers valid, or (minProperties beside optional properties) a 400 naming the keyword; with an
+        unenforced keyword put in it, a 400 naming that."""
+        rf = {"type": "json_schema", "json_schema": {"name": "f", "schema": schema, "strict": True}}
+        validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+        r = self.chat({"response_format": rf})
+        error = r.json().get("error") or {} if r.status_code == 400 else {}
+        if OPTIONAL_COUNTED in error.get("message", ""):
+            self.check(error.get("param") == "response_format" and counts_optional_properties(schema),
+                       f"schema {json.dumps(schema)}: {r.text[:300]}")
+            self.optional_counted += 1
+        else:
+            for content in self.answers(r, f"schema {json.dumps(schema)}"):
                 try:
                     errors = [e.message for e in validator.iter_errors(json.loads(content))]
                 except ValueError as exc:
                     errors = [f"not JSON: {exc}"]
                 self.check(not errors, f"schema {json.dumps(schema)}: {content!r}: {errors[:2]}")
-            keyword = self.rng.choice(list(UNENFORCED))
-            bad = with_unenforced(self.rng, schema, keyword)
-            self.refused({"response_format": {**rf, "json_schema": {"name": "f", "schema": bad, "strict": True}}},
-                         "response_format", (keyword,), f"unenforced {keyword} in {json.dumps(bad)}")
+        keyword = self.rng.choice(list(UNENFORCED))
+        bad = with_unenforced(self.rng, schema, keyword)
+        self.refused({"response_format": {**rf, "json_schema": {"name": "f", "schema": bad, "strict": True}}},
+                     "response_format", (keyword,), f"unenforced {keyword} in {json.dumps(bad)}")
 
     def regexes(self, count: int) -> None:
         for _ in range(count):
@@ -201,7 +226,8 @@ def main() -> None:
         print(f"/health: {len(polls)} polls, held at most {held * 1000:.0f} ms; longest {most_held(polls)}")
         fuzz.check(held * 1000 <= args.held_ms, f"/health held {held * 1000:.0f} ms")
     print(f"== {fuzz.passed} passed, {len(fuzz.failures)} failed, {fuzz.cut} answers cut by max_tokens, "
-          f"{len(fuzz.mid_answer)} requests whose grammar failed mid-answer; log: {log}")
+          f"{len(fuzz.mid_answer)} requests whose grammar failed mid-answer, {fuzz.optional_counted} schemas refused "
+          f"for minProperties beside optional properties; log: {log}")
     sys.exit(1 if fuzz.failures else 0)
 
 

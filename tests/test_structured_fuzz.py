@@ -22,3 +22,17 @@ def test_fuzzed_schemas_and_regexes_are_followed_or_refused_naming_the_keyword(s
     assert not fuzz.failures
     assert fuzz.passed >= 5 + 6 + 2  # each bound, each schema's refused keyword, answers that ended
     assert max(p.held for p in polls) <= HELD_S, most_held(polls)
+
+
+def test_min_properties_beside_optional_properties_is_followed_or_refused_naming_it(server: GunicornServer) -> None:
+    """llguidance refuses some objects that bound their count of properties where not all are required (a 400 naming
+    min/maxProperties, as README has an invalid schema): fuzz_schemas' generator makes such objects (seed 38 did),
+    and the refusal is not a failure; it is one where every property is required."""
+    fuzz = Fuzz(server, random.Random(38))
+    optional = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "boolean"}}, "required": [],
+                "additionalProperties": False, "minProperties": 2}
+    fuzz.schema(optional)
+    assert not fuzz.failures
+    assert fuzz.optional_counted == 1
+    fuzz.schema({**optional, "required": ["a", "b"]})
+    assert not fuzz.failures and fuzz.optional_counted == 1
