@@ -168,3 +168,14 @@ def test_a_multiprocess_directory_gone_at_a_scrape_is_unavailable(value_class: t
     with pytest.raises(APIError) as raised:
         ServerStats(lambda: None).prometheus()
     assert (raised.value.status, raised.value.code) == (503, "stats_unavailable")
+
+
+@pytest.mark.parametrize("garbage", [b"abc", bytes(range(64))])
+def test_a_damaged_live_map_is_unavailable(value_class: type, tmp_path: Path, garbage: bytes) -> None:
+    """A map prometheus-client cannot read (its struct.error or RuntimeError, not an OSError): a 503
+    `stats_unavailable` that says so, not a 500 at every scrape."""
+    (tmp_path / "counter_7.db").write_bytes(garbage)
+    with pytest.raises(APIError) as raised:
+        ServerStats(lambda: None).prometheus()
+    assert (raised.value.status, raised.value.code) == (503, "stats_unavailable")
+    assert "a metrics map is damaged" in raised.value.message

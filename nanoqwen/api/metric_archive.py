@@ -35,6 +35,13 @@ FOLDED = ("counter", "histogram")  # a dead worker's live gauges are removed (pr
 ARCHIVE = "folded"
 NO_PID = 0  # an archive's pid once the map it folded last is gone (no process has pid 0)
 SCRAPE_TRIES = 16  # a scrape's retries beyond one a map of its first listing (FoldedCollector.collect)
+# what prometheus-client's read of a damaged map raises (a short file: struct.error; a used length past the end:
+# RuntimeError; a key not UTF-8 or not JSON: ValueError), none an OSError
+DAMAGED = (struct.error, RuntimeError, ValueError)
+
+
+class DamagedMap(OSError):
+    """A map of the directory that prometheus-client cannot read: an OSError, so a scrape is the 503 that says so."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +95,22 @@ def fold(directory: Path, kind: str, pid: int) -> None:
         return
     totals: collections.Counter[str] = collections.Counter()
     for path in ([] if archive is None else [archive.path]) + [dead]:
-        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+        for key, value, _, _ in _read(path):
             totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
     generation = 0 if archive is None else archive.generation + 1
     _write(_archive_path(directory, kind, generation, pid), _encoded(totals))
     _finished(directory, kind)
+
+
+def _read(path: Path) -> list[tuple[str, float, float, int]]:
+    """A map's entries; a damaged one set aside (out of the scrapes' `*.db` glob: each would be a 503 for as long as
+    the server runs) and raised: its counts are lost, the master logs it."""
+    try:
+        return list(MmapedDict.read_all_values_from_file(str(path)))  # a generator: read whole here
+    except DAMAGED as exc:
+        aside = path.with_name(f"{path.name}.damaged")
+        os.rename(path, aside)
+        raise DamagedMap(f"{path.name} is damaged ({exc}): set aside as {aside.name}, its counts lost") from exc
 
 
 def _finished(directory: Path, kind: str) -> Archive | None:
@@ -128,6 +146,8 @@ class FoldedCollector(MultiProcessCollector):
         while True:
             try:
                 return self.merge(files, accumulate=True)
+            except DAMAGED as exc:  # a live worker's (a dead one's is set aside by its fold)
+                raise DamagedMap(f"a metrics map is damaged ({exc})") from exc
             except FileNotFoundError:
                 listed, files = files, self._files()
                 tries -= 1
