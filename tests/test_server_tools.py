@@ -263,11 +263,14 @@ def test_a_root_ref_that_a_cycle_runs_through_is_served(server: GunicornServer, 
 
 
 @pytest.mark.parametrize("parameters, refusal", [({"enum": [1, 2]}, "Unsatisfiable"), ({"const": "x"}, "Unsatisfiable"),
-                                                 ({"$ref": "#"}, "circular references")])
+                                                 ({"$ref": "#"}, "circular references"),
+                                                 ({"$ref": "#/$defs/A", "$defs": {"A": {"properties": {
+                                                     "a": {"$ref": "#/$defs/arguments"}}}}}, "does not exist")])
 def test_a_forced_call_s_parameters_that_hold_no_object_are_a_400(server: GunicornServer, parameters: dict[str, Any],
                                                                   refusal: str) -> None:
     """Untyped parameters held to an object (call_arguments) that allow none: llguidance's refusal, naming the tool. A
-    `$ref` loop was found only where a call reached its arguments: cut before (`max_tokens` 6), a 200 with no call."""
+    `$ref` loop was found only where a call reached its arguments: cut before (`max_tokens` 6), a 200 with no call. A
+    `$ref` to a `$defs` entry not sent stays llguidance's 400, not resolved to the entry call_arguments adds."""
     error = _error(_post(server, "/v1/chat/completions", {**GREEDY, "messages": USER, "tool_choice": "required",
                                                           "tools": [{"type": "function", "function": {
                                                               "name": "f", "parameters": parameters}}]}), "tools")

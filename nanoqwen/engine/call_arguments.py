@@ -2,6 +2,8 @@
 `parameters` root that the API's check (a root typed otherwise is OpenAI's 400) and the calls' grammar share."""
 from __future__ import annotations
 
+import itertools
+import json
 from typing import Any
 from urllib.parse import unquote
 
@@ -46,6 +48,8 @@ def call_arguments(parameters: dict[str, Any] | None) -> dict[str, Any]:
     defs = parameters.get("$defs", {})
     if "$ref" not in parameters or not isinstance(defs, dict):
         return {"type": "object", **parameters}
-    name = next(name for name in (f"arguments{'_' * i}" for i in range(len(defs) + 1)) if name not in defs)
+    sent = json.dumps(parameters)  # a name no `$ref` sent reaches: a dangling one stays llguidance's 400
+    name = next(name for name in (f"arguments{'_' * i}" for i in itertools.count())
+                if name not in defs and f'/{name}"' not in sent and f"/{name}/" not in sent)
     held = {"type": "object", "allOf": [{"$ref": parameters["$ref"]}]}
     return {**parameters, "$ref": f"#/$defs/{name}", "$defs": {**defs, name: held}}

@@ -458,7 +458,8 @@ def _add_firsts(into: Firsts, more: Firsts, budget: _Budget, peak: int | None = 
 
 
 def _fold(firsts: Firsts) -> None:
-    """`firsts` as one ANY as heavy as its heaviest row (a row after any lexeme weighs no less than it did)."""
+    """`firsts` as one ANY as heavy as its heaviest row: no less than llguidance's row after any lexeme (it may be less
+    than the entries' own figure, which counts a shift shared by ANY and a literal in both)."""
     if len(firsts) > 1:
         heaviest = _first_row(firsts)
         firsts.clear()
