@@ -116,7 +116,9 @@ def _read(path: Path) -> list[tuple[str, float, float, int]]:
 def _finished(directory: Path, kind: str) -> Archive | None:
     """The kind's newest archive, its fold finished where one stopped after its write (a fold's second half, a step
     that raised): the archives before it and the map it names removed, then renamed to name no pid (a worker forked
-    later may be given the dead one's pid). A write's leftover (the master stopped during it) removed too."""
+    later may be given the dead one's pid). A write's leftover (the master stopped during it) removed too. Finished at a
+    later worker's exit, the pid's map removed may be a live worker's given that pid since: its counts are lost (a
+    failed removal and a reused pid both needed)."""
     for making in directory.glob(f"{kind}_{ARCHIVE}_*.db.making"):
         making.unlink()
     archives = list(directory.glob(f"{kind}_{ARCHIVE}_*.db"))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 from typing import Any
-from urllib.parse import unquote
 
-from nanoqwen.engine.schema_keywords import pointer_way
+from nanoqwen.engine.schema_keywords import local_target
 
 # a root `$ref` chain followed this far (a loop, `{"$ref": "#"}`, ends here): what lies past it is llguidance's to read
 MAX_ROOT_LINKS = 32
@@ -22,13 +21,8 @@ def root_chain(schema: dict[str, Any]) -> list[dict[str, Any]]:
     while len(chain) <= MAX_ROOT_LINKS and isinstance(ref := chain[-1].get("$ref"), str) and ref.startswith("#"):
         if len(chain) > 1 and "$id" in chain[-1]:
             break
-        fragment = unquote(ref[1:])
-        if fragment and not fragment.startswith("/"):  # an `$anchor`'s name
-            break
-        parts = [part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")] if fragment else []
-        way = pointer_way(schema, parts)
-        target = schema if way == [] else way[-1] if way else None
-        if not isinstance(target, dict):
+        target = local_target(ref, schema)
+        if target is None:
             break
         chain.append(target)
     return chain

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, pointer_way, schema_objects, subschemas
+from nanoqwen.engine.schema_keywords import (
+    DATA_KEYWORDS,
+    own_patterns,
+    pointer_parts,
+    pointer_way,
+    schema_objects,
+    subschemas,
+)
 
 # Lark's pieces that hold no rule names, lexed as llguidance's Lark lexer lexes them: comments (`#`, `//`), strings
 # (double-quoted, on one line; `"b"i` with its flag), regexes (`/.../`, across lines), special tokens (`<[id]>`,
@@ -749,8 +756,7 @@ def _target(ref: str, base: str, resources: dict[str, tuple[str, ...]],
     uri, fragment = resolved
     if fragment and not fragment.startswith("/"):
         return anchors.get((uri, fragment))
-    parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment[1:].split("/")) if fragment else ()
-    return (*root, *parts)
+    return (*root, *pointer_parts(fragment))
 
 
 def _join(base: str, reference: str, joined: dict[tuple[str, str], tuple[str, str] | None]) -> tuple[str, str] | None:

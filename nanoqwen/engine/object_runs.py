@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
 
-from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
+from nanoqwen.engine.schema_keywords import local_target, schema_objects
 
 # What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them the schema is refused (TooLarge: counted short, an answer
@@ -143,7 +142,7 @@ class SchemaObjects:
                 if "$ref" in part:
                     refs.append(part["$ref"])
             local = all(isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) for ref in refs)
-            named = {id(target) for ref in refs if (target := _target(ref, self.root)) is not None}
+            named = {id(target) for ref in refs if (target := local_target(ref, self.root)) is not None}
             self._merged_only = listed - named if local else set()
         return id(node) in self._merged_only
 
@@ -180,7 +179,7 @@ class SchemaObjects:
         own = not part.keys() <= LINK_KEYS
         ordered: list[tuple[Part, bool]] = []
         for key, value in part.items():
-            if key == "$ref" and (target := _target(value, self.root)) is not None:
+            if key == "$ref" and (target := local_target(value, self.root)) is not None:
                 ordered.append((target, False))
             elif key == "allOf" and isinstance(value, list):
                 ordered += [(sub, False) for sub in value if isinstance(sub, dict)]
@@ -340,10 +339,3 @@ def _apart(told: list[Told]) -> bool:
     return len(firsts) == 1 and all(each is not None and each[1] is not None for each in told)
 
 
-def _target(ref: Any, root: Any) -> dict[str, Any] | None:
-    """The subschema a local `$ref` (`#`, `#/$defs/x`) points at in `root`; None for any other or none there."""
-    if not isinstance(ref, str) or not ref.startswith("#") or ref[1:2] not in ("", "/"):
-        return None
-    way = pointer_way(root, (part.replace("~1", "/").replace("~0", "~") for part in unquote(ref[1:]).split("/")[1:]))
-    node = None if way is None else way[-1] if way else root
-    return node if isinstance(node, dict) else None

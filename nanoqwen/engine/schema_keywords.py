@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 # keywords whose value is data, not a schema: a `$ref`, `$id` or `pattern` in them is a value, unless a `$ref` points
 # into it (llguidance resolves a JSON pointer anywhere and reads its target as a schema: grammar_rows walks it then)
@@ -61,3 +62,18 @@ def pointer_way(schema: Any, parts: Iterable[str]) -> list[Any] | None:
             return None
         way.append(node)
     return way
+
+
+def pointer_parts(fragment: str) -> tuple[str, ...]:
+    """A JSON pointer's parts (`/$defs/a~1b` -> `$defs`, `a/b`), unescaped; `` (the root) none."""
+    return tuple(part.replace("~1", "/").replace("~0", "~") for part in fragment.split("/")[1:])
+
+
+def local_target(ref: Any, root: Any) -> dict[str, Any] | None:
+    """The subschema a local `$ref` (`#`, `#/$defs/x`) points at in `root`; None for any other (an anchor, another
+    URI) or none there."""
+    if not isinstance(ref, str) or not ref.startswith("#") or ref[1:2] not in ("", "/"):
+        return None
+    way = pointer_way(root, pointer_parts(unquote(ref[1:])))
+    node = None if way is None else way[-1] if way else root
+    return node if isinstance(node, dict) else None
