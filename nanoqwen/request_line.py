@@ -127,7 +127,8 @@ class CheckedRequest(Request):
 @dataclass(frozen=True)
 class AbsoluteTarget:
     """A request target in absolute-form: its authority (host and port), and why it is refused (the module's
-    docstring; None: served). Parsed once a request, for the head's check and the Host check (api/hosts.py)."""
+    docstring; None: served). One parse for the head's check and the Host check (api/hosts.py), each making its own
+    (hosts.py also serves without nanoqwen's worker): microseconds, an origin-form target ends at its first `/`."""
 
     authority: str
     refusal: str | None

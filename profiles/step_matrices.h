@@ -31,11 +31,18 @@ static const struct shape shapes[] = {{"qkv", 4096, 1024, 28}, {"o", 1024, 2048,
             } \
     } while (0)
 
-/* The step's matrices (`bytes64` bytes each 64 weights) in one buffer of 2 MB pages, each byte random in -127..127; 0
-   where it cannot be mapped. */
-static inline char *step_buffer(int bytes64) {  /* inline: not every tool maps one */
+/* The bytes from the step's first matrix to its last one's end (`bytes64` bytes each 64 weights), as EACH_MATRIX
+   places them. */
+static inline long step_bytes(int bytes64) {  /* inline: not every tool uses it */
     long bytes = 0;
     EACH_MATRIX((char *)0, bytes64, s, sh, w, bytes = (long)w + sh->N * sh->K / 64 * bytes64);
+    return bytes;
+}
+
+/* The step's matrices (`bytes64` bytes each 64 weights) in one buffer of 2 MB pages, each byte random in -127..127; 0
+   where it cannot be mapped. */
+static inline char *step_buffer(int bytes64) {
+    const long bytes = step_bytes(bytes64);
     char *buf = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (buf == MAP_FAILED) return 0;
     buf = (char *)(((uintptr_t)buf + (2L << 20) - 1) & ~((2L << 20) - 1));
@@ -47,6 +54,12 @@ static inline char *step_buffer(int bytes64) {  /* inline: not every tool maps o
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+static inline double thread_cpu_now(void) {  /* the calling thread's CPU time: other processes' slices left out */
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return t.tv_sec + 1e-9 * t.tv_nsec;
 }
 

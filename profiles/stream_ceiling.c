@@ -27,12 +27,6 @@
 
 #define MAX_PASSES 64
 
-static double thread_cpu_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
-
 struct plain_read {
     const char *w;
     long rows, N, row_bytes;

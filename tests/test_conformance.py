@@ -30,6 +30,7 @@ from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
 from server_process import GunicornServer
+from wire_types import unknown_fields
 
 USER = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -238,16 +239,6 @@ def test_responses_and_their_events_validate_as_the_openai_types(server: Gunicor
     assert [event.type for event in events[:2]] == ["response.created", second]
 
 
-def _unknown_fields(obj: Any, path: str = "") -> list[str]:
-    """Where `obj` (the openai client's parsed answer or event) holds a field its type does not declare."""
-    if isinstance(obj, pydantic.BaseModel):
-        return [f"{path}.{name}" for name in obj.model_extra or {}] + [
-            found for name in type(obj).model_fields for found in _unknown_fields(getattr(obj, name), f"{path}.{name}")]
-    if isinstance(obj, list):
-        return [found for i, item in enumerate(obj) for found in _unknown_fields(item, f"{path}[{i}]")]
-    return []
-
-
 def test_the_responses_stream_helpers_events_hold_no_field_the_client_does_not_know(client: openai.OpenAI) -> None:
     """`client.responses.stream(...)` event by event: a text event's logprobs are OpenAI's `ResponseLogProb` (token,
     logprob, top_logprobs), without the output part's `bytes` (they were sent in every delta and `.done` event). The
@@ -258,7 +249,7 @@ def test_the_responses_stream_helpers_events_hold_no_field_the_client_does_not_k
     assert [event.type for event in events if event.type.startswith("response.output_text.")][-1].endswith(".done")
     delta = next(event for event in events if event.type == "response.output_text.delta")
     assert len(delta.logprobs) == 1 and len(delta.logprobs[0].top_logprobs) == 2
-    unknown = {found for event in events for found in _unknown_fields(event, event.type)}
+    unknown = {field for event in events for field, _ in unknown_fields(event, event.type, known=())}
     assert unknown <= {f"{kind}.response.store" for kind in ("response.created", "response.in_progress",
                                                               "response.completed", "response.incomplete")}, unknown
     [item] = events[-1].response.output

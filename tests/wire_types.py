@@ -29,15 +29,17 @@ KNOWN_EXTRAS = {
 }
 
 
-def _extras(value: Any, path: str) -> list[str]:
+def unknown_fields(value: Any, path: str, known: Collection[tuple[str, str]] = KNOWN_EXTRAS) -> list[tuple[str, str]]:
+    """Where `value` (a parsed openai model) holds a field its type does not declare, `known` (type, field) aside: each
+    field's path and its type's name."""
     if isinstance(value, pydantic.BaseModel):
         name = type(value).__name__
-        found = [f"{path}.{key} (on {name})" for key in value.model_extra or {} if (name, key) not in KNOWN_EXTRAS]
+        found = [(f"{path}.{key}", name) for key in value.model_extra or {} if (name, key) not in known]
         for field in type(value).model_fields:
-            found += _extras(getattr(value, field), f"{path}.{field}")
+            found += unknown_fields(getattr(value, field), f"{path}.{field}", known)
         return found
     if isinstance(value, list):
-        return [found for i, item in enumerate(value) for found in _extras(item, f"{path}[{i}]")]
+        return [found for i, item in enumerate(value) for found in unknown_fields(item, f"{path}[{i}]", known)]
     return []
 
 
@@ -55,4 +57,4 @@ def wire_problems(kind: Any, payload: dict[str, Any], known: Collection[tuple[st
     except pydantic.ValidationError as exc:
         return [f"{'.'.join(map(str, error['loc']))}: {error['msg']} ({error['input']!r:.80})"
                 for error in exc.errors() if not _known(error, known)]
-    return _extras(parsed, "$")
+    return [f"{field} (on {name})" for field, name in unknown_fields(parsed, "$")]

@@ -122,6 +122,10 @@ class Fanned:
         for metric in self.metrics:
             metric.observe(value)
 
+    def set(self, value: float) -> None:
+        for metric in self.metrics:
+            metric.set(value)
+
 
 @dataclass
 class Served:
@@ -210,14 +214,14 @@ class PrometheusMetrics:
         # Under gunicorn's multiprocess mode "live*" gauges combine the live workers' values.
         self.ready = Gauge("nanoqwen_model_ready", "Workers with the model loaded", registry=self.registry,
                            multiprocess_mode="livesum")
-        self.queue = Gauge("nanoqwen_queue_length", "Requests waiting for a batch slot", registry=self.registry,
-                           multiprocess_mode="livesum")
-        self.active = Gauge("nanoqwen_active_requests", "Requests being generated", registry=self.registry,
-                            multiprocess_mode="livesum")
+        self.queue = Fanned(Gauge("nanoqwen_queue_length", "Requests waiting for a batch slot",
+                                  registry=self.registry, multiprocess_mode="livesum"), self.vllm.waiting)
+        self.active = Fanned(Gauge("nanoqwen_active_requests", "Requests being generated", registry=self.registry,
+                                   multiprocess_mode="livesum"), self.vllm.running)
         self.preempt = Gauge("nanoqwen_preemptions", "Sequences preempted for lack of KV blocks (live workers)",
                              registry=self.registry, multiprocess_mode="livesum")
-        self.kv = Gauge("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1), per worker",
-                        registry=self.registry, multiprocess_mode="liveall")
+        self.kv = Fanned(Gauge("nanoqwen_kv_cache_usage", "Fraction of KV-cache blocks in use (0..1), per worker",
+                               registry=self.registry, multiprocess_mode="liveall"), self.vllm.kv)
         self.hit = Gauge("nanoqwen_prefix_cache_hit_rate", "Prefix-cache hits / queries, per worker",
                          registry=self.registry, multiprocess_mode="liveall")
         self.spec = {key: Gauge(f"nanoqwen_{key}", help, registry=self.registry, multiprocess_mode="livesum")

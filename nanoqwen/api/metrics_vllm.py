@@ -120,10 +120,7 @@ class VllmMetrics:
         self._steps_seen = [0] * (len(self.iteration_tokens._buckets) + 1)  # each bucket's count, then the tokens
 
     def set_engine(self, engine: dict) -> None:
-        """The engine's gauges, and its cumulative counts' growth since the last publish into the counters."""
-        self.running.set(engine.get("active_requests", 0))
-        self.waiting.set(engine.get("queue_length", 0))
-        self.kv.set(engine.get("kv_usage", 0.0))
+        """The engine's counts' growth since the last publish into the counters (its gauges: set with ours, Fanned)."""
         for key, counter in self.engine_counts.items():
             _add_growth(counter, self._engine_seen, key, engine.get(key, 0))
         self._add_steps(engine.get("step_buckets", ()), engine.get("step_tokens", 0))
