@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from balancer import SNIPPET, render
+from nanoqwen.api.serving import RETRY_AFTER_S
 from server_process import REPO_ROOT
 
 K8S_VERSION = "1.30.0"
@@ -70,5 +71,7 @@ def test_nginx_config_renders_the_replicas_into_both_upstreams() -> None:
     text = render(SNIPPET.read_text(), ["127.0.0.1:9001", "127.0.0.1:9002"], 9000)
     for upstream in ("nanoqwen", "nanoqwen_affinity"):
         block = re.search(rf"upstream {upstream} \{{\n(.*?)\n\}}", text, re.S).group(1)
-        assert re.findall(r"server (\S+) max_fails=1 fail_timeout=10s;", block) == ["127.0.0.1:9001", "127.0.0.1:9002"]
+        # a replica marked down (a 503 queue_full counts) for as long as its queue_full asks clients to wait
+        assert re.findall(rf"server (\S+) max_fails=1 fail_timeout={RETRY_AFTER_S}s;", block) == [
+            "127.0.0.1:9001", "127.0.0.1:9002"]
     assert "listen 127.0.0.1:9000;" in text and "10.0.0." not in text

@@ -9,8 +9,10 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +34,11 @@ NGINX_BAD_REQUEST = "nginx could not read the request: its request line, its hea
                     "address and an optional port, RFC 9112 3.2) or its body framing."
 
 
-@pytest.fixture(scope="module")
-def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[GunicornServer]]:
-    """Started once for the module: its tests count requests as deltas, and the one that kills a replica runs last."""
-    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
-           "NANOQWEN_MAX_MODEL_LEN": "2048", "NANOQWEN_THREADS": "1"}
-    logs = tmp_path_factory.mktemp("replicas")
+@contextmanager
+def _two_replicas(checkpoint: Path, logs: Path, **env: str) -> Iterator[list[GunicornServer]]:
+    """Two replicas of `checkpoint` on one thread each, loading together, with `env` added."""
+    env = {"NANOQWEN_MODEL": str(checkpoint), "NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32",
+           "NANOQWEN_MAX_MODEL_LEN": "2048", "NANOQWEN_THREADS": "1", **env}
     servers = [GunicornServer(env, logs / f"replica{i}.log").launch() for i in range(2)]
     try:
         for server in servers:
@@ -46,6 +47,13 @@ def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[GunicornServer]]:
+    """Started once for the module: its tests count requests as deltas, and the one that kills a replica runs last."""
+    with _two_replicas(tiny_checkpoint, tmp_path_factory.mktemp("replicas")) as servers:
+        yield servers
 
 
 def _served(server: GunicornServer) -> int:
@@ -137,6 +145,26 @@ def test_what_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path,
     assert head.split(b" ")[1] == b"400", answer
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error" and error["message"] == NGINX_BAD_REQUEST, answer
+
+
+def test_a_burst_that_fills_every_replica_leaves_them_served_after_its_retry_after(tiny_checkpoint, tmp_path):
+    """nginx counts a replica's 503 queue_full ("at capacity", Retry-After: 1) as a failure, as every status it
+    retries on: with `fail_timeout=10s`, a burst of about a second that filled both replicas answered every request
+    after it, /v1/models too, with no_replica for 10 s while both replicas stood idle. The replicas are marked down
+    for their Retry-After now: 1.5 s after the burst, requests through nginx are served."""
+    with _two_replicas(tiny_checkpoint, tmp_path, NANOQWEN_MAX_BATCH="1", NANOQWEN_MAX_QUEUE="1") as servers, \
+            Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in servers]) as lb:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "ignore_eos": True}
+        with ThreadPoolExecutor(8) as pool:  # 2 replicas of 2 places (running and queued) each: 4 refused at least
+            burst = list(pool.map(lambda _: requests.post(f"{lb.url}/v1/chat/completions", json=body,
+                                                          timeout=TIMEOUT).status_code, range(8)))
+        assert burst.count(503) >= 4, burst
+        # each replica answered a 503 queue_full (its access log): nginx marked each down
+        assert all('"POST /v1/chat/completions" 503' in s.log() for s in servers)
+        time.sleep(1.5)
+        assert requests.get(f"{lb.url}/v1/models", timeout=TIMEOUT).status_code == 200
+        response = requests.post(f"{lb.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=TIMEOUT)
+        assert response.status_code == 200, response.text
 
 
 # Last in the module: it ends both replicas.
