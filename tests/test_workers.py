@@ -290,7 +290,7 @@ def test_a_scrape_reads_the_maps_off_the_event_loop(tiny_checkpoint: Path, tmp_p
     """A scrape reading many maps (a burst of worker deaths: each scrape lists and reads their maps until the master
     has folded them; here DEAD_WORKERS maps that no master folds) leaves the worker's event loop to its other
     requests: a /health sent while the scrape reads is answered before the scrape. On the loop, /health waited for
-    the whole read (~1 s), as every stream did. The scrape's `name[]` filter keeps its answer one small write."""
+    the whole read (~1-2 s), as every stream did. The scrape's `name[]` filter keeps its answer one small write."""
     env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
     with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
         assert _chat(srv, 0) == MAX_TOKENS

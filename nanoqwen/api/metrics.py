@@ -378,7 +378,8 @@ class ServerStats:
         self._pending = PendingMetrics()
         self._metrics: PrometheusMetrics | None = None
         # the workers' maps read by a scrape, off the event loop: a burst of worker deaths lists many maps, re-read
-        # while the master folds them (metric_archive.FoldedCollector), ~1 s that held every stream and /health
+        # while the master folds them (metric_archive.FoldedCollector): ~2 s with 100 dead workers' maps, which held
+        # every stream and /health (profiles/bench_scrape_churn.py)
         self._scrapes = NativePool(1, SCRAPES_PENDING, jobs="scrapes are already reading the metrics")
 
     def begin(self) -> RequestTrace:
