@@ -10,7 +10,7 @@ respawned worker takes its dead predecessor's slot.
 import os
 import sys
 
-from nanoqwen.api.shared_stats import forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
+from nanoqwen.api.shared_stats import finish_folds, forget_worker, heartbeat_dir, make_run_dir, remove_run_dir
 from nanoqwen.boot_signals import exit_on_stop_signals
 from nanoqwen.placement import SLOT_ENV, lowest_free_slot, place_worker
 from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
@@ -48,6 +48,7 @@ logger_class = "nanoqwen.access_log.AccessLogger"  # the path is percent-decoded
 
 
 def pre_fork(server, worker) -> None:
+    finish_folds(server.log.exception)
     worker.nanoqwen_slot = lowest_free_slot({w.nanoqwen_slot for w in server.WORKERS.values()})
 
 

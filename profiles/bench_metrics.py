@@ -1,5 +1,6 @@
 """The hub's cost of the serving statistics (nanoqwen.api.metrics): a streamed token's record, a request's events and
-finish (of one choice, and of 128: two tokens each), a publish after 50 tokens, a /metrics scrape whole and with
+finish (of one choice, and of 128: two tokens each; of one, then published: every histogram added to), a publish after
+50 tokens, a /metrics scrape whole and with
 `name[]` naming one series (a revision without the filter is not timed there); with `--base REV`, that revision's
 metrics.py alternated with the tree's in this process (best of 3 rounds of 3 repeats each). Under gunicorn each
 metric's update is a locked write to a map: PROMETHEUS_MULTIPROC_DIR (an empty directory) times that mode.
@@ -47,7 +48,8 @@ def per_token(mod: ModuleType) -> Callable[[], None]:
     return lambda: stats.record_tokens(1, 1.0, 0.02)
 
 
-def per_request(mod: ModuleType, choices: int = 1) -> Callable[[], None]:
+def per_request(mod: ModuleType, choices: int = 1, publish: bool = False) -> Callable[[], None]:
+    """A request finished (`publish`: and published, every histogram then added to)."""
     stats = mod.ServerStats(lambda: None)
     stats.publish()
     submitted = "submitted" in inspect.signature(mod.ServerStats.finish).parameters
@@ -64,6 +66,8 @@ def per_request(mod: ModuleType, choices: int = 1) -> Callable[[], None]:
             stats.finish(trace, Usage(5, 2 * choices), mod.Submitted(choices, 16))
         else:
             stats.finish(trace, Usage(5, 2 * choices))
+        if publish:
+            stats.publish()
     return one
 
 
@@ -95,7 +99,9 @@ def main() -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
     for name, make, number in (("a streamed token", per_token, 200_000), ("a request", per_request, 20_000),
                                ("a request of 128 choices", functools.partial(per_request, choices=128), 200),
-                               ("a publish after 50 tokens", per_publish, 2_000), ("a scrape", per_scrape, 200),
+                               ("a publish after 50 tokens", per_publish, 2_000),
+                               ("a request and a publish", functools.partial(per_request, publish=True), 2_000),
+                               ("a scrape", per_scrape, 200),
                                ("a scrape of name[]=vllm:num_requests_running",
                                 functools.partial(per_scrape, names=("vllm:num_requests_running",)), 200)):
         best: dict[str, float] = {}

@@ -23,12 +23,11 @@ from typing import Any
 
 import openai
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from chat_http import MODEL, cpu_env  # noqa: E402
+from chat_http import MODEL, cpu_env, vllm_samples  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from outsider_checks import API_KEY, AUTH, BOOK, CHECKS, CORS_ORIGINS  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
@@ -368,14 +367,9 @@ VLLM_METRICS = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:
                   for part in ("sum", "bucket", "count"))]
 
 
-def _samples(text: str) -> dict[str, float]:
+def _by_name(text: str) -> dict[str, float]:
     """`vllm:` samples but buckets, a name's summed over its label sets (request_success over finished_reason)."""
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith("vllm:") and "le" not in sample.labels:
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
+    return {name: value for (name,), value in vllm_samples(text).items()}
 
 
 def vllm_metrics(srv: GunicornServer) -> str | None:
@@ -387,12 +381,12 @@ def vllm_metrics(srv: GunicornServer) -> str | None:
     prompt, max_tokens = [9707, 847, 829, 374, 8359, 323, 358, 2948, 10963], 10
     asked = [(1, 1, max_tokens), (1, 1, max_tokens), (1, 1, max_tokens), (1, 2, max_tokens), (2, 2, max_tokens),
              (1, 1, 0)]  # (prompts, n, max_tokens): the last echoed
-    before = _samples(requests.get(srv.url + "/metrics", timeout=30).text)
+    before = _by_name(requests.get(srv.url + "/metrics", timeout=30).text)
     for prompts, n, most in asked:
         srv.openai_client(API_KEY).completions.create(model=MODEL, prompt=[prompt] * prompts, max_tokens=most, n=n,
                                                       echo=not most, extra_body={"ignore_eos": True})
     text = requests.get(srv.url + "/metrics", timeout=30).text
-    after = _samples(text)
+    after = _by_name(text)
     grown = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
     choices = sum(prompts * n for prompts, n, _ in asked)
     generating = [(prompts, n) for prompts, n, most in asked if most]

@@ -1,6 +1,7 @@
 """What the end-to-end tests share: a CPU server's environment and the chat-completion requests they send it."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import socket
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 
 import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine_util import hf_greedy
 from nanoqwen import loader
@@ -97,6 +99,17 @@ def engine_idle(srv: GunicornServer) -> bool:
     """No request running or queued, no KV block held."""
     stats = server_stats(srv)
     return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def vllm_samples(text: str, *labels: str) -> collections.Counter[tuple[str | None, ...]]:
+    """A /metrics exposition's `vllm:` samples but buckets, summed by (name, each of `labels`' value: None where a
+    sample has none)."""
+    totals: collections.Counter[tuple[str | None, ...]] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:") and "le" not in sample.labels:
+                totals[(sample.name, *map(sample.labels.get, labels))] += sample.value
+    return totals
 
 
 def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "",

@@ -5,13 +5,14 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -84,6 +85,19 @@ def worker_run_dir(pid: int) -> Path:
     metrics = {Path(path).parent for path in mapped if path.endswith(".db") and "/nanoqwen-" in path}
     assert len(metrics) == 1 and all(path.name == "metrics" for path in metrics), mapped
     return metrics.pop().parent
+
+
+def copy_maps_as_dead(metrics: Path, pid: int, dead_pids: Iterable[int]) -> None:
+    """Worker `pid`'s counter and histogram maps in the metrics directory `metrics` copied as those of dead workers of
+    `dead_pids` (unfolded: no master reaped them): the scrapes read each as a dead worker's. Their used length only
+    (the rest of a map is empty)."""
+    from nanoqwen.api.metric_archive import FOLDED
+
+    for kind in FOLDED:
+        live = (metrics / f"{kind}_{pid}.db").read_bytes()
+        used = live[:struct.unpack_from("i", live)[0]]
+        for dead in dead_pids:
+            (metrics / f"{kind}_{dead}.db").write_bytes(used)
 
 
 class GunicornServer:

@@ -11,7 +11,10 @@ import gevent
 import pytest
 
 from hub_util import hub_ticks
+from nanoqwen.api import metrics
+from nanoqwen.api.errors import APIError
 from nanoqwen.api.offload import NativePool, PoolFullError
+from nanoqwen.api.shared_stats import MULTIPROC_ENV
 from nanoqwen.engine.threads import NativeEvent
 
 Pools = Callable[[int, int], NativePool]
@@ -100,3 +103,19 @@ def test_stop_ends_the_workers() -> None:
     workers = _in_parallel(pool, _thread.get_native_id)  # new workers
     pool.stop()
     assert _ended(workers)
+
+
+def test_scrapes_past_their_pending_bound_are_a_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under gunicorn a scrape's maps are read in one native thread (ServerStats.prometheus), SCRAPES_PENDING scrapes
+    at most running or waiting: the next is a 503 `queue_full` with Retry-After; those waiting are answered."""
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    release = threading.Event()
+    monkeypatch.setattr(metrics, "_maps_exposition", lambda directory, names: b"" if release.wait(30) else b"late")
+    stats = metrics.ServerStats(lambda: None)
+    waiting = [gevent.spawn(stats.prometheus) for _ in range(metrics.SCRAPES_PENDING)]
+    gevent.sleep(0.1)  # each submitted
+    with pytest.raises(APIError) as info:
+        stats.prometheus()
+    assert (info.value.status, info.value.code, "Retry-After" in info.value.headers) == (503, "queue_full", True)
+    release.set()
+    assert [scrape.get(timeout=30) for scrape in waiting] == [b""] * metrics.SCRAPES_PENDING

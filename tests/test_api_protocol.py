@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client import generate_latest
+from pydantic import BaseModel, ValidationError
 
 from chat_http import VLLM_CHAT_DEFAULTS, VLLM_COMPLETION_DEFAULTS
 from nanoqwen.api.body import parse_json
@@ -19,7 +20,8 @@ from nanoqwen.api.config import MAX_SERVED_NAME_CHARS, ServerConfig
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metrics import RATE_WINDOW_S, PrometheusMetrics, ServerStats, Submitted, percentile, percentiles
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder, ToolParsing, fingerprint
-from nanoqwen.api.schemas import parse_chat_request, parse_completion_request
+from nanoqwen.api.responses_schemas import FunctionTool
+from nanoqwen.api.schemas import FunctionDefinition, parse_chat_request, parse_completion_request
 from nanoqwen.api.sse import DONE, RunningUsage, sse
 from nanoqwen.api.strict_json import MAX_DEPTH, MAX_SEPARATORS, Budget
 from nanoqwen.api.structured import closed_objects, structured_grammar
@@ -405,6 +407,18 @@ CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 TOOLS = [{"type": "function",
           "function": {"name": "get_weather", "description": "Weather in a city", "parameters": CITY}}]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("model, tool", [(FunctionDefinition, {}), (FunctionTool, {"type": "function"})])
+@pytest.mark.parametrize("name", [{"name": "get weather"}, {}])
+def test_a_refused_function_name_is_its_tool_s_only_error(model: type[BaseModel], tool: dict[str, Any],
+                                                          name: dict[str, Any]) -> None:
+    """A function whose name is refused (or missing) and whose parameters are no object schema: the name's error
+    alone, as OpenAI answers. The parameters' check, without a name, made one naming function 'None' (shown only
+    where it came first: the request's first error is its answer)."""
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({**tool, **name, "parameters": {"type": "string"}})
+    assert [error["loc"] for error in info.value.errors()] == [("name",)]
 
 
 def test_tool_history_reaches_the_template() -> None:

@@ -12,7 +12,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from nanoqwen.api import metric_archive
 from nanoqwen.api.metric_archive import FoldedCollector
-from nanoqwen.api.shared_stats import MULTIPROC_ENV, RUN_DIR_ENV, forget_worker
+from nanoqwen.api.shared_stats import MULTIPROC_ENV, RUN_DIR_ENV, finish_folds, forget_worker
 
 LIVE = 1  # a worker alive throughout
 LOG = logging.getLogger("test_metric_archive")  # gunicorn's master's log in its place
@@ -103,6 +103,19 @@ def test_a_fold_that_cannot_write_keeps_the_dead_maps(directory: Path, monkeypat
     assert "No space left" in caplog.text  # its traceback
 
 
+def _unlink_fails_once(monkeypatch: pytest.MonkeyPatch, matches: Callable[[Path], bool]) -> None:
+    """Path.unlink raises an I/O error for the first path that `matches`, then works again."""
+    unlink = Path.unlink
+
+    def failing(path: Path, missing_ok: bool = False) -> None:
+        if matches(path):
+            monkeypatch.setattr(Path, "unlink", unlink)
+            raise OSError(5, "Input/output error")
+        unlink(path, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing)
+
+
 def test_a_fold_stopped_after_its_write_is_finished_by_the_next(directory: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """The removal of the archive before it fails once: the next fold finishes that one first (else its archive named
@@ -110,15 +123,7 @@ def test_a_fold_stopped_after_its_write_is_finished_by_the_next(directory: Path,
     for dead in (2, 3):
         _worker_maps(directory, dead)
     forget_worker(0, 2, LOG.exception)
-    unlink = Path.unlink
-
-    def failing(path: Path, missing_ok: bool = False) -> None:
-        if path.name.startswith("counter_folded_"):
-            monkeypatch.setattr(Path, "unlink", unlink)
-            raise OSError(5, "Input/output error")
-        unlink(path, missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", failing)
+    _unlink_fails_once(monkeypatch, lambda path: path.name.startswith("counter_folded_"))
     forget_worker(0, 3, LOG.exception)
     assert [record.getMessage() for record in caplog.records] == ["worker 3: the fold of its counter map failed"]
     assert _scraped(directory) == _totals([LIVE, 2, 3])
@@ -128,6 +133,38 @@ def test_a_fold_stopped_after_its_write_is_finished_by_the_next(directory: Path,
     assert _scraped(directory) == _totals([LIVE, 2, 3, 4])
     assert sorted(path.name for path in directory.iterdir()) == sorted([
         f"counter_{LIVE}.db", f"histogram_{LIVE}.db", "counter_folded_5_0.db", "histogram_folded_5_0.db"])  # bounded
+
+
+def test_a_fold_left_undone_is_finished_before_the_next_fork(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The removal of dead worker 2's counter map fails once, its archive written (naming 2): the master finishes the
+    fold before it forks (gunicorn's pre_fork), and a worker forked then may be given pid 2. Its map is counted from
+    the first scrape, and kept by the next fold; finished at that fold (before), it was skipped until then (the
+    archive named 2) and removed by it, its counts lost."""
+    _worker_maps(directory, 2)
+    _unlink_fails_once(monkeypatch, lambda path: path.name == "counter_2.db")
+    forget_worker(0, 2, LOG.exception)
+    assert [record.getMessage() for record in caplog.records] == ["worker 2: the fold of its counter map failed"]
+    finish_folds(LOG.exception)  # pre_fork's
+    _worker_maps(directory, 2)  # the forked worker, given pid 2
+    assert _scraped(directory) == _totals([LIVE, 2, 2])
+    _worker_maps(directory, 3)
+    forget_worker(0, 3, LOG.exception)
+    assert _scraped(directory) == _totals([LIVE, 2, 2, 3])
+    assert len(caplog.records) == 1
+
+
+def test_a_finish_that_fails_is_logged_not_raised(directory: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """pre_fork's finish raising would end gunicorn's master loop, every worker with it."""
+    _worker_maps(directory, 2)
+    _fold(directory, 2)
+    (directory / "histogram_folded_1_0.db").rename(directory / "histogram_folded_0_2.db")  # a fold left undone
+    _unlink_fails_once(monkeypatch, lambda path: path.name == "histogram_2.db")
+    finish_folds(LOG.exception)
+    [failure] = caplog.records
+    assert failure.getMessage() == "before a fork: the finish of a histogram fold left undone failed"
+    assert failure.exc_info
 
 
 @pytest.mark.parametrize("garbage", [b"abc", bytes(range(64))])

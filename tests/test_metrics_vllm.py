@@ -6,17 +6,16 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from chat_http import vllm_samples
 from nanoqwen.api.metrics import Fanned, PendingHistogram, RequestTrace, ServerStats, Submitted
 from nanoqwen.api.metrics_vllm import PER_REQUEST
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.engine.step_counts import ITERATION_TOKENS_BUCKETS, StepCounts
 
 
-def _samples(stats: ServerStats) -> dict[tuple[str, str | None], float]:
+def _samples(stats: ServerStats) -> dict[tuple[str | None, ...], float]:
     """`vllm:` samples but buckets, by name and finished_reason."""
-    return {(sample.name, sample.labels.get("finished_reason")): sample.value
-            for family in text_string_to_metric_families(stats.prometheus().decode())
-            for sample in family.samples if sample.name.startswith("vllm:") and "le" not in sample.labels}
+    return vllm_samples(stats.prometheus().decode(), "finished_reason")
 
 
 def _choices(stats: ServerStats, tokens: dict[int, int], finished: dict[int, str]) -> RequestTrace:

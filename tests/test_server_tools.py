@@ -164,6 +164,8 @@ def test_arguments_past_the_request_s_values_are_a_413(server: GunicornServer) -
 
 @pytest.mark.parametrize("body, param", [
     ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools.[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather", "parameters": {"type": "string"}}}]},
+     "tools.[0].function.name"),  # the name's error, not the parameters' (which had no name to say)
     ({"tool_choice": "required"}, "tool_choice"),
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),  # OpenAI's 400 without tools, which agents hit
     ({"tools": [], "parallel_tool_calls": True}, "parallel_tool_calls"),

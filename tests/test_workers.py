@@ -14,19 +14,21 @@ import gevent
 import pytest
 import requests
 from gevent import socket
-from prometheus_client.parser import text_string_to_metric_families
 
+from chat_http import vllm_samples
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
 from nanoqwen.placement import cpu_share, lowest_free_slot, worker_device
 from nanoqwen.settings import EngineConfig, env_setting
-from server_process import GunicornServer, worker_run_dir
+from server_process import GunicornServer, copy_maps_as_dead, worker_run_dir
 
 MODEL = "qwen3-0.6b"
 CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "256"}
 REQUESTS = 12
 MAX_TOKENS = 6
+DEAD_WORKERS = 200  # their maps read by each scrape: ~1 s of reading on 2 loaded cores
+DEAD_PID = 10**9  # above any pid_max: never a live worker's
 
 
 def test_lowest_free_slot_reuses_a_dead_workers_slot():
@@ -116,11 +118,10 @@ def _metric(srv: GunicornServer, sample: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _vllm_series(srv: GunicornServer, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """A `vllm:` sample's value by its label set (vLLM's `engine` a worker's slot)."""
-    return {tuple(sorted(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(_get(srv, "/metrics").text)
-            for sample in family.samples if sample.name == name}
+def _vllm_series(srv: GunicornServer, name: str) -> dict[tuple[str | None, ...], float]:
+    """A `vllm:` sample's value by its (engine, model_name) labels (vLLM's `engine` a worker's slot)."""
+    samples = vllm_samples(_get(srv, "/metrics").text, "engine", "model_name")
+    return {key[1:]: value for key, value in samples.items() if key[0] == name}
 
 
 def _chat(srv: GunicornServer, i: int) -> int:
@@ -189,7 +190,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert _metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
         # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
         generated = _vllm_series(srv, "vllm:generation_tokens_total")
-        assert sorted(generated) == [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
+        assert sorted(generated) == [(slot, MODEL) for slot in "01"]
         assert all(generated.values()) and sum(generated.values()) == REQUESTS * MAX_TOKENS
         assert sum(_vllm_series(srv, "vllm:request_success_total").values()) == REQUESTS
         assert sum(_vllm_series(srv, "vllm:e2e_request_latency_seconds_count").values()) == REQUESTS
@@ -211,7 +212,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
         # a live gauge: one series a slot, the dead worker's gone (no pid label)
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
-            [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
+            [(slot, MODEL) for slot in "01"]
         assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
 
 
@@ -228,7 +229,7 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
         assert _chat(srv, 0) == MAX_TOKENS
         # vLLM's `engine` label is the worker's slot, read when its metrics are made (after the fork)
         assert sorted(_vllm_series(srv, "vllm:kv_cache_usage_perc")) == \
-            [(("engine", slot), ("model_name", MODEL)) for slot in "01"]
+            [(slot, MODEL) for slot in "01"]
 
 
 def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(tiny_checkpoint: Path,
@@ -283,3 +284,33 @@ def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(t
         log = _wait_for(lambda: f"worker {respawned}: its statistics are published again" in (log := srv.log()) and log,
                         "the worker's loop to publish again", srv, timeout=10)
         assert f"worker {respawned}: its statistics are not published" in log and "Traceback" not in log
+
+
+def test_a_scrape_reads_the_maps_off_the_event_loop(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A scrape reading many maps (a burst of worker deaths: each scrape lists and reads their maps until the master
+    has folded them; here DEAD_WORKERS maps that no master folds) leaves the worker's event loop to its other
+    requests: a /health sent while the scrape reads is answered before the scrape. On the loop, /health waited for
+    the whole read (~1-2 s), as every stream did. The scrape's `name[]` filter keeps its answer one small write."""
+    env = {"NANOQWEN_MODEL": str(tiny_checkpoint), **CPU}
+    with GunicornServer(env, tmp_path / "gunicorn.log") as srv:
+        assert _chat(srv, 0) == MAX_TOKENS
+        [worker] = _wait_for(lambda: (w := _workers(srv)) and w[0]["requests_served"] == 1 and w.values(),
+                             "the request published", srv, timeout=10)
+        copy_maps_as_dead(worker_run_dir(worker["pid"]) / "metrics", worker["pid"],
+                          range(DEAD_PID, DEAD_PID + DEAD_WORKERS))
+
+        def scraped() -> tuple[str, float]:
+            return _get(srv, "/metrics?name[]=nanoqwen_requests_total").text, time.monotonic()
+
+        text, _ = scraped()
+        assert f'nanoqwen_requests_total{{outcome="served"}} {float(DEAD_WORKERS + 1)}' in text, text
+        with ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            scrape = pool.submit(scraped)
+            time.sleep(0.2)  # the scrape's read under way: it takes ~1 s
+            assert not scrape.done(), time.monotonic() - started
+            _get(srv, "/health")
+            answered = time.monotonic()
+            text, scrape_ended = scrape.result()
+        assert answered < scrape_ended, (answered - started, scrape_ended - started)
+        assert f'nanoqwen_requests_total{{outcome="served"}} {float(DEAD_WORKERS + 1)}' in text, text

@@ -7,8 +7,9 @@ master (nanoqwen.api.shared_stats.forget_worker) folds a dead worker's maps into
 `<kind>_folded_<generation>_<pid>.db` (the pid: the worker folded in last), written whole under a name the scrapes'
 `*.db` glob skips and renamed into place; then the archive before it and the dead maps are removed, and the archive is
 renamed to the next generation naming no pid (a worker forked later may be given the dead one's pid: its live maps
-would be skipped). A fold stopped after its archive's write (a removal that raised) is finished by the next one before
-it reads the archive: else the next archive would name only its own pid, and the first pid's map be read on top of it.
+would be skipped). A fold stopped after its archive's write (a removal that raised) is finished before the master's
+next fork (so before any worker is given that pid) and by the next fold before it reads the archive: else the next
+archive would name only its own pid, and the first pid's map be read on top of it.
 
 Two files cannot change at once, so a scrape (FoldedCollector) reads the newest archive of each kind it lists and
 skips the map of the pid that archive names. Another dead map it reads was not folded into that archive: one folded
@@ -88,8 +89,8 @@ def _write(path: Path, data: bytes) -> None:
 def fold(directory: Path, kind: str, pid: int) -> None:
     """The dead worker `pid`'s map of `kind` (one of FOLDED) into its archive, then removed. Raises OSError where the
     archive cannot be written (a full disk): the dead map stays, and is read as before; or where a step after its
-    write fails: the kind's next fold finishes this one first."""
-    archive = _finished(directory, kind)
+    write fails: the master finishes this one before its next fork (or the kind's next fold does)."""
+    archive = finish(directory, kind)
     dead = directory / f"{kind}_{pid}.db"
     if not dead.exists():
         return
@@ -99,7 +100,7 @@ def fold(directory: Path, kind: str, pid: int) -> None:
             totals[key] += value  # counters' and histograms' samples (each bucket its own count) add up
     generation = 0 if archive is None else archive.generation + 1
     _write(_archive_path(directory, kind, generation, pid), _encoded(totals))
-    _finished(directory, kind)
+    finish(directory, kind)
 
 
 def _read(path: Path) -> list[tuple[str, float, float, int]]:
@@ -113,12 +114,13 @@ def _read(path: Path) -> list[tuple[str, float, float, int]]:
         raise DamagedMap(f"{path.name} is damaged ({exc}): set aside as {aside.name}, its counts lost") from exc
 
 
-def _finished(directory: Path, kind: str) -> Archive | None:
+def finish(directory: Path, kind: str) -> Archive | None:
     """The kind's newest archive, its fold finished where one stopped after its write (a fold's second half, a step
     that raised): the archives before it and the map it names removed, then renamed to name no pid (a worker forked
-    later may be given the dead one's pid). A write's leftover (the master stopped during it) removed too. Finished at a
-    later worker's exit, the pid's map removed may be a live worker's given that pid since: its counts are lost (a
-    failed removal and a reused pid both needed)."""
+    later may be given the dead one's pid). A write's leftover (the master stopped during it) removed too. Run by the
+    master before each fork (shared_stats.finish_folds) and at each fold: a fold left undone is finished before a
+    worker can be given its pid, whose map would be skipped by the scrapes until then and removed by the finish. Where
+    that finish fails too, it still may be (a live worker's counts lost: two failed steps and a reused pid)."""
     for making in directory.glob(f"{kind}_{ARCHIVE}_*.db.making"):
         making.unlink()
     archives = list(directory.glob(f"{kind}_{ARCHIVE}_*.db"))

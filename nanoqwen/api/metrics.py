@@ -26,6 +26,7 @@ from nanoqwen.api import metric_maps
 from nanoqwen.api.errors import APIError
 from nanoqwen.api.metric_archive import FoldedCollector
 from nanoqwen.api.metrics_vllm import ITL_BUCKETS, PER_REQUEST, TTFT_BUCKETS, VllmMetrics
+from nanoqwen.api.offload import NativePool, run_or_503
 from nanoqwen.api.shared_stats import MULTIPROC_ENV, SPEC_DECODE_COUNTS, SharedStats, aggregate
 from nanoqwen.engine.request import Event, Usage
 from nanoqwen.placement import SLOT_ENV
@@ -35,6 +36,7 @@ RATE_WINDOW_S = 10.0  # tokens/s is measured over this trailing window
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OUTCOMES = ("served", "aborted", "failed")
 NAME_FILTER = "name[]"  # /metrics' query: the sample names kept (prometheus-client's exposition reads the same)
+SCRAPES_PENDING = 4  # scrapes reading the maps at once (one) or waiting; past it a 503 `queue_full`
 EngineStats = Callable[[], dict[str, Any] | None]
 
 if os.environ.get(MULTIPROC_ENV):  # the only mode with maps
@@ -375,6 +377,10 @@ class ServerStats:
 
         self._pending = PendingMetrics()
         self._metrics: PrometheusMetrics | None = None
+        # the workers' maps read by a scrape, off the event loop: a burst of worker deaths lists many maps, re-read
+        # while the master folds them (metric_archive.FoldedCollector): ~2 s with 100 dead workers' maps, which held
+        # every stream and /health (profiles/bench_scrape_churn.py)
+        self._scrapes = NativePool(1, SCRAPES_PENDING, jobs="scrapes are already reading the metrics")
 
     def begin(self) -> RequestTrace:
         return RequestTrace(self, time.perf_counter())
@@ -515,14 +521,23 @@ class ServerStats:
         with _unavailable_on_os_error():
             metrics = self._made_metrics()  # where it cannot be, a scrape would miss this worker's counts: a 503
             directory = os.environ.get(MULTIPROC_ENV)
-            registry = metrics.registry
             if directory:
-                registry = CollectorRegistry(support_collectors_without_names=True)  # kept by a restricted one
-                try:
-                    FoldedCollector(registry, directory)
-                except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
-            return generate_latest(registry if names is None else registry.restricted_registry(names))
+                return run_or_503(self._scrapes, _maps_exposition, directory, names)
+            return _exposition(metrics.registry, names)
+
+
+def _exposition(registry: CollectorRegistry, names: Sequence[str] | None) -> bytes:
+    return generate_latest(registry if names is None else registry.restricted_registry(names))
+
+
+def _maps_exposition(directory: str, names: Sequence[str] | None) -> bytes:
+    """Every worker's metrics, read from the maps of `directory` (a native thread's work: ServerStats.prometheus)."""
+    registry = CollectorRegistry(support_collectors_without_names=True)  # kept by a restricted one
+    try:
+        FoldedCollector(registry, directory)
+    except ValueError as exc:  # prometheus-client's where the directory is not one (gone): not an OSError
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from exc
+    return _exposition(registry, names)
 
 
 @contextlib.contextmanager

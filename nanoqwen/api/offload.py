@@ -18,6 +18,7 @@ from typing import Any
 import gevent
 import gevent.event
 
+from nanoqwen.api.errors import APIError
 from nanoqwen.engine.threads import NativeEvent, native_lock, start_native_thread
 
 # The weight of a job's seconds in the pool's mean (an EWMA: a lane's last few jobs, not its history)
@@ -114,3 +115,12 @@ class NativePool:
                 self._pending -= 1
                 self._mean_s = seconds if self._mean_s is None else self._mean_s + RECENT * (seconds - self._mean_s)
             job.done.send()
+
+
+def run_or_503(pool: NativePool, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in one of `pool`'s threads; a 503 `queue_full` when its queue is full."""
+    try:
+        return pool.run(fn, *args)
+    except PoolFullError as exc:
+        raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
+                       code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None

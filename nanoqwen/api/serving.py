@@ -25,7 +25,7 @@ from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
 from nanoqwen.api.errors import APIError, generation_error
 from nanoqwen.api.metrics import RequestTrace, ServerStats, Submitted
-from nanoqwen.api.offload import NativePool, PoolFullError
+from nanoqwen.api.offload import NativePool, run_or_503
 from nanoqwen.api.responses import fingerprint
 from nanoqwen.api.sse import HEADERS, PROBE, sse
 from nanoqwen.api.strict_json import Budget
@@ -298,7 +298,8 @@ class Serving:
     def off_loop(self, chars: int, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) (templating, tokenising) in a native thread; prompts of `chars` characters or
         more go to their own pool, so a few long ones cannot hold up every short one."""
-        return self._run(self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing, fn, *args)
+        pool = self.tokenizing_long if chars >= self.config.long_prompt_chars else self.tokenizing
+        return run_or_503(pool, fn, *args)
 
     def parse_body(self, text: str, raw: bytes | None) -> ParsedBody:
         """body.parse_json(text, raw), off the loop past LARGE_BODY_CHARS (8 MiB of JSON: ~130 ms)."""
@@ -316,21 +317,12 @@ class Serving:
         what it hands off itself (off_loop) must be done there in its place."""
         if where == "loop":
             return fn(*args)
-        return self._run(self.tokenizing_long if where == "long" else self.tokenizing, fn, *args)
+        return run_or_503(self.tokenizing_long if where == "long" else self.tokenizing, fn, *args)
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) (a grammar's compile, on its cache's miss) in the grammars' own native threads: a prompt's
         tokenising never waits for other clients' grammars."""
-        return self._run(self.compiling, fn, *args)
-
-    @staticmethod
-    def _run(pool: NativePool, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) in one of `pool`'s threads; 503 when its queue is full."""
-        try:
-            return pool.run(fn, *args)
-        except PoolFullError as exc:
-            raise APIError(503, f"the server is at capacity, retry later ({exc})", type="server_error",
-                           code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+        return run_or_503(self.compiling, fn, *args)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages", reports_admission: bool = False) -> Batch:

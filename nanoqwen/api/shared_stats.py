@@ -69,8 +69,7 @@ def remove_run_dir() -> None:
 def forget_worker(slot: int, pid: int, log_failure: Callable[..., None]) -> None:
     """In the master, once a worker has exited: its live gauges and snapshot go, its counters and histograms are
     folded into the archives (nanoqwen.api.metric_archive). Each step is tried whatever the others did; one that fails
-    (a full disk, a damaged map) is logged with `log_failure` (a logger's `exception`: with its traceback) and not
-    raised: an exception out of a gunicorn hook ends the master's loop, and every worker with it."""
+    (a full disk, a damaged map) is logged with `log_failure` (a logger's `exception`: with its traceback)."""
     from prometheus_client import multiprocess
 
     from nanoqwen.api import metric_archive
@@ -83,11 +82,28 @@ def forget_worker(slot: int, pid: int, log_failure: Callable[..., None]) -> None
     for kind in metric_archive.FOLDED:  # each its own step: one kind's failure leaves the other's fold whole
         steps[f"the fold of its {kind} map"] = functools.partial(
             metric_archive.fold, Path(os.environ[MULTIPROC_ENV]), kind, pid)
+    _each_tried(steps, f"worker {pid}", log_failure)
+
+
+def finish_folds(log_failure: Callable[..., None]) -> None:
+    """In the master, before it forks a worker: each kind's fold left undone (nanoqwen.api.metric_archive.finish)
+    finished, while no live worker can have the pid its archive names (the dead worker's, given to no process forked
+    since). Logged with `log_failure` where it fails, as forget_worker's steps."""
+    from nanoqwen.api import metric_archive
+
+    _each_tried({f"the finish of a {kind} fold left undone": functools.partial(
+        metric_archive.finish, Path(os.environ[MULTIPROC_ENV]), kind) for kind in metric_archive.FOLDED},
+        "before a fork", log_failure)
+
+
+def _each_tried(steps: dict[str, Callable[[], object]], who: str, log_failure: Callable[..., None]) -> None:
+    """Each step run whatever the others did; one that fails logged, not raised: an exception out of a gunicorn hook
+    ends the master's loop, and every worker with it."""
     for step, run in steps.items():
         try:
             run()
         except Exception:
-            log_failure("worker %s: %s failed", pid, step)
+            log_failure("%s: %s failed", who, step)
 
 
 def aggregate(workers: list[dict[str, Any]]) -> dict[str, Any]:
