@@ -5,8 +5,9 @@ it; at decode sizes that costs far more than the arithmetic. This kernel walks e
 block table up to its context length with an online softmax over tiles of 32 keys (rescaled once
 per tile) and fp32 accumulation (bf16 or fp32 cache). A task takes every head of its keys, each kv
 head's GQA group sharing its K/V rows, so the cache is read in runs of whole tokens (Hkv * D values)
-rather than a head's slice of each; the next tile is prefetched while one is computed, the cache
-being cold after the linears streamed their weights. Flash-decoding: from 512 (token, kv
+rather than a head's slice of each; the cache being cold after the linears streamed their weights, each
+tile is first read in address order (a load a cache line: ~2x the cold rate of prefetches alone) and the next one
+prefetched while it is computed. Flash-decoding: from 512 (token, kv
 head) pairs a sequence's keys are cut into parts, about 4 per thread across the batch, each a task
 on the thread pool leaving its max, sum and unnormalised output, combined at the end; batch 1 and a
 long sequence next to short ones then keep every thread busy. The parts' state lives in a per-thread
