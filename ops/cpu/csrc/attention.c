@@ -81,10 +81,10 @@ static void tile_rows(const struct attention_args *a, const int32_t *table, int 
 
 /* The next tile is prefetched while one is computed: the cache is cold after the linears streamed their weights, and
    a block's tokens need not be next to each other. */
-static void prefetch_rows(const struct attention_args *a, const long *rows, int n) {
-    const long size = a->bf16 ? 2 : 4;
+static void prefetch_rows(const struct attention_args *a, const long *rows, int n, int h0, int h1) {
+    const long size = a->bf16 ? 2 : 4, first = (long)h0 * a->D * size, last = (long)h1 * a->D * size;
     for (int t = 0; t < n; t++)
-        for (long byte = 0; byte < a->Hkv * a->D * size; byte += 64) {
+        for (long byte = first; byte < last; byte += 64) {
             _mm_prefetch((const char *)a->kc + rows[t] * size + byte, _MM_HINT_T0);
             _mm_prefetch((const char *)a->vc + rows[t] * size + byte, _MM_HINT_T0);
         }
@@ -95,11 +95,12 @@ static void prefetch_rows(const struct attention_args *a, const long *rows, int 
    own line (likely: they do not train the L2's streamer, demand loads in order do): at 33 keys 26-28 -> 17-19 µs a
    layer, at 513 keys 334-405 -> 222-263 (profiles/b1_between.c, 2-core Zen 3; hot, the loads cost ~1.5 µs at 33
    keys). */
-static void load_rows(const struct attention_args *a, const long *rows, int n) {
-    const long size = a->bf16 ? 2 : 4, bytes = a->Hkv * a->D * size;  /* a multiple of 32 (D % 16 == 0) */
+static void load_rows(const struct attention_args *a, const long *rows, int n, int h0, int h1) {
+    /* heads h0 .. h1 - 1's bytes: multiples of 32 (D % 16 == 0) */
+    const long size = a->bf16 ? 2 : 4, first = (long)h0 * a->D * size, last = (long)h1 * a->D * size;
     __m256i any = _mm256_setzero_si256();
     for (int t = 0; t < n; t++)
-        for (long byte = 0; byte < bytes; byte += 64) {
+        for (long byte = first; byte < last; byte += 64) {
             const char *k = (const char *)a->kc + rows[t] * size + byte;
             const char *v = (const char *)a->vc + rows[t] * size + byte;
             any = _mm256_or_si256(any, _mm256_or_si256(_mm256_loadu_si256((const __m256i *)k),
@@ -323,10 +324,10 @@ static void attend_heads(const struct attention_args *a, int b, int begin, int e
     if (begin < end) tile_rows(a, table, begin, end, rows[0]);
     for (int t0 = begin, cur = 0; t0 < end; t0 += TILE, cur ^= 1) {
         const int n = end - t0 < TILE ? end - t0 : TILE;
-        load_rows(a, rows[cur], n);
+        load_rows(a, rows[cur], n, h0, h1);
         if (t0 + TILE < end) {
             tile_rows(a, table, t0 + TILE, end, rows[cur ^ 1]);
-            prefetch_rows(a, rows[cur ^ 1], end - t0 - TILE < TILE ? end - t0 - TILE : TILE);
+            prefetch_rows(a, rows[cur ^ 1], end - t0 - TILE < TILE ? end - t0 - TILE : TILE, h0, h1);
         }
         for (int h = h0; h < h1; h++) {
             /* bf16 q on AVX-512 takes half the floats */
