@@ -40,6 +40,7 @@ from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_I
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
+from schema_shapes import options_with_chains
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -972,6 +973,27 @@ def test_alternatives_sharing_a_first_token_past_the_row_are_a_400_before_any_to
             f'd{j}_{links}: "a"\n' for j in range(4))
 
     _followed_then_refused(server, shared, r"b[ab]?", 120, 450)
+
+
+def test_options_going_on_alike_past_the_row_are_a_400_before_any_token(server: GunicornServer) -> None:
+    """An `anyOf` of 4 objects `{"x": chain}` (each chain its own 400 `$ref` links): after `{"x": ` llguidance's row
+    holds every option's chain (3,204 items), and the schema, weighed as the longest chain alone (806), was served and
+    failed at the answer's first token. Now the 400 naming the field in OpenAI's error shape before any token, streamed
+    or not; 4 chains of 120 links are followed."""
+    def create(links: int, stream: bool) -> str:
+        schema = {"name": "x", "schema": options_with_chains(4, links), "strict": True}
+        answer = _create(server, max_tokens=6, temperature=0, stream=stream,
+                         response_format={"type": "json_schema", "json_schema": schema})
+        if stream:
+            return "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices)
+        return answer.choices[0].message.content
+
+    for stream in (False, True):
+        assert create(120, stream).startswith('{"x":')
+        with pytest.raises(openai.BadRequestError, match="parser row of the grammar may hold") as refused:
+            create(400, stream)
+        assert refused.value.status_code == 400 and refused.value.body.keys() == {"message", "type", "param", "code"}
+        assert (refused.value.body["param"], refused.value.body["type"]) == ("response_format", "invalid_request_error")
 
 
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:
