@@ -11,10 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from nanoqwen.engine.object_runs import ALTERNATIVES, SchemaObjects, Told, TooLarge, TooManyParts, most_alike
+from nanoqwen.engine.object_runs import (
+    ALTERNATIVES,
+    Merged,
+    SchemaObjects,
+    Told,
+    TooLarge,
+    TooManyParts,
+    most_alike,
+)
 from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
 
 Path = tuple[str, ...]
+# The property values one schema's options may add up, each option's counted each time a list holds it (~0.7 s of
+# Python): 3,000 lists naming an object of 2,000 `$ref`d properties were 6 M, 27 s. Past them ManyOptions (a 400).
+OPTIONS_WORK = 1 << 18
+
+
+class ManyOptions(ValueError):
+    """A schema whose `anyOf`/`oneOf` options hold more property values than OPTIONS_WORK to add up."""
 
 
 class AlikeChains:
@@ -25,6 +40,9 @@ class AlikeChains:
         self._root, self._targets, self._paths, self._link = root, targets, paths, link
         self._objects = SchemaObjects(root)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
+        # by its parts' ids: an object option's values with a left corner (what told it apart, the key, its rule)
+        self._values: dict[tuple[int, ...], list[tuple[tuple[Told, str], Any, int]]] = {}
+        self._work = OPTIONS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
         """The most items one row holds: where a value of the schema begins (its left corner), and after a key or a
@@ -52,14 +70,24 @@ class AlikeChains:
                         seen.add(key)
                         items += self._corner(part.get("items"))
                 continue
-            owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
-            for told, name in shape.told():
-                for own in owns:
-                    if (corner := self._corner(own.get(name))) and (key := (told, name, self._named(own[name]))) \
-                            not in seen:
-                        seen.add(key)
-                        values.append(((told, name), corner))
+            for at, named, corner in self._cornered(found, shape):
+                if (at, named) not in seen:
+                    seen.add((at, named))
+                    values.append((at, corner))
         return max(items, most_alike(values)[0])
+
+    def _cornered(self, found: list[dict[str, Any]], shape: Merged) -> list[tuple[tuple[Told, str], Any, int]]:
+        """The values of the object merged from `found` (as `shape`) with a left corner; ManyOptions past the work."""
+        if (known := self._values.get(key := tuple(map(id, found)))) is None:
+            owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
+            self._work -= len(shape.names)
+            known = self._values[key] = [((told, name), self._named(own[name]), corner) for told, name in shape.told()
+                                         for own in owns if (corner := self._corner(own.get(name)))]
+        self._work -= len(known) + 1
+        if self._work < 0:
+            raise ManyOptions(f"the JSON Schema's anyOf/oneOf options hold more than {OPTIONS_WORK} property values "
+                              "to weigh, each counted in each list naming it (share or merge some)")
+        return known
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
