@@ -115,9 +115,9 @@ MAX_PATTERN_PROPERTIES = 64
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
 # A Lark grammar's characters: weighed in Python before llguidance sees it (check_bounds, row_weight: ~3-6 us a
-# character, on the compile thread, which holds the GIL between switches), a multi-megabyte one up to ~25 s. Past 12,000
-# rules of 40 characters, or 4 x MAX_PATTERN_CHARS of literals; at the bound, weighed in ~1-3 s (profiles/RESULTS.md,
-# lane grammar39)
+# character, on the compile thread, which holds the GIL between switches), a multi-megabyte one up to ~25 s. It lies
+# past MAX_RULES rules of 40 characters and past 4 x MAX_PATTERN_CHARS of literals; at it, the worst shape found weighs
+# ~2.3 s (profiles/RESULTS.md, lane grammar39)
 MAX_LARK_CHARS = 1 << 19
 # An object's optional properties in a row (in `properties` order, between its required ones): llguidance's parser row
 # where the run may begin holds items in proportion; past LIMITS' max_items_in_row (2,000) the answer failed there,
