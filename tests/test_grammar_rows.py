@@ -10,9 +10,10 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import llguidance
+import pydantic
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -28,6 +29,7 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
+from schema_shapes import closed_object, options_with_chains
 from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
@@ -904,6 +906,123 @@ def test_nested_any_ofs_weigh_flattened() -> None:
     with pytest.raises(InvalidRequest, match="may hold 2400 items") as refused:
         grammar_module.check_json_schema({"anyOf": options}, True, "response_format")
     assert refused.value.param == "response_format"
+
+
+def _follows_schema(grammars: Grammars, tokenizer: PreTrainedTokenizerFast, schema: dict[str, Any],
+                    answer: str) -> bool:
+    return _follows(grammars, tokenizer, grammar_module._json_grammar(schema, True, "p"), answer)
+
+
+# options that go on alike where their chains begin (each chain 2 items a link in that row), and an answer there
+ALIKE = {
+    "objects' one property": (None, '{"x": 5}'),
+    "objects' second property": (lambda j, chain: closed_object({"k": {"type": "integer"}, "x": chain}),
+                                 '{"k": 1, "x": 5}'),
+    "bare $refs": (lambda j, chain: chain, "5"),
+    "arrays' items": (lambda j, chain: {"type": "array", "items": chain, "maxItems": 1}, "[5]"),
+}
+# options that do not: their chains begin after distinct keys, or after a first required property's distinct consts
+APART = {
+    "distinct keys": (lambda j, chain: closed_object({f"x{j}": chain}), '{"x3": 5}'),
+    "a const first": (lambda j, chain: closed_object({"k": {"const": f"v{j}"}, "x": chain}), '{"k": "v3", "x": 5}'),
+}
+
+
+@pytest.mark.parametrize("shape", ALIKE)
+def test_options_that_go_on_alike_add_up_their_chains(grammars: Grammars, tokenizer: PreTrainedTokenizerFast,
+                                                      shape: str) -> None:
+    """4 options each holding a chain of its own of 400 `$ref` links: where the options go on alike (after `{"x": `,
+    after `[`, where the value begins) llguidance's row holds every option's chain, 3,204-3,224 items, and the answer
+    failed at its first token; schema_weight added the widest anyOf to the longest chain (806: served). Now the left
+    corners of options that go on alike add up, and the schema is the 400 naming the field before llguidance sees it;
+    4 of 120 links are served and followed."""
+    option, answer = ALIKE[shape]
+    past, within = (options_with_chains(4, links, *([option] if option else [])) for links in (400, 120))
+    assert not _follows_schema(grammars, tokenizer, past, answer)
+    assert grammar_rows.schema_weight(past) >= 4 * (2 * 400 + 1)
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(past, True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_module.check_json_schema(within, True, "p") <= grammar_module.MAX_ROW
+    assert _follows_schema(grammars, tokenizer, within, answer)
+
+
+@pytest.mark.parametrize("shape", APART)
+def test_options_told_apart_before_their_chains_weigh_the_longest(grammars: Grammars,
+                                                                  tokenizer: PreTrainedTokenizerFast,
+                                                                  shape: str) -> None:
+    """Options whose chains begin after distinct keys, or after a first required property's distinct `const`s, hold
+    one chain in a row: weighed as the longest (806), served, and followed by llguidance."""
+    option, answer = APART[shape]
+    schema = options_with_chains(4, 400, option)
+    assert grammar_module.check_json_schema(schema, True, "p") == 4 + 2 * 401
+    assert _follows_schema(grammars, tokenizer, schema, answer)
+
+
+def test_objects_sharing_a_property_of_nested_models_are_served(grammars: Grammars,
+                                                                tokenizer: PreTrainedTokenizerFast) -> None:
+    """Where options go on alike after a key, their values' left corners add up, not their models' nesting: 40
+    objects whose `owner` is a `$ref` to a model nested 40 deep (each its own) weigh 2 items an option there."""
+    models = {f"m{j}_{i}": closed_object({"next": {"$ref": f"#/$defs/m{j}_{i + 1}"}}) for j in range(40)
+              for i in range(40)} | {f"m{j}_40": {"type": "integer"} for j in range(40)}
+    schema = {"anyOf": [closed_object({"owner": {"$ref": f"#/$defs/m{j}_0"}}) for j in range(40)], "$defs": models}
+    assert grammar_module.check_json_schema(schema, True, "p") <= 40 + 2 * 41
+    assert _follows_schema(grammars, tokenizer, schema, '{"owner": {"next": {"next": {')
+
+
+def _lists_naming_one_object(lists: int, properties: int) -> dict[str, Any]:
+    """An object of `lists` properties, each `anyOf [$ref big, null]`; big an object of `properties` `$ref`d ones."""
+    big = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/t"} for i in range(properties)}}
+    return {"type": "object", "properties": {f"q{j}": {"anyOf": [{"$ref": "#/$defs/big"}, {"type": "null"}]}
+                                             for j in range(lists)},
+            "$defs": {"big": big, "t": {"type": "integer"}}}
+
+
+def test_the_options_values_added_up_are_bounded() -> None:
+    """Each list naming an object added up its values again: 3,000 lists naming one of 2,000 `$ref`d properties took
+    27 s of CPU to weigh (600: 4.6 s). Now an object's values are found once, each list spends OPTIONS_WORK by their
+    number, and past it the schema is the 400 naming the field (~0.7 s); 100 such lists weigh as before."""
+    with pytest.raises(InvalidRequest, match="anyOf/oneOf options hold more than") as refused:
+        grammar_module.check_json_schema(_lists_naming_one_object(600, 2_000), True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.schema_weight(_lists_naming_one_object(100, 2_000)) == 6
+
+
+class _Address(pydantic.BaseModel):
+    street: str
+    city: str | None = None
+
+
+class _Person(pydantic.BaseModel):
+    name: str
+    home: _Address | None = None
+    friends: list[_Person] = []
+
+
+class _Cat(pydantic.BaseModel):
+    kind: Literal["cat"]
+    owner: _Person | None
+    vet: _Address
+
+
+class _Dog(pydantic.BaseModel):
+    kind: Literal["dog"]
+    owner: _Person
+    walker: _Person | _Address | None = None
+
+
+class _Pets(pydantic.BaseModel):
+    pets: list[_Cat | _Dog]
+    best: Annotated[_Cat | _Dog, pydantic.Field(discriminator="kind")]
+    keeper: _Person | _Address | None = None
+
+
+def test_pydantics_unions_and_optional_models_weigh_as_before() -> None:
+    """pydantic's `anyOf [$ref, null]`, its unions of models, with and without a discriminator, recursion: each
+    option's chains add up only where options share a property, a few links; served."""
+    weights = [grammar_module.check_json_schema(model.model_json_schema(), False, "p")
+               for model in (_Person, _Cat, _Dog, _Pets)]
+    assert weights == [6, 6, 7, 9], weights  # as on 782ff7b
 
 
 def test_a_lark_body_nested_past_its_bound_is_refused_without_walking_it(monkeypatch: pytest.MonkeyPatch) -> None:

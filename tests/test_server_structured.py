@@ -40,6 +40,7 @@ from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_I
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
+from schema_shapes import options_with_chains
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -223,12 +224,22 @@ def test_regexes_past_their_bound_are_a_400_naming_the_field(server: GunicornSer
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
 
 
+# A grammar's syntax: its head, the piece repeated up to its bound (Lark's within llguidance's symbols), the bound and
+# the words of its refusal
+SYNTAXES = {
+    "GBNF": ('root ::= "a" ', '"b"', grammar.MAX_GBNF_CHARS, "a GBNF grammar longer than"),
+    "Lark": ('start: "a" ', f'"{"b" * 1_000}" ', grammar.MAX_LARK_CHARS, "a Lark grammar longer than"),
+}
+
+
+@pytest.mark.parametrize("syntax", SYNTAXES)
 @pytest.mark.parametrize("endpoint, field", [("chat", "guided_grammar"), ("completions", "structured_outputs")])
-def test_a_gbnf_grammar_past_its_bound_is_a_400_naming_the_field(server: GunicornServer, endpoint: str,
-                                                                 field: str) -> None:
+def test_a_grammar_past_its_bound_is_a_400_naming_the_field(server: GunicornServer, endpoint: str, field: str,
+                                                            syntax: str) -> None:
     """GBNF is converted to Lark in Python, holding the GIL (~1.6 s a megabyte, superlinear in its comment lines):
     past grammar.MAX_GBNF_CHARS a 400 naming the field before it is (literals alone were converted and served); at
-    the bound, served. Lark takes more (test_regexes_within_their_bound_and_long_literals_are_served)."""
+    the bound, served. Lark is weighed in Python (~3-6 us a character: 4 MiB of `(a)?` took 16 s of a compile thread),
+    and past grammar.MAX_LARK_CHARS, which takes more, is the 400 too."""
     client = server.openai_client(timeout=300)
 
     def create(text: str) -> Any:
@@ -238,10 +249,11 @@ def test_a_gbnf_grammar_past_its_bound_is_a_400_naming_the_field(server: Gunicor
                                                   extra_body={**NO_THINKING, **extra}).choices[0].message.content
         return client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0,
                                          extra_body=extra).choices[0].text
-    head = 'root ::= "a" '
-    at_bound = head + '"b"' * ((grammar.MAX_GBNF_CHARS - len(head)) // 3)
+    head, piece, bound, refusal = SYNTAXES[syntax]
+    at_bound = head + piece * ((bound - len(head)) // len(piece))
+    at_bound += " " * (bound - len(at_bound))
     assert create(at_bound).startswith("a")
-    with pytest.raises(openai.BadRequestError, match=f"a GBNF grammar longer than {grammar.MAX_GBNF_CHARS}") as refused:
+    with pytest.raises(openai.BadRequestError, match=f"{refusal} {bound}") as refused:
         create(at_bound + '"c"')
     param = "guided_grammar" if field == "guided_grammar" else "structured_outputs.grammar"
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
@@ -251,8 +263,8 @@ def test_a_lark_grammar_nested_past_its_bound_is_a_400_naming_the_field_and_hold
         server: GunicornServer) -> None:
     """Groups nested 2 M deep (a 4 MB body): llguidance refuses a 29th level, but the row walk before it kept every
     open group, 14 s of a compile thread's CPU that held the GIL ~1 s at a time. Now a 400 naming the field at
-    grammar_rows.MAX_NESTING, and /health is answered meanwhile."""
-    deep = 2_000_000
+    grammar_rows.MAX_NESTING, and /health is answered meanwhile; here as deep as grammar.MAX_LARK_CHARS allows."""
+    deep = grammar.MAX_LARK_CHARS // 2 - 8
     with health_polled(server, interval=0.01) as polls, pytest.raises(
             openai.BadRequestError, match=f"nested more than {grammar_rows.MAX_NESTING} deep") as refused:
         server.openai_client(timeout=300).completions.create(
@@ -972,6 +984,27 @@ def test_alternatives_sharing_a_first_token_past_the_row_are_a_400_before_any_to
             f'd{j}_{links}: "a"\n' for j in range(4))
 
     _followed_then_refused(server, shared, r"b[ab]?", 120, 450)
+
+
+def test_options_going_on_alike_past_the_row_are_a_400_before_any_token(server: GunicornServer) -> None:
+    """An `anyOf` of 4 objects `{"x": chain}` (each chain its own 400 `$ref` links): after `{"x": ` llguidance's row
+    holds every option's chain (3,204 items), and the schema, weighed as the longest chain alone (806), was served and
+    failed at the answer's first token. Now the 400 naming the field in OpenAI's error shape before any token, streamed
+    or not; 4 chains of 120 links are followed."""
+    def create(links: int, stream: bool) -> str:
+        schema = {"name": "x", "schema": options_with_chains(4, links), "strict": True}
+        answer = _create(server, max_tokens=6, temperature=0, stream=stream,
+                         response_format={"type": "json_schema", "json_schema": schema})
+        if stream:
+            return "".join(chunk.choices[0].delta.content or "" for chunk in answer if chunk.choices)
+        return answer.choices[0].message.content
+
+    for stream in (False, True):
+        assert create(120, stream).startswith('{"x":')
+        with pytest.raises(openai.BadRequestError, match="parser row of the grammar may hold") as refused:
+            create(400, stream)
+        assert refused.value.status_code == 400 and refused.value.body.keys() == {"message", "type", "param", "code"}
+        assert (refused.value.body["param"], refused.value.body["type"]) == ("response_format", "invalid_request_error")
 
 
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:

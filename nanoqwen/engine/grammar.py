@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from llguidance import LLMatcher
 
+from nanoqwen.engine.alike_chains import ManyOptions
 from nanoqwen.engine.call_arguments import call_arguments
 from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import (
@@ -113,6 +114,11 @@ MAX_PATTERN_PROPERTIES = 64
 # superlinear in its comment lines (1 MB of `#x` lines: 8.9 s). At the bound, converted and compiled, 0.1-0.45 s of CPU:
 # 240 groups deep 0.13-0.43 s, `#x` lines 0.10-0.20 s (profiles/RESULTS.md, grammar29 and its mends).
 MAX_GBNF_CHARS = 1 << 16
+# A Lark grammar's characters: weighed in Python before llguidance sees it (check_bounds, row_weight: ~3-6 us a
+# character, on the compile thread, which holds the GIL between switches), a multi-megabyte one up to ~25 s. It lies
+# past MAX_RULES rules of 40 characters and past 4 x MAX_PATTERN_CHARS of literals; at it, the worst shape found weighs
+# ~2.3 s (profiles/RESULTS.md, lane grammar39)
+MAX_LARK_CHARS = 1 << 19
 # An object's optional properties in a row (in `properties` order, between its required ones): llguidance's parser row
 # where the run may begin holds items in proportion; past LIMITS' max_items_in_row (2,000) the answer failed there,
 # after the compile (streamed: a 200, then the error). Measured per position (object_runs; profiles/RESULTS.md, lanes
@@ -402,7 +408,8 @@ class Grammars:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
         strings) or "grammar" (Lark, or llama.cpp's GBNF); InvalidRequest naming `param` if it is not one.
         Cached by (kind, text): converting GBNF to Lark, in Python, takes milliseconds (profiles/RESULTS.md), and
-        converting and compiling up to 0.1-0.45 s at MAX_GBNF_CHARS, checked before (engine/gbnf: in linear time)."""
+        converting and compiling up to 0.1-0.45 s at MAX_GBNF_CHARS, checked before (engine/gbnf: in linear time), as
+        is a Lark grammar's MAX_LARK_CHARS."""
         key = text_key(kind, text)
         grammar = self.cached(key)
         if grammar is not None:
@@ -412,6 +419,9 @@ class Grammars:
         if kind == "grammar" and len(text) > MAX_GBNF_CHARS and is_gbnf(text):
             raise InvalidRequest(f"invalid {param}: a GBNF grammar longer than {MAX_GBNF_CHARS} characters (give "
                                  "it as Lark, which takes more)", param=param)
+        if kind == "grammar" and len(text) > MAX_LARK_CHARS:
+            raise InvalidRequest(f"invalid {param}: a Lark grammar longer than {MAX_LARK_CHARS} characters",
+                                 param=param)
         try:
             converted = grammar_from_text(text) if kind == "grammar" else llguidance.grammar_from(kind, text)
         except ValueError as exc:
@@ -497,7 +507,7 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
         weight = row_weight(text) if weigh is None else weigh()
     except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
         raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
-    except (LongReference, DeepNesting) as exc:
+    except (LongReference, DeepNesting, ManyOptions) as exc:
         raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "

@@ -7,6 +7,7 @@ of llguidance's parser row where a run of optional properties may begin, per pos
 llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,17 @@ class Merged:
     closed: bool
     is_object: bool
     discriminator: Key | None = None
+
+    def told(self) -> list[tuple[Told, str]]:
+        """Each property name in order, with what told the object apart up to it (Told: its first required property and
+        that one's discriminator; None before it)."""
+        told: Told = None
+        found = []
+        for name in self.names:
+            if name in self.required:
+                told = told or (name, self.discriminator)
+            found.append((told, name))
+        return found
 
     def runs(self) -> list[int]:
         """The optional properties before each required one, and after the last."""
@@ -224,19 +236,12 @@ class SchemaObjects:
 
     def shared(self, rows: Rows) -> tuple[int, str]:
         """The most items one row holds after a property that options of `rows` may go on from alike, and its name
-        (0 and "" where none): those whose first required property is one name with distinct `const`s apart, all
-        others together (one whose first required differs may still go on alike: `[required a][b]`, `[a][required
-        b]`). Once for each `after` (one list's, however many `$ref`s name it)."""
+        (most_alike's). Once for each `after` (one list's, however many `$ref`s name it)."""
         if not rows.after:
             return 0, ""
         if (known := self._shared.get(id(rows.after))) is not None:
             return known[1]
-        groups: dict[str, dict[Told, int]] = {}
-        for (told, name), items in rows.after.items():
-            by_told = groups.setdefault(name, {})
-            by_told[told] = by_told.get(told, 0) + items
-        most = max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
-                    for name, by_told in groups.items()), default=(0, ""))
+        most = most_alike(rows.after.items())
         self._shared[id(rows.after)] = rows.after, most  # kept: its id stays its own
         return most
 
@@ -259,10 +264,9 @@ class SchemaObjects:
         if (known := self._after.get(id(shape))) is not None:
             return known
         after: dict[tuple[Told, str], int] = {}
-        index, left, told = 0, runs[0], None  # the required properties so far, the optional ones left in the run
-        for name in shape.names:
+        index, left = 0, runs[0]  # the required properties so far, the optional ones left in the run
+        for told, name in shape.told():
             if name in shape.required:
-                told = told or (name, shape.discriminator)
                 index += 1
                 left = runs[index]
             else:
@@ -330,6 +334,18 @@ def _told(value: Any) -> Key | None:
 
 def _f64_holds(value: int) -> bool:
     return abs(value) < 2**1024 and float(value) == value  # an int and a float compare exactly
+
+
+def most_alike(items: Iterable[tuple[tuple[Told, str], int]]) -> tuple[int, str]:
+    """The most items one row holds after a property (and its name; 0 and "" where none), of options' `items` by
+    (Told, name): those whose first required property is one name with distinct `const`s apart, all others together
+    (one whose first required differs may still go on alike: `[required a][b]`, `[a][required b]`)."""
+    groups: dict[str, dict[Told, int]] = {}
+    for (told, name), weight in items:
+        by_told = groups.setdefault(name, {})
+        by_told[told] = by_told.get(told, 0) + weight
+    return max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
+                for name, by_told in groups.items()), default=(0, ""))
 
 
 def _apart(told: list[Told]) -> bool:
