@@ -11,13 +11,15 @@ from collections.abc import Sequence
 # lane suite39); a file not named goes after them, in xdist's order
 LONGEST_FIRST = (
     "test_server_modes.py", "test_server_structured.py", "test_triton_versions.py", "test_deploy.py",
-    "test_server_quant_bf16.py", "test_server.py", "test_server_triton.py", "test_kernels.py", "test_conformance.py",
-    "test_grammar_rows.py", "test_jit_variants.py", "test_structured_patterns.py", "test_cpu_build.py",
-    "test_server_quant.py", "test_server_robust.py", "test_server_many_tools.py", "test_step_rows.py",
-    "test_load_holds.py", "test_sampler.py", "test_cpu_linear_int4.py", "test_sampled_distribution.py",
-    "test_fuzz_openapi.py", "test_workers.py", "test_cpu_attention_split.py", "test_cpu_sample.py",
-    "test_server_send_timeout.py", "test_server_tls.py", "test_outsider_suites.py", "test_server_streams.py",
-    "test_launches.py", "test_lint.py",
+    "test_cpu_graph.py", "test_server_quant_bf16.py", "test_server.py", "test_server_triton.py",
+    "test_grammar_rows.py", "test_server_robust.py", "test_kernels.py", "test_conformance.py", "test_nginx.py",
+    "test_jit_variants.py", "test_structured_patterns.py", "test_cpu_build.py", "test_server_quant.py",
+    "test_server_many_tools.py", "test_step_rows.py", "test_load_holds.py", "test_memory.py", "test_sampler.py",
+    "test_sampled_distribution.py", "test_fuzz_openapi.py", "test_workers.py", "test_cpu_linear_int4.py",
+    "test_cpu_attention_split.py", "test_chunked_prefill.py", "test_cpu_sample.py", "test_server_send_timeout.py",
+    "test_gbnf.py", "test_server_tls.py", "test_outsider_suites.py", "test_server_streams.py", "test_launches.py",
+    "test_lint.py", "test_prompt_logprobs.py", "test_server_stop_logprobs.py", "test_server_stream_hold.py",
+    "test_server_disconnect.py",
 )
 
 
