@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from checkpoints import load_hf_model, make_checkpoint  # noqa: E402
+from suite_order import file_order  # noqa: E402
 
 if TYPE_CHECKING:
     import openai
@@ -35,6 +36,15 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
             and config.args_source is pytest.Config.ArgsSource.TESTPATHS and option.capture != "no"
             and not option.usepdb and not option.trace and len(os.sched_getaffinity(0)) >= 2):
         option.numprocesses, option.dist = 2, "loadfile"
+        option.loadscopereorder = False  # the files in the order the workers collect them (suite_order.py)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the files in suite_order's order (each file's tests in theirs): the collection the
+    workers send is the order in which the files are handed out."""
+    if hasattr(config, "workerinput"):
+        rank = {name: i for i, name in enumerate(file_order([item.path.name for item in items]))}
+        items.sort(key=lambda item: rank[item.path.name])
 
 
 # Checkpoint fixtures are directories in the shared .cache/fixtures/: treat them as read-only.
