@@ -101,15 +101,15 @@ def engine_idle(srv: GunicornServer) -> bool:
     return stats["active_requests"] == stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0
 
 
-def vllm_samples(text: str, *labels: str) -> collections.Counter[tuple[str | None, ...]]:
+def vllm_samples(text: str, *labels: str) -> dict[tuple[str | None, ...], float]:
     """A /metrics exposition's `vllm:` samples but buckets, summed by (name, each of `labels`' value: None where a
-    sample has none)."""
+    sample has none). A plain dict: a series missing is a KeyError, not a 0."""
     totals: collections.Counter[tuple[str | None, ...]] = collections.Counter()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith("vllm:") and "le" not in sample.labels:
                 totals[(sample.name, *map(sample.labels.get, labels))] += sample.value
-    return totals
+    return dict(totals)
 
 
 def raw_request(body: dict[str, Any] | bytes, path: str = "/v1/chat/completions", headers: str = "",

@@ -27,7 +27,7 @@ MODEL = "qwen3-0.6b"
 CPU = {"NANOQWEN_DEVICE": "cpu", "NANOQWEN_DTYPE": "float32", "NANOQWEN_MAX_MODEL_LEN": "256"}
 REQUESTS = 12
 MAX_TOKENS = 6
-DEAD_WORKERS = 200  # their maps read by each scrape: ~1 s of reading on 2 loaded cores
+DEAD_WORKERS = 200  # their maps read by each scrape: ~0.4-1 s of reading on 2 loaded cores
 DEAD_PID = 10**9  # above any pid_max: never a live worker's
 
 
@@ -119,8 +119,9 @@ def _metric(srv: GunicornServer, sample: str) -> float:
 
 
 def _vllm_series(srv: GunicornServer, name: str) -> dict[tuple[str | None, ...], float]:
-    """A `vllm:` sample's value by its (engine, model_name) labels (vLLM's `engine` a worker's slot)."""
-    samples = vllm_samples(_get(srv, "/metrics").text, "engine", "model_name")
+    """A `vllm:` sample's value by its (engine, model_name, pid) labels (vLLM's `engine` a worker's slot; no pid label
+    but a leftover's)."""
+    samples = vllm_samples(_get(srv, "/metrics").text, "engine", "model_name", "pid")
     return {key[1:]: value for key, value in samples.items() if key[0] == name}
 
 
@@ -190,7 +191,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert _metric(srv, "nanoqwen_generation_tokens_total") == REQUESTS * MAX_TOKENS
         # vLLM's series from the same counts, a series a worker as vLLM's per engine: both took requests
         generated = _vllm_series(srv, "vllm:generation_tokens_total")
-        assert sorted(generated) == [(slot, MODEL) for slot in "01"]
+        assert sorted(generated) == [(slot, MODEL, None) for slot in "01"]
         assert all(generated.values()) and sum(generated.values()) == REQUESTS * MAX_TOKENS
         assert sum(_vllm_series(srv, "vllm:request_success_total").values()) == REQUESTS
         assert sum(_vllm_series(srv, "vllm:e2e_request_latency_seconds_count").values()) == REQUESTS
@@ -212,7 +213,7 @@ def test_two_workers_share_the_socket_add_up_and_respawn_into_their_slot(tiny_ch
         assert not {f"counter_{dead['pid']}.db", f"histogram_{dead['pid']}.db"} & maps
         # a live gauge: one series a slot, the dead worker's gone (no pid label)
         assert sorted(_vllm_series(srv, "vllm:num_requests_running")) == \
-            [(slot, MODEL) for slot in "01"]
+            [(slot, MODEL, None) for slot in "01"]
         assert f"worker {respawned[0]['pid']}: slot 0, cpu on cores" in srv.log()
 
 
@@ -229,7 +230,7 @@ def test_preloaded_workers_still_get_their_own_slot(tiny_checkpoint: Path, tmp_p
         assert _chat(srv, 0) == MAX_TOKENS
         # vLLM's `engine` label is the worker's slot, read when its metrics are made (after the fork)
         assert sorted(_vllm_series(srv, "vllm:kv_cache_usage_perc")) == \
-            [(slot, MODEL) for slot in "01"]
+            [(slot, MODEL, None) for slot in "01"]
 
 
 def test_workers_serve_and_answer_stats_with_a_run_directory_they_cannot_write(tiny_checkpoint: Path,
@@ -296,21 +297,28 @@ def test_a_scrape_reads_the_maps_off_the_event_loop(tiny_checkpoint: Path, tmp_p
         assert _chat(srv, 0) == MAX_TOKENS
         [worker] = _wait_for(lambda: (w := _workers(srv)) and w[0]["requests_served"] == 1 and w.values(),
                              "the request published", srv, timeout=10)
-        copy_maps_as_dead(worker_run_dir(worker["pid"]) / "metrics", worker["pid"],
-                          range(DEAD_PID, DEAD_PID + DEAD_WORKERS))
 
         def scraped() -> tuple[str, float]:
             return _get(srv, "/metrics?name[]=nanoqwen_requests_total").text, time.monotonic()
 
-        text, _ = scraped()
-        assert f'nanoqwen_requests_total{{outcome="served"}} {float(DEAD_WORKERS + 1)}' in text, text
+        dead = 0
+        while True:  # maps enough that a scrape reads them for a while, whatever this host's speed
+            copy_maps_as_dead(worker_run_dir(worker["pid"]) / "metrics", worker["pid"],
+                              range(DEAD_PID + dead, DEAD_PID + dead + DEAD_WORKERS))
+            dead += DEAD_WORKERS
+            started = time.monotonic()
+            text, scrape_ended = scraped()
+            took = scrape_ended - started
+            assert f'nanoqwen_requests_total{{outcome="served"}} {float(dead + 1)}' in text, text
+            if took >= 0.4 or dead >= 10 * DEAD_WORKERS:
+                break
         with ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             scrape = pool.submit(scraped)
-            time.sleep(0.2)  # the scrape's read under way: it takes ~1 s
+            time.sleep(took / 4)  # the scrape's read under way
             assert not scrape.done(), time.monotonic() - started
             _get(srv, "/health")
             answered = time.monotonic()
             text, scrape_ended = scrape.result()
         assert answered < scrape_ended, (answered - started, scrape_ended - started)
-        assert f'nanoqwen_requests_total{{outcome="served"}} {float(DEAD_WORKERS + 1)}' in text, text
+        assert f'nanoqwen_requests_total{{outcome="served"}} {float(dead + 1)}' in text, text
