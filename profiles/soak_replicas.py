@@ -19,11 +19,12 @@ Invariants (exit status 1 when broken): every answer well formed (soak_http's ch
 queue_full, model_loading (B restarted) and nginx's no_replica, every error OpenAI-shaped, through nginx too), the
 official client never sees an error but those 503s after its retries; after each round each replica is drained (no
 running or waiting request, KV usage 0), A's /stats counts agree with what the clients saw whenever B's worker did
-not change (soak.count_problems over both), A's /health held p99 under --health-p99-ms, A's worker the same all soak
-and its RSS within --rss-growth-mb of the first round's, and no traceback or 500 in either replica's log. Then the
-fairness check, on A directly: a stream that never reads and a long stream read as it comes while --shorts short
-requests arrive; each short one must end within --short-bound-s. Writes soak_replicas.json into --out (default
-profiles/out/replicas-soak/).
+not change (soak.count_problems over both) and with A's /metrics (requests by outcome, tokens), A's /health held p99
+under --health-p99-ms, A's worker the same all soak and its RSS within --rss-growth-mb of the first round's, and no
+traceback or 500 in either replica's log. Then the fairness check, on A directly: a stream that never reads and long
+streams read as they come while --shorts short requests arrive; each short one must end within --short-bound-s, and
+the long streams never stand still that long. Writes soak_replicas.json into --out (default profiles/out/replicas-
+soak/).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from typing import Any
 
 import openai
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "profiles")]
@@ -99,9 +101,10 @@ def openai_client(url: str, tally: Tally, seed: int, until: float) -> None:
 
 
 def never_read(port: int, tally: Tally, stop: threading.Event) -> None:
-    """A long stream whose reader never reads (a small receive buffer, full): held until the round ends, then reset."""
+    """A long stream whose reader never reads (a small receive buffer, full): held until the round ends, then reset.
+    Its top logprobs make it hundreds of KB, past what the sockets' buffers take."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "stream": True,
-            "max_tokens": UNREAD_TOKENS, "ignore_eos": True}
+            "max_tokens": UNREAD_TOKENS, "ignore_eos": True, "logprobs": True, "top_logprobs": 20}
     while not stop.is_set():
         conn = Connection(port, timeout=60, rcvbuf=4096)
         conn.sock.sendall(request_bytes("POST", CHAT, json.dumps(body).encode()))
@@ -178,6 +181,18 @@ def drained_problems(name: str, server: GunicornServer) -> tuple[list[str], Json
     return ([f"replica {name} not drained: {drained}"] if busy else []), {**stats, "brief": drained}
 
 
+def metrics_problems(server: GunicornServer, stats: Json) -> list[str]:
+    """/metrics' finished requests by outcome and generated tokens against /stats' (one worker, never restarted)."""
+    text = requests.get(f"{server.url}/metrics", timeout=30).text
+    families = text_string_to_metric_families(text)
+    samples = {f.name: [s for s in f.samples if s.name.endswith("_total")] for f in families}
+    counted = {s.labels["outcome"]: s.value for s in samples["nanoqwen_requests"]}
+    counted["tokens"] = sum(s.value for s in samples["nanoqwen_generation_tokens"])
+    seen = {k: stats[f"requests_{k}"] for k in ("served", "aborted", "failed")}
+    seen["tokens"] = stats["total_tokens_generated"]
+    return [f"/metrics counts {counted.get(k)} {k}, /stats {v}" for k, v in seen.items() if counted.get(k) != v]
+
+
 def run_round(replicas: Replicas, probe_answer: str, index: int, how: str, args: argparse.Namespace) -> RoundResult:
     tally = Tally()
     soak = ReplicaSoak(replicas.nginx.port, tally, probe_answer)
@@ -214,6 +229,7 @@ def run_round(replicas: Replicas, probe_answer: str, index: int, how: str, args:
         problems, after[name] = drained_problems(name, server)
         tally.problems += problems
     pids = {name: [before[name]["workers"][0]["pid"], after[name]["workers"][0]["pid"]] for name in servers}
+    tally.problems += metrics_problems(replicas.a, after["a"])
     if pids["a"][0] != pids["a"][1]:
         tally.problems.append(f"replica a's worker changed: {pids['a']}")
     if pids["b"][0] == pids["b"][1]:  # the counts of a worker that stayed are comparable with the clients'
