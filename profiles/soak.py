@@ -22,7 +22,7 @@ error, bursts of concurrent strict-tool streams (half reset mid-stream, the rest
 their schemas), and a fixed greedy probe; /health is polled from a process of its own (chat_http.health_polled) and
 a prober thread reads /stats and /v1/models throughout.
 
-Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503 queue_full, every error
+Invariants (violations are listed and make the exit status 1): no 5xx but the documented 503s, every error
 OpenAI-shaped, a chat answer's logprobs spell its content (soak_http.logprobs_problem), the worker pid never
 changes, /health's p99 less the machine's load (chat_http.Poll.held: the
 stalls of the worker's event loop, not its thread's or the poller's waits for a CPU) under --health-p99-ms, after
@@ -446,7 +446,7 @@ class Soak:
                     if i >= cut:
                         break
                 reset(conn.sock)
-                self.tally.record("tool-reset", status, None if status == 200 else f"status {status}")
+                self.tally.record("tool-reset", status, None if status in (200, 503) else f"status {status}")
                 return
             reply = conn.reply()
             problem = answer_problem(reply, True, body["n"]) or tool_call_problem(reply, STRICT_TOOLS)
@@ -530,6 +530,12 @@ class RoundResult:
     drained: Json
     seen: dict[str, int]  # requests seen to end served, aborted or failed; "may": at most this many counted
     slowest_s: dict[str, float]
+
+
+def health_summary(r: Any) -> str:
+    """A round's /health figures (a RoundResult's, here or soak_replicas.py's), for its printed line."""
+    return (f"/health p50 {r.health_p50_ms:.1f} p99 {r.health_p99_ms:.1f} max {r.health_max_ms:.0f} ms "
+            f"(held p99 {r.held_p99_ms:.1f})")
 
 
 def count_problems(before: Json, after: Json, tally: Tally) -> list[str]:
@@ -652,8 +658,7 @@ def main() -> int:
         failed |= bool(problems)
         report[mode] = {"probe": answer, "rounds": [asdict(r) for r in rounds], "problems": problems}
         for i, r in enumerate(rounds):
-            print(f"{mode} round {i}: {r.requests} requests in {r.seconds:.0f} s, /health p50 {r.health_p50_ms:.1f} "
-                  f"p99 {r.health_p99_ms:.1f} max {r.health_max_ms:.0f} ms (held p99 {r.held_p99_ms:.1f}), "
+            print(f"{mode} round {i}: {r.requests} requests in {r.seconds:.0f} s, {health_summary(r)}, "
                   f"RSS {r.rss_mb:.0f} MB, {r.drained}")
             print("   ", r.statuses)
             print("    seen ended (may: at most counted):", r.seen)

@@ -20,6 +20,8 @@ RESPONSES = "/v1/responses"
 WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
 
 ENDED = ("response.completed", "response.incomplete")
+# the 503s a client may get: a replica at capacity or (restarted behind nginx) loading, nginx with every replica down
+UNAVAILABLE_CODES = ("queue_full", "model_loading", "no_replica")
 ERROR_KEYS = {"message", "type", "param", "code"}
 Json = dict[str, Any]
 # the scenarios whose 200 without a problem is an answer read whole (the engine's request served)
@@ -175,7 +177,7 @@ def send(port: int, raw: bytes, timeout: float = 120) -> Reply:
 def error_problem(reply: Reply) -> str | None:
     """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error."""
     text = reply.body.decode("utf-8", "replace")
-    if reply.status >= 500 and not (reply.status == 503 and '"queue_full"' in text):
+    if reply.status >= 500 and not (reply.status == 503 and any(f'"{code}"' in text for code in UNAVAILABLE_CODES)):
         return f"{reply.status}: {text[:300]}"
     try:
         error = json.loads(text)["error"]

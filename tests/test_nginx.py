@@ -147,6 +147,18 @@ def test_what_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path,
     assert error["type"] == "invalid_request_error" and error["message"] == NGINX_BAD_REQUEST, answer
 
 
+def test_a_body_past_nginx_s_limit_is_refused_in_the_api_s_envelope(replicas, tmp_path):
+    """A body past client_max_body_size (8 MiB, the replicas' own limit) nginx refuses before any replica reads it:
+    with its HTML 413 page, where a replica answers its 413 request_too_large in OpenAI's envelope. Now nginx answers
+    the replica's error."""
+    with Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb:
+        response = requests.post(f"{lb.url}/v1/chat/completions", data=b'{"messages": "' + b"x" * (9 << 20) + b'"}',
+                                 headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    assert response.status_code == 413, response.text
+    assert response.json() == {"error": {"message": "The request body is too large (limit 8388608 bytes)",
+                                         "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
+
+
 def test_a_burst_that_fills_every_replica_leaves_them_served_after_its_retry_after(tiny_checkpoint, tmp_path):
     """nginx counts a replica's 503 queue_full ("at capacity", Retry-After: 1) as a failure, as every status it
     retries on: with `fail_timeout=10s`, a burst of about a second that filled both replicas answered every request

@@ -189,3 +189,12 @@ def test_logprobs_problem_finds_tokens_that_do_not_spell_the_content(content: st
                                                                      finish: str, ok: bool, stream: bool) -> None:
     reply = _logprobs_reply(content, tokens, finish, stream)
     assert (logprobs_problem(reply, stream, stops) is None) == ok
+
+
+@pytest.mark.parametrize(("code", "problem"), [("queue_full", False), ("model_loading", False), ("no_replica", False),
+                                               ("internal_error", True), (None, True)])
+def test_only_the_documented_503s_pass(code: str | None, problem: bool) -> None:
+    """A replica at capacity or loading (restarted behind nginx), nginx with every replica down: the 503s a client may
+    get; any other is flagged."""
+    body = {"error": {"message": "no", "type": "server_error", "param": None, "code": code}}
+    assert (answer_problem(Reply(503, {}, json.dumps(body).encode()), False, 1) is not None) is problem
