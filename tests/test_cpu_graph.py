@@ -97,6 +97,18 @@ def test_a_replay_is_one_c_call_over_the_calls_packed_at_capture():
 
 
 @needs_c_kernels
+def test_without_the_replay_library_a_recording_replays_as_the_python_loop(monkeypatch):
+    c_kernels(pointwise.KERNEL)
+    monkeypatch.setattr(cpu_graph, "KERNEL", cpu_build.CKernel("cpu_replay", "missing.c", ()))  # never built
+    x = torch.randn(100, dtype=torch.bfloat16)
+    recording, out = captured_copy(x)
+    assert recording.packed is None
+    out.zero_()
+    recording.replay()
+    assert torch.equal(out, x.float())
+
+
+@needs_c_kernels
 def test_a_joined_recording_replays_both_and_names_a_failing_call_in_the_middle():
     c_kernels(pointwise.KERNEL, sample.KERNEL)
     x = torch.randn(64, dtype=torch.bfloat16)
