@@ -3,7 +3,6 @@ replayed (ops/cpu/graph.py, nanoqwen/runner/graphs.py); greedy tokens as transfo
 tokens and logprobs as the eager step in every weight format."""
 from __future__ import annotations
 
-import ctypes
 import threading
 
 import pytest
@@ -71,7 +70,8 @@ def test_a_kernel_status_raises_when_called_and_when_replayed():
         recording.replay()
 
 
-def c_kernels(*kernels) -> None:
+def c_kernels(*kernels: cpu_build.CKernel) -> None:
+    """Builds `kernels` and replay.c's (ops.cpu.kernels, which an engine runs, builds every one)."""
     for kernel in (*kernels, cpu_graph.KERNEL):
         assert kernel.build(), kernel.error
 
@@ -115,15 +115,18 @@ def test_a_joined_recording_replays_both_and_names_a_failing_call_in_the_middle(
     (first, a), (last, b) = captured_copy(x), captured_copy(-x)
     joined = first + last
     assert joined.packed is not None and len(joined.calls) == 2
-    a.zero_(), b.zero_()
+    a.zero_()
+    b.zero_()
     joined.replay()
     assert torch.equal(a, x.float()) and torch.equal(b, -x.float())
     # sample_rows given no scratch returns its status before it reads anything: the replay stops there
     fn = sample.KERNEL.lib.sample_rows
     failing = cpu_graph.Recording()
-    failing.calls = [(fn, tuple(t(0 if t is not ctypes.c_void_p else None) for t in fn.argtypes))]
+    failing.calls = [(fn, tuple(t(0) for t in fn.argtypes))]  # NULL pointers, zero sizes
     failing.pack()
-    a.zero_(), b.zero_()
+    assert failing.packed is not None
+    a.zero_()
+    b.zero_()
     with pytest.raises(MemoryError, match="sample_rows"):
         (first + failing + last).replay()
     assert torch.equal(a, x.float()) and not b.any()
