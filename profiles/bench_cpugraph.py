@@ -6,14 +6,16 @@
 One engine per weight format (NANOQWEN_GRAPH=cpugraph) prefills --batch random prompts, then runs the
 model part of the decode step (embedding to fp32 logits; sampling excluded, it is the same in both)
 over the staged inputs --repeats times each way, alternating: eagerly (`ModelRunner._decode_logits`:
-Python, torch allocations and views around the C calls) and as the recorded calls replayed
-(`GraphRunner.run`'s replay). Alternating gives both the same machine load; medians are reported, and
-the replayed logits are checked equal to the eager ones.
+Python, torch allocations and views around the C calls), as the recorded calls replayed (`GraphRunner.run`'s
+replay: one call into csrc/replay.c) and as the Python loop of the recorded ctypes calls (the replay where
+replay.c is missing). Alternating gives all the same machine load; medians are reported, of wall time and of
+the calling thread's CPU time (which a loaded machine inflates less), and the replayed logits are checked equal to
+the eager ones.
 
 --per-call: the replayed step's cost by C function, each call timed alone (median over --repeats of the
 per-step sums): wall time, and the CPU time of the calling thread, which a loaded machine inflates less
-(for kernels on the thread pool it leaves out the helpers' share). Then the replay loop's own cost (256
-ctypes calls of a kernel given no work) and the greedy argmax of the step's logits.
+(for kernels on the thread pool it leaves out the helpers' share). Then the replay's own cost (256 calls of a
+kernel given no work, replayed by replay.c and by the Python loop) and the greedy argmax of the step's logits.
 
 --host: what a whole engine decode step (`Engine.step`: scheduling, staging, the replay, sampling, output) spends
 outside its replay, over --repeats greedy steps of fresh sequences: medians of the step, of its replay and of
@@ -58,23 +60,37 @@ def bench(quant: str, batch: int, args: argparse.Namespace) -> dict:
     runner.inputs.upload_decode(batch)
     recording, replayed, _ = runner.graphs._cpu_graphs[batch]
     inputs = runner.inputs.bucket(batch, runner._table_width(runner.max_blocks_per_seq * runner.block_size))
-    times: dict[str, list[float]] = {"eager": [], "replay": []}
+    assert recording.packed is not None, "the recording is not replayed by csrc/replay.c"
+    eager: list[torch.Tensor] = []
+    ways = {"eager": lambda: eager.append(runner._decode_logits(inputs)), "replay": recording.replay,
+            "loop": lambda: python_loop(recording)}
+    wall: dict[str, list[float]] = {way: [] for way in ways}
+    cpu: dict[str, list[float]] = {way: [] for way in ways}
     with torch.inference_mode():
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            eager = runner._decode_logits(inputs)
-            times["eager"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            recording.replay()
-            times["replay"].append(time.perf_counter() - start)
-    assert torch.equal(eager, replayed), "the replay's logits differ from the eager step's"
+            for way, step in ways.items():
+                c, start = time.thread_time(), time.perf_counter()
+                step()
+                wall[way].append(time.perf_counter() - start)
+                cpu[way].append(time.thread_time() - c)
+    assert torch.equal(eager[-1], replayed), "the replay's logits differ from the eager step's"
     with torch.inference_mode():
         breakdown = per_call(recording, replayed, inputs, args.repeats) if args.per_call else []
     if args.host:
         breakdown.append(host_side(engine, batch, args.prompt_len, args.repeats))
-    eager_ms, replay_ms = (1000 * statistics.median(times[k]) for k in ("eager", "replay"))
-    return {"quant": quant, "batch": batch, "calls": len(recording.calls), "eager_ms": eager_ms,
-            "replay_ms": replay_ms, "saved_ms": eager_ms - replay_ms, "per_call": breakdown}
+    ms = {way: 1000 * statistics.median(wall[way]) for way in ways}
+    cpu_ms = {way: 1000 * statistics.median(cpu[way]) for way in ways}
+    return {"quant": quant, "batch": batch, "calls": len(recording.calls), "ms": ms, "cpu_ms": cpu_ms,
+            "per_call": breakdown}
+
+
+def python_loop(recording: cpu_graph.Recording) -> None:
+    """The recording replayed as the Python loop of its ctypes calls, as where replay.c did not build."""
+    packed, recording.packed = recording.packed, None
+    try:
+        recording.replay()
+    finally:
+        recording.packed = packed
 
 
 def host_side(engine, batch: int, prompt_len: int, steps: int) -> str:
@@ -102,17 +118,20 @@ def host_side(engine, batch: int, prompt_len: int, steps: int) -> str:
             f"(medians of {len(run.step_s)} steps)")
 
 
-def replay_loop_ms(calls: int, repeats: int) -> float:
-    """A replay's cost outside the kernels: `calls` recorded calls of a kernel given no work."""
+def replay_loop_ms(calls: int, repeats: int) -> tuple[float, float]:
+    """A replay's cost outside the kernels: `calls` recorded calls of a kernel given no work, replayed by replay.c
+    and by the Python loop (ms)."""
     idle = cpu_graph.Recording()
     nothing = (ctypes.c_void_p(0), ctypes.c_void_p(0), ctypes.c_long(0))  # bf16_to_fp32 of 0 values
     idle.calls = [(pointwise.KERNEL.lib.bf16_to_fp32, nothing)] * calls
-    times = []
+    idle.pack()
+    times: dict[str, list[float]] = {"replay": [], "loop": []}
     for _ in range(10 * repeats):
-        start = time.perf_counter()
-        idle.replay()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for way, step in (("replay", idle.replay), ("loop", lambda: python_loop(idle))):
+            start = time.perf_counter()
+            step()
+            times[way].append(time.perf_counter() - start)
+    return 1000 * statistics.median(times["replay"]), 1000 * statistics.median(times["loop"])
 
 
 def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]:
@@ -136,13 +155,14 @@ def per_call(recording, logits: torch.Tensor, inputs, repeats: int) -> list[str]
         ms = 1000 * statistics.median(wall[name])
         lines.append(f"| {name} | {counts[name]} | {ms:.2f} | {1000 * ms / counts[name]:.1f} "
                      f"| {1000 * statistics.median(cpu[name]):.2f} |")
-    loop = replay_loop_ms(len(recording.calls), repeats)
+    replay, loop = replay_loop_ms(len(recording.calls), repeats)
     argmax = []
     for _ in range(repeats):
         start = time.perf_counter()
         sample(logits, inputs.sampling_rows(), "greedy")
         argmax.append(time.perf_counter() - start)
-    lines.append(f"replay loop alone ({len(recording.calls)} calls doing nothing): {loop:.3f} ms; "
+    lines.append(f"replay alone ({len(recording.calls)} calls doing nothing): replay.c {replay:.3f} ms, "
+                 f"Python loop {loop:.3f} ms; "
                  f"greedy argmax: {1000 * statistics.median(argmax):.3f} ms")
     return lines
 
@@ -159,14 +179,15 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="also Engine.step's time outside its replay")
     args = parser.parse_args()
     print(f"{common.machine_line(common.machine_info(torch.device('cpu')))}\n`{common.command_line()}`", flush=True)
-    print("| dtype | quant | batch | C calls | eager ms | replayed ms | saved ms/step |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| dtype | quant | batch | C calls | eager ms | replayed ms | Python loop ms | eager CPU ms "
+          "| replayed CPU ms | Python loop CPU ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     breakdowns: list[str] = []
     for quant in args.quant:
         for batch in args.batches:
             r = bench(quant, batch, args)
-            print(f"| {args.dtype} | {quant} | {batch} | {r['calls']} | {r['eager_ms']:.1f} | {r['replay_ms']:.1f} "
-                  f"| {r['saved_ms']:.1f} |", flush=True)
+            ms, cpu = (" | ".join(f"{r[k][way]:.2f}" for way in ("eager", "replay", "loop")) for k in ("ms", "cpu_ms"))
+            print(f"| {args.dtype} | {quant} | {batch} | {r['calls']} | {ms} | {cpu} |", flush=True)
             if args.per_call or args.host:
                 breakdowns += [f"\n{args.dtype}, quant {quant}, batch {batch}, by C function:", *r["per_call"]]
             common.release(torch.device("cpu"))

@@ -3,6 +3,7 @@ declaration of the ctypes signatures, and the cache key."""
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 from nanoqwen.cli import ENGINE_OPTIONS
 from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
+from ops.cpu import graph as cpu_graph
 from server_process import REPO_ROOT
 
 KERNELS = list(C_KERNELS)
+SLOT_TYPES = {"p": ctypes.c_void_p, "l": ctypes.c_long, "i": ctypes.c_int, "f": ctypes.c_float}  # replay.c's slot
 needs_compiler = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
 
 
@@ -48,6 +51,23 @@ def test_prototype_parser():
             cpu_build.prototypes(near_miss)
     with pytest.raises(ValueError, match="unsupported parameter 'int x\\[\\]'"):
         cpu_build.prototypes("int f(int x[]);")
+
+
+def test_every_kernel_has_a_replay_thunk_that_reads_its_header_types():
+    """csrc/replay.c's thunk for each prototype (but the replay's own) reads each argument from the slot member of
+    its header type, as graph.py packs it, and returns the status of an `int` function (0 for a `void` one)."""
+    signatures = cpu_build.prototypes((cpu_build.CSRC / cpu_build.HEADER).read_text())
+    source = (cpu_build.CSRC / "replay.c").read_text()
+    thunks = {}
+    for name, returns, typeof, args in re.findall(
+            r"static int thunk_(\w+)\(void \*fn, const union slot \*a\) \{\s*(return )?\(\(__typeof__\((\w+)\) "
+            r"\*\)fn\)\(([^;]*)\);", source):
+        assert typeof == name
+        members = re.findall(r"a\[(\d+)\]\.(\w)", args)
+        assert [int(k) for k, _ in members] == list(range(len(members))), name
+        thunks[name] = (ctypes.c_int if returns else None, [SLOT_TYPES[m] for _, m in members])
+    assert thunks == {f: signatures[f] for f in signatures if f not in cpu_graph.KERNEL.functions}
+    assert set(re.findall(r'\{"(\w+)", thunk_(\w+)\}', source)) == {(f, f) for f in thunks}
 
 
 @needs_compiler

@@ -16,6 +16,7 @@ from nanoqwen.runner.graphs import GraphRunner
 from nanoqwen.runner.inputs import StepInputBuffer
 from ops.cpu import build as cpu_build
 from ops.cpu import graph as cpu_graph
+from ops.cpu import pointwise, sample
 from quant_reference import load_quantised_hf_model
 
 needs_c_kernels = pytest.mark.skipif(cpu_build.unavailable() is not None, reason=f"{cpu_build.unavailable()}")
@@ -42,6 +43,7 @@ def test_capture_records_c_calls_and_keeps_their_tensors():
         y = x.view(2, 2)[1:]  # views and allocations may run beside the calls
         cpu_graph.call(lambda *args: calls.append(args), y, None, 3, 0.5)
     assert calls == [(y.data_ptr(), None, 3, 0.5)] and recording.tensors == [y]
+    assert recording.packed is None  # a Python callable: replayed by the Python loop
     recording.replay()
     assert calls == [(y.data_ptr(), None, 3, 0.5)] * 2
     cpu_graph.call(lambda *args: calls.append(args), y)  # no capture active: called, not recorded
@@ -66,6 +68,68 @@ def test_a_kernel_status_raises_when_called_and_when_replayed():
         cpu_graph.call(prefill_attention, 1)
     with pytest.raises(MemoryError, match="prefill_attention"):
         recording.replay()
+
+
+def c_kernels(*kernels: cpu_build.CKernel) -> None:
+    """Builds `kernels` and replay.c's (ops.cpu.kernels, which an engine runs, builds every one)."""
+    for kernel in (*kernels, cpu_graph.KERNEL):
+        assert kernel.build(), kernel.error
+
+
+def captured_copy(x: torch.Tensor) -> tuple[cpu_graph.Recording, torch.Tensor]:
+    """A recording of one C call, x (bf16) copied as fp32 into the memory it returns."""
+    with cpu_graph.capture() as recording:
+        out = pointwise.to_fp32_cpu(x)
+    return recording, out
+
+
+@needs_c_kernels
+def test_a_replay_is_one_c_call_over_the_calls_packed_at_capture():
+    """replay.c issues the packed calls: the recorded ctypes functions are not called again (a stand-in proves it)."""
+    c_kernels(pointwise.KERNEL)
+    x = torch.randn(100, dtype=torch.bfloat16)
+    recording, out = captured_copy(x)
+    assert recording.packed is not None
+    out.zero_()
+    recording.calls = [(lambda *args: pytest.fail("the Python loop ran"), args) for _, args in recording.calls]
+    recording.replay()
+    assert torch.equal(out, x.float())
+
+
+@needs_c_kernels
+def test_without_the_replay_library_a_recording_replays_as_the_python_loop(monkeypatch):
+    c_kernels(pointwise.KERNEL)
+    monkeypatch.setattr(cpu_graph, "KERNEL", cpu_build.CKernel("cpu_replay", "missing.c", ()))  # never built
+    x = torch.randn(100, dtype=torch.bfloat16)
+    recording, out = captured_copy(x)
+    assert recording.packed is None
+    out.zero_()
+    recording.replay()
+    assert torch.equal(out, x.float())
+
+
+@needs_c_kernels
+def test_a_joined_recording_replays_both_and_names_a_failing_call_in_the_middle():
+    c_kernels(pointwise.KERNEL, sample.KERNEL)
+    x = torch.randn(64, dtype=torch.bfloat16)
+    (first, a), (last, b) = captured_copy(x), captured_copy(-x)
+    joined = first + last
+    assert joined.packed is not None and len(joined.calls) == 2
+    a.zero_()
+    b.zero_()
+    joined.replay()
+    assert torch.equal(a, x.float()) and torch.equal(b, -x.float())
+    # sample_rows given no scratch returns its status before it reads anything: the replay stops there
+    fn = sample.KERNEL.lib.sample_rows
+    failing = cpu_graph.Recording()
+    failing.calls = [(fn, tuple(t(0) for t in fn.argtypes))]  # NULL pointers, zero sizes
+    failing.pack()
+    assert failing.packed is not None
+    a.zero_()
+    b.zero_()
+    with pytest.raises(MemoryError, match="sample_rows"):
+        (first + failing + last).replay()
+    assert torch.equal(a, x.float()) and not b.any()
 
 
 def test_a_capture_records_only_its_own_thread():

@@ -12,6 +12,7 @@ from ops.cpu import (
     attention,
     dequant,
     embedding,
+    graph,
     linear,
     linear_int4,
     linear_int8,
@@ -23,7 +24,7 @@ from ops.cpu import (
 from ops.kernels import Kernels
 
 C_KERNELS = (linear.KERNEL, linear_int8.KERNEL, linear_int4.KERNEL, attention.KERNEL, norm_rope.KERNEL,
-             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL, sample.KERNEL, dequant.KERNEL)
+             prefill_attention.KERNEL, embedding.KERNEL, pointwise.KERNEL, sample.KERNEL, dequant.KERNEL, graph.KERNEL)
 
 
 def kernels(dtype: torch.dtype, *, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,

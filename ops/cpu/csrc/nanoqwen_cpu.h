@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-/* What a function declared `int` returns: 0 once it ran, NANOQWEN_NO_MEMORY when it wrote nothing because its working
+/* What a kernel declared `int` returns (cpugraph_replay, below, returns an index): 0 once it ran, NANOQWEN_NO_MEMORY when it wrote nothing because its working
    memory could not be allocated or was given too small (ops/cpu/graph.py's call raises MemoryError for any nonzero). */
 #define NANOQWEN_NO_MEMORY 1
 
@@ -110,5 +110,12 @@ void sample_scratch_bytes(int V, int threads, int64_t *bytes);
 
 /* sample.c: tokens[b] = the first maximum of row b of logits [B, V] fp32, as torch.argmax (but a NaN never wins). */
 void argmax_rows(const float *logits, int64_t *tokens, int B, int V);
+
+/* replay.c: a CPU graph's replay (ops/cpu/graph.py). cpugraph_thunk sets *thunk to the function that calls the kernel
+   `name` (a prototype above) from its arguments packed as 8-byte slots, NULL for any other name. cpugraph_replay runs
+   n packed calls {thunk, kernel, slots} in order; -> the index of the first whose status was not 0 (it stops there),
+   else -1. */
+void cpugraph_thunk(const char *name, void **thunk);
+int cpugraph_replay(const void *calls, int n);
 
 #endif
