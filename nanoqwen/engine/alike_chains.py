@@ -41,12 +41,12 @@ class ManyOptions(ValueError):
 class Adds:
     """What one option adds to the rows of a list naming it, each left corner by (where, its rule): `items` after `[`
     (its `items` and first `prefixItems`), `values` after a key (by what told it apart and the key), `loose` after any
-    key (its `patternProperties` and `additionalProperties` values, by what told it apart by then), and `lists`, the
-    alternatives merged into it, whose options llguidance holds with the list's (flattened, as `widest` counts them)."""
+    key (its `patternProperties` and `additionalProperties` values), and `lists`, the alternatives merged into it,
+    whose options llguidance holds with the list's (flattened, as `widest` counts them)."""
 
     items: dict[Any, int] = field(default_factory=dict)
     values: dict[tuple[After, Any], int] = field(default_factory=dict)
-    loose: dict[tuple[Told, Any], int] = field(default_factory=dict)
+    loose: dict[Any, int] = field(default_factory=dict)
     lists: tuple[list[Any], ...] = ()
 
     def __bool__(self) -> bool:
@@ -86,7 +86,7 @@ class AlikeChains:
         walked, stack = {id(options)}, [options]
         items: dict[Any, int] = {}  # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
         values: dict[tuple[After, Any], int] = {}
-        loose: dict[tuple[Told, Any], int] = {}
+        loose: dict[Any, int] = {}
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
@@ -98,13 +98,12 @@ class AlikeChains:
                 walked.update(map(id, fresh))
                 stack += fresh
         reached |= walked
-        names = {name for (_, name), _ in values} or {""}
-        self._work -= len(names) * len(loose)
         if self._work < 0:
             raise ManyOptions(f"the JSON Schema's anyOf/oneOf options hold more than {OPTIONS_WORK} property values "
                               "to weigh (merge some, or name one list of them)")
         after = [(at, corner) for (at, _), corner in values.items()]
-        after += [((told, name), corner) for name in names for (told, _), corner in loose.items()]
+        if anywhere := sum(loose.values()):  # with every key's values, none told apart (a few options hold them)
+            after += [((None, name), anywhere) for name in {name for (_, name), _ in values} or {""}]
         self._lists[key] = heaviest = max(sum(items.values()), most_alike(after)[0])
         return heaviest
 
@@ -138,12 +137,11 @@ class AlikeChains:
         told = shape.told()
         values = {((at, name), self._named(own[name])): corner for at, name in told
                   for own in owns if (corner := self._corner(own.get(name)))}
-        last = told[-1][0] if told else None  # what told it apart before its other keys
         patterns = [part.get("patternProperties") for part in found]
         others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
                   *(part.get("additionalProperties") for part in found)]
-        return Adds(values=values, loose={(last, self._named(node)): corner for node in others
-                                          if (corner := self._corner(node))})
+        loose = {self._named(node): corner for node in others if (corner := self._corner(node))}
+        return Adds(values=values, loose=loose)
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
