@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+Option = Callable[[int, dict[str, Any]], dict[str, Any]]
 
 
 def closed_object(properties: dict[str, Any]) -> dict[str, Any]:
@@ -10,11 +13,48 @@ def closed_object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
-def options_with_chains(options: int, links: int, option: Callable[[int, dict[str, Any]], dict[str, Any]] =
-                        lambda j, chain: closed_object({"x": chain})) -> dict[str, Any]:
-    """An `anyOf` of `options` options, option(j, a `$ref` to chain j) each (by default `{"x": chain j}`): each chain
-    its own `links` links of `anyOf [$ref, integer]`, 2 items a link in the row where its value begins."""
+def options_with_chains(options: int, links: int, option: Option = lambda j, chain: closed_object({"x": chain}),
+                        listed: Callable[[list[Any]], list[Any]] = list) -> dict[str, Any]:
+    """An `anyOf` of `options` options, option(j, a `$ref` to chain j) each (by default `{"x": chain j}`), as `listed`
+    lists them: each chain its own `links` links of `anyOf [$ref, integer]`, 2 items a link in the row where its value
+    begins."""
     defs = {f"c{j}_{i}": {"anyOf": [{"$ref": f"#/$defs/c{j}_{i + 1}"}, {"type": "integer"}]}
             for j in range(options) for i in range(links)}
     defs.update({f"c{j}_{links}": {"type": "integer"} for j in range(options)})
-    return {"anyOf": [option(j, {"$ref": f"#/$defs/c{j}_0"}) for j in range(options)], "$defs": defs}
+    return {"anyOf": listed([option(j, {"$ref": f"#/$defs/c{j}_0"}) for j in range(options)]), "$defs": defs}
+
+
+def _loose(chain: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": chain, "minProperties": 1}
+
+
+@dataclass(frozen=True)
+class Alike:
+    """Options that go on alike where their chains begin (options_with_chains' `option` and `listed`), an answer that
+    reaches there, and how every answer starts."""
+
+    option: Option = lambda j, chain: closed_object({"x": chain})
+    answer: str = '{"x": 5}'
+    start: str = '{"x":'
+    listed: Callable[[list[Any]], list[Any]] = list
+
+    def schema(self, options: int, links: int) -> dict[str, Any]:
+        return options_with_chains(options, links, self.option, self.listed)
+
+
+ALIKE = {
+    "objects' one property": Alike(),
+    "objects' second property": Alike(lambda j, chain: closed_object({"k": {"type": "integer"}, "x": chain}),
+                                      '{"k": 1, "x": 5}', '{"k":'),
+    "bare $refs": Alike(lambda j, chain: chain, "5", ""),
+    "arrays' items": Alike(lambda j, chain: {"type": "array", "items": chain, "maxItems": 1}, "[5]", "["),
+    "arrays' prefixItems": Alike(lambda j, chain: {"type": "array", "prefixItems": [chain], "items": False,
+                                                   "minItems": 1}, "[5]", "["),
+    "patternProperties": Alike(lambda j, chain: {"type": "object", "patternProperties": {"^y$": chain},
+                                                 "minProperties": 1, "additionalProperties": False},
+                               '{"y": 5}', '{"y":'),
+    "additionalProperties": Alike(lambda j, chain: _loose(chain), '{"y": 5}', '{"'),
+    "properties beside additionalProperties": Alike(
+        lambda j, chain: closed_object({"x": chain}) if j < 2 else _loose(chain), '{"x": 5}', '{"'),
+    "nested anyOfs": Alike(listed=lambda options: [{"anyOf": options[:2]}, {"anyOf": options[2:4]}, *options[4:]]),
+}

@@ -29,7 +29,7 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
-from schema_shapes import closed_object, options_with_chains
+from schema_shapes import ALIKE, closed_object, options_with_chains
 from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
@@ -913,14 +913,6 @@ def _follows_schema(grammars: Grammars, tokenizer: PreTrainedTokenizerFast, sche
     return _follows(grammars, tokenizer, grammar_module._json_grammar(schema, True, "p"), answer)
 
 
-# options that go on alike where their chains begin (each chain 2 items a link in that row), and an answer there
-ALIKE = {
-    "objects' one property": (None, '{"x": 5}'),
-    "objects' second property": (lambda j, chain: closed_object({"k": {"type": "integer"}, "x": chain}),
-                                 '{"k": 1, "x": 5}'),
-    "bare $refs": (lambda j, chain: chain, "5"),
-    "arrays' items": (lambda j, chain: {"type": "array", "items": chain, "maxItems": 1}, "[5]"),
-}
 # options that do not: their chains begin after distinct keys, or after a first required property's distinct consts
 APART = {
     "distinct keys": (lambda j, chain: closed_object({f"x{j}": chain}), '{"x3": 5}'),
@@ -931,20 +923,22 @@ APART = {
 @pytest.mark.parametrize("shape", ALIKE)
 def test_options_that_go_on_alike_add_up_their_chains(grammars: Grammars, tokenizer: PreTrainedTokenizerFast,
                                                       shape: str) -> None:
-    """4 options each holding a chain of its own of 400 `$ref` links: where the options go on alike (after `{"x": `,
-    after `[`, where the value begins) llguidance's row holds every option's chain, 3,204-3,224 items, and the answer
-    failed at its first token; schema_weight added the widest anyOf to the longest chain (806: served). Now the left
-    corners of options that go on alike add up, and the schema is the 400 naming the field before llguidance sees it;
-    4 of 120 links are served and followed."""
-    option, answer = ALIKE[shape]
-    past, within = (options_with_chains(4, links, *([option] if option else [])) for links in (400, 120))
-    assert not _follows_schema(grammars, tokenizer, past, answer)
-    assert grammar_rows.schema_weight(past) >= 4 * (2 * 400 + 1)
+    """5 options each holding a chain of its own of 240 `$ref` links: where the options go on alike (after `{"x": `,
+    after `[`, where the value begins) llguidance's row holds every option's chain, ~2,405 items, and the answer
+    failed at its first token; schema_weight had added the widest anyOf to the longest chain (486: served; 4 of 400
+    links, 3,204 items, 806). Now the left corners of options that go on alike add up, and the schema is the 400
+    naming the field before llguidance sees it; 5 of 80 links are served and followed. An array's first
+    `prefixItems`, an object's `patternProperties` and `additionalProperties` values (after any key) and nested
+    anyOfs' options (one row in llguidance) had been left out (weighed 487-969, served, failed)."""
+    alike = ALIKE[shape]
+    past, within = (alike.schema(5, links) for links in (240, 80))
+    assert not _follows_schema(grammars, tokenizer, past, alike.answer)
+    assert grammar_rows.schema_weight(past) >= 5 * (2 * 240 + 1)
     with pytest.raises(InvalidRequest, match="parser row") as refused:
         grammar_module.check_json_schema(past, True, "response_format")
     assert refused.value.param == "response_format"
     assert grammar_module.check_json_schema(within, True, "p") <= grammar_module.MAX_ROW
-    assert _follows_schema(grammars, tokenizer, within, answer)
+    assert _follows_schema(grammars, tokenizer, within, alike.answer)
 
 
 @pytest.mark.parametrize("shape", APART)
@@ -970,22 +964,36 @@ def test_objects_sharing_a_property_of_nested_models_are_served(grammars: Gramma
     assert _follows_schema(grammars, tokenizer, schema, '{"owner": {"next": {"next": {')
 
 
-def _lists_naming_one_object(lists: int, properties: int) -> dict[str, Any]:
-    """An object of `lists` properties, each `anyOf [$ref big, null]`; big an object of `properties` `$ref`d ones."""
-    big = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/t"} for i in range(properties)}}
-    return {"type": "object", "properties": {f"q{j}": {"anyOf": [{"$ref": "#/$defs/big"}, {"type": "null"}]}
-                                             for j in range(lists)},
+def _lists_naming_one_object(lists: int, properties: int, distinct: bool = False) -> dict[str, Any]:
+    """An object of `lists` properties, each `anyOf [$ref big, null]` (pydantic's Optional[Big]), with an object of
+    its own (`{"z": $ref t}`) where `distinct`; big an object of `properties` required `$ref`d ones."""
+    big = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/t"} for i in range(properties)},
+           "required": [f"p{i}" for i in range(properties)]}
+    own = {"type": "object", "properties": {"z": {"$ref": "#/$defs/t"}}}
+    return {"type": "object", "properties": {f"q{j}": {"anyOf": [{"$ref": "#/$defs/big"}, *[dict(own)] * distinct,
+                                                                 {"type": "null"}]} for j in range(lists)},
             "$defs": {"big": big, "t": {"type": "integer"}}}
 
 
+@pytest.mark.parametrize("lists, properties", [(300, 1_000), (140, 2_000)])
+def test_lists_of_the_same_options_are_weighed_once(grammars: Grammars, tokenizer: PreTrainedTokenizerFast,
+                                                    lists: int, properties: int) -> None:
+    """pydantic's Optional[Big] used 300 times (big of 1,000 required `$ref`d properties, 58 KB): each list's options
+    added up big's values again, and past OPTIONS_WORK it was a 400 (weight 6 and followed before). Now lists of the
+    same options (by their rules) are weighed once: 6, and llguidance follows."""
+    schema = _lists_naming_one_object(lists, properties)
+    assert grammar_module.check_json_schema(schema, True, "p") == 6
+    assert _follows_schema(grammars, tokenizer, schema, '{"q0": null, "q1": {"p0": 1')
+
+
 def test_the_options_values_added_up_are_bounded() -> None:
-    """Each list naming an object added up its values again: 3,000 lists naming one of 2,000 `$ref`d properties took
-    27 s of CPU to weigh (600: 4.6 s). Now an object's values are found once, each list spends OPTIONS_WORK by their
-    number, and past it the schema is the 400 naming the field (~0.7 s); 100 such lists weigh as before."""
+    """Distinct lists add up their options' values each: 600 lists naming an object of 2,000 `$ref`d properties, each
+    beside an object of its own, are 1.2 M values, several seconds to weigh; past OPTIONS_WORK they are the 400 naming
+    the field (~0.7 s); 100 such lists are served."""
     with pytest.raises(InvalidRequest, match="anyOf/oneOf options hold more than") as refused:
-        grammar_module.check_json_schema(_lists_naming_one_object(600, 2_000), True, "response_format")
+        grammar_module.check_json_schema(_lists_naming_one_object(600, 2_000, True), True, "response_format")
     assert refused.value.param == "response_format"
-    assert grammar_rows.schema_weight(_lists_naming_one_object(100, 2_000)) == 6
+    assert grammar_rows.schema_weight(_lists_naming_one_object(100, 2_000, True)) == 7  # 3 options, a link
 
 
 class _Address(pydantic.BaseModel):

@@ -2,13 +2,16 @@
 where a value begins its row holds the value's left corner, two items a `$ref` link and its target's, each option of
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
-on alike (object_runs' most_alike: unless a first required property's distinct `const`s tell them apart), and after
-`[`, those of every array option's items. 4 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items
-after `{"x": `, past llguidance's 2,000, and were weighed 806, the longest chain alone (profiles/RESULTS.md, lane
+on alike (object_runs' most_alike: unless a first required property's distinct `const`s tell them apart), with their
+`patternProperties` and `additionalProperties` values (after any key), and after `[`, those of every array option's
+items and first `prefixItems`; an option's own alternatives (nested, or through a `$ref`) are the list's. 4 objects
+`{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000, and were
+weighed 806, the longest chain alone (profiles/RESULTS.md, lane
 grammar39)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from nanoqwen.engine.object_runs import (
@@ -23,13 +26,31 @@ from nanoqwen.engine.object_runs import (
 from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
 
 Path = tuple[str, ...]
-# The property values one schema's options may add up, each option's counted each time a list holds it (~0.7 s of
-# Python): 3,000 lists naming an object of 2,000 `$ref`d properties were 6 M, 27 s. Past them ManyOptions (a 400).
+# The entries of distinct option lists added up (~0.7 s of Python): 3,000 lists naming an object of 2,000 `$ref`d
+# properties were 6 M, 27 s. Lists of the same options (by their rules) are weighed once; past this work ManyOptions
+# (a 400).
 OPTIONS_WORK = 1 << 18
+After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
 class ManyOptions(ValueError):
     """A schema whose `anyOf`/`oneOf` options hold more property values than OPTIONS_WORK to add up."""
+
+
+@dataclass(frozen=True)
+class Adds:
+    """What one option adds to the rows of a list naming it, each left corner by (where, its rule): `items` after `[`
+    (its `items` and first `prefixItems`), `values` after a key (by what told it apart and the key), `loose` after any
+    key (its `patternProperties` and `additionalProperties` values), and `lists`, the alternatives merged into it,
+    whose options llguidance holds with the list's (flattened, as `widest` counts them)."""
+
+    items: dict[Any, int] = field(default_factory=dict)
+    values: dict[tuple[After, Any], int] = field(default_factory=dict)
+    loose: dict[Any, int] = field(default_factory=dict)
+    lists: tuple[list[Any], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.items or self.values or self.loose or self.lists)
 
 
 class AlikeChains:
@@ -40,54 +61,87 @@ class AlikeChains:
         self._root, self._targets, self._paths, self._link = root, targets, paths, link
         self._objects = SchemaObjects(root)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
-        # by its parts' ids: an object option's values with a left corner (what told it apart, the key, its rule)
-        self._values: dict[tuple[int, ...], list[tuple[tuple[Told, str], Any, int]]] = {}
+        self._adds: dict[int, Adds] = {}  # by an option's id
+        self._merged: dict[tuple[int, ...], Adds] = {}  # by its parts' ids: an object merged once, however many name it
+        self._lists: dict[tuple[Any, ...], int] = {}  # by the rules of a list's options that add: its heaviest row
         self._work = OPTIONS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
         """The most items one row holds: where a value of the schema begins (its left corner), and after a key or a
-        `[` of the options of each `alternated` node (each list's apart)."""
-        return max([0, *map(self._corner, schema_objects(self._root)),
-                    *(self._options(options) for node in alternated for key in ALTERNATIVES
-                      if isinstance(options := node.get(key), list))])
+        `[` of the options of each `alternated` node, a list nested in another's options weighed with it (its rows
+        are the outer's, less)."""
+        lists = [options for node in alternated for key in ALTERNATIVES if isinstance(options := node.get(key), list)]
+        nested = {id(inner) for options in lists for option in options for inner in self._added(option).lists}
+        reached: set[int] = set()
+        weights = [self._options(options, reached) for options in
+                   [*(options for options in lists if id(options) not in nested), *lists] if id(options) not in reached]
+        return max([0, *map(self._corner, schema_objects(self._root)), *weights])
 
-    def _options(self, options: list[Any]) -> int:
-        items = 0  # after `[`: the array options' items
-        values: list[tuple[tuple[Told, str], int]] = []  # after a key: by what told the option apart, and the key
-        seen: set[tuple[Any, ...]] = set()  # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
-        for option in options:
-            if not isinstance(option, dict):
-                continue
+    def _options(self, options: list[Any], reached: set[int]) -> int:
+        """The heaviest row after a key or a `[` of `options`, the lists merged into them flattened (each `reached`)."""
+        reached.add(id(options))
+        key = tuple(self._named(option) for option in options if self._added(option))
+        if (known := self._lists.get(key)) is not None:
+            return known
+        walked, stack = {id(options)}, [options]
+        items: dict[Any, int] = {}  # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
+        values: dict[tuple[After, Any], int] = {}
+        loose: dict[Any, int] = {}
+        while stack:
+            for option in stack.pop():
+                adds = self._added(option)
+                self._work -= len(adds.items) + len(adds.values) + len(adds.loose) + 1
+                items.update(adds.items)
+                values.update(adds.values)
+                loose.update(adds.loose)
+                fresh = [inner for inner in adds.lists if id(inner) not in walked]
+                walked.update(map(id, fresh))
+                stack += fresh
+        reached |= walked
+        if self._work < 0:
+            raise ManyOptions(f"the JSON Schema's anyOf/oneOf options hold more than {OPTIONS_WORK} property values "
+                              "to weigh (merge some, or name one list of them)")
+        after = [(at, corner) for (at, _), corner in values.items()]
+        if anywhere := sum(loose.values()):  # with every key's values, none told apart (a few options hold them)
+            after += [((None, name), anywhere) for name in {name for (_, name), _ in values} or {""}]
+        self._lists[key] = heaviest = max(sum(items.values()), most_alike(after)[0])
+        return heaviest
+
+    def _added(self, option: Any) -> Adds:
+        """What `option` adds to the rows of a list naming it (Adds), found once; nothing where its merge is refused
+        (object_properties refuses such a schema) or it is not a schema."""
+        if not isinstance(option, dict):
+            return Adds()
+        if (known := self._adds.get(id(option))) is None:
             try:
                 parts = self._objects.parts(option)
                 shape = self._objects.merged(parts)
-            except (TooLarge, TooManyParts):  # its left corner alone (object_properties refuses such a schema)
-                continue
+            except (TooLarge, TooManyParts):
+                parts, shape = [], None
+            lists = tuple(part for part in parts if isinstance(part, list))
             found = [part for part in parts if isinstance(part, dict)]
-            if not shape.is_object:
-                for part in found:
-                    if (key := ("items", self._named(part.get("items")))) not in seen:
-                        seen.add(key)
-                        items += self._corner(part.get("items"))
-                continue
-            for at, named, corner in self._cornered(found, shape):
-                if (at, named) not in seen:
-                    seen.add((at, named))
-                    values.append((at, corner))
-        return max(items, most_alike(values)[0])
-
-    def _cornered(self, found: list[dict[str, Any]], shape: Merged) -> list[tuple[tuple[Told, str], Any, int]]:
-        """The values of the object merged from `found` (as `shape`) with a left corner; ManyOptions past the work."""
-        if (known := self._values.get(key := tuple(map(id, found)))) is None:
-            owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
-            self._work -= len(shape.names)
-            known = self._values[key] = [((told, name), self._named(own[name]), corner) for told, name in shape.told()
-                                         for own in owns if (corner := self._corner(own.get(name)))]
-        self._work -= len(known) + 1
-        if self._work < 0:
-            raise ManyOptions(f"the JSON Schema's anyOf/oneOf options hold more than {OPTIONS_WORK} property values "
-                              "to weigh, each counted in each list naming it (share or merge some)")
+            if (merged := self._merged.get(ids := tuple(map(id, found)))) is None:
+                merged = self._merged[ids] = Adds() if shape is None else self._cornered(found, shape)
+            known = self._adds[id(option)] = Adds(merged.items, merged.values, merged.loose, lists)
         return known
+
+    def _cornered(self, found: list[dict[str, Any]], shape: Merged) -> Adds:
+        """The left corners the option merged from `found` (as `shape`) adds: its values' where it is an object, else
+        its items' (each part's, added up)."""
+        self._work -= len(shape.names) + len(found)
+        if not shape.is_object:
+            firsts = (each[0] if isinstance(each := part.get("prefixItems"), list) and each else None for part in found)
+            return Adds(items={self._named(node): corner for part, first in zip(found, firsts, strict=True)
+                               for node in (part.get("items"), first) if (corner := self._corner(node))})
+        owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
+        told = shape.told()
+        values = {((at, name), self._named(own[name])): corner for at, name in told
+                  for own in owns if (corner := self._corner(own.get(name)))}
+        patterns = [part.get("patternProperties") for part in found]
+        others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
+                  *(part.get("additionalProperties") for part in found)]
+        loose = {self._named(node): corner for node in others if (corner := self._corner(node))}
+        return Adds(values=values, loose=loose)
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
