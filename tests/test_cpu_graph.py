@@ -3,6 +3,7 @@ replayed (ops/cpu/graph.py, nanoqwen/runner/graphs.py); greedy tokens as transfo
 tokens and logprobs as the eager step in every weight format."""
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import pytest
@@ -33,6 +34,9 @@ def cpugraph_engine(checkpoint, **overrides):
     assert engine.info()["graph"] == "cpugraph"
     assert sorted(engine.runner.graphs._cpu_graphs) == engine.runner.buckets  # every bucket replays
     assert sorted(engine.runner.graphs._cpu_greedy) == engine.runner.buckets  # greedy steps with their argmax
+    recordings = [entry[0] for graphs in (engine.runner.graphs._cpu_graphs, engine.runner.graphs._cpu_greedy)
+                  for entry in graphs.values()]
+    assert all(recording.packed is not None for recording in recordings)  # each step one call into replay.c
     return engine
 
 
@@ -106,6 +110,25 @@ def test_without_the_replay_library_a_recording_replays_as_the_python_loop(monke
     out.zero_()
     recording.replay()
     assert torch.equal(out, x.float())
+
+
+@needs_c_kernels
+def test_a_c_function_not_typed_as_the_header_declares_its_name_replays_as_the_python_loop():
+    """A ctypes callback (no name) or a header name typed otherwise gets no thunk: the capture packs nothing and the
+    replay calls them from Python (packing raised at the capture's end: AttributeError, KeyError)."""
+    c_kernels(pointwise.KERNEL)
+    seen = []
+    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda pointer: seen.append(pointer) or 0)
+    retyped = ctypes.CDLL(pointwise.KERNEL.lib._name).bf16_to_fp32  # a handle of its own: the kernel's types untouched
+    retyped.restype, retyped.argtypes = None, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulong)
+    x, out = torch.randn(4, dtype=torch.bfloat16), torch.empty(4)
+    with cpu_graph.capture() as recording:
+        cpu_graph.call(callback, out)
+        cpu_graph.call(retyped, x, out, 4)
+    assert recording.packed is None
+    out.zero_()
+    recording.replay()
+    assert seen == [out.data_ptr()] * 2 and torch.equal(out, x.float())
 
 
 @needs_c_kernels

@@ -8,20 +8,23 @@ step whose torch ops do real work (an op outside a kernel would be missing from 
 allocations and views may run beside the recorded calls.
 
 A capture's end packs its calls for csrc/replay.c, which a replay enters once: its thunks issue every call in order,
-the GIL released throughout (~1.3 µs of ctypes a call less, ~256 calls a step). A recording with a call that is no C
-function of the header (a Python callable), or without that library, replays as a Python loop of the calls.
+the GIL released throughout (~256 calls a step: 0.27-0.51 ms of the caller's CPU less a b1 step, profiles/RESULTS.md's
+replay39; ~0.08 ms of it the loop hot, the rest likely the interpreter's memory gone cold between calls). A recording
+with a call that is no C function typed as the header declares it (a Python callable, a callback), or without that
+library, replays as a Python loop of the calls.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ops.cpu.build import CKernel
+from ops.cpu.build import HEADER, CKernel, Prototype, prototypes
 
 KERNEL = CKernel("cpu_replay", "replay.c", ("cpugraph_thunk", "cpugraph_replay"))
 
@@ -43,9 +46,17 @@ class _Call(ctypes.Structure):
 _SLOT_MEMBERS = {ctypes.c_void_p: "p", ctypes.c_long: "l", ctypes.c_int: "i", ctypes.c_float: "f"}
 
 
+@functools.cache
+def _header() -> dict[str, Prototype]:
+    return prototypes((KERNEL.csrc / HEADER).read_text())
+
+
 def _thunk(fn: Callable) -> int | None:
-    """The address of replay.c's thunk for fn, None where fn is no C function of the header."""
-    if not isinstance(fn, ctypes._CFuncPtr):
+    """The address of replay.c's thunk for fn, None where fn is no C function typed as the header declares its name
+    (a callback has no name; one typed otherwise would be packed unlike its thunk reads it)."""
+    declared = _header().get(getattr(fn, "__name__", None))
+    if (not isinstance(fn, ctypes._CFuncPtr) or declared is None
+            or (fn.restype, tuple(fn.argtypes or ())) != (declared.restype, tuple(declared.argtypes))):
         return None
     found = ctypes.c_void_p()
     KERNEL.lib.cpugraph_thunk(fn.__name__.encode(), ctypes.byref(found))

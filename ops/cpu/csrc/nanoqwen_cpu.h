@@ -7,8 +7,9 @@
 
 #include <stdint.h>
 
-/* What a kernel declared `int` returns (cpugraph_replay, below, returns an index): 0 once it ran, NANOQWEN_NO_MEMORY when it wrote nothing because its working
-   memory could not be allocated or was given too small (ops/cpu/graph.py's call raises MemoryError for any nonzero). */
+/* What a kernel declared `int` returns (cpugraph_replay, below, returns an index): 0 once it ran, NANOQWEN_NO_MEMORY
+   when it wrote nothing because its working memory could not be allocated or was given too small (ops/cpu/graph.py's
+   call raises MemoryError for any nonzero). */
 #define NANOQWEN_NO_MEMORY 1
 
 /* linear.c: y = x @ w.T; x: [M, K], w: [N, K], y: [M, N], all bf16 or all fp32; K % 32 == 0. */
