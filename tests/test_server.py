@@ -713,11 +713,12 @@ def test_health_answers_while_a_huge_prompt_is_tokenised(server: GunicornServer)
 
 def test_long_prompts_do_not_hold_up_short_ones(server: GunicornServer) -> None:
     """An end-to-end smoke test of the long prompts' lane: while two prompts over 64 Ki characters take seconds each
-    (7.5 MB), short requests are answered before either. Shorts answered before the long ones reach a thread count
+    (2.25 MB: 34 times the lane's threshold; 7.5 MB took 8-35 s for the same check), short requests are answered before
+    either: 42-53 at load 5, against the 3 asked. Shorts answered before the long ones reach a thread count
     too, so this misses a long chat routed to the short lane ~1 time in 2: the decisive tests are in process, in
     test_api_grammar_lane (the lane holds while long ones run; each endpoint routes by long_prompt_chars). How long
     each short one takes is the machine's load, no test's: a bound of 0.75 s failed at load 20 (2-2.6 s)."""
-    long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 500_000}]}
+    long_body = {**GREEDY, "messages": [{"role": "user", "content": "a robot story, " * 150_000}]}
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(post_chat, server, long_body, 300) for _ in range(2)]
         time.sleep(0.3)

@@ -130,10 +130,12 @@ def test_an_encoded_list_does_not_change() -> None:
         assert type(copied) is encode.EncodedList and copied == items and copied.json == encoded.json
 
 
-def test_the_loaded_model_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
+def test_the_loaded_model_is_frozen_out_of_the_collector() -> None:
     """The worker's hook freezes what the load left, in the engine thread before requests are let in."""
+    # the default kernel cache, as every engine test's: an empty one is a cold build of every C kernel wherever this
+    # process has built none yet (alone, or a worker's first in-process load: 66-96 s on the 2-core Zen 3)
     engine = Engine(EngineConfig(model=str(make_checkpoint()), device="cpu", dtype="float32", graph="none",
-                                 kernels="torch", cache_dir=str(tmp_path)))
+                                 kernels="torch"))
     ready_at_freeze = []
 
     def freeze() -> None:
