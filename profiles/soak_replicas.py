@@ -2,6 +2,7 @@
 
     python profiles/soak_replicas.py [--rounds 3] [--round-seconds 200] [--clients 6] [--openai-clients 6]
         [--max-batch 4] [--max-queue 4] [--restarts hup term max-requests] [--seed 0] [--out DIR]
+        [--server-options "max_fails=0"]
 
 Two `gunicorn -k gevent server:app` replicas of the 2-layer test checkpoint (CPU, fp32, one torch thread each,
 NANOQWEN_MAX_BATCH / NANOQWEN_MAX_QUEUE small so that the load fills them and they answer 503 queue_full) behind a
@@ -126,14 +127,18 @@ def replica_env(checkpoint: Path, max_batch: int, max_queue: int) -> dict[str, s
 
 
 @contextmanager
-def serving(env: dict[str, str], out: Path, b_args: tuple[str, ...]) -> Iterator[Replicas]:
+def serving(env: dict[str, str], out: Path, b_args: tuple[str, ...], server_options: str | None) -> Iterator[Replicas]:
     servers = [GunicornServer(env, out / "replica-a.log").launch(),
                GunicornServer(env, out / "replica-b.log", args=b_args).launch()]
     try:
         for server in servers:
             server.wait_healthy()
         (out / "nginx").mkdir(exist_ok=True)
-        with Nginx(out / "nginx", [f"127.0.0.1:{s.port}" for s in servers]) as nginx:
+        nginx = Nginx(out / "nginx", [f"127.0.0.1:{s.port}" for s in servers])
+        if server_options is not None:  # another rule to weigh against deploy/nginx.conf's
+            conf = nginx.dir / "nanoqwen.conf"
+            conf.write_text(re.sub(r"(    server \S+) .*;", rf"\1 {server_options};", conf.read_text()))
+        with nginx:
             yield Replicas(*servers, nginx)
     finally:
         for server in servers:
@@ -316,6 +321,7 @@ def main() -> int:
     parser.add_argument("--health-p99-ms", type=float, default=300)
     parser.add_argument("--rss-growth-mb", type=float, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-options", help="each upstream server's options instead of deploy/nginx.conf's")
     parser.add_argument("--out", type=Path, default=REPO / "profiles" / "out" / "replicas-soak")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +329,7 @@ def main() -> int:
     hows = ["none"] + [args.restarts[i % len(args.restarts)] for i in range(args.rounds - 1)]
     b_args = ("--max-requests", str(MAX_REQUESTS)) if "max-requests" in hows else ()
     report: dict[str, Any] = {"command": " ".join(sys.argv), "uptime": Path("/proc/loadavg").read_text().strip()}
-    with serving(env, args.out, b_args) as replicas:
+    with serving(env, args.out, b_args, args.server_options) as replicas:
         answer = greedy_probe(replicas.a.url)
         rounds = [run_round(replicas, answer, i, how, args) for i, how in enumerate(hows)]
         shorts, problems = fairness(replicas.a, args.shorts, args.short_bound_s)
