@@ -964,6 +964,17 @@ def test_objects_sharing_a_property_of_nested_models_are_served(grammars: Gramma
     assert _follows_schema(grammars, tokenizer, schema, '{"owner": {"next": {"next": {')
 
 
+def test_an_objects_patterns_weigh_their_heaviest_value(grammars: Grammars, tokenizer: PreTrainedTokenizerFast) -> None:
+    """After a key llguidance predicts only the value of the pattern its key matched: an object of 600 patterns
+    `^a{i}$`, each `anyOf [$ref t, null]`, beside a string, weighs 4 (it had summed every pattern's value, 1,202: a
+    400 for a schema llguidance follows)."""
+    patterns = {f"^a{i}$": {"anyOf": [{"$ref": "#/$defs/t"}, {"type": "null"}]} for i in range(600)}
+    schema = {"anyOf": [{"type": "object", "patternProperties": patterns, "additionalProperties": False},
+                        {"type": "string"}], "$defs": {"t": {"type": "integer"}}}
+    assert grammar_module.check_json_schema(schema, True, "p") == 4
+    assert _follows_schema(grammars, tokenizer, schema, '{"a5": 3, "a7": null}')
+
+
 def _lists_naming_one_object(lists: int, properties: int, distinct: bool = False) -> dict[str, Any]:
     """An object of `lists` properties, each `anyOf [$ref big, null]` (pydantic's Optional[Big]), with an object of
     its own (`{"z": $ref t}`) where `distinct`; big an object of `properties` required `$ref`d ones."""

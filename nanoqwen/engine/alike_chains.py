@@ -140,8 +140,10 @@ class AlikeChains:
         patterns = [part.get("patternProperties") for part in found]
         others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
                   *(part.get("additionalProperties") for part in found)]
-        loose = {self._named(node): corner for node in others if (corner := self._corner(node))}
-        return Adds(values=values, loose=loose)
+        # a key's lexeme matches one pattern (or none: additionalProperties), so only that value follows it
+        corners = {self._named(node): corner for node in others if (corner := self._corner(node))}
+        heaviest = max(corners.items(), key=lambda named: named[1], default=None)
+        return Adds(values=values, loose=dict([heaviest] if heaviest else []))
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
