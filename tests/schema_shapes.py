@@ -24,6 +24,15 @@ def options_with_chains(options: int, links: int, option: Option = lambda j, cha
     return {"anyOf": listed([option(j, {"$ref": f"#/$defs/c{j}_0"}) for j in range(options)]), "$defs": defs}
 
 
+def many_patterns(patterns: int = 64, links: int = 12) -> dict[str, Any]:
+    """An object of `patterns` patterns `^a{i}$` (grammar's most), each a `$ref` to a chain of its own of `links`
+    links (options_with_chains'), beside a string: after a key llguidance holds the one chain its pattern names."""
+    chains = options_with_chains(patterns, links, lambda j, chain: chain)
+    values = {f"^a{j}$": chain for j, chain in enumerate(chains["anyOf"])}
+    return {"anyOf": [{"type": "object", "patternProperties": values, "additionalProperties": False},
+                      {"type": "string"}], "$defs": chains["$defs"]}
+
+
 def _loose(chain: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": chain, "minProperties": 1}
 

@@ -29,7 +29,7 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
-from schema_shapes import ALIKE, closed_object, options_with_chains
+from schema_shapes import ALIKE, closed_object, many_patterns, options_with_chains
 from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
@@ -962,6 +962,44 @@ def test_objects_sharing_a_property_of_nested_models_are_served(grammars: Gramma
     schema = {"anyOf": [closed_object({"owner": {"$ref": f"#/$defs/m{j}_0"}}) for j in range(40)], "$defs": models}
     assert grammar_module.check_json_schema(schema, True, "p") <= 40 + 2 * 41
     assert _follows_schema(grammars, tokenizer, schema, '{"owner": {"next": {"next": {')
+
+
+def test_an_objects_patterns_weigh_their_heaviest_value(grammars: Grammars, tokenizer: PreTrainedTokenizerFast) -> None:
+    """After a key llguidance predicts only the value of the pattern its key matched: an object of 64 patterns, each
+    a chain of its own of 12 links, beside a string, weighs 28 (every pattern's value had been summed, 1,666: a 400
+    for a schema llguidance follows)."""
+    schema = many_patterns()
+    assert grammar_module.check_json_schema(schema, True, "p") == 28
+    assert _follows_schema(grammars, tokenizer, schema, '{"a5": 3, "a7": 4}')
+
+
+def _a_ref_bare_and_with_properties(first: str) -> dict[str, Any]:
+    """Root properties p1 `anyOf [$ref aj] x5` and p2 `anyOf [$ref aj with properties {"x": chain j}] x5` (240 links
+    each), `first` first; aj an object `{"z": $ref t}`."""
+    schema = options_with_chains(5, 240)
+    defs = schema["$defs"] | {f"a{j}": {"type": "object", "properties": {"z": {"$ref": "#/$defs/t"}}} for j in range(5)}
+    lists = {"p1": {"anyOf": [{"$ref": f"#/$defs/a{j}"} for j in range(5)]},
+             "p2": {"anyOf": [{"$ref": f"#/$defs/a{j}", "properties": {"x": {"$ref": f"#/$defs/c{j}_0"}},
+                               "required": ["x"]} for j in range(5)]}}
+    properties = dict(sorted(lists.items(), key=lambda item: item[0] != first))
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "$defs": defs | {"t": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("first", ["p1", "p2"])
+def test_a_ref_with_keywords_beside_it_is_weighed_as_its_own_option(grammars: Grammars,
+                                                                    tokenizer: PreTrainedTokenizerFast,
+                                                                    first: str) -> None:
+    """A `$ref` with `properties` beside it was weighed as its target alone: after a list of bare `$ref`s to the same
+    targets (weighed 6), p2's options `{"x": chain j}` (2,405 items after `{"x": `, llguidance fails) reused its
+    weight: 487, served. Now each option is weighed by what it is merged from: the 400, whichever list comes first."""
+    schema = _a_ref_bare_and_with_properties(first)
+    assert grammar_rows.schema_weight(schema) >= 5 * (2 * 240 + 1)
+    with pytest.raises(InvalidRequest, match="parser row") as refused:
+        grammar_module.check_json_schema(schema, True, "response_format")
+    assert refused.value.param == "response_format"
+    if first == "p2":
+        assert not _follows_schema(grammars, tokenizer, schema, '{"p2": {"x": 5')
 
 
 def _lists_naming_one_object(lists: int, properties: int, distinct: bool = False) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 where a value begins its row holds the value's left corner, two items a `$ref` link and its target's, each option of
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
-on alike (object_runs' most_alike: unless a first required property's distinct `const`s tell them apart), with their
-`patternProperties` and `additionalProperties` values (after any key), and after `[`, those of every array option's
-items and first `prefixItems`; an option's own alternatives (nested, or through a `$ref`) are the list's. 4 objects
-`{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000, and were
-weighed 806, the longest chain alone (profiles/RESULTS.md, lane
+on alike (object_runs' most_alike: unless a first required property's distinct `const`s tell them apart), with the
+heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
+and after `[`, those of every array option's items and first `prefixItems`; an option's own alternatives (nested, or
+through a `$ref`) are the list's. 4 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after
+`{"x": `, past llguidance's 2,000, and were weighed 806, the longest chain alone (profiles/RESULTS.md, lane
 grammar39)."""
 from __future__ import annotations
 
@@ -41,13 +41,15 @@ class ManyOptions(ValueError):
 class Adds:
     """What one option adds to the rows of a list naming it, each left corner by (where, its rule): `items` after `[`
     (its `items` and first `prefixItems`), `values` after a key (by what told it apart and the key), `loose` after any
-    key (its `patternProperties` and `additionalProperties` values), and `lists`, the alternatives merged into it,
-    whose options llguidance holds with the list's (flattened, as `widest` counts them)."""
+    key (the heaviest of its `patternProperties` and `additionalProperties` values), `lists`, the alternatives merged
+    into it, whose options llguidance holds with the list's (flattened, as `widest` counts them), and `parts`, the ids
+    of what it is merged from (its own keywords, its targets, those lists), which decide the rest."""
 
     items: dict[Any, int] = field(default_factory=dict)
     values: dict[tuple[After, Any], int] = field(default_factory=dict)
     loose: dict[Any, int] = field(default_factory=dict)
     lists: tuple[list[Any], ...] = ()
+    parts: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.items or self.values or self.loose or self.lists)
@@ -63,7 +65,7 @@ class AlikeChains:
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
         self._adds: dict[int, Adds] = {}  # by an option's id
         self._merged: dict[tuple[int, ...], Adds] = {}  # by its parts' ids: an object merged once, however many name it
-        self._lists: dict[tuple[Any, ...], int] = {}  # by the rules of a list's options that add: its heaviest row
+        self._lists: dict[tuple[tuple[int, ...], ...], int] = {}  # by its adding options' parts: its heaviest row
         self._work = OPTIONS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
@@ -80,7 +82,7 @@ class AlikeChains:
     def _options(self, options: list[Any], reached: set[int]) -> int:
         """The heaviest row after a key or a `[` of `options`, the lists merged into them flattened (each `reached`)."""
         reached.add(id(options))
-        key = tuple(self._named(option) for option in options if self._added(option))
+        key = tuple(adds.parts for adds in map(self._added, options) if adds)
         if (known := self._lists.get(key)) is not None:
             return known
         walked, stack = {id(options)}, [options]
@@ -120,9 +122,9 @@ class AlikeChains:
                 parts, shape = [], None
             lists = tuple(part for part in parts if isinstance(part, list))
             found = [part for part in parts if isinstance(part, dict)]
-            if (merged := self._merged.get(ids := tuple(map(id, found)))) is None:
+            if (merged := self._merged.get(ids := tuple(map(id, parts)))) is None:
                 merged = self._merged[ids] = Adds() if shape is None else self._cornered(found, shape)
-            known = self._adds[id(option)] = Adds(merged.items, merged.values, merged.loose, lists)
+            known = self._adds[id(option)] = Adds(merged.items, merged.values, merged.loose, lists, ids)
         return known
 
     def _cornered(self, found: list[dict[str, Any]], shape: Merged) -> Adds:
@@ -140,8 +142,10 @@ class AlikeChains:
         patterns = [part.get("patternProperties") for part in found]
         others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
                   *(part.get("additionalProperties") for part in found)]
-        loose = {self._named(node): corner for node in others if (corner := self._corner(node))}
-        return Adds(values=values, loose=loose)
+        # a key's lexeme matches one pattern (or none: additionalProperties), so only that value follows it
+        corners = {self._named(node): corner for node in others if (corner := self._corner(node))}
+        heaviest = max(corners.items(), key=lambda named: named[1], default=None)
+        return Adds(values=values, loose=dict([heaviest] if heaviest else []))
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
