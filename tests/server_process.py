@@ -178,6 +178,11 @@ class GunicornServer:
         assert self._proc is not None
         self._proc.send_signal(signal.SIGTERM)
 
+    def hangup(self) -> None:
+        """SIGHUP: gunicorn reloads, new workers replacing the old ones as they drain."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
+
     def interrupt(self) -> None:
         """SIGINT: gunicorn's quick shutdown."""
         assert self._proc is not None

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-# Longest first, by their seconds in one process on the 2-core Zen 3 (profiles/RESULTS.md, thirty-ninth session,
-# lane suite39); a file not named goes after them, in xdist's order
+# Longest first, roughly: by their seconds in one process on the 2-core Zen 3 at load 7-14 (profiles/RESULTS.md,
+# thirty-ninth session, lanes suite39 and suite39b: quieter figures order some differently); a file not named goes after
+# them, in xdist's order
 LONGEST_FIRST = (
     "test_server_modes.py", "test_server_structured.py", "test_triton_versions.py", "test_deploy.py",
     "test_cpu_graph.py", "test_server_quant_bf16.py", "test_server.py", "test_server_triton.py",

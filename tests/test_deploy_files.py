@@ -3,6 +3,7 @@ between its objects and the images (Dockerfile, Dockerfile.cuda): ports, probes,
 points."""
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 import yaml
 
 from balancer import SNIPPET, render
+from nanoqwen.api.config import ServerConfig
+from nanoqwen.api.errors import APIError
 from server_process import REPO_ROOT
 
 K8S_VERSION = "1.30.0"
@@ -74,3 +77,13 @@ def test_nginx_config_renders_the_replicas_into_both_upstreams() -> None:
         assert re.findall(r"server (\S+) max_fails=0;", block) == [
             "127.0.0.1:9001", "127.0.0.1:9002"]
     assert "listen 127.0.0.1:9000;" in text and "10.0.0." not in text
+
+
+def test_nginx_refuses_a_body_past_the_replicas_limit_as_they_do() -> None:
+    """nginx's client_max_body_size and its 413 body are the replicas' own limit and answer (app.py's 413)."""
+    text = SNIPPET.read_text()
+    limit = ServerConfig().max_body_bytes
+    assert re.search(r"client_max_body_size (\d+)m;", text).group(1) == str(limit >> 20)
+    body = re.search(r"return 413 '(.*)';", text).group(1)
+    expected = APIError(413, f"The request body is too large (limit {limit} bytes)", code="request_too_large")
+    assert json.loads(body) == expected.body()

@@ -115,8 +115,8 @@ def object_parameters(cls: type, value: dict[str, Any] | None, info: ValidationI
     `"arguments": {...}`, OpenAI's), so a schema typed otherwise, at the root or where its `$ref`s lead (root_chain),
     is OpenAI's 400; a call forced to follow it was the markup left in `content`, not a call. An untyped root is
     accepted (OpenAI refuses it; vLLM and llama.cpp take it): the calls' grammar holds it to an object. Not checked
-    where the function's name was refused: the name's error is the request's (OpenAI's), and this one named function
-    'None'."""
+    where the function's name was refused: the name's error is the request's (OpenAI's); checked without a name, its
+    error named function 'None'."""
     if value is None or "name" not in info.data:
         return value
     for node in root_chain(value):

@@ -212,7 +212,7 @@ class CKernel:
                 self.lib = self._load(cache_dir or resolve_cache_dir())
             except Exception as exc:  # a kernel that cannot be built must never stop the model from loading
                 self.error = str(exc) or repr(exc)
-                log.warning("could not build %s: using torch\n%s", self.name, self.error[:2000])
+                log.warning("could not build %s: using its fallback\n%s", self.name, self.error[:2000])
             self.ready = self.lib is not None
         return self.ready
 
