@@ -80,14 +80,17 @@ static void run_op(int op, int layer) {
 static double samples[OPS][64 * 57];
 static int counts[OPS];
 
-static void timed(int op, int layer) {
+/* Cycles of one run_op between fences; op < 0: the fences' own. */
+static double cycles(int op, int layer) {
     _mm_lfence();
     const uint64_t t = __rdtsc();
     _mm_lfence();
-    run_op(op, layer);
+    if (op >= 0) run_op(op, layer);
     _mm_lfence();
-    samples[op][counts[op]++] = (double)(__rdtsc() - t);
+    return (double)(__rdtsc() - t);
 }
+
+static void timed(int op, int layer) { samples[op][counts[op]++] = cycles(op, layer); }
 
 static void linear_call(const char *w, const struct shape *sh, const uint16_t *in, uint16_t *out) {
     linear_int8(in, (const int8_t *)w, row_scales, out, 1, (int)sh->N, (int)sh->K, 1);
@@ -128,14 +131,6 @@ static void step(char *buf, int time) {
 }
 
 /* `bytes` from a 2 MB boundary, advised into huge pages before their first touch (nanoqwen/hugepages.py's way). */
-static void *huge_buffer(long bytes) {
-    char *p = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return 0;
-    p = (char *)(((uintptr_t)p + (2L << 20) - 1) & ~((2L << 20) - 1));
-    madvise(p, bytes, MADV_HUGEPAGE);
-    return p;
-}
-
 static double median(double *v, int n) {
     qsort(v, n, sizeof *v, by_value);
     return v[n / 2];
@@ -164,7 +159,7 @@ int main(int argc, char **argv) {
     /* each layer's K and V cache as the runner allocates them: one [layers, blocks, BS, HKV, D] tensor each */
     const long cache = (long)(ctx + BS - 1) / BS * BS * HKV * D, bytes = 28 * cache * 2;
     for (int kv = 0; kv < 2; kv++) {
-        uint16_t *all = huge ? (uint16_t *)huge_buffer(bytes) : aligned_alloc(64, bytes);
+        uint16_t *all = huge ? (uint16_t *)huge_pages(bytes) : aligned_alloc(64, bytes);
         if (!all) return fprintf(stderr, "no memory for the KV cache\n"), 1;
         for (long i = 0; i < 28 * cache; i++) all[i] = small_bf16();
         for (int l = 0; l < 28; l++) (kv ? vc : kc)[l] = all + l * cache;
@@ -176,24 +171,11 @@ int main(int argc, char **argv) {
     double hot[OPS];
     for (int o = 0; o < OPS; o++) {
         static double calls[HOT_CALLS];
-        for (int i = 0; i < HOT_CALLS; i++) {
-            _mm_lfence();
-            const uint64_t t = __rdtsc();
-            _mm_lfence();
-            run_op(o, 27);
-            _mm_lfence();
-            calls[i] = (double)(__rdtsc() - t);
-        }
+        for (int i = 0; i < HOT_CALLS; i++) calls[i] = cycles(o, 27);
         hot[o] = median(calls, HOT_CALLS);
     }
     static double pair[HOT_CALLS];
-    for (int i = 0; i < HOT_CALLS; i++) {
-        _mm_lfence();
-        const uint64_t t = __rdtsc();
-        _mm_lfence();
-        _mm_lfence();
-        pair[i] = (double)(__rdtsc() - t);
-    }
+    for (int i = 0; i < HOT_CALLS; i++) pair[i] = cycles(-1, 0);
     const double t0 = now();
     const uint64_t c0 = __rdtsc();
     while (now() - t0 < 0.2) continue;

@@ -39,14 +39,21 @@ static inline long step_bytes(int bytes64) {  /* inline: not every tool uses it 
     return bytes;
 }
 
+/* `bytes` of 2 MB pages, 2 MB aligned (never unmapped); 0 where they cannot be mapped. */
+static inline char *huge_pages(long bytes) {
+    char *p = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return 0;
+    p = (char *)(((uintptr_t)p + (2L << 20) - 1) & ~((2L << 20) - 1));
+    madvise(p, bytes, MADV_HUGEPAGE);
+    return p;
+}
+
 /* The step's matrices (`bytes64` bytes each 64 weights) in one buffer of 2 MB pages, each byte random in -127..127; 0
    where it cannot be mapped. */
 static inline char *step_buffer(int bytes64) {
     const long bytes = step_bytes(bytes64);
-    char *buf = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (buf == MAP_FAILED) return 0;
-    buf = (char *)(((uintptr_t)buf + (2L << 20) - 1) & ~((2L << 20) - 1));
-    madvise(buf, bytes, MADV_HUGEPAGE);
+    char *buf = huge_pages(bytes);
+    if (!buf) return 0;
     for (long i = 0; i < bytes; i++) buf[i] = (char)(rand() % 255 - 127);
     return buf;
 }
