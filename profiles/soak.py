@@ -63,6 +63,7 @@ from soak_http import (  # noqa: E402
     CHAT,
     COMPLETIONS,
     RESPONSES,
+    SERVER_UNAVAILABLE,
     Connection,
     Json,
     Tally,
@@ -208,6 +209,7 @@ class Soak:
     background_weight: float = 10  # of the background Responses scenarios, against 96 for the others
     tool_weight: float = TOOL_WEIGHT  # of the concurrent strict-tool streams
     store_weight: float = STORE_WEIGHT  # of the stored Chat Completions scenarios
+    unavailable: tuple[str, ...] = SERVER_UNAVAILABLE  # the 503 codes a request may get (soak_http.error_problem)
     background_soak: BackgroundSoak = field(init=False)
     store_soak: StoreSoak = field(init=False)
 
@@ -223,7 +225,7 @@ class Soak:
         chat = rng.random() < 0.6
         path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
-        problem = answer_problem(reply, body["stream"], choices_of(body))
+        problem = answer_problem(reply, body["stream"], choices_of(body), self.unavailable)
         if problem is None and chat and body.get("logprobs") and "tools" not in body:
             problem = logprobs_problem(reply, body["stream"], bool(body.get("stop")))
         self.tally.record("valid", reply.status, problem)
@@ -234,7 +236,7 @@ class Soak:
             earlier = rng.choice(self.tally.stored) if self.tally.stored and rng.random() < 0.5 else None
         body = response_body(rng, earlier)
         reply = send(self.port, request_bytes("POST", RESPONSES, json.dumps(body).encode()))
-        problem, final = response_problem(reply, body["stream"])
+        problem, final = response_problem(reply, body["stream"], self.unavailable)
         if problem is None and final is not None and final["store"]:
             kept = send(self.port, request_bytes("GET", f"{RESPONSES}/{final['id']}"))
             if kept.status != 200 or json.loads(kept.body) != final:
@@ -248,7 +250,7 @@ class Soak:
         problem = None
         if reply.status == 200 and (text := json.loads(reply.body)["choices"][0]["text"]) != self.probe_answer:
             problem = f"greedy probe changed under load: {text!r} != {self.probe_answer!r}"
-        self.tally.record("probe", reply.status, problem or answer_problem(reply, False, 1))
+        self.tally.record("probe", reply.status, problem or answer_problem(reply, False, 1, self.unavailable))
 
     def fuzz(self, rng: random.Random) -> None:
         body = fuzz_bodies.mutate(fuzz_bodies.base_body(MODEL, rng), rng)
@@ -264,7 +266,7 @@ class Soak:
                               + b"\\ud83d" * 1000 + b'"}], "max_tokens": 1e400}', b"\x00" * 64, b"\xef\xbb\xbf{}"])
         reply = send(self.port, request_bytes("POST", path, raw))
         stream = reply.headers.get("content-type", "").startswith("text/event-stream")
-        self.tally.record("fuzz", reply.status, answer_problem(reply, stream, None, valid=False))
+        self.tally.record("fuzz", reply.status, answer_problem(reply, stream, None, self.unavailable, valid=False))
 
     def wrong_request(self, rng: random.Random) -> None:
         good = json.dumps(chat_body(rng) | {"max_tokens": 1, "stream": False}).encode()
@@ -276,7 +278,8 @@ class Soak:
             ("POST", CHAT, good, "application/json; charset=latin-1"), ("PATCH", "/health", b"", None),
         ])
         reply = send(self.port, request_bytes(method, path, body, ctype))
-        self.tally.record("wrong", reply.status, error_problem(reply) if reply.status >= 400 else None)
+        problem = error_problem(reply, self.unavailable) if reply.status >= 400 else None
+        self.tally.record("wrong", reply.status, problem)
 
     def oversized(self, rng: random.Random) -> None:
         if rng.random() < 0.3:  # past the 8 MiB body limit
@@ -292,7 +295,7 @@ class Soak:
             self.tally.record("oversized", 0, None if isinstance(exc, (BrokenPipeError, ConnectionResetError))
                               else f"no answer: {exc!r}")
             return
-        self.tally.record("oversized", reply.status, error_problem(reply) if reply.status != 200 else
+        self.tally.record("oversized", reply.status, error_problem(reply, self.unavailable) if reply.status != 200 else
                           "an oversized request was answered 200")
 
     def keepalive_after_error(self, rng: random.Random) -> None:
@@ -304,13 +307,14 @@ class Soak:
                               request_bytes("PUT", COMPLETIONS, b"{}"),
                               request_bytes("POST", CHAT, json.dumps({"messages": [{"role": "user"}]}).encode())])
             first = conn.exchange(bad)
-            self.tally.record("keepalive-error", first.status, error_problem(first))
+            self.tally.record("keepalive-error", first.status, error_problem(first, self.unavailable))
             if first.headers.get("connection", "").lower() == "close":
                 return
             body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 8)}], "max_tokens": 4,
                     "stream": rng.random() < 0.5}
             second = conn.exchange(request_bytes("POST", CHAT, json.dumps(body).encode()))
-            self.tally.record("keepalive-reuse", second.status, answer_problem(second, body["stream"], 1))
+            problem = answer_problem(second, body["stream"], 1, self.unavailable)
+            self.tally.record("keepalive-reuse", second.status, problem)
         finally:
             conn.close()
 
@@ -384,7 +388,8 @@ class Soak:
             # scale was settled from the 4 KiB buffer at connect and cannot grow now), fast enough
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             reply = conn.reply()
-            problem = response_problem(reply, True)[0] if responses else answer_problem(reply, True, 1)
+            problem = response_problem(reply, True, self.unavailable)[0] if responses else \
+                answer_problem(reply, True, 1, self.unavailable)
             self.tally.record("slow-reader", reply.status, problem)
         finally:
             conn.close()
@@ -407,7 +412,7 @@ class Soak:
                 conn.sock.sendall(raw[i:i + 16])
                 time.sleep(0.02)
             reply = conn.reply()
-            self.tally.record("slow-body", reply.status, answer_problem(reply, False, 1))
+            self.tally.record("slow-body", reply.status, answer_problem(reply, False, 1, self.unavailable))
         finally:
             conn.close()
 
@@ -449,7 +454,7 @@ class Soak:
                 self.tally.record("tool-reset", status, None if status in (200, 503) else f"status {status}")
                 return
             reply = conn.reply()
-            problem = answer_problem(reply, True, body["n"]) or tool_call_problem(reply, STRICT_TOOLS)
+            problem = answer_problem(reply, True, body["n"], self.unavailable) or tool_call_problem(reply, STRICT_TOOLS)
             self.tally.record("tool-stream", reply.status, problem)
         finally:
             conn.close()
@@ -490,15 +495,45 @@ class Soak:
 
 # -- rounds ---------------------------------------------------------------------------------
 
+# what a round's result keeps of /stats once the load drained
+DRAINED_KEYS = ("requests_served", "requests_aborted", "requests_failed", "active_requests", "queue_length",
+                "kv_cache_usage", "preemptions")
+
+
+def _busy(stats: Json) -> bool:
+    """Whether /stats shows a request running or waiting, or a KV block held."""
+    return bool(stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"])
+
+
 def idle_stats(url: str, timeout: float = 60) -> Json:
     """/stats once the load has drained (nothing running or waiting, every KV block free), or the last seen."""
     deadline = time.monotonic() + timeout
     while True:
         stats = requests.get(f"{url}/stats", timeout=30).json()
-        if (stats["active_requests"] == 0 and stats["queue_length"] == 0 and stats["kv_cache_usage"] == 0) \
-                or time.monotonic() > deadline:
+        if not _busy(stats) or time.monotonic() > deadline:
             return stats
         time.sleep(0.2)
+
+
+@dataclass
+class Drained:
+    """/stats after a round (idle_stats), and the problem where its load did not drain within the wait."""
+
+    stats: Json
+    problems: list[str]
+
+    @property
+    def figures(self) -> Json:
+        """What the round's result keeps of it."""
+        return {k: self.stats[k] for k in DRAINED_KEYS}
+
+
+def drained(url: str, name: str) -> Drained:
+    """The drained /stats of the server at `url` (`name`: the server's, for its problem)."""
+    after = Drained(idle_stats(url), [])
+    if _busy(after.stats):
+        after.problems.append(f"{name} not drained: {after.figures}")
+    return after
 
 
 def rss_mb(pid: int) -> float:
@@ -579,19 +614,16 @@ def run_round(srv: GunicornServer, probe_answer: str, seconds: float, clients: i
         prober.join()
     soak.background_soak.settle()
     soak.store_soak.settle()
-    stats = idle_stats(soak.url)
-    if stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"]:
-        tally.problems.append(f"not drained: {stats}")
-    tally.problems += count_problems(before, stats, tally)
+    after = drained(soak.url, "the server")
+    stats = after.stats
+    tally.problems += after.problems + count_problems(before, stats, tally)
     pid = stats["workers"][0]["pid"]
     tally.pids.update(w["pid"] for w in stats["workers"])
-    drained = {k: stats[k] for k in ("requests_served", "requests_aborted", "requests_failed", "active_requests",
-                                     "queue_length", "kv_cache_usage", "preemptions")}
     health = [1000 * p.seconds for p in polls]
     return RoundResult(loaded_s, tally.requests, dict(sorted(tally.statuses.items())), tally.problems,
                        percentile(health, 50), percentile(health, 99), max(health, default=0),
                        percentile([1000 * p.held for p in polls], 99), most_held(polls),
-                       sorted(tally.pids), rss_mb(pid), drained, {**tally.seen, "may": tally.may_count},
+                       sorted(tally.pids), rss_mb(pid), after.figures, {**tally.seen, "may": tally.may_count},
                        {k: round(v, 2) for k, v in sorted(tally.slowest_s.items())})
 
 

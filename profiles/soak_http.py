@@ -20,8 +20,10 @@ RESPONSES = "/v1/responses"
 WORDS = ("robot", "river", "stone", "light", "music", "garden", "engine", "winter", "paper", "ocean")
 
 ENDED = ("response.completed", "response.incomplete")
-# the 503s a client may get: a replica at capacity or (restarted behind nginx) loading, nginx with every replica down
-UNAVAILABLE_CODES = ("queue_full", "model_loading", "no_replica")
+# the 503s a client of one server may get: at capacity (a soak waits until the model serves, and never restarts it)
+SERVER_UNAVAILABLE = ("queue_full",)
+# through nginx to replicas (soak_replicas.py): a replica restarted, loading; nginx with every replica marked down
+REPLICAS_UNAVAILABLE = (*SERVER_UNAVAILABLE, "model_loading", "no_replica")
 ERROR_KEYS = {"message", "type", "param", "code"}
 Json = dict[str, Any]
 # the scenarios whose 200 without a problem is an answer read whole (the engine's request served)
@@ -174,10 +176,11 @@ def send(port: int, raw: bytes, timeout: float = 120) -> Reply:
 
 # -- checks ---------------------------------------------------------------------------------
 
-def error_problem(reply: Reply) -> str | None:
-    """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error."""
+def error_problem(reply: Reply, unavailable: tuple[str, ...] = SERVER_UNAVAILABLE) -> str | None:
+    """None when a 4xx/5xx reply is an allowed, OpenAI-shaped error: a 5xx only as a 503 with one of the
+    `unavailable` codes."""
     text = reply.body.decode("utf-8", "replace")
-    if reply.status >= 500 and not (reply.status == 503 and any(f'"{code}"' in text for code in UNAVAILABLE_CODES)):
+    if reply.status >= 500 and not (reply.status == 503 and any(f'"{code}"' in text for code in unavailable)):
         return f"{reply.status}: {text[:300]}"
     try:
         error = json.loads(text)["error"]
@@ -188,11 +191,12 @@ def error_problem(reply: Reply) -> str | None:
     return None
 
 
-def answer_problem(reply: Reply, stream: bool, choices: int | None, valid: bool = True) -> str | None:
+def answer_problem(reply: Reply, stream: bool, choices: int | None, unavailable: tuple[str, ...] = SERVER_UNAVAILABLE,
+                   valid: bool = True) -> str | None:
     """None when a reply is well formed: a 200 with every choice (`choices` of them, None: any number)
-    finished, or an allowed error, which a `valid` request may only get as the documented 503."""
+    finished, or an allowed error (error_problem's), which a `valid` request may only get as a 503."""
     if reply.status != 200:
-        if (problem := error_problem(reply)) is not None or not valid or reply.status == 503:
+        if (problem := error_problem(reply, unavailable)) is not None or not valid or reply.status == 503:
             return problem
         return f"a valid request got {reply.status}: {reply.body[:300]!r}"
     text = reply.body.decode("utf-8")
@@ -286,12 +290,13 @@ def response_events(text: str) -> list[Json]:
     return [parse_event(block) for block in text.split("\n\n") if block and not block.startswith(":")]
 
 
-def response_problem(reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
+def response_problem(reply: Reply, stream: bool,
+                     unavailable: tuple[str, ...] = SERVER_UNAVAILABLE) -> tuple[str | None, Json | None]:
     """As answer_problem, for a valid Responses request, and its final response: streamed, numbered events
     from response.created to response.completed/incomplete, whose opening ones say what the last does of
     `store`."""
     if reply.status != 200:
-        return answer_problem(reply, stream, None), None
+        return answer_problem(reply, stream, None, unavailable), None
     text = reply.body.decode("utf-8")
     if not stream:
         answer = json.loads(text)

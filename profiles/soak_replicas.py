@@ -55,8 +55,8 @@ from chat_http import MODEL, Poll, cpu_env, health_polled, most_held  # noqa: E4
 from checkpoints import make_checkpoint  # noqa: E402
 from nanoqwen.api.metrics import percentile  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
-from soak import Soak, count_problems, greedy_probe, health_summary, idle_stats, rss_mb  # noqa: E402
-from soak_http import CHAT, UNAVAILABLE_CODES, Connection, Json, Tally, request_bytes, reset, words  # noqa: E402
+from soak import Soak, count_problems, drained, greedy_probe, health_summary, rss_mb  # noqa: E402
+from soak_http import CHAT, REPLICAS_UNAVAILABLE, Connection, Json, Tally, request_bytes, reset, words  # noqa: E402
 
 RESTARTS = ("hup", "term", "max-requests")
 MAX_REQUESTS = 150  # replica B's worker recycles after this many requests in --restarts max-requests
@@ -67,9 +67,13 @@ REFUSED = re.compile(r'"POST [^"]*" 503 ')  # in nginx's access log and a replic
 HEALTH_POLL_S = 0.05
 
 
+@dataclass
 class ReplicaSoak(Soak):
     """soak.py's raw scenarios through nginx, less those that need the same replica twice (stored, background and
-    Responses continuations: a follow-up without X-Conversation-Id may reach the other)."""
+    Responses continuations: a follow-up without X-Conversation-Id may reach the other); a replica restarted may
+    answer model_loading, and nginx no_replica."""
+
+    unavailable: tuple[str, ...] = REPLICAS_UNAVAILABLE
 
     def scenarios(self) -> list[tuple[float, Callable[[random.Random], None]]]:
         return [(30, self.valid), (4, self.probe), (10, self.fuzz), (4, self.wrong_request), (3, self.oversized),
@@ -94,7 +98,7 @@ def openai_client(url: str, tally: Tally, seed: int, until: float) -> None:
             tally.record("openai", 200, None if finished else "an answer without a finish_reason")
         except openai.APIStatusError as exc:
             code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
-            allowed = exc.status_code == 503 and code in UNAVAILABLE_CODES
+            allowed = exc.status_code == 503 and code in REPLICAS_UNAVAILABLE
             tally.record("openai", exc.status_code, None if allowed else f"{exc.status_code}: {exc.body}")
         except openai.APIConnectionError as exc:
             tally.record("openai", 0, f"no answer after the client's retries: {exc!r}")
@@ -172,15 +176,6 @@ class RoundResult:
     drained: dict[str, Json]
 
 
-def drained_problems(name: str, server: GunicornServer) -> tuple[list[str], Json]:
-    stats = idle_stats(server.url)
-    keys = ("requests_served", "requests_aborted", "requests_failed", "active_requests", "queue_length",
-            "kv_cache_usage", "preemptions")
-    drained = {k: stats[k] for k in keys}
-    busy = stats["active_requests"] or stats["queue_length"] or stats["kv_cache_usage"]
-    return ([f"replica {name} not drained: {drained}"] if busy else []), {**stats, "brief": drained}
-
-
 def metrics_problems(server: GunicornServer, stats: Json) -> list[str]:
     """/metrics' finished requests by outcome and generated tokens against /stats' (one worker, never restarted)."""
     text = requests.get(f"{server.url}/metrics", timeout=30).text
@@ -224,10 +219,9 @@ def run_round(replicas: Replicas, probe_answer: str, index: int, how: str, args:
         if holder.is_alive():
             holder.join()
     seconds = time.monotonic() - t0
-    after: dict[str, Json] = {}
-    for name, server in servers.items():
-        problems, after[name] = drained_problems(name, server)
-        tally.problems += problems
+    ended = {name: drained(server.url, f"replica {name}") for name, server in servers.items()}
+    tally.problems += [p for end in ended.values() for p in end.problems]
+    after = {name: end.stats for name, end in ended.items()}
     pids = {name: [before[name]["workers"][0]["pid"], after[name]["workers"][0]["pid"]] for name in servers}
     tally.problems += metrics_problems(replicas.a, after["a"])
     if pids["a"][0] != pids["a"][1]:
@@ -241,7 +235,7 @@ def run_round(replicas: Replicas, probe_answer: str, index: int, how: str, args:
                        percentile(health, 50), percentile(health, 99), max(health, default=0),
                        percentile([1000 * p.held for p in polls], 99), most_held(polls), pids,
                        {name: rss_mb(pid[1]) for name, pid in pids.items()},
-                       {name: stats["brief"] for name, stats in after.items()})
+                       {name: end.figures for name, end in ended.items()})
 
 
 def fairness(server: GunicornServer, shorts: int, bound_s: float) -> tuple[list[float], list[str]]:
@@ -328,7 +322,7 @@ def main() -> int:
         answer = greedy_probe(replicas.a.url)
         rounds = [run_round(replicas, answer, i, how, args) for i, how in enumerate(hows)]
         shorts, problems = fairness(replicas.a, args.shorts, args.short_bound_s)
-        problems += drained_problems("a", replicas.a)[0]
+        problems += drained(replicas.a.url, "replica a").problems
         problems += [p for r in rounds for p in r.problems]
         problems += [f"round {i}: replica a /health held p99 {r.held_p99_ms:.0f} ms, the longest: {r.most_held}"
                      for i, r in enumerate(rounds) if r.held_p99_ms > args.health_p99_ms]

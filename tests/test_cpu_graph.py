@@ -37,6 +37,7 @@ def cpugraph_engine(checkpoint, **overrides):
     recordings = [entry[0] for graphs in (engine.runner.graphs._cpu_graphs, engine.runner.graphs._cpu_greedy)
                   for entry in graphs.values()]
     assert all(recording.packed is not None for recording in recordings)  # each step one call into replay.c
+    assert engine.info()["cpu_replay"] == {"replay.c": engine.runner.buckets}  # and its info says so
     return engine
 
 
@@ -193,6 +194,7 @@ def test_a_bucket_that_computes_with_torch_runs_eagerly():
 
     runner = GraphRunner(step, logits, "cpugraph", torch.device("cpu"), [1, 2], buffer.bucket, [4])
     assert list(runner._cpu_graphs) == [1]
+    assert runner.cpu_replay == {"python": [1], "eager": [2]}  # a Python callable: the loop of its calls replays
     captured = len(kernel_calls)
     with torch.inference_mode():
         runner.run(1, "greedy", 4)

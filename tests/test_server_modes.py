@@ -2,7 +2,8 @@
 transformers' greedy tokens for a batch of different lengths at once. Chunked prefill with a 5-token step
 budget (prompts split across steps beside decode rows) in the default mode and under torch.compile, paced
 chunks (a 200-token prompt beside decoding streams, its chunks sized from measured step times: the default
-prefill_stall), and the decode steps replayed as recorded C calls (cpugraph), also over a 2100-token context."""
+prefill_stall), and the decode steps replayed as recorded C calls (cpugraph: each step one call into csrc/replay.c, as
+the ready line and /health say), also over a 2100-token context."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 import torch
 
 from chat_http import MODEL, assert_completions_greedy, assert_serves_greedy, completion_texts, cpu_env
@@ -39,8 +41,8 @@ MODES = {
     # every step eager with the C kernels (graph none): the one server that serves them so
     "chunked-paced": ({"NANOQWEN_MAX_STEP_TOKENS": "64", "NANOQWEN_GRAPH": "none"},
                       (" max_step_tokens=64 ", " graph=none "), [PACED_PROMPTS]),
-    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph", "NANOQWEN_MAX_MODEL_LEN": "2304"}, (" graph=cpugraph ",),
-                 [PROMPTS, LONG_PROMPTS]),
+    "cpugraph": ({"NANOQWEN_GRAPH": "cpugraph", "NANOQWEN_MAX_MODEL_LEN": "2304"},
+                 (" graph=cpugraph ", " cpu_replay=replay.c:1,2,4 "), [PROMPTS, LONG_PROMPTS]),
 }
 
 
@@ -52,7 +54,15 @@ def test_mode_serves_transformers_greedy_tokens(
     extra, marker, batches = MODES[mode]
     env = cpu_env(tiny_checkpoint, NANOQWEN_MAX_BATCH="4", **extra)
     assert_serves_greedy(tiny_checkpoint, hf_model, env, tmp_path / "server.log", marker, batches, NEW_TOKENS,
-                         _serves_a_grammar)
+                         _reports_its_replay_and_serves_a_grammar)
+
+
+def _reports_its_replay_and_serves_a_grammar(srv: GunicornServer) -> None:
+    """/health says how each batch bucket's decode step runs: on cpugraph (max_batch 4) each of 1, 2 and 4 rows is one
+    call into csrc/replay.c (its recordings packed: test_cpu_graph's cpugraph_engine), in another mode none replays."""
+    info = requests.get(f"{srv.url}/health", timeout=10).json()["model_info"]
+    assert info["cpu_replay"] == ({"replay.c": [1, 2, 4]} if info["graph"] == "cpugraph" else None), info
+    _serves_a_grammar(srv)
 
 
 def _serves_a_grammar(srv: GunicornServer) -> None:

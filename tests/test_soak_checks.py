@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -12,8 +13,17 @@ from server_process import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
 import soak  # noqa: E402
+import soak_replicas  # noqa: E402
 from soak_background import BackgroundSoak, _order_problem  # noqa: E402
-from soak_http import Json, Reply, Tally, answer_problem, logprobs_problem, tool_call_problem  # noqa: E402
+from soak_http import (  # noqa: E402
+    REPLICAS_UNAVAILABLE,
+    Json,
+    Reply,
+    Tally,
+    answer_problem,
+    logprobs_problem,
+    tool_call_problem,
+)
 
 RESP = "resp_x"
 
@@ -60,6 +70,17 @@ def test_count_problems_flags_made_up_stats() -> None:
     assert fewer == ["/stats counted 2 requests served, the clients saw 3"]
     more = soak.count_problems(_stats(10, 0, 0), _stats(14, 2, 1), tally)  # 7 finished of at most 6 sent
     assert len(more) == 1 and "7 requests finished" in more[0] and "at most 6" in more[0]
+
+
+@pytest.mark.parametrize("busy", ["active_requests", "queue_length", "kv_cache_usage", None])
+def test_drained_flags_a_server_still_busy(busy: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """soak.py's and soak_replicas.py's check after a round: a request running or waiting, or a KV block held, once
+    idle_stats gave up waiting, is a problem naming the server; the round keeps the drained figures."""
+    stats = {key: 0 for key in soak.DRAINED_KEYS} | {"workers": [{"pid": 1}]} | ({busy: 1} if busy else {})
+    monkeypatch.setattr(soak, "idle_stats", lambda url: stats)
+    after = soak.drained("http://127.0.0.1:1", "replica b")
+    assert after.stats == stats and after.figures == {key: stats[key] for key in soak.DRAINED_KEYS}
+    assert after.problems == ([f"replica b not drained: {after.figures}"] if busy else [])
 
 
 def test_order_problem_flags_gaps_and_openings() -> None:
@@ -191,10 +212,29 @@ def test_logprobs_problem_finds_tokens_that_do_not_spell_the_content(content: st
     assert (logprobs_problem(reply, stream, stops) is None) == ok
 
 
-@pytest.mark.parametrize(("code", "problem"), [("queue_full", False), ("model_loading", False), ("no_replica", False),
-                                               ("internal_error", True), (None, True)])
-def test_only_the_documented_503s_pass(code: str | None, problem: bool) -> None:
-    """A replica at capacity or loading (restarted behind nginx), nginx with every replica down: the 503s a client may
-    get; any other is flagged."""
-    body = {"error": {"message": "no", "type": "server_error", "param": None, "code": code}}
-    assert (answer_problem(Reply(503, {}, json.dumps(body).encode()), False, 1) is not None) is problem
+def _unavailable(code: str | None) -> Reply:
+    return Reply(503, {}, json.dumps({"error": {"message": "no", "type": "server_error", "param": None,
+                                                "code": code}}).encode())
+
+
+@pytest.mark.parametrize(("code", "server", "replicas"), [
+    ("queue_full", True, True), ("model_loading", False, True), ("no_replica", False, True),
+    ("internal_error", False, False), (None, False, False)])
+def test_only_the_documented_503s_pass(code: str | None, server: bool, replicas: bool) -> None:
+    """One server at capacity: the 503 its client may get (a soak waits for its model, and never restarts it); through
+    nginx to replicas also a replica loading (restarted) and nginx with every replica down. Any other is flagged."""
+    assert (answer_problem(_unavailable(code), False, 1) is None) is server
+    assert (answer_problem(_unavailable(code), False, 1, REPLICAS_UNAVAILABLE) is None) is replicas
+
+
+@pytest.mark.parametrize("code", ["model_loading", "no_replica"])
+def test_only_the_replicas_soak_takes_their_503s(code: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """soak.py's scenarios on one server flag a 503 that only replicas behind nginx answer; soak_replicas.py's, through
+    nginx, pass it. Each scenario that sends one request, answered that 503."""
+    monkeypatch.setattr(soak, "send", lambda port, raw, timeout=120: _unavailable(code))
+    for kind, problems in ((soak.Soak, 6), (soak_replicas.ReplicaSoak, 0)):
+        scenarios = kind(0, Tally(), "probe")
+        for scenario in (scenarios.valid, scenarios.responses, scenarios.probe, scenarios.fuzz,
+                         scenarios.wrong_request, scenarios.oversized):
+            scenario(random.Random(0))
+        assert len(scenarios.tally.problems) == problems, (kind, scenarios.tally.problems)

@@ -275,8 +275,8 @@ def create_app(engine: Engine, config: ServerConfig) -> Flask:
             return body, 503
         info = serving.info
         model_info = {"model_name": config.model_name, "served_model_name": config.served_model_name}
-        keys = ("device", "dtype", "quant", "kernels", "float_gemv", "graph", "max_batch", "max_model_len",
-                "speculative")
+        keys = ("device", "dtype", "quant", "kernels", "float_gemv", "graph", "cpu_replay", "max_batch",
+                "max_model_len", "speculative")
         model_info |= {key: info[key] for key in keys}
         model_info["sampling_defaults"] = engine.sampling_defaults  # from generation_config.json
         return {"status": "healthy", "uptime": uptime, "model_info": model_info}

@@ -38,6 +38,7 @@ from nanoqwen.engine.validation import (
 )
 from nanoqwen.engine.wakeups import HeldWakeups
 from nanoqwen.runner import ModelRunner, StepOutput
+from nanoqwen.runner.graphs import replay_text
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.settings import EngineConfig
 from nanoqwen.text import TextPipeline
@@ -119,16 +120,22 @@ class Engine:
             self.runner = ModelRunner(loaded.model, runtime)
         if before_ready is not None:
             before_ready()
-        info = runtime.info()
+        info = self._info()
         log.info("ready: model=%s device=%s dtype=%s quant=%s kernels=%s cpu_isa=%s float_gemv=%s graph=%s "
-                 "kv_cache_tokens=%d threads=%d max_step_tokens=%d prefill_stall=%g speculative=%s load_time=%.1fs",
-                 runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels, cfg.cpu_isa,
-                 runtime.float_gemv, runtime.graph, runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens,
-                 cfg.prefill_stall, info["speculative"], time.perf_counter() - started)
+                 "cpu_replay=%s kv_cache_tokens=%d threads=%d max_step_tokens=%d prefill_stall=%g speculative=%s "
+                 "load_time=%.1fs", runtime.model_path, info["device"], info["dtype"], runtime.quant, runtime.kernels,
+                 cfg.cpu_isa, runtime.float_gemv, runtime.graph, replay_text(info["cpu_replay"]),
+                 runtime.kv_cache_tokens, runtime.threads, cfg.max_step_tokens, cfg.prefill_stall, info["speculative"],
+                 time.perf_counter() - started)
         self.ready = True  # after the `ready:` line: whoever sees /health answer 200 finds it in the log
 
     def info(self) -> dict:
-        return self.runtime.info() if self.ready else {}
+        return self._info() if self.ready else {}
+
+    def _info(self) -> dict:
+        """The runtime's settings, and how its decode steps replay (GraphRunner.cpu_replay, found as they were
+        recorded)."""
+        return self.runtime.info() | {"cpu_replay": self.runner.graphs.cpu_replay}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True

@@ -39,6 +39,8 @@ class GraphRunner:
         # bucket -> the greedy step recorded whole (the logits' calls, then the argmax's) and its tokens [bucket]:
         # after the weights streamed through the caches the sampler's Python alone took 0.15 ms a step
         self._cpu_greedy: dict[int, tuple[cpu_graph.Recording, torch.Tensor]] = {}
+        # cpugraph: how each bucket's step runs, way -> buckets (_capture_cpu); None in another graph mode
+        self.cpu_replay: dict[str, list[int]] | None = None
         self._loaded = False  # past the load: a compile now is one a request waits for
         if graph == "compile":
             cuda = device.type == "cuda"
@@ -130,6 +132,20 @@ class GraphRunner:
             except cpu_graph.NotCapturable:  # torch's argmax: the sampler runs after the replay
                 continue
             self._cpu_greedy[bucket] = recording + argmax, tokens
+        self.cpu_replay = {}
+        for bucket in buckets:
+            self.cpu_replay.setdefault(self._replay_way(bucket), []).append(bucket)
+
+    def _replay_way(self, bucket: int) -> str:
+        """How `bucket`'s step runs: "replay.c" where each of its recordings replays as one call into csrc/replay.c,
+        the GIL released; "python" where one replays as a Python loop of its calls (ops/cpu/graph.py says when);
+        "eager" where the step was not captured."""
+        if bucket not in self._cpu_graphs:
+            return "eager"
+        recordings = [self._cpu_graphs[bucket][0]]
+        if bucket in self._cpu_greedy:
+            recordings.append(self._cpu_greedy[bucket][0])
+        return "replay.c" if all(r.packed is not None for r in recordings) else "python"
 
     def replays(self, bucket: int) -> bool:
         """Whether `bucket`'s step replays a CPU graph (no bucket past the C linears' row limit does)."""
@@ -153,6 +169,13 @@ class GraphRunner:
         if self.graph == "compile":
             return self._compiled(mode, self._inputs(bucket, width))
         return self._step(mode, self._inputs(bucket, width))
+
+
+def replay_text(cpu_replay: dict[str, list[int]] | None) -> str:
+    """GraphRunner.cpu_replay in one word of the `ready:` log line: `replay.c:1,2,4;eager:8`."""
+    if cpu_replay is None:
+        return "None"
+    return ";".join(f"{way}:{','.join(map(str, buckets))}" for way, buckets in cpu_replay.items())
 
 
 def _mark_dynamic(inputs: StepInputs, rows: bool, width: bool) -> None:
