@@ -1,0 +1,141 @@
+/* What the AVX2 int8 linear's inner loop (ops/cpu/csrc/linear_int8.c, madd_pieces: int16 activation pieces against
+   the weights widened to int16, vpmaddwd) can reach on this core: its instruction mix alone, hot in L1, one thread,
+   timed by the thread's CPU time, in cycles by a dependent add chain (1 cycle an add). Not a test; profiles/RESULTS.md
+   (lane b8_40, fortieth session) has the figures.
+
+   The kernel's iteration at 8 bf16 rows (two passes of 4 piece rows, AVX2_MAX_PIECES): 32 weights of one weight row
+   widened by 2 vpmovsxbw, 8 vpmaddwd each loading 32 bytes of a piece row (rows S bytes apart: S = 2 K, 2048 for
+   the K 1024 shapes, 4096 and 6144 for o and down), 8 vpaddd into 4 accumulators: 128 weight x row products. Rows:
+     throughput   12 independent vpmaddwd, vpaddd, vpmaddubsw (register operands): each instruction's issue rate
+     reg          the iteration with the pieces in registers (no piece loads)
+     L1 S         the iteration as the kernel runs it (pieces loaded from L1, S apart), and + prefetch: its prefetcht0
+     2 wrows S    two weight rows a pass sharing each piece load (8 loads for 256 products), per weight row
+     8 rows S     the 8 piece rows in one pass (one widening for 8 rows), per 4 rows
+   Each loop walks its pieces 64 bytes an iteration through 2 KB a row and its weights through 4 KB, so all stays in L1.
+
+   Build from the repository root:
+     cc -O2 -mavx2 profiles/avx2_mix.c -o profiles/out/avx2_mix
+   Run: taskset -c 1 profiles/out/avx2_mix [ITERATIONS 20000000 [S ...]] (S: the piece rows' distance in bytes, default
+   2048 4096 6144; at most 6144) */
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#define REGS "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+    "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+static short pieces[4 * 6144 + 8 * 6144] __attribute__((aligned(64)));  /* 8 rows up to 6144 bytes apart, and slack */
+static signed char weights[4096 + 2048] __attribute__((aligned(64)));
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* The fastest of 5 runs of `n` iterations of BODY (asm, operands %0 pieces, %1 weights, %2 S, %3 3 S), ns each. */
+#define TIMED(n, S, BODY) ({ \
+        double best_ = 1e30; \
+        const long s_ = (S), s3_ = 3 * (S); \
+        for (int run_ = 0; run_ < 5; run_++) { \
+            const double t0_ = now(); \
+            for (long i_ = 0; i_ < (n); i_++) { \
+                const char *p_ = (const char *)pieces + (i_ & 31) * 64; \
+                const signed char *w_ = weights + (i_ & 127) * 32; \
+                __asm__ volatile(BODY ::"r"(p_), "r"(w_), "r"(s_), "r"(s3_) : REGS); \
+            } \
+            const double t_ = now() - t0_; \
+            best_ = t_ < best_ ? t_ : best_; \
+        } \
+        best_ / (n) * 1e9; \
+    })
+
+#define REPEAT12(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) op(8) op(9) op(10) op(11)
+#define MADD_R(j) "vpmaddwd %%ymm15, %%ymm" #j ", %%ymm" #j "\n"
+#define ADD_R(j) "vpaddd %%ymm15, %%ymm" #j ", %%ymm" #j "\n"
+#define UBS_R(j) "vpmaddubsw %%ymm15, %%ymm" #j ", %%ymm" #j "\n"
+
+/* 32 weights widened into ymm14 (columns 0-15) and ymm15 (16-31) */
+#define WIDEN "vpmovsxbw (%1), %%ymm14\n vpmovsxbw 16(%1), %%ymm15\n"
+/* acc r (ymm0-3) += piece row r (at %0 + r S) against the widened weights: madd into ymm4-11, then 8 adds */
+#define ADDS4 "vpaddd %%ymm4, %%ymm0, %%ymm0\n vpaddd %%ymm5, %%ymm1, %%ymm1\n vpaddd %%ymm6, %%ymm2, %%ymm2\n" \
+    "vpaddd %%ymm7, %%ymm3, %%ymm3\n vpaddd %%ymm8, %%ymm0, %%ymm0\n vpaddd %%ymm9, %%ymm1, %%ymm1\n" \
+    "vpaddd %%ymm10, %%ymm2, %%ymm2\n vpaddd %%ymm11, %%ymm3, %%ymm3\n"
+#define MADDS4_REG "vpmaddwd %%ymm12, %%ymm14, %%ymm4\n vpmaddwd %%ymm13, %%ymm14, %%ymm5\n" \
+    "vpmaddwd %%ymm12, %%ymm14, %%ymm6\n vpmaddwd %%ymm13, %%ymm14, %%ymm7\n vpmaddwd %%ymm12, %%ymm15, %%ymm8\n" \
+    "vpmaddwd %%ymm13, %%ymm15, %%ymm9\n vpmaddwd %%ymm12, %%ymm15, %%ymm10\n vpmaddwd %%ymm13, %%ymm15, %%ymm11\n"
+#define MADDS4_L1 "vpmaddwd (%0), %%ymm14, %%ymm4\n vpmaddwd (%0,%2,1), %%ymm14, %%ymm5\n" \
+    "vpmaddwd (%0,%2,2), %%ymm14, %%ymm6\n vpmaddwd (%0,%3,1), %%ymm14, %%ymm7\n vpmaddwd 32(%0), %%ymm15, %%ymm8\n" \
+    "vpmaddwd 32(%0,%2,1), %%ymm15, %%ymm9\n vpmaddwd 32(%0,%2,2), %%ymm15, %%ymm10\n" \
+    "vpmaddwd 32(%0,%3,1), %%ymm15, %%ymm11\n"
+/* two weight rows (ymm8/9: row 0's columns 0-15 / 16-31, ymm10/11 row 1's, 2048 bytes on), accumulators ymm0-3 row 0,
+   ymm4-7 row 1; each piece loaded once into ymm12 or ymm13 for both */
+#define WIDEN2 "vpmovsxbw (%1), %%ymm8\n vpmovsxbw 16(%1), %%ymm9\n vpmovsxbw 2048(%1), %%ymm10\n" \
+    "vpmovsxbw 2064(%1), %%ymm11\n"
+#define PAIR(at, r, r1, wa, wb, t) "vmovdqa " at ", %%ymm" #t "\n vpmaddwd %%ymm" #t ", %%ymm" #wa ", %%ymm14\n" \
+    "vpaddd %%ymm14, %%ymm" #r ", %%ymm" #r "\n vpmaddwd %%ymm" #t ", %%ymm" #wb ", %%ymm15\n" \
+    "vpaddd %%ymm15, %%ymm" #r1 ", %%ymm" #r1 "\n"
+/* acc += the piece at `at` against widened weights w, through t */
+#define MA(at, w, t, acc) "vpmaddwd " at ", %%ymm" #w ", %%ymm" #t "\n vpaddd %%ymm" #t ", %%ymm" #acc ", %%ymm" #acc "\n"
+
+/* The 8 rows in one pass: rows 0-3 from p, 4-7 from p + 4 S; accumulators ymm0-7, the madds through ymm8-13. */
+static double loop8(long n, long S) {
+    double best = 1e30;
+    for (int run = 0; run < 5; run++) {
+        const double t0 = now();
+        for (long i = 0; i < n; i++) {
+            const char *p = (const char *)pieces + (i & 31) * 64, *p4 = p + 4 * S;
+            const signed char *w = weights + (i & 127) * 32;
+            __asm__ volatile(
+                "vpmovsxbw (%1), %%ymm14\n vpmovsxbw 16(%1), %%ymm15\n"
+                MA("(%0)", 14, 8, 0) MA("(%0,%2,1)", 14, 9, 1) MA("(%0,%2,2)", 14, 10, 2) MA("(%0,%3,1)", 14, 11, 3)
+                MA("(%4)", 14, 12, 4) MA("(%4,%2,1)", 14, 13, 5) MA("(%4,%2,2)", 14, 8, 6) MA("(%4,%3,1)", 14, 9, 7)
+                MA("32(%0)", 15, 10, 0) MA("32(%0,%2,1)", 15, 11, 1) MA("32(%0,%2,2)", 15, 12, 2)
+                MA("32(%0,%3,1)", 15, 13, 3) MA("32(%4)", 15, 8, 4) MA("32(%4,%2,1)", 15, 9, 5)
+                MA("32(%4,%2,2)", 15, 10, 6) MA("32(%4,%3,1)", 15, 11, 7)
+                ::"r"(p), "r"(w), "r"(S), "r"(3 * S), "r"(p4) : REGS);
+        }
+        const double t = now() - t0;
+        best = t < best ? t : best;
+    }
+    return best / n * 1e9;
+}
+
+int main(int argc, char **argv) {
+    const long n = argc > 1 ? atol(argv[1]) : 20000000;
+    double best = 1e30;
+    for (int run = 0; run < 5; run++) {  /* a dependent chain of adds: 1 cycle each */
+        long x = 0;
+        const double t0 = now();
+        for (long i = 0; i < 20 * n; i += 8)
+            __asm__ volatile("add $1, %0\n add $1, %0\n add $1, %0\n add $1, %0\n add $1, %0\n add $1, %0\n"
+                             "add $1, %0\n add $1, %0\n" : "+r"(x));
+        const double t = now() - t0;
+        best = t < best ? t : best;
+    }
+    const double ghz = 20 * n / best / 1e9;
+    printf("clock %.3f GHz (a dependent add a cycle); cycles an iteration, fastest of 5 runs of %ld\n", ghz, n);
+    printf("%-34s %7.2f  (12 instructions)\n", "throughput vpmaddwd", ghz * TIMED(n, 0, REPEAT12(MADD_R)));
+    printf("%-34s %7.2f  (12 instructions)\n", "throughput vpaddd", ghz * TIMED(n, 0, REPEAT12(ADD_R)));
+    printf("%-34s %7.2f  (12 instructions)\n", "throughput vpmaddubsw", ghz * TIMED(n, 0, REPEAT12(UBS_R)));
+    printf("%-34s %7.2f  (128 products)\n", "reg: pieces in registers", ghz * TIMED(n, 2048, WIDEN MADDS4_REG ADDS4));
+    const long fixed[] = {2048, 4096, 6144};
+    const int count = argc > 2 ? argc - 2 : 3;
+    for (int s = 0; s < count; s++) {
+        const long S = argc > 2 ? atol(argv[2 + s]) : fixed[s];
+        char name[64];
+        snprintf(name, sizeof name, "L1 S %ld (the kernel's)", S);
+        printf("%-34s %7.2f  (128 products)\n", name, ghz * TIMED(n, S, WIDEN MADDS4_L1 ADDS4));
+        snprintf(name, sizeof name, "L1 S %ld + prefetch", S);
+        printf("%-34s %7.2f  (128 products)\n", name,
+               ghz * TIMED(n, S, "prefetcht0 2048(%1)\n" WIDEN MADDS4_L1 ADDS4));
+        snprintf(name, sizeof name, "2 wrows S %ld, per weight row", S);
+        printf("%-34s %7.2f  (128 products)\n", name, ghz / 2 * TIMED(n, S, WIDEN2
+               PAIR("(%0)", 0, 4, 8, 10, 12) PAIR("(%0,%2,1)", 1, 5, 8, 10, 13) PAIR("(%0,%2,2)", 2, 6, 8, 10, 12)
+               PAIR("(%0,%3,1)", 3, 7, 8, 10, 13) PAIR("32(%0)", 0, 4, 9, 11, 12) PAIR("32(%0,%2,1)", 1, 5, 9, 11, 13)
+               PAIR("32(%0,%2,2)", 2, 6, 9, 11, 12) PAIR("32(%0,%3,1)", 3, 7, 9, 11, 13)));
+        snprintf(name, sizeof name, "8 rows S %ld, per 4 rows", S);
+        printf("%-34s %7.2f  (128 products)\n", name, ghz / 2 * loop8(n, S));
+    }
+    return 0;
+}
