@@ -18,7 +18,7 @@ from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
     "keepalive", "forwarder_headers", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format",
-    "logger_class", "pre_fork", "post_fork", "child_exit", "on_exit",
+    "logger_class", "on_starting", "pre_fork", "post_fork", "child_exit", "on_exit",
 ]
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
@@ -45,6 +45,13 @@ accesslog = "-"
 # method, path (no query string), status, response bytes, duration in ms, request id: never the prompt
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
 logger_class = "nanoqwen.access_log.AccessLogger"  # the path is percent-decoded: its control characters escaped
+
+
+def on_starting(server) -> None:
+    # gunicorn takes `--workers 0`: a master that listens and never forks, its connections queued for ever
+    if server.num_workers < 1:
+        remove_run_dir()
+        raise RuntimeError(f"nanoqwen needs at least one worker (--workers {server.num_workers})")
 
 
 def pre_fork(server, worker) -> None:
