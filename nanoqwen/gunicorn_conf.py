@@ -48,10 +48,19 @@ logger_class = "nanoqwen.access_log.AccessLogger"  # the path is percent-decoded
 
 
 def on_starting(server) -> None:
-    # gunicorn takes `--workers 0`: a master that listens and never forks, its connections queued for ever
-    if server.num_workers < 1:
+    """Refuses gunicorn options it takes that nanoqwen cannot serve, before it listens (gunicorn prints the error and
+    exits 1)."""
+    refused = None
+    if server.num_workers < 1:  # a master that listens and never forks, its connections queued for ever
+        refused = f"nanoqwen needs at least one worker (--workers {server.num_workers})"
+    elif "h2" in server.cfg.http_protocols or server.cfg.http2_cleartext != "off":
+        # gunicorn serves HTTP/2 streams outside the worker's HTTP/1.1 handling: a client's cancel never reached the
+        # engine (the answer generated to its end), and the send timeout and prefix checks were skipped
+        refused = ("nanoqwen serves HTTP/1.1 only: leave --http-protocols at h1 and --http2-cleartext off "
+                   "(put a proxy in front for HTTP/2)")
+    if refused is not None:
         remove_run_dir()
-        raise RuntimeError(f"nanoqwen needs at least one worker (--workers {server.num_workers})")
+        raise RuntimeError(refused)
 
 
 def pre_fork(server, worker) -> None:

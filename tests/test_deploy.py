@@ -171,16 +171,21 @@ def test_a_bad_setting_stops_serve_before_any_model_load(tmp_path, args, env, me
     assert message in log and "does not exist" not in log, log
 
 
-def test_no_worker_stops_gunicorn_at_once(tmp_path):
-    """`--workers 0`, which gunicorn takes: the master listened and never forked, its clients waiting for ever."""
-    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log",
-                         args=["--workers", "0"]).launch()
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "0"], "nanoqwen needs at least one worker (--workers 0)"),
+    (["--http2-cleartext", "both"], "nanoqwen serves HTTP/1.1 only"),
+])
+def test_a_gunicorn_option_nanoqwen_cannot_serve_stops_gunicorn_at_once(tmp_path, args, message):
+    """`--workers 0`, which gunicorn takes: the master listened and never forked, its clients waiting for ever.
+    HTTP/2 (cleartext here; `--http-protocols h2` gunicorn refuses itself without the h2 package): with h2 installed, a
+    stream the client cancelled ran to its end (`/stats` active 1, aborted 0, its 400 tokens sent to no one)."""
+    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log", args=args).launch()
     try:
         status = srv.wait(60)
     finally:
         srv.stop()
     log = srv.log()
-    assert status == 1 and "nanoqwen needs at least one worker (--workers 0)" in log, log
+    assert status == 1 and message in log, log
     assert "Listening at" not in log, log
 
 
