@@ -190,6 +190,9 @@ def resolve_runtime(config: EngineConfig, model: ModelConfig, model_path: str, d
     whether that set can be replayed as a CPU graph (Kernels.cpu_graph).
     Raises ValueError for a setting this device or memory budget cannot serve."""
     max_model_len = model_positions(config, model)
+    if (config.max_model_len or 0) > max_model_len:
+        log.warning("NANOQWEN_MAX_MODEL_LEN=%d is past the model's %d positions (max_position_embeddings): "
+                    "max_model_len lowered to that", config.max_model_len, max_model_len)
     per_block = kv_bytes_per_token(model, dtype) * config.block_size
     num_blocks = config.num_kv_blocks or kv_pool_bytes(config.kv_cache_memory, device) // per_block
     num_blocks = min(num_blocks, blocks_to_hold(config.max_batch, max_model_len, config.block_size))

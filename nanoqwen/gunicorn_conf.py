@@ -18,7 +18,7 @@ from nanoqwen.settings import GRACEFUL_TIMEOUT_S, EngineConfig, env_setting
 __all__ = [
     "bind", "worker_class", "workers", "worker_connections", "preload_app", "timeout", "graceful_timeout",
     "keepalive", "forwarder_headers", "control_socket_disable", "worker_tmp_dir", "accesslog", "access_log_format",
-    "logger_class", "pre_fork", "post_fork", "child_exit", "on_exit",
+    "logger_class", "on_starting", "pre_fork", "post_fork", "child_exit", "on_exit",
 ]
 # Here, not in a hook: `--preload` imports the app (and prometheus_client, which reads the
 # multiprocess directory once, at import) before gunicorn runs any hook.
@@ -45,6 +45,22 @@ accesslog = "-"
 # method, path (no query string), status, response bytes, duration in ms, request id: never the prompt
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
 logger_class = "nanoqwen.access_log.AccessLogger"  # the path is percent-decoded: its control characters escaped
+
+
+def on_starting(server) -> None:
+    """Refuses gunicorn options it takes that nanoqwen cannot serve, before it listens (gunicorn prints the error and
+    exits 1)."""
+    refused = None
+    if server.num_workers < 1:  # a master that listens and never forks, its connections queued for ever
+        refused = f"nanoqwen needs at least one worker (--workers {server.num_workers})"
+    elif "h2" in server.cfg.http_protocols or server.cfg.http2_cleartext != "off":
+        # gunicorn serves HTTP/2 streams outside the worker's HTTP/1.1 handling: a client's cancel never reached the
+        # engine (the answer generated to its end), and the send timeout and prefix checks were skipped
+        refused = ("nanoqwen serves HTTP/1.1 only: leave --http-protocols at h1 and --http2-cleartext off "
+                   "(put a proxy in front for HTTP/2)")
+    if refused is not None:
+        remove_run_dir()
+        raise RuntimeError(refused)
 
 
 def pre_fork(server, worker) -> None:

@@ -3,6 +3,7 @@ nanoqwen.config's, once the device is known). Torch-free: `nanoqwen serve` (nano
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -18,6 +19,8 @@ GRACEFUL_TIMEOUT_S = 30  # SIGTERM: running streams get this long to finish, the
 CUDA_KV_SHARE = 0.8
 CUDA_KV_RESERVE_BYTES = 1 << 30
 HOST_KV_BYTES = 2 << 30
+# A switch's words, either way; any other is refused, not read as off
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def env_setting(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -131,8 +134,13 @@ class EngineConfig:
         if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
             raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
                              "a step with every sequence decoding still has room for a prefill chunk")
-        if self.prefill_stall < 0:
-            raise ValueError("prefill_stall must be 0 (no pacing) or more")
+        if not 0 <= self.prefill_stall < math.inf:
+            raise ValueError(f"prefill_stall must be a finite number, 0 (no pacing) or more; got {self.prefill_stall}")
+        if not 0 <= self.kv_cache_memory < math.inf:
+            raise ValueError("kv_cache_memory must be a finite number of bytes, 0 (the device's default) or more; "
+                             f"got {self.kv_cache_memory}")
+        if self.num_kv_blocks < 0:
+            raise ValueError(f"num_kv_blocks must be 0 (from the memory budget) or more; got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         # Parsed once, here; an attribute, not a field: from_env and the CLI take every field as a setting
@@ -153,10 +161,11 @@ class EngineConfig:
                 elif kind == "float":
                     values[f.name] = float(raw)
                 elif kind == "bool":
-                    values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    values[f.name] = SWITCH_WORDS[raw.strip().lower()]
                 else:
                     values[f.name] = raw
-            except ValueError:
-                raise ValueError(f"NANOQWEN_{f.name.upper()}={raw!r} is not a valid {kind}") from None
+            except (ValueError, KeyError):
+                words = f" ({', '.join(SWITCH_WORDS)})" if kind == "bool" else ""
+                raise ValueError(f"NANOQWEN_{f.name.upper()}={raw!r} is not a valid {kind}{words}") from None
         values.update(overrides)
         return cls(**values)

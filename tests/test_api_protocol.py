@@ -301,6 +301,16 @@ def test_server_config_refuses_a_served_name_too_long_for_the_metrics_maps() -> 
             ServerConfig.from_env("/models/ckpt", {"NANOQWEN_SERVED_MODEL_NAME": name})
 
 
+@pytest.mark.parametrize("key", ["secret\n", " secret", "sec\tret", "clé", "sec\x00ret"])
+def test_server_config_refuses_an_api_key_no_client_can_send(key: str) -> None:
+    """Its token is stripped and a header carries no control character (the openai client: only ASCII): such a key
+    made every /v1 request a 401. The key is not echoed."""
+    with pytest.raises(ValueError, match="NANOQWEN_API_KEY must be printable ASCII") as refused:
+        ServerConfig.from_env("/models/ckpt", {"NANOQWEN_API_KEY": key})
+    assert key.strip() not in str(refused.value)
+    assert ServerConfig.from_env("/models/ckpt", {"NANOQWEN_API_KEY": "a b!~"}).api_key == "a b!~"
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "inf"])
 @pytest.mark.parametrize("name", ["BODY_TIMEOUT", "SEND_TIMEOUT"])
 def test_server_config_refuses_a_timeout_that_is_no_duration(name: str, value: str) -> None:

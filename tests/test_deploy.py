@@ -147,11 +147,18 @@ def test_failed_load_stops_gunicorn_with_the_reason(tmp_path):
     assert "Worker failed to boot" in log
 
 
-@pytest.mark.parametrize("args,env", [(["--grammar-threads", "-1"], {}),
-                                      ([], {"NANOQWEN_MAX_PENDING_GRAMMARS": "x"})])
-def test_a_bad_grammar_pool_setting_stops_serve_before_any_model_load(tmp_path, args, env):
-    """`nanoqwen serve` with a grammar pool of no thread, or no count: the worker stops at its settings (read with the
-    engine's, as the app is imported), before the model's load, whose error (no such checkpoint) never comes."""
+@pytest.mark.parametrize("args,env,message", [
+    (["--grammar-threads", "-1"], {}, "is not a whole number > 0"),
+    ([], {"NANOQWEN_MAX_PENDING_GRAMMARS": "x"}, "is not a whole number > 0"),
+    ([], {"NANOQWEN_ENABLE_PREFIX_CACHING": "enabled"}, "NANOQWEN_ENABLE_PREFIX_CACHING='enabled' is not a valid bool"),
+    (["--prefill-stall", "inf"], {}, "prefill_stall must be a finite number"),
+    ([], {"NANOQWEN_API_KEY": "secret\n"}, "NANOQWEN_API_KEY must be printable ASCII"),
+])
+def test_a_bad_setting_stops_serve_before_any_model_load(tmp_path, args, env, message):
+    """`nanoqwen serve` with a grammar pool of no thread, or no count, a switch's word misspelt (it was read as off),
+    an infinite prefill stall (served, then every request in flight failed at a long prompt's paced chunk) or an API
+    key with a file's newline (served, every request a 401): the worker stops at its settings (read as the app is
+    imported), before the model's load, whose error (no such checkpoint) never comes."""
     env = {**env, "PYTHONPATH": str(REPO_ROOT)}
     srv = GunicornServer.cli([str(tmp_path / "missing-checkpoint"), "--device", "cpu", *args], env,
                              tmp_path / "serve.log", cwd=tmp_path).launch()
@@ -161,7 +168,25 @@ def test_a_bad_grammar_pool_setting_stops_serve_before_any_model_load(tmp_path, 
         srv.stop()
     log = srv.log()
     assert status == 3, log  # gunicorn's WORKER_BOOT_ERROR
-    assert "is not a whole number > 0" in log and "does not exist" not in log, log
+    assert message in log and "does not exist" not in log, log
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "0"], "nanoqwen needs at least one worker (--workers 0)"),
+    (["--http2-cleartext", "both"], "nanoqwen serves HTTP/1.1 only"),
+])
+def test_a_gunicorn_option_nanoqwen_cannot_serve_stops_gunicorn_at_once(tmp_path, args, message):
+    """`--workers 0`, which gunicorn takes: the master listened and never forked, its clients waiting for ever.
+    HTTP/2 (cleartext here; `--http-protocols h2` gunicorn refuses itself without the h2 package): with h2 installed, a
+    stream the client cancelled ran to its end (`/stats` active 1, aborted 0, its 400 tokens sent to no one)."""
+    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log", args=args).launch()
+    try:
+        status = srv.wait(60)
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert status == 1 and message in log, log
+    assert "Listening at" not in log, log
 
 
 def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):

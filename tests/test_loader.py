@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -149,6 +150,32 @@ def test_engine_config_from_env():
     assert EngineConfig.from_env({"NANOQWEN_GENERATION_CONFIG": "none"}).generation_config == "none"
     with pytest.raises(ValueError, match="generation_config"):
         EngineConfig.from_env({"NANOQWEN_GENERATION_CONFIG": "vllm"})
+
+
+@pytest.mark.parametrize("raw,on", [("1", True), (" On ", True), ("YES", True), ("true", True), ("0", False),
+                                    ("off", False), ("No", False), ("FALSE", False)])
+def test_a_switch_reads_its_words_either_way(raw, on):
+    config = EngineConfig.from_env({"NANOQWEN_ENABLE_PREFIX_CACHING": raw, "NANOQWEN_CPU_KERNELS": raw})
+    assert config.enable_prefix_caching is on and config.cpu_kernels is on
+
+
+@pytest.mark.parametrize("name,raw,message", [
+    # a switch's typo was read as off
+    ("ENABLE_PREFIX_CACHING", "enabled", "NANOQWEN_ENABLE_PREFIX_CACHING='enabled' is not a valid bool"),
+    ("CPU_KERNELS", "2", "NANOQWEN_CPU_KERNELS='2' is not a valid bool"),
+    ("FLOAT_GEMV", "y", "NANOQWEN_FLOAT_GEMV='y' is not a valid bool"),
+    # the pacer's arithmetic failed every request in flight at a long prompt's first paced chunk
+    ("PREFILL_STALL", "inf", "prefill_stall must be a finite number"),
+    ("PREFILL_STALL", "nan", "prefill_stall must be a finite number"),
+    # the device's default pool, silently; inf an OverflowError at the load
+    ("KV_CACHE_MEMORY", "-1", "kv_cache_memory must be a finite number"),
+    ("KV_CACHE_MEMORY", "nan", "kv_cache_memory must be a finite number"),
+    ("KV_CACHE_MEMORY", "inf", "kv_cache_memory must be a finite number"),
+    ("NUM_KV_BLOCKS", "-3", "num_kv_blocks must be 0"),
+])
+def test_a_bad_engine_setting_is_refused_naming_it(name, raw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EngineConfig.from_env({f"NANOQWEN_{name}": raw})
 
 
 def test_generation_config_sampling_defaults():

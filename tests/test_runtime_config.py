@@ -52,6 +52,17 @@ def test_a_small_pool_lowers_max_model_len(caplog):
     assert "max_model_len lowered" in caplog.text
 
 
+def test_a_max_model_len_past_the_model_s_positions_is_lowered_saying_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="nanoqwen"):
+        runtime = resolve(max_model_len=MODEL.max_position_embeddings + 1)
+    assert runtime.max_model_len == MODEL.max_position_embeddings
+    assert "NANOQWEN_MAX_MODEL_LEN=4097 is past the model's 4096 positions" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanoqwen"):
+        assert resolve(max_model_len=MODEL.max_position_embeddings).max_model_len == MODEL.max_position_embeddings
+    assert not caplog.text
+
+
 def test_settings_the_device_cannot_serve_are_refused():
     with pytest.raises(ValueError, match="cudagraph needs a CUDA device"):
         resolve(graph="cudagraph")

@@ -3,6 +3,8 @@ within the step budget go whole, a long prompt's chunks are paced by measured ti
 decode and fill the budget when none do."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from engine_util import sequence
@@ -139,8 +141,18 @@ def test_the_pacer_grows_only_on_evidence():
     assert pacer.tokens == BUDGET // 2  # one slow step halves it at most
 
 
+def test_the_largest_stall_grows_the_chunk_to_the_budget():
+    """A stall of 1e308: its target overflowed the chunk's scaling (OverflowError), which failed every request in
+    flight at each step carrying a paced chunk."""
+    s = with_streams(stall=1e308)
+    submit(s, 5000, 50_000)
+    sizes = [chunks(step(s, 3 * DECODE_S))[0] for _ in range(6)]
+    assert sizes == [MIN_CHUNK, 2 * MIN_CHUNK, 4 * MIN_CHUNK, 8 * MIN_CHUNK, BUDGET - 2, BUDGET - 2], sizes
+
+
 def test_prefill_stall_setting():
     assert EngineConfig().prefill_stall == 1.0
     assert EngineConfig.from_env({"NANOQWEN_PREFILL_STALL": "2.5"}).prefill_stall == 2.5
-    with pytest.raises(ValueError, match="prefill_stall"):
-        EngineConfig(prefill_stall=-1.0)
+    for stall in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="prefill_stall"):
+            EngineConfig(prefill_stall=stall)

@@ -51,7 +51,7 @@ class ServerConfig:
             served_model_name=_served_name(env_setting("served_model_name", env) or cls.served_model_name),
             model_name=checkpoint_name(model),
             hub_id=hub_repo_id(model),
-            api_key=env_setting("api_key", env),
+            api_key=_api_key(env_setting("api_key", env)),
             cors_origins=origins,
             allowed_hosts=parse_allowed_hosts(env_setting("allowed_hosts", env)),
             body_timeout_s=_seconds("body_timeout", cls.body_timeout_s, env),
@@ -77,6 +77,16 @@ def _served_name(name: str) -> str:
         raise ValueError(f"NANOQWEN_SERVED_MODEL_NAME is {chars} characters long as JSON escapes it: at most "
                          f"{MAX_SERVED_NAME_CHARS} (/metrics repeats it in each series, in maps of a fixed size)")
     return name
+
+
+def _api_key(key: str | None) -> str | None:
+    """Refused at startup where no client could send it: the check strips the header's token, and a header carries
+    neither control characters nor (the openai client's) non-ASCII. A key file's newline had made every request a
+    401."""
+    if key is not None and (key != key.strip() or not (key.isascii() and key.isprintable())):
+        raise ValueError("NANOQWEN_API_KEY must be printable ASCII with no whitespace at its ends: no client's "
+                         "`Authorization: Bearer <key>` carries another (read from a file with its newline?)")
+    return key
 
 
 def _count(name: str, default: int, env: Mapping[str, str]) -> int:

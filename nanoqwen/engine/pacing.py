@@ -55,8 +55,9 @@ class ChunkPacer:
         target = ((times.floor or 1.0) + self.stall) * times.decode_s
         if seconds <= target and paced_tokens < self.tokens:  # the prompt ended short of the allowance
             return
-        scaled = int(self.tokens * target / seconds)
-        self.tokens = max(MIN_CHUNK, self.tokens // 2, min(scaled, 2 * self.tokens, self.max_tokens))
+        # the ratio bounded before it scales: a large stall's target (1e308) overflowed the product to inf
+        scaled = int(self.tokens * min(target / seconds, 2.0))
+        self.tokens = max(MIN_CHUNK, self.tokens // 2, min(scaled, self.max_tokens))
 
 
 def _average(old: float | None, new: float) -> float:
