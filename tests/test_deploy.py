@@ -556,13 +556,13 @@ def test_a_stream_running_at_the_stop_does_not_hold_the_exit_after_its_end(tiny_
     reads a stream's body to its end and pools the connection, as nginx's upstream keepalive does), which then waited
     for its next request, the drain of the idle ones already past: the worker's exit waited for the graceful timeout
     (18 s of 20), no worker accepting meanwhile. Its wait lasts STOPPING_WAIT_S, as the idle ones' do past the stop."""
-    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_MAX_MODEL_LEN="2048"), tmp_path / "gunicorn.log",
+    srv = GunicornServer(cpu_env(tiny_checkpoint), tmp_path / "gunicorn.log",
                          args=["--max-requests", "4", "--graceful-timeout", "60"]).start()  # its last poll: one
 
     async def stream_through_the_stop(worker: int) -> None:
         async with openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client:
             chunks = await client.chat.completions.create(  # three
-                model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=2000,
+                model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=400,
                 logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True})
             received = 0
             async for _ in chunks:

@@ -25,17 +25,33 @@ def test_no_module_in_profiles_or_tests_shadows_an_installed_one() -> None:
     assert not clashes, clashes
 
 
-# Run in one process that forks a child per script after importing what they share, so each costs its own imports only.
+# Run in one process that forks a child per script after importing what they share, this checkout's nanoqwen included
+# (a second a script at load, where a script's own costs a tenth): so each child's import of nanoqwen finds it loaded
+# and looks for no file, the file it would find on the script's sys.path is checked at each import of it instead.
 _IMPORT_EACH = """
-import os, runpy, signal, sys
+import builtins, importlib.machinery, os, runpy, signal, sys
 import openai, requests, torch, transformers
-decoy, scripts = sys.argv[1], sys.argv[2:]
+decoy, checkout, scripts = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, checkout)
+import nanoqwen.api, nanoqwen.engine
+del sys.path[0]
+ours, imported = os.path.realpath(os.path.join(checkout, "nanoqwen", "__init__.py")), builtins.__import__
+
+def checked(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and name.partition(".")[0] == "nanoqwen":
+        spec = importlib.machinery.PathFinder.find_spec("nanoqwen", sys.path)
+        found = spec and os.path.realpath(spec.origin)
+        if found != ours:
+            raise ImportError(f"nanoqwen from {found}, not from {ours}")
+    return imported(name, globals, locals, fromlist, level)
+
 failed = False
 for script in scripts:
     pid = os.fork()
     if pid == 0:
         signal.alarm(120)  # a hung import fails its script, not the suite's timeout
         sys.path[:] = [os.path.dirname(script), decoy, *sys.path[1:]]  # as `PYTHONPATH=decoy python script`
+        builtins.__import__ = checked
         try:
             runpy.run_path(script, run_name="__imported__")
         except BaseException as exc:
@@ -57,6 +73,6 @@ def test_each_profile_script_imports_its_own_checkouts_nanoqwen(tmp_path: Path) 
     (tmp_path / "nanoqwen" / "__init__.py").write_text("raise ImportError('not this checkout')\n")
     scripts = [str(path) for path in sorted((REPO_ROOT / "profiles").glob("*.py"))
                if path.name not in _ON_PYTHONPATH and '__name__ == "__main__"' in path.read_text()]
-    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, str(tmp_path), *scripts], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", _IMPORT_EACH, str(tmp_path), str(REPO_ROOT.resolve()), *scripts],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
