@@ -338,14 +338,22 @@ def _f64_holds(value: int) -> bool:
 
 def most_alike(items: Iterable[tuple[tuple[Told, str], int]]) -> tuple[int, str]:
     """The most items one row holds after a property (and its name; 0 and "" where none), of options' `items` by
-    (Told, name): those whose first required property is one name with distinct `const`s apart, all others together
-    (one whose first required differs may still go on alike: `[required a][b]`, `[a][required b]`)."""
-    groups: dict[str, dict[Told, int]] = {}
-    for (told, name), weight in items:
-        by_told = groups.setdefault(name, {})
-        by_told[told] = by_told.get(told, 0) + weight
-    return max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
-                for name, by_told in groups.items()), default=(0, ""))
+    (Told, name), added up in their alike_groups."""
+    sums: dict[tuple[Told, str], int] = {}
+    for key, weight in items:
+        sums[key] = sums.get(key, 0) + weight
+    return max(((sum(sums[key] for key in group), group[0][1]) for group in alike_groups(sums)), default=(0, ""))
+
+
+def alike_groups(keys: Iterable[tuple[Told, str]]) -> list[list[tuple[Told, str]]]:
+    """Options' (Told, name) keys grouped by the row they share after the property: those whose first required
+    property is one name with distinct `const`s apart, all others together (one whose first required differs may
+    still go on alike: `[required a][b]`, `[a][required b]`)."""
+    names: dict[str, dict[Told, None]] = {}
+    for told, name in keys:
+        names.setdefault(name, {})[told] = None
+    return [group for name, told in names.items() for group in
+            ([[(each, name)] for each in told] if _apart(list(told)) else [[(each, name) for each in told]])]
 
 
 def _apart(told: list[Told]) -> bool:
