@@ -1030,6 +1030,51 @@ def test_the_options_values_added_up_are_bounded() -> None:
     assert grammar_rows.schema_weight(_lists_naming_one_object(100, 2_000, True)) == 7  # 3 options, a link
 
 
+def test_the_values_weighed_a_level_down_are_bounded() -> None:
+    """Options that go on alike into `x` are weighed again a level down, `x`'s values as one more list: 600 lists of
+    `{"x": big}` (2,000 `$ref`d properties) beside `{"x": an object of its own}` are 1.2 M values (2.1 s uncapped),
+    served unweighed before; past OPTIONS_WORK the 400 naming the field, as at the first level; 100 such lists are
+    served."""
+    big = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/t"} for i in range(2_000)}}
+
+    def lists(count: int) -> dict[str, Any]:
+        own = {"type": "object", "properties": {"z": {"$ref": "#/$defs/t"}}}
+        return {"type": "object", "properties": {f"q{j}": {"anyOf": [
+            closed_object({"x": {"$ref": "#/$defs/big"}}), closed_object({"x": dict(own)})]} for j in range(count)},
+            "$defs": {"big": big, "t": {"type": "integer"}}}
+
+    with pytest.raises(InvalidRequest, match="anyOf/oneOf options hold more than") as refused:
+        grammar_module.check_json_schema(lists(600), True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.schema_weight(lists(100)) == 6
+
+
+class _Branch(pydantic.BaseModel):
+    name: str
+    children: list[_Branch | _Twig] = []
+
+
+class _Twig(pydantic.BaseModel):
+    name: str
+    children: list[_Branch | _Twig] = []
+    size: int | None = None
+
+
+class _Tree(pydantic.BaseModel):
+    root: _Branch | _Twig
+
+
+def test_recursive_options_going_on_alike_a_level_down_end_and_are_served(grammars: Grammars,
+                                                                         tokenizer: PreTrainedTokenizerFast) -> None:
+    """Two models that go on alike into their `children`, lists of both: each level down meets the same options
+    again, weighed once (the walk ends), a few items (6 before the level-down walk); llguidance follows three levels
+    down."""
+    schema = _Tree.model_json_schema()
+    assert grammar_module.check_json_schema(schema, True, "p") <= 12
+    assert _follows_schema(grammars, tokenizer, schema, '{"root": {"name": "a", "children": [{"name": "b", "children": '
+                                                        '[{"name": "c", "children": [{"name": "d"')
+
+
 class _Address(pydantic.BaseModel):
     street: str
     city: str | None = None

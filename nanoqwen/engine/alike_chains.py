@@ -2,7 +2,7 @@
 where a value begins its row holds the value's left corner, two items a `$ref` link and its target's, each option of
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
-on alike (object_runs' alike_groups: unless a first required property's distinct `const`s tell them apart), with the
+on alike (object_runs' alike_rows: unless a first required property's distinct `const`s tell them apart), with the
 heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
 and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from nanoqwen.engine.object_runs import (
@@ -22,8 +23,7 @@ from nanoqwen.engine.object_runs import (
     Told,
     TooLarge,
     TooManyParts,
-    alike_groups,
-    most_alike,
+    alike_rows,
 )
 from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
 
@@ -39,21 +39,24 @@ class ManyOptions(ValueError):
     """A schema whose `anyOf`/`oneOf` options hold more property values than OPTIONS_WORK to add up."""
 
 
-Nodes = dict[Any, Any]  # values where a row begins, by rule (_named): a `$ref` target several name is one
+# a value where a row begins: its left corner, and its node where it may hold values of its own (None: not one of
+# HOLDING reached, through its `$ref`, options and `allOf`), which go on alike a level down
+Begun = tuple[int, Any]
+HOLDING = ("properties", "patternProperties", "additionalProperties", "items", "prefixItems")
 
 
 @dataclass(frozen=True)
 class Adds:
-    """Where one option's values begin in the rows of a list naming it, each value by (where, its rule): `items`
-    after `[` or a `,` (by its `prefixItems` position; None: its `items`, at any), `values` after a key (by what told
-    it apart and the key), `loose` after any key (its `patternProperties` and `additionalProperties` values: a key
-    matches one), `lists`, the alternatives merged into it, whose options llguidance holds with the list's
+    """Where one option's values begin in the rows of a list naming it, each value (Begun) by (where, its rule):
+    `items` after `[` or a `,` (by its `prefixItems` position; None: its `items`, at any), `values` after a key (by
+    what told it apart and the key), `loose` after any key (its `patternProperties` and `additionalProperties` values:
+    a key matches one), `lists`, the alternatives merged into it, whose options llguidance holds with the list's
     (flattened, as `widest` counts them), and `parts`, the ids of what it is merged from (its own keywords, its
     targets, those lists), which decide the rest."""
 
-    items: dict[tuple[int | None, Any], Any] = field(default_factory=dict)
-    values: dict[tuple[After, Any], Any] = field(default_factory=dict)
-    loose: Nodes = field(default_factory=dict)
+    items: dict[tuple[int | None, Any], Begun] = field(default_factory=dict)
+    values: dict[tuple[After, Any], Begun] = field(default_factory=dict)
+    loose: dict[Any, Begun] = field(default_factory=dict)
     lists: tuple[list[Any], ...] = ()
     parts: tuple[int, ...] = ()
 
@@ -69,6 +72,7 @@ class AlikeChains:
         self._root, self._targets, self._paths, self._link = root, targets, paths, link
         self._objects = SchemaObjects(root)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
+        self._holding: dict[int, bool] = {}  # by id: whether a node may hold values (_corner)
         self._adds: dict[int, Adds] = {}  # by an option's id
         self._merged: dict[tuple[int, ...], Adds] = {}  # by its parts' ids: an object merged once, however many name it
         self._lists: dict[tuple[tuple[int, ...], ...], int] = {}  # by its adding options' parts: its heaviest row
@@ -105,9 +109,10 @@ class AlikeChains:
         if key in self._lists:
             return self._lists[key], []
         walked, stack = {id(options)}, [options]
-        items: dict[tuple[int | None, Any], Any] = {}  # one rule of llguidance's (a `$ref`'s target) is predicted once
-        values: dict[tuple[After, Any], Any] = {}
-        loose: Nodes = {}
+        # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
+        items: dict[tuple[int | None, Any], Begun] = {}
+        values: dict[tuple[After, Any], Begun] = {}
+        loose: dict[Any, Begun] = {}
         anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
         while stack:
             for option in stack.pop():
@@ -117,29 +122,35 @@ class AlikeChains:
                 values.update(adds.values)
                 loose.update(adds.loose)
                 if adds.loose:
-                    anywhere.update([max(((named, self._corner(node)) for named, node in adds.loose.items()),
-                                         key=lambda entry: entry[1])])
+                    rule, (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
+                    anywhere[rule] = corner
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
         reached |= walked
-        keyed: dict[After, Nodes] = {}
-        for (at, named), node in values.items():
-            keyed.setdefault(at, {})[named] = node
-        after = [(at, sum(map(self._corner, nodes.values()))) for at, nodes in keyed.items()]
+        entries = [(at, corner) for (at, _), (corner, _) in values.items()]
         if weight := sum(anywhere.values()):  # with every key's values, none told apart (a few options hold them)
-            after += [((None, name), weight) for name in {name for _, name in keyed} or {""}]
-        alike = [{named: node for at in group for named, node in keyed[at].items()} | loose
-                 for group in alike_groups(keyed)] or [loose]
-        rest = {named: node for (at, named), node in items.items() if at is None}  # an array's `items`, at any place
-        placed: dict[int, Nodes] = {0: {}}
-        for (at, named), node in items.items():
-            if at is not None:
-                placed.setdefault(at, {})[named] = node
-        positions = [rest | nodes for nodes in placed.values()]
-        heaviest = max([most_alike(after)[0], *(sum(map(self._corner, nodes.values())) for nodes in positions)])
+            entries += [((None, name), weight) for name in {name for (_, name), _ in entries} or {""}]
+        rows = alike_rows(entries)
+        everywhere = [node for _, node in loose.values() if node is not None]
+        alike = [everywhere]
+        if len(rows) < len(entries) or everywhere:  # some row holds two values or more
+            by_name: dict[str, list[tuple[Told, Any]]] = {}  # the values that hold values, by key and what told them
+            for ((told, name), _), (_, node) in values.items():
+                if node is not None:
+                    by_name.setdefault(name, []).append((told, node))
+            alike = [[node for told, node in by_name.get(name, ()) if told in tolds] + everywhere
+                     for _, name, tolds in rows if len(by_name.get(name, ())) + len(everywhere) > 1] or alike
+        placed: dict[int | None, dict[Any, Begun]] = {0: {}}
+        for (at, rule), begun in items.items():
+            placed.setdefault(at, {})[rule] = begun
+        rest = placed.pop(None, {})  # an array's `items`, at any place
+        positions = [rest | begun for begun in placed.values()]
+        heaviest = max(max(map(itemgetter(0), rows), default=0),
+                       *(sum(corner for corner, _ in begun.values()) for begun in positions))
         self._lists[key] = heaviest
-        below = [list(nodes.values()) for nodes in (*alike, *positions) if len(nodes) > 1]
+        below = [nodes for nodes in (*alike, *([node for _, node in begun.values() if node is not None]
+                                               for begun in positions)) if len(nodes) > 1]
         self._spend(sum(map(len, below)))
         return heaviest, below
 
@@ -172,20 +183,20 @@ class AlikeChains:
         is an object, else its items and `prefixItems` (each part's)."""
         self._work -= len(shape.names) + len(found)
         if not shape.is_object:
-            items: dict[tuple[int | None, Any], Any] = {}
+            items: dict[tuple[int | None, Any], Begun] = {}
             for part in found:
                 prefix = each if isinstance(each := part.get("prefixItems"), list) else []
-                items.update(((at, self._named(node)), node) for at, node in [(None, part.get("items")),
-                                                                              *enumerate(prefix)]
-                             if isinstance(node, dict))
+                items.update(((at, self._named(node)), self._begins(node))
+                             for at, node in [(None, part.get("items")), *enumerate(prefix)] if isinstance(node, dict))
             return Adds(items=items)
         owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
-        values = {((at, name), self._named(own[name])): own[name] for at, name in shape.told()
-                  for own in owns if isinstance(own.get(name), dict)}
+        values = {((at, name), self._named(node)): self._begins(node) for at, name in shape.told()
+                  for own in owns if isinstance(node := own.get(name), dict)}
         patterns = [part.get("patternProperties") for part in found]
         others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
                   *(part.get("additionalProperties") for part in found)]
-        return Adds(values=values, loose={self._named(node): node for node in others if isinstance(node, dict)})
+        return Adds(values=values, loose={self._named(node): self._begins(node) for node in others
+                                          if isinstance(node, dict)})
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
@@ -203,9 +214,14 @@ class AlikeChains:
             if isinstance(options := node.get(key), list):
                 yield from ((option, 0) for option in options)
 
+    def _begins(self, node: dict[str, Any]) -> Begun:
+        corner = self._corner(node)
+        return corner, node if self._holding.get(id(node), True) else None
+
     def _corner(self, node: Any) -> int:
         """The items of `node`'s left corner (each part's added up; one being walked, recursion, adds none), walked
-        once a node, without Python's recursion (chains are thousands of links)."""
+        once a node, without Python's recursion (chains are thousands of links); and whether it may hold values of its
+        own (_holding: one of HOLDING reached, or recursion: taken to)."""
         if not isinstance(node, dict):
             return 0
         stack: list[tuple[dict[str, Any], bool]] = [(node, False)]
@@ -214,8 +230,10 @@ class AlikeChains:
             current, done = stack.pop()
             if done:
                 walking.discard(id(current))
-                self._corners[id(current)] = sum(self._corners.get(id(following), 0) + weight
-                                                 for following, weight in self._next(current))
+                following = list(self._next(current))
+                self._corners[id(current)] = sum(self._corners.get(id(each), 0) + weight for each, weight in following)
+                self._holding[id(current)] = any(isinstance(current.get(key), (dict, list)) for key in HOLDING) or any(
+                    self._holding.get(id(each), id(each) in walking) for each, _ in following)
             elif id(current) not in self._corners and id(current) not in walking:
                 walking.add(id(current))
                 stack.append((current, True))
