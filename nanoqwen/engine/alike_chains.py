@@ -42,7 +42,7 @@ class ManyOptions(ValueError):
 # a value where a row begins: its left corner, and its node where it may hold values of its own (None: not one of
 # HOLDING reached, through its `$ref`, options and `allOf`), which go on alike a level down
 Begun = tuple[int, Any]
-HOLDING = ("properties", "patternProperties", "additionalProperties", "items", "prefixItems")
+HOLDING = frozenset(("properties", "patternProperties", "additionalProperties", "items", "prefixItems"))
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class AlikeChains:
                 walking.discard(id(current))
                 following = list(self._next(current))
                 self._corners[id(current)] = sum(self._corners.get(id(each), 0) + weight for each, weight in following)
-                self._holding[id(current)] = any(isinstance(current.get(key), (dict, list)) for key in HOLDING) or any(
+                self._holding[id(current)] = not HOLDING.isdisjoint(current) or any(
                     self._holding.get(id(each), id(each) in walking) for each, _ in following)
             elif id(current) not in self._corners and id(current) not in walking:
                 walking.add(id(current))
