@@ -13,14 +13,24 @@ def closed_object(properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
+def chain_defs(name: str, links: int, end: str = "integer") -> dict[str, Any]:
+    """`$defs` of a chain of `links` links `{name}i`, each `anyOf [$ref to the next, integer]` (2 items a link in the
+    row where its value begins), the last a `{"type": end}`."""
+    defs: dict[str, Any] = {f"{name}{i}": {"anyOf": [{"$ref": f"#/$defs/{name}{i + 1}"}, {"type": "integer"}]}
+                            for i in range(links)}
+    return defs | {f"{name}{links}": {"type": end}}
+
+
+def ref_chain(links: int, end: str = "integer") -> dict[str, Any]:
+    """A schema that is a `$ref` to a chain_defs chain `d0`, `d1`, ..."""
+    return {"$ref": "#/$defs/d0", "$defs": chain_defs("d", links, end)}
+
+
 def options_with_chains(options: int, links: int, option: Option = lambda j, chain: closed_object({"x": chain}),
                         listed: Callable[[list[Any]], list[Any]] = list) -> dict[str, Any]:
     """An `anyOf` of `options` options, option(j, a `$ref` to chain j) each (by default `{"x": chain j}`), as `listed`
-    lists them: each chain its own `links` links of `anyOf [$ref, integer]`, 2 items a link in the row where its value
-    begins."""
-    defs = {f"c{j}_{i}": {"anyOf": [{"$ref": f"#/$defs/c{j}_{i + 1}"}, {"type": "integer"}]}
-            for j in range(options) for i in range(links)}
-    defs.update({f"c{j}_{links}": {"type": "integer"} for j in range(options)})
+    lists them: each chain its own chain_defs chain of `links` links."""
+    defs = {key: link for j in range(options) for key, link in chain_defs(f"c{j}_", links).items()}
     return {"anyOf": listed([option(j, {"$ref": f"#/$defs/c{j}_0"}) for j in range(options)]), "$defs": defs}
 
 
@@ -66,4 +76,13 @@ ALIKE = {
     "properties beside additionalProperties": Alike(
         lambda j, chain: closed_object({"x": chain}) if j < 2 else _loose(chain), '{"x": 5}', '{"'),
     "nested anyOfs": Alike(listed=lambda options: [{"anyOf": options[:2]}, {"anyOf": options[2:4]}, *options[4:]]),
+    # a level down: the options go on alike into a value, and its values or items go on alike in turn
+    "objects' objects": Alike(lambda j, chain: closed_object({"x": closed_object({"y": chain})}), '{"x": {"y": 5}}',
+                              '{"x": {'),
+    "objects' arrays": Alike(lambda j, chain: closed_object({"x": {"type": "array", "items": chain}}), '{"x": [5]}',
+                             '{"x": ['),
+    "arrays' objects": Alike(lambda j, chain: {"type": "array", "items": closed_object({"y": chain})}, '[{"y": 5}]',
+                             '['),
+    "arrays' second prefixItems": Alike(lambda j, chain: {"type": "array", "prefixItems": [{"type": "integer"}, chain],
+                                                          "items": False, "minItems": 2}, "[1, 5]", "["),
 }

@@ -29,7 +29,7 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
-from schema_shapes import ALIKE, closed_object, many_patterns, options_with_chains
+from schema_shapes import ALIKE, closed_object, many_patterns, options_with_chains, ref_chain
 from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
@@ -334,11 +334,6 @@ def _links(n: int, link: str = "r{i}: r{j} | \"b\"") -> str:
     return "start: r0\n" + "".join(link.format(i=i, j=i + 1) + "\n" for i in range(n)) + f'r{n}: "a"\n'
 
 
-def _ref_links(n: int) -> dict[str, Any]:
-    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(n)}
-    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{n}": {"type": "boolean"}}}
-
-
 def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     """llguidance's row holds an item a link of a chain when its last token is scanned (3,001 for 3,000 rules each
     naming the next; 2,201 for 1,100 `anyOf [$ref, type]`s), and one an alternative open after a shared first token
@@ -348,7 +343,7 @@ def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     assert weight(_links(10)) == 22
     assert weight(llguidance.grammar_from("grammar", 'root ::= r0\n' + "".join(
         f'r{i} ::= r{i + 1} | "b"\n' for i in range(10)) + 'r10 ::= "a"')) == 1  # GBNF's: terminals, the lexer's
-    assert weight(grammar_module._json_grammar(_ref_links(10), True, "p")) == 2 + 22  # and the root's $ref
+    assert weight(grammar_module._json_grammar(ref_chain(10, "boolean"), True, "p")) == 2 + 22  # and the root's $ref
     assert weight(grammar_module._json_grammar({"anyOf": [{"type": "object"}] * 1_001}, True, "p")) == 1_001
     assert weight('start: "r1: r2" r1 <[5]> // r2\nr1: /r2: x/ "b" | r1 r1 | start\nr2: r1') == 5
     assert weight("start: " + " | ".join(f"r{i}" for i in range(9)) + "\n" + "".join(
@@ -356,7 +351,7 @@ def test_row_weight_counts_at_least_the_items_of_one_parser_row() -> None:
     assert weight('start: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 10
     assert weight('start: T | "b" T\nT: "a"\n' + "".join(f'  | "w{i}"\n' for i in range(9))) == 2  # the lexer's
     assert weight("start: a b | c? d\n" + "".join(f'{r}: "{r}" | "_"\n' for r in "abcd")) == 2 + 2 + 2 + 2  # not b
-    assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(_ref_links(10))}') == 1 + 2 + 25
+    assert weight(f'start: r0\nr0: r1 | "b"\nr1: %json {json.dumps(ref_chain(10, "boolean"))}') == 1 + 2 + 25
 
 
 NULLABLE_LINKS = {  # a chain's link whose next link follows something that may match nothing, and what it names
@@ -511,7 +506,7 @@ def test_a_run_goes_on_through_groups_and_rules_named(grammars: Grammars, tokeni
 
 
 def _linked(n: int, node: Any, ref: Any, root: dict[str, Any] | None = None) -> dict[str, Any]:
-    """_ref_links' chain with node(i) in each link and ref(i) naming it."""
+    """ref_chain's chain with node(i) in each link and ref(i) naming it."""
     defs = {f"d{i}": {**node(i), "anyOf": [{"$ref": ref(i + 1)}, {"type": "integer"}]} for i in range(n)}
     return {**(root or {}), "$ref": ref(0), "$defs": {**defs, f"d{n}": {**node(n), "type": "boolean"}}}
 
@@ -559,7 +554,7 @@ def test_a_grammar_past_max_row_is_refused_before_llguidance(grammars: Grammars,
         "grammar_from_json_schema": staticmethod(llguidance.LLMatcher.grammar_from_json_schema),
         "validate_grammar": staticmethod(compiled)}))
     with pytest.raises(InvalidRequest, match="parser row") as refused:
-        grammar_module.check_json_schema(_ref_links(half), True, "response_format")
+        grammar_module.check_json_schema(ref_chain(half), True, "response_format")
     assert refused.value.param == "response_format"
 
 
@@ -929,7 +924,8 @@ def test_options_that_go_on_alike_add_up_their_chains(grammars: Grammars, tokeni
     links, 3,204 items, 806). Now the left corners of options that go on alike add up, and the schema is the 400
     naming the field before llguidance sees it; 5 of 80 links are served and followed. An array's first
     `prefixItems`, an object's `patternProperties` and `additionalProperties` values (after any key) and nested
-    anyOfs' options (one row in llguidance) had been left out (weighed 487-969, served, failed)."""
+    anyOfs' options (one row in llguidance) had been left out (weighed 487-969, served, failed), and so had options
+    that go on alike a level down, into a value's values or items, or to a second `prefixItems` (487)."""
     alike = ALIKE[shape]
     past, within = (alike.schema(5, links) for links in (240, 80))
     assert not _follows_schema(grammars, tokenizer, past, alike.answer)
@@ -1032,6 +1028,51 @@ def test_the_options_values_added_up_are_bounded() -> None:
         grammar_module.check_json_schema(_lists_naming_one_object(600, 2_000, True), True, "response_format")
     assert refused.value.param == "response_format"
     assert grammar_rows.schema_weight(_lists_naming_one_object(100, 2_000, True)) == 7  # 3 options, a link
+
+
+def test_the_values_weighed_a_level_down_are_bounded() -> None:
+    """Options that go on alike into `x` are weighed again a level down, `x`'s values as one more list: 600 lists of
+    `{"x": big}` (2,000 `$ref`d properties) beside `{"x": an object of its own}` are 1.2 M values (2.1 s uncapped),
+    served unweighed before; past OPTIONS_WORK the 400 naming the field, as at the first level; 100 such lists are
+    served."""
+    big = {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/t"} for i in range(2_000)}}
+
+    def lists(count: int) -> dict[str, Any]:
+        own = {"type": "object", "properties": {"z": {"$ref": "#/$defs/t"}}}
+        return {"type": "object", "properties": {f"q{j}": {"anyOf": [
+            closed_object({"x": {"$ref": "#/$defs/big"}}), closed_object({"x": dict(own)})]} for j in range(count)},
+            "$defs": {"big": big, "t": {"type": "integer"}}}
+
+    with pytest.raises(InvalidRequest, match="anyOf/oneOf options hold more than") as refused:
+        grammar_module.check_json_schema(lists(600), True, "response_format")
+    assert refused.value.param == "response_format"
+    assert grammar_rows.schema_weight(lists(100)) == 6
+
+
+class _Branch(pydantic.BaseModel):
+    name: str
+    children: list[_Branch | _Twig] = []
+
+
+class _Twig(pydantic.BaseModel):
+    name: str
+    children: list[_Branch | _Twig] = []
+    size: int | None = None
+
+
+class _Tree(pydantic.BaseModel):
+    root: _Branch | _Twig
+
+
+def test_recursive_options_going_on_alike_a_level_down_end_and_are_served(grammars: Grammars,
+                                                                         tokenizer: PreTrainedTokenizerFast) -> None:
+    """Two models that go on alike into their `children`, lists of both: each level down meets the same options
+    again, weighed once (the walk ends), a few items (6 before the level-down walk); llguidance follows three levels
+    down."""
+    schema = _Tree.model_json_schema()
+    assert grammar_module.check_json_schema(schema, True, "p") <= 12
+    assert _follows_schema(grammars, tokenizer, schema, '{"root": {"name": "a", "children": [{"name": "b", "children": '
+                                                        '[{"name": "c", "children": [{"name": "d"')
 
 
 class _Address(pydantic.BaseModel):

@@ -40,7 +40,7 @@ from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_I
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
-from schema_shapes import ALIKE, many_patterns
+from schema_shapes import ALIKE, many_patterns, ref_chain
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -932,12 +932,6 @@ def _rule_chain(n: int, after: str = "") -> str:
     return f"start: r0{after}\n" + "\n".join(f'r{i}: r{i + 1} | "b"' for i in range(n)) + f'\nr{n}: "a"'
 
 
-def _ref_chain(n: int) -> dict[str, Any]:
-    """A JSON Schema of `$ref`s each to the next, `n` deep (a few kB of llguidance's stack each)."""
-    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "integer"}]} for i in range(n)}
-    return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
-
-
 def _followed_then_refused(server: GunicornServer, grammar_of: Callable[[int], str], follows: str, within: int,
                            past: int) -> None:
     """Streamed or not, the grammar of `within` pieces is served (its answer matching `follows`), and that of `past`
@@ -991,9 +985,10 @@ def test_options_going_on_alike_past_the_row_are_a_400_before_any_token(server: 
     """An `anyOf` of 5 objects `{"x": chain}` (each chain its own 240 `$ref` links): after `{"x": ` llguidance's row
     holds every option's chain (2,405 items), and the schema, weighed as the longest chain alone (486), was served and
     failed at the answer's first token (so did arrays' first `prefixItems`, objects' `patternProperties` and
-    `additionalProperties`, and nested anyOfs: a late 400 "could not follow the grammar", streamed a 200 then an error
-    mid-stream). Now the 400 naming the field in OpenAI's error shape before any token, streamed or not; 5 chains of
-    80 links are followed."""
+    `additionalProperties`, nested anyOfs, and options going on alike a level down, `{"x": {"y": chain}}`, `{"x":
+    [chain]}`, `[{"y": chain}]`, `[integer, chain]`: a late 400 "could not follow the grammar", streamed a 200 then an
+    error mid-stream). Now the 400 naming the field in OpenAI's error shape before any token, streamed or not; 5
+    chains of 80 links are followed."""
     alike = ALIKE[shape]
 
     def create(links: int, stream: bool) -> str:
@@ -1037,10 +1032,10 @@ def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(se
     assert re.fullmatch("[ab]xyz", answer.json()["choices"][0]["text"]), answer.text
     assert answer.json()["choices"][0]["finish_reason"] == "stop", answer.text
     optional = _rule_chain(1_500, ' "xyz"').replace(": r", ": e r").replace("start: e r0", "start: r0") + '\ne: "q"?'
-    anchored = json.loads(json.dumps(_ref_chain(1_200)).replace('"#/$defs/d', '"#a'))
+    anchored = json.loads(json.dumps(ref_chain(1_200, "string")).replace('"#/$defs/d', '"#a'))
     anchored["$defs"] = {name: {**node, "$anchor": f"a{name[1:]}"} for name, node in anchored["$defs"].items()}
     refused = [({"structured_outputs": {"grammar": _rule_chain(1_500, ' "xyz"')}}, "structured_outputs.grammar", "row"),
-               ({"guided_json": _ref_chain(1_200)}, "guided_json", "parser row"),
+               ({"guided_json": ref_chain(1_200, "string")}, "guided_json", "parser row"),
                ({"structured_outputs": {"grammar": optional}}, "structured_outputs.grammar", "row"),  # after `e: "q"?`
                ({"guided_json": anchored}, "guided_json", "parser row"),  # `$ref`s by `$anchor`
                ({"guided_grammar": _rule_chain(grammar.MAX_RULES)}, "guided_grammar", "more than 12000 rules")]

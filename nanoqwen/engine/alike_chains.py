@@ -2,16 +2,18 @@
 where a value begins its row holds the value's left corner, two items a `$ref` link and its target's, each option of
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
-on alike (object_runs' most_alike: unless a first required property's distinct `const`s tell them apart), with the
+on alike (object_runs' alike_rows: unless a first required property's distinct `const`s tell them apart), with the
 heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
-and after `[`, those of every array option's items and first `prefixItems`; an option's own alternatives (nested, or
-through a `$ref`) are the list's. 4 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after
-`{"x": `, past llguidance's 2,000, and were weighed 806, the longest chain alone (profiles/RESULTS.md, lane
-grammar39)."""
+and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
+alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
+level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `). 4 objects `{"x":
+chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000, and were weighed
+806, the longest chain alone (profiles/RESULTS.md, lanes grammar39 and grammar40)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from nanoqwen.engine.object_runs import (
@@ -21,7 +23,7 @@ from nanoqwen.engine.object_runs import (
     Told,
     TooLarge,
     TooManyParts,
-    most_alike,
+    alike_rows,
 )
 from nanoqwen.engine.schema_keywords import pointer_way, schema_objects
 
@@ -37,17 +39,24 @@ class ManyOptions(ValueError):
     """A schema whose `anyOf`/`oneOf` options hold more property values than OPTIONS_WORK to add up."""
 
 
+# a value where a row begins: its left corner, and its node where it may hold values of its own (None: not one of
+# HOLDING reached, through its `$ref`, options and `allOf`), which go on alike a level down
+Begun = tuple[int, Any]
+HOLDING = frozenset(("properties", "patternProperties", "additionalProperties", "items", "prefixItems"))
+
+
 @dataclass(frozen=True)
 class Adds:
-    """What one option adds to the rows of a list naming it, each left corner by (where, its rule): `items` after `[`
-    (its `items` and first `prefixItems`), `values` after a key (by what told it apart and the key), `loose` after any
-    key (the heaviest of its `patternProperties` and `additionalProperties` values), `lists`, the alternatives merged
-    into it, whose options llguidance holds with the list's (flattened, as `widest` counts them), and `parts`, the ids
-    of what it is merged from (its own keywords, its targets, those lists), which decide the rest."""
+    """Where one option's values begin in the rows of a list naming it, each value (Begun) by (where, its rule):
+    `items` after `[` or a `,` (by its `prefixItems` position; None: its `items`, at any), `values` after a key (by
+    what told it apart and the key), `loose` after any key (its `patternProperties` and `additionalProperties` values:
+    a key matches one), `lists`, the alternatives merged into it, whose options llguidance holds with the list's
+    (flattened, as `widest` counts them), and `parts`, the ids of what it is merged from (its own keywords, its
+    targets, those lists), which decide the rest."""
 
-    items: dict[Any, int] = field(default_factory=dict)
-    values: dict[tuple[After, Any], int] = field(default_factory=dict)
-    loose: dict[Any, int] = field(default_factory=dict)
+    items: dict[tuple[int | None, Any], Begun] = field(default_factory=dict)
+    values: dict[tuple[After, Any], Begun] = field(default_factory=dict)
+    loose: dict[Any, Begun] = field(default_factory=dict)
     lists: tuple[list[Any], ...] = ()
     parts: tuple[int, ...] = ()
 
@@ -63,51 +72,93 @@ class AlikeChains:
         self._root, self._targets, self._paths, self._link = root, targets, paths, link
         self._objects = SchemaObjects(root)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
+        self._holding: dict[int, bool] = {}  # by id: whether a node may hold values (_corner)
         self._adds: dict[int, Adds] = {}  # by an option's id
         self._merged: dict[tuple[int, ...], Adds] = {}  # by its parts' ids: an object merged once, however many name it
         self._lists: dict[tuple[tuple[int, ...], ...], int] = {}  # by its adding options' parts: its heaviest row
         self._work = OPTIONS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
-        """The most items one row holds: where a value of the schema begins (its left corner), and after a key or a
-        `[` of the options of each `alternated` node, a list nested in another's options weighed with it (its rows
-        are the outer's, less)."""
+        """The most items one row holds: where a value of the schema begins (its left corner), and in the rows of the
+        options of each `alternated` node, a list nested in another's options weighed with it (its rows are the
+        outer's, less: the outer lists first)."""
         lists = [options for node in alternated for key in ALTERNATIVES if isinstance(options := node.get(key), list)]
         nested = {id(inner) for options in lists for option in options for inner in self._added(option).lists}
         reached: set[int] = set()
-        weights = [self._options(options, reached) for options in
-                   [*(options for options in lists if id(options) not in nested), *lists] if id(options) not in reached]
-        return max([0, *map(self._corner, schema_objects(self._root)), *weights])
+        heaviest = max([0, *map(self._corner, schema_objects(self._root))])
+        for options in sorted(lists, key=lambda options: id(options) in nested):
+            if id(options) not in reached:
+                heaviest = max(heaviest, self._options(options, reached))
+        return heaviest
 
     def _options(self, options: list[Any], reached: set[int]) -> int:
-        """The heaviest row after a key or a `[` of `options`, the lists merged into them flattened (each `reached`)."""
-        reached.add(id(options))
+        """The heaviest row in `options`' values: after a key or a `[` or `,` of theirs, and so on down the values that
+        go on alike there, each such a list of options in turn (a list weighed once)."""
+        heaviest, lists = 0, [options]
+        while lists:
+            weight, below = self._rows(lists.pop(), reached)
+            heaviest = max(heaviest, weight)
+            lists += below
+        return heaviest
+
+    def _rows(self, options: list[Any], reached: set[int]) -> tuple[int, list[list[Any]]]:
+        """The heaviest row after a key or a `[` or `,` of `options`, the lists merged into them flattened (each
+        `reached`), and the values that go on alike there, two or more, as lists of options (none where the same
+        options were weighed already)."""
         key = tuple(adds.parts for adds in map(self._added, options) if adds)
-        if (known := self._lists.get(key)) is not None:
-            return known
+        if key in self._lists:
+            return self._lists[key], []
         walked, stack = {id(options)}, [options]
-        items: dict[Any, int] = {}  # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
-        values: dict[tuple[After, Any], int] = {}
-        loose: dict[Any, int] = {}
+        # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
+        items: dict[tuple[int | None, Any], Begun] = {}
+        values: dict[tuple[After, Any], Begun] = {}
+        loose: dict[Any, Begun] = {}
+        anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
-                self._work -= len(adds.items) + len(adds.values) + len(adds.loose) + 1
+                self._spend(len(adds.items) + len(adds.values) + len(adds.loose) + 1)
                 items.update(adds.items)
                 values.update(adds.values)
                 loose.update(adds.loose)
+                if adds.loose:
+                    rule, (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
+                    anywhere[rule] = corner
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
         reached |= walked
+        entries = [(at, corner) for (at, _), (corner, _) in values.items()]
+        if weight := sum(anywhere.values()):  # with every key's values, none told apart (a few options hold them)
+            entries += [((None, name), weight) for name in {name for (_, name), _ in entries} or {""}]
+        rows = alike_rows(entries)
+        everywhere = [node for _, node in loose.values() if node is not None]
+        alike = [everywhere]
+        if len(rows) < len(entries) or everywhere:  # some row holds two values or more
+            by_name: dict[str, list[tuple[Told, Any]]] = {}  # the values that hold values, by key and what told them
+            for ((told, name), _), (_, node) in values.items():
+                if node is not None:
+                    by_name.setdefault(name, []).append((told, node))
+            alike = [[node for told, node in by_name.get(name, ()) if told in tolds] + everywhere
+                     for _, name, tolds in rows if len(by_name.get(name, ())) + len(everywhere) > 1] or alike
+        placed: dict[int | None, dict[Any, Begun]] = {0: {}}
+        for (at, rule), begun in items.items():
+            placed.setdefault(at, {})[rule] = begun
+        rest = placed.pop(None, {})  # an array's `items`, at any place
+        positions = [rest | begun for begun in placed.values()]
+        heaviest = max(max(map(itemgetter(0), rows), default=0),
+                       *(sum(corner for corner, _ in begun.values()) for begun in positions))
+        self._lists[key] = heaviest
+        below = [nodes for nodes in (*alike, *([node for _, node in begun.values() if node is not None]
+                                               for begun in positions)) if len(nodes) > 1]
+        self._spend(sum(map(len, below)))
+        return heaviest, below
+
+    def _spend(self, work: int) -> None:
+        self._work -= work
         if self._work < 0:
             raise ManyOptions(f"the JSON Schema's anyOf/oneOf options hold more than {OPTIONS_WORK} property values "
                               "to weigh (merge some, or name one list of them)")
-        after = [(at, corner) for (at, _), corner in values.items()]
-        if anywhere := sum(loose.values()):  # with every key's values, none told apart (a few options hold them)
-            after += [((None, name), anywhere) for name in {name for (_, name), _ in values} or {""}]
-        self._lists[key] = heaviest = max(sum(items.values()), most_alike(after)[0])
-        return heaviest
 
     def _added(self, option: Any) -> Adds:
         """What `option` adds to the rows of a list naming it (Adds), found once; nothing where its merge is refused
@@ -123,29 +174,29 @@ class AlikeChains:
             lists = tuple(part for part in parts if isinstance(part, list))
             found = [part for part in parts if isinstance(part, dict)]
             if (merged := self._merged.get(ids := tuple(map(id, parts)))) is None:
-                merged = self._merged[ids] = Adds() if shape is None else self._cornered(found, shape)
+                merged = self._merged[ids] = Adds() if shape is None else self._begun(found, shape)
             known = self._adds[id(option)] = Adds(merged.items, merged.values, merged.loose, lists, ids)
         return known
 
-    def _cornered(self, found: list[dict[str, Any]], shape: Merged) -> Adds:
-        """The left corners the option merged from `found` (as `shape`) adds: its values' where it is an object, else
-        its items' (each part's, added up)."""
+    def _begun(self, found: list[dict[str, Any]], shape: Merged) -> Adds:
+        """The values the option merged from `found` (as `shape`) begins: its properties' and loose values where it
+        is an object, else its items and `prefixItems` (each part's)."""
         self._work -= len(shape.names) + len(found)
         if not shape.is_object:
-            firsts = (each[0] if isinstance(each := part.get("prefixItems"), list) and each else None for part in found)
-            return Adds(items={self._named(node): corner for part, first in zip(found, firsts, strict=True)
-                               for node in (part.get("items"), first) if (corner := self._corner(node))})
+            items: dict[tuple[int | None, Any], Begun] = {}
+            for part in found:
+                prefix = each if isinstance(each := part.get("prefixItems"), list) else []
+                items.update(((at, self._named(node)), self._begins(node))
+                             for at, node in [(None, part.get("items")), *enumerate(prefix)] if isinstance(node, dict))
+            return Adds(items=items)
         owns = [own for part in found if isinstance(own := part.get("properties"), dict)]
-        told = shape.told()
-        values = {((at, name), self._named(own[name])): corner for at, name in told
-                  for own in owns if (corner := self._corner(own.get(name)))}
+        values = {((at, name), self._named(node)): self._begins(node) for at, name in shape.told()
+                  for own in owns if isinstance(node := own.get(name), dict)}
         patterns = [part.get("patternProperties") for part in found]
         others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
                   *(part.get("additionalProperties") for part in found)]
-        # a key's lexeme matches one pattern (or none: additionalProperties), so only that value follows it
-        corners = {self._named(node): corner for node in others if (corner := self._corner(node))}
-        heaviest = max(corners.items(), key=lambda named: named[1], default=None)
-        return Adds(values=values, loose=dict([heaviest] if heaviest else []))
+        return Adds(values=values, loose={self._named(node): self._begins(node) for node in others
+                                          if isinstance(node, dict)})
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""
@@ -163,9 +214,14 @@ class AlikeChains:
             if isinstance(options := node.get(key), list):
                 yield from ((option, 0) for option in options)
 
+    def _begins(self, node: dict[str, Any]) -> Begun:
+        corner = self._corner(node)
+        return corner, node if self._holding.get(id(node), True) else None
+
     def _corner(self, node: Any) -> int:
         """The items of `node`'s left corner (each part's added up; one being walked, recursion, adds none), walked
-        once a node, without Python's recursion (chains are thousands of links)."""
+        once a node, without Python's recursion (chains are thousands of links); and whether it may hold values of its
+        own (_holding: one of HOLDING reached, or recursion: taken to)."""
         if not isinstance(node, dict):
             return 0
         stack: list[tuple[dict[str, Any], bool]] = [(node, False)]
@@ -174,8 +230,10 @@ class AlikeChains:
             current, done = stack.pop()
             if done:
                 walking.discard(id(current))
-                self._corners[id(current)] = sum(self._corners.get(id(following), 0) + weight
-                                                 for following, weight in self._next(current))
+                following = list(self._next(current))
+                self._corners[id(current)] = sum(self._corners.get(id(each), 0) + weight for each, weight in following)
+                self._holding[id(current)] = not HOLDING.isdisjoint(current) or any(
+                    self._holding.get(id(each), id(each) in walking) for each, _ in following)
             elif id(current) not in self._corners and id(current) not in walking:
                 walking.add(id(current))
                 stack.append((current, True))

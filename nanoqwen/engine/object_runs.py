@@ -7,7 +7,7 @@ of llguidance's parser row where a run of optional properties may begin, per pos
 llguidance 1.9.1; profiles/RESULTS.md, lanes grammar31, grammar31fix and surface32fix2)."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,15 +337,25 @@ def _f64_holds(value: int) -> bool:
 
 
 def most_alike(items: Iterable[tuple[tuple[Told, str], int]]) -> tuple[int, str]:
-    """The most items one row holds after a property (and its name; 0 and "" where none), of options' `items` by
-    (Told, name): those whose first required property is one name with distinct `const`s apart, all others together
-    (one whose first required differs may still go on alike: `[required a][b]`, `[a][required b]`)."""
+    """The most items one row holds after a property (and its name; 0 and "" where none), of alike_rows'."""
+    return max(((weight, name) for weight, name, _ in alike_rows(items)), default=(0, ""))
+
+
+def alike_rows(items: Iterable[tuple[tuple[Told, str], int]]) -> list[tuple[int, str, Collection[Told]]]:
+    """The rows after each property of options' `items` by (Told, name): the items each holds, the name, and what told
+    apart the options it holds: those whose first required property is one name with distinct `const`s apart, all
+    others together (one whose first required differs may still go on alike: `[required a][b]`, `[a][required b]`)."""
     groups: dict[str, dict[Told, int]] = {}
     for (told, name), weight in items:
         by_told = groups.setdefault(name, {})
         by_told[told] = by_told.get(told, 0) + weight
-    return max(((max(by_told.values()) if _apart(list(by_told)) else sum(by_told.values()), name)
-                for name, by_told in groups.items()), default=(0, ""))
+    rows: list[tuple[int, str, Collection[Told]]] = []
+    for name, by_told in groups.items():
+        if len(by_told) > 1 and _apart(list(by_told)):  # one alone is its own row either way
+            rows += [(weight, name, (told,)) for told, weight in by_told.items()]
+        else:
+            rows.append((sum(by_told.values()), name, by_told.keys()))
+    return rows
 
 
 def _apart(told: list[Told]) -> bool:
