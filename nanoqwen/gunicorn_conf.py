@@ -53,13 +53,14 @@ def on_starting(server) -> None:
     refused = None
     if server.num_workers < 1:  # a master that listens and never forks, its connections queued for ever
         refused = f"nanoqwen needs at least one worker (--workers {server.num_workers})"
-    elif "h2" in server.cfg.http_protocols or server.cfg.http2_cleartext != "off":
+    elif "h2" in server.cfg.http_protocols:  # TLS's ALPN or, with --http2-cleartext, h2c: both need it
         # gunicorn serves HTTP/2 streams outside the worker's HTTP/1.1 handling: a client's cancel never reached the
         # engine (the answer generated to its end), and the send timeout and prefix checks were skipped
-        refused = ("nanoqwen serves HTTP/1.1 only: leave --http-protocols at h1 and --http2-cleartext off "
-                   "(put a proxy in front for HTTP/2)")
+        refused = "nanoqwen serves HTTP/1.1 only: leave --http-protocols at h1 (put a proxy in front for HTTP/2)"
     if refused is not None:
         remove_run_dir()
+        if server.pidfile is not None:  # gunicorn wrote it before this hook, and its exit on our error leaves it
+            server.pidfile.unlink()
         raise RuntimeError(refused)
 
 

@@ -171,22 +171,32 @@ def test_a_bad_setting_stops_serve_before_any_model_load(tmp_path, args, env, me
     assert message in log and "does not exist" not in log, log
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--workers", "0"], "nanoqwen needs at least one worker (--workers 0)"),
-    (["--http2-cleartext", "both"], "nanoqwen serves HTTP/1.1 only"),
-])
-def test_a_gunicorn_option_nanoqwen_cannot_serve_stops_gunicorn_at_once(tmp_path, args, message):
-    """`--workers 0`, which gunicorn takes: the master listened and never forked, its clients waiting for ever.
-    HTTP/2 (cleartext here; `--http-protocols h2` gunicorn refuses itself without the h2 package): with h2 installed, a
-    stream the client cancelled ran to its end (`/stats` active 1, aborted 0, its 400 tokens sent to no one)."""
-    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log", args=args).launch()
+def test_workers_0_stops_gunicorn_at_once(tmp_path):
+    """`--workers 0`, which gunicorn takes: the master listened and never forked, its clients waiting for ever. The
+    pidfile gunicorn wrote before the hook goes with it."""
+    pidfile = tmp_path / "gunicorn.pid"
+    srv = GunicornServer(cpu_env(tmp_path / "missing-checkpoint"), tmp_path / "gunicorn.log",
+                         args=["--workers", "0", "--pid", str(pidfile)]).launch()
     try:
         status = srv.wait(60)
     finally:
         srv.stop()
     log = srv.log()
-    assert status == 1 and message in log, log
-    assert "Listening at" not in log, log
+    assert status == 1 and "nanoqwen needs at least one worker (--workers 0)" in log, log
+    assert "Listening at" not in log and not pidfile.exists(), log
+
+
+@pytest.mark.parametrize("protocols,refused", [(["h2", "h1"], True), (["h1"], False)])
+def test_gunicorn_s_http2_is_refused_before_it_listens(tmp_path, protocols, refused):
+    """With h2 installed, a stream the client cancelled over gunicorn's HTTP/2 ran to its end (`/stats` active 1,
+    aborted 0, its 400 tokens sent to no one). Without h2 (here) gunicorn refuses `--http-protocols h2` itself before
+    any hook, so the hook is called as gunicorn calls it, in a process of its own (its import makes a run directory)."""
+    code = ("from types import SimpleNamespace as S; from nanoqwen.gunicorn_conf import on_starting\n"
+            f"on_starting(S(num_workers=1, pidfile=None, cfg=S(http_protocols={protocols!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(tmp_path)})
+    assert (result.returncode != 0) is refused, result.stderr
+    assert ("RuntimeError: nanoqwen serves HTTP/1.1 only" in result.stderr) is refused, result.stderr
 
 
 def test_non_gevent_worker_is_refused(tiny_checkpoint, tmp_path):
