@@ -3,17 +3,13 @@ declaration of the ctypes signatures, and the cache key."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from checkpoints import CACHE_DIR
 from nanoqwen.cli import ENGINE_OPTIONS
 from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
@@ -74,35 +70,51 @@ def test_every_kernel_has_a_replay_thunk_that_reads_its_header_types():
     assert set(re.findall(r'\{"(\w+)", thunk_(\w+)\}', source)) == {(f, f) for f in thunks}
 
 
-def build_warnings(source: Path, tmp_path: Path) -> str:
-    """The compiler's warnings on `source`'s library as the engine builds it (cpu_isa auto), compiled once for each
-    compiler, flags and sources: recorded under the fixtures' cache by all of them, as ops/cpu/build.py caches the
-    library itself (the compiler's version besides: a new compiler's new warnings). A compile takes minutes at load
-    (cpu_linear_int4's), and its warnings are the same until one of these changes."""
-    cc = cpu_build.compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([cc, version, *cpu_build.isa_flags("auto"), source.name]).encode()
-                         + cpu_build._sources(source.parent)).hexdigest()[:16]
-    record = CACHE_DIR / "build-warnings" / f"{source.stem}-{key}.txt"
-    if not record.exists():
-        warnings = cpu_build.compile_library(cc, source, tmp_path / "k.so")
-        record.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=record.parent, delete=False) as written:
-            written.write(warnings)
-        os.replace(written.name, record)  # atomic: another test process may read it meanwhile
-    return record.read_text()
+def build_warnings(kernel: cpu_build.CKernel) -> str:
+    """The compiler's warnings on `kernel`'s library as the engine builds it (cpu_isa auto, the default cache): the
+    record the runtime build keeps beside it (ops/cpu/build.py), so the library the suite's servers and engines load
+    is compiled once, here or there, not a second time for its warnings."""
+    built = cpu_build.CKernel(kernel.name, kernel.source.name, kernel.functions)
+    assert built.build(isa="auto"), built.error
+    return cpu_build.warnings_record(Path(built.lib._name)).read_text()
 
 
 @needs_compiler
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
-def test_builds_without_warnings(tmp_path, kernel):
+def test_builds_without_warnings(kernel):
     """-Wall -Wextra -Wmissing-prototypes stay quiet: the tests' stand-in for -Werror."""
-    assert build_warnings(kernel.source, tmp_path) == ""
+    warnings = build_warnings(kernel)
+    assert warnings == "", warnings
 
 
 @needs_compiler
-def test_the_pool_builds_without_warnings(tmp_path):
-    assert build_warnings(cpu_build.CSRC / cpu_build.POOL, tmp_path) == ""
+def test_the_pool_builds_without_warnings():
+    build_warnings(KERNELS[0])  # loads the pool too
+    pool = cpu_build.load_pool(cpu_build.CSRC, cpu_build.resolve_cache_dir(), cpu_build.compiler())
+    warnings = cpu_build.warnings_record(Path(pool._name)).read_text()
+    assert warnings == "", warnings
+
+
+@needs_compiler
+def test_a_library_records_its_warnings_and_one_cached_without_its_record_is_built_anew(tmp_path):
+    csrc = copy_sources(tmp_path)
+    source = csrc / "pointwise.c"
+    source.write_text(source.read_text() + "\nint unused_here(void);\nint unused_here(void) { int idle; return 0; }\n")
+
+    def build() -> Path:
+        kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", (), csrc=csrc)
+        assert kernel.build(tmp_path / "cache"), kernel.error
+        return Path(kernel.lib._name)
+
+    library = build()
+    record = cpu_build.warnings_record(library)
+    assert f"{source}:" in record.read_text() and "-Wunused-variable" in record.read_text()
+    assert cpu_build.warnings_record(Path(cpu_build.load_pool(csrc, tmp_path / "cache", cpu_build.compiler())._name)
+                                     ).read_text() == ""
+    record.unlink()
+    built = library.stat().st_ino  # os.replace: a new file
+    assert build() == library and "-Wunused-variable" in record.read_text()
+    assert library.stat().st_ino != built
 
 
 @needs_compiler

@@ -71,12 +71,12 @@ def kernel_cache_missing_one(cache: Path, isa: str) -> Path:
     test of it. Empty where the kernels cannot build (the server then runs torch's ops)."""
     if build.unavailable() is not None:
         return cache
+    # the pool every kernel library loads first (not the kernel under test), and the shared objects ctypes loaded
     pool = Path(build.load_pool(build.CSRC, build.resolve_cache_dir(), build.compiler())._name)
-    shutil.copy(pool, cache / pool.name)  # the pool every kernel library loads first: not the kernel under test
-    for kernel in C_KERNELS:
-        if kernel is not BUILT_IN_THE_WORKER:
-            built = Path(capped(kernel, isa).lib._name)  # the shared object ctypes loaded
-            shutil.copy(built, cache / built.name)
+    built = [Path(capped(kernel, isa).lib._name) for kernel in C_KERNELS if kernel is not BUILT_IN_THE_WORKER]
+    for library in (pool, *built):
+        for path in (library, build.warnings_record(library)):  # a library cached without its record is rebuilt
+            shutil.copy(path, cache / path.name)
     return cache
 
 

@@ -2,8 +2,9 @@
 
 The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers, so building one takes about a second.
 The shared object is cached by a hash of every file in the source folder, the compiler and the
-flags, under the cache directory the engine's configuration names (EngineConfig.cache_dir); without
-a compiler or on another CPU a kernel does not build, and the CPU kernel set (ops/cpu/__init__.py)
+flags, with a record of the compiler's warnings beside it (warnings_record), under the cache directory
+the engine's configuration names (EngineConfig.cache_dir); without a compiler or on another CPU a kernel
+does not build, and the CPU kernel set (ops/cpu/__init__.py)
 keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The ctypes types
 come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
 each definition against its prototype and Python reads the same prototype, so neither side can
@@ -147,14 +148,24 @@ def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str
     return result.stderr.strip()
 
 
+def warnings_record(library: Path) -> Path:
+    """The compiler's warnings on a cached shared object, kept beside it (empty when it built quietly): the one
+    record of them, which tests/test_cpu_build.py reads instead of compiling again."""
+    return library.with_suffix(".warnings")
+
+
 def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest: str) -> Path:
     """The shared object of `source` in `cache_dir` (`digest`: _digest of its folder's sources), compiled first
-    unless cached."""
+    unless cached with its warnings_record."""
     path = cache_dir / f"{name}-{digest}.so"
-    if not path.exists():
+    record = warnings_record(path)
+    if not (path.exists() and record.exists()):
         warnings = compile_library(cc, source, path, isa)
         if warnings:
             log.warning("%s built with warnings:\n%s", name, warnings)
+        with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False) as written:
+            written.write(warnings)
+        os.replace(written.name, record)  # atomic, as the library's: another process may read it meanwhile
     return path
 
 
