@@ -776,7 +776,7 @@ INLINE __m256 il_scaled8(__m256i sums, __m256 ws, const float *lanes, __m256 f) 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws, _mm256_load_ps(lanes)), f);
 }
 
-/* f + chunk c's sums of fp32 activation row m's piece p times their scales, e the chunk's widened nibbles
+/* f + chunk c's sums of fp32 activation row m's piece p times their scales, u the chunk's widened nibbles
    (il_widen): two converts and FMAs, by the group scales in lo's and hi's lanes. The same operations in the same
    order in every pass, so that a row's bits do not depend on its batch. */
 INLINE __m256 il_step(const struct linear_int4_madd_args *a, const __m256i *u, __m256 ws, long c, int m, int p,
@@ -1001,7 +1001,7 @@ INLINE __m256 il_row_end(const struct linear_int4_madd_args *a, long n, int m0, 
    floats after lanes), ws the chunk's group scales: f[r] += the row's scaled sums (il_scaled8), block b's in int32
    lanes b and 4 + b. A row's 8 vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most
    30,480: no wrap), pair by pair into one sum, kept a chain by the empty asm: else GCC took all 8 products at once
-   and reloaded a spilled nibble vector and ws each row (~31 instructions a row against ~25). */
+   and reloaded a spilled nibble vector and ws each row (~32 instructions a row against ~25). */
 INLINE void il_row_chunk8(const uint8_t *p, __m256 ws, const int8_t *q, const float *lanes, long rs, int R,
                           __m256 f[IL_ROW_PIECES]) {
     __m256i u[8];
@@ -1047,8 +1047,8 @@ INLINE void il_row_sums8(const struct linear_int4_madd_args *a, long n, int m0, 
 
 /* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P, int8 constants,
    3 <= rows * P <= IL_ROW_PIECES): one weight row at a time, each chunk unpacked once for all the piece rows, whose
-   fp32 sums stay in L1 (f; bf16 rows il_row_sums8); 8 weight rows' outputs transposed and stored as 8 contiguous values an activation row
-   (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
+   fp32 sums stay in L1 (f; bf16 rows: il_row_sums8); 8 weight rows' outputs transposed and stored as 8 contiguous
+   values an activation row (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
 INLINE void il_row_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int m0,
                          int R, int P, int one, float f[][8]) {
     __m256i e[16];
@@ -1066,13 +1066,13 @@ INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int
         const int W = end - n < 8 ? (int)(end - n) : 8;
         float f[8][IL_ROW_PIECES][8] __attribute__((aligned(32)));
         for (int i = 0; i < W; i++) {
-            const uint8_t *w0;
-            long step, next;
-            il_places(a, n + i, &w0, &step, &next);
             if (int8) {
                 il_row_sums8(a, n + i, m0, R, one, f[i]);
                 continue;
             }
+            const uint8_t *w0;
+            long step, next;
+            il_places(a, n + i, &w0, &step, &next);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
             for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, f[i]);
             if (a->K % 256) il_row_chunk(a, il_tail(a, n + i), n + i, whole, a->K / 64 % 4, m0, R, P, one, f[i]);
