@@ -245,6 +245,18 @@ static void ab_il_pack(const uint8_t *plain, uint8_t *out, int N, int K) {
 static uint8_t *ab_il_w;  /* the shape's weights as ab_il_pack leaves them */
 static int8_t ab_il_q[MAXK / 256 * MAXM * 256] __attribute__((aligned(64)));
 
+/* A chunk's nibbles (il_nibbles) times a bf16 row's 256 int8 at q: block b's sum in int32 lanes b and 4 + b, the 8
+   vpmaddubsw added in int16 as a tree (no wrap: linear_int4.c's il_row_chunk8). */
+static inline __m256i ab_products8(const __m256i u[8], const int8_t *q) {
+    const __m256i *p = (const __m256i *)q;
+    __m256i s[4];
+    for (int v = 0; v < 4; v++)
+        s[v] = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(p + 2 * v)),
+                                _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(p + 2 * v + 1)));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3])),
+                             _mm256_set1_epi16(1));
+}
+
 /* ubs_quant's values (q, in the nibbles' order) rearranged: ab_il_q[c][m][v * 2 + nib][32]. */
 static void ab_il_arrange(const int8_t *q, int M, int K) {
     for (int m = 0; m < M; m++)
@@ -275,7 +287,7 @@ static void ab_il_chunk(const void *ctx, long chunk) {
                     _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
                         ubs_nibbles(w + 128 * i + 32 * v, &u[2 * v], &u[2 * v + 1]);
                     ubs_scales(a, n + i, 4 * c, H2, &ws);
-                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
+                    f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_products8(u, a->q + c * 256)), _mm256_mul_ps(ws, as),
                                            f[i]);
                 }
             }
@@ -293,7 +305,7 @@ static void ab_il_chunk(const void *ctx, long chunk) {
             ubs_scales(a, n, 4 * c, H2, &ws);
             _Pragma("GCC unroll 8") for (int r = 0; r < MAXM; r++) {
                 const __m256 sc = _mm256_mul_ps(ws, _mm256_load_ps(a->a + ((long)r * (K / 256) + c) * 8));
-                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(il_products8(u, a->q + ((long)c * MAXM + r) * 256)),
+                _mm256_store_ps(f[r], _mm256_fmadd_ps(_mm256_cvtepi32_ps(ab_products8(u, a->q + ((long)c * MAXM + r) * 256)),
                                                       sc, _mm256_load_ps(f[r])));
             }
         }

@@ -1,7 +1,8 @@
 /* What the AVX2 int8 linear's inner loop (ops/cpu/csrc/linear_int8.c, madd_pieces: int16 activation pieces against
    the weights widened to int16, vpmaddwd) can reach on this core: its instruction mix alone, hot in L1, one thread,
-   timed by the thread's CPU time, in cycles by a dependent add chain (1 cycle an add). Not a test; profiles/RESULTS.md
-   (lane b8_40, fortieth session) has the figures.
+   timed by the thread's CPU time, in cycles by a dependent add chain (1 cycle an add); with `int4`, the AVX2 int4
+   linear's 8-row loop instead (below). Not a test; profiles/RESULTS.md (lanes b8_40 and int4b8_40, fortieth session)
+   has the figures.
 
    The kernel's iteration at 8 bf16 rows (two passes of 4 piece rows, AVX2_MAX_PIECES): 32 weights of one weight row
    widened by 2 vpmovsxbw, 8 vpmaddwd each loading 32 bytes of a piece row (rows S bytes apart: S = 2 K, 2048 for
@@ -15,10 +16,11 @@
 
    Build from the repository root:
      cc -O2 -mavx2 profiles/avx2_mix.c -o profiles/out/avx2_mix
-   Run: taskset -c 1 profiles/out/avx2_mix [ITERATIONS 20000000 [S ...]] (S: the piece rows' distance in bytes, default
-   2048 4096 6144; at most 6144) */
+   Run: taskset -c 1 profiles/out/avx2_mix [int4] [ITERATIONS 20000000 [S ...]] (S: the piece rows' distance in bytes,
+   default 2048 4096 6144; at most 6144; int4: the int4 8-row loop's mix instead, below) */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #define REGS "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
@@ -101,8 +103,81 @@ static double loop8(long n, long S) {
     return best / n * 1e9;
 }
 
-int main(int argc, char **argv) {
-    const long n = argc > 1 ? atol(argv[1]) : 20000000;
+/* ---- int4 mode: linear_int4.c's AVX2 8-row loop (il_rows at 8 bf16 rows: il_row_sums8, il_row_chunk8).
+   An iteration is one chunk of a weight row (4 blocks, 256 weights, 128 bytes) against 8 int8 activation rows (their
+   chunk contiguous, 256 bytes a row): 4 weight loads, 4 vpsrlw and 8 vpand unpack the nibbles once into ymm0-7 (the
+   mask from memory, as the kernel's); then for each row 8 vpmaddubsw loading its 256 bytes, 7 vpaddw, a vpmaddwd by
+   ones (ymm8), a convert, a vmulps of the group scales (ymm9) by the row's block scales (loaded) and an FMA into the
+   row's fp32 sums in L1 (loaded and stored; the kernel's GCC keeps 2 of the 8 in registers): 2048 products. Rows
+   (cycles per row, 256 products):
+     multiplies   the 8 vpmaddubsw and the vpmaddwd alone, registers: the multiply bound
+     reg          a row's integer work with the activations in a register (no loads, no fp32 end)
+     L1 (the kernel's mix)  the iteration as above
+     + spills     and per row what GCC gave il_rows before the fortieth session (objdump of 8809461's build): a nibble
+                  vector and the group scales reloaded from the stack, the sums stored twice */
+
+static int8_t acts[4 * 2048] __attribute__((aligned(64)));   /* 4 chunks of 8 rows */
+static float row_scales[8 * 32] __attribute__((aligned(64))), sums[8 * 8 + 24] __attribute__((aligned(64)));
+static const unsigned char mask15[32] __attribute__((aligned(32))) = {
+    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
+
+/* The fastest of 5 runs of `n` iterations of BODY (asm, operands %0 a chunk's 8 activation rows, %1 its weights, %2
+   the rows' block scales (row r 128 bytes on), %3 their fp32 sums (row r 32 bytes on), %4 the nibble mask), ns each. */
+#define TIMED4(n, BODY) ({ \
+        double best_ = 1e30; \
+        for (int run_ = 0; run_ < 5; run_++) { \
+            const double t0_ = now(); \
+            for (long i_ = 0; i_ < (n); i_++) { \
+                const int8_t *q_ = acts + (i_ & 3) * 2048; \
+                const signed char *w_ = weights + (i_ & 31) * 128; \
+                __asm__ volatile(BODY ::"r"(q_), "r"(w_), "r"(row_scales), "r"(sums), "r"(mask15) : REGS); \
+            } \
+            const double t_ = now() - t0_; \
+            best_ = t_ < best_ ? t_ : best_; \
+        } \
+        best_ / (n) * 1e9; \
+    })
+
+#define Y(r) "%%ymm" #r
+/* vector v of the chunk's nibbles: the low ones into ymm(2v), the high ones into ymm(2v + 1) */
+#define NIB(v, lo, hi) "vmovdqu " #v "*32(%1), " Y(lo) "\n vpsrlw $4, " Y(lo) ", " Y(hi) "\n" \
+    "vpand (%4), " Y(lo) ", " Y(lo) "\n vpand (%4), " Y(hi) ", " Y(hi) "\n"
+#define UNPACK NIB(0, 0, 1) NIB(1, 2, 3) NIB(2, 4, 5) NIB(3, 6, 7) "vbroadcastf128 (%2), " Y(9) "\n"
+#define UBS(r, v, t) "vpmaddubsw " #r "*256+" #v "*32(%0), " Y(v) ", " Y(t) "\n"
+#define ADDW(b, a) "vpaddw " Y(b) ", " Y(a) ", " Y(a) "\n"
+/* row r's 256 int8 against the 8 nibble vectors: int16 sums (7 vpaddw) in ymm10, then by ones into int32 */
+#define INTS(r) UBS(r, 0, 10) UBS(r, 1, 11) ADDW(11, 10) UBS(r, 2, 11) UBS(r, 3, 12) ADDW(12, 11) ADDW(11, 10) \
+    UBS(r, 4, 11) UBS(r, 5, 12) ADDW(12, 11) ADDW(11, 10) UBS(r, 6, 11) UBS(r, 7, 12) ADDW(12, 11) ADDW(11, 10) \
+    "vpmaddwd " Y(8) ", " Y(10) ", " Y(10) "\n"
+/* the fp32 end: sums[r] += convert(ymm10) x group scales x row r's block scales */
+#define END(r) "vcvtdq2ps " Y(10) ", " Y(10) "\n vmulps " #r "*128(%2), " Y(9) ", " Y(11) "\n" \
+    "vfmadd213ps " #r "*32(%3), " Y(11) ", " Y(10) "\n vmovaps " Y(10) ", " #r "*32(%3)\n"
+/* GCC's extras a row: ymm6 and ymm9 reloaded from the stack (here the sums' slack), the sums stored a second time */
+#define SPILLS(r) "vmovdqa 256(%3), " Y(13) "\n vmovaps 288(%3), " Y(14) "\n vmovaps " Y(10) ", 320(%3)\n"
+#define ROW8(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7)
+#define L1ROW(r) INTS(r) END(r)
+#define SPILLROW(r) INTS(r) END(r) SPILLS(r)
+/* the integer work with the activations in ymm13 */
+#define UBSR(v, t) "vpmaddubsw " Y(13) ", " Y(v) ", " Y(t) "\n"
+#define REGROW(r) UBSR(0, 10) UBSR(1, 11) ADDW(11, 10) UBSR(2, 11) UBSR(3, 12) ADDW(12, 11) ADDW(11, 10) UBSR(4, 11) \
+    UBSR(5, 12) ADDW(12, 11) ADDW(11, 10) UBSR(6, 11) UBSR(7, 12) ADDW(12, 11) ADDW(11, 10) \
+    "vpmaddwd " Y(8) ", " Y(10) ", " Y(10) "\n"
+#define MULROW(r) UBSR(0, 10) UBSR(1, 11) UBSR(2, 12) UBSR(3, 14) UBSR(4, 15) UBSR(5, 10) UBSR(6, 11) UBSR(7, 12) \
+    "vpmaddwd " Y(8) ", " Y(14) ", " Y(15) "\n"
+
+static void int4_mode(long n, double ghz) {
+    for (int i = 0; i < (int)sizeof acts; i++) acts[i] = (int8_t)(i * 37);
+    printf("int4 8-row loop (il_rows): cycles a row of a chunk (256 weights x 1 row), fastest of 5 runs of %ld\n", n);
+    printf("%-34s %7.2f  (9 multiplies)\n", "multiplies", ghz / 8 * TIMED4(n, ROW8(MULROW)));
+    printf("%-34s %7.2f  (16 instructions)\n", "reg: integer work, no loads", ghz / 8 * TIMED4(n, ROW8(REGROW)));
+    printf("%-34s %7.2f  (20 a row + 17 a chunk)\n", "L1 (the kernel's mix)", ghz / 8 * TIMED4(n, UNPACK ROW8(L1ROW)));
+    printf("%-34s %7.2f  (23 a row + 17 a chunk)\n", "L1 + the kernel's spills",
+           ghz / 8 * TIMED4(n, UNPACK ROW8(SPILLROW)));
+}
+
+/* The core's clock in GHz: a dependent chain of adds, 1 cycle each. */
+static double clock_ghz(long n) {
     double best = 1e30;
     for (int run = 0; run < 5; run++) {  /* a dependent chain of adds: 1 cycle each */
         long x = 0;
@@ -113,7 +188,19 @@ int main(int argc, char **argv) {
         const double t = now() - t0;
         best = t < best ? t : best;
     }
-    const double ghz = 20 * n / best / 1e9;
+    return 20 * n / best / 1e9;
+}
+
+int main(int argc, char **argv) {
+    const int int4 = argc > 1 && !strcmp(argv[1], "int4");
+    argc -= int4, argv += int4;
+    const long n = argc > 1 ? atol(argv[1]) : 20000000;
+    const double ghz = clock_ghz(n);
+    if (int4) {
+        printf("clock %.3f GHz (a dependent add a cycle)\n", ghz);
+        int4_mode(n, ghz);
+        return 0;
+    }
     printf("clock %.3f GHz (a dependent add a cycle); cycles an iteration, fastest of 5 runs of %ld\n", ghz, n);
     printf("%-34s %7.2f  (12 instructions)\n", "throughput vpmaddwd", ghz * TIMED(n, 0, REPEAT12(MADD_R)));
     printf("%-34s %7.2f  (12 instructions)\n", "throughput vpaddd", ghz * TIMED(n, 0, REPEAT12(ADD_R)));

@@ -272,7 +272,7 @@ def test_the_c_profiling_tools_compile_by_their_documented_build_lines(name, bui
     preread_bound.c include a kernel's source and call its internals (the pool and its claims, the activation pieces,
     the int4 transposition, the AVX2 interleaved layout, the int8 kernel's AVX2 helpers and 1-row loop), b1_linears.c
     and b1_between.c the kernels' entry points: a change there must not break them silently; avx2_mix.c is the int8
-    loop's instructions in asm. Each one's own header's build line, checked for syntax only."""
+    and int4 loops' instructions in asm. Each one's own header's build line, checked for syntax only."""
     tool = REPO_ROOT / "profiles" / name
     [line] = [line.strip() for line in tool.read_text().splitlines() if build_line_mark in line]
     words = [word.replace("'", "") for word in line.split()]

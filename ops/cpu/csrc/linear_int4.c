@@ -684,7 +684,8 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 #define IL_QUAD_PIECES 4  /* weight rows x piece rows an il_quad pass holds: its fp32 sums stay in registers */
 #define IL_QUAD_ROWS 2    /* the most piece rows an il_quad pass takes (3 and more: il_rows) */
 /* Piece rows an il_rows pass takes (3 and more): one weight row, each chunk unpacked once for all of them, their fp32
-   sums in L1 (left to the compiler they spill worse: 8 bf16 rows of 512 x 1024 hot, 142 µs against 90, int4b8). */
+   sums in L1 (left to the compiler in the general loop they spilled worse: 8 bf16 rows of 512 x 1024 hot, 142 µs
+   against 90, int4b8; bf16 rows' own loop, il_row_sums8, keeps them as locals). */
 #define IL_ROW_PIECES 8
 /* How far ahead the weights are prefetched: the same chunk of the row this many rows on (in quads, the same offset) */
 #define IL_AHEAD_ROWS 8
@@ -748,18 +749,6 @@ INLINE __m256 il_scales(const struct linear_int4_madd_args *a, long n, long c, i
     return _mm256_set_m128(s, s);
 }
 
-/* A chunk's nibbles (il_nibbles) times a bf16 row's 256 int8 at q: block b's sum in int32 lanes b and 4 + b. The 8
-   vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most 30,480: no wrap). */
-INLINE __m256i il_products8(const __m256i u[8], const int8_t *q) {
-    const __m256i *p = (const __m256i *)q;
-    __m256i s[4];
-    _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++)
-        s[v] = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(p + 2 * v)),
-                                _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(p + 2 * v + 1)));
-    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(s[0], s[1]), _mm256_add_epi16(s[2], s[3])),
-                             _mm256_set1_epi16(1));
-}
-
 /* The nibbles widened to int16 for fp32 rows' pieces: e[2V] bytes 0-7 and 16-23 of u[V], e[2V + 1] bytes 8-15 and
    24-31. */
 INLINE void il_widen(const __m256i u[8], __m256i e[16]) {
@@ -787,15 +776,11 @@ INLINE __m256 il_scaled8(__m256i sums, __m256 ws, const float *lanes, __m256 f) 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(ws, _mm256_load_ps(lanes)), f);
 }
 
-/* f + chunk c's sums of activation row m's piece p times their scales, u the chunk's nibbles (int8: bf16 rows,
-   il_nibbles) or widened nibbles (fp32 rows, il_widen): bf16 rows one convert and FMA by the group scales times the
-   blocks' (ws x lanes), fp32 rows two, by the group scales in lo's and hi's lanes. The same operations in the same
+/* f + chunk c's sums of fp32 activation row m's piece p times their scales, u the chunk's widened nibbles
+   (il_widen): two converts and FMAs, by the group scales in lo's and hi's lanes. The same operations in the same
    order in every pass, so that a row's bits do not depend on its batch. */
 INLINE __m256 il_step(const struct linear_int4_madd_args *a, const __m256i *u, __m256 ws, long c, int m, int p,
-                      int int8, __m256 f) {
-    if (int8)
-        return il_scaled8(il_products8(u, a->q8 + ((long)c * a->M + m) * 256), ws,
-                          a->lanes + ((long)m * ((a->K + 255) / 256) + c) * 8, f);
+                      __m256 f) {
     __m256i lo, hi;
     il_products16(u, a->q16 + ((long)c * a->M * a->P + (long)m * a->P + p) * 256, &lo, &hi);
     f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_permutevar8x32_ps(ws, _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1)), f);
@@ -812,14 +797,14 @@ INLINE const uint8_t *il_chunk_bytes(const struct linear_int4_madd_args *a, cons
     return (const uint8_t *)whole;
 }
 
-/* The int8 (bf16 rows) or widened (fp32) nibbles of chunk c of weight row n at p (nb blocks: 4 but in a row's last
-   chunk, read into a whole one's places), and its group scales. */
+/* The widened nibbles (fp32 rows) of chunk c of weight row n at p (nb blocks: 4 but in a row's last chunk, read into
+   a whole one's places), and its group scales. */
 INLINE void il_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int one,
-                     int int8, __m256i e[16], __m256 *ws) {
+                     __m256i e[16], __m256 *ws) {
     uint32_t whole[32] __attribute__((aligned(32)));
     __m256i u[8];
-    il_nibbles(il_chunk_bytes(a, p, nb, whole), int8 ? e : u);
-    if (!int8) il_widen(u, e);
+    il_nibbles(il_chunk_bytes(a, p, nb, whole), u);
+    il_widen(u, e);
     *ws = il_scales(a, n, c, nb, one);
 }
 
@@ -874,7 +859,7 @@ INLINE __m128 hsum4(const __m256 o[4]) {
 }
 
 /* il_quad's chunk for R bf16 rows (int8 blocks), vector by vector: each pair of activation vectors loaded once for
-   the W weight rows, each row's int16 sums in registers until the chunk's end (il_products8's sums, added in another
+   the W weight rows, each row's int16 sums in registers until the chunk's end (il_row_chunk8's sums, added in another
    order: exact integers, the same), then il_scaled8 as every pass. w[i]: weight row i's chunk bytes, ws[i] its group
    scales; q: row m0's int8 for the chunk (row r 256 r bytes on), lanes: its block scales (row r `rs` floats on). */
 INLINE void il_quad_chunk8(const uint8_t *const w[], const __m256 ws[], const int8_t *q, const float *lanes, long rs,
@@ -947,8 +932,8 @@ INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
         __m256i e[16];
         __m256 ws;
-        il_chunk(a, nb < 4 ? il_tail(a, n + i) : p + i * next, n + i, c, nb, one, 0, e, &ws);
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, 0, f[i][r]);
+        il_chunk(a, nb < 4 ? il_tail(a, n + i) : p + i * next, n + i, c, nb, one, e, &ws);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = il_step(a, e, ws, c, m0 + r / P, r % P, f[i][r]);
     }
 }
 
@@ -1012,17 +997,65 @@ INLINE __m256 il_row_end(const struct linear_int4_madd_args *a, long n, int m0, 
     return _mm256_add_ps(hsum8(o), _mm256_load_ps(tail));
 }
 
+/* A chunk's nibbles at p (unpacked once) against R bf16 rows' int8 (row r 256 r bytes after q; its block scales rs
+   floats after lanes), ws the chunk's group scales: f[r] += the row's scaled sums (il_scaled8), block b's in int32
+   lanes b and 4 + b. A row's 8 vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most
+   30,480: no wrap), pair by pair into one sum, kept a chain by the empty asm: else GCC took all 8 products at once
+   and reloaded a spilled nibble vector and ws each row (~32 instructions a row against ~25). */
+INLINE void il_row_chunk8(const uint8_t *p, __m256 ws, const int8_t *q, const float *lanes, long rs, int R,
+                          __m256 f[IL_ROW_PIECES]) {
+    __m256i u[8];
+    il_nibbles(p, u);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        const __m256i *x = (const __m256i *)(q + 256 * r);
+        __m256i s = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+            const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(x + 2 * v)),
+                                               _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(x + 2 * v + 1)));
+            s = v ? _mm256_add_epi16(s, t) : t;
+            __asm__("" : "+x"(s));
+        }
+        f[r] = il_scaled8(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), ws, lanes + rs * r, f[r]);
+    }
+}
+
+/* Weight row n's fp32 sums f for R bf16 rows from m0 (il_rows' bf16 pass): the pointers stepped chunk by chunk, as
+   il_quad8's, the sums locals stored once. Through il_row_chunk (still the fp32 rows' way) GCC recomputed each row's
+   addresses from the stack and stored every sum twice a chunk: 8 rows hot on one thread, 1.3x the time of this
+   (profiles/RESULTS.md, int4b8_40). */
+INLINE void il_row_sums8(const struct linear_int4_madd_args *a, long n, int m0, int R, int one, float f[][8]) {
+    const long chunks = (a->K + 255) / 256, whole = a->K / 256, qs = (long)a->M * 256, groups = a->groups;
+    const uint8_t *w0;
+    long step, next;
+    il_places(a, n, &w0, &step, &next);
+    const int8_t *q = a->q8 + (long)m0 * 256;
+    const float *lanes = a->lanes + (long)m0 * chunks * 8;
+    const uint16_t *scale = (const uint16_t *)a->scale + n * groups;
+    __m256 acc[IL_ROW_PIECES];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (long c = 0; c < whole; c++, w0 += step, q += qs, lanes += 8, scale += 4)
+        il_row_chunk8(il_chunk_bytes(a, w0, 4, NULL), one ? il_scales4(scale) : il_scales_spread(a, n, c, 4), q,
+                      lanes, chunks * 8, R, acc);
+    if (a->K % 256) {
+        uint32_t bytes[32] __attribute__((aligned(32)));
+        const int nb = a->K / 64 % 4;
+        il_row_chunk8(il_chunk_bytes(a, il_tail(a, n), nb, bytes), il_scales_spread(a, n, whole, nb), q, lanes,
+                      chunks * 8, R, acc);
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], acc[r]);
+}
+
 /* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P, int8 constants,
    3 <= rows * P <= IL_ROW_PIECES): one weight row at a time, each chunk unpacked once for all the piece rows, whose
-   fp32 sums stay in L1 (f); 8 weight rows' outputs transposed and stored as 8 contiguous values an activation row
-   (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
+   fp32 sums stay in L1 (f; bf16 rows: il_row_sums8); 8 weight rows' outputs transposed and stored as 8 contiguous
+   values an activation row (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
 INLINE void il_row_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int m0,
-                         int R, int P, int one, int int8, float f[][8]) {
+                         int R, int P, int one, float f[][8]) {
     __m256i e[16];
     __m256 ws;
-    il_chunk(a, p, n, c, nb, one, int8, e, &ws);
+    il_chunk(a, p, n, c, nb, one, e, &ws);
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
-        _mm256_store_ps(f[r], il_step(a, e, ws, c, m0 + r / P, r % P, int8, _mm256_load_ps(f[r])));
+        _mm256_store_ps(f[r], il_step(a, e, ws, c, m0 + r / P, r % P, _mm256_load_ps(f[r])));
 }
 
 INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int m0, int rows, int P, int one,
@@ -1033,13 +1066,16 @@ INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int
         const int W = end - n < 8 ? (int)(end - n) : 8;
         float f[8][IL_ROW_PIECES][8] __attribute__((aligned(32)));
         for (int i = 0; i < W; i++) {
+            if (int8) {
+                il_row_sums8(a, n + i, m0, R, one, f[i]);
+                continue;
+            }
             const uint8_t *w0;
             long step, next;
             il_places(a, n + i, &w0, &step, &next);
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], _mm256_setzero_ps());
-            for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, int8, f[i]);
-            if (a->K % 256)
-                il_row_chunk(a, il_tail(a, n + i), n + i, whole, a->K / 64 % 4, m0, R, P, one, int8, f[i]);
+            for (long c = 0; c < whole; c++) il_row_chunk(a, w0 + c * step, n + i, c, 4, m0, R, P, one, f[i]);
+            if (a->K % 256) il_row_chunk(a, il_tail(a, n + i), n + i, whole, a->K / 64 % 4, m0, R, P, one, f[i]);
         }
         if (W == 8) {
             __m256 o[8], t[8];
