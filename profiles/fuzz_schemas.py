@@ -7,7 +7,14 @@ a regex past the lexer's fuel) a 400 naming the field, and near them served. /he
 (chat_http.health_polled): the longest hold less the load printed, and a failure past `--held-ms`. Exit 1 on any
 failure.
 
-python profiles/fuzz_schemas.py [--schemas 60] [--regexes 30] [--seed 0] [--held-ms 50]
+`--weigh N` instead (no server): N seeded schemas of the row weighing's domain (Weighed: anyOf/oneOf options that go on
+alike, a level down and further, `$ref` chains, recursion, pydantic-like Optional/Union/List of models), each weighed
+(grammar.check_json_schema, its CPU time) against llguidance itself (grammar.LIMITS, the tiny checkpoint's tokenizer)
+following random instances of it token by token (Witnesses): UNDER (served, llguidance's row past its limit at some
+token), OVER (refused for its parser row, every instance followed: llguidance's largest row found by bisecting
+max_items_in_row), SLOW (weighed in more than --slow-s of CPU). Exit 1 on any.
+
+python profiles/fuzz_schemas.py [--schemas 60] [--regexes 30] [--seed 0] [--held-ms 50] [--weigh 0] [--slow-s 0.5]
 """
 from __future__ import annotations
 
@@ -17,11 +24,14 @@ import random
 import re
 import sys
 import tempfile
+import time
 import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import llguidance
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +39,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from chat_http import MODEL, cpu_env, health_polled, most_held  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 from checks import Checks  # noqa: E402
-from nanoqwen.engine import grammar  # noqa: E402
+from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
+from nanoqwen.engine.validation import InvalidRequest  # noqa: E402
+from nanoqwen.loader import load_tokenizer  # noqa: E402
+from nanoqwen.text import TokenBytes  # noqa: E402
+from schema_shapes import ALIKE, chain_defs  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
 MAX_TOKENS = 120
@@ -214,13 +228,250 @@ class Fuzz(Checks):
             self.check(re.fullmatch(near, content) is not None, f"near-bound regex: {content!r}")
 
 
+# the weighing's domain (Weighed): chains' links straddling MAX_ROW when 2-6 options add them up, keys few so that
+# options share them, patterns that name none of KEYS (an instance's key matches one keyword)
+LINKS = (0, 3, 20, 60, 120, 200, 300)
+KEYS = ("x", "y", "k", "id")
+PATTERN_KEYS = {"^p[0-9]$": "p1", "^z$": "z", "^y$": "y"}  # "^y$": ALIKE's, in objects of no properties
+SCALARS = ({"type": "integer"}, {"type": "string"}, {"type": "boolean"}, {"type": "null"}, {"const": "c"})
+LIMIT_ERROR = re.compile(r"Current row has (\d+) items")
+MAX_DEPTH = 3
+
+
+@dataclass
+class Weighed:
+    """One random schema of the row weighing's domain: `$defs` filled as its pieces are made."""
+
+    rng: random.Random
+    defs: dict[str, Any] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)  # models being made: a `$ref` to one is recursion
+
+    def schema(self) -> dict[str, Any]:
+        root = self.options(0) if self.rng.random() < 0.6 else self.value(0)
+        return {**root, "$defs": self.defs} if "$ref" not in root else {"anyOf": [root], "$defs": self.defs}
+
+    def chain(self) -> dict[str, Any]:
+        """A `$ref` to a chain of its own (chain_defs' `anyOf [$ref next, integer]` links), or to `$ref`s that each
+        only name the next (hops)."""
+        name = f"c{len(self.defs)}_"
+        links = self.rng.choice(LINKS)
+        if self.rng.random() < 0.2:
+            self.defs |= {f"{name}{i}": {"$ref": f"#/$defs/{name}{i + 1}"} for i in range(links)}
+            self.defs[f"{name}{links}"] = dict(self.rng.choice(SCALARS))
+        else:
+            self.defs |= chain_defs(name, links, self.rng.choice(["integer", "string", "boolean"]))
+        return {"$ref": f"#/$defs/{name}0"}
+
+    def value(self, depth: int) -> dict[str, Any]:
+        kinds = ["chain", "scalar"] + (["object", "array", "options", "model"] * 2 if depth < MAX_DEPTH else [])
+        kinds += ["recursion"] if self.models else []
+        kind = self.rng.choice(kinds)
+        if kind == "chain":
+            return self.chain()
+        if kind == "object":
+            return self.object(depth + 1)
+        if kind == "array":
+            return self.array(depth + 1)
+        if kind == "options":
+            return self.options(depth + 1)
+        if kind == "model":
+            return self.model(depth + 1)
+        if kind == "recursion":  # Optional[Self] or List[Self]: an instance may end it
+            ref = {"$ref": f"#/$defs/{self.rng.choice(self.models)}"}
+            return {"anyOf": [ref, {"type": "null"}]} if self.rng.random() < 0.5 else {"type": "array", "items": ref}
+        return dict(self.rng.choice(SCALARS))
+
+    def model(self, depth: int) -> dict[str, Any]:
+        """pydantic's nested model: a `$ref` to an object in `$defs`, Optional (`anyOf [$ref, null]`) or not."""
+        name = f"m{len(self.defs)}"
+        self.defs[name] = {}  # its place, so that recursion finds it
+        self.models.append(name)
+        self.defs[name] = self.object(depth)
+        self.models.remove(name)
+        ref = {"$ref": f"#/$defs/{name}"}
+        return {"anyOf": [ref, {"type": "null"}]} if self.rng.random() < 0.4 else ref
+
+    def object(self, depth: int) -> dict[str, Any]:
+        names = self.rng.sample(KEYS, self.rng.randrange(1, 4))
+        properties = {"kind": {"const": f"v{self.rng.randrange(3)}"}} if self.rng.random() < 0.2 else {}
+        properties |= {name: self.value(depth) for name in names}
+        node = {"type": "object", "properties": properties,
+                "required": [n for n in properties if n == "kind" or self.rng.random() < 0.7]}
+        if self.rng.random() < 0.2:
+            node["patternProperties"] = {self.rng.choice(list(PATTERN_KEYS)): self.value(depth)}
+        pick = self.rng.random()
+        node["additionalProperties"] = self.value(depth) if pick < 0.15 else pick < 0.8 and False
+        return node
+
+    def array(self, depth: int) -> dict[str, Any]:
+        if self.rng.random() < 0.5:
+            return {"type": "array", "items": self.value(depth)} | (
+                {"minItems": 1, "maxItems": 1} if self.rng.random() < 0.3 else {})
+        prefix = [self.value(depth) for _ in range(self.rng.randrange(1, 4))]
+        return {"type": "array", "prefixItems": prefix, "items": False, "minItems": len(prefix)}
+
+    def options(self, depth: int) -> dict[str, Any]:
+        """2-6 options: made alike (an ALIKE shape around each its own value, once or twice over) or each its own."""
+        count = self.rng.randrange(2, 7)
+        if self.rng.random() < 0.6:
+            shapes = [ALIKE[name].option for name in self.rng.sample(sorted(ALIKE), self.rng.randrange(1, 3))]
+            made = []
+            for j in range(count):
+                option = self.chain() if self.rng.random() < 0.7 or depth >= MAX_DEPTH else self.value(depth)
+                for shape in shapes:
+                    option = shape(j, option)
+                made.append(option)
+        else:
+            made = [self.value(depth) for _ in range(count)]
+        if self.rng.random() < 0.2:
+            made = [{"anyOf": made[:2]}, *made[2:]]
+        return {"oneOf" if self.rng.random() < 0.1 else "anyOf": made}
+
+
+@dataclass
+class Witnesses:
+    """Random instances of a Weighed schema: `$ref`s and options followed, each ending short of a bound depth."""
+
+    rng: random.Random
+    defs: dict[str, Any]
+
+    def of(self, node: dict[str, Any], depth: int = 0) -> Any:
+        deep = depth > 12
+        if "$ref" in node:
+            return self.of(self.defs[node["$ref"].rsplit("/", 1)[1]], depth + 1)
+        if "const" in node:
+            return node["const"]
+        options = node.get("anyOf") or node.get("oneOf")
+        if options:
+            ending = [o for o in options if "$ref" not in o and not (o.get("anyOf") or o.get("oneOf"))]
+            return self.of(self.rng.choice(ending if deep and ending else options), depth + 1)
+        kind = node.get("type")
+        if kind == "object":
+            return self.object(node, depth)
+        if kind == "array":
+            prefix = [self.of(item, depth + 1) for item in node.get("prefixItems", [])]
+            items = node.get("items")
+            least = node.get("minItems", 0) - len(prefix)
+            more = 0 if items is False else least if deep else max(least, self.rng.randrange(0, 3))
+            return prefix + [self.of(items, depth + 1) for _ in range(min(more, node.get("maxItems", more)))]
+        return {"integer": 7, "string": "s", "boolean": True, "null": None}[kind]
+
+    def object(self, node: dict[str, Any], depth: int) -> dict[str, Any]:
+        required, least = node.get("required", []), node.get("minProperties", 0)
+        made = {name: self.of(value, depth + 1) for name, value in node.get("properties", {}).items()
+                if name in required or (self.rng.random() < 0.6 and depth <= 12)}
+        for pattern, value in node.get("patternProperties", {}).items():
+            if self.rng.random() < 0.6 or len(made) < least:
+                made[PATTERN_KEYS[pattern]] = self.of(value, depth + 1)
+        if isinstance(node.get("additionalProperties"), dict) and (self.rng.random() < 0.6 or len(made) < least):
+            made["q"] = self.of(node["additionalProperties"], depth + 1)
+        return made
+
+
+class Weighing:
+    """The weighing of Weighed schemas against llguidance following their Witnesses (main's `--weigh`)."""
+
+    def __init__(self, rng: random.Random, slow_s: float = 0.5, instances: int = 6) -> None:
+        self.tokenizer = load_tokenizer(make_checkpoint())
+        self.grammars = grammar.Grammars(self.tokenizer, TokenBytes(self.tokenizer), 151936, [151645, 151643])
+        self.rng, self.slow_s, self.instances = rng, slow_s, instances
+        self.under: list[str] = []  # served, llguidance's row past its limit
+        self.over: list[str] = []  # refused for its row, llguidance followed every instance
+        self.slow: list[str] = []
+        self.counts = {"served": 0, "refused": 0, "refused otherwise": 0,
+                       "refused, held in the margin": 0, "instances rejected": 0}
+        self.most_s = 0.0
+
+    def row_failure(self, text: str, instance: Any, items: int) -> int | None:
+        """The row llguidance held past `items` (max_items_in_row) following `instance`; None where it followed it,
+        -1 where the instance left the grammar for another reason (Witnesses' miss: the first few printed)."""
+        limits = llguidance.LLParserLimits(initial_lexer_fuel=grammar.LIMITS.initial_lexer_fuel,
+                                           step_lexer_fuel=grammar.LIMITS.step_lexer_fuel, max_items_in_row=items)
+        matcher = llguidance.LLMatcher(self.grammars._tokenizer, text, log_level=0, limits=limits)
+        for token in self.tokenizer.encode(json.dumps(instance)):
+            matcher.compute_bitmask()
+            if matcher.is_error() or not matcher.consume_token(token):
+                break
+        if not matcher.is_error() and not matcher.get_error():
+            return None
+        if found := LIMIT_ERROR.search(matcher.get_error()):
+            return int(found.group(1))
+        self.counts["instances rejected"] += 1
+        if self.counts["instances rejected"] <= 3:
+            print("REJECTED", json.dumps(instance)[:300], matcher.get_error()[:200], flush=True)
+        return -1
+
+    def largest_row(self, text: str, instances: list[Any]) -> int:
+        """The largest row llguidance held following `instances` (bisecting max_items_in_row)."""
+        low, high = 1, grammar.ROW_ITEMS  # a failure at low, none at high
+        while high - low > 1:
+            middle = (low + high) // 2
+            if any((self.row_failure(text, instance, middle) or -1) > 0 for instance in instances):
+                low = middle
+            else:
+                high = middle
+        return high
+
+    def schema(self, schema: dict[str, Any]) -> None:
+        started = time.process_time()
+        try:
+            weight: int | str = grammar.check_json_schema(schema, True, "response_format")
+        except InvalidRequest as exc:
+            weight = exc.args[0]
+        spent = time.process_time() - started
+        self.most_s = max(self.most_s, spent)
+        shown = json.dumps(schema)
+        if spent > self.slow_s:
+            started = time.process_time()
+            grammar_rows.schema_weight(schema)
+            self.found("SLOW", f"{spent:.2f} s CPU, schema_weight's {time.process_time() - started:.2f} s "
+                             f"({len(shown)} chars): {shown}")
+        text = grammar._json_grammar(schema, True, "p")
+        if isinstance(weight, str) and ("parser row" not in weight or llguidance.LLMatcher.validate_grammar(text)):
+            self.counts["refused otherwise"] += 1  # llguidance's own refusal (oneOf's options may overlap), ManyOptions
+            return
+        witnesses = Witnesses(self.rng, schema.get("$defs", {}))
+        instances = [witnesses.of(schema) for _ in range(self.instances * (1 if isinstance(weight, int) else 5))]
+        failures = [self.row_failure(text, instance, grammar.ROW_ITEMS) for instance in instances]
+        held = [instance for instance, failure in zip(instances, failures) if failure is None]
+        rows = [failure for failure in failures if failure and failure > 0]
+        if isinstance(weight, int):
+            self.counts["served"] += 1
+            if rows:
+                self.found("UNDER", f"weight {weight}, llguidance's row {max(rows)}: {shown}")
+            return
+        self.counts["refused"] += 1
+        if not rows and held:
+            largest = self.largest_row(text, held)
+            if largest <= grammar.MAX_ROW:  # held within the bound's own margin: weighed past it by mistake
+                self.found("OVER", f"{weight.split(',')[0]}; llguidance's largest row {largest}: {shown}")
+            else:
+                self.counts["refused, held in the margin"] += 1
+
+    def found(self, label: str, line: str) -> None:
+        {"UNDER": self.under, "OVER": self.over, "SLOW": self.slow}[label].append(line)
+        print(label, line, flush=True)
+
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            self.schema(Weighed(self.rng).schema())
+        print(f"== {count} schemas: {self.counts}; {len(self.under)} under-weighed, {len(self.over)} over-weighed, "
+              f"{len(self.slow)} slow (most {self.most_s:.3f} s CPU)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--schemas", type=int, default=60)
     parser.add_argument("--regexes", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--held-ms", type=float, default=50)
+    parser.add_argument("--weigh", type=int, default=0, help="weigh this many schemas against llguidance instead")
+    parser.add_argument("--slow-s", type=float, default=0.5)
     args = parser.parse_args()
+    if args.weigh:
+        weighing = Weighing(random.Random(args.seed), args.slow_s)
+        weighing.run(args.weigh)
+        sys.exit(1 if weighing.under or weighing.over or weighing.slow else 0)
     log = Path(tempfile.mkdtemp(prefix="fuzz-schemas-")) / "server.log"
     with GunicornServer(cpu_env(make_checkpoint(), NANOQWEN_MAX_BATCH="8"), log) as srv:
         fuzz = Fuzz(srv, random.Random(args.seed))

@@ -1,6 +1,7 @@
 """A short run of profiles/fuzz_schemas.py through the shared gunicorn server: random strict JSON Schemas' ended
 answers validate (`jsonschema`), a keyword the engine cannot enforce put in one is a 400 naming it, random regexes'
-answers match, each bound's grammar a 400 naming the field, and /health held no longer than HELD_S meanwhile."""
+answers match, each bound's grammar a 400 naming the field, and /health held no longer than HELD_S meanwhile; and a
+short seed of its `--weigh` mode (no server): the row weighing's domain weighed as llguidance follows it."""
 from __future__ import annotations
 
 import random
@@ -10,7 +11,7 @@ from chat_http import HELD_S, health_polled, most_held
 from server_process import REPO_ROOT, GunicornServer
 
 sys.path.insert(0, str(REPO_ROOT / "profiles"))
-from fuzz_schemas import Fuzz  # noqa: E402
+from fuzz_schemas import Fuzz, Weighing  # noqa: E402
 
 
 def test_fuzzed_schemas_and_regexes_are_followed_or_refused_naming_the_keyword(server: GunicornServer) -> None:
@@ -36,3 +37,12 @@ def test_min_properties_beside_optional_properties_is_followed_or_refused_naming
     assert fuzz.optional_counted == 1
     fuzz.schema({**optional, "required": ["a", "b"]})
     assert not fuzz.failures and fuzz.optional_counted == 1
+
+
+def test_weighed_schemas_are_served_where_llguidance_follows_them_and_refused_where_it_fails() -> None:
+    """A seed of the weighing's domain that makes schemas served and refused for their row: none served past
+    llguidance's row, none refused that llguidance holds within MAX_ROW (the CPU time is the profile's to judge)."""
+    weighing = Weighing(random.Random(6), slow_s=float("inf"), instances=3)
+    weighing.run(6)
+    assert not weighing.under and not weighing.over
+    assert weighing.counts["served"] >= 1 and weighing.counts["refused"] >= 1
