@@ -109,6 +109,9 @@ def test_a_library_records_its_warnings_and_one_cached_without_its_record_is_bui
     library = build()
     record = cpu_build.warnings_record(library)
     assert f"{source}:" in record.read_text() and "-Wunused-variable" in record.read_text()
+    # readable by whom the library is (a cache shared by a group): both as the umask leaves a new file
+    assert record.stat().st_mode & 0o444 == library.stat().st_mode & 0o444
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix not in (".so", ".warnings")]
     assert cpu_build.warnings_record(Path(cpu_build.load_pool(csrc, tmp_path / "cache", cpu_build.compiler())._name)
                                      ).read_text() == ""
     record.unlink()

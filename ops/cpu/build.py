@@ -134,9 +134,15 @@ def isa_flags(isa: str) -> list[str]:
     return [*FLAGS, f"-DNANOQWEN_ISA=NANOQWEN_ISA_{isa.upper()}"]
 
 
+def warnings_record(library: Path) -> Path:
+    """The compiler's warnings on a cached shared object, kept beside it (empty when it built quietly): the one
+    record of them, which tests/test_cpu_build.py reads instead of compiling again."""
+    return library.with_suffix(".warnings")
+
+
 def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str:
-    """Compiles `source` (by its path, so diagnostics name it) into the shared object `path`, capped at `isa`;
-    -> the compiler's warnings. Raises BuildError with its output when it fails."""
+    """Compiles `source` (by its path, so diagnostics name it) into the shared object `path`, capped at `isa`, its
+    warnings_record beside it; -> the compiler's warnings. Raises BuildError with its output when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
@@ -144,14 +150,12 @@ def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise BuildError(result.stderr.strip() or f"{cc} exited with {result.returncode}")
-        os.replace(out, path)  # atomic: concurrent processes never load a half-written file
-    return result.stderr.strip()
-
-
-def warnings_record(library: Path) -> Path:
-    """The compiler's warnings on a cached shared object, kept beside it (empty when it built quietly): the one
-    record of them, which tests/test_cpu_build.py reads instead of compiling again."""
-    return library.with_suffix(".warnings")
+        warnings = result.stderr.strip()
+        warnings_record(out).write_text(warnings)  # by the umask, as the library: a shared cache's users read it
+        # atomic, the record first: concurrent processes never load a half-written file, nor find one without it
+        os.replace(warnings_record(out), warnings_record(path))
+        os.replace(out, path)
+    return warnings
 
 
 def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest: str) -> Path:
@@ -163,9 +167,6 @@ def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest
         warnings = compile_library(cc, source, path, isa)
         if warnings:
             log.warning("%s built with warnings:\n%s", name, warnings)
-        with tempfile.NamedTemporaryFile("w", dir=cache_dir, delete=False) as written:
-            written.write(warnings)
-        os.replace(written.name, record)  # atomic, as the library's: another process may read it meanwhile
     return path
 
 
