@@ -6,9 +6,12 @@ on alike (object_runs' alike_rows: unless a first required property's distinct `
 heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
 and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
-level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `). 4 objects `{"x":
-chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000, and were weighed
-806, the longest chain alone (profiles/RESULTS.md, lanes grammar39 and grammar40)."""
+level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
+an option sends its heaviest there that may hold values, beside other options' values, not its own keys' (after a key
+llguidance holds the one value it matched: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for
+one chain). 4 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past
+llguidance's 2,000, and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40 and
+grammar40fix)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -112,18 +115,21 @@ class AlikeChains:
         # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
         items: dict[tuple[int | None, Any], Begun] = {}
         values: dict[tuple[After, Any], Begun] = {}
-        loose: dict[Any, Begun] = {}
         anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
+        # each option's heaviest loose value that may hold values, with the keys it names (whose values are its own
+        # there): one goes on alike a level down, as after a key llguidance holds the one value its key matched
+        holding: list[tuple[set[str], Any]] = []
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
                 self._spend(len(adds.items) + len(adds.values) + len(adds.loose) + 1)
                 items.update(adds.items)
                 values.update(adds.values)
-                loose.update(adds.loose)
                 if adds.loose:
                     rule, (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
                     anywhere[rule] = corner
+                if held := [begun for begun in adds.loose.values() if begun[1] is not None]:
+                    holding.append(({name for (_, name), _ in adds.values}, max(held, key=itemgetter(0))[1]))
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
@@ -132,15 +138,14 @@ class AlikeChains:
         if weight := sum(anywhere.values()):  # with every key's values, none told apart (a few options hold them)
             entries += [((None, name), weight) for name in {name for (_, name), _ in entries} or {""}]
         rows = alike_rows(entries)
-        everywhere = [node for _, node in loose.values() if node is not None]
-        alike = [everywhere]
-        if len(rows) < len(entries) or everywhere:  # some row holds two values or more
+        alike = [[node for _, node in holding]]  # after a key no option names
+        if len(rows) < len(entries) or holding:  # some row holds two values or more
             by_name: dict[str, list[tuple[Told, Any]]] = {}  # the values that hold values, by key and what told them
             for ((told, name), _), (_, node) in values.items():
                 if node is not None:
                     by_name.setdefault(name, []).append((told, node))
-            alike = [[node for told, node in by_name.get(name, ()) if told in tolds] + everywhere
-                     for _, name, tolds in rows if len(by_name.get(name, ())) + len(everywhere) > 1] or alike
+            alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
+                      + [node for names, node in holding if name not in names] for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
             placed.setdefault(at, {})[rule] = begun
