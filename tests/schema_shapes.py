@@ -86,6 +86,10 @@ ALIKE = {
     "objects' objects beside additionalProperties": Alike(
         lambda j, chain: closed_object({"x": closed_object({"y": chain})}) if j < 2 else _loose(closed_object(
             {"y": chain})), '{"x": {"y": 5}}', '{"'),
+    "objects' patterns' objects": Alike(
+        lambda j, chain: {"type": "object", "patternProperties": {"^b": closed_object({"z": {"type": "integer"}}),
+                                                                  "^a": closed_object({"y": chain})},
+                          "minProperties": 1, "additionalProperties": False}, '{"a": {"y": 5}}', '{"'),
     "arrays' second prefixItems": Alike(lambda j, chain: {"type": "array", "prefixItems": [{"type": "integer"}, chain],
                                                           "items": False, "minItems": 2}, "[1, 5]", "["),
 }
