@@ -71,9 +71,10 @@ Loose = tuple[set[str], list[Any]]
 
 
 def _matched(holding: list[Loose]) -> list[list[Loose]]:
-    """The loose values a key may match a level down, by option: a key matches one of an option's (llguidance holds
-    its value alone), so where one option has several, each in turn beside the others'; where more than one has
-    several, all at once (errs high: their choices multiply)."""
+    """The loose values that a key no option names may match, by option, to go on alike a level down: a key matches
+    one of an option's (llguidance holds its value alone), so where one option has several, each in turn beside the
+    others'; where more than one has several, all at once (errs high: their choices multiply). After a key some
+    option names, all at once too (each in turn would add up the named values again for each)."""
     several = [at for at, (_, nodes) in enumerate(holding) if len(nodes) > 1]
     if len(several) != 1:
         return [holding]
@@ -157,11 +158,10 @@ class AlikeChains:
             for ((told, name), _), (_, node) in values.items():
                 if node is not None:
                     by_name.setdefault(name, []).append((told, node))
-            for choice in _matched(holding):
-                alike.append([node for _, nodes in choice for node in nodes])  # after a key no option names
-                alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
-                          + [node for names, nodes in choice if name not in names for node in nodes]
-                          for _, name, tolds in rows]
+            alike += [[node for _, nodes in choice for node in nodes] for choice in _matched(holding)]
+            alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
+                      + [node for names, nodes in holding if name not in names for node in nodes]
+                      for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
             placed.setdefault(at, {})[rule] = begun
