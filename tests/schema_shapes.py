@@ -83,6 +83,27 @@ ALIKE = {
                              '{"x": ['),
     "arrays' objects": Alike(lambda j, chain: {"type": "array", "items": closed_object({"y": chain})}, '[{"y": 5}]',
                              '['),
+    "objects' objects beside additionalProperties": Alike(
+        lambda j, chain: closed_object({"x": closed_object({"y": chain})}) if j < 2 else _loose(closed_object(
+            {"y": chain})), '{"x": {"y": 5}}', '{"'),
+    "objects' patterns' objects": Alike(
+        lambda j, chain: {"type": "object", "patternProperties": {"^b": closed_object({"z": {"type": "integer"}}),
+                                                                  "^a": closed_object({"y": chain})},
+                          "minProperties": 1, "additionalProperties": False}, '{"a": {"y": 5}}', '{"'),
     "arrays' second prefixItems": Alike(lambda j, chain: {"type": "array", "prefixItems": [{"type": "integer"}, chain],
                                                           "items": False, "minItems": 2}, "[1, 5]", "["),
 }
+
+
+def one_loose_value(shape: str, links: int) -> dict[str, Any]:
+    """An object or null whose loose values hold chains a level down (each its own of `links` links, behind `"y"`):
+    `"patterns"`, 4 patterns `^p{j}` (a key matches one); `"beside x"`, a property `x` beside additionalProperties
+    (x's value is its own, not the additional one). After any key llguidance holds one chain."""
+    chains = options_with_chains(4 if shape == "patterns" else 2, links, lambda j, chain: closed_object({"y": chain}))
+    values = chains["anyOf"]
+    found = ({"patternProperties": {f"^p{j}": value for j, value in enumerate(values)}} if shape == "patterns" else
+             {"properties": {"x": values[0]}, "additionalProperties": values[1]})
+    return {"anyOf": [{"type": "object", **found}, {"type": "null"}], "$defs": chains["$defs"]}
+
+
+ONE_LOOSE_VALUE = {"patterns": (150, '{"p0": {"y": 5}}'), "beside x": (300, '{"x": {"y": 5}}')}  # links, an answer

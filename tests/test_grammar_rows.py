@@ -29,7 +29,15 @@ from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
-from schema_shapes import ALIKE, closed_object, many_patterns, options_with_chains, ref_chain
+from schema_shapes import (
+    ALIKE,
+    ONE_LOOSE_VALUE,
+    closed_object,
+    many_patterns,
+    one_loose_value,
+    options_with_chains,
+    ref_chain,
+)
 from server_process import REPO_ROOT
 
 EOS_IDS = [151645, 151643]
@@ -967,6 +975,20 @@ def test_an_objects_patterns_weigh_their_heaviest_value(grammars: Grammars, toke
     schema = many_patterns()
     assert grammar_module.check_json_schema(schema, True, "p") == 28
     assert _follows_schema(grammars, tokenizer, schema, '{"a5": 3, "a7": 4}')
+
+
+@pytest.mark.parametrize("shape", ONE_LOOSE_VALUE)
+def test_an_options_loose_values_go_on_alike_a_level_down_one_at_a_time(grammars: Grammars,
+                                                                        tokenizer: PreTrainedTokenizerFast,
+                                                                        shape: str) -> None:
+    """After a key llguidance holds the one value the key matched: of an option's 4 patterns, each `{"y": chain}`
+    (150 links), or of its property `x` and its additionalProperties (300 links). Every loose value had gone on alike a
+    level down, with each other and with the option's own `x` (1,210 and 1,206: a 400 for schemas llguidance follows);
+    now one chain's weight, served and followed."""
+    links, answer = ONE_LOOSE_VALUE[shape]
+    schema = one_loose_value(shape, links)
+    assert grammar_module.check_json_schema(schema, True, "p") == 4 + 2 * links
+    assert _follows_schema(grammars, tokenizer, schema, answer)
 
 
 def _a_ref_bare_and_with_properties(first: str) -> dict[str, Any]:

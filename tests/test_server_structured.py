@@ -40,7 +40,7 @@ from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_I
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
-from schema_shapes import ALIKE, many_patterns, ref_chain
+from schema_shapes import ALIKE, ONE_LOOSE_VALUE, many_patterns, one_loose_value, ref_chain
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -1007,15 +1007,26 @@ def test_options_going_on_alike_past_the_row_are_a_400_before_any_token(server: 
         assert (refused.value.body["param"], refused.value.body["type"]) == ("response_format", "invalid_request_error")
 
 
-def test_an_object_of_many_patterns_is_served(server: GunicornServer) -> None:
-    """64 patterns, each a chain of its own of 12 links: a key matches one, 28 items after it; their sum (1,666) had
-    been weighed, a false 400 naming response_format. Served, and its answer validates."""
-    schema = many_patterns()
+def _served_and_valid(server: GunicornServer, schema: dict[str, Any]) -> None:
     answer = _create(server, max_tokens=8, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}).choices[0]
     if answer.finish_reason == "stop":
         jsonschema.validate(json.loads(answer.message.content), schema)
     assert answer.finish_reason in ("stop", "length")
+
+
+def test_an_object_of_many_patterns_is_served(server: GunicornServer) -> None:
+    """64 patterns, each a chain of its own of 12 links: a key matches one, 28 items after it; their sum (1,666) had
+    been weighed, a false 400 naming response_format. Served, and its answer validates."""
+    _served_and_valid(server, many_patterns())
+
+
+@pytest.mark.parametrize("shape", ONE_LOOSE_VALUE)
+def test_an_options_loose_values_a_level_down_are_served(server: GunicornServer, shape: str) -> None:
+    """An object of 4 patterns, each `{"y": chain}` (150 links), or of a property `x` beside additionalProperties
+    (chains of 300): after a key llguidance holds one chain, but every loose value had been weighed alike a level down
+    (1,210 and 1,206), a 400 naming response_format. Served, and its answer validates."""
+    _served_and_valid(server, one_loose_value(shape, ONE_LOOSE_VALUE[shape][0]))
 
 
 def test_deep_grammars_generate_to_their_end_or_are_400s_and_the_worker_lives(server: GunicornServer) -> None:

@@ -6,9 +6,11 @@ on alike (object_runs' alike_rows: unless a first required property's distinct `
 heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
 and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
-level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `). 4 objects `{"x":
-chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000, and were weighed
-806, the longest chain alone (profiles/RESULTS.md, lanes grammar39 and grammar40)."""
+level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
+an option sends one at a time there, beside other options' values, not its own keys' (after a key llguidance holds
+the one value it matched: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for one chain). 4
+objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000,
+and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40 and grammar40fix)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -64,6 +66,22 @@ class Adds:
         return bool(self.items or self.values or self.loose or self.lists)
 
 
+# an option's loose values that may hold values, and the keys it names (a key it names matches none of them)
+Loose = tuple[set[str], list[Any]]
+
+
+def _matched(holding: list[Loose]) -> list[list[Loose]]:
+    """The loose values that a key no option names may match, by option, to go on alike a level down: a key matches
+    one of an option's (llguidance holds its value alone), so where one option has several, each in turn beside the
+    others'; where more than one has several, all at once (errs high: their choices multiply). After a key some
+    option names, all at once too (each in turn would add up the named values again for each)."""
+    several = [at for at, (_, nodes) in enumerate(holding) if len(nodes) > 1]
+    if len(several) != 1:
+        return [holding]
+    names, nodes = holding[at := several[0]]
+    return [[*holding[:at], (names, [node]), *holding[at + 1:]] for node in nodes]
+
+
 class AlikeChains:
     """For one schema (`root`): where each resolved `$ref` is and points (`targets`), the path of each of its subschemas
     by id, and the items a `$ref` link adds to a row (`link`)."""
@@ -112,18 +130,20 @@ class AlikeChains:
         # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
         items: dict[tuple[int | None, Any], Begun] = {}
         values: dict[tuple[After, Any], Begun] = {}
-        loose: dict[Any, Begun] = {}
         anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
+        # each option's loose values that may hold values, with the keys it names (whose values are its own there)
+        holding: list[Loose] = []
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
                 self._spend(len(adds.items) + len(adds.values) + len(adds.loose) + 1)
                 items.update(adds.items)
                 values.update(adds.values)
-                loose.update(adds.loose)
                 if adds.loose:
                     rule, (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
                     anywhere[rule] = corner
+                if held := [node for _, node in adds.loose.values() if node is not None]:
+                    holding.append(({name for (_, name), _ in adds.values}, held))
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
@@ -132,15 +152,16 @@ class AlikeChains:
         if weight := sum(anywhere.values()):  # with every key's values, none told apart (a few options hold them)
             entries += [((None, name), weight) for name in {name for (_, name), _ in entries} or {""}]
         rows = alike_rows(entries)
-        everywhere = [node for _, node in loose.values() if node is not None]
-        alike = [everywhere]
-        if len(rows) < len(entries) or everywhere:  # some row holds two values or more
+        alike: list[list[Any]] = []
+        if len(rows) < len(entries) or holding:  # some row holds two values or more
             by_name: dict[str, list[tuple[Told, Any]]] = {}  # the values that hold values, by key and what told them
             for ((told, name), _), (_, node) in values.items():
                 if node is not None:
                     by_name.setdefault(name, []).append((told, node))
-            alike = [[node for told, node in by_name.get(name, ()) if told in tolds] + everywhere
-                     for _, name, tolds in rows if len(by_name.get(name, ())) + len(everywhere) > 1] or alike
+            alike += [[node for _, nodes in choice for node in nodes] for choice in _matched(holding)]
+            alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
+                      + [node for names, nodes in holding if name not in names for node in nodes]
+                      for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
             placed.setdefault(at, {})[rule] = begun
@@ -149,8 +170,8 @@ class AlikeChains:
         heaviest = max(max(map(itemgetter(0), rows), default=0),
                        *(sum(corner for corner, _ in begun.values()) for begun in positions))
         self._lists[key] = heaviest
-        below = [nodes for nodes in (*alike, *([node for _, node in begun.values() if node is not None]
-                                               for begun in positions)) if len(nodes) > 1]
+        lists = (*alike, *([node for _, node in begun.values() if node is not None] for begun in positions))
+        below = list({tuple(map(id, nodes)): nodes for nodes in lists if len(nodes) > 1}.values())  # each list once
         self._spend(sum(map(len, below)))
         return heaviest, below
 
