@@ -140,7 +140,7 @@ class GraphRunner:
         """How `bucket`'s step runs: "replay.c" where each of its recordings replays as one call into csrc/replay.c,
         the GIL released; "python" where one replays as a Python loop of its calls (ops/cpu/graph.py says when);
         "eager" where the step was not captured."""
-        if bucket not in self._cpu_graphs:
+        if not self.replays(bucket):
             return "eager"
         recordings = [self._cpu_graphs[bucket][0]]
         if bucket in self._cpu_greedy:
