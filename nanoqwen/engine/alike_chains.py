@@ -7,10 +7,12 @@ heaviest of each one's `patternProperties` and `additionalProperties` values (af
 and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
 level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
-an option sends one at a time there, beside other options' values, not its own keys' (after a key llguidance holds
-the one value it matched: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for one chain). 4
+an option sends one at a time there (all at once past TURNS_WORK), beside other options' values, and after a key of
+its own only its patterns' that match the key (after a key llguidance holds the one value it matched, and a named
+key's value with those: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for one chain). 4
 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000,
-and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40 and grammar40fix)."""
+and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40, grammar40fix and
+grammar40fix2)."""
 from __future__ import annotations
 
 import re
