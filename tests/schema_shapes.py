@@ -107,3 +107,32 @@ def one_loose_value(shape: str, links: int) -> dict[str, Any]:
 
 
 ONE_LOOSE_VALUE = {"patterns": (150, '{"p0": {"y": 5}}'), "beside x": (300, '{"x": {"y": 5}}')}  # links, an answer
+
+
+def named_and_own_pattern(links: int) -> dict[str, Any]:
+    """Two objects whose `pa` holds a chain of its own of `links` links behind `"y"`: one names `pa` (any object) and
+    has patterns `^p`, that chain's `{"y": chain}`, and `^q`; the other names `pa` as `{"y": chain}`. After
+    `{"pa": {"y": ` llguidance holds both chains (the first's `pa` matches its `^p` too, and JSON Schema takes both)."""
+    chains = options_with_chains(2, links, lambda j, chain: closed_object({"y": chain}))
+    first, second = chains["anyOf"]
+    named = {"type": "object", "properties": {"pa": {"type": "object"}}, "additionalProperties": False,
+             "patternProperties": {"^p": first, "^q": closed_object({"z": {"type": "integer"}})}}
+    return {"anyOf": [named, closed_object({"pa": second})], "$defs": chains["$defs"]}
+
+
+def patterns_of_patterns(beside: int, patterns: int = 64) -> dict[str, Any]:
+    """An object of `patterns` patterns `^a{j}$`, each an object of its own of `patterns` patterns `^b{k}$`, each a
+    `{"v": integer}` of its own, beside `beside` objects of objects of additionalProperties, a `$ref` to
+    `{"v": integer}`."""
+    def leaf() -> dict[str, Any]:
+        return closed_object({"v": {"type": "integer"}})
+
+    def inner() -> dict[str, Any]:
+        return {"type": "object", "patternProperties": {f"^b{k}$": leaf() for k in range(patterns)},
+                "additionalProperties": False}
+
+    outer = {"type": "object", "patternProperties": {f"^a{j}$": inner() for j in range(patterns)},
+             "additionalProperties": False}
+    loose = [{"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {
+        "$ref": "#/$defs/leaf"}}} for _ in range(beside)]
+    return {"anyOf": [outer, *loose], "$defs": {"leaf": leaf()}}

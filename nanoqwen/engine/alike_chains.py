@@ -7,12 +7,15 @@ heaviest of each one's `patternProperties` and `additionalProperties` values (af
 and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
 level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
-an option sends one at a time there, beside other options' values, not its own keys' (after a key llguidance holds
-the one value it matched: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for one chain). 4
+an option sends one at a time there (all at once past TURNS_WORK), beside other options' values, and after a key of
+its own only its patterns' that match the key (after a key llguidance holds the one value it matched, and a named
+key's value with those: 4 patterns `{"y": chain j}` of one option had been weighed 1,210, a 400 for one chain). 4
 objects `{"x": chain of 400 anyOf [$ref, integer] links}` held 3,204 items after `{"x": `, past llguidance's 2,000,
-and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40 and grammar40fix)."""
+and were weighed 806, the longest chain alone (profiles/RESULTS.md, lanes grammar39, grammar40, grammar40fix and
+grammar40fix2)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -34,6 +37,10 @@ Path = tuple[str, ...]
 # 2,000 properties beside one of its own, took 19.2 s unbounded. Lists of the same options (by their rules) are weighed
 # once; past this work ManyOptions (a 400).
 OPTIONS_WORK = 1 << 18
+# the lists an option's loose values make taken in turn (their count times their length), past which they are taken all
+# at once (errs high in weight, not in work): 64 patterns, each an object of 64 patterns, beside 50 options' loose
+# values made 64 lists of 51 at each of two levels, and 4,096 lists a level further down: ManyOptions (a 400)
+TURNS_WORK = OPTIONS_WORK >> 3
 After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
@@ -51,14 +58,14 @@ HOLDING = frozenset(("properties", "patternProperties", "additionalProperties", 
 class Adds:
     """Where one option's values begin in the rows of a list naming it, each value (Begun) by (where, its rule):
     `items` after `[` or a `,` (by its `prefixItems` position; None: its `items`, at any), `values` after a key (by
-    what told it apart and the key), `loose` after any key (its `patternProperties` and `additionalProperties` values:
-    a key matches one), `lists`, the alternatives merged into it, whose options llguidance holds with the list's
-    (flattened, as `widest` counts them), and `parts`, the ids of what it is merged from (its own keywords, its
-    targets, those lists), which decide the rest."""
+    what told it apart and the key), `loose` after any key (by its pattern, None for additionalProperties, and its
+    rule: its `patternProperties` and `additionalProperties` values, a key matches one), `lists`, the alternatives
+    merged into it, whose options llguidance holds with the list's (flattened, as `widest` counts them), and `parts`,
+    the ids of what it is merged from (its own keywords, its targets, those lists), which decide the rest."""
 
     items: dict[tuple[int | None, Any], Begun] = field(default_factory=dict)
     values: dict[tuple[After, Any], Begun] = field(default_factory=dict)
-    loose: dict[Any, Begun] = field(default_factory=dict)
+    loose: dict[tuple[str | None, Any], Begun] = field(default_factory=dict)
     lists: tuple[list[Any], ...] = ()
     parts: tuple[int, ...] = ()
 
@@ -66,20 +73,35 @@ class Adds:
         return bool(self.items or self.values or self.loose or self.lists)
 
 
-# an option's loose values that may hold values, and the keys it names (a key it names matches none of them)
-Loose = tuple[set[str], list[Any]]
+# an option's loose values that may hold values, each by its pattern (None: its additionalProperties), and the keys it
+# names (whose values are its own there, with those of the patterns they match: llguidance holds both)
+Loose = tuple[set[str], list[tuple[str | None, Any]]]
 
 
-def _matched(holding: list[Loose]) -> list[list[Loose]]:
+def _matched(holding: list[Loose], turns: int) -> list[list[Loose]]:
     """The loose values that a key no option names may match, by option, to go on alike a level down: a key matches
     one of an option's (llguidance holds its value alone), so where one option has several, each in turn beside the
-    others'; where more than one has several, all at once (errs high: their choices multiply). After a key some
-    option names, all at once too (each in turn would add up the named values again for each)."""
+    others'; where more than one has several, or the lists in turn would be longer than `turns` all told, all at once
+    (errs high: their choices multiply). After a key some option names, all at once too (each in turn would add up
+    the named values again for each)."""
     several = [at for at, (_, nodes) in enumerate(holding) if len(nodes) > 1]
     if len(several) != 1:
         return [holding]
     names, nodes = holding[at := several[0]]
+    if len(nodes) * (sum(len(each) for _, each in holding) - len(nodes) + 1) > turns:
+        return [holding]
     return [[*holding[:at], (names, [node]), *holding[at + 1:]] for node in nodes]
+
+
+def _matches(pattern: str | None, name: str) -> bool:
+    """Whether the named key `name` matches `pattern` as llguidance matches it (anywhere in the key; a pattern Python
+    cannot read, as if it did: errs high); never an additionalProperties value (None)."""
+    if pattern is None:
+        return False
+    try:
+        return re.search(pattern, name) is not None
+    except re.error:
+        return True
 
 
 class AlikeChains:
@@ -95,6 +117,7 @@ class AlikeChains:
         self._merged: dict[tuple[int, ...], Adds] = {}  # by its parts' ids: an object merged once, however many name it
         self._lists: dict[tuple[tuple[int, ...], ...], int] = {}  # by its adding options' parts: its heaviest row
         self._work = OPTIONS_WORK
+        self._turns = TURNS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
         """The most items one row holds: where a value of the schema begins (its left corner), and in the rows of the
@@ -140,9 +163,9 @@ class AlikeChains:
                 items.update(adds.items)
                 values.update(adds.values)
                 if adds.loose:
-                    rule, (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
+                    (_, rule), (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
                     anywhere[rule] = corner
-                if held := [node for _, node in adds.loose.values() if node is not None]:
+                if held := [(pattern, node) for (pattern, _), (_, node) in adds.loose.items() if node is not None]:
                     holding.append(({name for (_, name), _ in adds.values}, held))
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
@@ -158,9 +181,12 @@ class AlikeChains:
             for ((told, name), _), (_, node) in values.items():
                 if node is not None:
                     by_name.setdefault(name, []).append((told, node))
-            alike += [[node for _, nodes in choice for node in nodes] for choice in _matched(holding)]
+            if len(choices := _matched(holding, self._turns)) > 1:
+                self._turns -= sum(map(len, choices))
+            alike += [[node for _, nodes in choice for _, node in nodes] for choice in choices]
             alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
-                      + [node for names, nodes in holding if name not in names for node in nodes]
+                      + [node for names, nodes in holding for pattern, node in nodes
+                         if name not in names or _matches(pattern, name)]
                       for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
@@ -214,9 +240,9 @@ class AlikeChains:
         values = {((at, name), self._named(node)): self._begins(node) for at, name in shape.told()
                   for own in owns if isinstance(node := own.get(name), dict)}
         patterns = [part.get("patternProperties") for part in found]
-        others = [*(node for each in patterns if isinstance(each, dict) for node in each.values()),
-                  *(part.get("additionalProperties") for part in found)]
-        return Adds(values=values, loose={self._named(node): self._begins(node) for node in others
+        others = [*(pair for each in patterns if isinstance(each, dict) for pair in each.items()),
+                  *((None, part.get("additionalProperties")) for part in found)]
+        return Adds(values=values, loose={(pattern, self._named(node)): self._begins(node) for pattern, node in others
                                           if isinstance(node, dict)})
 
     def _named(self, node: Any) -> Any:
