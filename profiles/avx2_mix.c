@@ -18,6 +18,7 @@
      cc -O2 -mavx2 profiles/avx2_mix.c -o profiles/out/avx2_mix
    Run: taskset -c 1 profiles/out/avx2_mix [int4] [ITERATIONS 20000000 [S ...]] (S: the piece rows' distance in bytes,
    default 2048 4096 6144; at most 6144; int4: the int4 8-row loop's mix instead, below) */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

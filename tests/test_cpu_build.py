@@ -89,7 +89,6 @@ def test_builds_without_warnings(kernel):
 
 @needs_compiler
 def test_the_pool_builds_without_warnings():
-    build_warnings(KERNELS[0])  # loads the pool too
     pool = cpu_build.load_pool(cpu_build.CSRC, cpu_build.resolve_cache_dir(), cpu_build.compiler())
     warnings = cpu_build.warnings_record(Path(pool._name)).read_text()
     assert warnings == "", warnings

@@ -42,7 +42,7 @@ def test_min_properties_beside_optional_properties_is_followed_or_refused_naming
 def test_weighed_schemas_are_served_where_llguidance_follows_them_and_refused_where_it_fails() -> None:
     """A seed of the weighing's domain that makes schemas served and refused for their row: none served past
     llguidance's row, none refused that llguidance holds within MAX_ROW (the CPU time is the profile's to judge)."""
-    weighing = Weighing(random.Random(6), slow_s=float("inf"), instances=3)
+    weighing = Weighing(random.Random(3), slow_s=float("inf"), instances=3)  # its draws: 3 served, 1 refused
     weighing.run(6)
     assert not weighing.under and not weighing.over
     assert weighing.counts["served"] >= 1 and weighing.counts["refused"] >= 1
