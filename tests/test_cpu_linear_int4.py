@@ -172,14 +172,14 @@ def test_matches_reference_within_the_pieces_bound(m, n, k, g, dtype, loops):
         "below: two orders"))),
     *LOOPS[1:]])
 def test_a_rows_outputs_do_not_depend_on_its_batch_mates(loops, dtype, n, k, g):
-    """A row's outputs are the same bits alone as in a batch of 2, 3, 5, 8 or 9: on AVX2 1-2 piece rows (1-2 bf16
-    rows, 1 fp32 row) take il_quad, 3-8 il_rows (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose chunk sums,
-    their scaling (il_scaled8, which il_quad8 and il_row_sums8 share) and ends (madd_ends) are the same for a row. The kernel
-    before madd_ends failed every fp32 case at 2 rows (1367 of 2048 outputs at 1024 x 1024) and bf16's 1024 x 1024
-    at 8 rows (1 output): fp32 is the sensitive dtype, bf16's rounding hides most differences. 33 and 18 groups:
-    past the offsets' 8-group vectors, K 2112 a last chunk of one block, K 448 one of three, K 2304 at G 128 groups
-    of two blocks; one group (G = K): the offsets' scalar tail alone; N 253, 61, 37 and 13: passes of fewer weight
-    rows at each chunk's end and rows past the last quad."""
+    """A row's outputs are the same bits alone as in a batch of 2, 3, 5, 8 or 9: on AVX2 1-2 piece rows (1-2 bf16 rows,
+    1 fp32 row) take il_quad, 3-8 il_rows (8 bf16 or 4 fp32 rows a pass, 9 rows two passes), whose chunk sums, their
+    scaling (il_scaled8, which il_quad8 and il_row_sums8 share) and ends (madd_ends) are the same for a row. The kernel
+    before madd_ends failed every fp32 case at 2 rows (1367 of 2048 outputs at 1024 x 1024) and bf16's 1024 x 1024 at 8
+    rows (1 output): fp32 is the sensitive dtype, bf16's rounding hides most differences. 33 and 18 groups: past the
+    offsets' 8-group vectors, K 2112 a last chunk of one block, K 448 one of three, K 2304 at G 128 groups of two
+    blocks; one group (G = K): the offsets' scalar tail alone; N 253, 61, 37 and 13: passes of fewer weight rows at each
+    chunk's end and rows past the last quad."""
     x, w, scale, offset = operands(9, n, k, g, dtype)
     each = [linear(loops, x[m:m + 1], w, scale, offset) for m in range(9)]
     alone = torch.cat([out for out, _ in each])
