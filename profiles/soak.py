@@ -66,6 +66,7 @@ from soak_http import (  # noqa: E402
     SERVER_UNAVAILABLE,
     Connection,
     Json,
+    Reply,
     Tally,
     answer_problem,
     error_problem,
@@ -221,11 +222,21 @@ class Soak:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    # soak_http's checks with the 503 codes this soak allows: one home for them, so no check falls back to another's
+    def answer_problem(self, reply: Reply, stream: bool, choices: int | None, valid: bool = True) -> str | None:
+        return answer_problem(reply, stream, choices, self.unavailable, valid=valid)
+
+    def response_problem(self, reply: Reply, stream: bool) -> tuple[str | None, Json | None]:
+        return response_problem(reply, stream, self.unavailable)
+
+    def error_problem(self, reply: Reply) -> str | None:
+        return error_problem(reply, self.unavailable)
+
     def valid(self, rng: random.Random) -> None:
         chat = rng.random() < 0.6
         path, body = (CHAT, chat_body(rng, self.long_tokens)) if chat else (COMPLETIONS, completion_body(rng))
         reply = send(self.port, request_bytes("POST", path, json.dumps(body).encode()))
-        problem = answer_problem(reply, body["stream"], choices_of(body), self.unavailable)
+        problem = self.answer_problem(reply, body["stream"], choices_of(body))
         if problem is None and chat and body.get("logprobs") and "tools" not in body:
             problem = logprobs_problem(reply, body["stream"], bool(body.get("stop")))
         self.tally.record("valid", reply.status, problem)
@@ -236,7 +247,7 @@ class Soak:
             earlier = rng.choice(self.tally.stored) if self.tally.stored and rng.random() < 0.5 else None
         body = response_body(rng, earlier)
         reply = send(self.port, request_bytes("POST", RESPONSES, json.dumps(body).encode()))
-        problem, final = response_problem(reply, body["stream"], self.unavailable)
+        problem, final = self.response_problem(reply, body["stream"])
         if problem is None and final is not None and final["store"]:
             kept = send(self.port, request_bytes("GET", f"{RESPONSES}/{final['id']}"))
             if kept.status != 200 or json.loads(kept.body) != final:
@@ -250,7 +261,7 @@ class Soak:
         problem = None
         if reply.status == 200 and (text := json.loads(reply.body)["choices"][0]["text"]) != self.probe_answer:
             problem = f"greedy probe changed under load: {text!r} != {self.probe_answer!r}"
-        self.tally.record("probe", reply.status, problem or answer_problem(reply, False, 1, self.unavailable))
+        self.tally.record("probe", reply.status, problem or self.answer_problem(reply, False, 1))
 
     def fuzz(self, rng: random.Random) -> None:
         body = fuzz_bodies.mutate(fuzz_bodies.base_body(MODEL, rng), rng)
@@ -266,7 +277,7 @@ class Soak:
                               + b"\\ud83d" * 1000 + b'"}], "max_tokens": 1e400}', b"\x00" * 64, b"\xef\xbb\xbf{}"])
         reply = send(self.port, request_bytes("POST", path, raw))
         stream = reply.headers.get("content-type", "").startswith("text/event-stream")
-        self.tally.record("fuzz", reply.status, answer_problem(reply, stream, None, self.unavailable, valid=False))
+        self.tally.record("fuzz", reply.status, self.answer_problem(reply, stream, None, valid=False))
 
     def wrong_request(self, rng: random.Random) -> None:
         good = json.dumps(chat_body(rng) | {"max_tokens": 1, "stream": False}).encode()
@@ -278,7 +289,7 @@ class Soak:
             ("POST", CHAT, good, "application/json; charset=latin-1"), ("PATCH", "/health", b"", None),
         ])
         reply = send(self.port, request_bytes(method, path, body, ctype))
-        problem = error_problem(reply, self.unavailable) if reply.status >= 400 else None
+        problem = self.error_problem(reply) if reply.status >= 400 else None
         self.tally.record("wrong", reply.status, problem)
 
     def oversized(self, rng: random.Random) -> None:
@@ -295,7 +306,7 @@ class Soak:
             self.tally.record("oversized", 0, None if isinstance(exc, (BrokenPipeError, ConnectionResetError))
                               else f"no answer: {exc!r}")
             return
-        self.tally.record("oversized", reply.status, error_problem(reply, self.unavailable) if reply.status != 200 else
+        self.tally.record("oversized", reply.status, self.error_problem(reply) if reply.status != 200 else
                           "an oversized request was answered 200")
 
     def keepalive_after_error(self, rng: random.Random) -> None:
@@ -307,13 +318,13 @@ class Soak:
                               request_bytes("PUT", COMPLETIONS, b"{}"),
                               request_bytes("POST", CHAT, json.dumps({"messages": [{"role": "user"}]}).encode())])
             first = conn.exchange(bad)
-            self.tally.record("keepalive-error", first.status, error_problem(first, self.unavailable))
+            self.tally.record("keepalive-error", first.status, self.error_problem(first))
             if first.headers.get("connection", "").lower() == "close":
                 return
             body = {"model": MODEL, "messages": [{"role": "user", "content": words(rng, 8)}], "max_tokens": 4,
                     "stream": rng.random() < 0.5}
             second = conn.exchange(request_bytes("POST", CHAT, json.dumps(body).encode()))
-            problem = answer_problem(second, body["stream"], 1, self.unavailable)
+            problem = self.answer_problem(second, body["stream"], 1)
             self.tally.record("keepalive-reuse", second.status, problem)
         finally:
             conn.close()
@@ -388,8 +399,8 @@ class Soak:
             # scale was settled from the 4 KiB buffer at connect and cannot grow now), fast enough
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             reply = conn.reply()
-            problem = response_problem(reply, True, self.unavailable)[0] if responses else \
-                answer_problem(reply, True, 1, self.unavailable)
+            problem = self.response_problem(reply, True)[0] if responses else \
+                self.answer_problem(reply, True, 1)
             self.tally.record("slow-reader", reply.status, problem)
         finally:
             conn.close()
@@ -412,7 +423,7 @@ class Soak:
                 conn.sock.sendall(raw[i:i + 16])
                 time.sleep(0.02)
             reply = conn.reply()
-            self.tally.record("slow-body", reply.status, answer_problem(reply, False, 1, self.unavailable))
+            self.tally.record("slow-body", reply.status, self.answer_problem(reply, False, 1))
         finally:
             conn.close()
 
@@ -454,7 +465,7 @@ class Soak:
                 self.tally.record("tool-reset", status, None if status in (200, 503) else f"status {status}")
                 return
             reply = conn.reply()
-            problem = answer_problem(reply, True, body["n"], self.unavailable) or tool_call_problem(reply, STRICT_TOOLS)
+            problem = self.answer_problem(reply, True, body["n"]) or tool_call_problem(reply, STRICT_TOOLS)
             self.tally.record("tool-stream", reply.status, problem)
         finally:
             conn.close()
