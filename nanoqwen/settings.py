@@ -134,17 +134,20 @@ class EngineConfig:
         if self.max_step_tokens and self.max_step_tokens <= self.max_batch:
             raise ValueError(f"max_step_tokens must be 0 (off) or more than max_batch ({self.max_batch}), so "
                              "a step with every sequence decoding still has room for a prefill chunk")
-        if not 0 <= self.prefill_stall < math.inf:
-            raise ValueError(f"prefill_stall must be a finite number, 0 (no pacing) or more; got {self.prefill_stall}")
-        if not 0 <= self.kv_cache_memory < math.inf:
-            raise ValueError("kv_cache_memory must be a finite number of bytes, 0 (the device's default) or more; "
-                             f"got {self.kv_cache_memory}")
+        self._check_finite("prefill_stall", "number, 0 (no pacing)")
+        self._check_finite("kv_cache_memory", "number of bytes, 0 (the device's default)")
         if self.num_kv_blocks < 0:
             raise ValueError(f"num_kv_blocks must be 0 (from the memory budget) or more; got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         # Parsed once, here; an attribute, not a field: from_env and the CLI take every field as a setting
         self.speculative: SpeculativeConfig | None = SpeculativeConfig.parse(self.speculative_config)
+
+    def _check_finite(self, name: str, what: str) -> None:
+        """ValueError unless the field `name` is a finite `what` or more (nan and inf fail `0 <= value < inf`)."""
+        value = getattr(self, name)
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be a finite {what} or more; got {value}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> EngineConfig:

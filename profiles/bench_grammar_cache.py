@@ -18,7 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from checkpoints import make_checkpoint  # noqa: E402
+from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
 from nanoqwen.engine.grammar import Grammars  # noqa: E402
 from nanoqwen.loader import load_tokenizer  # noqa: E402
 from nanoqwen.text import TokenBytes  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args()
     tokenizer = load_tokenizer(make_checkpoint())
-    grammars = Grammars(tokenizer, TokenBytes(tokenizer), 151936, [151645, 151643])
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
     print(f"GBNF cache hit: {median_us(grammars.from_text, 'grammar', GBNF, 'g', repeats=args.repeats):.1f} us")
     print(f"JSON schema cache hit: {median_us(grammars.json_schema, SCHEMA, True, 's', repeats=args.repeats):.1f} us")
 

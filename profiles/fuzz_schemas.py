@@ -37,7 +37,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from chat_http import MODEL, cpu_env, health_polled, most_held  # noqa: E402
-from checkpoints import make_checkpoint  # noqa: E402
+from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
 from checks import Checks  # noqa: E402
 from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
 from nanoqwen.engine.validation import InvalidRequest  # noqa: E402
@@ -380,7 +380,7 @@ class Weighing:
 
     def __init__(self, rng: random.Random, slow_s: float = 0.5, instances: int = 6) -> None:
         self.tokenizer = load_tokenizer(make_checkpoint())
-        self.grammars = grammar.Grammars(self.tokenizer, TokenBytes(self.tokenizer), 151936, [151645, 151643])
+        self.grammars = grammar.Grammars(self.tokenizer, TokenBytes(self.tokenizer), VOCAB_SIZE, EOS_IDS)
         self.rng, self.slow_s, self.instances = rng, slow_s, instances
         self.under: list[str] = []  # served, llguidance's row past its limit
         self.over: list[str] = []  # refused for its row, llguidance followed every instance

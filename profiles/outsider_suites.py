@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from chat_http import MODEL, cpu_env, vllm_samples  # noqa: E402
-from checkpoints import make_checkpoint  # noqa: E402
+from checkpoints import VOCAB_SIZE, make_checkpoint  # noqa: E402
 from outsider_checks import API_KEY, AUTH, BOOK, CHECKS, CORS_ORIGINS  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
@@ -55,7 +55,6 @@ def conversation(turns: int) -> list[dict[str, str]]:
 
 
 CHAT, COMPLETIONS, RESPONSES, TOKENIZE = "/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"
-VOCAB = 151936  # Qwen3's (the test checkpoint's too)
 TOOLS = [{"type": "function", "function": {"name": "dummy_function_name", "parameters": {"type": "object"}}}]
 MATH = [{"role": "system", "content": "you are a helpful assistant"}, {"role": "user", "content": "what is 1+1?"}]
 SERIES = [{"role": "system", "content": "You are a helpful assistant."},
@@ -104,17 +103,17 @@ CASES: list[Case] = [
      {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}, 200,
      lambda body: body["usage"]["completion_tokens"] == 8 and body["choices"][0]["finish_reason"] == "length"),
     ("vLLM test_chat_logit_bias_validation: the vocabulary's last id", CHAT,
-     {"messages": USER, "logit_bias": {str(VOCAB - 1): 1.0}}, 200, served),
+     {"messages": USER, "logit_bias": {str(VOCAB_SIZE - 1): 1.0}}, 200, served),
     ("vLLM test_chat_logit_bias_validation: an id past the vocabulary", CHAT,
-     {"messages": USER, "logit_bias": {str(VOCAB + 1): 1.0}}, 400, "logit_bias"),
+     {"messages": USER, "logit_bias": {str(VOCAB_SIZE + 1): 1.0}}, 400, "logit_bias"),
     ("vLLM test_chat_logit_bias_validation: a key not an id", CHAT,
      {"messages": USER, "logit_bias": {"bad1": 50.0, "bad2": 20.0}}, 400, "logit_bias"),
     ("vLLM test_chat_logit_bias_validation: a value not a number", CHAT,
      {"messages": USER, "logit_bias": {"1": "not_a_number"}}, 400, "logit_bias.1"),
     ("vLLM test_chat_stop_token_ids_validation: the vocabulary's last id", CHAT,
-     {"messages": USER, "stop_token_ids": [VOCAB - 1]}, 200, served),
+     {"messages": USER, "stop_token_ids": [VOCAB_SIZE - 1]}, 200, served),
     ("vLLM test_chat_stop_token_ids_validation: an id past the vocabulary", CHAT,
-     {"messages": USER, "stop_token_ids": [VOCAB + 1]}, 400, "stop_token_ids"),
+     {"messages": USER, "stop_token_ids": [VOCAB_SIZE + 1]}, 400, "stop_token_ids"),
     ("vLLM test_chat_stop_token_ids_validation: a negative id", CHAT,
      {"messages": USER, "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ("vLLM test_thinking_token_budget_validation: chat", CHAT,
@@ -246,7 +245,7 @@ CASES: list[Case] = [
     ("vLLM test_tokenization: continue_final_message beside add_generation_prompt", TOKENIZE,
      {"messages": SAYING, "continue_final_message": True, "add_generation_prompt": True}, 400,
      "continue_final_message"),
-    ("vLLM test_detokenize: an id past the vocabulary", "/detokenize", {"tokens": [1, VOCAB]}, 400, "tokens.[1]"),
+    ("vLLM test_detokenize: an id past the vocabulary", "/detokenize", {"tokens": [1, VOCAB_SIZE]}, 400, "tokens.[1]"),
 ]
 
 

@@ -46,6 +46,8 @@ IM_START_ID = TOKEN_IDS["<|im_start|>"]
 IM_END_ID = TOKEN_IDS["<|im_end|>"]
 THINK_ID = TOKEN_IDS["<think>"]
 END_THINK_ID = TOKEN_IDS["</think>"]
+EOS_IDS = [IM_END_ID, ENDOFTEXT_ID]  # Qwen3's generation_config.json eos_token_id, in its order
+VOCAB_SIZE = 151936  # Qwen3's model vocabulary (the LM head's rows), past the tokenizer's 151669 ids
 
 # Same behaviour as Qwen3's template (reasoning kept only after the last real user query, the
 # empty think block for enable_thinking=false, tools, tool responses), plus content given as a
@@ -251,7 +253,7 @@ def qwen3_0_6b_shape() -> dict:
         num_kv_heads=8,
         head_dim=128,
         intermediate_size=3072,
-        vocab_size=151936,
+        vocab_size=VOCAB_SIZE,
         tie_word_embeddings=True,
         max_position_embeddings=40960,
         rope_theta=1_000_000.0,
@@ -349,7 +351,7 @@ def _build_checkpoint(
     model.save_pretrained(out_dir, **save_kwargs)
     _write_config(out_dir / "config.json", rope_theta, rope_style)
     GenerationConfig(
-        bos_token_id=ENDOFTEXT_ID, eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID,
+        bos_token_id=ENDOFTEXT_ID, eos_token_id=EOS_IDS, pad_token_id=ENDOFTEXT_ID,
         **(generation or {}),
     ).save_pretrained(out_dir)
     if with_tokenizer:
@@ -365,7 +367,7 @@ def make_checkpoint(
     num_kv_heads: int = 2,
     head_dim: int = 16,
     intermediate_size: int = 128,
-    vocab_size: int = 151936,
+    vocab_size: int = VOCAB_SIZE,
     tie_word_embeddings: bool = True,
     max_position_embeddings: int = 4096,
     rope_theta: float = 1_000_000.0,

@@ -179,6 +179,32 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
 
 
 @needs_compiler
+def test_a_compiler_upgraded_at_its_path_builds_its_own_library_and_record(tmp_path, monkeypatch):
+    """The cache knows the compiler by its --version too, not by its path alone: one upgraded in place builds a library
+    and warnings_record of its own, where the old compiler's were reused and the new one's warnings never seen."""
+    real, cc = cpu_build.compiler(), tmp_path / "bin" / "cc"
+    cc.parent.mkdir()
+    monkeypatch.setenv("CC", str(cc))
+
+    def install(version: str, warning: str = "") -> Path:
+        """`cc` answering --version with `version`, the real compiler behind it, `warning` on its stderr."""
+        said = f'echo "{warning}" >&2\n' if warning else ""
+        cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\n{said}'
+                      f'exec {real} "$@"\n')
+        cc.chmod(0o755)
+        cpu_build.compiler_identity.cache_clear()  # asked once a process: this one's compiler changes under it
+        kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
+        assert kernel.build(tmp_path / "cache"), kernel.error
+        return Path(kernel.lib._name)
+
+    old = install("cc 1.0")
+    assert cpu_build.warnings_record(old).read_text() == ""
+    new = install("cc 2.0", "a warning of cc 2.0's")
+    assert new != old and cpu_build.warnings_record(new).read_text() == "a warning of cc 2.0's"
+    assert len(list((tmp_path / "cache").glob("cpu_pointwise-*.so"))) == 2
+
+
+@needs_compiler
 def test_the_pool_is_loaded_once_for_its_cache_and_sources(tmp_path):
     """Every kernel library's build asks for the pool (ops/cpu/build.py): the first of a cache folder and digest looks
     for it on disk and loads it, the next builds reuse that load (a pool deleted from the cache since is not built

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from checkpoints import END_THINK_ID, THINK_ID, TOKEN_IDS
+from checkpoints import END_THINK_ID, EOS_IDS, THINK_ID, TOKEN_IDS, VOCAB_SIZE
 from engine_util import fill_row
 from nanoqwen.api import structured
 from nanoqwen.api.schema_patterns import ecma_patterns
@@ -42,8 +42,6 @@ from schema_shapes import (
 )
 from server_process import REPO_ROOT
 
-EOS_IDS = [151645, 151643]
-VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
 PROMPT = [9707, 1879]
 
 

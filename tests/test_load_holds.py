@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from chat_http import cpu_env
-from checkpoints import make_checkpoint
+from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint
 from nanoqwen.engine import grammar
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 CONFIG = Path(__file__).with_name("gunicorn_collections.py")
-EOS_IDS = [151645, 151643]
-VOCAB_SIZE = 151936  # the model's, past the tokenizer's 151669 ids
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoints import EOS_IDS, IM_END_ID, VOCAB_SIZE
 from nanoqwen.engine.grammar import _Vocabulary
 from nanoqwen.loader import load_tokenizer, release_pages
 from nanoqwen.text import TokenBytes
@@ -115,13 +116,11 @@ def test_grammar_vocabulary_equals_llguidance_reading_tokenizer_json(tiny_checkp
     markup; markup (an added token's text) as ordinary tokens, where llguidance's reading (1.9) takes the special
     token that its matcher then refuses (grammar.py's _Vocabulary.__call__)."""
     tokenizer = load_tokenizer(tiny_checkpoint)
-    eos_ids = [151645, 151643]
-    vocab_size = 151936  # the model's, past the tokenizer's 151669 ids
-    reference = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=vocab_size, eos_token=eos_ids)
-    wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, TokenBytes(tokenizer), vocab_size, eos_ids))
-    ours = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos_ids)
-    assert (ours.vocab_size, ours.eos_tokens, ours.is_canonical) == (vocab_size, eos_ids, reference.is_canonical)
-    for token_id in range(vocab_size):
+    reference = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=VOCAB_SIZE, eos_token=EOS_IDS)
+    wrapper = llguidance.TokenizerWrapper(_Vocabulary(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS))
+    ours = llguidance.LLTokenizer(wrapper, n_vocab=VOCAB_SIZE, eos_token=EOS_IDS)
+    assert (ours.vocab_size, ours.eos_tokens, ours.is_canonical) == (VOCAB_SIZE, EOS_IDS, reference.is_canonical)
+    for token_id in range(VOCAB_SIZE):
         assert ours.decode_bytes([token_id]) == reference.decode_bytes([token_id]), token_id
         assert ours.is_special_token(token_id) == reference.is_special_token(token_id), token_id
     for text in ["hello world ", '{"a": [1, 2.5]}', "  é\n\n\U0001f600"]:
@@ -140,7 +139,7 @@ def test_tokenizer_keeps_no_python_vocabulary(tiny_checkpoint):
     assert large == []
     ids = tokenizer.encode("hello <think> world")
     assert tokenizer.decode(ids) == "hello <think> world"
-    assert tokenizer.eos_token_id == 151645 and 151645 in tokenizer.all_special_ids
+    assert tokenizer.eos_token_id == IM_END_ID and IM_END_ID in tokenizer.all_special_ids
 
 
 def _rss_file() -> int:

@@ -13,13 +13,13 @@ import requests
 import torch
 
 from chat_http import MODEL
+from checkpoints import ENDOFTEXT_ID, EOS_IDS
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import StopMatcher
 from server_process import GunicornServer
 
-EOS = (151643, 151645)  # <|endoftext|>, <|im_end|>: the tiny checkpoint's EOS ids
-END_NOW = {str(t): 100 for t in EOS}  # a control that ends every choice at its first token
-NO_EOS = {str(t): -100 for t in EOS}
+END_NOW = {str(t): 100 for t in EOS_IDS}  # a control that ends every choice at its first token
+NO_EOS = {str(t): -100 for t in EOS_IDS}
 MESSAGES = [{"role": "user", "content": "What is the best book?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 PROMPT = "The best book is"
@@ -169,7 +169,7 @@ def test_allowed_token_ids_logprobs_name_only_allowed_tokens(server: GunicornSer
 def test_min_tokens_never_leaves_a_row_nothing_to_sample(client: openai.OpenAI) -> None:
     """When a row's mask allows only stop ids (allowed_token_ids of EOS alone, a grammar that can only
     end), min_tokens does not ban them: the choice ends."""
-    answer = _ask(client, "completions", False, max_tokens=8, allowed_token_ids=[EOS[0]], min_tokens=5, **GREEDY)
+    answer = _ask(client, "completions", False, max_tokens=8, allowed_token_ids=[ENDOFTEXT_ID], min_tokens=5, **GREEDY)
     assert answer.finish_reasons == ["stop"] and answer.usage.completion_tokens == 1
 
 

@@ -1,7 +1,7 @@
 """Compiles a kernel's C file (ops/cpu/csrc/) with the system compiler on first use and loads it with ctypes.
 
 The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers, so building one takes about a second.
-The shared object is cached by a hash of every file in the source folder, the compiler and the
+The shared object is cached by a hash of every file in the source folder, the compiler (compiler_identity) and the
 flags, with a record of the compiler's warnings beside it (warnings_record), under the cache directory
 the engine's configuration names (EngineConfig.cache_dir); without a compiler or on another CPU a kernel
 does not build, and the CPU kernel set (ops/cpu/__init__.py)
@@ -191,8 +191,17 @@ def _sources(csrc: Path) -> bytes:
     return b"".join(file.name.encode() + b"\0" + file.read_bytes() for file in sorted(csrc.glob("*.[ch]")))
 
 
+@functools.cache
+def compiler_identity(cc: str) -> str:
+    """What every library's key (so its warnings_record's too) knows the compiler by: its path and what its `--version`
+    says, so a compiler upgraded at the same path builds libraries and records of its own rather than reuse the old
+    one's. Asked once a process, in the C locale (gcc translates its text: the key must not follow the language)."""
+    result = subprocess.run([cc, "--version"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    return f"{cc}\n{result.returncode}\n{result.stdout}{result.stderr}"
+
+
 def _digest(sources: bytes, cc: str, isa: str) -> str:
-    return hashlib.sha256(" ".join([cc, *isa_flags(isa)]).encode() + sources).hexdigest()[:16]
+    return hashlib.sha256(" ".join([compiler_identity(cc), *isa_flags(isa)]).encode() + sources).hexdigest()[:16]
 
 
 class CKernel:
