@@ -43,14 +43,15 @@ def c_linear_rows(monkeypatch, native_bf16: bool) -> int:
 _LOAD_TOKENIZER = loader.load_tokenizer
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)  # ~40 MB each: the few checkpoints a file loads in turn
 def _tokenizer(path: Path, files: frozenset[tuple[str, int, int]]):
     return _LOAD_TOKENIZER(path)
 
 
 def _loaded_once(path: Path):
-    """loader.load_tokenizer of a checkpoint folder as its files are now, loaded once a test process: ~2 s a load,
-    which every engine the tests load paid again for the same few checkpoints. The engine changes nothing in it."""
+    """loader.load_tokenizer of a checkpoint folder as its files are now, kept for the last four checkpoints a test
+    process loaded: ~2 s a load, which every engine the tests load paid again for the same few checkpoints. The engine
+    changes nothing in it."""
     path = Path(path).resolve()
     if not path.is_dir():
         return _LOAD_TOKENIZER(path)
