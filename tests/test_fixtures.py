@@ -277,7 +277,7 @@ def test_a_port_another_live_test_process_claimed_is_not_handed_out(monkeypatch:
 
 def test_engines_of_one_checkpoint_share_its_tokenizer_until_its_files_change(tiny_checkpoint: Path,
                                                                               tmp_path: Path) -> None:
-    """load_engine's engines take a checkpoint's tokenizer loaded once a process (shared_tokenizers); a tokenizer
+    """load_engine's engines take a checkpoint's tokenizer loaded once (shared_tokenizers); a tokenizer
     file rewritten since is loaded anew, and loader.load_tokenizer outside load_engine loads each time."""
     first, second = (load_engine(tiny_checkpoint, max_batch=1) for _ in range(2))
     assert first.tokenizer is second.tokenizer
