@@ -1,14 +1,19 @@
 """Drive an Engine synchronously in the test thread (no engine thread): deterministic steps."""
 from __future__ import annotations
 
+import functools
 import random
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from nanoqwen import loader
 from nanoqwen.engine import Engine, EngineConfig, SamplingParams
 from nanoqwen.engine.grammar import RowGrammar
 from nanoqwen.engine.sequence import Request, Sequence
@@ -35,11 +40,39 @@ def c_linear_rows(monkeypatch, native_bf16: bool) -> int:
     return cpu_linear.NATIVE_BF16_MAX_ROWS[torch.float32] if native_bf16 else cpu_linear.MAX_ROWS
 
 
+_LOAD_TOKENIZER = loader.load_tokenizer
+
+
+@functools.lru_cache(maxsize=4)  # ~40 MB each: the few checkpoints a file loads in turn
+def _tokenizer(path: Path, files: frozenset[tuple[str, int, int]]):
+    return _LOAD_TOKENIZER(path)
+
+
+def _loaded_once(path: Path):
+    """loader.load_tokenizer of a checkpoint folder as its files are now, kept for the last four checkpoints a test
+    process loaded: ~2 s a load, which every engine the tests load paid again for the same few checkpoints. The engine
+    changes nothing in it."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        return _LOAD_TOKENIZER(path)
+    files = frozenset((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir() if f.is_file())
+    return _tokenizer(path, files)
+
+
+@contextmanager
+def shared_tokenizers() -> Iterator[None]:
+    """Engines loaded meanwhile take their checkpoint's tokenizer from _loaded_once. loader.load_tokenizer itself runs
+    in every server's load, test_loader's and test_memory's tests, and the first engine of each checkpoint here."""
+    with mock.patch.object(loader, "load_tokenizer", _loaded_once):
+        yield
+
+
 def load_engine(path: Path, **overrides) -> Engine:
     config = dict(model=str(path), device="cpu", dtype="float32", graph="none", kernels="torch", max_batch=8)
     config.update(overrides)
     engine = Engine(EngineConfig(**config))
-    engine.load()
+    with shared_tokenizers():
+        engine.load()
     return engine
 
 
@@ -159,11 +192,12 @@ def started_engine(checkpoint: Path, **overrides: object) -> Engine:
     """An engine on its own thread, as the server runs it (fp32 on the CPU, plus `overrides`), once its model is
     loaded."""
     engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", dtype="float32", **overrides))
-    engine.start()
-    deadline = time.monotonic() + 60
-    while not engine.ready:
-        assert engine.load_error is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    with shared_tokenizers():
+        engine.start()
+        deadline = time.monotonic() + 60
+        while not engine.ready:
+            assert engine.load_error is None and time.monotonic() < deadline
+            time.sleep(0.01)
     return engine
 
 

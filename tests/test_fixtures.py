@@ -20,7 +20,8 @@ from checkpoints import (
     tokenizer_kind,
     write_tokenizer,
 )
-from engine_util import _GREEDY_RUNS, hf_greedy
+from engine_util import _GREEDY_RUNS, hf_greedy, load_engine, shared_tokenizers
+from nanoqwen import loader
 
 KINDS = [
     pytest.param(
@@ -272,3 +273,23 @@ def test_a_port_another_live_test_process_claimed_is_not_handed_out(monkeypatch:
         owner.kill()
         owner.wait()
     assert server_process._claim(40001) and (tmp_path / "40001").read_text() == str(os.getpid())
+
+
+def test_engines_of_one_checkpoint_share_its_tokenizer_until_its_files_change(tiny_checkpoint: Path,
+                                                                              tmp_path: Path) -> None:
+    """load_engine's engines take a checkpoint's tokenizer loaded once (shared_tokenizers); a tokenizer
+    file rewritten since is loaded anew, and loader.load_tokenizer outside load_engine loads each time."""
+    first, second = (load_engine(tiny_checkpoint, max_batch=1) for _ in range(2))
+    assert first.tokenizer is second.tokenizer
+    assert loader.load_tokenizer(tiny_checkpoint) is not first.tokenizer
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in tiny_checkpoint.iterdir():
+        (copy / file.name).symlink_to(file)
+    with shared_tokenizers():
+        before = loader.load_tokenizer(copy)
+        assert loader.load_tokenizer(copy) is before and before is not first.tokenizer
+        config = copy / "tokenizer_config.json"
+        config.unlink()
+        config.write_text((tiny_checkpoint / "tokenizer_config.json").read_text())
+        assert loader.load_tokenizer(copy) is not before

@@ -1,6 +1,7 @@
-"""Requests with many tools through `gunicorn -k gevent server:app` and the openai client: agent clients send 64 tools
-and more routinely. Their validation is a small CPU job each, done in the tokenising threads (many at once): in the
-long prompts' one thread (8 pending at most), behind a long prompt, such requests sent together got 503s."""
+"""Requests with many tools, or one whose schema fills a long prompt, through `gunicorn -k gevent server:app` and the
+openai client: agent clients send 64 tools and more routinely. Their validation is a small CPU job each, done in the
+tokenising threads (many at once): in the long prompts' one thread (8 pending at most), behind a long prompt, such
+requests sent together got 503s."""
 from __future__ import annotations
 
 import threading
@@ -61,3 +62,15 @@ def test_requests_of_many_tools_sent_together_are_all_served(server: GunicornSer
         statuses = list(pool.map(send, clients))
         assert long.result().json()["error"]["code"] == "context_length_exceeded"
     assert statuses == [200] * CONCURRENT, statuses
+
+
+def test_a_lenient_tools_patterns_past_their_bound_leave_its_calls_free(server: GunicornServer) -> None:
+    """A Responses tool that omits `strict` is constrained under "auto" where a grammar can hold it (OpenAI: strict
+    where it can be); past grammar.MAX_PATTERN_CHARS its calls are free, any JSON object, and it is served. Here for
+    this module's 8,192-token context: the schema, in the prompt, is some 7,000 tokens (3,500 `\\S`, 66,500
+    characters rewritten)."""
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+        "k": {"type": "string", "pattern": "\\S" * 3_500}}}}
+    response = server.openai_client(timeout=300).responses.create(model=MODEL, input="hi", max_output_tokens=16,
+                                                                  tools=[tool], tool_choice="auto")
+    assert response.status in ("completed", "incomplete") and response.tools[0].strict is True, response
