@@ -6,6 +6,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -181,7 +182,8 @@ def test_the_cache_is_keyed_by_every_source_and_header(tmp_path):
 @needs_compiler
 def test_a_compiler_upgraded_at_its_path_builds_its_own_library_and_record(tmp_path, monkeypatch):
     """The cache knows the compiler by its --version too, not by its path alone: one upgraded in place builds a library
-    and warnings_record of its own, where the old compiler's were reused and the new one's warnings never seen."""
+    and warnings_record of its own, where the old compiler's were reused and the new one's warnings never seen. What
+    a wrapper notes on stderr there (its pid here) is not the compiler's identity: one version, one library."""
     real, cc = cpu_build.compiler(), tmp_path / "bin" / "cc"
     cc.parent.mkdir()
     monkeypatch.setenv("CC", str(cc))
@@ -189,8 +191,8 @@ def test_a_compiler_upgraded_at_its_path_builds_its_own_library_and_record(tmp_p
     def install(version: str, warning: str = "") -> Path:
         """`cc` answering --version with `version`, the real compiler behind it, `warning` on its stderr."""
         said = f'echo "{warning}" >&2\n' if warning else ""
-        cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\n{said}'
-                      f'exec {real} "$@"\n')
+        cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; echo "pid $$" >&2; exit 0; fi\n'
+                      f'{said}exec {real} "$@"\n')
         cc.chmod(0o755)
         cpu_build.compiler_identity.cache_clear()  # asked once a process: this one's compiler changes under it
         kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
@@ -199,9 +201,32 @@ def test_a_compiler_upgraded_at_its_path_builds_its_own_library_and_record(tmp_p
 
     old = install("cc 1.0")
     assert cpu_build.warnings_record(old).read_text() == ""
+    assert install("cc 1.0") == old
     new = install("cc 2.0", "a warning of cc 2.0's")
     assert new != old and cpu_build.warnings_record(new).read_text() == "a warning of cc 2.0's"
     assert len(list((tmp_path / "cache").glob("cpu_pointwise-*.so"))) == 2
+
+
+@needs_compiler
+def test_a_compiler_that_hangs_on_its_version_falls_back_to_torch_once(tmp_path, monkeypatch):
+    """A compiler whose --version hangs (or cannot start) is asked once, bounded: every kernel falls back to torch
+    with the reason, and the next kernels do not wait again."""
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then sleep 30; fi\nexec {cpu_build.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr(cpu_build, "COMPILER_QUERY_TIMEOUT_S", 0.5)
+    cpu_build.compiler_identity.cache_clear()
+    try:
+        started = time.monotonic()
+        kernels = [cpu_build.CKernel(name, source, ()) for name, source in
+                   (("cpu_pointwise", "pointwise.c"), ("cpu_embedding", "embedding.c"))]
+        assert [kernel.build(tmp_path / "cache") for kernel in kernels] == [False, False]
+        assert time.monotonic() - started < 5
+        assert all("did not answer --version" in kernel.error for kernel in kernels)
+        assert not list((tmp_path / "cache").glob("*.so"))
+    finally:
+        cpu_build.compiler_identity.cache_clear()
 
 
 @needs_compiler

@@ -1,41 +1,30 @@
-"""The embedding tables: each weight format's table holds the parameters of that format's linear (nanoqwen/layers/
-linear.py), one row a token as one row of a tied LM head, so the two share one declaration and `tie` hands the head
-the table's parameters as they are; only the lookup differs."""
+"""The embedding tables: each weight format's table holds that format's parameters (nanoqwen/layers/weights.py), one
+row a token as one row of a tied LM head, so `tie` hands the head the table's parameters as they are."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nanoqwen.layers.linear import Int4Linear, Int8Linear, Linear
-from ops import Kernels
+from nanoqwen.layers.weights import Int4Weights, Int8Weights, Weights
 
 
-class Embedding(Linear):
-    """The table in the model's dtype, [vocab_size, hidden_size]."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, kernels: Kernels) -> None:
-        super().__init__(hidden_size, vocab_size, kernels)
+class Embedding(Weights):
+    """The table in the model's dtype: rows vocab_size, cols hidden_size."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.kernels.embedding(input_ids, self.weight)
 
 
-class Int8Embedding(Int8Linear):
+class Int8Embedding(Int8Weights):
     """The table quantised per row (each row one output channel of a tied LM head); rows dequantised on lookup."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, kernels: Kernels) -> None:
-        super().__init__(hidden_size, vocab_size, kernels)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.kernels.embedding_int8(input_ids, self.weight, self.scale)
 
 
-class Int4Embedding(Int4Linear):
-    """The table quantised as an Int4Linear's weight (each row one output channel of a tied LM head);
-    rows unpacked and dequantised on lookup."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, kernels: Kernels) -> None:
-        super().__init__(hidden_size, vocab_size, kernels)
+class Int4Embedding(Int4Weights):
+    """The table quantised in groups along each row (each row one output channel of a tied LM head); rows
+    unpacked and dequantised on lookup."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.kernels.embedding_int4(input_ids, self.weight, self.scale, self.offset)

@@ -5,46 +5,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoqwen.quant import GROUP_SIZE
+from nanoqwen.layers.weights import Int4Weights, Int8Weights, Weights
 from ops import Kernels
 
 
-class Linear(nn.Module):
+class Linear(Weights):
     """y = x @ weight.T, weight: [N, K] in the model's dtype."""
 
     def __init__(self, in_features: int, out_features: int, kernels: Kernels) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.kernels = kernels
+        super().__init__(out_features, in_features, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear(x, self.weight)
 
 
-class Int8Linear(nn.Module):
-    """y = (x @ weight.T) * scale, weight: [N, K] int8, scale: [N] in the model's dtype (nanoqwen/quant.py)."""
+class Int8Linear(Int8Weights):
+    """y = (x @ weight.T) * scale, weight: [N, K] int8, scale: [N]."""
 
     def __init__(self, in_features: int, out_features: int, kernels: Kernels) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
-        self.scale = nn.Parameter(torch.empty(out_features))
-        self.kernels = kernels
+        super().__init__(out_features, in_features, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear_int8(x, self.weight, self.scale)
 
 
-class Int4Linear(nn.Module):
-    """y = x @ (q * scale + offset).T per group of GROUP_SIZE input columns; weight: [N, K / 2] uint8 (two q
-    per byte), scale, offset: [N, K / G] in the model's dtype (nanoqwen/quant.py)."""
+class Int4Linear(Int4Weights):
+    """y = x @ (q * scale + offset).T per group of input columns; weight: [N, K / 2], scale, offset: [N, K / G]."""
 
     def __init__(self, in_features: int, out_features: int, kernels: Kernels) -> None:
-        super().__init__()
-        groups = in_features // GROUP_SIZE
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False)
-        self.scale = nn.Parameter(torch.empty(out_features, groups))
-        self.offset = nn.Parameter(torch.empty(out_features, groups))
-        self.kernels = kernels
+        super().__init__(out_features, in_features, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.linear_int4(x, self.weight, self.scale, self.offset)

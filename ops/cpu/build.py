@@ -191,17 +191,31 @@ def _sources(csrc: Path) -> bytes:
     return b"".join(file.name.encode() + b"\0" + file.read_bytes() for file in sorted(csrc.glob("*.[ch]")))
 
 
+# A compiler that hangs on --version must not hang the model's load: past this its kernels fall back to torch.
+COMPILER_QUERY_TIMEOUT_S = 30.0
+
+
 @functools.cache
-def compiler_identity(cc: str) -> str:
+def compiler_identity(cc: str) -> str | None:
     """What every library's key (so its warnings_record's too) knows the compiler by: its path and what its `--version`
-    says, so a compiler upgraded at the same path builds libraries and records of its own rather than reuse the old
-    one's. Asked once a process, in the C locale (gcc translates its text: the key must not follow the language)."""
-    result = subprocess.run([cc, "--version"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
-    return f"{cc}\n{result.returncode}\n{result.stdout}{result.stderr}"
+    prints, so a compiler upgraded at the same path builds libraries and records of its own rather than reuse the old
+    one's. Asked once a process, in the C locale (gcc translates its text: the key must not follow the language); its
+    stderr left out, as a wrapper's notes there may change from one call to the next. None where it does not answer
+    (it cannot start, or it hangs): kept too, so the next kernel's build fails at once rather than wait again."""
+    try:
+        result = subprocess.run([cc, "--version"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"},
+                                timeout=COMPILER_QUERY_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("%s --version did not answer: %s", cc, exc)
+        return None
+    return f"{cc}\n{result.returncode}\n{result.stdout}"
 
 
 def _digest(sources: bytes, cc: str, isa: str) -> str:
-    return hashlib.sha256(" ".join([compiler_identity(cc), *isa_flags(isa)]).encode() + sources).hexdigest()[:16]
+    identity = compiler_identity(cc)
+    if identity is None:
+        raise BuildError(f"{cc} did not answer --version")
+    return hashlib.sha256(" ".join([identity, *isa_flags(isa)]).encode() + sources).hexdigest()[:16]
 
 
 class CKernel:
