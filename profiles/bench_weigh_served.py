@@ -94,7 +94,7 @@ def main() -> None:
             between = gaps(arrivals, start, end)
             held = [p for p in polls if start <= p.ended <= end]
             print(f"{name:9s} {end - start:5.2f} s: {len(between) + 1} events, gap max {max(between) * 1e3:.0f} ms, "
-                  f"p99 {statistics.quantiles(between, n=100)[98] * 1e3:.0f} ms, median "
+                  f"p99 {statistics.quantiles(between, n=100, method='inclusive')[98] * 1e3:.0f} ms, median "
                   f"{statistics.median(between) * 1e3:.1f} ms; /health held max "
                   f"{max(p.held for p in held) * 1e3:.0f} ms, poll max {max(p.seconds for p in held) * 1e3:.0f} ms"
                   + (f"; sends {[(status, round(s, 2)) for status, s in sent]}" if sent else ""))
