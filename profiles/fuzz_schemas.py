@@ -10,11 +10,15 @@ failure.
 `--weigh N` instead (no server): N seeded schemas of the row weighing's domain (Weighed: anyOf/oneOf options that go on
 alike, a level down and further, `$ref` chains, recursion, pydantic-like Optional/Union/List of models), each weighed
 (grammar.check_json_schema, its CPU time) against llguidance itself (grammar.LIMITS, the tiny checkpoint's tokenizer)
-following random instances of it token by token (Witnesses): UNDER (served, llguidance's row past its limit at some
-token), OVER (refused for its parser row, every instance followed: llguidance's largest row found by bisecting
-max_items_in_row), SLOW (weighed in more than --slow-s of CPU). Exit 1 on any.
+following random instances of it token by token (Witnesses) and `--walks` walks of its mask steered to its heaviest
+rows (Steered): UNDER (served, llguidance's row past its limit at some token of either), OVER (refused for its parser
+row, every instance followed, llguidance's largest row found by bisecting max_items_in_row, and every walk's, within
+MAX_ROW; a walk past it is the instances' miss, printed), SLOW (weighed in more than --slow-s of CPU; `--write-slow
+DIR` writes each). `--shrink-s S`: each UNDER or OVER cut down (smaller: chains halved, options, properties and loose
+values dropped) while it stays one, for S seconds. Exit 1 on any.
 
 python profiles/fuzz_schemas.py [--schemas 60] [--regexes 30] [--seed 0] [--held-ms 50] [--weigh 0] [--slow-s 0.5]
+    [--walks 4] [--shrink-s 0] [--write-slow DIR]
 """
 from __future__ import annotations
 
@@ -26,12 +30,14 @@ import sys
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import llguidance
+import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +46,11 @@ from chat_http import MODEL, cpu_env, health_polled, most_held  # noqa: E402
 from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
 from checks import Checks  # noqa: E402
 from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
+from nanoqwen.engine.schema_keywords import schema_objects  # noqa: E402
 from nanoqwen.engine.validation import InvalidRequest  # noqa: E402
 from nanoqwen.loader import load_tokenizer  # noqa: E402
 from nanoqwen.text import TokenBytes  # noqa: E402
-from schema_shapes import ALIKE, chain_defs  # noqa: E402
+from schema_shapes import ALIKE, chain_defs, hop_chain  # noqa: E402
 from server_process import GunicornServer  # noqa: E402
 
 MAX_TOKENS = 120
@@ -109,11 +116,11 @@ def schema_of(rng: random.Random, depth: int) -> dict[str, Any]:
 def with_unenforced(rng: random.Random, schema: dict[str, Any], keyword: str) -> dict[str, Any]:
     """`schema` with `keyword` put in a random one of its schema objects (copied)."""
     schema = json.loads(json.dumps(schema))
-    rng.choice(schema_objects(schema))[keyword] = UNENFORCED[keyword]
+    rng.choice(fuzzed_objects(schema))[keyword] = UNENFORCED[keyword]
     return schema
 
 
-def schema_objects(schema: dict[str, Any]) -> list[dict[str, Any]]:
+def fuzzed_objects(schema: dict[str, Any]) -> list[dict[str, Any]]:
     """`schema` and each schema object in it (schema_of's keywords)."""
     nodes, stack = [], [schema]
     while stack:
@@ -128,7 +135,7 @@ def counts_optional_properties(schema: dict[str, Any]) -> bool:
     """Whether an object in `schema` bounds its count of properties where some are optional: llguidance refuses
     some such (an invalid schema to it, a 400 naming min/maxProperties), enforcing the rest."""
     return any("minProperties" in node and set(node["properties"]) - set(node["required"])
-               for node in schema_objects(schema))
+               for node in fuzzed_objects(schema))
 
 
 def regex_of(rng: random.Random) -> str:
@@ -256,8 +263,7 @@ class Weighed:
         name = f"c{len(self.defs)}_"
         links = self.rng.choice(LINKS)
         if self.rng.random() < 0.2:
-            self.defs |= {f"{name}{i}": {"$ref": f"#/$defs/{name}{i + 1}"} for i in range(links)}
-            self.defs[f"{name}{links}"] = dict(self.rng.choice(SCALARS))
+            self.defs |= hop_chain(links, dict(self.rng.choice(SCALARS)), name)
         else:
             self.defs |= chain_defs(name, links, self.rng.choice(["integer", "string", "boolean"]))
         return {"$ref": f"#/$defs/{name}0"}
@@ -375,18 +381,261 @@ def key_matching(pattern: str) -> str:
     return key
 
 
-class Weighing:
-    """The weighing of Weighed schemas against llguidance following their Witnesses (main's `--weigh`)."""
+# The steered walk's probe limits: each a quarter past the last, so that a walk compiles its grammar a few dozen times
+# at most (rows between two limits are not told apart)
+LADDER = 1.25
+FLOOR = 16  # the first probe limit (rows below it steer nothing)
+WALK_TOKENS = 240  # a steered walk's most tokens
+TRIED = 16  # the allowed tokens a step tries, their rows read
+END_TOKENS = 151643  # the tokenizer's ordinary tokens: a walk never ends itself (EOS) nor takes a special token
+CHAIN_LINK = re.compile(r"(.*_)(\d+)")  # a `$defs` name of Weighed's chains: its prefix and its place
+FREE = 1_000  # allowed tokens from which on the walk is inside a string (a free key or a string value)
 
-    def __init__(self, rng: random.Random, slow_s: float = 0.5, instances: int = 6) -> None:
+
+def ladder(row: int) -> int:
+    """The least probe limit at or past `row` (FLOOR at least)."""
+    limit = FLOOR
+    while limit < row:
+        limit = max(limit + 1, int(limit * LADDER))
+    return limit
+
+
+@dataclass
+class Steered:
+    """llguidance's own mask walked a token at a time, steered to its heaviest rows: each step tries a few of the
+    tokens the mask allows (all where few are: where bytes are forced it allows their longest token; else its
+    printable one-character tokens first, then others at random), each on a copy of a matcher whose max_items_in_row
+    is the walk's row record so far (ladder'd), so that one whose row is larger errs naming its size ("Current row has N
+    items"); the largest is taken (a new record: the matcher made again past it), else a token at random, biased to
+    open values, add keys and go on before closing (closing once half the walk is spent), and a string opened where
+    many tokens are allowed filled with one of `keys` (the schema's own, keys its patterns match). llguidance checks
+    the row at the end of each token: short tokens check more of them (fuzz40's Witnesses used the text's own)."""
+
+    grammars: grammar.Grammars
+    tokenizer: Any  # the HF tokenizer: a token's text
+    chars: dict[str, int]  # each printable ASCII character's token
+    text: str
+    keys: list[str]
+    rng: random.Random
+    templates: dict[int, llguidance.LLMatcher] = field(default_factory=dict)  # by limit, compiled, first mask built
+    texts: dict[int, str] = field(default_factory=dict)
+
+    def matcher(self, limit: int, path: list[int]) -> llguidance.LLMatcher:
+        if (template := self.templates.get(limit)) is None:
+            limits = llguidance.LLParserLimits(initial_lexer_fuel=grammar.LIMITS.initial_lexer_fuel,
+                                               step_lexer_fuel=grammar.LIMITS.step_lexer_fuel, max_items_in_row=limit)
+            template = self.templates[limit] = llguidance.LLMatcher(self.grammars._tokenizer, self.text, log_level=0,
+                                                                    limits=limits)
+            template.compute_bitmask()
+        matcher = template.deep_copy()
+        matcher.consume_tokens(path)
+        return matcher
+
+    @staticmethod
+    def row(matcher: llguidance.LLMatcher, token: int) -> int:
+        """The row `token` makes past `matcher`'s limit (its size); 0 where within it, -1 where refused otherwise."""
+        tried = matcher.deep_copy()
+        if tried.consume_token(token) and not tried.is_error():
+            return 0
+        found = LIMIT_ERROR.search(tried.get_error())
+        return int(found.group(1)) if found else -1
+
+    def text_of(self, token: int) -> str:
+        if (known := self.texts.get(token)) is None:
+            known = self.texts[token] = self.tokenizer.decode([token])
+        return known
+
+    def tried(self, allowed: list[int], pending: str) -> list[int]:
+        if len(allowed) <= TRIED:
+            return allowed
+        singles = [token for token in allowed if self.text_of(token) in self.chars]
+        picked = self.rng.sample(singles, min(TRIED // 2, len(singles)))
+        picked += self.rng.sample(allowed, TRIED - len(picked))
+        if pending and self.chars[pending[0]] in allowed:
+            picked.append(self.chars[pending[0]])
+        return list(dict.fromkeys(picked))
+
+    def walk(self) -> tuple[int, str]:
+        """The largest row one walk read (to the first past ROW_ITEMS), and its text."""
+        path: list[int] = []
+        typed, pending, limit, largest = "", "", FLOOR, 0
+        matcher = self.matcher(limit, path)
+        while len(path) < WALK_TOKENS and not matcher.is_error() and largest <= grammar.ROW_ITEMS:
+            bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
+            allowed = [token for token in np.flatnonzero(bits[:END_TOKENS]).tolist()]
+            if not allowed:
+                break
+            if len(allowed) >= FREE and typed.endswith('"') and not pending and self.rng.random() < 0.8:
+                pending = self.rng.choice(self.keys) + '"'
+            tried = self.tried(allowed, pending)
+            rows = {token: self.row(matcher, token) for token in tried}
+            heaviest = max(tried, key=rows.__getitem__)
+            if rows[heaviest] > 0:
+                largest, limit = max(largest, rows[heaviest]), ladder(rows[heaviest])
+                typed, pending = typed + self.text_of(heaviest), ""
+                path.append(heaviest)
+                matcher = self.matcher(limit, path)
+                continue
+            open_ = [token for token in tried if rows[token] == 0]
+            if not open_:
+                break
+            if pending and self.chars[pending[0]] in open_:
+                token, pending = self.chars[pending[0]], pending[1:]
+            else:
+                pending = ""
+                late = len(path) > WALK_TOKENS // 2
+                token = self.rng.choices(open_, [self.bias(self.text_of(each), late) for each in open_])[0]
+            typed += self.text_of(token)
+            path.append(token)
+            matcher.consume_token(token)
+        return largest, typed
+
+    @staticmethod
+    def bias(text: str, late: bool) -> float:
+        if any(ch in text for ch in "{["):
+            return 0.2 if late else 4.0
+        if any(ch in text for ch in "}]"):
+            return 6.0 if late else 0.5
+        if "," in text:
+            return 0.5 if late else 3.0
+        return 2.0 if '"' in text else 1.0
+
+
+def schema_keys(schema: dict[str, Any]) -> list[str]:
+    """The keys a steered walk types where a key is free: every property name in `schema`, a key each pattern
+    matches (generator's and ALIKE's patterns), and `q`."""
+    keys = {"q"}
+    for node in schema_objects(schema):
+        keys.update(node.get("properties", {}))
+        keys.update(map(key_matching, node.get("patternProperties", {})))
+    return sorted(keys)
+
+
+def pruned(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without the `$defs` no `$ref` reaches from its root."""
+    defs = schema.get("$defs")
+    if not isinstance(defs, dict):
+        return schema
+    root = {key: value for key, value in schema.items() if key != "$defs"}
+    kept: set[str] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/") and (name := ref[8:]) not in kept and name in defs:
+                kept.add(name)
+                stack.append(defs[name])
+            stack += list(node.values())
+        elif isinstance(node, list):
+            stack += node
+    return {**root, "$defs": {name: value for name, value in defs.items() if name in kept}}
+
+
+def _subschemas(schema: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The path (keys and indices) of each schema object in `schema` (Weighed's keywords), the root's `()`."""
+    paths, stack = [], [()]
+    while stack:
+        path = stack.pop()
+        node = _at(schema, path)
+        if not isinstance(node, dict):
+            continue
+        paths.append(path)
+        for key in ("properties", "patternProperties", "$defs"):
+            if isinstance(node.get(key), dict):
+                stack += [(*path, key, name) for name in node[key]]
+        for key in ("anyOf", "oneOf", "prefixItems"):
+            if isinstance(node.get(key), list):
+                stack += [(*path, key, i) for i in range(len(node[key]))]
+        stack += [(*path, key) for key in ("items", "additionalProperties") if isinstance(node.get(key), dict)]
+    return paths
+
+
+def _at(schema: Any, path: tuple[Any, ...]) -> Any:
+    for part in path:
+        schema = schema[part]
+    return schema
+
+
+def smaller(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Schemas a step smaller than `schema` (each a copy, its unreached `$defs` dropped), the largest cuts first: each
+    chain of `$defs` (`{name}_{i}`) halved; each option, property, pattern, loose value and array place dropped; each
+    subschema made an integer."""
+    def copy() -> dict[str, Any]:
+        return json.loads(json.dumps(schema))
+
+    defs = schema.get("$defs", {})
+    chains: dict[str, int] = {}
+    for name in defs:
+        if found := re.fullmatch(r"(.*_)(\d+)", name):
+            chains[found.group(1)] = max(chains.get(found.group(1), 0), int(found.group(2)))
+    for prefix, links in chains.items():
+        if links >= 2:
+            made = copy()
+            made["$defs"][f"{prefix}{links // 2}"] = made["$defs"][f"{prefix}{links}"]
+            yield f"chain {prefix} of {links} halved", pruned(made)
+    paths = [path for path in _subschemas(schema) if path[:1] != ("$defs",) or not CHAIN_LINK.fullmatch(path[1])]
+    for path in paths:
+        node = _at(schema, path)
+        for key in ("anyOf", "oneOf", "prefixItems"):
+            for i in range(len(node.get(key, [])) if isinstance(node.get(key), list) and len(node[key]) > 1 else 0):
+                made = copy()
+                place = _at(made, path)
+                del place[key][i]
+                if key == "prefixItems" and "minItems" in place:
+                    place["minItems"] = len(place[key])
+                yield f"{key} {i} of {path} dropped", pruned(made)
+        for name in node.get("properties", {}) if isinstance(node.get("properties"), dict) else ():
+            made = copy()
+            place = _at(made, path)
+            del place["properties"][name]
+            if isinstance(place.get("required"), list) and name in place["required"]:
+                place["required"].remove(name)
+            yield f"property {name} of {path} dropped", pruned(made)
+        for key in ("patternProperties", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                made = copy()
+                _at(made, path)[key] = False if key == "additionalProperties" else {}
+                yield f"{key} of {path} dropped", pruned(made)
+    for path in paths:
+        if path and path[-2:-1] != ("$defs",) and _at(schema, path) != {"type": "integer"}:
+            made = copy()
+            _at(made, path[:-1])[path[-1]] = {"type": "integer"}
+            yield f"{path} made an integer", pruned(made)
+
+
+def shrunk(schema: dict[str, Any], holds: Callable[[dict[str, Any]], bool], seconds: float) -> dict[str, Any]:
+    """`schema` cut down a step at a time (smaller's first cut that `holds`) while one does, for `seconds` at most."""
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        for what, cut in smaller(schema):
+            if time.monotonic() > ends:
+                break
+            if holds(cut):
+                schema = cut
+                print(f"  shrunk: {what} ({len(json.dumps(schema))} chars)", flush=True)
+                break
+        else:
+            break
+    return schema
+
+
+class Weighing:
+    """The weighing of Weighed schemas against llguidance following their Witnesses and Steered walks (main's
+    `--weigh`); with `shrink_s`, each UNDER or OVER found shrunk (smaller) while it holds, for that many seconds."""
+
+    def __init__(self, rng: random.Random, slow_s: float = 0.5, instances: int = 6, walks: int = 4,
+                 shrink_s: float = 0.0) -> None:
         self.tokenizer = load_tokenizer(make_checkpoint())
         self.grammars = grammar.Grammars(self.tokenizer, TokenBytes(self.tokenizer), VOCAB_SIZE, EOS_IDS)
-        self.rng, self.slow_s, self.instances = rng, slow_s, instances
+        self.chars = {ch: ids[0] for ch in map(chr, range(32, 127)) if len(ids := self.tokenizer.encode(ch)) == 1}
+        self.rng, self.slow_s, self.instances, self.walks, self.shrink_s = rng, slow_s, instances, walks, shrink_s
         self.under: list[str] = []  # served, llguidance's row past its limit
-        self.over: list[str] = []  # refused for its row, llguidance followed every instance
+        self.over: list[str] = []  # refused for its row, llguidance held every instance and walk within MAX_ROW
         self.slow: list[str] = []
-        self.counts = {"served": 0, "refused": 0, "refused otherwise": 0,
-                       "refused, held in the margin": 0, "instances rejected": 0}
+        self.slow_schemas: list[dict[str, Any]] = []
+        self.counts = {"served": 0, "refused": 0, "refused otherwise": 0, "refused, held in the margin": 0,
+                       "refused, a walk past MAX_ROW": 0, "served, a walk past MAX_ROW": 0, "instances rejected": 0}
         self.most_s = 0.0
 
     def row_failure(self, text: str, instance: Any, items: int) -> int | None:
@@ -424,20 +673,42 @@ class Weighing:
                 high = middle
         return high
 
+    def steered(self, schema: dict[str, Any], text: str, rng: random.Random) -> tuple[int, str]:
+        """The largest row `walks` Steered walks read, and the text of the walk that read it."""
+        walker = Steered(self.grammars, self.tokenizer, self.chars, text, schema_keys(schema), rng)
+        return max((walker.walk() for _ in range(self.walks)), key=lambda found: found[0])
+
+    def weight(self, schema: dict[str, Any]) -> int | str:
+        """check_json_schema's weight, or its refusal's message."""
+        try:
+            return grammar.check_json_schema(schema, True, "response_format")
+        except InvalidRequest as exc:
+            return exc.args[0]
+
+    def flag(self, schema: dict[str, Any]) -> str | None:
+        """UNDER (served, a walk's row past ROW_ITEMS) or OVER (refused for its row, every walk's within MAX_ROW)
+        where `schema` is one (the shrinker's test: its walks seeded alike), else None."""
+        weight = self.weight(schema)
+        text = grammar._json_grammar(schema, True, "p")
+        if isinstance(weight, str) and ("parser row" not in weight or llguidance.LLMatcher.validate_grammar(text)):
+            return None
+        row, _ = self.steered(schema, text, random.Random(0))
+        if isinstance(weight, int):
+            return "UNDER" if row > grammar.ROW_ITEMS else None
+        return "OVER" if 0 <= row <= grammar.MAX_ROW else None
+
     def schema(self, schema: dict[str, Any]) -> None:
         started = time.process_time()
-        try:
-            weight: int | str = grammar.check_json_schema(schema, True, "response_format")
-        except InvalidRequest as exc:
-            weight = exc.args[0]
+        weight = self.weight(schema)
         spent = time.process_time() - started
         self.most_s = max(self.most_s, spent)
         shown = json.dumps(schema)
         if spent > self.slow_s:
             started = time.process_time()
             grammar_rows.schema_weight(schema)
+            self.slow_schemas.append(schema)
             self.found("SLOW", f"{spent:.2f} s CPU, schema_weight's {time.process_time() - started:.2f} s "
-                             f"({len(shown)} chars): {shown}")
+                               f"({len(shown)} chars): {shown[:300]}")
         text = grammar._json_grammar(schema, True, "p")
         if isinstance(weight, str) and ("parser row" not in weight or llguidance.LLMatcher.validate_grammar(text)):
             self.counts["refused otherwise"] += 1  # llguidance's own refusal (oneOf's options may overlap), ManyOptions
@@ -448,21 +719,34 @@ class Weighing:
         held = [instance for instance, failure in zip(instances, failures) if failure is None]
         rows = [failure for failure in failures if failure and failure > 0]
         if isinstance(weight, int):
+            walked, typed = self.steered(schema, text, self.rng)
             self.counts["served"] += 1
-            if rows:
-                self.found("UNDER", f"weight {weight}, llguidance's row {max(rows)}: {shown}")
+            self.counts["served, a walk past MAX_ROW"] += grammar.MAX_ROW < walked <= grammar.ROW_ITEMS
+            if rows or walked > grammar.ROW_ITEMS:
+                self.found("UNDER", f"weight {weight}, llguidance's row {max([walked, *rows])} (walk {typed!r})",
+                           schema)
             return
         self.counts["refused"] += 1
-        if not rows and held:
-            largest = self.largest_row(text, held)
-            if largest <= grammar.MAX_ROW:  # held within the bound's own margin: weighed past it by mistake
-                self.found("OVER", f"{weight.split(',')[0]}; llguidance's largest row {largest}: {shown}")
-            else:
-                self.counts["refused, held in the margin"] += 1
+        if rows or not held:
+            return
+        largest = self.largest_row(text, held)
+        if largest > grammar.MAX_ROW:  # held within the bound's own margin
+            self.counts["refused, held in the margin"] += 1
+        elif (walk := self.steered(schema, text, self.rng))[0] > grammar.MAX_ROW:  # the instances' miss
+            self.counts["refused, a walk past MAX_ROW"] += 1
+            print(f"WITNESS MISS {weight.split(',')[0]}; instances' largest row {largest}, a walk's {walk[0]} "
+                  f"({walk[1]!r})", flush=True)
+        else:
+            self.found("OVER", f"{weight.split(',')[0]}; llguidance's largest row {largest}, a walk's {walk[0]} "
+                               f"({walk[1]!r})", schema)
 
-    def found(self, label: str, line: str) -> None:
+    def found(self, label: str, line: str, schema: dict[str, Any] | None = None) -> None:
         {"UNDER": self.under, "OVER": self.over, "SLOW": self.slow}[label].append(line)
-        print(label, line, flush=True)
+        print(label, line if schema is None else f"{line}: {json.dumps(schema)[:2000]}", flush=True)
+        if schema is not None and self.shrink_s:
+            small = shrunk(schema, lambda cut: self.flag(cut) == label, self.shrink_s)
+            walked = self.steered(small, grammar._json_grammar(small, True, "p"), random.Random(0))
+            print(f"{label} SHRUNK weight {self.weight(small)!r}, walks' row {walked}: {json.dumps(small)}", flush=True)
 
     def run(self, count: int) -> None:
         for _ in range(count):
@@ -479,10 +763,17 @@ def main() -> None:
     parser.add_argument("--held-ms", type=float, default=50)
     parser.add_argument("--weigh", type=int, default=0, help="weigh this many schemas against llguidance instead")
     parser.add_argument("--slow-s", type=float, default=0.5)
+    parser.add_argument("--walks", type=int, default=4, help="steered walks a weighed schema")
+    parser.add_argument("--shrink-s", type=float, default=0.0, help="seconds to shrink each UNDER or OVER found")
+    parser.add_argument("--write-slow", type=Path, help="write each SLOW schema into this directory")
     args = parser.parse_args()
     if args.weigh:
-        weighing = Weighing(random.Random(args.seed), args.slow_s)
+        weighing = Weighing(random.Random(args.seed), args.slow_s, walks=args.walks, shrink_s=args.shrink_s)
         weighing.run(args.weigh)
+        if args.write_slow:
+            args.write_slow.mkdir(parents=True, exist_ok=True)
+            for i, schema in enumerate(weighing.slow_schemas):
+                (args.write_slow / f"slow-{args.seed}-{i}.json").write_text(json.dumps(schema))
         sys.exit(1 if weighing.under or weighing.over or weighing.slow else 0)
     log = Path(tempfile.mkdtemp(prefix="fuzz-schemas-")) / "server.log"
     with GunicornServer(cpu_env(make_checkpoint(), NANOQWEN_MAX_BATCH="8"), log) as srv:

@@ -26,6 +26,12 @@ def ref_chain(links: int, end: str = "integer") -> dict[str, Any]:
     return {"$ref": "#/$defs/d0", "$defs": chain_defs("d", links, end)}
 
 
+def hop_chain(hops: int, end: dict[str, Any] | None = None, name: str = "h") -> dict[str, Any]:
+    """`$defs` of `hops` bare `$ref`s `{name}i`, each naming the next, the last `end` (an integer by default)."""
+    defs: dict[str, Any] = {f"{name}{i}": {"$ref": f"#/$defs/{name}{i + 1}"} for i in range(hops)}
+    return defs | {f"{name}{hops}": end or {"type": "integer"}}
+
+
 def options_with_chains(options: int, links: int, option: Option = lambda j, chain: closed_object({"x": chain}),
                         listed: Callable[[list[Any]], list[Any]] = list) -> dict[str, Any]:
     """An `anyOf` of `options` options, option(j, a `$ref` to chain j) each (by default `{"x": chain j}`), as `listed`

@@ -32,7 +32,9 @@ from nanoqwen.text import TokenBytes
 from schema_shapes import (
     ALIKE,
     ONE_LOOSE_VALUE,
+    chain_defs,
     closed_object,
+    hop_chain,
     many_patterns,
     named_and_own_pattern,
     one_loose_value,
@@ -533,6 +535,22 @@ def test_a_chain_of_refs_by_anchor_or_id_weighs_its_links(shape: str) -> None:
     with pytest.raises(InvalidRequest, match="parser row") as refused:
         grammar_module.check_json_schema(schema, True, "response_format")
     assert refused.value.param == "response_format"
+
+
+def test_a_chain_of_bare_refs_adds_no_items(grammars: Grammars, tokenizer: PreTrainedTokenizerFast) -> None:
+    """500 `$ref`s each naming the next (hops) to an integer: llguidance compiles a hop as its target, its row 2
+    items, and the hops had weighed 2 items each (1,002: a 400 for a schema llguidance follows). Now a hop to a hop
+    adds none; hops that lead to a chain of `anyOf` links still weigh its links (300 hops to 450 links, 901 items in
+    llguidance's row), and options that go on alike into such hops add their chains up (a 400)."""
+    hops = {"$ref": "#/$defs/h0", "$defs": hop_chain(500)}
+    assert grammar_module.check_json_schema(hops, True, "p") == 2
+    assert _follows_schema(grammars, tokenizer, hops, "5")
+    into_chain = {"$ref": "#/$defs/h0", "$defs": hop_chain(300, {"$ref": "#/$defs/d0"}) | chain_defs("d", 450)}
+    assert grammar_module.check_json_schema(into_chain, True, "p") >= 2 * 450 + 1
+    alike = options_with_chains(5, 240, lambda j, chain: closed_object({"x": {"$ref": f"#/$defs/h{j}_0"}}))
+    for j in range(5):
+        alike["$defs"] |= hop_chain(200, {"$ref": f"#/$defs/c{j}_0"}, f"h{j}_")
+    assert grammar_rows.schema_weight(alike) >= 5 * (2 * 240 + 1)
 
 
 def test_a_dynamic_ref_is_refused_or_ignored() -> None:

@@ -39,7 +39,15 @@ from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_I
 from engine_util import GRAMMAR_FAILED
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
-from schema_shapes import ALIKE, ONE_LOOSE_VALUE, many_patterns, one_loose_value, patterns_of_patterns, ref_chain
+from schema_shapes import (
+    ALIKE,
+    ONE_LOOSE_VALUE,
+    hop_chain,
+    many_patterns,
+    one_loose_value,
+    patterns_of_patterns,
+    ref_chain,
+)
 from server_process import GunicornServer
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -1013,6 +1021,13 @@ def test_an_options_loose_values_a_level_down_are_served(server: GunicornServer,
     (chains of 300): after a key llguidance holds one chain, but every loose value had been weighed alike a level down
     (1,210 and 1,206), a 400 naming response_format. Served, and its answer validates."""
     _served_and_valid(server, one_loose_value(shape, ONE_LOOSE_VALUE[shape][0]))
+
+
+def test_a_chain_of_bare_refs_is_served(server: GunicornServer) -> None:
+    """500 `$ref`s each naming the next (hops) to an integer: llguidance compiles a hop as its target (a row of 2
+    items), but each hop had been weighed 2 items (1,002), a 400 naming response_format. Served, and its answer
+    validates. (1,500 hops are refused still: their objects' walk passes object_runs' MAX_WORK.)"""
+    _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": hop_chain(500)})
 
 
 def test_loose_values_in_turn_past_their_work_are_served(server: GunicornServer) -> None:

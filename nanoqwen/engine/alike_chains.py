@@ -106,10 +106,11 @@ def _matches(pattern: str | None, name: str) -> bool:
 
 class AlikeChains:
     """For one schema (`root`): where each resolved `$ref` is and points (`targets`), the path of each of its subschemas
-    by id, and the items a `$ref` link adds to a row (`link`)."""
+    by id, and the items each `$ref` adds to a row (`links`, by where it is)."""
 
-    def __init__(self, root: Any, targets: Mapping[Path, Path], paths: Mapping[int, Path], link: int) -> None:
-        self._root, self._targets, self._paths, self._link = root, targets, paths, link
+    def __init__(self, root: Any, targets: Mapping[Path, Path], paths: Mapping[int, Path],
+                 links: Mapping[Path, int]) -> None:
+        self._root, self._targets, self._paths, self._links = root, targets, paths, links
         self._objects = SchemaObjects(root)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
         self._holding: dict[int, bool] = {}  # by id: whether a node may hold values (_corner)
@@ -256,7 +257,7 @@ class AlikeChains:
         if (at := self._paths.get(id(node))) is not None and (target := self._targets.get(at)) is not None:
             way = pointer_way(self._root, target)
             if way is not None:
-                yield (way[-1] if way else self._root), self._link
+                yield (way[-1] if way else self._root), self._links[at]
         for key in (*ALTERNATIVES, "allOf"):
             if isinstance(options := node.get(key), list):
                 yield from ((option, 0) for option in options)

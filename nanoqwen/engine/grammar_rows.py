@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
+from nanoqwen.engine.object_runs import is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
     own_patterns,
@@ -55,7 +56,10 @@ RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
 # the longest URI that a `$ref` resolves to, or that a `$ref` or an `$id` is resolved against, weighed (LongReference
 # past it); a longer `$id` that nothing is resolved against costs nothing
 LONG_URI = 2_048
-REF_LINK = 2  # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links)
+# Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links); a hop to a hop
+# (object_runs' is_hop: both bare `$ref`s) none: llguidance compiles a hop as its target (1,500 hops to an integer held
+# 2 items, and were weighed 3,002: a 400)
+REF_LINK = 2
 # Groups (`(`, `[`) open at once in a Lark body: llguidance's parser refuses a 29th (1.9.1), but only after this walk,
 # whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
 # profiles/RESULTS.md, hunt33). Past llguidance's, so that its own 400 names the place where it refuses.
@@ -675,13 +679,20 @@ def schema_weight(schema: Any) -> int:
         return path[:deepest]
 
     links: dict[tuple[str, ...], dict[tuple[str, ...], int]] = defaultdict(dict)
+    weights = {path: _link_items(schema, path, target) for path, target in refs}
     for path, target in refs:
-        links[owner(path)][target] = REF_LINK
+        links[owner(path)][target] = max(links[owner(path)].get(target, 0), weights[path])
     for target in targets:
         if target:
             links[owner(target[:-1])].setdefault(target, 0)
-    chains = AlikeChains(schema, dict(refs), found.paths, REF_LINK)
+    chains = AlikeChains(schema, dict(refs), found.paths, weights)
     return widest + max(_heaviest(links), chains.heaviest(node for node, _ in alternated))
+
+
+def _link_items(schema: Any, path: tuple[str, ...], target: tuple[str, ...]) -> int:
+    """The items the `$ref` at `path` adds to a row: REF_LINK, none where it and its `target` are hops (is_hop)."""
+    nodes = [(pointer_way(schema, at) or [None])[-1] if at else schema for at in (path, target)]
+    return 0 if all(map(is_hop, nodes)) else REF_LINK
 
 
 def schema_links(schema: Any) -> SchemaLinks:

@@ -28,6 +28,7 @@ LINK_KEYS = frozenset(("$ref", "description", "title", "$comment", "default", "e
                        "$anchor"))
 MAX_DEPTH = 32
 ALTERNATIVES = ("anyOf", "oneOf")
+DEFS = frozenset(("$defs", "definitions"))  # beside a root's `$ref`: what it refers into, nothing it matches
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
                              "$ref"))
@@ -42,6 +43,12 @@ Key = tuple[str, Any]
 def is_object_type(kind: Any) -> bool:
     """Whether a `type` keyword's value admits an object."""
     return kind == "object" or isinstance(kind, list) and "object" in kind
+
+
+def is_hop(node: Any) -> bool:
+    """Whether `node` is a `$ref` beside annotations at most (LINK_KEYS; a root's `$defs`): llguidance compiles it as
+    its target, no rule of its own."""
+    return isinstance(node, dict) and "$ref" in node and node.keys() - DEFS <= LINK_KEYS
 
 
 class TooManyParts(ValueError):
