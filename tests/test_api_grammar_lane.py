@@ -14,6 +14,7 @@ import gevent
 import pytest
 from flask.testing import FlaskClient
 
+from checkpoints import EOS_IDS, VOCAB_SIZE
 from engine_util import load_engine
 from nanoqwen.api import offload, structured
 from nanoqwen.api.app import create_app
@@ -196,7 +197,7 @@ def test_a_prompt_of_long_prompt_chars_is_tokenised_in_the_long_lane(
 def real(tiny_checkpoint: Path) -> Iterator[tuple[Serving, list[Any], list[Any]]]:
     """A Serving of real Grammars, and what its tokenising lane returned and its grammar lane ran, in order."""
     tokenizer = load_tokenizer(tiny_checkpoint)
-    grammars = Grammars(tokenizer, TokenBytes(tokenizer), 151936, [151645, 151643])
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)
     serving = Serving(SimpleNamespace(grammars=grammars), ServerConfig(), SimpleNamespace())  # type: ignore[arg-type]
     looked_up: list[Any] = []
     compiles: list[Any] = []

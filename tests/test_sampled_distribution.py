@@ -17,7 +17,7 @@ import requests
 import torch
 
 from chat_http import MODEL
-from checkpoints import make_checkpoint
+from checkpoints import VOCAB_SIZE, make_checkpoint
 from nanoqwen import loader
 from nanoqwen.text import TokenBytes
 from sampling_reference import Params, chi_square, probabilities
@@ -68,7 +68,7 @@ class Pieces:
 @pytest.fixture(scope="module")
 def pieces() -> Pieces:
     tokens = TokenBytes(loader.load_tokenizer(make_checkpoint()))
-    ids = [tokens.piece(t) for t in range(151936)]
+    ids = [tokens.piece(t) for t in range(VOCAB_SIZE)]
     index: dict[str, int] = {}
     of = np.array([index.setdefault(piece, len(index)) for piece in ids])
     counts = np.bincount(of)

@@ -13,7 +13,7 @@ import requests
 import torch
 
 from chat_http import MODEL
-from checkpoints import ENDOFTEXT_ID, EOS_IDS
+from checkpoints import ENDOFTEXT_ID, EOS_IDS, VOCAB_SIZE
 from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import StopMatcher
 from server_process import GunicornServer
@@ -152,7 +152,7 @@ def test_a_temperature_below_1e_5_is_greedy(server: GunicornServer) -> None:
 
 def test_token_bitmask_sets_exactly_the_given_bits() -> None:
     ids = [0, 1, 31, 32, 33, 100, 151935]
-    words = token_bitmask(ids, 151936)  # int32 [ceil(V / 32)]: bit t % 32 of word t // 32
+    words = token_bitmask(ids, VOCAB_SIZE)  # int32 [ceil(V / 32)]: bit t % 32 of word t // 32
     assert words.shape == (4748,) and words.dtype == torch.int32
     bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
     assert bits.flatten().nonzero().flatten().tolist() == ids
