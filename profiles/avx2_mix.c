@@ -1,8 +1,8 @@
 /* What the AVX2 int8 linear's inner loop (ops/cpu/csrc/linear_int8.c, madd_pieces: int16 activation pieces against
    the weights widened to int16, vpmaddwd) can reach on this core: its instruction mix alone, hot in L1, one thread,
    timed by the thread's CPU time, in cycles by a dependent add chain (1 cycle an add); with `int4`, the AVX2 int4
-   linear's 8-row loop instead (below). Not a test; profiles/RESULTS.md (lanes b8_40 and int4b8_40, fortieth session)
-   has the figures.
+   linear's 8-row and 1-row loops instead (below). Not a test; profiles/RESULTS.md (lanes b8_40 and int4b8_40,
+   fortieth session; int4b1_41, forty-first) has the figures.
 
    The kernel's iteration at 8 bf16 rows (two passes of 4 piece rows, AVX2_MAX_PIECES): 32 weights of one weight row
    widened by 2 vpmovsxbw, 8 vpmaddwd each loading 32 bytes of a piece row (rows S bytes apart: S = 2 K, 2048 for
@@ -17,7 +17,7 @@
    Build from the repository root:
      cc -O2 -mavx2 profiles/avx2_mix.c -o profiles/out/avx2_mix
    Run: taskset -c 1 profiles/out/avx2_mix [int4] [ITERATIONS 20000000 [S ...]] (S: the piece rows' distance in bytes,
-   default 2048 4096 6144; at most 6144; int4: the int4 8-row loop's mix instead, below) */
+   default 2048 4096 6144; at most 6144; int4: the int4 8-row and 1-row loops' mixes instead, below) */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,20 +119,25 @@ static double loop8(long n, long S) {
 
 static int8_t acts[4 * 2048] __attribute__((aligned(64)));   /* 4 chunks of 8 rows */
 static float row_scales[8 * 32] __attribute__((aligned(64))), sums[8 * 8 + 24] __attribute__((aligned(64)));
+static uint16_t group_scales[64] __attribute__((aligned(64)));
+static const short ones16[16] __attribute__((aligned(32))) = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 static const unsigned char mask15[32] __attribute__((aligned(32))) = {
     15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
     15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
 
-/* The fastest of 5 runs of `n` iterations of BODY (asm, operands %0 a chunk's 8 activation rows, %1 its weights, %2
-   the rows' block scales (row r 128 bytes on), %3 their fp32 sums (row r 32 bytes on), %4 the nibble mask), ns each. */
+/* The fastest of 5 runs of `n` iterations of BODY (asm, operands %0 a chunk's 8 activation rows, %1 its weights (a
+   quad's chunk: 4 weight rows 128 bytes apart), %2 the rows' block scales (row r 128 bytes on), %3 their fp32 sums
+   (row r 32 bytes on), %4 the nibble mask, %5 the 4 weight rows' bf16 group scales (row i 32 bytes on), %6 int16 ones;
+   r11 free), ns each. */
 #define TIMED4(n, BODY) ({ \
         double best_ = 1e30; \
         for (int run_ = 0; run_ < 5; run_++) { \
             const double t0_ = now(); \
             for (long i_ = 0; i_ < (n); i_++) { \
                 const int8_t *q_ = acts + (i_ & 3) * 2048; \
-                const signed char *w_ = weights + (i_ & 31) * 128; \
-                __asm__ volatile(BODY ::"r"(q_), "r"(w_), "r"(row_scales), "r"(sums), "r"(mask15) : REGS); \
+                const signed char *w_ = weights + (i_ & 7) * 512; \
+                __asm__ volatile(BODY ::"r"(q_), "r"(w_), "r"(row_scales), "r"(sums), "r"(mask15), \
+                                 "r"(group_scales), "r"(ones16) : REGS, "r11"); \
             } \
             const double t_ = now() - t0_; \
             best_ = t_ < best_ ? t_ : best_; \
@@ -167,6 +172,49 @@ static const unsigned char mask15[32] __attribute__((aligned(32))) = {
 #define MULROW(r) UBSR(0, 10) UBSR(1, 11) UBSR(2, 12) UBSR(3, 14) UBSR(4, 15) UBSR(5, 10) UBSR(6, 11) UBSR(7, 12) \
     "vpmaddwd " Y(8) ", " Y(14) ", " Y(15) "\n"
 
+/* ---- int4 mode, 1 row: linear_int4.c's AVX2 1-row loop (il_quad at 1 bf16 row: il_quad8, il_quad_chunk8). An
+   iteration is one chunk of a pass of 4 weight rows (a quad's chunk: 4 x 128 bytes, one stream) against the one int8
+   activation row (256 bytes): for each of the chunk's 4 vectors v the row's two activation vectors loaded once (ymm9,
+   ymm10) for the 4 weight rows, and each weight row's vector loaded (ymm5), unpacked (vpsrlw, 2 vpand with the mask in
+   ymm0), 2 vpmaddubsw and 2 vpaddw (1 at v 0) into its int16 sum (ymm1-4); then each weight row's end: a vpmaddwd by
+   ones (ymm11), a convert, its 4 bf16 group scales widened (vpmovzxwd, vpslld, vinsertf128: il_scales4) times the
+   chunk's block scales (loaded), an FMA into its fp32 sum (ymm12-15). Rows (cycles per weight row of a chunk, 256
+   products):
+     reg 1 row      the integer work alone, the weights and activations in registers (no loads, no fp32 end)
+     L1 1 row       the iteration with its loads and ends, the fp32 sums in registers: the loop's own mix
+     + GCC's extras as GCC builds il_quad_1_1_1 (objdump of the runtime build at a0c7ec4): each weight vector loaded
+                    twice (for the shift, and as the low nibbles' vpand operand), two of the 4 fp32 sums through the
+                    stack (FMA from it, stored back), 5 pointers reloaded from it, and its 8 prefetcht0 */
+#define Q1ACTS(v) "vmovdqa " #v "*64(%0), " Y(9) "\n vmovdqa " #v "*64+32(%0), " Y(10) "\n"
+/* weight row i's vector v into its int16 sum ymm s: LOW the low nibbles' vpand, ADD how the pair's sum is added */
+#define Q1ROW(v, i, s, LOW, ADD) "vmovdqu " #v "*32+" #i "*128(%1), " Y(5) "\n vpsrlw $4, " Y(5) ", " Y(6) "\n" \
+    LOW(v, i) "vpand " Y(0) ", " Y(6) ", " Y(6) "\n vpmaddubsw " Y(9) ", " Y(5) ", " Y(5) "\n" \
+    "vpmaddubsw " Y(10) ", " Y(6) ", " Y(6) "\n" ADD(s)
+#define LOW_REG(v, i) "vpand " Y(0) ", " Y(5) ", " Y(5) "\n"
+#define LOW_MEM(v, i) "vpand " #v "*32+" #i "*128(%1), " Y(0) ", " Y(5) "\n"
+#define FIRST(s) "vpaddw " Y(6) ", " Y(5) ", " Y(s) "\n"
+#define NEXT(s) "vpaddw " Y(6) ", " Y(5) ", " Y(5) "\n vpaddw " Y(5) ", " Y(s) ", " Y(s) "\n"
+#define Q1V(v, LOW, ADD) Q1ACTS(v) Q1ROW(v, 0, 1, LOW, ADD) Q1ROW(v, 1, 2, LOW, ADD) Q1ROW(v, 2, 3, LOW, ADD) \
+    Q1ROW(v, 3, 4, LOW, ADD)
+#define Q1INTS(LOW) "vmovdqa (%4), " Y(0) "\n" Q1V(0, LOW, FIRST) Q1V(1, LOW, NEXT) Q1V(2, LOW, NEXT) Q1V(3, LOW, NEXT)
+/* weight row i's end: its sum ymm s by ones, converted, times its group scales x the block scales (ymm7), into f */
+#define Q1SCALED(i, s) "vpmaddwd " Y(11) ", " Y(s) ", " Y(s) "\n vcvtdq2ps " Y(s) ", " Y(s) "\n" \
+    "vpmovzxwd " #i "*32(%5), %%xmm7\n vpslld $16, %%xmm7, %%xmm7\n vinsertf128 $1, %%xmm7, " Y(7) ", " Y(7) "\n" \
+    "vmulps (%2), " Y(7) ", " Y(7) "\n"
+#define END_REG(i, s, f) Q1SCALED(i, s) "vfmadd231ps " Y(7) ", " Y(s) ", " Y(f) "\n"
+#define END_MEM(i, s, f) Q1SCALED(i, s) "vfmadd213ps " #i "*32(%3), " Y(7) ", " Y(s) "\n vmovaps " Y(s) ", " #i "*32(%3)\n"
+#define Q1ENDS(E01) "vmovdqa (%6), " Y(11) "\n" E01(0, 1, 12) E01(1, 2, 13) END_REG(2, 3, 14) END_REG(3, 4, 15)
+#define Q1EXTRAS "prefetcht0 2048(%1)\n prefetcht0 2112(%1)\n prefetcht0 2176(%1)\n prefetcht0 2240(%1)\n" \
+    "prefetcht0 2304(%1)\n prefetcht0 2368(%1)\n prefetcht0 2432(%1)\n prefetcht0 2496(%1)\n mov 256(%3), %%r11\n" \
+    "mov 264(%3), %%r11\n mov 272(%3), %%r11\n mov 280(%3), %%r11\n mov 288(%3), %%r11\n"
+/* the integer work in registers: the weights' vector in ymm8 */
+#define Q1ROW_REG(s, ADD) "vpsrlw $4, " Y(8) ", " Y(6) "\n vpand " Y(0) ", " Y(8) ", " Y(5) "\n vpand " Y(0) ", " Y(6) \
+    ", " Y(6) "\n vpmaddubsw " Y(9) ", " Y(5) ", " Y(5) "\n vpmaddubsw " Y(10) ", " Y(6) ", " Y(6) "\n" ADD(s)
+#define Q1V_REG(ADD) Q1ROW_REG(1, ADD) Q1ROW_REG(2, ADD) Q1ROW_REG(3, ADD) Q1ROW_REG(4, ADD)
+#define Q1REG Q1V_REG(FIRST) Q1V_REG(NEXT) Q1V_REG(NEXT) Q1V_REG(NEXT) "vpmaddwd " Y(11) ", " Y(1) ", " Y(1) "\n" \
+    "vpmaddwd " Y(11) ", " Y(2) ", " Y(2) "\n vpmaddwd " Y(11) ", " Y(3) ", " Y(3) "\n" \
+    "vpmaddwd " Y(11) ", " Y(4) ", " Y(4) "\n"
+
 static void int4_mode(long n, double ghz) {
     for (int i = 0; i < (int)sizeof acts; i++) acts[i] = (int8_t)(i * 37);
     printf("int4 8-row loop (il_rows): cycles a row of a chunk (256 weights x 1 row), fastest of 5 runs of %ld\n", n);
@@ -175,6 +223,12 @@ static void int4_mode(long n, double ghz) {
     printf("%-34s %7.2f  (20 a row + 17 a chunk)\n", "L1 (the kernel's mix)", ghz / 8 * TIMED4(n, UNPACK ROW8(L1ROW)));
     printf("%-34s %7.2f  (23 a row + 17 a chunk)\n", "L1 + the kernel's spills",
            ghz / 8 * TIMED4(n, UNPACK ROW8(SPILLROW)));
+    printf("int4 1-row loop (il_quad): cycles a weight row of a chunk (256 weights x 1 row)\n");
+    printf("%-34s %7.2f  (28 a weight row)\n", "reg 1 row: integer work, no loads", ghz / 4 * TIMED4(n, Q1REG));
+    printf("%-34s %7.2f  (34 + 5 loads a weight row, 10 loads a chunk)\n", "L1 1 row (the loop's mix)",
+           ghz / 4 * TIMED4(n, Q1INTS(LOW_REG) Q1ENDS(END_REG)));
+    printf("%-34s %7.2f  (and 4 loads + 1 store a weight row, 13 a chunk)\n", "L1 1 row + GCC's extras",
+           ghz / 4 * TIMED4(n, Q1INTS(LOW_MEM) Q1ENDS(END_MEM) Q1EXTRAS));
 }
 
 /* The core's clock in GHz: a dependent chain of adds, 1 cycle each. */

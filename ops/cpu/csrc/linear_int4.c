@@ -685,7 +685,7 @@ static int linear_int4_vnni(const void *x, const uint8_t *w, const void *scale, 
 #define IL_QUAD_ROWS 2    /* the most piece rows an il_quad pass takes (3 and more: il_rows) */
 /* Piece rows an il_rows pass takes (3 and more): one weight row, each chunk unpacked once for all of them, their fp32
    sums in L1 (left to the compiler in the general loop they spilled worse: 8 bf16 rows of 512 x 1024 hot, 142 µs
-   against 90, int4b8; bf16 rows' own loop, il_row_sums8, keeps them as locals). */
+   against 90, int4b8; bf16 rows' own loop, il_sums8, keeps them as locals). */
 #define IL_ROW_PIECES 8
 /* How far ahead the weights are prefetched: the same chunk of the row this many rows on (in quads, the same offset) */
 #define IL_AHEAD_ROWS 8
@@ -858,14 +858,35 @@ INLINE __m128 hsum4(const __m256 o[4]) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* A chunk's nibbles at p (unpacked once) against R bf16 rows' int8 (row r 256 r bytes after q; its block scales rs
+   floats after lanes), ws the chunk's group scales: f[r] += the row's scaled sums (il_scaled8), block b's in int32
+   lanes b and 4 + b. A row's 8 vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most
+   30,480: no wrap), pair by pair into one sum, kept a chain by the empty asm: else GCC took all 8 products at once
+   and reloaded a spilled nibble vector and ws each row (~32 instructions a row against ~25). */
+INLINE void il_row_chunk8(const uint8_t *p, __m256 ws, const int8_t *q, const float *lanes, long rs, int R,
+                          __m256 f[IL_ROW_PIECES]) {
+    __m256i u[8];
+    il_nibbles(p, u);
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
+        const __m256i *x = (const __m256i *)(q + 256 * r);
+        __m256i s = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
+            const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(x + 2 * v)),
+                                               _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(x + 2 * v + 1)));
+            s = v ? _mm256_add_epi16(s, t) : t;
+            __asm__("" : "+x"(s));
+        }
+        f[r] = il_scaled8(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), ws, lanes + rs * r, f[r]);
+    }
+}
+
 /* il_quad's chunk for R bf16 rows (int8 blocks), vector by vector: each pair of activation vectors loaded once for
-   the W weight rows, each row's int16 sums in registers until the chunk's end (il_row_chunk8's sums, added in another
-   order: exact integers, the same), then il_scaled8 as every pass. w[i]: weight row i's chunk bytes, ws[i] its group
-   scales; q: row m0's int8 for the chunk (row r 256 r bytes on), lanes: its block scales (row r `rs` floats on). */
-INLINE void il_quad_chunk8(const uint8_t *const w[], const __m256 ws[], const int8_t *q, const float *lanes, long rs,
-                           int W, int R, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+   the W weight rows, each row's int16 sums s[i][r] in registers until the chunk's end (il_row_chunk8's sums, added in
+   another order: exact integers, the same). w[i]: weight row i's chunk bytes; q: row m0's int8 for the chunk (row r
+   256 r bytes on). */
+INLINE void il_quad_ints8(const uint8_t *const w[], const int8_t *q, int W, int R,
+                          __m256i s[IL_QUAD_PIECES][IL_QUAD_ROWS]) {
     const __m256i nibble = _mm256_set1_epi8(15);
-    __m256i s[IL_QUAD_PIECES][IL_QUAD_ROWS];
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
         __m256i lo[IL_QUAD_ROWS], hi[IL_QUAD_ROWS];  /* the activations the vector's low and high nibbles meet */
         _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
@@ -883,52 +904,62 @@ INLINE void il_quad_chunk8(const uint8_t *const w[], const __m256 ws[], const in
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
-            f[i][r] = il_scaled8(_mm256_madd_epi16(s[i][r], _mm256_set1_epi16(1)), ws[i], lanes + rs * r, f[i][r]);
 }
 
-/* il_quad's chunks for bf16 rows (whose group scales are bf16): the pointers stepped chunk by chunk and the fp32 sums
-   in locals. Through il_chunk and il_step (still the fp32 rows' way) GCC recomputed the pointers each chunk, spilled
-   them and kept the sums and the activations on the stack: 1 bf16 row of 512 x 1024 hot, one thread, 10.5-10.8 µs a
-   call against 11.4-11.6 (~290 instructions a quad's chunk against ~220; profiles/RESULTS.md, int4b1). */
-INLINE void il_quad8(const struct linear_int4_madd_args *a, long n, int W, int m0, int R, int one,
-                     __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
-    const long chunks = (a->K + 255) / 256, whole = a->K / 256, qs = (long)a->M * 256, groups = a->groups;
-    const uint8_t *w0, *w[IL_QUAD_PIECES];
+/* Chunk c (nb blocks; p: weight row n's, a row's next `next` bytes on, unused where nb < 4: il_tail) of weight rows
+   n + i, i < W, against R bf16 rows (int8 blocks; q: row m0's for the chunk, row r 256 r bytes on; lanes: its block
+   scales, row r `rs` floats on): acc[i][r] += the scaled sums (il_scaled8), the group scales at `scale` (row i
+   a->groups on) where one (G == 64, a constant) and the chunk is whole. One weight row against 3 or more (il_rows):
+   il_row_chunk8; else il_quad_ints8. The group scales are read before the integer sums: read after them (they then
+   hold no registers through the chunk, and GCC keeps il_quad's 4 fp32 sums in registers, not 2 on the stack), 1 bf16
+   row of 512 x 1024 hot took 1.02x the time (profiles/RESULTS.md, int4b1_41). */
+INLINE void il_chunk8(const struct linear_int4_madd_args *a, const uint8_t *p, long next, const uint16_t *scale, long n,
+                      long c, int nb, int W, int R, const int8_t *q, const float *lanes, long rs, int one,
+                      __m256 acc[][IL_ROW_PIECES]) {
+    uint32_t bytes[IL_QUAD_PIECES][32] __attribute__((aligned(32)));
+    const uint8_t *w[IL_QUAD_PIECES];
+    __m256 ws[IL_QUAD_PIECES];
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        w[i] = il_chunk_bytes(a, nb < 4 ? il_tail(a, n + i) : p + i * next, nb, bytes[i]),
+        ws[i] = one && nb == 4 ? il_scales4(scale + i * a->groups) : il_scales_spread(a, n + i, c, nb);
+    if (R > IL_QUAD_ROWS) {
+        il_row_chunk8(w[0], ws[0], q, lanes, rs, R, acc[0]);
+        return;
+    }
+    __m256i s[IL_QUAD_PIECES][IL_QUAD_ROWS];
+    il_quad_ints8(w, q, W, R, s);
+    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+            acc[i][r] = il_scaled8(_mm256_madd_epi16(s[i][r], _mm256_set1_epi16(1)), ws[i], lanes + rs * r, acc[i][r]);
+}
+
+/* The fp32 sums acc[i][r] (added to) of weight rows n + i, i < W, against R bf16 rows from m0 (W R <= IL_QUAD_PIECES:
+   il_quad's; W 1, 3 <= R <= IL_ROW_PIECES: il_rows'), chunk by chunk (il_chunk8), the pointers stepped chunk by chunk
+   and the sums locals. Through il_chunk and il_step (still the fp32 rows' way) GCC recomputed the pointers each chunk,
+   spilled them and kept the sums and the activations on the stack: 1 bf16 row of 512 x 1024 hot, one thread, 10.5-10.8
+   µs a call against 11.4-11.6 (~290 instructions a quad's chunk against ~220; profiles/RESULTS.md, int4b1); 8 rows
+   1.3x the time of this (int4b8_40). */
+INLINE void il_sums8(const struct linear_int4_madd_args *a, long n, int W, int m0, int R, int one,
+                     __m256 acc[][IL_ROW_PIECES]) {
+    const long chunks = (a->K + 255) / 256, whole = a->K / 256, qs = (long)a->M * 256;
+    const uint8_t *w0;
     long step, next;
     il_places(a, n, &w0, &step, &next);
     const int8_t *q = a->q8 + (long)m0 * 256;
     const float *lanes = a->lanes + (long)m0 * chunks * 8;
-    const uint16_t *scale = (const uint16_t *)a->scale + n * groups;
-    __m256 ws[IL_QUAD_PIECES], acc[IL_QUAD_PIECES][IL_QUAD_PIECES];
-    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) acc[i][r] = f[i][r];
-    for (long c = 0; c < whole; c++, w0 += step, q += qs, lanes += 8, scale += 4) {
-        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-            w[i] = il_chunk_bytes(a, w0 + i * next, 4, NULL),
-            ws[i] = one ? il_scales4(scale + i * groups) : il_scales_spread(a, n + i, c, 4);
-        il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
-    }
-    if (a->K % 256) {
-        uint32_t bytes[IL_QUAD_PIECES][32] __attribute__((aligned(32)));
-        const int nb = a->K / 64 % 4;
-        _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-            w[i] = il_chunk_bytes(a, il_tail(a, n + i), nb, bytes[i]),
-            ws[i] = il_scales_spread(a, n + i, whole, nb);
-        il_quad_chunk8(w, ws, q, lanes, chunks * 8, W, R, acc);
-    }
-    _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
-        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) f[i][r] = acc[i][r];
+    const uint16_t *scale = (const uint16_t *)a->scale + n * a->groups;
+    for (long c = 0; c < whole; c++, w0 += step, q += qs, lanes += 8, scale += 4)
+        il_chunk8(a, w0, next, scale, n, c, 4, W, R, q, lanes, chunks * 8, one, acc);
+    if (a->K % 256) il_chunk8(a, NULL, next, scale, n, whole, a->K / 64 % 4, W, R, q, lanes, chunks * 8, one, acc);
 }
 
 /* y[m0 + j, n + i] for the `rows` activation rows from m0 and the W weight rows from n (W, rows, P and int8
-   constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk (fp32 rows il_quad_chunk, bf16 rows il_quad8), each
+   constants, W * rows * P <= IL_QUAD_PIECES): chunk by chunk (fp32 rows il_quad_chunk, bf16 rows il_sums8), each
    weight row's chunk against every piece row, the fp32 sums in registers, then the ends (madd_ends). Several weight
    rows a pass for few piece rows: their sums are independent FMA chains, and the end of a row (sums across lanes, the
    offsets) is shared; a pass of 4 reads one quad, one stream (int4_block.h). il_quad_chunk: fp32 rows' int16 pieces. */
 INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long next, long n, long c, int nb,
-                          int W, int m0, int R, int P, int one, __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES]) {
+                          int W, int m0, int R, int P, int one, __m256 f[][IL_ROW_PIECES]) {
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++) {
         __m256i e[16];
         __m256 ws;
@@ -939,11 +970,11 @@ INLINE void il_quad_chunk(const struct linear_int4_madd_args *a, const uint8_t *
 
 INLINE void il_quad(const struct linear_int4_madd_args *a, long n, int W, int m0, int rows, int P, int one, int int8) {
     const int R = rows * P;
-    __m256 f[IL_QUAD_PIECES][IL_QUAD_PIECES];
+    __m256 f[IL_QUAD_PIECES][IL_ROW_PIECES];
     _Pragma("GCC unroll 4") for (int i = 0; i < W; i++)
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) f[i][r] = _mm256_setzero_ps();
     if (int8) {
-        il_quad8(a, n, W, m0, R, one, f);
+        il_sums8(a, n, W, m0, R, one, f);
     } else {
         const long whole = a->K / 256;  /* chunks of 4 blocks; a last one of K / 64 % 4 */
         const uint8_t *w0;
@@ -997,57 +1028,9 @@ INLINE __m256 il_row_end(const struct linear_int4_madd_args *a, long n, int m0, 
     return _mm256_add_ps(hsum8(o), _mm256_load_ps(tail));
 }
 
-/* A chunk's nibbles at p (unpacked once) against R bf16 rows' int8 (row r 256 r bytes after q; its block scales rs
-   floats after lanes), ws the chunk's group scales: f[r] += the row's scaled sums (il_scaled8), block b's in int32
-   lanes b and 4 + b. A row's 8 vpmaddubsw (pairs of at most 2 x 15 x 127) add in int16 (16 products a lane, at most
-   30,480: no wrap), pair by pair into one sum, kept a chain by the empty asm: else GCC took all 8 products at once
-   and reloaded a spilled nibble vector and ws each row (~32 instructions a row against ~25). */
-INLINE void il_row_chunk8(const uint8_t *p, __m256 ws, const int8_t *q, const float *lanes, long rs, int R,
-                          __m256 f[IL_ROW_PIECES]) {
-    __m256i u[8];
-    il_nibbles(p, u);
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
-        const __m256i *x = (const __m256i *)(q + 256 * r);
-        __m256i s = _mm256_setzero_si256();
-        _Pragma("GCC unroll 4") for (int v = 0; v < 4; v++) {
-            const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(u[2 * v], _mm256_load_si256(x + 2 * v)),
-                                               _mm256_maddubs_epi16(u[2 * v + 1], _mm256_load_si256(x + 2 * v + 1)));
-            s = v ? _mm256_add_epi16(s, t) : t;
-            __asm__("" : "+x"(s));
-        }
-        f[r] = il_scaled8(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), ws, lanes + rs * r, f[r]);
-    }
-}
-
-/* Weight row n's fp32 sums f for R bf16 rows from m0 (il_rows' bf16 pass): the pointers stepped chunk by chunk, as
-   il_quad8's, the sums locals stored once. Through il_row_chunk (still the fp32 rows' way) GCC recomputed each row's
-   addresses from the stack and stored every sum twice a chunk: 8 rows hot on one thread, 1.3x the time of this
-   (profiles/RESULTS.md, int4b8_40). */
-INLINE void il_row_sums8(const struct linear_int4_madd_args *a, long n, int m0, int R, int one, float f[][8]) {
-    const long chunks = (a->K + 255) / 256, whole = a->K / 256, qs = (long)a->M * 256, groups = a->groups;
-    const uint8_t *w0;
-    long step, next;
-    il_places(a, n, &w0, &step, &next);
-    const int8_t *q = a->q8 + (long)m0 * 256;
-    const float *lanes = a->lanes + (long)m0 * chunks * 8;
-    const uint16_t *scale = (const uint16_t *)a->scale + n * groups;
-    __m256 acc[IL_ROW_PIECES];
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (long c = 0; c < whole; c++, w0 += step, q += qs, lanes += 8, scale += 4)
-        il_row_chunk8(il_chunk_bytes(a, w0, 4, NULL), one ? il_scales4(scale) : il_scales_spread(a, n, c, 4), q,
-                      lanes, chunks * 8, R, acc);
-    if (a->K % 256) {
-        uint32_t bytes[32] __attribute__((aligned(32)));
-        const int nb = a->K / 64 % 4;
-        il_row_chunk8(il_chunk_bytes(a, il_tail(a, n), nb, bytes), il_scales_spread(a, n, whole, nb), q, lanes,
-                      chunks * 8, R, acc);
-    }
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[r], acc[r]);
-}
-
 /* y[m0 + j, n] for weight rows n .. end - 1 and the `rows` activation rows from m0 (rows, P, int8 constants,
    3 <= rows * P <= IL_ROW_PIECES): one weight row at a time, each chunk unpacked once for all the piece rows, whose
-   fp32 sums stay in L1 (f; bf16 rows: il_row_sums8); 8 weight rows' outputs transposed and stored as 8 contiguous
+   fp32 sums stay in L1 (f; bf16 rows: il_sums8's locals); 8 weight rows' outputs transposed and stored as 8 contiguous
    values an activation row (the last (end - n) % 8 one by one). A row's sums take il_quad's order. */
 INLINE void il_row_chunk(const struct linear_int4_madd_args *a, const uint8_t *p, long n, long c, int nb, int m0,
                          int R, int P, int one, float f[][8]) {
@@ -1067,7 +1050,10 @@ INLINE void il_rows(const struct linear_int4_madd_args *a, long n, long end, int
         float f[8][IL_ROW_PIECES][8] __attribute__((aligned(32)));
         for (int i = 0; i < W; i++) {
             if (int8) {
-                il_row_sums8(a, n + i, m0, R, one, f[i]);
+                __m256 acc[1][IL_ROW_PIECES];
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[0][r] = _mm256_setzero_ps();
+                il_sums8(a, n + i, 1, m0, R, one, acc);
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) _mm256_store_ps(f[i][r], acc[0][r]);
                 continue;
             }
             const uint8_t *w0;
