@@ -225,9 +225,9 @@ static void int4_mode(long n, double ghz) {
            ghz / 8 * TIMED4(n, UNPACK ROW8(SPILLROW)));
     printf("int4 1-row loop (il_quad): cycles a weight row of a chunk (256 weights x 1 row)\n");
     printf("%-34s %7.2f  (28 a weight row)\n", "reg 1 row: integer work, no loads", ghz / 4 * TIMED4(n, Q1REG));
-    printf("%-34s %7.2f  (34 + 5 loads a weight row, 10 loads a chunk)\n", "L1 1 row (the loop's mix)",
+    printf("%-34s %7.2f  (34 a weight row, 6 reading memory; 10 loads a chunk)\n", "L1 1 row (the loop's mix)",
            ghz / 4 * TIMED4(n, Q1INTS(LOW_REG) Q1ENDS(END_REG)));
-    printf("%-34s %7.2f  (and 4 loads + 1 store a weight row, 13 a chunk)\n", "L1 1 row + GCC's extras",
+    printf("%-34s %7.2f  (and 4 loads a weight row; 2 loads, 2 stores, 13 more a chunk)\n", "L1 1 row + GCC's extras",
            ghz / 4 * TIMED4(n, Q1INTS(LOW_MEM) Q1ENDS(END_MEM) Q1EXTRAS));
 }
 

@@ -13,6 +13,7 @@ arrive; the sends' status and seconds; /health's longest hold (the loop's own st
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -71,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     schema = json.loads(args.schema.read_text())
     log = Path(tempfile.mkdtemp(prefix="weigh-served-")) / "server.log"
-    copies = iter(range(1 << 30))
+    copies = itertools.count()
     with GunicornServer(cpu_env(make_checkpoint(), NANOQWEN_MAX_MODEL_LEN="8192"), log) as srv:
         arrivals: list[float] = []
         stop = threading.Event()
@@ -93,6 +94,9 @@ def main() -> None:
         for name, start, end, sent in windows:
             between = gaps(arrivals, start, end)
             held = [p for p in polls if start <= p.ended <= end]
+            if len(between) < 2 or not held:  # the stream ended, or stalled through the window
+                print(f"{name:9s} {end - start:5.2f} s: {len(between) + 1} events, {len(held)} polls: n/a")
+                continue
             print(f"{name:9s} {end - start:5.2f} s: {len(between) + 1} events, gap max {max(between) * 1e3:.0f} ms, "
                   f"p99 {statistics.quantiles(between, n=100, method='inclusive')[98] * 1e3:.0f} ms, median "
                   f"{statistics.median(between) * 1e3:.1f} ms; /health held max "

@@ -191,7 +191,8 @@ def _sources(csrc: Path) -> bytes:
     return b"".join(file.name.encode() + b"\0" + file.read_bytes() for file in sorted(csrc.glob("*.[ch]")))
 
 
-# A compiler that hangs on --version must not hang the model's load: past this its kernels fall back to torch.
+# A compiler that hangs when asked its --version must not hang the model's load: past this its kernels fall back
+# to torch. (A compile that hangs is not bounded: it is the kernel's own build, cached once done.)
 COMPILER_QUERY_TIMEOUT_S = 30.0
 
 
