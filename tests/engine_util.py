@@ -55,7 +55,7 @@ def _loaded_once(path: Path):
     path = Path(path).resolve()
     if not path.is_dir():
         return _LOAD_TOKENIZER(path)
-    files = frozenset((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir() if f.is_file())
+    files = frozenset((f.name, (s := f.stat()).st_mtime_ns, s.st_size) for f in path.iterdir() if f.is_file())
     return _tokenizer(path, files)
 
 

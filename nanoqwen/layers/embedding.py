@@ -1,5 +1,4 @@
-"""The embedding tables: each weight format's table holds that format's parameters (nanoqwen/layers/weights.py), one
-row a token as one row of a tied LM head, so `tie` hands the head the table's parameters as they are."""
+"""The embedding tables, one a weight format over its parameters (nanoqwen/layers/weights.py), one row a token."""
 from __future__ import annotations
 
 import torch
@@ -34,6 +33,6 @@ EMBEDDINGS: dict[str, type[nn.Module]] = {"none": Embedding, "int8": Int8Embeddi
 
 
 def tie(head: nn.Module, embedding: nn.Module) -> None:
-    """Makes the LM head share the embedding's parameters (weight, and scale when quantised)."""
+    """Makes the LM head share the embedding's parameters (its format's: nanoqwen/layers/weights.py)."""
     for name, param in embedding.named_parameters(recurse=False):
         setattr(head, name, param)

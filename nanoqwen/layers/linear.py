@@ -30,7 +30,7 @@ class Int8Linear(Int8Weights):
 
 
 class Int4Linear(Int4Weights):
-    """y = x @ (q * scale + offset).T per group of input columns; weight: [N, K / 2], scale, offset: [N, K / G]."""
+    """y = x @ (q * scale + offset).T per group of GROUP_SIZE input columns (nanoqwen/layers/weights.py)."""
 
     def __init__(self, in_features: int, out_features: int, kernels: Kernels) -> None:
         super().__init__(out_features, in_features, kernels)
