@@ -8,6 +8,7 @@ until it is decided.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from checkpoints import IM_END_ID, THINK_ID, TOKEN_IDS
 from nanoqwen.api.responses import ChunkBuilder, CompletionBuilder
 from nanoqwen.api.schemas import ChatCompletionRequest, CompletionRequest, public_loc
 from nanoqwen.engine.request import Event, TokenLogprob, Usage
-from server_process import GunicornServer
+from server_process import REPO_ROOT, GunicornServer
 from wire_types import unknown_fields
 
 USER = [{"role": "user", "content": "What is the best book?"}]
@@ -38,7 +39,8 @@ GREEDY_THINKING = {key: value for key, value in GREEDY.items() if key != "chat_t
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}}}]
 
-OPENAI_VERSION = "3.57.0"  # the version setup.cfg's test extra pins
+# the version setup.cfg's test extra pins
+OPENAI_VERSION = re.search(r"^\s*openai==(\S+)$", (REPO_ROOT / "setup.cfg").read_text(), re.M).group(1)
 # A value for every request field of openai's chat CompletionCreateParams; what it must answer.
 CHAT_FIELDS: dict[str, tuple[Any, Literal["ok", "refused"]]] = {
     "audio": ({"voice": "alloy", "format": "wav"}, "refused"),
@@ -167,7 +169,7 @@ def _error(response: requests.Response, status: int = 400) -> dict[str, Any]:
 
 def test_the_field_lists_are_the_openai_packages() -> None:
     hint = (f"the field lists are openai {OPENAI_VERSION}'s, {openai.__version__} is installed: install "
-            f"openai=={OPENAI_VERSION} (setup.cfg's test extra), or bump both and list the new fields")
+            f"openai=={OPENAI_VERSION} (setup.cfg's test extra), or bump its pin and list the new fields")
     assert set(CHAT_FIELDS) == set(chat_params.CompletionCreateParamsBase.__annotations__), hint
     assert set(LEGACY_FIELDS) == set(legacy_params.CompletionCreateParamsBase.__annotations__), hint
     assert set(RESPONSES_FIELDS) == set(response_params.ResponseCreateParamsBase.__annotations__), hint
@@ -260,6 +262,20 @@ def test_parse_and_stream_helpers_with_a_pydantic_response_format(client: openai
     # cached_tokens aside: the stream's prompt may hit the prefix cache that parse's filled
     assert final.usage.model_dump(exclude={"prompt_tokens_details"}) == parsed.usage.model_dump(
         exclude={"prompt_tokens_details"})
+
+
+def test_responses_parse_and_stream_helpers_with_a_pydantic_text_format(client: openai.OpenAI) -> None:
+    """`client.responses.parse(text_format=...)` and `.stream(text_format=...)`: the strict JSON schema they send as
+    `text.format` holds, and the answer parses as the model (openai 3.63's helpers build their body anew)."""
+    kwargs = {"model": MODEL, "input": "What is the best book?", "max_output_tokens": 40, "temperature": 0,
+              "reasoning": {"effort": "none"}}
+    parsed = client.responses.parse(text_format=Verdict, **kwargs)
+    assert isinstance(parsed.output_parsed, Verdict) and parsed.status == "completed"
+    with client.responses.stream(text_format=Verdict, **kwargs) as stream:
+        events = Counter(event.type for event in stream)
+        final = stream.get_final_response()
+    assert events["response.output_text.delta"] > 3 and events["response.completed"] == 1
+    assert final.output_parsed == parsed.output_parsed
 
 
 def test_parse_with_a_strict_pydantic_tool(client: openai.OpenAI) -> None:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import openai
@@ -37,6 +37,7 @@ from chat_http import (
 )
 from checkpoints import END_THINK_ID, ENDOFTEXT_ID, IM_END_ID, THINK_ID, TOKEN_IDS, make_checkpoint
 from engine_util import GRAMMAR_FAILED
+from nanoqwen.api import schema_patterns
 from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
 from schema_shapes import (
@@ -563,9 +564,12 @@ def test_a_ref_reading_a_space_class_in_const_data_is_a_400_naming_the_field(ser
 
 
 class Priced(pydantic.BaseModel):
-    """pydantic's Decimal: a number, or a string of its lookahead pattern (llguidance has no look-around)."""
+    """A Decimal as pydantic before 2.14 writes its schema: a number, or a string of its lookahead pattern (llguidance
+    has no look-around). pydantic 2.14 writes a string without a pattern, which the random model does not end within
+    max_tokens (the parse's LengthFinishReasonError)."""
 
-    price: Decimal
+    price: Annotated[Decimal, pydantic.WithJsonSchema(
+        {"anyOf": [{"type": "number"}, {"type": "string", "pattern": schema_patterns.DECIMAL_PATTERN}]})]
     currency: Literal["EUR", "USD"]
 
 
