@@ -1,13 +1,13 @@
 """Compiles a kernel's C file (ops/cpu/csrc/) with the system compiler on first use and loads it with ctypes.
 
-The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers; most build in seconds, the int4 one
-in one to three minutes. The shared object is cached by a hash of every file in the source folder, the compiler
-(compiler_identity) and the flags, with a record of the compiler's warnings beside it (warnings_record), under the
-cache directory the engine's configuration names (EngineConfig.cache_dir), compiled by one process at a time
+The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers; most build in seconds, the int4 one in
+about a minute (three on 2 busy cores). The shared object is cached by a hash of every file in the source folder, the
+compiler (compiler_identity) and the flags, with a record of the compiler's warnings beside it (warnings_record), under
+the cache directory the engine's configuration names (EngineConfig.cache_dir), compiled by one process at a time
 (_build_lock); without a compiler or on another CPU a kernel does not build, and the CPU kernel set
-(ops/cpu/__init__.py) keeps the torch reference, as it does when the configuration switches them off (cpu_kernels).
-The ctypes types come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
-each definition against its prototype and Python reads the same prototype, so neither side can
+(ops/cpu/__init__.py) keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The
+ctypes types come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks each
+definition against its prototype and Python reads the same prototype, so neither side can
 drift from the other. A function declared `int` returns a status, which graph.call checks.
 
 The kernels' thread pool (csrc/pool.c) is a library of its own, loaded RTLD_GLOBAL before the first kernel library,
