@@ -44,10 +44,13 @@ def load_quantised_hf_model(path: Path, quant: str, dtype: torch.dtype = torch.f
     """transformers' model of the checkpoint in `dtype` with `quant`-dequantised linear and embedding weights, their
     scales in `dtype` as the engine keeps them."""
     model = copy.deepcopy(load_hf_model(path))  # deepcopy keeps a tied LM head tied
+    modules = [model.model.embed_tokens, model.lm_head, *model.model.layers.modules()]
+    # by identity: a tied LM head is the embedding's table, quantised once as the engine does (twice, it took half of
+    # a tied checkpoint's reference: 151936 rows)
+    weights = {id(m.weight): m.weight for m in modules if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     with torch.no_grad():
-        for module in [model.model.embed_tokens, model.lm_head, *model.model.layers.modules()]:
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.copy_(DEQUANTISED[quant](module.weight, dtype))
+        for weight in weights.values():
+            weight.copy_(DEQUANTISED[quant](weight, dtype))
     return model.to(dtype)
 
 

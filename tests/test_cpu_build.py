@@ -6,6 +6,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -111,13 +112,67 @@ def test_a_library_records_its_warnings_and_one_cached_without_its_record_is_bui
     assert f"{source}:" in record.read_text() and "-Wunused-variable" in record.read_text()
     # readable by whom the library is (a cache shared by a group): both as the umask leaves a new file
     assert record.stat().st_mode & 0o444 == library.stat().st_mode & 0o444
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix not in (".so", ".warnings")]
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix not in (".so", ".warnings", ".lock")]
     assert cpu_build.warnings_record(Path(cpu_build.load_pool(csrc, tmp_path / "cache", cpu_build.compiler())._name)
                                      ).read_text() == ""
     record.unlink()
     built = library.stat().st_ino  # os.replace: a new file
     assert build() == library and "-Wunused-variable" in record.read_text()
     assert library.stat().st_ino != built
+
+
+# A process loading the pool's library from the cache named by argv[1] (built first if missing), once it says ready
+LOAD_POOL = """import sys
+from pathlib import Path
+from ops.cpu import build
+print("ready", flush=True)
+print(build.load_pool(build.CSRC, Path(sys.argv[1]), build.compiler())._name, flush=True)
+"""
+
+
+def waits_on_a_lock(pid: int) -> bool:
+    return re.search(rf"^\d+: -> FLOCK\s+\w+\s+WRITE\s+{pid}\s", Path("/proc/locks").read_text(), re.M) is not None
+
+
+@needs_compiler
+def test_two_processes_building_one_library_compile_it_once_and_both_load_it(tmp_path, monkeypatch):
+    """On an empty cache (CI's clean clone), the second process after a library the first is compiling waits for it
+    and loads it (ops/cpu/build.py's _build_lock), where both compiled it (the suite's two workers, and the servers
+    they start, each paid minutes for the int4 library). The compiler here logs each compile and holds it until the
+    second process has either started a compile of its own or blocks on the lock: no timing decides."""
+    log, go, cc = tmp_path / "compiles", tmp_path / "go", tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then exec {cpu_build.compiler()} "$@"; fi\n'
+                  f'for a in "$@"; do case "$a" in *.c) basename "$a" >> {log};; esac; done\n'
+                  f'while [ ! -e {go} ]; do sleep 0.05; done\nexec {cpu_build.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", LOAD_POOL, str(tmp_path / "cache")], cwd=REPO_ROOT,
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "ready\n"
+        return process
+
+    def compiles() -> list[str]:
+        return log.read_text().split() if log.exists() else []
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    first = start()
+    try:
+        wait_for(lambda: compiles() == ["pool.c"], "the first process compiles the pool")
+        second = start()
+        wait_for(lambda: len(compiles()) > 1 or waits_on_a_lock(second.pid), "the second compiles or waits")
+    finally:
+        go.touch()  # a failed wait leaves no process held by the compiler
+    loaded = [process.communicate(timeout=300)[0].strip() for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0]
+    assert compiles() == ["pool.c"]
+    assert loaded[0] == loaded[1] and cpu_build.warnings_record(Path(loaded[0])).read_text() == ""
 
 
 @needs_compiler

@@ -17,7 +17,7 @@ from nanoqwen.quant import GROUP_SIZE, quantize_int4_into
 from nanoqwen.settings import EngineConfig
 from ops.cpu import linear_int4 as cpu_int4
 from ops.torch_ref.linear_int4 import dequantize_int4, pack_int4, unpack_int4
-from quant_reference import load_quantised_hf_model
+from quant_reference import DEQUANTISED, load_quantised_hf_model
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -31,9 +31,13 @@ def quant(request):
 
 
 @pytest.fixture(scope="module")
-def references(checkpoint, quant):
-    hf = load_quantised_hf_model(checkpoint, quant)
-    return [hf_greedy(hf, p, 6) for p in PROMPTS]
+def quantised_hf(checkpoint, quant):
+    return load_quantised_hf_model(checkpoint, quant)
+
+
+@pytest.fixture(scope="module")
+def references(quantised_hf):
+    return [hf_greedy(quantised_hf, p, 6) for p in PROMPTS]
 
 
 def assert_matches(engine, quant, references, tokens: int = 6) -> None:
@@ -57,6 +61,14 @@ def test_int4_with_every_row_of_several_blocks_matches_reference():
 
 
 TIED_ONLY = pytest.mark.parametrize("checkpoint", [True], ids=["tied"], indirect=True)
+
+
+@TIED_ONLY
+def test_the_reference_quantises_a_tied_table_once(checkpoint, quant, quantised_hf):
+    """As the engine does: quantised a second time as the LM head, int4's table moved by up to an ulp."""
+    raw = load_file(checkpoint / "model.safetensors")["model.embed_tokens.weight"].float()
+    assert quantised_hf.lm_head.weight is quantised_hf.model.embed_tokens.weight
+    assert torch.equal(quantised_hf.lm_head.weight, DEQUANTISED[quant](raw, torch.float32))
 
 
 # Tied only: the loaded model is the same in every mode (the untied checkpoint's own LM head is checked eagerly), and

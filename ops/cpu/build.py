@@ -1,13 +1,13 @@
 """Compiles a kernel's C file (ops/cpu/csrc/) with the system compiler on first use and loads it with ctypes.
 
-The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers, so building one takes about a second.
-The shared object is cached by a hash of every file in the source folder, the compiler (compiler_identity) and the
-flags, with a record of the compiler's warnings beside it (warnings_record), under the cache directory
-the engine's configuration names (EngineConfig.cache_dir); without a compiler or on another CPU a kernel
-does not build, and the CPU kernel set (ops/cpu/__init__.py)
-keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The ctypes types
-come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks
-each definition against its prototype and Python reads the same prototype, so neither side can
+The CPU kernels (AVX2 + FMA, AVX-512 chosen at run time) need no torch headers; most build in seconds, the int4 one in
+about a minute (three on 2 busy cores). The shared object is cached by a hash of every file in the source folder, the
+compiler (compiler_identity) and the flags, with a record of the compiler's warnings beside it (warnings_record), under
+the cache directory the engine's configuration names (EngineConfig.cache_dir), compiled by one process at a time
+(_build_lock); without a compiler or on another CPU a kernel does not build, and the CPU kernel set
+(ops/cpu/__init__.py) keeps the torch reference, as it does when the configuration switches them off (cpu_kernels). The
+ctypes types come from the prototypes in csrc/nanoqwen_cpu.h, which every .c file includes: the compiler checks each
+definition against its prototype and Python reads the same prototype, so neither side can
 drift from the other. A function declared `int` returns a status, which graph.call checks.
 
 The kernels' thread pool (csrc/pool.c) is a library of its own, loaded RTLD_GLOBAL before the first kernel library,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -158,15 +159,35 @@ def compile_library(cc: str, source: Path, path: Path, isa: str = "auto") -> str
     return warnings
 
 
+def _cached(path: Path) -> bool:
+    return path.exists() and warnings_record(path).exists()
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """Held while `path` is compiled: a second process after the same library (the suite's two workers and the servers
+    they start, on an empty cache) waits for the first's and loads it, rather than compile it again beside it (the
+    int4 library takes minutes on 2 busy cores). Released by the kernel when its holder dies; the lock file stays, as
+    unlinking it would let a waiter and a newcomer lock two different files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest: str) -> Path:
     """The shared object of `source` in `cache_dir` (`digest`: _digest of its folder's sources), compiled first
-    unless cached with its warnings_record."""
+    unless cached with its warnings_record, by one process at a time."""
     path = cache_dir / f"{name}-{digest}.so"
-    record = warnings_record(path)
-    if not (path.exists() and record.exists()):
-        warnings = compile_library(cc, source, path, isa)
-        if warnings:
-            log.warning("%s built with warnings:\n%s", name, warnings)
+    if not _cached(path):
+        with _build_lock(path):
+            if not _cached(path):  # else built by the process this one waited for
+                warnings = compile_library(cc, source, path, isa)
+                if warnings:
+                    log.warning("%s built with warnings:\n%s", name, warnings)
     return path
 
 
