@@ -3,10 +3,12 @@ declaration of the ctypes signatures, and the cache key."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import re
 import shutil
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,36 +124,27 @@ def test_a_library_records_its_warnings_and_one_cached_without_its_record_is_bui
 
 
 # A process loading the pool's library from the cache named by argv[1] (built first if missing), once it says ready
-LOAD_POOL = """import sys
-from pathlib import Path
-from ops.cpu import build
-print("ready", flush=True)
-print(build.load_pool(build.CSRC, Path(sys.argv[1]), build.compiler())._name, flush=True)
-"""
-
-
 def waits_on_a_lock(pid: int) -> bool:
     return re.search(rf"^\d+: -> FLOCK\s+\w+\s+WRITE\s+{pid}\s", Path("/proc/locks").read_text(), re.M) is not None
 
 
 @needs_compiler
-def test_two_processes_building_one_library_compile_it_once_and_both_load_it(tmp_path, monkeypatch):
-    """On an empty cache (CI's clean clone), the second process after a library the first is compiling waits for it
+def test_two_builders_of_one_library_compile_it_once_and_both_load_it(tmp_path, monkeypatch):
+    """On an empty cache (CI's clean clone), the second builder after a library the first is compiling waits for it
     and loads it (ops/cpu/build.py's _build_lock), where both compiled it (the suite's two workers, and the servers
-    they start, each paid minutes for the int4 library). The compiler here logs each compile and holds it until the
-    second process has either started a compile of its own or blocks on the lock: no timing decides."""
-    log, go, cc = tmp_path / "compiles", tmp_path / "go", tmp_path / "cc"
+    they start, each paid minutes for the int4 library). Two threads here: a flock is an open file's, so they contend
+    as two processes do. The compiler logs each compile and holds it until the second has either started a compile
+    of its own or blocks on the lock: no timing decides."""
+    log, go, cc, cache = tmp_path / "compiles", tmp_path / "go", tmp_path / "cc", tmp_path / "cache"
     cc.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then exec {cpu_build.compiler()} "$@"; fi\n'
                   f'for a in "$@"; do case "$a" in *.c) basename "$a" >> {log};; esac; done\n'
                   f'while [ ! -e {go} ]; do sleep 0.05; done\nexec {cpu_build.compiler()} "$@"\n')
     cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
+    digest = cpu_build._digest(cpu_build._sources(cpu_build.CSRC), str(cc), "auto")
+    built: list[Path] = []
 
-    def start() -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", LOAD_POOL, str(tmp_path / "cache")], cwd=REPO_ROOT,
-                                   stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "ready\n"
-        return process
+    def build() -> None:
+        built.append(cpu_build._library("cpu_pool", cpu_build.CSRC / cpu_build.POOL, cache, str(cc), "auto", digest))
 
     def compiles() -> list[str]:
         return log.read_text().split() if log.exists() else []
@@ -162,17 +155,30 @@ def test_two_processes_building_one_library_compile_it_once_and_both_load_it(tmp
             assert time.monotonic() < deadline, what
             time.sleep(0.05)
 
-    first = start()
+    builders = [threading.Thread(target=build, daemon=True) for _ in range(2)]
     try:
-        wait_for(lambda: compiles() == ["pool.c"], "the first process compiles the pool")
-        second = start()
-        wait_for(lambda: len(compiles()) > 1 or waits_on_a_lock(second.pid), "the second compiles or waits")
+        builders[0].start()
+        wait_for(lambda: compiles() == ["pool.c"], "the first builder compiles the pool")
+        builders[1].start()
+        wait_for(lambda: len(compiles()) > 1 or waits_on_a_lock(os.getpid()), "the second compiles or waits")
     finally:
-        go.touch()  # a failed wait leaves no process held by the compiler
-    loaded = [process.communicate(timeout=300)[0].strip() for process in (first, second)]
-    assert [first.returncode, second.returncode] == [0, 0]
+        go.touch()  # a failed wait leaves no thread held by the compiler
+    for builder in builders:
+        builder.join(timeout=300)
     assert compiles() == ["pool.c"]
-    assert loaded[0] == loaded[1] and cpu_build.warnings_record(Path(loaded[0])).read_text() == ""
+    assert len(built) == 2 and built[0] == built[1] and cpu_build.warnings_record(built[0]).read_text() == ""
+
+
+@needs_compiler
+def test_a_filesystem_without_flock_builds_unlocked(tmp_path, monkeypatch):
+    """Where the cache's filesystem refuses the build lock (NFS without its lock daemon, an exclusive flock on a file
+    not open for writing there: EBADF), the kernels build as they did before the lock, never fall back to torch."""
+    def refused(fd: int, operation: int) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(cpu_build.fcntl, "flock", refused)
+    kernel = cpu_build.CKernel("cpu_pointwise", "pointwise.c", ())
+    assert kernel.build(tmp_path / "cache"), kernel.error
 
 
 @needs_compiler

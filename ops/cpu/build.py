@@ -170,12 +170,33 @@ def _build_lock(path: Path) -> Iterator[None]:
     int4 library takes minutes on 2 busy cores). Released by the kernel when its holder dies; the lock file stays, as
     unlinking it would let a waiter and a newcomer lock two different files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    fd = _locked(path.with_suffix(".lock"))
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _locked(lock: Path) -> int | None:
+    """A descriptor of `lock` holding its exclusive flock, or None where none can be had (a filesystem without flock,
+    another user's lock file it cannot open): then the build goes on unlocked, as before the lock, which the atomic
+    renames keep safe at the cost of a second compile; a lock must never cost the kernels themselves."""
+    try:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # NFS locks exclusively only what is open for writing
+        except PermissionError:  # another user's lock file: a local flock needs no write access
+            fd = os.open(lock, os.O_RDONLY)
+    except OSError as exc:
+        log.info("building without a lock: %s", exc)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # ENOLCK, EBADF, EOPNOTSUPP: NFS without a lock daemon, some overlay filesystems
+        os.close(fd)
+        log.info("building without a lock on %s: %s", lock, exc)
+        return None
+    return fd
 
 
 def _library(name: str, source: Path, cache_dir: Path, cc: str, isa: str, digest: str) -> Path:
