@@ -16,7 +16,7 @@ from nanoqwen.engine.grammar import check_json_schema
 from nanoqwen.engine.grammar_rows import schema_weight
 from nanoqwen.engine.object_runs import Merged, Merges, SchemaObjects, TooLarge
 from nanoqwen.engine.schema_keywords import schema_objects
-from schema_shapes import hop_chain
+from schema_shapes import chain_defs, hop_chain
 
 T = {"$ref": "#/$defs/t"}
 # options that go on alike (AlikeChains merges each), `$ref`s among their parts, no `type` at the root (a tool's
@@ -67,3 +67,21 @@ def test_a_walk_sharing_merges_is_charged_as_if_it_merged_alone(root: dict[str, 
     first = _checked_until_spent(SchemaObjects(root, merges))
     assert merges.parts and merges.merged
     assert _checked_until_spent(SchemaObjects(root, merges)) == _checked_until_spent(SchemaObjects(root)) == first > 0
+
+
+@pytest.mark.parametrize("keyword", ["patternProperties", "pattern%50roperties"])
+def test_a_ref_through_patterns_the_rewrite_merges_is_walked_afresh(keyword: str) -> None:
+    """`\\cJ` and `\\x{0a}` made one key (`allOf` both): a `$ref` to the second key's value (`keyword` spelling its
+    name map), met by the rewrite's checks before that object is rewritten, points at the two merged afterwards, as
+    the weighing finds them: its option goes on alike with another after `p` (two 300-link chains), not as the
+    second's `q` alone (606, served)."""
+    def named(name: str, chain: str) -> dict[str, Any]:
+        return {"type": "object", "properties": {name: {"$ref": f"#/$defs/{chain}0"}}}
+
+    sent = {"properties": {"b": {"patternProperties": {"\\cJ": named("p", "c1_"), "\\x{0a}": named("q", "c2_")}},
+                           "o": {"anyOf": [{"$ref": f"#/properties/b/{keyword}/%5Cx%7B0a%7D"},
+                                           named("p", "c3_")]}},
+            "$defs": {**chain_defs("c1_", 300), **chain_defs("c2_", 300), **chain_defs("c3_", 300)}}
+    merges = Merges()
+    out = ecma_patterns(sent, "response_format", merges=merges)
+    assert schema_weight(out, merges) == schema_weight(json.loads(json.dumps(out))) == 1_206
