@@ -69,14 +69,14 @@ def brace(tokenizer: PreTrainedTokenizerFast) -> int:
     return token
 
 
-def _recorded(monkeypatch: pytest.MonkeyPatch, fn: Callable[[Any], Any], modules: tuple[Any, ...],
+def _recorded(monkeypatch: pytest.MonkeyPatch, fn: Callable[..., Any], modules: tuple[Any, ...],
               name: str) -> list[Any]:
-    """The argument of each call of `fn` (one argument), under `name` in each of `modules`, recorded from now on."""
+    """The first argument of each call of `fn`, under `name` in each of `modules`, recorded from now on."""
     seen: list[Any] = []
 
-    def wrapper(argument: Any) -> Any:
+    def wrapper(argument: Any, *rest: Any) -> Any:
         seen.append(argument)
-        return fn(argument)
+        return fn(argument, *rest)
 
     for module in modules:
         monkeypatch.setattr(module, name, wrapper)

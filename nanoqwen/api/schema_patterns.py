@@ -21,7 +21,7 @@ from typing import Any
 
 from nanoqwen.engine.grammar import MAX_RULES, SchemaBudget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
-from nanoqwen.engine.object_runs import SchemaObjects
+from nanoqwen.engine.object_runs import Merges, SchemaObjects
 from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
 from nanoqwen.engine.schema_values import values_weight
 from nanoqwen.engine.validation import InvalidRequest
@@ -70,14 +70,15 @@ def served_pattern(pattern: str) -> str:
     return DECIMAL_SERVED if pattern == DECIMAL_PATTERN else ecma_pattern(pattern)
 
 
-def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -> Any:
+def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None, merges: Merges | None = None) -> Any:
     """A copy of the schema with each `pattern` and `patternProperties` key through ecma_pattern, in its subschemas
     and in the ANNOTATIONS' data a `$ref` reads as a schema; InvalidRequest naming `param` where they (and those of
     VALUES' data a `$ref` reads) pass MAX_PATTERN_CHARS, its `properties` MAX_PROPERTIES or its const and enum values
     MAX_VALUES (engine/schema_values: llguidance's compile panics or overflows its stack), with those of the request's
     other schemas (`budget`'s, then charged with this one's; none: the schema alone), where an object's
     patternProperties keys pass MAX_PATTERN_PROPERTIES (all counted in any data a `$ref` reads too), or where a `$ref`
-    reads a `\\s`, `\\S` or `\\cX` in VALUES' data.
+    reads a `\\s`, `\\S` or `\\cX` in VALUES' data. The objects its checks merge are kept in `merges`, for the
+    copy's weighing (check_json_schema's) to merge each once.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""
@@ -86,7 +87,7 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None) -
     stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
     chars = properties = weight = 0  # the patterns' characters, the properties, the const and enum values' weight
-    objects = SchemaObjects(out)
+    objects = SchemaObjects(out, merges)
     while stack:
         node = stack.pop()
         if isinstance(node, list):

@@ -15,6 +15,7 @@ from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, Samplin
 from nanoqwen.api.serving import invalid_request
 from nanoqwen.engine.call_arguments import call_arguments
 from nanoqwen.engine.grammar import OverBudget, SchemaBudget, SchemaRefused, ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.object_runs import Merges
 from nanoqwen.engine.validation import InvalidRequest
 
 if TYPE_CHECKING:
@@ -223,7 +224,8 @@ def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool,
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
                  key: GrammarKey) -> Grammar:
     """Off the loop: the schema's patterns ECMA's (a copy as large as the schema) and compiled."""
-    return grammars.json_schema(ecma_patterns(schema, param), strict, param, no_space, key)
+    merges = Merges()
+    return grammars.json_schema(ecma_patterns(schema, param, merges=merges), strict, param, no_space, key, merges)
 
 
 def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
@@ -287,8 +289,8 @@ def _forced_beside(grammars: Grammars, tools: list[ToolSpec], parallel: bool, an
     calls' grammar, so that a request past them compiles nothing. The calls' grammar is the tools' alone, cached under
     their key (the same tools forced without an answer) and `key`: a changed answer beside the same tools recompiled
     them (two tools of 2,000 properties: 0.27 s, where their walk that charges them takes 17 ms)."""
-    budget = SchemaBudget()
-    alone = ecma_patterns(answer.schema, answer.param, budget)
+    budget, merges = SchemaBudget(), Merges()
+    alone = ecma_patterns(answer.schema, answer.param, budget, merges)
     calls_key = _tool_calls_key(tools, parallel, None, False)
     calls = grammars.cached(calls_key)
     if calls is None:
@@ -298,7 +300,7 @@ def _forced_beside(grammars: Grammars, tools: list[ToolSpec], parallel: bool, an
             ecma_patterns(tool.parameters, "tools", budget)
     answer_key = _json_key(answer.schema, answer.strict, answer.param, False)
     if grammars.cached(answer_key) is None:
-        grammars.json_schema(alone, answer.strict, answer.param, key=answer_key)
+        grammars.json_schema(alone, answer.strict, answer.param, key=answer_key, merges=merges)
     if calls is None:
         calls = grammars.tool_calls(tools, parallel, "tools", key=calls_key)
     return grammars.keep(key, calls)
@@ -318,13 +320,13 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     tools and the tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's
     quoted that grammar's text."""
     lenient = _lenient(tool, auto)
-    before = budget.copy()
+    before, merges = budget.copy(), Merges()
     try:
-        parameters = ecma_patterns(tool.parameters, "tools", budget)
+        parameters = ecma_patterns(tool.parameters, "tools", budget, merges)
         # the schema the calls' grammar holds (call_arguments); a firm tool's 400 is that grammar's, naming it (and
         # would name `tools`): llguidance checked it once
-        weight = (check_json_schema(call_arguments(parameters), tool.strict, "tools", lenient) if tool.parameters
-                  else None)
+        weight = (check_json_schema(call_arguments(parameters), tool.strict, "tools", lenient, merges)
+                  if tool.parameters else None)
     except InvalidRequest as exc:
         if lenient:  # its calls free: its schema, never compiled, charged nothing
             budget.refund(before)
@@ -339,5 +341,6 @@ def _checked_answer(answer: JsonAnswer, budget: SchemaBudget) -> tuple[dict[str,
     """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its firm tools', before
     its lenient ones (its 400 names the field with the budget's largest part), checked first for its own 400 naming
     its field; and its weight."""
-    schema = ecma_patterns(answer.schema, answer.param, budget)
-    return schema, check_json_schema(schema, answer.strict, answer.param)
+    merges = Merges()
+    schema = ecma_patterns(answer.schema, answer.param, budget, merges)
+    return schema, check_json_schema(schema, answer.strict, answer.param, merges=merges)

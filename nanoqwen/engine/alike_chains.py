@@ -24,6 +24,7 @@ from typing import Any
 from nanoqwen.engine.object_runs import (
     ALTERNATIVES,
     Merged,
+    Merges,
     SchemaObjects,
     Told,
     TooLarge,
@@ -106,12 +107,13 @@ def _matches(pattern: str | None, name: str) -> bool:
 
 class AlikeChains:
     """For one schema (`root`): where each resolved `$ref` is and points (`targets`), the path of each of its subschemas
-    by id, and the items each `$ref` adds to a row (`links`, by where it is)."""
+    by id, and the items each `$ref` adds to a row (`links`, by where it is); its objects merged once a request where
+    `merges` holds what the pattern rewrite's checks merged (object_runs' Merges)."""
 
     def __init__(self, root: Any, targets: Mapping[Path, Path], paths: Mapping[int, Path],
-                 links: Mapping[Path, int]) -> None:
+                 links: Mapping[Path, int], merges: Merges | None = None) -> None:
         self._root, self._targets, self._paths, self._links = root, targets, paths, links
-        self._objects = SchemaObjects(root)
+        self._objects = SchemaObjects(root, merges)
         self._corners: dict[int, int] = {}  # by id: a node's left corner (_corner)
         self._holding: dict[int, bool] = {}  # by id: whether a node may hold values (_corner)
         self._adds: dict[int, Adds] = {}  # by an option's id

@@ -43,6 +43,7 @@ from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
     Merged,
+    Merges,
     Rows,
     SchemaObjects,
     TooLarge,
@@ -295,13 +296,15 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
         raise _invalid(param, str(exc)) from None
 
 
-def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True) -> int:
+def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True,
+                      merges: Merges | None = None) -> int:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
-    slot): the combined grammar it is part of would be refused naming another field. Its schema_weight, for that
-    grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile (it costs as much:
-    64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
+    slot): the combined grammar it is part of would be refused naming another field. Its schema_weight (with what
+    ecma_patterns' checks of it merged, `merges`), for that grammar's bound. Without `validate`, llguidance's own check
+    is left to that grammar's compile (it costs as much: 64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the
+    schema (tool_calls' origin)."""
     text = _json_grammar(schema, strict, param)
-    weight = check_bounds(text, param, partial(schema_weight, schema))
+    weight = check_bounds(text, param, partial(schema_weight, schema, merges))
     if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
     return weight
@@ -360,12 +363,12 @@ class Grammars:
         self._cache: collections.OrderedDict[GrammarKey, Grammar] = collections.OrderedDict()
 
     def json_schema(self, schema: dict[str, Any], strict: bool, param: str, no_space: bool = False,
-                    key: GrammarKey | None = None) -> Grammar:
+                    key: GrammarKey | None = None, merges: Merges | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The cache's key: `key` (a miss: Grammars.compile), else the grammar's text,
-        which holds the options."""
+        which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing."""
         text = _json_grammar(schema, strict, param, no_space)
-        return self.compile(text, param, key, partial(schema_weight, schema))
+        return self.compile(text, param, key, partial(schema_weight, schema, merges))
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
-from nanoqwen.engine.object_runs import is_hop
+from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
     own_patterns,
@@ -643,7 +643,7 @@ class SchemaLinks:
     paths: dict[int, tuple[str, ...]]  # by id: where each subschema walked is (the first place, where it is in several)
 
 
-def schema_weight(schema: Any) -> int:
+def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
     to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
     (3,000 objects' erred after `{`; consts', lexemes, did not), an option that is itself one counting its own
@@ -651,7 +651,8 @@ def schema_weight(schema: Any) -> int:
     `$id`s of the subschemas it is in: a JSON pointer (`#`, `#/$defs/x`) or an `$anchor` (`#x`) in its resource, or
     another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did. The
     left corners of options that may go on alike add up where the row is the same, if heavier (AlikeChains: 4 objects
-    `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before)."""
+    `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before); `merges`: its
+    objects as the pattern rewrite's checks merged them (ecma_patterns')."""
     found = schema_links(schema)
     refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
@@ -685,7 +686,7 @@ def schema_weight(schema: Any) -> int:
     for target in targets:
         if target:
             links[owner(target[:-1])].setdefault(target, 0)
-    chains = AlikeChains(schema, dict(refs), found.paths, weights)
+    chains = AlikeChains(schema, dict(refs), found.paths, weights, merges)
     return widest + max(_heaviest(links), chains.heaviest(node for node, _ in alternated))
 
 

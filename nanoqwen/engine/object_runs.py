@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoqwen.engine.schema_keywords import local_target, schema_objects
+from nanoqwen.engine.schema_keywords import local_pointer, local_target, pointed, schema_objects
 
 # What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them the schema is refused (TooLarge: counted short, an answer
@@ -125,6 +125,20 @@ def run_row(index: int, last: bool, closed: bool, leading: int) -> tuple[int, in
     return 2, (1 if closed else 3) + (leading + (3 if index == 1 else 1) if leading else 0)
 
 
+@dataclass
+class Merges:
+    """What walks of one schema's objects found that holds for any walk of it (the pattern rewrite's checks, then the
+    weighing's AlikeChains, each a SchemaObjects with its own work, charged as if it had found them itself): each
+    object merged, by its parts' ids (the same objects under a root call_arguments wrapped), each node's parts, by
+    its root's id and its own, and each `$ref`'s pointer; the roots and parts `held`, so that no id is another
+    object's while these are."""
+
+    merged: dict[tuple[int, ...], Merged] = field(default_factory=dict)
+    parts: dict[tuple[int, int], tuple[list[Part], int]] = field(default_factory=dict)  # with the work they took
+    pointers: dict[str, tuple[str, ...] | None] = field(default_factory=dict)  # local_pointer's, by `$ref`
+    held: list[Any] = field(default_factory=list)
+
+
 class SchemaObjects:
     """The objects of one schema (`root`, where its local `$ref`s point) as llguidance merges them, and the items of
     its row where a value of one begins: its first run's (run_row's), where it is an object; with alternatives, each
@@ -133,14 +147,16 @@ class SchemaObjects:
     name it (llguidance's rule, predicted once). An option beside no object keywords is counted once for the schema,
     whose objects are asked in turn; the walk's work is bounded for the schema (MAX_WORK)."""
 
-    def __init__(self, root: Any = None) -> None:
+    def __init__(self, root: Any = None, merges: Merges | None = None) -> None:
         self.root = root
         # by the ids of the option's parts: its Rows, none while counting it (a cycle adds none)
         self._alone: dict[tuple[int, ...], Rows] = {}
         self._lists: dict[int, Rows] = {}  # by a list's id, where its options are alone: theirs summed, as _alone's
         self._work = MAX_WORK
-        # by the parts' ids: each object merged (and charged) once, however many `$ref`s name it
-        self._merged: dict[tuple[int, ...], Merged] = {}
+        self._merges = Merges() if merges is None else merges
+        self._merges.held.append(root)
+        # the merges charged to this walk's work: each object merged (and charged) once, however many `$ref`s name it
+        self._charged: set[tuple[int, ...]] = set()
         self._merged_only: set[int] | None = None  # merged_only's, found once asked
         self._after: dict[int, dict[tuple[Told, str], int]] = {}  # by a Merged's id: its Rows.after
         self._shared: dict[int, tuple[dict[tuple[Told, str], int], tuple[int, str]]] = {}  # shared()'s
@@ -169,9 +185,14 @@ class SchemaObjects:
         """`node` and what llguidance merges into it, in its order (_in_key_order's, each part's in turn), its
         alternatives' lists where their options merge; each part once (a cycle ends; `seen`: those it is merged with),
         a link followed but not listed. TooLarge where the schema's work is spent."""
+        alone = not seen
+        if alone and (known := self._merges.parts.get((id(self.root), id(node)))) is not None:
+            self._spend(known[1])
+            return known[0]
         seen = set() if seen is None else seen
         found: list[Part] = []
         stack: list[tuple[Part, bool]] = [(node, False)]  # (a part, whether listed as it is, not walked)
+        pure = True  # no `$ref` followed that the pattern rewrite may point elsewhere (Merges.parts)
         while stack:
             part, listed = stack.pop()
             if listed or not isinstance(part, dict):
@@ -179,12 +200,21 @@ class SchemaObjects:
                 continue
             if id(part) in seen:
                 continue
-            self._work -= 1
-            if self._work < 0:
-                raise TooLarge
+            self._spend(1)
             seen.add(id(part))
+            pure = pure and not _through_patterns(part.get("$ref"))
             stack.extend(reversed(self._in_key_order(part)))
+        if alone and pure:
+            self._merges.parts[id(self.root), id(node)] = found, len(seen)
         return found
+
+    def _spend(self, work: int) -> None:
+        """`work` taken from the schema's walk, one at a time: TooLarge where it is spent (the walk's count kept as
+        if each were taken alone)."""
+        if self._work < work:
+            self._work = min(self._work, 0) - 1
+            raise TooLarge
+        self._work -= work
 
     def _in_key_order(self, part: dict[str, Any]) -> list[tuple[Part, bool]]:
         """What llguidance merges for `part`, in the order its keys are written (it intersects them so, the names of
@@ -198,7 +228,7 @@ class SchemaObjects:
         own = not part.keys() <= LINK_KEYS
         ordered: list[tuple[Part, bool]] = []
         for key, value in part.items():
-            if key == "$ref" and (target := local_target(value, self.root)) is not None:
+            if key == "$ref" and (target := self._target(value)) is not None:
                 ordered.append((target, False))
             elif key == "allOf" and isinstance(value, list):
                 ordered += [(sub, False) for sub in value if isinstance(sub, dict)]
@@ -209,11 +239,22 @@ class SchemaObjects:
                 own = False
         return [(part, True), *ordered] if own else ordered
 
+    def _target(self, ref: Any) -> dict[str, Any] | None:
+        """local_target's, each `$ref`'s pointer read once (Merges.pointers)."""
+        if not isinstance(ref, str):
+            return None
+        if ref not in (pointers := self._merges.pointers):
+            pointers[ref] = local_pointer(ref)
+        return pointed(self.root, pointers[ref])
+
     def merged(self, parts: list[Part]) -> Merged:
         """The object merged from `parts` (parts()'s, their alternatives aside); TooManyParts where more than
         MAX_PARTS may merge into an object (a string's 70 `allOf` minLengths do not)."""
         found = [part for part in parts if isinstance(part, dict)]
-        if (known := self._merged.get(key := tuple(id(part) for part in found))) is not None:
+        if (known := self._merges.merged.get(key := tuple(id(part) for part in found))) is not None:
+            if key not in self._charged:
+                self._charged.add(key)
+                self._work -= len(known.names)
             return known
         types = [part["type"] for part in found if "type" in part]
         may_be_object = all(is_object_type(kind) for kind in types)
@@ -234,7 +275,9 @@ class SchemaObjects:
             bool(types) or any(key in part for part in found for key in OBJECT_KEYWORDS - {"type", "allOf", "$ref"}))
         closed = any(part.get("additionalProperties") is False for part in found) and not any(
             "patternProperties" in part for part in found)
-        self._merged[key] = shape = Merged(list(names), set(required), closed, is_object, discriminator)
+        self._merges.merged[key] = shape = Merged(list(names), set(required), closed, is_object, discriminator)
+        self._merges.held.append(found)
+        self._charged.add(key)
         return shape
 
     def rows(self, found: list[Part], stop: int) -> Rows:
@@ -327,6 +370,12 @@ class SchemaObjects:
         if alone:
             self._lists[id(options)] = Rows(first, after)
         return Rows(first, after)
+
+
+def _through_patterns(ref: Any) -> bool:
+    """Whether a `$ref` may point through a `patternProperties` name map (its name, or an escape that may spell it),
+    whose keys the pattern rewrite changes as it walks (schema_patterns: its target another, or none, after it)."""
+    return isinstance(ref, str) and ("patternProperties" in ref or "%" in ref)
 
 
 def _told(value: Any) -> Key | None:

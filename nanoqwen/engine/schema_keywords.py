@@ -72,8 +72,18 @@ def pointer_parts(fragment: str) -> tuple[str, ...]:
 def local_target(ref: Any, root: Any) -> dict[str, Any] | None:
     """The subschema a local `$ref` (`#`, `#/$defs/x`) points at in `root`; None for any other (an anchor, another
     URI) or none there."""
+    return pointed(root, local_pointer(ref))
+
+
+def local_pointer(ref: Any) -> tuple[str, ...] | None:
+    """A local `$ref`'s JSON pointer parts (pointer_parts'); None for any other `$ref`."""
     if not isinstance(ref, str) or not ref.startswith("#") or ref[1:2] not in ("", "/"):
         return None
-    way = pointer_way(root, pointer_parts(unquote(ref[1:])))
+    return pointer_parts(unquote(ref[1:]))
+
+
+def pointed(root: Any, parts: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """The subschema at a local `$ref`'s pointer `parts` (local_pointer's) in `root`; None where there is none."""
+    way = None if parts is None else pointer_way(root, parts)
     node = None if way is None else way[-1] if way else root
     return node if isinstance(node, dict) else None
