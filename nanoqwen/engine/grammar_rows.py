@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
+from nanoqwen.engine.hop_cycles import check_satisfiable, hop_cycle
 from nanoqwen.engine.object_runs import is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
@@ -660,6 +661,8 @@ def schema_weight(schema: Any) -> int:
     widest = max(width.values(), default=0)
     if not refs:
         return widest
+    if cycle := hop_cycle(schema, refs):
+        check_satisfiable(schema, cycle)
     targets = dict.fromkeys([(), *(target for _, target in refs)])  # in order, as _lark_chain's links
     trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
     for target in targets:
