@@ -1030,6 +1030,16 @@ def test_a_chain_of_bare_refs_is_served(server: GunicornServer) -> None:
     _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": hop_chain(500)})
 
 
+def test_a_chain_of_refs_each_beside_its_own_defs_is_served(server: GunicornServer) -> None:
+    """100 `$ref`s each naming the next beside `$defs` of its own, to an object: llguidance compiles each as its target
+    (a hop: object_runs.is_hop), but the objects' merge took each for a part of its own, 100 past MAX_PARTS (64): a
+    400 naming response_format. Served, and its answer validates."""
+    defs: dict[str, Any] = {f"h{i}": {"$ref": f"#/$defs/h{i + 1}", "$defs": {}} for i in range(100)}
+    defs["h100"] = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}, "required": ["a"],
+                    "additionalProperties": False}
+    _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": defs})
+
+
 # `$ref`s with nothing beside them (hops) naming each other in a cycle: llguidance compiles each as its target, a rule
 # with nothing to match
 HOP_CYCLE = {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
