@@ -652,7 +652,8 @@ def schema_weight(schema: Any) -> int:
     `$id`s of the subschemas it is in: a JSON pointer (`#`, `#/$defs/x`) or an `$anchor` (`#x`) in its resource, or
     another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did. The
     left corners of options that may go on alike add up where the row is the same, if heavier (AlikeChains: 4 objects
-    `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before)."""
+    `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before). HopCycle where
+    bare `$ref`s lead only to one another where a value must be (hop_cycles)."""
     found = schema_links(schema)
     refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
