@@ -1040,6 +1040,67 @@ def test_a_chain_of_bare_refs_is_served(server: GunicornServer) -> None:
     _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": hop_chain(500)})
 
 
+def test_a_chain_of_refs_each_beside_its_own_defs_is_served(server: GunicornServer) -> None:
+    """100 `$ref`s each naming the next beside `$defs` of its own, to an object: llguidance compiles each as its target
+    (a hop: object_runs.is_hop), but the objects' merge took each for a part of its own, 100 past MAX_PARTS (64): a
+    400 naming response_format. Served, and its answer validates."""
+    defs: dict[str, Any] = {f"h{i}": {"$ref": f"#/$defs/h{i + 1}", "$defs": {}} for i in range(100)}
+    defs["h100"] = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}, "required": ["a"],
+                    "additionalProperties": False}
+    _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": defs})
+
+
+# `$ref`s with nothing beside them (hops) naming each other in a cycle: llguidance compiles each as its target, a rule
+# with nothing to match
+HOP_CYCLE = {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
+UNMATCHED = {
+    "the root": {"$ref": "#"},
+    "a to b to a": {"$ref": "#/$defs/a", "$defs": HOP_CYCLE},
+    "a required property": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"],
+                            "$defs": HOP_CYCLE},
+    "an item of minItems": {"type": "object", "properties": {"x": {"type": "array", "items": {"$ref": "#/$defs/a"},
+                            "minItems": 1}}, "required": ["x"], "$defs": HOP_CYCLE},
+    "every anyOf option": {"anyOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}], "$defs": HOP_CYCLE},
+}
+
+
+@pytest.mark.parametrize("where", ["response_format", "strict tool", "forced tool", "responses"])
+@pytest.mark.parametrize("shape", UNMATCHED)
+def test_a_cycle_of_bare_refs_where_a_value_must_be_is_a_400_naming_the_field(server: GunicornServer, shape: str,
+                                                                              where: str) -> None:
+    """llguidance compiled it, and the answer failed at its first token (the root: a 400 that said only
+    `NoExtensionBias`) or at the value's (`{"x": `: a 200 whose answer failed). A 400 naming the field and the cycle
+    (a tool's root `$ref`, which call_arguments moves beside keys of its own, llguidance's `circular references`)."""
+    schema, client = UNMATCHED[shape], server.openai_client(timeout=300)
+    with pytest.raises(openai.BadRequestError, match="cycle|circular references") as refused:
+        if where == "response_format":
+            _create(server, max_tokens=8, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+        elif where == "responses":
+            client.responses.create(model=MODEL, input="hi", max_output_tokens=16, text={"format": {
+                "type": "json_schema", "name": "x", "schema": schema, "strict": True}})
+        else:
+            strict = where == "strict tool"
+            _create(server, max_tokens=8, tool_choice="auto" if strict else "required", tools=[
+                {"type": "function", "function": {"name": "f", "parameters": schema, "strict": strict}}])
+    param = {"response_format": "response_format", "responses": "text.format"}.get(where, "tools")
+    assert refused.value.body["param"] == param, refused.value.body
+
+
+def test_a_cycle_of_bare_refs_in_an_optional_place_is_served(server: GunicornServer) -> None:
+    """An `anyOf` option beside an integer: llguidance holds the integer alone (its first mask digits), served and
+    valid (jsonschema's own validator recurses without end on the cycle); a property not required is served
+    (llguidance still lets `{"x": ` begin it: profiles/RESULTS.md)."""
+    option = {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "integer", "minimum": 0, "maximum": 9}], "$defs": HOP_CYCLE}
+    answer = _create(server, max_tokens=8, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": option, "strict": True}}).choices[0]
+    assert answer.finish_reason == "stop" and 0 <= json.loads(answer.message.content) <= 9, answer
+    optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": HOP_CYCLE}
+    answer = _create(server, max_tokens=1, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": optional, "strict": True}}).choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.content.startswith("{"), answer
+
+
 def test_loose_values_in_turn_past_their_work_are_served(server: GunicornServer) -> None:
     """64 patterns, each an object of 64 patterns, beside 50 objects of additionalProperties: taking each pattern's
     value in turn, level after level, had been ManyOptions, a 400 naming response_format. Served, and its answer

@@ -39,6 +39,7 @@ from nanoqwen.engine.grammar_rows import (
     schema_links,
     schema_weight,
 )
+from nanoqwen.engine.hop_cycles import HopCycle
 from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
@@ -510,7 +511,7 @@ def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) 
         weight = row_weight(text) if weigh is None else weigh()
     except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
         raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
-    except (LongReference, DeepNesting, ManyOptions) as exc:
+    except (LongReference, DeepNesting, ManyOptions, HopCycle) as exc:
         raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "

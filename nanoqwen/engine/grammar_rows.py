@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
+from nanoqwen.engine.hop_cycles import check_satisfiable, hop_cycle
 from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
@@ -652,7 +653,8 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did. The
     left corners of options that may go on alike add up where the row is the same, if heavier (AlikeChains: 4 objects
     `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before); `merges`: its
-    objects as the pattern rewrite's checks merged them (ecma_patterns')."""
+    objects as the pattern rewrite's checks merged them (ecma_patterns'). HopCycle where bare `$ref`s lead only to
+    one another where a value must be (hop_cycles)."""
     found = schema_links(schema)
     refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
@@ -661,6 +663,8 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     widest = max(width.values(), default=0)
     if not refs:
         return widest
+    if cycle := hop_cycle(schema, refs):
+        check_satisfiable(schema, cycle)
     targets = dict.fromkeys([(), *(target for _, target in refs)])  # in order, as _lark_chain's links
     trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
     for target in targets:

@@ -28,7 +28,7 @@ LINK_KEYS = frozenset(("$ref", "description", "title", "$comment", "default", "e
                        "$anchor"))
 MAX_DEPTH = 32
 ALTERNATIVES = ("anyOf", "oneOf")
-DEFS = frozenset(("$defs", "definitions"))  # beside a root's `$ref`: what it refers into, nothing it matches
+DEFS = frozenset(("$defs", "definitions"))  # beside a `$ref` (at any level): what it refers into, nothing it matches
 # the keywords that make a part of an object more than a wrapper: its alternatives' objects merge with them
 OBJECT_KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "patternProperties", "allOf",
                              "$ref"))
@@ -46,9 +46,14 @@ def is_object_type(kind: Any) -> bool:
 
 
 def is_hop(node: Any) -> bool:
-    """Whether `node` is a `$ref` beside annotations at most (LINK_KEYS; a root's `$defs`): llguidance compiles it as
+    """Whether `node` is a `$ref` beside annotations at most (LINK_KEYS; `$defs` beside it): llguidance compiles it as
     its target, no rule of its own."""
-    return isinstance(node, dict) and "$ref" in node and node.keys() - DEFS <= LINK_KEYS
+    return isinstance(node, dict) and "$ref" in node and is_bare(node)
+
+
+def is_bare(node: dict[str, Any]) -> bool:
+    """Whether `node` holds no keyword of its own: annotations at most (LINK_KEYS), and `$defs` (DEFS)."""
+    return node.keys() - DEFS <= LINK_KEYS
 
 
 class TooManyParts(ValueError):
@@ -225,7 +230,7 @@ class SchemaObjects:
         `allOf` is; an `anyOf` or `oneOf` list (True) where it is, its options merged there (`{"anyOf": [{n
         optional}], "properties": {"r": {}}, "required": ["r"]}` runs n before r: 334-498 of two options were served
         and failed). Own keywords without `properties` go first: no other keyword's place moves a name."""
-        own = not part.keys() <= LINK_KEYS
+        own = not is_bare(part)
         ordered: list[tuple[Part, bool]] = []
         for key, value in part.items():
             if key == "$ref" and (target := self._target(value)) is not None:

@@ -1,0 +1,72 @@
+"""A JSON Schema's `$ref` hops (object_runs' is_hop: bare `$ref`s) that name each other in a cycle: llguidance compiles
+each as its target, so the cycle is a rule with nothing to match. Where a value must be one (the root, a required
+property, an item of a minItems, every option of an `anyOf`) llguidance still compiled the grammar, and the answer
+failed at its first token (the root: NoExtensionBias) or where the value begins (`{"x": `, past the 200). Which places
+must hold a value is llguidance's own rule: a copy of the schema with each such hop `false` is checked by it, which
+drops an optional place (a property not required, an option beside others) and refuses a place that must hold one
+(`Unsatisfiable schema: required property 'x' is unsatisfiable`: profiles/RESULTS.md, lane fuzz41fix)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from llguidance import LLMatcher
+
+from nanoqwen.engine.object_runs import is_hop
+from nanoqwen.engine.schema_keywords import pointer_way
+
+Path = tuple[str, ...]
+
+
+class HopCycle(ValueError):
+    """A schema whose hop cycle (hop_cycle's) is where a value must be: nothing matches it."""
+
+
+def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]]) -> list[Path]:
+    """The paths of the hops in a cycle of them or leading into one, sorted, of `refs` (each resolved `$ref`: where it
+    is, where it points; schema_links'); none where there is no such cycle."""
+    hops = {path: target for path, target in refs if is_hop(_node(schema, path))}
+    ended: set[Path] = set()  # hops whose chain leaves the hops (to a node of its own, or nowhere)
+    cycled: dict[Path, None] = {}
+    for start in hops:
+        chain: dict[Path, None] = {}
+        at = start
+        while at in hops and at not in ended and at not in cycled and at not in chain:
+            chain[at] = None
+            at = hops[at]
+        (cycled if at in cycled or at in chain else ended).update(dict.fromkeys(chain))
+    return sorted(cycled)
+
+
+def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
+    """HopCycle where llguidance refuses the schema with each hop of `cycle` (hop_cycle's) `false`, for want of a
+    value that must be (where it refuses the schema as sent so, its own check's 400 says why)."""
+    copy = json.loads(json.dumps(schema))
+    for path in cycle:
+        if not path:
+            copy = False
+            break
+        parent = _node(copy, path[:-1])
+        parent[int(path[-1]) if isinstance(parent, list) else path[-1]] = False
+    error = _unsatisfiable(copy)
+    if error and not _unsatisfiable(schema):
+        where = ", ".join("#" + "".join(f"/{part}" for part in path) for path in cycle)
+        raise HopCycle(f"the schema's bare `$ref`s at {where} lead only to one another, a cycle that nothing matches, "
+                       f"where a value must be one (read as `false`: {error})")
+
+
+def _unsatisfiable(schema: Any) -> str:
+    """llguidance's refusal of `schema` (lenient: its unknown keywords aside) for want of a value, else ""."""
+    if isinstance(schema, dict):
+        options = schema.get("x-guidance")
+        schema = {**schema, "x-guidance": {**(options if isinstance(options, dict) else {}), "lenient": True}}
+    try:
+        error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema))
+    except ValueError:
+        return ""
+    return error.splitlines()[0] if "Unsatisfiable schema" in error else ""
+
+
+def _node(schema: Any, path: Path) -> Any:
+    return (pointer_way(schema, path) or [None])[-1] if path else schema
