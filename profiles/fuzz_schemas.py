@@ -43,7 +43,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from chat_http import MODEL, cpu_env, health_polled, most_held  # noqa: E402
-from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
+from checkpoints import ENDOFTEXT_ID, EOS_IDS, VOCAB_SIZE, make_checkpoint  # noqa: E402
 from checks import Checks  # noqa: E402
 from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
 from nanoqwen.engine.schema_keywords import schema_objects  # noqa: E402
@@ -387,7 +387,7 @@ LADDER = 1.25
 FLOOR = 16  # the first probe limit (rows below it steer nothing)
 WALK_TOKENS = 240  # a steered walk's most tokens
 TRIED = 16  # the allowed tokens a step tries, their rows read
-END_TOKENS = 151643  # the tokenizer's ordinary tokens: a walk never ends itself (EOS) nor takes a special token
+END_TOKENS = ENDOFTEXT_ID  # the first special token: a walk never ends itself (EOS) nor takes a special token
 CHAIN_LINK = re.compile(r"(.*_)(\d+)")  # a `$defs` name of Weighed's chains: its prefix and its place
 FREE = 1_000  # allowed tokens from which on the walk is inside a string (a free key or a string value)
 
@@ -451,7 +451,7 @@ class Steered:
         singles = [token for token in allowed if self.text_of(token) in self.chars]
         picked = self.rng.sample(singles, min(TRIED // 2, len(singles)))
         picked += self.rng.sample(allowed, TRIED - len(picked))
-        if pending and self.chars[pending[0]] in allowed:
+        if pending and self.chars.get(pending[0]) in allowed:  # a key's next character, where one token spells it
             picked.append(self.chars[pending[0]])
         return list(dict.fromkeys(picked))
 
@@ -462,7 +462,7 @@ class Steered:
         matcher = self.matcher(limit, path)
         while len(path) < WALK_TOKENS and not matcher.is_error() and largest <= grammar.ROW_ITEMS:
             bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")
-            allowed = [token for token in np.flatnonzero(bits[:END_TOKENS]).tolist()]
+            allowed = np.flatnonzero(bits[:END_TOKENS]).tolist()
             if not allowed:
                 break
             if len(allowed) >= FREE and typed.endswith('"') and not pending and self.rng.random() < 0.8:
@@ -479,7 +479,7 @@ class Steered:
             open_ = [token for token in tried if rows[token] == 0]
             if not open_:
                 break
-            if pending and self.chars[pending[0]] in open_:
+            if pending and self.chars.get(pending[0]) in open_:
                 token, pending = self.chars[pending[0]], pending[1:]
             else:
                 pending = ""
@@ -533,7 +533,8 @@ def pruned(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _subschemas(schema: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """The path (keys and indices) of each schema object in `schema` (Weighed's keywords), the root's `()`."""
+    """The path (keys and indices) of each schema object in `schema` (Weighed's keywords), the root's `()`: paths, not
+    the objects schema_keywords' walk gives, as the shrinker cuts each by its place."""
     paths, stack = [], [()]
     while stack:
         path = stack.pop()
@@ -567,7 +568,7 @@ def smaller(schema: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     defs = schema.get("$defs", {})
     chains: dict[str, int] = {}
     for name in defs:
-        if found := re.fullmatch(r"(.*_)(\d+)", name):
+        if found := CHAIN_LINK.fullmatch(name):
             chains[found.group(1)] = max(chains.get(found.group(1), 0), int(found.group(2)))
     for prefix, links in chains.items():
         if links >= 2:
@@ -618,6 +619,12 @@ def shrunk(schema: dict[str, Any], holds: Callable[[dict[str, Any]], bool], seco
         else:
             break
     return schema
+
+
+def refused_otherwise(weight: int | str, text: str) -> bool:
+    """Refused for something other than its row (llguidance's own refusal, e.g. oneOf's options that may overlap; our
+    ManyOptions): no row of it to weigh against llguidance."""
+    return isinstance(weight, str) and ("parser row" not in weight or bool(llguidance.LLMatcher.validate_grammar(text)))
 
 
 class Weighing:
@@ -690,7 +697,7 @@ class Weighing:
         where `schema` is one (the shrinker's test: its walks seeded alike), else None."""
         weight = self.weight(schema)
         text = grammar._json_grammar(schema, True, "p")
-        if isinstance(weight, str) and ("parser row" not in weight or llguidance.LLMatcher.validate_grammar(text)):
+        if refused_otherwise(weight, text):
             return None
         row, _ = self.steered(schema, text, random.Random(0))
         if isinstance(weight, int):
@@ -710,7 +717,7 @@ class Weighing:
             self.found("SLOW", f"{spent:.2f} s CPU, schema_weight's {time.process_time() - started:.2f} s "
                                f"({len(shown)} chars): {shown[:300]}")
         text = grammar._json_grammar(schema, True, "p")
-        if isinstance(weight, str) and ("parser row" not in weight or llguidance.LLMatcher.validate_grammar(text)):
+        if refused_otherwise(weight, text):
             self.counts["refused otherwise"] += 1  # llguidance's own refusal (oneOf's options may overlap), ManyOptions
             return
         witnesses = Witnesses(self.rng, schema.get("$defs", {}))
