@@ -58,8 +58,8 @@ RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
 # past it); a longer `$id` that nothing is resolved against costs nothing
 LONG_URI = 2_048
 # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links); a hop to a hop
-# (object_runs' is_hop: both bare `$ref`s) none: llguidance compiles a hop as its target (1,500 hops to an integer held
-# 2 items, and were weighed 3,002: a 400)
+# (object_runs' is_hop: both bare `$ref`s) none: llguidance compiles a hop as its target (500 hops to an integer hold
+# 2 items, and were weighed 1,002; past ~630 the objects' merge walk, MAX_WORK, refuses them first)
 REF_LINK = 2
 # Groups (`(`, `[`) open at once in a Lark body: llguidance's parser refuses a 29th (1.9.1), but only after this walk,
 # whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
@@ -686,7 +686,8 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     links: dict[tuple[str, ...], dict[tuple[str, ...], int]] = defaultdict(dict)
     weights = {path: _link_items(schema, path, target) for path, target in refs}
     for path, target in refs:
-        links[owner(path)][target] = max(links[owner(path)].get(target, 0), weights[path])
+        row = links[owner(path)]
+        row[target] = max(row.get(target, 0), weights[path])
     for target in targets:
         if target:
             links[owner(target[:-1])].setdefault(target, 0)
