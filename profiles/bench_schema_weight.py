@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoqwen.engine import grammar_rows  # noqa: E402
+from nanoqwen.engine.hop_cycles import HopsCut  # noqa: E402
 
 T = {"$ref": "#/$defs/t"}
 OPTIONAL_T = {"anyOf": [T, {"type": "null"}]}
@@ -56,6 +57,13 @@ def _lists(lists: int, properties: int, distinct: bool) -> dict[str, Any]:
                                              for j in range(lists)}, "$defs": {"big": big, "t": {"type": "integer"}}}
 
 
+def _hop_cycle(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (an object) with an optional property that is a cycle of bare `$ref`s: weighing it runs hop_cycles'
+    check, llguidance's compile and validate of the schema as sent and of its copy with the cycle `false`."""
+    defs = {**schema["$defs"], "a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
+    return {**schema, "properties": {**schema["properties"], "cycle": {"$ref": "#/$defs/a"}}, "$defs": defs}
+
+
 SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
     "a chain of 5,900 $ref'd anyOfs": lambda: _chain(5_900),
     "1,000 objects of 5 anyOf [$ref, null]": lambda: _objects(1_000, 5),
@@ -65,6 +73,9 @@ SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
     "300 Optional[big of 1,000]": lambda: _lists(300, 1_000, False),
     "140 Optional[big of 2,000]": lambda: _lists(140, 2_000, False),
     "600 distinct lists naming big of 2,000": lambda: _lists(600, 2_000, True),
+    "140 Optional[big of 2,000], an optional hop cycle": lambda: _hop_cycle(_lists(140, 2_000, False)),
+    "20 lists of 6,000 properties": lambda: _lists(20, 6_000, False),
+    "20 lists of 6,000 properties, an optional hop cycle": lambda: _hop_cycle(_lists(20, 6_000, False)),
 }
 
 
@@ -73,7 +84,7 @@ def weighed(text: str) -> tuple[str, float]:
     started = time.process_time()
     try:
         outcome = str(grammar_rows.schema_weight(schema))
-    except ValueError as exc:  # a refusal (ManyOptions and the walks' own bounds)
+    except (ValueError, HopsCut) as exc:  # a refusal (ManyOptions and the walks' own bounds), or a cycle to cut
         outcome = type(exc).__name__
     return outcome, time.process_time() - started
 

@@ -1089,16 +1089,38 @@ def test_a_cycle_of_bare_refs_where_a_value_must_be_is_a_400_naming_the_field(se
 
 def test_a_cycle_of_bare_refs_in_an_optional_place_is_served(server: GunicornServer) -> None:
     """An `anyOf` option beside an integer: llguidance holds the integer alone (its first mask digits), served and
-    valid (jsonschema's own validator recurses without end on the cycle); a property not required is served
-    (llguidance still lets `{"x": ` begin it: profiles/RESULTS.md)."""
+    valid (jsonschema's own validator recurses without end on the cycle)."""
     option = {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "integer", "minimum": 0, "maximum": 9}], "$defs": HOP_CYCLE}
     answer = _create(server, max_tokens=8, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": option, "strict": True}}).choices[0]
     assert answer.finish_reason == "stop" and 0 <= json.loads(answer.message.content) <= 9, answer
-    optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": HOP_CYCLE}
-    answer = _create(server, max_tokens=1, response_format={
+
+
+def test_a_property_that_is_a_cycle_of_bare_refs_is_never_begun(server: GunicornServer) -> None:
+    """A property not required whose value is a cycle of bare `$ref`s: llguidance still offered its key, and an answer
+    steered to it (logit_bias on `{"`, `x`, `":`) met nothing to follow at `{"x": `, a 400 mid-answer ('could not
+    follow the grammar'). Now its copy with the cycle `false` is compiled, as response_format and as a forced strict
+    tool's parameters: the answer is `{}`."""
+    optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "additionalProperties": False,
+                "$defs": HOP_CYCLE}
+    steer = {"logit_bias": {"4913": 100, "87": 100, "788": 100}}  # `{"`, `x`, `":` in Qwen3's vocabulary
+    answer = _create(server, max_tokens=12, temperature=0, **steer, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": optional, "strict": True}}).choices[0]
-    assert answer.finish_reason in ("stop", "length") and answer.message.content.startswith("{"), answer
+    assert answer.finish_reason == "stop" and json.loads(answer.message.content) == {}, answer
+    tool = {"type": "function", "function": {"name": "f", "parameters": optional, "strict": True}}
+    message = _create(server, max_tokens=40, temperature=0, **steer, tools=[tool], tool_choice="required",
+                      parallel_tool_calls=False).choices[0].message
+    assert [json.loads(call.function.arguments) for call in message.tool_calls] == [{}], message
+
+
+def test_a_lark_json_with_a_cycle_of_bare_refs_where_a_value_may_be_absent_is_served(server: GunicornServer) -> None:
+    """A Lark grammar's `%json` is compiled as sent (its key still offered, not cut as a schema field's is): weighed
+    as its copy without the cycle, served, where the weighing's cut of it would have been a 500."""
+    optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": HOP_CYCLE}
+    lark = "start: %json " + json.dumps(optional)
+    answer = requests.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": "x", "max_tokens": 1, "structured_outputs": {"grammar": lark}})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"].startswith("{"), answer.text
 
 
 def test_loose_values_in_turn_past_their_work_are_served(server: GunicornServer) -> None:

@@ -14,7 +14,7 @@ from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.api.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields, Tool
 from nanoqwen.api.serving import invalid_request
 from nanoqwen.engine.call_arguments import call_arguments
-from nanoqwen.engine.grammar import OverBudget, SchemaBudget, SchemaRefused, ToolSpec, check_json_schema, text_key
+from nanoqwen.engine.grammar import OverBudget, SchemaBudget, SchemaRefused, ToolSpec, held_json_schema, text_key
 from nanoqwen.engine.object_runs import Merges
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -323,10 +323,12 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     before, merges = budget.copy(), Merges()
     try:
         parameters = ecma_patterns(tool.parameters, "tools", budget, merges)
-        # the schema the calls' grammar holds (call_arguments); a firm tool's 400 is that grammar's, naming it (and
-        # would name `tools`): llguidance checked it once
-        weight = (check_json_schema(call_arguments(parameters), tool.strict, "tools", lenient, merges)
-                  if tool.parameters else None)
+        # the schema the calls' grammar holds (call_arguments; held_json_schema's copy where it cut a cycle of
+        # `$ref`s); a firm tool's 400 is that grammar's, naming it (and would name `tools`): llguidance checked it once
+        if tool.parameters:
+            parameters, weight = held_json_schema(call_arguments(parameters), tool.strict, "tools", lenient, merges)
+        else:
+            weight = None
     except InvalidRequest as exc:
         if lenient:  # its calls free: its schema, never compiled, charged nothing
             budget.refund(before)
@@ -343,4 +345,4 @@ def _checked_answer(answer: JsonAnswer, budget: SchemaBudget) -> tuple[dict[str,
     its field; and its weight."""
     merges = Merges()
     schema = ecma_patterns(answer.schema, answer.param, budget, merges)
-    return schema, check_json_schema(schema, answer.strict, answer.param, merges=merges)
+    return held_json_schema(schema, answer.strict, answer.param, merges=merges)

@@ -38,8 +38,9 @@ from nanoqwen.engine.grammar_rows import (
     row_weight,
     schema_links,
     schema_weight,
+    weight_as_sent,
 )
-from nanoqwen.engine.hop_cycles import HopCycle
+from nanoqwen.engine.hop_cycles import HopCycle, HopsCut
 from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
@@ -265,7 +266,7 @@ class ToolSpec:
     name: str
     parameters: dict[str, Any] | None  # the tool's JSON schema (None: no arguments)
     strict: bool = False
-    weight: int | None = None  # its parameters' schema_weight where weighed already (check_json_schema's)
+    weight: int | None = None  # its parameters' schema_weight where weighed already (held_json_schema's)
 
 
 @dataclass
@@ -299,16 +300,25 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
 
 def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True,
                       merges: Merges | None = None) -> int:
+    """held_json_schema's weight."""
+    return held_json_schema(schema, strict, param, validate, merges)[1]
+
+
+def held_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True,
+                     merges: Merges | None = None) -> tuple[dict[str, Any], int]:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
-    slot): the combined grammar it is part of would be refused naming another field. Its schema_weight (with what
-    ecma_patterns' checks of it merged, `merges`), for that grammar's bound. Without `validate`, llguidance's own check
-    is left to that grammar's compile (it costs as much: 64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the
-    schema (tool_calls' origin)."""
+    slot): the combined grammar it is part of would be refused naming another field. The schema that grammar is to
+    hold (HopsCut's copy where it has one) and its schema_weight (with what ecma_patterns' checks of it merged,
+    `merges`), for that grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile
+    (it costs as much: 64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
     text = _json_grammar(schema, strict, param)
-    weight = check_bounds(text, param, partial(schema_weight, schema, merges))
+    try:
+        weight = check_bounds(text, param, partial(schema_weight, schema, merges))
+    except HopsCut as cut:
+        return held_json_schema(cut.schema, strict, param, validate)
     if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
-    return weight
+    return schema, weight
 
 
 def _call_rule(i: int, tool: ToolSpec) -> str:
@@ -367,9 +377,13 @@ class Grammars:
                     key: GrammarKey | None = None, merges: Merges | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The cache's key: `key` (a miss: Grammars.compile), else the grammar's text,
-        which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing."""
+        which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing. A schema
+        with HopsCut's cycle: its copy compiled."""
         text = _json_grammar(schema, strict, param, no_space)
-        return self.compile(text, param, key, partial(schema_weight, schema, merges))
+        try:
+            return self.compile(text, param, key, partial(schema_weight, schema, merges))
+        except HopsCut as cut:
+            return self.json_schema(cut.schema, strict, param, no_space, key)
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
@@ -532,8 +546,8 @@ def check_pattern_chars(chars: int, param: str, what: str, note: str = "") -> in
 
 def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
     """The row weight of tool_calls' grammar: its `rules` and each schema's as `%json {}`, with the schemas weighed as
-    sent (or as check_json_schema weighed them, their int), not parsed back from the text."""
-    weighed = {name: schema_weight(schema) if weight is None else weight
+    sent (or as held_json_schema weighed them, their int), not parsed back from the text."""
+    weighed = {name: weight_as_sent(schema) if weight is None else weight
                for name, (schema, _, weight) in schemas.items()}
     return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
-from nanoqwen.engine.hop_cycles import check_satisfiable, hop_cycle
+from nanoqwen.engine.hop_cycles import HopsCut, check_satisfiable, hop_cycle
 from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
@@ -150,7 +150,7 @@ def _top_level_chain(top: Any) -> int:
     for grammar in grammars if isinstance(grammars, list) else []:
         if isinstance(grammar, dict):
             if grammar.get("json_schema") is not None:
-                depth = max(depth, schema_weight(grammar["json_schema"]))
+                depth = max(depth, weight_as_sent(grammar["json_schema"]))
             if isinstance(grammar.get("lark_grammar"), str):
                 depth = max(depth, _lark_chain(grammar["lark_grammar"], {}))
     return depth
@@ -177,7 +177,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
                 return 0  # llguidance refuses the grammar
             if piece == "%json":
                 offsets.append(offset)
-                chains.append(schema_weight(schema))
+                chains.append(weight_as_sent(schema))
         if piece.startswith(("//", "#")):
             piece = " "
         elif piece[0] == "/":
@@ -654,7 +654,8 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     left corners of options that may go on alike add up where the row is the same, if heavier (AlikeChains: 4 objects
     `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before); `merges`: its
     objects as the pattern rewrite's checks merged them (ecma_patterns'). HopCycle where bare `$ref`s lead only to
-    one another where a value must be (hop_cycles)."""
+    one another where a value must be; HopsCut, with the copy to compile, where only where one may be absent
+    (hop_cycles)."""
     found = schema_links(schema)
     refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
@@ -693,6 +694,15 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
             links[owner(target[:-1])].setdefault(target, 0)
     chains = AlikeChains(schema, dict(refs), found.paths, weights, merges)
     return widest + max(_heaviest(links), chains.heaviest(node for node, _ in alternated))
+
+
+def weight_as_sent(schema: Any) -> int:
+    """schema_weight of a schema compiled as sent (a Lark grammar's `%json`): where it has HopsCut's cycle, its copy's,
+    as much (the cycle's hops add no items)."""
+    try:
+        return schema_weight(schema)
+    except HopsCut as cut:
+        return schema_weight(cut.schema)
 
 
 def _link_items(schema: Any, path: tuple[str, ...], target: tuple[str, ...]) -> int:

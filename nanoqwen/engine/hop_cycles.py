@@ -4,7 +4,9 @@ property, an item of a minItems, every option of an `anyOf`) llguidance still co
 failed at its first token (the root: NoExtensionBias) or where the value begins (`{"x": `, past the 200). Which places
 must hold a value is llguidance's own rule: a copy of the schema with each such hop `false` is checked by it, which
 drops an optional place (a property not required, an option beside others) and refuses a place that must hold one
-(`Unsatisfiable schema: required property 'x' is unsatisfiable`: profiles/RESULTS.md, lane fuzz41fix)."""
+(`Unsatisfiable schema: required property 'x' is unsatisfiable`: profiles/RESULTS.md, lane fuzz41fix). An optional
+place llguidance still offered (`{"x": `, then nothing could follow: the answer failed there); that copy is what is
+compiled instead (HopsCut), which never offers it."""
 from __future__ import annotations
 
 import json
@@ -21,6 +23,15 @@ Path = tuple[str, ...]
 
 class HopCycle(ValueError):
     """A schema whose hop cycle (hop_cycle's) is where a value must be: nothing matches it."""
+
+
+class HopsCut(Exception):  # noqa: N818 (a signal, not an error)
+    """A schema whose hop cycle (hop_cycle's) is only where a value may be absent: `schema`, its copy with each hop of
+    the cycle `false`, is what to compile (the answer still matches the schema as sent)."""
+
+    def __init__(self, schema: Any) -> None:
+        super().__init__("a cycle of bare `$ref`s where a value may be absent")
+        self.schema = schema
 
 
 def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]]) -> list[Path]:
@@ -41,7 +52,8 @@ def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]]) -> list[Path]:
 
 def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
     """HopCycle where llguidance refuses the schema with each hop of `cycle` (hop_cycle's) `false`, for want of a
-    value that must be (where it refuses the schema as sent so, its own check's 400 says why)."""
+    value that must be (where it refuses the schema as sent so, its own check's 400 says why); else HopsCut with that
+    copy."""
     copy = json.loads(json.dumps(schema))
     for path in cycle:
         if not path:
@@ -54,6 +66,8 @@ def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
         where = ", ".join("#" + "".join(f"/{part}" for part in path) for path in cycle)
         raise HopCycle(f"the schema's bare `$ref`s at {where} lead only to one another, a cycle that nothing matches, "
                        f"where a value must be one (read as `false`: {error})")
+    if not error:
+        raise HopsCut(copy)
 
 
 def _unsatisfiable(schema: Any) -> str:
