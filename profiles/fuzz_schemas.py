@@ -712,7 +712,7 @@ class Weighing:
         shown = json.dumps(schema)
         if spent > self.slow_s:
             started = time.process_time()
-            grammar_rows.schema_weight(schema)
+            grammar_rows.weight_as_sent(schema)
             self.slow_schemas.append(schema)
             self.found("SLOW", f"{spent:.2f} s CPU, schema_weight's {time.process_time() - started:.2f} s "
                                f"({len(shown)} chars): {shown[:300]}")
