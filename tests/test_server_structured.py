@@ -1113,14 +1113,30 @@ def test_a_property_that_is_a_cycle_of_bare_refs_is_never_begun(server: Gunicorn
     assert [json.loads(call.function.arguments) for call in message.tool_calls] == [{}], message
 
 
-def test_a_lark_json_with_a_cycle_of_bare_refs_where_a_value_may_be_absent_is_served(server: GunicornServer) -> None:
-    """A Lark grammar's `%json` is compiled as sent (its key still offered, not cut as a schema field's is): weighed
-    as its copy without the cycle, served, where the weighing's cut of it would have been a 500."""
+def test_a_lark_json_with_a_cycle_of_bare_refs_where_a_value_may_be_absent_is_a_400(server: GunicornServer) -> None:
+    """A Lark grammar's `%json` is compiled as sent, so a property whose value is a cycle of bare `$ref`s stays
+    offered, and an answer that begins it fails there (as response_format's did before its copy was compiled): a 400
+    naming the field, up front, not a dead end mid-answer (nor the weighing's cut escaping as a 500)."""
     optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "$defs": HOP_CYCLE}
     lark = "start: %json " + json.dumps(optional)
     answer = requests.post(f"{server.url}/v1/completions", timeout=120, json={
-        "model": MODEL, "prompt": "x", "max_tokens": 1, "structured_outputs": {"grammar": lark}})
-    assert answer.status_code == 200 and answer.json()["choices"][0]["text"].startswith("{"), answer.text
+        "model": MODEL, "prompt": "x", "max_tokens": 12, "structured_outputs": {"grammar": lark},
+        "logit_bias": {"4913": 100, "87": 100, "788": 100}})  # `{"`, `x`, `":`: steered into the cycle's key
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["param"] == "structured_outputs.grammar", error
+    assert "cycle" in error["message"], error
+
+
+def test_a_hop_cycle_inside_a_const_is_left_as_its_data(server: GunicornServer) -> None:
+    """A `$ref` into a const's data reads it as a schema; a bare `$ref` there naming itself is a hop cycle, and the
+    property leading into it is what is cut: the const's data stays as sent (cutting it too made the answer
+    `{"c": {"k": false}}`, which the schema as sent does not hold)."""
+    data = {"k": {"$ref": "#/properties/c/const/k"}}
+    schema = {"type": "object", "properties": {"c": {"const": data}, "x": {"$ref": "#/properties/c/const/k"}},
+              "required": ["c"], "additionalProperties": False}
+    answer = _create(server, max_tokens=40, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}}).choices[0]
+    assert json.loads(answer.message.content) == {"c": data}, answer
 
 
 def test_loose_values_in_turn_past_their_work_are_served(server: GunicornServer) -> None:

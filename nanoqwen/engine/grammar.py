@@ -300,7 +300,7 @@ def _json_grammar(schema: dict[str, Any], strict: bool, param: str, no_space: bo
 
 def check_json_schema(schema: dict[str, Any], strict: bool, param: str, validate: bool = True,
                       merges: Merges | None = None) -> int:
-    """held_json_schema's weight."""
+    """held_json_schema's weight (for the tests and profiles/fuzz_schemas.py: the server takes its copy too)."""
     return held_json_schema(schema, strict, param, validate, merges)[1]
 
 

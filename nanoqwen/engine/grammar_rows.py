@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
-from nanoqwen.engine.hop_cycles import HopsCut, check_satisfiable, hop_cycle
+from nanoqwen.engine.hop_cycles import HopCycle, HopsCut, check_satisfiable, hop_cycle
 from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
@@ -664,7 +664,7 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     widest = max(width.values(), default=0)
     if not refs:
         return widest
-    if cycle := hop_cycle(schema, refs):
+    if cycle := hop_cycle(schema, refs, {id(node) for node, _ in found.in_data}):
         check_satisfiable(schema, cycle)
     targets = dict.fromkeys([(), *(target for _, target in refs)])  # in order, as _lark_chain's links
     trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
@@ -697,12 +697,15 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
 
 
 def weight_as_sent(schema: Any) -> int:
-    """schema_weight of a schema compiled as sent (a Lark grammar's `%json`): where it has HopsCut's cycle, its copy's,
-    as much (the cycle's hops add no items)."""
+    """schema_weight of a schema compiled as sent (a Lark grammar's `%json`, a top-level grammar's json_schema); where
+    it has HopsCut's cycle, HopCycle: compiled as sent, the grammar offers the place the cycle is in, and nothing can
+    follow once a value there begins (only a JSON Schema's own grammar compiles the cut copy)."""
     try:
         return schema_weight(schema)
-    except HopsCut as cut:
-        return schema_weight(cut.schema)
+    except HopsCut:
+        raise HopCycle("the schema's bare `$ref`s lead only to one another, a cycle that nothing matches, where a "
+                       "value may be absent: as a grammar's %json it would be offered and then fail; send the schema "
+                       "itself (response_format, guided_json) or leave the cycle out") from None
 
 
 def _link_items(schema: Any, path: tuple[str, ...], target: tuple[str, ...]) -> int:

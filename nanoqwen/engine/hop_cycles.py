@@ -34,9 +34,11 @@ class HopsCut(Exception):  # noqa: N818 (a signal, not an error)
         self.schema = schema
 
 
-def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]]) -> list[Path]:
+def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]], in_data: set[int]) -> list[Path]:
     """The paths of the hops in a cycle of them or leading into one, sorted, of `refs` (each resolved `$ref`: where it
-    is, where it points; schema_links'); none where there is no such cycle."""
+    is, where it points; schema_links'); none where there is no such cycle. Those in data (`in_data`: the ids of data
+    objects a `$ref` reads as schemas, schema_links') are left out: cut, they would change what a const or an enum
+    holds; the hops in the schema that lead into them are cut instead."""
     hops = {path: target for path, target in refs if is_hop(_node(schema, path))}
     ended: set[Path] = set()  # hops whose chain leaves the hops (to a node of its own, or nowhere)
     cycled: dict[Path, None] = {}
@@ -47,7 +49,7 @@ def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]]) -> list[Path]:
             chain[at] = None
             at = hops[at]
         (cycled if at in cycled or at in chain else ended).update(dict.fromkeys(chain))
-    return sorted(cycled)
+    return sorted(path for path in cycled if id(_node(schema, path)) not in in_data)
 
 
 def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
