@@ -26,6 +26,10 @@ def ref_chain(links: int, end: str = "integer") -> dict[str, Any]:
     return {"$ref": "#/$defs/d0", "$defs": chain_defs("d", links, end)}
 
 
+# Two `$defs` whose bare `$ref`s name each other: a cycle of hops, which nothing matches (hop_cycles).
+HOP_CYCLE = {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
+
+
 def hop_chain(hops: int, end: dict[str, Any] | None = None, name: str = "h") -> dict[str, Any]:
     """`$defs` of `hops` bare `$ref`s `{name}i`, each naming the next, the last `end` (an integer by default)."""
     defs: dict[str, Any] = {f"{name}{i}": {"$ref": f"#/$defs/{name}{i + 1}"} for i in range(hops)}

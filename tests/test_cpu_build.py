@@ -123,8 +123,8 @@ def test_a_library_records_its_warnings_and_one_cached_without_its_record_is_bui
     assert library.stat().st_ino != built
 
 
-# A process loading the pool's library from the cache named by argv[1] (built first if missing), once it says ready
 def waits_on_a_lock(pid: int) -> bool:
+    """Whether a thread of process `pid` waits for an exclusive flock (/proc/locks' `->` line)."""
     return re.search(rf"^\d+: -> FLOCK\s+\w+\s+WRITE\s+{pid}\s", Path("/proc/locks").read_text(), re.M) is not None
 
 

@@ -42,9 +42,11 @@ from nanoqwen.api.errors import error_body
 from nanoqwen.engine import grammar, grammar_rows
 from schema_shapes import (
     ALIKE,
+    HOP_CYCLE,
     ONE_LOOSE_VALUE,
     hop_chain,
     many_patterns,
+    named_and_own_pattern,
     one_loose_value,
     patterns_of_patterns,
     ref_chain,
@@ -1052,7 +1054,7 @@ def test_a_chain_of_refs_each_beside_its_own_defs_is_served(server: GunicornServ
 
 # `$ref`s with nothing beside them (hops) naming each other in a cycle: llguidance compiles each as its target, a rule
 # with nothing to match
-HOP_CYCLE = {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}
+STEER_INTO_X = {"4913": 100, "87": 100, "788": 100}  # `{"`, `x`, `":` in Qwen3's vocabulary: a key `x` begun
 UNMATCHED = {
     "the root": {"$ref": "#"},
     "a to b to a": {"$ref": "#/$defs/a", "$defs": HOP_CYCLE},
@@ -1103,7 +1105,7 @@ def test_a_property_that_is_a_cycle_of_bare_refs_is_never_begun(server: Gunicorn
     tool's parameters: the answer is `{}`."""
     optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "additionalProperties": False,
                 "$defs": HOP_CYCLE}
-    steer = {"logit_bias": {"4913": 100, "87": 100, "788": 100}}  # `{"`, `x`, `":` in Qwen3's vocabulary
+    steer = {"logit_bias": STEER_INTO_X}
     answer = _create(server, max_tokens=12, temperature=0, **steer, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": optional, "strict": True}}).choices[0]
     assert answer.finish_reason == "stop" and json.loads(answer.message.content) == {}, answer
@@ -1121,7 +1123,7 @@ def test_a_lark_json_with_a_cycle_of_bare_refs_where_a_value_may_be_absent_is_a_
     lark = "start: %json " + json.dumps(optional)
     answer = requests.post(f"{server.url}/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": "x", "max_tokens": 12, "structured_outputs": {"grammar": lark},
-        "logit_bias": {"4913": 100, "87": 100, "788": 100}})  # `{"`, `x`, `":`: steered into the cycle's key
+        "logit_bias": STEER_INTO_X})
     error = answer.json()["error"]
     assert answer.status_code == 400 and error["param"] == "structured_outputs.grammar", error
     assert "cycle" in error["message"], error
@@ -1137,6 +1139,17 @@ def test_a_hop_cycle_inside_a_const_is_left_as_its_data(server: GunicornServer) 
     answer = _create(server, max_tokens=40, temperature=0, response_format={
         "type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": True}}).choices[0]
     assert json.loads(answer.message.content) == {"c": data}, answer
+
+
+def test_a_named_key_matching_its_own_options_pattern_is_weighed_as_llguidance_holds_it(
+        server: GunicornServer) -> None:
+    """Options whose named key also matches their own pattern hold both in llguidance's row (grammar40fix2): 100
+    links of them are served and their answer validates; 300 are a 400 naming response_format, up front."""
+    _served_and_valid(server, named_and_own_pattern(100))
+    with pytest.raises(openai.BadRequestError) as refused:
+        _create(server, response_format={"type": "json_schema", "json_schema": {
+            "name": "n", "schema": named_and_own_pattern(300), "strict": True}})
+    assert refused.value.body["param"] == "response_format", refused.value.body
 
 
 def test_loose_values_in_turn_past_their_work_are_served(server: GunicornServer) -> None:

@@ -78,7 +78,7 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None, m
     other schemas (`budget`'s, then charged with this one's; none: the schema alone), where an object's
     patternProperties keys pass MAX_PATTERN_PROPERTIES (all counted in any data a `$ref` reads too), or where a `$ref`
     reads a `\\s`, `\\S` or `\\cX` in VALUES' data. The objects its checks merge are kept in `merges`, for the
-    copy's weighing (check_json_schema's) to merge each once.
+    copy's weighing (held_json_schema's) to merge each once.
     Iterative: the schema is as deep as a body may be. The `$ref`s are resolved only where the schema has such data
     and passes check_bounds' cheap count (each `$ref` twice against MAX_RULES): a schema it refuses is not worth
     resolving (30,000 `$ref`s: 0.6 s)."""

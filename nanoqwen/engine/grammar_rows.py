@@ -25,6 +25,7 @@ from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
     own_patterns,
+    pointed,
     pointer_parts,
     pointer_way,
     schema_objects,
@@ -710,7 +711,7 @@ def weight_as_sent(schema: Any) -> int:
 
 def _link_items(schema: Any, path: tuple[str, ...], target: tuple[str, ...]) -> int:
     """The items the `$ref` at `path` adds to a row: REF_LINK, none where it and its `target` are hops (is_hop)."""
-    nodes = [(pointer_way(schema, at) or [None])[-1] if at else schema for at in (path, target)]
+    nodes = [pointed(schema, at) for at in (path, target)]
     return 0 if all(map(is_hop, nodes)) else REF_LINK
 
 

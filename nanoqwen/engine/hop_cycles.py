@@ -16,7 +16,7 @@ from typing import Any
 from llguidance import LLMatcher
 
 from nanoqwen.engine.object_runs import is_hop
-from nanoqwen.engine.schema_keywords import pointer_way
+from nanoqwen.engine.schema_keywords import pointed, pointer_way
 
 Path = tuple[str, ...]
 
@@ -39,7 +39,7 @@ def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]], in_data: set[int])
     is, where it points; schema_links'); none where there is no such cycle. Those in data (`in_data`: the ids of data
     objects a `$ref` reads as schemas, schema_links') are left out: cut, they would change what a const or an enum
     holds; the hops in the schema that lead into them are cut instead."""
-    hops = {path: target for path, target in refs if is_hop(_node(schema, path))}
+    hops = {path: target for path, target in refs if is_hop(pointed(schema, path))}
     ended: set[Path] = set()  # hops whose chain leaves the hops (to a node of its own, or nowhere)
     cycled: dict[Path, None] = {}
     for start in hops:
@@ -49,7 +49,7 @@ def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]], in_data: set[int])
             chain[at] = None
             at = hops[at]
         (cycled if at in cycled or at in chain else ended).update(dict.fromkeys(chain))
-    return sorted(path for path in cycled if id(_node(schema, path)) not in in_data)
+    return sorted(path for path in cycled if id(pointed(schema, path)) not in in_data)
 
 
 def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
@@ -61,7 +61,7 @@ def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
         if not path:
             copy = False
             break
-        parent = _node(copy, path[:-1])
+        parent = (pointer_way(copy, path[:-1]) or [copy])[-1]  # the root's way is empty
         parent[int(path[-1]) if isinstance(parent, list) else path[-1]] = False
     error = _unsatisfiable(copy)
     if error and not _unsatisfiable(schema):
@@ -82,7 +82,3 @@ def _unsatisfiable(schema: Any) -> str:
     except ValueError:
         return ""
     return error.splitlines()[0] if "Unsatisfiable schema" in error else ""
-
-
-def _node(schema: Any, path: Path) -> Any:
-    return (pointer_way(schema, path) or [None])[-1] if path else schema

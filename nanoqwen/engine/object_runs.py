@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanoqwen.engine.schema_keywords import local_pointer, local_target, pointed, schema_objects
+from nanoqwen.engine.schema_keywords import local_pointer, pointed, schema_objects
 
 # What one schema's walk merges in all, parts and property names (~0.5 s), and follows per object: the alternatives
 # nested (through `$ref`s) and the options summed; past them the schema is refused (TooLarge: counted short, an answer
@@ -182,7 +182,7 @@ class SchemaObjects:
                 if "$ref" in part:
                     refs.append(part["$ref"])
             local = all(isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) for ref in refs)
-            named = {id(target) for ref in refs if (target := local_target(ref, self.root)) is not None}
+            named = {id(target) for ref in refs if (target := self._target(ref)) is not None}
             self._merged_only = listed - named if local else set()
         return id(node) in self._merged_only
 
