@@ -18,12 +18,11 @@
 #include "nanoqwen_cpu.h"
 #include "step_matrices.h"
 
-#define GROUP 64
 #define FORMATS 2
 #define HOT_CALLS 2000
 
 static const char *const names[FORMATS] = {"int8", "int4"};
-static const int bytes64[FORMATS] = {64, 36};  /* int4: 32 bytes of nibbles, a bf16 scale and offset each 64 weights */
+static const int bytes64[FORMATS] = {64, INT4_BYTES64};
 
 static uint16_t x[3072], y[151936], row_scales[151936];
 
@@ -34,16 +33,8 @@ static void call(int f, const char *w, const struct shape *sh, int N) {
         linear_int8(x, (const int8_t *)w, row_scales, y, 1, N, (int)sh->K, 1);
         return;
     }
-    const uint16_t *scale = (const uint16_t *)(w + sh->N * sh->K / 2), *offset = scale + sh->N * sh->K / GROUP;
-    linear_int4(x, (const uint8_t *)w, scale, offset, y, 1, N, (int)sh->K, GROUP, 1, 2);
-}
-
-/* int4's scales and offsets as small bf16 values (random bytes would hold NaNs and infinities). */
-static void fill_int4_scales(char *buf) {
-    EACH_MATRIX(buf, bytes64[1], s, sh, w, {
-        uint16_t *scale = (uint16_t *)(w + sh->N * sh->K / 2);
-        for (long i = 0; i < 2 * sh->N * sh->K / GROUP; i++) scale[i] = (uint16_t)(0x3a00 + rand() % 0x200);
-    });
+    const uint16_t *scale = (const uint16_t *)(w + sh->N * sh->K / 2), *offset = scale + sh->N * sh->K / INT4_GROUP;
+    linear_int4(x, (const uint8_t *)w, scale, offset, y, 1, N, (int)sh->K, INT4_GROUP, 1, 2);
 }
 
 int main(int argc, char **argv) {
@@ -53,7 +44,7 @@ int main(int argc, char **argv) {
     char *buf[FORMATS];
     for (int f = 0; f < FORMATS; f++)
         if (!(buf[f] = step_buffer(bytes64[f]))) return fprintf(stderr, "no memory for the step's matrices\n"), 1;
-    fill_int4_scales(buf[1]);
+    int4_scales_fill(buf[1]);
     static double best[FORMATS][CALLS], steps[FORMATS][64];
     for (int f = 0; f < FORMATS; f++)
         for (int c = 0; c < CALLS; c++) best[f][c] = 1e30;

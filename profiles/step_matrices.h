@@ -39,6 +39,20 @@ static inline long step_bytes(int bytes64) {  /* inline: not every tool uses it 
     return bytes;
 }
 
+/* An int4 matrix in these buffers: groups of INT4_GROUP weights, INT4_BYTES64 bytes each 64 weights: 32 of nibbles,
+   then (after all the nibbles) a bf16 scale and offset each group. */
+#define INT4_GROUP 64
+#define INT4_BYTES64 36
+
+/* The int4 matrices' scales and offsets in the step's buffer `buf` (INT4_BYTES64) as small bf16 values (random bytes
+   would hold NaNs and infinities). */
+static inline void int4_scales_fill(char *buf) {
+    EACH_MATRIX(buf, INT4_BYTES64, s, sh, w, {
+        uint16_t *scale = (uint16_t *)(w + sh->N * sh->K / 2);
+        for (long i = 0; i < 2 * sh->N * sh->K / INT4_GROUP; i++) scale[i] = (uint16_t)(0x3a00 + rand() % 0x200);
+    });
+}
+
 /* `bytes` of 2 MB pages, 2 MB aligned (never unmapped); 0 where they cannot be mapped. */
 static inline char *huge_pages(long bytes) {
     char *p = mmap(0, bytes + (2L << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
