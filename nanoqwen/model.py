@@ -47,7 +47,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.kernels = kernels  # chosen once (ops.select_kernels); every layer holds the same set
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta)
         self.model = Qwen3Model(config, self.rotary, kernels, quant)
-        self.lm_head = LINEARS[quant](config.hidden_size, config.vocab_size, kernels)
+        self.lm_head = LINEARS[quant](rows=config.vocab_size, cols=config.hidden_size, kernels=kernels)
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import requests
 import torch
@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine_util import hf_greedy
 from nanoqwen import loader
 from server_process import GunicornServer
+
+T = TypeVar("T")
 
 MODEL = "qwen3-0.6b"  # the served model name when NANOQWEN_SERVED_MODEL_NAME is unset
 # A TLS ClientHello's first bytes (record and handshake headers, version, random, session id), short of the 0x0a of
@@ -84,11 +86,15 @@ def assert_completions_greedy(srv: GunicornServer, checkpoint: Path, hf: torch.n
         assert completion_texts(srv, body, stream) == expected, f"stream={stream}"
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.05) -> None:
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, poll: float = 0.05,
+             what: str | Callable[[], str] = "condition not reached in time") -> T:
+    """predicate()'s first truthy value, asked every `poll` s; past `timeout` the test fails saying `what` (a callable:
+    what it says then, e.g. a server's log)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(poll)
+    return value
 
 
 def server_stats(srv: GunicornServer) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import encodings
 import io
 import re
-import time
 from pathlib import Path
 
 import flask
@@ -15,6 +14,7 @@ from flask.testing import FlaskClient
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
+from chat_http import wait_for
 from nanoqwen.api import strict_json
 from nanoqwen.api.app import create_app
 from nanoqwen.api.body import READ_CHUNK, Body, parse_json, read_body
@@ -45,10 +45,7 @@ def test_loading(tmp_path: Path) -> None:
 def test_load_failure(tmp_path: Path) -> None:
     engine = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
     engine.start()
-    deadline = time.monotonic() + 30
-    while engine.load_error is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: engine.load_error is not None, 30, 0.01)
     client = _client(engine)
     health = client.get("/health")
     assert health.status_code == 503 and health.json["status"] == "error" and health.json["error"]

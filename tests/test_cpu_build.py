@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from chat_http import wait_for
 from nanoqwen.cli import ENGINE_OPTIONS
 from ops.cpu import C_KERNELS
 from ops.cpu import build as cpu_build
@@ -149,18 +150,13 @@ def test_two_builders_of_one_library_compile_it_once_and_both_load_it(tmp_path, 
     def compiles() -> list[str]:
         return log.read_text().split() if log.exists() else []
 
-    def wait_for(condition, what: str) -> None:
-        deadline = time.monotonic() + 120
-        while not condition():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
     builders = [threading.Thread(target=build, daemon=True) for _ in range(2)]
     try:
         builders[0].start()
-        wait_for(lambda: compiles() == ["pool.c"], "the first builder compiles the pool")
+        wait_for(lambda: compiles() == ["pool.c"], 120, what="the first builder compiles the pool")
         builders[1].start()
-        wait_for(lambda: len(compiles()) > 1 or waits_on_a_lock(os.getpid()), "the second compiles or waits")
+        wait_for(lambda: len(compiles()) > 1 or waits_on_a_lock(os.getpid()), 120,
+                 what="the second compiles or waits")
     finally:
         go.touch()  # a failed wait leaves no thread held by the compiler
     for builder in builders:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from chat_http import wait_for
+
 SCRIPT = Path(__file__).resolve().parents[1] / "profiles" / "gpu_first.sh"
 STEPS = ["env", "deps", "kernels", "tests", "fixture", "decode_2k", "server", "decode", "bench", "quant", "trace",
          "compile"]
@@ -104,13 +106,8 @@ def test_a_run_killed_mid_step_leaves_every_finished_step_packed(stub_env, tmp_p
     proc = subprocess.Popen(["bash", str(SCRIPT), str(out), "500"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if (out / "summary.txt").exists() and statuses(out).get("tests") == "running":
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the tests step never showed as running")
+        wait_for(lambda: (out / "summary.txt").exists() and statuses(out).get("tests") == "running", 30, 0.1,
+                 "the tests step never showed as running")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # as the device tool does at its limit: no cleanup runs
         proc.wait()

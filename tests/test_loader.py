@@ -5,11 +5,11 @@ import json
 import os
 import re
 import shutil
-import time
 
 import pytest
 import torch
 
+from chat_http import wait_for
 from checkpoints import QWEN3_GENERATION, make_checkpoint
 from nanoqwen import loader
 from nanoqwen.config import ModelConfig, resolve_dtype
@@ -98,9 +98,7 @@ def test_the_tokenizer_encodes_on_its_calling_thread_unless_told(monkeypatch, se
 def test_engine_thread_reports_load_errors(tmp_path):
     engine = Engine(EngineConfig(model=str(tmp_path / "missing"), device="cpu"))
     engine.start()
-    deadline = time.monotonic() + 30
-    while engine.load_error is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: engine.load_error is not None, 30, 0.01)
     assert not engine.ready and "does not exist" in engine.load_error
 
 

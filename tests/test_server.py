@@ -814,10 +814,7 @@ def test_stats_survive_a_snapshot_that_cannot_be_written(server: GunicornServer)
         moved.rename(stats_dir)
     back = time.time()
     snapshot = stats_dir / "0.json"
-    deadline = time.monotonic() + 10
-    while snapshot.stat().st_mtime <= back and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert snapshot.stat().st_mtime > back, "the worker's loop stopped publishing"
+    wait_for(lambda: snapshot.stat().st_mtime > back, 10, 0.1, "the worker's loop stopped publishing")
     assert requests.get(f"{server.url}/stats", timeout=10).json()["workers"][0]["pid"] == pid
     log = server.log()
     warnings = [line for line in log.splitlines() if f"worker {pid}: its statistics are not published" in line]

@@ -6,13 +6,12 @@ import json
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from chat_http import MODEL, cpu_env, raw_request
+from chat_http import MODEL, cpu_env, raw_request, wait_for
 from checkpoints import make_checkpoint
 from server_process import GunicornServer
 
@@ -65,10 +64,7 @@ def test_a_tls_client_that_sends_its_next_request_early_gets_its_answer(server: 
     context = ssl._create_unverified_context()
     with socket.create_connection(("127.0.0.1", server.port)) as raw, context.wrap_socket(raw) as sock:
         sock.sendall(raw_request(body))
-        deadline = time.monotonic() + 30
-        while not _running(server):
-            assert time.monotonic() < deadline, "the first request never ran"
-            time.sleep(0.02)
+        wait_for(lambda: _running(server), 30, 0.02, "the first request never ran")
         sock.sendall(raw_request({**body, "max_tokens": 1}))  # the next one, while the first is generated
         status, answer = _response(sock)
         assert status == b"HTTP/1.1 200 OK", (status, answer)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from gevent import socket
 
-from chat_http import vllm_samples
+from chat_http import vllm_samples, wait_for
 from nanoqwen import worker
 from nanoqwen.api import shared_stats
 from nanoqwen.api.shared_stats import aggregate
@@ -101,12 +101,7 @@ def _get(srv: GunicornServer, path: str) -> requests.Response:
 
 
 def _wait_for(predicate, what: str, srv: GunicornServer, timeout: float = 180.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; log:\n{srv.log()}")
+    return wait_for(predicate, timeout, 0.2, lambda: f"timed out waiting for {what}; log:\n{srv.log()}")
 
 
 def _workers(srv: GunicornServer) -> dict[int, dict[str, Any]]:

@@ -23,8 +23,8 @@ class Attention(nn.Module):
         self.eps = config.rms_norm_eps
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = LINEARS[quant](config.hidden_size, q_size + 2 * kv_size, kernels)
-        self.o_proj = LINEARS[quant](q_size, config.hidden_size, kernels)
+        self.qkv_proj = LINEARS[quant](rows=q_size + 2 * kv_size, cols=config.hidden_size, kernels=kernels)
+        self.o_proj = LINEARS[quant](rows=config.hidden_size, cols=q_size, kernels=kernels)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, kernels)
         self.rotary = rotary

@@ -12,8 +12,8 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, kernels: Kernels, quant: str) -> None:
         super().__init__()
-        self.gate_up_proj = LINEARS[quant](hidden_size, 2 * intermediate_size, kernels)
-        self.down_proj = LINEARS[quant](intermediate_size, hidden_size, kernels)
+        self.gate_up_proj = LINEARS[quant](rows=2 * intermediate_size, cols=hidden_size, kernels=kernels)
+        self.down_proj = LINEARS[quant](rows=hidden_size, cols=intermediate_size, kernels=kernels)
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
