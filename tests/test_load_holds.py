@@ -52,7 +52,7 @@ def test_no_full_collection_walks_a_schema_being_weighed(loaded_log: str) -> Non
     """A large schema's weighing keeps its copy and memos alive while it allocates millions: each full collection it
     triggered walked them all with the GIL held (10-151 ms of CPU, twice a 264 KB schema, every stream and /health
     waiting: profiles/RESULTS.md, stall42). None starts while a grammar is made (nanoqwen/api/full_collections.py)."""
-    assert "imported transformers" in loaded_log  # the hook ran
+    assert "grammar young collection" in loaded_log.splitlines()  # the hook finds a grammar job's frames
     assert re.findall(r"^grammar collection: .*$", loaded_log, re.MULTILINE) == []
 
 
