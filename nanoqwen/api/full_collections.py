@@ -52,4 +52,5 @@ class FullCollections:
                     young, older, _ = gc.get_threshold()
                     gc.set_threshold(young, older, self._threshold)
 
+
 FULL_COLLECTIONS = FullCollections()
