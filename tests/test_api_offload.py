@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,6 +74,36 @@ def test_errors_reach_the_caller(pools: Pools) -> None:
     with pytest.raises(ValueError, match="bad prompt"):
         pool.run(lambda: (_ for _ in ()).throw(ValueError("bad prompt")))
     assert pool.run(lambda a, b: a + b, 2, 3) == 5
+
+
+class _Held:
+    """An object a weak reference can name."""
+
+
+def test_a_jobs_objects_are_freed_once_its_caller_is_done(pools: Pools) -> None:
+    """A job's arguments, and the locals of the frames its error's traceback holds, are freed by their reference counts
+    once the caller is done with them: neither kept by the idle worker until its next job nor in a cycle (the waiting
+    frame's job held the error) that only a full collection frees. A 264 KB schema's refused weighing left its memo
+    (~50k objects) so, and each full collection then walked it with the GIL held (profiles/RESULTS.md, stall42)."""
+    pool = pools(1, 1)
+    alive: list[weakref.ref[_Held]] = []
+
+    def refused(schema: _Held) -> None:
+        memo = _Held()
+        alive.append(weakref.ref(memo))
+        raise ValueError("refused")
+
+    gc.disable()  # what a collection would free is not freed here
+    try:
+        schema = _Held()
+        alive.append(weakref.ref(schema))
+        pool.run(lambda held: None, schema)
+        with contextlib.suppress(ValueError):
+            pool.run(refused, schema)
+        del schema
+        assert [ref() for ref in alive] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_pending_jobs_are_bounded(pools: Pools) -> None:

@@ -11,13 +11,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import openai
 import pytest
 
-from chat_http import cpu_env
+from chat_http import MODEL, cpu_env
 from checkpoints import EOS_IDS, VOCAB_SIZE, make_checkpoint
 from nanoqwen.engine import grammar
 from nanoqwen.loader import load_tokenizer
 from nanoqwen.text import TokenBytes
+from schema_shapes import ref_chain
 from server_process import GunicornServer
 
 if TYPE_CHECKING:
@@ -28,10 +30,14 @@ CONFIG = Path(__file__).with_name("gunicorn_collections.py")
 
 @pytest.fixture(scope="module")
 def loaded_log(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The log of a worker that served once its model loaded (tests/gunicorn_collections.py), stopped."""
+    """The log of a worker that served once its model loaded (tests/gunicorn_collections.py), then weighed a schema
+    (a 3,000-link chain of `$ref`'d anyOfs: ~100k objects walked), stopped."""
     log = tmp_path_factory.mktemp("loading") / "gunicorn.log"
     with GunicornServer(cpu_env(make_checkpoint()), log, args=["-c", str(CONFIG)]) as srv:
-        pass
+        fmt = {"type": "json_schema", "json_schema": {"name": "chain", "strict": True, "schema": ref_chain(3_000)}}
+        with pytest.raises(openai.BadRequestError, match="parser row"):  # refused by its weighing
+            srv.openai_client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                        max_tokens=1, response_format=fmt)
     return srv.log()
 
 
@@ -40,6 +46,14 @@ def test_the_loads_collections_do_not_walk_the_imports(loaded_log: str) -> None:
     frozen already: walking them held the GIL for ~130 ms of CPU a time, 4-6 times a load."""
     frozen = [int(n) for n in re.findall(r"^load collection: frozen (\d+)$", loaded_log, re.MULTILINE)]
     assert frozen and min(frozen) > 100_000, frozen  # torch, gevent, flask, the Hub client: ~220k
+
+
+def test_no_full_collection_walks_a_schema_being_weighed(loaded_log: str) -> None:
+    """A large schema's weighing keeps its copy and memos alive while it allocates millions: each full collection it
+    triggered walked them all with the GIL held (10-151 ms of CPU, twice a 264 KB schema, every stream and /health
+    waiting: profiles/RESULTS.md, stall42). None starts while a grammar is made (nanoqwen/api/full_collections.py)."""
+    assert "grammar young collection" in loaded_log.splitlines()  # the hook finds a grammar job's frames
+    assert re.findall(r"^grammar collection: .*$", loaded_log, re.MULTILINE) == []
 
 
 def test_the_worker_serves_before_it_imports_transformers(loaded_log: str) -> None:

@@ -68,7 +68,10 @@ class NativePool:
         finally:  # stop, not close: a worker may still send() to it if this greenlet was killed
             job.done.stop()
         if job.error is not None:
-            raise job.error
+            try:
+                raise job.error
+            finally:  # the error's traceback holds this frame: its job holding the error was a cycle (_work)
+                job = None
         return job.value
 
     def _submit(self, job: _Job) -> None:
@@ -114,7 +117,9 @@ class NativePool:
             with self._lock:
                 self._pending -= 1
                 self._mean_s = seconds if self._mean_s is None else self._mean_s + RECENT * (seconds - self._mean_s)
-            job.done.send()
+            done = job.done
+            del job  # not kept while idle: its arguments, value and error (whose traceback holds every frame fn ran)
+            done.send()
 
 
 def run_or_503(pool: NativePool, fn: Callable[..., Any], *args: Any) -> Any:

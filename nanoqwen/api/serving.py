@@ -24,6 +24,7 @@ from nanoqwen.api.channel import GeventEventStream
 from nanoqwen.api.config import ServerConfig
 from nanoqwen.api.encode import encode_json
 from nanoqwen.api.errors import APIError, generation_error
+from nanoqwen.api.full_collections import FULL_COLLECTIONS
 from nanoqwen.api.metrics import RequestTrace, ServerStats, Submitted
 from nanoqwen.api.offload import NativePool, run_or_503
 from nanoqwen.api.responses import fingerprint
@@ -321,8 +322,9 @@ class Serving:
 
     def compile_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) (a grammar's compile, on its cache's miss) in the grammars' own native threads: a prompt's
-        tokenising never waits for other clients' grammars."""
-        return run_or_503(self.compiling, fn, *args)
+        tokenising never waits for other clients' grammars; the collector's full walks put off meanwhile
+        (full_collections: a large schema's objects walked with the GIL held stalled every stream)."""
+        return run_or_503(self.compiling, FULL_COLLECTIONS.put_off, fn, *args)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, split_reasoning: bool,
                prompt_param: str = "messages", reports_admission: bool = False) -> Batch:
