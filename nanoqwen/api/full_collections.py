@@ -10,12 +10,16 @@ what generation 2 gained passes a quarter of it) lets one run about every 70,000
 only the young generations are collected, and once no grammar is being made the full collections resume: the walk
 then due finds the job's objects freed (the schema's trees by their reference counts; a refused schema's walk stays
 alive in its exception's traceback until the 400 is sent, so not at the job's end). A full collection due when a job
-starts runs then, once, so long-lived cyclic garbage from the loop and the engine waits a job at most, whatever the
-flood of jobs back to back.
+starts alone runs then, once; beside another job (the grammars' pool has two threads) only once full collections have
+been off MAX_OFF_S, so that it does not walk the other's schema but long-lived cyclic garbage from the loop and the
+engine waits no longer than that, whatever the flood of jobs. Python 3.14's incremental collector walks the old
+generation a slice at a time and has no generation 2 threshold to raise: there the jobs run as they are.
 """
 from __future__ import annotations
 
 import gc
+import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,6 +28,8 @@ from nanoqwen.engine.threads import native_lock
 T = TypeVar("T")
 
 NEVER = 2**31 - 1  # generation 2's threshold (young collections between two full ones) while put off
+MAX_OFF_S = 10.0  # the longest full collections stay off while jobs overlap without a break
+GENERATIONAL = sys.version_info < (3, 14)  # 3.14's collector is incremental: get_threshold()[2] is 0 there
 
 
 class FullCollections:
@@ -33,17 +39,27 @@ class FullCollections:
         self._lock = native_lock()  # the grammars' pool threads are native
         self._running = 0
         self._threshold = gc.get_threshold()[2]  # generation 2's own, restored when no job runs
+        self._off_since = 0.0  # when full collections were last put off, or the last one due ran
 
     def put_off(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) with no full collection started meanwhile; the one due, if one is, first."""
+        """fn(*args) with no full collection started meanwhile; the one due, if one is, first (alone, or after
+        MAX_OFF_S beside other jobs)."""
+        if not GENERATIONAL:
+            return fn(*args)
         with self._lock:
+            now = time.monotonic()
             if not self._running:
                 young, older, self._threshold = gc.get_threshold()
                 gc.set_threshold(young, older, NEVER)
+                self._off_since = now
             self._running += 1
-            if gc.isenabled() and gc.get_count()[2] > self._threshold:
-                gc.collect()
+            due = gc.isenabled() and gc.get_count()[2] > self._threshold and (
+                self._running == 1 or now - self._off_since > MAX_OFF_S)
+            if due:
+                self._off_since = now
         try:
+            if due:
+                gc.collect()  # outside the lock: a finalizer it runs may make a grammar
             return fn(*args)
         finally:
             with self._lock:

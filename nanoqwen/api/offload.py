@@ -120,6 +120,7 @@ class NativePool:
             done = job.done
             del job  # not kept while idle: its arguments, value and error (whose traceback holds every frame fn ran)
             done.send()
+            del done  # nor its caller's wake-up
 
 
 def run_or_503(pool: NativePool, fn: Callable[..., Any], *args: Any) -> Any:
