@@ -1,10 +1,12 @@
 """CPU seconds of grammar_rows.schema_weight (the weighing of a JSON Schema's rows before llguidance sees it) on the
-worst shapes its `anyOf`/`oneOf` walk meets, each weighed in a fresh parse of its JSON (as a request body is).
+worst shapes its `anyOf`/`oneOf` walk meets, each weighed in a fresh parse of its JSON (as a request body is); and of
+grammar.check_json_schema without llguidance's own check (`held`: the weighing as a request's schema takes it, its hop
+cycle cut first and the copy weighed; schema_weight alone takes a schema as a `%json` compiles it, as sent).
 
     python profiles/bench_schema_weight.py [--rounds 3] [--shape NAME ...]
 
 Prints, per shape, its JSON's size, what it weighs (or the refusal's class) and the median of `time.process_time`
-over the rounds. To compare two trees, run this file from each in turn (it imports the tree it is in).
+over the rounds, for each. To compare two trees, run this file from each in turn (it imports the tree it is in).
 """
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoqwen.engine import grammar_rows  # noqa: E402
-from nanoqwen.engine.hop_cycles import HopsCut  # noqa: E402
+from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
 
 T = {"$ref": "#/$defs/t"}
 OPTIONAL_T = {"anyOf": [T, {"type": "null"}]}
@@ -79,12 +80,18 @@ SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def weighed(text: str) -> tuple[str, float]:
+WEIGHINGS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "schema_weight": grammar_rows.schema_weight,
+    "held": lambda schema: grammar.check_json_schema(schema, True, "response_format", validate=False),
+}
+
+
+def weighed(text: str, weigh: Callable[[dict[str, Any]], int]) -> tuple[str, float]:
     schema = json.loads(text)
     started = time.process_time()
     try:
-        outcome = str(grammar_rows.schema_weight(schema))
-    except (ValueError, HopsCut) as exc:  # a refusal (ManyOptions and the walks' own bounds), or a cycle to cut
+        outcome = str(weigh(schema))
+    except ValueError as exc:  # a refusal (ManyOptions, the walks' own bounds, a hop cycle; held's 400)
         outcome = type(exc).__name__
     return outcome, time.process_time() - started
 
@@ -96,9 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.shape or SHAPES:
         text = json.dumps(SHAPES[name]())
-        runs = [weighed(text) for _ in range(args.rounds)]
-        print(f"{name}: {len(text) / 1000:.0f} KB, {runs[0][0]}, "
-              f"{statistics.median(seconds for _, seconds in runs):.3f} s CPU")
+        for how, weigh in WEIGHINGS.items():
+            runs = [weighed(text, weigh) for _ in range(args.rounds)]
+            print(f"{name}: {len(text) / 1000:.0f} KB, {how}: {runs[0][0]}, "
+                  f"{statistics.median(seconds for _, seconds in runs):.3f} s CPU")
 
 
 if __name__ == "__main__":
