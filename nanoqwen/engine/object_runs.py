@@ -220,13 +220,13 @@ class SchemaObjects:
         part): its first node that is no hop, or a hop whose `$ref` may point through patternProperties (walked as a
         part: _through_patterns); None where the hops cycle or lead nowhere. Found once for each hop of a chain: walked
         from each hop, a chain cost its length squared (630 hops passed MAX_WORK)."""
-        chain: dict[int, dict[str, Any]] = {}
+        chain: set[int] = set()
         at: dict[str, Any] | None = node
         while at is not None and is_hop(at) and not _through_patterns(at["$ref"]) and id(at) not in self._ends:
             if id(at) in chain:  # a cycle
                 at = None
                 break
-            chain[id(at)] = at
+            chain.add(id(at))
             at = self._target(at["$ref"])
         end = self._ends[id(at)] if at is not None and id(at) in self._ends else at
         self._ends.update(dict.fromkeys(chain, end))
