@@ -1,10 +1,13 @@
 """CPU seconds of grammar_rows.schema_weight (the weighing of a JSON Schema's rows before llguidance sees it) on the
-worst shapes its `anyOf`/`oneOf` walk meets, each weighed in a fresh parse of its JSON (as a request body is).
+worst shapes its `anyOf`/`oneOf` walk meets, each weighed in a fresh parse of its JSON (as a request body is); and
+`served`: a request's JSON answer as structured.py checks it, the pattern rewrite's object checks (ecma_patterns) then
+grammar.check_json_schema without llguidance's own check (MAX_RULES counted, a hop cycle cut, the schema weighed;
+schema_weight alone takes a schema as a Lark grammar's `%json` compiles it, as sent).
 
     python profiles/bench_schema_weight.py [--rounds 3] [--shape NAME ...]
 
 Prints, per shape, its JSON's size, what it weighs (or the refusal's class) and the median of `time.process_time`
-over the rounds. To compare two trees, run this file from each in turn (it imports the tree it is in).
+over the rounds, for each. To compare two trees, run this file from each in turn (it imports the tree it is in).
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from nanoqwen.engine import grammar_rows  # noqa: E402
-from nanoqwen.engine.hop_cycles import HopsCut  # noqa: E402
+from nanoqwen.api.schema_patterns import ecma_patterns  # noqa: E402
+from nanoqwen.engine import grammar, grammar_rows  # noqa: E402
+from nanoqwen.engine.object_runs import Merges  # noqa: E402
+from schema_shapes import hop_chain  # noqa: E402
 
 T = {"$ref": "#/$defs/t"}
 OPTIONAL_T = {"anyOf": [T, {"type": "null"}]}
@@ -66,6 +72,8 @@ def _hop_cycle(schema: dict[str, Any]) -> dict[str, Any]:
 
 SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
     "a chain of 5,900 $ref'd anyOfs": lambda: _chain(5_900),
+    "a chain of 500 bare $refs": lambda: {"$ref": "#/$defs/h0", "$defs": hop_chain(500)},
+    "a chain of 5,000 bare $refs": lambda: {"$ref": "#/$defs/h0", "$defs": hop_chain(5_000)},
     "1,000 objects of 5 anyOf [$ref, null]": lambda: _objects(1_000, 5),
     "1,000 objects of 5, additionalProperties anyOf [$ref, null]": lambda: _objects(1_000, 5, loose=True),
     "2,000 $ref options": lambda: _refs(2_000),
@@ -79,13 +87,23 @@ SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 
-def weighed(text: str) -> tuple[str, float]:
+def _served(schema: dict[str, Any]) -> int:
+    merges = Merges()
+    rewritten = ecma_patterns(schema, "response_format", merges=merges)
+    return grammar.check_json_schema(rewritten, True, "response_format", validate=False, merges=merges)
+
+
+WEIGHINGS: dict[str, Callable[[dict[str, Any]], int]] = {"schema_weight": grammar_rows.schema_weight,
+                                                         "served": _served}
+
+
+def weighed(text: str, how: str) -> tuple[str, float]:
     schema = json.loads(text)
     started = time.process_time()
     try:
-        outcome = str(grammar_rows.schema_weight(schema))
-    except (ValueError, HopsCut) as exc:  # a refusal (ManyOptions and the walks' own bounds), or a cycle to cut
-        outcome = type(exc).__name__
+        outcome = str(WEIGHINGS[how](schema))
+    except ValueError as exc:  # a refusal (ManyOptions, the walks' own bounds, a hop cycle; served: the 400's words)
+        outcome = type(exc).__name__ + (f" ({str(exc).split(': ', 1)[-1][:60]}...)" if how == "served" else "")
     return outcome, time.process_time() - started
 
 
@@ -96,9 +114,10 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.shape or SHAPES:
         text = json.dumps(SHAPES[name]())
-        runs = [weighed(text) for _ in range(args.rounds)]
-        print(f"{name}: {len(text) / 1000:.0f} KB, {runs[0][0]}, "
-              f"{statistics.median(seconds for _, seconds in runs):.3f} s CPU")
+        for how in WEIGHINGS:
+            runs = [weighed(text, how) for _ in range(args.rounds)]
+            print(f"{name}: {len(text) / 1000:.0f} KB, {how}: {runs[0][0]}, "
+                  f"{statistics.median(seconds for _, seconds in runs):.3f} s CPU")
 
 
 if __name__ == "__main__":

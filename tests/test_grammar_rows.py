@@ -23,7 +23,7 @@ from engine_util import fill_row
 from nanoqwen.api import structured
 from nanoqwen.api.schema_patterns import ecma_patterns
 from nanoqwen.engine import grammar as grammar_module
-from nanoqwen.engine import grammar_rows
+from nanoqwen.engine import grammar_rows, hop_cycles
 from nanoqwen.engine.grammar import Grammar, Grammars, RowGrammar, ToolSpec
 from nanoqwen.engine.validation import InvalidRequest
 from nanoqwen.loader import load_tokenizer
@@ -31,6 +31,7 @@ from nanoqwen.sampler import token_bitmask
 from nanoqwen.text import TokenBytes
 from schema_shapes import (
     ALIKE,
+    HOP_CYCLE,
     ONE_LOOSE_VALUE,
     chain_defs,
     closed_object,
@@ -269,6 +270,33 @@ def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrained
     structured._tool_calls(grammars, tools, False, answer, True, structured._tool_calls_key(tools, False, answer, True))
     as_sent = [{k: v for k, v in schema.items() if k != "x-guidance"} for schema in weighed if schema]
     assert sorted(as_sent, key=len) == [sent, FLAG]  # each once (an empty `{}`: a rule's place, weighed apart)
+
+
+def test_a_hop_cycle_is_cut_before_the_weighing_on_a_copy_sharing_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A property not required whose value is a cycle of bare `$ref`s: the schema is cut (cut_hops) before it is
+    weighed, and only the copy with the cycle `false` is weighed, once; the copy shares every subschema off the way to
+    the cycle with the schema sent (a whole copy, a second parse of its JSON, was made and weighed) and leaves that
+    unchanged. llguidance checks it twice, as before: the cut's check of the copy, held_json_schema's own."""
+    big = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(50)}}
+    sent = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}, "y": {"$ref": "#/$defs/big"}},
+            "$defs": {**HOP_CYCLE, "big": big}}
+    as_sent = json.loads(json.dumps(sent))
+    weighed = _recorded(monkeypatch, grammar_rows.schema_weight, (grammar_rows, grammar_module), "schema_weight")
+    checks: list[str] = []
+
+    def validate(text: str) -> str:
+        checks.append(text)
+        return llguidance.LLMatcher.validate_grammar(text)
+
+    for module in (grammar_module, hop_cycles):
+        monkeypatch.setattr(module, "LLMatcher", type("Matcher", (), {
+            "grammar_from_json_schema": staticmethod(llguidance.LLMatcher.grammar_from_json_schema),
+            "validate_grammar": staticmethod(validate)}))
+    held, weight = grammar_module.held_json_schema(sent, True, "response_format")
+    assert weighed == [held] and weighed[0] is held and weight == 2  # y's `$ref`, REF_LINK
+    assert held["properties"]["x"] is False and held["$defs"]["a"] is False and held["$defs"]["b"] is False
+    assert held["$defs"]["big"] is big and held["properties"]["y"] is sent["properties"]["y"]
+    assert sent == as_sent and len(checks) == 2
 
 
 @pytest.mark.parametrize("opener", [None, THINK_ID])
@@ -551,6 +579,14 @@ def test_a_chain_of_bare_refs_adds_no_items(grammars: Grammars, tokenizer: PreTr
     for j in range(5):
         alike["$defs"] |= hop_chain(200, {"$ref": f"#/$defs/c{j}_0"}, f"h{j}_")
     assert grammar_rows.schema_weight(alike) >= 5 * (2 * 240 + 1)
+
+
+def test_a_long_chain_of_bare_refs_is_merged_in_linear_work() -> None:
+    """5,000 hops: the objects' merge walked the chain from each hop to its end (work quadratic in its length: past
+    ~630 hops MAX_WORK, a 400 for a schema llguidance compiles as its target). Each hop's end is found once: the
+    pattern rewrite's checks pass, and the chain weighs 2."""
+    schema = {"$ref": "#/$defs/h0", "$defs": hop_chain(5_000)}
+    assert grammar_rows.schema_weight(ecma_patterns(schema, "response_format")) == 2
 
 
 def test_a_dynamic_ref_is_refused_or_ignored() -> None:

@@ -16,7 +16,7 @@ from nanoqwen.engine.grammar import check_json_schema
 from nanoqwen.engine.grammar_rows import schema_weight
 from nanoqwen.engine.object_runs import Merged, Merges, SchemaObjects, TooLarge
 from nanoqwen.engine.schema_keywords import schema_objects
-from schema_shapes import chain_defs, hop_chain
+from schema_shapes import chain_defs
 
 T = {"$ref": "#/$defs/t"}
 # options that go on alike (AlikeChains merges each), `$ref`s among their parts, no `type` at the root (a tool's
@@ -56,11 +56,17 @@ def _checked_until_spent(objects: SchemaObjects) -> int:
     raise AssertionError("the walk's work was never spent")
 
 
-@pytest.mark.parametrize("root", [{"$ref": "#/$defs/h0", "$defs": hop_chain(800)},
+# 800 `$ref`s each beside a type (a part of its own, no object: no MAX_PARTS), each naming the next: the parts of each
+# are the rest of the chain
+TYPED_LINKS = {"$ref": "#/$defs/h0", "$defs": {f"h{i}": {"type": "integer", "$ref": f"#/$defs/h{i + 1}"}
+                                               for i in range(800)} | {"h800": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize("root", [TYPED_LINKS,
                                   {"$defs": {f"o{i}": {"properties": dict.fromkeys(map(str, range(3_000)), True)}
                                              for i in range(100)}}], ids=["parts", "names"])
 def test_a_walk_sharing_merges_is_charged_as_if_it_merged_alone(root: dict[str, Any]) -> None:
-    """A chain of bare `$ref`s whose parts, or objects whose names, pass MAX_WORK: a second walk that finds every
+    """A chain of `$ref`s whose parts, or objects whose names, pass MAX_WORK: a second walk that finds every
     object already merged (the weighing after the rewrite's checks) is refused at the same object as a walk of its
     own."""
     merges = Merges()

@@ -1038,8 +1038,17 @@ def test_an_options_loose_values_a_level_down_are_served(server: GunicornServer,
 def test_a_chain_of_bare_refs_is_served(server: GunicornServer) -> None:
     """500 `$ref`s each naming the next (hops) to an integer: llguidance compiles a hop as its target (a row of 2
     items), but each hop had been weighed 2 items (1,002), a 400 naming response_format. Served, and its answer
-    validates. (1,500 hops are refused still: their objects' walk passes object_runs' MAX_WORK.)"""
+    validates."""
     _served_and_valid(server, {"$ref": "#/$defs/h0", "$defs": hop_chain(500)})
+
+
+def test_a_long_chain_of_bare_refs_is_served(server: GunicornServer) -> None:
+    """5,000 hops to a digit: llguidance compiles them as their target, but the objects' merge walked the chain from
+    each hop (past ~630 hops object_runs' MAX_WORK: a 400 naming response_format). Served: the answer is a digit."""
+    schema = {"$ref": "#/$defs/h0", "$defs": hop_chain(5_000, {"type": "integer", "minimum": 0, "maximum": 9})}
+    answer = _create(server, max_tokens=8, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}).choices[0]
+    assert answer.finish_reason == "stop" and 0 <= json.loads(answer.message.content) <= 9, answer
 
 
 def test_a_chain_of_refs_each_beside_its_own_defs_is_served(server: GunicornServer) -> None:

@@ -18,7 +18,7 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,13 +34,13 @@ from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import (
     DeepNesting,
     LongReference,
+    SchemaLinks,
     regex_chars,
     row_weight,
     schema_links,
     schema_weight,
-    weight_as_sent,
 )
-from nanoqwen.engine.hop_cycles import HopCycle, HopsCut
+from nanoqwen.engine.hop_cycles import HopCycle, cut_hops
 from nanoqwen.engine.object_runs import (
     MAX_PARTS,
     MAX_WORK,
@@ -308,17 +308,30 @@ def held_json_schema(schema: dict[str, Any], strict: bool, param: str, validate:
                      merges: Merges | None = None) -> tuple[dict[str, Any], int]:
     """InvalidRequest naming `param` where `schema` makes no grammar, found without a compile (no matcher, no cache
     slot): the combined grammar it is part of would be refused naming another field. The schema that grammar is to
-    hold (HopsCut's copy where it has one) and its schema_weight (with what ecma_patterns' checks of it merged,
-    `merges`), for that grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile
-    (it costs as much: 64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
-    text = _json_grammar(schema, strict, param)
-    try:
-        weight = check_bounds(text, param, partial(schema_weight, schema, merges))
-    except HopsCut as cut:
-        return held_json_schema(cut.schema, strict, param, validate)
+    hold (_cut_json_schema's) and its schema_weight (with what ecma_patterns' checks of it merged, `merges`), for that
+    grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile (it costs as much:
+    64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
+    schema, text, links = _cut_json_schema(schema, strict, param)
+    weight = check_bounds(text, param, partial(schema_weight, schema, merges, links))
     if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
     return schema, weight
+
+
+def _cut_json_schema(schema: dict[str, Any], strict: bool, param: str,
+                     no_space: bool = False) -> tuple[dict[str, Any], str, SchemaLinks]:
+    """The schema a JSON Schema's own grammar holds (cut_hops': `schema`, or its copy with a cycle of bare `$ref`s
+    `false` where a value may be absent), that grammar's text (_json_grammar's) and the schema's walk (schema_links')
+    for its weighing, done once; InvalidRequest naming `param` past MAX_RULES (counted first, on the text: the walk
+    costs), for a `$ref` too long to resolve or a cycle where a value must be."""
+    text = _json_grammar(schema, strict, param, no_space)
+    check_rules(text, param)
+    with _refusals(param):
+        links = schema_links(schema)
+        cut = cut_hops(schema, links)
+        if cut is schema:
+            return schema, text, links
+        return cut, _json_grammar(cut, strict, param, no_space), schema_links(cut)
 
 
 def _call_rule(i: int, tool: ToolSpec) -> str:
@@ -377,13 +390,10 @@ class Grammars:
                     key: GrammarKey | None = None, merges: Merges | None = None) -> Grammar:
         """Output that is one JSON value matching `schema` (`no_space`: its separators "," and ":"); InvalidRequest
         naming `param` if it is not one. The cache's key: `key` (a miss: Grammars.compile), else the grammar's text,
-        which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing. A schema
-        with HopsCut's cycle: its copy compiled."""
-        text = _json_grammar(schema, strict, param, no_space)
-        try:
-            return self.compile(text, param, key, partial(schema_weight, schema, merges))
-        except HopsCut as cut:
-            return self.json_schema(cut.schema, strict, param, no_space, key)
+        which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing. What is
+        compiled is _cut_json_schema's schema."""
+        schema, text, links = _cut_json_schema(schema, strict, param, no_space)
+        return self.compile(text, param, key, partial(schema_weight, schema, merges, links))
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
@@ -517,22 +527,35 @@ class Grammars:
 def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) -> int:
     """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_ROW, MAX_RULES), before it
     sees it; else its row weight. `weigh`: how to weigh it apart (on the objects it was made of), else row_weight(text);
-    called after the cheap MAX_RULES check (a 1.6 MB schema of 20,000 `$ref`s took 13.7 s to weigh before it)."""
-    if rules_bound(text) > MAX_RULES:
-        raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
-                             "counts twice)", param=param)
-    try:
+    called after the cheap MAX_RULES check (check_rules)."""
+    check_rules(text, param)
+    with _refusals(param):
         weight = row_weight(text) if weigh is None else weigh()
-    except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
-        raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
-    except (LongReference, DeepNesting, ManyOptions, HopCycle) as exc:
-        raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
                              "chain of rules or JSON Schema $refs each naming the next, or too many alternatives)",
                              param=param)
     return weight
+
+
+def check_rules(text: str, param: str) -> None:
+    """InvalidRequest naming `param` where the grammar's text has more than MAX_RULES rules (rules_bound's): cheap, so
+    counted before a schema's walk and weighing (a 1.6 MB schema of 20,000 `$ref`s took 13.7 s to weigh)."""
+    if rules_bound(text) > MAX_RULES:
+        raise InvalidRequest(f"invalid {param}: the grammar has more than {MAX_RULES} rules (a JSON Schema $ref "
+                             "counts twice)", param=param)
+
+
+@contextlib.contextmanager
+def _refusals(param: str) -> Iterator[None]:
+    """What a grammar's walk and weighing refuse, as the 400 naming `param`."""
+    try:
+        yield
+    except RecursionError:  # a `%json` nested past Python's recursion limit (thousands of `[`)
+        raise InvalidRequest(f"invalid {param}: the grammar's JSON is nested too deeply", param=param) from None
+    except (LongReference, DeepNesting, ManyOptions, HopCycle) as exc:
+        raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
 
 
 def check_pattern_chars(chars: int, param: str, what: str, note: str = "") -> int:
@@ -547,7 +570,7 @@ def check_pattern_chars(chars: int, param: str, what: str, note: str = "") -> in
 def _weigh_tool_calls(rules: list[str], schemas: dict[str, tuple[dict[str, Any], bool, int | None]]) -> int:
     """The row weight of tool_calls' grammar: its `rules` and each schema's as `%json {}`, with the schemas weighed as
     sent (or as held_json_schema weighed them, their int), not parsed back from the text."""
-    weighed = {name: weight_as_sent(schema) if weight is None else weight
+    weighed = {name: schema_weight(schema) if weight is None else weight
                for name, (schema, _, weight) in schemas.items()}
     return row_weight("\n".join([*rules, *(f"{name}: %json {{}}" for name in schemas)]), weighed)
 

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
 from nanoqwen.engine.alike_chains import AlikeChains
-from nanoqwen.engine.hop_cycles import HopCycle, HopsCut, check_satisfiable, hop_cycle
+from nanoqwen.engine.hop_cycles import cut_hops
 from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
     DATA_KEYWORDS,
@@ -60,7 +60,7 @@ RUST_ONLY = re.compile(r"\\[pP](?:\{[^}]*\}|[A-Za-z])"
 LONG_URI = 2_048
 # Earley items a `$ref` link adds to a row (an `anyOf` of a `$ref` and a type: 2,201 for 1,100 links); a hop to a hop
 # (object_runs' is_hop: both bare `$ref`s) none: llguidance compiles a hop as its target (500 hops to an integer hold
-# 2 items, and were weighed 1,002; past ~630 the objects' merge walk, MAX_WORK, refuses them first)
+# 2 items, and were weighed 1,002; 5,000 are served, the objects' merge finding each hop's end once: object_runs)
 REF_LINK = 2
 # Groups (`(`, `[`) open at once in a Lark body: llguidance's parser refuses a 29th (1.9.1), but only after this walk,
 # whose open groups held a compile thread 29 s and the GIL up to 2.7 s at 4 M of them (an 8 MB body of `[`;
@@ -151,7 +151,7 @@ def _top_level_chain(top: Any) -> int:
     for grammar in grammars if isinstance(grammars, list) else []:
         if isinstance(grammar, dict):
             if grammar.get("json_schema") is not None:
-                depth = max(depth, weight_as_sent(grammar["json_schema"]))
+                depth = max(depth, schema_weight(grammar["json_schema"]))
             if isinstance(grammar.get("lark_grammar"), str):
                 depth = max(depth, _lark_chain(grammar["lark_grammar"], {}))
     return depth
@@ -178,7 +178,7 @@ def _lark_chain(text: str, weighed: Mapping[str, int]) -> int:
                 return 0  # llguidance refuses the grammar
             if piece == "%json":
                 offsets.append(offset)
-                chains.append(weight_as_sent(schema))
+                chains.append(schema_weight(schema))
         if piece.startswith(("//", "#")):
             piece = " "
         elif piece[0] == "/":
@@ -645,7 +645,7 @@ class SchemaLinks:
     paths: dict[int, tuple[str, ...]]  # by id: where each subschema walked is (the first place, where it is in several)
 
 
-def schema_weight(schema: Any, merges: Merges | None = None) -> int:
+def schema_weight(schema: Any, merges: Merges | None = None, found: SchemaLinks | None = None) -> int:
     """The longest chain of `$ref`s in a schema (a target's subschema links to each target it refers to, REF_LINK, and
     to each target nested in it), plus the most alternatives of one `anyOf` or `oneOf`, each of which a row may hold
     (3,000 objects' erred after `{`; consts', lexemes, did not), an option that is itself one counting its own
@@ -654,10 +654,12 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     another resource's `$id` (`urn:x`, `other.json#/a`); 1,100-link chains of each erred as `#/$defs/` ones did. The
     left corners of options that may go on alike add up where the row is the same, if heavier (AlikeChains: 4 objects
     `{"x": chain}` of 400 links, 3,204 items in llguidance's row after `{"x": `, weighed 806 before); `merges`: its
-    objects as the pattern rewrite's checks merged them (ecma_patterns'). HopCycle where bare `$ref`s lead only to
-    one another where a value must be; HopsCut, with the copy to compile, where only where one may be absent
-    (hop_cycles)."""
-    found = schema_links(schema)
+    objects as the pattern rewrite's checks merged them (ecma_patterns'). `found`: its schema_links walk, where the
+    caller made it for cut_hops (the schema is then what cut_hops gave); without it the schema is walked here and is
+    compiled as sent (a Lark grammar's `%json`): HopCycle where it has a cycle of bare `$ref`s cut_hops would cut."""
+    if found is None:
+        found = schema_links(schema)
+        cut_hops(schema, found, as_sent=True)
     refs, alternated = found.refs, found.alternated
     width: dict[int, int] = {}  # by id: an alternated node's options, flattened bottom-up
     for node, options in reversed(alternated):
@@ -665,8 +667,6 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
     widest = max(width.values(), default=0)
     if not refs:
         return widest
-    if cycle := hop_cycle(schema, refs, {id(node) for node, _ in found.in_data}):
-        check_satisfiable(schema, cycle)
     targets = dict.fromkeys([(), *(target for _, target in refs)])  # in order, as _lark_chain's links
     trie: dict[str | None, Any] = {None: True}  # each target's parts, a level each; None: a target ends here
     for target in targets:
@@ -695,18 +695,6 @@ def schema_weight(schema: Any, merges: Merges | None = None) -> int:
             links[owner(target[:-1])].setdefault(target, 0)
     chains = AlikeChains(schema, dict(refs), found.paths, weights, merges)
     return widest + max(_heaviest(links), chains.heaviest(node for node, _ in alternated))
-
-
-def weight_as_sent(schema: Any) -> int:
-    """schema_weight of a schema compiled as sent (a Lark grammar's `%json`, a top-level grammar's json_schema); where
-    it has HopsCut's cycle, HopCycle: compiled as sent, the grammar offers the place the cycle is in, and nothing can
-    follow once a value there begins (only a JSON Schema's own grammar compiles the cut copy)."""
-    try:
-        return schema_weight(schema)
-    except HopsCut:
-        raise HopCycle("the schema's bare `$ref`s lead only to one another, a cycle that nothing matches, where a "
-                       "value may be absent: as a grammar's %json it would be offered and then fail; send the schema "
-                       "itself (response_format, guided_json) or leave the cycle out") from None
 
 
 def _link_items(schema: Any, path: tuple[str, ...], target: tuple[str, ...]) -> int:

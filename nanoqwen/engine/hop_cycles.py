@@ -6,17 +6,19 @@ must hold a value is llguidance's own rule: a copy of the schema with each such 
 drops an optional place (a property not required, an option beside others) and refuses a place that must hold one
 (`Unsatisfiable schema: required property 'x' is unsatisfiable`: profiles/RESULTS.md, lane fuzz41fix). An optional
 place llguidance still offered (`{"x": `, then nothing could follow: the answer failed there); that copy is what is
-compiled instead (HopsCut), which never offers it."""
+compiled instead (cut_hops, before the schema is weighed), which never offers it."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llguidance import LLMatcher
 
 from nanoqwen.engine.object_runs import is_hop
-from nanoqwen.engine.schema_keywords import pointed, pointer_way
+from nanoqwen.engine.schema_keywords import pointed
+
+if TYPE_CHECKING:
+    from nanoqwen.engine.grammar_rows import SchemaLinks
 
 Path = tuple[str, ...]
 
@@ -25,13 +27,25 @@ class HopCycle(ValueError):
     """A schema whose hop cycle (hop_cycle's) is where a value must be: nothing matches it."""
 
 
-class HopsCut(Exception):  # noqa: N818 (a signal, not an error)
-    """A schema whose hop cycle (hop_cycle's) is only where a value may be absent: `schema`, its copy with each hop of
-    the cycle `false`, is what to compile (the answer still matches the schema as sent)."""
-
-    def __init__(self, schema: Any) -> None:
-        super().__init__("a cycle of bare `$ref`s where a value may be absent")
-        self.schema = schema
+def cut_hops(schema: Any, links: SchemaLinks, as_sent: bool = False) -> Any:
+    """The schema a JSON Schema's own grammar is to hold: `schema` itself where its hops form no cycle (hop_cycle's), or
+    where llguidance refuses it as sent for another want of a value (its own 400 says why); where the cycle is only
+    where a value may be absent, its copy with each hop of the cycle `false` (the answer still matches the schema as
+    sent). HopCycle where the cycle is where a value must be, or, `as_sent` (a Lark grammar's `%json`, compiled as
+    sent: the cycle's place would be offered and then fail), wherever it is. `links`: schema_links' walk of it."""
+    cycle = hop_cycle(schema, links.refs, {id(node) for node, _ in links.in_data})
+    if not cycle:
+        return schema
+    copy = _with_false(schema, cycle)
+    error = _unsatisfiable(copy)
+    where = ", ".join("#" + "".join(f"/{part}" for part in path) for path in cycle)
+    said = f"the schema's bare `$ref`s at {where} lead only to one another, a cycle that nothing matches, where a value"
+    if error and not _unsatisfiable(schema):
+        raise HopCycle(f"{said} must be one (read as `false`: {error})")
+    if as_sent and not error:
+        raise HopCycle(f"{said} may be absent: as a grammar's %json it would be offered and then fail; send the schema "
+                       "itself (response_format, guided_json) or leave the cycle out")
+    return schema if error else copy
 
 
 def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]], in_data: set[int]) -> list[Path]:
@@ -52,24 +66,28 @@ def hop_cycle(schema: Any, refs: Iterable[tuple[Path, Path]], in_data: set[int])
     return sorted(path for path in cycled if id(pointed(schema, path)) not in in_data)
 
 
-def check_satisfiable(schema: Any, cycle: list[Path]) -> None:
-    """HopCycle where llguidance refuses the schema with each hop of `cycle` (hop_cycle's) `false`, for want of a
-    value that must be (where it refuses the schema as sent so, its own check's 400 says why); else HopsCut with that
-    copy."""
-    copy = json.loads(json.dumps(schema))
-    for path in cycle:
-        if not path:
-            copy = False
-            break
-        parent = (pointer_way(copy, path[:-1]) or [copy])[-1]  # the root's way is empty
-        parent[int(path[-1]) if isinstance(parent, list) else path[-1]] = False
-    error = _unsatisfiable(copy)
-    if error and not _unsatisfiable(schema):
-        where = ", ".join("#" + "".join(f"/{part}" for part in path) for path in cycle)
-        raise HopCycle(f"the schema's bare `$ref`s at {where} lead only to one another, a cycle that nothing matches, "
-                       f"where a value must be one (read as `false`: {error})")
-    if not error:
-        raise HopsCut(copy)
+def _with_false(schema: Any, cycle: list[Path]) -> Any:
+    """`schema` with each hop of `cycle` `false`: the objects and lists on the way to each copied, all else shared with
+    `schema` (neither is changed after), where a copy of it whole cost a second parse of its JSON."""
+    if () in cycle:
+        return False
+    made: set[int] = set()  # the ids of the copies made (kept alive by `top`)
+
+    def fresh(node: Any) -> Any:
+        copy = dict(node) if isinstance(node, dict) else list(node)
+        made.add(id(copy))
+        return copy
+
+    top = fresh(schema)
+    for *way, last in cycle:
+        node = top
+        for part in way:
+            key = int(part) if isinstance(node, list) else part
+            if id(node[key]) not in made:
+                node[key] = fresh(node[key])
+            node = node[key]
+        node[int(last) if isinstance(node, list) else last] = False
+    return top
 
 
 def _unsatisfiable(schema: Any) -> str:

@@ -165,6 +165,7 @@ class SchemaObjects:
         self._merged_only: set[int] | None = None  # merged_only's, found once asked
         self._after: dict[int, dict[tuple[Told, str], int]] = {}  # by a Merged's id: its Rows.after
         self._shared: dict[int, tuple[dict[tuple[Told, str], int], tuple[int, str]]] = {}  # shared()'s
+        self._ends: dict[int, dict[str, Any] | None] = {}  # by a hop's id: _end's
 
     def merged_only(self, node: dict[str, Any]) -> bool:
         """Whether `node` is an `allOf` subschema of `root` that no `$ref` names: llguidance merges it into the object
@@ -203,7 +204,8 @@ class SchemaObjects:
             if listed or not isinstance(part, dict):
                 found.append(part)
                 continue
-            if id(part) in seen:
+            part = self._end(part)
+            if part is None or id(part) in seen:
                 continue
             self._spend(1)
             seen.add(id(part))
@@ -212,6 +214,23 @@ class SchemaObjects:
         if alone and pure:
             self._merges.parts[id(self.root), id(node)] = found, len(seen)
         return found
+
+    def _end(self, node: dict[str, Any]) -> dict[str, Any] | None:
+        """`node`, or where the chain of hops from it leads (is_hop's: llguidance compiles each as its target, none a
+        part): its first node that is no hop, or a hop whose `$ref` may point through patternProperties (walked as a
+        part: _through_patterns); None where the hops cycle or lead nowhere. Found once for each hop of a chain: walked
+        from each hop, a chain cost its length squared (630 hops passed MAX_WORK)."""
+        chain: set[int] = set()
+        at: dict[str, Any] | None = node
+        while at is not None and is_hop(at) and not _through_patterns(at["$ref"]) and id(at) not in self._ends:
+            if id(at) in chain:  # a cycle
+                at = None
+                break
+            chain.add(id(at))
+            at = self._target(at["$ref"])
+        end = self._ends[id(at)] if at is not None and id(at) in self._ends else at
+        self._ends.update(dict.fromkeys(chain, end))
+        return end
 
     def _spend(self, work: int) -> None:
         """`work` taken from the schema's walk, one at a time: TooLarge where it is spent (the walk's count kept as
