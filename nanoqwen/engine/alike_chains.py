@@ -3,8 +3,9 @@ where a value begins its row holds the value's left corner, two items a `$ref` l
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
 on alike (object_runs' alike_rows: unless a first required property's distinct `const`s tell them apart), with the
-heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
-and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
+heaviest of each one's `patternProperties` and `additionalProperties` values that the key may be (a pattern it
+matches, additionalProperties where that option does not name it; a key no option names, any), and after `[` or a
+`,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
 level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
 an option sends one at a time there (all at once past TURNS_WORK), beside other options' values, and after a key of
