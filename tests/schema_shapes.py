@@ -130,6 +130,38 @@ def named_and_own_pattern(links: int) -> dict[str, Any]:
     return {"anyOf": [named, closed_object({"pa": second})], "$defs": chains["$defs"]}
 
 
+def _loose_object(loose: dict[str, Any], named: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "properties": named or {}, "additionalProperties": False} | loose
+
+
+# An object naming a key beside an object of loose values, each value (where a row begins, or a level down behind
+# `"y"`) a chain of its own: the loose object and the named one (each given its chain), whether llguidance holds the
+# loose object's chain after the named key, and an answer through it (named_beside_loose)
+NAMED_BESIDE_LOOSE: dict[str, tuple[Option, Option, bool, str]] = {
+    "a pattern the key does not match": (lambda j, chain: _loose_object({"patternProperties": {"^p[0-9]$": chain}}),
+                                         lambda j, chain: closed_object({"id": chain}), False, '{"id": 5}'),
+    "additionalProperties beside its own key": (
+        lambda j, chain: _loose_object({"additionalProperties": chain}, {"id": {"type": "integer"}}),
+        lambda j, chain: closed_object({"id": chain}), False, '{"id": 5}'),
+    "a level down, a pattern the key does not match": (
+        lambda j, chain: _loose_object({"patternProperties": {"^p": closed_object({"y": chain})}}),
+        lambda j, chain: closed_object({"x": closed_object({"y": chain})}), False, '{"x": {"y": 5}}'),
+    "a pattern the key matches": (lambda j, chain: _loose_object({"patternProperties": {"^i": chain}}),
+                                  lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
+    "additionalProperties": (lambda j, chain: _loose_object({"additionalProperties": chain}),
+                             lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
+    "a level down, additionalProperties": (
+        lambda j, chain: _loose_object({"additionalProperties": closed_object({"y": chain})}),
+        lambda j, chain: closed_object({"x": closed_object({"y": chain})}), True, '{"x": {"y": 5}}'),
+}
+
+
+def named_beside_loose(shape: str, links: int) -> dict[str, Any]:
+    """NAMED_BESIDE_LOOSE's `shape`, its chains of `links` links."""
+    loose, named, _, _ = NAMED_BESIDE_LOOSE[shape]
+    return options_with_chains(2, links, lambda j, chain: (loose if j else named)(j, chain))
+
+
 def patterns_of_patterns(beside: int, patterns: int = 64) -> dict[str, Any]:
     """An object of `patterns` patterns `^a{j}$`, each an object of its own of `patterns` patterns `^b{k}$`, each a
     `{"v": integer}` of its own, beside `beside` objects of objects of additionalProperties, a `$ref` to

@@ -32,12 +32,14 @@ from nanoqwen.text import TokenBytes
 from schema_shapes import (
     ALIKE,
     HOP_CYCLE,
+    NAMED_BESIDE_LOOSE,
     ONE_LOOSE_VALUE,
     chain_defs,
     closed_object,
     hop_chain,
     many_patterns,
     named_and_own_pattern,
+    named_beside_loose,
     one_loose_value,
     options_with_chains,
     patterns_of_patterns,
@@ -1057,6 +1059,26 @@ def test_a_named_key_keeps_its_options_own_patterns_values_a_level_down(grammars
     with pytest.raises(InvalidRequest, match="may hold 1206 items") as refused:
         grammar_module.check_json_schema(named_and_own_pattern(300), True, "response_format")
     assert refused.value.param == "response_format"
+
+
+@pytest.mark.parametrize("shape", NAMED_BESIDE_LOOSE)
+def test_a_named_key_holds_the_loose_values_it_may_be(grammars: Grammars, tokenizer: PreTrainedTokenizerFast,
+                                                       shape: str) -> None:
+    """After a key one option names, another option's loose value goes on alike only where the key may be it: a
+    pattern the key matches, additionalProperties where that option does not name the key. Every option's heaviest
+    loose value had gone with every named key (and a level down, every pattern's where the option does not name it):
+    an object `{"id": chain}` beside one of patterns `^p[0-9]$` (300-link chains; fuzz seed 17 shrunk), or beside one
+    of additionalProperties naming `id` itself, weighed 1,206, a 400, where llguidance holds one chain (601). Where
+    the key may be the loose value, llguidance holds both (1,202): still the 400."""
+    _, _, both, answer = NAMED_BESIDE_LOOSE[shape]
+    schema = named_beside_loose(shape, 300)
+    if both:
+        with pytest.raises(InvalidRequest, match="may hold 1206 items") as refused:
+            grammar_module.check_json_schema(schema, True, "response_format")
+        assert refused.value.param == "response_format"
+    else:
+        assert grammar_module.check_json_schema(schema, True, "p") == 4 + 2 * 300
+    assert _follows_schema(grammars, tokenizer, schema, answer)
 
 
 def test_many_loose_values_in_turn_level_after_level_are_taken_at_once() -> None:

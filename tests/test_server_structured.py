@@ -43,10 +43,12 @@ from nanoqwen.engine import grammar, grammar_rows
 from schema_shapes import (
     ALIKE,
     HOP_CYCLE,
+    NAMED_BESIDE_LOOSE,
     ONE_LOOSE_VALUE,
     hop_chain,
     many_patterns,
     named_and_own_pattern,
+    named_beside_loose,
     one_loose_value,
     patterns_of_patterns,
     ref_chain,
@@ -1033,6 +1035,15 @@ def test_an_options_loose_values_a_level_down_are_served(server: GunicornServer,
     (chains of 300): after a key llguidance holds one chain, but every loose value had been weighed alike a level down
     (1,210 and 1,206), a 400 naming response_format. Served, and its answer validates."""
     _served_and_valid(server, one_loose_value(shape, ONE_LOOSE_VALUE[shape][0]))
+
+
+@pytest.mark.parametrize("shape", [shape for shape, (*_, both, _) in NAMED_BESIDE_LOOSE.items() if not both])
+def test_a_named_key_beside_loose_values_it_cannot_be_is_served(server: GunicornServer, shape: str) -> None:
+    """An object `{"id": chain}` beside one of patterns `^p[0-9]$`, or of additionalProperties beside its own `id`
+    (300-link chains; a level down, behind `"x"` and `"y"`): after the named key llguidance holds one chain, but
+    every loose value had gone with every named key (1,206), a 400 naming response_format. Served, and its answer
+    validates."""
+    _served_and_valid(server, named_beside_loose(shape, 300))
 
 
 def test_a_chain_of_bare_refs_is_served(server: GunicornServer) -> None:

@@ -3,8 +3,9 @@ where a value begins its row holds the value's left corner, two items a `$ref` l
 an `anyOf`/`oneOf` and each `allOf` subschema added up (predicted at once; an object's or array's own values begin in
 later rows); after a property's key, the left corners of that property's values in every object option that may go
 on alike (object_runs' alike_rows: unless a first required property's distinct `const`s tell them apart), with the
-heaviest of each one's `patternProperties` and `additionalProperties` values (after any key: a key matches one),
-and after `[` or a `,`, those of every array option's items and `prefixItems` at that place; an option's own
+heaviest of each one's `patternProperties` and `additionalProperties` values that the key may be (a pattern it
+matches, additionalProperties where that option does not name it; a key no option names, any), and after `[` or a
+`,`, those of every array option's items and `prefixItems` at that place; an option's own
 alternatives (nested, or through a `$ref`) are the list's. The values that go on alike there are options in turn, a
 level down, and so on (5 options `{"x": {"y": chain j}}` hold every chain after `{"x": {"y": `); of its loose values
 an option sends one at a time there (all at once past TURNS_WORK), beside other options' values, and after a key of
@@ -42,6 +43,10 @@ OPTIONS_WORK = 1 << 18
 # at once (errs high in weight, not in work): 64 patterns, each an object of 64 patterns, beside 50 options' loose
 # values made 64 lists of 51 at each of two levels, and 4,096 lists a level further down: ManyOptions (a 400)
 TURNS_WORK = OPTIONS_WORK >> 3
+# the loose values matched against the keys options name (keys times loose values), past which every option's heaviest
+# goes with every key (errs high in weight, not in work): 2,000 options of one name each beside additionalProperties
+# would match 4 M
+KEYS_WORK = OPTIONS_WORK >> 2
 After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
@@ -94,11 +99,16 @@ def _matched(holding: list[Loose], turns: int) -> list[list[Loose]]:
     return [[*holding[:at], (names, [node]), *holding[at + 1:]] for node in nodes]
 
 
-def _matches(pattern: str | None, name: str) -> bool:
+def _holds(pattern: str | None, name: str, names: set[str]) -> bool:
+    """Whether an option naming `names` holds its loose value of `pattern` (None: its additionalProperties) after the
+    key `name`: a pattern's where `name` matches it, its additionalProperties' where it does not name `name` (even where
+    a pattern of its matches it, as llguidance does not hold it: errs high)."""
+    return name not in names if pattern is None else _matches(pattern, name)
+
+
+def _matches(pattern: str, name: str) -> bool:
     """Whether the named key `name` matches `pattern` as llguidance matches it (anywhere in the key; a pattern Python
-    cannot read, as if it did: errs high); never an additionalProperties value (None)."""
-    if pattern is None:
-        return False
+    cannot read, as if it did: errs high)."""
     try:
         return re.search(pattern, name) is not None
     except re.error:
@@ -121,6 +131,7 @@ class AlikeChains:
         self._lists: dict[tuple[tuple[int, ...], ...], int] = {}  # by its adding options' parts: its heaviest row
         self._work = OPTIONS_WORK
         self._turns = TURNS_WORK
+        self._keys = KEYS_WORK
 
     def heaviest(self, alternated: Iterable[dict[str, Any]]) -> int:
         """The most items one row holds: where a value of the schema begins (its left corner), and in the rows of the
@@ -159,24 +170,28 @@ class AlikeChains:
         anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
         # each option's loose values that may hold values, with the keys it names (whose values are its own there)
         holding: list[Loose] = []
+        loose: list[tuple[set[str], list[tuple[str | None, Any, int]]]] = []  # each option's keys and loose values
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
                 self._spend(len(adds.items) + len(adds.values) + len(adds.loose) + 1)
                 items.update(adds.items)
                 values.update(adds.values)
+                names = {name for (_, name), _ in adds.values}
                 if adds.loose:
                     (_, rule), (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
                     anywhere[rule] = corner
+                    loose.append((names, [(pattern, rule, corner)
+                                          for (pattern, rule), (corner, _) in adds.loose.items()]))
                 if held := [(pattern, node) for (pattern, _), (_, node) in adds.loose.items() if node is not None]:
-                    holding.append(({name for (_, name), _ in adds.values}, held))
+                    holding.append((names, held))
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
         reached |= walked
         entries = [(at, corner) for (at, _), (corner, _) in values.items()]
-        if weight := sum(anywhere.values()):  # with every key's values, none told apart (a few options hold them)
-            entries += [((None, name), weight) for name in {name for (_, name), _ in entries} or {""}]
+        free = sum(anywhere.values())  # after a key no option names, each option's heaviest loose value
+        entries += self._keyed(loose, {name for (_, name), _ in entries}, free)  # none told apart
         rows = alike_rows(entries)
         alike: list[list[Any]] = []
         if len(rows) < len(entries) or holding:  # some row holds two values or more
@@ -188,21 +203,40 @@ class AlikeChains:
                 self._turns -= sum(map(len, choices))
             alike += [[node for _, nodes in choice for _, node in nodes] for choice in choices]
             alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
-                      + [node for names, nodes in holding for pattern, node in nodes
-                         if name not in names or _matches(pattern, name)]
+                      + [node for names, nodes in holding for pattern, node in nodes if _holds(pattern, name, names)]
                       for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
             placed.setdefault(at, {})[rule] = begun
         rest = placed.pop(None, {})  # an array's `items`, at any place
         positions = [rest | begun for begun in placed.values()]
-        heaviest = max(max(map(itemgetter(0), rows), default=0),
+        heaviest = max(free, max(map(itemgetter(0), rows), default=0),
                        *(sum(corner for corner, _ in begun.values()) for begun in positions))
         self._lists[key] = heaviest
         lists = (*alike, *([node for _, node in begun.values() if node is not None] for begun in positions))
         below = list({tuple(map(id, nodes)): nodes for nodes in lists if len(nodes) > 1}.values())  # each list once
         self._spend(sum(map(len, below)))
         return heaviest, below
+
+    def _keyed(self, loose: list[tuple[set[str], list[tuple[str | None, Any, int]]]], names: set[str],
+               free: int) -> list[tuple[After, int]]:
+        """After each of `names` (keys options name), the loose values of `loose` options that the key may be (_holds),
+        each option's heaviest of them added up, a rule once (a pattern the key does not match had been: 2 options of
+        300-link chains, one named `id`, one a pattern `^p[0-9]$`, weighed 1,206 where llguidance holds 601); past
+        KEYS_WORK, `free` with each."""
+        self._keys -= len(names) * sum(len(values) for _, values in loose)
+        if self._keys < 0:
+            return [((None, name), free) for name in names] if free else []
+        found: list[tuple[After, int]] = []
+        for name in names:
+            held: dict[Any, int] = {}
+            for own, values in loose:
+                if kept := [(rule, corner) for pattern, rule, corner in values if _holds(pattern, name, own)]:
+                    rule, corner = max(kept, key=itemgetter(1))
+                    held[rule] = corner
+            if held:
+                found.append(((None, name), sum(held.values())))
+        return found
 
     def _spend(self, work: int) -> None:
         self._work -= work
