@@ -153,6 +153,12 @@ NAMED_BESIDE_LOOSE: dict[str, tuple[Option, Option, bool, str]] = {
     "a level down, additionalProperties": (
         lambda j, chain: _loose_object({"additionalProperties": closed_object({"y": chain})}),
         lambda j, chain: closed_object({"x": closed_object({"y": chain})}), True, '{"x": {"y": 5}}'),
+    # Python's `re` reads these apart from llguidance (Unicode's \W against ECMA's, `[[:` as a literal class)
+    "a non-word pattern beside a key past ASCII": (
+        lambda j, chain: _loose_object({"patternProperties": {"\\W": chain}}),
+        lambda j, chain: closed_object({"café": chain}), True, '{"café": 5}'),
+    "a POSIX class": (lambda j, chain: _loose_object({"patternProperties": {"^[[:alpha:]]+$": chain}}),
+                      lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
 }
 
 

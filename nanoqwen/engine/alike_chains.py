@@ -47,6 +47,8 @@ TURNS_WORK = OPTIONS_WORK >> 3
 # goes with every key (errs high in weight, not in work): 2,000 options of one name each beside additionalProperties
 # would match 4 M
 KEYS_WORK = OPTIONS_WORK >> 2
+# Rust's regex classes that Python's `re` reads as literals: POSIX's `[[:alpha:]]`, and set operations `&&`, `--`, `~~`
+RUST_CLASS_SYNTAX = re.compile(r"\[\[:|&&|--|~~")
 After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
@@ -107,10 +109,15 @@ def _holds(pattern: str | None, name: str, names: set[str]) -> bool:
 
 
 def _matches(pattern: str, name: str) -> bool:
-    """Whether the named key `name` matches `pattern` as llguidance matches it (anywhere in the key; a pattern Python
-    cannot read, as if it did: errs high)."""
+    """Whether the named key `name` may match `pattern` as llguidance reads it (anywhere in the key). Only a sure no
+    leaves a loose value out of a row, so where Python's `re` and Rust's regex may read them apart it says yes (errs
+    high): a key with a character past printable ASCII (`\\w`, `\\d`, `\\s` and `$` differ there), a pattern with
+    Rust's class syntax (RUST_CLASS_SYNTAX) or one Python cannot read; else a match with ASCII's classes (Rust's and
+    ECMA's `\\d`, `\\w`) or with Unicode's."""
+    if not (name.isascii() and name.isprintable()) or RUST_CLASS_SYNTAX.search(pattern):
+        return True
     try:
-        return re.search(pattern, name) is not None
+        return re.search(pattern, name, re.ASCII) is not None or re.search(pattern, name) is not None
     except re.error:
         return True
 
