@@ -1118,13 +1118,18 @@ def test_a_cycle_of_bare_refs_in_an_optional_place_is_served(server: GunicornSer
     assert answer.finish_reason == "stop" and 0 <= json.loads(answer.message.content) <= 9, answer
 
 
-def test_a_property_that_is_a_cycle_of_bare_refs_is_never_begun(server: GunicornServer) -> None:
+# a hop whose own `$defs` holds the next: cut, the outer one's `false` holds the inner (cutting both was a 500)
+NESTED_HOP_CYCLE = {"a": {"$ref": "#/$defs/a/$defs/b", "$defs": {"b": {"$ref": "#/$defs/a"}}}}
+
+
+@pytest.mark.parametrize("cycle", [HOP_CYCLE, NESTED_HOP_CYCLE], ids=["side by side", "one inside the other"])
+def test_a_property_that_is_a_cycle_of_bare_refs_is_never_begun(server: GunicornServer, cycle: dict[str, Any]) -> None:
     """A property not required whose value is a cycle of bare `$ref`s: llguidance still offered its key, and an answer
     steered to it (logit_bias on `{"`, `x`, `":`) met nothing to follow at `{"x": `, a 400 mid-answer ('could not
     follow the grammar'). Now its copy with the cycle `false` is compiled, as response_format and as a forced strict
     tool's parameters: the answer is `{}`."""
     optional = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "additionalProperties": False,
-                "$defs": HOP_CYCLE}
+                "$defs": cycle}
     steer = {"logit_bias": STEER_INTO_X}
     answer = _create(server, max_tokens=12, temperature=0, **steer, response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": optional, "strict": True}}).choices[0]

@@ -79,14 +79,17 @@ def _with_false(schema: Any, cycle: list[Path]) -> Any:
         return copy
 
     top = fresh(schema)
-    for *way, last in cycle:
+    for *way, last in cycle:  # sorted: a hop before those in its own `$defs`, which its `false` then holds
         node = top
         for part in way:
             key = int(part) if isinstance(node, list) else part
+            if node[key] is False:
+                break
             if id(node[key]) not in made:
                 node[key] = fresh(node[key])
             node = node[key]
-        node[int(last) if isinstance(node, list) else last] = False
+        else:
+            node[int(last) if isinstance(node, list) else last] = False
     return top
 
 
