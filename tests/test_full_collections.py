@@ -10,7 +10,7 @@ import pytest
 from nanoqwen.api import full_collections
 from nanoqwen.api.full_collections import FullCollections
 
-pytestmark = pytest.mark.skipif(not full_collections.GENERATIONAL, reason="3.14's incremental collector: no put-off")
+pytestmark = pytest.mark.skipif(not full_collections.GENERATIONAL, reason="an incremental collector: no put-off")
 
 
 @pytest.fixture
