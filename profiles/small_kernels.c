@@ -18,13 +18,8 @@
 #include <time.h>
 
 #include "nanoqwen_cpu.h"
+#include "model_shape.h"
 
-#define HIDDEN 1024
-#define HQ 16
-#define HKV 8
-#define D 128
-#define INTER 3072
-#define VOCAB 151936
 #define MAX_ROWS 32
 #define MAX_CALLS 2000
 #define FLUSH_ROWS 2048
