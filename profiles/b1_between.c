@@ -25,13 +25,8 @@
 
 #include "nanoqwen_cpu.h"
 #include "step_matrices.h"
+#include "model_shape.h"
 
-#define HIDDEN 1024
-#define HQ 16
-#define HKV 8
-#define D 128
-#define INTER 3072
-#define VOCAB 151936
 #define BS 16
 #define MAX_CONTEXT 4096
 #define HOT_CALLS 400

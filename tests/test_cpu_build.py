@@ -374,14 +374,15 @@ def test_the_cli_help_and_the_readme_name_the_same_default():
                                                        ("b1_linears.c", "profiles/b1_linears.c -o"),
                                                        ("b1_between.c", "profiles/b1_between.c -o"),
                                                        ("b8_split.c", "profiles/b8_split.c -o"),
+                                                       ("small_kernels.c", "profiles/small_kernels.c -o"),
                                                        ("avx2_mix.c", "profiles/avx2_mix.c -o")])
 def test_the_c_profiling_tools_compile_by_their_documented_build_lines(name, build_line_mark):
     """profiles/stream_ceiling.c, ab_int8_row.c, ab_int4_row.c, ab_int4_rows.c, int4_bits.c, ab_int8_rows.c,
     pool_handoff.c and preread_bound.c include a kernel's source and call its internals (the pool and its claims, the
     activation pieces, the int4 transposition, the AVX2 interleaved layout and packing, the int8 kernel's AVX2 helpers
-    and 1-row loop), b1_linears.c and b1_between.c the kernels' entry points, b8_split.c those and the pool (pool.c
-    included, its entry point wrapped): a change there must not break them silently; avx2_mix.c is the int8 and int4
-    loops' instructions in asm. Each one's own header's build line, checked for syntax only."""
+    and 1-row loop), b1_linears.c, b1_between.c and small_kernels.c the kernels' entry points, b8_split.c those and the
+    pool (pool.c included, its entry point wrapped): a change there must not break them silently; avx2_mix.c is the int8
+    and int4 loops' instructions in asm. Each one's own header's build line, checked for syntax only."""
     tool = REPO_ROOT / "profiles" / name
     [line] = [line.strip() for line in tool.read_text().splitlines() if build_line_mark in line]
     words = [word.replace("'", "") for word in line.split()]

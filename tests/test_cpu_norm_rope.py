@@ -104,9 +104,10 @@ def test_no_openmp_region_in_the_kernels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [16, 17, 33, 64, 300])
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 8, 16, 17, 33, 64, 300])
 def test_rows_split_over_threads_give_the_references_and_the_one_thread_bits(dtype, rows):
-    """The pool's chunks only divide the rows: every row written, each as one thread writes it."""
+    """The pool's chunks only divide the rows: every row written, each as one thread writes it. Decode's chunks
+    (pool_row_chunk at these sizes): q/k norm 2 rows, one chunk at 2 and two from 3; rms_norm 4 rows, two from 5."""
     torch.manual_seed(rows)
     heads, kv_heads, head_dim, hidden = 16, 8, 128, 1024
     x, residual = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, hidden, dtype=dtype)

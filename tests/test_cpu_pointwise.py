@@ -54,6 +54,34 @@ def test_silu_mul_avx512_gives_the_avx2_loops_bits(dtype, rows, size):
                        outs[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
+@pytest.fixture
+def num_threads():
+    """Sets torch's thread count (the pool's helpers: threads - 1) for a test, then restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 33])  # decode's chunks of 2 rows of 3072 (pool_row_chunk); 33: prefill's
+def test_silu_mul_split_over_threads_gives_the_one_thread_bits(num_threads, dtype, rows):
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, 2 * 3072) * 6).to(dtype)
+    outs = []
+    for threads in (1, 2):
+        num_threads(threads)
+        outs.append(cpu_pointwise.silu_mul_cpu(x))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("n", [2 * 131072 - 1, 2 * 131072, 8 * 151936 + 3])  # one chunk, two, 9 (the last 3 longer)
+def test_to_fp32_split_over_threads_widens_every_value(num_threads, n):
+    """bf16_to_fp32's chunks (2^17 values, the remainder in the last) cover every value once: the exact widening."""
+    x = torch.randn(n).to(torch.bfloat16)
+    num_threads(2)
+    assert torch.equal(cpu_pointwise.to_fp32_cpu(x), x.float())
+
+
 def test_silu_mul_other_layouts_take_the_reference():
     x = torch.randn(2, 3, 32)  # 3-d: not the kernel's
     torch.testing.assert_close(cpu_pointwise.silu_mul_cpu(x), silu_mul_torch(x))

@@ -323,6 +323,25 @@ def test_greedy_is_torch_argmax(use, vocab):
     assert torch.equal(sample(logits, rows(5, temperature=[0.0] * 5), "greedy"), expected)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 8])
+def test_greedy_rows_split_over_threads_are_torch_argmax(batch):
+    """argmax_rows gives the pool a row a chunk (batch 1's stays on the caller): each row's first maximum, ties
+    included, as on one thread."""
+    torch.manual_seed(batch)
+    logits = torch.randn(batch, 151936)
+    logits[:, [7, 151935]] = logits.max() + 1  # a tie in every row: the first wins
+    logits[-1, 100_000] = math.inf
+    before = torch.get_num_threads()
+    try:
+        tokens = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            tokens.append(cpu_sample.argmax_rows_cpu(logits))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(tokens[0], logits.argmax(dim=-1)) and torch.equal(tokens[1], tokens[0])
+
+
 def test_top_p_0_keeps_the_most_likely_token_alone(use):
     """OpenAI's top_p 0 (the API takes it): only the maximum survives, in the kernel and the torch sampler, with
     and without a top-k or min-p beside it, in every mode that serves the rows; a tie at the top (common in bf16

@@ -166,6 +166,62 @@ def test_every_kernel_library_shares_one_pool():
     assert int(child.stdout.split()[-1]) == 2
 
 
+# A decode step's small kernels at 2 threads, each in a forked child (which has no pool helper: pool.c's atfork) called
+# at batch 1, then at batch 8, by ctypes on inputs made before the fork (no torch op, whose OpenMP threads would count
+# too); prints, per kernel, the threads each call left running: the pool's helper, started by a job of 2+ chunks.
+SMALL_KERNELS = textwrap.dedent("""
+    import os
+    import torch
+    from ops.cpu import norm_rope, pointwise, sample
+
+    torch.set_num_threads(2)
+    for kernel in (norm_rope, pointwise, sample):
+        assert kernel.KERNEL.build(), kernel.KERNEL.error
+    HIDDEN, HQ, HKV, D, INTER, VOCAB = 1024, 16, 8, 128, 3072, 151936
+    x, gate_up, qkv = torch.randn(8, HIDDEN).bfloat16(), torch.randn(8, 2 * INTER).bfloat16(), torch.randn(8, 4096)
+    out, act, weight, cos_sin = torch.empty_like(x), torch.empty(8, INTER).bfloat16(), torch.ones(D), torch.ones(8, D)
+    weight16 = torch.ones(HIDDEN).bfloat16()
+    cache, ids = torch.zeros(8, HKV * D), torch.arange(8, dtype=torch.int32)
+    logits16, logits, tokens = torch.randn(8, VOCAB).bfloat16(), torch.empty(8, VOCAB), torch.empty(8).long()
+    p = torch.Tensor.data_ptr
+    calls = {
+        "rms_norm": lambda n: norm_rope.KERNEL.lib.rms_norm(p(x), None, p(weight16), p(out), None, n, HIDDEN,
+                                                            1e-6, 1),
+        "qk_norm_rope_store": lambda n: norm_rope.KERNEL.lib.qk_norm_rope_store(
+            p(qkv), p(qkv) + HQ * D * 4, p(qkv) + (HQ + HKV) * D * 4, p(weight), p(weight), 1e-6, p(cos_sin), p(ids),
+            p(cache), p(cache), p(ids), n, HQ, HKV, D, 4096, 4096, 4096, 0),
+        "silu_mul": lambda n: pointwise.KERNEL.lib.silu_mul(p(gate_up), p(act), n, INTER, 1),
+        "bf16_to_fp32": lambda n: pointwise.KERNEL.lib.bf16_to_fp32(p(logits16), p(logits), n * VOCAB),
+        "argmax_rows": lambda n: sample.KERNEL.lib.argmax_rows(p(logits), p(tokens), n, VOCAB),
+    }
+    for name, call in calls.items():
+        read, write = os.pipe()
+        if os.fork() == 0:
+            started = []
+            for rows in (1, 8):
+                before = len(os.listdir("/proc/self/task"))
+                call(rows)
+                started.append(len(os.listdir("/proc/self/task")) - before)
+            os.write(write, repr(started).encode())
+            os._exit(0)
+        os.close(write)
+        print(name, os.read(read, 100).decode())
+        os.wait()
+""")
+
+
+def test_a_decode_steps_small_kernels_go_to_the_pool_at_batch_8_not_at_batch_1():
+    """pool.h's pool_row_chunk and the widening's and argmax's chunks: a batch-8 step's norms, q/k norm + RoPE,
+    silu_mul, logits' widening and greedy argmax are jobs of several chunks, which start the helper; batch 1's are one
+    chunk each, run on the caller without a hand-off (a job's costs more than half such a call)."""
+    child = subprocess.run([sys.executable, "-c", SMALL_KERNELS], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    started = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    assert started == {name: "[0, 1]" for name in
+                       ("rms_norm", "qk_norm_rope_store", "silu_mul", "bf16_to_fp32", "argmax_rows")}, started
+
+
 # A fresh process's first pooled call, 10 chunks of 30 ms (a Python callback through ctypes, the GIL let go while
 # it sleeps) at 2 threads; prints how many threads ran its chunks.
 FIRST_JOB = textwrap.dedent("""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ops.cpu import build, graph
 
 MAX_ROWS = 32  # beyond this, activations are no longer a "vector": widen weights and use fp32 GEMM (csrc/pool.h's
-# DECODE_CHUNK_ROWS follows it: a decode step's silu_mul and norms stay on the calling thread)
+# PREFILL_CHUNK_ROWS follows it: a decode step's silu_mul and norms go to the pool in chunks of a few rows)
 
 KERNEL = build.CKernel("cpu_linear", "linear.c", ("linear",))
 

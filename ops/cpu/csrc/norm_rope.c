@@ -30,12 +30,13 @@ struct rms_norm_args {
     int N, H;
     float eps;
     int bf16;
+    long rows;  /* a chunk's: pool_row_chunk */
 };
 
 static void rms_norm_chunk(const void *ctx, long chunk) {
     const struct rms_norm_args *a = ctx;
     float buf[8192];
-    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
         const long xo = n * a->H;
         const __m256 inv = _mm256_set1_ps(row_scale(a->x, xo, a->res, a->res_out, a->H, a->eps, a->bf16, buf));
         for (int i = 0; i < a->H; i += 8) store8(a->out, xo + i, scaled8(buf, i, inv, a->w, a->bf16), a->bf16);
@@ -45,8 +46,8 @@ static void rms_norm_chunk(const void *ctx, long chunk) {
 /* Shapes: see nanoqwen_cpu.h. */
 void rms_norm(const void *x, const void *res, const void *w, void *out, void *res_out, int N, int H, float eps,
               int bf16) {
-    const struct rms_norm_args a = {x, res, w, out, res_out, N, H, eps, bf16};
-    nanoqwen_pool_run(rms_norm_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
+    const struct rms_norm_args a = {x, res, w, out, res_out, N, H, eps, bf16, pool_row_chunk(N, H)};
+    nanoqwen_pool_run(rms_norm_chunk, &a, (N + a.rows - 1) / a.rows);
 }
 
 /* One head in place: RMSNorm by w, then the neox rotation by (c, s), each product and the sum rounded. */
@@ -75,12 +76,13 @@ struct qk_args {
     int N, Hq, Hkv, D;
     long sq, sk, sv;
     int bf16;
+    long rows;  /* a chunk's: pool_row_chunk of a row's q and k heads */
 };
 
 static void qk_norm_rope_store_chunk(const void *ctx, long chunk) {
     const struct qk_args *a = ctx;
     const int D = a->D, half = D / 2, Hkv = a->Hkv, bf16 = a->bf16, size = bf16 ? 2 : 4;
-    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
         const float *cs = a->cos_sin + (long)a->positions[n] * D;
         float c[128], s[128];  /* cos and sin in the model dtype, as the reference converts them */
         for (int i = 0; i < half; i += 8) {
@@ -104,6 +106,7 @@ static void qk_norm_rope_store_chunk(const void *ctx, long chunk) {
 void qk_norm_rope_store(void *q, void *k, const void *v, const void *qw, const void *kw, float eps,
                         const float *cos_sin, const int32_t *positions, void *kc, void *vc, const int32_t *slots,
                         int N, int Hq, int Hkv, int D, long sq, long sk, long sv, int bf16) {
-    const struct qk_args a = {q, k, v, qw, kw, eps, cos_sin, positions, slots, kc, vc, N, Hq, Hkv, D, sq, sk, sv, bf16};
-    nanoqwen_pool_run(qk_norm_rope_store_chunk, &a, (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS);
+    const struct qk_args a = {q, k, v, qw, kw, eps, cos_sin, positions, slots, kc, vc, N, Hq, Hkv, D, sq, sk, sv, bf16,
+                              pool_row_chunk(N, (long)(Hq + Hkv) * D)};
+    nanoqwen_pool_run(qk_norm_rope_store_chunk, &a, (N + a.rows - 1) / a.rows);
 }

@@ -9,6 +9,7 @@ struct silu_mul_args {
     const void *x;
     void *out;
     int N, I, bf16;
+    long rows;  /* a chunk's: pool_row_chunk */
 };
 
 /* out[o + i ..] = silu(x[gate + i ..]) * x[up + i ..], 8 values, rounded as the reference does. */
@@ -18,10 +19,10 @@ static inline void silu_mul8(const struct silu_mul_args *a, long gate, long up, 
     store8(a->out, o + i, round8(_mm256_mul_ps(round8(silu, a->bf16), load8(a->x, up + i, a->bf16)), a->bf16), a->bf16);
 }
 
-/* Rows [chunk * DECODE_CHUNK_ROWS, ...) of silu_mul (pool.h; one thread: 8% of a 512-token bf16 prefill). */
+/* Rows [chunk * a->rows, ...) of silu_mul (pool.h; one thread: 8% of a 512-token bf16 prefill). */
 static void silu_mul_chunk(const void *ctx, long chunk) {
     const struct silu_mul_args *a = ctx;
-    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++)
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++)
         for (int i = 0; i < a->I; i += 8) silu_mul8(a, n * 2 * a->I, n * 2 * a->I + a->I, n * a->I, i);
 }
 
@@ -48,7 +49,7 @@ static void silu_mul_chunk512(const void *ctx, long chunk) {
     const struct silu_mul_args *a = ctx;
     const __m512 one = _mm512_set1_ps(1.0f);
     const int I = a->I, bf16 = a->bf16;
-    for (long n = chunk * DECODE_CHUNK_ROWS; n < pool_chunk_end(chunk, DECODE_CHUNK_ROWS, a->N); n++) {
+    for (long n = chunk * a->rows; n < pool_chunk_end(chunk, a->rows, a->N); n++) {
         const long gate = n * 2 * I, up = gate + I, o = n * I;
         int i = 0;
         for (; i + 16 <= I; i += 16) {
@@ -64,14 +65,30 @@ AVX512_END
 
 /* Shapes: see nanoqwen_cpu.h. */
 void silu_mul(const void *x, void *out, int N, int I, int bf16) {
-    const struct silu_mul_args a = {x, out, N, I, bf16};
-    const long chunks = (N + DECODE_CHUNK_ROWS - 1) / DECODE_CHUNK_ROWS;
-    nanoqwen_pool_run(has_avx512() ? silu_mul_chunk512 : silu_mul_chunk, &a, chunks);
+    const struct silu_mul_args a = {x, out, N, I, bf16, pool_row_chunk(N, I)};
+    nanoqwen_pool_run(has_avx512() ? silu_mul_chunk512 : silu_mul_chunk, &a, (N + a.rows - 1) / a.rows);
+}
+
+/* bf16_to_fp32's values a pool chunk, the remainder in the last: under 2 chunks' (batch 1's logits) on the calling
+   thread, a batch-8 step's 8 x 151,936 in 9 chunks on both threads. */
+#define WIDEN_CHUNK_VALUES (1L << 17)
+
+struct widen_args {
+    const uint16_t *x;
+    float *out;
+    long n, chunks;
+};
+
+static void widen_chunk(const void *ctx, long chunk) {
+    const struct widen_args *a = ctx;
+    const long end = chunk == a->chunks - 1 ? a->n : (chunk + 1) * WIDEN_CHUNK_VALUES;
+    long i = chunk * WIDEN_CHUNK_VALUES;
+    for (; i + 8 <= end; i += 8) _mm256_storeu_ps(a->out + i, widen(a->x + i));
+    for (; i < end; i++) a->out[i] = bf16_to_f32(a->x[i]);
 }
 
 /* Shapes: see nanoqwen_cpu.h. */
 void bf16_to_fp32(const uint16_t *x, float *out, long n) {
-    long i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, widen(x + i));
-    for (; i < n; i++) out[i] = bf16_to_f32(x[i]);
+    const struct widen_args a = {x, out, n, n < 2 * WIDEN_CHUNK_VALUES ? 1 : n / WIDEN_CHUNK_VALUES};
+    nanoqwen_pool_run(widen_chunk, &a, a.chunks);
 }

@@ -27,12 +27,20 @@ static inline long pool_rows_per_chunk(long row_bytes) {
     return rows > 0 ? rows : 1;
 }
 
-/* Rows per pool chunk of the row-wise kernels (the norms, silu_mul): a decode step's rows, up to linear.py's MAX_ROWS,
-   are one chunk, run by the calling thread alone; prefill's go across the pool. The pool, not OpenMP: between the
-   pool's jobs an OpenMP region's threads and the pool's spinning helpers took each other's cores on 2 busy cores (a
-   16-row decode step cost 640-1,032 ms against 120-184 at 15 rows), and a 512 x 3072 silu_mul took a median of 15 ms
-   in an OpenMP loop at load 12 against 1.3-1.5 on one thread, its barrier waiting for a descheduled thread. */
-#define DECODE_CHUNK_ROWS 32
+/* Rows per pool chunk of the row-wise kernels (the norms, q/k norm + RoPE + store, silu_mul), whose rows are
+   `row_values` values each: a call of more than PREFILL_CHUNK_ROWS rows (prefill's) in chunks of that many; a decode
+   step's in chunks of at least POOL_SPLIT_VALUES values, so that batch 1's run on the calling thread alone (a job's
+   hand-off costs a few µs, more than half such a call) and batch 8's on both threads (profiles/RESULTS.md, lane
+   splitb8_42: at batch 8 these calls had the second thread idle through ~3 ms of a ~32 ms step). The pool, not
+   OpenMP: between the pool's jobs an OpenMP region's threads and the pool's spinning helpers took each other's cores
+   on 2 busy cores (a 16-row decode step cost 640-1,032 ms against 120-184 at 15 rows), and a 512 x 3072 silu_mul took
+   a median of 15 ms in an OpenMP loop at load 12 against 1.3-1.5 on one thread, its barrier waiting for a descheduled
+   thread. */
+#define PREFILL_CHUNK_ROWS 32
+#define POOL_SPLIT_VALUES 4096
+static inline long pool_row_chunk(long rows, long row_values) {
+    return rows > PREFILL_CHUNK_ROWS ? PREFILL_CHUNK_ROWS : (POOL_SPLIT_VALUES + row_values - 1) / row_values;
+}
 
 /* The end (exclusive) of chunk `chunk`'s rows, `rows` per chunk out of `n`; it starts at chunk * rows. */
 static inline long pool_chunk_end(long chunk, long rows, long n) {
