@@ -76,7 +76,7 @@ class Watch:
             self.collections.append((time.thread_time() - self._gc_started, info["generation"], info["collected"]))
 
     def run(self, fn: Callable[[], Any]) -> tuple[float, list[float], list[tuple[float, int, int]]]:
-        """fn()'s wall seconds, the wake delays and the slow collections while it ran."""
+        """fn()'s wall seconds, the wake delays and the collections while it ran."""
         self.delays, self.collections = [], []
         started = time.perf_counter()
         fn()

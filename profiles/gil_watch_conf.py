@@ -5,8 +5,8 @@ settings and hooks, and in the worker, where set:
 - LATE_ENV (seconds): a native thread that sleeps TICK_S in a loop and, each time it wakes later than that, prints a
   `gil_watch:` line into the server's log: when (time.monotonic, the same clock in every process here), how late, and
   where each other thread is then (a C call that kept the GIL has just returned to that line; Python code hands the
-  GIL over at the switch interval, so a wake that waited longer than it waited for a C call, a collection, or a holder
-  the kernel did not run); and each full (generation 2) collection, a `gil_watch_gc:` line: when it ended, its wall
+  GIL over at the switch interval, so a wait longer than that is a C call, a collection, or a holder the kernel did
+  not run); and each full (generation 2) collection, a `gil_watch_gc:` line: when it ended, its wall
   and CPU ms.
 bench_weigh_served's --switch-ms and --gil-late-ms."""
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the server's log), whether its imports before it serves took transformers in (`imported transformers: True`), and each
 full collection that starts while the model loads with how many objects were frozen out of its walk then
 (`load collection: frozen N`), and each that starts once it serves while a grammar is made in the grammars' pool
-(`grammar collection: N objects` in the generation it walks; the first young one, `grammar young collection`). Given
+(`grammar collection: N objects` in generation 2; the first young one, `grammar young collection`). Given
 by the environment: a test process must not import this file (nanoqwen.gunicorn_conf makes the metrics' run
 directory)."""
 import gc
