@@ -5,8 +5,8 @@
    among the activations (1 in 500) and the group scales (1 in 50). The cases follow from the seed alone; each case's
    shape goes to stderr. Not a test.
 
-   Build from the repository root, once from each tree (its ops/cpu/csrc in both places below: this one's, or another checkout's, e.g. a
-   `git worktree add` of the base revision; the tool itself from this tree):
+   Build from the repository root, once from each tree (its ops/cpu/csrc in both places below: this one's, or
+   another checkout's, e.g. a `git worktree add` of the base revision; the tool itself from this tree):
      cc -O3 -mavx2 -mfma -fopenmp -Iops/cpu/csrc profiles/int4_bits.c -o profiles/out/int4_bits ops/cpu/csrc/pool.c -lm
    Run: OMP_NUM_THREADS=1 profiles/out/int4_bits [CASES 300 [SEED 0]] > out.bin; then `cmp` the two builds' outputs. */
 #include "linear_int4.c"
