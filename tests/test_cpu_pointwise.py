@@ -22,10 +22,13 @@ def test_silu_mul(dtype, rows, size):
     torch.manual_seed(rows + size)
     x = (torch.randn(rows, size) * 6).to(dtype)
     x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp saturates on both sides; silu(0) = 0
-    out = cpu_pointwise.silu_mul_cpu(x)
+    assert_silu_mul(cpu_pointwise.silu_mul_cpu(x), x)
+
+
+def assert_silu_mul(out: torch.Tensor, x: torch.Tensor) -> None:
     ref = silu_mul_torch(x)
-    assert out.dtype == dtype and out.shape == ref.shape
-    if dtype == torch.float32:  # the exp polynomial within ~2 ulp of torch's
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    if x.dtype == torch.float32:  # the exp polynomial within ~2 ulp of torch's
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=3e-7)
     else:  # the same bf16 roundings; an fp32 ulp of silu may round the other way
         torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=2**-7)
@@ -72,6 +75,12 @@ def test_silu_mul_split_over_threads_gives_the_one_thread_bits(num_threads, dtyp
         num_threads(threads)
         outs.append(cpu_pointwise.silu_mul_cpu(x))
     assert torch.equal(outs[0], outs[1])
+    assert_silu_mul(outs[1], x)  # each chunk's rows once: a row skipped or doubled is wrong on one thread too
+
+
+def test_rows_of_no_values_split_nothing():
+    """A decode step's chunk is POOL_SPLIT_VALUES values of rows: rows of none divided by zero (SIGFPE)."""
+    assert cpu_pointwise.silu_mul_cpu(torch.empty(3, 0)).shape == (3, 0)
 
 
 @pytest.mark.parametrize("n", [2 * 131072 - 1, 2 * 131072, 8 * 151936 + 3])  # one chunk, two, 9 (the last 3 longer)
