@@ -39,7 +39,7 @@ static inline long pool_rows_per_chunk(long row_bytes) {
 #define PREFILL_CHUNK_ROWS 32
 #define POOL_SPLIT_VALUES 4096
 static inline long pool_row_chunk(long rows, long row_values) {
-    if (rows > PREFILL_CHUNK_ROWS || row_values <= 0) return PREFILL_CHUNK_ROWS;  /* rows of no values: nothing to split */
+    if (rows > PREFILL_CHUNK_ROWS || row_values <= 0) return PREFILL_CHUNK_ROWS;  /* no values: nothing to split */
     return (POOL_SPLIT_VALUES + row_values - 1) / row_values;
 }
 
