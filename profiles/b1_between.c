@@ -125,12 +125,6 @@ static void step(char *buf, int time) {
     });
 }
 
-/* `bytes` from a 2 MB boundary, advised into huge pages before their first touch (nanoqwen/hugepages.py's way). */
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, by_value);
-    return v[n / 2];
-}
-
 int main(int argc, char **argv) {
     const int passes = argc > 1 ? atoi(argv[1]) : 9;
     ctx = argc > 2 ? atoi(argv[2]) : 33;

@@ -111,11 +111,6 @@ static void timed_call(int f, const char *w, const struct shape *sh, int rows, d
     for (int m = 0; m < METRICS; m++) sums[m] += call_sums[m];
 }
 
-static double median(double *v, int n) {
-    qsort(v, n, sizeof *v, by_value);
-    return v[n / 2];
-}
-
 int main(int argc, char **argv) {
     const int passes = argc > 1 && atoi(argv[1]) > 0 ? (atoi(argv[1]) < MAX_PASSES ? atoi(argv[1]) : MAX_PASSES) : 7;
     const int rows = argc > 2 && atoi(argv[2]) > 0 ? (atoi(argv[2]) < MAX_ROWS ? atoi(argv[2]) : MAX_ROWS) : 8;

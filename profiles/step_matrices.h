@@ -89,4 +89,9 @@ static int by_value(const void *a, const void *b) {  /* qsort's, for doubles */
     return x < y ? -1 : x > y;
 }
 
+static inline double median(double *v, int n) {  /* sorts v */
+    qsort(v, n, sizeof *v, by_value);
+    return v[n / 2];
+}
+
 #endif
