@@ -7,8 +7,9 @@ Serves the 2-layer test checkpoint on the CPU in fp32 with profiles/gil_watch_co
 with a schema no other request has (every one compiles): big and small objects, anyOfs of `$ref` chains, optional hop
 cycles, 5,000-hop chains, and ones the server refuses with a 400 (a lookahead pattern, a chain past the parser row);
 a quarter of them leave after 0.3 s, mid-compile. Async clients (asyncio, AsyncOpenAI) stream greedy answers to
-fixed prompts and strict json_schema answers, a third of them closing the stream after a few chunks, and now and
-then leave a forced strict tool call after 0.4 s. /health is polled throughout from a process of its own.
+fixed prompts, strict json_schema chat answers and Responses text.format ones, a third of them closing the stream
+after a few chunks, and now and then leave a forced strict tool call after 0.4 s. /health is polled throughout from
+a process of its own.
 
 Violations (exit status 1): a 5xx or an error other than 400/503, an answer that ended "stop" invalid against its
 schema, a full greedy stream other than the idle server's answer to its prompt, a second worker, after the flood
@@ -152,11 +153,15 @@ class Flood:
                         self.note("stream differs", f"prompt {prompt}: {text!r} != {self.solo[prompt]!r}")
                     elif finish is not None:
                         self.note("stream as solo")
-                else:
+                elif pick < 0.775:
                     fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": sch, "strict": True}}
                     text, finish = await self._streamed(client, cut, messages=[{"role": "user", "content": f"q{i}"}],
                                                         response_format=fmt)
                     if finish == "stop":
+                        self.check(text, sch)
+                else:
+                    text, status = await self._response_streamed(client, cut, i, sch)
+                    if status == "completed":
                         self.check(text, sch)
             except Exception as exc:  # noqa: BLE001
                 self.failed(exc)
@@ -175,6 +180,26 @@ class Flood:
                 return "".join(parts), None
         self.note("200")
         return "".join(parts), finish
+
+
+    async def _response_streamed(self, client: openai.AsyncOpenAI, cut: bool, i: int,
+                                 sch: dict[str, Any]) -> tuple[str, str | None]:
+        """A streamed Responses answer's text and final status, as _streamed's."""
+        fmt = {"type": "json_schema", "name": "s", "schema": sch, "strict": True}
+        stream = await client.responses.create(model=MODEL, input=f"q{i}", max_output_tokens=NEW_TOKENS,
+                                               text={"format": fmt}, stream=True)
+        parts, status = [], None
+        async for n, event in _numbered(stream):
+            if event.type == "response.output_text.delta":
+                parts.append(event.delta)
+            elif event.type in ("response.completed", "response.incomplete", "response.failed"):
+                status = event.response.status
+            if cut and n == 3:
+                await stream.close()
+                self.note("left mid-stream")
+                return "".join(parts), None
+        self.note("200")
+        return "".join(parts), status
 
 
 async def _numbered(stream: Any) -> Any:
