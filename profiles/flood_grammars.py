@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,20 +168,10 @@ class Flood:
                 self.failed(exc)
 
     async def _streamed(self, client: openai.AsyncOpenAI, cut: bool, **body: Any) -> tuple[str, str | None]:
-        """The stream's text and finish reason; (text so far, None) where `cut`: closed after a few chunks."""
+        """A streamed chat answer's text and finish reason; (text so far, None) where `cut`: closed after a few
+        chunks."""
         stream = await client.chat.completions.create(model=MODEL, max_tokens=NEW_TOKENS, stream=True, **body)
-        parts, finish = [], None
-        async for n, chunk in _numbered(stream):
-            if chunk.choices:
-                parts.append(chunk.choices[0].delta.content or "")
-                finish = chunk.choices[0].finish_reason or finish
-            if cut and n == 3:
-                await stream.close()
-                self.note("left mid-stream")
-                return "".join(parts), None
-        self.note("200")
-        return "".join(parts), finish
-
+        return await self._read(stream, cut, _chat_piece)
 
     async def _response_streamed(self, client: openai.AsyncOpenAI, cut: bool, i: int,
                                  sch: dict[str, Any]) -> tuple[str, str | None]:
@@ -188,25 +179,38 @@ class Flood:
         fmt = {"type": "json_schema", "name": "s", "schema": sch, "strict": True}
         stream = await client.responses.create(model=MODEL, input=f"q{i}", max_output_tokens=NEW_TOKENS,
                                                text={"format": fmt}, stream=True)
-        parts, status = [], None
-        async for n, event in _numbered(stream):
-            if event.type == "response.output_text.delta":
-                parts.append(event.delta)
-            elif event.type in ("response.completed", "response.incomplete", "response.failed"):
-                status = event.response.status
+        return await self._read(stream, cut, _response_piece)
+
+    async def _read(self, stream: Any, cut: bool, read: Callable[[Any], tuple[str, str | None]]
+                    ) -> tuple[str, str | None]:
+        """The text and the last end `read` finds in the stream's items; (text so far, None) where `cut`."""
+        parts, end, n = [], None, 0
+        async for item in stream:
+            text, ended = read(item)
+            parts.append(text)
+            end, n = ended or end, n + 1
             if cut and n == 3:
                 await stream.close()
                 self.note("left mid-stream")
                 return "".join(parts), None
         self.note("200")
-        return "".join(parts), status
+        return "".join(parts), end
 
 
-async def _numbered(stream: Any) -> Any:
-    n = 0
-    async for chunk in stream:
-        n += 1
-        yield n, chunk
+def _chat_piece(chunk: Any) -> tuple[str, str | None]:
+    """A chat chunk's text and finish reason."""
+    if not chunk.choices:
+        return "", None
+    return chunk.choices[0].delta.content or "", chunk.choices[0].finish_reason
+
+
+def _response_piece(event: Any) -> tuple[str, str | None]:
+    """A Responses event's text and, at its end, the response's status."""
+    if event.type == "response.output_text.delta":
+        return event.delta, None
+    if event.type in ("response.completed", "response.incomplete", "response.failed"):
+        return "", event.response.status
+    return "", None
 
 
 def watched(log: str) -> list[dict[str, Any]]:
