@@ -6,9 +6,11 @@ settings and hooks, and in the worker, where set:
   `gil_watch:` line into the server's log: when (time.monotonic, the same clock in every process here), how late, and
   where each other thread is then (a C call that kept the GIL has just returned to that line; Python code hands the
   GIL over at the switch interval, so a wait longer than that is a C call, a collection, or a holder the kernel did
-  not run); and each full (generation 2) collection, a `gil_watch_gc:` line: when it ended, its wall
-  and CPU ms.
-bench_weigh_served's --switch-ms and --gil-late-ms."""
+  not run); and each full (generation 2) collection, a `gil_watch_gc:` line: when it ended, its wall and CPU ms;
+- GC_WATCH_ENV (seconds): a native thread that prints, each time that long, a `gc_watch:` line: when, the worker's RSS,
+  the collector's thresholds and counts and how many full collections ran (flood_grammars: the thresholds put off
+  while grammars are made, nanoqwen/api/full_collections.py, must come back).
+bench_weigh_served's --switch-ms and --gil-late-ms; flood_grammars."""
 from __future__ import annotations
 
 import gc
@@ -23,9 +25,11 @@ if __name__ == "__config__":  # as gunicorn loads a config file; imported (bench
 
 SWITCH_ENV = "NANOQWEN_PROFILE_SWITCH_S"
 LATE_ENV = "NANOQWEN_PROFILE_GIL_LATE_S"
+GC_WATCH_ENV = "NANOQWEN_PROFILE_GC_WATCH_S"
 TICK_S = 0.001
 WATCH_LINE = "gil_watch: "
 GC_LINE = "gil_watch_gc: "
+GC_WATCH_LINE = "gc_watch: "
 
 
 def post_worker_init(worker: object) -> None:
@@ -33,13 +37,15 @@ def post_worker_init(worker: object) -> None:
         sys.setswitchinterval(float(seconds))
     print(f"gil_watch_conf: the worker's switch interval {sys.getswitchinterval() * 1e3:g} ms", file=sys.stderr,
           flush=True)
-    if late := os.environ.get(LATE_ENV):
-        from gevent import monkey
+    from gevent import monkey
 
-        from nanoqwen.engine.threads import start_native_thread
-        sleep, get_ident = monkey.get_original("time", "sleep"), monkey.get_original("_thread", "get_ident")
+    from nanoqwen.engine.threads import start_native_thread
+    sleep, get_ident = monkey.get_original("time", "sleep"), monkey.get_original("_thread", "get_ident")
+    if late := os.environ.get(LATE_ENV):
         start_native_thread(lambda: _watch(float(late), sleep, get_ident))
         gc.callbacks.append(_full_collections())
+    if every := os.environ.get(GC_WATCH_ENV):
+        start_native_thread(lambda: _watch_collector(float(every), sleep))
 
 
 def _watch(late_s: float, sleep: Callable[[float], None], get_ident: Callable[[], int]) -> None:
@@ -52,6 +58,17 @@ def _watch(late_s: float, sleep: Callable[[float], None], get_ident: Callable[[]
             where = "; ".join(f"{tid}: {_stack(frame)}" for tid, frame in sys._current_frames().items() if tid != me)
             print(f"{WATCH_LINE}{time.monotonic():.3f} {waited * 1e3:.1f} ms late; {where}", file=sys.stderr,
                   flush=True)
+
+
+def _watch_collector(every_s: float, sleep: Callable[[float], None]) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    while True:
+        with open("/proc/self/statm") as statm:
+            rss_mb = int(statm.read().split()[1]) * page / 2**20
+        threshold, count = ",".join(map(str, gc.get_threshold())), ",".join(map(str, gc.get_count()))
+        print(f"{GC_WATCH_LINE}{time.monotonic():.3f} rss_mb={rss_mb:.0f} threshold={threshold} count={count} "
+              f"full={gc.get_stats()[2]['collections']}", file=sys.stderr, flush=True)
+        sleep(every_s)
 
 
 def _full_collections() -> Callable[[str, dict[str, int]], None]:
