@@ -117,13 +117,17 @@ def _matches(pattern: str, name: str) -> bool:
     high): a key with a character past printable ASCII (`\\w`, `\\d`, `\\s` and `$` differ there), a pattern with
     Rust's class syntax (CLASS_OPERATION, NESTED_CLASS) or one Python cannot read; else a match with ASCII's classes
     (Rust's and ECMA's `\\d`, `\\w`) or with Unicode's."""
-    if not (name.isascii() and name.isprintable()) or CLASS_OPERATION.search(pattern) \
-            or any(found.group(1) for found in NESTED_CLASS.finditer(pattern)):
+    if not (name.isascii() and name.isprintable()) or CLASS_OPERATION.search(pattern) or nests_classes(pattern):
         return True
     try:
         return re.search(pattern, name, re.ASCII) is not None or re.search(pattern, name) is not None
     except re.error:
         return True
+
+
+def nests_classes(pattern: str) -> bool:
+    """Whether `pattern` has a class in a class (NESTED_CLASS), which Rust's regex and Python's `re` read apart."""
+    return any(found.group(1) for found in NESTED_CLASS.finditer(pattern))
 
 
 class AlikeChains:
