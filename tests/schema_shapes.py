@@ -153,12 +153,15 @@ NAMED_BESIDE_LOOSE: dict[str, tuple[Option, Option, bool, str]] = {
     "a level down, additionalProperties": (
         lambda j, chain: _loose_object({"additionalProperties": closed_object({"y": chain})}),
         lambda j, chain: closed_object({"x": closed_object({"y": chain})}), True, '{"x": {"y": 5}}'),
-    # Python's `re` reads these apart from llguidance (Unicode's \W against ECMA's, `[[:` as a literal class)
+    # Python's `re` reads these apart from llguidance (Unicode's \W against ECMA's, `[[:` and `[[i]]` as a class holding
+    # a `[`, then a literal `]`)
     "a non-word pattern beside a key past ASCII": (
         lambda j, chain: _loose_object({"patternProperties": {"\\W": chain}}),
         lambda j, chain: closed_object({"café": chain}), True, '{"café": 5}'),
     "a POSIX class": (lambda j, chain: _loose_object({"patternProperties": {"^[[:alpha:]]+$": chain}}),
                       lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
+    "a class in a class": (lambda j, chain: _loose_object({"patternProperties": {"^[[i]]d$": chain}}),
+                           lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
 }
 
 

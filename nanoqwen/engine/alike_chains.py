@@ -47,8 +47,11 @@ TURNS_WORK = OPTIONS_WORK >> 3
 # goes with every key (errs high in weight, not in work): 2,000 options of one name each beside additionalProperties
 # would match 4 M
 KEYS_WORK = OPTIONS_WORK >> 2
-# Rust's regex classes that Python's `re` reads as literals: POSIX's `[[:alpha:]]`, and set operations `&&`, `--`, `~~`
-RUST_CLASS_SYNTAX = re.compile(r"\[\[:|&&|--|~~")
+# Rust's regex class syntax that Python's `re` reads as literals: set operations `&&`, `--`, `~~`, and a class in a
+# class (`[a[bc]]`, POSIX's `[[:alpha:]]`; to Python a `[` in the class, then a literal `]`): NESTED_CLASS reads escapes
+# and each class up to its first `[` or `]`, group 1 a `[` there (`[[i]]d` beside the key `id`: Python's no, Rust's yes)
+CLASS_OPERATION = re.compile("&&|--|~~")
+NESTED_CLASS = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\\\[\]])*(\[)?", re.DOTALL)
 After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
@@ -112,14 +115,19 @@ def _matches(pattern: str, name: str) -> bool:
     """Whether the named key `name` may match `pattern` as llguidance reads it (anywhere in the key). Only a sure no
     leaves a loose value out of a row, so where Python's `re` and Rust's regex may read them apart it says yes (errs
     high): a key with a character past printable ASCII (`\\w`, `\\d`, `\\s` and `$` differ there), a pattern with
-    Rust's class syntax (RUST_CLASS_SYNTAX) or one Python cannot read; else a match with ASCII's classes (Rust's and
-    ECMA's `\\d`, `\\w`) or with Unicode's."""
-    if not (name.isascii() and name.isprintable()) or RUST_CLASS_SYNTAX.search(pattern):
+    Rust's class syntax (CLASS_OPERATION, NESTED_CLASS) or one Python cannot read; else a match with ASCII's classes
+    (Rust's and ECMA's `\\d`, `\\w`) or with Unicode's."""
+    if not (name.isascii() and name.isprintable()) or CLASS_OPERATION.search(pattern) or nests_classes(pattern):
         return True
     try:
         return re.search(pattern, name, re.ASCII) is not None or re.search(pattern, name) is not None
     except re.error:
         return True
+
+
+def nests_classes(pattern: str) -> bool:
+    """Whether `pattern` has a class in a class (NESTED_CLASS), which Rust's regex and Python's `re` read apart."""
+    return any(found.group(1) for found in NESTED_CLASS.finditer(pattern))
 
 
 class AlikeChains:
