@@ -14,8 +14,8 @@ a process of its own.
 Violations (exit status 1): a 5xx or an error other than 400/503, an answer that ended "stop" invalid against its
 schema, a full greedy stream other than the idle server's answer to its prompt, a second worker, after the flood
 (and SETTLE_S) the collector's thresholds not those before it or /stats not drained. Prints and writes
-flood_grammars.json to --out (default profiles/out/): counts, /health's latency, the worker's RSS and full
-collections over time (its `gc_watch:` lines).
+flood_grammars.json to --out (default profiles/out/): counts, /health's latency, the worker's RSS before, at its
+peak and after, and its count of full collections (from its `gc_watch:` lines).
 """
 from __future__ import annotations
 

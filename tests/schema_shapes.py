@@ -162,6 +162,8 @@ NAMED_BESIDE_LOOSE: dict[str, tuple[Option, Option, bool, str]] = {
                       lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
     "a class in a class": (lambda j, chain: _loose_object({"patternProperties": {"^[[i]]d$": chain}}),
                            lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
+    "a verbose class": (lambda j, chain: _loose_object({"patternProperties": {"(?x)^[ ]i]d$": chain}}),
+                        lambda j, chain: closed_object({"id": chain}), True, '{"id": 5}'),
 }
 
 

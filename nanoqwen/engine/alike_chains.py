@@ -52,6 +52,9 @@ KEYS_WORK = OPTIONS_WORK >> 2
 # and each class up to its first `[` or `]`, group 1 a `[` there (`[[i]]d` beside the key `id`: Python's no, Rust's yes)
 CLASS_OPERATION = re.compile("&&|--|~~")
 NESTED_CLASS = re.compile(r"\\.|\[\^?\]?(?:\\.|[^\\\[\]])*(\[)?", re.DOTALL)
+# Rust's verbose mode (`(?x)`, `(?ix)`) skips whitespace and `#` comments inside a class too (`(?x)[ ]i]` is `[]i]`);
+# Python's reads them as literals there
+VERBOSE = re.compile(r"\(\?[a-zA-Z-]*x")
 After = tuple[Told, str]  # where a value begins after a key: what told its option apart by then, and the key
 
 
@@ -115,9 +118,9 @@ def _matches(pattern: str, name: str) -> bool:
     """Whether the named key `name` may match `pattern` as llguidance reads it (anywhere in the key). Only a sure no
     leaves a loose value out of a row, so where Python's `re` and Rust's regex may read them apart it says yes (errs
     high): a key with a character past printable ASCII (`\\w`, `\\d`, `\\s` and `$` differ there), a pattern with
-    Rust's class syntax (CLASS_OPERATION, NESTED_CLASS) or one Python cannot read; else a match with ASCII's classes
+    Rust's class syntax (CLASS_OPERATION, reads_apart) or one Python cannot read; else a match with ASCII's classes
     (Rust's and ECMA's `\\d`, `\\w`) or with Unicode's."""
-    if not (name.isascii() and name.isprintable()) or CLASS_OPERATION.search(pattern) or nests_classes(pattern):
+    if not (name.isascii() and name.isprintable()) or CLASS_OPERATION.search(pattern) or reads_apart(pattern):
         return True
     try:
         return re.search(pattern, name, re.ASCII) is not None or re.search(pattern, name) is not None
@@ -125,9 +128,10 @@ def _matches(pattern: str, name: str) -> bool:
         return True
 
 
-def nests_classes(pattern: str) -> bool:
-    """Whether `pattern` has a class in a class (NESTED_CLASS), which Rust's regex and Python's `re` read apart."""
-    return any(found.group(1) for found in NESTED_CLASS.finditer(pattern))
+def reads_apart(pattern: str) -> bool:
+    """Whether Rust's regex and Python's `re` may read `pattern`'s classes apart: a class in a class (NESTED_CLASS) or
+    verbose mode (VERBOSE)."""
+    return VERBOSE.search(pattern) is not None or any(found.group(1) for found in NESTED_CLASS.finditer(pattern))
 
 
 class AlikeChains:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urldefrag, urljoin
 
-from nanoqwen.engine.alike_chains import AlikeChains, nests_classes
+from nanoqwen.engine.alike_chains import AlikeChains, reads_apart
 from nanoqwen.engine.hop_cycles import cut_hops
 from nanoqwen.engine.object_runs import Merges, is_hop
 from nanoqwen.engine.schema_keywords import (
@@ -269,8 +269,8 @@ def _literal(piece: str) -> str | None:
 class _Patterns:
     """A Lark grammar's regexes, `/i` the i-th in its body: whether one may match nothing (a run goes on through it,
     _Rows), asked of Python's `re` each distinct one once, up to TESTED_CHARS in all; past them, one past MAX_TESTED,
-    one `re` cannot read or one with a class in a class once read as Python's (nests_classes: `re` reads `[[a]]*` as
-    `[[a]` then `]*`): it may (errs high)."""
+    one `re` cannot read or one whose classes Python's reads apart from Rust's (reads_apart: `re` reads `[[a]]*` as
+    `[[a]` then `]*`, `(?x)[ ][a]]*` as a class of ` ` and `[`, then `a]]*`): it may (errs high)."""
 
     def __init__(self) -> None:
         self.patterns: list[str] = []
@@ -294,7 +294,7 @@ class _Patterns:
         self.budget -= len(pattern)
         python = RUST_ONLY.sub(_python_escape, pattern)
         try:
-            empty = nests_classes(python) or _least_width(python) == 0
+            empty = reads_apart(python) or _least_width(python) == 0
         except (re.error, RecursionError, OverflowError, ValueError):
             empty = True
         self.empty[pattern] = empty
