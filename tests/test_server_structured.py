@@ -1046,22 +1046,26 @@ def test_a_named_key_beside_loose_values_it_cannot_be_is_served(server: Gunicorn
     _served_and_valid(server, named_beside_loose(shape, 300))
 
 
-# Rust's regex reads `[[a]]` as a class in a class; Python's `re`, as a class holding `[`, then a literal `]`
-NESTED_CLASSES = {
-    "response_format": {"type": "json_schema", "json_schema": {
+# Rust's regex reads `[[a]]` as a class in a class, and in verbose mode `[ ]a]` as `[]a]`; Python's `re` reads a
+# class holding `[` (or a space), then a literal `]`
+CLASSES_READ_APART = {
+    ("response_format", "a class in a class"): {"type": "json_schema", "json_schema": {
         "name": "x", "schema": named_beside_loose("a class in a class", 300), "strict": True}},
-    "guided_grammar": "start: " + " ".join(f"/v{i}|[[a]]*/" for i in range(1_200)) + ' "z"',
+    ("response_format", "a verbose class"): {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": named_beside_loose("a verbose class", 300), "strict": True}},
+    ("guided_grammar", "a class in a class"): "start: " + " ".join(f"/v{i}|[[a]]*/" for i in range(1_200)) + ' "z"',
+    ("guided_grammar", "a verbose class"): "start: " + " ".join(f"/(?x)v{i}|[ ][a]]*/" for i in range(1_200)) + ' "z"',
 }
 
 
-@pytest.mark.parametrize("field", NESTED_CLASSES)
-def test_a_class_in_a_class_is_weighed_as_llguidance_reads_it(server: GunicornServer, field: str) -> None:
-    """A pattern `^[[i]]d$` beside an object naming `id` (300-link chains): after `{"id": ` llguidance holds both chains
-    (1,202 items, past MAX_ROW), weighed one (604: served); 1,200 `/v{i}|[[a]]*/` in a row (each may match nothing to
-    Rust): llguidance's row before them holds 2,401 items, weighed 1 and served (the answer failed at its first
-    token). Now each is the 400 naming the field."""
+@pytest.mark.parametrize(("field", "shape"), CLASSES_READ_APART)
+def test_a_class_in_a_class_is_weighed_as_llguidance_reads_it(server: GunicornServer, field: str, shape: str) -> None:
+    """A pattern `^[[i]]d$` (or `(?x)^[ ]i]d$`) beside an object naming `id` (300-link chains): after `{"id": `
+    llguidance holds both chains (1,202 items, past MAX_ROW), weighed one (604: served); 1,200 `/v{i}|[[a]]*/` (or
+    `/(?x)v{i}|[ ][a]]*/`) in a row (each may match nothing to Rust): llguidance's row before them holds 2,401 items,
+    weighed 1 and served (the answer failed at its first token). Now each is the 400 naming the field."""
     with pytest.raises(openai.BadRequestError, match="parser row") as refused:
-        _create(server, max_tokens=2, extra_body={field: NESTED_CLASSES[field]})
+        _create(server, max_tokens=2, extra_body={field: CLASSES_READ_APART[field, shape]})
     assert refused.value.body["param"] == field and refused.value.body["type"] == "invalid_request_error"
 
 
