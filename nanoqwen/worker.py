@@ -327,8 +327,17 @@ class NanoqwenWorker(GeventWorker):
         finally:
             if loading:  # and not twice: gunicorn refuses some requests before it counts them (a bad SCRIPT_NAME)
                 self.nr = max(self.nr, counted)
+                if self._engine.ready:  # loaded while it ran, so answered as served (/health's 200): it counts
+                    self._count_served()
             self._unread.discard(current)
             self._expecting.discard(current)
+
+    def _count_served(self) -> None:
+        """One more request towards --max-requests, and gunicorn's own check of its limit (a graceful exit after)."""
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
 
     def _outside_script_name(self, path: str) -> bool:
         """Whether path lies outside the operator's SCRIPT_NAME (none: nothing does): gunicorn strips its characters

@@ -508,6 +508,30 @@ def test_requests_answered_while_the_model_loads_do_not_count_towards_max_reques
     assert log.count("Autorestarting worker") == 1 and "before its model loaded" not in log, log
 
 
+def test_a_request_begun_while_the_model_loads_and_answered_as_served_counts_towards_max_requests(
+        tiny_checkpoint, tmp_path):
+    """A request that began while the model loaded but was answered once it had (/health's 200) counted as one
+    answered while loading: the worker restarted a request late (the test above waited 120 s for it, failed).
+    tests/gunicorn_held_until_ready.py holds such a request from the worker's look until the model has loaded."""
+    config = Path(__file__).with_name("gunicorn_held_until_ready.py")
+    srv = GunicornServer(cpu_env(tiny_checkpoint, NANOQWEN_QUANT="int8"), tmp_path / "gunicorn.log",
+                         args=["-c", str(config), "--max-requests", "2"]).launch()
+    try:
+        def loading() -> bool:
+            with contextlib.suppress(requests.ConnectionError):  # before the master listens
+                return requests.get(f"{srv.url}/health", timeout=30).json()["status"] == "loading"
+            return False
+
+        wait_for(loading, 120, 0.005, srv.log)
+        held = requests.get(f"{srv.url}/health", headers={"X-Held-Until-Ready": "1"}, timeout=120)
+        assert held.status_code == 200, held.text
+        with srv.openai_client() as client:  # the second request since ready: the worker's last
+            assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+        wait_for(lambda: srv.log().count("Booting worker") == 2, 30, 0.05, srv.log)
+    finally:
+        srv.stop()
+
+
 def test_a_worker_at_max_requests_does_not_wait_for_idle_keepalive_connections(tiny_checkpoint, tmp_path):
     """A worker at --max-requests stops accepting and waits for its connections; an idle keep-alive one (the openai
     client's pool, nginx's upstream keepalive) kept it until the graceful timeout, and no worker accepted meanwhile
