@@ -630,6 +630,9 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     assert answers[0] == answers[1]
 
 
+CUSTOM_CALL = {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "x"}}  # openai's custom tool call
+
+
 @pytest.mark.parametrize("body,param,code", [
     # the client's notation, without pydantic's union tags
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name",
@@ -648,6 +651,9 @@ def test_history_with_refusal_parts_and_cache_breakpoints(server: GunicornServer
     ({"messages": [{"role": "system", "content": [{"video_url": {"url": "data:,"}}]}]}, "messages.[0].content",
      "unsupported_parameter"),  # vLLM's typeless media part
     ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools.[0].type", "unsupported_parameter"),
+    ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [CUSTOM_CALL]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "x"}]},
+     "messages.[1].tool_calls.[0].type", "unsupported_parameter"),  # a custom tool's call in the history
     ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
      "tool_choice", "unsupported_parameter"),
     # vLLM's checks

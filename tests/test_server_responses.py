@@ -228,6 +228,18 @@ def test_max_tool_calls_caps_built_in_tools_only(client: openai.OpenAI) -> None:
     assert _calls_per_answer(client, 8, max_tool_calls=5, parallel_tool_calls=False) == [1] * 8
 
 
+def test_tool_choice_auto_without_tools_is_the_default_sent(client: openai.OpenAI) -> None:
+    """Responses' default tool_choice, sent by a client with no tools (or `[]`), is the answer without it, counted
+    alike; chat's refusal of "auto" without tools is not the Responses API's (it was a 400 naming tool_choice)."""
+    plain = client.responses.create(input="Hi", **GREEDY)
+    for tools in ({}, {"tools": []}):
+        sent = client.responses.create(input="Hi", tool_choice="auto", **tools, **GREEDY)
+        assert (sent.output_text, sent.tool_choice, sent.tools) == (plain.output_text, "auto", [])
+        counted = client.responses.input_tokens.count(model=MODEL, input="Hi", reasoning=GREEDY["reasoning"],
+                                                      tool_choice="auto", **tools)
+        assert counted.input_tokens == plain.usage.input_tokens
+
+
 def test_tool_loop_and_reasoning_items_equal_the_chat_history(client: openai.OpenAI, server: GunicornServer) -> None:
     arguments = '{"zone": "UTC"}'
     thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask the clock."}]}

@@ -388,13 +388,15 @@ class ResponsePromptFields(Strict):
     def chat_fields(self) -> dict[str, Any]:
         """The chat request's fields besides its messages (None: unset)."""
         body: dict[str, Any] = {}
-        if self.tools:  # Responses takes parallel_tool_calls without tools (it echoes it); chat refuses it
+        # Without tools Responses takes parallel_tool_calls and tool_choice "auto" (its default; both echoed), which
+        # chat refuses: they ask for nothing there (a choice that needs tools was refused: _check_prompt_fields)
+        if self.tools:
             body["tools"] = self._chat_tools or [tool.to_chat() for tool in self.tools]
             body["parallel_tool_calls"] = self.parallel_tool_calls
-        if isinstance(self.tool_choice, NamedFunction):
-            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        else:
-            body["tool_choice"] = self.tool_choice
+            if isinstance(self.tool_choice, NamedFunction):
+                body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+            else:
+                body["tool_choice"] = self.tool_choice
         if self.reasoning is not None:
             body["reasoning_effort"] = self.reasoning.effort
         if self.chat_template_kwargs is not None:

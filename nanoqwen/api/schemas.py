@@ -127,6 +127,14 @@ def object_parameters(cls: type, value: dict[str, Any] | None, info: ValidationI
     return value
 
 
+def function_only(cls: type, value: Any) -> Any:
+    """A tool's or a history's tool call's `type`: OpenAI's free-form (grammar) tools and their calls, "custom", are
+    not implemented (a 400 naming the type, not the `custom` object beside it as an unknown field)."""
+    if value == "custom":
+        raise PydanticCustomError("unsupported", "custom tools are not implemented (type \"function\" only)")
+    return value
+
+
 class FunctionDefinition(Strict):
     name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
@@ -164,12 +172,7 @@ class Tool(Strict):
             self._template = (form, len(json.dumps(form)))
         return self._template
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _check_type(cls, value: Any) -> Any:
-        if value == "custom":  # OpenAI's free-form (grammar) tools
-            raise PydanticCustomError("unsupported", "custom tools are not implemented (type \"function\" only)")
-        return value
+    _check_type = field_validator("type", mode="before")(function_only)
 
 
 class FunctionName(Strict):
@@ -380,6 +383,8 @@ class ToolCallMessage(Strict):
     id: str
     type: Literal["function"]
     function: FunctionCall
+
+    _check_type = field_validator("type", mode="before")(function_only)
 
     def to_template(self) -> dict[str, Any]:
         """The arguments as an object when they are one (Qwen3's template writes `arguments | tojson`), else as the
