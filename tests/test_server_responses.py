@@ -3,6 +3,7 @@ client (its `responses.stream` helper checks the event order and accumulates the
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 from typing import Any
@@ -229,14 +230,15 @@ def test_max_tool_calls_caps_built_in_tools_only(client: openai.OpenAI) -> None:
 
 
 def test_tool_choice_auto_without_tools_is_the_default_sent(client: openai.OpenAI) -> None:
-    """Responses' default tool_choice, sent by a client with no tools (or `[]`), is the answer without it, counted
-    alike; chat's refusal of "auto" without tools is not the Responses API's (it was a 400 naming tool_choice)."""
+    """Responses' default tool_choice (or "none"), sent by a client with no tools (or `[]`), is the answer without it,
+    counted alike; chat's refusal of "auto" without tools is not the Responses API's (it was a 400 naming
+    tool_choice)."""
     plain = client.responses.create(input="Hi", **GREEDY)
-    for tools in ({}, {"tools": []}):
-        sent = client.responses.create(input="Hi", tool_choice="auto", **tools, **GREEDY)
-        assert (sent.output_text, sent.tool_choice, sent.tools) == (plain.output_text, "auto", [])
+    for tools, choice in itertools.product(({}, {"tools": []}), ("auto", "none")):
+        sent = client.responses.create(input="Hi", tool_choice=choice, **tools, **GREEDY)
+        assert (sent.output_text, sent.tool_choice, sent.tools) == (plain.output_text, choice, [])
         counted = client.responses.input_tokens.count(model=MODEL, input="Hi", reasoning=GREEDY["reasoning"],
-                                                      tool_choice="auto", **tools)
+                                                      tool_choice=choice, **tools)
         assert counted.input_tokens == plain.usage.input_tokens
 
 

@@ -131,7 +131,8 @@ def function_only(cls: type, value: Any) -> Any:
     """A tool's or a history's tool call's `type`: OpenAI's free-form (grammar) tools and their calls, "custom", are
     not implemented (a 400 naming the type, not the `custom` object beside it as an unknown field)."""
     if value == "custom":
-        raise PydanticCustomError("unsupported", "custom tools are not implemented (type \"function\" only)")
+        raise PydanticCustomError("unsupported",
+                                  "custom tools and their calls are not implemented (type \"function\" only)")
     return value
 
 
