@@ -136,7 +136,6 @@ EDGES = {  # name: (lengths, Hq, Hkv, D, padded lanes); the long ones are split 
     "padded lanes": ([4000], HQ, HKV, D, 3),
     "G=3": ([1025, 3], 12, 4, D, 0),  # values' 3-head branch
     "D=64": ([1025, 3], HQ, HKV, 64, 0),
-    "D=48": ([1025, 3], HQ, HKV, 48, 0),  # AVX2 values: a 32-dim pass, then a 16-dim one
 }
 
 

@@ -159,63 +159,40 @@ static void prepare_avx2(const struct attention_args *a, float *q, long base, lo
     }
 }
 
-/* Keys t .. t + 3 against heads g0 .. g0 + GN - 1 (GN <= 2), each key's 16 values loaded and widened once for the
-   GN heads: 4 x GN FMA chains in flight (two FMA pipes at 4 cycles' latency keep 8 busy), each summed in the same
-   order whatever GN. GN and bf16 are constants at each use. With values16x2's 8 chains, a batch-8 layer at 48 keys
-   took 57 µs against 71 warm, 161 against 186 cold (2-core Zen 3: profiles/RESULTS.md, lane b8_43). */
-INLINE void scores4(const struct attention_args *a, const struct group *s, const long *rows, int t, int g0, int GN,
-                    int bf16) {
-    __m256 acc[2][4];
-    for (int g = 0; g < GN; g++)
-        for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();
-    for (int i = 0; i < a->D; i += 16) {
-        __m256 q[2][2];
-        for (int g = 0; g < GN; g++) {
-            const float *qg = s->q + (g0 + g) * a->D + i;
-            q[g][0] = _mm256_load_ps(qg), q[g][1] = _mm256_load_ps(qg + 8);
-        }
-        for (int j = 0; j < 4; j++) {
-            __m256 k[2];
-            load16(a->kc, rows[t + j] + s->off + i, bf16, k);
-            for (int g = 0; g < GN; g++)
-                acc[g][j] = _mm256_fmadd_ps(q[g][1], k[1], _mm256_fmadd_ps(q[g][0], k[0], acc[g][j]));
-        }
-    }
-    for (int g = 0; g < GN; g++)
-        for (int j = 0; j < 4; j++) s->p[g0 + g][t + j] = hsum(acc[g][j]);
-}
-
 static void scores_avx2(const struct attention_args *a, const struct group *s, const long *rows, int n) {
-    const int G = a->Hq / a->Hkv;
     for (int t = 0; t < n; t += 4)
-        for (int g0 = 0; g0 < G; g0 += 2) {
-            if (a->bf16) {
-                if (G - g0 > 1) scores4(a, s, rows, t, g0, 2, 1);
-                else scores4(a, s, rows, t, g0, 1, 1);
-            } else if (G - g0 > 1) scores4(a, s, rows, t, g0, 2, 0);
-            else scores4(a, s, rows, t, g0, 1, 0);
+        for (int g = 0; g < a->Hq / a->Hkv; g++) {
+            const float *q = s->q + g * a->D;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int i = 0; i < a->D; i += 16) {
+                const __m256 q0 = _mm256_load_ps(q + i), q1 = _mm256_load_ps(q + i + 8);
+                for (int j = 0; j < 4; j++) {
+                    __m256 k[2];
+                    load16(a->kc, rows[t + j] + s->off + i, a->bf16, k);
+                    acc[j] = _mm256_fmadd_ps(q1, k[1], _mm256_fmadd_ps(q0, k[0], acc[j]));
+                }
+            }
+            for (int j = 0; j < 4; j++) s->p[g][t + j] = hsum(acc[j]);
         }
 }
 
-/* acc[g] += p[g][t] * V[t] over n keys, for heads g0 .. g0 + GN - 1 and dims i .. i + 2 * C * W - 1, V loaded by
-   LOAD (two vectors of W floats) C times a key. GN, C and bf16 are constants at each use, so the accumulators stay in
-   registers; 2 * C * GN of them are as many FMA chains in flight, each summed in the same order whatever C. */
-#define VALUES_BODY(VEC, W, C, LOAD, BROADCAST, LOADA, STOREA, FMA) \
+/* acc[g] += p[g][t] * V[t] over n keys, for heads g0 .. g0 + GN - 1 and dims i .. i + 2 * W - 1, V loaded by
+   LOAD (two vectors of W floats). GN and bf16 are constants at each use, so the accumulators stay in registers. */
+#define VALUES_BODY(VEC, W, LOAD, BROADCAST, LOADA, STOREA, FMA) \
     const int D = a->D; \
     float *out = s->acc + g0 * D + i; \
-    VEC acc[4][2 * (C)]; \
-    for (int g = 0; g < GN; g++) \
-        for (int h = 0; h < 2 * (C); h++) acc[g][h] = LOADA(out + g * D + h * (W)); \
+    VEC acc[4][2]; \
+    for (int g = 0; g < GN; g++) acc[g][0] = LOADA(out + g * D), acc[g][1] = LOADA(out + g * D + W); \
     for (int t = 0; t < n; t++) { \
-        VEC v[2 * (C)]; \
-        for (int c = 0; c < (C); c++) LOAD(a->vc, rows[t] + s->off + i + 2 * (W) * c, bf16, v + 2 * c); \
+        VEC v[2]; \
+        LOAD(a->vc, rows[t] + s->off + i, bf16, v); \
         for (int g = 0; g < GN; g++) { \
             const VEC p = BROADCAST(s->p[g0 + g][t]); \
-            for (int h = 0; h < 2 * (C); h++) acc[g][h] = FMA(p, v[h], acc[g][h]); \
+            acc[g][0] = FMA(p, v[0], acc[g][0]); \
+            acc[g][1] = FMA(p, v[1], acc[g][1]); \
         } \
     } \
-    for (int g = 0; g < GN; g++) \
-        for (int h = 0; h < 2 * (C); h++) STOREA(out + g * D + h * (W), acc[g][h]);
+    for (int g = 0; g < GN; g++) STOREA(out + g * D, acc[g][0]), STOREA(out + g * D + W, acc[g][1]);
 
 /* Calls FN(..., GN, bf16) with GN = min(4, G - g0) and bf16 as constants. */
 #define VALUES_DISPATCH(FN) \
@@ -233,21 +210,12 @@ static void scores_avx2(const struct attention_args *a, const struct group *s, c
 
 INLINE void values16(const struct attention_args *a, const struct group *s, const long *rows, int n, int i, int g0,
                      int GN, int bf16) {
-    VALUES_BODY(__m256, 8, 1, load16, _mm256_set1_ps, _mm256_load_ps, _mm256_store_ps, _mm256_fmadd_ps)
-}
-
-/* values16 over 32 dims at once: for groups of 2 heads or fewer, 8 chains rather than 4. */
-INLINE void values16x2(const struct attention_args *a, const struct group *s, const long *rows, int n, int i, int g0,
-                       int GN, int bf16) {
-    VALUES_BODY(__m256, 8, 2, load16, _mm256_set1_ps, _mm256_load_ps, _mm256_store_ps, _mm256_fmadd_ps)
+    VALUES_BODY(__m256, 8, load16, _mm256_set1_ps, _mm256_load_ps, _mm256_store_ps, _mm256_fmadd_ps)
 }
 
 static void values_avx2(const struct attention_args *a, const struct group *s, const long *rows, int n) {
     const int G = a->Hq / a->Hkv;
-    int i = 0;
-    if (G <= 2)
-        for (; i + 32 <= a->D; i += 32) VALUES_DISPATCH(values16x2)
-    for (; i < a->D; i += 16) VALUES_DISPATCH(values16)
+    for (int i = 0; i < a->D; i += 16) VALUES_DISPATCH(values16)
 }
 
 /* ---- AVX-512: bf16 q . k by vdpbf16ps (products of bf16 are exact in fp32; the score is scaled after), a
@@ -325,7 +293,7 @@ INLINE void load32(const void *p, long i, int bf16, __m512 v[2]) {
 
 INLINE void values32(const struct attention_args *a, const struct group *s, const long *rows, int n, int i, int g0,
                      int GN, int bf16) {
-    VALUES_BODY(__m512, 16, 1, load32, _mm512_set1_ps, _mm512_load_ps, _mm512_store_ps, _mm512_fmadd_ps)
+    VALUES_BODY(__m512, 16, load32, _mm512_set1_ps, _mm512_load_ps, _mm512_store_ps, _mm512_fmadd_ps)
 }
 
 static void values_avx512(const struct attention_args *a, const struct group *s, const long *rows, int n) {
