@@ -2,7 +2,8 @@
 worst shapes its `anyOf`/`oneOf` walk meets, each weighed in a fresh parse of its JSON (as a request body is); and
 `served`: a request's JSON answer as structured.py checks it, the pattern rewrite's object checks (ecma_patterns) then
 grammar.check_json_schema without llguidance's own check (MAX_RULES counted, a hop cycle cut, the schema weighed;
-schema_weight alone takes a schema as a Lark grammar's `%json` compiles it, as sent).
+schema_weight alone takes a schema as a Lark grammar's `%json` compiles it, as sent); `checked`: that check_json_schema
+alone (the served one less the pattern rewrite's copy and checks).
 
     python profiles/bench_schema_weight.py [--rounds 3] [--shape NAME ...]
 
@@ -84,6 +85,10 @@ SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
     "140 Optional[big of 2,000], an optional hop cycle": lambda: _hop_cycle(_lists(140, 2_000, False)),
     "20 lists of 6,000 properties": lambda: _lists(20, 6_000, False),
     "20 lists of 6,000 properties, an optional hop cycle": lambda: _hop_cycle(_lists(20, 6_000, False)),
+    # a large text for a cheap walk: where counting its rules (rules_bound, a pass over the text) shows
+    "4,000 required properties described in 400 characters": lambda: {
+        "type": "object", "properties": {f"p{i}": {"type": "integer", "description": "d" * 400} for i in range(4_000)},
+        "required": [f"p{i}" for i in range(4_000)]},
 }
 
 
@@ -93,8 +98,12 @@ def _served(schema: dict[str, Any]) -> int:
     return grammar.check_json_schema(rewritten, True, "response_format", validate=False, merges=merges)
 
 
+def _checked(schema: dict[str, Any]) -> int:
+    return grammar.check_json_schema(schema, True, "response_format", validate=False)
+
+
 WEIGHINGS: dict[str, Callable[[dict[str, Any]], int]] = {"schema_weight": grammar_rows.schema_weight,
-                                                         "served": _served}
+                                                         "served": _served, "checked": _checked}
 
 
 def weighed(text: str, how: str) -> tuple[str, float]:

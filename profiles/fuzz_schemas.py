@@ -15,10 +15,11 @@ rows (Steered): UNDER (served, llguidance's row past its limit at some token of 
 row, every instance followed, llguidance's largest row found by bisecting max_items_in_row, and every walk's, within
 MAX_ROW; a walk past it is the instances' miss, printed), SLOW (weighed in more than --slow-s of CPU; `--write-slow
 DIR` writes each). `--shrink-s S`: each UNDER or OVER cut down (smaller: chains halved, options, properties and loose
-values dropped) while it stays one, for S seconds. Exit 1 on any.
+values dropped) while it stays one, for S seconds. Exit 1 on any. With `--weights`, each schema's weight or refusal
+printed instead, nothing followed (seconds, not hours): two trees' outputs on one seed diff to their weighing's changes.
 
 python profiles/fuzz_schemas.py [--schemas 60] [--regexes 30] [--seed 0] [--held-ms 50] [--weigh 0] [--slow-s 0.5]
-    [--walks 4] [--shrink-s 0] [--write-slow DIR]
+    [--walks 4] [--shrink-s 0] [--write-slow DIR] [--weights]
 """
 from __future__ import annotations
 
@@ -758,6 +759,11 @@ class Weighing:
             walked = self.steered(small, grammar._json_grammar(small, True, "p"), random.Random(0))
             print(f"{label} SHRUNK weight {self.weight(small)!r}, walks' row {walked}: {json.dumps(small)}", flush=True)
 
+    def weights(self, count: int) -> None:
+        """`count` schemas' weights or refusals, printed (main's `--weights`)."""
+        for _ in range(count):
+            print("WEIGHT", self.weight(Weighed(self.rng).schema()), flush=True)
+
     def run(self, count: int) -> None:
         for _ in range(count):
             self.schema(Weighed(self.rng).schema())
@@ -776,9 +782,13 @@ def main() -> None:
     parser.add_argument("--walks", type=int, default=4, help="steered walks a weighed schema")
     parser.add_argument("--shrink-s", type=float, default=0.0, help="seconds to shrink each UNDER or OVER found")
     parser.add_argument("--write-slow", type=Path, help="write each SLOW schema into this directory")
+    parser.add_argument("--weights", action="store_true", help="with --weigh: print each weight, follow nothing")
     args = parser.parse_args()
     if args.weigh:
         weighing = Weighing(random.Random(args.seed), args.slow_s, walks=args.walks, shrink_s=args.shrink_s)
+        if args.weights:
+            weighing.weights(args.weigh)
+            return
         weighing.run(args.weigh)
         if args.write_slow:
             args.write_slow.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,20 @@ def test_a_miss_weighs_each_schema_once_on_the_object_sent(tokenizer: PreTrained
     assert sorted(as_sent, key=len) == [sent, FLAG]  # each once (an empty `{}`: a rule's place, weighed apart)
 
 
+def test_a_json_schema_miss_counts_its_rules_once(tokenizer: PreTrainedTokenizerFast,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON Schema's rules (rules_bound, a pass over a grammar text that may be megabytes) were counted before its
+    walk and again with its weighing (check_bounds), compiled as checked: once, on the text sent, before the walk."""
+    grammars = Grammars(tokenizer, TokenBytes(tokenizer), VOCAB_SIZE, EOS_IDS)  # its own cache
+    counted = _recorded(monkeypatch, grammar_module.rules_bound, (grammar_module,), "rules_bound")
+    sent = {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "$defs": {"n": {"type": "integer"}}}
+    grammars.json_schema(sent, strict=False, param="response_format")
+    assert counted == [grammar_module._json_grammar(sent, False, "p")]
+    counted.clear()
+    grammar_module.held_json_schema(sent, True, "response_format")
+    assert counted == [grammar_module._json_grammar(sent, True, "p")]
+
+
 def test_a_hop_cycle_is_cut_before_the_weighing_on_a_copy_sharing_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     """A property not required whose value is a cycle of bare `$ref`s: the schema is cut (cut_hops) before it is
     weighed, and only the copy with the cycle `false` is weighed, once; the copy shares every subschema off the way to

@@ -22,7 +22,7 @@ from typing import Any
 from nanoqwen.engine.grammar import MAX_RULES, SchemaBudget, object_properties
 from nanoqwen.engine.grammar_rows import LongReference, schema_links
 from nanoqwen.engine.object_runs import Merges, SchemaObjects
-from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, subschemas
+from nanoqwen.engine.schema_keywords import DATA_KEYWORDS, own_patterns, schema_objects, subschemas
 from nanoqwen.engine.schema_values import values_weight
 from nanoqwen.engine.validation import InvalidRequest
 
@@ -84,23 +84,17 @@ def ecma_patterns(schema: Any, param: str, budget: SchemaBudget | None = None, m
     resolving (30,000 `$ref`s: 0.6 s)."""
     budget = SchemaBudget() if budget is None else budget
     out = json.loads(json.dumps(schema))
-    stack: list[Any] = [out]
     refs, data = 0, False  # the schema's `$ref`s (its data's not counted: a lower bound), and data a `$ref` may read
     chars = properties = weight = 0  # the patterns' characters, the properties, the const and enum values' weight
     objects = SchemaObjects(out, merges)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-        elif isinstance(node, dict):
-            chars += _rewrite(node, param)
-            properties += object_properties(node, param, objects)
-            weight += values_weight(node, budget.left(weight))
-            budget.counted(param, chars, properties, NOTE, weight)
-            refs += isinstance(node.get("$ref"), str)
-            data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
-                _holds_objects(node.get(key)) for key in VALUES)
-            stack.extend(value for _, value in subschemas(node))
+    for node in schema_objects(out):  # each rewritten before its subschemas are read
+        chars += _rewrite(node, param)
+        properties += object_properties(node, param, objects)
+        weight += values_weight(node, budget.left(weight))
+        budget.counted(param, chars, properties, NOTE, weight)
+        refs += isinstance(node.get("$ref"), str)
+        data = data or any(isinstance(node.get(key), (dict, list)) for key in ANNOTATIONS) or any(
+            _holds_objects(node.get(key)) for key in VALUES)
     if refs and data and 2 * refs <= MAX_RULES:
         try:
             in_data = schema_links(out).in_data

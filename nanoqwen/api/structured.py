@@ -223,9 +223,17 @@ def _json_key(schema: dict[str, Any], strict: bool, _param: str, no_space: bool,
 
 def _json_schema(grammars: Grammars, schema: dict[str, Any], strict: bool, param: str, no_space: bool,
                  key: GrammarKey) -> Grammar:
-    """Off the loop: the schema's patterns ECMA's (a copy as large as the schema) and compiled."""
+    """Off the loop: the schema prepared (_prepared: a copy as large as the schema) and compiled."""
+    prepared, merges = _prepared(schema, param)
+    return grammars.json_schema(prepared, strict, param, no_space, key, merges)
+
+
+def _prepared(schema: Any, param: str, budget: SchemaBudget | None = None) -> tuple[Any, Merges]:
+    """A schema as its grammar is given it: its patterns ECMA's (ecma_patterns' copy, its 400s naming `param`), charged
+    to the request's `budget` (none: the schema alone); and what those checks merged, for the copy's weighing
+    (held_json_schema's, Grammars.json_schema's) to merge each object once."""
     merges = Merges()
-    return grammars.json_schema(ecma_patterns(schema, param, merges=merges), strict, param, no_space, key, merges)
+    return ecma_patterns(schema, param, budget, merges), merges
 
 
 def _text_key(kind: str, text: str, _param: str, limit: int | None = None) -> GrammarKey:
@@ -289,8 +297,8 @@ def _forced_beside(grammars: Grammars, tools: list[ToolSpec], parallel: bool, an
     calls' grammar, so that a request past them compiles nothing. The calls' grammar is the tools' alone, cached under
     their key (the same tools forced without an answer) and `key`: a changed answer beside the same tools recompiled
     them (two tools of 2,000 properties: 0.27 s, where their walk that charges them takes 17 ms)."""
-    budget, merges = SchemaBudget(), Merges()
-    alone = ecma_patterns(answer.schema, answer.param, budget, merges)
+    budget = SchemaBudget()
+    alone, merges = _prepared(answer.schema, answer.param, budget)
     calls_key = _tool_calls_key(tools, parallel, None, False)
     calls = grammars.cached(calls_key)
     if calls is None:
@@ -319,10 +327,9 @@ def _held(tool: ToolSpec, auto: bool, budget: SchemaBudget) -> ToolSpec:
     JSON object (OpenAI: strict where it can be), and is charged nothing; a strict or forced tool's is the 400 naming
     tools and the tool: checked alone, its refusal says what in the schema is refused, where the calls' grammar's
     quoted that grammar's text."""
-    lenient = _lenient(tool, auto)
-    before, merges = budget.copy(), Merges()
+    lenient, before = _lenient(tool, auto), budget.copy()
     try:
-        parameters = ecma_patterns(tool.parameters, "tools", budget, merges)
+        parameters, merges = _prepared(tool.parameters, "tools", budget)
         # the schema the calls' grammar holds (call_arguments; held_json_schema's copy where it cut a cycle of
         # `$ref`s); a firm tool's 400 is that grammar's, naming it (and would name `tools`): llguidance checked it once
         if tool.parameters:
@@ -343,6 +350,5 @@ def _checked_answer(answer: JsonAnswer, budget: SchemaBudget) -> tuple[dict[str,
     """The JSON answer's schema, patterns ECMA's and charged to the request's `budget` after its firm tools', before
     its lenient ones (its 400 names the field with the budget's largest part), checked first for its own 400 naming
     its field; and its weight."""
-    merges = Merges()
-    schema = ecma_patterns(answer.schema, answer.param, budget, merges)
+    schema, merges = _prepared(answer.schema, answer.param, budget)
     return held_json_schema(schema, answer.strict, answer.param, merges=merges)

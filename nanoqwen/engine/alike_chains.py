@@ -17,9 +17,9 @@ grammar40fix2)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from nanoqwen.engine.object_runs import (
@@ -69,17 +69,27 @@ HOLDING = frozenset(("properties", "patternProperties", "additionalProperties", 
 
 
 @dataclass(frozen=True)
+class LooseValue:
+    """One of an option's `patternProperties` and `additionalProperties` values (a key matches one): its pattern (None:
+    additionalProperties), its rule, and where it begins (Begun: its left corner, its node where it may hold values)."""
+
+    pattern: str | None
+    rule: Any
+    corner: int
+    node: Any
+
+
+@dataclass(frozen=True)
 class Adds:
     """Where one option's values begin in the rows of a list naming it, each value (Begun) by (where, its rule):
     `items` after `[` or a `,` (by its `prefixItems` position; None: its `items`, at any), `values` after a key (by
-    what told it apart and the key), `loose` after any key (by its pattern, None for additionalProperties, and its
-    rule: its `patternProperties` and `additionalProperties` values, a key matches one), `lists`, the alternatives
+    what told it apart and the key), `loose` after any key (each pattern's and rule's once), `lists`, the alternatives
     merged into it, whose options llguidance holds with the list's (flattened, as `widest` counts them), and `parts`,
     the ids of what it is merged from (its own keywords, its targets, those lists), which decide the rest."""
 
     items: dict[tuple[int | None, Any], Begun] = field(default_factory=dict)
     values: dict[tuple[After, Any], Begun] = field(default_factory=dict)
-    loose: dict[tuple[str | None, Any], Begun] = field(default_factory=dict)
+    loose: tuple[LooseValue, ...] = ()
     lists: tuple[list[Any], ...] = ()
     parts: tuple[int, ...] = ()
 
@@ -87,9 +97,10 @@ class Adds:
         return bool(self.items or self.values or self.loose or self.lists)
 
 
-# an option's loose values that may hold values, each by its pattern (None: its additionalProperties), and the keys it
-# names (whose values are its own there, with those of the patterns they match: llguidance holds both)
-Loose = tuple[set[str], list[tuple[str | None, Any]]]
+# an option's loose values, and the keys it names (whose values are its own there, with those of the patterns they
+# match: llguidance holds both)
+Loose = tuple[set[str], Sequence[LooseValue]]
+CORNER = attrgetter("corner")
 
 
 def _matched(holding: list[Loose], turns: int) -> list[list[Loose]]:
@@ -186,28 +197,24 @@ class AlikeChains:
         # one rule of llguidance's (a `$ref`'s target) is predicted once in a row
         items: dict[tuple[int | None, Any], Begun] = {}
         values: dict[tuple[After, Any], Begun] = {}
-        anywhere: dict[Any, int] = {}  # each option's heaviest loose value (a key's lexeme matches one pattern)
-        # each option's loose values that may hold values, with the keys it names (whose values are its own there)
-        holding: list[Loose] = []
-        loose: list[tuple[set[str], list[tuple[str | None, Any, int]]]] = []  # each option's keys and loose values
+        loose: list[Loose] = []  # each option's loose values, with the keys it names
         while stack:
             for option in stack.pop():
                 adds = self._added(option)
                 self._spend(len(adds.items) + len(adds.values) + len(adds.loose) + 1)
                 items.update(adds.items)
                 values.update(adds.values)
-                names = {name for (_, name), _ in adds.values}
                 if adds.loose:
-                    (_, rule), (corner, _) = max(adds.loose.items(), key=lambda entry: entry[1][0])
-                    anywhere[rule] = corner
-                    loose.append((names, [(pattern, rule, corner)
-                                          for (pattern, rule), (corner, _) in adds.loose.items()]))
-                if held := [(pattern, node) for (pattern, _), (_, node) in adds.loose.items() if node is not None]:
-                    holding.append((names, held))
+                    loose.append(({name for (_, name), _ in adds.values}, adds.loose))
                 fresh = [inner for inner in adds.lists if id(inner) not in walked]
                 walked.update(map(id, fresh))
                 stack += fresh
         reached |= walked
+        # each option's heaviest loose value (a key's lexeme matches one pattern), a rule once
+        anywhere = {(heaviest := max(each, key=CORNER)).rule: heaviest.corner for _, each in loose}
+        # the loose values that may hold values (those go on alike a level down)
+        holding = [(names, held) for names, each in loose
+                   if (held := [value for value in each if value.node is not None])]
         entries = [(at, corner) for (at, _), (corner, _) in values.items()]
         free = sum(anywhere.values())  # after a key no option names, each option's heaviest loose value
         entries += self._keyed(loose, {name for (_, name), _ in entries}, free)  # none told apart
@@ -220,9 +227,9 @@ class AlikeChains:
                     by_name.setdefault(name, []).append((told, node))
             if len(choices := _matched(holding, self._turns)) > 1:
                 self._turns -= sum(map(len, choices))
-            alike += [[node for _, nodes in choice for _, node in nodes] for choice in choices]
+            alike += [[value.node for _, held in choice for value in held] for choice in choices]
             alike += [[node for told, node in by_name.get(name, ()) if told in tolds]
-                      + [node for names, nodes in holding for pattern, node in nodes if _holds(pattern, name, names)]
+                      + [value.node for names, held in holding for value in held if _holds(value.pattern, name, names)]
                       for _, name, tolds in rows]
         placed: dict[int | None, dict[Any, Begun]] = {0: {}}
         for (at, rule), begun in items.items():
@@ -237,8 +244,7 @@ class AlikeChains:
         self._spend(sum(map(len, below)))
         return heaviest, below
 
-    def _keyed(self, loose: list[tuple[set[str], list[tuple[str | None, Any, int]]]], names: set[str],
-               free: int) -> list[tuple[After, int]]:
+    def _keyed(self, loose: list[Loose], names: set[str], free: int) -> list[tuple[After, int]]:
         """After each of `names` (keys options name), the loose values of `loose` options that the key may be (_holds),
         each option's heaviest of them added up, a rule once (a pattern the key does not match had been: 2 options of
         300-link chains, one named `id`, one a pattern `^p[0-9]$`, weighed 1,206 where llguidance holds 601); past
@@ -250,9 +256,9 @@ class AlikeChains:
         for name in names:
             held: dict[Any, int] = {}
             for own, values in loose:
-                if kept := [(rule, corner) for pattern, rule, corner in values if _holds(pattern, name, own)]:
-                    rule, corner = max(kept, key=itemgetter(1))
-                    held[rule] = corner
+                if kept := [value for value in values if _holds(value.pattern, name, own)]:
+                    heaviest = max(kept, key=CORNER)
+                    held[heaviest.rule] = heaviest.corner
             if held:
                 found.append(((None, name), sum(held.values())))
         return found
@@ -298,8 +304,8 @@ class AlikeChains:
         patterns = [part.get("patternProperties") for part in found]
         others = [*(pair for each in patterns if isinstance(each, dict) for pair in each.items()),
                   *((None, part.get("additionalProperties")) for part in found)]
-        return Adds(values=values, loose={(pattern, self._named(node)): self._begins(node) for pattern, node in others
-                                          if isinstance(node, dict)})
+        loose = {(pattern, self._named(node)): self._begins(node) for pattern, node in others if isinstance(node, dict)}
+        return Adds(values=values, loose=tuple(LooseValue(*at, *begun) for at, begun in loose.items()))
 
     def _named(self, node: Any) -> Any:
         """What `node`'s rule is: its `$ref`'s target where it has one, else itself (its id)."""

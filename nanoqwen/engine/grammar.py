@@ -34,7 +34,6 @@ from nanoqwen.engine.gbnf import grammar_from_text, is_gbnf
 from nanoqwen.engine.grammar_rows import (
     DeepNesting,
     LongReference,
-    SchemaLinks,
     regex_chars,
     row_weight,
     schema_links,
@@ -311,27 +310,28 @@ def held_json_schema(schema: dict[str, Any], strict: bool, param: str, validate:
     hold (_cut_json_schema's) and its schema_weight (with what ecma_patterns' checks of it merged, `merges`), for that
     grammar's bound. Without `validate`, llguidance's own check is left to that grammar's compile (it costs as much:
     64 K of `(?i)\\p{L}` patterns 2.2 s each), whose 400 names the schema (tool_calls' origin)."""
-    schema, text, links = _cut_json_schema(schema, strict, param)
-    weight = check_bounds(text, param, partial(schema_weight, schema, merges, links))
+    schema, text, bounded = _cut_json_schema(schema, strict, param, merges=merges)
+    weight = bounded()
     if validate and (error := LLMatcher.validate_grammar(text)):
         raise _invalid(param, error)
     return schema, weight
 
 
-def _cut_json_schema(schema: dict[str, Any], strict: bool, param: str,
-                     no_space: bool = False) -> tuple[dict[str, Any], str, SchemaLinks]:
+def _cut_json_schema(schema: dict[str, Any], strict: bool, param: str, no_space: bool = False,
+                     merges: Merges | None = None) -> tuple[dict[str, Any], str, Callable[[], int]]:
     """The schema a JSON Schema's own grammar holds (cut_hops': `schema`, or its copy with a cycle of bare `$ref`s
-    `false` where a value may be absent), that grammar's text (_json_grammar's) and the schema's walk (schema_links')
-    for its weighing, done once; InvalidRequest naming `param` past MAX_RULES (counted first, on the text: the walk
-    costs), for a `$ref` too long to resolve or a cycle where a value must be."""
+    `false` where a value may be absent), that grammar's text (_json_grammar's) and the last of its bounds' checks
+    (check_row of its schema_weight, on the schema's walk, schema_links', done here once; `merges`: what ecma_patterns'
+    checks of it merged); InvalidRequest naming `param` past MAX_RULES (counted first, once, on the text sent: the walk
+    costs, and the cut's text has no more), for a `$ref` too long to resolve or a cycle where a value must be."""
     text = _json_grammar(schema, strict, param, no_space)
     check_rules(text, param)
     with _refusals(param):
         links = schema_links(schema)
         cut = cut_hops(schema, links)
-        if cut is schema:
-            return schema, text, links
-        return cut, _json_grammar(cut, strict, param, no_space), schema_links(cut)
+        if cut is not schema:
+            text, links = _json_grammar(cut, strict, param, no_space), schema_links(cut)
+    return cut, text, partial(check_row, param, partial(schema_weight, cut, merges, links))
 
 
 def _call_rule(i: int, tool: ToolSpec) -> str:
@@ -392,8 +392,8 @@ class Grammars:
         naming `param` if it is not one. The cache's key: `key` (a miss: Grammars.compile), else the grammar's text,
         which holds the options. `merges`: what ecma_patterns' checks of `schema` merged, for its weighing. What is
         compiled is _cut_json_schema's schema."""
-        schema, text, links = _cut_json_schema(schema, strict, param, no_space)
-        return self.compile(text, param, key, partial(schema_weight, schema, merges, links))
+        _, text, bounded = _cut_json_schema(schema, strict, param, no_space, merges)
+        return self.compile(text, param, key, bounded)
 
     def tool_calls(self, tools: list[ToolSpec], parallel: bool, param: str, free_text: bool = False,
                    answer: dict[str, Any] | None = None, answer_strict: bool = False,
@@ -429,8 +429,8 @@ class Grammars:
         def origin(line: int) -> tuple[str, int | None]:  # the text's line (from 1): the rules', then each schema's
             index = line - len(rules) - 1
             return (origins[index], index) if index >= 0 else ("the tool calls' own layout", None)
-        return self.compile(LLMatcher.grammar_from_lark(text), param, key, partial(_weigh_tool_calls, rules, schemas),
-                            origin)
+        lark, weigh = LLMatcher.grammar_from_lark(text), partial(_weigh_tool_calls, rules, schemas)
+        return self.compile(lark, param, key, partial(check_bounds, lark, param, weigh), origin)
 
     def from_text(self, kind: str, text: str, param: str) -> Grammar:
         """Output that matches `text` of llguidance.grammar_from's `kind`: "regex", "choice" (a JSON list of the
@@ -483,20 +483,24 @@ class Grammars:
         return grammar
 
     def compile(self, text: str, param: str, key: GrammarKey | None = None,
-                weigh: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
+                bounded: Callable[[], int] | None = None, origin: Origin | None = None) -> Grammar:
         """The grammar of `text`, cached under `key` where given (the caller's, who looked it up and missed: compiled
-        here), else under the text, looked up first. `weigh`: its row weight, weighed apart (check_bounds). `origin`:
-        for a grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
+        here), else under the text, looked up first. `bounded`: its bounds checked before llguidance sees it, where
+        they are checked apart (a JSON Schema's: _cut_json_schema; else check_bounds of the text). `origin`: for a
+        grammar we generated, what the client sent that a line of it (from 1) came from (_invalid)."""
         if key is None:
             key = text
             if (grammar := self.cached(key)) is not None:
                 return grammar
-        return self._compiled(text, param, key, weigh, origin)
+        return self._compiled(text, param, key, bounded, origin)
 
-    def _compiled(self, text: str, param: str, key: GrammarKey, weigh: Callable[[], int] | None = None,
+    def _compiled(self, text: str, param: str, key: GrammarKey, bounded: Callable[[], int] | None = None,
                   origin: Origin | None = None) -> Grammar:
         """compile() on a miss of `key`: the grammar compiled, its first mask computed, and cached."""
-        check_bounds(text, param, weigh)
+        if bounded is None:
+            check_bounds(text, param)
+        else:
+            bounded()
         try:
             template = LLMatcher(self._tokenizer, text, log_level=0, limits=LIMITS)  # drops the GIL while it compiles
         except (ValueError, RuntimeError) as exc:
@@ -525,12 +529,18 @@ class Grammars:
 
 
 def check_bounds(text: str, param: str, weigh: Callable[[], int] | None = None) -> int:
-    """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_ROW, MAX_RULES), before it
-    sees it; else its row weight. `weigh`: how to weigh it apart (on the objects it was made of), else row_weight(text);
-    called after the cheap MAX_RULES check (check_rules)."""
+    """InvalidRequest naming `param` for a grammar llguidance would fail or choke on (MAX_RULES, then MAX_ROW), before
+    it sees it; else its row weight. `weigh`: how to weigh it apart (on the objects it was made of), else
+    row_weight(text); called after the cheap MAX_RULES check (check_rules)."""
     check_rules(text, param)
+    return check_row(param, partial(row_weight, text) if weigh is None else weigh)
+
+
+def check_row(param: str, weigh: Callable[[], int]) -> int:
+    """InvalidRequest naming `param` where weigh(), a grammar's row weight, passes MAX_ROW or its walk refuses it
+    (_refusals); else that weight. Its rules are counted before (check_rules: the weighing costs)."""
     with _refusals(param):
-        weight = row_weight(text) if weigh is None else weigh()
+        weight = weigh()
     if weight > MAX_ROW:
         raise InvalidRequest(f"invalid {param}: one parser row of the grammar may hold {weight} items, past "
                              f"{MAX_ROW} (a rule's alternatives each count, and each rule it names its own: a long "
