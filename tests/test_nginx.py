@@ -159,6 +159,23 @@ def test_a_body_past_nginx_s_limit_is_refused_in_the_api_s_envelope(replicas, tm
                                          "type": "invalid_request_error", "param": None, "code": "request_too_large"}}
 
 
+def test_a_trace_nginx_refuses_is_refused_in_the_api_s_envelope(replicas, tmp_path):
+    """nginx answers TRACE itself with its HTML 405 page, before any replica: now in the envelope of a replica's 405
+    method_not_allowed. A replica's own 405 passes as it is."""
+    with (Nginx(tmp_path, [f"127.0.0.1:{s.port}" for s in replicas]) as lb,
+          socket.create_connection(("127.0.0.1", lb.port), timeout=30) as sock):
+        sock.sendall(b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        answer = read_all(sock)
+        replicas_own = requests.delete(f"{lb.url}/v1/models", timeout=TIMEOUT)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.split(b" ")[1] == b"405", answer
+    assert json.loads(body)["error"] == {"message": "nginx does not forward TRACE requests (RFC 9110 9.3.8)",
+                                         "type": "invalid_request_error", "param": None,
+                                         "code": "method_not_allowed"}, answer
+    assert replicas_own.status_code == 405, replicas_own.text
+    assert replicas_own.json()["error"]["message"] == "Method DELETE is not allowed on /v1/models", replicas_own.text
+
+
 def test_a_request_right_after_every_replica_answered_queue_full_reaches_them(tiny_checkpoint, tmp_path):
     """A replica's 503 queue_full ("at capacity", Retry-After: 1) is its answer, not a fault: nginx retries the
     request on the next replica and goes on sending to both. Open-source nginx counts every status it retries on as a
